@@ -1,0 +1,161 @@
+import { randomUUID } from 'node:crypto';
+
+import cors from '@fastify/cors';
+import formbody from '@fastify/formbody';
+import helmet from '@fastify/helmet';
+import rateLimitPlugin from '@fastify/rate-limit';
+import swagger from '@fastify/swagger';
+import scalar from '@scalar/fastify-api-reference';
+import Fastify, { type FastifyInstance, LogController } from 'fastify';
+import { jsonSchemaTransform, serializerCompiler, validatorCompiler, type ZodTypeProvider } from 'fastify-type-provider-zod';
+import type { Redis } from 'ioredis';
+
+import { API_PREFIX, registerApi } from './api/main.js';
+import type { Settings } from './core/config.js';
+import type { Database, Db } from './core/db.js';
+import { registerErrorHandler } from './core/errors.js';
+import type { Logger } from './core/logger.js';
+import { createMetrics, type Metrics } from './core/metrics.js';
+import { createRedis } from './core/redis.js';
+import { TokenService } from './core/security.js';
+import { opsRouter } from './routers/ops.js';
+import { Mailer } from './services/email/mailer.js';
+import type { Principal } from './utils/authentication.js';
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    settings: Settings;
+    database: Database;
+    db: Db;
+    redis: Redis | null;
+    tokens: TokenService;
+    mailer: Mailer;
+    metrics: Metrics;
+    vectorSearch: boolean;
+  }
+  interface FastifyRequest {
+    principal: Principal;
+  }
+}
+
+export interface AppOptions {
+  settings: Settings;
+  database: Database;
+  logger: Logger;
+  /** Whether pgvector is enabled in this database (decided at start-up). */
+  vectorSearch: boolean;
+}
+
+const REQUEST_ID = /^[\w.:-]{1,128}$/;
+
+export async function buildApp({ settings, database, logger, vectorSearch }: AppOptions): Promise<FastifyInstance> {
+  const app = Fastify({
+    loggerInstance: logger,
+    // One line per request (onResponse below) instead of Fastify's two.
+    logController: new LogController({ disableRequestLogging: true, requestIdLogLabel: 'reqId' }),
+    trustProxy: settings.TRUST_PROXY,
+    bodyLimit: settings.BODY_LIMIT_BYTES,
+    requestIdHeader: false,
+    // A caller's request id is kept (when sane) so one id follows a request across services.
+    genReqId: (req) => {
+      const given = req.headers['x-request-id'];
+      return typeof given === 'string' && REQUEST_ID.test(given) ? given : randomUUID();
+    },
+    routerOptions: { ignoreTrailingSlash: true, maxParamLength: 200 },
+    return503OnClosing: true,
+    forceCloseConnections: 'idle',
+  }).withTypeProvider<ZodTypeProvider>();
+
+  app.setValidatorCompiler(validatorCompiler);
+  app.setSerializerCompiler(serializerCompiler);
+
+  const redis = createRedis(settings);
+  const mailer = new Mailer(settings, logger);
+  app.decorate('settings', settings);
+  app.decorate('database', database);
+  app.decorate('db', database.db);
+  app.decorate('redis', redis);
+  app.decorate('tokens', new TokenService(settings));
+  app.decorate('mailer', mailer);
+  app.decorate('metrics', createMetrics());
+  app.decorate('vectorSearch', vectorSearch);
+  app.decorateRequest('principal', null as unknown as Principal);
+
+  registerErrorHandler(app);
+
+  // ==================== Request bookkeeping ====================
+
+  app.addHook('onRequest', async (request, reply) => {
+    reply.header('x-request-id', request.id);
+  });
+  app.addHook('onResponse', async (request, reply) => {
+    const route = request.routeOptions.url ?? '<unmatched>';
+    const seconds = reply.elapsedTime / 1000;
+    app.metrics.httpDuration.observe({ method: request.method, route, status_code: reply.statusCode }, seconds);
+    request.log.info(
+      { method: request.method, route, status: reply.statusCode, ms: Math.round(reply.elapsedTime * 10) / 10 },
+      'request completed',
+    );
+  });
+  app.addHook('onClose', async () => {
+    await mailer.drain();
+    if (redis) await redis.quit().catch(() => redis.disconnect());
+  });
+
+  // ==================== Plugins ====================
+
+  await app.register(helmet, {
+    // The API answers JSON; only /docs renders HTML, and Scalar needs inline scripts and styles.
+    contentSecurityPolicy: {
+      directives: {
+        defaultSrc: ["'self'"],
+        scriptSrc: ["'self'", "'unsafe-inline'"],
+        styleSrc: ["'self'", "'unsafe-inline'"],
+        imgSrc: ["'self'", 'data:'],
+        fontSrc: ["'self'", 'data:'],
+        connectSrc: ["'self'"],
+      },
+    },
+  });
+  await app.register(cors, {
+    origin: settings.BACKEND_CORS_ORIGINS.length ? settings.BACKEND_CORS_ORIGINS : false,
+    credentials: true,
+    exposedHeaders: ['x-request-id', 'retry-after'],
+  });
+  await app.register(formbody, { bodyLimit: settings.BODY_LIMIT_BYTES });
+  await app.register(rateLimitPlugin, {
+    global: false,
+    ...(redis ? { redis, nameSpace: 'keel:rate-limit:' } : {}),
+  });
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.1.0',
+      info: {
+        title: settings.PROJECT_NAME,
+        version: '0.1.0',
+        description: 'Keel: accounts, projects and API keys for AI-agent products.',
+      },
+      components: {
+        securitySchemes: {
+          bearer: { type: 'http', scheme: 'bearer', description: 'An access token or an API key' },
+          apiKey: { type: 'apiKey', in: 'header', name: 'X-API-Key' },
+        },
+      },
+      security: [{ bearer: [] }, { apiKey: [] }],
+    },
+    transform: jsonSchemaTransform,
+  });
+
+  // ==================== Routes ====================
+
+  await app.register(opsRouter);
+  await registerApi(app);
+
+  app.get(`${API_PREFIX}/openapi.json`, { schema: { hide: true } }, async () => app.swagger());
+  await app.register(scalar, {
+    routePrefix: '/docs',
+    configuration: { url: `${API_PREFIX}/openapi.json`, withDefaultFonts: false, hideClientButton: true },
+  });
+
+  return app;
+}

@@ -1,0 +1,148 @@
+import { randomBytes } from 'node:crypto';
+import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { parseEnv } from 'node:util';
+
+import { z } from 'zod';
+
+// ==================== Schema ====================
+
+const DEFAULT_SUPERUSER_PASSWORD = 'changethis';
+const DEFAULT_SECRET_KEYS = new Set(['changethis', 'secret', 'changeme']);
+
+const bool = z
+  .enum(['true', 'false', '1', '0', 'yes', 'no'])
+  .transform((v) => v === 'true' || v === '1' || v === 'yes');
+const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
+const emptyAsUndefined = (v: unknown) => (v === '' ? undefined : v);
+const optionalString = z.preprocess(emptyAsUndefined, z.string().optional());
+
+/** Every setting Keel reads. `.env.example` documents each one; keep the two in step. */
+export const SettingsSchema = z.object({
+  ENVIRONMENT: z.enum(['local', 'staging', 'production']).default('local'),
+  PROJECT_NAME: z.string().min(1).default('Keel'),
+  HOST: z.string().min(1).default('127.0.0.1'),
+  PORT: int(0, 65535).default(8000),
+  DATA_DIR: z.string().min(1).default('./data'),
+  /** PGlite's directory; `memory://` keeps the database in memory (tests). */
+  PGLITE_DATA_DIR: optionalString,
+  DATABASE_URL: z.preprocess(emptyAsUndefined, z.url({ protocol: /^postgres(ql)?$/ }).optional()),
+  DATABASE_POOL_SIZE: int(1, 1000).default(10),
+  DATABASE_POOL_IDLE_TIMEOUT_MS: int(0, 3_600_000).default(30_000),
+  DATABASE_CONNECT_TIMEOUT_MS: int(100, 600_000).default(5_000),
+  DATABASE_STATEMENT_TIMEOUT_MS: int(0, 3_600_000).default(30_000),
+  REDIS_URL: z.preprocess(emptyAsUndefined, z.url({ protocol: /^rediss?$/ }).optional()),
+  SECRET_KEY: optionalString,
+  ACCESS_TOKEN_EXPIRE_MINUTES: int(1, 525_600).default(11_520),
+  EMAIL_RESET_TOKEN_EXPIRE_HOURS: int(1, 720).default(48),
+  FIRST_SUPERUSER: z.email().default('admin@example.com'),
+  FIRST_SUPERUSER_PASSWORD: z.string().min(8).max(128).default(DEFAULT_SUPERUSER_PASSWORD),
+  USERS_OPEN_REGISTRATION: bool.default(true),
+  FRONTEND_HOST: z.url().default('http://localhost:5173'),
+  BACKEND_CORS_ORIGINS: z
+    .string()
+    .default('')
+    .transform((v) =>
+      v
+        .split(',')
+        .map((s) => s.trim())
+        .filter(Boolean),
+    ),
+  TRUST_PROXY: bool.default(false),
+  BODY_LIMIT_BYTES: int(1024, 100 * 1024 * 1024).default(1024 * 1024),
+  LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  LOG_FORMAT: z.enum(['pretty', 'json']).optional(),
+  RATE_LIMIT_LOGIN_PER_IP: int(1, 1_000_000).default(30),
+  RATE_LIMIT_LOGIN_PER_ACCOUNT: int(1, 1_000_000).default(10),
+  RATE_LIMIT_SIGNUP_PER_IP: int(1, 1_000_000).default(10),
+  RATE_LIMIT_RECOVERY_PER_IP: int(1, 1_000_000).default(10),
+  RATE_LIMIT_RECOVERY_PER_ACCOUNT: int(1, 1_000_000).default(3),
+  RATE_LIMIT_WINDOW_SECONDS: int(1, 86_400).default(60),
+  MAX_PROJECTS_PER_USER: int(1, 1_000_000).default(100),
+  MAX_API_KEYS_PER_USER: int(1, 1_000_000).default(100),
+  SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(10_000),
+  SMTP_HOST: optionalString,
+  SMTP_PORT: int(1, 65535).default(587),
+  SMTP_TLS: bool.default(true),
+  SMTP_SSL: bool.default(false),
+  SMTP_USER: optionalString,
+  SMTP_PASSWORD: optionalString,
+  EMAILS_FROM_EMAIL: z.preprocess(emptyAsUndefined, z.email().optional()),
+  EMAILS_FROM_NAME: optionalString,
+});
+
+export type RawSettings = z.infer<typeof SettingsSchema>;
+export type Settings = Readonly<
+  Omit<RawSettings, 'SECRET_KEY' | 'LOG_FORMAT'> & {
+    SECRET_KEY: string;
+    LOG_FORMAT: 'pretty' | 'json';
+    /** Absolute data directory. */
+    dataDir: string;
+    emailsEnabled: boolean;
+  }
+>;
+
+export class ConfigError extends Error {}
+
+// ==================== Loading ====================
+
+/** Reads `.env` (when present) under the real environment, which wins. */
+export function readEnvironment(envFile = '.env', env: NodeJS.ProcessEnv = process.env): Record<string, string | undefined> {
+  const fromFile = existsSync(envFile) ? parseEnv(readFileSync(envFile, 'utf8')) : {};
+  return { ...fromFile, ...env };
+}
+
+/** Validates settings once; a bad value throws a ConfigError naming the variable. */
+export function loadSettings(source: Record<string, string | undefined> = readEnvironment()): Settings {
+  const keys = Object.keys(SettingsSchema.shape);
+  const picked = Object.fromEntries(keys.map((k) => [k, source[k]]));
+  const parsed = SettingsSchema.safeParse(picked);
+  if (!parsed.success) {
+    const lines = parsed.error.issues.map((issue) => `${issue.path.join('.')}: ${issue.message}`);
+    throw new ConfigError(`Invalid settings:\n  ${lines.join('\n  ')}`);
+  }
+  const raw = parsed.data;
+  const dataDir = resolve(raw.DATA_DIR);
+  const local = raw.ENVIRONMENT === 'local';
+
+  if (!local) {
+    if (!raw.SECRET_KEY || DEFAULT_SECRET_KEYS.has(raw.SECRET_KEY)) {
+      throw new ConfigError(`SECRET_KEY: must be set to a random value when ENVIRONMENT=${raw.ENVIRONMENT}`);
+    }
+    if (raw.FIRST_SUPERUSER_PASSWORD === DEFAULT_SUPERUSER_PASSWORD) {
+      throw new ConfigError(`FIRST_SUPERUSER_PASSWORD: the default is refused when ENVIRONMENT=${raw.ENVIRONMENT}`);
+    }
+  }
+  if (raw.SECRET_KEY !== undefined && raw.SECRET_KEY.length < 32) {
+    throw new ConfigError('SECRET_KEY: must be at least 32 characters');
+  }
+
+  return Object.freeze({
+    ...raw,
+    SECRET_KEY: raw.SECRET_KEY ?? localSecretKey(dataDir),
+    LOG_FORMAT: raw.LOG_FORMAT ?? (local ? 'pretty' : 'json'),
+    dataDir,
+    emailsEnabled: Boolean(raw.SMTP_HOST && raw.EMAILS_FROM_EMAIL),
+  });
+}
+
+/** In `local`, a random key kept beside the data, so tokens survive restarts without configuration. */
+function localSecretKey(dataDir: string): string {
+  const file = join(dataDir, '.secret_key');
+  if (existsSync(file)) return readFileSync(file, 'utf8').trim();
+  mkdirSync(dataDir, { recursive: true });
+  const key = randomBytes(48).toString('base64url');
+  try {
+    writeFileSync(file, key, { mode: 0o600, flag: 'wx' });
+    chmodSync(file, 0o600);
+    return key;
+  } catch (error) {
+    // Another process created it first: use theirs.
+    if ((error as NodeJS.ErrnoException).code === 'EEXIST') return readFileSync(file, 'utf8').trim();
+    throw error;
+  }
+}
+
+export function isDefaultSuperuserPassword(settings: Settings): boolean {
+  return settings.FIRST_SUPERUSER_PASSWORD === DEFAULT_SUPERUSER_PASSWORD;
+}

@@ -1,0 +1,174 @@
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } from 'fastify-type-provider-zod';
+
+// ==================== Typed errors ====================
+
+/** An error whose message is safe to show the client as `{detail}`. */
+export class HttpError extends Error {
+  constructor(
+    readonly statusCode: number,
+    readonly detail: string,
+    readonly headers: Record<string, string> = {},
+  ) {
+    super(detail);
+    this.name = new.target.name;
+  }
+}
+
+export class BadRequestError extends HttpError {
+  constructor(detail = 'Bad request') {
+    super(400, detail);
+  }
+}
+
+export class UnauthorizedError extends HttpError {
+  constructor(detail = 'Could not validate credentials') {
+    super(401, detail, { 'www-authenticate': 'Bearer' });
+  }
+}
+
+export class ForbiddenError extends HttpError {
+  constructor(detail = 'Not enough privileges') {
+    super(403, detail);
+  }
+}
+
+export class NotFoundError extends HttpError {
+  constructor(detail = 'Not found') {
+    super(404, detail);
+  }
+}
+
+export class ConflictError extends HttpError {
+  constructor(detail = 'Conflict') {
+    super(409, detail);
+  }
+}
+
+export class PayloadTooLargeError extends HttpError {
+  constructor(detail = 'Request too large') {
+    super(413, detail);
+  }
+}
+
+export class TooManyRequestsError extends HttpError {
+  constructor(retryAfterSeconds: number, detail = 'Too many requests, try again later') {
+    super(429, detail, { 'retry-after': String(Math.max(1, Math.ceil(retryAfterSeconds))) });
+  }
+}
+
+export class ServiceUnavailableError extends HttpError {
+  constructor(detail = 'Service unavailable') {
+    super(503, detail);
+  }
+}
+
+// ==================== Error bodies ====================
+
+export interface ValidationIssue {
+  loc: (string | number)[];
+  msg: string;
+  type: string;
+}
+
+const LOCATION_NAMES: Record<string, string> = {
+  body: 'body',
+  querystring: 'query',
+  params: 'path',
+  headers: 'header',
+};
+
+/** Zod issue codes in the vocabulary FastAPI clients already know. */
+function issueType(code: string, params: Record<string, unknown>): string {
+  if (code === 'invalid_type' && params.input === undefined) return 'missing';
+  switch (code) {
+    case 'unrecognized_keys':
+      return 'extra_forbidden';
+    case 'too_small':
+      return params.origin === 'string' ? 'string_too_short' : 'too_short';
+    case 'too_big':
+      return params.origin === 'string' ? 'string_too_long' : 'too_long';
+    case 'invalid_format':
+      return `${String(params.format ?? 'string')}_parsing`;
+    case 'invalid_value':
+      return 'enum';
+    default:
+      return code;
+  }
+}
+
+function validationIssues(error: FastifyError): ValidationIssue[] {
+  const where = LOCATION_NAMES[error.validationContext ?? 'body'] ?? 'body';
+  if (!hasZodFastifySchemaValidationErrors(error)) {
+    return [{ loc: [where], msg: error.message, type: 'value_error' }];
+  }
+  const issues: ValidationIssue[] = [];
+  for (const issue of error.validation) {
+    const path = issue.instancePath.split('/').filter(Boolean);
+    const params = issue.params as Record<string, unknown>;
+    const keys = Array.isArray(params.keys) ? (params.keys as string[]) : null;
+    // An unknown field is reported at the field itself, as FastAPI does.
+    for (const extra of keys ?? [null]) {
+      const keyword: string = issue.keyword;
+      issues.push({
+        loc: [where, ...path, ...(extra === null ? [] : [extra])],
+        msg: keys ? 'Extra inputs are not permitted' : (issue.message ?? 'Invalid value'),
+        type: issueType(keyword, params),
+      });
+    }
+  }
+  return issues;
+}
+
+interface DatabaseError {
+  code: string;
+  constraint?: string;
+}
+
+/** Drizzle wraps driver errors; the SQLSTATE sits on the error or its cause (pg and PGlite alike). */
+function databaseError(error: unknown): DatabaseError | null {
+  for (let e: unknown = error, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === 'string' && /^[0-9A-Z]{5}$/.test(code)) return e as DatabaseError;
+  }
+  return null;
+}
+
+// ==================== The one handler ====================
+
+function send(reply: FastifyReply, status: number, body: unknown, headers: Record<string, string> = {}): FastifyReply {
+  return reply.code(status).headers(headers).type('application/json; charset=utf-8').send(body);
+}
+
+export function registerErrorHandler(app: FastifyInstance): void {
+  app.setNotFoundHandler((_request, reply) => send(reply, 404, { detail: 'Not Found' }));
+
+  app.setErrorHandler((error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
+    if (error instanceof HttpError) {
+      return send(reply, error.statusCode, { detail: error.detail }, error.headers);
+    }
+    if (error.validation) {
+      return send(reply, 422, { detail: validationIssues(error) });
+    }
+    if (error.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || (error instanceof SyntaxError && error.statusCode === 400)) {
+      return send(reply, 422, { detail: [{ loc: ['body'], msg: 'JSON decode error', type: 'json_invalid' }] });
+    }
+    const db = databaseError(error);
+    if (db?.code === '23505') return send(reply, 409, { detail: 'Resource already exists' });
+    if (db?.code === '23503') return send(reply, 404, { detail: 'Referenced resource not found' });
+    if (db?.code === '22P02' || db?.code === '22003' || db?.code === '22001') {
+      return send(reply, 422, { detail: [{ loc: ['body'], msg: 'Value out of range', type: 'value_error' }] });
+    }
+    // Fastify's own client errors (415 media type, 413 body limit, 400 malformed) keep their status.
+    if (!isResponseSerializationError(error) && error.statusCode && error.statusCode >= 400 && error.statusCode < 500) {
+      const detail = error.statusCode === 413 ? 'Request body too large' : error.message;
+      return send(reply, error.statusCode, { detail });
+    }
+    if (db && ['57P01', '08006', '08001', '08003', '57P03'].includes(db.code)) {
+      request.log.error({ err: error }, 'database unavailable');
+      return send(reply, 503, { detail: 'Service unavailable' });
+    }
+    request.log.error({ err: error }, 'unhandled error');
+    return send(reply, 500, { detail: 'Internal server error' });
+  });
+}

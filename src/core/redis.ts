@@ -1,0 +1,18 @@
+import { Redis } from 'ioredis';
+
+import type { Settings } from './config.js';
+
+/** A client that fails fast when Redis is down instead of queueing commands without bound. */
+export function createRedis(settings: Settings): Redis | null {
+  if (!settings.REDIS_URL) return null;
+  const client = new Redis(settings.REDIS_URL, {
+    lazyConnect: false,
+    enableOfflineQueue: true,
+    maxRetriesPerRequest: 1,
+    connectTimeout: 2_000,
+    retryStrategy: (attempt) => Math.min(attempt * 200, 2_000),
+  });
+  // Connection errors surface in the commands that fail; this keeps them from crashing the process.
+  client.on('error', () => undefined);
+  return client;
+}

@@ -1,0 +1,67 @@
+import { count, desc, eq, sql } from 'drizzle-orm';
+
+import type { Db } from '../core/db.js';
+import { type NewUser, type User, users } from '../models/index.js';
+import type { Pagination } from '../schemas/common.js';
+import { preparedPerDb } from './prepared.js';
+
+const byId = preparedPerDb((db) =>
+  db
+    .select()
+    .from(users)
+    .where(eq(users.id, sql.placeholder('id')))
+    .prepare('user_by_id'),
+);
+
+export async function getById(db: Db, id: string): Promise<User | undefined> {
+  const [user] = await byId(db).execute({ id });
+  return user;
+}
+
+export async function getByEmail(db: Db, email: string): Promise<User | undefined> {
+  const [user] = await db
+    .select()
+    .from(users)
+    .where(sql`lower(${users.email}) = lower(${email})`);
+  return user;
+}
+
+export async function create(db: Db, values: NewUser): Promise<User> {
+  const [user] = await db.insert(users).values(values).returning();
+  return user!;
+}
+
+export async function update(db: Db, id: string, values: Partial<NewUser>): Promise<User | undefined> {
+  const [user] = await db.update(users).set(values).where(eq(users.id, id)).returning();
+  return user;
+}
+
+/** Sets fields and moves the token version on, killing every token issued before. */
+export async function updateRevokingTokens(db: Db, id: string, values: Partial<NewUser>): Promise<User | undefined> {
+  return update(db, id, { ...values, token_version: sql`${users.token_version} + 1` as unknown as number });
+}
+
+export async function remove(db: Db, id: string): Promise<void> {
+  await db.delete(users).where(eq(users.id, id));
+}
+
+export async function list(db: Db, page: Pagination): Promise<{ data: User[]; count: number }> {
+  const [data, [total]] = await Promise.all([
+    db.select().from(users).orderBy(desc(users.created_at), desc(users.id)).limit(page.limit).offset(page.offset),
+    db.select({ value: count() }).from(users),
+  ]);
+  return { data, count: total?.value ?? 0 };
+}
+
+export async function countActiveSuperusers(db: Db): Promise<number> {
+  const [row] = await db
+    .select({ value: count() })
+    .from(users)
+    .where(sql`${users.is_superuser} and ${users.is_active}`);
+  return row?.value ?? 0;
+}
+
+/** Serializes per-user writes that check a limit first (count, then insert) inside a transaction. */
+export async function lockForUpdate(db: Db, id: string): Promise<void> {
+  await db.select({ id: users.id }).from(users).where(eq(users.id, id)).for('update');
+}

@@ -1,0 +1,3 @@
+export * from './api-key.js';
+export * from './project.js';
+export * from './user.js';

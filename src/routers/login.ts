@@ -1,0 +1,102 @@
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+
+import { LoginForm, NewPassword, RecoveryParams, Token } from '../schemas/auth.js';
+import { authErrors, HTTPError, Message, ValidationError } from '../schemas/common.js';
+import { UserPublic } from '../schemas/user.js';
+import * as userService from '../services/user-service.js';
+import { requireUser } from '../utils/authentication.js';
+import { byIp, rateLimit } from '../utils/rate-limit.js';
+
+const tags = ['login'];
+const RECOVERY_MESSAGE = 'If that account exists, a password recovery email has been sent';
+
+export const loginRouter: FastifyPluginAsyncZod = async (app) => {
+  const { settings } = app;
+  const byAccount = (value: string) => value.trim().toLowerCase();
+
+  // ==================== Tokens ====================
+
+  app.post(
+    '/login/access-token',
+    {
+      schema: {
+        operationId: 'login_access_token',
+        summary: 'Login Access Token',
+        description: 'OAuth2 password grant: `username` is the email. Returns a bearer access token.',
+        tags,
+        consumes: ['application/x-www-form-urlencoded'],
+        body: LoginForm,
+        response: { 200: Token, 400: HTTPError, 422: ValidationError, 429: HTTPError },
+      },
+      preHandler: [
+        rateLimit(app, 'login-ip', settings.RATE_LIMIT_LOGIN_PER_IP, byIp),
+        rateLimit(app, 'login-account', settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, (req) =>
+          byAccount((req.body as { username: string }).username),
+        ),
+      ],
+    },
+    async (request) => {
+      const { username, password } = request.body;
+      const accessToken = await userService.login(app.db, app.tokens, username, password);
+      return { access_token: accessToken, token_type: 'bearer' as const };
+    },
+  );
+
+  app.post(
+    '/login/test-token',
+    {
+      schema: {
+        operationId: 'login_test_token',
+        summary: 'Test Token',
+        tags,
+        response: { 200: UserPublic, ...authErrors },
+      },
+      onRequest: requireUser,
+    },
+    async (request) => request.principal.user,
+  );
+
+  // ==================== Password recovery ====================
+
+  app.post(
+    '/password-recovery/:email',
+    {
+      schema: {
+        operationId: 'recover_password',
+        summary: 'Recover Password',
+        description: 'Always answers the same, whether or not the account exists.',
+        tags,
+        params: RecoveryParams,
+        response: { 200: Message, 422: ValidationError, 429: HTTPError },
+      },
+      preHandler: [
+        rateLimit(app, 'recovery-ip', settings.RATE_LIMIT_RECOVERY_PER_IP, byIp),
+        rateLimit(app, 'recovery-account', settings.RATE_LIMIT_RECOVERY_PER_ACCOUNT, (req) =>
+          byAccount((req.params as { email: string }).email),
+        ),
+      ],
+    },
+    async (request) => {
+      await userService.requestPasswordRecovery(app.db, settings, app.tokens, app.mailer, request.log, request.params.email);
+      return { message: RECOVERY_MESSAGE };
+    },
+  );
+
+  app.post(
+    '/reset-password/',
+    {
+      schema: {
+        operationId: 'reset_password',
+        summary: 'Reset Password',
+        tags,
+        body: NewPassword,
+        response: { 200: Message, 400: HTTPError, 422: ValidationError, 429: HTTPError },
+      },
+      preHandler: rateLimit(app, 'reset-ip', settings.RATE_LIMIT_RECOVERY_PER_IP, byIp),
+    },
+    async (request) => {
+      await userService.resetPassword(app.db, app.tokens, request.body.token, request.body.new_password);
+      return { message: 'Password updated successfully' };
+    },
+  );
+};

@@ -1,0 +1,85 @@
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+
+const tags = ['ops'];
+const CHECK_TIMEOUT_MS = 2_000;
+
+const Health = z.object({ status: z.literal('ok') }).meta({ id: 'Health' });
+const Readiness = z
+  .object({
+    status: z.enum(['ready', 'unavailable']),
+    checks: z.record(z.string(), z.enum(['ok', 'unavailable'])),
+    database: z.enum(['pglite', 'postgres']),
+    vector_search: z.boolean(),
+  })
+  .meta({ id: 'Readiness' });
+
+async function within(ms: number, work: () => Promise<unknown>): Promise<'ok' | 'unavailable'> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error('timeout')), ms);
+  });
+  try {
+    await Promise.race([work(), timeout]);
+    return 'ok';
+  } catch {
+    return 'unavailable';
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Liveness, readiness and metrics: outside /api/v1, as load balancers and Prometheus expect. */
+export const opsRouter: FastifyPluginAsyncZod = async (app) => {
+  app.get(
+    '/health',
+    { schema: { operationId: 'health', summary: 'Liveness', tags, response: { 200: Health } } },
+    async () => ({ status: 'ok' as const }),
+  );
+
+  app.get(
+    '/ready',
+    {
+      schema: {
+        operationId: 'ready',
+        summary: 'Readiness',
+        description: 'Whether the database (and Redis, when configured) answer; 503 otherwise.',
+        tags,
+        response: { 200: Readiness, 503: Readiness },
+      },
+    },
+    async (_request, reply) => {
+      const checks: Record<string, 'ok' | 'unavailable'> = {
+        database: await within(CHECK_TIMEOUT_MS, () => app.database.ping()),
+      };
+      if (app.redis) {
+        const redis = app.redis;
+        checks.redis = await within(CHECK_TIMEOUT_MS, () => redis.ping());
+      }
+      const ready = Object.values(checks).every((c) => c === 'ok');
+      return reply.code(ready ? 200 : 503).send({
+        status: ready ? 'ready' : 'unavailable',
+        checks,
+        database: app.database.kind,
+        vector_search: app.vectorSearch,
+      });
+    },
+  );
+
+  app.get(
+    '/metrics',
+    {
+      schema: {
+        operationId: 'metrics',
+        summary: 'Prometheus Metrics',
+        tags,
+        produces: ['text/plain'],
+        response: { 200: z.string().describe('Prometheus text exposition format') },
+      },
+    },
+    async (_request, reply) => {
+      reply.type(app.metrics.registry.contentType);
+      return app.metrics.registry.metrics();
+    },
+  );
+};

@@ -1,0 +1,35 @@
+import { z } from 'zod';
+
+import { Id, Timestamp } from './common.js';
+
+const ProjectFields = {
+  name: z.string().trim().min(1).max(255),
+  description: z.string().max(10_000).nullable().optional(),
+};
+
+export const ProjectCreate = z.strictObject(ProjectFields).meta({ id: 'ProjectCreate' });
+export type ProjectCreate = z.infer<typeof ProjectCreate>;
+
+export const ProjectUpdate = z.strictObject(ProjectFields).partial().meta({ id: 'ProjectUpdate' });
+export type ProjectUpdate = z.infer<typeof ProjectUpdate>;
+
+export const ProjectPublic = z
+  .object({
+    id: Id,
+    owner_id: Id,
+    name: z.string(),
+    description: z.string().nullable(),
+    created_at: Timestamp,
+    updated_at: Timestamp,
+  })
+  .meta({ id: 'ProjectPublic' });
+
+export const ProjectStats = z
+  .object({
+    project_id: Id,
+    api_keys: z.number().int(),
+    active_api_keys: z.number().int(),
+  })
+  .meta({ id: 'ProjectStats' });
+
+export const ProjectIdParams = z.object({ project_id: Id });

@@ -1,0 +1,79 @@
+import type { FastifyInstance } from 'fastify';
+import type pino from 'pino';
+
+import { buildApp } from './app.js';
+import { isDefaultSuperuserPassword, type Settings } from './core/config.js';
+import { type Database, openDatabase } from './core/db.js';
+import type { Logger } from './core/logger.js';
+import { migrateUp, pendingMigrations } from './core/migrate.js';
+import { ensureFirstSuperuser } from './services/user-service.js';
+
+export interface StartOptions {
+  /** `start` migrates itself; `api` (scaled mode) expects `keel migrate` to have run. */
+  migrate: boolean;
+}
+
+/** Whether the vector extension is enabled in this database (it is created by migrate where available). */
+async function vectorEnabled(database: Database): Promise<boolean> {
+  return database.withSession(async (session) => {
+    const rows = await session.query<{ enabled: boolean }>(`select exists(select 1 from pg_extension where extname = 'vector') as enabled`);
+    return rows[0]?.enabled === true;
+  });
+}
+
+/** Opens the database, prepares it, builds the app and listens; returns the running app. */
+export async function startServer(settings: Settings, logger: Logger, options: StartOptions): Promise<FastifyInstance> {
+  const database = await openDatabase(settings);
+  try {
+    if (options.migrate) {
+      await migrateUp(database, logger);
+    } else {
+      const pending = await pendingMigrations(database);
+      if (pending.length) throw new Error(`the database is missing migrations (${pending.join(', ')}): run \`keel migrate\` first`);
+    }
+    if (isDefaultSuperuserPassword(settings)) {
+      logger.warn('FIRST_SUPERUSER_PASSWORD is the default "changethis": change it before anyone else can reach this server');
+    }
+    await ensureFirstSuperuser(database.db, settings, logger);
+    const vectorSearch = await vectorEnabled(database);
+    if (!vectorSearch) logger.warn('pgvector is not available in this database: knowledge search will be full-text only');
+
+    const app = await buildApp({ settings, database, logger, vectorSearch });
+    app.addHook('onClose', () => database.close());
+    await app.listen({ host: settings.HOST, port: settings.PORT });
+    return app;
+  } catch (error) {
+    await database.close();
+    throw error;
+  }
+}
+
+/** Stops accepting, lets in-flight requests finish (up to the deadline), then closes everything. */
+export function closeOnSignals(app: FastifyInstance, settings: Settings, logger: pino.Logger): void {
+  let closing = false;
+  const shutdown = (signal: NodeJS.Signals) => {
+    if (closing) return;
+    closing = true;
+    logger.info({ signal }, 'shutting down');
+    const deadline = setTimeout(() => {
+      logger.error('shutdown deadline passed; exiting with requests still open');
+      logger.flush();
+      process.exit(1);
+    }, settings.SHUTDOWN_TIMEOUT_MS);
+    deadline.unref();
+    app.close().then(
+      () => {
+        logger.info('shut down cleanly');
+        logger.flush();
+        process.exitCode = 0;
+      },
+      (error: unknown) => {
+        logger.error({ err: error }, 'error while shutting down');
+        logger.flush();
+        process.exitCode = 1;
+      },
+    );
+  };
+  process.once('SIGTERM', shutdown);
+  process.once('SIGINT', shutdown);
+}

@@ -1,0 +1,157 @@
+import type { Settings } from '../core/config.js';
+import type { Db } from '../core/db.js';
+import { BadRequestError, ConflictError, ForbiddenError, NotFoundError } from '../core/errors.js';
+import type { Logger } from '../core/logger.js';
+import { hashPassword, type TokenService, verifyPassword } from '../core/security.js';
+import * as userCrud from '../crud/user.js';
+import type { NewUser, User } from '../models/index.js';
+import type { UserCreate, UserRegister, UserUpdate, UserUpdateMe } from '../schemas/user.js';
+import type { Mailer } from './email/mailer.js';
+import { newAccountEmail, resetPasswordEmail } from './email/templates.js';
+
+// ==================== Authentication ====================
+
+/** The user with these credentials, or null; unknown emails cost the same time as wrong passwords. */
+export async function authenticate(db: Db, email: string, password: string): Promise<User | null> {
+  const user = await userCrud.getByEmail(db, email);
+  const ok = await verifyPassword(password, user?.hashed_password ?? null);
+  return ok && user ? user : null;
+}
+
+export async function login(db: Db, tokens: TokenService, email: string, password: string): Promise<string> {
+  const user = await authenticate(db, email, password);
+  if (!user) throw new BadRequestError('Incorrect email or password');
+  if (!user.is_active) throw new BadRequestError('Inactive user');
+  return tokens.create(user.id, user.token_version, 'access');
+}
+
+// ==================== Accounts ====================
+
+async function ensureEmailFree(db: Db, email: string, exceptUserId: string | null = null): Promise<void> {
+  const existing = await userCrud.getByEmail(db, email);
+  if (existing && existing.id !== exceptUserId) {
+    throw new ConflictError('The user with this email already exists in the system');
+  }
+}
+
+export async function createUser(db: Db, input: UserCreate | UserRegister): Promise<User> {
+  await ensureEmailFree(db, input.email);
+  const { password, ...fields } = input;
+  // The unique index still guards the race between the check and the insert (→ 409).
+  return userCrud.create(db, { ...fields, hashed_password: await hashPassword(password) });
+}
+
+export async function signup(db: Db, settings: Settings, input: UserRegister): Promise<User> {
+  if (!settings.USERS_OPEN_REGISTRATION) throw new ForbiddenError('Open user registration is forbidden on this server');
+  return createUser(db, { email: input.email, password: input.password, full_name: input.full_name ?? null });
+}
+
+/** An administrator's new account; the user is told by email when SMTP is set. */
+export async function createByAdmin(db: Db, settings: Settings, mailer: Mailer, input: UserCreate): Promise<User> {
+  const user = await createUser(db, input);
+  mailer.send(user.email, newAccountEmail({ projectName: settings.PROJECT_NAME, email: user.email, link: settings.FRONTEND_HOST }));
+  return user;
+}
+
+export async function getById(db: Db, id: string): Promise<User> {
+  const user = await userCrud.getById(db, id);
+  if (!user) throw new NotFoundError('User not found');
+  return user;
+}
+
+export async function updateMe(db: Db, user: User, input: UserUpdateMe): Promise<User> {
+  if (input.email !== undefined) await ensureEmailFree(db, input.email, user.id);
+  return (await userCrud.update(db, user.id, input)) ?? user;
+}
+
+export async function changePassword(db: Db, user: User, current: string, next: string): Promise<void> {
+  if (!(await verifyPassword(current, user.hashed_password))) throw new BadRequestError('Incorrect password');
+  if (current === next) throw new BadRequestError('New password cannot be the same as the current one');
+  await userCrud.updateRevokingTokens(db, user.id, { hashed_password: await hashPassword(next) });
+}
+
+/** Whether `user` is the only active superuser left, whom nobody may remove or demote. */
+async function isLastSuperuser(db: Db, user: User): Promise<boolean> {
+  return user.is_superuser && user.is_active && (await userCrud.countActiveSuperusers(db)) <= 1;
+}
+
+export async function deleteMe(db: Db, user: User): Promise<void> {
+  if (await isLastSuperuser(db, user)) throw new ForbiddenError('The last superuser cannot delete their account');
+  await userCrud.remove(db, user.id);
+}
+
+export async function updateByAdmin(db: Db, id: string, input: UserUpdate): Promise<User> {
+  const target = await getById(db, id);
+  if (input.email !== undefined) await ensureEmailFree(db, input.email, target.id);
+  const losesSuperuser = input.is_superuser === false || input.is_active === false;
+  if (losesSuperuser && (await isLastSuperuser(db, target))) {
+    throw new ForbiddenError('The last superuser cannot be demoted or deactivated');
+  }
+  const { password, ...fields } = input;
+  const values: Partial<NewUser> = { ...fields };
+  if (password !== undefined) values.hashed_password = await hashPassword(password);
+  const revokes = password !== undefined || input.is_active === false;
+  const updated = revokes ? await userCrud.updateRevokingTokens(db, id, values) : await userCrud.update(db, id, values);
+  if (!updated) throw new NotFoundError('User not found');
+  return updated;
+}
+
+export async function deleteByAdmin(db: Db, actor: User, id: string): Promise<void> {
+  if (actor.id === id) throw new ForbiddenError('Super users are not allowed to delete themselves');
+  await getById(db, id);
+  await userCrud.remove(db, id);
+}
+
+// ==================== Password recovery ====================
+
+/** Mails a reset link when the account exists and is active; the caller learns nothing either way. */
+export async function requestPasswordRecovery(
+  db: Db,
+  settings: Settings,
+  tokens: TokenService,
+  mailer: Mailer,
+  logger: Logger,
+  email: string,
+): Promise<void> {
+  const user = await userCrud.getByEmail(db, email);
+  if (!user || !user.is_active) return;
+  const token = await tokens.create(user.id, user.token_version, 'reset');
+  const link = `${settings.FRONTEND_HOST.replace(/\/$/, '')}/reset-password?token=${encodeURIComponent(token)}`;
+  mailer.send(
+    user.email,
+    resetPasswordEmail({ projectName: settings.PROJECT_NAME, email: user.email, link, validHours: settings.EMAIL_RESET_TOKEN_EXPIRE_HOURS }),
+  );
+  logger.info({ userId: user.id }, 'password recovery requested');
+}
+
+/** Sets a new password from a reset token; the token dies with it, as do all earlier tokens. */
+export async function resetPassword(db: Db, tokens: TokenService, token: string, newPassword: string): Promise<void> {
+  const claims = await tokens.verify(token, 'reset');
+  const user = claims ? await userCrud.getById(db, claims.sub) : undefined;
+  if (!claims || !user || user.token_version !== claims.ver) throw new BadRequestError('Invalid token');
+  if (!user.is_active) throw new BadRequestError('Inactive user');
+  await userCrud.updateRevokingTokens(db, user.id, { hashed_password: await hashPassword(newPassword) });
+}
+
+// ==================== First superuser ====================
+
+/** Makes sure the configured superuser exists; an existing account is left as it is. */
+export async function ensureFirstSuperuser(db: Db, settings: Settings, logger: Logger): Promise<void> {
+  if (await userCrud.getByEmail(db, settings.FIRST_SUPERUSER)) return;
+  try {
+    await userCrud.create(db, {
+      email: settings.FIRST_SUPERUSER,
+      hashed_password: await hashPassword(settings.FIRST_SUPERUSER_PASSWORD),
+      is_superuser: true,
+      full_name: null,
+    });
+    logger.info({ email: settings.FIRST_SUPERUSER }, 'first superuser created');
+  } catch (error) {
+    // Another node created it between our check and insert.
+    if ((await userCrud.getByEmail(db, settings.FIRST_SUPERUSER)) === undefined) throw error;
+  }
+}
+
+export async function list(db: Db, page: { limit: number; offset: number }) {
+  return userCrud.list(db, page);
+}

@@ -1,0 +1,75 @@
+import type { FastifyReply, FastifyRequest } from 'fastify';
+
+import { ForbiddenError, UnauthorizedError } from '../core/errors.js';
+import { hashApiKey, looksLikeApiKey } from '../core/security.js';
+import * as apiKeyCrud from '../crud/api-key.js';
+import * as userCrud from '../crud/user.js';
+import type { User } from '../models/index.js';
+
+/** Who is calling: the user, and the project an API key is limited to (null: all the user's). */
+export interface Principal {
+  user: User;
+  apiKeyId: string | null;
+  projectScope: string | null;
+}
+
+const API_KEY_TOUCH_INTERVAL_MS = 60_000;
+
+/** The credential of a request: a bearer token (JWT or API key) or an `X-API-Key` header. */
+function credentialOf(request: FastifyRequest): string | null {
+  const header = request.headers.authorization;
+  if (header !== undefined) {
+    const space = header.indexOf(' ');
+    if (space < 0 || header.slice(0, space).toLowerCase() !== 'bearer') return null;
+    return header.slice(space + 1).trim() || null;
+  }
+  const apiKey = request.headers['x-api-key'];
+  return typeof apiKey === 'string' && apiKey ? apiKey : null;
+}
+
+async function principalFromApiKey(request: FastifyRequest, key: string): Promise<Principal | null> {
+  const db = request.server.db;
+  const found = await apiKeyCrud.getWithOwnerByHash(db, hashApiKey(key));
+  if (!found) return null;
+  const { key: apiKey, owner } = found;
+  const now = Date.now();
+  if (apiKey.status !== 'active' || !owner.is_active) return null;
+  if (apiKey.expires_at !== null && apiKey.expires_at.getTime() <= now) return null;
+  if (apiKey.last_used_at === null || now - apiKey.last_used_at.getTime() > API_KEY_TOUCH_INTERVAL_MS) {
+    await apiKeyCrud.touchLastUsed(db, apiKey.id);
+  }
+  return { user: owner, apiKeyId: apiKey.id, projectScope: apiKey.project_id };
+}
+
+async function principalFromToken(request: FastifyRequest, token: string): Promise<Principal | null> {
+  const claims = await request.server.tokens.verify(token, 'access');
+  if (!claims) return null;
+  const user = await userCrud.getById(request.server.db, claims.sub);
+  // A password change or deactivation moves token_version on and so kills older tokens.
+  if (!user || !user.is_active || user.token_version !== claims.ver) return null;
+  return { user, apiKeyId: null, projectScope: null };
+}
+
+/** onRequest hook: the caller must be an active user (by access token or API key). */
+export async function requireUser(request: FastifyRequest, _reply: FastifyReply): Promise<void> {
+  const credential = credentialOf(request);
+  if (credential === null) throw new UnauthorizedError('Not authenticated');
+  // A JWT can never start with the key prefix (its first segment is base64url JSON, "eyJ").
+  const principal = looksLikeApiKey(credential)
+    ? await principalFromApiKey(request, credential)
+    : await principalFromToken(request, credential);
+  if (!principal) throw new UnauthorizedError();
+  request.principal = principal;
+  request.log = request.log.child({ userId: principal.user.id });
+}
+
+/** onRequest hook: the caller must be an active superuser. */
+export async function requireSuperuser(request: FastifyRequest, reply: FastifyReply): Promise<void> {
+  await requireUser(request, reply);
+  if (!request.principal.user.is_superuser) throw new ForbiddenError("The user doesn't have enough privileges");
+}
+
+/** Program keys limited to a project cannot act outside it (create projects, mint keys, manage users). */
+export function forbidScopedKey(principal: Principal): void {
+  if (principal.projectScope !== null) throw new ForbiddenError('This API key is limited to one project');
+}

@@ -1,0 +1,33 @@
+import type { FastifyInstance, FastifyRequest, preHandlerAsyncHookHandler } from 'fastify';
+
+import { ServiceUnavailableError, TooManyRequestsError } from '../core/errors.js';
+
+/**
+ * A preHandler that allows `max` requests per window for each key `keyOf` gives (per IP, per
+ * account...). Counters live in Redis when it is configured, so every node shares them.
+ */
+export function rateLimit(
+  app: FastifyInstance,
+  name: string,
+  max: number,
+  keyOf: (request: FastifyRequest) => string,
+): preHandlerAsyncHookHandler {
+  const check = app.createRateLimit({
+    max,
+    timeWindow: app.settings.RATE_LIMIT_WINDOW_SECONDS * 1000,
+    keyGenerator: (request) => `${name}:${keyOf(request)}`,
+  });
+  return async (request) => {
+    let result;
+    try {
+      result = await check(request);
+    } catch (error) {
+      // Failing open would switch brute-force protection off whenever Redis is down.
+      request.log.error({ err: error, limiter: name }, 'rate limiter unavailable');
+      throw new ServiceUnavailableError('Rate limiter unavailable, try again later');
+    }
+    if (!result.isAllowed && result.isExceeded) throw new TooManyRequestsError(result.ttlInSeconds);
+  };
+}
+
+export const byIp = (request: FastifyRequest) => request.ip;
