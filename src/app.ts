@@ -10,7 +10,6 @@ import Fastify, { type FastifyInstance, LogController } from 'fastify';
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler, type ZodTypeProvider } from 'fastify-type-provider-zod';
 import type { Redis } from 'ioredis';
 
-import { API_PREFIX, registerApi } from './api/main.js';
 import type { Settings } from './core/config.js';
 import type { Database, Db } from './core/db.js';
 import { registerErrorHandler } from './core/errors.js';
@@ -18,6 +17,8 @@ import type { Logger } from './core/logger.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
 import { createRedis } from './core/redis.js';
 import { TokenService } from './core/security.js';
+
+import { API_PREFIX, registerApi } from './api/main.js';
 import { opsRouter } from './routers/ops.js';
 import { Mailer } from './services/email/mailer.js';
 import type { Principal } from './utils/authentication.js';
@@ -125,7 +126,7 @@ export async function buildApp({ settings, database, logger, vectorSearch }: App
   await app.register(formbody, { bodyLimit: settings.BODY_LIMIT_BYTES });
   await app.register(rateLimitPlugin, {
     global: false,
-    ...(redis ? { redis, nameSpace: 'keel:rate-limit:' } : {}),
+    ...(redis ? { redis, nameSpace: `${settings.REDIS_KEY_PREFIX}rate-limit:` } : {}),
   });
   await app.register(swagger, {
     openapi: {

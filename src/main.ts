@@ -6,8 +6,10 @@ import { openDatabase } from './core/db.js';
 import { createLogger, type Logger } from './core/logger.js';
 import { migrateDown, migrateUp, pendingMigrations, readMigrations } from './core/migrate.js';
 import { hashPassword } from './core/security.js';
-import * as userCrud from './crud/user.js';
+
 import { Email, Password } from './schemas/common.js';
+
+import * as userCrud from './crud/user.js';
 import { closeOnSignals, startServer } from './server.js';
 
 const USAGE = `keel <command>

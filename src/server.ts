@@ -1,11 +1,12 @@
 import type { FastifyInstance } from 'fastify';
 import type pino from 'pino';
 
-import { buildApp } from './app.js';
 import { isDefaultSuperuserPassword, type Settings } from './core/config.js';
 import { type Database, openDatabase } from './core/db.js';
 import type { Logger } from './core/logger.js';
 import { migrateUp, pendingMigrations } from './core/migrate.js';
+
+import { buildApp } from './app.js';
 import { ensureFirstSuperuser } from './services/user-service.js';
 
 export interface StartOptions {

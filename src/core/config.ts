@@ -32,6 +32,8 @@ export const SettingsSchema = z.object({
   DATABASE_CONNECT_TIMEOUT_MS: int(100, 600_000).default(5_000),
   DATABASE_STATEMENT_TIMEOUT_MS: int(0, 3_600_000).default(30_000),
   REDIS_URL: z.preprocess(emptyAsUndefined, z.url({ protocol: /^rediss?$/ }).optional()),
+  /** Prefix of every Redis key Keel writes, so deployments (or test runs) can share one Redis. */
+  REDIS_KEY_PREFIX: z.string().max(64).regex(/^[\w:.-]*$/).default('keel:'),
   SECRET_KEY: optionalString,
   ACCESS_TOKEN_EXPIRE_MINUTES: int(1, 525_600).default(11_520),
   EMAIL_RESET_TOKEN_EXPIRE_HOURS: int(1, 720).default(48),

@@ -3,13 +3,14 @@ import { join } from 'node:path';
 
 import { PGlite } from '@electric-sql/pglite';
 import { vector } from '@electric-sql/pglite-pgvector';
-import type { PgDatabase, PgQueryResultHKT, PgTransaction } from 'drizzle-orm/pg-core';
 import { drizzle as drizzleNodePg } from 'drizzle-orm/node-postgres';
+import type { PgDatabase, PgQueryResultHKT, PgTransaction } from 'drizzle-orm/pg-core';
 import { drizzle as drizzlePglite } from 'drizzle-orm/pglite';
 import pg from 'pg';
 
-import type { Settings } from './config.js';
 import * as schema from '../models/index.js';
+
+import type { Settings } from './config.js';
 
 export type Schema = typeof schema;
 /** The database handle every crud function takes first; a transaction is one too. */
@@ -77,7 +78,7 @@ function openPostgres(settings: Settings, url: string): Database {
   // An idle client that loses its server emits here; without a listener the process would crash.
   pool.on('error', () => undefined);
   return {
-    db: drizzleNodePg(pool, { schema, casing: 'snake_case' }) as unknown as Db,
+    db: drizzleNodePg(pool, { schema, casing: 'snake_case' }),
     kind: 'postgres',
     withSession: async (work) => {
       const client = await pool.connect();

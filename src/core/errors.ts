@@ -89,7 +89,7 @@ function issueType(code: string, params: Record<string, unknown>): string {
     case 'too_big':
       return params.origin === 'string' ? 'string_too_long' : 'too_long';
     case 'invalid_format':
-      return `${String(params.format ?? 'string')}_parsing`;
+      return `${typeof params.format === 'string' ? params.format : 'string'}_parsing`;
     case 'invalid_value':
       return 'enum';
     default:
@@ -105,7 +105,7 @@ function validationIssues(error: FastifyError): ValidationIssue[] {
   const issues: ValidationIssue[] = [];
   for (const issue of error.validation) {
     const path = issue.instancePath.split('/').filter(Boolean);
-    const params = issue.params as Record<string, unknown>;
+    const params = issue.params;
     const keys = Array.isArray(params.keys) ? (params.keys as string[]) : null;
     // An unknown field is reported at the field itself, as FastAPI does.
     for (const extra of keys ?? [null]) {

@@ -1,8 +1,11 @@
 import { and, count, desc, eq, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
+
 import { type ApiKey, apiKeys, type NewApiKey, type User, users } from '../models/index.js';
+
 import type { Pagination } from '../schemas/common.js';
+
 import { preparedPerDb } from './prepared.js';
 
 /** The key and its owner in one round trip: API-key authentication needs both. */
@@ -66,7 +69,7 @@ export async function update(db: Db, id: string, values: Partial<NewApiKey>): Pr
 export async function touchLastUsed(db: Db, id: string): Promise<void> {
   await db
     .update(apiKeys)
-    .set({ last_used_at: sql`now()` as unknown as Date, updated_at: sql`${apiKeys.updated_at}` as unknown as Date })
+    .set({ last_used_at: sql`now()`, updated_at: sql`${apiKeys.updated_at}` })
     .where(and(eq(apiKeys.id, id), sql`(${apiKeys.last_used_at} is null or ${apiKeys.last_used_at} < now() - interval '1 minute')`));
 }
 

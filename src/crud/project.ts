@@ -1,8 +1,11 @@
 import { and, count, desc, eq, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
+
 import { apiKeys, type NewProject, type Project, projects } from '../models/index.js';
+
 import type { Pagination } from '../schemas/common.js';
+
 import { preparedPerDb } from './prepared.js';
 
 const byId = preparedPerDb((db) =>

@@ -1,8 +1,11 @@
 import { count, desc, eq, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
+
 import { type NewUser, type User, users } from '../models/index.js';
+
 import type { Pagination } from '../schemas/common.js';
+
 import { preparedPerDb } from './prepared.js';
 
 const byId = preparedPerDb((db) =>

@@ -2,6 +2,7 @@ import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 
 import { ApiKeyCreate, ApiKeyCreated, ApiKeyIdParams, ApiKeyPublic, ApiKeyUpdate } from '../schemas/api-key.js';
 import { authErrors, HTTPError, listOf, Message, Pagination } from '../schemas/common.js';
+
 import * as apiKeyService from '../services/api-key-service.js';
 import { requireUser } from '../utils/authentication.js';
 

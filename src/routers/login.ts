@@ -3,6 +3,7 @@ import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { LoginForm, NewPassword, RecoveryParams, Token } from '../schemas/auth.js';
 import { authErrors, HTTPError, Message, ValidationError } from '../schemas/common.js';
 import { UserPublic } from '../schemas/user.js';
+
 import * as userService from '../services/user-service.js';
 import { requireUser } from '../utils/authentication.js';
 import { byIp, rateLimit } from '../utils/rate-limit.js';

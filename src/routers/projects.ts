@@ -2,6 +2,7 @@ import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 
 import { authErrors, HTTPError, listOf, Message, Pagination } from '../schemas/common.js';
 import { ProjectCreate, ProjectIdParams, ProjectPublic, ProjectStats, ProjectUpdate } from '../schemas/project.js';
+
 import * as projectService from '../services/project-service.js';
 import { requireUser } from '../utils/authentication.js';
 

@@ -1,8 +1,10 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 
 import { ForbiddenError } from '../core/errors.js';
+
 import { authErrors, HTTPError, listOf, Message, Pagination, ValidationError } from '../schemas/common.js';
 import { UpdatePassword, UserCreate, UserIdParams, UserPublic, UserRegister, UserUpdate, UserUpdateMe } from '../schemas/user.js';
+
 import * as userService from '../services/user-service.js';
 import { forbidScopedKey, requireSuperuser, requireUser } from '../utils/authentication.js';
 import { byIp, rateLimit } from '../utils/rate-limit.js';

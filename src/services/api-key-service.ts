@@ -3,12 +3,15 @@ import type { Db } from '../core/db.js';
 import { BadRequestError, ConflictError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import { generateApiKey } from '../core/security.js';
-import * as apiKeyCrud from '../crud/api-key.js';
-import * as userCrud from '../crud/user.js';
+
 import type { ApiKey } from '../models/index.js';
+
 import type { ApiKeyCreate, ApiKeyUpdate } from '../schemas/api-key.js';
 import type { Pagination } from '../schemas/common.js';
-import { type Principal, forbidScopedKey } from '../utils/authentication.js';
+
+import * as apiKeyCrud from '../crud/api-key.js';
+import * as userCrud from '../crud/user.js';
+import { forbidScopedKey,type Principal } from '../utils/authentication.js';
 import { ensureVisible } from '../utils/ownership.js';
 import * as projectService from './project-service.js';
 

@@ -1,12 +1,15 @@
 import type { Settings } from '../core/config.js';
 import type { Db } from '../core/db.js';
 import { ConflictError } from '../core/errors.js';
-import * as projectCrud from '../crud/project.js';
-import * as userCrud from '../crud/user.js';
+
 import type { Project } from '../models/index.js';
+
 import type { Pagination } from '../schemas/common.js';
 import type { ProjectCreate, ProjectUpdate } from '../schemas/project.js';
-import { type Principal, forbidScopedKey } from '../utils/authentication.js';
+
+import * as projectCrud from '../crud/project.js';
+import * as userCrud from '../crud/user.js';
+import { forbidScopedKey,type Principal } from '../utils/authentication.js';
 import { ensureVisible } from '../utils/ownership.js';
 
 const projectScope = (project: Project) => ({ ownerId: project.owner_id, projectId: project.id });

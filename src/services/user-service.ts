@@ -3,9 +3,12 @@ import type { Db } from '../core/db.js';
 import { BadRequestError, ConflictError, ForbiddenError, NotFoundError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import { hashPassword, type TokenService, verifyPassword } from '../core/security.js';
-import * as userCrud from '../crud/user.js';
+
 import type { NewUser, User } from '../models/index.js';
+
 import type { UserCreate, UserRegister, UserUpdate, UserUpdateMe } from '../schemas/user.js';
+
+import * as userCrud from '../crud/user.js';
 import type { Mailer } from './email/mailer.js';
 import { newAccountEmail, resetPasswordEmail } from './email/templates.js';
 

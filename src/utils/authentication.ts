@@ -2,9 +2,11 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 
 import { ForbiddenError, UnauthorizedError } from '../core/errors.js';
 import { hashApiKey, looksLikeApiKey } from '../core/security.js';
+
+import type { User } from '../models/index.js';
+
 import * as apiKeyCrud from '../crud/api-key.js';
 import * as userCrud from '../crud/user.js';
-import type { User } from '../models/index.js';
 
 /** Who is calling: the user, and the project an API key is limited to (null: all the user's). */
 export interface Principal {

@@ -1,4 +1,5 @@
 import { NotFoundError } from '../core/errors.js';
+
 import type { Principal } from './authentication.js';
 
 /**

@@ -2,6 +2,7 @@ import nodemailer, { type Transporter } from 'nodemailer';
 
 import type { Settings } from '../../core/config.js';
 import type { Logger } from '../../core/logger.js';
+
 import type { RenderedEmail } from './templates.js';
 
 /**

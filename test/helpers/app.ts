@@ -1,0 +1,107 @@
+import { randomBytes } from 'node:crypto';
+import { cpSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import type { FastifyInstance } from 'fastify';
+import pino from 'pino';
+import { afterAll, beforeAll, inject } from 'vitest';
+
+import { buildApp } from '../../src/app.js';
+import { loadSettings, type Settings } from '../../src/core/config.js';
+import { type Database, openDatabase } from '../../src/core/db.js';
+import { ensureFirstSuperuser } from '../../src/services/user-service.js';
+import { adminQuery, databaseUrl } from './postgres.js';
+
+export const SUPERUSER_EMAIL = 'admin@keel.test';
+export const SUPERUSER_PASSWORD = 'superuser-password';
+
+/** Settings for a test app: quiet logs, high rate limits, the run's Redis (when given) under its own prefix. */
+export function testSettings(overrides: Record<string, string> = {}): Settings {
+  const dataDir = mkdtempSync(join(tmpdir(), 'keel-test-data-'));
+  return loadSettings({
+    ENVIRONMENT: 'local',
+    SECRET_KEY: randomBytes(32).toString('hex'),
+    DATA_DIR: dataDir,
+    LOG_LEVEL: 'silent',
+    LOG_FORMAT: 'json',
+    FIRST_SUPERUSER: SUPERUSER_EMAIL,
+    FIRST_SUPERUSER_PASSWORD: SUPERUSER_PASSWORD,
+    REDIS_URL: process.env.REDIS_URL ?? '',
+    REDIS_KEY_PREFIX: `keel-test:${randomBytes(6).toString('hex')}:`,
+    RATE_LIMIT_LOGIN_PER_IP: '100000',
+    RATE_LIMIT_LOGIN_PER_ACCOUNT: '100000',
+    RATE_LIMIT_SIGNUP_PER_IP: '100000',
+    RATE_LIMIT_RECOVERY_PER_IP: '100000',
+    RATE_LIMIT_RECOVERY_PER_ACCOUNT: '100000',
+    ...overrides,
+  });
+}
+
+/**
+ * A fresh, migrated database of this test file's own: a clone of the run's template database on
+ * the server (DATABASE_URL set) or a copy of the template PGlite directory.
+ */
+export async function openTestDatabase(): Promise<{ database: Database; url: string | null; destroy: () => Promise<void> }> {
+  const adminUrl = process.env.DATABASE_URL;
+  const template = inject('templateDatabase');
+  if (adminUrl && template) {
+    const name = `${inject('runPrefix')}_${randomBytes(4).toString('hex')}`;
+    await adminQuery(adminUrl, `create database "${name}" template "${template}"`);
+    const url = databaseUrl(adminUrl, name);
+    const database = await openDatabase(testSettings({ DATABASE_URL: url }));
+    return {
+      database,
+      url,
+      destroy: async () => {
+        await database.close();
+        await adminQuery(adminUrl, `drop database if exists "${name}" with (force)`);
+      },
+    };
+  }
+  const dir = mkdtempSync(join(tmpdir(), 'keel-test-db-'));
+  cpSync(inject('templatePgliteDir')!, dir, { recursive: true });
+  const database = await openDatabase(testSettings({ PGLITE_DATA_DIR: dir }));
+  return {
+    database,
+    url: null,
+    destroy: async () => {
+      await database.close();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+export async function buildTestApp(database: Database, overrides: Record<string, string> = {}): Promise<FastifyInstance> {
+  const settings = testSettings(overrides);
+  const logger = pino({ level: 'silent' });
+  await ensureFirstSuperuser(database.db, settings, logger);
+  const app = await buildApp({ settings, database, logger, vectorSearch: database.kind === 'pglite' });
+  await app.ready();
+  return app;
+}
+
+export interface TestContext {
+  app: FastifyInstance;
+  database: Database;
+}
+
+/**
+ * Call at the top of a test file: one database and one app for the file, built before its tests
+ * and torn down after them. `overrides` are settings (environment names).
+ */
+export function useTestApp(overrides: Record<string, string> = {}): TestContext {
+  const context = {} as TestContext;
+  let destroy: (() => Promise<void>) | null = null;
+  beforeAll(async () => {
+    const opened = await openTestDatabase();
+    destroy = opened.destroy;
+    context.database = opened.database;
+    context.app = await buildTestApp(opened.database, overrides);
+  });
+  afterAll(async () => {
+    await context.app?.close();
+    await destroy?.();
+  });
+  return context;
+}

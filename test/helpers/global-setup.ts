@@ -1,0 +1,62 @@
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import pino from 'pino';
+import type { TestProject } from 'vitest/node';
+
+import { loadSettings } from '../../src/core/config.js';
+import { openDatabase } from '../../src/core/db.js';
+import { migrateUp } from '../../src/core/migrate.js';
+import { adminQuery, databaseUrl } from './postgres.js';
+
+declare module 'vitest' {
+  export interface ProvidedContext {
+    /** Name prefix of every database this run creates (server mode). */
+    runPrefix: string;
+    /** A migrated database every test file clones (server mode), or a migrated PGlite directory. */
+    templateDatabase: string | null;
+    templatePgliteDir: string | null;
+  }
+}
+
+const silent = pino({ level: 'silent' });
+
+/**
+ * Migrates one database for the whole run; each test file then clones it, which takes a fraction
+ * of initdb + migrate. With DATABASE_URL set the run uses that server, otherwise PGlite.
+ */
+export default async function setup(project: TestProject): Promise<() => Promise<void>> {
+  const runPrefix = `keel_test_${randomBytes(4).toString('hex')}`;
+  project.provide('runPrefix', runPrefix);
+  const adminUrl = process.env.DATABASE_URL;
+
+  if (adminUrl) {
+    const template = `${runPrefix}_template`;
+    await adminQuery(adminUrl, `create database "${template}"`);
+    const settings = loadSettings({ ENVIRONMENT: 'local', SECRET_KEY: 'x'.repeat(40), DATABASE_URL: databaseUrl(adminUrl, template) });
+    const database = await openDatabase(settings);
+    await migrateUp(database, silent);
+    await database.close();
+    project.provide('templateDatabase', template);
+    project.provide('templatePgliteDir', null);
+    return async () => {
+      const rows = await adminQuery<{ datname: string }>(adminUrl, `select datname from pg_database where datname like $1`, [
+        `${runPrefix}%`,
+      ]);
+      for (const { datname } of rows) await adminQuery(adminUrl, `drop database if exists "${datname}" with (force)`);
+    };
+  }
+
+  const dir = mkdtempSync(join(tmpdir(), 'keel-test-template-'));
+  const settings = loadSettings({ ENVIRONMENT: 'local', SECRET_KEY: 'x'.repeat(40), PGLITE_DATA_DIR: dir });
+  const database = await openDatabase(settings);
+  await migrateUp(database, silent);
+  await database.close();
+  project.provide('templateDatabase', null);
+  project.provide('templatePgliteDir', dir);
+  return async () => {
+    rmSync(dir, { recursive: true, force: true });
+  };
+}
