@@ -7,9 +7,10 @@ import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
 import { afterAll, beforeAll, inject } from 'vitest';
 
-import { buildApp } from '../../src/app.js';
 import { loadSettings, type Settings } from '../../src/core/config.js';
 import { type Database, openDatabase } from '../../src/core/db.js';
+
+import { buildApp } from '../../src/app.js';
 import { ensureFirstSuperuser } from '../../src/services/user-service.js';
 import { adminQuery, databaseUrl } from './postgres.js';
 

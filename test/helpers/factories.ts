@@ -2,8 +2,9 @@ import { randomBytes } from 'node:crypto';
 
 import type { FastifyInstance } from 'fastify';
 
-import { createUser as createUserRow } from '../../src/services/user-service.js';
 import type { User } from '../../src/models/index.js';
+
+import { createUser as createUserRow } from '../../src/services/user-service.js';
 import { SUPERUSER_EMAIL, SUPERUSER_PASSWORD } from './app.js';
 
 export interface TestUser {

@@ -9,6 +9,7 @@ import type { TestProject } from 'vitest/node';
 import { loadSettings } from '../../src/core/config.js';
 import { openDatabase } from '../../src/core/db.js';
 import { migrateUp } from '../../src/core/migrate.js';
+
 import { adminQuery, databaseUrl } from './postgres.js';
 
 declare module 'vitest' {
