@@ -63,6 +63,16 @@ export async function buildApp({ settings, database, logger, vectorSearch }: App
       return typeof given === 'string' && REQUEST_ID.test(given) ? given : randomUUID();
     },
     routerOptions: { ignoreTrailingSlash: true, maxParamLength: 200 },
+    // URLs the router cannot read (bad percent-encoding, over-long parameters) never reach the
+    // error handler: answer them in the API's `{detail}` shape too.
+    frameworkErrors: (error, request, reply) => {
+      const status = error.statusCode === 414 ? 414 : 400;
+      void reply
+        .code(status)
+        .header('x-request-id', request.id)
+        .type('application/json; charset=utf-8')
+        .send({ detail: status === 414 ? 'URI too long' : 'Invalid URL' });
+    },
     return503OnClosing: true,
     forceCloseConnections: 'idle',
   }).withTypeProvider<ZodTypeProvider>();

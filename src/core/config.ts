@@ -53,7 +53,7 @@ export const SettingsSchema = z.object({
   TRUST_PROXY: bool.default(false),
   BODY_LIMIT_BYTES: int(1024, 100 * 1024 * 1024).default(1024 * 1024),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
-  LOG_FORMAT: z.enum(['pretty', 'json']).optional(),
+  LOG_FORMAT: z.preprocess(emptyAsUndefined, z.enum(['pretty', 'json']).optional()),
   RATE_LIMIT_LOGIN_PER_IP: int(1, 1_000_000).default(30),
   RATE_LIMIT_LOGIN_PER_ACCOUNT: int(1, 1_000_000).default(10),
   RATE_LIMIT_SIGNUP_PER_IP: int(1, 1_000_000).default(10),

@@ -47,11 +47,16 @@ async function openPglite(settings: Settings): Promise<Database> {
       (await client.query<T>(sqlText, params)).rows,
   };
   let closed = false;
+  // PGlite is a single session: callers take turns, so two never share one transaction or lock.
+  let turn: Promise<unknown> = Promise.resolve();
   return {
     db: drizzlePglite(client, { schema, casing: 'snake_case' }) as unknown as Db,
     kind: 'pglite',
-    // PGlite is a single session already.
-    withSession: (work) => work(session),
+    withSession: <T>(work: (session: SqlSession) => Promise<T>): Promise<T> => {
+      const result = turn.then(() => work(session));
+      turn = result.catch(() => undefined);
+      return result;
+    },
     ping: async () => {
       if (closed) throw new Error('database is closed');
       await client.query('select 1');

@@ -134,6 +134,17 @@ function databaseError(error: unknown): DatabaseError | null {
   return null;
 }
 
+/** Socket errors of a dependency that cannot be reached (the driver's error or its cause). */
+const CONNECTION_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN']);
+
+function connectionError(error: unknown): boolean {
+  for (let e: unknown = error, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === 'string' && CONNECTION_ERRORS.has(code)) return true;
+  }
+  return false;
+}
+
 // ==================== The one handler ====================
 
 function send(reply: FastifyReply, status: number, body: unknown, headers: Record<string, string> = {}): FastifyReply {
@@ -164,7 +175,7 @@ export function registerErrorHandler(app: FastifyInstance): void {
       const detail = error.statusCode === 413 ? 'Request body too large' : error.message;
       return send(reply, error.statusCode, { detail });
     }
-    if (db && ['57P01', '08006', '08001', '08003', '57P03'].includes(db.code)) {
+    if ((db && ['57P01', '08006', '08001', '08003', '57P03'].includes(db.code)) || connectionError(error)) {
       request.log.error({ err: error }, 'database unavailable');
       return send(reply, 503, { detail: 'Service unavailable' });
     }

@@ -1,0 +1,208 @@
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+
+import { afterAll, describe, expect, it } from 'vitest';
+
+import { ConfigError, loadSettings, readEnvironment } from '../../src/core/config.js';
+
+const GOOD_KEY = 'k'.repeat(48);
+const temporary: string[] = [];
+
+function tempDir(): string {
+  const dir = mkdtempSync(join(tmpdir(), 'keel-config-test-'));
+  temporary.push(dir);
+  return dir;
+}
+
+afterAll(() => {
+  for (const dir of temporary) rmSync(dir, { recursive: true, force: true });
+});
+
+/** The ConfigError `loadSettings` throws for `source` (fails the test when it does not throw one). */
+function configError(source: Record<string, string | undefined>): ConfigError {
+  try {
+    loadSettings(source);
+  } catch (error) {
+    expect(error).toBeInstanceOf(ConfigError);
+    return error as ConfigError;
+  }
+  throw new Error(`loadSettings accepted ${JSON.stringify(source)}`);
+}
+
+describe('loadSettings defaults', () => {
+  it('gives the documented defaults when nothing is set', () => {
+    const settings = loadSettings({ SECRET_KEY: GOOD_KEY });
+    expect(settings).toMatchObject({
+      ENVIRONMENT: 'local',
+      PROJECT_NAME: 'Keel',
+      HOST: '127.0.0.1',
+      PORT: 8000,
+      DATA_DIR: './data',
+      ACCESS_TOKEN_EXPIRE_MINUTES: 11_520,
+      FIRST_SUPERUSER: 'admin@example.com',
+      FIRST_SUPERUSER_PASSWORD: 'changethis',
+      USERS_OPEN_REGISTRATION: true,
+      BACKEND_CORS_ORIGINS: [],
+      LOG_FORMAT: 'pretty',
+      SECRET_KEY: GOOD_KEY,
+      emailsEnabled: false,
+    });
+    expect(settings.DATABASE_URL).toBeUndefined();
+    expect(settings.REDIS_URL).toBeUndefined();
+    expect(settings.dataDir).toBe(resolve('data'));
+  });
+
+  it('treats empty values as unset and ignores unknown variables', () => {
+    const settings = loadSettings({ SECRET_KEY: GOOD_KEY, DATABASE_URL: '', REDIS_URL: '', SMTP_HOST: '', NOT_A_SETTING: 'x' });
+    expect(settings.DATABASE_URL).toBeUndefined();
+    expect(settings.REDIS_URL).toBeUndefined();
+    expect(settings.SMTP_HOST).toBeUndefined();
+    expect(settings).not.toHaveProperty('NOT_A_SETTING');
+  });
+
+  it('coerces numbers, booleans and lists from their text', () => {
+    const settings = loadSettings({
+      SECRET_KEY: GOOD_KEY,
+      PORT: '9123',
+      USERS_OPEN_REGISTRATION: 'false',
+      BACKEND_CORS_ORIGINS: 'http://a.example, http://b.example ,',
+      DATABASE_URL: 'postgresql://u:p@db.example:5433/keel',
+      REDIS_URL: 'rediss://cache.example:6380',
+    });
+    expect(settings.PORT).toBe(9123);
+    expect(settings.USERS_OPEN_REGISTRATION).toBe(false);
+    expect(settings.BACKEND_CORS_ORIGINS).toEqual(['http://a.example', 'http://b.example']);
+    expect(settings.DATABASE_URL).toBe('postgresql://u:p@db.example:5433/keel');
+    expect(settings.REDIS_URL).toBe('rediss://cache.example:6380');
+  });
+
+  it('logs JSON by default outside local', () => {
+    const settings = loadSettings({ ENVIRONMENT: 'production', SECRET_KEY: GOOD_KEY, FIRST_SUPERUSER_PASSWORD: 'a-real-password' });
+    expect(settings.LOG_FORMAT).toBe('json');
+  });
+
+  it('returns a frozen object', () => {
+    const settings = loadSettings({ SECRET_KEY: GOOD_KEY });
+    expect(Object.isFrozen(settings)).toBe(true);
+    expect(() => {
+      (settings as { PORT: number }).PORT = 1;
+    }).toThrow(TypeError);
+    expect(settings.PORT).toBe(8000);
+  });
+});
+
+describe('loadSettings refuses bad values, naming the variable', () => {
+  it.each([
+    ['PORT', 'abc'],
+    ['PORT', '70000'],
+    ['PORT', '-1'],
+    ['PORT', '80.5'],
+    ['ENVIRONMENT', 'prod'],
+    ['DATABASE_URL', 'not a url'],
+    ['DATABASE_URL', 'mysql://root@localhost/keel'],
+    ['REDIS_URL', 'http://localhost:6379'],
+    ['FIRST_SUPERUSER', 'not-an-email'],
+    ['USERS_OPEN_REGISTRATION', 'maybe'],
+    ['LOG_LEVEL', 'loud'],
+  ])('%s=%s', (name, value) => {
+    const error = configError({ SECRET_KEY: GOOD_KEY, [name]: value });
+    expect(error.message).toMatch(new RegExp(`^\\s*${name}: `, 'm'));
+    // Only the bad variable is named.
+    const named = [...error.message.matchAll(/^\s*([A-Z_]+): /gm)].map((m) => m[1]);
+    expect(named).toEqual([name]);
+  });
+
+  it('names every bad variable at once', () => {
+    const error = configError({ SECRET_KEY: GOOD_KEY, PORT: 'abc', ENVIRONMENT: 'prod', DATABASE_URL: 'nope' });
+    for (const name of ['PORT', 'ENVIRONMENT', 'DATABASE_URL']) expect(error.message).toMatch(new RegExp(`^\\s*${name}: `, 'm'));
+  });
+
+  it('refuses a SECRET_KEY shorter than 32 characters, even in local', () => {
+    expect(configError({ SECRET_KEY: 'short' }).message).toMatch(/SECRET_KEY/);
+  });
+});
+
+describe.each(['staging', 'production'])('ENVIRONMENT=%s refuses default secrets', (environment) => {
+  const base = { ENVIRONMENT: environment, FIRST_SUPERUSER_PASSWORD: 'a-real-superuser-password' };
+
+  it('refuses a missing SECRET_KEY', () => {
+    const dataDir = tempDir();
+    expect(configError({ ...base, DATA_DIR: dataDir }).message).toMatch(/SECRET_KEY/);
+    expect(configError({ ...base, DATA_DIR: dataDir, SECRET_KEY: '' }).message).toMatch(/SECRET_KEY/);
+  });
+
+  it.each(['changethis', 'secret', 'changeme'])('refuses the default SECRET_KEY %s', (key) => {
+    expect(configError({ ...base, SECRET_KEY: key }).message).toMatch(/SECRET_KEY/);
+  });
+
+  it('refuses the default FIRST_SUPERUSER_PASSWORD, given or implied', () => {
+    expect(configError({ ENVIRONMENT: environment, SECRET_KEY: GOOD_KEY }).message).toMatch(/FIRST_SUPERUSER_PASSWORD/);
+    expect(configError({ ENVIRONMENT: environment, SECRET_KEY: GOOD_KEY, FIRST_SUPERUSER_PASSWORD: 'changethis' }).message).toMatch(
+      /FIRST_SUPERUSER_PASSWORD/,
+    );
+  });
+
+  it('accepts real secrets and never writes a key file', () => {
+    const dataDir = tempDir();
+    const settings = loadSettings({ ...base, SECRET_KEY: GOOD_KEY, DATA_DIR: dataDir });
+    expect(settings.ENVIRONMENT).toBe(environment);
+    expect(settings.SECRET_KEY).toBe(GOOD_KEY);
+    expect(() => statSync(join(dataDir, '.secret_key'))).toThrow();
+  });
+});
+
+describe('readEnvironment', () => {
+  it('reads .env, with the real environment winning', () => {
+    const dir = tempDir();
+    const file = join(dir, '.env');
+    writeFileSync(
+      file,
+      ['# a comment', 'PORT=9001', 'PROJECT_NAME="From File"', 'HOST=0.0.0.0', `SECRET_KEY=${GOOD_KEY}`, ''].join('\n'),
+    );
+    const source = readEnvironment(file, { PORT: '9002', LOG_LEVEL: 'warn' });
+    expect(source).toMatchObject({ PORT: '9002', PROJECT_NAME: 'From File', HOST: '0.0.0.0', LOG_LEVEL: 'warn', SECRET_KEY: GOOD_KEY });
+
+    const settings = loadSettings(source);
+    expect(settings.PORT).toBe(9002);
+    expect(settings.PROJECT_NAME).toBe('From File');
+    expect(settings.HOST).toBe('0.0.0.0');
+    expect(settings.LOG_LEVEL).toBe('warn');
+  });
+
+  it('a bad value in .env is named like any other', () => {
+    const dir = tempDir();
+    const file = join(dir, '.env');
+    writeFileSync(file, `PORT=eighty\nSECRET_KEY=${GOOD_KEY}\n`);
+    expect(configError(readEnvironment(file, {})).message).toMatch(/^\s*PORT: /m);
+  });
+
+  it('works without a .env file', () => {
+    const source = readEnvironment(join(tempDir(), 'missing.env'), { PORT: '8100' });
+    expect(source).toEqual({ PORT: '8100' });
+  });
+});
+
+describe('the local SECRET_KEY', () => {
+  it('is generated once per data dir, kept with mode 0600 and reused', () => {
+    const dataDir = join(tempDir(), 'nested', 'data');
+    const first = loadSettings({ DATA_DIR: dataDir });
+    expect(first.SECRET_KEY.length).toBeGreaterThanOrEqual(32);
+
+    const file = join(dataDir, '.secret_key');
+    expect(readFileSync(file, 'utf8').trim()).toBe(first.SECRET_KEY);
+    expect(statSync(file).mode & 0o777).toBe(0o600);
+
+    const second = loadSettings({ DATA_DIR: dataDir });
+    expect(second.SECRET_KEY).toBe(first.SECRET_KEY);
+
+    const elsewhere = loadSettings({ DATA_DIR: tempDir() });
+    expect(elsewhere.SECRET_KEY).not.toBe(first.SECRET_KEY);
+  });
+
+  it('is not generated when SECRET_KEY is given', () => {
+    const dataDir = tempDir();
+    expect(loadSettings({ DATA_DIR: dataDir, SECRET_KEY: GOOD_KEY }).SECRET_KEY).toBe(GOOD_KEY);
+    expect(() => statSync(join(dataDir, '.secret_key'))).toThrow();
+  });
+});
