@@ -1,5 +1,8 @@
 // Prints each Vitest run's counts and one closing line "N passed, N failed" over all runs.
 import { existsSync, readFileSync } from 'node:fs';
+import process from 'node:process';
+
+const print = (line) => process.stdout.write(`${line}\n`);
 
 let passed = 0;
 let failed = 0;
@@ -7,7 +10,7 @@ let skipped = 0;
 for (const arg of process.argv.slice(2)) {
   const [label, file] = arg.split('=');
   if (!existsSync(file)) {
-    console.log(`${label}: no report (the run did not finish)`);
+    print(`${label}: no report (the run did not finish)`);
     failed += 1;
     continue;
   }
@@ -15,11 +18,11 @@ for (const arg of process.argv.slice(2)) {
   // A file that failed before running any test (import error, hook failure) counts as one failure.
   const brokenFiles = report.testResults.filter((r) => r.status === 'failed' && r.assertionResults.length === 0).length;
   const runFailed = report.numFailedTests + brokenFiles;
-  console.log(
+  print(
     `${label}: ${report.numPassedTests} passed, ${runFailed} failed, ${report.numPendingTests + report.numTodoTests} skipped`,
   );
   passed += report.numPassedTests;
   failed += runFailed;
   skipped += report.numPendingTests + report.numTodoTests;
 }
-console.log(`${passed} passed, ${failed} failed, ${skipped} skipped`);
+print(`${passed} passed, ${failed} failed, ${skipped} skipped`);

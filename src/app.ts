@@ -2,12 +2,12 @@ import { randomUUID } from 'node:crypto';
 
 import cors from '@fastify/cors';
 import formbody from '@fastify/formbody';
-import helmet from '@fastify/helmet';
 import rateLimitPlugin from '@fastify/rate-limit';
 import swagger from '@fastify/swagger';
 import scalar from '@scalar/fastify-api-reference';
-import Fastify, { type FastifyInstance, LogController } from 'fastify';
+import Fastify, { type FastifyInstance, type FastifyReply, LogController } from 'fastify';
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler, type ZodTypeProvider } from 'fastify-type-provider-zod';
+import helmet from 'helmet';
 import type { Redis } from 'ioredis';
 
 import type { Settings } from './core/config.js';
@@ -67,7 +67,7 @@ export async function buildApp({ settings, database, logger, vectorSearch }: App
     // error handler: answer them in the API's `{detail}` shape too.
     frameworkErrors: (error, request, reply) => {
       const status = error.statusCode === 414 ? 414 : 400;
-      void reply
+      void (reply as FastifyReply)
         .code(status)
         .header('x-request-id', request.id)
         .type('application/json; charset=utf-8')
@@ -96,26 +96,8 @@ export async function buildApp({ settings, database, logger, vectorSearch }: App
 
   // ==================== Request bookkeeping ====================
 
-  app.addHook('onRequest', async (request, reply) => {
-    reply.header('x-request-id', request.id);
-  });
-  app.addHook('onResponse', async (request, reply) => {
-    const route = request.routeOptions.url ?? '<unmatched>';
-    const seconds = reply.elapsedTime / 1000;
-    app.metrics.httpDuration.observe({ method: request.method, route, status_code: reply.statusCode }, seconds);
-    request.log.info(
-      { method: request.method, route, status: reply.statusCode, ms: Math.round(reply.elapsedTime * 10) / 10 },
-      'request completed',
-    );
-  });
-  app.addHook('onClose', async () => {
-    await mailer.drain();
-    if (redis) await redis.quit().catch(() => redis.disconnect());
-  });
-
-  // ==================== Plugins ====================
-
-  await app.register(helmet, {
+  // Helmet's middleware is built once here; @fastify/helmet rebuilds it on every request.
+  const securityHeaders = helmet({
     // The API answers JSON; only /docs renders HTML, and Scalar needs inline scripts and styles.
     contentSecurityPolicy: {
       directives: {
@@ -128,6 +110,32 @@ export async function buildApp({ settings, database, logger, vectorSearch }: App
       },
     },
   });
+  app.addHook('onRequest', (request, reply, done) => {
+    reply.header('x-request-id', request.id);
+    securityHeaders(request.raw, reply.raw, (error?: unknown) => done(error instanceof Error ? error : undefined));
+  });
+  app.addHook('onResponse', async (request, reply) => {
+    const route = request.routeOptions.url ?? '<unmatched>';
+    const seconds = reply.elapsedTime / 1000;
+    app.metrics.httpDuration.observe({ method: request.method, route, status_code: reply.statusCode }, seconds);
+    request.log.info(
+      {
+        method: request.method,
+        route,
+        status: reply.statusCode,
+        ms: Math.round(reply.elapsedTime * 10) / 10,
+        userId: request.principal?.user.id,
+      },
+      'request completed',
+    );
+  });
+  app.addHook('onClose', async () => {
+    await mailer.drain();
+    if (redis) await redis.quit().catch(() => redis.disconnect());
+  });
+
+  // ==================== Plugins ====================
+
   await app.register(cors, {
     origin: settings.BACKEND_CORS_ORIGINS.length ? settings.BACKEND_CORS_ORIGINS : false,
     credentials: true,

@@ -79,8 +79,12 @@ const LOCATION_NAMES: Record<string, string> = {
 };
 
 /** Zod issue codes in the vocabulary FastAPI clients already know. */
-function issueType(code: string, params: Record<string, unknown>): string {
-  if (code === 'invalid_type' && params.input === undefined) return 'missing';
+function issueType(code: string, params: Record<string, unknown>, message: string): string {
+  if (code === 'invalid_type') {
+    // Zod 4 issues carry no input; its message says what was received.
+    if (/received undefined$/.test(message)) return 'missing';
+    return typeof params.expected === 'string' ? `${params.expected}_type` : 'type_error';
+  }
   switch (code) {
     case 'unrecognized_keys':
       return 'extra_forbidden';
@@ -113,7 +117,7 @@ function validationIssues(error: FastifyError): ValidationIssue[] {
       issues.push({
         loc: [where, ...path, ...(extra === null ? [] : [extra])],
         msg: keys ? 'Extra inputs are not permitted' : (issue.message ?? 'Invalid value'),
-        type: issueType(keyword, params),
+        type: issueType(keyword, params, issue.message ?? ''),
       });
     }
   }
@@ -169,6 +173,10 @@ export function registerErrorHandler(app: FastifyInstance): void {
     if (db?.code === '23503') return send(reply, 404, { detail: 'Referenced resource not found' });
     if (db?.code === '22P02' || db?.code === '22003' || db?.code === '22001') {
       return send(reply, 422, { detail: [{ loc: ['body'], msg: 'Value out of range', type: 'value_error' }] });
+    }
+    // A NUL character (\u0000) in text: PostgreSQL cannot store it.
+    if (db?.code === '22021') {
+      return send(reply, 422, { detail: [{ loc: ['body'], msg: 'Text contains a character that cannot be stored', type: 'value_error' }] });
     }
     // Fastify's own client errors (415 media type, 413 body limit, 400 malformed) keep their status.
     if (!isResponseSerializationError(error) && error.statusCode && error.statusCode >= 400 && error.statusCode < 500) {

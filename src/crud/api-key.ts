@@ -61,6 +61,8 @@ export async function create(db: Db, values: NewApiKey): Promise<ApiKey> {
 }
 
 export async function update(db: Db, id: string, values: Partial<NewApiKey>): Promise<ApiKey | undefined> {
+  // An empty PATCH changes nothing (and Drizzle refuses an empty SET).
+  if (Object.values(values).every((value) => value === undefined)) return getById(db, id);
   const [key] = await db.update(apiKeys).set(values).where(eq(apiKeys.id, id)).returning();
   return key;
 }

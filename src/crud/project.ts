@@ -55,6 +55,8 @@ export async function create(db: Db, values: NewProject): Promise<Project> {
 }
 
 export async function update(db: Db, id: string, values: Partial<NewProject>): Promise<Project | undefined> {
+  // An empty PATCH changes nothing (and Drizzle refuses an empty SET).
+  if (Object.values(values).every((value) => value === undefined)) return getById(db, id);
   const [project] = await db.update(projects).set(values).where(eq(projects.id, id)).returning();
   return project;
 }

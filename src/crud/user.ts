@@ -1,4 +1,4 @@
-import { count, desc, eq, sql } from 'drizzle-orm';
+import { and, count, desc, eq, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 
@@ -35,13 +35,24 @@ export async function create(db: Db, values: NewUser): Promise<User> {
 }
 
 export async function update(db: Db, id: string, values: Partial<NewUser>): Promise<User | undefined> {
+  // An empty change (PATCH {}) changes nothing; drizzle refuses an UPDATE without columns.
+  if (Object.values(values).every((value) => value === undefined)) return getById(db, id);
   const [user] = await db.update(users).set(values).where(eq(users.id, id)).returning();
   return user;
 }
 
-/** Sets fields and moves the token version on, killing every token issued before. */
-export async function updateRevokingTokens(db: Db, id: string, values: Partial<NewUser>): Promise<User | undefined> {
-  return update(db, id, { ...values, token_version: sql`${users.token_version} + 1` as unknown as number });
+/**
+ * Sets fields and moves the token version on, killing every token issued before. With `fromVersion`,
+ * only while the version is still that one (undefined otherwise): a token can be spent only once.
+ */
+export async function updateRevokingTokens(db: Db, id: string, values: Partial<NewUser>, fromVersion?: number): Promise<User | undefined> {
+  const target = fromVersion === undefined ? eq(users.id, id) : and(eq(users.id, id), eq(users.token_version, fromVersion));
+  const [user] = await db
+    .update(users)
+    .set({ ...values, token_version: sql`${users.token_version} + 1` })
+    .where(target)
+    .returning();
+  return user;
 }
 
 export async function remove(db: Db, id: string): Promise<void> {
@@ -62,6 +73,15 @@ export async function countActiveSuperusers(db: Db): Promise<number> {
     .from(users)
     .where(sql`${users.is_superuser} and ${users.is_active}`);
   return row?.value ?? 0;
+}
+
+/** Locks the active superusers: changes that could leave none take this lock first, one at a time. */
+export async function lockSuperusers(db: Db): Promise<void> {
+  await db
+    .select({ id: users.id })
+    .from(users)
+    .where(sql`${users.is_superuser} and ${users.is_active}`)
+    .for('update');
 }
 
 /** Serializes per-user writes that check a limit first (count, then insert) inside a transaction. */

@@ -1,3 +1,4 @@
+import { sql } from 'drizzle-orm';
 import { timestamp, uuid } from 'drizzle-orm/pg-core';
 
 /** The columns every table has: a UUID key and UTC timestamps, `updated_at` refreshed on each update. */
@@ -7,5 +8,6 @@ export const baseColumns = {
   updated_at: timestamp('updated_at', { withTimezone: true })
     .notNull()
     .defaultNow()
-    .$onUpdate(() => new Date()),
+    // The database's clock, like created_at's default, so the two never disagree.
+    .$onUpdate(() => sql`now()`),
 };

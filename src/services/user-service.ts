@@ -79,30 +79,42 @@ async function isLastSuperuser(db: Db, user: User): Promise<boolean> {
 }
 
 export async function deleteMe(db: Db, user: User): Promise<void> {
-  if (await isLastSuperuser(db, user)) throw new ForbiddenError('The last superuser cannot delete their account');
-  await userCrud.remove(db, user.id);
+  await db.transaction(async (tx) => {
+    if (user.is_superuser) await userCrud.lockSuperusers(tx);
+    if (await isLastSuperuser(tx, user)) throw new ForbiddenError('The last superuser cannot delete their account');
+    await userCrud.remove(tx, user.id);
+  });
 }
 
 export async function updateByAdmin(db: Db, id: string, input: UserUpdate): Promise<User> {
-  const target = await getById(db, id);
-  if (input.email !== undefined) await ensureEmailFree(db, input.email, target.id);
   const losesSuperuser = input.is_superuser === false || input.is_active === false;
-  if (losesSuperuser && (await isLastSuperuser(db, target))) {
-    throw new ForbiddenError('The last superuser cannot be demoted or deactivated');
-  }
   const { password, ...fields } = input;
   const values: Partial<NewUser> = { ...fields };
   if (password !== undefined) values.hashed_password = await hashPassword(password);
-  const revokes = password !== undefined || input.is_active === false;
-  const updated = revokes ? await userCrud.updateRevokingTokens(db, id, values) : await userCrud.update(db, id, values);
-  if (!updated) throw new NotFoundError('User not found');
-  return updated;
+  return db.transaction(async (tx) => {
+    // Superusers are locked first, so that two concurrent demotions cannot both pass the check below.
+    if (losesSuperuser) await userCrud.lockSuperusers(tx);
+    const target = await getById(tx, id);
+    if (input.email !== undefined) await ensureEmailFree(tx, input.email, target.id);
+    if (losesSuperuser && (await isLastSuperuser(tx, target))) {
+      throw new ForbiddenError('The last superuser cannot be demoted or deactivated');
+    }
+    const revokes = password !== undefined || input.is_active === false;
+    const updated = revokes ? await userCrud.updateRevokingTokens(tx, id, values) : await userCrud.update(tx, id, values);
+    if (!updated) throw new NotFoundError('User not found');
+    return updated;
+  });
 }
 
 export async function deleteByAdmin(db: Db, actor: User, id: string): Promise<void> {
   if (actor.id === id) throw new ForbiddenError('Super users are not allowed to delete themselves');
-  await getById(db, id);
-  await userCrud.remove(db, id);
+  await db.transaction(async (tx) => {
+    // Two superusers deleting each other at once must not leave none.
+    await userCrud.lockSuperusers(tx);
+    const target = await getById(tx, id);
+    if (await isLastSuperuser(tx, target)) throw new ForbiddenError('The last superuser cannot be deleted');
+    await userCrud.remove(tx, id);
+  });
 }
 
 // ==================== Password recovery ====================
@@ -133,7 +145,11 @@ export async function resetPassword(db: Db, tokens: TokenService, token: string,
   const user = claims ? await userCrud.getById(db, claims.sub) : undefined;
   if (!claims || !user || user.token_version !== claims.ver) throw new BadRequestError('Invalid token');
   if (!user.is_active) throw new BadRequestError('Inactive user');
-  await userCrud.updateRevokingTokens(db, user.id, { hashed_password: await hashPassword(newPassword) });
+  const hashed = await hashPassword(newPassword);
+  // Conditional on the version the token carries: of two concurrent uses, only the first succeeds.
+  if (!(await userCrud.updateRevokingTokens(db, user.id, { hashed_password: hashed }, claims.ver))) {
+    throw new BadRequestError('Invalid token');
+  }
 }
 
 // ==================== First superuser ====================

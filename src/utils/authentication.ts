@@ -62,7 +62,6 @@ export async function requireUser(request: FastifyRequest, _reply: FastifyReply)
     : await principalFromToken(request, credential);
   if (!principal) throw new UnauthorizedError();
   request.principal = principal;
-  request.log = request.log.child({ userId: principal.user.id });
 }
 
 /** onRequest hook: the caller must be an active superuser. */

@@ -4,6 +4,8 @@ import { count, eq } from 'drizzle-orm';
 import type { FastifyInstance, InjectOptions } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
+import { TokenService } from '../../src/core/security.js';
+
 import { projects } from '../../src/models/index.js';
 
 import { buildTestApp, useTestApp } from '../helpers/app.js';
@@ -325,6 +327,14 @@ describe('PATCH /projects/{id}', () => {
     expect((await api('GET', `/projects/${project.id}`, bob.headers)).statusCode).toBe(404);
   });
 
+  it('accepts an empty body and keeps every field', async () => {
+    const alice = await createUser(ctx.app);
+    const created = (await api('POST', '/projects', alice.headers, { name: 'Same', description: 'same' })).json<ProjectBody>();
+    const response = await api('PATCH', `/projects/${created.id}`, alice.headers, {});
+    expect(response.statusCode).toBe(200);
+    expect(response.json()).toMatchObject({ id: created.id, name: 'Same', description: 'same', created_at: created.created_at });
+  });
+
   it('trims the new name', async () => {
     const alice = await createUser(ctx.app);
     const project = await createProject(ctx.app, alice.headers, 'Before');
@@ -414,7 +424,7 @@ describe('GET /projects/{id}/stats', () => {
     await createKey(alice.headers, { name: 'elsewhere', project_id: other.id });
     await createKey(alice.headers, { name: 'unscoped' });
 
-    const stats = async () => (await api('GET', `/projects/${project.id}/stats`, alice.headers)).json();
+    const stats = async () => (await api('GET', `/projects/${project.id}/stats`, alice.headers)).json<unknown>();
     expect(await stats()).toEqual({ project_id: project.id, api_keys: 3, active_api_keys: 3 });
 
     expect((await api('PATCH', `/api-keys/${k1.id}`, alice.headers, { status: 'revoked' })).statusCode).toBe(200);
@@ -553,14 +563,18 @@ describe('credentials', () => {
     expect((await api('GET', `/projects/${project.id}`, alice.headers)).json()).toMatchObject({ name: 'Project' });
   });
 
+  const otherSecret = new TokenService({ SECRET_KEY: 'another-secret-'.repeat(4), ACCESS_TOKEN_EXPIRE_MINUTES: 60, EMAIL_RESET_TOKEN_EXPIRE_HOURS: 1 });
+
   it.each([
-    ['a garbage token', { authorization: 'Bearer not-a-token' }],
-    ['a forged API key', { authorization: 'Bearer keel_forged' }],
-    ['a forged X-API-Key', { 'x-api-key': 'keel_forged' }],
-    ['a token of another secret', { authorization: 'Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl' }],
-  ])('answers 401 with WWW-Authenticate for %s', async (_label, headers) => {
+    ['a garbage token', async () => ({ authorization: 'Bearer not-a-token' })],
+    ['a forged API key', async () => ({ authorization: 'Bearer keel_forged' })],
+    ['a forged X-API-Key', async () => ({ 'x-api-key': 'keel_forged' })],
+    ['an access token signed with another secret', async (user: TestUser) => bearer(await otherSecret.create(user.user.id, user.user.token_version, 'access'))],
+    ['a password-reset token', async (user: TestUser) => bearer(await ctx.app.tokens.create(user.user.id, user.user.token_version, 'reset'))],
+  ])('answers 401 with WWW-Authenticate for %s', async (_label, makeHeaders) => {
     const alice = await createUser(ctx.app);
     const project = await createProject(ctx.app, alice.headers);
+    const headers: Record<string, string> = await makeHeaders(alice);
     for (const [method, url, payload] of routes(project.id)) {
       const response = await api(method, url, headers, payload);
       expect(response.statusCode, `${method} ${url}`).toBe(401);

@@ -1,0 +1,748 @@
+import { createHash, randomUUID } from 'node:crypto';
+
+import { count, eq } from 'drizzle-orm';
+import type { FastifyInstance, InjectOptions } from 'fastify';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { apiKeys } from '../../src/models/index.js';
+
+import { buildTestApp, useTestApp } from '../helpers/app.js';
+import { bearer, createProject, createUser, type TestUser } from '../helpers/factories.js';
+
+const ctx = useTestApp();
+
+// ==================== Helpers ====================
+
+interface KeyBody {
+  id: string;
+  name: string;
+  prefix: string;
+  project_id: string | null;
+  status: 'active' | 'revoked';
+  expires_at: string | null;
+  last_used_at: string | null;
+  created_at: string;
+  updated_at: string;
+}
+
+interface CreatedKey extends KeyBody {
+  key: string;
+}
+
+interface KeyList {
+  data: KeyBody[];
+  count: number;
+}
+
+interface ValidationBody {
+  detail: { loc: (string | number)[]; msg: string; type: string }[];
+}
+
+interface UserBody {
+  id: string;
+  email: string;
+}
+
+const PUBLIC_FIELDS = ['created_at', 'expires_at', 'id', 'last_used_at', 'name', 'prefix', 'project_id', 'status', 'updated_at'];
+const CREATED_FIELDS = [...PUBLIC_FIELDS, 'key'].sort();
+const ISO_UTC = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+const KEY_NOT_FOUND = { detail: 'API key not found' };
+const PROJECT_NOT_FOUND = { detail: 'Project not found' };
+const INVALID = { detail: 'Could not validate credentials' };
+const SCOPED = { detail: 'This API key is limited to one project' };
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+const sha256 = (text: string) => createHash('sha256').update(text).digest('hex');
+
+function call(app: FastifyInstance, method: InjectOptions['method'], url: string, headers: Record<string, string> = {}, payload?: unknown) {
+  return app.inject({ method, url: `/api/v1${url}`, headers, ...(payload === undefined ? {} : { payload: payload as InjectOptions['payload'] }) });
+}
+
+const api = (method: InjectOptions['method'], url: string, headers: Record<string, string> = {}, payload?: unknown) =>
+  call(ctx.app, method, url, headers, payload);
+
+async function createKey(owner: TestUser, payload: Record<string, unknown> = { name: 'key' }): Promise<CreatedKey> {
+  const response = await api('POST', '/api-keys', owner.headers, payload);
+  expect(response.statusCode, response.body).toBe(200);
+  return response.json<CreatedKey>();
+}
+
+const xApiKey = (key: string) => ({ 'x-api-key': key });
+
+/** The status a key gets on a simple authenticated route. */
+async function statusWith(headers: Record<string, string>): Promise<number> {
+  return (await api('GET', '/users/me', headers)).statusCode;
+}
+
+/** Expects the key to be refused as a credential in both headers, with a proper 401. */
+async function expectKeyRefused(key: string): Promise<void> {
+  for (const headers of [bearer(key), xApiKey(key)]) {
+    const response = await api('GET', '/users/me', headers);
+    expect(response.statusCode).toBe(401);
+    expect(response.json()).toEqual(INVALID);
+    expect(response.headers['www-authenticate']).toBe('Bearer');
+  }
+}
+
+function expectPublicShape(body: KeyBody): void {
+  expect(Object.keys(body).sort()).toEqual(PUBLIC_FIELDS);
+  expect(body.id).toMatch(UUID);
+  expect(body.created_at).toMatch(ISO_UTC);
+  expect(body.updated_at).toMatch(ISO_UTC);
+  if (body.expires_at !== null) expect(body.expires_at).toMatch(ISO_UTC);
+  if (body.last_used_at !== null) expect(body.last_used_at).toMatch(ISO_UTC);
+}
+
+function expectValidationError(response: { statusCode: number; json: <T>() => T }, loc: (string | number)[], type?: string): void {
+  expect(response.statusCode).toBe(422);
+  const body = response.json<ValidationBody>();
+  expect(body.detail.length).toBeGreaterThan(0);
+  for (const issue of body.detail) expect(Object.keys(issue).sort()).toEqual(['loc', 'msg', 'type']);
+  expect(body.detail).toContainEqual(expect.objectContaining(type === undefined ? { loc } : { loc, type }));
+}
+
+async function keyCount(ownerId: string): Promise<number> {
+  const [row] = await ctx.app.db.select({ value: count() }).from(apiKeys).where(eq(apiKeys.owner_id, ownerId));
+  return row?.value ?? 0;
+}
+
+// ==================== Create ====================
+
+describe('POST /api-keys', () => {
+  it('answers the secret key once, with the public fields; stores only its hash', async () => {
+    const alice = await createUser(ctx.app);
+    const response = await api('POST', '/api-keys', alice.headers, { name: 'ci' });
+    expect(response.statusCode).toBe(200);
+    const created = response.json<CreatedKey>();
+    expect(Object.keys(created).sort()).toEqual(CREATED_FIELDS);
+    expect(created.key).toMatch(/^keel_[A-Za-z0-9_-]{40,}$/);
+    expect(created).toMatchObject({ name: 'ci', project_id: null, status: 'active', expires_at: null, last_used_at: null });
+    expect(created.prefix).toBe(created.key.slice(0, created.prefix.length));
+    expect(created.prefix.length).toBeLessThan(created.key.length - 20);
+    expect(created.created_at).toMatch(ISO_UTC);
+    expect(created.updated_at).toMatch(ISO_UTC);
+    expect(response.body).not.toContain('key_hash');
+
+    const [row] = await ctx.app.db.select().from(apiKeys).where(eq(apiKeys.id, created.id));
+    expect(row).toBeDefined();
+    expect(row!.owner_id).toBe(alice.user.id);
+    expect(row!.key_hash).toBe(sha256(created.key));
+    expect(Object.values(row!).map(String)).not.toContain(created.key);
+  });
+
+  it('creates distinct secrets every time', async () => {
+    const alice = await createUser(ctx.app);
+    const a = await createKey(alice, { name: 'a' });
+    const b = await createKey(alice, { name: 'b' });
+    expect(a.key).not.toBe(b.key);
+    expect(a.id).not.toBe(b.id);
+  });
+
+  it('accepts a project of the caller, an explicit null project and a future expiry', async () => {
+    const alice = await createUser(ctx.app);
+    const project = await createProject(ctx.app, alice.headers);
+    const expires = new Date(Date.now() + 86_400_000);
+    const scoped = await createKey(alice, { name: 'scoped', project_id: project.id, expires_at: expires.toISOString() });
+    expect(scoped.project_id).toBe(project.id);
+    expect(scoped.expires_at).toBe(expires.toISOString());
+
+    const unscoped = await createKey(alice, { name: 'unscoped', project_id: null, expires_at: null });
+    expect(unscoped).toMatchObject({ project_id: null, expires_at: null });
+
+    // An offset other than Z is accepted and answered in UTC.
+    const withOffset = await createKey(alice, { name: 'offset', expires_at: '2999-01-01T02:00:00+02:00' });
+    expect(withOffset.expires_at).toBe('2999-01-01T00:00:00.000Z');
+  });
+
+  it('answers 400 for an expiry in the past (or now) and stores nothing', async () => {
+    const alice = await createUser(ctx.app);
+    for (const expires of [new Date(Date.now() - 60_000).toISOString(), '2000-01-01T00:00:00Z']) {
+      const response = await api('POST', '/api-keys', alice.headers, { name: 'late', expires_at: expires });
+      expect(response.statusCode).toBe(400);
+      expect(response.json()).toEqual({ detail: 'expires_at must be in the future' });
+    }
+    expect(await keyCount(alice.user.id)).toBe(0);
+  });
+
+  it("answers 404 for another user's project and for a missing one, and stores nothing", async () => {
+    const alice = await createUser(ctx.app);
+    const bob = await createUser(ctx.app);
+    const bobs = await createProject(ctx.app, bob.headers);
+    for (const projectId of [bobs.id, randomUUID()]) {
+      const response = await api('POST', '/api-keys', alice.headers, { name: 'sneaky', project_id: projectId });
+      expect(response.statusCode).toBe(404);
+      expect(response.json()).toEqual(PROJECT_NOT_FOUND);
+    }
+    expect(await keyCount(alice.user.id)).toBe(0);
+  });
+
+  it("answers 404 to a superuser for another user's project: keys are personal", async () => {
+    const admin = await createUser(ctx.app, { superuser: true });
+    const bob = await createUser(ctx.app);
+    const bobs = await createProject(ctx.app, bob.headers);
+    const response = await api('POST', '/api-keys', admin.headers, { name: 'admin into bob', project_id: bobs.id });
+    expect(response.statusCode).toBe(404);
+    expect(response.json()).toEqual(PROJECT_NOT_FOUND);
+    expect(await keyCount(admin.user.id)).toBe(0);
+  });
+
+  it.each([
+    ['a missing name', {}, ['body', 'name'], 'missing'],
+    ['an empty name', { name: '' }, ['body', 'name'], 'string_too_short'],
+    ['a blank name', { name: '   ' }, ['body', 'name'], 'string_too_short'],
+    ['a name over 255 characters', { name: 'k'.repeat(256) }, ['body', 'name'], 'string_too_long'],
+    ['an unknown field', { name: 'k', scope: 'all' }, ['body', 'scope'], 'extra_forbidden'],
+    ['a client-set key', { name: 'k', key: 'keel_mine' }, ['body', 'key'], 'extra_forbidden'],
+    ['a client-set key_hash', { name: 'k', key_hash: 'a'.repeat(64) }, ['body', 'key_hash'], 'extra_forbidden'],
+    ['a client-set status', { name: 'k', status: 'active' }, ['body', 'status'], 'extra_forbidden'],
+    ['a client-set owner_id', { name: 'k', owner_id: randomUUID() }, ['body', 'owner_id'], 'extra_forbidden'],
+    ['a client-set id', { name: 'k', id: randomUUID() }, ['body', 'id'], 'extra_forbidden'],
+    ['a client-set last_used_at', { name: 'k', last_used_at: new Date().toISOString() }, ['body', 'last_used_at'], 'extra_forbidden'],
+    ['a malformed project_id', { name: 'k', project_id: 'nope' }, ['body', 'project_id'], undefined],
+    ['a malformed expires_at', { name: 'k', expires_at: 'tomorrow' }, ['body', 'expires_at'], undefined],
+    ['an expires_at without a time zone', { name: 'k', expires_at: '2999-01-01T00:00:00' }, ['body', 'expires_at'], undefined],
+    ['a numeric expires_at', { name: 'k', expires_at: 4_102_444_800 }, ['body', 'expires_at'], undefined],
+  ])('rejects %s with 422 and stores nothing', async (_label, payload, loc, type) => {
+    const alice = await createUser(ctx.app);
+    const response = await api('POST', '/api-keys', alice.headers, payload);
+    expectValidationError(response, loc, type);
+    expect(await keyCount(alice.user.id)).toBe(0);
+  });
+});
+
+// ==================== Read ====================
+
+describe('GET /api-keys and /api-keys/{id}', () => {
+  it('never include the secret or its hash', async () => {
+    const alice = await createUser(ctx.app);
+    const created = await createKey(alice, { name: 'secretive' });
+
+    const read = await api('GET', `/api-keys/${created.id}`, alice.headers);
+    expect(read.statusCode).toBe(200);
+    const body = read.json<KeyBody>();
+    expectPublicShape(body);
+    const { key: _key, ...publicPart } = created;
+    expect(body).toEqual(publicPart);
+    expect(read.body).not.toContain(created.key);
+    expect(read.body).not.toContain(sha256(created.key));
+
+    const list = await api('GET', '/api-keys', alice.headers);
+    expect(list.statusCode).toBe(200);
+    expect(list.json<KeyList>()).toEqual({ data: [publicPart], count: 1 });
+    expect(list.body).not.toContain(created.key);
+    expect(list.body).not.toContain(sha256(created.key));
+    expect(list.body).not.toContain('key_hash');
+  });
+
+  it("lists only the caller's keys, newest first, paged, with the total count", async () => {
+    const alice = await createUser(ctx.app);
+    const bob = await createUser(ctx.app);
+    for (const name of ['k1', 'k2', 'k3', 'k4']) await createKey(alice, { name });
+    await createKey(bob, { name: 'bob' });
+
+    const all = (await api('GET', '/api-keys', alice.headers)).json<KeyList>();
+    expect(all.count).toBe(4);
+    expect(all.data.map((k) => k.name)).toEqual(['k4', 'k3', 'k2', 'k1']);
+    all.data.forEach(expectPublicShape);
+
+    const page = (await api('GET', '/api-keys?limit=2&offset=1', alice.headers)).json<KeyList>();
+    expect(page.count).toBe(4);
+    expect(page.data.map((k) => k.name)).toEqual(['k3', 'k2']);
+    expect((await api('GET', '/api-keys?offset=10', alice.headers)).json()).toEqual({ data: [], count: 4 });
+  });
+
+  it.each(['limit=0', 'limit=101', 'limit=-1', 'limit=abc', 'offset=-1'])('rejects ?%s with 422', async (query) => {
+    const alice = await createUser(ctx.app);
+    const response = await api('GET', `/api-keys?${query}`, alice.headers);
+    expectValidationError(response, ['query', query.split('=')[0]!]);
+  });
+
+  it('answers 404 for a missing key', async () => {
+    const alice = await createUser(ctx.app);
+    const response = await api('GET', `/api-keys/${randomUUID()}`, alice.headers);
+    expect(response.statusCode).toBe(404);
+    expect(response.json()).toEqual(KEY_NOT_FOUND);
+  });
+});
+
+// ==================== Authentication with a key ====================
+
+describe('authenticating with a key', () => {
+  it('works as Authorization: Bearer and as X-API-Key, as its owner', async () => {
+    const alice = await createUser(ctx.app);
+    const { key } = await createKey(alice);
+    for (const headers of [bearer(key), xApiKey(key)]) {
+      const response = await api('GET', '/users/me', headers);
+      expect(response.statusCode).toBe(200);
+      expect(response.json<UserBody>()).toMatchObject({ id: alice.user.id, email: alice.email });
+    }
+    // An unscoped key reaches the owner's projects and creates new ones.
+    const project = await createProject(ctx.app, xApiKey(key), 'via key');
+    expect(project.owner_id).toBe(alice.user.id);
+    expect((await api('GET', `/projects/${project.id}`, bearer(key))).statusCode).toBe(200);
+  });
+
+  it('sets last_used_at on use, without moving updated_at', async () => {
+    const alice = await createUser(ctx.app);
+    const created = await createKey(alice);
+    expect(created.last_used_at).toBeNull();
+    const before = Date.now();
+
+    expect(await statusWith(bearer(created.key))).toBe(200);
+    const read = (await api('GET', `/api-keys/${created.id}`, alice.headers)).json<KeyBody>();
+    expect(read.last_used_at).not.toBeNull();
+    expect(read.last_used_at).toMatch(ISO_UTC);
+    expect(Date.parse(read.last_used_at!)).toBeGreaterThanOrEqual(before - 5_000);
+    expect(Date.parse(read.last_used_at!)).toBeLessThanOrEqual(Date.now() + 5_000);
+    expect(read.updated_at).toBe(created.updated_at);
+
+    // Another key of the same user stays unused.
+    const other = await createKey(alice, { name: 'unused' });
+    expect((await api('GET', `/api-keys/${other.id}`, alice.headers)).json<KeyBody>().last_used_at).toBeNull();
+  });
+
+  it('sets last_used_at through X-API-Key too', async () => {
+    const alice = await createUser(ctx.app);
+    const created = await createKey(alice);
+    expect(await statusWith(xApiKey(created.key))).toBe(200);
+    expect((await api('GET', `/api-keys/${created.id}`, alice.headers)).json<KeyBody>().last_used_at).not.toBeNull();
+  });
+
+  it('refuses forged keys, a tampered key and a non-Bearer scheme with 401', async () => {
+    const alice = await createUser(ctx.app);
+    const { key } = await createKey(alice);
+    await expectKeyRefused('keel_forged');
+    await expectKeyRefused(`${key.slice(0, -1)}${key.endsWith('A') ? 'B' : 'A'}`);
+    await expectKeyRefused(`${key}x`);
+    const basic = await api('GET', '/users/me', { authorization: `Basic ${key}` });
+    expect(basic.statusCode).toBe(401);
+    expect(basic.headers['www-authenticate']).toBe('Bearer');
+    // The real key still works.
+    expect(await statusWith(bearer(key))).toBe(200);
+  });
+
+  it('refuses the key of a deactivated user with 401', async () => {
+    const admin = await createUser(ctx.app, { superuser: true });
+    const alice = await createUser(ctx.app);
+    const { key } = await createKey(alice);
+    expect(await statusWith(bearer(key))).toBe(200);
+    const deactivated = await api('PATCH', `/users/${alice.user.id}`, admin.headers, { is_active: false });
+    expect(deactivated.statusCode).toBe(200);
+    await expectKeyRefused(key);
+  });
+
+  it('refuses the key of a deleted user with 401', async () => {
+    const admin = await createUser(ctx.app, { superuser: true });
+    const alice = await createUser(ctx.app);
+    const { key } = await createKey(alice);
+    expect((await api('DELETE', `/users/${alice.user.id}`, admin.headers)).statusCode).toBe(200);
+    await expectKeyRefused(key);
+  });
+
+  it('refuses an expired key with 401', async () => {
+    const alice = await createUser(ctx.app);
+    const expiresAt = Date.now() + 1_500;
+    const created = await createKey(alice, { name: 'short-lived', expires_at: new Date(expiresAt).toISOString() });
+    if (Date.now() < expiresAt - 300) expect(await statusWith(bearer(created.key))).toBe(200);
+    await sleep(Math.max(0, expiresAt - Date.now()) + 100);
+    await expectKeyRefused(created.key);
+    // Still listed, with its expiry: expiry is not revocation.
+    const read = (await api('GET', `/api-keys/${created.id}`, alice.headers)).json<KeyBody>();
+    expect(read).toMatchObject({ status: 'active', expires_at: new Date(expiresAt).toISOString() });
+  });
+
+  it('refuses a key whose expiry passed (set in the database) with 401', async () => {
+    const alice = await createUser(ctx.app);
+    const created = await createKey(alice, { name: 'aged', expires_at: new Date(Date.now() + 3_600_000).toISOString() });
+    expect(await statusWith(xApiKey(created.key))).toBe(200);
+    await ctx.app.db.update(apiKeys).set({ expires_at: new Date(Date.now() - 1_000) }).where(eq(apiKeys.id, created.id));
+    await expectKeyRefused(created.key);
+  });
+});
+
+// ==================== Update ====================
+
+describe('PATCH /api-keys/{id}', () => {
+  it('renames a key; the key keeps working', async () => {
+    const alice = await createUser(ctx.app);
+    const created = await createKey(alice, { name: 'old' });
+    await sleep(20);
+    const response = await api('PATCH', `/api-keys/${created.id}`, alice.headers, { name: '  new  ' });
+    expect(response.statusCode).toBe(200);
+    const body = response.json<KeyBody>();
+    expectPublicShape(body);
+    expect(body).toMatchObject({ id: created.id, name: 'new', status: 'active', created_at: created.created_at });
+    expect(Date.parse(body.updated_at)).toBeGreaterThan(Date.parse(created.updated_at));
+    expect(response.body).not.toContain(created.key);
+    expect(await statusWith(bearer(created.key))).toBe(200);
+  });
+
+  it('accepts an empty body and keeps the key as it is', async () => {
+    const alice = await createUser(ctx.app);
+    const created = await createKey(alice, { name: 'same' });
+    const response = await api('PATCH', `/api-keys/${created.id}`, alice.headers, {});
+    expect(response.statusCode).toBe(200);
+    expect(response.json()).toMatchObject({ id: created.id, name: 'same', status: 'active' });
+    expect(await statusWith(bearer(created.key))).toBe(200);
+  });
+
+  it('revokes with {status: "revoked"}: the key answers 401 afterwards, in both headers', async () => {
+    const alice = await createUser(ctx.app);
+    const created = await createKey(alice);
+    expect(await statusWith(bearer(created.key))).toBe(200);
+
+    const response = await api('PATCH', `/api-keys/${created.id}`, alice.headers, { status: 'revoked' });
+    expect(response.statusCode).toBe(200);
+    expect(response.json()).toMatchObject({ id: created.id, status: 'revoked' });
+    await expectKeyRefused(created.key);
+
+    // Still visible to its owner, as revoked; renaming keeps it revoked.
+    expect((await api('GET', `/api-keys/${created.id}`, alice.headers)).json()).toMatchObject({ status: 'revoked' });
+    const renamed = await api('PATCH', `/api-keys/${created.id}`, alice.headers, { name: 'dead key' });
+    expect(renamed.statusCode).toBe(200);
+    expect(renamed.json()).toMatchObject({ name: 'dead key', status: 'revoked' });
+    await expectKeyRefused(created.key);
+  });
+
+  it('refuses {status: "active"} with 422: revocation is final', async () => {
+    const alice = await createUser(ctx.app);
+    const created = await createKey(alice);
+    expect((await api('PATCH', `/api-keys/${created.id}`, alice.headers, { status: 'revoked' })).statusCode).toBe(200);
+
+    const response = await api('PATCH', `/api-keys/${created.id}`, alice.headers, { status: 'active' });
+    expectValidationError(response, ['body', 'status']);
+    expect((await api('GET', `/api-keys/${created.id}`, alice.headers)).json()).toMatchObject({ status: 'revoked' });
+    await expectKeyRefused(created.key);
+
+    // Also on a key that is still active.
+    const live = await createKey(alice, { name: 'live' });
+    expectValidationError(await api('PATCH', `/api-keys/${live.id}`, alice.headers, { status: 'active' }), ['body', 'status']);
+  });
+
+  it.each([
+    ['an unknown status', { status: 'paused' }, ['body', 'status'], undefined],
+    ['an empty name', { name: '' }, ['body', 'name'], 'string_too_short'],
+    ['a name over 255 characters', { name: 'k'.repeat(256) }, ['body', 'name'], 'string_too_long'],
+    ['an unknown field', { colour: 'red' }, ['body', 'colour'], 'extra_forbidden'],
+    ['a client-set project_id', { project_id: randomUUID() }, ['body', 'project_id'], 'extra_forbidden'],
+    ['a client-set expires_at', { expires_at: '2999-01-01T00:00:00Z' }, ['body', 'expires_at'], 'extra_forbidden'],
+    ['a client-set key_hash', { key_hash: 'a'.repeat(64) }, ['body', 'key_hash'], 'extra_forbidden'],
+    ['a client-set owner_id', { owner_id: randomUUID() }, ['body', 'owner_id'], 'extra_forbidden'],
+    ['a client-set last_used_at', { last_used_at: null }, ['body', 'last_used_at'], 'extra_forbidden'],
+  ])('rejects %s with 422 and changes nothing', async (_label, payload, loc, type) => {
+    const alice = await createUser(ctx.app);
+    const created = await createKey(alice, { name: 'stable' });
+    const { key: _key, ...publicPart } = created;
+    const response = await api('PATCH', `/api-keys/${created.id}`, alice.headers, payload);
+    expectValidationError(response, loc, type);
+    expect((await api('GET', `/api-keys/${created.id}`, alice.headers)).json()).toEqual(publicPart);
+  });
+
+  it('answers 404 for a missing key', async () => {
+    const alice = await createUser(ctx.app);
+    const response = await api('PATCH', `/api-keys/${randomUUID()}`, alice.headers, { status: 'revoked' });
+    expect(response.statusCode).toBe(404);
+    expect(response.json()).toEqual(KEY_NOT_FOUND);
+  });
+});
+
+// ==================== Delete ====================
+
+describe('DELETE /api-keys/{id}', () => {
+  it('deletes the key: it answers 401 as a credential, and 404 on every route', async () => {
+    const alice = await createUser(ctx.app);
+    const created = await createKey(alice);
+    const kept = await createKey(alice, { name: 'kept' });
+    expect(await statusWith(bearer(created.key))).toBe(200);
+
+    const response = await api('DELETE', `/api-keys/${created.id}`, alice.headers);
+    expect(response.statusCode).toBe(200);
+    expect(response.json()).toEqual({ message: 'API key deleted successfully' });
+    await expectKeyRefused(created.key);
+
+    for (const [method, payload] of [['GET', undefined], ['PATCH', { name: 'x' }], ['DELETE', undefined]] as const) {
+      const after = await api(method, `/api-keys/${created.id}`, alice.headers, payload);
+      expect(after.statusCode, method).toBe(404);
+      expect(after.json()).toEqual(KEY_NOT_FOUND);
+    }
+    const list = (await api('GET', '/api-keys', alice.headers)).json<KeyList>();
+    expect(list.count).toBe(1);
+    expect(list.data.map((k) => k.id)).toEqual([kept.id]);
+    expect(await statusWith(bearer(kept.key))).toBe(200);
+  });
+
+  it('answers 404 for a missing key', async () => {
+    const alice = await createUser(ctx.app);
+    const response = await api('DELETE', `/api-keys/${randomUUID()}`, alice.headers);
+    expect(response.statusCode).toBe(404);
+    expect(response.json()).toEqual(KEY_NOT_FOUND);
+  });
+
+  it("deleting a project deletes its scoped keys (they answer 401), not the owner's others", async () => {
+    const alice = await createUser(ctx.app);
+    const project = await createProject(ctx.app, alice.headers, 'Temporary');
+    const scoped = await createKey(alice, { name: 'scoped', project_id: project.id });
+    const scoped2 = await createKey(alice, { name: 'scoped 2', project_id: project.id });
+    const unscoped = await createKey(alice, { name: 'unscoped' });
+    expect(await statusWith(bearer(scoped.key))).toBe(200);
+
+    expect((await api('DELETE', `/projects/${project.id}`, alice.headers)).statusCode).toBe(200);
+    await expectKeyRefused(scoped.key);
+    await expectKeyRefused(scoped2.key);
+    expect((await api('GET', `/api-keys/${scoped.id}`, alice.headers)).statusCode).toBe(404);
+    const list = (await api('GET', '/api-keys', alice.headers)).json<KeyList>();
+    expect(list).toMatchObject({ count: 1 });
+    expect(list.data.map((k) => k.id)).toEqual([unscoped.id]);
+    expect(await statusWith(bearer(unscoped.key))).toBe(200);
+  });
+});
+
+// ==================== Ownership ====================
+
+describe('ownership', () => {
+  it("answers another user's key with 404, exactly like a missing one, and leaves it alone", async () => {
+    const alice = await createUser(ctx.app);
+    const bob = await createUser(ctx.app);
+    const created = await createKey(alice, { name: 'alice key' });
+    const { key: _key, ...publicPart } = created;
+    const missing = randomUUID();
+
+    for (const [method, payload] of [['GET', undefined], ['PATCH', { status: 'revoked' }], ['PATCH', { name: 'stolen' }], ['DELETE', undefined]] as const) {
+      const foreign = await api(method, `/api-keys/${created.id}`, bob.headers, payload);
+      const absent = await api(method, `/api-keys/${missing}`, bob.headers, payload);
+      expect(foreign.statusCode, method).toBe(404);
+      expect(foreign.json()).toEqual(KEY_NOT_FOUND);
+      expect(foreign.body).toBe(absent.body);
+    }
+    expect((await api('GET', '/api-keys', bob.headers)).json()).toEqual({ data: [], count: 0 });
+    expect((await api('GET', `/api-keys/${created.id}`, alice.headers)).json()).toEqual(publicPart);
+    expect(await statusWith(bearer(created.key))).toBe(200);
+  });
+
+  it("a superuser sees only their own keys, and gets 404 for another user's", async () => {
+    const admin = await createUser(ctx.app, { superuser: true });
+    const alice = await createUser(ctx.app);
+    const alices = await createKey(alice, { name: 'alice key' });
+    const own = await createKey(admin, { name: 'admin key' });
+
+    const list = (await api('GET', '/api-keys?limit=100', admin.headers)).json<KeyList>();
+    expect(list.count).toBe(1);
+    expect(list.data.map((k) => k.id)).toEqual([own.id]);
+
+    for (const [method, payload] of [['GET', undefined], ['PATCH', { status: 'revoked' }], ['DELETE', undefined]] as const) {
+      const response = await api(method, `/api-keys/${alices.id}`, admin.headers, payload);
+      expect(response.statusCode, method).toBe(404);
+      expect(response.json()).toEqual(KEY_NOT_FOUND);
+    }
+    expect((await api('GET', `/api-keys/${alices.id}`, alice.headers)).json()).toMatchObject({ status: 'active' });
+    expect(await statusWith(bearer(alices.key))).toBe(200);
+    expect((await api('GET', `/api-keys/${own.id}`, admin.headers)).statusCode).toBe(200);
+  });
+});
+
+// ==================== Project-scoped keys ====================
+
+describe('a project-scoped key', () => {
+  async function setup() {
+    const alice = await createUser(ctx.app);
+    const project = await createProject(ctx.app, alice.headers, 'Scope');
+    const other = await createProject(ctx.app, alice.headers, 'Other');
+    const scoped = await createKey(alice, { name: 'scoped', project_id: project.id });
+    return { alice, project, other, scoped, headers: bearer(scoped.key) };
+  }
+
+  it('lists and reads only its project', async () => {
+    const { project, headers, scoped } = await setup();
+    const list = await api('GET', '/projects', headers);
+    expect(list.statusCode).toBe(200);
+    const body = list.json<{ data: { id: string }[]; count: number }>();
+    expect(body.count).toBe(1);
+    expect(body.data.map((p) => p.id)).toEqual([project.id]);
+
+    expect((await api('GET', `/projects/${project.id}`, headers)).json()).toMatchObject({ id: project.id, name: 'Scope' });
+    expect((await api('GET', `/projects/${project.id}`, xApiKey(scoped.key))).statusCode).toBe(200);
+    const stats = await api('GET', `/projects/${project.id}/stats`, headers);
+    expect(stats.statusCode).toBe(200);
+    expect(stats.json()).toEqual({ project_id: project.id, api_keys: 1, active_api_keys: 1 });
+  });
+
+  it("answers 404 for the owner's other projects on every route, and changes nothing", async () => {
+    const { alice, other, headers } = await setup();
+    for (const [method, suffix, payload] of [
+      ['GET', '', undefined],
+      ['PATCH', '', { name: 'escaped' }],
+      ['DELETE', '', undefined],
+      ['GET', '/stats', undefined],
+    ] as const) {
+      const response = await api(method, `/projects/${other.id}${suffix}`, headers, payload);
+      expect(response.statusCode, `${method} ${suffix}`).toBe(404);
+      expect(response.json()).toEqual(PROJECT_NOT_FOUND);
+    }
+    expect((await api('GET', `/projects/${other.id}`, alice.headers)).json()).toMatchObject({ name: 'Other' });
+  });
+
+  it("answers 404 for another user's project", async () => {
+    const { headers } = await setup();
+    const bob = await createUser(ctx.app);
+    const bobs = await createProject(ctx.app, bob.headers);
+    expect((await api('GET', `/projects/${bobs.id}`, headers)).statusCode).toBe(404);
+  });
+
+  it('answers 403 on POST /projects and creates nothing', async () => {
+    const { alice, headers } = await setup();
+    const response = await api('POST', '/projects', headers, { name: 'outside' });
+    expect(response.statusCode).toBe(403);
+    expect(response.json()).toEqual(SCOPED);
+    expect((await api('GET', '/projects', alice.headers)).json<{ count: number }>().count).toBe(2);
+  });
+
+  it('answers 403 on POST, PATCH and DELETE /api-keys, even for itself, and changes nothing', async () => {
+    const { alice, project, scoped, headers } = await setup();
+    const unscoped = await createKey(alice, { name: 'unscoped' });
+
+    for (const payload of [{ name: 'minted' }, { name: 'minted', project_id: project.id }]) {
+      const minted = await api('POST', '/api-keys', headers, payload);
+      expect(minted.statusCode).toBe(403);
+      expect(minted.json()).toEqual(SCOPED);
+    }
+    for (const id of [scoped.id, unscoped.id]) {
+      const patch = await api('PATCH', `/api-keys/${id}`, headers, { status: 'revoked' });
+      expect(patch.statusCode).toBe(403);
+      expect(patch.json()).toEqual(SCOPED);
+      const del = await api('DELETE', `/api-keys/${id}`, headers);
+      expect(del.statusCode).toBe(403);
+      expect(del.json()).toEqual(SCOPED);
+    }
+    expect(await keyCount(alice.user.id)).toBe(2);
+    expect((await api('GET', `/api-keys/${unscoped.id}`, alice.headers)).json()).toMatchObject({ status: 'active', name: 'unscoped' });
+    expect(await statusWith(headers)).toBe(200);
+  });
+
+  it('answers 403 on PATCH /users/me and changes nothing', async () => {
+    const { alice, headers } = await setup();
+    const response = await api('PATCH', '/users/me', headers, { full_name: 'Changed by a program' });
+    expect(response.statusCode).toBe(403);
+    expect(response.json()).toEqual(SCOPED);
+    expect((await api('GET', '/users/me', alice.headers)).json()).toMatchObject({ full_name: null });
+  });
+
+  it("sees only its project's keys", async () => {
+    const { alice, project, scoped, headers } = await setup();
+    const sibling = await createKey(alice, { name: 'sibling', project_id: project.id });
+    const unscoped = await createKey(alice, { name: 'unscoped' });
+
+    const list = (await api('GET', '/api-keys', headers)).json<KeyList>();
+    expect(list.count).toBe(2);
+    expect(list.data.map((k) => k.id).sort()).toEqual([scoped.id, sibling.id].sort());
+    expect((await api('GET', `/api-keys/${sibling.id}`, headers)).statusCode).toBe(200);
+    const outside = await api('GET', `/api-keys/${unscoped.id}`, headers);
+    expect(outside.statusCode).toBe(404);
+    expect(outside.json()).toEqual(KEY_NOT_FOUND);
+  });
+});
+
+// ==================== Credentials and ids ====================
+
+describe('credentials and ids', () => {
+  const routes = (id: string) =>
+    [
+      ['GET', '/api-keys', undefined],
+      ['POST', '/api-keys', { name: 'x' }],
+      ['GET', `/api-keys/${id}`, undefined],
+      ['PATCH', `/api-keys/${id}`, { name: 'x' }],
+      ['DELETE', `/api-keys/${id}`, undefined],
+    ] as const;
+
+  it('answers 401 with WWW-Authenticate on every route without credentials', async () => {
+    const alice = await createUser(ctx.app);
+    const created = await createKey(alice);
+    for (const [method, url, payload] of routes(created.id)) {
+      const response = await api(method, url, {}, payload);
+      expect(response.statusCode, `${method} ${url}`).toBe(401);
+      expect(response.json()).toEqual({ detail: 'Not authenticated' });
+      expect(response.headers['www-authenticate']).toBe('Bearer');
+    }
+    expect(await keyCount(alice.user.id)).toBe(1);
+  });
+
+  it('answers 401 on every route with a revoked key', async () => {
+    const alice = await createUser(ctx.app);
+    const created = await createKey(alice);
+    await api('PATCH', `/api-keys/${created.id}`, alice.headers, { status: 'revoked' });
+    for (const [method, url, payload] of routes(created.id)) {
+      const response = await api(method, url, bearer(created.key), payload);
+      expect(response.statusCode, `${method} ${url}`).toBe(401);
+      expect(response.json()).toEqual(INVALID);
+    }
+  });
+
+  it.each(['not-a-uuid', '42', `${randomUUID()}0`])('answers 422 for the malformed id %s', async (bad) => {
+    const alice = await createUser(ctx.app);
+    for (const [method, url, payload] of routes(bad).filter(([, url]) => url !== '/api-keys')) {
+      const response = await api(method, url, alice.headers, payload);
+      expect(response.statusCode, `${method} ${url}`).toBe(422);
+      expectValidationError(response, ['path', 'api_key_id']);
+    }
+  });
+});
+
+// ==================== Limit (an app of its own) ====================
+
+describe('MAX_API_KEYS_PER_USER', () => {
+  let limited: FastifyInstance;
+  const LIMIT = 3;
+  const send = (method: InjectOptions['method'], url: string, headers: Record<string, string>, payload?: unknown) =>
+    call(limited, method, url, headers, payload);
+  const conflict = { detail: `API key limit reached (${LIMIT} per user)` };
+
+  beforeAll(async () => {
+    limited = await buildTestApp(ctx.database, { MAX_API_KEYS_PER_USER: String(LIMIT) });
+  });
+  afterAll(async () => {
+    await limited?.close();
+  });
+
+  it('answers 409 beyond the limit; revoked keys still count, deleted ones do not; per user', async () => {
+    const alice = await createUser(limited);
+    const bob = await createUser(limited);
+    const ids: string[] = [];
+    for (let i = 0; i < LIMIT; i++) {
+      const response = await send('POST', '/api-keys', alice.headers, { name: `k${i}` });
+      expect(response.statusCode).toBe(200);
+      ids.push(response.json<KeyBody>().id);
+    }
+    const over = await send('POST', '/api-keys', alice.headers, { name: 'one too many' });
+    expect(over.statusCode).toBe(409);
+    expect(over.json()).toEqual(conflict);
+    expect(await keyCount(alice.user.id)).toBe(LIMIT);
+
+    expect((await send('POST', '/api-keys', bob.headers, { name: 'bob' })).statusCode).toBe(200);
+
+    expect((await send('PATCH', `/api-keys/${ids[0]}`, alice.headers, { status: 'revoked' })).statusCode).toBe(200);
+    expect((await send('POST', '/api-keys', alice.headers, { name: 'after revoke' })).statusCode).toBe(409);
+
+    expect((await send('DELETE', `/api-keys/${ids[0]}`, alice.headers)).statusCode).toBe(200);
+    expect((await send('POST', '/api-keys', alice.headers, { name: 'after delete' })).statusCode).toBe(200);
+    expect((await send('POST', '/api-keys', alice.headers, { name: 'over again' })).statusCode).toBe(409);
+  });
+
+  it('holds under concurrent creation', async () => {
+    const alice = await createUser(limited);
+    // Warm the connection pool, so that the creations really run side by side (server mode).
+    await Promise.all(Array.from({ length: 10 }, () => send('GET', '/api-keys', alice.headers)));
+    const attempts = 9;
+    const responses = await Promise.all(
+      Array.from({ length: attempts }, (_, i) => send('POST', '/api-keys', alice.headers, { name: `race-${i}` })),
+    );
+    expect(responses.filter((r) => r.statusCode === 200)).toHaveLength(LIMIT);
+    const refused = responses.filter((r) => r.statusCode === 409);
+    expect(refused).toHaveLength(attempts - LIMIT);
+    for (const response of refused) expect(response.json()).toEqual(conflict);
+    expect(await keyCount(alice.user.id)).toBe(LIMIT);
+    // Every key handed out works.
+    for (const response of responses.filter((r) => r.statusCode === 200)) {
+      expect((await send('GET', '/users/me', bearer(response.json<CreatedKey>().key))).statusCode).toBe(200);
+    }
+  });
+});

@@ -1,0 +1,278 @@
+import { createHash, randomBytes } from 'node:crypto';
+
+import pino from 'pino';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { type Database, openDatabase } from '../../src/core/db.js';
+import { migrateDown, migrateUp, type Migration, MigrationError, pendingMigrations, readMigrations } from '../../src/core/migrate.js';
+
+import { testSettings } from '../helpers/app.js';
+import { adminQuery, databaseUrl } from '../helpers/postgres.js';
+
+const logger = pino({ level: 'silent' });
+const serverUrl = process.env.DATABASE_URL;
+const MIGRATIONS = readMigrations();
+const TAGS = MIGRATIONS.map((m) => m.tag);
+/** The tables the real migrations create (besides the bookkeeping table). */
+const KEEL_TABLES = ['api_keys', 'projects', 'users'];
+
+interface FreshDatabase {
+  database: Database;
+  /** Another connection pool on the same database (server mode); the same handle on PGlite. */
+  second: () => Promise<Database>;
+  destroy: () => Promise<void>;
+}
+
+/** An empty database of the test's own: a new server database, or an in-memory PGlite. */
+async function freshDatabase(): Promise<FreshDatabase> {
+  if (serverUrl) {
+    const name = `keel_test_${randomBytes(6).toString('hex')}`;
+    await adminQuery(serverUrl, `create database "${name}"`);
+    const url = databaseUrl(serverUrl, name);
+    const handles: Database[] = [];
+    const open = async () => {
+      const handle = await openDatabase(testSettings({ DATABASE_URL: url }));
+      handles.push(handle);
+      return handle;
+    };
+    const database = await open();
+    return {
+      database,
+      second: open,
+      destroy: async () => {
+        for (const handle of handles) await handle.close();
+        await adminQuery(serverUrl, `drop database if exists "${name}" with (force)`);
+      },
+    };
+  }
+  const database = await openDatabase(testSettings({ PGLITE_DATA_DIR: 'memory://' }));
+  return { database, second: async () => database, destroy: () => database.close() };
+}
+
+function migration(tag: string, up: string, down: string | null = null): Migration {
+  return { tag, up, down, hash: createHash('sha256').update(up).digest('hex') };
+}
+
+async function query<T extends Record<string, unknown>>(database: Database, sqlText: string, params: unknown[] = []): Promise<T[]> {
+  return database.withSession((session) => session.query<T>(sqlText, params));
+}
+
+async function tables(database: Database): Promise<string[]> {
+  const rows = await query<{ table_name: string }>(
+    database,
+    `select table_name from information_schema.tables where table_schema = 'public' and table_type = 'BASE TABLE' order by table_name`,
+  );
+  return rows.map((r) => r.table_name);
+}
+
+async function appliedTags(database: Database): Promise<string[]> {
+  const rows = await query<{ tag: string }>(database, 'select tag from keel_migrations order by tag');
+  return rows.map((r) => r.tag);
+}
+
+describe('migrations on a fresh database', () => {
+  let fresh: FreshDatabase;
+  beforeAll(async () => {
+    fresh = await freshDatabase();
+  });
+  afterAll(async () => {
+    await fresh?.destroy();
+  });
+
+  it('every migration has a down script', () => {
+    expect(MIGRATIONS.length).toBeGreaterThan(0);
+    for (const m of MIGRATIONS) expect(m.down, m.tag).toEqual(expect.any(String));
+  });
+
+  it('migrateUp applies every migration once, then none', async () => {
+    const { database } = fresh;
+    expect(await pendingMigrations(database)).toEqual(TAGS);
+    expect(await migrateUp(database, logger)).toEqual(TAGS);
+    expect(await tables(database)).toEqual(expect.arrayContaining([...KEEL_TABLES, 'keel_migrations']));
+    expect(await appliedTags(database)).toEqual([...TAGS].sort());
+    expect(await pendingMigrations(database)).toEqual([]);
+
+    expect(await migrateUp(database, logger)).toEqual([]);
+    expect(await appliedTags(database)).toEqual([...TAGS].sort());
+  });
+
+  describe('schema conventions', () => {
+    it('every table has a UUID id primary key, created_at and updated_at (timestamptz, not null)', async () => {
+      const { database } = fresh;
+      const names = await tables(database);
+      expect(names.length).toBeGreaterThanOrEqual(KEEL_TABLES.length + 1);
+      const columns = await query<{ table_name: string; column_name: string; data_type: string; is_nullable: string }>(
+        database,
+        `select table_name, column_name, data_type, is_nullable from information_schema.columns
+          where table_schema = 'public' and column_name in ('id', 'created_at', 'updated_at')`,
+      );
+      const primaryKeys = await query<{ table_name: string; column_name: string }>(
+        database,
+        `select tc.table_name, kcu.column_name
+           from information_schema.table_constraints tc
+           join information_schema.key_column_usage kcu
+             on kcu.constraint_name = tc.constraint_name and kcu.table_schema = tc.table_schema and kcu.table_name = tc.table_name
+          where tc.table_schema = 'public' and tc.constraint_type = 'PRIMARY KEY'`,
+      );
+      for (const table of names) {
+        const column = (name: string) => columns.find((c) => c.table_name === table && c.column_name === name);
+        expect(column('id'), `${table}.id`).toMatchObject({ data_type: 'uuid', is_nullable: 'NO' });
+        expect(column('created_at'), `${table}.created_at`).toMatchObject({ data_type: 'timestamp with time zone', is_nullable: 'NO' });
+        expect(column('updated_at'), `${table}.updated_at`).toMatchObject({ data_type: 'timestamp with time zone', is_nullable: 'NO' });
+        expect(
+          primaryKeys.filter((k) => k.table_name === table).map((k) => k.column_name),
+          `${table} primary key`,
+        ).toEqual(['id']);
+      }
+    });
+
+    it('every foreign key is the leading column(s) of some index', async () => {
+      const { database } = fresh;
+      // Column names as comma-separated text: the same on pg and PGlite; expressions show as '<expr>'.
+      const foreignKeys = await query<{ tbl: string; name: string; cols: string }>(
+        database,
+        `select c.conrelid::regclass::text as tbl, c.conname as name,
+                array_to_string(array(
+                  select a.attname from unnest(c.conkey) with ordinality k(attnum, n)
+                    join pg_attribute a on a.attrelid = c.conrelid and a.attnum = k.attnum
+                   order by k.n), ',') as cols
+           from pg_constraint c
+          where c.contype = 'f' and c.connamespace = 'public'::regnamespace`,
+      );
+      const indexes = await query<{ tbl: string; cols: string }>(
+        database,
+        `select i.indrelid::regclass::text as tbl,
+                array_to_string(array(
+                  select coalesce(a.attname, '<expr>') from unnest(i.indkey::int2[]) with ordinality k(attnum, n)
+                    left join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.attnum and k.attnum > 0
+                   order by k.n), ',') as cols
+           from pg_index i join pg_class t on t.oid = i.indrelid
+          where t.relnamespace = 'public'::regnamespace`,
+      );
+      expect(foreignKeys.length).toBeGreaterThanOrEqual(3);
+      for (const fk of foreignKeys) {
+        const columns = fk.cols.split(',');
+        const covered = indexes.some((index) => {
+          const leading = index.cols.split(',').slice(0, columns.length);
+          return index.tbl === fk.tbl && leading.join(',') === columns.join(',');
+        });
+        expect(covered, `${fk.tbl}.${fk.cols} (${fk.name}) has an index`).toBe(true);
+      }
+    });
+  });
+
+  it('a changed migration that was already applied is refused', async () => {
+    const { database } = fresh;
+    const changed = MIGRATIONS.map((m, i) => (i === 0 ? migration(m.tag, `${m.up}\n-- edited after release`, m.down) : m));
+    const later = migration('9900_after_changed', 'create table keel_test_after_changed (id int)', 'drop table keel_test_after_changed');
+    await expect(migrateUp(database, logger, [...changed, later])).rejects.toThrow(MigrationError);
+    await expect(migrateUp(database, logger, [...changed, later])).rejects.toThrow(new RegExp(`${TAGS[0]} was changed`));
+    expect(await tables(database)).not.toContain('keel_test_after_changed');
+    expect(await appliedTags(database)).toEqual([...TAGS].sort());
+  });
+
+  it('migrateDown with `to` reverts only the migrations after that tag', async () => {
+    const { database } = fresh;
+    const extra = [
+      migration('9001_first_extra', 'create table keel_test_first (id int);--> statement-breakpoint\ncreate index ix_keel_test_first on keel_test_first (id)', 'drop table keel_test_first'),
+      migration('9002_second_extra', 'create table keel_test_second (id int)', 'drop table keel_test_second'),
+      migration('9003_third_extra', 'create table keel_test_third (id int)', 'drop table keel_test_third'),
+    ];
+    const all = [...MIGRATIONS, ...extra];
+    expect(await migrateUp(database, logger, all)).toEqual(['9001_first_extra', '9002_second_extra', '9003_third_extra']);
+
+    expect(await migrateDown(database, logger, '9001_first_extra', all)).toEqual(['9003_third_extra', '9002_second_extra']);
+    const afterPartial = await tables(database);
+    expect(afterPartial).toContain('keel_test_first');
+    expect(afterPartial).not.toContain('keel_test_second');
+    expect(afterPartial).not.toContain('keel_test_third');
+    expect(await pendingMigrations(database, all)).toEqual(['9002_second_extra', '9003_third_extra']);
+
+    // Down to the last real migration: the schema is exactly the real one again.
+    expect(await migrateDown(database, logger, TAGS[TAGS.length - 1], all)).toEqual(['9001_first_extra']);
+    expect(await tables(database)).toEqual([...KEEL_TABLES, 'keel_migrations'].sort());
+    expect(await pendingMigrations(database)).toEqual([]);
+
+    await expect(migrateDown(database, logger, '9999_no_such_tag')).rejects.toThrow(/unknown migration/);
+    expect(await pendingMigrations(database)).toEqual([]);
+  });
+
+  it('migrateDown reverts everything and leaves no Keel tables or types; migrateUp then works again', async () => {
+    const { database } = fresh;
+    await query(database, `insert into users (email, hashed_password) values ('before-down@keel.test', 'x')`);
+
+    expect(await migrateDown(database, logger)).toEqual([...TAGS].reverse());
+    expect(await tables(database)).toEqual(['keel_migrations']);
+    expect(await appliedTags(database)).toEqual([]);
+    const types = await query<{ typname: string }>(
+      database,
+      `select typname from pg_type where typnamespace = 'public'::regnamespace and typtype = 'e'`,
+    );
+    expect(types).toEqual([]);
+    expect(await pendingMigrations(database)).toEqual(TAGS);
+    expect(await migrateDown(database, logger)).toEqual([]);
+
+    expect(await migrateUp(database, logger)).toEqual(TAGS);
+    expect(await tables(database)).toEqual([...KEEL_TABLES, 'keel_migrations'].sort());
+    expect(await query(database, 'select * from users')).toEqual([]);
+    await query(database, `insert into users (email, hashed_password) values ('after-up@keel.test', 'x')`);
+  });
+});
+
+// One fresh database for both: first concurrent runs of the real migrations, then a failure on top.
+describe('concurrency and failures', () => {
+  let fresh: FreshDatabase;
+  beforeAll(async () => {
+    fresh = await freshDatabase();
+  });
+  afterAll(async () => {
+    await fresh?.destroy();
+  });
+
+  it('concurrent migrateUp calls apply each migration exactly once', async () => {
+    const extra = [
+      migration('9200_slow', 'create table keel_test_slow (id int);--> statement-breakpoint\nselect pg_sleep(0.2)', 'drop table keel_test_slow'),
+      migration('9201_next', 'create table keel_test_next (id int)', 'drop table keel_test_next'),
+    ];
+    const all = [...MIGRATIONS, ...extra];
+    const handles = [fresh.database, await fresh.second(), await fresh.second()];
+    const results = await Promise.all(handles.map((handle) => migrateUp(handle, logger, all)));
+    const applied = results.flat();
+    expect(applied.sort()).toEqual(all.map((m) => m.tag).sort());
+    const rows = await query<{ tag: string; n: number }>(fresh.database, 'select tag, count(*)::int as n from keel_migrations group by tag');
+    expect(rows.length).toBe(all.length);
+    for (const row of rows) expect(row.n, row.tag).toBe(1);
+  });
+
+  it('a failing migration stops the run, leaves nothing of itself applied and releases the lock', async () => {
+    const { database } = fresh;
+    const good = migration('9100_good', 'create table keel_test_good (id int)', 'drop table keel_test_good');
+    const bad = migration(
+      '9101_bad',
+      'create table keel_test_bad_partial (id int);--> statement-breakpoint\ninsert into keel_test_no_such_table values (1)',
+      'drop table keel_test_bad_partial',
+    );
+    const after = migration('9102_after', 'create table keel_test_after (id int)', 'drop table keel_test_after');
+
+    const failure = migrateUp(database, logger, [...MIGRATIONS, good, bad, after]);
+    await expect(failure).rejects.toThrow(MigrationError);
+    await expect(failure).rejects.toThrow(/9101_bad failed/);
+
+    const names = await tables(database);
+    expect(names).toEqual(expect.arrayContaining([...KEEL_TABLES, 'keel_test_good']));
+    expect(names).not.toContain('keel_test_bad_partial');
+    expect(names).not.toContain('keel_test_after');
+    const applied = await appliedTags(database);
+    expect(applied).toEqual(expect.arrayContaining([...TAGS, '9100_good']));
+    expect(applied).not.toContain('9101_bad');
+    expect(applied).not.toContain('9102_after');
+
+    // The lock was released and the session is usable: another handle (server mode) migrates on.
+    const fixed = migration('9101_bad', 'create table keel_test_bad_partial (id int)', 'drop table keel_test_bad_partial');
+    const other = await fresh.second();
+    const retry = migrateUp(other, logger, [...MIGRATIONS, good, fixed, after]);
+    const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new Error('migration lock was not released')), 10_000).unref());
+    expect(await Promise.race([retry, timeout])).toEqual(['9101_bad', '9102_after']);
+    expect(await tables(database)).toEqual(expect.arrayContaining(['keel_test_bad_partial', 'keel_test_after']));
+  });
+});
