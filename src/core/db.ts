@@ -11,6 +11,7 @@ import pg from 'pg';
 import * as schema from '../models/index.js';
 
 import type { Settings } from './config.js';
+import { PgliteStatementClient } from './pglite-client.js';
 
 export type Schema = typeof schema;
 /** The database handle every crud function takes first; a transaction is one too. */
@@ -50,7 +51,7 @@ async function openPglite(settings: Settings): Promise<Database> {
   // PGlite is a single session: callers take turns, so two never share one transaction or lock.
   let turn: Promise<unknown> = Promise.resolve();
   return {
-    db: drizzlePglite(client, { schema, casing: 'snake_case' }) as unknown as Db,
+    db: drizzlePglite({ client: new PgliteStatementClient(client) as unknown as PGlite, schema, casing: 'snake_case' }) as unknown as Db,
     kind: 'pglite',
     withSession: <T>(work: (session: SqlSession) => Promise<T>): Promise<T> => {
       const result = turn.then(() => work(session));

@@ -1,0 +1,122 @@
+import type { PGlite, QueryOptions, Results } from '@electric-sql/pglite';
+import { type DatabaseError, serialize } from 'pg-protocol';
+import type { BackendMessage, DataRowMessage, ParameterDescriptionMessage, RowDescriptionMessage } from 'pg-protocol/dist/messages.js';
+import { Parser } from 'pg-protocol/dist/parser.js';
+
+interface Statement {
+  name: string;
+  paramTypes: number[];
+  fields: { name: string; dataTypeID: number }[];
+}
+
+/** Plenty for Keel's query shapes; beyond it queries simply take PGlite's ordinary path. */
+const MAX_STATEMENTS = 1_000;
+
+function protocolMessages(bytes: Uint8Array): BackendMessage[] {
+  const messages: BackendMessage[] = [];
+  new Parser().parse(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength), (message) => messages.push(message));
+  return messages;
+}
+
+/**
+ * PGlite with a statement cache. PGlite's `query()` runs Parse, Describe, Bind, Describe, Execute
+ * and Sync as six separate calls into WebAssembly and re-plans every query (~230 µs for a
+ * primary-key lookup here); this prepares each distinct SQL text once as a named statement and then
+ * sends Bind + Execute + Sync in one call (~45 µs). It is handed to Drizzle in place of the PGlite
+ * instance, so every query outside a transaction profits. Transactions keep PGlite's own path.
+ */
+export class PgliteStatementClient {
+  private readonly statements = new Map<string, Promise<Statement>>();
+  private prepared = 0;
+
+  constructor(readonly pg: PGlite) {}
+
+  // Drizzle also calls these; they keep PGlite's behaviour.
+  transaction: PGlite['transaction'] = (callback) => this.pg.transaction(callback);
+  exec: PGlite['exec'] = (sqlText, options) => this.pg.exec(sqlText, options);
+
+  async query<T>(text: string, params: unknown[] = [], options: QueryOptions = {}): Promise<Results<T>> {
+    const statement = this.statement(text);
+    if (!statement) return this.pg.query<T>(text, params, options);
+    const prepared = await statement;
+    const message = Buffer.concat([
+      serialize.bind({ statement: prepared.name, values: this.serializeParams(prepared, params, options) }),
+      serialize.execute({}),
+      serialize.sync(),
+    ]);
+    // The transaction lock keeps these messages out of another caller's open transaction.
+    // No syncToFs: on a directory (NODEFS) PostgreSQL's writes already reach the files, the sync
+    // is a no-op there; memory:// has nothing to sync.
+    const reply = await this.pg._runExclusiveTransaction(() => this.pg.execProtocolRaw(message, { syncToFs: false }));
+    try {
+      return this.results<T>(prepared, protocolMessages(reply), options);
+    } catch (error) {
+      // A plan invalidated by a schema change: forget it and run this once the ordinary way.
+      if ((error as { code?: string }).code === '0A000') {
+        this.statements.delete(text);
+        return this.pg.query<T>(text, params, options);
+      }
+      throw error;
+    }
+  }
+
+  private statement(text: string): Promise<Statement> | null {
+    const known = this.statements.get(text);
+    if (known) return known;
+    if (this.statements.size >= MAX_STATEMENTS) return null;
+    const preparing = this.prepare(`keel_${this.prepared++}`, text);
+    this.statements.set(text, preparing);
+    // A statement that fails to prepare (bad SQL) is not kept: the caller sees the error, and a retry prepares anew.
+    preparing.catch(() => this.statements.delete(text));
+    return preparing;
+  }
+
+  private async prepare(name: string, text: string): Promise<Statement> {
+    const message = Buffer.concat([
+      serialize.parse({ name, text, types: [] }),
+      serialize.describe({ type: 'S', name }),
+      serialize.sync(),
+    ]);
+    const reply = await this.pg._runExclusiveTransaction(() => this.pg.execProtocolRaw(message, { syncToFs: false }));
+    let paramTypes: number[] = [];
+    let fields: Statement['fields'] = [];
+    for (const m of protocolMessages(reply)) {
+      if (m.name === 'error') throw m as DatabaseError;
+      if (m.name === 'parameterDescription') paramTypes = (m as ParameterDescriptionMessage).dataTypeIDs;
+      if (m.name === 'rowDescription') {
+        fields = (m as RowDescriptionMessage).fields.map((f) => ({ name: f.name, dataTypeID: f.dataTypeID }));
+      }
+    }
+    return { name, paramTypes, fields };
+  }
+
+  private serializeParams(statement: Statement, params: unknown[], options: QueryOptions): (string | null)[] {
+    return params.map((value, i) => {
+      if (value === null || value === undefined) return null;
+      const type = statement.paramTypes[i] ?? 0;
+      const serializer = options.serializers?.[type] ?? this.pg.serializers[type];
+      if (serializer) return serializer(value);
+      return typeof value === 'object' ? JSON.stringify(value) : `${value as string | number | boolean | bigint}`;
+    });
+  }
+
+  private results<T>(statement: Statement, messages: BackendMessage[], options: QueryOptions): Results<T> {
+    const parsers = statement.fields.map((f) => options.parsers?.[f.dataTypeID] ?? this.pg.parsers[f.dataTypeID]);
+    const rows: unknown[] = [];
+    let affectedRows = 0;
+    for (const m of messages) {
+      if (m.name === 'error') throw m as DatabaseError;
+      if (m.name === 'dataRow') {
+        const values = (m as DataRowMessage).fields.map((raw: string | null, i): unknown => {
+          const parser = parsers[i];
+          return raw === null || !parser ? raw : (parser(raw, statement.fields[i]!.dataTypeID) as unknown);
+        });
+        rows.push(options.rowMode === 'array' ? values : Object.fromEntries(statement.fields.map((f, i) => [f.name, values[i]])));
+      } else if (m.name === 'commandComplete') {
+        const count = /(\d+)$/.exec((m as unknown as { text: string }).text);
+        if (count) affectedRows = Number(count[1]);
+      }
+    }
+    return { rows: rows as T[], fields: statement.fields, affectedRows };
+  }
+}
