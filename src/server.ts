@@ -7,6 +7,7 @@ import type { Logger } from './core/logger.js';
 import { migrateUp, pendingMigrations } from './core/migrate.js';
 
 import { buildApp } from './app.js';
+import { cacheUsers } from './crud/user.js';
 import { ensureFirstSuperuser } from './services/user-service.js';
 
 export interface StartOptions {
@@ -36,6 +37,7 @@ export async function startServer(settings: Settings, logger: Logger, options: S
       logger.warn('FIRST_SUPERUSER_PASSWORD is the default "changethis": change it before anyone else can reach this server');
     }
     await ensureFirstSuperuser(database.db, settings, logger);
+    await cacheUsers(database);
     const vectorSearch = await vectorEnabled(database);
     if (!vectorSearch) logger.warn('pgvector is not available in this database: knowledge search will be full-text only');
 

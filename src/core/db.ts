@@ -31,7 +31,48 @@ export interface Database {
   /** Runs `work` on one connection held for its whole duration (session-level locks need that). */
   withSession<T>(work: (session: SqlSession) => Promise<T>): Promise<T>;
   ping(): Promise<void>;
+  /**
+   * Hears NOTIFY on `channel` from every connection: `message` for each payload, and `status` as
+   * delivery becomes reliable (true) or not (false: a lost server connection, until it is back).
+   * Embedded, every write happens in this process, so there is nothing to hear and status is true.
+   */
+  listen(channel: string, handlers: ListenHandlers): Promise<void>;
   close(): Promise<void>;
+}
+
+export interface ListenHandlers {
+  message(payload: string): void;
+  status(reliable: boolean): void;
+}
+
+// ==================== Transactions ====================
+
+const openTransactions = new WeakMap<object, { root: Db; afterCommit: (() => void)[] }>();
+
+/**
+ * Runs `work` in a transaction. Use this rather than `db.transaction`: it lets code deep in a
+ * transaction (crud) find the root handle and defer work until the commit (cache evictions).
+ */
+export async function transaction<T>(db: Db, work: (tx: Db) => Promise<T>): Promise<T> {
+  const afterCommit: (() => void)[] = [];
+  const result = await db.transaction(async (tx) => {
+    openTransactions.set(tx, { root: rootOf(db), afterCommit });
+    return work(tx);
+  });
+  for (const callback of afterCommit) callback();
+  return result;
+}
+
+/** The database handle a transaction was opened on (the handle itself outside a transaction). */
+export function rootOf(db: Db): Db {
+  return openTransactions.get(db)?.root ?? db;
+}
+
+/** Runs `callback` once the surrounding transaction commits (never, if it rolls back); at once outside one. */
+export function afterCommit(db: Db, callback: () => void): void {
+  const open = openTransactions.get(db);
+  if (open) open.afterCommit.push(callback);
+  else callback();
 }
 
 // ==================== Embedded (PGlite) ====================
@@ -62,6 +103,9 @@ async function openPglite(settings: Settings): Promise<Database> {
       if (closed) throw new Error('database is closed');
       await client.query('select 1');
     },
+    listen: async (_channel, handlers) => {
+      handlers.status(true);
+    },
     close: async () => {
       if (closed) return;
       closed = true;
@@ -83,6 +127,7 @@ function openPostgres(settings: Settings, url: string): Database {
   });
   // An idle client that loses its server emits here; without a listener the process would crash.
   pool.on('error', () => undefined);
+  const listeners: Listener[] = [];
   return {
     db: drizzleNodePg(pool, { schema, casing: 'snake_case' }),
     kind: 'postgres',
@@ -103,10 +148,79 @@ function openPostgres(settings: Settings, url: string): Database {
     ping: async () => {
       await pool.query('select 1');
     },
+    listen: async (channel, handlers) => {
+      const listener = new Listener(settings, url, channel, handlers);
+      listeners.push(listener);
+      await listener.start();
+    },
     close: async () => {
+      await Promise.all(listeners.map((l) => l.stop()));
       if (!pool.ending) await pool.end();
     },
   };
+}
+
+/**
+ * A dedicated connection that LISTENs on one channel and reconnects (with backoff) when it is lost,
+ * reporting each loss and recovery: while it is down, notifications may be missed.
+ */
+class Listener {
+  private client: pg.Client | null = null;
+  private stopped = false;
+  private retryMs = 250;
+  private timer: NodeJS.Timeout | null = null;
+
+  constructor(
+    private readonly settings: Settings,
+    private readonly url: string,
+    private readonly channel: string,
+    private readonly handlers: ListenHandlers,
+  ) {}
+
+  async start(): Promise<void> {
+    const client = new pg.Client({
+      connectionString: this.url,
+      connectionTimeoutMillis: this.settings.DATABASE_CONNECT_TIMEOUT_MS,
+      application_name: 'keel-listener',
+    });
+    this.client = client;
+    const lost = () => {
+      if (this.client !== client) return;
+      this.client = null;
+      this.handlers.status(false);
+      client.end().catch(() => undefined);
+      if (!this.stopped) {
+        this.timer = setTimeout(() => void this.start(), this.retryMs);
+        this.retryMs = Math.min(this.retryMs * 2, 5_000);
+      }
+    };
+    client.on('error', lost);
+    client.on('end', lost);
+    client.on('notification', (message) => {
+      if (message.channel === this.channel) this.handlers.message(message.payload ?? '');
+    });
+    try {
+      await client.connect();
+      await client.query(`listen "${this.channel.replace(/"/g, '""')}"`);
+    } catch {
+      lost();
+      return;
+    }
+    if (this.stopped) {
+      await client.end().catch(() => undefined);
+      return;
+    }
+    this.retryMs = 250;
+    this.handlers.status(true);
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.timer) clearTimeout(this.timer);
+    const client = this.client;
+    this.client = null;
+    await client?.end().catch(() => undefined);
+  }
 }
 
 export async function openDatabase(settings: Settings): Promise<Database> {

@@ -1,6 +1,7 @@
 import { and, count, desc, eq, sql } from 'drizzle-orm';
 
-import type { Db } from '../core/db.js';
+import { afterCommit, type Database, type Db, rootOf } from '../core/db.js';
+import { RowCache } from '../core/row-cache.js';
 
 import { type NewUser, type User, users } from '../models/index.js';
 
@@ -21,6 +22,48 @@ export async function getById(db: Db, id: string): Promise<User | undefined> {
   return user;
 }
 
+// ==================== Cache of authenticated users ====================
+
+/** The channel the users table's trigger (migration 0001) notifies with the id of a changed user. */
+export const USER_CHANGED_CHANNEL = 'keel_user_changed';
+const caches = new WeakMap<Db, RowCache<User>>();
+
+/**
+ * Keeps users read by id (every authenticated request) in memory. Exact, not eventually: this
+ * process evicts on its own writes (after commit), the trigger's notifications evict other nodes'
+ * writes, and while the notification connection is down the cache is off.
+ */
+export async function cacheUsers(database: Database): Promise<void> {
+  if (caches.has(database.db)) return;
+  const cache = new RowCache<User>({ ttlMs: 30_000, maxEntries: 10_000, enabled: false });
+  caches.set(database.db, cache);
+  await database.listen(USER_CHANGED_CHANNEL, {
+    message: (id) => cache.evict(id),
+    status: (reliable) => cache.setEnabled(reliable),
+  });
+}
+
+/** getById through the cache, when this database has one. The row is frozen: it is shared. */
+export async function getByIdCached(db: Db, id: string): Promise<User | undefined> {
+  const cache = caches.get(db);
+  if (!cache) return getById(db, id);
+  return cache.load(id, async () => {
+    const user = await getById(db, id);
+    return user && Object.freeze(user);
+  });
+}
+
+/**
+ * Called after every write to a user: evicts now (a write outside a transaction is committed) and
+ * again at commit (inside one, a concurrent read may cache the old row until then).
+ */
+function forget(db: Db, id: string): void {
+  const cache = caches.get(rootOf(db));
+  if (!cache) return;
+  cache.evict(id);
+  afterCommit(db, () => cache.evict(id));
+}
+
 export async function getByEmail(db: Db, email: string): Promise<User | undefined> {
   const [user] = await db
     .select()
@@ -38,6 +81,7 @@ export async function update(db: Db, id: string, values: Partial<NewUser>): Prom
   // An empty change (PATCH {}) changes nothing; drizzle refuses an UPDATE without columns.
   if (Object.values(values).every((value) => value === undefined)) return getById(db, id);
   const [user] = await db.update(users).set(values).where(eq(users.id, id)).returning();
+  forget(db, id);
   return user;
 }
 
@@ -52,11 +96,13 @@ export async function updateRevokingTokens(db: Db, id: string, values: Partial<N
     .set({ ...values, token_version: sql`${users.token_version} + 1` })
     .where(target)
     .returning();
+  forget(db, id);
   return user;
 }
 
 export async function remove(db: Db, id: string): Promise<void> {
   await db.delete(users).where(eq(users.id, id));
+  forget(db, id);
 }
 
 export async function list(db: Db, page: Pagination): Promise<{ data: User[]; count: number }> {

@@ -1,5 +1,5 @@
 import type { Settings } from '../core/config.js';
-import type { Db } from '../core/db.js';
+import { type Db, transaction } from '../core/db.js';
 import { BadRequestError, ConflictError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import { generateApiKey } from '../core/security.js';
@@ -44,7 +44,7 @@ export async function create(
     throw new BadRequestError('expires_at must be in the future');
   }
   const secret = generateApiKey();
-  const created = await db.transaction(async (tx) => {
+  const created = await transaction(db, async (tx) => {
     await userCrud.lockForUpdate(tx, ownerId);
     if ((await apiKeyCrud.countByOwner(tx, ownerId)) >= settings.MAX_API_KEYS_PER_USER) {
       throw new ConflictError(`API key limit reached (${settings.MAX_API_KEYS_PER_USER} per user)`);

@@ -1,5 +1,5 @@
 import type { Settings } from '../core/config.js';
-import type { Db } from '../core/db.js';
+import { type Db, transaction } from '../core/db.js';
 import { ConflictError } from '../core/errors.js';
 
 import type { Project } from '../models/index.js';
@@ -27,7 +27,7 @@ export async function list(db: Db, principal: Principal, page: Pagination) {
 export async function create(db: Db, settings: Settings, principal: Principal, input: ProjectCreate): Promise<Project> {
   forbidScopedKey(principal);
   const ownerId = principal.user.id;
-  return db.transaction(async (tx) => {
+  return transaction(db, async (tx) => {
     // The lock makes count-then-insert safe against concurrent creations.
     await userCrud.lockForUpdate(tx, ownerId);
     if ((await projectCrud.countByOwner(tx, ownerId)) >= settings.MAX_PROJECTS_PER_USER) {

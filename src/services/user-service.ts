@@ -1,5 +1,5 @@
 import type { Settings } from '../core/config.js';
-import type { Db } from '../core/db.js';
+import { type Db, transaction } from '../core/db.js';
 import { BadRequestError, ConflictError, ForbiddenError, NotFoundError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import { hashPassword, type TokenService, verifyPassword } from '../core/security.js';
@@ -79,7 +79,7 @@ async function isLastSuperuser(db: Db, user: User): Promise<boolean> {
 }
 
 export async function deleteMe(db: Db, user: User): Promise<void> {
-  await db.transaction(async (tx) => {
+  await transaction(db, async (tx) => {
     if (user.is_superuser) await userCrud.lockSuperusers(tx);
     if (await isLastSuperuser(tx, user)) throw new ForbiddenError('The last superuser cannot delete their account');
     await userCrud.remove(tx, user.id);
@@ -91,7 +91,7 @@ export async function updateByAdmin(db: Db, id: string, input: UserUpdate): Prom
   const { password, ...fields } = input;
   const values: Partial<NewUser> = { ...fields };
   if (password !== undefined) values.hashed_password = await hashPassword(password);
-  return db.transaction(async (tx) => {
+  return transaction(db, async (tx) => {
     // Superusers are locked first, so that two concurrent demotions cannot both pass the check below.
     if (losesSuperuser) await userCrud.lockSuperusers(tx);
     const target = await getById(tx, id);
@@ -108,7 +108,7 @@ export async function updateByAdmin(db: Db, id: string, input: UserUpdate): Prom
 
 export async function deleteByAdmin(db: Db, actor: User, id: string): Promise<void> {
   if (actor.id === id) throw new ForbiddenError('Super users are not allowed to delete themselves');
-  await db.transaction(async (tx) => {
+  await transaction(db, async (tx) => {
     // Two superusers deleting each other at once must not leave none.
     await userCrud.lockSuperusers(tx);
     const target = await getById(tx, id);

@@ -46,7 +46,7 @@ async function principalFromApiKey(request: FastifyRequest, key: string): Promis
 async function principalFromToken(request: FastifyRequest, token: string): Promise<Principal | null> {
   const claims = await request.server.tokens.verify(token, 'access');
   if (!claims) return null;
-  const user = await userCrud.getById(request.server.db, claims.sub);
+  const user = await userCrud.getByIdCached(request.server.db, claims.sub);
   // A password change or deactivation moves token_version on and so kills older tokens.
   if (!user || !user.is_active || user.token_version !== claims.ver) return null;
   return { user, apiKeyId: null, projectScope: null };

@@ -11,6 +11,7 @@ import { loadSettings, type Settings } from '../../src/core/config.js';
 import { type Database, openDatabase } from '../../src/core/db.js';
 
 import { buildApp } from '../../src/app.js';
+import { cacheUsers } from '../../src/crud/user.js';
 import { ensureFirstSuperuser } from '../../src/services/user-service.js';
 import { adminQuery, databaseUrl } from './postgres.js';
 
@@ -51,6 +52,7 @@ export async function openTestDatabase(): Promise<{ database: Database; url: str
     await adminQuery(adminUrl, `create database "${name}" template "${template}"`);
     const url = databaseUrl(adminUrl, name);
     const database = await openDatabase(testSettings({ DATABASE_URL: url }));
+    await cacheUsers(database);
     return {
       database,
       url,
@@ -63,6 +65,7 @@ export async function openTestDatabase(): Promise<{ database: Database; url: str
   const dir = mkdtempSync(join(tmpdir(), 'keel-test-db-'));
   cpSync(inject('templatePgliteDir')!, dir, { recursive: true });
   const database = await openDatabase(testSettings({ PGLITE_DATA_DIR: dir }));
+  await cacheUsers(database);
   return {
     database,
     url: null,
