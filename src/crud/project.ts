@@ -6,20 +6,19 @@ import { apiKeys, type NewProject, type Project, projects } from '../models/inde
 
 import type { Pagination } from '../schemas/common.js';
 
+import { batchedById } from './batch.js';
 import { preparedPerDb } from './prepared.js';
 
-const byId = preparedPerDb((db) =>
+const byIds = preparedPerDb((db) =>
   db
     .select()
     .from(projects)
-    .where(eq(projects.id, sql.placeholder('id')))
-    .prepare('project_by_id'),
+    .where(sql`${projects.id} = any(${sql.placeholder('ids')})`)
+    .prepare('projects_by_ids'),
 );
 
-export async function getById(db: Db, id: string): Promise<Project | undefined> {
-  const [project] = await byId(db).execute({ id });
-  return project;
-}
+/** The hot read of every project route: concurrent lookups share one query (see batch.ts). */
+export const getById = batchedById<Project>((db, ids) => byIds(db).execute({ ids }));
 
 /** Lists projects; `ownerId` null means every owner's (superusers), `onlyId` narrows to one (scoped keys). */
 export async function list(

@@ -710,3 +710,19 @@ describe('MAX_PROJECTS_PER_USER', () => {
     expect((await send('GET', '/projects', alice.headers)).json<ProjectList>().count).toBe(1);
   });
 });
+
+describe('concurrent project reads (batched into shared queries)', () => {
+  it('gives each request its own answer, ownership included, when many arrive at once', async () => {
+    const alice = await createUser(ctx.app);
+    const bob = await createUser(ctx.app);
+    const mine = await Promise.all([1, 2, 3].map((i) => createProject(ctx.app, alice.headers, `A${i}`)));
+    const theirs = await createProject(ctx.app, bob.headers, 'B');
+    const missing = '00000000-0000-4000-8000-000000000000';
+    const ids = [...mine.map((p) => p.id), theirs.id, missing, mine[0]!.id];
+    const responses = await Promise.all(
+      ids.map((id) => ctx.app.inject({ method: 'GET', url: `/api/v1/projects/${id}`, headers: alice.headers })),
+    );
+    expect(responses.map((r) => r.statusCode)).toEqual([200, 200, 200, 404, 404, 200]);
+    expect(responses.slice(0, 3).map((r) => r.json<{ name: string }>().name)).toEqual(['A1', 'A2', 'A3']);
+  });
+});
