@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 
 import type { User } from '../../src/models/index.js';
 
@@ -31,14 +31,36 @@ export async function createUser(app: FastifyInstance, options: { superuser?: bo
   return { user, email, password, token, headers: bearer(token) };
 }
 
-/** Logs in through the API and returns the access token (throws on failure). */
-export async function login(app: FastifyInstance, email: string, password: string): Promise<string> {
-  const response = await app.inject({
+/** The fields of UserPublic, sorted: a response must show exactly these. */
+export const USER_PUBLIC_KEYS = ['created_at', 'email', 'full_name', 'id', 'is_active', 'is_superuser', 'updated_at'];
+
+export interface UserBody {
+  id: string;
+  email: string;
+  full_name: string | null;
+  is_active: boolean;
+  is_superuser: boolean;
+  created_at: string;
+  updated_at: string;
+}
+
+/** POST /login/access-token with the OAuth2 password form. */
+export function loginRequest(app: FastifyInstance, email: string, password: string): Promise<LightMyRequestResponse> {
+  return app.inject({
     method: 'POST',
     url: '/api/v1/login/access-token',
     payload: new URLSearchParams({ username: email, password }).toString(),
     headers: { 'content-type': 'application/x-www-form-urlencoded' },
   });
+}
+
+export async function loginStatus(app: FastifyInstance, email: string, password: string): Promise<number> {
+  return (await loginRequest(app, email, password)).statusCode;
+}
+
+/** Logs in through the API and returns the access token (throws on failure). */
+export async function login(app: FastifyInstance, email: string, password: string): Promise<string> {
+  const response = await loginRequest(app, email, password);
   if (response.statusCode !== 200) throw new Error(`login failed: ${response.statusCode} ${response.body}`);
   return response.json<{ access_token: string }>().access_token;
 }

@@ -7,22 +7,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Database } from '../../src/core/db.js';
 
 import { buildTestApp, openTestDatabase, SUPERUSER_EMAIL, useTestApp } from '../helpers/app.js';
-import { bearer, createUser, login, randomEmail, superuserHeaders } from '../helpers/factories.js';
+import { bearer, createUser, login, randomEmail, superuserHeaders, USER_PUBLIC_KEYS, type UserBody } from '../helpers/factories.js';
 
 const ctx = useTestApp();
 
-const USER_PUBLIC_KEYS = ['created_at', 'email', 'full_name', 'id', 'is_active', 'is_superuser', 'updated_at'];
 const TOO_MANY = { detail: 'Too many requests, try again later' };
-
-interface UserBody {
-  id: string;
-  email: string;
-  full_name: string | null;
-  is_active: boolean;
-  is_superuser: boolean;
-  created_at: string;
-  updated_at: string;
-}
 
 // ==================== Helpers ====================
 

@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Database } from '../../src/core/db.js';
 
 import { buildTestApp, openTestDatabase } from '../helpers/app.js';
-import { bearer, createUser, login, randomEmail, superuserHeaders } from '../helpers/factories.js';
+import { bearer, createUser, login, loginStatus, randomEmail, superuserHeaders } from '../helpers/factories.js';
 import { type CapturedEmail, SmtpCapture } from '../helpers/smtp.js';
 
 const RECOVERY_BODY = { message: 'If that account exists, a password recovery email has been sent' };
@@ -46,17 +46,6 @@ function recover(target: FastifyInstance, email: string, remoteAddress?: string)
 
 function reset(target: FastifyInstance, payload: Record<string, unknown>, remoteAddress?: string): Promise<LightMyRequestResponse> {
   return target.inject({ method: 'POST', url: '/api/v1/reset-password/', payload, ...(remoteAddress ? { remoteAddress } : {}) });
-}
-
-function loginStatus(email: string, password: string): Promise<number> {
-  return app
-    .inject({
-      method: 'POST',
-      url: '/api/v1/login/access-token',
-      payload: new URLSearchParams({ username: email, password }).toString(),
-      headers: { 'content-type': 'application/x-www-form-urlencoded' },
-    })
-    .then((response) => response.statusCode);
 }
 
 const mailsTo = (address: string) => capture.messages.filter((m) => m.to.includes(address));
@@ -172,13 +161,13 @@ describe('POST /reset-password/', () => {
     expect(response.statusCode).toBe(200);
     expect(response.json()).toEqual(RESET_BODY);
 
-    expect(await loginStatus(alice.email, 'the-new-password')).toBe(200);
-    expect(await loginStatus(alice.email, alice.password)).toBe(400);
+    expect(await loginStatus(app, alice.email, 'the-new-password')).toBe(200);
+    expect(await loginStatus(app, alice.email, alice.password)).toBe(400);
 
     const again = await reset(app, { token, new_password: 'yet-another-password' });
     expect(again.statusCode).toBe(400);
     expect(again.json()).toEqual(INVALID_TOKEN);
-    expect(await loginStatus(alice.email, 'the-new-password')).toBe(200);
+    expect(await loginStatus(app, alice.email, 'the-new-password')).toBe(200);
   });
 
   it('works once even when the same token is sent twice at the same time', async () => {
@@ -191,8 +180,8 @@ describe('POST /reset-password/', () => {
     expect(results.map((r) => r.statusCode).sort()).toEqual([200, 400]);
     const winner = results.findIndex((r) => r.statusCode === 200) === 0 ? 'concurrent-one' : 'concurrent-two';
     const loser = winner === 'concurrent-one' ? 'concurrent-two' : 'concurrent-one';
-    expect(await loginStatus(alice.email, winner)).toBe(200);
-    expect(await loginStatus(alice.email, loser)).toBe(400);
+    expect(await loginStatus(app, alice.email, winner)).toBe(200);
+    expect(await loginStatus(app, alice.email, loser)).toBe(400);
   });
 
   it('kills access tokens issued before the reset', async () => {
@@ -219,7 +208,7 @@ describe('POST /reset-password/', () => {
     const stale = await reset(app, { token: first, new_password: 'from-the-first!' });
     expect(stale.statusCode).toBe(400);
     expect(stale.json()).toEqual(INVALID_TOKEN);
-    expect(await loginStatus(alice.email, 'from-the-second')).toBe(200);
+    expect(await loginStatus(app, alice.email, 'from-the-second')).toBe(200);
   });
 
   it('refuses a reset token issued before the password was changed', async () => {
@@ -236,8 +225,8 @@ describe('POST /reset-password/', () => {
     const response = await reset(app, { token, new_password: 'attacker-password' });
     expect(response.statusCode).toBe(400);
     expect(response.json()).toEqual(INVALID_TOKEN);
-    expect(await loginStatus(alice.email, 'changed-meanwhile')).toBe(200);
-    expect(await loginStatus(alice.email, 'attacker-password')).toBe(400);
+    expect(await loginStatus(app, alice.email, 'changed-meanwhile')).toBe(200);
+    expect(await loginStatus(app, alice.email, 'attacker-password')).toBe(400);
   });
 
   it('refuses a reset token of a user an admin deactivated (or whose password an admin set)', async () => {
@@ -261,7 +250,7 @@ describe('POST /reset-password/', () => {
       expect(response.statusCode).toBe(400);
       expect(response.json()).toEqual(INVALID_TOKEN);
     }
-    expect(await loginStatus(bob.email, 'set-by-the-admin')).toBe(200);
+    expect(await loginStatus(app, bob.email, 'set-by-the-admin')).toBe(200);
   });
 
   it('refuses the reset token of a deleted user', async () => {
@@ -284,8 +273,8 @@ describe('POST /reset-password/', () => {
       expect(response.statusCode).toBe(400);
       expect(response.json()).toEqual(INVALID_TOKEN);
     }
-    expect(await loginStatus(alice.email, alice.password)).toBe(200);
-    expect(await loginStatus(alice.email, 'attacker-password')).toBe(400);
+    expect(await loginStatus(app, alice.email, alice.password)).toBe(200);
+    expect(await loginStatus(app, alice.email, 'attacker-password')).toBe(400);
   });
 
   it('refuses the emailed reset token as an access token, and it still works for its purpose afterwards', async () => {
@@ -314,10 +303,10 @@ describe('POST /reset-password/', () => {
     expect(forgedResponse.statusCode).toBe(400);
     expect(forgedResponse.json()).toEqual(INVALID_TOKEN);
 
-    expect(await loginStatus(alice.email, alice.password)).toBe(200);
+    expect(await loginStatus(app, alice.email, alice.password)).toBe(200);
     const validResponse = await reset(app, { token: valid, new_password: 'the-new-password' });
     expect(validResponse.statusCode).toBe(200);
-    expect(await loginStatus(alice.email, 'the-new-password')).toBe(200);
+    expect(await loginStatus(app, alice.email, 'the-new-password')).toBe(200);
   });
 
   it('refuses garbage tokens with 400 Invalid token', async () => {
@@ -346,7 +335,7 @@ describe('POST /reset-password/', () => {
     expect(response.json()).toEqual({ detail: [{ loc, msg: expect.any(String) as string, type }] });
 
     expect((await reset(app, { token, new_password: 'valid-password' })).statusCode).toBe(200);
-    expect(await loginStatus(alice.email, 'valid-password')).toBe(200);
+    expect(await loginStatus(app, alice.email, 'valid-password')).toBe(200);
   });
 
   it('accepts new passwords of exactly 8 and 128 characters', async () => {
@@ -354,7 +343,7 @@ describe('POST /reset-password/', () => {
       const alice = await createUser(app);
       const token = await requestResetToken(alice.email);
       expect((await reset(app, { token, new_password: password })).statusCode).toBe(200);
-      expect(await loginStatus(alice.email, password)).toBe(200);
+      expect(await loginStatus(app, alice.email, password)).toBe(200);
     }
   });
 });

@@ -6,24 +6,13 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Database } from '../../src/core/db.js';
 
 import { buildTestApp, openTestDatabase, SUPERUSER_EMAIL } from '../helpers/app.js';
-import { bearer, createProject, createUser, login, randomEmail, superuserHeaders } from '../helpers/factories.js';
+import { bearer, createProject, createUser, login, loginStatus, randomEmail, superuserHeaders, USER_PUBLIC_KEYS, type UserBody } from '../helpers/factories.js';
 import { SmtpCapture } from '../helpers/smtp.js';
 
-const USER_PUBLIC_KEYS = ['created_at', 'email', 'full_name', 'id', 'is_active', 'is_superuser', 'updated_at'];
 const DUPLICATE = { detail: 'The user with this email already exists in the system' };
 const NOT_ENOUGH = { detail: "The user doesn't have enough privileges" };
 const NOT_FOUND = { detail: 'User not found' };
 const DELETED = { message: 'User deleted successfully' };
-
-interface UserBody {
-  id: string;
-  email: string;
-  full_name: string | null;
-  is_active: boolean;
-  is_superuser: boolean;
-  created_at: string;
-  updated_at: string;
-}
 
 interface ValidationBody {
   detail: { loc: (string | number)[]; msg: string; type: string }[];
@@ -72,17 +61,6 @@ function signup(payload: Record<string, unknown>, options: { remoteAddress?: str
   return call('POST', '/users/signup', { payload, ...options });
 }
 
-function loginStatus(email: string, password: string, target: FastifyInstance = app): Promise<number> {
-  return target
-    .inject({
-      method: 'POST',
-      url: '/api/v1/login/access-token',
-      payload: new URLSearchParams({ username: email, password }).toString(),
-      headers: { 'content-type': 'application/x-www-form-urlencoded' },
-    })
-    .then((response) => response.statusCode);
-}
-
 function expectUserPublic(response: LightMyRequestResponse, expected: Partial<UserBody>): UserBody {
   expect(response.statusCode).toBe(200);
   const body = response.json<UserBody>();
@@ -125,7 +103,7 @@ describe('POST /users/signup', () => {
     const body = expectUserPublic(response, { email, full_name: 'Sign Up', is_active: true, is_superuser: false });
     expect(response.body).not.toContain('signup-password');
 
-    expect(await loginStatus(email, 'signup-password')).toBe(200);
+    expect(await loginStatus(app, email, 'signup-password')).toBe(200);
     const read = await call('GET', `/users/${body.id}`, { headers: admin });
     expect(read.json()).toEqual(body);
   });
@@ -141,8 +119,8 @@ describe('POST /users/signup', () => {
     expectError(await signup({ email, password: 'other-password' }), 409, DUPLICATE);
     expectError(await signup({ email: email.toUpperCase(), password: 'other-password' }), 409, DUPLICATE);
     // The first account keeps its password.
-    expect(await loginStatus(email, 'signup-password')).toBe(200);
-    expect(await loginStatus(email, 'other-password')).toBe(400);
+    expect(await loginStatus(app, email, 'signup-password')).toBe(200);
+    expect(await loginStatus(app, email, 'other-password')).toBe(400);
   });
 
   it('answers 409 when two signups for the same email race', async () => {
@@ -159,7 +137,7 @@ describe('POST /users/signup', () => {
     for (const password of ['p'.repeat(8), 'p'.repeat(128)]) {
       const email = randomEmail('bounds');
       expect((await signup({ email, password })).statusCode).toBe(200);
-      expect(await loginStatus(email, password)).toBe(200);
+      expect(await loginStatus(app, email, password)).toBe(200);
     }
   });
 
@@ -200,7 +178,7 @@ describe('POST /users/signup', () => {
       const email = randomEmail('closed');
       const response = await signup({ email, password: 'signup-password' }, { target: closed });
       expectError(response, 403, { detail: 'Open user registration is forbidden on this server' });
-      expect(await loginStatus(email, 'signup-password', closed)).toBe(400);
+      expect(await loginStatus(closed, email, 'signup-password')).toBe(400);
 
       const created = await call('POST', '/users', {
         target: closed,
@@ -227,7 +205,7 @@ describe('POST /users/signup', () => {
       const retryAfter = Number(refused.headers['retry-after']);
       expect(retryAfter).toBeGreaterThanOrEqual(1);
       expect(retryAfter).toBeLessThanOrEqual(60);
-      expect(await loginStatus(email, 'signup-password', limited)).toBe(400);
+      expect(await loginStatus(limited, email, 'signup-password')).toBe(400);
 
       const elsewhere = await signup({ email, password: 'signup-password' }, { target: limited, remoteAddress: '10.7.0.2' });
       expect(elsewhere.statusCode).toBe(200);
@@ -276,8 +254,8 @@ describe('PATCH /users/me', () => {
     const alice = await createUser(app);
     const email = randomEmail('moved');
     expectUserPublic(await call('PATCH', '/users/me', { headers: alice.headers, payload: { email } }), { email });
-    expect(await loginStatus(email, alice.password)).toBe(200);
-    expect(await loginStatus(alice.email, alice.password)).toBe(400);
+    expect(await loginStatus(app, email, alice.password)).toBe(200);
+    expect(await loginStatus(app, alice.email, alice.password)).toBe(400);
     expect((await call('GET', '/users/me', { headers: alice.headers })).json<UserBody>().email).toBe(email);
   });
 
@@ -306,7 +284,7 @@ describe('PATCH /users/me', () => {
     expect422(await call('PATCH', '/users/me', { headers: alice.headers, payload }), [[['body', field], 'extra_forbidden']]);
     const me = await call('GET', '/users/me', { headers: alice.headers });
     expect(me.json()).toMatchObject({ is_superuser: false, is_active: true });
-    expect(await loginStatus(alice.email, alice.password)).toBe(200);
+    expect(await loginStatus(app, alice.email, alice.password)).toBe(200);
   });
 
   it('answers 422 for an invalid email', async () => {
@@ -323,8 +301,8 @@ describe('PATCH /users/me/password', () => {
     const response = await change(alice.headers, { current_password: alice.password, new_password: 'brand-new-password' });
     expect(response.statusCode).toBe(200);
     expect(response.json()).toEqual({ message: 'Password updated successfully' });
-    expect(await loginStatus(alice.email, 'brand-new-password')).toBe(200);
-    expect(await loginStatus(alice.email, alice.password)).toBe(400);
+    expect(await loginStatus(app, alice.email, 'brand-new-password')).toBe(200);
+    expect(await loginStatus(app, alice.email, alice.password)).toBe(400);
     // The token used for the change died with the old password.
     expectUnauthorized(await call('GET', '/users/me', { headers: alice.headers }));
   });
@@ -333,8 +311,8 @@ describe('PATCH /users/me/password', () => {
     const alice = await createUser(app);
     const response = await change(alice.headers, { current_password: 'not-the-password', new_password: 'brand-new-password' });
     expectError(response, 400, { detail: 'Incorrect password' });
-    expect(await loginStatus(alice.email, alice.password)).toBe(200);
-    expect(await loginStatus(alice.email, 'brand-new-password')).toBe(400);
+    expect(await loginStatus(app, alice.email, alice.password)).toBe(200);
+    expect(await loginStatus(app, alice.email, 'brand-new-password')).toBe(400);
     expect((await call('GET', '/users/me', { headers: alice.headers })).statusCode).toBe(200);
   });
 
@@ -356,7 +334,7 @@ describe('PATCH /users/me/password', () => {
     const payload: Record<string, unknown> = { current_password: alice.password, new_password: 'brand-new-password', ...override };
     for (const [key, value] of Object.entries(payload)) if (value === undefined) delete payload[key];
     expect422(await change(alice.headers, payload), issues);
-    expect(await loginStatus(alice.email, alice.password)).toBe(200);
+    expect(await loginStatus(app, alice.email, alice.password)).toBe(200);
   });
 
   it('answers 401 without a token', async () => {
@@ -373,7 +351,7 @@ describe('DELETE /users/me', () => {
     expect(response.statusCode).toBe(200);
     expect(response.json()).toEqual(DELETED);
 
-    expect(await loginStatus(alice.email, alice.password)).toBe(400);
+    expect(await loginStatus(app, alice.email, alice.password)).toBe(400);
     expectUnauthorized(await call('GET', '/users/me', { headers: alice.headers }));
     expectError(await call('GET', `/users/${alice.user.id}`, { headers: admin }), 404, NOT_FOUND);
     expectError(await call('GET', `/projects/${project.id}`, { headers: admin }), 404, { detail: 'Project not found' });
@@ -384,7 +362,7 @@ describe('DELETE /users/me', () => {
     const response = await call('DELETE', '/users/me', { headers: root.headers });
     expect(response.statusCode).toBe(200);
     expect(response.json()).toEqual(DELETED);
-    expect(await loginStatus(root.email, root.password)).toBe(400);
+    expect(await loginStatus(app, root.email, root.password)).toBe(400);
   });
 });
 
@@ -460,7 +438,7 @@ describe('POST /users', () => {
       payload: { email, password: 'initial-password', full_name: 'New Person' },
     });
     expectUserPublic(response, { email, full_name: 'New Person', is_active: true, is_superuser: false });
-    expect(await loginStatus(email, 'initial-password')).toBe(200);
+    expect(await loginStatus(app, email, 'initial-password')).toBe(200);
 
     const mail = await capture.waitFor(email);
     expect(mail.to).toEqual([email]);
@@ -502,7 +480,7 @@ describe('POST /users', () => {
     const email = randomEmail('nope');
     const response = await call('POST', '/users', { headers: alice.headers, payload: { email, password: 'initial-password', is_superuser: true } });
     expectError(response, 403, NOT_ENOUGH);
-    expect(await loginStatus(email, 'initial-password')).toBe(400);
+    expect(await loginStatus(app, email, 'initial-password')).toBe(400);
   });
 
   it.each([
@@ -562,8 +540,8 @@ describe('PATCH /users/{user_id}', () => {
     expectUserPublic(response, { id: alice.user.id });
     expect(response.body).not.toContain('admin-set-password');
     expectUnauthorized(await call('GET', '/users/me', { headers: alice.headers }));
-    expect(await loginStatus(alice.email, 'admin-set-password')).toBe(200);
-    expect(await loginStatus(alice.email, alice.password)).toBe(400);
+    expect(await loginStatus(app, alice.email, 'admin-set-password')).toBe(200);
+    expect(await loginStatus(app, alice.email, alice.password)).toBe(400);
   });
 
   it('promotes a user to superuser', async () => {
@@ -612,7 +590,7 @@ describe('DELETE /users/{user_id}', () => {
     expect(response.json()).toEqual(DELETED);
     expectError(await call('GET', `/users/${alice.user.id}`, { headers: admin }), 404, NOT_FOUND);
     expectError(await call('DELETE', `/users/${alice.user.id}`, { headers: admin }), 404, NOT_FOUND);
-    expect(await loginStatus(alice.email, alice.password)).toBe(400);
+    expect(await loginStatus(app, alice.email, alice.password)).toBe(400);
   });
 
   it('answers 403 for an ordinary user, deleting nothing', async () => {
@@ -620,7 +598,7 @@ describe('DELETE /users/{user_id}', () => {
     const bob = await createUser(app);
     expectError(await call('DELETE', `/users/${bob.user.id}`, { headers: alice.headers }), 403, NOT_ENOUGH);
     expectError(await call('DELETE', `/users/${alice.user.id}`, { headers: alice.headers }), 403, NOT_ENOUGH);
-    expect(await loginStatus(bob.email, bob.password)).toBe(200);
+    expect(await loginStatus(app, bob.email, bob.password)).toBe(200);
   });
 
   it('answers 403 to a superuser deleting themselves this way', async () => {
