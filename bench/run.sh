@@ -28,6 +28,10 @@ RAW="$OUT/raw.tsv"     # case <TAB> req/s <TAB> p50 <TAB> p99 <TAB> errors, one 
 SUMMARY="$OUT/summary.md"
 : >"$RAW"
 
+if ! command -v wrk >/dev/null || ! command -v pgbench >/dev/null; then
+  # Both come from Debian packages; install them when we can.
+  [ "$(id -u)" = 0 ] && { apt-get update -qq && apt-get install -y -qq wrk postgresql-contrib >/dev/null; }
+fi
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk"; exit 1; }
 command -v pgbench >/dev/null || { echo "pgbench is missing: apt-get install -y postgresql-contrib"; exit 1; }
 

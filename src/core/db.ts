@@ -226,13 +226,3 @@ class Listener {
 export async function openDatabase(settings: Settings): Promise<Database> {
   return settings.DATABASE_URL ? openPostgres(settings, settings.DATABASE_URL) : openPglite(settings);
 }
-
-/** Whether pgvector is installed or can be: PGlite ships it, a server may not. */
-export async function vectorAvailable(database: Database): Promise<boolean> {
-  return database.withSession(async (session) => {
-    const rows = await session.query<{ present: boolean }>(
-      `select exists(select 1 from pg_available_extensions where name = 'vector') as present`,
-    );
-    return rows[0]?.present === true;
-  });
-}
