@@ -16,6 +16,7 @@ import type { Logger } from './core/logger.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
 import { createRedis } from './core/redis.js';
 import { TokenService } from './core/security.js';
+import { prepareDummyHash } from './core/security.js';
 import { securityHeaders } from './core/security-headers.js';
 
 import { API_PREFIX, registerApi } from './api/main.js';
@@ -50,11 +51,13 @@ export interface AppOptions {
 const REQUEST_ID = /^[\w.:-]{1,128}$/;
 
 export async function buildApp({ settings, database, logger, vectorSearch }: AppOptions): Promise<FastifyInstance> {
+  const trustProxy = settings.TRUST_PROXY;
   const app = Fastify({
     loggerInstance: logger,
     // One line per request (onResponse below) instead of Fastify's two.
     logController: new LogController({ disableRequestLogging: true, requestIdLogLabel: 'reqId' }),
-    trustProxy: settings.TRUST_PROXY,
+    // A hop count trusts that many proxies nearest to us (Fastify's types take it as a function).
+    trustProxy: typeof trustProxy === 'number' ? (_address: string, hop: number) => hop < trustProxy : trustProxy,
     bodyLimit: settings.BODY_LIMIT_BYTES,
     requestIdHeader: false,
     // A caller's request id is kept (when sane) so one id follows a request across services.
@@ -93,6 +96,7 @@ export async function buildApp({ settings, database, logger, vectorSearch }: App
   app.decorateRequest('principal', null as unknown as Principal);
 
   registerErrorHandler(app);
+  await prepareDummyHash();
 
   // ==================== Request bookkeeping ====================
 
@@ -136,6 +140,9 @@ export async function buildApp({ settings, database, logger, vectorSearch }: App
   await app.register(formbody, { bodyLimit: settings.BODY_LIMIT_BYTES });
   await app.register(rateLimitPlugin, {
     global: false,
+    // In memory, an LRU of counters: large enough that a flood of made-up accounts cannot push
+    // a real account's counter out within its window.
+    cache: 100_000,
     ...(redis ? { redis, nameSpace: `${settings.REDIS_KEY_PREFIX}rate-limit:` } : {}),
   });
   await app.register(swagger, {

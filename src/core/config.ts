@@ -50,13 +50,30 @@ export const SettingsSchema = z.object({
         .map((s) => s.trim())
         .filter(Boolean),
     ),
-  TRUST_PROXY: bool.default(false),
+  /**
+   * Proxies in front of Keel whose X-Forwarded-For is believed: `false`, a number of hops, or
+   * comma-separated addresses/CIDRs. `true` is refused: it would let any client pick its own IP.
+   */
+  TRUST_PROXY: z
+    .string()
+    .default('false')
+    .transform((v, ctx) => {
+      const value = v.trim();
+      if (value === 'false' || value === '' || value === '0') return false as const;
+      if (/^\d+$/.test(value)) return Number(value);
+      if (value === 'true') {
+        ctx.addIssue({ code: 'custom', message: 'give a hop count (e.g. 1) or the proxies\' addresses, not true' });
+        return z.NEVER;
+      }
+      return value.split(',').map((s) => s.trim()).filter(Boolean);
+    }),
   BODY_LIMIT_BYTES: int(1024, 100 * 1024 * 1024).default(1024 * 1024),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   LOG_FORMAT: z.preprocess(emptyAsUndefined, z.enum(['pretty', 'json']).optional()),
   RATE_LIMIT_LOGIN_PER_IP: int(1, 1_000_000).default(30),
   RATE_LIMIT_LOGIN_PER_ACCOUNT: int(1, 1_000_000).default(10),
   RATE_LIMIT_SIGNUP_PER_IP: int(1, 1_000_000).default(10),
+  RATE_LIMIT_SIGNUP_PER_ACCOUNT: int(1, 1_000_000).default(3),
   RATE_LIMIT_RECOVERY_PER_IP: int(1, 1_000_000).default(10),
   RATE_LIMIT_RECOVERY_PER_ACCOUNT: int(1, 1_000_000).default(3),
   RATE_LIMIT_WINDOW_SECONDS: int(1, 86_400).default(60),

@@ -54,12 +54,14 @@ const openTransactions = new WeakMap<object, { root: Db; afterCommit: (() => voi
  * transaction (crud) find the root handle and defer work until the commit (cache evictions).
  */
 export async function transaction<T>(db: Db, work: (tx: Db) => Promise<T>): Promise<T> {
-  const afterCommit: (() => void)[] = [];
+  // Nested (a savepoint): callbacks wait for the outermost commit, not the savepoint's release.
+  const outer = openTransactions.get(db);
+  const afterCommit = outer?.afterCommit ?? [];
   const result = await db.transaction(async (tx) => {
     openTransactions.set(tx, { root: rootOf(db), afterCommit });
     return work(tx);
   });
-  for (const callback of afterCommit) callback();
+  if (!outer) for (const callback of afterCommit) callback();
   return result;
 }
 
@@ -133,6 +135,7 @@ function openPostgres(settings: Settings, url: string): Database {
     kind: 'postgres',
     withSession: async (work) => {
       const client = await pool.connect();
+      let failure: Error | undefined;
       try {
         return await work({
           exec: async (sqlText) => {
@@ -141,8 +144,12 @@ function openPostgres(settings: Settings, url: string): Database {
           query: async <T extends Record<string, unknown>>(sqlText: string, params: unknown[] = []) =>
             (await client.query<T>(sqlText, params)).rows,
         });
+      } catch (error) {
+        failure = error instanceof Error ? error : new Error('session failed');
+        throw error;
       } finally {
-        client.release();
+        // A connection that failed is destroyed, not handed back to the pool in an unknown state.
+        client.release(failure);
       }
     },
     ping: async () => {
@@ -169,6 +176,9 @@ class Listener {
   private stopped = false;
   private retryMs = 250;
   private timer: NodeJS.Timeout | null = null;
+  private heartbeat: NodeJS.Timeout | null = null;
+  /** A connection can die without an error (a dropped route, a silent proxy): ask it every few seconds. */
+  private static readonly HEARTBEAT_MS = 5_000;
 
   constructor(
     private readonly settings: Settings,
@@ -182,11 +192,14 @@ class Listener {
       connectionString: this.url,
       connectionTimeoutMillis: this.settings.DATABASE_CONNECT_TIMEOUT_MS,
       application_name: 'keel-listener',
+      keepAlive: true,
+      query_timeout: Listener.HEARTBEAT_MS,
     });
     this.client = client;
     const lost = () => {
       if (this.client !== client) return;
       this.client = null;
+      if (this.heartbeat) clearInterval(this.heartbeat);
       this.handlers.status(false);
       client.end().catch(() => undefined);
       if (!this.stopped) {
@@ -212,11 +225,16 @@ class Listener {
     }
     this.retryMs = 250;
     this.handlers.status(true);
+    this.heartbeat = setInterval(() => {
+      client.query('select 1').catch(lost);
+    }, Listener.HEARTBEAT_MS);
+    this.heartbeat.unref();
   }
 
   async stop(): Promise<void> {
     this.stopped = true;
     if (this.timer) clearTimeout(this.timer);
+    if (this.heartbeat) clearInterval(this.heartbeat);
     const client = this.client;
     this.client = null;
     await client?.end().catch(() => undefined);

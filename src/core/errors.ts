@@ -141,12 +141,27 @@ function databaseError(error: unknown): DatabaseError | null {
 /** Socket errors of a dependency that cannot be reached (the driver's error or its cause). */
 const CONNECTION_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN']);
 
+/** What node-postgres says, without a code, when it loses or cannot get a connection. */
+const CONNECTION_MESSAGES = /Connection terminated|timeout exceeded when trying to connect|not queryable|Cannot use a pool after calling end/;
+
 function connectionError(error: unknown): boolean {
   for (let e: unknown = error, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
     const code = (e as { code?: unknown }).code;
     if (typeof code === 'string' && CONNECTION_ERRORS.has(code)) return true;
+    const message = (e as { message?: unknown }).message;
+    if (typeof message === 'string' && CONNECTION_MESSAGES.test(message)) return true;
   }
   return false;
+}
+
+/**
+ * The error as it may be logged: Drizzle's query errors carry the statement's parameters (emails,
+ * password hashes) in `params` and in the message, so those are logged as the query and its cause.
+ */
+function loggable(error: FastifyError): { err: unknown; query?: string } {
+  const query = (error as { query?: unknown }).query;
+  if (typeof query === 'string' && 'params' in error) return { err: error.cause ?? new Error('database query failed'), query };
+  return { err: error };
 }
 
 // ==================== The one handler ====================
@@ -184,10 +199,10 @@ export function registerErrorHandler(app: FastifyInstance): void {
       return send(reply, error.statusCode, { detail });
     }
     if ((db && ['57P01', '08006', '08001', '08003', '57P03'].includes(db.code)) || connectionError(error)) {
-      request.log.error({ err: error }, 'database unavailable');
+      request.log.error(loggable(error), 'database unavailable');
       return send(reply, 503, { detail: 'Service unavailable' });
     }
-    request.log.error({ err: error }, 'unhandled error');
+    request.log.error(loggable(error), 'unhandled error');
     return send(reply, 500, { detail: 'Internal server error' });
   });
 }

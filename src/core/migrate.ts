@@ -71,12 +71,16 @@ async function inTransaction(session: SqlSession, work: () => Promise<void>): Pr
 /** Holds the cluster-wide migration lock while `work` runs, so two nodes never migrate at once. */
 async function underLock<T>(database: Database, work: (session: SqlSession) => Promise<T>): Promise<T> {
   return database.withSession(async (session) => {
+    // Waiting for the lock, and a long migration, must not hit the pool's statement timeout.
+    await session.exec('set statement_timeout = 0');
     await session.query('select pg_advisory_lock($1)', [MIGRATION_LOCK_KEY]);
     try {
       await session.exec(BOOKKEEPING);
       return await work(session);
     } finally {
-      await session.query('select pg_advisory_unlock($1)', [MIGRATION_LOCK_KEY]);
+      // Never let a failed unlock hide the error that got us here; the session ends the lock anyway.
+      await session.query('select pg_advisory_unlock($1)', [MIGRATION_LOCK_KEY]).catch(() => undefined);
+      await session.exec('reset statement_timeout').catch(() => undefined);
     }
   });
 }

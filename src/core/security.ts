@@ -16,6 +16,12 @@ export function hashPassword(password: string): Promise<string> {
 
 let dummyHash: Promise<string> | null = null;
 
+/** Computes the dummy hash ahead, so that not even the first unknown-email login costs an extra hash. */
+export async function prepareDummyHash(): Promise<void> {
+  dummyHash ??= hashPassword(randomBytes(16).toString('hex'));
+  await dummyHash;
+}
+
 /**
  * Checks a password against a stored hash. Without a hash (unknown account) it checks against a
  * dummy one, so that both answers take the same time and reveal nothing.
@@ -45,6 +51,13 @@ export interface TokenClaims {
   typ: TokenType;
   /** Expiry, seconds since the epoch. */
   exp: number;
+  /** Reset tokens: a digest of the email they were mailed to (see emailBinding). */
+  eml?: string;
+}
+
+/** Ties a reset token to the address it was mailed to: once the email changes, the link is dead. */
+export function emailBinding(email: string): string {
+  return createHash('sha256').update(email.toLowerCase()).digest('base64url').slice(0, 22);
 }
 
 const ALGORITHM = 'HS256';
@@ -61,12 +74,12 @@ export class TokenService {
     this.key = createHash('sha256').update(`keel:jwt:${settings.SECRET_KEY}`).digest();
   }
 
-  async create(userId: string, version: number, type: TokenType): Promise<string> {
+  async create(userId: string, version: number, type: TokenType, extra: { eml?: string } = {}): Promise<string> {
     const lifetimeSeconds =
       type === 'access'
         ? this.settings.ACCESS_TOKEN_EXPIRE_MINUTES * 60
         : this.settings.EMAIL_RESET_TOKEN_EXPIRE_HOURS * 3600;
-    return new SignJWT({ ver: version, typ: type })
+    return new SignJWT({ ver: version, typ: type, ...extra })
       .setProtectedHeader({ alg: ALGORITHM, typ: 'JWT' })
       .setSubject(userId)
       .setIssuer(ISSUER)
@@ -90,6 +103,7 @@ export class TokenService {
       const { payload } = await jwtVerify(token, this.key, { algorithms: [ALGORITHM], issuer: ISSUER, requiredClaims: ['exp', 'sub'] });
       if (typeof payload.ver !== 'number' || (payload.typ !== 'access' && payload.typ !== 'reset')) return null;
       claims = { sub: payload.sub as string, ver: payload.ver, typ: payload.typ, exp: payload.exp as number };
+      if (typeof payload.eml === 'string') claims.eml = payload.eml;
     } catch (error) {
       if (error instanceof joseErrors.JOSEError) return null;
       throw error;

@@ -68,7 +68,9 @@ export async function getByEmail(db: Db, email: string): Promise<User | undefine
   const [user] = await db
     .select()
     .from(users)
-    .where(sql`lower(${users.email}) = lower(${email})`);
+    // Lowercased here, not by SQL lower(): the per-account rate limits key on the same JS
+    // lowercase, so no spelling can reach an account under a different counter.
+    .where(sql`lower(${users.email}) = ${email.trim().toLowerCase()}`);
   return user;
 }
 

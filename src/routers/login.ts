@@ -6,14 +6,13 @@ import { UserPublic } from '../schemas/user.js';
 
 import * as userService from '../services/user-service.js';
 import { requireUser } from '../utils/authentication.js';
-import { byIp, rateLimit } from '../utils/rate-limit.js';
+import { byAccount, byIp, rateLimit } from '../utils/rate-limit.js';
 
 const tags = ['login'];
 const RECOVERY_MESSAGE = 'If that account exists, a password recovery email has been sent';
 
 export const loginRouter: FastifyPluginAsyncZod = async (app) => {
   const { settings } = app;
-  const byAccount = (value: string) => value.trim().toLowerCase();
 
   // ==================== Tokens ====================
 

@@ -7,7 +7,7 @@ import { UpdatePassword, UserCreate, UserIdParams, UserPublic, UserRegister, Use
 
 import * as userService from '../services/user-service.js';
 import { forbidScopedKey, requireSuperuser, requireUser } from '../utils/authentication.js';
-import { byIp, rateLimit } from '../utils/rate-limit.js';
+import { byAccount, byIp, rateLimit } from '../utils/rate-limit.js';
 
 const tags = ['users'];
 
@@ -48,7 +48,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
     },
     async (request) => {
       forbidScopedKey(request.principal);
-      return userService.createByAdmin(db, settings, app.mailer, request.body);
+      return userService.createByAdmin(db, settings, app.mailer, request.log, request.body);
     },
   );
 
@@ -124,7 +124,10 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         body: UserRegister,
         response: { 200: UserPublic, 403: HTTPError, 409: HTTPError, 422: ValidationError, 429: HTTPError },
       },
-      preHandler: rateLimit(app, 'signup-ip', settings.RATE_LIMIT_SIGNUP_PER_IP, byIp),
+      preHandler: [
+        rateLimit(app, 'signup-ip', settings.RATE_LIMIT_SIGNUP_PER_IP, byIp),
+        rateLimit(app, 'signup-account', settings.RATE_LIMIT_SIGNUP_PER_ACCOUNT, (req) => byAccount((req.body as { email: string }).email)),
+      ],
     },
     async (request) => userService.signup(db, settings, request.body),
   );
@@ -146,6 +149,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
     async (request) => {
       const { user } = request.principal;
       if (request.params.user_id === user.id) return user;
+      forbidScopedKey(request.principal);
       if (!user.is_superuser) throw new ForbiddenError("The user doesn't have enough privileges");
       return userService.getById(db, request.params.user_id);
     },

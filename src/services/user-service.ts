@@ -2,7 +2,7 @@ import type { Settings } from '../core/config.js';
 import { type Db, transaction } from '../core/db.js';
 import { BadRequestError, ConflictError, ForbiddenError, NotFoundError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
-import { hashPassword, type TokenService, verifyPassword } from '../core/security.js';
+import { emailBinding, hashPassword, type TokenService, verifyPassword } from '../core/security.js';
 
 import type { NewUser, User } from '../models/index.js';
 
@@ -50,9 +50,10 @@ export async function signup(db: Db, settings: Settings, input: UserRegister): P
 }
 
 /** An administrator's new account; the user is told by email when SMTP is set. */
-export async function createByAdmin(db: Db, settings: Settings, mailer: Mailer, input: UserCreate): Promise<User> {
+export async function createByAdmin(db: Db, settings: Settings, mailer: Mailer, logger: Logger, input: UserCreate): Promise<User> {
   const user = await createUser(db, input);
-  mailer.send(user.email, newAccountEmail({ projectName: settings.PROJECT_NAME, email: user.email, link: settings.FRONTEND_HOST }));
+  const email = newAccountEmail({ projectName: settings.PROJECT_NAME, email: user.email, link: settings.FRONTEND_HOST });
+  mailer.send(user.email, email, logger);
   return user;
 }
 
@@ -130,20 +131,27 @@ export async function requestPasswordRecovery(
 ): Promise<void> {
   const user = await userCrud.getByEmail(db, email);
   if (!user || !user.is_active) return;
-  const token = await tokens.create(user.id, user.token_version, 'reset');
-  const link = `${settings.FRONTEND_HOST.replace(/\/$/, '')}/reset-password?token=${encodeURIComponent(token)}`;
-  mailer.send(
-    user.email,
-    resetPasswordEmail({ projectName: settings.PROJECT_NAME, email: user.email, link, validHours: settings.EMAIL_RESET_TOKEN_EXPIRE_HOURS }),
-  );
-  logger.info({ userId: user.id }, 'password recovery requested');
+  // Signed and mailed after the answer has gone, so that it takes as long as for an unknown email.
+  const mailLink = async () => {
+    const token = await tokens.create(user.id, user.token_version, 'reset', { eml: emailBinding(user.email) });
+    const link = `${settings.FRONTEND_HOST.replace(/\/$/, '')}/reset-password?token=${encodeURIComponent(token)}`;
+    const validHours = settings.EMAIL_RESET_TOKEN_EXPIRE_HOURS;
+    mailer.send(user.email, resetPasswordEmail({ projectName: settings.PROJECT_NAME, email: user.email, link, validHours }), logger);
+    logger.info({ userId: user.id }, 'password recovery requested');
+  };
+  setImmediate(() => {
+    mailLink().catch((error: unknown) => logger.error({ err: error, userId: user.id }, 'password recovery mail failed'));
+  });
 }
 
 /** Sets a new password from a reset token; the token dies with it, as do all earlier tokens. */
 export async function resetPassword(db: Db, tokens: TokenService, token: string, newPassword: string): Promise<void> {
   const claims = await tokens.verify(token, 'reset');
   const user = claims ? await userCrud.getById(db, claims.sub) : undefined;
-  if (!claims || !user || user.token_version !== claims.ver) throw new BadRequestError('Invalid token');
+  // A token is dead once the password changed (version) or the email it was mailed to did.
+  if (!claims || !user || user.token_version !== claims.ver || claims.eml !== emailBinding(user.email)) {
+    throw new BadRequestError('Invalid token');
+  }
   if (!user.is_active) throw new BadRequestError('Inactive user');
   const hashed = await hashPassword(newPassword);
   // Conditional on the version the token carries: of two concurrent uses, only the first succeeds.

@@ -1,3 +1,5 @@
+import { isIPv6 } from 'node:net';
+
 import type { FastifyInstance, FastifyRequest, preHandlerAsyncHookHandler } from 'fastify';
 
 import { ServiceUnavailableError, TooManyRequestsError } from '../core/errors.js';
@@ -30,4 +32,16 @@ export function rateLimit(
   };
 }
 
-export const byIp = (request: FastifyRequest) => request.ip;
+/** Per account: the email as lookups normalise it (crud/user.ts getByEmail). */
+export const byAccount = (email: string) => email.trim().toLowerCase();
+
+/** Per client address; IPv6 per /64, since one client usually holds a whole /64. */
+export function byIp(request: FastifyRequest): string {
+  const ip = request.ip;
+  if (!isIPv6(ip) || ip.startsWith('::ffff:')) return ip;
+  const [head = '', tail = ''] = ip.split('::');
+  const left = head ? head.split(':') : [];
+  const right = tail ? tail.split(':') : [];
+  const groups = ip.includes('::') ? [...left, ...Array<string>(8 - left.length - right.length).fill('0'), ...right] : left;
+  return `${groups.slice(0, 4).map((g) => g.padStart(4, '0')).join(':')}::/64`;
+}

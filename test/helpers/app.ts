@@ -34,6 +34,7 @@ export function testSettings(overrides: Record<string, string> = {}): Settings {
     RATE_LIMIT_LOGIN_PER_IP: '100000',
     RATE_LIMIT_LOGIN_PER_ACCOUNT: '100000',
     RATE_LIMIT_SIGNUP_PER_IP: '100000',
+    RATE_LIMIT_SIGNUP_PER_ACCOUNT: '100000',
     RATE_LIMIT_RECOVERY_PER_IP: '100000',
     RATE_LIMIT_RECOVERY_PER_ACCOUNT: '100000',
     ...overrides,

@@ -567,6 +567,18 @@ describe('a project-scoped key', () => {
     expect(stats.json()).toEqual({ project_id: project.id, api_keys: 1, active_api_keys: 1 });
   });
 
+  it("of a superuser cannot read other users through the admin routes (403), only its own account", async () => {
+    const admin = await createUser(ctx.app, { superuser: true });
+    const someone = await createUser(ctx.app);
+    const project = await createProject(ctx.app, admin.headers, 'Admin scope');
+    const scoped = await createKey(admin, { name: 'scoped-admin', project_id: project.id });
+    const other = await api('GET', `/users/${someone.user.id}`, bearer(scoped.key));
+    expect(other.statusCode).toBe(403);
+    expect(other.json()).toEqual(SCOPED);
+    expect((await api('GET', `/users/${admin.user.id}`, bearer(scoped.key))).statusCode).toBe(200);
+    expect((await api('GET', '/users', bearer(scoped.key))).statusCode).toBe(403);
+  });
+
   it("answers 404 for the owner's other projects on every route, and changes nothing", async () => {
     const { alice, other, headers } = await setup();
     for (const [method, suffix, payload] of [

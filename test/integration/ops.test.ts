@@ -3,6 +3,7 @@ import { request as httpRequest } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Writable } from 'node:stream';
 
+import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -451,6 +452,12 @@ describe('logs', () => {
     app.get('/test/boom', async () => {
       throw new Error('boom with private details');
     });
+    // A failing query whose parameters are secret: they must not reach the log.
+    app.get('/test/failing-query', async () => {
+      // Division by zero: an error the handler does not map, so it is logged as a 500.
+      await app.db.execute(sql`select 1 / (${'parameter-secret-value'} = 'other')::int`);
+      return { ok: true };
+    });
     await app.ready();
   });
   afterAll(async () => {
@@ -528,6 +535,16 @@ describe('logs', () => {
       expect(rawText).not.toContain(secret);
     }
     expect(rawText).not.toMatch(/bearer\s+ey/i);
+  });
+
+  it('a failed query is logged with its SQL and cause, never its parameters', async () => {
+    const response = await app.inject({ method: 'GET', url: '/test/failing-query', headers: { 'x-request-id': 'trace-query' } });
+    expect(response.statusCode).toBe(500);
+    parse();
+    const errorLine = lines.find((line) => line.reqId === 'trace-query' && line.level === 50);
+    expect(JSON.stringify(errorLine)).toContain('division by zero');
+    expect(errorLine).toHaveProperty('query');
+    expect(rawText).not.toContain('parameter-secret-value');
   });
 
   it('a failure answers a bare 500 and logs the error with its request id', async () => {

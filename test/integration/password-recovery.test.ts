@@ -4,6 +4,7 @@ import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import type { Database } from '../../src/core/db.js';
+import { emailBinding } from '../../src/core/security.js';
 
 import { buildTestApp, openTestDatabase } from '../helpers/app.js';
 import { bearer, createUser, login, loginStatus, randomEmail, superuserHeaders } from '../helpers/factories.js';
@@ -286,10 +287,28 @@ describe('POST /reset-password/', () => {
     expect((await reset(app, { token, new_password: 'the-new-password' })).statusCode).toBe(200);
   });
 
+  it('refuses a reset link once the email it was mailed to has changed', async () => {
+    const alice = await createUser(app);
+    expect((await recover(app, alice.email)).statusCode).toBe(200);
+    const token = tokenIn(await capture.waitFor(alice.email));
+    const change = await app.inject({ method: 'PATCH', url: '/api/v1/users/me', headers: alice.headers, payload: { email: randomEmail('moved') } });
+    expect(change.statusCode).toBe(200);
+    const response = await reset(app, { token, new_password: 'the-new-password' });
+    expect(response.statusCode).toBe(400);
+    expect(response.json()).toEqual(INVALID_TOKEN);
+  });
+
+  it('refuses a hand-signed reset token that names no email', async () => {
+    const alice = await createUser(app);
+    const now = Math.floor(Date.now() / 1000);
+    const token = handSigned({ ver: alice.user.token_version, typ: 'reset', sub: alice.user.id, iss: 'keel', iat: now, exp: now + 600 });
+    expect((await reset(app, { token, new_password: 'the-new-password' })).statusCode).toBe(400);
+  });
+
   it('accepts a hand-signed reset token (control) and refuses an expired or forged one', async () => {
     const alice = await createUser(app);
     const now = Math.floor(Date.now() / 1000);
-    const claims = { ver: alice.user.token_version, typ: 'reset', sub: alice.user.id, iss: 'keel', iat: now - 7200 };
+    const claims = { ver: alice.user.token_version, typ: 'reset', sub: alice.user.id, iss: 'keel', iat: now - 7200, eml: emailBinding(alice.email) };
 
     const expired = handSigned({ ...claims, exp: now - 10 });
     const expiredResponse = await reset(app, { token: expired, new_password: 'the-new-password' });

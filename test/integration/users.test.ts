@@ -213,6 +213,26 @@ describe('POST /users/signup', () => {
       await limited.close();
     }
   });
+
+  it('is rate limited per account too, whichever IP and spelling the attempts use', async () => {
+    const limited = await buildTestApp(database, { RATE_LIMIT_SIGNUP_PER_ACCOUNT: '2' });
+    try {
+      const email = randomEmail('target');
+      const attempts = [email, email.toUpperCase()];
+      for (const [i, spelling] of attempts.entries()) {
+        // The first creates the account, the second is a duplicate: both count.
+        const response = await signup({ email: spelling, password: 'signup-password' }, { target: limited, remoteAddress: `10.8.0.${i + 1}` });
+        expect(response.statusCode).toBe(i === 0 ? 200 : 409);
+      }
+      const refused = await signup({ email: ` ${email}`.trim(), password: 'signup-password' }, { target: limited, remoteAddress: '10.8.0.9' });
+      expectError(refused, 429, { detail: 'Too many requests, try again later' });
+      // Another account is not affected.
+      const other = await signup({ email: randomEmail('free'), password: 'signup-password' }, { target: limited, remoteAddress: '10.8.0.9' });
+      expect(other.statusCode).toBe(200);
+    } finally {
+      await limited.close();
+    }
+  });
 });
 
 // ==================== /users/me ====================

@@ -105,12 +105,20 @@ describe('loadSettings refuses bad values, naming the variable', () => {
     ['FIRST_SUPERUSER', 'not-an-email'],
     ['USERS_OPEN_REGISTRATION', 'maybe'],
     ['LOG_LEVEL', 'loud'],
+    ['TRUST_PROXY', 'true'],
   ])('%s=%s', (name, value) => {
     const error = configError({ SECRET_KEY: GOOD_KEY, [name]: value });
     expect(error.message).toMatch(new RegExp(`^\\s*${name}: `, 'm'));
     // Only the bad variable is named.
     const named = [...error.message.matchAll(/^\s*([A-Z_]+): /gm)].map((m) => m[1]);
     expect(named).toEqual([name]);
+  });
+
+  it('reads TRUST_PROXY as off, a hop count or a list of proxy addresses', () => {
+    const settings = (value: string) => loadSettings({ SECRET_KEY: GOOD_KEY, DATA_DIR: tempDir(), TRUST_PROXY: value }).TRUST_PROXY;
+    expect(settings('false')).toBe(false);
+    expect(settings('1')).toBe(1);
+    expect(settings('10.0.0.1, 192.168.0.0/16')).toEqual(['10.0.0.1', '192.168.0.0/16']);
   });
 
   it('names every bad variable at once', () => {

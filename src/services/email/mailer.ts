@@ -36,8 +36,8 @@ export class Mailer {
     return this.transport !== null;
   }
 
-  /** Queues a message; failures are logged, never thrown at the caller. */
-  send(to: string, email: RenderedEmail): void {
+  /** Queues a message; failures are logged (through `logger`: a request's, to keep its id), never thrown. */
+  send(to: string, email: RenderedEmail, logger: Logger = this.logger): void {
     const transport = this.transport;
     if (!transport) return;
     const from = this.settings.EMAILS_FROM_NAME
@@ -46,8 +46,8 @@ export class Mailer {
     const sending = transport
       .sendMail({ from, to, subject: email.subject, html: email.html, text: email.text })
       .then(
-        () => this.logger.info({ subject: email.subject }, 'email sent'),
-        (error: unknown) => this.logger.error({ err: error, subject: email.subject }, 'email failed'),
+        () => logger.info({ subject: email.subject }, 'email sent'),
+        (error: unknown) => logger.error({ err: error, subject: email.subject }, 'email failed'),
       )
       .finally(() => this.pending.delete(sending));
     this.pending.add(sending);
