@@ -14,6 +14,7 @@ import type { Database, Db } from './core/db.js';
 import { registerErrorHandler } from './core/errors.js';
 import type { Logger } from './core/logger.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
+import { createQueue, type JobQueue } from './core/queue.js';
 import { createRedis } from './core/redis.js';
 import { TokenService } from './core/security.js';
 import { prepareDummyHash } from './core/security.js';
@@ -22,6 +23,7 @@ import { securityHeaders } from './core/security-headers.js';
 import { API_PREFIX, registerApi } from './api/main.js';
 import { opsRouter } from './routers/ops.js';
 import { Mailer } from './services/email/mailer.js';
+import { jobHandlers } from './tasks/index.js';
 import type { Principal } from './utils/authentication.js';
 
 declare module 'fastify' {
@@ -32,6 +34,7 @@ declare module 'fastify' {
     redis: Redis | null;
     tokens: TokenService;
     mailer: Mailer;
+    queue: JobQueue;
     metrics: Metrics;
     vectorSearch: boolean;
   }
@@ -46,11 +49,13 @@ export interface AppOptions {
   logger: Logger;
   /** Whether pgvector is enabled in this database (decided at start-up). */
   vectorSearch: boolean;
+  /** Whether this process also runs background jobs (embedded: always; with Redis: `keel worker` does). */
+  runJobs: boolean;
 }
 
 const REQUEST_ID = /^[\w.:-]{1,128}$/;
 
-export async function buildApp({ settings, database, logger, vectorSearch }: AppOptions): Promise<FastifyInstance> {
+export async function buildApp({ settings, database, logger, vectorSearch, runJobs }: AppOptions): Promise<FastifyInstance> {
   const trustProxy = settings.TRUST_PROXY;
   const app = Fastify({
     loggerInstance: logger,
@@ -84,13 +89,16 @@ export async function buildApp({ settings, database, logger, vectorSearch }: App
   app.setSerializerCompiler(serializerCompiler);
 
   const redis = createRedis(settings);
-  const mailer = new Mailer(settings, logger);
+  const queue = createQueue(settings, logger);
+  if (runJobs) queue.work(jobHandlers(settings, logger));
+  const mailer = new Mailer(settings, queue);
   app.decorate('settings', settings);
   app.decorate('database', database);
   app.decorate('db', database.db);
   app.decorate('redis', redis);
   app.decorate('tokens', new TokenService(settings));
   app.decorate('mailer', mailer);
+  app.decorate('queue', queue);
   app.decorate('metrics', createMetrics());
   app.decorate('vectorSearch', vectorSearch);
   app.decorateRequest('principal', null as unknown as Principal);
@@ -126,7 +134,7 @@ export async function buildApp({ settings, database, logger, vectorSearch }: App
     );
   });
   app.addHook('onClose', async () => {
-    await mailer.drain();
+    await queue.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());
   });
 

@@ -10,12 +10,13 @@ import { hashPassword } from './core/security.js';
 import { Email, Password } from './schemas/common.js';
 
 import * as userCrud from './crud/user.js';
-import { closeOnSignals, startServer } from './server.js';
+import { closeOnSignals, startServer, startWorker } from './server.js';
 
 const USAGE = `keel <command>
 
   start                      migrate, then serve the API (embedded default: one process does it all)
   api                        serve the API; the database must already be migrated (scaled mode)
+  worker                     run background jobs from Redis (scaled mode; needs REDIS_URL)
   migrate [up]               apply pending migrations under a database lock
   migrate down [--to TAG]    revert migrations newest first, down to TAG (exclusive) or all of them
   migrate status             list applied and pending migrations
@@ -98,6 +99,9 @@ async function main(argv: string[]): Promise<void> {
       closeOnSignals(app, settings, logger);
       return;
     }
+    case 'worker':
+      closeOnSignals(startWorker(settings, logger), settings, logger);
+      return;
     case 'migrate':
       return migrateCommand(settings, logger, rest);
     case 'create-superuser':

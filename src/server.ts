@@ -1,14 +1,16 @@
 import type { FastifyInstance } from 'fastify';
 import type pino from 'pino';
 
-import { isDefaultSuperuserPassword, type Settings } from './core/config.js';
+import { ConfigError, isDefaultSuperuserPassword, type Settings } from './core/config.js';
 import { type Database, openDatabase } from './core/db.js';
 import type { Logger } from './core/logger.js';
 import { migrateUp, pendingMigrations } from './core/migrate.js';
+import { createQueue } from './core/queue.js';
 
 import { buildApp } from './app.js';
 import { cacheUsers } from './crud/user.js';
 import { ensureFirstSuperuser } from './services/user-service.js';
+import { jobHandlers } from './tasks/index.js';
 
 export interface StartOptions {
   /** `start` migrates itself; `api` (scaled mode) expects `keel migrate` to have run. */
@@ -41,7 +43,10 @@ export async function startServer(settings: Settings, logger: Logger, options: S
     const vectorSearch = await vectorEnabled(database);
     if (!vectorSearch) logger.warn('pgvector is not available in this database: knowledge search will be full-text only');
 
-    const app = await buildApp({ settings, database, logger, vectorSearch });
+    // `start` is the whole system in one process; `api` leaves jobs to `keel worker` when Redis
+    // carries them, and runs them itself otherwise (nothing else could).
+    const runJobs = options.migrate || !settings.REDIS_URL;
+    const app = await buildApp({ settings, database, logger, vectorSearch, runJobs });
     app.addHook('onClose', () => database.close());
     await app.listen({ host: settings.HOST, port: settings.PORT });
     return app;
@@ -51,15 +56,29 @@ export async function startServer(settings: Settings, logger: Logger, options: S
   }
 }
 
-/** Stops accepting, lets in-flight requests finish (up to the deadline), then closes everything. */
-export function closeOnSignals(app: FastifyInstance, settings: Settings, logger: pino.Logger): void {
+/** `keel worker`: runs the queue's jobs (with Redis; embedded, `keel start` runs them itself). */
+export function startWorker(settings: Settings, logger: pino.Logger): { close: () => Promise<void> } {
+  if (!settings.REDIS_URL) {
+    throw new ConfigError('REDIS_URL: `keel worker` takes jobs from Redis; without it, `keel start` or `keel api` runs them');
+  }
+  const queue = createQueue(settings, logger);
+  queue.work(jobHandlers(settings, logger));
+  logger.info({ concurrency: settings.JOB_CONCURRENCY }, 'worker started');
+  return { close: () => queue.close() };
+}
+
+/**
+ * On SIGTERM/SIGINT: the server stops accepting and lets in-flight requests finish, a worker lets
+ * its running jobs finish (up to the deadline); then everything is closed.
+ */
+export function closeOnSignals(app: { close(): PromiseLike<unknown> }, settings: Settings, logger: pino.Logger): void {
   let closing = false;
   const shutdown = (signal: NodeJS.Signals) => {
     if (closing) return;
     closing = true;
     logger.info({ signal }, 'shutting down');
     const deadline = setTimeout(() => {
-      logger.error('shutdown deadline passed; exiting with requests still open');
+      logger.error('shutdown deadline passed; exiting with work still running');
       logger.flush();
       process.exit(1);
     }, settings.SHUTDOWN_TIMEOUT_MS);

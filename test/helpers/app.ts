@@ -81,7 +81,7 @@ export async function buildTestApp(database: Database, overrides: Record<string,
   const settings = testSettings(overrides);
   const logger = pino({ level: 'silent' });
   await ensureFirstSuperuser(database.db, settings, logger);
-  const app = await buildApp({ settings, database, logger, vectorSearch: database.kind === 'pglite' });
+  const app = await buildApp({ settings, database, logger, vectorSearch: database.kind === 'pglite', runJobs: true });
   await app.ready();
   return app;
 }

@@ -85,7 +85,7 @@ describe('health and readiness', () => {
   it('GET /ready answers 503 when the database server cannot be reached, and API calls answer 503', async () => {
     const settings = testSettings({ DATABASE_URL: 'postgres://postgres@127.0.0.1:1/x', REDIS_URL: '' });
     const database = await openDatabase(settings);
-    const app = await buildApp({ settings, database, logger: pino({ level: 'silent' }), vectorSearch: false });
+    const app = await buildApp({ settings, database, logger: pino({ level: 'silent' }), vectorSearch: false, runJobs: true });
     try {
       const ready = await app.inject({ method: 'GET', url: '/ready' });
       expect(ready.statusCode).toBe(503);
@@ -434,7 +434,7 @@ describe('logs', () => {
     });
     const settings = testSettings({ LOG_LEVEL: 'info', LOG_FORMAT: 'json', REDIS_URL: '' });
     const logger = pino(loggerOptions(settings), destination);
-    app = await buildApp({ settings, database: ctx.database, logger, vectorSearch: false });
+    app = await buildApp({ settings, database: ctx.database, logger, vectorSearch: false, runJobs: true });
     // What careless code might log: it must come out redacted all the same.
     app.get('/test/log-everything', async (request) => {
       request.log.info(

@@ -1,0 +1,119 @@
+import { randomBytes } from 'node:crypto';
+
+import { Queue } from 'bullmq';
+import { Redis } from 'ioredis';
+import pino from 'pino';
+import { describe, expect, it } from 'vitest';
+
+import { createQueue, type JobQueue } from '../../src/core/queue.js';
+
+import { startWorker } from '../../src/server.js';
+import { testSettings } from '../helpers/app.js';
+
+const silent = pino({ level: 'silent' });
+
+async function eventually(check: () => boolean | Promise<boolean>, timeoutMs = 5_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error('condition not met in time');
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/** A handler that fails its first `failures` calls, recording each call's data. */
+function flaky(failures: number) {
+  const calls: Record<string, unknown>[] = [];
+  return {
+    calls,
+    handler: async (data: Record<string, unknown>) => {
+      calls.push(data);
+      if (calls.length <= failures) throw new Error(`failure ${calls.length}`);
+    },
+  };
+}
+
+// Both implementations must behave the same: run every job, retry with backoff, give up after JOB_ATTEMPTS.
+const kinds = [
+  ['in-process', {}],
+  ...(process.env.REDIS_URL ? [['redis', { REDIS_URL: process.env.REDIS_URL }] as const] : []),
+] as const;
+
+describe.each(kinds)('job queue (%s)', (kind, env) => {
+  const settingsFor = (extra: Record<string, string> = {}) =>
+    testSettings({ REDIS_URL: '', ...env, JOB_ATTEMPTS: '3', JOB_BACKOFF_MS: '20', REDIS_KEY_PREFIX: `keel-test-q:${randomBytes(4).toString('hex')}:`, ...extra });
+
+  it('runs a queued job with its data', async () => {
+    const queue = createQueue(settingsFor(), silent);
+    expect(queue.kind).toBe(kind);
+    const job = flaky(0);
+    queue.work({ greet: job.handler });
+    await queue.add('greet', { name: 'Ada' });
+    await eventually(() => job.calls.length === 1);
+    expect(job.calls[0]).toEqual({ name: 'Ada' });
+    await queue.close();
+  });
+
+  it('retries a failing job with backoff until it succeeds', async () => {
+    const queue = createQueue(settingsFor(), silent);
+    const job = flaky(2);
+    queue.work({ flaky: job.handler });
+    await queue.add('flaky', { n: 1 });
+    await eventually(() => job.calls.length === 3);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    expect(job.calls).toHaveLength(3); // succeeded on the third try: not run again
+    await queue.close();
+  });
+
+  it('gives up after JOB_ATTEMPTS tries', async () => {
+    const settings = settingsFor();
+    const queue = createQueue(settings, silent);
+    const job = flaky(100);
+    queue.work({ doomed: job.handler });
+    await queue.add('doomed', {});
+    await eventually(() => job.calls.length === 3);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(job.calls).toHaveLength(3);
+    if (kind === 'redis') {
+      // Kept in Redis for inspection, not lost.
+      const connection = new Redis(settings.REDIS_URL!, { maxRetriesPerRequest: null });
+      const inspect = new Queue('keel-jobs', { connection, prefix: `${settings.REDIS_KEY_PREFIX}jobs` });
+      const failed = await inspect.getFailed();
+      expect(failed.map((j) => j.name)).toEqual(['doomed']);
+      await inspect.close();
+      await connection.quit();
+    }
+    await queue.close();
+  });
+
+  it('keeps jobs queued before any worker, and runs them once one starts', async () => {
+    const settings = settingsFor();
+    const producer = createQueue(settings, silent);
+    await producer.add('later', { n: 7 });
+    const job = flaky(0);
+    // Embedded, the same queue object starts working; on Redis, another process would (here: another queue).
+    const consumer: JobQueue = kind === 'redis' ? createQueue(settings, silent) : producer;
+    consumer.work({ later: job.handler });
+    await eventually(() => job.calls.length === 1);
+    expect(job.calls[0]).toEqual({ n: 7 });
+    await producer.close();
+    if (consumer !== producer) await consumer.close();
+  });
+});
+
+describe('in-process queue shutdown', () => {
+  it('gives a job waiting for its retry one last try when closing, instead of dropping it', async () => {
+    const queue = createQueue(testSettings({ REDIS_URL: '', JOB_ATTEMPTS: '5', JOB_BACKOFF_MS: '60000' }), silent);
+    const job = flaky(1);
+    queue.work({ slow: job.handler });
+    await queue.add('slow', {});
+    await eventually(() => job.calls.length === 1); // failed; its retry is a minute away
+    await queue.close();
+    expect(job.calls).toHaveLength(2);
+  });
+});
+
+describe('keel worker', () => {
+  it('refuses to start without REDIS_URL, naming it', () => {
+    expect(() => startWorker(testSettings({ REDIS_URL: '' }), silent)).toThrow(/REDIS_URL/);
+  });
+});
