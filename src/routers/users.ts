@@ -6,7 +6,7 @@ import { authErrors, HTTPError, listOf, Message, Pagination, ValidationError } f
 import { UpdatePassword, UserCreate, UserIdParams, UserPublic, UserRegister, UserUpdate, UserUpdateMe } from '../schemas/user.js';
 
 import * as userService from '../services/user-service.js';
-import { forbidScopedKey, requireSuperuser, requireUser } from '../utils/authentication.js';
+import { forbidApiKey, forbidScopedKey, requireSuperuser, requireUser } from '../utils/authentication.js';
 import { byAccount, byIp, rateLimit } from '../utils/rate-limit.js';
 
 const tags = ['users'];
@@ -76,7 +76,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       onRequest: requireUser,
     },
     async (request) => {
-      forbidScopedKey(request.principal);
+      forbidApiKey(request.principal);
       return userService.updateMe(db, request.principal.user, request.body);
     },
   );
@@ -95,7 +95,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       onRequest: requireUser,
     },
     async (request) => {
-      forbidScopedKey(request.principal);
+      forbidApiKey(request.principal);
       await userService.changePassword(db, request.principal.user, request.body.current_password, request.body.new_password);
       return { message: 'Password updated successfully' };
     },
@@ -108,7 +108,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       onRequest: requireUser,
     },
     async (request) => {
-      forbidScopedKey(request.principal);
+      forbidApiKey(request.principal);
       await userService.deleteMe(db, request.principal.user);
       return { message: 'User deleted successfully' };
     },

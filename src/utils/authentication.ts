@@ -74,3 +74,12 @@ export async function requireSuperuser(request: FastifyRequest, reply: FastifyRe
 export function forbidScopedKey(principal: Principal): void {
   if (principal.projectScope !== null) throw new ForbiddenError('This API key is limited to one project');
 }
+
+/**
+ * The account's own credentials (email, password, the account itself) change only for a signed-in
+ * user: a leaked API key must not be enough to take the account over.
+ */
+export function forbidApiKey(principal: Principal): void {
+  forbidScopedKey(principal);
+  if (principal.apiKeyId !== null) throw new ForbiddenError('API keys cannot change the account; sign in instead');
+}

@@ -268,6 +268,27 @@ describe('GET /api-keys and /api-keys/{id}', () => {
 
 // ==================== Authentication with a key ====================
 
+describe('an unscoped key and the account itself', () => {
+  it('cannot change the email or password, or delete the account (403), and changes nothing', async () => {
+    const alice = await createUser(ctx.app);
+    const { key } = await createKey(alice, { name: 'program' });
+    const headers = bearer(key);
+    const expected = { detail: 'API keys cannot change the account; sign in instead' };
+    for (const [method, url, payload] of [
+      ['PATCH', '/users/me', { email: 'taken-over@keel.test' }],
+      ['PATCH', '/users/me/password', { current_password: alice.password, new_password: 'taken-over-password' }],
+      ['DELETE', '/users/me', undefined],
+    ] as const) {
+      const response = await api(method, url, headers, payload);
+      expect(response.statusCode, `${method} ${url}`).toBe(403);
+      expect(response.json()).toEqual(expected);
+    }
+    expect((await api('GET', '/users/me', headers)).json()).toMatchObject({ email: alice.email });
+    // The same changes work for the signed-in user.
+    expect((await api('PATCH', '/users/me', alice.headers, { full_name: 'Alice' })).statusCode).toBe(200);
+  });
+});
+
 describe('authenticating with a key', () => {
   it('works as Authorization: Bearer and as X-API-Key, as its owner', async () => {
     const alice = await createUser(ctx.app);
