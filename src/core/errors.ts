@@ -45,12 +45,6 @@ export class ConflictError extends HttpError {
   }
 }
 
-export class PayloadTooLargeError extends HttpError {
-  constructor(detail = 'Request too large') {
-    super(413, detail);
-  }
-}
-
 export class TooManyRequestsError extends HttpError {
   constructor(retryAfterSeconds: number, detail = 'Too many requests, try again later') {
     super(429, detail, { 'retry-after': String(Math.max(1, Math.ceil(retryAfterSeconds))) });

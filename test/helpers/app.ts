@@ -14,6 +14,7 @@ import { buildApp } from '../../src/app.js';
 import { cacheUsers } from '../../src/crud/user.js';
 import { ensureFirstSuperuser } from '../../src/services/user-service.js';
 import { adminQuery, databaseUrl } from './postgres.js';
+import { SmtpCapture } from './smtp.js';
 
 export const SUPERUSER_EMAIL = 'admin@keel.test';
 export const SUPERUSER_PASSWORD = 'superuser-password';
@@ -109,4 +110,27 @@ export function useTestApp(overrides: Record<string, string> = {}): TestContext 
     await destroy?.();
   });
   return context;
+}
+
+export interface MailingApp extends TestContext {
+  capture: SmtpCapture;
+  close(): Promise<void>;
+}
+
+/** A database and an app of the test file's own whose email goes to a fresh SMTP capture. */
+export async function openMailingApp(overrides: Record<string, string> = {}): Promise<MailingApp> {
+  const capture = new SmtpCapture();
+  const port = await capture.start();
+  const { database, destroy } = await openTestDatabase();
+  const app = await buildTestApp(database, { ...capture.settings(port), ...overrides });
+  return {
+    app,
+    database,
+    capture,
+    close: async () => {
+      await app.close();
+      await destroy();
+      await capture.close();
+    },
+  };
 }

@@ -6,9 +6,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Database } from '../../src/core/db.js';
 import { emailBinding } from '../../src/core/security.js';
 
-import { buildTestApp, openTestDatabase } from '../helpers/app.js';
+import { buildTestApp, type MailingApp, openMailingApp, openTestDatabase } from '../helpers/app.js';
 import { bearer, createUser, login, loginStatus, randomEmail, superuserHeaders } from '../helpers/factories.js';
-import { type CapturedEmail, SmtpCapture } from '../helpers/smtp.js';
+import type { CapturedEmail, SmtpCapture } from '../helpers/smtp.js';
 
 const RECOVERY_BODY = { message: 'If that account exists, a password recovery email has been sent' };
 const RESET_BODY = { message: 'Password updated successfully' };
@@ -16,23 +16,17 @@ const INVALID_TOKEN = { detail: 'Invalid token' };
 const TOO_MANY = { detail: 'Too many requests, try again later' };
 
 // One app for the file, mailing through a fake SMTP server.
-const capture = new SmtpCapture();
-let database: Database;
-let destroyDatabase: () => Promise<void>;
+let mailing: MailingApp;
+let capture: SmtpCapture;
 let app: FastifyInstance;
 
 beforeAll(async () => {
-  const port = await capture.start();
-  const opened = await openTestDatabase();
-  database = opened.database;
-  destroyDatabase = opened.destroy;
-  app = await buildTestApp(database, capture.settings(port));
+  mailing = await openMailingApp();
+  ({ app, capture } = mailing);
 });
 
 afterAll(async () => {
-  await app?.close();
-  await destroyDatabase?.();
-  await capture.close();
+  await mailing?.close();
 });
 
 // ==================== Helpers ====================

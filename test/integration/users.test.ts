@@ -5,9 +5,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import type { Database } from '../../src/core/db.js';
 
-import { buildTestApp, openTestDatabase, SUPERUSER_EMAIL } from '../helpers/app.js';
+import { buildTestApp, type MailingApp, openMailingApp, openTestDatabase, SUPERUSER_EMAIL } from '../helpers/app.js';
 import { bearer, createProject, createUser, login, loginStatus, randomEmail, superuserHeaders, USER_PUBLIC_KEYS, type UserBody } from '../helpers/factories.js';
-import { SmtpCapture } from '../helpers/smtp.js';
+import type { SmtpCapture } from '../helpers/smtp.js';
 
 const DUPLICATE = { detail: 'The user with this email already exists in the system' };
 const NOT_ENOUGH = { detail: "The user doesn't have enough privileges" };
@@ -19,25 +19,20 @@ interface ValidationBody {
 }
 
 // One app for the file, mailing through a fake SMTP server (new-account emails).
-const capture = new SmtpCapture();
+let mailing: MailingApp;
+let capture: SmtpCapture;
 let database: Database;
-let destroyDatabase: () => Promise<void>;
 let app: FastifyInstance;
 let admin: Record<string, string>;
 
 beforeAll(async () => {
-  const port = await capture.start();
-  const opened = await openTestDatabase();
-  database = opened.database;
-  destroyDatabase = opened.destroy;
-  app = await buildTestApp(database, capture.settings(port));
+  mailing = await openMailingApp();
+  ({ app, database, capture } = mailing);
   admin = await superuserHeaders(app);
 });
 
 afterAll(async () => {
-  await app?.close();
-  await destroyDatabase?.();
-  await capture.close();
+  await mailing?.close();
 });
 
 // ==================== Helpers ====================
