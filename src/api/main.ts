@@ -1,4 +1,4 @@
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, RouteOptions } from 'fastify';
 
 import { apiKeysRouter } from '../routers/api-keys.js';
 import { loginRouter } from '../routers/login.js';
@@ -7,10 +7,22 @@ import { usersRouter } from '../routers/users.js';
 
 export const API_PREFIX = '/api/v1';
 
+const routeTables = new WeakMap<FastifyInstance, RouteOptions[]>();
+
+/** Every route registered under the API prefix, as declared (tests sweep it for auth, ids, schemas). */
+export function apiRoutes(app: FastifyInstance): readonly RouteOptions[] {
+  return routeTables.get(app) ?? [];
+}
+
 /** The router registry: every resource router, mounted under the API prefix. */
 export async function registerApi(app: FastifyInstance): Promise<void> {
+  const routes: RouteOptions[] = [];
+  routeTables.set(app, routes);
   await app.register(
     async (api) => {
+      api.addHook('onRoute', (route) => {
+        routes.push(route);
+      });
       await api.register(loginRouter);
       await api.register(usersRouter);
       await api.register(apiKeysRouter);

@@ -1,6 +1,8 @@
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } from 'fastify-type-provider-zod';
 
+import { integrityAnswer, unknownQueryMessage } from './error-mapping.js';
+
 // ==================== Typed errors ====================
 
 /** An error whose message is safe to show the client as `{detail}`. */
@@ -95,7 +97,7 @@ function issueType(code: string, params: Record<string, unknown>, message: strin
   }
 }
 
-function validationIssues(error: FastifyError): ValidationIssue[] {
+function validationIssues(error: FastifyError, request: FastifyRequest): ValidationIssue[] {
   const where = LOCATION_NAMES[error.validationContext ?? 'body'] ?? 'body';
   if (!hasZodFastifySchemaValidationErrors(error)) {
     return [{ loc: [where], msg: error.message, type: 'value_error' }];
@@ -110,7 +112,7 @@ function validationIssues(error: FastifyError): ValidationIssue[] {
       const keyword: string = issue.keyword;
       issues.push({
         loc: [where, ...path, ...(extra === null ? [] : [extra])],
-        msg: keys ? 'Extra inputs are not permitted' : (issue.message ?? 'Invalid value'),
+        msg: keys ? (where === 'query' ? unknownQueryMessage(request) : 'Extra inputs are not permitted') : (issue.message ?? 'Invalid value'),
         type: issueType(keyword, params, issue.message ?? ''),
       });
     }
@@ -121,6 +123,7 @@ function validationIssues(error: FastifyError): ValidationIssue[] {
 interface DatabaseError {
   code: string;
   constraint?: string;
+  message?: string;
 }
 
 /** Drizzle wraps driver errors; the SQLSTATE sits on the error or its cause (pg and PGlite alike). */
@@ -172,14 +175,14 @@ export function registerErrorHandler(app: FastifyInstance): void {
       return send(reply, error.statusCode, { detail: error.detail }, error.headers);
     }
     if (error.validation) {
-      return send(reply, 422, { detail: validationIssues(error) });
+      return send(reply, 422, { detail: validationIssues(error, request) });
     }
     if (error.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || (error instanceof SyntaxError && error.statusCode === 400)) {
       return send(reply, 422, { detail: [{ loc: ['body'], msg: 'JSON decode error', type: 'json_invalid' }] });
     }
     const db = databaseError(error);
-    if (db?.code === '23505') return send(reply, 409, { detail: 'Resource already exists' });
-    if (db?.code === '23503') return send(reply, 404, { detail: 'Referenced resource not found' });
+    const integrity = db && integrityAnswer(db);
+    if (integrity) return send(reply, integrity.status, { detail: integrity.detail });
     if (db?.code === '22P02' || db?.code === '22003' || db?.code === '22001') {
       return send(reply, 422, { detail: [{ loc: ['body'], msg: 'Value out of range', type: 'value_error' }] });
     }

@@ -1,21 +1,41 @@
-import { and, count, desc, eq, sql } from 'drizzle-orm';
+import { and, eq, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
+import { constraintAnswers } from '../core/error-mapping.js';
 
 import { type ApiKey, apiKeys, type NewApiKey, type User, users } from '../models/index.js';
 
-import type { Pagination } from '../schemas/common.js';
-
+import { definePolicy } from '../utils/access.js';
+import { ownedCrud } from './owned.js';
 import { preparedPerDb } from './prepared.js';
 
+/** Keys are personal (a superuser sees only their own) and an account resource: scoped keys get 403. */
+export const apiKeyPolicy = definePolicy<ApiKey>({
+  noun: 'API key',
+  owner: apiKeys.owner_id,
+  project: apiKeys.project_id,
+  scopedKey: 'none',
+  superuserSeesAll: false,
+  ownerOf: (key) => key.owner_id,
+  projectOf: (key) => key.project_id,
+});
+
+export const apiKeyCrud = ownedCrud<ApiKey, NewApiKey>(apiKeys, apiKeyPolicy);
+
+// The project was deleted between the check and the insert: as if it had been missing all along.
+constraintAnswers({ api_keys_project_id_projects_id_fk: { status: 404, detail: 'Project not found' } });
+
+/** A key that still works: not revoked and not expired (what stats call active and the limit counts). */
+export const activeKey = sql`${apiKeys.status} = 'active' and (${apiKeys.expires_at} is null or ${apiKeys.expires_at} > now())`;
+
 /** The key and its owner in one round trip: API-key authentication needs both. */
-const withOwnerByHash = preparedPerDb((db) =>
+const withOwnerByHash = preparedPerDb('api_key_with_owner_by_hash', (db, name) =>
   db
     .select({ key: apiKeys, owner: users })
     .from(apiKeys)
     .innerJoin(users, eq(users.id, apiKeys.owner_id))
     .where(eq(apiKeys.key_hash, sql.placeholder('hash')))
-    .prepare('api_key_with_owner_by_hash'),
+    .prepare(name),
 );
 
 export async function getWithOwnerByHash(db: Db, hash: string): Promise<{ key: ApiKey; owner: User } | undefined> {
@@ -23,48 +43,9 @@ export async function getWithOwnerByHash(db: Db, hash: string): Promise<{ key: A
   return row;
 }
 
-export async function getById(db: Db, id: string): Promise<ApiKey | undefined> {
-  const [key] = await db.select().from(apiKeys).where(eq(apiKeys.id, id));
-  return key;
-}
-
-export async function list(
-  db: Db,
-  filter: { ownerId: string; projectId: string | null },
-  page: Pagination,
-): Promise<{ data: ApiKey[]; count: number }> {
-  const where = and(
-    eq(apiKeys.owner_id, filter.ownerId),
-    filter.projectId === null ? undefined : eq(apiKeys.project_id, filter.projectId),
-  );
-  const [data, [total]] = await Promise.all([
-    db
-      .select()
-      .from(apiKeys)
-      .where(where)
-      .orderBy(desc(apiKeys.created_at), desc(apiKeys.id))
-      .limit(page.limit)
-      .offset(page.offset),
-    db.select({ value: count() }).from(apiKeys).where(where),
-  ]);
-  return { data, count: total?.value ?? 0 };
-}
-
-export async function countByOwner(db: Db, ownerId: string): Promise<number> {
-  const [row] = await db.select({ value: count() }).from(apiKeys).where(eq(apiKeys.owner_id, ownerId));
-  return row?.value ?? 0;
-}
-
-export async function create(db: Db, values: NewApiKey): Promise<ApiKey> {
-  const [key] = await db.insert(apiKeys).values(values).returning();
-  return key!;
-}
-
-export async function update(db: Db, id: string, values: Partial<NewApiKey>): Promise<ApiKey | undefined> {
-  // An empty PATCH changes nothing (and Drizzle refuses an empty SET).
-  if (Object.values(values).every((value) => value === undefined)) return getById(db, id);
-  const [key] = await db.update(apiKeys).set(values).where(eq(apiKeys.id, id)).returning();
-  return key;
+/** The owner's keys that count toward MAX_API_KEYS_PER_USER: revoked and expired ones do not. */
+export function countActiveByOwner(db: Db, ownerId: string): Promise<number> {
+  return apiKeyCrud.countOwnedBy(db, ownerId, activeKey);
 }
 
 /** Records use at most once a minute per key, so authentication rarely writes. */
@@ -73,8 +54,4 @@ export async function touchLastUsed(db: Db, id: string): Promise<void> {
     .update(apiKeys)
     .set({ last_used_at: sql`now()`, updated_at: sql`${apiKeys.updated_at}` })
     .where(and(eq(apiKeys.id, id), sql`(${apiKeys.last_used_at} is null or ${apiKeys.last_used_at} < now() - interval '1 minute')`));
-}
-
-export async function remove(db: Db, id: string): Promise<void> {
-  await db.delete(apiKeys).where(eq(apiKeys.id, id));
 }

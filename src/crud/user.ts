@@ -1,21 +1,25 @@
 import { and, count, desc, eq, sql } from 'drizzle-orm';
 
 import { afterCommit, type Database, type Db, rootOf } from '../core/db.js';
+import { constraintAnswers } from '../core/error-mapping.js';
 import { RowCache } from '../core/row-cache.js';
 
 import { type NewUser, type User, users } from '../models/index.js';
 
-import type { Pagination } from '../schemas/common.js';
-
+import { isEmptyChange } from './owned.js';
+import type { Page, PageOf } from './page.js';
 import { preparedPerDb } from './prepared.js';
 
-const byId = preparedPerDb((db) =>
+const byId = preparedPerDb('user_by_id', (db, name) =>
   db
     .select()
     .from(users)
     .where(eq(users.id, sql.placeholder('id')))
-    .prepare('user_by_id'),
+    .prepare(name),
 );
+
+// Two sign-ups with one email at once: the loser hears what a later one would.
+constraintAnswers({ ix_users_email_lower: { status: 409, detail: 'The user with this email already exists in the system' } });
 
 export async function getById(db: Db, id: string): Promise<User | undefined> {
   const [user] = await byId(db).execute({ id });
@@ -80,8 +84,7 @@ export async function create(db: Db, values: NewUser): Promise<User> {
 }
 
 export async function update(db: Db, id: string, values: Partial<NewUser>): Promise<User | undefined> {
-  // An empty change (PATCH {}) changes nothing; drizzle refuses an UPDATE without columns.
-  if (Object.values(values).every((value) => value === undefined)) return getById(db, id);
+  if (isEmptyChange(values)) return getById(db, id);
   const [user] = await db.update(users).set(values).where(eq(users.id, id)).returning();
   forget(db, id);
   return user;
@@ -107,7 +110,7 @@ export async function remove(db: Db, id: string): Promise<void> {
   forget(db, id);
 }
 
-export async function list(db: Db, page: Pagination): Promise<{ data: User[]; count: number }> {
+export async function list(db: Db, page: Page): Promise<PageOf<User>> {
   const [data, [total]] = await Promise.all([
     db.select().from(users).orderBy(desc(users.created_at), desc(users.id)).limit(page.limit).offset(page.offset),
     db.select({ value: count() }).from(users),

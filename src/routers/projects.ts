@@ -1,93 +1,27 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 
-import { authErrors, HTTPError, listOf, Message, Pagination } from '../schemas/common.js';
+import { authErrors, ErrorBody } from '../schemas/common.js';
 import { ProjectCreate, ProjectIdParams, ProjectPublic, ProjectStats, ProjectUpdate } from '../schemas/project.js';
 
+import { contextOf } from '../services/context.js';
 import * as projectService from '../services/project-service.js';
 import { requireUser } from '../utils/authentication.js';
+import { registerOwnedRoutes } from './owned-routes.js';
 
 const tags = ['projects'];
 
-/** The reference resource: later routers follow this shape (schema, auth hook, one service call). */
+/** The reference resource: the five owned-resource routes, plus its own (stats) written beside them. */
 export const projectsRouter: FastifyPluginAsyncZod = async (app) => {
-  const { db, settings } = app;
   app.addHook('onRequest', requireUser);
 
-  // ==================== CRUD Endpoints ====================
-
-  app.get(
-    '/projects',
-    {
-      schema: {
-        operationId: 'list_projects',
-        summary: 'List Projects',
-        tags,
-        querystring: Pagination,
-        response: { 200: listOf(ProjectPublic), ...authErrors },
-      },
-    },
-    async (request) => projectService.list(db, request.principal, request.query),
-  );
-
-  app.post(
-    '/projects',
-    {
-      schema: {
-        operationId: 'create_project',
-        summary: 'Create Project',
-        tags,
-        body: ProjectCreate,
-        response: { 200: ProjectPublic, 409: HTTPError, ...authErrors },
-      },
-    },
-    async (request) => projectService.create(db, settings, request.principal, request.body),
-  );
-
-  app.get(
-    '/projects/:project_id',
-    {
-      schema: {
-        operationId: 'get_project',
-        summary: 'Get Project',
-        tags,
-        params: ProjectIdParams,
-        response: { 200: ProjectPublic, 404: HTTPError, ...authErrors },
-      },
-    },
-    async (request) => projectService.getVisible(db, request.principal, request.params.project_id),
-  );
-
-  app.patch(
-    '/projects/:project_id',
-    {
-      schema: {
-        operationId: 'update_project',
-        summary: 'Update Project',
-        tags,
-        params: ProjectIdParams,
-        body: ProjectUpdate,
-        response: { 200: ProjectPublic, 404: HTTPError, ...authErrors },
-      },
-    },
-    async (request) => projectService.update(db, request.principal, request.params.project_id, request.body),
-  );
-
-  app.delete(
-    '/projects/:project_id',
-    {
-      schema: {
-        operationId: 'delete_project',
-        summary: 'Delete Project',
-        tags,
-        params: ProjectIdParams,
-        response: { 200: Message, 404: HTTPError, ...authErrors },
-      },
-    },
-    async (request) => {
-      await projectService.remove(db, request.principal, request.params.project_id);
-      return { message: 'Project deleted successfully' };
-    },
-  );
+  registerOwnedRoutes(app, {
+    noun: 'Project',
+    path: '/projects',
+    idParam: 'project_id',
+    tags,
+    schemas: { create: ProjectCreate, update: ProjectUpdate, public: ProjectPublic },
+    service: projectService,
+  });
 
   // ==================== Stats ====================
 
@@ -99,9 +33,9 @@ export const projectsRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Get Project Stats',
         tags,
         params: ProjectIdParams,
-        response: { 200: ProjectStats, 404: HTTPError, ...authErrors },
+        response: { 200: ProjectStats, 404: ErrorBody, ...authErrors },
       },
     },
-    async (request) => projectService.stats(db, request.principal, request.params.project_id),
+    async (request) => projectService.stats(contextOf(request), request.params.project_id),
   );
 };

@@ -1,18 +1,17 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 
-import { ForbiddenError } from '../core/errors.js';
-
-import { authErrors, HTTPError, listOf, Message, Pagination, ValidationError } from '../schemas/common.js';
+import { authErrors, ErrorBody, listOf, Message, Pagination, ValidationError } from '../schemas/common.js';
 import { UpdatePassword, UserCreate, UserIdParams, UserPublic, UserRegister, UserUpdate, UserUpdateMe } from '../schemas/user.js';
 
 import * as userService from '../services/user-service.js';
-import { forbidApiKey, forbidScopedKey, requireSuperuser, requireUser } from '../utils/authentication.js';
+import { ensureSuperuser, forbidApiKey, requireSuperuser, requireUser } from '../utils/authentication.js';
 import { byAccount, byIp, rateLimit } from '../utils/rate-limit.js';
 
 const tags = ['users'];
 
 export const usersRouter: FastifyPluginAsyncZod = async (app) => {
   const { db, settings } = app;
+  const userLocation = (id: string) => `${app.prefix}/users/${id}`;
 
   // ==================== Administration ====================
 
@@ -28,10 +27,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       },
       onRequest: requireSuperuser,
     },
-    async (request) => {
-      forbidScopedKey(request.principal);
-      return userService.list(db, request.query);
-    },
+    async (request) => userService.list(db, request.query),
   );
 
   app.post(
@@ -42,13 +38,13 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Create User',
         tags,
         body: UserCreate,
-        response: { 200: UserPublic, 409: HTTPError, ...authErrors },
+        response: { 200: UserPublic, 409: ErrorBody, ...authErrors },
       },
       onRequest: requireSuperuser,
     },
-    async (request) => {
-      forbidScopedKey(request.principal);
-      return userService.createByAdmin(db, settings, app.mailer, request.log, request.body);
+    async (request, reply) => {
+      const user = await userService.createByAdmin(db, settings, app.mailer, request.log, request.body);
+      return reply.header('location', userLocation(user.id)).send(user);
     },
   );
 
@@ -71,7 +67,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Update User Me',
         tags,
         body: UserUpdateMe,
-        response: { 200: UserPublic, 409: HTTPError, ...authErrors },
+        response: { 200: UserPublic, 409: ErrorBody, ...authErrors },
       },
       onRequest: requireUser,
     },
@@ -90,7 +86,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         description: 'Every token issued before the change stops working, this one included.',
         tags,
         body: UpdatePassword,
-        response: { 200: Message, 400: HTTPError, ...authErrors },
+        response: { 200: Message, 400: ErrorBody, ...authErrors },
       },
       onRequest: requireUser,
     },
@@ -122,14 +118,17 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Register User',
         tags,
         body: UserRegister,
-        response: { 200: UserPublic, 403: HTTPError, 409: HTTPError, 422: ValidationError, 429: HTTPError },
+        response: { 200: UserPublic, 403: ErrorBody, 409: ErrorBody, 422: ValidationError, 429: ErrorBody },
       },
       preHandler: [
         rateLimit(app, 'signup-ip', settings.RATE_LIMIT_SIGNUP_PER_IP, byIp),
         rateLimit(app, 'signup-account', settings.RATE_LIMIT_SIGNUP_PER_ACCOUNT, (req) => byAccount((req.body as { email: string }).email)),
       ],
     },
-    async (request) => userService.signup(db, settings, request.body),
+    async (request, reply) => {
+      const user = await userService.signup(db, settings, request.body);
+      return reply.header('location', userLocation(user.id)).send(user);
+    },
   );
 
   // ==================== One user ====================
@@ -142,15 +141,14 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Read User By Id',
         tags,
         params: UserIdParams,
-        response: { 200: UserPublic, 404: HTTPError, ...authErrors },
+        response: { 200: UserPublic, 404: ErrorBody, ...authErrors },
       },
       onRequest: requireUser,
     },
     async (request) => {
       const { user } = request.principal;
       if (request.params.user_id === user.id) return user;
-      forbidScopedKey(request.principal);
-      if (!user.is_superuser) throw new ForbiddenError("The user doesn't have enough privileges");
+      ensureSuperuser(request.principal);
       return userService.getById(db, request.params.user_id);
     },
   );
@@ -164,14 +162,11 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         tags,
         params: UserIdParams,
         body: UserUpdate,
-        response: { 200: UserPublic, 404: HTTPError, 409: HTTPError, ...authErrors },
+        response: { 200: UserPublic, 404: ErrorBody, 409: ErrorBody, ...authErrors },
       },
       onRequest: requireSuperuser,
     },
-    async (request) => {
-      forbidScopedKey(request.principal);
-      return userService.updateByAdmin(db, request.params.user_id, request.body);
-    },
+    async (request) => userService.updateByAdmin(db, request.params.user_id, request.body),
   );
 
   app.delete(
@@ -182,12 +177,11 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Delete User',
         tags,
         params: UserIdParams,
-        response: { 200: Message, 404: HTTPError, ...authErrors },
+        response: { 200: Message, 404: ErrorBody, ...authErrors },
       },
       onRequest: requireSuperuser,
     },
     async (request) => {
-      forbidScopedKey(request.principal);
       await userService.deleteByAdmin(db, request.principal.user, request.params.user_id);
       return { message: 'User deleted successfully' };
     },

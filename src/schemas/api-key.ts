@@ -2,7 +2,8 @@ import { z } from 'zod';
 
 import { Id, Timestamp } from './common.js';
 
-export const ApiKeyStatus = z.enum(['active', 'revoked']);
+/** `expired`: an active key past its `expires_at` (shown, not stored: it no longer authenticates). */
+export const ApiKeyStatus = z.enum(['active', 'revoked', 'expired']);
 
 export const ApiKeyCreate = z
   .strictObject({
@@ -38,5 +39,3 @@ export const ApiKeyPublic = z
 
 /** The creation answer: the only time the secret is shown. */
 export const ApiKeyCreated = ApiKeyPublic.extend({ key: z.string() }).meta({ id: 'ApiKeyCreated' });
-
-export const ApiKeyIdParams = z.object({ api_key_id: Id });

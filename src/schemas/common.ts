@@ -10,7 +10,10 @@ export const Id = z.uuid();
 
 export const Message = z.object({ message: z.string() }).meta({ id: 'Message' });
 
-export const HTTPError = z.object({ detail: z.string() }).meta({ id: 'HTTPError' });
+/** An error answer, `{detail}`. Its OpenAPI name stays `HTTPError`, as FastAPI clients know it. */
+export const ErrorBody = z.object({ detail: z.string() }).meta({ id: 'HTTPError' });
+/** @deprecated The old name of `ErrorBody`, kept until every router uses the new one. */
+export const HTTPError = ErrorBody;
 
 export const ValidationError = z
   .object({
@@ -24,11 +27,14 @@ export const ValidationError = z
   })
   .meta({ id: 'HTTPValidationError' });
 
-export const Pagination = z.object({
-  limit: z.coerce.number().int().min(1).max(100).default(20),
-  offset: z.coerce.number().int().min(0).max(1_000_000_000).default(0),
+/** A query parameter holding one integer (a repeated parameter arrives as an array: not one integer). */
+const queryInteger = () => z.coerce.number({ error: 'Input should be a single integer' }).int({ error: 'Input should be an integer' });
+
+/** `?limit=&offset=`, and nothing else: an unknown parameter (`?skip=`, `?page=`) answers 422. */
+export const Pagination = z.strictObject({
+  limit: queryInteger().min(1).max(100).default(20),
+  offset: queryInteger().min(0).max(1_000_000_000).default(0),
 });
-export type Pagination = z.infer<typeof Pagination>;
 
 /** `{data, count}`: one page of a list and the total it was cut from. */
 export function listOf<T extends z.ZodType>(item: T) {
@@ -36,7 +42,7 @@ export function listOf<T extends z.ZodType>(item: T) {
 }
 
 /** Responses every authenticated route may give, besides its own. */
-export const authErrors = { 401: HTTPError, 403: HTTPError, 422: ValidationError } as const;
+export const authErrors = { 401: ErrorBody, 403: ErrorBody, 422: ValidationError } as const;
 
 export const Password = z.string().min(8).max(128);
 export const Email = z.email().max(255);

@@ -1,53 +1,38 @@
-import type { Settings } from '../core/config.js';
-import { type Db, transaction } from '../core/db.js';
-import { ConflictError } from '../core/errors.js';
+import type { Db } from '../core/db.js';
 
 import type { Project } from '../models/index.js';
 
-import type { Pagination } from '../schemas/common.js';
 import type { ProjectCreate, ProjectUpdate } from '../schemas/project.js';
 
-import * as projectCrud from '../crud/project.js';
-import * as userCrud from '../crud/user.js';
-import { forbidScopedKey,type Principal } from '../utils/authentication.js';
-import { ensureVisible } from '../utils/ownership.js';
+import type { Page } from '../crud/page.js';
+import { projectCrud, projectPolicy, stats as projectStats } from '../crud/project.js';
+import type { ServiceContext } from './context.js';
+import { createWithinLimit } from './limits.js';
 
-const projectScope = (project: Project) => ({ ownerId: project.owner_id, projectId: project.id });
-
-/** The project, if the caller may see it; otherwise 404, as if it did not exist. */
-export async function getVisible(db: Db, principal: Principal, id: string): Promise<Project> {
-  return ensureVisible(principal, await projectCrud.getById(db, id), projectScope, 'Project');
+export function get(ctx: ServiceContext, id: string): Promise<Project> {
+  return projectCrud.getVisible(ctx.db, ctx.principal, id);
 }
 
-export async function list(db: Db, principal: Principal, page: Pagination) {
-  const { user, projectScope: onlyId } = principal;
-  return projectCrud.list(db, { ownerId: user.is_superuser ? null : user.id, onlyId }, page);
+export function list(ctx: ServiceContext, page: Page) {
+  return projectCrud.list(ctx.db, ctx.principal, page);
 }
 
-export async function create(db: Db, settings: Settings, principal: Principal, input: ProjectCreate): Promise<Project> {
-  forbidScopedKey(principal);
-  const ownerId = principal.user.id;
-  return transaction(db, async (tx) => {
-    // The lock makes count-then-insert safe against concurrent creations.
-    await userCrud.lockForUpdate(tx, ownerId);
-    if ((await projectCrud.countByOwner(tx, ownerId)) >= settings.MAX_PROJECTS_PER_USER) {
-      throw new ConflictError(`Project limit reached (${settings.MAX_PROJECTS_PER_USER} per user)`);
-    }
-    return projectCrud.create(tx, { ...input, owner_id: ownerId });
-  });
+export async function create(ctx: ServiceContext, input: ProjectCreate): Promise<Project> {
+  projectPolicy.checkCreate(ctx.principal, null);
+  const ownerId = ctx.principal.user.id;
+  const limit = { what: 'Project', max: ctx.settings.MAX_PROJECTS_PER_USER, count: (tx: Db) => projectCrud.countOwnedBy(tx, ownerId) };
+  return createWithinLimit(ctx.db, ownerId, limit, (tx) => projectCrud.create(tx, { ...input, owner_id: ownerId }));
 }
 
-export async function update(db: Db, principal: Principal, id: string, input: ProjectUpdate): Promise<Project> {
-  const project = await getVisible(db, principal, id);
-  return (await projectCrud.update(db, project.id, input)) ?? project;
+export function update(ctx: ServiceContext, id: string, input: ProjectUpdate): Promise<Project> {
+  return projectCrud.update(ctx.db, ctx.principal, id, input);
 }
 
-export async function remove(db: Db, principal: Principal, id: string): Promise<void> {
-  const project = await getVisible(db, principal, id);
-  await projectCrud.remove(db, project.id);
+export function remove(ctx: ServiceContext, id: string): Promise<void> {
+  return projectCrud.remove(ctx.db, ctx.principal, id);
 }
 
-export async function stats(db: Db, principal: Principal, id: string) {
-  const project = await getVisible(db, principal, id);
-  return { project_id: project.id, ...(await projectCrud.stats(db, project.id)) };
+export async function stats(ctx: ServiceContext, id: string) {
+  const project = await get(ctx, id);
+  return { project_id: project.id, ...(await projectStats(ctx.db, project.id)) };
 }

@@ -7,12 +7,13 @@ import type { User } from '../models/index.js';
 
 import * as apiKeyCrud from '../crud/api-key.js';
 import * as userCrud from '../crud/user.js';
+import { refuseScopedKey } from './access.js';
 
 /** Who is calling: the user, and the project an API key is limited to (null: all the user's). */
 export interface Principal {
   user: User;
   apiKeyId: string | null;
-  projectScope: string | null;
+  scopeProjectId: string | null;
 }
 
 const API_KEY_TOUCH_INTERVAL_MS = 60_000;
@@ -40,7 +41,7 @@ async function principalFromApiKey(request: FastifyRequest, key: string): Promis
   if (apiKey.last_used_at === null || now - apiKey.last_used_at.getTime() > API_KEY_TOUCH_INTERVAL_MS) {
     await apiKeyCrud.touchLastUsed(db, apiKey.id);
   }
-  return { user: owner, apiKeyId: apiKey.id, projectScope: apiKey.project_id };
+  return { user: owner, apiKeyId: apiKey.id, scopeProjectId: apiKey.project_id };
 }
 
 async function principalFromToken(request: FastifyRequest, token: string): Promise<Principal | null> {
@@ -49,7 +50,7 @@ async function principalFromToken(request: FastifyRequest, token: string): Promi
   const user = await userCrud.getByIdCached(request.server.db, claims.sub);
   // A password change or deactivation moves token_version on and so kills older tokens.
   if (!user || !user.is_active || user.token_version !== claims.ver) return null;
-  return { user, apiKeyId: null, projectScope: null };
+  return { user, apiKeyId: null, scopeProjectId: null };
 }
 
 /** onRequest hook: the caller must be an active user (by access token or API key). */
@@ -64,15 +65,16 @@ export async function requireUser(request: FastifyRequest, _reply: FastifyReply)
   request.principal = principal;
 }
 
-/** onRequest hook: the caller must be an active superuser. */
-export async function requireSuperuser(request: FastifyRequest, reply: FastifyReply): Promise<void> {
-  await requireUser(request, reply);
-  if (!request.principal.user.is_superuser) throw new ForbiddenError("The user doesn't have enough privileges");
+/** The caller must be a superuser acting for the whole account (administration refuses scoped keys). */
+export function ensureSuperuser(principal: Principal): void {
+  refuseScopedKey(principal);
+  if (!principal.user.is_superuser) throw new ForbiddenError("The user doesn't have enough privileges");
 }
 
-/** Program keys limited to a project cannot act outside it (create projects, mint keys, manage users). */
-export function forbidScopedKey(principal: Principal): void {
-  if (principal.projectScope !== null) throw new ForbiddenError('This API key is limited to one project');
+/** onRequest hook: the caller must be an active superuser, not through a project-scoped key. */
+export async function requireSuperuser(request: FastifyRequest, reply: FastifyReply): Promise<void> {
+  await requireUser(request, reply);
+  ensureSuperuser(request.principal);
 }
 
 /**
@@ -80,6 +82,6 @@ export function forbidScopedKey(principal: Principal): void {
  * user: a leaked API key must not be enough to take the account over.
  */
 export function forbidApiKey(principal: Principal): void {
-  forbidScopedKey(principal);
+  refuseScopedKey(principal);
   if (principal.apiKeyId !== null) throw new ForbiddenError('API keys cannot change the account; sign in instead');
 }

@@ -8,35 +8,13 @@ import { apiKeys } from '../../src/models/index.js';
 
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { bearer, createProject, createUser, type TestUser } from '../helpers/factories.js';
+import { apiOf, call, type CreatedKey, createKey, expectValidationError, ISO_UTC, type KeyBody, type ListBody, sleep, UUID, xApiKey } from '../helpers/http.js';
 
 const ctx = useTestApp();
 
 // ==================== Helpers ====================
 
-interface KeyBody {
-  id: string;
-  name: string;
-  prefix: string;
-  project_id: string | null;
-  status: 'active' | 'revoked';
-  expires_at: string | null;
-  last_used_at: string | null;
-  created_at: string;
-  updated_at: string;
-}
-
-interface CreatedKey extends KeyBody {
-  key: string;
-}
-
-interface KeyList {
-  data: KeyBody[];
-  count: number;
-}
-
-interface ValidationBody {
-  detail: { loc: (string | number)[]; msg: string; type: string }[];
-}
+type KeyList = ListBody<KeyBody>;
 
 interface UserBody {
   id: string;
@@ -45,30 +23,14 @@ interface UserBody {
 
 const PUBLIC_FIELDS = ['created_at', 'expires_at', 'id', 'last_used_at', 'name', 'prefix', 'project_id', 'status', 'updated_at'];
 const CREATED_FIELDS = [...PUBLIC_FIELDS, 'key'].sort();
-const ISO_UTC = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 const KEY_NOT_FOUND = { detail: 'API key not found' };
 const PROJECT_NOT_FOUND = { detail: 'Project not found' };
 const INVALID = { detail: 'Could not validate credentials' };
 const SCOPED = { detail: 'This API key is limited to one project' };
 
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 const sha256 = (text: string) => createHash('sha256').update(text).digest('hex');
 
-function call(app: FastifyInstance, method: InjectOptions['method'], url: string, headers: Record<string, string> = {}, payload?: unknown) {
-  return app.inject({ method, url: `/api/v1${url}`, headers, ...(payload === undefined ? {} : { payload: payload as InjectOptions['payload'] }) });
-}
-
-const api = (method: InjectOptions['method'], url: string, headers: Record<string, string> = {}, payload?: unknown) =>
-  call(ctx.app, method, url, headers, payload);
-
-async function createKey(owner: TestUser, payload: Record<string, unknown> = { name: 'key' }): Promise<CreatedKey> {
-  const response = await api('POST', '/api-keys', owner.headers, payload);
-  expect(response.statusCode, response.body).toBe(200);
-  return response.json<CreatedKey>();
-}
-
-const xApiKey = (key: string) => ({ 'x-api-key': key });
+const api = apiOf(ctx);
 
 /** The status a key gets on a simple authenticated route. */
 async function statusWith(headers: Record<string, string>): Promise<number> {
@@ -92,14 +54,6 @@ function expectPublicShape(body: KeyBody): void {
   expect(body.updated_at).toMatch(ISO_UTC);
   if (body.expires_at !== null) expect(body.expires_at).toMatch(ISO_UTC);
   if (body.last_used_at !== null) expect(body.last_used_at).toMatch(ISO_UTC);
-}
-
-function expectValidationError(response: { statusCode: number; json: <T>() => T }, loc: (string | number)[], type?: string): void {
-  expect(response.statusCode).toBe(422);
-  const body = response.json<ValidationBody>();
-  expect(body.detail.length).toBeGreaterThan(0);
-  for (const issue of body.detail) expect(Object.keys(issue).sort()).toEqual(['loc', 'msg', 'type']);
-  expect(body.detail).toContainEqual(expect.objectContaining(type === undefined ? { loc } : { loc, type }));
 }
 
 async function keyCount(ownerId: string): Promise<number> {
@@ -133,8 +87,8 @@ describe('POST /api-keys', () => {
 
   it('creates distinct secrets every time', async () => {
     const alice = await createUser(ctx.app);
-    const a = await createKey(alice, { name: 'a' });
-    const b = await createKey(alice, { name: 'b' });
+    const a = await createKey(ctx.app, alice, { name: 'a' });
+    const b = await createKey(ctx.app, alice, { name: 'b' });
     expect(a.key).not.toBe(b.key);
     expect(a.id).not.toBe(b.id);
   });
@@ -143,15 +97,15 @@ describe('POST /api-keys', () => {
     const alice = await createUser(ctx.app);
     const project = await createProject(ctx.app, alice.headers);
     const expires = new Date(Date.now() + 86_400_000);
-    const scoped = await createKey(alice, { name: 'scoped', project_id: project.id, expires_at: expires.toISOString() });
+    const scoped = await createKey(ctx.app, alice, { name: 'scoped', project_id: project.id, expires_at: expires.toISOString() });
     expect(scoped.project_id).toBe(project.id);
     expect(scoped.expires_at).toBe(expires.toISOString());
 
-    const unscoped = await createKey(alice, { name: 'unscoped', project_id: null, expires_at: null });
+    const unscoped = await createKey(ctx.app, alice, { name: 'unscoped', project_id: null, expires_at: null });
     expect(unscoped).toMatchObject({ project_id: null, expires_at: null });
 
     // An offset other than Z is accepted and answered in UTC.
-    const withOffset = await createKey(alice, { name: 'offset', expires_at: '2999-01-01T02:00:00+02:00' });
+    const withOffset = await createKey(ctx.app, alice, { name: 'offset', expires_at: '2999-01-01T02:00:00+02:00' });
     expect(withOffset.expires_at).toBe('2999-01-01T00:00:00.000Z');
   });
 
@@ -216,7 +170,7 @@ describe('POST /api-keys', () => {
 describe('GET /api-keys and /api-keys/{id}', () => {
   it('never include the secret or its hash', async () => {
     const alice = await createUser(ctx.app);
-    const created = await createKey(alice, { name: 'secretive' });
+    const created = await createKey(ctx.app, alice, { name: 'secretive' });
 
     const read = await api('GET', `/api-keys/${created.id}`, alice.headers);
     expect(read.statusCode).toBe(200);
@@ -238,8 +192,8 @@ describe('GET /api-keys and /api-keys/{id}', () => {
   it("lists only the caller's keys, newest first, paged, with the total count", async () => {
     const alice = await createUser(ctx.app);
     const bob = await createUser(ctx.app);
-    for (const name of ['k1', 'k2', 'k3', 'k4']) await createKey(alice, { name });
-    await createKey(bob, { name: 'bob' });
+    for (const name of ['k1', 'k2', 'k3', 'k4']) await createKey(ctx.app, alice, { name });
+    await createKey(ctx.app, bob, { name: 'bob' });
 
     const all = (await api('GET', '/api-keys', alice.headers)).json<KeyList>();
     expect(all.count).toBe(4);
@@ -271,7 +225,7 @@ describe('GET /api-keys and /api-keys/{id}', () => {
 describe('an unscoped key and the account itself', () => {
   it('cannot change the email or password, or delete the account (403), and changes nothing', async () => {
     const alice = await createUser(ctx.app);
-    const { key } = await createKey(alice, { name: 'program' });
+    const { key } = await createKey(ctx.app, alice, { name: 'program' });
     const headers = bearer(key);
     const expected = { detail: 'API keys cannot change the account; sign in instead' };
     for (const [method, url, payload] of [
@@ -292,7 +246,7 @@ describe('an unscoped key and the account itself', () => {
 describe('authenticating with a key', () => {
   it('works as Authorization: Bearer and as X-API-Key, as its owner', async () => {
     const alice = await createUser(ctx.app);
-    const { key } = await createKey(alice);
+    const { key } = await createKey(ctx.app, alice);
     for (const headers of [bearer(key), xApiKey(key)]) {
       const response = await api('GET', '/users/me', headers);
       expect(response.statusCode).toBe(200);
@@ -306,7 +260,7 @@ describe('authenticating with a key', () => {
 
   it('sets last_used_at on use, without moving updated_at', async () => {
     const alice = await createUser(ctx.app);
-    const created = await createKey(alice);
+    const created = await createKey(ctx.app, alice);
     expect(created.last_used_at).toBeNull();
     const before = Date.now();
 
@@ -319,20 +273,20 @@ describe('authenticating with a key', () => {
     expect(read.updated_at).toBe(created.updated_at);
 
     // Another key of the same user stays unused.
-    const other = await createKey(alice, { name: 'unused' });
+    const other = await createKey(ctx.app, alice, { name: 'unused' });
     expect((await api('GET', `/api-keys/${other.id}`, alice.headers)).json<KeyBody>().last_used_at).toBeNull();
   });
 
   it('sets last_used_at through X-API-Key too', async () => {
     const alice = await createUser(ctx.app);
-    const created = await createKey(alice);
+    const created = await createKey(ctx.app, alice);
     expect(await statusWith(xApiKey(created.key))).toBe(200);
     expect((await api('GET', `/api-keys/${created.id}`, alice.headers)).json<KeyBody>().last_used_at).not.toBeNull();
   });
 
   it('refuses forged keys, a tampered key and a non-Bearer scheme with 401', async () => {
     const alice = await createUser(ctx.app);
-    const { key } = await createKey(alice);
+    const { key } = await createKey(ctx.app, alice);
     await expectKeyRefused('keel_forged');
     await expectKeyRefused(`${key.slice(0, -1)}${key.endsWith('A') ? 'B' : 'A'}`);
     await expectKeyRefused(`${key}x`);
@@ -346,7 +300,7 @@ describe('authenticating with a key', () => {
   it('refuses the key of a deactivated user with 401', async () => {
     const admin = await createUser(ctx.app, { superuser: true });
     const alice = await createUser(ctx.app);
-    const { key } = await createKey(alice);
+    const { key } = await createKey(ctx.app, alice);
     expect(await statusWith(bearer(key))).toBe(200);
     const deactivated = await api('PATCH', `/users/${alice.user.id}`, admin.headers, { is_active: false });
     expect(deactivated.statusCode).toBe(200);
@@ -356,7 +310,7 @@ describe('authenticating with a key', () => {
   it('refuses the key of a deleted user with 401', async () => {
     const admin = await createUser(ctx.app, { superuser: true });
     const alice = await createUser(ctx.app);
-    const { key } = await createKey(alice);
+    const { key } = await createKey(ctx.app, alice);
     expect((await api('DELETE', `/users/${alice.user.id}`, admin.headers)).statusCode).toBe(200);
     await expectKeyRefused(key);
   });
@@ -364,18 +318,22 @@ describe('authenticating with a key', () => {
   it('refuses an expired key with 401', async () => {
     const alice = await createUser(ctx.app);
     const expiresAt = Date.now() + 1_500;
-    const created = await createKey(alice, { name: 'short-lived', expires_at: new Date(expiresAt).toISOString() });
+    const created = await createKey(ctx.app, alice, { name: 'short-lived', expires_at: new Date(expiresAt).toISOString() });
     if (Date.now() < expiresAt - 300) expect(await statusWith(bearer(created.key))).toBe(200);
     await sleep(Math.max(0, expiresAt - Date.now()) + 100);
     await expectKeyRefused(created.key);
-    // Still listed, with its expiry: expiry is not revocation.
+    // Still listed, with its expiry, shown as expired (in the list too); the stored status is unchanged.
     const read = (await api('GET', `/api-keys/${created.id}`, alice.headers)).json<KeyBody>();
-    expect(read).toMatchObject({ status: 'active', expires_at: new Date(expiresAt).toISOString() });
+    expect(read).toMatchObject({ status: 'expired', expires_at: new Date(expiresAt).toISOString() });
+    const listed = (await api('GET', '/api-keys', alice.headers)).json<KeyList>();
+    expect(listed.data.find((k) => k.id === created.id)?.status).toBe('expired');
+    const [row] = await ctx.app.db.select().from(apiKeys).where(eq(apiKeys.id, created.id));
+    expect(row?.status).toBe('active');
   });
 
   it('refuses a key whose expiry passed (set in the database) with 401', async () => {
     const alice = await createUser(ctx.app);
-    const created = await createKey(alice, { name: 'aged', expires_at: new Date(Date.now() + 3_600_000).toISOString() });
+    const created = await createKey(ctx.app, alice, { name: 'aged', expires_at: new Date(Date.now() + 3_600_000).toISOString() });
     expect(await statusWith(xApiKey(created.key))).toBe(200);
     await ctx.app.db.update(apiKeys).set({ expires_at: new Date(Date.now() - 1_000) }).where(eq(apiKeys.id, created.id));
     await expectKeyRefused(created.key);
@@ -387,7 +345,7 @@ describe('authenticating with a key', () => {
 describe('PATCH /api-keys/{id}', () => {
   it('renames a key; the key keeps working', async () => {
     const alice = await createUser(ctx.app);
-    const created = await createKey(alice, { name: 'old' });
+    const created = await createKey(ctx.app, alice, { name: 'old' });
     await sleep(20);
     const response = await api('PATCH', `/api-keys/${created.id}`, alice.headers, { name: '  new  ' });
     expect(response.statusCode).toBe(200);
@@ -401,7 +359,7 @@ describe('PATCH /api-keys/{id}', () => {
 
   it('accepts an empty body and keeps the key as it is', async () => {
     const alice = await createUser(ctx.app);
-    const created = await createKey(alice, { name: 'same' });
+    const created = await createKey(ctx.app, alice, { name: 'same' });
     const response = await api('PATCH', `/api-keys/${created.id}`, alice.headers, {});
     expect(response.statusCode).toBe(200);
     expect(response.json()).toMatchObject({ id: created.id, name: 'same', status: 'active' });
@@ -410,7 +368,7 @@ describe('PATCH /api-keys/{id}', () => {
 
   it('revokes with {status: "revoked"}: the key answers 401 afterwards, in both headers', async () => {
     const alice = await createUser(ctx.app);
-    const created = await createKey(alice);
+    const created = await createKey(ctx.app, alice);
     expect(await statusWith(bearer(created.key))).toBe(200);
 
     const response = await api('PATCH', `/api-keys/${created.id}`, alice.headers, { status: 'revoked' });
@@ -428,7 +386,7 @@ describe('PATCH /api-keys/{id}', () => {
 
   it('refuses {status: "active"} with 422: revocation is final', async () => {
     const alice = await createUser(ctx.app);
-    const created = await createKey(alice);
+    const created = await createKey(ctx.app, alice);
     expect((await api('PATCH', `/api-keys/${created.id}`, alice.headers, { status: 'revoked' })).statusCode).toBe(200);
 
     const response = await api('PATCH', `/api-keys/${created.id}`, alice.headers, { status: 'active' });
@@ -437,7 +395,7 @@ describe('PATCH /api-keys/{id}', () => {
     await expectKeyRefused(created.key);
 
     // Also on a key that is still active.
-    const live = await createKey(alice, { name: 'live' });
+    const live = await createKey(ctx.app, alice, { name: 'live' });
     expectValidationError(await api('PATCH', `/api-keys/${live.id}`, alice.headers, { status: 'active' }), ['body', 'status']);
   });
 
@@ -453,7 +411,7 @@ describe('PATCH /api-keys/{id}', () => {
     ['a client-set last_used_at', { last_used_at: null }, ['body', 'last_used_at'], 'extra_forbidden'],
   ])('rejects %s with 422 and changes nothing', async (_label, payload, loc, type) => {
     const alice = await createUser(ctx.app);
-    const created = await createKey(alice, { name: 'stable' });
+    const created = await createKey(ctx.app, alice, { name: 'stable' });
     const { key: _key, ...publicPart } = created;
     const response = await api('PATCH', `/api-keys/${created.id}`, alice.headers, payload);
     expectValidationError(response, loc, type);
@@ -473,8 +431,8 @@ describe('PATCH /api-keys/{id}', () => {
 describe('DELETE /api-keys/{id}', () => {
   it('deletes the key: it answers 401 as a credential, and 404 on every route', async () => {
     const alice = await createUser(ctx.app);
-    const created = await createKey(alice);
-    const kept = await createKey(alice, { name: 'kept' });
+    const created = await createKey(ctx.app, alice);
+    const kept = await createKey(ctx.app, alice, { name: 'kept' });
     expect(await statusWith(bearer(created.key))).toBe(200);
 
     const response = await api('DELETE', `/api-keys/${created.id}`, alice.headers);
@@ -503,9 +461,9 @@ describe('DELETE /api-keys/{id}', () => {
   it("deleting a project deletes its scoped keys (they answer 401), not the owner's others", async () => {
     const alice = await createUser(ctx.app);
     const project = await createProject(ctx.app, alice.headers, 'Temporary');
-    const scoped = await createKey(alice, { name: 'scoped', project_id: project.id });
-    const scoped2 = await createKey(alice, { name: 'scoped 2', project_id: project.id });
-    const unscoped = await createKey(alice, { name: 'unscoped' });
+    const scoped = await createKey(ctx.app, alice, { name: 'scoped', project_id: project.id });
+    const scoped2 = await createKey(ctx.app, alice, { name: 'scoped 2', project_id: project.id });
+    const unscoped = await createKey(ctx.app, alice, { name: 'unscoped' });
     expect(await statusWith(bearer(scoped.key))).toBe(200);
 
     expect((await api('DELETE', `/projects/${project.id}`, alice.headers)).statusCode).toBe(200);
@@ -525,7 +483,7 @@ describe('ownership', () => {
   it("answers another user's key with 404, exactly like a missing one, and leaves it alone", async () => {
     const alice = await createUser(ctx.app);
     const bob = await createUser(ctx.app);
-    const created = await createKey(alice, { name: 'alice key' });
+    const created = await createKey(ctx.app, alice, { name: 'alice key' });
     const { key: _key, ...publicPart } = created;
     const missing = randomUUID();
 
@@ -544,8 +502,8 @@ describe('ownership', () => {
   it("a superuser sees only their own keys, and gets 404 for another user's", async () => {
     const admin = await createUser(ctx.app, { superuser: true });
     const alice = await createUser(ctx.app);
-    const alices = await createKey(alice, { name: 'alice key' });
-    const own = await createKey(admin, { name: 'admin key' });
+    const alices = await createKey(ctx.app, alice, { name: 'alice key' });
+    const own = await createKey(ctx.app, admin, { name: 'admin key' });
 
     const list = (await api('GET', '/api-keys?limit=100', admin.headers)).json<KeyList>();
     expect(list.count).toBe(1);
@@ -569,7 +527,7 @@ describe('a project-scoped key', () => {
     const alice = await createUser(ctx.app);
     const project = await createProject(ctx.app, alice.headers, 'Scope');
     const other = await createProject(ctx.app, alice.headers, 'Other');
-    const scoped = await createKey(alice, { name: 'scoped', project_id: project.id });
+    const scoped = await createKey(ctx.app, alice, { name: 'scoped', project_id: project.id });
     return { alice, project, other, scoped, headers: bearer(scoped.key) };
   }
 
@@ -592,7 +550,7 @@ describe('a project-scoped key', () => {
     const admin = await createUser(ctx.app, { superuser: true });
     const someone = await createUser(ctx.app);
     const project = await createProject(ctx.app, admin.headers, 'Admin scope');
-    const scoped = await createKey(admin, { name: 'scoped-admin', project_id: project.id });
+    const scoped = await createKey(ctx.app, admin, { name: 'scoped-admin', project_id: project.id });
     const other = await api('GET', `/users/${someone.user.id}`, bearer(scoped.key));
     expect(other.statusCode).toBe(403);
     expect(other.json()).toEqual(SCOPED);
@@ -600,19 +558,30 @@ describe('a project-scoped key', () => {
     expect((await api('GET', '/users', bearer(scoped.key))).statusCode).toBe(403);
   });
 
-  it("answers 404 for the owner's other projects on every route, and changes nothing", async () => {
+  it("answers 404 for the owner's other projects on reads, 403 on writes, and changes nothing", async () => {
     const { alice, other, headers } = await setup();
-    for (const [method, suffix, payload] of [
-      ['GET', '', undefined],
-      ['PATCH', '', { name: 'escaped' }],
-      ['DELETE', '', undefined],
-      ['GET', '/stats', undefined],
+    for (const [method, suffix, payload, status] of [
+      ['GET', '', undefined, 404],
+      ['PATCH', '', { name: 'escaped' }, 403],
+      ['DELETE', '', undefined, 403],
+      ['GET', '/stats', undefined, 404],
     ] as const) {
       const response = await api(method, `/projects/${other.id}${suffix}`, headers, payload);
-      expect(response.statusCode, `${method} ${suffix}`).toBe(404);
-      expect(response.json()).toEqual(PROJECT_NOT_FOUND);
+      expect(response.statusCode, `${method} ${suffix}`).toBe(status);
+      expect(response.json()).toEqual(status === 404 ? PROJECT_NOT_FOUND : SCOPED);
     }
     expect((await api('GET', `/projects/${other.id}`, alice.headers)).json()).toMatchObject({ name: 'Other' });
+  });
+
+  it('may not rename or delete its own project (403), and changes nothing', async () => {
+    const { alice, project, headers } = await setup();
+    for (const [method, payload] of [['PATCH', { name: 'renamed' }], ['PATCH', {}], ['DELETE', undefined]] as const) {
+      const response = await api(method, `/projects/${project.id}`, headers, payload);
+      expect(response.statusCode, method).toBe(403);
+      expect(response.json()).toEqual(SCOPED);
+    }
+    expect((await api('GET', `/projects/${project.id}`, alice.headers)).json()).toMatchObject({ name: 'Scope' });
+    expect(await statusWith(headers)).toBe(200);
   });
 
   it("answers 404 for another user's project", async () => {
@@ -632,7 +601,7 @@ describe('a project-scoped key', () => {
 
   it('answers 403 on POST, PATCH and DELETE /api-keys, even for itself, and changes nothing', async () => {
     const { alice, project, scoped, headers } = await setup();
-    const unscoped = await createKey(alice, { name: 'unscoped' });
+    const unscoped = await createKey(ctx.app, alice, { name: 'unscoped' });
 
     for (const payload of [{ name: 'minted' }, { name: 'minted', project_id: project.id }]) {
       const minted = await api('POST', '/api-keys', headers, payload);
@@ -660,18 +629,14 @@ describe('a project-scoped key', () => {
     expect((await api('GET', '/users/me', alice.headers)).json()).toMatchObject({ full_name: null });
   });
 
-  it("sees only its project's keys", async () => {
+  it('cannot list or read keys, even its own project\'s (403): keys are an account resource', async () => {
     const { alice, project, scoped, headers } = await setup();
-    const sibling = await createKey(alice, { name: 'sibling', project_id: project.id });
-    const unscoped = await createKey(alice, { name: 'unscoped' });
-
-    const list = (await api('GET', '/api-keys', headers)).json<KeyList>();
-    expect(list.count).toBe(2);
-    expect(list.data.map((k) => k.id).sort()).toEqual([scoped.id, sibling.id].sort());
-    expect((await api('GET', `/api-keys/${sibling.id}`, headers)).statusCode).toBe(200);
-    const outside = await api('GET', `/api-keys/${unscoped.id}`, headers);
-    expect(outside.statusCode).toBe(404);
-    expect(outside.json()).toEqual(KEY_NOT_FOUND);
+    const sibling = await createKey(ctx.app, alice, { name: 'sibling', project_id: project.id });
+    for (const url of ['/api-keys', `/api-keys/${scoped.id}`, `/api-keys/${sibling.id}`]) {
+      const response = await api('GET', url, headers);
+      expect(response.statusCode, url).toBe(403);
+      expect(response.json()).toEqual(SCOPED);
+    }
   });
 });
 
@@ -689,7 +654,7 @@ describe('credentials and ids', () => {
 
   it('answers 401 with WWW-Authenticate on every route without credentials', async () => {
     const alice = await createUser(ctx.app);
-    const created = await createKey(alice);
+    const created = await createKey(ctx.app, alice);
     for (const [method, url, payload] of routes(created.id)) {
       const response = await api(method, url, {}, payload);
       expect(response.statusCode, `${method} ${url}`).toBe(401);
@@ -701,7 +666,7 @@ describe('credentials and ids', () => {
 
   it('answers 401 on every route with a revoked key', async () => {
     const alice = await createUser(ctx.app);
-    const created = await createKey(alice);
+    const created = await createKey(ctx.app, alice);
     await api('PATCH', `/api-keys/${created.id}`, alice.headers, { status: 'revoked' });
     for (const [method, url, payload] of routes(created.id)) {
       const response = await api(method, url, bearer(created.key), payload);
@@ -736,7 +701,7 @@ describe('MAX_API_KEYS_PER_USER', () => {
     await limited?.close();
   });
 
-  it('answers 409 beyond the limit; revoked keys still count, deleted ones do not; per user', async () => {
+  it('answers 409 beyond the limit; revoked, expired and deleted keys do not count; per user', async () => {
     const alice = await createUser(limited);
     const bob = await createUser(limited);
     const ids: string[] = [];
@@ -753,11 +718,17 @@ describe('MAX_API_KEYS_PER_USER', () => {
     expect((await send('POST', '/api-keys', bob.headers, { name: 'bob' })).statusCode).toBe(200);
 
     expect((await send('PATCH', `/api-keys/${ids[0]}`, alice.headers, { status: 'revoked' })).statusCode).toBe(200);
-    expect((await send('POST', '/api-keys', alice.headers, { name: 'after revoke' })).statusCode).toBe(409);
+    expect((await send('POST', '/api-keys', alice.headers, { name: 'after revoke' })).statusCode).toBe(200);
+    expect((await send('POST', '/api-keys', alice.headers, { name: 'over again' })).statusCode).toBe(409);
 
-    expect((await send('DELETE', `/api-keys/${ids[0]}`, alice.headers)).statusCode).toBe(200);
+    await limited.db.update(apiKeys).set({ expires_at: new Date(Date.now() - 1_000) }).where(eq(apiKeys.id, ids[1]!));
+    expect((await send('POST', '/api-keys', alice.headers, { name: 'after expiry' })).statusCode).toBe(200);
+    expect((await send('POST', '/api-keys', alice.headers, { name: 'over again' })).statusCode).toBe(409);
+
+    expect((await send('DELETE', `/api-keys/${ids[2]}`, alice.headers)).statusCode).toBe(200);
     expect((await send('POST', '/api-keys', alice.headers, { name: 'after delete' })).statusCode).toBe(200);
     expect((await send('POST', '/api-keys', alice.headers, { name: 'over again' })).statusCode).toBe(409);
+    expect(await keyCount(alice.user.id)).toBe(LIMIT + 2);
   });
 
   it('holds under concurrent creation', async () => {

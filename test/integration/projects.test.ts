@@ -6,10 +6,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { TokenService } from '../../src/core/security.js';
 
-import { projects } from '../../src/models/index.js';
+import { apiKeys, projects } from '../../src/models/index.js';
 
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { bearer, createProject, createUser, type TestUser } from '../helpers/factories.js';
+import { apiOf, call, createKey, expectValidationError, ISO_UTC, type ListBody, sleep, UUID } from '../helpers/http.js';
 
 const ctx = useTestApp();
 
@@ -24,28 +25,11 @@ interface ProjectBody {
   updated_at: string;
 }
 
-interface ProjectList {
-  data: ProjectBody[];
-  count: number;
-}
-
-interface ValidationBody {
-  detail: { loc: (string | number)[]; msg: string; type: string }[];
-}
+type ProjectList = ListBody<ProjectBody>;
 
 const PROJECT_FIELDS = ['created_at', 'description', 'id', 'name', 'owner_id', 'updated_at'];
-const ISO_UTC = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 const NOT_FOUND = { detail: 'Project not found' };
-
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
-
-function call(app: FastifyInstance, method: InjectOptions['method'], url: string, headers: Record<string, string> = {}, payload?: unknown) {
-  return app.inject({ method, url: `/api/v1${url}`, headers, ...(payload === undefined ? {} : { payload: payload as InjectOptions['payload'] }) });
-}
-
-const api = (method: InjectOptions['method'], url: string, headers: Record<string, string> = {}, payload?: unknown) =>
-  call(ctx.app, method, url, headers, payload);
+const api = apiOf(ctx);
 
 function expectProjectShape(body: ProjectBody): void {
   expect(Object.keys(body).sort()).toEqual(PROJECT_FIELDS);
@@ -53,26 +37,6 @@ function expectProjectShape(body: ProjectBody): void {
   expect(body.owner_id).toMatch(UUID);
   expect(body.created_at).toMatch(ISO_UTC);
   expect(body.updated_at).toMatch(ISO_UTC);
-}
-
-/** A 422 whose issues include one at `loc` (and, when given, of `type`). */
-function expectValidationError(response: { statusCode: number; json: <T>() => T }, loc: (string | number)[], type?: string): void {
-  expect(response.statusCode).toBe(422);
-  const body = response.json<ValidationBody>();
-  expect(Array.isArray(body.detail)).toBe(true);
-  expect(body.detail.length).toBeGreaterThan(0);
-  for (const issue of body.detail) {
-    expect(Object.keys(issue).sort()).toEqual(['loc', 'msg', 'type']);
-    expect(typeof issue.msg).toBe('string');
-    expect(typeof issue.type).toBe('string');
-  }
-  expect(body.detail).toContainEqual(expect.objectContaining(type === undefined ? { loc } : { loc, type }));
-}
-
-async function createKey(headers: Record<string, string>, payload: Record<string, unknown>): Promise<{ id: string; key: string }> {
-  const response = await api('POST', '/api-keys', headers, payload);
-  expect(response.statusCode).toBe(200);
-  return response.json<{ id: string; key: string }>();
 }
 
 // ==================== Create and read ====================
@@ -111,10 +75,11 @@ describe('POST /projects', () => {
     expect(created).toBeGreaterThanOrEqual(before - 5_000);
     expect(created).toBeLessThanOrEqual(Date.now() + 5_000);
 
-    // The row is really stored, owned by the caller; the internal column never leaks.
+    // The row is really stored, owned by the caller, and the answer is that row.
     const [row] = await ctx.app.db.select().from(projects).where(eq(projects.id, body.id));
     expect(row).toMatchObject({ owner_id: alice.user.id, name: 'Apollo', description: 'To the moon' });
-    expect(response.body).not.toContain('extra');
+    expect(body).toEqual({ ...row, created_at: row!.created_at.toISOString(), updated_at: row!.updated_at.toISOString() });
+    expect(response.headers.location).toBe(`/api/v1/projects/${body.id}`);
   });
 
   it('defaults description to null and trims the name', async () => {
@@ -254,6 +219,22 @@ describe('GET /projects', () => {
     const response = await api('GET', '/projects', alice.headers);
     expect(response.statusCode).toBe(200);
     expect(response.json()).toEqual({ data: [], count: 0 });
+  });
+
+  it.each(['skip=1', 'page=2', 'limit=5&sort=name'])('rejects the unknown parameter in ?%s with 422 naming the accepted ones', async (query) => {
+    const alice = await createUser(ctx.app);
+    const response = await api('GET', `/projects?${query}`, alice.headers);
+    const unknown = query.split('&').map((pair) => pair.split('=')[0]!).find((name) => name !== 'limit')!;
+    const body = expectValidationError(response, ['query', unknown], 'extra_forbidden');
+    expect(body.detail).toEqual([{ loc: ['query', unknown], msg: 'Unknown query parameter; accepted: limit, offset', type: 'extra_forbidden' }]);
+  });
+
+  it('rejects a repeated parameter (?limit=1&limit=2) with a clear 422, not "received NaN"', async () => {
+    const alice = await createUser(ctx.app);
+    const response = await api('GET', '/projects?limit=1&limit=2', alice.headers);
+    const body = expectValidationError(response, ['query', 'limit']);
+    expect(body.detail[0]?.msg).toBe('Input should be a single integer');
+    expect(response.body).not.toContain('NaN');
   });
 
   it.each([
@@ -418,11 +399,11 @@ describe('GET /projects/{id}/stats', () => {
     const alice = await createUser(ctx.app);
     const project = await createProject(ctx.app, alice.headers, 'Counted');
     const other = await createProject(ctx.app, alice.headers, 'Other');
-    const k1 = await createKey(alice.headers, { name: 'k1', project_id: project.id });
-    await createKey(alice.headers, { name: 'k2', project_id: project.id });
-    await createKey(alice.headers, { name: 'k3', project_id: project.id });
-    await createKey(alice.headers, { name: 'elsewhere', project_id: other.id });
-    await createKey(alice.headers, { name: 'unscoped' });
+    const k1 = await createKey(ctx.app, alice, { name: 'k1', project_id: project.id });
+    const k2 = await createKey(ctx.app, alice, { name: 'k2', project_id: project.id });
+    await createKey(ctx.app, alice, { name: 'k3', project_id: project.id });
+    await createKey(ctx.app, alice, { name: 'elsewhere', project_id: other.id });
+    await createKey(ctx.app, alice, { name: 'unscoped' });
 
     const stats = async () => (await api('GET', `/projects/${project.id}/stats`, alice.headers)).json<unknown>();
     expect(await stats()).toEqual({ project_id: project.id, api_keys: 3, active_api_keys: 3 });
@@ -430,8 +411,12 @@ describe('GET /projects/{id}/stats', () => {
     expect((await api('PATCH', `/api-keys/${k1.id}`, alice.headers, { status: 'revoked' })).statusCode).toBe(200);
     expect(await stats()).toEqual({ project_id: project.id, api_keys: 3, active_api_keys: 2 });
 
+    // An expired key is not active either.
+    await ctx.app.db.update(apiKeys).set({ expires_at: new Date(Date.now() - 1_000) }).where(eq(apiKeys.id, k2.id));
+    expect(await stats()).toEqual({ project_id: project.id, api_keys: 3, active_api_keys: 1 });
+
     expect((await api('DELETE', `/api-keys/${k1.id}`, alice.headers)).statusCode).toBe(200);
-    expect(await stats()).toEqual({ project_id: project.id, api_keys: 2, active_api_keys: 2 });
+    expect(await stats()).toEqual({ project_id: project.id, api_keys: 2, active_api_keys: 1 });
 
     expect((await api('GET', `/projects/${other.id}/stats`, alice.headers)).json()).toEqual({
       project_id: other.id,
@@ -481,7 +466,7 @@ describe('ownership', () => {
     const alice = await createUser(ctx.app);
     const bob = await createUser(ctx.app);
     const project = await createProject(ctx.app, alice.headers);
-    const { key } = await createKey(bob.headers, { name: 'bob key' });
+    const { key } = await createKey(ctx.app, bob, { name: 'bob key' });
     const response = await api('GET', `/projects/${project.id}`, bearer(key));
     expect(response.statusCode).toBe(404);
     expect(response.json()).toEqual(NOT_FOUND);

@@ -1,0 +1,20 @@
+import type { FastifyRequest } from 'fastify';
+
+import type { Settings } from '../core/config.js';
+import type { Db } from '../core/db.js';
+import type { Logger } from '../core/logger.js';
+
+import type { Principal } from '../utils/authentication.js';
+
+/** What every service call of an authenticated request works with, passed as one object. */
+export interface ServiceContext {
+  db: Db;
+  settings: Settings;
+  log: Logger;
+  principal: Principal;
+}
+
+export function contextOf(request: FastifyRequest): ServiceContext {
+  const { db, settings } = request.server;
+  return { db, settings, log: request.log, principal: request.principal };
+}

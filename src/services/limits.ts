@@ -1,0 +1,24 @@
+import { type Db, transaction } from '../core/db.js';
+import { ConflictError } from '../core/errors.js';
+
+import * as userCrud from '../crud/user.js';
+
+export interface PerUserLimit {
+  /** What is counted, for the message: `Project` → "Project limit reached (100 per user)". */
+  what: string;
+  max: number;
+  /** How many the user has now (inside the transaction, after the lock). */
+  count: (tx: Db) => Promise<number>;
+}
+
+/**
+ * Creates under a per-user limit: lock the user's row, count, refuse with 409 at the limit, insert.
+ * The lock serializes concurrent creations of one user, so count-then-insert cannot overshoot.
+ */
+export async function createWithinLimit<T>(db: Db, userId: string, limit: PerUserLimit, insert: (tx: Db) => Promise<T>): Promise<T> {
+  return transaction(db, async (tx) => {
+    await userCrud.lockForUpdate(tx, userId);
+    if ((await limit.count(tx)) >= limit.max) throw new ConflictError(`${limit.what} limit reached (${limit.max} per user)`);
+    return insert(tx);
+  });
+}
