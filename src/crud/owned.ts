@@ -21,19 +21,19 @@ export interface OwnedCrud<Row extends { id: string }, New> {
   readonly table: OwnedTable;
   readonly policy: AccessPolicy<Row>;
   /** By id, whoever owns it: lookups arriving together share one prepared `id = any($1)` query. */
-  getById(db: Db, id: string): Promise<Row | undefined>;
+  getById: (db: Db, id: string) => Promise<Row | undefined>;
   /** The row if the caller may `action` on it; otherwise 404, as if it did not exist (403 for a refused scoped key). */
-  getVisible(db: Db, principal: Principal, id: string, action?: Action): Promise<Row>;
+  getVisible: (db: Db, principal: Principal, id: string, action?: Action) => Promise<Row>;
   /** The caller's rows, newest first (ties by id), and their total. */
-  list(db: Db, principal: Principal, page: Page): Promise<PageOf<Row>>;
-  count(db: Db, where?: SQL): Promise<number>;
+  list: (db: Db, principal: Principal, page: Page) => Promise<PageOf<Row>>;
+  count: (db: Db, where?: SQL) => Promise<number>;
   /** The user's rows (narrowed by `where`): what a per-user limit counts. */
-  countOwnedBy(db: Db, ownerId: string, where?: SQL): Promise<number>;
-  create(db: Db, values: New): Promise<Row>;
+  countOwnedBy: (db: Db, ownerId: string, where?: SQL) => Promise<number>;
+  create: (db: Db, values: New) => Promise<Row>;
   /** One `UPDATE … WHERE id AND <visible> RETURNING *`: no row (missing, not the caller's, deleted meanwhile) → 404. */
-  update(db: Db, principal: Principal, id: string, values: Partial<New>): Promise<Row>;
+  update: (db: Db, principal: Principal, id: string, values: Partial<New>) => Promise<Row>;
   /** One `DELETE … WHERE id AND <visible>`: no row → 404. */
-  remove(db: Db, principal: Principal, id: string): Promise<void>;
+  remove: (db: Db, principal: Principal, id: string) => Promise<void>;
 }
 
 /**

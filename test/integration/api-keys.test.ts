@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { apiKeys } from '../../src/models/index.js';
 
 import { buildTestApp, useTestApp } from '../helpers/app.js';
-import { bearer, createProject, createUser, type TestUser } from '../helpers/factories.js';
+import { bearer, createProject, createUser } from '../helpers/factories.js';
 import { apiOf, call, type CreatedKey, createKey, expectValidationError, ISO_UTC, type KeyBody, type ListBody, sleep, UUID, xApiKey } from '../helpers/http.js';
 
 const ctx = useTestApp();
