@@ -18,13 +18,13 @@ export function constraintAnswers(answers: Record<string, DatabaseAnswer>): void
 }
 
 /**
- * The answer for an integrity violation (23505 unique, 23503 foreign key), or null for other errors.
- * A foreign key violated by a DELETE (a RESTRICT: rows still refer to the one deleted) is a 409
- * conflict, not a missing reference.
+ * The answer for an integrity violation (23505 unique, 23503 foreign key, 23001 restrict), or null
+ * for other errors. A foreign key violated by a DELETE (`on delete restrict` or `no action`: rows
+ * still refer to the one deleted) is a 409 conflict, not a missing reference.
  */
 export function integrityAnswer(error: { code: string; constraint?: string; message?: string }): DatabaseAnswer | null {
-  if (error.code !== '23505' && error.code !== '23503') return null;
-  if (error.code === '23503' && /^update or delete on table/.test(error.message ?? '')) {
+  if (error.code !== '23505' && error.code !== '23503' && error.code !== '23001') return null;
+  if (error.code === '23001' || (error.code === '23503' && /^update or delete on table/.test(error.message ?? ''))) {
     return { status: 409, detail: 'The resource is still in use by other resources' };
   }
   const own = error.constraint === undefined ? undefined : byConstraint.get(error.constraint);

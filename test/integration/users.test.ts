@@ -97,6 +97,7 @@ describe('POST /users/signup', () => {
     const response = await signup({ email, password: 'signup-password', full_name: 'Sign Up' });
     const body = expectUserPublic(response, { email, full_name: 'Sign Up', is_active: true, is_superuser: false });
     expect(response.body).not.toContain('signup-password');
+    expect(response.headers.location).toBe(`/api/v1/users/${body.id}`);
 
     expect(await loginStatus(app, email, 'signup-password')).toBe(200);
     const read = await call('GET', `/users/${body.id}`, { headers: admin });
@@ -125,7 +126,7 @@ describe('POST /users/signup', () => {
       signup({ email: email.toUpperCase(), password: 'signup-password' }),
     ]);
     expect(results.map((r) => r.statusCode).sort()).toEqual([200, 409]);
-    expect(results.find((r) => r.statusCode === 409)!.json()).toHaveProperty('detail');
+    expect(results.find((r) => r.statusCode === 409)!.json()).toEqual(DUPLICATE);
   });
 
   it('accepts passwords of exactly 8 and 128 characters', async () => {
@@ -452,7 +453,8 @@ describe('POST /users', () => {
       headers: admin,
       payload: { email, password: 'initial-password', full_name: 'New Person' },
     });
-    expectUserPublic(response, { email, full_name: 'New Person', is_active: true, is_superuser: false });
+    const created = expectUserPublic(response, { email, full_name: 'New Person', is_active: true, is_superuser: false });
+    expect(response.headers.location).toBe(`/api/v1/users/${created.id}`);
     expect(await loginStatus(app, email, 'initial-password')).toBe(200);
 
     const mail = await capture.waitFor(email);
