@@ -4,7 +4,6 @@ import type { FastifyInstance } from 'fastify';
 import { describe, expect, it } from 'vitest';
 
 import type { ScopedKeyAccess } from '../../src/utils/access.js';
-
 import type { TestContext } from '../helpers/app.js';
 import { bearer, createProject, createUser, type TestUser } from '../helpers/factories.js';
 import { call, createKey, expectValidationError, type ListBody, type Method } from '../helpers/http.js';

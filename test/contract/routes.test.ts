@@ -4,7 +4,6 @@ import type { RouteOptions } from 'fastify';
 import { describe, expect, it } from 'vitest';
 
 import { apiRoutes } from '../../src/api/main.js';
-
 import { useTestApp } from '../helpers/app.js';
 
 const ctx = useTestApp();

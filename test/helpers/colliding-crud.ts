@@ -2,7 +2,7 @@
 // statement name `projects_by_ids` again, which must fail when the module loads.
 import { projects } from '../../src/models/index.js';
 
-import { projectCrud } from '../../src/crud/project.js';
 import { ownedCrud } from '../../src/crud/owned.js';
+import { projectCrud } from '../../src/crud/project.js';
 
 export const collidingCrud = ownedCrud(projects, projectCrud.policy);

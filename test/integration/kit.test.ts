@@ -9,8 +9,8 @@ import { projects, users } from '../../src/models/index.js';
 
 import { useTestApp } from '../helpers/app.js';
 import { createProject, createUser } from '../helpers/factories.js';
-import { databaseUrl } from '../helpers/postgres.js';
 import { apiOf, sleep } from '../helpers/http.js';
+import { databaseUrl } from '../helpers/postgres.js';
 
 const ctx = useTestApp();
 const api = apiOf(ctx);
