@@ -16,8 +16,6 @@ export const apiKeyPolicy = definePolicy<ApiKey>({
   project: apiKeys.project_id,
   scopedKey: 'none',
   superuserSeesAll: false,
-  ownerOf: (key) => key.owner_id,
-  projectOf: (key) => key.project_id,
 });
 
 export const apiKeyCrud = ownedCrud<ApiKey, NewApiKey>(apiKeys, apiKeyPolicy);

@@ -15,8 +15,6 @@ export const projectPolicy = definePolicy<Project>({
   project: projects.id,
   scopedKey: 'read',
   superuserSeesAll: true,
-  ownerOf: (project) => project.owner_id,
-  projectOf: (project) => project.id,
 });
 
 export const projectCrud = ownedCrud<Project, NewProject>(projects, projectPolicy);

@@ -55,13 +55,16 @@ export interface PolicyOptions<Row> {
   scopedKey: ScopedKeyAccess;
   scopedKeyReadsUnassigned?: boolean;
   superuserSeesAll: boolean;
-  ownerOf: (row: Row) => string;
+  /** How to read the owner and project of a loaded row; by default the columns' own names (models name properties as columns). */
+  ownerOf?: (row: Row) => string;
   projectOf?: (row: Row) => string | null;
 }
 
 export function definePolicy<Row>(options: PolicyOptions<Row>): AccessPolicy<Row> {
-  const { owner, project, scopedKey, superuserSeesAll, ownerOf } = options;
-  const projectOf = options.projectOf ?? (() => null);
+  const { owner, project, scopedKey, superuserSeesAll } = options;
+  const field = (row: Row, column: PgColumn) => (row as Record<string, unknown>)[column.name] as string | null;
+  const ownerOf = options.ownerOf ?? ((row: Row) => field(row, owner)!);
+  const projectOf = options.projectOf ?? ((row: Row) => (project === null ? null : field(row, project)));
   const readsUnassigned = options.scopedKeyReadsUnassigned ?? false;
   const notFound = () => new NotFoundError(`${options.noun} not found`);
 
