@@ -172,16 +172,15 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
         } catch (error) {
           // Altered, sealed under another SECRET_KEY, or of an older shape: no retry can help.
           this.logger.error({ err: error, job: job.name, jobId: job.id }, 'job data unreadable; dropped');
-          throw new UnrecoverableError(`job ${job.name} has unreadable data`);
+          throw Object.assign(new UnrecoverableError(`job ${job.name} has unreadable data`), { cause: error });
         }
         try {
           await handler(data);
         } catch (error) {
-          // Redis keeps a failed job's reason and stack: those of this error, which name no
-          // recipient (an SMTP error quotes the address). The full error goes to the log.
-          this.logger.warn({ err: error, job: job.name, jobId: job.id }, 'job attempt failed');
+          // Redis keeps a failed job's message and stack: those of this error, which name no
+          // recipient (an SMTP error quotes the address). Its cause, logged below, is not stored.
           const code = (error as { code?: unknown }).code;
-          throw new Error(`job ${job.name} failed${typeof code === 'string' ? ` (${code})` : ''}`);
+          throw new Error(`job ${job.name} failed${typeof code === 'string' ? ` (${code})` : ''}`, { cause: error });
         }
       },
       {

@@ -5,6 +5,7 @@ import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 
 import { UnauthorizedError } from '../core/errors.js';
+
 import { HTTPError } from '../schemas/common.js';
 
 const tags = ['ops'];

@@ -6,10 +6,10 @@ import pino from 'pino';
 import { describe, expect, it } from 'vitest';
 import { z } from 'zod';
 
-import { createQueue as createAppQueue, type JobQueue } from '../../src/core/queue.js';
-
 import type { Settings } from '../../src/core/config.js';
 import type { Logger } from '../../src/core/logger.js';
+import { createQueue as createAppQueue, type JobQueue } from '../../src/core/queue.js';
+
 import { startWorker } from '../../src/server.js';
 import { testSettings } from '../helpers/app.js';
 
@@ -136,6 +136,33 @@ describe.each(kinds)('job registry (%s)', (_kind, env) => {
     await expect(queue.add('greet', { name: 'Ada' })).rejects.toThrow(/unknown job/);
     await expect(queue.add('send-email', { to: 'not an email', subject: 's', html: '', text: '' })).rejects.toThrow(z.ZodError);
     await queue.close();
+  });
+});
+
+describe.skipIf(!process.env.REDIS_URL)('job data in Redis', () => {
+  it('is sealed, and a job sealed under another SECRET_KEY is dropped at once, not retried', async () => {
+    const prefix = `keel-test-q:${randomBytes(4).toString('hex')}:`;
+    const settings = testSettings({ REDIS_URL: process.env.REDIS_URL!, REDIS_KEY_PREFIX: prefix, JOB_ATTEMPTS: '3', JOB_BACKOFF_MS: '20' });
+    const producer = createQueue(settings, silent);
+    await producer.add('greet', { name: 'Ada Lovelace' });
+    const connection = new Redis(settings.REDIS_URL!, { maxRetriesPerRequest: null });
+    const [key] = await connection.keys(`${prefix}jobs:keel-jobs:[0-9]*`);
+    const stored = await connection.hget(key!, 'data');
+    expect(Object.keys(JSON.parse(stored!) as object)).toEqual(['sealed']);
+    expect(stored).not.toContain('Ada');
+
+    const consumer = createQueue({ ...settings, SECRET_KEY: randomBytes(32).toString('hex') }, silent);
+    const job = flaky(0);
+    consumer.work({ greet: job.handler });
+    await eventually(async () => (await connection.zcard(`${prefix}jobs:keel-jobs:failed`)) === 1);
+    const [id] = await connection.zrange(`${prefix}jobs:keel-jobs:failed`, '0', '-1');
+    expect(await connection.hget(`${prefix}jobs:keel-jobs:${id}`, 'atm')).toBe('1'); // attempts made
+    expect(job.calls).toEqual([]);
+    await consumer.close();
+    await producer.close();
+    const keys = await connection.keys(`${prefix}*`);
+    if (keys.length) await connection.del(...keys);
+    await connection.quit();
   });
 });
 
