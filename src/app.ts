@@ -2,7 +2,6 @@ import { randomUUID } from 'node:crypto';
 
 import cors from '@fastify/cors';
 import formbody from '@fastify/formbody';
-import rateLimitPlugin from '@fastify/rate-limit';
 import swagger from '@fastify/swagger';
 import scalar from '@scalar/fastify-api-reference';
 import Fastify, { type FastifyInstance, type FastifyReply, LogController } from 'fastify';
@@ -12,6 +11,7 @@ import type { Redis } from 'ioredis';
 import type { Settings } from './core/config.js';
 import type { Database, Db } from './core/db.js';
 import { registerErrorHandler } from './core/errors.js';
+import { serverOptions } from './core/http-server.js';
 import type { Logger } from './core/logger.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
 import { createQueue, type JobQueue } from './core/queue.js';
@@ -83,6 +83,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     },
     return503OnClosing: true,
     forceCloseConnections: 'idle',
+    ...serverOptions(settings),
   }).withTypeProvider<ZodTypeProvider>();
 
   app.setValidatorCompiler(validatorCompiler);
@@ -112,6 +113,8 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.addHook('onRequest', (request, reply, done) => {
     reply.headers(headers);
     reply.header('x-request-id', request.id);
+    // API answers may carry secrets (tokens, new API keys): no cache keeps them.
+    if (request.url.startsWith(API_PREFIX)) reply.header('cache-control', 'no-store');
     done();
   });
   // The access line holds only these fixed, non-secret fields, so it skips redaction, which
@@ -146,13 +149,6 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     exposedHeaders: ['x-request-id', 'retry-after'],
   });
   await app.register(formbody, { bodyLimit: settings.BODY_LIMIT_BYTES });
-  await app.register(rateLimitPlugin, {
-    global: false,
-    // In memory, an LRU of counters: large enough that a flood of made-up accounts cannot push
-    // a real account's counter out within its window.
-    cache: 100_000,
-    ...(redis ? { redis, nameSpace: `${settings.REDIS_KEY_PREFIX}rate-limit:` } : {}),
-  });
   await app.register(swagger, {
     openapi: {
       openapi: '3.1.0',

@@ -68,10 +68,16 @@ export const SettingsSchema = z.object({
       return value.split(',').map((s) => s.trim()).filter(Boolean);
     }),
   BODY_LIMIT_BYTES: int(1024, 100 * 1024 * 1024).default(1024 * 1024),
+  HTTP_HEADERS_TIMEOUT_MS: int(1_000, 600_000).default(20_000),
+  HTTP_REQUEST_TIMEOUT_MS: int(1_000, 3_600_000).default(30_000),
+  HTTP_KEEP_ALIVE_TIMEOUT_MS: int(1_000, 3_600_000).default(72_000),
+  /** When set, `/metrics` needs `Authorization: Bearer <METRICS_TOKEN>`. */
+  METRICS_TOKEN: z.preprocess(emptyAsUndefined, z.string().min(16).max(512).optional()),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   LOG_FORMAT: z.preprocess(emptyAsUndefined, z.enum(['pretty', 'json']).optional()),
   RATE_LIMIT_LOGIN_PER_IP: int(1, 1_000_000).default(30),
   RATE_LIMIT_LOGIN_PER_ACCOUNT: int(1, 1_000_000).default(10),
+  RATE_LIMIT_LOGIN_ACCOUNT_CEILING: int(1, 1_000_000).default(100),
   RATE_LIMIT_SIGNUP_PER_IP: int(1, 1_000_000).default(10),
   RATE_LIMIT_SIGNUP_PER_ACCOUNT: int(1, 1_000_000).default(3),
   RATE_LIMIT_RECOVERY_PER_IP: int(1, 1_000_000).default(10),

@@ -1,6 +1,7 @@
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } from 'fastify-type-provider-zod';
 
+import { DATABASE_RETRY_AFTER_SECONDS, isDatabaseUnavailableCode } from './db-errors.js';
 import { integrityAnswer, unknownQueryMessage } from './error-mapping.js';
 
 // ==================== Typed errors ====================
@@ -74,28 +75,45 @@ const LOCATION_NAMES: Record<string, string> = {
   headers: 'header',
 };
 
-/** Zod issue codes in the vocabulary FastAPI clients already know. */
-function issueType(code: string, params: Record<string, unknown>, message: string): string {
+/** A FastAPI-style issue: Zod issue codes in the vocabulary (and wording) FastAPI clients already know. */
+function describeIssue(code: string, params: Record<string, unknown>, message: string): { type: string; msg: string } {
+  const own = { msg: message };
   if (code === 'invalid_type') {
     // Zod 4 issues carry no input; its message says what was received.
-    if (/received undefined$/.test(message)) return 'missing';
-    return typeof params.expected === 'string' ? `${params.expected}_type` : 'type_error';
+    if (/received undefined$/.test(message)) return { type: 'missing', msg: 'Field required' };
+    if (params.received === 'NaN') return { type: 'float_parsing', msg: 'Input should be a valid number, unable to parse string as a number' };
+    if (params.expected === 'int') return { type: 'int_from_float', msg: 'Input should be a valid integer, got a number with a fractional part' };
+    return { type: typeof params.expected === 'string' ? `${params.expected}_type` : 'type_error', ...own };
   }
+  const numeric = params.origin === 'number' || params.origin === 'bigint';
   switch (code) {
     case 'unrecognized_keys':
-      return 'extra_forbidden';
+      return { type: 'extra_forbidden', msg: 'Extra inputs are not permitted' };
     case 'too_small':
-      return params.origin === 'string' ? 'string_too_short' : 'too_short';
+      if (numeric) {
+        const inclusive = params.inclusive !== false;
+        const bound = `greater than${inclusive ? ' or equal to' : ''} ${String(params.minimum)}`;
+        return { type: inclusive ? 'greater_than_equal' : 'greater_than', msg: `Input should be ${bound}` };
+      }
+      return { type: params.origin === 'string' ? 'string_too_short' : 'too_short', ...own };
     case 'too_big':
-      return params.origin === 'string' ? 'string_too_long' : 'too_long';
+      if (numeric) {
+        const inclusive = params.inclusive !== false;
+        const bound = `less than${inclusive ? ' or equal to' : ''} ${String(params.maximum)}`;
+        return { type: inclusive ? 'less_than_equal' : 'less_than', msg: `Input should be ${bound}` };
+      }
+      return { type: params.origin === 'string' ? 'string_too_long' : 'too_long', ...own };
     case 'invalid_format':
-      return `${typeof params.format === 'string' ? params.format : 'string'}_parsing`;
+      return { type: `${typeof params.format === 'string' ? params.format : 'string'}_parsing`, ...own };
     case 'invalid_value':
-      return 'enum';
+      return { type: 'enum', ...own };
     default:
-      return code;
+      return { type: code, ...own };
   }
 }
+
+/** At most this many issues are listed in a 422; a last entry says how many were left out. */
+export const MAX_VALIDATION_ISSUES = 50;
 
 function validationIssues(error: FastifyError, request: FastifyRequest): ValidationIssue[] {
   const where = LOCATION_NAMES[error.validationContext ?? 'body'] ?? 'body';
@@ -103,19 +121,26 @@ function validationIssues(error: FastifyError, request: FastifyRequest): Validat
     return [{ loc: [where], msg: error.message, type: 'value_error' }];
   }
   const issues: ValidationIssue[] = [];
+  let total = 0;
   for (const issue of error.validation) {
-    const path = issue.instancePath.split('/').filter(Boolean);
     const params = issue.params;
     const keys = Array.isArray(params.keys) ? (params.keys as string[]) : null;
     // An unknown field is reported at the field itself, as FastAPI does.
-    for (const extra of keys ?? [null]) {
-      const keyword: string = issue.keyword;
-      issues.push({
-        loc: [where, ...path, ...(extra === null ? [] : [extra])],
-        msg: keys ? (where === 'query' ? unknownQueryMessage(request) : 'Extra inputs are not permitted') : (issue.message ?? 'Invalid value'),
-        type: issueType(keyword, params, issue.message ?? ''),
-      });
+    const extras = keys ?? [null];
+    const room = MAX_VALIDATION_ISSUES - issues.length;
+    total += extras.length;
+    if (room <= 0) continue;
+    const path = issue.instancePath.split('/').filter(Boolean);
+    const described = describeIssue(issue.keyword, params, issue.message ?? 'Invalid value');
+    const { type } = described;
+    // An unknown query parameter's message names the accepted ones.
+    const msg = keys && where === 'query' ? unknownQueryMessage(request) : described.msg;
+    for (const extra of extras.slice(0, room)) {
+      issues.push({ loc: [where, ...path, ...(extra === null ? [] : [extra])], msg, type });
     }
+  }
+  if (total > issues.length) {
+    issues.push({ loc: [where], msg: `${total - issues.length} more issues not listed`, type: 'too_many_errors' });
   }
   return issues;
 }
@@ -180,6 +205,10 @@ export function registerErrorHandler(app: FastifyInstance): void {
     if (error.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || (error instanceof SyntaxError && error.statusCode === 400)) {
       return send(reply, 422, { detail: [{ loc: ['body'], msg: 'JSON decode error', type: 'json_invalid' }] });
     }
+    // An empty body declared as JSON: the same answer as malformed JSON (as FastAPI gives).
+    if (error.code === 'FST_ERR_CTP_EMPTY_JSON_BODY') {
+      return send(reply, 422, { detail: [{ loc: ['body'], msg: 'JSON decode error: the body is empty', type: 'json_invalid' }] });
+    }
     const db = databaseError(error);
     const integrity = db && integrityAnswer(db);
     if (integrity) return send(reply, integrity.status, { detail: integrity.detail });
@@ -195,9 +224,9 @@ export function registerErrorHandler(app: FastifyInstance): void {
       const detail = error.statusCode === 413 ? 'Request body too large' : error.message;
       return send(reply, error.statusCode, { detail });
     }
-    if ((db && ['57P01', '08006', '08001', '08003', '57P03'].includes(db.code)) || connectionError(error)) {
+    if ((db && isDatabaseUnavailableCode(db.code)) || connectionError(error)) {
       request.log.error(loggable(error), 'database unavailable');
-      return send(reply, 503, { detail: 'Service unavailable' });
+      return send(reply, 503, { detail: 'Service unavailable' }, { 'retry-after': String(DATABASE_RETRY_AFTER_SECONDS) });
     }
     request.log.error(loggable(error), 'unhandled error');
     return send(reply, 500, { detail: 'Internal server error' });

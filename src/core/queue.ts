@@ -1,27 +1,41 @@
-import { Queue, Worker } from 'bullmq';
+import { Queue, UnrecoverableError, Worker } from 'bullmq';
 import { Redis } from 'ioredis';
+import type { z } from 'zod';
 
+import { JOBS, type Jobs } from '../tasks/registry.js';
 import type { Settings } from './config.js';
+import { JobSealer } from './job-crypto.js';
 import type { Logger } from './logger.js';
 
 // ==================== Interface ====================
 
+/** Job names and the schema of each one's data (the application's: tasks/registry.ts). */
+export type JobRegistry = Readonly<Record<string, z.ZodType>>;
+
 /** Runs one job; throwing makes the queue try again later, up to JOB_ATTEMPTS times. */
-export type JobHandler = (data: Record<string, unknown>) => Promise<void>;
-export type JobHandlers = Readonly<Record<string, JobHandler>>;
+export type JobHandlers<R extends JobRegistry = Jobs> = { readonly [N in keyof R]?: (data: z.output<R[N]>) => Promise<void> };
 
 /**
  * Background work, one interface for both modes: in-process when embedded, BullMQ on Redis when
  * `REDIS_URL` is set (then `keel worker` nodes run the jobs and any node may queue them).
  */
-export interface JobQueue {
+export interface JobQueue<R extends JobRegistry = Jobs> {
   readonly kind: 'in-process' | 'redis';
-  /** Queues a job. It runs in the background, retried with exponential backoff when it throws. */
-  add(name: string, data: Record<string, unknown>): Promise<void>;
+  /** Queues a job of a registered name; its data is validated here and again when it runs. */
+  add<N extends keyof R & string>(name: N, data: z.input<R[N]>): Promise<void>;
   /** Runs queued jobs in this process with these handlers. */
-  work(handlers: JobHandlers): void;
+  work(handlers: JobHandlers<R>): void;
   /** Stops taking jobs and waits for the running ones. */
   close(): Promise<void>;
+}
+
+type AnyHandler = (data: unknown) => Promise<void>;
+
+/** The registered schema of `name`; an unknown name is a programming error. */
+function schemaOf(registry: JobRegistry, name: string): z.ZodType {
+  const schema = registry[name];
+  if (!schema) throw new Error(`unknown job ${name}`);
+  return schema;
 }
 
 const QUEUE_NAME = 'keel-jobs';
@@ -32,20 +46,22 @@ function backoffMs(settings: Settings, attempt: number): number {
 
 // ==================== In-process (embedded) ====================
 
-class InProcessQueue implements JobQueue {
+class InProcessQueue<R extends JobRegistry> implements JobQueue<R> {
   readonly kind = 'in-process';
-  private handlers: JobHandlers | null = null;
-  private readonly waiting: { name: string; data: Record<string, unknown> }[] = [];
+  private handlers: JobHandlers<R> | null = null;
+  private readonly waiting: { name: string; data: unknown }[] = [];
   private readonly running = new Set<Promise<void>>();
-  private readonly retries = new Map<NodeJS.Timeout, { name: string; data: Record<string, unknown> }>();
+  private readonly retries = new Map<NodeJS.Timeout, { name: string; data: unknown }>();
   private closing = false;
 
   constructor(
     private readonly settings: Settings,
     private readonly logger: Logger,
+    private readonly registry: R,
   ) {}
 
-  async add(name: string, data: Record<string, unknown>): Promise<void> {
+  async add<N extends keyof R & string>(name: N, input: z.input<R[N]>): Promise<void> {
+    const data: unknown = schemaOf(this.registry, name).parse(input);
     if (!this.handlers) {
       this.waiting.push({ name, data });
       return;
@@ -53,18 +69,18 @@ class InProcessQueue implements JobQueue {
     this.start(name, data, 1);
   }
 
-  work(handlers: JobHandlers): void {
+  work(handlers: JobHandlers<R>): void {
     this.handlers = handlers;
     for (const job of this.waiting.splice(0)) this.start(job.name, job.data, 1);
   }
 
-  private start(name: string, data: Record<string, unknown>, attempt: number): void {
+  private start(name: string, data: unknown, attempt: number): void {
     const run = this.attempt(name, data, attempt).finally(() => this.running.delete(run));
     this.running.add(run);
   }
 
-  private async attempt(name: string, data: Record<string, unknown>, attempt: number): Promise<void> {
-    const handler = this.handlers?.[name];
+  private async attempt(name: string, data: unknown, attempt: number): Promise<void> {
+    const handler = this.handlers?.[name] as AnyHandler | undefined;
     if (!handler) {
       this.logger.error({ job: name }, 'job has no handler; dropped');
       return;
@@ -103,18 +119,26 @@ class InProcessQueue implements JobQueue {
 
 // ==================== Redis (BullMQ) ====================
 
-class RedisQueue implements JobQueue {
+/** Job data as stored in Redis: sealed (job-crypto.ts), never in clear. */
+interface StoredJob {
+  sealed: string;
+}
+
+class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
   readonly kind = 'redis';
   private readonly connection: Redis;
   private readonly queue: Queue;
+  private readonly sealer: JobSealer;
   private worker: Worker | null = null;
   private workerConnection: Redis | null = null;
 
   constructor(
     private readonly settings: Settings,
     private readonly logger: Logger,
+    private readonly registry: R,
     url: string,
   ) {
+    this.sealer = new JobSealer(settings.SECRET_KEY);
     // BullMQ's blocking commands need a client that retries forever rather than failing a request.
     this.connection = new Redis(url, { maxRetriesPerRequest: null, connectTimeout: 2_000 });
     this.connection.on('error', () => undefined);
@@ -122,23 +146,42 @@ class RedisQueue implements JobQueue {
     this.queue.on('error', () => undefined);
   }
 
-  async add(name: string, data: Record<string, unknown>): Promise<void> {
-    await this.queue.add(name, data, {
+  async add<N extends keyof R & string>(name: N, input: z.input<R[N]>): Promise<void> {
+    const data: unknown = schemaOf(this.registry, name).parse(input);
+    const stored: StoredJob = { sealed: this.sealer.seal(name, data) };
+    await this.queue.add(name, stored, {
       attempts: this.settings.JOB_ATTEMPTS,
       backoff: { type: 'exponential', delay: this.settings.JOB_BACKOFF_MS },
-      // Kept for inspection: the last completed jobs, and failed ones for a week.
-      removeOnComplete: { count: 1_000 },
+      // Jobs hold personal data (email addresses, reset links): a finished one is deleted at once.
+      // Failed ones are kept a week for inspection, their data sealed and their reason scrubbed.
+      removeOnComplete: true,
       removeOnFail: { age: 7 * 24 * 3600 },
     });
   }
 
-  work(handlers: JobHandlers): void {
+  work(handlers: JobHandlers<R>): void {
     this.worker = new Worker(
       QUEUE_NAME,
       async (job) => {
-        const handler = handlers[job.name];
+        const handler = handlers[job.name] as AnyHandler | undefined;
         if (!handler) throw new Error(`no handler for job ${job.name}`);
-        await handler(job.data as Record<string, unknown>);
+        let data: unknown;
+        try {
+          const stored = job.data as Partial<StoredJob>;
+          data = schemaOf(this.registry, job.name).parse(this.sealer.open(job.name, stored.sealed ?? ''));
+        } catch (error) {
+          // Altered, sealed under another SECRET_KEY, or of an older shape: no retry can help.
+          this.logger.error({ err: error, job: job.name, jobId: job.id }, 'job data unreadable; dropped');
+          throw Object.assign(new UnrecoverableError(`job ${job.name} has unreadable data`), { cause: error });
+        }
+        try {
+          await handler(data);
+        } catch (error) {
+          // Redis keeps a failed job's message and stack: those of this error, which name no
+          // recipient (an SMTP error quotes the address). Its cause, logged below, is not stored.
+          const code = (error as { code?: unknown }).code;
+          throw new Error(`job ${job.name} failed${typeof code === 'string' ? ` (${code})` : ''}`, { cause: error });
+        }
       },
       {
         connection: (this.workerConnection = this.connection.duplicate()),
@@ -170,6 +213,7 @@ class RedisQueue implements JobQueue {
   }
 }
 
-export function createQueue(settings: Settings, logger: Logger): JobQueue {
-  return settings.REDIS_URL ? new RedisQueue(settings, logger, settings.REDIS_URL) : new InProcessQueue(settings, logger);
+/** The queue of `registry`'s jobs (default: the application's, tasks/registry.ts). */
+export function createQueue<R extends JobRegistry = Jobs>(settings: Settings, logger: Logger, registry: R = JOBS as JobRegistry as R): JobQueue<R> {
+  return settings.REDIS_URL ? new RedisQueue(settings, logger, registry, settings.REDIS_URL) : new InProcessQueue(settings, logger, registry);
 }

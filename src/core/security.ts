@@ -61,6 +61,8 @@ export function emailBinding(email: string): string {
 }
 
 const ALGORITHM = 'HS256';
+/** User ids are UUIDs: a token naming anything else is invalid (401), not a malformed request. */
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const ISSUER = 'keel';
 
 export class TokenService {
@@ -102,6 +104,7 @@ export class TokenService {
     try {
       const { payload } = await jwtVerify(token, this.key, { algorithms: [ALGORITHM], issuer: ISSUER, requiredClaims: ['exp', 'sub'] });
       if (typeof payload.ver !== 'number' || (payload.typ !== 'access' && payload.typ !== 'reset')) return null;
+      if (!UUID.test(payload.sub!)) return null;
       claims = { sub: payload.sub as string, ver: payload.ver, typ: payload.typ, exp: payload.exp as number };
       if (typeof payload.eml === 'string') claims.eml = payload.eml;
     } catch (error) {

@@ -6,7 +6,7 @@ import { UserPublic } from '../schemas/user.js';
 
 import * as userService from '../services/user-service.js';
 import { requireUser } from '../utils/authentication.js';
-import { byAccount, byIp, rateLimit } from '../utils/rate-limit.js';
+import { byAccount, byIp, loginLockout, rateLimit, refundOnSuccess } from '../utils/rate-limit.js';
 
 const tags = ['login'];
 const RECOVERY_MESSAGE = 'If that account exists, a password recovery email has been sent';
@@ -28,12 +28,11 @@ export const loginRouter: FastifyPluginAsyncZod = async (app) => {
         body: LoginForm,
         response: { 200: Token, 400: HTTPError, 422: ValidationError, 429: HTTPError },
       },
-      preHandler: [
-        rateLimit(app, 'login-ip', settings.RATE_LIMIT_LOGIN_PER_IP, byIp),
-        rateLimit(app, 'login-account', settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, (req) =>
-          byAccount((req.body as { username: string }).username),
-        ),
-      ],
+      // Only failures count (wrong passwords, invalid requests): a success takes its hits back.
+      // Per address before anything is parsed, per (account, address) once the body is.
+      onRequest: rateLimit(app, 'login-ip', settings.RATE_LIMIT_LOGIN_PER_IP, byIp, { failuresOnly: true }),
+      preValidation: loginLockout(app, settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, settings.RATE_LIMIT_LOGIN_ACCOUNT_CEILING),
+      onSend: refundOnSuccess,
     },
     async (request) => {
       const { username, password } = request.body;
@@ -69,10 +68,11 @@ export const loginRouter: FastifyPluginAsyncZod = async (app) => {
         params: RecoveryParams,
         response: { 200: Message, 422: ValidationError, 429: HTTPError },
       },
-      preHandler: [
+      // Before validation, so that invalid requests count too.
+      onRequest: [
         rateLimit(app, 'recovery-ip', settings.RATE_LIMIT_RECOVERY_PER_IP, byIp),
         rateLimit(app, 'recovery-account', settings.RATE_LIMIT_RECOVERY_PER_ACCOUNT, (req) =>
-          byAccount((req.params as { email: string }).email),
+          byAccount((req.params as { email?: string }).email ?? null),
         ),
       ],
     },
@@ -92,7 +92,7 @@ export const loginRouter: FastifyPluginAsyncZod = async (app) => {
         body: NewPassword,
         response: { 200: Message, 400: HTTPError, 422: ValidationError, 429: HTTPError },
       },
-      preHandler: rateLimit(app, 'reset-ip', settings.RATE_LIMIT_RECOVERY_PER_IP, byIp),
+      onRequest: rateLimit(app, 'reset-ip', settings.RATE_LIMIT_RECOVERY_PER_IP, byIp),
     },
     async (request) => {
       await userService.resetPassword(app.db, app.tokens, request.body.token, request.body.new_password);

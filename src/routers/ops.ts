@@ -1,5 +1,12 @@
+import { createHash, timingSafeEqual } from 'node:crypto';
+
+import type { FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
+
+import { UnauthorizedError } from '../core/errors.js';
+
+import { HTTPError } from '../schemas/common.js';
 
 const tags = ['ops'];
 const CHECK_TIMEOUT_MS = 2_000;
@@ -27,6 +34,18 @@ async function within(ms: number, work: () => Promise<unknown>): Promise<'ok' | 
   } finally {
     clearTimeout(timer);
   }
+}
+
+const digest = (value: string) => createHash('sha256').update(value).digest();
+
+/** onRequest of /metrics when METRICS_TOKEN is set: `Authorization: Bearer <token>`, compared in constant time. */
+function requireMetricsToken(token: string) {
+  const expected = digest(token);
+  return async (request: FastifyRequest) => {
+    const header = request.headers.authorization ?? '';
+    const given = /^bearer /i.test(header) ? header.slice(7).trim() : '';
+    if (!given || !timingSafeEqual(digest(given), expected)) throw new UnauthorizedError('Not authenticated');
+  };
 }
 
 /** Liveness, readiness and metrics: outside /api/v1, as load balancers and Prometheus expect. */
@@ -72,10 +91,12 @@ export const opsRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'metrics',
         summary: 'Prometheus Metrics',
+        description: 'Needs `Authorization: Bearer <METRICS_TOKEN>` when that setting is set.',
         tags,
         produces: ['text/plain'],
-        response: { 200: z.string().describe('Prometheus text exposition format') },
+        response: { 200: z.string().describe('Prometheus text exposition format'), 401: HTTPError },
       },
+      ...(app.settings.METRICS_TOKEN ? { onRequest: requireMetricsToken(app.settings.METRICS_TOKEN) } : {}),
     },
     async (_request, reply) => {
       reply.type(app.metrics.registry.contentType);

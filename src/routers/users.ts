@@ -5,7 +5,7 @@ import { UpdatePassword, UserCreate, UserIdParams, UserPublic, UserRegister, Use
 
 import * as userService from '../services/user-service.js';
 import { ensureSuperuser, forbidApiKey, requireSuperuser, requireUser } from '../utils/authentication.js';
-import { byAccount, byIp, rateLimit } from '../utils/rate-limit.js';
+import { bodyField, byAccount, byIp, rateLimit } from '../utils/rate-limit.js';
 
 const tags = ['users'];
 
@@ -120,10 +120,8 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         body: UserRegister,
         response: { 200: UserPublic, 403: ErrorBody, 409: ErrorBody, 422: ValidationError, 429: ErrorBody },
       },
-      preHandler: [
-        rateLimit(app, 'signup-ip', settings.RATE_LIMIT_SIGNUP_PER_IP, byIp),
-        rateLimit(app, 'signup-account', settings.RATE_LIMIT_SIGNUP_PER_ACCOUNT, (req) => byAccount((req.body as { email: string }).email)),
-      ],
+      onRequest: rateLimit(app, 'signup-ip', settings.RATE_LIMIT_SIGNUP_PER_IP, byIp),
+      preValidation: rateLimit(app, 'signup-account', settings.RATE_LIMIT_SIGNUP_PER_ACCOUNT, (req) => byAccount(bodyField(req, 'email'))),
     },
     async (request, reply) => {
       const user = await userService.signup(db, settings, request.body);

@@ -98,6 +98,13 @@ describe('POST /login/access-token', () => {
     expect(me.json<UserBody>().id).toBe(alice.user.id);
   });
 
+  it('tells caches not to keep the answer (it holds a token)', async () => {
+    const alice = await createUser(ctx.app);
+    const response = await loginForm(ctx.app, { username: alice.email, password: alice.password });
+    expect(response.statusCode).toBe(200);
+    expect(response.headers['cache-control']).toBe('no-store');
+  });
+
   it('accepts the optional OAuth2 fields (grant_type=password, scope, client_id)', async () => {
     const alice = await createUser(ctx.app);
     const response = await loginForm(ctx.app, {
@@ -344,6 +351,8 @@ describe('401 on an authenticated route', () => {
     ['another issuer', { iss: 'not-keel' }],
     ['no exp', { exp: undefined }],
     ['no sub', { sub: undefined }],
+    ['a sub that is not a UUID', { sub: 'not-a-uuid' }],
+    ['a numeric-looking sub', { sub: '42' }],
     ['a non-numeric ver', { ver: '0' }],
     ['a stale ver', { ver: 1 }],
   ])('answers 401 for a correctly signed token with %s', async (_label, overrides) => {
@@ -444,37 +453,61 @@ describe('login rate limits', () => {
     return app;
   }
 
-  it('limits attempts per account, whatever the IP and the case of the email', async () => {
+  const wrong = (username: string) => ({ username, password: 'wrong-password' });
+
+  it('refuses an address after RATE_LIMIT_LOGIN_PER_ACCOUNT failures on an account, whatever the case of the email', async () => {
     const app = await appWith({ RATE_LIMIT_LOGIN_PER_ACCOUNT: '3' });
     const alice = await createUser(app);
     const bob = await createUser(app);
-    const attempts = [alice.email, alice.email.toUpperCase(), ` ${alice.email} `];
-    for (const [i, username] of attempts.entries()) {
-      const response = await loginForm(app, { username, password: 'wrong-password' }, `10.1.0.${i + 1}`);
-      expect(response.statusCode).toBe(400);
+    for (const username of [alice.email, alice.email.toUpperCase(), ` ${alice.email} `]) {
+      expect((await loginForm(app, wrong(username), '10.1.0.1')).statusCode).toBe(400);
     }
-    // The fourth attempt is refused even with the right password, from yet another IP.
-    expectTooMany(await loginForm(app, { username: alice.email, password: alice.password }, '10.1.0.9'));
-    // Another account is not affected.
-    const other = await loginForm(app, { username: bob.email, password: bob.password }, '10.1.0.1');
-    expect(other.statusCode).toBe(200);
+    // The fourth attempt from that address is refused, even with the right password.
+    expectTooMany(await loginForm(app, { username: alice.email, password: alice.password }, '10.1.0.1'));
+    // That address may still sign in to another account.
+    expect((await loginForm(app, { username: bob.email, password: bob.password }, '10.1.0.1')).statusCode).toBe(200);
+  });
+
+  it('does not lock the owner out: failures from one address leave the right password from another one working', async () => {
+    const app = await appWith({ RATE_LIMIT_LOGIN_PER_ACCOUNT: '10' });
+    const alice = await createUser(app);
+    for (let i = 0; i < 12; i++) {
+      const response = await loginForm(app, wrong(alice.email), '10.7.0.1');
+      expect(response.statusCode).toBe(i < 10 ? 400 : 429);
+    }
+    const owner = await loginForm(app, { username: alice.email, password: alice.password }, '10.7.0.2');
+    expect(owner.statusCode).toBe(200);
+    expect(owner.json()).toMatchObject({ token_type: 'bearer' });
+    // The guessing address stays refused, with the time to wait.
+    expectTooMany(await loginForm(app, { username: alice.email, password: alice.password }, '10.7.0.1'));
+  });
+
+  it('does not count successful logins', async () => {
+    const app = await appWith({ RATE_LIMIT_LOGIN_PER_ACCOUNT: '2', RATE_LIMIT_LOGIN_PER_IP: '2' });
+    const alice = await createUser(app);
+    for (let i = 0; i < 6; i++) {
+      expect((await loginForm(app, { username: alice.email, password: alice.password }, '10.8.0.1')).statusCode).toBe(200);
+    }
+    // Failures still count after them: two allowed, the third refused.
+    expect((await loginForm(app, wrong(alice.email), '10.8.0.1')).statusCode).toBe(400);
+    expect((await loginForm(app, wrong(alice.email), '10.8.0.1')).statusCode).toBe(400);
+    expectTooMany(await loginForm(app, { username: alice.email, password: alice.password }, '10.8.0.1'));
   });
 
   it('limits unknown accounts too, so the limit does not reveal which accounts exist', async () => {
     const app = await appWith({ RATE_LIMIT_LOGIN_PER_ACCOUNT: '2' });
     const unknown = randomEmail('ghost');
     for (let i = 0; i < 2; i++) {
-      expect((await loginForm(app, { username: unknown, password: 'wrong-password' })).statusCode).toBe(400);
+      expect((await loginForm(app, wrong(unknown))).statusCode).toBe(400);
     }
-    expectTooMany(await loginForm(app, { username: unknown, password: 'wrong-password' }));
+    expectTooMany(await loginForm(app, wrong(unknown)));
   });
 
-  it('limits attempts per IP, counting each IP separately', async () => {
+  it('limits failures per address across accounts (password spraying)', async () => {
     const app = await appWith({ RATE_LIMIT_LOGIN_PER_IP: '3' });
     const alice = await createUser(app);
     for (let i = 0; i < 3; i++) {
-      const response = await loginForm(app, { username: randomEmail('spray'), password: 'wrong-password' }, '10.2.0.1');
-      expect(response.statusCode).toBe(400);
+      expect((await loginForm(app, wrong(randomEmail('spray')), '10.2.0.1')).statusCode).toBe(400);
     }
     expectTooMany(await loginForm(app, { username: alice.email, password: alice.password }, '10.2.0.1'));
 
@@ -483,23 +516,62 @@ describe('login rate limits', () => {
     expect(elsewhere.json()).toMatchObject({ token_type: 'bearer' });
   });
 
-  it('does not count requests rejected by validation', async () => {
+  it('past the account ceiling, gives addresses that failed on it no further try, but lets a fresh address in', async () => {
+    const app = await appWith({ RATE_LIMIT_LOGIN_PER_ACCOUNT: '5', RATE_LIMIT_LOGIN_ACCOUNT_CEILING: '4' });
+    const alice = await createUser(app);
+    // Four guessing addresses, one failure each: the ceiling is reached.
+    for (let i = 1; i <= 4; i++) expect((await loginForm(app, wrong(alice.email), `10.9.0.${i}`)).statusCode).toBe(400);
+    // A fifth address gets its first try (it has not failed before); its second is refused.
+    expect((await loginForm(app, wrong(alice.email), '10.9.0.5')).statusCode).toBe(400);
+    expectTooMany(await loginForm(app, wrong(alice.email), '10.9.0.5'));
+    // So is any further try from an address that failed, though under its own per-address limit.
+    expectTooMany(await loginForm(app, wrong(alice.email), '10.9.0.1'));
+    // The owner, from an address that has not failed, gets in.
+    expect((await loginForm(app, { username: alice.email, password: alice.password }, '10.9.0.99')).statusCode).toBe(200);
+  });
+
+  it('counts requests rejected by validation toward the per-address limit', async () => {
     const app = await appWith({ RATE_LIMIT_LOGIN_PER_IP: '2' });
     const alice = await createUser(app);
-    for (let i = 0; i < 5; i++) {
+    for (let i = 0; i < 2; i++) {
       expect((await loginForm(app, { username: alice.email }, '10.3.0.1')).statusCode).toBe(422);
     }
-    expect((await loginForm(app, { username: alice.email, password: alice.password }, '10.3.0.1')).statusCode).toBe(200);
+    const malformed = await app.inject({
+      method: 'POST',
+      url: '/api/v1/login/access-token',
+      payload: '{"username":',
+      headers: { 'content-type': 'application/json' },
+      remoteAddress: '10.3.0.1',
+    });
+    expectTooMany(malformed);
+    expectTooMany(await loginForm(app, { username: alice.email, password: alice.password }, '10.3.0.1'));
+    expect((await loginForm(app, { username: alice.email, password: alice.password }, '10.3.0.2')).statusCode).toBe(200);
   });
 
   it('lets the account in again once the window has passed', async () => {
     const app = await appWith({ RATE_LIMIT_LOGIN_PER_ACCOUNT: '1', RATE_LIMIT_WINDOW_SECONDS: '1' });
     const alice = await createUser(app);
-    expect((await loginForm(app, { username: alice.email, password: alice.password })).statusCode).toBe(200);
+    expect((await loginForm(app, wrong(alice.email))).statusCode).toBe(400);
     const limited = await loginForm(app, { username: alice.email, password: alice.password });
     expectTooMany(limited, 1);
     await new Promise((resolve) => setTimeout(resolve, Number(limited.headers['retry-after']) * 1000 + 250));
     expect((await loginForm(app, { username: alice.email, password: alice.password })).statusCode).toBe(200);
+  });
+
+  it.skipIf(!process.env.REDIS_URL)('keeps its Redis keys named and hashed: no email, no address, no "undefined"', async () => {
+    const app = await appWith({ RATE_LIMIT_LOGIN_PER_ACCOUNT: '5' });
+    const alice = await createUser(app);
+    expect((await loginForm(app, wrong(alice.email), '10.10.0.1')).statusCode).toBe(400);
+    const keys = await app.redis!.keys(`${app.settings.REDIS_KEY_PREFIX}*`);
+    const limits = keys.filter((key) => key.startsWith(`${app.settings.REDIS_KEY_PREFIX}rate-limit:`));
+    expect(limits.map((key) => key.split(':').slice(-2, -1)[0]).sort()).toEqual(['login-account', 'login-account-address', 'login-ip']);
+    for (const key of limits) {
+      expect(key).toMatch(/^[\w.:-]+:rate-limit:[\w-]+:[\w-]{22}$/);
+      expect(key).not.toContain('undefined');
+      expect(key.toLowerCase()).not.toContain(alice.email.toLowerCase().split('@')[0]);
+      expect(key).not.toContain('10.10.0.1');
+      expect(await app.redis!.pttl(key)).toBeGreaterThan(0);
+    }
   });
 
   it('keeps the superuser login on the same limits', async () => {

@@ -1,6 +1,9 @@
 import { createHash, createHmac } from 'node:crypto';
+import type { AddressInfo } from 'node:net';
 
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
+import type { Redis } from 'ioredis';
+import { SMTPServer } from 'smtp-server';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import type { Database } from '../../src/core/db.js';
@@ -426,5 +429,80 @@ describe('recovery rate limits', () => {
     const response = await recover(limited, alice.email);
     expect(response.statusCode).toBe(200);
     expect(response.json()).toEqual(RECOVERY_BODY);
+  });
+});
+
+// ==================== At rest in Redis ====================
+
+/** Every value under `prefix` in Redis, as text: what someone reading the Redis dump would see. */
+async function redisDump(redis: Redis, prefix: string): Promise<string> {
+  const parts: string[] = [];
+  for (const key of await redis.keys(`${prefix}*`)) {
+    const type = await redis.type(key);
+    parts.push(key);
+    if (type === 'string') parts.push((await redis.get(key)) ?? '');
+    else if (type === 'hash') parts.push(JSON.stringify(await redis.hgetall(key)));
+    else if (type === 'list') parts.push(...(await redis.lrange(key, 0, -1)));
+    else if (type === 'set') parts.push(...(await redis.smembers(key)));
+    else if (type === 'zset') parts.push(...(await redis.zrange(key, '0', '-1')));
+    else if (type === 'stream') parts.push(JSON.stringify(await redis.xrange(key, '-', '+')));
+  }
+  return parts.join('\n');
+}
+
+async function until(check: () => Promise<boolean>, timeoutMs = 5_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error('condition not met in time');
+    await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+}
+
+describe.skipIf(!process.env.REDIS_URL)('recovery emails at rest in Redis', () => {
+  it('leaves neither the reset link nor the address in Redis once the email is sent', async () => {
+    const prefix = app.settings.REDIS_KEY_PREFIX;
+    const alice = await createUser(app);
+    const token = await requestResetToken(alice.email);
+    const redis = app.redis!;
+    // The finished job is deleted (only BullMQ's bookkeeping remains).
+    await until(async () => (await redis.keys(`${prefix}jobs:keel-jobs:[0-9]*`)).length === 0);
+    const dump = await redisDump(redis, prefix);
+    expect(dump).toContain('keel-jobs'); // the queue was there
+    expect(dump).not.toContain(token);
+    expect(dump).not.toContain(token.split('.')[2]!); // not even the signature
+    expect(dump.toLowerCase()).not.toContain(alice.email.toLowerCase());
+    expect(dump).not.toContain('reset-password');
+  });
+
+  it('keeps a failed email job sealed, its reason naming no recipient', async () => {
+    // A mail server that refuses every recipient, quoting the address in its answer.
+    const refusing = new SMTPServer({
+      authOptional: true,
+      disabledCommands: ['STARTTLS'],
+      logger: false,
+      onRcptTo: (address, _session, callback) => callback(new Error(`Mailbox ${address.address} unavailable`)),
+    });
+    await new Promise<void>((resolve) => refusing.listen(0, '127.0.0.1', resolve));
+    const port = (refusing.server.address() as AddressInfo).port;
+    const failing = await openMailingApp({ SMTP_PORT: String(port), JOB_ATTEMPTS: '1' });
+    try {
+      const prefix = failing.app.settings.REDIS_KEY_PREFIX;
+      const alice = await createUser(failing.app);
+      expect((await recover(failing.app, alice.email)).statusCode).toBe(200);
+      const redis = failing.app.redis!;
+      await until(async () => (await redis.zcard(`${prefix}jobs:keel-jobs:failed`)) === 1);
+      const [id] = await redis.zrange(`${prefix}jobs:keel-jobs:failed`, '0', '-1');
+      const job = await redis.hgetall(`${prefix}jobs:keel-jobs:${id}`);
+      expect(job.name).toBe('send-email');
+      expect(job.failedReason).toMatch(/^job send-email failed/);
+      expect(Object.keys(JSON.parse(job.data!) as object)).toEqual(['sealed']);
+      const dump = await redisDump(redis, prefix);
+      expect(dump.toLowerCase()).not.toContain(alice.email.toLowerCase());
+      expect(dump).not.toContain('reset-password');
+      expect(dump).not.toMatch(/eyJ[\w-]+\.eyJ/); // no JWT
+    } finally {
+      await failing.close();
+      await new Promise<void>((resolve) => refusing.close(() => resolve()));
+    }
   });
 });

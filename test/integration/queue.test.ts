@@ -4,13 +4,26 @@ import { Queue } from 'bullmq';
 import { Redis } from 'ioredis';
 import pino from 'pino';
 import { describe, expect, it } from 'vitest';
+import { z } from 'zod';
 
-import { createQueue, type JobQueue } from '../../src/core/queue.js';
+import type { Settings } from '../../src/core/config.js';
+import type { Logger } from '../../src/core/logger.js';
+import { createQueue as createAppQueue, type JobQueue } from '../../src/core/queue.js';
 
 import { startWorker } from '../../src/server.js';
 import { testSettings } from '../helpers/app.js';
 
 const silent = pino({ level: 'silent' });
+
+/** The jobs these tests queue. */
+const TEST_JOBS = {
+  greet: z.object({ name: z.string() }),
+  flaky: z.object({ n: z.number() }),
+  doomed: z.object({}),
+  later: z.object({ n: z.number() }),
+  slow: z.object({}),
+};
+const createQueue = (settings: Settings, logger: Logger) => createAppQueue(settings, logger, TEST_JOBS);
 
 async function eventually(check: () => boolean | Promise<boolean>, timeoutMs = 5_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -91,12 +104,65 @@ describe.each(kinds)('job queue (%s)', (kind, env) => {
     await producer.add('later', { n: 7 });
     const job = flaky(0);
     // Embedded, the same queue object starts working; on Redis, another process would (here: another queue).
-    const consumer: JobQueue = kind === 'redis' ? createQueue(settings, silent) : producer;
+    const consumer: JobQueue<typeof TEST_JOBS> = kind === 'redis' ? createQueue(settings, silent) : producer;
     consumer.work({ later: job.handler });
     await eventually(() => job.calls.length === 1);
     expect(job.calls[0]).toEqual({ n: 7 });
     await producer.close();
     if (consumer !== producer) await consumer.close();
+  });
+});
+
+describe.each(kinds)('job registry (%s)', (_kind, env) => {
+  const settingsFor = () => testSettings({ REDIS_URL: '', ...env, JOB_ATTEMPTS: '1', REDIS_KEY_PREFIX: `keel-test-q:${randomBytes(4).toString('hex')}:` });
+
+  it('refuses, when queued, data its schema does not accept, and names only registered jobs', async () => {
+    const queue = createQueue(settingsFor(), silent);
+    const job = flaky(0);
+    queue.work({ greet: job.handler });
+    // @ts-expect-error: the data does not match the job's schema
+    await expect(queue.add('greet', { name: 42 })).rejects.toThrow(z.ZodError);
+    // @ts-expect-error: no such job
+    await expect(queue.add('unknown', {})).rejects.toThrow(/unknown job unknown/);
+    await queue.add('greet', { name: 'Ada' });
+    await eventually(() => job.calls.length === 1);
+    expect(job.calls).toEqual([{ name: 'Ada' }]);
+    await queue.close();
+  });
+
+  it('the application queue knows its own jobs only', async () => {
+    const queue = createAppQueue(settingsFor(), silent);
+    // @ts-expect-error: not an application job
+    await expect(queue.add('greet', { name: 'Ada' })).rejects.toThrow(/unknown job/);
+    await expect(queue.add('send-email', { to: 'not an email', subject: 's', html: '', text: '' })).rejects.toThrow(z.ZodError);
+    await queue.close();
+  });
+});
+
+describe.skipIf(!process.env.REDIS_URL)('job data in Redis', () => {
+  it('is sealed, and a job sealed under another SECRET_KEY is dropped at once, not retried', async () => {
+    const prefix = `keel-test-q:${randomBytes(4).toString('hex')}:`;
+    const settings = testSettings({ REDIS_URL: process.env.REDIS_URL!, REDIS_KEY_PREFIX: prefix, JOB_ATTEMPTS: '3', JOB_BACKOFF_MS: '20' });
+    const producer = createQueue(settings, silent);
+    await producer.add('greet', { name: 'Ada Lovelace' });
+    const connection = new Redis(settings.REDIS_URL!, { maxRetriesPerRequest: null });
+    const [key] = await connection.keys(`${prefix}jobs:keel-jobs:[0-9]*`);
+    const stored = await connection.hget(key!, 'data');
+    expect(Object.keys(JSON.parse(stored!) as object)).toEqual(['sealed']);
+    expect(stored).not.toContain('Ada');
+
+    const consumer = createQueue({ ...settings, SECRET_KEY: randomBytes(32).toString('hex') }, silent);
+    const job = flaky(0);
+    consumer.work({ greet: job.handler });
+    await eventually(async () => (await connection.zcard(`${prefix}jobs:keel-jobs:failed`)) === 1);
+    const [id] = await connection.zrange(`${prefix}jobs:keel-jobs:failed`, '0', '-1');
+    expect(await connection.hget(`${prefix}jobs:keel-jobs:${id}`, 'atm')).toBe('1'); // attempts made
+    expect(job.calls).toEqual([]);
+    await consumer.close();
+    await producer.close();
+    const keys = await connection.keys(`${prefix}*`);
+    if (keys.length) await connection.del(...keys);
+    await connection.quit();
   });
 });
 

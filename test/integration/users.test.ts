@@ -434,13 +434,13 @@ describe('GET /users', () => {
   });
 
   it.each([
-    ['limit=0', [[['query', 'limit'], 'too_short']]],
-    ['limit=101', [[['query', 'limit'], 'too_long']]],
-    ['limit=-1', [[['query', 'limit'], 'too_short']]],
-    ['limit=abc', [[['query', 'limit'], expect.any(String)]]],
-    ['limit=2.5', [[['query', 'limit'], expect.any(String)]]],
-    ['offset=-1', [[['query', 'offset'], 'too_short']]],
-    ['offset=abc', [[['query', 'offset'], expect.any(String)]]],
+    ['limit=0', [[['query', 'limit'], 'greater_than_equal']]],
+    ['limit=101', [[['query', 'limit'], 'less_than_equal']]],
+    ['limit=-1', [[['query', 'limit'], 'greater_than_equal']]],
+    ['limit=abc', [[['query', 'limit'], 'float_parsing']]],
+    ['limit=2.5', [[['query', 'limit'], 'int_from_float']]],
+    ['offset=-1', [[['query', 'offset'], 'greater_than_equal']]],
+    ['offset=abc', [[['query', 'offset'], 'float_parsing']]],
   ] as [string, [string[], string][]][])('answers 422 for %s', async (query, issues) => {
     expect422(await call('GET', `/users?${query}`, { headers: admin }), issues);
   });

@@ -6,8 +6,6 @@ import type { JobHandlers, JobQueue } from '../../core/queue.js';
 
 import type { RenderedEmail } from './templates.js';
 
-const SEND_EMAIL = 'send-email';
-
 /**
  * Email goes through the job queue: a request never waits on (or reveals, by its timing) the mail
  * server, a message survives a failing server through retries, and on Redis it survives the node.
@@ -26,7 +24,7 @@ export class Mailer {
   send(to: string, email: RenderedEmail, logger: Logger): void {
     if (!this.enabled) return;
     this.queue
-      .add(SEND_EMAIL, { to, subject: email.subject, html: email.html, text: email.text })
+      .add('send-email', { to, subject: email.subject, html: email.html, text: email.text })
       .then(
         () => logger.info({ subject: email.subject }, 'email queued'),
         (error: unknown) => logger.error({ err: error, subject: email.subject }, 'email could not be queued'),
@@ -50,8 +48,7 @@ export function emailJobs(settings: Settings, logger: Logger): JobHandlers {
   });
   const from = settings.EMAILS_FROM_NAME ? { name: settings.EMAILS_FROM_NAME, address: settings.EMAILS_FROM_EMAIL! } : settings.EMAILS_FROM_EMAIL!;
   return {
-    [SEND_EMAIL]: async (data) => {
-      const { to, subject, html, text } = data as { to: string; subject: string; html: string; text: string };
+    'send-email': async ({ to, subject, html, text }) => {
       await transport.sendMail({ from, to, subject, html, text });
       logger.info({ subject }, 'email sent');
     },

@@ -1,0 +1,55 @@
+import type { ServerOptions } from 'node:http';
+import type { Socket } from 'node:net';
+
+import type { Settings } from './config.js';
+
+/** What Node answers on its own, before a request reaches Fastify, in the API's `{detail}` shape. */
+function clientErrorAnswer(code: string | undefined): { status: number; reason: string; detail: string } {
+  switch (code) {
+    case 'ERR_HTTP_REQUEST_TIMEOUT':
+      return { status: 408, reason: 'Request Timeout', detail: 'Request timeout: the request was not received in time' };
+    case 'HPE_HEADER_OVERFLOW':
+      return { status: 431, reason: 'Request Header Fields Too Large', detail: 'Request header fields too large' };
+    default:
+      return { status: 400, reason: 'Bad Request', detail: 'Malformed HTTP request' };
+  }
+}
+
+/**
+ * Node's `clientError`: a request line or headers it cannot parse, headers over its limit, or a
+ * client too slow to send its request. The answer is written on the socket, which is then closed.
+ */
+export function answerClientError(error: NodeJS.ErrnoException, socket: Socket): void {
+  // A reset connection: there is nobody to answer.
+  if (error.code === 'ECONNRESET' || socket.destroyed) return;
+  const { status, reason, detail } = clientErrorAnswer(error.code);
+  const body = JSON.stringify({ detail });
+  if (socket.writable) {
+    socket.write(
+      `HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ${Buffer.byteLength(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n${body}`,
+    );
+  }
+  socket.destroy();
+}
+
+/**
+ * The server's timeouts (Fastify options): headers and the whole request must arrive in time (a
+ * trickled body is cut off with 408), an idle keep-alive connection is closed after its timeout.
+ */
+export function serverOptions(settings: Settings) {
+  const requestTimeout = settings.HTTP_REQUEST_TIMEOUT_MS;
+  // Node refuses a headers timeout longer than the request timeout.
+  const headersTimeout = Math.min(settings.HTTP_HEADERS_TIMEOUT_MS, requestTimeout);
+  const http: ServerOptions = {
+    requestTimeout,
+    headersTimeout,
+    // How often Node checks those two (its default, 30 s, would let a short timeout run long).
+    connectionsCheckingInterval: Math.min(1_000, Math.floor(headersTimeout / 2)),
+  };
+  return {
+    http,
+    requestTimeout,
+    keepAliveTimeout: settings.HTTP_KEEP_ALIVE_TIMEOUT_MS,
+    clientErrorHandler: answerClientError,
+  };
+}

@@ -1,0 +1,20 @@
+import { z } from 'zod';
+
+/** An email as the mailer queues it (services/email/mailer.ts). */
+export const SendEmailJob = z.strictObject({
+  to: z.email(),
+  subject: z.string().min(1).max(998),
+  html: z.string(),
+  text: z.string(),
+});
+
+/**
+ * Every background job by name, with the schema of its data: `queue.add` accepts only these
+ * names and their data (checked by the compiler, and validated when queued and when run).
+ */
+export const JOBS = {
+  'send-email': SendEmailJob,
+} as const;
+
+export type Jobs = typeof JOBS;
+export type JobName = keyof Jobs;

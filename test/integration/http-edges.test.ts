@@ -1,0 +1,182 @@
+import { connect, type Socket } from 'node:net';
+
+import type { FastifyInstance } from 'fastify';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { MAX_VALIDATION_ISSUES } from '../../src/core/errors.js';
+
+import { buildTestApp, openTestDatabase, useTestApp } from '../helpers/app.js';
+import { superuserHeaders } from '../helpers/factories.js';
+
+const ctx = useTestApp({ RATE_LIMIT_SIGNUP_PER_IP: '3', HTTP_REQUEST_TIMEOUT_MS: '2000', HTTP_HEADERS_TIMEOUT_MS: '1000' });
+
+interface Issue {
+  loc: (string | number)[];
+  msg: string;
+  type: string;
+}
+
+const signup = (app: FastifyInstance, payload: string, remoteAddress: string) =>
+  app.inject({ method: 'POST', url: '/api/v1/users/signup', payload, headers: { 'content-type': 'application/json' }, remoteAddress });
+
+// ==================== Validation answers ====================
+
+describe('422 answers', () => {
+  it('lists at most MAX_VALIDATION_ISSUES issues for a 1 MB body of 110,000 unknown keys, and say how many were left out', async () => {
+    const keys = Array.from({ length: 110_000 }, (_, i) => `"${i.toString(36)}":0`);
+    const body = `{"email":"x@keel.test","password":"long-enough-password",${keys.join(',')}}`;
+    expect(body.length).toBeGreaterThan(900_000);
+    expect(body.length).toBeLessThan(ctx.app.settings.BODY_LIMIT_BYTES);
+    const response = await signup(ctx.app, body, '10.20.0.1');
+    expect(response.statusCode).toBe(422);
+    expect(response.rawPayload.length).toBeLessThan(20_000);
+    const { detail } = response.json<{ detail: Issue[] }>();
+    expect(detail).toHaveLength(MAX_VALIDATION_ISSUES + 1);
+    expect(detail[0]).toEqual({ loc: ['body', '0'], msg: 'Extra inputs are not permitted', type: 'extra_forbidden' });
+    expect(detail.at(-1)).toEqual({ loc: ['body'], msg: `${110_000 - MAX_VALIDATION_ISSUES} more issues not listed`, type: 'too_many_errors' });
+  });
+
+  it('counts invalid requests toward the per-address limit (limits run before validation)', async () => {
+    for (let i = 0; i < 3; i++) expect((await signup(ctx.app, '{"nope":1}', '10.21.0.1')).statusCode).toBe(422);
+    const limited = await signup(ctx.app, '{"email":"fresh@keel.test","password":"long-enough-password"}', '10.21.0.1');
+    expect(limited.statusCode).toBe(429);
+    expect(Number(limited.headers['retry-after'])).toBeGreaterThanOrEqual(1);
+    // Malformed JSON counts too.
+    expect((await signup(ctx.app, '{', '10.21.0.1')).statusCode).toBe(429);
+  });
+
+  it('answers an empty JSON body and malformed JSON alike: 422 json_invalid', async () => {
+    for (const payload of ['', '{"email":']) {
+      const response = await signup(ctx.app, payload, '10.22.0.1');
+      expect(response.statusCode, JSON.stringify(payload)).toBe(422);
+      const { detail } = response.json<{ detail: Issue[] }>();
+      expect(detail).toHaveLength(1);
+      expect(detail[0]).toMatchObject({ loc: ['body'], type: 'json_invalid' });
+    }
+  });
+
+  it.each([
+    ['limit=0', 'greater_than_equal', 'Input should be greater than or equal to 1'],
+    ['limit=101', 'less_than_equal', 'Input should be less than or equal to 100'],
+    ['limit=1&limit=2', 'float_parsing', 'Input should be a valid number, unable to parse string as a number'],
+  ])('types numeric issues as FastAPI does: ?%s', async (query, type, msg) => {
+    const response = await ctx.app.inject({ method: 'GET', url: `/api/v1/users?${query}`, headers: await superuserHeaders(ctx.app) });
+    expect(response.statusCode).toBe(422);
+    const [issue] = response.json<{ detail: Issue[] }>().detail;
+    expect(issue).toMatchObject({ loc: ['query', 'limit'], type, msg });
+    expect(issue!.msg).not.toContain('NaN');
+  });
+});
+
+// ==================== Headers ====================
+
+describe('Cache-Control', () => {
+  it('is no-store on API answers, and left alone elsewhere', async () => {
+    const api = await ctx.app.inject({ method: 'GET', url: '/api/v1/users/me' });
+    expect(api.statusCode).toBe(401);
+    expect(api.headers['cache-control']).toBe('no-store');
+    const health = await ctx.app.inject({ method: 'GET', url: '/health' });
+    expect(health.headers['cache-control']).toBeUndefined();
+  });
+});
+
+// ==================== Over a real socket ====================
+
+describe('over a real socket', () => {
+  let port: number;
+
+  beforeAll(async () => {
+    await ctx.app.listen({ port: 0, host: '127.0.0.1' });
+    port = (ctx.app.server.address() as { port: number }).port;
+  });
+
+  /** Opens a connection, writes `chunks` (strings now, or {after ms, data}), and collects the answer until the server closes. */
+  function exchange(first: string): { socket: Socket; answer: Promise<{ text: string; closedAfterMs: number }> } {
+    const started = Date.now();
+    const socket = connect(port, '127.0.0.1');
+    socket.write(first);
+    const answer = new Promise<{ text: string; closedAfterMs: number }>((resolve) => {
+      let text = '';
+      socket.on('data', (chunk: Buffer) => (text += chunk.toString('utf8')));
+      socket.on('error', () => undefined);
+      socket.on('close', () => resolve({ text, closedAfterMs: Date.now() - started }));
+    });
+    return { socket, answer };
+  }
+
+  const bodyOf = (text: string) => JSON.parse(text.slice(text.indexOf('\r\n\r\n') + 4)) as unknown;
+
+  it('answers a malformed request line with 400 in the {detail} shape', async () => {
+    const { text } = await exchange('NOT AN HTTP REQUEST\r\n\r\n').answer;
+    expect(text).toMatch(/^HTTP\/1\.1 400 Bad Request\r\n/);
+    expect(text).toMatch(/content-type: application\/json/i);
+    expect(bodyOf(text)).toEqual({ detail: 'Malformed HTTP request' });
+  });
+
+  it('answers over-large headers with 431 in the {detail} shape', async () => {
+    const { text } = await exchange(`GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`).answer;
+    expect(text).toMatch(/^HTTP\/1\.1 431 /);
+    expect(bodyOf(text)).toEqual({ detail: 'Request header fields too large' });
+  });
+
+  it('cuts off a body trickled one byte a second once HTTP_REQUEST_TIMEOUT_MS has passed', async () => {
+    const { socket, answer } = exchange(
+      'POST /api/v1/users/signup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{',
+    );
+    const trickle = setInterval(() => {
+      if (!socket.destroyed) socket.write(' ');
+    }, 1_000);
+    const { text, closedAfterMs } = await answer;
+    clearInterval(trickle);
+    expect(text).toMatch(/^HTTP\/1\.1 408 /);
+    expect(bodyOf(text)).toEqual({ detail: 'Request timeout: the request was not received in time' });
+    expect(closedAfterMs).toBeGreaterThanOrEqual(1_900);
+    expect(closedAfterMs).toBeLessThan(4_500);
+  });
+
+  it('applies the configured timeouts to the server', () => {
+    expect(ctx.app.server.requestTimeout).toBe(2_000);
+    expect(ctx.app.server.headersTimeout).toBe(1_000);
+    expect(ctx.app.server.keepAliveTimeout).toBe(ctx.app.settings.HTTP_KEEP_ALIVE_TIMEOUT_MS);
+  });
+});
+
+// ==================== /metrics ====================
+
+describe('METRICS_TOKEN', () => {
+  const token = 'metrics-token-0123456789abcdef';
+  let app: FastifyInstance;
+  let destroy: () => Promise<void>;
+
+  beforeAll(async () => {
+    const opened = await openTestDatabase();
+    destroy = opened.destroy;
+    app = await buildTestApp(opened.database, { METRICS_TOKEN: token });
+  });
+  afterAll(async () => {
+    await app?.close();
+    await destroy?.();
+  });
+
+  it.each([
+    ['no credentials', {}],
+    ['a wrong token', { authorization: `Bearer ${token}x` }],
+    ['the token in another scheme', { authorization: `Basic ${token}` }],
+    ['a user API key header', { 'x-api-key': token }],
+  ])('answers 401 to %s', async (_label, headers: Record<string, string>) => {
+    const response = await app.inject({ method: 'GET', url: '/metrics', headers });
+    expect(response.statusCode).toBe(401);
+    expect(response.json()).toEqual({ detail: 'Not authenticated' });
+    expect(response.body).not.toContain('http_request_duration_seconds');
+  });
+
+  it('answers the metrics to the bearer of the token', async () => {
+    const response = await app.inject({ method: 'GET', url: '/metrics', headers: { authorization: `Bearer ${token}` } });
+    expect(response.statusCode).toBe(200);
+    expect(response.body).toContain('http_request_duration_seconds');
+  });
+
+  it('stays open without the setting', async () => {
+    expect((await ctx.app.inject({ method: 'GET', url: '/metrics' })).statusCode).toBe(200);
+  });
+});

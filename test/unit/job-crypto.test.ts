@@ -1,0 +1,28 @@
+import { describe, expect, it } from 'vitest';
+
+import { JobSealer } from '../../src/core/job-crypto.js';
+
+const sealer = new JobSealer('k'.repeat(40));
+const data = { to: 'ada@example.com', text: 'https://app/reset-password?token=abc' };
+
+describe('job data sealing', () => {
+  it('round-trips, and shows nothing of the data', () => {
+    const sealed = sealer.seal('send-email', data);
+    expect(sealed).not.toContain('ada');
+    expect(Buffer.from(sealed.split('.')[2]!, 'base64url').toString('latin1')).not.toContain('ada@example.com');
+    expect(sealer.open('send-email', sealed)).toEqual(data);
+    // A fresh IV each time.
+    expect(sealer.seal('send-email', data)).not.toBe(sealed);
+  });
+
+  it('refuses data altered, moved to another job, or sealed under another SECRET_KEY', () => {
+    const sealed = sealer.seal('send-email', data);
+    const [v, iv, body, tag] = sealed.split('.') as [string, string, string, string];
+    const flipped = Buffer.from(body, 'base64url');
+    flipped[0]! ^= 1;
+    expect(() => sealer.open('send-email', [v, iv, flipped.toString('base64url'), tag].join('.'))).toThrow();
+    expect(() => sealer.open('other-job', sealed)).toThrow();
+    expect(() => new JobSealer('o'.repeat(40)).open('send-email', sealed)).toThrow();
+    expect(() => sealer.open('send-email', '{"to":"ada@example.com"}')).toThrow(/not a sealed/);
+  });
+});
