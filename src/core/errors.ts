@@ -1,6 +1,8 @@
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } from 'fastify-type-provider-zod';
 
+import { trackAllowedMethods } from './method-not-allowed.js';
+
 // ==================== Typed errors ====================
 
 /** An error whose message is safe to show the client as `{detail}`. */
@@ -165,7 +167,12 @@ function send(reply: FastifyReply, status: number, body: unknown, headers: Recor
 }
 
 export function registerErrorHandler(app: FastifyInstance): void {
-  app.setNotFoundHandler((_request, reply) => send(reply, 404, { detail: 'Not Found' }));
+  const allowedMethods = trackAllowedMethods(app);
+  app.setNotFoundHandler((request, reply) => {
+    const allow = allowedMethods(request);
+    if (allow.length) return send(reply, 405, { detail: 'Method Not Allowed' }, { allow: allow.join(', ') });
+    return send(reply, 404, { detail: 'Not Found' });
+  });
 
   app.setErrorHandler((error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
     if (error instanceof HttpError) {

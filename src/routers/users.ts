@@ -121,6 +121,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'register_user',
         summary: 'Register User',
         tags,
+        security: [],
         body: UserRegister,
         response: { 200: UserPublic, 403: HTTPError, 409: HTTPError, 422: ValidationError, 429: HTTPError },
       },
