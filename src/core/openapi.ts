@@ -114,6 +114,7 @@ export async function registerDocs(app: FastifyInstance): Promise<void> {
       hideClientButton: true,
       withDefaultFonts: false,
       documentDownloadType: 'both',
+      favicon: 'data:,',
     },
   });
 }
