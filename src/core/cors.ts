@@ -11,13 +11,14 @@ export const CORS_ALLOWED_HEADERS = ['authorization', 'x-api-key', 'content-type
 export const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after'];
 
 /**
- * CORS for the origins in `BACKEND_CORS_ORIGINS` (none: no CORS headers at all). A preflight from
- * another origin gets no `Access-Control-Allow-*` headers (and the 405 of a plain OPTIONS), so the
+ * CORS for the origins in `BACKEND_CORS_ORIGINS` (none: no CORS headers at all). Any other origin
+ * gets no CORS headers at all, so its preflight is a plain OPTIONS (405 with `Allow`) and the
  * browser refuses the request.
  */
 export async function registerCors(app: FastifyInstance, settings: Settings): Promise<void> {
+  const allowed = new Set(settings.BACKEND_CORS_ORIGINS);
   await app.register(cors, {
-    origin: settings.BACKEND_CORS_ORIGINS.length ? settings.BACKEND_CORS_ORIGINS : false,
+    origin: (origin, callback) => callback(null, origin !== undefined && allowed.has(origin) ? origin : false),
     credentials: true,
     methods: CORS_METHODS,
     allowedHeaders: CORS_ALLOWED_HEADERS,

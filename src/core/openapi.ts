@@ -1,3 +1,5 @@
+import { STATUS_CODES } from 'node:http';
+
 import swagger from '@fastify/swagger';
 import scalar from '@scalar/fastify-api-reference';
 import type { FastifyInstance } from 'fastify';
@@ -42,8 +44,22 @@ export async function registerOpenApi(app: FastifyInstance, settings: Settings):
       security: [{ bearer: [] }, { apiKey: [] }],
     },
     transform: jsonSchemaTransform,
-    transformObject: (document) => keepUsedSchemas(jsonSchemaTransformObject(document)),
+    transformObject: (document) => describeResponses(keepUsedSchemas(jsonSchemaTransformObject(document))),
   });
+}
+
+/** @fastify/swagger calls every response "Default Response"; say what the status means instead (as FastAPI does). */
+function describeResponses<T extends object>(document: T): T {
+  const paths = (document as { paths?: Record<string, Record<string, { responses?: Record<string, { description?: string }> }>> }).paths ?? {};
+  for (const item of Object.values(paths)) {
+    for (const operation of Object.values(item)) {
+      for (const [status, response] of Object.entries(operation.responses ?? {})) {
+        if (response.description !== 'Default Response') continue;
+        response.description = status.startsWith('2') ? 'Successful Response' : status === '422' ? 'Validation Error' : (STATUS_CODES[status] ?? 'Response');
+      }
+    }
+  }
+  return document;
 }
 
 const SCHEMA_REF = '#/components/schemas/';

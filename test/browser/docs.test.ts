@@ -3,30 +3,22 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 
 import { useTestApp } from '../helpers/app.js';
 import { type Browser, describeWithChromium, launchChromium, listen, type PageLog, screenshot, watch } from '../helpers/browser.js';
+import { type OpenApiDocument, type OpenApiOperation, operationsOf } from '../helpers/routes.js';
 
-interface Operation {
-  operationId: string;
-  summary: string;
-  tags: string[];
-  responses: Record<string, { content?: Record<string, { schema?: { $ref?: string } }> }>;
-}
-interface Document {
-  paths: Record<string, Record<string, Operation>>;
-  components: { schemas: Record<string, { properties?: Record<string, unknown> }> };
-}
+type Operation = OpenApiOperation;
 
 const ctx = useTestApp();
 
 describeWithChromium('the /docs reference page in Chromium', () => {
   let browser: Browser;
   let base: string;
-  let document: Document;
+  let document: OpenApiDocument;
   let page: Page;
   let log: PageLog;
 
   beforeAll(async () => {
     base = await listen(ctx.app);
-    document = (await ctx.app.inject({ method: 'GET', url: '/api/v1/openapi.json' })).json<Document>();
+    document = (await ctx.app.inject({ method: 'GET', url: '/api/v1/openapi.json' })).json<OpenApiDocument>();
     browser = await launchChromium();
     page = await browser.context.newPage();
     log = watch(page);
@@ -42,7 +34,7 @@ describeWithChromium('the /docs reference page in Chromium', () => {
 
   /** Property names of an operation's 200 response, from the document's component. */
   const successFields = (operation: Operation): string[] => {
-    const ref = operation.responses['200']?.content?.['application/json']?.schema?.$ref;
+    const ref = (operation.responses['200']?.content?.['application/json']?.schema as { $ref?: string } | undefined)?.$ref;
     const name = ref?.replace('#/components/schemas/', '');
     return Object.keys((name && document.components.schemas[name]?.properties) ?? {});
   };
@@ -66,17 +58,15 @@ describeWithChromium('the /docs reference page in Chromium', () => {
 
   it('renders every operation with its summary and the fields of its success response', async () => {
     const missing: string[] = [];
-    for (const [path, item] of Object.entries(document.paths)) {
-      for (const [method, operation] of Object.entries(item)) {
-        await page.evaluate(`location.hash = ${JSON.stringify(`tag/${operation.tags[0]}/${method.toUpperCase()}${path}`)}`);
-        const where = section(method, path, operation);
-        await where.waitFor({ timeout: 10_000 }).catch(() => missing.push(`${operation.operationId}: no section`));
-        if (!(await where.count())) continue;
-        const text = await where.innerText();
-        if (!text.includes(operation.summary)) missing.push(`${operation.operationId}: no summary`);
-        for (const field of successFields(operation)) {
-          if (!text.includes(field)) missing.push(`${operation.operationId}: no ${field}`);
-        }
+    for (const { path, method, operation } of operationsOf(document)) {
+      await page.evaluate(`location.hash = ${JSON.stringify(`tag/${operation.tags[0]}/${method.toUpperCase()}${path}`)}`);
+      const where = section(method, path, operation);
+      await where.waitFor({ timeout: 10_000 }).catch(() => missing.push(`${operation.operationId}: no section`));
+      if (!(await where.count())) continue;
+      const text = await where.innerText();
+      if (!text.includes(operation.summary)) missing.push(`${operation.operationId}: no summary`);
+      for (const field of successFields(operation)) {
+        if (!text.includes(field)) missing.push(`${operation.operationId}: no ${field}`);
       }
     }
     expect(missing).toEqual([]);
