@@ -1,19 +1,18 @@
 import { randomUUID } from 'node:crypto';
 
-import cors from '@fastify/cors';
 import formbody from '@fastify/formbody';
-import swagger from '@fastify/swagger';
-import scalar from '@scalar/fastify-api-reference';
 import Fastify, { type FastifyInstance, type FastifyReply, LogController } from 'fastify';
-import { jsonSchemaTransform, serializerCompiler, validatorCompiler, type ZodTypeProvider } from 'fastify-type-provider-zod';
+import { serializerCompiler, validatorCompiler, type ZodTypeProvider } from 'fastify-type-provider-zod';
 import type { Redis } from 'ioredis';
 
 import type { Settings } from './core/config.js';
+import { registerCors } from './core/cors.js';
 import type { Database, Db } from './core/db.js';
 import { registerErrorHandler } from './core/errors.js';
 import { serverOptions } from './core/http-server.js';
 import type { Logger } from './core/logger.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
+import { registerDocs, registerOpenApi } from './core/openapi.js';
 import { createQueue, type JobQueue } from './core/queue.js';
 import { createRedis } from './core/redis.js';
 import { TokenService } from './core/security.js';
@@ -143,41 +142,16 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
 
   // ==================== Plugins ====================
 
-  await app.register(cors, {
-    origin: settings.BACKEND_CORS_ORIGINS.length ? settings.BACKEND_CORS_ORIGINS : false,
-    credentials: true,
-    exposedHeaders: ['x-request-id', 'retry-after'],
-  });
+  await registerCors(app, settings);
   await app.register(formbody, { bodyLimit: settings.BODY_LIMIT_BYTES });
-  await app.register(swagger, {
-    openapi: {
-      openapi: '3.1.0',
-      info: {
-        title: settings.PROJECT_NAME,
-        version: '0.1.0',
-        description: 'Keel: accounts, projects and API keys for AI-agent products.',
-      },
-      components: {
-        securitySchemes: {
-          bearer: { type: 'http', scheme: 'bearer', description: 'An access token or an API key' },
-          apiKey: { type: 'apiKey', in: 'header', name: 'X-API-Key' },
-        },
-      },
-      security: [{ bearer: [] }, { apiKey: [] }],
-    },
-    transform: jsonSchemaTransform,
-  });
+  await registerOpenApi(app, settings);
 
   // ==================== Routes ====================
 
   await app.register(opsRouter);
   await registerApi(app);
 
-  app.get(`${API_PREFIX}/openapi.json`, { schema: { hide: true } }, async () => app.swagger());
-  await app.register(scalar, {
-    routePrefix: '/docs',
-    configuration: { url: `${API_PREFIX}/openapi.json`, withDefaultFonts: false, hideClientButton: true },
-  });
+  await registerDocs(app);
 
   return app;
 }

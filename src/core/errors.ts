@@ -3,6 +3,7 @@ import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } fro
 
 import { DATABASE_RETRY_AFTER_SECONDS, isDatabaseUnavailableCode } from './db-errors.js';
 import { integrityAnswer, unknownQueryMessage } from './error-mapping.js';
+import { trackAllowedMethods } from './method-not-allowed.js';
 
 // ==================== Typed errors ====================
 
@@ -193,7 +194,12 @@ function send(reply: FastifyReply, status: number, body: unknown, headers: Recor
 }
 
 export function registerErrorHandler(app: FastifyInstance): void {
-  app.setNotFoundHandler((_request, reply) => send(reply, 404, { detail: 'Not Found' }));
+  const allowedMethods = trackAllowedMethods(app);
+  app.setNotFoundHandler((request, reply) => {
+    const allow = allowedMethods(request);
+    if (allow.length) return send(reply, 405, { detail: 'Method Not Allowed' }, { allow: allow.join(', ') });
+    return send(reply, 404, { detail: 'Not Found' });
+  });
 
   app.setErrorHandler((error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
     if (error instanceof HttpError) {

@@ -52,7 +52,7 @@ function requireMetricsToken(token: string) {
 export const opsRouter: FastifyPluginAsyncZod = async (app) => {
   app.get(
     '/health',
-    { schema: { operationId: 'health', summary: 'Liveness', tags, response: { 200: Health } } },
+    { schema: { operationId: 'health', summary: 'Liveness', tags, security: [], response: { 200: Health } } },
     async () => ({ status: 'ok' as const }),
   );
 
@@ -64,6 +64,7 @@ export const opsRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Readiness',
         description: 'Whether the database (and Redis, when configured) answer; 503 otherwise.',
         tags,
+        security: [],
         response: { 200: Readiness, 503: Readiness },
       },
     },
@@ -93,6 +94,7 @@ export const opsRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Prometheus Metrics',
         description: 'Needs `Authorization: Bearer <METRICS_TOKEN>` when that setting is set.',
         tags,
+        security: [],
         produces: ['text/plain'],
         response: { 200: z.string().describe('Prometheus text exposition format'), 401: HTTPError },
       },

@@ -117,6 +117,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'register_user',
         summary: 'Register User',
         tags,
+        security: [],
         body: UserRegister,
         response: { 200: UserPublic, 403: ErrorBody, 409: ErrorBody, 422: ValidationError, 429: ErrorBody },
       },

@@ -14,6 +14,7 @@ import { loggerOptions } from '../../src/core/logger.js';
 import { buildApp } from '../../src/app.js';
 import { buildTestApp, openTestDatabase, SUPERUSER_EMAIL, SUPERUSER_PASSWORD, testSettings, useTestApp } from '../helpers/app.js';
 import { bearer, createUser, login } from '../helpers/factories.js';
+import { routePath, servedRoutes } from '../helpers/routes.js';
 
 const ctx = useTestApp();
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
@@ -390,25 +391,12 @@ describe('API reference', () => {
   });
 
   it('documents every route the app serves', async () => {
-    // The router ignores trailing slashes, so `/reset-password/` and `/reset-password` are one route.
-    const routePath = (path: string) => (path.length > 1 ? path.replace(/\/$/, '') : path);
     const document = (await ctx.app.inject({ method: 'GET', url: '/api/v1/openapi.json' })).json<{ paths: Record<string, Record<string, unknown>> }>();
     const documented = new Set(
       Object.entries(document.paths).flatMap(([path, item]) => Object.keys(item).map((method) => `${method.toUpperCase()} ${routePath(path.replace(/\{(\w+)\}/g, ':$1'))}`),
       ),
     );
-    // printRoutes draws a tree: each line is one path segment (relative to its parent) and its methods.
-    const served: string[] = [];
-    const stack: { depth: number; path: string }[] = [];
-    for (const line of ctx.app.printRoutes({ commonPrefix: false }).split('\n')) {
-      const match = /^([│ ]*)[├└]── (\S+)(?: \(([^)]+)\))?/.exec(line);
-      if (!match) continue;
-      const depth = match[1]!.length;
-      while (stack.length && stack[stack.length - 1]!.depth >= depth) stack.pop();
-      const path = (stack.length ? stack[stack.length - 1]!.path : '') + match[2]!;
-      stack.push({ depth, path });
-      for (const method of (match[3] ?? '').split(', ').filter(Boolean)) served.push(`${method} ${routePath(path)}`);
-    }
+    const served = servedRoutes(ctx.app);
     expect(served.length).toBeGreaterThan(10);
     const undocumented = served.filter((route) => {
       const [method, path] = route.split(' ') as [string, string];

@@ -1,0 +1,136 @@
+import { STATUS_CODES } from 'node:http';
+
+import swagger from '@fastify/swagger';
+import scalar from '@scalar/fastify-api-reference';
+import type { FastifyInstance } from 'fastify';
+import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-provider-zod';
+
+import { API_PREFIX } from '../api/main.js';
+import type { Settings } from './config.js';
+
+/** Where the document is published (the FastAPI template's address) and where its reference page lives. */
+export const OPENAPI_PATH = `${API_PREFIX}/openapi.json`;
+export const DOCS_PREFIX = '/docs';
+
+/**
+ * The OpenAPI 3.1 document. Register before the routes: @fastify/swagger collects them as they
+ * are added. Each route's Zod schemas become JSON Schema (`jsonSchemaTransform`, which writes a
+ * `$ref` for every schema with `.meta({ id })`), and the object transform puts those named
+ * schemas into `components.schemas` so every `$ref` resolves (request bodies get an `…Input`
+ * variant when their input and output shapes differ).
+ *
+ * `servers` is the relative URL `/`: clients resolve it against the address they fetched the
+ * document from, so it is right behind any proxy that serves Keel at a host's root (whatever the
+ * host name or scheme) without trusting `Host` or `X-Forwarded-*` headers, and the document stays
+ * the same for every caller (cacheable). The paths in it are absolute (`/api/v1/...`, `/health`).
+ */
+export async function registerOpenApi(app: FastifyInstance, settings: Settings): Promise<void> {
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.1.0',
+      info: {
+        title: settings.PROJECT_NAME,
+        version: '0.1.0',
+        description: `Keel: accounts, projects and API keys for AI-agent products.\n\n[Download this OpenAPI document](${OPENAPI_PATH}).`,
+      },
+      servers: [{ url: '/', description: 'This server' }],
+      components: {
+        securitySchemes: {
+          bearer: { type: 'http', scheme: 'bearer', description: 'An access token or an API key' },
+          apiKey: { type: 'apiKey', in: 'header', name: 'X-API-Key' },
+        },
+      },
+      // Routes that need no credentials say `security: []` in their schema.
+      security: [{ bearer: [] }, { apiKey: [] }],
+    },
+    transform: jsonSchemaTransform,
+    transformObject: (document) => describeResponses(keepUsedSchemas(jsonSchemaTransformObject(document))),
+  });
+}
+
+/** @fastify/swagger calls every response "Default Response"; say what the status means instead (as FastAPI does). */
+function describeResponses<T extends object>(document: T): T {
+  const paths = (document as { paths?: Record<string, Record<string, { responses?: Record<string, { description?: string }> }>> }).paths ?? {};
+  for (const item of Object.values(paths)) {
+    for (const operation of Object.values(item)) {
+      for (const [status, response] of Object.entries(operation.responses ?? {})) {
+        if (response.description !== 'Default Response') continue;
+        response.description = status.startsWith('2') ? 'Successful Response' : status === '422' ? 'Validation Error' : (STATUS_CODES[status] ?? 'Response');
+      }
+    }
+  }
+  return document;
+}
+
+const SCHEMA_REF = '#/components/schemas/';
+const INPUT_SUFFIX = 'Input';
+
+type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+/** Calls `visit` with every `$ref` string in `value` and replaces each with what it returns. */
+function mapRefs(value: Json, visit: (ref: string) => string): Json {
+  if (Array.isArray(value)) return value.map((item) => mapRefs(item, visit));
+  if (value === null || typeof value !== 'object') return value;
+  const result: Record<string, Json> = {};
+  for (const [key, child] of Object.entries(value)) {
+    result[key] = key === '$ref' && typeof child === 'string' ? visit(child) : mapRefs(child, visit);
+  }
+  return result;
+}
+
+/**
+ * The object transform writes every named schema twice, as read (`XInput`) and as written (`X`),
+ * used or not. Keep the ones the operations reach, and drop the `Input` suffix where only the
+ * input form is used (so a request body is `ProjectCreate`, not `ProjectCreateInput`).
+ */
+export function keepUsedSchemas<T extends object>(document: T): T {
+  const doc = document as unknown as { paths?: Json; components?: { schemas?: Record<string, Json> } };
+  const schemas = doc.components?.schemas ?? {};
+  const used = new Set<string>();
+  const reach = (value: Json | undefined) =>
+    mapRefs(value ?? null, (ref) => {
+      const name = ref.startsWith(SCHEMA_REF) ? ref.slice(SCHEMA_REF.length) : null;
+      if (name !== null && !used.has(name) && name in schemas) {
+        used.add(name);
+        reach(schemas[name]);
+      }
+      return ref;
+    });
+  reach(doc.paths);
+  const rename = (name: string) =>
+    name.endsWith(INPUT_SUFFIX) && !used.has(name.slice(0, -INPUT_SUFFIX.length)) ? name.slice(0, -INPUT_SUFFIX.length) : name;
+  const renameRef = (ref: string) => (ref.startsWith(SCHEMA_REF) ? SCHEMA_REF + rename(ref.slice(SCHEMA_REF.length)) : ref);
+  const kept: Record<string, Json> = {};
+  for (const name of [...used].sort((a, b) => rename(a).localeCompare(rename(b)))) kept[rename(name)] = mapRefs(schemas[name] ?? null, renameRef);
+  return {
+    ...document,
+    paths: mapRefs(doc.paths ?? {}, renameRef),
+    components: { ...doc.components, schemas: kept },
+  };
+}
+
+/**
+ * The document at {@link OPENAPI_PATH} and the Scalar reference at {@link DOCS_PREFIX}, set up for
+ * a self-hosted (possibly offline) API: the page loads only its own script and the document from
+ * this server; no AI agent, no request proxy, no telemetry, no developer toolbar (whose "share"
+ * uploads to Scalar's registry), no web fonts. The plugin's own `/docs/openapi.json` and
+ * `/docs/openapi.yaml` serve the same document (the page fetches the JSON one, by a relative URL,
+ * so it also works behind a proxy); the HTML does not embed it.
+ */
+export async function registerDocs(app: FastifyInstance): Promise<void> {
+  app.get(OPENAPI_PATH, { schema: { hide: true } }, async () => app.swagger());
+  await app.register(scalar, {
+    routePrefix: DOCS_PREFIX,
+    configuration: {
+      pageTitle: `${app.settings.PROJECT_NAME} API reference`,
+      content: () => app.swagger() as unknown as Record<string, unknown>,
+      agent: { disabled: true },
+      telemetry: false,
+      showDeveloperTools: 'never',
+      hideClientButton: true,
+      withDefaultFonts: false,
+      documentDownloadType: 'both',
+      favicon: 'data:,',
+    },
+  });
+}
