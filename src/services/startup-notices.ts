@@ -14,7 +14,6 @@ export async function logStartupNotices(db: Db, settings: Settings, logger: Logg
   const account = await userCrud.getByEmail(db, settings.FIRST_SUPERUSER);
   if (account?.is_active && (await verifyPassword(DEFAULT_SUPERUSER_PASSWORD, account.hashed_password))) {
     logger.warn(
-      { email: account.email },
       `the superuser ${account.email} still has the default password "${DEFAULT_SUPERUSER_PASSWORD}": change it (PATCH /api/v1/users/me/password) before anyone else can reach this server`,
     );
   }

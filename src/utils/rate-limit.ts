@@ -2,6 +2,7 @@ import { isIPv6 } from 'node:net';
 
 import type { FastifyInstance, FastifyRequest, preHandlerAsyncHookHandler } from 'fastify';
 
+import { noteRefusal } from '../core/access-log.js';
 import { ServiceUnavailableError, TooManyRequestsError } from '../core/errors.js';
 
 /**
@@ -28,7 +29,10 @@ export function rateLimit(
       request.log.error({ err: error, limiter: name }, 'rate limiter unavailable');
       throw new ServiceUnavailableError('Rate limiter unavailable, try again later');
     }
-    if (!result.isAllowed && result.isExceeded) throw new TooManyRequestsError(result.ttlInSeconds);
+    if (!result.isAllowed && result.isExceeded) {
+      noteRefusal(request, `rate limit ${name}: ${max} per ${app.settings.RATE_LIMIT_WINDOW_SECONDS}s`);
+      throw new TooManyRequestsError(result.ttlInSeconds);
+    }
   };
 }
 

@@ -1,4 +1,3 @@
-import { randomBytes } from 'node:crypto';
 
 import { Queue } from 'bullmq';
 import { Redis } from 'ioredis';
@@ -8,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { createQueue, type JobQueue } from '../../src/core/queue.js';
 
 import { startWorker } from '../../src/server.js';
-import { testSettings } from '../helpers/app.js';
+import { testRedisPrefix, testSettings } from '../helpers/app.js';
 
 const silent = pino({ level: 'silent' });
 
@@ -40,7 +39,7 @@ const kinds = [
 
 describe.each(kinds)('job queue (%s)', (kind, env) => {
   const settingsFor = (extra: Record<string, string> = {}) =>
-    testSettings({ REDIS_URL: '', ...env, JOB_ATTEMPTS: '3', JOB_BACKOFF_MS: '20', REDIS_KEY_PREFIX: `keel-test-q:${randomBytes(4).toString('hex')}:`, ...extra });
+    testSettings({ REDIS_URL: '', ...env, JOB_ATTEMPTS: '3', JOB_BACKOFF_MS: '20', REDIS_KEY_PREFIX: testRedisPrefix(), ...extra });
 
   it('runs a queued job with its data', async () => {
     const queue = createQueue(settingsFor(), silent);
