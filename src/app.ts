@@ -5,6 +5,7 @@ import Fastify, { type FastifyInstance, type FastifyReply, LogController } from 
 import { serializerCompiler, validatorCompiler, type ZodTypeProvider } from 'fastify-type-provider-zod';
 import type { Redis } from 'ioredis';
 
+import { registerAccessLog } from './core/access-log.js';
 import type { Settings } from './core/config.js';
 import { registerCors } from './core/cors.js';
 import type { Database, Db } from './core/db.js';
@@ -116,25 +117,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     if (request.url.startsWith(API_PREFIX)) reply.header('cache-control', 'no-store');
     done();
   });
-  // The access line holds only these fixed, non-secret fields, so it skips redaction, which
-  // would otherwise cost more than the rest of the line (measured: 14 µs against 5 µs).
-  const accessLog = logger.child({}, { redact: [] });
-  app.addHook('onResponse', async (request, reply) => {
-    const route = request.routeOptions.url ?? '<unmatched>';
-    const seconds = reply.elapsedTime / 1000;
-    app.metrics.httpDuration.observe({ method: request.method, route, status_code: reply.statusCode }, seconds);
-    accessLog.info(
-      {
-        reqId: request.id,
-        method: request.method,
-        route,
-        status: reply.statusCode,
-        ms: Math.round(reply.elapsedTime * 10) / 10,
-        userId: request.principal?.user.id,
-      },
-      'request completed',
-    );
-  });
+  registerAccessLog(app, settings, logger);
   app.addHook('onClose', async () => {
     await queue.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());

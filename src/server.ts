@@ -1,14 +1,16 @@
 import type { FastifyInstance } from 'fastify';
 import type pino from 'pino';
 
-import { ConfigError, isDefaultSuperuserPassword, type Settings } from './core/config.js';
-import { type Database, openDatabase } from './core/db.js';
+import { ConfigError, type Settings } from './core/config.js';
+import type { Database } from './core/db.js';
 import type { Logger } from './core/logger.js';
 import { migrateUp, pendingMigrations } from './core/migrate.js';
+import { checkListenAddress, checkRedis, openCheckedDatabase } from './core/preflight.js';
 import { createQueue } from './core/queue.js';
 
 import { buildApp } from './app.js';
 import { cacheUsers } from './crud/user.js';
+import { logStartupNotices } from './services/startup-notices.js';
 import { ensureFirstSuperuser } from './services/user-service.js';
 import { jobHandlers } from './tasks/index.js';
 
@@ -27,21 +29,22 @@ async function vectorEnabled(database: Database): Promise<boolean> {
 
 /** Opens the database, prepares it, builds the app and listens; returns the running app. */
 export async function startServer(settings: Settings, logger: Logger, options: StartOptions): Promise<FastifyInstance> {
-  const database = await openDatabase(settings);
+  // Each of these fails with one line naming the setting, before anything is changed.
+  await checkListenAddress(settings);
+  await checkRedis(settings);
+  const database = await openCheckedDatabase(settings);
   try {
     if (options.migrate) {
       await migrateUp(database, logger);
     } else {
       const pending = await pendingMigrations(database);
-      if (pending.length) throw new Error(`the database is missing migrations (${pending.join(', ')}): run \`keel migrate\` first`);
-    }
-    if (isDefaultSuperuserPassword(settings)) {
-      logger.warn('FIRST_SUPERUSER_PASSWORD is the default "changethis": change it before anyone else can reach this server');
+      if (pending.length) throw new ConfigError(`the database is missing migrations (${pending.join(', ')}): run \`keel migrate\` first`);
     }
     await ensureFirstSuperuser(database.db, settings, logger);
+    await logStartupNotices(database.db, settings, logger);
     await cacheUsers(database);
     const vectorSearch = await vectorEnabled(database);
-    if (!vectorSearch) logger.warn('pgvector is not available in this database: knowledge search will be full-text only');
+    if (!vectorSearch) logger.info('pgvector is not available in this database: knowledge search (a later feature) will be full-text only');
 
     // `start` is the whole system in one process; `api` leaves jobs to `keel worker` when Redis
     // carries them, and runs them itself otherwise (nothing else could).

@@ -7,7 +7,7 @@ import { z } from 'zod';
 
 // ==================== Schema ====================
 
-const DEFAULT_SUPERUSER_PASSWORD = 'changethis';
+export const DEFAULT_SUPERUSER_PASSWORD = 'changethis';
 const DEFAULT_SECRET_KEYS = new Set(['changethis', 'secret', 'changeme']);
 
 const bool = z
@@ -26,7 +26,10 @@ export const SettingsSchema = z.object({
   DATA_DIR: z.string().min(1).default('./data'),
   /** PGlite's directory; `memory://` keeps the database in memory (tests). */
   PGLITE_DATA_DIR: optionalString,
-  DATABASE_URL: z.preprocess(emptyAsUndefined, z.url({ protocol: /^postgres(ql)?$/ }).optional()),
+  DATABASE_URL: z.preprocess(
+    emptyAsUndefined,
+    z.url({ protocol: /^postgres(ql)?$/, error: 'must be a postgres:// or postgresql:// URL (only PostgreSQL is supported); leave it unset for the embedded database' }).optional(),
+  ),
   DATABASE_POOL_SIZE: int(1, 1000).default(10),
   DATABASE_POOL_IDLE_TIMEOUT_MS: int(0, 3_600_000).default(30_000),
   DATABASE_CONNECT_TIMEOUT_MS: int(100, 600_000).default(5_000),
@@ -89,6 +92,8 @@ export const SettingsSchema = z.object({
   JOB_ATTEMPTS: int(1, 100).default(5),
   JOB_BACKOFF_MS: int(1, 3_600_000).default(2_000),
   JOB_CONCURRENCY: int(1, 1_000).default(4),
+  /** `smtp` sends through SMTP_* (off while they are unset); `console` logs each email instead (local only). */
+  EMAIL_BACKEND: z.enum(['smtp', 'console']).default('smtp'),
   SMTP_HOST: optionalString,
   SMTP_PORT: int(1, 65535).default(587),
   SMTP_TLS: bool.default(true),
@@ -112,6 +117,9 @@ export type Settings = Readonly<
 
 export class ConfigError extends Error {}
 
+/** Names Keel reads from the environment besides the settings (a `.env` may hold them too). */
+const OTHER_KNOWN_NAMES = new Set(['KEEL_SUPERUSER_PASSWORD', 'NODE_ENV']);
+
 // ==================== Loading ====================
 
 /** Reads `.env` (when present) under the real environment, which wins. */
@@ -123,11 +131,12 @@ export function readEnvironment(envFile = '.env', env: NodeJS.ProcessEnv = proce
 /** Validates settings once; a bad value throws a ConfigError naming the variable. */
 export function loadSettings(source: Record<string, string | undefined> = readEnvironment()): Settings {
   const keys = Object.keys(SettingsSchema.shape);
-  const picked = Object.fromEntries(keys.map((k) => [k, source[k]]));
+  // An empty value means "use the default", for every setting alike.
+  const picked = Object.fromEntries(keys.map((k) => [k, source[k] === '' ? undefined : source[k]]));
   const parsed = SettingsSchema.safeParse(picked);
   if (!parsed.success) {
     const lines = parsed.error.issues.map((issue) => `${issue.path.join('.')}: ${issue.message}`);
-    throw new ConfigError(`Invalid settings:\n  ${lines.join('\n  ')}`);
+    throw new ConfigError(lines.length === 1 ? lines[0]! : `Invalid settings:\n  ${lines.join('\n  ')}`);
   }
   const raw = parsed.data;
   const dataDir = resolve(raw.DATA_DIR);
@@ -144,33 +153,79 @@ export function loadSettings(source: Record<string, string | undefined> = readEn
   if (raw.SECRET_KEY !== undefined && raw.SECRET_KEY.length < 32) {
     throw new ConfigError('SECRET_KEY: must be at least 32 characters');
   }
+  if (raw.EMAIL_BACKEND === 'console' && !local) {
+    throw new ConfigError(`EMAIL_BACKEND: console logs every email (reset links included) and is refused when ENVIRONMENT=${raw.ENVIRONMENT}`);
+  }
 
   return Object.freeze({
     ...raw,
     SECRET_KEY: raw.SECRET_KEY ?? localSecretKey(dataDir),
     LOG_FORMAT: raw.LOG_FORMAT ?? (local ? 'pretty' : 'json'),
     dataDir,
-    emailsEnabled: Boolean(raw.SMTP_HOST && raw.EMAILS_FROM_EMAIL),
+    emailsEnabled: raw.EMAIL_BACKEND === 'console' || Boolean(raw.SMTP_HOST && raw.EMAILS_FROM_EMAIL),
   });
 }
 
 /** In `local`, a random key kept beside the data, so tokens survive restarts without configuration. */
 function localSecretKey(dataDir: string): string {
   const file = join(dataDir, '.secret_key');
-  if (existsSync(file)) return readFileSync(file, 'utf8').trim();
-  mkdirSync(dataDir, { recursive: true });
-  const key = randomBytes(48).toString('base64url');
   try {
-    writeFileSync(file, key, { mode: 0o600, flag: 'wx' });
-    chmodSync(file, 0o600);
-    return key;
+    if (existsSync(file)) return checkedKeyFile(file);
+    mkdirSync(dataDir, { recursive: true });
+    const key = randomBytes(48).toString('base64url');
+    try {
+      writeFileSync(file, key, { mode: 0o600, flag: 'wx' });
+      chmodSync(file, 0o600);
+      return key;
+    } catch (error) {
+      // Another process created it first: use theirs.
+      if ((error as NodeJS.ErrnoException).code === 'EEXIST') return checkedKeyFile(file);
+      throw error;
+    }
   } catch (error) {
-    // Another process created it first: use theirs.
-    if ((error as NodeJS.ErrnoException).code === 'EEXIST') return readFileSync(file, 'utf8').trim();
-    throw error;
+    if (error instanceof ConfigError) throw error;
+    const code = (error as NodeJS.ErrnoException).code ?? 'error';
+    throw new ConfigError(`DATA_DIR: cannot keep the local secret key in ${file} (${code}); make ${dataDir} writable by this user or set DATA_DIR`);
   }
 }
 
-export function isDefaultSuperuserPassword(settings: Settings): boolean {
-  return settings.FIRST_SUPERUSER_PASSWORD === DEFAULT_SUPERUSER_PASSWORD;
+function checkedKeyFile(file: string): string {
+  const key = readFileSync(file, 'utf8').trim();
+  if (key.length < 32) {
+    throw new ConfigError(`SECRET_KEY: ${file} holds ${key.length} characters, at least 32 are needed; delete the file to have a new key generated (signed-in users must log in again)`);
+  }
+  return key;
+}
+
+/** Damerau–Levenshtein distance (optimal string alignment): typos, including swapped letters. */
+function editDistance(a: string, b: string): number {
+  const d = Array.from({ length: a.length + 1 }, (_, i) => Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)));
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
+      d[i]![j] = Math.min(d[i - 1]![j]! + 1, d[i]![j - 1]! + 1, d[i - 1]![j - 1]! + cost);
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) d[i]![j] = Math.min(d[i]![j]!, d[i - 2]![j - 2]! + 1);
+    }
+  }
+  return d[a.length]![b.length]!;
+}
+
+/**
+ * One warning for each name in `.env` that is not a setting (a typo there is otherwise silently
+ * ignored), with the closest setting when one is near. The environment itself is not checked: it
+ * holds many variables that are not Keel's.
+ */
+export function envFileWarnings(envFile = '.env'): string[] {
+  if (!existsSync(envFile)) return [];
+  const settings = Object.keys(SettingsSchema.shape);
+  const known = new Set([...settings, ...OTHER_KNOWN_NAMES]);
+  return Object.keys(parseEnv(readFileSync(envFile, 'utf8')))
+    .filter((name) => !known.has(name))
+    .map((name) => {
+      const [best] = settings
+        .map((setting) => ({ setting, distance: editDistance(name.toUpperCase(), setting) }))
+        .sort((x, y) => x.distance - y.distance);
+      const hint = best && best.distance <= Math.max(2, Math.floor(name.length / 4)) ? ` (did you mean ${best.setting}?)` : '';
+      return `${envFile}: ${name} is not a Keel setting and is ignored${hint}`;
+    });
 }

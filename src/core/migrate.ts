@@ -164,6 +164,33 @@ export async function migrateDown(
   });
 }
 
+/** What `keel migrate down` reverts: the newest applied migration, those after a tag, or all. */
+export type DownTarget = { newest: true } | { to: string } | { all: true };
+
+/**
+ * The applied migrations `target` would revert (newest first) and the `to` that makes
+ * `migrateDown` revert exactly those.
+ */
+export async function planDown(
+  database: Database,
+  target: DownTarget,
+  migrations = readMigrations(),
+): Promise<{ revert: string[]; to: string | null }> {
+  const pending = new Set(await pendingMigrations(database, migrations));
+  const applied = migrations.filter((m) => !pending.has(m.tag)).map((m) => m.tag);
+  if ('all' in target) return { revert: applied.reverse(), to: null };
+  if ('to' in target) {
+    const index = migrations.findIndex((m) => m.tag === target.to);
+    if (index < 0) throw new MigrationError(`unknown migration ${target.to}`);
+    const after = new Set(migrations.slice(index + 1).map((m) => m.tag));
+    return { revert: applied.filter((tag) => after.has(tag)).reverse(), to: target.to };
+  }
+  const newest = applied.at(-1);
+  if (newest === undefined) return { revert: [], to: null };
+  const index = migrations.findIndex((m) => m.tag === newest);
+  return { revert: [newest], to: index > 0 ? migrations[index - 1]!.tag : null };
+}
+
 /** Migrations not yet applied; empty when the schema is current. */
 export async function pendingMigrations(database: Database, migrations = readMigrations()): Promise<string[]> {
   return underLock(database, async (session) => {

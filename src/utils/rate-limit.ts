@@ -4,6 +4,7 @@ import { isIPv6 } from 'node:net';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Redis } from 'ioredis';
 
+import { noteRefusal } from '../core/access-log.js';
 import type { Settings } from '../core/config.js';
 import { ServiceUnavailableError, TooManyRequestsError } from '../core/errors.js';
 
@@ -124,7 +125,9 @@ async function count(request: FastifyRequest, name: string, subject: string, ref
   }
 }
 
-function refuse(counted: Count): never {
+/** 429, and the limit's name in the access log line (never the email or address it counted). */
+function refuse(request: FastifyRequest, name: string, max: number, counted: Count): never {
+  noteRefusal(request, `rate limit ${name}: ${max} per ${request.server.settings.RATE_LIMIT_WINDOW_SECONDS}s`);
   throw new TooManyRequestsError(counted.ttlMs / 1000);
 }
 
@@ -153,7 +156,7 @@ export function rateLimit(
     const subject = keyOf(request);
     if (subject === null) return;
     const counted = await count(request, name, subject, options.failuresOnly ?? false);
-    if (counted.count > max) refuse(counted);
+    if (counted.count > max) refuse(request, name, max, counted);
   };
 }
 
@@ -185,9 +188,9 @@ export function loginLockout(app: FastifyInstance, perAddress: number, ceiling: 
     const account = byAccount(bodyField(request, 'username'));
     if (account === null) return; // validation answers 422; the per-address limit has counted it
     const pair = await count(request, 'login-account-address', `${account}\n${byIp(request)}`, true);
-    if (pair.count > perAddress) refuse(pair);
+    if (pair.count > perAddress) refuse(request, 'login-account-address', perAddress, pair);
     const total = await count(request, 'login-account', account, true);
-    if (total.count > ceiling && pair.count > 1) refuse(total);
+    if (total.count > ceiling && pair.count > 1) refuse(request, 'login-account', ceiling, total);
   };
 }
 

@@ -14,10 +14,16 @@ import { buildApp } from '../../src/app.js';
 import { cacheUsers } from '../../src/crud/user.js';
 import { ensureFirstSuperuser } from '../../src/services/user-service.js';
 import { adminQuery, databaseUrl } from './postgres.js';
+import { redisRunPrefix } from './redis.js';
 import { SmtpCapture } from './smtp.js';
 
 export const SUPERUSER_EMAIL = 'admin@keel.test';
 export const SUPERUSER_PASSWORD = 'superuser-password';
+
+/** A Redis key prefix of its own under the run's: the run's teardown deletes every key under it. */
+export function testRedisPrefix(): string {
+  return `${redisRunPrefix(inject('runPrefix'))}${randomBytes(6).toString('hex')}:`;
+}
 
 /** Settings for a test app: quiet logs, high rate limits, the run's Redis (when given) under its own prefix. */
 export function testSettings(overrides: Record<string, string> = {}): Settings {
@@ -31,7 +37,7 @@ export function testSettings(overrides: Record<string, string> = {}): Settings {
     FIRST_SUPERUSER: SUPERUSER_EMAIL,
     FIRST_SUPERUSER_PASSWORD: SUPERUSER_PASSWORD,
     REDIS_URL: process.env.REDIS_URL ?? '',
-    REDIS_KEY_PREFIX: `keel-test:${randomBytes(6).toString('hex')}:`,
+    REDIS_KEY_PREFIX: testRedisPrefix(),
     RATE_LIMIT_LOGIN_PER_IP: '100000',
     RATE_LIMIT_LOGIN_PER_ACCOUNT: '100000',
     RATE_LIMIT_SIGNUP_PER_IP: '100000',

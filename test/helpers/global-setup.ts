@@ -11,6 +11,7 @@ import { openDatabase } from '../../src/core/db.js';
 import { migrateUp } from '../../src/core/migrate.js';
 
 import { adminQuery, databaseUrl } from './postgres.js';
+import { deleteRunKeys } from './redis.js';
 
 declare module 'vitest' {
   export interface ProvidedContext {
@@ -32,6 +33,7 @@ export default async function setup(project: TestProject): Promise<() => Promise
   const runPrefix = `keel_test_${randomBytes(4).toString('hex')}`;
   project.provide('runPrefix', runPrefix);
   const adminUrl = process.env.DATABASE_URL;
+  const redisUrl = process.env.REDIS_URL;
 
   if (adminUrl) {
     const template = `${runPrefix}_template`;
@@ -43,6 +45,7 @@ export default async function setup(project: TestProject): Promise<() => Promise
     project.provide('templateDatabase', template);
     project.provide('templatePgliteDir', null);
     return async () => {
+      if (redisUrl) await deleteRunKeys(redisUrl, runPrefix);
       const rows = await adminQuery<{ datname: string }>(adminUrl, `select datname from pg_database where datname like $1`, [
         `${runPrefix}%`,
       ]);
@@ -58,6 +61,7 @@ export default async function setup(project: TestProject): Promise<() => Promise
   project.provide('templateDatabase', null);
   project.provide('templatePgliteDir', dir);
   return async () => {
+    if (redisUrl) await deleteRunKeys(redisUrl, runPrefix);
     rmSync(dir, { recursive: true, force: true });
   };
 }

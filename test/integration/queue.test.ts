@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 
+
 import { Queue } from 'bullmq';
 import { Redis } from 'ioredis';
 import pino from 'pino';
@@ -11,7 +12,7 @@ import type { Logger } from '../../src/core/logger.js';
 import { createQueue as createAppQueue, type JobQueue } from '../../src/core/queue.js';
 
 import { startWorker } from '../../src/server.js';
-import { testSettings } from '../helpers/app.js';
+import { testRedisPrefix, testSettings } from '../helpers/app.js';
 
 const silent = pino({ level: 'silent' });
 
@@ -53,7 +54,7 @@ const kinds = [
 
 describe.each(kinds)('job queue (%s)', (kind, env) => {
   const settingsFor = (extra: Record<string, string> = {}) =>
-    testSettings({ REDIS_URL: '', ...env, JOB_ATTEMPTS: '3', JOB_BACKOFF_MS: '20', REDIS_KEY_PREFIX: `keel-test-q:${randomBytes(4).toString('hex')}:`, ...extra });
+    testSettings({ REDIS_URL: '', ...env, JOB_ATTEMPTS: '3', JOB_BACKOFF_MS: '20', REDIS_KEY_PREFIX: testRedisPrefix(), ...extra });
 
   it('runs a queued job with its data', async () => {
     const queue = createQueue(settingsFor(), silent);

@@ -4,7 +4,7 @@ import { join, resolve } from 'node:path';
 
 import { afterAll, describe, expect, it } from 'vitest';
 
-import { ConfigError, loadSettings, readEnvironment } from '../../src/core/config.js';
+import { ConfigError, envFileWarnings, loadSettings, readEnvironment, SettingsSchema } from '../../src/core/config.js';
 
 const GOOD_KEY = 'k'.repeat(48);
 const temporary: string[] = [];
@@ -212,5 +212,80 @@ describe('the local SECRET_KEY', () => {
     const dataDir = tempDir();
     expect(loadSettings({ DATA_DIR: dataDir, SECRET_KEY: GOOD_KEY }).SECRET_KEY).toBe(GOOD_KEY);
     expect(() => statSync(join(dataDir, '.secret_key'))).toThrow();
+  });
+});
+
+describe('an empty value means the default, for every setting', () => {
+  it('PORT=, SHUTDOWN_TIMEOUT_MS= and every other setting left empty give the defaults', () => {
+    const empty = Object.fromEntries(Object.keys(SettingsSchema.shape).map((name) => [name, '']));
+    const settings = loadSettings({ ...empty, SECRET_KEY: GOOD_KEY, DATA_DIR: tempDir() });
+    const defaults = loadSettings({ SECRET_KEY: GOOD_KEY, DATA_DIR: settings.DATA_DIR });
+    expect(settings).toEqual(defaults);
+    expect(settings.PORT).toBe(8000);
+    expect(settings.SHUTDOWN_TIMEOUT_MS).toBe(10_000);
+    expect(settings.SMTP_TLS).toBe(true);
+    expect(settings.REDIS_KEY_PREFIX).toBe('keel:');
+  });
+
+  it('one bad setting is one line naming it', () => {
+    const error = configError({ SECRET_KEY: GOOD_KEY, DATABASE_URL: 'mysql://root@localhost/keel' });
+    expect(error.message).not.toContain('\n');
+    expect(error.message).toMatch(/^DATABASE_URL: must be a postgres:\/\/ or postgresql:\/\/ URL/);
+  });
+});
+
+describe('the local .secret_key file', () => {
+  it('is refused when shorter than 32 characters, naming the file', () => {
+    const dataDir = tempDir();
+    writeFileSync(join(dataDir, '.secret_key'), 'too-short\n');
+    const error = configError({ DATA_DIR: dataDir });
+    expect(error.message).toMatch(/^SECRET_KEY: /);
+    expect(error.message).toContain(join(dataDir, '.secret_key'));
+    expect(error.message).toMatch(/9 characters, at least 32/);
+  });
+
+  it('a data directory where none can be made is named as DATA_DIR, in one line', () => {
+    const file = join(tempDir(), 'a-file');
+    writeFileSync(file, 'not a directory');
+    const error = configError({ DATA_DIR: file });
+    expect(error.message).toMatch(/^DATA_DIR: /);
+    expect(error.message).not.toContain('\n');
+  });
+});
+
+describe('EMAIL_BACKEND', () => {
+  it('console turns email on in local without SMTP', () => {
+    const settings = loadSettings({ SECRET_KEY: GOOD_KEY, EMAIL_BACKEND: 'console' });
+    expect(settings.EMAIL_BACKEND).toBe('console');
+    expect(settings.emailsEnabled).toBe(true);
+  });
+
+  it.each(['staging', 'production'])('console is refused when ENVIRONMENT=%s', (environment) => {
+    const error = configError({ ENVIRONMENT: environment, SECRET_KEY: GOOD_KEY, FIRST_SUPERUSER_PASSWORD: 'a-real-password', EMAIL_BACKEND: 'console' });
+    expect(error.message).toMatch(/^EMAIL_BACKEND: /);
+  });
+
+  it('defaults to smtp, off without SMTP_HOST', () => {
+    expect(loadSettings({ SECRET_KEY: GOOD_KEY })).toMatchObject({ EMAIL_BACKEND: 'smtp', emailsEnabled: false });
+  });
+});
+
+describe('envFileWarnings', () => {
+  it('names the .env entries that are not settings, suggesting the closest one', () => {
+    const file = join(tempDir(), '.env');
+    writeFileSync(file, ['DATABSE_URL=postgres://x@y/z', 'PROT=9000', 'PORT=8001', 'KEEL_SUPERUSER_PASSWORD=fine-here', 'ZZZ_SOMETHING=1', ''].join('\n'));
+    const warnings = envFileWarnings(file);
+    expect(warnings).toHaveLength(3);
+    expect(warnings[0]).toMatch(/DATABSE_URL is not a Keel setting.*did you mean DATABASE_URL\?/);
+    expect(warnings[1]).toMatch(/PROT is not a Keel setting.*did you mean PORT\?/);
+    expect(warnings[2]).toMatch(/ZZZ_SOMETHING is not a Keel setting and is ignored$/);
+    for (const warning of warnings) expect(warning.startsWith(`${file}: `)).toBe(true);
+  });
+
+  it('is silent for a .env of settings only, and without a .env', () => {
+    const file = join(tempDir(), '.env');
+    writeFileSync(file, `PORT=8001\nSECRET_KEY=${GOOD_KEY}\n`);
+    expect(envFileWarnings(file)).toEqual([]);
+    expect(envFileWarnings(join(tempDir(), 'missing.env'))).toEqual([]);
   });
 });

@@ -1,4 +1,4 @@
-import nodemailer from 'nodemailer';
+import nodemailer, { type SendMailOptions, type SentMessageInfo, type Transporter } from 'nodemailer';
 
 import type { Settings } from '../../core/config.js';
 import type { Logger } from '../../core/logger.js';
@@ -35,7 +35,7 @@ export class Mailer {
 /** The job that talks SMTP; run by whichever process works the queue. */
 export function emailJobs(settings: Settings, logger: Logger): JobHandlers {
   if (!settings.emailsEnabled) return {};
-  const transport = nodemailer.createTransport({
+  const transport = settings.EMAIL_BACKEND === 'console' ? consoleTransport(logger) : nodemailer.createTransport({
     host: settings.SMTP_HOST,
     port: settings.SMTP_PORT,
     secure: settings.SMTP_SSL,
@@ -46,11 +46,22 @@ export function emailJobs(settings: Settings, logger: Logger): JobHandlers {
     greetingTimeout: 10_000,
     socketTimeout: 20_000,
   });
-  const from = settings.EMAILS_FROM_NAME ? { name: settings.EMAILS_FROM_NAME, address: settings.EMAILS_FROM_EMAIL! } : settings.EMAILS_FROM_EMAIL!;
+  const address = settings.EMAILS_FROM_EMAIL ?? 'keel@localhost';
+  const from = settings.EMAILS_FROM_NAME ? { name: settings.EMAILS_FROM_NAME, address } : address;
   return {
     'send-email': async ({ to, subject, html, text }) => {
       await transport.sendMail({ from, to, subject, html, text });
       logger.info({ subject }, 'email sent');
+    },
+  };
+}
+
+/** EMAIL_BACKEND=console (local only): the rendered text goes to the log instead of a mail server. */
+function consoleTransport(logger: Logger): Pick<Transporter, 'sendMail'> {
+  return {
+    sendMail: async ({ to, subject, text }: SendMailOptions) => {
+      logger.info({ to, subject }, `email not sent (EMAIL_BACKEND=console):\n${typeof text === 'string' ? text : ''}`);
+      return {} as SentMessageInfo;
     },
   };
 }

@@ -1,0 +1,64 @@
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+
+import type { Settings } from './config.js';
+import type { Logger } from './logger.js';
+
+/** Why a request was refused, noted where it is known (a rate limiter names the limit it hit). */
+const reasons = new WeakMap<FastifyRequest, string>();
+
+export function noteRefusal(request: FastifyRequest, reason: string): void {
+  reasons.set(request, reason);
+}
+
+/** The client-facing `{detail}` of a 4xx (already safe to show, so safe to log), in one short line. */
+function detailOf(payload: unknown): string | undefined {
+  if (typeof payload !== 'string' || !payload.startsWith('{')) return undefined;
+  try {
+    const { detail } = JSON.parse(payload) as { detail?: unknown };
+    if (typeof detail === 'string') return detail;
+    if (Array.isArray(detail)) {
+      return (detail as { loc?: unknown[]; msg?: string }[])
+        .slice(0, 5)
+        .map((issue) => `${(issue.loc ?? []).join('.')}: ${issue.msg ?? ''}`)
+        .join('; ');
+    }
+  } catch {
+    // Not JSON after all: no reason to give.
+  }
+  return undefined;
+}
+
+/**
+ * One line per request: JSON fields for machines, or in pretty (local) logs a single readable line.
+ * Unmatched requests carry their path (never the query string); a 4xx carries its reason.
+ */
+export function registerAccessLog(app: FastifyInstance, settings: Settings, logger: Logger): void {
+  // The access line holds only these fixed, non-secret fields, so it skips redaction, which
+  // would otherwise cost more than the rest of the line (measured: 14 µs against 5 µs).
+  const accessLog = logger.child({}, { redact: [] });
+  const pretty = settings.LOG_FORMAT === 'pretty';
+
+  app.addHook('onSend', (request, reply, payload, done) => {
+    if (reply.statusCode >= 400 && reply.statusCode < 500 && !reasons.has(request)) {
+      const detail = detailOf(payload);
+      if (detail) reasons.set(request, detail.slice(0, 300));
+    }
+    done(null, payload);
+  });
+
+  app.addHook('onResponse', async (request, reply) => {
+    const route = request.routeOptions.url ?? '<unmatched>';
+    const seconds = reply.elapsedTime / 1000;
+    app.metrics.httpDuration.observe({ method: request.method, route, status_code: reply.statusCode }, seconds);
+    const path = request.routeOptions.url ? undefined : request.url.split('?')[0]!.slice(0, 200);
+    const reason = reasons.get(request);
+    const ms = Math.round(reply.elapsedTime * 10) / 10;
+    const userId = request.principal?.user.id;
+    if (pretty) {
+      const extra = [userId ? `user=${userId}` : '', `reqId=${request.id}`, ].filter(Boolean).join(' ');
+      accessLog.info(`${request.method} ${path ?? route} ${reply.statusCode} ${ms}ms ${extra}${reason ? ` (${reason})` : ''}`);
+      return;
+    }
+    accessLog.info({ reqId: request.id, method: request.method, route, path, status: reply.statusCode, ms, userId, reason }, 'request completed');
+  });
+}

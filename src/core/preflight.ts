@@ -1,0 +1,168 @@
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+
+import { Redis } from 'ioredis';
+
+import { ConfigError, type Settings } from './config.js';
+import { type Database, openDatabase } from './db.js';
+
+/**
+ * Start-up checks that turn what an operator can fix (an unreachable database or Redis, a port in
+ * use, an unwritable data directory) into one line naming the setting, before anything is changed.
+ */
+
+type Failure = { code?: unknown; errno?: unknown; message?: unknown; errors?: unknown; cause?: unknown };
+
+/** The first errno-like `code` on the error, its cause or (for AggregateError) its parts. */
+function errorCode(error: unknown): string | undefined {
+  for (let e = error as Failure | undefined, depth = 0; e && depth < 4; depth++) {
+    if (typeof e.code === 'string') return e.code;
+    const first = Array.isArray(e.errors) ? (e.errors[0] as Failure | undefined) : undefined;
+    if (first && typeof first.code === 'string') return first.code;
+    e = e.cause as Failure | undefined;
+  }
+  return undefined;
+}
+
+function messageOf(error: unknown): string {
+  const message = (error as Failure | undefined)?.message;
+  return typeof message === 'string' && message ? message : String(error);
+}
+
+/** host:port of a URL, without its credentials. */
+function where(url: string, defaultPort: number): string {
+  try {
+    const parsed = new URL(url);
+    return `${parsed.hostname || 'localhost'}:${parsed.port || defaultPort}`;
+  } catch {
+    return 'the server';
+  }
+}
+
+function networkProblem(code: string | undefined, target: string): string | null {
+  switch (code) {
+    case 'ECONNREFUSED':
+      return `connection to ${target} refused: is the server running there, and is the port right?`;
+    case 'ENOTFOUND':
+    case 'EAI_AGAIN':
+      return `host of ${target} not found: check the host name`;
+    case 'ETIMEDOUT':
+    case 'EHOSTUNREACH':
+    case 'ENETUNREACH':
+      return `${target} cannot be reached (${code}): check the host, the port and the firewall`;
+    default:
+      return null;
+  }
+}
+
+/** What went wrong connecting to DATABASE_URL, as one line naming it; null when it is not that. */
+export function databaseProblem(error: unknown, settings: Settings): ConfigError | null {
+  if (!settings.DATABASE_URL) return null;
+  const target = where(settings.DATABASE_URL, 5432);
+  const code = errorCode(error);
+  const network = networkProblem(code, target);
+  if (network) return new ConfigError(`DATABASE_URL: ${network}`);
+  if (/timeout exceeded when trying to connect|Connection terminated due to connection timeout/.test(messageOf(error))) {
+    return new ConfigError(
+      `DATABASE_URL: no answer from ${target} within DATABASE_CONNECT_TIMEOUT_MS (${settings.DATABASE_CONNECT_TIMEOUT_MS} ms): check the host, the port and the firewall`,
+    );
+  }
+  const fixes: Record<string, string> = {
+    '3D000': 'create it (createdb) or fix the database name in the URL',
+    '28000': 'create the role or fix the user name in the URL',
+    '28P01': 'fix the password in the URL',
+    '57P03': 'the server is starting up or shutting down: try again shortly',
+  };
+  if (code && fixes[code]) return new ConfigError(`DATABASE_URL: PostgreSQL at ${target} says: ${messageOf(error)}; ${fixes[code]}`);
+  if (code && /^(08|28|3D)/.test(code)) return new ConfigError(`DATABASE_URL: PostgreSQL at ${target} refused the connection: ${messageOf(error)}`);
+  return null;
+}
+
+/** Emscripten's numbers (PGlite's file system) for the errors an operator can fix. */
+const WASM_ERRNO: Record<number, string> = { 2: 'EACCES', 44: 'ENOENT', 54: 'ENOTDIR', 63: 'EPERM', 69: 'EROFS' };
+
+/** The embedded database could not be opened: name the directory and the setting that chose it. */
+function pgliteProblem(error: unknown, settings: Settings): ConfigError {
+  const dir = settings.PGLITE_DATA_DIR ?? join(settings.dataDir, 'pglite');
+  const setting = settings.PGLITE_DATA_DIR ? 'PGLITE_DATA_DIR' : 'DATA_DIR';
+  const errno = (error as Failure | undefined)?.errno;
+  const reason = errorCode(error) ?? (typeof errno === 'number' ? (WASM_ERRNO[errno] ?? `errno ${errno}`) : messageOf(error));
+  return new ConfigError(`${setting}: cannot open the embedded database in ${dir} (${reason}): check that it is a directory this user can write, or set ${setting}`);
+}
+
+/** Opens the database and makes one round trip, so a bad DATABASE_URL or data directory fails here. */
+export async function openCheckedDatabase(settings: Settings): Promise<Database> {
+  let database: Database;
+  try {
+    database = await openDatabase(settings);
+  } catch (error) {
+    throw settings.DATABASE_URL ? (databaseProblem(error, settings) ?? error) : pgliteProblem(error, settings);
+  }
+  try {
+    await database.ping();
+  } catch (error) {
+    await database.close().catch(() => undefined);
+    throw (settings.DATABASE_URL ? databaseProblem(error, settings) : pgliteProblem(error, settings)) ?? error;
+  }
+  return database;
+}
+
+/** Fails when HOST:PORT cannot be listened on, before migrations or anything else run. */
+export async function checkListenAddress(settings: Pick<Settings, 'HOST' | 'PORT'>): Promise<void> {
+  if (settings.PORT === 0) return;
+  const server = createServer();
+  try {
+    await new Promise<void>((done, fail) => {
+      server.once('error', fail);
+      server.listen({ host: settings.HOST, port: settings.PORT, exclusive: true }, done);
+    });
+  } catch (error) {
+    throw listenProblem(error, settings) ?? error;
+  } finally {
+    await new Promise<void>((done) => server.close(() => done()));
+  }
+}
+
+/** A failed listen as one line naming PORT or HOST; null for other errors. */
+export function listenProblem(error: unknown, { HOST, PORT }: Pick<Settings, 'HOST' | 'PORT'>): ConfigError | null {
+  switch (errorCode(error)) {
+    case 'EADDRINUSE':
+      return new ConfigError(`PORT: ${HOST}:${PORT} is already in use (another Keel?): stop that process or choose another PORT (or --port)`);
+    case 'EACCES':
+      return new ConfigError(`PORT: listening on port ${PORT} needs privileges this user lacks: choose a port above 1023`);
+    case 'EADDRNOTAVAIL':
+    case 'ENOTFOUND':
+    case 'EAI_AGAIN':
+      return new ConfigError(`HOST: ${HOST} is not an address of this machine: use e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)`);
+    default:
+      return null;
+  }
+}
+
+/**
+ * With REDIS_URL set, Redis carries the rate-limit counters and the job queue: without it logins
+ * and `/ready` answer 503 and no email goes out, so a process that cannot reach it refuses to start.
+ */
+export async function checkRedis(settings: Pick<Settings, 'REDIS_URL'>): Promise<void> {
+  if (!settings.REDIS_URL) return;
+  const target = where(settings.REDIS_URL, 6379);
+  const client = new Redis(settings.REDIS_URL, {
+    lazyConnect: true,
+    connectTimeout: 3_000,
+    maxRetriesPerRequest: 0,
+    enableOfflineQueue: false,
+    retryStrategy: () => null,
+  });
+  let lastError: unknown;
+  client.on('error', (error) => (lastError = error));
+  try {
+    await client.connect();
+    await client.ping();
+  } catch (error) {
+    const cause = lastError ?? error;
+    const reason = networkProblem(errorCode(cause), target) ?? `${target}: ${messageOf(cause)}`;
+    throw new ConfigError(`REDIS_URL: ${reason}; start Redis, fix REDIS_URL, or unset it to run without Redis`);
+  } finally {
+    client.disconnect();
+  }
+}

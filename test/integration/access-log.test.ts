@@ -1,0 +1,94 @@
+import { Writable } from 'node:stream';
+
+import type { FastifyInstance } from 'fastify';
+import pino from 'pino';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { loggerOptions } from '../../src/core/logger.js';
+
+import { buildApp } from '../../src/app.js';
+import { openTestDatabase, SUPERUSER_EMAIL, testSettings } from '../helpers/app.js';
+
+const SECRET_PASSWORD = 'access-log-secret-password';
+const FORM = { 'content-type': 'application/x-www-form-urlencoded' };
+
+/** An app whose log lines (as pino writes them, before any pretty-printing) are kept. */
+async function appWithLog(format: 'pretty' | 'json'): Promise<{ app: FastifyInstance; lines: () => Record<string, unknown>[]; close: () => Promise<void> }> {
+  let text = '';
+  const destination = new Writable({
+    write(chunk: Buffer, _encoding, callback) {
+      text += chunk.toString('utf8');
+      callback();
+    },
+  });
+  const opened = await openTestDatabase();
+  const settings = testSettings({ LOG_LEVEL: 'info', LOG_FORMAT: format, RATE_LIMIT_LOGIN_PER_ACCOUNT: '1' });
+  // The lines themselves are JSON either way; LOG_FORMAT decides what the access line holds.
+  const logger = pino(loggerOptions({ LOG_LEVEL: 'info', LOG_FORMAT: 'json' }), destination);
+  const app = await buildApp({ settings, database: opened.database, logger, vectorSearch: false, runJobs: true });
+  await app.ready();
+  return {
+    app,
+    lines: () => text.split('\n').filter(Boolean).map((line) => JSON.parse(line) as Record<string, unknown>),
+    close: async () => {
+      await app.close();
+      await opened.destroy();
+    },
+  };
+}
+
+/** The requests both formats are checked with: unmatched, a validation failure, a rate limit. */
+async function sendRequests(app: FastifyInstance): Promise<void> {
+  expect((await app.inject({ method: 'GET', url: '/no/such/path?token=query-secret' })).statusCode).toBe(404);
+  const signup = await app.inject({ method: 'POST', url: '/api/v1/users/signup', payload: { email: 'not-an-email', password: SECRET_PASSWORD } });
+  expect(signup.statusCode).toBe(422);
+  const body = new URLSearchParams({ username: SUPERUSER_EMAIL, password: SECRET_PASSWORD }).toString();
+  expect((await app.inject({ method: 'POST', url: '/api/v1/login/access-token', headers: FORM, payload: body })).statusCode).toBe(400);
+  expect((await app.inject({ method: 'POST', url: '/api/v1/login/access-token', headers: FORM, payload: body })).statusCode).toBe(429);
+}
+
+describe('access log, pretty (local)', () => {
+  let ctx: Awaited<ReturnType<typeof appWithLog>>;
+  beforeAll(async () => {
+    ctx = await appWithLog('pretty');
+    await sendRequests(ctx.app);
+  });
+  afterAll(() => ctx?.close());
+
+  it('is one self-contained line per request: no fields for the pretty-printer to spread over lines', () => {
+    const access = ctx.lines().filter((line) => /^(GET|POST) /.test(String(line.msg)));
+    expect(access).toHaveLength(4);
+    for (const line of access) expect(Object.keys(line).sort()).toEqual(['level', 'msg', 'time']);
+    const [unmatched, invalid, wrong, limited] = access.map((line) => String(line.msg));
+    expect(unmatched).toMatch(/^GET \/no\/such\/path 404 [\d.]+ms reqId=\S+ \(Not Found\)$/);
+    expect(invalid).toMatch(/^POST \/api\/v1\/users\/signup 422 .*\(body\.email: .+\)$/);
+    expect(wrong).toMatch(/^POST \/api\/v1\/login\/access-token 400 .*\(Incorrect email or password\)$/);
+    expect(limited).toMatch(/^POST \/api\/v1\/login\/access-token 429 .*\(rate limit login-account: 1 per 60s\)$/);
+  });
+
+  it('never holds the password or the query string', () => {
+    const all = JSON.stringify(ctx.lines());
+    expect(all).not.toContain(SECRET_PASSWORD);
+    expect(all).not.toContain('query-secret');
+  });
+});
+
+describe('access log, JSON', () => {
+  let ctx: Awaited<ReturnType<typeof appWithLog>>;
+  beforeAll(async () => {
+    ctx = await appWithLog('json');
+    await sendRequests(ctx.app);
+  });
+  afterAll(() => ctx?.close());
+
+  it('keeps its fields and adds the path of unmatched requests and the reason of a 4xx', () => {
+    const access = ctx.lines().filter((line) => line.msg === 'request completed');
+    expect(access).toHaveLength(4);
+    for (const line of access) expect(line).toMatchObject({ reqId: expect.any(String) as string, method: expect.any(String) as string, ms: expect.any(Number) as number });
+    expect(access[0]).toMatchObject({ route: '<unmatched>', path: '/no/such/path', status: 404, reason: 'Not Found' });
+    expect(access[1]).toMatchObject({ route: '/api/v1/users/signup', status: 422, reason: expect.stringMatching(/^body\.email: /) as string });
+    expect(access[1]).not.toHaveProperty('path');
+    expect(access[3]).toMatchObject({ status: 429, reason: 'rate limit login-account: 1 per 60s' });
+    expect(JSON.stringify(access)).not.toContain(SECRET_PASSWORD);
+  });
+});
