@@ -4,8 +4,9 @@ import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { MAX_VALIDATION_ISSUES } from '../../src/core/errors.js';
+import { serverOptions } from '../../src/core/http-server.js';
 
-import { buildTestApp, openTestDatabase, useTestApp } from '../helpers/app.js';
+import { buildTestApp, openTestDatabase, testSettings, useTestApp } from '../helpers/app.js';
 import { superuserHeaders } from '../helpers/factories.js';
 
 const ctx = useTestApp({ RATE_LIMIT_SIGNUP_PER_IP: '3', HTTP_REQUEST_TIMEOUT_MS: '2000', HTTP_HEADERS_TIMEOUT_MS: '1000' });
@@ -139,6 +140,14 @@ describe('over a real socket', () => {
     expect(ctx.app.server.headersTimeout).toBe(1_000);
     expect(ctx.app.server.keepAliveTimeout).toBe(ctx.app.settings.HTTP_KEEP_ALIVE_TIMEOUT_MS);
   });
+
+  it('has sane defaults, and never a headers timeout longer than the request timeout (Node refuses it)', () => {
+    const defaults = serverOptions(testSettings());
+    expect(defaults).toMatchObject({ requestTimeout: 30_000, keepAliveTimeout: 72_000, http: { headersTimeout: 20_000 } });
+    const clamped = serverOptions(testSettings({ HTTP_HEADERS_TIMEOUT_MS: '60000', HTTP_REQUEST_TIMEOUT_MS: '5000' }));
+    expect(clamped.http.headersTimeout).toBe(5_000);
+    expect(() => testSettings({ HTTP_REQUEST_TIMEOUT_MS: '0' })).toThrow(/HTTP_REQUEST_TIMEOUT_MS/);
+  });
 });
 
 // ==================== /metrics ====================
@@ -174,6 +183,10 @@ describe('METRICS_TOKEN', () => {
     const response = await app.inject({ method: 'GET', url: '/metrics', headers: { authorization: `Bearer ${token}` } });
     expect(response.statusCode).toBe(200);
     expect(response.body).toContain('http_request_duration_seconds');
+  });
+
+  it('refuses a guessable token in the settings', () => {
+    expect(() => testSettings({ METRICS_TOKEN: 'short' })).toThrow(/METRICS_TOKEN/);
   });
 
   it('stays open without the setting', async () => {
