@@ -1,6 +1,5 @@
 import { randomBytes } from 'node:crypto';
 
-
 import { Queue } from 'bullmq';
 import { Redis } from 'ioredis';
 import pino from 'pino';
