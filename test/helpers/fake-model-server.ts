@@ -32,6 +32,8 @@ export interface ScriptedReply {
   hang?: boolean;
   /** Destroy the connection: before any byte, or after this many stream chunks. */
   drop?: 'immediately' | { afterChunks: number };
+  /** Stop sending (but keep the connection open) after this many stream chunks. */
+  stallAfterChunks?: number;
   text?: string;
   /** Streamed pieces (default: `text` split after each space). */
   chunks?: string[];
@@ -49,7 +51,7 @@ export interface LoggedRequest {
   stream: boolean;
   body: Record<string, unknown>;
   headers: IncomingMessage['headers'];
-  /** What the server did: a status, `hang` or `drop`. */
+  /** What the server did: a status, `hang` or `drop` (a stall mid-stream keeps 200). */
   reply: number | 'hang' | 'drop';
   /** The client closed the connection before the answer was complete. */
   aborted: boolean;
@@ -244,6 +246,7 @@ export class FakeModelServer {
         res.socket?.destroy();
         return;
       }
+      if (reply.stallAfterChunks !== undefined && entry.chunksSent >= reply.stallAfterChunks) return;
       if (reply.chunkDelayMs) await sleep(reply.chunkDelayMs);
       if (entry.aborted) return;
       res.write(`data: ${JSON.stringify({ ...base, ...(chunk as object) })}\n\n`);
