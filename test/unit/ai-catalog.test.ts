@@ -103,6 +103,20 @@ describe('ProviderRegistry credentials', () => {
     expect(registry.status('keyless')).toMatchObject({ available: false, missing: 'api_key', reason: 'Provider keyless has no api_key' });
     expect(registry.status('off')).toMatchObject({ available: false, reason: 'Provider off is disabled' });
     expect(registry.status('nowhere')).toMatchObject({ available: false, reason: 'Provider nowhere is not configured' });
-    expect(registry.languageModel('ollama', 'llama3').modelId).toBe('llama3');
+    expect(registry.languageModel('ollama', 'llama3')).toMatchObject({ modelId: 'llama3', provider: 'ollama.chat' });
+  });
+});
+
+describe('createModelManager', () => {
+  it('takes keys and limits from the settings', async () => {
+    const { loadSettings } = await import('../../src/core/config.js');
+    const { createModelManager } = await import('../../src/modules/ai-models/index.js');
+    const settings = loadSettings({ DATA_DIR: '/tmp/keel-models-test', OPENAI_API_KEY: 'sk-x', MODEL_TIMEOUT_MS: '5000' });
+    const manager = createModelManager(settings, { overrides: [{ id: 'gpt-4.1', enabled: false }] });
+    expect(manager.getModel('gpt-4.1-mini')).toMatchObject({ available: true, unavailable_reason: null });
+    expect(manager.getModel('claude-haiku-4-5')).toMatchObject({ available: false, unavailable_reason: 'ANTHROPIC_API_KEY is not set' });
+    expect(manager.listAvailableModels().map((m) => m.id)).not.toContain('gpt-4.1');
+    expect(() => loadSettings({ DATA_DIR: '/tmp/keel-models-test', MODEL_MAX_RETRIES: '11' })).toThrow(/MODEL_MAX_RETRIES/);
+    expect(() => loadSettings({ DATA_DIR: '/tmp/keel-models-test', OPENAI_BASE_URL: 'ftp://x' })).toThrow(/OPENAI_BASE_URL/);
   });
 });

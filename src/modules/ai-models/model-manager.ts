@@ -346,7 +346,7 @@ export class ModelManager {
         ...this.outcome(model, state.usage, started),
         text: result.text,
         reasoningText: result.reasoningText,
-        toolCalls: result.toolCalls.map(({ toolCallId, toolName, input }) => ({ toolCallId, toolName, input })),
+        toolCalls: result.toolCalls.map((c): ToolCall => ({ toolCallId: c.toolCallId, toolName: c.toolName, input: c.input as unknown })),
         finishReason: result.finishReason,
         responseMessages: result.response.messages,
         time_to_first_token_ms: null,
@@ -363,7 +363,7 @@ export class ModelManager {
     const queue: StreamEvent[] = [];
     let wake: (() => void) | undefined;
     let done = false;
-    let failure: unknown;
+    let failure: Error | undefined;
     const consumer = new AbortController();
     const signal = request.signal ? AbortSignal.any([request.signal, consumer.signal]) : consumer.signal;
     const push = (event: StreamEvent) => {
@@ -398,7 +398,7 @@ export class ModelManager {
           reasoning += part.text;
           push({ type: 'reasoning-delta', text: part.text });
         } else if (part.type === 'tool-call') {
-          const call = { toolCallId: part.toolCallId, toolName: part.toolName, input: part.input };
+          const call: ToolCall = { toolCallId: part.toolCallId, toolName: part.toolName, input: part.input as unknown };
           seen(estimateTokens(part.input) * CHARS_PER_TOKEN);
           toolCalls.push(call);
           push({ type: 'tool-call', toolCall: call });
@@ -433,7 +433,7 @@ export class ModelManager {
         wake?.();
       },
       (error: unknown) => {
-        failure = error;
+        failure = error instanceof Error ? error : new Error(String(error));
         done = true;
         wake?.();
       },
@@ -484,7 +484,7 @@ export class ModelManager {
       temperature: request.temperature,
       topP: request.topP,
       stopSequences: request.stopSequences,
-      providerOptions: request.providerOptions as ProviderMetadata | undefined,
+      providerOptions: request.providerOptions,
       maxRetries: 0,
     };
   }

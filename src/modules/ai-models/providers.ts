@@ -11,6 +11,7 @@ import type { EmbeddingModel, LanguageModel } from 'ai';
 
 import type { Settings } from '../../core/config.js';
 import { HttpError } from '../../core/errors.js';
+
 import type { ProviderKind } from './types.js';
 
 /** A provider as the DB layer will hand it over (secrets already decrypted). */
@@ -136,7 +137,7 @@ export class ProviderRegistry {
       return { available: true }; // local servers (Ollama, vLLM) need no key
     }
     if (!record.api_key) {
-      const missing = fromSettings ? BUILTIN_KEYS[id as BuiltinId] : 'api_key';
+      const missing = fromSettings ? BUILTIN_KEYS[id] : 'api_key';
       const reason = fromSettings ? `${missing} is not set` : `Provider ${id} has no api_key`;
       return { available: false, reason, missing };
     }
