@@ -102,6 +102,14 @@ export const SettingsSchema = z.object({
   SMTP_PASSWORD: optionalString,
   EMAILS_FROM_EMAIL: z.preprocess(emptyAsUndefined, z.email().optional()),
   EMAILS_FROM_NAME: optionalString,
+  OPENAI_API_KEY: optionalString,
+  OPENAI_BASE_URL: z.preprocess(emptyAsUndefined, z.url({ protocol: /^https?$/ }).optional()),
+  ANTHROPIC_API_KEY: optionalString,
+  GOOGLE_GENERATIVE_AI_API_KEY: optionalString,
+  MODEL_TIMEOUT_MS: int(100, 3_600_000).default(120_000),
+  MODEL_MAX_RETRIES: int(0, 10).default(2),
+  MODEL_RETRY_MAX_WAIT_MS: int(0, 300_000).default(20_000),
+  MODEL_DEFAULT_MAX_OUTPUT_TOKENS: int(1, 10_000_000).default(4_096),
 });
 
 export type RawSettings = z.infer<typeof SettingsSchema>;

@@ -1,0 +1,83 @@
+/**
+ * The model catalog: the built-in models (from the pinned data package) layered with overrides
+ * given as plain objects — superuser changes to built-in models and custom models, e.g. database
+ * rows. The DB layer only feeds rows in through `setOverrides`.
+ */
+import { loadBuiltinModels } from './builtin-models.js';
+import type { ModelInfo, ModelOverride } from './types.js';
+
+export class ModelConfigError extends Error {}
+
+export interface ListModelsOptions {
+  includeDisabled?: boolean;
+  provider?: string;
+}
+
+export class ModelCatalog {
+  private models = new Map<string, ModelInfo>();
+  private aliases = new Map<string, string>();
+
+  constructor(
+    private readonly builtins: readonly ModelInfo[] = loadBuiltinModels(),
+    overrides: readonly ModelOverride[] = [],
+  ) {
+    this.setOverrides(overrides);
+  }
+
+  /** Replaces every override at once (call again after a change in the database). */
+  setOverrides(overrides: readonly ModelOverride[]): void {
+    const models = new Map(this.builtins.map((m) => [m.id, structuredClone(m)]));
+    for (const override of overrides) {
+      if (override.deleted) {
+        models.delete(override.id);
+        continue;
+      }
+      const { deleted: _deleted, ...change } = override;
+      const base = models.get(override.id);
+      const merged = base ? { ...base, ...stripUndefined(change) } : completeCustomModel(change);
+      models.set(override.id, merged);
+    }
+    const aliases = new Map<string, string>();
+    for (const model of models.values()) {
+      for (const alias of model.aliases) if (!models.has(alias) && !aliases.has(alias)) aliases.set(alias, model.id);
+    }
+    this.models = models;
+    this.aliases = aliases;
+  }
+
+  /** A model by id or alias (disabled ones too: callers decide), or undefined. */
+  getModel(idOrAlias: string): ModelInfo | undefined {
+    return this.models.get(idOrAlias) ?? this.models.get(this.aliases.get(idOrAlias) ?? '');
+  }
+
+  /** Models by priority (highest first), then id; disabled ones only when asked. */
+  listModels({ includeDisabled = false, provider }: ListModelsOptions = {}): ModelInfo[] {
+    return [...this.models.values()]
+      .filter((m) => (includeDisabled || m.enabled) && (!provider || m.provider === provider))
+      .sort((a, b) => b.priority - a.priority || a.id.localeCompare(b.id));
+  }
+}
+
+function stripUndefined<T extends object>(value: T): Partial<T> {
+  return Object.fromEntries(Object.entries(value).filter(([, v]) => v !== undefined)) as Partial<T>;
+}
+
+/** A custom model needs a provider and prices; the rest has defaults. */
+function completeCustomModel(change: Omit<ModelOverride, 'deleted'>): ModelInfo {
+  if (!change.provider) throw new ModelConfigError(`Custom model ${change.id} needs a provider`);
+  if (!change.pricing) throw new ModelConfigError(`Custom model ${change.id} needs pricing`);
+  return {
+    name: change.id,
+    aliases: [],
+    context_window: null,
+    capabilities: ['chat'],
+    enabled: true,
+    recommended: false,
+    priority: 0,
+    fallbacks: [],
+    ...stripUndefined(change),
+    id: change.id,
+    provider: change.provider,
+    pricing: change.pricing,
+  };
+}

@@ -1,0 +1,610 @@
+/**
+ * The one path every model call in Keel takes: `chat`, `stream`, `embed`.
+ *
+ * resolve the model (id or alias) → reserve its worst-case cost with the meter → call the provider
+ * with a timeout per attempt, retrying 429/5xx/connection errors with backoff (honouring
+ * retry-after, bounded) → when retries are exhausted try the model's fallbacks → settle the meter
+ * with the exact usage and cost (also after a failure or an abort). The caller's AbortSignal
+ * aborts the upstream request at every stage.
+ */
+import {
+  APICallError,
+  embedMany,
+  generateText,
+  type LanguageModelUsage,
+  type ModelMessage,
+  type ProviderMetadata,
+  streamText,
+  type ToolChoice,
+  type ToolSet,
+} from 'ai';
+
+import type { ModelCatalog } from './catalog.js';
+import { computeCost, estimateCost } from './cost.js';
+import { ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, UpstreamError } from './errors.js';
+import { type ProviderRegistry, ProviderUnavailableError } from './providers.js';
+import { type Capability, type ModelInfo, type TokenUsage, ZERO_USAGE } from './types.js';
+
+// ==================== Interfaces ====================
+
+/** Who a call is for; passed through untouched to the meter (usage records, credits, limits). */
+export interface CallContext {
+  user_id?: string;
+  api_key_id?: string | null;
+  project_id?: string | null;
+  agent_id?: string | null;
+  run_id?: string | null;
+}
+
+export type Operation = 'chat' | 'stream' | 'embed';
+
+interface CallOptions {
+  /** Catalog id or alias. */
+  model: string;
+  /** Aborts the call, the upstream request included. */
+  signal?: AbortSignal;
+  /** Per attempt; for streams, the longest wait for the next chunk. Default: MODEL_TIMEOUT_MS. */
+  timeoutMs?: number;
+  context?: CallContext;
+}
+
+export interface ChatRequest extends CallOptions {
+  messages: ModelMessage[];
+  system?: string;
+  /** Tools without `execute`: the model's tool calls come back for the caller (the runner) to run. */
+  tools?: ToolSet;
+  toolChoice?: ToolChoice<ToolSet>;
+  maxOutputTokens?: number;
+  temperature?: number;
+  topP?: number;
+  stopSequences?: string[];
+  providerOptions?: Record<string, Record<string, never>> | ProviderMetadata;
+}
+
+export interface ToolCall {
+  toolCallId: string;
+  toolName: string;
+  input: unknown;
+}
+
+export interface CallOutcome {
+  /** The model that answered (a fallback, maybe) and its provider. */
+  model: string;
+  provider: string;
+  usage: TokenUsage;
+  /** Decimal string, 12 decimal places at most. */
+  cost: string;
+  latency_ms: number;
+}
+
+export interface ChatResult extends CallOutcome {
+  text: string;
+  reasoningText?: string;
+  toolCalls: ToolCall[];
+  finishReason: string;
+  /** Assistant (and tool-call) messages to append to the conversation. */
+  responseMessages: ModelMessage[];
+  time_to_first_token_ms: number | null;
+}
+
+export type StreamEvent =
+  | { type: 'text-delta'; text: string }
+  | { type: 'reasoning-delta'; text: string }
+  | { type: 'tool-call'; toolCall: ToolCall }
+  | { type: 'finish'; result: ChatResult };
+
+/** Iterate for events; `result` settles when the stream ends (rejects on failure or abort). */
+export interface ModelStream extends AsyncIterable<StreamEvent> {
+  result: Promise<ChatResult>;
+}
+
+export interface EmbedRequest extends CallOptions {
+  values: string[];
+}
+
+export interface EmbedResult extends CallOutcome {
+  embeddings: number[][];
+}
+
+/** What the meter sees before a call: its worst-case cost. */
+export interface CostEstimate {
+  operation: Operation;
+  model: string;
+  provider: string;
+  input_tokens: number;
+  max_output_tokens: number;
+  cost: string;
+  context: CallContext;
+}
+
+export type CallStatus = 'success' | 'error' | 'aborted';
+
+/** One row per model call (per model tried, when fallbacks run). */
+export interface UsageRecord {
+  operation: Operation;
+  model: string;
+  provider: string;
+  tokens: TokenUsage;
+  /** True when the provider reported no usage (an aborted stream): tokens are estimated. */
+  estimated: boolean;
+  cost: string;
+  latency_ms: number;
+  time_to_first_token_ms: number | null;
+  status: CallStatus;
+  error: string | null;
+  attempts: number;
+  started_at: Date;
+  context: CallContext;
+}
+
+export interface UsageReservation {
+  /** Called exactly once, after the call ended; never on the caller's path (not awaited). */
+  settle(record: UsageRecord): void | Promise<void>;
+}
+
+/**
+ * Metering: `reserve` runs before the upstream request (throw to refuse the call, e.g. 402) and
+ * returns the reservation that `settle` closes with the actual usage. Billing and usage records
+ * plug in here.
+ */
+export interface UsageMeter {
+  reserve(estimate: CostEstimate): UsageReservation | Promise<UsageReservation>;
+}
+
+/** A meter that only reports usage (no reservation). */
+export function usageCallback(onUsage: (record: UsageRecord) => void | Promise<void>): UsageMeter {
+  return { reserve: () => ({ settle: onUsage }) };
+}
+
+export interface ModelManagerOptions {
+  catalog: ModelCatalog;
+  providers: ProviderRegistry;
+  meter?: UsageMeter;
+  timeoutMs: number;
+  maxRetries: number;
+  /** The longest wait between two attempts; a longer retry-after is capped to it. */
+  retryMaxWaitMs: number;
+  /** First backoff step (doubles per retry, with jitter). Default 500 ms. */
+  retryBaseDelayMs?: number;
+  /** Output tokens assumed for the estimate when a call sets no maximum. */
+  defaultMaxOutputTokens: number;
+  /** Where settle failures go (a meter must not break calls). */
+  onMeterError?: (error: unknown, record: UsageRecord) => void;
+}
+
+export interface ModelView extends ModelInfo {
+  available: boolean;
+  unavailable_reason: string | null;
+}
+
+// ==================== Internals ====================
+
+const CHARS_PER_TOKEN = 4;
+
+function estimateTokens(value: unknown): number {
+  const text = typeof value === 'string' ? value : (JSON.stringify(value) ?? '');
+  return Math.ceil(text.length / CHARS_PER_TOKEN);
+}
+
+function toTokenUsage(usage: LanguageModelUsage | undefined): TokenUsage {
+  return {
+    input: usage?.inputTokens ?? 0,
+    cached_input: usage?.inputTokenDetails?.cacheReadTokens ?? 0,
+    cache_write: usage?.inputTokenDetails?.cacheWriteTokens ?? 0,
+    output: usage?.outputTokens ?? 0,
+    reasoning: usage?.outputTokenDetails?.reasoningTokens ?? 0,
+  };
+}
+
+class AttemptTimeout extends Error {}
+
+/** An attempt's signal: the caller's signal plus a timer that `touch()` restarts. */
+class Attempt {
+  readonly controller = new AbortController();
+  private timer: NodeJS.Timeout | undefined;
+  private readonly onCallerAbort = () => this.controller.abort(this.caller?.reason);
+
+  constructor(
+    private readonly caller: AbortSignal | undefined,
+    private readonly timeoutMs: number,
+  ) {
+    caller?.addEventListener('abort', this.onCallerAbort, { once: true });
+    this.touch();
+  }
+
+  get signal(): AbortSignal {
+    return this.controller.signal;
+  }
+
+  touch(): void {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.controller.abort(new AttemptTimeout()), this.timeoutMs);
+  }
+
+  end(): void {
+    clearTimeout(this.timer);
+    this.caller?.removeEventListener('abort', this.onCallerAbort);
+  }
+}
+
+type Classified =
+  | { kind: 'aborted' }
+  | { kind: 'retryable'; error: Error; retryAfterMs?: number }
+  | { kind: 'fatal'; error: Error };
+
+function retryAfterMs(headers: Record<string, string> | undefined): number | undefined {
+  if (!headers) return undefined;
+  const ms = Number(headers['retry-after-ms']);
+  if (headers['retry-after-ms'] && Number.isFinite(ms)) return Math.max(0, ms);
+  const value = headers['retry-after'];
+  if (!value) return undefined;
+  const seconds = Number(value);
+  if (Number.isFinite(seconds)) return Math.max(0, seconds * 1000);
+  const date = Date.parse(value);
+  return Number.isNaN(date) ? undefined : Math.max(0, date - Date.now());
+}
+
+function findApiCallError(error: unknown): APICallError | undefined {
+  for (let e: unknown = error, depth = 0; e && depth < 5; depth += 1) {
+    if (APICallError.isInstance(e)) return e;
+    const next = (e as { lastError?: unknown; cause?: unknown }).lastError ?? (e as { cause?: unknown }).cause;
+    if (next === e) break;
+    e = next;
+  }
+  return undefined;
+}
+
+function classify(error: unknown, attempt: Attempt, caller: AbortSignal | undefined, timeoutMs: number): Classified {
+  if (caller?.aborted) return { kind: 'aborted' };
+  if (attempt.signal.aborted && attempt.signal.reason instanceof AttemptTimeout) {
+    return { kind: 'retryable', error: new ModelTimeoutError(timeoutMs) };
+  }
+  const apiError = findApiCallError(error);
+  if (apiError) {
+    const status = apiError.statusCode;
+    const message = `Upstream ${status ?? 'connection'} error: ${apiError.message}`;
+    const upstream = new UpstreamError(message, status);
+    if (status === undefined || status === 408 || status === 409 || status === 429 || status >= 500) {
+      return { kind: 'retryable', error: upstream, retryAfterMs: retryAfterMs(apiError.responseHeaders) };
+    }
+    return { kind: 'fatal', error: upstream };
+  }
+  if (error instanceof Error && (error.name === 'TypeError' || /ECONNRESET|ECONNREFUSED|socket|terminated|fetch failed/i.test(`${error.message} ${String(error.cause)}`))) {
+    return { kind: 'retryable', error: new UpstreamError(`Upstream connection error: ${error.message}`) };
+  }
+  return { kind: 'fatal', error: error instanceof Error ? error : new Error(String(error)) };
+}
+
+function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(new ModelCallAbortedError());
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(new ModelCallAbortedError());
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+/** What one model's attempt produced; `streamed` says the caller already saw some of it. */
+interface AttemptState {
+  usage?: TokenUsage;
+  streamed: boolean;
+  firstTokenAt: number | null;
+  outputChars: number;
+}
+
+type AttemptRunner<T> = (model: ModelInfo, attempt: Attempt, state: AttemptState) => Promise<T>;
+
+// ==================== The manager ====================
+
+export class ModelManager {
+  constructor(private readonly options: ModelManagerOptions) {}
+
+  // ---------- Catalog ----------
+
+  /** A model by id or alias, with its availability; disabled models too. */
+  getModel(idOrAlias: string): ModelView | undefined {
+    const model = this.options.catalog.getModel(idOrAlias);
+    return model && this.view(model);
+  }
+
+  listAvailableModels({ includeDisabled = false } = {}): ModelView[] {
+    return this.options.catalog.listModels({ includeDisabled }).map((m) => this.view(m));
+  }
+
+  private view(model: ModelInfo): ModelView {
+    const status = this.options.providers.status(model.provider);
+    return { ...model, available: status.available, unavailable_reason: status.available ? null : (status.reason ?? null) };
+  }
+
+  /** An enabled model that can do `capability`, or a typed error. */
+  private resolve(idOrAlias: string, capability: Capability): ModelInfo {
+    const model = this.options.catalog.getModel(idOrAlias);
+    if (!model || !model.enabled) throw new ModelNotFoundError(idOrAlias);
+    if (!model.capabilities.includes(capability)) throw new ModelCapabilityError(model.id, capability);
+    const status = this.options.providers.status(model.provider);
+    if (!status.available) throw new ProviderUnavailableError(model.provider, status.reason ?? 'unavailable', status.missing);
+    return model;
+  }
+
+  // ---------- Calls ----------
+
+  async chat(request: ChatRequest): Promise<ChatResult> {
+    const started = performance.now();
+    return this.run(request, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
+      const result = await generateText({
+        ...this.sdkOptions(request, model),
+        abortSignal: attempt.signal,
+      });
+      state.usage = toTokenUsage(result.totalUsage);
+      return {
+        ...this.outcome(model, state.usage, started),
+        text: result.text,
+        reasoningText: result.reasoningText,
+        toolCalls: result.toolCalls.map((c): ToolCall => ({ toolCallId: c.toolCallId, toolName: c.toolName, input: c.input as unknown })),
+        finishReason: result.finishReason,
+        responseMessages: result.response.messages,
+        time_to_first_token_ms: null,
+      };
+    });
+  }
+
+  /**
+   * Streams a chat answer. Retries and fallbacks apply until the first event reaches the caller;
+   * after that an upstream error ends the stream. Stopping the iteration (break, return) or the
+   * signal aborts the upstream request.
+   */
+  stream(request: ChatRequest): ModelStream {
+    const queue: StreamEvent[] = [];
+    let wake: (() => void) | undefined;
+    let done = false;
+    let failure: Error | undefined;
+    const consumer = new AbortController();
+    const signal = request.signal ? AbortSignal.any([request.signal, consumer.signal]) : consumer.signal;
+    const push = (event: StreamEvent) => {
+      queue.push(event);
+      wake?.();
+    };
+
+    const started = performance.now();
+    const result = this.run({ ...request, signal }, 'stream', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
+      const sdk = streamText({
+        ...this.sdkOptions(request, model),
+        abortSignal: attempt.signal,
+        onError: () => {},
+      });
+      let text = '';
+      let reasoning = '';
+      const toolCalls: ToolCall[] = [];
+      let finishReason = 'unknown';
+      const seen = (chars: number) => {
+        attempt.touch();
+        state.streamed = true;
+        state.outputChars += chars;
+        state.firstTokenAt ??= performance.now();
+      };
+      for await (const part of sdk.fullStream) {
+        if (part.type === 'text-delta') {
+          seen(part.text.length);
+          text += part.text;
+          push({ type: 'text-delta', text: part.text });
+        } else if (part.type === 'reasoning-delta') {
+          seen(part.text.length);
+          reasoning += part.text;
+          push({ type: 'reasoning-delta', text: part.text });
+        } else if (part.type === 'tool-call') {
+          const call: ToolCall = { toolCallId: part.toolCallId, toolName: part.toolName, input: part.input as unknown };
+          seen(estimateTokens(part.input) * CHARS_PER_TOKEN);
+          toolCalls.push(call);
+          push({ type: 'tool-call', toolCall: call });
+        } else if (part.type === 'finish') {
+          finishReason = part.finishReason;
+          state.usage = toTokenUsage(part.totalUsage);
+        } else if (part.type === 'error') {
+          throw part.error;
+        } else if (part.type === 'abort') {
+          throw attempt.signal.reason ?? new ModelCallAbortedError();
+        } else {
+          attempt.touch();
+        }
+      }
+      state.usage ??= { ...ZERO_USAGE };
+      const response = await sdk.response;
+      const ttft = state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started);
+      return {
+        ...this.outcome(model, state.usage, started),
+        text,
+        reasoningText: reasoning || undefined,
+        toolCalls,
+        finishReason,
+        responseMessages: response.messages,
+        time_to_first_token_ms: ttft,
+      };
+    });
+    result.then(
+      (final) => {
+        push({ type: 'finish', result: final });
+        done = true;
+        wake?.();
+      },
+      (error: unknown) => {
+        failure = error instanceof Error ? error : new Error(String(error));
+        done = true;
+        wake?.();
+      },
+    );
+
+    async function* events(): AsyncGenerator<StreamEvent> {
+      try {
+        for (;;) {
+          while (queue.length) yield queue.shift() as StreamEvent;
+          if (done) {
+            if (failure) throw failure;
+            return;
+          }
+          await new Promise<void>((resolve) => (wake = resolve));
+          wake = undefined;
+        }
+      } finally {
+        if (!done) consumer.abort(new ModelCallAbortedError());
+      }
+    }
+    // Reading `result` is optional for callers that iterate; its rejection then surfaces there.
+    result.catch(() => {});
+    return { result, [Symbol.asyncIterator]: events };
+  }
+
+  async embed(request: EmbedRequest): Promise<EmbedResult> {
+    const started = performance.now();
+    return this.run(request, 'embed', 'embedding', 0, async (model, attempt, state) => {
+      const result = await embedMany({
+        model: this.options.providers.embeddingModel(model.provider, model.id),
+        values: request.values,
+        maxRetries: 0,
+        abortSignal: attempt.signal,
+      });
+      state.usage = { ...ZERO_USAGE, input: result.usage.tokens };
+      return { ...this.outcome(model, state.usage, started), embeddings: result.embeddings };
+    });
+  }
+
+  private sdkOptions(request: ChatRequest, model: ModelInfo) {
+    return {
+      model: this.options.providers.languageModel(model.provider, model.id),
+      messages: request.messages,
+      system: request.system,
+      tools: request.tools,
+      toolChoice: request.toolChoice,
+      maxOutputTokens: request.maxOutputTokens,
+      temperature: request.temperature,
+      topP: request.topP,
+      stopSequences: request.stopSequences,
+      providerOptions: request.providerOptions,
+      maxRetries: 0,
+    };
+  }
+
+  private outcome(model: ModelInfo, usage: TokenUsage, started: number): CallOutcome {
+    return {
+      model: model.id,
+      provider: model.provider,
+      usage,
+      cost: computeCost(model.pricing, usage),
+      latency_ms: Math.round(performance.now() - started),
+    };
+  }
+
+  /** Resolution, reservation, retries, fallbacks and settlement around `runAttempt`. */
+  private async run<T>(
+    request: CallOptions & Partial<ChatRequest> & Partial<EmbedRequest>,
+    operation: Operation,
+    capability: Capability,
+    maxOutputTokens: number | undefined,
+    runAttempt: AttemptRunner<T>,
+  ): Promise<T> {
+    const primary = this.resolve(request.model, capability);
+    const chain = [primary, ...this.fallbacksOf(primary, capability)];
+    const inputTokens = estimateTokens(operation === 'embed' ? (request.values ?? []).join('') : [request.system ?? '', request.messages, request.tools ? Object.keys(request.tools) : []]);
+    const outputTokens = operation === 'embed' ? 0 : (maxOutputTokens ?? this.options.defaultMaxOutputTokens);
+    let lastError: Error = new UpstreamError('No model answered');
+    for (const model of chain) {
+      if (request.signal?.aborted) throw new ModelCallAbortedError();
+      const estimate: CostEstimate = {
+        operation,
+        model: model.id,
+        provider: model.provider,
+        input_tokens: inputTokens,
+        max_output_tokens: outputTokens,
+        cost: estimateCost(model.pricing, inputTokens, outputTokens),
+        context: request.context ?? {},
+      };
+      const reservation = this.options.meter ? await this.options.meter.reserve(estimate) : undefined;
+      const state: AttemptState = { streamed: false, firstTokenAt: null, outputChars: 0 };
+      const started = performance.now();
+      const startedAt = new Date();
+      let attempts = 0;
+      const finish = (status: CallStatus, error: Error | null) => {
+        if (!reservation) return;
+        const estimated = state.usage === undefined && state.streamed;
+        const tokens = state.usage ?? (estimated ? { ...ZERO_USAGE, input: inputTokens, output: Math.ceil(state.outputChars / CHARS_PER_TOKEN) } : { ...ZERO_USAGE });
+        const record: UsageRecord = {
+          operation,
+          model: model.id,
+          provider: model.provider,
+          tokens,
+          estimated,
+          cost: computeCost(model.pricing, tokens),
+          latency_ms: Math.round(performance.now() - started),
+          time_to_first_token_ms: state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started),
+          status,
+          error: error?.message ?? null,
+          attempts,
+          started_at: startedAt,
+          context: request.context ?? {},
+        };
+        queueMicrotask(() => {
+          Promise.resolve()
+            .then(() => reservation.settle(record))
+            .catch((e: unknown) => this.options.onMeterError?.(e, record));
+        });
+      };
+
+      for (;;) {
+        attempts += 1;
+        const timeoutMs = request.timeoutMs ?? this.options.timeoutMs;
+        const attempt = new Attempt(request.signal, timeoutMs);
+        try {
+          const value = await runAttempt(model, attempt, state);
+          finish('success', null);
+          return value;
+        } catch (error) {
+          const outcome = classify(error, attempt, request.signal, timeoutMs);
+          if (outcome.kind === 'aborted') {
+            finish('aborted', new ModelCallAbortedError());
+            throw new ModelCallAbortedError();
+          }
+          lastError = outcome.error;
+          if (outcome.kind === 'fatal' || state.streamed) {
+            finish('error', outcome.error);
+            throw outcome.error;
+          }
+          if (attempts > this.options.maxRetries) {
+            finish('error', outcome.error);
+            break; // next model in the chain
+          }
+          await sleep(this.backoff(attempts, outcome.retryAfterMs), request.signal).catch((e: unknown) => {
+            finish('aborted', new ModelCallAbortedError());
+            throw e;
+          });
+        } finally {
+          attempt.end();
+        }
+      }
+    }
+    throw lastError;
+  }
+
+  private fallbacksOf(model: ModelInfo, capability: Capability): ModelInfo[] {
+    const out: ModelInfo[] = [];
+    for (const id of model.fallbacks) {
+      const fallback = this.options.catalog.getModel(id);
+      if (!fallback || !fallback.enabled || fallback.id === model.id || out.some((m) => m.id === fallback.id)) continue;
+      if (!fallback.capabilities.includes(capability) || !this.options.providers.status(fallback.provider).available) continue;
+      out.push(fallback);
+    }
+    return out;
+  }
+
+  /** Retry-after when the upstream sent one, else exponential backoff with jitter; both capped. */
+  private backoff(attempt: number, retryAfter: number | undefined): number {
+    const cap = this.options.retryMaxWaitMs;
+    if (retryAfter !== undefined) return Math.min(retryAfter, cap);
+    const base = (this.options.retryBaseDelayMs ?? 500) * 2 ** (attempt - 1);
+    return Math.min(cap, base / 2 + Math.random() * (base / 2));
+  }
+}

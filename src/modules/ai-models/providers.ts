@@ -1,0 +1,165 @@
+/**
+ * Providers through the Vercel AI SDK. Credentials come from settings (the built-in `openai`,
+ * `anthropic`, `google`) and from provider records passed in as plain objects (decrypted by the
+ * caller; the storage comes later). A record with a built-in id replaces the settings for it.
+ */
+import { createAnthropic } from '@ai-sdk/anthropic';
+import { createGoogleGenerativeAI } from '@ai-sdk/google';
+import { createOpenAI } from '@ai-sdk/openai';
+import { createOpenAICompatible } from '@ai-sdk/openai-compatible';
+import type { EmbeddingModel, LanguageModel } from 'ai';
+
+import type { Settings } from '../../core/config.js';
+import { HttpError } from '../../core/errors.js';
+
+import type { ProviderKind } from './types.js';
+
+/** A provider as the DB layer will hand it over (secrets already decrypted). */
+export interface ProviderRecord {
+  /** `openai`, `anthropic`, `google` (replaces the settings) or a custom id such as `ollama`. */
+  id: string;
+  kind: ProviderKind;
+  name?: string;
+  base_url?: string | null;
+  api_key?: string | null;
+  headers?: Record<string, string> | null;
+  enabled?: boolean;
+}
+
+export type ProviderCredentialSettings = Pick<
+  Settings,
+  'OPENAI_API_KEY' | 'OPENAI_BASE_URL' | 'ANTHROPIC_API_KEY' | 'GOOGLE_GENERATIVE_AI_API_KEY'
+>;
+
+export interface ProviderStatus {
+  available: boolean;
+  /** Why not, naming the setting or field to fill in. */
+  reason?: string;
+  /** The setting or record field that is missing. */
+  missing?: string;
+}
+
+/** Calling a model whose provider lacks credentials (or does not exist); `missing` names the setting. */
+export class ProviderUnavailableError extends HttpError {
+  constructor(
+    readonly provider: string,
+    readonly reason: string,
+    readonly missing?: string,
+  ) {
+    super(503, reason);
+  }
+}
+
+interface SdkProvider {
+  language(modelId: string): LanguageModel;
+  embedding(modelId: string): EmbeddingModel;
+}
+
+const BUILTIN_KEYS = {
+  openai: 'OPENAI_API_KEY',
+  anthropic: 'ANTHROPIC_API_KEY',
+  google: 'GOOGLE_GENERATIVE_AI_API_KEY',
+} as const satisfies Record<string, keyof ProviderCredentialSettings>;
+
+type BuiltinId = keyof typeof BUILTIN_KEYS;
+
+function isBuiltin(id: string): id is BuiltinId {
+  return Object.hasOwn(BUILTIN_KEYS, id);
+}
+
+function create(record: ProviderRecord): SdkProvider {
+  const common = {
+    apiKey: record.api_key ?? undefined,
+    baseURL: record.base_url ?? undefined,
+    headers: record.headers ?? undefined,
+  };
+  switch (record.kind) {
+    case 'openai': {
+      const p = createOpenAI(common);
+      // Chat Completions, which every OpenAI-compatible endpoint speaks too.
+      return { language: (id) => p.chat(id), embedding: (id) => p.embedding(id) };
+    }
+    case 'anthropic': {
+      const p = createAnthropic(common);
+      return { language: (id) => p.languageModel(id), embedding: (id) => p.embeddingModel(id) };
+    }
+    case 'google': {
+      const p = createGoogleGenerativeAI(common);
+      return { language: (id) => p.chat(id), embedding: (id) => p.embedding(id) };
+    }
+    case 'openai-compatible': {
+      const p = createOpenAICompatible({
+        name: record.id,
+        baseURL: record.base_url ?? '',
+        apiKey: record.api_key ?? undefined,
+        headers: record.headers ?? undefined,
+        includeUsage: true,
+      });
+      return { language: (id) => p.chatModel(id), embedding: (id) => p.embeddingModel(id) };
+    }
+  }
+}
+
+export class ProviderRegistry {
+  private records = new Map<string, ProviderRecord>();
+  private readonly clients = new Map<string, SdkProvider>();
+
+  constructor(
+    private readonly settings: ProviderCredentialSettings,
+    records: readonly ProviderRecord[] = [],
+  ) {
+    this.setRecords(records);
+  }
+
+  /** Replaces the provider records (call again after a change in the database). */
+  setRecords(records: readonly ProviderRecord[]): void {
+    this.records = new Map(records.map((r) => [r.id, r]));
+    this.clients.clear();
+  }
+
+  /** The effective record of a provider: its record, else the settings for a built-in one. */
+  private resolve(id: string): ProviderRecord | undefined {
+    const record = this.records.get(id);
+    if (record) return record;
+    if (id === 'openai') return { id, kind: 'openai', api_key: this.settings.OPENAI_API_KEY, base_url: this.settings.OPENAI_BASE_URL };
+    if (id === 'anthropic') return { id, kind: 'anthropic', api_key: this.settings.ANTHROPIC_API_KEY };
+    if (id === 'google') return { id, kind: 'google', api_key: this.settings.GOOGLE_GENERATIVE_AI_API_KEY };
+    return undefined;
+  }
+
+  status(id: string): ProviderStatus {
+    const record = this.resolve(id);
+    if (!record) return { available: false, reason: `Provider ${id} is not configured`, missing: 'provider' };
+    if (record.enabled === false) return { available: false, reason: `Provider ${id} is disabled` };
+    const fromSettings = !this.records.has(id) && isBuiltin(id);
+    if (record.kind === 'openai-compatible') {
+      if (!record.base_url) return { available: false, reason: `Provider ${id} has no base_url`, missing: 'base_url' };
+      return { available: true }; // local servers (Ollama, vLLM) need no key
+    }
+    if (!record.api_key) {
+      const missing = fromSettings ? BUILTIN_KEYS[id] : 'api_key';
+      const reason = fromSettings ? `${missing} is not set` : `Provider ${id} has no api_key`;
+      return { available: false, reason, missing };
+    }
+    return { available: true };
+  }
+
+  private client(id: string): SdkProvider {
+    const status = this.status(id);
+    if (!status.available) throw new ProviderUnavailableError(id, status.reason ?? 'unavailable', status.missing);
+    let client = this.clients.get(id);
+    if (!client) {
+      client = create(this.resolve(id) as ProviderRecord);
+      this.clients.set(id, client);
+    }
+    return client;
+  }
+
+  languageModel(providerId: string, modelId: string): LanguageModel {
+    return this.client(providerId).language(modelId);
+  }
+
+  embeddingModel(providerId: string, modelId: string): EmbeddingModel {
+    return this.client(providerId).embedding(modelId);
+  }
+}

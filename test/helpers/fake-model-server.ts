@@ -1,0 +1,272 @@
+/**
+ * A fake OpenAI-compatible model server on 127.0.0.1 for tests: `/v1/chat/completions` (plain and
+ * SSE), `/v1/embeddings`, `/v1/models`. Replies are scripted per model (a queue; when it is empty the
+ * default reply answers). Faults: any status (429 with retry-after, 500...), hangs, dropped
+ * connections (before or during a stream). Every request is logged with its body and whether the
+ * client aborted it.
+ */
+import { createHash } from 'node:crypto';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+
+export interface FakeUsage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  cached_tokens?: number;
+  reasoning_tokens?: number;
+}
+
+export interface FakeToolCall {
+  id: string;
+  name: string;
+  /** JSON text. */
+  arguments: string;
+}
+
+export interface ScriptedReply {
+  /** An error status (the body is OpenAI's error object unless `body` is given). */
+  status?: number;
+  headers?: Record<string, string>;
+  body?: unknown;
+  /** Never answer (until the client gives up). */
+  hang?: boolean;
+  /** Destroy the connection: before any byte, or after this many stream chunks. */
+  drop?: 'immediately' | { afterChunks: number };
+  /** Stop sending (but keep the connection open) after this many stream chunks. */
+  stallAfterChunks?: number;
+  text?: string;
+  /** Streamed pieces (default: `text` split after each space). */
+  chunks?: string[];
+  reasoning?: string;
+  /** Delay before each streamed chunk (and before a non-stream answer). */
+  chunkDelayMs?: number;
+  toolCalls?: FakeToolCall[];
+  usage?: FakeUsage;
+}
+
+export interface LoggedRequest {
+  method: string;
+  path: string;
+  model?: string;
+  stream: boolean;
+  body: Record<string, unknown>;
+  headers: IncomingMessage['headers'];
+  /** What the server did: a status, `hang` or `drop` (a stall mid-stream keeps 200). */
+  reply: number | 'hang' | 'drop';
+  /** The client closed the connection before the answer was complete. */
+  aborted: boolean;
+  /** The answer was written completely. */
+  completed: boolean;
+  /** Stream chunks written before the end or the abort. */
+  chunksSent: number;
+}
+
+export const EMBEDDING_DIMENSIONS = 8;
+
+/** The embedding the server returns for `text`: from its SHA-256, values in [-1, 1]. */
+export function fakeEmbedding(text: string): number[] {
+  const digest = createHash('sha256').update(text).digest();
+  return Array.from({ length: EMBEDDING_DIMENSIONS }, (_, i) => digest.readInt16BE(i * 2) / 32768);
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export class FakeModelServer {
+  readonly log: LoggedRequest[] = [];
+  private readonly scripts = new Map<string, ScriptedReply[]>();
+  defaultReply: ScriptedReply = { text: 'Hello from the fake model.', usage: { prompt_tokens: 10, completion_tokens: 5 } };
+  private waiters: (() => void)[] = [];
+
+  private constructor(private readonly server: Server) {}
+
+  static async start(): Promise<FakeModelServer> {
+    const server = createServer();
+    const fake = new FakeModelServer(server);
+    server.on('request', (req, res) => void fake.handle(req, res));
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    return fake;
+  }
+
+  /** Base URL for OpenAI clients (ends in /v1). */
+  get url(): string {
+    return `http://127.0.0.1:${(this.server.address() as AddressInfo).port}/v1`;
+  }
+
+  /** Queues replies for `model` (`*`: any model without its own queue). */
+  script(model: string, ...replies: ScriptedReply[]): void {
+    this.scripts.set(model, [...(this.scripts.get(model) ?? []), ...replies]);
+  }
+
+  reset(): void {
+    this.scripts.clear();
+    this.log.length = 0;
+  }
+
+  requestsFor(model: string): LoggedRequest[] {
+    return this.log.filter((r) => r.model === model);
+  }
+
+  /** Resolves when `predicate` holds for the log (checked after every change). */
+  async waitFor(predicate: (log: LoggedRequest[]) => boolean, timeoutMs = 5_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (!predicate(this.log)) {
+      if (Date.now() > deadline) throw new Error(`fake model server: condition not met in ${timeoutMs} ms`);
+      await new Promise<void>((resolve) => {
+        this.waiters.push(resolve);
+        setTimeout(resolve, 50);
+      });
+    }
+  }
+
+  async close(): Promise<void> {
+    this.server.closeAllConnections();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+
+  private changed(): void {
+    const waiters = this.waiters;
+    this.waiters = [];
+    for (const w of waiters) w();
+  }
+
+  private next(model: string | undefined): ScriptedReply {
+    for (const key of [model ?? '', '*']) {
+      const queue = this.scripts.get(key);
+      if (queue?.length) return queue.shift() as ScriptedReply;
+    }
+    return this.defaultReply;
+  }
+
+  private async handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    let raw = '';
+    for await (const chunk of req) raw += String(chunk);
+    const body = (raw ? JSON.parse(raw) : {}) as Record<string, unknown>;
+    const path = new URL(req.url ?? '/', 'http://fake').pathname;
+    const entry: LoggedRequest = {
+      method: req.method ?? 'GET',
+      path,
+      model: typeof body.model === 'string' ? body.model : undefined,
+      stream: body.stream === true,
+      body,
+      headers: req.headers,
+      reply: 200,
+      aborted: false,
+      completed: false,
+      chunksSent: 0,
+    };
+    this.log.push(entry);
+    res.on('close', () => {
+      if (!res.writableFinished) entry.aborted = true;
+      this.changed();
+    });
+    this.changed();
+
+    if (path === '/v1/models') return this.json(res, entry, 200, { object: 'list', data: [] });
+    const reply = this.next(entry.model);
+    if (reply.hang) {
+      entry.reply = 'hang';
+      return; // the client's timeout or abort closes it
+    }
+    if (reply.drop === 'immediately') {
+      entry.reply = 'drop';
+      req.socket.destroy();
+      return;
+    }
+    if (reply.status && reply.status >= 400) {
+      const error = reply.body ?? { error: { message: `fake error ${reply.status}`, type: 'server_error', param: null, code: null } };
+      return this.json(res, entry, reply.status, error, reply.headers);
+    }
+    if (reply.chunkDelayMs && !entry.stream) await sleep(reply.chunkDelayMs);
+    if (path === '/v1/embeddings') return this.embeddings(res, entry, body);
+    if (path !== '/v1/chat/completions') return this.json(res, entry, 404, { error: { message: 'not found' } });
+    if (entry.stream) return this.streamChat(res, entry, body, reply);
+    return this.json(res, entry, 200, this.completion(entry.model, reply));
+  }
+
+  private json(res: ServerResponse, entry: LoggedRequest, status: number, payload: unknown, headers: Record<string, string> = {}): void {
+    entry.reply = status;
+    res.writeHead(status, { 'content-type': 'application/json', ...headers });
+    res.end(JSON.stringify(payload), () => {
+      entry.completed = true;
+      this.changed();
+    });
+  }
+
+  private usageOf(reply: ScriptedReply) {
+    const u = reply.usage ?? { prompt_tokens: 0, completion_tokens: 0 };
+    return {
+      prompt_tokens: u.prompt_tokens,
+      completion_tokens: u.completion_tokens,
+      total_tokens: u.prompt_tokens + u.completion_tokens,
+      prompt_tokens_details: { cached_tokens: u.cached_tokens ?? 0 },
+      completion_tokens_details: { reasoning_tokens: u.reasoning_tokens ?? 0 },
+    };
+  }
+
+  private toolCallsOf(reply: ScriptedReply) {
+    return reply.toolCalls?.map((t, index) => ({ index, id: t.id, type: 'function', function: { name: t.name, arguments: t.arguments } }));
+  }
+
+  private completion(model: string | undefined, reply: ScriptedReply) {
+    const toolCalls = this.toolCallsOf(reply);
+    return {
+      id: 'chatcmpl-fake',
+      object: 'chat.completion',
+      created: Math.floor(Date.now() / 1000),
+      model,
+      choices: [
+        {
+          index: 0,
+          message: { role: 'assistant', content: reply.text ?? null, reasoning_content: reply.reasoning, tool_calls: toolCalls },
+          finish_reason: toolCalls?.length ? 'tool_calls' : 'stop',
+        },
+      ],
+      usage: this.usageOf(reply),
+    };
+  }
+
+  private async streamChat(res: ServerResponse, entry: LoggedRequest, body: Record<string, unknown>, reply: ScriptedReply): Promise<void> {
+    entry.reply = 200;
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
+    const base = { id: 'chatcmpl-fake', object: 'chat.completion.chunk', created: Math.floor(Date.now() / 1000), model: entry.model };
+    const chunks: unknown[] = [];
+    if (reply.reasoning) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', reasoning_content: reply.reasoning }, finish_reason: null }] });
+    const pieces = reply.chunks ?? (reply.text ? reply.text.split(/(?<= )/) : []);
+    for (const content of pieces) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', content }, finish_reason: null }] });
+    const toolCalls = this.toolCallsOf(reply);
+    if (toolCalls) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', tool_calls: toolCalls }, finish_reason: null }] });
+    chunks.push({ choices: [{ index: 0, delta: {}, finish_reason: toolCalls?.length ? 'tool_calls' : 'stop' }] });
+    const includeUsage = (body.stream_options as { include_usage?: boolean } | undefined)?.include_usage === true;
+    if (includeUsage) chunks.push({ choices: [], usage: this.usageOf(reply) });
+
+    for (const chunk of chunks) {
+      if (entry.aborted) return;
+      if (typeof reply.drop === 'object' && entry.chunksSent >= reply.drop.afterChunks) {
+        entry.reply = 'drop';
+        res.socket?.destroy();
+        return;
+      }
+      if (reply.stallAfterChunks !== undefined && entry.chunksSent >= reply.stallAfterChunks) return;
+      if (reply.chunkDelayMs) await sleep(reply.chunkDelayMs);
+      if (entry.aborted) return;
+      res.write(`data: ${JSON.stringify({ ...base, ...(chunk as object) })}\n\n`);
+      entry.chunksSent += 1;
+      this.changed();
+    }
+    res.end('data: [DONE]\n\n', () => {
+      entry.completed = true;
+      this.changed();
+    });
+  }
+
+  private embeddings(res: ServerResponse, entry: LoggedRequest, body: Record<string, unknown>): void {
+    const input = Array.isArray(body.input) ? (body.input as string[]) : [String(body.input)];
+    const tokens = input.reduce((n, text) => n + Math.ceil(text.length / 4), 0);
+    this.json(res, entry, 200, {
+      object: 'list',
+      model: entry.model,
+      data: input.map((text, index) => ({ object: 'embedding', index, embedding: fakeEmbedding(text) })),
+      usage: { prompt_tokens: tokens, total_tokens: tokens },
+    });
+  }
+}

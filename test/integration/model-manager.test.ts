@@ -1,0 +1,348 @@
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
+import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
+import { ModelCallAbortedError, ModelTimeoutError, UpstreamError } from '../../src/modules/ai-models/errors.js';
+import {
+  type CostEstimate,
+  ModelManager,
+  type ModelManagerOptions,
+  usageCallback,
+  type UsageRecord,
+} from '../../src/modules/ai-models/model-manager.js';
+import { ProviderRegistry, ProviderUnavailableError } from '../../src/modules/ai-models/providers.js';
+import type { ModelOverride } from '../../src/modules/ai-models/types.js';
+import { fakeEmbedding, FakeModelServer } from '../helpers/fake-model-server.js';
+
+const price = (input: string, output: string, cached?: string) => ({
+  input_cost_per_million_tokens: input,
+  output_cost_per_million_tokens: output,
+  ...(cached ? { cached_input_cost_per_million_tokens: cached } : {}),
+});
+
+const CUSTOM_MODELS: ModelOverride[] = [
+  { id: 'fake-chat', provider: 'fake', capabilities: ['chat', 'tools'], pricing: price('2', '8', '0.5'), fallbacks: ['fake-backup'] },
+  { id: 'fake-backup', provider: 'fake', capabilities: ['chat', 'tools'], pricing: price('1', '4') },
+  { id: 'fake-embed', provider: 'fake', capabilities: ['embedding'], pricing: price('0.02', '0') },
+];
+
+const builtins = loadBuiltinModels();
+let server: FakeModelServer;
+let records: UsageRecord[];
+
+function manager(overrides: Partial<ModelManagerOptions> = {}, settings: { OPENAI_API_KEY?: string } = {}): ModelManager {
+  return new ModelManager({
+    catalog: new ModelCatalog(builtins, CUSTOM_MODELS),
+    providers: new ProviderRegistry(
+      { OPENAI_API_KEY: settings.OPENAI_API_KEY, OPENAI_BASE_URL: server.url, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined },
+      [{ id: 'fake', kind: 'openai-compatible', base_url: server.url, api_key: 'fake-key', headers: { 'x-team': 'keel' } }],
+    ),
+    meter: usageCallback((record) => {
+      records.push(record);
+    }),
+    timeoutMs: 2_000,
+    maxRetries: 2,
+    retryMaxWaitMs: 1_000,
+    retryBaseDelayMs: 10,
+    defaultMaxOutputTokens: 100,
+    ...overrides,
+  });
+}
+
+async function settled(count: number): Promise<UsageRecord[]> {
+  const deadline = Date.now() + 5_000;
+  while (records.length < count && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  return records;
+}
+
+const hello = [{ role: 'user' as const, content: 'Hello' }];
+
+beforeAll(async () => {
+  server = await FakeModelServer.start();
+});
+afterAll(async () => {
+  await server.close();
+});
+beforeEach(() => {
+  server.reset();
+  records = [];
+});
+
+describe('ModelManager.chat', () => {
+  it('answers, reports usage with cached and reasoning tokens, and prices it exactly', async () => {
+    server.script('fake-chat', { text: 'Hi there', usage: { prompt_tokens: 1200, completion_tokens: 300, cached_tokens: 1000, reasoning_tokens: 100 } });
+    const result = await manager().chat({ model: 'fake-chat', messages: hello, context: { user_id: 'u1', run_id: 'r1' } });
+    expect(result).toMatchObject({ text: 'Hi there', model: 'fake-chat', provider: 'fake', finishReason: 'stop' });
+    expect(result.usage).toEqual({ input: 1200, cached_input: 1000, cache_write: 0, output: 300, reasoning: 100 });
+    // 200 uncached × 2 + 1000 cached × 0.5 + 300 output × 8 = 400 + 500 + 2400 = 3300 / 10^6.
+    expect(result.cost).toBe('0.0033');
+    const record = (await settled(1))[0]!;
+    expect(record).toMatchObject({
+      operation: 'chat',
+      model: 'fake-chat',
+      provider: 'fake',
+      status: 'success',
+      error: null,
+      cost: '0.0033',
+      attempts: 1,
+      estimated: false,
+      context: { user_id: 'u1', run_id: 'r1' },
+    });
+    expect(record.latency_ms).toBeGreaterThanOrEqual(0);
+    const request = server.log[0]!;
+    expect(request.headers.authorization).toBe('Bearer fake-key');
+    expect(request.headers['x-team']).toBe('keel');
+  });
+
+  it('reserves the worst-case cost before the call and settles once after it', async () => {
+    const events: string[] = [];
+    let estimate: CostEstimate | undefined;
+    const m = manager({
+      meter: {
+        reserve(e) {
+          estimate = e;
+          events.push(`reserve:${server.log.length}`);
+          return { settle: (r) => void events.push(`settle:${r.status}`) };
+        },
+      },
+    });
+    server.script('fake-chat', { text: 'ok', usage: { prompt_tokens: 3, completion_tokens: 1 } });
+    await m.chat({ model: 'fake-chat', messages: hello, maxOutputTokens: 1000 });
+    await new Promise((r) => setTimeout(r, 20));
+    expect(events).toEqual(['reserve:0', 'settle:success']);
+    expect(estimate).toMatchObject({ model: 'fake-chat', max_output_tokens: 1000 });
+    // input estimate × 2 + 1000 × 8, per million.
+    expect(Number(estimate?.cost)).toBeGreaterThanOrEqual(0.008);
+  });
+
+  it('a reserve that refuses stops the call before any upstream request', async () => {
+    const refusal = new Error('Insufficient credits');
+    const m = manager({ meter: { reserve: () => Promise.reject(refusal) } });
+    await expect(m.chat({ model: 'fake-chat', messages: hello })).rejects.toBe(refusal);
+    expect(server.log).toHaveLength(0);
+  });
+
+  it('retries an upstream 429 after its retry-after, then succeeds', async () => {
+    server.script('fake-chat', { status: 429, headers: { 'retry-after': '0.3' } }, { text: 'second time lucky', usage: { prompt_tokens: 1, completion_tokens: 1 } });
+    const started = Date.now();
+    const result = await manager().chat({ model: 'fake-chat', messages: hello });
+    expect(result.text).toBe('second time lucky');
+    expect(Date.now() - started).toBeGreaterThanOrEqual(290);
+    expect(server.requestsFor('fake-chat').map((r) => r.reply)).toEqual([429, 200]);
+    expect((await settled(1))[0]).toMatchObject({ status: 'success', attempts: 2 });
+  });
+
+  it('caps a long retry-after at MODEL_RETRY_MAX_WAIT_MS', async () => {
+    server.script('fake-chat', { status: 503, headers: { 'retry-after': '3600' } }, { text: 'ok' });
+    const started = Date.now();
+    await manager({ retryMaxWaitMs: 100 }).chat({ model: 'fake-chat', messages: hello });
+    expect(Date.now() - started).toBeLessThan(2_000);
+  });
+
+  it('retries a 500 and a dropped connection', async () => {
+    server.script('fake-chat', { status: 500 }, { drop: 'immediately' }, { text: 'ok' });
+    const result = await manager().chat({ model: 'fake-chat', messages: hello });
+    expect(result.text).toBe('ok');
+    expect(server.requestsFor('fake-chat').map((r) => r.reply)).toEqual([500, 'drop', 200]);
+  });
+
+  it('does not retry a 400: the error reaches the caller at once', async () => {
+    server.script('fake-chat', { status: 400, body: { error: { message: 'bad tool schema' } } });
+    await expect(manager().chat({ model: 'fake-chat', messages: hello })).rejects.toThrow(UpstreamError);
+    expect(server.log).toHaveLength(1);
+    expect((await settled(1))[0]?.error).toContain('bad tool schema');
+  });
+
+  it('times out a hung upstream and aborts the request', async () => {
+    server.script('fake-chat', { hang: true });
+    server.script('fake-backup', { hang: true });
+    const m = manager({ maxRetries: 0 });
+    const started = Date.now();
+    await expect(m.chat({ model: 'fake-chat', messages: hello, timeoutMs: 300 })).rejects.toThrow(ModelTimeoutError);
+    expect(Date.now() - started).toBeLessThan(1_500);
+    await server.waitFor((log) => log.length === 2 && log.every((r) => r.aborted));
+    expect(server.log.map((r) => r.model)).toEqual(['fake-chat', 'fake-backup']);
+    expect((await settled(2)).map((r) => r.status)).toEqual(['error', 'error']);
+  });
+
+  it('falls back to the next model when the first keeps failing, and meters both', async () => {
+    server.script('fake-chat', { status: 500 }, { status: 502 }, { status: 503 });
+    server.script('fake-backup', { text: 'from the backup', usage: { prompt_tokens: 10, completion_tokens: 5 } });
+    const result = await manager().chat({ model: 'fake-chat', messages: hello });
+    expect(result).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
+    expect(server.requestsFor('fake-chat')).toHaveLength(3); // 1 + MODEL_MAX_RETRIES
+    const metered = await settled(2);
+    expect(metered.map((r) => [r.model, r.status, r.attempts])).toEqual([
+      ['fake-chat', 'error', 3],
+      ['fake-backup', 'success', 1],
+    ]);
+    expect(metered[0]!.cost).toBe('0');
+    expect(metered[1]!.cost).toBe('0.00003'); // 10 × 1 + 5 × 4 = 30 / 10^6
+  });
+
+  it('returns tool calls for the caller to run', async () => {
+    server.script('fake-chat', { toolCalls: [{ id: 'call_1', name: 'get_weather', arguments: '{"city":"Oslo"}' }], usage: { prompt_tokens: 5, completion_tokens: 5 } });
+    const { jsonSchema, tool } = await import('ai');
+    const result = await manager().chat({
+      model: 'fake-chat',
+      messages: hello,
+      tools: { get_weather: tool({ description: 'Weather', inputSchema: jsonSchema({ type: 'object', properties: { city: { type: 'string' } } }) }) },
+    });
+    expect(result.finishReason).toBe('tool-calls');
+    expect(result.toolCalls).toEqual([{ toolCallId: 'call_1', toolName: 'get_weather', input: { city: 'Oslo' } }]);
+    const sent = server.log[0]!.body as { tools: { function: { name: string } }[] };
+    expect(sent.tools[0]!.function.name).toBe('get_weather');
+  });
+
+  it('an aborted signal stops the call (even while waiting to retry) and records it as aborted', async () => {
+    server.script('fake-chat', { status: 429, headers: { 'retry-after': '10' } });
+    const controller = new AbortController();
+    const call = manager({ retryMaxWaitMs: 10_000 }).chat({ model: 'fake-chat', messages: hello, signal: controller.signal });
+    await server.waitFor((log) => log.length === 1 && log[0]!.completed);
+    controller.abort();
+    await expect(call).rejects.toThrow(ModelCallAbortedError);
+    expect(server.log).toHaveLength(1);
+    expect((await settled(1))[0]!.status).toBe('aborted');
+  });
+
+  it('a built-in provider without its key fails naming the setting, and is listed unavailable', async () => {
+    const m = manager();
+    await expect(m.chat({ model: 'gpt-4.1-mini', messages: hello })).rejects.toThrow(ProviderUnavailableError);
+    await expect(m.chat({ model: 'gpt-4.1-mini', messages: hello })).rejects.toThrow('OPENAI_API_KEY is not set');
+    expect(m.getModel('gpt-4.1-mini')).toMatchObject({ available: false, unavailable_reason: 'OPENAI_API_KEY is not set' });
+    expect(m.getModel('fake-chat')).toMatchObject({ available: true, unavailable_reason: null });
+    expect(server.log).toHaveLength(0);
+  });
+
+  it('the built-in openai provider calls Chat Completions at OPENAI_BASE_URL with OPENAI_API_KEY', async () => {
+    server.script('gpt-4.1-mini', { text: 'via openai', usage: { prompt_tokens: 1000, completion_tokens: 1000, cached_tokens: 1000 } });
+    const result = await manager({}, { OPENAI_API_KEY: 'sk-test' }).chat({ model: 'gpt-4.1-mini-2025-04-14', messages: hello });
+    expect(result).toMatchObject({ text: 'via openai', model: 'gpt-4.1-mini', provider: 'openai' });
+    expect(server.log[0]).toMatchObject({ path: '/v1/chat/completions', model: 'gpt-4.1-mini' });
+    expect(server.log[0]!.headers.authorization).toBe('Bearer sk-test');
+    // Catalog prices: 1000 cached × 0.1 + 1000 output × 1.6 = 1700 / 10^6.
+    expect(result.cost).toBe('0.0017');
+  });
+
+  it('lists models with availability; disabled ones only when asked', () => {
+    const m = new ModelManager({
+      ...(manager() as unknown as { options: ModelManagerOptions }).options,
+      catalog: new ModelCatalog(builtins, [...CUSTOM_MODELS, { id: 'fake-backup', enabled: false }]),
+    });
+    expect(m.listAvailableModels().map((x) => x.id)).not.toContain('fake-backup');
+    expect(m.listAvailableModels({ includeDisabled: true }).find((x) => x.id === 'fake-backup')).toMatchObject({ enabled: false, available: true });
+  });
+
+  it('refuses unknown and disabled models, and embeddings from chat models', async () => {
+    const m = manager();
+    await expect(m.chat({ model: 'nope', messages: hello })).rejects.toMatchObject({ statusCode: 404 });
+    await expect(m.embed({ model: 'fake-chat', values: ['x'] })).rejects.toMatchObject({ statusCode: 400 });
+  });
+});
+
+describe('ModelManager.stream', () => {
+  it('streams text with time to first token and usage', async () => {
+    server.script('fake-chat', { chunks: ['Hel', 'lo ', 'world'], chunkDelayMs: 20, usage: { prompt_tokens: 7, completion_tokens: 3, cached_tokens: 2, reasoning_tokens: 1 } });
+    const stream = manager().stream({ model: 'fake-chat', messages: hello });
+    const deltas: string[] = [];
+    let finish;
+    for await (const event of stream) {
+      if (event.type === 'text-delta') deltas.push(event.text);
+      if (event.type === 'finish') finish = event.result;
+    }
+    expect(deltas.join('')).toBe('Hello world');
+    const result = await stream.result;
+    expect(finish).toEqual(result);
+    expect(result.usage).toEqual({ input: 7, cached_input: 2, cache_write: 0, output: 3, reasoning: 1 });
+    expect(result.time_to_first_token_ms).toBeGreaterThanOrEqual(15);
+    expect(server.log[0]!.body.stream_options).toEqual({ include_usage: true });
+    const record = (await settled(1))[0]!;
+    // 5 × 2 + 2 × 0.5 + 3 × 8 = 35 / 10^6
+    expect(record).toMatchObject({ operation: 'stream', status: 'success', cost: '0.000035' });
+    expect(record.time_to_first_token_ms).toBeGreaterThanOrEqual(15);
+  });
+
+  it('streams tool calls', async () => {
+    server.script('fake-chat', { toolCalls: [{ id: 'call_9', name: 'lookup', arguments: '{"q":"keel"}' }], usage: { prompt_tokens: 1, completion_tokens: 1 } });
+    const stream = manager().stream({ model: 'fake-chat', messages: hello });
+    const calls = [];
+    for await (const event of stream) if (event.type === 'tool-call') calls.push(event.toolCall);
+    expect(calls).toEqual([{ toolCallId: 'call_9', toolName: 'lookup', input: { q: 'keel' } }]);
+  });
+
+  it('aborting mid-stream aborts the upstream request', async () => {
+    server.script('fake-chat', { chunks: Array.from({ length: 50 }, (_, i) => `w${i} `), chunkDelayMs: 30 });
+    const controller = new AbortController();
+    const stream = manager().stream({ model: 'fake-chat', messages: hello, signal: controller.signal });
+    const seen: string[] = [];
+    await expect(
+      (async () => {
+        for await (const event of stream) {
+          if (event.type === 'text-delta') seen.push(event.text);
+          if (seen.length === 3) controller.abort();
+        }
+      })(),
+    ).rejects.toThrow(ModelCallAbortedError);
+    await server.waitFor((log) => log[0]?.aborted === true);
+    expect(server.log[0]!.completed).toBe(false);
+    expect(server.log[0]!.chunksSent).toBeLessThan(50);
+    const record = (await settled(1))[0]!;
+    expect(record).toMatchObject({ status: 'aborted', estimated: true });
+    expect(record.tokens.output).toBeGreaterThan(0); // estimated from what was streamed
+  });
+
+  it('stopping the iteration (break) aborts the upstream request too', async () => {
+    server.script('fake-chat', { chunks: Array.from({ length: 50 }, (_, i) => `w${i} `), chunkDelayMs: 30 });
+    const stream = manager().stream({ model: 'fake-chat', messages: hello });
+    for await (const event of stream) if (event.type === 'text-delta') break;
+    await server.waitFor((log) => log[0]?.aborted === true);
+    await expect(stream.result).rejects.toThrow(ModelCallAbortedError);
+  });
+
+  it('retries before the first chunk; after it, a dropped connection ends the stream with an error', async () => {
+    server.script('fake-chat', { status: 429, headers: { 'retry-after': '0' } }, { chunks: ['a ', 'b ', 'c '], chunkDelayMs: 30, drop: { afterChunks: 2 } });
+    const stream = manager().stream({ model: 'fake-chat', messages: hello });
+    const seen: string[] = [];
+    await expect(
+      (async () => {
+        for await (const event of stream) if (event.type === 'text-delta') seen.push(event.text);
+      })(),
+    ).rejects.toThrow();
+    expect(seen.length).toBeGreaterThan(0);
+    expect(server.requestsFor('fake-chat')).toHaveLength(2); // no retry after output reached the caller
+    expect(server.requestsFor('fake-backup')).toHaveLength(0);
+  });
+
+  it('times out a stream that stalls between chunks', async () => {
+    server.script('fake-chat', { chunks: ['a ', 'b '], stallAfterChunks: 1 });
+    const stream = manager().stream({ model: 'fake-chat', messages: hello, timeoutMs: 200 });
+    const started = Date.now();
+    const seen: string[] = [];
+    await expect(
+      (async () => {
+        for await (const event of stream) if (event.type === 'text-delta') seen.push(event.text);
+      })(),
+    ).rejects.toThrow(ModelTimeoutError);
+    expect(seen).toEqual(['a ']);
+    expect(Date.now() - started).toBeLessThan(1_500);
+    await server.waitFor((log) => log[0]?.aborted === true);
+    expect(server.log).toHaveLength(1); // output had reached the caller: no retry, no fallback
+  });
+});
+
+describe('ModelManager.embed', () => {
+  it('returns the deterministic embeddings with usage and cost', async () => {
+    const result = await manager().embed({ model: 'fake-embed', values: ['hello world', 'keel'] });
+    expect(result.embeddings).toEqual([fakeEmbedding('hello world'), fakeEmbedding('keel')]);
+    expect(result.usage.input).toBe(4); // ceil(11/4) + ceil(4/4)
+    expect(result.cost).toBe('0.00000008'); // 4 × 0.02 / 10^6
+    expect((await settled(1))[0]).toMatchObject({ operation: 'embed', status: 'success', cost: '0.00000008' });
+  });
+
+  it('retries an embeddings 429', async () => {
+    server.script('fake-embed', { status: 429, headers: { 'retry-after': '0' } });
+    const result = await manager().embed({ model: 'fake-embed', values: ['x'] });
+    expect(result.embeddings).toHaveLength(1);
+    expect(server.requestsFor('fake-embed').map((r) => r.reply)).toEqual([429, 200]);
+  });
+});
