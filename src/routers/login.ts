@@ -1,7 +1,7 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 
 import { LoginForm, NewPassword, RecoveryParams, Token } from '../schemas/auth.js';
-import { authErrors, HTTPError, Message, ValidationError } from '../schemas/common.js';
+import { authErrors, ErrorBody, Message, ValidationError } from '../schemas/common.js';
 import { UserPublic } from '../schemas/user.js';
 
 import * as userService from '../services/user-service.js';
@@ -27,7 +27,7 @@ export const loginRouter: FastifyPluginAsyncZod = async (app) => {
         security: [],
         consumes: ['application/x-www-form-urlencoded'],
         body: LoginForm,
-        response: { 200: Token, 400: HTTPError, 422: ValidationError, 429: HTTPError },
+        response: { 200: Token, 400: ErrorBody, 422: ValidationError, 429: ErrorBody },
       },
       // Only failures count (wrong passwords, invalid requests): a success takes its hits back.
       // Per address before anything is parsed, per (account, address) once the body is.
@@ -68,7 +68,7 @@ export const loginRouter: FastifyPluginAsyncZod = async (app) => {
         tags,
         security: [],
         params: RecoveryParams,
-        response: { 200: Message, 422: ValidationError, 429: HTTPError },
+        response: { 200: Message, 422: ValidationError, 429: ErrorBody },
       },
       // Before validation, so that invalid requests count too.
       onRequest: [
@@ -93,7 +93,7 @@ export const loginRouter: FastifyPluginAsyncZod = async (app) => {
         tags,
         security: [],
         body: NewPassword,
-        response: { 200: Message, 400: HTTPError, 422: ValidationError, 429: HTTPError },
+        response: { 200: Message, 400: ErrorBody, 422: ValidationError, 429: ErrorBody },
       },
       onRequest: rateLimit(app, 'reset-ip', settings.RATE_LIMIT_RECOVERY_PER_IP, byIp),
     },

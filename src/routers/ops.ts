@@ -6,7 +6,7 @@ import { z } from 'zod';
 
 import { UnauthorizedError } from '../core/errors.js';
 
-import { HTTPError } from '../schemas/common.js';
+import { ErrorBody } from '../schemas/common.js';
 
 const tags = ['ops'];
 const CHECK_TIMEOUT_MS = 2_000;
@@ -96,7 +96,7 @@ export const opsRouter: FastifyPluginAsyncZod = async (app) => {
         tags,
         security: [],
         produces: ['text/plain'],
-        response: { 200: z.string().describe('Prometheus text exposition format'), 401: HTTPError },
+        response: { 200: z.string().describe('Prometheus text exposition format'), 401: ErrorBody },
       },
       ...(app.settings.METRICS_TOKEN ? { onRequest: requireMetricsToken(app.settings.METRICS_TOKEN) } : {}),
     },

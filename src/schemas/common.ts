@@ -12,8 +12,6 @@ export const Message = z.object({ message: z.string() }).meta({ id: 'Message' })
 
 /** An error answer, `{detail}`. Its OpenAPI name stays `HTTPError`, as FastAPI clients know it. */
 export const ErrorBody = z.object({ detail: z.string() }).meta({ id: 'HTTPError' });
-/** @deprecated The old name of `ErrorBody`, kept until every router uses the new one. */
-export const HTTPError = ErrorBody;
 
 export const ValidationError = z
   .object({
