@@ -14,6 +14,8 @@ import type { OpenApiDocument } from '../helpers/routes.js';
 const run = promisify(execFile);
 const ROOT = resolve(import.meta.dirname, '../..');
 const TSC = join(ROOT, 'node_modules/typescript/bin/tsc');
+/** tsc and a child process per test: slow on a busy machine. */
+const TIMEOUT_MS = 180_000;
 
 /**
  * What a user of Keel writes after `npx openapi-typescript http://keel/api/v1/openapi.json`: a
@@ -108,7 +110,7 @@ describe('a typed client generated from the live document (openapi-typescript + 
     expect(project).toMatchObject({ name: 'typed client', description: 'made by openapi-fetch' });
     const stored = await ctx.app.inject({ method: 'GET', url: `/api/v1/projects/${project.id}`, headers: { authorization: `Bearer ${await token()}` } });
     expect(stored.json()).toEqual(project);
-  });
+  }, TIMEOUT_MS);
 
   it('fails to compile when the document drops a field clients use', async () => {
     const document = (await ctx.app.inject({ method: 'GET', url: '/api/v1/openapi.json' })).json<OpenApiDocument>();
@@ -118,7 +120,7 @@ describe('a typed client generated from the live document (openapi-typescript + 
     rmSync(dir, { recursive: true, force: true });
     writeProject(astToString(await openapiTS(document as never)));
     expect(await typecheck()).toMatch(/client\.ts.*error TS\d+:.*'name'/);
-  });
+  }, TIMEOUT_MS);
 
   async function token(): Promise<string> {
     const response = await ctx.app.inject({

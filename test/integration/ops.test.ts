@@ -241,7 +241,7 @@ describe('client errors', () => {
       ['GET', '/nope'],
       ['POST', '/api/v1/nope'],
       ['DELETE', '/api/v2/projects'],
-      ['PUT', '/health'],
+      ['PUT', '/nope/health'],
     ] as const) {
       const response = await ctx.app.inject({ method, url });
       expect(response.statusCode).toBe(404);
