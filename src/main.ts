@@ -2,6 +2,7 @@ import { createInterface } from 'node:readline/promises';
 import { parseArgs } from 'node:util';
 
 import { ConfigError, loadSettings, type Settings } from './core/config.js';
+import { DataDirLockedError } from './core/data-dir-lock.js';
 import { openDatabase } from './core/db.js';
 import { createLogger, type Logger } from './core/logger.js';
 import { migrateDown, migrateUp, pendingMigrations, readMigrations } from './core/migrate.js';
@@ -71,8 +72,8 @@ async function createSuperuserCommand(settings: Settings, logger: Logger, args: 
   if (!email.success) throw new ConfigError('--email: a valid email address is required');
   const password = Password.safeParse(await readPassword());
   if (!password.success) throw new ConfigError('password: 8 to 128 characters are required');
+  const hashed = await hashPassword(password.data);
   await withDatabase(settings, async (database) => {
-    const hashed = await hashPassword(password.data);
     const existing = await userCrud.getByEmail(database.db, email.data);
     if (existing) {
       await userCrud.updateRevokingTokens(database.db, existing.id, { is_superuser: true, is_active: true, hashed_password: hashed });
@@ -81,6 +82,12 @@ async function createSuperuserCommand(settings: Settings, logger: Logger, args: 
       const user = await userCrud.create(database.db, { email: email.data, hashed_password: hashed, is_superuser: true, full_name: null });
       logger.info({ userId: user.id }, 'superuser created');
     }
+  }).catch((error: unknown) => {
+    if (!(error instanceof DataDirLockedError)) throw error;
+    throw new ConfigError(
+      `keel: create-superuser cannot open ${error.directory}: a running Keel server (pid ${error.holder}) holds it. ` +
+        'Stop the server first, or sign in as a superuser and create the account through the API (POST /api/v1/users)',
+    );
   });
 }
 
