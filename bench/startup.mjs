@@ -11,7 +11,7 @@
 // process (the node process that listens; npm itself is not counted) and of the whole process group;
 // SIGTERM to the process group; then `npm start` again on the same DATA_DIR (restart) and the same
 // measures. Prints one line per measure and the medians; add them to bench/RESULTS.md.
-import { spawn, execFileSync } from 'node:child_process';
+import { execFileSync,spawn } from 'node:child_process';
 import { mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { get } from 'node:http';
 import { createServer } from 'node:net';
