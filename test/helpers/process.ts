@@ -66,7 +66,7 @@ export async function freePort(): Promise<number> {
 }
 
 /** Waits until `base`/health answers 200; fails early, with the output, if the child exits. */
-export async function healthy(child: Child, base: string, timeoutMs = 60_000): Promise<void> {
+export async function healthy(child: Child, base: string, timeoutMs = 150_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     if (child.done()) throw new Error(`exited before answering /health:\n${child.out()}\n${child.err()}`);

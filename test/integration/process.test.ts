@@ -90,7 +90,7 @@ describe('one process per embedded database', () => {
     expect(existsSync(join(dataDir, 'pglite.lock'))).toBe(false);
     const created = keel(['create-superuser', '--email', 'second@process.test'], env(dataDir, { KEEL_SUPERUSER_PASSWORD: PASSWORD }));
     expect((await created.ended).code, created.err()).toBe(0);
-  }, 180_000);
+  }, 400_000);
 });
 
 describe('file modes', () => {
@@ -120,7 +120,7 @@ describe('file modes', () => {
     walk(dataDir);
     expect(loose).toEqual([]);
     expect(readdirSync(join(dataDir, 'pglite')).length).toBeGreaterThan(10);
-  }, 120_000);
+  }, 300_000);
 });
 
 describe('logs', () => {
@@ -145,7 +145,7 @@ describe('logs', () => {
         .map((line) => line.reqId),
     );
     expect(ids.filter((id) => !logged.has(id))).toEqual([]);
-  }, 120_000);
+  }, 300_000);
 });
 
 describe('SIGTERM', () => {
@@ -170,7 +170,7 @@ describe('SIGTERM', () => {
     expect(code).toBe(0);
     expect(Date.now() - signalled).toBeGreaterThanOrEqual(3_000);
     expect(child.out()).toContain('shut down cleanly');
-  }, 120_000);
+  }, 300_000);
 
   it.each([
     ['npm start', ['start']],
@@ -190,7 +190,7 @@ describe('SIGTERM', () => {
     expect(exists(serverPid)).toBe(false);
     expect(existsSync(join(dataDir, 'pglite.lock'))).toBe(false);
     await expect(fetch(`${base}/health`)).rejects.toThrow();
-  }, 120_000);
+  }, 300_000);
 });
 
 describe.skipIf(!process.env.REDIS_URL)('keel worker', () => {
@@ -208,5 +208,5 @@ describe.skipIf(!process.env.REDIS_URL)('keel worker', () => {
     expect(code, worker.out()).toBe(0);
     expect(Date.now() - signalled).toBeLessThan(3_000);
     expect(worker.out()).toContain('shut down cleanly');
-  }, 120_000);
+  }, 300_000);
 });
