@@ -1,6 +1,7 @@
 import { inspect } from 'node:util';
 
 import { ConfigError, envFileWarnings, loadSettings, readEnvironment, type Settings } from './core/config.js';
+import { DataDirLockedError } from './core/data-dir-lock.js';
 import type { Database } from './core/db.js';
 import { createLogger } from './core/logger.js';
 import { type DownTarget, migrateDown, migrateUp, MigrationError, pendingMigrations, planDown, readMigrations } from './core/migrate.js';
@@ -269,6 +270,12 @@ async function createSuperuserCommand(args: string[]): Promise<number> {
     }
     const kept = reset ? '' : ' (password unchanged; --reset-password sets a new one)';
     process.stdout.write(`${email.data}: ${changes.length ? changes.join(', ') : 'already an active superuser, nothing changed'}${kept}\n`);
+  }).catch((error: unknown) => {
+    if (!(error instanceof DataDirLockedError)) throw error;
+    throw new ConfigError(
+      `create-superuser cannot open ${error.directory}: a running Keel server (pid ${error.holder}) holds it. ` +
+        'Stop the server first, or sign in as a superuser and create the account through the API (POST /api/v1/users)',
+    );
   });
   return 0;
 }

@@ -51,6 +51,7 @@ export async function startServer(settings: Settings, logger: Logger, options: S
     const runJobs = options.migrate || !settings.REDIS_URL;
     const app = await buildApp({ settings, database, logger, vectorSearch, runJobs });
     app.addHook('onClose', () => database.close());
+    drainable(app);
     await app.listen({ host: settings.HOST, port: settings.PORT });
     return app;
   } catch (error) {
@@ -70,16 +71,46 @@ export function startWorker(settings: Settings, logger: pino.Logger): { close: (
   return { close: () => queue.close() };
 }
 
+/** Servers that can drain: the function that starts it. */
+const drains = new WeakMap<object, () => void>();
+
 /**
- * On SIGTERM/SIGINT: the server stops accepting and lets in-flight requests finish, a worker lets
- * its running jobs finish (up to the deadline); then everything is closed.
+ * Draining, before a shutdown: `/ready` answers 503 so load balancers take the node out, while
+ * every request (new connections too) is still served; responses ask clients to reconnect
+ * (`Connection: close`), so kept-alive connections move to other nodes.
+ */
+function drainable(app: FastifyInstance): void {
+  let draining = false;
+  drains.set(app, () => (draining = true));
+  app.addHook('onRequest', async (request, reply) => {
+    if (!draining) return;
+    reply.header('connection', 'close');
+    if (request.routeOptions.url === '/ready') {
+      return reply.code(503).send({
+        status: 'unavailable',
+        checks: { shutdown: 'unavailable' },
+        database: app.database.kind,
+        vector_search: app.vectorSearch,
+      });
+    }
+  });
+}
+
+/** How long a server drains on SIGTERM: SHUTDOWN_DRAIN_MS, else 5 s (none in `local`: nothing balances load there). */
+export function drainMs(settings: Settings): number {
+  return settings.SHUTDOWN_DRAIN_MS ?? (settings.ENVIRONMENT === 'local' ? 0 : 5_000);
+}
+
+/**
+ * On SIGTERM/SIGINT: a server first drains for SHUTDOWN_DRAIN_MS (a second signal cuts that
+ * short), then stops accepting and lets in-flight requests finish; a worker lets its running jobs
+ * finish (up to SHUTDOWN_TIMEOUT_MS after the drain); then everything is closed.
  */
 export function closeOnSignals(app: { close(): PromiseLike<unknown> }, settings: Settings, logger: pino.Logger): void {
   let closing = false;
-  const shutdown = (signal: NodeJS.Signals) => {
-    if (closing) return;
-    closing = true;
-    logger.info({ signal }, 'shutting down');
+  let endDrain: (() => void) | null = null;
+  const close = () => {
+    endDrain = null;
     const deadline = setTimeout(() => {
       logger.error('shutdown deadline passed; exiting with work still running');
       logger.flush();
@@ -99,6 +130,27 @@ export function closeOnSignals(app: { close(): PromiseLike<unknown> }, settings:
       },
     );
   };
-  process.once('SIGTERM', shutdown);
-  process.once('SIGINT', shutdown);
+  const shutdown = (signal: NodeJS.Signals) => {
+    if (closing) {
+      endDrain?.();
+      return;
+    }
+    closing = true;
+    const startDraining = drains.get(app);
+    const ms = startDraining ? drainMs(settings) : 0;
+    if (!startDraining || ms === 0) {
+      logger.info({ signal }, 'shutting down');
+      close();
+      return;
+    }
+    startDraining();
+    logger.info({ signal, drainMs: ms }, 'shutting down: draining (/ready answers 503) before closing');
+    const timer = setTimeout(close, ms);
+    endDrain = () => {
+      clearTimeout(timer);
+      close();
+    };
+  };
+  process.on('SIGTERM', shutdown);
+  process.on('SIGINT', shutdown);
 }

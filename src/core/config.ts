@@ -89,6 +89,8 @@ export const SettingsSchema = z.object({
   MAX_PROJECTS_PER_USER: int(1, 1_000_000).default(100),
   MAX_API_KEYS_PER_USER: int(1, 1_000_000).default(100),
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(10_000),
+  /** Unset: 5000 outside `local`, 0 in it (see drainMs in server.ts). */
+  SHUTDOWN_DRAIN_MS: z.preprocess(emptyAsUndefined, int(0, 600_000).optional()),
   JOB_ATTEMPTS: int(1, 100).default(5),
   JOB_BACKOFF_MS: int(1, 3_600_000).default(2_000),
   JOB_CONCURRENCY: int(1, 1_000).default(4),
@@ -179,7 +181,7 @@ function localSecretKey(dataDir: string): string {
   const file = join(dataDir, '.secret_key');
   try {
     if (existsSync(file)) return checkedKeyFile(file);
-    mkdirSync(dataDir, { recursive: true });
+    mkdirSync(dataDir, { recursive: true, mode: 0o700 });
     const key = randomBytes(48).toString('base64url');
     try {
       writeFileSync(file, key, { mode: 0o600, flag: 'wx' });

@@ -1,5 +1,5 @@
-import { mkdirSync } from 'node:fs';
-import { join } from 'node:path';
+import { chmodSync, lstatSync, mkdirSync, readdirSync } from 'node:fs';
+import { join, sep } from 'node:path';
 
 import { PGlite } from '@electric-sql/pglite';
 import { vector } from '@electric-sql/pglite-pgvector';
@@ -11,6 +11,7 @@ import pg from 'pg';
 import * as schema from '../models/index.js';
 
 import type { Settings } from './config.js';
+import { lockDirectory } from './data-dir-lock.js';
 import { PgliteStatementClient } from './pglite-client.js';
 
 export type Schema = typeof schema;
@@ -78,10 +79,54 @@ export function afterCommit(db: Db, callback: () => void): void {
 
 // ==================== Embedded (PGlite) ====================
 
+/**
+ * The embedded database holds password hashes (its WAL too): only this user may read it, whatever
+ * the umask. The process umask becomes 077, since PGlite keeps creating files (WAL segments,
+ * relations) as it runs, and the directory is created 0700. `tighten` closes what an older Keel
+ * (or a loose umask) left open, and the one file PostgreSQL chmods itself (0644: the relation-cache
+ * init file, catalog data only, written at open and after DDL); it runs at open and close.
+ */
+function makePrivate(dataDir: string): void {
+  process.umask(0o077);
+  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+}
+
+function tighten(path: string): void {
+  const stat = lstatSync(path);
+  if (stat.isSymbolicLink()) return;
+  if (stat.mode & 0o077) chmodSync(path, stat.mode & 0o700);
+  if (stat.isDirectory()) for (const name of readdirSync(path)) tighten(join(path, name));
+}
+
+/**
+ * PostgreSQL's defaults size shared memory for a server (128 MB of buffers, 100 connections),
+ * and PGlite touches all of it at start: ~140 MB of the process's resident memory (measured, see
+ * bench/RESULTS.md). One embedded session needs far less; pages beyond the buffers come from the
+ * operating system's file cache.
+ */
+const PGLITE_MEMORY = ['-c', 'shared_buffers=16MB', '-c', 'max_connections=10'];
+
 async function openPglite(settings: Settings): Promise<Database> {
   const dataDir = settings.PGLITE_DATA_DIR ?? join(settings.dataDir, 'pglite');
-  if (!dataDir.startsWith('memory://')) mkdirSync(dataDir, { recursive: true });
-  const client = await PGlite.create(dataDir, { extensions: { vector } });
+  let unlock = () => undefined as void;
+  // DATA_DIR as a whole when the database lives in it (the default).
+  const privateRoot = dataDir.startsWith(settings.dataDir + sep) ? settings.dataDir : dataDir;
+  let keepPrivate = () => undefined as void;
+  if (!dataDir.startsWith('memory://')) {
+    makePrivate(dataDir);
+    keepPrivate = () => tighten(privateRoot);
+    // One process per directory: two PGlite instances on one directory each see only their own
+    // writes and overwrite each other's.
+    unlock = lockDirectory(dataDir);
+  }
+  let client: PGlite;
+  try {
+    client = await PGlite.create(dataDir, { extensions: { vector }, startParams: [...PGlite.defaultStartParams, ...PGLITE_MEMORY] });
+  } catch (error) {
+    unlock();
+    throw error;
+  }
+  keepPrivate();
   const session: SqlSession = {
     exec: async (sqlText) => {
       await client.exec(sqlText);
@@ -110,7 +155,12 @@ async function openPglite(settings: Settings): Promise<Database> {
     close: async () => {
       if (closed) return;
       closed = true;
-      await client.close();
+      try {
+        await client.close();
+        keepPrivate();
+      } finally {
+        unlock();
+      }
     },
   };
 }

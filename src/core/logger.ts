@@ -1,5 +1,6 @@
 import type { FastifyBaseLogger } from 'fastify';
 import pino, { type LoggerOptions } from 'pino';
+import pretty from 'pino-pretty';
 
 import type { Settings } from './config.js';
 
@@ -38,18 +39,33 @@ export function loggerOptions(settings: Pick<Settings, 'LOG_LEVEL' | 'LOG_FORMAT
     redact: { paths: REDACTED_PATHS, censor: '[redacted]' },
     base: undefined,
     timestamp: pino.stdTimeFunctions.isoTime,
-    ...(settings.LOG_FORMAT === 'pretty'
-      ? { transport: { target: 'pino-pretty', options: { translateTime: 'SYS:HH:MM:ss.l', ignore: 'pid,hostname' } } }
-      : {}),
   };
 }
+
+/** The longest a JSON log line waits in the buffer: a crash (kill -9) loses at most this much. */
+export const LOG_FLUSH_INTERVAL_MS = 1_000;
 
 /** The process logger; Fastify derives per-request children (carrying `reqId`) from it. */
 export function createLogger(settings: Pick<Settings, 'LOG_LEVEL' | 'LOG_FORMAT'>): pino.Logger {
   const options = loggerOptions(settings);
-  if (settings.LOG_FORMAT === 'pretty') return pino(options);
-  // Asynchronous writes keep logging off the request's critical path; flushed on shutdown.
-  return pino(options, pino.destination({ dest: 1, sync: false, minLength: 4096 }));
+  if (settings.LOG_FORMAT === 'pretty') {
+    // In this thread, written at once: a transport would start a worker thread (tens of MB and a
+    // slower start) for what is a developer's terminal.
+    return pino(options, pretty({ translateTime: 'SYS:HH:MM:ss.l', ignore: 'pid,hostname', sync: true }));
+  }
+  // Asynchronous, buffered writes keep logging off the request's critical path. The buffer is
+  // flushed every second (a quiet server's lines still show, a crash loses at most that second)
+  // and synchronously when the process exits.
+  const destination = pino.destination({ dest: 1, sync: false, minLength: 4096 });
+  setInterval(() => destination.flush(), LOG_FLUSH_INTERVAL_MS).unref();
+  process.once('exit', () => {
+    try {
+      destination.flushSync();
+    } catch {
+      // stdout is gone or busy: nothing more can be written
+    }
+  });
+  return pino(options, destination);
 }
 
 /** What services log through: the process logger or a request's child (which carries `reqId`). */

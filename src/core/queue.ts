@@ -209,6 +209,9 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
     // Worker.close waits for the jobs it is running.
     await this.worker?.close();
     await this.queue.close();
+    // BullMQ leaves connections it was given open: without these the process would not exit.
+    const workerConnection = this.workerConnection;
+    await workerConnection?.quit().catch(() => workerConnection.disconnect());
     await this.connection.quit().catch(() => this.connection.disconnect());
   }
 }

@@ -9,6 +9,8 @@ import { afterAll, describe, expect, it } from 'vitest';
 
 import { readMigrations } from '../../src/core/migrate.js';
 
+import { freePort } from '../helpers/process.js';
+
 const ROOT = resolve(import.meta.dirname, '../..');
 const ADMIN_EMAIL = 'cli-admin@keel.test';
 const ADMIN_PASSWORD = 'cli-admin-password';
@@ -21,15 +23,6 @@ afterAll(() => {
   for (const child of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
   rmSync(dataDir, { recursive: true, force: true });
 });
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((done) => server.listen(0, '127.0.0.1', done));
-  const address = server.address();
-  await new Promise<void>((done) => server.close(() => done()));
-  if (!address || typeof address === 'string') throw new Error('no port');
-  return address.port;
-}
 
 /**
  * The environment of a child: nothing inherited but PATH and HOME, so the run's DATABASE_URL and

@@ -1,0 +1,91 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { createServer } from 'node:net';
+import { resolve } from 'node:path';
+
+/** The checkout's root: children run from here, as a user runs Keel. */
+export const ROOT = resolve(import.meta.dirname, '../..');
+
+/** A child process with its output collected and its end awaited. */
+export interface Child {
+  process: ChildProcess;
+  pid: number;
+  out: () => string;
+  err: () => string;
+  /** Resolves when it has exited (and its output streams have closed). */
+  ended: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /** Whether it has exited already. */
+  done: () => boolean;
+}
+
+const running = new Set<Child>();
+
+/** SIGKILLs whatever a test left running (for afterAll/afterEach). */
+export function killLeftovers(): void {
+  for (const child of running) if (!child.done()) child.process.kill('SIGKILL');
+  running.clear();
+}
+
+/**
+ * Spawns `command args` in the checkout with an environment built from scratch (PATH and HOME
+ * only, then `env`), so the test run's DATABASE_URL and REDIS_URL never leak in.
+ */
+export function launch(command: string, args: string[], env: Record<string, string>): Child {
+  const child = spawn(command, args, {
+    cwd: ROOT,
+    env: { PATH: process.env.PATH, HOME: process.env.HOME, DATABASE_URL: '', REDIS_URL: '', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  let err = '';
+  let exited = false;
+  child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString('utf8')));
+  child.stderr.on('data', (chunk: Buffer) => (err += chunk.toString('utf8')));
+  const ended = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((done) =>
+    child.on('close', (code, signal) => {
+      exited = true;
+      done({ code, signal });
+    }),
+  );
+  const handle: Child = { process: child, pid: child.pid!, out: () => out, err: () => err, ended, done: () => exited };
+  running.add(handle);
+  return handle;
+}
+
+/** `node --import tsx src/main.ts ...args`, the way `npm run keel --` runs it. */
+export function keel(args: string[], env: Record<string, string>): Child {
+  return launch(process.execPath, ['--import', 'tsx', 'src/main.ts', ...args], env);
+}
+
+export async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((done) => server.listen(0, '127.0.0.1', done));
+  const address = server.address();
+  await new Promise<void>((done) => server.close(() => done()));
+  if (!address || typeof address === 'string') throw new Error('no free port');
+  return address.port;
+}
+
+/** Waits until `base`/health answers 200; fails early, with the output, if the child exits. */
+export async function healthy(child: Child, base: string, timeoutMs = 150_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (child.done()) throw new Error(`exited before answering /health:\n${child.out()}\n${child.err()}`);
+    const ok = await fetch(`${base}/health`).then(
+      (response) => response.status === 200,
+      () => false,
+    );
+    if (ok) return;
+    if (Date.now() > deadline) throw new Error(`no /health within ${timeoutMs} ms:\n${child.out()}\n${child.err()}`);
+    await new Promise((done) => setTimeout(done, 100));
+  }
+}
+
+/** Whether a process with this pid exists. */
+export function exists(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

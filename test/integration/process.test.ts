@@ -1,0 +1,212 @@
+import { existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+
+import { exists, freePort, healthy, keel, killLeftovers, launch } from '../helpers/process.js';
+
+// Real processes on real data directories: the lock, file modes, signals, log flushing and drain.
+const scratch = mkdtempSync(join(tmpdir(), 'keel-process-test-'));
+let dirs = 0;
+const freshDir = () => join(scratch, `data-${++dirs}`);
+
+afterEach(killLeftovers);
+afterAll(() => rmSync(scratch, { recursive: true, force: true }));
+
+const PASSWORD = 'process-test-password';
+
+function env(dataDir: string, extra: Record<string, string> = {}): Record<string, string> {
+  return {
+    ENVIRONMENT: 'local',
+    DATA_DIR: dataDir,
+    HOST: '127.0.0.1',
+    LOG_FORMAT: 'json',
+    LOG_LEVEL: 'info',
+    FIRST_SUPERUSER: 'admin@process.test',
+    FIRST_SUPERUSER_PASSWORD: PASSWORD,
+    ...extra,
+  };
+}
+
+/** `keel start` on a free port, answering /health. */
+async function server(dataDir: string, extra: Record<string, string> = {}) {
+  const port = await freePort();
+  const child = keel(['start'], env(dataDir, { PORT: String(port), ...extra }));
+  const base = `http://127.0.0.1:${port}`;
+  await healthy(child, base);
+  return { child, base };
+}
+
+async function signup(base: string, email: string): Promise<number> {
+  const response = await fetch(`${base}/api/v1/users/signup`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ email, password: PASSWORD }),
+  });
+  return response.status;
+}
+
+describe('one process per embedded database', () => {
+  it('a second process on the same DATA_DIR stops at once naming the holder; kill -9 leaves a lock the next start takes over', async () => {
+    const dataDir = freshDir();
+    const first = await server(dataDir);
+    expect(await signup(first.base, 'kept@process.test')).toBe(200);
+
+    // Every command that opens the database refuses, with one line naming the holder's pid.
+    const port = String(await freePort());
+    const others = [
+      keel(['start'], env(dataDir, { PORT: port })),
+      keel(['api'], env(dataDir, { PORT: port })),
+      keel(['migrate'], env(dataDir)),
+      keel(['migrate', 'status'], env(dataDir)),
+    ];
+    for (const other of others) {
+      const { code } = await other.ended;
+      expect(code, other.out()).toBe(1);
+      expect(other.err().trim().split('\n')).toHaveLength(1);
+      expect(other.err()).toContain(`in use by another Keel process (pid ${first.child.pid})`);
+    }
+
+    // create-superuser says how to do it instead.
+    const superuser = keel(['create-superuser', '--email', 'second@process.test'], env(dataDir, { KEEL_SUPERUSER_PASSWORD: PASSWORD }));
+    expect((await superuser.ended).code).toBe(1);
+    expect(superuser.err()).toContain(`a running Keel server (pid ${first.child.pid})`);
+    expect(superuser.err()).toMatch(/Stop the server first, or .* through the API \(POST \/api\/v1\/users\)/);
+
+    // The first server never noticed: still serving, its data intact.
+    expect(await signup(first.base, 'later@process.test')).toBe(200);
+
+    // A crash leaves the lock file behind; its pid is dead, so the next start takes it over.
+    first.child.process.kill('SIGKILL');
+    await first.child.ended;
+    expect(existsSync(join(dataDir, 'pglite.lock'))).toBe(true);
+    const second = await server(dataDir);
+    expect(JSON.parse(readFileSync(join(dataDir, 'pglite.lock'), 'utf8'))).toMatchObject({ pid: second.child.pid });
+    expect(await signup(second.base, 'kept@process.test')).toBe(409); // acknowledged before the crash: still there
+    second.child.process.kill('SIGTERM');
+    expect((await second.child.ended).code).toBe(0);
+    // Released on a clean exit: create-superuser now works.
+    expect(existsSync(join(dataDir, 'pglite.lock'))).toBe(false);
+    const created = keel(['create-superuser', '--email', 'second@process.test'], env(dataDir, { KEEL_SUPERUSER_PASSWORD: PASSWORD }));
+    expect((await created.ended).code, created.err()).toBe(0);
+  }, 400_000);
+});
+
+describe('file modes', () => {
+  it('DATA_DIR is 0700 and every file 0600, with umask 000, WAL files written after start included', async () => {
+    const dataDir = freshDir();
+    const port = await freePort();
+    const child = launch('sh', ['-c', 'umask 000 && exec "$0" --import tsx src/main.ts start', process.execPath], env(dataDir, { PORT: String(port) }));
+    const base = `http://127.0.0.1:${port}`;
+    await healthy(child, base);
+    expect(await signup(base, 'modes@process.test')).toBe(200);
+    child.process.kill('SIGTERM');
+    expect((await child.ended).code).toBe(0);
+
+    // Files PostgreSQL creates after the database is open: a table and new WAL segments.
+    const walBefore = new Set(readdirSync(join(dataDir, 'pglite', 'pg_wal')));
+    const writer = launch('sh', ['-c', 'umask 000 && exec "$0" --import tsx test/helpers/wal-writer.ts', process.execPath], env(dataDir));
+    expect((await writer.ended).code, writer.err()).toBe(0);
+    const walAfter = readdirSync(join(dataDir, 'pglite', 'pg_wal')).filter((name) => !walBefore.has(name));
+    expect(walAfter.length).toBeGreaterThan(0);
+
+    const loose: string[] = [];
+    const walk = (path: string) => {
+      const stat = lstatSync(path);
+      if ((stat.mode & 0o777) !== (stat.isDirectory() ? 0o700 : 0o600)) loose.push(`${path} ${(stat.mode & 0o777).toString(8)}`);
+      if (stat.isDirectory()) for (const name of readdirSync(path)) walk(join(path, name));
+    };
+    walk(dataDir);
+    expect(loose).toEqual([]);
+    expect(readdirSync(join(dataDir, 'pglite')).length).toBeGreaterThan(10);
+  }, 300_000);
+});
+
+describe('logs', () => {
+  it('JSON logs reach stdout within a second: after kill -9 every answered request has its access line', async () => {
+    const { child, base } = await server(freshDir());
+    const ids: string[] = [];
+    for (let i = 0; i < 40; i++) {
+      const response = await fetch(`${base}/api/v1/users/me`);
+      expect(response.status).toBe(401);
+      ids.push(response.headers.get('x-request-id')!);
+    }
+    await new Promise((done) => setTimeout(done, 1_500));
+    child.process.kill('SIGKILL');
+    await child.ended;
+    const logged = new Set(
+      child
+        .out()
+        .split('\n')
+        .filter((line) => line.startsWith('{'))
+        .map((line) => JSON.parse(line) as { msg: string; reqId?: string })
+        .filter((line) => line.msg === 'request completed')
+        .map((line) => line.reqId),
+    );
+    expect(ids.filter((id) => !logged.has(id))).toEqual([]);
+  }, 300_000);
+});
+
+describe('SIGTERM', () => {
+  it('drains first: /ready answers 503 while requests are still served, then the process exits 0', async () => {
+    const { child, base } = await server(freshDir(), { SHUTDOWN_DRAIN_MS: '3000' });
+    expect((await fetch(`${base}/ready`)).status).toBe(200);
+    const signalled = Date.now();
+    child.process.kill('SIGTERM');
+    await new Promise((done) => setTimeout(done, 500));
+    const ready = await fetch(`${base}/ready`);
+    expect(ready.status).toBe(503);
+    expect(await ready.json()).toMatchObject({ status: 'unavailable', checks: { shutdown: 'unavailable' } });
+    // New connections are still served during the drain, and asked to go elsewhere afterwards.
+    for (let i = 0; i < 5; i++) {
+      const response = await fetch(`${base}/health`);
+      expect(response.status).toBe(200);
+      expect(response.headers.get('connection')).toBe('close');
+      expect(await signup(base, `drain-${i}@process.test`)).toBe(200);
+    }
+    expect(child.done()).toBe(false);
+    const { code } = await child.ended;
+    expect(code).toBe(0);
+    expect(Date.now() - signalled).toBeGreaterThanOrEqual(3_000);
+    expect(child.out()).toContain('shut down cleanly');
+  }, 300_000);
+
+  it.each([
+    ['npm start', ['start']],
+    ['npm run keel -- start', ['run', 'keel', '--', 'start']],
+  ])('SIGTERM to `%s` (the process the user started) stops Keel cleanly', async (_name, args) => {
+    const dataDir = freshDir();
+    const port = await freePort();
+    const npm = launch('npm', args, env(dataDir, { PORT: String(port) }));
+    const base = `http://127.0.0.1:${port}`;
+    await healthy(npm, base);
+    // The lock file names the server's pid: the node process under npm.
+    const serverPid = (JSON.parse(readFileSync(join(dataDir, 'pglite.lock'), 'utf8')) as { pid: number }).pid;
+    expect(serverPid).not.toBe(npm.pid);
+    npm.process.kill('SIGTERM');
+    await npm.ended;
+    expect(npm.out()).toContain('shut down cleanly');
+    expect(exists(serverPid)).toBe(false);
+    expect(existsSync(join(dataDir, 'pglite.lock'))).toBe(false);
+    await expect(fetch(`${base}/health`)).rejects.toThrow();
+  }, 300_000);
+});
+
+describe.skipIf(!process.env.REDIS_URL)('keel worker', () => {
+  it('exits 0 at once on SIGTERM when idle, closing its Redis connections', async () => {
+    const worker = keel(['worker'], env(freshDir(), { REDIS_URL: process.env.REDIS_URL!, SHUTDOWN_TIMEOUT_MS: '20000' }));
+    const deadline = Date.now() + 60_000;
+    while (!worker.out().includes('worker started')) {
+      if (worker.done() || Date.now() > deadline) throw new Error(`worker did not start:\n${worker.out()}\n${worker.err()}`);
+      await new Promise((done) => setTimeout(done, 100));
+    }
+    await new Promise((done) => setTimeout(done, 1_000));
+    const signalled = Date.now();
+    worker.process.kill('SIGTERM');
+    const { code } = await worker.ended;
+    expect(code, worker.out()).toBe(0);
+    expect(Date.now() - signalled).toBeLessThan(3_000);
+    expect(worker.out()).toContain('shut down cleanly');
+  }, 300_000);
+});
