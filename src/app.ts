@@ -127,6 +127,14 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
 
   await registerCors(app, settings);
   await app.register(formbody, { bodyLimit: settings.BODY_LIMIT_BYTES });
+  // An empty body sent as JSON is no body (as FastAPI reads it): a DELETE from a client that sets
+  // `content-type: application/json` on every request works, and a route that needs a body
+  // answers 422 `missing`, the same list shape as malformed JSON.
+  const parseJson = app.getDefaultJsonParser('error', 'error');
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body, done) => {
+    if (body === '') return done(null, undefined);
+    return parseJson(request, body as string, done);
+  });
   await registerOpenApi(app, settings);
 
   // ==================== Routes ====================

@@ -132,7 +132,11 @@ function validationIssues(error: FastifyError, request: FastifyRequest): Validat
     total += extras.length;
     if (room <= 0) continue;
     const path = issue.instancePath.split('/').filter(Boolean);
-    const described = describeIssue(issue.keyword, params, issue.message ?? 'Invalid value');
+    // No body at all (an empty one included) is a missing body, as FastAPI says.
+    const described =
+      where === 'body' && path.length === 0 && request.body == null
+        ? { type: 'missing', msg: 'Field required' }
+        : describeIssue(issue.keyword, params, issue.message ?? 'Invalid value');
     const { type } = described;
     // An unknown query parameter's message names the accepted ones.
     const msg = keys && where === 'query' ? unknownQueryMessage(request) : described.msg;
@@ -210,10 +214,6 @@ export function registerErrorHandler(app: FastifyInstance): void {
     }
     if (error.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || (error instanceof SyntaxError && error.statusCode === 400)) {
       return send(reply, 422, { detail: [{ loc: ['body'], msg: 'JSON decode error', type: 'json_invalid' }] });
-    }
-    // An empty body declared as JSON: the same answer as malformed JSON (as FastAPI gives).
-    if (error.code === 'FST_ERR_CTP_EMPTY_JSON_BODY') {
-      return send(reply, 422, { detail: [{ loc: ['body'], msg: 'JSON decode error: the body is empty', type: 'json_invalid' }] });
     }
     const db = databaseError(error);
     const integrity = db && integrityAnswer(db);

@@ -46,14 +46,22 @@ describe('422 answers', () => {
     expect((await signup(ctx.app, '{', '10.21.0.1')).statusCode).toBe(429);
   });
 
-  it('answers an empty JSON body and malformed JSON alike: 422 json_invalid', async () => {
-    for (const payload of ['', '{"email":']) {
-      const response = await signup(ctx.app, payload, '10.22.0.1');
+  it('answers an empty JSON body and malformed JSON in one shape: 422 with a list (missing, json_invalid)', async () => {
+    for (const [payload, type] of [['', 'missing'], ['{"email":', 'json_invalid']]) {
+      const response = await signup(ctx.app, payload!, '10.22.0.1');
       expect(response.statusCode, JSON.stringify(payload)).toBe(422);
       const { detail } = response.json<{ detail: Issue[] }>();
       expect(detail).toHaveLength(1);
-      expect(detail[0]).toMatchObject({ loc: ['body'], type: 'json_invalid' });
+      expect(detail[0]).toMatchObject({ loc: ['body'], type });
     }
+  });
+
+  it('takes an empty JSON body on a route without a body (a client that always sends content-type)', async () => {
+    const headers = { ...(await superuserHeaders(ctx.app)), 'content-type': 'application/json' };
+    const created = await ctx.app.inject({ method: 'POST', url: '/api/v1/projects', headers, payload: { name: 'empty-body' } });
+    const id = created.json<{ id: string }>().id;
+    const deleted = await ctx.app.inject({ method: 'DELETE', url: `/api/v1/projects/${id}`, headers, payload: '' });
+    expect(deleted.statusCode).toBe(200);
   });
 
   it.each([

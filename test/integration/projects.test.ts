@@ -233,7 +233,7 @@ describe('GET /projects', () => {
     const alice = await createUser(ctx.app);
     const response = await api('GET', '/projects?limit=1&limit=2', alice.headers);
     const body = expectValidationError(response, ['query', 'limit']);
-    expect(body.detail[0]?.msg).toBe('Input should be a single integer');
+    expect(body.detail[0]?.type).toBe('float_parsing');
     expect(response.body).not.toContain('NaN');
   });
 
