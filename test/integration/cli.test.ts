@@ -129,7 +129,11 @@ async function start(env: Record<string, string> = {}): Promise<Server> {
     } catch {
       // Not listening yet.
     }
-    if (Date.now() > deadline) throw new Error(`keel start did not answer /health: ${JSON.stringify(server.output())}`);
+    if (Date.now() > deadline) {
+      // Not left behind holding the data directory's lock for the next test.
+      server.child.kill('SIGKILL');
+      throw new Error(`keel start did not answer /health: ${JSON.stringify(server.output())}`);
+    }
     await new Promise((done) => setTimeout(done, 100));
   }
 }
