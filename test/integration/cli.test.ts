@@ -398,7 +398,7 @@ describe('create-superuser, account checks and console email', () => {
     const port = await freePort();
     const server = keel(['start', '--port', String(port)], { PORT: '1' });
     const base = `http://127.0.0.1:${port}`;
-    for (let tries = 0; tries < 450; tries++) {
+    for (let tries = 0; tries < 1500; tries++) {
       if ((await fetch(`${base}/health`).then((r) => r.status, () => 0)) === 200) break;
       await new Promise((done) => setTimeout(done, 100));
     }
