@@ -305,7 +305,7 @@ describe('keel migrate', () => {
   }, 240_000);
 
   it('down at a terminal asks first; "n" reverts nothing', async () => {
-    const { code, screen } = await atTerminal(['migrate', 'down', '--all'], {}, [[/Continue\? \[y\/N\] $/, 'n']]);
+    const { code, screen } = await atTerminal(['migrate', 'down', '--all'], {}, [[/Continue\? \[y\/N\]/, 'n']]);
     expect(screen).toMatch(/This will revert .*Continue\?/);
     expect(code).toBe(2);
     expect(screen).toMatch(/cancelled, nothing reverted/);
