@@ -134,7 +134,7 @@ function validationIssues(error: FastifyError, request: FastifyRequest): Validat
     const path = issue.instancePath.split('/').filter(Boolean);
     // No body at all (an empty one included) is a missing body, as FastAPI says.
     const described =
-      where === 'body' && path.length === 0 && request.body == null
+      where === 'body' && path.length === 0 && (request.body === null || request.body === undefined)
         ? { type: 'missing', msg: 'Field required' }
         : describeIssue(issue.keyword, params, issue.message ?? 'Invalid value');
     const { type } = described;
