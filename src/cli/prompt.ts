@@ -10,8 +10,9 @@ export function interactive(): boolean {
 /** Asks at the terminal without echoing what is typed (a password). Ctrl-C cancels. */
 export async function askHidden(question: string): Promise<string> {
   const stdin = process.stdin;
-  process.stderr.write(question);
+  // Echo off before the prompt shows: whatever is typed after seeing it is never echoed.
   stdin.setRawMode(true);
+  process.stderr.write(question);
   stdin.setEncoding('utf8');
   stdin.resume();
   try {

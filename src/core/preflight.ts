@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { Redis } from 'ioredis';
 
 import { ConfigError, type Settings } from './config.js';
+import { DataDirLockedError } from './data-dir-lock.js';
 import { type Database, openDatabase } from './db.js';
 
 /**
@@ -96,6 +97,8 @@ export async function openCheckedDatabase(settings: Settings): Promise<Database>
   try {
     database = await openDatabase(settings);
   } catch (error) {
+    // A held data directory already says which process holds it.
+    if (error instanceof DataDirLockedError) throw error;
     throw settings.DATABASE_URL ? (databaseProblem(error, settings) ?? error) : pgliteProblem(error, settings);
   }
   try {

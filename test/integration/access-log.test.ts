@@ -69,7 +69,7 @@ describe.each(['pretty', 'json'] as const)('access log (%s)', (format) => {
     expect(unmatched).toMatch(/^GET \/no\/such\/path 404 [\d.]+ms reqId=\S+ \(Not Found\)$/);
     expect(invalid).toMatch(/^POST \/api\/v1\/users\/signup 422 .*\(body\.email: .+\)$/);
     expect(wrong).toMatch(/^POST \/api\/v1\/login\/access-token 400 .*\(Incorrect email or password\)$/);
-    expect(limited).toMatch(/^POST \/api\/v1\/login\/access-token 429 .*\(rate limit login-account: 1 per 60s\)$/);
+    expect(limited).toMatch(/^POST \/api\/v1\/login\/access-token 429 .*\(rate limit login-account-address: 1 per 60s\)$/);
   });
 
   it.runIf(format === 'json')('keeps its fields and adds the path of unmatched requests and the reason of a 4xx', () => {
@@ -79,6 +79,6 @@ describe.each(['pretty', 'json'] as const)('access log (%s)', (format) => {
     expect(access[0]).toMatchObject({ route: '<unmatched>', path: '/no/such/path', status: 404, reason: 'Not Found' });
     expect(access[1]).toMatchObject({ route: '/api/v1/users/signup', status: 422, reason: expect.stringMatching(/^body\.email: /) as string });
     expect(access[1]).not.toHaveProperty('path');
-    expect(access[3]).toMatchObject({ status: 429, reason: 'rate limit login-account: 1 per 60s' });
+    expect(access[3]).toMatchObject({ status: 429, reason: 'rate limit login-account-address: 1 per 60s' });
   });
 });
