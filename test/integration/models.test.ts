@@ -2,8 +2,8 @@ import { eq } from 'drizzle-orm';
 import { beforeAll, describe, expect, it } from 'vitest';
 
 import { modelOverrides } from '../../src/models/index.js';
-import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
 
+import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
 import { useTestApp } from '../helpers/app.js';
 import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { apiOf, createKey, expectValidationError, type ListBody, xApiKey } from '../helpers/http.js';
@@ -148,6 +148,16 @@ describe('superuser changes', () => {
     expect((await api('GET', '/models/house-model', user.headers)).statusCode).toBe(404);
     expect(await ctx.database.db.select().from(modelOverrides).where(eq(modelOverrides.model_id, 'house-model'))).toEqual([]);
     expect((await api('DELETE', '/models/house-model', admin)).statusCode).toBe(404);
+  });
+
+  it('serves an id holding a slash (OpenRouter style) when the slash is percent-encoded', async () => {
+    const created = await api('POST', '/models', admin, { ...CUSTOM, id: 'meta-llama/llama-3-70b', aliases: [] });
+    expect(created.statusCode, created.body).toBe(200);
+    expect(created.headers.location).toBe('/api/v1/models/meta-llama%2Fllama-3-70b');
+    const got = await api('GET', '/models/meta-llama%2Fllama-3-70b', user.headers);
+    expect(got.statusCode, got.body).toBe(200);
+    expect(got.json<ModelBody>().id).toBe('meta-llama/llama-3-70b');
+    expect((await api('DELETE', '/models/meta-llama%2Fllama-3-70b', admin)).statusCode).toBe(200);
   });
 
   it('refuses a custom model for a provider that does not exist (404)', async () => {
