@@ -106,7 +106,8 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.decorate('queue', queue);
   app.decorate('metrics', createMetrics());
   app.decorate('vectorSearch', vectorSearch);
-  app.decorate('models', await loadModelManager(database.db, settings, logger));
+  const models = await loadModelManager(database.db, settings, logger);
+  app.decorate('models', models.models);
   app.decorateRequest('principal', null as unknown as Principal);
 
   registerErrorHandler(app);
@@ -124,6 +125,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   });
   registerAccessLog(app, settings, logger);
   app.addHook('onClose', async () => {
+    models.stop();
     await queue.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());
   });

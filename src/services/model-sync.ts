@@ -89,10 +89,40 @@ async function loadState(db: Db, settings: Settings, log: Logger) {
   return { overrides: usableOverrides(rows, log), records: providerRows.map((row) => toRecord(row, settings.SECRET_KEY, log)) };
 }
 
-/** The app's ModelManager, built from the settings and the database's rows. */
-export async function loadModelManager(db: Db, settings: Settings, log: Logger): Promise<ModelManager> {
-  const { overrides, records } = await loadState(db, settings, log);
-  return createModelManager(settings, { overrides, providers: records });
+/** How long a process that started without the database waits before reading the rows again. */
+export const MODEL_RELOAD_RETRY_MS = 5_000;
+
+/**
+ * The app's ModelManager, built from the settings and the database's rows. When the database
+ * cannot be read at start (an outage), the process starts with the built-in catalog and the
+ * environment's providers, and reads the rows again every few seconds until it can.
+ */
+export async function loadModelManager(db: Db, settings: Settings, log: Logger): Promise<{ models: ModelManager; stop: () => void }> {
+  let timer: NodeJS.Timeout | undefined;
+  let stopped = false;
+  try {
+    const { overrides, records } = await loadState(db, settings, log);
+    return { models: createModelManager(settings, { overrides, providers: records }), stop: () => undefined };
+  } catch (error) {
+    log.warn({ err: error }, 'Model overrides and providers could not be read; starting with the built-in catalog and retrying');
+  }
+  const models = createModelManager(settings);
+  const retry = () => {
+    timer = setTimeout(() => {
+      refreshModels(models, db, settings, log).then(
+        () => log.info('Model overrides and providers loaded'),
+        () => !stopped && retry(),
+      );
+    }, MODEL_RELOAD_RETRY_MS).unref();
+  };
+  retry();
+  return {
+    models,
+    stop: () => {
+      stopped = true;
+      clearTimeout(timer);
+    },
+  };
 }
 
 const pending = new WeakMap<ModelManager, Promise<unknown>>();
