@@ -21,8 +21,10 @@ import { prepareDummyHash } from './core/security.js';
 import { securityHeaders } from './core/security-headers.js';
 
 import { API_PREFIX, registerApi } from './api/main.js';
+import type { ModelManager } from './modules/ai-models/index.js';
 import { opsRouter } from './routers/ops.js';
 import { Mailer } from './services/email/mailer.js';
+import { loadModelManager } from './services/model-sync.js';
 import { jobHandlers } from './tasks/index.js';
 import type { Principal } from './utils/authentication.js';
 
@@ -37,6 +39,8 @@ declare module 'fastify' {
     queue: JobQueue;
     metrics: Metrics;
     vectorSearch: boolean;
+    /** The one model manager (catalog, providers, call path), fed from the database. */
+    models: ModelManager;
   }
   interface FastifyRequest {
     principal: Principal;
@@ -102,6 +106,8 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.decorate('queue', queue);
   app.decorate('metrics', createMetrics());
   app.decorate('vectorSearch', vectorSearch);
+  const models = await loadModelManager(database.db, settings, logger);
+  app.decorate('models', models.models);
   app.decorateRequest('principal', null as unknown as Principal);
 
   registerErrorHandler(app);
@@ -119,6 +125,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   });
   registerAccessLog(app, settings, logger);
   app.addHook('onClose', async () => {
+    models.stop();
     await queue.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());
   });

@@ -2,7 +2,9 @@ import type { FastifyInstance, RouteOptions } from 'fastify';
 
 import { apiKeysRouter } from '../routers/api-keys.js';
 import { loginRouter } from '../routers/login.js';
+import { modelsRouter } from '../routers/models.js';
 import { projectsRouter } from '../routers/projects.js';
+import { providersRouter } from '../routers/providers.js';
 import { usersRouter } from '../routers/users.js';
 
 export const API_PREFIX = '/api/v1';
@@ -27,6 +29,8 @@ export async function registerApi(app: FastifyInstance): Promise<void> {
       await api.register(usersRouter);
       await api.register(apiKeysRouter);
       await api.register(projectsRouter);
+      await api.register(modelsRouter);
+      await api.register(providersRouter);
     },
     { prefix: API_PREFIX },
   );

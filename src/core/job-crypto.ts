@@ -11,8 +11,9 @@ const VERSION = 'v1';
 export class JobSealer {
   private readonly key: Buffer;
 
-  constructor(secretKey: string) {
-    this.key = Buffer.from(hkdfSync('sha256', secretKey, 'keel', 'keel:job-data', 32));
+  /** `purpose` separates keys by use (provider secrets are sealed under another key than jobs). */
+  constructor(secretKey: string, purpose = 'keel:job-data') {
+    this.key = Buffer.from(hkdfSync('sha256', secretKey, 'keel', purpose, 32));
   }
 
   seal(name: string, data: unknown): string {

@@ -1,3 +1,5 @@
 export * from './api-key.js';
+export * from './model-override.js';
 export * from './project.js';
+export * from './provider.js';
 export * from './user.js';

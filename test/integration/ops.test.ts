@@ -91,6 +91,8 @@ describe('health and readiness', () => {
       const ready = await app.inject({ method: 'GET', url: '/ready' });
       expect(ready.statusCode).toBe(503);
       expect(ready.json()).toMatchObject({ status: 'unavailable', checks: { database: 'unavailable' }, database: 'postgres' });
+      // The model catalog still starts (built-ins; the database's rows are read again later).
+      expect(app.models.getModel('gpt-4.1')?.id).toBe('gpt-4.1');
 
       const loginAttempt = await app.inject({
         method: 'POST',

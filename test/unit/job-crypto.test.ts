@@ -25,4 +25,12 @@ describe('job data sealing', () => {
     expect(() => new JobSealer('o'.repeat(40)).open('send-email', sealed)).toThrow();
     expect(() => sealer.open('send-email', '{"to":"ada@example.com"}')).toThrow(/not a sealed/);
   });
+
+  it('derives a separate key per purpose: provider secrets do not open as job data, nor the reverse', () => {
+    const providers = new JobSealer('k'.repeat(40), 'keel:provider-secrets');
+    const sealed = providers.seal('provider:1:api_key', 'sk-secret');
+    expect(providers.open('provider:1:api_key', sealed)).toBe('sk-secret');
+    expect(() => sealer.open('provider:1:api_key', sealed)).toThrow();
+    expect(() => providers.open('send-email', sealer.seal('send-email', data))).toThrow();
+  });
 });

@@ -22,8 +22,8 @@ import {
 import type { ModelCatalog } from './catalog.js';
 import { computeCost, estimateCost } from './cost.js';
 import { ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, UpstreamError } from './errors.js';
-import { type ProviderRegistry, ProviderUnavailableError } from './providers.js';
-import { type Capability, type ModelInfo, type TokenUsage, ZERO_USAGE } from './types.js';
+import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
+import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
 
 // ==================== Interfaces ====================
 
@@ -306,6 +306,12 @@ export class ModelManager {
   constructor(private readonly options: ModelManagerOptions) {}
 
   // ---------- Catalog ----------
+
+  /** Replaces the catalog overrides and provider records at once (after a change in the database). */
+  reload(overrides: readonly ModelOverride[], providers: readonly ProviderRecord[]): void {
+    this.options.catalog.setOverrides(overrides);
+    this.options.providers.setRecords(providers);
+  }
 
   /** A model by id or alias, with its availability; disabled models too. */
   getModel(idOrAlias: string): ModelView | undefined {

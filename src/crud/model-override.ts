@@ -1,0 +1,48 @@
+import { eq } from 'drizzle-orm';
+
+import type { Db } from '../core/db.js';
+
+import { type ModelOverrideRow, modelOverrides, type NewModelOverrideRow } from '../models/index.js';
+
+/** The override fields of a row, without its key and bookkeeping columns. */
+export type OverrideFields = Omit<NewModelOverrideRow, 'id' | 'created_at' | 'updated_at' | 'model_id'>;
+
+/** Every override field unset: a hidden built-in or a restored one starts from this. */
+export const NO_OVERRIDE: Required<Omit<OverrideFields, 'deleted'>> = {
+  name: null,
+  provider: null,
+  aliases: null,
+  context_window: null,
+  capabilities: null,
+  pricing: null,
+  enabled: null,
+  recommended: null,
+  priority: null,
+  fallbacks: null,
+};
+
+export function listAll(db: Db): Promise<ModelOverrideRow[]> {
+  return db.select().from(modelOverrides);
+}
+
+export async function getByModelId(db: Db, modelId: string): Promise<ModelOverrideRow | undefined> {
+  const [row] = await db.select().from(modelOverrides).where(eq(modelOverrides.model_id, modelId));
+  return row;
+}
+
+/** Inserts the row of `modelId`, or changes the given fields of the one there (one statement). */
+export async function upsert(db: Db, modelId: string, fields: OverrideFields): Promise<void> {
+  await db
+    .insert(modelOverrides)
+    .values({ ...fields, model_id: modelId })
+    .onConflictDoUpdate({ target: modelOverrides.model_id, set: fields });
+}
+
+/** Inserts a new row; a row already there for `modelId` answers 409 (unique violation). */
+export async function insert(db: Db, modelId: string, fields: OverrideFields): Promise<void> {
+  await db.insert(modelOverrides).values({ ...fields, model_id: modelId });
+}
+
+export async function removeByModelId(db: Db, modelId: string): Promise<void> {
+  await db.delete(modelOverrides).where(eq(modelOverrides.model_id, modelId));
+}

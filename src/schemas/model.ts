@@ -1,0 +1,89 @@
+import { z } from 'zod';
+
+import { isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
+import { CAPABILITIES } from '../modules/ai-models/types.js';
+
+/** A price per million tokens: a decimal string (never a binary float), up to 12 decimal places. */
+const Price = z.string().regex(/^\d{1,9}(\.\d{1,12})?$/, { error: 'A price is a decimal string such as "2.5", up to 12 decimal places' });
+
+/** A model id as the provider knows it (`gpt-4.1`, `llama3.2:3b`, `meta-llama/llama-3-70b`). */
+export const ModelId = z.string().trim().min(1).max(200).regex(/^\S+$/, { error: 'A model id has no spaces' });
+
+export const ModelPricingInput = z
+  .strictObject({
+    input_cost_per_million_tokens: Price,
+    output_cost_per_million_tokens: Price,
+    cached_input_cost_per_million_tokens: Price.optional(),
+    cache_write_cost_per_million_tokens: Price.optional(),
+    reasoning_cost_per_million_tokens: Price.optional(),
+  })
+  .meta({ id: 'ModelPricingInput' });
+
+const ModelFields = {
+  name: z.string().trim().min(1).max(200),
+  /** `openai`, `anthropic`, `google` or a provider record's name. */
+  provider: z.string().min(1).max(64),
+  aliases: z.array(ModelId).max(20),
+  context_window: z.number().int().positive().max(100_000_000).nullable(),
+  capabilities: z.array(z.enum(CAPABILITIES)).min(1).max(CAPABILITIES.length),
+  pricing: ModelPricingInput,
+  enabled: z.boolean(),
+  recommended: z.boolean(),
+  priority: z.number().int().min(-1000).max(1000),
+  fallbacks: z.array(ModelId).max(10),
+};
+
+/**
+ * A built-in id creates an override of that model (every field optional); any other id a custom
+ * model, which needs its `provider` and `pricing`.
+ */
+export const ModelCreate = z
+  .strictObject({ id: ModelId, ...ModelFields })
+  .partial()
+  .required({ id: true })
+  .superRefine((value, ctx) => {
+    if (isBuiltinModel(value.id)) return;
+    for (const field of ['provider', 'pricing'] as const) {
+      if (value[field] === undefined) ctx.addIssue({ code: 'custom', path: [field], message: `A custom model needs ${field}` });
+    }
+  })
+  .meta({ id: 'ModelCreate' });
+export type ModelCreate = z.infer<typeof ModelCreate>;
+
+export const ModelUpdate = z.strictObject(ModelFields).partial().meta({ id: 'ModelUpdate' });
+export type ModelUpdate = z.infer<typeof ModelUpdate>;
+
+export const ModelPublic = z
+  .object({
+    id: z.string(),
+    name: z.string(),
+    provider: z.string(),
+    aliases: z.array(z.string()),
+    context_window: z.number().int().nullable(),
+    capabilities: z.array(z.enum(CAPABILITIES)),
+    pricing: z.object({
+      input_cost_per_million_tokens: z.string(),
+      output_cost_per_million_tokens: z.string(),
+      cached_input_cost_per_million_tokens: z.string().optional(),
+      cache_write_cost_per_million_tokens: z.string().optional(),
+      reasoning_cost_per_million_tokens: z.string().optional(),
+    }),
+    enabled: z.boolean(),
+    recommended: z.boolean(),
+    priority: z.number().int(),
+    fallbacks: z.array(z.string()),
+    /** Whether its provider has what a call needs (credentials, base URL). */
+    available: z.boolean(),
+    /** Why not, naming the setting to fill in; null when available. */
+    unavailable_reason: z.string().nullable(),
+  })
+  .meta({ id: 'ModelPublic' });
+
+export const ModelIdParams = z.object({ model_id: z.string().min(1).max(200) });
+
+/** `?include_disabled=&limit=&offset=` */
+export const ModelListQuery = z.strictObject({
+  include_disabled: z.stringbool().default(false),
+  limit: z.coerce.number().int().min(1).max(500).default(100),
+  offset: z.coerce.number().int().min(0).max(1_000_000).default(0),
+});

@@ -1,0 +1,47 @@
+import { z } from 'zod';
+
+import { PROVIDER_KINDS } from '../modules/ai-models/types.js';
+import { Id, Timestamp } from './common.js';
+
+/** How models name the provider: lower case, digits, `-`, `_`, `.` (`ollama`, `openrouter`). */
+const ProviderName = z.string().regex(/^[a-z0-9][a-z0-9._-]{0,63}$/, { error: 'Use lower-case letters, digits, ".", "_" or "-" (at most 64)' });
+const BaseUrl = z.url({ protocol: /^https?$/ }).max(2048);
+const HeaderName = z.string().regex(/^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$/, { error: 'Not an HTTP header name' });
+const Headers = z.record(HeaderName, z.string().max(8192)).refine((headers) => Object.keys(headers).length <= 20, { error: 'At most 20 headers' });
+
+const ProviderFields = {
+  kind: z.enum(PROVIDER_KINDS),
+  /** Default: the SDK's own (OpenAI, Anthropic, Google); required for `openai-compatible`. */
+  base_url: BaseUrl.nullable(),
+  /** Stored sealed, never returned; null removes it. */
+  api_key: z.string().min(1).max(4096).nullable(),
+  /** Sent with every request (sealed like the key; only their names are returned). */
+  headers: Headers.nullable(),
+  enabled: z.boolean(),
+};
+
+export const ProviderCreate = z
+  .strictObject({ name: ProviderName, ...ProviderFields })
+  .partial({ base_url: true, api_key: true, headers: true, enabled: true })
+  .refine((value) => value.kind !== 'openai-compatible' || !!value.base_url, { path: ['base_url'], error: 'An openai-compatible provider needs a base_url' })
+  .meta({ id: 'ProviderCreate' });
+export type ProviderCreate = z.infer<typeof ProviderCreate>;
+
+/** The name is the id models refer to: it does not change (delete and create to rename). */
+export const ProviderUpdate = z.strictObject(ProviderFields).partial().meta({ id: 'ProviderUpdate' });
+export type ProviderUpdate = z.infer<typeof ProviderUpdate>;
+
+export const ProviderPublic = z
+  .object({
+    id: Id,
+    name: z.string(),
+    kind: z.enum(PROVIDER_KINDS),
+    base_url: z.string().nullable(),
+    has_api_key: z.boolean(),
+    header_names: z.array(z.string()),
+    enabled: z.boolean(),
+    created_at: Timestamp,
+    updated_at: Timestamp,
+  })
+  .meta({ id: 'ProviderPublic' });
+export type ProviderPublic = z.infer<typeof ProviderPublic>;

@@ -1,0 +1,75 @@
+import { NotFoundError } from '../core/errors.js';
+
+import type { ModelCreate, ModelUpdate } from '../schemas/model.js';
+
+import * as overrideCrud from '../crud/model-override.js';
+import * as providerCrud from '../crud/provider.js';
+import { isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
+import type { ModelManager, ModelView } from '../modules/ai-models/index.js';
+import { ensureSuperuser } from '../utils/authentication.js';
+import type { ServiceContext } from './context.js';
+import { refreshModels } from './model-sync.js';
+
+/** Providers that exist without a record: their credentials come from the environment. */
+const BUILTIN_PROVIDERS = new Set(['openai', 'anthropic', 'google']);
+
+const notFound = (id: string) => new NotFoundError(`Model ${id} not found`);
+
+export function list(models: ModelManager, query: { include_disabled: boolean; limit: number; offset: number }) {
+  const all = models.listAvailableModels({ includeDisabled: query.include_disabled });
+  return { data: all.slice(query.offset, query.offset + query.limit), count: all.length };
+}
+
+/** By id or alias; disabled models too (they are listed with include_disabled). */
+export function get(models: ModelManager, idOrAlias: string): ModelView {
+  const model = models.getModel(idOrAlias);
+  if (!model) throw notFound(idOrAlias);
+  return model;
+}
+
+/** A model refers to a built-in provider or to a provider record (by name). */
+async function checkProvider(ctx: ServiceContext, provider: string | undefined): Promise<void> {
+  if (provider === undefined || BUILTIN_PROVIDERS.has(provider)) return;
+  if (!(await providerCrud.getByName(ctx.db, provider))) throw new NotFoundError(`Provider ${provider} not found`);
+}
+
+async function changed(ctx: ServiceContext, models: ModelManager, id: string): Promise<ModelView> {
+  await refreshModels(models, ctx.db, ctx.settings, ctx.log);
+  return get(models, id);
+}
+
+/**
+ * A custom model, or an override of a built-in one. 409 when the model already has a row; a
+ * hidden (deleted) built-in is brought back with the given changes.
+ */
+export async function create(ctx: ServiceContext, models: ModelManager, input: ModelCreate): Promise<ModelView> {
+  ensureSuperuser(ctx.principal);
+  const { id, ...fields } = input;
+  await checkProvider(ctx, fields.provider);
+  const row = { ...overrideCrud.NO_OVERRIDE, ...fields, deleted: false };
+  const existing = await overrideCrud.getByModelId(ctx.db, id);
+  if (existing?.deleted) await overrideCrud.upsert(ctx.db, id, row);
+  else await overrideCrud.insert(ctx.db, id, row);
+  ctx.log.info({ model: id, builtin: isBuiltinModel(id) }, 'Model created');
+  return changed(ctx, models, id);
+}
+
+/** Changes the given fields of a model (by id or alias); a built-in one gets its override row. */
+export async function update(ctx: ServiceContext, models: ModelManager, idOrAlias: string, input: ModelUpdate): Promise<ModelView> {
+  ensureSuperuser(ctx.principal);
+  const { id } = get(models, idOrAlias);
+  await checkProvider(ctx, input.provider);
+  await overrideCrud.upsert(ctx.db, id, input);
+  ctx.log.info({ model: id, fields: Object.keys(input) }, 'Model updated');
+  return changed(ctx, models, id);
+}
+
+/** A custom model is removed; a built-in one is hidden (its overrides dropped) until it is created again. */
+export async function remove(ctx: ServiceContext, models: ModelManager, idOrAlias: string): Promise<void> {
+  ensureSuperuser(ctx.principal);
+  const { id } = get(models, idOrAlias);
+  if (isBuiltinModel(id)) await overrideCrud.upsert(ctx.db, id, { ...overrideCrud.NO_OVERRIDE, deleted: true });
+  else await overrideCrud.removeByModelId(ctx.db, id);
+  ctx.log.info({ model: id }, 'Model deleted');
+  await refreshModels(models, ctx.db, ctx.settings, ctx.log);
+}

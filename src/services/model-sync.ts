@@ -1,0 +1,144 @@
+/**
+ * Feeds the database's catalog overrides and provider records into the app's one ModelManager:
+ * at start, and after every admin write in this process (other processes pick changes up at their
+ * next start). Provider secrets are sealed here and opened only on their way into the manager.
+ */
+import type { Settings } from '../core/config.js';
+import type { Db } from '../core/db.js';
+import { JobSealer } from '../core/job-crypto.js';
+import type { Logger } from '../core/logger.js';
+
+import type { ModelOverrideRow, ProviderRow } from '../models/index.js';
+
+import * as overrideCrud from '../crud/model-override.js';
+import * as providerCrud from '../crud/provider.js';
+import { isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
+import { createModelManager, type ModelManager, type ModelOverride, type ProviderRecord } from '../modules/ai-models/index.js';
+
+// ==================== Secrets ====================
+
+const sealers = new Map<string, JobSealer>();
+
+/** AES-256-GCM under a key derived from SECRET_KEY for provider secrets only; each secret is bound to its row and field. */
+function sealerFor(secretKey: string): JobSealer {
+  let sealer = sealers.get(secretKey);
+  if (!sealer) {
+    sealer = new JobSealer(secretKey, 'keel:provider-secrets');
+    sealers.set(secretKey, sealer);
+  }
+  return sealer;
+}
+
+export type SecretField = 'api_key' | 'headers';
+
+export function sealSecret(secretKey: string, providerId: string, field: SecretField, value: unknown): string {
+  return sealerFor(secretKey).seal(`provider:${providerId}:${field}`, value);
+}
+
+export function openSecret(secretKey: string, providerId: string, field: SecretField, sealed: string): unknown {
+  return sealerFor(secretKey).open(`provider:${providerId}:${field}`, sealed);
+}
+
+// ==================== Rows → manager ====================
+
+function toOverride(row: ModelOverrideRow): ModelOverride {
+  const override: ModelOverride = { id: row.model_id, deleted: row.deleted };
+  for (const [key, value] of Object.entries(row)) {
+    if (key in overrideKeys && value !== null) (override as Record<string, unknown>)[key] = value;
+  }
+  return override;
+}
+
+const overrideKeys = Object.fromEntries(Object.keys(overrideCrud.NO_OVERRIDE).map((key) => [key, true]));
+
+/** Rows the catalog can use: a custom model (no built-in id) needs its provider and prices — a built-in dropped by a data update leaves a partial row behind. */
+function usableOverrides(rows: readonly ModelOverrideRow[], log: Logger): ModelOverride[] {
+  return rows.flatMap((row) => {
+    if (!row.deleted && !isBuiltinModel(row.model_id) && (row.provider === null || row.pricing === null)) {
+      log.warn({ model: row.model_id }, 'Model override skipped: not a built-in model and no provider or pricing of its own');
+      return [];
+    }
+    return [toOverride(row)];
+  });
+}
+
+/** A record with its secrets opened; one that cannot be opened (SECRET_KEY changed) is kept without them. */
+function toRecord(row: ProviderRow, secretKey: string, log: Logger): ProviderRecord {
+  const open = (field: SecretField, sealed: string | null): unknown => {
+    if (sealed === null) return null;
+    try {
+      return openSecret(secretKey, row.id, field, sealed);
+    } catch {
+      log.error({ provider: row.name, field }, 'Provider secret cannot be opened (was SECRET_KEY changed?); set it again');
+      return null;
+    }
+  };
+  return {
+    id: row.name,
+    kind: row.kind,
+    name: row.name,
+    base_url: row.base_url,
+    api_key: open('api_key', row.api_key_sealed) as string | null,
+    headers: open('headers', row.headers_sealed) as Record<string, string> | null,
+    enabled: row.enabled,
+  };
+}
+
+async function loadState(db: Db, settings: Settings, log: Logger) {
+  const [rows, providerRows] = await Promise.all([overrideCrud.listAll(db), providerCrud.listAll(db)]);
+  return { overrides: usableOverrides(rows, log), records: providerRows.map((row) => toRecord(row, settings.SECRET_KEY, log)) };
+}
+
+/** How long a process that started without the database waits before reading the rows again. */
+export const MODEL_RELOAD_RETRY_MS = 5_000;
+
+/**
+ * The app's ModelManager, built from the settings and the database's rows. When the database
+ * cannot be read at start (an outage), the process starts with the built-in catalog and the
+ * environment's providers, and reads the rows again every few seconds until it can.
+ */
+export async function loadModelManager(db: Db, settings: Settings, log: Logger): Promise<{ models: ModelManager; stop: () => void }> {
+  let timer: NodeJS.Timeout | undefined;
+  let stopped = false;
+  try {
+    const { overrides, records } = await loadState(db, settings, log);
+    return { models: createModelManager(settings, { overrides, providers: records }), stop: () => undefined };
+  } catch (error) {
+    log.warn({ err: error }, 'Model overrides and providers could not be read; starting with the built-in catalog and retrying');
+  }
+  const models = createModelManager(settings);
+  const retry = () => {
+    timer = setTimeout(() => {
+      refreshModels(models, db, settings, log).then(
+        () => log.info('Model overrides and providers loaded'),
+        () => !stopped && retry(),
+      );
+    }, MODEL_RELOAD_RETRY_MS).unref();
+  };
+  retry();
+  return {
+    models,
+    stop: () => {
+      stopped = true;
+      clearTimeout(timer);
+    },
+  };
+}
+
+const pending = new WeakMap<ModelManager, Promise<unknown>>();
+
+/**
+ * Reloads the manager from the database. Refreshes run one after another, each reading after the
+ * write that asked for it, so the last one applied holds every committed change.
+ */
+export function refreshModels(manager: ModelManager, db: Db, settings: Settings, log: Logger): Promise<void> {
+  const next = (pending.get(manager) ?? Promise.resolve()).then(async () => {
+    const { overrides, records } = await loadState(db, settings, log);
+    manager.reload(overrides, records);
+  });
+  pending.set(
+    manager,
+    next.catch(() => undefined),
+  );
+  return next;
+}

@@ -1,0 +1,76 @@
+import { randomUUID } from 'node:crypto';
+
+import type { ProviderRow } from '../models/index.js';
+
+import type { ProviderCreate, ProviderPublic, ProviderUpdate } from '../schemas/provider.js';
+
+import type { Page } from '../crud/page.js';
+import { providerCrud } from '../crud/provider.js';
+import type { ModelManager } from '../modules/ai-models/index.js';
+import { ensureSuperuser } from '../utils/authentication.js';
+import type { ServiceContext } from './context.js';
+import { openSecret, refreshModels, sealSecret } from './model-sync.js';
+
+/** What a superuser sees of a record: whether it has a key and which headers, never their values. */
+function toPublic(ctx: ServiceContext, row: ProviderRow): ProviderPublic {
+  let headerNames: string[] = [];
+  if (row.headers_sealed !== null) {
+    try {
+      headerNames = Object.keys(openSecret(ctx.settings.SECRET_KEY, row.id, 'headers', row.headers_sealed) as Record<string, string>);
+    } catch {
+      headerNames = []; // sealed under another SECRET_KEY: shown as none, to be set again
+    }
+  }
+  const { id, name, kind, base_url, enabled, created_at, updated_at } = row;
+  return { id, name, kind, base_url, enabled, created_at, updated_at, has_api_key: row.api_key_sealed !== null, header_names: headerNames };
+}
+
+/** The columns of a change: secrets sealed for this row, `null` clears them, absent leaves them. */
+function sealed(ctx: ServiceContext, id: string, input: ProviderUpdate) {
+  const { api_key, headers, ...plain } = input;
+  const seal = (field: 'api_key' | 'headers', value: unknown) =>
+    value === undefined ? undefined : value === null ? null : sealSecret(ctx.settings.SECRET_KEY, id, field, value);
+  return { ...plain, api_key_sealed: seal('api_key', api_key), headers_sealed: seal('headers', headers) };
+}
+
+/** The `/providers` service: superusers only; every write reloads the app's model manager. */
+export function providerService(models: ModelManager) {
+  const reload = (ctx: ServiceContext) => refreshModels(models, ctx.db, ctx.settings, ctx.log);
+  return {
+    async list(ctx: ServiceContext, page: Page) {
+      ensureSuperuser(ctx.principal);
+      const { data, count } = await providerCrud.list(ctx.db, ctx.principal, page);
+      return { data: data.map((row) => toPublic(ctx, row)), count };
+    },
+
+    async get(ctx: ServiceContext, id: string) {
+      ensureSuperuser(ctx.principal);
+      return toPublic(ctx, await providerCrud.getVisible(ctx.db, ctx.principal, id));
+    },
+
+    async create(ctx: ServiceContext, input: ProviderCreate) {
+      ensureSuperuser(ctx.principal);
+      const id = randomUUID();
+      const { name, kind, ...change } = input;
+      const row = await providerCrud.create(ctx.db, { ...sealed(ctx, id, change), id, name, kind, owner_id: ctx.principal.user.id });
+      ctx.log.info({ provider: name, kind: row.kind }, 'Provider created');
+      await reload(ctx);
+      return toPublic(ctx, row);
+    },
+
+    async update(ctx: ServiceContext, id: string, input: ProviderUpdate) {
+      ensureSuperuser(ctx.principal);
+      const row = await providerCrud.update(ctx.db, ctx.principal, id, sealed(ctx, id, input));
+      ctx.log.info({ provider: row.name, fields: Object.keys(input) }, 'Provider updated');
+      await reload(ctx);
+      return toPublic(ctx, row);
+    },
+
+    async remove(ctx: ServiceContext, id: string) {
+      ensureSuperuser(ctx.principal);
+      await providerCrud.remove(ctx.db, ctx.principal, id);
+      ctx.log.info({ provider_id: id }, 'Provider deleted');
+      await reload(ctx);
+    },
+  };
+}

@@ -1,0 +1,193 @@
+import { eq } from 'drizzle-orm';
+import { beforeAll, describe, expect, it } from 'vitest';
+
+import { modelOverrides } from '../../src/models/index.js';
+
+import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
+import { useTestApp } from '../helpers/app.js';
+import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { apiOf, createKey, expectValidationError, type ListBody, xApiKey } from '../helpers/http.js';
+
+const ctx = useTestApp();
+const api = apiOf(ctx);
+
+interface ModelBody {
+  id: string;
+  name: string;
+  provider: string;
+  aliases: string[];
+  context_window: number | null;
+  capabilities: string[];
+  pricing: Record<string, string>;
+  enabled: boolean;
+  recommended: boolean;
+  priority: number;
+  fallbacks: string[];
+  available: boolean;
+  unavailable_reason: string | null;
+}
+
+const MODEL_FIELDS = ['aliases', 'available', 'capabilities', 'context_window', 'enabled', 'fallbacks', 'id', 'name', 'pricing', 'priority', 'provider', 'recommended', 'unavailable_reason'];
+const DECIMAL = /^\d+(\.\d+)?$/;
+const BUILTIN = loadBuiltinModels().find((m) => m.id === 'gpt-4.1-mini')!;
+const CUSTOM = {
+  id: 'house-model',
+  provider: 'openai',
+  name: 'House model',
+  aliases: ['house'],
+  pricing: { input_cost_per_million_tokens: '0.000000000001', output_cost_per_million_tokens: '12.5' },
+};
+
+let admin: Record<string, string>;
+let user: TestUser;
+
+beforeAll(async () => {
+  admin = await superuserHeaders(ctx.app);
+  user = await createUser(ctx.app);
+});
+
+async function allModels(headers: Record<string, string>, query = ''): Promise<ListBody<ModelBody>> {
+  const response = await api('GET', `/models?limit=500${query}`, headers);
+  expect(response.statusCode, response.body).toBe(200);
+  return response.json<ListBody<ModelBody>>();
+}
+
+describe('GET /models', () => {
+  it('lists the built-in catalog with decimal prices, by priority, paged', async () => {
+    const { data, count } = await allModels(user.headers);
+    expect(count).toBe(data.length);
+    expect(count).toBeGreaterThan(10);
+    for (const model of data) {
+      expect(Object.keys(model).sort()).toEqual(MODEL_FIELDS);
+      expect(model.pricing.input_cost_per_million_tokens).toMatch(DECIMAL);
+      expect(model.pricing.output_cost_per_million_tokens).toMatch(DECIMAL);
+      expect(model.enabled).toBe(true);
+    }
+    expect(data.map((m) => m.priority)).toEqual([...data.map((m) => m.priority)].sort((a, b) => b - a));
+    const mini = data.find((m) => m.id === 'gpt-4.1-mini')!;
+    expect(mini.pricing).toEqual(BUILTIN.pricing);
+    expect(mini.pricing.cached_input_cost_per_million_tokens).toMatch(DECIMAL);
+
+    const page = (await api('GET', '/models?limit=2&offset=1', user.headers)).json<ListBody<ModelBody>>();
+    expect(page).toEqual({ data: data.slice(1, 3), count });
+    expectValidationError(await api('GET', '/models?limit=0', user.headers), ['query', 'limit']);
+    expectValidationError(await api('GET', '/models?page=2', user.headers), ['query', 'page'], 'extra_forbidden');
+  });
+
+  it('marks models whose provider has no credentials unavailable, naming the setting', async () => {
+    const { data } = await allModels(user.headers);
+    const openai = data.find((m) => m.id === 'gpt-4.1-mini')!;
+    expect(openai.available).toBe(false);
+    expect(openai.unavailable_reason).toBe('OPENAI_API_KEY is not set');
+    expect(data.find((m) => m.provider === 'anthropic')?.unavailable_reason).toBe('ANTHROPIC_API_KEY is not set');
+  });
+
+  it('resolves an alias, answers 404 for an unknown id, 401 without credentials', async () => {
+    const alias = BUILTIN.aliases[0]!;
+    const byAlias = await api('GET', `/models/${alias}`, user.headers);
+    expect(byAlias.statusCode, byAlias.body).toBe(200);
+    expect(byAlias.json<ModelBody>().id).toBe('gpt-4.1-mini');
+    const missing = await api('GET', '/models/no-such-model', user.headers);
+    expect(missing.statusCode).toBe(404);
+    expect(missing.json()).toEqual({ detail: 'Model no-such-model not found' });
+    expect((await api('GET', '/models')).statusCode).toBe(401);
+    expect((await api('GET', '/models/gpt-4.1-mini')).statusCode).toBe(401);
+  });
+
+  it('is readable with a project-scoped API key, whose admin calls are refused', async () => {
+    const superuser = { headers: admin };
+    const project = await createProject(ctx.app, admin);
+    const scoped = await createKey(ctx.app, superuser, { name: 'scoped', project_id: project.id });
+    expect((await api('GET', '/models', xApiKey(scoped.key))).statusCode).toBe(200);
+    expect((await api('GET', '/models/gpt-4.1-mini', xApiKey(scoped.key))).statusCode).toBe(200);
+    for (const [method, url, body] of [
+      ['POST', '/models', CUSTOM],
+      ['PATCH', '/models/gpt-4.1-mini', { enabled: false }],
+      ['DELETE', '/models/gpt-4.1-mini', undefined],
+    ] as const) {
+      const response = await api(method, url, xApiKey(scoped.key), body);
+      expect(response.statusCode, `${method} ${url}`).toBe(403);
+    }
+  });
+});
+
+describe('superuser changes', () => {
+  it('refuses normal users (403) before reading the body', async () => {
+    expect((await api('POST', '/models', user.headers, CUSTOM)).statusCode).toBe(403);
+    expect((await api('POST', '/models', user.headers, { bogus: 1 })).statusCode).toBe(403);
+    expect((await api('PATCH', '/models/gpt-4.1-mini', user.headers, { enabled: false })).statusCode).toBe(403);
+    expect((await api('DELETE', '/models/gpt-4.1-mini', user.headers)).statusCode).toBe(403);
+    expect((await api('POST', '/models', {}, CUSTOM)).statusCode).toBe(401);
+    expect((await allModels(user.headers)).data.find((m) => m.id === 'gpt-4.1-mini')?.enabled).toBe(true);
+  });
+
+  it('refuses bad bodies with 422', async () => {
+    expectValidationError(await api('POST', '/models', admin, { ...CUSTOM, secret: 1 }), ['body', 'secret'], 'extra_forbidden');
+    expectValidationError(await api('POST', '/models', admin, { id: 'custom-without-price', provider: 'openai' }), ['body', 'pricing']);
+    expectValidationError(await api('POST', '/models', admin, { id: 'no-provider', pricing: CUSTOM.pricing }), ['body', 'provider']);
+    expectValidationError(await api('POST', '/models', admin, { ...CUSTOM, pricing: { input_cost_per_million_tokens: 1.5, output_cost_per_million_tokens: '1' } }), ['body', 'pricing', 'input_cost_per_million_tokens']);
+    expectValidationError(await api('POST', '/models', admin, { ...CUSTOM, id: 'has space' }), ['body', 'id']);
+    expectValidationError(await api('PATCH', '/models/gpt-4.1-mini', admin, { capabilities: ['telepathy'] }), ['body', 'capabilities', '0']);
+    expectValidationError(await api('PATCH', '/models/gpt-4.1-mini', admin, { id: 'renamed' }), ['body', 'id'], 'extra_forbidden');
+  });
+
+  it('creates a custom model (409 the second time), changes and removes it', async () => {
+    const created = await api('POST', '/models', admin, CUSTOM);
+    expect(created.statusCode, created.body).toBe(200);
+    expect(created.headers.location).toBe('/api/v1/models/house-model');
+    expect(created.json()).toMatchObject({ ...CUSTOM, capabilities: ['chat'], enabled: true, available: false, unavailable_reason: 'OPENAI_API_KEY is not set' });
+    expect((await api('POST', '/models', admin, CUSTOM)).statusCode).toBe(409);
+    expect((await api('GET', '/models/house', user.headers)).json<ModelBody>().id).toBe('house-model');
+
+    const patched = await api('PATCH', '/models/house', admin, { pricing: { input_cost_per_million_tokens: '3', output_cost_per_million_tokens: '4', cached_input_cost_per_million_tokens: '0.3' }, priority: 7 });
+    expect(patched.statusCode, patched.body).toBe(200);
+    expect(patched.json()).toMatchObject({ id: 'house-model', priority: 7, pricing: { input_cost_per_million_tokens: '3', cached_input_cost_per_million_tokens: '0.3' } });
+    expect(ctx.app.models.getModel('house-model')?.pricing.output_cost_per_million_tokens).toBe('4');
+
+    expect((await api('DELETE', '/models/house-model', admin)).statusCode).toBe(200);
+    expect((await api('GET', '/models/house-model', user.headers)).statusCode).toBe(404);
+    expect(await ctx.database.db.select().from(modelOverrides).where(eq(modelOverrides.model_id, 'house-model'))).toEqual([]);
+    expect((await api('DELETE', '/models/house-model', admin)).statusCode).toBe(404);
+  });
+
+  it('serves an id holding a slash (OpenRouter style) when the slash is percent-encoded', async () => {
+    const created = await api('POST', '/models', admin, { ...CUSTOM, id: 'meta-llama/llama-3-70b', aliases: [] });
+    expect(created.statusCode, created.body).toBe(200);
+    expect(created.headers.location).toBe('/api/v1/models/meta-llama%2Fllama-3-70b');
+    const got = await api('GET', '/models/meta-llama%2Fllama-3-70b', user.headers);
+    expect(got.statusCode, got.body).toBe(200);
+    expect(got.json<ModelBody>().id).toBe('meta-llama/llama-3-70b');
+    expect((await api('DELETE', '/models/meta-llama%2Fllama-3-70b', admin)).statusCode).toBe(200);
+  });
+
+  it('refuses a custom model for a provider that does not exist (404)', async () => {
+    const response = await api('POST', '/models', admin, { ...CUSTOM, id: 'orphan', provider: 'nowhere' });
+    expect(response.statusCode).toBe(404);
+    expect(response.json()).toEqual({ detail: 'Provider nowhere not found' });
+  });
+
+  it('disables a built-in model and overrides its price; include_disabled shows it', async () => {
+    const patched = await api('PATCH', '/models/gpt-4.1-mini', admin, { enabled: false, pricing: { input_cost_per_million_tokens: '0.1', output_cost_per_million_tokens: '0.2' } });
+    expect(patched.statusCode, patched.body).toBe(200);
+    expect(patched.json()).toMatchObject({ id: 'gpt-4.1-mini', enabled: false, name: BUILTIN.name, pricing: { input_cost_per_million_tokens: '0.1', output_cost_per_million_tokens: '0.2' } });
+    expect((await allModels(user.headers)).data.map((m) => m.id)).not.toContain('gpt-4.1-mini');
+    const all = await allModels(user.headers, '&include_disabled=true');
+    expect(all.data.find((m) => m.id === 'gpt-4.1-mini')?.enabled).toBe(false);
+    expect((await api('GET', '/models/gpt-4.1-mini', user.headers)).json<ModelBody>().enabled).toBe(false);
+    // A second POST of an overridden built-in: it exists.
+    expect((await api('POST', '/models', admin, { id: 'gpt-4.1-mini' })).statusCode).toBe(409);
+  });
+
+  it('hides a deleted built-in until it is created again (its overrides reset)', async () => {
+    const id = 'gpt-4.1-nano';
+    expect((await api('PATCH', `/models/${id}`, admin, { priority: 999 })).statusCode).toBe(200);
+    expect((await api('DELETE', `/models/${id}`, admin)).statusCode).toBe(200);
+    expect((await api('GET', `/models/${id}`, user.headers)).statusCode).toBe(404);
+    expect((await allModels(user.headers, '&include_disabled=true')).data.map((m) => m.id)).not.toContain(id);
+    expect((await api('PATCH', `/models/${id}`, admin, { enabled: true })).statusCode).toBe(404);
+
+    const restored = await api('POST', '/models', admin, { id });
+    expect(restored.statusCode, restored.body).toBe(200);
+    expect(restored.json<ModelBody>().priority).toBe(loadBuiltinModels().find((m) => m.id === id)!.priority);
+  });
+});

@@ -1,0 +1,148 @@
+import { eq } from 'drizzle-orm';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { providers } from '../../src/models/index.js';
+
+import { useTestApp } from '../helpers/app.js';
+import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { apiOf, createKey, expectValidationError, type ListBody, UUID, xApiKey } from '../helpers/http.js';
+
+const ctx = useTestApp();
+const api = apiOf(ctx);
+
+interface ProviderBody {
+  id: string;
+  name: string;
+  kind: string;
+  base_url: string | null;
+  has_api_key: boolean;
+  header_names: string[];
+  enabled: boolean;
+}
+
+const PROVIDER_FIELDS = ['base_url', 'created_at', 'enabled', 'has_api_key', 'header_names', 'id', 'kind', 'name', 'updated_at'];
+const API_KEY = 'sk-fake-upstream-secret-0123456789';
+const HEADER_VALUE = 'header-secret-value-9876';
+
+let admin: Record<string, string>;
+let user: TestUser;
+let fake: FakeModelServer;
+
+beforeAll(async () => {
+  admin = await superuserHeaders(ctx.app);
+  user = await createUser(ctx.app);
+  fake = await FakeModelServer.start();
+});
+afterAll(async () => {
+  await fake.close();
+});
+
+async function createProvider(body: Record<string, unknown>): Promise<ProviderBody> {
+  const response = await api('POST', '/providers', admin, body);
+  expect(response.statusCode, response.body).toBe(200);
+  return response.json<ProviderBody>();
+}
+
+describe('/providers', () => {
+  it('is for superusers only: 401, 403 for users and scoped keys', async () => {
+    expect((await api('GET', '/providers')).statusCode).toBe(401);
+    expect((await api('GET', '/providers', user.headers)).statusCode).toBe(403);
+    expect((await api('POST', '/providers', user.headers, { name: 'x', kind: 'openai' })).statusCode).toBe(403);
+    const project = await createProject(ctx.app, admin);
+    const scoped = await createKey(ctx.app, { headers: admin }, { name: 'scoped', project_id: project.id });
+    expect((await api('GET', '/providers', xApiKey(scoped.key))).statusCode).toBe(403);
+    const unscoped = await createKey(ctx.app, { headers: admin }, { name: 'admin key' });
+    expect((await api('GET', '/providers', xApiKey(unscoped.key))).statusCode).toBe(200);
+  });
+
+  it('refuses bad bodies with 422', async () => {
+    expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', token: 'a' }), ['body', 'token'], 'extra_forbidden');
+    expectValidationError(await api('POST', '/providers', admin, { name: 'local', kind: 'openai-compatible' }), ['body', 'base_url']);
+    expectValidationError(await api('POST', '/providers', admin, { name: 'Bad Name', kind: 'openai' }), ['body', 'name']);
+    expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'mistral' }), ['body', 'kind']);
+    expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', base_url: 'ftp://example.com' }), ['body', 'base_url']);
+    expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'bad header': 'v' } }), ['body', 'headers', 'bad header']);
+  });
+
+  it('keeps the API key and headers sealed: never in an answer, never in clear in the table', async () => {
+    const created = await createProvider({ name: 'sealed', kind: 'openai', api_key: API_KEY, headers: { 'X-Org': HEADER_VALUE } });
+    expect(Object.keys(created).sort()).toEqual(PROVIDER_FIELDS);
+    expect(created).toMatchObject({ name: 'sealed', kind: 'openai', base_url: null, has_api_key: true, header_names: ['X-Org'], enabled: true });
+    expect(created.id).toMatch(UUID);
+
+    const answers = [
+      await api('GET', '/providers', admin),
+      await api('GET', `/providers/${created.id}`, admin),
+      await api('PATCH', `/providers/${created.id}`, admin, { enabled: true }),
+    ];
+    for (const response of answers) {
+      expect(response.statusCode).toBe(200);
+      expect(response.body).not.toContain(API_KEY);
+      expect(response.body).not.toContain(HEADER_VALUE);
+    }
+    expect(answers[0]!.json<ListBody<ProviderBody>>().data.map((p) => p.name)).toContain('sealed');
+
+    const [row] = await ctx.database.db.select().from(providers).where(eq(providers.id, created.id));
+    const stored = JSON.stringify(row);
+    expect(stored).not.toContain(API_KEY);
+    expect(stored).not.toContain(HEADER_VALUE);
+    expect(row!.api_key_sealed).toMatch(/^v1\./);
+
+    // A sealed secret is bound to its row: copied onto another row it does not open.
+    const other = await createProvider({ name: 'sealed-copy', kind: 'openai' });
+    await ctx.database.db.update(providers).set({ api_key_sealed: row!.api_key_sealed }).where(eq(providers.id, other.id));
+    const copied = await api('PATCH', `/providers/${other.id}`, admin, { enabled: false });
+    expect(copied.json<ProviderBody>().has_api_key).toBe(true);
+    await api('POST', '/models', admin, { id: 'copy-model', provider: 'sealed-copy', pricing: { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' } });
+    await api('PATCH', `/providers/${other.id}`, admin, { enabled: true });
+    expect(ctx.app.models.getModel('copy-model')).toMatchObject({ available: false, unavailable_reason: 'Provider sealed-copy has no api_key' });
+  });
+
+  it('answers 409 for a taken name, 404 for a missing id; null clears the key; delete removes', async () => {
+    const created = await createProvider({ name: 'dup', kind: 'anthropic', api_key: 'k' });
+    expect((await api('POST', '/providers', admin, { name: 'dup', kind: 'openai' })).statusCode).toBe(409);
+    const cleared = await api('PATCH', `/providers/${created.id}`, admin, { api_key: null });
+    expect(cleared.json()).toMatchObject({ has_api_key: false });
+    expect((await api('PATCH', `/providers/${created.id}`, admin, { name: 'renamed' })).statusCode).toBe(422);
+    expect((await api('DELETE', `/providers/${created.id}`, admin)).statusCode).toBe(200);
+    expect((await api('GET', `/providers/${created.id}`, admin)).statusCode).toBe(404);
+    expect((await api('DELETE', `/providers/${created.id}`, admin)).statusCode).toBe(404);
+  });
+
+  it('a record named like a built-in provider supplies its credentials: its models become available', async () => {
+    expect(ctx.app.models.getModel('gpt-4.1')).toMatchObject({ available: false, unavailable_reason: 'OPENAI_API_KEY is not set' });
+    const record = await createProvider({ name: 'openai', kind: 'openai', api_key: API_KEY });
+    expect(ctx.app.models.getModel('gpt-4.1')).toMatchObject({ available: true, unavailable_reason: null });
+    const model = await api('GET', '/models/gpt-4.1', user.headers);
+    expect(model.json()).toMatchObject({ available: true });
+    await api('DELETE', `/providers/${record.id}`, admin);
+    expect(ctx.app.models.getModel('gpt-4.1')?.available).toBe(false);
+  });
+
+  it('an openai-compatible provider and a custom model added at run time answer through app.models.chat', async () => {
+    const provider = await createProvider({ name: 'fake', kind: 'openai-compatible', base_url: fake.url, api_key: API_KEY, headers: { 'X-Org': HEADER_VALUE } });
+    const model = await api('POST', '/models', admin, {
+      id: 'fake-chat',
+      provider: 'fake',
+      aliases: ['fake-latest'],
+      pricing: { input_cost_per_million_tokens: '2', output_cost_per_million_tokens: '8' },
+    });
+    expect(model.statusCode, model.body).toBe(200);
+    expect(model.json()).toMatchObject({ provider: 'fake', available: true, unavailable_reason: null });
+
+    fake.script('fake-chat', { text: 'Hi from upstream', usage: { prompt_tokens: 100, completion_tokens: 50 } });
+    const result = await ctx.app.models.chat({ model: 'fake-latest', messages: [{ role: 'user', content: 'hello' }] });
+    expect(result).toMatchObject({ text: 'Hi from upstream', model: 'fake-chat', provider: 'fake' });
+    // 100 × 2 + 50 × 8 = 600 per million.
+    expect(result.cost).toBe('0.0006');
+    const [sent] = fake.requestsFor('fake-chat');
+    expect(sent?.headers.authorization).toBe(`Bearer ${API_KEY}`);
+    expect(sent?.headers['x-org']).toBe(HEADER_VALUE);
+
+    // Disabled provider: the model stays listed, unavailable, and a call names why.
+    await api('PATCH', `/providers/${provider.id}`, admin, { enabled: false });
+    expect(ctx.app.models.getModel('fake-chat')).toMatchObject({ available: false, unavailable_reason: 'Provider fake is disabled' });
+    await expect(ctx.app.models.chat({ model: 'fake-chat', messages: [{ role: 'user', content: 'hello' }] })).rejects.toThrow('Provider fake is disabled');
+  });
+});
