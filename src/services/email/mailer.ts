@@ -26,8 +26,9 @@ export class Mailer {
     this.queue
       .add('send-email', { to, subject: email.subject, html: email.html, text: email.text })
       .then(
-        () => logger.info({ subject: email.subject }, 'email queued'),
-        (error: unknown) => logger.error({ err: error, subject: email.subject }, 'email could not be queued'),
+        // Subjects name the recipient's address: they stay out of the logs.
+        () => logger.info('email queued'),
+        (error: unknown) => logger.error({ err: error }, 'email could not be queued'),
       );
   }
 }
@@ -51,7 +52,7 @@ export function emailJobs(settings: Settings, logger: Logger): JobHandlers {
   return {
     'send-email': async ({ to, subject, html, text }) => {
       await transport.sendMail({ from, to, subject, html, text });
-      logger.info({ subject }, 'email sent');
+      logger.info('email sent');
     },
   };
 }
