@@ -31,6 +31,13 @@ export class UnauthorizedError extends HttpError {
   }
 }
 
+/** 402: a metered call or a spend cap the balance (or the key's budget) cannot cover. */
+export class PaymentRequiredError extends HttpError {
+  constructor(detail = 'Not enough credits') {
+    super(402, detail);
+  }
+}
+
 export class ForbiddenError extends HttpError {
   constructor(detail = 'Not enough privileges') {
     super(403, detail);
