@@ -88,6 +88,10 @@ export const SettingsSchema = z.object({
   RATE_LIMIT_WINDOW_SECONDS: int(1, 86_400).default(60),
   MAX_PROJECTS_PER_USER: int(1, 1_000_000).default(100),
   MAX_API_KEYS_PER_USER: int(1, 1_000_000).default(100),
+  MAX_AGENTS_PER_USER: int(1, 1_000_000).default(100),
+  MAX_THREADS_PER_USER: int(1, 10_000_000).default(10_000),
+  /** Longest `content` of a message a client posts or edits, in characters (UTF-16 code units). */
+  MAX_MESSAGE_CHARS: int(1, 100_000_000).default(100_000),
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(10_000),
   /** Unset: 5000 outside `local`, 0 in it (see drainMs in server.ts). */
   SHUTDOWN_DRAIN_MS: z.preprocess(emptyAsUndefined, int(0, 600_000).optional()),

@@ -56,6 +56,20 @@ export class ConflictError extends HttpError {
   }
 }
 
+/**
+ * 422 in the validation shape (`{detail: [{loc, msg, type}]}`) for what a schema cannot check:
+ * rules that need the database or the model catalog (an unknown model, a cursor of another thread).
+ */
+export class UnprocessableError extends HttpError {
+  readonly issues: ValidationIssue[];
+
+  constructor(issues: ValidationIssue | ValidationIssue[]) {
+    const list = Array.isArray(issues) ? issues : [issues];
+    super(422, list.map((issue) => issue.msg).join('; '));
+    this.issues = list;
+  }
+}
+
 export class TooManyRequestsError extends HttpError {
   constructor(retryAfterSeconds: number, detail = 'Too many requests, try again later') {
     super(429, detail, { 'retry-after': String(Math.max(1, Math.ceil(retryAfterSeconds))) });
@@ -213,6 +227,7 @@ export function registerErrorHandler(app: FastifyInstance): void {
   });
 
   app.setErrorHandler((error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
+    if (error instanceof UnprocessableError) return send(reply, 422, { detail: error.issues });
     if (error instanceof HttpError) {
       return send(reply, error.statusCode, { detail: error.detail }, error.headers);
     }

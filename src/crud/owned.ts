@@ -1,5 +1,5 @@
 import { and, count, desc, eq, getTableColumns, getTableName, type SQL, sql } from 'drizzle-orm';
-import type { AnyPgColumn, PgTable } from 'drizzle-orm/pg-core';
+import type { AnyPgColumn, PgColumn, PgTable } from 'drizzle-orm/pg-core';
 
 import type { Db } from '../core/db.js';
 
@@ -17,6 +17,50 @@ export function isEmptyChange(values: object): boolean {
   return Object.values(values).every((value) => value === undefined);
 }
 
+/** Row locks a transaction can take on a row it reads (`select … for <strength>`). */
+export type LockStrength = 'update' | 'no key update' | 'share' | 'key share';
+
+/**
+ * The equality filters of a list query: `{project_id: column}` and the query's values give
+ * `project_id = $1 and …` for the values present (undefined: no filter).
+ */
+export function matching(columns: Record<string, PgColumn>, values: Record<string, unknown>): SQL | undefined {
+  const conditions = Object.entries(columns)
+    .filter(([name]) => values[name] !== undefined)
+    .map(([name, column]) => eq(column, values[name]));
+  return conditions.length ? and(...conditions) : undefined;
+}
+
+export async function countWhere(db: Db, table: PgTable, where?: SQL): Promise<number> {
+  const [row] = await db.select({ value: count() }).from(table).where(where);
+  return row?.value ?? 0;
+}
+
+/** `select count(*)` of at most `upTo` rows: enough to compare with a limit, without counting past it. */
+export async function countUpTo(db: Db, table: PgTable, where: SQL | undefined, upTo: number): Promise<number> {
+  const capped = db.select({ one: sql`1` }).from(table).where(where).limit(upTo).as('capped');
+  const [row] = await db.select({ value: count() }).from(capped);
+  return row?.value ?? 0;
+}
+
+/**
+ * One page of `table`'s rows matching `where`, in `order`, and their total — from `count(*) over ()`,
+ * so one query unless the page is past the end.
+ */
+export async function pageOf<Row>(db: Db, table: PgTable, where: SQL | undefined, order: SQL[], page: Page): Promise<PageOf<Row>> {
+  const rows = await db
+    .select({ ...getTableColumns(table), total: sql<number>`count(*) over ()`.mapWith(Number) })
+    .from(table)
+    .where(where)
+    .orderBy(...order)
+    .limit(page.limit)
+    .offset(page.offset);
+  const data = rows.map(({ total: _total, ...row }) => row as unknown as Row);
+  // A page past the end has no row to carry the total: only then is it counted apart.
+  const total = rows[0]?.total ?? (page.offset > 0 ? await countWhere(db, table, where) : 0);
+  return { data, count: total };
+}
+
 export interface OwnedCrud<Row extends { id: string }, New> {
   readonly table: OwnedTable;
   readonly policy: AccessPolicy<Row>;
@@ -24,11 +68,16 @@ export interface OwnedCrud<Row extends { id: string }, New> {
   getById: (db: Db, id: string) => Promise<Row | undefined>;
   /** The row if the caller may `action` on it; otherwise 404, as if it did not exist (403 for a refused scoped key). */
   getVisible: (db: Db, principal: Principal, id: string, action?: Action) => Promise<Row>;
-  /** The caller's rows, newest first (ties by id), and their total. */
-  list: (db: Db, principal: Principal, page: Page) => Promise<PageOf<Row>>;
+  /**
+   * Inside a transaction: the row, locked, if the caller may `action` on it (404 otherwise). What a
+   * change that reads before it writes (versions, a thread's status) holds until it commits.
+   */
+  lockVisible: (db: Db, principal: Principal, id: string, action: Action, strength: LockStrength) => Promise<Row>;
+  /** The caller's rows (narrowed by `where`: a list's filters), newest first (ties by id), and their total. */
+  list: (db: Db, principal: Principal, page: Page, where?: SQL) => Promise<PageOf<Row>>;
   count: (db: Db, where?: SQL) => Promise<number>;
-  /** The user's rows (narrowed by `where`): what a per-user limit counts. */
-  countOwnedBy: (db: Db, ownerId: string, where?: SQL) => Promise<number>;
+  /** The user's rows (narrowed by `where`): what a per-user limit counts; with `upTo`, no further than that. */
+  countOwnedBy: (db: Db, ownerId: string, where?: SQL, upTo?: number) => Promise<number>;
   create: (db: Db, values: New) => Promise<Row>;
   /** One `UPDATE … WHERE id AND <visible> RETURNING *`: no row (missing, not the caller's, deleted meanwhile) → 404. */
   update: (db: Db, principal: Principal, id: string, values: Partial<New>) => Promise<Row>;
@@ -51,12 +100,6 @@ export function ownedCrud<Row extends { id: string }, New>(table: OwnedTable, po
       .prepare(name),
   );
   const getById = batchedById<Row>(async (db, ids) => (await byIds(db).execute({ ids })) as unknown as Row[]);
-  const columns = getTableColumns(t);
-
-  async function countWhere(db: Db, where?: SQL): Promise<number> {
-    const [row] = await db.select({ value: count() }).from(t).where(where);
-    return row?.value ?? 0;
-  }
 
   return {
     table,
@@ -67,24 +110,26 @@ export function ownedCrud<Row extends { id: string }, New>(table: OwnedTable, po
       return policy.check(principal, await getById(db, id), action);
     },
 
-    async list(db, principal, page) {
-      const where = policy.where(principal, 'read');
-      const rows = await db
-        .select({ ...columns, total: sql<number>`count(*) over ()`.mapWith(Number) })
+    async lockVisible(db, principal, id, action, strength) {
+      const [row] = await db
+        .select()
         .from(t)
-        .where(where)
-        .orderBy(desc(t.created_at), desc(t.id))
-        .limit(page.limit)
-        .offset(page.offset);
-      const data = rows.map(({ total: _total, ...row }) => row as unknown as Row);
-      // A page past the end has no row to carry the total: only then is it counted apart.
-      const total = rows[0]?.total ?? (page.offset > 0 ? await countWhere(db, where) : 0);
-      return { data, count: total };
+        .where(and(eq(t.id, id), policy.where(principal, action)))
+        .for(strength);
+      if (!row) throw policy.notFound();
+      return row as unknown as Row;
     },
 
-    count: countWhere,
+    async list(db, principal, page, filter) {
+      return pageOf<Row>(db, t, and(policy.where(principal, 'read'), filter), [desc(t.created_at), desc(t.id)], page);
+    },
 
-    countOwnedBy: (db, ownerId, where) => countWhere(db, and(eq(policy.ownerColumn, ownerId), where)),
+    count: (db, where) => countWhere(db, t, where),
+
+    countOwnedBy: (db, ownerId, where, upTo) => {
+      const owned = and(eq(policy.ownerColumn, ownerId), where);
+      return upTo === undefined ? countWhere(db, t, owned) : countUpTo(db, t, owned, upTo);
+    },
 
     async create(db, values) {
       const [row] = await db

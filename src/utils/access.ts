@@ -39,6 +39,12 @@ export interface AccessPolicy<Row> {
   check(principal: Principal, row: Row | undefined, action: Action): Row;
   /** Refuses (403) a scoped key that may not create here, or whose project is not `projectId`. */
   checkCreate(principal: Principal, projectId: string | null): void;
+  /**
+   * The project a new row goes into: the one asked for, or — when the client left it out — a
+   * scoped key's own project (null for other callers); checked as `checkCreate` does. Also the
+   * check of a row moved to another project (`project_id` in a change).
+   */
+  projectForCreate(principal: Principal, requested: string | null | undefined): string | null;
 }
 
 export const SCOPED_KEY_REFUSED = 'This API key is limited to one project';
@@ -115,6 +121,12 @@ export function definePolicy<Row>(options: PolicyOptions<Row>): AccessPolicy<Row
       const scope = scopeOf(principal, 'write');
       // A scoped key creates only in its project, and never a project itself (it is not in one).
       if (scope !== null && (project === null || projectId !== scope)) refuseScopedKey(principal);
+    },
+
+    projectForCreate(principal, requested) {
+      const projectId = requested === undefined ? principal.scopeProjectId : requested;
+      this.checkCreate(principal, projectId);
+      return projectId;
     },
   };
 }
