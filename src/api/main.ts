@@ -1,10 +1,12 @@
 import type { FastifyInstance, RouteOptions } from 'fastify';
 
+import { agentsRouter } from '../routers/agents.js';
 import { apiKeysRouter } from '../routers/api-keys.js';
 import { loginRouter } from '../routers/login.js';
 import { modelsRouter } from '../routers/models.js';
 import { projectsRouter } from '../routers/projects.js';
 import { providersRouter } from '../routers/providers.js';
+import { threadsRouter } from '../routers/threads.js';
 import { usersRouter } from '../routers/users.js';
 
 export const API_PREFIX = '/api/v1';
@@ -31,6 +33,8 @@ export async function registerApi(app: FastifyInstance): Promise<void> {
       await api.register(projectsRouter);
       await api.register(modelsRouter);
       await api.register(providersRouter);
+      await api.register(agentsRouter);
+      await api.register(threadsRouter);
     },
     { prefix: API_PREFIX },
   );

@@ -129,6 +129,9 @@ function describeIssue(code: string, params: Record<string, unknown>, message: s
       return { type: `${typeof params.format === 'string' ? params.format : 'string'}_parsing`, ...own };
     case 'invalid_value':
       return { type: 'enum', ...own };
+    // A schema's own rule (a refinement), as pydantic names a validator's error.
+    case 'custom':
+      return { type: 'value_error', ...own };
     default:
       return { type: code, ...own };
   }

@@ -35,3 +35,13 @@ export async function stats(db: Db, id: string): Promise<{ api_keys: number; act
     .where(eq(apiKeys.project_id, id));
   return { api_keys: row?.api_keys ?? 0, active_api_keys: row?.active_api_keys ?? 0 };
 }
+
+/**
+ * The caller's own project, for a row that goes into it (a key, an agent, a thread): another
+ * user's project answers 404, as a missing one does — even to a superuser, whose rows stay theirs.
+ */
+export async function requireOwnProject(db: Db, ownerId: string, projectId: string): Promise<Project> {
+  const project = await projectCrud.getById(db, projectId);
+  if (!project || project.owner_id !== ownerId) throw projectPolicy.notFound();
+  return project;
+}

@@ -44,3 +44,36 @@ export const authErrors = { 401: ErrorBody, 403: ErrorBody, 422: ValidationError
 
 export const Password = z.string().min(8).max(128);
 export const Email = z.email().max(255);
+
+// ==================== Bounded client data ====================
+
+/** Bounds of a `metadata` object: its JSON size in bytes, how deep it nests, how long a key is. */
+export const METADATA_MAX_BYTES = 16_384;
+export const METADATA_MAX_DEPTH = 5;
+export const METADATA_MAX_KEY_LENGTH = 255;
+
+/** How deep a JSON value nests: a scalar 0, `{}` or `[]` 1, `{"a": {}}` 2. */
+function depthOf(value: unknown): number {
+  if (value === null || typeof value !== 'object') return 0;
+  const children = Array.isArray(value) ? value : Object.values(value);
+  return 1 + children.reduce<number>((deepest, child) => Math.max(deepest, depthOf(child)), 0);
+}
+
+/** A client's free-form JSON object, bounded in size and depth (a client sends nothing unbounded). */
+export const Metadata = z
+  .record(z.string().max(METADATA_MAX_KEY_LENGTH), z.unknown())
+  .superRefine((value, ctx) => {
+    const bytes = Buffer.byteLength(JSON.stringify(value));
+    if (bytes > METADATA_MAX_BYTES) ctx.addIssue({ code: 'custom', message: `Metadata is ${bytes} bytes as JSON; at most ${METADATA_MAX_BYTES} are kept` });
+    else if (depthOf(value) > METADATA_MAX_DEPTH) ctx.addIssue({ code: 'custom', message: `Metadata nests deeper than ${METADATA_MAX_DEPTH} levels` });
+  })
+  .meta({
+    id: 'Metadata',
+    description: `A JSON object of the client's own: at most ${METADATA_MAX_BYTES} bytes as JSON, ${METADATA_MAX_DEPTH} levels deep, keys of at most ${METADATA_MAX_KEY_LENGTH} characters.`,
+  });
+
+/** Labels: up to 32 of up to 64 characters each; repeats are dropped. */
+export const Tags = z
+  .array(z.string().trim().min(1).max(64))
+  .max(32)
+  .overwrite((tags) => [...new Set(tags)]);

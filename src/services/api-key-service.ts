@@ -8,7 +8,7 @@ import type { ApiKeyCreate, ApiKeyUpdate } from '../schemas/api-key.js';
 
 import { apiKeyCrud, apiKeyPolicy, countActiveByOwner } from '../crud/api-key.js';
 import type { Page } from '../crud/page.js';
-import { projectCrud } from '../crud/project.js';
+import { requireOwnProject } from '../crud/project.js';
 import type { ServiceContext } from './context.js';
 import { createWithinLimit } from './limits.js';
 
@@ -34,11 +34,8 @@ export async function create(ctx: ServiceContext, input: ApiKeyCreate): Promise<
   const { principal, settings } = ctx;
   apiKeyPolicy.checkCreate(principal, input.project_id ?? null);
   const ownerId = principal.user.id;
-  if (input.project_id) {
-    // Keys are personal: only a project of the caller's own, even for a superuser.
-    const project = await projectCrud.getById(ctx.db, input.project_id);
-    if (!project || project.owner_id !== ownerId) throw projectCrud.policy.notFound();
-  }
+  // Keys are personal: only a project of the caller's own, even for a superuser.
+  if (input.project_id) await requireOwnProject(ctx.db, ownerId, input.project_id);
   if (input.expires_at && input.expires_at.getTime() <= Date.now()) {
     throw new BadRequestError('expires_at must be in the future');
   }

@@ -4,6 +4,7 @@ import type { Settings } from '../core/config.js';
 import type { Db } from '../core/db.js';
 import type { Logger } from '../core/logger.js';
 
+import type { ModelManager } from '../modules/ai-models/index.js';
 import type { Principal } from '../utils/authentication.js';
 
 /** What every service call of an authenticated request works with, passed as one object. */
@@ -12,9 +13,11 @@ export interface ServiceContext {
   settings: Settings;
   log: Logger;
   principal: Principal;
+  /** The app's one model manager (the catalog a model name is checked against). */
+  models: ModelManager;
 }
 
 export function contextOf(request: FastifyRequest): ServiceContext {
-  const { db, settings } = request.server;
-  return { db, settings, log: request.log, principal: request.principal };
+  const { db, settings, models } = request.server;
+  return { db, settings, log: request.log, principal: request.principal, models };
 }

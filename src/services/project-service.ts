@@ -5,7 +5,8 @@ import type { Project } from '../models/index.js';
 import type { ProjectCreate, ProjectUpdate } from '../schemas/project.js';
 
 import type { Page } from '../crud/page.js';
-import { projectCrud, projectPolicy, stats as projectStats } from '../crud/project.js';
+import { projectCrud, projectPolicy, requireOwnProject, stats as projectStats } from '../crud/project.js';
+import type { AccessPolicy } from '../utils/access.js';
 import type { ServiceContext } from './context.js';
 import { createWithinLimit } from './limits.js';
 
@@ -35,4 +36,15 @@ export function remove(ctx: ServiceContext, id: string): Promise<void> {
 export async function stats(ctx: ServiceContext, id: string) {
   const project = await get(ctx, id);
   return { project_id: project.id, ...(await projectStats(ctx.db, project.id)) };
+}
+
+/**
+ * The project a row of `ownerId` goes into (creation) or moves to (a change naming `project_id`):
+ * left out at creation, a scoped key's own; checked against the key's project (403) and the
+ * owner's projects (404 for another user's, as for a missing one).
+ */
+export async function placeInProject<Row>(ctx: ServiceContext, policy: AccessPolicy<Row>, ownerId: string, requested: string | null | undefined): Promise<string | null> {
+  const projectId = policy.projectForCreate(ctx.principal, requested);
+  if (projectId !== null) await requireOwnProject(ctx.db, ownerId, projectId);
+  return projectId;
 }

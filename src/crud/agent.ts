@@ -1,0 +1,51 @@
+import { and, eq, ne } from 'drizzle-orm';
+
+import type { Db } from '../core/db.js';
+import { constraintAnswers } from '../core/error-mapping.js';
+
+import { type Agent, type AgentVersion, agents, agentVersions, type NewAgent, type NewAgentVersion } from '../models/index.js';
+
+import { definePolicy } from '../utils/access.js';
+import { childCrud } from './child.js';
+import { ownedCrud } from './owned.js';
+
+/**
+ * Agents: their owner's (or any superuser's). A project-scoped key reads its project's agents and
+ * the account's agents that have no project, and changes or creates only its project's.
+ */
+export const agentPolicy = definePolicy<Agent>({
+  noun: 'Agent',
+  owner: agents.owner_id,
+  project: agents.project_id,
+  scopedKey: 'write',
+  scopedKeyReadsUnassigned: true,
+  superuserSeesAll: true,
+});
+
+export const agentCrud = ownedCrud<Agent, NewAgent>(agents, agentPolicy);
+
+/** An agent's versions, newest first, addressed by number. */
+export const versionCrud = childCrud<AgentVersion, NewAgentVersion>(agentVersions, {
+  noun: 'Agent version',
+  parent: agentVersions.agent_id,
+  order: agentVersions.version,
+  direction: 'desc',
+  key: agentVersions.version,
+});
+
+constraintAnswers({
+  // The project was deleted between the check and the write: as if it had been missing all along.
+  agents_project_id_projects_id_fk: { status: 404, detail: 'Project not found' },
+  // Default changes lock the owner's row first, so only a write outside them can meet this.
+  ux_agents_owner_id_default: { status: 409, detail: 'Another agent of this user became the default at the same time; try again' },
+});
+
+/** Makes every other agent of the owner not the default (before one becomes it, in the same transaction). */
+export async function clearDefault(db: Db, ownerId: string, exceptId: string | null): Promise<void> {
+  const others = exceptId === null ? undefined : ne(agents.id, exceptId);
+  await db
+    .update(agents)
+    .set({ is_default: false })
+    .where(and(eq(agents.owner_id, ownerId), eq(agents.is_default, true), others));
+}
+

@@ -1,0 +1,41 @@
+import { sql } from 'drizzle-orm';
+
+import type { Db } from '../core/db.js';
+import { constraintAnswers } from '../core/error-mapping.js';
+
+import { type Message, messages, type NewMessage, type NewThread, type Thread, threads } from '../models/index.js';
+
+import { definePolicy } from '../utils/access.js';
+import { childCrud } from './child.js';
+import { ownedCrud } from './owned.js';
+
+/** Threads: their owner's (or any superuser's); a project-scoped key reads and writes its project's. */
+export const threadPolicy = definePolicy<Thread>({
+  noun: 'Thread',
+  owner: threads.owner_id,
+  project: threads.project_id,
+  scopedKey: 'write',
+  superuserSeesAll: true,
+});
+
+export const threadCrud = ownedCrud<Thread, NewThread>(threads, threadPolicy);
+
+/** A thread's messages in creation order (`seq`), addressed by id; visibility is the thread's. */
+export const messageCrud = childCrud<Message, NewMessage>(messages, {
+  noun: 'Message',
+  parent: messages.thread_id,
+  order: messages.seq,
+});
+
+constraintAnswers({ threads_project_id_projects_id_fk: { status: 404, detail: 'Project not found' } });
+
+/**
+ * Appends a message to a thread whose row the caller's transaction has locked (`no key update`):
+ * the lock makes `seq` the next number of the thread, so creation order is the list order and a
+ * cursor never skips a message committed late.
+ */
+export async function appendMessage(tx: Db, values: Omit<NewMessage, 'seq'>): Promise<Message> {
+  const next = sql`(select coalesce(max(${messages.seq}), 0) + 1 from ${messages} where ${messages.thread_id} = ${values.thread_id})`;
+  return messageCrud.create(tx, { ...values, seq: next as unknown as number });
+}
+

@@ -1,0 +1,65 @@
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+
+import { authErrors, ErrorBody, listOf, Pagination } from '../schemas/common.js';
+import { AgentCreate, AgentIdParams, AgentListQuery, AgentPublic, AgentUpdate, AgentVersionParams, AgentVersionPublic } from '../schemas/agent.js';
+
+import { contextOf } from '../services/context.js';
+import * as agentService from '../services/agent-service.js';
+import { requireUser } from '../utils/authentication.js';
+import { registerOwnedRoutes } from './owned-routes.js';
+
+const tags = ['agents'];
+
+/** Agents on the resource kit, and their numbered versions. */
+export const agentsRouter: FastifyPluginAsyncZod = async (app) => {
+  app.addHook('onRequest', requireUser);
+
+  registerOwnedRoutes(app, {
+    noun: 'Agent',
+    path: '/agents',
+    idParam: 'agent_id',
+    tags,
+    schemas: { create: AgentCreate, update: AgentUpdate, public: AgentPublic },
+    service: agentService,
+    listQuery: AgentListQuery,
+    createErrors: [404, 409],
+    errors: { update: [409] },
+    descriptions: {
+      list: 'Newest first; `?project_id=` lists one project\'s agents.',
+      create: '`model` must name an enabled chat model of the catalog (422 otherwise); `tools` only known tools. The agent starts at version 1.',
+      update: 'A change to what the agent does (system prompt, model, temperature, max output tokens, tools, knowledge) makes a new version; name, description, project, tags, metadata and `is_default` do not.',
+    },
+  });
+
+  // ==================== Versions ====================
+
+  app.get(
+    '/agents/:agent_id/versions',
+    {
+      schema: {
+        operationId: 'list_agent_versions',
+        summary: 'List Agent Versions',
+        description: 'Newest first.',
+        tags,
+        params: AgentIdParams,
+        querystring: Pagination,
+        response: { 200: listOf(AgentVersionPublic), 404: ErrorBody, ...authErrors },
+      },
+    },
+    async (request) => agentService.listVersions(contextOf(request), request.params.agent_id, request.query),
+  );
+
+  app.get(
+    '/agents/:agent_id/versions/:version',
+    {
+      schema: {
+        operationId: 'get_agent_version',
+        summary: 'Get Agent Version',
+        tags,
+        params: AgentVersionParams,
+        response: { 200: AgentVersionPublic, 404: ErrorBody, ...authErrors },
+      },
+    },
+    async (request) => agentService.getVersion(contextOf(request), request.params.agent_id, request.params.version),
+  );
+};

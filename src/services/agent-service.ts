@@ -1,0 +1,126 @@
+import { type Db, transaction } from '../core/db.js';
+import { UnprocessableError } from '../core/errors.js';
+
+import { type Agent, agents, type AgentVersion } from '../models/index.js';
+
+import type { AgentCreate, AgentListQuery, AgentUpdate } from '../schemas/agent.js';
+
+import { agentCrud, agentPolicy, clearDefault, versionCrud } from '../crud/agent.js';
+import type { CursorPage } from '../crud/child.js';
+import { matching } from '../crud/owned.js';
+import * as userCrud from '../crud/user.js';
+import type { ModelManager } from '../modules/ai-models/index.js';
+import { refuseScopedKey } from '../utils/access.js';
+import type { ServiceContext } from './context.js';
+import { createWithinLimit } from './limits.js';
+import { placeInProject } from './project-service.js';
+
+// ==================== Rules ====================
+
+/** What an agent does: a change to any of these makes a new version. */
+const BEHAVIOUR = ['system_prompt', 'model', 'temperature', 'max_output_tokens', 'tools', 'knowledge'] as const;
+type Behaviour = Pick<Agent, (typeof BEHAVIOUR)[number]>;
+
+/** The behaviour fields a change sets (undefined: left as they are). */
+const behaviourChanges = (input: AgentUpdate): Partial<Behaviour> => Object.fromEntries(BEHAVIOUR.filter((key) => input[key] !== undefined).map((key) => [key, input[key]]));
+
+function behaviourOf(row: Behaviour): Behaviour {
+  const { system_prompt, model, temperature, max_output_tokens, tools, knowledge } = row;
+  return { system_prompt, model, temperature, max_output_tokens, tools, knowledge: { folder_ids: knowledge.folder_ids, entry_ids: knowledge.entry_ids } };
+}
+
+const sameBehaviour = (a: Behaviour, b: Behaviour) => JSON.stringify(behaviourOf(a)) === JSON.stringify(behaviourOf(b));
+
+const versionOf = (agent: Agent) => ({ agent_id: agent.id, version: agent.version, ...behaviourOf(agent) });
+
+/**
+ * The catalog id of an enabled chat model named by id or alias; 422 naming the model otherwise.
+ * Whether its provider has credentials is not asked: they may be set after the agent is saved.
+ */
+function catalogModel(models: ModelManager, name: string): string {
+  const model = models.getModel(name);
+  const issue = (msg: string) => new UnprocessableError({ loc: ['body', 'model'], msg, type: 'value_error' });
+  if (!model) throw issue(`Unknown model ${JSON.stringify(name)}; GET /models lists the catalog`);
+  if (!model.enabled) throw issue(`Model ${JSON.stringify(model.id)} is disabled`);
+  if (!model.capabilities.includes('chat')) throw issue(`Model ${JSON.stringify(model.id)} cannot chat; an agent needs a chat model`);
+  return model.id;
+}
+
+/** The default agent is the account's: a project-scoped key may not change which agent it is (403). */
+function checkDefaultChange(ctx: ServiceContext, from: boolean, to: boolean | undefined): void {
+  if (to !== undefined && to !== from) refuseScopedKey(ctx.principal);
+}
+
+// ==================== Agents ====================
+
+export function get(ctx: ServiceContext, id: string): Promise<Agent> {
+  return agentCrud.getVisible(ctx.db, ctx.principal, id);
+}
+
+export function list(ctx: ServiceContext, query: AgentListQuery) {
+  return agentCrud.list(ctx.db, ctx.principal, query, matching({ project_id: agents.project_id }, query));
+}
+
+/** A new agent and its version 1, in one transaction; `is_default` takes the default from the previous one. */
+export async function create(ctx: ServiceContext, input: AgentCreate): Promise<Agent> {
+  const ownerId = ctx.principal.user.id;
+  const projectId = await placeInProject(ctx, agentPolicy, ownerId, input.project_id);
+  checkDefaultChange(ctx, false, input.is_default);
+  const model = catalogModel(ctx.models, input.model);
+  const limit = { what: 'Agent', max: ctx.settings.MAX_AGENTS_PER_USER, count: (tx: Db) => agentCrud.countOwnedBy(tx, ownerId) };
+  // The owner's row is locked (the limit) before any agent row: default changes take the same order.
+  const agent = await createWithinLimit(ctx.db, ownerId, limit, async (tx) => {
+    if (input.is_default) await clearDefault(tx, ownerId, null);
+    const row = await agentCrud.create(tx, { ...input, project_id: projectId, model, owner_id: ownerId, version: 1 });
+    await versionCrud.create(tx, versionOf(row));
+    return row;
+  });
+  ctx.log.info({ agentId: agent.id, projectId, model }, 'agent created');
+  return agent;
+}
+
+/**
+ * A change in one transaction: a change to what the agent does (prompt, model, parameters, tools,
+ * knowledge — values that differ, not fields merely sent) makes the next version; becoming the
+ * default unsets the previous default. The owner's row is locked first when the default changes,
+ * so concurrent changes of one user's default run one after the other and the last one wins.
+ */
+export async function update(ctx: ServiceContext, id: string, input: AgentUpdate): Promise<Agent> {
+  const { principal } = ctx;
+  const model = input.model === undefined ? undefined : catalogModel(ctx.models, input.model);
+  // The owner never changes: read without a lock, to lock the owner's row before the agent's.
+  const ownerId = input.is_default || input.project_id !== undefined ? (await agentCrud.getVisible(ctx.db, principal, id, 'write')).owner_id : null;
+  const projectId = input.project_id === undefined ? undefined : await placeInProject(ctx, agentPolicy, ownerId!, input.project_id);
+  return transaction(ctx.db, async (tx) => {
+    if (input.is_default) await userCrud.lockForUpdate(tx, ownerId!);
+    const current = await agentCrud.lockVisible(tx, principal, id, 'write', 'update');
+    checkDefaultChange(ctx, current.is_default, input.is_default);
+    const next = { ...behaviourOf(current), ...behaviourChanges(input), ...(model === undefined ? {} : { model }) };
+    const changed = !sameBehaviour(current, next);
+    if (input.is_default && !current.is_default) await clearDefault(tx, current.owner_id, current.id);
+    const row = await agentCrud.update(tx, principal, id, {
+      ...input,
+      ...(model === undefined ? {} : { model }),
+      ...(projectId === undefined ? {} : { project_id: projectId }),
+      ...(changed ? { version: current.version + 1 } : {}),
+    });
+    if (changed) await versionCrud.create(tx, versionOf(row));
+    return row;
+  });
+}
+
+export function remove(ctx: ServiceContext, id: string): Promise<void> {
+  return agentCrud.remove(ctx.db, ctx.principal, id);
+}
+
+// ==================== Versions ====================
+
+export async function listVersions(ctx: ServiceContext, agentId: string, page: CursorPage) {
+  const agent = await get(ctx, agentId);
+  return versionCrud.list(ctx.db, agent.id, page);
+}
+
+export async function getVersion(ctx: ServiceContext, agentId: string, version: number): Promise<AgentVersion> {
+  const agent = await get(ctx, agentId);
+  return versionCrud.getIn(ctx.db, agent.id, version);
+}

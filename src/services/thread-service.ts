@@ -1,0 +1,111 @@
+import { type Db, transaction } from '../core/db.js';
+import { ConflictError, UnprocessableError } from '../core/errors.js';
+
+import { type Message, type Thread, threads } from '../models/index.js';
+
+import type { MessageCreate, MessageListQuery, MessageUpdate, ThreadCreate, ThreadListQuery, ThreadUpdate } from '../schemas/thread.js';
+
+import { matching } from '../crud/owned.js';
+import { appendMessage, messageCrud, threadCrud, threadPolicy } from '../crud/thread.js';
+import type { ServiceContext } from './context.js';
+import { createWithinLimit } from './limits.js';
+import { placeInProject } from './project-service.js';
+
+const busy = () => new ConflictError('Thread is busy: a run is working on it; wait for the run to end or cancel it');
+
+// ==================== Threads ====================
+
+export function get(ctx: ServiceContext, id: string): Promise<Thread> {
+  return threadCrud.getVisible(ctx.db, ctx.principal, id);
+}
+
+export function list(ctx: ServiceContext, query: ThreadListQuery) {
+  return threadCrud.list(ctx.db, ctx.principal, query, matching({ project_id: threads.project_id, status: threads.status }, query));
+}
+
+export async function create(ctx: ServiceContext, input: ThreadCreate): Promise<Thread> {
+  const ownerId = ctx.principal.user.id;
+  const projectId = await placeInProject(ctx, threadPolicy, ownerId, input.project_id);
+  const max = ctx.settings.MAX_THREADS_PER_USER;
+  const limit = { what: 'Thread', max, count: (tx: Db) => threadCrud.countOwnedBy(tx, ownerId, undefined, max) };
+  return createWithinLimit(ctx.db, ownerId, limit, (tx) => threadCrud.create(tx, { ...input, project_id: projectId, owner_id: ownerId }));
+}
+
+/** Title, project and metadata; `status` belongs to runs. */
+export async function update(ctx: ServiceContext, id: string, input: ThreadUpdate): Promise<Thread> {
+  const { principal } = ctx;
+  if (input.project_id === undefined) return threadCrud.update(ctx.db, principal, id, input);
+  const { owner_id } = await threadCrud.getVisible(ctx.db, principal, id, 'write');
+  const projectId = await placeInProject(ctx, threadPolicy, owner_id, input.project_id);
+  return threadCrud.update(ctx.db, principal, id, { ...input, project_id: projectId });
+}
+
+/** A thread and its messages; not while a run works on it (409). */
+export async function remove(ctx: ServiceContext, id: string): Promise<void> {
+  await transaction(ctx.db, async (tx) => {
+    const thread = await threadCrud.lockVisible(tx, ctx.principal, id, 'write', 'update');
+    if (thread.status === 'busy') throw busy();
+    await threadCrud.remove(tx, ctx.principal, id);
+  });
+}
+
+// ==================== Messages ====================
+
+interface InThread {
+  thread_id: string;
+}
+
+/** The content a client sends: at most MAX_MESSAGE_CHARS characters (422, in the schema's words). */
+function checkContent(ctx: ServiceContext, content: string | undefined): void {
+  const max = ctx.settings.MAX_MESSAGE_CHARS;
+  if (content !== undefined && content.length > max) {
+    throw new UnprocessableError({ loc: ['body', 'content'], msg: `String should have at most ${max} characters`, type: 'string_too_long' });
+  }
+}
+
+/**
+ * Runs `work` on the thread, locked (`strength`) so that no run starts on it meanwhile, if the
+ * caller may write to it (404 otherwise) and no run works on it now (409).
+ */
+function withIdleThread<T>(ctx: ServiceContext, threadId: string, strength: 'no key update' | 'share', work: (tx: Db, thread: Thread) => Promise<T>): Promise<T> {
+  return transaction(ctx.db, async (tx) => {
+    const thread = await threadCrud.lockVisible(tx, ctx.principal, threadId, 'write', strength);
+    if (thread.status === 'busy') throw busy();
+    return work(tx, thread);
+  });
+}
+
+export async function listMessages(ctx: ServiceContext, query: MessageListQuery, { thread_id }: InThread) {
+  const thread = await get(ctx, thread_id);
+  return messageCrud.list(ctx.db, thread.id, query);
+}
+
+export async function getMessage(ctx: ServiceContext, id: string, { thread_id }: InThread): Promise<Message> {
+  const thread = await get(ctx, thread_id);
+  return messageCrud.getIn(ctx.db, thread.id, id);
+}
+
+/** A user message at the end of the thread (clients post user messages only). */
+export async function createMessage(ctx: ServiceContext, input: MessageCreate, { thread_id }: InThread): Promise<Message> {
+  checkContent(ctx, input.content);
+  // `no key update`: one writer appends at a time, so message numbers follow commit order.
+  return withIdleThread(ctx, thread_id, 'no key update', (tx, thread) => appendMessage(tx, { ...input, thread_id: thread.id }));
+}
+
+/** Metadata of any message; content of user messages only (the others are what a run recorded). */
+export async function updateMessage(ctx: ServiceContext, id: string, input: MessageUpdate, { thread_id }: InThread): Promise<Message> {
+  checkContent(ctx, input.content);
+  return withIdleThread(ctx, thread_id, 'share', async (tx, thread) => {
+    if (input.content !== undefined && (await messageCrud.getIn(tx, thread.id, id)).role !== 'user') {
+      throw new UnprocessableError({ loc: ['body', 'content'], msg: 'Only the content of user messages can be changed; assistant, system and tool messages are what a run recorded', type: 'value_error' });
+    }
+    return messageCrud.update(tx, thread.id, id, input);
+  });
+}
+
+export function removeMessage(ctx: ServiceContext, id: string, { thread_id }: InThread): Promise<void> {
+  return withIdleThread(ctx, thread_id, 'share', (tx, thread) => messageCrud.remove(tx, thread.id, id));
+}
+
+/** The five message operations, in the shape the route registrar takes. */
+export const messageService = { list: listMessages, get: getMessage, create: createMessage, update: updateMessage, remove: removeMessage };
