@@ -1,0 +1,244 @@
+import { randomUUID } from 'node:crypto';
+
+import { eq, sql } from 'drizzle-orm';
+import { describe, expect, it } from 'vitest';
+
+import { transaction } from '../../src/core/db.js';
+
+import { messages, threads } from '../../src/models/index.js';
+
+import { appendMessage } from '../../src/crud/thread.js';
+import { useTestApp } from '../helpers/app.js';
+import { bearer, createProject, createUser, type TestUser } from '../helpers/factories.js';
+import { apiOf, createKey, expectValidationError, type ListBody } from '../helpers/http.js';
+
+const MAX_CHARS = 50;
+const ctx = useTestApp({ MAX_THREADS_PER_USER: '3', MAX_MESSAGE_CHARS: String(MAX_CHARS), BODY_LIMIT_BYTES: '32768' });
+const api = apiOf(ctx);
+
+interface ThreadBody {
+  id: string;
+  project_id: string | null;
+  title: string;
+  status: 'idle' | 'busy';
+  metadata: Record<string, unknown>;
+}
+
+interface MessageBody {
+  id: string;
+  thread_id: string;
+  role: string;
+  content: string;
+  run_id: string | null;
+  tool_calls: unknown;
+  metadata: Record<string, unknown>;
+}
+
+async function createThread(owner: TestUser, body: Record<string, unknown> = {}, headers = owner.headers): Promise<ThreadBody> {
+  const response = await api('POST', '/threads', headers, body);
+  expect(response.statusCode, response.body).toBe(200);
+  return response.json<ThreadBody>();
+}
+
+async function post(owner: TestUser, threadId: string, content: string): Promise<MessageBody> {
+  const response = await api('POST', `/threads/${threadId}/messages`, owner.headers, { content });
+  expect(response.statusCode, response.body).toBe(200);
+  return response.json<MessageBody>();
+}
+
+const page = async (owner: TestUser, threadId: string, query = '') => (await api('GET', `/threads/${threadId}/messages${query}`, owner.headers)).json<ListBody<MessageBody>>();
+
+/** What a run does to a thread (the only writer of `status`). */
+const setStatus = (id: string, status: 'idle' | 'busy') => ctx.app.db.update(threads).set({ status }).where(eq(threads.id, id));
+
+describe('threads', () => {
+  it('start idle with an empty title; status is not the client’s to set', async () => {
+    const alice = await createUser(ctx.app);
+    const thread = await createThread(alice);
+    expect(thread).toMatchObject({ title: '', status: 'idle', project_id: null, metadata: {} });
+    expectValidationError(await api('PATCH', `/threads/${thread.id}`, alice.headers, { status: 'busy' }), ['body', 'status'], 'extra_forbidden');
+    expectValidationError(await api('POST', '/threads', alice.headers, { status: 'busy' }), ['body', 'status'], 'extra_forbidden');
+    const changed = await api('PATCH', `/threads/${thread.id}`, alice.headers, { title: ' Trip ', metadata: { k: [1, 2] } });
+    expect(changed.json()).toMatchObject({ title: 'Trip', status: 'idle', metadata: { k: [1, 2] } });
+  });
+
+  it('list by project and by status', async () => {
+    const alice = await createUser(ctx.app);
+    const project = await createProject(ctx.app, alice.headers);
+    const inProject = await createThread(alice, { project_id: project.id });
+    const loose = await createThread(alice);
+    await setStatus(loose.id, 'busy');
+    const ids = async (query: string) => (await api('GET', `/threads${query}`, alice.headers)).json<ListBody<ThreadBody>>().data.map((t) => t.id);
+    expect(await ids(`?project_id=${project.id}`)).toEqual([inProject.id]);
+    expect(await ids('?status=busy')).toEqual([loose.id]);
+    expect(await ids(`?status=idle&project_id=${project.id}`)).toEqual([inProject.id]);
+    expect(await ids('?status=idle')).toEqual([inProject.id]);
+    expectValidationError(await api('GET', '/threads?status=running', alice.headers), ['query', 'status'], 'enum');
+    expectValidationError(await api('GET', '/threads?project_id=x', alice.headers), ['query', 'project_id']);
+  });
+
+  it('stop at MAX_THREADS_PER_USER with 409', async () => {
+    const alice = await createUser(ctx.app);
+    for (let i = 0; i < 3; i++) await createThread(alice);
+    const refused = await api('POST', '/threads', alice.headers, {});
+    expect(refused.statusCode).toBe(409);
+    expect(refused.json()).toEqual({ detail: 'Thread limit reached (3 per user)' });
+  });
+
+  it('take only the caller’s project; a scoped key’s go into its project', async () => {
+    const alice = await createUser(ctx.app);
+    const bob = await createUser(ctx.app);
+    const bobs = await createProject(ctx.app, bob.headers);
+    const response = await api('POST', '/threads', alice.headers, { project_id: bobs.id });
+    expect(response.statusCode).toBe(404);
+    expect(response.json()).toEqual({ detail: 'Project not found' });
+    const project = await createProject(ctx.app, alice.headers);
+    const key = bearer((await createKey(ctx.app, alice, { name: 'scoped', project_id: project.id })).key);
+    const thread = await createThread(alice, {}, key);
+    expect(thread.project_id).toBe(project.id);
+    expect((await api('PATCH', `/threads/${thread.id}`, key, { project_id: null })).statusCode).toBe(403);
+    expect((await api('PATCH', `/threads/${thread.id}`, alice.headers, { project_id: bobs.id })).statusCode).toBe(404);
+  });
+
+  it('delete their messages with them, and refuse (409) while busy', async () => {
+    const alice = await createUser(ctx.app);
+    const thread = await createThread(alice);
+    await post(alice, thread.id, 'one');
+    await post(alice, thread.id, 'two');
+    await setStatus(thread.id, 'busy');
+    const refused = await api('DELETE', `/threads/${thread.id}`, alice.headers);
+    expect(refused.statusCode).toBe(409);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/^Thread is busy/);
+    await setStatus(thread.id, 'idle');
+    expect((await api('DELETE', `/threads/${thread.id}`, alice.headers)).statusCode).toBe(200);
+    const left = await ctx.app.db.select({ id: messages.id }).from(messages).where(eq(messages.thread_id, thread.id));
+    expect(left).toEqual([]);
+    expect((await api('GET', `/threads/${thread.id}/messages`, alice.headers)).statusCode).toBe(404);
+  });
+});
+
+describe('messages', () => {
+  it('are user messages: other roles, and run fields, are refused with 422', async () => {
+    const alice = await createUser(ctx.app);
+    const thread = await createThread(alice);
+    const message = await post(alice, thread.id, 'hi');
+    expect(message).toMatchObject({ thread_id: thread.id, role: 'user', content: 'hi', run_id: null, tool_calls: null, metadata: {} });
+    for (const role of ['system', 'assistant', 'tool']) {
+      const response = await api('POST', `/threads/${thread.id}/messages`, alice.headers, { role, content: 'x' });
+      expect(expectValidationError(response, ['body', 'role']).detail[0]!.msg).toMatch(/^Clients post user messages/);
+    }
+    for (const field of ['tool_calls', 'tool_call_id', 'run_id']) {
+      expectValidationError(await api('POST', `/threads/${thread.id}/messages`, alice.headers, { content: 'x', [field]: null }), ['body', field], 'extra_forbidden');
+    }
+    expect((await page(alice, thread.id)).count).toBe(1);
+  });
+
+  it('hold at most MAX_MESSAGE_CHARS characters (422), and a body over the limit is 413', async () => {
+    const alice = await createUser(ctx.app);
+    const thread = await createThread(alice);
+    const message = await post(alice, thread.id, 'é'.repeat(MAX_CHARS));
+    const long = 'x'.repeat(MAX_CHARS + 1);
+    for (const [method, url] of [['POST', `/threads/${thread.id}/messages`], ['PATCH', `/threads/${thread.id}/messages/${message.id}`]] as const) {
+      const response = await api(method, url, alice.headers, { content: long });
+      const body = expectValidationError(response, ['body', 'content'], 'string_too_long');
+      expect(body.detail[0]!.msg).toBe(`String should have at most ${MAX_CHARS} characters`);
+    }
+    const huge = await api('POST', `/threads/${thread.id}/messages`, alice.headers, { content: 'x'.repeat(40_000) });
+    expect(huge.statusCode).toBe(413);
+    expect(huge.json()).toEqual({ detail: 'Request body too large' });
+    expect((await page(alice, thread.id)).data.map((m) => m.content)).toEqual(['é'.repeat(MAX_CHARS)]);
+  });
+
+  it('change: metadata of any message, content of user messages only', async () => {
+    const alice = await createUser(ctx.app);
+    const thread = await createThread(alice);
+    const mine = await post(alice, thread.id, 'draft');
+    const answer = await transaction(ctx.app.db, (tx) => appendMessage(tx, { thread_id: thread.id, role: 'assistant', content: 'reply', run_id: randomUUID() }));
+    expect((await api('PATCH', `/threads/${thread.id}/messages/${mine.id}`, alice.headers, { content: 'final' })).json()).toMatchObject({ content: 'final' });
+    const refused = await api('PATCH', `/threads/${thread.id}/messages/${answer.id}`, alice.headers, { content: 'rewritten' });
+    expect(expectValidationError(refused, ['body', 'content'], 'value_error').detail[0]!.msg).toMatch(/^Only the content of user messages/);
+    const tagged = await api('PATCH', `/threads/${thread.id}/messages/${answer.id}`, alice.headers, { metadata: { rating: 5 } });
+    expect(tagged.json()).toMatchObject({ role: 'assistant', content: 'reply', run_id: answer.run_id, metadata: { rating: 5 } });
+    expect((await api('DELETE', `/threads/${thread.id}/messages/${answer.id}`, alice.headers)).json()).toEqual({ message: 'Message deleted successfully' });
+    expect((await page(alice, thread.id)).data.map((m) => m.id)).toEqual([mine.id]);
+  });
+
+  it('cannot be written while a run works on the thread (409); reads go on', async () => {
+    const alice = await createUser(ctx.app);
+    const thread = await createThread(alice);
+    const message = await post(alice, thread.id, 'before');
+    await setStatus(thread.id, 'busy');
+    const item = `/threads/${thread.id}/messages/${message.id}`;
+    for (const [method, url, body] of [['POST', `/threads/${thread.id}/messages`, { content: 'x' }], ['PATCH', item, { content: 'y' }], ['PATCH', item, { metadata: {} }], ['DELETE', item, undefined]] as const) {
+      const response = await api(method, url, alice.headers, body);
+      expect(response.statusCode, `${method} ${url}`).toBe(409);
+      expect(response.json<{ detail: string }>().detail).toMatch(/^Thread is busy/);
+    }
+    expect((await api('GET', item, alice.headers)).json()).toMatchObject({ content: 'before' });
+    expect((await api('PATCH', `/threads/${thread.id}`, alice.headers, { title: 'renamed while busy' })).json()).toMatchObject({ status: 'busy', title: 'renamed while busy' });
+    await setStatus(thread.id, 'idle');
+    await post(alice, thread.id, 'after');
+  });
+
+  it('page by offset and by cursor in creation order', async () => {
+    const alice = await createUser(ctx.app);
+    const thread = await createThread(alice);
+    const all: MessageBody[] = [];
+    for (let i = 1; i <= 5; i++) all.push(await post(alice, thread.id, `m${i}`));
+    const [m1, m2, , m4, m5] = all.map((m) => m.id);
+    expect((await page(alice, thread.id)).data.map((m) => m.content)).toEqual(['m1', 'm2', 'm3', 'm4', 'm5']);
+    const afterTwo = await page(alice, thread.id, `?after=${m2}&limit=2`);
+    expect(afterTwo.data.map((m) => m.content)).toEqual(['m3', 'm4']);
+    expect(afterTwo.count).toBe(3);
+    expect((await page(alice, thread.id, `?after=${m2}&limit=2&offset=2`)).data.map((m) => m.content)).toEqual(['m5']);
+    expect((await page(alice, thread.id, `?after=${m4}`)).data.map((m) => m.id)).toEqual([m5]);
+    expect(await page(alice, thread.id, `?after=${m5}`)).toEqual({ data: [], count: 0 });
+    // A new message lands after the last page's cursor.
+    const m6 = await post(alice, thread.id, 'm6');
+    expect((await page(alice, thread.id, `?after=${m5}`)).data.map((m) => m.id)).toEqual([m6.id]);
+    expect((await page(alice, thread.id, `?offset=1&limit=1`)).data.map((m) => m.id)).toEqual([m2]);
+    expect(m1).toBe(all[0]!.id);
+  });
+
+  it('answer 422 for a cursor that is not a message of the thread', async () => {
+    const alice = await createUser(ctx.app);
+    const thread = await createThread(alice);
+    const other = await createThread(alice);
+    const elsewhere = await post(alice, other.id, 'elsewhere');
+    await post(alice, thread.id, 'here');
+    for (const after of [elsewhere.id, randomUUID()]) {
+      const body = expectValidationError(await api('GET', `/threads/${thread.id}/messages?after=${after}`, alice.headers), ['query', 'after'], 'value_error');
+      expect(body.detail[0]!.msg).toBe('No message with this id in this list');
+    }
+    expectValidationError(await api('GET', `/threads/${thread.id}/messages?after=m1`, alice.headers), ['query', 'after']);
+  });
+
+  it('keep creation order with equal timestamps, and under concurrent posts', async () => {
+    const alice = await createUser(ctx.app);
+    const thread = await createThread(alice);
+    // One transaction: every row gets the same now().
+    const written = await transaction(ctx.app.db, async (tx) => {
+      const rows = [];
+      for (let i = 0; i < 6; i++) rows.push(await appendMessage(tx, { thread_id: thread.id, role: i % 2 ? 'assistant' : 'user', content: `t${i}` }));
+      return rows;
+    });
+    expect(new Set(written.map((m) => m.created_at.getTime())).size).toBe(1);
+    const seen: string[] = [];
+    let cursor = '';
+    for (;;) {
+      const next = await page(alice, thread.id, `?limit=1${cursor}`);
+      if (!next.data.length) break;
+      seen.push(next.data[0]!.id);
+      cursor = `&after=${next.data[0]!.id}`;
+    }
+    expect(seen).toEqual(written.map((m) => m.id));
+
+    const posted = await Promise.all(Array.from({ length: 8 }, (_, i) => api('POST', `/threads/${thread.id}/messages`, alice.headers, { content: `c${i}` })));
+    expect(posted.map((r) => r.statusCode)).toEqual(Array(8).fill(200));
+    const listed = await page(alice, thread.id, `?after=${written[5]!.id}&limit=100`);
+    expect(listed.count).toBe(8);
+    expect(new Set(listed.data.map((m) => m.content))).toEqual(new Set(posted.map((r) => r.json<MessageBody>().content)));
+    const seqs = await ctx.app.db.select({ seq: messages.seq }).from(messages).where(eq(messages.thread_id, thread.id)).orderBy(sql`${messages.seq}`);
+    expect(seqs.map((r) => r.seq)).toEqual(Array.from({ length: 14 }, (_, i) => i + 1));
+  });
+});
