@@ -10,7 +10,8 @@ import { messages, threads } from '../../src/models/index.js';
 import { appendMessage } from '../../src/crud/thread.js';
 import { useTestApp } from '../helpers/app.js';
 import { bearer, createProject, createUser, type TestUser } from '../helpers/factories.js';
-import { apiOf, createKey, expectValidationError, type ListBody } from '../helpers/http.js';
+import { apiOf, createKey, expectValidationError, type ListBody, sleep } from '../helpers/http.js';
+import { databaseUrl } from '../helpers/postgres.js';
 
 const MAX_CHARS = 50;
 const ctx = useTestApp({ MAX_THREADS_PER_USER: '3', MAX_MESSAGE_CHARS: String(MAX_CHARS), BODY_LIMIT_BYTES: '32768' });
@@ -240,5 +241,30 @@ describe('messages', () => {
     expect(new Set(listed.data.map((m) => m.content))).toEqual(new Set(posted.map((r) => r.json<MessageBody>().content)));
     const seqs = await ctx.app.db.select({ seq: messages.seq }).from(messages).where(eq(messages.thread_id, thread.id)).orderBy(sql`${messages.seq}`);
     expect(seqs.map((r) => r.seq)).toEqual(Array.from({ length: 14 }, (_, i) => i + 1));
+  });
+});
+
+describe('a run starting while a message is posted', () => {
+  // PGlite is one session: a second connection holding the thread's row needs the server.
+  it.skipIf(!process.env.DATABASE_URL)('makes the post wait for it and answer 409, never slip in', async () => {
+    const alice = await createUser(ctx.app);
+    const thread = await createThread(alice);
+    const { rows } = await ctx.database.withSession(async (session) => ({ rows: await session.query<{ db: string }>('select current_database() as db') }));
+    const pg = await import('pg');
+    const other = new pg.default.Client({ connectionString: databaseUrl(process.env.DATABASE_URL!, rows[0]!.db) });
+    await other.connect();
+    try {
+      // What a run's start does: mark the thread busy, holding its row until it commits.
+      await other.query('begin');
+      await other.query(`update threads set status = 'busy' where id = $1 and status = 'idle'`, [thread.id]);
+      const posting = api('POST', `/threads/${thread.id}/messages`, alice.headers, { content: 'racing' });
+      await sleep(300);
+      await other.query('commit');
+      const response = await posting;
+      expect(response.statusCode).toBe(409);
+      expect((await page(alice, thread.id)).count).toBe(0);
+    } finally {
+      await other.end();
+    }
   });
 });
