@@ -3,7 +3,7 @@ import { and, eq, ne } from 'drizzle-orm';
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
 
-import { type Agent, type AgentVersion, agents, agentVersions, type NewAgent, type NewAgentVersion } from '../models/index.js';
+import { type Agent, agents, type AgentVersion, agentVersions, type NewAgent, type NewAgentVersion } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
 import { childCrud } from './child.js';

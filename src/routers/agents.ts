@@ -1,10 +1,10 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 
-import { authErrors, ErrorBody, listOf, Pagination } from '../schemas/common.js';
 import { AgentCreate, AgentIdParams, AgentListQuery, AgentPublic, AgentUpdate, AgentVersionParams, AgentVersionPublic } from '../schemas/agent.js';
+import { authErrors, ErrorBody, listOf, Pagination } from '../schemas/common.js';
 
-import { contextOf } from '../services/context.js';
 import * as agentService from '../services/agent-service.js';
+import { contextOf } from '../services/context.js';
 import { requireUser } from '../utils/authentication.js';
 import { registerOwnedRoutes } from './owned-routes.js';
 

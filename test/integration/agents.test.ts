@@ -189,7 +189,7 @@ describe('versions', () => {
     await patch(alice, agent.id, { system_prompt: 'v2' });
     expect((await api('DELETE', `/agents/${agent.id}`, alice.headers)).json()).toEqual({ message: 'Agent deleted successfully' });
     const rows = await ctx.app.db.execute(sql`select count(*)::int as n from agent_versions where agent_id = ${agent.id}`);
-    expect((rows as unknown as { rows: { n: number }[] }).rows[0]!.n).toBe(0);
+    expect((rows as { rows: { n: number }[] }).rows[0]!.n).toBe(0);
   });
 });
 
@@ -217,7 +217,7 @@ describe('the default agent', () => {
     try {
       await ctx.app.db.insert(agents).values({ owner_id: alice.user.id, name: 'sneaky', model: 'gpt-4.1', is_default: true });
     } catch (error) {
-      for (let e: unknown = error; e; e = (e as { cause?: unknown }).cause) if (typeof (e as { code?: unknown }).code === 'string') failure = e as typeof failure;
+      for (let e: unknown = error; e; e = (e as { cause?: unknown }).cause) if (typeof (e as { code?: unknown }).code === 'string') failure = e;
     }
     expect(failure?.code).toBe('23505');
     expect(integrityAnswer(failure as { code: string })).toEqual({ status: 409, detail: 'Another agent of this user became the default at the same time; try again' });
