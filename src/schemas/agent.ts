@@ -24,7 +24,7 @@ const BehaviourFields = {
   model: z.string().trim().min(1).max(255).describe('A catalog model id or alias (stored as the id); it must be enabled and able to chat.'),
   temperature: z.number().min(0).max(2).nullable(),
   max_output_tokens: z.number().int().min(1).max(1_000_000).nullable(),
-  tools: z.array(ToolName).max(TOOL_NAMES.length * 4).overwrite(unique),
+  tools: z.array(ToolName).max(64).overwrite(unique),
   knowledge: AgentKnowledge,
 };
 

@@ -90,5 +90,3 @@ export const MessagePublic = z
 /** Oldest first; `?after=<message id>` continues after that message (cursor paging). */
 export const MessageListQuery = Pagination.extend({ after: Id.optional() });
 export type MessageListQuery = z.infer<typeof MessageListQuery>;
-
-export const ThreadIdParams = z.object({ thread_id: Id });

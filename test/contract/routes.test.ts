@@ -26,6 +26,8 @@ describe('every /api/v1 route', () => {
     const names = table().map((entry) => entry.name);
     expect(names).toContain('GET /api/v1/projects/:project_id');
     expect(names).toContain('DELETE /api/v1/api-keys/:api_key_id');
+    expect(names).toContain('PATCH /api/v1/threads/:thread_id/messages/:message_id');
+    expect(names).toContain('GET /api/v1/agents/:agent_id/versions/:version');
     expect(names.length).toBeGreaterThanOrEqual(20);
     for (const name of PUBLIC) expect(names).toContain(name);
   });
