@@ -70,7 +70,8 @@ describeWithChromium('the /docs reference page in Chromium', () => {
       }
     }
     expect(missing).toEqual([]);
-  });
+    // One section after the other, each rendered by the page: the walk grows with the API.
+  }, 120_000);
 
   it('logs no console error and asks no other host than the server', () => {
     expect(log.consoleErrors).toEqual([]);
