@@ -10,7 +10,8 @@
 // start: initdb + migrations + first superuser); after IDLE_MS (10 s) at rest, the RSS of the server
 // process (the node process that listens; npm itself is not counted) and of the whole process group;
 // SIGTERM to the process group; then `npm start` again on the same DATA_DIR (restart) and the same
-// measures. Prints one line per measure and the medians; add them to bench/RESULTS.md.
+// measures. Also the CPU time (user + system) the server process and the whole group (npm too) had
+// used when /health first answered: on a busy machine it varies far less than the wall-clock time. Prints one line per measure and the medians; add them to bench/RESULTS.md.
 import { execFileSync,spawn } from 'node:child_process';
 import { mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { get } from 'node:http';
@@ -64,9 +65,22 @@ function group(pgid) {
     .filter((p) => !p.command.startsWith('ps '));
 }
 
-/** The server: the node process running Keel's main (not npm, not the shell npm runs it through). */
+/** The server: the node process running Keel's main or its launcher (not npm, not the shell npm runs it through). */
 function serverProcess(processes) {
-  return processes.find((p) => /^\S*node\s.*main\.(ts|js)\b/.test(p.command));
+  return processes.find((p) => /^\S*node\s.*(main\.(ts|js)|bin\/keel\.js)\b/.test(p.command));
+}
+
+const TICKS_PER_SECOND = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim());
+
+/** CPU time (user + system) of a process so far, in ms; 0 once it is gone. */
+function cpuMs(pid) {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return ((Number(fields[11]) + Number(fields[12])) * 1000) / TICKS_PER_SECOND;
+  } catch {
+    return 0;
+  }
 }
 
 async function startOnce(dir, dataDir, port) {
@@ -86,6 +100,9 @@ async function startOnce(dir, dataDir, port) {
     await sleep(25);
   }
   const ms = performance.now() - started;
+  const atHealth = group(child.pid);
+  const cpu = cpuMs(serverProcess(atHealth)?.pid ?? 0);
+  const groupCpu = atHealth.reduce((sum, p) => sum + cpuMs(p.pid), 0);
   await sleep(IDLE_MS);
   const processes = group(child.pid);
   const server = serverProcess(processes);
@@ -105,7 +122,7 @@ async function startOnce(dir, dataDir, port) {
   } catch {
     // already gone
   }
-  return { ms, rss: server?.rss ?? NaN, total };
+  return { ms, cpu, groupCpu, rss: server?.rss ?? NaN, total };
 }
 
 const median = (values) => {
@@ -114,7 +131,7 @@ const median = (values) => {
   return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
 };
 
-const results = new Map(checkouts.map((c) => [c.label, { first: [], restart: [], rssFirst: [], rssRestart: [], total: [] }]));
+const results = new Map(checkouts.map((c) => [c.label, { first: [], restart: [], cpuFirst: [], cpuRestart: [], groupCpuRestart: [], rssFirst: [], rssRestart: [], total: [] }]));
 for (let run = 1; run <= runs; run++) {
   for (const { label, dir } of checkouts) {
     const dataDir = mkdtempSync(join(tmpdir(), 'keel-startup-'));
@@ -124,11 +141,14 @@ for (let run = 1; run <= runs; run++) {
       const again = await startOnce(dir, join(dataDir, 'data'), await freePort());
       r.first.push(first.ms);
       r.restart.push(again.ms);
+      r.cpuFirst.push(first.cpu);
+      r.cpuRestart.push(again.cpu);
+      r.groupCpuRestart.push(again.groupCpu);
       r.rssFirst.push(first.rss);
       r.rssRestart.push(again.rss);
       r.total.push(again.total);
       console.log(
-        `run ${run} ${label}: first ${first.ms.toFixed(0)} ms (rss ${first.rss.toFixed(0)} MB), restart ${again.ms.toFixed(0)} ms (rss ${again.rss.toFixed(0)} MB, group ${again.total.toFixed(0)} MB)`,
+        `run ${run} ${label}: first ${first.ms.toFixed(0)} ms (cpu ${first.cpu.toFixed(0)} ms, rss ${first.rss.toFixed(0)} MB), restart ${again.ms.toFixed(0)} ms (cpu ${again.cpu.toFixed(0)} ms, group cpu ${again.groupCpu.toFixed(0)} ms, rss ${again.rss.toFixed(0)} MB, group ${again.total.toFixed(0)} MB)`,
       );
     } finally {
       rmSync(dataDir, { recursive: true, force: true });
@@ -136,10 +156,10 @@ for (let run = 1; run <= runs; run++) {
   }
 }
 console.log(`\nmedians of ${runs} runs (load average now: ${readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')})`);
-console.log('| checkout | first start to /health | restart to /health | idle RSS after first start | idle RSS after restart | process group RSS |');
-console.log('| --- | --- | --- | --- | --- | --- |');
+console.log('| checkout | first start to /health | restart to /health | CPU to /health, first start | CPU to /health, restart (server / with npm) | idle RSS after first start | idle RSS after restart | process group RSS |');
+console.log('| --- | --- | --- | --- | --- | --- | --- | --- |');
 for (const [label, r] of results) {
   console.log(
-    `| ${label} | ${(median(r.first) / 1000).toFixed(2)} s | ${(median(r.restart) / 1000).toFixed(2)} s | ${median(r.rssFirst).toFixed(0)} MB | ${median(r.rssRestart).toFixed(0)} MB | ${median(r.total).toFixed(0)} MB |`,
+    `| ${label} | ${(median(r.first) / 1000).toFixed(2)} s | ${(median(r.restart) / 1000).toFixed(2)} s | ${(median(r.cpuFirst) / 1000).toFixed(2)} s | ${(median(r.cpuRestart) / 1000).toFixed(2)} / ${(median(r.groupCpuRestart) / 1000).toFixed(2)} s | ${median(r.rssFirst).toFixed(0)} MB | ${median(r.rssRestart).toFixed(0)} MB | ${median(r.total).toFixed(0)} MB |`,
   );
 }

@@ -111,7 +111,8 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.decorateRequest('principal', null as unknown as Principal);
 
   registerErrorHandler(app);
-  await prepareDummyHash();
+  // Hashed on the thread pool while the routes are set up below.
+  const dummyHash = prepareDummyHash();
 
   // ==================== Request bookkeeping ====================
 
@@ -151,5 +152,6 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
 
   await registerDocs(app);
 
+  await dummyHash;
   return app;
 }

@@ -6,14 +6,15 @@ import type { Database } from './core/db.js';
 import { createLogger } from './core/logger.js';
 import { type DownTarget, migrateDown, migrateUp, MigrationError, pendingMigrations, planDown, readMigrations } from './core/migrate.js';
 import { checkRedis, databaseProblem, listenProblem, openCheckedDatabase } from './core/preflight.js';
-import { hashPassword } from './core/security.js';
 
 import { Email, Password } from './schemas/common.js';
 
 import { commandHelp, type CommandSpec, parseCommand, UsageError } from './cli/args.js';
 import { askHidden, confirm, interactive, readFirstLine } from './cli/prompt.js';
-import * as userCrud from './crud/user.js';
-import { closeOnSignals, startServer, startWorker } from './server.js';
+
+// The server (Fastify, every route and service), the user crud and Argon2 are imported by the
+// commands that use them: help, usage errors and migrations start without loading them.
+const server = () => import('./server.js');
 
 // ==================== Commands ====================
 
@@ -128,6 +129,7 @@ async function serveCommand(spec: CommandSpec, args: string[]): Promise<number> 
   if (host !== undefined && !host.trim()) throw new UsageError(`keel ${spec.name}: --host needs a value`);
   const settings = settingsFor({ HOST: host, PORT: port });
   const logger = startLogger(settings);
+  const { closeOnSignals, startServer } = await server();
   try {
     const app = await startServer(settings, logger, { migrate: spec.name === 'start' });
     closeOnSignals(app, settings, logger);
@@ -142,6 +144,7 @@ async function workerCommand(args: string[]): Promise<number> {
   const settings = settingsFor();
   const logger = startLogger(settings);
   await checkRedis(settings);
+  const { closeOnSignals, startWorker } = await server();
   closeOnSignals(startWorker(settings, logger), settings, logger);
   return 0;
 }
@@ -248,6 +251,7 @@ async function createSuperuserCommand(args: string[]): Promise<number> {
   if (!email.success) throw new UsageError(`keel create-superuser: --email "${given}" is not a valid email address`);
   const settings = settingsFor();
   startLogger(settings);
+  const [userCrud, { hashPassword }] = await Promise.all([import('./crud/user.js'), import('./core/security.js')]);
   await withDatabase(settings, async (database) => {
     await requireMigrated(database);
     const existing = await userCrud.getByEmail(database.db, email.data);

@@ -26,6 +26,8 @@ export const SettingsSchema = z.object({
   DATA_DIR: z.string().min(1).default('./data'),
   /** PGlite's directory; `memory://` keeps the database in memory (tests). */
   PGLITE_DATA_DIR: optionalString,
+  /** Also compile PGlite's busiest functions with V8's optimizing compiler (see openPglite in db.ts). */
+  PGLITE_WASM_TIER_UP: bool.default(false),
   DATABASE_URL: z.preprocess(
     emptyAsUndefined,
     z.url({ protocol: /^postgres(ql)?$/, error: 'must be a postgres:// or postgresql:// URL (only PostgreSQL is supported); leave it unset for the embedded database' }).optional(),

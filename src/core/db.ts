@@ -1,5 +1,6 @@
-import { chmodSync, lstatSync, mkdirSync, readdirSync } from 'node:fs';
+import { chmodSync, existsSync, lstatSync, mkdirSync, readdirSync } from 'node:fs';
 import { join, sep } from 'node:path';
+import { setFlagsFromString } from 'node:v8';
 
 import { PGlite } from '@electric-sql/pglite';
 import { vector } from '@electric-sql/pglite-pgvector';
@@ -106,6 +107,18 @@ function tighten(path: string): void {
  */
 const PGLITE_MEMORY = ['-c', 'shared_buffers=16MB', '-c', 'max_connections=10'];
 
+/**
+ * PGlite is PostgreSQL compiled to WebAssembly. V8 compiles it at once with its baseline compiler
+ * (Liftoff) and then, by default, compiles the busiest functions again with its optimizing one in
+ * background threads: ~40 MB of resident memory and ~0.3 s of CPU in the first seconds (measured,
+ * bench/RESULTS.md), for queries whose cost in Keel is mostly the JavaScript around them. Unless
+ * PGLITE_WASM_TIER_UP asks for it, modules compiled from here on keep the baseline code. The flag
+ * is V8's and so applies to the whole process; Keel compiles no other WebAssembly of its own.
+ */
+function chooseWasmTiering(settings: Settings): void {
+  setFlagsFromString(settings.PGLITE_WASM_TIER_UP ? '--no-liftoff-only' : '--liftoff-only');
+}
+
 async function openPglite(settings: Settings): Promise<Database> {
   const dataDir = settings.PGLITE_DATA_DIR ?? join(settings.dataDir, 'pglite');
   let unlock = () => undefined as void;
@@ -121,7 +134,17 @@ async function openPglite(settings: Settings): Promise<Database> {
   }
   let client: PGlite;
   try {
-    client = await PGlite.create(dataDir, { extensions: { vector }, startParams: [...PGlite.defaultStartParams, ...PGLITE_MEMORY] });
+    chooseWasmTiering(settings);
+    const options = { extensions: { vector }, startParams: [...PGlite.defaultStartParams, ...PGLITE_MEMORY] };
+    // A directory without PG_VERSION is created here (initdb), which grows PGlite's WebAssembly
+    // memory to ~600 MB that it never gives back: open it a second time, in a fresh instance, so
+    // a first start runs on as little memory as every later one (measured, bench/RESULTS.md).
+    const initdb = !dataDir.startsWith('memory://') && !existsSync(join(dataDir, 'PG_VERSION'));
+    client = await PGlite.create(dataDir, options);
+    if (initdb) {
+      await client.close();
+      client = await PGlite.create(dataDir, options);
+    }
   } catch (error) {
     unlock();
     throw error;

@@ -1,7 +1,6 @@
 import { STATUS_CODES } from 'node:http';
 
 import swagger from '@fastify/swagger';
-import scalar from '@scalar/fastify-api-reference';
 import type { FastifyInstance } from 'fastify';
 import { jsonSchemaTransform, jsonSchemaTransformObject } from 'fastify-type-provider-zod';
 
@@ -116,21 +115,66 @@ export function keepUsedSchemas<T extends object>(document: T): T {
  * uploads to Scalar's registry), no web fonts. The plugin's own `/docs/openapi.json` and
  * `/docs/openapi.yaml` serve the same document (the page fetches the JSON one, by a relative URL,
  * so it also works behind a proxy); the HTML does not embed it.
+ *
+ * The plugin (its 3.5 MB script, an OpenAPI parser: ~12 MB and ~0.15 s of CPU) is loaded when the
+ * page is first asked for, not at start-up: these routes hand each request to a small Fastify
+ * instance of its own that it is registered on, made then, and answer with what it answers. The
+ * API's hooks (security headers, CORS, the access log) and error handler apply as to any route.
  */
 export async function registerDocs(app: FastifyInstance): Promise<void> {
   app.get(OPENAPI_PATH, { schema: { hide: true } }, async () => app.swagger());
-  await app.register(scalar, {
-    routePrefix: DOCS_PREFIX,
-    configuration: {
-      pageTitle: `${app.settings.PROJECT_NAME} API reference`,
-      content: () => app.swagger() as unknown as Record<string, unknown>,
-      agent: { disabled: true },
-      telemetry: false,
-      showDeveloperTools: 'never',
-      hideClientButton: true,
-      withDefaultFonts: false,
-      documentDownloadType: 'both',
-      favicon: 'data:,',
-    },
+  const reference = referenceApp(app);
+  for (const path of DOCS_ROUTES) {
+    app.get(`${DOCS_PREFIX}${path}`, { schema: { hide: true } }, async (request, reply) => {
+      const answer = await (await reference()).inject({ method: 'GET', url: request.url, headers: { host: request.headers.host ?? 'localhost' } });
+      if (answer.statusCode >= 500) throw new Error(`API reference answered ${answer.statusCode}: ${answer.body.slice(0, 200)}`);
+      for (const [name, value] of Object.entries(answer.headers)) {
+        if (value !== undefined && !HOP_HEADERS.has(name)) void reply.header(name, value);
+      }
+      // A redirect has no body (and so no content type).
+      return reply.code(answer.statusCode).send(answer.rawPayload.length ? answer.rawPayload : undefined);
+    });
+  }
+}
+
+/** The routes @scalar/fastify-api-reference registers under its prefix (trailing slashes ignored). */
+const DOCS_ROUTES = ['/', '/js/scalar.js', '/openapi.json', '/openapi.yaml'];
+
+/** Headers of the inner answer that describe its own connection, not the content. */
+const HOP_HEADERS = new Set(['content-length', 'connection', 'keep-alive', 'date', 'transfer-encoding']);
+
+/** The Fastify instance the Scalar plugin runs in, made on first use (again after a failure). */
+function referenceApp(app: FastifyInstance): () => Promise<FastifyInstance> {
+  let made: Promise<FastifyInstance> | null = null;
+  const make = async () => {
+    const [{ default: scalar }, { default: Fastify }] = await Promise.all([import('@scalar/fastify-api-reference'), import('fastify')]);
+    const inner = Fastify({ routerOptions: { ignoreTrailingSlash: true } });
+    await inner.register(scalar, {
+      routePrefix: DOCS_PREFIX,
+      configuration: {
+        pageTitle: `${app.settings.PROJECT_NAME} API reference`,
+        content: () => app.swagger() as unknown as Record<string, unknown>,
+        agent: { disabled: true },
+        telemetry: false,
+        showDeveloperTools: 'never',
+        hideClientButton: true,
+        withDefaultFonts: false,
+        documentDownloadType: 'both',
+        favicon: 'data:,',
+      },
+    });
+    await inner.ready();
+    return inner;
+  };
+  app.addHook('onClose', async () => {
+    const inner = await made?.catch(() => null);
+    await inner?.close();
   });
+  return () => {
+    made ??= make().catch((error: unknown) => {
+      made = null;
+      throw error;
+    });
+    return made;
+  };
 }

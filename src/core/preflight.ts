@@ -1,11 +1,10 @@
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 
-import { Redis } from 'ioredis';
-
 import { ConfigError, type Settings } from './config.js';
 import { DataDirLockedError } from './data-dir-lock.js';
-import { type Database, openDatabase } from './db.js';
+import type { Database } from './db.js';
+import { ioredis } from './redis.js';
 
 /**
  * Start-up checks that turn what an operator can fix (an unreachable database or Redis, a port in
@@ -95,6 +94,8 @@ function pgliteProblem(error: unknown, settings: Settings): ConfigError {
 export async function openCheckedDatabase(settings: Settings): Promise<Database> {
   let database: Database;
   try {
+    // Imported here: the database drivers are not loaded by commands that never open one.
+    const { openDatabase } = await import('./db.js');
     database = await openDatabase(settings);
   } catch (error) {
     // A held data directory already says which process holds it.
@@ -149,7 +150,7 @@ export function listenProblem(error: unknown, { HOST, PORT }: Pick<Settings, 'HO
 export async function checkRedis(settings: Pick<Settings, 'REDIS_URL'>): Promise<void> {
   if (!settings.REDIS_URL) return;
   const target = where(settings.REDIS_URL, 6379);
-  const client = new Redis(settings.REDIS_URL, {
+  const client = new (ioredis().Redis)(settings.REDIS_URL, {
     lazyConnect: true,
     connectTimeout: 3_000,
     maxRetriesPerRequest: 0,

@@ -1,11 +1,17 @@
-import { Queue, UnrecoverableError, Worker } from 'bullmq';
-import { Redis } from 'ioredis';
+import type * as BullMQ from 'bullmq';
+import type { Queue, Worker } from 'bullmq';
+import type { Redis } from 'ioredis';
 import type { z } from 'zod';
 
 import { JOBS, type Jobs } from '../tasks/registry.js';
 import type { Settings } from './config.js';
 import { JobSealer } from './job-crypto.js';
+import { lazyRequire } from './lazy.js';
 import type { Logger } from './logger.js';
+import { ioredis } from './redis.js';
+
+/** BullMQ, loaded only when REDIS_URL is set. */
+const bullmq = lazyRequire<typeof BullMQ>('bullmq');
 
 // ==================== Interface ====================
 
@@ -140,9 +146,9 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
   ) {
     this.sealer = new JobSealer(settings.SECRET_KEY);
     // BullMQ's blocking commands need a client that retries forever rather than failing a request.
-    this.connection = new Redis(url, { maxRetriesPerRequest: null, connectTimeout: 2_000 });
+    this.connection = new (ioredis().Redis)(url, { maxRetriesPerRequest: null, connectTimeout: 2_000 });
     this.connection.on('error', () => undefined);
-    this.queue = new Queue(QUEUE_NAME, { connection: this.connection, prefix: `${settings.REDIS_KEY_PREFIX}jobs` });
+    this.queue = new (bullmq().Queue)(QUEUE_NAME, { connection: this.connection, prefix: `${settings.REDIS_KEY_PREFIX}jobs` });
     this.queue.on('error', () => undefined);
   }
 
@@ -160,6 +166,7 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
   }
 
   work(handlers: JobHandlers<R>): void {
+    const { UnrecoverableError, Worker } = bullmq();
     this.worker = new Worker(
       QUEUE_NAME,
       async (job) => {

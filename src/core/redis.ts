@@ -1,11 +1,16 @@
-import { Redis } from 'ioredis';
+import type * as IORedis from 'ioredis';
+import type { Redis } from 'ioredis';
 
 import type { Settings } from './config.js';
+import { lazyRequire } from './lazy.js';
+
+/** ioredis, loaded only when REDIS_URL is set. */
+export const ioredis = lazyRequire<typeof IORedis>('ioredis');
 
 /** A client that fails fast when Redis is down instead of queueing commands without bound. */
 export function createRedis(settings: Settings): Redis | null {
   if (!settings.REDIS_URL) return null;
-  const client = new Redis(settings.REDIS_URL, {
+  const client = new (ioredis().Redis)(settings.REDIS_URL, {
     lazyConnect: false,
     enableOfflineQueue: true,
     maxRetriesPerRequest: 1,

@@ -5,6 +5,9 @@ import { resolve } from 'node:path';
 /** The checkout's root: children run from here, as a user runs Keel. */
 export const ROOT = resolve(import.meta.dirname, '../..');
 
+/** The launcher `npm start`, `npm run keel` and `npx keel` run. */
+export const KEEL = 'bin/keel.js';
+
 /** A child process with its output collected and its end awaited. */
 export interface Child {
   process: ChildProcess;
@@ -51,9 +54,12 @@ export function launch(command: string, args: string[], env: Record<string, stri
   return handle;
 }
 
-/** `node --import tsx src/main.ts ...args`, the way `npm run keel --` runs it. */
+/**
+ * `node bin/keel.js ...args`, the way `npm run keel --` runs it: dist/ when it was built from the
+ * src/ there is now (`npm ci` builds it; a compiled start is several times cheaper), else src/ through tsx.
+ */
 export function keel(args: string[], env: Record<string, string>): Child {
-  return launch(process.execPath, ['--import', 'tsx', 'src/main.ts', ...args], env);
+  return launch(process.execPath, [KEEL, ...args], env);
 }
 
 export async function freePort(): Promise<number> {

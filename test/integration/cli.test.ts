@@ -9,7 +9,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 
 import { readMigrations } from '../../src/core/migrate.js';
 
-import { freePort } from '../helpers/process.js';
+import { freePort, KEEL } from '../helpers/process.js';
 
 const ROOT = resolve(import.meta.dirname, '../..');
 const ADMIN_EMAIL = 'cli-admin@keel.test';
@@ -60,7 +60,7 @@ interface Keel {
 }
 
 function keel(args: string[], env: Record<string, string> = {}, stdin?: string): Keel {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/main.ts', ...args], {
+  const child = spawn(process.execPath, [KEEL, ...args], {
     cwd: ROOT,
     env: environment(env),
     stdio: [stdin === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'],
@@ -90,7 +90,7 @@ function run(args: string[], env: Record<string, string> = {}, stdin?: string): 
  * output ends with its prompt; resolves with everything the terminal showed.
  */
 async function atTerminal(args: string[], env: Record<string, string>, answers: [RegExp, string][]): Promise<{ code: number | null; screen: string }> {
-  const quoted = [process.execPath, '--import', 'tsx', 'src/main.ts', ...args].map((a) => `'${a.replace(/'/g, `'\\''`)}'`).join(' ');
+  const quoted = [process.execPath, KEEL, ...args].map((a) => `'${a.replace(/'/g, `'\\''`)}'`).join(' ');
   const child = spawn('script', ['-qfec', quoted, '/dev/null'], { cwd: ROOT, env: environment(env), stdio: ['pipe', 'pipe', 'pipe'] });
   children.add(child);
   let screen = '';

@@ -97,7 +97,7 @@ describe('file modes', () => {
   it('DATA_DIR is 0700 and every file 0600, with umask 000, WAL files written after start included', async () => {
     const dataDir = freshDir();
     const port = await freePort();
-    const child = launch('sh', ['-c', 'umask 000 && exec "$0" --import tsx src/main.ts start', process.execPath], env(dataDir, { PORT: String(port) }));
+    const child = launch('sh', ['-c', 'umask 000 && exec "$0" bin/keel.js start', process.execPath], env(dataDir, { PORT: String(port) }));
     const base = `http://127.0.0.1:${port}`;
     await healthy(child, base);
     expect(await signup(base, 'modes@process.test')).toBe(200);

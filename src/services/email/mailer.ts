@@ -1,4 +1,4 @@
-import nodemailer, { type SendMailOptions, type SentMessageInfo, type Transporter } from 'nodemailer';
+import type { SendMailOptions, SentMessageInfo, Transporter } from 'nodemailer';
 
 import type { Settings } from '../../core/config.js';
 import type { Logger } from '../../core/logger.js';
@@ -36,7 +36,24 @@ export class Mailer {
 /** The job that talks SMTP; run by whichever process works the queue. */
 export function emailJobs(settings: Settings, logger: Logger): JobHandlers {
   if (!settings.emailsEnabled) return {};
-  const transport = settings.EMAIL_BACKEND === 'console' ? consoleTransport(logger) : nodemailer.createTransport({
+  const transport = settings.EMAIL_BACKEND === 'console' ? consoleTransport(logger) : smtpTransport(settings);
+  const address = settings.EMAILS_FROM_EMAIL ?? 'keel@localhost';
+  const from = settings.EMAILS_FROM_NAME ? { name: settings.EMAILS_FROM_NAME, address } : address;
+  return {
+    'send-email': async ({ to, subject, html, text }) => {
+      await transport.sendMail({ from, to, subject, html, text });
+      logger.info('email sent');
+    },
+  };
+}
+
+/**
+ * The SMTP transport, made when the first message goes out: nodemailer is loaded then rather than
+ * at start-up (most processes never send one). It connects per message, as before.
+ */
+function smtpTransport(settings: Settings): Pick<Transporter, 'sendMail'> {
+  let transport: Promise<Transporter> | undefined;
+  const options = {
     host: settings.SMTP_HOST,
     port: settings.SMTP_PORT,
     secure: settings.SMTP_SSL,
@@ -46,13 +63,11 @@ export function emailJobs(settings: Settings, logger: Logger): JobHandlers {
     connectionTimeout: 10_000,
     greetingTimeout: 10_000,
     socketTimeout: 20_000,
-  });
-  const address = settings.EMAILS_FROM_EMAIL ?? 'keel@localhost';
-  const from = settings.EMAILS_FROM_NAME ? { name: settings.EMAILS_FROM_NAME, address } : address;
+  };
   return {
-    'send-email': async ({ to, subject, html, text }) => {
-      await transport.sendMail({ from, to, subject, html, text });
-      logger.info('email sent');
+    sendMail: async (message: SendMailOptions) => {
+      transport ??= import('nodemailer').then(({ default: nodemailer }) => nodemailer.createTransport(options));
+      return (await transport).sendMail(message);
     },
   };
 }
