@@ -22,6 +22,7 @@ import { securityHeaders } from './core/security-headers.js';
 
 import { API_PREFIX, registerApi } from './api/main.js';
 import type { ModelManager } from './modules/ai-models/index.js';
+import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
 import { Mailer } from './services/email/mailer.js';
 import { loadModelManager } from './services/model-sync.js';
@@ -148,6 +149,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
 
   await app.register(opsRouter);
   await registerApi(app);
+  await app.register(openaiRouter, { prefix: OPENAI_PREFIX });
 
   await registerDocs(app);
 

@@ -94,6 +94,8 @@ function create(record: ProviderRecord): SdkProvider {
         apiKey: record.api_key ?? undefined,
         headers: record.headers ?? undefined,
         includeUsage: true,
+        // `response_format: json_schema` as OpenAI's API defines it (vLLM, Ollama, LiteLLM, OpenRouter speak it).
+        supportsStructuredOutputs: true,
       });
       return { language: (id) => p.chatModel(id), embedding: (id) => p.embeddingModel(id) };
     }
