@@ -25,7 +25,7 @@ import type { ModelManager } from './modules/ai-models/index.js';
 import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
 import { Mailer } from './services/email/mailer.js';
-import { loadModelManager } from './services/model-sync.js';
+import { followModelChanges, loadModelManager } from './services/model-sync.js';
 import { jobHandlers } from './tasks/index.js';
 import type { Principal } from './utils/authentication.js';
 
@@ -109,6 +109,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.decorate('vectorSearch', vectorSearch);
   const models = await loadModelManager(database.db, settings, logger);
   app.decorate('models', models.models);
+  const unfollowModels = await followModelChanges(database, models.models, settings, logger);
   app.decorateRequest('principal', null as unknown as Principal);
 
   registerErrorHandler(app);
@@ -127,6 +128,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   registerAccessLog(app, settings, logger);
   app.addHook('onClose', async () => {
     models.stop();
+    unfollowModels();
     await queue.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());
   });

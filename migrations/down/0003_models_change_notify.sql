@@ -1,0 +1,4 @@
+-- Reverses 0003_models_change_notify.
+DROP TRIGGER IF EXISTS "providers_notify_changed" ON "providers";--> statement-breakpoint
+DROP TRIGGER IF EXISTS "model_overrides_notify_changed" ON "model_overrides";--> statement-breakpoint
+DROP FUNCTION IF EXISTS "keel_notify_models_changed"();
