@@ -21,6 +21,7 @@ import { prepareDummyHash } from './core/security.js';
 import { securityHeaders } from './core/security-headers.js';
 
 import { API_PREFIX, registerApi } from './api/main.js';
+import { cacheApiKeys } from './crud/api-key.js';
 import type { ModelManager } from './modules/ai-models/index.js';
 import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
@@ -107,6 +108,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.decorate('queue', queue);
   app.decorate('metrics', createMetrics());
   app.decorate('vectorSearch', vectorSearch);
+  await cacheApiKeys(database);
   const models = await loadModelManager(database.db, settings, logger);
   app.decorate('models', models.models);
   const unfollowModels = await followModelChanges(database, models.models, settings, logger);

@@ -544,7 +544,7 @@ export class ModelManager {
     const chain = [primary, ...this.fallbacksOf(primary, capability)];
     const inputTokens = estimateTokens(operation === 'embed' ? (request.values ?? []).join('') : [request.system ?? '', request.messages, request.tools ? Object.keys(request.tools) : []]);
     const outputTokens = operation === 'embed' ? 0 : (maxOutputTokens ?? this.options.defaultMaxOutputTokens);
-    let lastError: Error = new UpstreamError('No model answered');
+    let lastError: Error | undefined;
     for (const model of chain) {
       if (request.signal?.aborted) throw new ModelCallAbortedError();
       const estimate: CostEstimate = {
@@ -619,7 +619,7 @@ export class ModelManager {
         }
       }
     }
-    throw lastError;
+    throw lastError ?? new UpstreamError('No model answered');
   }
 
   private fallbacksOf(model: ModelInfo, capability: Capability): ModelInfo[] {
