@@ -1,3 +1,4 @@
+/* global process, Buffer */
 // A zero-latency OpenAI-compatible upstream for the gateway benchmark: every answer is prepared
 // once at start and written at once (no timers, no logging). PORT (default 8201).
 //   POST /v1/chat/completions  → a completion, or with "stream": true five SSE chunks + usage + [DONE]

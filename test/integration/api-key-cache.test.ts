@@ -11,18 +11,10 @@ import { type Database, openDatabase } from '../../src/core/db.js';
 import { cacheUsers } from '../../src/crud/user.js';
 import { buildTestApp, openTestDatabase, testSettings } from '../helpers/app.js';
 import { createProject, createUser, superuserHeaders } from '../helpers/factories.js';
-import { createKey, xApiKey } from '../helpers/http.js';
+import { createKey, eventually, xApiKey } from '../helpers/http.js';
 
 const me = (app: FastifyInstance, key: string) => app.inject({ method: 'GET', url: '/api/v1/users/me', headers: xApiKey(key) });
 const status = async (app: FastifyInstance, key: string) => (await me(app, key)).statusCode;
-
-async function eventually(check: () => Promise<boolean>, timeoutMs = 5_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error('condition not met in time');
-    await new Promise((resolve) => setTimeout(resolve, 25));
-  }
-}
 
 describe('API-key cache', () => {
   let database: Database;

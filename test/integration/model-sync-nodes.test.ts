@@ -13,14 +13,7 @@ import { cacheUsers } from '../../src/crud/user.js';
 import { buildTestApp, openTestDatabase, testSettings } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
-
-async function eventually(check: () => Promise<boolean>, timeoutMs = 5_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error('condition not met in time');
-    await new Promise((resolve) => setTimeout(resolve, 25));
-  }
-}
+import { eventually } from '../helpers/http.js';
 
 describe.runIf(Boolean(process.env.DATABASE_URL))('model catalog across nodes on one PostgreSQL', () => {
   // Both nodes share SECRET_KEY, as a deployment's nodes do: provider secrets sealed on one open on the other.

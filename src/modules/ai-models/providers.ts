@@ -166,21 +166,19 @@ export class ProviderRegistry {
   }
 
   languageModel(providerId: string, modelId: string): LanguageModel {
-    const key = `${providerId}\u0000${modelId}`;
-    let model = this.languageModels.get(key);
-    if (!model) {
-      model = this.client(providerId).language(modelId);
-      this.languageModels.set(key, model);
-    }
-    return model;
+    return this.cached(this.languageModels, providerId, modelId, (client) => client.language(modelId));
   }
 
   embeddingModel(providerId: string, modelId: string): EmbeddingModel {
+    return this.cached(this.embeddingModels, providerId, modelId, (client) => client.embedding(modelId));
+  }
+
+  private cached<M>(models: Map<string, M>, providerId: string, modelId: string, make: (client: SdkProvider) => M): M {
     const key = `${providerId}\u0000${modelId}`;
-    let model = this.embeddingModels.get(key);
-    if (!model) {
-      model = this.client(providerId).embedding(modelId);
-      this.embeddingModels.set(key, model);
+    let model = models.get(key);
+    if (model === undefined) {
+      model = make(this.client(providerId));
+      models.set(key, model);
     }
     return model;
   }
