@@ -21,10 +21,12 @@ import { prepareDummyHash } from './core/security.js';
 import { securityHeaders } from './core/security-headers.js';
 
 import { API_PREFIX, registerApi } from './api/main.js';
+import { cacheApiKeys } from './crud/api-key.js';
 import type { ModelManager } from './modules/ai-models/index.js';
+import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
 import { Mailer } from './services/email/mailer.js';
-import { loadModelManager } from './services/model-sync.js';
+import { followModelChanges, loadModelManager } from './services/model-sync.js';
 import { jobHandlers } from './tasks/index.js';
 import type { Principal } from './utils/authentication.js';
 
@@ -106,8 +108,10 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.decorate('queue', queue);
   app.decorate('metrics', createMetrics());
   app.decorate('vectorSearch', vectorSearch);
+  await cacheApiKeys(database);
   const models = await loadModelManager(database.db, settings, logger);
   app.decorate('models', models.models);
+  const unfollowModels = await followModelChanges(database, models.models, settings, logger);
   app.decorateRequest('principal', null as unknown as Principal);
 
   registerErrorHandler(app);
@@ -127,6 +131,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   registerAccessLog(app, settings, logger);
   app.addHook('onClose', async () => {
     models.stop();
+    unfollowModels();
     await queue.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());
   });
@@ -149,6 +154,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
 
   await app.register(opsRouter);
   await registerApi(app);
+  await app.register(openaiRouter, { prefix: OPENAI_PREFIX });
 
   await registerDocs(app);
 

@@ -118,6 +118,8 @@ export const SettingsSchema = z.object({
   MODEL_MAX_RETRIES: int(0, 10).default(2),
   MODEL_RETRY_MAX_WAIT_MS: int(0, 300_000).default(20_000),
   MODEL_DEFAULT_MAX_OUTPUT_TOKENS: int(1, 10_000_000).default(4_096),
+  /** Largest body of a /v1 chat or embeddings request (images travel inline as base64). */
+  GATEWAY_BODY_LIMIT_BYTES: int(1024, 100 * 1024 * 1024).default(20 * 1024 * 1024),
 });
 
 export type RawSettings = z.infer<typeof SettingsSchema>;

@@ -1,10 +1,11 @@
 /**
  * Feeds the database's catalog overrides and provider records into the app's one ModelManager:
- * at start, and after every admin write in this process (other processes pick changes up at their
- * next start). Provider secrets are sealed here and opened only on their way into the manager.
+ * at start, after every admin write in this process, and on every node when a trigger (migration
+ * 0003) announces a change over LISTEN/NOTIFY. Provider secrets are sealed here and opened only on
+ * their way into the manager.
  */
 import type { Settings } from '../core/config.js';
-import type { Db } from '../core/db.js';
+import type { Database, Db } from '../core/db.js';
 import { JobSealer } from '../core/job-crypto.js';
 import type { Logger } from '../core/logger.js';
 
@@ -141,4 +142,43 @@ export function refreshModels(manager: ModelManager, db: Db, settings: Settings,
     next.catch(() => undefined),
   );
   return next;
+}
+
+/** The channel the model_overrides and providers triggers (migration 0003) notify on. */
+export const MODELS_CHANGED_CHANNEL = 'keel_models_changed';
+
+/**
+ * Reloads the manager whenever another node (or any connection) changes the catalog or the
+ * providers, and once more whenever the notification connection comes back after a loss (changes
+ * made meanwhile were not heard). Notifications arriving while a reload waits to start share it.
+ * Returns a function that stops following.
+ */
+export async function followModelChanges(database: Database, manager: ModelManager, settings: Settings, log: Logger): Promise<() => void> {
+  let stopped = false;
+  let queued = false;
+  let lost = false;
+  const reload = () => {
+    if (stopped || queued) return;
+    queued = true;
+    // Queued behind a running reload: it starts after it, and reads after every change heard so far.
+    const run = (pending.get(manager) ?? Promise.resolve()).then(() => {
+      queued = false;
+    });
+    void run.then(() => (stopped ? undefined : refreshModels(manager, database.db, settings, log))).catch((error: unknown) => {
+      log.warn({ err: error }, 'Model catalog reload after a change on another node failed; it is retried at the next change');
+    });
+  };
+  await database.listen(MODELS_CHANGED_CHANNEL, {
+    message: reload,
+    status: (reliable) => {
+      if (!reliable) lost = true;
+      else if (lost) {
+        lost = false;
+        reload();
+      }
+    },
+  });
+  return () => {
+    stopped = true;
+  };
 }

@@ -4,6 +4,7 @@ import type { Project } from '../models/index.js';
 
 import type { ProjectCreate, ProjectUpdate } from '../schemas/project.js';
 
+import { forgetApiKeys } from '../crud/api-key.js';
 import type { Page } from '../crud/page.js';
 import { projectCrud, projectPolicy, requireOwnProject, stats as projectStats } from '../crud/project.js';
 import type { AccessPolicy } from '../utils/access.js';
@@ -29,8 +30,10 @@ export function update(ctx: ServiceContext, id: string, input: ProjectUpdate): P
   return projectCrud.update(ctx.db, ctx.principal, id, input);
 }
 
-export function remove(ctx: ServiceContext, id: string): Promise<void> {
-  return projectCrud.remove(ctx.db, ctx.principal, id);
+/** Deleting a project deletes the keys scoped to it (cascade): the key cache forgets them. */
+export async function remove(ctx: ServiceContext, id: string): Promise<void> {
+  await projectCrud.remove(ctx.db, ctx.principal, id);
+  forgetApiKeys(ctx.db);
 }
 
 export async function stats(ctx: ServiceContext, id: string) {

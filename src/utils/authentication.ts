@@ -30,16 +30,18 @@ function credentialOf(request: FastifyRequest): string | null {
   return typeof apiKey === 'string' && apiKey ? apiKey : null;
 }
 
+/** The key and its owner from the in-memory caches (exact: see cacheApiKeys and cacheUsers). */
 async function principalFromApiKey(request: FastifyRequest, key: string): Promise<Principal | null> {
   const db = request.server.db;
-  const found = await apiKeyCrud.getWithOwnerByHash(db, hashApiKey(key));
-  if (!found) return null;
-  const { key: apiKey, owner } = found;
+  const apiKey = await apiKeyCrud.getByHashCached(db, hashApiKey(key));
+  if (!apiKey) return null;
   const now = Date.now();
-  if (apiKey.status !== 'active' || !owner.is_active) return null;
+  if (apiKey.status !== 'active') return null;
   if (apiKey.expires_at !== null && apiKey.expires_at.getTime() <= now) return null;
+  const owner = await userCrud.getByIdCached(db, apiKey.owner_id);
+  if (!owner || !owner.is_active) return null;
   if (apiKey.last_used_at === null || now - apiKey.last_used_at.getTime() > API_KEY_TOUCH_INTERVAL_MS) {
-    await apiKeyCrud.touchLastUsed(db, apiKey.id);
+    await apiKeyCrud.touchLastUsed(db, apiKey);
   }
   return { user: owner, apiKeyId: apiKey.id, scopeProjectId: apiKey.project_id };
 }

@@ -35,6 +35,15 @@ export interface CreatedKey extends KeyBody {
 
 export const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/** Resolves once `check` holds (polled every 25 ms); throws after `timeoutMs`. For what another node hears a moment later. */
+export async function eventually(check: () => Promise<boolean>, timeoutMs = 5_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error('condition not met in time');
+    await sleep(25);
+  }
+}
+
 // ==================== Requests ====================
 
 export type Method = InjectOptions['method'];

@@ -6,18 +6,11 @@ import { type Database, openDatabase } from '../../src/core/db.js';
 import { cacheUsers } from '../../src/crud/user.js';
 import { buildTestApp, openTestDatabase, testSettings } from '../helpers/app.js';
 import { createUser } from '../helpers/factories.js';
+import { eventually } from '../helpers/http.js';
 
 // The user cache makes authentication skip a query; these tests show it never lets a dead token
 // through, whichever node or connection changed the user.
 const me = (app: FastifyInstance, headers: Record<string, string>) => app.inject({ method: 'GET', url: '/api/v1/users/me', headers });
-
-async function eventually(check: () => Promise<boolean>, timeoutMs = 5_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error('condition not met in time');
-    await new Promise((resolve) => setTimeout(resolve, 25));
-  }
-}
 
 describe('authenticated-user cache', () => {
   let database: Database;

@@ -11,8 +11,10 @@ import {
   APICallError,
   embedMany,
   generateText,
+  type JSONSchema7,
   type LanguageModelUsage,
   type ModelMessage,
+  type OutputInterface,
   type ProviderMetadata,
   streamText,
   type ToolChoice,
@@ -58,7 +60,16 @@ export interface ChatRequest extends CallOptions {
   temperature?: number;
   topP?: number;
   stopSequences?: string[];
+  /** JSON output (with a schema where the provider supports one); the text is returned unparsed. */
+  responseFormat?: JsonResponseFormat;
   providerOptions?: Record<string, Record<string, never>> | ProviderMetadata;
+}
+
+export interface JsonResponseFormat {
+  type: 'json';
+  schema?: JSONSchema7;
+  name?: string;
+  description?: string;
 }
 
 export interface ToolCall {
@@ -193,6 +204,21 @@ function toTokenUsage(usage: LanguageModelUsage | undefined): TokenUsage {
     cache_write: usage?.inputTokenDetails?.cacheWriteTokens ?? 0,
     output: usage?.outputTokens ?? 0,
     reasoning: usage?.outputTokenDetails?.reasoningTokens ?? 0,
+  };
+}
+
+/**
+ * Asks the provider for JSON and hands its text back as it came: the caller (the /v1 gateway, a
+ * runner) decides what an invalid answer means, as OpenAI's API does.
+ */
+function jsonOutput(format: JsonResponseFormat): OutputInterface<string, string, never> {
+  const { type, schema, name, description } = format;
+  return {
+    name: 'json',
+    responseFormat: Promise.resolve({ type, schema, name, description }),
+    parseCompleteOutput: ({ text }) => Promise.resolve(text),
+    parsePartialOutput: ({ text }) => Promise.resolve({ partial: text }),
+    createElementStreamTransform: () => undefined,
   };
 }
 
@@ -491,6 +517,7 @@ export class ModelManager {
       topP: request.topP,
       stopSequences: request.stopSequences,
       providerOptions: request.providerOptions,
+      output: request.responseFormat && jsonOutput(request.responseFormat),
       maxRetries: 0,
     };
   }
@@ -517,7 +544,7 @@ export class ModelManager {
     const chain = [primary, ...this.fallbacksOf(primary, capability)];
     const inputTokens = estimateTokens(operation === 'embed' ? (request.values ?? []).join('') : [request.system ?? '', request.messages, request.tools ? Object.keys(request.tools) : []]);
     const outputTokens = operation === 'embed' ? 0 : (maxOutputTokens ?? this.options.defaultMaxOutputTokens);
-    let lastError: Error = new UpstreamError('No model answered');
+    let lastError: Error | undefined;
     for (const model of chain) {
       if (request.signal?.aborted) throw new ModelCallAbortedError();
       const estimate: CostEstimate = {
@@ -592,7 +619,7 @@ export class ModelManager {
         }
       }
     }
-    throw lastError;
+    throw lastError ?? new UpstreamError('No model answered');
   }
 
   private fallbacksOf(model: ModelInfo, capability: Capability): ModelInfo[] {

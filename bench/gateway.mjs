@@ -1,0 +1,311 @@
+/* global process, console, setTimeout, fetch, Buffer */
+// The gateway benchmark: what Keel's /v1/chat/completions adds over calling a zero-latency
+// OpenAI-compatible upstream directly, with @portkey-ai/gateway as a peer, in one run.
+//   node bench/gateway.mjs            (ROUNDS=3 N1=2000 DURATION=5 CLIENTS="16 64" TARGETS="embedded postgres portkey")
+// Every round measures, interleaved, each target against the same upstream (bench/fake-upstream.mjs):
+//   direct   the upstream itself (the baseline)
+//   embedded Keel `start` (PGlite), API-key auth, a provider record + model added through the API
+//   postgres Keel `api` on PostgreSQL (PG_ADMIN_URL; a database of its own, dropped at the end)
+//   portkey  @portkey-ai/gateway (x-portkey-provider: openai, x-portkey-custom-host: the upstream)
+// in two modes — non-stream (latency = whole answer) and stream with include_usage (latency = time
+// to the first body chunk) — at 1 client (N1 sequential requests: p50/p99; added = target − direct,
+// same round) and at each CLIENTS count (closed loop for DURATION s: req/s, p50, p99). Server CPU
+// per request is read from /proc. Raw lines: bench/out/gateway/raw.tsv; summary: summary.md.
+import { execFileSync, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { appendFileSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import http from 'node:http';
+import { cpus, loadavg, totalmem } from 'node:os';
+
+
+const ROUNDS = Number(process.env.ROUNDS ?? 3);
+const N1 = Number(process.env.N1 ?? 2000);
+const DURATION = Number(process.env.DURATION ?? 5);
+const CLIENTS = (process.env.CLIENTS ?? '16 64').split(/\s+/).filter(Boolean).map(Number);
+const TARGETS = (process.env.TARGETS ?? 'embedded postgres portkey').split(/\s+/).filter(Boolean);
+const PG_ADMIN_URL = process.env.PG_ADMIN_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
+const OUT = 'bench/out/gateway';
+const PORTS = { upstream: 8201, embedded: 8202, postgres: 8203, portkey: 8204 };
+const UPSTREAM = `http://127.0.0.1:${PORTS.upstream}/v1`;
+const MODEL = 'bench-model';
+
+rmSync(OUT, { recursive: true, force: true });
+mkdirSync(OUT, { recursive: true });
+const RAW = `${OUT}/raw.tsv`;
+writeFileSync(RAW, '');
+
+// ==================== Processes ====================
+
+const children = [];
+let benchDb = null;
+function cleanup() {
+  for (const child of children) if (child.exitCode === null) child.kill('SIGTERM');
+  if (benchDb) {
+    try {
+      execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `drop database if exists "${benchDb}" with (force)`], { stdio: 'ignore' });
+    } catch {
+      // best effort
+    }
+  }
+}
+process.on('exit', cleanup);
+for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, () => process.exit(130));
+
+function start(name, args, env) {
+  const log = openSync(`${OUT}/${name}.log`, 'w');
+  const child = spawn(process.execPath, args, { env: { ...process.env, ...env }, stdio: ['ignore', log, log] });
+  children.push(child);
+  return child;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function waitUp(port, path = '/health') {
+  for (let i = 0; i < 240; i++) {
+    try {
+      const response = await fetch(`http://127.0.0.1:${port}${path}`);
+      if (response.status < 500) return;
+    } catch {
+      // not yet
+    }
+    await sleep(250);
+  }
+  throw new Error(`nothing answers on port ${port}`);
+}
+
+const keelEnv = (port, extra) => ({
+  ENVIRONMENT: 'local',
+  SECRET_KEY: randomBytes(32).toString('hex'),
+  FIRST_SUPERUSER: 'admin@bench.test',
+  FIRST_SUPERUSER_PASSWORD: 'bench-superuser-password',
+  LOG_FORMAT: 'json',
+  LOG_LEVEL: 'info',
+  HOST: '127.0.0.1',
+  PORT: String(port),
+  REDIS_URL: '',
+  ...extra,
+});
+
+async function json(url, init) {
+  const response = await fetch(url, init);
+  const text = await response.text();
+  if (!response.ok) throw new Error(`${init?.method ?? 'GET'} ${url}: ${response.status} ${text}`);
+  return JSON.parse(text);
+}
+
+/** Signs in as the superuser, adds the upstream as an openai-compatible provider and a model, and returns an API key. */
+async function configureKeel(port) {
+  const base = `http://127.0.0.1:${port}/api/v1`;
+  const { access_token } = await json(`${base}/login/access-token`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+    body: 'username=admin%40bench.test&password=bench-superuser-password',
+  });
+  const headers = { authorization: `Bearer ${access_token}`, 'content-type': 'application/json' };
+  await json(`${base}/providers`, { method: 'POST', headers, body: JSON.stringify({ name: 'bench', kind: 'openai-compatible', base_url: UPSTREAM, api_key: 'sk-bench' }) });
+  await json(`${base}/models`, {
+    method: 'POST',
+    headers,
+    body: JSON.stringify({ id: MODEL, provider: 'bench', capabilities: ['chat'], pricing: { input_cost_per_million_tokens: '0.4', output_cost_per_million_tokens: '1.6' } }),
+  });
+  const { key } = await json(`${base}/api-keys`, { method: 'POST', headers, body: JSON.stringify({ name: 'bench' }) });
+  return key;
+}
+
+// ==================== Load ====================
+
+const BODIES = {
+  nonstream: Buffer.from(JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'Say hello.' }], max_tokens: 16 })),
+  stream: Buffer.from(JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'Say hello.' }], max_tokens: 16, stream: true, stream_options: { include_usage: true } })),
+};
+
+const now = () => Number(process.hrtime.bigint()) / 1e6;
+
+/** One request; resolves with the latency that counts (whole answer, or first chunk when streaming). */
+function once(target, mode, agent) {
+  const body = BODIES[mode];
+  return new Promise((resolve) => {
+    const started = now();
+    const request = http.request(
+      {
+        host: '127.0.0.1',
+        port: target.port,
+        path: target.path,
+        method: 'POST',
+        agent,
+        headers: { ...target.headers, 'content-type': 'application/json', 'content-length': body.length },
+      },
+      (response) => {
+        let first = null;
+        response.on('data', () => {
+          first ??= now();
+        });
+        response.on('end', () => {
+          const end = now();
+          resolve({ ok: response.statusCode === 200, ms: mode === 'stream' ? (first ?? end) - started : end - started });
+        });
+        response.on('error', () => resolve({ ok: false, ms: now() - started }));
+      },
+    );
+    request.on('error', () => resolve({ ok: false, ms: now() - started }));
+    request.end(body);
+  });
+}
+
+const percentile = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+
+function cpuMs(pid) {
+  if (!pid) return 0;
+  try {
+    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+    return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100; // utime + stime, 100 Hz ticks
+  } catch {
+    return 0;
+  }
+}
+
+async function measure(target, mode, clients) {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: clients });
+  const latencies = [];
+  let errors = 0;
+  // Warm-up: connections, JIT, caches.
+  const warm = clients === 1 ? 200 : clients * 10;
+  await Promise.all(Array.from({ length: clients }, async () => {
+    for (let i = 0; i < warm / clients; i++) await once(target, mode, agent);
+  }));
+  const cpuBefore = cpuMs(target.pid);
+  const started = now();
+  if (clients === 1) {
+    for (let i = 0; i < N1; i++) {
+      const { ok, ms } = await once(target, mode, agent);
+      if (ok) latencies.push(ms);
+      else errors++;
+    }
+  } else {
+    const deadline = started + DURATION * 1000;
+    await Promise.all(Array.from({ length: clients }, async () => {
+      while (now() < deadline) {
+        const { ok, ms } = await once(target, mode, agent);
+        if (ok) latencies.push(ms);
+        else errors++;
+      }
+    }));
+  }
+  const seconds = (now() - started) / 1000;
+  const cpuPerRequest = target.pid ? ((cpuMs(target.pid) - cpuBefore) * 1000) / Math.max(1, latencies.length + errors) : NaN;
+  agent.destroy();
+  latencies.sort((a, b) => a - b);
+  const row = {
+    target: target.name,
+    mode,
+    clients,
+    rps: (latencies.length + errors) / seconds,
+    p50: percentile(latencies, 50) ?? NaN,
+    p99: percentile(latencies, 99) ?? NaN,
+    errors,
+    cpu_us: cpuPerRequest,
+  };
+  appendFileSync(RAW, `${[row.target, row.mode, row.clients, row.rps.toFixed(1), row.p50.toFixed(3), row.p99.toFixed(3), row.errors, row.cpu_us.toFixed(1)].join('\t')}\n`);
+  console.log(`${row.target.padEnd(9)} ${mode.padEnd(9)} c${String(clients).padEnd(3)} ${row.rps.toFixed(0).padStart(6)} req/s  p50 ${row.p50.toFixed(3)} ms  p99 ${row.p99.toFixed(3)} ms  errors ${errors}  server CPU ${row.cpu_us.toFixed(0)} µs/req`);
+  return row;
+}
+
+// ==================== Run ====================
+
+const load = [loadavg()];
+const upstream = start('upstream', ['bench/fake-upstream.mjs'], { PORT: String(PORTS.upstream) });
+await waitUp(PORTS.upstream);
+const targets = [{ name: 'direct', port: PORTS.upstream, path: '/v1/chat/completions', headers: { authorization: 'Bearer sk-bench' }, pid: upstream.pid }];
+
+if (TARGETS.includes('embedded')) {
+  const dataDir = `${OUT}/data-embedded`;
+  const child = start('keel-embedded', ['--import', 'tsx', 'src/main.ts', 'start'], keelEnv(PORTS.embedded, { DATA_DIR: dataDir, DATABASE_URL: '' }));
+  await waitUp(PORTS.embedded);
+  const key = await configureKeel(PORTS.embedded);
+  targets.push({ name: 'embedded', port: PORTS.embedded, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });
+}
+if (TARGETS.includes('postgres')) {
+  benchDb = `keel_gateway_bench_${process.pid}`;
+  execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `create database "${benchDb}"`]);
+  const env = keelEnv(PORTS.postgres, { DATA_DIR: `${OUT}/data-postgres`, DATABASE_URL: `${PG_ADMIN_URL.replace(/\/[^/]*$/, '')}/${benchDb}` });
+  execFileSync(process.execPath, ['--import', 'tsx', 'src/main.ts', 'migrate'], { env: { ...process.env, ...env }, stdio: 'ignore' });
+  const child = start('keel-postgres', ['--import', 'tsx', 'src/main.ts', 'api'], env);
+  await waitUp(PORTS.postgres);
+  const key = await configureKeel(PORTS.postgres);
+  targets.push({ name: 'postgres', port: PORTS.postgres, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });
+}
+if (TARGETS.includes('portkey')) {
+  const child = start('portkey', ['node_modules/@portkey-ai/gateway/build/start-server.js', `--port=${PORTS.portkey}`], {});
+  await waitUp(PORTS.portkey, '/');
+  targets.push({
+    name: 'portkey',
+    port: PORTS.portkey,
+    path: '/v1/chat/completions',
+    headers: { authorization: 'Bearer sk-bench', 'x-portkey-provider': 'openai', 'x-portkey-custom-host': UPSTREAM },
+    pid: child.pid,
+    // Its streamed answers fail on Node 20 (every provider: `TypeError: immutable` appending a
+    // header to the upstream fetch Response), so it is measured without streaming.
+    modes: ['nonstream'],
+  });
+}
+
+const rows = [];
+for (let round = 1; round <= ROUNDS; round++) {
+  console.log(`--- round ${round}/${ROUNDS} (load ${loadavg().map((l) => l.toFixed(1)).join(' ')})`);
+  load.push(loadavg());
+  for (const mode of ['nonstream', 'stream']) {
+    for (const clients of [1, ...CLIENTS]) {
+      for (const target of targets) if (!target.modes || target.modes.includes(mode)) rows.push({ round, ...(await measure(target, mode, clients)) });
+    }
+  }
+}
+load.push(loadavg());
+
+// ==================== Summary ====================
+
+const median = (values) => {
+  const sorted = values.filter((v) => Number.isFinite(v)).sort((a, b) => a - b);
+  if (!sorted.length) return NaN;
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+};
+const pick = (target, mode, clients) => rows.filter((r) => r.target === target && r.mode === mode && r.clients === clients);
+const fmt = (v, digits = 2) => (Number.isFinite(v) ? v.toFixed(digits) : '–');
+const lines = [];
+const out = (line = '') => lines.push(line);
+out(`Run ${new Date().toISOString().slice(0, 16)}Z; ${cpus().length} cores (${cpus()[0]?.model ?? '?'}), ${Math.round(totalmem() / 2 ** 30)} GiB, Node ${process.version}; ROUNDS=${ROUNDS} N1=${N1} DURATION=${DURATION}s`);
+out(`Load average (1 min) at start, each round, end: ${load.map((l) => l[0].toFixed(1)).join(', ')}`);
+out();
+out('Medians over the rounds; "added" = target − direct in the same round (then the median). Stream latency = time to the first chunk.');
+out();
+for (const mode of ['nonstream', 'stream']) {
+  out(`### ${mode === 'stream' ? 'Stream (time to first chunk)' : 'Non-stream (whole answer)'}`);
+  out();
+  out(`| target | c1 p50 ms | c1 p99 ms | added p50 ms | added p99 ms | ${CLIENTS.map((c) => `c${c} req/s | c${c} p50 ms | c${c} p99 ms`).join(' | ')} | server CPU µs/req (c1, ${CLIENTS.map((c) => `c${c}`).join(', ')}) | errors |`);
+  out(`| --- | --- | --- | --- | --- | ${CLIENTS.map(() => '--- | --- | ---').join(' | ')} | --- | --- |`);
+  for (const target of targets.filter((t) => !t.modes || t.modes.includes(mode))) {
+    const one = pick(target.name, mode, 1);
+    const added = (p) => median(one.map((r) => r[p] - pick('direct', mode, 1).find((d) => d.round === r.round)[p]));
+    const cells = [fmt(median(one.map((r) => r.p50)), 3), fmt(median(one.map((r) => r.p99)), 3), target.name === 'direct' ? '–' : fmt(added('p50'), 3), target.name === 'direct' ? '–' : fmt(added('p99'), 3)];
+    for (const c of CLIENTS) {
+      const many = pick(target.name, mode, c);
+      cells.push(fmt(median(many.map((r) => r.rps)), 0), fmt(median(many.map((r) => r.p50))), fmt(median(many.map((r) => r.p99))));
+    }
+    cells.push([1, ...CLIENTS].map((c) => fmt(median(pick(target.name, mode, c).map((r) => r.cpu_us)), 0)).join(', '));
+    cells.push(String(rows.filter((r) => r.target === target.name && r.mode === mode).reduce((n, r) => n + r.errors, 0)));
+    out(`| ${target.name} | ${cells.join(' | ')} |`);
+  }
+  if (mode === 'nonstream' && targets.some((t) => t.name === 'portkey')) {
+    const last = CLIENTS.at(-1);
+    const portkey = median(pick('portkey', mode, last).map((r) => r.rps));
+    for (const name of ['embedded', 'postgres']) {
+      if (!targets.some((t) => t.name === name)) continue;
+      out();
+      out(`${name} / portkey at c${last}: ${fmt(median(pick(name, mode, last).map((r) => r.rps)) / portkey, 2)}×`);
+    }
+  }
+  out();
+}
+writeFileSync(`${OUT}/summary.md`, `${lines.join('\n')}\n`);
+console.log(`\n${lines.join('\n')}`);
+process.exit(0);

@@ -1,0 +1,23 @@
+-- Tells every Keel node about changes it keeps in memory:
+--  * the model catalog (model_overrides) and the providers: each node reloads its model manager
+--    (src/services/model-sync.ts); one notification per statement, folded within a transaction;
+--  * an API key changed or deleted (a cascade from a deleted project or user included): each
+--    node drops it from its key cache (src/crud/api-key.ts). The payload is the key's hash.
+CREATE FUNCTION "keel_notify_models_changed"() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('keel_models_changed', TG_TABLE_NAME);
+  RETURN NULL;
+END;
+$$;--> statement-breakpoint
+CREATE TRIGGER "model_overrides_notify_changed" AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON "model_overrides"
+  FOR EACH STATEMENT EXECUTE FUNCTION "keel_notify_models_changed"();--> statement-breakpoint
+CREATE TRIGGER "providers_notify_changed" AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON "providers"
+  FOR EACH STATEMENT EXECUTE FUNCTION "keel_notify_models_changed"();--> statement-breakpoint
+CREATE FUNCTION "keel_notify_api_key_changed"() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('keel_api_key_changed', OLD.key_hash);
+  RETURN NULL;
+END;
+$$;--> statement-breakpoint
+CREATE TRIGGER "api_keys_notify_changed" AFTER UPDATE OR DELETE ON "api_keys"
+  FOR EACH ROW EXECUTE FUNCTION "keel_notify_api_key_changed"();

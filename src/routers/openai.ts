@@ -1,0 +1,175 @@
+import { Readable } from 'node:stream';
+
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+
+import { noteRefusal } from '../core/access-log.js';
+
+import {
+  ChatCompletion,
+  ChatCompletionRequest,
+  EmbeddingList,
+  EmbeddingRequest,
+  openAIErrors,
+  OpenAIModel,
+  OpenAIModelList,
+  OpenAIModelParams,
+} from '../schemas/openai.js';
+
+import { ModelNotFoundError } from '../modules/ai-models/index.js';
+import {
+  AGENT_MODEL_PREFIX,
+  callContext,
+  completionChunks,
+  completionJson,
+  embeddingsJson,
+  modelObject,
+  openAIErrorFrom,
+  openStream,
+  toChatRequest,
+  toEmbedRequest,
+} from '../services/openai-gateway.js';
+import { requireUser } from '../utils/authentication.js';
+
+/** Where the OpenAI-compatible surface lives: clients set `baseURL` to `<keel>/v1`. */
+export const OPENAI_PREFIX = '/v1';
+
+const tags = ['openai'];
+const JSON_TYPE = 'application/json; charset=utf-8';
+
+/** What a /v1 route threw, for the error object's type and code (the app's handler answers `{detail}` first). */
+const thrownErrors = new WeakMap<FastifyRequest, unknown>();
+
+/**
+ * An AbortSignal that fires when the client goes away before the answer is complete: the model
+ * manager aborts the upstream request with it.
+ */
+function disconnectSignal(request: FastifyRequest, reply: FastifyReply): AbortSignal {
+  const controller = new AbortController();
+  reply.raw.once('close', () => {
+    if (!reply.raw.writableFinished) controller.abort();
+  });
+  return controller.signal;
+}
+
+/**
+ * The OpenAI-compatible gateway: a thin adapter over `app.models` (the one call path). Errors are
+ * OpenAI's error objects with OpenAI's status codes: the app's error handler maps every error
+ * (as for the rest of the API) and this plugin's onSend hook reshapes its `{detail}`.
+ */
+export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
+  const { models } = app;
+  app.addHook('onRequest', requireUser);
+  registerOpenAIErrors(app);
+
+  app.get(
+    '/models',
+    {
+      schema: {
+        operationId: 'openai_list_models',
+        summary: 'List Models (OpenAI)',
+        description: 'The enabled models whose provider is configured, as OpenAI lists models.',
+        tags,
+        response: { 200: OpenAIModelList, ...openAIErrors },
+      },
+    },
+    async () => ({
+      object: 'list' as const,
+      data: models
+        .listAvailableModels()
+        .filter((m) => m.available)
+        .map((m) => modelObject(m.id, m.provider)),
+    }),
+  );
+
+  app.get(
+    '/models/:model',
+    {
+      schema: {
+        operationId: 'openai_retrieve_model',
+        summary: 'Retrieve Model (OpenAI)',
+        description: 'By id or alias; 404 `model_not_found` for a disabled or unknown model.',
+        tags,
+        params: OpenAIModelParams,
+        response: { 200: OpenAIModel, ...openAIErrors },
+      },
+    },
+    async (request) => {
+      const { model } = request.params;
+      const found = model.startsWith(AGENT_MODEL_PREFIX) ? undefined : models.getModel(model);
+      if (!found || !found.enabled) throw new ModelNotFoundError(model);
+      return modelObject(found.id, found.provider);
+    },
+  );
+
+  app.post(
+    '/chat/completions',
+    {
+      bodyLimit: app.settings.GATEWAY_BODY_LIMIT_BYTES,
+      schema: {
+        operationId: 'openai_create_chat_completion',
+        summary: 'Create Chat Completion (OpenAI)',
+        description:
+          'OpenAI\'s Chat Completions through the model manager (retries, fallbacks, timeouts, metering). `stream: true` answers `text/event-stream` in OpenAI\'s chunk framing, ending in `data: [DONE]`. Only `n=1`. `agent:<id>` models are not served here yet (404).',
+        tags,
+        body: ChatCompletionRequest,
+        response: { 200: ChatCompletion, ...openAIErrors },
+      },
+    },
+    async (request, reply) => {
+      const { body } = request;
+      const chat = toChatRequest(body, callContext(request.principal), disconnectSignal(request, reply));
+      if (body.stream) {
+        const { events, first } = await openStream(models.stream(chat));
+        const chunks = completionChunks(events, first, body.model, body.stream_options?.include_usage === true);
+        return reply
+          .header('content-type', 'text/event-stream; charset=utf-8')
+          .header('cache-control', 'no-cache')
+          .header('x-accel-buffering', 'no')
+          .send(Readable.from(chunks, { objectMode: false }) as never);
+      }
+      const result = await models.chat(chat);
+      return reply.type(JSON_TYPE).send(completionJson(result) as never);
+    },
+  );
+
+  app.post(
+    '/embeddings',
+    {
+      bodyLimit: app.settings.GATEWAY_BODY_LIMIT_BYTES,
+      schema: {
+        operationId: 'openai_create_embeddings',
+        summary: 'Create Embeddings (OpenAI)',
+        description: 'Embeddings of one text or a list of texts; `encoding_format: base64` sends little-endian float32 values.',
+        tags,
+        body: EmbeddingRequest,
+        response: { 200: EmbeddingList, ...openAIErrors },
+      },
+    },
+    async (request, reply) => {
+      const { body } = request;
+      const result = await models.embed(toEmbedRequest(body, callContext(request.principal), disconnectSignal(request, reply)));
+      return reply.type(JSON_TYPE).send(embeddingsJson(result, body.encoding_format) as never);
+    },
+  );
+};
+
+/**
+ * Errors under /v1 in OpenAI's shape: this context's error handler notes what was thrown and hands
+ * it on to the app's handler (which logs it and picks the status and `{detail}`); the
+ * preSerialization hook turns that `{detail}` into OpenAI's error object before the response
+ * schema serializes it. Success answers are strings (or a list object) and pass untouched.
+ */
+function registerOpenAIErrors(app: FastifyInstance): void {
+  app.setErrorHandler((error, request) => {
+    thrownErrors.set(request, error);
+    throw error;
+  });
+  app.addHook('preSerialization', (request, reply, payload: unknown, done) => {
+    if (reply.statusCode < 400 || payload === null || typeof payload !== 'object' || !('detail' in payload)) return done(null, payload);
+    const { status, body } = openAIErrorFrom(reply.statusCode, payload.detail, thrownErrors.get(request));
+    noteRefusal(request, body.error.message.slice(0, 300));
+    void reply.code(status);
+    done(null, body);
+  });
+}

@@ -1,0 +1,206 @@
+/**
+ * The OpenAI-compatible surface (`/v1`): request and response shapes as OpenAI's API defines them,
+ * limited to what Keel serves. Unknown request fields are ignored (OpenAI's SDKs and the tools
+ * built on them send fields Keel has no use for, such as `user`, `seed`, `metadata`, `store`).
+ */
+import { z } from 'zod';
+
+// ==================== Errors ====================
+
+export const OpenAIError = z
+  .object({
+    error: z.object({
+      message: z.string(),
+      type: z.string(),
+      param: z.string().nullable(),
+      code: z.string().nullable(),
+    }),
+  })
+  .meta({ id: 'OpenAIError' });
+
+/** Every error a /v1 route may answer, in OpenAI's shape. */
+export const openAIErrors = {
+  400: OpenAIError,
+  401: OpenAIError,
+  402: OpenAIError,
+  403: OpenAIError,
+  404: OpenAIError,
+  429: OpenAIError,
+  500: OpenAIError,
+  502: OpenAIError,
+  503: OpenAIError,
+  504: OpenAIError,
+} as const;
+
+// ==================== Models ====================
+
+export const OpenAIModel = z
+  .object({
+    id: z.string(),
+    object: z.literal('model'),
+    created: z.number().int(),
+    owned_by: z.string(),
+  })
+  .meta({ id: 'OpenAIModel' });
+
+export const OpenAIModelList = z.object({ object: z.literal('list'), data: z.array(OpenAIModel) }).meta({ id: 'OpenAIModelList' });
+
+export const OpenAIModelParams = z.object({ model: z.string().min(1).max(200) });
+
+// ==================== Chat completions ====================
+
+const TextPart = z.object({ type: z.literal('text'), text: z.string() });
+const ImagePart = z.object({
+  type: z.literal('image_url'),
+  image_url: z.object({ url: z.string().min(1), detail: z.enum(['auto', 'low', 'high']).optional() }),
+});
+const RefusalPart = z.object({ type: z.literal('refusal'), refusal: z.string() });
+
+const TextContent = z.union([z.string(), z.array(TextPart)]);
+
+const ToolCallIn = z.object({
+  id: z.string().min(1),
+  type: z.literal('function'),
+  function: z.object({ name: z.string().min(1), arguments: z.string() }),
+});
+
+const SystemMessage = z.object({ role: z.enum(['system', 'developer']), content: TextContent, name: z.string().optional() });
+const UserMessage = z.object({
+  role: z.literal('user'),
+  content: z.union([z.string(), z.array(z.discriminatedUnion('type', [TextPart, ImagePart]))]),
+  name: z.string().optional(),
+});
+const AssistantMessage = z.object({
+  role: z.literal('assistant'),
+  content: z.union([z.string(), z.array(z.discriminatedUnion('type', [TextPart, RefusalPart]))]).nullish(),
+  tool_calls: z.array(ToolCallIn).optional(),
+  refusal: z.string().nullish(),
+  name: z.string().optional(),
+});
+const ToolMessage = z.object({ role: z.literal('tool'), content: TextContent, tool_call_id: z.string().min(1) });
+
+export const ChatMessage = z.discriminatedUnion('role', [SystemMessage, UserMessage, AssistantMessage, ToolMessage]);
+export type ChatMessage = z.infer<typeof ChatMessage>;
+
+const FunctionTool = z.object({
+  type: z.literal('function'),
+  function: z.object({
+    name: z.string().regex(/^[\w-]{1,64}$/, { error: 'A function name is 1 to 64 letters, digits, _ or -' }),
+    description: z.string().optional(),
+    parameters: z.record(z.string(), z.unknown()).optional(),
+    strict: z.boolean().nullish(),
+  }),
+});
+
+const ToolChoice = z.union([
+  z.enum(['none', 'auto', 'required']),
+  z.object({ type: z.literal('function'), function: z.object({ name: z.string().min(1) }) }),
+]);
+
+const ResponseFormat = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('text') }),
+  z.object({ type: z.literal('json_object') }),
+  z.object({
+    type: z.literal('json_schema'),
+    json_schema: z.object({
+      name: z.string().min(1).max(64),
+      description: z.string().optional(),
+      schema: z.record(z.string(), z.unknown()).optional(),
+      strict: z.boolean().nullish(),
+    }),
+  }),
+]);
+
+const MaxTokens = z.number().int().min(1).max(10_000_000).nullish();
+
+export const ChatCompletionRequest = z
+  .object({
+    model: z.string().min(1).max(200),
+    messages: z.array(ChatMessage).min(1),
+    stream: z.boolean().nullish(),
+    stream_options: z.object({ include_usage: z.boolean().optional() }).nullish(),
+    tools: z.array(FunctionTool).max(128).optional(),
+    tool_choice: ToolChoice.optional(),
+    parallel_tool_calls: z.boolean().optional(),
+    response_format: ResponseFormat.optional(),
+    n: z.literal(1, { error: 'Only n=1 is supported' }).nullish(),
+    max_tokens: MaxTokens,
+    max_completion_tokens: MaxTokens,
+    temperature: z.number().min(0).max(2).nullish(),
+    top_p: z.number().min(0).max(1).nullish(),
+    stop: z.union([z.string(), z.array(z.string()).max(4)]).nullish(),
+  })
+  .meta({ id: 'ChatCompletionRequest' });
+export type ChatCompletionRequest = z.infer<typeof ChatCompletionRequest>;
+
+const ToolCallOut = z.object({
+  id: z.string(),
+  type: z.literal('function'),
+  function: z.object({ name: z.string(), arguments: z.string() }),
+});
+
+export const CompletionUsage = z
+  .object({
+    prompt_tokens: z.number().int(),
+    completion_tokens: z.number().int(),
+    total_tokens: z.number().int(),
+    prompt_tokens_details: z.object({ cached_tokens: z.number().int() }),
+    completion_tokens_details: z.object({ reasoning_tokens: z.number().int() }),
+  })
+  .meta({ id: 'CompletionUsage' });
+
+const FinishReason = z.enum(['stop', 'length', 'tool_calls', 'content_filter']);
+
+export const ChatCompletion = z
+  .object({
+    id: z.string(),
+    object: z.literal('chat.completion'),
+    created: z.number().int(),
+    model: z.string(),
+    choices: z.array(
+      z.object({
+        index: z.number().int(),
+        message: z.object({
+          role: z.literal('assistant'),
+          content: z.string().nullable(),
+          refusal: z.string().nullable(),
+          tool_calls: z.array(ToolCallOut).optional(),
+        }),
+        finish_reason: FinishReason,
+        logprobs: z.null(),
+      }),
+    ),
+    usage: CompletionUsage,
+  })
+  .meta({
+    id: 'ChatCompletion',
+    description: 'The answer; with `stream: true` the route answers `text/event-stream` of `chat.completion.chunk` objects ending in `data: [DONE]`.',
+  });
+
+// ==================== Embeddings ====================
+
+export const EmbeddingRequest = z
+  .object({
+    model: z.string().min(1).max(200),
+    input: z.union([z.string(), z.array(z.string()).min(1).max(2048)]),
+    encoding_format: z.enum(['float', 'base64']).optional(),
+    dimensions: z.number().int().optional(),
+    user: z.string().optional(),
+  })
+  .meta({ id: 'EmbeddingRequest', description: 'Text input only (token arrays are not accepted); `dimensions` is not supported.' });
+export type EmbeddingRequest = z.infer<typeof EmbeddingRequest>;
+
+export const EmbeddingList = z
+  .object({
+    object: z.literal('list'),
+    data: z.array(
+      z.object({
+        object: z.literal('embedding'),
+        index: z.number().int(),
+        embedding: z.union([z.array(z.number()), z.string().meta({ description: 'Little-endian float32 values, base64' })]),
+      }),
+    ),
+    model: z.string(),
+    usage: z.object({ prompt_tokens: z.number().int(), total_tokens: z.number().int() }),
+  })
+  .meta({ id: 'EmbeddingList' });

@@ -1,0 +1,350 @@
+/**
+ * The OpenAI-compatible gateway: translates OpenAI's request shapes into the model manager's one
+ * call path (`chat`, `stream`, `embed`) and its results back into OpenAI's answers and stream
+ * chunks. Nothing here calls a provider: resolution, retries, fallbacks, timeouts and metering all
+ * happen in the manager; this module only reshapes.
+ */
+import { randomUUID } from 'node:crypto';
+
+import { jsonSchema, type JSONSchema7, type ModelMessage, type ToolChoice, type ToolSet } from 'ai';
+
+import { HttpError } from '../core/errors.js';
+
+import type { ChatCompletionRequest, ChatMessage, EmbeddingRequest } from '../schemas/openai.js';
+
+import {
+  type CallContext,
+  type ChatRequest,
+  type ChatResult,
+  type EmbedRequest,
+  type EmbedResult,
+  type JsonResponseFormat,
+  ModelNotFoundError,
+  type ModelStream,
+  type StreamEvent,
+  type TokenUsage,
+  type ToolCall,
+} from '../modules/ai-models/index.js';
+import type { Principal } from '../utils/authentication.js';
+
+// ==================== Errors ====================
+
+/** A request OpenAI's API would refuse with 400; `param` names the field as OpenAI does (`messages[2].tool_call_id`). */
+export class InvalidRequestError extends HttpError {
+  constructor(
+    detail: string,
+    readonly param: string | null = null,
+  ) {
+    super(400, detail);
+  }
+}
+
+/** `agent:<id>` models are Keel's agents; the gateway does not run agents yet. */
+export const AGENT_MODEL_PREFIX = 'agent:';
+
+function refuseAgentModel(model: string): void {
+  if (model.startsWith(AGENT_MODEL_PREFIX)) throw new ModelNotFoundError(model);
+}
+
+// ==================== Requests ====================
+
+export function callContext(principal: Principal): CallContext {
+  return { user_id: principal.user.id, api_key_id: principal.apiKeyId, project_id: principal.scopeProjectId };
+}
+
+const textOf = (content: string | { text: string }[]): string => (typeof content === 'string' ? content : content.map((p) => p.text).join(''));
+
+function parseArguments(text: string): unknown {
+  try {
+    return JSON.parse(text) as unknown;
+  } catch {
+    return text; // sent on as it came: the provider sees the same string
+  }
+}
+
+/** OpenAI's messages as the AI SDK's; a tool result names its tool through the assistant's earlier call. */
+function toModelMessages(messages: readonly ChatMessage[]): ModelMessage[] {
+  const toolNames = new Map<string, string>();
+  return messages.map((message, index): ModelMessage => {
+    switch (message.role) {
+      case 'system':
+      case 'developer':
+        return { role: 'system', content: textOf(message.content) };
+      case 'user':
+        if (typeof message.content === 'string') return { role: 'user', content: message.content };
+        return {
+          role: 'user',
+          content: message.content.map((part) =>
+            part.type === 'text' ? { type: 'text' as const, text: part.text } : { type: 'image' as const, image: part.image_url.url },
+          ),
+        };
+      case 'assistant': {
+        const text = !message.content ? '' : typeof message.content === 'string' ? message.content : message.content.map((p) => (p.type === 'text' ? p.text : p.refusal)).join('');
+        const calls = message.tool_calls ?? [];
+        if (!calls.length) return { role: 'assistant', content: text };
+        for (const call of calls) toolNames.set(call.id, call.function.name);
+        return {
+          role: 'assistant',
+          content: [
+            ...(text ? [{ type: 'text' as const, text }] : []),
+            ...calls.map((call) => ({ type: 'tool-call' as const, toolCallId: call.id, toolName: call.function.name, input: parseArguments(call.function.arguments) })),
+          ],
+        };
+      }
+      case 'tool': {
+        const toolName = toolNames.get(message.tool_call_id);
+        if (toolName === undefined) {
+          throw new InvalidRequestError(`No assistant tool call with id ${message.tool_call_id} precedes this tool message`, `messages[${index}].tool_call_id`);
+        }
+        return {
+          role: 'tool',
+          content: [{ type: 'tool-result', toolCallId: message.tool_call_id, toolName, output: { type: 'text', value: textOf(message.content) } }],
+        };
+      }
+    }
+  });
+}
+
+const EMPTY_PARAMETERS: JSONSchema7 = { type: 'object', properties: {} };
+
+function toTools(tools: ChatCompletionRequest['tools']): ToolSet | undefined {
+  if (!tools?.length) return undefined;
+  const set: ToolSet = {};
+  for (const { function: fn } of tools) {
+    set[fn.name] = { description: fn.description, inputSchema: jsonSchema((fn.parameters as JSONSchema7 | undefined) ?? EMPTY_PARAMETERS) };
+  }
+  return set;
+}
+
+function toToolChoice(choice: ChatCompletionRequest['tool_choice'], tools: ToolSet | undefined): ToolChoice<ToolSet> | undefined {
+  if (choice === undefined) return undefined;
+  if (typeof choice === 'string') return choice;
+  if (!tools || !Object.hasOwn(tools, choice.function.name)) {
+    throw new InvalidRequestError(`tool_choice names ${choice.function.name}, which is not in tools`, 'tool_choice');
+  }
+  return { type: 'tool', toolName: choice.function.name };
+}
+
+function toResponseFormat(format: ChatCompletionRequest['response_format']): JsonResponseFormat | undefined {
+  if (!format || format.type === 'text') return undefined;
+  if (format.type === 'json_object') return { type: 'json' };
+  const { name, description, schema } = format.json_schema;
+  return { type: 'json', name, description, schema: schema as JSONSchema7 | undefined };
+}
+
+const orUndefined = <T>(value: T | null | undefined): T | undefined => value ?? undefined;
+
+export function toChatRequest(body: ChatCompletionRequest, context: CallContext, signal: AbortSignal): ChatRequest {
+  refuseAgentModel(body.model);
+  const tools = toTools(body.tools);
+  const stop = body.stop;
+  return {
+    model: body.model,
+    messages: toModelMessages(body.messages),
+    tools,
+    toolChoice: toToolChoice(body.tool_choice, tools),
+    maxOutputTokens: orUndefined(body.max_completion_tokens ?? body.max_tokens),
+    temperature: orUndefined(body.temperature),
+    topP: orUndefined(body.top_p),
+    stopSequences: !stop ? undefined : typeof stop === 'string' ? [stop] : stop,
+    responseFormat: toResponseFormat(body.response_format),
+    signal,
+    context,
+  };
+}
+
+export function toEmbedRequest(body: EmbeddingRequest, context: CallContext, signal: AbortSignal): EmbedRequest {
+  refuseAgentModel(body.model);
+  if (body.dimensions !== undefined) throw new InvalidRequestError('dimensions is not supported; use a model of the size you need', 'dimensions');
+  return { model: body.model, values: typeof body.input === 'string' ? [body.input] : body.input, signal, context };
+}
+
+// ==================== Answers ====================
+
+const FINISH_REASONS: Record<string, string> = { stop: 'stop', length: 'length', 'tool-calls': 'tool_calls', 'content-filter': 'content_filter' };
+
+function finishReason(result: ChatResult): string {
+  return result.toolCalls.length ? 'tool_calls' : (FINISH_REASONS[result.finishReason] ?? 'stop');
+}
+
+function usageOf(usage: TokenUsage) {
+  return {
+    prompt_tokens: usage.input,
+    completion_tokens: usage.output,
+    total_tokens: usage.input + usage.output,
+    prompt_tokens_details: { cached_tokens: usage.cached_input },
+    completion_tokens_details: { reasoning_tokens: usage.reasoning },
+  };
+}
+
+const toolCallOut = (call: ToolCall) => ({
+  id: call.toolCallId,
+  type: 'function' as const,
+  function: { name: call.toolName, arguments: typeof call.input === 'string' ? call.input : JSON.stringify(call.input ?? {}) },
+});
+
+export const completionId = (): string => `chatcmpl-${randomUUID().replaceAll('-', '')}`;
+const now = () => Math.floor(Date.now() / 1000);
+
+/** The `chat.completion` object, serialized (the hot path skips the response schema's serializer). */
+export function completionJson(result: ChatResult): string {
+  const message: Record<string, unknown> = { role: 'assistant', content: result.text || (result.toolCalls.length ? null : ''), refusal: null };
+  if (result.toolCalls.length) message.tool_calls = result.toolCalls.map(toolCallOut);
+  return JSON.stringify({
+    id: completionId(),
+    object: 'chat.completion',
+    created: now(),
+    model: result.model,
+    choices: [{ index: 0, message, finish_reason: finishReason(result), logprobs: null }],
+    usage: usageOf(result.usage),
+  });
+}
+
+/**
+ * The SSE body of a streamed completion, OpenAI's framing: a first chunk with the role, content
+ * deltas, one chunk per tool call, a chunk with the finish reason, the usage chunk when asked for
+ * (`choices: []`; every earlier chunk then says `usage: null`), then `data: [DONE]`. The caller has
+ * already taken `first` (so errors before any output answered as plain HTTP errors). An error after
+ * that ends the stream with an `error` event (OpenAI's SDKs raise it). Stopping the iteration
+ * (the client went away) returns the manager's iterator, which aborts the upstream request.
+ */
+export async function* completionChunks(
+  events: AsyncIterator<StreamEvent>,
+  first: IteratorResult<StreamEvent>,
+  requestedModel: string,
+  includeUsage: boolean,
+): AsyncGenerator<string> {
+  const id = completionId();
+  const created = now();
+  let model = requestedModel;
+  const usageField = includeUsage ? ',"usage":null' : '';
+  const frame = (delta: unknown, finish: string | null = null) =>
+    `data: {"id":"${id}","object":"chat.completion.chunk","created":${created},"model":${JSON.stringify(model)},"choices":[{"index":0,"delta":${JSON.stringify(delta)},"logprobs":null,"finish_reason":${finish === null ? 'null' : `"${finish}"`}}]${usageField}}\n\n`;
+  let toolIndex = 0;
+  const render = (event: Exclude<StreamEvent, { type: 'finish' }>): string => {
+    if (event.type === 'text-delta') return frame({ content: event.text });
+    if (event.type === 'reasoning-delta') return frame({ reasoning_content: event.text });
+    return frame({ tool_calls: [{ index: toolIndex++, ...toolCallOut(event.toolCall) }] });
+  };
+  let next = first;
+  let head = frame({ role: 'assistant', content: '', refusal: null });
+  try {
+    for (; !next.done; next = await events.next()) {
+      const event = next.value;
+      if (event.type !== 'finish') {
+        yield head + render(event);
+        head = '';
+        continue;
+      }
+      const { result } = event;
+      model = result.model;
+      let tail = head + frame({}, finishReason(result));
+      if (includeUsage) {
+        tail += `data: ${JSON.stringify({ id, object: 'chat.completion.chunk', created, model, choices: [], usage: usageOf(result.usage) })}\n\n`;
+      }
+      yield `${tail}data: [DONE]\n\n`;
+      return;
+    }
+  } catch (error) {
+    const { body } = openAIErrorOf(error);
+    yield `${head}data: ${JSON.stringify(body)}\n\n`;
+  } finally {
+    await events.return?.();
+  }
+}
+
+/** Starts a stream and waits for its first event: failures before any output throw here. */
+export async function openStream(stream: ModelStream): Promise<{ events: AsyncIterator<StreamEvent>; first: IteratorResult<StreamEvent> }> {
+  const events = stream[Symbol.asyncIterator]();
+  return { events, first: await events.next() };
+}
+
+/** Embeddings as float arrays, or base64 of little-endian float32 values as OpenAI sends them. */
+export function embeddingsJson(result: EmbedResult, format: 'float' | 'base64' | undefined): string {
+  const data = result.embeddings.map((vector, index) => ({
+    object: 'embedding',
+    index,
+    embedding: format === 'base64' ? Buffer.from(new Float32Array(vector).buffer).toString('base64') : vector,
+  }));
+  return JSON.stringify({ object: 'list', data, model: result.model, usage: { prompt_tokens: result.usage.input, total_tokens: result.usage.input } });
+}
+
+export function modelObject(id: string, provider: string) {
+  return { id, object: 'model' as const, created: CATALOG_CREATED, owned_by: provider };
+}
+
+/** The catalog has no creation times: every model says when this process loaded it. */
+const CATALOG_CREATED = now();
+
+// ==================== Error objects ====================
+
+export interface OpenAIErrorBody {
+  error: { message: string; type: string; param: string | null; code: string | null };
+}
+
+interface Described {
+  status: number;
+  body: OpenAIErrorBody;
+}
+
+const TYPES: Record<number, [type: string, code: string | null]> = {
+  400: ['invalid_request_error', null],
+  401: ['invalid_request_error', 'invalid_api_key'],
+  402: ['insufficient_quota', 'insufficient_quota'],
+  403: ['invalid_request_error', 'permission_denied'],
+  404: ['invalid_request_error', 'not_found'],
+  409: ['invalid_request_error', 'conflict'],
+  413: ['invalid_request_error', 'request_too_large'],
+  429: ['requests', 'rate_limit_exceeded'],
+  502: ['server_error', 'upstream_error'],
+  503: ['server_error', 'service_unavailable'],
+  504: ['server_error', 'timeout'],
+};
+
+/** Upstream refusals that are the request's fault (too long, a bad tool schema): the client's 400, not a 502 it would retry. */
+const CLIENT_FAULT_UPSTREAM = new Set([400, 413, 422]);
+
+const error = (status: number, message: string, param: string | null = null, code?: string | null): Described => {
+  const [type, defaultCode] = TYPES[status] ?? (status >= 500 ? ['server_error', null] : ['invalid_request_error', null]);
+  return { status, body: { error: { message, type, param, code: code === undefined ? defaultCode : code } } };
+};
+
+/** A validation issue's location as OpenAI writes a param: `messages[0].content`. */
+function paramOf(loc: readonly (string | number)[]): string | null {
+  const path = loc.slice(1);
+  if (!path.length) return null;
+  return path.map((part, i) => (typeof part === 'number' || /^\d+$/.test(part) ? `[${part}]` : i === 0 ? part : `.${part}`)).join('');
+}
+
+/**
+ * Turns what the app's one error handler answered (`{detail}` and a status) into OpenAI's error
+ * object, using the thrown error (when known) for the type and code: the handler's mapping of
+ * database, body-size and framework errors stays in one place.
+ */
+export function openAIErrorFrom(status: number, detail: unknown, thrown: unknown): Described {
+  if (thrown instanceof InvalidRequestError) return error(400, thrown.detail, thrown.param);
+  if (thrown instanceof ModelNotFoundError) return error(404, `The model \`${thrown.model}\` does not exist or you do not have access to it.`, null, 'model_not_found');
+  if (thrown instanceof HttpError && thrown.name === 'UpstreamError') {
+    const upstream = (thrown as HttpError & { upstreamStatus?: number }).upstreamStatus;
+    if (upstream !== undefined && CLIENT_FAULT_UPSTREAM.has(upstream)) return error(400, thrown.detail, null, 'upstream_rejected');
+  }
+  if (thrown instanceof HttpError && thrown.name === 'ModelCapabilityError') return error(400, thrown.detail, 'model', 'model_not_supported');
+  if (thrown instanceof HttpError && thrown.name === 'ProviderUnavailableError') return error(503, thrown.detail, 'model', 'provider_unavailable');
+  if (status === 422 && Array.isArray(detail)) {
+    const [issue] = detail as { loc: (string | number)[]; msg: string; type: string }[];
+    if (issue?.type === 'json_invalid') return error(400, 'We could not parse the JSON body of your request.');
+    const param = issue ? paramOf(issue.loc) : null;
+    const message = issue ? `Invalid value for ${param ?? issue.loc.join('.')}: ${issue.msg}` : 'Invalid request';
+    return error(400, message, param, issue?.type === 'missing' ? 'missing_required_parameter' : null);
+  }
+  const message = typeof detail === 'string' ? detail : 'Invalid request';
+  if (status === 401) return error(401, message === 'Not authenticated' ? "You didn't provide an API key. Send it as `Authorization: Bearer <key>`." : 'Incorrect API key provided.');
+  if (status === 404) return error(404, message, null, 'not_found');
+  return error(status, message);
+}
+
+/** An error raised mid-stream, as the `error` event the stream ends with. */
+export function openAIErrorOf(thrown: unknown): Described {
+  if (thrown instanceof HttpError) return openAIErrorFrom(thrown.statusCode, thrown.detail, thrown);
+  return error(500, 'Internal server error');
+}

@@ -1,0 +1,385 @@
+/**
+ * The OpenAI-compatible gateway (/v1) as the official `openai` package sees it, against a live Keel
+ * server whose models are served by the fake model server (through a provider record a superuser
+ * adds at run time, as a real deployment would).
+ */
+import type { AddressInfo } from 'node:net';
+
+import OpenAI from 'openai';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { useTestApp } from '../helpers/app.js';
+import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { EMBEDDING_DIMENSIONS, fakeEmbedding,FakeModelServer } from '../helpers/fake-model-server.js';
+import { apiOf, createKey } from '../helpers/http.js';
+
+const TIMEOUT_MS = 1_000;
+const ctx = useTestApp({ MODEL_TIMEOUT_MS: String(TIMEOUT_MS), MODEL_MAX_RETRIES: '1', MODEL_RETRY_MAX_WAIT_MS: '50' });
+const api = apiOf(ctx);
+
+const PRICING = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' };
+
+let fake: FakeModelServer;
+let admin: Record<string, string>;
+let user: TestUser;
+let baseURL: string;
+let client: OpenAI;
+
+/** A client with no retries of its own: what the gateway retries is what the fake's log shows. */
+const clientWith = (apiKey: string) => new OpenAI({ apiKey, baseURL, maxRetries: 0 });
+
+async function addModel(body: Record<string, unknown>): Promise<void> {
+  const response = await api('POST', '/models', admin, { provider: 'fake', pricing: PRICING, ...body });
+  expect(response.statusCode, response.body).toBe(200);
+}
+
+/** The APIError a call rejects with. */
+async function apiError(call: Promise<unknown>): Promise<InstanceType<typeof OpenAI.APIError>> {
+  const error = await call.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(error).toBeInstanceOf(OpenAI.APIError);
+  return error as InstanceType<typeof OpenAI.APIError>;
+}
+
+beforeAll(async () => {
+  fake = await FakeModelServer.start();
+  await ctx.app.listen({ host: '127.0.0.1', port: 0 });
+  baseURL = `http://127.0.0.1:${(ctx.app.server.address() as AddressInfo).port}/v1`;
+  admin = await superuserHeaders(ctx.app);
+  const created = await api('POST', '/providers', admin, { name: 'fake', kind: 'openai-compatible', base_url: fake.url, api_key: 'sk-upstream' });
+  expect(created.statusCode, created.body).toBe(200);
+  await addModel({ id: 'fake-chat', capabilities: ['chat', 'tools'], aliases: ['fake-latest'] });
+  await addModel({ id: 'fake-embed', capabilities: ['embedding'] });
+  await addModel({ id: 'fake-backup', capabilities: ['chat'] });
+  await addModel({ id: 'fake-primary', capabilities: ['chat'], fallbacks: ['fake-backup'] });
+  await addModel({ id: 'fake-off', capabilities: ['chat'], enabled: false });
+  user = await createUser(ctx.app);
+  client = clientWith((await createKey(ctx.app, user)).key);
+});
+afterAll(async () => {
+  await fake.close();
+});
+beforeEach(() => fake.reset());
+
+describe('models', () => {
+  it('lists the enabled models whose provider is configured, and retrieves one by id or alias', async () => {
+    const ids: string[] = [];
+    for await (const model of client.models.list()) ids.push(model.id);
+    expect(ids).toEqual(expect.arrayContaining(['fake-chat', 'fake-embed', 'fake-primary']));
+    expect(ids).not.toContain('fake-off'); // disabled
+    expect(ids).not.toContain('gpt-4.1'); // a built-in whose provider has no key here
+
+    const model = await client.models.retrieve('fake-chat');
+    expect(model).toMatchObject({ id: 'fake-chat', object: 'model', owned_by: 'fake' });
+    expect(Object.keys(model).sort()).toEqual(['created', 'id', 'object', 'owned_by']);
+    expect((await client.models.retrieve('fake-latest')).id).toBe('fake-chat');
+  });
+
+  it('answers 404 model_not_found for an unknown, a disabled and an agent model', async () => {
+    for (const id of ['no-such-model', 'fake-off', 'agent:0f8fad5b-d9cb-469f-a165-70867728950e']) {
+      const error = await apiError(client.models.retrieve(id));
+      expect(error.status, id).toBe(404);
+      expect(error.code).toBe('model_not_found');
+      expect(error.type).toBe('invalid_request_error');
+    }
+  });
+});
+
+describe('chat completions', () => {
+  it('answers a completion with usage, passing the sampling parameters upstream', async () => {
+    fake.script('fake-chat', { text: 'Four.', usage: { prompt_tokens: 12, completion_tokens: 3, cached_tokens: 2 } });
+    const completion = await client.chat.completions.create({
+      model: 'fake-chat',
+      messages: [
+        { role: 'system', content: 'Be brief.' },
+        { role: 'user', content: 'What is 2+2?' },
+      ],
+      max_completion_tokens: 50,
+      temperature: 0.2,
+      top_p: 0.9,
+      stop: ['\n\n'],
+    });
+    expect(completion).toMatchObject({
+      object: 'chat.completion',
+      model: 'fake-chat',
+      choices: [{ index: 0, message: { role: 'assistant', content: 'Four.' }, finish_reason: 'stop' }],
+      usage: { prompt_tokens: 12, completion_tokens: 3, total_tokens: 15, prompt_tokens_details: { cached_tokens: 2 } },
+    });
+    expect(completion.id).toMatch(/^chatcmpl-/);
+    const [sent] = fake.requestsFor('fake-chat');
+    expect(sent!.body).toMatchObject({ max_tokens: 50, temperature: 0.2, top_p: 0.9, stop: ['\n\n'] });
+    expect(sent!.body.messages).toEqual([
+      { role: 'system', content: 'Be brief.' },
+      { role: 'user', content: 'What is 2+2?' },
+    ]);
+    expect(sent!.headers.authorization).toBe('Bearer sk-upstream');
+  });
+
+  it('streams OpenAI chunks ending in [DONE], with the usage chunk when asked for', async () => {
+    fake.script('fake-chat', { chunks: ['Hel', 'lo', ' there'], usage: { prompt_tokens: 7, completion_tokens: 3 } });
+    const stream = await client.chat.completions.create({
+      model: 'fake-chat',
+      messages: [{ role: 'user', content: 'Hi' }],
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+    const chunks: OpenAI.ChatCompletionChunk[] = [];
+    for await (const chunk of stream) chunks.push(chunk);
+    expect(chunks[0]!.choices[0]!.delta.role).toBe('assistant');
+    expect(chunks.map((c) => c.choices[0]?.delta.content ?? '').join('')).toBe('Hello there');
+    const finish = chunks.find((c) => c.choices[0]?.finish_reason);
+    expect(finish!.choices[0]!.finish_reason).toBe('stop');
+    const last = chunks.at(-1)!;
+    expect(last.choices).toEqual([]);
+    expect(last.usage).toMatchObject({ prompt_tokens: 7, completion_tokens: 3, total_tokens: 10 });
+    expect(chunks.slice(0, -1).every((c) => c.usage === null)).toBe(true);
+    expect(new Set(chunks.map((c) => c.id)).size).toBe(1);
+
+    // Without include_usage: no usage chunk, no usage field.
+    const plain = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const plainChunks: OpenAI.ChatCompletionChunk[] = [];
+    for await (const chunk of plain) plainChunks.push(chunk);
+    expect(plainChunks.every((c) => c.choices.length === 1 && c.usage === undefined)).toBe(true);
+  });
+
+  it('round-trips a tool call: the call comes back, the tool result goes upstream', async () => {
+    const tools: OpenAI.ChatCompletionTool[] = [
+      {
+        type: 'function',
+        function: { name: 'get_weather', description: 'Weather in a city', parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] } },
+      },
+    ];
+    fake.script('fake-chat', { toolCalls: [{ id: 'call_1', name: 'get_weather', arguments: '{"city":"Paris"}' }], usage: { prompt_tokens: 20, completion_tokens: 8 } });
+    const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Weather in Paris?' }];
+    const first = await client.chat.completions.create({ model: 'fake-chat', messages, tools, tool_choice: 'auto' });
+    const choice = first.choices[0]!;
+    expect(choice.finish_reason).toBe('tool_calls');
+    expect(choice.message.tool_calls).toEqual([{ id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '{"city":"Paris"}' } }]);
+    const sentTools = fake.requestsFor('fake-chat')[0]!.body.tools as { function: { name: string; parameters: unknown } }[];
+    expect(sentTools[0]!.function).toMatchObject({ name: 'get_weather', parameters: tools[0]!.type === 'function' ? tools[0]!.function.parameters : null });
+
+    fake.script('fake-chat', { text: 'Sunny, 21°C.' });
+    const second = await client.chat.completions.create({
+      model: 'fake-chat',
+      tools,
+      messages: [...messages, choice.message, { role: 'tool', tool_call_id: 'call_1', content: '{"sky":"sunny","celsius":21}' }],
+    });
+    expect(second.choices[0]!.message.content).toBe('Sunny, 21°C.');
+    const upstream = fake.requestsFor('fake-chat')[1]!.body.messages as Record<string, unknown>[];
+    expect(upstream[1]).toMatchObject({ role: 'assistant', tool_calls: [{ id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '{"city":"Paris"}' } }] });
+    expect(upstream[2]).toEqual({ role: 'tool', tool_call_id: 'call_1', content: '{"sky":"sunny","celsius":21}' });
+
+    // A tool result that answers no call is the client's mistake.
+    const orphan = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [...messages, { role: 'tool', tool_call_id: 'call_9', content: 'x' }] }));
+    expect(orphan.status).toBe(400);
+    expect(orphan.param).toBe('messages[1].tool_call_id');
+  });
+
+  it('streams tool calls as tool_calls deltas with an index', async () => {
+    fake.script('fake-chat', { toolCalls: [{ id: 'call_a', name: 'lookup', arguments: '{"q":"keel"}' }] });
+    const stream = await client.chat.completions.create({
+      model: 'fake-chat',
+      stream: true,
+      messages: [{ role: 'user', content: 'Look it up' }],
+      tools: [{ type: 'function', function: { name: 'lookup', parameters: { type: 'object', properties: { q: { type: 'string' } } } } }],
+    });
+    const calls: OpenAI.ChatCompletionChunk.Choice.Delta.ToolCall[] = [];
+    let finish: string | null | undefined;
+    for await (const chunk of stream) {
+      calls.push(...(chunk.choices[0]?.delta.tool_calls ?? []));
+      finish = chunk.choices[0]?.finish_reason ?? finish;
+    }
+    expect(calls).toEqual([{ index: 0, id: 'call_a', type: 'function', function: { name: 'lookup', arguments: '{"q":"keel"}' } }]);
+    expect(finish).toBe('tool_calls');
+  });
+
+  it('passes response_format (json_object and json_schema) upstream and returns the text as it came', async () => {
+    fake.script('fake-chat', { text: '{"answer":4}' }, { text: '{"answer":4}' });
+    const object = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'JSON please' }], response_format: { type: 'json_object' } });
+    expect(JSON.parse(object.choices[0]!.message.content!)).toEqual({ answer: 4 });
+    const schema = { type: 'object', properties: { answer: { type: 'number' } }, required: ['answer'], additionalProperties: false };
+    await client.chat.completions.create({
+      model: 'fake-chat',
+      messages: [{ role: 'user', content: 'JSON please' }],
+      response_format: { type: 'json_schema', json_schema: { name: 'answer', schema, strict: true } },
+    });
+    const [first, second] = fake.requestsFor('fake-chat');
+    expect(first!.body.response_format).toEqual({ type: 'json_object' });
+    expect(second!.body.response_format).toMatchObject({ type: 'json_schema', json_schema: { name: 'answer', schema } });
+  });
+
+  it('refuses what it cannot serve with 400 invalid_request_error naming the param', async () => {
+    const two = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], n: 2 }));
+    expect(two.status).toBe(400);
+    expect(two.type).toBe('invalid_request_error');
+    expect(two.param).toBe('n');
+    const badRole = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'robot', content: 'Hi' } as never] }));
+    expect(badRole.status).toBe(400);
+    expect(badRole.param).toMatch(/^messages\[0\]/);
+    const noMessages = await apiError(client.chat.completions.create({ model: 'fake-chat' } as never));
+    expect(noMessages).toMatchObject({ status: 400, param: 'messages', code: 'missing_required_parameter' });
+    const embedModel = await apiError(client.chat.completions.create({ model: 'fake-embed', messages: [{ role: 'user', content: 'Hi' }] }));
+    expect(embedModel).toMatchObject({ status: 400, code: 'model_not_supported', param: 'model' });
+    expect(fake.log).toEqual([]);
+  });
+
+  it('answers malformed JSON with 400 in OpenAI shape (raw HTTP)', async () => {
+    const response = await fetch(`${baseURL}/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' },
+      body: '{"model":',
+    });
+    expect(response.status).toBe(400);
+    expect(await response.json()).toEqual({ error: { message: 'We could not parse the JSON body of your request.', type: 'invalid_request_error', param: null, code: null } });
+  });
+});
+
+describe('embeddings', () => {
+  it('answers float and base64 embeddings (the SDK asks for base64 and decodes it)', async () => {
+    const viaSdk = await client.embeddings.create({ model: 'fake-embed', input: ['alpha', 'beta'] });
+    expect(viaSdk.object).toBe('list');
+    expect(viaSdk.model).toBe('fake-embed');
+    expect(viaSdk.data.map((d) => d.index)).toEqual([0, 1]);
+    for (const [i, text] of ['alpha', 'beta'].entries()) {
+      expect(viaSdk.data[i]!.embedding).toHaveLength(EMBEDDING_DIMENSIONS);
+      viaSdk.data[i]!.embedding.forEach((value, d) => expect(value).toBeCloseTo(fakeEmbedding(text)[d]!, 6));
+    }
+    expect(fake.requestsFor('fake-embed')[0]!.body.input).toEqual(['alpha', 'beta']);
+    expect(viaSdk.usage.prompt_tokens).toBeGreaterThan(0);
+
+    const floats = await client.embeddings.create({ model: 'fake-embed', input: 'alpha', encoding_format: 'float' });
+    expect(floats.data[0]!.embedding).toEqual(fakeEmbedding('alpha'));
+  });
+
+  it('refuses dimensions and a chat model', async () => {
+    expect(await apiError(client.embeddings.create({ model: 'fake-embed', input: 'a', dimensions: 4 }))).toMatchObject({ status: 400, param: 'dimensions' });
+    expect(await apiError(client.embeddings.create({ model: 'fake-chat', input: 'a' }))).toMatchObject({ status: 400, code: 'model_not_supported' });
+  });
+});
+
+describe('authentication and errors', () => {
+  it('answers a bad or missing key with 401 invalid_api_key', async () => {
+    for (const key of ['keel_not-a-real-key', 'nonsense']) {
+      const error = await apiError(clientWith(key).models.list());
+      expect(error.status).toBe(401);
+      expect(error).toBeInstanceOf(OpenAI.AuthenticationError);
+      expect(error.error).toEqual({ message: 'Incorrect API key provided.', type: 'invalid_request_error', param: null, code: 'invalid_api_key' });
+    }
+    const bare = await fetch(`${baseURL}/models`);
+    expect(bare.status).toBe(401);
+    expect(bare.headers.get('www-authenticate')).toBe('Bearer');
+    expect(((await bare.json()) as { error: { code: string } }).error.code).toBe('invalid_api_key');
+  });
+
+  it('takes an access token as well as an API key', async () => {
+    const completion = await clientWith(user.token).chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] });
+    expect(completion.choices[0]!.message.content).toBe('Hello from the fake model.');
+  });
+
+  it('answers an unknown model with 404 model_not_found before calling upstream', async () => {
+    const error = await apiError(client.chat.completions.create({ model: 'gpt-nonexistent', messages: [{ role: 'user', content: 'Hi' }] }));
+    expect(error).toBeInstanceOf(OpenAI.NotFoundError);
+    expect(error.error).toEqual({ message: 'The model `gpt-nonexistent` does not exist or you do not have access to it.', type: 'invalid_request_error', param: null, code: 'model_not_found' });
+    const agent = await apiError(client.chat.completions.create({ model: 'agent:1234', messages: [{ role: 'user', content: 'Hi' }] }));
+    expect(agent).toMatchObject({ status: 404, code: 'model_not_found' });
+    expect(fake.log).toEqual([]);
+  });
+
+  it('keeps {detail} outside /v1', async () => {
+    const response = await fetch(baseURL.replace(/\/v1$/, '/api/v1/models'));
+    expect(response.status).toBe(401);
+    expect(await response.json()).toEqual({ detail: 'Not authenticated' });
+  });
+});
+
+describe('the call path behind /v1', () => {
+  it('retries an upstream 429 (honouring retry-after) and answers', async () => {
+    fake.script('fake-chat', { status: 429, headers: { 'retry-after': '0' } });
+    const completion = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] });
+    expect(completion.choices[0]!.message.content).toBe('Hello from the fake model.');
+    expect(fake.requestsFor('fake-chat').map((r) => r.reply)).toEqual([429, 200]);
+  });
+
+  it('times out a hung upstream: 504 timeout after each attempt was given up', async () => {
+    fake.script('fake-backup', { hang: true }, { hang: true });
+    const started = Date.now();
+    const error = await apiError(client.chat.completions.create({ model: 'fake-backup', messages: [{ role: 'user', content: 'Hi' }] }));
+    expect(error.status).toBe(504);
+    expect(error.code).toBe('timeout');
+    expect(Date.now() - started).toBeGreaterThanOrEqual(2 * TIMEOUT_MS - 100);
+    await fake.waitFor((log) => log.length === 2 && log.every((r) => r.aborted));
+  });
+
+  it('aborts the upstream request when the client disconnects mid-stream', async () => {
+    fake.script('fake-chat', { chunks: Array.from({ length: 40 }, (_, i) => `w${i} `), chunkDelayMs: 50 });
+    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Tell me a long story' }], stream: true });
+    let seen = 0;
+    for await (const chunk of stream) {
+      if (chunk.choices[0]?.delta.content) seen += 1;
+      if (seen === 2) break; // leaving the loop aborts the HTTP request
+    }
+    await fake.waitFor((log) => log[0]?.aborted === true);
+    const [upstream] = fake.log;
+    expect(upstream!.completed).toBe(false);
+    expect(upstream!.chunksSent).toBeLessThan(40);
+  });
+
+  it('answers from the fallback model when the first keeps failing', async () => {
+    fake.script('fake-primary', { status: 500 }, { status: 500 });
+    const completion = await client.chat.completions.create({ model: 'fake-primary', messages: [{ role: 'user', content: 'Hi' }] });
+    expect(completion.model).toBe('fake-backup');
+    expect(fake.log.map((r) => [r.model, r.reply])).toEqual([
+      ['fake-primary', 500],
+      ['fake-primary', 500],
+      ['fake-backup', 200],
+    ]);
+  });
+
+  it('maps an upstream 400 to the client\'s 400 and a failing upstream to 502 (the SDK would retry a 5xx)', async () => {
+    fake.script('fake-chat', { status: 400, body: { error: { message: 'context too long', type: 'invalid_request_error' } } });
+    const refused = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] }));
+    expect(refused).toMatchObject({ status: 400, code: 'upstream_rejected' });
+    expect(refused.message).toContain('context too long');
+    fake.script('fake-backup', { status: 503 }, { status: 503 });
+    const failed = await apiError(client.chat.completions.create({ model: 'fake-backup', messages: [{ role: 'user', content: 'Hi' }] }));
+    expect(failed).toMatchObject({ status: 502, type: 'server_error', code: 'upstream_error' });
+  });
+
+  it('ends a stream that fails after its first chunk with an error event the SDK raises', async () => {
+    // The delay lets the first chunk reach the client before the drop (after that, no retry).
+    fake.script('fake-chat', { chunks: ['a ', 'b ', 'c '], chunkDelayMs: 30, drop: { afterChunks: 2 } });
+    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const texts: string[] = [];
+    const error = await (async () => {
+      for await (const chunk of stream) texts.push(chunk.choices[0]?.delta.content ?? '');
+    })().then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(error).toBeInstanceOf(OpenAI.APIError);
+    expect((error as InstanceType<typeof OpenAI.APIError>).error).toMatchObject({ type: 'server_error', code: 'upstream_error' });
+    expect(texts.join('')).toMatch(/^a (b )?$/);
+    expect(fake.log.map((r) => r.reply)).toEqual(['drop']);
+  });
+});
+
+describe('done when', () => {
+  it('a superuser adds an openai-compatible provider and a model at run time; the openai package calls it', async () => {
+    const before = await apiError(client.chat.completions.create({ model: 'runtime-llama', messages: [{ role: 'user', content: 'Hi' }] }));
+    expect(before.status).toBe(404);
+
+    const provider = await api('POST', '/providers', admin, { name: 'runtime', kind: 'openai-compatible', base_url: fake.url });
+    expect(provider.statusCode, provider.body).toBe(200);
+    const model = await api('POST', '/models', admin, { id: 'runtime-llama', provider: 'runtime', capabilities: ['chat'], pricing: PRICING });
+    expect(model.statusCode, model.body).toBe(200);
+
+    fake.script('runtime-llama', { text: 'Hello from run time.' });
+    const completion = await client.chat.completions.create({ model: 'runtime-llama', messages: [{ role: 'user', content: 'Hi' }] });
+    expect(completion.choices[0]!.message.content).toBe('Hello from run time.');
+    expect(completion.model).toBe('runtime-llama');
+    expect(fake.requestsFor('runtime-llama')).toHaveLength(1);
+    expect((await client.models.retrieve('runtime-llama')).owned_by).toBe('runtime');
+  });
+});
