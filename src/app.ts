@@ -25,6 +25,7 @@ import type { ModelManager } from './modules/ai-models/index.js';
 import { opsRouter } from './routers/ops.js';
 import { Mailer } from './services/email/mailer.js';
 import { loadModelManager } from './services/model-sync.js';
+import { UsageMeterService } from './services/usage-meter.js';
 import { jobHandlers } from './tasks/index.js';
 import type { Principal } from './utils/authentication.js';
 
@@ -41,6 +42,8 @@ declare module 'fastify' {
     vectorSearch: boolean;
     /** The one model manager (catalog, providers, call path), fed from the database. */
     models: ModelManager;
+    /** Meters every call of `models`: usage records, credits, API-key limits. */
+    meter: UsageMeterService;
   }
   interface FastifyRequest {
     principal: Principal;
@@ -104,9 +107,13 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.decorate('tokens', new TokenService(settings));
   app.decorate('mailer', mailer);
   app.decorate('queue', queue);
-  app.decorate('metrics', createMetrics());
+  const metrics = createMetrics();
+  app.decorate('metrics', metrics);
   app.decorate('vectorSearch', vectorSearch);
-  const models = await loadModelManager(database.db, settings, logger);
+  const meter = new UsageMeterService({ db: database.db, settings, log: logger, metrics: metrics.models, redis });
+  meter.start();
+  app.decorate('meter', meter);
+  const models = await loadModelManager(database.db, settings, logger, meter);
   app.decorate('models', models.models);
   app.decorateRequest('principal', null as unknown as Principal);
 
@@ -126,6 +133,8 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   registerAccessLog(app, settings, logger);
   app.addHook('onClose', async () => {
     models.stop();
+    // Usage records and settlements still in memory are written before anything closes.
+    await meter.close();
     await queue.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());
   });

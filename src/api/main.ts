@@ -1,6 +1,7 @@
 import type { FastifyInstance, RouteOptions } from 'fastify';
 
 import { apiKeysRouter } from '../routers/api-keys.js';
+import { billingRouter } from '../routers/billing.js';
 import { loginRouter } from '../routers/login.js';
 import { modelsRouter } from '../routers/models.js';
 import { projectsRouter } from '../routers/projects.js';
@@ -31,6 +32,7 @@ export async function registerApi(app: FastifyInstance): Promise<void> {
       await api.register(projectsRouter);
       await api.register(modelsRouter);
       await api.register(providersRouter);
+      await api.register(billingRouter);
     },
     { prefix: API_PREFIX },
   );

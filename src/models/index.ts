@@ -1,4 +1,5 @@
 export * from './api-key.js';
+export * from './billing.js';
 export * from './model-override.js';
 export * from './project.js';
 export * from './provider.js';
