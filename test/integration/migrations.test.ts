@@ -14,7 +14,7 @@ const serverUrl = process.env.DATABASE_URL;
 const MIGRATIONS = readMigrations();
 const TAGS = MIGRATIONS.map((m) => m.tag);
 /** The tables the real migrations create (besides the bookkeeping table). */
-const KEEL_TABLES = ['api_keys', 'model_overrides', 'projects', 'providers', 'users'];
+const KEEL_TABLES = ['api_keys', 'credit_accounts', 'credit_reservations', 'credit_transactions', 'model_overrides', 'projects', 'providers', 'usage_records', 'users'];
 
 interface FreshDatabase {
   database: Database;
