@@ -13,6 +13,7 @@ CREATE TABLE "credit_accounts" (
 CREATE TABLE "credit_reservations" (
 	"id" uuid PRIMARY KEY DEFAULT gen_random_uuid() NOT NULL,
 	"created_at" timestamp with time zone DEFAULT now() NOT NULL,
+	"updated_at" timestamp with time zone DEFAULT now() NOT NULL,
 	"expires_at" timestamp with time zone NOT NULL,
 	"user_id" uuid,
 	"api_key_id" uuid,

@@ -112,8 +112,7 @@ export type NewCreditTransaction = typeof creditTransactions.$inferInsert;
 export const creditReservations = pgTable(
   'credit_reservations',
   {
-    id: uuid('id').primaryKey().defaultRandom(),
-    created_at: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
+    ...baseColumns,
     expires_at: timestamp('expires_at', { withTimezone: true }).notNull(),
     user_id: uuid('user_id').references(() => users.id, { onDelete: 'cascade' }),
     api_key_id: uuid('api_key_id').references(() => apiKeys.id, { onDelete: 'set null' }),
