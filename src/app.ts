@@ -58,11 +58,13 @@ export interface AppOptions {
   vectorSearch: boolean;
   /** Whether this process also runs background jobs (embedded: always; with Redis: `keel worker` does). */
   runJobs: boolean;
+  /** Close the database when the app closes, after every other close hook (usage flush, queue) has run. */
+  closeDatabase?: boolean;
 }
 
 const REQUEST_ID = /^[\w.:-]{1,128}$/;
 
-export async function buildApp({ settings, database, logger, vectorSearch, runJobs }: AppOptions): Promise<FastifyInstance> {
+export async function buildApp({ settings, database, logger, vectorSearch, runJobs, closeDatabase = false }: AppOptions): Promise<FastifyInstance> {
   const trustProxy = settings.TRUST_PROXY;
   const app = Fastify({
     loggerInstance: logger,
@@ -92,6 +94,9 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     forceCloseConnections: 'idle',
     ...serverOptions(settings),
   }).withTypeProvider<ZodTypeProvider>();
+
+  // onClose hooks run last-registered first: registered before all others, this one runs last.
+  if (closeDatabase) app.addHook('onClose', () => database.close());
 
   app.setValidatorCompiler(validatorCompiler);
   app.setSerializerCompiler(serializerCompiler);
@@ -133,7 +138,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   registerAccessLog(app, settings, logger);
   app.addHook('onClose', async () => {
     models.stop();
-    // Usage records and settlements still in memory are written before anything closes.
+    // Usage records and settlements still in memory are written before the database closes.
     await meter.close();
     await queue.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());

@@ -37,6 +37,9 @@ export interface UsageMeterOptions {
 }
 
 const RPM_WINDOW_MS = 60_000;
+
+/** Drizzle's query errors carry the statement's parameters (here: whole batches); log the driver's error. */
+const cause = (error: unknown): unknown => (error as { cause?: unknown }).cause ?? error;
 /** Rows kept in memory while the database cannot take them; beyond it the oldest are dropped (logged). */
 const MAX_BUFFERED_ROWS = 1_000_000;
 const SWEEP_INTERVAL_MS = 60_000;
@@ -203,7 +206,7 @@ export class UsageMeterService implements UsageMeter {
     };
     this.track(
       billingCrud.settle(this.db, settlement).catch((error: unknown) => {
-        this.log.error({ err: error, usageRecordId: id }, 'credit settlement failed; kept for a retry');
+        this.log.error({ err: cause(error), usageRecordId: id }, 'credit settlement failed; kept for a retry');
         this.failedSettlements.push(settlement);
         this.schedule();
       }),
@@ -262,7 +265,7 @@ export class UsageMeterService implements UsageMeter {
         await billingCrud.insertUsage(this.db, batch);
       } catch (error) {
         this.buffer.unshift(...batch);
-        this.log.error({ err: error, pending: this.buffer.length }, 'usage records not written; kept for a retry');
+        this.log.error({ err: cause(error), pending: this.buffer.length }, 'usage records not written; kept for a retry');
         this.schedule();
         return;
       }
@@ -274,7 +277,7 @@ export class UsageMeterService implements UsageMeter {
         await billingCrud.settle(this.db, settlement);
       } catch (error) {
         this.failedSettlements.push(...settlements.slice(i));
-        this.log.error({ err: error, pending: this.failedSettlements.length }, 'credit settlements not written; kept for a retry');
+        this.log.error({ err: cause(error), pending: this.failedSettlements.length }, 'credit settlements not written; kept for a retry');
         this.schedule();
         return;
       }
@@ -288,7 +291,7 @@ export class UsageMeterService implements UsageMeter {
   }
 
   private track(promise: Promise<unknown>): void {
-    const tracked = promise.catch((error: unknown) => this.log.error({ err: error }, 'usage meter task failed'));
+    const tracked = promise.catch((error: unknown) => this.log.error({ err: cause(error) }, 'usage meter task failed'));
     this.inFlight.add(tracked);
     void tracked.finally(() => this.inFlight.delete(tracked));
   }

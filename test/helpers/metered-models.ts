@@ -2,7 +2,6 @@ import type { FastifyInstance } from 'fastify';
 import { expect } from 'vitest';
 
 import type { CallContext, ChatRequest } from '../../src/modules/ai-models/index.js';
-
 import { call } from './http.js';
 
 /** Prices per million tokens of the models `addFakeModels` registers. */

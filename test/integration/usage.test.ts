@@ -1,13 +1,20 @@
 import { randomUUID } from 'node:crypto';
+import { cpSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 
 import { eq, sql } from 'drizzle-orm';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import pino from 'pino';
+import { afterAll, beforeAll, beforeEach, describe, expect, inject, it } from 'vitest';
+
+import { openDatabase } from '../../src/core/db.js';
 
 import { usageRecords } from '../../src/models/index.js';
 
 import { insertUsage, type UsageRow } from '../../src/crud/billing.js';
 import type { CostEstimate } from '../../src/modules/ai-models/index.js';
-import { buildTestApp, useTestApp } from '../helpers/app.js';
+import { startServer } from '../../src/server.js';
+import { buildTestApp, openTestDatabase, testSettings, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, expectValidationError, xApiKey } from '../helpers/http.js';
@@ -158,7 +165,7 @@ describe('usage records', () => {
       await ctx.app.models.chat(chatRequest('fake-precise', { user_id: dave.user.id }));
       await ctx.app.meter.idle(); // the flush fails: the row stays in memory
       const away = await db.execute(sql`select count(*)::int as n from usage_records_away where owner_id = ${dave.user.id}`);
-      expect((away as unknown as { rows: { n: number }[] }).rows[0]!.n).toBe(0);
+      expect((away as { rows: { n: number }[] }).rows[0]!.n).toBe(0);
     } finally {
       await db.execute(sql`alter table usage_records_away rename to usage_records`);
     }
@@ -245,5 +252,42 @@ describe('GET /billing/summary', () => {
     expectValidationError(await summary('from=2026-03-05&to=2026-03-01'), ['query', 'from']);
     expectValidationError(await summary('page=2'), ['query', 'page'], 'extra_forbidden');
     expect((await api('GET', '/billing/summary')).statusCode).toBe(401);
+  });
+});
+
+describe('shutdown', () => {
+  it('a server that stops writes the usage still in memory before its database closes', async () => {
+    const adminUrl = process.env.DATABASE_URL;
+    let overrides: Record<string, string>;
+    let cleanup: () => Promise<void>;
+    if (adminUrl) {
+      const opened = await openTestDatabase();
+      await opened.database.close();
+      overrides = { DATABASE_URL: opened.url! };
+      cleanup = opened.destroy;
+    } else {
+      const dir = mkdtempSync(join(tmpdir(), 'keel-test-db-'));
+      cpSync(inject('templatePgliteDir')!, dir, { recursive: true });
+      overrides = { PGLITE_DATA_DIR: dir };
+      cleanup = async () => rmSync(dir, { recursive: true, force: true });
+    }
+    const settings = testSettings({ ...overrides, PORT: '0', USAGE_FLUSH_INTERVAL_MS: '600000' });
+    try {
+      const server = await startServer(settings, pino({ level: process.env.DEBUG_LOG ? 'debug' : 'silent' }), { migrate: true });
+      const headers = await superuserHeaders(server);
+      await addFakeModels(server, headers, fake.url);
+      const me = (await server.inject({ method: 'POST', url: '/api/v1/login/test-token', headers })).json<{ id: string }>();
+      await server.models.chat(chatRequest('fake-precise', { user_id: me.id }));
+      await server.close(); // closes the database too (server.ts)
+      const reopened = await openDatabase(settings);
+      try {
+        const rows = await reopened.db.select().from(usageRecords).where(eq(usageRecords.owner_id, me.id));
+        expect(rows).toHaveLength(1);
+      } finally {
+        await reopened.close();
+      }
+    } finally {
+      await cleanup();
+    }
   });
 });
