@@ -246,7 +246,17 @@ export async function releaseExpired(db: Db): Promise<number> {
 // ==================== Usage records ====================
 
 /** A usage row as the writer sends it: `charge_key` adds its cost to the key's `spent` on insert. */
-export interface UsageRow {
+/** Tokens by kind and their cost: a usage record's figures, and a summary group's sums. */
+export interface UsageTotals {
+  input_tokens: number;
+  cached_input_tokens: number;
+  cache_write_tokens: number;
+  output_tokens: number;
+  reasoning_tokens: number;
+  cost: string;
+}
+
+export interface UsageRow extends UsageTotals {
   id: string;
   created_at: string;
   owner_id: string | null;
@@ -257,12 +267,6 @@ export interface UsageRow {
   model: string;
   provider: string;
   operation: string;
-  input_tokens: number;
-  cached_input_tokens: number;
-  cache_write_tokens: number;
-  output_tokens: number;
-  reasoning_tokens: number;
-  cost: string;
   latency_ms: number;
   time_to_first_token_ms: number | null;
   status: string;
@@ -313,17 +317,11 @@ export async function insertUsage(db: Db, batch: readonly UsageRow[]): Promise<n
 export const GROUP_BY = ['model', 'day', 'api_key'] as const;
 export type GroupBy = (typeof GROUP_BY)[number];
 
-export interface SummaryRow {
+export interface SummaryRow extends UsageTotals {
   model?: string;
   day?: string;
   api_key_id?: string | null;
   calls: number;
-  input_tokens: number;
-  cached_input_tokens: number;
-  cache_write_tokens: number;
-  output_tokens: number;
-  reasoning_tokens: number;
-  cost: string;
 }
 
 const GROUP_COLUMNS: Record<GroupBy, SQL> = {
