@@ -27,6 +27,7 @@ import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
 import { Mailer } from './services/email/mailer.js';
 import { followModelChanges, loadModelManager } from './services/model-sync.js';
+import { UsageMeterService } from './services/usage-meter.js';
 import { jobHandlers } from './tasks/index.js';
 import type { Principal } from './utils/authentication.js';
 
@@ -43,6 +44,8 @@ declare module 'fastify' {
     vectorSearch: boolean;
     /** The one model manager (catalog, providers, call path), fed from the database. */
     models: ModelManager;
+    /** Meters every call of `models`: usage records, credits, API-key limits. */
+    meter: UsageMeterService;
   }
   interface FastifyRequest {
     principal: Principal;
@@ -57,11 +60,13 @@ export interface AppOptions {
   vectorSearch: boolean;
   /** Whether this process also runs background jobs (embedded: always; with Redis: `keel worker` does). */
   runJobs: boolean;
+  /** Close the database when the app closes, after every other close hook (usage flush, queue) has run. */
+  closeDatabase?: boolean;
 }
 
 const REQUEST_ID = /^[\w.:-]{1,128}$/;
 
-export async function buildApp({ settings, database, logger, vectorSearch, runJobs }: AppOptions): Promise<FastifyInstance> {
+export async function buildApp({ settings, database, logger, vectorSearch, runJobs, closeDatabase = false }: AppOptions): Promise<FastifyInstance> {
   const trustProxy = settings.TRUST_PROXY;
   const app = Fastify({
     loggerInstance: logger,
@@ -92,6 +97,9 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     ...serverOptions(settings),
   }).withTypeProvider<ZodTypeProvider>();
 
+  // onClose hooks run last-registered first: registered before all others, this one runs last.
+  if (closeDatabase) app.addHook('onClose', () => database.close());
+
   app.setValidatorCompiler(validatorCompiler);
   app.setSerializerCompiler(serializerCompiler);
 
@@ -106,10 +114,14 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.decorate('tokens', new TokenService(settings));
   app.decorate('mailer', mailer);
   app.decorate('queue', queue);
-  app.decorate('metrics', createMetrics());
+  const metrics = createMetrics();
+  app.decorate('metrics', metrics);
   app.decorate('vectorSearch', vectorSearch);
   await cacheApiKeys(database);
-  const models = await loadModelManager(database.db, settings, logger);
+  const meter = new UsageMeterService({ db: database.db, settings, log: logger, metrics: metrics.models, redis });
+  meter.start();
+  app.decorate('meter', meter);
+  const models = await loadModelManager(database.db, settings, logger, meter);
   app.decorate('models', models.models);
   const unfollowModels = await followModelChanges(database, models.models, settings, logger);
   app.decorateRequest('principal', null as unknown as Principal);
@@ -132,6 +144,8 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.addHook('onClose', async () => {
     models.stop();
     unfollowModels();
+    // Usage records and settlements still in memory are written before the database closes.
+    await meter.close();
     await queue.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());
   });

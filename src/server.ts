@@ -49,8 +49,7 @@ export async function startServer(settings: Settings, logger: Logger, options: S
     // `start` is the whole system in one process; `api` leaves jobs to `keel worker` when Redis
     // carries them, and runs them itself otherwise (nothing else could).
     const runJobs = options.migrate || !settings.REDIS_URL;
-    const app = await buildApp({ settings, database, logger, vectorSearch, runJobs });
-    app.addHook('onClose', () => database.close());
+    const app = await buildApp({ settings, database, logger, vectorSearch, runJobs, closeDatabase: true });
     drainable(app);
     await app.listen({ host: settings.HOST, port: settings.PORT });
     return app;

@@ -2,6 +2,7 @@ import type { FastifyInstance, RouteOptions } from 'fastify';
 
 import { agentsRouter } from '../routers/agents.js';
 import { apiKeysRouter } from '../routers/api-keys.js';
+import { billingRouter } from '../routers/billing.js';
 import { loginRouter } from '../routers/login.js';
 import { modelsRouter } from '../routers/models.js';
 import { projectsRouter } from '../routers/projects.js';
@@ -35,6 +36,7 @@ export async function registerApi(app: FastifyInstance): Promise<void> {
       await api.register(providersRouter);
       await api.register(agentsRouter);
       await api.register(threadsRouter);
+      await api.register(billingRouter);
     },
     { prefix: API_PREFIX },
   );

@@ -120,6 +120,14 @@ export const SettingsSchema = z.object({
   MODEL_DEFAULT_MAX_OUTPUT_TOKENS: int(1, 10_000_000).default(4_096),
   /** Largest body of a /v1 chat or embeddings request (images travel inline as base64). */
   GATEWAY_BODY_LIMIT_BYTES: int(1024, 100 * 1024 * 1024).default(20 * 1024 * 1024),
+
+  /** On: a model call reserves its worst-case cost from the user's credits first (402 when short). Off: usage is recorded, balances untouched. */
+  BILLING_ENABLED: bool.default(false),
+  /** A credit reservation not settled within this time (its process crashed) is released by the sweep. */
+  BILLING_RESERVATION_TTL_SECONDS: int(10, 604_800).default(900),
+  /** Usage records are written in batches: at most this long after the call, or at USAGE_FLUSH_MAX_ROWS rows. */
+  USAGE_FLUSH_INTERVAL_MS: int(10, 600_000).default(1_000),
+  USAGE_FLUSH_MAX_ROWS: int(1, 10_000).default(500),
 });
 
 export type RawSettings = z.infer<typeof SettingsSchema>;

@@ -1,4 +1,4 @@
-import { index, pgEnum, pgTable, timestamp, uniqueIndex, uuid, varchar } from 'drizzle-orm/pg-core';
+import { index, integer, numeric, pgEnum, pgTable, timestamp, uniqueIndex, uuid, varchar } from 'drizzle-orm/pg-core';
 
 import { baseColumns } from './columns.js';
 import { projects } from './project.js';
@@ -22,6 +22,12 @@ export const apiKeys = pgTable(
     status: apiKeyStatus('status').notNull().default('active'),
     expires_at: timestamp('expires_at', { withTimezone: true }),
     last_used_at: timestamp('last_used_at', { withTimezone: true }),
+    /** Spend cap in credits (null: none); `spent` counts every metered call's cost through the key, `budget_reserved` what running calls hold. */
+    max_budget: numeric('max_budget', { precision: 30, scale: 12 }),
+    spent: numeric('spent', { precision: 30, scale: 12 }).notNull().default('0'),
+    budget_reserved: numeric('budget_reserved', { precision: 30, scale: 12 }).notNull().default('0'),
+    /** Model calls per minute (null: no limit). */
+    rpm: integer('rpm'),
   },
   (t) => [
     uniqueIndex('ix_api_keys_key_hash').on(t.key_hash),

@@ -1,5 +1,6 @@
 export * from './agent.js';
 export * from './api-key.js';
+export * from './billing.js';
 export * from './model-override.js';
 export * from './project.js';
 export * from './provider.js';

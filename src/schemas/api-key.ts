@@ -1,15 +1,27 @@
 import { z } from 'zod';
 
+import { MoneyInput } from './billing.js';
 import { Id, Timestamp } from './common.js';
 
 /** `expired`: an active key past its `expires_at` (shown, not stored: it no longer authenticates). */
 export const ApiKeyStatus = z.enum(['active', 'revoked', 'expired']);
+
+/** Per-key limits, as gateways offer them; null removes one. */
+const limits = {
+  /** Spend cap in credits (decimal string) over every metered call made with the key. */
+  max_budget: MoneyInput.refine((v) => !v.startsWith('-') && /[1-9]/.test(v), { error: 'Input should be a positive decimal string' })
+    .nullable()
+    .optional(),
+  /** Model calls per minute. */
+  rpm: z.number().int().min(1).max(1_000_000).nullable().optional(),
+};
 
 export const ApiKeyCreate = z
   .strictObject({
     name: z.string().trim().min(1).max(255),
     project_id: Id.nullable().optional(),
     expires_at: Timestamp.nullable().optional(),
+    ...limits,
   })
   .meta({ id: 'ApiKeyCreate' });
 export type ApiKeyCreate = z.infer<typeof ApiKeyCreate>;
@@ -19,6 +31,7 @@ export const ApiKeyUpdate = z
     name: z.string().trim().min(1).max(255).optional(),
     // Revocation is final: a revoked key cannot be made active again.
     status: z.literal('revoked').optional(),
+    ...limits,
   })
   .meta({ id: 'ApiKeyUpdate' });
 export type ApiKeyUpdate = z.infer<typeof ApiKeyUpdate>;
@@ -32,6 +45,9 @@ export const ApiKeyPublic = z
     status: ApiKeyStatus,
     expires_at: Timestamp.nullable(),
     last_used_at: Timestamp.nullable(),
+    max_budget: z.string().nullable().meta({ description: 'Spend cap in credits (decimal string); null: none' }),
+    spent: z.string().meta({ description: 'Credits spent through the key (decimal string)' }),
+    rpm: z.number().int().nullable().meta({ description: 'Model calls per minute; null: no limit' }),
     created_at: Timestamp,
     updated_at: Timestamp,
   })

@@ -10,14 +10,17 @@ import { apiKeyCrud, apiKeyPolicy, countActiveByOwner } from '../crud/api-key.js
 import type { Page } from '../crud/page.js';
 import { requireOwnProject } from '../crud/project.js';
 import type { ServiceContext } from './context.js';
+import { rememberKeyLimits } from './key-limits.js';
 import { createWithinLimit } from './limits.js';
+import { formatMoney } from './money.js';
 
 export type ApiKeyView = Omit<ApiKey, 'status'> & { status: ApiKey['status'] | 'expired' };
 
-/** The key as clients see it: an active key past its expiry shows `expired` (it no longer works). */
+/** The key as clients see it: an active key past its expiry shows `expired` (it no longer works); money as plain decimals. */
 export function present(key: ApiKey, now = Date.now()): ApiKeyView {
   const expired = key.status === 'active' && key.expires_at !== null && key.expires_at.getTime() <= now;
-  return expired ? { ...key, status: 'expired' } : key;
+  const money = { max_budget: key.max_budget === null ? null : formatMoney(key.max_budget), spent: formatMoney(key.spent) };
+  return { ...key, ...money, status: expired ? 'expired' : key.status };
 }
 
 export async function get(ctx: ServiceContext, id: string): Promise<ApiKeyView> {
@@ -47,6 +50,8 @@ export async function create(ctx: ServiceContext, input: ApiKeyCreate): Promise<
       project_id: input.project_id ?? null,
       name: input.name,
       expires_at: input.expires_at ?? null,
+      max_budget: input.max_budget ?? null,
+      rpm: input.rpm ?? null,
       prefix: secret.prefix,
       key_hash: secret.hash,
     }),
@@ -56,7 +61,10 @@ export async function create(ctx: ServiceContext, input: ApiKeyCreate): Promise<
 }
 
 export async function update(ctx: ServiceContext, id: string, input: ApiKeyUpdate): Promise<ApiKeyView> {
-  return present(await apiKeyCrud.update(ctx.db, ctx.principal, id, input));
+  const key = await apiKeyCrud.update(ctx.db, ctx.principal, id, input);
+  // The meter sees new limits at once in this process (other nodes within KEY_LIMITS_TTL_MS).
+  rememberKeyLimits(ctx.db, key);
+  return present(key);
 }
 
 export function remove(ctx: ServiceContext, id: string): Promise<void> {

@@ -14,7 +14,7 @@ import type { ModelOverrideRow, ProviderRow } from '../models/index.js';
 import * as overrideCrud from '../crud/model-override.js';
 import * as providerCrud from '../crud/provider.js';
 import { isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
-import { createModelManager, type ModelManager, type ModelOverride, type ProviderRecord } from '../modules/ai-models/index.js';
+import { createModelManager, type ModelManager, type ModelOverride, type ProviderRecord, type UsageMeter } from '../modules/ai-models/index.js';
 
 // ==================== Secrets ====================
 
@@ -98,16 +98,21 @@ export const MODEL_RELOAD_RETRY_MS = 5_000;
  * cannot be read at start (an outage), the process starts with the built-in catalog and the
  * environment's providers, and reads the rows again every few seconds until it can.
  */
-export async function loadModelManager(db: Db, settings: Settings, log: Logger): Promise<{ models: ModelManager; stop: () => void }> {
+export async function loadModelManager(db: Db, settings: Settings, log: Logger, meter?: UsageMeter): Promise<{ models: ModelManager; stop: () => void }> {
   let timer: NodeJS.Timeout | undefined;
   let stopped = false;
+  // Every call through the manager is metered (usage records, credits, key limits): services/usage-meter.ts.
+  const metering = {
+    meter,
+    onMeterError: (error: unknown, record: { model: string }) => log.error({ err: error, model: record.model }, 'usage meter failed to settle a call'),
+  };
   try {
     const { overrides, records } = await loadState(db, settings, log);
-    return { models: createModelManager(settings, { overrides, providers: records }), stop: () => undefined };
+    return { models: createModelManager(settings, { overrides, providers: records, ...metering }), stop: () => undefined };
   } catch (error) {
     log.warn({ err: error }, 'Model overrides and providers could not be read; starting with the built-in catalog and retrying');
   }
-  const models = createModelManager(settings);
+  const models = createModelManager(settings, metering);
   const retry = () => {
     timer = setTimeout(() => {
       refreshModels(models, db, settings, log).then(

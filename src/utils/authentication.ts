@@ -7,6 +7,7 @@ import type { User } from '../models/index.js';
 
 import * as apiKeyCrud from '../crud/api-key.js';
 import * as userCrud from '../crud/user.js';
+import { rememberKeyLimits } from '../services/key-limits.js';
 import { refuseScopedKey } from './access.js';
 
 /** Who is calling: the user, and the project an API key is limited to (null: all the user's). */
@@ -43,6 +44,8 @@ async function principalFromApiKey(request: FastifyRequest, key: string): Promis
   if (apiKey.last_used_at === null || now - apiKey.last_used_at.getTime() > API_KEY_TOUCH_INTERVAL_MS) {
     await apiKeyCrud.touchLastUsed(db, apiKey);
   }
+  // The model meter enforces the key's limits on this request's calls without reading the row again.
+  rememberKeyLimits(db, apiKey);
   return { user: owner, apiKeyId: apiKey.id, scopeProjectId: apiKey.project_id };
 }
 

@@ -80,6 +80,11 @@ export class MemoryCounters implements CounterStore {
   }
 }
 
+/** The counters every limit of this process shares the kind of: Redis when configured, else memory. */
+export function counterStore(redis: Redis | null): CounterStore {
+  return redis ? new RedisCounters(redis) : new MemoryCounters();
+}
+
 // ==================== Limiter ====================
 
 interface Limiter {
@@ -98,7 +103,7 @@ function limiterOf(app: FastifyInstance): Limiter {
     const secret = createHmac('sha256', 'keel:rate-limit').update(settings.SECRET_KEY).digest();
     const prefix = redis ? `${settings.REDIS_KEY_PREFIX}rate-limit:` : '';
     limiter = {
-      store: redis ? new RedisCounters(redis) : new MemoryCounters(),
+      store: counterStore(redis),
       windowMs: settings.RATE_LIMIT_WINDOW_SECONDS * 1000,
       key: (name, subject) => `${prefix}${name}:${createHmac('sha256', secret).update(subject).digest('base64url').slice(0, 22)}`,
     };

@@ -21,7 +21,7 @@ interface UserBody {
   email: string;
 }
 
-const PUBLIC_FIELDS = ['created_at', 'expires_at', 'id', 'last_used_at', 'name', 'prefix', 'project_id', 'status', 'updated_at'];
+const PUBLIC_FIELDS = ['created_at', 'expires_at', 'id', 'last_used_at', 'max_budget', 'name', 'prefix', 'project_id', 'rpm', 'spent', 'status', 'updated_at'];
 const CREATED_FIELDS = [...PUBLIC_FIELDS, 'key'].sort();
 const KEY_NOT_FOUND = { detail: 'API key not found' };
 const PROJECT_NOT_FOUND = { detail: 'Project not found' };

@@ -14,7 +14,7 @@ const serverUrl = process.env.DATABASE_URL;
 const MIGRATIONS = readMigrations();
 const TAGS = MIGRATIONS.map((m) => m.tag);
 /** The tables the real migrations create (besides the bookkeeping table). */
-const KEEL_TABLES = ['agent_versions', 'agents', 'api_keys', 'messages', 'model_overrides', 'projects', 'providers', 'threads', 'users'];
+const KEEL_TABLES = ['agent_versions', 'agents', 'api_keys', 'credit_accounts', 'credit_reservations', 'credit_transactions', 'messages', 'model_overrides', 'projects', 'providers', 'threads', 'usage_records', 'users'];
 
 interface FreshDatabase {
   database: Database;

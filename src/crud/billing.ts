@@ -1,0 +1,353 @@
+/**
+ * Credits, reservations and usage records. The statements that move money are single SQL
+ * statements (data-modifying CTEs): each is atomic on its own, so a balance and its ledger entry, or
+ * a reservation and the amount it holds, can never be half-written.
+ */
+import { and, asc, gte, lt, type SQL, sql } from 'drizzle-orm';
+
+import type { Db } from '../core/db.js';
+import { transaction } from '../core/db.js';
+
+import { type CreditTransaction, creditTransactions, type NewCreditTransaction, usageRecords } from '../models/index.js';
+
+import { definePolicy } from '../utils/access.js';
+import { ownedCrud } from './owned.js';
+
+async function rows<T>(db: Db, query: SQL): Promise<T[]> {
+  const result: unknown = await db.execute(query);
+  return (result as { rows: T[] }).rows;
+}
+
+// ==================== Policies ====================
+
+/** The ledger is personal (a superuser sees their own); a scoped key reads its project's entries. */
+export const transactionPolicy = definePolicy<CreditTransaction>({
+  noun: 'Transaction',
+  owner: creditTransactions.owner_id,
+  project: creditTransactions.project_id,
+  scopedKey: 'read',
+  superuserSeesAll: false,
+});
+
+export const transactionCrud = ownedCrud<CreditTransaction, NewCreditTransaction>(creditTransactions, transactionPolicy);
+
+/** Usage is personal too; a scoped key reads the usage of its project. */
+export const usagePolicy = definePolicy<{ owner_id: string | null; project_id: string | null }>({
+  noun: 'Usage record',
+  owner: usageRecords.owner_id,
+  project: usageRecords.project_id,
+  scopedKey: 'read',
+  superuserSeesAll: false,
+  ownerOf: (row) => row.owner_id ?? '',
+});
+
+// ==================== Accounts ====================
+
+export interface Balance {
+  balance: string;
+  reserved: string;
+}
+
+export async function getBalance(db: Db, userId: string): Promise<Balance> {
+  const [row] = await rows<Balance>(
+    db,
+    sql`select balance::text as balance, reserved::text as reserved from credit_accounts where user_id = ${userId}`,
+  );
+  return row ?? { balance: '0', reserved: '0' };
+}
+
+export interface LedgerChange {
+  userId: string;
+  type: 'grant' | 'refund' | 'adjustment';
+  /** Signed decimal string. */
+  amount: string;
+  description: string | null;
+  createdBy: string;
+}
+
+/**
+ * Adds `amount` to the user's balance and writes its ledger entry, in one statement. A negative
+ * amount applies only while it leaves the balance at or above what running calls hold (null otherwise).
+ */
+export async function changeBalance(db: Db, change: LedgerChange): Promise<string | null> {
+  const { userId, type, amount, description, createdBy } = change;
+  const account = amount.startsWith('-')
+    ? sql`update credit_accounts set balance = balance + ${amount}::numeric, updated_at = now()
+          where user_id = ${userId} and balance - reserved + ${amount}::numeric >= 0 returning balance`
+    : sql`insert into credit_accounts (user_id, balance) values (${userId}, ${amount}::numeric)
+          on conflict (user_id) do update set balance = credit_accounts.balance + excluded.balance, updated_at = now()
+          returning balance`;
+  const [row] = await rows<{ id: string }>(
+    db,
+    sql`with a as (${account})
+        insert into credit_transactions (owner_id, type, amount, balance_after, description, created_by)
+        select ${userId}, ${type}, ${amount}::numeric, balance, ${description}, ${createdBy} from a
+        returning id`,
+  );
+  return row?.id ?? null;
+}
+
+/** The sum of the user's ledger (what the balance must always equal). */
+export async function ledgerSum(db: Db, userId: string): Promise<string> {
+  const [row] = await rows<{ sum: string }>(db, sql`select coalesce(sum(amount), 0)::text as sum from credit_transactions where owner_id = ${userId}`);
+  return row?.sum ?? '0';
+}
+
+/** A key's spend and what running calls hold of its budget. */
+export async function keySpend(db: Db, apiKeyId: string): Promise<{ spent: string; reserved: string }> {
+  const [row] = await rows<{ spent: string; reserved: string }>(
+    db,
+    sql`select spent::text as spent, budget_reserved::text as reserved from api_keys where id = ${apiKeyId}`,
+  );
+  return row ?? { spent: '0', reserved: '0' };
+}
+
+// ==================== Reservations ====================
+
+export interface Hold {
+  id: string;
+  userId: string | null;
+  apiKeyId: string | null;
+  /** Held from the account (null: the account is not charged). */
+  accountAmount: string | null;
+  /** Held from the key's budget (null: the key has no budget). */
+  keyAmount: string | null;
+  ttlSeconds: number;
+}
+
+export type HoldOutcome = 'held' | 'balance' | 'budget';
+
+class Refused extends Error {
+  constructor(readonly outcome: HoldOutcome) {
+    super(outcome);
+  }
+}
+
+/**
+ * A hold commits without waiting for the WAL flush (`synchronous_commit = off` for its own
+ * transaction only): on this machine's PostgreSQL that wait is ~6 ms, far beyond what a call may
+ * add. It is safe for a hold: the statement stays atomic, and a database crash can only lose the
+ * newest holds whole (their amount and row together) — the call then settles against no
+ * reservation, which still charges it. WAL is written in order, so a settlement that reached disk
+ * (settlements keep the synchronous commit) carries every hold before it.
+ */
+const ASYNC_COMMIT = sql`s as (select set_config('synchronous_commit', 'off', true) as setting)`;
+
+const holdAccount = (hold: Hold, amount: string) =>
+  sql`update credit_accounts set reserved = reserved + ${amount}::numeric
+      where user_id = ${hold.userId} and balance - reserved >= ${amount}::numeric returning user_id`;
+
+const holdKey = (hold: Hold, amount: string) =>
+  sql`update api_keys set budget_reserved = budget_reserved + ${amount}::numeric
+      where id = ${hold.apiKeyId} and (max_budget is null or max_budget - spent - budget_reserved >= ${amount}::numeric) returning id`;
+
+const insertHold = (hold: Hold, from: SQL) =>
+  sql`insert into credit_reservations (id, expires_at, user_id, api_key_id, account_amount, key_amount)
+      select ${hold.id}, now() + ${hold.ttlSeconds} * interval '1 second', ${hold.userId}::uuid, ${hold.apiKeyId}::uuid,
+             ${hold.accountAmount ?? '0'}::numeric, ${hold.keyAmount ?? '0'}::numeric ${from}
+      returning id`;
+
+/**
+ * Holds a call's worst-case cost: from the account (`balance - reserved` must cover it) and/or the
+ * key's budget (`max_budget - spent - budget_reserved` must). One conditional UPDATE each, so
+ * concurrent calls can never hold more than there is; with only one of the two (the usual case) the
+ * whole hold is one statement, with both a transaction that refuses as a whole.
+ */
+export async function hold(db: Db, h: Hold): Promise<HoldOutcome> {
+  const { accountAmount, keyAmount } = h;
+  if (accountAmount !== null && keyAmount === null) {
+    const held = await rows(db, sql`with ${ASYNC_COMMIT}, a as (${holdAccount(h, accountAmount)}) ${insertHold(h, sql`from a, s`)}`);
+    return held.length ? 'held' : 'balance';
+  }
+  if (accountAmount === null && keyAmount !== null) {
+    const held = await rows(db, sql`with ${ASYNC_COMMIT}, k as (${holdKey(h, keyAmount)}) ${insertHold(h, sql`from k, s`)}`);
+    return held.length ? 'held' : 'budget';
+  }
+  if (accountAmount === null || keyAmount === null) return 'held';
+  try {
+    return await transaction(db, async (tx) => {
+      await rows(tx, sql`with ${ASYNC_COMMIT} select 1 from s`);
+      if (!(await rows(tx, holdKey(h, keyAmount))).length) throw new Refused('budget');
+      if (!(await rows(tx, holdAccount(h, accountAmount))).length) throw new Refused('balance');
+      await rows(tx, insertHold(h, sql``));
+      return 'held' as const;
+    });
+  } catch (error) {
+    if (error instanceof Refused) return error.outcome;
+    throw error;
+  }
+}
+
+export interface Settlement {
+  /** The reservation to release (null: nothing was held). */
+  reservationId: string | null;
+  userId: string | null;
+  apiKeyId: string | null;
+  projectId: string | null;
+  /** Exact cost of the call (decimal string). */
+  cost: string;
+  /** Debit the account and write the ledger's usage entry. */
+  chargeAccount: boolean;
+  /** Add the cost to the key's `spent` (its budget). */
+  chargeKey: boolean;
+  usageRecordId: string;
+  description: string;
+}
+
+/**
+ * Ends a call in one statement: releases its reservation (if the sweep has not already), moves
+ * the key's spend, debits the exact cost and writes the ledger entry with the balance after it.
+ * Charging does not depend on the reservation still existing, so a call that outlived its
+ * reservation's expiry is still paid for.
+ */
+export async function settle(db: Db, s: Settlement): Promise<void> {
+  const rid = s.reservationId;
+  await rows(
+    db,
+    sql`with ${ASYNC_COMMIT}, r as (delete from credit_reservations where id = ${rid}::uuid and (select setting from s) is not null returning account_amount, key_amount),
+        k as (
+          update api_keys set spent = spent + ${s.cost}::numeric,
+            budget_reserved = greatest(budget_reserved - coalesce((select key_amount from r), 0), 0)
+          where id = ${s.apiKeyId}::uuid and ${s.chargeKey}::boolean returning id
+        ),
+        a as (
+          update credit_accounts set balance = balance - ${s.cost}::numeric,
+            reserved = greatest(reserved - coalesce((select account_amount from r), 0), 0), updated_at = now()
+          where user_id = ${s.userId}::uuid and ${s.chargeAccount}::boolean returning balance
+        )
+        insert into credit_transactions (owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id)
+        select ${s.userId}::uuid, 'usage', -${s.cost}::numeric, balance, ${s.description}, ${s.usageRecordId}::uuid, ${s.apiKeyId}::uuid, ${s.projectId}::uuid
+        from a where ${s.cost}::numeric > 0`,
+  );
+}
+
+/** Releases every reservation past its expiry (its process died mid-call); returns how many. */
+export async function releaseExpired(db: Db): Promise<number> {
+  const [row] = await rows<{ released: number }>(
+    db,
+    sql`with r as (
+          delete from credit_reservations where expires_at < now() returning user_id, api_key_id, account_amount, key_amount
+        ),
+        a as (
+          update credit_accounts c set reserved = greatest(c.reserved - s.amount, 0)
+          from (select user_id, sum(account_amount) as amount from r where user_id is not null group by user_id) s
+          where c.user_id = s.user_id returning 1
+        ),
+        k as (
+          update api_keys t set budget_reserved = greatest(t.budget_reserved - s.amount, 0)
+          from (select api_key_id, sum(key_amount) as amount from r where api_key_id is not null group by api_key_id) s
+          where t.id = s.api_key_id returning 1
+        )
+        select count(*)::int as released from r`,
+  );
+  return Number(row?.released ?? 0);
+}
+
+// ==================== Usage records ====================
+
+/** A usage row as the writer sends it: `charge_key` adds its cost to the key's `spent` on insert. */
+/** Tokens by kind and their cost: a usage record's figures, and a summary group's sums. */
+export interface UsageTotals {
+  input_tokens: number;
+  cached_input_tokens: number;
+  cache_write_tokens: number;
+  output_tokens: number;
+  reasoning_tokens: number;
+  cost: string;
+}
+
+export interface UsageRow extends UsageTotals {
+  id: string;
+  created_at: string;
+  owner_id: string | null;
+  api_key_id: string | null;
+  project_id: string | null;
+  agent_id: string | null;
+  run_id: string | null;
+  model: string;
+  provider: string;
+  operation: string;
+  latency_ms: number;
+  time_to_first_token_ms: number | null;
+  status: string;
+  error: string | null;
+  estimated: boolean;
+  attempts: number;
+  started_at: string;
+  charge_key: boolean;
+}
+
+/**
+ * Writes a batch in one statement with one parameter (the rows as JSON, so the text never varies).
+ * A row whose id is already stored is skipped (a retried batch is not doubled, nor is the key's
+ * spend); a row whose user was deleted meanwhile is dropped. Returns how many were written.
+ */
+export async function insertUsage(db: Db, batch: readonly UsageRow[]): Promise<number> {
+  const [row] = await rows<{ written: number }>(
+    db,
+    sql`with x as (
+          select * from json_to_recordset(${JSON.stringify(batch)}::json) as x(
+            id uuid, created_at timestamptz, owner_id uuid, api_key_id uuid, project_id uuid, agent_id uuid, run_id uuid,
+            model text, provider text, operation text, input_tokens int, cached_input_tokens int, cache_write_tokens int,
+            output_tokens int, reasoning_tokens int, cost numeric, latency_ms int, time_to_first_token_ms int, status text,
+            error text, estimated boolean, attempts int, started_at timestamptz, charge_key boolean)
+        ),
+        ins as (
+          insert into usage_records (id, created_at, updated_at, owner_id, api_key_id, project_id, agent_id, run_id, model,
+            provider, operation, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, cost,
+            latency_ms, time_to_first_token_ms, status, error, estimated, attempts, started_at)
+          select id, created_at, created_at, owner_id, api_key_id, project_id, agent_id, run_id, model, provider, operation,
+            input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, cost, latency_ms,
+            time_to_first_token_ms, status, error, estimated, attempts, started_at
+          from x where x.owner_id is null or exists (select 1 from users u where u.id = x.owner_id)
+          on conflict (id) do nothing
+          returning id, api_key_id, cost
+        ),
+        k as (
+          update api_keys t set spent = t.spent + s.total
+          from (select ins.api_key_id, sum(ins.cost) as total from ins join x on x.id = ins.id
+                where x.charge_key and ins.api_key_id is not null group by ins.api_key_id) s
+          where t.id = s.api_key_id returning 1
+        )
+        select count(*)::int as written from ins`,
+  );
+  return Number(row?.written ?? 0);
+}
+
+export const GROUP_BY = ['model', 'day', 'api_key'] as const;
+export type GroupBy = (typeof GROUP_BY)[number];
+
+export interface SummaryRow extends UsageTotals {
+  model?: string;
+  day?: string;
+  api_key_id?: string | null;
+  calls: number;
+}
+
+const GROUP_COLUMNS: Record<GroupBy, SQL> = {
+  model: sql`${usageRecords.model}`,
+  day: sql`to_char(${usageRecords.created_at} at time zone 'UTC', 'YYYY-MM-DD')`,
+  api_key: sql`${usageRecords.api_key_id}`,
+};
+const GROUP_NAMES: Record<GroupBy, string> = { model: 'model', day: 'day', api_key: 'api_key_id' };
+
+/** Usage in [from, to) that `visible` selects, summed per group (all of it when `groupBy` is empty). */
+export async function summarize(db: Db, visible: SQL | undefined, from: Date, to: Date, groupBy: readonly GroupBy[]): Promise<SummaryRow[]> {
+  const groups: Record<string, SQL> = Object.fromEntries(groupBy.map((g) => [GROUP_NAMES[g], GROUP_COLUMNS[g]]));
+  const keys = groupBy.map((g) => GROUP_COLUMNS[g]);
+  return db
+    .select({
+      ...groups,
+      calls: sql<number>`count(*)`.mapWith(Number),
+      input_tokens: sql<number>`coalesce(sum(${usageRecords.input_tokens}), 0)`.mapWith(Number),
+      cached_input_tokens: sql<number>`coalesce(sum(${usageRecords.cached_input_tokens}), 0)`.mapWith(Number),
+      cache_write_tokens: sql<number>`coalesce(sum(${usageRecords.cache_write_tokens}), 0)`.mapWith(Number),
+      output_tokens: sql<number>`coalesce(sum(${usageRecords.output_tokens}), 0)`.mapWith(Number),
+      reasoning_tokens: sql<number>`coalesce(sum(${usageRecords.reasoning_tokens}), 0)`.mapWith(Number),
+      cost: sql<string>`coalesce(sum(${usageRecords.cost}), 0)::text`,
+    })
+    .from(usageRecords)
+    .where(and(visible, gte(usageRecords.created_at, from), lt(usageRecords.created_at, to)))
+    .groupBy(...keys)
+    .orderBy(...keys.map((k) => asc(k)));
+}

@@ -1,0 +1,102 @@
+import { z } from 'zod';
+
+import { Id, Timestamp } from './common.js';
+
+/** A decimal string with up to 12 decimal places (credits), as accepted in bodies: never a JSON number. */
+export const MoneyInput = z
+  .string()
+  .regex(/^-?\d{1,15}(\.\d{1,12})?$/, { error: 'Input should be a decimal string with at most 15 digits before the point and 12 after it' });
+
+const Money = z.string().meta({ description: 'Credits as a decimal string (exact, up to 12 decimal places)' });
+
+export const Balance = z
+  .object({
+    balance: Money.meta({ description: 'Credits on the account: the sum of its ledger' }),
+    reserved: Money.meta({ description: 'Held by model calls in progress' }),
+    available: Money.meta({ description: 'What new calls may reserve: balance - reserved' }),
+    billing_enabled: z.boolean().meta({ description: 'Whether model calls are paid from the balance (BILLING_ENABLED)' }),
+  })
+  .meta({ id: 'Balance' });
+
+export const TransactionType = z.enum(['grant', 'usage', 'refund', 'adjustment']);
+
+export const CreditTransactionPublic = z
+  .object({
+    id: Id,
+    type: TransactionType,
+    amount: Money.meta({ description: 'Signed: usage is negative' }),
+    balance_after: Money,
+    description: z.string().nullable(),
+    usage_record_id: Id.nullable(),
+    api_key_id: Id.nullable(),
+    project_id: Id.nullable(),
+    created_at: Timestamp,
+    updated_at: Timestamp,
+  })
+  .meta({ id: 'CreditTransactionPublic' });
+
+export const CreditGrant = z
+  .strictObject({
+    user_id: Id,
+    amount: MoneyInput.refine((v) => /[1-9]/.test(v), { error: 'Input should not be zero' }).meta({
+      description: 'Credits to add (decimal string); negative only with type `adjustment`',
+    }),
+    description: z.string().trim().min(1).max(1000),
+    type: z.enum(['grant', 'refund', 'adjustment']).default('grant'),
+  })
+  .refine((body) => body.type === 'adjustment' || !body.amount.startsWith('-'), {
+    error: 'Input should be positive: only an adjustment may take credits away',
+    path: ['amount'],
+  })
+  .meta({ id: 'CreditGrant' });
+export type CreditGrant = z.infer<typeof CreditGrant>;
+
+export const TransactionIdParams = z.object({ transaction_id: Id });
+
+const GROUPS = ['model', 'day', 'api_key'] as const;
+
+/** `?from=&to=&group_by=`: a time range (ISO 8601; a bare date is midnight UTC) and groups, comma-separated. */
+export const SummaryQuery = z.strictObject({
+  from: z.iso.datetime({ offset: true }).or(z.iso.date()).optional().meta({ description: 'Start (inclusive); default: 30 days before `to`' }),
+  to: z.iso.datetime({ offset: true }).or(z.iso.date()).optional().meta({ description: 'End (exclusive); default: now' }),
+  group_by: z
+    .string()
+    .default('model,day')
+    .transform((value, ctx) => {
+      const parts = value.split(',').map((p) => p.trim());
+      const bad = parts.filter((p) => !(GROUPS as readonly string[]).includes(p));
+      if (bad.length || !parts.length) {
+        ctx.addIssue({ code: 'custom', message: `Input should be one or more of ${GROUPS.join(', ')}, comma-separated` });
+        return z.NEVER;
+      }
+      return [...new Set(parts)] as (typeof GROUPS)[number][];
+    })
+    .meta({ description: 'model, day, api_key, or several comma-separated (default: model,day)' }),
+}).refine((q) => !q.from || !q.to || new Date(q.from) < new Date(q.to), { error: 'Input should be before `to`', path: ['from'] });
+
+const Totals = {
+  calls: z.number().int(),
+  input_tokens: z.number().int(),
+  cached_input_tokens: z.number().int(),
+  cache_write_tokens: z.number().int(),
+  output_tokens: z.number().int(),
+  reasoning_tokens: z.number().int(),
+  cost: Money,
+};
+
+export const UsageSummary = z
+  .object({
+    from: Timestamp,
+    to: Timestamp,
+    group_by: z.array(z.enum(GROUPS)),
+    data: z.array(
+      z.object({
+        model: z.string().optional(),
+        day: z.string().optional().meta({ description: 'YYYY-MM-DD (UTC)' }),
+        api_key_id: Id.nullable().optional(),
+        ...Totals,
+      }),
+    ),
+    total: z.object(Totals),
+  })
+  .meta({ id: 'UsageSummary' });

@@ -1,0 +1,86 @@
+/** Credits and usage as the API shows them: balance, ledger, grants, usage summary. */
+import { ConflictError, NotFoundError } from '../core/errors.js';
+
+import type { CreditTransaction } from '../models/index.js';
+
+import type { CreditGrant } from '../schemas/billing.js';
+
+import * as billingCrud from '../crud/billing.js';
+import type { Page } from '../crud/page.js';
+import * as userCrud from '../crud/user.js';
+import { addCosts } from '../modules/ai-models/index.js';
+import type { ServiceContext } from './context.js';
+import { formatMoney } from './money.js';
+
+const DAY_MS = 86_400_000;
+const DEFAULT_RANGE_DAYS = 30;
+
+/** The account's balance: a scoped key reads it too (it is what its calls are paid from). */
+export async function balance(ctx: ServiceContext) {
+  const { balance, reserved } = await billingCrud.getBalance(ctx.db, ctx.principal.user.id);
+  return {
+    balance: formatMoney(balance),
+    reserved: formatMoney(reserved),
+    available: addCosts(balance, `-${reserved}`),
+    billing_enabled: ctx.settings.BILLING_ENABLED,
+  };
+}
+
+function present(row: CreditTransaction): CreditTransaction {
+  return { ...row, amount: formatMoney(row.amount), balance_after: formatMoney(row.balance_after) };
+}
+
+export async function listTransactions(ctx: ServiceContext, page: Page) {
+  const { data, count } = await billingCrud.transactionCrud.list(ctx.db, ctx.principal, page);
+  return { data: data.map(present), count };
+}
+
+export async function getTransaction(ctx: ServiceContext, id: string) {
+  return present(await billingCrud.transactionCrud.getVisible(ctx.db, ctx.principal, id));
+}
+
+/** A superuser's grant, refund or adjustment: the balance and its ledger entry change together. */
+export async function grant(ctx: ServiceContext, input: CreditGrant) {
+  const user = await userCrud.getById(ctx.db, input.user_id);
+  if (!user) throw new NotFoundError('User not found');
+  const id = await billingCrud.changeBalance(ctx.db, {
+    userId: user.id,
+    type: input.type,
+    amount: input.amount,
+    description: input.description,
+    createdBy: ctx.principal.user.id,
+  });
+  if (id === null) {
+    const { balance, reserved } = await billingCrud.getBalance(ctx.db, user.id);
+    throw new ConflictError(`The adjustment would leave less than nothing: balance ${formatMoney(balance)}, ${formatMoney(reserved)} of it held by calls in progress`);
+  }
+  ctx.log.info({ userId: user.id, type: input.type, transactionId: id }, 'credits changed');
+  const row = await billingCrud.transactionCrud.getById(ctx.db, id);
+  return present(row!);
+}
+
+export interface SummaryQuery {
+  from?: string;
+  to?: string;
+  group_by: billingCrud.GroupBy[];
+}
+
+/** Usage summed by model, day and/or API key; a scoped key sees its project's usage only. */
+export async function summary(ctx: ServiceContext, query: SummaryQuery) {
+  const to = query.to ? new Date(query.to) : new Date();
+  const from = query.from ? new Date(query.from) : new Date(to.getTime() - DEFAULT_RANGE_DAYS * DAY_MS);
+  const visible = billingCrud.usagePolicy.where(ctx.principal, 'read');
+  const rows = await billingCrud.summarize(ctx.db, visible, from, to, query.group_by);
+  const total = { calls: 0, input_tokens: 0, cached_input_tokens: 0, cache_write_tokens: 0, output_tokens: 0, reasoning_tokens: 0, cost: '0' };
+  const data = rows.map((row) => {
+    total.calls += row.calls;
+    total.input_tokens += row.input_tokens;
+    total.cached_input_tokens += row.cached_input_tokens;
+    total.cache_write_tokens += row.cache_write_tokens;
+    total.output_tokens += row.output_tokens;
+    total.reasoning_tokens += row.reasoning_tokens;
+    total.cost = addCosts(total.cost, row.cost);
+    return { ...row, cost: formatMoney(row.cost) };
+  });
+  return { from, to, group_by: query.group_by, data, total };
+}

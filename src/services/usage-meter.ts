@@ -1,0 +1,322 @@
+/**
+ * The app's UsageMeter: every call through `app.models` is reserved here before it goes upstream
+ * and settled here after it ends.
+ *
+ * reserve: API-key rpm (counter: memory, or Redis when scaled) → with BILLING_ENABLED the
+ * worst-case cost held from the user's credits, and from the key's `max_budget` when it has one
+ * (one conditional UPDATE each). With billing off and a key without limits it does no I/O.
+ *
+ * settle (after the answer, never on the caller's path): Prometheus, a usage record into the
+ * batch writer, and — when something was held — one statement that releases the hold, charges the
+ * exact cost and writes the ledger entry. Nothing is lost: a failed batch or settlement is kept and
+ * retried, and `close()` (the app's close hook) writes what is left.
+ */
+import { randomUUID } from 'node:crypto';
+
+import type { Redis } from 'ioredis';
+
+import type { Settings } from '../core/config.js';
+import type { Db } from '../core/db.js';
+import { PaymentRequiredError, ServiceUnavailableError, TooManyRequestsError } from '../core/errors.js';
+import type { Logger } from '../core/logger.js';
+import type { ModelMetrics } from '../core/metrics.js';
+
+import * as billingCrud from '../crud/billing.js';
+import type { CostEstimate, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
+import { addCosts } from '../modules/ai-models/index.js';
+import { type CounterStore, counterStore } from '../utils/rate-limit.js';
+import { cachedKeyLimits, type KeyLimits, loadKeyLimits } from './key-limits.js';
+import { formatMoney } from './money.js';
+
+export interface UsageMeterOptions {
+  db: Db;
+  settings: Settings;
+  log: Logger;
+  metrics: ModelMetrics;
+  redis: Redis | null;
+}
+
+const RPM_WINDOW_MS = 60_000;
+
+/** Drizzle's query errors carry the statement's parameters (here: whole batches); log the driver's error. */
+const cause = (error: unknown): unknown => (error as { cause?: unknown }).cause ?? error;
+/** Rows kept in memory while the database cannot take them; beyond it the oldest are dropped (logged). */
+const MAX_BUFFERED_ROWS = 1_000_000;
+const SWEEP_INTERVAL_MS = 60_000;
+
+/** What a call holds: nothing (null ids), or a reservation row. */
+interface Held {
+  reservationId: string | null;
+  chargeAccount: boolean;
+  chargeKey: boolean;
+}
+
+export class UsageMeterService implements UsageMeter {
+  private readonly db: Db;
+  private readonly settings: Settings;
+  private readonly log: Logger;
+  private readonly metrics: ModelMetrics;
+  private readonly counters: CounterStore;
+  private readonly rpmPrefix: string;
+  private buffer: billingCrud.UsageRow[] = [];
+  private failedSettlements: billingCrud.Settlement[] = [];
+  private readonly inFlight = new Set<Promise<unknown>>();
+  private flushing: Promise<void> | null = null;
+  private flushTimer: NodeJS.Timeout | undefined;
+  private sweepTimer: NodeJS.Timeout | undefined;
+  private closed = false;
+
+  constructor(options: UsageMeterOptions) {
+    this.db = options.db;
+    this.settings = options.settings;
+    this.log = options.log.child({ component: 'usage-meter' });
+    this.metrics = options.metrics;
+    this.counters = counterStore(options.redis);
+    this.rpmPrefix = options.redis ? `${options.settings.REDIS_KEY_PREFIX}rate-limit:api-key-rpm:` : 'api-key-rpm:';
+  }
+
+  /** Releases reservations left by crashed processes now and every minute. */
+  start(): void {
+    this.track(this.sweep());
+    this.sweepTimer = setInterval(() => this.track(this.sweep()), Math.min(SWEEP_INTERVAL_MS, this.settings.BILLING_RESERVATION_TTL_SECONDS * 500));
+    this.sweepTimer.unref();
+  }
+
+  // ==================== reserve ====================
+
+  reserve(estimate: CostEstimate): UsageReservation | Promise<UsageReservation> {
+    if (this.closed) throw new ServiceUnavailableError('Shutting down');
+    const keyId = estimate.context.api_key_id ?? null;
+    if (keyId === null) return this.hold(estimate, null);
+    const limits = cachedKeyLimits(this.db, keyId);
+    if (limits) return this.hold(estimate, limits);
+    return loadKeyLimits(this.db, keyId).then((loaded) => this.hold(estimate, loaded));
+  }
+
+  private hold(estimate: CostEstimate, limits: KeyLimits | null): UsageReservation | Promise<UsageReservation> {
+    const userId = estimate.context.user_id ?? null;
+    const free = estimate.cost === '0';
+    const chargeAccount = this.settings.BILLING_ENABLED && userId !== null;
+    const budgeted = limits !== null && limits.max_budget !== null;
+    const holdAccount = chargeAccount && !free;
+    const holdKey = budgeted && !free;
+    if (!holdAccount && !holdKey && !limits?.rpm) {
+      return this.reservation({ reservationId: null, chargeAccount, chargeKey: budgeted });
+    }
+    return (async () => {
+      if (limits?.rpm) await this.countRequest(estimate, limits.rpm);
+      if (!holdAccount && !holdKey) return this.reservation({ reservationId: null, chargeAccount, chargeKey: budgeted });
+      const id = randomUUID();
+      const outcome = await billingCrud.hold(this.db, {
+        id,
+        userId,
+        apiKeyId: estimate.context.api_key_id ?? null,
+        accountAmount: holdAccount ? estimate.cost : null,
+        keyAmount: holdKey ? estimate.cost : null,
+        ttlSeconds: this.settings.BILLING_RESERVATION_TTL_SECONDS,
+      });
+      if (outcome === 'balance') throw await this.notEnoughCredits(userId!, estimate);
+      if (outcome === 'budget') throw await this.overBudget(estimate);
+      return this.reservation({ reservationId: id, chargeAccount, chargeKey: budgeted });
+    })();
+  }
+
+  private async countRequest(estimate: CostEstimate, rpm: number): Promise<void> {
+    const keyId = estimate.context.api_key_id!;
+    let counted;
+    try {
+      counted = await this.counters.hit(`${this.rpmPrefix}${keyId}`, RPM_WINDOW_MS);
+    } catch (error) {
+      this.log.error({ err: error, apiKeyId: keyId }, 'rate limiter unavailable');
+      throw new ServiceUnavailableError('Rate limiter unavailable, try again later');
+    }
+    if (counted.count > rpm) {
+      throw new TooManyRequestsError(counted.ttlMs / 1000, `API key rate limit reached: rpm ${rpm} (model calls per minute); try again in ${Math.max(1, Math.ceil(counted.ttlMs / 1000))} s`);
+    }
+  }
+
+  private async notEnoughCredits(userId: string, estimate: CostEstimate): Promise<PaymentRequiredError> {
+    const { balance, reserved } = await billingCrud.getBalance(this.db, userId);
+    const available = formatMoney(addCosts(balance, `-${reserved}`));
+    const held = reserved === '0' || /^0(\.0*)?$/.test(reserved) ? '' : ` (${formatMoney(reserved)} of it held by calls in progress)`;
+    return new PaymentRequiredError(
+      `Not enough credits: balance ${formatMoney(balance)}${held}, available ${available}; this call to ${estimate.model} needs up to ${formatMoney(estimate.cost)}`,
+    );
+  }
+
+  private async overBudget(estimate: CostEstimate): Promise<PaymentRequiredError> {
+    const keyId = estimate.context.api_key_id!;
+    const limits = await loadKeyLimits(this.db, keyId);
+    const spent = await billingCrud.keySpend(this.db, keyId);
+    return new PaymentRequiredError(
+      `API key budget exceeded: max_budget ${formatMoney(limits.max_budget ?? '0')}, spent ${formatMoney(spent.spent)}` +
+        `${/^0(\.0*)?$/.test(spent.reserved) ? '' : `, ${formatMoney(spent.reserved)} held by calls in progress`}; this call to ${estimate.model} needs up to ${formatMoney(estimate.cost)}`,
+    );
+  }
+
+  private reservation(held: Held): UsageReservation {
+    return { settle: (record) => this.settle(held, record) };
+  }
+
+  // ==================== settle ====================
+
+  private settle(held: Held, record: UsageRecord): void {
+    this.observe(record);
+    const id = randomUUID();
+    const ctx = record.context;
+    const ended = new Date(record.started_at.getTime() + record.latency_ms);
+    this.enqueue({
+      id,
+      created_at: ended.toISOString(),
+      owner_id: ctx.user_id ?? null,
+      api_key_id: ctx.api_key_id ?? null,
+      project_id: ctx.project_id ?? null,
+      agent_id: ctx.agent_id ?? null,
+      run_id: ctx.run_id ?? null,
+      model: record.model,
+      provider: record.provider,
+      operation: record.operation,
+      input_tokens: record.tokens.input,
+      cached_input_tokens: record.tokens.cached_input,
+      cache_write_tokens: record.tokens.cache_write,
+      output_tokens: record.tokens.output,
+      reasoning_tokens: record.tokens.reasoning,
+      cost: record.cost,
+      latency_ms: record.latency_ms,
+      time_to_first_token_ms: record.time_to_first_token_ms,
+      status: record.status,
+      error: record.error === null ? null : record.error.slice(0, 2_000),
+      estimated: record.estimated,
+      attempts: record.attempts,
+      started_at: record.started_at.toISOString(),
+      // A key with a budget has its spend moved by the settlement below; others with the batch.
+      charge_key: !held.chargeKey,
+    });
+    if (held.reservationId === null && (record.cost === '0' || (!held.chargeAccount && !held.chargeKey))) return;
+    const settlement: billingCrud.Settlement = {
+      reservationId: held.reservationId,
+      userId: ctx.user_id ?? null,
+      apiKeyId: ctx.api_key_id ?? null,
+      projectId: ctx.project_id ?? null,
+      cost: record.cost,
+      chargeAccount: held.chargeAccount,
+      chargeKey: held.chargeKey,
+      usageRecordId: id,
+      description: `${record.operation} ${record.model}${record.status === 'success' ? '' : ` (${record.status})`}`,
+    };
+    this.track(
+      billingCrud.settle(this.db, settlement).catch((error: unknown) => {
+        this.log.error({ err: cause(error), usageRecordId: id }, 'credit settlement failed; kept for a retry');
+        this.failedSettlements.push(settlement);
+        this.schedule();
+      }),
+    );
+  }
+
+  private observe(record: UsageRecord): void {
+    const { model, provider, operation, status, tokens } = record;
+    const m = this.metrics;
+    m.calls.inc({ model, provider, operation, status });
+    m.latency.observe({ model, provider, operation, status }, record.latency_ms / 1000);
+    if (record.time_to_first_token_ms !== null) m.timeToFirstToken.observe({ model, provider }, record.time_to_first_token_ms / 1000);
+    for (const [kind, count] of Object.entries(tokens) as [string, number][]) if (count > 0) m.tokens.inc({ model, provider, kind }, count);
+    const cost = Number(record.cost);
+    if (cost > 0) m.cost.inc({ model, provider }, cost);
+  }
+
+  // ==================== Batch writer ====================
+
+  private enqueue(row: billingCrud.UsageRow): void {
+    this.buffer.push(row);
+    if (this.buffer.length > MAX_BUFFERED_ROWS) {
+      const dropped = this.buffer.splice(0, this.buffer.length - MAX_BUFFERED_ROWS);
+      this.log.error({ dropped: dropped.length }, 'usage records dropped: the database has not taken them for too long');
+    }
+    if (this.buffer.length >= this.settings.USAGE_FLUSH_MAX_ROWS) this.track(this.flush());
+    else this.schedule();
+  }
+
+  private schedule(): void {
+    if (this.flushTimer || this.closed) return;
+    this.flushTimer = setTimeout(() => {
+      this.flushTimer = undefined;
+      this.track(this.flush());
+    }, this.settings.USAGE_FLUSH_INTERVAL_MS);
+    this.flushTimer.unref();
+  }
+
+  /**
+   * Writes the buffered usage records and retries failed settlements; one flush at a time. What
+   * fails stays for the next flush (logged), so a database outage loses nothing.
+   */
+  flush(): Promise<void> {
+    if (this.flushing) return this.flushing.then(() => (this.buffer.length || this.failedSettlements.length ? this.flush() : undefined));
+    this.flushing = this.writeOnce().finally(() => {
+      this.flushing = null;
+    });
+    return this.flushing;
+  }
+
+  private async writeOnce(): Promise<void> {
+    const max = this.settings.USAGE_FLUSH_MAX_ROWS;
+    while (this.buffer.length) {
+      const batch = this.buffer.splice(0, max);
+      try {
+        await billingCrud.insertUsage(this.db, batch);
+      } catch (error) {
+        this.buffer.unshift(...batch);
+        this.log.error({ err: cause(error), pending: this.buffer.length }, 'usage records not written; kept for a retry');
+        this.schedule();
+        return;
+      }
+    }
+    const settlements = this.failedSettlements;
+    this.failedSettlements = [];
+    for (const [i, settlement] of settlements.entries()) {
+      try {
+        await billingCrud.settle(this.db, settlement);
+      } catch (error) {
+        this.failedSettlements.push(...settlements.slice(i));
+        this.log.error({ err: cause(error), pending: this.failedSettlements.length }, 'credit settlements not written; kept for a retry');
+        this.schedule();
+        return;
+      }
+    }
+  }
+
+  /** Resolves once every settlement started so far has run and the buffer has been written. */
+  async idle(): Promise<void> {
+    while (this.inFlight.size) await Promise.allSettled([...this.inFlight]);
+    await this.flush();
+  }
+
+  private track(promise: Promise<unknown>): void {
+    const tracked = promise.catch((error: unknown) => this.log.error({ err: cause(error) }, 'usage meter task failed'));
+    this.inFlight.add(tracked);
+    void tracked.finally(() => this.inFlight.delete(tracked));
+  }
+
+  /** Releases reservations whose process died before settling them. */
+  async sweep(): Promise<number> {
+    const released = await billingCrud.releaseExpired(this.db);
+    if (released) this.log.warn({ released }, 'expired credit reservations released (a process ended mid-call)');
+    return released;
+  }
+
+  /** The app's close hook: stop the timers, then write everything still held in memory. */
+  async close(): Promise<void> {
+    clearInterval(this.sweepTimer);
+    clearTimeout(this.flushTimer);
+    this.flushTimer = undefined;
+    for (let attempt = 1; ; attempt++) {
+      await this.idle();
+      if (!this.buffer.length && !this.failedSettlements.length) break;
+      if (attempt === 3) {
+        this.log.error({ usageRecords: this.buffer.length, settlements: this.failedSettlements.length }, 'usage not written at shutdown');
+        break;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 200 * attempt));
+    }
+    this.closed = true;
+  }
+}

@@ -1,0 +1,40 @@
+import type { FastifyInstance } from 'fastify';
+import { expect } from 'vitest';
+
+import type { CallContext, ChatRequest } from '../../src/modules/ai-models/index.js';
+import { call } from './http.js';
+
+/** Prices per million tokens of the models `addFakeModels` registers. */
+export const FAKE_MODELS = {
+  /** Odd prices, a cached-input price, no reasoning price (reasoning costs the output price). */
+  precise: { input: '1.23', output: '4.56', cached: '0.123456' },
+  /** Input free, 1 credit per output token: a call's worst case is exactly its max output tokens. */
+  billed: { input: '0', output: '1000000' },
+} as const;
+
+/**
+ * A superuser adds an `openai-compatible` provider pointing at the fake server and the models
+ * `fake-precise` and `fake-billed` priced as FAKE_MODELS says.
+ */
+export async function addFakeModels(app: FastifyInstance, admin: Record<string, string>, baseUrl: string): Promise<void> {
+  const provider = await call(app, 'POST', '/providers', admin, { name: 'fake', kind: 'openai-compatible', base_url: baseUrl, api_key: 'sk-fake' });
+  expect(provider.statusCode, provider.body).toBe(200);
+  const precise = FAKE_MODELS.precise;
+  const models = [
+    {
+      id: 'fake-precise',
+      provider: 'fake',
+      pricing: { input_cost_per_million_tokens: precise.input, output_cost_per_million_tokens: precise.output, cached_input_cost_per_million_tokens: precise.cached },
+    },
+    { id: 'fake-billed', provider: 'fake', pricing: { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: FAKE_MODELS.billed.output } },
+  ];
+  for (const model of models) {
+    const response = await call(app, 'POST', '/models', admin, model);
+    expect(response.statusCode, response.body).toBe(200);
+  }
+}
+
+/** A chat request as the gateway and the runner make it. */
+export function chatRequest(model: string, context: CallContext, extra: Partial<ChatRequest> = {}): ChatRequest {
+  return { model, messages: [{ role: 'user', content: 'Hello' }], context, ...extra };
+}

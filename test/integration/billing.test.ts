@@ -1,0 +1,291 @@
+import { randomUUID } from 'node:crypto';
+
+import { eq, sql } from 'drizzle-orm';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { PaymentRequiredError, TooManyRequestsError } from '../../src/core/errors.js';
+
+import { creditReservations, usageRecords } from '../../src/models/index.js';
+
+import { getBalance, ledgerSum } from '../../src/crud/billing.js';
+import { buildTestApp, useTestApp } from '../helpers/app.js';
+import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { apiOf, createKey, expectValidationError, type ListBody, UUID, xApiKey } from '../helpers/http.js';
+import { addFakeModels, chatRequest } from '../helpers/metered-models.js';
+
+const ctx = useTestApp({ BILLING_ENABLED: 'true', USAGE_FLUSH_INTERVAL_MS: '20', MODEL_MAX_RETRIES: '0' });
+const api = apiOf(ctx);
+
+let fake: FakeModelServer;
+let admin: Record<string, string>;
+
+interface TransactionBody {
+  id: string;
+  type: string;
+  amount: string;
+  balance_after: string;
+  description: string | null;
+  usage_record_id: string | null;
+}
+
+beforeAll(async () => {
+  fake = await FakeModelServer.start();
+  admin = await superuserHeaders(ctx.app);
+  await addFakeModels(ctx.app, admin, fake.url);
+});
+afterAll(async () => {
+  await fake.close();
+});
+beforeEach(() => fake.reset());
+
+async function grant(user: TestUser, amount: string, extra: Record<string, unknown> = {}) {
+  const response = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount, description: 'test credits', ...extra });
+  expect(response.statusCode, response.body).toBe(200);
+  return response.json<TransactionBody>();
+}
+
+async function balanceOf(user: TestUser) {
+  await ctx.app.meter.idle();
+  return (await api('GET', '/billing/balance', user.headers)).json<{ balance: string; reserved: string; available: string }>();
+}
+
+/** The invariant: the balance equals the sum of the ledger, and nothing stays held. */
+async function expectConsistent(user: TestUser) {
+  await ctx.app.meter.idle();
+  const account = await getBalance(ctx.database.db, user.user.id);
+  expect(Number(account.reserved)).toBe(0);
+  expect(await ledgerSum(ctx.database.db, user.user.id)).toBe(account.balance);
+}
+
+// `fake-billed`: 1 credit per output token, input free. maxOutputTokens 10 → reserves 10 credits.
+const billed = (user: TestUser, extra = {}) => chatRequest('fake-billed', { user_id: user.user.id }, { maxOutputTokens: 10, ...extra });
+
+describe('POST /billing/credits', () => {
+  it('a superuser grants credits: balance and ledger change together', async () => {
+    const user = await createUser(ctx.app);
+    const response = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: '12.5', description: 'welcome' });
+    expect(response.statusCode, response.body).toBe(200);
+    const created = response.json<TransactionBody>();
+    expect(created.id).toMatch(UUID);
+    expect(created).toMatchObject({ type: 'grant', amount: '12.5', balance_after: '12.5', description: 'welcome' });
+    expect(response.headers.location).toBe(`/api/v1/billing/transactions/${created.id}`);
+    await grant(user, '0.000000000001', { type: 'refund' });
+    const adjusted = await grant(user, '-2.5', { type: 'adjustment' });
+    expect(adjusted.balance_after).toBe('10.000000000001');
+    expect(await balanceOf(user)).toEqual({ balance: '10.000000000001', reserved: '0', available: '10.000000000001', billing_enabled: true });
+    const list = (await api('GET', '/billing/transactions?limit=2', user.headers)).json<ListBody<TransactionBody>>();
+    expect(list.count).toBe(3);
+    expect(list.data.map((t) => t.type)).toEqual(['adjustment', 'refund']);
+    expect((await api('GET', `/billing/transactions/${created.id}`, user.headers)).json()).toMatchObject({ id: created.id, amount: '12.5' });
+    await expectConsistent(user);
+  });
+
+  it('is for superusers only: 401, 403 for users and for a superuser’s scoped key', async () => {
+    const user = await createUser(ctx.app);
+    const body = { user_id: user.user.id, amount: '5', description: 'x' };
+    expect((await api('POST', '/billing/credits', {}, body)).statusCode).toBe(401);
+    expect((await api('POST', '/billing/credits', user.headers, body)).statusCode).toBe(403);
+    const project = await createProject(ctx.app, admin);
+    const scoped = await createKey(ctx.app, { headers: admin }, { name: 'scoped', project_id: project.id });
+    expect((await api('POST', '/billing/credits', xApiKey(scoped.key), body)).statusCode).toBe(403);
+    expect((await balanceOf(user)).balance).toBe('0');
+  });
+
+  it('404 for an unknown user, 422 for a bad amount, 409 for an adjustment beyond the balance', async () => {
+    const user = await createUser(ctx.app);
+    const missing = await api('POST', '/billing/credits', admin, { user_id: randomUUID(), amount: '5', description: 'x' });
+    expect(missing.statusCode).toBe(404);
+    expect(missing.json()).toEqual({ detail: 'User not found' });
+    for (const amount of ['abc', '0', '0.000', '1.0000000000001', '-5', '1e3', 12.5]) {
+      expectValidationError(await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount, description: 'x' }), ['body', 'amount']);
+    }
+    expectValidationError(await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: '1', description: 'x', owner_id: randomUUID() }), ['body', 'owner_id'], 'extra_forbidden');
+    await grant(user, '3');
+    const over = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: '-3.5', type: 'adjustment', description: 'too much' });
+    expect(over.statusCode).toBe(409);
+    expect(over.json<{ detail: string }>().detail).toContain('balance 3');
+    await expectConsistent(user);
+  });
+
+  it('another user’s ledger is never visible: 404 for their transaction, empty lists', async () => {
+    const [owner, other] = [await createUser(ctx.app), await createUser(ctx.app)];
+    const created = await grant(owner, '1');
+    expect((await api('GET', `/billing/transactions/${created.id}`, other.headers)).statusCode).toBe(404);
+    expect((await api('GET', `/billing/transactions/${created.id}`, admin)).statusCode).toBe(404);
+    expect((await api('GET', '/billing/transactions', other.headers)).json()).toEqual({ data: [], count: 0 });
+    expect((await balanceOf(other)).balance).toBe('0');
+  });
+});
+
+describe('metered calls with BILLING_ENABLED', () => {
+  it('402 without credits, naming balance and needed amount; the upstream is not called and the balance is untouched', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '4');
+    const refused = ctx.app.models.chat(billed(user));
+    await expect(refused).rejects.toBeInstanceOf(PaymentRequiredError);
+    await expect(refused).rejects.toThrow('Not enough credits: balance 4, available 4; this call to fake-billed needs up to 10');
+    expect(fake.log).toHaveLength(0);
+    expect(await balanceOf(user)).toMatchObject({ balance: '4', reserved: '0' });
+    await expectConsistent(user);
+  });
+
+  it('reserves the worst case, settles to the exact cost: a usage entry in the ledger, the rest released', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '25');
+    fake.script('fake-billed', { text: 'ok', usage: { prompt_tokens: 7, completion_tokens: 3 } });
+    const result = await ctx.app.models.chat(billed(user));
+    expect(result.cost).toBe('3');
+    expect(await balanceOf(user)).toMatchObject({ balance: '22', reserved: '0', available: '22' });
+    const list = (await api('GET', '/billing/transactions', user.headers)).json<ListBody<TransactionBody>>();
+    expect(list.data[0]).toMatchObject({ type: 'usage', amount: '-3', balance_after: '22', description: 'chat fake-billed' });
+    const [record] = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
+    expect(list.data[0]!.usage_record_id).toBe(record!.id);
+    expect(await ctx.database.db.select().from(creditReservations).where(eq(creditReservations.user_id, user.user.id))).toEqual([]);
+    await expectConsistent(user);
+  });
+
+  it('an upstream error releases the whole reservation and charges nothing', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '10');
+    fake.script('fake-billed', { status: 500 });
+    await expect(ctx.app.models.chat(billed(user))).rejects.toThrow('Upstream 500');
+    expect(await balanceOf(user)).toMatchObject({ balance: '10', reserved: '0' });
+    const list = (await api('GET', '/billing/transactions', user.headers)).json<ListBody<TransactionBody>>();
+    expect(list.data.map((t) => t.type)).toEqual(['grant']);
+    await expectConsistent(user);
+  });
+
+  it('an aborted stream releases the reservation and pays only for what was streamed', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '100');
+    fake.script('fake-billed', { chunks: ['abcd', 'efgh', 'ijkl', 'mnop', 'qrst'], chunkDelayMs: 100, usage: { prompt_tokens: 1, completion_tokens: 50 } });
+    const controller = new AbortController();
+    const stream = ctx.app.models.stream(billed(user, { maxOutputTokens: 60, signal: controller.signal }));
+    const seen: string[] = [];
+    await expect(
+      (async () => {
+        for await (const event of stream) {
+          if (event.type === 'text-delta') seen.push(event.text);
+          if (seen.length === 1) controller.abort();
+        }
+      })(),
+    ).rejects.toThrow();
+    await fake.waitFor((log) => log[0]?.aborted === true);
+    const account = await balanceOf(user);
+    expect(account.reserved).toBe('0');
+    // Estimated output: 4 characters seen = 1 token = 1 credit (not the 60 reserved).
+    expect(account.balance).toBe('99');
+    await expectConsistent(user);
+  });
+
+  it('50 concurrent calls against a balance that covers 10 never overdraw', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '100');
+    fake.defaultReply = { text: 'ten tokens', usage: { prompt_tokens: 1, completion_tokens: 10 }, chunkDelayMs: 5 };
+    try {
+      const outcomes = await Promise.allSettled(Array.from({ length: 50 }, () => ctx.app.models.chat(billed(user))));
+      const ok = outcomes.filter((o) => o.status === 'fulfilled');
+      const refused = outcomes.filter((o): o is PromiseRejectedResult => o.status === 'rejected');
+      expect(ok).toHaveLength(10);
+      expect(refused.every((o) => o.reason instanceof PaymentRequiredError)).toBe(true);
+      expect(fake.log).toHaveLength(10);
+    } finally {
+      fake.defaultReply = { text: 'Hello from the fake model.', usage: { prompt_tokens: 10, completion_tokens: 5 } };
+    }
+    expect(await balanceOf(user)).toMatchObject({ balance: '0', reserved: '0' });
+    const usage = (await api('GET', '/billing/transactions?limit=100', user.headers)).json<ListBody<TransactionBody>>();
+    expect(usage.data.filter((t) => t.type === 'usage')).toHaveLength(10);
+    expect(usage.data.every((t) => !t.balance_after.startsWith('-'))).toBe(true);
+    await expectConsistent(user);
+  });
+
+  it('a reservation left by a crashed process expires and is released (by the sweep, and at start)', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '10');
+    const db = ctx.database.db;
+    const hold = async (expires: string) => {
+      await db.execute(sql`update credit_accounts set reserved = reserved + 4 where user_id = ${user.user.id}`);
+      await db.insert(creditReservations).values({ user_id: user.user.id, account_amount: '4', key_amount: '0', expires_at: sql`now() + ${sql.raw(expires)}` });
+    };
+    await hold("interval '-1 second'");
+    await hold("interval '1 hour'"); // a live call elsewhere: kept
+    expect(await balanceOf(user)).toMatchObject({ reserved: '8', available: '2' });
+    await expect(ctx.app.models.chat(billed(user))).rejects.toBeInstanceOf(PaymentRequiredError);
+    expect(await ctx.app.meter.sweep()).toBe(1);
+    expect(await balanceOf(user)).toMatchObject({ balance: '10', reserved: '4', available: '6' });
+
+    // A process starting up sweeps too.
+    await db.execute(sql`update credit_reservations set expires_at = now() - interval '1 second' where user_id = ${user.user.id}`);
+    const restarted = await buildTestApp(ctx.database, { BILLING_ENABLED: 'true' });
+    await restarted.meter.idle();
+    await restarted.close();
+    await expectConsistent(user);
+    expect((await balanceOf(user)).balance).toBe('10');
+  });
+
+  it('a user deleted with credits takes the account and ledger along', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1');
+    expect((await api('DELETE', `/users/${user.user.id}`, admin)).statusCode).toBe(200);
+    expect(await getBalance(ctx.database.db, user.user.id)).toEqual({ balance: '0', reserved: '0' });
+  });
+});
+
+describe('per-API-key limits', () => {
+  it('creates and updates keys with max_budget and rpm; 422 for bad values', async () => {
+    const user = await createUser(ctx.app);
+    const key = await createKey(ctx.app, user, { name: 'limited', max_budget: '12.50', rpm: 30 });
+    expect(key).toMatchObject({ max_budget: '12.5', rpm: 30, spent: '0' });
+    const updated = await api('PATCH', `/api-keys/${key.id}`, user.headers, { max_budget: null, rpm: 5 });
+    expect(updated.json()).toMatchObject({ max_budget: null, rpm: 5 });
+    expectValidationError(await api('POST', '/api-keys', user.headers, { name: 'x', max_budget: '-1' }), ['body', 'max_budget']);
+    expectValidationError(await api('POST', '/api-keys', user.headers, { name: 'x', max_budget: '0' }), ['body', 'max_budget']);
+    expectValidationError(await api('POST', '/api-keys', user.headers, { name: 'x', max_budget: 3 }), ['body', 'max_budget']);
+    expectValidationError(await api('PATCH', `/api-keys/${key.id}`, user.headers, { rpm: 0 }), ['body', 'rpm']);
+    expectValidationError(await api('PATCH', `/api-keys/${key.id}`, user.headers, { rpm: 1.5 }), ['body', 'rpm']);
+  });
+
+  it('max_budget: a call the key’s remaining budget cannot cover answers 402 naming the limit', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    const key = await createKey(ctx.app, user, { name: 'budget', max_budget: '15' });
+    const context = { user_id: user.user.id, api_key_id: key.id };
+    fake.script('fake-billed', { text: 'ok', usage: { prompt_tokens: 1, completion_tokens: 10 } });
+    await ctx.app.models.chat(chatRequest('fake-billed', context, { maxOutputTokens: 10 }));
+    await ctx.app.meter.idle();
+    const refused = ctx.app.models.chat(chatRequest('fake-billed', context, { maxOutputTokens: 10 }));
+    await expect(refused).rejects.toBeInstanceOf(PaymentRequiredError);
+    await expect(refused).rejects.toThrow('API key budget exceeded: max_budget 15, spent 10; this call to fake-billed needs up to 10');
+    expect(fake.log).toHaveLength(1);
+    expect((await api('GET', `/api-keys/${key.id}`, user.headers)).json()).toMatchObject({ spent: '10', max_budget: '15' });
+    // The account paid for the one call; raising the cap lets the next through.
+    expect((await balanceOf(user)).balance).toBe('990');
+    await api('PATCH', `/api-keys/${key.id}`, user.headers, { max_budget: '25' });
+    await ctx.app.models.chat(chatRequest('fake-billed', context, { maxOutputTokens: 10 }));
+    await expectConsistent(user);
+    const [row] = await ctx.database.db.execute(sql`select budget_reserved::text as r from api_keys where id = ${key.id}`).then((r) => (r as { rows: { r: string }[] }).rows);
+    expect(Number(row!.r)).toBe(0);
+  });
+
+  it('rpm: calls beyond the key’s limit in a minute answer 429 with retry-after, naming the limit', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    const key = await createKey(ctx.app, user, { name: 'rpm', rpm: 2 });
+    const context = { user_id: user.user.id, api_key_id: key.id };
+    await ctx.app.models.chat(chatRequest('fake-billed', context, { maxOutputTokens: 1 }));
+    await ctx.app.models.chat(chatRequest('fake-billed', context, { maxOutputTokens: 1 }));
+    const refused = await ctx.app.models.chat(chatRequest('fake-billed', context, { maxOutputTokens: 1 })).catch((e: unknown) => e);
+    expect(refused).toBeInstanceOf(TooManyRequestsError);
+    const error = refused as TooManyRequestsError;
+    expect(error.statusCode).toBe(429);
+    expect(error.detail).toMatch(/^API key rate limit reached: rpm 2 \(model calls per minute\)/);
+    expect(Number(error.headers['retry-after'])).toBeGreaterThanOrEqual(1);
+    expect(Number(error.headers['retry-after'])).toBeLessThanOrEqual(60);
+    expect(fake.log).toHaveLength(2);
+    // Another key of the same user is not limited by it.
+    const other = await createKey(ctx.app, user, { name: 'other' });
+    await ctx.app.models.chat(chatRequest('fake-billed', { user_id: user.user.id, api_key_id: other.id }, { maxOutputTokens: 1 }));
+    await expectConsistent(user);
+  });
+});

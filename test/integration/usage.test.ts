@@ -1,0 +1,293 @@
+import { randomUUID } from 'node:crypto';
+import { cpSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { eq, sql } from 'drizzle-orm';
+import pino from 'pino';
+import { afterAll, beforeAll, beforeEach, describe, expect, inject, it } from 'vitest';
+
+import { openDatabase } from '../../src/core/db.js';
+
+import { usageRecords } from '../../src/models/index.js';
+
+import { insertUsage, type UsageRow } from '../../src/crud/billing.js';
+import type { CostEstimate } from '../../src/modules/ai-models/index.js';
+import { startServer } from '../../src/server.js';
+import { buildTestApp, openTestDatabase, testSettings, useTestApp } from '../helpers/app.js';
+import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { apiOf, createKey, expectValidationError, xApiKey } from '../helpers/http.js';
+import { addFakeModels, chatRequest } from '../helpers/metered-models.js';
+
+// Billing off (the default): usage is recorded, balances are never touched.
+const ctx = useTestApp({ USAGE_FLUSH_INTERVAL_MS: '20', MODEL_MAX_RETRIES: '0' });
+const api = apiOf(ctx);
+
+let fake: FakeModelServer;
+let admin: Record<string, string>;
+let alice: TestUser;
+let bob: TestUser;
+
+beforeAll(async () => {
+  fake = await FakeModelServer.start();
+  admin = await superuserHeaders(ctx.app);
+  alice = await createUser(ctx.app);
+  bob = await createUser(ctx.app);
+  await addFakeModels(ctx.app, admin, fake.url);
+});
+afterAll(async () => {
+  await fake.close();
+});
+beforeEach(() => fake.reset());
+
+async function recordsOf(userId: string) {
+  await ctx.app.meter.idle();
+  return ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, userId)).orderBy(usageRecords.created_at);
+}
+
+function row(ownerId: string, createdAt: string, fields: Partial<UsageRow> = {}): UsageRow {
+  return {
+    id: randomUUID(),
+    created_at: createdAt,
+    owner_id: ownerId,
+    api_key_id: null,
+    project_id: null,
+    agent_id: null,
+    run_id: null,
+    model: 'm1',
+    provider: 'fake',
+    operation: 'chat',
+    input_tokens: 10,
+    cached_input_tokens: 0,
+    cache_write_tokens: 0,
+    output_tokens: 5,
+    reasoning_tokens: 0,
+    cost: '0.1',
+    latency_ms: 5,
+    time_to_first_token_ms: null,
+    status: 'success',
+    error: null,
+    estimated: false,
+    attempts: 1,
+    started_at: createdAt,
+    charge_key: true,
+    ...fields,
+  };
+}
+
+describe('usage records', () => {
+  it('one row per call, after the answer, its cost the catalog price × tokens to the last decimal', async () => {
+    const project = await createProject(ctx.app, alice.headers);
+    const key = await createKey(ctx.app, alice, { name: 'metered', project_id: project.id });
+    const agentId = randomUUID();
+    const runId = randomUUID();
+    fake.script('fake-precise', { text: 'exact', usage: { prompt_tokens: 1234, completion_tokens: 567, cached_tokens: 1000, reasoning_tokens: 89 } });
+    const result = await ctx.app.models.chat(
+      chatRequest('fake-precise', { user_id: alice.user.id, api_key_id: key.id, project_id: project.id, agent_id: agentId, run_id: runId }),
+    );
+    // 234 uncached × 1.23 + 1000 cached × 0.123456 + 478 output × 4.56 + 89 reasoning × 4.56
+    // = 287.82 + 123.456 + 2179.68 + 405.84 = 2996.796 per million.
+    expect(result.cost).toBe('0.002996796');
+    const [record] = await recordsOf(alice.user.id);
+    expect(record).toMatchObject({
+      owner_id: alice.user.id,
+      api_key_id: key.id,
+      project_id: project.id,
+      agent_id: agentId,
+      run_id: runId,
+      model: 'fake-precise',
+      provider: 'fake',
+      operation: 'chat',
+      input_tokens: 1234,
+      cached_input_tokens: 1000,
+      cache_write_tokens: 0,
+      output_tokens: 567,
+      reasoning_tokens: 89,
+      cost: '0.002996796000',
+      status: 'success',
+      error: null,
+      estimated: false,
+      attempts: 1,
+    });
+    expect(record!.latency_ms).toBeGreaterThanOrEqual(0);
+    // The key's spend follows the batch; billing off leaves the balance alone.
+    const keys = await api('GET', `/api-keys/${key.id}`, alice.headers);
+    expect(keys.json()).toMatchObject({ spent: '0.002996796', max_budget: null, rpm: null });
+    expect((await api('GET', '/billing/balance', alice.headers)).json()).toEqual({ balance: '0', reserved: '0', available: '0', billing_enabled: false });
+    expect((await api('GET', '/billing/transactions', alice.headers)).json()).toEqual({ data: [], count: 0 });
+  });
+
+  it('records a failed call (status, error, attempts) and a stream (time to first token), and counts them in /metrics', async () => {
+    const carol = await createUser(ctx.app);
+    fake.script('fake-precise', { status: 400, body: { error: { message: 'bad request from upstream' } } });
+    await expect(ctx.app.models.chat(chatRequest('fake-precise', { user_id: carol.user.id }))).rejects.toThrow('bad request from upstream');
+    fake.script('fake-precise', { text: 'one two three', usage: { prompt_tokens: 3, completion_tokens: 3 } });
+    const stream = ctx.app.models.stream(chatRequest('fake-precise', { user_id: carol.user.id }));
+    for await (const event of stream) void event;
+    const records = await recordsOf(carol.user.id);
+    expect(records.map((r) => [r.operation, r.status, r.cost])).toEqual([
+      ['chat', 'error', '0.000000000000'],
+      ['stream', 'success', '0.000017370000'],
+    ]);
+    expect(records[0]!.error).toContain('bad request from upstream');
+    expect(records[1]!.time_to_first_token_ms).not.toBeNull();
+
+    const metrics = await ctx.app.inject({ method: 'GET', url: '/metrics' });
+    expect(metrics.body).toMatch(/keel_model_calls_total\{model="fake-precise",provider="fake",operation="chat",status="error"\} [1-9]/);
+    expect(metrics.body).toMatch(/keel_model_tokens_total\{model="fake-precise",provider="fake",kind="output"\} [1-9]/);
+    expect(metrics.body).toMatch(/keel_model_cost_credits_total\{model="fake-precise",provider="fake"\} 0\.00/);
+    expect(metrics.body).toMatch(/keel_model_call_duration_seconds_count\{model="fake-precise",provider="fake",operation="stream",status="success"\} [1-9]/);
+    expect(metrics.body).toMatch(/keel_model_time_to_first_token_seconds_count\{model="fake-precise",provider="fake"\} [1-9]/);
+  });
+
+  it('reserve does no I/O with billing off and a key without limits: it answers synchronously', async () => {
+    const key = await createKey(ctx.app, alice, { name: 'plain' });
+    await api('GET', '/billing/balance', xApiKey(key.key)); // authentication caches the key's limits
+    const estimate: CostEstimate = {
+      operation: 'chat',
+      model: 'fake-precise',
+      provider: 'fake',
+      input_tokens: 1,
+      max_output_tokens: 1,
+      cost: '0.00001',
+      context: { user_id: alice.user.id, api_key_id: key.id },
+    };
+    expect(ctx.app.meter.reserve(estimate)).not.toBeInstanceOf(Promise);
+    expect(ctx.app.meter.reserve({ ...estimate, context: { user_id: alice.user.id } })).not.toBeInstanceOf(Promise);
+  });
+
+  it('a failing flush keeps the records and writes them once the database takes them again', async () => {
+    const dave = await createUser(ctx.app);
+    const db = ctx.database.db;
+    await db.execute(sql`alter table usage_records rename to usage_records_away`);
+    try {
+      await ctx.app.models.chat(chatRequest('fake-precise', { user_id: dave.user.id }));
+      await ctx.app.meter.idle(); // the flush fails: the row stays in memory
+      const away = await db.execute(sql`select count(*)::int as n from usage_records_away where owner_id = ${dave.user.id}`);
+      expect((away as { rows: { n: number }[] }).rows[0]!.n).toBe(0);
+    } finally {
+      await db.execute(sql`alter table usage_records_away rename to usage_records`);
+    }
+    expect(await recordsOf(dave.user.id)).toHaveLength(1);
+  });
+
+  it('flushes on app close: a record still in memory is written', async () => {
+    const erin = await createUser(ctx.app);
+    // A second app on the same database (it reads the fake provider and models at start), whose batches wait 10 minutes.
+    const second = await buildTestApp(ctx.database, { USAGE_FLUSH_INTERVAL_MS: '600000' });
+    await second.models.chat(chatRequest('fake-precise', { user_id: erin.user.id }));
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    expect(await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, erin.user.id))).toHaveLength(0);
+    await second.close();
+    expect(await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, erin.user.id))).toHaveLength(1);
+  });
+});
+
+describe('GET /billing/summary', () => {
+  let frank: TestUser;
+  let project: { id: string };
+  let keyId: string;
+
+  beforeAll(async () => {
+    frank = await createUser(ctx.app);
+    project = await createProject(ctx.app, frank.headers);
+    keyId = (await createKey(ctx.app, frank, { name: 'k' })).id;
+    await insertUsage(ctx.database.db, [
+      row(frank.user.id, '2026-03-01T10:00:00.000Z', { model: 'm1', cost: '0.000000000001', input_tokens: 1 }),
+      row(frank.user.id, '2026-03-01T23:59:59.999Z', { model: 'm1', cost: '0.5', project_id: project.id, api_key_id: keyId }),
+      row(frank.user.id, '2026-03-02T00:00:00.000Z', { model: 'm2', cost: '1.25', api_key_id: keyId }),
+      row(frank.user.id, '2026-03-05T12:00:00.000Z', { model: 'm1', cost: '2' }),
+      row(bob.user.id, '2026-03-01T12:00:00.000Z', { model: 'm1', cost: '100' }),
+    ]);
+  });
+
+  const summary = (query: string, headers = frank.headers) => api('GET', `/billing/summary?${query}`, headers);
+
+  it('groups by model and day by default, within [from, to), to the last decimal', async () => {
+    const response = await summary('from=2026-03-01&to=2026-03-03');
+    expect(response.statusCode, response.body).toBe(200);
+    const body = response.json<{ group_by: string[]; data: Record<string, unknown>[]; total: Record<string, unknown> }>();
+    expect(body.group_by).toEqual(['model', 'day']);
+    expect(body.data.map((d) => [d.model, d.day, d.calls, d.cost])).toEqual([
+      ['m1', '2026-03-01', 2, '0.500000000001'],
+      ['m2', '2026-03-02', 1, '1.25'],
+    ]);
+    expect(body.total).toMatchObject({ calls: 3, cost: '1.750000000001', input_tokens: 21, output_tokens: 15 });
+  });
+
+  it('groups by model, by day, by api_key; the date filters cut exactly', async () => {
+    const byModel = (await summary('from=2026-03-01T00:00:00Z&to=2026-03-06T00:00:00Z&group_by=model')).json<{ data: { model: string; cost: string }[] }>();
+    expect(byModel.data.map((d) => [d.model, d.cost])).toEqual([
+      ['m1', '2.500000000001'],
+      ['m2', '1.25'],
+    ]);
+    const byDay = (await summary('from=2026-03-01&to=2026-03-02&group_by=day')).json<{ data: { day: string; calls: number }[] }>();
+    expect(byDay.data).toEqual([expect.objectContaining({ day: '2026-03-01', calls: 2 })]);
+    const byKey = (await summary('from=2026-03-01&to=2026-03-10&group_by=api_key')).json<{ data: { api_key_id: string | null; cost: string }[] }>();
+    expect(byKey.data.map((d) => [d.api_key_id, d.cost]).sort()).toEqual([
+      [keyId, '1.75'],
+      [null, '2.000000000001'],
+    ].sort());
+    // `to` is exclusive, `from` inclusive.
+    const edge = (await summary('from=2026-03-02T00:00:00Z&to=2026-03-05T12:00:00Z&group_by=model')).json<{ total: { calls: number } }>();
+    expect(edge.total.calls).toBe(1);
+    // The default range is the last 30 days: none of these rows.
+    expect((await summary('')).json<{ total: { calls: number } }>().total.calls).toBe(0);
+  });
+
+  it('shows only the caller’s usage; a project-scoped key only its project’s', async () => {
+    const bobs = (await summary('from=2026-03-01&to=2026-03-10&group_by=model', bob.headers)).json<{ total: { cost: string; calls: number } }>();
+    expect(bobs.total).toMatchObject({ calls: 1, cost: '100' });
+    const scoped = await createKey(ctx.app, frank, { name: 'scoped', project_id: project.id });
+    const body = (await summary('from=2026-03-01&to=2026-03-10&group_by=model', xApiKey(scoped.key))).json<{ total: { cost: string; calls: number } }>();
+    expect(body.total).toMatchObject({ calls: 1, cost: '0.5' });
+    // The superuser sees their own usage here, not everyone's.
+    expect((await summary('from=2026-03-01&to=2026-03-10', admin)).json<{ total: { calls: number } }>().total.calls).toBe(0);
+  });
+
+  it('refuses bad queries with 422 and answers 401 without credentials', async () => {
+    expectValidationError(await summary('group_by=user'), ['query', 'group_by']);
+    expectValidationError(await summary('from=yesterday'), ['query', 'from']);
+    expectValidationError(await summary('from=2026-03-05&to=2026-03-01'), ['query', 'from']);
+    expectValidationError(await summary('page=2'), ['query', 'page'], 'extra_forbidden');
+    expect((await api('GET', '/billing/summary')).statusCode).toBe(401);
+  });
+});
+
+describe('shutdown', () => {
+  it('a server that stops writes the usage still in memory before its database closes', async () => {
+    const adminUrl = process.env.DATABASE_URL;
+    let overrides: Record<string, string>;
+    let cleanup: () => Promise<void>;
+    if (adminUrl) {
+      const opened = await openTestDatabase();
+      await opened.database.close();
+      overrides = { DATABASE_URL: opened.url! };
+      cleanup = opened.destroy;
+    } else {
+      const dir = mkdtempSync(join(tmpdir(), 'keel-test-db-'));
+      cpSync(inject('templatePgliteDir')!, dir, { recursive: true });
+      overrides = { PGLITE_DATA_DIR: dir };
+      cleanup = async () => rmSync(dir, { recursive: true, force: true });
+    }
+    const settings = testSettings({ ...overrides, PORT: '0', USAGE_FLUSH_INTERVAL_MS: '600000' });
+    try {
+      const server = await startServer(settings, pino({ level: process.env.DEBUG_LOG ? 'debug' : 'silent' }), { migrate: true });
+      const headers = await superuserHeaders(server);
+      await addFakeModels(server, headers, fake.url);
+      const me = (await server.inject({ method: 'POST', url: '/api/v1/login/test-token', headers })).json<{ id: string }>();
+      await server.models.chat(chatRequest('fake-precise', { user_id: me.id }));
+      await server.close(); // closes the database too (server.ts)
+      const reopened = await openDatabase(settings);
+      try {
+        const rows = await reopened.db.select().from(usageRecords).where(eq(usageRecords.owner_id, me.id));
+        expect(rows).toHaveLength(1);
+      } finally {
+        await reopened.close();
+      }
+    } finally {
+      await cleanup();
+    }
+  });
+});
