@@ -57,7 +57,7 @@ export async function touchLastUsed(db: Db, key: Pick<ApiKey, 'id' | 'key_hash'>
 
 // ==================== Cache of keys by hash ====================
 
-/** The channel the api_keys trigger (migration 0003) notifies with the hash of a changed or deleted key. */
+/** The channel the api_keys trigger (migration 0005) notifies with the hash of a changed or deleted key. */
 export const API_KEY_CHANGED_CHANNEL = 'keel_api_key_changed';
 const keyCaches = new WeakMap<Db, RowCache<ApiKey>>();
 

@@ -149,7 +149,7 @@ export function refreshModels(manager: ModelManager, db: Db, settings: Settings,
   return next;
 }
 
-/** The channel the model_overrides and providers triggers (migration 0003) notify on. */
+/** The channel the model_overrides and providers triggers (migration 0005) notify on. */
 export const MODELS_CHANGED_CHANNEL = 'keel_models_changed';
 
 /**

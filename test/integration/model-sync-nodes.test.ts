@@ -1,6 +1,6 @@
 /**
  * Catalog changes reach every node: two apps on one PostgreSQL database, a superuser changes
- * models and providers on one, the other reloads through the triggers' NOTIFY (migration 0003).
+ * models and providers on one, the other reloads through the triggers' NOTIFY (migration 0005).
  */
 import { randomBytes } from 'node:crypto';
 

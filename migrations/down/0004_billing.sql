@@ -1,4 +1,4 @@
--- Reverses 0005_billing.
+-- Reverses 0004_billing.
 ALTER TABLE "api_keys" DROP COLUMN "rpm";--> statement-breakpoint
 ALTER TABLE "api_keys" DROP COLUMN "budget_reserved";--> statement-breakpoint
 ALTER TABLE "api_keys" DROP COLUMN "spent";--> statement-breakpoint

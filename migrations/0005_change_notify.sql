@@ -19,5 +19,8 @@ BEGIN
   RETURN NULL;
 END;
 $$;--> statement-breakpoint
-CREATE TRIGGER "api_keys_notify_changed" AFTER UPDATE OR DELETE ON "api_keys"
+-- Only columns a cached key is judged by: the per-call writes of billing (spent, budget_reserved)
+-- and of authentication (last_used_at) would otherwise evict the key on every node at every call.
+CREATE TRIGGER "api_keys_notify_changed"
+  AFTER UPDATE OF "owner_id", "project_id", "name", "key_hash", "status", "expires_at", "max_budget", "rpm" OR DELETE ON "api_keys"
   FOR EACH ROW EXECUTE FUNCTION "keel_notify_api_key_changed"();
