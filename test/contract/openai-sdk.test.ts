@@ -287,6 +287,38 @@ describe('authentication and errors', () => {
     expect(fake.log).toEqual([]);
   });
 
+  it('answers a key past its max_budget with 402 insufficient_quota and a key past its rpm with 429, before calling upstream', async () => {
+    const hi = { model: 'fake-chat', messages: [{ role: 'user' as const, content: 'Hi' }] };
+    const capped = clientWith((await createKey(ctx.app, user, { name: 'capped', max_budget: '0.000001' })).key);
+    const broke = await apiError(capped.chat.completions.create(hi));
+    expect(broke.status).toBe(402);
+    expect(broke.error).toMatchObject({ type: 'insufficient_quota', code: 'insufficient_quota' });
+    expect(broke.message).toMatch(/max_budget 0\.000001/);
+    expect(fake.log).toEqual([]);
+
+    const limited = clientWith((await createKey(ctx.app, user, { name: 'limited', rpm: 1 })).key);
+    await limited.chat.completions.create(hi);
+    const throttled = await apiError(limited.chat.completions.create(hi));
+    expect(throttled).toBeInstanceOf(OpenAI.RateLimitError);
+    expect(throttled.error).toMatchObject({ code: 'rate_limit_exceeded' });
+    expect(throttled.message).toMatch(/rpm 1/);
+    expect(Number(throttled.headers.get('retry-after'))).toBeGreaterThan(0);
+    expect(fake.log).toHaveLength(1);
+  });
+
+  it('meters every call: a usage record priced from the catalog, in the caller\'s billing summary', async () => {
+    const metered = await createUser(ctx.app);
+    const meteredClient = clientWith((await createKey(ctx.app, metered)).key);
+    fake.script('fake-chat', { text: 'Ok.', usage: { prompt_tokens: 1000, completion_tokens: 500 } });
+    await meteredClient.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] });
+    await ctx.app.meter.idle();
+    const summary = await api('GET', '/billing/summary?group_by=model', metered.headers);
+    expect(summary.statusCode, summary.body).toBe(200);
+    // 1,000 input tokens at 1 per million + 500 output tokens at 2 per million = 0.002.
+    expect(JSON.stringify(summary.json())).toMatch(/"model":"fake-chat"/);
+    expect(JSON.stringify(summary.json())).toMatch(/"cost":"0\.002"/);
+  });
+
   it('keeps {detail} outside /v1', async () => {
     const response = await fetch(baseURL.replace(/\/v1$/, '/api/v1/models'));
     expect(response.status).toBe(401);
