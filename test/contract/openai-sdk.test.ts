@@ -302,7 +302,7 @@ describe('authentication and errors', () => {
     expect(throttled).toBeInstanceOf(OpenAI.RateLimitError);
     expect(throttled.error).toMatchObject({ code: 'rate_limit_exceeded' });
     expect(throttled.message).toMatch(/rpm 1/);
-    expect(Number(throttled.headers.get('retry-after'))).toBeGreaterThan(0);
+    expect(Number(throttled.headers?.get('retry-after'))).toBeGreaterThan(0);
     expect(fake.log).toHaveLength(1);
   });
 
