@@ -83,6 +83,8 @@ const keelEnv = (port, extra) => ({
   HOST: '127.0.0.1',
   PORT: String(port),
   REDIS_URL: '',
+  // Metered and paid for, as the issue asks: usage records and credit holds/settlements on every call.
+  BILLING_ENABLED: 'true',
   ...extra,
 });
 
@@ -109,6 +111,9 @@ async function configureKeel(port) {
     body: JSON.stringify({ id: MODEL, provider: 'bench', capabilities: ['chat'], pricing: { input_cost_per_million_tokens: '0.4', output_cost_per_million_tokens: '1.6' } }),
   });
   const { key } = await json(`${base}/api-keys`, { method: 'POST', headers, body: JSON.stringify({ name: 'bench' }) });
+  // Billing is on (BILLING_ENABLED): every call holds its worst case and settles, so the user needs credits.
+  const me = await json(`${base}/users/me`, { headers });
+  await json(`${base}/billing/credits`, { method: 'POST', headers, body: JSON.stringify({ user_id: me.id, amount: '1000000', description: 'bench' }) });
   return key;
 }
 
@@ -219,7 +224,7 @@ const targets = [{ name: 'direct', port: PORTS.upstream, path: '/v1/chat/complet
 
 if (TARGETS.includes('embedded')) {
   const dataDir = `${OUT}/data-embedded`;
-  const child = start('keel-embedded', ['--import', 'tsx', 'src/main.ts', 'start'], keelEnv(PORTS.embedded, { DATA_DIR: dataDir, DATABASE_URL: '' }));
+  const child = start('keel-embedded', ['bin/keel.js', 'start'], keelEnv(PORTS.embedded, { DATA_DIR: dataDir, DATABASE_URL: '' }));
   await waitUp(PORTS.embedded);
   const key = await configureKeel(PORTS.embedded);
   targets.push({ name: 'embedded', port: PORTS.embedded, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });
@@ -229,7 +234,7 @@ if (TARGETS.includes('postgres')) {
   execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `create database "${benchDb}"`]);
   const env = keelEnv(PORTS.postgres, { DATA_DIR: `${OUT}/data-postgres`, DATABASE_URL: `${PG_ADMIN_URL.replace(/\/[^/]*$/, '')}/${benchDb}` });
   execFileSync(process.execPath, ['--import', 'tsx', 'src/main.ts', 'migrate'], { env: { ...process.env, ...env }, stdio: 'ignore' });
-  const child = start('keel-postgres', ['--import', 'tsx', 'src/main.ts', 'api'], env);
+  const child = start('keel-postgres', ['bin/keel.js', 'api'], env);
   await waitUp(PORTS.postgres);
   const key = await configureKeel(PORTS.postgres);
   targets.push({ name: 'postgres', port: PORTS.postgres, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });
