@@ -128,6 +128,18 @@ export const SettingsSchema = z.object({
   /** Usage records are written in batches: at most this long after the call, or at USAGE_FLUSH_MAX_ROWS rows. */
   USAGE_FLUSH_INTERVAL_MS: int(10, 600_000).default(1_000),
   USAGE_FLUSH_MAX_ROWS: int(1, 10_000).default(500),
+
+  /** Where stored files (knowledge-base uploads) live: `local` under DATA_DIR/storage, or `s3` in S3_BUCKET. */
+  STORAGE_BACKEND: z.enum(['local', 's3']).default('local'),
+  S3_BUCKET: optionalString,
+  /** An S3-compatible server's URL (MinIO, R2, …); unset for AWS S3. */
+  S3_ENDPOINT: z.preprocess(emptyAsUndefined, z.url({ protocol: /^https?$/ }).optional()),
+  S3_REGION: z.string().min(1).default('us-east-1'),
+  /** Unset: the AWS SDK's own chain (environment, profile, instance role). */
+  S3_ACCESS_KEY_ID: optionalString,
+  S3_SECRET_ACCESS_KEY: optionalString,
+  /** `bucket` in the path rather than the host name; most S3-compatible servers need it. */
+  S3_FORCE_PATH_STYLE: bool.default(false),
 });
 
 export type RawSettings = z.infer<typeof SettingsSchema>;
@@ -181,6 +193,13 @@ export function loadSettings(source: Record<string, string | undefined> = readEn
   }
   if (raw.EMAIL_BACKEND === 'console' && !local) {
     throw new ConfigError(`EMAIL_BACKEND: console logs every email (reset links included) and is refused when ENVIRONMENT=${raw.ENVIRONMENT}`);
+  }
+
+  if (raw.STORAGE_BACKEND === 's3' && !raw.S3_BUCKET) {
+    throw new ConfigError('S3_BUCKET: must be set when STORAGE_BACKEND=s3');
+  }
+  if (Boolean(raw.S3_ACCESS_KEY_ID) !== Boolean(raw.S3_SECRET_ACCESS_KEY)) {
+    throw new ConfigError('S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY: set both or neither');
   }
 
   return Object.freeze({
