@@ -27,6 +27,21 @@ function notFound(error: unknown): boolean {
   return e.name === 'NotFound' || e.name === 'NoSuchKey' || e.$metadata?.httpStatusCode === 404;
 }
 
+/** The first `length` bytes of `body`; the rest is not read. */
+async function* firstBytes(body: Readable, length: number): AsyncGenerator<Buffer> {
+  let left = length;
+  for await (const chunk of body) {
+    const bytes = Buffer.from(chunk as Uint8Array);
+    if (bytes.length >= left) {
+      yield bytes.subarray(0, left);
+      break;
+    }
+    left -= bytes.length;
+    yield bytes;
+  }
+  body.destroy();
+}
+
 /**
  * An S3-compatible bucket. Uploads go through lib-storage's Upload: one PutObject for a body
  * smaller than a part, a multipart upload otherwise (parts sent while the stream is still read, so
@@ -58,14 +73,30 @@ export class S3StorageBackend implements StorageBackend {
 
   async put(key: string, body: AsyncIterable<Uint8Array>): Promise<void> {
     const { Upload } = libStorage();
+    // The body's own failure is the one to report: Upload would answer with its abort's instead when that fails too.
+    let bodyError: unknown;
+    async function* watched(): AsyncGenerator<Uint8Array> {
+      try {
+        yield* body;
+      } catch (error) {
+        bodyError = error;
+        throw error;
+      }
+    }
     const upload = new Upload({
       client: this.client,
-      params: { Bucket: this.options.bucket, Key: key, Body: Readable.from(body, { objectMode: false }) },
+      params: { Bucket: this.options.bucket, Key: key, Body: Readable.from(watched(), { objectMode: false }) },
       partSize: this.options.partSize ?? 8 * 1024 * 1024,
       queueSize: 2,
       leavePartsOnError: false,
     });
-    await upload.done();
+    try {
+      await upload.done();
+    } catch (error) {
+      if (bodyError === undefined || error === bodyError) throw error;
+      if (bodyError instanceof Error && bodyError.cause === undefined) bodyError.cause = error;
+      throw bodyError;
+    }
   }
 
   async size(key: string): Promise<number | null> {
@@ -89,7 +120,17 @@ export class S3StorageBackend implements StorageBackend {
       const object = await this.client.send(
         new GetObjectCommand({ Bucket: this.options.bucket, Key: key, Range: `bytes=${start}-${end}` }),
       );
-      return { body: object.Body as Readable, size, start, end };
+      const body = object.Body as Readable;
+      const length = end - start + 1;
+      // Some S3-compatible servers answer `bytes=0-0` with the rest of the file: hold them to the range.
+      if (object.ContentLength !== undefined && object.ContentLength > length) {
+        if (!object.ContentRange?.startsWith(`bytes ${start}-`)) {
+          body.destroy();
+          throw new Error(`S3 answered range ${object.ContentRange ?? 'none'} for bytes=${start}-${end}`);
+        }
+        return { body: Readable.from(firstBytes(body, length)), size, start, end };
+      }
+      return { body, size, start, end };
     } catch (error) {
       if (notFound(error)) return null;
       throw error;
