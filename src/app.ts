@@ -27,6 +27,7 @@ import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
 import { Mailer } from './services/email/mailer.js';
 import { followModelChanges, loadModelManager } from './services/model-sync.js';
+import { closeStorage, getStorageService, type StorageService } from './services/storage-service.js';
 import { UsageMeterService } from './services/usage-meter.js';
 import { jobHandlers } from './tasks/index.js';
 import type { Principal } from './utils/authentication.js';
@@ -46,6 +47,8 @@ declare module 'fastify' {
     models: ModelManager;
     /** Meters every call of `models`: usage records, credits, API-key limits. */
     meter: UsageMeterService;
+    /** The guide's `get_storage_service(prefix=…)`: files under `prefix` on STORAGE_BACKEND (SPEC §10). */
+    storage: (prefix: string) => StorageService;
   }
   interface FastifyRequest {
     principal: Principal;
@@ -117,6 +120,8 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   const metrics = createMetrics();
   app.decorate('metrics', metrics);
   app.decorate('vectorSearch', vectorSearch);
+  app.decorate('storage', (prefix: string) => getStorageService(settings, { prefix }));
+  app.addHook('onClose', () => closeStorage(settings));
   await cacheApiKeys(database);
   const meter = new UsageMeterService({ db: database.db, settings, log: logger, metrics: metrics.models, redis });
   meter.start();

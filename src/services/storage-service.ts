@@ -4,6 +4,7 @@ import type { Readable } from 'node:stream';
 
 import type { Settings } from '../core/config.js';
 import { HttpError } from '../core/errors.js';
+
 import type { ByteRange, OpenedFile, StorageBackend } from './storage/backend.js';
 import { buildKey, checkPrefix, splitKey, StorageNotFoundError } from './storage/keys.js';
 import { LocalStorageBackend } from './storage/local.js';

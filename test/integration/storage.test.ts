@@ -1,15 +1,18 @@
+import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
-import type { IncomingMessage, Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { IncomingMessage } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
+import { promisify } from 'node:util';
 
 import S3rver from 's3rver';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { ConfigError } from '../../src/core/config.js';
+import { ConfigError, type Settings } from '../../src/core/config.js';
+
+import { S3StorageBackend } from '../../src/services/storage/s3.js';
 import {
   closeStorage,
   getStorageService,
@@ -20,9 +23,9 @@ import {
   type StorageService,
   StorageTooLargeError,
 } from '../../src/services/storage-service.js';
-import { S3StorageBackend } from '../../src/services/storage/s3.js';
 import { StorageService as Service } from '../../src/services/storage-service.js';
 import { testSettings } from '../helpers/app.js';
+import { ROOT } from '../helpers/process.js';
 import { BAD_PARTS } from '../helpers/storage.js';
 
 const temporary: string[] = [];
@@ -66,7 +69,7 @@ async function text(stream: Readable): Promise<string> {
 
 interface Backend {
   name: string;
-  open(): Promise<{ storage: StorageService; other: StorageService; leftovers(): Promise<string[]> }>;
+  open(): Promise<{ storage: StorageService; other: StorageService; leftovers: () => Promise<string[]> }>;
   close(): Promise<void>;
 }
 
@@ -74,6 +77,8 @@ const s3rverDir = tempDir();
 let s3server: S3rver | undefined;
 let s3endpoint = '';
 const s3requests: string[] = [];
+let s3settings: Settings | undefined;
+let s3backend: S3StorageBackend | undefined;
 const BUCKET = 'keel-test';
 
 const s3Settings = () =>
@@ -98,9 +103,7 @@ const backends: Backend[] = [
         storage,
         other: getStorageService(settings, { prefix: 'other' }),
         // Files left anywhere under DATA_DIR/storage, temporary files included.
-        async leftovers() {
-          return filesUnder(join(dataDir, 'storage'));
-        },
+        leftovers: async () => filesUnder(join(dataDir, 'storage')),
       };
     },
     async close() {},
@@ -110,13 +113,13 @@ const backends: Backend[] = [
     async open() {
       if (!s3server) {
         s3server = new S3rver({ address: '127.0.0.1', port: 0, silent: true, directory: s3rverDir, configureBuckets: [{ name: BUCKET }] });
-        const address = (await s3server.run()) as AddressInfo;
+        const address = await s3server.run();
         s3endpoint = `http://127.0.0.1:${address.port}`;
-        (s3server as unknown as { httpServer: Server }).httpServer.on('request', (request: IncomingMessage) => s3requests.push(`${request.method} ${request.url}`));
+        s3server.httpServer.on('request', (request: IncomingMessage) => s3requests.push(`${request.method} ${request.url}`));
       }
-      const settings = s3Settings();
+      s3settings = s3Settings();
       // Parts of 5 MiB (S3's minimum) so the 20 MB file goes up in four.
-      const backend = new S3StorageBackend({
+      s3backend = new S3StorageBackend({
         bucket: BUCKET,
         region: 'us-east-1',
         endpoint: s3endpoint,
@@ -126,17 +129,17 @@ const backends: Backend[] = [
         partSize: 5 * 1024 * 1024,
       });
       return {
-        storage: new Service(backend, 'knowledge-base'),
-        other: getStorageService(settings, { prefix: 'other' }),
+        storage: new Service(s3backend, 'knowledge-base'),
+        // Made by the factory from STORAGE_BACKEND=s3 and the S3_* settings.
+        other: getStorageService(s3settings, { prefix: 'other' }),
         // The objects s3rver keeps for the bucket. Not the parts of unfinished multipart uploads:
         // s3rver 3.7.1 has no AbortMultipartUpload (405), so the test checks that the abort was sent.
-        async leftovers() {
-          return filesUnder(join(s3rverDir, BUCKET)).filter((name) => !name.startsWith('._S3rver_uploads'));
-        },
+        leftovers: async () => filesUnder(join(s3rverDir, BUCKET)).filter((name) => !name.startsWith('._S3rver_uploads')),
       };
     },
     async close() {
-      await closeStorage(s3Settings());
+      await s3backend?.close();
+      if (s3settings) await closeStorage(s3settings);
       await new Promise((resolve) => s3server?.close(resolve));
     },
   },
@@ -371,4 +374,26 @@ describe('storage settings', () => {
     expect(() => testSettings({ STORAGE_BACKEND: 's3', S3_BUCKET: 'b', S3_ACCESS_KEY_ID: 'only-one' })).toThrow(ConfigError);
     expect(() => testSettings({ STORAGE_BACKEND: 'ftp' })).toThrow(/STORAGE_BACKEND/);
   });
+});
+
+describe('start-up cost', () => {
+  it('loads the AWS SDK only when an s3 backend is made', async () => {
+    const dataDir = tempDir();
+    const script = `
+      import { createRequire } from 'node:module';
+      import { getStorageService } from './src/services/storage-service.ts';
+      import { loadSettings } from './src/core/config.ts';
+      const loaded = () => Object.keys(createRequire(import.meta.url).cache).some((k) => k.includes('@aws-sdk'));
+      const base = { SECRET_KEY: 'k'.repeat(40), DATA_DIR: ${JSON.stringify(dataDir)} };
+      await getStorageService(loadSettings(base), { prefix: 'kb' }).saveFile('x', 'f.txt');
+      const afterLocal = loaded();
+      getStorageService(loadSettings({ ...base, STORAGE_BACKEND: 's3', S3_BUCKET: 'b' }), { prefix: 'kb' });
+      console.log(JSON.stringify([afterLocal, loaded()]));
+    `;
+    const { stdout } = await promisify(execFile)(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+      cwd: ROOT,
+      env: { PATH: process.env.PATH, HOME: process.env.HOME },
+    });
+    expect(JSON.parse(stdout.trim())).toEqual([false, true]);
+  }, 60_000);
 });

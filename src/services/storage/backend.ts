@@ -1,4 +1,5 @@
 import type { Readable } from 'node:stream';
+
 import { StorageRangeError } from './keys.js';
 
 /** What a backend stores: whole files under checked keys (see keys.ts); it never sees client strings. */

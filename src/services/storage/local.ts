@@ -5,7 +5,7 @@ import { dirname, join, sep } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 
-import { resolveRange, type ByteRange, type OpenedFile, type StorageBackend } from './backend.js';
+import { type ByteRange, type OpenedFile, resolveRange, type StorageBackend } from './backend.js';
 import { StorageConflictError, StoragePathError } from './keys.js';
 
 const TEMP_DIR = '.tmp';

@@ -4,7 +4,8 @@ import type * as ClientS3 from '@aws-sdk/client-s3';
 import type * as LibStorage from '@aws-sdk/lib-storage';
 
 import { lazyRequire } from '../../core/lazy.js';
-import { resolveRange, type ByteRange, type OpenedFile, type StorageBackend } from './backend.js';
+
+import { type ByteRange, type OpenedFile, resolveRange, type StorageBackend } from './backend.js';
 import { StorageConflictError } from './keys.js';
 
 // The AWS SDK costs tens of MB and ~100 ms to load: only a process that uses the s3 backend pays.
@@ -74,13 +75,13 @@ export class S3StorageBackend implements StorageBackend {
   async put(key: string, body: AsyncIterable<Uint8Array>): Promise<void> {
     const { Upload } = libStorage();
     // The body's own failure is the one to report: Upload would answer with its abort's instead when that fails too.
-    let bodyError: unknown;
+    let bodyError: Error | undefined;
     async function* watched(): AsyncGenerator<Uint8Array> {
       try {
         yield* body;
       } catch (error) {
-        bodyError = error;
-        throw error;
+        bodyError = error instanceof Error ? error : new Error(String(error));
+        throw bodyError;
       }
     }
     const upload = new Upload({
@@ -93,8 +94,8 @@ export class S3StorageBackend implements StorageBackend {
     try {
       await upload.done();
     } catch (error) {
-      if (bodyError === undefined || error === bodyError) throw error;
-      if (bodyError instanceof Error && bodyError.cause === undefined) bodyError.cause = error;
+      if (!bodyError || error === bodyError) throw error;
+      bodyError.cause ??= error;
       throw bodyError;
     }
   }
