@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import type { IncomingMessage } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -24,7 +24,7 @@ import {
   StorageTooLargeError,
 } from '../../src/services/storage-service.js';
 import { StorageService as Service } from '../../src/services/storage-service.js';
-import { testSettings } from '../helpers/app.js';
+import { testSettings, useTestApp } from '../helpers/app.js';
 import { ROOT } from '../helpers/process.js';
 import { BAD_PARTS } from '../helpers/storage.js';
 
@@ -396,4 +396,20 @@ describe('start-up cost', () => {
     });
     expect(JSON.parse(stdout.trim())).toEqual([false, true]);
   }, 60_000);
+});
+
+describe('app.storage', () => {
+  const dataDir = tempDir();
+  const context = useTestApp({ DATA_DIR: dataDir });
+
+  it('gives a service per prefix on the one backend STORAGE_BACKEND chose, under DATA_DIR/storage', async () => {
+    const kb = context.app.storage('knowledge-base');
+    expect(kb.backend.name).toBe('local');
+    expect(context.app.storage('exports').backend).toBe(kb.backend);
+    const saved = await kb.saveFile('through the app', 'a.txt', 'text/plain', ['u1']);
+    expect(readFileSync(join(dataDir, 'storage', 'knowledge-base', 'u1', 'a.txt'), 'utf8')).toBe('through the app');
+    expect(await context.app.storage('exports').exists('exports/a.txt')).toBe(false);
+    await expect(context.app.storage('exports').readFile(saved.key)).rejects.toBeInstanceOf(StoragePathError);
+    expect(() => context.app.storage('../up')).toThrow(StoragePathError);
+  });
 });
