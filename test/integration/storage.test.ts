@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import type { IncomingMessage } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -357,6 +357,30 @@ describe('local storage on disk', () => {
     await storage.deleteFile('knowledge-base/a/keep.txt');
     expect(existsSync(join(dataDir, 'storage', 'knowledge-base'))).toBe(true);
     expect(readdirSync(join(dataDir, 'storage', 'knowledge-base'))).toEqual([]);
+  });
+
+  it('answers 409 when a folder part is a file already, and not-found when reading through one', async () => {
+    const storage = getStorageService(testSettings({ DATA_DIR: tempDir() }), { prefix: 'knowledge-base' });
+    const { key } = await storage.saveFile('a file', 'a.txt');
+    const error = await storage.saveFile('x', 'b.txt', undefined, ['a.txt']).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(StorageConflictError);
+    expect((error as StorageConflictError).statusCode).toBe(409);
+    await expect(storage.moveFile(key, 'b.txt', ['a.txt'])).rejects.toBeInstanceOf(StorageConflictError);
+    expect(await storage.exists('knowledge-base/a.txt/b.txt')).toBe(false);
+    await expect(storage.readFile('knowledge-base/a.txt/b.txt')).rejects.toBeInstanceOf(StorageNotFoundError);
+    expect((await storage.readFile(key)).toString()).toBe('a file');
+  });
+
+  it('sweeps temporary files a killed process left, not a fresh one', async () => {
+    const dataDir = tempDir();
+    const temp = join(dataDir, 'storage', '.tmp');
+    mkdirSync(temp, { recursive: true });
+    writeFileSync(join(temp, 'stale'), 'left by a crash');
+    writeFileSync(join(temp, 'fresh'), 'being written by another process');
+    const old = new Date(Date.now() - 25 * 60 * 60 * 1000);
+    utimesSync(join(temp, 'stale'), old, old);
+    await getStorageService(testSettings({ DATA_DIR: dataDir }), { prefix: 'knowledge-base' }).saveFile('x', 'f.txt');
+    expect(readdirSync(temp)).toEqual(['fresh']);
   });
 
   it('tightens a storage directory left group/world-readable', async () => {

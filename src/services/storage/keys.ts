@@ -39,10 +39,10 @@ export class StorageNotFoundError extends HttpError {
   }
 }
 
-/** A move onto a key that already holds a file. */
+/** A move onto a key that already holds a file; on local disk, a folder part that is a file already. */
 export class StorageConflictError extends HttpError {
-  constructor() {
-    super(409, 'A file already exists at the destination');
+  constructor(detail = 'A file already exists at the destination') {
+    super(409, detail);
   }
 }
 

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { constants } from 'node:fs';
-import { chmod, link, lstat, mkdir, open, realpath, rename, rmdir, stat, unlink } from 'node:fs/promises';
+import { chmod, link, lstat, mkdir, open, readdir, realpath, rename, rmdir, stat, unlink } from 'node:fs/promises';
 import { dirname, join, sep } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -9,6 +9,8 @@ import { type ByteRange, type OpenedFile, resolveRange, type StorageBackend } fr
 import { StorageConflictError, StoragePathError } from './keys.js';
 
 const TEMP_DIR = '.tmp';
+/** A temporary file untouched this long belongs to a write that died with its process. */
+const STALE_TEMPORARY_MS = 24 * 60 * 60 * 1000;
 
 function code(error: unknown): string | undefined {
   return (error as NodeJS.ErrnoException | undefined)?.code;
@@ -33,6 +35,7 @@ export class LocalStorageBackend implements StorageBackend {
       await mkdir(join(this.root, TEMP_DIR), { recursive: true, mode: 0o700 });
       const info = await stat(this.root);
       if (info.mode & 0o077) await chmod(this.root, info.mode & 0o700);
+      await this.sweepTemporary();
       return realpath(this.root);
     })();
     try {
@@ -40,6 +43,20 @@ export class LocalStorageBackend implements StorageBackend {
     } catch (error) {
       this.rootReal = undefined;
       throw error;
+    }
+  }
+
+  /**
+   * Removes temporary files a killed process left (a write in progress is never this old; another
+   * process sharing DATA_DIR may be writing its own, so only stale ones go).
+   */
+  private async sweepTemporary(): Promise<void> {
+    const dir = join(this.root, TEMP_DIR);
+    const cutoff = Date.now() - STALE_TEMPORARY_MS;
+    for (const name of await readdir(dir)) {
+      const path = join(dir, name);
+      const info = await lstat(path).catch(() => null);
+      if (info?.isFile() && info.mtimeMs < cutoff) await unlink(path).catch(() => undefined);
     }
   }
 
@@ -54,14 +71,20 @@ export class LocalStorageBackend implements StorageBackend {
         if (real !== root && !real.startsWith(root + sep)) throw new StoragePathError('the path leaves the storage directory');
         return path;
       } catch (error) {
-        if (code(error) !== 'ENOENT') throw error;
+        // Missing, or a file where a folder would be: check the nearest existing ancestor.
+        if (code(error) !== 'ENOENT' && code(error) !== 'ENOTDIR') throw error;
         dir = dirname(dir);
       }
     }
   }
 
   private async makeParent(path: string): Promise<void> {
-    await mkdir(dirname(path), { recursive: true, mode: 0o700 });
+    try {
+      await mkdir(dirname(path), { recursive: true, mode: 0o700 });
+    } catch (error) {
+      if (code(error) === 'EEXIST' || code(error) === 'ENOTDIR') throw new StorageConflictError('A folder of the path is a file');
+      throw error;
+    }
   }
 
   async put(key: string, body: AsyncIterable<Uint8Array>): Promise<void> {
