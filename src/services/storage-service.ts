@@ -20,6 +20,7 @@ export {
   StoragePathError,
   StorageRangeError,
 } from './storage/keys.js';
+export { StorageUnavailableError } from './storage/s3.js';
 
 /** A stream grew past the caller's `maxBytes`: the write is abandoned and nothing is stored. */
 export class StorageTooLargeError extends HttpError {

@@ -22,6 +22,7 @@ import {
   StorageRangeError,
   type StorageService,
   StorageTooLargeError,
+  StorageUnavailableError,
 } from '../../src/services/storage-service.js';
 import { StorageService as Service } from '../../src/services/storage-service.js';
 import { testSettings, useTestApp } from '../helpers/app.js';
@@ -390,6 +391,34 @@ describe('local storage on disk', () => {
     await storage.saveFile('x', 'f.txt');
     expect(statSync(join(dataDir, 'storage')).mode & 0o077).toBe(0);
   });
+});
+
+describe('s3 storage when the server is down', () => {
+  it('answers StorageUnavailableError (503) for every operation, the S3 error kept as the cause', async () => {
+    const backend = new S3StorageBackend({ bucket: BUCKET, region: 'us-east-1', endpoint: 'http://127.0.0.1:1', accessKeyId: 'a', secretAccessKey: 'b', forcePathStyle: true });
+    const storage = new Service(backend, 'knowledge-base');
+    try {
+      const key = 'knowledge-base/a.txt';
+      const operations = [
+        () => storage.saveFile('x', 'a.txt'),
+        () => storage.readFile(key),
+        () => storage.exists(key),
+        () => storage.deleteFile(key),
+        () => storage.moveFile(key, 'b.txt'),
+      ];
+      for (const operation of operations) {
+        const error = await (operation() as Promise<unknown>).catch((e: unknown) => e);
+        expect(error).toBeInstanceOf(StorageUnavailableError);
+        expect((error as StorageUnavailableError).statusCode).toBe(503);
+        expect((error as StorageUnavailableError).detail).not.toContain('127.0.0.1');
+        expect((error as Error).cause).toBeDefined();
+      }
+      // A failing body is still reported as itself, not as the server's failure.
+      await expect(storage.saveFile(failingStream(10), 'c.txt')).rejects.toThrow('client went away');
+    } finally {
+      await backend.close();
+    }
+  }, 60_000);
 });
 
 describe('storage settings', () => {

@@ -3,6 +3,7 @@ import { Readable } from 'node:stream';
 import type * as ClientS3 from '@aws-sdk/client-s3';
 import type * as LibStorage from '@aws-sdk/lib-storage';
 
+import { HttpError, ServiceUnavailableError } from '../../core/errors.js';
 import { lazyRequire } from '../../core/lazy.js';
 
 import { type ByteRange, type OpenedFile, resolveRange, type StorageBackend } from './backend.js';
@@ -21,6 +22,18 @@ export interface S3Options {
   forcePathStyle: boolean;
   /** Size of each part of a multipart upload (S3's minimum is 5 MiB). */
   partSize?: number;
+}
+
+/** The file store cannot be reached or refuses Keel: 503 for the client, the S3 error as the cause for the log. */
+export class StorageUnavailableError extends ServiceUnavailableError {
+  constructor(cause: unknown) {
+    super('File storage is unavailable, try again later');
+    this.cause = cause;
+  }
+}
+
+function unavailable(error: unknown): unknown {
+  return error instanceof HttpError ? error : new StorageUnavailableError(error);
 }
 
 function notFound(error: unknown): boolean {
@@ -94,13 +107,17 @@ export class S3StorageBackend implements StorageBackend {
     try {
       await upload.done();
     } catch (error) {
-      if (!bodyError || error === bodyError) throw error;
-      bodyError.cause ??= error;
+      if (!bodyError) throw unavailable(error);
+      if (error !== bodyError) bodyError.cause ??= error;
       throw bodyError;
     }
   }
 
   async size(key: string): Promise<number | null> {
+    return this.guard(() => this.headSize(key));
+  }
+
+  private async headSize(key: string): Promise<number | null> {
     const { HeadObjectCommand } = clientS3();
     try {
       const head = await this.client.send(new HeadObjectCommand({ Bucket: this.options.bucket, Key: key }));
@@ -112,6 +129,10 @@ export class S3StorageBackend implements StorageBackend {
   }
 
   async open(key: string, range: ByteRange | undefined): Promise<OpenedFile | null> {
+    return this.guard(() => this.openObject(key, range));
+  }
+
+  private async openObject(key: string, range: ByteRange | undefined): Promise<OpenedFile | null> {
     const size = await this.size(key);
     if (size === null) return null;
     const { start, end } = resolveRange(range, size);
@@ -139,6 +160,10 @@ export class S3StorageBackend implements StorageBackend {
   }
 
   async remove(key: string): Promise<boolean> {
+    return this.guard(() => this.removeObject(key));
+  }
+
+  private async removeObject(key: string): Promise<boolean> {
     if ((await this.size(key)) === null) return false;
     const { DeleteObjectCommand } = clientS3();
     await this.client.send(new DeleteObjectCommand({ Bucket: this.options.bucket, Key: key }));
@@ -147,6 +172,10 @@ export class S3StorageBackend implements StorageBackend {
 
   /** Copy then delete (S3 has no rename); a single CopyObject takes objects up to 5 GB. */
   async move(from: string, to: string): Promise<boolean> {
+    return this.guard(() => this.moveObject(from, to));
+  }
+
+  private async moveObject(from: string, to: string): Promise<boolean> {
     if ((await this.size(from)) === null) return false;
     if ((await this.size(to)) !== null) throw new StorageConflictError();
     const { CopyObjectCommand, DeleteObjectCommand } = clientS3();
@@ -159,6 +188,15 @@ export class S3StorageBackend implements StorageBackend {
     }
     await this.client.send(new DeleteObjectCommand({ Bucket: this.options.bucket, Key: from }));
     return true;
+  }
+
+  /** S3 errors other than a missing object are the server's (down, refusing our credentials): 503, cause kept for the log. */
+  private async guard<T>(operation: () => Promise<T>): Promise<T> {
+    try {
+      return await operation();
+    } catch (error) {
+      throw unavailable(error);
+    }
   }
 
   async close(): Promise<void> {
