@@ -70,13 +70,13 @@ export class StorageService {
   /**
    * Stores `content` (streamed: never held whole) as `filename` under `pathParts`, replacing a
    * file already there. The file appears only once complete: a stream that fails, is destroyed or
-   * exceeds `maxBytes` leaves nothing. `mimeType` is the guide's argument, kept for the callers'
-   * records; backends store bytes only.
+   * exceeds `maxBytes` leaves nothing. `mimeType` is stored with the object on S3 (its
+   * Content-Type); on local disk the caller's record keeps it.
    */
   async saveFile(
     content: FileContent,
     filename: string,
-    _mimeType?: string,
+    mimeType?: string,
     pathParts: readonly string[] = [],
     options: SaveOptions = {},
   ): Promise<StoredFile> {
@@ -95,7 +95,7 @@ export class StorageService {
         yield bytes;
       }
     }
-    await this.backend.put(key, counted());
+    await this.backend.put(key, counted(), mimeType);
     return { key, size, sha256: hash.digest('hex') };
   }
 

@@ -169,6 +169,17 @@ describe.each(backends)('storage service on $name', (backend) => {
     expect(await storage.size(saved.key)).toBe(body.length);
   });
 
+  it.runIf(backend.name === 's3')('keeps the MIME type as the object\'s Content-Type on S3', async () => {
+    const { key } = await storage.saveFile('{}', 'data.json', 'application/json', ['types']);
+    const { S3Client, HeadObjectCommand } = await import('@aws-sdk/client-s3');
+    const client = new S3Client({ region: 'us-east-1', endpoint: s3endpoint, forcePathStyle: true, credentials: { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' } });
+    try {
+      expect((await client.send(new HeadObjectCommand({ Bucket: BUCKET, Key: key }))).ContentType).toBe('application/json');
+    } finally {
+      client.destroy();
+    }
+  });
+
   it('saves a Buffer and a string, replacing what was there', async () => {
     const first = await storage.saveFile(Buffer.from('first'), 'replace.txt');
     const second = await storage.saveFile('second!', 'replace.txt');

@@ -5,8 +5,11 @@ import { StorageRangeError } from './keys.js';
 /** What a backend stores: whole files under checked keys (see keys.ts); it never sees client strings. */
 export interface StorageBackend {
   readonly name: 'local' | 's3';
-  /** Stores `body` under `key`; the file appears only once every byte is written (a failed write leaves none). */
-  put(key: string, body: AsyncIterable<Uint8Array>): Promise<void>;
+  /**
+   * Stores `body` under `key`; the file appears only once every byte is written (a failed write
+   * leaves none). `contentType` goes with the object where the backend keeps one (S3), else nowhere.
+   */
+  put(key: string, body: AsyncIterable<Uint8Array>, contentType?: string): Promise<void>;
   /** Bytes `start`..`end` (inclusive) of the file, after checking them against its size; null when there is no file. */
   open(key: string, range: ByteRange | undefined): Promise<OpenedFile | null>;
   size(key: string): Promise<number | null>;

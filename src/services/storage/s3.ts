@@ -85,7 +85,7 @@ export class S3StorageBackend implements StorageBackend {
     });
   }
 
-  async put(key: string, body: AsyncIterable<Uint8Array>): Promise<void> {
+  async put(key: string, body: AsyncIterable<Uint8Array>, contentType?: string): Promise<void> {
     const { Upload } = libStorage();
     // The body's own failure is the one to report: Upload would answer with its abort's instead when that fails too.
     let bodyError: Error | undefined;
@@ -99,7 +99,7 @@ export class S3StorageBackend implements StorageBackend {
     }
     const upload = new Upload({
       client: this.client,
-      params: { Bucket: this.options.bucket, Key: key, Body: Readable.from(watched(), { objectMode: false }) },
+      params: { Bucket: this.options.bucket, Key: key, Body: Readable.from(watched(), { objectMode: false }), ContentType: contentType },
       partSize: this.options.partSize ?? 8 * 1024 * 1024,
       queueSize: 2,
       leavePartsOnError: false,
