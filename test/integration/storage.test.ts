@@ -4,7 +4,7 @@ import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSyn
 import type { IncomingMessage } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Readable } from 'node:stream';
+import { PassThrough, Readable } from 'node:stream';
 import { promisify } from 'node:util';
 
 import S3rver from 's3rver';
@@ -57,8 +57,9 @@ function failingStream(before: number): Readable {
   );
 }
 
-/** Every file under `dir`, at any depth. */
+/** Every file under `dir`, at any depth (none when it does not exist yet). */
 function filesUnder(dir: string): string[] {
+  if (!existsSync(dir)) return [];
   return readdirSync(dir, { recursive: true, encoding: 'utf8' }).filter((name) => !lstatSync(join(dir, name)).isDirectory()).sort();
 }
 
@@ -286,6 +287,12 @@ describe.each(backends)('storage service on $name', (backend) => {
       const aborted = s3requests.filter((r) => /^DELETE \/keel-test\/knowledge-base\/fail\/broken-big\.bin\?.*uploadId=/.test(r));
       expect([begun.length, aborted.length]).toEqual([1, 1]);
     }
+    // A client that goes away: the stream is destroyed without an error.
+    const aborted = new PassThrough();
+    aborted.write(randomBytes(70_000));
+    setTimeout(() => aborted.destroy(), 20);
+    await expect(storage.saveFile(aborted, 'aborted.bin', undefined, ['fail'])).rejects.toThrow(/premature close/i);
+    expect(await storage.exists('knowledge-base/fail/aborted.bin')).toBe(false);
     expect(await storage.exists('knowledge-base/fail/broken.bin')).toBe(false);
     expect(await storage.exists('knowledge-base/fail/broken-big.bin')).toBe(false);
     expect(await leftovers()).toEqual(before);
