@@ -378,7 +378,7 @@ describe('local storage on disk', () => {
     expect(readdirSync(join(dataDir, 'storage', 'knowledge-base'))).toEqual([]);
   });
 
-  it('answers 409 when a folder part is a file already, and not-found when reading through one', async () => {
+  it('answers 409 when a folder part is a file already or a file name is a folder, and not-found when reading through one', async () => {
     const storage = getStorageService(testSettings({ DATA_DIR: tempDir() }), { prefix: 'knowledge-base' });
     const { key } = await storage.saveFile('a file', 'a.txt');
     const error = await storage.saveFile('x', 'b.txt', undefined, ['a.txt']).catch((e: unknown) => e);
@@ -386,6 +386,10 @@ describe('local storage on disk', () => {
     expect((error as StorageConflictError).statusCode).toBe(409);
     await expect(storage.moveFile(key, 'b.txt', ['a.txt'])).rejects.toBeInstanceOf(StorageConflictError);
     expect(await storage.exists('knowledge-base/a.txt/b.txt')).toBe(false);
+    await storage.saveFile('in a folder', 'inner.txt', undefined, ['folder']);
+    await expect(storage.saveFile('x', 'folder')).rejects.toBeInstanceOf(StorageConflictError);
+    await expect(storage.readFile('knowledge-base/folder')).rejects.toBeInstanceOf(StorageNotFoundError);
+    expect(await storage.exists('knowledge-base/folder')).toBe(false);
     await expect(storage.readFile('knowledge-base/a.txt/b.txt')).rejects.toBeInstanceOf(StorageNotFoundError);
     expect((await storage.readFile(key)).toString()).toBe('a file');
   });

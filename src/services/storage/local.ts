@@ -97,7 +97,10 @@ export class LocalStorageBackend implements StorageBackend {
       await this.makeParent(path);
       // The directories made just now: check again that none of them resolved outside the root.
       await this.pathOf(key);
-      await rename(temp, path);
+      await rename(temp, path).catch((error: unknown) => {
+        if (['EISDIR', 'ENOTEMPTY', 'EEXIST'].includes(code(error) ?? '')) throw new StorageConflictError('A folder exists at that path');
+        throw error;
+      });
     } catch (error) {
       await handle.close().catch(() => undefined);
       await unlink(temp).catch(() => undefined);
