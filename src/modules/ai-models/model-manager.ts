@@ -9,9 +9,11 @@
  */
 import {
   APICallError,
+  type AssistantContent,
   embedMany,
   generateText,
   type JSONSchema7,
+  type LanguageModel,
   type LanguageModelUsage,
   type ModelMessage,
   type OutputInterface,
@@ -20,6 +22,7 @@ import {
   type ToolChoice,
   type ToolSet,
 } from 'ai';
+import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings } from 'ai/internal';
 
 import type { ModelCatalog } from './catalog.js';
 import { computeCost, estimateCost } from './cost.js';
@@ -222,6 +225,9 @@ function jsonOutput(format: JsonResponseFormat): OutputInterface<string, string,
   };
 }
 
+/** The provider model interface the SDK's own calls end in (what every registry provider creates). */
+type LanguageModelV3 = Extract<LanguageModel, { specificationVersion: 'v3' }>;
+
 class AttemptTimeout extends Error {}
 
 /** An attempt's signal: the caller's signal plus a timer that `touch()` restarts. */
@@ -369,6 +375,10 @@ export class ModelManager {
   async chat(request: ChatRequest): Promise<ChatResult> {
     const started = performance.now();
     return this.run(request, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
+      const languageModel = this.options.providers.languageModel(model.provider, model.id);
+      if (!request.tools && typeof languageModel === 'object' && languageModel.specificationVersion === 'v3') {
+        return this.generate(request, languageModel, model, attempt, state, started);
+      }
       const result = await generateText({
         ...this.sdkOptions(request, model),
         abortSignal: attempt.signal,
@@ -384,6 +394,52 @@ export class ModelManager {
         time_to_first_token_ms: null,
       };
     });
+  }
+
+  /**
+   * A chat call without tools, straight to the provider model's `doGenerate`: the same request the
+   * SDK's `generateText` sends (prompt conversion, call settings, response format), without its
+   * second Zod validation of the prompt (callers pass typed, validated messages), telemetry spans
+   * and step machinery. Calls with tools go through `generateText`, which parses and validates the
+   * tool calls' input against the tools' schemas.
+   */
+  private async generate(request: ChatRequest, languageModel: LanguageModelV3, model: ModelInfo, attempt: Attempt, state: AttemptState, started: number): Promise<ChatResult> {
+    const prompt = await convertToLanguageModelPrompt({
+      prompt: { system: request.system, messages: request.messages },
+      supportedUrls: await languageModel.supportedUrls,
+      download: undefined,
+      abortSignal: attempt.signal,
+    });
+    const format = request.responseFormat;
+    const result = await languageModel.doGenerate({
+      ...prepareCallSettings({ maxOutputTokens: request.maxOutputTokens, temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences }),
+      responseFormat: format && { type: 'json', schema: format.schema, name: format.name, description: format.description },
+      prompt,
+      providerOptions: request.providerOptions,
+      abortSignal: attempt.signal,
+    });
+    state.usage = toTokenUsage(asLanguageModelUsage(result.usage));
+    let text = '';
+    let reasoning: string | undefined;
+    const content: AssistantContent = [];
+    for (const part of result.content) {
+      if (part.type === 'text') {
+        text += part.text;
+        if (part.text.length) content.push({ type: 'text', text: part.text, providerOptions: part.providerMetadata });
+      } else if (part.type === 'reasoning') {
+        reasoning = (reasoning ?? '') + part.text;
+        content.push({ type: 'reasoning', text: part.text, providerOptions: part.providerMetadata });
+      }
+    }
+    return {
+      ...this.outcome(model, state.usage, started),
+      text,
+      reasoningText: reasoning,
+      toolCalls: [],
+      finishReason: result.finishReason.unified,
+      responseMessages: content.length ? [{ role: 'assistant', content }] : [],
+      time_to_first_token_ms: null,
+    };
   }
 
   /**
