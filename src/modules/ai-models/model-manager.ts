@@ -228,6 +228,31 @@ function jsonOutput(format: JsonResponseFormat): OutputInterface<string, string,
 /** The provider model interface the SDK's own calls end in (what every registry provider creates). */
 type LanguageModelV3 = Extract<LanguageModel, { specificationVersion: 'v3' }>;
 
+/**
+ * A tool call the model made though the call declared no tools: the SDK hands it back with its
+ * input parsed when it is JSON, else as the text that came.
+ */
+function undeclaredToolCall(part: { toolCallId: string; toolName: string; input: string }): ToolCall {
+  let input: unknown = part.input;
+  try {
+    input = JSON.parse(part.input) as unknown;
+  } catch {
+    // not JSON: kept as text
+  }
+  return { toolCallId: part.toolCallId, toolName: part.toolName, input };
+}
+
+/** A call's text, reasoning and tool calls with the assistant message the SDK would return for them. */
+function answer(text: string, reasoningText: string | undefined, toolCalls: ToolCall[]): Pick<ChatResult, 'text' | 'reasoningText' | 'toolCalls' | 'responseMessages'> {
+  const content: Exclude<AssistantContent, string> = [];
+  if (reasoningText !== undefined) content.push({ type: 'reasoning', text: reasoningText });
+  if (text) content.push({ type: 'text', text });
+  for (const call of toolCalls) {
+    content.push({ type: 'tool-call', toolCallId: call.toolCallId, toolName: call.toolName, input: typeof call.input === 'object' && call.input !== null ? call.input : {} });
+  }
+  return { text, reasoningText, toolCalls, responseMessages: content.length ? [{ role: 'assistant', content }] : [] };
+}
+
 class AttemptTimeout extends Error {}
 
 /** An attempt's signal: the caller's signal plus a timer that `touch()` restarts. */
@@ -404,6 +429,26 @@ export class ModelManager {
    * tool calls' input against the tools' schemas.
    */
   private async generate(request: ChatRequest, languageModel: LanguageModelV3, model: ModelInfo, attempt: Attempt, state: AttemptState, started: number): Promise<ChatResult> {
+    const result = await languageModel.doGenerate(await this.callOptions(request, languageModel, attempt));
+    state.usage = toTokenUsage(asLanguageModelUsage(result.usage));
+    let text = '';
+    let reasoning: string | undefined;
+    const toolCalls: ToolCall[] = [];
+    for (const part of result.content) {
+      if (part.type === 'text') text += part.text;
+      else if (part.type === 'reasoning') reasoning = (reasoning ?? '') + part.text;
+      else if (part.type === 'tool-call') toolCalls.push(undeclaredToolCall(part));
+    }
+    return {
+      ...this.outcome(model, state.usage, started),
+      ...answer(text, reasoning, toolCalls),
+      finishReason: result.finishReason.unified,
+      time_to_first_token_ms: null,
+    };
+  }
+
+  /** The provider call options `generateText`/`streamText` would build for a call without tools. */
+  private async callOptions(request: ChatRequest, languageModel: LanguageModelV3, attempt: Attempt) {
     const prompt = await convertToLanguageModelPrompt({
       prompt: { system: request.system, messages: request.messages },
       supportedUrls: await languageModel.supportedUrls,
@@ -411,34 +456,12 @@ export class ModelManager {
       abortSignal: attempt.signal,
     });
     const format = request.responseFormat;
-    const result = await languageModel.doGenerate({
+    return {
       ...prepareCallSettings({ maxOutputTokens: request.maxOutputTokens, temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences }),
-      responseFormat: format && { type: 'json', schema: format.schema, name: format.name, description: format.description },
+      responseFormat: format && { type: 'json' as const, schema: format.schema, name: format.name, description: format.description },
       prompt,
       providerOptions: request.providerOptions,
       abortSignal: attempt.signal,
-    });
-    state.usage = toTokenUsage(asLanguageModelUsage(result.usage));
-    let text = '';
-    let reasoning: string | undefined;
-    const content: AssistantContent = [];
-    for (const part of result.content) {
-      if (part.type === 'text') {
-        text += part.text;
-        if (part.text.length) content.push({ type: 'text', text: part.text, providerOptions: part.providerMetadata });
-      } else if (part.type === 'reasoning') {
-        reasoning = (reasoning ?? '') + part.text;
-        content.push({ type: 'reasoning', text: part.text, providerOptions: part.providerMetadata });
-      }
-    }
-    return {
-      ...this.outcome(model, state.usage, started),
-      text,
-      reasoningText: reasoning,
-      toolCalls: [],
-      finishReason: result.finishReason.unified,
-      responseMessages: content.length ? [{ role: 'assistant', content }] : [],
-      time_to_first_token_ms: null,
     };
   }
 
@@ -461,11 +484,6 @@ export class ModelManager {
 
     const started = performance.now();
     const result = this.run({ ...request, signal }, 'stream', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
-      const sdk = streamText({
-        ...this.sdkOptions(request, model),
-        abortSignal: attempt.signal,
-        onError: () => {},
-      });
       let text = '';
       let reasoning = '';
       const toolCalls: ToolCall[] = [];
@@ -476,6 +494,49 @@ export class ModelManager {
         state.outputChars += chars;
         state.firstTokenAt ??= performance.now();
       };
+      const languageModel = this.options.providers.languageModel(model.provider, model.id);
+      if (!request.tools && typeof languageModel === 'object' && languageModel.specificationVersion === 'v3') {
+        // As in `generate`: straight to the provider model, without the SDK's stream pipeline.
+        const { stream: parts } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, attempt)), includeRawChunks: false });
+        for await (const part of parts) {
+          if (part.type === 'text-delta') {
+            if (!part.delta) continue;
+            seen(part.delta.length);
+            text += part.delta;
+            push({ type: 'text-delta', text: part.delta });
+          } else if (part.type === 'reasoning-delta') {
+            if (!part.delta) continue;
+            seen(part.delta.length);
+            reasoning += part.delta;
+            push({ type: 'reasoning-delta', text: part.delta });
+          } else if (part.type === 'tool-call') {
+            const call = undeclaredToolCall(part);
+            seen(estimateTokens(call.input) * CHARS_PER_TOKEN);
+            toolCalls.push(call);
+            push({ type: 'tool-call', toolCall: call });
+          } else if (part.type === 'finish') {
+            finishReason = part.finishReason.unified;
+            state.usage = toTokenUsage(asLanguageModelUsage(part.usage));
+          } else if (part.type === 'error') {
+            throw part.error;
+          } else {
+            attempt.touch();
+          }
+        }
+        if (attempt.signal.aborted) throw attempt.signal.reason ?? new ModelCallAbortedError();
+        state.usage ??= { ...ZERO_USAGE };
+        return {
+          ...this.outcome(model, state.usage, started),
+          ...answer(text, reasoning || undefined, toolCalls),
+          finishReason,
+          time_to_first_token_ms: state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started),
+        };
+      }
+      const sdk = streamText({
+        ...this.sdkOptions(request, model),
+        abortSignal: attempt.signal,
+        onError: () => {},
+      });
       for await (const part of sdk.fullStream) {
         if (part.type === 'text-delta') {
           seen(part.text.length);
