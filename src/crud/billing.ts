@@ -221,6 +221,64 @@ export async function settle(db: Db, s: Settlement): Promise<void> {
   );
 }
 
+/**
+ * Ends many calls in one statement, as `settle` ends one: the reservations released, each key's
+ * spend and each account's balance moved by the sum of its calls, and one ledger entry per charged
+ * call whose `balance_after` is the balance after it and the entries before it (in `batch` order),
+ * so the ledger still adds up entry by entry.
+ */
+export async function settleMany(db: Db, batch: readonly Settlement[]): Promise<void> {
+  if (batch.length === 1) return settle(db, batch[0]!);
+  const items = batch.map((s) => ({
+    rid: s.reservationId,
+    user_id: s.userId,
+    api_key_id: s.apiKeyId,
+    project_id: s.projectId,
+    cost: s.cost,
+    charge_account: s.chargeAccount,
+    charge_key: s.chargeKey,
+    usage_record_id: s.usageRecordId,
+    description: s.description,
+  }));
+  await rows(
+    db,
+    sql`with ${ASYNC_COMMIT},
+        i as (
+          select x.*, e.ord from json_array_elements(${JSON.stringify(items)}::json) with ordinality as e(item, ord),
+            json_to_record(e.item) as x(rid uuid, user_id uuid, api_key_id uuid, project_id uuid, cost numeric, charge_account boolean,
+              charge_key boolean, usage_record_id uuid, description text)
+        ),
+        r as (
+          delete from credit_reservations where id in (select rid from i where rid is not null) and (select setting from s) is not null
+          returning id, account_amount, key_amount
+        ),
+        ir as (
+          select i.*, coalesce(r.account_amount, 0) as account_release, coalesce(r.key_amount, 0) as key_release
+          from i left join r on r.id = i.rid
+        ),
+        k as (
+          update api_keys t set spent = t.spent + g.cost, budget_reserved = greatest(t.budget_reserved - g.released, 0)
+          from (select api_key_id, sum(cost) as cost, sum(key_release) as released from ir
+                where charge_key and api_key_id is not null group by api_key_id) g
+          where t.id = g.api_key_id returning t.id
+        ),
+        a as (
+          update credit_accounts c set balance = c.balance - g.cost, reserved = greatest(c.reserved - g.released, 0), updated_at = now()
+          from (select user_id, sum(cost) as cost, sum(account_release) as released from ir
+                where charge_account and user_id is not null group by user_id) g
+          where c.user_id = g.user_id returning c.user_id, c.balance
+        ),
+        e as (
+          select ir.*, a.balance + coalesce(sum(ir.cost) over (partition by ir.user_id order by ir.ord rows between 1 following and unbounded following), 0) as balance_after
+          from ir join a on a.user_id = ir.user_id
+          where ir.charge_account
+        )
+        insert into credit_transactions (owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id)
+        select user_id, 'usage', -cost, balance_after, description, usage_record_id, api_key_id, project_id
+        from e where cost > 0 order by ord`,
+  );
+}
+
 /** Releases every reservation past its expiry (its process died mid-call); returns how many. */
 export async function releaseExpired(db: Db): Promise<number> {
   const [row] = await rows<{ released: number }>(

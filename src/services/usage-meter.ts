@@ -60,6 +60,9 @@ export class UsageMeterService implements UsageMeter {
   private readonly rpmPrefix: string;
   private buffer: billingCrud.UsageRow[] = [];
   private failedSettlements: billingCrud.Settlement[] = [];
+  /** Settlements waiting for the statement in flight (`settling`) to end. */
+  private settlements: billingCrud.Settlement[] = [];
+  private settling: Promise<void> | null = null;
   private readonly inFlight = new Set<Promise<unknown>>();
   private flushing: Promise<void> | null = null;
   private flushTimer: NodeJS.Timeout | undefined;
@@ -204,13 +207,29 @@ export class UsageMeterService implements UsageMeter {
       usageRecordId: id,
       description: `${record.operation} ${record.model}${record.status === 'success' ? '' : ` (${record.status})`}`,
     };
-    this.track(
-      billingCrud.settle(this.db, settlement).catch((error: unknown) => {
-        this.log.error({ err: cause(error), usageRecordId: id }, 'credit settlement failed; kept for a retry');
-        this.failedSettlements.push(settlement);
-        this.schedule();
-      }),
-    );
+    this.settlements.push(settlement);
+    if (!this.settling) this.track((this.settling = this.settlePending()));
+  }
+
+  /**
+   * Writes the queued settlements, one statement per batch: the first call's goes out at once, and
+   * calls that end while a statement is in flight are settled together by the next one.
+   */
+  private async settlePending(): Promise<void> {
+    try {
+      while (this.settlements.length) {
+        const batch = this.settlements.splice(0, this.settings.USAGE_FLUSH_MAX_ROWS);
+        try {
+          await billingCrud.settleMany(this.db, batch);
+        } catch (error) {
+          this.log.error({ err: cause(error), settlements: batch.length }, 'credit settlement failed; kept for a retry');
+          this.failedSettlements.push(...batch);
+          this.schedule();
+        }
+      }
+    } finally {
+      this.settling = null;
+    }
   }
 
   private observe(record: UsageRecord): void {

@@ -7,7 +7,7 @@ import { PaymentRequiredError, TooManyRequestsError } from '../../src/core/error
 
 import { creditReservations, usageRecords } from '../../src/models/index.js';
 
-import { getBalance, ledgerSum } from '../../src/crud/billing.js';
+import { getBalance, hold, ledgerSum, settleMany } from '../../src/crud/billing.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -197,6 +197,68 @@ describe('metered calls with BILLING_ENABLED', () => {
     const usage = (await api('GET', '/billing/transactions?limit=100', user.headers)).json<ListBody<TransactionBody>>();
     expect(usage.data.filter((t) => t.type === 'usage')).toHaveLength(10);
     expect(usage.data.every((t) => !t.balance_after.startsWith('-'))).toBe(true);
+    await expectConsistent(user);
+  });
+
+  it('settles many calls in one statement: each reservation released, one ledger entry per call, balances chained', async () => {
+    const [first, second] = [await createUser(ctx.app), await createUser(ctx.app)];
+    await grant(first, '100');
+    await grant(second, '50');
+    const db = ctx.database.db;
+    const held = async (user: TestUser, amount: string) => {
+      const id = randomUUID();
+      expect(await hold(db, { id, userId: user.user.id, apiKeyId: null, accountAmount: amount, keyAmount: null, ttlSeconds: 60 })).toBe('held');
+      return id;
+    };
+    const settlement = (user: TestUser, reservationId: string | null, cost: string) => ({
+      reservationId,
+      userId: user.user.id,
+      apiKeyId: null,
+      projectId: null,
+      cost,
+      chargeAccount: true,
+      chargeKey: false,
+      usageRecordId: randomUUID(),
+      description: `chat ${cost}`,
+    });
+    const batch = [
+      settlement(first, await held(first, '30'), '10'),
+      settlement(second, await held(second, '20'), '5'),
+      settlement(first, await held(first, '30'), '0'), // free: released, no ledger entry
+      settlement(first, await held(first, '30'), '25.5'),
+      settlement(second, null, '1'), // nothing held: charged all the same
+    ];
+    const balance = async (user: TestUser) => {
+      const { balance, reserved } = await getBalance(db, user.user.id);
+      return [Number(balance), Number(reserved)];
+    };
+    expect(await balance(first)).toEqual([100, 90]);
+    await settleMany(db, batch);
+    expect(await balance(first)).toEqual([64.5, 0]);
+    expect(await balance(second)).toEqual([44, 0]);
+    const ledger = async (user: TestUser) => {
+      const list = (await api('GET', '/billing/transactions?limit=100', user.headers)).json<ListBody<TransactionBody>>();
+      return list.data.filter((t) => t.type === 'usage');
+    };
+    const byDescription = (list: TransactionBody[]): Record<string, string[]> => Object.fromEntries(list.map((t) => [t.description ?? '', [t.amount, t.balance_after]]));
+    expect(byDescription(await ledger(first))).toEqual({ 'chat 10': ['-10', '90'], 'chat 25.5': ['-25.5', '64.5'] });
+    expect(byDescription(await ledger(second))).toEqual({ 'chat 5': ['-5', '45'], 'chat 1': ['-1', '44'] });
+    await expectConsistent(first);
+    await expectConsistent(second);
+  });
+
+  it('calls ending together are settled correctly: every ledger entry one balance apart, nothing held', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '200');
+    fake.defaultReply = { text: 'ten tokens', usage: { prompt_tokens: 1, completion_tokens: 10 } };
+    try {
+      await Promise.all(Array.from({ length: 20 }, () => ctx.app.models.chat(billed(user))));
+    } finally {
+      fake.defaultReply = { text: 'Hello from the fake model.', usage: { prompt_tokens: 10, completion_tokens: 5 } };
+    }
+    expect(await balanceOf(user)).toMatchObject({ balance: '0', reserved: '0' });
+    const usage = (await api('GET', '/billing/transactions?limit=100', user.headers)).json<ListBody<TransactionBody>>().data.filter((t) => t.type === 'usage');
+    expect(usage.map((t) => Number(t.balance_after)).sort((a, b) => b - a)).toEqual(Array.from({ length: 20 }, (_, i) => 190 - 10 * i));
     await expectConsistent(user);
   });
 

@@ -9,9 +9,11 @@
  */
 import {
   APICallError,
+  type AssistantContent,
   embedMany,
   generateText,
   type JSONSchema7,
+  type LanguageModel,
   type LanguageModelUsage,
   type ModelMessage,
   type OutputInterface,
@@ -20,6 +22,7 @@ import {
   type ToolChoice,
   type ToolSet,
 } from 'ai';
+import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings } from 'ai/internal';
 
 import type { ModelCatalog } from './catalog.js';
 import { computeCost, estimateCost } from './cost.js';
@@ -222,6 +225,34 @@ function jsonOutput(format: JsonResponseFormat): OutputInterface<string, string,
   };
 }
 
+/** The provider model interface the SDK's own calls end in (what every registry provider creates). */
+type LanguageModelV3 = Extract<LanguageModel, { specificationVersion: 'v3' }>;
+
+/**
+ * A tool call the model made though the call declared no tools: the SDK hands it back with its
+ * input parsed when it is JSON, else as the text that came.
+ */
+function undeclaredToolCall(part: { toolCallId: string; toolName: string; input: string }): ToolCall {
+  let input: unknown = part.input;
+  try {
+    input = JSON.parse(part.input) as unknown;
+  } catch {
+    // not JSON: kept as text
+  }
+  return { toolCallId: part.toolCallId, toolName: part.toolName, input };
+}
+
+/** A call's text, reasoning and tool calls with the assistant message the SDK would return for them. */
+function answer(text: string, reasoningText: string | undefined, toolCalls: ToolCall[]): Pick<ChatResult, 'text' | 'reasoningText' | 'toolCalls' | 'responseMessages'> {
+  const content: Exclude<AssistantContent, string> = [];
+  if (reasoningText !== undefined) content.push({ type: 'reasoning', text: reasoningText });
+  if (text) content.push({ type: 'text', text });
+  for (const call of toolCalls) {
+    content.push({ type: 'tool-call', toolCallId: call.toolCallId, toolName: call.toolName, input: typeof call.input === 'object' && call.input !== null ? call.input : {} });
+  }
+  return { text, reasoningText, toolCalls, responseMessages: content.length ? [{ role: 'assistant', content }] : [] };
+}
+
 class AttemptTimeout extends Error {}
 
 /** An attempt's signal: the caller's signal plus a timer that `touch()` restarts. */
@@ -369,6 +400,10 @@ export class ModelManager {
   async chat(request: ChatRequest): Promise<ChatResult> {
     const started = performance.now();
     return this.run(request, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
+      const languageModel = this.options.providers.languageModel(model.provider, model.id);
+      if (!request.tools && typeof languageModel === 'object' && languageModel.specificationVersion === 'v3') {
+        return this.generate(request, languageModel, model, attempt, state, started);
+      }
       const result = await generateText({
         ...this.sdkOptions(request, model),
         abortSignal: attempt.signal,
@@ -384,6 +419,50 @@ export class ModelManager {
         time_to_first_token_ms: null,
       };
     });
+  }
+
+  /**
+   * A chat call without tools, straight to the provider model's `doGenerate`: the same request the
+   * SDK's `generateText` sends (prompt conversion, call settings, response format), without its
+   * second Zod validation of the prompt (callers pass typed, validated messages), telemetry spans
+   * and step machinery. Calls with tools go through `generateText`, which parses and validates the
+   * tool calls' input against the tools' schemas.
+   */
+  private async generate(request: ChatRequest, languageModel: LanguageModelV3, model: ModelInfo, attempt: Attempt, state: AttemptState, started: number): Promise<ChatResult> {
+    const result = await languageModel.doGenerate(await this.callOptions(request, languageModel, attempt));
+    state.usage = toTokenUsage(asLanguageModelUsage(result.usage));
+    let text = '';
+    let reasoning: string | undefined;
+    const toolCalls: ToolCall[] = [];
+    for (const part of result.content) {
+      if (part.type === 'text') text += part.text;
+      else if (part.type === 'reasoning') reasoning = (reasoning ?? '') + part.text;
+      else if (part.type === 'tool-call') toolCalls.push(undeclaredToolCall(part));
+    }
+    return {
+      ...this.outcome(model, state.usage, started),
+      ...answer(text, reasoning, toolCalls),
+      finishReason: result.finishReason.unified,
+      time_to_first_token_ms: null,
+    };
+  }
+
+  /** The provider call options `generateText`/`streamText` would build for a call without tools. */
+  private async callOptions(request: ChatRequest, languageModel: LanguageModelV3, attempt: Attempt) {
+    const prompt = await convertToLanguageModelPrompt({
+      prompt: { system: request.system, messages: request.messages },
+      supportedUrls: await languageModel.supportedUrls,
+      download: undefined,
+      abortSignal: attempt.signal,
+    });
+    const format = request.responseFormat;
+    return {
+      ...prepareCallSettings({ maxOutputTokens: request.maxOutputTokens, temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences }),
+      responseFormat: format && { type: 'json' as const, schema: format.schema, name: format.name, description: format.description },
+      prompt,
+      providerOptions: request.providerOptions,
+      abortSignal: attempt.signal,
+    };
   }
 
   /**
@@ -405,11 +484,6 @@ export class ModelManager {
 
     const started = performance.now();
     const result = this.run({ ...request, signal }, 'stream', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
-      const sdk = streamText({
-        ...this.sdkOptions(request, model),
-        abortSignal: attempt.signal,
-        onError: () => {},
-      });
       let text = '';
       let reasoning = '';
       const toolCalls: ToolCall[] = [];
@@ -420,6 +494,49 @@ export class ModelManager {
         state.outputChars += chars;
         state.firstTokenAt ??= performance.now();
       };
+      const languageModel = this.options.providers.languageModel(model.provider, model.id);
+      if (!request.tools && typeof languageModel === 'object' && languageModel.specificationVersion === 'v3') {
+        // As in `generate`: straight to the provider model, without the SDK's stream pipeline.
+        const { stream: parts } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, attempt)), includeRawChunks: false });
+        for await (const part of parts) {
+          if (part.type === 'text-delta') {
+            if (!part.delta) continue;
+            seen(part.delta.length);
+            text += part.delta;
+            push({ type: 'text-delta', text: part.delta });
+          } else if (part.type === 'reasoning-delta') {
+            if (!part.delta) continue;
+            seen(part.delta.length);
+            reasoning += part.delta;
+            push({ type: 'reasoning-delta', text: part.delta });
+          } else if (part.type === 'tool-call') {
+            const call = undeclaredToolCall(part);
+            seen(estimateTokens(call.input) * CHARS_PER_TOKEN);
+            toolCalls.push(call);
+            push({ type: 'tool-call', toolCall: call });
+          } else if (part.type === 'finish') {
+            finishReason = part.finishReason.unified;
+            state.usage = toTokenUsage(asLanguageModelUsage(part.usage));
+          } else if (part.type === 'error') {
+            throw part.error;
+          } else {
+            attempt.touch();
+          }
+        }
+        if (attempt.signal.aborted) throw attempt.signal.reason ?? new ModelCallAbortedError();
+        state.usage ??= { ...ZERO_USAGE };
+        return {
+          ...this.outcome(model, state.usage, started),
+          ...answer(text, reasoning || undefined, toolCalls),
+          finishReason,
+          time_to_first_token_ms: state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started),
+        };
+      }
+      const sdk = streamText({
+        ...this.sdkOptions(request, model),
+        abortSignal: attempt.signal,
+        onError: () => {},
+      });
       for await (const part of sdk.fullStream) {
         if (part.type === 'text-delta') {
           seen(part.text.length);
