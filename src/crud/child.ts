@@ -4,7 +4,7 @@ import type { AnyPgColumn, PgColumn, PgTable } from 'drizzle-orm/pg-core';
 import type { Db } from '../core/db.js';
 import { NotFoundError, UnprocessableError } from '../core/errors.js';
 
-import { isEmptyChange, pageOf } from './owned.js';
+import { insertReturning, isEmptyChange, pageOf } from './owned.js';
 import type { Page, PageOf } from './page.js';
 
 /** A page of a child list, optionally after a cursor: the id of a row of the same parent. */
@@ -84,13 +84,7 @@ export function childCrud<Row, New>(table: PgTable, options: ChildCrudOptions): 
       return pageOf<Row>(db, t, where, [descending ? desc(order) : asc(order)], page);
     },
 
-    async create(db, values) {
-      const [row] = await db
-        .insert(t)
-        .values(values as never)
-        .returning();
-      return row as unknown as Row;
-    },
+    create: (db, values) => insertReturning<Row>(db, t, values),
 
     async update(db, parentId, value, values) {
       if (isEmptyChange(values)) return this.getIn(db, parentId, value);

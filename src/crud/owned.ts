@@ -20,6 +20,15 @@ export function isEmptyChange(values: object): boolean {
 /** Row locks a transaction can take on a row it reads (`select … for <strength>`). */
 export type LockStrength = 'update' | 'no key update' | 'share' | 'key share';
 
+/** Inserts one row and returns it as stored (defaults and generated columns filled in). */
+export async function insertReturning<Row>(db: Db, table: PgTable, values: unknown): Promise<Row> {
+  const [row] = await db
+    .insert(table)
+    .values(values as never)
+    .returning();
+  return row as unknown as Row;
+}
+
 /**
  * The equality filters of a list query: `{project_id: column}` and the query's values give
  * `project_id = $1 and …` for the values present (undefined: no filter).
@@ -131,13 +140,7 @@ export function ownedCrud<Row extends { id: string }, New>(table: OwnedTable, po
       return upTo === undefined ? countWhere(db, t, owned) : countUpTo(db, t, owned, upTo);
     },
 
-    async create(db, values) {
-      const [row] = await db
-        .insert(t)
-        .values(values as never)
-        .returning();
-      return row as unknown as Row;
-    },
+    create: (db, values) => insertReturning<Row>(db, t, values),
 
     async update(db, principal, id, values) {
       if (isEmptyChange(values)) return policy.check(principal, await getById(db, id), 'write');
