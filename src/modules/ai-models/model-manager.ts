@@ -253,6 +253,22 @@ function answer(text: string, reasoningText: string | undefined, toolCalls: Tool
   return { text, reasoningText, toolCalls, responseMessages: content.length ? [{ role: 'assistant', content }] : [] };
 }
 
+/** A streamed call's parts as the stream loop reads them, from either source (see streamSource). */
+type StreamPart =
+  | { type: 'text-delta' | 'reasoning-delta'; text: string }
+  | { type: 'tool-call'; toolCall: ToolCall }
+  | { type: 'finish'; finishReason: string; usage: TokenUsage }
+  /** Anything else upstream sent: the stream is alive. */
+  | { type: 'progress' };
+
+const PROGRESS: StreamPart = { type: 'progress' };
+
+interface StreamSource {
+  parts: AsyncIterable<StreamPart>;
+  /** The assistant messages for what was streamed (after the parts ended). */
+  responseMessages(text: string, reasoning: string | undefined, toolCalls: ToolCall[]): Promise<ModelMessage[]>;
+}
+
 class AttemptTimeout extends Error {}
 
 /** An attempt's signal: the caller's signal plus a timer that `touch()` restarts. */
@@ -400,10 +416,8 @@ export class ModelManager {
   async chat(request: ChatRequest): Promise<ChatResult> {
     const started = performance.now();
     return this.run(request, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
-      const languageModel = this.options.providers.languageModel(model.provider, model.id);
-      if (!request.tools && typeof languageModel === 'object' && languageModel.specificationVersion === 'v3') {
-        return this.generate(request, languageModel, model, attempt, state, started);
-      }
+      const languageModel = this.directModel(request, model);
+      if (languageModel) return this.generate(request, languageModel, model, attempt, state, started);
       const result = await generateText({
         ...this.sdkOptions(request, model),
         abortSignal: attempt.signal,
@@ -419,6 +433,17 @@ export class ModelManager {
         time_to_first_token_ms: null,
       };
     });
+  }
+
+  /**
+   * The provider model a call goes to directly (`doGenerate`/`doStream`), or undefined when it goes
+   * through the SDK: calls with tools do, since `generateText`/`streamText` parse and validate the
+   * tool calls' input against the tools' schemas.
+   */
+  private directModel(request: ChatRequest, model: ModelInfo): LanguageModelV3 | undefined {
+    if (request.tools) return undefined;
+    const languageModel = this.options.providers.languageModel(model.provider, model.id);
+    return typeof languageModel === 'object' && languageModel.specificationVersion === 'v3' ? languageModel : undefined;
   }
 
   /**
@@ -494,85 +519,37 @@ export class ModelManager {
         state.outputChars += chars;
         state.firstTokenAt ??= performance.now();
       };
-      const languageModel = this.options.providers.languageModel(model.provider, model.id);
-      if (!request.tools && typeof languageModel === 'object' && languageModel.specificationVersion === 'v3') {
-        // As in `generate`: straight to the provider model, without the SDK's stream pipeline.
-        const { stream: parts } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, attempt)), includeRawChunks: false });
-        for await (const part of parts) {
-          if (part.type === 'text-delta') {
-            if (!part.delta) continue;
-            seen(part.delta.length);
-            text += part.delta;
-            push({ type: 'text-delta', text: part.delta });
-          } else if (part.type === 'reasoning-delta') {
-            if (!part.delta) continue;
-            seen(part.delta.length);
-            reasoning += part.delta;
-            push({ type: 'reasoning-delta', text: part.delta });
-          } else if (part.type === 'tool-call') {
-            const call = undeclaredToolCall(part);
-            seen(estimateTokens(call.input) * CHARS_PER_TOKEN);
-            toolCalls.push(call);
-            push({ type: 'tool-call', toolCall: call });
-          } else if (part.type === 'finish') {
-            finishReason = part.finishReason.unified;
-            state.usage = toTokenUsage(asLanguageModelUsage(part.usage));
-          } else if (part.type === 'error') {
-            throw part.error;
-          } else {
-            attempt.touch();
-          }
-        }
-        if (attempt.signal.aborted) throw attempt.signal.reason ?? new ModelCallAbortedError();
-        state.usage ??= { ...ZERO_USAGE };
-        return {
-          ...this.outcome(model, state.usage, started),
-          ...answer(text, reasoning || undefined, toolCalls),
-          finishReason,
-          time_to_first_token_ms: state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started),
-        };
-      }
-      const sdk = streamText({
-        ...this.sdkOptions(request, model),
-        abortSignal: attempt.signal,
-        onError: () => {},
-      });
-      for await (const part of sdk.fullStream) {
+      const source = await this.streamSource(request, model, attempt);
+      for await (const part of source.parts) {
         if (part.type === 'text-delta') {
           seen(part.text.length);
           text += part.text;
-          push({ type: 'text-delta', text: part.text });
+          push(part);
         } else if (part.type === 'reasoning-delta') {
           seen(part.text.length);
           reasoning += part.text;
-          push({ type: 'reasoning-delta', text: part.text });
+          push(part);
         } else if (part.type === 'tool-call') {
-          const call: ToolCall = { toolCallId: part.toolCallId, toolName: part.toolName, input: part.input as unknown };
-          seen(estimateTokens(part.input) * CHARS_PER_TOKEN);
-          toolCalls.push(call);
-          push({ type: 'tool-call', toolCall: call });
+          seen(estimateTokens(part.toolCall.input) * CHARS_PER_TOKEN);
+          toolCalls.push(part.toolCall);
+          push(part);
         } else if (part.type === 'finish') {
           finishReason = part.finishReason;
-          state.usage = toTokenUsage(part.totalUsage);
-        } else if (part.type === 'error') {
-          throw part.error;
-        } else if (part.type === 'abort') {
-          throw attempt.signal.reason ?? new ModelCallAbortedError();
+          state.usage = part.usage;
         } else {
           attempt.touch();
         }
       }
+      if (attempt.signal.aborted) throw attempt.signal.reason ?? new ModelCallAbortedError();
       state.usage ??= { ...ZERO_USAGE };
-      const response = await sdk.response;
-      const ttft = state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started);
       return {
         ...this.outcome(model, state.usage, started),
         text,
         reasoningText: reasoning || undefined,
         toolCalls,
         finishReason,
-        responseMessages: response.messages,
-        time_to_first_token_ms: ttft,
+        responseMessages: await source.responseMessages(text, reasoning || undefined, toolCalls),
+        time_to_first_token_ms: state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started),
       };
     });
     result.then(
@@ -620,6 +597,44 @@ export class ModelManager {
       state.usage = { ...ZERO_USAGE, input: result.usage.tokens };
       return { ...this.outcome(model, state.usage, started), embeddings: result.embeddings };
     });
+  }
+
+  /**
+   * A streamed call's parts, the same whether they come straight from the provider model (calls
+   * without tools) or through the SDK's `streamText`; an upstream error or abort is thrown.
+   */
+  private async streamSource(request: ChatRequest, model: ModelInfo, attempt: Attempt): Promise<StreamSource> {
+    const languageModel = this.directModel(request, model);
+    if (languageModel) {
+      const { stream } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, attempt)), includeRawChunks: false });
+      return {
+        parts: (async function* () {
+          for await (const part of stream) {
+            if (part.type === 'text-delta' || part.type === 'reasoning-delta') {
+              if (part.delta) yield { type: part.type, text: part.delta };
+            } else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: undeclaredToolCall(part) };
+            else if (part.type === 'finish') yield { type: 'finish', finishReason: part.finishReason.unified, usage: toTokenUsage(asLanguageModelUsage(part.usage)) };
+            else if (part.type === 'error') throw part.error;
+            else yield PROGRESS;
+          }
+        })(),
+        responseMessages: async (text, reasoning, toolCalls) => answer(text, reasoning, toolCalls).responseMessages,
+      };
+    }
+    const sdk = streamText({ ...this.sdkOptions(request, model), abortSignal: attempt.signal, onError: () => {} });
+    return {
+      parts: (async function* () {
+        for await (const part of sdk.fullStream) {
+          if (part.type === 'text-delta' || part.type === 'reasoning-delta') yield { type: part.type, text: part.text };
+          else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: { toolCallId: part.toolCallId, toolName: part.toolName, input: part.input as unknown } };
+          else if (part.type === 'finish') yield { type: 'finish', finishReason: part.finishReason, usage: toTokenUsage(part.totalUsage) };
+          else if (part.type === 'error') throw part.error;
+          else if (part.type === 'abort') throw attempt.signal.reason ?? new ModelCallAbortedError();
+          else yield PROGRESS;
+        }
+      })(),
+      responseMessages: async () => (await sdk.response).messages,
+    };
   }
 
   private sdkOptions(request: ChatRequest, model: ModelInfo) {
