@@ -10,7 +10,6 @@ import { apiKeyCrud, apiKeyPolicy, countActiveByOwner } from '../crud/api-key.js
 import type { Page } from '../crud/page.js';
 import { requireOwnProject } from '../crud/project.js';
 import type { ServiceContext } from './context.js';
-import { rememberKeyLimits } from './key-limits.js';
 import { createWithinLimit } from './limits.js';
 import { formatMoney } from './money.js';
 
@@ -61,10 +60,8 @@ export async function create(ctx: ServiceContext, input: ApiKeyCreate): Promise<
 }
 
 export async function update(ctx: ServiceContext, id: string, input: ApiKeyUpdate): Promise<ApiKeyView> {
-  const key = await apiKeyCrud.update(ctx.db, ctx.principal, id, input);
-  // The meter sees new limits at once in this process (other nodes within KEY_LIMITS_TTL_MS).
-  rememberKeyLimits(ctx.db, key);
-  return present(key);
+  // The key cache forgets the key (here at once, other nodes by NOTIFY): the next request sees its new limits.
+  return present(await apiKeyCrud.update(ctx.db, ctx.principal, id, input));
 }
 
 export function remove(ctx: ServiceContext, id: string): Promise<void> {

@@ -49,7 +49,7 @@ function refuseAgentModel(model: string): void {
 // ==================== Requests ====================
 
 export function callContext(principal: Principal): CallContext {
-  return { user_id: principal.user.id, api_key_id: principal.apiKeyId, project_id: principal.scopeProjectId };
+  return { user_id: principal.user.id, api_key_id: principal.apiKeyId, api_key_limits: principal.apiKeyLimits, project_id: principal.scopeProjectId };
 }
 
 const textOf = (content: string | { text: string }[]): string => (typeof content === 'string' ? content : content.map((p) => p.text).join(''));

@@ -25,7 +25,7 @@ import * as billingCrud from '../crud/billing.js';
 import type { CostEstimate, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
 import { addCosts } from '../modules/ai-models/index.js';
 import { type CounterStore, counterStore } from '../utils/rate-limit.js';
-import { cachedKeyLimits, type KeyLimits, loadKeyLimits } from './key-limits.js';
+import { type KeyLimits, loadKeyLimits } from './key-limits.js';
 import { formatMoney } from './money.js';
 
 export interface UsageMeterOptions {
@@ -91,7 +91,7 @@ export class UsageMeterService implements UsageMeter {
     if (this.closed) throw new ServiceUnavailableError('Shutting down');
     const keyId = estimate.context.api_key_id ?? null;
     if (keyId === null) return this.hold(estimate, null);
-    const limits = cachedKeyLimits(this.db, keyId);
+    const limits = estimate.context.api_key_limits;
     if (limits) return this.hold(estimate, limits);
     return loadKeyLimits(this.db, keyId).then((loaded) => this.hold(estimate, loaded));
   }

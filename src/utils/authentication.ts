@@ -7,13 +7,15 @@ import type { User } from '../models/index.js';
 
 import * as apiKeyCrud from '../crud/api-key.js';
 import * as userCrud from '../crud/user.js';
-import { rememberKeyLimits } from '../services/key-limits.js';
+import type { KeyLimits } from '../services/key-limits.js';
 import { refuseScopedKey } from './access.js';
 
 /** Who is calling: the user, and the project an API key is limited to (null: all the user's). */
 export interface Principal {
   user: User;
   apiKeyId: string | null;
+  /** The API key's spend cap and rate (null: an access token), for the model meter. */
+  apiKeyLimits: KeyLimits | null;
   scopeProjectId: string | null;
 }
 
@@ -45,8 +47,7 @@ async function principalFromApiKey(request: FastifyRequest, key: string): Promis
     await apiKeyCrud.touchLastUsed(db, apiKey);
   }
   // The model meter enforces the key's limits on this request's calls without reading the row again.
-  rememberKeyLimits(db, apiKey);
-  return { user: owner, apiKeyId: apiKey.id, scopeProjectId: apiKey.project_id };
+  return { user: owner, apiKeyId: apiKey.id, apiKeyLimits: { max_budget: apiKey.max_budget, rpm: apiKey.rpm }, scopeProjectId: apiKey.project_id };
 }
 
 async function principalFromToken(request: FastifyRequest, token: string): Promise<Principal | null> {
@@ -55,7 +56,7 @@ async function principalFromToken(request: FastifyRequest, token: string): Promi
   const user = await userCrud.getByIdCached(request.server.db, claims.sub);
   // A password change or deactivation moves token_version on and so kills older tokens.
   if (!user || !user.is_active || user.token_version !== claims.ver) return null;
-  return { user, apiKeyId: null, scopeProjectId: null };
+  return { user, apiKeyId: null, apiKeyLimits: null, scopeProjectId: null };
 }
 
 /** onRequest hook: the caller must be an active user (by access token or API key). */

@@ -143,7 +143,6 @@ describe('usage records', () => {
 
   it('reserve does no I/O with billing off and a key without limits: it answers synchronously', async () => {
     const key = await createKey(ctx.app, alice, { name: 'plain' });
-    await api('GET', '/billing/balance', xApiKey(key.key)); // authentication caches the key's limits
     const estimate: CostEstimate = {
       operation: 'chat',
       model: 'fake-precise',
@@ -151,7 +150,8 @@ describe('usage records', () => {
       input_tokens: 1,
       max_output_tokens: 1,
       cost: '0.00001',
-      context: { user_id: alice.user.id, api_key_id: key.id },
+      // As a request's calls carry them: the key's limits read by authentication.
+      context: { user_id: alice.user.id, api_key_id: key.id, api_key_limits: { max_budget: null, rpm: null } },
     };
     expect(ctx.app.meter.reserve(estimate)).not.toBeInstanceOf(Promise);
     expect(ctx.app.meter.reserve({ ...estimate, context: { user_id: alice.user.id } })).not.toBeInstanceOf(Promise);

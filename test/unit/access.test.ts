@@ -30,6 +30,7 @@ const policy = (scopedKey: ScopedKeyAccess, scopedKeyReadsUnassigned = false) =>
 const principal = (scopeProjectId: string | null, is_superuser = false): Principal => ({
   user: { id: 'u1', is_superuser } as User,
   apiKeyId: scopeProjectId ? 'k1' : null,
+  apiKeyLimits: scopeProjectId ? { max_budget: null, rpm: null } : null,
   scopeProjectId,
 });
 const render = (condition: SQL | undefined) => {

@@ -36,6 +36,8 @@ import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, Z
 export interface CallContext {
   user_id?: string;
   api_key_id?: string | null;
+  /** The key's limits as authentication read them (exact: see cacheApiKeys); absent, the meter reads them. */
+  api_key_limits?: { max_budget: string | null; rpm: number | null } | null;
   project_id?: string | null;
   agent_id?: string | null;
   run_id?: string | null;
