@@ -1,0 +1,69 @@
+/**
+ * How a run's events and cancels travel between nodes: the interfaces both modes implement.
+ *
+ * Embedded (no REDIS_URL): events in the database log (`run_events`), in-process notification,
+ * cancels through an in-process emitter. Scaled: events in a Redis Stream per run, cancels over Redis
+ * pub/sub, so any API node serves any run's stream and a cancel sent to any node reaches the worker.
+ */
+
+/** The event names of SPEC §5, in the order a run can emit them. */
+export const RUN_EVENT_NAMES = [
+  'run.queued',
+  'run.started',
+  'message.created',
+  'message.delta',
+  'tool.call',
+  'tool.result',
+  'message.completed',
+  'run.completed',
+  'run.failed',
+  'run.cancelled',
+] as const;
+export type RunEventName = (typeof RUN_EVENT_NAMES)[number];
+
+/** The events after which a run's stream ends. */
+export const FINAL_RUN_EVENTS: ReadonlySet<RunEventName> = new Set(['run.completed', 'run.failed', 'run.cancelled']);
+
+/** One event as stored and sent: `seq` counts from 1 per run; `data` carries `run_id` and `seq` too. */
+export interface RunEvent {
+  seq: number;
+  event: RunEventName;
+  data: Record<string, unknown> & { run_id: string; seq: number };
+}
+
+/** An event to append; the log gives it its `seq` (and puts `run_id` and `seq` into its data). */
+export interface NewRunEvent {
+  event: RunEventName;
+  data: Record<string, unknown>;
+}
+
+/**
+ * The append-only event log of runs. One writer per run at a time (the holder of the run's lease,
+ * or the API node that queues or cancels it before a worker has it); readers anywhere.
+ */
+export interface RunEventLog {
+  /**
+   * Appends events in order and returns them with their seq. Appending after a final event, or a
+   * seq that already exists (a second writer), throws instead of writing a duplicate.
+   */
+  append(runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]>;
+  /**
+   * Every event with seq > `after`, exactly once and in order, then the live ones as they are
+   * appended; ends after a final event, or when `signal` aborts. A slow reader never blocks writers.
+   */
+  read(runId: string, after: number, signal: AbortSignal): AsyncIterable<RunEvent>;
+  /** The highest seq of the run (0 when it has none): where a resumed writer continues. */
+  lastSeq(runId: string): Promise<number>;
+  /** Forgets events of runs that ended more than `ttlSeconds` ago (RUN_EVENTS_TTL_SECONDS). */
+  expire?(ttlSeconds: number): Promise<number>;
+  close(): Promise<void>;
+}
+
+/** Cancels across nodes: the node running a run listens; any node may send. */
+export interface RunSignals {
+  /** Tells whichever node runs `runId` to abort it now (no-op when none does). */
+  cancel(runId: string, reason?: string): Promise<void>;
+  /** Called by the node that runs `runId`; `onCancel` fires at most once. Returns the unsubscribe. */
+  subscribe(runId: string, onCancel: (reason: string | undefined) => void): () => void;
+  close(): Promise<void>;
+}
