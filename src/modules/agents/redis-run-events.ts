@@ -1,0 +1,409 @@
+import { createHash } from 'node:crypto';
+
+import type { Redis } from 'ioredis';
+
+import { asRunBusError, type RedisSubscriber } from './redis-subscriber.js';
+import { FINAL_RUN_EVENTS, type NewRunEvent, type RunEvent, type RunEventLog, type RunEventName } from './run-bus.js';
+import { RunEventsRefusedError } from './run-bus-errors.js';
+
+/**
+ * Scaled mode's run event log: one Redis Stream per run, `<prefix>run:<id>:events`, whose entry IDs
+ * are `0-<seq>`. Redis refuses an ID not above the stream's top, so the stream itself can never hold
+ * a duplicate or out-of-order seq, whoever writes to it.
+ *
+ * Live delivery, and why not XREAD BLOCK: a blocked XREAD holds its connection, so either each
+ * open SSE stream costs a Redis connection (1000 streams, 1000 connections), or one loop XREADs
+ * every watched stream at once — and then must be interrupted (CLIENT UNBLOCK) whenever a reader
+ * comes or goes, and re-sends all N keys after every wake-up, O(N) per event. Instead the append
+ * script PUBLISHes the appended events on the run's channel, and the process listens through its
+ * one subscriber connection (RedisSubscriber), only on the channels of runs it has readers for.
+ * Per run and process there is one `RunTail`: it subscribes, learns the stream's top, then keeps
+ * the latest events in a small window that all its readers read from. Pub/sub may drop messages
+ * (a reconnection); every event carries its seq, so a gap — or a reconnection — makes the tail
+ * fetch what it missed with XRANGE. The stream stays the truth; pub/sub only saves a round trip.
+ *
+ * Readers pull: each holds a cursor and nothing else; a reader that falls behind the shared
+ * window reads its own pages with XRANGE. So a slow reader costs neither the writer nor the other
+ * readers anything, and no reader buffers more than one page.
+ */
+
+/** An abandoned stream (its run never ends: a bug, or lost with its worker) expires this long after its last append. */
+export const LIVE_RUN_EVENTS_TTL_SECONDS = 7 * 24 * 3600;
+/** Events a tail keeps for its readers beyond the slowest one's cursor; readers further behind page from Redis. */
+const TAIL_WINDOW = 64;
+/** Events per XRANGE page (replay, catching up). */
+const PAGE_SIZE = 200;
+/** Runs whose writer cursor a log remembers; the oldest is forgotten first (its next append reads the top). */
+const MAX_WRITER_CURSORS = 10_000;
+
+export interface RedisRunEventLogOptions {
+  /** REDIS_KEY_PREFIX. */
+  keyPrefix: string;
+  /** RUN_EVENTS_TTL_SECONDS: how long a stream stays after its final event. */
+  endedTtlSeconds: number;
+}
+
+type StreamEntry = [id: string, fields: string[]];
+
+/**
+ * Appends atomically, refusing when the run has ended or when the stream's top is not where this
+ * writer left it (another writer appended). KEYS[1] the stream; ARGV: the writer's last seq, the
+ * TTL to set, the channel, the message to publish, then (seq, event, data) per event.
+ */
+const APPEND_SCRIPT = `
+local FINAL = {${[...FINAL_RUN_EVENTS].map((name) => `['${name}'] = true`).join(', ')}}
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local last = 0
+if top[1] then
+  last = tonumber(string.sub(top[1][1], 3))
+  if FINAL[top[1][2][2]] then return {'ended', last} end
+end
+if last ~= tonumber(ARGV[1]) then return {'stale', last} end
+for i = 5, #ARGV, 3 do
+  redis.call('XADD', KEYS[1], '0-' .. ARGV[i], 'event', ARGV[i + 1], 'data', ARGV[i + 2])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return {'ok', last}
+`;
+const APPEND_SCRIPT_SHA = createHash('sha1').update(APPEND_SCRIPT).digest('hex');
+
+function isFinal(event: RunEventName): boolean {
+  return FINAL_RUN_EVENTS.has(event);
+}
+
+function parseEntry([id, fields]: StreamEntry): RunEvent {
+  // Fields are written as event, <name>, data, <json> (see APPEND_SCRIPT).
+  return { seq: Number(id.slice(2)), event: fields[1] as RunEventName, data: JSON.parse(fields[3]!) as RunEvent['data'] };
+}
+
+export class RedisRunEventLog implements RunEventLog {
+  /** Per run, the seq this log last appended or read with lastSeq: where its next append must continue. */
+  private readonly cursors = new Map<string, number>();
+  /** Per run, the end of the chain of this log's appends, which run one after another. */
+  private readonly appending = new Map<string, Promise<unknown>>();
+  private readonly tails = new Map<string, RunTail>();
+  private readonly releaseSubscriber: () => void;
+  private readonly stopCatchingUp: () => void;
+  private closed = false;
+
+  constructor(
+    private readonly redis: Redis,
+    private readonly subscriber: RedisSubscriber,
+    private readonly options: RedisRunEventLogOptions,
+  ) {
+    this.releaseSubscriber = subscriber.use();
+    this.stopCatchingUp = subscriber.onReconnect(() => {
+      for (const tail of this.tails.values()) tail.catchUp();
+    });
+  }
+
+  streamKey(runId: string): string {
+    return `${this.options.keyPrefix}run:${runId}:events`;
+  }
+
+  private channel(runId: string): string {
+    return `${this.options.keyPrefix}run:${runId}:appended`;
+  }
+
+  // ==================== Writing ====================
+
+  append(runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]> {
+    if (events.length === 0) return Promise.resolve([]);
+    const finalAt = events.findIndex((event) => isFinal(event.event));
+    if (finalAt !== -1 && finalAt < events.length - 1) {
+      return Promise.reject(new RunEventsRefusedError(runId, 'ended', this.cursors.get(runId) ?? 0));
+    }
+    // One append at a time per run: each continues from the seq the previous one left.
+    const previous = this.appending.get(runId) ?? Promise.resolve();
+    const appended = previous.then(() => this.appendNow(runId, events));
+    const settled = appended.catch(() => undefined);
+    this.appending.set(runId, settled);
+    void settled.then(() => {
+      if (this.appending.get(runId) === settled) this.appending.delete(runId);
+    });
+    return appended;
+  }
+
+  private async appendNow(runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]> {
+    try {
+      const after = this.cursors.get(runId) ?? (await this.top(runId)).seq;
+      const stored: RunEvent[] = events.map((event, index) => {
+        const seq = after + index + 1;
+        return { seq, event: event.event, data: { ...event.data, run_id: runId, seq } };
+      });
+      const ended = isFinal(stored.at(-1)!.event);
+      const args = [
+        after,
+        ended ? this.options.endedTtlSeconds : LIVE_RUN_EVENTS_TTL_SECONDS,
+        this.channel(runId),
+        JSON.stringify(stored),
+        ...stored.flatMap((event) => [event.seq, event.event, JSON.stringify(event.data)]),
+      ];
+      const [outcome, last] = await this.runAppendScript(this.streamKey(runId), args);
+      if (outcome === 'ended') {
+        this.cursors.delete(runId);
+        throw new RunEventsRefusedError(runId, 'ended', last);
+      }
+      // A stale writer keeps its cursor: it stays refused until it reads lastSeq (resumes the run).
+      if (outcome === 'stale') throw new RunEventsRefusedError(runId, 'stale', last);
+      if (ended) this.cursors.delete(runId);
+      else this.remember(runId, stored.at(-1)!.seq);
+      return stored;
+    } catch (error) {
+      if (error instanceof RunEventsRefusedError) throw error;
+      // Whether the script ran is unknown: the next append reads the top again instead of guessing.
+      this.cursors.delete(runId);
+      throw asRunBusError(error);
+    }
+  }
+
+  private async runAppendScript(key: string, args: (string | number)[]): Promise<[string, number]> {
+    try {
+      return (await this.redis.evalsha(APPEND_SCRIPT_SHA, 1, key, ...args)) as [string, number];
+    } catch (error) {
+      if (!(error instanceof Error) || !error.message.startsWith('NOSCRIPT')) throw error;
+      return (await this.redis.eval(APPEND_SCRIPT, 1, key, ...args)) as [string, number];
+    }
+  }
+
+  private remember(runId: string, seq: number): void {
+    this.cursors.delete(runId); // re-inserted at the end: the Map's order is the eviction order
+    this.cursors.set(runId, seq);
+    if (this.cursors.size > MAX_WRITER_CURSORS) this.cursors.delete(this.cursors.keys().next().value!);
+  }
+
+  /** The highest seq, and whether the run has ended; also where this log's next append continues. */
+  async lastSeq(runId: string): Promise<number> {
+    try {
+      const { seq } = await this.top(runId);
+      this.remember(runId, seq);
+      return seq;
+    } catch (error) {
+      throw asRunBusError(error);
+    }
+  }
+
+  // ==================== Reading ====================
+
+  /** The stream's last event's seq (0 when none) and whether it is a final event. */
+  async top(runId: string): Promise<{ seq: number; ended: boolean }> {
+    const [entry] = (await this.redis.xrevrange(this.streamKey(runId), '+', '-', 'COUNT', 1)) as StreamEntry[];
+    if (!entry) return { seq: 0, ended: false };
+    const event = parseEntry(entry);
+    return { seq: event.seq, ended: isFinal(event.event) };
+  }
+
+  /** Up to `count` events after seq `after`. */
+  async range(runId: string, after: number, count: number): Promise<RunEvent[]> {
+    const entries = (await this.redis.xrange(this.streamKey(runId), `(0-${after}`, '+', 'COUNT', count)) as StreamEntry[];
+    return entries.map(parseEntry);
+  }
+
+  async *read(runId: string, after: number, signal: AbortSignal): AsyncGenerator<RunEvent> {
+    if (signal.aborted || this.closed) return;
+    const tail = this.tailOf(runId);
+    const reader: TailReader = { cursor: Math.max(0, Math.floor(after)) };
+    const wakeOnAbort = () => reader.wake?.();
+    signal.addEventListener('abort', wakeOnAbort, { once: true });
+    tail.readers.add(reader);
+    try {
+      await tail.ready;
+      while (!signal.aborted) {
+        if (tail.failure) throw tail.failure;
+        if (tail.closed) return;
+        if (reader.cursor >= tail.last) {
+          if (tail.ended) return;
+          await new Promise<void>((resolve) => (reader.wake = resolve));
+          reader.wake = undefined;
+          continue;
+        }
+        const batch = reader.cursor >= tail.windowStart() - 1 ? tail.windowAfter(reader.cursor) : await this.page(runId, reader.cursor);
+        // Empty while the top is beyond the cursor: the stream expired under the reader.
+        if (batch.length === 0) return;
+        for (const event of batch) {
+          // IDs 0-<seq> and the append script keep a stream gapless: anything else is corruption.
+          if (event.seq !== reader.cursor + 1) throw new Error(`Run ${runId}: event ${event.seq} follows ${reader.cursor}`);
+          reader.cursor = event.seq;
+          yield event;
+          if (isFinal(event.event) || signal.aborted) return;
+        }
+      }
+    } finally {
+      signal.removeEventListener('abort', wakeOnAbort);
+      tail.readers.delete(reader);
+      if (tail.readers.size === 0) this.dropTail(runId, tail);
+    }
+  }
+
+  private async page(runId: string, after: number): Promise<RunEvent[]> {
+    try {
+      return await this.range(runId, after, PAGE_SIZE);
+    } catch (error) {
+      throw asRunBusError(error);
+    }
+  }
+
+  private tailOf(runId: string): RunTail {
+    let tail = this.tails.get(runId);
+    if (!tail || tail.failure) {
+      tail = new RunTail(runId, this);
+      const created = tail;
+      this.tails.set(runId, created);
+      created.ready = created.start(this.subscriber, this.channel(runId)).catch((error: unknown) => {
+        created.fail(asRunBusError(error));
+        throw created.failure;
+      });
+    }
+    return tail;
+  }
+
+  private dropTail(runId: string, tail: RunTail): void {
+    tail.stop();
+    if (this.tails.get(runId) === tail) this.tails.delete(runId);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.stopCatchingUp();
+    for (const [runId, tail] of this.tails) {
+      tail.close();
+      this.dropTail(runId, tail);
+    }
+    this.releaseSubscriber();
+  }
+}
+
+interface TailReader {
+  /** The seq of the last event this reader has taken. */
+  cursor: number;
+  /** Set while the reader waits for the tail to advance. */
+  wake?: () => void;
+}
+
+/** What this process knows of one run's stream while it has readers there (see the top of this file). */
+class RunTail {
+  readonly readers = new Set<TailReader>();
+  /** The latest events, contiguous and ending at `last`. */
+  private window: RunEvent[] = [];
+  /** The highest seq known. */
+  last = 0;
+  ended = false;
+  closed = false;
+  failure: unknown = null;
+  ready: Promise<void> = Promise.resolve();
+  /** Messages that arrived before the stream's top was known. */
+  private early: RunEvent[][] | null = [];
+  private stopListening?: () => void;
+  private stopped = false;
+  private catchingUp: Promise<void> | null = null;
+  private catchUpAgain = false;
+
+  constructor(
+    private readonly runId: string,
+    private readonly log: RedisRunEventLog,
+  ) {}
+
+  /** Subscribes first, then reads the top: an event appended in between arrives by either path. */
+  async start(subscriber: RedisSubscriber, channel: string): Promise<void> {
+    const stop = await subscriber.listen(channel, (message) => this.receive(message));
+    if (this.stopped) return stop();
+    this.stopListening = stop;
+    const top = await this.log.top(this.runId);
+    this.last = top.seq;
+    this.ended = top.ended;
+    const early = this.early ?? [];
+    this.early = null;
+    for (const events of early) this.add(events);
+  }
+
+  stop(): void {
+    this.stopped = true;
+    this.stopListening?.();
+    this.stopListening = undefined;
+  }
+
+  windowStart(): number {
+    return this.window[0]?.seq ?? this.last + 1;
+  }
+
+  windowAfter(cursor: number): RunEvent[] {
+    return this.window.slice(cursor + 1 - this.windowStart());
+  }
+
+  private receive(message: string): void {
+    let events: RunEvent[];
+    try {
+      events = JSON.parse(message) as RunEvent[];
+    } catch {
+      return this.catchUp(); // not ours to parse: the stream has the truth
+    }
+    if (this.early) this.early.push(events);
+    else this.add(events);
+  }
+
+  /** Takes events that continue the window; a gap (missed messages) fetches from the stream instead. */
+  private add(events: readonly RunEvent[]): void {
+    if (this.ended || this.closed) return;
+    let advanced = false;
+    for (const event of events) {
+      if (event.seq <= this.last) continue;
+      if (event.seq !== this.last + 1) {
+        this.catchUp();
+        break;
+      }
+      this.window.push(event);
+      this.last = event.seq;
+      if (isFinal(event.event)) this.ended = true;
+      advanced = true;
+    }
+    if (!advanced) return;
+    this.trim();
+    this.wakeReaders();
+  }
+
+  /** Drops what every reader has passed, and beyond TAIL_WINDOW what only laggards still need (they page). */
+  private trim(): void {
+    if (this.window.length < 2 * TAIL_WINDOW) return;
+    let slowest = this.last;
+    for (const reader of this.readers) slowest = Math.min(slowest, reader.cursor);
+    const keepFrom = Math.max(slowest + 1, this.last - TAIL_WINDOW + 1);
+    this.window = this.window.slice(keepFrom - this.windowStart());
+  }
+
+  private wakeReaders(): void {
+    for (const reader of this.readers) reader.wake?.();
+  }
+
+  /** Fetches everything after `last` from the stream (one fetch at a time; a request during one repeats it). */
+  catchUp(): void {
+    if (this.early || this.stopped) return; // start() has not read the top yet: it will
+    if (this.catchingUp) {
+      this.catchUpAgain = true;
+      return;
+    }
+    this.catchingUp = (async () => {
+      do {
+        this.catchUpAgain = false;
+        let page: RunEvent[];
+        do {
+          page = await this.log.range(this.runId, this.last, PAGE_SIZE);
+          this.add(page);
+        } while (page.length === PAGE_SIZE && !this.ended);
+      } while (this.catchUpAgain && !this.ended);
+    })()
+      .catch((error: unknown) => this.fail(asRunBusError(error)))
+      .finally(() => (this.catchingUp = null));
+  }
+
+  fail(error: unknown): void {
+    this.failure = error;
+    this.wakeReaders();
+  }
+
+  close(): void {
+    this.closed = true;
+    this.wakeReaders();
+  }
+}
