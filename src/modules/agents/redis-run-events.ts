@@ -251,8 +251,9 @@ export class RedisRunEventLog implements RunEventLog {
       const created = tail;
       this.tails.set(runId, created);
       created.ready = created.start(this.subscriber, this.channel(runId)).catch((error: unknown) => {
-        created.fail(asRunBusError(error));
-        throw created.failure;
+        const failure = asRunBusError(error);
+        created.fail(failure);
+        throw failure;
       });
     }
     return tail;
@@ -291,7 +292,7 @@ class RunTail {
   last = 0;
   ended = false;
   closed = false;
-  failure: unknown = null;
+  failure: Error | null = null;
   ready: Promise<void> = Promise.resolve();
   /** Messages that arrived before the stream's top was known. */
   private early: RunEvent[][] | null = [];
@@ -397,7 +398,7 @@ class RunTail {
       .finally(() => (this.catchingUp = null));
   }
 
-  fail(error: unknown): void {
+  fail(error: Error): void {
     this.failure = error;
     this.wakeReaders();
   }

@@ -9,8 +9,8 @@ import { RunBusUnavailableError } from './run-bus-errors.js';
  * Redis errors that mean "not reachable" become RunBusUnavailableError; a reply error (Redis
  * answered, e.g. a wrong type) is a bug and stays as it is.
  */
-export function asRunBusError(error: unknown): unknown {
-  if (error instanceof RunBusUnavailableError || error instanceof ioredis().ReplyError) return error;
+export function asRunBusError(error: unknown): Error {
+  if (error instanceof RunBusUnavailableError || error instanceof ioredis().ReplyError) return error as Error;
   return new RunBusUnavailableError({ cause: error });
 }
 
