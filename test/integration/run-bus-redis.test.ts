@@ -1,0 +1,147 @@
+import { randomUUID } from 'node:crypto';
+
+import { Redis } from 'ioredis';
+import pino from 'pino';
+import { afterAll, describe, expect, it } from 'vitest';
+
+import { createRedis } from '../../src/core/redis.js';
+
+import { createRedisRunBus } from '../../src/modules/agents/redis-run-bus.js';
+import { LIVE_RUN_EVENTS_TTL_SECONDS } from '../../src/modules/agents/redis-run-events.js';
+import type { RunEvent } from '../../src/modules/agents/run-bus.js';
+import { RunBusUnavailableError } from '../../src/modules/agents/run-bus-errors.js';
+import { runEventLogContract, runSignalsContract, until, withinMs } from '../contract/run-bus.js';
+import { testRedisPrefix, testSettings } from '../helpers/app.js';
+
+const silent = pino({ level: 'silent' });
+const redisUrl = process.env.REDIS_URL;
+
+describe.skipIf(!redisUrl)('run bus on Redis', () => {
+  const keyPrefix = testRedisPrefix();
+  const settings = testSettings({ REDIS_KEY_PREFIX: keyPrefix, RUN_EVENTS_TTL_SECONDS: '120' });
+  const admin = new Redis(redisUrl!, { maxRetriesPerRequest: 1 });
+  const opened: { client: Redis; bus: ReturnType<typeof createRedisRunBus> }[] = [];
+
+  /** One "node": its own Redis client (as a process has) and the bus on it. */
+  function node(overrides: Record<string, string> = {}) {
+    const nodeSettings = Object.keys(overrides).length ? testSettings({ REDIS_KEY_PREFIX: keyPrefix, ...overrides }) : settings;
+    const client = createRedis(nodeSettings)!;
+    const bus = createRedisRunBus(client, nodeSettings, silent);
+    opened.push({ client, bus });
+    return bus;
+  }
+
+  afterAll(async () => {
+    for (const { client, bus } of opened) {
+      await bus.events.close();
+      await bus.signals.close();
+      client.disconnect();
+    }
+    admin.disconnect();
+  });
+
+  runEventLogContract('Redis', () => node().events);
+  runSignalsContract('Redis', () => node().signals);
+
+  /** Ids of this file's connections in subscriber mode (named `<prefix>run-bus`). */
+  async function subscriberClients(): Promise<string[]> {
+    const list = (await admin.client('LIST')) as string;
+    return list
+      .split('\n')
+      .filter((line) => line.includes(` name=${keyPrefix}run-bus `))
+      .map((line) => /\bid=(\d+)/.exec(line)![1]!);
+  }
+
+  it('stores a run as a stream of IDs 0-<seq>, so Redis itself refuses a duplicate or older seq', async () => {
+    const { events } = node();
+    const runId = randomUUID();
+    await events.append(runId, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }]);
+    const key = events.streamKey(runId);
+    expect(key).toBe(`${keyPrefix}run:${runId}:events`);
+    const entries = await admin.xrange(key, '-', '+');
+    expect(entries.map(([id]) => id)).toEqual(['0-1', '0-2']);
+    expect(entries[1]![1]).toEqual(['event', 'run.started', 'data', JSON.stringify({ run_id: runId, seq: 2 })]);
+    await expect(admin.xadd(key, '0-2', 'event', 'message.delta', 'data', '{}')).rejects.toThrow(/equal or smaller/);
+    await expect(admin.xadd(key, '0-1', 'event', 'message.delta', 'data', '{}')).rejects.toThrow(/equal or smaller/);
+  });
+
+  it('expires a stream RUN_EVENTS_TTL_SECONDS after its final event, and an abandoned one after a week', async () => {
+    const { events } = node();
+    const runId = randomUUID();
+    await events.append(runId, [{ event: 'run.queued', data: {} }]);
+    const liveTtl = await admin.ttl(events.streamKey(runId));
+    expect(liveTtl).toBeGreaterThan(LIVE_RUN_EVENTS_TTL_SECONDS - 5);
+    expect(liveTtl).toBeLessThanOrEqual(LIVE_RUN_EVENTS_TTL_SECONDS);
+    await events.append(runId, [{ event: 'run.failed', data: { run: { error: 'deadline passed' } } }]);
+    const endedTtl = await admin.ttl(events.streamKey(runId));
+    expect(endedTtl).toBeGreaterThan(115);
+    expect(endedTtl).toBeLessThanOrEqual(120);
+  });
+
+  it('serves 400 readers of 100 runs over one subscriber connection per node', async () => {
+    const [writer, reader] = [node(), node()];
+    const runIds = Array.from({ length: 100 }, () => randomUUID());
+    const before = (await subscriberClients()).length;
+    const received = new Map<string, RunEvent[]>();
+    const readers = runIds.flatMap((runId) =>
+      Array.from({ length: 4 }, async (_, i) => {
+        for await (const event of reader.events.read(runId, 0, new AbortController().signal)) received.set(`${runId}/${i}`, [...(received.get(`${runId}/${i}`) ?? []), event]);
+      }),
+    );
+    await Promise.all(runIds.map((runId) => writer.events.append(runId, [{ event: 'run.queued', data: {} }, { event: 'run.completed', data: {} }])));
+    await Promise.all(readers);
+    // The two nodes' subscriber connections (opened with their buses), and no connection per reader.
+    expect((await subscriberClients()).length).toBeLessThanOrEqual(before + 2);
+    expect([...received.values()].map((events) => events.map((event) => event.seq))).toEqual(Array.from({ length: 400 }, () => [1, 2]));
+  });
+
+  it('catches up what was published while its subscriber connection was gone', async () => {
+    const [writer, reader] = [node(), node()];
+    const runId = randomUUID();
+    const cancelledRun = randomUUID();
+    const received: RunEvent[] = [];
+    const reasons: (string | undefined)[] = [];
+    reader.signals.subscribe(cancelledRun, (reason) => reasons.push(reason));
+    await writer.events.append(runId, [{ event: 'run.started', data: {} }]);
+    const reading = (async () => {
+      for await (const event of reader.events.read(runId, 0, new AbortController().signal)) received.push(event);
+    })();
+    await until(() => received.length === 1, 2_000, 'the first event');
+
+    const subscribers = await subscriberClients();
+    expect(subscribers.length).toBeGreaterThanOrEqual(2);
+    for (const id of subscribers) await admin.client('KILL', 'ID', id);
+    // Published while no subscriber of this prefix is connected: only the stream and the mark keep them.
+    await writer.events.append(runId, [{ event: 'message.delta', data: { delta: 'while away' } }, { event: 'run.completed', data: {} }]);
+    await writer.signals.cancel(cancelledRun, 'while away');
+
+    await withinMs(reading, 5_000, 'the reader to catch up');
+    expect(received.map((event) => event.seq)).toEqual([1, 2, 3]);
+    await until(() => reasons.length === 1, 3_000, 'the cancel sent while away');
+    expect(reasons).toEqual(['while away']);
+  });
+
+  describe('with Redis down', () => {
+    const down = () => node({ REDIS_URL: 'redis://127.0.0.1:1' });
+
+    async function failsFast(operation: () => Promise<unknown>): Promise<void> {
+      const started = Date.now();
+      await expect(operation()).rejects.toBeInstanceOf(RunBusUnavailableError);
+      expect(Date.now() - started).toBeLessThan(3_000);
+    }
+
+    it('rejects append, lastSeq, read and cancel quickly with RunBusUnavailableError (503)', async () => {
+      const { events, signals } = down();
+      const runId = randomUUID();
+      await failsFast(() => events.append(runId, [{ event: 'run.queued', data: {} }]));
+      await failsFast(() => events.lastSeq(runId));
+      await failsFast(async () => {
+        for await (const event of events.read(runId, 0, new AbortController().signal)) void event;
+      });
+      await failsFast(() => signals.cancel(runId, 'stop'));
+      expect(new RunBusUnavailableError().statusCode).toBe(503);
+      // A run still subscribes (its runner re-reads the database status); the cancel arrives late, not never.
+      expect(typeof signals.subscribe(runId, () => undefined)).toBe('function');
+    });
+  });
+});
