@@ -4,6 +4,7 @@ import { Redis } from 'ioredis';
 import pino from 'pino';
 import { afterAll, describe, expect, it } from 'vitest';
 
+import type { Logger } from '../../src/core/logger.js';
 import { createRedis } from '../../src/core/redis.js';
 
 import { createRedisRunBus } from '../../src/modules/agents/redis-run-bus.js';
@@ -12,6 +13,7 @@ import type { RunEvent } from '../../src/modules/agents/run-bus.js';
 import { RunBusUnavailableError } from '../../src/modules/agents/run-bus-errors.js';
 import { runEventLogContract, runSignalsContract, until, withinMs } from '../contract/run-bus.js';
 import { testRedisPrefix, testSettings } from '../helpers/app.js';
+import { type Child, freePort, launch } from '../helpers/process.js';
 
 const silent = pino({ level: 'silent' });
 const redisUrl = process.env.REDIS_URL;
@@ -23,10 +25,10 @@ describe.skipIf(!redisUrl)('run bus on Redis', () => {
   const opened: { client: Redis; bus: ReturnType<typeof createRedisRunBus> }[] = [];
 
   /** One "node": its own Redis client (as a process has) and the bus on it. */
-  function node(overrides: Record<string, string> = {}) {
+  function node(overrides: Record<string, string> = {}, logger: Logger = silent) {
     const nodeSettings = Object.keys(overrides).length ? testSettings({ REDIS_KEY_PREFIX: keyPrefix, ...overrides }) : settings;
     const client = createRedis(nodeSettings)!;
-    const bus = createRedisRunBus(client, nodeSettings, silent);
+    const bus = createRedisRunBus(client, nodeSettings, logger);
     opened.push({ client, bus });
     return bus;
   }
@@ -142,6 +144,60 @@ describe.skipIf(!redisUrl)('run bus on Redis', () => {
       expect(new RunBusUnavailableError().statusCode).toBe(503);
       // A run still subscribes (its runner re-reads the database status); the cancel arrives late, not never.
       expect(typeof signals.subscribe(runId, () => undefined)).toBe('function');
+    });
+
+    it('works once Redis is (back) up: runs subscribed during an outage get their cancels, readers read', async () => {
+      const port = await freePort();
+      const url = `redis://127.0.0.1:${port}`;
+      const logged: string[] = [];
+      const { events, signals } = node({ REDIS_URL: url }, pino({ level: 'error' }, { write: (line: string) => logged.push(line) }));
+      const reasons = new Map<string, string | undefined>();
+      const [early, during] = [randomUUID(), randomUUID()];
+      const cancelChannel = `${keyPrefix}run:cancels`;
+      const sender = new Redis(url, { maxRetriesPerRequest: 1, lazyConnect: true });
+      sender.on('error', () => undefined);
+      let server: Child | undefined;
+      /** A redis-server of this test's own (empty at each start), once it takes connections. */
+      const startRedis = async () => {
+        server = launch('redis-server', ['--port', String(port), '--save', '', '--appendonly', 'no'], {});
+        await until(() => server!.out().includes('Ready to accept connections'), 5_000, 'redis-server');
+      };
+      /** What a cancel from another node does (its mark died with the server), once this node listens again. */
+      const cancelWhenListening = async (runId: string, reason: string) => {
+        const deadline = Date.now() + 5_000;
+        while (((await sender.pubsub('NUMSUB', cancelChannel)) as [string, number])[1] < 1) {
+          if (Date.now() > deadline) throw new Error('the node did not listen again');
+          await new Promise((resolve) => setTimeout(resolve, 20));
+        }
+        await sender.publish(cancelChannel, JSON.stringify({ run_id: runId, reason }));
+        await until(() => reasons.has(runId), 1_000, `the cancel of ${reason}`);
+        expect(reasons.get(runId)).toBe(reason);
+      };
+      try {
+        // Redis is not there yet: the node starts anyway, and its first listen fails.
+        signals.subscribe(early, (reason) => reasons.set(early, reason));
+        await until(() => logged.some((line) => line.includes('run cancels cannot be received')), 5_000, 'the failed listen');
+        await startRedis();
+        await cancelWhenListening(early, 'after start-up');
+
+        await events.append(during, [{ event: 'run.started', data: {} }]);
+        server!.process.kill('SIGKILL');
+        await server!.ended;
+        await failsFast(() => events.append(during, [{ event: 'message.delta', data: { delta: 'lost' } }]));
+        signals.subscribe(during, (reason) => reasons.set(during, reason));
+        await startRedis();
+        await cancelWhenListening(during, 'after the outage');
+
+        expect(await events.lastSeq(during)).toBe(0); // the restarted server is empty
+        await events.append(during, [{ event: 'run.queued', data: {} }, { event: 'run.completed', data: {} }]);
+        const read: number[] = [];
+        for await (const event of events.read(during, 0, new AbortController().signal)) read.push(event.seq);
+        expect(read).toEqual([1, 2]);
+      } finally {
+        sender.disconnect();
+        server?.process.kill('SIGKILL');
+        await server?.ended;
+      }
     });
   });
 });

@@ -47,7 +47,7 @@ export class RedisRunSignals implements RunSignals {
     private readonly logger: Logger,
   ) {
     this.releaseSubscriber = subscriber.use();
-    this.stopCatchingUp = subscriber.onReconnect(() => this.checkMarks([...this.subscriptions.keys()]));
+    this.stopCatchingUp = subscriber.onReconnect(() => this.checkMarksOnceListening([...this.subscriptions.keys()]));
     void this.listen();
   }
 
@@ -79,7 +79,7 @@ export class RedisRunSignals implements RunSignals {
     subscriptions.add(subscription);
     // Registered first, then the mark is read once the channel is confirmed: a cancel is either
     // published after that (and delivered) or marked before the read.
-    void this.listen().then((listening) => listening && this.checkMarks([runId]));
+    this.checkMarksOnceListening([runId]);
     return () => {
       subscription.done = true;
       subscriptions.delete(subscription);
@@ -104,6 +104,11 @@ export class RedisRunSignals implements RunSignals {
         return null;
       });
     return this.listening;
+  }
+
+  /** Delivers the cancels marked for `runIds`, once the channel is confirmed (so none falls between). */
+  private checkMarksOnceListening(runIds: string[]): void {
+    void this.listen().then((listening) => listening && this.checkMarks(runIds));
   }
 
   private async checkMarks(runIds: string[]): Promise<void> {

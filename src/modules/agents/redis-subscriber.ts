@@ -34,11 +34,8 @@ export class RedisSubscriber {
     this.connection.on('message', (channel: string, message: string) => {
       for (const handler of this.handlers.get(channel) ?? []) handler(message);
     });
-    let connectedBefore = false;
-    this.connection.on('ready', () => {
-      if (connectedBefore) void this.afterReconnect();
-      connectedBefore = true;
-    });
+    // Also on the first connection: listens that failed while Redis was not there yet get retried.
+    this.connection.on('ready', () => void this.afterReconnect());
   }
 
   /** Takes a share of the connection; the returned function gives it back (the last one closes it). */
@@ -77,7 +74,7 @@ export class RedisSubscriber {
   }
 
   /**
-   * Runs `handler` after each reconnection, once Redis has the connection's channels again: what
+   * Runs `handler` after each (re)connection, once Redis has the connection's channels again: what
    * was published while it was away is lost, so users catch up from what Redis keeps.
    */
   onReconnect(handler: () => void): () => void {
@@ -93,7 +90,7 @@ export class RedisSubscriber {
     } catch {
       return; // gone again: the next 'ready' retries
     }
-    this.logger.info({ channels: this.handlers.size }, 'run bus subscriber reconnected; catching up');
+    this.logger.debug({ channels: this.handlers.size }, 'run bus subscriber connected; catching up');
     for (const handler of this.reconnectHandlers) handler();
   }
 }
