@@ -39,6 +39,15 @@ function startReading(log: RunEventLog, runId: string, after: number, signal = n
   return { events, done, abort: () => signal.abort(), ended: () => ended };
 }
 
+/** A run with `stored` events (deltas) and a reader on `readerLog` after seq `after` that has taken their replay. */
+async function replayed(writer: RunEventLog, readerLog: RunEventLog, stored: number, after: number) {
+  const runId = randomUUID();
+  await writer.append(runId, deltas(stored));
+  const reader = startReading(readerLog, runId, after);
+  await until(() => reader.events.length === stored - after, 2_000, 'the replay');
+  return { runId, reader };
+}
+
 async function readAll(log: RunEventLog, runId: string, after: number): Promise<RunEvent[]> {
   const reading = startReading(log, runId, after);
   await withinMs(reading.done, 5_000, 'the reader to end');
@@ -129,10 +138,7 @@ export function runEventLogContract(name: string, makeLog: Factory<RunEventLog>)
 
     it('gives the live events after the replay, without loss or repeat, then ends', async () => {
       const log = await node();
-      const runId = randomUUID();
-      await log.append(runId, deltas(3));
-      const reader = startReading(log, runId, 1);
-      await until(() => reader.events.length === 2, 2_000, 'the replay');
+      const { runId, reader } = await replayed(log, log, 3, 1);
       for (let batch = 0; batch < 5; batch++) {
         await log.append(runId, deltas(2, 3 + batch * 2));
         await sleep(5);
@@ -145,10 +151,7 @@ export function runEventLogContract(name: string, makeLog: Factory<RunEventLog>)
 
     it('ends a reader when its signal aborts, and at once when it is already aborted', async () => {
       const log = await node();
-      const runId = randomUUID();
-      await log.append(runId, deltas(2));
-      const reader = startReading(log, runId, 0);
-      await until(() => reader.events.length === 2, 2_000, 'the replay');
+      const { runId, reader } = await replayed(log, log, 2, 0);
       expect(reader.ended()).toBe(false);
       reader.abort();
       await withinMs(reader.done, 1_000, 'the aborted reader to end');
@@ -242,10 +245,7 @@ export function runEventLogContract(name: string, makeLog: Factory<RunEventLog>)
 
     it('reads on one node what another node appends, replayed and live', async () => {
       const [nodeA, nodeB] = [await node(), await node()];
-      const runId = randomUUID();
-      await nodeA.append(runId, deltas(3));
-      const reader = startReading(nodeB, runId, 1);
-      await until(() => reader.events.length === 2, 2_000, 'the replay on node B');
+      const { runId, reader } = await replayed(nodeA, nodeB, 3, 1);
       const sent = Date.now();
       await nodeA.append(runId, [delta('live')]);
       await until(() => reader.events.length === 3, 1_000, 'the live event on node B');
