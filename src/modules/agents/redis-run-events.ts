@@ -31,6 +31,8 @@ import { RunEventsRefusedError } from './run-bus-errors.js';
 export const LIVE_RUN_EVENTS_TTL_SECONDS = 7 * 24 * 3600;
 /** Events a tail keeps for its readers beyond the slowest one's cursor; readers further behind page from Redis. */
 const TAIL_WINDOW = 64;
+/** A window this short is not worth a pass over the readers to trim. */
+const UNTRIMMED_EVENTS = 16;
 /** Events per XRANGE page (replay, catching up). */
 const PAGE_SIZE = 200;
 /** Runs whose writer cursor a log remembers; the oldest is forgotten first (its next append reads the top). */
@@ -366,11 +368,11 @@ class RunTail {
 
   /** Drops what every reader has passed, and beyond TAIL_WINDOW what only laggards still need (they page). */
   private trim(): void {
-    if (this.window.length < 2 * TAIL_WINDOW) return;
+    if (this.window.length <= UNTRIMMED_EVENTS) return;
     let slowest = this.last;
     for (const reader of this.readers) slowest = Math.min(slowest, reader.cursor);
-    const keepFrom = Math.max(slowest + 1, this.last - TAIL_WINDOW + 1);
-    this.window = this.window.slice(keepFrom - this.windowStart());
+    const drop = Math.max(slowest + 1, this.last - TAIL_WINDOW + 1) - this.windowStart();
+    if (drop > 0) this.window = this.window.slice(drop);
   }
 
   private wakeReaders(): void {
