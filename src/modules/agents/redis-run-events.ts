@@ -206,7 +206,7 @@ export class RedisRunEventLog implements RunEventLog {
     if (signal.aborted || this.closed) return;
     const tail = this.tailOf(runId);
     const reader: TailReader = { cursor: Math.max(0, Math.floor(after)) };
-    const wakeOnAbort = () => reader.wake?.();
+    const wakeOnAbort = () => tail.wake(reader);
     signal.addEventListener('abort', wakeOnAbort, { once: true });
     tail.readers.add(reader);
     try {
@@ -216,8 +216,7 @@ export class RedisRunEventLog implements RunEventLog {
         if (tail.closed) return;
         if (reader.cursor >= tail.last) {
           if (tail.ended) return;
-          await new Promise<void>((resolve) => (reader.wake = resolve));
-          reader.wake = undefined;
+          await tail.waitForMore(reader);
           continue;
         }
         const batch = reader.cursor >= tail.windowStart() - 1 ? tail.windowAfter(reader.cursor) : await this.page(runId, reader.cursor);
@@ -300,6 +299,8 @@ class RunTail {
   private early: RunEvent[][] | null = [];
   private stopListening?: () => void;
   private stopped = false;
+  /** Readers waiting in waitForMore. */
+  private waiting = 0;
   private catchingUp: Promise<void> | null = null;
   private catchUpAgain = false;
 
@@ -375,8 +376,24 @@ class RunTail {
     if (drop > 0) this.window = this.window.slice(drop);
   }
 
+  /**
+   * Waits until the tail advances (or the reader is woken). When every reader waits, every reader
+   * has every event: the window is dropped, so an idle run holds no events in memory.
+   */
+  waitForMore(reader: TailReader): Promise<void> {
+    if (++this.waiting === this.readers.size) this.window = [];
+    return new Promise<void>((resolve) => (reader.wake = resolve));
+  }
+
+  wake(reader: TailReader): void {
+    if (!reader.wake) return;
+    this.waiting--;
+    reader.wake();
+    reader.wake = undefined;
+  }
+
   private wakeReaders(): void {
-    for (const reader of this.readers) reader.wake?.();
+    for (const reader of this.readers) this.wake(reader);
   }
 
   /** Fetches everything after `last` from the stream (one fetch at a time; a request during one repeats it). */
