@@ -175,7 +175,7 @@ export class RedisRunEventLog implements RunEventLog {
     if (this.cursors.size > MAX_WRITER_CURSORS) this.cursors.delete(this.cursors.keys().next().value!);
   }
 
-  /** The highest seq, and whether the run has ended; also where this log's next append continues. */
+  /** The highest seq (0 when none); also where this log's next append continues (a writer resuming a run). */
   async lastSeq(runId: string): Promise<number> {
     try {
       const { seq } = await this.top(runId);
@@ -205,7 +205,7 @@ export class RedisRunEventLog implements RunEventLog {
   async *read(runId: string, after: number, signal: AbortSignal): AsyncGenerator<RunEvent> {
     if (signal.aborted || this.closed) return;
     const tail = this.tailOf(runId);
-    const reader: TailReader = { cursor: Math.max(0, Math.floor(after)) };
+    const reader: TailReader = { cursor: Math.max(0, Math.floor(after)) || 0 };
     const wakeOnAbort = () => tail.wake(reader);
     signal.addEventListener('abort', wakeOnAbort, { once: true });
     tail.readers.add(reader);
