@@ -330,6 +330,7 @@ export function runSignalsContract(name: string, makeSignals: Factory<RunSignals
       const api = await node();
       const runId = randomUUID();
       await api.cancel(runId, 'early');
+      await api.cancel(runId, 'later'); // the first cancel is the one reported
       const worker = await node();
       const listener = listen(worker, runId);
       await until(() => listener.calls.length === 1, 1_000, 'the earlier cancel');

@@ -64,7 +64,8 @@ export class RedisRunSignals implements RunSignals {
     try {
       await this.redis
         .multi()
-        .set(this.markKey(runId), JSON.stringify(message), 'EX', CANCEL_MARK_TTL_SECONDS)
+        // NX: the first cancel's reason stands, as onCancel reports only the first.
+        .set(this.markKey(runId), JSON.stringify(message), 'EX', CANCEL_MARK_TTL_SECONDS, 'NX')
         .publish(this.channel, JSON.stringify(message))
         .exec();
     } catch (error) {
