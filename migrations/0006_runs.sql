@@ -1,0 +1,1 @@
+ALTER TABLE "runs" ADD CONSTRAINT "ck_runs_waiting_queued" CHECK (not "runs"."waiting" or "runs"."status" = 'queued');
