@@ -59,8 +59,8 @@ export async function handOnThread(tx: Db, threadId: string): Promise<Run | unde
     await runCrud.setThreadStatus(tx, threadId, 'idle');
     return undefined;
   }
-  const message = next.input ? await appendMessage(tx, { thread_id: threadId, role: 'user', content: next.input, metadata: {} }) : null;
-  return runCrud.updateRun(tx, next.id, { waiting: false, input_message_id: message?.id ?? null });
+  const message = next.input && !next.input_message_id ? await appendMessage(tx, { thread_id: threadId, role: 'user', content: next.input, metadata: {} }) : null;
+  return runCrud.updateRun(tx, next.id, { waiting: false, ...(message ? { input_message_id: message.id } : {}) });
 }
 
 /** Locks a thread's row (runs start, end and hand on under it, in this order: thread, then run). */
