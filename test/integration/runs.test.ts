@@ -194,3 +194,248 @@ describe('tools', () => {
     expect(final.steps).toBe(3);
   });
 });
+
+describe('cancel', () => {
+  it('mid-stream: aborts the upstream request within 1 s, ends the stream with run.cancelled, writes no answer', async () => {
+    fake.script(MODEL, { chunks: Array.from({ length: 50 }, (_, i) => `t${i} `), chunkDelayMs: 100 });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'long' });
+    const reading = readEvents(base, owner.headers, run.id);
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 2));
+    const sent = Date.now();
+    const cancelled = await api('POST', `/runs/${run.id}/cancel`, owner.headers);
+    expect(cancelled.statusCode, cancelled.body).toBe(200);
+    expect(cancelled.json<RunBody>().status).toBe('cancelled');
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.aborted), 1_000);
+    expect(Date.now() - sent).toBeLessThan(1_000);
+    const { events, ended } = await reading;
+    expect(ended).toBe(true);
+    expectContiguous(events);
+    expect(events.at(-1)!.event).toBe('run.cancelled');
+    expect(events.filter((e) => FINAL_EVENTS.has(e.event))).toHaveLength(1);
+    expect((await threadMessages(owner, thread.id)).map((m) => m.role)).toEqual(['user']);
+    const thread_ = await api('GET', `/threads/${thread.id}`, owner.headers);
+    expect(thread_.json<{ status: string }>().status).toBe('idle');
+    // A final status never changes.
+    expect((await api('POST', `/runs/${run.id}/cancel`, owner.headers)).statusCode).toBe(409);
+    await sleep(200);
+    expect((await getRun(ctx.app, owner.headers, run.id)).status).toBe('cancelled');
+  });
+
+  it('while queued (behind another run): cancelled at once, never calls the model', async () => {
+    fake.script(MODEL, { chunks: ['a ', 'b ', 'c'], chunkDelayMs: 150 });
+    const { owner, thread } = await setup();
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'one' });
+    const second = await startRun(ctx.app, owner.headers, thread.id, { input: 'two', multitask_strategy: 'enqueue' });
+    expect(second.status).toBe('queued');
+    const cancelled = await api('POST', `/runs/${second.id}/cancel`, owner.headers);
+    expect(cancelled.json<RunBody>().status).toBe('cancelled');
+    const { events } = await readEvents(base, owner.headers, second.id);
+    expect(events.map((e) => e.event)).toEqual(['run.queued', 'run.cancelled']);
+    await waitForRun(ctx.app, owner.headers, first.id, ['completed']);
+    expect(fake.requestsFor(MODEL)).toHaveLength(1);
+    // Its input never became a message: it never held the thread.
+    expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['one', 'a b c']);
+  });
+});
+
+describe('one active run per thread', () => {
+  it('reject (default) answers 409; enqueue runs after the first; the thread is busy, then idle', async () => {
+    fake.script(MODEL, { chunks: ['first ', 'answer'], chunkDelayMs: 100 }, { text: 'second answer' });
+    const { owner, thread } = await setup();
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'q1' });
+    expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('busy');
+    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'q2' });
+    expect(refused.statusCode).toBe(409);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/Thread is busy/);
+    // Posting a message while a run works is refused too.
+    expect((await api('POST', `/threads/${thread.id}/messages`, owner.headers, { content: 'x' })).statusCode).toBe(409);
+    const queued = await startRun(ctx.app, owner.headers, thread.id, { input: 'q2', multitask_strategy: 'enqueue' });
+    const active = await api('GET', '/runs/active', owner.headers);
+    expect(active.json<ListBody<RunBody>>().data.map((r) => r.id).sort()).toEqual([first.id, queued.id].sort());
+    await waitForRun(ctx.app, owner.headers, queued.id, ['completed']);
+    expect((await getRun(ctx.app, owner.headers, first.id)).status).toBe('completed');
+    expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['q1', 'first answer', 'q2', 'second answer']);
+    expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
+    const listed = await api('GET', `/threads/${thread.id}/runs`, owner.headers);
+    expect(listed.json<ListBody<RunBody>>()).toMatchObject({ count: 2, data: [{ id: queued.id }, { id: first.id }] });
+  });
+
+  it('interrupt cancels the active run (its model call aborted) and starts the new one', async () => {
+    fake.script(MODEL, { chunks: Array.from({ length: 40 }, () => 'x '), chunkDelayMs: 100 }, { text: 'fresh' });
+    const { owner, thread } = await setup();
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'old' });
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 1));
+    const second = await startRun(ctx.app, owner.headers, thread.id, { input: 'new', multitask_strategy: 'interrupt' });
+    await fake.waitFor((log) => log[0]!.aborted, 1_000);
+    expect((await getRun(ctx.app, owner.headers, first.id)).status).toBe('cancelled');
+    await waitForRun(ctx.app, owner.headers, second.id, ['completed']);
+    expect((await readEvents(base, owner.headers, first.id)).events.at(-1)!.event).toBe('run.cancelled');
+    expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['old', 'new', 'fresh']);
+  });
+
+  it('the database refuses a second active run on a thread, whatever the code does', async () => {
+    const { owner, thread } = await setup();
+    fake.script(MODEL, { chunks: ['a ', 'b'], chunkDelayMs: 100 });
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
+    const row = await ctx.app.db.select().from(runs).where(eq(runs.id, run.id));
+    const { id: _id, created_at: _c, updated_at: _u, ...copy } = row[0]!;
+    await expect(ctx.app.db.insert(runs).values({ ...copy, status: 'queued', lease_owner: null })).rejects.toThrow();
+    await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+  });
+});
+
+describe('failures in words', () => {
+  it('a provider 429 is retried, then the run completes', async () => {
+    fake.script(MODEL, { status: 429, headers: { 'retry-after': '0' } }, { text: 'after the limit' });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
+    const final = await waitForRun(ctx.app, owner.headers, run.id, ['completed', 'failed']);
+    expect(final.status).toBe('completed');
+    expect(fake.requestsFor(MODEL).map((r) => r.reply)).toEqual([429, 200]);
+  });
+
+  it('a rejected key, an unreachable provider and an unknown model fail the run with what to do', async () => {
+    const { owner, thread } = await setup();
+    fake.script(MODEL, { status: 401 });
+    const rejected = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
+    expect((await waitForRun(ctx.app, owner.headers, rejected.id, ['failed'])).error).toMatch(/rejected the API key.*check the provider's key/);
+    fake.script(MODEL, { status: 503 }, { status: 503 }, { status: 503 });
+    const down = await startRun(ctx.app, owner.headers, thread.id, {});
+    expect((await waitForRun(ctx.app, owner.headers, down.id, ['failed'])).error).toMatch(/could not be reached or failed \(503\).*try again later/);
+    const { events } = await readEvents(base, owner.headers, down.id);
+    expect(events.at(-1)).toMatchObject({ event: 'run.failed', data: { run: { status: 'failed' } } });
+    // A model named by the request must be in the catalog (422 at once).
+    const unknown = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { model: 'no-such-model' });
+    expect(unknown.statusCode).toBe(422);
+  });
+
+  it('retry makes a new run with the same input, not appended twice; delete only when ended', async () => {
+    const { owner, thread } = await setup();
+    fake.script(MODEL, { status: 401 }, { text: 'second try' });
+    const failed = await startRun(ctx.app, owner.headers, thread.id, { input: 'please' });
+    await waitForRun(ctx.app, owner.headers, failed.id, ['failed']);
+    const retried = await api('POST', `/runs/${failed.id}/retry`, owner.headers);
+    expect(retried.statusCode, retried.body).toBe(202);
+    const again = retried.json<RunBody>();
+    expect(again).toMatchObject({ input: 'please', status: 'queued' });
+    expect(again.id).not.toBe(failed.id);
+    await waitForRun(ctx.app, owner.headers, again.id, ['completed']);
+    expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['please', 'second try']);
+    expect((await api('POST', `/runs/${again.id}/retry`, owner.headers)).statusCode).toBe(409);
+    expect((await api('DELETE', `/runs/${failed.id}`, owner.headers)).statusCode).toBe(200);
+    expect((await api('GET', `/runs/${failed.id}`, owner.headers)).statusCode).toBe(404);
+    fake.script(MODEL, { chunks: ['a ', 'b'], chunkDelayMs: 150 });
+    const running = await startRun(ctx.app, owner.headers, thread.id, { input: 'more' });
+    expect((await api('DELETE', `/runs/${running.id}`, owner.headers)).statusCode).toBe(409);
+    await waitForRun(ctx.app, owner.headers, running.id, ['completed']);
+    // Messages of a deleted run stay in the thread.
+    expect((await api('DELETE', `/runs/${running.id}`, owner.headers)).statusCode).toBe(200);
+    expect((await threadMessages(owner, thread.id)).map((m) => [m.content, m.run_id])).toContainEqual(['a b', null]);
+  });
+
+  it('starts without an agent use the default one; none at all is a 422 naming agent_id', async () => {
+    const owner = await createUser(ctx.app);
+    const thread = await createThread(ctx.app, owner.headers);
+    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hi' });
+    expect(refused.statusCode).toBe(422);
+    expect(JSON.stringify(refused.json())).toMatch(/agent_id/);
+    const agent = await createAgent(ctx.app, owner.headers);
+    const named = await startRun(ctx.app, owner.headers, thread.id, { agent_id: agent.id, input: 'hi' });
+    expect(named.agent_id).toBe(agent.id);
+    await waitForRun(ctx.app, owner.headers, named.id, ['completed']);
+  });
+
+  it('POST /runs makes a thread with the input as its first message', async () => {
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { is_default: true });
+    const response = await api('POST', '/runs', owner.headers, { input: 'new thread please', thread: { title: 'Fresh' } });
+    expect(response.statusCode, response.body).toBe(202);
+    const run = response.json<RunBody>();
+    await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+    const thread = await api('GET', `/threads/${run.thread_id}`, owner.headers);
+    expect(thread.json<{ title: string }>().title).toBe('Fresh');
+    expect((await threadMessages(owner, run.thread_id)).map((m) => m.role)).toEqual(['user', 'assistant']);
+  });
+});
+
+describe('limits and access', () => {
+  it('MAX_ACTIVE_RUNS_PER_USER: one more active run answers 429', async () => {
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { is_default: true });
+    fake.script(MODEL, ...Array.from({ length: 4 }, () => ({ chunks: ['slow ', 'one'], chunkDelayMs: 300 })));
+    const started: RunBody[] = [];
+    for (let i = 0; i < 4; i++) started.push(await startRun(ctx.app, owner.headers, (await createThread(ctx.app, owner.headers)).id, { input: 'x' }));
+    const thread = await createThread(ctx.app, owner.headers);
+    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'x' });
+    expect(refused.statusCode).toBe(429);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/MAX_ACTIVE_RUNS_PER_USER/);
+    for (const run of started) await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+  });
+
+  it('another user\'s run and thread answer 404 on every run route', async () => {
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'mine' });
+    await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+    const mallory = await createUser(ctx.app);
+    await createAgent(ctx.app, mallory.headers, { is_default: true });
+    const attempts: [string, string, unknown?][] = [
+      ['GET', `/runs/${run.id}`],
+      ['GET', `/runs/${run.id}/events`],
+      ['POST', `/runs/${run.id}/cancel`],
+      ['POST', `/runs/${run.id}/retry`],
+      ['DELETE', `/runs/${run.id}`],
+      ['GET', `/threads/${thread.id}/runs`],
+      ['POST', `/threads/${thread.id}/runs`, { input: 'theirs' }],
+    ];
+    for (const [method, url, body] of attempts) {
+      const response = await api(method as 'GET', url, mallory.headers, body);
+      expect(response.statusCode, `${method} ${url}`).toBe(404);
+    }
+    expect((await api('GET', '/runs/active', mallory.headers)).json<ListBody<RunBody>>().count).toBe(0);
+    // Unauthenticated: 401.
+    expect((await api('GET', `/runs/${run.id}`)).statusCode).toBe(401);
+  });
+});
+
+describe('durability', () => {
+  it('a run whose worker died is resumed by the sweep without duplicating its messages, or failed after RUN_MAX_ATTEMPTS', async () => {
+    const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
+    const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);
+    const { owner, thread } = await setup();
+    fake.script(MODEL, { text: 'first' });
+    const done = await startRun(ctx.app, owner.headers, thread.id, { input: 'before' });
+    await waitForRun(ctx.app, owner.headers, done.id, ['completed']);
+    // A run some dead worker held: running, lease expired, one step not written.
+    const [orphan] = await ctx.app.db
+      .insert(runs)
+      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: done.agent_id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 1, started_at: new Date() })
+      .returning();
+    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
+    await ctx.app.runs.bus.events.append(orphan!.id, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }, { event: 'message.created', data: {} }]);
+    fake.script(MODEL, { text: 'resumed answer' });
+    expect((await sweeper.sweep()).resumed).toBe(1);
+    const resumed = await waitForRun(ctx.app, owner.headers, orphan!.id, ['completed', 'failed']);
+    expect(resumed).toMatchObject({ status: 'completed', attempts: 2 });
+    const assistants = (await ctx.app.db.select().from(messages).where(eq(messages.run_id, orphan!.id))).filter((m) => m.role === 'assistant');
+    expect(assistants.map((m) => m.content)).toEqual(['resumed answer']);
+    // Its log went on from where it was.
+    const { events } = await readEvents(base, owner.headers, orphan!.id);
+    expectContiguous(events);
+    expect(events.slice(0, 3).map((e) => e.event)).toEqual(['run.queued', 'run.started', 'message.created']);
+    expect(events.at(-1)!.event).toBe('run.completed');
+
+    // One that died too often is failed, in words, and its thread is free again.
+    const [hopeless] = await ctx.app.db
+      .insert(runs)
+      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: done.agent_id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 3, started_at: new Date() })
+      .returning();
+    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
+    expect((await sweeper.sweep()).failed).toBe(1);
+    const failed = await getRun(ctx.app, owner.headers, hopeless!.id);
+    expect(failed.status).toBe('failed');
+    expect(failed.error).toMatch(/interrupted 3 times.*retry/);
+    expect((await readEvents(base, owner.headers, hopeless!.id)).events.at(-1)!.event).toBe('run.failed');
+    expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
+  });
+});
