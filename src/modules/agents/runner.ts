@@ -168,8 +168,8 @@ export class AgentRunner {
     }, (settings.RUN_LEASE_SECONDS * 1000) / 3);
     log.info({ runId: run.id, attempt: run.attempts, model: run.model }, run.attempts === 1 ? 'run started' : 'run resumed');
     try {
-      // A resumed run's log goes on from its last event; only the first start announces itself.
-      if (run.attempts === 1) await deps.bus.events.append(run.id, [runEvent(run)]);
+      // A resumed run's log goes on from its last event; only the first start (after run.queued) announces itself.
+      if ((await deps.bus.events.lastSeq(run.id)) <= 1) await deps.bus.events.append(run.id, [runEvent(run)]);
       await this.loop(run, signal);
       const ended = await finishRun(deps, run, { status: 'completed' }, { leaseOwner: this.workerId });
       if (ended) await appendFinalEvent(deps, ended.run);
