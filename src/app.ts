@@ -22,12 +22,12 @@ import { securityHeaders } from './core/security-headers.js';
 
 import { API_PREFIX, registerApi } from './api/main.js';
 import { cacheApiKeys } from './crud/api-key.js';
-import type { ModelManager } from './modules/ai-models/index.js';
 import { createRunBus } from './modules/agents/create-run-bus.js';
 import type { RunDeps } from './modules/agents/run-lifecycle.js';
-import { AgentRunner } from './modules/agents/runner.js';
 import { RunSweeper } from './modules/agents/run-sweeper.js';
+import { AgentRunner } from './modules/agents/runner.js';
 import type { ToolImplementations } from './modules/agents/tools.js';
+import type { ModelManager } from './modules/ai-models/index.js';
 import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
 import { Mailer } from './services/email/mailer.js';

@@ -59,7 +59,7 @@ export async function claim(db: Db, runId: string, workerId: string, lease: numb
     .set({
       status: 'running',
       lease_owner: workerId,
-      lease_expires_at: leaseSeconds(lease) as unknown as Date,
+      lease_expires_at: leaseSeconds(lease),
       attempts: sql`${runs.attempts} + 1`,
       started_at: sql`coalesce(${runs.started_at}, now())`,
     })
@@ -80,7 +80,7 @@ export async function claim(db: Db, runId: string, workerId: string, lease: numb
 export async function renewLease(db: Db, runId: string, workerId: string, lease: number): Promise<boolean> {
   const rows = await db
     .update(runs)
-    .set({ lease_expires_at: leaseSeconds(lease) as unknown as Date })
+    .set({ lease_expires_at: leaseSeconds(lease) })
     .where(and(eq(runs.id, runId), eq(runs.status, 'running'), eq(runs.lease_owner, workerId)))
     .returning({ id: runs.id });
   return rows.length === 1;
@@ -119,7 +119,7 @@ export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status
     .set({
       ...values,
       waiting: false,
-      ended_at: sql`now()` as unknown as Date,
+      ended_at: sql`now()`,
       ...(clearLease ? { lease_owner: null, lease_expires_at: null } : {}),
     })
     .where(and(...conditions))

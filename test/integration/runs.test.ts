@@ -1,5 +1,6 @@
 import type { AddressInfo } from 'node:net';
 
+import { eq } from 'drizzle-orm';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
 import { messages, runs, threads } from '../../src/models/index.js';
@@ -10,7 +11,6 @@ import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, type ListBody, sleep } from '../helpers/http.js';
 import { addFakeModels } from '../helpers/metered-models.js';
 import { createAgent, createThread, expectContiguous, FINAL_EVENTS, getRun, readEvents, type RunBody, startRun, waitForRun } from '../helpers/runs.js';
-import { eq } from 'drizzle-orm';
 
 const MODEL = 'fake-precise';
 

@@ -217,7 +217,7 @@ export class DatabaseRunEventLog implements RunEventLog {
 
   async lastSeq(runId: string): Promise<number> {
     const state = this.states.get(runId);
-    if (state?.nextSeq != null) return state.nextSeq - 1;
+    if (state && state.nextSeq !== null) return state.nextSeq - 1;
     return (await this.storedLast(runId))?.seq ?? 0;
   }
 
