@@ -2,6 +2,8 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 
+import type { Run } from '../models/index.js';
+
 import { authErrors, ErrorBody, listOf, Message } from '../schemas/common.js';
 import { RunCreate, RunCreateWithThread, RunEventsQuery, RunIdParams, RunListQuery, RunPublic, ThreadIdParams } from '../schemas/run.js';
 
@@ -11,6 +13,8 @@ import * as runService from '../services/run-service.js';
 import { requireUser } from '../utils/authentication.js';
 
 const tags = ['runs'];
+/** What a route that queues a run answers. */
+const startAnswers = { 202: RunPublic, 402: ErrorBody, 404: ErrorBody, 409: ErrorBody, 429: ErrorBody, ...authErrors };
 
 const publicPage = <T extends { data: Parameters<typeof runService.publicRun>[0][] }>(page: T) => ({ ...page, data: page.data.map(runService.publicRun) });
 
@@ -18,6 +22,11 @@ const publicPage = <T extends { data: Parameters<typeof runService.publicRun>[0]
 function lastEventId(request: FastifyRequest): number | undefined {
   const value = request.headers['last-event-id'];
   return typeof value === 'string' && /^\d{1,15}$/.test(value.trim()) ? Number(value.trim()) : undefined;
+}
+
+/** 202 with the queued run and where to find it. */
+function accepted(reply: FastifyReply, run: Run): FastifyReply {
+  return reply.code(202).header('location', `${reply.server.prefix}/runs/${run.id}`).send(runService.publicRun(run));
 }
 
 const frame = (event: RunEvent) => `id: ${event.seq}\nevent: ${event.event}\ndata: ${JSON.stringify(event.data)}\n\n`;
@@ -44,12 +53,11 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
         tags,
         params: ThreadIdParams,
         body: RunCreate,
-        response: { 202: RunPublic, 402: ErrorBody, 404: ErrorBody, 409: ErrorBody, 429: ErrorBody, ...authErrors },
+        response: startAnswers,
       },
     },
     async (request, reply) => {
-      const run = await runService.startOnThread(contextOf(request), app.runs, request.params.thread_id, request.body);
-      return reply.code(202).header('location', `${app.prefix}/runs/${run.id}`).send(runService.publicRun(run));
+      return accepted(reply, await runService.startOnThread(contextOf(request), app.runs, request.params.thread_id, request.body));
     },
   );
 
@@ -78,12 +86,11 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
         description: 'A new thread (`thread.title`, `thread.project_id`) with `input` as its first message, and a run on it: **202** with the run.',
         tags,
         body: RunCreateWithThread,
-        response: { 202: RunPublic, 402: ErrorBody, 404: ErrorBody, 409: ErrorBody, 429: ErrorBody, ...authErrors },
+        response: startAnswers,
       },
     },
     async (request, reply) => {
-      const run = await runService.startWithThread(contextOf(request), app.runs, request.body);
-      return reply.code(202).header('location', `${app.prefix}/runs/${run.id}`).send(runService.publicRun(run));
+      return accepted(reply, await runService.startWithThread(contextOf(request), app.runs, request.body));
     },
   );
 
@@ -152,12 +159,11 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
         description: 'A new run with the same agent, model and input, for a failed or cancelled run (409 otherwise): **202** with the new run.',
         tags,
         params: RunIdParams,
-        response: { 202: RunPublic, 402: ErrorBody, 404: ErrorBody, 409: ErrorBody, 429: ErrorBody, ...authErrors },
+        response: startAnswers,
       },
     },
     async (request, reply) => {
-      const run = await runService.retry(contextOf(request), app.runs, request.params.run_id);
-      return reply.code(202).header('location', `${app.prefix}/runs/${run.id}`).send(runService.publicRun(run));
+      return accepted(reply, await runService.retry(contextOf(request), app.runs, request.params.run_id));
     },
   );
 

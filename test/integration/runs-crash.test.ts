@@ -61,23 +61,29 @@ async function userWithRun(base: string, email: string) {
   return { headers, run: run.body };
 }
 
+/** A fresh data directory with `keel start` on it, a user, and a run the fake model streams slowly; `then` is the model's next answer. */
+async function runMidStream(name: string, then: string, chunksBefore: number) {
+  fake.reset();
+  fake.script(MODEL, { chunks: Array.from({ length: 100 }, (_, i) => `w${i} `), chunkDelayMs: 100 }, { text: then });
+  const dataDir = join(scratch, name);
+  const port = await freePort();
+  const first = await start(dataDir, port);
+  const { headers, run } = await userWithRun(first.base, `${name}@crash.test`);
+  await fake.waitFor((log) => log.some((r) => r.chunksSent >= chunksBefore), 10_000);
+  return { first, headers, run, restart: () => start(dataDir, port) };
+}
+
 async function messagesOf(base: string, headers: Record<string, string>, threadId: string) {
   return (await json<{ data: { role: string; content: string; run_id: string | null }[] }>(base, 'GET', `/threads/${threadId}/messages?limit=100`, headers)).body.data;
 }
 
 describe('embedded process stopped mid-run', () => {
   it('kill -9, then a restart: the run is resumed once its lease expires and completes with one answer', async () => {
-    fake.reset();
-    fake.script(MODEL, { chunks: Array.from({ length: 100 }, (_, i) => `w${i} `), chunkDelayMs: 100 }, { text: 'the resumed story' });
-    const dataDir = join(scratch, 'kill');
-    const port = await freePort();
-    const first = await start(dataDir, port);
-    const { headers, run } = await userWithRun(first.base, 'kill@crash.test');
-    await fake.waitFor((log) => log.some((r) => r.chunksSent >= 5), 10_000);
+    const { first, headers, run, restart } = await runMidStream('kill', 'the resumed story', 5);
     first.child.process.kill('SIGKILL');
     await first.child.ended;
 
-    const second = await start(dataDir, port);
+    const second = await restart();
     await eventually(async () => (await json<RunBody>(second.base, 'GET', `/runs/${run.id}`, headers)).body.status !== 'running', 20_000);
     const final = (await json<RunBody>(second.base, 'GET', `/runs/${run.id}`, headers)).body;
     expect(final).toMatchObject({ status: 'completed', attempts: 2, steps: 1 });
@@ -91,19 +97,13 @@ describe('embedded process stopped mid-run', () => {
   });
 
   it('SIGTERM hands the running run back; the next start finishes it', async () => {
-    fake.reset();
-    fake.script(MODEL, { chunks: Array.from({ length: 100 }, (_, i) => `w${i} `), chunkDelayMs: 100 }, { text: 'finished after restart' });
-    const dataDir = join(scratch, 'term');
-    const port = await freePort();
-    const first = await start(dataDir, port);
-    const { headers, run } = await userWithRun(first.base, 'term@crash.test');
-    await fake.waitFor((log) => log.some((r) => r.chunksSent >= 3), 10_000);
+    const { first, headers, run, restart } = await runMidStream('term', 'finished after restart', 3);
     first.child.process.kill('SIGTERM');
     const exit = await first.child.ended;
     expect(exit.code).toBe(0);
     expect(fake.log[0]!.aborted).toBe(true);
 
-    const second = await start(dataDir, port);
+    const second = await restart();
     await eventually(async () => (await json<RunBody>(second.base, 'GET', `/runs/${run.id}`, headers)).body.status === 'completed', 10_000);
     const final = (await json<RunBody>(second.base, 'GET', `/runs/${run.id}`, headers)).body;
     // A handed-back run is not a crash: it does not use up an attempt.
