@@ -6,11 +6,11 @@
 import { transaction } from '../core/db.js';
 import { ConflictError, PaymentRequiredError, TooManyRequestsError, UnprocessableError } from '../core/errors.js';
 
-import { type Agent, type Run, runs } from '../models/index.js';
+import { type Agent, type Run, runs, type Thread } from '../models/index.js';
 
 import type { RunCreate, RunCreateWithThread, RunListQuery } from '../schemas/run.js';
 
-import { agentCrud, getDefault, versionCrud } from '../crud/agent.js';
+import { agentCrud, agentPolicy, getDefault, versionCrud } from '../crud/agent.js';
 import * as billingCrud from '../crud/billing.js';
 import { matching } from '../crud/owned.js';
 import * as runCrud from '../crud/run.js';
@@ -38,14 +38,17 @@ interface RunPlan {
   model: string;
 }
 
-async function plan(ctx: ServiceContext, agentId: string | undefined, model: string | undefined, input: string | undefined): Promise<RunPlan> {
+/** The run's agent, model and first-step credit check; `ownerId` is whose thread it runs on (who pays). */
+async function plan(ctx: ServiceContext, ownerId: string, agentId: string | undefined, model: string | undefined, input: string | undefined): Promise<RunPlan> {
   threadService.checkContent(ctx, input, ['body', 'input']);
-  const agent = agentId ? await agentCrud.getVisible(ctx.db, ctx.principal, agentId) : await getDefault(ctx.db, ctx.principal.user.id);
+  const byDefault = agentId ? undefined : await getDefault(ctx.db, ctx.principal.user.id);
+  // The default agent too must be one the caller may use (a project-scoped key: its project's or an unassigned one).
+  const agent = agentId ? await agentCrud.getVisible(ctx.db, ctx.principal, agentId) : byDefault && agentPolicy.check(ctx.principal, byDefault, 'read');
   if (!agent) {
     throw new UnprocessableError({ loc: ['body', 'agent_id'], msg: 'No agent_id given and you have no default agent; name an agent or make one the default (is_default: true)', type: 'missing' });
   }
   const runModel = model === undefined ? agent.model : catalogModel(ctx.models, model);
-  await checkCredits(ctx, agent, runModel, input);
+  await checkCredits(ctx, ownerId, agent, runModel, input);
   return { agent, model: runModel };
 }
 
@@ -54,13 +57,13 @@ async function plan(ctx: ServiceContext, agentId: string | undefined, model: str
  * prompt estimate and the agent's max output tokens at catalog prices). Every step still reserves
  * through the model manager; a later step the credits cannot cover fails the run.
  */
-async function checkCredits(ctx: ServiceContext, agent: Agent, model: string, input: string | undefined): Promise<void> {
+async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, model: string, input: string | undefined): Promise<void> {
   if (!ctx.settings.BILLING_ENABLED) return;
   const info = ctx.models.getModel(model);
   if (!info) return; // the run fails with "unknown model", in words
   const inputTokens = Math.ceil((agent.system_prompt.length + (input?.length ?? 0)) / CHARS_PER_TOKEN);
   const needed = estimateCost(info.pricing, inputTokens, agent.max_output_tokens ?? ctx.settings.MODEL_DEFAULT_MAX_OUTPUT_TOKENS);
-  const { balance, reserved } = await billingCrud.getBalance(ctx.db, ctx.principal.user.id);
+  const { balance, reserved } = await billingCrud.getBalance(ctx.db, ownerId);
   const available = addCosts(balance, `-${reserved}`);
   if (addCosts(available, `-${needed}`).startsWith('-')) {
     throw new PaymentRequiredError(`Not enough credits to start this run: available ${formatMoney(available)}; its first step with ${info.id} needs up to ${formatMoney(needed)}`);
@@ -77,9 +80,9 @@ interface StartOptions {
 /** The run that holds the thread, ended by an `interrupt` (its worker is told after the commit). */
 type Interrupted = Run | undefined;
 
-async function start(ctx: ServiceContext, deps: RunDeps, threadId: string, { agent, model }: RunPlan, options: StartOptions): Promise<Run> {
+/** Queues a run on the thread (`owner_id`: the thread's owner, whose run it is). */
+async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_id: ownerId }: Pick<Thread, 'id' | 'owner_id'>, { agent, model }: RunPlan, options: StartOptions): Promise<Run> {
   const { principal, settings } = ctx;
-  const ownerId = principal.user.id;
   const { run, interrupted } = await transaction(ctx.db, async (tx) => {
     // Lock order: the user (the active-run limit), then the thread, then its runs.
     await userCrud.lockForUpdate(tx, ownerId);
@@ -130,15 +133,15 @@ async function stopEnded(deps: RunDeps, run: Run): Promise<void> {
 
 export async function startOnThread(ctx: ServiceContext, deps: RunDeps, threadId: string, input: RunCreate): Promise<Run> {
   // 404 for another user's thread before anything else is looked at.
-  await threadCrud.getVisible(ctx.db, ctx.principal, threadId, 'write');
-  const planned = await plan(ctx, input.agent_id, input.model, input.input);
-  return start(ctx, deps, threadId, planned, { strategy: input.multitask_strategy, input: input.input });
+  const thread = await threadCrud.getVisible(ctx.db, ctx.principal, threadId, 'write');
+  const planned = await plan(ctx, thread.owner_id, input.agent_id, input.model, input.input);
+  return start(ctx, deps, thread, planned, { strategy: input.multitask_strategy, input: input.input });
 }
 
 export async function startWithThread(ctx: ServiceContext, deps: RunDeps, input: RunCreateWithThread): Promise<Run> {
-  const planned = await plan(ctx, input.agent_id, input.model, input.input);
+  const planned = await plan(ctx, ctx.principal.user.id, input.agent_id, input.model, input.input);
   const thread = await threadService.create(ctx, { title: input.thread?.title ?? '', project_id: input.thread?.project_id, metadata: {} });
-  return start(ctx, deps, thread.id, planned, { strategy: 'reject', input: input.input });
+  return start(ctx, deps, thread, planned, { strategy: 'reject', input: input.input });
 }
 
 // ==================== Reading ====================
@@ -182,8 +185,8 @@ export async function retry(ctx: ServiceContext, deps: RunDeps, id: string): Pro
   const pinned = await versionCrud.getIn(ctx.db, run.agent_id, run.agent_version).catch(() => null);
   // The model is kept when the run named one of its own; otherwise the agent's (maybe changed) model runs.
   const ownModel = pinned && pinned.model !== run.model ? run.model : undefined;
-  const planned = await plan(ctx, run.agent_id, ownModel, run.input ?? undefined);
-  return start(ctx, deps, run.thread_id, planned, { strategy: run.multitask_strategy, input: run.input ?? undefined, inputMessageId: run.input_message_id });
+  const planned = await plan(ctx, run.owner_id, run.agent_id, ownModel, run.input ?? undefined);
+  return start(ctx, deps, { id: run.thread_id, owner_id: run.owner_id }, planned, { strategy: run.multitask_strategy, input: run.input ?? undefined, inputMessageId: run.input_message_id });
 }
 
 /** Deletes an ended run and its events; its messages stay in the thread. */
