@@ -1,4 +1,4 @@
-import type { AddressInfo } from 'node:net';
+import { type AddressInfo, connect } from 'node:net';
 
 import { eq } from 'drizzle-orm';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
@@ -128,6 +128,23 @@ describe('a run streams its answer', () => {
     // Read to the end: the stream closes at once.
     const none = await readEvents(base, owner.headers, run.id, { after: total });
     expect(none).toMatchObject({ events: [], ended: true });
+  });
+
+  it('a client that stops reading never holds up the run or the other readers', async () => {
+    const pieces = Array.from({ length: 3_000 }, (_, i) => `token-${i}-${'x'.repeat(40)} `);
+    fake.script(MODEL, { chunks: pieces });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'flood' });
+    // A raw connection that asks for the stream and then reads nothing.
+    const { port } = ctx.app.server.address() as AddressInfo;
+    const stalled = connect(port, '127.0.0.1');
+    stalled.write(`GET /api/v1/runs/${run.id}/events HTTP/1.1\r\nHost: x\r\nAuthorization: ${owner.headers.authorization}\r\n\r\n`);
+    stalled.pause();
+    const { events } = await readEvents(base, owner.headers, run.id, { timeoutMs: 30_000 });
+    expectContiguous(events);
+    expect(events.filter((e) => e.event === 'message.delta')).toHaveLength(pieces.length);
+    expect((await waitForRun(ctx.app, owner.headers, run.id, ['completed'])).status).toBe('completed');
+    stalled.destroy();
   });
 
   it('sends keep-alive comments while the model is silent', async () => {
