@@ -22,6 +22,11 @@ import { securityHeaders } from './core/security-headers.js';
 
 import { API_PREFIX, registerApi } from './api/main.js';
 import { cacheApiKeys } from './crud/api-key.js';
+import { createRunBus } from './modules/agents/create-run-bus.js';
+import type { RunDeps } from './modules/agents/run-lifecycle.js';
+import { RunSweeper } from './modules/agents/run-sweeper.js';
+import { AgentRunner } from './modules/agents/runner.js';
+import type { ToolImplementations } from './modules/agents/tools.js';
 import type { ModelManager } from './modules/ai-models/index.js';
 import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
@@ -49,6 +54,8 @@ declare module 'fastify' {
     meter: UsageMeterService;
     /** The guide's `get_storage_service(prefix=…)`: files under `prefix` on STORAGE_BACKEND (SPEC §10). */
     storage: (prefix: string) => StorageService;
+    /** Agent runs: their event bus, queue and model manager (RunDeps), and this process's runner. */
+    runs: RunDeps & { runner: AgentRunner };
   }
   interface FastifyRequest {
     principal: Principal;
@@ -65,11 +72,13 @@ export interface AppOptions {
   runJobs: boolean;
   /** Close the database when the app closes, after every other close hook (usage flush, queue) has run. */
   closeDatabase?: boolean;
+  /** Implementations of the agents' tools by name (modules/agents/tools.ts); a tool without one answers the model with an error. */
+  tools?: ToolImplementations;
 }
 
 const REQUEST_ID = /^[\w.:-]{1,128}$/;
 
-export async function buildApp({ settings, database, logger, vectorSearch, runJobs, closeDatabase = false }: AppOptions): Promise<FastifyInstance> {
+export async function buildApp({ settings, database, logger, vectorSearch, runJobs, closeDatabase = false, tools = {} }: AppOptions): Promise<FastifyInstance> {
   const trustProxy = settings.TRUST_PROXY;
   const app = Fastify({
     loggerInstance: logger,
@@ -108,7 +117,6 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
 
   const redis = createRedis(settings);
   const queue = createQueue(settings, logger);
-  if (runJobs) queue.work(jobHandlers(settings, logger));
   const mailer = new Mailer(settings, queue);
   app.decorate('settings', settings);
   app.decorate('database', database);
@@ -129,6 +137,16 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   const models = await loadModelManager(database.db, settings, logger, meter);
   app.decorate('models', models.models);
   const unfollowModels = await followModelChanges(database, models.models, settings, logger);
+  const bus = createRunBus({ settings, db: database.db, log: logger, redis });
+  const runDeps: RunDeps = { db: database.db, settings, log: logger, bus, queue, models: models.models, tools };
+  const runner = new AgentRunner(runDeps);
+  app.decorate('runs', { ...runDeps, runner });
+  // Jobs start once everything they use exists (jobs queued before wait in the queue).
+  const sweeper = runJobs ? new RunSweeper(runDeps, runner) : null;
+  if (runJobs) {
+    queue.work(jobHandlers(settings, logger, runner));
+    sweeper?.start();
+  }
   app.decorateRequest('principal', null as unknown as Principal);
 
   registerErrorHandler(app);
@@ -147,11 +165,16 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   });
   registerAccessLog(app, settings, logger);
   app.addHook('onClose', async () => {
+    // Running runs are handed back first (they resume at the next start or on another worker).
+    await sweeper?.stop();
+    await runner.close();
     models.stop();
     unfollowModels();
     // Usage records and settlements still in memory are written before the database closes.
     await meter.close();
     await queue.close();
+    await bus.events.close();
+    await bus.signals.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());
   });
 

@@ -7,6 +7,7 @@ import { loginRouter } from '../routers/login.js';
 import { modelsRouter } from '../routers/models.js';
 import { projectsRouter } from '../routers/projects.js';
 import { providersRouter } from '../routers/providers.js';
+import { runsRouter } from '../routers/runs.js';
 import { threadsRouter } from '../routers/threads.js';
 import { usersRouter } from '../routers/users.js';
 
@@ -36,6 +37,7 @@ export async function registerApi(app: FastifyInstance): Promise<void> {
       await api.register(providersRouter);
       await api.register(agentsRouter);
       await api.register(threadsRouter);
+      await api.register(runsRouter);
       await api.register(billingRouter);
     },
     { prefix: API_PREFIX },

@@ -92,6 +92,24 @@ export const SettingsSchema = z.object({
   MAX_API_KEYS_PER_USER: int(1, 1_000_000).default(100),
   MAX_AGENTS_PER_USER: int(1, 1_000_000).default(100),
   MAX_THREADS_PER_USER: int(1, 10_000_000).default(10_000),
+  /** Runs queued or running at once per user; one more answers 429. */
+  MAX_ACTIVE_RUNS_PER_USER: int(1, 1_000_000).default(10),
+  /** Model calls a run may make (each answer or round of tool calls is one); beyond it the run fails. */
+  MAX_RUN_STEPS: int(1, 1_000).default(10),
+  /** A run's deadline from its start, in seconds: past it the model call is aborted and the run fails. */
+  RUN_TIMEOUT_SECONDS: int(1, 86_400).default(600),
+  /** How long a worker's hold on a running run lasts unless renewed (renewed every third of it). */
+  RUN_LEASE_SECONDS: int(1, 3_600).default(30),
+  /** Times a run is taken up again after its worker died before it fails for good. */
+  RUN_MAX_ATTEMPTS: int(1, 100).default(3),
+  /** How often queued runs without a job and runs with an expired lease are looked for. */
+  RUN_SWEEP_INTERVAL_SECONDS: int(1, 3_600).default(10),
+  /** How long a finished run's events stay replayable (GET /runs/{id}/events). */
+  RUN_EVENTS_TTL_SECONDS: int(60, 31_536_000).default(3_600),
+  /** Longest silence on a run's event stream before a keep-alive comment. */
+  RUN_EVENTS_KEEPALIVE_SECONDS: int(1, 15).default(15),
+  /** Streamed text (`message.delta`) is written to the embedded event log at most this often (live readers get it at once). */
+  RUN_EVENTS_FLUSH_MS: int(1, 10_000).default(50),
   /** Longest `content` of a message a client posts or edits, in characters (UTF-16 code units). */
   MAX_MESSAGE_CHARS: int(1, 100_000_000).default(100_000),
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(10_000),

@@ -49,3 +49,12 @@ export async function clearDefault(db: Db, ownerId: string, exceptId: string | n
     .where(and(eq(agents.owner_id, ownerId), eq(agents.is_default, true), others));
 }
 
+
+/** The user's default agent, if they have one. */
+export async function getDefault(db: Db, ownerId: string): Promise<Agent | undefined> {
+  const [row] = await db
+    .select()
+    .from(agents)
+    .where(and(eq(agents.owner_id, ownerId), eq(agents.is_default, true)));
+  return row;
+}

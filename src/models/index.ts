@@ -4,5 +4,6 @@ export * from './billing.js';
 export * from './model-override.js';
 export * from './project.js';
 export * from './provider.js';
+export * from './run.js';
 export * from './thread.js';
 export * from './user.js';

@@ -3,6 +3,7 @@ import { bigint, index, jsonb, pgEnum, pgTable, text, uniqueIndex, uuid, varchar
 
 import { baseColumns } from './columns.js';
 import { projects } from './project.js';
+import { runs } from './run.js';
 import { users } from './user.js';
 
 /** `busy` while a run works on the thread (set by runs only; clients read it). */
@@ -45,8 +46,8 @@ export const messages = pgTable(
     content: text('content').notNull().default(''),
     tool_calls: jsonb('tool_calls').$type<MessageToolCall[]>(),
     tool_call_id: varchar('tool_call_id', { length: 255 }),
-    /** The run that wrote the message (assistant and tool messages); its foreign key comes with the runs table. */
-    run_id: uuid('run_id'),
+    /** The run that wrote the message (assistant and tool messages); kept, unlinked, when the run is deleted. */
+    run_id: uuid('run_id').references(() => runs.id, { onDelete: 'set null' }),
     metadata: jsonb('metadata').$type<Record<string, unknown>>().notNull().default({}),
   },
   (t) => [

@@ -37,7 +37,7 @@ const versionOf = (agent: Agent) => ({ agent_id: agent.id, version: agent.versio
  * The catalog id of an enabled chat model named by id or alias; 422 naming the model otherwise.
  * Whether its provider has credentials is not asked: they may be set after the agent is saved.
  */
-function catalogModel(models: ModelManager, name: string): string {
+export function catalogModel(models: ModelManager, name: string): string {
   const model = models.getModel(name);
   const issue = (msg: string) => new UnprocessableError({ loc: ['body', 'model'], msg, type: 'value_error' });
   if (!model) throw issue(`Unknown model ${JSON.stringify(name)}; GET /models lists the catalog`);

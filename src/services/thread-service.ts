@@ -56,10 +56,10 @@ interface InThread {
 }
 
 /** The content a client sends: at most MAX_MESSAGE_CHARS characters (422, in the schema's words). */
-function checkContent(ctx: ServiceContext, content: string | undefined): void {
+export function checkContent(ctx: ServiceContext, content: string | undefined, loc: (string | number)[] = ['body', 'content']): void {
   const max = ctx.settings.MAX_MESSAGE_CHARS;
   if (content !== undefined && content.length > max) {
-    throw new UnprocessableError({ loc: ['body', 'content'], msg: `String should have at most ${max} characters`, type: 'string_too_long' });
+    throw new UnprocessableError({ loc, msg: `String should have at most ${max} characters`, type: 'string_too_long' });
   }
 }
 

@@ -8,12 +8,16 @@ export const SendEmailJob = z.strictObject({
   text: z.string(),
 });
 
+/** An agent run to execute: only its id; the run's state is in the database. */
+export const RunAgentJob = z.strictObject({ run_id: z.uuid() });
+
 /**
  * Every background job by name, with the schema of its data: `queue.add` accepts only these
  * names and their data (checked by the compiler, and validated when queued and when run).
  */
 export const JOBS = {
   'send-email': SendEmailJob,
+  'run-agent': RunAgentJob,
 } as const;
 
 export type Jobs = typeof JOBS;

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, inject } from 'vitest';
 import { loadSettings, type Settings } from '../../src/core/config.js';
 import { type Database, openDatabase } from '../../src/core/db.js';
 
-import { buildApp } from '../../src/app.js';
+import { type AppOptions, buildApp } from '../../src/app.js';
 import { cacheUsers } from '../../src/crud/user.js';
 import { ensureFirstSuperuser } from '../../src/services/user-service.js';
 import { adminQuery, databaseUrl } from './postgres.js';
@@ -84,11 +84,14 @@ export async function openTestDatabase(): Promise<{ database: Database; url: str
   };
 }
 
-export async function buildTestApp(database: Database, overrides: Record<string, string> = {}): Promise<FastifyInstance> {
+/** What a test app is built with besides settings: the agents' tool implementations. */
+export type TestAppOptions = Pick<AppOptions, 'tools'>;
+
+export async function buildTestApp(database: Database, overrides: Record<string, string> = {}, options: TestAppOptions = {}): Promise<FastifyInstance> {
   const settings = testSettings(overrides);
   const logger = pino({ level: 'silent' });
   await ensureFirstSuperuser(database.db, settings, logger);
-  const app = await buildApp({ settings, database, logger, vectorSearch: database.kind === 'pglite', runJobs: true });
+  const app = await buildApp({ settings, database, logger, vectorSearch: database.kind === 'pglite', runJobs: true, ...options });
   await app.ready();
   return app;
 }
@@ -102,14 +105,14 @@ export interface TestContext {
  * Call at the top of a test file: one database and one app for the file, built before its tests
  * and torn down after them. `overrides` are settings (environment names).
  */
-export function useTestApp(overrides: Record<string, string> = {}): TestContext {
+export function useTestApp(overrides: Record<string, string> = {}, options: TestAppOptions = {}): TestContext {
   const context = {} as TestContext;
   let destroy: (() => Promise<void>) | null = null;
   beforeAll(async () => {
     const opened = await openTestDatabase();
     destroy = opened.destroy;
     context.database = opened.database;
-    context.app = await buildTestApp(opened.database, overrides);
+    context.app = await buildTestApp(opened.database, overrides, options);
   });
   afterAll(async () => {
     await context.app?.close();

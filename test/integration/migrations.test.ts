@@ -14,7 +14,9 @@ const serverUrl = process.env.DATABASE_URL;
 const MIGRATIONS = readMigrations();
 const TAGS = MIGRATIONS.map((m) => m.tag);
 /** The tables the real migrations create (besides the bookkeeping table). */
-const KEEL_TABLES = ['agent_versions', 'agents', 'api_keys', 'credit_accounts', 'credit_reservations', 'credit_transactions', 'messages', 'model_overrides', 'projects', 'providers', 'threads', 'usage_records', 'users'];
+const KEEL_TABLES = ['agent_versions', 'agents', 'api_keys', 'credit_accounts', 'credit_reservations', 'credit_transactions', 'messages', 'model_overrides', 'projects', 'providers', 'run_events', 'runs', 'threads', 'usage_records', 'users'];
+/** Append-only logs keyed by their owner and a sequence number: no id, never updated. */
+const APPEND_ONLY_LOGS: Record<string, string[]> = { run_events: ['run_id', 'seq'] };
 
 interface FreshDatabase {
   database: Database;
@@ -116,6 +118,12 @@ describe('migrations on a fresh database', () => {
       );
       for (const table of names) {
         const column = (name: string) => columns.find((c) => c.table_name === table && c.column_name === name);
+        const logKey = APPEND_ONLY_LOGS[table];
+        if (logKey) {
+          expect(column('created_at'), `${table}.created_at`).toMatchObject({ data_type: 'timestamp with time zone', is_nullable: 'NO' });
+          expect(primaryKeys.filter((k) => k.table_name === table).map((k) => k.column_name), `${table} primary key`).toEqual(logKey);
+          continue;
+        }
         expect(column('id'), `${table}.id`).toMatchObject({ data_type: 'uuid', is_nullable: 'NO' });
         expect(column('created_at'), `${table}.created_at`).toMatchObject({ data_type: 'timestamp with time zone', is_nullable: 'NO' });
         expect(column('updated_at'), `${table}.updated_at`).toMatchObject({ data_type: 'timestamp with time zone', is_nullable: 'NO' });

@@ -154,7 +154,7 @@ describe('messages', () => {
     const alice = await createUser(ctx.app);
     const thread = await createThread(alice);
     const mine = await post(alice, thread.id, 'draft');
-    const answer = await transaction(ctx.app.db, (tx) => appendMessage(tx, { thread_id: thread.id, role: 'assistant', content: 'reply', run_id: randomUUID() }));
+    const answer = await transaction(ctx.app.db, (tx) => appendMessage(tx, { thread_id: thread.id, role: 'assistant', content: 'reply' }));
     expect((await api('PATCH', `/threads/${thread.id}/messages/${mine.id}`, alice.headers, { content: 'final' })).json()).toMatchObject({ content: 'final' });
     const refused = await api('PATCH', `/threads/${thread.id}/messages/${answer.id}`, alice.headers, { content: 'rewritten' });
     expect(expectValidationError(refused, ['body', 'content'], 'value_error').detail[0]!.msg).toMatch(/^Only the content of user messages/);

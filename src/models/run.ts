@@ -1,0 +1,105 @@
+import { sql } from 'drizzle-orm';
+import { boolean, check, index, integer, jsonb, numeric, pgEnum, pgTable, primaryKey, text, timestamp, uniqueIndex, uuid, varchar } from 'drizzle-orm/pg-core';
+
+import { agents } from './agent.js';
+import { apiKeys } from './api-key.js';
+import { baseColumns } from './columns.js';
+import { projects } from './project.js';
+import { threads } from './thread.js';
+import { users } from './user.js';
+
+/** `queued → running → completed | failed | cancelled`; the last three are final and never change. */
+export const runStatus = pgEnum('run_status', ['queued', 'running', 'completed', 'failed', 'cancelled']);
+export const multitaskStrategy = pgEnum('multitask_strategy', ['reject', 'enqueue', 'interrupt']);
+
+export const ACTIVE_RUN_STATUSES = ['queued', 'running'] as const;
+export const FINAL_RUN_STATUSES = ['completed', 'failed', 'cancelled'] as const;
+
+/** Tokens a run used, summed over its steps (SPEC §5). */
+export interface RunUsage {
+  input_tokens: number;
+  output_tokens: number;
+  cached_input_tokens: number;
+  reasoning_tokens: number;
+}
+
+export const ZERO_RUN_USAGE: Readonly<RunUsage> = Object.freeze({ input_tokens: 0, output_tokens: 0, cached_input_tokens: 0, reasoning_tokens: 0 });
+
+export const runs = pgTable(
+  'runs',
+  {
+    ...baseColumns,
+    owner_id: uuid('owner_id')
+      .notNull()
+      .references(() => users.id, { onDelete: 'cascade' }),
+    thread_id: uuid('thread_id')
+      .notNull()
+      .references(() => threads.id, { onDelete: 'cascade' }),
+    /** The thread's project when the run started: what its usage is booked to. */
+    project_id: uuid('project_id').references(() => projects.id, { onDelete: 'set null' }),
+    /** The API key that started the run (its budget and limits apply to the run's model calls). */
+    api_key_id: uuid('api_key_id').references(() => apiKeys.id, { onDelete: 'set null' }),
+    agent_id: uuid('agent_id').references(() => agents.id, { onDelete: 'set null' }),
+    /** The agent version the run runs (pinned when it was queued). */
+    agent_version: integer('agent_version').notNull(),
+    /** The catalog model the run calls: the request's `model`, else the agent version's. */
+    model: varchar('model', { length: 255 }).notNull(),
+    status: runStatus('status').notNull().default('queued'),
+    /**
+     * Queued behind the thread's active run (`multitask_strategy: enqueue`): such a run is `queued`
+     * to clients but does not hold the thread, so the one-active-run index leaves it out.
+     */
+    waiting: boolean('waiting').notNull().default(false),
+    multitask_strategy: multitaskStrategy('multitask_strategy').notNull().default('reject'),
+    input: text('input'),
+    /** The user message `input` became (null until the run holds the thread, or without input). */
+    input_message_id: uuid('input_message_id'),
+    error: text('error'),
+    usage: jsonb('usage').$type<RunUsage>().notNull().default({ ...ZERO_RUN_USAGE }),
+    cost: numeric('cost', { precision: 30, scale: 12 }).notNull().default('0'),
+    /** Model calls completed (each one a step: an answer, or tool calls and their results). */
+    steps: integer('steps').notNull().default(0),
+    /** The worker holding the run while it is `running`, until `lease_expires_at` (renewed as it works). */
+    lease_owner: varchar('lease_owner', { length: 255 }),
+    lease_expires_at: timestamp('lease_expires_at', { withTimezone: true }),
+    /** How many times a worker took the run (a resumed run after a crash counts again). */
+    attempts: integer('attempts').notNull().default(0),
+    started_at: timestamp('started_at', { withTimezone: true }),
+    ended_at: timestamp('ended_at', { withTimezone: true }),
+  },
+  (t) => [
+    index('ix_runs_owner_id_created_at').on(t.owner_id, t.created_at),
+    index('ix_runs_thread_id_created_at').on(t.thread_id, t.created_at),
+    index('ix_runs_agent_id').on(t.agent_id),
+    index('ix_runs_project_id').on(t.project_id),
+    index('ix_runs_api_key_id').on(t.api_key_id),
+    // One active run per thread, whatever the code does: a second start meets this index (409).
+    uniqueIndex('ux_runs_thread_id_active')
+      .on(t.thread_id)
+      .where(sql`${t.status} in ('queued', 'running') and not ${t.waiting}`),
+    // The user's active runs (GET /runs/active, the per-user limit) and the sweeper's scans.
+    index('ix_runs_owner_id_active').on(t.owner_id).where(sql`${t.status} in ('queued', 'running')`),
+    check('ck_runs_waiting_queued', sql`not ${t.waiting} or ${t.status} = 'queued'`),
+    index('ix_runs_status_lease').on(t.status, t.lease_expires_at).where(sql`${t.status} in ('queued', 'running') or ${t.lease_owner} is not null`),
+  ],
+);
+
+/** The append-only event log of a run (embedded mode; scaled mode keeps it in Redis Streams). */
+export const runEvents = pgTable(
+  'run_events',
+  {
+    run_id: uuid('run_id')
+      .notNull()
+      .references(() => runs.id, { onDelete: 'cascade' }),
+    seq: integer('seq').notNull(),
+    event: varchar('event', { length: 32 }).notNull(),
+    data: jsonb('data').$type<Record<string, unknown>>().notNull(),
+    created_at: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
+  },
+  (t) => [primaryKey({ name: 'run_events_pkey', columns: [t.run_id, t.seq] })],
+);
+
+export type Run = typeof runs.$inferSelect;
+export type NewRun = typeof runs.$inferInsert;
+export type RunStatus = Run['status'];
+export type RunEventRow = typeof runEvents.$inferSelect;

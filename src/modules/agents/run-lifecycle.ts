@@ -1,0 +1,111 @@
+/**
+ * The transitions of a run that the API, the runner and the sweeper share: ending a run (its final
+ * status is set once, by a conditional update) and handing its thread to the next waiting run or
+ * back to idle, in the same transaction; then the side effects after the commit.
+ */
+import { eq } from 'drizzle-orm';
+
+import type { Settings } from '../../core/config.js';
+import { type Db, transaction } from '../../core/db.js';
+import type { Logger } from '../../core/logger.js';
+import type { JobQueue } from '../../core/queue.js';
+
+import { type Run, runs, threads } from '../../models/index.js';
+
+import * as runCrud from '../../crud/run.js';
+import { appendMessage } from '../../crud/thread.js';
+import type { ModelManager } from '../ai-models/index.js';
+import type { RunBus } from './create-run-bus.js';
+import type { RunEventName } from './run-bus.js';
+import type { ToolImplementations } from './tools.js';
+
+/** Everything runs need from the app, passed as one object. */
+export interface RunDeps {
+  db: Db;
+  settings: Settings;
+  log: Logger;
+  bus: RunBus;
+  queue: JobQueue;
+  models: ModelManager;
+  tools: ToolImplementations;
+}
+
+/** A run as clients see it (GET /runs/{id} and the `run` of run.* events): no lease internals. */
+export function runView(run: Run) {
+  const { lease_owner: _owner, lease_expires_at: _expires, waiting: _waiting, input_message_id: _input, api_key_id: _key, ...view } = run;
+  return view;
+}
+export type RunView = ReturnType<typeof runView>;
+
+export const FINAL_EVENT_OF: Record<'completed' | 'failed' | 'cancelled', RunEventName> = {
+  completed: 'run.completed',
+  failed: 'run.failed',
+  cancelled: 'run.cancelled',
+};
+
+/** The `run.*` event of a run's current status. */
+export function runEvent(run: Run) {
+  const event: RunEventName = run.status === 'queued' ? 'run.queued' : run.status === 'running' ? 'run.started' : FINAL_EVENT_OF[run.status];
+  return { event, data: { run: runView(run) } };
+}
+
+/**
+ * Inside a transaction that holds the thread's row lock: gives the thread to its oldest waiting
+ * run (its input becomes the thread's next user message now), or marks the thread idle.
+ */
+export async function handOnThread(tx: Db, threadId: string): Promise<Run | undefined> {
+  const next = await runCrud.lockNextWaiting(tx, threadId);
+  if (!next) {
+    await runCrud.setThreadStatus(tx, threadId, 'idle');
+    return undefined;
+  }
+  const message = next.input && !next.input_message_id ? await appendMessage(tx, { thread_id: threadId, role: 'user', content: next.input, metadata: {} }) : null;
+  return runCrud.updateRun(tx, next.id, { waiting: false, ...(message ? { input_message_id: message.id } : {}) });
+}
+
+/** Locks a thread's row (runs start, end and hand on under it, in this order: thread, then run). */
+export async function lockThread(tx: Db, threadId: string): Promise<void> {
+  await tx.select({ id: threads.id }).from(threads).where(eq(threads.id, threadId)).for('update');
+}
+
+export interface EndedRun {
+  run: Run;
+  /** The waiting run that now holds the thread (its job is queued). */
+  promoted: Run | undefined;
+}
+
+/**
+ * Ends a run if it is active and `guard` holds, hands its thread on, and queues the promoted run's
+ * job after the commit. Undefined when the run had already ended (or the guard failed).
+ */
+export async function finishRun(deps: RunDeps, run: Pick<Run, 'id' | 'thread_id'>, outcome: { status: 'completed' | 'failed' | 'cancelled'; error?: string | null }, guard: runCrud.EndGuard): Promise<EndedRun | undefined> {
+  const ended = await transaction(deps.db, async (tx) => {
+    await lockThread(tx, run.thread_id);
+    // Under the thread's lock a run's `waiting` cannot change: read it before the end clears it.
+    const [before] = await tx.select({ waiting: runs.waiting }).from(runs).where(eq(runs.id, run.id));
+    const row = await runCrud.endRun(tx, run.id, { status: outcome.status, error: outcome.error ?? null }, guard);
+    if (!row) return undefined;
+    const promoted = before?.waiting ? undefined : await handOnThread(tx, run.thread_id);
+    return { run: row, promoted };
+  });
+  if (ended?.promoted) await queueRun(deps, ended.promoted.id);
+  return ended;
+}
+
+/** Queues a run's job; a failure is logged, not thrown: the sweeper finds the queued run again. */
+export async function queueRun(deps: RunDeps, runId: string): Promise<void> {
+  try {
+    await deps.queue.add('run-agent', { run_id: runId });
+  } catch (error) {
+    deps.log.error({ err: error, runId }, 'run not queued; the sweep will queue it');
+  }
+}
+
+/** Appends a run's final event unless its log already ended (another writer got there first). */
+export async function appendFinalEvent(deps: RunDeps, run: Run): Promise<void> {
+  try {
+    await deps.bus.events.append(run.id, [runEvent(run)]);
+  } catch (error) {
+    deps.log.debug({ err: error, runId: run.id }, 'final run event not appended (the log had ended)');
+  }
+}

@@ -1,0 +1,81 @@
+/**
+ * The sweep that keeps runs from being lost or stuck: the database is the truth, the queue only
+ * carries ids. At start-up and every RUN_SWEEP_INTERVAL_SECONDS it queues again runs left `queued`
+ * (an in-process queue forgets its jobs on restart), resumes running runs whose worker is gone (lease
+ * expired or handed back) or fails them after RUN_MAX_ATTEMPTS, writes the final event of runs
+ * cancelled while their worker died, and forgets events older than RUN_EVENTS_TTL_SECONDS.
+ */
+import * as runCrud from '../../crud/run.js';
+import { appendFinalEvent, finishRun, queueRun, type RunDeps } from './run-lifecycle.js';
+import type { AgentRunner } from './runner.js';
+
+const BATCH = 500;
+
+export class RunSweeper {
+  private timer: NodeJS.Timeout | undefined;
+  private sweeping: Promise<void> | null = null;
+  private started = false;
+
+  constructor(
+    private readonly deps: RunDeps,
+    private readonly runner: AgentRunner,
+  ) {}
+
+  start(): void {
+    void this.sweepSafely();
+    this.timer = setInterval(() => void this.sweepSafely(), this.deps.settings.RUN_SWEEP_INTERVAL_SECONDS * 1000);
+    this.timer.unref();
+  }
+
+  async stop(): Promise<void> {
+    clearInterval(this.timer);
+    await this.sweeping;
+  }
+
+  private sweepSafely(): Promise<void> {
+    this.sweeping ??= this.sweep()
+      .then(() => undefined)
+      .catch((error: unknown) => this.deps.log.error({ err: error }, 'run sweep failed'))
+      .finally(() => (this.sweeping = null));
+    return this.sweeping;
+  }
+
+  /** One pass; returns what it did (for logs and tests). */
+  async sweep(): Promise<{ queued: number; resumed: number; failed: number; closed: number; expired: number }> {
+    const { deps } = this;
+    const { settings, log } = deps;
+    // At start-up every queued run lost its in-memory job; later only those waiting longer than a lease.
+    const olderThan = this.started ? settings.RUN_LEASE_SECONDS : 0;
+    this.started = true;
+    const queued = await runCrud.queuedWithoutWorker(deps.db, olderThan, BATCH);
+    for (const run of queued) await queueRun(deps, run.id);
+
+    let resumed = 0;
+    let failed = 0;
+    for (const run of await runCrud.orphanedRunning(deps.db, BATCH)) {
+      if (run.attempts >= settings.RUN_MAX_ATTEMPTS) {
+        const error = `The run was interrupted ${run.attempts} times (its worker stopped before finishing) and was given up; start it again with POST /runs/${run.id}/retry`;
+        const ended = await finishRun(deps, run, { status: 'failed', error }, { leaseExpired: true });
+        if (ended) {
+          await appendFinalEvent(deps, ended.run);
+          failed += 1;
+        }
+      } else {
+        await queueRun(deps, run.id);
+        resumed += 1;
+      }
+    }
+
+    let closed = 0;
+    for (const run of await runCrud.endedWithExpiredLease(deps.db, BATCH)) {
+      // The log refuses an event after a final one: a final event already written is not doubled.
+      await appendFinalEvent(deps, run);
+      await runCrud.clearEndedLease(deps.db, run.id);
+      closed += 1;
+    }
+
+    const expired = (await deps.bus.events.expire?.(settings.RUN_EVENTS_TTL_SECONDS)) ?? 0;
+    if (queued.length || resumed || failed || closed) log.warn({ queued: queued.length, resumed, failed, closed, runningHere: this.runner.running }, 'run sweep: runs taken up again');
+    return { queued: queued.length, resumed, failed, closed, expired };
+  }
+}

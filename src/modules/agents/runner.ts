@@ -1,0 +1,319 @@
+/**
+ * The runner: executes one run (the `run-agent` job). It takes the run with a lease, then loops —
+ * call the model with the thread's messages and the agent's tools, stream its text as events, run
+ * the tool calls it asks for (in parallel), write the step's messages — until the model answers or
+ * MAX_RUN_STEPS. One AbortSignal reaches every model and tool call: a cancel, the run's deadline,
+ * a lost lease or a shutdown abort it. Each step is written in one transaction fenced by the lease,
+ * so a run resumed after a crash redoes an unfinished step and never duplicates a written message.
+ */
+import { randomBytes, randomUUID } from 'node:crypto';
+import { hostname } from 'node:os';
+
+import { jsonSchema, type ModelMessage, tool, type ToolSet } from 'ai';
+import { asc, eq } from 'drizzle-orm';
+
+import { transaction } from '../../core/db.js';
+import { HttpError, PaymentRequiredError, TooManyRequestsError } from '../../core/errors.js';
+
+import { type AgentVersion, type Message, messages, type MessageToolCall, type Run, type RunUsage } from '../../models/index.js';
+
+import { versionCrud } from '../../crud/agent.js';
+import * as runCrud from '../../crud/run.js';
+import { appendMessage } from '../../crud/thread.js';
+import { addCosts, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
+import { appendFinalEvent, finishRun, lockThread, type RunDeps, runEvent } from './run-lifecycle.js';
+import { isToolName, TOOL_DEFINITIONS, type ToolCallContext } from './tools.js';
+
+// ==================== Why a run stops ====================
+
+/** The reason the run's signal aborted with. */
+export class RunStop extends Error {
+  constructor(readonly kind: 'cancel' | 'deadline' | 'lease' | 'shutdown') {
+    super(`run stopped: ${kind}`);
+  }
+}
+
+/** A failure whose message is already in words the user can act on. */
+export class RunFailure extends Error {}
+
+/** A run's error as its owner reads it: what happened and what to do about it. */
+export function describeRunError(error: unknown, run: Pick<Run, 'model'>): string {
+  if (error instanceof RunFailure) return error.message;
+  if (error instanceof ModelNotFoundError) return `Unknown model ${error.model}: it is not in the model catalog or is disabled; give the agent a model that GET /models lists`;
+  if (error instanceof ProviderUnavailableError) return `The provider of model ${run.model} is not set up: ${error.reason}`;
+  if (error instanceof PaymentRequiredError) return error.detail.startsWith('Not enough credits') ? error.detail : `Not enough credits: ${error.detail}`;
+  if (error instanceof TooManyRequestsError) return error.detail;
+  if (error instanceof ModelTimeoutError) return `The provider of model ${run.model} could not be reached: no answer within ${error.timeoutMs} ms, after retries; try again later`;
+  if (error instanceof UpstreamError) {
+    const status = error.upstreamStatus;
+    if (status === 401 || status === 403) return `The provider rejected the API key for model ${run.model} (${status}); check the provider's key`;
+    if (status === 429) return `The provider of model ${run.model} is rate limiting requests (429) and retries did not get through; try again later`;
+    if (status === undefined || status >= 500) return `The provider of model ${run.model} could not be reached or failed (${status ?? 'connection error'}), after retries; try again later`;
+    return `The provider refused the request for model ${run.model} (${status}): ${error.detail}`;
+  }
+  if (error instanceof HttpError) return error.detail;
+  return 'The run failed because of an internal error; try again, and report it if it persists';
+}
+
+// ==================== Conversation ====================
+
+const TOKEN_KINDS: [keyof RunUsage, keyof TokenUsage][] = [
+  ['input_tokens', 'input'],
+  ['output_tokens', 'output'],
+  ['cached_input_tokens', 'cached_input'],
+  ['reasoning_tokens', 'reasoning'],
+];
+
+function addUsage(total: RunUsage, call: TokenUsage): RunUsage {
+  return Object.fromEntries(TOKEN_KINDS.map(([run, tokens]) => [run, total[run] + call[tokens]])) as unknown as RunUsage;
+}
+
+/** The thread's messages as the model reads them (tool results carry the name of the tool they answer). */
+export function toModelMessages(rows: readonly Message[]): ModelMessage[] {
+  const toolNames = new Map<string, string>();
+  const out: ModelMessage[] = [];
+  for (const row of rows) {
+    if (row.role === 'user' || row.role === 'system') out.push({ role: row.role, content: row.content });
+    else if (row.role === 'assistant') {
+      const calls = row.tool_calls ?? [];
+      for (const call of calls) toolNames.set(call.id, call.name);
+      if (!calls.length) out.push({ role: 'assistant', content: row.content });
+      else {
+        out.push({
+          role: 'assistant',
+          content: [...(row.content ? [{ type: 'text' as const, text: row.content }] : []), ...calls.map((call) => ({ type: 'tool-call' as const, toolCallId: call.id, toolName: call.name, input: call.arguments }))],
+        });
+      }
+    } else {
+      const toolCallId = row.tool_call_id ?? '';
+      out.push({ role: 'tool', content: [{ type: 'tool-result', toolCallId, toolName: toolNames.get(toolCallId) ?? 'unknown', output: { type: 'text', value: row.content } }] });
+    }
+  }
+  return out;
+}
+
+function toolSetOf(version: AgentVersion): ToolSet | undefined {
+  const names = version.tools.filter(isToolName);
+  if (!names.length) return undefined;
+  return Object.fromEntries(names.map((name) => [name, tool({ description: TOOL_DEFINITIONS[name].description, inputSchema: jsonSchema(TOOL_DEFINITIONS[name].parameters) })]));
+}
+
+const asArguments = (input: unknown): Record<string, unknown> => (typeof input === 'object' && input !== null && !Array.isArray(input) ? (input as Record<string, unknown>) : { input });
+
+interface ToolOutcome {
+  call: ToolCall;
+  content: string;
+  is_error: boolean;
+}
+
+// ==================== The runner ====================
+
+interface Execution {
+  controller: AbortController;
+  done: Promise<void>;
+}
+
+export class AgentRunner {
+  /** This process's name on the leases it holds. */
+  readonly workerId = `${hostname()}:${process.pid}:${randomBytes(4).toString('hex')}`;
+  private readonly executions = new Map<string, Execution>();
+  private closing = false;
+
+  constructor(private readonly deps: RunDeps) {}
+
+  /** The `run-agent` job: runs `runId` if it can be taken (queued, or its worker is gone); otherwise nothing. */
+  async execute(runId: string): Promise<void> {
+    if (this.closing || this.executions.has(runId)) return;
+    const controller = new AbortController();
+    // Listening before the claim: a cancel sent the moment the run starts is not missed.
+    const unsubscribe = this.deps.bus.signals.subscribe(runId, () => controller.abort(new RunStop('cancel')));
+    let finished!: () => void;
+    const execution: Execution = { controller, done: new Promise<void>((resolve) => (finished = resolve)) };
+    this.executions.set(runId, execution);
+    try {
+      const run = await runCrud.claim(this.deps.db, runId, this.workerId, this.deps.settings.RUN_LEASE_SECONDS);
+      if (!run) return;
+      await this.drive(run, controller);
+    } finally {
+      unsubscribe();
+      this.executions.delete(runId);
+      finished();
+    }
+  }
+
+  /** Runs being executed here. */
+  get running(): number {
+    return this.executions.size;
+  }
+
+  /** Hands every run executing here back (it resumes on the next start or another worker) and waits for them. */
+  async close(): Promise<void> {
+    this.closing = true;
+    const executions = [...this.executions.values()];
+    for (const execution of executions) execution.controller.abort(new RunStop('shutdown'));
+    await Promise.allSettled(executions.map((execution) => execution.done));
+  }
+
+  private async drive(run: Run, controller: AbortController): Promise<void> {
+    const { deps } = this;
+    const { settings, log } = deps;
+    const signal = controller.signal;
+    const deadline = run.started_at!.getTime() + settings.RUN_TIMEOUT_SECONDS * 1000;
+    const deadlineTimer = setTimeout(() => controller.abort(new RunStop('deadline')), Math.max(0, deadline - Date.now()));
+    const renewal = setInterval(() => {
+      runCrud.renewLease(deps.db, run.id, this.workerId, settings.RUN_LEASE_SECONDS).then(
+        (held) => held || controller.abort(new RunStop('lease')),
+        (error: unknown) => log.warn({ err: error, runId: run.id }, 'run lease not renewed'),
+      );
+    }, (settings.RUN_LEASE_SECONDS * 1000) / 3);
+    log.info({ runId: run.id, attempt: run.attempts, model: run.model }, run.attempts === 1 ? 'run started' : 'run resumed');
+    try {
+      // A resumed run's log goes on from its last event; only the first start (after run.queued) announces itself.
+      if ((await deps.bus.events.lastSeq(run.id)) <= 1) await deps.bus.events.append(run.id, [runEvent(run)]);
+      await this.loop(run, signal);
+      const ended = await finishRun(deps, run, { status: 'completed' }, { leaseOwner: this.workerId });
+      if (ended) await appendFinalEvent(deps, ended.run);
+      else await this.afterLostRun(run.id);
+    } catch (error) {
+      const stop = signal.aborted && signal.reason instanceof RunStop ? signal.reason : null;
+      if (stop?.kind === 'shutdown') {
+        await runCrud.releaseLease(deps.db, run.id, this.workerId, true).catch((e: unknown) => log.error({ err: e, runId: run.id }, 'run not handed back; its lease will expire'));
+        log.info({ runId: run.id }, 'run handed back at shutdown');
+        return;
+      }
+      if (stop?.kind === 'cancel' || stop?.kind === 'lease') {
+        await this.afterLostRun(run.id);
+        return;
+      }
+      const message = stop?.kind === 'deadline' ? `The run passed its deadline of ${settings.RUN_TIMEOUT_SECONDS} s (RUN_TIMEOUT_SECONDS) and was stopped` : describeRunError(error, run);
+      if (!(error instanceof HttpError) && !(error instanceof RunFailure) && !stop) log.error({ err: error, runId: run.id }, 'run failed');
+      else log.info({ runId: run.id, reason: message }, 'run failed');
+      const ended = await finishRun(deps, run, { status: 'failed', error: message }, { leaseOwner: this.workerId });
+      if (ended) await appendFinalEvent(deps, ended.run);
+      else await this.afterLostRun(run.id);
+    } finally {
+      clearTimeout(deadlineTimer);
+      clearInterval(renewal);
+    }
+  }
+
+  /**
+   * The run is no longer this worker's to end: cancelled meanwhile (then this worker writes its
+   * final event and lets go), or taken over by another worker (then it stops without a word).
+   */
+  private async afterLostRun(runId: string): Promise<void> {
+    const run = await runCrud.runCrud.getById(this.deps.db, runId);
+    if (!run || run.lease_owner !== this.workerId) return;
+    if (run.status === 'running') {
+      // Our lease is still on it: a lost renewal (database trouble). Let it expire; the sweep resumes it.
+      return;
+    }
+    await appendFinalEvent(this.deps, run);
+    await runCrud.releaseLease(this.deps.db, runId, this.workerId, false);
+  }
+
+  private async loop(run: Run, signal: AbortSignal): Promise<void> {
+    const { deps } = this;
+    const { settings, bus } = deps;
+    if (!run.agent_id) throw new RunFailure('The agent of this run was deleted; start a new run with another agent');
+    const version = await versionCrud.getIn(deps.db, run.agent_id, run.agent_version).catch(() => {
+      throw new RunFailure(`Version ${run.agent_version} of the agent was not found; start a new run`);
+    });
+    const tools = toolSetOf(version);
+    const toolContext: ToolCallContext = {
+      run_id: run.id,
+      thread_id: run.thread_id,
+      owner_id: run.owner_id,
+      project_id: run.project_id,
+      agent: { id: run.agent_id, version: version.version, knowledge: version.knowledge },
+      signal,
+    };
+    const context = { user_id: run.owner_id, api_key_id: run.api_key_id, project_id: run.project_id, agent_id: run.agent_id, run_id: run.id };
+    let { steps, usage, cost } = run;
+
+    for (;;) {
+      if (steps >= settings.MAX_RUN_STEPS) {
+        throw new RunFailure(`The agent used all ${settings.MAX_RUN_STEPS} steps (MAX_RUN_STEPS) without a final answer`);
+      }
+      const step = steps + 1;
+      const history = await deps.db.select().from(messages).where(eq(messages.thread_id, run.thread_id)).orderBy(asc(messages.seq));
+      const messageId = randomUUID();
+      const draft = { id: messageId, thread_id: run.thread_id, run_id: run.id, role: 'assistant', content: '', tool_calls: null, step };
+      await bus.events.append(run.id, [{ event: 'message.created', data: { message: draft, step } }]);
+
+      const stream = deps.models.stream({
+        model: run.model,
+        system: version.system_prompt || undefined,
+        messages: toModelMessages(history),
+        tools,
+        maxOutputTokens: version.max_output_tokens ?? undefined,
+        temperature: version.temperature ?? undefined,
+        signal,
+        context,
+      });
+      const outcomes: Promise<ToolOutcome>[] = [];
+      for await (const part of stream) {
+        if (part.type === 'text-delta') {
+          await bus.events.append(run.id, [{ event: 'message.delta', data: { message_id: messageId, delta: part.text, step } }]);
+        } else if (part.type === 'tool-call') {
+          const call = part.toolCall;
+          await bus.events.append(run.id, [{ event: 'tool.call', data: { message_id: messageId, tool_call_id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input), step } }]);
+          // Started as soon as the model asks: several calls of one step run in parallel.
+          const outcome = this.callTool(call, version, toolContext, step);
+          // Awaited below; until then a rejection (an abort) must not count as unhandled.
+          outcome.catch(() => undefined);
+          outcomes.push(outcome);
+        }
+      }
+      const result = await stream.result;
+      const results = await Promise.all(outcomes);
+      if (signal.aborted) throw signal.reason;
+      steps = step;
+      usage = addUsage(usage, result.usage);
+      cost = addCosts(cost, result.cost);
+
+      const toolCalls: MessageToolCall[] = result.toolCalls.map((call) => ({ id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input) }));
+      const written = await transaction(deps.db, async (tx) => {
+        await lockThread(tx, run.thread_id);
+        // The fence: only the worker holding the run, still running, writes its step.
+        if (!(await runCrud.lockHeld(tx, run.id, this.workerId))) return null;
+        const assistant = await appendMessage(tx, { id: messageId, thread_id: run.thread_id, role: 'assistant', content: result.text, tool_calls: toolCalls.length ? toolCalls : null, run_id: run.id, metadata: { step, model: result.model } });
+        const toolMessages: Message[] = [];
+        for (const outcome of results) {
+          toolMessages.push(await appendMessage(tx, { thread_id: run.thread_id, role: 'tool', content: outcome.content, tool_call_id: outcome.call.toolCallId, run_id: run.id, metadata: { step, name: outcome.call.toolName, is_error: outcome.is_error } }));
+        }
+        await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: new Date(Date.now() + settings.RUN_LEASE_SECONDS * 1000) });
+        return [assistant, ...toolMessages];
+      });
+      if (!written) throw new RunStop('lease');
+      await bus.events.append(
+        run.id,
+        written.flatMap((message, i) => (i === 0 ? [{ event: 'message.completed' as const, data: { message, step } }] : [{ event: 'message.created' as const, data: { message, step } }, { event: 'message.completed' as const, data: { message, step } }])),
+      );
+      if (!toolCalls.length) return;
+    }
+  }
+
+  /** One tool call: its implementation's answer, or an error result the model reads (never a crashed run). */
+  private async callTool(call: ToolCall, version: AgentVersion, context: ToolCallContext, step: number): Promise<ToolOutcome> {
+    const name = call.toolName;
+    const implementation = isToolName(name) && version.tools.includes(name) ? this.deps.tools[name] : undefined;
+    let outcome: ToolOutcome;
+    if (!isToolName(name) || !version.tools.includes(name)) {
+      outcome = { call, content: `Error: there is no tool named ${name} for this agent`, is_error: true };
+    } else if (!implementation) {
+      outcome = { call, content: `Error: the tool ${name} is not available on this server`, is_error: true };
+    } else {
+      try {
+        const value = await implementation(call.input, context);
+        outcome = { call, content: typeof value === 'string' ? value : JSON.stringify(value), is_error: false };
+      } catch (error) {
+        if (context.signal.aborted) throw context.signal.reason;
+        this.deps.log.warn({ err: error, runId: context.run_id, tool: name }, 'tool call failed');
+        outcome = { call, content: `Error: the tool ${name} failed: ${error instanceof Error ? error.message : String(error)}`, is_error: true };
+      }
+    }
+    await this.deps.bus.events.append(context.run_id, [{ event: 'tool.result', data: { tool_call_id: call.toolCallId, name, content: outcome.content, is_error: outcome.is_error, step } }]);
+    return outcome;
+  }
+}

@@ -1,0 +1,244 @@
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+
+import type { Run } from '../models/index.js';
+
+import { authErrors, ErrorBody, listOf, Message } from '../schemas/common.js';
+import { RunCreate, RunCreateWithThread, RunEventsQuery, RunIdParams, RunListQuery, RunPublic, ThreadIdParams } from '../schemas/run.js';
+
+import type { RunEvent } from '../modules/agents/run-bus.js';
+import { contextOf } from '../services/context.js';
+import * as runService from '../services/run-service.js';
+import { requireUser } from '../utils/authentication.js';
+
+const tags = ['runs'];
+/** What a route that queues a run answers. */
+const startAnswers = { 202: RunPublic, 402: ErrorBody, 404: ErrorBody, 409: ErrorBody, 429: ErrorBody, ...authErrors };
+
+const publicPage = <T extends { data: Parameters<typeof runService.publicRun>[0][] }>(page: T) => ({ ...page, data: page.data.map(runService.publicRun) });
+
+/** `Last-Event-ID` as a seq: a non-negative integer, anything else is ignored. */
+function lastEventId(request: FastifyRequest): number | undefined {
+  const value = request.headers['last-event-id'];
+  return typeof value === 'string' && /^\d{1,15}$/.test(value.trim()) ? Number(value.trim()) : undefined;
+}
+
+/** 202 with the queued run and where to find it. */
+function accepted(reply: FastifyReply, run: Run): FastifyReply {
+  return reply.code(202).header('location', `${reply.server.prefix}/runs/${run.id}`).send(runService.publicRun(run));
+}
+
+const frame = (event: RunEvent) => `id: ${event.seq}\nevent: ${event.event}\ndata: ${JSON.stringify(event.data)}\n\n`;
+
+/** Runs of agents on threads (SPEC §5), and their event streams. */
+export const runsRouter: FastifyPluginAsyncZod = async (app) => {
+  app.addHook('onRequest', requireUser);
+
+  // Open event streams end when the server closes (they would otherwise hold it open).
+  const streams = new Set<AbortController>();
+  app.addHook('preClose', (done) => {
+    for (const stream of streams) stream.abort();
+    done();
+  });
+
+  app.post(
+    '/threads/:thread_id/runs',
+    {
+      schema: {
+        operationId: 'create_thread_run',
+        summary: 'Create Run',
+        description:
+          'Queues a run of an agent (default: your default agent) on the thread: **202** with the run. `input` becomes the thread\'s next user message first. One run is active on a thread at a time: under `multitask_strategy` `reject` (default) a busy thread answers 409, `enqueue` queues the run behind the active one, `interrupt` cancels it. 402 when billing is on and the balance cannot cover the first step; 429 beyond MAX_ACTIVE_RUNS_PER_USER.',
+        tags,
+        params: ThreadIdParams,
+        body: RunCreate,
+        response: startAnswers,
+      },
+    },
+    async (request, reply) => {
+      return accepted(reply, await runService.startOnThread(contextOf(request), app.runs, request.params.thread_id, request.body));
+    },
+  );
+
+  app.get(
+    '/threads/:thread_id/runs',
+    {
+      schema: {
+        operationId: 'list_thread_runs',
+        summary: 'List Thread Runs',
+        description: 'Newest first; `?status=` narrows the list.',
+        tags,
+        params: ThreadIdParams,
+        querystring: RunListQuery,
+        response: { 200: listOf(RunPublic), 404: ErrorBody, ...authErrors },
+      },
+    },
+    async (request) => publicPage(await runService.listForThread(contextOf(request), request.params.thread_id, request.query)),
+  );
+
+  app.post(
+    '/runs',
+    {
+      schema: {
+        operationId: 'create_run',
+        summary: 'Create Run With Thread',
+        description: 'A new thread (`thread.title`, `thread.project_id`) with `input` as its first message, and a run on it: **202** with the run.',
+        tags,
+        body: RunCreateWithThread,
+        response: startAnswers,
+      },
+    },
+    async (request, reply) => {
+      return accepted(reply, await runService.startWithThread(contextOf(request), app.runs, request.body));
+    },
+  );
+
+  app.get(
+    '/runs/active',
+    {
+      schema: {
+        operationId: 'list_active_runs',
+        summary: 'List Active Runs',
+        description: 'Your queued and running runs, newest first.',
+        tags,
+        querystring: RunListQuery.omit({ status: true }),
+        response: { 200: listOf(RunPublic), ...authErrors },
+      },
+    },
+    async (request) => publicPage(await runService.listActive(contextOf(request), request.query)),
+  );
+
+  app.get(
+    '/runs/:run_id',
+    {
+      schema: { operationId: 'get_run', summary: 'Get Run', tags, params: RunIdParams, response: { 200: RunPublic, 404: ErrorBody, ...authErrors } },
+    },
+    async (request) => runService.publicRun(await runService.get(contextOf(request), request.params.run_id)),
+  );
+
+  app.delete(
+    '/runs/:run_id',
+    {
+      schema: {
+        operationId: 'delete_run',
+        summary: 'Delete Run',
+        description: 'An ended run and its events (its messages stay in the thread); 409 while it is queued or running.',
+        tags,
+        params: RunIdParams,
+        response: { 200: Message, 404: ErrorBody, 409: ErrorBody, ...authErrors },
+      },
+    },
+    async (request) => {
+      await runService.remove(contextOf(request), request.params.run_id);
+      return { message: 'Run deleted successfully' };
+    },
+  );
+
+  app.post(
+    '/runs/:run_id/cancel',
+    {
+      schema: {
+        operationId: 'cancel_run',
+        summary: 'Cancel Run',
+        description: 'Cancels a queued or running run; a running run\'s model call is aborted at once. 409 once the run has ended.',
+        tags,
+        params: RunIdParams,
+        response: { 200: RunPublic, 404: ErrorBody, 409: ErrorBody, ...authErrors },
+      },
+    },
+    async (request) => runService.publicRun(await runService.cancel(contextOf(request), app.runs, request.params.run_id)),
+  );
+
+  app.post(
+    '/runs/:run_id/retry',
+    {
+      schema: {
+        operationId: 'retry_run',
+        summary: 'Retry Run',
+        description: 'A new run with the same agent, model and input, for a failed or cancelled run (409 otherwise): **202** with the new run.',
+        tags,
+        params: RunIdParams,
+        response: startAnswers,
+      },
+    },
+    async (request, reply) => {
+      return accepted(reply, await runService.retry(contextOf(request), app.runs, request.params.run_id));
+    },
+  );
+
+  app.get(
+    '/runs/:run_id/events',
+    {
+      schema: {
+        operationId: 'stream_run_events',
+        summary: 'Stream Run Events',
+        description:
+          'Server-Sent Events: `id:` the event\'s seq (from 1), `event:` its name, `data:` JSON with `run_id` and `seq`. With `Last-Event-ID: N` or `?after=N` every event after N comes exactly once, then the live ones; the stream ends after the final event (`run.completed`, `run.failed`, `run.cancelled`). Keep-alive comments at least every RUN_EVENTS_KEEPALIVE_SECONDS.',
+        tags,
+        params: RunIdParams,
+        querystring: RunEventsQuery,
+        response: { 200: z.string().describe('text/event-stream').meta({ id: 'RunEventStream' }), 404: ErrorBody, ...authErrors },
+      },
+    },
+    async (request, reply) => {
+      const after = request.query.after ?? lastEventId(request) ?? 0;
+      const { run, done } = await runService.eventsFrom(contextOf(request), app.runs, request.params.run_id, after);
+      streamEvents(request, reply, run.id, after, done, streams);
+    },
+  );
+};
+
+/**
+ * Writes the run's events as SSE until the final one, the client leaves or the server closes. The
+ * run never waits for this client: the log buffers a bounded number of events per reader and a
+ * slower one catches up from the log (its socket's backpressure only slows this loop).
+ */
+function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: string, after: number, done: boolean, streams: Set<AbortController>): void {
+  const { settings, runs, log } = request.server;
+  void reply.hijack();
+  const raw = reply.raw;
+  raw.writeHead(200, {
+    ...(reply.getHeaders() as Record<string, string>),
+    'content-type': 'text/event-stream; charset=utf-8',
+    'cache-control': 'no-store',
+    'x-accel-buffering': 'no',
+  });
+  if (done) {
+    raw.end();
+    return;
+  }
+  const controller = new AbortController();
+  streams.add(controller);
+  const leave = () => controller.abort();
+  raw.on('close', leave);
+  raw.write(': connected\n\n');
+  const keepAlive = setInterval(() => raw.write(': keep-alive\n\n'), settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000);
+  void (async () => {
+    try {
+      for await (const event of runs.bus.events.read(runId, after, controller.signal)) {
+        if (!raw.write(frame(event))) await drained(raw, controller.signal);
+      }
+    } catch (error) {
+      if (!controller.signal.aborted) log.error({ err: error, runId }, 'run event stream failed');
+    } finally {
+      clearInterval(keepAlive);
+      streams.delete(controller);
+      raw.off('close', leave);
+      raw.end();
+    }
+  })();
+}
+
+/** Resolves when the socket can take more, or the stream is over. */
+function drained(raw: NodeJS.WritableStream, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const finish = () => {
+      raw.off('drain', finish);
+      signal.removeEventListener('abort', finish);
+      resolve();
+    };
+    raw.once('drain', finish);
+    signal.addEventListener('abort', finish, { once: true });
+  });
+}

@@ -1,0 +1,206 @@
+/**
+ * Agent runs for the API (SPEC §5): start (on a thread, or with a new one), read, cancel, retry,
+ * delete. One active run per thread is the database's rule (ux_runs_thread_id_active); the thread's
+ * row lock orders starts, ends and hand-overs, and every status change is conditional.
+ */
+import { transaction } from '../core/db.js';
+import { ConflictError, PaymentRequiredError, TooManyRequestsError, UnprocessableError } from '../core/errors.js';
+
+import { type Agent, type Run, runs, type Thread } from '../models/index.js';
+
+import type { RunCreate, RunCreateWithThread, RunListQuery } from '../schemas/run.js';
+
+import { agentCrud, agentPolicy, getDefault, versionCrud } from '../crud/agent.js';
+import * as billingCrud from '../crud/billing.js';
+import { matching } from '../crud/owned.js';
+import * as runCrud from '../crud/run.js';
+import { appendMessage, threadCrud } from '../crud/thread.js';
+import * as userCrud from '../crud/user.js';
+import { appendFinalEvent, finishRun, queueRun, type RunDeps, runEvent, runView } from '../modules/agents/run-lifecycle.js';
+import { addCosts, estimateCost } from '../modules/ai-models/index.js';
+import { catalogModel } from './agent-service.js';
+import type { ServiceContext } from './context.js';
+import { formatMoney } from './money.js';
+import * as threadService from './thread-service.js';
+
+const CHARS_PER_TOKEN = 4;
+
+/** A run as the API answers it: the cost as a plain decimal string. */
+export function publicRun(run: Run) {
+  return { ...runView(run), cost: formatMoney(run.cost) };
+}
+
+// ==================== Starting ====================
+
+/** What a start settles before it touches the thread: the agent, its version, the model. */
+interface RunPlan {
+  agent: Agent;
+  model: string;
+}
+
+/** The run's agent, model and first-step credit check; `ownerId` is whose thread it runs on (who pays). */
+async function plan(ctx: ServiceContext, ownerId: string, agentId: string | undefined, model: string | undefined, input: string | undefined): Promise<RunPlan> {
+  threadService.checkContent(ctx, input, ['body', 'input']);
+  const byDefault = agentId ? undefined : await getDefault(ctx.db, ctx.principal.user.id);
+  // The default agent too must be one the caller may use (a project-scoped key: its project's or an unassigned one).
+  const agent = agentId ? await agentCrud.getVisible(ctx.db, ctx.principal, agentId) : byDefault && agentPolicy.check(ctx.principal, byDefault, 'read');
+  if (!agent) {
+    throw new UnprocessableError({ loc: ['body', 'agent_id'], msg: 'No agent_id given and you have no default agent; name an agent or make one the default (is_default: true)', type: 'missing' });
+  }
+  const runModel = model === undefined ? agent.model : catalogModel(ctx.models, model);
+  await checkCredits(ctx, ownerId, agent, runModel, input);
+  return { agent, model: runModel };
+}
+
+/**
+ * With billing on, 402 at once when the balance cannot cover the first step's worst case (the
+ * prompt estimate and the agent's max output tokens at catalog prices). Every step still reserves
+ * through the model manager; a later step the credits cannot cover fails the run.
+ */
+async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, model: string, input: string | undefined): Promise<void> {
+  if (!ctx.settings.BILLING_ENABLED) return;
+  const info = ctx.models.getModel(model);
+  if (!info) return; // the run fails with "unknown model", in words
+  const inputTokens = Math.ceil((agent.system_prompt.length + (input?.length ?? 0)) / CHARS_PER_TOKEN);
+  const needed = estimateCost(info.pricing, inputTokens, agent.max_output_tokens ?? ctx.settings.MODEL_DEFAULT_MAX_OUTPUT_TOKENS);
+  const { balance, reserved } = await billingCrud.getBalance(ctx.db, ownerId);
+  const available = addCosts(balance, `-${reserved}`);
+  if (addCosts(available, `-${needed}`).startsWith('-')) {
+    throw new PaymentRequiredError(`Not enough credits to start this run: available ${formatMoney(available)}; its first step with ${info.id} needs up to ${formatMoney(needed)}`);
+  }
+}
+
+interface StartOptions {
+  strategy: RunCreate['multitask_strategy'];
+  input: string | undefined;
+  /** The user message the input already is (a retry): not appended again. */
+  inputMessageId?: string | null;
+}
+
+/** The run that holds the thread, ended by an `interrupt` (its worker is told after the commit). */
+type Interrupted = Run | undefined;
+
+/** Queues a run on the thread (`owner_id`: the thread's owner, whose run it is). */
+async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_id: ownerId }: Pick<Thread, 'id' | 'owner_id'>, { agent, model }: RunPlan, options: StartOptions): Promise<Run> {
+  const { principal, settings } = ctx;
+  const { run, interrupted } = await transaction(ctx.db, async (tx) => {
+    // Lock order: the user (the active-run limit), then the thread, then its runs.
+    await userCrud.lockForUpdate(tx, ownerId);
+    if ((await runCrud.countActiveOwnedBy(tx, ownerId, settings.MAX_ACTIVE_RUNS_PER_USER)) >= settings.MAX_ACTIVE_RUNS_PER_USER) {
+      throw new TooManyRequestsError(5, `Too many active runs: at most ${settings.MAX_ACTIVE_RUNS_PER_USER} may be queued or running per user (MAX_ACTIVE_RUNS_PER_USER); wait for one to end or cancel one`);
+    }
+    const thread = await threadCrud.lockVisible(tx, principal, threadId, 'write', 'update');
+    const active = await runCrud.lockActiveOnThread(tx, thread.id);
+    let waiting = false;
+    let interrupted: Interrupted;
+    if (active) {
+      if (options.strategy === 'reject') {
+        throw new ConflictError(`Thread is busy: run ${active.id} is ${active.status} on it; wait for it, cancel it, or start with multitask_strategy enqueue or interrupt`);
+      }
+      if (options.strategy === 'enqueue') waiting = true;
+      else interrupted = await runCrud.endRun(tx, active.id, { status: 'cancelled', error: null }, null);
+    }
+    const appendInput = !waiting && options.input !== undefined && !options.inputMessageId;
+    const message = appendInput ? await appendMessage(tx, { thread_id: thread.id, role: 'user', content: options.input!, metadata: {} }) : null;
+    const inserted = await runCrud.insertRun(tx, {
+      owner_id: thread.owner_id,
+      thread_id: thread.id,
+      project_id: thread.project_id,
+      api_key_id: principal.apiKeyId,
+      agent_id: agent.id,
+      agent_version: agent.version,
+      model,
+      multitask_strategy: options.strategy,
+      waiting,
+      input: options.input ?? null,
+      input_message_id: message?.id ?? options.inputMessageId ?? null,
+    });
+    if (!waiting) await runCrud.setThreadStatus(tx, thread.id, 'busy');
+    return { run: inserted, interrupted };
+  });
+  if (interrupted) await stopEnded(deps, interrupted);
+  await deps.bus.events.append(run.id, [runEvent(run)]);
+  if (!run.waiting) await queueRun(deps, run.id);
+  ctx.log.info({ runId: run.id, threadId, agentId: agent.id, model, waiting: run.waiting, interrupted: interrupted?.id }, 'run queued');
+  return run;
+}
+
+/** After a cancel: a run no worker holds gets its final event here; a held one is told to stop (its worker writes it). */
+async function stopEnded(deps: RunDeps, run: Run): Promise<void> {
+  if (run.lease_owner === null) await appendFinalEvent(deps, run);
+  else await deps.bus.signals.cancel(run.id, 'cancelled');
+}
+
+export async function startOnThread(ctx: ServiceContext, deps: RunDeps, threadId: string, input: RunCreate): Promise<Run> {
+  // 404 for another user's thread before anything else is looked at.
+  const thread = await threadCrud.getVisible(ctx.db, ctx.principal, threadId, 'write');
+  const planned = await plan(ctx, thread.owner_id, input.agent_id, input.model, input.input);
+  return start(ctx, deps, thread, planned, { strategy: input.multitask_strategy, input: input.input });
+}
+
+export async function startWithThread(ctx: ServiceContext, deps: RunDeps, input: RunCreateWithThread): Promise<Run> {
+  const planned = await plan(ctx, ctx.principal.user.id, input.agent_id, input.model, input.input);
+  const thread = await threadService.create(ctx, { title: input.thread?.title ?? '', project_id: input.thread?.project_id, metadata: {} });
+  return start(ctx, deps, thread, planned, { strategy: 'reject', input: input.input });
+}
+
+// ==================== Reading ====================
+
+export function get(ctx: ServiceContext, id: string): Promise<Run> {
+  return runCrud.runCrud.getVisible(ctx.db, ctx.principal, id);
+}
+
+export async function listForThread(ctx: ServiceContext, threadId: string, query: RunListQuery) {
+  const thread = await threadCrud.getVisible(ctx.db, ctx.principal, threadId);
+  return runCrud.runCrud.list(ctx.db, ctx.principal, query, matching({ thread_id: runs.thread_id, status: runs.status }, { thread_id: thread.id, status: query.status }));
+}
+
+export function listActive(ctx: ServiceContext, query: RunListQuery) {
+  return runCrud.runCrud.list(ctx.db, ctx.principal, query, runCrud.activeFilter);
+}
+
+// ==================== Changing ====================
+
+const FINAL = new Set(['completed', 'failed', 'cancelled']);
+
+/** Cancels a queued or running run (409 once it has ended); a running run's model call is aborted at once. */
+export async function cancel(ctx: ServiceContext, deps: RunDeps, id: string): Promise<Run> {
+  const run = await runCrud.runCrud.getVisible(ctx.db, ctx.principal, id, 'write');
+  if (FINAL.has(run.status)) throw new ConflictError(`Run already ${run.status}: only a queued or running run can be cancelled`);
+  const ended = await finishRun(deps, run, { status: 'cancelled' }, null);
+  if (!ended) {
+    const now = await runCrud.runCrud.getVisible(ctx.db, ctx.principal, id);
+    throw new ConflictError(`Run already ${now.status}: only a queued or running run can be cancelled`);
+  }
+  await stopEnded(deps, ended.run);
+  ctx.log.info({ runId: id }, 'run cancelled');
+  return ended.run;
+}
+
+/** A new run with the same agent, model and input, for a failed or cancelled run; the input is not appended twice. */
+export async function retry(ctx: ServiceContext, deps: RunDeps, id: string): Promise<Run> {
+  const run = await runCrud.runCrud.getVisible(ctx.db, ctx.principal, id, 'write');
+  if (run.status !== 'failed' && run.status !== 'cancelled') throw new ConflictError(`Run is ${run.status}: only a failed or cancelled run can be retried`);
+  if (!run.agent_id) throw new ConflictError('The agent of this run was deleted; start a new run with another agent');
+  const pinned = await versionCrud.getIn(ctx.db, run.agent_id, run.agent_version).catch(() => null);
+  // The model is kept when the run named one of its own; otherwise the agent's (maybe changed) model runs.
+  const ownModel = pinned && pinned.model !== run.model ? run.model : undefined;
+  const planned = await plan(ctx, run.owner_id, run.agent_id, ownModel, run.input ?? undefined);
+  return start(ctx, deps, { id: run.thread_id, owner_id: run.owner_id }, planned, { strategy: run.multitask_strategy, input: run.input ?? undefined, inputMessageId: run.input_message_id });
+}
+
+/** Deletes an ended run and its events; its messages stay in the thread. */
+export async function remove(ctx: ServiceContext, id: string): Promise<void> {
+  const run = await runCrud.runCrud.getVisible(ctx.db, ctx.principal, id, 'write');
+  if (!FINAL.has(run.status)) throw new ConflictError(`Run is ${run.status}: cancel it or wait for it to end before deleting it`);
+  await runCrud.runCrud.remove(ctx.db, ctx.principal, id);
+}
+
+/** Where a reader of the run's events starts, and whether there is anything left to read. */
+export async function eventsFrom(ctx: ServiceContext, deps: RunDeps, id: string, after: number): Promise<{ run: Run; done: boolean }> {
+  const run = await get(ctx, id);
+  // An ended run whose log was read to its end (or has expired) has nothing more to send.
+  const done = FINAL.has(run.status) && after >= (await deps.bus.events.lastSeq(run.id));
+  return { run, done };
+}
+

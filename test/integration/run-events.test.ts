@@ -1,0 +1,134 @@
+import { asc, eq } from 'drizzle-orm';
+import pino from 'pino';
+import { beforeAll, describe, expect, it } from 'vitest';
+
+import { runEvents, runs } from '../../src/models/index.js';
+
+import { DatabaseRunEventLog, InProcessRunSignals, READER_BUFFER_EVENTS, RunLogClosedError } from '../../src/modules/agents/embedded-run-bus.js';
+import type { RunEvent } from '../../src/modules/agents/run-bus.js';
+import { useTestApp } from '../helpers/app.js';
+import { createUser } from '../helpers/factories.js';
+import { sleep } from '../helpers/http.js';
+import { createThread } from '../helpers/runs.js';
+
+// The embedded event log on its own: coalesced writes, exactly-once replay, slow readers.
+const ctx = useTestApp();
+const FLUSH_MS = 40;
+let log: DatabaseRunEventLog;
+let ownerId: string;
+let threadId: string;
+
+beforeAll(async () => {
+  log = new DatabaseRunEventLog(ctx.app.db, pino({ level: 'silent' }), FLUSH_MS);
+  const owner = await createUser(ctx.app);
+  ownerId = owner.user.id;
+  threadId = (await createThread(ctx.app, owner.headers)).id;
+});
+
+/** A run row to hang events on (ended, so it holds no thread). */
+async function newRun(): Promise<string> {
+  const [row] = await ctx.app.db.insert(runs).values({ owner_id: ownerId, thread_id: threadId, agent_version: 1, model: 'm', status: 'completed' }).returning({ id: runs.id });
+  return row!.id;
+}
+
+async function collect(iterable: AsyncIterable<RunEvent>, onEvent?: (event: RunEvent) => Promise<void>): Promise<RunEvent[]> {
+  const out: RunEvent[] = [];
+  for await (const event of iterable) {
+    out.push(event);
+    await onEvent?.(event);
+  }
+  return out;
+}
+
+const stored = async (runId: string) => ctx.app.db.select().from(runEvents).where(eq(runEvents.run_id, runId)).orderBy(asc(runEvents.seq));
+const delta = (text: string) => ({ event: 'message.delta' as const, data: { delta: text } });
+
+describe('the database run event log', () => {
+  it('gives deltas to live readers at once but stores them in batches, under the same seqs', async () => {
+    const runId = await newRun();
+    const controller = new AbortController();
+    const reading = collect(log.read(runId, 0, controller.signal));
+    await log.append(runId, [{ event: 'run.started', data: {} }]);
+    for (let i = 0; i < 200; i++) await log.append(runId, [delta(`t${i} `)]);
+    // Right after the appends most deltas are not stored yet, yet lastSeq counts them.
+    expect((await stored(runId)).length).toBeLessThan(201);
+    expect(await log.lastSeq(runId)).toBe(201);
+    await log.append(runId, [{ event: 'run.completed', data: {} }]);
+    const live = await reading;
+    expect(live.map((e) => e.seq)).toEqual(Array.from({ length: 202 }, (_, i) => i + 1));
+    const rows = await stored(runId);
+    expect(rows.map((r) => [r.seq, r.event, r.data])).toEqual(live.map((e) => [e.seq, e.event, e.data]));
+    expect(live[5]!.data).toEqual({ delta: 't4 ', run_id: runId, seq: 6 });
+  });
+
+  it('a reader that joins while deltas are pending gets each event exactly once, from any point', async () => {
+    const runId = await newRun();
+    await log.append(runId, [{ event: 'run.started', data: {} }]);
+    for (let i = 0; i < 30; i++) await log.append(runId, [delta(`a${i}`)]);
+    // Some stored, some pending: readers from several points see the same sequence.
+    const readers = [0, 1, 10, 31].map((after) => ({ after, events: collect(log.read(runId, after, new AbortController().signal)) }));
+    for (let i = 0; i < 30; i++) await log.append(runId, [delta(`b${i}`)]);
+    await log.append(runId, [{ event: 'run.failed', data: {} }]);
+    for (const reader of readers) {
+      const events = await reader.events;
+      expect(events.map((e) => e.seq)).toEqual(Array.from({ length: 62 - reader.after }, (_, i) => reader.after + i + 1));
+    }
+  });
+
+  it('refuses events after the final one, also for a writer that loads the log fresh', async () => {
+    const runId = await newRun();
+    await log.append(runId, [{ event: 'run.cancelled', data: {} }]);
+    await expect(log.append(runId, [delta('late')])).rejects.toBeInstanceOf(RunLogClosedError);
+    const fresh = new DatabaseRunEventLog(ctx.app.db, pino({ level: 'silent' }), FLUSH_MS);
+    await expect(fresh.append(runId, [{ event: 'run.completed', data: {} }])).rejects.toBeInstanceOf(RunLogClosedError);
+    expect(await fresh.lastSeq(runId)).toBe(1);
+  });
+
+  it('never waits for a slow reader: past its buffer it catches up from the log, still exactly once', async () => {
+    const runId = await newRun();
+    const controller = new AbortController();
+    let release!: () => void;
+    const gate = new Promise<void>((resolve) => (release = resolve));
+    // The reader takes the first event, then stalls until every event has been appended.
+    const reading = collect(log.read(runId, 0, controller.signal), async (event) => {
+      if (event.seq === 1) await gate;
+    });
+    await log.append(runId, [{ event: 'run.started', data: {} }]);
+    await sleep(20);
+    const total = READER_BUFFER_EVENTS * 2;
+    const started = performance.now();
+    for (let i = 0; i < total; i++) await log.append(runId, [delta('x')]);
+    await log.append(runId, [{ event: 'run.completed', data: {} }]);
+    const writing = performance.now() - started;
+    release();
+    const events = await reading;
+    expect(events.map((e) => e.seq)).toEqual(Array.from({ length: total + 2 }, (_, i) => i + 1));
+    // The writer did not wait for the reader (a few seconds at most even on a busy machine).
+    expect(writing).toBeLessThan(10_000);
+  });
+
+  it('forgets events of runs that ended more than the TTL ago', async () => {
+    const runId = await newRun();
+    await log.append(runId, [{ event: 'run.completed', data: {} }]);
+    await ctx.app.db.update(runs).set({ ended_at: new Date(Date.now() - 2 * 3600_000) }).where(eq(runs.id, runId));
+    expect(await log.expire(3600)).toBeGreaterThanOrEqual(1);
+    expect(await stored(runId)).toEqual([]);
+  });
+});
+
+describe('in-process run signals', () => {
+  it('tell the subscriber once; an unsubscribed one hears nothing', async () => {
+    const signals = new InProcessRunSignals();
+    const heard: (string | undefined)[] = [];
+    const stop = signals.subscribe('r1', (reason) => heard.push(reason));
+    const other: string[] = [];
+    signals.subscribe('r2', () => other.push('r2'));
+    await signals.cancel('r1', 'user');
+    await signals.cancel('r1', 'again');
+    stop();
+    await signals.cancel('r1');
+    expect(heard).toEqual(['user']);
+    expect(other).toEqual([]);
+    await signals.close();
+  });
+});

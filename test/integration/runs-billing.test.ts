@@ -1,0 +1,87 @@
+import type { AddressInfo } from 'node:net';
+
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { getBalance, ledgerSum } from '../../src/crud/billing.js';
+import { useTestApp } from '../helpers/app.js';
+import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { apiOf } from '../helpers/http.js';
+import { addFakeModels } from '../helpers/metered-models.js';
+import { createAgent, createThread, readEvents, startRun, waitForRun } from '../helpers/runs.js';
+
+// Billing on, a one-second run deadline, and no tool implementations installed.
+const ctx = useTestApp({ BILLING_ENABLED: 'true', RUN_TIMEOUT_SECONDS: '1', MODEL_TIMEOUT_MS: '30000' });
+const api = apiOf(ctx);
+let fake: FakeModelServer;
+let admin: Record<string, string>;
+let base: string;
+
+beforeAll(async () => {
+  fake = await FakeModelServer.start();
+  admin = await superuserHeaders(ctx.app);
+  await addFakeModels(ctx.app, admin, fake.url);
+  await ctx.app.listen({ port: 0, host: '127.0.0.1' });
+  base = `http://127.0.0.1:${(ctx.app.server.address() as AddressInfo).port}`;
+});
+afterAll(async () => {
+  await fake?.close();
+});
+beforeEach(() => fake.reset());
+
+async function grant(user: TestUser, amount: string) {
+  const response = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount, description: 'test credits' });
+  expect(response.statusCode, response.body).toBe(200);
+}
+
+describe('runs with billing on', () => {
+  it('402 at start when the balance cannot cover the first step; no run, no message', async () => {
+    const owner = await createUser(ctx.app);
+    // `fake-billed`: 1 credit per output token; 10 output tokens at most → a step needs up to 10.
+    await createAgent(ctx.app, owner.headers, { model: 'fake-billed', max_output_tokens: 10, is_default: true });
+    const thread = await createThread(ctx.app, owner.headers);
+    await grant(owner, '9.5');
+    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hello' });
+    expect(refused.statusCode).toBe(402);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/^Not enough credits to start this run: available 9.5; .* needs up to 10$/);
+    expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<{ count: number }>().count).toBe(0);
+    expect((await api('GET', `/threads/${thread.id}/messages`, owner.headers)).json<{ count: number }>().count).toBe(0);
+    expect(fake.log).toHaveLength(0);
+  });
+
+  it('a later step the credits cannot cover fails the run with "not enough credits"; a tool without an implementation answers the model with an error', async () => {
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { model: 'fake-billed', max_output_tokens: 10, tools: ['knowledge_search'], is_default: true });
+    const thread = await createThread(ctx.app, owner.headers);
+    await grant(owner, '15');
+    fake.script('fake-billed', { toolCalls: [{ id: 'call_1', name: 'knowledge_search', arguments: '{"query":"q"}' }], usage: { prompt_tokens: 3, completion_tokens: 8 } });
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'search then answer' });
+    const final = await waitForRun(ctx.app, owner.headers, run.id, ['failed', 'completed']);
+    expect(final.status).toBe('failed');
+    expect(final.error).toMatch(/^Not enough credits/);
+    expect(final).toMatchObject({ steps: 1, cost: '8' });
+    const { events } = await readEvents(base, owner.headers, run.id);
+    expect(events.find((e) => e.event === 'tool.result')!.data).toMatchObject({ name: 'knowledge_search', is_error: true, content: 'Error: the tool knowledge_search is not available on this server' });
+    expect(fake.requestsFor('fake-billed')).toHaveLength(1);
+    await ctx.app.meter.idle();
+    const account = await getBalance(ctx.database.db, owner.user.id);
+    expect(Number(account.balance)).toBe(7);
+    expect(Number(account.reserved)).toBe(0);
+    expect(await ledgerSum(ctx.database.db, owner.user.id)).toBe(account.balance);
+  });
+
+  it('the deadline (RUN_TIMEOUT_SECONDS) aborts a hanging model call and fails the run in words', async () => {
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { is_default: true });
+    const thread = await createThread(ctx.app, owner.headers);
+    await grant(owner, '100');
+    fake.script('fake-precise', { hang: true });
+    const started = Date.now();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'never answered' });
+    const final = await waitForRun(ctx.app, owner.headers, run.id, ['failed'], 5_000);
+    expect(Date.now() - started).toBeLessThan(3_000);
+    expect(final.error).toBe('The run passed its deadline of 1 s (RUN_TIMEOUT_SECONDS) and was stopped');
+    await fake.waitFor((log) => log[0]!.aborted, 1_000);
+    expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
+  });
+});

@@ -1,0 +1,115 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+
+import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { eventually } from '../helpers/http.js';
+import { freePort, healthy, keel, killLeftovers } from '../helpers/process.js';
+import { expectContiguous, FINAL_EVENTS, readEvents, type RunBody } from '../helpers/runs.js';
+
+// The real CLI (`keel start`, embedded) killed with SIGKILL or stopped with SIGTERM mid-run, then
+// started again on the same data directory: the run is taken up again, never left running.
+const scratch = mkdtempSync(join(tmpdir(), 'keel-runs-crash-'));
+const PASSWORD = 'crash-test-password';
+const MODEL = 'gpt-4.1';
+let fake: FakeModelServer;
+
+beforeAll(async () => {
+  fake = await FakeModelServer.start();
+});
+afterEach(killLeftovers);
+afterAll(async () => {
+  await fake?.close();
+  rmSync(scratch, { recursive: true, force: true });
+});
+
+async function start(dataDir: string, port: number) {
+  const child = keel(['start'], {
+    ENVIRONMENT: 'local',
+    DATA_DIR: dataDir,
+    HOST: '127.0.0.1',
+    PORT: String(port),
+    LOG_FORMAT: 'json',
+    LOG_LEVEL: 'warn',
+    FIRST_SUPERUSER: 'admin@crash.test',
+    FIRST_SUPERUSER_PASSWORD: PASSWORD,
+    OPENAI_API_KEY: 'sk-fake',
+    OPENAI_BASE_URL: fake.url,
+    RUN_LEASE_SECONDS: '2',
+    RUN_SWEEP_INTERVAL_SECONDS: '1',
+  });
+  const base = `http://127.0.0.1:${port}`;
+  await healthy(child, base);
+  return { child, base };
+}
+
+async function json<T>(base: string, method: string, path: string, headers: Record<string, string>, body?: unknown): Promise<{ status: number; body: T }> {
+  const response = await fetch(`${base}/api/v1${path}`, { method, headers: { 'content-type': 'application/json', ...headers }, ...(body === undefined ? {} : { body: JSON.stringify(body) }) });
+  return { status: response.status, body: (await response.json()) as T };
+}
+
+/** A user with a default agent on MODEL and a run started on a new thread. */
+async function userWithRun(base: string, email: string) {
+  expect((await json(base, 'POST', '/users/signup', {}, { email, password: PASSWORD })).status).toBe(200);
+  const login = await fetch(`${base}/api/v1/login/access-token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams({ username: email, password: PASSWORD }) });
+  const headers = { authorization: `Bearer ${((await login.json()) as { access_token: string }).access_token}` };
+  expect((await json(base, 'POST', '/agents', headers, { name: 'a', model: MODEL, is_default: true })).status).toBe(200);
+  const run = await json<RunBody>(base, 'POST', '/runs', headers, { input: 'tell me a long story' });
+  expect(run.status).toBe(202);
+  return { headers, run: run.body };
+}
+
+/** A fresh data directory with `keel start` on it, a user, and a run the fake model streams slowly; `then` is the model's next answer. */
+async function runMidStream(name: string, then: string, chunksBefore: number) {
+  fake.reset();
+  fake.script(MODEL, { chunks: Array.from({ length: 100 }, (_, i) => `w${i} `), chunkDelayMs: 100 }, { text: then });
+  const dataDir = join(scratch, name);
+  const port = await freePort();
+  const first = await start(dataDir, port);
+  const { headers, run } = await userWithRun(first.base, `${name}@crash.test`);
+  await fake.waitFor((log) => log.some((r) => r.chunksSent >= chunksBefore), 10_000);
+  return { first, headers, run, restart: () => start(dataDir, port) };
+}
+
+async function messagesOf(base: string, headers: Record<string, string>, threadId: string) {
+  return (await json<{ data: { role: string; content: string; run_id: string | null }[] }>(base, 'GET', `/threads/${threadId}/messages?limit=100`, headers)).body.data;
+}
+
+describe('embedded process stopped mid-run', () => {
+  it('kill -9, then a restart: the run is resumed once its lease expires and completes with one answer', async () => {
+    const { first, headers, run, restart } = await runMidStream('kill', 'the resumed story', 5);
+    first.child.process.kill('SIGKILL');
+    await first.child.ended;
+
+    const second = await restart();
+    await eventually(async () => (await json<RunBody>(second.base, 'GET', `/runs/${run.id}`, headers)).body.status !== 'running', 20_000);
+    const final = (await json<RunBody>(second.base, 'GET', `/runs/${run.id}`, headers)).body;
+    expect(final).toMatchObject({ status: 'completed', attempts: 2, steps: 1 });
+    const answers = (await messagesOf(second.base, headers, run.thread_id)).filter((m) => m.role === 'assistant');
+    expect(answers.map((m) => m.content)).toEqual(['the resumed story']);
+    const { events } = await readEvents(second.base, headers, run.id);
+    expectContiguous(events);
+    expect(events.filter((e) => FINAL_EVENTS.has(e.event)).map((e) => e.event)).toEqual(['run.completed']);
+    second.child.process.kill('SIGTERM');
+    await second.child.ended;
+  });
+
+  it('SIGTERM hands the running run back; the next start finishes it', async () => {
+    const { first, headers, run, restart } = await runMidStream('term', 'finished after restart', 3);
+    first.child.process.kill('SIGTERM');
+    const exit = await first.child.ended;
+    expect(exit.code).toBe(0);
+    expect(fake.log[0]!.aborted).toBe(true);
+
+    const second = await restart();
+    await eventually(async () => (await json<RunBody>(second.base, 'GET', `/runs/${run.id}`, headers)).body.status === 'completed', 10_000);
+    const final = (await json<RunBody>(second.base, 'GET', `/runs/${run.id}`, headers)).body;
+    // A handed-back run is not a crash: it does not use up an attempt.
+    expect(final.attempts).toBe(1);
+    expect((await messagesOf(second.base, headers, run.thread_id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['finished after restart']);
+    second.child.process.kill('SIGTERM');
+    await second.child.ended;
+  });
+});

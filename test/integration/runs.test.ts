@@ -1,0 +1,458 @@
+import { type AddressInfo, connect } from 'node:net';
+
+import { eq } from 'drizzle-orm';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { messages, runs, threads } from '../../src/models/index.js';
+
+import { useTestApp } from '../helpers/app.js';
+import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { apiOf, type ListBody, sleep } from '../helpers/http.js';
+import { addFakeModels } from '../helpers/metered-models.js';
+import { createAgent, createThread, expectContiguous, FINAL_EVENTS, getRun, readEvents, type RunBody, startRun, waitForRun } from '../helpers/runs.js';
+
+const MODEL = 'fake-precise';
+
+/** knowledge_search as a test installs it: answers after TOOL_DELAY_MS and records when each call ran. */
+const TOOL_DELAY_MS = 300;
+const toolCalls: { query: string; started: number; ended: number }[] = [];
+
+const ctx = useTestApp(
+  { MAX_ACTIVE_RUNS_PER_USER: '4', MODEL_RETRY_MAX_WAIT_MS: '50', RUN_EVENTS_KEEPALIVE_SECONDS: '1', MAX_RUN_STEPS: '3' },
+  {
+    tools: {
+      knowledge_search: async (input) => {
+        const started = Date.now();
+        await sleep(TOOL_DELAY_MS);
+        const query = String((input as { query?: unknown }).query);
+        toolCalls.push({ query, started, ended: Date.now() });
+        return { passages: [{ text: `about ${query}`, source: 'doc.md' }] };
+      },
+    },
+  },
+);
+const api = apiOf(ctx);
+let fake: FakeModelServer;
+let base: string;
+
+beforeAll(async () => {
+  fake = await FakeModelServer.start();
+  await addFakeModels(ctx.app, await superuserHeaders(ctx.app), fake.url);
+  await ctx.app.listen({ port: 0, host: '127.0.0.1' });
+  base = `http://127.0.0.1:${(ctx.app.server.address() as AddressInfo).port}`;
+});
+afterAll(async () => {
+  await fake?.close();
+});
+beforeEach(() => {
+  fake.reset();
+});
+
+interface MessageBody {
+  role: string;
+  content: string;
+  run_id: string | null;
+  tool_calls: { id: string; name: string }[] | null;
+  tool_call_id: string | null;
+}
+
+async function threadMessages(owner: TestUser, threadId: string): Promise<MessageBody[]> {
+  const response = await api('GET', `/threads/${threadId}/messages?limit=100`, owner.headers);
+  expect(response.statusCode).toBe(200);
+  return response.json<ListBody<MessageBody>>().data;
+}
+
+/** A user with a default agent (on the fake model) and a thread. */
+async function setup(agent: Record<string, unknown> = {}) {
+  const owner = await createUser(ctx.app);
+  const created = await createAgent(ctx.app, owner.headers, { is_default: true, ...agent });
+  const thread = await createThread(ctx.app, owner.headers);
+  return { owner, agent: created, thread };
+}
+
+describe('a run streams its answer', () => {
+  it('queues (202), streams deltas over SSE in seq order, completes and writes the messages', async () => {
+    fake.script(MODEL, { chunks: ['Hel', 'lo ', 'world'], chunkDelayMs: 30, usage: { prompt_tokens: 12, completion_tokens: 3 } });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'Hi there' });
+    expect(run).toMatchObject({ status: 'queued', thread_id: thread.id, model: MODEL, input: 'Hi there', agent_version: 1 });
+
+    const { events, ended } = await readEvents(base, owner.headers, run.id);
+    expect(ended).toBe(true);
+    expectContiguous(events);
+    expect(events.map((e) => e.event)).toEqual(['run.queued', 'run.started', 'message.created', 'message.delta', 'message.delta', 'message.delta', 'message.completed', 'run.completed']);
+    const created = events[2]!.data.message as { id: string; role: string };
+    expect(created.role).toBe('assistant');
+    const deltas = events.filter((e) => e.event === 'message.delta');
+    expect(deltas.map((e) => e.data.delta).join('')).toBe('Hello world');
+    for (const delta of deltas) expect(delta.data).toMatchObject({ run_id: run.id, message_id: created.id });
+    const final = events.at(-1)!.data.run as RunBody;
+    expect(final).toMatchObject({ status: 'completed', steps: 1, usage: { input_tokens: 12, output_tokens: 3 } });
+
+    const stored = await getRun(ctx.app, owner.headers, run.id);
+    // 12 × 1.23 + 3 × 4.56 per million tokens, exact.
+    expect(stored).toMatchObject({ status: 'completed', error: null, cost: '0.00002844', steps: 1, attempts: 1 });
+    const thread_ = await api('GET', `/threads/${thread.id}`, owner.headers);
+    expect(thread_.json<{ status: string }>().status).toBe('idle');
+    const list = await threadMessages(owner, thread.id);
+    expect(list.map((m) => [m.role, m.content, m.run_id])).toEqual([
+      ['user', 'Hi there', null],
+      ['assistant', 'Hello world', run.id],
+    ]);
+    // The model got the system prompt and the thread.
+    const sent = fake.requestsFor(MODEL)[0]!.body.messages as { role: string; content: string }[];
+    expect(sent.map((m) => m.role)).toEqual(['system', 'user']);
+  });
+
+  it('replays from any Last-Event-ID or ?after= exactly once, live and after the end', async () => {
+    fake.script(MODEL, { chunks: Array.from({ length: 12 }, (_, i) => `w${i} `), chunkDelayMs: 40 });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'count' });
+    // Live: a client reads 5 events, drops, and comes back with Last-Event-ID: 5 while the run streams.
+    const first = await readEvents(base, owner.headers, run.id, { limit: 5 });
+    expect(first.ended).toBe(false);
+    const rest = await readEvents(base, owner.headers, run.id, { lastEventId: 5 });
+    expect(rest.ended).toBe(true);
+    const all = [...first.events, ...rest.events];
+    expectContiguous(all);
+    expect(FINAL_EVENTS.has(all.at(-1)!.event)).toBe(true);
+    const total = all.length;
+    // After the end: every starting point gives exactly the rest.
+    for (const after of [0, 1, 3, 7, total - 1]) {
+      const replay = await readEvents(base, owner.headers, run.id, after % 2 ? { after } : { lastEventId: after });
+      expectContiguous(replay.events, after);
+      expect(replay.events.map((e) => e.event)).toEqual(all.slice(after).map((e) => e.event));
+      expect(replay.events.map((e) => e.data)).toEqual(all.slice(after).map((e) => e.data));
+    }
+    // Read to the end: the stream closes at once.
+    const none = await readEvents(base, owner.headers, run.id, { after: total });
+    expect(none).toMatchObject({ events: [], ended: true });
+  });
+
+  it('a client that stops reading never holds up the run or the other readers', async () => {
+    const pieces = Array.from({ length: 3_000 }, (_, i) => `token-${i}-${'x'.repeat(40)} `);
+    fake.script(MODEL, { chunks: pieces });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'flood' });
+    // A raw connection that asks for the stream and then reads nothing.
+    const { port } = ctx.app.server.address() as AddressInfo;
+    const stalled = connect(port, '127.0.0.1');
+    stalled.write(`GET /api/v1/runs/${run.id}/events HTTP/1.1\r\nHost: x\r\nAuthorization: ${owner.headers.authorization}\r\n\r\n`);
+    stalled.pause();
+    const { events } = await readEvents(base, owner.headers, run.id, { timeoutMs: 30_000 });
+    expectContiguous(events);
+    expect(events.filter((e) => e.event === 'message.delta')).toHaveLength(pieces.length);
+    expect((await waitForRun(ctx.app, owner.headers, run.id, ['completed'])).status).toBe('completed');
+    stalled.destroy();
+  });
+
+  it('sends keep-alive comments while the model is silent', async () => {
+    fake.script(MODEL, { chunks: ['slow ', 'answer'], chunkDelayMs: 1_300 });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'wait' });
+    const { comments, ended } = await readEvents(base, owner.headers, run.id);
+    expect(ended).toBe(true);
+    expect(comments.filter((c) => c === 'keep-alive').length).toBeGreaterThanOrEqual(1);
+  });
+});
+
+describe('tools', () => {
+  it('runs parallel tool calls, feeds their results back and loops to the answer', async () => {
+    toolCalls.length = 0;
+    fake.script(
+      MODEL,
+      {
+        toolCalls: [
+          { id: 'call_a', name: 'knowledge_search', arguments: '{"query":"alpha"}' },
+          { id: 'call_b', name: 'knowledge_search', arguments: '{"query":"beta"}' },
+          { id: 'call_c', name: 'web_search', arguments: '{"q":"x"}' },
+        ],
+        usage: { prompt_tokens: 5, completion_tokens: 5 },
+      },
+      { text: 'Found it.', usage: { prompt_tokens: 20, completion_tokens: 3 } },
+    );
+    const { owner, thread } = await setup({ tools: ['knowledge_search'] });
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'search' });
+    const { events } = await readEvents(base, owner.headers, run.id);
+    expectContiguous(events);
+    const names = events.map((e) => e.event);
+    expect(names.filter((n) => n === 'tool.call')).toHaveLength(3);
+    expect(names.at(-1)).toBe('run.completed');
+    const results = events.filter((e) => e.event === 'tool.result').map((e) => e.data);
+    expect(results).toHaveLength(3);
+    expect(results.find((r) => r.tool_call_id === 'call_c')).toMatchObject({ name: 'web_search', is_error: true });
+    expect(results.find((r) => r.tool_call_id === 'call_a')).toMatchObject({ is_error: false, content: JSON.stringify({ passages: [{ text: 'about alpha', source: 'doc.md' }] }) });
+
+    // Both searches ran at the same time, not one after the other.
+    expect(toolCalls).toHaveLength(2);
+    const [a, b] = toolCalls;
+    expect(Math.max(a!.started, b!.started)).toBeLessThan(Math.min(a!.ended, b!.ended));
+
+    const final = await getRun(ctx.app, owner.headers, run.id);
+    expect(final).toMatchObject({ status: 'completed', steps: 2, usage: { input_tokens: 25, output_tokens: 8 } });
+    const list = await threadMessages(owner, thread.id);
+    expect(list.map((m) => m.role)).toEqual(['user', 'assistant', 'tool', 'tool', 'tool', 'assistant']);
+    expect(list[1]!.tool_calls!.map((c) => c.id)).toEqual(['call_a', 'call_b', 'call_c']);
+    expect(list.slice(2, 5).map((m) => m.tool_call_id).sort()).toEqual(['call_a', 'call_b', 'call_c']);
+    expect(list[5]!.content).toBe('Found it.');
+    // The second model call carried the tool results.
+    const second = fake.requestsFor(MODEL)[1]!.body.messages as { role: string; tool_call_id?: string }[];
+    expect(second.filter((m) => m.role === 'tool').map((m) => m.tool_call_id).sort()).toEqual(['call_a', 'call_b', 'call_c']);
+  });
+
+  it('fails in words after MAX_RUN_STEPS model calls without an answer', async () => {
+    const loop = { toolCalls: [{ id: 'call_x', name: 'knowledge_search', arguments: '{"query":"again"}' }] };
+    fake.script(MODEL, loop, loop, loop, loop);
+    const { owner, thread } = await setup({ tools: ['knowledge_search'] });
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'loop' });
+    const final = await waitForRun(ctx.app, owner.headers, run.id, ['failed']);
+    expect(final.error).toMatch(/all 3 steps \(MAX_RUN_STEPS\)/);
+    expect(final.steps).toBe(3);
+  });
+});
+
+describe('cancel', () => {
+  it('mid-stream: aborts the upstream request within 1 s, ends the stream with run.cancelled, writes no answer', async () => {
+    fake.script(MODEL, { chunks: Array.from({ length: 50 }, (_, i) => `t${i} `), chunkDelayMs: 100 });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'long' });
+    const reading = readEvents(base, owner.headers, run.id);
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 2));
+    const sent = Date.now();
+    const cancelled = await api('POST', `/runs/${run.id}/cancel`, owner.headers);
+    expect(cancelled.statusCode, cancelled.body).toBe(200);
+    expect(cancelled.json<RunBody>().status).toBe('cancelled');
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.aborted), 1_000);
+    expect(Date.now() - sent).toBeLessThan(1_000);
+    const { events, ended } = await reading;
+    expect(ended).toBe(true);
+    expectContiguous(events);
+    expect(events.at(-1)!.event).toBe('run.cancelled');
+    expect(events.filter((e) => FINAL_EVENTS.has(e.event))).toHaveLength(1);
+    expect((await threadMessages(owner, thread.id)).map((m) => m.role)).toEqual(['user']);
+    const thread_ = await api('GET', `/threads/${thread.id}`, owner.headers);
+    expect(thread_.json<{ status: string }>().status).toBe('idle');
+    // A final status never changes.
+    expect((await api('POST', `/runs/${run.id}/cancel`, owner.headers)).statusCode).toBe(409);
+    await sleep(200);
+    expect((await getRun(ctx.app, owner.headers, run.id)).status).toBe('cancelled');
+  });
+
+  it('while queued (behind another run): cancelled at once, never calls the model', async () => {
+    fake.script(MODEL, { chunks: ['a ', 'b ', 'c'], chunkDelayMs: 150 });
+    const { owner, thread } = await setup();
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'one' });
+    const second = await startRun(ctx.app, owner.headers, thread.id, { input: 'two', multitask_strategy: 'enqueue' });
+    expect(second.status).toBe('queued');
+    const cancelled = await api('POST', `/runs/${second.id}/cancel`, owner.headers);
+    expect(cancelled.json<RunBody>().status).toBe('cancelled');
+    const { events } = await readEvents(base, owner.headers, second.id);
+    expect(events.map((e) => e.event)).toEqual(['run.queued', 'run.cancelled']);
+    await waitForRun(ctx.app, owner.headers, first.id, ['completed']);
+    expect(fake.requestsFor(MODEL)).toHaveLength(1);
+    // Its input never became a message: it never held the thread.
+    expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['one', 'a b c']);
+  });
+});
+
+describe('one active run per thread', () => {
+  it('reject (default) answers 409; enqueue runs after the first; the thread is busy, then idle', async () => {
+    fake.script(MODEL, { chunks: ['first ', 'answer'], chunkDelayMs: 100 }, { text: 'second answer' });
+    const { owner, thread } = await setup();
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'q1' });
+    expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('busy');
+    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'q2' });
+    expect(refused.statusCode).toBe(409);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/Thread is busy/);
+    // Posting a message while a run works is refused too.
+    expect((await api('POST', `/threads/${thread.id}/messages`, owner.headers, { content: 'x' })).statusCode).toBe(409);
+    const queued = await startRun(ctx.app, owner.headers, thread.id, { input: 'q2', multitask_strategy: 'enqueue' });
+    const active = await api('GET', '/runs/active', owner.headers);
+    expect(active.json<ListBody<RunBody>>().data.map((r) => r.id).sort()).toEqual([first.id, queued.id].sort());
+    await waitForRun(ctx.app, owner.headers, queued.id, ['completed']);
+    expect((await getRun(ctx.app, owner.headers, first.id)).status).toBe('completed');
+    expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['q1', 'first answer', 'q2', 'second answer']);
+    expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
+    const listed = await api('GET', `/threads/${thread.id}/runs`, owner.headers);
+    expect(listed.json<ListBody<RunBody>>()).toMatchObject({ count: 2, data: [{ id: queued.id }, { id: first.id }] });
+  });
+
+  it('interrupt cancels the active run (its model call aborted) and starts the new one', async () => {
+    fake.script(MODEL, { chunks: Array.from({ length: 40 }, () => 'x '), chunkDelayMs: 100 }, { text: 'fresh' });
+    const { owner, thread } = await setup();
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'old' });
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 1));
+    const second = await startRun(ctx.app, owner.headers, thread.id, { input: 'new', multitask_strategy: 'interrupt' });
+    await fake.waitFor((log) => log[0]!.aborted, 1_000);
+    expect((await getRun(ctx.app, owner.headers, first.id)).status).toBe('cancelled');
+    await waitForRun(ctx.app, owner.headers, second.id, ['completed']);
+    expect((await readEvents(base, owner.headers, first.id)).events.at(-1)!.event).toBe('run.cancelled');
+    expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['old', 'new', 'fresh']);
+  });
+
+  it('the database refuses a second active run on a thread, whatever the code does', async () => {
+    const { owner, thread } = await setup();
+    fake.script(MODEL, { chunks: ['a ', 'b'], chunkDelayMs: 100 });
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
+    const row = await ctx.app.db.select().from(runs).where(eq(runs.id, run.id));
+    const { id: _id, created_at: _c, updated_at: _u, ...copy } = row[0]!;
+    await expect(ctx.app.db.insert(runs).values({ ...copy, status: 'queued', lease_owner: null })).rejects.toThrow();
+    await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+  });
+});
+
+describe('failures in words', () => {
+  it('a provider 429 is retried, then the run completes', async () => {
+    fake.script(MODEL, { status: 429, headers: { 'retry-after': '0' } }, { text: 'after the limit' });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
+    const final = await waitForRun(ctx.app, owner.headers, run.id, ['completed', 'failed']);
+    expect(final.status).toBe('completed');
+    expect(fake.requestsFor(MODEL).map((r) => r.reply)).toEqual([429, 200]);
+  });
+
+  it('a rejected key, an unreachable provider and an unknown model fail the run with what to do', async () => {
+    const { owner, thread } = await setup();
+    fake.script(MODEL, { status: 401 });
+    const rejected = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
+    expect((await waitForRun(ctx.app, owner.headers, rejected.id, ['failed'])).error).toMatch(/rejected the API key.*check the provider's key/);
+    fake.script(MODEL, { status: 503 }, { status: 503 }, { status: 503 });
+    const down = await startRun(ctx.app, owner.headers, thread.id, {});
+    expect((await waitForRun(ctx.app, owner.headers, down.id, ['failed'])).error).toMatch(/could not be reached or failed \(503\).*try again later/);
+    const { events } = await readEvents(base, owner.headers, down.id);
+    expect(events.at(-1)).toMatchObject({ event: 'run.failed', data: { run: { status: 'failed' } } });
+    // A model named by the request must be in the catalog (422 at once).
+    const unknown = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { model: 'no-such-model' });
+    expect(unknown.statusCode).toBe(422);
+  });
+
+  it('retry makes a new run with the same input, not appended twice; delete only when ended', async () => {
+    const { owner, thread } = await setup();
+    fake.script(MODEL, { status: 401 }, { text: 'second try' });
+    const failed = await startRun(ctx.app, owner.headers, thread.id, { input: 'please' });
+    await waitForRun(ctx.app, owner.headers, failed.id, ['failed']);
+    const retried = await api('POST', `/runs/${failed.id}/retry`, owner.headers);
+    expect(retried.statusCode, retried.body).toBe(202);
+    const again = retried.json<RunBody>();
+    expect(again).toMatchObject({ input: 'please', status: 'queued' });
+    expect(again.id).not.toBe(failed.id);
+    await waitForRun(ctx.app, owner.headers, again.id, ['completed']);
+    expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['please', 'second try']);
+    expect((await api('POST', `/runs/${again.id}/retry`, owner.headers)).statusCode).toBe(409);
+    expect((await api('DELETE', `/runs/${failed.id}`, owner.headers)).statusCode).toBe(200);
+    expect((await api('GET', `/runs/${failed.id}`, owner.headers)).statusCode).toBe(404);
+    fake.script(MODEL, { chunks: ['a ', 'b'], chunkDelayMs: 150 });
+    const running = await startRun(ctx.app, owner.headers, thread.id, { input: 'more' });
+    expect((await api('DELETE', `/runs/${running.id}`, owner.headers)).statusCode).toBe(409);
+    await waitForRun(ctx.app, owner.headers, running.id, ['completed']);
+    // Messages of a deleted run stay in the thread.
+    expect((await api('DELETE', `/runs/${running.id}`, owner.headers)).statusCode).toBe(200);
+    expect((await threadMessages(owner, thread.id)).map((m) => [m.content, m.run_id])).toContainEqual(['a b', null]);
+  });
+
+  it('starts without an agent use the default one; none at all is a 422 naming agent_id', async () => {
+    const owner = await createUser(ctx.app);
+    const thread = await createThread(ctx.app, owner.headers);
+    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hi' });
+    expect(refused.statusCode).toBe(422);
+    expect(JSON.stringify(refused.json())).toMatch(/agent_id/);
+    const agent = await createAgent(ctx.app, owner.headers);
+    const named = await startRun(ctx.app, owner.headers, thread.id, { agent_id: agent.id, input: 'hi' });
+    expect(named.agent_id).toBe(agent.id);
+    await waitForRun(ctx.app, owner.headers, named.id, ['completed']);
+  });
+
+  it('POST /runs makes a thread with the input as its first message', async () => {
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { is_default: true });
+    const response = await api('POST', '/runs', owner.headers, { input: 'new thread please', thread: { title: 'Fresh' } });
+    expect(response.statusCode, response.body).toBe(202);
+    const run = response.json<RunBody>();
+    await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+    const thread = await api('GET', `/threads/${run.thread_id}`, owner.headers);
+    expect(thread.json<{ title: string }>().title).toBe('Fresh');
+    expect((await threadMessages(owner, run.thread_id)).map((m) => m.role)).toEqual(['user', 'assistant']);
+  });
+});
+
+describe('limits and access', () => {
+  it('MAX_ACTIVE_RUNS_PER_USER: one more active run answers 429', async () => {
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { is_default: true });
+    fake.script(MODEL, ...Array.from({ length: 4 }, () => ({ chunks: ['slow ', 'one'], chunkDelayMs: 300 })));
+    const started: RunBody[] = [];
+    for (let i = 0; i < 4; i++) started.push(await startRun(ctx.app, owner.headers, (await createThread(ctx.app, owner.headers)).id, { input: 'x' }));
+    const thread = await createThread(ctx.app, owner.headers);
+    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'x' });
+    expect(refused.statusCode).toBe(429);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/MAX_ACTIVE_RUNS_PER_USER/);
+    for (const run of started) await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+  });
+
+  it('another user\'s run and thread answer 404 on every run route', async () => {
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'mine' });
+    await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+    const mallory = await createUser(ctx.app);
+    await createAgent(ctx.app, mallory.headers, { is_default: true });
+    const attempts: [string, string, unknown?][] = [
+      ['GET', `/runs/${run.id}`],
+      ['GET', `/runs/${run.id}/events`],
+      ['POST', `/runs/${run.id}/cancel`],
+      ['POST', `/runs/${run.id}/retry`],
+      ['DELETE', `/runs/${run.id}`],
+      ['GET', `/threads/${thread.id}/runs`],
+      ['POST', `/threads/${thread.id}/runs`, { input: 'theirs' }],
+    ];
+    for (const [method, url, body] of attempts) {
+      const response = await api(method as 'GET', url, mallory.headers, body);
+      expect(response.statusCode, `${method} ${url}`).toBe(404);
+    }
+    expect((await api('GET', '/runs/active', mallory.headers)).json<ListBody<RunBody>>().count).toBe(0);
+    // Unauthenticated: 401.
+    expect((await api('GET', `/runs/${run.id}`)).statusCode).toBe(401);
+  });
+});
+
+describe('durability', () => {
+  it('a run whose worker died is resumed by the sweep without duplicating its messages, or failed after RUN_MAX_ATTEMPTS', async () => {
+    const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
+    const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);
+    const { owner, thread } = await setup();
+    fake.script(MODEL, { text: 'first' });
+    const done = await startRun(ctx.app, owner.headers, thread.id, { input: 'before' });
+    await waitForRun(ctx.app, owner.headers, done.id, ['completed']);
+    // A run some dead worker held: running, lease expired, one step not written.
+    const [orphan] = await ctx.app.db
+      .insert(runs)
+      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: done.agent_id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 1, started_at: new Date() })
+      .returning();
+    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
+    await ctx.app.runs.bus.events.append(orphan!.id, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }, { event: 'message.created', data: {} }]);
+    fake.script(MODEL, { text: 'resumed answer' });
+    expect((await sweeper.sweep()).resumed).toBe(1);
+    const resumed = await waitForRun(ctx.app, owner.headers, orphan!.id, ['completed', 'failed']);
+    expect(resumed).toMatchObject({ status: 'completed', attempts: 2 });
+    const assistants = (await ctx.app.db.select().from(messages).where(eq(messages.run_id, orphan!.id))).filter((m) => m.role === 'assistant');
+    expect(assistants.map((m) => m.content)).toEqual(['resumed answer']);
+    // Its log went on from where it was.
+    const { events } = await readEvents(base, owner.headers, orphan!.id);
+    expectContiguous(events);
+    expect(events.slice(0, 3).map((e) => e.event)).toEqual(['run.queued', 'run.started', 'message.created']);
+    expect(events.at(-1)!.event).toBe('run.completed');
+
+    // One that died too often is failed, in words, and its thread is free again.
+    const [hopeless] = await ctx.app.db
+      .insert(runs)
+      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: done.agent_id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 3, started_at: new Date() })
+      .returning();
+    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
+    expect((await sweeper.sweep()).failed).toBe(1);
+    const failed = await getRun(ctx.app, owner.headers, hopeless!.id);
+    expect(failed.status).toBe('failed');
+    expect(failed.error).toMatch(/interrupted 3 times.*retry/);
+    expect((await readEvents(base, owner.headers, hopeless!.id)).events.at(-1)!.event).toBe('run.failed');
+    expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
+  });
+});
