@@ -118,8 +118,6 @@ export const SettingsSchema = z.object({
   JOB_ATTEMPTS: int(1, 100).default(5),
   JOB_BACKOFF_MS: int(1, 3_600_000).default(2_000),
   JOB_CONCURRENCY: int(1, 1_000).default(4),
-  /** A run's events stay replayable (`GET /runs/{id}/events`) this long after the run ends. */
-  RUN_EVENTS_TTL_SECONDS: int(60, 2_592_000).default(3600),
   /** `smtp` sends through SMTP_* (off while they are unset); `console` logs each email instead (local only). */
   EMAIL_BACKEND: z.enum(['smtp', 'console']).default('smtp'),
   SMTP_HOST: optionalString,
