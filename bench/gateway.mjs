@@ -23,6 +23,8 @@ const N1 = Number(process.env.N1 ?? 2000);
 const DURATION = Number(process.env.DURATION ?? 5);
 const CLIENTS = (process.env.CLIENTS ?? '16 64').split(/\s+/).filter(Boolean).map(Number);
 const TARGETS = (process.env.TARGETS ?? 'embedded postgres portkey').split(/\s+/).filter(Boolean);
+// Extra node flags for the Keel servers, e.g. KEEL_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" (NODE_OPTIONS refuses --cpu-prof).
+const KEEL_NODE_ARGS = (process.env.KEEL_NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
 const PG_ADMIN_URL = process.env.PG_ADMIN_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
 const OUT = 'bench/out/gateway';
 const PORTS = { upstream: 8201, embedded: 8202, postgres: 8203, portkey: 8204 };
@@ -224,7 +226,7 @@ const targets = [{ name: 'direct', port: PORTS.upstream, path: '/v1/chat/complet
 
 if (TARGETS.includes('embedded')) {
   const dataDir = `${OUT}/data-embedded`;
-  const child = start('keel-embedded', ['bin/keel.js', 'start'], keelEnv(PORTS.embedded, { DATA_DIR: dataDir, DATABASE_URL: '' }));
+  const child = start('keel-embedded', [...KEEL_NODE_ARGS, 'bin/keel.js', 'start'], keelEnv(PORTS.embedded, { DATA_DIR: dataDir, DATABASE_URL: '' }));
   await waitUp(PORTS.embedded);
   const key = await configureKeel(PORTS.embedded);
   targets.push({ name: 'embedded', port: PORTS.embedded, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });
@@ -234,7 +236,7 @@ if (TARGETS.includes('postgres')) {
   execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `create database "${benchDb}"`]);
   const env = keelEnv(PORTS.postgres, { DATA_DIR: `${OUT}/data-postgres`, DATABASE_URL: `${PG_ADMIN_URL.replace(/\/[^/]*$/, '')}/${benchDb}` });
   execFileSync(process.execPath, ['--import', 'tsx', 'src/main.ts', 'migrate'], { env: { ...process.env, ...env }, stdio: 'ignore' });
-  const child = start('keel-postgres', ['bin/keel.js', 'api'], env);
+  const child = start('keel-postgres', [...KEEL_NODE_ARGS, 'bin/keel.js', 'api'], env);
   await waitUp(PORTS.postgres);
   const key = await configureKeel(PORTS.postgres);
   targets.push({ name: 'postgres', port: PORTS.postgres, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });

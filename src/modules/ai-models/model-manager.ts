@@ -25,6 +25,7 @@ import {
 import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings } from 'ai/internal';
 
 import type { ModelCatalog } from './catalog.js';
+import { type ChatWire, undeclaredToolCall as wireToolCall, type WireCall, wireMessages } from './chat-wire.js';
 import { computeCost, estimateCost } from './cost.js';
 import { ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, UpstreamError } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
@@ -230,19 +231,8 @@ function jsonOutput(format: JsonResponseFormat): OutputInterface<string, string,
 /** The provider model interface the SDK's own calls end in (what every registry provider creates). */
 type LanguageModelV3 = Extract<LanguageModel, { specificationVersion: 'v3' }>;
 
-/**
- * A tool call the model made though the call declared no tools: the SDK hands it back with its
- * input parsed when it is JSON, else as the text that came.
- */
-function undeclaredToolCall(part: { toolCallId: string; toolName: string; input: string }): ToolCall {
-  let input: unknown = part.input;
-  try {
-    input = JSON.parse(part.input) as unknown;
-  } catch {
-    // not JSON: kept as text
-  }
-  return { toolCallId: part.toolCallId, toolName: part.toolName, input };
-}
+/** A tool call from the provider model itself (a call without tools), read as the wire reads one. */
+const undeclaredToolCall = (part: { toolCallId: string; toolName: string; input: string }): ToolCall => wireToolCall(part.toolCallId, part.toolName, part.input);
 
 /** A call's text, reasoning and tool calls with the assistant message the SDK would return for them. */
 function answer(text: string, reasoningText: string | undefined, toolCalls: ToolCall[]): Pick<ChatResult, 'text' | 'reasoningText' | 'toolCalls' | 'responseMessages'> {
@@ -270,6 +260,9 @@ interface StreamSource {
   /** The assistant messages for what was streamed (after the parts ended). */
   responseMessages(text: string, reasoning: string | undefined, toolCalls: ToolCall[]): Promise<ModelMessage[]>;
 }
+
+/** The assistant message for a streamed answer read without the SDK (the wire, the provider model directly). */
+const directResponseMessages: StreamSource['responseMessages'] = async (text, reasoning, toolCalls) => answer(text, reasoning, toolCalls).responseMessages;
 
 class AttemptTimeout extends Error {}
 
@@ -388,6 +381,11 @@ export class ModelManager {
     this.options.providers.setRecords(providers);
   }
 
+  /** Closes the providers' idle connections (the app's close hook). */
+  close(): Promise<void> {
+    return this.options.providers.close();
+  }
+
   /** A model by id or alias, with its availability; disabled models too. */
   getModel(idOrAlias: string): ModelView | undefined {
     const model = this.options.catalog.getModel(idOrAlias);
@@ -418,6 +416,12 @@ export class ModelManager {
   async chat(request: ChatRequest): Promise<ChatResult> {
     const started = performance.now();
     return this.run(request, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
+      const wired = this.wireCall(request, model);
+      if (wired) {
+        const reply = await wired.wire.generate(wired.call, attempt.signal);
+        state.usage = reply.usage;
+        return { ...this.outcome(model, reply.usage, started), ...answer(reply.text, reply.reasoning, reply.toolCalls), finishReason: reply.finishReason, time_to_first_token_ms: null };
+      }
       const languageModel = this.directModel(request, model);
       if (languageModel) return this.generate(request, languageModel, model, attempt, state, started);
       const result = await generateText({
@@ -435,6 +439,39 @@ export class ModelManager {
         time_to_first_token_ms: null,
       };
     });
+  }
+
+  /**
+   * The Chat Completions request a call sends without the SDK (see chat-wire.ts), or undefined when
+   * it needs the SDK: tools (validated against their schemas), provider options, or message parts
+   * other than text; providers other than `openai-compatible`.
+   */
+  private wireCall(request: ChatRequest, model: ModelInfo): { wire: ChatWire; call: WireCall } | undefined {
+    if (request.tools || request.providerOptions) return undefined;
+    const wire = this.options.providers.chatWire(model.provider);
+    if (!wire) return undefined;
+    const messages = wireMessages(request.system, request.messages);
+    if (!messages) return undefined;
+    // The SDK's checks of the settings (integers, ranges), so both paths refuse the same input.
+    const settings = prepareCallSettings({ maxOutputTokens: request.maxOutputTokens, temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences });
+    const format = request.responseFormat;
+    return {
+      wire,
+      call: {
+        model: model.id,
+        max_tokens: settings.maxOutputTokens,
+        temperature: settings.temperature,
+        top_p: settings.topP,
+        // As the SDK's openai-compatible model sends it (structured outputs on: see providers.ts).
+        response_format: !format
+          ? undefined
+          : format.schema
+            ? { type: 'json_schema', json_schema: { schema: format.schema, strict: true, name: format.name ?? 'response', description: format.description } }
+            : { type: 'json_object' },
+        stop: settings.stopSequences,
+        messages,
+      },
+    };
   }
 
   /**
@@ -606,6 +643,8 @@ export class ModelManager {
    * without tools) or through the SDK's `streamText`; an upstream error or abort is thrown.
    */
   private async streamSource(request: ChatRequest, model: ModelInfo, attempt: Attempt): Promise<StreamSource> {
+    const wired = this.wireCall(request, model);
+    if (wired) return { parts: await wired.wire.stream(wired.call, attempt.signal), responseMessages: directResponseMessages };
     const languageModel = this.directModel(request, model);
     if (languageModel) {
       const { stream } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, attempt)), includeRawChunks: false });
@@ -620,7 +659,7 @@ export class ModelManager {
             else yield PROGRESS;
           }
         })(),
-        responseMessages: async (text, reasoning, toolCalls) => answer(text, reasoning, toolCalls).responseMessages,
+        responseMessages: directResponseMessages,
       };
     }
     const sdk = streamText({ ...this.sdkOptions(request, model), abortSignal: attempt.signal, onError: () => {} });
