@@ -23,11 +23,14 @@ const N1 = Number(process.env.N1 ?? 2000);
 const DURATION = Number(process.env.DURATION ?? 5);
 const CLIENTS = (process.env.CLIENTS ?? '16 64').split(/\s+/).filter(Boolean).map(Number);
 const TARGETS = (process.env.TARGETS ?? 'embedded postgres portkey').split(/\s+/).filter(Boolean);
+// A/B in one run: BASE_CHECKOUT=<another checkout, built> adds `embedded-base` / `postgres-base`, the
+// same setups from that checkout, measured in the same rounds (e.g. the base commit via git archive).
+const BASE_CHECKOUT = process.env.BASE_CHECKOUT ?? '';
 // Extra node flags for the Keel servers, e.g. KEEL_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" (NODE_OPTIONS refuses --cpu-prof).
 const KEEL_NODE_ARGS = (process.env.KEEL_NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
 const PG_ADMIN_URL = process.env.PG_ADMIN_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
 const OUT = 'bench/out/gateway';
-const PORTS = { upstream: 8201, embedded: 8202, postgres: 8203, portkey: 8204 };
+const PORTS = { upstream: 8201, embedded: 8202, postgres: 8203, portkey: 8204, 'embedded-base': 8205, 'postgres-base': 8206 };
 const UPSTREAM = `http://127.0.0.1:${PORTS.upstream}/v1`;
 const MODEL = 'bench-model';
 
@@ -39,12 +42,12 @@ writeFileSync(RAW, '');
 // ==================== Processes ====================
 
 const children = [];
-let benchDb = null;
+const benchDbs = [];
 function cleanup() {
   for (const child of children) if (child.exitCode === null) child.kill('SIGTERM');
-  if (benchDb) {
+  for (const db of benchDbs) {
     try {
-      execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `drop database if exists "${benchDb}" with (force)`], { stdio: 'ignore' });
+      execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `drop database if exists "${db}" with (force)`], { stdio: 'ignore' });
     } catch {
       // best effort
     }
@@ -53,9 +56,9 @@ function cleanup() {
 process.on('exit', cleanup);
 for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, () => process.exit(130));
 
-function start(name, args, env) {
+function start(name, args, env, cwd = undefined) {
   const log = openSync(`${OUT}/${name}.log`, 'w');
-  const child = spawn(process.execPath, args, { env: { ...process.env, ...env }, stdio: ['ignore', log, log] });
+  const child = spawn(process.execPath, args, { env: { ...process.env, ...env }, stdio: ['ignore', log, log], cwd });
   children.push(child);
   return child;
 }
@@ -213,7 +216,7 @@ async function measure(target, mode, clients) {
     cpu_us: cpuPerRequest,
   };
   appendFileSync(RAW, `${[row.target, row.mode, row.clients, row.rps.toFixed(1), row.p50.toFixed(3), row.p99.toFixed(3), row.errors, row.cpu_us.toFixed(1)].join('\t')}\n`);
-  console.log(`${row.target.padEnd(9)} ${mode.padEnd(9)} c${String(clients).padEnd(3)} ${row.rps.toFixed(0).padStart(6)} req/s  p50 ${row.p50.toFixed(3)} ms  p99 ${row.p99.toFixed(3)} ms  errors ${errors}  server CPU ${row.cpu_us.toFixed(0)} µs/req`);
+  console.log(`${row.target.padEnd(13)} ${mode.padEnd(9)} c${String(clients).padEnd(3)} ${row.rps.toFixed(0).padStart(6)} req/s  p50 ${row.p50.toFixed(3)} ms  p99 ${row.p99.toFixed(3)} ms  errors ${errors}  server CPU ${row.cpu_us.toFixed(0)} µs/req`);
   return row;
 }
 
@@ -224,22 +227,28 @@ const upstream = start('upstream', ['bench/fake-upstream.mjs'], { PORT: String(P
 await waitUp(PORTS.upstream);
 const targets = [{ name: 'direct', port: PORTS.upstream, path: '/v1/chat/completions', headers: { authorization: 'Bearer sk-bench' }, pid: upstream.pid }];
 
-if (TARGETS.includes('embedded')) {
-  const dataDir = `${OUT}/data-embedded`;
-  const child = start('keel-embedded', [...KEEL_NODE_ARGS, 'bin/keel.js', 'start'], keelEnv(PORTS.embedded, { DATA_DIR: dataDir, DATABASE_URL: '' }));
-  await waitUp(PORTS.embedded);
-  const key = await configureKeel(PORTS.embedded);
-  targets.push({ name: 'embedded', port: PORTS.embedded, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });
+/** Keel embedded (`start`, PGlite) or on PostgreSQL (`api`, a database of its own) from `checkout`. */
+async function startKeel(name, kind, checkout) {
+  const port = PORTS[name];
+  const dataDir = `${process.cwd()}/${OUT}/data-${name}`;
+  let env;
+  if (kind === 'embedded') env = keelEnv(port, { DATA_DIR: dataDir, DATABASE_URL: '' });
+  else {
+    const db = `keel_gateway_bench_${process.pid}_${benchDbs.length}`;
+    benchDbs.push(db);
+    execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `create database "${db}"`]);
+    env = keelEnv(port, { DATA_DIR: dataDir, DATABASE_URL: `${PG_ADMIN_URL.replace(/\/[^/]*$/, '')}/${db}` });
+    execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { env: { ...process.env, ...env }, stdio: 'ignore', cwd: checkout });
+  }
+  const child = start(`keel-${name}`, [...KEEL_NODE_ARGS, 'bin/keel.js', kind === 'embedded' ? 'start' : 'api'], env, checkout);
+  await waitUp(port);
+  const key = await configureKeel(port);
+  targets.push({ name, port, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });
 }
-if (TARGETS.includes('postgres')) {
-  benchDb = `keel_gateway_bench_${process.pid}`;
-  execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `create database "${benchDb}"`]);
-  const env = keelEnv(PORTS.postgres, { DATA_DIR: `${OUT}/data-postgres`, DATABASE_URL: `${PG_ADMIN_URL.replace(/\/[^/]*$/, '')}/${benchDb}` });
-  execFileSync(process.execPath, ['--import', 'tsx', 'src/main.ts', 'migrate'], { env: { ...process.env, ...env }, stdio: 'ignore' });
-  const child = start('keel-postgres', [...KEEL_NODE_ARGS, 'bin/keel.js', 'api'], env);
-  await waitUp(PORTS.postgres);
-  const key = await configureKeel(PORTS.postgres);
-  targets.push({ name: 'postgres', port: PORTS.postgres, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });
+for (const kind of ['embedded', 'postgres']) {
+  if (!TARGETS.includes(kind)) continue;
+  await startKeel(kind, kind, undefined);
+  if (BASE_CHECKOUT) await startKeel(`${kind}-base`, kind, BASE_CHECKOUT);
 }
 if (TARGETS.includes('portkey')) {
   const child = start('portkey', ['node_modules/@portkey-ai/gateway/build/start-server.js', `--port=${PORTS.portkey}`], {});
@@ -305,7 +314,7 @@ for (const mode of ['nonstream', 'stream']) {
   if (mode === 'nonstream' && targets.some((t) => t.name === 'portkey')) {
     const last = CLIENTS.at(-1);
     const portkey = median(pick('portkey', mode, last).map((r) => r.rps));
-    for (const name of ['embedded', 'postgres']) {
+    for (const name of ['embedded', 'postgres', 'embedded-base', 'postgres-base']) {
       if (!targets.some((t) => t.name === name)) continue;
       out();
       out(`${name} / portkey at c${last}: ${fmt(median(pick(name, mode, last).map((r) => r.rps)) / portkey, 2)}×`);
