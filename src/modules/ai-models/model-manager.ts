@@ -361,6 +361,8 @@ function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
 /** What one model's attempt produced; `streamed` says the caller already saw some of it. */
 interface AttemptState {
   usage?: TokenUsage;
+  /** The cost the answer reported, for the usage record of the same usage (computed once). */
+  priced?: { usage: TokenUsage; cost: string };
   streamed: boolean;
   firstTokenAt: number | null;
   outputChars: number;
@@ -420,7 +422,7 @@ export class ModelManager {
       if (wired) {
         const reply = await wired.wire.generate(wired.call, attempt.signal);
         state.usage = reply.usage;
-        return { ...this.outcome(model, reply.usage, started), ...answer(reply.text, reply.reasoning, reply.toolCalls), finishReason: reply.finishReason, time_to_first_token_ms: null };
+        return { ...this.outcome(model, state, started), ...answer(reply.text, reply.reasoning, reply.toolCalls), finishReason: reply.finishReason, time_to_first_token_ms: null };
       }
       const languageModel = this.directModel(request, model);
       if (languageModel) return this.generate(request, languageModel, model, attempt, state, started);
@@ -430,7 +432,7 @@ export class ModelManager {
       });
       state.usage = toTokenUsage(result.totalUsage);
       return {
-        ...this.outcome(model, state.usage, started),
+        ...this.outcome(model, state, started),
         text: result.text,
         reasoningText: result.reasoningText,
         toolCalls: result.toolCalls.map((c): ToolCall => ({ toolCallId: c.toolCallId, toolName: c.toolName, input: c.input as unknown })),
@@ -504,7 +506,7 @@ export class ModelManager {
       else if (part.type === 'tool-call') toolCalls.push(undeclaredToolCall(part));
     }
     return {
-      ...this.outcome(model, state.usage, started),
+      ...this.outcome(model, state, started),
       ...answer(text, reasoning, toolCalls),
       finishReason: result.finishReason.unified,
       time_to_first_token_ms: null,
@@ -582,7 +584,7 @@ export class ModelManager {
       if (attempt.signal.aborted) throw attempt.signal.reason ?? new ModelCallAbortedError();
       state.usage ??= { ...ZERO_USAGE };
       return {
-        ...this.outcome(model, state.usage, started),
+        ...this.outcome(model, state, started),
         text,
         reasoningText: reasoning || undefined,
         toolCalls,
@@ -634,7 +636,7 @@ export class ModelManager {
         abortSignal: attempt.signal,
       });
       state.usage = { ...ZERO_USAGE, input: result.usage.tokens };
-      return { ...this.outcome(model, state.usage, started), embeddings: result.embeddings };
+      return { ...this.outcome(model, state, started), embeddings: result.embeddings };
     });
   }
 
@@ -695,14 +697,12 @@ export class ModelManager {
     };
   }
 
-  private outcome(model: ModelInfo, usage: TokenUsage, started: number): CallOutcome {
-    return {
-      model: model.id,
-      provider: model.provider,
-      usage,
-      cost: computeCost(model.pricing, usage),
-      latency_ms: Math.round(performance.now() - started),
-    };
+  /** The answer's model, usage and cost (of `state.usage`, which the attempt has set). */
+  private outcome(model: ModelInfo, state: AttemptState, started: number): CallOutcome {
+    const usage = state.usage ?? { ...ZERO_USAGE };
+    const cost = computeCost(model.pricing, usage);
+    state.priced = { usage, cost };
+    return { model: model.id, provider: model.provider, usage, cost, latency_ms: Math.round(performance.now() - started) };
   }
 
   /** Resolution, reservation, retries, fallbacks and settlement around `runAttempt`. */
@@ -744,7 +744,7 @@ export class ModelManager {
           provider: model.provider,
           tokens,
           estimated,
-          cost: computeCost(model.pricing, tokens),
+          cost: state.priced?.usage === tokens ? state.priced.cost : computeCost(model.pricing, tokens),
           latency_ms: Math.round(performance.now() - started),
           time_to_first_token_ms: state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started),
           status,
