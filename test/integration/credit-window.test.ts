@@ -43,16 +43,14 @@ async function grant(user: TestUser, amount: string) {
   expect(response.statusCode, response.body).toBe(200);
 }
 
-const reservationRows = async (user: TestUser) =>
-  Number(
-    ((await ctx.database.db.execute(sql`select count(*)::int as n from credit_reservations where user_id = ${user.user.id}`)) as unknown as { rows: { n: number }[] }).rows[0]!.n,
-  );
+async function countOf(query: ReturnType<typeof sql>): Promise<number> {
+  const result: unknown = await ctx.database.db.execute(query);
+  return Number((result as { rows: { n: number }[] }).rows[0]!.n);
+}
 
-const usageEntries = async (user: TestUser) =>
-  Number(
-    ((await ctx.database.db.execute(sql`select count(*)::int as n from credit_transactions where owner_id = ${user.user.id} and type = 'usage'`)) as unknown as { rows: { n: number }[] })
-      .rows[0]!.n,
-  );
+const reservationRows = (user: TestUser) => countOf(sql`select count(*)::int as n from credit_reservations where user_id = ${user.user.id}`);
+
+const usageEntries = (user: TestUser) => countOf(sql`select count(*)::int as n from credit_transactions where owner_id = ${user.user.id} and type = 'usage'`);
 
 /** Everything settled and given back: nothing held, and the balance is the ledger's sum. */
 async function expectSettled(user: TestUser, balance: number) {

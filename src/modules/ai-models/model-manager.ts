@@ -541,8 +541,14 @@ export class ModelManager {
     let wake: (() => void) | undefined;
     let done = false;
     let failure: Error | undefined;
+    // The caller's signal or the consumer stopping aborts the call. Linked by hand: AbortSignal.any
+    // costs far more per call (weak references, a registry) on Node 20.
     const consumer = new AbortController();
-    const signal = request.signal ? AbortSignal.any([request.signal, consumer.signal]) : consumer.signal;
+    const { signal } = consumer;
+    const callerSignal = request.signal;
+    const onCallerAbort = () => consumer.abort(callerSignal?.reason);
+    if (callerSignal?.aborted) onCallerAbort();
+    else callerSignal?.addEventListener('abort', onCallerAbort, { once: true });
     const push = (event: StreamEvent) => {
       queue.push(event);
       wake?.();
@@ -595,11 +601,13 @@ export class ModelManager {
     });
     result.then(
       (final) => {
+        callerSignal?.removeEventListener('abort', onCallerAbort);
         push({ type: 'finish', result: final });
         done = true;
         wake?.();
       },
       (error: unknown) => {
+        callerSignal?.removeEventListener('abort', onCallerAbort);
         failure = error instanceof Error ? error : new Error(String(error));
         done = true;
         wake?.();
