@@ -22,6 +22,7 @@ const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const N1 = Number(process.env.N1 ?? 2000);
 const DURATION = Number(process.env.DURATION ?? 5);
 const CLIENTS = (process.env.CLIENTS ?? '16 64').split(/\s+/).filter(Boolean).map(Number);
+const MODES = (process.env.MODES ?? 'nonstream stream').split(/\s+/).filter(Boolean);
 const TARGETS = (process.env.TARGETS ?? 'embedded postgres portkey').split(/\s+/).filter(Boolean);
 // A/B in one run: BASE_CHECKOUT=<another checkout, built> adds `embedded-base` / `postgres-base`, the
 // same setups from that checkout, measured in the same rounds (e.g. the base commit via git archive).
@@ -269,7 +270,7 @@ const rows = [];
 for (let round = 1; round <= ROUNDS; round++) {
   console.log(`--- round ${round}/${ROUNDS} (load ${loadavg().map((l) => l.toFixed(1)).join(' ')})`);
   load.push(loadavg());
-  for (const mode of ['nonstream', 'stream']) {
+  for (const mode of MODES) {
     for (const clients of [1, ...CLIENTS]) {
       for (const target of targets) if (!target.modes || target.modes.includes(mode)) rows.push({ round, ...(await measure(target, mode, clients)) });
     }
@@ -294,7 +295,7 @@ out(`Load average (1 min) at start, each round, end: ${load.map((l) => l[0].toFi
 out();
 out('Medians over the rounds; "added" = target − direct in the same round (then the median). Stream latency = time to the first chunk.');
 out();
-for (const mode of ['nonstream', 'stream']) {
+for (const mode of MODES) {
   out(`### ${mode === 'stream' ? 'Stream (time to first chunk)' : 'Non-stream (whole answer)'}`);
   out();
   out(`| target | c1 p50 ms | c1 p99 ms | added p50 ms | added p99 ms | ${CLIENTS.map((c) => `c${c} req/s | c${c} p50 ms | c${c} p99 ms`).join(' | ')} | server CPU µs/req (c1, ${CLIENTS.map((c) => `c${c}`).join(', ')}) | errors |`);

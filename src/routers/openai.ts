@@ -125,7 +125,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
           .header('content-type', 'text/event-stream; charset=utf-8')
           .header('cache-control', 'no-cache')
           .header('x-accel-buffering', 'no')
-          .send(sseBody(chunks) as never);
+          .send(sseBody(chunks, reply.raw) as never);
       }
       const result = await models.chat(chat);
       return reply.type(JSON_TYPE).send(completionJson(result) as never);

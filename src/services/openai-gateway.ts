@@ -258,10 +258,11 @@ export async function* completionChunks(
  * The response body for SSE frames: the first frame goes out at once (time to first chunk); frames
  * produced after it in the same turn of the event loop (an upstream read usually carries several)
  * go out together in one write, since every write on a socket is a system call — on loopback the
- * costliest part of a streamed answer. Honours backpressure; destroying the body (the client went
+ * costliest part of a streamed answer; with `response`, the last frames and the end of the body
+ * go out together too. Honours backpressure; destroying the body (the client went
  * away) returns the frames' iterator, which aborts the upstream request.
  */
-export function sseBody(frames: AsyncGenerator<string>): Readable {
+export function sseBody(frames: AsyncGenerator<string>, response?: { cork(): void; uncork(): void }): Readable {
   let pending = '';
   let scheduled = false;
   let started = false;
@@ -303,8 +304,12 @@ export function sseBody(frames: AsyncGenerator<string>): Readable {
         // A slow reader: wait until it has taken what is buffered.
         if (body.readableLength >= body.readableHighWaterMark) await new Promise<void>((resolve) => (wanted = resolve));
       }
+      // The last frames and the end of the chunked body in one write: the response's own end()
+      // would otherwise send its terminator in a write of its own, a tick later.
+      response?.cork();
       flush();
       if (!body.destroyed) body.push(null);
+      if (response) setImmediate(() => response.uncork());
     } catch (error) {
       body.destroy(error as Error);
     }
