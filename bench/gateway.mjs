@@ -55,6 +55,14 @@ function cleanup() {
   }
 }
 process.on('exit', cleanup);
+
+/** Stops the servers and waits for them (they write usage and give credit back on the way out), then drops the databases. */
+async function shutdown() {
+  const running = children.filter((child) => child.exitCode === null);
+  const exited = running.map((child) => new Promise((resolve) => child.once('exit', resolve)));
+  for (const child of running) child.kill('SIGTERM');
+  await Promise.race([Promise.all(exited), sleep(15_000)]);
+}
 for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, () => process.exit(130));
 
 function start(name, args, env, cwd = undefined) {
@@ -325,4 +333,5 @@ for (const mode of MODES) {
 }
 writeFileSync(`${OUT}/summary.md`, `${lines.join('\n')}\n`);
 console.log(`\n${lines.join('\n')}`);
+await shutdown();
 process.exit(0);
