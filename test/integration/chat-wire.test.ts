@@ -5,34 +5,23 @@
  */
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
-import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
 import { ModelCallAbortedError, UpstreamError } from '../../src/modules/ai-models/errors.js';
-import { type ChatRequest, type ChatResult, ModelManager, usageCallback, type UsageRecord } from '../../src/modules/ai-models/model-manager.js';
-import { ProviderRegistry } from '../../src/modules/ai-models/providers.js';
+import type { ChatRequest, ChatResult, ModelManager, UsageRecord } from '../../src/modules/ai-models/model-manager.js';
 import { FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
+import { fakeModelManager } from '../helpers/model-manager.js';
 
 let server: FakeModelServer;
-let records: UsageRecord[];
+const records: UsageRecord[] = [];
 let models: ModelManager;
 
 const pricing = { input_cost_per_million_tokens: '2', output_cost_per_million_tokens: '8', cached_input_cost_per_million_tokens: '0.5', reasoning_cost_per_million_tokens: '16' };
 
 beforeAll(async () => {
   server = await FakeModelServer.start();
-  models = new ModelManager({
-    catalog: new ModelCatalog([], [{ id: 'wire-chat', provider: 'local', capabilities: ['chat'], pricing }]),
-    providers: new ProviderRegistry(
-      { OPENAI_API_KEY: undefined, OPENAI_BASE_URL: undefined, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined },
-      [{ id: 'local', kind: 'openai-compatible', base_url: server.url, api_key: 'local-key', headers: { 'x-team': 'keel' } }],
-    ),
-    meter: usageCallback((record) => {
-      records.push(record);
-    }),
-    timeoutMs: 2_000,
-    maxRetries: 1,
-    retryMaxWaitMs: 100,
-    retryBaseDelayMs: 10,
-    defaultMaxOutputTokens: 100,
+  models = fakeModelManager(server, {
+    models: [{ id: 'wire-chat', provider: 'fake', capabilities: ['chat'], pricing }],
+    records,
+    overrides: { maxRetries: 1, retryMaxWaitMs: 100 },
   });
 });
 afterAll(async () => {
@@ -41,7 +30,7 @@ afterAll(async () => {
 });
 beforeEach(() => {
   server.reset();
-  records = [];
+  records.length = 0;
 });
 
 async function settled(count: number): Promise<UsageRecord[]> {
@@ -91,7 +80,7 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     const [wireRequest, sdkRequest] = server.log;
     expect(wireRequest!.body).toEqual(sdkRequest!.body);
     expect(wireRequest!.body).toMatchObject({ model: 'wire-chat', max_tokens: 64, stop: ['END'], response_format: { type: 'json_schema' } });
-    expect(wireRequest!.headers).toMatchObject({ authorization: 'Bearer local-key', 'x-team': 'keel', 'content-type': 'application/json' });
+    expect(wireRequest!.headers).toMatchObject({ authorization: 'Bearer fake-key', 'x-team': 'keel', 'content-type': 'application/json' });
     expect(comparable(wire)).toEqual(comparable(sdk));
     expect(wire).toMatchObject({ text: 'Hello wire world', reasoningText: 'thinking', finishReason: 'stop', usage: { input: 9, cached_input: 3, output: 4, reasoning: 2 } });
   });

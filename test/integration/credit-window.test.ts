@@ -5,16 +5,16 @@
  * process's block released by the expiry sweep without anything released twice.
  */
 import { sql } from 'drizzle-orm';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { beforeEach, describe, expect, it } from 'vitest';
 
 import { PaymentRequiredError } from '../../src/core/errors.js';
 
 import { getBalance, ledgerSum } from '../../src/crud/billing.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
-import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
-import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { createUser, type TestUser } from '../helpers/factories.js';
+import type { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf } from '../helpers/http.js';
-import { addFakeModels, chatRequest } from '../helpers/metered-models.js';
+import { chatRequest, useFakeModels } from '../helpers/metered-models.js';
 
 // Blocks of 8 calls: with `fake-billed` (1 credit per output token) and 10 output tokens at most, a block is 80 credits.
 const SETTINGS = { BILLING_ENABLED: 'true', BILLING_CREDIT_WINDOW_CALLS: '8', USAGE_FLUSH_INTERVAL_MS: '20', MODEL_MAX_RETRIES: '0' };
@@ -23,16 +23,11 @@ const api = apiOf(ctx);
 let fake: FakeModelServer;
 let admin: Record<string, string>;
 
-beforeAll(async () => {
-  fake = await FakeModelServer.start();
-  admin = await superuserHeaders(ctx.app);
-  await addFakeModels(ctx.app, admin, fake.url);
-});
-afterAll(async () => {
-  await fake.close();
+useFakeModels(ctx, (server, headers) => {
+  fake = server;
+  admin = headers;
 });
 beforeEach(() => {
-  fake.reset();
   fake.defaultReply = { text: 'four', usage: { prompt_tokens: 1, completion_tokens: 4 } };
 });
 
