@@ -22,10 +22,16 @@ const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const N1 = Number(process.env.N1 ?? 2000);
 const DURATION = Number(process.env.DURATION ?? 5);
 const CLIENTS = (process.env.CLIENTS ?? '16 64').split(/\s+/).filter(Boolean).map(Number);
+const MODES = (process.env.MODES ?? 'nonstream stream').split(/\s+/).filter(Boolean);
 const TARGETS = (process.env.TARGETS ?? 'embedded postgres portkey').split(/\s+/).filter(Boolean);
+// A/B in one run: BASE_CHECKOUT=<another checkout, built> adds `embedded-base` / `postgres-base`, the
+// same setups from that checkout, measured in the same rounds (e.g. the base commit via git archive).
+const BASE_CHECKOUT = process.env.BASE_CHECKOUT ?? '';
+// Extra node flags for the Keel servers, e.g. KEEL_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" (NODE_OPTIONS refuses --cpu-prof).
+const KEEL_NODE_ARGS = (process.env.KEEL_NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
 const PG_ADMIN_URL = process.env.PG_ADMIN_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
 const OUT = 'bench/out/gateway';
-const PORTS = { upstream: 8201, embedded: 8202, postgres: 8203, portkey: 8204 };
+const PORTS = { upstream: 8201, embedded: 8202, postgres: 8203, portkey: 8204, 'embedded-base': 8205, 'postgres-base': 8206 };
 const UPSTREAM = `http://127.0.0.1:${PORTS.upstream}/v1`;
 const MODEL = 'bench-model';
 
@@ -37,23 +43,31 @@ writeFileSync(RAW, '');
 // ==================== Processes ====================
 
 const children = [];
-let benchDb = null;
+const benchDbs = [];
 function cleanup() {
   for (const child of children) if (child.exitCode === null) child.kill('SIGTERM');
-  if (benchDb) {
+  for (const db of benchDbs) {
     try {
-      execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `drop database if exists "${benchDb}" with (force)`], { stdio: 'ignore' });
+      execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `drop database if exists "${db}" with (force)`], { stdio: 'ignore' });
     } catch {
       // best effort
     }
   }
 }
 process.on('exit', cleanup);
+
+/** Stops the servers and waits for them (they write usage and give credit back on the way out), then drops the databases. */
+async function shutdown() {
+  const running = children.filter((child) => child.exitCode === null);
+  const exited = running.map((child) => new Promise((resolve) => child.once('exit', resolve)));
+  for (const child of running) child.kill('SIGTERM');
+  await Promise.race([Promise.all(exited), sleep(15_000)]);
+}
 for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, () => process.exit(130));
 
-function start(name, args, env) {
+function start(name, args, env, cwd = undefined) {
   const log = openSync(`${OUT}/${name}.log`, 'w');
-  const child = spawn(process.execPath, args, { env: { ...process.env, ...env }, stdio: ['ignore', log, log] });
+  const child = spawn(process.execPath, args, { env: { ...process.env, ...env }, stdio: ['ignore', log, log], cwd });
   children.push(child);
   return child;
 }
@@ -211,7 +225,7 @@ async function measure(target, mode, clients) {
     cpu_us: cpuPerRequest,
   };
   appendFileSync(RAW, `${[row.target, row.mode, row.clients, row.rps.toFixed(1), row.p50.toFixed(3), row.p99.toFixed(3), row.errors, row.cpu_us.toFixed(1)].join('\t')}\n`);
-  console.log(`${row.target.padEnd(9)} ${mode.padEnd(9)} c${String(clients).padEnd(3)} ${row.rps.toFixed(0).padStart(6)} req/s  p50 ${row.p50.toFixed(3)} ms  p99 ${row.p99.toFixed(3)} ms  errors ${errors}  server CPU ${row.cpu_us.toFixed(0)} µs/req`);
+  console.log(`${row.target.padEnd(13)} ${mode.padEnd(9)} c${String(clients).padEnd(3)} ${row.rps.toFixed(0).padStart(6)} req/s  p50 ${row.p50.toFixed(3)} ms  p99 ${row.p99.toFixed(3)} ms  errors ${errors}  server CPU ${row.cpu_us.toFixed(0)} µs/req`);
   return row;
 }
 
@@ -222,22 +236,28 @@ const upstream = start('upstream', ['bench/fake-upstream.mjs'], { PORT: String(P
 await waitUp(PORTS.upstream);
 const targets = [{ name: 'direct', port: PORTS.upstream, path: '/v1/chat/completions', headers: { authorization: 'Bearer sk-bench' }, pid: upstream.pid }];
 
-if (TARGETS.includes('embedded')) {
-  const dataDir = `${OUT}/data-embedded`;
-  const child = start('keel-embedded', ['bin/keel.js', 'start'], keelEnv(PORTS.embedded, { DATA_DIR: dataDir, DATABASE_URL: '' }));
-  await waitUp(PORTS.embedded);
-  const key = await configureKeel(PORTS.embedded);
-  targets.push({ name: 'embedded', port: PORTS.embedded, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });
+/** Keel embedded (`start`, PGlite) or on PostgreSQL (`api`, a database of its own) from `checkout`. */
+async function startKeel(name, kind, checkout) {
+  const port = PORTS[name];
+  const dataDir = `${process.cwd()}/${OUT}/data-${name}`;
+  let env;
+  if (kind === 'embedded') env = keelEnv(port, { DATA_DIR: dataDir, DATABASE_URL: '' });
+  else {
+    const db = `keel_gateway_bench_${process.pid}_${benchDbs.length}`;
+    benchDbs.push(db);
+    execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `create database "${db}"`]);
+    env = keelEnv(port, { DATA_DIR: dataDir, DATABASE_URL: `${PG_ADMIN_URL.replace(/\/[^/]*$/, '')}/${db}` });
+    execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { env: { ...process.env, ...env }, stdio: 'ignore', cwd: checkout });
+  }
+  const child = start(`keel-${name}`, [...KEEL_NODE_ARGS, 'bin/keel.js', kind === 'embedded' ? 'start' : 'api'], env, checkout);
+  await waitUp(port);
+  const key = await configureKeel(port);
+  targets.push({ name, port, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });
 }
-if (TARGETS.includes('postgres')) {
-  benchDb = `keel_gateway_bench_${process.pid}`;
-  execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `create database "${benchDb}"`]);
-  const env = keelEnv(PORTS.postgres, { DATA_DIR: `${OUT}/data-postgres`, DATABASE_URL: `${PG_ADMIN_URL.replace(/\/[^/]*$/, '')}/${benchDb}` });
-  execFileSync(process.execPath, ['--import', 'tsx', 'src/main.ts', 'migrate'], { env: { ...process.env, ...env }, stdio: 'ignore' });
-  const child = start('keel-postgres', ['bin/keel.js', 'api'], env);
-  await waitUp(PORTS.postgres);
-  const key = await configureKeel(PORTS.postgres);
-  targets.push({ name: 'postgres', port: PORTS.postgres, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });
+for (const kind of ['embedded', 'postgres']) {
+  if (!TARGETS.includes(kind)) continue;
+  await startKeel(kind, kind, undefined);
+  if (BASE_CHECKOUT) await startKeel(`${kind}-base`, kind, BASE_CHECKOUT);
 }
 if (TARGETS.includes('portkey')) {
   const child = start('portkey', ['node_modules/@portkey-ai/gateway/build/start-server.js', `--port=${PORTS.portkey}`], {});
@@ -258,7 +278,7 @@ const rows = [];
 for (let round = 1; round <= ROUNDS; round++) {
   console.log(`--- round ${round}/${ROUNDS} (load ${loadavg().map((l) => l.toFixed(1)).join(' ')})`);
   load.push(loadavg());
-  for (const mode of ['nonstream', 'stream']) {
+  for (const mode of MODES) {
     for (const clients of [1, ...CLIENTS]) {
       for (const target of targets) if (!target.modes || target.modes.includes(mode)) rows.push({ round, ...(await measure(target, mode, clients)) });
     }
@@ -283,7 +303,7 @@ out(`Load average (1 min) at start, each round, end: ${load.map((l) => l[0].toFi
 out();
 out('Medians over the rounds; "added" = target − direct in the same round (then the median). Stream latency = time to the first chunk.');
 out();
-for (const mode of ['nonstream', 'stream']) {
+for (const mode of MODES) {
   out(`### ${mode === 'stream' ? 'Stream (time to first chunk)' : 'Non-stream (whole answer)'}`);
   out();
   out(`| target | c1 p50 ms | c1 p99 ms | added p50 ms | added p99 ms | ${CLIENTS.map((c) => `c${c} req/s | c${c} p50 ms | c${c} p99 ms`).join(' | ')} | server CPU µs/req (c1, ${CLIENTS.map((c) => `c${c}`).join(', ')}) | errors |`);
@@ -303,7 +323,7 @@ for (const mode of ['nonstream', 'stream']) {
   if (mode === 'nonstream' && targets.some((t) => t.name === 'portkey')) {
     const last = CLIENTS.at(-1);
     const portkey = median(pick('portkey', mode, last).map((r) => r.rps));
-    for (const name of ['embedded', 'postgres']) {
+    for (const name of ['embedded', 'postgres', 'embedded-base', 'postgres-base']) {
       if (!targets.some((t) => t.name === name)) continue;
       out();
       out(`${name} / portkey at c${last}: ${fmt(median(pick(name, mode, last).map((r) => r.rps)) / portkey, 2)}×`);
@@ -313,4 +333,5 @@ for (const mode of ['nonstream', 'stream']) {
 }
 writeFileSync(`${OUT}/summary.md`, `${lines.join('\n')}\n`);
 console.log(`\n${lines.join('\n')}`);
+await shutdown();
 process.exit(0);

@@ -172,6 +172,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     unfollowModels();
     // Usage records and settlements still in memory are written before the database closes.
     await meter.close();
+    await models.models.close();
     await queue.close();
     await bus.events.close();
     await bus.signals.close();

@@ -81,17 +81,17 @@ const drains = new WeakMap<object, () => void>();
 function drainable(app: FastifyInstance): void {
   let draining = false;
   drains.set(app, () => (draining = true));
-  app.addHook('onRequest', async (request, reply) => {
-    if (!draining) return;
+  // Callback style: it runs on every request, and an async hook costs a promise each time.
+  app.addHook('onRequest', (request, reply, done) => {
+    if (!draining) return done();
     reply.header('connection', 'close');
-    if (request.routeOptions.url === '/ready') {
-      return reply.code(503).send({
-        status: 'unavailable',
-        checks: { shutdown: 'unavailable' },
-        database: app.database.kind,
-        vector_search: app.vectorSearch,
-      });
-    }
+    if (request.routeOptions.url !== '/ready') return done();
+    void reply.code(503).send({
+      status: 'unavailable',
+      checks: { shutdown: 'unavailable' },
+      database: app.database.kind,
+      vector_search: app.vectorSearch,
+    });
   });
 }
 

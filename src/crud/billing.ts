@@ -181,6 +181,11 @@ export async function hold(db: Db, h: Hold): Promise<HoldOutcome> {
 export interface Settlement {
   /** The reservation to release (null: nothing was held). */
   reservationId: string | null;
+  /**
+   * Set when the reservation is a credit window's block (see credit-window.ts): the call releases
+   * this much of it and the row stays for the window's other calls. Null: the whole row goes.
+   */
+  release?: string | null;
   userId: string | null;
   apiKeyId: string | null;
   projectId: string | null;
@@ -202,9 +207,12 @@ export interface Settlement {
  */
 export async function settle(db: Db, s: Settlement): Promise<void> {
   const rid = s.reservationId;
+  const part = s.release ?? null;
   await rows(
     db,
-    sql`with ${ASYNC_COMMIT}, r as (delete from credit_reservations where id = ${rid}::uuid and (select setting from s) is not null returning account_amount, key_amount),
+    sql`with ${ASYNC_COMMIT}, rd as (delete from credit_reservations where id = ${rid}::uuid and ${part}::numeric is null and (select setting from s) is not null returning account_amount, key_amount),
+        rb as (update credit_reservations set account_amount = account_amount - ${part}::numeric where id = ${rid}::uuid and ${part}::numeric is not null returning ${part}::numeric as account_amount, 0::numeric as key_amount),
+        r as (select * from rd union all select * from rb),
         k as (
           update api_keys set spent = spent + ${s.cost}::numeric,
             budget_reserved = greatest(budget_reserved - coalesce((select key_amount from r), 0), 0)
@@ -231,6 +239,7 @@ export async function settleMany(db: Db, batch: readonly Settlement[]): Promise<
   if (batch.length === 1) return settle(db, batch[0]!);
   const items = batch.map((s) => ({
     rid: s.reservationId,
+    part: s.release ?? null,
     user_id: s.userId,
     api_key_id: s.apiKeyId,
     project_id: s.projectId,
@@ -245,16 +254,22 @@ export async function settleMany(db: Db, batch: readonly Settlement[]): Promise<
     sql`with ${ASYNC_COMMIT},
         i as (
           select x.*, e.ord from json_array_elements(${JSON.stringify(items)}::json) with ordinality as e(item, ord),
-            json_to_record(e.item) as x(rid uuid, user_id uuid, api_key_id uuid, project_id uuid, cost numeric, charge_account boolean,
+            json_to_record(e.item) as x(rid uuid, part numeric, user_id uuid, api_key_id uuid, project_id uuid, cost numeric, charge_account boolean,
               charge_key boolean, usage_record_id uuid, description text)
         ),
         r as (
-          delete from credit_reservations where id in (select rid from i where rid is not null) and (select setting from s) is not null
+          delete from credit_reservations where id in (select rid from i where rid is not null and part is null) and (select setting from s) is not null
           returning id, account_amount, key_amount
         ),
+        b as (
+          update credit_reservations c set account_amount = c.account_amount - g.part
+          from (select rid, sum(part) as part from i where rid is not null and part is not null group by rid) g
+          where c.id = g.rid returning c.id
+        ),
         ir as (
-          select i.*, coalesce(r.account_amount, 0) as account_release, coalesce(r.key_amount, 0) as key_release
-          from i left join r on r.id = i.rid
+          select i.*, case when i.part is null then coalesce(r.account_amount, 0) when b.id is not null then i.part else 0 end as account_release,
+            coalesce(r.key_amount, 0) as key_release
+          from i left join r on r.id = i.rid left join b on b.id = i.rid and i.part is not null
         ),
         k as (
           update api_keys t set spent = t.spent + g.cost, budget_reserved = greatest(t.budget_reserved - g.released, 0)

@@ -1,5 +1,3 @@
-import { Readable } from 'node:stream';
-
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 
@@ -26,6 +24,7 @@ import {
   modelObject,
   openAIErrorFrom,
   openStream,
+  sseBody,
   toChatRequest,
   toEmbedRequest,
 } from '../services/openai-gateway.js';
@@ -126,7 +125,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
           .header('content-type', 'text/event-stream; charset=utf-8')
           .header('cache-control', 'no-cache')
           .header('x-accel-buffering', 'no')
-          .send(Readable.from(chunks, { objectMode: false }) as never);
+          .send(sseBody(chunks, reply.raw) as never);
       }
       const result = await models.chat(chat);
       return reply.type(JSON_TYPE).send(completionJson(result) as never);

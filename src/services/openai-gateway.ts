@@ -5,6 +5,7 @@
  * happen in the manager; this module only reshapes.
  */
 import { randomUUID } from 'node:crypto';
+import { Readable } from 'node:stream';
 
 import { jsonSchema, type JSONSchema7, type ModelMessage, type ToolChoice, type ToolSet } from 'ai';
 
@@ -251,6 +252,69 @@ export async function* completionChunks(
   } finally {
     await events.return?.();
   }
+}
+
+/**
+ * The response body for SSE frames: the first frame goes out at once (time to first chunk); frames
+ * produced after it in the same turn of the event loop (an upstream read usually carries several)
+ * go out together in one write, since every write on a socket is a system call — on loopback the
+ * costliest part of a streamed answer; with `response`, the last frames and the end of the body
+ * go out together too. Honours backpressure; destroying the body (the client went
+ * away) returns the frames' iterator, which aborts the upstream request.
+ */
+export function sseBody(frames: AsyncGenerator<string>, response?: { cork(): void; uncork(): void }): Readable {
+  let pending = '';
+  let scheduled = false;
+  let started = false;
+  let wanted: (() => void) | undefined;
+  const body = new Readable({
+    read() {
+      wanted?.();
+      wanted = undefined;
+      if (!started) {
+        started = true;
+        void pump();
+      }
+    },
+    destroy(error, callback) {
+      void frames.return(undefined).catch(() => undefined);
+      callback(error);
+    },
+  });
+  const flush = () => {
+    scheduled = false;
+    if (pending && !body.destroyed) body.push(pending);
+    pending = '';
+  };
+  async function pump(): Promise<void> {
+    try {
+      let first = true;
+      for await (const frame of frames) {
+        if (body.destroyed) return;
+        if (first) {
+          first = false;
+          body.push(frame);
+        } else {
+          pending += frame;
+          if (!scheduled) {
+            scheduled = true;
+            setImmediate(flush);
+          }
+        }
+        // A slow reader: wait until it has taken what is buffered.
+        if (body.readableLength >= body.readableHighWaterMark) await new Promise<void>((resolve) => (wanted = resolve));
+      }
+      // The last frames and the end of the chunked body in one write: the response's own end()
+      // would otherwise send its terminator in a write of its own, a tick later.
+      response?.cork();
+      flush();
+      if (!body.destroyed) body.push(null);
+      if (response) setImmediate(() => response.uncork());
+    } catch (error) {
+      body.destroy(error as Error);
+    }
+  }
+  return body;
 }
 
 /** Starts a stream and waits for its first event: failures before any output throw here. */

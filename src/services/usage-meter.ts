@@ -13,6 +13,7 @@
  */
 import { randomUUID } from 'node:crypto';
 
+import { Decimal } from 'decimal.js';
 import type { Redis } from 'ioredis';
 
 import type { Settings } from '../core/config.js';
@@ -25,6 +26,7 @@ import * as billingCrud from '../crud/billing.js';
 import type { CostEstimate, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
 import { addCosts } from '../modules/ai-models/index.js';
 import { type CounterStore, counterStore } from '../utils/rate-limit.js';
+import { type CreditBlock, CreditWindows } from './credit-window.js';
 import { type KeyLimits, loadKeyLimits } from './key-limits.js';
 import { formatMoney } from './money.js';
 
@@ -43,12 +45,16 @@ const cause = (error: unknown): unknown => (error as { cause?: unknown }).cause 
 /** Rows kept in memory while the database cannot take them; beyond it the oldest are dropped (logged). */
 const MAX_BUFFERED_ROWS = 1_000_000;
 const SWEEP_INTERVAL_MS = 60_000;
+/** A credit window's block nobody used for this long goes back to the account. */
+const WINDOW_IDLE_MS = 2_000;
+const MAX_REFILLS_PER_CALL = 3;
 
-/** What a call holds: nothing (null ids), or a reservation row. */
+/** What a call holds: nothing (null ids), a reservation row, or part of a credit window's block. */
 interface Held {
   reservationId: string | null;
   chargeAccount: boolean;
   chargeKey: boolean;
+  window?: { block: CreditBlock; amount: string };
 }
 
 export class UsageMeterService implements UsageMeter {
@@ -63,6 +69,12 @@ export class UsageMeterService implements UsageMeter {
   /** Settlements waiting for the statement in flight (`settling`) to end. */
   private settlements: billingCrud.Settlement[] = [];
   private settling: Promise<void> | null = null;
+  /** Credit windows (BILLING_CREDIT_WINDOW_CALLS > 0): holds from memory, settled with the batch writer. */
+  private readonly windows: CreditWindows | undefined;
+  private windowSettlements: billingCrud.Settlement[] = [];
+  /** Retired blocks to give back, written after the settlements queued before them. */
+  private blockReleases: billingCrud.Settlement[] = [];
+  private windowTimer: NodeJS.Timeout | undefined;
   private readonly inFlight = new Set<Promise<unknown>>();
   private flushing: Promise<void> | null = null;
   private flushTimer: NodeJS.Timeout | undefined;
@@ -76,6 +88,15 @@ export class UsageMeterService implements UsageMeter {
     this.metrics = options.metrics;
     this.counters = counterStore(options.redis);
     this.rpmPrefix = options.redis ? `${options.settings.REDIS_KEY_PREFIX}rate-limit:api-key-rpm:` : 'api-key-rpm:';
+    if (options.settings.BILLING_ENABLED && options.settings.BILLING_CREDIT_WINDOW_CALLS > 0) {
+      this.windows = new CreditWindows({
+        db: options.db,
+        blockCalls: options.settings.BILLING_CREDIT_WINDOW_CALLS,
+        ttlSeconds: options.settings.BILLING_RESERVATION_TTL_SECONDS,
+        idleMs: WINDOW_IDLE_MS,
+        onRetired: (block) => this.releaseBlock(block),
+      });
+    }
   }
 
   /** Releases reservations left by crashed processes now and every minute. */
@@ -83,6 +104,11 @@ export class UsageMeterService implements UsageMeter {
     this.track(this.sweep());
     this.sweepTimer = setInterval(() => this.track(this.sweep()), Math.min(SWEEP_INTERVAL_MS, this.settings.BILLING_RESERVATION_TTL_SECONDS * 500));
     this.sweepTimer.unref();
+    if (this.windows) {
+      const windows = this.windows;
+      this.windowTimer = setInterval(() => windows.retireIdle(), WINDOW_IDLE_MS);
+      this.windowTimer.unref();
+    }
   }
 
   // ==================== reserve ====================
@@ -106,9 +132,26 @@ export class UsageMeterService implements UsageMeter {
     if (!holdAccount && !holdKey && !limits?.rpm) {
       return this.reservation({ reservationId: null, chargeAccount, chargeKey: budgeted });
     }
+    // The usual billed call (the account only): from the user's credit window, without I/O when it has room.
+    const windows = holdAccount && !holdKey ? this.windows : undefined;
+    const fromWindow = (block: CreditBlock | undefined) =>
+      block && this.reservation({ reservationId: block.id, chargeAccount, chargeKey: budgeted, window: { block, amount: estimate.cost } });
+    if (windows && !limits?.rpm) {
+      const served = fromWindow(windows.tryHold(userId!, estimate.cost));
+      if (served) return served;
+    }
     return (async () => {
       if (limits?.rpm) await this.countRequest(estimate, limits.rpm);
       if (!holdAccount && !holdKey) return this.reservation({ reservationId: null, chargeAccount, chargeKey: budgeted });
+      if (windows) {
+        // A burst can empty a fresh block before every waiter had its share: those take the next one.
+        for (let refills = 0; ; refills++) {
+          const served = fromWindow(windows.tryHold(userId!, estimate.cost));
+          if (served) return served;
+          if (refills === MAX_REFILLS_PER_CALL || !(await windows.refill(userId!, estimate.cost))) break;
+        }
+        // No block to be had (the balance is low): this call holds its own amount, as without windows.
+      }
       const id = randomUUID();
       const outcome = await billingCrud.hold(this.db, {
         id,
@@ -207,8 +250,32 @@ export class UsageMeterService implements UsageMeter {
       usageRecordId: id,
       description: `${record.operation} ${record.model}${record.status === 'success' ? '' : ` (${record.status})`}`,
     };
+    if (held.window) {
+      // Covered by the block in memory: written with the next batch (the block keeps the credit held meanwhile).
+      const { block, amount } = held.window;
+      const used = Decimal.min(record.cost, amount).toFixed();
+      this.windowSettlements.push({ ...settlement, release: used });
+      this.windows!.settled(block, amount, used);
+      return;
+    }
     this.settlements.push(settlement);
     if (!this.settling) this.track((this.settling = this.settlePending()));
+  }
+
+  /** A retired block whose calls have all settled: delete its row, giving what is left of it back to the account. */
+  private releaseBlock(block: CreditBlock): void {
+    this.blockReleases.push({
+      reservationId: block.id,
+      userId: block.userId,
+      apiKeyId: null,
+      projectId: null,
+      cost: '0',
+      chargeAccount: true,
+      chargeKey: false,
+      usageRecordId: randomUUID(),
+      description: 'credit window released',
+    });
+    this.schedule();
   }
 
   /**
@@ -269,11 +336,15 @@ export class UsageMeterService implements UsageMeter {
    * fails stays for the next flush (logged), so a database outage loses nothing.
    */
   flush(): Promise<void> {
-    if (this.flushing) return this.flushing.then(() => (this.buffer.length || this.failedSettlements.length ? this.flush() : undefined));
+    if (this.flushing) return this.flushing.then(() => (this.hasPending() ? this.flush() : undefined));
     this.flushing = this.writeOnce().finally(() => {
       this.flushing = null;
     });
     return this.flushing;
+  }
+
+  private hasPending(): boolean {
+    return this.buffer.length > 0 || this.failedSettlements.length > 0 || this.windowSettlements.length > 0 || this.blockReleases.length > 0;
   }
 
   private async writeOnce(): Promise<void> {
@@ -289,7 +360,19 @@ export class UsageMeterService implements UsageMeter {
         return;
       }
     }
-    const settlements = this.failedSettlements;
+    // Settlements of window calls, then the blocks retired after them (never in the same statement as their settlements).
+    while (this.windowSettlements.length) {
+      const batch = this.windowSettlements.splice(0, max);
+      try {
+        await billingCrud.settleMany(this.db, batch);
+      } catch (error) {
+        this.log.error({ err: cause(error), settlements: batch.length }, 'credit settlement failed; kept for a retry');
+        this.failedSettlements.push(...batch);
+      }
+    }
+    const releases = this.blockReleases;
+    this.blockReleases = [];
+    const settlements = [...releases, ...this.failedSettlements];
     this.failedSettlements = [];
     for (const [i, settlement] of settlements.entries()) {
       try {
@@ -305,6 +388,7 @@ export class UsageMeterService implements UsageMeter {
 
   /** Resolves once every settlement started so far has run and the buffer has been written. */
   async idle(): Promise<void> {
+    this.windows?.retireIdle(true);
     while (this.inFlight.size) await Promise.allSettled([...this.inFlight]);
     await this.flush();
   }
@@ -325,11 +409,12 @@ export class UsageMeterService implements UsageMeter {
   /** The app's close hook: stop the timers, then write everything still held in memory. */
   async close(): Promise<void> {
     clearInterval(this.sweepTimer);
+    clearInterval(this.windowTimer);
     clearTimeout(this.flushTimer);
     this.flushTimer = undefined;
     for (let attempt = 1; ; attempt++) {
       await this.idle();
-      if (!this.buffer.length && !this.failedSettlements.length) break;
+      if (!this.hasPending()) break;
       if (attempt === 3) {
         this.log.error({ usageRecords: this.buffer.length, settlements: this.failedSettlements.length }, 'usage not written at shutdown');
         break;

@@ -1,7 +1,10 @@
 import type { FastifyInstance } from 'fastify';
-import { expect } from 'vitest';
+import { afterAll, beforeAll, beforeEach, expect } from 'vitest';
 
 import type { CallContext, ChatRequest } from '../../src/modules/ai-models/index.js';
+import type { TestContext } from './app.js';
+import { superuserHeaders } from './factories.js';
+import { FakeModelServer } from './fake-model-server.js';
 import { call } from './http.js';
 
 /** Prices per million tokens of the models `addFakeModels` registers. */
@@ -37,4 +40,23 @@ export async function addFakeModels(app: FastifyInstance, admin: Record<string, 
 /** A chat request as the gateway and the runner make it. */
 export function chatRequest(model: string, context: CallContext, extra: Partial<ChatRequest> = {}): ChatRequest {
   return { model, messages: [{ role: 'user', content: 'Hello' }], context, ...extra };
+}
+
+/**
+ * A suite's fake model server with `addFakeModels` registered on the suite's app: started before
+ * the tests (then `onReady` gets it and the superuser's headers), its log reset before each test,
+ * closed after them.
+ */
+export function useFakeModels(ctx: TestContext, onReady: (fake: FakeModelServer, admin: Record<string, string>) => void): void {
+  let fake: FakeModelServer | undefined;
+  beforeAll(async () => {
+    fake = await FakeModelServer.start();
+    const admin = await superuserHeaders(ctx.app);
+    await addFakeModels(ctx.app, admin, fake.url);
+    onReady(fake, admin);
+  });
+  afterAll(async () => {
+    await fake?.close();
+  });
+  beforeEach(() => fake?.reset());
 }

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 
 import { eq, sql } from 'drizzle-orm';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { PaymentRequiredError, TooManyRequestsError } from '../../src/core/errors.js';
 
@@ -9,10 +9,10 @@ import { creditReservations, usageRecords } from '../../src/models/index.js';
 
 import { getBalance, hold, ledgerSum, settleMany } from '../../src/crud/billing.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
-import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
-import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { createProject, createUser, type TestUser } from '../helpers/factories.js';
+import type { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, expectValidationError, type ListBody, UUID, xApiKey } from '../helpers/http.js';
-import { addFakeModels, chatRequest } from '../helpers/metered-models.js';
+import { chatRequest, useFakeModels } from '../helpers/metered-models.js';
 
 const ctx = useTestApp({ BILLING_ENABLED: 'true', USAGE_FLUSH_INTERVAL_MS: '20', MODEL_MAX_RETRIES: '0' });
 const api = apiOf(ctx);
@@ -29,15 +29,10 @@ interface TransactionBody {
   usage_record_id: string | null;
 }
 
-beforeAll(async () => {
-  fake = await FakeModelServer.start();
-  admin = await superuserHeaders(ctx.app);
-  await addFakeModels(ctx.app, admin, fake.url);
+useFakeModels(ctx, (server, headers) => {
+  fake = server;
+  admin = headers;
 });
-afterAll(async () => {
-  await fake.close();
-});
-beforeEach(() => fake.reset());
 
 async function grant(user: TestUser, amount: string, extra: Record<string, unknown> = {}) {
   const response = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount, description: 'test credits', ...extra });

@@ -5,14 +5,14 @@ import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
 import { ModelCallAbortedError, ModelTimeoutError, UpstreamError } from '../../src/modules/ai-models/errors.js';
 import {
   type CostEstimate,
-  ModelManager,
+  type ModelManager,
   type ModelManagerOptions,
-  usageCallback,
   type UsageRecord,
 } from '../../src/modules/ai-models/model-manager.js';
-import { ProviderRegistry, ProviderUnavailableError } from '../../src/modules/ai-models/providers.js';
+import { ProviderUnavailableError } from '../../src/modules/ai-models/providers.js';
 import type { ModelOverride } from '../../src/modules/ai-models/types.js';
 import { fakeEmbedding, FakeModelServer } from '../helpers/fake-model-server.js';
+import { fakeModelManager } from '../helpers/model-manager.js';
 
 const price = (input: string, output: string, cached?: string) => ({
   input_cost_per_million_tokens: input,
@@ -31,22 +31,7 @@ let server: FakeModelServer;
 let records: UsageRecord[];
 
 function manager(overrides: Partial<ModelManagerOptions> = {}, settings: { OPENAI_API_KEY?: string } = {}): ModelManager {
-  return new ModelManager({
-    catalog: new ModelCatalog(builtins, CUSTOM_MODELS),
-    providers: new ProviderRegistry(
-      { OPENAI_API_KEY: settings.OPENAI_API_KEY, OPENAI_BASE_URL: server.url, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined },
-      [{ id: 'fake', kind: 'openai-compatible', base_url: server.url, api_key: 'fake-key', headers: { 'x-team': 'keel' } }],
-    ),
-    meter: usageCallback((record) => {
-      records.push(record);
-    }),
-    timeoutMs: 2_000,
-    maxRetries: 2,
-    retryMaxWaitMs: 1_000,
-    retryBaseDelayMs: 10,
-    defaultMaxOutputTokens: 100,
-    ...overrides,
-  });
+  return fakeModelManager(server, { builtins, models: CUSTOM_MODELS, records, openaiKey: settings.OPENAI_API_KEY, overrides });
 }
 
 async function settled(count: number): Promise<UsageRecord[]> {
@@ -225,10 +210,7 @@ describe('ModelManager.chat', () => {
   });
 
   it('lists models with availability; disabled ones only when asked', () => {
-    const m = new ModelManager({
-      ...(manager() as unknown as { options: ModelManagerOptions }).options,
-      catalog: new ModelCatalog(builtins, [...CUSTOM_MODELS, { id: 'fake-backup', enabled: false }]),
-    });
+    const m = manager({ catalog: new ModelCatalog(builtins, [...CUSTOM_MODELS, { id: 'fake-backup', enabled: false }]) });
     expect(m.listAvailableModels().map((x) => x.id)).not.toContain('fake-backup');
     expect(m.listAvailableModels({ includeDisabled: true }).find((x) => x.id === 'fake-backup')).toMatchObject({ enabled: false, available: true });
   });

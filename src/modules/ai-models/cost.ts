@@ -24,13 +24,46 @@ function count(value: number, kind: string): Decimal {
   return new D(value);
 }
 
+interface ParsedPrices {
+  input: Decimal;
+  cachedInput: Decimal;
+  cacheWrite: Decimal;
+  output: Decimal;
+  reasoning: Decimal;
+}
+
+/** Prices parsed once per pricing object (a catalog entry's, or a tier's): parsing decimals was most of a call's cost arithmetic. */
+const parsedPrices = new WeakMap<object, ParsedPrices>();
+
+function parsed(p: Omit<ModelPricing, 'tiers'>): ParsedPrices {
+  let prices = parsedPrices.get(p);
+  if (!prices) {
+    const input = new D(p.input_cost_per_million_tokens);
+    const output = new D(p.output_cost_per_million_tokens);
+    prices = {
+      input,
+      cachedInput: new D(p.cached_input_cost_per_million_tokens ?? input),
+      cacheWrite: new D(p.cache_write_cost_per_million_tokens ?? input),
+      output,
+      reasoning: new D(p.reasoning_cost_per_million_tokens ?? output),
+    };
+    parsedPrices.set(p, prices);
+  }
+  return prices;
+}
+
+/** `tokens` × `price`, added to `sum` (tokens: a checked count; zero adds nothing). */
+function addPriced(sum: Decimal, tokens: Decimal, price: Decimal): Decimal {
+  return tokens.isZero() ? sum : sum.plus(tokens.times(price));
+}
+
 /**
  * Cost of `usage` at `pricing` as a decimal string (e.g. `"0.000002500000"` → `"0.0000025"`:
  * trailing zeros dropped, never exponent notation). `input` counts cached reads and cache writes,
  * `output` counts reasoning tokens, as the providers report them.
  */
 export function computeCost(pricing: ModelPricing, usage: TokenUsage): string {
-  const p = pricesFor(pricing, usage.input);
+  const p = parsed(pricesFor(pricing, usage.input));
   const input = count(usage.input, 'input');
   const cached = count(usage.cached_input, 'cached input');
   const cacheWrite = count(usage.cache_write, 'cache write');
@@ -39,16 +72,13 @@ export function computeCost(pricing: ModelPricing, usage: TokenUsage): string {
   const uncached = D.max(input.minus(cached).minus(cacheWrite), 0);
   const textOutput = D.max(output.minus(reasoning), 0);
 
-  const inputPrice = new D(p.input_cost_per_million_tokens);
-  const outputPrice = new D(p.output_cost_per_million_tokens);
-  const total = uncached
-    .times(inputPrice)
-    .plus(cached.times(new D(p.cached_input_cost_per_million_tokens ?? inputPrice)))
-    .plus(cacheWrite.times(new D(p.cache_write_cost_per_million_tokens ?? inputPrice)))
-    .plus(textOutput.times(outputPrice))
-    .plus(reasoning.times(new D(p.reasoning_cost_per_million_tokens ?? outputPrice)))
-    .dividedBy(MILLION);
-  return formatCost(total);
+  let total = new D(0);
+  total = addPriced(total, uncached, p.input);
+  total = addPriced(total, cached, p.cachedInput);
+  total = addPriced(total, cacheWrite, p.cacheWrite);
+  total = addPriced(total, textOutput, p.output);
+  total = addPriced(total, reasoning, p.reasoning);
+  return formatCost(total.dividedBy(MILLION));
 }
 
 /** Worst-case cost of a call before it runs: every input token uncached, `maxOutputTokens` out. */

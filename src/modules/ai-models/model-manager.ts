@@ -25,6 +25,7 @@ import {
 import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings } from 'ai/internal';
 
 import type { ModelCatalog } from './catalog.js';
+import { type ChatWire, undeclaredToolCall as wireToolCall, type WireCall, wireMessages } from './chat-wire.js';
 import { computeCost, estimateCost } from './cost.js';
 import { ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, UpstreamError } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
@@ -230,19 +231,8 @@ function jsonOutput(format: JsonResponseFormat): OutputInterface<string, string,
 /** The provider model interface the SDK's own calls end in (what every registry provider creates). */
 type LanguageModelV3 = Extract<LanguageModel, { specificationVersion: 'v3' }>;
 
-/**
- * A tool call the model made though the call declared no tools: the SDK hands it back with its
- * input parsed when it is JSON, else as the text that came.
- */
-function undeclaredToolCall(part: { toolCallId: string; toolName: string; input: string }): ToolCall {
-  let input: unknown = part.input;
-  try {
-    input = JSON.parse(part.input) as unknown;
-  } catch {
-    // not JSON: kept as text
-  }
-  return { toolCallId: part.toolCallId, toolName: part.toolName, input };
-}
+/** A tool call from the provider model itself (a call without tools), read as the wire reads one. */
+const undeclaredToolCall = (part: { toolCallId: string; toolName: string; input: string }): ToolCall => wireToolCall(part.toolCallId, part.toolName, part.input);
 
 /** A call's text, reasoning and tool calls with the assistant message the SDK would return for them. */
 function answer(text: string, reasoningText: string | undefined, toolCalls: ToolCall[]): Pick<ChatResult, 'text' | 'reasoningText' | 'toolCalls' | 'responseMessages'> {
@@ -270,6 +260,9 @@ interface StreamSource {
   /** The assistant messages for what was streamed (after the parts ended). */
   responseMessages(text: string, reasoning: string | undefined, toolCalls: ToolCall[]): Promise<ModelMessage[]>;
 }
+
+/** The assistant message for a streamed answer read without the SDK (the wire, the provider model directly). */
+const directResponseMessages: StreamSource['responseMessages'] = async (text, reasoning, toolCalls) => answer(text, reasoning, toolCalls).responseMessages;
 
 class AttemptTimeout extends Error {}
 
@@ -368,6 +361,8 @@ function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
 /** What one model's attempt produced; `streamed` says the caller already saw some of it. */
 interface AttemptState {
   usage?: TokenUsage;
+  /** The cost the answer reported, for the usage record of the same usage (computed once). */
+  priced?: { usage: TokenUsage; cost: string };
   streamed: boolean;
   firstTokenAt: number | null;
   outputChars: number;
@@ -386,6 +381,11 @@ export class ModelManager {
   reload(overrides: readonly ModelOverride[], providers: readonly ProviderRecord[]): void {
     this.options.catalog.setOverrides(overrides);
     this.options.providers.setRecords(providers);
+  }
+
+  /** Closes the providers' idle connections (the app's close hook). */
+  close(): Promise<void> {
+    return this.options.providers.close();
   }
 
   /** A model by id or alias, with its availability; disabled models too. */
@@ -418,6 +418,12 @@ export class ModelManager {
   async chat(request: ChatRequest): Promise<ChatResult> {
     const started = performance.now();
     return this.run(request, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
+      const wired = this.wireCall(request, model);
+      if (wired) {
+        const reply = await wired.wire.generate(wired.call, attempt.signal);
+        state.usage = reply.usage;
+        return { ...this.outcome(model, state, started), ...answer(reply.text, reply.reasoning, reply.toolCalls), finishReason: reply.finishReason, time_to_first_token_ms: null };
+      }
       const languageModel = this.directModel(request, model);
       if (languageModel) return this.generate(request, languageModel, model, attempt, state, started);
       const result = await generateText({
@@ -426,7 +432,7 @@ export class ModelManager {
       });
       state.usage = toTokenUsage(result.totalUsage);
       return {
-        ...this.outcome(model, state.usage, started),
+        ...this.outcome(model, state, started),
         text: result.text,
         reasoningText: result.reasoningText,
         toolCalls: result.toolCalls.map((c): ToolCall => ({ toolCallId: c.toolCallId, toolName: c.toolName, input: c.input as unknown })),
@@ -435,6 +441,39 @@ export class ModelManager {
         time_to_first_token_ms: null,
       };
     });
+  }
+
+  /**
+   * The Chat Completions request a call sends without the SDK (see chat-wire.ts), or undefined when
+   * it needs the SDK: tools (validated against their schemas), provider options, or message parts
+   * other than text; providers other than `openai-compatible`.
+   */
+  private wireCall(request: ChatRequest, model: ModelInfo): { wire: ChatWire; call: WireCall } | undefined {
+    if (request.tools || request.providerOptions) return undefined;
+    const wire = this.options.providers.chatWire(model.provider);
+    if (!wire) return undefined;
+    const messages = wireMessages(request.system, request.messages);
+    if (!messages) return undefined;
+    // The SDK's checks of the settings (integers, ranges), so both paths refuse the same input.
+    const settings = prepareCallSettings({ maxOutputTokens: request.maxOutputTokens, temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences });
+    const format = request.responseFormat;
+    return {
+      wire,
+      call: {
+        model: model.id,
+        max_tokens: settings.maxOutputTokens,
+        temperature: settings.temperature,
+        top_p: settings.topP,
+        // As the SDK's openai-compatible model sends it (structured outputs on: see providers.ts).
+        response_format: !format
+          ? undefined
+          : format.schema
+            ? { type: 'json_schema', json_schema: { schema: format.schema, strict: true, name: format.name ?? 'response', description: format.description } }
+            : { type: 'json_object' },
+        stop: settings.stopSequences,
+        messages,
+      },
+    };
   }
 
   /**
@@ -467,7 +506,7 @@ export class ModelManager {
       else if (part.type === 'tool-call') toolCalls.push(undeclaredToolCall(part));
     }
     return {
-      ...this.outcome(model, state.usage, started),
+      ...this.outcome(model, state, started),
       ...answer(text, reasoning, toolCalls),
       finishReason: result.finishReason.unified,
       time_to_first_token_ms: null,
@@ -502,8 +541,14 @@ export class ModelManager {
     let wake: (() => void) | undefined;
     let done = false;
     let failure: Error | undefined;
+    // The caller's signal or the consumer stopping aborts the call. Linked by hand: AbortSignal.any
+    // costs far more per call (weak references, a registry) on Node 20.
     const consumer = new AbortController();
-    const signal = request.signal ? AbortSignal.any([request.signal, consumer.signal]) : consumer.signal;
+    const { signal } = consumer;
+    const callerSignal = request.signal;
+    const onCallerAbort = () => consumer.abort(callerSignal?.reason);
+    if (callerSignal?.aborted) onCallerAbort();
+    else callerSignal?.addEventListener('abort', onCallerAbort, { once: true });
     const push = (event: StreamEvent) => {
       queue.push(event);
       wake?.();
@@ -545,7 +590,7 @@ export class ModelManager {
       if (attempt.signal.aborted) throw attempt.signal.reason ?? new ModelCallAbortedError();
       state.usage ??= { ...ZERO_USAGE };
       return {
-        ...this.outcome(model, state.usage, started),
+        ...this.outcome(model, state, started),
         text,
         reasoningText: reasoning || undefined,
         toolCalls,
@@ -556,11 +601,13 @@ export class ModelManager {
     });
     result.then(
       (final) => {
+        callerSignal?.removeEventListener('abort', onCallerAbort);
         push({ type: 'finish', result: final });
         done = true;
         wake?.();
       },
       (error: unknown) => {
+        callerSignal?.removeEventListener('abort', onCallerAbort);
         failure = error instanceof Error ? error : new Error(String(error));
         done = true;
         wake?.();
@@ -597,7 +644,7 @@ export class ModelManager {
         abortSignal: attempt.signal,
       });
       state.usage = { ...ZERO_USAGE, input: result.usage.tokens };
-      return { ...this.outcome(model, state.usage, started), embeddings: result.embeddings };
+      return { ...this.outcome(model, state, started), embeddings: result.embeddings };
     });
   }
 
@@ -606,6 +653,8 @@ export class ModelManager {
    * without tools) or through the SDK's `streamText`; an upstream error or abort is thrown.
    */
   private async streamSource(request: ChatRequest, model: ModelInfo, attempt: Attempt): Promise<StreamSource> {
+    const wired = this.wireCall(request, model);
+    if (wired) return { parts: await wired.wire.stream(wired.call, attempt.signal), responseMessages: directResponseMessages };
     const languageModel = this.directModel(request, model);
     if (languageModel) {
       const { stream } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, attempt)), includeRawChunks: false });
@@ -620,7 +669,7 @@ export class ModelManager {
             else yield PROGRESS;
           }
         })(),
-        responseMessages: async (text, reasoning, toolCalls) => answer(text, reasoning, toolCalls).responseMessages,
+        responseMessages: directResponseMessages,
       };
     }
     const sdk = streamText({ ...this.sdkOptions(request, model), abortSignal: attempt.signal, onError: () => {} });
@@ -656,14 +705,12 @@ export class ModelManager {
     };
   }
 
-  private outcome(model: ModelInfo, usage: TokenUsage, started: number): CallOutcome {
-    return {
-      model: model.id,
-      provider: model.provider,
-      usage,
-      cost: computeCost(model.pricing, usage),
-      latency_ms: Math.round(performance.now() - started),
-    };
+  /** The answer's model, usage and cost (of `state.usage`, which the attempt has set). */
+  private outcome(model: ModelInfo, state: AttemptState, started: number): CallOutcome {
+    const usage = state.usage ?? { ...ZERO_USAGE };
+    const cost = computeCost(model.pricing, usage);
+    state.priced = { usage, cost };
+    return { model: model.id, provider: model.provider, usage, cost, latency_ms: Math.round(performance.now() - started) };
   }
 
   /** Resolution, reservation, retries, fallbacks and settlement around `runAttempt`. */
@@ -705,7 +752,7 @@ export class ModelManager {
           provider: model.provider,
           tokens,
           estimated,
-          cost: computeCost(model.pricing, tokens),
+          cost: state.priced?.usage === tokens ? state.priced.cost : computeCost(model.pricing, tokens),
           latency_ms: Math.round(performance.now() - started),
           time_to_first_token_ms: state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started),
           status,

@@ -8,10 +8,12 @@ import { createGoogleGenerativeAI } from '@ai-sdk/google';
 import { createOpenAI } from '@ai-sdk/openai';
 import { createOpenAICompatible } from '@ai-sdk/openai-compatible';
 import type { EmbeddingModel, LanguageModel } from 'ai';
+import type { Agent } from 'undici';
 
 import type { Settings } from '../../core/config.js';
 import { HttpError } from '../../core/errors.js';
 
+import { ChatWire, wireDispatcher } from './chat-wire.js';
 import type { ProviderKind } from './types.js';
 
 /** A provider as the DB layer will hand it over (secrets already decrypted). */
@@ -111,6 +113,8 @@ export class ProviderRegistry {
    */
   private readonly languageModels = new Map<string, LanguageModel>();
   private readonly embeddingModels = new Map<string, EmbeddingModel>();
+  private readonly wires = new Map<string, ChatWire | null>();
+  private dispatcher: Agent | undefined;
 
   constructor(
     private readonly settings: ProviderCredentialSettings,
@@ -125,6 +129,7 @@ export class ProviderRegistry {
     this.clients.clear();
     this.languageModels.clear();
     this.embeddingModels.clear();
+    this.wires.clear();
   }
 
   /** The effective record of a provider: its record, else the settings for a built-in one. */
@@ -167,6 +172,29 @@ export class ProviderRegistry {
 
   languageModel(providerId: string, modelId: string): LanguageModel {
     return this.cached(this.languageModels, providerId, modelId, (client) => client.language(modelId));
+  }
+
+  /**
+   * Chat Completions without the SDK for an `openai-compatible` provider (see chat-wire.ts), or
+   * null for other kinds (their SDK models speak other APIs or add provider-specific fields).
+   */
+  chatWire(providerId: string): ChatWire | null {
+    let wire = this.wires.get(providerId);
+    if (wire === undefined) {
+      this.client(providerId); // the same availability check as the SDK's path
+      const record = this.resolve(providerId) as ProviderRecord;
+      wire = record.kind === 'openai-compatible' ? new ChatWire(record.base_url ?? '', record.api_key, record.headers, (this.dispatcher ??= wireDispatcher())) : null;
+      this.wires.set(providerId, wire);
+    }
+    return wire;
+  }
+
+  /** Closes the wire's idle connections (the app's close hook). */
+  async close(): Promise<void> {
+    const dispatcher = this.dispatcher;
+    this.dispatcher = undefined;
+    this.wires.clear();
+    await dispatcher?.close();
   }
 
   embeddingModel(providerId: string, modelId: string): EmbeddingModel {

@@ -1,0 +1,287 @@
+/**
+ * Chat Completions spoken directly over a pooled HTTP client, for `openai-compatible` providers and
+ * calls the request body can express without the AI SDK (no tools, text messages, no provider
+ * options). It sends what the SDK's openai-compatible chat model would send and reads the answer
+ * (JSON, or SSE chunks) into the manager's parts, without the SDK's per-call Zod parsing, `fetch`
+ * and web streams: on a zero-latency upstream those were most of the CPU a call cost (see
+ * bench/RESULTS.md). Errors come out as the SDK's `APICallError` (status, headers, retryability),
+ * so the manager's retries, fallbacks and error answers treat both paths alike.
+ */
+import { APICallError, type ModelMessage } from 'ai';
+import { Agent, request as httpRequest } from 'undici';
+
+import type { ToolCall } from './model-manager.js';
+import type { TokenUsage } from './types.js';
+
+/** An OpenAI chat message as the wire carries it. */
+type WireMessage = { role: 'system' | 'user' | 'assistant'; content: string | { type: 'text'; text: string }[] };
+
+export interface WireCall {
+  model: string;
+  messages: WireMessage[];
+  max_tokens?: number;
+  temperature?: number;
+  top_p?: number;
+  stop?: string[];
+  response_format?: unknown;
+}
+
+export interface WireAnswer {
+  text: string;
+  reasoning: string | undefined;
+  toolCalls: ToolCall[];
+  finishReason: string;
+  usage: TokenUsage;
+}
+
+/** A streamed answer's pieces, as the manager's stream loop reads them; `progress`: a chunk without content. */
+export type WirePart =
+  | { type: 'text-delta' | 'reasoning-delta'; text: string }
+  | { type: 'tool-call'; toolCall: ToolCall }
+  | { type: 'finish'; finishReason: string; usage: TokenUsage }
+  | { type: 'progress' };
+
+const PROGRESS: WirePart = { type: 'progress' };
+
+/**
+ * A tool call the model made though the call declared no tools, as the SDK hands it back: its
+ * input parsed when it is JSON, else the text that came.
+ */
+export function undeclaredToolCall(toolCallId: string, toolName: string, text: string): ToolCall {
+  let input: unknown = text;
+  try {
+    input = JSON.parse(text) as unknown;
+  } catch {
+    // not JSON: kept as text
+  }
+  return { toolCallId, toolName, input };
+}
+
+interface ToolCallText {
+  id: string;
+  name: string;
+  text: string;
+}
+
+interface OpenAIUsage {
+  prompt_tokens?: number;
+  completion_tokens?: number;
+  prompt_tokens_details?: { cached_tokens?: number | null } | null;
+  completion_tokens_details?: { reasoning_tokens?: number | null } | null;
+}
+
+interface ToolCallDelta {
+  index?: number;
+  id?: string;
+  function?: { name?: string; arguments?: string };
+}
+
+interface ChoiceMessage {
+  content?: string | null;
+  reasoning_content?: string | null;
+  reasoning?: string | null;
+  tool_calls?: ToolCallDelta[] | null;
+}
+
+interface Completion {
+  choices?: { message?: ChoiceMessage; delta?: ChoiceMessage; finish_reason?: string | null }[];
+  usage?: OpenAIUsage | null;
+  error?: { message?: string };
+}
+
+/** The SDK's mapping of OpenAI's finish reasons (`mapOpenAICompatibleFinishReason`). */
+const FINISH_REASONS: Record<string, string> = { stop: 'stop', length: 'length', content_filter: 'content-filter', function_call: 'tool-calls', tool_calls: 'tool-calls' };
+const finishReasonOf = (reason: string | null | undefined): string => (reason ? (FINISH_REASONS[reason] ?? 'other') : 'other');
+
+/** The SDK's reading of OpenAI usage (`convertOpenAICompatibleChatUsage`): missing counts are 0. */
+function usageOf(usage: OpenAIUsage | null | undefined): TokenUsage {
+  return {
+    input: usage?.prompt_tokens ?? 0,
+    cached_input: usage?.prompt_tokens_details?.cached_tokens ?? 0,
+    cache_write: 0,
+    output: usage?.completion_tokens ?? 0,
+    reasoning: usage?.completion_tokens_details?.reasoning_tokens ?? 0,
+  };
+}
+
+/**
+ * The messages as OpenAI's wire format, converted as the SDK converts them (a single text part is
+ * sent as a string); undefined when one of them needs the SDK (images, files, tool calls, tool
+ * results, reasoning parts).
+ */
+export function wireMessages(system: string | undefined, messages: readonly ModelMessage[]): WireMessage[] | undefined {
+  const out: WireMessage[] = system ? [{ role: 'system', content: system }] : [];
+  for (const message of messages) {
+    if (message.role === 'system') {
+      out.push({ role: 'system', content: message.content });
+      continue;
+    }
+    if (message.role !== 'user' && message.role !== 'assistant') return undefined;
+    const { content } = message;
+    if (typeof content === 'string') {
+      out.push({ role: message.role, content });
+      continue;
+    }
+    const texts: { type: 'text'; text: string }[] = [];
+    for (const part of content) {
+      if (part.type !== 'text') return undefined;
+      texts.push({ type: 'text', text: part.text });
+    }
+    if (message.role === 'assistant') out.push({ role: 'assistant', content: texts.map((t) => t.text).join('') });
+    else out.push({ role: 'user', content: texts.length === 1 ? texts[0]!.text : texts });
+  }
+  return out;
+}
+
+/** One provider's Chat Completions endpoint: its URL, headers and a keep-alive connection pool. */
+export class ChatWire {
+  private readonly url: string;
+  private readonly headers: Record<string, string>;
+
+  constructor(
+    baseUrl: string,
+    apiKey: string | null | undefined,
+    extraHeaders: Record<string, string> | null | undefined,
+    private readonly dispatcher: Agent,
+  ) {
+    this.url = `${baseUrl.replace(/\/+$/, '')}/chat/completions`;
+    this.headers = {
+      ...(apiKey ? { authorization: `Bearer ${apiKey}` } : {}),
+      ...extraHeaders,
+      'content-type': 'application/json',
+    };
+  }
+
+  /** A non-streamed call. */
+  async generate(call: WireCall, signal: AbortSignal): Promise<WireAnswer> {
+    const body = await this.post(call, signal);
+    const text = await body.text();
+    const completion = parseJson(text) as Completion;
+    const choice = completion.choices?.[0];
+    const message = choice?.message ?? {};
+    const toolCalls = (message.tool_calls ?? []).map((c) => undeclaredToolCall(c.id ?? '', c.function?.name ?? '', c.function?.arguments ?? ''));
+    return {
+      text: message.content ?? '',
+      reasoning: message.reasoning_content ?? message.reasoning ?? undefined,
+      toolCalls,
+      finishReason: finishReasonOf(choice?.finish_reason),
+      usage: usageOf(completion.usage),
+    };
+  }
+
+  /**
+   * A streamed call (with `include_usage`): the parts in order, ending with `finish`. Tool calls
+   * arrive in pieces and are handed on whole when the stream ends. An upstream error chunk, a
+   * dropped connection or the signal throws; stopping the iteration closes the upstream request.
+   */
+  async stream(call: WireCall, signal: AbortSignal): Promise<AsyncIterable<WirePart>> {
+    const body = await this.post({ ...call, stream: true, stream_options: { include_usage: true } }, signal);
+    const { url } = this;
+    return (async function* () {
+      const tools = new Map<number, ToolCallText>();
+      let finishReason: string | null | undefined;
+      let usage: OpenAIUsage | null | undefined;
+      let rest = '';
+      try {
+        body.setEncoding('utf8');
+        for await (const chunk of body as AsyncIterable<string>) {
+          const lines = (rest + chunk).split('\n');
+          rest = lines.pop() ?? '';
+          for (const line of lines) {
+            if (!line.startsWith('data:')) continue;
+            const data = line.slice(5).trim();
+            if (data === '[DONE]') continue;
+            const value = parseJson(data) as Completion;
+            if (value.error) throw upstreamError(url, call, value.error.message ?? 'Upstream error in the stream', undefined);
+            if (value.usage) usage = value.usage;
+            const choice = value.choices?.[0];
+            const delta = choice?.delta;
+            if (choice?.finish_reason) finishReason = choice.finish_reason;
+            const reasoning = delta?.reasoning_content ?? delta?.reasoning;
+            let emitted = false;
+            if (reasoning) {
+              emitted = true;
+              yield { type: 'reasoning-delta', text: reasoning };
+            }
+            if (delta?.content) {
+              emitted = true;
+              yield { type: 'text-delta', text: delta.content };
+            }
+            for (const piece of delta?.tool_calls ?? []) {
+              const index = piece.index ?? tools.size;
+              const known = tools.get(index);
+              if (known) known.text += piece.function?.arguments ?? '';
+              else tools.set(index, { id: piece.id ?? '', name: piece.function?.name ?? '', text: piece.function?.arguments ?? '' });
+            }
+            if (!emitted) yield PROGRESS;
+          }
+        }
+      } catch (error) {
+        if (signal.aborted || error instanceof APICallError || error instanceof InvalidResponseError) throw error;
+        throw connectionError(url, call, error);
+      } finally {
+        // Stopped early (a break, an error): the rest of the body is not wanted; this closes the connection.
+        if (!body.readableEnded) body.destroy();
+      }
+      for (const tool of tools.values()) yield { type: 'tool-call', toolCall: undeclaredToolCall(tool.id, tool.name, tool.text) };
+      yield { type: 'finish', finishReason: finishReasonOf(finishReason), usage: usageOf(usage) };
+    })();
+  }
+
+  /** Sends the request; a non-2xx answer throws `APICallError` with OpenAI's error message. */
+  private async post(call: WireCall & { stream?: true; stream_options?: { include_usage: true } }, signal: AbortSignal) {
+    let response;
+    try {
+      response = await httpRequest(this.url, { method: 'POST', headers: this.headers, body: JSON.stringify(call), signal, dispatcher: this.dispatcher });
+    } catch (error) {
+      if (signal.aborted) throw error;
+      throw connectionError(this.url, call, error);
+    }
+    const { statusCode, headers, body } = response;
+    if (statusCode >= 200 && statusCode < 300) return body;
+    const text = await body.text().catch(() => '');
+    let message = `HTTP ${statusCode}`;
+    try {
+      const parsed = JSON.parse(text) as { error?: { message?: string } };
+      if (typeof parsed.error?.message === 'string') message = parsed.error.message;
+    } catch {
+      // not OpenAI's error object: the status says it
+    }
+    throw upstreamError(this.url, call, message, statusCode, flatHeaders(headers), text);
+  }
+}
+
+function flatHeaders(headers: Record<string, string | string[] | undefined>): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [name, value] of Object.entries(headers)) if (value !== undefined) out[name] = Array.isArray(value) ? value.join(', ') : value;
+  return out;
+}
+
+function upstreamError(url: string, call: unknown, message: string, statusCode: number | undefined, responseHeaders?: Record<string, string>, responseBody?: string): APICallError {
+  const retryable = statusCode === undefined || statusCode === 408 || statusCode === 409 || statusCode === 429 || statusCode >= 500;
+  return new APICallError({ message, url, requestBodyValues: call, statusCode, responseHeaders, responseBody, isRetryable: retryable });
+}
+
+/** A connection that failed or closed early, as the SDK reports it: an APICallError without a status (retryable). */
+function connectionError(url: string, call: unknown, error: unknown): APICallError {
+  const message = error instanceof Error ? error.message : String(error);
+  return new APICallError({ message: `Cannot connect to API: ${message}`, url, requestBodyValues: call, isRetryable: true, cause: error });
+}
+
+/** An answer that is not JSON: not retried (as the SDK's parse error is not). */
+class InvalidResponseError extends Error {
+  override name = 'InvalidResponseError';
+}
+
+function parseJson(text: string): unknown {
+  try {
+    return JSON.parse(text) as unknown;
+  } catch {
+    throw new InvalidResponseError(`Invalid JSON response from the upstream: ${text.slice(0, 200)}`);
+  }
+}
+
+/** One pool of keep-alive connections per registry, shared by its providers (undici keeps one per origin). */
+export function wireDispatcher(): Agent {
+  return new Agent({ keepAliveTimeout: 10_000, keepAliveMaxTimeout: 60_000 });
+}

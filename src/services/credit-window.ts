@@ -1,0 +1,130 @@
+/**
+ * Credit windows: holds served from memory instead of one database statement per call.
+ *
+ * A process takes a block of a user's credit with the same conditional UPDATE a call's hold uses
+ * (a reservation row of `BILLING_CREDIT_WINDOW_CALLS` × the call's worst case; refused unless
+ * `balance - reserved` covers all of it), then serves that user's holds from the block in memory.
+ * A call's settlement releases what it used from the block's row together with the charge (see
+ * `Settlement.release`), so at every moment `reserved` = what blocks and per-call holds still
+ * hold, and the balance still moves only with its ledger entry. When the block cannot serve a hold
+ * it is retired and a new one taken; a retired block whose calls have all settled is released
+ * (its row deleted, what is left of it back to `available`). Blocks retire when idle, after half
+ * the reservation TTL at most, and at shutdown.
+ *
+ * Why this never overdraws: a block is taken only when the account covers it, and the block serves
+ * at most its own amount. Across processes each takes its own blocks from the same row. A process
+ * that dies leaves its block's row, which expires and is released by the sweep like a call's hold.
+ * When a block cannot be taken (the balance is low), the caller holds per call as before, so a
+ * nearly empty account behaves exactly as without windows.
+ */
+import { randomUUID } from 'node:crypto';
+
+import { Decimal } from 'decimal.js';
+
+import type { Db } from '../core/db.js';
+
+import * as billingCrud from '../crud/billing.js';
+
+export interface CreditBlock {
+  readonly id: string;
+  readonly userId: string;
+  /** Not yet handed to a call. */
+  available: Decimal;
+  /** Calls holding from this block that have not settled. */
+  outstanding: number;
+  retired: boolean;
+  readonly takenAt: number;
+  lastUsedAt: number;
+}
+
+export interface CreditWindowOptions {
+  db: Db;
+  /** Block size, in calls of the size of the one that takes it. */
+  blockCalls: number;
+  ttlSeconds: number;
+  /** A block with no call for this long is released. */
+  idleMs: number;
+  /** A block whose calls have all settled after it retired: release its row (queued behind their settlements). */
+  onRetired: (block: CreditBlock) => void;
+}
+
+export class CreditWindows {
+  private readonly current = new Map<string, CreditBlock>();
+  private readonly taking = new Map<string, Promise<boolean>>();
+  private readonly maxAgeMs: number;
+
+  constructor(private readonly options: CreditWindowOptions) {
+    // A block's row expires after the TTL: it must retire well before, and its calls end before the TTL too.
+    this.maxAgeMs = Math.min((options.ttlSeconds * 1000) / 2, 30_000);
+  }
+
+  /** Holds `amount` from the user's block in memory; undefined when the block cannot (take one, or hold per call). */
+  tryHold(userId: string, amount: string): CreditBlock | undefined {
+    const block = this.current.get(userId);
+    if (!block) return undefined;
+    const now = Date.now();
+    if (now - block.takenAt > this.maxAgeMs || block.available.lessThan(amount)) {
+      this.retire(block);
+      return undefined;
+    }
+    block.available = block.available.minus(amount);
+    block.outstanding += 1;
+    block.lastUsedAt = now;
+    return block;
+  }
+
+  /**
+   * Takes a new block for the user sized for calls like this one; false when the account cannot
+   * cover a whole block. Calls arriving while a block is being taken wait for that one.
+   */
+  refill(userId: string, amount: string): Promise<boolean> {
+    let taking = this.taking.get(userId);
+    if (!taking) {
+      taking = this.take(userId, amount).finally(() => this.taking.delete(userId));
+      this.taking.set(userId, taking);
+    }
+    return taking;
+  }
+
+  private async take(userId: string, amount: string): Promise<boolean> {
+    const size = new Decimal(amount).times(this.options.blockCalls);
+    const id = randomUUID();
+    const outcome = await billingCrud.hold(this.options.db, {
+      id,
+      userId,
+      apiKeyId: null,
+      accountAmount: size.toFixed(),
+      keyAmount: null,
+      ttlSeconds: this.options.ttlSeconds,
+    });
+    if (outcome !== 'held') return false;
+    const previous = this.current.get(userId);
+    if (previous) this.retire(previous);
+    const now = Date.now();
+    this.current.set(userId, { id, userId, available: size, outstanding: 0, retired: false, takenAt: now, lastUsedAt: now });
+    return true;
+  }
+
+  /**
+   * A call held from `block` ended having used `used` of its `held` amount (used ≤ held: the
+   * settlement releases `used` from the block's row); the rest goes back to the block.
+   */
+  settled(block: CreditBlock, held: string, used: string): void {
+    block.outstanding -= 1;
+    if (!block.retired) block.available = block.available.plus(held).minus(used);
+    else if (block.outstanding === 0) this.options.onRetired(block);
+  }
+
+  /** Retires blocks nobody used for `idleMs` (every block: `all`), releasing those without calls in flight. */
+  retireIdle(all = false): void {
+    const cutoff = Date.now() - this.options.idleMs;
+    for (const block of this.current.values()) if (all || block.lastUsedAt < cutoff) this.retire(block);
+  }
+
+  private retire(block: CreditBlock): void {
+    if (block.retired) return;
+    block.retired = true;
+    if (this.current.get(block.userId) === block) this.current.delete(block.userId);
+    if (block.outstanding === 0) this.options.onRetired(block);
+  }
+}

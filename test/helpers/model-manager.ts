@@ -1,0 +1,39 @@
+import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
+import { ModelManager, type ModelManagerOptions, usageCallback, type UsageRecord } from '../../src/modules/ai-models/model-manager.js';
+import { ProviderRegistry } from '../../src/modules/ai-models/providers.js';
+import type { ModelInfo, ModelOverride } from '../../src/modules/ai-models/types.js';
+import type { FakeModelServer } from './fake-model-server.js';
+
+export interface FakeManagerOptions {
+  /** Built-in models (none by default) and the custom models on the fake provider. */
+  builtins?: ModelInfo[];
+  models: ModelOverride[];
+  /** Where the usage records go. */
+  records: UsageRecord[];
+  /** For the built-in `openai` provider (pointed at the fake server). */
+  openaiKey?: string;
+  overrides?: Partial<ModelManagerOptions>;
+}
+
+/**
+ * A ModelManager whose provider `fake` (openai-compatible, key `fake-key`, header `x-team: keel`)
+ * is the fake model server, metered into `records`, with short timeouts and retry waits for tests.
+ */
+export function fakeModelManager(server: FakeModelServer, options: FakeManagerOptions): ModelManager {
+  return new ModelManager({
+    catalog: new ModelCatalog(options.builtins ?? [], options.models),
+    providers: new ProviderRegistry(
+      { OPENAI_API_KEY: options.openaiKey, OPENAI_BASE_URL: server.url, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined },
+      [{ id: 'fake', kind: 'openai-compatible', base_url: server.url, api_key: 'fake-key', headers: { 'x-team': 'keel' } }],
+    ),
+    meter: usageCallback((record) => {
+      options.records.push(record);
+    }),
+    timeoutMs: 2_000,
+    maxRetries: 2,
+    retryMaxWaitMs: 1_000,
+    retryBaseDelayMs: 10,
+    defaultMaxOutputTokens: 100,
+    ...options.overrides,
+  });
+}

@@ -1,0 +1,160 @@
+/**
+ * The wire path (chat-wire.ts): Chat Completions to an openai-compatible provider without the AI
+ * SDK. The same calls forced through the SDK (a call with provider options goes there) are the
+ * reference: the upstream must receive the same request, and the caller the same answer and usage.
+ */
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { ModelCallAbortedError, UpstreamError } from '../../src/modules/ai-models/errors.js';
+import type { ChatRequest, ChatResult, ModelManager, UsageRecord } from '../../src/modules/ai-models/model-manager.js';
+import { FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
+import { fakeModelManager } from '../helpers/model-manager.js';
+
+let server: FakeModelServer;
+const records: UsageRecord[] = [];
+let models: ModelManager;
+
+const pricing = { input_cost_per_million_tokens: '2', output_cost_per_million_tokens: '8', cached_input_cost_per_million_tokens: '0.5', reasoning_cost_per_million_tokens: '16' };
+
+beforeAll(async () => {
+  server = await FakeModelServer.start();
+  models = fakeModelManager(server, {
+    models: [{ id: 'wire-chat', provider: 'fake', capabilities: ['chat'], pricing }],
+    records,
+    overrides: { maxRetries: 1, retryMaxWaitMs: 100 },
+  });
+});
+afterAll(async () => {
+  await models.close();
+  await server.close();
+});
+beforeEach(() => {
+  server.reset();
+  records.length = 0;
+});
+
+async function settled(count: number): Promise<UsageRecord[]> {
+  const deadline = Date.now() + 5_000;
+  while (records.length < count && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  return records;
+}
+
+/** Every setting the wire carries, and messages of each kind it sends itself. */
+const FULL: ChatRequest = {
+  model: 'wire-chat',
+  system: 'Be brief.',
+  messages: [
+    { role: 'system', content: 'Answer in English.' },
+    { role: 'user', content: [{ type: 'text', text: 'Two ' }, { type: 'text', text: 'parts' }] },
+    { role: 'assistant', content: [{ type: 'text', text: 'Noted.' }] },
+    { role: 'user', content: [{ type: 'text', text: 'One part' }] },
+  ],
+  maxOutputTokens: 64,
+  temperature: 0.3,
+  topP: 0.9,
+  stopSequences: ['END'],
+  responseFormat: { type: 'json', name: 'answer', description: 'The answer', schema: { type: 'object', properties: { a: { type: 'string' } } } },
+};
+/** The same call through the SDK: provider options are something only the SDK path sends. */
+const viaSdk = (request: ChatRequest): ChatRequest => ({ ...request, providerOptions: {} });
+
+const REPLY: ScriptedReply = { text: 'Hello wire world', reasoning: 'thinking', usage: { prompt_tokens: 9, completion_tokens: 4, cached_tokens: 3, reasoning_tokens: 2 } };
+const comparable = ({ latency_ms: _latency, time_to_first_token_ms: _ttft, ...rest }: ChatResult) => rest;
+
+async function streamed(request: ChatRequest): Promise<{ texts: string[]; reasoning: string[]; result: ChatResult }> {
+  const texts: string[] = [];
+  const reasoning: string[] = [];
+  const stream = models.stream(request);
+  for await (const event of stream) {
+    if (event.type === 'text-delta') texts.push(event.text);
+    if (event.type === 'reasoning-delta') reasoning.push(event.text);
+  }
+  return { texts, reasoning, result: await stream.result };
+}
+
+describe('chat over the wire (openai-compatible, no tools)', () => {
+  it('sends the request the SDK sends and reads the answer as the SDK does', async () => {
+    server.script('wire-chat', REPLY, REPLY);
+    const wire = await models.chat(FULL);
+    const sdk = await models.chat(viaSdk(FULL));
+    const [wireRequest, sdkRequest] = server.log;
+    expect(wireRequest!.body).toEqual(sdkRequest!.body);
+    expect(wireRequest!.body).toMatchObject({ model: 'wire-chat', max_tokens: 64, stop: ['END'], response_format: { type: 'json_schema' } });
+    expect(wireRequest!.headers).toMatchObject({ authorization: 'Bearer fake-key', 'x-team': 'keel', 'content-type': 'application/json' });
+    expect(comparable(wire)).toEqual(comparable(sdk));
+    expect(wire).toMatchObject({ text: 'Hello wire world', reasoningText: 'thinking', finishReason: 'stop', usage: { input: 9, cached_input: 3, output: 4, reasoning: 2 } });
+  });
+
+  it('streams what the SDK streams and meters the usage chunk exactly', async () => {
+    server.script('wire-chat', { ...REPLY, chunks: ['Hel', 'lo ', 'wire ', 'world'] }, { ...REPLY, chunks: ['Hel', 'lo ', 'wire ', 'world'] });
+    const wire = await streamed(FULL);
+    const sdk = await streamed(viaSdk(FULL));
+    expect(server.log[0]!.body).toEqual(server.log[1]!.body);
+    expect(server.log[0]!.body.stream_options).toEqual({ include_usage: true });
+    expect(wire.texts).toEqual(['Hel', 'lo ', 'wire ', 'world']);
+    expect(wire.texts).toEqual(sdk.texts);
+    expect(wire.reasoning.join('')).toBe('thinking');
+    expect(comparable(wire.result)).toEqual(comparable(sdk.result));
+    const [record] = await settled(2);
+    // 6 uncached × 2 + 3 cached × 0.5 + 2 output × 8 + 2 reasoning × 16 = 61.5 per 10^6
+    expect(record).toMatchObject({ operation: 'stream', status: 'success', estimated: false, tokens: { input: 9, cached_input: 3, output: 4, reasoning: 2 }, cost: '0.0000615' });
+  });
+
+  it('assembles tool calls the model makes unasked, as the SDK does', async () => {
+    const reply: ScriptedReply = { toolCalls: [{ id: 'call_1', name: 'lookup', arguments: '{"q":"keel"}' }], usage: { prompt_tokens: 1, completion_tokens: 1 } };
+    server.script('wire-chat', reply, reply, reply);
+    const wire = await models.chat({ model: 'wire-chat', messages: [{ role: 'user', content: 'go' }] });
+    const sdk = await models.chat(viaSdk({ model: 'wire-chat', messages: [{ role: 'user', content: 'go' }] }));
+    expect(comparable(wire)).toEqual(comparable(sdk));
+    const { result } = await streamed({ model: 'wire-chat', messages: [{ role: 'user', content: 'go' }] });
+    expect(result.toolCalls).toEqual([{ toolCallId: 'call_1', toolName: 'lookup', input: { q: 'keel' } }]);
+    expect(result.finishReason).toBe('tool-calls');
+  });
+
+  it('an upstream that closes mid-stream ends the stream with an upstream error, metered from what was streamed', async () => {
+    server.script('wire-chat', { chunks: ['a ', 'b ', 'c ', 'd '], chunkDelayMs: 20, drop: { afterChunks: 2 } });
+    const seen: string[] = [];
+    const stream = models.stream({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] });
+    await expect(
+      (async () => {
+        for await (const event of stream) if (event.type === 'text-delta') seen.push(event.text);
+      })(),
+    ).rejects.toThrow(UpstreamError);
+    // The chunk written just before the reset may be lost with it (the reset discards what the client had not read).
+    expect(seen[0]).toBe('a ');
+    expect(seen.length).toBeLessThanOrEqual(2);
+    expect(server.log).toHaveLength(1); // output had reached the caller: no retry
+    const [record] = await settled(1);
+    expect(record).toMatchObject({ status: 'error', estimated: true });
+    expect(record!.tokens.output).toBeGreaterThan(0);
+  });
+
+  it('a caller that goes away aborts the upstream request (the fake server sees the disconnect)', async () => {
+    server.script('wire-chat', { chunks: Array.from({ length: 40 }, (_, i) => `w${i} `), chunkDelayMs: 20 });
+    const controller = new AbortController();
+    const stream = models.stream({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }], signal: controller.signal });
+    await expect(
+      (async () => {
+        for await (const event of stream) if (event.type === 'text-delta') controller.abort();
+      })(),
+    ).rejects.toThrow(ModelCallAbortedError);
+    await server.waitFor((log) => log[0]?.aborted === true);
+    expect(server.log[0]!.completed).toBe(false);
+    expect((await settled(1))[0]).toMatchObject({ status: 'aborted', estimated: true });
+  });
+
+  it('passes an upstream refusal on with its status and message, unretried', async () => {
+    server.script('wire-chat', { status: 400, body: { error: { message: 'context too long', type: 'invalid_request_error' } } });
+    const failure = await models.chat({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] }).catch((e: unknown) => e);
+    expect(failure).toBeInstanceOf(UpstreamError);
+    expect(failure).toMatchObject({ upstreamStatus: 400 });
+    expect((failure as Error).message).toContain('context too long');
+    expect(server.log).toHaveLength(1);
+  });
+
+  it('leaves image parts to the SDK', async () => {
+    server.script('wire-chat', { text: 'a cat' });
+    await models.chat({ model: 'wire-chat', messages: [{ role: 'user', content: [{ type: 'image', image: new Uint8Array([1, 2, 3]), mediaType: 'image/png' }] }] });
+    expect(server.log[0]!.body.messages).toEqual([{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'data:image/png;base64,AQID' } }] }]);
+  });
+});

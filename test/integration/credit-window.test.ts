@@ -1,0 +1,125 @@
+/**
+ * Credit windows (src/services/credit-window.ts): billed calls held from a block of credit in
+ * memory. The invariants stay those of per-call holds: never more held than the balance covers,
+ * the balance equal to the ledger's sum, nothing held once the calls have settled, and a crashed
+ * process's block released by the expiry sweep without anything released twice.
+ */
+import { sql } from 'drizzle-orm';
+import { beforeEach, describe, expect, it } from 'vitest';
+
+import { PaymentRequiredError } from '../../src/core/errors.js';
+
+import { getBalance, ledgerSum } from '../../src/crud/billing.js';
+import { buildTestApp, useTestApp } from '../helpers/app.js';
+import { createUser, type TestUser } from '../helpers/factories.js';
+import type { FakeModelServer } from '../helpers/fake-model-server.js';
+import { apiOf } from '../helpers/http.js';
+import { chatRequest, useFakeModels } from '../helpers/metered-models.js';
+
+// Blocks of 8 calls: with `fake-billed` (1 credit per output token) and 10 output tokens at most, a block is 80 credits.
+const SETTINGS = { BILLING_ENABLED: 'true', BILLING_CREDIT_WINDOW_CALLS: '8', USAGE_FLUSH_INTERVAL_MS: '20', MODEL_MAX_RETRIES: '0' };
+const ctx = useTestApp(SETTINGS);
+const api = apiOf(ctx);
+let fake: FakeModelServer;
+let admin: Record<string, string>;
+
+useFakeModels(ctx, (server, headers) => {
+  fake = server;
+  admin = headers;
+});
+beforeEach(() => {
+  fake.defaultReply = { text: 'four', usage: { prompt_tokens: 1, completion_tokens: 4 } };
+});
+
+const billed = (user: TestUser) => chatRequest('fake-billed', { user_id: user.user.id }, { maxOutputTokens: 10 });
+
+async function grant(user: TestUser, amount: string) {
+  const response = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount, description: 'test credits' });
+  expect(response.statusCode, response.body).toBe(200);
+}
+
+async function countOf(query: ReturnType<typeof sql>): Promise<number> {
+  const result: unknown = await ctx.database.db.execute(query);
+  return Number((result as { rows: { n: number }[] }).rows[0]!.n);
+}
+
+const reservationRows = (user: TestUser) => countOf(sql`select count(*)::int as n from credit_reservations where user_id = ${user.user.id}`);
+
+const usageEntries = (user: TestUser) => countOf(sql`select count(*)::int as n from credit_transactions where owner_id = ${user.user.id} and type = 'usage'`);
+
+/** Everything settled and given back: nothing held, and the balance is the ledger's sum. */
+async function expectSettled(user: TestUser, balance: number) {
+  await ctx.app.meter.idle();
+  const account = await getBalance(ctx.database.db, user.user.id);
+  expect([Number(account.balance), Number(account.reserved)]).toEqual([balance, 0]);
+  expect(Number(await ledgerSum(ctx.database.db, user.user.id))).toBe(balance);
+  expect(await reservationRows(user)).toBe(0);
+}
+
+describe('credit windows', () => {
+  it('holds many calls from one block in memory; each call is charged exactly, with its own ledger entry', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    for (let i = 0; i < 5; i++) await ctx.app.models.chat(billed(user));
+    // One block of 80 served all five (each used 4 of its 10 and gave 6 back): one row, held until the block goes back.
+    expect(await reservationRows(user)).toBe(1);
+    const { reserved } = await getBalance(ctx.database.db, user.user.id);
+    expect(Number(reserved)).toBeGreaterThan(0);
+    await Promise.all(Array.from({ length: 20 }, () => ctx.app.models.chat(billed(user))));
+    await expectSettled(user, 1000 - 25 * 4);
+    expect(await usageEntries(user)).toBe(25);
+  });
+
+  it('50 concurrent calls against a balance that covers 30: blocks, then single holds, never more', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '300');
+    fake.defaultReply = { text: 'ten', usage: { prompt_tokens: 1, completion_tokens: 10 }, chunkDelayMs: 5 };
+    const outcomes = await Promise.allSettled(Array.from({ length: 50 }, () => ctx.app.models.chat(billed(user))));
+    const ok = outcomes.filter((o) => o.status === 'fulfilled');
+    const refused = outcomes.filter((o): o is PromiseRejectedResult => o.status === 'rejected');
+    expect(ok).toHaveLength(30);
+    expect(refused.every((o) => o.reason instanceof PaymentRequiredError)).toBe(true);
+    expect(fake.log).toHaveLength(30);
+    await expectSettled(user, 0);
+    expect(await usageEntries(user)).toBe(30);
+  });
+
+  it('a block left by a crashed process is released by the sweep; the settlements that come later release nothing twice', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    for (let i = 0; i < 3; i++) await ctx.app.models.chat(billed(user));
+    // As if the process had died: its block outlives the TTL and the sweep (any process's) releases it.
+    await ctx.database.db.execute(sql`update credit_reservations set expires_at = now() - interval '1 second' where user_id = ${user.user.id}`);
+    expect(await ctx.app.meter.sweep()).toBe(1);
+    expect(Number((await getBalance(ctx.database.db, user.user.id)).reserved)).toBe(0);
+    await ctx.app.models.chat(billed(user)); // takes a new block
+    await expectSettled(user, 1000 - 4 * 4);
+  });
+
+  it('two processes on one database each take their own blocks; the account stays exact', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    const other = await buildTestApp(ctx.database, SETTINGS);
+    try {
+      await Promise.all([
+        ...Array.from({ length: 12 }, () => ctx.app.models.chat(billed(user))),
+        ...Array.from({ length: 12 }, () => other.models.chat(billed(user))),
+      ]);
+      expect(await reservationRows(user)).toBeGreaterThanOrEqual(2);
+      await other.meter.idle();
+    } finally {
+      await other.close();
+    }
+    await expectSettled(user, 1000 - 24 * 4);
+  });
+
+  it('a process that stops gives its blocks back', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    const other = await buildTestApp(ctx.database, SETTINGS);
+    await other.models.chat(billed(user));
+    expect(await reservationRows(user)).toBe(1);
+    await other.close();
+    await expectSettled(user, 996);
+  });
+});
