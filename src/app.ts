@@ -26,10 +26,10 @@ import type { ModelManager } from './modules/ai-models/index.js';
 import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
 import { Mailer } from './services/email/mailer.js';
-import { followModelChanges, loadModelManager } from './services/model-sync.js';
+import { startModelRuntime } from './services/model-sync.js';
 import { closeStorage, getStorageService, type StorageService } from './services/storage-service.js';
-import { UsageMeterService } from './services/usage-meter.js';
-import { jobHandlers } from './tasks/index.js';
+import type { UsageMeterService } from './services/usage-meter.js';
+import { startJobs } from './tasks/index.js';
 import type { Principal } from './utils/authentication.js';
 
 declare module 'fastify' {
@@ -108,7 +108,6 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
 
   const redis = createRedis(settings);
   const queue = createQueue(settings, logger);
-  if (runJobs) queue.work(jobHandlers(settings, logger));
   const mailer = new Mailer(settings, queue);
   app.decorate('settings', settings);
   app.decorate('database', database);
@@ -123,12 +122,10 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.decorate('storage', (prefix: string) => getStorageService(settings, { prefix }));
   app.addHook('onClose', () => closeStorage(settings));
   await cacheApiKeys(database);
-  const meter = new UsageMeterService({ db: database.db, settings, log: logger, metrics: metrics.models, redis });
-  meter.start();
-  app.decorate('meter', meter);
-  const models = await loadModelManager(database.db, settings, logger, meter);
-  app.decorate('models', models.models);
-  const unfollowModels = await followModelChanges(database, models.models, settings, logger);
+  const runtime = await startModelRuntime({ database, db: database.db, settings, log: logger, metrics: metrics.models, redis });
+  app.decorate('meter', runtime.meter);
+  app.decorate('models', runtime.models);
+  const stopJobs = runJobs ? startJobs(queue, { settings, logger, db: database.db, models: runtime.models }) : async () => undefined;
   app.decorateRequest('principal', null as unknown as Principal);
 
   registerErrorHandler(app);
@@ -147,11 +144,10 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   });
   registerAccessLog(app, settings, logger);
   app.addHook('onClose', async () => {
-    models.stop();
-    unfollowModels();
-    // Usage records and settlements still in memory are written before the database closes.
-    await meter.close();
+    await stopJobs();
+    // Running jobs finish (their model calls metered) before the meter writes what it holds.
     await queue.close();
+    await runtime.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());
   });
 

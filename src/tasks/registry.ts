@@ -8,12 +8,16 @@ export const SendEmailJob = z.strictObject({
   text: z.string(),
 });
 
+/** A knowledge-base entry to ingest: only its id; the job reads everything else from the database. */
+export const IngestEntryJob = z.strictObject({ entry_id: z.uuid() });
+
 /**
  * Every background job by name, with the schema of its data: `queue.add` accepts only these
  * names and their data (checked by the compiler, and validated when queued and when run).
  */
 export const JOBS = {
   'send-email': SendEmailJob,
+  'ingest-entry': IngestEntryJob,
 } as const;
 
 export type Jobs = typeof JOBS;
