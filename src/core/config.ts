@@ -140,6 +140,17 @@ export const SettingsSchema = z.object({
   S3_SECRET_ACCESS_KEY: optionalString,
   /** `bucket` in the path rather than the host name; most S3-compatible servers need it. */
   S3_FORCE_PATH_STYLE: bool.default(false),
+
+  /** Most tokens (o200k) in one indexed passage of a knowledge-base document, overlap included. */
+  KB_CHUNK_TOKENS: int(32, 8192).default(400),
+  /** Tokens of a passage's end repeated at the start of the next one (at most half of KB_CHUNK_TOKENS). */
+  KB_CHUNK_OVERLAP_TOKENS: int(0, 4096).default(60),
+  /** Time to parse one document before it is abandoned and its entry marked failed. */
+  KB_EXTRACT_TIMEOUT_SECONDS: int(1, 3600).default(120),
+  /** Heap of the thread that parses one PDF, DOCX, HTML, CSV or JSON document. */
+  KB_EXTRACT_MAX_MEMORY_MB: int(32, 16_384).default(256),
+  /** Most characters of text extracted from one document; a longer one fails with a message saying so. */
+  KB_MAX_TEXT_CHARS: int(1_000, 1_000_000_000).default(20_000_000),
 });
 
 export type RawSettings = z.infer<typeof SettingsSchema>;
@@ -200,6 +211,10 @@ export function loadSettings(source: Record<string, string | undefined> = readEn
   }
   if (Boolean(raw.S3_ACCESS_KEY_ID) !== Boolean(raw.S3_SECRET_ACCESS_KEY)) {
     throw new ConfigError('S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY: set both or neither');
+  }
+
+  if (raw.KB_CHUNK_OVERLAP_TOKENS * 2 > raw.KB_CHUNK_TOKENS) {
+    throw new ConfigError(`KB_CHUNK_OVERLAP_TOKENS: at most half of KB_CHUNK_TOKENS (${raw.KB_CHUNK_TOKENS}), got ${raw.KB_CHUNK_OVERLAP_TOKENS}`);
   }
 
   return Object.freeze({
