@@ -4,9 +4,9 @@ import type pino from 'pino';
 import { ConfigError, type Settings } from './core/config.js';
 import type { Database } from './core/db.js';
 import type { Logger } from './core/logger.js';
+import { createMetrics } from './core/metrics.js';
 import { migrateUp, pendingMigrations } from './core/migrate.js';
 import { checkListenAddress, checkRedis, openCheckedDatabase } from './core/preflight.js';
-import { createMetrics } from './core/metrics.js';
 import { createQueue } from './core/queue.js';
 import { createRedis } from './core/redis.js';
 

@@ -6,9 +6,9 @@ import { constraintAnswers } from '../core/error-mapping.js';
 import { ConflictError, databaseError } from '../core/errors.js';
 
 import {
-  type KnowledgeEntry,
   knowledgeChunks,
   knowledgeEntries,
+  type KnowledgeEntry,
   type KnowledgeFolder,
   knowledgeFolders,
   type NewKnowledgeEntry,

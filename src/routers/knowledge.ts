@@ -73,6 +73,10 @@ function contentLengthOf(request: FastifyRequest): number | undefined {
   return Number.isSafeInteger(length) && length >= 0 ? length : undefined;
 }
 
+/** Streamed answers (never serialized: Fastify pipes a stream as it is), described for the OpenAPI document. */
+const FileBody = z.unknown().meta({ type: 'string', format: 'binary', description: 'The file as uploaded.' });
+const TextBody = z.unknown().meta({ type: 'string', description: 'The extracted text.' });
+
 const missingFile = () =>
   new UnprocessableError({ loc: ['body', 'file'], msg: 'Field required: send the document as multipart/form-data in a field named "file"', type: 'missing' });
 
@@ -172,7 +176,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         description: 'The stored file as uploaded, streamed, with its sniffed type and `Content-Disposition: attachment` (the name RFC 5987-encoded).',
         tags,
         params: KnowledgeEntryIdParams,
-        response: { 200: z.string().meta({ format: 'binary' }), 404: ErrorBody, ...authErrors },
+        response: { 200: FileBody, 404: ErrorBody, ...authErrors },
       },
     },
     async (request, reply) => {
@@ -194,7 +198,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         description: 'The text extracted from the document (`text/plain`, streamed); 409 until the entry is `ready`.',
         tags,
         params: KnowledgeEntryIdParams,
-        response: { 200: z.string(), 404: ErrorBody, 409: ErrorBody, ...authErrors },
+        response: { 200: TextBody, 404: ErrorBody, 409: ErrorBody, ...authErrors },
       },
     },
     async (request, reply) => {

@@ -6,13 +6,15 @@ import { sql } from 'drizzle-orm';
 import { transaction } from '../../core/db.js';
 import { ConflictError, PayloadTooLargeError, UnprocessableError } from '../../core/errors.js';
 
-import { type KnowledgeEntry, knowledgeEntries, type KnowledgeFolder, knowledgeFolders } from '../../models/index.js';
+import { knowledgeEntries, type KnowledgeEntry, type KnowledgeFolder, knowledgeFolders } from '../../models/index.js';
 
 import { type KnowledgeEntryListQuery, type KnowledgeEntryUpdate, nameProblem, normalizeName } from '../../schemas/knowledge.js';
 
 import { counts, entryCrud, entryNames, folderCrud, folderPolicy, ownRows, usedBytes, writeUniquelyNamed } from '../../crud/knowledge.js';
 import { matching } from '../../crud/owned.js';
 import * as userCrud from '../../crud/user.js';
+import { SNIFF_HEAD_BYTES,sniffFormat } from '../../modules/knowledge/sniff.js';
+import { type DocumentFormat, DocumentRejectedError } from '../../modules/knowledge/types.js';
 import type { ServiceContext } from '../context.js';
 import { type OpenedFile, StorageTooLargeError } from '../storage-service.js';
 import { hasVectorTable } from './embeddings.js';
@@ -77,11 +79,46 @@ function checkedFilename(filename: string): string {
   return name;
 }
 
-/** A declared type kept only when it is a well-formed `type/subtype` (it is served back on download). */
-function cleanMime(declared: string): string {
-  const mime = declared.split(';')[0]!.trim().toLowerCase();
-  return /^[a-z0-9][\w.+-]*\/[a-z0-9][\w.+-]*$/.test(mime) && mime.length <= 255 ? mime : 'application/octet-stream';
+/** The type each format is stored and served as. */
+const MIME_TYPES: Record<DocumentFormat, string> = {
+  text: 'text/plain',
+  markdown: 'text/markdown',
+  html: 'text/html',
+  pdf: 'application/pdf',
+  docx: 'application/vnd.openxmlformats-officedocument.wordprocessingml.document',
+  csv: 'text/csv',
+  json: 'application/json',
+};
+
+/**
+ * The format and type of a file from its first bytes (the client's type and name only choose
+ * between text formats). A file Keel cannot read is still stored, as `application/octet-stream`
+ * with no format: its ingestion fails with the reason, which the user sees on the entry.
+ */
+async function sniffed(head: Uint8Array, filename: string, declaredMime: string): Promise<{ format: DocumentFormat | null; mime_type: string }> {
+  try {
+    const format = await sniffFormat(head, filename, declaredMime);
+    return { format, mime_type: MIME_TYPES[format] };
+  } catch (error) {
+    if (error instanceof DocumentRejectedError) return { format: null, mime_type: 'application/octet-stream' };
+    throw error;
+  }
 }
+
+/** Passes `stream` through, keeping its first SNIFF_HEAD_BYTES bytes in `head`. */
+async function* keepingHead(stream: AsyncIterable<Uint8Array>, head: Buffer[]): AsyncGenerator<Uint8Array> {
+  let kept = 0;
+  for await (const chunk of stream) {
+    if (kept < SNIFF_HEAD_BYTES) {
+      head.push(Buffer.from(chunk.subarray(0, SNIFF_HEAD_BYTES - kept)));
+      kept += Math.min(chunk.length, SNIFF_HEAD_BYTES - kept);
+    }
+    yield chunk;
+  }
+}
+
+/** busboy's own size cap: the storage stream's `maxBytes` usually refuses first; both mean the same 413. */
+const isTooLarge = (error: unknown) => error instanceof StorageTooLargeError || (error as { code?: unknown }).code === 'FST_REQ_FILE_TOO_LARGE';
 
 /**
  * Stores an uploaded file in `folder` and records it as a `pending` entry, then queues its
@@ -94,16 +131,17 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
   const ownerId = folder.owner_id;
   const id = randomUUID();
   const storage = knowledgeStorage(ctx.settings);
-  const mimeType = cleanMime(file.declaredMime);
   const placed = { id, owner_id: ownerId, folder_id: folder.id };
+  const head: Buffer[] = [];
   let stored;
   try {
-    stored = await storage.saveFile(file.stream, id, mimeType, [ownerId, folder.id], { maxBytes: allowance.max });
+    stored = await storage.saveFile(keepingHead(file.stream, head), id, undefined, [ownerId, folder.id], { maxBytes: allowance.max });
   } catch (error) {
-    if (error instanceof StorageTooLargeError) throw tooLarge(allowance, allowance.max, true);
+    if (isTooLarge(error)) throw tooLarge(allowance, allowance.max, true);
     throw error;
   }
   try {
+    const type = await sniffed(Buffer.concat(head), filename, file.declaredMime);
     const entry = await transaction(ctx.db, async (tx) => {
       await userCrud.lockForUpdate(tx, ownerId);
       const used = await usedBytes(tx, ownerId);
@@ -114,7 +152,7 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
           // The folder's project as it is now (it may have moved while the bytes arrived).
           project_id: sql`(select ${knowledgeFolders.project_id} from ${knowledgeFolders} where ${knowledgeFolders.id} = ${folder.id})` as unknown as string,
           filename: name,
-          mime_type: mimeType,
+          ...type,
           size_bytes: stored.size,
           sha256: stored.sha256,
           storage_key: stored.key,

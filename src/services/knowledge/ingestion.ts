@@ -20,12 +20,12 @@ import { HttpError } from '../../core/errors.js';
 import type { Logger } from '../../core/logger.js';
 import type { JobQueue } from '../../core/queue.js';
 
-import { type KnowledgeEntry, knowledgeChunks, knowledgeEntries } from '../../models/index.js';
+import { knowledgeChunks, knowledgeEntries,type KnowledgeEntry } from '../../models/index.js';
 
 import { deleteChunks } from '../../crud/knowledge.js';
 import type { ModelManager } from '../../modules/ai-models/index.js';
 import { chunkDocument } from '../../modules/knowledge/chunk.js';
-import { extractDocument } from '../../modules/knowledge/extract.js';
+import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
 import { type DocumentChunk, DocumentRejectedError, type ExtractedDocument } from '../../modules/knowledge/types.js';
 import type { StorageService } from '../storage-service.js';
 import { ensureVectorIndex, hasVectorTable, writeEmbeddings } from './embeddings.js';
@@ -203,10 +203,7 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
   const started = performance.now();
   try {
     const document = await withLocalCopy(storage, entry.storage_key, (path) =>
-      extractDocument(
-        { path, filename: entry.filename, declaredMime: entry.mime_type },
-        { maxTextChars: settings.KB_MAX_TEXT_CHARS, timeoutMs: settings.KB_EXTRACT_TIMEOUT_SECONDS * 1000, maxMemoryMb: settings.KB_EXTRACT_MAX_MEMORY_MB },
-      ),
+      extractDocument({ path, filename: entry.filename, declaredMime: entry.mime_type }, extractLimitsFrom(settings)),
     );
     await renew(db, settings, entry);
     const chunks = chunkDocument(document, { chunkTokens: settings.KB_CHUNK_TOKENS, overlapTokens: settings.KB_CHUNK_OVERLAP_TOKENS });

@@ -1,0 +1,152 @@
+import { countTokens, decode, encode } from 'gpt-tokenizer/encoding/o200k_base';
+
+import type { Settings } from '../../core/config.js';
+
+import type { DocumentChunk, ExtractedDocument } from './types.js';
+
+export interface ChunkOptions {
+  /** Most tokens in one chunk (overlap included). */
+  chunkTokens: number;
+  /** Tokens of the previous chunk's end repeated at the start of the next one in the same section. */
+  overlapTokens: number;
+}
+
+/** Tokens as the embedding and chat models of the o200k family count them (the same encoding as `countTokens` callers expect). */
+export { countTokens };
+
+interface Unit {
+  /** The text with the whitespace that follows it, so units join back into the original exactly. */
+  text: string;
+  tokens: number;
+}
+
+/**
+ * How a too-long piece is cut, coarsest first: paragraphs (blank lines), lines, sentences, words.
+ * Each pattern matches the separator; the separator stays with the text before it.
+ */
+const SEPARATORS = [/\n[ \t\r]*\n\s*/g, /\n\s*/g, /(?<=[.!?;:。！？])["'”’)\]]*\s+/g, /\s+/g];
+
+/** Pieces far longer than a chunk are split without being counted (counting is the costly part). */
+const CHARS_PER_TOKEN_CEILING = 8;
+
+function splitAt(text: string, separator: RegExp): string[] {
+  const pieces: string[] = [];
+  let start = 0;
+  separator.lastIndex = 0;
+  for (let match = separator.exec(text); match; match = separator.exec(text)) {
+    const end = match.index + match[0].length;
+    if (match[0].length === 0) {
+      separator.lastIndex++;
+      continue;
+    }
+    if (end > start) pieces.push(text.slice(start, end));
+    start = end;
+  }
+  if (start < text.length) pieces.push(text.slice(start));
+  return pieces;
+}
+
+/** The last resort for text with no separators (a long URL, base64): cut by characters, never inside a surrogate pair. */
+function hardSplit(text: string, maxTokens: number, out: Unit[]): void {
+  let start = 0;
+  while (start < text.length) {
+    let length = Math.min(text.length - start, maxTokens * 4);
+    for (;;) {
+      let end = start + length;
+      const code = text.charCodeAt(end - 1);
+      if (end < text.length && code >= 0xd800 && code <= 0xdbff) end--;
+      const piece = text.slice(start, end);
+      const tokens = countTokens(piece);
+      if (tokens <= maxTokens || end - start <= 1) {
+        out.push({ text: piece, tokens });
+        start = end;
+        break;
+      }
+      length = Math.max(1, Math.floor(((end - start) * maxTokens) / tokens * 0.95));
+    }
+  }
+}
+
+/** Cuts `text` into units of at most `maxTokens`, at the coarsest separator that gets there. */
+function units(text: string, maxTokens: number, level: number, out: Unit[]): void {
+  if (text.length <= maxTokens * CHARS_PER_TOKEN_CEILING) {
+    const tokens = countTokens(text);
+    if (tokens <= maxTokens) {
+      out.push({ text, tokens });
+      return;
+    }
+  }
+  for (let next = level; next < SEPARATORS.length; next++) {
+    const pieces = splitAt(text, SEPARATORS[next]!);
+    if (pieces.length > 1) {
+      for (const piece of pieces) units(piece, maxTokens, next, out);
+      return;
+    }
+  }
+  hardSplit(text, maxTokens, out);
+}
+
+/**
+ * The end of `text` holding at most `maxTokens` tokens, starting at a word, so the next chunk
+ * begins with the words that led into it.
+ */
+function tail(text: string, maxTokens: number): string {
+  if (maxTokens <= 0) return '';
+  const encoded = encode(text.slice(-maxTokens * CHARS_PER_TOKEN_CEILING));
+  if (encoded.length === 0) return '';
+  let piece = decode(encoded.slice(-maxTokens));
+  // The first token may be the end of a word (or of a character): start at the next word.
+  const wordStart = piece.search(/\s\S/);
+  if (wordStart < 0) return '';
+  piece = piece.slice(wordStart + 1);
+  return piece.trim().length > 0 ? piece : '';
+}
+
+/**
+ * Passages to index: each section on its own (a chunk never spans two sections, so its heading
+ * path is true of all its text), cut at paragraphs, then lines, sentences and words, packed up to
+ * `chunkTokens` tokens (o200k), each starting with about `overlapTokens` tokens of the previous
+ * chunk of its section. Every character of every section is in some chunk, in order.
+ */
+export function chunkDocument(doc: ExtractedDocument, opts: ChunkOptions): DocumentChunk[] {
+  const chunkTokens = Math.max(8, Math.floor(opts.chunkTokens));
+  // More than half a chunk of overlap would make most of the index repeated text.
+  const overlapTokens = Math.max(0, Math.min(Math.floor(opts.overlapTokens), Math.floor(chunkTokens / 2)));
+  const chunks: DocumentChunk[] = [];
+
+  for (const section of doc.sections) {
+    const pieces: Unit[] = [];
+    units(section.text, chunkTokens, 0, pieces);
+    let current = '';
+    let currentTokens = 0;
+    let hasNew = false;
+
+    const emit = () => {
+      const text = current.trim();
+      if (hasNew && text.length > 0) {
+        chunks.push({ index: chunks.length, text, headingPath: section.headingPath, tokenCount: countTokens(text) });
+      }
+    };
+
+    for (const unit of pieces) {
+      if (hasNew && currentTokens + unit.tokens > chunkTokens) {
+        emit();
+        const overlap = tail(current.trimEnd(), Math.min(overlapTokens, chunkTokens - unit.tokens));
+        // The overlap ends where the chunk ended; the separator trimmed from it comes back.
+        current = overlap.length > 0 ? overlap + current.slice(current.trimEnd().length) : '';
+        currentTokens = overlap.length > 0 ? countTokens(current) : 0;
+        hasNew = false;
+      }
+      current += unit.text;
+      currentTokens += unit.tokens;
+      hasNew = true;
+    }
+    emit();
+  }
+  return chunks;
+}
+
+/** The chunk sizes a deployment configured. */
+export function chunkOptionsFrom(settings: Pick<Settings, 'KB_CHUNK_TOKENS' | 'KB_CHUNK_OVERLAP_TOKENS'>): ChunkOptions {
+  return { chunkTokens: settings.KB_CHUNK_TOKENS, overlapTokens: settings.KB_CHUNK_OVERLAP_TOKENS };
+}

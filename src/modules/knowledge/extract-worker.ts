@@ -1,0 +1,54 @@
+/**
+ * The thread that parses one untrusted document (see runInWorker in extract.ts): its heap is
+ * capped and it is terminated at the time limit, so a hostile file costs the thread, never the
+ * process. Posts `{ok: true, result}` or `{ok: false, rejected, message}`.
+ */
+import { readFile } from 'node:fs/promises';
+import { parentPort, workerData } from 'node:worker_threads';
+
+import type { ExtractedSpans } from './document-builder.js';
+import { TextBuilder } from './document-builder.js';
+import { docxSpans } from './docx.js';
+import { HtmlTextReader } from './html.js';
+import { pdfSpans } from './pdf.js';
+import { csvSpans, jsonSpans } from './structured.js';
+import { readText, readTextChunks } from './text-reader.js';
+import { DocumentRejectedError } from './types.js';
+
+export interface WorkerInput {
+  path: string;
+  filename: string;
+  format: 'pdf' | 'docx' | 'html' | 'csv' | 'json';
+  maxTextChars: number;
+}
+
+export type WorkerOutput = { ok: true; result: ExtractedSpans } | { ok: false; rejected: boolean; message: string };
+
+async function parse({ path, filename, format, maxTextChars }: WorkerInput): Promise<ExtractedSpans> {
+  switch (format) {
+    case 'pdf':
+      return pdfSpans(new Uint8Array(await readFile(path)), maxTextChars);
+    case 'docx':
+      return docxSpans(path, maxTextChars);
+    case 'html': {
+      // The markup may be many times the text: the limit applies to the text, and the page is
+      // parsed as it is read.
+      const reader = new HtmlTextReader(new TextBuilder('html', maxTextChars));
+      for await (const piece of readTextChunks(path, filename, Number.MAX_SAFE_INTEGER)) reader.write(piece);
+      return reader.finish();
+    }
+    case 'csv':
+      return csvSpans(await readText(path, filename, maxTextChars), maxTextChars);
+    case 'json':
+      return jsonSpans(await readText(path, filename, maxTextChars), maxTextChars);
+  }
+}
+
+const port = parentPort!;
+parse(workerData as WorkerInput).then(
+  (result) => port.postMessage({ ok: true, result } satisfies WorkerOutput),
+  (error: unknown) => {
+    const rejected = error instanceof DocumentRejectedError;
+    port.postMessage({ ok: false, rejected, message: error instanceof Error ? error.message : String(error) } satisfies WorkerOutput);
+  },
+);
