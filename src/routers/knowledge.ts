@@ -54,7 +54,8 @@ function lingerOnUnreadBody(request: FastifyRequest, reply: FastifyReply): void 
     if (raw.complete) return;
     raw.unpipe();
     let read = 0;
-    const close = () => raw.socket?.destroy();
+    // Destroying the request destroys its connection.
+    const close = () => raw.destroy();
     const timer = setTimeout(close, LINGER_MS);
     timer.unref();
     raw.on('data', (chunk: Buffer) => {

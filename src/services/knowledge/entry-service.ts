@@ -43,7 +43,7 @@ export async function uploadAllowance(ctx: ServiceContext, ownerId: string): Pro
 /** 413 for a file of `size` bytes (or, with `atLeast`, more than that) over the allowance; its message has the figures. */
 export function tooLarge(allowance: UploadAllowance, size: number, atLeast = false): PayloadTooLargeError {
   const what = atLeast ? `more than ${bytes(size)}` : bytes(size);
-  if (size > allowance.fileLimit) return new PayloadTooLargeError(`File too large: ${what}; the limit is ${bytes(allowance.fileLimit)} per file`);
+  if (atLeast ? size >= allowance.fileLimit : size > allowance.fileLimit) return new PayloadTooLargeError(`File too large: ${what}; the limit is ${bytes(allowance.fileLimit)} per file`);
   const left = Math.max(0, allowance.quota - allowance.used);
   return new PayloadTooLargeError(
     `Storage quota exceeded: the file is ${what} but only ${bytes(left)} of your ${bytes(allowance.quota)} are left (${bytes(allowance.used)} used); delete entries to make room`,
