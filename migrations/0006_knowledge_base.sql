@@ -73,9 +73,13 @@ DO $$
 BEGIN
   IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'vector') THEN
     CREATE TABLE "knowledge_chunk_embeddings" (
-      "chunk_id" uuid PRIMARY KEY REFERENCES "knowledge_chunks"("id") ON DELETE CASCADE,
+      "id" uuid PRIMARY KEY DEFAULT gen_random_uuid() NOT NULL,
+      "created_at" timestamp with time zone DEFAULT now() NOT NULL,
+      "updated_at" timestamp with time zone DEFAULT now() NOT NULL,
+      "chunk_id" uuid NOT NULL REFERENCES "knowledge_chunks"("id") ON DELETE CASCADE,
       "model" varchar(255) NOT NULL,
-      "embedding" vector NOT NULL
+      "embedding" vector NOT NULL,
+      CONSTRAINT "ux_knowledge_chunk_embeddings_chunk_id" UNIQUE ("chunk_id")
     );
   END IF;
 END

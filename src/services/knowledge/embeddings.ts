@@ -82,7 +82,7 @@ export async function writeEmbeddings(db: Db, model: string, chunkIds: string[],
     sql`, `,
   );
   await db.execute(
-    sql`insert into ${TABLE} (chunk_id, model, embedding) values ${values} on conflict (chunk_id) do update set model = excluded.model, embedding = excluded.embedding`,
+    sql`insert into ${TABLE} (chunk_id, model, embedding) values ${values} on conflict (chunk_id) do update set model = excluded.model, embedding = excluded.embedding, updated_at = now()`,
   );
 }
 
