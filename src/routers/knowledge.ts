@@ -27,6 +27,7 @@ import { contextOf } from '../services/context.js';
 import * as entryService from '../services/knowledge/entry-service.js';
 import * as folderService from '../services/knowledge/folder-service.js';
 import { searchKnowledge } from '../services/knowledge/search.js';
+import type { OpenedFile } from '../services/storage-service.js';
 import { requireUser } from '../utils/authentication.js';
 import { registerOwnedRoutes } from './owned-routes.js';
 
@@ -86,6 +87,11 @@ export function contentDisposition(filename: string): string {
   const fallback = filename.replace(/[^\x20-\x7e]|["\\%]/g, '_');
   const encoded = encodeURIComponent(filename).replace(/['()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
   return `attachment; filename="${fallback}"; filename*=UTF-8''${encoded}`;
+}
+
+/** A stored file as the answer, streamed (never held whole). */
+function sendFile(reply: FastifyReply, contentType: string, file: OpenedFile): FastifyReply {
+  return reply.header('content-type', contentType).header('content-length', String(file.size)).send(file.body);
 }
 
 /** Knowledge base (SPEC §7): folders, uploaded entries, their text, and search. */
@@ -182,11 +188,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
     },
     async (request, reply) => {
       const { entry, file } = await entryService.download(contextOf(request), request.params.entry_id);
-      return reply
-        .header('content-type', entry.mime_type)
-        .header('content-length', String(file.size))
-        .header('content-disposition', contentDisposition(entry.filename))
-        .send(file.body);
+      return sendFile(reply.header('content-disposition', contentDisposition(entry.filename)), entry.mime_type, file);
     },
   );
 
@@ -204,7 +206,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
     },
     async (request, reply) => {
       const { file } = await entryService.content(contextOf(request), request.params.entry_id);
-      return reply.header('content-type', 'text/plain; charset=utf-8').header('content-length', String(file.size)).send(file.body);
+      return sendFile(reply, 'text/plain; charset=utf-8', file);
     },
   );
 

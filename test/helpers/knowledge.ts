@@ -1,7 +1,6 @@
 import { randomBytes } from 'node:crypto';
 
-import type { FastifyInstance } from 'fastify';
-import type { LightMyRequestResponse } from 'light-my-request';
+import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { expect } from 'vitest';
 
 import { call, eventually } from './http.js';

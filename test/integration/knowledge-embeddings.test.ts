@@ -9,6 +9,7 @@ import { createUser, superuserHeaders, type TestUser } from '../helpers/factorie
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, eventually } from '../helpers/http.js';
 import { createFolder, ingested, search, settled, uploaded } from '../helpers/knowledge.js';
+import { addFakeModels } from '../helpers/metered-models.js';
 
 // Embedded (PGlite) has pgvector: ingestion embeds and search is hybrid. The machine's PostgreSQL
 // has none: the same app embeds nothing and searches full text only.
@@ -21,16 +22,7 @@ let user: TestUser;
 
 beforeAll(async () => {
   fake = await FakeModelServer.start();
-  const admin = await superuserHeaders(ctx.app);
-  const provider = await api('POST', '/providers', admin, { name: 'fake', kind: 'openai-compatible', base_url: fake.url, api_key: 'sk-upstream' });
-  expect(provider.statusCode, provider.body).toBe(200);
-  const model = await api('POST', '/models', admin, {
-    id: 'fake-embed',
-    provider: 'fake',
-    capabilities: ['embedding'],
-    pricing: { input_cost_per_million_tokens: '0.02', output_cost_per_million_tokens: '0' },
-  });
-  expect(model.statusCode, model.body).toBe(200);
+  await addFakeModels(ctx.app, await superuserHeaders(ctx.app), fake.url);
   user = await createUser(ctx.app);
 });
 afterAll(async () => {
