@@ -105,7 +105,10 @@ export async function sniffFormat(head: Uint8Array, filename: string, declaredMi
     if (!detected.mime.startsWith('text/') && detected.ext !== 'xml' && detected.ext !== 'svg') {
       const advice = BINARY_ADVICE[detected.ext];
       if (advice) throw new DocumentRejectedError(`${filename} is ${advice}`);
-      throw unsupported(`${filename} is a ${detected.mime} (.${detected.ext}) file, which`);
+      if (extension in TEXT_EXTENSIONS || extension === '.txt') {
+        throw new DocumentRejectedError(`not a text file: ${filename} holds ${detected.mime} data; accepted formats: ${ACCEPTED_FORMATS}`);
+      }
+      throw unsupported(`${filename} is of type ${detected.mime}, which`);
     }
   }
   const reason = notTextReason(head);
