@@ -3,7 +3,7 @@ import { describe, expect, it } from 'vitest';
 
 import { ConfigError, loadSettings } from '../../src/core/config.js';
 
-import { chunkDocument, chunkOptionsFrom } from '../../src/modules/knowledge/chunk.js';
+import { chunkDocument, chunkDocumentAsync, chunkOptionsFrom } from '../../src/modules/knowledge/chunk.js';
 import type { DocumentChunk, DocumentSection, ExtractedDocument } from '../../src/modules/knowledge/types.js';
 
 /** Deterministic prose: sentences of varied length in paragraphs of varied length. */
@@ -125,6 +125,18 @@ describe('chunkDocument', () => {
   it('keeps the overlap within half a chunk and drops it where the next piece fills the chunk', () => {
     const sections = [{ headingPath: [], text: prose(7, 40) }];
     checkChunks(chunkDocument(doc(sections), { chunkTokens: 80, overlapTokens: 500 }), sections, 80, 40);
+  });
+
+  it('chunks the same in slices, letting the event loop run between them', async () => {
+    const document = doc([{ headingPath: ['A'], text: prose(8, 400) }, { headingPath: ['B'], text: prose(9, 50) }]);
+    let ticks = 0;
+    const ticking = setInterval(() => ticks++, 0);
+    try {
+      expect(await chunkDocumentAsync(document, { chunkTokens: 100, overlapTokens: 10 }, 1)).toEqual(chunkDocument(document, { chunkTokens: 100, overlapTokens: 10 }));
+    } finally {
+      clearInterval(ticking);
+    }
+    expect(ticks).toBeGreaterThan(0);
   });
 
   it('returns nothing for a document without sections', () => {

@@ -281,6 +281,8 @@ describe('extractDocument: PDF and DOCX', () => {
     const doc = await extract(path, 'handbook.docx');
     expect(doc.format).toBe('docx');
     expect(paths(doc)).toEqual(HANDBOOK_PATHS);
+    // Known by its content, not its name.
+    expect((await extract(path, 'handbook', {}, 'application/octet-stream')).format).toBe('docx');
     expect(sectionText(doc, 'Keel Robotics Handbook > Safety > Emergency stop')).toBe('The emergency stop cuts power to all twelve joints within 40 milliseconds.');
   });
 });
