@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-/* global process, console */
+/* global process, console, setInterval, clearInterval, performance, Buffer */
 // Knowledge-base extraction + chunking throughput and memory, on the compiled code (dist/; run
 // `npm run build` first). Ingestion's target is >= 20 MB of text a minute end to end (excluding
 // embedding latency); extraction and chunking are measured here without the database.
