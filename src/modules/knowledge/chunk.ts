@@ -2,7 +2,7 @@ import { countTokens, decode, encode } from 'gpt-tokenizer/encoding/o200k_base';
 
 import type { Settings } from '../../core/config.js';
 
-import type { DocumentChunk, ExtractedDocument } from './types.js';
+import type { DocumentChunk, DocumentSection, ExtractedDocument } from './types.js';
 
 export interface ChunkOptions {
   /** Most tokens in one chunk (overlap included). */
@@ -47,18 +47,18 @@ function splitAt(text: string, separator: RegExp): string[] {
 }
 
 /** The last resort for text with no separators (a long URL, base64): cut by characters, never inside a surrogate pair. */
-function hardSplit(text: string, maxTokens: number, out: Unit[]): void {
+function* hardSplit(text: string, maxTokens: number): Generator<Unit> {
   let start = 0;
   while (start < text.length) {
     let length = Math.min(text.length - start, maxTokens * 4);
     for (;;) {
       let end = start + length;
       const code = text.charCodeAt(end - 1);
-      if (end < text.length && code >= 0xd800 && code <= 0xdbff) end--;
+      if (end < text.length && end - 1 > start && code >= 0xd800 && code <= 0xdbff) end--;
       const piece = text.slice(start, end);
       const tokens = countTokens(piece);
       if (tokens <= maxTokens || end - start <= 1) {
-        out.push({ text: piece, tokens });
+        yield { text: piece, tokens };
         start = end;
         break;
       }
@@ -67,23 +67,23 @@ function hardSplit(text: string, maxTokens: number, out: Unit[]): void {
   }
 }
 
-/** Cuts `text` into units of at most `maxTokens`, at the coarsest separator that gets there. */
-function units(text: string, maxTokens: number, level: number, out: Unit[]): void {
+/** Cuts `text` into units of at most `maxTokens`, at the coarsest separator that gets there, lazily (a 50 MB section is never cut all at once). */
+function* units(text: string, maxTokens: number, level: number): Generator<Unit> {
   if (text.length <= maxTokens * CHARS_PER_TOKEN_CEILING) {
     const tokens = countTokens(text);
     if (tokens <= maxTokens) {
-      out.push({ text, tokens });
+      yield { text, tokens };
       return;
     }
   }
   for (let next = level; next < SEPARATORS.length; next++) {
     const pieces = splitAt(text, SEPARATORS[next]!);
     if (pieces.length > 1) {
-      for (const piece of pieces) units(piece, maxTokens, next, out);
+      for (const piece of pieces) yield* units(piece, maxTokens, next);
       return;
     }
   }
-  hardSplit(text, maxTokens, out);
+  yield* hardSplit(text, maxTokens);
 }
 
 /**
@@ -102,46 +102,68 @@ function tail(text: string, maxTokens: number): string {
   return piece.trim().length > 0 ? piece : '';
 }
 
+/** The chunks of one section, as they are packed: units added up to the budget, each new chunk led by the end of the one before. */
+function* sectionChunks(section: DocumentSection, chunkTokens: number, overlapTokens: number): Generator<Omit<DocumentChunk, 'index'>> {
+  let current = '';
+  let currentTokens = 0;
+  let hasNew = false;
+  const chunk = () => {
+    const text = current.trim();
+    return hasNew && text.length > 0 ? { text, headingPath: section.headingPath, tokenCount: countTokens(text) } : null;
+  };
+  for (const unit of units(section.text, chunkTokens, 0)) {
+    if (hasNew && currentTokens + unit.tokens > chunkTokens) {
+      const full = chunk();
+      if (full) yield full;
+      const overlap = tail(current.trimEnd(), Math.min(overlapTokens, chunkTokens - unit.tokens));
+      // The overlap ends where the chunk ended; the separator trimmed from it comes back.
+      current = overlap.length > 0 ? overlap + current.slice(current.trimEnd().length) : '';
+      currentTokens = overlap.length > 0 ? countTokens(current) : 0;
+      hasNew = false;
+    }
+    current += unit.text;
+    currentTokens += unit.tokens;
+    hasNew = true;
+  }
+  const last = chunk();
+  if (last) yield last;
+}
+
+function* documentChunks(doc: ExtractedDocument, opts: ChunkOptions): Generator<DocumentChunk> {
+  const chunkTokens = Math.max(8, Math.floor(opts.chunkTokens));
+  // More than half a chunk of overlap would make most of the index repeated text.
+  const overlapTokens = Math.max(0, Math.min(Math.floor(opts.overlapTokens), Math.floor(chunkTokens / 2)));
+  let index = 0;
+  for (const section of doc.sections) {
+    for (const chunk of sectionChunks(section, chunkTokens, overlapTokens)) yield { index: index++, ...chunk };
+  }
+}
+
 /**
  * Passages to index: each section on its own (a chunk never spans two sections, so its heading
  * path is true of all its text), cut at paragraphs, then lines, sentences and words, packed up to
  * `chunkTokens` tokens (o200k), each starting with about `overlapTokens` tokens of the previous
- * chunk of its section. Every character of every section is in some chunk, in order.
+ * chunk of its section. Every character of every section is in some chunk, in order, and each
+ * chunk's text is a piece of its section's text as it is.
  */
 export function chunkDocument(doc: ExtractedDocument, opts: ChunkOptions): DocumentChunk[] {
-  const chunkTokens = Math.max(8, Math.floor(opts.chunkTokens));
-  // More than half a chunk of overlap would make most of the index repeated text.
-  const overlapTokens = Math.max(0, Math.min(Math.floor(opts.overlapTokens), Math.floor(chunkTokens / 2)));
+  return [...documentChunks(doc, opts)];
+}
+
+/**
+ * `chunkDocument` in slices of `sliceMs` of work with the event loop let in between: counting the
+ * tokens of a large document takes seconds, which a process that also answers requests and
+ * streams runs must not spend in one go.
+ */
+export async function chunkDocumentAsync(doc: ExtractedDocument, opts: ChunkOptions, sliceMs = 20): Promise<DocumentChunk[]> {
   const chunks: DocumentChunk[] = [];
-
-  for (const section of doc.sections) {
-    const pieces: Unit[] = [];
-    units(section.text, chunkTokens, 0, pieces);
-    let current = '';
-    let currentTokens = 0;
-    let hasNew = false;
-
-    const emit = () => {
-      const text = current.trim();
-      if (hasNew && text.length > 0) {
-        chunks.push({ index: chunks.length, text, headingPath: section.headingPath, tokenCount: countTokens(text) });
-      }
-    };
-
-    for (const unit of pieces) {
-      if (hasNew && currentTokens + unit.tokens > chunkTokens) {
-        emit();
-        const overlap = tail(current.trimEnd(), Math.min(overlapTokens, chunkTokens - unit.tokens));
-        // The overlap ends where the chunk ended; the separator trimmed from it comes back.
-        current = overlap.length > 0 ? overlap + current.slice(current.trimEnd().length) : '';
-        currentTokens = overlap.length > 0 ? countTokens(current) : 0;
-        hasNew = false;
-      }
-      current += unit.text;
-      currentTokens += unit.tokens;
-      hasNew = true;
+  let sliceEnd = performance.now() + sliceMs;
+  for (const chunk of documentChunks(doc, opts)) {
+    chunks.push(chunk);
+    if (performance.now() >= sliceEnd) {
+      await new Promise((resolve) => setImmediate(resolve));
+      sliceEnd = performance.now() + sliceMs;
     }
-    emit();
   }
   return chunks;
 }

@@ -6,12 +6,7 @@
 import { readFile } from 'node:fs/promises';
 import { parentPort, workerData } from 'node:worker_threads';
 
-import type { ExtractedSpans } from './document-builder.js';
-import { TextBuilder } from './document-builder.js';
-import { docxSpans } from './docx.js';
-import { HtmlTextReader } from './html.js';
-import { pdfSpans } from './pdf.js';
-import { csvSpans, jsonSpans } from './structured.js';
+import { type ExtractedSpans, TextBuilder } from './document-builder.js';
 import { readText, readTextChunks } from './text-reader.js';
 import { DocumentRejectedError } from './types.js';
 
@@ -24,23 +19,33 @@ export interface WorkerInput {
 
 export type WorkerOutput = { ok: true; result: ExtractedSpans } | { ok: false; rejected: boolean; message: string };
 
+/** Each parser is loaded only for its format: a thread lives for one document, and pdf.js alone takes a good part of a second to load. */
 async function parse({ path, filename, format, maxTextChars }: WorkerInput): Promise<ExtractedSpans> {
   switch (format) {
-    case 'pdf':
+    case 'pdf': {
+      const { pdfSpans } = await import('./pdf.js');
       return pdfSpans(new Uint8Array(await readFile(path)), maxTextChars);
-    case 'docx':
+    }
+    case 'docx': {
+      const { docxSpans } = await import('./docx.js');
       return docxSpans(path, maxTextChars);
+    }
     case 'html': {
+      const { HtmlTextReader } = await import('./html.js');
       // The markup may be many times the text: the limit applies to the text, and the page is
       // parsed as it is read.
       const reader = new HtmlTextReader(new TextBuilder('html', maxTextChars));
       for await (const piece of readTextChunks(path, filename, Number.MAX_SAFE_INTEGER)) reader.write(piece);
       return reader.finish();
     }
-    case 'csv':
+    case 'csv': {
+      const { csvSpans } = await import('./structured.js');
       return csvSpans(await readText(path, filename, maxTextChars), maxTextChars);
-    case 'json':
+    }
+    case 'json': {
+      const { jsonSpans } = await import('./structured.js');
       return jsonSpans(await readText(path, filename, maxTextChars), maxTextChars);
+    }
   }
 }
 

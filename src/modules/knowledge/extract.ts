@@ -44,7 +44,7 @@ function workerEntry(): { entry: string | URL; eval: boolean } {
   return { entry: `import(${JSON.stringify(loader)}).then((tsx) => { tsx.register(); return import(${JSON.stringify(target)}); });`, eval: true };
 }
 
-const seconds = (ms: number) => `${Math.round(ms / 100) / 10} s`;
+const duration = (ms: number) => (ms < 1000 ? `${ms} ms` : `${Math.round(ms / 100) / 10} s`);
 
 /**
  * Parses in a worker thread with a capped heap and a hard time limit: a document built to hang or
@@ -57,8 +57,10 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, signal?: AbortSi
     const worker = new Worker(entry, {
       eval: isEval,
       workerData: input,
-      // The parser needs none of the process's settings or secrets.
+      // The parser needs none of the process's settings or secrets, nor its command-line flags
+      // (some are refused in a worker: `npm start` passes V8 flags, `node -e` --input-type).
       env: {},
+      execArgv: [],
       stdout: true,
       stderr: true,
       resourceLimits: { maxOldGenerationSizeMb: limits.maxMemoryMb, maxYoungGenerationSizeMb: Math.min(32, Math.max(4, limits.maxMemoryMb / 8)), stackSizeMb: 4 },
@@ -76,7 +78,7 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, signal?: AbortSi
       outcome();
     };
     const timer = setTimeout(() => {
-      settle(() => reject(new DocumentRejectedError(`reading the document took longer than ${seconds(limits.timeoutMs)} (the limit); it may be damaged or too complex — split it or re-save it and upload again`)));
+      settle(() => reject(new DocumentRejectedError(`reading the document took longer than ${duration(limits.timeoutMs)} (the limit); it may be damaged or too complex — split it or re-save it and upload again`)));
     }, limits.timeoutMs);
     const onAbort = () => settle(() => reject(signal!.reason instanceof Error ? signal!.reason : new Error('the extraction was aborted')));
     signal?.addEventListener('abort', onAbort, { once: true });

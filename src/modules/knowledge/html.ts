@@ -101,9 +101,10 @@ export class HtmlTextReader {
       return;
     }
     // Whitespace between words reads as one space; at a block's edge it reads as nothing.
-    if (/^\s/.test(raw)) this.out.separate('space');
-    const words = raw.replace(/\s+/g, ' ').trim();
+    // (HTML's whitespace is these five characters: a no-break space is text.)
+    if (/^[ \t\n\r\f]/.test(raw)) this.out.separate('space');
+    const words = raw.replace(/[ \t\n\r\f]+/g, ' ').replace(/^ | $/g, '');
     this.out.write(words);
-    if (words.length > 0 && /\s$/.test(raw)) this.out.separate('space');
+    if (words.length > 0 && /[ \t\n\r\f]$/.test(raw)) this.out.separate('space');
   }
 }

@@ -1,7 +1,7 @@
 import { open } from 'node:fs/promises';
 import { extname } from 'node:path';
 
-import { fileTypeFromBuffer } from 'file-type';
+import { fileTypeFromBuffer, fileTypeFromFile } from 'file-type';
 
 import { type DocumentFormat, DocumentRejectedError } from './types.js';
 
@@ -105,7 +105,10 @@ export async function sniffFormat(head: Uint8Array, filename: string, declaredMi
     if (!detected.mime.startsWith('text/') && detected.ext !== 'xml' && detected.ext !== 'svg') {
       const advice = BINARY_ADVICE[detected.ext];
       if (advice) throw new DocumentRejectedError(`${filename} is ${advice}`);
-      throw unsupported(`${filename} is a ${detected.mime} (.${detected.ext}) file, which`);
+      if (extension in TEXT_EXTENSIONS || extension === '.txt') {
+        throw new DocumentRejectedError(`not a text file: ${filename} holds ${detected.mime} data; accepted formats: ${ACCEPTED_FORMATS}`);
+      }
+      throw unsupported(`${filename} is of type ${detected.mime}, which`);
     }
   }
   const reason = notTextReason(head);
@@ -122,8 +125,12 @@ export async function sniffFormat(head: Uint8Array, filename: string, declaredMi
   return 'text';
 }
 
-/** `sniffFormat` on the start of a stored file. */
+/**
+ * `sniffFormat` on the start of a stored file. A zip is first looked into as far as file-type
+ * needs (its entries name a Word document), so a .docx is known by its content, whatever its name.
+ */
 export async function sniffFile(path: string, filename: string, declaredMime?: string): Promise<DocumentFormat> {
+  if ((await fileTypeFromFile(path))?.ext === 'docx') return 'docx';
   const file = await open(path, 'r');
   try {
     const head = new Uint8Array(SNIFF_HEAD_BYTES);

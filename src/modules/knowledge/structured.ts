@@ -62,11 +62,26 @@ export function csvSpans(text: string, maxTextChars: number): ExtractedSpans {
 // ==================== JSON ====================
 
 const IDENTIFIER = /^[A-Za-z_$][\w$]*$/;
+/** A path deeper than this shows its last steps only: it stays readable, and a pathological nesting stays linear. */
+const MAX_PATH_STEPS = 16;
 
-function childPath(path: string, key: string | number): string {
-  if (typeof key === 'number') return `${path}[${key}]`;
-  if (IDENTIFIER.test(key)) return path ? `${path}.${key}` : key;
-  return `${path}[${JSON.stringify(key)}]`;
+interface Step {
+  parent: Step | null;
+  key: string | number;
+  depth: number;
+}
+
+function pathText(step: Step | null): string {
+  const keys: (string | number)[] = [];
+  for (let at = step; at && keys.length < MAX_PATH_STEPS; at = at.parent) keys.push(at.key);
+  keys.reverse();
+  let text = step && step.depth > MAX_PATH_STEPS ? '…' : '';
+  for (const key of keys) {
+    if (typeof key === 'number') text += `[${key}]`;
+    else if (IDENTIFIER.test(key)) text += text ? `.${key}` : key;
+    else text += `[${JSON.stringify(key)}]`;
+  }
+  return text;
 }
 
 /**
@@ -82,36 +97,37 @@ export function jsonSpans(text: string, maxTextChars: number): ExtractedSpans {
     throw new DocumentRejectedError(`the file is not valid JSON: ${(error as Error).message}`);
   }
   const out = new TextBuilder('json', maxTextChars);
-  type Frame = { path: string; value: unknown; topKey?: string };
+  type Frame = { step: Step | null; value: unknown; section?: string };
   const stack: Frame[] = [];
-  const pushChildren = (path: string, value: object, top: boolean) => {
-    const entries = Array.isArray(value) ? value.map((v, i) => [i, v] as const) : Object.entries(value);
+  const pushChildren = (parent: Step | null, value: object, topLevel: boolean) => {
+    const entries: [string | number, unknown][] = Array.isArray(value) ? value.map((v, i) => [i, v]) : Object.entries(value);
+    const depth = (parent?.depth ?? 0) + 1;
     for (let i = entries.length - 1; i >= 0; i--) {
       const [key, child] = entries[i]!;
-      stack.push({ path: childPath(path, key), value: child, ...(top && typeof key === 'string' ? { topKey: key } : {}) });
+      stack.push({ step: { parent, key, depth }, value: child, ...(topLevel && typeof key === 'string' ? { section: key } : {}) });
     }
   };
-  if (root !== null && typeof root === 'object') pushChildren('', root, !Array.isArray(root));
-  else stack.push({ path: '', value: root });
+  if (root !== null && typeof root === 'object') pushChildren(null, root, !Array.isArray(root));
+  else stack.push({ step: null, value: root });
 
   while (stack.length > 0) {
-    const { path, value, topKey } = stack.pop()!;
-    if (topKey !== undefined) out.heading(1, topKey);
+    const { step, value, section } = stack.pop()!;
+    if (section !== undefined) out.heading(1, section);
     if (value !== null && typeof value === 'object') {
       const empty = Array.isArray(value) ? value.length === 0 : Object.keys(value).length === 0;
       if (empty) {
         out.separate('line');
-        out.write(`${path}: ${Array.isArray(value) ? '[]' : '{}'}`);
+        out.write(`${pathText(step)}: ${Array.isArray(value) ? '[]' : '{}'}`);
       } else {
         // An element of an array that is itself a record starts a paragraph.
-        if (/\]$/.test(path) && !Array.isArray(value)) out.separate('paragraph');
-        pushChildren(path, value, false);
+        if (typeof step?.key === 'number' && !Array.isArray(value)) out.separate('paragraph');
+        pushChildren(step, value, false);
       }
       continue;
     }
     out.separate('line');
     const shown = typeof value === 'string' ? value : JSON.stringify(value);
-    out.write(path ? `${path}: ${shown}` : shown);
+    out.write(step ? `${pathText(step)}: ${shown}` : shown);
   }
   return out.finish();
 }

@@ -5,6 +5,26 @@ import { DocumentRejectedError } from './types.js';
 
 const READ_CHUNK_BYTES = 1024 * 1024;
 
+/** Where the first byte that breaks UTF-8 is (a sequence cut by the end of `bytes` is not counted). */
+export function firstInvalidUtf8(bytes: Uint8Array): number {
+  let i = 0;
+  while (i < bytes.length) {
+    const lead = bytes[i]!;
+    const length = lead < 0x80 ? 1 : lead >= 0xc2 && lead <= 0xdf ? 2 : lead >= 0xe0 && lead <= 0xef ? 3 : lead >= 0xf0 && lead <= 0xf4 ? 4 : 0;
+    if (length === 0) return i;
+    for (let k = 1; k < length; k++) {
+      if (i + k >= bytes.length) return bytes.length;
+      const next = bytes[i + k]!;
+      // The second byte's range is narrower after E0, ED, F0 and F4 (overlong forms, surrogates, > U+10FFFF).
+      const low = k === 1 && lead === 0xe0 ? 0xa0 : k === 1 && lead === 0xf0 ? 0x90 : 0x80;
+      const high = k === 1 && lead === 0xed ? 0x9f : k === 1 && lead === 0xf4 ? 0x8f : 0xbf;
+      if (next < low || next > high) return i;
+    }
+    i += length;
+  }
+  return bytes.length;
+}
+
 export function notText(filename: string, why: string): DocumentRejectedError {
   return new DocumentRejectedError(`not a text file: ${filename} ${why}; save it as UTF-8 text or upload it in one of the accepted formats`);
 }
@@ -28,7 +48,8 @@ export async function* readTextChunks(path: string, filename: string, maxTextCha
     try {
       return chunk ? decoder.decode(chunk, { stream: true }) : decoder.decode();
     } catch {
-      throw notText(filename, `is not valid UTF-8 (near byte ${bytes.toLocaleString('en-US')})`);
+      const at = bytes + (chunk ? firstInvalidUtf8(chunk) : 0);
+      throw notText(filename, `is not valid UTF-8 (near byte ${at.toLocaleString('en-US')})`);
     }
   };
   for await (const chunk of createReadStream(path, { highWaterMark: READ_CHUNK_BYTES }) as AsyncIterable<Buffer>) {
