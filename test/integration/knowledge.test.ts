@@ -13,7 +13,7 @@ import { knowledgeChunks, knowledgeEntries } from '../../src/models/index.js';
 
 import { contentDisposition } from '../../src/routers/knowledge.js';
 import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
-import { useTestApp } from '../helpers/app.js';
+import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import { apiOf, createKey, expectValidationError, type ListBody, sleep, xApiKey } from '../helpers/http.js';
@@ -433,6 +433,15 @@ describe('ingestion', () => {
     const failed = await settled(ctx.app, user.headers, dying!.id);
     expect(failed.status).toBe('failed');
     expect(failed.error).toContain(`did not finish in ${ctx.app.settings.KB_INGEST_MAX_ATTEMPTS} attempts`);
+    // A process starting up sweeps at once: an entry left pending with no job anywhere is picked up.
+    await db.update(knowledgeEntries).set({ status: 'pending' }).where(eq(knowledgeEntries.id, stalled!.id));
+    const restarted = await buildTestApp(ctx.database, { DATA_DIR: ctx.app.settings.DATA_DIR });
+    try {
+      // (Read through this file's app: the restarted one signs tokens with its own key.)
+      expect(await settled(ctx.app, user.headers, stalled!.id)).toMatchObject({ status: 'ready' });
+    } finally {
+      await restarted.close();
+    }
     // A claim still running is left alone.
     await db.update(knowledgeEntries).set({ status: 'processing', lease_token: randomUUID(), lease_expires_at: sql`now() + interval '1 hour'` }).where(eq(knowledgeEntries.id, left!.id));
     expect(await sweepIngestion(db, ctx.app.queue, 60_000)).toBe(0);

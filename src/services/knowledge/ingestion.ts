@@ -27,7 +27,7 @@ import type { ModelManager } from '../../modules/ai-models/index.js';
 import { chunkDocument } from '../../modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
 import { type DocumentChunk, DocumentRejectedError, type ExtractedDocument } from '../../modules/knowledge/types.js';
-import type { StorageService } from '../storage-service.js';
+import { StorageNotFoundError, type StorageService } from '../storage-service.js';
 import { ensureVectorIndex, hasVectorTable, writeEmbeddings } from './embeddings.js';
 import { knowledgeStorage, textKeyOf } from './files.js';
 
@@ -181,6 +181,7 @@ async function store(deps: IngestionDeps, entry: KnowledgeEntry, document: Extra
 /** How a failure ends: the entry `failed` with this message now, or (a passing fault) another try. */
 function outcomeOf(error: unknown, entry: KnowledgeEntry, maxAttempts: number): { fail: string } | { retry: string } {
   if (error instanceof DocumentRejectedError) return { fail: `The document could not be read: ${error.message}` };
+  if (error instanceof StorageNotFoundError) return { fail: 'The stored file is missing (deleted from storage, or the storage settings changed); upload the document again' };
   if (error instanceof HttpError && error.statusCode < 500) return { fail: error.detail };
   if (error instanceof HttpError) {
     const reason = error.detail;
