@@ -148,6 +148,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
           'A name taken in the folder gets a number (`report (1).pdf`). Over KB_MAX_FILE_BYTES, or over what is left of KB_MAX_BYTES_PER_USER: 413 with the figures, answered as soon as the size is known (from Content-Length, or while the file arrives).',
         tags,
         consumes: ['multipart/form-data'],
+        form: { file: 'The document: plain text, Markdown, HTML, PDF, DOCX, CSV or JSON.' },
         params: KnowledgeFolderIdParams,
         response: { 201: KnowledgeEntryPublic, 404: ErrorBody, 413: ErrorBody, ...authErrors },
       },

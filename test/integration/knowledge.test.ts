@@ -182,6 +182,16 @@ describe('upload', () => {
     expect(storedFiles(user.user.id).filter((name) => !name.endsWith('.txt'))).toHaveLength(3);
   });
 
+  it('documents the form (a binary `file`) in the OpenAPI document, with every answer', async () => {
+    const document = (await ctx.app.inject({ method: 'GET', url: '/api/v1/openapi.json' })).json<{ paths: Record<string, Record<string, Record<string, unknown>>> }>();
+    const operation = document.paths['/api/v1/knowledge-base/folders/{folder_id}/upload']!.post!;
+    expect(operation.operationId).toBe('upload_knowledge_entry');
+    expect(operation.requestBody).toMatchObject({
+      content: { 'multipart/form-data': { schema: { type: 'object', required: ['file'], properties: { file: { type: 'string', format: 'binary' } } } } },
+    });
+    expect(Object.keys(operation.responses as object).sort()).toEqual(['201', '401', '403', '404', '413', '422']);
+  });
+
   it('answers 404 for another user\'s folder and a missing one, storing nothing', async () => {
     const folder = await createFolder(ctx.app, alice.headers);
     for (const id of [folder.id, randomUUID()]) {
