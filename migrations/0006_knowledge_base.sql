@@ -36,6 +36,13 @@ CREATE TABLE "knowledge_entries" (
 	"processed_at" timestamp with time zone
 );
 --> statement-breakpoint
+CREATE TABLE "knowledge_file_deletions" (
+	"id" uuid PRIMARY KEY DEFAULT gen_random_uuid() NOT NULL,
+	"created_at" timestamp with time zone DEFAULT now() NOT NULL,
+	"updated_at" timestamp with time zone DEFAULT now() NOT NULL,
+	"storage_key" text NOT NULL
+);
+--> statement-breakpoint
 CREATE TABLE "knowledge_folders" (
 	"id" uuid PRIMARY KEY DEFAULT gen_random_uuid() NOT NULL,
 	"created_at" timestamp with time zone DEFAULT now() NOT NULL,
@@ -63,7 +70,8 @@ CREATE INDEX "ix_knowledge_entries_project_id_created_at" ON "knowledge_entries"
 CREATE INDEX "ix_knowledge_entries_unfinished" ON "knowledge_entries" USING btree ("status","lease_expires_at") WHERE "knowledge_entries"."status" in ('pending', 'processing');--> statement-breakpoint
 CREATE UNIQUE INDEX "ux_knowledge_folders_owner_id_name" ON "knowledge_folders" USING btree ("owner_id","name");--> statement-breakpoint
 CREATE INDEX "ix_knowledge_folders_owner_id_created_at" ON "knowledge_folders" USING btree ("owner_id","created_at");--> statement-breakpoint
-CREATE INDEX "ix_knowledge_folders_project_id_created_at" ON "knowledge_folders" USING btree ("project_id","created_at");--> statement-breakpoint
+CREATE INDEX "ix_knowledge_folders_project_id_created_at" ON "knowledge_folders" USING btree ("project_id","created_at");
+--> statement-breakpoint
 -- Chunk embeddings, only where pgvector is enabled (`keel migrate` enables it where the server has
 -- it; PGlite always has it). Not in the models: drizzle-kit would otherwise demand the table (and
 -- the extension) everywhere. `embedding` has no fixed dimension, since that depends on
@@ -84,3 +92,15 @@ BEGIN
   END IF;
 END
 $$;
+--> statement-breakpoint
+-- Every deleted entry leaves its stored file's key to be deleted (src/models/knowledge.ts:
+-- knowledge_file_deletions), in the deleting transaction, whatever deleted it: cascades from a
+-- folder, a project or a user included.
+CREATE FUNCTION "keel_knowledge_entry_deleted"() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO "knowledge_file_deletions" ("storage_key") VALUES (OLD."storage_key");
+  RETURN NULL;
+END;
+$$;--> statement-breakpoint
+CREATE TRIGGER "knowledge_entries_file_deletion" AFTER DELETE ON "knowledge_entries"
+  FOR EACH ROW EXECUTE FUNCTION "keel_knowledge_entry_deleted"();

@@ -9,6 +9,7 @@ import {
   knowledgeChunks,
   knowledgeEntries,
   type KnowledgeEntry,
+  knowledgeFileDeletions,
   type KnowledgeFolder,
   knowledgeFolders,
   type NewKnowledgeEntry,
@@ -151,9 +152,17 @@ export async function usedBytes(db: Db, ownerId: string): Promise<number> {
   return Number(row?.total ?? 0);
 }
 
-/** The entries of a folder (their stored files go when the folder does). */
-export async function entriesInFolder(db: Db, folderId: string): Promise<Pick<KnowledgeEntry, 'id' | 'storage_key'>[]> {
-  return db.select({ id: knowledgeEntries.id, storage_key: knowledgeEntries.storage_key }).from(knowledgeEntries).where(eq(knowledgeEntries.folder_id, folderId));
+/** Keys of deleted entries' files still to delete, oldest first. */
+export async function pendingFileDeletions(db: Db, limit: number): Promise<{ id: string; storage_key: string }[]> {
+  return db
+    .select({ id: knowledgeFileDeletions.id, storage_key: knowledgeFileDeletions.storage_key })
+    .from(knowledgeFileDeletions)
+    .orderBy(knowledgeFileDeletions.created_at)
+    .limit(limit);
+}
+
+export async function forgetFileDeletions(db: Db, ids: string[]): Promise<void> {
+  if (ids.length) await db.delete(knowledgeFileDeletions).where(inArray(knowledgeFileDeletions.id, ids));
 }
 
 /** Keeps the entries' project equal to their folder's (what the scoped-key rule reads). */
@@ -200,8 +209,4 @@ export async function counts(db: Db, folders: SQL | undefined, entries: SQL | un
 
 export async function deleteChunks(db: Db, entryId: string): Promise<void> {
   await db.delete(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entryId));
-}
-
-export async function entriesByIds(db: Db, ids: string[]): Promise<KnowledgeEntry[]> {
-  return ids.length ? db.select().from(knowledgeEntries).where(inArray(knowledgeEntries.id, ids)) : [];
 }

@@ -108,6 +108,17 @@ export const knowledgeChunks = pgTable(
   ],
 );
 
+/**
+ * Stored files whose entry is gone and that are still to be deleted. A trigger writes one row per
+ * deleted entry, whatever deleted it (the entry's route, its folder's, a project or user deleted
+ * with everything in it), in the deleting transaction; the files go afterwards (at once after a
+ * deletion through the API, else by the sweeper), so a crash in between leaves nothing for good.
+ */
+export const knowledgeFileDeletions = pgTable('knowledge_file_deletions', {
+  ...baseColumns,
+  storage_key: text('storage_key').notNull(),
+});
+
 export type KnowledgeFolder = typeof knowledgeFolders.$inferSelect;
 export type NewKnowledgeFolder = typeof knowledgeFolders.$inferInsert;
 export type KnowledgeEntry = typeof knowledgeEntries.$inferSelect;

@@ -12,6 +12,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { knowledgeChunks, knowledgeEntries } from '../../src/models/index.js';
 
 import { contentDisposition } from '../../src/routers/knowledge.js';
+import { purgeDeletedFiles } from '../../src/services/knowledge/files.js';
 import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
@@ -83,6 +84,23 @@ describe('folders', () => {
     expect((await api('GET', `/knowledge-base/entries/${entry.id}`, user.headers)).statusCode).toBe(404);
     expect(await ctx.database.db.select().from(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entry.id))).toEqual([]);
     expect(storedFiles(user.user.id)).toEqual([]);
+  });
+  it('deletes the files of entries that a deleted project or user took with it (by the sweep)', async () => {
+    const user = await createUser(ctx.app);
+    const project = await createProject(ctx.app, user.headers);
+    const inProject = await createFolder(ctx.app, user.headers, { name: 'P', project_id: project.id });
+    const loose = await createFolder(ctx.app, user.headers, { name: 'L' });
+    await ingested(ctx.app, user.headers, inProject.id, { filename: 'p.txt', content: 'Project file.' });
+    await ingested(ctx.app, user.headers, loose.id, { filename: 'l.txt', content: 'Loose file.' });
+    expect(storedFiles(user.user.id)).toHaveLength(4);
+    const purge = () => purgeDeletedFiles({ db: ctx.app.db, settings: ctx.app.settings, log: ctx.app.log });
+    expect((await api('DELETE', `/projects/${project.id}`, user.headers)).statusCode).toBe(200);
+    expect(await purge()).toBe(1);
+    expect(storedFiles(user.user.id)).toHaveLength(2);
+    expect((await api('DELETE', '/users/me', user.headers)).statusCode).toBe(200);
+    expect(await purge()).toBe(1);
+    expect(storedFiles(user.user.id)).toEqual([]);
+    expect(await purge()).toBe(0);
   });
 });
 

@@ -23,6 +23,7 @@ const KEEL_TABLES = [
   'credit_transactions',
   'knowledge_chunks',
   'knowledge_entries',
+  'knowledge_file_deletions',
   'knowledge_folders',
   'messages',
   'model_overrides',

@@ -18,7 +18,7 @@ import { type DocumentFormat, DocumentRejectedError } from '../../modules/knowle
 import type { ServiceContext } from '../context.js';
 import { type OpenedFile, StorageTooLargeError } from '../storage-service.js';
 import { hasVectorTable } from './embeddings.js';
-import { deleteStoredFiles, entryKey, knowledgeStorage, textKeyOf } from './files.js';
+import { deleteStoredFiles, entryKey, knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
 
 // ==================== Limits ====================
 
@@ -194,13 +194,10 @@ export async function update(ctx: ServiceContext, id: string, input: KnowledgeEn
 
 /** The entry, its chunks and embeddings (cascade), then its file and extracted text. */
 export async function remove(ctx: ServiceContext, id: string): Promise<void> {
-  const entry = await transaction(ctx.db, async (tx) => {
-    // Locked, so that an ingestion finishing now either commits first or finds no row.
-    const row = await entryCrud.lockVisible(tx, ctx.principal, id, 'write', 'update');
-    await entryCrud.remove(tx, ctx.principal, id);
-    return row;
-  });
-  await deleteStoredFiles(ctx, [entry.storage_key]);
+  // One statement: it waits for an ingestion's transaction holding the row, which then commits
+  // first, or finds no row and writes nothing (see ingestion.ts).
+  await entryCrud.remove(ctx.db, ctx.principal, id);
+  await purgeDeletedFiles(ctx);
 }
 
 /** Into another of the owner's folders (404 for any other); a name taken there gets a number. */

@@ -1,14 +1,12 @@
-import { transaction } from '../../core/db.js';
-
 import { type KnowledgeFolder, knowledgeFolders } from '../../models/index.js';
 
 import type { KnowledgeFolderCreate, KnowledgeFolderListQuery, KnowledgeFolderUpdate } from '../../schemas/knowledge.js';
 
-import { entriesInFolder, folderCrud, folderNames, folderPolicy, setEntriesProject, writeUniquelyNamed } from '../../crud/knowledge.js';
+import { folderCrud, folderNames, folderPolicy, setEntriesProject, writeUniquelyNamed } from '../../crud/knowledge.js';
 import { matching } from '../../crud/owned.js';
 import type { ServiceContext } from '../context.js';
 import { placeInProject } from '../project-service.js';
-import { deleteStoredFiles } from './files.js';
+import { purgeDeletedFiles } from './files.js';
 
 export function get(ctx: ServiceContext, id: string): Promise<KnowledgeFolder> {
   return folderCrud.getVisible(ctx.db, ctx.principal, id);
@@ -48,11 +46,6 @@ export async function update(ctx: ServiceContext, id: string, input: KnowledgeFo
 
 /** The folder, its entries and their index; then their stored files. */
 export async function remove(ctx: ServiceContext, id: string): Promise<void> {
-  const removed = await transaction(ctx.db, async (tx) => {
-    const folder = await folderCrud.lockVisible(tx, ctx.principal, id, 'write', 'update');
-    const entries = await entriesInFolder(tx, folder.id);
-    await folderCrud.remove(tx, ctx.principal, id);
-    return entries;
-  });
-  await deleteStoredFiles(ctx, removed.map((entry) => entry.storage_key));
+  await folderCrud.remove(ctx.db, ctx.principal, id);
+  await purgeDeletedFiles(ctx);
 }

@@ -29,7 +29,7 @@ import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extr
 import { type DocumentChunk, DocumentRejectedError, type ExtractedDocument } from '../../modules/knowledge/types.js';
 import { StorageNotFoundError, type StorageService } from '../storage-service.js';
 import { ensureVectorIndex, hasVectorTable, writeEmbeddings } from './embeddings.js';
-import { knowledgeStorage, textKeyOf } from './files.js';
+import { knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
 
 export interface IngestionDeps {
   db: Db;
@@ -270,17 +270,19 @@ export async function sweepIngestion(db: Db, queue: JobQueue, pendingAgeMs: numb
 
 /**
  * Sweeps at once (a restart's leftovers) and then every KB_SWEEP_INTERVAL_MS, in a process that
- * runs jobs. Returns the function that stops it.
+ * runs jobs: re-queues unfinished ingestion and deletes the files of entries deleted without
+ * them (cascades, a crash between commit and file deletion). Returns the function that stops it.
  */
 export function startIngestionSweeper(deps: { db: Db; settings: Settings; log: Logger }, queue: JobQueue): () => Promise<void> {
   const { db, settings, log } = deps;
   let running: Promise<unknown> = Promise.resolve();
   const sweep = (pendingAgeMs: number) => {
-    running = sweepIngestion(db, queue, pendingAgeMs).then(
-      (count) => {
-        if (count) log.info({ count }, 'knowledge entries re-queued for ingestion');
+    running = Promise.all([sweepIngestion(db, queue, pendingAgeMs), purgeDeletedFiles(deps)]).then(
+      ([requeued, purged]) => {
+        if (requeued) log.info({ count: requeued }, 'knowledge entries re-queued for ingestion');
+        if (purged) log.info({ count: purged }, 'files of deleted knowledge entries removed');
       },
-      (error: unknown) => log.warn({ err: error }, 'ingestion sweep failed; will try again'),
+      (error: unknown) => log.warn({ err: error }, 'knowledge sweep failed; will try again'),
     );
   };
   sweep(0);
