@@ -111,6 +111,7 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, signal?: AbortSi
  */
 export async function extractDocument(input: ExtractInput, limits: ExtractLimits): Promise<ExtractedDocument> {
   const { path, filename, declaredMime, signal } = input;
+  signal?.throwIfAborted();
   if ((await stat(path)).size === 0) throw new DocumentRejectedError('the file is empty');
   const format = await sniffFile(path, filename, declaredMime);
   let spans: ExtractedSpans;
@@ -122,6 +123,7 @@ export async function extractDocument(input: ExtractInput, limits: ExtractLimits
   } else {
     spans = await runInWorker({ path, filename, format, maxTextChars: limits.maxTextChars }, limits, signal);
   }
+  signal?.throwIfAborted();
   const document = materialize(spans);
   if (document.sections.length === 0) throw new DocumentRejectedError('the document holds no text');
   return document;
