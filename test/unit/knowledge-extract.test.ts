@@ -232,6 +232,17 @@ describe('extractDocument: what it refuses', () => {
     expect(await rejection(extract(path, 'lying-bomb.docx'))).toMatch(/^could not read the Word document: .*too many bytes/);
   });
 
+  it('refuses a DOCX whose XML defines entities that expand a billion times', async () => {
+    let dtd = '<!ENTITY lol0 "lollollollollollollollollollol">';
+    for (let i = 1; i < 10; i++) dtd += `<!ENTITY lol${i} "${`&lol${i - 1};`.repeat(10)}">`;
+    const path = join(dir, 'laughs.docx');
+    await writeZip(path, {
+      '[Content_Types].xml': '<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"/>',
+      'word/document.xml': `<?xml version="1.0"?><!DOCTYPE w:document [${dtd}]><w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body><w:p><w:r><w:t>&lol9;</w:t></w:r></w:p></w:body></w:document>`,
+    });
+    expect(await rejection(extract(path, 'laughs.docx'))).toMatch(/^could not read the Word document: error: \[xmldom error\] entity not found:&lol9;; it may be damaged/);
+  });
+
   it('refuses a zip named .docx that is not a Word document', async () => {
     const path = join(dir, 'archive.docx');
     await writeZip(path, { 'readme.txt': 'hello', 'data/x.xml': '<x/>' });

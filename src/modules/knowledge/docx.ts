@@ -18,7 +18,9 @@ function expandsTooMuch(what: string, bytes: number, limit: number): DocumentRej
 }
 
 function unreadable(error: unknown): DocumentRejectedError {
-  return new DocumentRejectedError(`could not read the Word document: ${(error as Error).message}; it may be damaged — re-save it as .docx and upload again`);
+  // The XML parser's messages run on with positions over several lines: the first says it.
+  const reason = ((error as Error).message || String(error)).split('\n', 1)[0]!.replace(/\s+/g, ' ').trim();
+  return new DocumentRejectedError(`could not read the Word document: ${reason}; it may be damaged — re-save it as .docx and upload again`);
 }
 
 /** The parts the converter unpacks (XML and relationships), as opposed to pictures and embedded files. */
