@@ -124,9 +124,9 @@ describe('extractDocument: text formats', () => {
     expect(sectionText(doc, 'Appendix').trim()).toBe('More.');
   });
 
-  it('reads HTML as text: scripts, styles and the head dropped, headings kept as sections, entities decoded', async () => {
+  it('reads HTML as text: scripts, styles, the head and the site menu dropped, headings kept as sections, entities decoded', async () => {
     const html = `<!doctype html><html><head><title>Hidden title</title><style>p { color: red }</style>
-      <script>alert("x")</script></head><body>
+      <script>alert("x")</script></head><body><nav><a href="/">Home</a> <a href="/shop">Shop</a></nav>
       <h1>Returns</h1><p>Items can be returned within <b>30&nbsp;days</b> &amp; refunded.</p>
       <noscript>Enable JavaScript</noscript>
       <h2>Exceptions</h2><ul><li>Opened software</li><li>Gift cards</li></ul>
@@ -138,7 +138,7 @@ describe('extractDocument: text formats', () => {
     expect(paths(doc)).toEqual(['Returns', 'Returns > Exceptions']);
     expect(sectionText(doc, 'Returns')).toBe('Items can be returned within 30\u00a0days & refunded.');
     expect(sectionText(doc, 'Returns > Exceptions')).toBe('- Opened software\n- Gift cards\n\nItem | Days\nArm | 60\n\nline one\n  indented');
-    expect(doc.text).not.toMatch(/alert|color|Hidden title|JavaScript|import/);
+    expect(doc.text).not.toMatch(/alert|color|Hidden title|JavaScript|import|Home|Shop/);
   });
 
   it('reads CSV rows as "column: value" lines, one paragraph a row, quoted delimiters kept', async () => {
@@ -148,14 +148,23 @@ describe('extractDocument: text formats', () => {
     expect(doc.text).toBe('sku: K7\nname: Arm; 12 joints\nprice: 4999\n\nsku: K8\nname: Gripper');
   });
 
-  it('reads JSON as paths to values, a section per top-level key, a paragraph per record', async () => {
-    const json = { product: { name: 'K-7', 'max load': 12 }, faq: [{ q: 'Warranty?', a: 'Two years.' }, { q: 'Colour?', a: null }], tags: [] };
+  it('reads JSON as paths to values, keys of the first two levels as headings, a paragraph per record', async () => {
+    const json = {
+      title: 'Specs',
+      products: { 'K-7': { payload: 7, 'max load': 12 }, note: 'all arms', 'G-3': { fingers: 3 } },
+      faq: [{ q: 'Warranty?', a: 'Two years.' }, { q: 'Colour?', a: null }],
+      tags: [],
+    };
     const doc = await extract(await file('data.json', JSON.stringify(json)), 'data.json');
     expect(doc.format).toBe('json');
-    expect(paths(doc)).toEqual(['product', 'faq', 'tags']);
-    expect(sectionText(doc, 'product')).toBe('product.name: K-7\nproduct["max load"]: 12');
-    expect(sectionText(doc, 'faq')).toBe('faq[0].q: Warranty?\nfaq[0].a: Two years.\n\nfaq[1].q: Colour?\nfaq[1].a: null');
-    expect(sectionText(doc, 'tags')).toBe('tags: []');
+    expect(doc.sections.map((s) => [s.headingPath.join(' > '), s.text])).toEqual([
+      ['', 'title: Specs'],
+      ['products > K-7', 'products["K-7"].payload: 7\nproducts["K-7"]["max load"]: 12'],
+      ['products', 'products.note: all arms'],
+      ['products > G-3', 'products["G-3"].fingers: 3'],
+      ['faq', 'faq[0].q: Warranty?\nfaq[0].a: Two years.\n\nfaq[1].q: Colour?\nfaq[1].a: null'],
+      ['', 'tags: []'],
+    ]);
   });
 
   it('reads JSON nested far deeper than any call stack', async () => {
