@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge/extract.js';
 import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
 import { DocumentRejectedError, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
-import { type Block, writeDocx, writePdf, writeZip, writeZipBomb } from '../helpers/documents.js';
+import { type Block, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
 
 const LIMITS: ExtractLimits = { maxTextChars: 1_000_000, timeoutMs: 20_000, maxMemoryMb: 128 };
 let dir: string;
@@ -86,7 +86,8 @@ describe('sniffFormat', () => {
 
   it('refuses an empty file, binaries that are not documents, and a .json that is not JSON', async () => {
     expect(await rejection(sniffFormat(new Uint8Array(), 'a.txt'))).toBe('the file is empty');
-    const png = Buffer.concat([Buffer.from('89504e470d0a1a0a0000000d49484452', 'hex'), randomBytes(64)]);
+    // A real 1×1 PNG (file-type reads its chunks, so random bytes after the signature would not do).
+    const png = Buffer.from('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==', 'base64');
     expect(await rejection(sniffFormat(png, 'photo.png'))).toMatch(/^photo\.png is of type image\/png, which is not supported; accepted formats: plain text/);
     expect(await rejection(sniffFormat(png, 'notes.txt'))).toMatch(/^not a text file: notes\.txt holds image\/png data/);
     expect(await rejection(sniffFormat(Buffer.from('d0cf11e0a1b11ae1', 'hex'), 'old.doc'))).toMatch(/old Word \.doc or a password-protected Office file; save it as an unprotected \.docx/);
@@ -212,6 +213,20 @@ describe('extractDocument: what it refuses', () => {
     const path = join(dir, 'locked.pdf');
     await writePdf(path, HANDBOOK, { userPassword: 'open sesame' });
     expect(await rejection(extract(path, 'locked.pdf'))).toBe('the PDF is encrypted (password-protected); upload a copy without a password');
+  });
+
+  it('refuses a PDF whose page unpacks past a quarter of the memory allowance, before pdf.js decodes it', async () => {
+    const text = Buffer.from('BT /F1 12 Tf 72 712 Td (Hello from a bomb) Tj ET');
+    const path = join(dir, 'bomb.pdf');
+    await writePdfWithContent(path, Buffer.concat([Buffer.alloc(40 * 1024 * 1024, 0x20), text]));
+    expect((await readFile(path)).length).toBeLessThan(100 * 1024);
+    expect(await rejection(extract(path, 'bomb.pdf', { maxMemoryMb: 64 }))).toBe(
+      'the PDF expands to more than 16 MB when one of its parts is unpacked (the limit per part); it is damaged or built to exhaust the reader',
+    );
+    // The same page within the allowance is read.
+    const small = join(dir, 'small-stream.pdf');
+    await writePdfWithContent(small, Buffer.concat([Buffer.alloc(1024 * 1024, 0x20), text]));
+    expect((await extract(small, 'small-stream.pdf', { maxMemoryMb: 64 })).text).toBe('Hello from a bomb');
   });
 
   it('refuses a PDF without a text layer', async () => {

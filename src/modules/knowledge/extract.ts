@@ -121,7 +121,10 @@ export async function extractDocument(input: ExtractInput, limits: ExtractLimits
   } else if (format === 'markdown') {
     spans = markdownSpans(await readText(path, filename, limits.maxTextChars));
   } else {
-    spans = await runInWorker({ path, filename, format, maxTextChars: limits.maxTextChars }, limits, signal);
+    // pdf.js decodes a page's content whole into typed arrays, outside the heap limit: a quarter
+    // of the thread's memory per compressed part keeps the thread near its allowance.
+    const maxStreamBytes = (limits.maxMemoryMb * 1024 * 1024) / 4;
+    spans = await runInWorker({ path, filename, format, maxTextChars: limits.maxTextChars, maxStreamBytes }, limits, signal);
   }
   signal?.throwIfAborted();
   const document = materialize(spans);
