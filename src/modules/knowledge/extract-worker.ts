@@ -15,7 +15,7 @@ export interface WorkerInput {
   filename: string;
   format: 'pdf' | 'docx' | 'html' | 'csv' | 'json';
   maxTextChars: number;
-  /** Most bytes one compressed part of a PDF may unpack to (memory the heap limit does not cover). */
+  /** Most bytes one compressed part of a PDF or the markup of a DOCX may unpack to (memory the heap limit does not cover). */
   maxStreamBytes: number;
 }
 
@@ -30,7 +30,7 @@ async function parse({ path, filename, format, maxTextChars, maxStreamBytes }: W
     }
     case 'docx': {
       const { docxSpans } = await import('./docx.js');
-      return docxSpans(path, maxTextChars);
+      return docxSpans(path, maxTextChars, maxStreamBytes);
     }
     case 'html': {
       const { HtmlTextReader } = await import('./html.js');

@@ -121,8 +121,8 @@ export async function extractDocument(input: ExtractInput, limits: ExtractLimits
   } else if (format === 'markdown') {
     spans = markdownSpans(await readText(path, filename, limits.maxTextChars));
   } else {
-    // pdf.js decodes a page's content whole into typed arrays, outside the heap limit: a quarter
-    // of the thread's memory per compressed part keeps the thread near its allowance.
+    // pdf.js and JSZip (DOCX) unpack into typed arrays, outside the heap limit: a quarter of the
+    // thread's memory per compressed part keeps the thread near its allowance.
     const maxStreamBytes = (limits.maxMemoryMb * 1024 * 1024) / 4;
     spans = await runInWorker({ path, filename, format, maxTextChars: limits.maxTextChars, maxStreamBytes }, limits, signal);
   }
