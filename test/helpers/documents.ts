@@ -5,6 +5,7 @@
  */
 import { createWriteStream } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
+import { deflateSync } from 'node:zlib';
 
 import { Document, HeadingLevel, Packer, Paragraph } from 'docx';
 import PDFDocument from 'pdfkit';
@@ -93,4 +94,32 @@ export async function writeZipBomb(path: string, bytes: number, declare?: number
     else if (zip.readUInt32LE(at - 30) === 0x04034b50) zip.writeUInt32LE(declare, at - 30 + 22);
   }
   await writeFile(path, zip);
+}
+
+/**
+ * A one-page PDF written by hand around a Flate-compressed content stream (what PDF libraries
+ * never let you write: a page that unpacks to hundreds of megabytes).
+ */
+export async function writePdfWithContent(path: string, content: Buffer): Promise<void> {
+  const stream = deflateSync(content, { level: 9 });
+  const parts: Buffer[] = [Buffer.from('%PDF-1.4\n')];
+  const offsets: number[] = [];
+  let length = parts[0]!.length;
+  const add = (part: Buffer) => {
+    parts.push(part);
+    length += part.length;
+  };
+  const object = (number: number, body: Buffer) => {
+    offsets[number] = length;
+    add(Buffer.concat([Buffer.from(`${number} 0 obj\n`), body, Buffer.from('\nendobj\n')]));
+  };
+  object(1, Buffer.from('<< /Type /Catalog /Pages 2 0 R >>'));
+  object(2, Buffer.from('<< /Type /Pages /Kids [3 0 R] /Count 1 >>'));
+  object(3, Buffer.from('<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>'));
+  object(4, Buffer.concat([Buffer.from(`<< /Length ${stream.length} /Filter /FlateDecode >>\nstream\n`), stream, Buffer.from('\nendstream')]));
+  object(5, Buffer.from('<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>'));
+  const xref = length;
+  const entries = offsets.slice(1).map((offset) => `${String(offset).padStart(10, '0')} 00000 n \n`).join('');
+  add(Buffer.from(`xref\n0 6\n0000000000 65535 f \n${entries}trailer\n<< /Size 6 /Root 1 0 R >>\nstartxref\n${xref}\n%%EOF\n`));
+  await writeFile(path, Buffer.concat(parts));
 }

@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge/extract.js';
 import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
 import { DocumentRejectedError, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
-import { type Block, writeDocx, writePdf, writeZip, writeZipBomb } from '../helpers/documents.js';
+import { type Block, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
 
 const LIMITS: ExtractLimits = { maxTextChars: 1_000_000, timeoutMs: 20_000, maxMemoryMb: 128 };
 let dir: string;
@@ -86,7 +86,8 @@ describe('sniffFormat', () => {
 
   it('refuses an empty file, binaries that are not documents, and a .json that is not JSON', async () => {
     expect(await rejection(sniffFormat(new Uint8Array(), 'a.txt'))).toBe('the file is empty');
-    const png = Buffer.concat([Buffer.from('89504e470d0a1a0a0000000d49484452', 'hex'), randomBytes(64)]);
+    // A real 1×1 PNG (file-type reads its chunks, so random bytes after the signature would not do).
+    const png = Buffer.from('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==', 'base64');
     expect(await rejection(sniffFormat(png, 'photo.png'))).toMatch(/^photo\.png is of type image\/png, which is not supported; accepted formats: plain text/);
     expect(await rejection(sniffFormat(png, 'notes.txt'))).toMatch(/^not a text file: notes\.txt holds image\/png data/);
     expect(await rejection(sniffFormat(Buffer.from('d0cf11e0a1b11ae1', 'hex'), 'old.doc'))).toMatch(/old Word \.doc or a password-protected Office file; save it as an unprotected \.docx/);
@@ -124,9 +125,9 @@ describe('extractDocument: text formats', () => {
     expect(sectionText(doc, 'Appendix').trim()).toBe('More.');
   });
 
-  it('reads HTML as text: scripts, styles and the head dropped, headings kept as sections, entities decoded', async () => {
+  it('reads HTML as text: scripts, styles, the head and the site menu dropped, headings kept as sections, entities decoded', async () => {
     const html = `<!doctype html><html><head><title>Hidden title</title><style>p { color: red }</style>
-      <script>alert("x")</script></head><body>
+      <script>alert("x")</script></head><body><nav><a href="/">Home</a> <a href="/shop">Shop</a></nav>
       <h1>Returns</h1><p>Items can be returned within <b>30&nbsp;days</b> &amp; refunded.</p>
       <noscript>Enable JavaScript</noscript>
       <h2>Exceptions</h2><ul><li>Opened software</li><li>Gift cards</li></ul>
@@ -138,7 +139,7 @@ describe('extractDocument: text formats', () => {
     expect(paths(doc)).toEqual(['Returns', 'Returns > Exceptions']);
     expect(sectionText(doc, 'Returns')).toBe('Items can be returned within 30\u00a0days & refunded.');
     expect(sectionText(doc, 'Returns > Exceptions')).toBe('- Opened software\n- Gift cards\n\nItem | Days\nArm | 60\n\nline one\n  indented');
-    expect(doc.text).not.toMatch(/alert|color|Hidden title|JavaScript|import/);
+    expect(doc.text).not.toMatch(/alert|color|Hidden title|JavaScript|import|Home|Shop/);
   });
 
   it('reads CSV rows as "column: value" lines, one paragraph a row, quoted delimiters kept', async () => {
@@ -148,14 +149,23 @@ describe('extractDocument: text formats', () => {
     expect(doc.text).toBe('sku: K7\nname: Arm; 12 joints\nprice: 4999\n\nsku: K8\nname: Gripper');
   });
 
-  it('reads JSON as paths to values, a section per top-level key, a paragraph per record', async () => {
-    const json = { product: { name: 'K-7', 'max load': 12 }, faq: [{ q: 'Warranty?', a: 'Two years.' }, { q: 'Colour?', a: null }], tags: [] };
+  it('reads JSON as paths to values, keys of the first two levels as headings, a paragraph per record', async () => {
+    const json = {
+      title: 'Specs',
+      products: { 'K-7': { payload: 7, 'max load': 12 }, note: 'all arms', 'G-3': { fingers: 3 } },
+      faq: [{ q: 'Warranty?', a: 'Two years.' }, { q: 'Colour?', a: null }],
+      tags: [],
+    };
     const doc = await extract(await file('data.json', JSON.stringify(json)), 'data.json');
     expect(doc.format).toBe('json');
-    expect(paths(doc)).toEqual(['product', 'faq', 'tags']);
-    expect(sectionText(doc, 'product')).toBe('product.name: K-7\nproduct["max load"]: 12');
-    expect(sectionText(doc, 'faq')).toBe('faq[0].q: Warranty?\nfaq[0].a: Two years.\n\nfaq[1].q: Colour?\nfaq[1].a: null');
-    expect(sectionText(doc, 'tags')).toBe('tags: []');
+    expect(doc.sections.map((s) => [s.headingPath.join(' > '), s.text])).toEqual([
+      ['', 'title: Specs'],
+      ['products > K-7', 'products["K-7"].payload: 7\nproducts["K-7"]["max load"]: 12'],
+      ['products', 'products.note: all arms'],
+      ['products > G-3', 'products["G-3"].fingers: 3'],
+      ['faq', 'faq[0].q: Warranty?\nfaq[0].a: Two years.\n\nfaq[1].q: Colour?\nfaq[1].a: null'],
+      ['', 'tags: []'],
+    ]);
   });
 
   it('reads JSON nested far deeper than any call stack', async () => {
@@ -205,6 +215,20 @@ describe('extractDocument: what it refuses', () => {
     expect(await rejection(extract(path, 'locked.pdf'))).toBe('the PDF is encrypted (password-protected); upload a copy without a password');
   });
 
+  it('refuses a PDF whose page unpacks past a quarter of the memory allowance, before pdf.js decodes it', async () => {
+    const text = Buffer.from('BT /F1 12 Tf 72 712 Td (Hello from a bomb) Tj ET');
+    const path = join(dir, 'bomb.pdf');
+    await writePdfWithContent(path, Buffer.concat([Buffer.alloc(40 * 1024 * 1024, 0x20), text]));
+    expect((await readFile(path)).length).toBeLessThan(100 * 1024);
+    expect(await rejection(extract(path, 'bomb.pdf', { maxMemoryMb: 64 }))).toBe(
+      'the PDF expands to more than 16 MB when one of its parts is unpacked (the limit per part); it is damaged or built to exhaust the reader',
+    );
+    // The same page within the allowance is read.
+    const small = join(dir, 'small-stream.pdf');
+    await writePdfWithContent(small, Buffer.concat([Buffer.alloc(1024 * 1024, 0x20), text]));
+    expect((await extract(small, 'small-stream.pdf', { maxMemoryMb: 64 })).text).toBe('Hello from a bomb');
+  });
+
   it('refuses a PDF without a text layer', async () => {
     const path = join(dir, 'scan.pdf');
     await writePdf(path, []);
@@ -230,6 +254,17 @@ describe('extractDocument: what it refuses', () => {
     const path = join(dir, 'lying-bomb.docx');
     await writeZipBomb(path, 8 * 1024 * 1024, 1000);
     expect(await rejection(extract(path, 'lying-bomb.docx'))).toMatch(/^could not read the Word document: .*too many bytes/);
+  });
+
+  it('refuses a DOCX whose XML defines entities that expand a billion times', async () => {
+    let dtd = '<!ENTITY lol0 "lollollollollollollollollollol">';
+    for (let i = 1; i < 10; i++) dtd += `<!ENTITY lol${i} "${`&lol${i - 1};`.repeat(10)}">`;
+    const path = join(dir, 'laughs.docx');
+    await writeZip(path, {
+      '[Content_Types].xml': '<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"/>',
+      'word/document.xml': `<?xml version="1.0"?><!DOCTYPE w:document [${dtd}]><w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body><w:p><w:r><w:t>&lol9;</w:t></w:r></w:p></w:body></w:document>`,
+    });
+    expect(await rejection(extract(path, 'laughs.docx'))).toMatch(/^could not read the Word document: error: \[xmldom error\] entity not found:&lol9;; it may be damaged/);
   });
 
   it('refuses a zip named .docx that is not a Word document', async () => {

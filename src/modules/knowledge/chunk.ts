@@ -95,38 +95,75 @@ function tail(text: string, maxTokens: number): string {
   const encoded = encode(text.slice(-maxTokens * CHARS_PER_TOKEN_CEILING));
   if (encoded.length === 0) return '';
   let piece = decode(encoded.slice(-maxTokens));
-  // The first token may be the end of a word (or of a character): start at the next word.
-  const wordStart = piece.search(/\s\S/);
-  if (wordStart < 0) return '';
-  piece = piece.slice(wordStart + 1);
-  return piece.trim().length > 0 ? piece : '';
+  // The first token may be the end of a word (or of a character): start at the next word. Cut on
+  // its own, the text can count a token or two more than it did inside the chunk: drop words
+  // until it fits.
+  for (;;) {
+    const wordStart = piece.search(/\s\S/);
+    if (wordStart < 0) return '';
+    piece = piece.slice(wordStart + 1);
+    if (countTokens(piece) <= maxTokens) return piece;
+  }
 }
 
-/** The chunks of one section, as they are packed: units added up to the budget, each new chunk led by the end of the one before. */
+/**
+ * The chunks of one section, as they are packed: units added while their counts fit the budget,
+ * each chunk led by the end of the one before. Counts of separate units can fall a few tokens
+ * short of the joined text's (BPE merges across a join), so each chunk is counted as a whole, and
+ * one over the budget gives its last units back to the next chunk.
+ */
 function* sectionChunks(section: DocumentSection, chunkTokens: number, overlapTokens: number): Generator<Omit<DocumentChunk, 'index'>> {
-  let current = '';
-  let currentTokens = 0;
-  let hasNew = false;
-  const chunk = () => {
-    const text = current.trim();
-    return hasNew && text.length > 0 ? { text, headingPath: section.headingPath, tokenCount: countTokens(text) } : null;
+  const source = units(section.text, chunkTokens, 0);
+  const givenBack: Unit[] = [];
+  const nextUnit = (): Unit | undefined => {
+    if (givenBack.length > 0) return givenBack.pop();
+    const next = source.next();
+    return next.done ? undefined : next.value;
   };
-  for (const unit of units(section.text, chunkTokens, 0)) {
-    if (hasNew && currentTokens + unit.tokens > chunkTokens) {
-      const full = chunk();
-      if (full) yield full;
-      const overlap = tail(current.trimEnd(), Math.min(overlapTokens, chunkTokens - unit.tokens));
-      // The overlap ends where the chunk ended; the separator trimmed from it comes back.
-      current = overlap.length > 0 ? overlap + current.slice(current.trimEnd().length) : '';
-      currentTokens = overlap.length > 0 ? countTokens(current) : 0;
-      hasNew = false;
+  let lead = '';
+  let leadTokens = 0;
+  let parts: Unit[] = [];
+  let partTokens = 0;
+  /** The previous chunk's text, and the whitespace that separated it from what follows. */
+  let previous = '';
+  let previousGap = '';
+
+  /** The chunk of `lead` + `parts`, made to fit: units it cannot hold go back, then the lead. */
+  const pack = (): Omit<DocumentChunk, 'index'> | null => {
+    for (;;) {
+      const raw = lead + parts.map((part) => part.text).join('');
+      const text = raw.trim();
+      const tokenCount = countTokens(text);
+      if (tokenCount > chunkTokens && parts.length > 1) givenBack.push(parts.pop()!);
+      else if (tokenCount > chunkTokens && lead.length > 0) lead = '';
+      else {
+        previous = raw.trimEnd();
+        previousGap = raw.slice(previous.length);
+        return text.length > 0 ? { text, headingPath: section.headingPath, tokenCount } : null;
+      }
     }
-    current += unit.text;
-    currentTokens += unit.tokens;
-    hasNew = true;
+  };
+
+  for (;;) {
+    const unit = nextUnit();
+    if (unit && (parts.length === 0 || leadTokens + partTokens + unit.tokens <= chunkTokens)) {
+      if (parts.length === 0) {
+        // The overlap ends where the previous chunk ended; the separator trimmed from it comes back.
+        const overlap = previous ? tail(previous, Math.min(overlapTokens, chunkTokens - unit.tokens)) : '';
+        lead = overlap.length > 0 ? overlap + previousGap : '';
+        leadTokens = lead.length > 0 ? countTokens(lead) : 0;
+      }
+      parts.push(unit);
+      partTokens += unit.tokens;
+      continue;
+    }
+    if (unit) givenBack.push(unit);
+    if (parts.length === 0) return;
+    const chunk = pack();
+    if (chunk) yield chunk;
+    parts = [];
+    partTokens = 0;
   }
-  const last = chunk();
-  if (last) yield last;
 }
 
 function* documentChunks(doc: ExtractedDocument, opts: ChunkOptions): Generator<DocumentChunk> {

@@ -38,6 +38,11 @@ export class HeadingStack {
     this.open.push({ level, title });
   }
 
+  /** Closes the headings deeper than `level` (0: all). */
+  rise(level: number): void {
+    while (this.open.length > 0 && this.open.at(-1)!.level > level) this.open.pop();
+  }
+
   path(): string[] {
     return this.open.map((heading) => heading.title);
   }
@@ -92,6 +97,16 @@ export class TextBuilder {
     this.push(clean);
     this.gap = 'paragraph';
     this.sectionPath = this.headings.path();
+  }
+
+  /** What follows belongs under the headings of `level` and above only (0: under none). */
+  rise(level: number): void {
+    this.headings.rise(level);
+    const path = this.headings.path();
+    if (path.length === this.sectionPath.length) return;
+    this.closeSection();
+    this.sectionPath = path;
+    this.separate('paragraph');
   }
 
   finish(): ExtractedSpans {

@@ -18,7 +18,9 @@ function expandsTooMuch(what: string, bytes: number, limit: number): DocumentRej
 }
 
 function unreadable(error: unknown): DocumentRejectedError {
-  return new DocumentRejectedError(`could not read the Word document: ${(error as Error).message}; it may be damaged — re-save it as .docx and upload again`);
+  // The XML parser's messages run on with positions over several lines: the first says it.
+  const reason = ((error as Error).message || String(error)).split('\n', 1)[0]!.replace(/\s+/g, ' ').trim();
+  return new DocumentRejectedError(`could not read the Word document: ${reason}; it may be damaged — re-save it as .docx and upload again`);
 }
 
 /** The parts the converter unpacks (XML and relationships), as opposed to pictures and embedded files. */
@@ -48,14 +50,16 @@ function drain(zip: yauzl.ZipFile, entry: yauzl.Entry): Promise<void> {
  * is inflated once, streaming, to prove it holds no more than it declares — a zip bomb, whether
  * it declares its size or lies about it, is refused before it costs memory.
  */
-export async function checkDocxArchive(path: string, maxTextChars: number): Promise<void> {
+export async function checkDocxArchive(path: string, maxTextChars: number, maxStreamBytes: number): Promise<void> {
   let zip: yauzl.ZipFile;
   try {
     zip = await openZip(path);
   } catch (error) {
     throw unreadable(error);
   }
-  const maxMarkupBytes = Math.max(XML_BYTES_PER_TEXT_CHAR * maxTextChars, 16 * 1024 * 1024);
+  // JSZip unpacks into typed arrays, outside the thread's heap limit, like pdf.js: the markup is
+  // also held to the share of memory a PDF's parts get.
+  const maxMarkupBytes = Math.min(Math.max(XML_BYTES_PER_TEXT_CHAR * maxTextChars, 16 * 1024 * 1024), maxStreamBytes);
   try {
     if (zip.entryCount > MAX_ENTRIES) throw new DocumentRejectedError(`the Word document holds ${zip.entryCount.toLocaleString('en-US')} parts (at most ${MAX_ENTRIES.toLocaleString('en-US')} are read); it is damaged or not a real document`);
     const markup: yauzl.Entry[] = [];
@@ -90,8 +94,8 @@ export async function checkDocxArchive(path: string, maxTextChars: number): Prom
 }
 
 /** A DOCX as HTML (mammoth maps Word's heading styles to h1–h6), read like any HTML page. */
-export async function docxSpans(path: string, maxTextChars: number): Promise<ExtractedSpans> {
-  await checkDocxArchive(path, maxTextChars);
+export async function docxSpans(path: string, maxTextChars: number, maxStreamBytes: number): Promise<ExtractedSpans> {
+  await checkDocxArchive(path, maxTextChars, maxStreamBytes);
   let html: string;
   try {
     const result = await mammoth.convertToHtml(

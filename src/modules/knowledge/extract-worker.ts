@@ -15,20 +15,22 @@ export interface WorkerInput {
   filename: string;
   format: 'pdf' | 'docx' | 'html' | 'csv' | 'json';
   maxTextChars: number;
+  /** Most bytes one compressed part of a PDF or the markup of a DOCX may unpack to (memory the heap limit does not cover). */
+  maxStreamBytes: number;
 }
 
 export type WorkerOutput = { ok: true; result: ExtractedSpans } | { ok: false; rejected: boolean; message: string };
 
 /** Each parser is loaded only for its format: a thread lives for one document, and pdf.js alone takes a good part of a second to load. */
-async function parse({ path, filename, format, maxTextChars }: WorkerInput): Promise<ExtractedSpans> {
+async function parse({ path, filename, format, maxTextChars, maxStreamBytes }: WorkerInput): Promise<ExtractedSpans> {
   switch (format) {
     case 'pdf': {
       const { pdfSpans } = await import('./pdf.js');
-      return pdfSpans(new Uint8Array(await readFile(path)), maxTextChars);
+      return pdfSpans(new Uint8Array(await readFile(path)), maxTextChars, maxStreamBytes);
     }
     case 'docx': {
       const { docxSpans } = await import('./docx.js');
-      return docxSpans(path, maxTextChars);
+      return docxSpans(path, maxTextChars, maxStreamBytes);
     }
     case 'html': {
       const { HtmlTextReader } = await import('./html.js');

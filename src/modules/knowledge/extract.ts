@@ -111,6 +111,7 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, signal?: AbortSi
  */
 export async function extractDocument(input: ExtractInput, limits: ExtractLimits): Promise<ExtractedDocument> {
   const { path, filename, declaredMime, signal } = input;
+  signal?.throwIfAborted();
   if ((await stat(path)).size === 0) throw new DocumentRejectedError('the file is empty');
   const format = await sniffFile(path, filename, declaredMime);
   let spans: ExtractedSpans;
@@ -120,8 +121,12 @@ export async function extractDocument(input: ExtractInput, limits: ExtractLimits
   } else if (format === 'markdown') {
     spans = markdownSpans(await readText(path, filename, limits.maxTextChars));
   } else {
-    spans = await runInWorker({ path, filename, format, maxTextChars: limits.maxTextChars }, limits, signal);
+    // pdf.js and JSZip (DOCX) unpack into typed arrays, outside the heap limit: a quarter of the
+    // thread's memory per compressed part keeps the thread near its allowance.
+    const maxStreamBytes = (limits.maxMemoryMb * 1024 * 1024) / 4;
+    spans = await runInWorker({ path, filename, format, maxTextChars: limits.maxTextChars, maxStreamBytes }, limits, signal);
   }
+  signal?.throwIfAborted();
   const document = materialize(spans);
   if (document.sections.length === 0) throw new DocumentRejectedError('the document holds no text');
   return document;

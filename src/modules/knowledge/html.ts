@@ -2,10 +2,10 @@ import { Parser } from 'htmlparser2';
 
 import type { ExtractedSpans, TextBuilder } from './document-builder.js';
 
-/** Elements whose content is not text a reader sees. */
-const HIDDEN = new Set(['script', 'style', 'noscript', 'template', 'head', 'svg', 'math', 'iframe', 'object', 'canvas', 'select', 'datalist']);
+/** Elements whose content is not text a reader sees, or (nav) is the site's menu rather than the page. */
+const HIDDEN = new Set(['script', 'style', 'noscript', 'template', 'head', 'svg', 'math', 'iframe', 'object', 'canvas', 'select', 'datalist', 'nav']);
 const BLOCKS = new Set([
-  'p', 'div', 'section', 'article', 'header', 'footer', 'main', 'aside', 'nav', 'blockquote', 'pre', 'ul', 'ol', 'dl', 'dd',
+  'p', 'div', 'section', 'article', 'header', 'footer', 'main', 'aside', 'blockquote', 'pre', 'ul', 'ol', 'dl', 'dd',
   'table', 'thead', 'tbody', 'tfoot', 'figure', 'figcaption', 'form', 'fieldset', 'address', 'details', 'summary', 'hr',
   'caption', 'body', 'html',
 ]);

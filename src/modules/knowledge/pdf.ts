@@ -1,3 +1,5 @@
+import { createInflate } from 'node:zlib';
+
 import { getDocumentProxy } from 'unpdf';
 
 import { type ExtractedSpans, TextBuilder } from './document-builder.js';
@@ -31,6 +33,66 @@ function pdfError(error: unknown): DocumentRejectedError {
   return new DocumentRejectedError(`could not read the PDF: ${message || String(error)}; it may be damaged — re-export or re-save it and upload again`);
 }
 
+// ==================== Compressed streams ====================
+
+/** All the compressed streams of one PDF, unpacked: bounds the time a check takes. */
+const MAX_TOTAL_INFLATED_BYTES = 1024 * 1024 * 1024;
+
+const megabytes = (bytes: number) => `${Math.ceil(bytes / (1024 * 1024)).toLocaleString('en-US')} MB`;
+
+/** How many bytes a zlib stream unpacks to, counted as it inflates (nothing kept), stopping past `limit`. */
+function inflatedSize(data: Uint8Array, limit: number): Promise<number> {
+  return new Promise((resolve) => {
+    // A truncated or damaged stream is pdf.js's to judge: count what inflates and stop there.
+    const inflate = createInflate({ finishFlush: 2 /* Z_SYNC_FLUSH */ });
+    let size = 0;
+    inflate.on('data', (chunk: Buffer) => {
+      size += chunk.length;
+      if (size > limit) {
+        inflate.destroy();
+        resolve(size);
+      }
+    });
+    inflate.on('end', () => resolve(size));
+    inflate.on('error', () => resolve(size));
+    inflate.on('close', () => resolve(size));
+    inflate.end(data);
+  });
+}
+
+/**
+ * Refuses a PDF whose Flate streams unpack past the bounds, before pdf.js sees it: pdf.js decodes
+ * a content stream whole into typed arrays, memory outside the V8 heap that the worker's limit
+ * does not cover (a 300 KB PDF whose page unpacks to 300 MB took the process to 1.1 GB). Images
+ * are skipped: text extraction never decodes them.
+ */
+export async function checkPdfStreams(data: Uint8Array, maxStreamBytes: number): Promise<void> {
+  const bytes = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+  let total = 0;
+  for (let at = bytes.indexOf('stream'); at >= 0; at = bytes.indexOf('stream', at + 6)) {
+    // `endstream` contains `stream`; a stream's data starts after `stream` and its end of line.
+    if (at >= 3 && bytes.toString('latin1', at - 3, at) === 'end') continue;
+    let start = at + 6;
+    if (bytes[start] === 0x0d) start++;
+    if (bytes[start] !== 0x0a) continue;
+    start++;
+    const before = bytes.toString('latin1', Math.max(0, at - 2048), at);
+    const dictionary = before.slice(before.lastIndexOf(' obj') + 1);
+    if (!dictionary.includes('/FlateDecode') || /\/Subtype\s*\/Image/.test(dictionary)) continue;
+    const end = bytes.indexOf('endstream', start);
+    const size = await inflatedSize(bytes.subarray(start, end < 0 ? bytes.length : end), Math.min(maxStreamBytes, MAX_TOTAL_INFLATED_BYTES - total));
+    if (size > maxStreamBytes) {
+      throw new DocumentRejectedError(`the PDF expands to more than ${megabytes(maxStreamBytes)} when one of its parts is unpacked (the limit per part); it is damaged or built to exhaust the reader`);
+    }
+    total += size;
+    if (total >= MAX_TOTAL_INFLATED_BYTES) {
+      throw new DocumentRejectedError(`the PDF expands to more than ${megabytes(MAX_TOTAL_INFLATED_BYTES)} when unpacked; split it into smaller files`);
+    }
+  }
+}
+
+// ==================== Text ====================
+
 /** The size most of the text is set in (weighted by characters): anything clearly larger is a heading. */
 function bodySize(lines: Line[]): number {
   const chars = new Map<number, number>();
@@ -48,7 +110,8 @@ function bodySize(lines: Line[]): number {
  * (exported from Word, LaTeX, Google Docs) mark them. A PDF without a text layer (a scan) is
  * refused: there is nothing to search.
  */
-export async function pdfSpans(data: Uint8Array, maxTextChars: number): Promise<ExtractedSpans> {
+export async function pdfSpans(data: Uint8Array, maxTextChars: number, maxStreamBytes: number): Promise<ExtractedSpans> {
+  await checkPdfStreams(data, maxStreamBytes);
   let pdf: Awaited<ReturnType<typeof getDocumentProxy>>;
   try {
     pdf = await getDocumentProxy(data, { isEvalSupported: false, useSystemFonts: false, disableFontFace: true, verbosity: 0 });

@@ -84,10 +84,14 @@ function pathText(step: Step | null): string {
   return text;
 }
 
+/** Keys this deep or shallower that hold objects or arrays are headings: `products` > `K-7`. */
+const HEADING_DEPTH = 2;
+
 /**
- * JSON as `path: value` lines (`faq[2].answer: ...`): each top-level key of an object is a
- * section, each element of an array that holds objects a paragraph, so a record stays in one
- * chunk. Walked with an explicit stack: nesting depth cannot overflow the call stack.
+ * JSON as `path: value` lines (`faq[2].answer: ...`): the keys of the first two levels that hold
+ * objects or arrays are the headings of sections, every object starts a paragraph, so a record
+ * stays in one chunk where it fits. Walked with an explicit stack: nesting depth cannot overflow
+ * the call stack.
  */
 export function jsonSpans(text: string, maxTextChars: number): ExtractedSpans {
   let root: unknown;
@@ -97,36 +101,26 @@ export function jsonSpans(text: string, maxTextChars: number): ExtractedSpans {
     throw new DocumentRejectedError(`the file is not valid JSON: ${(error as Error).message}`);
   }
   const out = new TextBuilder('json', maxTextChars);
-  type Frame = { step: Step | null; value: unknown; section?: string };
-  const stack: Frame[] = [];
-  const pushChildren = (parent: Step | null, value: object, topLevel: boolean) => {
-    const entries: [string | number, unknown][] = Array.isArray(value) ? value.map((v, i) => [i, v]) : Object.entries(value);
-    const depth = (parent?.depth ?? 0) + 1;
-    for (let i = entries.length - 1; i >= 0; i--) {
-      const [key, child] = entries[i]!;
-      stack.push({ step: { parent, key, depth }, value: child, ...(topLevel && typeof key === 'string' ? { section: key } : {}) });
-    }
-  };
-  if (root !== null && typeof root === 'object') pushChildren(null, root, !Array.isArray(root));
-  else stack.push({ step: null, value: root });
-
+  const stack: { step: Step | null; value: unknown }[] = [{ step: null, value: root }];
   while (stack.length > 0) {
-    const { step, value, section } = stack.pop()!;
-    if (section !== undefined) out.heading(1, section);
-    if (value !== null && typeof value === 'object') {
-      const empty = Array.isArray(value) ? value.length === 0 : Object.keys(value).length === 0;
-      if (empty) {
-        out.separate('line');
-        out.write(`${pathText(step)}: ${Array.isArray(value) ? '[]' : '{}'}`);
-      } else {
-        // An element of an array that is itself a record starts a paragraph.
-        if (typeof step?.key === 'number' && !Array.isArray(value)) out.separate('paragraph');
-        pushChildren(step, value, false);
+    const { step, value } = stack.pop()!;
+    const entries: [string | number, unknown][] | null =
+      value !== null && typeof value === 'object' ? (Array.isArray(value) ? value.map((v, i) => [i, v]) : Object.entries(value)) : null;
+    const depth = step?.depth ?? 0;
+    if (step && depth <= HEADING_DEPTH) {
+      if (entries && entries.length > 0 && typeof step.key === 'string') out.heading(depth, step.key);
+      else out.rise(depth - 1);
+    }
+    if (entries && entries.length > 0) {
+      if (!Array.isArray(value)) out.separate('paragraph');
+      for (let i = entries.length - 1; i >= 0; i--) {
+        const [key, child] = entries[i]!;
+        stack.push({ step: { parent: step, key, depth: depth + 1 }, value: child });
       }
       continue;
     }
     out.separate('line');
-    const shown = typeof value === 'string' ? value : JSON.stringify(value);
+    const shown = entries ? (Array.isArray(value) ? '[]' : '{}') : typeof value === 'string' ? value : JSON.stringify(value);
     out.write(step ? `${pathText(step)}: ${shown}` : shown);
   }
   return out.finish();
