@@ -31,10 +31,10 @@ import type { ModelManager } from './modules/ai-models/index.js';
 import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
 import { Mailer } from './services/email/mailer.js';
-import { followModelChanges, loadModelManager } from './services/model-sync.js';
+import { startModelRuntime } from './services/model-sync.js';
 import { closeStorage, getStorageService, type StorageService } from './services/storage-service.js';
-import { UsageMeterService } from './services/usage-meter.js';
-import { jobHandlers } from './tasks/index.js';
+import type { UsageMeterService } from './services/usage-meter.js';
+import { startJobs } from './tasks/index.js';
 import type { Principal } from './utils/authentication.js';
 
 declare module 'fastify' {
@@ -131,22 +131,17 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.decorate('storage', (prefix: string) => getStorageService(settings, { prefix }));
   app.addHook('onClose', () => closeStorage(settings));
   await cacheApiKeys(database);
-  const meter = new UsageMeterService({ db: database.db, settings, log: logger, metrics: metrics.models, redis });
-  meter.start();
-  app.decorate('meter', meter);
-  const models = await loadModelManager(database.db, settings, logger, meter);
-  app.decorate('models', models.models);
-  const unfollowModels = await followModelChanges(database, models.models, settings, logger);
+  const runtime = await startModelRuntime({ database, db: database.db, settings, log: logger, metrics: metrics.models, redis });
+  app.decorate('meter', runtime.meter);
+  app.decorate('models', runtime.models);
   const bus = createRunBus({ settings, db: database.db, log: logger, redis });
-  const runDeps: RunDeps = { db: database.db, settings, log: logger, bus, queue, models: models.models, tools };
+  const runDeps: RunDeps = { db: database.db, settings, log: logger, bus, queue, models: runtime.models, tools };
   const runner = new AgentRunner(runDeps);
   app.decorate('runs', { ...runDeps, runner });
   // Jobs start once everything they use exists (jobs queued before wait in the queue).
   const sweeper = runJobs ? new RunSweeper(runDeps, runner) : null;
-  if (runJobs) {
-    queue.work(jobHandlers(settings, logger, runner));
-    sweeper?.start();
-  }
+  const stopJobs = runJobs ? startJobs(queue, { settings, logger, db: database.db, models: runtime.models, runner }) : async () => undefined;
+  sweeper?.start();
   app.decorateRequest('principal', null as unknown as Principal);
 
   registerErrorHandler(app);
@@ -168,12 +163,10 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     // Running runs are handed back first (they resume at the next start or on another worker).
     await sweeper?.stop();
     await runner.close();
-    models.stop();
-    unfollowModels();
-    // Usage records and settlements still in memory are written before the database closes.
-    await meter.close();
-    await models.models.close();
+    await stopJobs();
+    // Running jobs finish (their model calls metered) before the meter writes what it holds.
     await queue.close();
+    await runtime.close();
     await bus.events.close();
     await bus.signals.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());

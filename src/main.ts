@@ -145,7 +145,7 @@ async function workerCommand(args: string[]): Promise<number> {
   const logger = startLogger(settings);
   await checkRedis(settings);
   const { closeOnSignals, startWorker } = await server();
-  closeOnSignals(startWorker(settings, logger), settings, logger);
+  closeOnSignals(await startWorker(settings, logger), settings, logger);
   return 0;
 }
 

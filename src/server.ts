@@ -4,25 +4,34 @@ import type pino from 'pino';
 import { ConfigError, type Settings } from './core/config.js';
 import type { Database } from './core/db.js';
 import type { Logger } from './core/logger.js';
+import { createMetrics } from './core/metrics.js';
 import { migrateUp, pendingMigrations } from './core/migrate.js';
 import { checkListenAddress, checkRedis, openCheckedDatabase } from './core/preflight.js';
 import { createQueue } from './core/queue.js';
+import { createRedis } from './core/redis.js';
 
 import { buildApp } from './app.js';
 import { cacheUsers } from './crud/user.js';
+import { startModelRuntime } from './services/model-sync.js';
 import { logStartupNotices } from './services/startup-notices.js';
+import { closeStorage } from './services/storage-service.js';
 import { ensureFirstSuperuser } from './services/user-service.js';
-import { jobHandlers } from './tasks/index.js';
+import { startJobs } from './tasks/index.js';
 
 export interface StartOptions {
   /** `start` migrates itself; `api` (scaled mode) expects `keel migrate` to have run. */
   migrate: boolean;
 }
 
-/** Whether the vector extension is enabled in this database (it is created by migrate where available). */
+/**
+ * Whether vector search can work here: pgvector enabled and the embeddings table the knowledge
+ * migration makes only then (a server that gained pgvector later lacks it; see docs/decisions.md).
+ */
 async function vectorEnabled(database: Database): Promise<boolean> {
   return database.withSession(async (session) => {
-    const rows = await session.query<{ enabled: boolean }>(`select exists(select 1 from pg_extension where extname = 'vector') as enabled`);
+    const rows = await session.query<{ enabled: boolean }>(
+      `select exists(select 1 from pg_extension where extname = 'vector') and to_regclass('public.knowledge_chunk_embeddings') is not null as enabled`,
+    );
     return rows[0]?.enabled === true;
   });
 }
@@ -44,7 +53,7 @@ export async function startServer(settings: Settings, logger: Logger, options: S
     await logStartupNotices(database.db, settings, logger);
     await cacheUsers(database);
     const vectorSearch = await vectorEnabled(database);
-    if (!vectorSearch) logger.info('pgvector is not available in this database: knowledge search (a later feature) will be full-text only');
+    if (!vectorSearch) logger.info('pgvector is not available in this database: knowledge search is full-text only');
 
     // `start` is the whole system in one process; `api` leaves jobs to `keel worker` when Redis
     // carries them, and runs them itself otherwise (nothing else could).
@@ -59,15 +68,37 @@ export async function startServer(settings: Settings, logger: Logger, options: S
   }
 }
 
-/** `keel worker`: runs the queue's jobs (with Redis; embedded, `keel start` runs them itself). */
-export function startWorker(settings: Settings, logger: pino.Logger): { close: () => Promise<void> } {
+/**
+ * `keel worker`: runs the queue's jobs (with Redis; embedded, `keel start` runs them itself), with
+ * the database and the metered model manager they need (ingestion embeds documents).
+ */
+export async function startWorker(settings: Settings, logger: pino.Logger): Promise<{ close: () => Promise<void> }> {
   if (!settings.REDIS_URL) {
     throw new ConfigError('REDIS_URL: `keel worker` takes jobs from Redis; without it, `keel start` or `keel api` runs them');
   }
-  const queue = createQueue(settings, logger);
-  queue.work(jobHandlers(settings, logger));
-  logger.info({ concurrency: settings.JOB_CONCURRENCY }, 'worker started');
-  return { close: () => queue.close() };
+  const database = await openCheckedDatabase(settings);
+  try {
+    const pending = await pendingMigrations(database);
+    if (pending.length) throw new ConfigError(`the database is missing migrations (${pending.join(', ')}): run \`keel migrate\` first`);
+    const redis = createRedis(settings);
+    const runtime = await startModelRuntime({ database, db: database.db, settings, log: logger, metrics: createMetrics().models, redis });
+    const queue = createQueue(settings, logger);
+    const stopJobs = startJobs(queue, { settings, logger, db: database.db, models: runtime.models });
+    logger.info({ concurrency: settings.JOB_CONCURRENCY }, 'worker started');
+    return {
+      close: async () => {
+        await stopJobs();
+        await queue.close();
+        await runtime.close();
+        await closeStorage(settings);
+        if (redis) await redis.quit().catch(() => redis.disconnect());
+        await database.close();
+      },
+    };
+  } catch (error) {
+    await database.close();
+    throw error;
+  }
 }
 
 /** Servers that can drain: the function that starts it. */

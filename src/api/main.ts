@@ -3,6 +3,7 @@ import type { FastifyInstance, RouteOptions } from 'fastify';
 import { agentsRouter } from '../routers/agents.js';
 import { apiKeysRouter } from '../routers/api-keys.js';
 import { billingRouter } from '../routers/billing.js';
+import { knowledgeRouter } from '../routers/knowledge.js';
 import { loginRouter } from '../routers/login.js';
 import { modelsRouter } from '../routers/models.js';
 import { projectsRouter } from '../routers/projects.js';
@@ -39,6 +40,7 @@ export async function registerApi(app: FastifyInstance): Promise<void> {
       await api.register(threadsRouter);
       await api.register(runsRouter);
       await api.register(billingRouter);
+      await api.register(knowledgeRouter);
     },
     { prefix: API_PREFIX },
   );

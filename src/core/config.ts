@@ -18,6 +18,13 @@ const emptyAsUndefined = (v: unknown) => (v === '' ? undefined : v);
 const optionalString = z.preprocess(emptyAsUndefined, z.string().optional());
 
 /** Every setting Keel reads. `.env.example` documents each one; keep the two in step. */
+/** PostgreSQL's built-in text-search configurations (`select cfgname from pg_ts_config`), on 15 and 18 alike. */
+export const SEARCH_LANGUAGES = [
+  'simple', 'arabic', 'armenian', 'basque', 'catalan', 'danish', 'dutch', 'english', 'finnish', 'french', 'german', 'greek', 'hindi',
+  'hungarian', 'indonesian', 'irish', 'italian', 'lithuanian', 'nepali', 'norwegian', 'portuguese', 'romanian', 'russian', 'serbian',
+  'spanish', 'swedish', 'tamil', 'turkish', 'yiddish',
+] as const;
+
 export const SettingsSchema = z.object({
   ENVIRONMENT: z.enum(['local', 'staging', 'production']).default('local'),
   PROJECT_NAME: z.string().min(1).default('Keel'),
@@ -164,6 +171,33 @@ export const SettingsSchema = z.object({
   S3_SECRET_ACCESS_KEY: optionalString,
   /** `bucket` in the path rather than the host name; most S3-compatible servers need it. */
   S3_FORCE_PATH_STYLE: bool.default(false),
+
+  /** Catalog id of the model that embeds knowledge-base chunks; unset: knowledge search is full-text only. */
+  EMBEDDING_MODEL: optionalString,
+  /** Largest file one upload may hold (413 beyond it, answered before the rest is read). */
+  KB_MAX_FILE_BYTES: int(1, 10 * 1024 ** 3).default(20 * 1024 * 1024),
+  /** Total size of one user's uploaded files (the guide's 50 MB). */
+  KB_MAX_BYTES_PER_USER: int(1, 1024 ** 4).default(50 * 1024 * 1024),
+  /** PostgreSQL text-search configuration chunks are indexed and queries parsed with. Changing it needs a reindex. */
+  KB_SEARCH_LANGUAGE: z.enum(SEARCH_LANGUAGES).default('english'),
+  /** Chunks per embeddings request. */
+  KB_EMBED_BATCH: int(1, 2_048).default(64),
+  /** How long an ingestion may go without renewing its claim before the sweeper hands the entry to another worker. */
+  KB_INGEST_LEASE_MS: int(1_000, 3_600_000).default(300_000),
+  /** Ingestions of one entry that may die (a worker killed, a lease lost) before it is failed rather than retried. */
+  KB_INGEST_MAX_ATTEMPTS: int(1, 100).default(3),
+  /** How often a worker looks for entries left pending or with a stale claim. */
+  KB_SWEEP_INTERVAL_MS: int(1_000, 3_600_000).default(60_000),
+  /** Most tokens (o200k) in one indexed passage of a knowledge-base document, overlap included. */
+  KB_CHUNK_TOKENS: int(32, 8192).default(400),
+  /** Tokens of a passage's end repeated at the start of the next one (at most half of KB_CHUNK_TOKENS). */
+  KB_CHUNK_OVERLAP_TOKENS: int(0, 4096).default(60),
+  /** Time to parse one document before it is abandoned and its entry marked failed. */
+  KB_EXTRACT_TIMEOUT_SECONDS: int(1, 3600).default(120),
+  /** Heap of the thread that parses one PDF, DOCX, HTML, CSV or JSON document. */
+  KB_EXTRACT_MAX_MEMORY_MB: int(32, 16_384).default(256),
+  /** Most characters of text extracted from one document; a longer one fails with a message saying so. */
+  KB_MAX_TEXT_CHARS: int(1_000, 1_000_000_000).default(20_000_000),
 });
 
 export type RawSettings = z.infer<typeof SettingsSchema>;
@@ -224,6 +258,13 @@ export function loadSettings(source: Record<string, string | undefined> = readEn
   }
   if (Boolean(raw.S3_ACCESS_KEY_ID) !== Boolean(raw.S3_SECRET_ACCESS_KEY)) {
     throw new ConfigError('S3_ACCESS_KEY_ID and S3_SECRET_ACCESS_KEY: set both or neither');
+  }
+
+  if (raw.KB_CHUNK_OVERLAP_TOKENS * 2 > raw.KB_CHUNK_TOKENS) {
+    throw new ConfigError(`KB_CHUNK_OVERLAP_TOKENS: at most half of KB_CHUNK_TOKENS (${raw.KB_CHUNK_TOKENS}), got ${raw.KB_CHUNK_OVERLAP_TOKENS}`);
+  }
+  if (raw.KB_MAX_FILE_BYTES > raw.KB_MAX_BYTES_PER_USER) {
+    throw new ConfigError('KB_MAX_FILE_BYTES: must not exceed KB_MAX_BYTES_PER_USER');
   }
 
   return Object.freeze({

@@ -70,6 +70,13 @@ export class UnprocessableError extends HttpError {
   }
 }
 
+/** 413: an upload (or body) over a size limit; the message gives the figures. */
+export class PayloadTooLargeError extends HttpError {
+  constructor(detail = 'Request body too large') {
+    super(413, detail);
+  }
+}
+
 export class TooManyRequestsError extends HttpError {
   constructor(retryAfterSeconds: number, detail = 'Too many requests, try again later') {
     super(429, detail, { 'retry-after': String(Math.max(1, Math.ceil(retryAfterSeconds))) });
@@ -181,7 +188,7 @@ interface DatabaseError {
 }
 
 /** Drizzle wraps driver errors; the SQLSTATE sits on the error or its cause (pg and PGlite alike). */
-function databaseError(error: unknown): DatabaseError | null {
+export function databaseError(error: unknown): DatabaseError | null {
   for (let e: unknown = error, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
     const code = (e as { code?: unknown }).code;
     if (typeof code === 'string' && /^[0-9A-Z]{5}$/.test(code)) return e as DatabaseError;

@@ -42,9 +42,27 @@ export async function registerOpenApi(app: FastifyInstance, settings: Settings):
       // Routes that need no credentials say `security: []` in their schema.
       security: [{ bearer: [] }, { apiKey: [] }],
     },
-    transform: jsonSchemaTransform,
+    transform: (input) => withFormBody(jsonSchemaTransform(input), input.schema.form),
     transformObject: (document) => describeResponses(keepUsedSchemas(jsonSchemaTransformObject(document))),
   });
+}
+
+declare module 'fastify' {
+  interface FastifySchema {
+    /**
+     * A `multipart/form-data` body the handler reads itself (a file upload, streamed): its file
+     * fields by name, with their descriptions. For the OpenAPI document only — nothing validates it.
+     */
+    form?: Record<string, string>;
+  }
+}
+
+/** The route's document with its form as the request body (`consumes` names the media type). */
+function withFormBody<T extends { schema: object }>(transformed: T, form: Record<string, string> | undefined): T {
+  if (!form) return transformed;
+  const { form: _form, ...schema } = transformed.schema as { form?: unknown };
+  const properties = Object.fromEntries(Object.entries(form).map(([name, description]) => [name, { type: 'string', format: 'binary', description }]));
+  return { ...transformed, schema: { ...schema, body: { type: 'object', required: Object.keys(form), properties } } };
 }
 
 /** @fastify/swagger calls every response "Default Response"; say what the status means instead (as FastAPI does). */

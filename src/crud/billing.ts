@@ -11,12 +11,7 @@ import { transaction } from '../core/db.js';
 import { type CreditTransaction, creditTransactions, type NewCreditTransaction, usageRecords } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
-import { ownedCrud } from './owned.js';
-
-async function rows<T>(db: Db, query: SQL): Promise<T[]> {
-  const result: unknown = await db.execute(query);
-  return (result as { rows: T[] }).rows;
-}
+import { ownedCrud, queryRows as rows } from './owned.js';
 
 // ==================== Policies ====================
 

@@ -20,6 +20,12 @@ export function isEmptyChange(values: object): boolean {
 /** Row locks a transaction can take on a row it reads (`select … for <strength>`). */
 export type LockStrength = 'update' | 'no key update' | 'share' | 'key share';
 
+/** The rows of a raw statement (`sql\`…\``), on PGlite and node-postgres alike. */
+export async function queryRows<T>(db: Db, query: SQL): Promise<T[]> {
+  const result: unknown = await db.execute(query);
+  return (result as { rows: T[] }).rows;
+}
+
 /** Inserts one row and returns it as stored (defaults and generated columns filled in). */
 export async function insertReturning<Row>(db: Db, table: PgTable, values: unknown): Promise<Row> {
   const [row] = await db

@@ -1,6 +1,7 @@
 export * from './agent.js';
 export * from './api-key.js';
 export * from './billing.js';
+export * from './knowledge.js';
 export * from './model-override.js';
 export * from './project.js';
 export * from './provider.js';

@@ -14,7 +14,8 @@ import { contextOf, type ServiceContext } from '../services/context.js';
  */
 export interface OwnedService<Row, Create, Update, Created = Row, Query extends Page = Page, Params = Record<string, string>> {
   list(ctx: ServiceContext, query: Query, params: Params): Promise<PageOf<Row>>;
-  create(ctx: ServiceContext, input: Create, params: Params): Promise<Created & { id: string }>;
+  /** Left out by a resource created some other way (knowledge entries: by upload): no POST route then. */
+  create?(ctx: ServiceContext, input: Create, params: Params): Promise<Created & { id: string }>;
   get(ctx: ServiceContext, id: string, params: Params): Promise<Row>;
   update(ctx: ServiceContext, id: string, input: Update, params: Params): Promise<Row>;
   remove(ctx: ServiceContext, id: string, params: Params): Promise<void>;
@@ -32,7 +33,8 @@ export interface OwnedRoutesOptions<Row, Create, Update, Created, Query extends 
   /** The id's path parameter: `project_id`. */
   idParam: string;
   tags: string[];
-  schemas: { create: z.ZodType<Create>; update: z.ZodType<Update>; public: z.ZodType; created?: z.ZodType };
+  /** `create` may be left out with the service's `create`. */
+  schemas: { create?: z.ZodType<Create>; update: z.ZodType<Update>; public: z.ZodType; created?: z.ZodType };
   service: OwnedService<Row, Create, Update, Created, Query, Params>;
   /** The list's query: `Pagination` (the default) extended with the resource's filters or a cursor. */
   listQuery?: z.ZodType<Query>;
@@ -92,26 +94,29 @@ export function registerOwnedRoutes<Row, Create, Update, Created = Row, Query ex
     async (request) => service.list(contextOf(request), request.query as Query, paramsOf(request)),
   );
 
+  const create = service.create?.bind(service);
   const createErrors = Object.fromEntries([...(parentParams.length ? [404] : []), ...(options.createErrors ?? [409])].map((status) => [status, ErrorBody]));
-  api.post(
-    path,
-    {
-      schema: {
-        operationId: `create_${oneId}`,
-        summary: `Create ${one}`,
-        ...describe('create'),
-        tags,
-        ...collectionParams,
-        body: schemas.create,
-        response: { 200: schemas.created ?? schemas.public, ...createErrors, ...authErrors },
+  if (create && schemas.create) {
+    api.post(
+      path,
+      {
+        schema: {
+          operationId: `create_${oneId}`,
+          summary: `Create ${one}`,
+          ...describe('create'),
+          tags,
+          ...collectionParams,
+          body: schemas.create,
+          response: { 200: schemas.created ?? schemas.public, ...createErrors, ...authErrors },
+        },
       },
-    },
-    async (request, reply) => {
-      const created = await service.create(contextOf(request), request.body as Create, paramsOf(request));
-      void reply.header('location', locationOf(request, created.id));
-      return created;
-    },
-  );
+      async (request, reply) => {
+        const created = await create(contextOf(request), request.body as Create, paramsOf(request));
+        void reply.header('location', locationOf(request, created.id));
+        return created;
+      },
+    );
+  }
 
   api.get(
     itemPath,

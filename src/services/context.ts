@@ -3,6 +3,7 @@ import type { FastifyRequest } from 'fastify';
 import type { Settings } from '../core/config.js';
 import type { Db } from '../core/db.js';
 import type { Logger } from '../core/logger.js';
+import type { JobQueue } from '../core/queue.js';
 
 import type { ModelManager } from '../modules/ai-models/index.js';
 import type { Principal } from '../utils/authentication.js';
@@ -15,9 +16,11 @@ export interface ServiceContext {
   principal: Principal;
   /** The app's one model manager (the catalog a model name is checked against). */
   models: ModelManager;
+  /** Background work (ingestion, email). */
+  queue: JobQueue;
 }
 
 export function contextOf(request: FastifyRequest): ServiceContext {
-  const { db, settings, models } = request.server;
-  return { db, settings, log: request.log, principal: request.principal, models };
+  const { db, settings, models, queue } = request.server;
+  return { db, settings, log: request.log, principal: request.principal, models, queue };
 }

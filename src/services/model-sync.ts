@@ -15,6 +15,7 @@ import * as overrideCrud from '../crud/model-override.js';
 import * as providerCrud from '../crud/provider.js';
 import { isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
 import { createModelManager, type ModelManager, type ModelOverride, type ProviderRecord, type UsageMeter } from '../modules/ai-models/index.js';
+import { type UsageMeterOptions, UsageMeterService } from './usage-meter.js';
 
 // ==================== Secrets ====================
 
@@ -185,5 +186,38 @@ export async function followModelChanges(database: Database, manager: ModelManag
   });
   return () => {
     stopped = true;
+  };
+}
+
+// ==================== Runtime ====================
+
+export interface ModelRuntime {
+  models: ModelManager;
+  meter: UsageMeterService;
+  /** Stops following changes and writes what the meter still holds. */
+  close(): Promise<void>;
+}
+
+/**
+ * The metered ModelManager of a process (an API node or a worker): the usage meter, the manager
+ * fed from the database, and the subscription to catalog changes made on other nodes.
+ */
+export async function startModelRuntime(options: UsageMeterOptions & { database: Database }): Promise<ModelRuntime> {
+  const { database, settings, log } = options;
+  const meter = new UsageMeterService(options);
+  meter.start();
+  const loaded = await loadModelManager(database.db, settings, log, meter);
+  const unfollow = await followModelChanges(database, loaded.models, settings, log);
+  return {
+    models: loaded.models,
+    meter,
+    close: async () => {
+      loaded.stop();
+      unfollow();
+      // Usage records and settlements still in memory are written before the database closes.
+      await meter.close();
+      // Then the upstream connection pool (the direct Chat Completions path).
+      await loaded.models.close();
+    },
   };
 }

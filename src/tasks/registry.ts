@@ -10,6 +10,8 @@ export const SendEmailJob = z.strictObject({
 
 /** An agent run to execute: only its id; the run's state is in the database. */
 export const RunAgentJob = z.strictObject({ run_id: z.uuid() });
+/** A knowledge-base entry to ingest: only its id; the job reads everything else from the database. */
+export const IngestEntryJob = z.strictObject({ entry_id: z.uuid() });
 
 /**
  * Every background job by name, with the schema of its data: `queue.add` accepts only these
@@ -18,6 +20,7 @@ export const RunAgentJob = z.strictObject({ run_id: z.uuid() });
 export const JOBS = {
   'send-email': SendEmailJob,
   'run-agent': RunAgentJob,
+  'ingest-entry': IngestEntryJob,
 } as const;
 
 export type Jobs = typeof JOBS;

@@ -78,3 +78,16 @@ ownedResourceContract(ctx, {
     },
   },
 });
+
+ownedResourceContract(ctx, {
+  path: '/knowledge-base/folders',
+  idParam: 'folder_id',
+  notFound: 'Folder not found',
+  // The same name each time: a clash gets a number (`Contract folder (1)`), never a 409.
+  create: { name: 'Contract folder', description: 'd' },
+  update: { name: 'Renamed folder' },
+  invalidCreates: [{}, { name: '' }, { name: '..' }, { name: 'a/b' }, { name: 'n'.repeat(256) }, { name: 'f', owner_id: '00000000-0000-0000-0000-000000000000' }],
+  invalidUpdates: [{ name: '' }, { name: null }, { name: 'x\u0000y' }],
+  superuserSeesAll: true,
+  scopedKey: 'write',
+});

@@ -13,11 +13,13 @@ export const FAKE_MODELS = {
   precise: { input: '1.23', output: '4.56', cached: '0.123456' },
   /** Input free, 1 credit per output token: a call's worst case is exactly its max output tokens. */
   billed: { input: '0', output: '1000000' },
+  /** An embedding model (`fake-embed`): the fake server's deterministic 8-dimension vectors. */
+  embed: { input: '0.02', output: '0' },
 } as const;
 
 /**
  * A superuser adds an `openai-compatible` provider pointing at the fake server and the models
- * `fake-precise` and `fake-billed` priced as FAKE_MODELS says.
+ * `fake-precise`, `fake-billed` and `fake-embed` priced as FAKE_MODELS says.
  */
 export async function addFakeModels(app: FastifyInstance, admin: Record<string, string>, baseUrl: string): Promise<void> {
   const provider = await call(app, 'POST', '/providers', admin, { name: 'fake', kind: 'openai-compatible', base_url: baseUrl, api_key: 'sk-fake' });
@@ -30,6 +32,12 @@ export async function addFakeModels(app: FastifyInstance, admin: Record<string, 
       pricing: { input_cost_per_million_tokens: precise.input, output_cost_per_million_tokens: precise.output, cached_input_cost_per_million_tokens: precise.cached },
     },
     { id: 'fake-billed', provider: 'fake', pricing: { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: FAKE_MODELS.billed.output } },
+    {
+      id: 'fake-embed',
+      provider: 'fake',
+      capabilities: ['embedding'],
+      pricing: { input_cost_per_million_tokens: FAKE_MODELS.embed.input, output_cost_per_million_tokens: FAKE_MODELS.embed.output },
+    },
   ];
   for (const model of models) {
     const response = await call(app, 'POST', '/models', admin, model);

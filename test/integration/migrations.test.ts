@@ -14,7 +14,34 @@ const serverUrl = process.env.DATABASE_URL;
 const MIGRATIONS = readMigrations();
 const TAGS = MIGRATIONS.map((m) => m.tag);
 /** The tables the real migrations create (besides the bookkeeping table). */
-const KEEL_TABLES = ['agent_versions', 'agents', 'api_keys', 'credit_accounts', 'credit_reservations', 'credit_transactions', 'messages', 'model_overrides', 'projects', 'providers', 'run_events', 'runs', 'threads', 'usage_records', 'users'];
+const KEEL_TABLES = [
+  'agent_versions',
+  'agents',
+  'api_keys',
+  'credit_accounts',
+  'credit_reservations',
+  'credit_transactions',
+  'knowledge_chunks',
+  'knowledge_entries',
+  'knowledge_file_deletions',
+  'knowledge_folders',
+  'messages',
+  'model_overrides',
+  'projects',
+  'providers',
+  'run_events',
+  'runs',
+  'threads',
+  'usage_records',
+  'users',
+];
+
+/** Keel's tables in `database`: with the chunk embeddings where pgvector is enabled (PGlite always; this machine's PostgreSQL never). */
+async function keelTables(database: Database): Promise<string[]> {
+  const [vector] = await query<{ enabled: boolean }>(database, `select exists(select 1 from pg_extension where extname = 'vector') as enabled`);
+  return [...KEEL_TABLES, ...(vector?.enabled ? ['knowledge_chunk_embeddings'] : []), 'keel_migrations'].sort();
+}
+
 /** Append-only logs keyed by their owner and a sequence number: no id, never updated. */
 const APPEND_ONLY_LOGS: Record<string, string[]> = { run_events: ['run_id', 'seq'] };
 
@@ -198,7 +225,7 @@ describe('migrations on a fresh database', () => {
 
     // Down to the last real migration: the schema is exactly the real one again.
     expect(await migrateDown(database, logger, TAGS[TAGS.length - 1], all)).toEqual(['9001_first_extra']);
-    expect(await tables(database)).toEqual([...KEEL_TABLES, 'keel_migrations'].sort());
+    expect(await tables(database)).toEqual(await keelTables(database));
     expect(await pendingMigrations(database)).toEqual([]);
 
     await expect(migrateDown(database, logger, '9999_no_such_tag')).rejects.toThrow(/unknown migration/);
@@ -221,7 +248,7 @@ describe('migrations on a fresh database', () => {
     expect(await migrateDown(database, logger)).toEqual([]);
 
     expect(await migrateUp(database, logger)).toEqual(TAGS);
-    expect(await tables(database)).toEqual([...KEEL_TABLES, 'keel_migrations'].sort());
+    expect(await tables(database)).toEqual(await keelTables(database));
     expect(await query(database, 'select * from users')).toEqual([]);
     await query(database, `insert into users (email, hashed_password) values ('after-up@keel.test', 'x')`);
   });

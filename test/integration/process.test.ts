@@ -194,8 +194,19 @@ describe('SIGTERM', () => {
 });
 
 describe.skipIf(!process.env.REDIS_URL)('keel worker', () => {
+  it('refuses an unmigrated database, naming `keel migrate`', async () => {
+    const worker = keel(['worker'], env(freshDir(), { REDIS_URL: process.env.REDIS_URL! }));
+    const { code } = await worker.ended;
+    expect(code).not.toBe(0);
+    expect(worker.out() + worker.err()).toContain('run `keel migrate` first');
+  }, 120_000);
+
   it('exits 0 at once on SIGTERM when idle, closing its Redis connections', async () => {
-    const worker = keel(['worker'], env(freshDir(), { REDIS_URL: process.env.REDIS_URL!, SHUTDOWN_TIMEOUT_MS: '20000' }));
+    // A worker runs jobs on the database (ingestion): it is migrated first, as in scaled mode.
+    const dataDir = freshDir();
+    const migrate = keel(['migrate'], env(dataDir));
+    expect((await migrate.ended).code, migrate.err()).toBe(0);
+    const worker = keel(['worker'], env(dataDir, { REDIS_URL: process.env.REDIS_URL!, SHUTDOWN_TIMEOUT_MS: '20000' }));
     const deadline = Date.now() + 60_000;
     while (!worker.out().includes('worker started')) {
       if (worker.done() || Date.now() > deadline) throw new Error(`worker did not start:\n${worker.out()}\n${worker.err()}`);

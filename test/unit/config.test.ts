@@ -131,6 +131,24 @@ describe('loadSettings refuses bad values, naming the variable', () => {
   });
 });
 
+describe('knowledge-base settings', () => {
+  const base = { SECRET_KEY: GOOD_KEY, DATA_DIR: '/tmp/keel-config-kb' };
+
+  it('defaults to 50 MB per user, 20 MB per file, English full text and no embedding model', () => {
+    const settings = loadSettings(base);
+    expect(settings).toMatchObject({ KB_MAX_BYTES_PER_USER: 50 * 1024 * 1024, KB_MAX_FILE_BYTES: 20 * 1024 * 1024, KB_SEARCH_LANGUAGE: 'english', EMBEDDING_MODEL: undefined });
+  });
+
+  it('takes a built-in PostgreSQL text-search configuration only', () => {
+    expect(loadSettings({ ...base, KB_SEARCH_LANGUAGE: 'german' }).KB_SEARCH_LANGUAGE).toBe('german');
+    expect(configError({ ...base, KB_SEARCH_LANGUAGE: "english'; drop table users; --" }).message).toMatch(/^KB_SEARCH_LANGUAGE: /);
+  });
+
+  it('refuses a per-file limit over the per-user total', () => {
+    expect(configError({ ...base, KB_MAX_FILE_BYTES: '2000', KB_MAX_BYTES_PER_USER: '1000' }).message).toBe('KB_MAX_FILE_BYTES: must not exceed KB_MAX_BYTES_PER_USER');
+  });
+});
+
 describe.each(['staging', 'production'])('ENVIRONMENT=%s refuses default secrets', (environment) => {
   const base = { ENVIRONMENT: environment, FIRST_SUPERUSER_PASSWORD: 'a-real-superuser-password' };
 

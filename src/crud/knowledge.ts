@@ -1,0 +1,212 @@
+import { and, eq, inArray, or, type SQL, sql } from 'drizzle-orm';
+import type { PgColumn } from 'drizzle-orm/pg-core';
+
+import { type Db, transaction } from '../core/db.js';
+import { constraintAnswers } from '../core/error-mapping.js';
+import { ConflictError, databaseError } from '../core/errors.js';
+
+import {
+  knowledgeChunks,
+  knowledgeEntries,
+  type KnowledgeEntry,
+  knowledgeFileDeletions,
+  type KnowledgeFolder,
+  knowledgeFolders,
+  type NewKnowledgeEntry,
+  type NewKnowledgeFolder,
+} from '../models/index.js';
+
+import { definePolicy } from '../utils/access.js';
+import type { Principal } from '../utils/authentication.js';
+import { ownedCrud } from './owned.js';
+
+// ==================== Access ====================
+
+/** Folders: their owner's (or any superuser's); a project-scoped key reads and writes its project's. */
+export const folderPolicy = definePolicy<KnowledgeFolder>({
+  noun: 'Folder',
+  owner: knowledgeFolders.owner_id,
+  project: knowledgeFolders.project_id,
+  scopedKey: 'write',
+  superuserSeesAll: true,
+});
+
+/** Entries: as their folder (an entry's `project_id` is its folder's). */
+export const entryPolicy = definePolicy<KnowledgeEntry>({
+  noun: 'Entry',
+  owner: knowledgeEntries.owner_id,
+  project: knowledgeEntries.project_id,
+  scopedKey: 'write',
+  superuserSeesAll: true,
+});
+
+export const folderCrud = ownedCrud<KnowledgeFolder, NewKnowledgeFolder>(knowledgeFolders, folderPolicy);
+export const entryCrud = ownedCrud<KnowledgeEntry, NewKnowledgeEntry>(knowledgeEntries, entryPolicy);
+
+const FOLDER_NAME_UNIQUE = 'ux_knowledge_folders_owner_id_name';
+const ENTRY_NAME_UNIQUE = 'ux_knowledge_entries_folder_id_filename';
+
+constraintAnswers({
+  knowledge_folders_project_id_projects_id_fk: { status: 404, detail: 'Project not found' },
+  knowledge_entries_folder_id_knowledge_folders_id_fk: { status: 404, detail: 'Folder not found' },
+});
+
+/**
+ * The caller's own rows whatever their privileges (a superuser's search and stats are their own
+ * too); with a project-scoped key, its project's only.
+ */
+export function ownRows(principal: Principal, owner: PgColumn, project: PgColumn): SQL {
+  const scope = principal.scopeProjectId;
+  return and(eq(owner, principal.user.id), scope === null ? undefined : eq(project, scope))!;
+}
+
+// ==================== Unique names ====================
+
+/** Where a name must be unique: folders per owner, files per folder. */
+export interface NameScope {
+  column: PgColumn;
+  /** The rows the name must differ from (`owner_id = …`, `folder_id = …`). */
+  within: SQL;
+  constraint: string;
+}
+
+export const folderNames = (ownerId: string): NameScope => ({
+  column: knowledgeFolders.name,
+  within: eq(knowledgeFolders.owner_id, ownerId),
+  constraint: FOLDER_NAME_UNIQUE,
+});
+
+export const entryNames = (folderId: string): NameScope => ({
+  column: knowledgeEntries.filename,
+  within: eq(knowledgeEntries.folder_id, folderId),
+  constraint: ENTRY_NAME_UNIQUE,
+});
+
+/** `report.pdf` → [`report`, `.pdf`]; a leading dot is part of the stem (`.env` has no extension). */
+function splitExtension(name: string): [string, string] {
+  const dot = name.lastIndexOf('.');
+  return dot > 0 ? [name.slice(0, dot), name.slice(dot)] : [name, ''];
+}
+
+/** The `n`th variant of `name`: `report (n).pdf`, the stem shortened so that the whole fits `maxChars`. */
+export function numberedName(name: string, n: number, maxChars = 255): string {
+  const [stem, extension] = splitExtension(name);
+  const suffix = ` (${n})`;
+  const room = maxChars - suffix.length - extension.length;
+  // Shortened by code points, so no surrogate pair is cut in half.
+  const shortStem = [...stem].slice(0, Math.max(1, room)).join('');
+  return `${shortStem}${suffix}${extension}`.slice(0, maxChars);
+}
+
+/** `name` if no row in `scope` has it (or only `self` does), else the first free `name (n)`. */
+async function freeName(db: Db, scope: NameScope, name: string, self?: string): Promise<string> {
+  const [stem, extension] = splitExtension(name);
+  const escape = (text: string) => text.replace(/[\\%_]/g, (c) => `\\${c}`);
+  const table = scope.column.table;
+  const idColumn = (table as unknown as { id: PgColumn }).id;
+  const rows = await db
+    .select({ name: scope.column })
+    .from(table)
+    .where(
+      and(
+        scope.within,
+        self ? sql`${idColumn} <> ${self}` : undefined,
+        or(eq(scope.column, name), sql`${scope.column} like ${`${escape(stem)} (%)${escape(extension)}`}`),
+      ),
+    );
+  const taken = new Set(rows.map((row) => row.name));
+  if (!taken.has(name)) return name;
+  for (let n = 1; ; n++) {
+    const candidate = numberedName(name, n);
+    if (!taken.has(candidate)) return candidate;
+  }
+}
+
+const NAME_ATTEMPTS = 20;
+
+/**
+ * Writes a row under a name unique in `scope`: `name`, or `name (1)`, `name (2)`, … when taken.
+ * Race-free: the unique index decides, and a write that loses a race to the same name (23505 on
+ * the scope's constraint, rolled back to a savepoint) tries the next free one.
+ */
+export async function writeUniquelyNamed<T>(db: Db, scope: NameScope, name: string, write: (tx: Db, name: string) => Promise<T>, self?: string): Promise<T> {
+  for (let attempt = 0; attempt < NAME_ATTEMPTS; attempt++) {
+    const candidate = await freeName(db, scope, name, self);
+    try {
+      return await transaction(db, (tx) => write(tx, candidate));
+    } catch (error) {
+      if (databaseError(error)?.constraint !== scope.constraint) throw error;
+    }
+  }
+  throw new ConflictError(`Could not find a free name for "${name}"; try another name`);
+}
+
+// ==================== Usage ====================
+
+/** Bytes of the user's uploaded files: what KB_MAX_BYTES_PER_USER bounds. */
+export async function usedBytes(db: Db, ownerId: string): Promise<number> {
+  const [row] = await db
+    .select({ total: sql<string>`coalesce(sum(${knowledgeEntries.size_bytes}), 0)` })
+    .from(knowledgeEntries)
+    .where(eq(knowledgeEntries.owner_id, ownerId));
+  return Number(row?.total ?? 0);
+}
+
+/** Keys of deleted entries' files still to delete, oldest first. */
+export async function pendingFileDeletions(db: Db, limit: number): Promise<{ id: string; storage_key: string }[]> {
+  return db
+    .select({ id: knowledgeFileDeletions.id, storage_key: knowledgeFileDeletions.storage_key })
+    .from(knowledgeFileDeletions)
+    .orderBy(knowledgeFileDeletions.created_at)
+    .limit(limit);
+}
+
+export async function forgetFileDeletions(db: Db, ids: string[]): Promise<void> {
+  if (ids.length) await db.delete(knowledgeFileDeletions).where(inArray(knowledgeFileDeletions.id, ids));
+}
+
+/** Keeps the entries' project equal to their folder's (what the scoped-key rule reads). */
+export async function setEntriesProject(db: Db, folderId: string, projectId: string | null): Promise<void> {
+  await db.update(knowledgeEntries).set({ project_id: projectId }).where(eq(knowledgeEntries.folder_id, folderId));
+}
+
+// ==================== Stats ====================
+
+export interface KnowledgeCounts {
+  folder_count: number;
+  entries_by_status: Record<KnowledgeEntry['status'], number>;
+  size_bytes: number;
+  chunk_count: number;
+  token_count: number;
+}
+
+/** Counts over the folders and entries matching `folders` / `entries` (the caller's visible rows). */
+export async function counts(db: Db, folders: SQL | undefined, entries: SQL | undefined): Promise<KnowledgeCounts> {
+  const [folderRow] = await db.select({ n: sql<number>`count(*)`.mapWith(Number) }).from(knowledgeFolders).where(folders);
+  const rows = await db
+    .select({
+      status: knowledgeEntries.status,
+      n: sql<number>`count(*)`.mapWith(Number),
+      bytes: sql<number>`coalesce(sum(${knowledgeEntries.size_bytes}), 0)`.mapWith(Number),
+      chunks: sql<number>`coalesce(sum(${knowledgeEntries.chunk_count}), 0)`.mapWith(Number),
+      tokens: sql<number>`coalesce(sum(${knowledgeEntries.token_count}), 0)`.mapWith(Number),
+    })
+    .from(knowledgeEntries)
+    .where(entries)
+    .groupBy(knowledgeEntries.status);
+  const byStatus = { pending: 0, processing: 0, ready: 0, failed: 0 };
+  let [bytes, chunks, tokens] = [0, 0, 0];
+  for (const row of rows) {
+    byStatus[row.status] = row.n;
+    bytes += row.bytes;
+    chunks += row.chunks;
+    tokens += row.tokens;
+  }
+  return { folder_count: folderRow?.n ?? 0, entries_by_status: byStatus, size_bytes: bytes, chunk_count: chunks, token_count: tokens };
+}
+
+// ==================== Chunks ====================
+
+export async function deleteChunks(db: Db, entryId: string): Promise<void> {
+  await db.delete(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entryId));
+}

@@ -1,0 +1,127 @@
+import { sql } from 'drizzle-orm';
+import { bigint, customType, index, integer, pgEnum, pgTable, text, timestamp, uniqueIndex, uuid, varchar } from 'drizzle-orm/pg-core';
+
+import type { DocumentFormat } from '../modules/knowledge/types.js';
+import { baseColumns } from './columns.js';
+import { projects } from './project.js';
+import { users } from './user.js';
+
+/**
+ * PostgreSQL's full-text document. Written by ingestion as `to_tsvector(<KB_SEARCH_LANGUAGE>, text)`
+ * (a setting, so not a generated column: those need the language as a constant in the schema).
+ */
+const tsvector = customType<{ data: string }>({ dataType: () => 'tsvector' });
+
+/** Folders hold entries; names are unique per owner (a clash gets ` (1)`, as file names do). */
+export const knowledgeFolders = pgTable(
+  'knowledge_folders',
+  {
+    ...baseColumns,
+    owner_id: uuid('owner_id')
+      .notNull()
+      .references(() => users.id, { onDelete: 'cascade' }),
+    project_id: uuid('project_id').references(() => projects.id, { onDelete: 'cascade' }),
+    name: varchar('name', { length: 255 }).notNull(),
+    description: text('description').notNull().default(''),
+  },
+  (t) => [
+    uniqueIndex('ux_knowledge_folders_owner_id_name').on(t.owner_id, t.name),
+    index('ix_knowledge_folders_owner_id_created_at').on(t.owner_id, t.created_at),
+    index('ix_knowledge_folders_project_id_created_at').on(t.project_id, t.created_at),
+  ],
+);
+
+export const knowledgeEntryStatus = pgEnum('knowledge_entry_status', ['pending', 'processing', 'ready', 'failed']);
+
+/**
+ * One uploaded document. `project_id` is its folder's (kept equal by the service) so that the
+ * project-scoped key rule reads it without a join. The stored file's key is fixed at upload and
+ * does not name the folder the entry is in now (a move changes no object: see docs/decisions.md).
+ */
+export const knowledgeEntries = pgTable(
+  'knowledge_entries',
+  {
+    ...baseColumns,
+    owner_id: uuid('owner_id')
+      .notNull()
+      .references(() => users.id, { onDelete: 'cascade' }),
+    folder_id: uuid('folder_id')
+      .notNull()
+      .references(() => knowledgeFolders.id, { onDelete: 'cascade' }),
+    project_id: uuid('project_id').references(() => projects.id, { onDelete: 'cascade' }),
+    filename: varchar('filename', { length: 255 }).notNull(),
+    /** The type sniffed from the bytes (the client's word only where the bytes say nothing). */
+    mime_type: varchar('mime_type', { length: 255 }).notNull(),
+    /** The format text is extracted as; known once sniffed (at upload or by ingestion). */
+    format: varchar('format', { length: 32 }).$type<DocumentFormat>(),
+    size_bytes: bigint('size_bytes', { mode: 'number' }).notNull(),
+    sha256: varchar('sha256', { length: 64 }).notNull(),
+    storage_key: text('storage_key').notNull(),
+    status: knowledgeEntryStatus('status').notNull().default('pending'),
+    /** Why ingestion failed, in words the user can act on. */
+    error: text('error'),
+    chunk_count: integer('chunk_count').notNull().default(0),
+    token_count: integer('token_count').notNull().default(0),
+    /** Ingestion attempts since the last upload or reindex: one that keeps dying is failed, not retried forever. */
+    attempts: integer('attempts').notNull().default(0),
+    /** The claim of the ingestion working on the entry: only its holder may write the result. */
+    lease_token: uuid('lease_token'),
+    lease_expires_at: timestamp('lease_expires_at', { withTimezone: true }),
+    processing_started_at: timestamp('processing_started_at', { withTimezone: true }),
+    processed_at: timestamp('processed_at', { withTimezone: true }),
+  },
+  (t) => [
+    uniqueIndex('ux_knowledge_entries_folder_id_filename').on(t.folder_id, t.filename),
+    index('ix_knowledge_entries_owner_id_created_at').on(t.owner_id, t.created_at),
+    index('ix_knowledge_entries_folder_id_created_at').on(t.folder_id, t.created_at),
+    index('ix_knowledge_entries_project_id_created_at').on(t.project_id, t.created_at),
+    // What the sweeper looks for: entries not finished.
+    index('ix_knowledge_entries_unfinished').on(t.status, t.lease_expires_at).where(sql`${t.status} in ('pending', 'processing')`),
+  ],
+);
+
+/**
+ * The indexed passages of an entry. `owner_id` is the entry's, so that search narrows to the
+ * caller's chunks first. Embeddings live beside them in `knowledge_chunk_embeddings`, a table that
+ * exists only where pgvector does (created by the migration's own SQL, not by these models).
+ */
+export const knowledgeChunks = pgTable(
+  'knowledge_chunks',
+  {
+    ...baseColumns,
+    entry_id: uuid('entry_id')
+      .notNull()
+      .references(() => knowledgeEntries.id, { onDelete: 'cascade' }),
+    owner_id: uuid('owner_id')
+      .notNull()
+      .references(() => users.id, { onDelete: 'cascade' }),
+    chunk_index: integer('chunk_index').notNull(),
+    text: text('text').notNull(),
+    heading_path: text('heading_path').array().notNull().default(sql`'{}'::text[]`),
+    token_count: integer('token_count').notNull(),
+    tsv: tsvector('tsv').notNull(),
+  },
+  (t) => [
+    uniqueIndex('ux_knowledge_chunks_entry_id_chunk_index').on(t.entry_id, t.chunk_index),
+    index('ix_knowledge_chunks_owner_id').on(t.owner_id),
+    index('ix_knowledge_chunks_tsv').using('gin', t.tsv),
+  ],
+);
+
+/**
+ * Stored files whose entry is gone and that are still to be deleted. A trigger writes one row per
+ * deleted entry, whatever deleted it (the entry's route, its folder's, a project or user deleted
+ * with everything in it), in the deleting transaction; the files go afterwards (at once after a
+ * deletion through the API, else by the sweeper), so a crash in between leaves nothing for good.
+ */
+export const knowledgeFileDeletions = pgTable('knowledge_file_deletions', {
+  ...baseColumns,
+  storage_key: text('storage_key').notNull(),
+});
+
+export type KnowledgeFolder = typeof knowledgeFolders.$inferSelect;
+export type NewKnowledgeFolder = typeof knowledgeFolders.$inferInsert;
+export type KnowledgeEntry = typeof knowledgeEntries.$inferSelect;
+export type NewKnowledgeEntry = typeof knowledgeEntries.$inferInsert;
+export type KnowledgeEntryStatus = (typeof knowledgeEntryStatus.enumValues)[number];
+export type KnowledgeChunk = typeof knowledgeChunks.$inferSelect;

@@ -1,0 +1,117 @@
+import mammoth from 'mammoth';
+import yauzl from 'yauzl';
+
+import { type ExtractedSpans, TextBuilder } from './document-builder.js';
+import { HtmlTextReader } from './html.js';
+import { DocumentRejectedError } from './types.js';
+
+/** Everything in the archive, pictures included, unpacked: far past any real document. */
+const MAX_TOTAL_BYTES = 1024 * 1024 * 1024;
+const MAX_ENTRIES = 10_000;
+/** Markup per character of text: Word's XML rarely takes more than a few dozen bytes per character. */
+const XML_BYTES_PER_TEXT_CHAR = 20;
+
+const megabytes = (bytes: number) => `${Math.ceil(bytes / (1024 * 1024)).toLocaleString('en-US')} MB`;
+
+function expandsTooMuch(what: string, bytes: number, limit: number): DocumentRejectedError {
+  return new DocumentRejectedError(`the document expands to more than ${megabytes(limit)} when unpacked (${what}: ${megabytes(bytes)}); it is damaged or built to exhaust the reader`);
+}
+
+function unreadable(error: unknown): DocumentRejectedError {
+  // The XML parser's messages run on with positions over several lines: the first says it.
+  const reason = ((error as Error).message || String(error)).split('\n', 1)[0]!.replace(/\s+/g, ' ').trim();
+  return new DocumentRejectedError(`could not read the Word document: ${reason}; it may be damaged — re-save it as .docx and upload again`);
+}
+
+/** The parts the converter unpacks (XML and relationships), as opposed to pictures and embedded files. */
+const isMarkup = (name: string) => /\.(xml|rels)$/i.test(name);
+
+function openZip(path: string): Promise<yauzl.ZipFile> {
+  return new Promise((resolve, reject) => {
+    yauzl.open(path, { lazyEntries: true, autoClose: false, validateEntrySizes: true, strictFileNames: false }, (error, zip) => (error ? reject(error) : resolve(zip)));
+  });
+}
+
+/** Unpacks one entry and drops the bytes: yauzl fails the stream when it holds more than the directory declares. */
+function drain(zip: yauzl.ZipFile, entry: yauzl.Entry): Promise<void> {
+  return new Promise((resolve, reject) => {
+    zip.openReadStream(entry, (error, stream) => {
+      if (error) return reject(error);
+      stream.on('data', () => {});
+      stream.on('end', () => resolve());
+      stream.on('error', reject);
+    });
+  });
+}
+
+/**
+ * Checks a DOCX before the converter unpacks it (JSZip inflates whole entries in memory, with no
+ * bound): the sizes in the zip's central directory must stay within bounds, and every markup entry
+ * is inflated once, streaming, to prove it holds no more than it declares — a zip bomb, whether
+ * it declares its size or lies about it, is refused before it costs memory.
+ */
+export async function checkDocxArchive(path: string, maxTextChars: number, maxStreamBytes: number): Promise<void> {
+  let zip: yauzl.ZipFile;
+  try {
+    zip = await openZip(path);
+  } catch (error) {
+    throw unreadable(error);
+  }
+  // JSZip unpacks into typed arrays, outside the thread's heap limit, like pdf.js: the markup is
+  // also held to the share of memory a PDF's parts get.
+  const maxMarkupBytes = Math.min(Math.max(XML_BYTES_PER_TEXT_CHAR * maxTextChars, 16 * 1024 * 1024), maxStreamBytes);
+  try {
+    if (zip.entryCount > MAX_ENTRIES) throw new DocumentRejectedError(`the Word document holds ${zip.entryCount.toLocaleString('en-US')} parts (at most ${MAX_ENTRIES.toLocaleString('en-US')} are read); it is damaged or not a real document`);
+    const markup: yauzl.Entry[] = [];
+    let total = 0;
+    let markupTotal = 0;
+    let hasBody = false;
+    await new Promise<void>((resolve, reject) => {
+      zip.on('entry', (entry: yauzl.Entry) => {
+        total += entry.uncompressedSize;
+        if (entry.fileName === 'word/document.xml') hasBody = true;
+        if (isMarkup(entry.fileName)) {
+          markup.push(entry);
+          markupTotal += entry.uncompressedSize;
+          if (entry.uncompressedSize > maxMarkupBytes) return reject(expandsTooMuch(entry.fileName, entry.uncompressedSize, maxMarkupBytes));
+        }
+        if (markupTotal > maxMarkupBytes) return reject(expandsTooMuch('its text and layout', markupTotal, maxMarkupBytes));
+        if (total > MAX_TOTAL_BYTES) return reject(expandsTooMuch('everything in it', total, MAX_TOTAL_BYTES));
+        zip.readEntry();
+      });
+      zip.on('end', resolve);
+      zip.on('error', reject);
+      zip.readEntry();
+    });
+    if (!hasBody) throw new DocumentRejectedError('not a Word document: the archive has no word/document.xml; save it as .docx from a word processor');
+    for (const entry of markup) await drain(zip, entry);
+  } catch (error) {
+    if (error instanceof DocumentRejectedError) throw error;
+    throw unreadable(error);
+  } finally {
+    zip.close();
+  }
+}
+
+/** A DOCX as HTML (mammoth maps Word's heading styles to h1–h6), read like any HTML page. */
+export async function docxSpans(path: string, maxTextChars: number, maxStreamBytes: number): Promise<ExtractedSpans> {
+  await checkDocxArchive(path, maxTextChars, maxStreamBytes);
+  let html: string;
+  try {
+    const result = await mammoth.convertToHtml(
+      { path },
+      {
+        // Pictures are never unpacked (there is no text in them), and a picture linked to a file
+        // outside the document is never read.
+        convertImage: mammoth.images.imgElement(() => Promise.resolve({ src: '' })),
+        externalFileAccess: false,
+      },
+    );
+    html = result.value;
+  } catch (error) {
+    throw unreadable(error);
+  }
+  const reader = new HtmlTextReader(new TextBuilder('docx', maxTextChars));
+  reader.write(html);
+  return reader.finish();
+}

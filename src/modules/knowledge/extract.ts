@@ -1,0 +1,138 @@
+import { stat } from 'node:fs/promises';
+import { Worker } from 'node:worker_threads';
+
+import type { Settings } from '../../core/config.js';
+
+import { type ExtractedSpans, materialize } from './document-builder.js';
+import type { WorkerInput, WorkerOutput } from './extract-worker.js';
+import { markdownSpans } from './markdown.js';
+import { sniffFile } from './sniff.js';
+import { readText } from './text-reader.js';
+import { DocumentRejectedError, type ExtractedDocument } from './types.js';
+
+export interface ExtractInput {
+  /** The stored file (a local path: the ingestion job copies a remote object to a temporary file first). */
+  path: string;
+  /** The name the user gave it: only chooses between text formats, never trusted for binaries. */
+  filename: string;
+  declaredMime?: string;
+  /** Stops the extraction (the worker thread is terminated), e.g. when the process shuts down. */
+  signal?: AbortSignal;
+}
+
+export interface ExtractLimits {
+  /** Most characters of extracted text per document (KB_MAX_TEXT_CHARS). */
+  maxTextChars: number;
+  /** Time for parsing one document before it is abandoned (KB_EXTRACT_TIMEOUT_SECONDS). */
+  timeoutMs: number;
+  /** Heap of the parsing thread (KB_EXTRACT_MAX_MEMORY_MB). */
+  maxMemoryMb: number;
+}
+
+// ==================== The parsing thread ====================
+
+/**
+ * How to start extract-worker next to this module: the compiled `.js` in dist/ directly; the
+ * TypeScript source (tsx, vitest) through tsx's loader, registered inside the new thread first
+ * because a worker does not inherit the loader of the thread that starts it.
+ */
+function workerEntry(): { entry: string | URL; eval: boolean } {
+  const self = import.meta.url;
+  if (!self.endsWith('.ts')) return { entry: new URL('./extract-worker.js', self), eval: false };
+  const loader = import.meta.resolve('tsx/esm/api');
+  const target = new URL('./extract-worker.ts', self).href;
+  return { entry: `import(${JSON.stringify(loader)}).then((tsx) => { tsx.register(); return import(${JSON.stringify(target)}); });`, eval: true };
+}
+
+const duration = (ms: number) => (ms < 1000 ? `${ms} ms` : `${Math.round(ms / 100) / 10} s`);
+
+/**
+ * Parses in a worker thread with a capped heap and a hard time limit: a document built to hang or
+ * to exhaust memory ends as a DocumentRejectedError; the process and its other jobs go on.
+ */
+function runInWorker(input: WorkerInput, limits: ExtractLimits, signal?: AbortSignal): Promise<ExtractedSpans> {
+  signal?.throwIfAborted();
+  const { entry, eval: isEval } = workerEntry();
+  return new Promise((resolve, reject) => {
+    const worker = new Worker(entry, {
+      eval: isEval,
+      workerData: input,
+      // The parser needs none of the process's settings or secrets, nor its command-line flags
+      // (some are refused in a worker: `npm start` passes V8 flags, `node -e` --input-type).
+      env: {},
+      execArgv: [],
+      stdout: true,
+      stderr: true,
+      resourceLimits: { maxOldGenerationSizeMb: limits.maxMemoryMb, maxYoungGenerationSizeMb: Math.min(32, Math.max(4, limits.maxMemoryMb / 8)), stackSizeMb: 4 },
+    });
+    // pdf.js and friends print warnings about damaged files; the outcome says what matters.
+    worker.stdout.resume();
+    worker.stderr.resume();
+    let settled = false;
+    const settle = (outcome: () => void) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
+      void worker.terminate();
+      outcome();
+    };
+    const timer = setTimeout(() => {
+      settle(() => reject(new DocumentRejectedError(`reading the document took longer than ${duration(limits.timeoutMs)} (the limit); it may be damaged or too complex — split it or re-save it and upload again`)));
+    }, limits.timeoutMs);
+    const onAbort = () => settle(() => reject(signal!.reason instanceof Error ? signal!.reason : new Error('the extraction was aborted')));
+    signal?.addEventListener('abort', onAbort, { once: true });
+
+    worker.on('message', (output: WorkerOutput) => {
+      settle(() => (output.ok ? resolve(output.result) : reject(output.rejected ? new DocumentRejectedError(output.message) : new DocumentRejectedError(`could not read the document: ${output.message}`))));
+    });
+    worker.on('error', (error: Error & { code?: string }) => {
+      settle(() =>
+        reject(
+          error.code === 'ERR_WORKER_OUT_OF_MEMORY'
+            ? new DocumentRejectedError(`reading the document needed more than ${limits.maxMemoryMb} MB of memory (the limit); split it into smaller files`)
+            : new DocumentRejectedError(`could not read the document: ${error.message}`),
+        ),
+      );
+    });
+    worker.on('exit', (code) => {
+      settle(() => reject(new DocumentRejectedError(`could not read the document: the reader stopped (exit code ${code})`)));
+    });
+  });
+}
+
+// ==================== Extraction ====================
+
+/**
+ * The text of an uploaded document and its sections, with the format sniffed from its bytes.
+ * Plain text and Markdown are decoded here as they stream from disk (one copy of the text in
+ * memory); binaries and the formats that need a parser run in a worker thread under `limits`.
+ * Anything Keel cannot read ends in a DocumentRejectedError whose message tells the user why.
+ */
+export async function extractDocument(input: ExtractInput, limits: ExtractLimits): Promise<ExtractedDocument> {
+  const { path, filename, declaredMime, signal } = input;
+  signal?.throwIfAborted();
+  if ((await stat(path)).size === 0) throw new DocumentRejectedError('the file is empty');
+  const format = await sniffFile(path, filename, declaredMime);
+  let spans: ExtractedSpans;
+  if (format === 'text') {
+    const text = await readText(path, filename, limits.maxTextChars);
+    spans = { format, text, spans: [[[], 0, text.length]] };
+  } else if (format === 'markdown') {
+    spans = markdownSpans(await readText(path, filename, limits.maxTextChars));
+  } else {
+    // pdf.js and JSZip (DOCX) unpack into typed arrays, outside the heap limit: a quarter of the
+    // thread's memory per compressed part keeps the thread near its allowance.
+    const maxStreamBytes = (limits.maxMemoryMb * 1024 * 1024) / 4;
+    spans = await runInWorker({ path, filename, format, maxTextChars: limits.maxTextChars, maxStreamBytes }, limits, signal);
+  }
+  signal?.throwIfAborted();
+  const document = materialize(spans);
+  if (document.sections.length === 0) throw new DocumentRejectedError('the document holds no text');
+  return document;
+}
+
+/** The extraction limits a deployment configured. */
+export function extractLimitsFrom(settings: Pick<Settings, 'KB_MAX_TEXT_CHARS' | 'KB_EXTRACT_TIMEOUT_SECONDS' | 'KB_EXTRACT_MAX_MEMORY_MB'>): ExtractLimits {
+  return { maxTextChars: settings.KB_MAX_TEXT_CHARS, timeoutMs: settings.KB_EXTRACT_TIMEOUT_SECONDS * 1000, maxMemoryMb: settings.KB_EXTRACT_MAX_MEMORY_MB };
+}

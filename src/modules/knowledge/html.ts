@@ -1,0 +1,110 @@
+import { Parser } from 'htmlparser2';
+
+import type { ExtractedSpans, TextBuilder } from './document-builder.js';
+
+/** Elements whose content is not text a reader sees, or (nav) is the site's menu rather than the page. */
+const HIDDEN = new Set(['script', 'style', 'noscript', 'template', 'head', 'svg', 'math', 'iframe', 'object', 'canvas', 'select', 'datalist', 'nav']);
+const BLOCKS = new Set([
+  'p', 'div', 'section', 'article', 'header', 'footer', 'main', 'aside', 'blockquote', 'pre', 'ul', 'ol', 'dl', 'dd',
+  'table', 'thead', 'tbody', 'tfoot', 'figure', 'figcaption', 'form', 'fieldset', 'address', 'details', 'summary', 'hr',
+  'caption', 'body', 'html',
+]);
+const LINES = new Set(['li', 'tr', 'dt', 'br', 'option']);
+const CELLS = new Set(['td', 'th']);
+
+/**
+ * Reads HTML as text a person would read: scripts, styles and hidden parts dropped, whitespace
+ * collapsed as a browser does (except in <pre>), blocks and list items on their own lines, table
+ * cells separated by " | ", and h1–h6 as the headings of the sections. A SAX parser: fed in
+ * pieces, it never holds a tree of the page.
+ */
+export class HtmlTextReader {
+  private readonly parser: Parser;
+  private hiddenDepth = 0;
+  private preDepth = 0;
+  private heading: { level: number; text: string } | null = null;
+  private cellsInRow = 0;
+
+  constructor(private readonly out: TextBuilder) {
+    this.parser = new Parser(
+      {
+        onopentag: (name) => this.open(name),
+        onclosetag: (name) => this.close(name),
+        ontext: (text) => this.text(text),
+      },
+      { decodeEntities: true, lowerCaseTags: true },
+    );
+  }
+
+  write(html: string): void {
+    this.parser.write(html);
+  }
+
+  finish(): ExtractedSpans {
+    this.parser.end();
+    return this.out.finish();
+  }
+
+  private open(name: string): void {
+    if (this.hiddenDepth > 0 || HIDDEN.has(name)) {
+      this.hiddenDepth++;
+      return;
+    }
+    const level = /^h([1-6])$/.exec(name)?.[1];
+    if (level) this.heading = { level: Number(level), text: '' };
+    else if (name === 'pre') this.preDepth++;
+    if (name === 'tr') this.cellsInRow = 0;
+    if (CELLS.has(name)) {
+      if (this.cellsInRow++ > 0) {
+        this.out.separate('space');
+        this.bullet('|');
+      }
+    } else if (BLOCKS.has(name)) this.out.separate('paragraph');
+    else if (LINES.has(name)) this.out.separate('line');
+    if (name === 'li') this.bullet('-');
+    if (name === 'img') this.out.separate('space');
+  }
+
+  /** A marker with a space either side that text around it does not double. */
+  private bullet(marker: string): void {
+    this.out.write(marker);
+    this.out.separate('space');
+  }
+
+  private close(name: string): void {
+    if (this.hiddenDepth > 0) {
+      this.hiddenDepth--;
+      return;
+    }
+    if (this.heading && /^h[1-6]$/.test(name)) {
+      this.out.heading(this.heading.level, this.heading.text);
+      this.heading = null;
+      return;
+    }
+    if (name === 'pre') this.preDepth = Math.max(0, this.preDepth - 1);
+    if (BLOCKS.has(name)) this.out.separate('paragraph');
+    else if (LINES.has(name)) this.out.separate('line');
+  }
+
+  private text(raw: string): void {
+    if (this.hiddenDepth > 0) return;
+    if (this.heading) {
+      this.heading.text += raw;
+      return;
+    }
+    if (this.preDepth > 0) {
+      const lines = raw.split('\n');
+      lines.forEach((line, i) => {
+        if (i > 0) this.out.separate('line');
+        this.out.write(line);
+      });
+      return;
+    }
+    // Whitespace between words reads as one space; at a block's edge it reads as nothing.
+    // (HTML's whitespace is these five characters: a no-break space is text.)
+    if (/^[ \t\n\r\f]/.test(raw)) this.out.separate('space');
+    const words = raw.replace(/[ \t\n\r\f]+/g, ' ').replace(/^ | $/g, '');
+    this.out.write(words);
+    if (words.length > 0 && /[ \t\n\r\f]$/.test(raw)) this.out.separate('space');
+  }
+}

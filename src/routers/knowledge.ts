@@ -1,0 +1,286 @@
+import multipart from '@fastify/multipart';
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+
+import { UnprocessableError } from '../core/errors.js';
+
+import { authErrors, ErrorBody } from '../schemas/common.js';
+import {
+  KnowledgeEntryIdParams,
+  KnowledgeEntryListQuery,
+  KnowledgeEntryMove,
+  KnowledgeEntryPublic,
+  KnowledgeEntryUpdate,
+  KnowledgeFolderCreate,
+  KnowledgeFolderIdParams,
+  KnowledgeFolderListQuery,
+  KnowledgeFolderPublic,
+  KnowledgeFolderUpdate,
+  KnowledgeSearchRequest,
+  KnowledgeSearchResponse,
+  KnowledgeStats,
+} from '../schemas/knowledge.js';
+
+import { folderCrud } from '../crud/knowledge.js';
+import { contextOf } from '../services/context.js';
+import * as entryService from '../services/knowledge/entry-service.js';
+import * as folderService from '../services/knowledge/folder-service.js';
+import { searchKnowledge } from '../services/knowledge/search.js';
+import type { OpenedFile } from '../services/storage-service.js';
+import { requireUser } from '../utils/authentication.js';
+import { registerOwnedRoutes } from './owned-routes.js';
+
+const tags = ['knowledge-base'];
+
+/**
+ * The most a form around one file adds to it (boundaries, part headers, a few small fields): a
+ * Content-Length beyond the allowance by more than this is refused before a byte is read.
+ */
+const FORM_OVERHEAD_BYTES = 64 * 1024;
+
+/** After an early answer (413, 404) to an upload still arriving: how much of the rest is read and dropped, and for how long, before the connection is closed. */
+const LINGER_BYTES = 16 * 1024 * 1024;
+const LINGER_MS = 2_000;
+
+/**
+ * An answer given before the request's body was read to its end: once the answer is out, the
+ * rest is read and dropped for a while, so that a client still sending sees the answer rather
+ * than a connection reset; past LINGER_BYTES or LINGER_MS the connection is closed.
+ */
+function lingerOnUnreadBody(request: FastifyRequest, reply: FastifyReply): void {
+  const raw = request.raw;
+  if (raw.complete) return;
+  reply.raw.once('finish', () => {
+    if (raw.complete) return;
+    raw.unpipe();
+    let read = 0;
+    // Destroying the request destroys its connection.
+    const close = () => raw.destroy();
+    const timer = setTimeout(close, LINGER_MS);
+    timer.unref();
+    raw.on('data', (chunk: Buffer) => {
+      read += chunk.length;
+      if (read > LINGER_BYTES) close();
+    });
+    raw.once('end', () => clearTimeout(timer));
+    raw.once('close', () => clearTimeout(timer));
+    raw.resume();
+  });
+}
+
+function contentLengthOf(request: FastifyRequest): number | undefined {
+  const header = request.headers['content-length'];
+  const length = header === undefined ? NaN : Number(header);
+  return Number.isSafeInteger(length) && length >= 0 ? length : undefined;
+}
+
+/** Streamed answers (never serialized: Fastify pipes a stream as it is), described for the OpenAPI document. */
+const FileBody = z.unknown().meta({ type: 'string', format: 'binary', description: 'The file as uploaded.' });
+const TextBody = z.unknown().meta({ type: 'string', description: 'The extracted text.' });
+
+const missingFile = () =>
+  new UnprocessableError({ loc: ['body', 'file'], msg: 'Field required: send the document as multipart/form-data in a field named "file"', type: 'missing' });
+
+/** RFC 6266 / 5987: an ASCII fallback name, and the exact one percent-encoded in UTF-8. */
+export function contentDisposition(filename: string): string {
+  const fallback = filename.replace(/[^\x20-\x7e]|["\\%]/g, '_');
+  const encoded = encodeURIComponent(filename).replace(/['()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
+  return `attachment; filename="${fallback}"; filename*=UTF-8''${encoded}`;
+}
+
+/** A stored file as the answer, streamed (never held whole). */
+function sendFile(reply: FastifyReply, contentType: string, file: OpenedFile): FastifyReply {
+  return reply.header('content-type', contentType).header('content-length', String(file.size)).send(file.body);
+}
+
+/** Knowledge base (SPEC §7): folders, uploaded entries, their text, and search. */
+export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
+  app.addHook('onRequest', requireUser);
+  await app.register(multipart, {
+    // One file and a few small fields: the form cannot carry more than FORM_OVERHEAD_BYTES besides the file.
+    limits: { files: 1, fields: 10, fieldSize: 1024, parts: 12, headerPairs: 20 },
+  });
+
+  registerOwnedRoutes(app, {
+    noun: 'Folder',
+    path: '/knowledge-base/folders',
+    idParam: 'folder_id',
+    tags,
+    schemas: { create: KnowledgeFolderCreate, update: KnowledgeFolderUpdate, public: KnowledgeFolderPublic },
+    service: folderService,
+    listQuery: KnowledgeFolderListQuery,
+    createErrors: [404],
+    descriptions: {
+      list: 'Newest first; `?project_id=` narrows the list.',
+      create: 'A name another of your folders has gets a number: `Docs (1)`.',
+      update: 'A name another of your folders has gets a number. Moving the folder to a project moves its entries with it.',
+      delete: 'Deletes the folder, its entries, their stored files and their index.',
+    },
+  });
+
+  registerOwnedRoutes(app, {
+    noun: 'Entry',
+    plural: 'Entries',
+    path: '/knowledge-base/entries',
+    idParam: 'entry_id',
+    tags,
+    schemas: { update: KnowledgeEntryUpdate, public: KnowledgeEntryPublic },
+    service: entryService,
+    listQuery: KnowledgeEntryListQuery,
+    descriptions: {
+      list: 'Newest first; `?folder_id=`, `?project_id=` and `?status=` narrow the list. Entries are created by uploading to a folder.',
+      update: 'Renames the entry; a name taken in its folder gets a number: `report (1).pdf`.',
+      delete: 'Deletes the entry, its stored file, extracted text and index.',
+    },
+  });
+
+  // ==================== Upload ====================
+
+  app.post(
+    '/knowledge-base/folders/:folder_id/upload',
+    {
+      schema: {
+        operationId: 'upload_knowledge_entry',
+        summary: 'Upload Knowledge Entry',
+        description:
+          'A `multipart/form-data` body with the document in a field named `file` (txt, md, html, pdf, docx, csv, json). Answers **201** with the entry, `status: pending`; ingestion runs in the background. ' +
+          'A name taken in the folder gets a number (`report (1).pdf`). Over KB_MAX_FILE_BYTES, or over what is left of KB_MAX_BYTES_PER_USER: 413 with the figures, answered as soon as the size is known (from Content-Length, or while the file arrives).',
+        tags,
+        consumes: ['multipart/form-data'],
+        form: { file: 'The document: plain text, Markdown, HTML, PDF, DOCX, CSV or JSON.' },
+        params: KnowledgeFolderIdParams,
+        response: { 201: KnowledgeEntryPublic, 404: ErrorBody, 413: ErrorBody, ...authErrors },
+      },
+    },
+    async (request, reply) => {
+      const ctx = contextOf(request);
+      try {
+        const folder = await folderCrud.getVisible(ctx.db, ctx.principal, request.params.folder_id, 'write');
+        const allowance = await entryService.uploadAllowance(ctx, folder.owner_id);
+        entryService.checkDeclaredSize(allowance, contentLengthOf(request), FORM_OVERHEAD_BYTES);
+        if (!request.isMultipart()) throw missingFile();
+        // busboy's own cap one byte past the allowance: the storage stream (maxBytes) refuses first, with the figures.
+        const part = await request.file({ limits: { fileSize: allowance.max + 1 } });
+        if (!part || part.fieldname !== 'file') throw missingFile();
+        const entry = await entryService.upload(ctx, folder, { stream: part.file, filename: part.filename, declaredMime: part.mimetype }, allowance);
+        void reply.code(201).header('location', `${app.prefix}/knowledge-base/entries/${entry.id}`);
+        return entry;
+      } catch (error) {
+        lingerOnUnreadBody(request, reply);
+        throw error;
+      }
+    },
+  );
+
+  // ==================== Entry files ====================
+
+  app.get(
+    '/knowledge-base/entries/:entry_id/download',
+    {
+      schema: {
+        operationId: 'download_knowledge_entry',
+        summary: 'Download Knowledge Entry',
+        description: 'The stored file as uploaded, streamed, with its sniffed type and `Content-Disposition: attachment` (the name RFC 5987-encoded).',
+        tags,
+        params: KnowledgeEntryIdParams,
+        response: { 200: FileBody, 404: ErrorBody, ...authErrors },
+      },
+    },
+    async (request, reply) => {
+      const { entry, file } = await entryService.download(contextOf(request), request.params.entry_id);
+      return sendFile(reply.header('content-disposition', contentDisposition(entry.filename)), entry.mime_type, file);
+    },
+  );
+
+  app.get(
+    '/knowledge-base/entries/:entry_id/content',
+    {
+      schema: {
+        operationId: 'get_knowledge_entry_content',
+        summary: 'Get Knowledge Entry Content',
+        description: 'The text extracted from the document (`text/plain`, streamed); 409 until the entry is `ready`.',
+        tags,
+        params: KnowledgeEntryIdParams,
+        response: { 200: TextBody, 404: ErrorBody, 409: ErrorBody, ...authErrors },
+      },
+    },
+    async (request, reply) => {
+      const { file } = await entryService.content(contextOf(request), request.params.entry_id);
+      return sendFile(reply, 'text/plain; charset=utf-8', file);
+    },
+  );
+
+  app.put(
+    '/knowledge-base/entries/:entry_id/move',
+    {
+      schema: {
+        operationId: 'move_knowledge_entry',
+        summary: 'Move Knowledge Entry',
+        description: 'Into another of your folders (its project with it); a name taken there gets a number.',
+        tags,
+        params: KnowledgeEntryIdParams,
+        body: KnowledgeEntryMove,
+        response: { 200: KnowledgeEntryPublic, 404: ErrorBody, ...authErrors },
+      },
+    },
+    async (request) => entryService.move(contextOf(request), request.params.entry_id, request.body.folder_id),
+  );
+
+  app.post(
+    '/knowledge-base/entries/:entry_id/reindex',
+    {
+      schema: {
+        operationId: 'reindex_knowledge_entry',
+        summary: 'Reindex Knowledge Entry',
+        description: 'Ingests the stored file again (after a failure, or a change of EMBEDDING_MODEL or KB_SEARCH_LANGUAGE): **202**, `status: pending`.',
+        tags,
+        params: KnowledgeEntryIdParams,
+        response: { 202: KnowledgeEntryPublic, 404: ErrorBody, ...authErrors },
+      },
+    },
+    async (request, reply) => {
+      const entry = await entryService.reindex(contextOf(request), request.params.entry_id);
+      void reply.code(202);
+      return entry;
+    },
+  );
+
+  // ==================== Stats and search ====================
+
+  app.get(
+    '/knowledge-base/stats',
+    {
+      schema: {
+        operationId: 'get_knowledge_base_stats',
+        summary: 'Get Knowledge Base Stats',
+        description: 'Your folders, entries by status, bytes used against the limits, and the index (a project-scoped key: its project).',
+        tags,
+        response: { 200: KnowledgeStats, ...authErrors },
+      },
+    },
+    async (request) => entryService.stats(contextOf(request)),
+  );
+
+  app.post(
+    '/knowledge-base/search',
+    {
+      schema: {
+        operationId: 'search_knowledge_base',
+        summary: 'Search Knowledge Base',
+        description:
+          'Passages of your documents (a project-scoped key: its project\'s) best matching `query`: full text (web-search syntax: quotes, `or`, `-word`), fused by reciprocal rank with vector similarity when EMBEDDING_MODEL is set and the documents have embeddings (`mode: hybrid`). ' +
+          '`folder_ids` and `entry_ids` narrow the search to those folders\' entries plus those entries.',
+        tags,
+        body: KnowledgeSearchRequest,
+        response: { 200: KnowledgeSearchResponse, ...authErrors },
+      },
+    },
+    async (request) => {
+      const { query, folder_ids, entry_ids, top_k } = request.body;
+      const ctx = contextOf(request);
+      return searchKnowledge(ctx, ctx.principal, { query, folderIds: folder_ids, entryIds: entry_ids, topK: top_k });
+    },
+  );
+
+};

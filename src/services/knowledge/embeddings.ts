@@ -1,0 +1,126 @@
+/**
+ * Chunk embeddings in `knowledge_chunk_embeddings`, the table the knowledge migration creates only
+ * where pgvector is enabled. Its `embedding` column has no fixed dimension (that depends on
+ * EMBEDDING_MODEL), so each dimension met gets its own partial HNSW index on
+ * `embedding::vector(n)`, and queries name the same expression to use it.
+ */
+import { type SQL, sql } from 'drizzle-orm';
+
+import { type Db, rootOf, transaction } from '../../core/db.js';
+import { databaseError } from '../../core/errors.js';
+
+import { queryRows } from '../../crud/owned.js';
+
+const TABLE = sql.raw('knowledge_chunk_embeddings');
+/** The chunk and entry of each embedding, so that conditions on their columns apply. */
+const JOINS = sql.raw(
+  'join knowledge_chunks on knowledge_chunks.id = knowledge_chunk_embeddings.chunk_id join knowledge_entries on knowledge_entries.id = knowledge_chunks.entry_id',
+);
+
+/** pgvector indexes (HNSW) vectors of at most this many dimensions; larger ones are searched exactly. */
+const MAX_INDEXED_DIMENSIONS = 2_000;
+
+const present = new WeakMap<object, Promise<boolean>>();
+
+/** Whether this database has the embeddings table (pgvector was enabled when it was migrated); asked once per database. */
+export function hasVectorTable(db: Db): Promise<boolean> {
+  const root = rootOf(db);
+  let known = present.get(root);
+  if (!known) {
+    known = queryRows<{ present: boolean }>(root, sql`select to_regclass('public.knowledge_chunk_embeddings') is not null as present`).then(
+      ([row]) => row?.present === true,
+    );
+    present.set(root, known);
+    // A failed look (the database briefly down) is asked again next time.
+    known.catch(() => present.delete(root));
+  }
+  return known;
+}
+
+/** `[0.1,0.2,…]`, pgvector's text form; every value is a finite number (a provider's NaN is refused). */
+function vectorLiteral(values: number[]): string {
+  if (!values.every(Number.isFinite)) throw new Error('embedding holds a value that is not a finite number');
+  return `[${values.join(',')}]`;
+}
+
+/** The dimension as SQL (an integer checked here, never a client string). */
+function dimensionSql(dimensions: number): SQL {
+  if (!Number.isInteger(dimensions) || dimensions < 1 || dimensions > 16_000) throw new Error(`unsupported embedding dimension ${dimensions}`);
+  return sql.raw(String(dimensions));
+}
+
+const indexed = new WeakMap<object, Set<number>>();
+
+/**
+ * The HNSW index for vectors of `dimensions` (cosine distance), made on first use. Building it
+ * on a table that already holds many vectors takes a while, but happens once per dimension.
+ */
+export async function ensureVectorIndex(db: Db, dimensions: number): Promise<void> {
+  if (dimensions > MAX_INDEXED_DIMENSIONS) return;
+  const root = rootOf(db);
+  const done = indexed.get(root) ?? new Set<number>();
+  indexed.set(root, done);
+  if (done.has(dimensions)) return;
+  const n = dimensionSql(dimensions);
+  try {
+    await root.execute(
+      sql`create index if not exists ${sql.raw(`ix_knowledge_chunk_embeddings_hnsw_${dimensions}`)} on ${TABLE} using hnsw ((embedding::vector(${n})) vector_cosine_ops) where vector_dims(embedding) = ${n}`,
+    );
+  } catch (error) {
+    // Another worker made it at the same moment: the index is there all the same.
+    const code = databaseError(error)?.code;
+    if (code !== '42P07' && code !== '23505') throw error;
+  }
+  done.add(dimensions);
+}
+
+/** Stores the embeddings of chunks (their ids in the same order), replacing earlier ones. */
+export async function writeEmbeddings(db: Db, model: string, chunkIds: string[], vectors: number[][]): Promise<void> {
+  if (!chunkIds.length) return;
+  const values = sql.join(
+    chunkIds.map((id, i) => sql`(${id}::uuid, ${model}, ${vectorLiteral(vectors[i]!)}::vector)`),
+    sql`, `,
+  );
+  await db.execute(
+    sql`insert into ${TABLE} (chunk_id, model, embedding) values ${values} on conflict (chunk_id) do update set model = excluded.model, embedding = excluded.embedding, updated_at = now()`,
+  );
+}
+
+export interface VectorMatch {
+  chunk_id: string;
+  distance: number;
+}
+
+/**
+ * The chunks nearest to `vector` by cosine distance among those `where` admits (a condition on
+ * knowledge_chunks' and knowledge_entries' columns), embedded by `model`. pgvector's iterative
+ * index scan keeps looking when the filter removes the first candidates (a user's chunks among
+ * everyone's), so a narrow filter still gets `limit` results.
+ */
+export async function nearestChunks(db: Db, model: string, vector: number[], where: SQL, limit: number): Promise<VectorMatch[]> {
+  const n = dimensionSql(vector.length);
+  const query = sql`${vectorLiteral(vector)}::vector(${n})`;
+  const distance = sql`(${TABLE}.embedding::vector(${n}) <=> ${query})`;
+  return transaction(db, async (tx) => {
+    await tx.execute(sql`set local hnsw.iterative_scan = relaxed_order`);
+    const rows = await queryRows<{ chunk_id: string; distance: number }>(
+      tx,
+      sql`select ${TABLE}.chunk_id, ${distance} as distance
+          from ${TABLE} ${JOINS}
+          where vector_dims(${TABLE}.embedding) = ${n} and ${TABLE}.model = ${model} and ${where}
+          order by ${distance}
+          limit ${limit}`,
+    );
+    // relaxed_order may return neighbours slightly out of order.
+    return rows.map((r) => ({ chunk_id: r.chunk_id, distance: Number(r.distance) })).sort((a, b) => a.distance - b.distance);
+  });
+}
+
+/** Whether any chunk `where` admits has an embedding by `model`: only then is a query worth embedding. */
+export async function anyEmbedded(db: Db, model: string, where: SQL): Promise<boolean> {
+  const rows = await queryRows<{ one: number }>(
+    db,
+    sql`select 1 as one from ${TABLE} ${JOINS} where ${TABLE}.model = ${model} and ${where} limit 1`,
+  );
+  return rows.length > 0;
+}

@@ -1,0 +1,264 @@
+import { randomUUID } from 'node:crypto';
+import type { Readable } from 'node:stream';
+
+import { sql } from 'drizzle-orm';
+
+import { transaction } from '../../core/db.js';
+import { ConflictError, PayloadTooLargeError, UnprocessableError } from '../../core/errors.js';
+
+import { knowledgeEntries, type KnowledgeEntry, type KnowledgeFolder, knowledgeFolders } from '../../models/index.js';
+
+import { type KnowledgeEntryListQuery, type KnowledgeEntryUpdate, nameProblem, normalizeName } from '../../schemas/knowledge.js';
+
+import { counts, entryCrud, entryNames, folderCrud, folderPolicy, ownRows, usedBytes, writeUniquelyNamed } from '../../crud/knowledge.js';
+import { matching } from '../../crud/owned.js';
+import * as userCrud from '../../crud/user.js';
+import { SNIFF_HEAD_BYTES,sniffFormat } from '../../modules/knowledge/sniff.js';
+import { type DocumentFormat, DocumentRejectedError } from '../../modules/knowledge/types.js';
+import type { ServiceContext } from '../context.js';
+import { type OpenedFile, StorageTooLargeError } from '../storage-service.js';
+import { hasVectorTable } from './embeddings.js';
+import { deleteStoredFiles, entryKey, knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
+
+// ==================== Limits ====================
+
+const MIB = 1024 * 1024;
+const bytes = (n: number) => `${n} bytes (${(n / MIB).toFixed(1)} MiB)`;
+
+/** What one upload of a user may hold now: the per-file limit, or what is left of the quota if less. */
+export interface UploadAllowance {
+  fileLimit: number;
+  quota: number;
+  used: number;
+  /** The most bytes this upload may have. */
+  max: number;
+}
+
+export async function uploadAllowance(ctx: ServiceContext, ownerId: string): Promise<UploadAllowance> {
+  const { KB_MAX_FILE_BYTES: fileLimit, KB_MAX_BYTES_PER_USER: quota } = ctx.settings;
+  const used = await usedBytes(ctx.db, ownerId);
+  return { fileLimit, quota, used, max: Math.max(0, Math.min(fileLimit, quota - used)) };
+}
+
+/** 413 for a file of `size` bytes (or, with `atLeast`, more than that) over the allowance; its message has the figures. */
+export function tooLarge(allowance: UploadAllowance, size: number, atLeast = false): PayloadTooLargeError {
+  const what = atLeast ? `more than ${bytes(size)}` : bytes(size);
+  if (atLeast ? size >= allowance.fileLimit : size > allowance.fileLimit) return new PayloadTooLargeError(`File too large: ${what}; the limit is ${bytes(allowance.fileLimit)} per file`);
+  const left = Math.max(0, allowance.quota - allowance.used);
+  return new PayloadTooLargeError(
+    `Storage quota exceeded: the file is ${what} but only ${bytes(left)} of your ${bytes(allowance.quota)} are left (${bytes(allowance.used)} used); delete entries to make room`,
+  );
+}
+
+/**
+ * Refuses an upload whose declared size is over the allowance before reading it. `declared` is the
+ * request's Content-Length less the most a form around one file can add (`formOverhead`), so a
+ * file within the limits is never refused for its envelope.
+ */
+export function checkDeclaredSize(allowance: UploadAllowance, contentLength: number | undefined, formOverhead: number): void {
+  if (contentLength === undefined) return;
+  const fileAtLeast = contentLength - formOverhead;
+  if (fileAtLeast > allowance.max) throw tooLarge(allowance, fileAtLeast, true);
+}
+
+// ==================== Upload ====================
+
+export interface UploadedFile {
+  /** The file's bytes, as they arrive (never held whole). */
+  stream: Readable;
+  filename: string;
+  /** What the client said the type is; the bytes decide where they can. */
+  declaredMime: string;
+}
+
+/** A client's file name, checked as a rename is (422 on the `file` field otherwise). */
+function checkedFilename(filename: string): string {
+  const name = normalizeName(filename);
+  const problem = nameProblem(name);
+  if (problem) throw new UnprocessableError({ loc: ['body', 'file'], msg: `Invalid file name: ${problem}`, type: 'value_error' });
+  return name;
+}
+
+/** The type each format is stored and served as. */
+const MIME_TYPES: Record<DocumentFormat, string> = {
+  text: 'text/plain',
+  markdown: 'text/markdown',
+  html: 'text/html',
+  pdf: 'application/pdf',
+  docx: 'application/vnd.openxmlformats-officedocument.wordprocessingml.document',
+  csv: 'text/csv',
+  json: 'application/json',
+};
+
+/**
+ * The format and type of a file from its first bytes (the client's type and name only choose
+ * between text formats). A file Keel cannot read is still stored, as `application/octet-stream`
+ * with no format: its ingestion fails with the reason, which the user sees on the entry.
+ */
+async function sniffed(head: Uint8Array, filename: string, declaredMime: string): Promise<{ format: DocumentFormat | null; mime_type: string }> {
+  try {
+    const format = await sniffFormat(head, filename, declaredMime);
+    return { format, mime_type: MIME_TYPES[format] };
+  } catch (error) {
+    if (error instanceof DocumentRejectedError) return { format: null, mime_type: 'application/octet-stream' };
+    throw error;
+  }
+}
+
+/** Passes `stream` through, keeping its first SNIFF_HEAD_BYTES bytes in `head`. */
+async function* keepingHead(stream: AsyncIterable<Uint8Array>, head: Buffer[]): AsyncGenerator<Uint8Array> {
+  let kept = 0;
+  for await (const chunk of stream) {
+    if (kept < SNIFF_HEAD_BYTES) {
+      head.push(Buffer.from(chunk.subarray(0, SNIFF_HEAD_BYTES - kept)));
+      kept += Math.min(chunk.length, SNIFF_HEAD_BYTES - kept);
+    }
+    yield chunk;
+  }
+}
+
+/** busboy's own size cap: the storage stream's `maxBytes` usually refuses first; both mean the same 413. */
+const isTooLarge = (error: unknown) => error instanceof StorageTooLargeError || (error as { code?: unknown }).code === 'FST_REQ_FILE_TOO_LARGE';
+
+/**
+ * Stores an uploaded file in `folder` and records it as a `pending` entry, then queues its
+ * ingestion. The bytes stream to storage under the allowance (413 as soon as they pass it); the row
+ * is written only once the file is complete, under the owner's lock so that concurrent uploads
+ * cannot overrun the quota together. Anything that fails leaves neither row nor file.
+ */
+export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file: UploadedFile, allowance: UploadAllowance): Promise<KnowledgeEntry> {
+  const filename = checkedFilename(file.filename);
+  const ownerId = folder.owner_id;
+  const id = randomUUID();
+  const storage = knowledgeStorage(ctx.settings);
+  const placed = { id, owner_id: ownerId, folder_id: folder.id };
+  const head: Buffer[] = [];
+  let stored;
+  try {
+    stored = await storage.saveFile(keepingHead(file.stream, head), id, undefined, [ownerId, folder.id], { maxBytes: allowance.max });
+  } catch (error) {
+    if (isTooLarge(error)) throw tooLarge(allowance, allowance.max, true);
+    throw error;
+  }
+  try {
+    const type = await sniffed(Buffer.concat(head), filename, file.declaredMime);
+    const entry = await transaction(ctx.db, async (tx) => {
+      await userCrud.lockForUpdate(tx, ownerId);
+      const used = await usedBytes(tx, ownerId);
+      if (used + stored.size > allowance.quota) throw tooLarge({ ...allowance, used }, stored.size);
+      return writeUniquelyNamed(tx, entryNames(folder.id), filename, (inner, name) =>
+        entryCrud.create(inner, {
+          ...placed,
+          // The folder's project as it is now (it may have moved while the bytes arrived).
+          project_id: sql`(select ${knowledgeFolders.project_id} from ${knowledgeFolders} where ${knowledgeFolders.id} = ${folder.id})` as unknown as string,
+          filename: name,
+          ...type,
+          size_bytes: stored.size,
+          sha256: stored.sha256,
+          storage_key: stored.key,
+        }),
+      );
+    });
+    await queueIngestion(ctx, entry.id);
+    return entry;
+  } catch (error) {
+    await deleteStoredFiles(ctx, [entryKey(storage, placed)]);
+    throw error;
+  }
+}
+
+async function queueIngestion(ctx: ServiceContext, entryId: string): Promise<void> {
+  // A job lost here (the queue down) is not lost for good: the sweeper finds the pending entry.
+  await ctx.queue.add('ingest-entry', { entry_id: entryId }).catch((error: unknown) => {
+    ctx.log.warn({ err: error, entryId }, 'ingestion could not be queued; the sweeper will pick the entry up');
+  });
+}
+
+// ==================== Entries ====================
+
+export function get(ctx: ServiceContext, id: string): Promise<KnowledgeEntry> {
+  return entryCrud.getVisible(ctx.db, ctx.principal, id);
+}
+
+export function list(ctx: ServiceContext, query: KnowledgeEntryListQuery) {
+  const filters = { folder_id: knowledgeEntries.folder_id, project_id: knowledgeEntries.project_id, status: knowledgeEntries.status };
+  return entryCrud.list(ctx.db, ctx.principal, query, matching(filters, query));
+}
+
+/** Renames; a name taken in the folder gets a number (`report (1).pdf`). */
+export async function update(ctx: ServiceContext, id: string, input: KnowledgeEntryUpdate): Promise<KnowledgeEntry> {
+  const entry = await entryCrud.getVisible(ctx.db, ctx.principal, id, 'write');
+  if (input.filename === undefined) return entry;
+  return writeUniquelyNamed(ctx.db, entryNames(entry.folder_id), input.filename, (tx, filename) => entryCrud.update(tx, ctx.principal, id, { filename }), id);
+}
+
+/** The entry, its chunks and embeddings (cascade), then its file and extracted text. */
+export async function remove(ctx: ServiceContext, id: string): Promise<void> {
+  // One statement: it waits for an ingestion's transaction holding the row, which then commits
+  // first, or finds no row and writes nothing (see ingestion.ts).
+  await entryCrud.remove(ctx.db, ctx.principal, id);
+  await purgeDeletedFiles(ctx);
+}
+
+/** Into another of the owner's folders (404 for any other); a name taken there gets a number. */
+export async function move(ctx: ServiceContext, id: string, folderId: string): Promise<KnowledgeEntry> {
+  const entry = await entryCrud.getVisible(ctx.db, ctx.principal, id, 'write');
+  const target = await folderCrud.getVisible(ctx.db, ctx.principal, folderId, 'write');
+  if (target.owner_id !== entry.owner_id) throw folderPolicy.notFound();
+  if (target.id === entry.folder_id) return entry;
+  return writeUniquelyNamed(ctx.db, entryNames(target.id), entry.filename, (tx, filename) =>
+    entryCrud.update(tx, ctx.principal, id, { folder_id: target.id, project_id: target.project_id, filename }),
+  );
+}
+
+/** Indexes the entry again from its stored file: back to `pending`, and queued. A running ingestion loses its claim. */
+export async function reindex(ctx: ServiceContext, id: string): Promise<KnowledgeEntry> {
+  const entry = await entryCrud.update(ctx.db, ctx.principal, id, {
+    status: 'pending',
+    error: null,
+    attempts: 0,
+    lease_token: null,
+    lease_expires_at: null,
+  });
+  await queueIngestion(ctx, entry.id);
+  return entry;
+}
+
+// ==================== Reading ====================
+
+export interface Download {
+  entry: KnowledgeEntry;
+  file: OpenedFile;
+}
+
+/** The stored file, streamed. */
+export async function download(ctx: ServiceContext, id: string): Promise<Download> {
+  const entry = await get(ctx, id);
+  return { entry, file: await knowledgeStorage(ctx.settings).stream(entry.storage_key) };
+}
+
+/** The extracted text, streamed; 409 until ingestion has finished. */
+export async function content(ctx: ServiceContext, id: string): Promise<Download> {
+  const entry = await get(ctx, id);
+  if (entry.status === 'failed') throw new ConflictError(`Entry has no extracted text: ingestion failed (${entry.error ?? 'unknown error'})`);
+  if (entry.status !== 'ready') throw new ConflictError(`Entry has no extracted text yet: it is ${entry.status}; try again when it is ready`);
+  return { entry, file: await knowledgeStorage(ctx.settings).stream(textKeyOf(entry.storage_key)) };
+}
+
+/** The caller's folders, entries, bytes and index (a scoped key: its project's). */
+export async function stats(ctx: ServiceContext) {
+  const { principal, settings } = ctx;
+  const found = await counts(
+    ctx.db,
+    ownRows(principal, knowledgeFolders.owner_id, knowledgeFolders.project_id),
+    ownRows(principal, knowledgeEntries.owner_id, knowledgeEntries.project_id),
+  );
+  const entryCount = Object.values(found.entries_by_status).reduce((a, b) => a + b, 0);
+  return {
+    ...found,
+    entry_count: entryCount,
+    max_bytes_per_user: settings.KB_MAX_BYTES_PER_USER,
+    max_file_bytes: settings.KB_MAX_FILE_BYTES,
+    vector_search: Boolean(settings.EMBEDDING_MODEL) && (await hasVectorTable(ctx.db)),
+  };
+}

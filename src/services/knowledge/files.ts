@@ -1,0 +1,72 @@
+import type { Settings } from '../../core/config.js';
+import type { Db } from '../../core/db.js';
+import type { Logger } from '../../core/logger.js';
+
+import { forgetFileDeletions, pendingFileDeletions } from '../../crud/knowledge.js';
+import { getStorageService, type StorageService } from '../storage-service.js';
+
+/** Where knowledge-base files live (SPEC §7: prefix `knowledge-base`, path `owner/folder/entry`). */
+export const KNOWLEDGE_PREFIX = 'knowledge-base';
+
+export function knowledgeStorage(settings: Settings): StorageService {
+  return getStorageService(settings, { prefix: KNOWLEDGE_PREFIX });
+}
+
+/**
+ * The key of an entry's file: `knowledge-base/<owner>/<folder at upload>/<entry id>`. Fixed for
+ * the entry's life: a rename changes only the row, and a move too (no copy-and-delete on S3,
+ * which is not atomic); see docs/decisions.md.
+ */
+export function entryKey(storage: StorageService, entry: { id: string; owner_id: string; folder_id: string }): string {
+  return storage.keyFor(entry.id, [entry.owner_id, entry.folder_id]);
+}
+
+/** The extracted text ingestion writes beside the file (what `GET …/content` returns). */
+export const textKeyOf = (storageKey: string) => `${storageKey}.txt`;
+
+/**
+ * Deletes stored files and their extracted text; returns the keys whose deletion failed (logged).
+ * A file already gone is no failure.
+ */
+export async function deleteStoredFiles(ctx: { settings: Settings; log: Logger }, storageKeys: string[]): Promise<Set<string>> {
+  const storage = knowledgeStorage(ctx.settings);
+  const failed = new Set<string>();
+  // A few at a time: a folder of thousands must not open thousands of requests at once.
+  for (let i = 0; i < storageKeys.length; i += 16) {
+    await Promise.all(
+      storageKeys.slice(i, i + 16).map(async (key) => {
+        try {
+          await Promise.all([storage.deleteFile(key), storage.deleteFile(textKeyOf(key))]);
+        } catch (error) {
+          ctx.log.warn({ err: error, key }, 'knowledge file could not be deleted; will try again');
+          failed.add(key);
+        }
+      }),
+    );
+  }
+  return failed;
+}
+
+/** Keys handled per round of `purgeDeletedFiles`. */
+const PURGE_BATCH = 500;
+
+/**
+ * Deletes the files of deleted entries (the rows a trigger leaves in knowledge_file_deletions),
+ * round after round until none is left or storage fails; a key whose deletion failed stays for
+ * the next purge. Run after a deletion through the API and by the sweeper. Returns the keys done.
+ */
+export async function purgeDeletedFiles(ctx: { db: Db; settings: Settings; log: Logger }): Promise<number> {
+  let done = 0;
+  for (;;) {
+    const pending = await pendingFileDeletions(ctx.db, PURGE_BATCH);
+    if (!pending.length) return done;
+    const failed = await deleteStoredFiles(ctx, [...new Set(pending.map((row) => row.storage_key))]);
+    const deleted = pending.filter((row) => !failed.has(row.storage_key));
+    await forgetFileDeletions(
+      ctx.db,
+      deleted.map((row) => row.id),
+    );
+    done += deleted.length;
+    if (failed.size || pending.length < PURGE_BATCH) return done;
+  }
+}

@@ -1,0 +1,51 @@
+import { type KnowledgeFolder, knowledgeFolders } from '../../models/index.js';
+
+import type { KnowledgeFolderCreate, KnowledgeFolderListQuery, KnowledgeFolderUpdate } from '../../schemas/knowledge.js';
+
+import { folderCrud, folderNames, folderPolicy, setEntriesProject, writeUniquelyNamed } from '../../crud/knowledge.js';
+import { matching } from '../../crud/owned.js';
+import type { ServiceContext } from '../context.js';
+import { placeInProject } from '../project-service.js';
+import { purgeDeletedFiles } from './files.js';
+
+export function get(ctx: ServiceContext, id: string): Promise<KnowledgeFolder> {
+  return folderCrud.getVisible(ctx.db, ctx.principal, id);
+}
+
+export function list(ctx: ServiceContext, query: KnowledgeFolderListQuery) {
+  return folderCrud.list(ctx.db, ctx.principal, query, matching({ project_id: knowledgeFolders.project_id }, query));
+}
+
+/** A name another of the owner's folders has gets a number: `Docs (1)`. */
+export async function create(ctx: ServiceContext, input: KnowledgeFolderCreate): Promise<KnowledgeFolder> {
+  const ownerId = ctx.principal.user.id;
+  const projectId = await placeInProject(ctx, folderPolicy, ownerId, input.project_id);
+  return writeUniquelyNamed(ctx.db, folderNames(ownerId), input.name, (tx, name) =>
+    folderCrud.create(tx, { ...input, name, project_id: projectId, owner_id: ownerId }),
+  );
+}
+
+/** Name, description and project; the folder's entries move into the project with it. */
+export async function update(ctx: ServiceContext, id: string, input: KnowledgeFolderUpdate): Promise<KnowledgeFolder> {
+  const { principal } = ctx;
+  const folder = await folderCrud.getVisible(ctx.db, principal, id, 'write');
+  const projectId = input.project_id === undefined ? undefined : await placeInProject(ctx, folderPolicy, folder.owner_id, input.project_id);
+  const change = { ...input, project_id: projectId };
+  return writeUniquelyNamed(
+    ctx.db,
+    folderNames(folder.owner_id),
+    input.name ?? folder.name,
+    async (tx, name) => {
+      const updated = await folderCrud.update(tx, principal, id, input.name === undefined ? change : { ...change, name });
+      if (projectId !== undefined) await setEntriesProject(tx, id, projectId);
+      return updated;
+    },
+    id,
+  );
+}
+
+/** The folder, its entries and their index; then their stored files. */
+export async function remove(ctx: ServiceContext, id: string): Promise<void> {
+  await folderCrud.remove(ctx.db, ctx.principal, id);
+  await purgeDeletedFiles(ctx);
+}

@@ -1,0 +1,295 @@
+/**
+ * Ingestion of one entry (job `ingest-entry`): claim it, extract its text, split it into chunks,
+ * index them for full text, embed them where an embedding model and pgvector are there, and mark
+ * it `ready` — or `failed` with an error the user can act on. A claim is a lease the job renews as
+ * it goes; the sweeper re-queues entries left `pending` or whose lease ran out (a worker that died),
+ * so no entry stays `processing` forever.
+ */
+import { randomUUID } from 'node:crypto';
+import { createWriteStream } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+
+import { and, eq, lt, or, sql } from 'drizzle-orm';
+
+import type { Settings } from '../../core/config.js';
+import { type Db, transaction } from '../../core/db.js';
+import { HttpError } from '../../core/errors.js';
+import type { Logger } from '../../core/logger.js';
+import type { JobQueue } from '../../core/queue.js';
+
+import { knowledgeChunks, knowledgeEntries,type KnowledgeEntry } from '../../models/index.js';
+
+import { deleteChunks } from '../../crud/knowledge.js';
+import type { ModelManager } from '../../modules/ai-models/index.js';
+import { chunkDocument } from '../../modules/knowledge/chunk.js';
+import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
+import { type DocumentChunk, DocumentRejectedError, type ExtractedDocument } from '../../modules/knowledge/types.js';
+import { StorageNotFoundError, type StorageService } from '../storage-service.js';
+import { ensureVectorIndex, hasVectorTable, writeEmbeddings } from './embeddings.js';
+import { knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
+
+export interface IngestionDeps {
+  db: Db;
+  settings: Settings;
+  log: Logger;
+  models: ModelManager;
+}
+
+/** The job's claim was taken over (a reindex, the sweeper after a stall) or its entry deleted: its work is dropped. */
+class ClaimLostError extends Error {}
+
+// ==================== Claims ====================
+
+/**
+ * Takes the entry for this job: from `pending`, or from `processing` whose lease ran out. One
+ * conditional update, so two jobs for one entry never both hold it. Null: nothing to do.
+ */
+async function claim(db: Db, settings: Settings, entryId: string): Promise<KnowledgeEntry | null> {
+  const [entry] = await db
+    .update(knowledgeEntries)
+    .set({
+      status: 'processing',
+      lease_token: randomUUID(),
+      lease_expires_at: sql`now() + ${settings.KB_INGEST_LEASE_MS} * interval '1 millisecond'`,
+      processing_started_at: sql`now()`,
+      attempts: sql`${knowledgeEntries.attempts} + 1`,
+      error: null,
+    })
+    .where(
+      and(
+        eq(knowledgeEntries.id, entryId),
+        or(eq(knowledgeEntries.status, 'pending'), and(eq(knowledgeEntries.status, 'processing'), lt(knowledgeEntries.lease_expires_at, sql`now()`))),
+      ),
+    )
+    .returning();
+  return entry ?? null;
+}
+
+const held = (entry: KnowledgeEntry) => and(eq(knowledgeEntries.id, entry.id), eq(knowledgeEntries.lease_token, entry.lease_token!));
+
+/** Extends the claim; ClaimLostError when it is no longer this job's. */
+async function renew(db: Db, settings: Settings, entry: KnowledgeEntry): Promise<void> {
+  const [row] = await db
+    .update(knowledgeEntries)
+    .set({ lease_expires_at: sql`now() + ${settings.KB_INGEST_LEASE_MS} * interval '1 millisecond'` })
+    .where(held(entry))
+    .returning({ id: knowledgeEntries.id });
+  if (!row) throw new ClaimLostError();
+}
+
+/** Ends the claim as `failed` with `error` (and no index: nothing half-made stays searchable). */
+async function fail(db: Db, entry: KnowledgeEntry, error: string): Promise<void> {
+  await transaction(db, async (tx) => {
+    const [row] = await tx
+      .update(knowledgeEntries)
+      .set({ status: 'failed', error, chunk_count: 0, token_count: 0, lease_token: null, lease_expires_at: null, processed_at: sql`now()` })
+      .where(held(entry))
+      .returning({ id: knowledgeEntries.id });
+    if (row) await deleteChunks(tx, entry.id);
+  });
+}
+
+/** Hands the entry back (`pending`) for the queue's next try. */
+async function release(db: Db, entry: KnowledgeEntry): Promise<void> {
+  await db.update(knowledgeEntries).set({ status: 'pending', lease_token: null, lease_expires_at: null }).where(held(entry));
+}
+
+// ==================== Steps ====================
+
+/**
+ * Runs `work` on a local copy of the stored file (the extractors read paths): a temporary file,
+ * removed afterwards, whatever the backend.
+ */
+async function withLocalCopy<T>(storage: StorageService, key: string, work: (path: string) => Promise<T>): Promise<T> {
+  const dir = await mkdtemp(join(tmpdir(), 'keel-ingest-'));
+  try {
+    const path = join(dir, 'document');
+    const opened = await storage.stream(key);
+    await pipeline(opened.body, createWriteStream(path, { mode: 0o600 }));
+    return await work(path);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+/** The chunks' embeddings, batch by batch (KB_EMBED_BATCH), metered to the entry's owner; the claim is renewed after each batch. */
+async function embed(deps: IngestionDeps, entry: KnowledgeEntry, model: string, chunks: DocumentChunk[]): Promise<number[][]> {
+  const vectors: number[][] = [];
+  const batch = deps.settings.KB_EMBED_BATCH;
+  for (let start = 0; start < chunks.length; start += batch) {
+    const result = await deps.models.embed({
+      model,
+      values: chunks.slice(start, start + batch).map((chunk) => chunk.text),
+      context: { user_id: entry.owner_id, project_id: entry.project_id },
+    });
+    vectors.push(...result.embeddings);
+    await renew(deps.db, deps.settings, entry);
+  }
+  return vectors;
+}
+
+/** Rows per INSERT of chunks: far under PostgreSQL's 65535 parameters. */
+const CHUNK_ROWS_PER_INSERT = 500;
+
+/**
+ * Replaces the entry's chunks (and their embeddings) and marks it `ready`, in one transaction that
+ * first locks the entry under this job's claim: an entry deleted or reindexed meanwhile gets
+ * nothing (ClaimLostError), so a deletion never sees its chunks come back.
+ */
+async function store(deps: IngestionDeps, entry: KnowledgeEntry, document: ExtractedDocument, chunks: DocumentChunk[], embeddings: { model: string; vectors: number[][] } | null) {
+  const language = deps.settings.KB_SEARCH_LANGUAGE;
+  await transaction(deps.db, async (tx) => {
+    const [row] = await tx.select({ id: knowledgeEntries.id }).from(knowledgeEntries).where(held(entry)).for('update');
+    if (!row) throw new ClaimLostError();
+    await deleteChunks(tx, entry.id);
+    const ids: string[] = [];
+    for (let start = 0; start < chunks.length; start += CHUNK_ROWS_PER_INSERT) {
+      const rows = chunks.slice(start, start + CHUNK_ROWS_PER_INSERT).map((chunk) => ({
+        entry_id: entry.id,
+        owner_id: entry.owner_id,
+        chunk_index: chunk.index,
+        text: chunk.text,
+        heading_path: chunk.headingPath,
+        token_count: chunk.tokenCount,
+        tsv: sql`to_tsvector(${language}::regconfig, ${chunk.text})` as unknown as string,
+      }));
+      const inserted = await tx.insert(knowledgeChunks).values(rows).returning({ id: knowledgeChunks.id });
+      ids.push(...inserted.map((r) => r.id));
+    }
+    if (embeddings) await writeEmbeddings(tx, embeddings.model, ids, embeddings.vectors);
+    await tx
+      .update(knowledgeEntries)
+      .set({
+        status: 'ready',
+        format: document.format,
+        error: null,
+        chunk_count: chunks.length,
+        token_count: chunks.reduce((sum, chunk) => sum + chunk.tokenCount, 0),
+        lease_token: null,
+        lease_expires_at: null,
+        processed_at: sql`now()`,
+      })
+      .where(eq(knowledgeEntries.id, entry.id));
+  });
+}
+
+// ==================== The job ====================
+
+/** How a failure ends: the entry `failed` with this message now, or (a passing fault) another try. */
+function outcomeOf(error: unknown, entry: KnowledgeEntry, maxAttempts: number): { fail: string } | { retry: string } {
+  if (error instanceof DocumentRejectedError) return { fail: `The document could not be read: ${error.message}` };
+  if (error instanceof StorageNotFoundError) return { fail: 'The stored file is missing (deleted from storage, or the storage settings changed); upload the document again' };
+  if (error instanceof HttpError && error.statusCode < 500) return { fail: error.detail };
+  if (error instanceof HttpError) {
+    const reason = error.detail;
+    return entry.attempts >= maxAttempts ? { fail: `${reason} (after ${entry.attempts} attempts); reindex the entry to try again` } : { retry: reason };
+  }
+  return { fail: 'Ingestion failed because of an internal error (it is in the server log); reindex the entry to try again' };
+}
+
+/** Ingests one entry; a no-op when it is gone, done, or another job holds it. Throws only to have the queue try again. */
+export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise<void> {
+  const { db, settings, log } = deps;
+  const entry = await claim(db, settings, entryId);
+  if (!entry) return;
+  const maxAttempts = settings.KB_INGEST_MAX_ATTEMPTS;
+  if (entry.attempts > maxAttempts) {
+    await fail(db, entry, `Ingestion did not finish in ${maxAttempts} attempts (the worker stopped or ran out of time); reindex the entry to try again`);
+    return;
+  }
+  const storage = knowledgeStorage(settings);
+  const started = performance.now();
+  try {
+    const document = await withLocalCopy(storage, entry.storage_key, (path) =>
+      extractDocument({ path, filename: entry.filename, declaredMime: entry.mime_type }, extractLimitsFrom(settings)),
+    );
+    await renew(db, settings, entry);
+    const chunks = chunkDocument(document, { chunkTokens: settings.KB_CHUNK_TOKENS, overlapTokens: settings.KB_CHUNK_OVERLAP_TOKENS });
+    const model = settings.EMBEDDING_MODEL;
+    const embeddings = model && chunks.length && (await hasVectorTable(db)) ? { model, vectors: await embed(deps, entry, model, chunks) } : null;
+    const dimensions = embeddings?.vectors[0]?.length;
+    if (dimensions) await ensureVectorIndex(db, dimensions);
+    await storage.saveFile(document.text, `${entry.id}.txt`, 'text/plain; charset=utf-8', textPathOf(storage, entry.storage_key));
+    await store(deps, entry, document, chunks, embeddings);
+    log.info({ entryId, format: document.format, chunks: chunks.length, ms: Math.round(performance.now() - started) }, 'knowledge entry ingested');
+  } catch (error) {
+    if (error instanceof ClaimLostError) {
+      log.info({ entryId }, 'ingestion dropped: the entry was deleted or reindexed meanwhile');
+      await removeTextOfDeleted(db, storage, entry);
+      return;
+    }
+    const outcome = outcomeOf(error, entry, maxAttempts);
+    if ('retry' in outcome) {
+      log.warn({ err: error, entryId, attempt: entry.attempts }, 'ingestion failed; will try again');
+      await release(db, entry);
+      throw error;
+    }
+    if (!(error instanceof DocumentRejectedError || error instanceof HttpError)) log.error({ err: error, entryId }, 'ingestion failed');
+    await fail(db, entry, outcome.fail);
+  }
+}
+
+/** The folder parts of a stored file's key (the extracted text goes beside it). */
+function textPathOf(storage: StorageService, storageKey: string): string[] {
+  return storageKey.slice(storage.prefix.length + 1).split('/').slice(0, -1);
+}
+
+/** An entry deleted while its text was being written: the deletion may have missed the text, so it goes now. */
+async function removeTextOfDeleted(db: Db, storage: StorageService, entry: KnowledgeEntry): Promise<void> {
+  const [row] = await db.select({ id: knowledgeEntries.id }).from(knowledgeEntries).where(eq(knowledgeEntries.id, entry.id));
+  if (!row) await storage.deleteFile(textKeyOf(entry.storage_key)).catch(() => false);
+}
+
+// ==================== Sweeper ====================
+
+/** Entries re-queued per sweep at most; the next sweep takes the rest. */
+const SWEEP_BATCH = 1_000;
+
+/**
+ * Queues ingestion for entries left `pending` (their job lost: an in-process queue does not
+ * survive a restart) and `processing` ones whose lease ran out (their worker died). `pendingAgeMs`
+ * spares entries queued a moment ago. A duplicate job is harmless: only one can claim the entry.
+ */
+export async function sweepIngestion(db: Db, queue: JobQueue, pendingAgeMs: number): Promise<number> {
+  const stale = await db
+    .select({ id: knowledgeEntries.id })
+    .from(knowledgeEntries)
+    .where(
+      or(
+        and(eq(knowledgeEntries.status, 'pending'), lt(knowledgeEntries.updated_at, sql`now() - ${pendingAgeMs} * interval '1 millisecond'`)),
+        and(eq(knowledgeEntries.status, 'processing'), lt(knowledgeEntries.lease_expires_at, sql`now()`)),
+      ),
+    )
+    .limit(SWEEP_BATCH);
+  for (const { id } of stale) await queue.add('ingest-entry', { entry_id: id });
+  return stale.length;
+}
+
+/**
+ * Sweeps at once (a restart's leftovers) and then every KB_SWEEP_INTERVAL_MS, in a process that
+ * runs jobs: re-queues unfinished ingestion and deletes the files of entries deleted without
+ * them (cascades, a crash between commit and file deletion). Returns the function that stops it.
+ */
+export function startIngestionSweeper(deps: { db: Db; settings: Settings; log: Logger }, queue: JobQueue): () => Promise<void> {
+  const { db, settings, log } = deps;
+  let running: Promise<unknown> = Promise.resolve();
+  const sweep = (pendingAgeMs: number) => {
+    running = Promise.all([sweepIngestion(db, queue, pendingAgeMs), purgeDeletedFiles(deps)]).then(
+      ([requeued, purged]) => {
+        if (requeued) log.info({ count: requeued }, 'knowledge entries re-queued for ingestion');
+        if (purged) log.info({ count: purged }, 'files of deleted knowledge entries removed');
+      },
+      (error: unknown) => log.warn({ err: error }, 'knowledge sweep failed; will try again'),
+    );
+  };
+  sweep(0);
+  const timer = setInterval(() => sweep(settings.KB_SWEEP_INTERVAL_MS), settings.KB_SWEEP_INTERVAL_MS);
+  timer.unref();
+  return async () => {
+    clearInterval(timer);
+    await running;
+  };
+}

@@ -1,0 +1,163 @@
+import { and, desc, eq, inArray, or, type SQL, sql } from 'drizzle-orm';
+
+import type { Settings } from '../../core/config.js';
+import type { Db } from '../../core/db.js';
+import type { Logger } from '../../core/logger.js';
+
+import { knowledgeChunks, knowledgeEntries } from '../../models/index.js';
+
+import { ownRows } from '../../crud/knowledge.js';
+import type { CallContext, ModelManager } from '../../modules/ai-models/index.js';
+import type { Principal } from '../../utils/authentication.js';
+import { anyEmbedded, hasVectorTable, nearestChunks } from './embeddings.js';
+
+/** What a search needs: a ServiceContext has it all. */
+export interface KnowledgeSearchDeps {
+  db: Db;
+  settings: Settings;
+  models: ModelManager;
+  log: Logger;
+}
+
+export interface KnowledgeQuery {
+  query: string;
+  /**
+   * Where to search: the entries of these folders plus these entries. Both left out: all of the
+   * caller's documents; either given (even empty): only what they name (`[]` and `[]`: nothing).
+   */
+  folderIds?: string[];
+  entryIds?: string[];
+  /** Passages to return (default 5). */
+  topK?: number;
+  /** Who the query's embedding call is for, beyond the principal (a run, an agent). */
+  context?: CallContext;
+}
+
+export interface KnowledgeHit {
+  entry_id: string;
+  filename: string;
+  chunk_index: number;
+  text: string;
+  /** Higher is better: ts_rank_cd in full-text mode; the fused reciprocal-rank score in hybrid mode. */
+  score: number;
+  heading_path: string[];
+}
+
+export interface KnowledgeSearchResult {
+  data: KnowledgeHit[];
+  mode: 'full_text' | 'hybrid';
+}
+
+/** Reciprocal rank fusion's constant: ranks deep in a list count little, the first few dominate. */
+const RRF_K = 60;
+
+/** Candidates taken from each list before fusing: several times what is asked, so fusion has room. */
+const candidatesFor = (topK: number) => Math.max(20, topK * 4);
+
+/** The chunks the caller may search, narrowed by the query's folders and entries. */
+function scopeOf(principal: Principal, query: KnowledgeQuery): SQL {
+  const own = ownRows(principal, knowledgeChunks.owner_id, knowledgeEntries.project_id);
+  if (query.folderIds === undefined && query.entryIds === undefined) return own;
+  const folderIds = query.folderIds ?? [];
+  const entryIds = query.entryIds ?? [];
+  const named = or(
+    folderIds.length ? inArray(knowledgeEntries.folder_id, folderIds) : undefined,
+    entryIds.length ? inArray(knowledgeChunks.entry_id, entryIds) : undefined,
+  );
+  return and(own, named ?? sql`false`)!;
+}
+
+interface Passage extends Omit<KnowledgeHit, 'score'> {
+  id: string;
+}
+
+const passageColumns = {
+  id: knowledgeChunks.id,
+  entry_id: knowledgeChunks.entry_id,
+  filename: knowledgeEntries.filename,
+  chunk_index: knowledgeChunks.chunk_index,
+  text: knowledgeChunks.text,
+  heading_path: knowledgeChunks.heading_path,
+};
+
+/** Full text: `websearch_to_tsquery` (quotes, `or`, `-word`) ranked by cover density (`ts_rank_cd`). */
+async function fullText(db: Db, language: string, text: string, scope: SQL, limit: number): Promise<(Passage & { score: number })[]> {
+  const query = sql`websearch_to_tsquery(${language}::regconfig, ${text})`;
+  const rank = sql<number>`ts_rank_cd(${knowledgeChunks.tsv}, ${query})`.mapWith(Number);
+  return db
+    .select({ ...passageColumns, score: rank })
+    .from(knowledgeChunks)
+    .innerJoin(knowledgeEntries, eq(knowledgeEntries.id, knowledgeChunks.entry_id))
+    .where(and(sql`${knowledgeChunks.tsv} @@ ${query}`, scope))
+    .orderBy(desc(rank), knowledgeChunks.id)
+    .limit(limit);
+}
+
+async function passagesByIds(db: Db, ids: string[]): Promise<Passage[]> {
+  if (!ids.length) return [];
+  return db
+    .select(passageColumns)
+    .from(knowledgeChunks)
+    .innerJoin(knowledgeEntries, eq(knowledgeEntries.id, knowledgeChunks.entry_id))
+    .where(inArray(knowledgeChunks.id, ids));
+}
+
+/** The query's embedding, or null when there is nothing to compare it with (or the model fails: full text answers alone). */
+async function queryEmbedding(deps: KnowledgeSearchDeps, principal: Principal, query: KnowledgeQuery, scope: SQL): Promise<number[] | null> {
+  const model = deps.settings.EMBEDDING_MODEL;
+  if (!model || !(await hasVectorTable(deps.db)) || !(await anyEmbedded(deps.db, model, scope))) return null;
+  try {
+    const result = await deps.models.embed({
+      model,
+      values: [query.query],
+      context: {
+        user_id: principal.user.id,
+        api_key_id: principal.apiKeyId,
+        api_key_limits: principal.apiKeyLimits,
+        project_id: principal.scopeProjectId,
+        ...query.context,
+      },
+    });
+    return result.embeddings[0] ?? null;
+  } catch (error) {
+    deps.log.warn({ err: error, model }, 'query embedding failed; knowledge search answers with full text alone');
+    return null;
+  }
+}
+
+/**
+ * Searches the caller's documents (a project-scoped key: its project's): full text alone, or —
+ * when EMBEDDING_MODEL is set and the documents have embeddings (pgvector) — full text and vector
+ * similarity fused by reciprocal rank. What `POST /knowledge-base/search` and the runner's
+ * `knowledge_search` tool call.
+ */
+export async function searchKnowledge(deps: KnowledgeSearchDeps, principal: Principal, query: KnowledgeQuery): Promise<KnowledgeSearchResult> {
+  const topK = query.topK ?? 5;
+  const scope = scopeOf(principal, query);
+  const language = deps.settings.KB_SEARCH_LANGUAGE;
+  const vector = await queryEmbedding(deps, principal, query, scope);
+  if (!vector) {
+    const hits = await fullText(deps.db, language, query.query, scope, topK);
+    return { data: hits.map(({ id: _id, ...hit }) => hit), mode: 'full_text' };
+  }
+  const limit = candidatesFor(topK);
+  const [textHits, nearest] = await Promise.all([
+    fullText(deps.db, language, query.query, scope, limit),
+    nearestChunks(deps.db, deps.settings.EMBEDDING_MODEL!, vector, scope, limit),
+  ]);
+  const fused = new Map<string, number>();
+  const add = (id: string, rank: number) => fused.set(id, (fused.get(id) ?? 0) + 1 / (RRF_K + rank + 1));
+  textHits.forEach((hit, rank) => add(hit.id, rank));
+  nearest.forEach((match, rank) => add(match.chunk_id, rank));
+  const best = [...fused.entries()].sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1)).slice(0, topK);
+  const known = new Map<string, Passage>(textHits.map((hit) => [hit.id, hit]));
+  const missing = best.map(([id]) => id).filter((id) => !known.has(id));
+  for (const passage of await passagesByIds(deps.db, missing)) known.set(passage.id, passage);
+  const data = best.flatMap(([id, score]) => {
+    const passage = known.get(id);
+    if (!passage) return []; // deleted between the two queries
+    const { id: _id, ...hit } = passage;
+    return [{ ...hit, score }];
+  });
+  return { data, mode: 'hybrid' };
+}

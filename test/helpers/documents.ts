@@ -1,0 +1,125 @@
+/**
+ * Real documents made by the libraries people's tools use (pdfkit for PDF, docx for Word, yazl
+ * for a raw zip), for ingestion tests and the retrieval-evaluation corpus: binaries are made at
+ * test time, never committed.
+ */
+import { createWriteStream } from 'node:fs';
+import { readFile, writeFile } from 'node:fs/promises';
+import { deflateSync } from 'node:zlib';
+
+import { Document, HeadingLevel, Packer, Paragraph } from 'docx';
+import PDFDocument from 'pdfkit';
+import yazl from 'yazl';
+
+/** A heading (level 1–6) or a paragraph of body text. */
+export type Block = { heading: number; text: string } | { text: string };
+
+/** Blocks from a Markdown source: `#` lines are headings, blank-line separated runs are paragraphs. */
+export function markdownBlocks(markdown: string): Block[] {
+  const blocks: Block[] = [];
+  for (const part of markdown.split(/\n\s*\n/)) {
+    const lines = part.split('\n');
+    const paragraph: string[] = [];
+    for (const line of lines) {
+      const heading = /^(#{1,6})\s+(.*)$/.exec(line);
+      if (heading) {
+        if (paragraph.length > 0) blocks.push({ text: paragraph.splice(0).join(' ') });
+        blocks.push({ heading: heading[1]!.length, text: heading[2]!.trim() });
+      } else if (line.trim()) paragraph.push(line.trim());
+    }
+    if (paragraph.length > 0) blocks.push({ text: paragraph.join(' ') });
+  }
+  return blocks;
+}
+
+const PDF_HEADING_SIZES = [24, 18, 15, 13, 12.5, 12.2];
+
+/** A PDF with headings set larger than the body (as word processors export them); `newPageBefore` starts those headings on a new page. */
+export async function writePdf(path: string, blocks: Block[], options: { userPassword?: string; newPageBefore?: string[] } = {}): Promise<void> {
+  const pdf = new PDFDocument({
+    compress: true,
+    info: { Title: 'Keel test document' },
+    ...(options.userPassword ? { userPassword: options.userPassword, ownerPassword: `${options.userPassword}-owner` } : {}),
+  });
+  const written = new Promise<void>((resolve, reject) => {
+    pdf.pipe(createWriteStream(path)).on('finish', resolve).on('error', reject);
+  });
+  for (const block of blocks) {
+    if ('heading' in block) {
+      if (options.newPageBefore?.includes(block.text)) pdf.addPage();
+      pdf.fontSize(PDF_HEADING_SIZES[block.heading - 1] ?? 12).text(block.text).moveDown(0.5);
+    } else {
+      pdf.fontSize(11).text(block.text).moveDown(1);
+    }
+  }
+  pdf.end();
+  await written;
+}
+
+const DOCX_HEADINGS = [HeadingLevel.HEADING_1, HeadingLevel.HEADING_2, HeadingLevel.HEADING_3, HeadingLevel.HEADING_4, HeadingLevel.HEADING_5, HeadingLevel.HEADING_6];
+
+/** A Word document with real heading styles (Heading 1…6). */
+export async function writeDocx(path: string, blocks: Block[]): Promise<void> {
+  const children = blocks.map((block) => new Paragraph('heading' in block ? { text: block.text, heading: DOCX_HEADINGS[block.heading - 1]! } : { text: block.text }));
+  await writeFile(path, await Packer.toBuffer(new Document({ sections: [{ children }] })));
+}
+
+/** A zip with these entries (deflated), written with yazl. */
+export async function writeZip(path: string, entries: Record<string, Buffer | string>): Promise<void> {
+  const zip = new yazl.ZipFile();
+  for (const [name, content] of Object.entries(entries)) zip.addBuffer(Buffer.isBuffer(content) ? content : Buffer.from(content), name, { compress: true });
+  zip.end();
+  await new Promise<void>((resolve, reject) => {
+    zip.outputStream.pipe(createWriteStream(path)).on('finish', resolve).on('error', reject);
+  });
+}
+
+const CONTENT_TYPES = '<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"><Override PartName="/word/document.xml" ContentType="application/vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml"/></Types>';
+
+/**
+ * A "DOCX" whose word/document.xml unpacks to `bytes` of markup (it deflates to about a
+ * thousandth of that). `declare` rewrites the size its zip directory and local header declare
+ * for that entry: larger (a bomb that admits it), or smaller (one that lies).
+ */
+export async function writeZipBomb(path: string, bytes: number, declare?: number): Promise<void> {
+  const body = Buffer.alloc(bytes, 0x20);
+  body.write('<w:document>', 0);
+  await writeZip(path, { '[Content_Types].xml': CONTENT_TYPES, 'word/document.xml': body });
+  if (declare === undefined) return;
+  const zip = await readFile(path);
+  const name = Buffer.from('word/document.xml');
+  for (let at = zip.indexOf(name); at >= 0; at = zip.indexOf(name, at + 1)) {
+    // Central directory entry: signature 46 bytes before the name, size at +24; local header: 30 before, size at +22.
+    if (zip.readUInt32LE(at - 46) === 0x02014b50) zip.writeUInt32LE(declare, at - 46 + 24);
+    else if (zip.readUInt32LE(at - 30) === 0x04034b50) zip.writeUInt32LE(declare, at - 30 + 22);
+  }
+  await writeFile(path, zip);
+}
+
+/**
+ * A one-page PDF written by hand around a Flate-compressed content stream (what PDF libraries
+ * never let you write: a page that unpacks to hundreds of megabytes).
+ */
+export async function writePdfWithContent(path: string, content: Buffer): Promise<void> {
+  const stream = deflateSync(content, { level: 9 });
+  const parts: Buffer[] = [Buffer.from('%PDF-1.4\n')];
+  const offsets: number[] = [];
+  let length = parts[0]!.length;
+  const add = (part: Buffer) => {
+    parts.push(part);
+    length += part.length;
+  };
+  const object = (number: number, body: Buffer) => {
+    offsets[number] = length;
+    add(Buffer.concat([Buffer.from(`${number} 0 obj\n`), body, Buffer.from('\nendobj\n')]));
+  };
+  object(1, Buffer.from('<< /Type /Catalog /Pages 2 0 R >>'));
+  object(2, Buffer.from('<< /Type /Pages /Kids [3 0 R] /Count 1 >>'));
+  object(3, Buffer.from('<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>'));
+  object(4, Buffer.concat([Buffer.from(`<< /Length ${stream.length} /Filter /FlateDecode >>\nstream\n`), stream, Buffer.from('\nendstream')]));
+  object(5, Buffer.from('<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>'));
+  const xref = length;
+  const entries = offsets.slice(1).map((offset) => `${String(offset).padStart(10, '0')} 00000 n \n`).join('');
+  add(Buffer.from(`xref\n0 6\n0000000000 65535 f \n${entries}trailer\n<< /Size 6 /Root 1 0 R >>\nstartxref\n${xref}\n%%EOF\n`));
+  await writeFile(path, Buffer.concat(parts));
+}

@@ -1,0 +1,123 @@
+import { and, eq, sql } from 'drizzle-orm';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { knowledgeChunks, usageRecords } from '../../src/models/index.js';
+
+import { queryRows } from '../../src/crud/owned.js';
+import { useTestApp } from '../helpers/app.js';
+import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { apiOf, eventually } from '../helpers/http.js';
+import { createFolder, ingested, search, settled, uploaded } from '../helpers/knowledge.js';
+import { addFakeModels } from '../helpers/metered-models.js';
+
+// Embedded (PGlite) has pgvector: ingestion embeds and search is hybrid. The machine's PostgreSQL
+// has none: the same app embeds nothing and searches full text only.
+const ctx = useTestApp({ EMBEDDING_MODEL: 'fake-embed', KB_EMBED_BATCH: '2', KB_CHUNK_TOKENS: '32', KB_CHUNK_OVERLAP_TOKENS: '0', MODEL_MAX_RETRIES: '0', JOB_BACKOFF_MS: '10' });
+const api = apiOf(ctx);
+const withVectors = () => ctx.database.kind === 'pglite';
+
+let fake: FakeModelServer;
+let user: TestUser;
+
+beforeAll(async () => {
+  fake = await FakeModelServer.start();
+  await addFakeModels(ctx.app, await superuserHeaders(ctx.app), fake.url);
+  user = await createUser(ctx.app);
+});
+afterAll(async () => {
+  await fake.close();
+});
+beforeEach(() => fake.reset());
+
+const SECTIONS = [
+  'Lighthouses guide ships along rocky coasts at night.',
+  'Keepers once trimmed the lamp wicks every few hours.',
+  'Modern lights run automatically on solar power.',
+  'Fog horns warn vessels when the beam cannot be seen.',
+  'To be or not to be.',
+];
+
+describe('embeddings', () => {
+  it('embeds the chunks in batches through the model manager (metered to the owner) where pgvector exists', async () => {
+    const folder = await createFolder(ctx.app, user.headers);
+    const entry = await ingested(ctx.app, user.headers, folder.id, { filename: 'lights.md', content: SECTIONS.map((s, i) => `# Part ${i}\n\n${s}`).join('\n\n') });
+    expect(entry.chunk_count).toBe(SECTIONS.length);
+    const requests = fake.requestsFor('fake-embed');
+    if (!withVectors()) {
+      expect(requests).toEqual([]);
+      expect((await api('GET', '/knowledge-base/stats', user.headers)).json()).toMatchObject({ vector_search: false });
+      expect((await ctx.app.inject({ method: 'GET', url: '/ready' })).json()).toMatchObject({ vector_search: false });
+      return;
+    }
+    // KB_EMBED_BATCH=2: 5 chunks in 3 requests.
+    expect(requests.map((r) => (r.body.input as string[]).length)).toEqual([2, 2, 1]);
+    const stored = await queryRows<{ n: number; dims: number }>(
+      ctx.database.db,
+      sql`select count(*)::int as n, max(vector_dims(e.embedding))::int as dims from knowledge_chunk_embeddings e join ${knowledgeChunks} c on c.id = e.chunk_id where c.entry_id = ${entry.id} and e.model = 'fake-embed'`,
+    );
+    expect(stored[0]).toEqual({ n: SECTIONS.length, dims: 8 });
+    const index = await queryRows<{ indexdef: string }>(ctx.database.db, sql`select indexdef from pg_indexes where indexname = 'ix_knowledge_chunk_embeddings_hnsw_8'`);
+    expect(index[0]?.indexdef).toMatch(/USING hnsw .*vector_cosine_ops.*WHERE \(vector_dims\(embedding\) = 8\)/);
+    await eventually(async () => {
+      const rows = await ctx.database.db
+        .select()
+        .from(usageRecords)
+        .where(and(eq(usageRecords.owner_id, user.user.id), eq(usageRecords.operation, 'embed')));
+      return rows.length >= 3;
+    });
+    expect((await api('GET', '/knowledge-base/stats', user.headers)).json()).toMatchObject({ vector_search: true });
+    expect((await ctx.app.inject({ method: 'GET', url: '/ready' })).json()).toMatchObject({ vector_search: true });
+  });
+
+  it('searches hybrid where there are embeddings (finding what full text cannot), full text otherwise', async () => {
+    const other = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, other.headers);
+    const entry = await ingested(ctx.app, other.headers, folder.id, { filename: 'hamlet.txt', content: 'To be or not to be.' });
+    // Only stop words: full text finds nothing; the query's embedding equals the chunk's.
+    const found = await search(ctx.app, other.headers, { query: 'To be or not to be.' });
+    if (!withVectors()) {
+      expect(found).toEqual({ data: [], mode: 'full_text' });
+      return;
+    }
+    expect(found.mode).toBe('hybrid');
+    expect(found.data[0]).toMatchObject({ entry_id: entry.id, text: 'To be or not to be.' });
+    // Words full text knows still rank through the fusion.
+    await ingested(ctx.app, other.headers, folder.id, { filename: 'coast.txt', content: 'Lighthouses guide ships along rocky coasts at night.' });
+    const fused = await search(ctx.app, other.headers, { query: 'lighthouses ships' });
+    expect(fused.mode).toBe('hybrid');
+    expect(fused.data[0]!.text).toContain('Lighthouses');
+    expect(fused.data[0]!.score).toBeGreaterThan(0);
+    // Another user's embedded chunks never come back, however near.
+    const stranger = await createUser(ctx.app);
+    const strangers = await createFolder(ctx.app, stranger.headers);
+    await ingested(ctx.app, stranger.headers, strangers.id, { filename: 'mine.txt', content: 'Nothing to see.' });
+    expect((await search(ctx.app, stranger.headers, { query: 'To be or not to be.' })).data.map((h) => h.entry_id)).not.toContain(entry.id);
+  });
+
+  it('answers with full text alone when the query cannot be embedded', async () => {
+    if (!withVectors()) return;
+    const other = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, other.headers);
+    await ingested(ctx.app, other.headers, folder.id, { filename: 'seals.txt', content: 'Seals rest on sandbanks at low tide.' });
+    fake.script('fake-embed', { status: 500 });
+    const found = await search(ctx.app, other.headers, { query: 'seals sandbanks' });
+    expect(found.mode).toBe('full_text');
+    expect(found.data[0]!.text).toContain('Seals');
+  });
+
+  it('retries an embedding provider that fails, then fails the entry with an error saying what to do', async () => {
+    if (!withVectors()) return;
+    const other = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, other.headers);
+    fake.script('fake-embed', { status: 500 }, { status: 500 }, { status: 500 });
+    const entry = await settled(ctx.app, other.headers, (await uploaded(ctx.app, other.headers, folder.id, { filename: 'x.txt', content: 'Puffins nest in burrows.' })).id);
+    expect(entry.status).toBe('failed');
+    expect(entry.error).toContain(`after ${ctx.app.settings.KB_INGEST_MAX_ATTEMPTS} attempts`);
+    expect(entry.error).toContain('reindex');
+    expect(fake.requestsFor('fake-embed')).toHaveLength(3);
+    // With the provider back, a reindex succeeds.
+    expect((await api('POST', `/knowledge-base/entries/${entry.id}/reindex`, other.headers)).statusCode).toBe(202);
+    expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', error: null });
+  });
+});

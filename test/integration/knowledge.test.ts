@@ -1,0 +1,569 @@
+import { randomUUID } from 'node:crypto';
+import { existsSync, readdirSync, statSync } from 'node:fs';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import type { AddressInfo } from 'node:net';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { eq, sql } from 'drizzle-orm';
+import { beforeAll, describe, expect, it } from 'vitest';
+
+import { knowledgeChunks, knowledgeEntries } from '../../src/models/index.js';
+
+import { contentDisposition } from '../../src/routers/knowledge.js';
+import { purgeDeletedFiles } from '../../src/services/knowledge/files.js';
+import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
+import { buildTestApp, useTestApp } from '../helpers/app.js';
+import { markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
+import { createProject, createUser, type TestUser } from '../helpers/factories.js';
+import { apiOf, createKey, expectValidationError, type ListBody, sleep, xApiKey } from '../helpers/http.js';
+import { createFolder, type EntryBody, ingested, multipartBody, search, settled, upload, uploaded } from '../helpers/knowledge.js';
+
+const FILE_LIMIT = 100_000;
+const USER_QUOTA = 250_000;
+const ctx = useTestApp({ KB_MAX_FILE_BYTES: String(FILE_LIMIT), KB_MAX_BYTES_PER_USER: String(USER_QUOTA), KB_CHUNK_TOKENS: '64', KB_CHUNK_OVERLAP_TOKENS: '8' });
+const api = apiOf(ctx);
+
+/** Files under the user's part of the knowledge-base storage (local backend). */
+function storedFiles(ownerId: string): string[] {
+  const dir = join(ctx.app.settings.dataDir, 'storage', 'knowledge-base', ownerId);
+  if (!existsSync(dir)) return [];
+  return readdirSync(dir, { recursive: true, encoding: 'utf8' }).filter((name) => statSync(join(dir, name)).isFile());
+}
+
+async function entryCount(user: TestUser): Promise<number> {
+  return (await api('GET', '/knowledge-base/entries', user.headers)).json<ListBody<EntryBody>>().count;
+}
+
+const MARKDOWN = `# Handbook
+
+Introduction to the handbook.
+
+## Billing
+
+Invoices are sent on the first working day of every month. Refunds take ten days.
+
+## Security
+
+Passwords are hashed with Argon2id and never logged.
+`;
+
+let alice: TestUser;
+let bob: TestUser;
+beforeAll(async () => {
+  alice = await createUser(ctx.app);
+  bob = await createUser(ctx.app);
+});
+
+describe('folders', () => {
+  it('numbers a name the owner already has, on creation and rename; other users keep their own names', async () => {
+    const user = await createUser(ctx.app);
+    const first = await createFolder(ctx.app, user.headers, { name: 'Reports' });
+    const second = await createFolder(ctx.app, user.headers, { name: 'Reports' });
+    const third = await createFolder(ctx.app, user.headers, { name: ' Reports ' });
+    expect([first.name, second.name, third.name]).toEqual(['Reports', 'Reports (1)', 'Reports (2)']);
+    expect((await createFolder(ctx.app, bob.headers, { name: 'Reports' })).name).toMatch(/^Reports/);
+    const renamed = await api('PATCH', `/knowledge-base/folders/${third.id}`, user.headers, { name: 'Reports' });
+    expect(renamed.json()).toMatchObject({ name: 'Reports (2)' }); // its own name is free to keep
+    expect((await api('PATCH', `/knowledge-base/folders/${first.id}`, user.headers, { name: 'Reports (1)' })).json()).toMatchObject({ name: 'Reports (1) (1)' });
+  });
+
+  it('refuses names that are empty, dots, or carry separators, controls or invisible marks (422)', async () => {
+    for (const name of ['', '   ', '.', '..', 'a/b', 'a\\b', 'a\u0000b', 'tab\there', 'exe\u202Etxt.pdf', 'a\u200Bb', 'n'.repeat(256)]) {
+      expectValidationError(await api('POST', '/knowledge-base/folders', alice.headers, { name }), ['body', 'name']);
+    }
+  });
+
+  it('deletes its entries, their index and their stored files with it', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const entry = await ingested(ctx.app, user.headers, folder.id, { filename: 'a.txt', content: 'Zebras graze at dawn.' });
+    expect(storedFiles(user.user.id)).toHaveLength(2); // the file and its extracted text
+    expect((await api('DELETE', `/knowledge-base/folders/${folder.id}`, user.headers)).statusCode).toBe(200);
+    expect((await api('GET', `/knowledge-base/entries/${entry.id}`, user.headers)).statusCode).toBe(404);
+    expect(await ctx.database.db.select().from(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entry.id))).toEqual([]);
+    expect(storedFiles(user.user.id)).toEqual([]);
+  });
+  it('deletes the files of entries that a deleted project or user took with it (by the sweep)', async () => {
+    const user = await createUser(ctx.app);
+    const project = await createProject(ctx.app, user.headers);
+    const inProject = await createFolder(ctx.app, user.headers, { name: 'P', project_id: project.id });
+    const loose = await createFolder(ctx.app, user.headers, { name: 'L' });
+    await ingested(ctx.app, user.headers, inProject.id, { filename: 'p.txt', content: 'Project file.' });
+    await ingested(ctx.app, user.headers, loose.id, { filename: 'l.txt', content: 'Loose file.' });
+    expect(storedFiles(user.user.id)).toHaveLength(4);
+    const purge = () => purgeDeletedFiles({ db: ctx.app.db, settings: ctx.app.settings, log: ctx.app.log });
+    expect((await api('DELETE', `/projects/${project.id}`, user.headers)).statusCode).toBe(200);
+    expect(await purge()).toBe(1);
+    expect(storedFiles(user.user.id)).toHaveLength(2);
+    expect((await api('DELETE', '/users/me', user.headers)).statusCode).toBe(200);
+    expect(await purge()).toBe(1);
+    expect(storedFiles(user.user.id)).toEqual([]);
+    expect(await purge()).toBe(0);
+  });
+});
+
+describe('upload', () => {
+  it('stores the file and answers 201 with a pending entry and its Location; ingestion makes it ready', async () => {
+    const folder = await createFolder(ctx.app, alice.headers);
+    const response = await upload(ctx.app, alice.headers, folder.id, { filename: 'notes.txt', content: 'Otters hold hands while they sleep.', type: 'text/plain' });
+    expect(response.statusCode, response.body).toBe(201);
+    const entry = response.json<EntryBody>();
+    expect(response.headers.location).toBe(`/api/v1/knowledge-base/entries/${entry.id}`);
+    expect(entry).toMatchObject({ folder_id: folder.id, owner_id: alice.user.id, filename: 'notes.txt', size_bytes: 35, mime_type: 'text/plain', format: 'text' });
+    expect(['pending', 'processing', 'ready']).toContain(entry.status);
+    expect(entry.sha256).toMatch(/^[0-9a-f]{64}$/);
+    const done = await settled(ctx.app, alice.headers, entry.id);
+    expect(done).toMatchObject({ status: 'ready', error: null, format: 'text' });
+    expect(done.chunk_count).toBe(1);
+    const content = await api('GET', `/knowledge-base/entries/${entry.id}/content`, alice.headers);
+    expect(content.statusCode).toBe(200);
+    expect(content.headers['content-type']).toBe('text/plain; charset=utf-8');
+    expect(content.body).toBe('Otters hold hands while they sleep.');
+  });
+
+  it('gives a clashing name a number, race-free', async () => {
+    const folder = await createFolder(ctx.app, alice.headers);
+    const file = { filename: 'report.txt', content: 'quarterly figures' };
+    const entries = await Promise.all([0, 1, 2, 3].map(() => uploaded(ctx.app, alice.headers, folder.id, file)));
+    expect(entries.map((e) => e.filename).sort()).toEqual(['report (1).txt', 'report (2).txt', 'report (3).txt', 'report.txt']);
+    const other = await uploaded(ctx.app, alice.headers, folder.id, { filename: 'other.txt', content: 'x' });
+    const renamed = await api('PATCH', `/knowledge-base/entries/${other.id}`, alice.headers, { filename: 'report.txt' });
+    expect(renamed.statusCode).toBe(200);
+    expect(renamed.json<EntryBody>().filename).toBe('report (4).txt');
+    // An entry keeps its own name when renamed to it.
+    const same = await api('PATCH', `/knowledge-base/entries/${entries[0]!.id}`, alice.headers, { filename: entries[0]!.filename });
+    expect(same.json<EntryBody>().filename).toBe(entries[0]!.filename);
+    expectValidationError(await api('PATCH', `/knowledge-base/entries/${other.id}`, alice.headers, { filename: '../x' }), ['body', 'filename']);
+  });
+
+  it('answers 422 for a body without a file, a non-multipart body, another field name and bad file names', async () => {
+    const folder = await createFolder(ctx.app, alice.headers);
+    const url = `/api/v1/knowledge-base/folders/${folder.id}/upload`;
+    const onlyField = multipartBody([{ field: 'note', value: 'no file here' }]);
+    const noFile = await ctx.app.inject({ method: 'POST', url, headers: { ...alice.headers, 'content-type': onlyField.contentType }, payload: onlyField.body });
+    expect(expectValidationError(noFile, ['body', 'file'], 'missing').detail[0]!.msg).toContain('"file"');
+    expectValidationError(await api('POST', `/knowledge-base/folders/${folder.id}/upload`, alice.headers, { file: 'x' }), ['body', 'file'], 'missing');
+    expectValidationError(await upload(ctx.app, alice.headers, folder.id, { field: 'document', filename: 'a.txt', content: 'x' }), ['body', 'file'], 'missing');
+    for (const filename of ['..', 'a\u0001b.txt', 'exe\u202Etxt.pdf', `${'n'.repeat(256)}.txt`, '   ']) {
+      expectValidationError(await upload(ctx.app, alice.headers, folder.id, { filename, content: 'x' }), ['body', 'file']);
+    }
+    expect(await entryCount(alice)).toBeGreaterThanOrEqual(0);
+    expect((await api('GET', `/knowledge-base/entries?folder_id=${folder.id}`, alice.headers)).json<ListBody<EntryBody>>().count).toBe(0);
+  });
+
+  it('refuses a file over the per-file limit with 413 and the figures, storing nothing', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    // Declared far over the limit: refused from Content-Length alone.
+    const declared = await upload(ctx.app, user.headers, folder.id, { filename: 'big.txt', content: 'x'.repeat(FILE_LIMIT * 2 + 70_000) });
+    expect(declared.statusCode).toBe(413);
+    expect(declared.json<{ detail: string }>().detail).toMatch(new RegExp(`File too large: more than \\d+ bytes .*; the limit is ${FILE_LIMIT} bytes \\(0\\.1 MiB\\) per file`));
+    // Just over: found out while the file streams in.
+    const streamed = await upload(ctx.app, user.headers, folder.id, { filename: 'big.txt', content: 'x'.repeat(FILE_LIMIT + 1) });
+    expect(streamed.statusCode).toBe(413);
+    expect(streamed.json<{ detail: string }>().detail).toContain(`the limit is ${FILE_LIMIT} bytes`);
+    // Exactly the limit is fine.
+    expect((await upload(ctx.app, user.headers, folder.id, { filename: 'edge.txt', content: 'y'.repeat(FILE_LIMIT) })).statusCode).toBe(201);
+    expect(await entryCount(user)).toBe(1);
+    expect(storedFiles(user.user.id).filter((name) => !name.endsWith('.txt'))).toHaveLength(1);
+  });
+
+  it('refuses an upload over what is left of the per-user total with 413 and the figures', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    for (const name of ['a.txt', 'b.txt']) await uploaded(ctx.app, user.headers, folder.id, { filename: name, content: 'z'.repeat(90_000) });
+    const response = await upload(ctx.app, user.headers, folder.id, { filename: 'c.txt', content: 'z'.repeat(90_000) });
+    expect(response.statusCode).toBe(413);
+    const { detail } = response.json<{ detail: string }>();
+    expect(detail).toContain('Storage quota exceeded');
+    expect(detail).toContain(`only 70000 bytes`);
+    expect(detail).toContain(`of your ${USER_QUOTA} bytes`);
+    expect(detail).toContain('(180000 bytes');
+    const stats = (await api('GET', '/knowledge-base/stats', user.headers)).json<Record<string, unknown>>();
+    expect(stats).toMatchObject({ size_bytes: 180_000, max_bytes_per_user: USER_QUOTA, max_file_bytes: FILE_LIMIT, folder_count: 1, entry_count: 2 });
+    // Freeing space makes room again.
+    const [first] = (await api('GET', '/knowledge-base/entries', user.headers)).json<ListBody<EntryBody>>().data;
+    await api('DELETE', `/knowledge-base/entries/${first!.id}`, user.headers);
+    expect((await upload(ctx.app, user.headers, folder.id, { filename: 'c.txt', content: 'z'.repeat(90_000) })).statusCode).toBe(201);
+  });
+
+  it('never lets concurrent uploads overrun the per-user total together', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const responses = await Promise.all([0, 1, 2, 3].map((i) => upload(ctx.app, user.headers, folder.id, { filename: `${i}.txt`, content: 'q'.repeat(80_000) })));
+    const statuses = responses.map((r) => r.statusCode).sort();
+    expect(statuses).toEqual([201, 201, 201, 413]);
+    const used = (await api('GET', '/knowledge-base/stats', user.headers)).json<{ size_bytes: number }>().size_bytes;
+    expect(used).toBe(240_000);
+    expect(storedFiles(user.user.id).filter((name) => !name.endsWith('.txt'))).toHaveLength(3);
+  });
+
+  it('documents the form (a binary `file`) in the OpenAPI document, with every answer', async () => {
+    const document = (await ctx.app.inject({ method: 'GET', url: '/api/v1/openapi.json' })).json<{ paths: Record<string, Record<string, Record<string, unknown>>> }>();
+    const operation = document.paths['/api/v1/knowledge-base/folders/{folder_id}/upload']!.post!;
+    expect(operation.operationId).toBe('upload_knowledge_entry');
+    expect(operation.requestBody).toMatchObject({
+      content: { 'multipart/form-data': { schema: { type: 'object', required: ['file'], properties: { file: { type: 'string', format: 'binary' } } } } },
+    });
+    expect(Object.keys(operation.responses as object).sort()).toEqual(['201', '401', '403', '404', '413', '422']);
+  });
+
+  it('answers 404 for another user\'s folder and a missing one, storing nothing', async () => {
+    const folder = await createFolder(ctx.app, alice.headers);
+    for (const id of [folder.id, randomUUID()]) {
+      const response = await upload(ctx.app, bob.headers, id, { filename: 'x.txt', content: 'intruder' });
+      expect(response.statusCode).toBe(404);
+      expect(response.json()).toEqual({ detail: 'Folder not found' });
+    }
+    expect(storedFiles(bob.user.id)).toEqual([]);
+  });
+});
+
+describe('uploads over a real connection', () => {
+  let port = 0;
+  beforeAll(async () => {
+    await ctx.app.listen({ host: '127.0.0.1', port: 0 });
+    port = (ctx.app.server.address() as AddressInfo).port;
+  });
+
+  /** Sends `head` and then `body` in pieces until the answer arrives; what was answered and how much of the body had gone. */
+  function rawUpload(head: string, pieces: Iterable<Buffer>, pauseMs = 5): Promise<{ answer: string; sent: number; total: number }> {
+    return new Promise((resolve, reject) => {
+      const socket = connect(port, '127.0.0.1');
+      let answer = '';
+      let sent = 0;
+      let total = 0;
+      const all = [...pieces];
+      for (const piece of all) total += piece.length;
+      socket.on('data', (data) => {
+        answer += data.toString();
+        if (answer.includes('\r\n\r\n') && /content-length: (\d+)/i.test(answer)) {
+          const length = Number(/content-length: (\d+)/i.exec(answer)![1]);
+          if (answer.length >= answer.indexOf('\r\n\r\n') + 4 + length) {
+            socket.destroy();
+            resolve({ answer, sent, total });
+          }
+        }
+      });
+      socket.on('error', (error) => (answer ? resolve({ answer, sent, total }) : reject(error)));
+      socket.write(head);
+      void (async () => {
+        for (const piece of all) {
+          if (socket.destroyed || answer) return;
+          socket.write(piece);
+          sent += piece.length;
+          await sleep(pauseMs);
+        }
+      })();
+    });
+  }
+
+  function requestHead(folderId: string, headers: Record<string, string>, extra: string): string {
+    const auth = Object.entries(headers)
+      .map(([k, v]) => `${k}: ${v}\r\n`)
+      .join('');
+    return `POST /api/v1/knowledge-base/folders/${folderId}/upload HTTP/1.1\r\nHost: x\r\n${auth}${extra}\r\n`;
+  }
+
+  it('answers 413 from Content-Length before the body is sent, and from the stream before it ends', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const { body, contentType } = multipartBody([{ filename: 'huge.txt', content: 'h'.repeat(2_000_000) }]);
+    const pieces = Array.from({ length: Math.ceil(body.length / 16_384) }, (_, i) => body.subarray(i * 16_384, (i + 1) * 16_384));
+    const declared = await rawUpload(requestHead(folder.id, user.headers, `Content-Type: ${contentType}\r\nContent-Length: ${body.length}\r\n`), pieces);
+    expect(declared.answer).toMatch(/^HTTP\/1\.1 413/);
+    expect(declared.sent).toBeLessThan(declared.total);
+    // Chunked: no length up front; refused once the stream passes the limit.
+    const chunked = pieces.map((piece) => Buffer.concat([Buffer.from(`${piece.length.toString(16)}\r\n`), piece, Buffer.from('\r\n')]));
+    const streamed = await rawUpload(requestHead(folder.id, user.headers, `Content-Type: ${contentType}\r\nTransfer-Encoding: chunked\r\n`), chunked);
+    expect(streamed.answer).toMatch(/^HTTP\/1\.1 413/);
+    expect(streamed.answer).toContain(`the limit is ${FILE_LIMIT} bytes`);
+    expect(streamed.sent).toBeLessThan(streamed.total);
+    expect(await entryCount(user)).toBe(0);
+    expect(storedFiles(user.user.id)).toEqual([]);
+  });
+
+  it('leaves neither row nor file when the client goes away midway', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const { body, contentType } = multipartBody([{ filename: 'cut.txt', content: 'c'.repeat(90_000) }]);
+    await new Promise<void>((resolve) => {
+      const socket = connect(port, '127.0.0.1', () => {
+        socket.write(requestHead(folder.id, user.headers, `Content-Type: ${contentType}\r\nContent-Length: ${body.length}\r\n`));
+        socket.write(body.subarray(0, 50_000), () => setTimeout(() => socket.destroy(), 100));
+      });
+      socket.on('close', () => resolve());
+      socket.on('error', () => undefined);
+    });
+    await sleep(300);
+    expect(await entryCount(user)).toBe(0);
+    expect(storedFiles(user.user.id)).toEqual([]);
+    // The connection's end left the server fine.
+    expect((await upload(ctx.app, user.headers, folder.id, { filename: 'ok.txt', content: 'fine' })).statusCode).toBe(201);
+  });
+});
+
+describe('entries', () => {
+  it('downloads the file as uploaded, with its type and an RFC 5987 name', async () => {
+    const folder = await createFolder(ctx.app, alice.headers);
+    const bytes = 'Grüße aus Köln — naïve café';
+    const entry = await uploaded(ctx.app, alice.headers, folder.id, { filename: 'Grüße Köln (1).md', content: bytes, type: 'text/markdown' });
+    const response = await api('GET', `/knowledge-base/entries/${entry.id}/download`, alice.headers);
+    expect(response.statusCode).toBe(200);
+    expect(response.body).toBe(bytes);
+    expect(response.headers['content-type']).toBe('text/markdown');
+    expect(Number(response.headers['content-length'])).toBe(Buffer.byteLength(bytes));
+    expect(response.headers['content-disposition']).toBe(`attachment; filename="Gr__e K_ln (1).md"; filename*=UTF-8''Gr%C3%BC%C3%9Fe%20K%C3%B6ln%20%281%29.md`);
+    expect(contentDisposition('a "quoted" \\ 100%.txt')).toBe(`attachment; filename="a _quoted_ _ 100_.txt"; filename*=UTF-8''a%20%22quoted%22%20%5C%20100%25.txt`);
+  });
+
+  it('sniffs the type from the bytes, not the name or the client', async () => {
+    const folder = await createFolder(ctx.app, alice.headers);
+    const html = await uploaded(ctx.app, alice.headers, folder.id, { filename: 'page', content: '<!doctype html><html><body><p>Hi</p></body></html>', type: 'application/pdf' });
+    expect(html).toMatchObject({ format: 'html', mime_type: 'text/html' });
+    const binary = await uploaded(ctx.app, alice.headers, folder.id, { filename: 'binary.txt', content: Buffer.from([0, 1, 2, 3, 0, 255, 254, 0]), type: 'text/plain' });
+    expect(binary).toMatchObject({ format: null, mime_type: 'application/octet-stream' });
+    const failed = await settled(ctx.app, alice.headers, binary.id);
+    expect(failed.status).toBe('failed');
+    expect(failed.error).toMatch(/binary/);
+    expect((await api('GET', `/knowledge-base/entries/${binary.id}/content`, alice.headers)).statusCode).toBe(409);
+  });
+
+  it('fails an empty file with an error the user can act on', async () => {
+    const folder = await createFolder(ctx.app, alice.headers);
+    const entry = await settled(ctx.app, alice.headers, (await uploaded(ctx.app, alice.headers, folder.id, { filename: 'empty.txt', content: '' })).id);
+    expect(entry).toMatchObject({ status: 'failed', chunk_count: 0 });
+    expect(entry.error).toContain('empty');
+  });
+
+  it('moves into another of the owner\'s folders (numbering a clash, taking its project), never into another user\'s', async () => {
+    const project = await createProject(ctx.app, alice.headers);
+    const from = await createFolder(ctx.app, alice.headers);
+    const to = await createFolder(ctx.app, alice.headers, { name: 'Target', project_id: project.id });
+    await uploaded(ctx.app, alice.headers, to.id, { filename: 'same.txt', content: 'one' });
+    const entry = await uploaded(ctx.app, alice.headers, from.id, { filename: 'same.txt', content: 'two' });
+    const moved = await api('PUT', `/knowledge-base/entries/${entry.id}/move`, alice.headers, { folder_id: to.id });
+    expect(moved.statusCode, moved.body).toBe(200);
+    expect(moved.json()).toMatchObject({ folder_id: to.id, filename: 'same (1).txt', project_id: project.id });
+    // The stored file stays where it was put: still downloadable.
+    expect((await api('GET', `/knowledge-base/entries/${entry.id}/download`, alice.headers)).body).toBe('two');
+    const bobs = await createFolder(ctx.app, bob.headers);
+    const refused = await api('PUT', `/knowledge-base/entries/${entry.id}/move`, alice.headers, { folder_id: bobs.id });
+    expect(refused.statusCode).toBe(404);
+    expect(refused.json()).toEqual({ detail: 'Folder not found' });
+  });
+
+  it('answers another user\'s entry exactly as a missing one (404) on every route', async () => {
+    const folder = await createFolder(ctx.app, alice.headers);
+    const entry = await ingested(ctx.app, alice.headers, folder.id, { filename: 'private.txt', content: 'Private pangolin notes.' });
+    const bobsFolder = await createFolder(ctx.app, bob.headers);
+    const routes = [
+      ['GET', ''],
+      ['PATCH', '', { filename: 'mine.txt' }],
+      ['GET', '/download'],
+      ['GET', '/content'],
+      ['PUT', '/move', { folder_id: bobsFolder.id }],
+      ['POST', '/reindex'],
+      ['DELETE', ''],
+    ] as const;
+    for (const [method, suffix, body] of routes) {
+      const foreign = await api(method, `/knowledge-base/entries/${entry.id}${suffix}`, bob.headers, body);
+      const missing = await api(method, `/knowledge-base/entries/${randomUUID()}${suffix}`, bob.headers, body);
+      expect(foreign.statusCode, `${method} ${suffix}`).toBe(404);
+      expect(foreign.body).toBe(missing.body);
+      expect(foreign.json()).toEqual({ detail: 'Entry not found' });
+      expect((await api(method, `/knowledge-base/entries/${entry.id}${suffix}`, {}, body)).statusCode).toBe(401);
+    }
+    expect((await api('GET', `/knowledge-base/entries/${entry.id}`, alice.headers)).json()).toMatchObject({ status: 'ready', filename: 'private.txt' });
+  });
+
+  it('deletes the stored file, its text and its chunks', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const entry = await ingested(ctx.app, user.headers, folder.id, { filename: 'gone.md', content: MARKDOWN });
+    expect(storedFiles(user.user.id)).toHaveLength(2);
+    expect((await api('DELETE', `/knowledge-base/entries/${entry.id}`, user.headers)).json()).toEqual({ message: 'Entry deleted successfully' });
+    expect(storedFiles(user.user.id)).toEqual([]);
+    expect(await ctx.database.db.select().from(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entry.id))).toEqual([]);
+    expect((await search(ctx.app, user.headers, { query: 'invoices' })).data).toEqual([]);
+  });
+
+  it('never lets an ingestion bring back the chunks of an entry deleted meanwhile', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const text = Array.from({ length: 400 }, (_, i) => `Paragraph ${i} about capybaras and their habits.`).join('\n\n');
+    const entry = await uploaded(ctx.app, user.headers, folder.id, { filename: 'long.txt', content: text });
+    await api('DELETE', `/knowledge-base/entries/${entry.id}`, user.headers);
+    await sleep(1_500);
+    expect(await ctx.database.db.select().from(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entry.id))).toEqual([]);
+    expect(storedFiles(user.user.id)).toEqual([]);
+  });
+
+  it('reindexes: 202 pending, then ready again with the same chunks', async () => {
+    const folder = await createFolder(ctx.app, alice.headers);
+    const entry = await ingested(ctx.app, alice.headers, folder.id, { filename: 'again.md', content: MARKDOWN });
+    const response = await api('POST', `/knowledge-base/entries/${entry.id}/reindex`, alice.headers);
+    expect(response.statusCode).toBe(202);
+    expect(response.json<EntryBody>().status).toBe('pending');
+    const done = await settled(ctx.app, alice.headers, entry.id);
+    expect(done).toMatchObject({ status: 'ready', chunk_count: entry.chunk_count, token_count: entry.token_count });
+  });
+
+  it('lists the caller\'s entries, narrowed by folder and status', async () => {
+    const user = await createUser(ctx.app);
+    const a = await createFolder(ctx.app, user.headers);
+    const b = await createFolder(ctx.app, user.headers);
+    await ingested(ctx.app, user.headers, a.id, { filename: '1.txt', content: 'one' });
+    await ingested(ctx.app, user.headers, b.id, { filename: '2.txt', content: 'two' });
+    expect((await api('GET', `/knowledge-base/entries?folder_id=${a.id}`, user.headers)).json<ListBody<EntryBody>>().data.map((e) => e.filename)).toEqual(['1.txt']);
+    expect((await api('GET', '/knowledge-base/entries?status=ready', user.headers)).json<ListBody<EntryBody>>().count).toBe(2);
+    expect((await api('GET', '/knowledge-base/entries?status=failed', user.headers)).json<ListBody<EntryBody>>().count).toBe(0);
+    expectValidationError(await api('GET', '/knowledge-base/entries?status=done', user.headers), ['query', 'status']);
+    expect((await api('POST', '/knowledge-base/entries', user.headers, {})).statusCode).toBe(405);
+  });
+});
+
+describe('ingestion', () => {
+  it('splits Markdown by its headings and finds passages with their heading path', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const entry = await ingested(ctx.app, user.headers, folder.id, { filename: 'handbook.md', content: MARKDOWN });
+    expect(entry).toMatchObject({ format: 'markdown', mime_type: 'text/markdown' });
+    expect(entry.chunk_count).toBeGreaterThanOrEqual(2);
+    const found = await search(ctx.app, user.headers, { query: 'refunds invoices' });
+    expect(found.mode).toBe('full_text');
+    expect(found.data[0]).toMatchObject({ entry_id: entry.id, filename: 'handbook.md', heading_path: ['Handbook', 'Billing'] });
+    expect(found.data[0]!.text).toContain('Refunds take ten days');
+    expect(found.data[0]!.score).toBeGreaterThan(0);
+    const content = await api('GET', `/knowledge-base/entries/${entry.id}/content`, user.headers);
+    expect(content.body).toContain('Passwords are hashed with Argon2id');
+  });
+
+  it('re-queues entries left pending or with a stale claim (a restart), and fails one that keeps dying', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const [left, stalled, dying] = await Promise.all(
+      ['left.txt', 'stalled.txt', 'dying.txt'].map((filename) => ingested(ctx.app, user.headers, folder.id, { filename, content: `Wombat ${filename}` })),
+    );
+    const { db } = ctx.database;
+    // As a process killed mid-ingestion leaves them: one never started, one claimed with a lease run out.
+    await db.update(knowledgeEntries).set({ status: 'pending', updated_at: sql`now() - interval '1 hour'` }).where(eq(knowledgeEntries.id, left!.id));
+    await db.update(knowledgeEntries).set({ status: 'processing', lease_token: randomUUID(), lease_expires_at: sql`now() - interval '1 second'` }).where(eq(knowledgeEntries.id, stalled!.id));
+    await db
+      .update(knowledgeEntries)
+      .set({ status: 'processing', attempts: ctx.app.settings.KB_INGEST_MAX_ATTEMPTS, lease_token: randomUUID(), lease_expires_at: sql`now() - interval '1 second'` })
+      .where(eq(knowledgeEntries.id, dying!.id));
+    expect(await sweepIngestion(db, ctx.app.queue, 60_000)).toBeGreaterThanOrEqual(3);
+    expect(await settled(ctx.app, user.headers, left!.id)).toMatchObject({ status: 'ready' });
+    expect(await settled(ctx.app, user.headers, stalled!.id)).toMatchObject({ status: 'ready' });
+    const failed = await settled(ctx.app, user.headers, dying!.id);
+    expect(failed.status).toBe('failed');
+    expect(failed.error).toContain(`did not finish in ${ctx.app.settings.KB_INGEST_MAX_ATTEMPTS} attempts`);
+    // A process starting up sweeps at once: an entry left pending with no job anywhere is picked up.
+    await db.update(knowledgeEntries).set({ status: 'pending' }).where(eq(knowledgeEntries.id, stalled!.id));
+    const restarted = await buildTestApp(ctx.database, { DATA_DIR: ctx.app.settings.DATA_DIR });
+    try {
+      // (Read through this file's app: the restarted one signs tokens with its own key.)
+      expect(await settled(ctx.app, user.headers, stalled!.id)).toMatchObject({ status: 'ready' });
+    } finally {
+      await restarted.close();
+    }
+    // A claim still running is left alone.
+    await db.update(knowledgeEntries).set({ status: 'processing', lease_token: randomUUID(), lease_expires_at: sql`now() + interval '1 hour'` }).where(eq(knowledgeEntries.id, left!.id));
+    expect(await sweepIngestion(db, ctx.app.queue, 60_000)).toBe(0);
+  });
+});
+
+describe('formats', () => {
+  const blocks = markdownBlocks('# Field guide\n\n## Herons\n\nGrey herons stand motionless in shallow water.\n\n## Kingfishers\n\nKingfishers dive from low branches.');
+
+  async function made(name: string, write: (path: string) => Promise<void>): Promise<Buffer> {
+    const dir = await mkdtemp(join(tmpdir(), 'keel-kb-doc-'));
+    try {
+      await write(join(dir, name));
+      return await readFile(join(dir, name));
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }
+
+  it('ingests a PDF and a DOCX written by their libraries, and HTML, CSV and JSON, each found by search with its headings', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const files = [
+      { filename: 'guide.pdf', content: await made('guide.pdf', (path) => writePdf(path, blocks)), format: 'pdf', mime: 'application/pdf' },
+      { filename: 'guide.docx', content: await made('guide.docx', (path) => writeDocx(path, blocks)), format: 'docx', mime: 'application/vnd.openxmlformats-officedocument.wordprocessingml.document' },
+      { filename: 'page.html', content: '<html><body><h1>Field guide</h1><h2>Herons</h2><p>Grey herons stand motionless in shallow water.</p></body></html>', format: 'html', mime: 'text/html' },
+      { filename: 'birds.csv', content: 'bird,habit\nheron,stands motionless in shallow water\n', format: 'csv', mime: 'text/csv' },
+      { filename: 'birds.json', content: JSON.stringify({ heron: { habit: 'stands motionless in shallow water' } }), format: 'json', mime: 'application/json' },
+    ];
+    for (const file of files) {
+      const entry = await ingested(ctx.app, user.headers, folder.id, { filename: file.filename, content: file.content });
+      expect(entry, file.filename).toMatchObject({ format: file.format, mime_type: file.mime });
+      const hits = await search(ctx.app, user.headers, { query: 'motionless shallow', entry_ids: [entry.id] });
+      expect(hits.data.length, file.filename).toBeGreaterThan(0);
+      expect(hits.data[0]!.text.replace(/\s+/g, ' '), file.filename).toMatch(/motionless in shallow water/);
+      if (['pdf', 'docx', 'html'].includes(file.format)) expect(hits.data[0]!.heading_path, file.filename).toEqual(['Field guide', 'Herons']);
+    }
+  });
+
+  it('fails an encrypted PDF with what to do, within the time limit', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const locked = await made('locked.pdf', (path) => writePdf(path, blocks, { userPassword: 'secret' }));
+    const entry = await settled(ctx.app, user.headers, (await uploaded(ctx.app, user.headers, folder.id, { filename: 'locked.pdf', content: locked })).id);
+    expect(entry).toMatchObject({ status: 'failed', format: 'pdf' });
+    expect(entry.error).toContain('password');
+  });
+});
+
+describe('search', () => {
+  it('searches only the caller\'s documents, narrowed by folders and entries', async () => {
+    const carol = await createUser(ctx.app);
+    const dave = await createUser(ctx.app);
+    const carols = await createFolder(ctx.app, carol.headers);
+    const other = await createFolder(ctx.app, carol.headers, { name: 'Other' });
+    const daves = await createFolder(ctx.app, dave.headers);
+    const mine = await ingested(ctx.app, carol.headers, carols.id, { filename: 'okapi.txt', content: 'The okapi is a relative of the giraffe.' });
+    const second = await ingested(ctx.app, carol.headers, other.id, { filename: 'okapi2.txt', content: 'Okapi stripes help calves follow their mothers.' });
+    await ingested(ctx.app, dave.headers, daves.id, { filename: 'okapi.txt', content: 'Dave\'s okapi notes: the okapi eats leaves.' });
+    const all = await search(ctx.app, carol.headers, { query: 'okapi' });
+    expect(all.data.map((hit) => hit.entry_id).sort()).toEqual([mine.id, second.id].sort());
+    expect((await search(ctx.app, carol.headers, { query: 'okapi', folder_ids: [other.id] })).data.map((h) => h.entry_id)).toEqual([second.id]);
+    expect((await search(ctx.app, carol.headers, { query: 'okapi', entry_ids: [mine.id] })).data.map((h) => h.entry_id)).toEqual([mine.id]);
+    // Another user's folder or entry named in the filters finds nothing of theirs.
+    expect((await search(ctx.app, carol.headers, { query: 'okapi', folder_ids: [daves.id] })).data).toEqual([]);
+    expect((await search(ctx.app, carol.headers, { query: 'okapi', folder_ids: [], entry_ids: [] })).data).toEqual([]);
+    expect((await search(ctx.app, carol.headers, { query: 'okapi', top_k: 1 })).data).toHaveLength(1);
+    expect((await search(ctx.app, carol.headers, { query: 'zzzunknownword' })).data).toEqual([]);
+  });
+
+  it('limits a project-scoped key to its project\'s folders, entries and search', async () => {
+    const user = await createUser(ctx.app);
+    const project = await createProject(ctx.app, user.headers);
+    const inside = await createFolder(ctx.app, user.headers, { name: 'In', project_id: project.id });
+    const outside = await createFolder(ctx.app, user.headers, { name: 'Out' });
+    const insideEntry = await ingested(ctx.app, user.headers, inside.id, { filename: 'in.txt', content: 'Narwhal tusks are teeth.' });
+    const outsideEntry = await ingested(ctx.app, user.headers, outside.id, { filename: 'out.txt', content: 'Narwhal pods travel far.' });
+    const key = xApiKey((await createKey(ctx.app, user, { name: 'scoped', project_id: project.id })).key);
+    expect((await search(ctx.app, key, { query: 'narwhal' })).data.map((h) => h.entry_id)).toEqual([insideEntry.id]);
+    expect((await api('GET', `/knowledge-base/entries/${outsideEntry.id}`, key)).statusCode).toBe(404);
+    expect((await api('GET', `/knowledge-base/entries/${insideEntry.id}/content`, key)).statusCode).toBe(200);
+    expect((await upload(ctx.app, key, outside.id, { filename: 'x.txt', content: 'x' })).statusCode).toBe(404);
+    expect((await upload(ctx.app, key, inside.id, { filename: 'x.txt', content: 'x' })).statusCode).toBe(201);
+    expect((await api('POST', '/knowledge-base/folders', key, { name: 'Elsewhere', project_id: null })).statusCode).toBe(403);
+    const made = await api('POST', '/knowledge-base/folders', key, { name: 'Made by key' });
+    expect(made.json()).toMatchObject({ project_id: project.id });
+    expect((await api('GET', '/knowledge-base/stats', key)).json()).toMatchObject({ folder_count: 2, entry_count: 2 });
+  });
+
+  it('answers 422 for a bad search and 401 without credentials', async () => {
+    expectValidationError(await api('POST', '/knowledge-base/search', alice.headers, { query: '' }), ['body', 'query']);
+    expectValidationError(await api('POST', '/knowledge-base/search', alice.headers, { query: 'x', top_k: 0 }), ['body', 'top_k']);
+    expectValidationError(await api('POST', '/knowledge-base/search', alice.headers, { query: 'x', folder_ids: ['nope'] }), ['body', 'folder_ids', '0']);
+    expect((await api('POST', '/knowledge-base/search', {}, { query: 'x' })).statusCode).toBe(401);
+    expect((await api('GET', '/knowledge-base/stats', {})).statusCode).toBe(401);
+  });
+});

@@ -1,0 +1,358 @@
+import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { promisify } from 'node:util';
+
+import ts from 'typescript';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge/extract.js';
+import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
+import { DocumentRejectedError, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
+import { type Block, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
+
+const LIMITS: ExtractLimits = { maxTextChars: 1_000_000, timeoutMs: 20_000, maxMemoryMb: 128 };
+let dir: string;
+
+beforeAll(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'keel-extract-'));
+});
+afterAll(async () => {
+  await rm(dir, { recursive: true, force: true });
+});
+
+async function file(name: string, content: string | Buffer): Promise<string> {
+  const path = join(dir, name);
+  await writeFile(path, content);
+  return path;
+}
+
+function extract(path: string, filename: string, limits: Partial<ExtractLimits> = {}, declaredMime?: string): Promise<ExtractedDocument> {
+  return extractDocument({ path, filename, ...(declaredMime ? { declaredMime } : {}) }, { ...LIMITS, ...limits });
+}
+
+async function rejection(promise: Promise<unknown>): Promise<string> {
+  const error = await promise.then(
+    () => expect.unreachable('the document was accepted'),
+    (e: unknown) => e,
+  );
+  expect(error).toBeInstanceOf(DocumentRejectedError);
+  return (error as Error).message;
+}
+
+const paths = (doc: ExtractedDocument) => doc.sections.map((s) => s.headingPath.join(' > '));
+const sectionText = (doc: ExtractedDocument, path: string) => doc.sections.find((s) => s.headingPath.join(' > ') === path)?.text ?? '';
+
+const HANDBOOK: Block[] = [
+  { heading: 1, text: 'Keel Robotics Handbook' },
+  { text: 'This handbook explains how the K-7 arm works. It is written for operators.' },
+  { heading: 2, text: 'Safety' },
+  { text: 'Always wear goggles near the arm. Stop the arm with the red button on the controller.' },
+  { heading: 3, text: 'Emergency stop' },
+  { text: 'The emergency stop cuts power to all twelve joints within 40 milliseconds.' },
+  { heading: 2, text: 'Maintenance' },
+  { text: 'Oil the joints every 200 hours of operation with synthetic grease.' },
+];
+const HANDBOOK_PATHS = [
+  'Keel Robotics Handbook',
+  'Keel Robotics Handbook > Safety',
+  'Keel Robotics Handbook > Safety > Emergency stop',
+  'Keel Robotics Handbook > Maintenance',
+];
+
+// ==================== Sniffing ====================
+
+describe('sniffFormat', () => {
+  const bytes = (text: string) => new TextEncoder().encode(text);
+
+  it('tells the text formats apart by name and type, with a look at the content', async () => {
+    expect(await sniffFormat(bytes('hello'), 'notes.txt')).toBe('text');
+    expect(await sniffFormat(bytes('hello'), 'notes')).toBe('text');
+    expect(await sniffFormat(bytes('# Title'), 'README.md')).toBe('markdown');
+    expect(await sniffFormat(bytes('# Title'), 'readme', 'text/markdown; charset=utf-8')).toBe('markdown');
+    expect(await sniffFormat(bytes('<p>hi</p>'), 'page.htm')).toBe('html');
+    expect(await sniffFormat(bytes('<!DOCTYPE html><p>hi</p>'), 'page')).toBe('html');
+    expect(await sniffFormat(bytes('plain words, no tags'), 'page.html')).toBe('text');
+    expect(await sniffFormat(bytes('a,b\n1,2'), 'table.csv')).toBe('csv');
+    expect(await sniffFormat(bytes('{"a": 1}'), 'data.json')).toBe('json');
+    expect(await sniffFormat(bytes('<?xml version="1.0"?><a/>'), 'feed.xml')).toBe('text');
+  });
+
+  it('trusts the bytes over the name for binaries', async () => {
+    expect(await sniffFormat(bytes('%PDF-1.7\n%âãÏÓ\n'), 'scan.txt')).toBe('pdf');
+  });
+
+  it('refuses an empty file, binaries that are not documents, and a .json that is not JSON', async () => {
+    expect(await rejection(sniffFormat(new Uint8Array(), 'a.txt'))).toBe('the file is empty');
+    // A real 1×1 PNG (file-type reads its chunks, so random bytes after the signature would not do).
+    const png = Buffer.from('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==', 'base64');
+    expect(await rejection(sniffFormat(png, 'photo.png'))).toMatch(/^photo\.png is of type image\/png, which is not supported; accepted formats: plain text/);
+    expect(await rejection(sniffFormat(png, 'notes.txt'))).toMatch(/^not a text file: notes\.txt holds image\/png data/);
+    expect(await rejection(sniffFormat(Buffer.from('d0cf11e0a1b11ae1', 'hex'), 'old.doc'))).toMatch(/old Word \.doc or a password-protected Office file; save it as an unprotected \.docx/);
+    expect(await rejection(sniffFormat(bytes('hello there'), 'data.json'))).toMatch(/not valid JSON/);
+    expect(await rejection(sniffFormat(Buffer.from('a,b\u0000c,d'), 'x.csv'))).toMatch(/^not a text file: x\.csv holds binary data/);
+  });
+});
+
+// ==================== Text formats ====================
+
+describe('extractDocument: text formats', () => {
+  it('reads plain text as one section and drops a BOM', async () => {
+    const doc = await extract(await file('notes.txt', '\uFEFFFirst line.\n\nSecond paragraph, with ünïcödé.\n'), 'notes.txt');
+    expect(doc.format).toBe('text');
+    expect(doc.text).toBe('First line.\n\nSecond paragraph, with ünïcödé.\n');
+    expect(doc.sections).toEqual([{ headingPath: [], text: doc.text }]);
+  });
+
+  it('gives Markdown sections their heading paths (ATX and setext), not fooled by code blocks', async () => {
+    const markdown = [
+      '---', 'title: front matter', '---', 'Preface.', '',
+      '# Guide', 'Intro.', '',
+      '## Install *fast*', 'Run it.', '', '```sh', '# a comment, not a heading', '```', '',
+      '### Linux', 'Use apt.', '',
+      '## [Configure](#configure)', 'Edit the file.', '',
+      'Troubleshooting', '---------------', 'Read the logs.', '',
+      'Appendix', '========', 'More.', '',
+    ].join('\n');
+    const doc = await extract(await file('guide.md', markdown), 'guide.md');
+    expect(doc.format).toBe('markdown');
+    expect(doc.text).toBe(markdown);
+    expect(paths(doc)).toEqual(['', 'Guide', 'Guide > Install fast', 'Guide > Install fast > Linux', 'Guide > Configure', 'Guide > Troubleshooting', 'Appendix']);
+    expect(sectionText(doc, 'Guide > Install fast')).toContain('# a comment, not a heading');
+    expect(sectionText(doc, '')).toContain('Preface.');
+    expect(sectionText(doc, 'Appendix').trim()).toBe('More.');
+  });
+
+  it('reads HTML as text: scripts, styles, the head and the site menu dropped, headings kept as sections, entities decoded', async () => {
+    const html = `<!doctype html><html><head><title>Hidden title</title><style>p { color: red }</style>
+      <script>alert("x")</script></head><body><nav><a href="/">Home</a> <a href="/shop">Shop</a></nav>
+      <h1>Returns</h1><p>Items can be returned within <b>30&nbsp;days</b> &amp; refunded.</p>
+      <noscript>Enable JavaScript</noscript>
+      <h2>Exceptions</h2><ul><li>Opened software</li><li>Gift cards</li></ul>
+      <table><tr><th>Item</th><th>Days</th></tr><tr><td>Arm</td><td>60</td></tr></table>
+      <pre>line one
+  indented</pre><script type="module">import x from "y";</script></body></html>`;
+    const doc = await extract(await file('returns.html', html), 'returns.html');
+    expect(doc.format).toBe('html');
+    expect(paths(doc)).toEqual(['Returns', 'Returns > Exceptions']);
+    expect(sectionText(doc, 'Returns')).toBe('Items can be returned within 30\u00a0days & refunded.');
+    expect(sectionText(doc, 'Returns > Exceptions')).toBe('- Opened software\n- Gift cards\n\nItem | Days\nArm | 60\n\nline one\n  indented');
+    expect(doc.text).not.toMatch(/alert|color|Hidden title|JavaScript|import|Home|Shop/);
+  });
+
+  it('reads CSV rows as "column: value" lines, one paragraph a row, quoted delimiters kept', async () => {
+    const csv = 'sku;name;price\nK7;"Arm; 12 joints";4999\nK8;Gripper;\n';
+    const doc = await extract(await file('parts.csv', csv), 'parts.csv');
+    expect(doc.format).toBe('csv');
+    expect(doc.text).toBe('sku: K7\nname: Arm; 12 joints\nprice: 4999\n\nsku: K8\nname: Gripper');
+  });
+
+  it('reads JSON as paths to values, keys of the first two levels as headings, a paragraph per record', async () => {
+    const json = {
+      title: 'Specs',
+      products: { 'K-7': { payload: 7, 'max load': 12 }, note: 'all arms', 'G-3': { fingers: 3 } },
+      faq: [{ q: 'Warranty?', a: 'Two years.' }, { q: 'Colour?', a: null }],
+      tags: [],
+    };
+    const doc = await extract(await file('data.json', JSON.stringify(json)), 'data.json');
+    expect(doc.format).toBe('json');
+    expect(doc.sections.map((s) => [s.headingPath.join(' > '), s.text])).toEqual([
+      ['', 'title: Specs'],
+      ['products > K-7', 'products["K-7"].payload: 7\nproducts["K-7"]["max load"]: 12'],
+      ['products', 'products.note: all arms'],
+      ['products > G-3', 'products["G-3"].fingers: 3'],
+      ['faq', 'faq[0].q: Warranty?\nfaq[0].a: Two years.\n\nfaq[1].q: Colour?\nfaq[1].a: null'],
+      ['', 'tags: []'],
+    ]);
+  });
+
+  it('reads JSON nested far deeper than any call stack', async () => {
+    const depth = 200_000;
+    const doc = await extract(await file('deep.json', `${'['.repeat(depth)}"bottom"${']'.repeat(depth)}`), 'deep.json');
+    expect(doc.text).toBe(`…${"[0]".repeat(16)}: bottom`);
+  });
+
+  it('refuses a .json that does not parse, with the parser\'s reason', async () => {
+    expect(await rejection(extract(await file('broken.json', '{"a": 1,'), 'broken.json'))).toMatch(/^the file is not valid JSON: /);
+  });
+});
+
+// ==================== Hostile and broken input ====================
+
+describe('extractDocument: what it refuses', () => {
+  it('refuses an empty file and a file with only whitespace', async () => {
+    expect(await rejection(extract(await file('empty.pdf', ''), 'empty.pdf'))).toBe('the file is empty');
+    expect(await rejection(extract(await file('blank.txt', ' \n\n\t\n'), 'blank.txt'))).toBe('the document holds no text');
+  });
+
+  it('refuses a binary file named .txt', async () => {
+    const binary = Buffer.concat([Buffer.from('ELF'), randomBytes(4096), Buffer.alloc(16)]);
+    expect(await rejection(extract(await file('notes.txt', binary), 'notes.txt'))).toMatch(/^not a text file: notes\.txt holds binary data/);
+  });
+
+  it('refuses text whose start is UTF-8 but whose body is not', async () => {
+    const path = await file('late.txt', Buffer.concat([Buffer.from('a'.repeat(100_000)), Buffer.from([0xc3, 0x28]), Buffer.from('tail')]));
+    expect(await rejection(extract(path, 'late.txt'))).toMatch(/^not a text file: late\.txt is not valid UTF-8 \(near byte 100,000\)/);
+  });
+
+  it('refuses text longer than the limit, saying the limit', async () => {
+    const path = await file('long.txt', 'word '.repeat(3_000));
+    expect(await rejection(extract(path, 'long.txt', { maxTextChars: 10_000 }))).toBe('the document holds more than 10,000 characters of text (the limit per document); split it into smaller files');
+    const html = await file('long.html', `<p>${'word '.repeat(3_000)}</p>`);
+    expect(await rejection(extract(html, 'long.html', { maxTextChars: 10_000 }))).toMatch(/more than 10,000 characters/);
+  });
+
+  it('refuses a malformed PDF with pdf.js\'s reason', async () => {
+    const path = await file('broken.pdf', Buffer.concat([Buffer.from('%PDF-1.7\n'), randomBytes(2048)]));
+    expect(await rejection(extract(path, 'broken.pdf'))).toMatch(/^could not read the PDF: .+; it may be damaged/);
+  });
+
+  it('refuses an encrypted PDF', async () => {
+    const path = join(dir, 'locked.pdf');
+    await writePdf(path, HANDBOOK, { userPassword: 'open sesame' });
+    expect(await rejection(extract(path, 'locked.pdf'))).toBe('the PDF is encrypted (password-protected); upload a copy without a password');
+  });
+
+  it('refuses a PDF whose page unpacks past a quarter of the memory allowance, before pdf.js decodes it', async () => {
+    const text = Buffer.from('BT /F1 12 Tf 72 712 Td (Hello from a bomb) Tj ET');
+    const path = join(dir, 'bomb.pdf');
+    await writePdfWithContent(path, Buffer.concat([Buffer.alloc(40 * 1024 * 1024, 0x20), text]));
+    expect((await readFile(path)).length).toBeLessThan(100 * 1024);
+    expect(await rejection(extract(path, 'bomb.pdf', { maxMemoryMb: 64 }))).toBe(
+      'the PDF expands to more than 16 MB when one of its parts is unpacked (the limit per part); it is damaged or built to exhaust the reader',
+    );
+    // The same page within the allowance is read.
+    const small = join(dir, 'small-stream.pdf');
+    await writePdfWithContent(small, Buffer.concat([Buffer.alloc(1024 * 1024, 0x20), text]));
+    expect((await extract(small, 'small-stream.pdf', { maxMemoryMb: 64 })).text).toBe('Hello from a bomb');
+  });
+
+  it('refuses a PDF without a text layer', async () => {
+    const path = join(dir, 'scan.pdf');
+    await writePdf(path, []);
+    expect(await rejection(extract(path, 'scan.pdf'))).toMatch(/^the PDF has no text layer/);
+  });
+
+  it('refuses a DOCX that unpacks past the bound it declares, before unpacking it', async () => {
+    const path = join(dir, 'bomb.docx');
+    await writeZipBomb(path, 64 * 1024, 1024 * 1024 * 1024);
+    expect(await rejection(extract(path, 'bomb.docx', { maxTextChars: 100_000 }))).toBe(
+      'the document expands to more than 16 MB when unpacked (word/document.xml: 1,024 MB); it is damaged or built to exhaust the reader',
+    );
+  });
+
+  it('refuses a DOCX that is a real zip bomb (its markup is 40 MB of nothing)', async () => {
+    const path = join(dir, 'honest-bomb.docx');
+    await writeZipBomb(path, 40 * 1024 * 1024);
+    expect((await readFile(path)).length).toBeLessThan(100 * 1024);
+    expect(await rejection(extract(path, 'honest-bomb.docx', { maxTextChars: 100_000 }))).toMatch(/^the document expands to more than 16 MB when unpacked \(word\/document\.xml: 40 MB\)/);
+  });
+
+  it('refuses a DOCX whose zip directory understates what an entry unpacks to', async () => {
+    const path = join(dir, 'lying-bomb.docx');
+    await writeZipBomb(path, 8 * 1024 * 1024, 1000);
+    expect(await rejection(extract(path, 'lying-bomb.docx'))).toMatch(/^could not read the Word document: .*too many bytes/);
+  });
+
+  it('refuses a DOCX whose XML defines entities that expand a billion times', async () => {
+    let dtd = '<!ENTITY lol0 "lollollollollollollollollollol">';
+    for (let i = 1; i < 10; i++) dtd += `<!ENTITY lol${i} "${`&lol${i - 1};`.repeat(10)}">`;
+    const path = join(dir, 'laughs.docx');
+    await writeZip(path, {
+      '[Content_Types].xml': '<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"/>',
+      'word/document.xml': `<?xml version="1.0"?><!DOCTYPE w:document [${dtd}]><w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body><w:p><w:r><w:t>&lol9;</w:t></w:r></w:p></w:body></w:document>`,
+    });
+    expect(await rejection(extract(path, 'laughs.docx'))).toMatch(/^could not read the Word document: error: \[xmldom error\] entity not found:&lol9;; it may be damaged/);
+  });
+
+  it('refuses a zip named .docx that is not a Word document', async () => {
+    const path = join(dir, 'archive.docx');
+    await writeZip(path, { 'readme.txt': 'hello', 'data/x.xml': '<x/>' });
+    expect(await rejection(extract(path, 'archive.docx'))).toMatch(/^not a Word document: the archive has no word\/document\.xml/);
+  });
+
+  it('abandons a parse at the time limit and says how long it waited', async () => {
+    const path = join(dir, 'slow.pdf');
+    await writePdf(path, HANDBOOK);
+    expect(await rejection(extract(path, 'slow.pdf', { timeoutMs: 30 }))).toMatch(/^reading the document took longer than 30 ms \(the limit\); it may be damaged or too complex/);
+  });
+
+  it('stops a parse that needs more memory than allowed, and the process goes on', async () => {
+    const big = { rows: Array.from({ length: 200_000 }, (_, i) => ({ id: i, name: `item ${i}`, tags: ['a', 'b'] })) };
+    const path = await file('big.json', JSON.stringify(big));
+    expect(await rejection(extract(path, 'big.json', { maxMemoryMb: 32, maxTextChars: 100_000_000 }))).toBe('reading the document needed more than 32 MB of memory (the limit); split it into smaller files');
+    // The same process still extracts.
+    expect((await extract(await file('after.txt', 'still here'), 'after.txt')).text).toBe('still here');
+  });
+
+  it('stops when the caller aborts', async () => {
+    const path = join(dir, 'aborted.pdf');
+    await writePdf(path, HANDBOOK);
+    const controller = new AbortController();
+    const pending = extractDocument({ path, filename: 'aborted.pdf', signal: controller.signal }, LIMITS);
+    controller.abort(new Error('shutting down'));
+    await expect(pending).rejects.toThrow('shutting down');
+  });
+});
+
+// ==================== PDF and DOCX ====================
+
+describe('extractDocument: PDF and DOCX', () => {
+  it('reads a multi-page PDF made by pdfkit, with headings from the font sizes', async () => {
+    const path = join(dir, 'handbook.pdf');
+    await writePdf(path, HANDBOOK, { newPageBefore: ['Maintenance'] });
+    const doc = await extract(path, 'handbook.pdf');
+    expect(doc.format).toBe('pdf');
+    expect(paths(doc)).toEqual(HANDBOOK_PATHS);
+    expect(sectionText(doc, 'Keel Robotics Handbook > Maintenance')).toBe('Oil the joints every 200 hours of operation with synthetic grease.');
+    expect(doc.text).toMatch(/^Keel Robotics Handbook\n\nThis handbook explains/);
+  });
+
+  it('reads a DOCX made by the docx library, with its heading styles as sections', async () => {
+    const path = join(dir, 'handbook.docx');
+    await writeDocx(path, HANDBOOK);
+    const doc = await extract(path, 'handbook.docx');
+    expect(doc.format).toBe('docx');
+    expect(paths(doc)).toEqual(HANDBOOK_PATHS);
+    // Known by its content, not its name.
+    expect((await extract(path, 'handbook', {}, 'application/octet-stream')).format).toBe('docx');
+    expect(sectionText(doc, 'Keel Robotics Handbook > Safety > Emergency stop')).toBe('The emergency stop cuts power to all twelve joints within 40 milliseconds.');
+  });
+});
+
+// ==================== The compiled build ====================
+
+describe('extractDocument from compiled JavaScript', () => {
+  it('starts its worker next to the compiled module (as in dist/)', async () => {
+    // The knowledge modules compiled as tsc compiles them for dist/, beside a node_modules link
+    // so their packages resolve; then a plain `node` (no TypeScript loader) extracts a PDF.
+    const root = resolve(import.meta.dirname, '../..');
+    const out = await mkdtemp(join(tmpdir(), 'keel-dist-'));
+    try {
+      const source = join(root, 'src/modules/knowledge');
+      const target = join(out, 'modules/knowledge');
+      await mkdir(target, { recursive: true });
+      await symlink(join(root, 'node_modules'), join(out, 'node_modules'));
+      await writeFile(join(out, 'package.json'), '{"type": "module"}');
+      const { options } = ts.parseJsonConfigFileContent(ts.readConfigFile(join(root, 'tsconfig.build.json'), (p) => ts.sys.readFile(p)).config, ts.sys, root);
+      // One file at a time, tsc cannot see package.json's "type": say ESM, as it emits for this package.
+      options.module = ts.ModuleKind.ESNext;
+      for (const name of await readdir(source)) {
+        if (!name.endsWith('.ts')) continue;
+        const { outputText } = ts.transpileModule(await readFile(join(source, name), 'utf8'), { compilerOptions: options, fileName: name });
+        await writeFile(join(target, name.replace(/\.ts$/, '.js')), outputText);
+      }
+      const pdf = join(dir, 'compiled.pdf');
+      await writePdf(pdf, HANDBOOK);
+      const script = `import { extractDocument } from ${JSON.stringify(join(target, 'extract.js'))};
+        const doc = await extractDocument({ path: ${JSON.stringify(pdf)}, filename: 'compiled.pdf' }, ${JSON.stringify(LIMITS)});
+        console.log(JSON.stringify(doc.sections.map((s) => s.headingPath.join(' > '))));`;
+      const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', script], { cwd: out });
+      expect(JSON.parse(stdout)).toEqual(HANDBOOK_PATHS);
+    } finally {
+      await rm(out, { recursive: true, force: true });
+    }
+  });
+});
