@@ -8,6 +8,7 @@ import type { AddressInfo } from 'node:net';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
+import { runCrud } from '../../src/crud/run.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -381,5 +382,43 @@ describe('with billing on', () => {
     const threads = await billed.app.inject({ method: 'GET', url: '/api/v1/threads', headers: broke.headers });
     expect(threads.json<{ count: number }>().count).toBe(0);
     expect(fake.log).toEqual([]);
+  });
+});
+
+describe('a server that closes', () => {
+  const closing = useTestApp({ MODEL_TIMEOUT_MS: '30000' });
+
+  it('ends the completions waiting on runs with 503 (no retry); the runs are handed back to resume', async () => {
+    await closing.app.listen({ host: '127.0.0.1', port: 0 });
+    const url = `http://127.0.0.1:${(closing.app.server.address() as AddressInfo).port}/v1`;
+    await addFakeModels(closing.app, await superuserHeaders(closing.app), fake.url);
+    const user = await createUser(closing.app);
+    const model = `agent:${(await createAgent(closing.app, user.headers)).id}`;
+    const sdk = new OpenAI({ apiKey: (await createKey(closing.app, user)).key, baseURL: url, maxRetries: 2 });
+    fake.script('fake-precise', { hang: true }, { chunks: Array.from({ length: 40 }, (_, i) => `w${i} `), chunkDelayMs: 100 });
+
+    const waiting = apiError(sdk.chat.completions.create({ model, messages: ask('Never answered') }));
+    await fake.waitFor((log) => log.length === 1);
+    const stream = await sdk.chat.completions.create({ model, messages: ask('A long story'), stream: true });
+    let closed: Promise<void> | undefined;
+    const streamed = apiError(
+      (async () => {
+        for await (const chunk of stream) if (chunk.choices[0]?.delta.content) closed ??= closing.app.close();
+      })(),
+    );
+
+    const error = await waiting;
+    expect(error).toMatchObject({ status: 503, code: 'service_unavailable' });
+    expect(error.message).toMatch(/shutting down/);
+    const midStream = await streamed;
+    expect(midStream.error).toMatchObject({ type: 'server_error', code: 'service_unavailable' });
+    // Both answers are complete: what is left open is the connection Node's fetch opened unused (see above).
+    closing.app.server.closeAllConnections();
+    await closed;
+    // Handed back, not cancelled: the runs resume at the next start (or on another worker).
+    const runId = error.headers!.get('x-keel-run-id')!;
+    const run = await runCrud.getById(closing.database.db, runId);
+    expect(run).toMatchObject({ status: 'running', lease_owner: null });
+    expect(fake.log.filter((r) => r.model === 'fake-precise')).toHaveLength(2); // no retried request
   });
 });
