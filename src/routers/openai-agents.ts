@@ -61,12 +61,12 @@ export function agentModelRoutes(app: FastifyInstance) {
         .header('content-type', 'text/event-stream; charset=utf-8')
         .header('cache-control', 'no-cache')
         .header('x-accel-buffering', 'no')
-        .send(Readable.from(chunks, { objectMode: false }) as never);
+        .send(Readable.from(chunks, { objectMode: false }));
     }
     while (!next.done && next.value.type === 'text') next = await pieces.next();
-    // answerOf ends with the answer or throws: `done` cannot come first.
+    // answerOf's last piece is the answer, or it throws: it never just ends.
     if (next.done || next.value.type !== 'done') throw new Error('run events ended without an answer');
-    return reply.type('application/json; charset=utf-8').send(agentCompletionJson(run, body.model, next.value) as never);
+    return reply.type('application/json; charset=utf-8').send(agentCompletionJson(run, body.model, next.value));
   }
 
   return {
