@@ -10,7 +10,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
 import { runCrud } from '../../src/crud/run.js';
 import { useTestApp } from '../helpers/app.js';
-import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, sleep } from '../helpers/http.js';
 import { addFakeModels } from '../helpers/metered-models.js';
@@ -102,6 +102,25 @@ describe('agents as models', () => {
       expect(error, id).toBeInstanceOf(OpenAI.NotFoundError);
       expect(error.code).toBe('model_not_found');
     }
+  });
+});
+
+describe('a project-scoped key', () => {
+  it('sees its project\'s agents and the unassigned ones, and its agent runs on a thread in its project', async () => {
+    const user = await createUser(ctx.app);
+    const [mine, other] = [await createProject(ctx.app, user.headers, 'Mine'), await createProject(ctx.app, user.headers, 'Other')];
+    const inProject = `agent:${(await createAgent(ctx.app, user.headers, { project_id: mine.id })).id}`;
+    const unassigned = `agent:${(await createAgent(ctx.app, user.headers)).id}`;
+    const elsewhere = `agent:${(await createAgent(ctx.app, user.headers, { project_id: other.id })).id}`;
+    const scoped = clientWith((await createKey(ctx.app, user, { name: 'scoped', project_id: mine.id })).key);
+    const ids: string[] = [];
+    for await (const model of scoped.models.list()) ids.push(model.id);
+    expect(ids.filter((id) => id.startsWith('agent:')).sort()).toEqual([inProject, unassigned].sort());
+    expect(await apiError(scoped.chat.completions.create({ model: elsewhere, messages: ask('Hi') }))).toMatchObject({ status: 404, code: 'model_not_found' });
+
+    const completion = await scoped.chat.completions.create({ model: inProject, messages: ask('Hi') });
+    const threadId = (completion as unknown as { metadata: { thread_id: string } }).metadata.thread_id;
+    expect((await api('GET', `/threads/${threadId}`, user.headers)).json()).toMatchObject({ project_id: mine.id });
   });
 });
 
