@@ -35,7 +35,17 @@ constraintAnswers({ threads_project_id_projects_id_fk: { status: 404, detail: 'P
  * cursor never skips a message committed late.
  */
 export async function appendMessage(tx: Db, values: Omit<NewMessage, 'seq'>): Promise<Message> {
-  const next = sql`(select coalesce(max(${messages.seq}), 0) + 1 from ${messages} where ${messages.thread_id} = ${values.thread_id})`;
-  return messageCrud.create(tx, { ...values, seq: next as unknown as number });
+  const [message] = await appendMessages(tx, values.thread_id, [values]);
+  return message!;
+}
+
+/** Appends messages in this order in one statement, under the same lock as `appendMessage`. */
+export async function appendMessages(tx: Db, threadId: string, values: readonly Omit<NewMessage, 'seq' | 'thread_id'>[]): Promise<Message[]> {
+  if (!values.length) return [];
+  // Every row of one INSERT reads the same snapshot: the thread's last seq before any of them.
+  const last = sql`(select coalesce(max(${messages.seq}), 0) from ${messages} where ${messages.thread_id} = ${threadId})`;
+  const rows = values.map((row, i) => ({ ...row, thread_id: threadId, seq: sql`${last} + ${i + 1}` as unknown as number }));
+  const written = await tx.insert(messages).values(rows).returning();
+  return written.sort((a, b) => a.seq - b.seq);
 }
 

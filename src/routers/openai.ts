@@ -15,8 +15,8 @@ import {
 } from '../schemas/openai.js';
 
 import { ModelNotFoundError } from '../modules/ai-models/index.js';
+import { isAgentModel } from '../services/agent-completions.js';
 import {
-  AGENT_MODEL_PREFIX,
   callContext,
   completionChunks,
   completionJson,
@@ -29,6 +29,7 @@ import {
   toEmbedRequest,
 } from '../services/openai-gateway.js';
 import { requireUser } from '../utils/authentication.js';
+import { agentModelRoutes } from './openai-agents.js';
 
 /** Where the OpenAI-compatible surface lives: clients set `baseURL` to `<keel>/v1`. */
 export const OPENAI_PREFIX = '/v1';
@@ -60,6 +61,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
   const { models } = app;
   app.addHook('onRequest', requireUser);
   registerOpenAIErrors(app);
+  const agents = agentModelRoutes(app);
 
   app.get(
     '/models',
@@ -67,17 +69,20 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'openai_list_models',
         summary: 'List Models (OpenAI)',
-        description: 'The enabled models whose provider is configured, as OpenAI lists models.',
+        description: 'The enabled models whose provider is configured, as OpenAI lists models, then your agents as `agent:<id>` (`owned_by: keel-agent`).',
         tags,
         response: { 200: OpenAIModelList, ...openAIErrors },
       },
     },
-    async () => ({
+    async (request) => ({
       object: 'list' as const,
-      data: models
-        .listAvailableModels()
-        .filter((m) => m.available)
-        .map((m) => modelObject(m.id, m.provider)),
+      data: [
+        ...models
+          .listAvailableModels()
+          .filter((m) => m.available)
+          .map((m) => modelObject(m.id, m.provider)),
+        ...(await agents.list(request)),
+      ],
     }),
   );
 
@@ -87,7 +92,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'openai_retrieve_model',
         summary: 'Retrieve Model (OpenAI)',
-        description: 'By id or alias; 404 `model_not_found` for a disabled or unknown model.',
+        description: 'By id or alias, or `agent:<id>` for an agent you may use; 404 `model_not_found` for a disabled or unknown model and another user\'s agent.',
         tags,
         params: OpenAIModelParams,
         response: { 200: OpenAIModel, ...openAIErrors },
@@ -95,7 +100,8 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
     },
     async (request) => {
       const { model } = request.params;
-      const found = model.startsWith(AGENT_MODEL_PREFIX) ? undefined : models.getModel(model);
+      if (isAgentModel(model)) return agents.retrieve(request, model);
+      const found = models.getModel(model);
       if (!found || !found.enabled) throw new ModelNotFoundError(model);
       return modelObject(found.id, found.provider);
     },
@@ -109,7 +115,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'openai_create_chat_completion',
         summary: 'Create Chat Completion (OpenAI)',
         description:
-          'OpenAI\'s Chat Completions through the model manager (retries, fallbacks, timeouts, metering). `stream: true` answers `text/event-stream` in OpenAI\'s chunk framing, ending in `data: [DONE]`. Only `n=1`. `agent:<id>` models are not served here yet (404).',
+          'OpenAI\'s Chat Completions through the model manager (retries, fallbacks, timeouts, metering). `stream: true` answers `text/event-stream` in OpenAI\'s chunk framing, ending in `data: [DONE]`. Only `n=1`. With `model: agent:<id>` the agent runs on a thread — `metadata.thread_id`, or a new one that the earlier user/assistant messages start — the last message (the user\'s) is its input, and the answer is the run\'s (`x-keel-thread-id`, `x-keel-run-id` headers; `metadata` in the body). For agents: system, tool messages and `tools` are 400; 404 `model_not_found` for another user\'s agent; 409 while a run works on the thread; 500 `agent_run_failed` with the run\'s error.',
         tags,
         body: ChatCompletionRequest,
         response: { 200: ChatCompletion, ...openAIErrors },
@@ -117,6 +123,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
     },
     async (request, reply) => {
       const { body } = request;
+      if (isAgentModel(body.model)) return agents.complete(request, reply);
       const chat = toChatRequest(body, callContext(request.principal), disconnectSignal(request, reply));
       if (body.stream) {
         const { events, first } = await openStream(models.stream(chat));

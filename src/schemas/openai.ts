@@ -25,6 +25,7 @@ export const openAIErrors = {
   402: OpenAIError,
   403: OpenAIError,
   404: OpenAIError,
+  409: OpenAIError,
   429: OpenAIError,
   500: OpenAIError,
   502: OpenAIError,
@@ -129,6 +130,10 @@ export const ChatCompletionRequest = z
     temperature: z.number().min(0).max(2).nullish(),
     top_p: z.number().min(0).max(1).nullish(),
     stop: z.union([z.string(), z.array(z.string()).max(4)]).nullish(),
+    metadata: z
+      .record(z.string().max(64), z.string().max(512))
+      .nullish()
+      .describe('OpenAI\'s string pairs. For an `agent:<id>` model, `thread_id` names the thread to run on (default: a new one).'),
   })
   .meta({ id: 'ChatCompletionRequest' });
 export type ChatCompletionRequest = z.infer<typeof ChatCompletionRequest>;
@@ -171,6 +176,10 @@ export const ChatCompletion = z
       }),
     ),
     usage: CompletionUsage,
+    metadata: z
+      .object({ thread_id: z.string(), run_id: z.string() })
+      .optional()
+      .describe('For an `agent:<id>` model: the thread the agent ran on (send it back as `metadata.thread_id` to go on) and the run.'),
   })
   .meta({
     id: 'ChatCompletion',

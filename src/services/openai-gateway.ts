@@ -40,7 +40,19 @@ export class InvalidRequestError extends HttpError {
   }
 }
 
-/** `agent:<id>` models are Keel's agents; the gateway does not run agents yet. */
+/** An error that names its own OpenAI `code` (an agent run that failed, for one). */
+export class CodedOpenAIError extends HttpError {
+  constructor(
+    statusCode: number,
+    detail: string,
+    readonly code: string,
+    headers: Record<string, string> = {},
+  ) {
+    super(statusCode, detail, headers);
+  }
+}
+
+/** `agent:<id>` models are Keel's agents, run by services/agent-completions.ts; the model manager never sees them. */
 export const AGENT_MODEL_PREFIX = 'agent:';
 
 function refuseAgentModel(model: string): void {
@@ -387,6 +399,7 @@ function paramOf(loc: readonly (string | number)[]): string | null {
  */
 export function openAIErrorFrom(status: number, detail: unknown, thrown: unknown): Described {
   if (thrown instanceof InvalidRequestError) return error(400, thrown.detail, thrown.param);
+  if (thrown instanceof CodedOpenAIError) return error(thrown.statusCode, thrown.detail, null, thrown.code);
   if (thrown instanceof ModelNotFoundError) return error(404, `The model \`${thrown.model}\` does not exist or you do not have access to it.`, null, 'model_not_found');
   if (thrown instanceof HttpError && thrown.name === 'UpstreamError') {
     const upstream = (thrown as HttpError & { upstreamStatus?: number }).upstreamStatus;

@@ -14,7 +14,7 @@ import { agentCrud, agentPolicy, getDefault, versionCrud } from '../crud/agent.j
 import * as billingCrud from '../crud/billing.js';
 import { matching } from '../crud/owned.js';
 import * as runCrud from '../crud/run.js';
-import { appendMessage, threadCrud } from '../crud/thread.js';
+import { appendMessage, appendMessages, threadCrud } from '../crud/thread.js';
 import * as userCrud from '../crud/user.js';
 import { appendFinalEvent, finishRun, queueRun, type RunDeps, runEvent, runView } from '../modules/agents/run-lifecycle.js';
 import { addCosts, estimateCost } from '../modules/ai-models/index.js';
@@ -38,8 +38,17 @@ interface RunPlan {
   model: string;
 }
 
+/**
+ * Earlier turns a new thread starts with, written before the run's input (the OpenAI gateway's
+ * request history for `agent:<id>`; its content is checked by the caller).
+ */
+export interface HistoryMessage {
+  role: 'user' | 'assistant';
+  content: string;
+}
+
 /** The run's agent, model and first-step credit check; `ownerId` is whose thread it runs on (who pays). */
-async function plan(ctx: ServiceContext, ownerId: string, agentId: string | undefined, model: string | undefined, input: string | undefined): Promise<RunPlan> {
+async function plan(ctx: ServiceContext, ownerId: string, agentId: string | undefined, model: string | undefined, input: string | undefined, history: readonly HistoryMessage[] = []): Promise<RunPlan> {
   threadService.checkContent(ctx, input, ['body', 'input']);
   const byDefault = agentId ? undefined : await getDefault(ctx.db, ctx.principal.user.id);
   // The default agent too must be one the caller may use (a project-scoped key: its project's or an unassigned one).
@@ -48,7 +57,7 @@ async function plan(ctx: ServiceContext, ownerId: string, agentId: string | unde
     throw new UnprocessableError({ loc: ['body', 'agent_id'], msg: 'No agent_id given and you have no default agent; name an agent or make one the default (is_default: true)', type: 'missing' });
   }
   const runModel = model === undefined ? agent.model : catalogModel(ctx.models, model);
-  await checkCredits(ctx, ownerId, agent, runModel, input);
+  await checkCredits(ctx, ownerId, agent, runModel, input, history);
   return { agent, model: runModel };
 }
 
@@ -57,11 +66,12 @@ async function plan(ctx: ServiceContext, ownerId: string, agentId: string | unde
  * prompt estimate and the agent's max output tokens at catalog prices). Every step still reserves
  * through the model manager; a later step the credits cannot cover fails the run.
  */
-async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, model: string, input: string | undefined): Promise<void> {
+async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, model: string, input: string | undefined, history: readonly HistoryMessage[]): Promise<void> {
   if (!ctx.settings.BILLING_ENABLED) return;
   const info = ctx.models.getModel(model);
   if (!info) return; // the run fails with "unknown model", in words
-  const inputTokens = Math.ceil((agent.system_prompt.length + (input?.length ?? 0)) / CHARS_PER_TOKEN);
+  const promptChars = history.reduce((sum, message) => sum + message.content.length, agent.system_prompt.length + (input?.length ?? 0));
+  const inputTokens = Math.ceil(promptChars / CHARS_PER_TOKEN);
   const needed = estimateCost(info.pricing, inputTokens, agent.max_output_tokens ?? ctx.settings.MODEL_DEFAULT_MAX_OUTPUT_TOKENS);
   const { balance, reserved } = await billingCrud.getBalance(ctx.db, ownerId);
   const available = addCosts(balance, `-${reserved}`);
@@ -75,6 +85,8 @@ interface StartOptions {
   input: string | undefined;
   /** The user message the input already is (a retry): not appended again. */
   inputMessageId?: string | null;
+  /** Written before the input (a new thread only). */
+  history?: readonly HistoryMessage[];
 }
 
 /** The run that holds the thread, ended by an `interrupt` (its worker is told after the commit). */
@@ -101,6 +113,7 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
       else interrupted = await runCrud.endRun(tx, active.id, { status: 'cancelled', error: null }, null);
     }
     const appendInput = !waiting && options.input !== undefined && !options.inputMessageId;
+    if (appendInput && options.history?.length) await appendMessages(tx, thread.id, options.history.map((message) => ({ ...message, metadata: {} })));
     const message = appendInput ? await appendMessage(tx, { thread_id: thread.id, role: 'user', content: options.input!, metadata: {} }) : null;
     const inserted = await runCrud.insertRun(tx, {
       owner_id: thread.owner_id,
@@ -138,10 +151,11 @@ export async function startOnThread(ctx: ServiceContext, deps: RunDeps, threadId
   return start(ctx, deps, thread, planned, { strategy: input.multitask_strategy, input: input.input });
 }
 
-export async function startWithThread(ctx: ServiceContext, deps: RunDeps, input: RunCreateWithThread): Promise<Run> {
-  const planned = await plan(ctx, ctx.principal.user.id, input.agent_id, input.model, input.input);
+/** A new thread with `history` (if any) then `input` as its messages, and a run on it. */
+export async function startWithThread(ctx: ServiceContext, deps: RunDeps, input: RunCreateWithThread, history: readonly HistoryMessage[] = []): Promise<Run> {
+  const planned = await plan(ctx, ctx.principal.user.id, input.agent_id, input.model, input.input, history);
   const thread = await threadService.create(ctx, { title: input.thread?.title ?? '', project_id: input.thread?.project_id, metadata: {} });
-  return start(ctx, deps, thread, planned, { strategy: 'reject', input: input.input });
+  return start(ctx, deps, thread, planned, { strategy: 'reject', input: input.input, history });
 }
 
 // ==================== Reading ====================

@@ -12,6 +12,7 @@ import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { EMBEDDING_DIMENSIONS, fakeEmbedding,FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey } from '../helpers/http.js';
+import { apiError } from '../helpers/openai.js';
 
 const TIMEOUT_MS = 1_000;
 const ctx = useTestApp({ MODEL_TIMEOUT_MS: String(TIMEOUT_MS), MODEL_MAX_RETRIES: '1', MODEL_RETRY_MAX_WAIT_MS: '50' });
@@ -31,16 +32,6 @@ const clientWith = (apiKey: string) => new OpenAI({ apiKey, baseURL, maxRetries:
 async function addModel(body: Record<string, unknown>): Promise<void> {
   const response = await api('POST', '/models', admin, { provider: 'fake', pricing: PRICING, ...body });
   expect(response.statusCode, response.body).toBe(200);
-}
-
-/** The APIError a call rejects with. */
-async function apiError(call: Promise<unknown>): Promise<InstanceType<typeof OpenAI.APIError>> {
-  const error = await call.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(error).toBeInstanceOf(OpenAI.APIError);
-  return error as InstanceType<typeof OpenAI.APIError>;
 }
 
 beforeAll(async () => {

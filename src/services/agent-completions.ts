@@ -1,0 +1,267 @@
+/**
+ * `agent:<agent_id>` as a model on the OpenAI-compatible surface (SPEC §9): a chat completion runs
+ * the agent on a thread — a new one, or the one named in `metadata.thread_id` — and answers from
+ * the run's events, as OpenAI's `chat.completion` or its `chat.completion.chunk` stream. The run is
+ * an ordinary run (run-service): one active run per thread, billing, cancellation, events.
+ *
+ * The request's conversation:
+ * - the last message must be a `user` message: it is the run's input;
+ * - with `metadata.thread_id` the thread holds the history, so earlier messages are not written;
+ * - without it, earlier `user` and `assistant` messages start the new thread, in order;
+ * - `system`/`developer` messages are refused (400): the agent's owner sets its system prompt, and
+ *   a caller's would sit beside it with the same authority (as for messages posted to a thread);
+ * - `tool` messages, assistant `tool_calls`, `tools`, `tool_choice` and a JSON `response_format`
+ *   are refused (400): the agent calls its own tools and answers in text;
+ * - sampling fields (`temperature`, `top_p`, `max_tokens`, `stop`) are ignored: the agent's own
+ *   settings apply.
+ */
+import { eq } from 'drizzle-orm';
+
+import { ConflictError, NotFoundError } from '../core/errors.js';
+
+import { type Agent, agents, type Run, type RunUsage } from '../models/index.js';
+
+import { Id } from '../schemas/common.js';
+import type { ChatCompletionRequest, ChatMessage } from '../schemas/openai.js';
+
+import { agentCrud } from '../crud/agent.js';
+import type { RunEvent } from '../modules/agents/run-bus.js';
+import type { RunDeps, RunView } from '../modules/agents/run-lifecycle.js';
+import { ModelNotFoundError } from '../modules/ai-models/index.js';
+import type { ServiceContext } from './context.js';
+import { AGENT_MODEL_PREFIX, CodedOpenAIError, InvalidRequestError, openAIErrorOf } from './openai-gateway.js';
+import * as runService from './run-service.js';
+import { checkContent } from './thread-service.js';
+
+export const isAgentModel = (model: string): boolean => model.startsWith(AGENT_MODEL_PREFIX);
+
+/** What the OpenAI SDKs are told about a run's outcome: retrying would start another run. */
+const NO_RETRY = { 'x-should-retry': 'false' };
+
+/** Between the texts of two steps of one run (text before a tool call, then the answer). */
+const STEP_SEPARATOR = '\n\n';
+
+const TITLE_CHARS = 80;
+
+// ==================== Models ====================
+
+/** The caller's agent named by `agent:<id>`; 404 `model_not_found` for anything else (another user's too). */
+export async function resolveAgentModel(ctx: ServiceContext, model: string): Promise<Agent> {
+  const id = model.slice(AGENT_MODEL_PREFIX.length);
+  if (!isAgentModel(model) || !Id.safeParse(id).success) throw new ModelNotFoundError(model);
+  try {
+    return await agentCrud.getVisible(ctx.db, ctx.principal, id);
+  } catch (error) {
+    if (error instanceof NotFoundError) throw new ModelNotFoundError(model);
+    throw error;
+  }
+}
+
+export function agentModelObject(agent: Pick<Agent, 'id' | 'created_at'>) {
+  return { id: `${AGENT_MODEL_PREFIX}${agent.id}`, object: 'model' as const, created: Math.floor(agent.created_at.getTime() / 1000), owned_by: 'keel-agent' };
+}
+
+/** The caller's own agents as models (a project-scoped key: its project's and the unassigned ones), newest first. */
+export async function listAgentModels(ctx: ServiceContext) {
+  const { principal, settings } = ctx;
+  const page = await agentCrud.list(ctx.db, principal, { limit: settings.MAX_AGENTS_PER_USER, offset: 0 }, eq(agents.owner_id, principal.user.id));
+  return page.data.map(agentModelObject);
+}
+
+// ==================== Starting ====================
+
+type UserContent = Extract<ChatMessage, { role: 'user' }>['content'];
+type AssistantContent = Extract<ChatMessage, { role: 'assistant' }>['content'];
+
+function userText(content: UserContent, at: string): string {
+  if (typeof content === 'string') return content;
+  return content
+    .map((part, index) => {
+      if (part.type === 'text') return part.text;
+      throw new InvalidRequestError('An agent model takes text only: send the image to the agent as a link in the text', `${at}.content[${index}]`);
+    })
+    .join('');
+}
+
+function assistantText(content: AssistantContent): string {
+  if (!content) return '';
+  return typeof content === 'string' ? content : content.map((part) => (part.type === 'text' ? part.text : part.refusal)).join('');
+}
+
+/** One message of the request as a turn of the thread, or 400 naming what an agent model does not take. */
+function turnOf(ctx: ServiceContext, message: ChatMessage, index: number): runService.HistoryMessage {
+  const at = `messages[${index}]`;
+  let turn: runService.HistoryMessage;
+  switch (message.role) {
+    case 'system':
+    case 'developer':
+      throw new InvalidRequestError(`An agent model answers with the agent's own system prompt: remove the ${message.role} message, or change the agent's system_prompt`, `${at}.role`);
+    case 'tool':
+      throw new InvalidRequestError('An agent calls its own tools: send only user and assistant messages to an agent model', `${at}.role`);
+    case 'assistant':
+      if (message.tool_calls?.length) throw new InvalidRequestError('An agent calls its own tools: send assistant messages without tool_calls to an agent model', `${at}.tool_calls`);
+      turn = { role: 'assistant', content: assistantText(message.content) };
+      break;
+    case 'user':
+      turn = { role: 'user', content: userText(message.content, at) };
+  }
+  checkContent(ctx, turn.content, ['body', 'messages', index, 'content']);
+  return turn;
+}
+
+/** The run's input (the last message, the user's) and the turns before it. */
+function conversationOf(ctx: ServiceContext, messages: readonly ChatMessage[]): { input: string; history: runService.HistoryMessage[] } {
+  const turns = messages.map((message, index) => turnOf(ctx, message, index));
+  const last = turns.length - 1;
+  const input = turns[last]!;
+  if (input.role !== 'user') throw new InvalidRequestError('The last message must be a user message: it is what the agent answers', `messages[${last}].role`);
+  if (!input.content.trim()) throw new InvalidRequestError('The last user message is empty: it is what the agent answers', `messages[${last}].content`);
+  return { input: input.content, history: turns.slice(0, last) };
+}
+
+/** Request fields an agent has its own answer to. */
+function refuseAgentOverrides(body: ChatCompletionRequest): void {
+  if (body.tools?.length) throw new InvalidRequestError('An agent model calls the agent\'s own tools: remove tools (or change the agent\'s tools)', 'tools');
+  if (body.tool_choice !== undefined) throw new InvalidRequestError('An agent model calls the agent\'s own tools: remove tool_choice', 'tool_choice');
+  if (body.response_format && body.response_format.type !== 'text') throw new InvalidRequestError('An agent model answers in text: remove response_format', 'response_format');
+}
+
+/**
+ * Starts the agent's run for a chat completion: on the thread `metadata.thread_id` names (404 when
+ * the caller may not use it, 409 while another run works on it), or on a new thread the request's
+ * earlier messages start. 402 (billing on) when the credits cannot cover the first step.
+ */
+export async function startAgentCompletion(ctx: ServiceContext, deps: RunDeps, body: ChatCompletionRequest): Promise<Run> {
+  const agent = await resolveAgentModel(ctx, body.model);
+  refuseAgentOverrides(body);
+  const { input, history } = conversationOf(ctx, body.messages);
+  const threadId = body.metadata?.thread_id;
+  if (threadId !== undefined) {
+    if (!Id.safeParse(threadId).success) throw new InvalidRequestError('metadata.thread_id must be the id of one of your threads (a UUID)', 'metadata.thread_id');
+    return runService.startOnThread(ctx, deps, threadId, { agent_id: agent.id, input, multitask_strategy: 'reject' });
+  }
+  const title = (history.find((turn) => turn.role === 'user')?.content ?? input).replace(/\s+/g, ' ').trim().slice(0, TITLE_CHARS);
+  return runService.startWithThread(ctx, deps, { agent_id: agent.id, input, thread: { title } }, history);
+}
+
+// ==================== Answering ====================
+
+/** What a run's events mean to a chat completion: text as it streams, then the answer and its usage. */
+export type AnswerPiece = { type: 'text'; text: string } | { type: 'done'; content: string; usage: RunUsage };
+
+/** Why a reader of a run's events stopped before the run ended. */
+export const CLIENT_LEFT = 'client left';
+export const SERVER_CLOSING = 'server closing';
+
+/**
+ * Reads a run's events (`read` of the run bus, from the start) as answer pieces. Every step's
+ * `message.delta` text streams (a step after one that wrote text starts with a blank line); the
+ * answer is the run's assistant messages as written (`message.completed`), joined the same way, so
+ * it equals the streamed text. A failed or cancelled run throws its error; so does a read that
+ * `signal` (reason CLIENT_LEFT or SERVER_CLOSING) ended first.
+ */
+export async function* answerOf(events: AsyncIterable<RunEvent>, signal: AbortSignal): AsyncGenerator<AnswerPiece> {
+  let streamingMessage: unknown = null;
+  const written: string[] = [];
+  for await (const { event, data } of events) {
+    switch (event) {
+      case 'message.delta': {
+        const delta = typeof data.delta === 'string' ? data.delta : '';
+        if (!delta) break;
+        const separator = streamingMessage !== null && streamingMessage !== data.message_id ? STEP_SEPARATOR : '';
+        streamingMessage = data.message_id;
+        yield { type: 'text', text: separator + delta };
+        break;
+      }
+      case 'message.completed': {
+        const message = data.message as { role: string; content: string };
+        if (message.role === 'assistant' && message.content) written.push(message.content);
+        break;
+      }
+      case 'run.completed':
+        yield { type: 'done', content: written.join(STEP_SEPARATOR), usage: (data.run as RunView).usage };
+        return;
+      case 'run.failed':
+        throw new CodedOpenAIError(500, (data.run as RunView).error ?? 'The agent run failed', 'agent_run_failed', NO_RETRY);
+      case 'run.cancelled':
+        throw new CodedOpenAIError(409, 'The agent run was cancelled before it answered', 'agent_run_cancelled', NO_RETRY);
+      default:
+    }
+  }
+  if (signal.reason === SERVER_CLOSING) {
+    throw new CodedOpenAIError(503, 'The server is shutting down; the agent run goes on: read it with GET /api/v1/runs/{run_id} (x-keel-run-id)', 'service_unavailable', NO_RETRY);
+  }
+  // Nobody reads this answer: the client closed the request.
+  throw new CodedOpenAIError(499, 'The client closed the request', 'client_closed_request', NO_RETRY);
+}
+
+// ==================== OpenAI's shapes ====================
+
+function usageOf(usage: RunUsage) {
+  return {
+    prompt_tokens: usage.input_tokens,
+    completion_tokens: usage.output_tokens,
+    total_tokens: usage.input_tokens + usage.output_tokens,
+    prompt_tokens_details: { cached_tokens: usage.cached_input_tokens },
+    completion_tokens_details: { reasoning_tokens: usage.reasoning_tokens },
+  };
+}
+
+/** The completion's id names its run: `chatcmpl-<run id>`. */
+const completionIdOf = (run: Pick<Run, 'id'>) => `chatcmpl-${run.id}`;
+const createdOf = (run: Pick<Run, 'created_at'>) => Math.floor(run.created_at.getTime() / 1000);
+
+/** The `chat.completion` of a finished run, serialized; `metadata` names the thread and the run. */
+export function agentCompletionJson(run: Run, model: string, answer: Extract<AnswerPiece, { type: 'done' }>): string {
+  return JSON.stringify({
+    id: completionIdOf(run),
+    object: 'chat.completion',
+    created: createdOf(run),
+    model,
+    choices: [{ index: 0, message: { role: 'assistant', content: answer.content, refusal: null }, finish_reason: 'stop', logprobs: null }],
+    usage: usageOf(answer.usage),
+    metadata: { thread_id: run.thread_id, run_id: run.id },
+  });
+}
+
+/**
+ * The SSE body of a streamed agent completion, in OpenAI's framing: the role chunk, the text
+ * deltas, the finish chunk, the usage chunk (`choices: []`) when `includeUsage`, `data: [DONE]`.
+ * The caller took `first` already (so a run that fails before any text answers a plain HTTP
+ * error); a failure after that ends the stream with an `error` event, which OpenAI's SDKs raise.
+ */
+export async function* agentCompletionChunks(pieces: AsyncIterator<AnswerPiece>, first: IteratorResult<AnswerPiece>, run: Run, model: string, includeUsage: boolean): AsyncGenerator<string> {
+  const base = { id: completionIdOf(run), object: 'chat.completion.chunk', created: createdOf(run), model };
+  const usageField = includeUsage ? { usage: null } : {};
+  const frame = (delta: Record<string, unknown>, finish: string | null = null) =>
+    `data: ${JSON.stringify({ ...base, choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }], ...usageField })}\n\n`;
+  let head = frame({ role: 'assistant', content: '', refusal: null });
+  try {
+    for (let next = first; !next.done; next = await pieces.next()) {
+      const piece = next.value;
+      if (piece.type === 'text') {
+        yield head + frame({ content: piece.text });
+        head = '';
+        continue;
+      }
+      let tail = head + frame({}, 'stop');
+      if (includeUsage) tail += `data: ${JSON.stringify({ ...base, choices: [], usage: usageOf(piece.usage) })}\n\n`;
+      yield `${tail}data: [DONE]\n\n`;
+      return;
+    }
+  } catch (error) {
+    yield `${head}data: ${JSON.stringify(openAIErrorOf(error).body)}\n\n`;
+  } finally {
+    await pieces.return?.();
+  }
+}
+
+/** Cancels the run of a completion nobody waits for any more (its model call is aborted); one that has ended stays as it is. */
+export async function cancelAbandoned(ctx: ServiceContext, deps: RunDeps, runId: string): Promise<void> {
+  try {
+    await runService.cancel(ctx, deps, runId);
+    ctx.log.info({ runId }, 'agent completion abandoned by its client: run cancelled');
+  } catch (error) {
+    if (!(error instanceof ConflictError)) ctx.log.warn({ err: error, runId }, 'abandoned agent completion: run not cancelled');
+  }
+}

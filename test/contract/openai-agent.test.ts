@@ -1,0 +1,436 @@
+/**
+ * `agent:<agent_id>` models on the OpenAI-compatible surface, as the official `openai` package sees
+ * them against a live Keel server: the agent runs on a thread (a new one, or `metadata.thread_id`),
+ * its model calls go to the fake model server, and the answer comes back as OpenAI completions.
+ */
+import type { AddressInfo } from 'node:net';
+
+import OpenAI from 'openai';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { runCrud } from '../../src/crud/run.js';
+import { useTestApp } from '../helpers/app.js';
+import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { apiOf, createKey, sleep } from '../helpers/http.js';
+import { addFakeModels } from '../helpers/metered-models.js';
+import { apiError } from '../helpers/openai.js';
+import { createAgent, createThread, getRun, type RunBody, waitForRun } from '../helpers/runs.js';
+
+/** What the test's knowledge_search implementation was asked. */
+const searches: unknown[] = [];
+const ctx = useTestApp(
+  { MODEL_MAX_RETRIES: '0', MODEL_RETRY_MAX_WAIT_MS: '50', MODEL_TIMEOUT_MS: '30000' },
+  {
+    tools: {
+      knowledge_search: async (input) => {
+        searches.push(input);
+        return { passages: [{ text: 'Keel ships on Tuesdays.', source: 'handbook.md' }] };
+      },
+    },
+  },
+);
+const api = apiOf(ctx);
+
+let fake: FakeModelServer;
+let baseURL: string;
+let owner: TestUser;
+let client: OpenAI;
+let agentModel: string;
+
+/** A client with no retries of its own (unless given): what happens is what one request did. */
+const clientWith = (apiKey: string, maxRetries = 0) => new OpenAI({ apiKey, baseURL, maxRetries });
+
+const ask = (content: string): OpenAI.ChatCompletionMessageParam[] => [{ role: 'user', content }];
+
+async function threadMessages(headers: Record<string, string>, threadId: string): Promise<{ role: string; content: string; run_id: string | null }[]> {
+  const response = await api('GET', `/threads/${threadId}/messages?limit=100`, headers);
+  expect(response.statusCode, response.body).toBe(200);
+  return response.json<{ data: { role: string; content: string; run_id: string | null }[] }>().data;
+}
+
+/** What the model was sent, as role/content pairs. */
+const sentMessages = (request: { body: Record<string, unknown> } | undefined) => (request!.body.messages as { role: string; content: unknown }[]).map(({ role, content }) => ({ role, content }));
+
+async function collect(stream: AsyncIterable<OpenAI.ChatCompletionChunk>): Promise<OpenAI.ChatCompletionChunk[]> {
+  const chunks: OpenAI.ChatCompletionChunk[] = [];
+  for await (const chunk of stream) chunks.push(chunk);
+  return chunks;
+}
+
+const textOf = (chunks: OpenAI.ChatCompletionChunk[]) => chunks.map((c) => c.choices[0]?.delta.content ?? '').join('');
+
+beforeAll(async () => {
+  fake = await FakeModelServer.start();
+  await ctx.app.listen({ host: '127.0.0.1', port: 0 });
+  baseURL = `http://127.0.0.1:${(ctx.app.server.address() as AddressInfo).port}/v1`;
+  await addFakeModels(ctx.app, await superuserHeaders(ctx.app), fake.url);
+  owner = await createUser(ctx.app);
+  client = clientWith((await createKey(ctx.app, owner)).key);
+  agentModel = `agent:${(await createAgent(ctx.app, owner.headers, { name: 'Helper' })).id}`;
+});
+afterAll(async () => {
+  // Runs before the app closes. Node 20's closeIdleConnections (Fastify's close) skips a connection
+  // that never carried a request, and Node's fetch opens one beside an aborted stream: the close
+  // would wait for headersTimeout. Every run here has ended, so nothing in flight is cut.
+  ctx.app.server.closeAllConnections();
+  await fake?.close();
+});
+beforeEach(() => {
+  fake.reset();
+  searches.length = 0;
+});
+
+describe('agents as models', () => {
+  it('lists the caller\'s agents as agent:<id> (owned_by keel-agent) and retrieves them; another user\'s agent is model_not_found', async () => {
+    const ids: string[] = [];
+    for await (const model of client.models.list()) ids.push(model.id);
+    expect(ids).toContain(agentModel);
+    expect(ids).toContain('fake-precise'); // the catalog is still listed
+
+    const model = await client.models.retrieve(agentModel);
+    expect(model).toMatchObject({ id: agentModel, object: 'model', owned_by: 'keel-agent' });
+    expect(model.created).toBeGreaterThan(1_700_000_000);
+
+    const stranger = await createUser(ctx.app);
+    const strangerClient = clientWith((await createKey(ctx.app, stranger)).key);
+    const theirs: string[] = [];
+    for await (const m of strangerClient.models.list()) theirs.push(m.id);
+    expect(theirs.filter((id) => id.startsWith('agent:'))).toEqual([]);
+    for (const id of [agentModel, 'agent:not-a-uuid', 'agent:']) {
+      const error = await apiError(strangerClient.models.retrieve(id));
+      expect(error, id).toBeInstanceOf(OpenAI.NotFoundError);
+      expect(error.code).toBe('model_not_found');
+    }
+  });
+});
+
+describe('a project-scoped key', () => {
+  it('sees its project\'s agents and the unassigned ones, and its agent runs on a thread in its project', async () => {
+    const user = await createUser(ctx.app);
+    const [mine, other] = [await createProject(ctx.app, user.headers, 'Mine'), await createProject(ctx.app, user.headers, 'Other')];
+    const inProject = `agent:${(await createAgent(ctx.app, user.headers, { project_id: mine.id })).id}`;
+    const unassigned = `agent:${(await createAgent(ctx.app, user.headers)).id}`;
+    const elsewhere = `agent:${(await createAgent(ctx.app, user.headers, { project_id: other.id })).id}`;
+    const scoped = clientWith((await createKey(ctx.app, user, { name: 'scoped', project_id: mine.id })).key);
+    const ids: string[] = [];
+    for await (const model of scoped.models.list()) ids.push(model.id);
+    expect(ids.filter((id) => id.startsWith('agent:')).sort()).toEqual([inProject, unassigned].sort());
+    expect(await apiError(scoped.chat.completions.create({ model: elsewhere, messages: ask('Hi') }))).toMatchObject({ status: 404, code: 'model_not_found' });
+
+    const completion = await scoped.chat.completions.create({ model: inProject, messages: ask('Hi') });
+    const threadId = (completion as unknown as { metadata: { thread_id: string } }).metadata.thread_id;
+    expect((await api('GET', `/threads/${threadId}`, user.headers)).json()).toMatchObject({ project_id: mine.id });
+  });
+});
+
+describe('chat completions with an agent', () => {
+  it('answers non-stream with the agent\'s final text, the run\'s usage, and where the run is', async () => {
+    fake.script('fake-precise', { text: 'Four.', usage: { prompt_tokens: 12, completion_tokens: 3, cached_tokens: 2 } });
+    const { data: completion, response } = await client.chat.completions.create({ model: agentModel, messages: ask('What is 2+2?'), temperature: 1.5 }).withResponse();
+    expect(completion).toMatchObject({
+      object: 'chat.completion',
+      model: agentModel,
+      choices: [{ index: 0, message: { role: 'assistant', content: 'Four.' }, finish_reason: 'stop' }],
+      usage: { prompt_tokens: 12, completion_tokens: 3, total_tokens: 15, prompt_tokens_details: { cached_tokens: 2 } },
+    });
+    const { thread_id: threadId, run_id: runId } = (completion as unknown as { metadata: { thread_id: string; run_id: string } }).metadata;
+    expect(completion.id).toBe(`chatcmpl-${runId}`);
+    expect(response.headers.get('x-keel-run-id')).toBe(runId);
+    expect(response.headers.get('x-keel-thread-id')).toBe(threadId);
+
+    const run = await getRun(ctx.app, owner.headers, runId);
+    expect(run).toMatchObject({ status: 'completed', thread_id: threadId, steps: 1, input: 'What is 2+2?' });
+    // The agent's own prompt and settings: the request's temperature is not the agent's.
+    const [sent] = fake.requestsFor('fake-precise');
+    expect(sentMessages(sent)).toEqual([
+      { role: 'system', content: 'Be brief.' },
+      { role: 'user', content: 'What is 2+2?' },
+    ]);
+    expect(sent!.body.temperature).toBeUndefined();
+    expect(await threadMessages(owner.headers, threadId)).toMatchObject([
+      { role: 'user', content: 'What is 2+2?', run_id: null },
+      { role: 'assistant', content: 'Four.', run_id: runId },
+    ]);
+  });
+
+  it('streams chunk by chunk with include_usage, assembling the same text as the non-stream answer', async () => {
+    const reply = { chunks: ['The ', 'answer ', 'is ', 'four.'], usage: { prompt_tokens: 9, completion_tokens: 4 } };
+    fake.script('fake-precise', reply, reply);
+    const plain = await client.chat.completions.create({ model: agentModel, messages: ask('Again?') });
+
+    const { data: stream, response } = await client.chat.completions.create({ model: agentModel, messages: ask('Again?'), stream: true, stream_options: { include_usage: true } }).withResponse();
+    const chunks = await collect(stream);
+    const runId = response.headers.get('x-keel-run-id')!;
+    expect(response.headers.get('content-type')).toMatch(/^text\/event-stream/);
+    expect(chunks[0]!.choices[0]!.delta.role).toBe('assistant');
+    expect(textOf(chunks)).toBe('The answer is four.');
+    expect(textOf(chunks)).toBe(plain.choices[0]!.message.content);
+    expect(chunks.filter((c) => c.choices[0]?.delta.content).length).toBeGreaterThanOrEqual(2); // it streamed
+    expect(chunks.find((c) => c.choices[0]?.finish_reason)!.choices[0]!.finish_reason).toBe('stop');
+    const last = chunks.at(-1)!;
+    expect(last.choices).toEqual([]);
+    expect(last.usage).toMatchObject({ prompt_tokens: 9, completion_tokens: 4, total_tokens: 13 });
+    expect(chunks.slice(0, -1).every((c) => c.usage === null)).toBe(true);
+    expect(new Set(chunks.map((c) => c.id))).toEqual(new Set([`chatcmpl-${runId}`]));
+    expect(chunks.every((c) => c.model === agentModel)).toBe(true);
+    expect((await getRun(ctx.app, owner.headers, runId)).status).toBe('completed');
+
+    // Without include_usage: no usage chunk and no usage field.
+    const bare = await collect(await client.chat.completions.create({ model: agentModel, messages: ask('Hi'), stream: true }));
+    expect(bare.every((c) => c.choices.length === 1 && c.usage === undefined)).toBe(true);
+    expect(textOf(bare)).toBe('Hello from the fake model.');
+  });
+
+  it('starts a new thread with the earlier user and assistant messages; metadata.thread_id goes on with the thread\'s history', async () => {
+    fake.script('fake-precise', { text: 'Your name is Ada.' }, { text: 'Ada has 3 letters.' });
+    const first = await client.chat.completions.create({
+      model: agentModel,
+      messages: [
+        { role: 'user', content: 'My name is Ada.' },
+        { role: 'assistant', content: 'Hello Ada.' },
+        { role: 'user', content: [{ type: 'text', text: 'What is ' }, { type: 'text', text: 'my name?' }] },
+      ],
+    });
+    const threadId = (first as unknown as { metadata: { thread_id: string } }).metadata.thread_id;
+    const thread = await api('GET', `/threads/${threadId}`, owner.headers);
+    expect(thread.json()).toMatchObject({ title: 'My name is Ada.', status: 'idle' });
+
+    // A client that names the thread sends the next message; earlier ones in the request are not written again.
+    const second = await client.chat.completions.create({
+      model: agentModel,
+      messages: [{ role: 'user', content: 'Not written: the thread has the history.' }, ...ask('How long is my name?')],
+      metadata: { thread_id: threadId },
+    });
+    expect(second.choices[0]!.message.content).toBe('Ada has 3 letters.');
+    expect((second as unknown as { metadata: { thread_id: string } }).metadata.thread_id).toBe(threadId);
+    const [, continued] = fake.requestsFor('fake-precise');
+    expect(sentMessages(continued)).toEqual([
+      { role: 'system', content: 'Be brief.' },
+      { role: 'user', content: 'My name is Ada.' },
+      { role: 'assistant', content: 'Hello Ada.' },
+      { role: 'user', content: 'What is my name?' },
+      { role: 'assistant', content: 'Your name is Ada.' },
+      { role: 'user', content: 'How long is my name?' },
+    ]);
+    expect((await threadMessages(owner.headers, threadId)).map((m) => m.content)).toEqual(['My name is Ada.', 'Hello Ada.', 'What is my name?', 'Your name is Ada.', 'How long is my name?', 'Ada has 3 letters.']);
+  });
+
+  it('runs the agent\'s tool round and answers once: the streamed text equals the non-stream answer', async () => {
+    const tooled = `agent:${(await createAgent(ctx.app, owner.headers, { name: 'Searcher', tools: ['knowledge_search'] })).id}`;
+    const round = [
+      { text: 'Let me check. ', toolCalls: [{ id: 'call_1', name: 'knowledge_search', arguments: '{"query":"release day"}' }], usage: { prompt_tokens: 20, completion_tokens: 6 } },
+      { text: 'Keel ships on Tuesdays.', usage: { prompt_tokens: 40, completion_tokens: 5 } },
+    ];
+    fake.script('fake-precise', ...round, ...round);
+    const completion = await client.chat.completions.create({ model: tooled, messages: ask('When does Keel ship?') });
+    expect(completion.choices).toHaveLength(1);
+    expect(completion.choices[0]!.message).toMatchObject({ role: 'assistant', content: 'Let me check. \n\nKeel ships on Tuesdays.' });
+    expect(completion.choices[0]!.message.tool_calls).toBeUndefined();
+    expect(completion.choices[0]!.finish_reason).toBe('stop');
+    expect(completion.usage).toMatchObject({ prompt_tokens: 60, completion_tokens: 11, total_tokens: 71 });
+    expect(searches).toEqual([{ query: 'release day' }]);
+    const [, answered] = fake.requestsFor('fake-precise');
+    expect((answered!.body.messages as { role: string; content: unknown }[]).at(-1)).toMatchObject({ role: 'tool', tool_call_id: 'call_1' });
+    const runId = (completion as unknown as { metadata: { run_id: string } }).metadata.run_id;
+    expect((await getRun(ctx.app, owner.headers, runId)).steps).toBe(2);
+
+    const chunks = await collect(await client.chat.completions.create({ model: tooled, messages: ask('When does Keel ship?'), stream: true }));
+    expect(textOf(chunks)).toBe(completion.choices[0]!.message.content);
+    expect(chunks.some((c) => c.choices[0]?.delta.tool_calls)).toBe(false);
+  });
+});
+
+describe('what an agent model refuses', () => {
+  it('answers another user\'s agent or thread with 404, before anything runs', async () => {
+    const stranger = await createUser(ctx.app);
+    const theirAgent = `agent:${(await createAgent(ctx.app, stranger.headers)).id}`;
+    const theirThread = await createThread(ctx.app, stranger.headers);
+    const notMine = await apiError(client.chat.completions.create({ model: theirAgent, messages: ask('Hi') }));
+    expect(notMine).toBeInstanceOf(OpenAI.NotFoundError);
+    expect(notMine.error).toEqual({ message: `The model \`${theirAgent}\` does not exist or you do not have access to it.`, type: 'invalid_request_error', param: null, code: 'model_not_found' });
+    const stream = await apiError(client.chat.completions.create({ model: theirAgent, messages: ask('Hi'), stream: true }));
+    expect(stream).toMatchObject({ status: 404, code: 'model_not_found' });
+
+    const otherThread = await apiError(client.chat.completions.create({ model: agentModel, messages: ask('Hi'), metadata: { thread_id: theirThread.id } }));
+    expect(otherThread).toBeInstanceOf(OpenAI.NotFoundError);
+    expect(otherThread.message).toMatch(/Thread not found/);
+    const badThread = await apiError(client.chat.completions.create({ model: agentModel, messages: ask('Hi'), metadata: { thread_id: 'thread-1' } }));
+    expect(badThread).toMatchObject({ status: 400, param: 'metadata.thread_id' });
+    expect((await threadMessages(stranger.headers, theirThread.id)).length).toBe(0);
+    expect(fake.log).toEqual([]);
+  });
+
+  it('refuses system and tool messages, tools, a last message that is not the user\'s, and images: 400 naming the param', async () => {
+    const refused: [OpenAI.ChatCompletionCreateParamsNonStreaming, string][] = [
+      [{ model: agentModel, messages: [{ role: 'system', content: 'Be rude.' }, ...ask('Hi')] }, 'messages[0].role'],
+      [{ model: agentModel, messages: [{ role: 'developer', content: 'Be rude.' }, ...ask('Hi')] }, 'messages[0].role'],
+      [{ model: agentModel, messages: ask('Hi'), tools: [{ type: 'function', function: { name: 'f', parameters: { type: 'object' } } }] }, 'tools'],
+      [{ model: agentModel, messages: ask('Hi'), response_format: { type: 'json_object' } }, 'response_format'],
+      [{ model: agentModel, messages: [...ask('Hi'), { role: 'assistant', content: 'Hello.' }] }, 'messages[1].role'],
+      [{ model: agentModel, messages: ask('   ') }, 'messages[0].content'],
+      [
+        {
+          model: agentModel,
+          messages: [
+            ...ask('Hi'),
+            { role: 'assistant', content: null, tool_calls: [{ id: 'c1', type: 'function', function: { name: 'f', arguments: '{}' } }] },
+            { role: 'tool', tool_call_id: 'c1', content: 'x' },
+            ...ask('And?'),
+          ],
+        },
+        'messages[1].tool_calls',
+      ],
+      [{ model: agentModel, messages: [{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'https://example.com/a.png' } }] }] }, 'messages[0].content[0]'],
+    ];
+    for (const [request, param] of refused) {
+      const error = await apiError(client.chat.completions.create(request));
+      expect(error.status, param).toBe(400);
+      expect(error).toMatchObject({ type: 'invalid_request_error', param });
+    }
+    // Too long for a thread's message (MAX_MESSAGE_CHARS): 400 naming the message.
+    const long = await apiError(client.chat.completions.create({ model: agentModel, messages: ask('x'.repeat(ctx.app.settings.MAX_MESSAGE_CHARS + 1)) }));
+    expect(long).toMatchObject({ status: 400, param: 'messages[0].content' });
+    expect(fake.log).toEqual([]);
+  });
+
+  it('answers 409 while another run works on the named thread', async () => {
+    fake.script('fake-precise', { chunks: ['slow ', 'answer'], chunkDelayMs: 400 });
+    const thread = await createThread(ctx.app, owner.headers);
+    const busy = client.chat.completions.create({ model: agentModel, messages: ask('First'), metadata: { thread_id: thread.id } });
+    await fake.waitFor((log) => log.length === 1);
+    const conflict = await apiError(client.chat.completions.create({ model: agentModel, messages: ask('Second'), metadata: { thread_id: thread.id } }));
+    expect(conflict).toBeInstanceOf(OpenAI.ConflictError);
+    expect(conflict.message).toMatch(/Thread is busy/);
+    expect((await busy).choices[0]!.message.content).toBe('slow answer');
+    expect((await threadMessages(owner.headers, thread.id)).map((m) => m.content)).toEqual(['First', 'slow answer']);
+  });
+});
+
+describe('runs that do not end well', () => {
+  it('a run that fails answers 500 agent_run_failed with the run\'s error, and the SDK does not retry it', async () => {
+    fake.script('fake-precise', { status: 401 });
+    const retrying = clientWith(client.apiKey!, 2);
+    const error = await apiError(retrying.chat.completions.create({ model: agentModel, messages: ask('Hi') }));
+    expect(error).toBeInstanceOf(OpenAI.InternalServerError);
+    expect(error).toMatchObject({ status: 500, type: 'server_error', code: 'agent_run_failed' });
+    expect(error.message).toMatch(/The provider rejected the API key for model fake-precise \(401\)/);
+    const runId = error.headers!.get('x-keel-run-id')!;
+    const failed = await getRun(ctx.app, owner.headers, runId);
+    expect(failed.status).toBe('failed');
+    expect(failed.error).toMatch(/rejected the API key/);
+    expect(fake.log).toHaveLength(1); // one run, one model call: no retry
+  });
+
+  it('a run that fails after its first text ends the stream with an error event the SDK raises', async () => {
+    fake.script('fake-precise', { chunks: ['a ', 'b ', 'c '], chunkDelayMs: 30, drop: { afterChunks: 2 } });
+    const stream = await client.chat.completions.create({ model: agentModel, messages: ask('Hi'), stream: true });
+    const texts: string[] = [];
+    const error = await apiError(
+      (async () => {
+        for await (const chunk of stream) texts.push(chunk.choices[0]?.delta.content ?? '');
+      })(),
+    );
+    expect(error.error).toMatchObject({ type: 'server_error', code: 'agent_run_failed' });
+    expect(texts.join('')).toMatch(/^a (b )?$/);
+  });
+
+  it('a client that leaves mid-stream cancels the run, and its model call is aborted upstream', async () => {
+    fake.script('fake-precise', { chunks: Array.from({ length: 40 }, (_, i) => `w${i} `), chunkDelayMs: 50 });
+    const { data: stream, response } = await client.chat.completions.create({ model: agentModel, messages: ask('A long story'), stream: true }).withResponse();
+    let seen = 0;
+    for await (const chunk of stream) {
+      if (chunk.choices[0]?.delta.content) seen += 1;
+      if (seen === 2) break; // leaving the loop aborts the HTTP request
+    }
+    await fake.waitFor((log) => log[0]?.aborted === true);
+    expect(fake.log[0]!.completed).toBe(false);
+    expect(fake.log[0]!.chunksSent).toBeLessThan(40);
+    const run = await waitForRun(ctx.app, owner.headers, response.headers.get('x-keel-run-id')!, ['cancelled', 'completed', 'failed']);
+    expect(run.status).toBe('cancelled');
+    const thread = await api('GET', `/threads/${run.thread_id}`, owner.headers);
+    expect(thread.json<{ status: string }>().status).toBe('idle');
+  });
+
+  it('a client that gives up on a non-stream answer cancels the run too', async () => {
+    fake.script('fake-precise', { hang: true });
+    const thread = await createThread(ctx.app, owner.headers);
+    const controller = new AbortController();
+    const waiting = client.chat.completions.create({ model: agentModel, messages: ask('Never answered'), metadata: { thread_id: thread.id } }, { signal: controller.signal });
+    await fake.waitFor((log) => log.length === 1);
+    controller.abort();
+    await expect(waiting).rejects.toThrow();
+    await fake.waitFor((log) => log[0]?.aborted === true);
+    let run: RunBody | undefined;
+    for (let i = 0; i < 100 && run?.status !== 'cancelled'; i++) {
+      const runs = await api('GET', `/threads/${thread.id}/runs`, owner.headers);
+      run = runs.json<{ data: RunBody[] }>().data[0];
+      if (run?.status !== 'cancelled') await sleep(50);
+    }
+    expect(run!.status).toBe('cancelled');
+  });
+});
+
+describe('with billing on', () => {
+  const billed = useTestApp({ BILLING_ENABLED: 'true' });
+  let billedURL: string;
+
+  beforeAll(async () => {
+    await billed.app.listen({ host: '127.0.0.1', port: 0 });
+    billedURL = `http://127.0.0.1:${(billed.app.server.address() as AddressInfo).port}/v1`;
+    await addFakeModels(billed.app, await superuserHeaders(billed.app), fake.url);
+  });
+
+  it('answers 402 insufficient_quota when the credits cannot cover the first step; no thread, no model call', async () => {
+    const broke = await createUser(billed.app);
+    const agent = await createAgent(billed.app, broke.headers, { model: 'fake-billed', max_output_tokens: 10 });
+    const brokeClient = new OpenAI({ apiKey: (await createKey(billed.app, broke)).key, baseURL: billedURL, maxRetries: 0 });
+    for (const stream of [false, true]) {
+      const error = await apiError(brokeClient.chat.completions.create({ model: `agent:${agent.id}`, messages: ask('Hi'), stream }));
+      expect(error.status).toBe(402);
+      expect(error.error).toMatchObject({ type: 'insufficient_quota', code: 'insufficient_quota' });
+      expect((error.error as { message: string }).message).toMatch(/^Not enough credits to start this run: available 0; /);
+    }
+    const threads = await billed.app.inject({ method: 'GET', url: '/api/v1/threads', headers: broke.headers });
+    expect(threads.json<{ count: number }>().count).toBe(0);
+    expect(fake.log).toEqual([]);
+  });
+});
+
+describe('a server that closes', () => {
+  const closing = useTestApp({ MODEL_TIMEOUT_MS: '30000' });
+
+  it('ends the completions waiting on runs with 503 (no retry); the runs are handed back to resume', async () => {
+    await closing.app.listen({ host: '127.0.0.1', port: 0 });
+    const url = `http://127.0.0.1:${(closing.app.server.address() as AddressInfo).port}/v1`;
+    await addFakeModels(closing.app, await superuserHeaders(closing.app), fake.url);
+    const user = await createUser(closing.app);
+    const model = `agent:${(await createAgent(closing.app, user.headers)).id}`;
+    const sdk = new OpenAI({ apiKey: (await createKey(closing.app, user)).key, baseURL: url, maxRetries: 2 });
+    fake.script('fake-precise', { hang: true }, { chunks: Array.from({ length: 40 }, (_, i) => `w${i} `), chunkDelayMs: 100 });
+
+    const waiting = apiError(sdk.chat.completions.create({ model, messages: ask('Never answered') }));
+    await fake.waitFor((log) => log.length === 1);
+    const stream = await sdk.chat.completions.create({ model, messages: ask('A long story'), stream: true });
+    let closed: Promise<void> | undefined;
+    const streamed = apiError(
+      (async () => {
+        for await (const chunk of stream) if (chunk.choices[0]?.delta.content) closed ??= closing.app.close();
+      })(),
+    );
+
+    const error = await waiting;
+    expect(error).toMatchObject({ status: 503, code: 'service_unavailable' });
+    expect(error.message).toMatch(/shutting down/);
+    const midStream = await streamed;
+    expect(midStream.error).toMatchObject({ type: 'server_error', code: 'service_unavailable' });
+    // Both answers are complete: what is left open is the connection Node's fetch opened unused (see above).
+    closing.app.server.closeAllConnections();
+    await closed;
+    // Handed back, not cancelled: the runs resume at the next start (or on another worker).
+    const runId = error.headers!.get('x-keel-run-id')!;
+    const run = await runCrud.getById(closing.database.db, runId);
+    expect(run).toMatchObject({ status: 'running', lease_owner: null });
+    expect(fake.log.filter((r) => r.model === 'fake-precise')).toHaveLength(2); // no retried request
+  });
+});
