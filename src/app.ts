@@ -10,7 +10,7 @@ import type { Settings } from './core/config.js';
 import { registerCors } from './core/cors.js';
 import type { Database, Db } from './core/db.js';
 import { registerErrorHandler } from './core/errors.js';
-import { serverOptions } from './core/http-server.js';
+import { serverOptions, trackConnections } from './core/http-server.js';
 import type { Logger } from './core/logger.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
 import { registerDocs, registerOpenApi } from './core/openapi.js';
@@ -111,6 +111,12 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
 
   // onClose hooks run last-registered first: registered before all others, this one runs last.
   if (closeDatabase) app.addHook('onClose', () => database.close());
+  // Connections without a request in flight end when closing starts (see trackConnections).
+  const closeUnusedConnections = trackConnections(app.server);
+  app.addHook('preClose', (done) => {
+    closeUnusedConnections();
+    done();
+  });
 
   app.setValidatorCompiler(validatorCompiler);
   app.setSerializerCompiler(serializerCompiler);

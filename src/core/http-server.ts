@@ -55,3 +55,32 @@ export function serverOptions(settings: Settings) {
     clientErrorHandler: answerClientError,
   };
 }
+
+/**
+ * Makes closing the server end connections that have no request in flight, those that never
+ * carried one included, and refuse connections that arrive while it closes. Node 20's
+ * `closeIdleConnections` (Fastify's `forceCloseConnections: 'idle'`) skips a connection on which
+ * no request was ever parsed — e.g. the one `fetch` opens beside a socket it aborted, or after a
+ * 503 while closing — and `server.close()` then waits for its keep-alive timeout. Fastify closes
+ * the listening server only after every onClose hook (runs handed back first), so new connections
+ * keep arriving until then. Returns what to call when closing starts; costs nothing per request
+ * (the answer a socket is busy with is Node's `_httpMessage`, set once a request's headers are parsed).
+ */
+export function trackConnections(server: { on(event: 'connection', listener: (socket: Socket) => void): unknown }): () => void {
+  const sockets = new Set<Socket>();
+  let closing = false;
+  server.on('connection', (socket) => {
+    if (closing) {
+      socket.destroy();
+      return;
+    }
+    sockets.add(socket);
+    socket.once('close', () => sockets.delete(socket));
+  });
+  return () => {
+    closing = true;
+    for (const socket of sockets) {
+      if (!(socket as Socket & { _httpMessage?: unknown })._httpMessage) socket.destroy();
+    }
+  };
+}
