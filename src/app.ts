@@ -22,19 +22,16 @@ import { securityHeaders } from './core/security-headers.js';
 
 import { API_PREFIX, registerApi } from './api/main.js';
 import { cacheApiKeys } from './crud/api-key.js';
-import { createRunBus } from './modules/agents/create-run-bus.js';
 import type { RunDeps } from './modules/agents/run-lifecycle.js';
-import { RunSweeper } from './modules/agents/run-sweeper.js';
-import { AgentRunner } from './modules/agents/runner.js';
+import type { AgentRunner } from './modules/agents/runner.js';
 import type { ToolImplementations } from './modules/agents/tools.js';
 import type { ModelManager } from './modules/ai-models/index.js';
 import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
+import { openAgentRuns } from './services/agent-runs.js';
 import { Mailer } from './services/email/mailer.js';
-import { followModelChanges, loadModelManager } from './services/model-sync.js';
 import { closeStorage, getStorageService, type StorageService } from './services/storage-service.js';
-import { UsageMeterService } from './services/usage-meter.js';
-import { jobHandlers } from './tasks/index.js';
+import type { UsageMeterService } from './services/usage-meter.js';
 import type { Principal } from './utils/authentication.js';
 
 declare module 'fastify' {
@@ -131,22 +128,12 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.decorate('storage', (prefix: string) => getStorageService(settings, { prefix }));
   app.addHook('onClose', () => closeStorage(settings));
   await cacheApiKeys(database);
-  const meter = new UsageMeterService({ db: database.db, settings, log: logger, metrics: metrics.models, redis });
-  meter.start();
-  app.decorate('meter', meter);
-  const models = await loadModelManager(database.db, settings, logger, meter);
-  app.decorate('models', models.models);
-  const unfollowModels = await followModelChanges(database, models.models, settings, logger);
-  const bus = createRunBus({ settings, db: database.db, log: logger, redis });
-  const runDeps: RunDeps = { db: database.db, settings, log: logger, bus, queue, models: models.models, tools };
-  const runner = new AgentRunner(runDeps);
-  app.decorate('runs', { ...runDeps, runner });
-  // Jobs start once everything they use exists (jobs queued before wait in the queue).
-  const sweeper = runJobs ? new RunSweeper(runDeps, runner) : null;
-  if (runJobs) {
-    queue.work(jobHandlers(settings, logger, runner));
-    sweeper?.start();
-  }
+  const agentRuns = await openAgentRuns({ settings, database, logger, redis, queue, metrics: metrics.models, tools });
+  app.decorate('meter', agentRuns.meter);
+  app.decorate('models', agentRuns.runs.models);
+  app.decorate('runs', agentRuns.runs);
+  // With Redis, `keel api` only queues runs (and other jobs): `keel worker` nodes run and sweep them.
+  if (runJobs) agentRuns.work();
   app.decorateRequest('principal', null as unknown as Principal);
 
   registerErrorHandler(app);
@@ -165,16 +152,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   });
   registerAccessLog(app, settings, logger);
   app.addHook('onClose', async () => {
-    // Running runs are handed back first (they resume at the next start or on another worker).
-    await sweeper?.stop();
-    await runner.close();
-    models.stop();
-    unfollowModels();
-    // Usage records and settlements still in memory are written before the database closes.
-    await meter.close();
-    await queue.close();
-    await bus.events.close();
-    await bus.signals.close();
+    await agentRuns.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());
   });
 

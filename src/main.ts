@@ -4,7 +4,7 @@ import { ConfigError, envFileWarnings, loadSettings, readEnvironment, type Setti
 import { DataDirLockedError } from './core/data-dir-lock.js';
 import type { Database } from './core/db.js';
 import { createLogger } from './core/logger.js';
-import { type DownTarget, migrateDown, migrateUp, MigrationError, pendingMigrations, planDown, readMigrations } from './core/migrate.js';
+import { type DownTarget, migrateDown, migrateUp, MigrationError, pendingMigrations, planDown, readMigrations, requireMigrated } from './core/migrate.js';
 import { checkRedis, databaseProblem, listenProblem, openCheckedDatabase } from './core/preflight.js';
 
 import { Email, Password } from './schemas/common.js';
@@ -114,11 +114,6 @@ async function withDatabase<T>(settings: Settings, work: (database: Database) =>
   }
 }
 
-async function requireMigrated(database: Database): Promise<void> {
-  const pending = await pendingMigrations(database);
-  if (pending.length) throw new ConfigError(`the database is not migrated (pending: ${pending.join(', ')}): run \`keel migrate\` first`);
-}
-
 // ==================== start / api / worker ====================
 
 async function serveCommand(spec: CommandSpec, args: string[]): Promise<number> {
@@ -145,7 +140,7 @@ async function workerCommand(args: string[]): Promise<number> {
   const logger = startLogger(settings);
   await checkRedis(settings);
   const { closeOnSignals, startWorker } = await server();
-  closeOnSignals(startWorker(settings, logger), settings, logger);
+  closeOnSignals(await startWorker(settings, logger), settings, logger);
   return 0;
 }
 

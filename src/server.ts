@@ -4,15 +4,17 @@ import type pino from 'pino';
 import { ConfigError, type Settings } from './core/config.js';
 import type { Database } from './core/db.js';
 import type { Logger } from './core/logger.js';
-import { migrateUp, pendingMigrations } from './core/migrate.js';
+import { createMetrics } from './core/metrics.js';
+import { migrateUp, requireMigrated } from './core/migrate.js';
 import { checkListenAddress, checkRedis, openCheckedDatabase } from './core/preflight.js';
 import { createQueue } from './core/queue.js';
+import { createRedis } from './core/redis.js';
 
 import { buildApp } from './app.js';
 import { cacheUsers } from './crud/user.js';
+import { openAgentRuns } from './services/agent-runs.js';
 import { logStartupNotices } from './services/startup-notices.js';
 import { ensureFirstSuperuser } from './services/user-service.js';
-import { jobHandlers } from './tasks/index.js';
 
 export interface StartOptions {
   /** `start` migrates itself; `api` (scaled mode) expects `keel migrate` to have run. */
@@ -34,12 +36,8 @@ export async function startServer(settings: Settings, logger: Logger, options: S
   await checkRedis(settings);
   const database = await openCheckedDatabase(settings);
   try {
-    if (options.migrate) {
-      await migrateUp(database, logger);
-    } else {
-      const pending = await pendingMigrations(database);
-      if (pending.length) throw new ConfigError(`the database is missing migrations (${pending.join(', ')}): run \`keel migrate\` first`);
-    }
+    if (options.migrate) await migrateUp(database, logger);
+    else await requireMigrated(database);
     await ensureFirstSuperuser(database.db, settings, logger);
     await logStartupNotices(database.db, settings, logger);
     await cacheUsers(database);
@@ -59,15 +57,34 @@ export async function startServer(settings: Settings, logger: Logger, options: S
   }
 }
 
-/** `keel worker`: runs the queue's jobs (with Redis; embedded, `keel start` runs them itself). */
-export function startWorker(settings: Settings, logger: pino.Logger): { close: () => Promise<void> } {
+/**
+ * `keel worker` (scaled mode): runs the queue's jobs — agent runs among them — and sweeps runs
+ * (queued ones whose job was lost, running ones whose worker died). It needs Redis (where the jobs,
+ * run events and cancels travel) and the database (the truth about runs); embedded, `keel start`
+ * does all of it itself.
+ */
+export async function startWorker(settings: Settings, logger: pino.Logger): Promise<{ close: () => Promise<void> }> {
   if (!settings.REDIS_URL) {
     throw new ConfigError('REDIS_URL: `keel worker` takes jobs from Redis; without it, `keel start` or `keel api` runs them');
   }
-  const queue = createQueue(settings, logger);
-  queue.work(jobHandlers(settings, logger));
-  logger.info({ concurrency: settings.JOB_CONCURRENCY }, 'worker started');
-  return { close: () => queue.close() };
+  const database = await openCheckedDatabase(settings);
+  try {
+    await requireMigrated(database);
+    const redis = createRedis(settings)!;
+    const agentRuns = await openAgentRuns({ settings, database, logger, redis, queue: createQueue(settings, logger), metrics: createMetrics().models });
+    agentRuns.work();
+    logger.info({ concurrency: settings.JOB_CONCURRENCY }, 'worker started');
+    return {
+      close: async () => {
+        await agentRuns.close();
+        await redis.quit().catch(() => redis.disconnect());
+        await database.close();
+      },
+    };
+  } catch (error) {
+    await database.close();
+    throw error;
+  }
 }
 
 /** Servers that can drain: the function that starts it. */

@@ -195,7 +195,11 @@ describe('SIGTERM', () => {
 
 describe.skipIf(!process.env.REDIS_URL)('keel worker', () => {
   it('exits 0 at once on SIGTERM when idle, closing its Redis connections', async () => {
-    const worker = keel(['worker'], env(freshDir(), { REDIS_URL: process.env.REDIS_URL!, SHUTDOWN_TIMEOUT_MS: '20000' }));
+    // A worker runs agent runs too: it opens the (migrated) database, here an embedded one of its own.
+    const dataDir = freshDir();
+    const migrate = keel(['migrate'], env(dataDir));
+    expect((await migrate.ended).code, migrate.err()).toBe(0);
+    const worker = keel(['worker'], env(dataDir, { REDIS_URL: process.env.REDIS_URL!, REDIS_KEY_PREFIX: `keel-test-worker-${process.pid}:`, SHUTDOWN_TIMEOUT_MS: '20000' }));
     const deadline = Date.now() + 60_000;
     while (!worker.out().includes('worker started')) {
       if (worker.done() || Date.now() > deadline) throw new Error(`worker did not start:\n${worker.out()}\n${worker.err()}`);

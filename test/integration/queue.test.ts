@@ -179,7 +179,7 @@ describe('in-process queue shutdown', () => {
 });
 
 describe('keel worker', () => {
-  it('refuses to start without REDIS_URL, naming it', () => {
-    expect(() => startWorker(testSettings({ REDIS_URL: '' }), silent)).toThrow(/REDIS_URL/);
+  it('refuses to start without REDIS_URL, naming it', async () => {
+    await expect(startWorker(testSettings({ REDIS_URL: '' }), silent)).rejects.toThrow(/REDIS_URL/);
   });
 });
