@@ -199,7 +199,7 @@ describe.skipIf(!process.env.REDIS_URL)('keel worker', () => {
     const dataDir = freshDir();
     const migrate = keel(['migrate'], env(dataDir));
     expect((await migrate.ended).code, migrate.err()).toBe(0);
-    const worker = keel(['worker'], env(dataDir, { REDIS_URL: process.env.REDIS_URL!, REDIS_KEY_PREFIX: `keel-test-worker-${process.pid}:`, SHUTDOWN_TIMEOUT_MS: '20000' }));
+    const worker = keel(['worker'], env(dataDir, { REDIS_URL: process.env.REDIS_URL!, SHUTDOWN_TIMEOUT_MS: '20000' }));
     const deadline = Date.now() + 60_000;
     while (!worker.out().includes('worker started')) {
       if (worker.done() || Date.now() > deadline) throw new Error(`worker did not start:\n${worker.out()}\n${worker.err()}`);

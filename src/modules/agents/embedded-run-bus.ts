@@ -10,7 +10,7 @@ import type { Logger } from '../../core/logger.js';
 
 import { runEvents, runs } from '../../models/index.js';
 
-import { CANCEL_MARK_TTL_SECONDS, FINAL_RUN_EVENTS, type NewRunEvent, type RunEvent, type RunEventLog, type RunEventName, type RunSignals } from './run-bus.js';
+import { CANCEL_MARK_TTL_SECONDS, FINAL_RUN_EVENTS, type NewRunEvent, rememberCursor, type RunEvent, type RunEventLog, type RunEventName, type RunSignals } from './run-bus.js';
 import { RunEventsRefusedError } from './run-bus-errors.js';
 
 /** Stored events read per query while a reader catches up. */
@@ -125,7 +125,7 @@ export class EmbeddedRunEvents {
         return { seq, event: e.event, data: { ...e.data, run_id: runId, seq } };
       });
       if (stamped.some(isFinal)) cursors.delete(runId);
-      else cursors.set(runId, state.nextSeq! - 1);
+      else rememberCursor(cursors, runId, state.nextSeq! - 1);
       state.pending.push(...stamped);
       for (const event of stamped) state.pendingChars += deltaChars(event);
       if (stamped.some(isFinal)) state.ended = true;
@@ -301,7 +301,7 @@ export class DatabaseRunEventLog implements RunEventLog {
 
   async lastSeq(runId: string): Promise<number> {
     const seq = await this.events.lastSeq(runId);
-    this.cursors.set(runId, seq);
+    rememberCursor(this.cursors, runId, seq);
     return seq;
   }
 

@@ -80,3 +80,13 @@ export interface RunBus {
   events: RunEventLog;
   signals: RunSignals;
 }
+
+/** Runs whose writer cursor a log remembers; the oldest is forgotten first (its next append reads the top). */
+const MAX_WRITER_CURSORS = 10_000;
+
+/** Sets a log's writer cursor for a run, forgetting the oldest beyond MAX_WRITER_CURSORS (readers set them too, through lastSeq). */
+export function rememberCursor(cursors: Map<string, number>, runId: string, seq: number): void {
+  cursors.delete(runId); // re-inserted at the end: the Map's order is the eviction order
+  cursors.set(runId, seq);
+  if (cursors.size > MAX_WRITER_CURSORS) cursors.delete(cursors.keys().next().value!);
+}
