@@ -40,7 +40,7 @@ const COMMANDS = {
   worker: {
     name: 'worker',
     synopsis: 'worker',
-    summary: 'run background jobs from Redis (scaled mode, needs REDIS_URL); SIGTERM lets running jobs finish',
+    summary: 'run background jobs from Redis, agent runs among them, and sweep runs whose worker died (scaled mode: needs REDIS_URL and the migrated database); SIGTERM hands running runs back',
     options: {},
   },
   'migrate up': {
