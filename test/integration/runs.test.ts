@@ -232,12 +232,18 @@ describe('tools', () => {
 });
 
 describe('cancel', () => {
-  it('mid-stream: aborts the upstream request within 1 s, ends the stream with run.cancelled, writes no answer', async () => {
-    fake.script(MODEL, { chunks: Array.from({ length: 50 }, (_, i) => `t${i} `), chunkDelayMs: 100 });
+  /** A run whose model is streaming `chunks` slow pieces (two sent), and a reader of its events. */
+  async function streamingRun(chunks: number) {
+    fake.script(MODEL, { chunks: Array.from({ length: chunks }, (_, i) => `t${i} `), chunkDelayMs: 100 });
     const { owner, thread } = await setup();
     const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'long' });
     const reading = readEvents(base, owner.headers, run.id);
     await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 2));
+    return { owner, thread, run, reading };
+  }
+
+  it('mid-stream: aborts the upstream request within 1 s, ends the stream with run.cancelled, writes no answer', async () => {
+    const { owner, thread, run, reading } = await streamingRun(50);
     const sent = Date.now();
     const cancelled = await api('POST', `/runs/${run.id}/cancel`, owner.headers);
     expect(cancelled.statusCode, cancelled.body).toBe(200);
@@ -259,11 +265,7 @@ describe('cancel', () => {
   });
 
   it('a cancel whose signal never reached the worker is noticed at its next lease renewal', async () => {
-    fake.script(MODEL, { chunks: Array.from({ length: 100 }, (_, i) => `t${i} `), chunkDelayMs: 100 });
-    const { owner, thread } = await setup();
-    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'long' });
-    const reading = readEvents(base, owner.headers, run.id);
-    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 2));
+    const { owner, thread, run, reading } = await streamingRun(100);
     // What POST /cancel writes to the database, without the signal (a lost pub/sub message).
     const written = Date.now();
     expect(await finishRun(ctx.app.runs, run, { status: 'cancelled' }, null)).toBeDefined();
