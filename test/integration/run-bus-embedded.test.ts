@@ -1,10 +1,14 @@
+import { randomUUID } from 'node:crypto';
+
+import { eq } from 'drizzle-orm';
 import pino from 'pino';
-import { beforeAll, describe } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 
 import { runs } from '../../src/models/index.js';
 
 import { DatabaseRunEventLog, EmbeddedRunEvents, InProcessCancels, InProcessRunSignals } from '../../src/modules/agents/embedded-run-bus.js';
 import type { RunEventLog } from '../../src/modules/agents/run-bus.js';
+import { appendFinalEvent, type RunDeps } from '../../src/modules/agents/run-lifecycle.js';
 import { runEventLogContract, runSignalsContract } from '../contract/run-bus.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser } from '../helpers/factories.js';
@@ -54,4 +58,20 @@ function node(): RunEventLog {
 describe('embedded run bus', () => {
   runEventLogContract('embedded', node);
   runSignalsContract('embedded', () => new InProcessRunSignals(cancels));
+
+  it('a final event from a writer that is behind (another node appended since) goes after what is there, once', async () => {
+    const [api, worker] = [node(), node()];
+    const runId = randomUUID();
+    await api.append(runId, [{ event: 'run.queued', data: {} }]);
+    await worker.lastSeq(runId);
+    await worker.append(runId, [{ event: 'run.started', data: {} }, { event: 'message.delta', data: { delta: 'x' } }]);
+    const [run] = await ctx.app.db.select().from(runs).where(eq(runs.id, runId));
+    const deps = { bus: { events: api, signals: new InProcessRunSignals(cancels) }, log: silent } as unknown as RunDeps;
+    await appendFinalEvent(deps, run!);
+    await appendFinalEvent(deps, run!); // the log has ended: not written twice
+    const read: string[] = [];
+    for await (const event of api.read(runId, 0, new AbortController().signal)) read.push(`${event.seq} ${event.event}`);
+    expect(read).toEqual(['1 run.queued', '2 run.started', '3 message.delta', '4 run.completed']);
+    await Promise.all([api.close(), worker.close()]);
+  });
 });
