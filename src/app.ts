@@ -22,19 +22,16 @@ import { securityHeaders } from './core/security-headers.js';
 
 import { API_PREFIX, registerApi } from './api/main.js';
 import { cacheApiKeys } from './crud/api-key.js';
-import { createRunBus } from './modules/agents/create-run-bus.js';
 import type { RunDeps } from './modules/agents/run-lifecycle.js';
-import { RunSweeper } from './modules/agents/run-sweeper.js';
-import { AgentRunner } from './modules/agents/runner.js';
+import type { AgentRunner } from './modules/agents/runner.js';
 import type { ToolImplementations } from './modules/agents/tools.js';
 import type { ModelManager } from './modules/ai-models/index.js';
 import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
+import { openAgentRuns } from './services/agent-runs.js';
 import { Mailer } from './services/email/mailer.js';
-import { startModelRuntime } from './services/model-sync.js';
 import { closeStorage, getStorageService, type StorageService } from './services/storage-service.js';
 import type { UsageMeterService } from './services/usage-meter.js';
-import { startJobs } from './tasks/index.js';
 import type { Principal } from './utils/authentication.js';
 
 declare module 'fastify' {
@@ -137,17 +134,12 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.decorate('storage', (prefix: string) => getStorageService(settings, { prefix }));
   app.addHook('onClose', () => closeStorage(settings));
   await cacheApiKeys(database);
-  const runtime = await startModelRuntime({ database, db: database.db, settings, log: logger, metrics: metrics.models, redis });
-  app.decorate('meter', runtime.meter);
-  app.decorate('models', runtime.models);
-  const bus = createRunBus({ settings, db: database.db, log: logger, redis });
-  const runDeps: RunDeps = { db: database.db, settings, log: logger, bus, queue, models: runtime.models, tools };
-  const runner = new AgentRunner(runDeps);
-  app.decorate('runs', { ...runDeps, runner });
-  // Jobs start once everything they use exists (jobs queued before wait in the queue).
-  const sweeper = runJobs ? new RunSweeper(runDeps, runner) : null;
-  const stopJobs = runJobs ? startJobs(queue, { settings, logger, db: database.db, models: runtime.models, runner }) : async () => undefined;
-  sweeper?.start();
+  const agentRuns = await openAgentRuns({ settings, database, logger, redis, queue, metrics: metrics.models, tools });
+  app.decorate('meter', agentRuns.meter);
+  app.decorate('models', agentRuns.runs.models);
+  app.decorate('runs', agentRuns.runs);
+  // With Redis, `keel api` only queues runs (and other jobs): `keel worker` nodes run and sweep them.
+  if (runJobs) agentRuns.work();
   app.decorateRequest('principal', null as unknown as Principal);
 
   registerErrorHandler(app);
@@ -166,15 +158,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   });
   registerAccessLog(app, settings, logger);
   app.addHook('onClose', async () => {
-    // Running runs are handed back first (they resume at the next start or on another worker).
-    await sweeper?.stop();
-    await runner.close();
-    await stopJobs();
-    // Running jobs finish (their model calls metered) before the meter writes what it holds.
-    await queue.close();
-    await runtime.close();
-    await bus.events.close();
-    await bus.signals.close();
+    await agentRuns.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());
   });
 

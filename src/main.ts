@@ -4,7 +4,7 @@ import { ConfigError, envFileWarnings, loadSettings, readEnvironment, type Setti
 import { DataDirLockedError } from './core/data-dir-lock.js';
 import type { Database } from './core/db.js';
 import { createLogger } from './core/logger.js';
-import { type DownTarget, migrateDown, migrateUp, MigrationError, pendingMigrations, planDown, readMigrations } from './core/migrate.js';
+import { type DownTarget, migrateDown, migrateUp, MigrationError, pendingMigrations, planDown, readMigrations, requireMigrated } from './core/migrate.js';
 import { checkRedis, databaseProblem, listenProblem, openCheckedDatabase } from './core/preflight.js';
 
 import { Email, Password } from './schemas/common.js';
@@ -40,7 +40,7 @@ const COMMANDS = {
   worker: {
     name: 'worker',
     synopsis: 'worker',
-    summary: 'run background jobs from Redis (scaled mode, needs REDIS_URL); SIGTERM lets running jobs finish',
+    summary: 'run background jobs from Redis, agent runs among them, and sweep runs whose worker died (scaled mode: needs REDIS_URL and the migrated database); SIGTERM hands running runs back',
     options: {},
   },
   'migrate up': {
@@ -112,11 +112,6 @@ async function withDatabase<T>(settings: Settings, work: (database: Database) =>
   } finally {
     await database.close();
   }
-}
-
-async function requireMigrated(database: Database): Promise<void> {
-  const pending = await pendingMigrations(database);
-  if (pending.length) throw new ConfigError(`the database is not migrated (pending: ${pending.join(', ')}): run \`keel migrate\` first`);
 }
 
 // ==================== start / api / worker ====================

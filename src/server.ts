@@ -5,18 +5,17 @@ import { ConfigError, type Settings } from './core/config.js';
 import type { Database } from './core/db.js';
 import type { Logger } from './core/logger.js';
 import { createMetrics } from './core/metrics.js';
-import { migrateUp, pendingMigrations } from './core/migrate.js';
+import { migrateUp, requireMigrated } from './core/migrate.js';
 import { checkListenAddress, checkRedis, openCheckedDatabase } from './core/preflight.js';
 import { createQueue } from './core/queue.js';
 import { createRedis } from './core/redis.js';
 
 import { buildApp } from './app.js';
 import { cacheUsers } from './crud/user.js';
-import { startModelRuntime } from './services/model-sync.js';
+import { openAgentRuns } from './services/agent-runs.js';
 import { logStartupNotices } from './services/startup-notices.js';
 import { closeStorage } from './services/storage-service.js';
 import { ensureFirstSuperuser } from './services/user-service.js';
-import { startJobs } from './tasks/index.js';
 
 export interface StartOptions {
   /** `start` migrates itself; `api` (scaled mode) expects `keel migrate` to have run. */
@@ -43,12 +42,8 @@ export async function startServer(settings: Settings, logger: Logger, options: S
   await checkRedis(settings);
   const database = await openCheckedDatabase(settings);
   try {
-    if (options.migrate) {
-      await migrateUp(database, logger);
-    } else {
-      const pending = await pendingMigrations(database);
-      if (pending.length) throw new ConfigError(`the database is missing migrations (${pending.join(', ')}): run \`keel migrate\` first`);
-    }
+    if (options.migrate) await migrateUp(database, logger);
+    else await requireMigrated(database);
     await ensureFirstSuperuser(database.db, settings, logger);
     await logStartupNotices(database.db, settings, logger);
     await cacheUsers(database);
@@ -69,8 +64,10 @@ export async function startServer(settings: Settings, logger: Logger, options: S
 }
 
 /**
- * `keel worker`: runs the queue's jobs (with Redis; embedded, `keel start` runs them itself), with
- * the database and the metered model manager they need (ingestion embeds documents).
+ * `keel worker` (scaled mode): runs the queue's jobs — agent runs among them — and sweeps runs
+ * (queued ones whose job was lost, running ones whose worker died). It needs Redis (where the jobs,
+ * run events and cancels travel) and the database (the truth about runs); embedded, `keel start`
+ * does all of it itself.
  */
 export async function startWorker(settings: Settings, logger: pino.Logger): Promise<{ close: () => Promise<void> }> {
   if (!settings.REDIS_URL) {
@@ -78,20 +75,16 @@ export async function startWorker(settings: Settings, logger: pino.Logger): Prom
   }
   const database = await openCheckedDatabase(settings);
   try {
-    const pending = await pendingMigrations(database);
-    if (pending.length) throw new ConfigError(`the database is missing migrations (${pending.join(', ')}): run \`keel migrate\` first`);
-    const redis = createRedis(settings);
-    const runtime = await startModelRuntime({ database, db: database.db, settings, log: logger, metrics: createMetrics().models, redis });
-    const queue = createQueue(settings, logger);
-    const stopJobs = startJobs(queue, { settings, logger, db: database.db, models: runtime.models });
+    await requireMigrated(database);
+    const redis = createRedis(settings)!;
+    const agentRuns = await openAgentRuns({ settings, database, logger, redis, queue: createQueue(settings, logger), metrics: createMetrics().models });
+    agentRuns.work();
     logger.info({ concurrency: settings.JOB_CONCURRENCY }, 'worker started');
     return {
       close: async () => {
-        await stopJobs();
-        await queue.close();
-        await runtime.close();
+        await agentRuns.close();
         await closeStorage(settings);
-        if (redis) await redis.quit().catch(() => redis.disconnect());
+        await redis.quit().catch(() => redis.disconnect());
         await database.close();
       },
     };

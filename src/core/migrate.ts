@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 
+import { ConfigError } from './config.js';
 import type { Database, SqlSession } from './db.js';
 import type { Logger } from './logger.js';
 
@@ -197,4 +198,10 @@ export async function pendingMigrations(database: Database, migrations = readMig
     const applied = await appliedTags(session);
     return migrations.filter((m) => !applied.has(m.tag)).map((m) => m.tag);
   });
+}
+
+/** Commands other than `start` and `migrate` leave migrating to `keel migrate`: they refuse an unmigrated database. */
+export async function requireMigrated(database: Database): Promise<void> {
+  const pending = await pendingMigrations(database);
+  if (pending.length) throw new ConfigError(`the database is not migrated (pending: ${pending.join(', ')}): run \`keel migrate\` first`);
 }

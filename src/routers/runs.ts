@@ -174,11 +174,17 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'stream_run_events',
         summary: 'Stream Run Events',
         description:
-          'Server-Sent Events: `id:` the event\'s seq (from 1), `event:` its name, `data:` JSON with `run_id` and `seq`. With `Last-Event-ID: N` or `?after=N` every event after N comes exactly once, then the live ones; the stream ends after the final event (`run.completed`, `run.failed`, `run.cancelled`). Keep-alive comments at least every RUN_EVENTS_KEEPALIVE_SECONDS.',
+          'Server-Sent Events: `id:` the event\'s seq (from 1), `event:` its name, `data:` JSON with `run_id` and `seq`. With `Last-Event-ID: N` or `?after=N` every event after N comes exactly once, then the live ones; the stream ends after the final event (`run.completed`, `run.failed`, `run.cancelled`). Keep-alive comments at least every RUN_EVENTS_KEEPALIVE_SECONDS. **410** when the run ended more than RUN_EVENTS_TTL_SECONDS ago and its events are gone (`GET /runs/{id}` has its final state); **503** when the event store (Redis) cannot be reached.',
         tags,
         params: RunIdParams,
         querystring: RunEventsQuery,
-        response: { 200: z.string().describe('text/event-stream').meta({ id: 'RunEventStream' }), 404: ErrorBody, ...authErrors },
+        response: {
+          200: { description: 'The run\'s events', content: { 'text/event-stream': { schema: z.string().describe('Server-Sent Events').meta({ id: 'RunEventStream' }) } } },
+          404: ErrorBody,
+          410: ErrorBody,
+          503: ErrorBody,
+          ...authErrors,
+        },
       },
     },
     async (request, reply) => {

@@ -4,7 +4,7 @@
  * row lock orders starts, ends and hand-overs, and every status change is conditional.
  */
 import { transaction } from '../core/db.js';
-import { ConflictError, PaymentRequiredError, TooManyRequestsError, UnprocessableError } from '../core/errors.js';
+import { ConflictError, GoneError, PaymentRequiredError, TooManyRequestsError, UnprocessableError } from '../core/errors.js';
 
 import { type Agent, type Run, runs, type Thread } from '../models/index.js';
 
@@ -210,11 +210,20 @@ export async function remove(ctx: ServiceContext, id: string): Promise<void> {
   await runCrud.runCrud.remove(ctx.db, ctx.principal, id);
 }
 
-/** Where a reader of the run's events starts, and whether there is anything left to read. */
+/**
+ * Where a reader of the run's events starts, and whether there is anything left to read; asked
+ * before the stream's headers are sent, so an event store that cannot be reached answers 503
+ * (RunBusUnavailableError) rather than a stream that ends at once.
+ */
 export async function eventsFrom(ctx: ServiceContext, deps: RunDeps, id: string, after: number): Promise<{ run: Run; done: boolean }> {
   const run = await get(ctx, id);
-  // An ended run whose log was read to its end (or has expired) has nothing more to send.
-  const done = FINAL.has(run.status) && after >= (await deps.bus.events.lastSeq(run.id));
-  return { run, done };
+  const last = await deps.bus.events.lastSeq(run.id);
+  if (!FINAL.has(run.status)) return { run, done: false };
+  // Every run's log starts with run.queued: an ended run without events had them expire
+  // (RUN_EVENTS_TTL_SECONDS). Inventing its final event would need a seq the client may have
+  // seen with another event; 410 says plainly that the stream is gone and where the run's state is.
+  if (last === 0) throw new GoneError(`The events of run ${run.id} have expired (kept RUN_EVENTS_TTL_SECONDS after a run ends); GET /runs/${run.id} has its final state`);
+  // An ended run whose log was read to its end has nothing more to send.
+  return { run, done: after >= last };
 }
 

@@ -132,3 +132,32 @@ export function expectContiguous(events: SseEvent[], after = 0): void {
   expect(events.map((e) => e.id)).toEqual(events.map((_, i) => after + i + 1));
   for (const event of events) expect(event.data.seq).toBe(event.id);
 }
+
+// ==================== Over real HTTP (spawned processes) ====================
+
+/** A JSON request to `base`/api/v1`path`; the status and the parsed body. */
+export async function json<T>(base: string, method: string, path: string, headers: Record<string, string>, body?: unknown): Promise<{ status: number; body: T }> {
+  const response = await fetch(`${base}/api/v1${path}`, { method, headers: { 'content-type': 'application/json', ...headers }, ...(body === undefined ? {} : { body: JSON.stringify(body) }) });
+  return { status: response.status, body: (await response.json()) as T };
+}
+
+/** Signs `email` up and logs in on `base`; their bearer headers, with a default agent on `model`. */
+export async function userWithAgent(base: string, email: string, password: string, model: string): Promise<Record<string, string>> {
+  expect((await json(base, 'POST', '/users/signup', {}, { email, password })).status).toBe(200);
+  const login = await fetch(`${base}/api/v1/login/access-token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams({ username: email, password }) });
+  const headers = { authorization: `Bearer ${((await login.json()) as { access_token: string }).access_token}` };
+  expect((await json(base, 'POST', '/agents', headers, { name: 'a', model, is_default: true })).status).toBe(200);
+  return headers;
+}
+
+/** POST /runs (a new thread with `input`); expects 202. */
+export async function startRunWithThread(base: string, headers: Record<string, string>, input: string): Promise<RunBody> {
+  const run = await json<RunBody>(base, 'POST', '/runs', headers, { input });
+  expect(run.status).toBe(202);
+  return run.body;
+}
+
+/** The thread's messages, oldest first. */
+export async function messagesOf(base: string, headers: Record<string, string>, threadId: string) {
+  return (await json<{ data: { role: string; content: string; run_id: string | null }[] }>(base, 'GET', `/threads/${threadId}/messages?limit=100`, headers)).body.data;
+}

@@ -52,6 +52,12 @@ describe('the OpenAPI document', () => {
     expect(names.filter((name) => !used.has(name))).toEqual([]);
   });
 
+  it('documents the run event stream as text/event-stream, and its errors as JSON', () => {
+    const { responses } = operationsOf(document).find(({ operation }) => operation.operationId === 'stream_run_events')!.operation;
+    expect(Object.keys(responses['200']!.content ?? {})).toEqual(['text/event-stream']);
+    for (const status of ['404', '410', '503']) expect(Object.keys(responses[status]!.content ?? {})).toEqual(['application/json']);
+  });
+
   it('gives every operation a success response whose schema resolves', () => {
     const missing: string[] = [];
     for (const { path, method, operation } of operationsOf(document)) {

@@ -202,7 +202,7 @@ describe.skipIf(!process.env.REDIS_URL)('keel worker', () => {
   }, 120_000);
 
   it('exits 0 at once on SIGTERM when idle, closing its Redis connections', async () => {
-    // A worker runs jobs on the database (ingestion): it is migrated first, as in scaled mode.
+    // A worker runs agent runs and ingestion: it opens the (migrated) database, here an embedded one of its own.
     const dataDir = freshDir();
     const migrate = keel(['migrate'], env(dataDir));
     expect((await migrate.ended).code, migrate.err()).toBe(0);

@@ -4,8 +4,9 @@ import { beforeAll, describe, expect, it } from 'vitest';
 
 import { runEvents, runs } from '../../src/models/index.js';
 
-import { DatabaseRunEventLog, InProcessRunSignals, READER_BUFFER_EVENTS, RunLogClosedError } from '../../src/modules/agents/embedded-run-bus.js';
+import { DatabaseRunEventLog, EmbeddedRunEvents, InProcessRunSignals, READER_BUFFER_EVENTS } from '../../src/modules/agents/embedded-run-bus.js';
 import type { RunEvent } from '../../src/modules/agents/run-bus.js';
+import { RunEventsRefusedError } from '../../src/modules/agents/run-bus-errors.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser } from '../helpers/factories.js';
 import { sleep } from '../helpers/http.js';
@@ -19,7 +20,7 @@ let ownerId: string;
 let threadId: string;
 
 beforeAll(async () => {
-  log = new DatabaseRunEventLog(ctx.app.db, pino({ level: 'silent' }), FLUSH_MS);
+  log = new DatabaseRunEventLog(new EmbeddedRunEvents(ctx.app.db, pino({ level: 'silent' }), FLUSH_MS));
   const owner = await createUser(ctx.app);
   ownerId = owner.user.id;
   threadId = (await createThread(ctx.app, owner.headers)).id;
@@ -78,9 +79,10 @@ describe('the database run event log', () => {
   it('refuses events after the final one, also for a writer that loads the log fresh', async () => {
     const runId = await newRun();
     await log.append(runId, [{ event: 'run.cancelled', data: {} }]);
-    await expect(log.append(runId, [delta('late')])).rejects.toBeInstanceOf(RunLogClosedError);
-    const fresh = new DatabaseRunEventLog(ctx.app.db, pino({ level: 'silent' }), FLUSH_MS);
-    await expect(fresh.append(runId, [{ event: 'run.completed', data: {} }])).rejects.toBeInstanceOf(RunLogClosedError);
+    await expect(log.append(runId, [delta('late')])).rejects.toBeInstanceOf(RunEventsRefusedError);
+    // Another process's view: nothing in memory, the log read from the database.
+    const fresh = new DatabaseRunEventLog(new EmbeddedRunEvents(ctx.app.db, pino({ level: 'silent' }), FLUSH_MS));
+    await expect(fresh.append(runId, [{ event: 'run.completed', data: {} }])).rejects.toBeInstanceOf(RunEventsRefusedError);
     expect(await fresh.lastSeq(runId)).toBe(1);
   });
 

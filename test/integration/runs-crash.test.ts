@@ -7,7 +7,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { eventually } from '../helpers/http.js';
 import { freePort, healthy, keel, killLeftovers } from '../helpers/process.js';
-import { expectContiguous, FINAL_EVENTS, readEvents, type RunBody } from '../helpers/runs.js';
+import { expectContiguous, FINAL_EVENTS, json, messagesOf, readEvents, type RunBody, startRunWithThread, userWithAgent } from '../helpers/runs.js';
 
 // The real CLI (`keel start`, embedded) killed with SIGKILL or stopped with SIGTERM mid-run, then
 // started again on the same data directory: the run is taken up again, never left running.
@@ -45,20 +45,10 @@ async function start(dataDir: string, port: number) {
   return { child, base };
 }
 
-async function json<T>(base: string, method: string, path: string, headers: Record<string, string>, body?: unknown): Promise<{ status: number; body: T }> {
-  const response = await fetch(`${base}/api/v1${path}`, { method, headers: { 'content-type': 'application/json', ...headers }, ...(body === undefined ? {} : { body: JSON.stringify(body) }) });
-  return { status: response.status, body: (await response.json()) as T };
-}
-
 /** A user with a default agent on MODEL and a run started on a new thread. */
 async function userWithRun(base: string, email: string) {
-  expect((await json(base, 'POST', '/users/signup', {}, { email, password: PASSWORD })).status).toBe(200);
-  const login = await fetch(`${base}/api/v1/login/access-token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams({ username: email, password: PASSWORD }) });
-  const headers = { authorization: `Bearer ${((await login.json()) as { access_token: string }).access_token}` };
-  expect((await json(base, 'POST', '/agents', headers, { name: 'a', model: MODEL, is_default: true })).status).toBe(200);
-  const run = await json<RunBody>(base, 'POST', '/runs', headers, { input: 'tell me a long story' });
-  expect(run.status).toBe(202);
-  return { headers, run: run.body };
+  const headers = await userWithAgent(base, email, PASSWORD, MODEL);
+  return { headers, run: await startRunWithThread(base, headers, 'tell me a long story') };
 }
 
 /** A fresh data directory with `keel start` on it, a user, and a run the fake model streams slowly; `then` is the model's next answer. */
@@ -71,10 +61,6 @@ async function runMidStream(name: string, then: string, chunksBefore: number) {
   const { headers, run } = await userWithRun(first.base, `${name}@crash.test`);
   await fake.waitFor((log) => log.some((r) => r.chunksSent >= chunksBefore), 10_000);
   return { first, headers, run, restart: () => start(dataDir, port) };
-}
-
-async function messagesOf(base: string, headers: Record<string, string>, threadId: string) {
-  return (await json<{ data: { role: string; content: string; run_id: string | null }[] }>(base, 'GET', `/threads/${threadId}/messages?limit=100`, headers)).body.data;
 }
 
 describe('embedded process stopped mid-run', () => {

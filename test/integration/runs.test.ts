@@ -3,8 +3,10 @@ import { type AddressInfo, connect } from 'node:net';
 import { eq } from 'drizzle-orm';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
-import { messages, runs, threads } from '../../src/models/index.js';
+import { messages, runEvents, runs, threads } from '../../src/models/index.js';
 
+import { RedisRunEventLog } from '../../src/modules/agents/redis-run-events.js';
+import { finishRun } from '../../src/modules/agents/run-lifecycle.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -19,7 +21,8 @@ const TOOL_DELAY_MS = 300;
 const toolCalls: { query: string; started: number; ended: number }[] = [];
 
 const ctx = useTestApp(
-  { MAX_ACTIVE_RUNS_PER_USER: '4', MODEL_RETRY_MAX_WAIT_MS: '50', RUN_EVENTS_KEEPALIVE_SECONDS: '1', MAX_RUN_STEPS: '3' },
+  // A 6 s lease is renewed every 2 s: a cancel the worker did not hear is noticed then.
+  { MAX_ACTIVE_RUNS_PER_USER: '4', MODEL_RETRY_MAX_WAIT_MS: '50', RUN_EVENTS_KEEPALIVE_SECONDS: '1', MAX_RUN_STEPS: '3', RUN_LEASE_SECONDS: '6' },
   {
     tools: {
       knowledge_search: async (input) => {
@@ -61,6 +64,13 @@ async function threadMessages(owner: TestUser, threadId: string): Promise<Messag
   const response = await api('GET', `/threads/${threadId}/messages?limit=100`, owner.headers);
   expect(response.statusCode).toBe(200);
   return response.json<ListBody<MessageBody>>().data;
+}
+
+/** What the expiry of a run's events does, at once: the database's rows, or the Redis stream. */
+async function forgetEvents(runId: string): Promise<void> {
+  const { events } = ctx.app.runs.bus;
+  if (events instanceof RedisRunEventLog) await ctx.app.redis!.del(events.streamKey(runId));
+  else await ctx.app.db.delete(runEvents).where(eq(runEvents.run_id, runId));
 }
 
 /** A user with a default agent (on the fake model) and a thread. */
@@ -128,6 +138,15 @@ describe('a run streams its answer', () => {
     // Read to the end: the stream closes at once.
     const none = await readEvents(base, owner.headers, run.id, { after: total });
     expect(none).toMatchObject({ events: [], ended: true });
+
+    // Once its events have expired (RUN_EVENTS_TTL_SECONDS): 410 in words, from any point.
+    await forgetEvents(run.id);
+    for (const after of [0, total]) {
+      const gone = await api('GET', `/runs/${run.id}/events?after=${after}`, owner.headers);
+      expect(gone.statusCode).toBe(410);
+      expect(gone.json<{ detail: string }>().detail).toMatch(/expired.*GET \/runs\//);
+    }
+    expect((await getRun(ctx.app, owner.headers, run.id)).status).toBe('completed');
   });
 
   it('a client that stops reading never holds up the run or the other readers', async () => {
@@ -213,12 +232,18 @@ describe('tools', () => {
 });
 
 describe('cancel', () => {
-  it('mid-stream: aborts the upstream request within 1 s, ends the stream with run.cancelled, writes no answer', async () => {
-    fake.script(MODEL, { chunks: Array.from({ length: 50 }, (_, i) => `t${i} `), chunkDelayMs: 100 });
+  /** A run whose model is streaming `chunks` slow pieces (two sent), and a reader of its events. */
+  async function streamingRun(chunks: number) {
+    fake.script(MODEL, { chunks: Array.from({ length: chunks }, (_, i) => `t${i} `), chunkDelayMs: 100 });
     const { owner, thread } = await setup();
     const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'long' });
     const reading = readEvents(base, owner.headers, run.id);
     await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 2));
+    return { owner, thread, run, reading };
+  }
+
+  it('mid-stream: aborts the upstream request within 1 s, ends the stream with run.cancelled, writes no answer', async () => {
+    const { owner, thread, run, reading } = await streamingRun(50);
     const sent = Date.now();
     const cancelled = await api('POST', `/runs/${run.id}/cancel`, owner.headers);
     expect(cancelled.statusCode, cancelled.body).toBe(200);
@@ -237,6 +262,20 @@ describe('cancel', () => {
     expect((await api('POST', `/runs/${run.id}/cancel`, owner.headers)).statusCode).toBe(409);
     await sleep(200);
     expect((await getRun(ctx.app, owner.headers, run.id)).status).toBe('cancelled');
+  });
+
+  it('a cancel whose signal never reached the worker is noticed at its next lease renewal', async () => {
+    const { owner, thread, run, reading } = await streamingRun(100);
+    // What POST /cancel writes to the database, without the signal (a lost pub/sub message).
+    const written = Date.now();
+    expect(await finishRun(ctx.app.runs, run, { status: 'cancelled' }, null)).toBeDefined();
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.aborted), 5_000);
+    // Within one renewal period (RUN_LEASE_SECONDS / 3 = 2 s), with slack for a busy machine.
+    expect(Date.now() - written).toBeLessThan(3_500);
+    const { events } = await reading;
+    expectContiguous(events);
+    expect(events.filter((e) => FINAL_EVENTS.has(e.event)).map((e) => e.event)).toEqual(['run.cancelled']);
+    expect((await threadMessages(owner, thread.id)).map((m) => m.role)).toEqual(['user']);
   });
 
   it('while queued (behind another run): cancelled at once, never calls the model', async () => {

@@ -10,14 +10,8 @@ import type { Logger } from '../../core/logger.js';
 
 import { runEvents, runs } from '../../models/index.js';
 
-import { FINAL_RUN_EVENTS, type NewRunEvent, type RunEvent, type RunEventLog, type RunEventName, type RunSignals } from './run-bus.js';
-
-/** Appending after a run's final event, or a seq another writer already stored. */
-export class RunLogClosedError extends Error {
-  constructor(readonly runId: string) {
-    super(`run ${runId} has ended: its event log takes no more events`);
-  }
-}
+import { CANCEL_MARK_TTL_SECONDS, FINAL_RUN_EVENTS, type NewRunEvent, rememberCursor, type RunEvent, type RunEventLog, type RunEventName, type RunSignals } from './run-bus.js';
+import { RunEventsRefusedError } from './run-bus-errors.js';
 
 /** Stored events read per query while a reader catches up. */
 const REPLAY_PAGE = 500;
@@ -52,20 +46,33 @@ const isFinal = (event: RunEvent) => FINAL_RUN_EVENTS.has(event.event);
 const deltaChars = (event: RunEvent) => (event.event === 'message.delta' && typeof event.data.delta === 'string' ? event.data.delta.length : 0);
 
 /**
- * The database event log. `message.delta` events get their seq and reach live readers at once but
- * are stored in batches (at most every RUN_EVENTS_FLUSH_MS, or FLUSH_CHARS of text): PGlite is not
- * written per token, and a reader that replays later gets the very same events and seqs. Any other
- * event is stored, with every delta before it, before `append` returns.
+ * The database event log as one process holds it: each run's live state (the next seq, events not
+ * yet stored, live readers), shared by every `DatabaseRunEventLog` on it. `message.delta` events
+ * get their seq and reach live readers at once but are stored in batches (at most every
+ * RUN_EVENTS_FLUSH_MS, or FLUSH_CHARS of text): PGlite is not written per token, and a reader that
+ * replays later gets the very same events and seqs. Any other event is stored, with every delta
+ * before it, before `append` returns.
  */
-export class DatabaseRunEventLog implements RunEventLog {
+export class EmbeddedRunEvents {
   private readonly states = new Map<string, RunLogState>();
-  private closed = false;
+  /** Logs open on it: a failed flush is retried only while one is (not after shutdown). */
+  private users = 0;
 
   constructor(
     private readonly db: Db,
     private readonly log: Logger,
     private readonly flushMs: number,
   ) {}
+
+  /** Takes a share; the returned function gives it back. */
+  use(): () => void {
+    this.users++;
+    let released = false;
+    return () => {
+      if (!released) this.users--;
+      released = true;
+    };
+  }
 
   private stateOf(runId: string): RunLogState {
     let state = this.states.get(runId);
@@ -89,20 +96,36 @@ export class DatabaseRunEventLog implements RunEventLog {
     return row && { seq: row.seq, event: row.event as RunEventName };
   }
 
-  append(runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]> {
-    if (this.closed) return Promise.reject(new Error('run event log closed'));
+  /** Loads the run's next seq from the database unless this process knows it. */
+  private async load(runId: string, state: RunLogState): Promise<number> {
+    if (state.nextSeq === null) {
+      const last = await this.storedLast(runId);
+      state.nextSeq = (last?.seq ?? 0) + 1;
+      state.ended = last !== undefined && FINAL_RUN_EVENTS.has(last.event);
+    }
+    return state.nextSeq - 1;
+  }
+
+  /**
+   * Appends for a writer whose last seq per run is in `cursors` (none: it continues from the top);
+   * refuses after a final event, or when another writer appended since this one (`stale`).
+   */
+  append(runId: string, events: readonly NewRunEvent[], cursors: Map<string, number>): Promise<RunEvent[]> {
     const state = this.stateOf(runId);
     const appended = state.tail.then(async () => {
-      if (state.nextSeq === null) {
-        const last = await this.storedLast(runId);
-        state.nextSeq = (last?.seq ?? 0) + 1;
-        state.ended = last !== undefined && FINAL_RUN_EVENTS.has(last.event);
+      const top = await this.load(runId, state);
+      if (state.ended) {
+        cursors.delete(runId);
+        throw new RunEventsRefusedError(runId, 'ended', top);
       }
-      if (state.ended) throw new RunLogClosedError(runId);
+      const cursor = cursors.get(runId);
+      if (cursor !== undefined && cursor !== top) throw new RunEventsRefusedError(runId, 'stale', top);
       const stamped = events.map((e): RunEvent => {
         const seq = state.nextSeq!++;
         return { seq, event: e.event, data: { ...e.data, run_id: runId, seq } };
       });
+      if (stamped.some(isFinal)) cursors.delete(runId);
+      else rememberCursor(cursors, runId, state.nextSeq! - 1);
       state.pending.push(...stamped);
       for (const event of stamped) state.pendingChars += deltaChars(event);
       if (stamped.some(isFinal)) state.ended = true;
@@ -136,7 +159,7 @@ export class DatabaseRunEventLog implements RunEventLog {
         state.pendingChars = state.pending.reduce((n, e) => n + deltaChars(e), 0);
       } catch (error) {
         this.log.error({ err: (error as { cause?: unknown }).cause ?? error, runId, events: batch.length }, 'run events not stored; kept for the next flush');
-        if (!this.closed) state.flushTimer ??= setTimeout(() => void this.flush(runId, state).catch(() => undefined), Math.max(this.flushMs, 1_000));
+        if (this.users > 0) state.flushTimer ??= setTimeout(() => void this.flush(runId, state).catch(() => undefined), Math.max(this.flushMs, 1_000));
         throw error;
       } finally {
         state.flushing = null;
@@ -192,6 +215,8 @@ export class DatabaseRunEventLog implements RunEventLog {
           last = event.seq;
           if (isFinal(event)) return;
         }
+        // A reader that starts at or past the final event (it has read it all) ends at once.
+        if (await this.endedBy(runId, state, last)) return;
         while (!signal.aborted && !overflowed) {
           if (!inbox.length) {
             await new Promise<void>((resolve) => (wake = resolve));
@@ -215,6 +240,14 @@ export class DatabaseRunEventLog implements RunEventLog {
     }
   }
 
+  /** Whether the run's final event has a seq of at most `seq`. */
+  private async endedBy(runId: string, state: RunLogState, seq: number): Promise<boolean> {
+    if (state.nextSeq !== null) return state.ended && state.nextSeq - 1 <= seq;
+    const last = await this.storedLast(runId);
+    return last !== undefined && FINAL_RUN_EVENTS.has(last.event) && last.seq <= seq;
+  }
+
+  /** The highest seq given (stored or pending); 0 when the run has none. */
   async lastSeq(runId: string): Promise<number> {
     const state = this.states.get(runId);
     if (state && state.nextSeq !== null) return state.nextSeq - 1;
@@ -230,40 +263,131 @@ export class DatabaseRunEventLog implements RunEventLog {
     return deleted.length;
   }
 
-  /** Stores every pending event; later appends are refused. */
-  async close(): Promise<void> {
-    this.closed = true;
+  /** Stores every pending event. */
+  async flushAll(): Promise<void> {
     await Promise.allSettled([...this.states].map(([runId, state]) => state.tail.then(() => this.flush(runId, state))));
   }
 }
 
-/** Cancels within this process: the node that runs a run is the node that hears its cancel. */
+/**
+ * One writer and reader of the embedded log (run-bus.ts's RunEventLog): it remembers, per run, the
+ * seq it last appended or read with `lastSeq`, and is refused (`stale`) when another writer on the
+ * same events appended since — the same rule as the Redis log, so both modes keep one contract.
+ */
+export class DatabaseRunEventLog implements RunEventLog {
+  private readonly cursors = new Map<string, number>();
+  private readonly release: () => void;
+  private closed = false;
+
+  constructor(private readonly events: EmbeddedRunEvents) {
+    this.release = events.use();
+  }
+
+  append(runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]> {
+    if (this.closed) return Promise.reject(new Error('run event log closed'));
+    if (events.length === 0) return Promise.resolve([]);
+    const finalAt = events.findIndex((event) => FINAL_RUN_EVENTS.has(event.event));
+    if (finalAt !== -1 && finalAt < events.length - 1) return Promise.reject(new RunEventsRefusedError(runId, 'ended', this.cursors.get(runId) ?? 0));
+    return this.events.append(runId, events, this.cursors).catch((error: unknown) => {
+      // Stored or not is unknown (the database failed): the next append continues from the top.
+      if (!(error instanceof RunEventsRefusedError)) this.cursors.delete(runId);
+      throw error;
+    });
+  }
+
+  read(runId: string, after: number, signal: AbortSignal): AsyncIterable<RunEvent> {
+    return this.events.read(runId, after, signal);
+  }
+
+  async lastSeq(runId: string): Promise<number> {
+    const seq = await this.events.lastSeq(runId);
+    rememberCursor(this.cursors, runId, seq);
+    return seq;
+  }
+
+  expire(ttlSeconds: number): Promise<number> {
+    return this.events.expire(ttlSeconds);
+  }
+
+  /** Stores every pending event; later appends are refused. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.cursors.clear();
+    await this.events.flushAll();
+    this.release();
+  }
+}
+
+/** A cancel's mark: kept this long, so a cancel sent just before its run's worker subscribed is not lost. */
+const CANCEL_MARK_MS = CANCEL_MARK_TTL_SECONDS * 1000;
+/** Marks kept at most (cancels are rare; the oldest goes first). */
+const MAX_CANCEL_MARKS = 10_000;
+
+type CancelHandler = (reason: string | undefined) => void;
+
+/**
+ * Cancels within this process, shared by every `InProcessRunSignals` on it: the node that runs a
+ * run is the node that hears its cancel. Like the Redis signals, a cancel also leaves a mark for a
+ * while, which a later subscribe delivers.
+ */
+export class InProcessCancels {
+  private readonly subscribers = new Map<string, Set<CancelHandler>>();
+  /** Run id → the first cancel's reason and when it expires, oldest first. */
+  private readonly marks = new Map<string, { reason: string | undefined; until: number }>();
+
+  cancel(runId: string, reason: string | undefined): void {
+    const now = Date.now();
+    for (const [id, mark] of this.marks) {
+      if (mark.until > now && this.marks.size < MAX_CANCEL_MARKS) break;
+      this.marks.delete(id);
+    }
+    // The first cancel's reason stands, as onCancel reports only the first.
+    if (!this.marks.has(runId)) this.marks.set(runId, { reason, until: now + CANCEL_MARK_MS });
+    for (const onCancel of [...(this.subscribers.get(runId) ?? [])]) onCancel(reason);
+  }
+
+  subscribe(runId: string, onCancel: CancelHandler): () => void {
+    let set = this.subscribers.get(runId);
+    if (!set) this.subscribers.set(runId, (set = new Set()));
+    set.add(onCancel);
+    const mark = this.marks.get(runId);
+    if (mark && mark.until > Date.now()) onCancel(mark.reason);
+    return () => {
+      set.delete(onCancel);
+      if (!set.size && this.subscribers.get(runId) === set) this.subscribers.delete(runId);
+    };
+  }
+}
+
+/** One node's run signals (run-bus.ts's RunSignals) on the process's `InProcessCancels`. */
 export class InProcessRunSignals implements RunSignals {
-  private readonly subscribers = new Map<string, Set<(reason: string | undefined) => void>>();
+  private readonly unsubscribes = new Set<() => void>();
+
+  constructor(private readonly cancels: InProcessCancels = new InProcessCancels()) {}
 
   cancel(runId: string, reason?: string): Promise<void> {
-    for (const onCancel of [...(this.subscribers.get(runId) ?? [])]) onCancel(reason);
+    this.cancels.cancel(runId, reason);
     return Promise.resolve();
   }
 
-  subscribe(runId: string, onCancel: (reason: string | undefined) => void): () => void {
+  subscribe(runId: string, onCancel: CancelHandler): () => void {
     let fired = false;
-    const once = (reason: string | undefined) => {
+    const unsubscribe = this.cancels.subscribe(runId, (reason) => {
       if (fired) return;
       fired = true;
       onCancel(reason);
-    };
-    let set = this.subscribers.get(runId);
-    if (!set) this.subscribers.set(runId, (set = new Set()));
-    set.add(once);
+    });
+    this.unsubscribes.add(unsubscribe);
     return () => {
-      set.delete(once);
-      if (!set.size && this.subscribers.get(runId) === set) this.subscribers.delete(runId);
+      unsubscribe();
+      this.unsubscribes.delete(unsubscribe);
     };
   }
 
   close(): Promise<void> {
-    this.subscribers.clear();
+    for (const unsubscribe of this.unsubscribes) unsubscribe();
+    this.unsubscribes.clear();
     return Promise.resolve();
   }
 }

@@ -6,12 +6,6 @@ import type { Logger } from '../../core/logger.js';
 import { RedisRunEventLog } from './redis-run-events.js';
 import { RedisRunSignals } from './redis-run-signals.js';
 import { RedisSubscriber } from './redis-subscriber.js';
-import type { RunEventLog, RunSignals } from './run-bus.js';
-
-export interface RunBus {
-  events: RunEventLog;
-  signals: RunSignals;
-}
 
 /**
  * Scaled mode's run bus on the process's Redis client (`redis`, which it does not close): commands

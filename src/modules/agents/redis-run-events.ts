@@ -3,7 +3,7 @@ import { createHash } from 'node:crypto';
 import type { Redis } from 'ioredis';
 
 import { asRunBusError, type RedisSubscriber } from './redis-subscriber.js';
-import { FINAL_RUN_EVENTS, type NewRunEvent, type RunEvent, type RunEventLog, type RunEventName } from './run-bus.js';
+import { FINAL_RUN_EVENTS, type NewRunEvent, rememberCursor, type RunEvent, type RunEventLog, type RunEventName } from './run-bus.js';
 import { RunEventsRefusedError } from './run-bus-errors.js';
 
 /**
@@ -35,8 +35,6 @@ const TAIL_WINDOW = 64;
 const UNTRIMMED_EVENTS = 16;
 /** Events per XRANGE page (replay, catching up). */
 const PAGE_SIZE = 200;
-/** Runs whose writer cursor a log remembers; the oldest is forgotten first (its next append reads the top). */
-const MAX_WRITER_CURSORS = 10_000;
 
 export interface RedisRunEventLogOptions {
   /** REDIS_KEY_PREFIX. */
@@ -170,9 +168,7 @@ export class RedisRunEventLog implements RunEventLog {
   }
 
   private remember(runId: string, seq: number): void {
-    this.cursors.delete(runId); // re-inserted at the end: the Map's order is the eviction order
-    this.cursors.set(runId, seq);
-    if (this.cursors.size > MAX_WRITER_CURSORS) this.cursors.delete(this.cursors.keys().next().value!);
+    rememberCursor(this.cursors, runId, seq);
   }
 
   /** The highest seq (0 when none); also where this log's next append continues (a writer resuming a run). */

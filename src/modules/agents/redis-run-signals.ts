@@ -3,14 +3,7 @@ import type { Redis } from 'ioredis';
 import type { Logger } from '../../core/logger.js';
 
 import { asRunBusError, type RedisSubscriber } from './redis-subscriber.js';
-import type { RunSignals } from './run-bus.js';
-
-/**
- * A cancel also leaves a mark this long, so a cancel sent before the worker subscribed (it was
- * just picking the run up) or while its subscriber was reconnecting is still seen. Runs are never
- * restarted under the same id, so a mark outliving its run harms nothing.
- */
-export const CANCEL_MARK_TTL_SECONDS = 300;
+import { CANCEL_MARK_TTL_SECONDS, type RunSignals } from './run-bus.js';
 
 export interface RedisRunSignalsOptions {
   /** REDIS_KEY_PREFIX. */

@@ -59,6 +59,13 @@ export interface RunEventLog {
   close(): Promise<void>;
 }
 
+/**
+ * A cancel also leaves a mark this long, so a cancel sent before the worker subscribed (it was
+ * just picking the run up) or while its subscriber was reconnecting is still seen. Runs are never
+ * restarted under the same id, so a mark outliving its run harms nothing.
+ */
+export const CANCEL_MARK_TTL_SECONDS = 300;
+
 /** Cancels across nodes: the node running a run listens; any node may send. */
 export interface RunSignals {
   /** Tells whichever node runs `runId` to abort it now (no-op when none does). */
@@ -66,4 +73,20 @@ export interface RunSignals {
   /** Called by the node that runs `runId`; `onCancel` fires at most once. Returns the unsubscribe. */
   subscribe(runId: string, onCancel: (reason: string | undefined) => void): () => void;
   close(): Promise<void>;
+}
+
+/** How a run's events and cancels travel: the one pair every part of the app uses. */
+export interface RunBus {
+  events: RunEventLog;
+  signals: RunSignals;
+}
+
+/** Runs whose writer cursor a log remembers; the oldest is forgotten first (its next append reads the top). */
+const MAX_WRITER_CURSORS = 10_000;
+
+/** Sets a log's writer cursor for a run, forgetting the oldest beyond MAX_WRITER_CURSORS (readers set them too, through lastSeq). */
+export function rememberCursor(cursors: Map<string, number>, runId: string, seq: number): void {
+  cursors.delete(runId); // re-inserted at the end: the Map's order is the eviction order
+  cursors.set(runId, seq);
+  if (cursors.size > MAX_WRITER_CURSORS) cursors.delete(cursors.keys().next().value!);
 }

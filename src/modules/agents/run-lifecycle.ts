@@ -15,8 +15,8 @@ import { type Run, runs, threads } from '../../models/index.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
 import type { ModelManager } from '../ai-models/index.js';
-import type { RunBus } from './create-run-bus.js';
-import type { RunEventName } from './run-bus.js';
+import type { RunBus, RunEventName } from './run-bus.js';
+import { RunEventsRefusedError } from './run-bus-errors.js';
 import type { ToolImplementations } from './tools.js';
 
 /** Everything runs need from the app, passed as one object. */
@@ -101,11 +101,22 @@ export async function queueRun(deps: RunDeps, runId: string): Promise<void> {
   }
 }
 
-/** Appends a run's final event unless its log already ended (another writer got there first). */
+/**
+ * Appends a run's final event unless its log already ended (another writer got there first). The
+ * database decided the run's end, so a writer that is behind the log (another node appended since:
+ * `stale`) catches up with `lastSeq` and appends it after what is there.
+ */
 export async function appendFinalEvent(deps: RunDeps, run: Run): Promise<void> {
+  const { events } = deps.bus;
+  const final = [runEvent(run)];
   try {
-    await deps.bus.events.append(run.id, [runEvent(run)]);
+    await events.append(run.id, final).catch(async (error: unknown) => {
+      if (!(error instanceof RunEventsRefusedError) || error.reason !== 'stale') throw error;
+      await events.lastSeq(run.id);
+      await events.append(run.id, final);
+    });
   } catch (error) {
-    deps.log.debug({ err: error, runId: run.id }, 'final run event not appended (the log had ended)');
+    const ended = error instanceof RunEventsRefusedError && error.reason === 'ended';
+    deps.log[ended ? 'debug' : 'error']({ err: error, runId: run.id }, ended ? 'final run event not appended (the log had ended)' : 'final run event not appended');
   }
 }

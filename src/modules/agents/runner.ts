@@ -182,6 +182,8 @@ export class AgentRunner {
         return;
       }
       if (stop?.kind === 'cancel' || stop?.kind === 'lease') {
+        // Which one says how the cancel arrived: its signal, or the status seen at a lease renewal.
+        log.info({ runId: run.id, stop: stop.kind }, 'run stopped: cancelled, or no longer this worker\'s');
         await this.afterLostRun(run.id);
         return;
       }
