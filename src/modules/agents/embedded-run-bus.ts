@@ -93,7 +93,11 @@ export class DatabaseRunEventLog implements RunEventLog {
     if (this.closed) return Promise.reject(new Error('run event log closed'));
     const state = this.stateOf(runId);
     const appended = state.tail.then(async () => {
-      if (state.nextSeq === null) {
+      if (state.nextSeq === null && events[0]?.event === 'run.queued') {
+        // A run's first event (its start writes it): nothing to look up. Were it not, the insert
+        // would collide with the stored seq 1 (the primary key) rather than write a duplicate.
+        state.nextSeq = 1;
+      } else if (state.nextSeq === null) {
         const last = await this.storedLast(runId);
         state.nextSeq = (last?.seq ?? 0) + 1;
         state.ended = last !== undefined && FINAL_RUN_EVENTS.has(last.event);

@@ -82,10 +82,11 @@ export type RunOutcome = { status: 'completed' | 'failed' | 'cancelled'; error?:
  * Undefined when the run had already ended (or the guard failed). The caller queues the promoted
  * run's job after the commit (`queuePromoted`).
  */
-export async function endInTransaction(tx: Db, run: Pick<Run, 'id' | 'thread_id'>, outcome: RunOutcome, guard: runCrud.EndGuard): Promise<EndedRun | undefined> {
-  await lockThread(tx, run.thread_id);
+export async function endInTransaction(tx: Db, run: Pick<Run, 'id' | 'thread_id'>, outcome: RunOutcome, guard: runCrud.EndGuard, locked?: Pick<Run, 'waiting'>): Promise<EndedRun | undefined> {
+  // `locked`: the run as read under the thread's lock, already held by the caller.
+  if (!locked) await lockThread(tx, run.thread_id);
   // Under the thread's lock a run's `waiting` cannot change: read it before the end clears it.
-  const [before] = await tx.select({ waiting: runs.waiting }).from(runs).where(eq(runs.id, run.id));
+  const [before] = locked ? [locked] : await tx.select({ waiting: runs.waiting }).from(runs).where(eq(runs.id, run.id));
   const row = await runCrud.endRun(tx, run.id, { ...outcome, error: outcome.error ?? null }, guard);
   if (!row) return undefined;
   const promoted = before?.waiting ? undefined : await handOnThread(tx, run.thread_id);

@@ -281,7 +281,8 @@ export class AgentRunner {
       const written = await transaction(deps.db, async (tx) => {
         await lockThread(tx, run.thread_id);
         // The fence: only the worker holding the run, still running, writes its step.
-        if (!(await runCrud.lockHeld(tx, run.id, this.workerId))) return null;
+        const held = await runCrud.lockHeld(tx, run.id, this.workerId);
+        if (!held) return null;
         const assistant = await appendMessage(tx, { id: messageId, thread_id: run.thread_id, role: 'assistant', content: result.text, tool_calls: toolCalls.length ? toolCalls : null, run_id: run.id, metadata: { step, model: result.model } });
         const toolMessages: Message[] = [];
         for (const outcome of results) {
@@ -293,7 +294,7 @@ export class AgentRunner {
           return { stepMessages, ended: undefined };
         }
         // The answer: the run ends with it (the lock above is the fence, so the end cannot miss).
-        const ended = await endInTransaction(tx, run, { status: 'completed', steps, usage, cost }, { leaseOwner: this.workerId });
+        const ended = await endInTransaction(tx, run, { status: 'completed', steps, usage, cost }, { leaseOwner: this.workerId }, held);
         if (!ended) throw new RunStop('lease');
         return { stepMessages, ended };
       });
