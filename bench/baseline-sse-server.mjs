@@ -1,4 +1,4 @@
-/* global process */
+/* global process, setImmediate */
 // The runs benchmark's baseline: a bare Fastify app with the two requests a run client makes —
 // POST /api/v1/threads/:id/runs answers 202 with a run id, GET /api/v1/runs/:id/events writes the
 // events of a run from memory as SSE (run.started, message.created, five message.delta,

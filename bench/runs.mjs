@@ -18,7 +18,7 @@
 //        read its events to `run.completed`, again (completed runs/s, p50/p99 of the whole run)
 // with the server processes' CPU per run from /proc. KEEL_NODE_ARGS goes to Keel's node processes
 // (e.g. "--cpu-prof --cpu-prof-dir=bench/out/runs/prof"). Raw lines: bench/out/runs/raw.tsv.
-import { mkdirSync, rmSync, writeFileSync, appendFileSync } from 'node:fs';
+import { appendFileSync,mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { cpus, loadavg, totalmem } from 'node:os';
 import { resolve } from 'node:path';

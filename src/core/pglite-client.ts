@@ -1,4 +1,4 @@
-import type { PGlite, QueryOptions, Results } from '@electric-sql/pglite';
+import type { PGlite, QueryOptions, Results, Transaction } from '@electric-sql/pglite';
 import { type DatabaseError, serialize } from 'pg-protocol';
 import type { BackendMessage, DataRowMessage, ParameterDescriptionMessage, RowDescriptionMessage } from 'pg-protocol/dist/messages.js';
 import { Parser } from 'pg-protocol/dist/parser.js';
@@ -47,13 +47,14 @@ export class PgliteStatementClient {
   transaction: PGlite['transaction'] = (callback) =>
     this.pg.transaction((tx) => {
       const exchange: Exchange = (message) => this.pg.runExclusive(() => this.pg.execProtocolRaw(message, { syncToFs: false }));
-      const query = <T>(text: string, params?: unknown[], options?: QueryOptions) => {
+      const query = async <T>(text: string, params?: unknown[], options?: QueryOptions): Promise<Results<T>> => {
         if (tx.closed) throw new Error('Transaction is closed');
         // A statement still being prepared outside waits for this transaction's lock: waiting for it here would deadlock.
         if (this.statements.has(text) && !this.ready.has(text)) return tx.query<T>(text, params, options);
         return this.run<T>(exchange, text, params, options, () => tx.query<T>(text, params, options));
       };
-      return callback({ ...tx, query, get closed() { return tx.closed; }, sql: tx.sql, exec: tx.exec, rollback: tx.rollback, listen: tx.listen });
+      // PGlite's transaction with this query; the rest (exec, rollback, closed, …) is its own.
+      return callback(Object.assign(Object.create(tx) as Transaction, { query }));
     });
 
   /** Outside a transaction: the transaction lock keeps these messages out of another caller's open transaction. */
