@@ -1,4 +1,4 @@
-import type { PGlite, QueryOptions, Results } from '@electric-sql/pglite';
+import type { PGlite, QueryOptions, Results, Transaction } from '@electric-sql/pglite';
 import { type DatabaseError, serialize } from 'pg-protocol';
 import type { BackendMessage, DataRowMessage, ParameterDescriptionMessage, RowDescriptionMessage } from 'pg-protocol/dist/messages.js';
 import { Parser } from 'pg-protocol/dist/parser.js';
@@ -18,66 +18,95 @@ function protocolMessages(bytes: Uint8Array): BackendMessage[] {
   return messages;
 }
 
+/** Runs protocol messages against PGlite: outside a transaction under its lock, inside one as part of it. */
+type Exchange = (message: Uint8Array) => Promise<Uint8Array>;
+
 /**
  * PGlite with a statement cache. PGlite's `query()` runs Parse, Describe, Bind, Describe, Execute
  * and Sync as six separate calls into WebAssembly and re-plans every query (~230 µs for a
  * primary-key lookup here); this prepares each distinct SQL text once as a named statement and then
  * sends Bind + Execute + Sync in one call (~45 µs). It is handed to Drizzle in place of the PGlite
- * instance, so every query outside a transaction profits. Transactions keep PGlite's own path.
+ * instance, so every query profits, in a transaction too (a run's start, step and end are each one;
+ * named statements belong to the session, so one prepared in a transaction outlives its rollback).
  */
 export class PgliteStatementClient {
   private readonly statements = new Map<string, Promise<Statement>>();
+  /** The statements whose preparation has finished. */
+  private readonly ready = new Map<string, Statement>();
   private prepared = 0;
 
   constructor(readonly pg: PGlite) {}
 
-  // Drizzle also calls these; they keep PGlite's behaviour.
-  transaction: PGlite['transaction'] = (callback) => this.pg.transaction(callback);
+  // Drizzle also calls this; it keeps PGlite's behaviour.
   exec: PGlite['exec'] = (sqlText, options) => this.pg.exec(sqlText, options);
 
-  async query<T>(text: string, params: unknown[] = [], options: QueryOptions = {}): Promise<Results<T>> {
-    const statement = this.statement(text);
-    if (!statement) return this.pg.query<T>(text, params, options);
+  /**
+   * The transaction holds PGlite's transaction lock from BEGIN to COMMIT; its queries run on the
+   * statement cache under the query lock, as PGlite's own `tx.query` does.
+   */
+  transaction: PGlite['transaction'] = (callback) =>
+    this.pg.transaction((tx) => {
+      const exchange: Exchange = (message) => this.pg.runExclusive(() => this.pg.execProtocolRaw(message, { syncToFs: false }));
+      const query = async <T>(text: string, params?: unknown[], options?: QueryOptions): Promise<Results<T>> => {
+        if (tx.closed) throw new Error('Transaction is closed');
+        // A statement still being prepared outside waits for this transaction's lock: waiting for it here would deadlock.
+        if (this.statements.has(text) && !this.ready.has(text)) return tx.query<T>(text, params, options);
+        return this.run<T>(exchange, text, params, options, () => tx.query<T>(text, params, options));
+      };
+      // PGlite's transaction with this query; the rest (exec, rollback, closed, …) is its own.
+      return callback(Object.assign(Object.create(tx) as Transaction, { query }));
+    });
+
+  /** Outside a transaction: the transaction lock keeps these messages out of another caller's open transaction. */
+  private readonly exchange: Exchange = (message) => this.pg._runExclusiveTransaction(() => this.pg.execProtocolRaw(message, { syncToFs: false }));
+
+  query<T>(text: string, params: unknown[] = [], options: QueryOptions = {}): Promise<Results<T>> {
+    return this.run<T>(this.exchange, text, params, options, () => this.pg.query<T>(text, params, options));
+  }
+
+  private async run<T>(exchange: Exchange, text: string, params: unknown[] = [], options: QueryOptions = {}, plain: () => Promise<Results<T>>): Promise<Results<T>> {
+    const statement = this.statement(exchange, text);
+    if (!statement) return plain();
     const prepared = await statement;
     const message = Buffer.concat([
       serialize.bind({ statement: prepared.name, values: this.serializeParams(prepared, params, options) }),
       serialize.execute({}),
       serialize.sync(),
     ]);
-    // The transaction lock keeps these messages out of another caller's open transaction.
     // No syncToFs: on a directory (NODEFS) PostgreSQL's writes already reach the files, the sync
     // is a no-op there; memory:// has nothing to sync.
-    const reply = await this.pg._runExclusiveTransaction(() => this.pg.execProtocolRaw(message, { syncToFs: false }));
+    const reply = await exchange(message);
     try {
       return this.results<T>(prepared, protocolMessages(reply), options);
     } catch (error) {
       // A plan invalidated by a schema change: forget it and run this once the ordinary way.
       if ((error as { code?: string }).code === '0A000') {
         this.statements.delete(text);
-        return this.pg.query<T>(text, params, options);
+        this.ready.delete(text);
+        return plain();
       }
       throw error;
     }
   }
 
-  private statement(text: string): Promise<Statement> | null {
+  private statement(exchange: Exchange, text: string): Promise<Statement> | null {
     const known = this.statements.get(text);
     if (known) return known;
     if (this.statements.size >= MAX_STATEMENTS) return null;
-    const preparing = this.prepare(`keel_${this.prepared++}`, text);
+    const preparing = this.prepare(exchange, `keel_${this.prepared++}`, text);
     this.statements.set(text, preparing);
     // A statement that fails to prepare (bad SQL) is not kept: the caller sees the error, and a retry prepares anew.
     preparing.catch(() => this.statements.delete(text));
     return preparing;
   }
 
-  private async prepare(name: string, text: string): Promise<Statement> {
+  private async prepare(exchange: Exchange, name: string, text: string): Promise<Statement> {
     const message = Buffer.concat([
       serialize.parse({ name, text, types: [] }),
       serialize.describe({ type: 'S', name }),
       serialize.sync(),
     ]);
-    const reply = await this.pg._runExclusiveTransaction(() => this.pg.execProtocolRaw(message, { syncToFs: false }));
+    const reply = await exchange(message);
     let paramTypes: number[] = [];
     let fields: Statement['fields'] = [];
     for (const m of protocolMessages(reply)) {
@@ -87,7 +116,9 @@ export class PgliteStatementClient {
         fields = (m as RowDescriptionMessage).fields.map((f) => ({ name: f.name, dataTypeID: f.dataTypeID }));
       }
     }
-    return { name, paramTypes, fields };
+    const statement = { name, paramTypes, fields };
+    this.ready.set(text, statement);
+    return statement;
   }
 
   private serializeParams(statement: Statement, params: unknown[], options: QueryOptions): (string | null)[] {

@@ -105,11 +105,11 @@ export async function updateRun(tx: Db, runId: string, values: Partial<NewRun>):
 export type EndGuard = { leaseOwner: string } | { leaseExpired: true } | null;
 
 /**
- * Ends an active run with a final status, if the guard holds: one conditional UPDATE, so a final
- * status is never changed. A worker's own end clears its lease; a cancel leaves the lease for the
+ * Ends an active run with a final status (and its worker's last totals), if the guard holds: one
+ * conditional UPDATE, so a final status is never changed. A worker's own end clears its lease; a cancel leaves the lease for the
  * worker to clear once it has stopped and written the final event.
  */
-export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status' | 'error'>, guard: EndGuard): Promise<Run | undefined> {
+export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status' | 'error'> & Partial<Pick<NewRun, 'steps' | 'usage' | 'cost'>>, guard: EndGuard): Promise<Run | undefined> {
   const conditions: (SQL | undefined)[] = [eq(runs.id, runId), active];
   if (guard && 'leaseOwner' in guard) conditions.push(eq(runs.lease_owner, guard.leaseOwner));
   if (guard && 'leaseExpired' in guard) conditions.push(eq(runs.status, 'running'), or(isNull(runs.lease_owner), lt(runs.lease_expires_at, sql`now()`)));

@@ -220,9 +220,20 @@ function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: strin
   raw.on('close', leave);
   raw.write(': connected\n\n');
   const keepAlive = setInterval(() => raw.write(': keep-alive\n\n'), settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000);
+  // Events that arrive together (a model's burst of deltas, a step's messages) go out in one write.
+  let corked = false;
+  const uncork = () => {
+    corked = false;
+    raw.uncork();
+  };
   void (async () => {
     try {
       for await (const event of runs.bus.events.read(runId, after, controller.signal)) {
+        if (!corked) {
+          corked = true;
+          raw.cork();
+          process.nextTick(uncork);
+        }
         if (!raw.write(frame(event))) await drained(raw, controller.signal);
       }
     } catch (error) {

@@ -83,4 +83,38 @@ describe('PgliteStatementClient', () => {
     const rows = (await client.query<Record<string, unknown>>(text, ['a'])).rows;
     expect(rows[0]).toHaveProperty('extra', null);
   });
+
+  it('runs a transaction’s queries on prepared statements, commits them together and rolls them back together', async () => {
+    const text = 'insert into items (name, n) values ($1, $2) returning name, n';
+    await client.transaction(async (tx) => {
+      expect((await tx.query(text, ['tx-1', 1])).rows).toEqual([{ name: 'tx-1', n: 1 }]);
+      expect((await tx.query(text, ['tx-2', 2])).rows).toEqual([{ name: 'tx-2', n: 2 }]);
+      // Its own writes are visible inside it, through a cached statement too.
+      expect((await tx.query<{ count: number }>('select count(*)::int as count from items where name like $1', ['tx-%'])).rows[0]!.count).toBe(2);
+    });
+    const prepared = await pg.query<{ count: number }>("select count(*)::int as count from pg_prepared_statements where statement like 'insert into items (name, n)%'");
+    expect(prepared.rows[0]!.count).toBe(1);
+    await expect(
+      client.transaction(async (tx) => {
+        await tx.query(text, ['tx-3', 3]);
+        await tx.query(text, ['tx-1', 1]); // a unique violation: the whole transaction goes
+      }),
+    ).rejects.toMatchObject({ code: '23505' });
+    expect((await client.query<{ name: string }>('select name from items where name like $1 order by name', ['tx-%'])).rows.map((r) => r.name)).toEqual(['tx-1', 'tx-2']);
+    // The statement prepared before the failure still serves later callers, outside a transaction too.
+    expect((await client.query(text, ['tx-4', 4])).rows).toEqual([{ name: 'tx-4', n: 4 }]);
+  });
+
+  it('does not wait inside a transaction for a statement an outside caller is still preparing (that waits for the transaction)', async () => {
+    const text = "select count(*)::int as count from items where name like 'race-%'";
+    let outside!: Promise<{ rows: { count: number }[] }>;
+    await client.transaction(async (tx) => {
+      // Queued now behind this transaction's lock, with its statement's preparation.
+      outside = client.query<{ count: number }>(text);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      await tx.query("insert into items (name) values ('race-1')");
+      expect((await tx.query<{ count: number }>(text)).rows[0]!.count).toBe(1);
+    });
+    expect((await outside).rows[0]!.count).toBe(1);
+  });
 });

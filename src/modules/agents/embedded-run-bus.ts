@@ -113,6 +113,12 @@ export class EmbeddedRunEvents {
   append(runId: string, events: readonly NewRunEvent[], cursors: Map<string, number>): Promise<RunEvent[]> {
     const state = this.stateOf(runId);
     const appended = state.tail.then(async () => {
+      if (state.nextSeq === null && events[0]?.event === 'run.queued') {
+        // A run's first event (its start writes it): nothing to look up. Were it not, the insert
+        // would collide with the stored seq 1 (the primary key) rather than write a duplicate.
+        state.nextSeq = 1;
+        state.ended = false;
+      }
       const top = await this.load(runId, state);
       if (state.ended) {
         cursors.delete(runId);

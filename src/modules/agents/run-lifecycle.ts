@@ -15,7 +15,7 @@ import { type Run, runs, threads } from '../../models/index.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
 import type { ModelManager } from '../ai-models/index.js';
-import type { RunBus, RunEventName } from './run-bus.js';
+import type { NewRunEvent, RunBus, RunEventName } from './run-bus.js';
 import { RunEventsRefusedError } from './run-bus-errors.js';
 import type { ToolImplementations } from './tools.js';
 
@@ -74,21 +74,37 @@ export interface EndedRun {
   promoted: Run | undefined;
 }
 
+/** How a run ends: its final status, the error in words, and (from its worker) its last step's totals. */
+export type RunOutcome = { status: 'completed' | 'failed' | 'cancelled'; error?: string | null } & Partial<Pick<Run, 'steps' | 'usage' | 'cost'>>;
+
+/**
+ * Inside a transaction: ends a run if it is active and `guard` holds, and hands its thread on.
+ * Undefined when the run had already ended (or the guard failed). The caller queues the promoted
+ * run's job after the commit (`queuePromoted`).
+ */
+export async function endInTransaction(tx: Db, run: Pick<Run, 'id' | 'thread_id'>, outcome: RunOutcome, guard: runCrud.EndGuard, locked?: Pick<Run, 'waiting'>): Promise<EndedRun | undefined> {
+  // `locked`: the run as read under the thread's lock, already held by the caller.
+  if (!locked) await lockThread(tx, run.thread_id);
+  // Under the thread's lock a run's `waiting` cannot change: read it before the end clears it.
+  const [before] = locked ? [locked] : await tx.select({ waiting: runs.waiting }).from(runs).where(eq(runs.id, run.id));
+  const row = await runCrud.endRun(tx, run.id, { ...outcome, error: outcome.error ?? null }, guard);
+  if (!row) return undefined;
+  const promoted = before?.waiting ? undefined : await handOnThread(tx, run.thread_id);
+  return { run: row, promoted };
+}
+
+/** After the commit that ended a run: the waiting run that now holds its thread gets its job. */
+export async function queuePromoted(deps: RunDeps, ended: EndedRun | undefined): Promise<void> {
+  if (ended?.promoted) await queueRun(deps, ended.promoted.id);
+}
+
 /**
  * Ends a run if it is active and `guard` holds, hands its thread on, and queues the promoted run's
  * job after the commit. Undefined when the run had already ended (or the guard failed).
  */
-export async function finishRun(deps: RunDeps, run: Pick<Run, 'id' | 'thread_id'>, outcome: { status: 'completed' | 'failed' | 'cancelled'; error?: string | null }, guard: runCrud.EndGuard): Promise<EndedRun | undefined> {
-  const ended = await transaction(deps.db, async (tx) => {
-    await lockThread(tx, run.thread_id);
-    // Under the thread's lock a run's `waiting` cannot change: read it before the end clears it.
-    const [before] = await tx.select({ waiting: runs.waiting }).from(runs).where(eq(runs.id, run.id));
-    const row = await runCrud.endRun(tx, run.id, { status: outcome.status, error: outcome.error ?? null }, guard);
-    if (!row) return undefined;
-    const promoted = before?.waiting ? undefined : await handOnThread(tx, run.thread_id);
-    return { run: row, promoted };
-  });
-  if (ended?.promoted) await queueRun(deps, ended.promoted.id);
+export async function finishRun(deps: RunDeps, run: Pick<Run, 'id' | 'thread_id'>, outcome: RunOutcome, guard: runCrud.EndGuard): Promise<EndedRun | undefined> {
+  const ended = await transaction(deps.db, (tx) => endInTransaction(tx, run, outcome, guard));
+  await queuePromoted(deps, ended);
   return ended;
 }
 
@@ -102,13 +118,14 @@ export async function queueRun(deps: RunDeps, runId: string): Promise<void> {
 }
 
 /**
- * Appends a run's final event unless its log already ended (another writer got there first). The
- * database decided the run's end, so a writer that is behind the log (another node appended since:
- * `stale`) catches up with `lastSeq` and appends it after what is there.
+ * Appends a run's final event (after `before`, events of the run not yet appended) unless its log
+ * already ended (another writer got there first). The database decided the run's end, so a writer
+ * that is behind the log (another node appended since: `stale`) catches up with `lastSeq` and
+ * appends them after what is there.
  */
-export async function appendFinalEvent(deps: RunDeps, run: Run): Promise<void> {
+export async function appendFinalEvent(deps: RunDeps, run: Run, before: readonly NewRunEvent[] = []): Promise<void> {
   const { events } = deps.bus;
-  const final = [runEvent(run)];
+  const final = [...before, runEvent(run)];
   try {
     await events.append(run.id, final).catch(async (error: unknown) => {
       if (!(error instanceof RunEventsRefusedError) || error.reason !== 'stale') throw error;

@@ -21,7 +21,8 @@ import { versionCrud } from '../../crud/agent.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
 import { addCosts, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
-import { appendFinalEvent, finishRun, lockThread, type RunDeps, runEvent } from './run-lifecycle.js';
+import type { NewRunEvent } from './run-bus.js';
+import { appendFinalEvent, endInTransaction, finishRun, lockThread, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
 import { isToolName, TOOL_DEFINITIONS, type ToolCallContext } from './tools.js';
 
 // ==================== Why a run stops ====================
@@ -167,13 +168,12 @@ export class AgentRunner {
       );
     }, (settings.RUN_LEASE_SECONDS * 1000) / 3);
     log.info({ runId: run.id, attempt: run.attempts, model: run.model }, run.attempts === 1 ? 'run started' : 'run resumed');
+    // A resumed run's log goes on from its last event; only the first start (after run.queued)
+    // announces itself, with the first event of its work (one write, not two).
+    const announcement: NewRunEvent[] = [];
     try {
-      // A resumed run's log goes on from its last event; only the first start (after run.queued) announces itself.
-      if ((await deps.bus.events.lastSeq(run.id)) <= 1) await deps.bus.events.append(run.id, [runEvent(run)]);
-      await this.loop(run, signal);
-      const ended = await finishRun(deps, run, { status: 'completed' }, { leaseOwner: this.workerId });
-      if (ended) await appendFinalEvent(deps, ended.run);
-      else await this.afterLostRun(run.id);
+      if ((await deps.bus.events.lastSeq(run.id)) <= 1) announcement.push(runEvent(run));
+      await this.loop(run, signal, announcement);
     } catch (error) {
       const stop = signal.aborted && signal.reason instanceof RunStop ? signal.reason : null;
       if (stop?.kind === 'shutdown') {
@@ -191,7 +191,7 @@ export class AgentRunner {
       if (!(error instanceof HttpError) && !(error instanceof RunFailure) && !stop) log.error({ err: error, runId: run.id }, 'run failed');
       else log.info({ runId: run.id, reason: message }, 'run failed');
       const ended = await finishRun(deps, run, { status: 'failed', error: message }, { leaseOwner: this.workerId });
-      if (ended) await appendFinalEvent(deps, ended.run);
+      if (ended) await appendFinalEvent(deps, ended.run, announcement.splice(0));
       else await this.afterLostRun(run.id);
     } finally {
       clearTimeout(deadlineTimer);
@@ -214,7 +214,12 @@ export class AgentRunner {
     await runCrud.releaseLease(this.deps.db, runId, this.workerId, false);
   }
 
-  private async loop(run: Run, signal: AbortSignal): Promise<void> {
+  /**
+   * The steps, until the model answers: the step that answers writes its messages and ends the run
+   * in one transaction, and appends its `message.completed` with `run.completed`. `announcement`
+   * (run.started) goes out with the first event.
+   */
+  private async loop(run: Run, signal: AbortSignal, announcement: NewRunEvent[]): Promise<void> {
     const { deps } = this;
     const { settings, bus } = deps;
     if (!run.agent_id) throw new RunFailure('The agent of this run was deleted; start a new run with another agent');
@@ -241,7 +246,7 @@ export class AgentRunner {
       const history = await deps.db.select().from(messages).where(eq(messages.thread_id, run.thread_id)).orderBy(asc(messages.seq));
       const messageId = randomUUID();
       const draft = { id: messageId, thread_id: run.thread_id, run_id: run.id, role: 'assistant', content: '', tool_calls: null, step };
-      await bus.events.append(run.id, [{ event: 'message.created', data: { message: draft, step } }]);
+      await bus.events.append(run.id, [...announcement.splice(0), { event: 'message.created', data: { message: draft, step } }]);
 
       const stream = deps.models.stream({
         model: run.model,
@@ -278,21 +283,32 @@ export class AgentRunner {
       const written = await transaction(deps.db, async (tx) => {
         await lockThread(tx, run.thread_id);
         // The fence: only the worker holding the run, still running, writes its step.
-        if (!(await runCrud.lockHeld(tx, run.id, this.workerId))) return null;
+        const held = await runCrud.lockHeld(tx, run.id, this.workerId);
+        if (!held) return null;
         const assistant = await appendMessage(tx, { id: messageId, thread_id: run.thread_id, role: 'assistant', content: result.text, tool_calls: toolCalls.length ? toolCalls : null, run_id: run.id, metadata: { step, model: result.model } });
         const toolMessages: Message[] = [];
         for (const outcome of results) {
           toolMessages.push(await appendMessage(tx, { thread_id: run.thread_id, role: 'tool', content: outcome.content, tool_call_id: outcome.call.toolCallId, run_id: run.id, metadata: { step, name: outcome.call.toolName, is_error: outcome.is_error } }));
         }
-        await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: new Date(Date.now() + settings.RUN_LEASE_SECONDS * 1000) });
-        return [assistant, ...toolMessages];
+        const stepMessages = [assistant, ...toolMessages];
+        if (toolCalls.length) {
+          await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: new Date(Date.now() + settings.RUN_LEASE_SECONDS * 1000) });
+          return { stepMessages, ended: undefined };
+        }
+        // The answer: the run ends with it (the lock above is the fence, so the end cannot miss).
+        const ended = await endInTransaction(tx, run, { status: 'completed', steps, usage, cost }, { leaseOwner: this.workerId }, held);
+        if (!ended) throw new RunStop('lease');
+        return { stepMessages, ended };
       });
       if (!written) throw new RunStop('lease');
-      await bus.events.append(
-        run.id,
-        written.flatMap((message, i) => (i === 0 ? [{ event: 'message.completed' as const, data: { message, step } }] : [{ event: 'message.created' as const, data: { message, step } }, { event: 'message.completed' as const, data: { message, step } }])),
-      );
-      if (!toolCalls.length) return;
+      const completed = written.stepMessages.flatMap((message, i) => (i === 0 ? [{ event: 'message.completed' as const, data: { message, step } }] : [{ event: 'message.created' as const, data: { message, step } }, { event: 'message.completed' as const, data: { message, step } }]));
+      if (!written.ended) {
+        await bus.events.append(run.id, completed);
+        continue;
+      }
+      await queuePromoted(deps, written.ended);
+      await appendFinalEvent(deps, written.ended.run, completed);
+      return;
     }
   }
 

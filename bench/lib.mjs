@@ -1,0 +1,163 @@
+/* global process, setTimeout, fetch */
+// What the benchmark scripts share: child processes (cleaned up on exit), waiting for a port,
+// Keel's environment, signing in and adding the fake upstream as a provider and model, a database
+// of its own on PostgreSQL, /proc readings and percentiles.
+import { execFileSync, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { openSync, readFileSync } from 'node:fs';
+
+export const PG_ADMIN_URL = process.env.PG_ADMIN_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
+export const SUPERUSER = { email: 'admin@bench.test', password: 'bench-superuser-password' };
+
+export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+/** Milliseconds, monotonic, sub-millisecond resolution. */
+export const now = () => Number(process.hrtime.bigint()) / 1e6;
+
+// ==================== Processes ====================
+
+const children = [];
+const databases = [];
+
+function cleanup() {
+  for (const child of children) if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+  for (const name of databases.splice(0)) dropDatabase(name);
+}
+process.on('exit', cleanup);
+for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, () => process.exit(130));
+
+/**
+ * Starts `node <args>` with `env` over this process's environment, output to `<logDir>/<name>.log`;
+ * `nodeArgs` (e.g. KEEL_NODE_ARGS="--cpu-prof --cpu-prof-dir=bench/out/prof") go before the script.
+ */
+export function start(logDir, name, args, env, { cwd, nodeArgs = [] } = {}) {
+  const log = openSync(`${logDir}/${name}.log`, 'w');
+  const child = spawn(process.execPath, [...nodeArgs, ...args], { cwd, env: { ...process.env, ...env }, stdio: ['ignore', log, log] });
+  children.push(child);
+  return child;
+}
+
+/** SIGTERM to the children given (all when none), resolved once they have exited. */
+export async function stop(which = children) {
+  const running = which.filter((child) => child.exitCode === null && child.signalCode === null);
+  await Promise.all(running.map((child) => new Promise((resolve) => {
+    child.once('exit', resolve);
+    child.kill('SIGTERM');
+  })));
+}
+
+/** Node flags for Keel's processes from KEEL_NODE_ARGS (space-separated), e.g. to profile them. */
+export const keelNodeArgs = () => (process.env.KEEL_NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
+
+export async function waitUp(port, path = '/health') {
+  for (let i = 0; i < 240; i++) {
+    try {
+      const response = await fetch(`http://127.0.0.1:${port}${path}`);
+      if (response.status < 500) return;
+    } catch {
+      // not yet
+    }
+    await sleep(250);
+  }
+  throw new Error(`nothing answers on port ${port}`);
+}
+
+// ==================== Keel ====================
+
+/** Keel's environment as a user runs it (JSON logs at info, billing on), on `port`. */
+export const keelEnv = (port, extra) => ({
+  ENVIRONMENT: 'local',
+  SECRET_KEY: randomBytes(32).toString('hex'),
+  FIRST_SUPERUSER: SUPERUSER.email,
+  FIRST_SUPERUSER_PASSWORD: SUPERUSER.password,
+  LOG_FORMAT: 'json',
+  LOG_LEVEL: 'info',
+  HOST: '127.0.0.1',
+  PORT: String(port),
+  REDIS_URL: '',
+  // Metered and paid for: credit holds and settlements on every model call.
+  BILLING_ENABLED: 'true',
+  ...extra,
+});
+
+/** fetch that throws with the answer on a non-2xx and parses JSON. */
+export async function json(url, init) {
+  const response = await fetch(url, init);
+  const text = await response.text();
+  if (!response.ok) throw new Error(`${init?.method ?? 'GET'} ${url}: ${response.status} ${text}`);
+  return text ? JSON.parse(text) : null;
+}
+
+/** An API client of Keel on `port` for `token` (a JWT or an API key). */
+export function client(port, token) {
+  const base = `http://127.0.0.1:${port}/api/v1`;
+  const headers = { authorization: `Bearer ${token}`, 'content-type': 'application/json' };
+  const call = (method, path, body) => json(`${base}${path}`, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  return { base, token, headers, call };
+}
+
+export async function signIn(port, email, password) {
+  const { access_token } = await json(`http://127.0.0.1:${port}/api/v1/login/access-token`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+    body: `username=${encodeURIComponent(email)}&password=${encodeURIComponent(password)}`,
+  });
+  return client(port, access_token);
+}
+
+/** As the superuser: adds `upstream` (…/v1) as an openai-compatible provider and `model` on it; returns the superuser's client. */
+export async function addUpstreamModel(port, upstream, model) {
+  const admin = await signIn(port, SUPERUSER.email, SUPERUSER.password);
+  await admin.call('POST', '/providers', { name: 'bench', kind: 'openai-compatible', base_url: upstream, api_key: 'sk-bench' });
+  await admin.call('POST', '/models', { id: model, provider: 'bench', capabilities: ['chat'], pricing: { input_cost_per_million_tokens: '0.4', output_cost_per_million_tokens: '1.6' } });
+  return admin;
+}
+
+/** As the superuser: gives `userId` credits (billing is on, every call holds and settles). */
+export const addCredits = (admin, userId, amount = '1000000') => admin.call('POST', '/billing/credits', { user_id: userId, amount, description: 'bench' });
+
+// ==================== PostgreSQL ====================
+
+/** Creates a database of the bench's own (dropped at exit); returns its URL. */
+export function createDatabase(name) {
+  execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `create database "${name}"`]);
+  databases.push(name);
+  return `${PG_ADMIN_URL.replace(/\/[^/]*$/, '')}/${name}`;
+}
+
+export function dropDatabase(name) {
+  try {
+    execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `drop database if exists "${name}" with (force)`], { stdio: 'ignore' });
+  } catch {
+    // best effort
+  }
+}
+
+// ==================== Readings ====================
+
+/** CPU time (user + system) a process has used, in ms; 0 once it is gone. */
+export function cpuMs(pid) {
+  if (!pid) return 0;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100; // utime + stime, 100 Hz ticks
+  } catch {
+    return 0;
+  }
+}
+
+/** Resident memory of a process in MB. */
+export function rssMb(pid) {
+  return Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))[1]) / 1024;
+}
+
+export const percentile = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+
+export const median = (values) => {
+  const sorted = values.filter((v) => Number.isFinite(v)).sort((a, b) => a - b);
+  if (!sorted.length) return NaN;
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+};
+
+export const fmt = (v, digits = 2) => (Number.isFinite(v) ? v.toFixed(digits) : '–');
