@@ -106,14 +106,17 @@ export type EndGuard = { leaseOwner: string } | { leaseExpired: true } | null;
 
 /**
  * Ends an active run with a final status (and its worker's last totals), if the guard holds: one
- * conditional UPDATE, so a final status is never changed. A worker's own end clears its lease; a cancel leaves the lease for the
- * worker to clear once it has stopped and written the final event.
+ * conditional UPDATE, so a final status is never changed. The lease stays on a run its worker
+ * ends (or that a cancel ends under it): the worker lets go once the final event is stored, so a
+ * worker that dies in between leaves an ended run with an expiring lease, whose final event the
+ * sweep writes (endedWithExpiredLease) — readers are never left waiting. The sweep's own end of
+ * an orphaned run clears it.
  */
 export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status' | 'error'> & Partial<Pick<NewRun, 'steps' | 'usage' | 'cost'>>, guard: EndGuard): Promise<Run | undefined> {
   const conditions: (SQL | undefined)[] = [eq(runs.id, runId), active];
   if (guard && 'leaseOwner' in guard) conditions.push(eq(runs.lease_owner, guard.leaseOwner));
   if (guard && 'leaseExpired' in guard) conditions.push(eq(runs.status, 'running'), or(isNull(runs.lease_owner), lt(runs.lease_expires_at, sql`now()`)));
-  const clearLease = guard !== null;
+  const clearLease = guard !== null && 'leaseExpired' in guard;
   const [row] = await tx
     .update(runs)
     .set({

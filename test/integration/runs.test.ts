@@ -1,7 +1,7 @@
 import { type AddressInfo, connect } from 'node:net';
 
 import { eq } from 'drizzle-orm';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 
 import { messages, runEvents, runs, threads } from '../../src/models/index.js';
 
@@ -455,6 +455,45 @@ describe('limits and access', () => {
 });
 
 describe('durability', () => {
+  it('a run whose final event could not be stored keeps its lease, and the sweep writes the event once the lease expires', async () => {
+    const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
+    const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);
+    const { owner, thread } = await setup();
+    // The event store fails the final event once (as when the process dies between the run's end
+    // in the database and its final event).
+    const log = ctx.app.runs.bus.events;
+    const append = log.append.bind(log);
+    let refused = 0;
+    log.append = (runId, events) => {
+      if (refused === 0 && events.some((e) => e.event === 'run.completed')) {
+        refused += 1;
+        return Promise.reject(new Error('event store unreachable'));
+      }
+      return append(runId, events);
+    };
+    try {
+      fake.script(MODEL, { text: 'answered' });
+      const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'hello' });
+      await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+      await vi.waitFor(() => expect(refused).toBe(1));
+      const [held] = await ctx.app.db.select().from(runs).where(eq(runs.id, run.id));
+      expect(held!.lease_owner).not.toBeNull();
+      // Not before the lease expires (the worker may still be writing it)...
+      expect((await sweeper.sweep()).closed).toBe(0);
+      await ctx.app.db.update(runs).set({ lease_expires_at: new Date(Date.now() - 1_000) }).where(eq(runs.id, run.id));
+      // ...then once, and the stream ends with it.
+      expect((await sweeper.sweep()).closed).toBe(1);
+      const { events, ended } = await readEvents(base, owner.headers, run.id);
+      expect(ended).toBe(true);
+      expectContiguous(events);
+      expect(events.filter((e) => e.event === 'run.completed')).toHaveLength(1);
+      const [released] = await ctx.app.db.select().from(runs).where(eq(runs.id, run.id));
+      expect(released!.lease_owner).toBeNull();
+    } finally {
+      log.append = append;
+    }
+  });
+
   it('a run whose worker died is resumed by the sweep without duplicating its messages, or failed after RUN_MAX_ATTEMPTS', async () => {
     const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
     const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);

@@ -121,9 +121,10 @@ export async function queueRun(deps: RunDeps, runId: string): Promise<void> {
  * Appends a run's final event (after `before`, events of the run not yet appended) unless its log
  * already ended (another writer got there first). The database decided the run's end, so a writer
  * that is behind the log (another node appended since: `stale`) catches up with `lastSeq` and
- * appends them after what is there.
+ * appends them after what is there. True when the log now ends with a final event; false when the
+ * event store failed (the run's lease then stays for the sweep to try again: see endRun).
  */
-export async function appendFinalEvent(deps: RunDeps, run: Run, before: readonly NewRunEvent[] = []): Promise<void> {
+export async function appendFinalEvent(deps: RunDeps, run: Run, before: readonly NewRunEvent[] = []): Promise<boolean> {
   const { events } = deps.bus;
   const final = [...before, runEvent(run)];
   try {
@@ -132,8 +133,10 @@ export async function appendFinalEvent(deps: RunDeps, run: Run, before: readonly
       await events.lastSeq(run.id);
       await events.append(run.id, final);
     });
+    return true;
   } catch (error) {
     const ended = error instanceof RunEventsRefusedError && error.reason === 'ended';
     deps.log[ended ? 'debug' : 'error']({ err: error, runId: run.id }, ended ? 'final run event not appended (the log had ended)' : 'final run event not appended');
+    return ended;
   }
 }

@@ -69,7 +69,7 @@ export class RunSweeper {
     let closed = 0;
     for (const run of await runCrud.endedWithExpiredLease(deps.db, BATCH)) {
       // The log refuses an event after a final one: a final event already written is not doubled.
-      await appendFinalEvent(deps, run);
+      if (!(await appendFinalEvent(deps, run))) continue;
       await runCrud.clearEndedLease(deps.db, run.id);
       closed += 1;
     }

@@ -191,12 +191,17 @@ export class AgentRunner {
       if (!(error instanceof HttpError) && !(error instanceof RunFailure) && !stop) log.error({ err: error, runId: run.id }, 'run failed');
       else log.info({ runId: run.id, reason: message }, 'run failed');
       const ended = await finishRun(deps, run, { status: 'failed', error: message }, { leaseOwner: this.workerId });
-      if (ended) await appendFinalEvent(deps, ended.run, announcement.splice(0));
+      if (ended) await this.closeEnded(ended.run, announcement.splice(0));
       else await this.afterLostRun(run.id);
     } finally {
       clearTimeout(deadlineTimer);
       clearInterval(renewal);
     }
+  }
+
+  /** Writes the final event of a run this worker ended, then lets go of its lease (see endRun). */
+  private async closeEnded(run: Run, before: readonly NewRunEvent[]): Promise<void> {
+    if (await appendFinalEvent(this.deps, run, before)) await runCrud.releaseLease(this.deps.db, run.id, this.workerId, false);
   }
 
   /**
@@ -307,7 +312,7 @@ export class AgentRunner {
         continue;
       }
       await queuePromoted(deps, written.ended);
-      await appendFinalEvent(deps, written.ended.run, completed);
+      await this.closeEnded(written.ended.run, completed);
       return;
     }
   }
