@@ -50,7 +50,7 @@ export function catalogModel(models: ModelManager, name: string): string {
 type Knowledge = Agent['knowledge'];
 
 /** Where a request names the knowledge: PATCH and POST in `knowledge`, PUT /agents/{id}/knowledge in the body itself. */
-type KnowledgeLoc = (string | number)[];
+type KnowledgeLoc = string[];
 
 /**
  * Every folder and entry given to an agent must be one its owner may search (with a project-scoped
@@ -62,7 +62,7 @@ async function checkKnowledge(ctx: ServiceContext, db: Db, ownerId: string, know
   const found = new Set([...usable.folders, ...usable.entries].map((ref) => ref.id));
   const issues = (['folder_ids', 'entry_ids'] as const).flatMap((field) =>
     knowledge[field].flatMap((id, i) =>
-      found.has(id) ? [] : [{ loc: [...loc, field, i], msg: `${field === 'folder_ids' ? 'Folder' : 'Entry'} ${id} not found among your knowledge base`, type: 'value_error' }],
+      found.has(id) ? [] : [{ loc: [...loc, field, String(i)], msg: `${field === 'folder_ids' ? 'Folder' : 'Entry'} ${id} not found among your knowledge base`, type: 'value_error' }],
     ),
   );
   if (issues.length) throw new UnprocessableError(issues);
