@@ -108,7 +108,12 @@ export async function create(ctx: ServiceContext, input: AgentCreate): Promise<A
  * default unsets the previous default. The owner's row is locked first when the default changes,
  * so concurrent changes of one user's default run one after the other and the last one wins.
  */
-export async function update(ctx: ServiceContext, id: string, input: AgentUpdate, knowledgeLoc: KnowledgeLoc = ['body', 'knowledge']): Promise<Agent> {
+export function update(ctx: ServiceContext, id: string, input: AgentUpdate): Promise<Agent> {
+  return change(ctx, id, input, ['body', 'knowledge']);
+}
+
+/** `update`, with where the request named the knowledge (for its 422s). */
+async function change(ctx: ServiceContext, id: string, input: AgentUpdate, knowledgeLoc: KnowledgeLoc): Promise<Agent> {
   const { principal } = ctx;
   const model = input.model === undefined ? undefined : catalogModel(ctx.models, input.model);
   // The owner never changes: read without a lock, to lock the owner's row before the agent's.
@@ -157,7 +162,7 @@ export async function getKnowledge(ctx: ServiceContext, id: string): Promise<Kno
 
 /** Replaces what the agent searches: a change is a change of behaviour, so it makes a new version (as PATCH does). */
 export async function setKnowledge(ctx: ServiceContext, id: string, knowledge: AgentKnowledge): Promise<KnowledgeView> {
-  return knowledgeView(ctx, await update(ctx, id, { knowledge }, ['body']));
+  return knowledgeView(ctx, await change(ctx, id, { knowledge }, ['body']));
 }
 
 // ==================== Versions ====================

@@ -194,7 +194,7 @@ async function runToEnd(user: { headers: Record<string, string> }, agentId: stri
 const passagesOf = (events: SseEvent[]): Passage[] =>
   events.filter((e) => e.event === 'tool.result').flatMap((e) => {
     expect(e.data.is_error, String(e.data.content)).toBe(false);
-    return JSON.parse(e.data.content as string).passages as Passage[];
+    return (JSON.parse(e.data.content as string) as { passages: Passage[] }).passages;
   });
 
 describe('the knowledge_search tool in a run', () => {
