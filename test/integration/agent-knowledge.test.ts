@@ -3,15 +3,12 @@
  * tool in real runs (real ingestion, real search, a fake model that calls the tool), and the
  * citations a run's final message keeps in `metadata.sources`.
  */
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
 import { useTestApp } from '../helpers/app.js';
-import { markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
+import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, expectValidationError, type ListBody, xApiKey } from '../helpers/http.js';
@@ -162,16 +159,6 @@ describe('GET and PUT /agents/{id}/knowledge', () => {
 
 // ==================== Runs ====================
 
-async function made(name: string, write: (path: string) => Promise<void>): Promise<Buffer> {
-  const dir = await mkdtemp(join(tmpdir(), 'keel-agent-kb-'));
-  try {
-    await write(join(dir, name));
-    return await readFile(join(dir, name));
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
-}
-
 /** Scripts one knowledge_search call per query (one step), then the answer. */
 function scriptSearches(queries: string[], answer = 'Here is what I found.') {
   fake.script(
@@ -214,11 +201,11 @@ describe('the knowledge_search tool in a run', () => {
     handbook = await createFolder(ctx.app, alice.headers, { name: 'Handbook' });
     markdown = await ingested(ctx.app, alice.headers, handbook.id, { filename: 'handbook.md', content: HANDBOOK, type: 'text/markdown' });
     const holidays = markdownBlocks('# Holidays\n\n## Leave\n\nEmployees receive twenty-five vacation days each year.');
-    pdf = await ingested(ctx.app, alice.headers, handbook.id, { filename: 'holidays.pdf', content: await made('holidays.pdf', (path) => writePdf(path, holidays)), type: 'application/pdf' });
+    pdf = await ingested(ctx.app, alice.headers, handbook.id, { filename: 'holidays.pdf', content: await madeFile('holidays.pdf', (path) => writePdf(path, holidays)), type: 'application/pdf' });
     const expenses = markdownBlocks('# Expenses\n\n## Approval\n\nExpense reports are approved by the team lead within three days.');
     docx = await ingested(ctx.app, alice.headers, handbook.id, {
       filename: 'expenses.docx',
-      content: await made('expenses.docx', (path) => writeDocx(path, expenses)),
+      content: await madeFile('expenses.docx', (path) => writeDocx(path, expenses)),
       type: 'application/vnd.openxmlformats-officedocument.wordprocessingml.document',
     });
     // The same words elsewhere: alice's folder not assigned, and bob's documents.
