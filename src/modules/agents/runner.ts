@@ -138,7 +138,7 @@ export class AgentRunner {
   readonly workerId = `${hostname()}:${process.pid}:${randomBytes(4).toString('hex')}`;
   private readonly executions = new Map<string, Execution>();
   private closing = false;
-  /** The built-in tools, overridden by the server's own (tests give theirs). */
+  /** The built-in tools, overridden by name by the server's own (tests give theirs; `undefined` switches one off). */
   private readonly tools: ToolImplementations;
 
   constructor(private readonly deps: RunDeps) {
