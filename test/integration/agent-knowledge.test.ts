@@ -3,37 +3,19 @@
  * tool in real runs (real ingestion, real search, a fake model that calls the tool), and the
  * citations a run's final message keeps in `metadata.sources`.
  */
-import type { AddressInfo } from 'node:net';
-
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 
 import { useTestApp } from '../helpers/app.js';
 import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
-import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
-import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import { apiOf, createKey, expectValidationError, type ListBody, xApiKey } from '../helpers/http.js';
 import { createFolder, type EntryBody, ingested, uploaded } from '../helpers/knowledge.js';
-import { addFakeModels } from '../helpers/metered-models.js';
-import { createAgent, createThread, readEvents, type SseEvent, startRun } from '../helpers/runs.js';
+import { createAgent, createThread, readEvents, type SseEvent, startRun, useRunServer } from '../helpers/runs.js';
 
 const MODEL = 'fake-precise';
 const ctx = useTestApp({ MAX_RUN_STEPS: '4' });
 const api = apiOf(ctx);
-let fake: FakeModelServer;
-let base: string;
-
-beforeAll(async () => {
-  fake = await FakeModelServer.start();
-  await addFakeModels(ctx.app, await superuserHeaders(ctx.app), fake.url);
-  await ctx.app.listen({ port: 0, host: '127.0.0.1' });
-  base = `http://127.0.0.1:${(ctx.app.server.address() as AddressInfo).port}`;
-});
-afterAll(async () => {
-  await fake?.close();
-});
-beforeEach(() => {
-  fake.reset();
-});
+const server = useRunServer(ctx);
 
 interface KnowledgeBody {
   agent_id: string;
@@ -161,7 +143,7 @@ describe('GET and PUT /agents/{id}/knowledge', () => {
 
 /** Scripts one knowledge_search call per query (one step), then the answer. */
 function scriptSearches(queries: string[], answer = 'Here is what I found.') {
-  fake.script(
+  server.fake.script(
     MODEL,
     { toolCalls: queries.map((query, i) => ({ id: `call_${i}`, name: 'knowledge_search', arguments: JSON.stringify({ query }) })), usage: { prompt_tokens: 5, completion_tokens: 5 } },
     { text: answer, usage: { prompt_tokens: 20, completion_tokens: 5 } },
@@ -172,7 +154,7 @@ function scriptSearches(queries: string[], answer = 'Here is what I found.') {
 async function runToEnd(user: { headers: Record<string, string> }, agentId: string, input = 'question') {
   const thread = await createThread(ctx.app, user.headers);
   const run = await startRun(ctx.app, user.headers, thread.id, { agent_id: agentId, input });
-  const { events } = await readEvents(base, user.headers, run.id);
+  const { events } = await readEvents(server.base, user.headers, run.id);
   expect(events.at(-1)!.event, JSON.stringify(events.at(-1))).toBe('run.completed');
   const messages = (await api('GET', `/threads/${thread.id}/messages?limit=100`, user.headers)).json<ListBody<MessageBody>>().data;
   return { run, events, messages };
@@ -233,7 +215,7 @@ describe('the knowledge_search tool in a run', () => {
     expect(passages.map((p) => p.entry_id)).not.toContain(bobs.id);
 
     // The model got the passages as the tool's result.
-    const second = fake.requestsFor(MODEL)[1]!.body.messages as { role: string; content: string }[];
+    const second = server.fake.requestsFor(MODEL)[1]!.body.messages as { role: string; content: string }[];
     expect(second.filter((m) => m.role === 'tool').map((m) => m.content).join('\n')).toContain('Invoices are sent on the first working day');
 
     // The final assistant message cites each passage once; so does message.completed.
@@ -298,10 +280,10 @@ describe('the knowledge_search tool in a run', () => {
 
   it('answers the model with an error result for bad input, and the run goes on', async () => {
     const agent = await createAgent(ctx.app, alice.headers, { tools: ['knowledge_search'], knowledge: { folder_ids: [handbook.id] } });
-    fake.script(MODEL, { toolCalls: [{ id: 'bad', name: 'knowledge_search', arguments: JSON.stringify({ query: '', top_k: 50 }) }] }, { text: 'Sorry.' });
+    server.fake.script(MODEL, { toolCalls: [{ id: 'bad', name: 'knowledge_search', arguments: JSON.stringify({ query: '', top_k: 50 }) }] }, { text: 'Sorry.' });
     const thread = await createThread(ctx.app, alice.headers);
     const run = await startRun(ctx.app, alice.headers, thread.id, { agent_id: agent.id, input: 'q' });
-    const { events } = await readEvents(base, alice.headers, run.id);
+    const { events } = await readEvents(server.base, alice.headers, run.id);
     expect(events.at(-1)!.event).toBe('run.completed');
     const result = events.find((e) => e.event === 'tool.result')!.data;
     expect(result).toMatchObject({ is_error: true });
