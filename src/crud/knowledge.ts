@@ -210,3 +210,34 @@ export async function counts(db: Db, folders: SQL | undefined, entries: SQL | un
 export async function deleteChunks(db: Db, entryId: string): Promise<void> {
   await db.delete(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entryId));
 }
+
+// ==================== Agent knowledge ====================
+
+export interface KnowledgeRefs {
+  folders: { id: string; name: string }[];
+  entries: { id: string; filename: string; folder_id: string; status: KnowledgeEntry['status'] }[];
+}
+
+/**
+ * Of the named folders and entries, those `ownerId` has (with `projectId`: in that project only),
+ * with their names: what an agent of `ownerId` may be given to search.
+ */
+export async function usableKnowledge(db: Db, ownerId: string, projectId: string | null, ids: { folder_ids: string[]; entry_ids: string[] }): Promise<KnowledgeRefs> {
+  const inScope = (owner: PgColumn, project: PgColumn) => and(eq(owner, ownerId), projectId === null ? undefined : eq(project, projectId));
+  // One after the other: `db` may be a transaction, which runs one statement at a time.
+  const folders = ids.folder_ids.length
+    ? await db
+        .select({ id: knowledgeFolders.id, name: knowledgeFolders.name })
+        .from(knowledgeFolders)
+        .where(and(inArray(knowledgeFolders.id, ids.folder_ids), inScope(knowledgeFolders.owner_id, knowledgeFolders.project_id)))
+    : [];
+  const entries = ids.entry_ids.length
+    ? await db
+        .select({ id: knowledgeEntries.id, filename: knowledgeEntries.filename, folder_id: knowledgeEntries.folder_id, status: knowledgeEntries.status })
+        .from(knowledgeEntries)
+        .where(and(inArray(knowledgeEntries.id, ids.entry_ids), inScope(knowledgeEntries.owner_id, knowledgeEntries.project_id)))
+    : [];
+  // In the order the agent names them.
+  const order = (list: string[]) => (a: { id: string }, b: { id: string }) => list.indexOf(a.id) - list.indexOf(b.id);
+  return { folders: folders.sort(order(ids.folder_ids)), entries: entries.sort(order(ids.entry_ids)) };
+}

@@ -1,6 +1,6 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 
-import { AgentCreate, AgentIdParams, AgentListQuery, AgentPublic, AgentUpdate, AgentVersionParams, AgentVersionPublic } from '../schemas/agent.js';
+import { AgentCreate, AgentIdParams, AgentKnowledge, AgentKnowledgePublic, AgentListQuery, AgentPublic, AgentUpdate, AgentVersionParams, AgentVersionPublic } from '../schemas/agent.js';
 import { authErrors, ErrorBody, listOf, Pagination } from '../schemas/common.js';
 
 import * as agentService from '../services/agent-service.js';
@@ -30,6 +30,40 @@ export const agentsRouter: FastifyPluginAsyncZod = async (app) => {
       update: 'A change to what the agent does (system prompt, model, temperature, max output tokens, tools, knowledge) makes a new version; name, description, project, tags, metadata and `is_default` do not.',
     },
   });
+
+  // ==================== Knowledge ====================
+
+  app.get(
+    '/agents/:agent_id/knowledge',
+    {
+      schema: {
+        operationId: 'get_agent_knowledge',
+        summary: 'Get Agent Knowledge',
+        description: 'The folders and entries the agent\'s `knowledge_search` tool searches, with their names.',
+        tags,
+        params: AgentIdParams,
+        response: { 200: AgentKnowledgePublic, 404: ErrorBody, ...authErrors },
+      },
+    },
+    async (request) => agentService.getKnowledge(contextOf(request), request.params.agent_id),
+  );
+
+  app.put(
+    '/agents/:agent_id/knowledge',
+    {
+      schema: {
+        operationId: 'set_agent_knowledge',
+        summary: 'Set Agent Knowledge',
+        description:
+          'Replaces the folders and entries the agent searches. Each must be a folder or entry of the agent\'s owner (with a project-scoped key: of its project), 422 naming it otherwise. A change makes a new agent version.',
+        tags,
+        params: AgentIdParams,
+        body: AgentKnowledge,
+        response: { 200: AgentKnowledgePublic, 404: ErrorBody, 409: ErrorBody, ...authErrors },
+      },
+    },
+    async (request) => agentService.setKnowledge(contextOf(request), request.params.agent_id, request.body),
+  );
 
   // ==================== Versions ====================
 

@@ -15,6 +15,20 @@ const IdList = z.array(Id).max(KNOWLEDGE_MAX_IDS).overwrite(unique);
 export const AgentKnowledge = z
   .strictObject({ folder_ids: IdList.default([]), entry_ids: IdList.default([]) })
   .meta({ id: 'AgentKnowledge', description: 'The knowledge folders and entries the agent searches (with the knowledge_search tool).' });
+export type AgentKnowledge = z.infer<typeof AgentKnowledge>;
+
+export const AgentKnowledgePublic = z
+  .object({
+    agent_id: Id,
+    version: z.number().int().describe('The agent\'s current version: a change of its knowledge makes a new one.'),
+    folder_ids: z.array(Id),
+    entry_ids: z.array(Id),
+    folders: z.array(z.object({ id: Id, name: z.string() })).describe('The assigned folders that still exist, with their names.'),
+    entries: z
+      .array(z.object({ id: Id, filename: z.string(), folder_id: Id, status: z.enum(['pending', 'processing', 'ready', 'failed']) }))
+      .describe('The assigned entries that still exist, with their names and ingestion status.'),
+  })
+  .meta({ id: 'AgentKnowledgePublic' });
 
 const ToolName = z.enum(TOOL_NAMES, { error: (issue) => `Unknown tool ${JSON.stringify(issue.input)}; the tools are: ${TOOL_NAMES.join(', ')}` });
 

@@ -3,10 +3,11 @@ import { UnprocessableError } from '../core/errors.js';
 
 import { type Agent, agents, type AgentVersion } from '../models/index.js';
 
-import type { AgentCreate, AgentListQuery, AgentUpdate } from '../schemas/agent.js';
+import type { AgentCreate, AgentKnowledge, AgentListQuery, AgentUpdate } from '../schemas/agent.js';
 
 import { agentCrud, agentPolicy, clearDefault, versionCrud } from '../crud/agent.js';
 import type { CursorPage } from '../crud/child.js';
+import { type KnowledgeRefs, usableKnowledge } from '../crud/knowledge.js';
 import { matching } from '../crud/owned.js';
 import * as userCrud from '../crud/user.js';
 import type { ModelManager } from '../modules/ai-models/index.js';
@@ -46,6 +47,27 @@ export function catalogModel(models: ModelManager, name: string): string {
   return model.id;
 }
 
+type Knowledge = Agent['knowledge'];
+
+/** Where a request names the knowledge: PATCH and POST in `knowledge`, PUT /agents/{id}/knowledge in the body itself. */
+type KnowledgeLoc = string[];
+
+/**
+ * Every folder and entry given to an agent must be one its owner may search (with a project-scoped
+ * key: one of the key's project); 422 naming each one that is not (unknown, deleted, or another
+ * user's — told apart from nothing, so no one learns which ids exist).
+ */
+async function checkKnowledge(ctx: ServiceContext, db: Db, ownerId: string, knowledge: Knowledge, loc: KnowledgeLoc): Promise<void> {
+  const usable = await usableKnowledge(db, ownerId, ctx.principal.scopeProjectId, knowledge);
+  const found = new Set([...usable.folders, ...usable.entries].map((ref) => ref.id));
+  const issues = (['folder_ids', 'entry_ids'] as const).flatMap((field) =>
+    knowledge[field].flatMap((id, i) =>
+      found.has(id) ? [] : [{ loc: [...loc, field, String(i)], msg: `${field === 'folder_ids' ? 'Folder' : 'Entry'} ${id} not found among your knowledge base`, type: 'value_error' }],
+    ),
+  );
+  if (issues.length) throw new UnprocessableError(issues);
+}
+
 /** The default agent is the account's: a project-scoped key may not change which agent it is (403). */
 function checkDefaultChange(ctx: ServiceContext, from: boolean, to: boolean | undefined): void {
   if (to !== undefined && to !== from) refuseScopedKey(ctx.principal);
@@ -67,6 +89,7 @@ export async function create(ctx: ServiceContext, input: AgentCreate): Promise<A
   const projectId = await placeInProject(ctx, agentPolicy, ownerId, input.project_id);
   checkDefaultChange(ctx, false, input.is_default);
   const model = catalogModel(ctx.models, input.model);
+  await checkKnowledge(ctx, ctx.db, ownerId, input.knowledge, ['body', 'knowledge']);
   const limit = { what: 'Agent', max: ctx.settings.MAX_AGENTS_PER_USER, count: (tx: Db) => agentCrud.countOwnedBy(tx, ownerId) };
   // The owner's row is locked (the limit) before any agent row: default changes take the same order.
   const agent = await createWithinLimit(ctx.db, ownerId, limit, async (tx) => {
@@ -85,7 +108,12 @@ export async function create(ctx: ServiceContext, input: AgentCreate): Promise<A
  * default unsets the previous default. The owner's row is locked first when the default changes,
  * so concurrent changes of one user's default run one after the other and the last one wins.
  */
-export async function update(ctx: ServiceContext, id: string, input: AgentUpdate): Promise<Agent> {
+export function update(ctx: ServiceContext, id: string, input: AgentUpdate): Promise<Agent> {
+  return change(ctx, id, input, ['body', 'knowledge']);
+}
+
+/** `update`, with where the request named the knowledge (for its 422s). */
+async function change(ctx: ServiceContext, id: string, input: AgentUpdate, knowledgeLoc: KnowledgeLoc): Promise<Agent> {
   const { principal } = ctx;
   const model = input.model === undefined ? undefined : catalogModel(ctx.models, input.model);
   // The owner never changes: read without a lock, to lock the owner's row before the agent's.
@@ -95,6 +123,7 @@ export async function update(ctx: ServiceContext, id: string, input: AgentUpdate
     if (input.is_default) await userCrud.lockForUpdate(tx, ownerId!);
     const current = await agentCrud.lockVisible(tx, principal, id, 'write', 'update');
     checkDefaultChange(ctx, current.is_default, input.is_default);
+    if (input.knowledge) await checkKnowledge(ctx, tx, current.owner_id, input.knowledge, knowledgeLoc);
     const next = { ...behaviourOf(current), ...behaviourChanges(input), ...(model === undefined ? {} : { model }) };
     const changed = !sameBehaviour(current, next);
     if (input.is_default && !current.is_default) await clearDefault(tx, current.owner_id, current.id);
@@ -111,6 +140,29 @@ export async function update(ctx: ServiceContext, id: string, input: AgentUpdate
 
 export function remove(ctx: ServiceContext, id: string): Promise<void> {
   return agentCrud.remove(ctx.db, ctx.principal, id);
+}
+
+// ==================== Knowledge ====================
+
+/** The agent's knowledge with the names of what it names (gone ones, or ones a project-scoped key may not see, are left out of `folders` and `entries`). */
+export interface KnowledgeView extends Knowledge, KnowledgeRefs {
+  agent_id: string;
+  version: number;
+}
+
+async function knowledgeView(ctx: ServiceContext, agent: Agent): Promise<KnowledgeView> {
+  const { folder_ids, entry_ids } = agent.knowledge;
+  const refs = await usableKnowledge(ctx.db, agent.owner_id, ctx.principal.scopeProjectId, agent.knowledge);
+  return { agent_id: agent.id, version: agent.version, folder_ids, entry_ids, ...refs };
+}
+
+export async function getKnowledge(ctx: ServiceContext, id: string): Promise<KnowledgeView> {
+  return knowledgeView(ctx, await get(ctx, id));
+}
+
+/** Replaces what the agent searches: a change is a change of behaviour, so it makes a new version (as PATCH does). */
+export async function setKnowledge(ctx: ServiceContext, id: string, knowledge: AgentKnowledge): Promise<KnowledgeView> {
+  return knowledgeView(ctx, await change(ctx, id, { knowledge }, ['body']));
 }
 
 // ==================== Versions ====================

@@ -4,7 +4,9 @@
  * test time, never committed.
  */
 import { createWriteStream } from 'node:fs';
-import { readFile, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { deflateSync } from 'node:zlib';
 
 import { Document, HeadingLevel, Packer, Paragraph } from 'docx';
@@ -122,4 +124,15 @@ export async function writePdfWithContent(path: string, content: Buffer): Promis
   const entries = offsets.slice(1).map((offset) => `${String(offset).padStart(10, '0')} 00000 n \n`).join('');
   add(Buffer.from(`xref\n0 6\n0000000000 65535 f \n${entries}trailer\n<< /Size 6 /Root 1 0 R >>\nstartxref\n${xref}\n%%EOF\n`));
   await writeFile(path, Buffer.concat(parts));
+}
+
+/** The bytes of a file `write` makes (in a temporary directory, removed after). */
+export async function madeFile(name: string, write: (path: string) => Promise<void>): Promise<Buffer> {
+  const dir = await mkdtemp(join(tmpdir(), 'keel-kb-doc-'));
+  try {
+    await write(join(dir, name));
+    return await readFile(join(dir, name));
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 }

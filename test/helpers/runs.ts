@@ -1,8 +1,35 @@
 /** Agents, threads and runs through the API, and a real-HTTP SSE reader for run events. */
-import type { FastifyInstance } from 'fastify';
-import { expect } from 'vitest';
+import type { AddressInfo } from 'node:net';
 
+import type { FastifyInstance } from 'fastify';
+import { afterAll, beforeAll, beforeEach, expect } from 'vitest';
+
+import type { TestContext } from './app.js';
+import { superuserHeaders } from './factories.js';
+import { FakeModelServer } from './fake-model-server.js';
 import { call, eventually } from './http.js';
+import { addFakeModels } from './metered-models.js';
+
+/**
+ * For a file of run tests: a fake model server with the fake models in the catalog (its scripts
+ * reset before each test), and the app listening on real HTTP (`base`) for the SSE reader.
+ */
+export function useRunServer(ctx: TestContext): { fake: FakeModelServer; base: string } {
+  const server = {} as { fake: FakeModelServer; base: string };
+  beforeAll(async () => {
+    server.fake = await FakeModelServer.start();
+    await addFakeModels(ctx.app, await superuserHeaders(ctx.app), server.fake.url);
+    await ctx.app.listen({ port: 0, host: '127.0.0.1' });
+    server.base = `http://127.0.0.1:${(ctx.app.server.address() as AddressInfo).port}`;
+  });
+  afterAll(async () => {
+    await server.fake?.close();
+  });
+  beforeEach(() => {
+    server.fake.reset();
+  });
+  return server;
+}
 
 export interface RunBody {
   id: string;

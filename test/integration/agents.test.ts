@@ -8,6 +8,7 @@ import { agents } from '../../src/models/index.js';
 import { useTestApp } from '../helpers/app.js';
 import { bearer, createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { apiOf, createKey, expectValidationError, type ListBody } from '../helpers/http.js';
+import { createFolder } from '../helpers/knowledge.js';
 
 const ctx = useTestApp({ MAX_AGENTS_PER_USER: '4' });
 const api = apiOf(ctx);
@@ -144,7 +145,8 @@ describe('versions', () => {
     // Several fields at once: one version.
     const changed = await patch(alice, agent.id, { temperature: 0.5, max_output_tokens: 100, tools: ['knowledge_search'], model: 'gpt-4.1-mini' });
     expect(changed.version).toBe(3);
-    expect((await patch(alice, agent.id, { knowledge: { entry_ids: ['7d0b1f53-7f0a-4b0e-9d55-6f8ab4cd0a11'] } })).version).toBe(4);
+    const folder = await createFolder(ctx.app, alice.headers);
+    expect((await patch(alice, agent.id, { knowledge: { folder_ids: [folder.id] } })).version).toBe(4);
     expect((await patch(alice, agent.id, { temperature: null })).version).toBe(5);
 
     const list = await versions(alice, agent.id);

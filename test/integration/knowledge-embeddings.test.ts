@@ -10,6 +10,7 @@ import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, eventually } from '../helpers/http.js';
 import { createFolder, ingested, search, settled, uploaded } from '../helpers/knowledge.js';
 import { addFakeModels } from '../helpers/metered-models.js';
+import { createAgent, createThread, startRun, waitForRun } from '../helpers/runs.js';
 
 // Embedded (PGlite) has pgvector: ingestion embeds and search is hybrid. The machine's PostgreSQL
 // has none: the same app embeds nothing and searches full text only.
@@ -119,5 +120,26 @@ describe('embeddings', () => {
     // With the provider back, a reindex succeeds.
     expect((await api('POST', `/knowledge-base/entries/${entry.id}/reindex`, other.headers)).statusCode).toBe(202);
     expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', error: null });
+  });
+
+  it("meters an agent run's knowledge_search query embedding to the run and its agent", async () => {
+    if (!withVectors()) return;
+    const owner = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, owner.headers);
+    const entry = await ingested(ctx.app, owner.headers, folder.id, { filename: 'otters.md', content: '# Otters\n\nSea otters hold hands while they sleep.' });
+    const agent = await createAgent(ctx.app, owner.headers, { tools: ['knowledge_search'], knowledge: { folder_ids: [folder.id] } });
+    fake.script('fake-precise', { toolCalls: [{ id: 'call_1', name: 'knowledge_search', arguments: JSON.stringify({ query: 'otters sleep' }) }] }, { text: 'They hold hands.' });
+    const thread = await createThread(ctx.app, owner.headers);
+    const run = await startRun(ctx.app, owner.headers, thread.id, { agent_id: agent.id, input: 'otters?' });
+    expect((await waitForRun(ctx.app, owner.headers, run.id, ['completed', 'failed'])).status).toBe('completed');
+    const messages = (await api('GET', `/threads/${thread.id}/messages`, owner.headers)).json<{ data: { metadata: { sources?: { entry_id: string }[] } }[] }>().data;
+    expect(messages.at(-1)!.metadata.sources!.map((s) => s.entry_id)).toEqual([entry.id]);
+    await eventually(async () => {
+      const rows = await ctx.database.db
+        .select({ agent_id: usageRecords.agent_id })
+        .from(usageRecords)
+        .where(and(eq(usageRecords.run_id, run.id), eq(usageRecords.operation, 'embed')));
+      return rows.length === 1 && rows[0]!.agent_id === agent.id;
+    });
   });
 });

@@ -1,9 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { existsSync, readdirSync, statSync } from 'node:fs';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
 import { connect } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { eq, sql } from 'drizzle-orm';
@@ -15,7 +13,7 @@ import { contentDisposition } from '../../src/routers/knowledge.js';
 import { purgeDeletedFiles } from '../../src/services/knowledge/files.js';
 import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
-import { markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
+import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import { apiOf, createKey, expectValidationError, type ListBody, sleep, xApiKey } from '../helpers/http.js';
 import { createFolder, type EntryBody, ingested, multipartBody, search, settled, upload, uploaded } from '../helpers/knowledge.js';
@@ -479,22 +477,13 @@ describe('ingestion', () => {
 describe('formats', () => {
   const blocks = markdownBlocks('# Field guide\n\n## Herons\n\nGrey herons stand motionless in shallow water.\n\n## Kingfishers\n\nKingfishers dive from low branches.');
 
-  async function made(name: string, write: (path: string) => Promise<void>): Promise<Buffer> {
-    const dir = await mkdtemp(join(tmpdir(), 'keel-kb-doc-'));
-    try {
-      await write(join(dir, name));
-      return await readFile(join(dir, name));
-    } finally {
-      await rm(dir, { recursive: true, force: true });
-    }
-  }
 
   it('ingests a PDF and a DOCX written by their libraries, and HTML, CSV and JSON, each found by search with its headings', async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
     const files = [
-      { filename: 'guide.pdf', content: await made('guide.pdf', (path) => writePdf(path, blocks)), format: 'pdf', mime: 'application/pdf' },
-      { filename: 'guide.docx', content: await made('guide.docx', (path) => writeDocx(path, blocks)), format: 'docx', mime: 'application/vnd.openxmlformats-officedocument.wordprocessingml.document' },
+      { filename: 'guide.pdf', content: await madeFile('guide.pdf', (path) => writePdf(path, blocks)), format: 'pdf', mime: 'application/pdf' },
+      { filename: 'guide.docx', content: await madeFile('guide.docx', (path) => writeDocx(path, blocks)), format: 'docx', mime: 'application/vnd.openxmlformats-officedocument.wordprocessingml.document' },
       { filename: 'page.html', content: '<html><body><h1>Field guide</h1><h2>Herons</h2><p>Grey herons stand motionless in shallow water.</p></body></html>', format: 'html', mime: 'text/html' },
       { filename: 'birds.csv', content: 'bird,habit\nheron,stands motionless in shallow water\n', format: 'csv', mime: 'text/csv' },
       { filename: 'birds.json', content: JSON.stringify({ heron: { habit: 'stands motionless in shallow water' } }), format: 'json', mime: 'application/json' },
@@ -512,7 +501,7 @@ describe('formats', () => {
   it('fails an encrypted PDF with what to do, within the time limit', async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
-    const locked = await made('locked.pdf', (path) => writePdf(path, blocks, { userPassword: 'secret' }));
+    const locked = await madeFile('locked.pdf', (path) => writePdf(path, blocks, { userPassword: 'secret' }));
     const entry = await settled(ctx.app, user.headers, (await uploaded(ctx.app, user.headers, folder.id, { filename: 'locked.pdf', content: locked })).id);
     expect(entry).toMatchObject({ status: 'failed', format: 'pdf' });
     expect(entry.error).toContain('password');

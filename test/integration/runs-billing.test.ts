@@ -10,8 +10,8 @@ import { apiOf } from '../helpers/http.js';
 import { addFakeModels } from '../helpers/metered-models.js';
 import { createAgent, createThread, readEvents, startRun, waitForRun } from '../helpers/runs.js';
 
-// Billing on, a one-second run deadline, and no tool implementations installed.
-const ctx = useTestApp({ BILLING_ENABLED: 'true', RUN_TIMEOUT_SECONDS: '1', MODEL_TIMEOUT_MS: '30000' });
+// Billing on, a one-second run deadline, and the built-in knowledge_search switched off (a server without the tool).
+const ctx = useTestApp({ BILLING_ENABLED: 'true', RUN_TIMEOUT_SECONDS: '1', MODEL_TIMEOUT_MS: '30000' }, { tools: { knowledge_search: undefined } });
 const api = apiOf(ctx);
 let fake: FakeModelServer;
 let admin: Record<string, string>;

@@ -1,18 +1,17 @@
 import { type AddressInfo, connect } from 'node:net';
 
 import { eq } from 'drizzle-orm';
-import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
+import { beforeAll, describe, expect, it, vi } from 'vitest';
 
 import { messages, runEvents, runs, threads } from '../../src/models/index.js';
 
 import { RedisRunEventLog } from '../../src/modules/agents/redis-run-events.js';
 import { finishRun } from '../../src/modules/agents/run-lifecycle.js';
 import { useTestApp } from '../helpers/app.js';
-import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
-import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { createUser, type TestUser } from '../helpers/factories.js';
+import { type FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, type ListBody, sleep } from '../helpers/http.js';
-import { addFakeModels } from '../helpers/metered-models.js';
-import { createAgent, createThread, expectContiguous, FINAL_EVENTS, getRun, readEvents, type RunBody, startRun, waitForRun } from '../helpers/runs.js';
+import { createAgent, createThread, expectContiguous, FINAL_EVENTS, getRun, readEvents, type RunBody, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
 
 const MODEL = 'fake-precise';
 
@@ -36,20 +35,11 @@ const ctx = useTestApp(
   },
 );
 const api = apiOf(ctx);
+const server = useRunServer(ctx);
 let fake: FakeModelServer;
 let base: string;
-
-beforeAll(async () => {
-  fake = await FakeModelServer.start();
-  await addFakeModels(ctx.app, await superuserHeaders(ctx.app), fake.url);
-  await ctx.app.listen({ port: 0, host: '127.0.0.1' });
-  base = `http://127.0.0.1:${(ctx.app.server.address() as AddressInfo).port}`;
-});
-afterAll(async () => {
-  await fake?.close();
-});
-beforeEach(() => {
-  fake.reset();
+beforeAll(() => {
+  ({ fake, base } = server);
 });
 
 interface MessageBody {

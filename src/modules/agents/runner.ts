@@ -21,9 +21,10 @@ import { versionCrud } from '../../crud/agent.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
 import { addCosts, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
+import { builtinTools } from './knowledge-tool.js';
 import type { NewRunEvent } from './run-bus.js';
 import { appendFinalEvent, endInTransaction, finishRun, lockThread, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
-import { isToolName, TOOL_DEFINITIONS, type ToolCallContext } from './tools.js';
+import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, type ToolImplementations, type ToolSource } from './tools.js';
 
 // ==================== Why a run stops ====================
 
@@ -105,7 +106,26 @@ interface ToolOutcome {
   call: ToolCall;
   content: string;
   is_error: boolean;
+  /** What the answer drew on (knowledge passages): kept in the tool message's metadata. */
+  sources: ToolSource[];
 }
+
+/** The sources of the run's tool messages so far, each passage once (its best score): what its final message cites. */
+export function sourcesOfRun(history: readonly Message[], runId: string): ToolSource[] {
+  const byPassage = new Map<string, ToolSource>();
+  for (const row of history) {
+    if (row.run_id !== runId || row.role !== 'tool') continue;
+    for (const source of (row.metadata.sources as ToolSource[] | undefined) ?? []) {
+      const key = `${source.entry_id}:${source.chunk_index}`;
+      const seen = byPassage.get(key);
+      if (!seen || source.score > seen.score) byPassage.set(key, source);
+    }
+  }
+  return [...byPassage.values()];
+}
+
+/** `{sources}` when there are any: a message without sources keeps its metadata as it was. */
+const sourcesField = (sources: ToolSource[]) => (sources.length ? { sources } : {});
 
 // ==================== The runner ====================
 
@@ -119,8 +139,12 @@ export class AgentRunner {
   readonly workerId = `${hostname()}:${process.pid}:${randomBytes(4).toString('hex')}`;
   private readonly executions = new Map<string, Execution>();
   private closing = false;
+  /** The built-in tools, overridden by name by the server's own (tests give theirs; `undefined` switches one off). */
+  private readonly tools: ToolImplementations;
 
-  constructor(private readonly deps: RunDeps) {}
+  constructor(private readonly deps: RunDeps) {
+    this.tools = { ...builtinTools(deps), ...deps.tools };
+  }
 
   /** The `run-agent` job: runs `runId` if it can be taken (queued, or its worker is gone); otherwise nothing. */
   async execute(runId: string): Promise<void> {
@@ -232,11 +256,12 @@ export class AgentRunner {
       throw new RunFailure(`Version ${run.agent_version} of the agent was not found; start a new run`);
     });
     const tools = toolSetOf(version);
-    const toolContext: ToolCallContext = {
+    const toolContext: Omit<ToolCallContext, 'cite'> = {
       run_id: run.id,
       thread_id: run.thread_id,
       owner_id: run.owner_id,
       project_id: run.project_id,
+      api_key_id: run.api_key_id,
       agent: { id: run.agent_id, version: version.version, knowledge: version.knowledge },
       signal,
     };
@@ -285,15 +310,17 @@ export class AgentRunner {
       cost = addCosts(cost, result.cost);
 
       const toolCalls: MessageToolCall[] = result.toolCalls.map((call) => ({ id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input) }));
+      // The final answer cites what the run's knowledge searches found (the tool messages of earlier steps, in `history`).
+      const citations = toolCalls.length ? {} : sourcesField(sourcesOfRun(history, run.id));
       const written = await transaction(deps.db, async (tx) => {
         await lockThread(tx, run.thread_id);
         // The fence: only the worker holding the run, still running, writes its step.
         const held = await runCrud.lockHeld(tx, run.id, this.workerId);
         if (!held) return null;
-        const assistant = await appendMessage(tx, { id: messageId, thread_id: run.thread_id, role: 'assistant', content: result.text, tool_calls: toolCalls.length ? toolCalls : null, run_id: run.id, metadata: { step, model: result.model } });
+        const assistant = await appendMessage(tx, { id: messageId, thread_id: run.thread_id, role: 'assistant', content: result.text, tool_calls: toolCalls.length ? toolCalls : null, run_id: run.id, metadata: { step, model: result.model, ...citations } });
         const toolMessages: Message[] = [];
         for (const outcome of results) {
-          toolMessages.push(await appendMessage(tx, { thread_id: run.thread_id, role: 'tool', content: outcome.content, tool_call_id: outcome.call.toolCallId, run_id: run.id, metadata: { step, name: outcome.call.toolName, is_error: outcome.is_error } }));
+          toolMessages.push(await appendMessage(tx, { thread_id: run.thread_id, role: 'tool', content: outcome.content, tool_call_id: outcome.call.toolCallId, run_id: run.id, metadata: { step, name: outcome.call.toolName, is_error: outcome.is_error, ...sourcesField(outcome.sources) } }));
         }
         const stepMessages = [assistant, ...toolMessages];
         if (toolCalls.length) {
@@ -318,22 +345,24 @@ export class AgentRunner {
   }
 
   /** One tool call: its implementation's answer, or an error result the model reads (never a crashed run). */
-  private async callTool(call: ToolCall, version: AgentVersion, context: ToolCallContext, step: number): Promise<ToolOutcome> {
+  private async callTool(call: ToolCall, version: AgentVersion, runContext: Omit<ToolCallContext, 'cite'>, step: number): Promise<ToolOutcome> {
     const name = call.toolName;
-    const implementation = isToolName(name) && version.tools.includes(name) ? this.deps.tools[name] : undefined;
+    const implementation = isToolName(name) && version.tools.includes(name) ? this.tools[name] : undefined;
+    const sources: ToolSource[] = [];
+    const context: ToolCallContext = { ...runContext, cite: (cited) => sources.push(...cited) };
     let outcome: ToolOutcome;
     if (!isToolName(name) || !version.tools.includes(name)) {
-      outcome = { call, content: `Error: there is no tool named ${name} for this agent`, is_error: true };
+      outcome = { call, content: `Error: there is no tool named ${name} for this agent`, is_error: true, sources: [] };
     } else if (!implementation) {
-      outcome = { call, content: `Error: the tool ${name} is not available on this server`, is_error: true };
+      outcome = { call, content: `Error: the tool ${name} is not available on this server`, is_error: true, sources: [] };
     } else {
       try {
         const value = await implementation(call.input, context);
-        outcome = { call, content: typeof value === 'string' ? value : JSON.stringify(value), is_error: false };
+        outcome = { call, content: typeof value === 'string' ? value : JSON.stringify(value), is_error: false, sources };
       } catch (error) {
         if (context.signal.aborted) throw context.signal.reason;
         this.deps.log.warn({ err: error, runId: context.run_id, tool: name }, 'tool call failed');
-        outcome = { call, content: `Error: the tool ${name} failed: ${error instanceof Error ? error.message : String(error)}`, is_error: true };
+        outcome = { call, content: `Error: the tool ${name} failed: ${error instanceof Error ? error.message : String(error)}`, is_error: true, sources: [] };
       }
     }
     await this.deps.bus.events.append(context.run_id, [{ event: 'tool.result', data: { tool_call_id: call.toolCallId, name, content: outcome.content, is_error: outcome.is_error, step } }]);

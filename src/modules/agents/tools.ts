@@ -34,15 +34,29 @@ export const TOOL_DEFINITIONS: Readonly<Record<ToolName, ToolDefinition>> = {
   },
 };
 
+/** A passage a tool's answer drew on: what the run's final message cites (`metadata.sources`). */
+export interface ToolSource {
+  entry_id: string;
+  filename: string;
+  chunk_index: number;
+  heading_path: string[];
+  score: number;
+}
+
 /** What a tool implementation gets besides its input: whose run it serves, and the run's signal. */
 export interface ToolCallContext {
   run_id: string;
   thread_id: string;
   owner_id: string;
+  /** The thread's project (what the run's usage is booked to). */
   project_id: string | null;
+  /** The API key that started the run, if one did (a project-scoped key narrows what tools may read). */
+  api_key_id: string | null;
   agent: { id: string; version: number; knowledge: { folder_ids: string[]; entry_ids: string[] } };
   /** Aborts with the run (cancel, deadline, shutdown): stop work and return. */
   signal: AbortSignal;
+  /** Records the sources this call's answer drew on; the run's final message cites them. */
+  cite: (sources: ToolSource[]) => void;
 }
 
 /** Runs one call of a tool; the result (text, or a value sent as JSON) goes back to the model. */
