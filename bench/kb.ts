@@ -31,6 +31,7 @@ import pino from 'pino';
 import { loadSettings, type Settings } from '../src/core/config.js';
 import { type Database, openDatabase } from '../src/core/db.js';
 import { migrateUp } from '../src/core/migrate.js';
+
 import { knowledgeChunks, knowledgeEntries, knowledgeFolders, users } from '../src/models/index.js';
 
 import { buildApp } from '../src/app.js';
@@ -110,7 +111,7 @@ async function writePdf(path: string, limit: { pages: number } | { megabytes: nu
   const pdf = new PDFDocument({ compress: 'pages' in limit });
   let bytes = 0;
   pdf.on('data', (chunk: Buffer) => (bytes += chunk.length));
-  const written = new Promise((r) => pdf.pipe(createWriteStream(path)).on('finish', r));
+  const written = new Promise<void>((r) => pdf.pipe(createWriteStream(path)).on('finish', () => r()));
   for (let page = 0; 'pages' in limit ? page < limit.pages : bytes < limit.megabytes * 1e6; page++) {
     if (page > 0) pdf.addPage();
     pdf.fontSize(18).text(`Chapter ${page + 1}`);
@@ -289,7 +290,7 @@ async function rssPart(dir: string): Promise<void> {
 
 const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
 
-async function timed(label: string, run: (query: string) => Promise<unknown>, queries: string[]): Promise<{ p50: number; p99: number; max: number }> {
+async function timed(run: (query: string) => Promise<unknown>, queries: string[]): Promise<{ p50: number; p99: number; max: number }> {
   for (let i = 0; i < WARMUP; i++) await run(queries[i % queries.length]!);
   const times: number[] = [];
   for (let i = 0; i < REQUESTS; i++) {
@@ -298,9 +299,7 @@ async function timed(label: string, run: (query: string) => Promise<unknown>, qu
     times.push(performance.now() - began);
   }
   times.sort((a, b) => a - b);
-  const result = { p50: percentile(times, 50), p99: percentile(times, 99), max: times.at(-1)! };
-  void label;
-  return result;
+  return { p50: percentile(times, 50), p99: percentile(times, 99), max: times.at(-1)! };
 }
 
 /** Seeds CHUNKS chunks for the superuser (and, with `vectors`, their lexical embeddings and the HNSW index). */
@@ -377,7 +376,7 @@ async function searchTarget(target: string, queries: string[]): Promise<void> {
         sql`select c.id, ts_rank_cd(c.tsv, q) as score from knowledge_chunks c join knowledge_entries e on e.id = c.entry_id, websearch_to_tsquery('english', ${query}) q
             where c.tsv @@ q and c.owner_id = ${admin!.id} order by score desc, c.id limit 5`,
       );
-    row('full text', 'raw SELECT (baseline)', await timed('raw', rawFullText, queries));
+    row('full text', 'raw SELECT (baseline)', await timed(rawFullText, queries));
     const fullText = await appOn(database, settings);
     apps.push(fullText.app);
     const post = (server: { base: string; headers: Record<string, string> }) => async (query: string) => {
@@ -386,7 +385,7 @@ async function searchTarget(target: string, queries: string[]): Promise<void> {
       if (!response.ok) throw new Error(JSON.stringify(body));
       return body;
     };
-    row('full text', 'POST /knowledge-base/search', await timed('ft', post(fullText), queries));
+    row('full text', 'POST /knowledge-base/search', await timed(post(fullText), queries));
     if (vectors) {
       const hybrid = await appOn(database, { ...settings, EMBEDDING_MODEL: LEXICAL_EMBEDDING_MODEL });
       apps.push(hybrid.app);
@@ -396,9 +395,9 @@ async function searchTarget(target: string, queries: string[]): Promise<void> {
         headers: hybrid.headers,
         body: JSON.stringify({ id: LEXICAL_EMBEDDING_MODEL, provider: 'fake', capabilities: ['embedding'], pricing: { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: '0' } }),
       });
-      const mode = ((await post(hybrid)(queries[0]!)) as { mode: string }).mode;
+      const mode = ((await post(hybrid)(queries[0]!))).mode;
       if (mode !== 'hybrid') throw new Error(`hybrid app answered ${mode}`);
-      row('hybrid', 'POST /knowledge-base/search', await timed('hybrid', post(hybrid), queries));
+      row('hybrid', 'POST /knowledge-base/search', await timed(post(hybrid), queries));
     }
     log('\n| database | mode | via | p50 ms | p99 ms | max ms | load avg |');
     log('| --- | --- | --- | --- | --- | --- | --- |');

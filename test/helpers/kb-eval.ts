@@ -138,7 +138,7 @@ export async function runKbEval(database: Database, settings: Record<string, str
     const token = await ingesting.inject({
       method: 'POST',
       url: '/api/v1/login/access-token',
-      payload: new URLSearchParams({ username: hybridSettings.FIRST_SUPERUSER!, password: hybridSettings.FIRST_SUPERUSER_PASSWORD! }).toString(),
+      payload: new URLSearchParams({ username: hybridSettings.FIRST_SUPERUSER, password: hybridSettings.FIRST_SUPERUSER_PASSWORD }).toString(),
       headers: { 'content-type': 'application/x-www-form-urlencoded' },
     });
     const headers = { authorization: `Bearer ${token.json<{ access_token: string }>().access_token}` };
