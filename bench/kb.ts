@@ -290,16 +290,18 @@ async function rssPart(dir: string): Promise<void> {
 
 const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
 
-async function timed(run: (query: string) => Promise<unknown>, queries: string[]): Promise<{ p50: number; p99: number; max: number }> {
+async function timed(run: (query: string) => Promise<unknown>, queries: string[]): Promise<{ p50: number; p99: number; max: number; slowest: string }> {
   for (let i = 0; i < WARMUP; i++) await run(queries[i % queries.length]!);
-  const times: number[] = [];
+  const times: { ms: number; query: string }[] = [];
   for (let i = 0; i < REQUESTS; i++) {
+    const query = queries[i % queries.length]!;
     const began = performance.now();
-    await run(queries[i % queries.length]!);
-    times.push(performance.now() - began);
+    await run(query);
+    times.push({ ms: performance.now() - began, query });
   }
-  times.sort((a, b) => a - b);
-  return { p50: percentile(times, 50), p99: percentile(times, 99), max: times.at(-1)! };
+  times.sort((a, b) => a.ms - b.ms);
+  const ms = times.map((t) => t.ms);
+  return { p50: percentile(ms, 50), p99: percentile(ms, 99), max: ms.at(-1)!, slowest: times.at(-1)!.query };
 }
 
 /** Seeds CHUNKS chunks for the superuser (and, with `vectors`, their lexical embeddings and the HNSW index). */
@@ -368,8 +370,11 @@ async function searchTarget(target: string, queries: string[]): Promise<void> {
     log(`\n${target}: seeded ${CHUNKS} chunks${vectors ? ' with embeddings + HNSW' : ''} in ${seedSeconds.toFixed(0)} s (load ${load()})`);
 
     const rows: string[] = [];
-    const row = (mode: string, via: string, r: { p50: number; p99: number; max: number }) =>
+    let slowest = '';
+    const row = (mode: string, via: string, r: { p50: number; p99: number; max: number; slowest: string }) => {
       rows.push(`| ${target} | ${mode} | ${via} | ${r.p50.toFixed(1)} | ${r.p99.toFixed(1)} | ${r.max.toFixed(1)} | ${load()} |`);
+      slowest ||= r.slowest;
+    };
     const rawFullText = (query: string) =>
       queryRows(
         database.db,
@@ -402,10 +407,12 @@ async function searchTarget(target: string, queries: string[]): Promise<void> {
     log('\n| database | mode | via | p50 ms | p99 ms | max ms | load avg |');
     log('| --- | --- | --- | --- | --- | --- | --- |');
     for (const line of rows) log(line);
-    if (process.env.EXPLAIN) {
+    const explain = process.env.EXPLAIN ?? slowest;
+    log(`\nPlan of the full-text SELECT for ${JSON.stringify(explain)} (the baseline's slowest query unless EXPLAIN names one):\n`);
+    {
       const plan = await queryRows<{ 'QUERY PLAN': string }>(
         database.db,
-        sql`explain analyze select c.id, ts_rank_cd(c.tsv, q) as score from knowledge_chunks c join knowledge_entries e on e.id = c.entry_id, websearch_to_tsquery('english', ${process.env.EXPLAIN}) q
+        sql`explain analyze select c.id, ts_rank_cd(c.tsv, q) as score from knowledge_chunks c join knowledge_entries e on e.id = c.entry_id, websearch_to_tsquery('english', ${explain}) q
             where c.tsv @@ q and c.owner_id = ${admin!.id} order by score desc, c.id limit 5`,
       );
       log(plan.map((r) => r['QUERY PLAN']).join('\n'));

@@ -39,7 +39,7 @@ describe('knowledge-base retrieval quality', () => {
   });
 
   it('flags a score below the recorded one', () => {
-    const worse = { ...report, full_text: { ...report.full_text, mrr: KB_EVAL_RECORDED.full_text.mrr - 0.01 } };
+    const worse = { ...report, full_text: { ...report.full_text, mrr: KB_EVAL_RECORDED.full_text.mrr - 0.02 } };
     expect(regressions(worse)).toEqual([expect.stringContaining('full_text mrr')]);
   });
 });
