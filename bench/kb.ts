@@ -13,7 +13,7 @@
  *   (one client, the corpus questions in turn) on an in-process app: full text on PGlite and on
  *   PostgreSQL (a database of its own, dropped at the end), hybrid on PGlite. Baseline, same run:
  *   the full-text SELECT the service runs, sent straight to the database.
- * - rss: a fresh `keel start` ingesting a PDF of BIG_PDF_MB (pdfkit, uncompressed text pages);
+ * - rss: a fresh `keel start` ingesting a PDF of BIG_PDF_MB (uncompressed text pages, written raw);
  *   RSS of its process group sampled every 100 ms (worker threads included).
  */
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
@@ -105,14 +105,12 @@ function writeMarkdown(path: string, megabytes: number): void {
   writeFileSync(path, parts.join(''));
 }
 
-/** A PDF of text pages: `pages` of them, or (compress off) until the file reaches `megabytes`. */
-async function writePdf(path: string, limit: { pages: number } | { megabytes: number }): Promise<void> {
+/** A PDF of `pages` text pages, made by pdfkit. */
+async function writePdf(path: string, pages: number): Promise<void> {
   const { paragraph } = textGenerator(11);
-  const pdf = new PDFDocument({ compress: 'pages' in limit });
-  let bytes = 0;
-  pdf.on('data', (chunk: Buffer) => (bytes += chunk.length));
+  const pdf = new PDFDocument({ compress: true });
   const written = new Promise<void>((r) => pdf.pipe(createWriteStream(path)).on('finish', () => r()));
-  for (let page = 0; 'pages' in limit ? page < limit.pages : bytes < limit.megabytes * 1e6; page++) {
+  for (let page = 0; page < pages; page++) {
     if (page > 0) pdf.addPage();
     pdf.fontSize(18).text(`Chapter ${page + 1}`);
     for (let i = 0; i < 6; i++) pdf.fontSize(10).text(paragraph()).moveDown(0.5);
@@ -244,7 +242,7 @@ async function bareExtraction(path: string): Promise<{ textMb: number; seconds: 
 async function ingestPart(dir: string): Promise<void> {
   const files = [join(dir, 'text.md'), join(dir, 'doc.pdf')];
   writeMarkdown(files[0]!, TEXT_MB);
-  await writePdf(files[1]!, { pages: PDF_PAGES });
+  await writePdf(files[1]!, PDF_PAGES);
   const server = await startKeel(8231);
   try {
     const folder = await api<{ id: string }>(server, 'POST', '/knowledge-base/folders', { name: 'bench' });
@@ -265,14 +263,52 @@ async function ingestPart(dir: string): Promise<void> {
   }
 }
 
+/**
+ * A PDF of plain text pages (Helvetica, 60 lines each) written object by object until the file
+ * reaches `megabytes`: pdfkit needed over 15 minutes and 1.8 GB for 50 MB on this machine (it
+ * keeps every page until the end), which measures pdfkit, not Keel.
+ */
+async function writeBigPdf(path: string, megabytes: number): Promise<void> {
+  const { sentence } = textGenerator(13);
+  const out = createWriteStream(path);
+  const offsets: number[] = [];
+  let written = 0;
+  const write = async (text: string) => {
+    if (!out.write(text)) await new Promise((r) => out.once('drain', r));
+    written += Buffer.byteLength(text);
+  };
+  const object = async (number: number, body: string) => {
+    offsets[number] = written;
+    await write(`${number} 0 obj\n${body}\nendobj\n`);
+  };
+  await write('%PDF-1.4\n');
+  // 1: catalog, 2: pages (written last, when the kids are known), 3: font; then content + page per page.
+  await object(1, '<< /Type /Catalog /Pages 2 0 R >>');
+  await object(3, '<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>');
+  const kids: number[] = [];
+  for (let next = 4; written < megabytes * 1e6; next += 2) {
+    const lines = Array.from({ length: 60 }, () => `(${sentence().replace(/[()\\]/g, '')}) Tj T*`).join('\n');
+    const content = `BT /F1 9 Tf 11 TL 40 800 Td\n${lines}\nET`;
+    await object(next, `<< /Length ${Buffer.byteLength(content)} >>\nstream\n${content}\nendstream`);
+    await object(next + 1, `<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 842] /Resources << /Font << /F1 3 0 R >> >> /Contents ${next} 0 R >>`);
+    kids.push(next + 1);
+  }
+  await object(2, `<< /Type /Pages /Kids [${kids.map((k) => `${k} 0 R`).join(' ')}] /Count ${kids.length} >>`);
+  const xref = written;
+  const entries = Array.from({ length: offsets.length }, (_, i) => (i === 0 ? '0000000000 65535 f \n' : `${String(offsets[i]).padStart(10, '0')} 00000 n \n`)).join('');
+  await write(`xref\n0 ${offsets.length}\n${entries}trailer\n<< /Size ${offsets.length} /Root 1 0 R >>\nstartxref\n${xref}\n%%EOF\n`);
+  await new Promise((r) => out.end(r));
+}
+
 async function rssPart(dir: string): Promise<void> {
   const path = join(dir, 'big.pdf');
-  await writePdf(path, { megabytes: BIG_PDF_MB });
+  await writeBigPdf(path, BIG_PDF_MB);
   const server = await startKeel(8232);
   try {
     const folder = await api<{ id: string }>(server, 'POST', '/knowledge-base/folders', { name: 'bench' });
     const pgid = server.child.pid!;
     const atRest = groupRssMb(pgid);
+    log(spawnSync('ps', ['-o', 'pid,rss,args', '-g', String(pgid)], { encoding: 'utf8' }).stdout);
     let peak = atRest;
     const sampler = setInterval(() => (peak = Math.max(peak, groupRssMb(pgid))), 100);
     const began = performance.now();
