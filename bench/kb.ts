@@ -297,7 +297,7 @@ async function writeBigPdf(path: string, megabytes: number): Promise<void> {
   const xref = written;
   const entries = Array.from({ length: offsets.length }, (_, i) => (i === 0 ? '0000000000 65535 f \n' : `${String(offsets[i]).padStart(10, '0')} 00000 n \n`)).join('');
   await write(`xref\n0 ${offsets.length}\n${entries}trailer\n<< /Size ${offsets.length} /Root 1 0 R >>\nstartxref\n${xref}\n%%EOF\n`);
-  await new Promise((r) => out.end(r));
+  await new Promise<void>((r) => out.end(() => r()));
 }
 
 async function rssPart(dir: string): Promise<void> {
