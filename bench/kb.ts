@@ -274,7 +274,7 @@ async function writeBigPdf(path: string, megabytes: number): Promise<void> {
   const offsets: number[] = [];
   let written = 0;
   const write = async (text: string) => {
-    if (!out.write(text)) await new Promise((r) => out.once('drain', r));
+    if (!out.write(text)) await new Promise<void>((r) => out.once('drain', () => r()));
     written += Buffer.byteLength(text);
   };
   const object = async (number: number, body: string) => {
