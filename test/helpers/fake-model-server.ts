@@ -69,6 +69,49 @@ export function fakeEmbedding(text: string): number[] {
   return Array.from({ length: EMBEDDING_DIMENSIONS }, (_, i) => digest.readInt16BE(i * 2) / 32768);
 }
 
+/** Dimensions of `lexicalEmbedding`: enough that hashed features rarely collide in a small corpus. */
+export const LEXICAL_DIMENSIONS = 256;
+
+/** The model for which the server answers with `lexicalEmbedding` instead of the SHA-256 vectors. */
+export const LEXICAL_EMBEDDING_MODEL = 'fake-embed-lexical';
+
+const STOP_WORDS = new Set(
+  'a an and are as at be by can do does for from has have how i in is it its of on or should that the their this to was what when where which who why will with you your'.split(' '),
+);
+
+/** An FNV-1a hash: cheap, stable across runs and processes. */
+function fnv1a(text: string): number {
+  let hash = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) hash = Math.imul(hash ^ text.charCodeAt(i), 0x01000193);
+  return hash >>> 0;
+}
+
+/**
+ * A deterministic embedding that carries some meaning, so that hybrid search has a real signal to
+ * fuse: the words (stop words left out) and their character trigrams, hashed with a sign into
+ * LEXICAL_DIMENSIONS buckets, weighted 1 + log(count), normalised to unit length. Texts sharing
+ * words or word stems ("report" / "reported") land near each other; a random vector would not.
+ */
+export function lexicalEmbedding(text: string): number[] {
+  const vector = new Array<number>(LEXICAL_DIMENSIONS).fill(0);
+  const counts = new Map<string, number>();
+  const add = (feature: string) => counts.set(feature, (counts.get(feature) ?? 0) + 1);
+  for (const word of text.toLowerCase().match(/[\p{L}\p{N}]+/gu) ?? []) {
+    if (STOP_WORDS.has(word)) continue;
+    add(`w:${word}`);
+    const padded = `^${word}$`;
+    for (let i = 0; i + 3 <= padded.length; i++) add(`t:${padded.slice(i, i + 3)}`);
+  }
+  for (const [feature, count] of counts) {
+    const hash = fnv1a(feature);
+    // A whole word says more than one of its trigrams.
+    const weight = (feature.startsWith('w:') ? 1 : 0.4) * (1 + Math.log(count));
+    vector[hash % LEXICAL_DIMENSIONS]! += (hash & 0x8000_0000 ? -1 : 1) * weight;
+  }
+  const norm = Math.hypot(...vector) || 1;
+  return vector.map((value) => value / norm);
+}
+
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export class FakeModelServer {
@@ -265,7 +308,7 @@ export class FakeModelServer {
     this.json(res, entry, 200, {
       object: 'list',
       model: entry.model,
-      data: input.map((text, index) => ({ object: 'embedding', index, embedding: fakeEmbedding(text) })),
+      data: input.map((text, index) => ({ object: 'embedding', index, embedding: entry.model === LEXICAL_EMBEDDING_MODEL ? lexicalEmbedding(text) : fakeEmbedding(text) })),
       usage: { prompt_tokens: tokens, total_tokens: tokens },
     });
   }

@@ -1,0 +1,479 @@
+/**
+ * Knowledge-base benchmarks (issue 9, "Done when"). Run `npm run build` first, then
+ *
+ *   npx tsx bench/kb.ts            (PARTS="ingest search rss"; see bench/README.md for the settings)
+ *
+ * - ingest: `keel start` (compiled, embedded, no EMBEDDING_MODEL) as a child process; a Markdown
+ *   file of TEXT_MB and a PDF of PDF_PAGES streamed over HTTP to the upload route, timed from the
+ *   first byte sent to the entry's `ready`. Baseline, same run: extraction + chunking alone (the
+ *   modules ingestion calls, in this process).
+ * - search: CHUNKS chunks seeded straight into knowledge_chunks (bigram text learnt from the
+ *   kb-eval corpus, to_tsvector as ingestion writes it; and, on PGlite, the fake lexical embedder's
+ *   vectors with the HNSW index), then `POST /knowledge-base/search` timed over HTTP from this process
+ *   (one client, the corpus questions in turn) on an in-process app: full text on PGlite and on
+ *   PostgreSQL (a database of its own, dropped at the end), hybrid on PGlite. Baseline, same run:
+ *   the full-text SELECT the service runs, sent straight to the database.
+ * - rss: a fresh `keel start` ingesting a PDF of BIG_PDF_MB (uncompressed text pages, written raw);
+ *   RSS of its process group sampled every 100 ms (worker threads included).
+ */
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { createReadStream, createWriteStream, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { request } from 'node:http';
+import { cpus, loadavg, tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+
+import { sql } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
+import PDFDocument from 'pdfkit';
+import pino from 'pino';
+
+import { loadSettings, type Settings } from '../src/core/config.js';
+import { type Database, openDatabase } from '../src/core/db.js';
+import { migrateUp } from '../src/core/migrate.js';
+
+import { knowledgeChunks, knowledgeEntries, knowledgeFolders, users } from '../src/models/index.js';
+
+import { buildApp } from '../src/app.js';
+import { queryRows } from '../src/crud/owned.js';
+import { chunkDocumentAsync, chunkOptionsFrom } from '../src/modules/knowledge/chunk.js';
+import { extractDocument, extractLimitsFrom } from '../src/modules/knowledge/extract.js';
+import { ensureVectorIndex, writeEmbeddings } from '../src/services/knowledge/embeddings.js';
+import { ensureFirstSuperuser } from '../src/services/user-service.js';
+import { FakeModelServer, LEXICAL_EMBEDDING_MODEL, lexicalEmbedding } from '../test/helpers/fake-model-server.js';
+import { KB_EVAL_DIR, loadQuestions } from '../test/helpers/kb-eval-corpus.js';
+import { adminQuery, databaseUrl } from '../test/helpers/postgres.js';
+
+const root = resolve(import.meta.dirname, '..');
+const env = (name: string, fallback: string) => process.env[name] ?? fallback;
+const PARTS = env('PARTS', 'ingest search rss').split(/\s+/);
+const TEXT_MB = Number(env('TEXT_MB', '20'));
+const PDF_PAGES = Number(env('PDF_PAGES', '2000'));
+const BIG_PDF_MB = Number(env('BIG_PDF_MB', '50'));
+const CHUNKS = Number(env('CHUNKS', '100000'));
+const CHUNKS_PER_ENTRY = 100;
+const REQUESTS = Number(env('REQUESTS', '300'));
+const WARMUP = 20;
+const PG_ADMIN_URL = env('PG_ADMIN_URL', 'postgres://postgres@127.0.0.1:5432/postgres');
+const TARGETS = env('TARGETS', 'pglite postgres').split(/\s+/);
+const ADMIN = { email: 'admin@kb-bench.test', password: 'kb-bench-password' };
+
+const log = (line: string) => console.log(line);
+const load = () => loadavg().map((n) => n.toFixed(2)).join(' ');
+
+// ==================== Text ====================
+
+/** A bigram chain learnt from the eval corpus: sentences with the vocabulary and rhythm of real documents. */
+function textGenerator(seed = 7) {
+  const words = readdirSync(join(KB_EVAL_DIR, 'documents'))
+    .map((name) => readFileSync(join(KB_EVAL_DIR, 'documents', name), 'utf8'))
+    .join(' ')
+    .replace(/<[^>]+>/g, ' ')
+    .match(/[A-Za-z][A-Za-z'-]*|\d+(?:[.,]\d+)?/g)!;
+  const next = new Map<string, string[]>();
+  for (let i = 0; i + 1 < words.length; i++) {
+    const list = next.get(words[i]!) ?? [];
+    list.push(words[i + 1]!);
+    next.set(words[i]!, list);
+  }
+  let state = seed;
+  const random = (n: number) => ((state = (state * 1103515245 + 12345) % 2 ** 31), state % n);
+  const sentence = () => {
+    let word = words[random(words.length)]!;
+    const out = [word];
+    for (let n = 6 + random(18); out.length < n; ) {
+      const options = next.get(word);
+      word = options ? options[random(options.length)]! : words[random(words.length)]!;
+      out.push(word);
+    }
+    const text = out.join(' ');
+    return `${text[0]!.toUpperCase()}${text.slice(1)}.`;
+  };
+  const paragraph = () => Array.from({ length: 2 + random(5) }, sentence).join(' ');
+  return { sentence, paragraph, random };
+}
+
+function writeMarkdown(path: string, megabytes: number): void {
+  const { paragraph } = textGenerator();
+  const parts: string[] = [];
+  let size = 0;
+  for (let n = 0; size < megabytes * 1e6; n++) {
+    const part = n % 12 === 0 ? `${'#'.repeat(1 + (n % 3))} Section ${n}\n\n` : `${paragraph()}\n\n`;
+    parts.push(part);
+    size += Buffer.byteLength(part);
+  }
+  writeFileSync(path, parts.join(''));
+}
+
+/** A PDF of `pages` text pages, made by pdfkit. */
+async function writePdf(path: string, pages: number): Promise<void> {
+  const { paragraph } = textGenerator(11);
+  const pdf = new PDFDocument({ compress: true });
+  const written = new Promise<void>((r) => pdf.pipe(createWriteStream(path)).on('finish', () => r()));
+  for (let page = 0; page < pages; page++) {
+    if (page > 0) pdf.addPage();
+    pdf.fontSize(18).text(`Chapter ${page + 1}`);
+    for (let i = 0; i < 6; i++) pdf.fontSize(10).text(paragraph()).moveDown(0.5);
+    if (page % 50 === 0) await new Promise((r) => setImmediate(r)); // let the stream drain
+  }
+  pdf.end();
+  await written;
+}
+
+// ==================== keel start (child process) ====================
+
+interface Server {
+  child: ChildProcess;
+  base: string;
+  headers: Record<string, string>;
+  dataDir: string;
+}
+
+async function startKeel(port: number, extra: Record<string, string> = {}): Promise<Server> {
+  const dataDir = mkdtempSync(join(tmpdir(), 'keel-bench-kb-data-'));
+  const child = spawn(process.execPath, [join(root, 'bin/keel.js'), 'start'], {
+    cwd: root,
+    detached: true, // its own process group: RSS is summed over it
+    stdio: ['ignore', 'ignore', 'inherit'],
+    env: {
+      PATH: process.env.PATH,
+      ENVIRONMENT: 'local',
+      SECRET_KEY: randomBytes(32).toString('hex'),
+      DATA_DIR: dataDir,
+      PORT: String(port),
+      LOG_LEVEL: 'warn',
+      FIRST_SUPERUSER: ADMIN.email,
+      FIRST_SUPERUSER_PASSWORD: ADMIN.password,
+      KB_MAX_FILE_BYTES: String(200 * 1024 ** 2),
+      KB_MAX_BYTES_PER_USER: String(1024 ** 3),
+      KB_MAX_TEXT_CHARS: String(200_000_000),
+      KB_EXTRACT_TIMEOUT_SECONDS: '1200',
+      ...extra,
+    },
+  });
+  const base = `http://127.0.0.1:${port}`;
+  for (let i = 0; ; i++) {
+    try {
+      if ((await fetch(`${base}/health`)).ok) break;
+    } catch {
+      // not listening yet
+    }
+    if (i > 600) throw new Error('keel start: no /health in 60 s');
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  const token = await fetch(`${base}/api/v1/login/access-token`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+    body: new URLSearchParams({ username: ADMIN.email, password: ADMIN.password }),
+  });
+  const { access_token } = (await token.json()) as { access_token: string };
+  return { child, base, headers: { authorization: `Bearer ${access_token}` }, dataDir };
+}
+
+async function stopKeel(server: Server): Promise<void> {
+  const exited = new Promise((r) => server.child.once('exit', r));
+  server.child.kill('SIGTERM');
+  await exited;
+  rmSync(server.dataDir, { recursive: true, force: true });
+}
+
+async function api<T>(server: Server, method: string, path: string, body?: unknown): Promise<T> {
+  const response = await fetch(`${server.base}/api/v1${path}`, {
+    method,
+    headers: { ...server.headers, ...(body ? { 'content-type': 'application/json' } : {}) },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${await response.text()}`);
+  return (await response.json()) as T;
+}
+
+/** Streams the file as multipart/form-data (never whole in memory); the entry id. */
+function uploadFile(server: Server, folderId: string, path: string): Promise<string> {
+  const boundary = `----keelbench${randomBytes(8).toString('hex')}`;
+  const filename = path.split('/').pop()!;
+  const head = Buffer.from(`--${boundary}\r\nContent-Disposition: form-data; name="file"; filename="${filename}"\r\nContent-Type: application/octet-stream\r\n\r\n`);
+  const tail = Buffer.from(`\r\n--${boundary}--\r\n`);
+  const url = new URL(`${server.base}/api/v1/knowledge-base/folders/${folderId}/upload`);
+  return new Promise((resolvePromise, reject) => {
+    const req = request(url, {
+      method: 'POST',
+      headers: { ...server.headers, 'content-type': `multipart/form-data; boundary=${boundary}`, 'content-length': head.length + statSync(path).size + tail.length },
+    });
+    req.on('response', (res) => {
+      let text = '';
+      res.on('data', (c: Buffer) => (text += String(c)));
+      res.on('end', () => (res.statusCode === 201 ? resolvePromise((JSON.parse(text) as { id: string }).id) : reject(new Error(`upload ${res.statusCode}: ${text}`))));
+    });
+    req.on('error', reject);
+    req.write(head);
+    const file = createReadStream(path);
+    file.on('error', reject);
+    file.on('end', () => req.end(tail));
+    file.pipe(req, { end: false });
+  });
+}
+
+async function untilSettled(server: Server, id: string): Promise<{ status: string; error: string | null; chunk_count: number }> {
+  for (;;) {
+    const entry = await api<{ status: string; error: string | null; chunk_count: number }>(server, 'GET', `/knowledge-base/entries/${id}`);
+    if (entry.status === 'ready' || entry.status === 'failed') return entry;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** RSS (MB) of the process group, from ps. */
+function groupRssMb(pgid: number): number {
+  const out = spawnSync('ps', ['-o', 'rss=', '-g', String(pgid)], { encoding: 'utf8' }).stdout;
+  return Math.round(out.split('\n').reduce((sum, line) => sum + (Number(line.trim()) || 0), 0) / 1024);
+}
+
+// ==================== Parts ====================
+
+const benchSettings: Settings = loadSettings({ ENVIRONMENT: 'local', SECRET_KEY: 'x'.repeat(40) });
+
+/** Extraction + chunking alone, in this process: the baseline of ingestion, and the text size. */
+async function bareExtraction(path: string): Promise<{ textMb: number; seconds: number; chunks: number }> {
+  const began = performance.now();
+  const doc = await extractDocument({ path, filename: path.split('/').pop()! }, { ...extractLimitsFrom(benchSettings), maxTextChars: 200_000_000, timeoutMs: 1_200_000 });
+  const chunks = await chunkDocumentAsync(doc, chunkOptionsFrom(benchSettings));
+  return { textMb: Buffer.byteLength(doc.text) / 1e6, seconds: (performance.now() - began) / 1000, chunks: chunks.length };
+}
+
+async function ingestPart(dir: string): Promise<void> {
+  const files = [join(dir, 'text.md'), join(dir, 'doc.pdf')];
+  writeMarkdown(files[0]!, TEXT_MB);
+  await writePdf(files[1]!, PDF_PAGES);
+  const server = await startKeel(8231);
+  try {
+    const folder = await api<{ id: string }>(server, 'POST', '/knowledge-base/folders', { name: 'bench' });
+    log('\n### Ingestion throughput (embedded `keel start`, no EMBEDDING_MODEL; upload over HTTP → ready)\n');
+    log('| file | file MB | text MB | chunks | end to end s | text MB/min | bare extract+chunk s | bare MB/min | load avg |');
+    log('| --- | --- | --- | --- | --- | --- | --- | --- | --- |');
+    for (const path of files) {
+      const bare = await bareExtraction(path);
+      const began = performance.now();
+      const entry = await untilSettled(server, await uploadFile(server, folder.id, path));
+      const seconds = (performance.now() - began) / 1000;
+      if (entry.status !== 'ready') throw new Error(`${path}: ${entry.error}`);
+      const perMin = (s: number) => ((bare.textMb / s) * 60).toFixed(0);
+      log(`| ${path.split('/').pop()} | ${(statSync(path).size / 1e6).toFixed(1)} | ${bare.textMb.toFixed(1)} | ${entry.chunk_count} | ${seconds.toFixed(1)} | ${perMin(seconds)} | ${bare.seconds.toFixed(1)} | ${perMin(bare.seconds)} | ${load()} |`);
+    }
+  } finally {
+    await stopKeel(server);
+  }
+}
+
+/**
+ * A PDF of plain text pages (Helvetica, 60 lines each) written object by object until the file
+ * reaches `megabytes`: pdfkit needed over 15 minutes and 1.8 GB for 50 MB on this machine (it
+ * keeps every page until the end), which measures pdfkit, not Keel.
+ */
+async function writeBigPdf(path: string, megabytes: number): Promise<void> {
+  const { sentence } = textGenerator(13);
+  const out = createWriteStream(path);
+  const offsets: number[] = [];
+  let written = 0;
+  const write = async (text: string) => {
+    if (!out.write(text)) await new Promise<void>((r) => out.once('drain', () => r()));
+    written += Buffer.byteLength(text);
+  };
+  const object = async (number: number, body: string) => {
+    offsets[number] = written;
+    await write(`${number} 0 obj\n${body}\nendobj\n`);
+  };
+  await write('%PDF-1.4\n');
+  // 1: catalog, 2: pages (written last, when the kids are known), 3: font; then content + page per page.
+  await object(1, '<< /Type /Catalog /Pages 2 0 R >>');
+  await object(3, '<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>');
+  const kids: number[] = [];
+  for (let next = 4; written < megabytes * 1e6; next += 2) {
+    const lines = Array.from({ length: 60 }, () => `(${sentence().replace(/[()\\]/g, '')}) Tj T*`).join('\n');
+    const content = `BT /F1 9 Tf 11 TL 40 800 Td\n${lines}\nET`;
+    await object(next, `<< /Length ${Buffer.byteLength(content)} >>\nstream\n${content}\nendstream`);
+    await object(next + 1, `<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 842] /Resources << /Font << /F1 3 0 R >> >> /Contents ${next} 0 R >>`);
+    kids.push(next + 1);
+  }
+  await object(2, `<< /Type /Pages /Kids [${kids.map((k) => `${k} 0 R`).join(' ')}] /Count ${kids.length} >>`);
+  const xref = written;
+  const entries = Array.from({ length: offsets.length }, (_, i) => (i === 0 ? '0000000000 65535 f \n' : `${String(offsets[i]).padStart(10, '0')} 00000 n \n`)).join('');
+  await write(`xref\n0 ${offsets.length}\n${entries}trailer\n<< /Size ${offsets.length} /Root 1 0 R >>\nstartxref\n${xref}\n%%EOF\n`);
+  await new Promise<void>((r) => out.end(() => r()));
+}
+
+async function rssPart(dir: string): Promise<void> {
+  const path = join(dir, 'big.pdf');
+  await writeBigPdf(path, BIG_PDF_MB);
+  const server = await startKeel(8232);
+  try {
+    const folder = await api<{ id: string }>(server, 'POST', '/knowledge-base/folders', { name: 'bench' });
+    const pgid = server.child.pid!;
+    const atRest = groupRssMb(pgid);
+    log(spawnSync('ps', ['-o', 'pid,rss,args', '-g', String(pgid)], { encoding: 'utf8' }).stdout);
+    let peak = atRest;
+    const sampler = setInterval(() => (peak = Math.max(peak, groupRssMb(pgid))), 100);
+    const began = performance.now();
+    const entry = await untilSettled(server, await uploadFile(server, folder.id, path));
+    const seconds = (performance.now() - began) / 1000;
+    clearInterval(sampler);
+    log('\n### Memory of `keel start` (API + worker, one process group) ingesting a large PDF\n');
+    log('| file MB | status | chunks | seconds | RSS at rest MB | peak RSS MB | load avg |');
+    log('| --- | --- | --- | --- | --- | --- | --- |');
+    log(`| ${(statSync(path).size / 1e6).toFixed(1)} | ${entry.status}${entry.error ? ` (${entry.error})` : ''} | ${entry.chunk_count} | ${seconds.toFixed(1)} | ${atRest} | ${peak} | ${load()} |`);
+  } finally {
+    await stopKeel(server);
+  }
+}
+
+const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
+
+async function timed(run: (query: string) => Promise<unknown>, queries: string[]): Promise<{ p50: number; p99: number; max: number; slowest: string }> {
+  for (let i = 0; i < WARMUP; i++) await run(queries[i % queries.length]!);
+  const times: { ms: number; query: string }[] = [];
+  for (let i = 0; i < REQUESTS; i++) {
+    const query = queries[i % queries.length]!;
+    const began = performance.now();
+    await run(query);
+    times.push({ ms: performance.now() - began, query });
+  }
+  times.sort((a, b) => a.ms - b.ms);
+  const ms = times.map((t) => t.ms);
+  return { p50: percentile(ms, 50), p99: percentile(ms, 99), max: ms.at(-1)!, slowest: times.at(-1)!.query };
+}
+
+/** Seeds CHUNKS chunks for the superuser (and, with `vectors`, their lexical embeddings and the HNSW index). */
+async function seed(database: Database, ownerId: string, vectors: boolean): Promise<number> {
+  const began = performance.now();
+  const { paragraph } = textGenerator(3);
+  const [folder] = await database.db.insert(knowledgeFolders).values({ owner_id: ownerId, name: 'seeded' }).returning({ id: knowledgeFolders.id });
+  for (let e = 0; e * CHUNKS_PER_ENTRY < CHUNKS; e++) {
+    const [entry] = await database.db
+      .insert(knowledgeEntries)
+      .values({ owner_id: ownerId, folder_id: folder!.id, filename: `doc-${e}.md`, mime_type: 'text/markdown', format: 'markdown', size_bytes: 1, sha256: '0'.repeat(64), storage_key: `seeded/${e}`, status: 'ready', chunk_count: CHUNKS_PER_ENTRY })
+      .returning({ id: knowledgeEntries.id });
+    const texts = Array.from({ length: CHUNKS_PER_ENTRY }, () => `${paragraph()} ${paragraph()}`);
+    const rows = await database.db
+      .insert(knowledgeChunks)
+      .values(texts.map((text, i) => ({ entry_id: entry!.id, owner_id: ownerId, chunk_index: i, text, heading_path: [`Section ${i}`], token_count: Math.ceil(text.length / 4), tsv: sql`to_tsvector('english', ${text})` })))
+      .returning({ id: knowledgeChunks.id });
+    if (vectors) await writeEmbeddings(database.db, LEXICAL_EMBEDDING_MODEL, rows.map((r) => r.id), texts.map(lexicalEmbedding));
+  }
+  if (vectors) {
+    await database.db.execute(sql`set maintenance_work_mem = '512MB'`);
+    await ensureVectorIndex(database.db, lexicalEmbedding('x').length);
+  }
+  await database.db.execute(sql`analyze`);
+  return (performance.now() - began) / 1000;
+}
+
+async function appOn(database: Database, settings: Record<string, string>): Promise<{ app: FastifyInstance; base: string; headers: Record<string, string> }> {
+  const logger = pino({ level: 'silent' });
+  const app = await buildApp({ settings: loadSettings({ ENVIRONMENT: 'local', LOG_LEVEL: 'silent', ...settings }), database, logger, vectorSearch: database.kind === 'pglite', runJobs: false });
+  const base = await app.listen({ host: '127.0.0.1', port: 0 });
+  const token = await app.inject({
+    method: 'POST',
+    url: '/api/v1/login/access-token',
+    payload: new URLSearchParams({ username: ADMIN.email, password: ADMIN.password }).toString(),
+    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+  });
+  return { app, base, headers: { authorization: `Bearer ${token.json<{ access_token: string }>().access_token}`, 'content-type': 'application/json' } };
+}
+
+async function searchTarget(target: string, queries: string[]): Promise<void> {
+  const secret = randomBytes(32).toString('hex');
+  const common = { SECRET_KEY: secret, FIRST_SUPERUSER: ADMIN.email, FIRST_SUPERUSER_PASSWORD: ADMIN.password, DATA_DIR: mkdtempSync(join(tmpdir(), 'keel-bench-kb-data-')) };
+  let location: Record<string, string>;
+  let cleanup: () => Promise<void>;
+  if (target === 'postgres') {
+    const name = `keel_bench_kb_${randomBytes(4).toString('hex')}`;
+    await adminQuery(PG_ADMIN_URL, `create database "${name}"`);
+    location = { DATABASE_URL: databaseUrl(PG_ADMIN_URL, name) };
+    cleanup = () => adminQuery(PG_ADMIN_URL, `drop database if exists "${name}" with (force)`).then(() => undefined);
+  } else {
+    const dir = mkdtempSync(join(tmpdir(), 'keel-bench-kb-pglite-'));
+    location = { PGLITE_DATA_DIR: dir };
+    cleanup = async () => rmSync(dir, { recursive: true, force: true });
+  }
+  const settings = { ...common, ...location };
+  const database = await openDatabase(loadSettings({ ENVIRONMENT: 'local', ...settings }));
+  const fake = await FakeModelServer.start();
+  const apps: FastifyInstance[] = [];
+  try {
+    await migrateUp(database, pino({ level: 'silent' }));
+    await ensureFirstSuperuser(database.db, loadSettings({ ENVIRONMENT: 'local', ...settings }), pino({ level: 'silent' }));
+    const [admin] = await database.db.select({ id: users.id }).from(users).where(sql`${users.email} = ${ADMIN.email}`);
+    const vectors = database.kind === 'pglite';
+    const seedSeconds = await seed(database, admin!.id, vectors);
+    log(`\n${target}: seeded ${CHUNKS} chunks${vectors ? ' with embeddings + HNSW' : ''} in ${seedSeconds.toFixed(0)} s (load ${load()})`);
+
+    const rows: string[] = [];
+    let slowest = '';
+    const row = (mode: string, via: string, r: { p50: number; p99: number; max: number; slowest: string }) => {
+      rows.push(`| ${target} | ${mode} | ${via} | ${r.p50.toFixed(1)} | ${r.p99.toFixed(1)} | ${r.max.toFixed(1)} | ${load()} |`);
+      slowest ||= r.slowest;
+    };
+    const rawFullText = (query: string) =>
+      queryRows(
+        database.db,
+        sql`select c.id, ts_rank_cd(c.tsv, q) as score from knowledge_chunks c join knowledge_entries e on e.id = c.entry_id, websearch_to_tsquery('english', ${query}) q
+            where c.tsv @@ q and c.owner_id = ${admin!.id} order by score desc, c.id limit 5`,
+      );
+    row('full text', 'raw SELECT (baseline)', await timed(rawFullText, queries));
+    const fullText = await appOn(database, settings);
+    apps.push(fullText.app);
+    const post = (server: { base: string; headers: Record<string, string> }) => async (query: string) => {
+      const response = await fetch(`${server.base}/api/v1/knowledge-base/search`, { method: 'POST', headers: server.headers, body: JSON.stringify({ query, top_k: 5 }) });
+      const body = (await response.json()) as { mode: string };
+      if (!response.ok) throw new Error(JSON.stringify(body));
+      return body;
+    };
+    row('full text', 'POST /knowledge-base/search', await timed(post(fullText), queries));
+    if (vectors) {
+      const hybrid = await appOn(database, { ...settings, EMBEDDING_MODEL: LEXICAL_EMBEDDING_MODEL });
+      apps.push(hybrid.app);
+      await fetch(`${hybrid.base}/api/v1/providers`, { method: 'POST', headers: hybrid.headers, body: JSON.stringify({ name: 'fake', kind: 'openai-compatible', base_url: fake.url, api_key: 'sk-fake' }) });
+      await fetch(`${hybrid.base}/api/v1/models`, {
+        method: 'POST',
+        headers: hybrid.headers,
+        body: JSON.stringify({ id: LEXICAL_EMBEDDING_MODEL, provider: 'fake', capabilities: ['embedding'], pricing: { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: '0' } }),
+      });
+      const mode = ((await post(hybrid)(queries[0]!))).mode;
+      if (mode !== 'hybrid') throw new Error(`hybrid app answered ${mode}`);
+      row('hybrid', 'POST /knowledge-base/search', await timed(post(hybrid), queries));
+    }
+    log('\n| database | mode | via | p50 ms | p99 ms | max ms | load avg |');
+    log('| --- | --- | --- | --- | --- | --- | --- |');
+    for (const line of rows) log(line);
+    const explain = process.env.EXPLAIN ?? slowest;
+    log(`\nPlan of the full-text SELECT for ${JSON.stringify(explain)} (the baseline's slowest query unless EXPLAIN names one):\n`);
+    {
+      const plan = await queryRows<{ 'QUERY PLAN': string }>(
+        database.db,
+        sql`explain analyze select c.id, ts_rank_cd(c.tsv, q) as score from knowledge_chunks c join knowledge_entries e on e.id = c.entry_id, websearch_to_tsquery('english', ${explain}) q
+            where c.tsv @@ q and c.owner_id = ${admin!.id} order by score desc, c.id limit 5`,
+      );
+      log(plan.map((r) => r['QUERY PLAN']).join('\n'));
+    }
+  } finally {
+    for (const app of apps.reverse()) await app.close();
+    await fake.close();
+    await database.close();
+    await cleanup();
+    rmSync(common.DATA_DIR, { recursive: true, force: true });
+  }
+}
+
+// ==================== Run ====================
+
+log(`node ${process.version}, ${cpus().length} × ${cpus()[0]?.model}, load avg ${load()}, ${new Date().toISOString()}`);
+const dir = mkdtempSync(join(tmpdir(), 'keel-bench-kb-'));
+try {
+  if (PARTS.includes('ingest')) await ingestPart(dir);
+  if (PARTS.includes('search')) {
+    const queries = (await loadQuestions()).map((q) => q.question);
+    log(`\n### Search latency at ${CHUNKS} chunks (one client, ${REQUESTS} requests after ${WARMUP} warm-up, the 69 eval questions in turn)`);
+    for (const target of TARGETS) await searchTarget(target, queries);
+  }
+  if (PARTS.includes('rss')) await rssPart(dir);
+} finally {
+  rmSync(dir, { recursive: true, force: true });
+}
