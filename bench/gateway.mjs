@@ -1,4 +1,4 @@
-/* global process, console, setTimeout, fetch, Buffer */
+/* global process, console, Buffer */
 // The gateway benchmark: what Keel's /v1/chat/completions adds over calling a zero-latency
 // OpenAI-compatible upstream directly, with @portkey-ai/gateway as a peer, in one run.
 //   node bench/gateway.mjs            (ROUNDS=3 N1=2000 DURATION=5 CLIENTS="16 64" TARGETS="embedded postgres portkey")
@@ -11,12 +11,12 @@
 // to the first body chunk) — at 1 client (N1 sequential requests: p50/p99; added = target − direct,
 // same round) and at each CLIENTS count (closed loop for DURATION s: req/s, p50, p99). Server CPU
 // per request is read from /proc. Raw lines: bench/out/gateway/raw.tsv; summary: summary.md.
-import { execFileSync, spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { appendFileSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { appendFileSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { cpus, loadavg, totalmem } from 'node:os';
 
+import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, median, now, percentile, sleep, start, stop, waitUp } from './lib.mjs';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const N1 = Number(process.env.N1 ?? 2000);
@@ -28,8 +28,7 @@ const TARGETS = (process.env.TARGETS ?? 'embedded postgres portkey').split(/\s+/
 // same setups from that checkout, measured in the same rounds (e.g. the base commit via git archive).
 const BASE_CHECKOUT = process.env.BASE_CHECKOUT ?? '';
 // Extra node flags for the Keel servers, e.g. KEEL_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" (NODE_OPTIONS refuses --cpu-prof).
-const KEEL_NODE_ARGS = (process.env.KEEL_NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
-const PG_ADMIN_URL = process.env.PG_ADMIN_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
+const KEEL_NODE_ARGS = keelNodeArgs();
 const OUT = 'bench/out/gateway';
 const PORTS = { upstream: 8201, embedded: 8202, postgres: 8203, portkey: 8204, 'embedded-base': 8205, 'postgres-base': 8206 };
 const UPSTREAM = `http://127.0.0.1:${PORTS.upstream}/v1`;
@@ -40,94 +39,13 @@ mkdirSync(OUT, { recursive: true });
 const RAW = `${OUT}/raw.tsv`;
 writeFileSync(RAW, '');
 
-// ==================== Processes ====================
-
-const children = [];
-const benchDbs = [];
-function cleanup() {
-  for (const child of children) if (child.exitCode === null) child.kill('SIGTERM');
-  for (const db of benchDbs) {
-    try {
-      execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `drop database if exists "${db}" with (force)`], { stdio: 'ignore' });
-    } catch {
-      // best effort
-    }
-  }
-}
-process.on('exit', cleanup);
-
-/** Stops the servers and waits for them (they write usage and give credit back on the way out), then drops the databases. */
-async function shutdown() {
-  const running = children.filter((child) => child.exitCode === null);
-  const exited = running.map((child) => new Promise((resolve) => child.once('exit', resolve)));
-  for (const child of running) child.kill('SIGTERM');
-  await Promise.race([Promise.all(exited), sleep(15_000)]);
-}
-for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, () => process.exit(130));
-
-function start(name, args, env, cwd = undefined) {
-  const log = openSync(`${OUT}/${name}.log`, 'w');
-  const child = spawn(process.execPath, args, { env: { ...process.env, ...env }, stdio: ['ignore', log, log], cwd });
-  children.push(child);
-  return child;
-}
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-async function waitUp(port, path = '/health') {
-  for (let i = 0; i < 240; i++) {
-    try {
-      const response = await fetch(`http://127.0.0.1:${port}${path}`);
-      if (response.status < 500) return;
-    } catch {
-      // not yet
-    }
-    await sleep(250);
-  }
-  throw new Error(`nothing answers on port ${port}`);
-}
-
-const keelEnv = (port, extra) => ({
-  ENVIRONMENT: 'local',
-  SECRET_KEY: randomBytes(32).toString('hex'),
-  FIRST_SUPERUSER: 'admin@bench.test',
-  FIRST_SUPERUSER_PASSWORD: 'bench-superuser-password',
-  LOG_FORMAT: 'json',
-  LOG_LEVEL: 'info',
-  HOST: '127.0.0.1',
-  PORT: String(port),
-  REDIS_URL: '',
-  // Metered and paid for, as the issue asks: usage records and credit holds/settlements on every call.
-  BILLING_ENABLED: 'true',
-  ...extra,
-});
-
-async function json(url, init) {
-  const response = await fetch(url, init);
-  const text = await response.text();
-  if (!response.ok) throw new Error(`${init?.method ?? 'GET'} ${url}: ${response.status} ${text}`);
-  return JSON.parse(text);
-}
-
-/** Signs in as the superuser, adds the upstream as an openai-compatible provider and a model, and returns an API key. */
+/** Adds the upstream as a provider and model (as the superuser), gives the superuser credits, and returns an API key of theirs. */
 async function configureKeel(port) {
-  const base = `http://127.0.0.1:${port}/api/v1`;
-  const { access_token } = await json(`${base}/login/access-token`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/x-www-form-urlencoded' },
-    body: 'username=admin%40bench.test&password=bench-superuser-password',
-  });
-  const headers = { authorization: `Bearer ${access_token}`, 'content-type': 'application/json' };
-  await json(`${base}/providers`, { method: 'POST', headers, body: JSON.stringify({ name: 'bench', kind: 'openai-compatible', base_url: UPSTREAM, api_key: 'sk-bench' }) });
-  await json(`${base}/models`, {
-    method: 'POST',
-    headers,
-    body: JSON.stringify({ id: MODEL, provider: 'bench', capabilities: ['chat'], pricing: { input_cost_per_million_tokens: '0.4', output_cost_per_million_tokens: '1.6' } }),
-  });
-  const { key } = await json(`${base}/api-keys`, { method: 'POST', headers, body: JSON.stringify({ name: 'bench' }) });
+  const admin = await addUpstreamModel(port, UPSTREAM, MODEL);
+  const { key } = await admin.call('POST', '/api-keys', { name: 'bench' });
   // Billing is on (BILLING_ENABLED): every call holds its worst case and settles, so the user needs credits.
-  const me = await json(`${base}/users/me`, { headers });
-  await json(`${base}/billing/credits`, { method: 'POST', headers, body: JSON.stringify({ user_id: me.id, amount: '1000000', description: 'bench' }) });
+  const me = await admin.call('GET', '/users/me');
+  await addCredits(admin, me.id);
   return key;
 }
 
@@ -137,8 +55,6 @@ const BODIES = {
   nonstream: Buffer.from(JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'Say hello.' }], max_tokens: 16 })),
   stream: Buffer.from(JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'Say hello.' }], max_tokens: 16, stream: true, stream_options: { include_usage: true } })),
 };
-
-const now = () => Number(process.hrtime.bigint()) / 1e6;
 
 /** One request; resolves with the latency that counts (whole answer, or first chunk when streaming). */
 function once(target, mode, agent) {
@@ -169,18 +85,6 @@ function once(target, mode, agent) {
     request.on('error', () => resolve({ ok: false, ms: now() - started }));
     request.end(body);
   });
-}
-
-const percentile = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
-
-function cpuMs(pid) {
-  if (!pid) return 0;
-  try {
-    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
-    return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100; // utime + stime, 100 Hz ticks
-  } catch {
-    return 0;
-  }
 }
 
 async function measure(target, mode, clients) {
@@ -232,7 +136,7 @@ async function measure(target, mode, clients) {
 // ==================== Run ====================
 
 const load = [loadavg()];
-const upstream = start('upstream', ['bench/fake-upstream.mjs'], { PORT: String(PORTS.upstream) });
+const upstream = start(OUT, 'upstream', ['bench/fake-upstream.mjs'], { PORT: String(PORTS.upstream) });
 await waitUp(PORTS.upstream);
 const targets = [{ name: 'direct', port: PORTS.upstream, path: '/v1/chat/completions', headers: { authorization: 'Bearer sk-bench' }, pid: upstream.pid }];
 
@@ -243,13 +147,11 @@ async function startKeel(name, kind, checkout) {
   let env;
   if (kind === 'embedded') env = keelEnv(port, { DATA_DIR: dataDir, DATABASE_URL: '' });
   else {
-    const db = `keel_gateway_bench_${process.pid}_${benchDbs.length}`;
-    benchDbs.push(db);
-    execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `create database "${db}"`]);
-    env = keelEnv(port, { DATA_DIR: dataDir, DATABASE_URL: `${PG_ADMIN_URL.replace(/\/[^/]*$/, '')}/${db}` });
+    // Dropped at exit by lib.mjs.
+    env = keelEnv(port, { DATA_DIR: dataDir, DATABASE_URL: createDatabase(`keel_gateway_bench_${process.pid}_${name.replace('-', '_')}`) });
     execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { env: { ...process.env, ...env }, stdio: 'ignore', cwd: checkout });
   }
-  const child = start(`keel-${name}`, [...KEEL_NODE_ARGS, 'bin/keel.js', kind === 'embedded' ? 'start' : 'api'], env, checkout);
+  const child = start(OUT, `keel-${name}`, ['bin/keel.js', kind === 'embedded' ? 'start' : 'api'], env, { cwd: checkout, nodeArgs: KEEL_NODE_ARGS });
   await waitUp(port);
   const key = await configureKeel(port);
   targets.push({ name, port, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });
@@ -260,7 +162,7 @@ for (const kind of ['embedded', 'postgres']) {
   if (BASE_CHECKOUT) await startKeel(`${kind}-base`, kind, BASE_CHECKOUT);
 }
 if (TARGETS.includes('portkey')) {
-  const child = start('portkey', ['node_modules/@portkey-ai/gateway/build/start-server.js', `--port=${PORTS.portkey}`], {});
+  const child = start(OUT, 'portkey', ['node_modules/@portkey-ai/gateway/build/start-server.js', `--port=${PORTS.portkey}`], {});
   await waitUp(PORTS.portkey, '/');
   targets.push({
     name: 'portkey',
@@ -288,14 +190,7 @@ load.push(loadavg());
 
 // ==================== Summary ====================
 
-const median = (values) => {
-  const sorted = values.filter((v) => Number.isFinite(v)).sort((a, b) => a - b);
-  if (!sorted.length) return NaN;
-  const mid = Math.floor(sorted.length / 2);
-  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
-};
 const pick = (target, mode, clients) => rows.filter((r) => r.target === target && r.mode === mode && r.clients === clients);
-const fmt = (v, digits = 2) => (Number.isFinite(v) ? v.toFixed(digits) : '–');
 const lines = [];
 const out = (line = '') => lines.push(line);
 out(`Run ${new Date().toISOString().slice(0, 16)}Z; ${cpus().length} cores (${cpus()[0]?.model ?? '?'}), ${Math.round(totalmem() / 2 ** 30)} GiB, Node ${process.version}; ROUNDS=${ROUNDS} N1=${N1} DURATION=${DURATION}s`);
@@ -333,5 +228,7 @@ for (const mode of MODES) {
 }
 writeFileSync(`${OUT}/summary.md`, `${lines.join('\n')}\n`);
 console.log(`\n${lines.join('\n')}`);
-await shutdown();
+// The servers write usage and give credit back on the way out: wait for them (15 s at most), then the
+// exit handler drops the databases.
+await Promise.race([stop(), sleep(15_000)]);
 process.exit(0);
