@@ -29,7 +29,7 @@ import type { RunEvent } from '../modules/agents/run-bus.js';
 import type { RunDeps, RunView } from '../modules/agents/run-lifecycle.js';
 import { ModelNotFoundError } from '../modules/ai-models/index.js';
 import type { ServiceContext } from './context.js';
-import { AGENT_MODEL_PREFIX, CodedOpenAIError, InvalidRequestError, openAIErrorOf } from './openai-gateway.js';
+import { AGENT_MODEL_PREFIX, CodedOpenAIError, InvalidRequestError, openAIErrorOf, openAIUsage } from './openai-gateway.js';
 import * as runService from './run-service.js';
 import { checkContent } from './thread-service.js';
 
@@ -197,15 +197,7 @@ export async function* answerOf(events: AsyncIterable<RunEvent>, signal: AbortSi
 
 // ==================== OpenAI's shapes ====================
 
-function usageOf(usage: RunUsage) {
-  return {
-    prompt_tokens: usage.input_tokens,
-    completion_tokens: usage.output_tokens,
-    total_tokens: usage.input_tokens + usage.output_tokens,
-    prompt_tokens_details: { cached_tokens: usage.cached_input_tokens },
-    completion_tokens_details: { reasoning_tokens: usage.reasoning_tokens },
-  };
-}
+const usageOf = (usage: RunUsage) => openAIUsage(usage.input_tokens, usage.output_tokens, usage.cached_input_tokens, usage.reasoning_tokens);
 
 /** The completion's id names its run: `chatcmpl-<run id>`. */
 const completionIdOf = (run: Pick<Run, 'id'>) => `chatcmpl-${run.id}`;

@@ -180,15 +180,18 @@ function finishReason(result: ChatResult): string {
   return result.toolCalls.length ? 'tool_calls' : (FINISH_REASONS[result.finishReason] ?? 'stop');
 }
 
-function usageOf(usage: TokenUsage) {
+/** OpenAI's `usage` object from token counts (a model call's, or a whole agent run's). */
+export function openAIUsage(input: number, output: number, cached: number, reasoning: number) {
   return {
-    prompt_tokens: usage.input,
-    completion_tokens: usage.output,
-    total_tokens: usage.input + usage.output,
-    prompt_tokens_details: { cached_tokens: usage.cached_input },
-    completion_tokens_details: { reasoning_tokens: usage.reasoning },
+    prompt_tokens: input,
+    completion_tokens: output,
+    total_tokens: input + output,
+    prompt_tokens_details: { cached_tokens: cached },
+    completion_tokens_details: { reasoning_tokens: reasoning },
   };
 }
+
+const usageOf = (usage: TokenUsage) => openAIUsage(usage.input, usage.output, usage.cached_input, usage.reasoning);
 
 const toolCallOut = (call: ToolCall) => ({
   id: call.toolCallId,
