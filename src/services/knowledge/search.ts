@@ -123,7 +123,9 @@ async function fullText(db: Db, language: string, text: string, scope: SQL, limi
   // The question's lexemes as the stored tsvectors hold them (stemmed, stop words gone). Each is
   // made a query with the 'simple' configuration, which only lowercases (no re-stemming), and its
   // tsquery text (quoted, escaped by PostgreSQL) is OR-ed: no user text is parsed as tsquery syntax.
-  // The fallback ignores websearch operators (`-word`, quotes): it only fills what AND left empty.
+  // A query that excludes a word (`-word`) gets no fallback: an OR of lexemes cannot honour the
+  // exclusion. Quotes are not honoured either, but the phrase matches come first (AND).
+  // (`!` only appears in tsquery text as the NOT operator: the parser never puts it in a lexeme.)
   const lexemes = sql`unnest(tsvector_to_array(to_tsvector(${language}::regconfig, ${text})))`;
   const anyWord = sql`(select string_agg('(' || plainto_tsquery('simple', lexeme)::text || ')', ' | ')::tsquery from ${lexemes} as lexemes(lexeme) where plainto_tsquery('simple', lexeme)::text <> '')`;
   // Candidates per lexeme, each capped: a rare lexeme (the question's point) keeps all its chunks
@@ -133,7 +135,8 @@ async function fullText(db: Db, language: string, text: string, scope: SQL, limi
     select matches.id from ${lexemes} as lexemes(lexeme)
     cross join lateral (${candidateIds(db, sql`${knowledgeChunks.tsv} @@ plainto_tsquery('simple', lexemes.lexeme)`, scope, perLexeme)}) as matches
     limit ${RANKED_CANDIDATES})
-    and not (${knowledgeChunks.tsv} @@ ${allWords})`;
+    and not (${knowledgeChunks.tsv} @@ ${allWords})
+    and position('!' in ${allWords}::text) = 0`;
   const orHits = await ranked(db, anyWord, candidates, limit - andHits.length);
   const floor = andHits.length ? andHits[andHits.length - 1]!.score : 1;
   // rank / (rank + 1) maps [0, ∞) into [0, 1) in the same order; times the floor: below every AND hit.
