@@ -84,9 +84,9 @@ const passageColumns = {
  * Chunks ranked per tsquery at most. A common word matches a large share of a one-topic knowledge
  * base (23k of 100k chunks in bench/kb.ts) and `ts_rank_cd` detoasts and scores every match before
  * the top-k sort (~19 µs a row: 0.4–1.6 s). Ranking only a LIMITed set of GIN matches bounds that
- * at ~40 ms; the price is that, past the cap, which matches get ranked is up to the index order.
+ * at ~20 ms; the price is that, past the cap, which matches get ranked is up to the index order.
  */
-const RANKED_CANDIDATES = 2_000;
+const RANKED_CANDIDATES = 1_000;
 
 /** Matches of `match` in scope, at most RANKED_CANDIDATES of them, as a subquery of chunk ids. */
 function candidateIds(db: Db, match: SQL, scope: SQL, cap: number) {
@@ -132,7 +132,7 @@ async function fullText(db: Db, language: string, text: string, scope: SQL, limi
   // however many the common ones match, and the set ranked stays under RANKED_CANDIDATES.
   const perLexeme = Math.max(limit, Math.floor(RANKED_CANDIDATES / 8));
   const candidates = sql`${knowledgeChunks.id} in (
-    select matches.id from ${lexemes} as lexemes(lexeme)
+    select distinct matches.id from ${lexemes} as lexemes(lexeme)
     cross join lateral (${candidateIds(db, sql`${knowledgeChunks.tsv} @@ plainto_tsquery('simple', lexemes.lexeme)`, scope, perLexeme)}) as matches
     limit ${RANKED_CANDIDATES})
     and not (${knowledgeChunks.tsv} @@ ${allWords})
