@@ -529,6 +529,29 @@ describe('search', () => {
     expect((await search(ctx.app, carol.headers, { query: 'zzzunknownword' })).data).toEqual([]);
   });
 
+  it('fills up with chunks holding only some of the words, ranked below those holding all, unless a word is excluded', async () => {
+    const erin = await createUser(ctx.app);
+    const frank = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, erin.headers);
+    const both = await ingested(ctx.app, erin.headers, folder.id, { filename: 'both.txt', content: 'The quokka lives beside the wombat.' });
+    const quokka = await ingested(ctx.app, erin.headers, folder.id, { filename: 'quokka.txt', content: 'A quokka smiles for photographs.' });
+    const wombat = await ingested(ctx.app, erin.headers, folder.id, { filename: 'wombat.txt', content: 'Wombat droppings are cube shaped.' });
+    await ingested(ctx.app, erin.headers, folder.id, { filename: 'other.txt', content: 'Koalas sleep most of the day.' });
+    await ingested(ctx.app, frank.headers, (await createFolder(ctx.app, frank.headers)).id, { filename: 'franks.txt', content: 'Frank saw a quokka and a wombat.' });
+
+    const found = (await search(ctx.app, erin.headers, { query: 'Where does the quokka live with a wombat?' })).data;
+    expect(found[0]?.entry_id).toBe(both.id);
+    expect(found.slice(1).map((hit) => hit.entry_id).sort()).toEqual([quokka.id, wombat.id].sort());
+    // Scores keep the order: a partial match never outscores one holding every word.
+    expect(found[1]!.score).toBeLessThan(found[0]!.score);
+    expect(found[2]!.score).toBeLessThanOrEqual(found[1]!.score);
+    expect((await search(ctx.app, erin.headers, { query: 'quokka wombat', top_k: 1 })).data.map((hit) => hit.entry_id)).toEqual([both.id]);
+    // `-word` is honoured: no fallback brings back the excluded word.
+    expect((await search(ctx.app, erin.headers, { query: 'quokka -wombat' })).data.map((hit) => hit.entry_id)).toEqual([quokka.id]);
+    // Quotes, backslashes and tsquery syntax in the question are words, not operators.
+    expect((await search(ctx.app, erin.headers, { query: "quokka's \\ o'wombat & | ! ( :* \"cube" })).data.length).toBeGreaterThan(0);
+  });
+
   it('limits a project-scoped key to its project\'s folders, entries and search', async () => {
     const user = await createUser(ctx.app);
     const project = await createProject(ctx.app, user.headers);

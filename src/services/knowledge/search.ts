@@ -80,17 +80,67 @@ const passageColumns = {
   heading_path: knowledgeChunks.heading_path,
 };
 
-/** Full text: `websearch_to_tsquery` (quotes, `or`, `-word`) ranked by cover density (`ts_rank_cd`). */
-async function fullText(db: Db, language: string, text: string, scope: SQL, limit: number): Promise<(Passage & { score: number })[]> {
-  const query = sql`websearch_to_tsquery(${language}::regconfig, ${text})`;
+/**
+ * Chunks ranked per tsquery at most. A common word matches a large share of a one-topic knowledge
+ * base (23k of 100k chunks in bench/kb.ts) and `ts_rank_cd` detoasts and scores every match before
+ * the top-k sort (~19 µs a row: 0.4–1.6 s). Ranking only a LIMITed set of GIN matches bounds that
+ * at ~20 ms; the price is that, past the cap, which matches get ranked is up to the index order.
+ */
+const RANKED_CANDIDATES = 1_000;
+
+/** Matches of `match` in scope, at most RANKED_CANDIDATES of them, as a subquery of chunk ids. */
+function candidateIds(db: Db, match: SQL, scope: SQL, cap: number) {
+  return db
+    .select({ id: knowledgeChunks.id })
+    .from(knowledgeChunks)
+    .innerJoin(knowledgeEntries, eq(knowledgeEntries.id, knowledgeChunks.entry_id))
+    .where(and(match, scope))
+    .limit(cap);
+}
+
+async function ranked(db: Db, query: SQL, candidates: SQL, limit: number): Promise<(Passage & { score: number })[]> {
   const rank = sql<number>`ts_rank_cd(${knowledgeChunks.tsv}, ${query})`.mapWith(Number);
   return db
     .select({ ...passageColumns, score: rank })
     .from(knowledgeChunks)
     .innerJoin(knowledgeEntries, eq(knowledgeEntries.id, knowledgeChunks.entry_id))
-    .where(and(sql`${knowledgeChunks.tsv} @@ ${query}`, scope))
+    .where(candidates)
     .orderBy(desc(rank), knowledgeChunks.id)
     .limit(limit);
+}
+
+/**
+ * Full text: `websearch_to_tsquery` (quotes, `or`, `-word`) ranked by cover density (`ts_rank_cd`).
+ * It ANDs every word, which a natural-language question rarely meets in one chunk; when it yields
+ * fewer than `limit` chunks, the rest come from an OR of the question's lexemes, ranked below every
+ * AND match (their score is scaled under the lowest AND score, so scores keep the order).
+ */
+async function fullText(db: Db, language: string, text: string, scope: SQL, limit: number): Promise<(Passage & { score: number })[]> {
+  const allWords = sql`websearch_to_tsquery(${language}::regconfig, ${text})`;
+  const andHits = await ranked(db, allWords, inArray(knowledgeChunks.id, candidateIds(db, sql`${knowledgeChunks.tsv} @@ ${allWords}`, scope, RANKED_CANDIDATES)), limit);
+  if (andHits.length >= limit) return andHits;
+
+  // The question's lexemes as the stored tsvectors hold them (stemmed, stop words gone). Each is
+  // made a query with the 'simple' configuration, which only lowercases (no re-stemming), and its
+  // tsquery text (quoted, escaped by PostgreSQL) is OR-ed: no user text is parsed as tsquery syntax.
+  // A query that excludes a word (`-word`) gets no fallback: an OR of lexemes cannot honour the
+  // exclusion. Quotes are not honoured either, but the phrase matches come first (AND).
+  // (`!` only appears in tsquery text as the NOT operator: the parser never puts it in a lexeme.)
+  const lexemes = sql`unnest(tsvector_to_array(to_tsvector(${language}::regconfig, ${text})))`;
+  const anyWord = sql`(select string_agg('(' || plainto_tsquery('simple', lexeme)::text || ')', ' | ')::tsquery from ${lexemes} as lexemes(lexeme) where plainto_tsquery('simple', lexeme)::text <> '')`;
+  // Candidates per lexeme, each capped: a rare lexeme (the question's point) keeps all its chunks
+  // however many the common ones match, and the set ranked stays under RANKED_CANDIDATES.
+  const perLexeme = Math.max(limit, Math.floor(RANKED_CANDIDATES / 8));
+  const candidates = sql`${knowledgeChunks.id} in (
+    select distinct matches.id from ${lexemes} as lexemes(lexeme)
+    cross join lateral (${candidateIds(db, sql`${knowledgeChunks.tsv} @@ plainto_tsquery('simple', lexemes.lexeme)`, scope, perLexeme)}) as matches
+    limit ${RANKED_CANDIDATES})
+    and not (${knowledgeChunks.tsv} @@ ${allWords})
+    and position('!' in ${allWords}::text) = 0`;
+  const orHits = await ranked(db, anyWord, candidates, limit - andHits.length);
+  const floor = andHits.length ? andHits[andHits.length - 1]!.score : 1;
+  // rank / (rank + 1) maps [0, ∞) into [0, 1) in the same order; times the floor: below every AND hit.
+  return [...andHits, ...orHits.map((hit) => ({ ...hit, score: (floor * hit.score) / (hit.score + 1) }))];
 }
 
 async function passagesByIds(db: Db, ids: string[]): Promise<Passage[]> {
