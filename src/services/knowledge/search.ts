@@ -105,7 +105,8 @@ async function ranked(db: Db, query: SQL, candidates: SQL, limit: number): Promi
     .from(knowledgeChunks)
     .innerJoin(knowledgeEntries, eq(knowledgeEntries.id, knowledgeChunks.entry_id))
     .where(candidates)
-    .orderBy(desc(rank), knowledgeChunks.id)
+    // Ties (common among partial matches) in document order: the earlier upload, then its earlier chunk — the same answer every time.
+    .orderBy(desc(rank), knowledgeEntries.created_at, knowledgeChunks.entry_id, knowledgeChunks.chunk_index)
     .limit(limit);
 }
 
@@ -199,7 +200,8 @@ export async function searchKnowledge(deps: KnowledgeSearchDeps, principal: Prin
   const add = (id: string, rank: number) => fused.set(id, (fused.get(id) ?? 0) + 1 / (RRF_K + rank + 1));
   textHits.forEach((hit, rank) => add(hit.id, rank));
   nearest.forEach((match, rank) => add(match.chunk_id, rank));
-  const best = [...fused.entries()].sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1)).slice(0, topK);
+  // A stable sort: ties keep the order they were added in (full-text rank first), not the chunks' random ids.
+  const best = [...fused.entries()].sort((a, b) => b[1] - a[1]).slice(0, topK);
   const known = new Map<string, Passage>(textHits.map((hit) => [hit.id, hit]));
   const missing = best.map(([id]) => id).filter((id) => !known.has(id));
   for (const passage of await passagesByIds(deps.db, missing)) known.set(passage.id, passage);
