@@ -2,7 +2,6 @@ import type { FastifyInstance } from 'fastify';
 import type pino from 'pino';
 
 import { ConfigError, type Settings } from './core/config.js';
-import type { Database } from './core/db.js';
 import type { Logger } from './core/logger.js';
 import { createMetrics } from './core/metrics.js';
 import { migrateUp, requireMigrated } from './core/migrate.js';
@@ -13,6 +12,7 @@ import { createRedis } from './core/redis.js';
 import { buildApp } from './app.js';
 import { cacheUsers } from './crud/user.js';
 import { openAgentRuns } from './services/agent-runs.js';
+import { hasVectorTable } from './services/knowledge/embeddings.js';
 import { logStartupNotices } from './services/startup-notices.js';
 import { closeStorage } from './services/storage-service.js';
 import { ensureFirstSuperuser } from './services/user-service.js';
@@ -20,19 +20,6 @@ import { ensureFirstSuperuser } from './services/user-service.js';
 export interface StartOptions {
   /** `start` migrates itself; `api` (scaled mode) expects `keel migrate` to have run. */
   migrate: boolean;
-}
-
-/**
- * Whether vector search can work here: pgvector enabled and the embeddings table the knowledge
- * migration makes only then (a server that gained pgvector later lacks it; see docs/decisions.md).
- */
-async function vectorEnabled(database: Database): Promise<boolean> {
-  return database.withSession(async (session) => {
-    const rows = await session.query<{ enabled: boolean }>(
-      `select exists(select 1 from pg_extension where extname = 'vector') and to_regclass('public.knowledge_chunk_embeddings') is not null as enabled`,
-    );
-    return rows[0]?.enabled === true;
-  });
 }
 
 /** Opens the database, prepares it, builds the app and listens; returns the running app. */
@@ -47,7 +34,9 @@ export async function startServer(settings: Settings, logger: Logger, options: S
     await ensureFirstSuperuser(database.db, settings, logger);
     await logStartupNotices(database.db, settings, logger);
     await cacheUsers(database);
-    const vectorSearch = await vectorEnabled(database);
+    // The embeddings table exists only where pgvector was enabled when the knowledge migration ran
+    // (its column is of pgvector's type); search asks the same, cached, question.
+    const vectorSearch = await hasVectorTable(database.db);
     if (!vectorSearch) logger.info('pgvector is not available in this database: knowledge search is full-text only');
 
     // `start` is the whole system in one process; `api` leaves jobs to `keel worker` when Redis
