@@ -12,6 +12,7 @@
  * retried, and `close()` (the app's close hook) writes what is left.
  */
 import { randomUUID } from 'node:crypto';
+import { setImmediate as setImmediatePromise } from 'node:timers/promises';
 
 import { Decimal } from 'decimal.js';
 import type { Redis } from 'ioredis';
@@ -347,10 +348,21 @@ export class UsageMeterService implements UsageMeter {
     return this.buffer.length > 0 || this.failedSettlements.length > 0 || this.windowSettlements.length > 0 || this.blockReleases.length > 0;
   }
 
+  /**
+   * One flush: the buffered usage records, then the window calls' settlements, in statements of at
+   * most USAGE_FLUSH_MAX_ROWS rows, handing the event loop back between statements. On PGlite a
+   * statement runs on this thread: small statements with turns of the loop between them keep a
+   * flush from holding up the answers in flight for more than one statement's time.
+   */
   private async writeOnce(): Promise<void> {
     const max = this.settings.USAGE_FLUSH_MAX_ROWS;
-    while (this.buffer.length) {
-      const batch = this.buffer.splice(0, max);
+    let statements = 0;
+    const between = () => (statements++ ? setImmediatePromise() : undefined);
+    // What is queued now; what calls add meanwhile waits for the next flush (so neither kind starves the other).
+    for (let rows = this.buffer.length; rows > 0 && this.buffer.length; ) {
+      await between();
+      const batch = this.buffer.splice(0, Math.min(max, rows));
+      rows -= batch.length;
       try {
         await billingCrud.insertUsage(this.db, batch);
       } catch (error) {
@@ -361,8 +373,10 @@ export class UsageMeterService implements UsageMeter {
       }
     }
     // Settlements of window calls, then the blocks retired after them (never in the same statement as their settlements).
-    while (this.windowSettlements.length) {
-      const batch = this.windowSettlements.splice(0, max);
+    for (let rows = this.windowSettlements.length; rows > 0 && this.windowSettlements.length; ) {
+      await between();
+      const batch = this.windowSettlements.splice(0, Math.min(max, rows));
+      rows -= batch.length;
       try {
         await billingCrud.settleMany(this.db, batch);
       } catch (error) {

@@ -8,7 +8,7 @@
  * so the manager's retries, fallbacks and error answers treat both paths alike.
  */
 import { APICallError, type ModelMessage } from 'ai';
-import { Agent, request as httpRequest } from 'undici';
+import { Agent, type Dispatcher, request as httpRequest } from 'undici';
 
 import type { ToolCall } from './model-manager.js';
 import type { TokenUsage } from './types.js';
@@ -136,6 +136,8 @@ export function wireMessages(system: string | undefined, messages: readonly Mode
 /** One provider's Chat Completions endpoint: its URL, headers and a keep-alive connection pool. */
 export class ChatWire {
   private readonly url: string;
+  private readonly origin: string;
+  private readonly path: string;
   private readonly headers: Record<string, string>;
 
   constructor(
@@ -145,6 +147,9 @@ export class ChatWire {
     private readonly dispatcher: Agent,
   ) {
     this.url = `${baseUrl.replace(/\/+$/, '')}/chat/completions`;
+    const url = new URL(this.url);
+    this.origin = url.origin;
+    this.path = `${url.pathname}${url.search}`;
     this.headers = {
       ...(apiKey ? { authorization: `Bearer ${apiKey}` } : {}),
       ...extraHeaders,
@@ -154,8 +159,15 @@ export class ChatWire {
 
   /** A non-streamed call. */
   async generate(call: WireCall, signal: AbortSignal): Promise<WireAnswer> {
-    const body = await this.post(call, signal);
-    const text = await body.text();
+    let answer: TextAnswer;
+    try {
+      answer = await dispatchText(this.dispatcher, { origin: this.origin, path: this.path, method: 'POST', headers: this.headers, body: JSON.stringify(call) }, signal);
+    } catch (error) {
+      if (signal.aborted) throw error;
+      throw connectionError(this.url, call, error);
+    }
+    const { statusCode, text } = answer;
+    if (statusCode < 200 || statusCode >= 300) throw this.refused(call, statusCode, rawHeaderRecord(answer.rawHeaders), text);
     const completion = parseJson(text) as Completion;
     const choice = completion.choices?.[0];
     const message = choice?.message ?? {};
@@ -240,6 +252,11 @@ export class ChatWire {
     const { statusCode, headers, body } = response;
     if (statusCode >= 200 && statusCode < 300) return body;
     const text = await body.text().catch(() => '');
+    throw this.refused(call, statusCode, flatHeaders(headers), text);
+  }
+
+  /** A non-2xx answer as `APICallError`, with OpenAI's error message when the body is its error object. */
+  private refused(call: unknown, statusCode: number, headers: Record<string, string>, text: string): APICallError {
     let message = `HTTP ${statusCode}`;
     try {
       const parsed = JSON.parse(text) as { error?: { message?: string } };
@@ -247,8 +264,66 @@ export class ChatWire {
     } catch {
       // not OpenAI's error object: the status says it
     }
-    throw upstreamError(this.url, call, message, statusCode, flatHeaders(headers), text);
+    return upstreamError(this.url, call, message, statusCode, headers, text);
   }
+}
+
+interface TextAnswer {
+  statusCode: number;
+  rawHeaders: Buffer[];
+  text: string;
+}
+
+/**
+ * One request on the dispatcher, its whole answer read as text. undici's `request()` wraps every
+ * answer in a Node stream (and an async resource) that a non-streamed call only reads to the end;
+ * a handler of our own keeps the chunks instead. The signal aborts the request as it does there.
+ */
+function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOptions, signal: AbortSignal): Promise<TextAnswer> {
+  return new Promise((resolve, reject) => {
+    let statusCode = 0;
+    let rawHeaders: Buffer[] = [];
+    const chunks: Buffer[] = [];
+    let abort: ((reason?: Error) => void) | undefined;
+    const onAbort = () => abort?.(signal.reason as Error);
+    const done = () => signal.removeEventListener('abort', onAbort);
+    if (signal.aborted) return reject(signal.reason as Error);
+    signal.addEventListener('abort', onAbort, { once: true });
+    dispatcher.dispatch(options, {
+      onConnect(abortRequest) {
+        abort = abortRequest;
+        if (signal.aborted) abortRequest(signal.reason as Error);
+      },
+      onHeaders(status, headers) {
+        statusCode = status;
+        rawHeaders = headers;
+        return true;
+      },
+      onData(chunk) {
+        chunks.push(chunk);
+        return true;
+      },
+      onComplete() {
+        done();
+        resolve({ statusCode, rawHeaders, text: chunks.length === 1 ? chunks[0]!.toString('utf8') : Buffer.concat(chunks).toString('utf8') });
+      },
+      onError(error) {
+        done();
+        reject(error);
+      },
+    });
+  });
+}
+
+/** Raw response headers (name, value, name, value…) as one record, repeated names joined as Node joins them. */
+function rawHeaderRecord(raw: Buffer[]): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (let i = 0; i + 1 < raw.length; i += 2) {
+    const name = raw[i]!.toString('latin1').toLowerCase();
+    const value = raw[i + 1]!.toString('latin1');
+    out[name] = name in out ? `${out[name]}, ${value}` : value;
+  }
+  return out;
 }
 
 function flatHeaders(headers: Record<string, string | string[] | undefined>): Record<string, string> {
