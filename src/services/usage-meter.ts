@@ -77,6 +77,9 @@ export class UsageMeterService implements UsageMeter {
   private blockReleases: billingCrud.Settlement[] = [];
   private windowTimer: NodeJS.Timeout | undefined;
   private readonly inFlight = new Set<Promise<unknown>>();
+  /** Calls ended whose settlement waits for the event loop's next check phase (see defer). */
+  private deferred: { held: Held; record: UsageRecord }[] = [];
+  private deferredTimer: NodeJS.Immediate | undefined;
   private flushing: Promise<void> | null = null;
   private flushTimer: NodeJS.Timeout | undefined;
   private sweepTimer: NodeJS.Timeout | undefined;
@@ -202,10 +205,35 @@ export class UsageMeterService implements UsageMeter {
   }
 
   private reservation(held: Held): UsageReservation {
-    return { settle: (record) => this.settle(held, record) };
+    return { settle: (record) => this.defer(held, record) };
   }
 
   // ==================== settle ====================
+
+  /**
+   * The manager settles a call as it returns, before the caller has answered: the settlement
+   * (metrics, the usage row, the window's arithmetic) runs in the event loop's next check phase
+   * instead, after the answer has been written, the calls ended meanwhile together. `idle()` runs
+   * what is still waiting, so nothing is skipped by a flush or at shutdown.
+   */
+  private defer(held: Held, record: UsageRecord): void {
+    this.deferred.push({ held, record });
+    this.deferredTimer ??= setImmediate(() => this.settleDeferred());
+  }
+
+  private settleDeferred(): void {
+    if (this.deferredTimer) clearImmediate(this.deferredTimer);
+    this.deferredTimer = undefined;
+    const calls = this.deferred;
+    this.deferred = [];
+    for (const { held, record } of calls) {
+      try {
+        this.settle(held, record);
+      } catch (error) {
+        this.log.error({ err: error, model: record.model }, 'usage meter failed to settle a call');
+      }
+    }
+  }
 
   private settle(held: Held, record: UsageRecord): void {
     this.observe(record);
@@ -402,6 +430,7 @@ export class UsageMeterService implements UsageMeter {
 
   /** Resolves once every settlement started so far has run and the buffer has been written. */
   async idle(): Promise<void> {
+    this.settleDeferred();
     this.windows?.retireIdle(true);
     while (this.inFlight.size) await Promise.allSettled([...this.inFlight]);
     await this.flush();
