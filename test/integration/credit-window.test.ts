@@ -122,4 +122,22 @@ describe('credit windows', () => {
     await other.close();
     await expectSettled(user, 996);
   });
+
+  it('a flush in statements of USAGE_FLUSH_MAX_ROWS rows writes every usage record and ledger entry, each call once', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    // Statements of 3 rows, and a flush interval long enough that only the row count and idle() start flushes.
+    const other = await buildTestApp(ctx.database, { ...SETTINGS, USAGE_FLUSH_MAX_ROWS: '3', USAGE_FLUSH_INTERVAL_MS: '600000' });
+    try {
+      await Promise.all(Array.from({ length: 17 }, () => other.models.chat(billed(user))));
+      for (let i = 0; i < 6; i++) await other.models.chat(billed(user));
+      await other.meter.idle();
+    } finally {
+      await other.close();
+    }
+    await expectSettled(user, 1000 - 23 * 4);
+    expect(await usageEntries(user)).toBe(23);
+    expect(await countOf(sql`select count(*)::int as n from usage_records where owner_id = ${user.user.id}`)).toBe(23);
+    expect(await countOf(sql`select count(distinct usage_record_id)::int as n from credit_transactions where owner_id = ${user.user.id} and type = 'usage'`)).toBe(23);
+  });
 });
