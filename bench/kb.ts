@@ -277,8 +277,8 @@ async function writeBigPdf(path: string, megabytes: number): Promise<void> {
   const out = createWriteStream(path);
   const written = new Promise<void>((r) => out.on('finish', () => r()));
   pdf.pipe(out);
-  // pdfkit keeps the pages' content streams until the end: the size is known by pages, ~24 KB each.
-  for (let page = 0; page < Math.ceil((megabytes * 1e6) / 24_000); page++) {
+  // pdfkit keeps the pages' content streams until the end: the size is known by pages, ~19.6 KB each.
+  for (let page = 0; page < Math.ceil((megabytes * 1e6) / 19_600); page++) {
     pdf.addPage({ size: 'A4', margin: 40 });
     pdf.font('Helvetica').fontSize(9);
     for (let line = 0; line < 70; line++) pdf.text(sentence(), 40, 40 + line * 11, { lineBreak: false });
