@@ -13,8 +13,9 @@
  *   (one client, the corpus questions in turn) on an in-process app: full text on PGlite and on
  *   PostgreSQL (a database of its own, dropped at the end), hybrid on PGlite. Baseline, same run:
  *   the full-text SELECT the service runs, sent straight to the database.
- * - rss: a fresh `keel start` ingesting a PDF of BIG_PDF_MB (uncompressed text pages, written raw);
- *   RSS of its process group sampled every 100 ms (worker threads included).
+ * - rss: `keel start` (started once, then restarted on its database) ingesting a pdfkit PDF of
+ *   BIG_PDF_MB; RSS of its process group sampled every 100 ms (worker threads included); CHECKOUTS
+ *   ("name=dir ...") runs it for each build in turn on the same file (A/B).
  */
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -129,10 +130,10 @@ interface Server {
   dataDir: string;
 }
 
-async function startKeel(port: number, extra: Record<string, string> = {}): Promise<Server> {
-  const dataDir = mkdtempSync(join(tmpdir(), 'keel-bench-kb-data-'));
-  const child = spawn(process.execPath, [join(root, 'bin/keel.js'), 'start'], {
-    cwd: root,
+async function startKeel(port: number, extra: Record<string, string> = {}, checkout = root): Promise<Server> {
+  const dataDir = extra.DATA_DIR ?? mkdtempSync(join(tmpdir(), 'keel-bench-kb-data-'));
+  const child = spawn(process.execPath, [join(checkout, 'bin/keel.js'), 'start'], {
+    cwd: checkout,
     detached: true, // its own process group: RSS is summed over it
     stdio: ['ignore', 'ignore', 'inherit'],
     env: {
@@ -148,6 +149,7 @@ async function startKeel(port: number, extra: Record<string, string> = {}): Prom
       KB_MAX_BYTES_PER_USER: String(1024 ** 3),
       KB_MAX_TEXT_CHARS: String(200_000_000),
       KB_EXTRACT_TIMEOUT_SECONDS: '1200',
+      HTTP_REQUEST_TIMEOUT_MS: '600000',
       ...extra,
     },
   });
@@ -170,11 +172,11 @@ async function startKeel(port: number, extra: Record<string, string> = {}): Prom
   return { child, base, headers: { authorization: `Bearer ${access_token}` }, dataDir };
 }
 
-async function stopKeel(server: Server): Promise<void> {
+async function stopKeel(server: Server, remove = true): Promise<void> {
   const exited = new Promise((r) => server.child.once('exit', r));
   server.child.kill('SIGTERM');
   await exited;
-  rmSync(server.dataDir, { recursive: true, force: true });
+  if (remove) rmSync(server.dataDir, { recursive: true, force: true });
 }
 
 async function api<T>(server: Server, method: string, path: string, body?: unknown): Promise<T> {
@@ -264,64 +266,81 @@ async function ingestPart(dir: string): Promise<void> {
 }
 
 /**
- * A PDF of plain text pages (Helvetica, 60 lines each) written object by object until the file
- * reaches `megabytes`: pdfkit needed over 15 minutes and 1.8 GB for 50 MB on this machine (it
- * keeps every page until the end), which measures pdfkit, not Keel.
+ * A text-heavy PDF of `megabytes`, made by pdfkit: A4 pages of 70 positioned lines of Helvetica,
+ * content streams uncompressed (pdfkit writes each line as a kerned TJ array of hex strings, about
+ * 2.4 bytes of file per character of text). The event loop is let in after each page, so the
+ * output can flow to the file (pdfkit pushes it without back-pressure).
  */
 async function writeBigPdf(path: string, megabytes: number): Promise<void> {
   const { sentence } = textGenerator(13);
+  const pdf = new PDFDocument({ compress: false, autoFirstPage: false });
   const out = createWriteStream(path);
-  const offsets: number[] = [];
-  let written = 0;
-  const write = async (text: string) => {
-    if (!out.write(text)) await new Promise<void>((r) => out.once('drain', () => r()));
-    written += Buffer.byteLength(text);
-  };
-  const object = async (number: number, body: string) => {
-    offsets[number] = written;
-    await write(`${number} 0 obj\n${body}\nendobj\n`);
-  };
-  await write('%PDF-1.4\n');
-  // 1: catalog, 2: pages (written last, when the kids are known), 3: font; then content + page per page.
-  await object(1, '<< /Type /Catalog /Pages 2 0 R >>');
-  await object(3, '<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>');
-  const kids: number[] = [];
-  for (let next = 4; written < megabytes * 1e6; next += 2) {
-    const lines = Array.from({ length: 60 }, () => `(${sentence().replace(/[()\\]/g, '')}) Tj T*`).join('\n');
-    const content = `BT /F1 9 Tf 11 TL 40 800 Td\n${lines}\nET`;
-    await object(next, `<< /Length ${Buffer.byteLength(content)} >>\nstream\n${content}\nendstream`);
-    await object(next + 1, `<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 842] /Resources << /Font << /F1 3 0 R >> >> /Contents ${next} 0 R >>`);
-    kids.push(next + 1);
+  const written = new Promise<void>((r) => out.on('finish', () => r()));
+  pdf.pipe(out);
+  // pdfkit keeps the pages' content streams until the end: the size is known by pages, ~19.6 KB each.
+  for (let page = 0; page < Math.ceil((megabytes * 1e6) / 19_600); page++) {
+    pdf.addPage({ size: 'A4', margin: 40 });
+    pdf.font('Helvetica').fontSize(9);
+    for (let line = 0; line < 70; line++) pdf.text(sentence(), 40, 40 + line * 11, { lineBreak: false });
+    await new Promise((r) => setImmediate(r));
+    if (out.writableLength > 1e6) await new Promise<void>((r) => out.once('drain', () => r()));
   }
-  await object(2, `<< /Type /Pages /Kids [${kids.map((k) => `${k} 0 R`).join(' ')}] /Count ${kids.length} >>`);
-  const xref = written;
-  const entries = Array.from({ length: offsets.length }, (_, i) => (i === 0 ? '0000000000 65535 f \n' : `${String(offsets[i]).padStart(10, '0')} 00000 n \n`)).join('');
-  await write(`xref\n0 ${offsets.length}\n${entries}trailer\n<< /Size ${offsets.length} /Root 1 0 R >>\nstartxref\n${xref}\n%%EOF\n`);
-  await new Promise<void>((r) => out.end(() => r()));
+  pdf.end();
+  await written;
 }
 
+/**
+ * Peak and at-rest RSS of `keel start` (API, worker and PGlite: one process) ingesting the big PDF,
+ * for each checkout of CHECKOUTS ("name=dir ..."; default this one), in turn on the same file. The
+ * server is started once to create its database, stopped and started again on it: the resting
+ * figure is a restarted worker's (the first start also runs initdb and the migrations).
+ */
 async function rssPart(dir: string): Promise<void> {
   const path = join(dir, 'big.pdf');
   await writeBigPdf(path, BIG_PDF_MB);
-  const server = await startKeel(8232);
-  try {
-    const folder = await api<{ id: string }>(server, 'POST', '/knowledge-base/folders', { name: 'bench' });
-    const pgid = server.child.pid!;
-    const atRest = groupRssMb(pgid);
-    log(spawnSync('ps', ['-o', 'pid,rss,args', '-g', String(pgid)], { encoding: 'utf8' }).stdout);
-    let peak = atRest;
-    const sampler = setInterval(() => (peak = Math.max(peak, groupRssMb(pgid))), 100);
-    const began = performance.now();
-    const entry = await untilSettled(server, await uploadFile(server, folder.id, path));
-    const seconds = (performance.now() - began) / 1000;
-    clearInterval(sampler);
-    log('\n### Memory of `keel start` (API + worker, one process group) ingesting a large PDF\n');
-    log('| file MB | status | chunks | seconds | RSS at rest MB | peak RSS MB | load avg |');
-    log('| --- | --- | --- | --- | --- | --- | --- |');
-    log(`| ${(statSync(path).size / 1e6).toFixed(1)} | ${entry.status}${entry.error ? ` (${entry.error})` : ''} | ${entry.chunk_count} | ${seconds.toFixed(1)} | ${atRest} | ${peak} | ${load()} |`);
-  } finally {
-    await stopKeel(server);
+  const checkouts = env('CHECKOUTS', `this=${root}`)
+    .split(/\s+/)
+    .map((pair) => pair.split('=') as [string, string]);
+  const rows: string[] = [];
+  for (const [name, checkout] of checkouts) {
+    const first = await startKeel(8232, {}, checkout);
+    const freshRest = groupRssMb(first.child.pid!);
+    await stopKeel(first, false);
+    const server = await startKeel(8232, { DATA_DIR: first.dataDir }, checkout);
+    try {
+      const folder = await api<{ id: string }>(server, 'POST', '/knowledge-base/folders', { name: 'bench' });
+      const pgid = server.child.pid!;
+      const atRest = groupRssMb(pgid);
+      log(spawnSync('ps', ['-o', 'pid,rss,args', '-g', String(pgid)], { encoding: 'utf8' }).stdout);
+      const began = performance.now();
+      let peak = atRest;
+      const timeline: number[] = [];
+      const sampler = setInterval(() => {
+        const rss = groupRssMb(pgid);
+        peak = Math.max(peak, rss);
+        if (timeline.length < (performance.now() - began) / 5000) timeline.push(rss);
+      }, 100);
+      const id = await uploadFile(server, folder.id, path);
+      const entry = await untilSettled(server, id);
+      const seconds = (performance.now() - began) / 1000;
+      clearInterval(sampler);
+      log(`${name}: RSS every 5 s from the upload's first byte (MB): ${timeline.join(' ')}`);
+      await new Promise((r) => setTimeout(r, 2000));
+      const after = groupRssMb(pgid);
+      const content = await fetch(`${server.base}/api/v1/knowledge-base/entries/${id}/content`, { headers: server.headers });
+      const textMb = content.ok ? Buffer.byteLength(await content.text()) / 1e6 : NaN;
+      rows.push(
+        `| ${name} | ${(statSync(path).size / 1e6).toFixed(1)} | ${entry.status}${entry.error ? ` (${entry.error})` : ''} | ${textMb.toFixed(1)} | ${entry.chunk_count} | ${seconds.toFixed(1)} | ${((textMb / seconds) * 60).toFixed(1)} | ${freshRest} | ${atRest} | **${peak}** | ${after} | ${load()} |`,
+      );
+      log(rows.at(-1)!);
+    } finally {
+      await stopKeel(server);
+    }
   }
+  log('\n### Memory of `keel start` (API + worker + PGlite, one process group) ingesting a large PDF\n');
+  log('| checkout | file MB | status | text MB | chunks | upload → ready s | text MB/min | RSS idle after first start MB | RSS at rest (restarted) MB | peak RSS MB | RSS 2 s after MB | load avg |');
+  log('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |');
+  for (const row of rows) log(row);
 }
 
 const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;

@@ -9,6 +9,7 @@ import ts from 'typescript';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge/extract.js';
+import { pdfSpans } from '../../src/modules/knowledge/pdf.js';
 import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
 import { DocumentRejectedError, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
 import { type Block, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
@@ -309,6 +310,31 @@ describe('extractDocument: PDF and DOCX', () => {
     expect(sectionText(doc, 'Keel Robotics Handbook > Maintenance')).toBe('Oil the joints every 200 hours of operation with synthetic grease.');
     expect(doc.text).toMatch(/^Keel Robotics Handbook\n\nThis handbook explains/);
   });
+
+  it('reads a PDF of over a million characters as it goes: its text handed on in pieces, headings found past the first pages', async () => {
+    // 1.3 M characters: more than pdf.ts holds back to settle the body size, and than a piece.
+    const words = 'joint torque sensor calibration controller gripper firmware operator payload bearing encoder voltage'.split(' ');
+    const paragraph = (n: number) => Array.from({ length: 700 }, (_, i) => words[(i * 7 + n) % words.length]).join(' ') + '.';
+    const blocks: Block[] = [];
+    for (let chapter = 1; chapter <= 130; chapter++) {
+      blocks.push({ heading: 1, text: `Chapter ${chapter}` }, { text: paragraph(chapter) }, { text: paragraph(chapter + 1) });
+      // A heading size first met after the sample ranks below the larger one, as it would in the whole.
+      if (chapter === 125) blocks.push({ heading: 2, text: 'Late appendix' }, { text: 'Spare parts are listed by serial number.' });
+    }
+    const path = join(dir, 'long.pdf');
+    await writePdf(path, blocks);
+    const pieces: string[] = [];
+    const file = await readFile(path);
+    const direct = await pdfSpans(new Uint8Array(file.buffer, file.byteOffset, file.byteLength), 5_000_000, 64 * 1024 * 1024, (piece) => pieces.push(piece));
+    expect(pieces.length).toBeGreaterThan(0);
+    const doc = await extract(path, 'long.pdf', { maxTextChars: 5_000_000, timeoutMs: 300_000 });
+    expect(doc.text).toBe(pieces.join('') + direct.text);
+    expect(doc.text.length).toBeGreaterThan(1_300_000);
+    const chapters = Array.from({ length: 130 }, (_, i) => `Chapter ${i + 1}`);
+    expect(paths(doc)).toEqual([...chapters.slice(0, 125), 'Chapter 125 > Late appendix', ...chapters.slice(125)]);
+    expect(sectionText(doc, 'Chapter 125 > Late appendix')).toBe('Spare parts are listed by serial number.');
+    expect(sectionText(doc, 'Chapter 130').replace(/\s+/g, ' ')).toBe(`${paragraph(130)} ${paragraph(131)}`);
+  }, 180_000); // ~15 s of parsing on a quiet machine, twice
 
   it('reads a DOCX made by the docx library, with its heading styles as sections', async () => {
     const path = join(dir, 'handbook.docx');

@@ -166,7 +166,8 @@ function* sectionChunks(section: DocumentSection, chunkTokens: number, overlapTo
   }
 }
 
-function* documentChunks(doc: ExtractedDocument, opts: ChunkOptions): Generator<DocumentChunk> {
+/** The chunks of `chunkDocument` one at a time, as they are cut: a caller that stores them as it goes never holds them all. */
+export function* documentChunks(doc: ExtractedDocument, opts: ChunkOptions): Generator<DocumentChunk> {
   const chunkTokens = Math.max(8, Math.floor(opts.chunkTokens));
   // More than half a chunk of overlap would make most of the index repeated text.
   const overlapTokens = Math.max(0, Math.min(Math.floor(opts.overlapTokens), Math.floor(chunkTokens / 2)));

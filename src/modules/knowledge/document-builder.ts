@@ -58,8 +58,10 @@ const GAP_RANK: Record<Gap, number> = { none: 0, space: 1, line: 2, paragraph: 3
  * strongest one, puts each heading on its own paragraph, and records the sections' spans.
  */
 export class TextBuilder {
-  private readonly parts: string[] = [];
+  private parts: string[] = [];
   private length = 0;
+  /** Characters of `parts` (the text written since the last `drain`). */
+  private pending = 0;
   private gap: Gap = 'none';
   private readonly headings = new HeadingStack();
   private readonly spans: SectionSpan[] = [];
@@ -109,6 +111,19 @@ export class TextBuilder {
     this.separate('paragraph');
   }
 
+  /**
+   * The text written since the last call, once there is at least `minChars` of it (else null),
+   * handed over and no longer kept: a parser of a large document passes its text on as it goes.
+   * `finish` then returns the rest; the spans count from the start of the first piece.
+   */
+  drain(minChars: number): string | null {
+    if (this.pending < minChars || this.pending === 0) return null;
+    const piece = this.parts.join('');
+    this.parts = [];
+    this.pending = 0;
+    return piece;
+  }
+
   finish(): ExtractedSpans {
     this.closeSection();
     return { format: this.format, text: this.parts.join(''), spans: this.spans };
@@ -123,5 +138,6 @@ export class TextBuilder {
     this.length += text.length;
     if (this.length > this.maxTextChars) throw tooMuchText(this.maxTextChars);
     this.parts.push(text);
+    this.pending += text.length;
   }
 }

@@ -19,14 +19,23 @@ export interface WorkerInput {
   maxStreamBytes: number;
 }
 
-export type WorkerOutput = { ok: true; result: ExtractedSpans } | { ok: false; rejected: boolean; message: string };
+/**
+ * Text as it is read (PDF), then the outcome: `{ok: true, result}` whose text is what follows the
+ * pieces, or `{ok: false, rejected, message}`.
+ */
+export type WorkerOutput = { piece: string } | { ok: true; result: ExtractedSpans } | { ok: false; rejected: boolean; message: string };
+
+const port = parentPort!;
 
 /** Each parser is loaded only for its format: a thread lives for one document, and pdf.js alone takes a good part of a second to load. */
 async function parse({ path, filename, format, maxTextChars, maxStreamBytes }: WorkerInput): Promise<ExtractedSpans> {
   switch (format) {
     case 'pdf': {
       const { pdfSpans } = await import('./pdf.js');
-      return pdfSpans(new Uint8Array(await readFile(path)), maxTextChars, maxStreamBytes);
+      // The file's own bytes, not a copy (pdf.js copies a Buffer it is given); the text leaves
+      // the thread as pages are read, so neither the text nor the file is held twice.
+      const file = await readFile(path);
+      return pdfSpans(new Uint8Array(file.buffer, file.byteOffset, file.byteLength), maxTextChars, maxStreamBytes, (piece) => port.postMessage({ piece } satisfies WorkerOutput));
     }
     case 'docx': {
       const { docxSpans } = await import('./docx.js');
@@ -51,7 +60,6 @@ async function parse({ path, filename, format, maxTextChars, maxStreamBytes }: W
   }
 }
 
-const port = parentPort!;
 parse(workerData as WorkerInput).then(
   (result) => port.postMessage({ ok: true, result } satisfies WorkerOutput),
   (error: unknown) => {

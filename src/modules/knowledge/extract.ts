@@ -83,8 +83,23 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, signal?: AbortSi
     const onAbort = () => settle(() => reject(signal!.reason instanceof Error ? signal!.reason : new Error('the extraction was aborted')));
     signal?.addEventListener('abort', onAbort, { once: true });
 
+    // The text the parser handed on as it read; the outcome's text is what follows it.
+    let pieces: string[] = [];
     worker.on('message', (output: WorkerOutput) => {
-      settle(() => (output.ok ? resolve(output.result) : reject(output.rejected ? new DocumentRejectedError(output.message) : new DocumentRejectedError(`could not read the document: ${output.message}`))));
+      if ('piece' in output) {
+        if (!settled) pieces.push(output.piece);
+        return;
+      }
+      const before = pieces;
+      pieces = [];
+      settle(() => {
+        if (!output.ok) reject(output.rejected ? new DocumentRejectedError(output.message) : new DocumentRejectedError(`could not read the document: ${output.message}`));
+        else if (before.length === 0) resolve(output.result);
+        else {
+          before.push(output.result.text);
+          resolve({ ...output.result, text: before.join('') });
+        }
+      });
     });
     worker.on('error', (error: Error & { code?: string }) => {
       settle(() =>

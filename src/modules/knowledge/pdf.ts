@@ -2,7 +2,7 @@ import { createInflate } from 'node:zlib';
 
 import { getDocumentProxy } from 'unpdf';
 
-import { type ExtractedSpans, TextBuilder } from './document-builder.js';
+import { type ExtractedSpans, TextBuilder, tooMuchText } from './document-builder.js';
 import { DocumentRejectedError } from './types.js';
 
 interface Line {
@@ -104,21 +104,122 @@ function bodySize(lines: Line[]): number {
 }
 
 /**
+ * Characters of lines held back before the body size is settled: a document up to this size is
+ * judged on all its lines; a larger one on its first pages (a book's body text does not change
+ * size after its first ~150 pages), so its text is written, and can leave the thread, as it is read.
+ */
+const SAMPLE_CHARS = 1_000_000;
+
+/** Text handed on from the parsing thread in pieces of about this many characters. */
+const PIECE_CHARS = 1_000_000;
+
+/**
+ * Writes a PDF's lines as text: headings by size (see pdfSpans), paragraphs by the gaps between
+ * lines. Lines are held only until the body size is known (SAMPLE_CHARS), then written as they come.
+ */
+class PdfTextWriter {
+  private readonly out: TextBuilder;
+  private held: Line[] | null = [];
+  private heldChars = 0;
+  private body = 0;
+  /** Heading sizes, largest first: a heading's level is its size's rank. */
+  private headingSizes: number[] = [];
+  private previous: Line | null = null;
+  private pendingHeading: Line | null = null;
+  private any = false;
+
+  constructor(maxTextChars: number) {
+    this.out = new TextBuilder('pdf', maxTextChars);
+  }
+
+  add(line: Line): void {
+    if (line.text.trim().length === 0) return;
+    this.any = true;
+    if (!this.held) return this.write(line);
+    this.held.push(line);
+    this.heldChars += line.text.length;
+    if (this.heldChars >= SAMPLE_CHARS) this.settle();
+  }
+
+  /** The text written since the last piece, once there is enough of it. */
+  drain(): string | null {
+    return this.out.drain(PIECE_CHARS);
+  }
+
+  finish(): ExtractedSpans {
+    if (!this.any) throw new DocumentRejectedError('the PDF has no text layer (it may be scanned images); run it through OCR and upload the result');
+    this.settle();
+    this.flushHeading();
+    return this.out.finish();
+  }
+
+  private settle(): void {
+    const held = this.held;
+    if (!held) return;
+    this.held = null;
+    this.body = bodySize(held);
+    this.headingSizes = [...new Set(held.filter((line) => this.isHeading(line)).map((line) => line.size))].sort((a, b) => b - a);
+    for (const line of held) this.write(line);
+  }
+
+  private isHeading(line: Line): boolean {
+    return line.size >= this.body * 1.15 && line.text.trim().length <= 200 && /\p{L}/u.test(line.text);
+  }
+
+  private flushHeading(): void {
+    const heading = this.pendingHeading;
+    if (!heading) return;
+    this.pendingHeading = null;
+    let rank = this.headingSizes.indexOf(heading.size);
+    if (rank < 0) {
+      // A size first met after the sample: ranked among those known from here on.
+      this.headingSizes = [...this.headingSizes, heading.size].sort((a, b) => b - a);
+      rank = this.headingSizes.indexOf(heading.size);
+    }
+    this.out.heading(Math.min(6, rank + 1), heading.text);
+  }
+
+  private write(line: Line): void {
+    const { previous, pendingHeading } = this;
+    this.previous = line;
+    if (this.isHeading(line)) {
+      // A heading wrapped over two lines of the same size is one heading.
+      if (pendingHeading && pendingHeading.size === line.size && pendingHeading.page === line.page && Math.abs(pendingHeading.y - line.y) < line.size * 1.6) {
+        this.pendingHeading = { ...line, text: `${pendingHeading.text.trim()} ${line.text.trim()}` };
+      } else {
+        this.flushHeading();
+        this.pendingHeading = line;
+      }
+      return;
+    }
+    this.flushHeading();
+    if (previous && (previous.page !== line.page || previous.y - line.y > line.size * 1.8 || previous.y < line.y)) this.out.separate('paragraph');
+    else this.out.separate('line');
+    this.out.write(line.text.trim());
+  }
+}
+
+/**
  * The text of a PDF page by page (pdf.js through unpdf), in lines rebuilt from the positioned
  * text items. PDFs have no headings as such: a short line set clearly larger than the body text
  * is taken as one, its level by the rank of its size, which is how the documents people upload
  * (exported from Word, LaTeX, Google Docs) mark them. A PDF without a text layer (a scan) is
  * refused: there is nothing to search.
+ *
+ * `onText` receives the text in pieces as pages are read (the returned text is then only the
+ * rest), so a large document's text is never whole in this thread; the spans count from the start
+ * of the first piece. pdf.js takes `data` over (it is detached when this returns).
  */
-export async function pdfSpans(data: Uint8Array, maxTextChars: number, maxStreamBytes: number): Promise<ExtractedSpans> {
+export async function pdfSpans(data: Uint8Array, maxTextChars: number, maxStreamBytes: number, onText?: (piece: string) => void): Promise<ExtractedSpans> {
   await checkPdfStreams(data, maxStreamBytes);
   let pdf: Awaited<ReturnType<typeof getDocumentProxy>>;
   try {
+    // Text only: no fonts loaded for drawing, no eval, no system fonts, no warnings printed.
     pdf = await getDocumentProxy(data, { isEvalSupported: false, useSystemFonts: false, disableFontFace: true, verbosity: 0 });
   } catch (error) {
     throw pdfError(error);
   }
-  const lines: Line[] = [];
+  const out = new PdfTextWriter(maxTextChars);
   let chars = 0;
   try {
     for (let pageNumber = 1; pageNumber <= pdf.numPages; pageNumber++) {
@@ -131,7 +232,7 @@ export async function pdfSpans(data: Uint8Array, maxTextChars: number, maxStream
         const size = Math.round(Math.hypot(item.transform[2] ?? 0, item.transform[3] ?? 0) * 10) / 10;
         const y = item.transform[5] ?? 0;
         if (current && Math.abs(current.y - y) > Math.max(1, current.size / 2)) {
-          lines.push(current);
+          out.add(current);
           current = null;
         }
         if (item.str.length > 0) {
@@ -139,15 +240,17 @@ export async function pdfSpans(data: Uint8Array, maxTextChars: number, maxStream
           current.text += item.str;
           if (item.str.trim().length > 0) current.size = Math.max(current.size, size);
           chars += item.str.length;
-          if (chars > maxTextChars) throw new DocumentRejectedError(`the document holds more than ${maxTextChars.toLocaleString('en-US')} characters of text (the limit per document); split it into smaller files`);
+          if (chars > maxTextChars) throw tooMuchText(maxTextChars);
         }
         if (item.hasEOL && current) {
-          lines.push(current);
+          out.add(current);
           current = null;
         }
       }
-      if (current) lines.push(current);
+      if (current) out.add(current);
       page.cleanup();
+      const piece = onText && out.drain();
+      if (piece) onText(piece);
     }
   } catch (error) {
     if (error instanceof DocumentRejectedError) throw error;
@@ -155,40 +258,5 @@ export async function pdfSpans(data: Uint8Array, maxTextChars: number, maxStream
   } finally {
     await pdf.destroy();
   }
-
-  const textLines = lines.filter((line) => line.text.trim().length > 0);
-  if (textLines.length === 0) {
-    throw new DocumentRejectedError('the PDF has no text layer (it may be scanned images); run it through OCR and upload the result');
-  }
-  const body = bodySize(textLines);
-  const isHeading = (line: Line) => line.size >= body * 1.15 && line.text.trim().length <= 200 && /\p{L}/u.test(line.text);
-  const headingSizes = [...new Set(textLines.filter(isHeading).map((line) => line.size))].sort((a, b) => b - a);
-
-  const out = new TextBuilder('pdf', maxTextChars);
-  let previous: Line | null = null;
-  let pendingHeading: Line | null = null;
-  const flushHeading = () => {
-    if (pendingHeading) out.heading(Math.min(6, headingSizes.indexOf(pendingHeading.size) + 1), pendingHeading.text);
-    pendingHeading = null;
-  };
-  for (const line of textLines) {
-    if (isHeading(line)) {
-      // A heading wrapped over two lines of the same size is one heading.
-      if (pendingHeading && pendingHeading.size === line.size && pendingHeading.page === line.page && Math.abs(pendingHeading.y - line.y) < line.size * 1.6) {
-        pendingHeading = { ...line, text: `${pendingHeading.text.trim()} ${line.text.trim()}` };
-      } else {
-        flushHeading();
-        pendingHeading = line;
-      }
-      previous = line;
-      continue;
-    }
-    flushHeading();
-    if (previous && (previous.page !== line.page || previous.y - line.y > line.size * 1.8 || previous.y < line.y)) out.separate('paragraph');
-    else out.separate('line');
-    out.write(line.text.trim());
-    previous = line;
-  }
-  flushHeading();
   return out.finish();
 }

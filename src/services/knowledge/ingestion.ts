@@ -24,7 +24,7 @@ import { knowledgeChunks, knowledgeEntries,type KnowledgeEntry } from '../../mod
 
 import { deleteChunks } from '../../crud/knowledge.js';
 import type { ModelManager } from '../../modules/ai-models/index.js';
-import { chunkDocument } from '../../modules/knowledge/chunk.js';
+import { chunkOptionsFrom, documentChunks } from '../../modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
 import { type DocumentChunk, DocumentRejectedError, type ExtractedDocument } from '../../modules/knowledge/types.js';
 import { StorageNotFoundError, type StorageService } from '../storage-service.js';
@@ -134,20 +134,35 @@ async function embed(deps: IngestionDeps, entry: KnowledgeEntry, model: string, 
 /** Rows per INSERT of chunks: far under PostgreSQL's 65535 parameters. */
 const CHUNK_ROWS_PER_INSERT = 500;
 
+/** The next `size` items of an iterator (fewer at its end). */
+function take<T>(items: Iterator<T>, size: number): T[] {
+  const batch: T[] = [];
+  while (batch.length < size) {
+    const next = items.next();
+    if (next.done) break;
+    batch.push(next.value);
+  }
+  return batch;
+}
+
 /**
  * Replaces the entry's chunks (and their embeddings) and marks it `ready`, in one transaction that
  * first locks the entry under this job's claim: an entry deleted or reindexed meanwhile gets
- * nothing (ClaimLostError), so a deletion never sees its chunks come back.
+ * nothing (ClaimLostError), so a deletion never sees its chunks come back. The chunks are taken
+ * from `chunks` a batch at a time and inserted, so a large document's chunks are never all in
+ * memory (the event loop also gets in between two batches).
  */
-async function store(deps: IngestionDeps, entry: KnowledgeEntry, document: ExtractedDocument, chunks: DocumentChunk[], embeddings: { model: string; vectors: number[][] } | null) {
+async function store(deps: IngestionDeps, entry: KnowledgeEntry, document: ExtractedDocument, chunks: Iterable<DocumentChunk>, embeddings: { model: string; vectors: number[][] } | null) {
   const language = deps.settings.KB_SEARCH_LANGUAGE;
   await transaction(deps.db, async (tx) => {
     const [row] = await tx.select({ id: knowledgeEntries.id }).from(knowledgeEntries).where(held(entry)).for('update');
     if (!row) throw new ClaimLostError();
     await deleteChunks(tx, entry.id);
     const ids: string[] = [];
-    for (let start = 0; start < chunks.length; start += CHUNK_ROWS_PER_INSERT) {
-      const rows = chunks.slice(start, start + CHUNK_ROWS_PER_INSERT).map((chunk) => ({
+    let tokens = 0;
+    const source = chunks[Symbol.iterator]();
+    for (let batch = take(source, CHUNK_ROWS_PER_INSERT); batch.length > 0; batch = take(source, CHUNK_ROWS_PER_INSERT)) {
+      const rows = batch.map((chunk) => ({
         entry_id: entry.id,
         owner_id: entry.owner_id,
         chunk_index: chunk.index,
@@ -156,6 +171,7 @@ async function store(deps: IngestionDeps, entry: KnowledgeEntry, document: Extra
         token_count: chunk.tokenCount,
         tsv: sql`to_tsvector(${language}::regconfig, ${chunk.text})` as unknown as string,
       }));
+      tokens += batch.reduce((sum, chunk) => sum + chunk.tokenCount, 0);
       const inserted = await tx.insert(knowledgeChunks).values(rows).returning({ id: knowledgeChunks.id });
       ids.push(...inserted.map((r) => r.id));
     }
@@ -166,14 +182,28 @@ async function store(deps: IngestionDeps, entry: KnowledgeEntry, document: Extra
         status: 'ready',
         format: document.format,
         error: null,
-        chunk_count: chunks.length,
-        token_count: chunks.reduce((sum, chunk) => sum + chunk.tokenCount, 0),
+        chunk_count: ids.length,
+        token_count: tokens,
         lease_token: null,
         lease_expires_at: null,
         processed_at: sql`now()`,
       })
       .where(eq(knowledgeEntries.id, entry.id));
   });
+}
+
+/** Characters of text per piece written to storage: the text is never whole a second time as UTF-8. */
+const TEXT_PIECE_CHARS = 1 << 20;
+
+/** `text` as UTF-8 in pieces, never cut inside a surrogate pair. */
+async function* utf8Pieces(text: string): AsyncGenerator<Uint8Array> {
+  for (let start = 0; start < text.length; ) {
+    let end = Math.min(text.length, start + TEXT_PIECE_CHARS);
+    const last = text.charCodeAt(end - 1);
+    if (end < text.length && last >= 0xd800 && last <= 0xdbff) end--;
+    yield Buffer.from(text.slice(start, end));
+    start = end;
+  }
 }
 
 // ==================== The job ====================
@@ -207,14 +237,16 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
       extractDocument({ path, filename: entry.filename, declaredMime: entry.mime_type }, extractLimitsFrom(settings)),
     );
     await renew(db, settings, entry);
-    const chunks = chunkDocument(document, { chunkTokens: settings.KB_CHUNK_TOKENS, overlapTokens: settings.KB_CHUNK_OVERLAP_TOKENS });
-    const model = settings.EMBEDDING_MODEL;
-    const embeddings = model && chunks.length && (await hasVectorTable(db)) ? { model, vectors: await embed(deps, entry, model, chunks) } : null;
+    const chunkOptions = chunkOptionsFrom(settings);
+    // Cut as they are stored, unless they are embedded first (their vectors go in with them).
+    const model = settings.EMBEDDING_MODEL && (await hasVectorTable(db)) ? settings.EMBEDDING_MODEL : null;
+    const chunks = model ? [...documentChunks(document, chunkOptions)] : null;
+    const embeddings = model && chunks?.length ? { model, vectors: await embed(deps, entry, model, chunks) } : null;
     const dimensions = embeddings?.vectors[0]?.length;
     if (dimensions) await ensureVectorIndex(db, dimensions);
-    await storage.saveFile(document.text, `${entry.id}.txt`, 'text/plain; charset=utf-8', textPathOf(storage, entry.storage_key));
-    await store(deps, entry, document, chunks, embeddings);
-    log.info({ entryId, format: document.format, chunks: chunks.length, ms: Math.round(performance.now() - started) }, 'knowledge entry ingested');
+    await storage.saveFile(utf8Pieces(document.text), `${entry.id}.txt`, 'text/plain; charset=utf-8', textPathOf(storage, entry.storage_key));
+    await store(deps, entry, document, chunks ?? documentChunks(document, chunkOptions), embeddings);
+    log.info({ entryId, format: document.format, ms: Math.round(performance.now() - started) }, 'knowledge entry ingested');
   } catch (error) {
     if (error instanceof ClaimLostError) {
       log.info({ entryId }, 'ingestion dropped: the entry was deleted or reindexed meanwhile');
