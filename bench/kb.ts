@@ -409,19 +409,21 @@ const BENCH_SECRET = 'kb-bench-secret-'.repeat(4);
 /**
  * A seeded database to run on, from a cache kept between runs (seeding 100k chunks takes minutes):
  * on PGlite a data directory under bench/out copied for the run, on PostgreSQL a template database
- * copied by `create database … template`. Either is migrated up after the copy, so a migration
- * added since the cache was made runs on it as it would on a user's database. FRESH_SEED=1 rebuilds.
+ * copied by `create database … template`. The cache is migrated up first, so a migration added
+ * since it was seeded runs once on it, as it would on a user's database. FRESH_SEED=1 rebuilds.
  */
 async function seededDatabase(target: string): Promise<{ location: Record<string, string>; cleanup: () => Promise<void>; seeded: string }> {
   const key = `kb-seed-v${SEED_VERSION}-${CHUNKS}-${CHUNK_CHARS}`;
   const fresh = process.env.FRESH_SEED === '1';
   const common = { ENVIRONMENT: 'local', SECRET_KEY: BENCH_SECRET, FIRST_SUPERUSER: ADMIN.email, FIRST_SUPERUSER_PASSWORD: ADMIN.password };
-  const seedInto = async (location: Record<string, string>): Promise<string> => {
+  /** Migrates the cached database up (a migration added since it was seeded runs once, on the cache), and seeds it if asked. */
+  const prepare = async (location: Record<string, string>, seedIt: boolean): Promise<string> => {
     const dataDir = mkdtempSync(join(tmpdir(), 'keel-bench-kb-seed-'));
     const settings = loadSettings({ ...common, ...location, DATA_DIR: dataDir });
     const database = await openDatabase(settings);
     try {
       await migrateUp(database, pino({ level: 'silent' }));
+      if (!seedIt) return '';
       await ensureFirstSuperuser(database.db, settings, pino({ level: 'silent' }));
       const [admin] = await database.db.select({ id: users.id }).from(users).where(sql`${users.email} = ${ADMIN.email}`);
       const seconds = await seed(database, admin!.id, database.kind === 'pglite');
@@ -438,19 +440,20 @@ async function seededDatabase(target: string): Promise<{ location: Record<string
     if (fresh || !exists) {
       await adminQuery(PG_ADMIN_URL, `drop database if exists "${template}" with (force)`);
       await adminQuery(PG_ADMIN_URL, `create database "${template}"`);
-      seeded = await seedInto({ DATABASE_URL: databaseUrl(PG_ADMIN_URL, template) });
     }
+    seeded = (await prepare({ DATABASE_URL: databaseUrl(PG_ADMIN_URL, template) }, fresh || !exists)) || seeded;
     const name = `keel_bench_kb_${randomBytes(4).toString('hex')}`;
     await adminQuery(PG_ADMIN_URL, `create database "${name}" template "${template}"`);
     return { location: { DATABASE_URL: databaseUrl(PG_ADMIN_URL, name) }, seeded, cleanup: () => adminQuery(PG_ADMIN_URL, `drop database if exists "${name}" with (force)`).then(() => undefined) };
   }
   const cache = join(root, 'bench/out', key);
   let seeded = `copied the cached seed directory bench/out/${key}`;
-  if (fresh || !existsSync(join(cache, 'PG_VERSION'))) {
+  const seedIt = fresh || !existsSync(join(cache, 'PG_VERSION'));
+  if (seedIt) {
     rmSync(cache, { recursive: true, force: true });
     mkdirSync(cache, { recursive: true });
-    seeded = await seedInto({ PGLITE_DATA_DIR: cache });
   }
+  seeded = (await prepare({ PGLITE_DATA_DIR: cache }, seedIt)) || seeded;
   const dir = mkdtempSync(join(tmpdir(), 'keel-bench-kb-pglite-'));
   cpSync(cache, dir, { recursive: true });
   return { location: { PGLITE_DATA_DIR: dir }, seeded, cleanup: async () => rmSync(dir, { recursive: true, force: true }) };

@@ -30,6 +30,7 @@ import { type DocumentChunk, DocumentRejectedError, type ExtractedDocument } fro
 import { StorageNotFoundError, type StorageService } from '../storage-service.js';
 import { ensureVectorIndex, hasVectorTable, writeEmbeddings } from './embeddings.js';
 import { knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
+import { refreshSearchStatistics } from './search.js';
 
 export interface IngestionDeps {
   db: Db;
@@ -214,6 +215,7 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
     if (dimensions) await ensureVectorIndex(db, dimensions);
     await storage.saveFile(document.text, `${entry.id}.txt`, 'text/plain; charset=utf-8', textPathOf(storage, entry.storage_key));
     await store(deps, entry, document, chunks, embeddings);
+    await refreshSearchStatistics(db, chunks.length);
     log.info({ entryId, format: document.format, chunks: chunks.length, ms: Math.round(performance.now() - started) }, 'knowledge entry ingested');
   } catch (error) {
     if (error instanceof ClaimLostError) {

@@ -1,7 +1,7 @@
 import { and, eq, inArray, or, type SQL, sql } from 'drizzle-orm';
 
 import type { Settings } from '../../core/config.js';
-import type { Db } from '../../core/db.js';
+import { type Db, rootOf } from '../../core/db.js';
 import type { Logger } from '../../core/logger.js';
 
 import { knowledgeChunks, knowledgeEntries } from '../../models/index.js';
@@ -88,10 +88,15 @@ const passageColumns = {
  * chunks in bench/kb.ts), so the ranked set is bounded: past the cap, which AND matches get ranked
  * is up to the index order (they all hold every word of the question).
  */
-const RANKED_AND = 120;
-const RANKED_OR = 120;
+const rankedFor = (limit: number) => Math.max(60, limit * 4);
 /** The rarest lexemes of a question that feed the OR fallback's candidates (long questions' common words add nothing). */
 const OR_LEXEMES = 8;
+/**
+ * A lexeme in more than this share of all chunks is not looked up in the GIN index: its bitmap
+ * holds every match (tens of thousands) however few are wanted, while a scan testing the tsvectors
+ * (in line in the row, migration 0008) finds the N wanted after ~N / share rows.
+ */
+const COMMON = 0.1;
 
 /** The chunks in scope whose tsvector matches `match`, at most `cap` of them (GIN, in index order). */
 function matching(match: SQL, scope: SQL, cap: number | SQL): SQL {
@@ -119,9 +124,11 @@ export function fullTextQuery(language: string, text: string, scope: SQL, limit:
   // exclusion. Quotes are not honoured either, but the phrase matches come first (AND).
   // (`!` only appears in tsquery text as the NOT operator: the parser never puts it in a lexeme.)
   const chunk = knowledgeChunks;
-  return sql`with question as (
-          select websearch_to_tsquery(${language}::regconfig, ${text}) as all_words
-        ), frequencies as (
+  const ranked = rankedFor(limit);
+  // Written out where it is used (not a CTE's column): the planner estimates its matches from the
+  // statistics and picks the GIN index or a scan that stops at the cap.
+  const allWords = sql`websearch_to_tsquery(${language}::regconfig, ${text})`;
+  return sql`with frequencies as (
           select stats.lexeme, stats.frequency
           from pg_stats, unnest(most_common_elems::text::text[], most_common_elem_freqs) as stats(lexeme, frequency)
           where schemaname = current_schema() and tablename = 'knowledge_chunks' and attname = 'tsv'
@@ -131,13 +138,17 @@ export function fullTextQuery(language: string, text: string, scope: SQL, limit:
           left join frequencies on frequencies.lexeme = words.lexeme
           where plainto_tsquery('simple', words.lexeme)::text <> ''
         ), and_hits as (
-          ${matching(sql`${chunk.tsv} @@ (select all_words from question)`, scope, RANKED_AND)}
+          ${matching(sql`${chunk.tsv} @@ ${allWords}`, scope, ranked)}
         ), or_hits as (
           select distinct id from (
-            select matches.id from (select query from lexemes order by frequency, lexeme limit ${OR_LEXEMES}) as rare
-            cross join lateral (${matching(sql`${chunk.tsv} @@ rare.query`, scope, RANKED_OR)}) as matches
-            where (select count(*) from and_hits) < ${limit} and position('!' in (select all_words from question)::text) = 0
-            limit ${RANKED_OR}
+            select matches.id from (select query, frequency from lexemes order by frequency, lexeme limit ${OR_LEXEMES}) as rare
+            cross join lateral (
+              (${matching(sql`rare.frequency < ${COMMON} and ${chunk.tsv} @@ rare.query`, scope, ranked)})
+              union all
+              (${matching(sql`rare.frequency >= ${COMMON} and ts_match_vq(${chunk.tsv}, rare.query)`, scope, ranked)})
+            ) as matches
+            where (select count(*) from and_hits) < ${limit} and position('!' in ${allWords}::text) = 0
+            limit ${ranked}
           ) as capped
           where id not in (select id from and_hits)
         ), any_word as (
@@ -150,7 +161,7 @@ export function fullTextQuery(language: string, text: string, scope: SQL, limit:
         select ${chunk.id} as id, ${chunk.entry_id} as entry_id, ${knowledgeEntries.filename} as filename,
           ${chunk.chunk_index} as chunk_index, ${chunk.text} as text, ${chunk.heading_path} as heading_path,
           candidates.all_words,
-          ts_rank_cd(${chunk.tsv}, case when candidates.all_words then (select all_words from question) else (select any_words from any_word) end) as score
+          ts_rank_cd(${chunk.tsv}, case when candidates.all_words then ${allWords} else (select any_words from any_word) end) as score
         from candidates
         join ${chunk} on ${chunk.id} = candidates.id
         join ${knowledgeEntries} on ${knowledgeEntries.id} = ${chunk.entry_id}
@@ -168,6 +179,33 @@ async function fullText(db: Db, language: string, text: string, scope: SQL, limi
     const rank = Number(score);
     return { ...passage, score: all_words ? rank : (floor * rank) / (rank + 1) };
   });
+}
+
+/** Chunks written since this process last analyzed knowledge_chunks, per database. */
+const writtenSinceAnalyze = new WeakMap<object, number>();
+
+/**
+ * Keeps the planner's statistics of knowledge_chunks fresh enough for search (the lexeme
+ * frequencies in `pg_stats` that rank a question's lexemes, and the estimates that choose between
+ * the GIN index and a scan): ANALYZE once the chunks written since the last one pass 50 + 10 % of
+ * the table, as autovacuum does on PostgreSQL. PGlite has no autovacuum: without this its tables
+ * are never analyzed. Ingestion calls it after storing an entry's chunks.
+ */
+export async function refreshSearchStatistics(db: Db, chunksWritten: number): Promise<void> {
+  const root = rootOf(db);
+  const written = (writtenSinceAnalyze.get(root) ?? 0) + chunksWritten;
+  // reltuples: the row count at the last ANALYZE (or VACUUM); -1 (0 before PostgreSQL 14) if never.
+  const [table] = await queryRows<{ rows: number; analyzed: boolean }>(
+    root,
+    sql`select reltuples::float8 as rows, exists (select 1 from pg_stats where tablename = 'knowledge_chunks' and schemaname = current_schema()) as analyzed
+        from pg_class where oid = 'knowledge_chunks'::regclass`,
+  );
+  if (table && table.analyzed && written <= 50 + 0.1 * Math.max(0, Number(table.rows))) {
+    writtenSinceAnalyze.set(root, written);
+    return;
+  }
+  writtenSinceAnalyze.set(root, 0);
+  await root.execute(sql`analyze knowledge_chunks`);
 }
 
 async function passagesByIds(db: Db, ids: string[]): Promise<Passage[]> {
