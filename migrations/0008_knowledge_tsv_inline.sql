@@ -5,4 +5,6 @@
 -- EXTENDED, goes out of line first; MAIN moves out only when the row would not fit a page).
 ALTER TABLE "knowledge_chunks" ALTER COLUMN "tsv" SET STORAGE MAIN;--> statement-breakpoint
 -- Existing rows keep their storage until rewritten: rewrite them (and rebuild the indexes) now.
-ALTER TABLE "knowledge_chunks" ALTER COLUMN "tsv" TYPE tsvector USING "tsv" || ''::tsvector;
+ALTER TABLE "knowledge_chunks" ALTER COLUMN "tsv" TYPE tsvector USING "tsv" || ''::tsvector;--> statement-breakpoint
+-- The type change drops the column's statistics, whose lexeme frequencies search reads: gather them again.
+ANALYZE "knowledge_chunks";
