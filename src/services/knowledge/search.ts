@@ -98,6 +98,32 @@ const OR_LEXEMES = 8;
  */
 const COMMON = 0.1;
 
+/** The share of chunks holding each of the most common lexemes (PostgreSQL's statistics); a lexeme not in it is rarer. */
+export type LexemeFrequencies = Record<string, number>;
+
+/** How long the statistics' frequencies are reused before they are read again. */
+const FREQUENCIES_TTL_MS = 60_000;
+const frequencyCache = new WeakMap<object, { at: number; frequencies: Promise<LexemeFrequencies> }>();
+
+/**
+ * The lexeme frequencies that ANALYZE gathered for knowledge_chunks.tsv (`most_common_elems`, up
+ * to ~1,000 lexemes), read at most once a minute per database: reading them through `pg_stats` in
+ * every search cost ~50 ms on PGlite. Each search sends them along as one JSON parameter.
+ */
+export function lexemeFrequencies(db: Db): Promise<LexemeFrequencies> {
+  const root = rootOf(db);
+  const cached = frequencyCache.get(root);
+  if (cached && performance.now() - cached.at < FREQUENCIES_TTL_MS) return cached.frequencies;
+  const frequencies = queryRows<{ lexemes: string[] | null; frequencies: number[] | null }>(
+    root,
+    sql`select most_common_elems::text::text[] as lexemes, most_common_elem_freqs as frequencies
+        from pg_stats where schemaname = current_schema() and tablename = 'knowledge_chunks' and attname = 'tsv'`,
+  ).then(([row]) => Object.fromEntries((row?.lexemes ?? []).map((lexeme, i) => [lexeme, Number(row!.frequencies![i])])));
+  frequencyCache.set(root, { at: performance.now(), frequencies });
+  frequencies.catch(() => frequencyCache.delete(root));
+  return frequencies;
+}
+
 /** The chunks in scope whose tsvector matches `match`, at most `cap` of them (GIN, in index order). */
 function matching(match: SQL, scope: SQL, cap: number | SQL): SQL {
   return sql`select ${knowledgeChunks.id} from ${knowledgeChunks}
@@ -112,11 +138,11 @@ function matching(match: SQL, scope: SQL, cap: number | SQL): SQL {
  * lexemes, ranked below every AND match (their score is scaled under the lowest AND score, so
  * scores keep the order). The OR part runs in the same statement, only when the AND part fell
  * short (a one-time filter), and takes its candidates from the question's rarest lexemes first —
- * their frequencies from the planner's statistics (`pg_stats.most_common_elems` of the tsvector
- * column; a lexeme missing there is rarer than any listed) — so a rare word, the question's
+ * their frequencies from the planner's statistics (lexemeFrequencies; a lexeme missing there is
+ * rarer than any listed) — so a rare word, the question's
  * point, keeps its chunks however many a common word matches.
  */
-export function fullTextQuery(language: string, text: string, scope: SQL, limit: number): SQL {
+export function fullTextQuery(language: string, text: string, scope: SQL, limit: number, frequencies: LexemeFrequencies): SQL {
   // The question's lexemes as the stored tsvectors hold them (stemmed, stop words gone). Each is
   // made a query with the 'simple' configuration, which only lowercases (no re-stemming), and its
   // tsquery text (quoted, escaped by PostgreSQL) is OR-ed: no user text is parsed as tsquery syntax.
@@ -129,9 +155,7 @@ export function fullTextQuery(language: string, text: string, scope: SQL, limit:
   // statistics and picks the GIN index or a scan that stops at the cap.
   const allWords = sql`websearch_to_tsquery(${language}::regconfig, ${text})`;
   return sql`with frequencies as (
-          select stats.lexeme, stats.frequency
-          from pg_stats, unnest(most_common_elems::text::text[], most_common_elem_freqs) as stats(lexeme, frequency)
-          where schemaname = current_schema() and tablename = 'knowledge_chunks' and attname = 'tsv'
+          select key as lexeme, value::real as frequency from jsonb_each_text(${JSON.stringify(frequencies)}::jsonb)
         ), lexemes as (
           select words.lexeme, plainto_tsquery('simple', words.lexeme) as query, coalesce(frequencies.frequency, 0) as frequency
           from unnest(tsvector_to_array(to_tsvector(${language}::regconfig, ${text}))) as words(lexeme)
@@ -171,7 +195,7 @@ export function fullTextQuery(language: string, text: string, scope: SQL, limit:
 }
 
 async function fullText(db: Db, language: string, text: string, scope: SQL, limit: number): Promise<(Passage & { score: number })[]> {
-  const rows = await queryRows<Passage & { all_words: boolean; score: number }>(db, fullTextQuery(language, text, scope, limit));
+  const rows = await queryRows<Passage & { all_words: boolean; score: number }>(db, fullTextQuery(language, text, scope, limit, await lexemeFrequencies(db)));
   const andHits = rows.filter((row) => row.all_words);
   const floor = andHits.length ? Number(andHits[andHits.length - 1]!.score) : 1;
   // rank / (rank + 1) maps [0, ∞) into [0, 1) in the same order; times the floor: below every AND hit.
@@ -206,6 +230,7 @@ export async function refreshSearchStatistics(db: Db, chunksWritten: number): Pr
   }
   writtenSinceAnalyze.set(root, 0);
   await root.execute(sql`analyze knowledge_chunks`);
+  frequencyCache.delete(root);
 }
 
 async function passagesByIds(db: Db, ids: string[]): Promise<Passage[]> {
