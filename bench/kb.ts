@@ -19,7 +19,7 @@
  */
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { createReadStream, createWriteStream, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { cpSync, createReadStream, createWriteStream, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { cpus, loadavg, tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -359,22 +359,61 @@ async function timed(run: (query: string) => Promise<unknown>, queries: string[]
   return { p50: percentile(ms, 50), p99: percentile(ms, 99), max: ms.at(-1)!, slowest: times.at(-1)!.query };
 }
 
-/** Seeds CHUNKS chunks for the superuser (and, with `vectors`, their lexical embeddings and the HNSW index). */
+/** Text of one seeded chunk: paragraphs until about CHUNK_CHARS characters (~400 o200k tokens, a full default chunk). */
+const CHUNK_CHARS = Number(env('CHUNK_CHARS', '1700'));
+/** Bump when what `seed` writes changes: the cached seeded databases are keyed by it. */
+const SEED_VERSION = 2;
+const SEED_BATCH = 500;
+
+/**
+ * Seeds CHUNKS chunks for the superuser (and, with `vectors`, their lexical embeddings and the HNSW
+ * index) in batches of SEED_BATCH rows, the tsvector computed by the database as ingestion does.
+ */
 async function seed(database: Database, ownerId: string, vectors: boolean): Promise<number> {
   const began = performance.now();
   const { paragraph } = textGenerator(3);
+  const chunkText = () => {
+    let text = paragraph();
+    while (text.length < CHUNK_CHARS) text += ` ${paragraph()}`;
+    return text;
+  };
   const [folder] = await database.db.insert(knowledgeFolders).values({ owner_id: ownerId, name: 'seeded' }).returning({ id: knowledgeFolders.id });
-  for (let e = 0; e * CHUNKS_PER_ENTRY < CHUNKS; e++) {
-    const [entry] = await database.db
-      .insert(knowledgeEntries)
-      .values({ owner_id: ownerId, folder_id: folder!.id, filename: `doc-${e}.md`, mime_type: 'text/markdown', format: 'markdown', size_bytes: 1, sha256: '0'.repeat(64), storage_key: `seeded/${e}`, status: 'ready', chunk_count: CHUNKS_PER_ENTRY })
-      .returning({ id: knowledgeEntries.id });
-    const texts = Array.from({ length: CHUNKS_PER_ENTRY }, () => `${paragraph()} ${paragraph()}`);
+  const entryCount = Math.ceil(CHUNKS / CHUNKS_PER_ENTRY);
+  const entries = await database.db
+    .insert(knowledgeEntries)
+    .values(
+      Array.from({ length: entryCount }, (_, e) => ({
+        owner_id: ownerId,
+        folder_id: folder!.id,
+        filename: `doc-${e}.md`,
+        mime_type: 'text/markdown',
+        format: 'markdown' as const,
+        size_bytes: 1,
+        sha256: '0'.repeat(64),
+        storage_key: `seeded/${e}`,
+        status: 'ready' as const,
+        chunk_count: CHUNKS_PER_ENTRY,
+      })),
+    )
+    .returning({ id: knowledgeEntries.id });
+  for (let first = 0; first < CHUNKS; first += SEED_BATCH) {
+    const texts = Array.from({ length: Math.min(SEED_BATCH, CHUNKS - first) }, chunkText);
     const rows = await database.db
       .insert(knowledgeChunks)
-      .values(texts.map((text, i) => ({ entry_id: entry!.id, owner_id: ownerId, chunk_index: i, text, heading_path: [`Section ${i}`], token_count: Math.ceil(text.length / 4), tsv: sql`to_tsvector('english', ${text})` })))
+      .values(
+        texts.map((text, i) => ({
+          entry_id: entries[Math.floor((first + i) / CHUNKS_PER_ENTRY)]!.id,
+          owner_id: ownerId,
+          chunk_index: (first + i) % CHUNKS_PER_ENTRY,
+          text,
+          heading_path: [`Section ${(first + i) % CHUNKS_PER_ENTRY}`],
+          token_count: Math.ceil(text.length / 4),
+          tsv: sql`to_tsvector('english', ${text})`,
+        })),
+      )
       .returning({ id: knowledgeChunks.id });
     if (vectors) await writeEmbeddings(database.db, LEXICAL_EMBEDDING_MODEL, rows.map((r) => r.id), texts.map(lexicalEmbedding));
+    if (first % 10_000 === 0) log(`  seeded ${first + texts.length} chunks, ${((performance.now() - began) / 1000).toFixed(0)} s`);
   }
   if (vectors) {
     await database.db.execute(sql`set maintenance_work_mem = '512MB'`);
@@ -382,6 +421,61 @@ async function seed(database: Database, ownerId: string, vectors: boolean): Prom
   }
   await database.db.execute(sql`analyze`);
   return (performance.now() - began) / 1000;
+}
+
+const BENCH_SECRET = 'kb-bench-secret-'.repeat(4);
+
+/**
+ * A seeded database to run on, from a cache kept between runs (seeding 100k chunks takes minutes):
+ * on PGlite a data directory under bench/out copied for the run, on PostgreSQL a template database
+ * copied by `create database … template`. The cache is migrated up first, so a migration added
+ * since it was seeded runs once on it, as it would on a user's database. FRESH_SEED=1 rebuilds.
+ */
+async function seededDatabase(target: string): Promise<{ location: Record<string, string>; cleanup: () => Promise<void>; seeded: string }> {
+  const key = `kb-seed-v${SEED_VERSION}-${CHUNKS}-${CHUNK_CHARS}`;
+  const fresh = process.env.FRESH_SEED === '1';
+  const common = { ENVIRONMENT: 'local', SECRET_KEY: BENCH_SECRET, FIRST_SUPERUSER: ADMIN.email, FIRST_SUPERUSER_PASSWORD: ADMIN.password };
+  /** Migrates the cached database up (a migration added since it was seeded runs once, on the cache), and seeds it if asked. */
+  const prepare = async (location: Record<string, string>, seedIt: boolean): Promise<string> => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'keel-bench-kb-seed-'));
+    const settings = loadSettings({ ...common, ...location, DATA_DIR: dataDir });
+    const database = await openDatabase(settings);
+    try {
+      await migrateUp(database, pino({ level: 'silent' }));
+      if (!seedIt) return '';
+      await ensureFirstSuperuser(database.db, settings, pino({ level: 'silent' }));
+      const [admin] = await database.db.select({ id: users.id }).from(users).where(sql`${users.email} = ${ADMIN.email}`);
+      const seconds = await seed(database, admin!.id, database.kind === 'pglite');
+      return `seeded ${CHUNKS} chunks (~${CHUNK_CHARS} characters each) in ${seconds.toFixed(0)} s (load ${load()})`;
+    } finally {
+      await database.close();
+      rmSync(dataDir, { recursive: true, force: true });
+    }
+  };
+  if (target === 'postgres') {
+    const template = `keel_bench_${key.replaceAll('-', '_')}`;
+    const exists = (await adminQuery(PG_ADMIN_URL, 'select 1 from pg_database where datname = $1', [template])).length > 0;
+    let seeded = `copied the cached seed database ${template}`;
+    if (fresh || !exists) {
+      await adminQuery(PG_ADMIN_URL, `drop database if exists "${template}" with (force)`);
+      await adminQuery(PG_ADMIN_URL, `create database "${template}"`);
+    }
+    seeded = (await prepare({ DATABASE_URL: databaseUrl(PG_ADMIN_URL, template) }, fresh || !exists)) || seeded;
+    const name = `keel_bench_kb_${randomBytes(4).toString('hex')}`;
+    await adminQuery(PG_ADMIN_URL, `create database "${name}" template "${template}"`);
+    return { location: { DATABASE_URL: databaseUrl(PG_ADMIN_URL, name) }, seeded, cleanup: () => adminQuery(PG_ADMIN_URL, `drop database if exists "${name}" with (force)`).then(() => undefined) };
+  }
+  const cache = join(root, 'bench/out', key);
+  let seeded = `copied the cached seed directory bench/out/${key}`;
+  const seedIt = fresh || !existsSync(join(cache, 'PG_VERSION'));
+  if (seedIt) {
+    rmSync(cache, { recursive: true, force: true });
+    mkdirSync(cache, { recursive: true });
+  }
+  seeded = (await prepare({ PGLITE_DATA_DIR: cache }, seedIt)) || seeded;
+  const dir = mkdtempSync(join(tmpdir(), 'keel-bench-kb-pglite-'));
+  cpSync(cache, dir, { recursive: true });
+  return { location: { PGLITE_DATA_DIR: dir }, seeded, cleanup: async () => rmSync(dir, { recursive: true, force: true }) };
 }
 
 async function appOn(database: Database, settings: Record<string, string>): Promise<{ app: FastifyInstance; base: string; headers: Record<string, string> }> {
@@ -398,31 +492,22 @@ async function appOn(database: Database, settings: Record<string, string>): Prom
 }
 
 async function searchTarget(target: string, queries: string[]): Promise<void> {
-  const secret = randomBytes(32).toString('hex');
-  const common = { SECRET_KEY: secret, FIRST_SUPERUSER: ADMIN.email, FIRST_SUPERUSER_PASSWORD: ADMIN.password, DATA_DIR: mkdtempSync(join(tmpdir(), 'keel-bench-kb-data-')) };
-  let location: Record<string, string>;
-  let cleanup: () => Promise<void>;
-  if (target === 'postgres') {
-    const name = `keel_bench_kb_${randomBytes(4).toString('hex')}`;
-    await adminQuery(PG_ADMIN_URL, `create database "${name}"`);
-    location = { DATABASE_URL: databaseUrl(PG_ADMIN_URL, name) };
-    cleanup = () => adminQuery(PG_ADMIN_URL, `drop database if exists "${name}" with (force)`).then(() => undefined);
-  } else {
-    const dir = mkdtempSync(join(tmpdir(), 'keel-bench-kb-pglite-'));
-    location = { PGLITE_DATA_DIR: dir };
-    cleanup = async () => rmSync(dir, { recursive: true, force: true });
-  }
+  const { location, cleanup, seeded } = await seededDatabase(target);
+  const common = { SECRET_KEY: BENCH_SECRET, FIRST_SUPERUSER: ADMIN.email, FIRST_SUPERUSER_PASSWORD: ADMIN.password, DATA_DIR: mkdtempSync(join(tmpdir(), 'keel-bench-kb-data-')) };
   const settings = { ...common, ...location };
   const database = await openDatabase(loadSettings({ ENVIRONMENT: 'local', ...settings }));
   const fake = await FakeModelServer.start();
   const apps: FastifyInstance[] = [];
   try {
     await migrateUp(database, pino({ level: 'silent' }));
-    await ensureFirstSuperuser(database.db, loadSettings({ ENVIRONMENT: 'local', ...settings }), pino({ level: 'silent' }));
     const [admin] = await database.db.select({ id: users.id }).from(users).where(sql`${users.email} = ${ADMIN.email}`);
     const vectors = database.kind === 'pglite';
-    const seedSeconds = await seed(database, admin!.id, vectors);
-    log(`\n${target}: seeded ${CHUNKS} chunks${vectors ? ' with embeddings + HNSW' : ''} in ${seedSeconds.toFixed(0)} s (load ${load()})`);
+    const [size] = await queryRows<{ chunks: number; tokens: number; tsv_bytes: number }>(
+      database.db,
+      sql`select count(*)::int as chunks, avg(token_count)::int as tokens, avg(pg_column_size(tsv))::int as tsv_bytes from knowledge_chunks`,
+    );
+    log(`\n${target}: ${seeded}; ${size!.chunks} chunks, ~${size!.tokens} tokens and a ${size!.tsv_bytes}-byte tsvector (stored) on average; load ${load()}`);
+    if (PARTS.includes('seed')) return;
 
     const rows: string[] = [];
     let slowest = '';
@@ -487,7 +572,7 @@ log(`node ${process.version}, ${cpus().length} × ${cpus()[0]?.model}, load avg 
 const dir = mkdtempSync(join(tmpdir(), 'keel-bench-kb-'));
 try {
   if (PARTS.includes('ingest')) await ingestPart(dir);
-  if (PARTS.includes('search')) {
+  if (PARTS.includes('search') || PARTS.includes('seed')) {
     const queries = (await loadQuestions()).map((q) => q.question);
     log(`\n### Search latency at ${CHUNKS} chunks (one client, ${REQUESTS} requests after ${WARMUP} warm-up, the 69 eval questions in turn)`);
     for (const target of TARGETS) await searchTarget(target, queries);

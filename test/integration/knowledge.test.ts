@@ -552,6 +552,23 @@ describe('search', () => {
     expect((await search(ctx.app, erin.headers, { query: "quokka's \\ o'wombat & | ! ( :* \"cube" })).data.length).toBeGreaterThan(0);
   });
 
+  it('finds the chunk holding a question\'s rare word however many chunks hold its common one', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    // 90 chunks holding "platypus" (more than search ranks at once; two files under the tests' size limit), and one holding "wombat".
+    const filler = 'The river bank is muddy and the water runs cold over the stones. '.repeat(15);
+    let chunks = 0;
+    for (const part of [0, 1]) {
+      const content = Array.from({ length: 45 }, (_, i) => `Platypus note ${part}-${i}. ${filler}`).join('\n\n');
+      chunks += (await ingested(ctx.app, user.headers, folder.id, { filename: `platypus-${part}.txt`, content })).chunk_count;
+    }
+    expect(chunks).toBeGreaterThan(80);
+    const rare = await ingested(ctx.app, user.headers, folder.id, { filename: 'wombat.txt', content: 'A wombat digs burrows at night.' });
+    // No chunk holds both words: the OR fallback answers, and takes the rare word's chunks first.
+    const found = (await search(ctx.app, user.headers, { query: 'Do platypus and wombat dig burrows?' })).data;
+    expect(found.map((hit) => hit.entry_id)).toContain(rare.id);
+  });
+
   it('limits a project-scoped key to its project\'s folders, entries and search', async () => {
     const user = await createUser(ctx.app);
     const project = await createProject(ctx.app, user.headers);

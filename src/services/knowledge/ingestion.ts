@@ -30,6 +30,7 @@ import { type DocumentChunk, DocumentRejectedError, type ExtractedDocument } fro
 import { StorageNotFoundError, type StorageService } from '../storage-service.js';
 import { ensureVectorIndex, hasVectorTable, writeEmbeddings } from './embeddings.js';
 import { knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
+import { refreshSearchStatistics } from './search.js';
 
 export interface IngestionDeps {
   db: Db;
@@ -152,9 +153,10 @@ function take<T>(items: Iterator<T>, size: number): T[] {
  * from `chunks` a batch at a time and inserted, so a large document's chunks are never all in
  * memory (the event loop also gets in between two batches).
  */
-async function store(deps: IngestionDeps, entry: KnowledgeEntry, document: ExtractedDocument, chunks: Iterable<DocumentChunk>, embeddings: { model: string; vectors: number[][] } | null) {
+/** Stores the entry's chunks (and vectors) and marks it ready, in one transaction; returns how many chunks it stored. */
+async function store(deps: IngestionDeps, entry: KnowledgeEntry, document: ExtractedDocument, chunks: Iterable<DocumentChunk>, embeddings: { model: string; vectors: number[][] } | null): Promise<number> {
   const language = deps.settings.KB_SEARCH_LANGUAGE;
-  await transaction(deps.db, async (tx) => {
+  return transaction(deps.db, async (tx) => {
     const [row] = await tx.select({ id: knowledgeEntries.id }).from(knowledgeEntries).where(held(entry)).for('update');
     if (!row) throw new ClaimLostError();
     await deleteChunks(tx, entry.id);
@@ -189,6 +191,7 @@ async function store(deps: IngestionDeps, entry: KnowledgeEntry, document: Extra
         processed_at: sql`now()`,
       })
       .where(eq(knowledgeEntries.id, entry.id));
+    return ids.length;
   });
 }
 
@@ -245,8 +248,9 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
     const dimensions = embeddings?.vectors[0]?.length;
     if (dimensions) await ensureVectorIndex(db, dimensions);
     await storage.saveFile(utf8Pieces(document.text), `${entry.id}.txt`, 'text/plain; charset=utf-8', textPathOf(storage, entry.storage_key));
-    await store(deps, entry, document, chunks ?? documentChunks(document, chunkOptions), embeddings);
-    log.info({ entryId, format: document.format, ms: Math.round(performance.now() - started) }, 'knowledge entry ingested');
+    const stored = await store(deps, entry, document, chunks ?? documentChunks(document, chunkOptions), embeddings);
+    await refreshSearchStatistics(db, stored);
+    log.info({ entryId, format: document.format, chunks: stored, ms: Math.round(performance.now() - started) }, 'knowledge entry ingested');
   } catch (error) {
     if (error instanceof ClaimLostError) {
       log.info({ entryId }, 'ingestion dropped: the entry was deleted or reindexed meanwhile');

@@ -1,12 +1,13 @@
-import { and, desc, eq, inArray, or, type SQL, sql } from 'drizzle-orm';
+import { and, eq, inArray, or, type SQL, sql } from 'drizzle-orm';
 
 import type { Settings } from '../../core/config.js';
-import type { Db } from '../../core/db.js';
+import { type Db, rootOf } from '../../core/db.js';
 import type { Logger } from '../../core/logger.js';
 
 import { knowledgeChunks, knowledgeEntries } from '../../models/index.js';
 
 import { ownRows } from '../../crud/knowledge.js';
+import { queryRows } from '../../crud/owned.js';
 import type { CallContext, ModelManager } from '../../modules/ai-models/index.js';
 import type { Principal } from '../../utils/authentication.js';
 import { anyEmbedded, hasVectorTable, nearestChunks } from './embeddings.js';
@@ -81,67 +82,155 @@ const passageColumns = {
 };
 
 /**
- * Chunks ranked per tsquery at most. A common word matches a large share of a one-topic knowledge
- * base (23k of 100k chunks in bench/kb.ts) and `ts_rank_cd` detoasts and scores every match before
- * the top-k sort (~19 µs a row: 0.4–1.6 s). Ranking only a LIMITed set of GIN matches bounds that
- * at ~20 ms; the price is that, past the cap, which matches get ranked is up to the index order.
+ * Chunks ranked at most, for the AND query and for the OR fallback each. `ts_rank_cd` detoasts and
+ * scores a whole ~400-token tsvector per row (~20 µs on PostgreSQL, several times that on PGlite),
+ * and a common word matches a large share of a one-topic knowledge base (a quarter of the 100k
+ * chunks in bench/kb.ts), so the ranked set is bounded: past the cap, which AND matches get ranked
+ * is up to the index order (they all hold every word of the question).
  */
-const RANKED_CANDIDATES = 1_000;
+const rankedFor = (limit: number) => Math.max(60, limit * 4);
+/** The rarest lexemes of a question that feed the OR fallback's candidates (long questions' common words add nothing). */
+const OR_LEXEMES = 8;
+/**
+ * A lexeme in more than this share of all chunks is not looked up in the GIN index: its bitmap
+ * holds every match (tens of thousands) however few are wanted, while a scan testing the tsvectors
+ * (in line in the row, migration 0008) finds the N wanted after ~N / share rows.
+ */
+const COMMON = 0.1;
 
-/** Matches of `match` in scope, at most RANKED_CANDIDATES of them, as a subquery of chunk ids. */
-function candidateIds(db: Db, match: SQL, scope: SQL, cap: number) {
-  return db
-    .select({ id: knowledgeChunks.id })
-    .from(knowledgeChunks)
-    .innerJoin(knowledgeEntries, eq(knowledgeEntries.id, knowledgeChunks.entry_id))
-    .where(and(match, scope))
-    .limit(cap);
+/** The share of chunks holding each of the most common lexemes (PostgreSQL's statistics); a lexeme not in it is rarer. */
+export type LexemeFrequencies = Record<string, number>;
+
+/** How long the statistics' frequencies are reused before they are read again. */
+const FREQUENCIES_TTL_MS = 60_000;
+const frequencyCache = new WeakMap<object, { at: number; frequencies: Promise<LexemeFrequencies> }>();
+
+/**
+ * The lexeme frequencies that ANALYZE gathered for knowledge_chunks.tsv (`most_common_elems`, up
+ * to ~1,000 lexemes), read at most once a minute per database: reading them through `pg_stats` in
+ * every search cost ~50 ms on PGlite. Each search sends them along as one JSON parameter.
+ */
+export function lexemeFrequencies(db: Db): Promise<LexemeFrequencies> {
+  const root = rootOf(db);
+  const cached = frequencyCache.get(root);
+  if (cached && performance.now() - cached.at < FREQUENCIES_TTL_MS) return cached.frequencies;
+  const frequencies = queryRows<{ lexemes: string[] | null; frequencies: number[] | null }>(
+    root,
+    sql`select most_common_elems::text::text[] as lexemes, most_common_elem_freqs as frequencies
+        from pg_stats where schemaname = current_schema() and tablename = 'knowledge_chunks' and attname = 'tsv'`,
+  ).then(([row]) => Object.fromEntries((row?.lexemes ?? []).map((lexeme, i) => [lexeme, Number(row!.frequencies![i])])));
+  frequencyCache.set(root, { at: performance.now(), frequencies });
+  frequencies.catch(() => frequencyCache.delete(root));
+  return frequencies;
 }
 
-async function ranked(db: Db, query: SQL, candidates: SQL, limit: number): Promise<(Passage & { score: number })[]> {
-  const rank = sql<number>`ts_rank_cd(${knowledgeChunks.tsv}, ${query})`.mapWith(Number);
-  return db
-    .select({ ...passageColumns, score: rank })
-    .from(knowledgeChunks)
-    .innerJoin(knowledgeEntries, eq(knowledgeEntries.id, knowledgeChunks.entry_id))
-    .where(candidates)
-    // Ties (common among partial matches) in document order: the earlier upload, then its earlier chunk — the same answer every time.
-    .orderBy(desc(rank), knowledgeEntries.created_at, knowledgeChunks.entry_id, knowledgeChunks.chunk_index)
-    .limit(limit);
+/** The chunks in scope whose tsvector matches `match`, at most `cap` of them (GIN, in index order). */
+function matching(match: SQL, scope: SQL, cap: number | SQL): SQL {
+  return sql`select ${knowledgeChunks.id} from ${knowledgeChunks}
+    join ${knowledgeEntries} on ${knowledgeEntries.id} = ${knowledgeChunks.entry_id}
+    where ${match} and ${scope} limit ${cap}`;
 }
 
 /**
- * Full text: `websearch_to_tsquery` (quotes, `or`, `-word`) ranked by cover density (`ts_rank_cd`).
- * It ANDs every word, which a natural-language question rarely meets in one chunk; when it yields
- * fewer than `limit` chunks, the rest come from an OR of the question's lexemes, ranked below every
- * AND match (their score is scaled under the lowest AND score, so scores keep the order).
+ * Full text in one statement: `websearch_to_tsquery` (quotes, `or`, `-word`) ranked by cover
+ * density (`ts_rank_cd`). It ANDs every word, which a natural-language question rarely meets in one
+ * chunk; when it yields fewer than `limit` chunks, the rest come from an OR of the question's
+ * lexemes, ranked below every AND match (their score is scaled under the lowest AND score, so
+ * scores keep the order). The OR part runs in the same statement, only when the AND part fell
+ * short (a one-time filter), and takes its candidates from the question's rarest lexemes first —
+ * their frequencies from the planner's statistics (lexemeFrequencies; a lexeme missing there is
+ * rarer than any listed) — so a rare word, the question's
+ * point, keeps its chunks however many a common word matches.
  */
-async function fullText(db: Db, language: string, text: string, scope: SQL, limit: number): Promise<(Passage & { score: number })[]> {
-  const allWords = sql`websearch_to_tsquery(${language}::regconfig, ${text})`;
-  const andHits = await ranked(db, allWords, inArray(knowledgeChunks.id, candidateIds(db, sql`${knowledgeChunks.tsv} @@ ${allWords}`, scope, RANKED_CANDIDATES)), limit);
-  if (andHits.length >= limit) return andHits;
-
+export function fullTextQuery(language: string, text: string, scope: SQL, limit: number, frequencies: LexemeFrequencies): SQL {
   // The question's lexemes as the stored tsvectors hold them (stemmed, stop words gone). Each is
   // made a query with the 'simple' configuration, which only lowercases (no re-stemming), and its
   // tsquery text (quoted, escaped by PostgreSQL) is OR-ed: no user text is parsed as tsquery syntax.
   // A query that excludes a word (`-word`) gets no fallback: an OR of lexemes cannot honour the
   // exclusion. Quotes are not honoured either, but the phrase matches come first (AND).
   // (`!` only appears in tsquery text as the NOT operator: the parser never puts it in a lexeme.)
-  const lexemes = sql`unnest(tsvector_to_array(to_tsvector(${language}::regconfig, ${text})))`;
-  const anyWord = sql`(select string_agg('(' || plainto_tsquery('simple', lexeme)::text || ')', ' | ')::tsquery from ${lexemes} as lexemes(lexeme) where plainto_tsquery('simple', lexeme)::text <> '')`;
-  // Candidates per lexeme, each capped: a rare lexeme (the question's point) keeps all its chunks
-  // however many the common ones match, and the set ranked stays under RANKED_CANDIDATES.
-  const perLexeme = Math.max(limit, Math.floor(RANKED_CANDIDATES / 8));
-  const candidates = sql`${knowledgeChunks.id} in (
-    select distinct matches.id from ${lexemes} as lexemes(lexeme)
-    cross join lateral (${candidateIds(db, sql`${knowledgeChunks.tsv} @@ plainto_tsquery('simple', lexemes.lexeme)`, scope, perLexeme)}) as matches
-    limit ${RANKED_CANDIDATES})
-    and not (${knowledgeChunks.tsv} @@ ${allWords})
-    and position('!' in ${allWords}::text) = 0`;
-  const orHits = await ranked(db, anyWord, candidates, limit - andHits.length);
-  const floor = andHits.length ? andHits[andHits.length - 1]!.score : 1;
+  const chunk = knowledgeChunks;
+  const ranked = rankedFor(limit);
+  // Written out where it is used (not a CTE's column): the planner estimates its matches from the
+  // statistics and picks the GIN index or a scan that stops at the cap.
+  const allWords = sql`websearch_to_tsquery(${language}::regconfig, ${text})`;
+  return sql`with frequencies as (
+          select key as lexeme, value::real as frequency from jsonb_each_text(${JSON.stringify(frequencies)}::jsonb)
+        ), lexemes as (
+          select words.lexeme, plainto_tsquery('simple', words.lexeme) as query, coalesce(frequencies.frequency, 0) as frequency
+          from unnest(tsvector_to_array(to_tsvector(${language}::regconfig, ${text}))) as words(lexeme)
+          left join frequencies on frequencies.lexeme = words.lexeme
+          where plainto_tsquery('simple', words.lexeme)::text <> ''
+        ), and_hits as (
+          ${matching(sql`${chunk.tsv} @@ ${allWords}`, scope, ranked)}
+        ), or_hits as (
+          select distinct id from (
+            select matches.id from (select query, frequency from lexemes order by frequency, lexeme limit ${OR_LEXEMES}) as rare
+            cross join lateral (
+              (${matching(sql`rare.frequency < ${COMMON} and ${chunk.tsv} @@ rare.query`, scope, ranked)})
+              union all
+              (${matching(sql`rare.frequency >= ${COMMON} and ts_match_vq(${chunk.tsv}, rare.query)`, scope, ranked)})
+            ) as matches
+            where (select count(*) from and_hits) < ${limit} and position('!' in ${allWords}::text) = 0
+            limit ${ranked}
+          ) as capped
+          where id not in (select id from and_hits)
+        ), any_word as (
+          select string_agg('(' || query::text || ')', ' | ')::tsquery as any_words from lexemes
+        ), candidates as (
+          select id, true as all_words from and_hits
+          union all
+          select id, false from or_hits
+        )
+        select ${chunk.id} as id, ${chunk.entry_id} as entry_id, ${knowledgeEntries.filename} as filename,
+          ${chunk.chunk_index} as chunk_index, ${chunk.text} as text, ${chunk.heading_path} as heading_path,
+          candidates.all_words,
+          ts_rank_cd(${chunk.tsv}, case when candidates.all_words then ${allWords} else (select any_words from any_word) end) as score
+        from candidates
+        join ${chunk} on ${chunk.id} = candidates.id
+        join ${knowledgeEntries} on ${knowledgeEntries.id} = ${chunk.entry_id}
+        -- Ties (common among partial matches) in document order: the earlier upload, then its earlier chunk — the same answer every time.
+        order by candidates.all_words desc, score desc, ${knowledgeEntries.created_at}, ${chunk.entry_id}, ${chunk.chunk_index}
+        limit ${limit}`;
+}
+
+async function fullText(db: Db, language: string, text: string, scope: SQL, limit: number): Promise<(Passage & { score: number })[]> {
+  const rows = await queryRows<Passage & { all_words: boolean; score: number }>(db, fullTextQuery(language, text, scope, limit, await lexemeFrequencies(db)));
+  const andHits = rows.filter((row) => row.all_words);
+  const floor = andHits.length ? Number(andHits[andHits.length - 1]!.score) : 1;
   // rank / (rank + 1) maps [0, ∞) into [0, 1) in the same order; times the floor: below every AND hit.
-  return [...andHits, ...orHits.map((hit) => ({ ...hit, score: (floor * hit.score) / (hit.score + 1) }))];
+  return rows.map(({ all_words, score, ...passage }) => {
+    const rank = Number(score);
+    return { ...passage, score: all_words ? rank : (floor * rank) / (rank + 1) };
+  });
+}
+
+/** Chunks written since this process last analyzed knowledge_chunks, per database. */
+const writtenSinceAnalyze = new WeakMap<object, number>();
+
+/**
+ * Keeps the planner's statistics of knowledge_chunks fresh enough for search (the lexeme
+ * frequencies in `pg_stats` that rank a question's lexemes, and the estimates that choose between
+ * the GIN index and a scan): ANALYZE once the chunks written since the last one pass 50 + 10 % of
+ * the table, as autovacuum does on PostgreSQL. PGlite has no autovacuum: without this its tables
+ * are never analyzed. Ingestion calls it after storing an entry's chunks.
+ */
+export async function refreshSearchStatistics(db: Db, chunksWritten: number): Promise<void> {
+  const root = rootOf(db);
+  const written = (writtenSinceAnalyze.get(root) ?? 0) + chunksWritten;
+  // reltuples: the row count at the last ANALYZE (or VACUUM); -1 (0 before PostgreSQL 14) if never.
+  const [table] = await queryRows<{ rows: number; analyzed: boolean }>(
+    root,
+    sql`select reltuples::float8 as rows, exists (select 1 from pg_stats where tablename = 'knowledge_chunks' and schemaname = current_schema()) as analyzed
+        from pg_class where oid = 'knowledge_chunks'::regclass`,
+  );
+  if (table && table.analyzed && written <= 50 + 0.1 * Math.max(0, Number(table.rows))) {
+    writtenSinceAnalyze.set(root, written);
+    return;
+  }
+  writtenSinceAnalyze.set(root, 0);
+  await root.execute(sql`analyze knowledge_chunks`);
+  frequencyCache.delete(root);
 }
 
 async function passagesByIds(db: Db, ids: string[]): Promise<Passage[]> {
