@@ -1,4 +1,4 @@
-/* global process, Buffer */
+/* global process, Buffer, setTimeout */
 // A zero-latency OpenAI-compatible upstream for the gateway benchmark: every answer is prepared
 // once at start and written at once (no timers, no logging). PORT (default 8201). LATENCY_MS (default
 // 0): a streamed answer waits this long before its first chunk (a model's time to first token).

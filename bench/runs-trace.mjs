@@ -1,13 +1,13 @@
-/* global process, console, performance */
+/* global process, console, performance, Buffer */
 // Where the time from POST /threads/{id}/runs to the first message.delta goes in scaled mode:
 // `keel api` + WORKERS × `keel worker` (PostgreSQL + Redis) with bench/trace-preload.mjs loaded,
 // RUNS runs one after the other (one client, zero-latency fake model); prints, per hop, the
 // median time (ms after the POST was sent) at which each process did each thing.
 //   PORT_BASE=8450 RUNS=40 WORKERS=1 node bench/runs-trace.mjs   (needs `npm run build`)
-import { readFileSync, mkdirSync, rmSync, openSync, writeSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import http from 'node:http';
 import { resolve } from 'node:path';
-import { execFileSync } from 'node:child_process';
 
 import { addCredits, addUpstreamModel, createDatabase, keelEnv, median, signIn, sleep, start, stop, waitUp } from './lib.mjs';
 

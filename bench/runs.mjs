@@ -28,7 +28,7 @@ import http from 'node:http';
 import { cpus, loadavg, totalmem } from 'node:os';
 import { resolve } from 'node:path';
 
-import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, median, now, PG_ADMIN_URL, percentile, signIn, sleep, start, stop, waitUp } from './lib.mjs';
+import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, median, now, percentile, PG_ADMIN_URL, signIn, sleep, start, stop, waitUp } from './lib.mjs';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const N1 = Number(process.env.N1 ?? 300);

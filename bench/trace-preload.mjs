@@ -1,10 +1,10 @@
-/* global process, performance */
+/* global process, performance, setInterval */
 // Loaded into Keel's processes by bench/runs-trace.mjs (node --import): timestamps (µs, wall
 // clock, comparable across processes on one machine) of every PostgreSQL query, Redis command,
 // incoming HTTP request and SSE write, buffered and written to TRACE_FILE. Bench only.
-import { createRequire } from 'node:module';
 import { openSync, writeSync } from 'node:fs';
 import http from 'node:http';
+import { createRequire } from 'node:module';
 
 const require = createRequire(`${process.cwd()}/`);
 const fd = openSync(process.env.TRACE_FILE, 'a');
