@@ -357,9 +357,9 @@ export class AgentRunner {
     }
   }
 
-  /** The thread's messages in order: what the model reads. */
+  /** The thread's messages in order: what the model reads (a promise: the query runs once, now). */
   private history(run: Run): Promise<Message[]> {
-    return this.deps.db.select().from(messages).where(eq(messages.thread_id, run.thread_id)).orderBy(asc(messages.seq));
+    return Promise.resolve(this.deps.db.select().from(messages).where(eq(messages.thread_id, run.thread_id)).orderBy(asc(messages.seq)));
   }
 
   /** One tool call: its implementation's answer, or an error result the model reads (never a crashed run). */
