@@ -4,18 +4,20 @@
 // RUNS runs one after the other (one client, zero-latency fake model); prints, per hop, the
 // median time (ms after the POST was sent) at which each process did each thing.
 //   PORT_BASE=8450 RUNS=40 WORKERS=1 node bench/runs-trace.mjs   (needs `npm run build`)
+// CHECKOUT=<dir> traces another build (e.g. a baseline); KEEL_ENV="NAME=value ..." adds settings.
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import http from 'node:http';
 import { resolve } from 'node:path';
 
-import { addCredits, addUpstreamModel, createDatabase, keelEnv, median, signIn, sleep, start, stop, waitUp } from './lib.mjs';
+import { addCredits, addUpstreamModel, createDatabase, keelEnv, median, signIn, sleep, start, stop, waitForLog, waitUp } from './lib.mjs';
 
 const PORT_BASE = Number(process.env.PORT_BASE ?? 8450);
 const RUNS = Number(process.env.RUNS ?? 40);
 const WORKERS = Number(process.env.WORKERS ?? 1);
 const OUT = resolve(process.env.OUT ?? 'bench/out/runs-trace');
 const TRACE = `${OUT}/trace.tsv`;
+const CHECKOUT = resolve(process.env.CHECKOUT ?? '.');
 const REDIS_URL = process.env.REDIS_URL || 'redis://127.0.0.1:6379';
 const MODEL = 'bench-model';
 rmSync(OUT, { recursive: true, force: true });
@@ -37,10 +39,11 @@ const env = keelEnv(port, {
   RATE_LIMIT_LOGIN_PER_IP: '100000',
   ...(process.env.KEEL_ENV ? Object.fromEntries(process.env.KEEL_ENV.split(/\s+/).filter(Boolean).map((pair) => pair.split('='))) : {}),
 });
-execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { env: { ...process.env, ...env }, stdio: 'ignore' });
-start(OUT, 'api', ['bin/keel.js', 'api'], { ...env, ...traced('api') }, { nodeArgs: preload });
-for (let i = 1; i <= WORKERS; i++) start(OUT, `worker${i}`, ['bin/keel.js', 'worker'], { ...env, ...traced(`worker${i}`) }, { nodeArgs: preload });
+execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { cwd: CHECKOUT, env: { ...process.env, ...env }, stdio: 'ignore' });
+start(OUT, 'api', ['bin/keel.js', 'api'], { ...env, ...traced('api') }, { cwd: CHECKOUT, nodeArgs: preload });
+for (let i = 1; i <= WORKERS; i++) start(OUT, `worker${i}`, ['bin/keel.js', 'worker'], { ...env, ...traced(`worker${i}`) }, { cwd: CHECKOUT, nodeArgs: preload });
 await waitUp(port);
+for (let i = 1; i <= WORKERS; i++) await waitForLog(`${OUT}/worker${i}.log`, '"worker started"');
 
 const admin = await addUpstreamModel(port, `http://127.0.0.1:${PORT_BASE}/v1`, MODEL);
 const created = await admin.call('POST', '/users', { email: 'tracer@bench.test', password: 'bench-user-password', full_name: 'Tracer' });
@@ -117,6 +120,6 @@ for (const [index, begin] of starts.entries()) {
   }
 }
 const rows = [...byLabel].filter(([, times]) => times.length >= RUNS / 2).map(([label, times]) => ({ label, at: median(times.sort((a, b) => a - b)), n: times.length })).sort((a, b) => a.at - b.at);
-console.log(`${RUNS} runs, WORKERS=${WORKERS}; first delta p50 ${median(firstDelta.sort((a, b) => a - b)).toFixed(2)} ms`);
+console.log(`${CHECKOUT}: ${RUNS} runs, WORKERS=${WORKERS}; first delta p50 ${median(firstDelta.sort((a, b) => a - b)).toFixed(2)} ms`);
 for (const row of rows) console.log(`${row.at.toFixed(2).padStart(8)} ms  ${row.label.replace('\t', '  ')}${row.n < RUNS ? `  (${row.n}/${RUNS})` : ''}`);
 process.exit(0);

@@ -28,7 +28,7 @@ import http from 'node:http';
 import { cpus, loadavg, totalmem } from 'node:os';
 import { resolve } from 'node:path';
 
-import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, median, now, percentile, PG_ADMIN_URL, signIn, sleep, start, stop, waitUp } from './lib.mjs';
+import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, median, now, percentile, PG_ADMIN_URL, signIn, sleep, start, stop, waitForLog, waitUp } from './lib.mjs';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const N1 = Number(process.env.N1 ?? 300);
@@ -187,6 +187,8 @@ async function startKeel(checkout, name) {
   const api = start(OUT, `keel-${tag}-api`, ['bin/keel.js', 'api'], env, options);
   const workerPids = Array.from({ length: workers }, (_, i) => start(OUT, `keel-${tag}-worker${i + 1}`, ['bin/keel.js', 'worker'], env, options).pid);
   await waitUp(port);
+  // The workers load the model catalog at start: the bench's model is added once they have.
+  for (let i = 1; i <= workers; i++) await waitForLog(`${OUT}/keel-${tag}-worker${i}.log`, '"worker started"');
   const server = { ...serverOf(checkout, name, api), port, users: await prepareUsers(port), database, workerPids };
   server.pids.push(...workerPids);
   return server;
