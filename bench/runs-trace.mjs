@@ -119,7 +119,19 @@ for (const [index, begin] of starts.entries()) {
     if (l.role === 'client' && l.what === 'first delta') firstDelta.push((l.time - begin.time) / 1000);
   }
 }
+// Per run: statements and commands each process sent (PostgreSQL queries, Redis commands).
+const counts = new Map();
+for (const [index, begin] of starts.entries()) {
+  if (index < 5) continue;
+  const next = starts[index + 1]?.time ?? Infinity;
+  for (const l of lines) {
+    if (l.time < begin.time || l.time >= next || !/^(pg|redis)> /.test(l.what)) continue;
+    const key = `${l.role} ${l.what.slice(0, l.what.indexOf('>'))}`;
+    counts.set(key, (counts.get(key) ?? 0) + 1 / RUNS);
+  }
+}
 const rows = [...byLabel].filter(([, times]) => times.length >= RUNS / 2).map(([label, times]) => ({ label, at: median(times.sort((a, b) => a - b)), n: times.length })).sort((a, b) => a.at - b.at);
 console.log(`${CHECKOUT}: ${RUNS} runs, WORKERS=${WORKERS}; first delta p50 ${median(firstDelta.sort((a, b) => a - b)).toFixed(2)} ms`);
+console.log(`per run (POST to the next POST, thread creation included): ${[...counts].sort().map(([key, n]) => `${key} ${n.toFixed(1)}`).join(', ')}`);
 for (const row of rows) console.log(`${row.at.toFixed(2).padStart(8)} ms  ${row.label.replace('\t', '  ')}${row.n < RUNS ? `  (${row.n}/${RUNS})` : ''}`);
 process.exit(0);
