@@ -1,11 +1,13 @@
-/* global process, Buffer */
+/* global process, Buffer, setTimeout */
 // A zero-latency OpenAI-compatible upstream for the gateway benchmark: every answer is prepared
-// once at start and written at once (no timers, no logging). PORT (default 8201).
+// once at start and written at once (no timers, no logging). PORT (default 8201). LATENCY_MS (default
+// 0): a streamed answer waits this long before its first chunk (a model's time to first token).
 //   POST /v1/chat/completions  → a completion, or with "stream": true five SSE chunks + usage + [DONE]
 //   POST /v1/embeddings        → one 8-dimension embedding per input
 import { createServer } from 'node:http';
 
 const port = Number(process.env.PORT ?? 8201);
+const latencyMs = Number(process.env.LATENCY_MS ?? 0);
 const created = Math.floor(Date.now() / 1000);
 const usage = { prompt_tokens: 12, completion_tokens: 5, total_tokens: 17, prompt_tokens_details: { cached_tokens: 0 }, completion_tokens_details: { reasoning_tokens: 0 } };
 
@@ -55,9 +57,13 @@ const server = createServer((req, res) => {
     if (req.url.endsWith('/chat/completions')) {
       if (body.stream) {
         const chunks = prepared(`s:${model}`, () => streamed(model));
-        res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
-        for (const piece of chunks.slice(0, -1)) res.write(piece);
-        res.end(chunks.at(-1));
+        const send = () => {
+          res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
+          for (const piece of chunks.slice(0, -1)) res.write(piece);
+          res.end(chunks.at(-1));
+        };
+        if (latencyMs > 0) setTimeout(send, latencyMs);
+        else send();
         return;
       }
       const text = prepared(`c:${model}`, () => completion(model));

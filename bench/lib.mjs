@@ -48,6 +48,22 @@ export async function stop(which = children) {
 /** Node flags for Keel's processes from KEEL_NODE_ARGS (space-separated), e.g. to profile them. */
 export const keelNodeArgs = () => (process.env.KEEL_NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
 
+/** Waits until the log file `file` (of a process started with `start`) contains `text`. */
+export async function waitForLog(file, text, timeoutMs = 60_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    let content = '';
+    try {
+      content = readFileSync(file, 'utf8');
+    } catch {
+      // not yet
+    }
+    if (content.includes(text)) return;
+    if (Date.now() > deadline) throw new Error(`${file}: no "${text}" within ${timeoutMs} ms`);
+    await sleep(100);
+  }
+}
+
 export async function waitUp(port, path = '/health') {
   for (let i = 0; i < 240; i++) {
     try {

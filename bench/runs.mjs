@@ -16,14 +16,19 @@
 //        GET /runs/{id}/events as soon as the 202 arrives (p50/p99), read on to `run.completed`
 //   cN   CLIENTS clients for DURATION s, each on a thread of its own (new each round): start a run,
 //        read its events to `run.completed`, again (completed runs/s, p50/p99 of the whole run)
-// with the server processes' CPU per run from /proc. KEEL_NODE_ARGS goes to Keel's node processes
+// with the server processes' CPU per run from /proc, and for cN the cores each part used (Keel's
+// processes; scaled: PostgreSQL's backends of its database and the whole Redis server, which others
+// may share). MODEL_LATENCY_MS (default 0) makes the fake model wait before its first chunk (label
+// a figure with it); KEEL_ENV="NAME=value ..." adds settings (e.g. JOB_CONCURRENCY=16) to every
+// Keel process. KEEL_NODE_ARGS goes to Keel's node processes
 // (e.g. "--cpu-prof --cpu-prof-dir=bench/out/runs/prof"). Raw lines: bench/out/runs/raw.tsv.
-import { appendFileSync,mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { appendFileSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { cpus, loadavg, totalmem } from 'node:os';
 import { resolve } from 'node:path';
 
-import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, median, now, percentile, signIn, sleep, start, stop, waitUp } from './lib.mjs';
+import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, median, now, percentile, PG_ADMIN_URL, signIn, sleep, start, stop, waitForLog, waitUp } from './lib.mjs';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const N1 = Number(process.env.N1 ?? 300);
@@ -38,10 +43,14 @@ const CHECKOUTS = (process.env.CHECKOUTS ?? 'this=.').split(/\s+/).filter(Boolea
 const REDIS_URL = process.env.REDIS_URL || 'redis://127.0.0.1:6379';
 const OUT = 'bench/out/runs';
 const MODEL = 'bench-model';
-const UPSTREAM_PORT = 8229;
+// Ports PORT_BASE (upstream), +1 (bare SSE), +2… (Keel servers): another bench can run beside this one.
+const PORT_BASE = Number(process.env.PORT_BASE ?? 8229);
+const UPSTREAM_PORT = PORT_BASE;
 const UPSTREAM = `http://127.0.0.1:${UPSTREAM_PORT}/v1`;
 const PASSWORD = 'bench-user-password';
 const INPUT = 'Say hello.';
+const MODEL_LATENCY_MS = Number(process.env.MODEL_LATENCY_MS ?? 0);
+const KEEL_ENV = Object.fromEntries((process.env.KEEL_ENV ?? '').split(/\s+/).filter(Boolean).map((pair) => [pair.slice(0, pair.indexOf('=')), pair.slice(pair.indexOf('=') + 1)]));
 
 rmSync(OUT, { recursive: true, force: true });
 mkdirSync(OUT, { recursive: true });
@@ -137,7 +146,7 @@ function directRun(target) {
 
 // ==================== Targets ====================
 
-let nextPort = 8231;
+let nextPort = PORT_BASE + 2;
 const serverOf = (checkout, name, child, extra = {}) => ({ name: `${name}${CHECKOUTS.length > 1 ? `@${checkout.label}` : ''}`, kind: name.startsWith('scaled') || name === 'embedded' ? 'keel' : name, pids: [child.pid], ...extra });
 
 /** Users with credits, an agent each; `user.headers` signs requests. */
@@ -159,7 +168,7 @@ async function startKeel(checkout, name) {
   const port = nextPort++;
   const options = { cwd: checkout.dir, nodeArgs: keelNodeArgs() };
   // Logins of many bench users from one address; the per-user active-run limit leaves room for them.
-  const env = keelEnv(port, { DATA_DIR: `${resolve(OUT)}/data-${name}-${checkout.label}`, DATABASE_URL: '', RATE_LIMIT_LOGIN_PER_IP: '100000' });
+  const env = keelEnv(port, { DATA_DIR: `${resolve(OUT)}/data-${name}-${checkout.label}`, DATABASE_URL: '', RATE_LIMIT_LOGIN_PER_IP: '100000', ...KEEL_ENV });
   const tag = `${name}-${checkout.label}`;
   if (name === 'embedded') {
     const child = start(OUT, `keel-${tag}`, ['bin/keel.js', 'start'], env, options);
@@ -168,17 +177,19 @@ async function startKeel(checkout, name) {
   }
   const workers = Number(/^scaled-(\d+)$/.exec(name)?.[1] ?? NaN);
   if (!workers) throw new Error(`unknown target ${name} (embedded, scaled-1, scaled-2, …)`);
+  const database = `keel_runs_bench_${process.pid}_${name.replace('-', '_')}_${checkout.label}`;
   Object.assign(env, {
-    DATABASE_URL: createDatabase(`keel_runs_bench_${process.pid}_${name.replace('-', '_')}_${checkout.label}`),
+    DATABASE_URL: createDatabase(database),
     REDIS_URL,
     REDIS_KEY_PREFIX: `keel-runs-bench-${process.pid}-${tag}:`,
   });
-  const { execFileSync } = await import('node:child_process');
   execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { cwd: checkout.dir, env: { ...process.env, ...env }, stdio: 'ignore' });
   const api = start(OUT, `keel-${tag}-api`, ['bin/keel.js', 'api'], env, options);
   const workerPids = Array.from({ length: workers }, (_, i) => start(OUT, `keel-${tag}-worker${i + 1}`, ['bin/keel.js', 'worker'], env, options).pid);
   await waitUp(port);
-  const server = { ...serverOf(checkout, name, api), port, users: await prepareUsers(port) };
+  // The workers load the model catalog at start: the bench's model is added once they have.
+  for (let i = 1; i <= workers; i++) await waitForLog(`${OUT}/keel-${tag}-worker${i}.log`, '"worker started"');
+  const server = { ...serverOf(checkout, name, api), port, users: await prepareUsers(port), database, workerPids };
   server.pids.push(...workerPids);
   return server;
 }
@@ -211,6 +222,31 @@ function record(round, target, clients, results, seconds, cpu) {
 }
 
 const serverCpu = (target) => target.pids.reduce((sum, pid) => sum + cpuMs(pid), 0);
+
+/** The backends of PostgreSQL serving `database` (Keel's pools). */
+function backendsOf(database) {
+  const out = execFileSync('psql', ['-w', PG_ADMIN_URL, '-Atc', `select pid from pg_stat_activity where datname = '${database}'`], { encoding: 'utf8' });
+  return out.split('\n').filter(Boolean).map(Number);
+}
+
+let redisPid;
+try {
+  redisPid = Number(execFileSync('pidof', ['redis-server'], { encoding: 'utf8' }).trim().split(/\s+/)[0]) || undefined;
+} catch {
+  redisPid = undefined;
+}
+
+/** CPU ms so far of each part of a target: Keel's API (or only) process, its workers, its PostgreSQL backends, Redis. */
+function partsCpu(target) {
+  const sum = (pids) => pids.reduce((total, pid) => total + cpuMs(pid), 0);
+  const parts = { api: cpuMs(target.pids[0]) };
+  if (target.workerPids) {
+    parts.workers = sum(target.workerPids);
+    parts.pg = sum(backendsOf(target.database));
+    parts.redis = cpuMs(redisPid);
+  }
+  return parts;
+}
 
 async function one(target, user) {
   if (target.kind === 'direct') return directRun(target);
@@ -249,22 +285,31 @@ async function measureMany(round, target) {
   await Promise.all(Array.from({ length: CLIENTS }, (_, i) => loop(i, now() + 1000))); // warm-up
   const results = [];
   const cpuBefore = serverCpu(target);
+  const partsBefore = target.kind === 'keel' ? partsCpu(target) : null;
   const started = now();
   await Promise.all(Array.from({ length: CLIENTS }, (_, i) => loop(i, started + DURATION * 1000, results)));
   const seconds = (now() - started) / 1000;
-  return record(round, target, CLIENTS, results, seconds, serverCpu(target) - cpuBefore);
+  const row = record(round, target, CLIENTS, results, seconds, serverCpu(target) - cpuBefore);
+  if (partsBefore) {
+    // Cores used by each part over the measurement, and its CPU per completed run.
+    const after = partsCpu(target);
+    const done = Math.max(1, results.filter((r) => r.ok).length);
+    row.parts = Object.fromEntries(Object.keys(after).map((part) => [part, { cores: (after[part] - partsBefore[part]) / (seconds * 1000), msPerRun: (after[part] - partsBefore[part]) / done }]));
+    console.log(`${' '.repeat(21)}cores used (CPU ms/run): ${Object.entries(row.parts).map(([part, v]) => `${part} ${fmt(v.cores, 2)} (${fmt(v.msPerRun, 2)})`).join(', ')}${target.workerPids ? ' — pg: backends of its database (those open at the end), redis: the whole server' : ''}`);
+  }
+  return row;
 }
 
 // ==================== Run ====================
 
 const load = [loadavg()];
-const upstream = start(OUT, 'upstream', ['bench/fake-upstream.mjs'], { PORT: String(UPSTREAM_PORT) });
+const upstream = start(OUT, 'upstream', ['bench/fake-upstream.mjs'], { PORT: String(UPSTREAM_PORT), LATENCY_MS: String(MODEL_LATENCY_MS) });
 await waitUp(UPSTREAM_PORT);
-const bare = start(OUT, 'bare-sse', ['bench/baseline-sse-server.mjs'], { PORT: '8230' });
-await waitUp(8230);
+const bare = start(OUT, 'bare-sse', ['bench/baseline-sse-server.mjs'], { PORT: String(PORT_BASE + 1) });
+await waitUp(PORT_BASE + 1);
 const targets = [
   { name: 'direct', kind: 'direct', port: UPSTREAM_PORT, pids: [upstream.pid] },
-  { name: 'bare-sse', kind: 'bare-sse', port: 8230, pids: [bare.pid] },
+  { name: 'bare-sse', kind: 'bare-sse', port: PORT_BASE + 1, pids: [bare.pid] },
 ];
 const skipped = [];
 for (const name of TARGETS) {
@@ -298,6 +343,7 @@ const lines = [];
 const out = (line = '') => lines.push(line);
 out(`Run ${new Date().toISOString().slice(0, 16)}Z; ${cpus().length} cores (${cpus()[0]?.model ?? '?'}), ${Math.round(totalmem() / 2 ** 30)} GiB, Node ${process.version}; ROUNDS=${ROUNDS} N1=${N1} DURATION=${DURATION}s CLIENTS=${CLIENTS} USERS=${USERS}; checkouts ${CHECKOUTS.map((c) => `${c.label}=${c.dir}`).join(', ')}`);
 out(`Load average (1 min) at start, each round, end: ${load.map((l) => l[0].toFixed(1)).join(', ')}`);
+out(`Model: ${MODEL_LATENCY_MS ? `${MODEL_LATENCY_MS} ms before its first chunk (MODEL_LATENCY_MS)` : 'zero latency'}${Object.keys(KEEL_ENV).length ? `; KEEL_ENV ${process.env.KEEL_ENV}` : ''}`);
 if (skipped.length) out(`Skipped: ${skipped.join('; ')}`);
 out();
 out(`Medians over the rounds. c1: POST /threads/{id}/runs → first message.delta at the SSE client (target p50 < 10 ms); c${CLIENTS}: completed runs/s (target ≥ 200 embedded), whole-run latency.`);
@@ -308,6 +354,13 @@ for (const target of targets) {
   const c1 = pick(target.name, 1);
   const cn = pick(target.name, CLIENTS);
   out(`| ${target.name} | ${fmt(median(c1.map((r) => r.firstP50)), 2)} | ${fmt(median(c1.map((r) => r.firstP99)), 2)} | ${fmt(median(c1.map((r) => r.runP50)), 2)} | ${fmt(median(cn.map((r) => r.rps)), 0)} | ${fmt(median(cn.map((r) => r.runP50)), 1)} | ${fmt(median(cn.map((r) => r.runP99)), 1)} | ${fmt(median(c1.map((r) => r.cpuPerRun)), 2)}, ${fmt(median(cn.map((r) => r.cpuPerRun)), 2)} | ${[...c1, ...cn].reduce((n, r) => n + r.errors, 0)} |`);
+}
+for (const target of targets) {
+  const parts = pick(target.name, CLIENTS).map((r) => r.parts).filter(Boolean);
+  if (!parts.length) continue;
+  const names = Object.keys(parts[0]);
+  if (target === targets.find((t) => pick(t.name, CLIENTS).some((r) => r.parts))) out(`\nc${CLIENTS}, cores used by each part (its CPU ms per completed run), medians: pg = the backends of the target's database, redis = the whole server (shared with anything else on the machine)\n`);
+  out(`- ${target.name}: ${names.map((name) => `${name} ${fmt(median(parts.map((p) => p[name].cores)), 2)} (${fmt(median(parts.map((p) => p[name].msPerRun)), 2)})`).join(', ')}`);
 }
 for (const checkout of CHECKOUTS) {
   const suffix = CHECKOUTS.length > 1 ? `@${checkout.label}` : '';

@@ -68,7 +68,7 @@ export async function startWorker(settings: Settings, logger: pino.Logger): Prom
     const redis = createRedis(settings)!;
     const agentRuns = await openAgentRuns({ settings, database, logger, redis, queue: createQueue(settings, logger), metrics: createMetrics().models });
     agentRuns.work();
-    logger.info({ concurrency: settings.JOB_CONCURRENCY }, 'worker started');
+    logger.info({ concurrency: settings.JOB_CONCURRENCY, runConcurrency: settings.RUN_CONCURRENCY }, 'worker started');
     return {
       close: async () => {
         await agentRuns.close();

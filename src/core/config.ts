@@ -125,6 +125,8 @@ export const SettingsSchema = z.object({
   JOB_ATTEMPTS: int(1, 100).default(5),
   JOB_BACKOFF_MS: int(1, 3_600_000).default(2_000),
   JOB_CONCURRENCY: int(1, 1_000).default(4),
+  /** Agent runs one `keel worker` executes at once (their own queue: runs mostly wait on a model). */
+  RUN_CONCURRENCY: int(1, 10_000).default(32),
   /** `smtp` sends through SMTP_* (off while they are unset); `console` logs each email instead (local only). */
   EMAIL_BACKEND: z.enum(['smtp', 'console']).default('smtp'),
   SMTP_HOST: optionalString,

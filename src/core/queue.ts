@@ -3,7 +3,7 @@ import type { Queue, Worker } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { z } from 'zod';
 
-import { JOBS, type Jobs } from '../tasks/registry.js';
+import { JOB_LANES, type JobLane, JOBS, type Jobs } from '../tasks/registry.js';
 import type { Settings } from './config.js';
 import { JobSealer } from './job-crypto.js';
 import { lazyRequire } from './lazy.js';
@@ -133,29 +133,40 @@ interface StoredJob {
 class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
   readonly kind = 'redis';
   private readonly connection: Redis;
-  private readonly queue: Queue;
+  /** BullMQ queues by name: QUEUE_NAME for most jobs, one per lane. */
+  private readonly queues = new Map<string, Queue>();
+  /** The queue of each job that has a lane of its own. */
+  private readonly laneOf = new Map<string, string>();
   private readonly sealer: JobSealer;
-  private worker: Worker | null = null;
-  private workerConnection: Redis | null = null;
+  private readonly workers: { worker: Worker; connection: Redis }[] = [];
 
   constructor(
     private readonly settings: Settings,
     private readonly logger: Logger,
     private readonly registry: R,
     url: string,
+    private readonly lanes: readonly JobLane[],
   ) {
     this.sealer = new JobSealer(settings.SECRET_KEY);
     // BullMQ's blocking commands need a client that retries forever rather than failing a request.
     this.connection = new (ioredis().Redis)(url, { maxRetriesPerRequest: null, connectTimeout: 2_000 });
     this.connection.on('error', () => undefined);
-    this.queue = new (bullmq().Queue)(QUEUE_NAME, { connection: this.connection, prefix: `${settings.REDIS_KEY_PREFIX}jobs` });
-    this.queue.on('error', () => undefined);
+    for (const lane of lanes) for (const job of lane.jobs) this.laneOf.set(job, lane.queue);
+    for (const name of [QUEUE_NAME, ...lanes.map((lane) => lane.queue)]) {
+      const queue = new (bullmq().Queue)(name, { connection: this.connection, prefix: this.prefix });
+      queue.on('error', () => undefined);
+      this.queues.set(name, queue);
+    }
+  }
+
+  private get prefix(): string {
+    return `${this.settings.REDIS_KEY_PREFIX}jobs`;
   }
 
   async add<N extends keyof R & string>(name: N, input: z.input<R[N]>): Promise<void> {
     const data: unknown = schemaOf(this.registry, name).parse(input);
     const stored: StoredJob = { sealed: this.sealer.seal(name, data) };
-    await this.queue.add(name, stored, {
+    await this.queues.get(this.laneOf.get(name) ?? QUEUE_NAME)!.add(name, stored, {
       attempts: this.settings.JOB_ATTEMPTS,
       backoff: { type: 'exponential', delay: this.settings.JOB_BACKOFF_MS },
       // Jobs hold personal data (email addresses, reset links): a finished one is deleted at once.
@@ -165,11 +176,30 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
     });
   }
 
+  /**
+   * A BullMQ worker per queue, each with its concurrency (JOB_CONCURRENCY, or its lane's) and its
+   * own blocking connection; a lane's worker only where its jobs have a handler. Every worker runs
+   * every job it finds (a job queued where an older version put it still runs).
+   */
   work(handlers: JobHandlers<R>): void {
-    const { UnrecoverableError, Worker } = bullmq();
-    this.worker = new Worker(
-      QUEUE_NAME,
-      async (job) => {
+    const processor = this.processor(handlers);
+    const queues = [{ queue: QUEUE_NAME, concurrency: this.settings.JOB_CONCURRENCY }];
+    for (const lane of this.lanes) if (lane.jobs.some((job) => handlers[job])) queues.push({ queue: lane.queue, concurrency: lane.concurrency(this.settings) });
+    for (const { queue, concurrency } of queues) {
+      const connection = this.connection.duplicate();
+      const worker = new (bullmq().Worker)(queue, processor, { connection, prefix: this.prefix, concurrency });
+      worker.on('error', (error) => this.logger.error({ err: error }, 'job worker error'));
+      worker.on('failed', (job, error) => {
+        const final = job !== undefined && job.attemptsMade >= (job.opts.attempts ?? 1);
+        this.logger[final ? 'error' : 'warn']({ err: error, job: job?.name, jobId: job?.id, attempt: job?.attemptsMade }, final ? 'job failed for good' : 'job failed; will retry');
+      });
+      this.workers.push({ worker, connection });
+    }
+  }
+
+  private processor(handlers: JobHandlers<R>): BullMQ.Processor {
+    const { UnrecoverableError } = bullmq();
+    return async (job) => {
         const handler = handlers[job.name] as AnyHandler | undefined;
         if (!handler) throw new Error(`no handler for job ${job.name}`);
         let data: unknown;
@@ -189,41 +219,32 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
           const code = (error as { code?: unknown }).code;
           throw new Error(`job ${job.name} failed${typeof code === 'string' ? ` (${code})` : ''}`, { cause: error });
         }
-      },
-      {
-        connection: (this.workerConnection = this.connection.duplicate()),
-        prefix: `${this.settings.REDIS_KEY_PREFIX}jobs`,
-        concurrency: this.settings.JOB_CONCURRENCY,
-      },
-    );
-    this.worker.on('error', (error) => this.logger.error({ err: error }, 'job worker error'));
-    this.worker.on('failed', (job, error) => {
-      const final = job !== undefined && job.attemptsMade >= (job.opts.attempts ?? 1);
-      this.logger[final ? 'error' : 'warn']({ err: error, job: job?.name, jobId: job?.id, attempt: job?.attemptsMade }, final ? 'job failed for good' : 'job failed; will retry');
-    });
+    };
   }
 
   async close(): Promise<void> {
+    const queues = [...this.queues.values()];
     if (this.connection.status !== 'ready') {
       // Redis is out of reach: nothing can be finished or handed back, so drop the connections
       // rather than wait for it.
-      this.workerConnection?.disconnect();
+      for (const { worker, connection } of this.workers) {
+        connection.disconnect();
+        void worker.close(true).catch(() => undefined);
+      }
       this.connection.disconnect();
-      void this.worker?.close(true).catch(() => undefined);
-      void this.queue.close().catch(() => undefined);
+      for (const queue of queues) void queue.close().catch(() => undefined);
       return;
     }
     // Worker.close waits for the jobs it is running.
-    await this.worker?.close();
-    await this.queue.close();
+    await Promise.all(this.workers.map(({ worker }) => worker.close()));
+    await Promise.all(queues.map((queue) => queue.close()));
     // BullMQ leaves connections it was given open: without these the process would not exit.
-    const workerConnection = this.workerConnection;
-    await workerConnection?.quit().catch(() => workerConnection.disconnect());
+    for (const { connection } of this.workers) await connection.quit().catch(() => connection.disconnect());
     await this.connection.quit().catch(() => this.connection.disconnect());
   }
 }
 
-/** The queue of `registry`'s jobs (default: the application's, tasks/registry.ts). */
-export function createQueue<R extends JobRegistry = Jobs>(settings: Settings, logger: Logger, registry: R = JOBS as JobRegistry as R): JobQueue<R> {
-  return settings.REDIS_URL ? new RedisQueue(settings, logger, registry, settings.REDIS_URL) : new InProcessQueue(settings, logger, registry);
+/** The queue of `registry`'s jobs (default: the application's, tasks/registry.ts, with its lanes). */
+export function createQueue<R extends JobRegistry = Jobs>(settings: Settings, logger: Logger, registry: R = JOBS as JobRegistry as R, lanes: readonly JobLane[] = JOB_LANES): JobQueue<R> {
+  return settings.REDIS_URL ? new RedisQueue(settings, logger, registry, settings.REDIS_URL, lanes) : new InProcessQueue(settings, logger, registry);
 }

@@ -162,7 +162,9 @@ export const MODELS_CHANGED_CHANNEL = 'keel_models_changed';
 export async function followModelChanges(database: Database, manager: ModelManager, settings: Settings, log: Logger): Promise<() => void> {
   let stopped = false;
   let queued = false;
-  let lost = false;
+  // On PostgreSQL another node may change the catalog between the caller's load and the LISTEN:
+  // the first connection reloads once, like a reconnection (on PGlite this process is the only one).
+  let lost = database.kind === 'postgres';
   const reload = () => {
     if (stopped || queued) return;
     queued = true;

@@ -216,8 +216,11 @@ export async function remove(ctx: ServiceContext, id: string): Promise<void> {
  * (RunBusUnavailableError) rather than a stream that ends at once.
  */
 export async function eventsFrom(ctx: ServiceContext, deps: RunDeps, id: string, after: number): Promise<{ run: Run; done: boolean }> {
+  // Both reads at once; the run's 404 (not the caller's) comes first, before anything of its log is told.
+  const lastSeq = deps.bus.events.lastSeq(id);
+  lastSeq.catch(() => undefined);
   const run = await get(ctx, id);
-  const last = await deps.bus.events.lastSeq(run.id);
+  const last = await lastSeq;
   if (!FINAL.has(run.status)) return { run, done: false };
   // Every run's log starts with run.queued: an ended run without events had them expire
   // (RUN_EVENTS_TTL_SECONDS). Inventing its final event would need a seq the client may have

@@ -1,5 +1,7 @@
 import { z } from 'zod';
 
+import type { Settings } from '../core/config.js';
+
 /** An email as the mailer queues it (services/email/mailer.ts). */
 export const SendEmailJob = z.strictObject({
   to: z.email(),
@@ -25,3 +27,17 @@ export const JOBS = {
 
 export type Jobs = typeof JOBS;
 export type JobName = keyof Jobs;
+
+/**
+ * Jobs with a queue of their own in Redis, worked with their own number at once per worker: agent
+ * runs mostly wait on a model (a worker runs RUN_CONCURRENCY of them), while email and ingestion
+ * keep JOB_CONCURRENCY, and neither kind waits behind the other.
+ */
+export const JOB_LANES = [{ queue: 'keel-runs', jobs: ['run-agent'], concurrency: (settings: Settings) => settings.RUN_CONCURRENCY }] as const satisfies readonly JobLane[];
+
+/** A queue of its own for some jobs (JOB_LANES). */
+export interface JobLane {
+  queue: string;
+  jobs: readonly string[];
+  concurrency: (settings: Settings) => number;
+}

@@ -190,6 +190,32 @@ export function runEventLogContract(name: string, makeLog: Factory<RunEventLog>)
       expect(events.map((event) => event.data.delta ?? event.event)).toEqual(['t0', 't1', 'second', 'resumed', 'run.completed']);
     });
 
+    it('keeps the order of appends the writer does not wait for, each answered with its own seqs', async () => {
+      const [writer, readerNode] = [await node(), await node()];
+      const runId = randomUUID();
+      const reader = startReading(readerNode, runId, 0);
+      await writer.append(runId, [{ event: 'run.queued', data: {} }]);
+      // A model's deltas, appended as they come without waiting for each (as the runner does).
+      const appended = await Promise.all([...Array.from({ length: 30 }, (_, i) => writer.append(runId, [delta(`t${i}`)])), writer.append(runId, deltas(3, 30)), writer.append(runId, [completed])]);
+      expect(appended.map(seqs)).toEqual([...range(2, 31).map((seq) => [seq]), [32, 33, 34], [35]]);
+      await withinMs(reader.done, 2_000, 'the reader to end');
+      expect(seqs(reader.events)).toEqual(range(1, 35));
+      expect(reader.events.slice(1, -1).map((event) => event.data.delta)).toEqual(Array.from({ length: 33 }, (_, i) => `t${i}`));
+    });
+
+    it('refuses the appends made behind a refused one, writing none of them', async () => {
+      const [first, second] = [await node(), await node()];
+      const runId = randomUUID();
+      await first.append(runId, deltas(2));
+      await second.append(runId, [delta('second')]);
+      const outcomes = await Promise.allSettled([first.append(runId, [delta('stale')]), first.append(runId, [delta('behind')]), first.append(runId, [completed])]);
+      for (const outcome of outcomes) {
+        expect(outcome.status).toBe('rejected');
+        expect((outcome as PromiseRejectedResult).reason).toBeInstanceOf(RunEventsRefusedError);
+      }
+      expect(await second.lastSeq(runId)).toBe(3);
+    });
+
     it('lets exactly one of two writers racing from the same seq append', async () => {
       const [first, second] = [await node(), await node()];
       const runId = randomUUID();

@@ -166,6 +166,44 @@ describe.skipIf(!process.env.REDIS_URL)('job data in Redis', () => {
   });
 });
 
+describe.skipIf(!process.env.REDIS_URL)('job lanes in Redis', () => {
+  it('works a lane\'s jobs on a queue of their own, with its own number at once, beside the others', async () => {
+    const prefix = `keel-test-q:${randomBytes(4).toString('hex')}:`;
+    const settings = testSettings({ REDIS_URL: process.env.REDIS_URL!, REDIS_KEY_PREFIX: prefix, JOB_CONCURRENCY: '1' });
+    const lanes = [{ queue: 'test-lane', jobs: ['slow'], concurrency: () => 3 }];
+    const queue = createAppQueue(settings, silent, TEST_JOBS, lanes);
+    let running = 0;
+    let most = 0;
+    const slowDone: number[] = [];
+    const greeted: string[] = [];
+    let open!: () => void;
+    const released = new Promise<void>((resolve) => (open = resolve));
+    queue.work({
+      slow: async () => {
+        most = Math.max(most, ++running);
+        await released;
+        running--;
+        slowDone.push(Date.now());
+      },
+      greet: async ({ name }) => void greeted.push(name),
+    });
+    for (let i = 0; i < 5; i++) await queue.add('slow', {});
+    await queue.add('greet', { name: 'Ada' });
+    await queue.add('greet', { name: 'Grace' });
+    // Three slow jobs at once (the lane's number, not JOB_CONCURRENCY), and the other jobs not behind them.
+    await eventually(() => running === 3 && greeted.length === 2);
+    const connection = new Redis(settings.REDIS_URL!, { maxRetriesPerRequest: null });
+    expect(await connection.llen(`${prefix}jobs:test-lane:wait`)).toBe(2);
+    open();
+    await eventually(() => slowDone.length === 5);
+    expect(most).toBe(3);
+    await queue.close();
+    const keys = await connection.keys(`${prefix}*`);
+    if (keys.length) await connection.del(...keys);
+    await connection.quit();
+  });
+});
+
 describe('in-process queue shutdown', () => {
   it('gives a job waiting for its retry one last try when closing, instead of dropping it', async () => {
     const queue = createQueue(testSettings({ REDIS_URL: '', JOB_ATTEMPTS: '5', JOB_BACKOFF_MS: '60000' }), silent);

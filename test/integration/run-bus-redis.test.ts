@@ -10,7 +10,7 @@ import { createRedis } from '../../src/core/redis.js';
 import { createRedisRunBus } from '../../src/modules/agents/redis-run-bus.js';
 import { LIVE_RUN_EVENTS_TTL_SECONDS } from '../../src/modules/agents/redis-run-events.js';
 import type { RunEvent } from '../../src/modules/agents/run-bus.js';
-import { RunBusUnavailableError } from '../../src/modules/agents/run-bus-errors.js';
+import { RunBusUnavailableError, RunEventsRefusedError } from '../../src/modules/agents/run-bus-errors.js';
 import { runEventLogContract, runSignalsContract, until, withinMs } from '../contract/run-bus.js';
 import { testRedisPrefix, testSettings } from '../helpers/app.js';
 import { type Child, freePort, launch } from '../helpers/process.js';
@@ -78,6 +78,44 @@ describe.skipIf(!redisUrl)('run bus on Redis', () => {
     const endedTtl = await admin.ttl(events.streamKey(runId));
     expect(endedTtl).toBeGreaterThan(115);
     expect(endedTtl).toBeLessThanOrEqual(120);
+  });
+
+  it('sends the appends made while one is in flight together: one script call, one message', async () => {
+    const [writer, reader] = [node(), node()];
+    const runId = randomUUID();
+    const listener = new Redis(redisUrl!, { maxRetriesPerRequest: 1 });
+    const messages: string[] = [];
+    listener.on('message', (_channel: string, message: string) => messages.push(message));
+    await listener.subscribe(`${keyPrefix}run:${runId}:appended`);
+    try {
+      await writer.events.append(runId, [{ event: 'run.queued', data: {} }]);
+      const reading = (async () => {
+        const seen: RunEvent[] = [];
+        for await (const event of reader.events.read(runId, 0, new AbortController().signal)) seen.push(event);
+        return seen;
+      })();
+      // The first goes out at once; the 19 made while it is in flight, and the end, follow in one call.
+      await Promise.all([...Array.from({ length: 20 }, (_, i) => writer.events.append(runId, [{ event: 'message.delta', data: { delta: `d${i}` } }])), writer.events.append(runId, [{ event: 'run.completed', data: {} }])]);
+      const seen = await withinMs(reading, 2_000, 'the reader to end');
+      expect(seen.map((event) => event.seq)).toEqual(Array.from({ length: 22 }, (_, i) => i + 1));
+      await until(() => messages.length === 3, 1_000, 'the published messages');
+      expect(messages.map((message) => (JSON.parse(message) as RunEvent[]).map((event) => event.seq))).toEqual([[1], [2], Array.from({ length: 20 }, (_, i) => i + 3)]);
+      // What was published is what was stored.
+      const stored = await admin.xrange(writer.events.streamKey(runId), '-', '+');
+      expect((JSON.parse(messages[2]!) as RunEvent[]).map((event) => JSON.stringify(event.data))).toEqual(stored.slice(2).map(([, fields]) => fields[3]));
+    } finally {
+      listener.disconnect();
+    }
+  });
+
+  it('writes a run\'s first event (run.queued) without reading the stream, and never as a second seq 1', async () => {
+    const [api, other] = [node(), node()];
+    const runId = randomUUID();
+    await other.events.append(runId, [{ event: 'run.queued', data: { by: 'other' } }]);
+    const error = await api.events.append(runId, [{ event: 'run.queued', data: { by: 'api' } }]).catch((thrown: unknown) => thrown);
+    expect(error).toBeInstanceOf(RunEventsRefusedError);
+    expect((error as RunEventsRefusedError).reason).toBe('stale');
+    expect((await admin.xrange(api.events.streamKey(runId), '-', '+')).map(([id, fields]) => [id, fields[3]])).toEqual([['0-1', JSON.stringify({ by: 'other', run_id: runId, seq: 1 })]]);
   });
 
   it('serves 400 readers of 100 runs over one subscriber connection per node', async () => {

@@ -25,6 +25,10 @@ import { RunEventsRefusedError } from './run-bus-errors.js';
  * Readers pull: each holds a cursor and nothing else; a reader that falls behind the shared
  * window reads its own pages with XRANGE. So a slow reader costs neither the writer nor the other
  * readers anything, and no reader buffers more than one page.
+ *
+ * Writers batch: appends to one run go out one script call at a time, and those made while one is
+ * in flight (a model's deltas, which the runner does not wait for one by one) go out together in the
+ * next — one round trip, one XADD per event and one PUBLISH for all of them.
  */
 
 /** An abandoned stream (its run never ends: a bug, or lost with its worker) expires this long after its last append. */
@@ -35,6 +39,8 @@ const TAIL_WINDOW = 64;
 const UNTRIMMED_EVENTS = 16;
 /** Events per XRANGE page (replay, catching up). */
 const PAGE_SIZE = 200;
+/** Most events of queued appends one script call takes (the rest go in the next). */
+const MAX_BATCH_EVENTS = 256;
 
 export interface RedisRunEventLogOptions {
   /** REDIS_KEY_PREFIX. */
@@ -72,6 +78,13 @@ function isFinal(event: RunEventName): boolean {
   return FINAL_RUN_EVENTS.has(event);
 }
 
+/** An append waiting for the one in flight on its run. */
+interface QueuedAppend {
+  events: readonly NewRunEvent[];
+  resolve: (stored: RunEvent[]) => void;
+  reject: (error: unknown) => void;
+}
+
 function parseEntry([id, fields]: StreamEntry): RunEvent {
   // Fields are written as event, <name>, data, <json> (see APPEND_SCRIPT).
   return { seq: Number(id.slice(2)), event: fields[1] as RunEventName, data: JSON.parse(fields[3]!) as RunEvent['data'] };
@@ -80,8 +93,8 @@ function parseEntry([id, fields]: StreamEntry): RunEvent {
 export class RedisRunEventLog implements RunEventLog {
   /** Per run, the seq this log last appended or read with lastSeq: where its next append must continue. */
   private readonly cursors = new Map<string, number>();
-  /** Per run, the end of the chain of this log's appends, which run one after another. */
-  private readonly appending = new Map<string, Promise<unknown>>();
+  /** Per run with an append in flight: the appends made since, which go out together after it. */
+  private readonly queued = new Map<string, QueuedAppend[]>();
   private readonly tails = new Map<string, RunTail>();
   private readonly releaseSubscriber: () => void;
   private readonly stopCatchingUp: () => void;
@@ -114,31 +127,67 @@ export class RedisRunEventLog implements RunEventLog {
     if (finalAt !== -1 && finalAt < events.length - 1) {
       return Promise.reject(new RunEventsRefusedError(runId, 'ended', this.cursors.get(runId) ?? 0));
     }
-    // One append at a time per run: each continues from the seq the previous one left.
-    const previous = this.appending.get(runId) ?? Promise.resolve();
-    const appended = previous.then(() => this.appendNow(runId, events));
-    const settled = appended.catch(() => undefined);
-    this.appending.set(runId, settled);
-    void settled.then(() => {
-      if (this.appending.get(runId) === settled) this.appending.delete(runId);
+    // One script call at a time per run, each continuing from the seq the previous one left.
+    return new Promise<RunEvent[]>((resolve, reject) => {
+      const append: QueuedAppend = { events, resolve, reject };
+      const waiting = this.queued.get(runId);
+      if (waiting) {
+        waiting.push(append);
+        return;
+      }
+      this.queued.set(runId, []);
+      void this.send(runId, [append]);
     });
-    return appended;
+  }
+
+  /** Sends `batch` as one script call, then whatever was queued meanwhile, until nothing is. */
+  private async send(runId: string, batch: QueuedAppend[]): Promise<void> {
+    while (batch.length) {
+      try {
+        const stored = await this.appendNow(runId, batch.flatMap((append) => append.events));
+        let from = 0;
+        for (const append of batch) append.resolve(stored.slice(from, (from += append.events.length)));
+      } catch (error) {
+        // What was queued behind a refused or failed append fails with it: a writer's events are
+        // stored in order or not at all, never with a hole where a failed one was.
+        for (const append of [...batch, ...this.queued.get(runId)!.splice(0)]) append.reject(error);
+      }
+      batch = this.nextBatch(this.queued.get(runId)!);
+    }
+    this.queued.delete(runId);
+  }
+
+  /** Takes queued appends for one script call: up to MAX_BATCH_EVENTS events, and none after a final event. */
+  private nextBatch(waiting: QueuedAppend[]): QueuedAppend[] {
+    let take = 0;
+    let events = 0;
+    while (take < waiting.length && (take === 0 || events + waiting[take]!.events.length <= MAX_BATCH_EVENTS)) {
+      events += waiting[take]!.events.length;
+      take++;
+      if (isFinal(waiting[take - 1]!.events.at(-1)!.event)) break;
+    }
+    return waiting.splice(0, take);
   }
 
   private async appendNow(runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]> {
     try {
-      const after = this.cursors.get(runId) ?? (await this.top(runId)).seq;
+      // A run's first event (its start writes run.queued) needs no look-up: the script refuses it
+      // ('stale') were the stream not empty.
+      const after = this.cursors.get(runId) ?? (events[0]!.event === 'run.queued' ? 0 : (await this.top(runId)).seq);
       const stored: RunEvent[] = events.map((event, index) => {
         const seq = after + index + 1;
         return { seq, event: event.event, data: { ...event.data, run_id: runId, seq } };
       });
       const ended = isFinal(stored.at(-1)!.event);
+      // Each event's data is serialized once, for its stream entry and for the published message.
+      const data = stored.map((event) => JSON.stringify(event.data));
+      const message = `[${stored.map((event, i) => `{"seq":${event.seq},"event":"${event.event}","data":${data[i]}}`).join(',')}]`;
       const args = [
         after,
         ended ? this.options.endedTtlSeconds : LIVE_RUN_EVENTS_TTL_SECONDS,
         this.channel(runId),
-        JSON.stringify(stored),
-        ...stored.flatMap((event) => [event.seq, event.event, JSON.stringify(event.data)]),
+        message,
+        ...stored.flatMap((event, i) => [event.seq, event.event, data[i]!]),
       ];
       const [outcome, last] = await this.runAppendScript(this.streamKey(runId), args);
       if (outcome === 'ended') {
@@ -200,8 +249,8 @@ export class RedisRunEventLog implements RunEventLog {
 
   async *read(runId: string, after: number, signal: AbortSignal): AsyncGenerator<RunEvent> {
     if (signal.aborted || this.closed) return;
-    const tail = this.tailOf(runId);
     const reader: TailReader = { cursor: Math.max(0, Math.floor(after)) || 0 };
+    const tail = this.tailOf(runId, reader.cursor);
     const wakeOnAbort = () => tail.wake(reader);
     signal.addEventListener('abort', wakeOnAbort, { once: true });
     tail.readers.add(reader);
@@ -241,13 +290,14 @@ export class RedisRunEventLog implements RunEventLog {
     }
   }
 
-  private tailOf(runId: string): RunTail {
+  /** The run's tail, started for a first reader at `after` when there is none. */
+  private tailOf(runId: string, after: number): RunTail {
     let tail = this.tails.get(runId);
     if (!tail || tail.failure) {
       tail = new RunTail(runId, this);
       const created = tail;
       this.tails.set(runId, created);
-      created.ready = created.start(this.subscriber, this.channel(runId)).catch((error: unknown) => {
+      created.ready = created.start(this.subscriber, this.channel(runId), after).catch((error: unknown) => {
         const failure = asRunBusError(error);
         created.fail(failure);
         throw failure;
@@ -305,14 +355,26 @@ class RunTail {
     private readonly log: RedisRunEventLog,
   ) {}
 
-  /** Subscribes first, then reads the top: an event appended in between arrives by either path. */
-  async start(subscriber: RedisSubscriber, channel: string): Promise<void> {
+  /**
+   * Subscribes first, then reads the top: an event appended in between arrives by either path.
+   * The top comes with the first reader's replay (after `after`), one XRANGE: a page that is not
+   * full ends at the top, and becomes the window (that reader, and any at the same point, read it
+   * without another round trip). Only an empty or full page needs the top read on its own.
+   */
+  async start(subscriber: RedisSubscriber, channel: string, after: number): Promise<void> {
     const stop = await subscriber.listen(channel, (message) => this.receive(message));
     if (this.stopped) return stop();
     this.stopListening = stop;
-    const top = await this.log.top(this.runId);
-    this.last = top.seq;
-    this.ended = top.ended;
+    const page = await this.log.range(this.runId, after, PAGE_SIZE);
+    if (page.length > 0 && page.length < PAGE_SIZE) {
+      this.window = page;
+      this.last = page.at(-1)!.seq;
+      this.ended = isFinal(page.at(-1)!.event);
+    } else {
+      const top = await this.log.top(this.runId);
+      this.last = top.seq;
+      this.ended = top.ended;
+    }
     const early = this.early ?? [];
     this.early = null;
     for (const events of early) this.add(events);

@@ -81,6 +81,38 @@ export interface RunBus {
   signals: RunSignals;
 }
 
+/**
+ * A writer's appends that it does not wait for one by one (a model's deltas): the log keeps their
+ * order (and Redis sends those made while one is in flight together). The first failure is kept:
+ * `check` throws it at the writer's next step, `settle` after waiting for all of them.
+ */
+export class OrderedAppends {
+  private last: Promise<void> = Promise.resolve();
+  private failure: { error: unknown } | null = null;
+
+  constructor(
+    private readonly log: RunEventLog,
+    private readonly runId: string,
+  ) {}
+
+  add(events: readonly NewRunEvent[]): void {
+    // Appends to a run settle in order, so this handler runs after those of every earlier one.
+    this.last = this.log.append(this.runId, events).then(
+      () => undefined,
+      (error: unknown) => void (this.failure ??= { error }),
+    );
+  }
+
+  check(): void {
+    if (this.failure) throw this.failure.error;
+  }
+
+  async settle(): Promise<void> {
+    await this.last;
+    this.check();
+  }
+}
+
 /** Runs whose writer cursor a log remembers; the oldest is forgotten first (its next append reads the top). */
 const MAX_WRITER_CURSORS = 10_000;
 

@@ -22,7 +22,7 @@ import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
 import { addCosts, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
-import type { NewRunEvent } from './run-bus.js';
+import { type NewRunEvent, OrderedAppends } from './run-bus.js';
 import { appendFinalEvent, endInTransaction, finishRun, lockThread, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
 import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, type ToolImplementations, type ToolSource } from './tools.js';
 
@@ -196,7 +196,6 @@ export class AgentRunner {
     // announces itself, with the first event of its work (one write, not two).
     const announcement: NewRunEvent[] = [];
     try {
-      if ((await deps.bus.events.lastSeq(run.id)) <= 1) announcement.push(runEvent(run));
       await this.loop(run, signal, announcement);
     } catch (error) {
       const stop = signal.aborted && signal.reason instanceof RunStop ? signal.reason : null;
@@ -246,15 +245,23 @@ export class AgentRunner {
   /**
    * The steps, until the model answers: the step that answers writes its messages and ends the run
    * in one transaction, and appends its `message.completed` with `run.completed`. `announcement`
-   * (run.started) goes out with the first event.
+   * (run.started, on a run's first start) goes out with the first event.
    */
   private async loop(run: Run, signal: AbortSignal, announcement: NewRunEvent[]): Promise<void> {
     const { deps } = this;
     const { settings, bus } = deps;
     if (!run.agent_id) throw new RunFailure('The agent of this run was deleted; start a new run with another agent');
-    const version = await versionCrud.getIn(deps.db, run.agent_id, run.agent_version).catch(() => {
-      throw new RunFailure(`Version ${run.agent_version} of the agent was not found; start a new run`);
-    });
+    // The first step's reads go out together: the pinned version, the thread's messages, the log's
+    // top (a resumed run's log goes on from its last event; only a first start announces itself).
+    let historyRead: Promise<Message[]> | null = this.history(run);
+    historyRead.catch(() => undefined);
+    const [version, lastSeq] = await Promise.all([
+      versionCrud.getIn(deps.db, run.agent_id, run.agent_version).catch(() => {
+        throw new RunFailure(`Version ${run.agent_version} of the agent was not found; start a new run`);
+      }),
+      bus.events.lastSeq(run.id),
+    ]);
+    if (lastSeq <= 1) announcement.push(runEvent(run));
     const tools = toolSetOf(version);
     const toolContext: Omit<ToolCallContext, 'cite'> = {
       run_id: run.id,
@@ -273,10 +280,14 @@ export class AgentRunner {
         throw new RunFailure(`The agent used all ${settings.MAX_RUN_STEPS} steps (MAX_RUN_STEPS) without a final answer`);
       }
       const step = steps + 1;
-      const history = await deps.db.select().from(messages).where(eq(messages.thread_id, run.thread_id)).orderBy(asc(messages.seq));
+      const history = await (historyRead ?? this.history(run));
+      historyRead = null;
       const messageId = randomUUID();
       const draft = { id: messageId, thread_id: run.thread_id, run_id: run.id, role: 'assistant', content: '', tool_calls: null, step };
-      await bus.events.append(run.id, [...announcement.splice(0), { event: 'message.created', data: { message: draft, step } }]);
+      // The step's events are not waited for one by one (the model call starts while message.created
+      // is written, deltas go out batched); a failed append stops the step at the model's next part.
+      const appends = new OrderedAppends(bus.events, run.id);
+      appends.add([...announcement.splice(0), { event: 'message.created', data: { message: draft, step } }]);
 
       const stream = deps.models.stream({
         model: run.model,
@@ -290,11 +301,12 @@ export class AgentRunner {
       });
       const outcomes: Promise<ToolOutcome>[] = [];
       for await (const part of stream) {
+        appends.check();
         if (part.type === 'text-delta') {
-          await bus.events.append(run.id, [{ event: 'message.delta', data: { message_id: messageId, delta: part.text, step } }]);
+          appends.add([{ event: 'message.delta', data: { message_id: messageId, delta: part.text, step } }]);
         } else if (part.type === 'tool-call') {
           const call = part.toolCall;
-          await bus.events.append(run.id, [{ event: 'tool.call', data: { message_id: messageId, tool_call_id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input), step } }]);
+          appends.add([{ event: 'tool.call', data: { message_id: messageId, tool_call_id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input), step } }]);
           // Started as soon as the model asks: several calls of one step run in parallel.
           const outcome = this.callTool(call, version, toolContext, step);
           // Awaited below; until then a rejection (an abort) must not count as unhandled.
@@ -302,6 +314,7 @@ export class AgentRunner {
           outcomes.push(outcome);
         }
       }
+      await appends.settle();
       const result = await stream.result;
       const results = await Promise.all(outcomes);
       if (signal.aborted) throw signal.reason;
@@ -342,6 +355,11 @@ export class AgentRunner {
       await this.closeEnded(written.ended.run, completed);
       return;
     }
+  }
+
+  /** The thread's messages in order: what the model reads (a promise: the query runs once, now). */
+  private history(run: Run): Promise<Message[]> {
+    return Promise.resolve(this.deps.db.select().from(messages).where(eq(messages.thread_id, run.thread_id)).orderBy(asc(messages.seq)));
   }
 
   /** One tool call: its implementation's answer, or an error result the model reads (never a crashed run). */
