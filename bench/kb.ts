@@ -13,6 +13,8 @@
  *   (one client, the corpus questions in turn) on an in-process app: full text on PGlite and on
  *   PostgreSQL (a database of its own, dropped at the end), hybrid on PGlite. Baseline, same run:
  *   the full-text SELECT the service runs, sent straight to the database.
+ * - worker-rss (not in the default PARTS): the same PDF ingested by a `keel worker` on PostgreSQL
+ *   and Redis (the API a process of its own); RSS of the worker's process group.
  * - rss: `keel start` (started once, then restarted on its database) ingesting a pdfkit PDF of
  *   BIG_PDF_MB; RSS of its process group sampled every 100 ms (worker threads included); CHECKOUTS
  *   ("name=dir ...") runs it for each build in turn on the same file (A/B).
@@ -130,28 +132,33 @@ interface Server {
   dataDir: string;
 }
 
-async function startKeel(port: number, extra: Record<string, string> = {}, checkout = root): Promise<Server> {
+/** Environment of a bench Keel process: generous knowledge-base limits, the bench's superuser. */
+function keelProcessEnv(dataDir: string, port: number, extra: Record<string, string>): NodeJS.ProcessEnv {
+  return {
+    PATH: process.env.PATH,
+    ENVIRONMENT: 'local',
+    SECRET_KEY: randomBytes(32).toString('hex'),
+    DATA_DIR: dataDir,
+    PORT: String(port),
+    LOG_LEVEL: 'warn',
+    FIRST_SUPERUSER: ADMIN.email,
+    FIRST_SUPERUSER_PASSWORD: ADMIN.password,
+    KB_MAX_FILE_BYTES: String(200 * 1024 ** 2),
+    KB_MAX_BYTES_PER_USER: String(1024 ** 3),
+    KB_MAX_TEXT_CHARS: String(200_000_000),
+    KB_EXTRACT_TIMEOUT_SECONDS: '1200',
+    HTTP_REQUEST_TIMEOUT_MS: '600000',
+    ...extra,
+  };
+}
+
+async function startKeel(port: number, extra: Record<string, string> = {}, checkout = root, command = 'start'): Promise<Server> {
   const dataDir = extra.DATA_DIR ?? mkdtempSync(join(tmpdir(), 'keel-bench-kb-data-'));
-  const child = spawn(process.execPath, [join(checkout, 'bin/keel.js'), 'start'], {
+  const child = spawn(process.execPath, [join(checkout, 'bin/keel.js'), command], {
     cwd: checkout,
     detached: true, // its own process group: RSS is summed over it
     stdio: ['ignore', 'ignore', 'inherit'],
-    env: {
-      PATH: process.env.PATH,
-      ENVIRONMENT: 'local',
-      SECRET_KEY: randomBytes(32).toString('hex'),
-      DATA_DIR: dataDir,
-      PORT: String(port),
-      LOG_LEVEL: 'warn',
-      FIRST_SUPERUSER: ADMIN.email,
-      FIRST_SUPERUSER_PASSWORD: ADMIN.password,
-      KB_MAX_FILE_BYTES: String(200 * 1024 ** 2),
-      KB_MAX_BYTES_PER_USER: String(1024 ** 3),
-      KB_MAX_TEXT_CHARS: String(200_000_000),
-      KB_EXTRACT_TIMEOUT_SECONDS: '1200',
-      HTTP_REQUEST_TIMEOUT_MS: '600000',
-      ...extra,
-    },
+    env: keelProcessEnv(dataDir, port, extra),
   });
   const base = `http://127.0.0.1:${port}`;
   for (let i = 0; ; i++) {
@@ -341,6 +348,49 @@ async function rssPart(dir: string): Promise<void> {
   log('| checkout | file MB | status | text MB | chunks | upload → ready s | text MB/min | RSS idle after first start MB | RSS at rest (restarted) MB | peak RSS MB | RSS 2 s after MB | load avg |');
   log('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |');
   for (const row of rows) log(row);
+}
+
+/**
+ * Peak and at-rest RSS of a `keel worker` (scaled: PostgreSQL + Redis, the API in a process of its
+ * own) ingesting the big PDF: the worker the issue's memory target names, without PGlite or the API.
+ */
+async function workerRssPart(dir: string): Promise<void> {
+  const path = join(dir, 'big.pdf');
+  if (!existsSync(path)) await writeBigPdf(path, BIG_PDF_MB);
+  const name = `keel_bench_kb_worker_${process.pid}`;
+  await adminQuery(PG_ADMIN_URL, `create database "${name}"`);
+  const shared = { DATABASE_URL: databaseUrl(PG_ADMIN_URL, name), REDIS_URL: env('REDIS_URL', 'redis://127.0.0.1:6379'), REDIS_KEY_PREFIX: `kbbench${process.pid}:` };
+  const apiServer = await startKeel(8234, shared, root, 'api');
+  const worker = spawn(process.execPath, [join(root, 'bin/keel.js'), 'worker'], {
+    cwd: root,
+    detached: true,
+    stdio: ['ignore', 'ignore', 'inherit'],
+    env: keelProcessEnv(apiServer.dataDir, 8235, shared),
+  });
+  try {
+    await new Promise((r) => setTimeout(r, 5000)); // the worker connects and loads the catalog
+    const folder = await api<{ id: string }>(apiServer, 'POST', '/knowledge-base/folders', { name: 'bench' });
+    const atRest = groupRssMb(worker.pid!);
+    let peak = atRest;
+    const sampler = setInterval(() => (peak = Math.max(peak, groupRssMb(worker.pid!))), 100);
+    const began = performance.now();
+    const id = await uploadFile(apiServer, folder.id, path);
+    const entry = await untilSettled(apiServer, id);
+    const seconds = (performance.now() - began) / 1000;
+    clearInterval(sampler);
+    const content = await fetch(`${apiServer.base}/api/v1/knowledge-base/entries/${id}/content`, { headers: apiServer.headers });
+    const textMb = content.ok ? Buffer.byteLength(await content.text()) / 1e6 : NaN;
+    log('\n### Memory of `keel worker` (scaled: PostgreSQL + Redis) ingesting a large PDF\n');
+    log('| file MB | status | text MB | chunks | upload → ready s | worker RSS at rest MB | worker peak RSS MB | load avg |');
+    log('| --- | --- | --- | --- | --- | --- | --- | --- |');
+    log(`| ${(statSync(path).size / 1e6).toFixed(1)} | ${entry.status}${entry.error ? ` (${entry.error})` : ''} | ${textMb.toFixed(1)} | ${entry.chunk_count} | ${seconds.toFixed(1)} | ${atRest} | **${peak}** | ${load()} |`);
+  } finally {
+    const exited = new Promise((r) => worker.once('exit', r));
+    worker.kill('SIGTERM');
+    await exited;
+    await stopKeel(apiServer);
+    await adminQuery(PG_ADMIN_URL, `drop database if exists "${name}" with (force)`);
+  }
 }
 
 const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
@@ -578,6 +628,7 @@ try {
     for (const target of TARGETS) await searchTarget(target, queries);
   }
   if (PARTS.includes('rss')) await rssPart(dir);
+  if (PARTS.includes('worker-rss')) await workerRssPart(dir);
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }
