@@ -1,7 +1,7 @@
 /* global process, console, Buffer */
 // The agent-runs benchmark (issue 8): how soon a run's first token reaches an SSE client, and how
 // many runs complete per second, with a zero-latency model, against baselines in the same run.
-//   node bench/runs.mjs   (ROUNDS=3 N1=300 DURATION=10 CLIENTS=50 TARGETS="embedded" CHECKOUTS="this=.")
+//   node bench/runs.mjs   (ROUNDS=3 N1=300 DURATION=10 CLIENTS=50 TARGETS="embedded" CHECKOUTS="this=." PORT_BASE=8229)
 // Targets, each started once per checkout (CHECKOUTS="label=dir ...", e.g. "base=/tmp/keel-base this=."
 // for an A/B against another build; each dir needs `npm run build`):
 //   direct    the fake upstream (bench/fake-upstream.mjs) streamed directly: POST → first chunk
@@ -38,7 +38,9 @@ const CHECKOUTS = (process.env.CHECKOUTS ?? 'this=.').split(/\s+/).filter(Boolea
 const REDIS_URL = process.env.REDIS_URL || 'redis://127.0.0.1:6379';
 const OUT = 'bench/out/runs';
 const MODEL = 'bench-model';
-const UPSTREAM_PORT = 8229;
+// PORT_BASE: the upstream's port; the bare SSE server and the Keel servers take the ones after it.
+const PORT_BASE = Number(process.env.PORT_BASE ?? 8229);
+const UPSTREAM_PORT = PORT_BASE;
 const UPSTREAM = `http://127.0.0.1:${UPSTREAM_PORT}/v1`;
 const PASSWORD = 'bench-user-password';
 const INPUT = 'Say hello.';
@@ -137,7 +139,7 @@ function directRun(target) {
 
 // ==================== Targets ====================
 
-let nextPort = 8231;
+let nextPort = PORT_BASE + 2;
 const serverOf = (checkout, name, child, extra = {}) => ({ name: `${name}${CHECKOUTS.length > 1 ? `@${checkout.label}` : ''}`, kind: name.startsWith('scaled') || name === 'embedded' ? 'keel' : name, pids: [child.pid], ...extra });
 
 /** Users with credits, an agent each; `user.headers` signs requests. */
@@ -260,11 +262,11 @@ async function measureMany(round, target) {
 const load = [loadavg()];
 const upstream = start(OUT, 'upstream', ['bench/fake-upstream.mjs'], { PORT: String(UPSTREAM_PORT) });
 await waitUp(UPSTREAM_PORT);
-const bare = start(OUT, 'bare-sse', ['bench/baseline-sse-server.mjs'], { PORT: '8230' });
-await waitUp(8230);
+const bare = start(OUT, 'bare-sse', ['bench/baseline-sse-server.mjs'], { PORT: String(PORT_BASE + 1) });
+await waitUp(PORT_BASE + 1);
 const targets = [
   { name: 'direct', kind: 'direct', port: UPSTREAM_PORT, pids: [upstream.pid] },
-  { name: 'bare-sse', kind: 'bare-sse', port: 8230, pids: [bare.pid] },
+  { name: 'bare-sse', kind: 'bare-sse', port: PORT_BASE + 1, pids: [bare.pid] },
 ];
 const skipped = [];
 for (const name of TARGETS) {

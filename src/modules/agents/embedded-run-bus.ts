@@ -12,6 +12,7 @@ import { runEvents, runs } from '../../models/index.js';
 
 import { CANCEL_MARK_TTL_SECONDS, FINAL_RUN_EVENTS, type NewRunEvent, rememberCursor, type RunEvent, type RunEventLog, type RunEventName, type RunSignals } from './run-bus.js';
 import { RunEventsRefusedError } from './run-bus-errors.js';
+import { preparedAnywhere } from '../../crud/prepared.js';
 
 /** Stored events read per query while a reader catches up. */
 const REPLAY_PAGE = 500;
@@ -26,6 +27,42 @@ const INSERT_BATCH = 500;
 export const READER_BUFFER_EVENTS = 2_000;
 
 type Listener = (events: readonly RunEvent[]) => void;
+
+const slot = <T>(name: string) => sql.placeholder(name) as unknown as T;
+// Every run writes and reads its log: these are prepared once (see preparedAnywhere).
+const lastStored = preparedAnywhere('run_events_last', (db, name) =>
+  db
+    .select({ seq: runEvents.seq, event: runEvents.event })
+    .from(runEvents)
+    .where(eq(runEvents.run_id, slot<string>('run_id')))
+    .orderBy(desc(runEvents.seq))
+    .limit(1)
+    .prepare(name),
+);
+const storedAfter = preparedAnywhere('run_events_after', (db, name) =>
+  db
+    .select({ seq: runEvents.seq, event: runEvents.event, data: runEvents.data })
+    .from(runEvents)
+    .where(and(eq(runEvents.run_id, slot<string>('run_id')), gt(runEvents.seq, slot<number>('after'))))
+    .orderBy(asc(runEvents.seq))
+    .limit(REPLAY_PAGE)
+    .prepare(name),
+);
+const eventRows = preparedAnywhere('run_events_insert', (db, name) =>
+  db
+    .insert(runEvents)
+    .select(
+      db
+        .select({ run_id: sql`${sql.placeholder('run_id')}::uuid`.as('run_id'), seq: sql`x.seq`.as('seq'), event: sql`x.event`.as('event'), data: sql`x.data`.as('data'), created_at: sql`now()`.as('created_at') })
+        .from(sql`jsonb_to_recordset(${sql.placeholder('events')}::jsonb) as x(seq integer, event varchar, data jsonb)`) as never,
+    )
+    .prepare(name),
+);
+
+/** Stores events of one run in one statement, however many (one prepared INSERT … SELECT over a JSON array). */
+async function storeEvents(db: Db, runId: string, events: readonly RunEvent[]): Promise<void> {
+  await eventRows(db).execute({ run_id: runId, events: JSON.stringify(events.map((e) => ({ seq: e.seq, event: e.event, data: e.data }))) });
+}
 
 /** One run's log as this process sees it: the writer's next seq, events not yet stored, readers. */
 interface RunLogState {
@@ -42,16 +79,23 @@ interface RunLogState {
   flushTimer: NodeJS.Timeout | undefined;
 }
 
+/**
+ * Events stored on the flush timer (with the deltas) rather than before `append` returns: the
+ * streamed text, and the announcements a step opens with. Whatever comes next (a tool call, the
+ * step's messages, the end) stores them with it, so a quick run writes its log once.
+ */
+const DEFERRED_EVENTS: ReadonlySet<RunEventName> = new Set(['message.delta', 'message.created', 'run.started']);
+
 const isFinal = (event: RunEvent) => FINAL_RUN_EVENTS.has(event.event);
 const deltaChars = (event: RunEvent) => (event.event === 'message.delta' && typeof event.data.delta === 'string' ? event.data.delta.length : 0);
 
 /**
  * The database event log as one process holds it: each run's live state (the next seq, events not
  * yet stored, live readers), shared by every `DatabaseRunEventLog` on it. `message.delta` events
- * get their seq and reach live readers at once but are stored in batches (at most every
+ * (and a step's opening `run.started` / `message.created`: DEFERRED_EVENTS) get their seq and reach live readers at once but are stored in batches (at most every
  * RUN_EVENTS_FLUSH_MS, or FLUSH_CHARS of text): PGlite is not written per token, and a reader that
- * replays later gets the very same events and seqs. Any other event is stored, with every delta
- * before it, before `append` returns.
+ * replays later gets the very same events and seqs. Any other event is stored, with every
+ * deferred one before it, before `append` returns.
  */
 export class EmbeddedRunEvents {
   private readonly states = new Map<string, RunLogState>();
@@ -92,7 +136,7 @@ export class EmbeddedRunEvents {
   }
 
   private async storedLast(runId: string): Promise<{ seq: number; event: RunEventName } | undefined> {
-    const [row] = await this.db.select({ seq: runEvents.seq, event: runEvents.event }).from(runEvents).where(eq(runEvents.run_id, runId)).orderBy(desc(runEvents.seq)).limit(1);
+    const [row] = await lastStored(this.db).execute({ run_id: runId });
     return row && { seq: row.seq, event: row.event as RunEventName };
   }
 
@@ -137,7 +181,7 @@ export class EmbeddedRunEvents {
       if (stamped.some(isFinal)) state.ended = true;
       // Live readers first: they never wait for the database.
       for (const listener of state.listeners) listener(stamped);
-      if (stamped.every((event) => event.event === 'message.delta') && state.pendingChars < FLUSH_CHARS) {
+      if (stamped.every((event) => DEFERRED_EVENTS.has(event.event)) && state.pendingChars < FLUSH_CHARS) {
         state.flushTimer ??= setTimeout(() => void this.flush(runId, state).catch(() => undefined), this.flushMs);
         return stamped;
       }
@@ -157,10 +201,7 @@ export class EmbeddedRunEvents {
     const batch = state.pending.slice();
     state.flushing = (async () => {
       try {
-        for (let i = 0; i < batch.length; i += INSERT_BATCH) {
-          const rows = batch.slice(i, i + INSERT_BATCH).map((e) => ({ run_id: runId, seq: e.seq, event: e.event, data: e.data }));
-          await this.db.insert(runEvents).values(rows);
-        }
+        for (let i = 0; i < batch.length; i += INSERT_BATCH) await storeEvents(this.db, runId, batch.slice(i, i + INSERT_BATCH));
         state.pending.splice(0, batch.length);
         state.pendingChars = state.pending.reduce((n, e) => n + deltaChars(e), 0);
       } catch (error) {
@@ -199,12 +240,7 @@ export class EmbeddedRunEvents {
       try {
         const snapshot = state.pending.slice();
         for (;;) {
-          const rows = await this.db
-            .select({ seq: runEvents.seq, event: runEvents.event, data: runEvents.data })
-            .from(runEvents)
-            .where(and(eq(runEvents.run_id, runId), gt(runEvents.seq, last)))
-            .orderBy(asc(runEvents.seq))
-            .limit(REPLAY_PAGE);
+          const rows = await storedAfter(this.db).execute({ run_id: runId, after: last });
           for (const row of rows) {
             if (signal.aborted) return;
             const event = row as RunEvent;

@@ -10,7 +10,7 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import { hostname } from 'node:os';
 
 import { jsonSchema, type ModelMessage, tool, type ToolSet } from 'ai';
-import { asc, eq } from 'drizzle-orm';
+import { asc, eq, sql } from 'drizzle-orm';
 
 import { transaction } from '../../core/db.js';
 import { HttpError, PaymentRequiredError, TooManyRequestsError } from '../../core/errors.js';
@@ -18,6 +18,7 @@ import { HttpError, PaymentRequiredError, TooManyRequestsError } from '../../cor
 import { type AgentVersion, type Message, messages, type MessageToolCall, type Run, type RunUsage } from '../../models/index.js';
 
 import { versionCrud } from '../../crud/agent.js';
+import { preparedAnywhere } from '../../crud/prepared.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
 import { addCosts, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
@@ -129,6 +130,19 @@ const sourcesField = (sources: ToolSource[]) => (sources.length ? { sources } : 
 
 // ==================== The runner ====================
 
+/** Agent versions a runner keeps (they never change). */
+const VERSION_CACHE_SIZE = 1_000;
+
+/** A thread's messages in order: every step reads them. */
+const threadHistory = preparedAnywhere('messages_of_thread', (db, name) =>
+  db
+    .select()
+    .from(messages)
+    .where(eq(messages.thread_id, sql.placeholder('thread_id') as unknown as string))
+    .orderBy(asc(messages.seq))
+    .prepare(name),
+);
+
 interface Execution {
   controller: AbortController;
   done: Promise<void>;
@@ -138,6 +152,8 @@ export class AgentRunner {
   /** This process's name on the leases it holds. */
   readonly workerId = `${hostname()}:${process.pid}:${randomBytes(4).toString('hex')}`;
   private readonly executions = new Map<string, Execution>();
+  /** Agent versions by `agent_id:version`, oldest first (see versionOf). */
+  private readonly versions = new Map<string, AgentVersion>();
   private closing = false;
   /** The built-in tools, overridden by name by the server's own (tests give theirs; `undefined` switches one off). */
   private readonly tools: ToolImplementations;
@@ -252,9 +268,7 @@ export class AgentRunner {
     const { deps } = this;
     const { settings, bus } = deps;
     if (!run.agent_id) throw new RunFailure('The agent of this run was deleted; start a new run with another agent');
-    const version = await versionCrud.getIn(deps.db, run.agent_id, run.agent_version).catch(() => {
-      throw new RunFailure(`Version ${run.agent_version} of the agent was not found; start a new run`);
-    });
+    const version = await this.versionOf(run.agent_id, run.agent_version);
     const tools = toolSetOf(version);
     const toolContext: Omit<ToolCallContext, 'cite'> = {
       run_id: run.id,
@@ -273,7 +287,7 @@ export class AgentRunner {
         throw new RunFailure(`The agent used all ${settings.MAX_RUN_STEPS} steps (MAX_RUN_STEPS) without a final answer`);
       }
       const step = steps + 1;
-      const history = await deps.db.select().from(messages).where(eq(messages.thread_id, run.thread_id)).orderBy(asc(messages.seq));
+      const history = await threadHistory(deps.db).execute({ thread_id: run.thread_id });
       const messageId = randomUUID();
       const draft = { id: messageId, thread_id: run.thread_id, run_id: run.id, role: 'assistant', content: '', tool_calls: null, step };
       await bus.events.append(run.id, [...announcement.splice(0), { event: 'message.created', data: { message: draft, step } }]);
@@ -342,6 +356,23 @@ export class AgentRunner {
       await this.closeEnded(written.ended.run, completed);
       return;
     }
+  }
+
+  /**
+   * The agent version a run is pinned to. A version never changes once written (a change makes a
+   * new one), so the versions runs use are kept here (the newest VERSION_CACHE_SIZE) rather than
+   * read for every run; a deleted agent's runs have no agent_id and never get here.
+   */
+  private async versionOf(agentId: string, number: number): Promise<AgentVersion> {
+    const key = `${agentId}:${number}`;
+    const known = this.versions.get(key);
+    if (known) return known;
+    const version = await versionCrud.getIn(this.deps.db, agentId, number).catch(() => {
+      throw new RunFailure(`Version ${number} of the agent was not found; start a new run`);
+    });
+    if (this.versions.size >= VERSION_CACHE_SIZE) this.versions.delete(this.versions.keys().next().value!);
+    this.versions.set(key, version);
+    return version;
   }
 
   /** One tool call: its implementation's answer, or an error result the model reads (never a crashed run). */
