@@ -177,16 +177,16 @@ export type EndGuard = { leaseOwner: string } | { leaseExpired: true } | null;
  * sweep writes (endedWithExpiredLease) — readers are never left waiting. The sweep's own end of
  * an orphaned run clears it.
  */
-export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status' | 'error'> & Partial<Pick<NewRun, 'steps' | 'usage' | 'cost'>>, guard: EndGuard): Promise<Run | undefined> {
+export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status' | 'error'> & Partial<Pick<NewRun, 'steps' | 'usage' | 'cost'>>, guard: EndGuard, releaseLease = false): Promise<Run | undefined> {
   if (guard && 'leaseOwner' in guard && values.steps !== undefined && values.usage !== undefined && values.cost !== undefined) {
     // The runner's end of its run, with its totals: every run's last write, prepared.
-    const [row] = await endedByWorker(tx).execute({ run_id: runId, worker_id: guard.leaseOwner, status: values.status, error: values.error, steps: values.steps, usage: values.usage, cost: values.cost });
+    const [row] = await (releaseLease ? endedAndReleased : endedByWorker)(tx).execute({ run_id: runId, worker_id: guard.leaseOwner, status: values.status, error: values.error, steps: values.steps, usage: values.usage, cost: values.cost });
     return row;
   }
   const conditions: (SQL | undefined)[] = [eq(runs.id, runId), active];
   if (guard && 'leaseOwner' in guard) conditions.push(eq(runs.lease_owner, guard.leaseOwner));
   if (guard && 'leaseExpired' in guard) conditions.push(eq(runs.status, 'running'), or(isNull(runs.lease_owner), lt(runs.lease_expires_at, sql`now()`)));
-  const clearLease = guard !== null && 'leaseExpired' in guard;
+  const clearLease = releaseLease || (guard !== null && 'leaseExpired' in guard);
   const [row] = await tx
     .update(runs)
     .set({
@@ -200,7 +200,8 @@ export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status
   return row;
 }
 
-const endedByWorker = preparedAnywhere('runs_end_by_worker', (db, name) =>
+/** Its worker ends a run with its totals (and lets go of it, with `release`: its final event is in the same transaction). */
+const endByWorker = (release: boolean) => (db: Db, name: string) =>
   db
     .update(runs)
     .set({
@@ -211,11 +212,13 @@ const endedByWorker = preparedAnywhere('runs_end_by_worker', (db, name) =>
       cost: slot<string>('cost'),
       waiting: false,
       ended_at: sql`now()`,
+      ...(release ? { lease_owner: null, lease_expires_at: null } : {}),
     })
     .where(and(eq(runs.id, slot<string>('run_id')), active, eq(runs.lease_owner, slot<string>('worker_id'))))
     .returning()
-    .prepare(name),
-);
+    .prepare(name);
+const endedByWorker = preparedAnywhere('runs_end_by_worker', endByWorker(false));
+const endedAndReleased = preparedAnywhere('runs_end_by_worker_released', endByWorker(true));
 
 const nextWaitingLocked = preparedAnywhere('runs_next_waiting_locked', (db, name) =>
   db

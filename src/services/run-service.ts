@@ -129,10 +129,12 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
       input: options.input ?? null,
       input_message_id: message?.id ?? options.inputMessageId ?? null,
     });
+    // Where the log is in this database (embedded), run.queued is stored with the run.
+    await deps.bus.events.appendFirst?.(tx, inserted.id, [runEvent(inserted)]);
     return { run: inserted, interrupted };
   });
   if (interrupted) await stopEnded(deps, interrupted);
-  await deps.bus.events.append(run.id, [runEvent(run)]);
+  if (!deps.bus.events.appendFirst) await deps.bus.events.append(run.id, [runEvent(run)]);
   if (!run.waiting) await queueRun(deps, run.id);
   ctx.log.info({ runId: run.id, threadId, agentId: agent.id, model, waiting: run.waiting, interrupted: interrupted?.id }, 'run queued');
   return run;

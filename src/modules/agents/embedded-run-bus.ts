@@ -5,7 +5,7 @@
  */
 import { and, asc, desc, eq, gt, inArray, lt, sql } from 'drizzle-orm';
 
-import type { Db } from '../../core/db.js';
+import { afterCommit, type Db } from '../../core/db.js';
 import type { Logger } from '../../core/logger.js';
 
 import { runEvents, runs } from '../../models/index.js';
@@ -20,6 +20,8 @@ const REPLAY_PAGE = 500;
 const FLUSH_CHARS = 4_096;
 /** Rows per INSERT when a flush writes many events. */
 const INSERT_BATCH = 500;
+/** Stored events a run's state keeps for readers that start (the usual reader opens at the run's start). */
+const RECENT_EVENTS = 64;
 /**
  * Live events a reader may have waiting (a slow SSE client). Beyond it the reader drops them and
  * catches up from the log instead, so its memory stays bounded and the writer never waits for it.
@@ -77,6 +79,8 @@ interface RunLogState {
   tail: Promise<unknown>;
   flushing: Promise<void> | null;
   flushTimer: NodeJS.Timeout | undefined;
+  /** The last events stored (at most RECENT_EVENTS, in seq order, up to the first pending one): a reader replays them without a query. */
+  recent: RunEvent[];
 }
 
 /**
@@ -121,7 +125,7 @@ export class EmbeddedRunEvents {
   private stateOf(runId: string): RunLogState {
     let state = this.states.get(runId);
     if (!state) {
-      state = { nextSeq: null, ended: false, pending: [], pendingChars: 0, listeners: new Set(), tail: Promise.resolve(), flushing: null, flushTimer: undefined };
+      state = { nextSeq: null, ended: false, pending: [], pendingChars: 0, listeners: new Set(), tail: Promise.resolve(), flushing: null, flushTimer: undefined, recent: [] };
       this.states.set(runId, state);
     }
     return state;
@@ -192,6 +196,94 @@ export class EmbeddedRunEvents {
     return appended;
   }
 
+  /** The first `count` pending events are stored: they move to `recent`. */
+  private stored(state: RunLogState, count: number): void {
+    const stored = state.pending.splice(0, count);
+    state.pendingChars = state.pending.reduce((n, e) => n + deltaChars(e), 0);
+    state.recent.push(...stored);
+    if (state.recent.length > RECENT_EVENTS) state.recent.splice(0, state.recent.length - RECENT_EVENTS);
+  }
+
+  /**
+   * A new run's first events, stored in the transaction that creates the run (`tx`): seq from 1,
+   * and this process's state of the run once it commits (nothing, when it rolls back).
+   */
+  async appendFirst(tx: Db, runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]> {
+    const stamped = events.map((e, i): RunEvent => ({ seq: i + 1, event: e.event, data: { ...e.data, run_id: runId, seq: i + 1 } }));
+    await storeEvents(tx, runId, stamped);
+    afterCommit(tx, () => {
+      const state = this.stateOf(runId);
+      // Nobody but its creator knew the run before the commit: the state is new.
+      if (state.nextSeq !== null) return;
+      state.nextSeq = stamped.length + 1;
+      state.ended = stamped.some(isFinal);
+      state.recent.push(...stamped);
+      for (const listener of state.listeners) listener(stamped);
+    });
+    return stamped;
+  }
+
+  /**
+   * Runs `work` (a transaction) with a `store` that appends in it: the pending events and the new
+   * ones are written by the transaction, and become the run's (seq, readers, stored) once `work`
+   * returns. While it runs, the run's other appends wait (its writer is the one running it) and the
+   * flush timer holds off (the pending events are the transaction's to store).
+   */
+  appendWithin<T>(runId: string, cursors: Map<string, number>, work: (store: (tx: Db, events: readonly NewRunEvent[]) => Promise<RunEvent[]>) => Promise<T>): Promise<T> {
+    const state = this.stateOf(runId);
+    const done = state.tail.then(async () => {
+      // A flush in flight finishes first, outside the transaction (it needs the database's turn).
+      while (state.flushing) await state.flushing.catch(() => undefined);
+      clearTimeout(state.flushTimer);
+      state.flushTimer = undefined;
+      const top = await this.load(runId, state);
+      let staged: { stamped: RunEvent[]; pending: number } | null = null;
+      let release!: () => void;
+      state.flushing = new Promise<void>((resolve) => (release = resolve));
+      try {
+        const result = await work(async (tx, events) => {
+          if (staged) throw new Error('appendWithin stores once');
+          if (state.ended) {
+            cursors.delete(runId);
+            throw new RunEventsRefusedError(runId, 'ended', top);
+          }
+          const cursor = cursors.get(runId);
+          if (cursor !== undefined && cursor !== top) throw new RunEventsRefusedError(runId, 'stale', top);
+          const stamped = events.map((e, i): RunEvent => {
+            const seq = state.nextSeq! + i;
+            return { seq, event: e.event, data: { ...e.data, run_id: runId, seq } };
+          });
+          const rows = [...state.pending, ...stamped];
+          for (let i = 0; i < rows.length; i += INSERT_BATCH) await storeEvents(tx, runId, rows.slice(i, i + INSERT_BATCH));
+          staged = { stamped, pending: state.pending.length };
+          return stamped;
+        });
+        if (staged) this.committed(runId, state, cursors, staged);
+        return result;
+      } finally {
+        state.flushing = null;
+        release();
+        if (state.pending.length) state.flushTimer ??= setTimeout(() => void this.flush(runId, state).catch(() => undefined), this.flushMs);
+        this.forgetIfIdle(runId, state);
+      }
+    });
+    state.tail = done.catch(() => undefined);
+    return done;
+  }
+
+  /** After appendWithin's commit: its events are the run's, stored with the pending ones before them. */
+  private committed(runId: string, state: RunLogState, cursors: Map<string, number>, { stamped, pending }: { stamped: RunEvent[]; pending: number }): void {
+    state.nextSeq! += stamped.length;
+    this.stored(state, pending);
+    state.recent.push(...stamped);
+    if (state.recent.length > RECENT_EVENTS) state.recent.splice(0, state.recent.length - RECENT_EVENTS);
+    if (stamped.some(isFinal)) {
+      state.ended = true;
+      cursors.delete(runId);
+    } else rememberCursor(cursors, runId, state.nextSeq! - 1);
+    for (const listener of state.listeners) listener(stamped);
+  }
+
   /** Stores the pending events (one flush at a time per run); they stay pending, for readers, until stored. */
   private flush(runId: string, state: RunLogState): Promise<void> {
     clearTimeout(state.flushTimer);
@@ -202,8 +294,7 @@ export class EmbeddedRunEvents {
     state.flushing = (async () => {
       try {
         for (let i = 0; i < batch.length; i += INSERT_BATCH) await storeEvents(this.db, runId, batch.slice(i, i + INSERT_BATCH));
-        state.pending.splice(0, batch.length);
-        state.pendingChars = state.pending.reduce((n, e) => n + deltaChars(e), 0);
+        this.stored(state, batch.length);
       } catch (error) {
         this.log.error({ err: (error as { cause?: unknown }).cause ?? error, runId, events: batch.length }, 'run events not stored; kept for the next flush');
         if (this.users > 0) state.flushTimer ??= setTimeout(() => void this.flush(runId, state).catch(() => undefined), Math.max(this.flushMs, 1_000));
@@ -239,16 +330,19 @@ export class EmbeddedRunEvents {
       signal.addEventListener('abort', onAbort);
       try {
         const snapshot = state.pending.slice();
+        // The stored events this process still holds, when they reach back to where the reader is.
+        const recent = state.recent[0] !== undefined && state.recent[0].seq <= last + 1 ? state.recent.slice() : null;
         for (;;) {
-          const rows = await storedAfter(this.db).execute({ run_id: runId, after: last });
+          const rows = recent ?? (await storedAfter(this.db).execute({ run_id: runId, after: last }));
           for (const row of rows) {
             if (signal.aborted) return;
             const event = row as RunEvent;
+            if (event.seq <= last) continue;
             yield event;
             last = event.seq;
             if (isFinal(event)) return;
           }
-          if (rows.length < REPLAY_PAGE) break;
+          if (recent || rows.length < REPLAY_PAGE) break;
         }
         for (const event of snapshot) {
           if (event.seq <= last) continue;
@@ -335,6 +429,16 @@ export class DatabaseRunEventLog implements RunEventLog {
       if (!(error instanceof RunEventsRefusedError)) this.cursors.delete(runId);
       throw error;
     });
+  }
+
+  appendFirst(tx: Db, runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]> {
+    if (this.closed) return Promise.reject(new Error('run event log closed'));
+    return this.events.appendFirst(tx, runId, events);
+  }
+
+  appendWithin<T>(runId: string, work: (store: (tx: Db, events: readonly NewRunEvent[]) => Promise<RunEvent[]>) => Promise<T>): Promise<T> {
+    if (this.closed) return Promise.reject(new Error('run event log closed'));
+    return this.events.appendWithin(runId, this.cursors, work);
   }
 
   read(runId: string, after: number, signal: AbortSignal): AsyncIterable<RunEvent> {

@@ -75,7 +75,7 @@ export interface EndedRun {
 }
 
 /** How a run ends: its final status, the error in words, and (from its worker) its last step's totals. */
-export type RunOutcome = { status: 'completed' | 'failed' | 'cancelled'; error?: string | null } & Partial<Pick<Run, 'steps' | 'usage' | 'cost'>>;
+export type RunOutcome = { status: 'completed' | 'failed' | 'cancelled'; error?: string | null; /** Its worker lets go of it in the same update (its final event is stored in the same transaction). */ releaseLease?: boolean } & Partial<Pick<Run, 'steps' | 'usage' | 'cost'>>;
 
 /**
  * Inside a transaction: ends a run if it is active and `guard` holds, and hands its thread on.
@@ -87,7 +87,8 @@ export async function endInTransaction(tx: Db, run: Pick<Run, 'id' | 'thread_id'
   if (!locked) await lockThread(tx, run.thread_id);
   // Under the thread's lock a run's `waiting` cannot change: read it before the end clears it.
   const [before] = locked ? [locked] : await tx.select({ waiting: runs.waiting }).from(runs).where(eq(runs.id, run.id));
-  const row = await runCrud.endRun(tx, run.id, { ...outcome, error: outcome.error ?? null }, guard);
+  const { releaseLease = false, ...values } = outcome;
+  const row = await runCrud.endRun(tx, run.id, { ...values, error: values.error ?? null }, guard, releaseLease);
   if (!row) return undefined;
   const promoted = before?.waiting ? undefined : await handOnThread(tx, run.thread_id);
   return { run: row, promoted };

@@ -12,7 +12,7 @@ import { hostname } from 'node:os';
 import { jsonSchema, type ModelMessage, tool, type ToolSet } from 'ai';
 import { asc, eq, sql } from 'drizzle-orm';
 
-import { transaction } from '../../core/db.js';
+import { type Db, transaction } from '../../core/db.js';
 import { HttpError, PaymentRequiredError, TooManyRequestsError } from '../../core/errors.js';
 
 import { type AgentVersion, type Message, messages, type MessageToolCall, type Run, type RunUsage } from '../../models/index.js';
@@ -129,6 +129,11 @@ export function sourcesOfRun(history: readonly Message[], runId: string): ToolSo
 const sourcesField = (sources: ToolSource[]) => (sources.length ? { sources } : {});
 
 // ==================== The runner ====================
+
+/** The events of a step's written messages: the assistant's (opened when the step began) completed, each tool result created and completed. */
+function completedEvents(stepMessages: readonly Message[], step: number): NewRunEvent[] {
+  return stepMessages.flatMap((message, i): NewRunEvent[] => (i === 0 ? [{ event: 'message.completed', data: { message, step } }] : [{ event: 'message.created', data: { message, step } }, { event: 'message.completed', data: { message, step } }]));
+}
 
 /** Agent versions a runner keeps (they never change). */
 const VERSION_CACHE_SIZE = 1_000;
@@ -326,32 +331,40 @@ export class AgentRunner {
       const toolCalls: MessageToolCall[] = result.toolCalls.map((call) => ({ id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input) }));
       // The final answer cites what the run's knowledge searches found (the tool messages of earlier steps, in `history`).
       const citations = toolCalls.length ? {} : sourcesField(sourcesOfRun(history, run.id));
-      const written = await transaction(deps.db, async (tx) => {
-        await lockThread(tx, run.thread_id);
-        // The fence: only the worker holding the run, still running, writes its step.
-        const held = await runCrud.lockHeld(tx, run.id, this.workerId);
-        if (!held) return null;
-        const assistant = await appendMessage(tx, { id: messageId, thread_id: run.thread_id, role: 'assistant', content: result.text, tool_calls: toolCalls.length ? toolCalls : null, run_id: run.id, metadata: { step, model: result.model, ...citations } });
-        const toolMessages: Message[] = [];
-        for (const outcome of results) {
-          toolMessages.push(await appendMessage(tx, { thread_id: run.thread_id, role: 'tool', content: outcome.content, tool_call_id: outcome.call.toolCallId, run_id: run.id, metadata: { step, name: outcome.call.toolName, is_error: outcome.is_error, ...sourcesField(outcome.sources) } }));
-        }
-        const stepMessages = [assistant, ...toolMessages];
-        if (toolCalls.length) {
-          await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: new Date(Date.now() + settings.RUN_LEASE_SECONDS * 1000) });
-          return { stepMessages, ended: undefined };
-        }
-        // The answer: the run ends with it (the lock above is the fence, so the end cannot miss).
-        const ended = await endInTransaction(tx, run, { status: 'completed', steps, usage, cost }, { leaseOwner: this.workerId }, held);
-        if (!ended) throw new RunStop('lease');
-        return { stepMessages, ended };
-      });
+      // Where the log is in the database (embedded), the answer's events are stored by the step's
+      // own transaction, and the run lets go of its lease in it: the end and its final event are one commit.
+      const within = toolCalls.length ? undefined : bus.events.appendWithin?.bind(bus.events);
+      const writeStep = (store?: (tx: Db, events: readonly NewRunEvent[]) => Promise<unknown>) =>
+        transaction(deps.db, async (tx) => {
+          await lockThread(tx, run.thread_id);
+          // The fence: only the worker holding the run, still running, writes its step.
+          const held = await runCrud.lockHeld(tx, run.id, this.workerId);
+          if (!held) return null;
+          const assistant = await appendMessage(tx, { id: messageId, thread_id: run.thread_id, role: 'assistant', content: result.text, tool_calls: toolCalls.length ? toolCalls : null, run_id: run.id, metadata: { step, model: result.model, ...citations } });
+          const toolMessages: Message[] = [];
+          for (const outcome of results) {
+            toolMessages.push(await appendMessage(tx, { thread_id: run.thread_id, role: 'tool', content: outcome.content, tool_call_id: outcome.call.toolCallId, run_id: run.id, metadata: { step, name: outcome.call.toolName, is_error: outcome.is_error, ...sourcesField(outcome.sources) } }));
+          }
+          const stepMessages = [assistant, ...toolMessages];
+          if (toolCalls.length) {
+            await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: new Date(Date.now() + settings.RUN_LEASE_SECONDS * 1000) });
+            return { stepMessages, ended: undefined };
+          }
+          // The answer: the run ends with it (the lock above is the fence, so the end cannot miss).
+          const ended = await endInTransaction(tx, run, { status: 'completed', steps, usage, cost, releaseLease: store !== undefined }, { leaseOwner: this.workerId }, held);
+          if (!ended) throw new RunStop('lease');
+          await store?.(tx, [...completedEvents(stepMessages, step), runEvent(ended.run)]);
+          return { stepMessages, ended };
+        });
+      const written = within ? await within(run.id, (store) => writeStep(store)) : await writeStep();
       if (!written) throw new RunStop('lease');
-      const completed = written.stepMessages.flatMap((message, i) => (i === 0 ? [{ event: 'message.completed' as const, data: { message, step } }] : [{ event: 'message.created' as const, data: { message, step } }, { event: 'message.completed' as const, data: { message, step } }]));
+      const completed = completedEvents(written.stepMessages, step);
       if (!written.ended) {
         await bus.events.append(run.id, completed);
         continue;
       }
+      await queuePromoted(deps, written.ended);
+      if (within) return;
       await queuePromoted(deps, written.ended);
       await this.closeEnded(written.ended.run, completed);
       return;
