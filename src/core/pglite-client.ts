@@ -61,7 +61,7 @@ export class PgliteStatementClient {
   private readonly exchange: Exchange = (message) => this.pg._runExclusiveTransaction(() => this.answers(message));
 
   private async answers(message: Uint8Array): Promise<BackendMessage[]> {
-    return (await this.pg.execProtocolStream(message, exchangeOptions)) as unknown as BackendMessage[];
+    return await this.pg.execProtocolStream(message, exchangeOptions);
   }
 
   query<T>(text: string, params: unknown[] = [], options: QueryOptions = {}): Promise<Results<T>> {

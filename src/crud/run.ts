@@ -66,13 +66,6 @@ const threadHeldBusy = preparedAnywhere('threads_hold_busy', (db, name) =>
     .returning()
     .prepare(name),
 );
-const threadStatus = preparedAnywhere('threads_set_status', (db, name) =>
-  db
-    .update(threads)
-    .set({ status: slot<'idle' | 'busy'>('status') })
-    .where(eq(threads.id, slot<string>('id')))
-    .prepare(name),
-);
 
 /** Runs of the caller that are queued or running (`where`: the access policy's condition). */
 export const activeFilter = active;
@@ -220,28 +213,40 @@ const endByWorker = (release: boolean) => (db: Db, name: string) =>
 const endedByWorker = preparedAnywhere('runs_end_by_worker', endByWorker(false));
 const endedAndReleased = preparedAnywhere('runs_end_by_worker_released', endByWorker(true));
 
-const nextWaitingLocked = preparedAnywhere('runs_next_waiting_locked', (db, name) =>
-  db
-    .select()
-    .from(runs)
-    .where(and(eq(runs.thread_id, slot<string>('thread_id')), eq(runs.status, 'queued'), eq(runs.waiting, true)))
-    .orderBy(asc(runs.created_at), asc(runs.id))
-    .limit(1)
-    .for('update')
-    .prepare(name),
-);
 
-/** The oldest run waiting behind the thread's active run, locked. */
-export async function lockNextWaiting(tx: Db, threadId: string): Promise<Run | undefined> {
-  const [row] = await nextWaitingLocked(tx).execute({ thread_id: threadId });
+const waitingOrIdle = preparedAnywhere('runs_next_waiting_or_idle', (db, name) => {
+  const next = db
+    .$with('next')
+    .as(
+      db
+        .select()
+        .from(runs)
+        .where(and(eq(runs.thread_id, slot<string>('thread_id')), eq(runs.status, 'queued'), eq(runs.waiting, true)))
+        .orderBy(asc(runs.created_at), asc(runs.id))
+        .limit(1)
+        .for('update'),
+    );
+  const idle = db
+    .$with('idle')
+    .as(
+      db
+        .update(threads)
+        .set({ status: 'idle' })
+        .where(and(eq(threads.id, slot<string>('thread_id')), sql`not exists (select 1 from ${next})`))
+        .returning({ id: threads.id }),
+    );
+  return db.with(next, idle).select().from(next).prepare(name);
+});
+
+/**
+ * Under the thread's lock (the caller's transaction holds it): the oldest run waiting behind the
+ * thread's active run, locked; when there is none, the thread is marked idle by the same statement.
+ */
+export async function nextWaitingOrIdle(tx: Db, threadId: string): Promise<Run | undefined> {
+  const [row] = await waitingOrIdle(tx).execute({ thread_id: threadId });
   return row;
 }
 
-export async function setThreadStatus(tx: Db, threadId: string, status: 'idle' | 'busy'): Promise<void> {
-  await threadStatus(tx).execute({ id: threadId, status });
-}
-
-/** Clears a worker's hold without ending the run; `handBack` also returns the attempt (a shutdown is not a crash). */
 const leaseReleased = preparedAnywhere('runs_release_lease', (db, name) =>
   db
     .update(runs)
@@ -251,6 +256,7 @@ const leaseReleased = preparedAnywhere('runs_release_lease', (db, name) =>
     .prepare(name),
 );
 
+/** Clears a worker's hold without ending the run; `handBack` also returns the attempt (a shutdown is not a crash). */
 export async function releaseLease(db: Db, runId: string, workerId: string, handBack: boolean): Promise<boolean> {
   if (!handBack) return (await leaseReleased(db).execute({ run_id: runId, worker_id: workerId })).length === 1;
   const rows = await db

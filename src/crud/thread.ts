@@ -51,11 +51,11 @@ const oneAppended = preparedAnywhere('messages_append_one', (db, name) =>
     .values({
       id: placeholder('id'),
       thread_id: placeholder('thread_id'),
-      seq: sql`(select coalesce(max(${messages.seq}), 0) + 1 from ${messages} where ${messages.thread_id} = ${sql.placeholder('thread_id')})` as unknown as number,
+      seq: sql`(select coalesce(max(${messages.seq}), 0) + 1 from ${messages} where ${messages.thread_id} = ${sql.placeholder('thread_id')})`,
       role: placeholder('role'),
       content: placeholder('content'),
       // SQL null when there are none (a jsonb parameter would store JSON null).
-      tool_calls: sql`${sql.placeholder('tool_calls')}::jsonb` as unknown as null,
+      tool_calls: sql`${sql.placeholder('tool_calls')}::jsonb`,
       tool_call_id: placeholder('tool_call_id'),
       run_id: placeholder('run_id'),
       metadata: placeholder('metadata'),

@@ -456,7 +456,7 @@ describe('durability', () => {
     // Embedded, an answered run stores its final event in the transaction that ends it (nothing to
     // lose in between): without that, the run takes the path a failed or cancelled run and the
     // Redis log take, the final event appended after the commit.
-    const within = log.appendWithin;
+    const within = log.appendWithin?.bind(log);
     log.appendWithin = undefined;
     let refused = 0;
     log.append = (runId, events) => {

@@ -10,9 +10,9 @@ import type { Logger } from '../../core/logger.js';
 
 import { runEvents, runs } from '../../models/index.js';
 
+import { preparedAnywhere } from '../../crud/prepared.js';
 import { CANCEL_MARK_TTL_SECONDS, FINAL_RUN_EVENTS, type NewRunEvent, rememberCursor, type RunEvent, type RunEventLog, type RunEventName, type RunSignals } from './run-bus.js';
 import { RunEventsRefusedError } from './run-bus-errors.js';
-import { preparedAnywhere } from '../../crud/prepared.js';
 
 /** Stored events read per query while a reader catches up. */
 const REPLAY_PAGE = 500;

@@ -54,11 +54,8 @@ export function runEvent(run: Run) {
  * run (its input becomes the thread's next user message now), or marks the thread idle.
  */
 export async function handOnThread(tx: Db, threadId: string): Promise<Run | undefined> {
-  const next = await runCrud.lockNextWaiting(tx, threadId);
-  if (!next) {
-    await runCrud.setThreadStatus(tx, threadId, 'idle');
-    return undefined;
-  }
+  const next = await runCrud.nextWaitingOrIdle(tx, threadId);
+  if (!next) return undefined;
   const message = next.input && !next.input_message_id ? await appendMessage(tx, { thread_id: threadId, role: 'user', content: next.input, metadata: {} }) : null;
   return runCrud.updateRun(tx, next.id, { waiting: false, ...(message ? { input_message_id: message.id } : {}) });
 }
