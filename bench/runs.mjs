@@ -1,7 +1,7 @@
 /* global process, console, Buffer */
 // The agent-runs benchmark (issue 8): how soon a run's first token reaches an SSE client, and how
 // many runs complete per second, with a zero-latency model, against baselines in the same run.
-//   node bench/runs.mjs   (ROUNDS=3 N1=300 DURATION=10 CLIENTS=50 TARGETS="embedded" CHECKOUTS="this=.")
+//   node bench/runs.mjs   (ROUNDS=3 N1=300 DURATION=10 CLIENTS=50 TARGETS="embedded" CHECKOUTS="this=." PORT_BASE=8229)
 // Targets, each started once per checkout (CHECKOUTS="label=dir ...", e.g. "base=/tmp/keel-base this=."
 // for an A/B against another build; each dir needs `npm run build`):
 //   direct    the fake upstream (bench/fake-upstream.mjs) streamed directly: POST → first chunk

@@ -1,7 +1,6 @@
 import type { PGlite, QueryOptions, Results, Transaction } from '@electric-sql/pglite';
 import { type DatabaseError, serialize } from 'pg-protocol';
 import type { BackendMessage, DataRowMessage, ParameterDescriptionMessage, RowDescriptionMessage } from 'pg-protocol/dist/messages.js';
-import { Parser } from 'pg-protocol/dist/parser.js';
 
 interface Statement {
   name: string;
@@ -12,14 +11,15 @@ interface Statement {
 /** Plenty for Keel's query shapes; beyond it queries simply take PGlite's ordinary path. */
 const MAX_STATEMENTS = 1_000;
 
-function protocolMessages(bytes: Uint8Array): BackendMessage[] {
-  const messages: BackendMessage[] = [];
-  new Parser().parse(Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength), (message) => messages.push(message));
-  return messages;
-}
+/**
+ * Runs protocol messages against PGlite (outside a transaction under its lock, inside one as part
+ * of it) and answers the backend's messages, as PGlite parses them anyway while it runs them
+ * (`execProtocolStream`: no copy of the raw reply and no second parse here); an error is one of
+ * them, not thrown.
+ */
+type Exchange = (message: Uint8Array) => Promise<BackendMessage[]>;
 
-/** Runs protocol messages against PGlite: outside a transaction under its lock, inside one as part of it. */
-type Exchange = (message: Uint8Array) => Promise<Uint8Array>;
+const exchangeOptions = { syncToFs: false, throwOnError: false } as const;
 
 /**
  * PGlite with a statement cache. PGlite's `query()` runs Parse, Describe, Bind, Describe, Execute
@@ -46,7 +46,7 @@ export class PgliteStatementClient {
    */
   transaction: PGlite['transaction'] = (callback) =>
     this.pg.transaction((tx) => {
-      const exchange: Exchange = (message) => this.pg.runExclusive(() => this.pg.execProtocolRaw(message, { syncToFs: false }));
+      const exchange: Exchange = (message) => this.pg.runExclusive(() => this.answers(message));
       const query = async <T>(text: string, params?: unknown[], options?: QueryOptions): Promise<Results<T>> => {
         if (tx.closed) throw new Error('Transaction is closed');
         // A statement still being prepared outside waits for this transaction's lock: waiting for it here would deadlock.
@@ -58,7 +58,11 @@ export class PgliteStatementClient {
     });
 
   /** Outside a transaction: the transaction lock keeps these messages out of another caller's open transaction. */
-  private readonly exchange: Exchange = (message) => this.pg._runExclusiveTransaction(() => this.pg.execProtocolRaw(message, { syncToFs: false }));
+  private readonly exchange: Exchange = (message) => this.pg._runExclusiveTransaction(() => this.answers(message));
+
+  private async answers(message: Uint8Array): Promise<BackendMessage[]> {
+    return await this.pg.execProtocolStream(message, exchangeOptions);
+  }
 
   query<T>(text: string, params: unknown[] = [], options: QueryOptions = {}): Promise<Results<T>> {
     return this.run<T>(this.exchange, text, params, options, () => this.pg.query<T>(text, params, options));
@@ -77,7 +81,7 @@ export class PgliteStatementClient {
     // is a no-op there; memory:// has nothing to sync.
     const reply = await exchange(message);
     try {
-      return this.results<T>(prepared, protocolMessages(reply), options);
+      return this.results<T>(prepared, reply, options);
     } catch (error) {
       // A plan invalidated by a schema change: forget it and run this once the ordinary way.
       if ((error as { code?: string }).code === '0A000') {
@@ -109,7 +113,7 @@ export class PgliteStatementClient {
     const reply = await exchange(message);
     let paramTypes: number[] = [];
     let fields: Statement['fields'] = [];
-    for (const m of protocolMessages(reply)) {
+    for (const m of reply) {
       if (m.name === 'error') throw m as DatabaseError;
       if (m.name === 'parameterDescription') paramTypes = (m as ParameterDescriptionMessage).dataTypeIDs;
       if (m.name === 'rowDescription') {

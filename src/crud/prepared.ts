@@ -1,4 +1,4 @@
-import type { Db } from '../core/db.js';
+import { type Db, rootOf } from '../core/db.js';
 
 /** Every prepared statement's name, taken when its module loads (that is, at start-up). */
 const statementNames = new Set<string>();
@@ -30,5 +30,23 @@ export function preparedPerDb<T>(name: string, build: (db: Db, name: string) => 
       cache.set(db, statement);
     }
     return statement;
+  };
+}
+
+/**
+ * A prepared query that also runs inside a transaction. Drizzle binds a prepared query to the
+ * handle it was built on, and a transaction is a new handle each time: built per transaction, a
+ * hot query in one (a run's start, step and end) would pay Drizzle's SQL building on every call.
+ * This builds it once on the root handle and, inside a transaction (opened with `transaction()`),
+ * runs the same query on the transaction's connection.
+ */
+export function preparedAnywhere<T extends object>(name: string, build: (db: Db, name: string) => T): (db: Db) => T {
+  const perRoot = preparedPerDb(name, build);
+  return (db) => {
+    const root = rootOf(db);
+    const statement = perRoot(root);
+    if (root === db) return statement;
+    // Drizzle's prepared queries (PGlite's and node-postgres') send through `client`; the session of a transaction holds its connection.
+    return Object.create(statement, { client: { value: (db as unknown as { session: { client: unknown } }).session.client } }) as T;
   };
 }

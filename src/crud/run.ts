@@ -1,12 +1,13 @@
-import { and, asc, eq, inArray, isNotNull, isNull, lt, or, type SQL, sql } from 'drizzle-orm';
+import { and, asc, count, eq, inArray, isNotNull, isNull, lt, or, type SQL, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
 
-import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, type NewRun, type Run, runs, threads } from '../models/index.js';
+import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, type NewRun, type Run, runs, type Thread, threads } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
 import { ownedCrud } from './owned.js';
+import { preparedAnywhere } from './prepared.js';
 
 /** Runs: their owner's (or any superuser's); a project-scoped key reads and starts its project's. */
 export const runPolicy = definePolicy<Run>({
@@ -25,54 +26,106 @@ constraintAnswers({
 });
 
 const active = inArray(runs.status, [...ACTIVE_RUN_STATUSES]);
-const leaseSeconds = (seconds: number) => sql`now() + make_interval(secs => ${seconds})`;
+const leaseSeconds = (seconds: number | SQL.Aliased | ReturnType<typeof sql.placeholder>) => sql`now() + make_interval(secs => ${seconds})`;
+/** A prepared query's parameter (a value given at each execution); typed as the column's value for Drizzle's builders. */
+const slot = <T>(name: string) => sql.placeholder(name) as unknown as T;
+
+// The statements of every run's start, step and end, prepared once (in transactions too): see preparedAnywhere.
+const activeOnThreadLocked = preparedAnywhere('runs_active_on_thread_locked', (db, name) =>
+  db
+    .select()
+    .from(runs)
+    .where(and(eq(runs.thread_id, slot<string>('thread_id')), active, eq(runs.waiting, false)))
+    .for('update')
+    .prepare(name),
+);
+const activeOwnedCount = preparedAnywhere('runs_active_owned_count', (db, name) => {
+  const capped = db
+    .select({ one: sql`1` })
+    .from(runs)
+    .where(and(eq(runs.owner_id, slot<string>('owner_id')), active))
+    .limit(slot<number>('up_to'))
+    .as('capped');
+  return db.select({ value: count() }).from(capped).prepare(name);
+});
+/** The columns a start gives; the rest take their defaults. */
+const START_COLUMNS = ['owner_id', 'thread_id', 'project_id', 'api_key_id', 'agent_id', 'agent_version', 'model', 'multitask_strategy', 'waiting', 'input', 'input_message_id'] as const;
+export type NewStartedRun = Pick<NewRun, (typeof START_COLUMNS)[number]>;
+const insertStarted = preparedAnywhere('runs_insert_started', (db, name) =>
+  db
+    .insert(runs)
+    .values(Object.fromEntries(START_COLUMNS.map((column) => [column, sql.placeholder(column)])) as unknown as NewRun)
+    .returning()
+    .prepare(name),
+);
+const threadHeldBusy = preparedAnywhere('threads_hold_busy', (db, name) =>
+  db
+    .update(threads)
+    .set({ status: 'busy' })
+    .where(eq(threads.id, slot<string>('id')))
+    .returning()
+    .prepare(name),
+);
 
 /** Runs of the caller that are queued or running (`where`: the access policy's condition). */
 export const activeFilter = active;
 
 /** The thread's run that holds it (queued or running, not waiting), locked. */
 export async function lockActiveOnThread(tx: Db, threadId: string): Promise<Run | undefined> {
-  const [row] = await tx
-    .select()
-    .from(runs)
-    .where(and(eq(runs.thread_id, threadId), active, eq(runs.waiting, false)))
-    .for('update');
+  const [row] = await activeOnThreadLocked(tx).execute({ thread_id: threadId });
   return row;
 }
 
 /** Queued or running runs of a user, up to `upTo` (the per-user limit). */
 export async function countActiveOwnedBy(db: Db, ownerId: string, upTo: number): Promise<number> {
-  return runCrud.countOwnedBy(db, ownerId, active, upTo);
+  const [row] = await activeOwnedCount(db).execute({ owner_id: ownerId, up_to: upTo });
+  return row?.value ?? 0;
 }
 
-export function insertRun(tx: Db, values: NewRun): Promise<Run> {
-  return runCrud.create(tx, values);
+export async function insertRun(tx: Db, values: NewStartedRun): Promise<Run> {
+  const [row] = await insertStarted(tx).execute(values);
+  return row!;
+}
+
+/**
+ * Inside a start's transaction: locks the thread and marks it busy in one statement (every start
+ * that succeeds leaves it busy: its run, or the one it waits behind, holds it). Undefined when the
+ * thread is gone; the caller checks its access to the row.
+ */
+export async function holdThreadBusy(tx: Db, threadId: string): Promise<Thread | undefined> {
+  const [row] = await threadHeldBusy(tx).execute({ id: threadId });
+  return row;
 }
 
 /**
  * A worker takes a run: a queued one that holds its thread, or a running one whose worker is gone
  * (lease expired, or handed back). One conditional UPDATE, so two workers never both get it.
  */
-export async function claim(db: Db, runId: string, workerId: string, lease: number): Promise<Run | undefined> {
-  const [row] = await db
+const claimed = preparedAnywhere('runs_claim', (db, name) =>
+  db
     .update(runs)
     .set({
       status: 'running',
-      lease_owner: workerId,
-      lease_expires_at: leaseSeconds(lease),
+      lease_owner: slot<string>('worker_id'),
+      lease_expires_at: leaseSeconds(sql.placeholder('lease')),
       attempts: sql`${runs.attempts} + 1`,
       started_at: sql`coalesce(${runs.started_at}, now())`,
     })
     .where(
       and(
-        eq(runs.id, runId),
+        eq(runs.id, slot<string>('run_id')),
         or(
           and(eq(runs.status, 'queued'), eq(runs.waiting, false)),
           and(eq(runs.status, 'running'), or(isNull(runs.lease_owner), lt(runs.lease_expires_at, sql`now()`))),
         ),
       ),
     )
-    .returning();
+    .returning()
+    .prepare(name),
+);
+
+export async function claim(db: Db, runId: string, workerId: string, lease: number): Promise<Run | undefined> {
+  const [row] = await claimed(db).execute({ run_id: runId, worker_id: workerId, lease });
   return row;
 }
 
@@ -87,12 +140,17 @@ export async function renewLease(db: Db, runId: string, workerId: string, lease:
 }
 
 /** Inside a step's transaction: the run, locked, if `workerId` still holds it running (the fence of every write). */
-export async function lockHeld(tx: Db, runId: string, workerId: string): Promise<Run | undefined> {
-  const [row] = await tx
+const heldLocked = preparedAnywhere('runs_held_locked', (db, name) =>
+  db
     .select()
     .from(runs)
-    .where(and(eq(runs.id, runId), eq(runs.status, 'running'), eq(runs.lease_owner, workerId)))
-    .for('update');
+    .where(and(eq(runs.id, slot<string>('run_id')), eq(runs.status, 'running'), eq(runs.lease_owner, slot<string>('worker_id'))))
+    .for('update')
+    .prepare(name),
+);
+
+export async function lockHeld(tx: Db, runId: string, workerId: string): Promise<Run | undefined> {
+  const [row] = await heldLocked(tx).execute({ run_id: runId, worker_id: workerId });
   return row;
 }
 
@@ -112,11 +170,16 @@ export type EndGuard = { leaseOwner: string } | { leaseExpired: true } | null;
  * sweep writes (endedWithExpiredLease) — readers are never left waiting. The sweep's own end of
  * an orphaned run clears it.
  */
-export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status' | 'error'> & Partial<Pick<NewRun, 'steps' | 'usage' | 'cost'>>, guard: EndGuard): Promise<Run | undefined> {
+export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status' | 'error'> & Partial<Pick<NewRun, 'steps' | 'usage' | 'cost'>>, guard: EndGuard, releaseLease = false): Promise<Run | undefined> {
+  if (guard && 'leaseOwner' in guard && values.steps !== undefined && values.usage !== undefined && values.cost !== undefined) {
+    // The runner's end of its run, with its totals: every run's last write, prepared.
+    const [row] = await (releaseLease ? endedAndReleased : endedByWorker)(tx).execute({ run_id: runId, worker_id: guard.leaseOwner, status: values.status, error: values.error, steps: values.steps, usage: values.usage, cost: values.cost });
+    return row;
+  }
   const conditions: (SQL | undefined)[] = [eq(runs.id, runId), active];
   if (guard && 'leaseOwner' in guard) conditions.push(eq(runs.lease_owner, guard.leaseOwner));
   if (guard && 'leaseExpired' in guard) conditions.push(eq(runs.status, 'running'), or(isNull(runs.lease_owner), lt(runs.lease_expires_at, sql`now()`)));
-  const clearLease = guard !== null && 'leaseExpired' in guard;
+  const clearLease = releaseLease || (guard !== null && 'leaseExpired' in guard);
   const [row] = await tx
     .update(runs)
     .set({
@@ -130,24 +193,72 @@ export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status
   return row;
 }
 
-/** The oldest run waiting behind the thread's active run, locked. */
-export async function lockNextWaiting(tx: Db, threadId: string): Promise<Run | undefined> {
-  const [row] = await tx
-    .select()
-    .from(runs)
-    .where(and(eq(runs.thread_id, threadId), eq(runs.status, 'queued'), eq(runs.waiting, true)))
-    .orderBy(asc(runs.created_at), asc(runs.id))
-    .limit(1)
-    .for('update');
+/** Its worker ends a run with its totals (and lets go of it, with `release`: its final event is in the same transaction). */
+const endByWorker = (release: boolean) => (db: Db, name: string) =>
+  db
+    .update(runs)
+    .set({
+      status: slot<Run['status']>('status'),
+      error: slot<string | null>('error'),
+      steps: slot<number>('steps'),
+      usage: slot<Run['usage']>('usage'),
+      cost: slot<string>('cost'),
+      waiting: false,
+      ended_at: sql`now()`,
+      ...(release ? { lease_owner: null, lease_expires_at: null } : {}),
+    })
+    .where(and(eq(runs.id, slot<string>('run_id')), active, eq(runs.lease_owner, slot<string>('worker_id'))))
+    .returning()
+    .prepare(name);
+const endedByWorker = preparedAnywhere('runs_end_by_worker', endByWorker(false));
+const endedAndReleased = preparedAnywhere('runs_end_by_worker_released', endByWorker(true));
+
+
+const waitingOrIdle = preparedAnywhere('runs_next_waiting_or_idle', (db, name) => {
+  const next = db
+    .$with('next')
+    .as(
+      db
+        .select()
+        .from(runs)
+        .where(and(eq(runs.thread_id, slot<string>('thread_id')), eq(runs.status, 'queued'), eq(runs.waiting, true)))
+        .orderBy(asc(runs.created_at), asc(runs.id))
+        .limit(1)
+        .for('update'),
+    );
+  const idle = db
+    .$with('idle')
+    .as(
+      db
+        .update(threads)
+        .set({ status: 'idle' })
+        .where(and(eq(threads.id, slot<string>('thread_id')), sql`not exists (select 1 from ${next})`))
+        .returning({ id: threads.id }),
+    );
+  return db.with(next, idle).select().from(next).prepare(name);
+});
+
+/**
+ * Under the thread's lock (the caller's transaction holds it): the oldest run waiting behind the
+ * thread's active run, locked; when there is none, the thread is marked idle by the same statement.
+ */
+export async function nextWaitingOrIdle(tx: Db, threadId: string): Promise<Run | undefined> {
+  const [row] = await waitingOrIdle(tx).execute({ thread_id: threadId });
   return row;
 }
 
-export async function setThreadStatus(tx: Db, threadId: string, status: 'idle' | 'busy'): Promise<void> {
-  await tx.update(threads).set({ status }).where(eq(threads.id, threadId));
-}
+const leaseReleased = preparedAnywhere('runs_release_lease', (db, name) =>
+  db
+    .update(runs)
+    .set({ lease_owner: null, lease_expires_at: null })
+    .where(and(eq(runs.id, slot<string>('run_id')), eq(runs.lease_owner, slot<string>('worker_id'))))
+    .returning({ id: runs.id })
+    .prepare(name),
+);
 
 /** Clears a worker's hold without ending the run; `handBack` also returns the attempt (a shutdown is not a crash). */
 export async function releaseLease(db: Db, runId: string, workerId: string, handBack: boolean): Promise<boolean> {
+  if (!handBack) return (await leaseReleased(db).execute({ run_id: runId, worker_id: workerId })).length === 1;
   const rows = await db
     .update(runs)
     .set({ lease_owner: null, lease_expires_at: null, ...(handBack ? { attempts: sql`greatest(${runs.attempts} - 1, 0)` } : {}) })

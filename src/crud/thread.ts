@@ -1,3 +1,5 @@
+import { randomUUID } from 'node:crypto';
+
 import { sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
@@ -8,6 +10,7 @@ import { type Message, messages, type NewMessage, type NewThread, type Thread, t
 import { definePolicy } from '../utils/access.js';
 import { childCrud } from './child.js';
 import { ownedCrud } from './owned.js';
+import { preparedAnywhere } from './prepared.js';
 
 /** Threads: their owner's (or any superuser's); a project-scoped key reads and writes its project's. */
 export const threadPolicy = definePolicy<Thread>({
@@ -35,9 +38,31 @@ constraintAnswers({ threads_project_id_projects_id_fk: { status: 404, detail: 'P
  * cursor never skips a message committed late.
  */
 export async function appendMessage(tx: Db, values: Omit<NewMessage, 'seq'>): Promise<Message> {
-  const [message] = await appendMessages(tx, values.thread_id, [values]);
+  const { id = randomUUID(), thread_id, role, content, tool_calls = null, tool_call_id = null, run_id = null, metadata } = values;
+  // A run's start and every step append one: prepared (the thread's last seq + 1, as appendMessages gives).
+  const [message] = await oneAppended(tx).execute({ id, thread_id, role, content, tool_calls: tool_calls === null ? null : JSON.stringify(tool_calls), tool_call_id, run_id, metadata: metadata ?? {} });
   return message!;
 }
+
+const placeholder = <T>(name: string) => sql.placeholder(name) as unknown as T;
+const oneAppended = preparedAnywhere('messages_append_one', (db, name) =>
+  db
+    .insert(messages)
+    .values({
+      id: placeholder('id'),
+      thread_id: placeholder('thread_id'),
+      seq: sql`(select coalesce(max(${messages.seq}), 0) + 1 from ${messages} where ${messages.thread_id} = ${sql.placeholder('thread_id')})`,
+      role: placeholder('role'),
+      content: placeholder('content'),
+      // SQL null when there are none (a jsonb parameter would store JSON null).
+      tool_calls: sql`${sql.placeholder('tool_calls')}::jsonb`,
+      tool_call_id: placeholder('tool_call_id'),
+      run_id: placeholder('run_id'),
+      metadata: placeholder('metadata'),
+    })
+    .returning()
+    .prepare(name),
+);
 
 /** Appends messages in this order in one statement, under the same lock as `appendMessage`. */
 export async function appendMessages(tx: Db, threadId: string, values: readonly Omit<NewMessage, 'seq' | 'thread_id'>[]): Promise<Message[]> {

@@ -8,7 +8,7 @@ import { type NewUser, type User, users } from '../models/index.js';
 
 import { isEmptyChange } from './owned.js';
 import type { Page, PageOf } from './page.js';
-import { preparedPerDb } from './prepared.js';
+import { preparedAnywhere, preparedPerDb } from './prepared.js';
 
 const byId = preparedPerDb('user_by_id', (db, name) =>
   db
@@ -135,7 +135,18 @@ export async function lockSuperusers(db: Db): Promise<void> {
     .for('update');
 }
 
+// Every run's start takes it: prepared once, for every transaction.
+const userLocked = preparedAnywhere('users_lock', (db, name) =>
+  db
+    .select({ id: users.id })
+    .from(users)
+    .where(eq(users.id, sql.placeholder('id') as unknown as string))
+    .for('update')
+    .prepare(name),
+);
+
 /** Serializes per-user writes that check a limit first (count, then insert) inside a transaction. */
 export async function lockForUpdate(db: Db, id: string): Promise<void> {
-  await db.select({ id: users.id }).from(users).where(eq(users.id, id)).for('update');
+  await userLocked(db).execute({ id });
 }
+

@@ -14,7 +14,7 @@ import { agentCrud, agentPolicy, getDefault, versionCrud } from '../crud/agent.j
 import * as billingCrud from '../crud/billing.js';
 import { matching } from '../crud/owned.js';
 import * as runCrud from '../crud/run.js';
-import { appendMessage, appendMessages, threadCrud } from '../crud/thread.js';
+import { appendMessage, appendMessages, threadCrud, threadPolicy } from '../crud/thread.js';
 import * as userCrud from '../crud/user.js';
 import { appendFinalEvent, finishRun, queueRun, type RunDeps, runEvent, runView } from '../modules/agents/run-lifecycle.js';
 import { addCosts, estimateCost } from '../modules/ai-models/index.js';
@@ -101,7 +101,8 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     if ((await runCrud.countActiveOwnedBy(tx, ownerId, settings.MAX_ACTIVE_RUNS_PER_USER)) >= settings.MAX_ACTIVE_RUNS_PER_USER) {
       throw new TooManyRequestsError(5, `Too many active runs: at most ${settings.MAX_ACTIVE_RUNS_PER_USER} may be queued or running per user (MAX_ACTIVE_RUNS_PER_USER); wait for one to end or cancel one`);
     }
-    const thread = await threadCrud.lockVisible(tx, principal, threadId, 'write', 'update');
+    // The thread, locked and marked busy in one statement (a refused start rolls it back).
+    const thread = threadPolicy.check(principal, await runCrud.holdThreadBusy(tx, threadId), 'write');
     const active = await runCrud.lockActiveOnThread(tx, thread.id);
     let waiting = false;
     let interrupted: Interrupted;
@@ -128,11 +129,12 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
       input: options.input ?? null,
       input_message_id: message?.id ?? options.inputMessageId ?? null,
     });
-    if (!waiting) await runCrud.setThreadStatus(tx, thread.id, 'busy');
+    // Where the log is in this database (embedded), run.queued is stored with the run.
+    await deps.bus.events.appendFirst?.(tx, inserted.id, [runEvent(inserted)]);
     return { run: inserted, interrupted };
   });
   if (interrupted) await stopEnded(deps, interrupted);
-  await deps.bus.events.append(run.id, [runEvent(run)]);
+  if (!deps.bus.events.appendFirst) await deps.bus.events.append(run.id, [runEvent(run)]);
   if (!run.waiting) await queueRun(deps, run.id);
   ctx.log.info({ runId: run.id, threadId, agentId: agent.id, model, waiting: run.waiting, interrupted: interrupted?.id }, 'run queued');
   return run;

@@ -5,11 +5,12 @@
  */
 import { and, asc, desc, eq, gt, inArray, lt, sql } from 'drizzle-orm';
 
-import type { Db } from '../../core/db.js';
+import { afterCommit, type Db } from '../../core/db.js';
 import type { Logger } from '../../core/logger.js';
 
 import { runEvents, runs } from '../../models/index.js';
 
+import { preparedAnywhere } from '../../crud/prepared.js';
 import { CANCEL_MARK_TTL_SECONDS, FINAL_RUN_EVENTS, type NewRunEvent, rememberCursor, type RunEvent, type RunEventLog, type RunEventName, type RunSignals } from './run-bus.js';
 import { RunEventsRefusedError } from './run-bus-errors.js';
 
@@ -19,6 +20,8 @@ const REPLAY_PAGE = 500;
 const FLUSH_CHARS = 4_096;
 /** Rows per INSERT when a flush writes many events. */
 const INSERT_BATCH = 500;
+/** Stored events a run's state keeps for readers that start (the usual reader opens at the run's start). */
+const RECENT_EVENTS = 64;
 /**
  * Live events a reader may have waiting (a slow SSE client). Beyond it the reader drops them and
  * catches up from the log instead, so its memory stays bounded and the writer never waits for it.
@@ -26,6 +29,42 @@ const INSERT_BATCH = 500;
 export const READER_BUFFER_EVENTS = 2_000;
 
 type Listener = (events: readonly RunEvent[]) => void;
+
+const slot = <T>(name: string) => sql.placeholder(name) as unknown as T;
+// Every run writes and reads its log: these are prepared once (see preparedAnywhere).
+const lastStored = preparedAnywhere('run_events_last', (db, name) =>
+  db
+    .select({ seq: runEvents.seq, event: runEvents.event })
+    .from(runEvents)
+    .where(eq(runEvents.run_id, slot<string>('run_id')))
+    .orderBy(desc(runEvents.seq))
+    .limit(1)
+    .prepare(name),
+);
+const storedAfter = preparedAnywhere('run_events_after', (db, name) =>
+  db
+    .select({ seq: runEvents.seq, event: runEvents.event, data: runEvents.data })
+    .from(runEvents)
+    .where(and(eq(runEvents.run_id, slot<string>('run_id')), gt(runEvents.seq, slot<number>('after'))))
+    .orderBy(asc(runEvents.seq))
+    .limit(REPLAY_PAGE)
+    .prepare(name),
+);
+const eventRows = preparedAnywhere('run_events_insert', (db, name) =>
+  db
+    .insert(runEvents)
+    .select(
+      db
+        .select({ run_id: sql`${sql.placeholder('run_id')}::uuid`.as('run_id'), seq: sql`x.seq`.as('seq'), event: sql`x.event`.as('event'), data: sql`x.data`.as('data'), created_at: sql`now()`.as('created_at') })
+        .from(sql`jsonb_to_recordset(${sql.placeholder('events')}::jsonb) as x(seq integer, event varchar, data jsonb)`) as never,
+    )
+    .prepare(name),
+);
+
+/** Stores events of one run in one statement, however many (one prepared INSERT … SELECT over a JSON array). */
+async function storeEvents(db: Db, runId: string, events: readonly RunEvent[]): Promise<void> {
+  await eventRows(db).execute({ run_id: runId, events: JSON.stringify(events.map((e) => ({ seq: e.seq, event: e.event, data: e.data }))) });
+}
 
 /** One run's log as this process sees it: the writer's next seq, events not yet stored, readers. */
 interface RunLogState {
@@ -40,7 +79,16 @@ interface RunLogState {
   tail: Promise<unknown>;
   flushing: Promise<void> | null;
   flushTimer: NodeJS.Timeout | undefined;
+  /** The last events stored (at most RECENT_EVENTS, in seq order, up to the first pending one): a reader replays them without a query. */
+  recent: RunEvent[];
 }
+
+/**
+ * Events stored on the flush timer (with the deltas) rather than before `append` returns: the
+ * streamed text, and the announcements a step opens with. Whatever comes next (a tool call, the
+ * step's messages, the end) stores them with it, so a quick run writes its log once.
+ */
+const DEFERRED_EVENTS: ReadonlySet<RunEventName> = new Set(['message.delta', 'message.created', 'run.started']);
 
 const isFinal = (event: RunEvent) => FINAL_RUN_EVENTS.has(event.event);
 const deltaChars = (event: RunEvent) => (event.event === 'message.delta' && typeof event.data.delta === 'string' ? event.data.delta.length : 0);
@@ -48,10 +96,10 @@ const deltaChars = (event: RunEvent) => (event.event === 'message.delta' && type
 /**
  * The database event log as one process holds it: each run's live state (the next seq, events not
  * yet stored, live readers), shared by every `DatabaseRunEventLog` on it. `message.delta` events
- * get their seq and reach live readers at once but are stored in batches (at most every
+ * (and a step's opening `run.started` / `message.created`: DEFERRED_EVENTS) get their seq and reach live readers at once but are stored in batches (at most every
  * RUN_EVENTS_FLUSH_MS, or FLUSH_CHARS of text): PGlite is not written per token, and a reader that
- * replays later gets the very same events and seqs. Any other event is stored, with every delta
- * before it, before `append` returns.
+ * replays later gets the very same events and seqs. Any other event is stored, with every
+ * deferred one before it, before `append` returns.
  */
 export class EmbeddedRunEvents {
   private readonly states = new Map<string, RunLogState>();
@@ -77,7 +125,7 @@ export class EmbeddedRunEvents {
   private stateOf(runId: string): RunLogState {
     let state = this.states.get(runId);
     if (!state) {
-      state = { nextSeq: null, ended: false, pending: [], pendingChars: 0, listeners: new Set(), tail: Promise.resolve(), flushing: null, flushTimer: undefined };
+      state = { nextSeq: null, ended: false, pending: [], pendingChars: 0, listeners: new Set(), tail: Promise.resolve(), flushing: null, flushTimer: undefined, recent: [] };
       this.states.set(runId, state);
     }
     return state;
@@ -92,7 +140,7 @@ export class EmbeddedRunEvents {
   }
 
   private async storedLast(runId: string): Promise<{ seq: number; event: RunEventName } | undefined> {
-    const [row] = await this.db.select({ seq: runEvents.seq, event: runEvents.event }).from(runEvents).where(eq(runEvents.run_id, runId)).orderBy(desc(runEvents.seq)).limit(1);
+    const [row] = await lastStored(this.db).execute({ run_id: runId });
     return row && { seq: row.seq, event: row.event as RunEventName };
   }
 
@@ -137,7 +185,7 @@ export class EmbeddedRunEvents {
       if (stamped.some(isFinal)) state.ended = true;
       // Live readers first: they never wait for the database.
       for (const listener of state.listeners) listener(stamped);
-      if (stamped.every((event) => event.event === 'message.delta') && state.pendingChars < FLUSH_CHARS) {
+      if (stamped.every((event) => DEFERRED_EVENTS.has(event.event)) && state.pendingChars < FLUSH_CHARS) {
         state.flushTimer ??= setTimeout(() => void this.flush(runId, state).catch(() => undefined), this.flushMs);
         return stamped;
       }
@@ -146,6 +194,94 @@ export class EmbeddedRunEvents {
     });
     state.tail = appended.catch(() => undefined);
     return appended;
+  }
+
+  /** The first `count` pending events are stored: they move to `recent`. */
+  private stored(state: RunLogState, count: number): void {
+    const stored = state.pending.splice(0, count);
+    state.pendingChars = state.pending.reduce((n, e) => n + deltaChars(e), 0);
+    state.recent.push(...stored);
+    if (state.recent.length > RECENT_EVENTS) state.recent.splice(0, state.recent.length - RECENT_EVENTS);
+  }
+
+  /**
+   * A new run's first events, stored in the transaction that creates the run (`tx`): seq from 1,
+   * and this process's state of the run once it commits (nothing, when it rolls back).
+   */
+  async appendFirst(tx: Db, runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]> {
+    const stamped = events.map((e, i): RunEvent => ({ seq: i + 1, event: e.event, data: { ...e.data, run_id: runId, seq: i + 1 } }));
+    await storeEvents(tx, runId, stamped);
+    afterCommit(tx, () => {
+      const state = this.stateOf(runId);
+      // Nobody but its creator knew the run before the commit: the state is new.
+      if (state.nextSeq !== null) return;
+      state.nextSeq = stamped.length + 1;
+      state.ended = stamped.some(isFinal);
+      state.recent.push(...stamped);
+      for (const listener of state.listeners) listener(stamped);
+    });
+    return stamped;
+  }
+
+  /**
+   * Runs `work` (a transaction) with a `store` that appends in it: the pending events and the new
+   * ones are written by the transaction, and become the run's (seq, readers, stored) once `work`
+   * returns. While it runs, the run's other appends wait (its writer is the one running it) and the
+   * flush timer holds off (the pending events are the transaction's to store).
+   */
+  appendWithin<T>(runId: string, cursors: Map<string, number>, work: (store: (tx: Db, events: readonly NewRunEvent[]) => Promise<RunEvent[]>) => Promise<T>): Promise<T> {
+    const state = this.stateOf(runId);
+    const done = state.tail.then(async () => {
+      // A flush in flight finishes first, outside the transaction (it needs the database's turn).
+      while (state.flushing) await state.flushing.catch(() => undefined);
+      clearTimeout(state.flushTimer);
+      state.flushTimer = undefined;
+      const top = await this.load(runId, state);
+      let staged: { stamped: RunEvent[]; pending: number } | null = null;
+      let release!: () => void;
+      state.flushing = new Promise<void>((resolve) => (release = resolve));
+      try {
+        const result = await work(async (tx, events) => {
+          if (staged) throw new Error('appendWithin stores once');
+          if (state.ended) {
+            cursors.delete(runId);
+            throw new RunEventsRefusedError(runId, 'ended', top);
+          }
+          const cursor = cursors.get(runId);
+          if (cursor !== undefined && cursor !== top) throw new RunEventsRefusedError(runId, 'stale', top);
+          const stamped = events.map((e, i): RunEvent => {
+            const seq = state.nextSeq! + i;
+            return { seq, event: e.event, data: { ...e.data, run_id: runId, seq } };
+          });
+          const rows = [...state.pending, ...stamped];
+          for (let i = 0; i < rows.length; i += INSERT_BATCH) await storeEvents(tx, runId, rows.slice(i, i + INSERT_BATCH));
+          staged = { stamped, pending: state.pending.length };
+          return stamped;
+        });
+        if (staged) this.committed(runId, state, cursors, staged);
+        return result;
+      } finally {
+        state.flushing = null;
+        release();
+        if (state.pending.length) state.flushTimer ??= setTimeout(() => void this.flush(runId, state).catch(() => undefined), this.flushMs);
+        this.forgetIfIdle(runId, state);
+      }
+    });
+    state.tail = done.catch(() => undefined);
+    return done;
+  }
+
+  /** After appendWithin's commit: its events are the run's, stored with the pending ones before them. */
+  private committed(runId: string, state: RunLogState, cursors: Map<string, number>, { stamped, pending }: { stamped: RunEvent[]; pending: number }): void {
+    state.nextSeq! += stamped.length;
+    this.stored(state, pending);
+    state.recent.push(...stamped);
+    if (state.recent.length > RECENT_EVENTS) state.recent.splice(0, state.recent.length - RECENT_EVENTS);
+    if (stamped.some(isFinal)) {
+      state.ended = true;
+      cursors.delete(runId);
+    } else rememberCursor(cursors, runId, state.nextSeq! - 1);
+    for (const listener of state.listeners) listener(stamped);
   }
 
   /** Stores the pending events (one flush at a time per run); they stay pending, for readers, until stored. */
@@ -157,12 +293,8 @@ export class EmbeddedRunEvents {
     const batch = state.pending.slice();
     state.flushing = (async () => {
       try {
-        for (let i = 0; i < batch.length; i += INSERT_BATCH) {
-          const rows = batch.slice(i, i + INSERT_BATCH).map((e) => ({ run_id: runId, seq: e.seq, event: e.event, data: e.data }));
-          await this.db.insert(runEvents).values(rows);
-        }
-        state.pending.splice(0, batch.length);
-        state.pendingChars = state.pending.reduce((n, e) => n + deltaChars(e), 0);
+        for (let i = 0; i < batch.length; i += INSERT_BATCH) await storeEvents(this.db, runId, batch.slice(i, i + INSERT_BATCH));
+        this.stored(state, batch.length);
       } catch (error) {
         this.log.error({ err: (error as { cause?: unknown }).cause ?? error, runId, events: batch.length }, 'run events not stored; kept for the next flush');
         if (this.users > 0) state.flushTimer ??= setTimeout(() => void this.flush(runId, state).catch(() => undefined), Math.max(this.flushMs, 1_000));
@@ -198,21 +330,19 @@ export class EmbeddedRunEvents {
       signal.addEventListener('abort', onAbort);
       try {
         const snapshot = state.pending.slice();
+        // The stored events this process still holds, when they reach back to where the reader is.
+        const recent = state.recent[0] !== undefined && state.recent[0].seq <= last + 1 ? state.recent.slice() : null;
         for (;;) {
-          const rows = await this.db
-            .select({ seq: runEvents.seq, event: runEvents.event, data: runEvents.data })
-            .from(runEvents)
-            .where(and(eq(runEvents.run_id, runId), gt(runEvents.seq, last)))
-            .orderBy(asc(runEvents.seq))
-            .limit(REPLAY_PAGE);
+          const rows = recent ?? (await storedAfter(this.db).execute({ run_id: runId, after: last }));
           for (const row of rows) {
             if (signal.aborted) return;
             const event = row as RunEvent;
+            if (event.seq <= last) continue;
             yield event;
             last = event.seq;
             if (isFinal(event)) return;
           }
-          if (rows.length < REPLAY_PAGE) break;
+          if (recent || rows.length < REPLAY_PAGE) break;
         }
         for (const event of snapshot) {
           if (event.seq <= last) continue;
@@ -299,6 +429,16 @@ export class DatabaseRunEventLog implements RunEventLog {
       if (!(error instanceof RunEventsRefusedError)) this.cursors.delete(runId);
       throw error;
     });
+  }
+
+  appendFirst(tx: Db, runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]> {
+    if (this.closed) return Promise.reject(new Error('run event log closed'));
+    return this.events.appendFirst(tx, runId, events);
+  }
+
+  appendWithin<T>(runId: string, work: (store: (tx: Db, events: readonly NewRunEvent[]) => Promise<RunEvent[]>) => Promise<T>): Promise<T> {
+    if (this.closed) return Promise.reject(new Error('run event log closed'));
+    return this.events.appendWithin(runId, this.cursors, work);
   }
 
   read(runId: string, after: number, signal: AbortSignal): AsyncIterable<RunEvent> {

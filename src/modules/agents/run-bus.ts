@@ -5,6 +5,7 @@
  * cancels through an in-process emitter. Scaled: events in a Redis Stream per run, cancels over Redis
  * pub/sub, so any API node serves any run's stream and a cancel sent to any node reaches the worker.
  */
+import type { Db } from '../../core/db.js';
 
 /** The event names of SPEC §5, in the order a run can emit them. */
 export const RUN_EVENT_NAMES = [
@@ -56,6 +57,18 @@ export interface RunEventLog {
   lastSeq(runId: string): Promise<number>;
   /** Forgets events of runs that ended more than `ttlSeconds` ago (RUN_EVENTS_TTL_SECONDS). */
   expire?(ttlSeconds: number): Promise<number>;
+  /**
+   * Only where the log is in the run's database (embedded; absent otherwise, and the caller
+   * appends after its commit): the first events of a new run, stored in the transaction `tx` that
+   * creates it; they are the run's log once it commits.
+   */
+  appendFirst?(tx: Db, runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]>;
+  /**
+   * Only where the log is in the run's database: runs `work` (a transaction), whose `store(tx,
+   * events)` appends events (after those not yet stored) inside it. They are appended when `work`
+   * returns (committed); nothing is when it throws. Refused as `append` is (ended, stale).
+   */
+  appendWithin?<T>(runId: string, work: (store: (tx: Db, events: readonly NewRunEvent[]) => Promise<RunEvent[]>) => Promise<T>): Promise<T>;
   close(): Promise<void>;
 }
 

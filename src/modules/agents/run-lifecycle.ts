@@ -54,11 +54,8 @@ export function runEvent(run: Run) {
  * run (its input becomes the thread's next user message now), or marks the thread idle.
  */
 export async function handOnThread(tx: Db, threadId: string): Promise<Run | undefined> {
-  const next = await runCrud.lockNextWaiting(tx, threadId);
-  if (!next) {
-    await runCrud.setThreadStatus(tx, threadId, 'idle');
-    return undefined;
-  }
+  const next = await runCrud.nextWaitingOrIdle(tx, threadId);
+  if (!next) return undefined;
   const message = next.input && !next.input_message_id ? await appendMessage(tx, { thread_id: threadId, role: 'user', content: next.input, metadata: {} }) : null;
   return runCrud.updateRun(tx, next.id, { waiting: false, ...(message ? { input_message_id: message.id } : {}) });
 }
@@ -75,7 +72,7 @@ export interface EndedRun {
 }
 
 /** How a run ends: its final status, the error in words, and (from its worker) its last step's totals. */
-export type RunOutcome = { status: 'completed' | 'failed' | 'cancelled'; error?: string | null } & Partial<Pick<Run, 'steps' | 'usage' | 'cost'>>;
+export type RunOutcome = { status: 'completed' | 'failed' | 'cancelled'; error?: string | null; /** Its worker lets go of it in the same update (its final event is stored in the same transaction). */ releaseLease?: boolean } & Partial<Pick<Run, 'steps' | 'usage' | 'cost'>>;
 
 /**
  * Inside a transaction: ends a run if it is active and `guard` holds, and hands its thread on.
@@ -87,7 +84,8 @@ export async function endInTransaction(tx: Db, run: Pick<Run, 'id' | 'thread_id'
   if (!locked) await lockThread(tx, run.thread_id);
   // Under the thread's lock a run's `waiting` cannot change: read it before the end clears it.
   const [before] = locked ? [locked] : await tx.select({ waiting: runs.waiting }).from(runs).where(eq(runs.id, run.id));
-  const row = await runCrud.endRun(tx, run.id, { ...outcome, error: outcome.error ?? null }, guard);
+  const { releaseLease = false, ...values } = outcome;
+  const row = await runCrud.endRun(tx, run.id, { ...values, error: values.error ?? null }, guard, releaseLease);
   if (!row) return undefined;
   const promoted = before?.waiting ? undefined : await handOnThread(tx, run.thread_id);
   return { run: row, promoted };

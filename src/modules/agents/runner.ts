@@ -10,14 +10,15 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import { hostname } from 'node:os';
 
 import { jsonSchema, type ModelMessage, tool, type ToolSet } from 'ai';
-import { asc, eq } from 'drizzle-orm';
+import { asc, eq, sql } from 'drizzle-orm';
 
-import { transaction } from '../../core/db.js';
+import { type Db, transaction } from '../../core/db.js';
 import { HttpError, PaymentRequiredError, TooManyRequestsError } from '../../core/errors.js';
 
 import { type AgentVersion, type Message, messages, type MessageToolCall, type Run, type RunUsage } from '../../models/index.js';
 
 import { versionCrud } from '../../crud/agent.js';
+import { preparedAnywhere } from '../../crud/prepared.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
 import { addCosts, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
@@ -129,6 +130,24 @@ const sourcesField = (sources: ToolSource[]) => (sources.length ? { sources } : 
 
 // ==================== The runner ====================
 
+/** The events of a step's written messages: the assistant's (opened when the step began) completed, each tool result created and completed. */
+function completedEvents(stepMessages: readonly Message[], step: number): NewRunEvent[] {
+  return stepMessages.flatMap((message, i): NewRunEvent[] => (i === 0 ? [{ event: 'message.completed', data: { message, step } }] : [{ event: 'message.created', data: { message, step } }, { event: 'message.completed', data: { message, step } }]));
+}
+
+/** Agent versions a runner keeps (they never change). */
+const VERSION_CACHE_SIZE = 1_000;
+
+/** A thread's messages in order: every step reads them. */
+const threadHistory = preparedAnywhere('messages_of_thread', (db, name) =>
+  db
+    .select()
+    .from(messages)
+    .where(eq(messages.thread_id, sql.placeholder('thread_id') as unknown as string))
+    .orderBy(asc(messages.seq))
+    .prepare(name),
+);
+
 interface Execution {
   controller: AbortController;
   done: Promise<void>;
@@ -138,6 +157,8 @@ export class AgentRunner {
   /** This process's name on the leases it holds. */
   readonly workerId = `${hostname()}:${process.pid}:${randomBytes(4).toString('hex')}`;
   private readonly executions = new Map<string, Execution>();
+  /** Agent versions by `agent_id:version`, oldest first (see versionOf). */
+  private readonly versions = new Map<string, AgentVersion>();
   private closing = false;
   /** The built-in tools, overridden by name by the server's own (tests give theirs; `undefined` switches one off). */
   private readonly tools: ToolImplementations;
@@ -251,16 +272,11 @@ export class AgentRunner {
     const { deps } = this;
     const { settings, bus } = deps;
     if (!run.agent_id) throw new RunFailure('The agent of this run was deleted; start a new run with another agent');
-    // The first step's reads go out together: the pinned version, the thread's messages, the log's
-    // top (a resumed run's log goes on from its last event; only a first start announces itself).
-    let historyRead: Promise<Message[]> | null = this.history(run);
+    // The first step's reads go out together: the pinned version (cached), the thread's messages, the
+    // log's top (a resumed run's log goes on from its last event; only a first start announces itself).
+    let historyRead: Promise<Message[]> | null = threadHistory(deps.db).execute({ thread_id: run.thread_id });
     historyRead.catch(() => undefined);
-    const [version, lastSeq] = await Promise.all([
-      versionCrud.getIn(deps.db, run.agent_id, run.agent_version).catch(() => {
-        throw new RunFailure(`Version ${run.agent_version} of the agent was not found; start a new run`);
-      }),
-      bus.events.lastSeq(run.id),
-    ]);
+    const [version, lastSeq] = await Promise.all([this.versionOf(run.agent_id, run.agent_version), bus.events.lastSeq(run.id)]);
     if (lastSeq <= 1) announcement.push(runEvent(run));
     const tools = toolSetOf(version);
     const toolContext: Omit<ToolCallContext, 'cite'> = {
@@ -280,7 +296,7 @@ export class AgentRunner {
         throw new RunFailure(`The agent used all ${settings.MAX_RUN_STEPS} steps (MAX_RUN_STEPS) without a final answer`);
       }
       const step = steps + 1;
-      const history = await (historyRead ?? this.history(run));
+      const history = await (historyRead ?? threadHistory(deps.db).execute({ thread_id: run.thread_id }));
       historyRead = null;
       const messageId = randomUUID();
       const draft = { id: messageId, thread_id: run.thread_id, run_id: run.id, role: 'assistant', content: '', tool_calls: null, step };
@@ -325,41 +341,60 @@ export class AgentRunner {
       const toolCalls: MessageToolCall[] = result.toolCalls.map((call) => ({ id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input) }));
       // The final answer cites what the run's knowledge searches found (the tool messages of earlier steps, in `history`).
       const citations = toolCalls.length ? {} : sourcesField(sourcesOfRun(history, run.id));
-      const written = await transaction(deps.db, async (tx) => {
-        await lockThread(tx, run.thread_id);
-        // The fence: only the worker holding the run, still running, writes its step.
-        const held = await runCrud.lockHeld(tx, run.id, this.workerId);
-        if (!held) return null;
-        const assistant = await appendMessage(tx, { id: messageId, thread_id: run.thread_id, role: 'assistant', content: result.text, tool_calls: toolCalls.length ? toolCalls : null, run_id: run.id, metadata: { step, model: result.model, ...citations } });
-        const toolMessages: Message[] = [];
-        for (const outcome of results) {
-          toolMessages.push(await appendMessage(tx, { thread_id: run.thread_id, role: 'tool', content: outcome.content, tool_call_id: outcome.call.toolCallId, run_id: run.id, metadata: { step, name: outcome.call.toolName, is_error: outcome.is_error, ...sourcesField(outcome.sources) } }));
-        }
-        const stepMessages = [assistant, ...toolMessages];
-        if (toolCalls.length) {
-          await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: new Date(Date.now() + settings.RUN_LEASE_SECONDS * 1000) });
-          return { stepMessages, ended: undefined };
-        }
-        // The answer: the run ends with it (the lock above is the fence, so the end cannot miss).
-        const ended = await endInTransaction(tx, run, { status: 'completed', steps, usage, cost }, { leaseOwner: this.workerId }, held);
-        if (!ended) throw new RunStop('lease');
-        return { stepMessages, ended };
-      });
+      // Where the log is in the database (embedded), the answer's events are stored by the step's
+      // own transaction, and the run lets go of its lease in it: the end and its final event are one commit.
+      const within = toolCalls.length ? undefined : bus.events.appendWithin?.bind(bus.events);
+      const writeStep = (store?: (tx: Db, events: readonly NewRunEvent[]) => Promise<unknown>) =>
+        transaction(deps.db, async (tx) => {
+          await lockThread(tx, run.thread_id);
+          // The fence: only the worker holding the run, still running, writes its step.
+          const held = await runCrud.lockHeld(tx, run.id, this.workerId);
+          if (!held) return null;
+          const assistant = await appendMessage(tx, { id: messageId, thread_id: run.thread_id, role: 'assistant', content: result.text, tool_calls: toolCalls.length ? toolCalls : null, run_id: run.id, metadata: { step, model: result.model, ...citations } });
+          const toolMessages: Message[] = [];
+          for (const outcome of results) {
+            toolMessages.push(await appendMessage(tx, { thread_id: run.thread_id, role: 'tool', content: outcome.content, tool_call_id: outcome.call.toolCallId, run_id: run.id, metadata: { step, name: outcome.call.toolName, is_error: outcome.is_error, ...sourcesField(outcome.sources) } }));
+          }
+          const stepMessages = [assistant, ...toolMessages];
+          if (toolCalls.length) {
+            await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: new Date(Date.now() + settings.RUN_LEASE_SECONDS * 1000) });
+            return { stepMessages, ended: undefined };
+          }
+          // The answer: the run ends with it (the lock above is the fence, so the end cannot miss).
+          const ended = await endInTransaction(tx, run, { status: 'completed', steps, usage, cost, releaseLease: store !== undefined }, { leaseOwner: this.workerId }, held);
+          if (!ended) throw new RunStop('lease');
+          await store?.(tx, [...completedEvents(stepMessages, step), runEvent(ended.run)]);
+          return { stepMessages, ended };
+        });
+      const written = within ? await within(run.id, (store) => writeStep(store)) : await writeStep();
       if (!written) throw new RunStop('lease');
-      const completed = written.stepMessages.flatMap((message, i) => (i === 0 ? [{ event: 'message.completed' as const, data: { message, step } }] : [{ event: 'message.created' as const, data: { message, step } }, { event: 'message.completed' as const, data: { message, step } }]));
+      const completed = completedEvents(written.stepMessages, step);
       if (!written.ended) {
         await bus.events.append(run.id, completed);
         continue;
       }
       await queuePromoted(deps, written.ended);
+      if (within) return;
       await this.closeEnded(written.ended.run, completed);
       return;
     }
   }
 
-  /** The thread's messages in order: what the model reads (a promise: the query runs once, now). */
-  private history(run: Run): Promise<Message[]> {
-    return Promise.resolve(this.deps.db.select().from(messages).where(eq(messages.thread_id, run.thread_id)).orderBy(asc(messages.seq)));
+  /**
+   * The agent version a run is pinned to. A version never changes once written (a change makes a
+   * new one), so the versions runs use are kept here (the newest VERSION_CACHE_SIZE) rather than
+   * read for every run; a deleted agent's runs have no agent_id and never get here.
+   */
+  private async versionOf(agentId: string, number: number): Promise<AgentVersion> {
+    const key = `${agentId}:${number}`;
+    const known = this.versions.get(key);
+    if (known) return known;
+    const version = await versionCrud.getIn(this.deps.db, agentId, number).catch(() => {
+      throw new RunFailure(`Version ${number} of the agent was not found; start a new run`);
+    });
+    if (this.versions.size >= VERSION_CACHE_SIZE) this.versions.delete(this.versions.keys().next().value!);
+    this.versions.set(key, version);
+    return version;
   }
 
   /** One tool call: its implementation's answer, or an error result the model reads (never a crashed run). */
