@@ -360,6 +360,8 @@ async function workerRssPart(dir: string): Promise<void> {
   const name = `keel_bench_kb_worker_${process.pid}`;
   await adminQuery(PG_ADMIN_URL, `create database "${name}"`);
   const shared = { DATABASE_URL: databaseUrl(PG_ADMIN_URL, name), REDIS_URL: env('REDIS_URL', 'redis://127.0.0.1:6379'), REDIS_KEY_PREFIX: `kbbench${process.pid}:` };
+  const migrated = spawnSync(process.execPath, [join(root, 'bin/keel.js'), 'migrate'], { cwd: root, env: keelProcessEnv(dir, 8234, shared), stdio: 'inherit' });
+  if (migrated.status !== 0) throw new Error('keel migrate failed');
   const apiServer = await startKeel(8234, shared, root, 'api');
   const worker = spawn(process.execPath, [join(root, 'bin/keel.js'), 'worker'], {
     cwd: root,
