@@ -53,7 +53,7 @@ export interface KnowledgeSearchResult {
 const RRF_K = 60;
 
 /** Candidates taken from each list before fusing: several times what is asked, so fusion has room. */
-const candidatesFor = (topK: number) => Math.max(20, topK * 4);
+const candidatesFor = (topK: number) => Math.max(15, topK * 3);
 
 /** The chunks the caller may search, narrowed by the query's folders and entries. */
 function scopeOf(principal: Principal, query: KnowledgeQuery): SQL {
