@@ -150,6 +150,10 @@ async function openPglite(settings: Settings): Promise<Database> {
     throw error;
   }
   keepPrivate();
+  // The one session's vector searches may widen their HNSW scan past the first candidates a filter
+  // removes (pgvector's iterative scan; a placeholder until the extension loads): set once here,
+  // so a search need not wrap its query in a transaction to SET LOCAL it (services/knowledge/embeddings.ts).
+  await client.exec('set hnsw.iterative_scan = relaxed_order');
   const session: SqlSession = {
     exec: async (sqlText) => {
       await client.exec(sqlText);

@@ -96,6 +96,14 @@ describe('embeddings', () => {
     expect((await search(ctx.app, stranger.headers, { query: 'To be or not to be.' })).data.map((h) => h.entry_id)).not.toContain(entry.id);
   });
 
+  it('runs vector searches on the embedded database with the iterative HNSW scan set for its session (one statement, no SET LOCAL transaction)', async () => {
+    if (!withVectors()) return;
+    // Searches rely on it to look past the nearest chunks a filter removes (another user's); they wrap
+    // the query in a transaction that sets it only where the session does not have it already.
+    const [row] = await queryRows<{ value: string }>(ctx.database.db, sql`select current_setting('hnsw.iterative_scan') as value`);
+    expect(row?.value).toBe('relaxed_order');
+  });
+
   it('answers with full text alone when the query cannot be embedded', async () => {
     if (!withVectors()) return;
     const other = await createUser(ctx.app);

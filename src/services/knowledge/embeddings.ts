@@ -20,21 +20,25 @@ const JOINS = sql.raw(
 /** pgvector indexes (HNSW) vectors of at most this many dimensions; larger ones are searched exactly. */
 const MAX_INDEXED_DIMENSIONS = 2_000;
 
-const present = new WeakMap<object, Promise<boolean>>();
-
-/** Whether this database has the embeddings table (pgvector was enabled when it was migrated); asked once per database. */
-export function hasVectorTable(db: Db): Promise<boolean> {
+/** A fact about the database asked once per database (the root, whatever transaction `db` is); a failed look is asked again next time. */
+function askedOnce(cache: WeakMap<object, Promise<boolean>>, db: Db, ask: (root: Db) => Promise<boolean>): Promise<boolean> {
   const root = rootOf(db);
-  let known = present.get(root);
+  let known = cache.get(root);
   if (!known) {
-    known = queryRows<{ present: boolean }>(root, sql`select to_regclass('public.knowledge_chunk_embeddings') is not null as present`).then(
-      ([row]) => row?.present === true,
-    );
-    present.set(root, known);
-    // A failed look (the database briefly down) is asked again next time.
-    known.catch(() => present.delete(root));
+    known = ask(root);
+    cache.set(root, known);
+    known.catch(() => cache.delete(root));
   }
   return known;
+}
+
+const present = new WeakMap<object, Promise<boolean>>();
+
+/** Whether this database has the embeddings table (pgvector was enabled when it was migrated). */
+export function hasVectorTable(db: Db): Promise<boolean> {
+  return askedOnce(present, db, (root) =>
+    queryRows<{ present: boolean }>(root, sql`select to_regclass('public.knowledge_chunk_embeddings') is not null as present`).then(([row]) => row?.present === true),
+  );
 }
 
 /** `[0.1,0.2,…]`, pgvector's text form; every value is a finite number (a provider's NaN is refused). */
@@ -101,19 +105,36 @@ export async function nearestChunks(db: Db, model: string, vector: number[], whe
   const n = dimensionSql(vector.length);
   const query = sql`${vectorLiteral(vector)}::vector(${n})`;
   const distance = sql`(${TABLE}.embedding::vector(${n}) <=> ${query})`;
-  return transaction(db, async (tx) => {
-    await tx.execute(sql`set local hnsw.iterative_scan = relaxed_order`);
-    const rows = await queryRows<{ chunk_id: string; distance: number }>(
-      tx,
+  const nearest = (on: Db) =>
+    queryRows<{ chunk_id: string; distance: number }>(
+      on,
       sql`select ${TABLE}.chunk_id, ${distance} as distance
           from ${TABLE} ${JOINS}
           where vector_dims(${TABLE}.embedding) = ${n} and ${TABLE}.model = ${model} and ${where}
           order by ${distance}
           limit ${limit}`,
     );
-    // relaxed_order may return neighbours slightly out of order.
-    return rows.map((r) => ({ chunk_id: r.chunk_id, distance: Number(r.distance) })).sort((a, b) => a.distance - b.distance);
-  });
+  const rows = (await iterativeScanSet(db))
+    ? await nearest(db)
+    : await transaction(db, async (tx) => {
+        await tx.execute(sql`set local hnsw.iterative_scan = relaxed_order`);
+        return nearest(tx);
+      });
+  // relaxed_order may return neighbours slightly out of order.
+  return rows.map((r) => ({ chunk_id: r.chunk_id, distance: Number(r.distance) })).sort((a, b) => a.distance - b.distance);
+}
+
+const iterativeScan = new WeakMap<object, Promise<boolean>>();
+
+/**
+ * Whether every session of this database already runs with pgvector's iterative scan (the embedded
+ * database sets it for its one session at open): then a search is one statement instead of four
+ * (BEGIN, SET LOCAL, the query, COMMIT).
+ */
+function iterativeScanSet(db: Db): Promise<boolean> {
+  return askedOnce(iterativeScan, db, (root) =>
+    queryRows<{ value: string | null }>(root, sql`select current_setting('hnsw.iterative_scan', true) as value`).then(([row]) => row?.value === 'relaxed_order'),
+  );
 }
 
 /** Whether any chunk `where` admits has an embedding by `model`: only then is a query worth embedding. */
