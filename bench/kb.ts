@@ -359,7 +359,15 @@ async function workerRssPart(dir: string): Promise<void> {
   if (!existsSync(path)) await writeBigPdf(path, BIG_PDF_MB);
   const name = `keel_bench_kb_worker_${process.pid}`;
   await adminQuery(PG_ADMIN_URL, `create database "${name}"`);
-  const shared = { DATABASE_URL: databaseUrl(PG_ADMIN_URL, name), REDIS_URL: env('REDIS_URL', 'redis://127.0.0.1:6379'), REDIS_KEY_PREFIX: `kbbench${process.pid}:` };
+  try {
+    await ingestWithWorker(dir, path, { DATABASE_URL: databaseUrl(PG_ADMIN_URL, name), REDIS_URL: env('REDIS_URL', 'redis://127.0.0.1:6379'), REDIS_KEY_PREFIX: `kbbench${process.pid}:` });
+  } finally {
+    await adminQuery(PG_ADMIN_URL, `drop database if exists "${name}" with (force)`);
+  }
+}
+
+/** `keel migrate`, `keel api` and one `keel worker` on `shared`'s databases; the worker's RSS while it ingests the PDF at `path`. */
+async function ingestWithWorker(dir: string, path: string, shared: Record<string, string>): Promise<void> {
   const migrated = spawnSync(process.execPath, [join(root, 'bin/keel.js'), 'migrate'], { cwd: root, env: keelProcessEnv(dir, 8234, shared), stdio: 'inherit' });
   if (migrated.status !== 0) throw new Error('keel migrate failed');
   const apiServer = await startKeel(8234, shared, root, 'api');
@@ -391,7 +399,6 @@ async function workerRssPart(dir: string): Promise<void> {
     worker.kill('SIGTERM');
     await exited;
     await stopKeel(apiServer);
-    await adminQuery(PG_ADMIN_URL, `drop database if exists "${name}" with (force)`);
   }
 }
 
