@@ -29,8 +29,10 @@ const TARGETS = (process.env.TARGETS ?? 'embedded postgres portkey').split(/\s+/
 const BASE_CHECKOUT = process.env.BASE_CHECKOUT ?? '';
 // Extra node flags for the Keel servers, e.g. KEEL_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" (NODE_OPTIONS refuses --cpu-prof).
 const KEEL_NODE_ARGS = keelNodeArgs();
-const OUT = 'bench/out/gateway';
-const PORTS = { upstream: 8201, embedded: 8202, postgres: 8203, portkey: 8204, 'embedded-base': 8205, 'postgres-base': 8206 };
+// OUT_DIR and PORT_BASE (ports PORT_BASE..+5) let another benchmark run beside this one.
+const OUT = process.env.OUT_DIR ?? 'bench/out/gateway';
+const PORT_BASE = Number(process.env.PORT_BASE ?? 8201);
+const PORTS = { upstream: PORT_BASE, embedded: PORT_BASE + 1, postgres: PORT_BASE + 2, portkey: PORT_BASE + 3, 'embedded-base': PORT_BASE + 4, 'postgres-base': PORT_BASE + 5 };
 const UPSTREAM = `http://127.0.0.1:${PORTS.upstream}/v1`;
 const MODEL = 'bench-model';
 
