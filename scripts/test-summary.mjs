@@ -1,4 +1,5 @@
-// Prints each Vitest run's counts and one closing line "N passed, N failed" over all runs.
+// Prints each Vitest run's counts and its slowest files (where CI's time goes), then one closing
+// line "N passed, N failed" over all runs.
 import { existsSync, readFileSync } from 'node:fs';
 import process from 'node:process';
 
@@ -18,6 +19,11 @@ for (const arg of process.argv.slice(2)) {
   // A file that failed before running any test (import error, hook failure) counts as one failure.
   const brokenFiles = report.testResults.filter((r) => r.status === 'failed' && r.assertionResults.length === 0).length;
   const runFailed = report.numFailedTests + brokenFiles;
+  const slowest = report.testResults
+    .map((r) => ({ name: r.name.replace(`${process.cwd()}/`, ''), seconds: (r.endTime - r.startTime) / 1000 }))
+    .sort((a, b) => b.seconds - a.seconds)
+    .slice(0, 8);
+  print(`${label}, slowest files: ${slowest.map((f) => `${f.name} ${f.seconds.toFixed(0)} s`).join(', ')}`);
   print(
     `${label}: ${report.numPassedTests} passed, ${runFailed} failed, ${report.numPendingTests + report.numTodoTests} skipped`,
   );
