@@ -133,8 +133,12 @@ export const addCredits = (admin, userId, amount = '1000000') => admin.call('POS
 
 // ==================== PostgreSQL ====================
 
-/** Creates a database of the bench's own (dropped at exit); returns its URL. */
-export function createDatabase(name) {
+/**
+ * Creates a database of the bench's own (dropped at exit), its name after BENCH_DB_PREFIX (benches
+ * sharing a server keep to names of their own); returns its URL.
+ */
+export function createDatabase(base) {
+  const name = `${process.env.BENCH_DB_PREFIX ?? ''}${base}`;
   execFileSync('psql', ['-w', PG_ADMIN_URL, '-qc', `create database "${name}"`]);
   databases.push(name);
   return `${PG_ADMIN_URL.replace(/\/[^/]*$/, '')}/${name}`;

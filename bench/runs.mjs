@@ -177,9 +177,10 @@ async function startKeel(checkout, name) {
   }
   const workers = Number(/^scaled-(\d+)$/.exec(name)?.[1] ?? NaN);
   if (!workers) throw new Error(`unknown target ${name} (embedded, scaled-1, scaled-2, …)`);
-  const database = `keel_runs_bench_${process.pid}_${name.replace('-', '_')}_${checkout.label}`;
+  const databaseUrl = createDatabase(`keel_runs_bench_${process.pid}_${name.replace('-', '_')}_${checkout.label}`);
+  const database = databaseUrl.slice(databaseUrl.lastIndexOf('/') + 1);
   Object.assign(env, {
-    DATABASE_URL: createDatabase(database),
+    DATABASE_URL: databaseUrl,
     REDIS_URL,
     REDIS_KEY_PREFIX: `keel-runs-bench-${process.pid}-${tag}:`,
   });
@@ -330,7 +331,8 @@ const rows = [];
 for (let round = 1; round <= ROUNDS; round++) {
   console.log(`--- round ${round}/${ROUNDS} (load ${loadavg().map((l) => l.toFixed(1)).join(' ')})`);
   load.push(loadavg());
-  for (const target of targets) rows.push(await measureOne(round, target, N1));
+  // N1=0 leaves c1 out (e.g. with a slow model, where only throughput is of interest).
+  if (N1 > 0) for (const target of targets) rows.push(await measureOne(round, target, N1));
   for (const target of targets) rows.push(await measureMany(round, target));
 }
 load.push(loadavg());

@@ -47,33 +47,56 @@ export interface HistoryMessage {
   content: string;
 }
 
+/**
+ * Reads a start needs that do not depend on the thread, begun at once so they go out together
+ * with the thread's read (one round trip instead of three): the agent, and the caller's balance
+ * (the owner of a thread the caller may write is nearly always the caller; another owner's is read
+ * when it is known). Awaiting one rethrows its error; until then a failure is not unhandled.
+ */
+interface EarlyReads {
+  agent: Promise<Agent | undefined>;
+  balance: { userId: string; read: Promise<billingCrud.Balance> } | null;
+}
+
+function readEarly(ctx: ServiceContext, agentId: string | undefined): EarlyReads {
+  const quiet = <T>(promise: Promise<T>): Promise<T> => {
+    promise.catch(() => undefined);
+    return promise;
+  };
+  const userId = ctx.principal.user.id;
+  const agent = quiet(agentId ? agentCrud.getVisible(ctx.db, ctx.principal, agentId) : getDefault(ctx.db, userId));
+  const balance = ctx.settings.BILLING_ENABLED ? { userId, read: quiet(billingCrud.getBalance(ctx.db, userId)) } : null;
+  return { agent, balance };
+}
+
 /** The run's agent, model and first-step credit check; `ownerId` is whose thread it runs on (who pays). */
-async function plan(ctx: ServiceContext, ownerId: string, agentId: string | undefined, model: string | undefined, input: string | undefined, history: readonly HistoryMessage[] = []): Promise<RunPlan> {
+async function plan(ctx: ServiceContext, ownerId: string, agentId: string | undefined, model: string | undefined, input: string | undefined, history: readonly HistoryMessage[] = [], early: EarlyReads = readEarly(ctx, agentId)): Promise<RunPlan> {
   threadService.checkContent(ctx, input, ['body', 'input']);
-  const byDefault = agentId ? undefined : await getDefault(ctx.db, ctx.principal.user.id);
+  const found = await early.agent;
   // The default agent too must be one the caller may use (a project-scoped key: its project's or an unassigned one).
-  const agent = agentId ? await agentCrud.getVisible(ctx.db, ctx.principal, agentId) : byDefault && agentPolicy.check(ctx.principal, byDefault, 'read');
+  const agent = agentId ? found : found && agentPolicy.check(ctx.principal, found, 'read');
   if (!agent) {
     throw new UnprocessableError({ loc: ['body', 'agent_id'], msg: 'No agent_id given and you have no default agent; name an agent or make one the default (is_default: true)', type: 'missing' });
   }
   const runModel = model === undefined ? agent.model : catalogModel(ctx.models, model);
-  await checkCredits(ctx, ownerId, agent, runModel, input, history);
+  await checkCredits(ctx, ownerId, agent, runModel, input, history, early.balance?.userId === ownerId ? early.balance.read : undefined);
   return { agent, model: runModel };
 }
 
 /**
  * With billing on, 402 at once when the balance cannot cover the first step's worst case (the
  * prompt estimate and the agent's max output tokens at catalog prices). Every step still reserves
- * through the model manager; a later step the credits cannot cover fails the run.
+ * through the model manager; a later step the credits cannot cover fails the run. `balanceRead`:
+ * the owner's balance, already asked for.
  */
-async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, model: string, input: string | undefined, history: readonly HistoryMessage[]): Promise<void> {
+async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, model: string, input: string | undefined, history: readonly HistoryMessage[], balanceRead?: Promise<billingCrud.Balance>): Promise<void> {
   if (!ctx.settings.BILLING_ENABLED) return;
   const info = ctx.models.getModel(model);
   if (!info) return; // the run fails with "unknown model", in words
   const promptChars = history.reduce((sum, message) => sum + message.content.length, agent.system_prompt.length + (input?.length ?? 0));
   const inputTokens = Math.ceil(promptChars / CHARS_PER_TOKEN);
   const needed = estimateCost(info.pricing, inputTokens, agent.max_output_tokens ?? ctx.settings.MODEL_DEFAULT_MAX_OUTPUT_TOKENS);
-  const { balance, reserved } = await billingCrud.getBalance(ctx.db, ownerId);
+  const { balance, reserved } = await (balanceRead ?? billingCrud.getBalance(ctx.db, ownerId));
   const available = addCosts(balance, `-${reserved}`);
   if (addCosts(available, `-${needed}`).startsWith('-')) {
     throw new PaymentRequiredError(`Not enough credits to start this run: available ${formatMoney(available)}; its first step with ${info.id} needs up to ${formatMoney(needed)}`);
@@ -147,9 +170,10 @@ async function stopEnded(deps: RunDeps, run: Run): Promise<void> {
 }
 
 export async function startOnThread(ctx: ServiceContext, deps: RunDeps, threadId: string, input: RunCreate): Promise<Run> {
-  // 404 for another user's thread before anything else is looked at.
+  const early = readEarly(ctx, input.agent_id);
+  // 404 for another user's thread before anything else is told (the other reads are only awaited after it).
   const thread = await threadCrud.getVisible(ctx.db, ctx.principal, threadId, 'write');
-  const planned = await plan(ctx, thread.owner_id, input.agent_id, input.model, input.input);
+  const planned = await plan(ctx, thread.owner_id, input.agent_id, input.model, input.input, [], early);
   return start(ctx, deps, thread, planned, { strategy: input.multitask_strategy, input: input.input });
 }
 

@@ -49,6 +49,21 @@ describe('runs with billing on', () => {
     expect(fake.log).toHaveLength(0);
   });
 
+  it("a run on another user's thread (a superuser's start) checks the thread owner's credits, not the caller's", async () => {
+    const owner = await createUser(ctx.app);
+    const thread = await createThread(ctx.app, owner.headers);
+    // The caller (the superuser) pays nothing here; its agent is what runs.
+    const agent = await createAgent(ctx.app, admin, { model: 'fake-billed', max_output_tokens: 10 });
+    await grant(owner, '9.5');
+    const refused = await api('POST', `/threads/${thread.id}/runs`, admin, { agent_id: agent.id, input: 'hello' });
+    expect(refused.statusCode, refused.body).toBe(402);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/^Not enough credits to start this run: available 9.5; /);
+    await grant(owner, '10');
+    const started = await api('POST', `/threads/${thread.id}/runs`, admin, { agent_id: agent.id, input: 'hello' });
+    expect(started.statusCode, started.body).toBe(202);
+    await waitForRun(ctx.app, admin, started.json<{ id: string }>().id, ['completed']);
+  });
+
   it('a later step the credits cannot cover fails the run with "not enough credits"; a tool without an implementation answers the model with an error', async () => {
     const owner = await createUser(ctx.app);
     await createAgent(ctx.app, owner.headers, { model: 'fake-billed', max_output_tokens: 10, tools: ['knowledge_search'], is_default: true });
