@@ -38,12 +38,13 @@ describe.each(Object.keys(links))('PgliteStatementClient, PGlite on %s', (where)
     await client.exec(SCHEMA);
     reference = await PGlite.create('memory://');
     await reference.exec(SCHEMA);
-  }, 60_000);
+    // Two databases to open: slow on a loaded machine.
+  }, 180_000);
 
   afterAll(async () => {
     await client.close();
     await reference.close();
-  });
+  }, 60_000);
 
   const count = async (text: string, params: unknown[] = []) => (await client.query<{ count: number }>(text, params)).rows[0]!.count;
 
