@@ -16,7 +16,7 @@ import { appendFileSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { cpus, loadavg, totalmem } from 'node:os';
 
-import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, median, now, percentile, sleep, start, stop, waitUp } from './lib.mjs';
+import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, mainThreadCpuMs, median, now, percentile, sleep, start, stop, waitUp } from './lib.mjs';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const N1 = Number(process.env.N1 ?? 2000);
@@ -99,6 +99,7 @@ async function measure(target, mode, clients) {
     for (let i = 0; i < warm / clients; i++) await once(target, mode, agent);
   }));
   const cpuBefore = cpuMs(target.pid);
+  const mainBefore = mainThreadCpuMs(target.pid);
   const started = now();
   if (clients === 1) {
     for (let i = 0; i < N1; i++) {
@@ -118,6 +119,8 @@ async function measure(target, mode, clients) {
   }
   const seconds = (now() - started) / 1000;
   const cpuPerRequest = target.pid ? ((cpuMs(target.pid) - cpuBefore) * 1000) / Math.max(1, latencies.length + errors) : NaN;
+  // The main thread's alone (its JavaScript): embedded, PGlite may run on a thread of its own.
+  const mainPerRequest = target.pid ? ((mainThreadCpuMs(target.pid) - mainBefore) * 1000) / Math.max(1, latencies.length + errors) : NaN;
   agent.destroy();
   latencies.sort((a, b) => a - b);
   const row = {
@@ -131,7 +134,7 @@ async function measure(target, mode, clients) {
     cpu_us: cpuPerRequest,
   };
   appendFileSync(RAW, `${[row.target, row.mode, row.clients, row.rps.toFixed(1), row.p50.toFixed(3), row.p99.toFixed(3), row.errors, row.cpu_us.toFixed(1)].join('\t')}\n`);
-  console.log(`${row.target.padEnd(13)} ${mode.padEnd(9)} c${String(clients).padEnd(3)} ${row.rps.toFixed(0).padStart(6)} req/s  p50 ${row.p50.toFixed(3)} ms  p99 ${row.p99.toFixed(3)} ms  errors ${errors}  server CPU ${row.cpu_us.toFixed(0)} µs/req`);
+  console.log(`${row.target.padEnd(13)} ${mode.padEnd(9)} c${String(clients).padEnd(3)} ${row.rps.toFixed(0).padStart(6)} req/s  p50 ${row.p50.toFixed(3)} ms  p99 ${row.p99.toFixed(3)} ms  errors ${errors}  server CPU ${row.cpu_us.toFixed(0)} µs/req (main thread ${fmt(mainPerRequest, 0)})`);
   return row;
 }
 

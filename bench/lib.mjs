@@ -155,16 +155,19 @@ export function dropDatabase(name) {
 // ==================== Readings ====================
 
 /** CPU time (user + system) a process has used, in ms; 0 once it is gone. */
-export function cpuMs(pid) {
+export function cpuMs(pid, tid) {
   if (!pid) return 0;
   try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const stat = readFileSync(tid ? `/proc/${pid}/task/${tid}/stat` : `/proc/${pid}/stat`, 'utf8');
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
     return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100; // utime + stime, 100 Hz ticks
   } catch {
     return 0;
   }
 }
+
+/** CPU ms so far of a process's main thread (its JavaScript; not V8's helpers nor worker threads). */
+export const mainThreadCpuMs = (pid) => cpuMs(pid, pid);
 
 /** Resident memory of a process in MB. */
 export function rssMb(pid) {

@@ -28,7 +28,7 @@ import http from 'node:http';
 import { cpus, loadavg, totalmem } from 'node:os';
 import { resolve } from 'node:path';
 
-import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, median, now, percentile, PG_ADMIN_URL, signIn, sleep, start, stop, waitForLog, waitUp } from './lib.mjs';
+import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, mainThreadCpuMs, median, now, percentile, PG_ADMIN_URL, signIn, sleep, start, stop, waitForLog, waitUp } from './lib.mjs';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const N1 = Number(process.env.N1 ?? 300);
@@ -237,10 +237,11 @@ try {
   redisPid = undefined;
 }
 
-/** CPU ms so far of each part of a target: Keel's API (or only) process, its workers, its PostgreSQL backends, Redis. */
+/** CPU ms so far of each part of a target: Keel's API (or only) process and its main thread, its workers, its PostgreSQL backends, Redis. */
 function partsCpu(target) {
   const sum = (pids) => pids.reduce((total, pid) => total + cpuMs(pid), 0);
-  const parts = { api: cpuMs(target.pids[0]) };
+  // main: the API process's main thread alone (embedded, PGlite may run on a thread of its own).
+  const parts = { api: cpuMs(target.pids[0]), main: mainThreadCpuMs(target.pids[0]) };
   if (target.workerPids) {
     parts.workers = sum(target.workerPids);
     parts.pg = sum(backendsOf(target.database));

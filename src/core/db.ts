@@ -13,7 +13,8 @@ import * as schema from '../models/index.js';
 
 import type { Settings } from './config.js';
 import { lockDirectory } from './data-dir-lock.js';
-import { PgliteStatementClient } from './pglite-client.js';
+import { inProcessLink, type PgliteLink, PgliteStatementClient } from './pglite-client.js';
+import { openPgliteThread } from './pglite-thread.js';
 
 export type Schema = typeof schema;
 /** The database handle every crud function takes first; a transaction is one too. */
@@ -132,46 +133,39 @@ async function openPglite(settings: Settings): Promise<Database> {
     // writes and overwrite each other's.
     unlock = lockDirectory(dataDir);
   }
-  let client: PGlite;
+  let client: PgliteStatementClient;
   try {
     chooseWasmTiering(settings);
-    const options = { extensions: { vector }, startParams: [...PGlite.defaultStartParams, ...PGLITE_MEMORY] };
-    // A directory without PG_VERSION is created here (initdb), which grows PGlite's WebAssembly
-    // memory to ~600 MB that it never gives back: open it a second time, in a fresh instance, so
-    // a first start runs on as little memory as every later one (measured, bench/RESULTS.md).
-    const initdb = !dataDir.startsWith('memory://') && !existsSync(join(dataDir, 'PG_VERSION'));
-    client = await PGlite.create(dataDir, options);
-    if (initdb) {
-      await client.close();
-      client = await PGlite.create(dataDir, options);
-    }
+    client = await PgliteStatementClient.open(await openPgliteLink(settings, dataDir));
   } catch (error) {
     unlock();
     throw error;
   }
   keepPrivate();
-  // The one session's vector searches may widen their HNSW scan past the first candidates a filter
-  // removes (pgvector's iterative scan; a placeholder until the extension loads): set once here,
-  // so a search need not wrap its query in a transaction to SET LOCAL it (services/knowledge/embeddings.ts).
-  await client.exec('set hnsw.iterative_scan = relaxed_order');
-  const session: SqlSession = {
-    exec: async (sqlText) => {
-      await client.exec(sqlText);
-    },
-    query: async <T extends Record<string, unknown>>(sqlText: string, params: unknown[] = []) =>
-      (await client.query<T>(sqlText, params)).rows,
-  };
   let closed = false;
-  // PGlite is a single session: callers take turns, so two never share one transaction or lock.
-  let turn: Promise<unknown> = Promise.resolve();
+  try {
+    // The one session's vector searches may widen their HNSW scan past the first candidates a filter
+    // removes (pgvector's iterative scan; a placeholder until the extension loads): set once here,
+    // so a search need not wrap its query in a transaction to SET LOCAL it (services/knowledge/embeddings.ts).
+    await client.exec('set hnsw.iterative_scan = relaxed_order');
+  } catch (error) {
+    await client.close().catch(() => undefined);
+    unlock();
+    throw error;
+  }
   return {
-    db: drizzlePglite({ client: new PgliteStatementClient(client) as unknown as PGlite, schema, casing: 'snake_case' }) as unknown as Db,
+    db: drizzlePglite({ client: client as unknown as PGlite, schema, casing: 'snake_case' }) as unknown as Db,
     kind: 'pglite',
-    withSession: <T>(work: (session: SqlSession) => Promise<T>): Promise<T> => {
-      const result = turn.then(() => work(session));
-      turn = result.catch(() => undefined);
-      return result;
-    },
+    // PGlite is a single session: this holds it, so no other caller's statement runs in between.
+    withSession: <T>(work: (session: SqlSession) => Promise<T>): Promise<T> =>
+      client.session((session) =>
+        work({
+          exec: async (sqlText) => {
+            await session.exec(sqlText);
+          },
+          query: async <R extends Record<string, unknown>>(sqlText: string, params: unknown[] = []) => (await session.query<R>(sqlText, params)).rows,
+        }),
+      ),
     ping: async () => {
       if (closed) throw new Error('database is closed');
       await client.query('select 1');
@@ -190,6 +184,27 @@ async function openPglite(settings: Settings): Promise<Database> {
       }
     },
   };
+}
+
+/**
+ * PGlite on a thread of its own (PGLITE_THREAD, the default) or on this one. On its own thread its
+ * WebAssembly runs beside the HTTP server, the runner and the rest of Keel's JavaScript rather than
+ * taking turns with them on one core (measured, bench/RESULTS.md).
+ */
+async function openPgliteLink(settings: Settings, dataDir: string): Promise<PgliteLink> {
+  if (settings.PGLITE_THREAD) return openPgliteThread({ dataDir, startParams: PGLITE_MEMORY });
+  const options = { extensions: { vector }, startParams: [...PGlite.defaultStartParams, ...PGLITE_MEMORY] };
+  // A directory without PG_VERSION is created here (initdb), which grows PGlite's WebAssembly
+  // memory to ~600 MB that it never gives back: open it a second time, in a fresh instance, so
+  // a first start runs on as little memory as every later one (measured, bench/RESULTS.md).
+  // (pglite-thread.ts does the same.)
+  const initdb = !dataDir.startsWith('memory://') && !existsSync(join(dataDir, 'PG_VERSION'));
+  let pg = await PGlite.create(dataDir, options);
+  if (initdb) {
+    await pg.close();
+    pg = await PGlite.create(dataDir, options);
+  }
+  return inProcessLink(pg);
 }
 
 // ==================== Server (node-postgres) ====================

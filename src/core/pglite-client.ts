@@ -1,6 +1,38 @@
-import type { PGlite, QueryOptions, Results, Transaction } from '@electric-sql/pglite';
+import { type PGlite, type QueryOptions, type Results, type Transaction, types } from '@electric-sql/pglite';
 import { type DatabaseError, serialize } from 'pg-protocol';
-import type { BackendMessage, DataRowMessage, ParameterDescriptionMessage, RowDescriptionMessage } from 'pg-protocol/dist/messages.js';
+import type { BackendMessage, CommandCompleteMessage, DataRowMessage, ParameterDescriptionMessage, RowDescriptionMessage } from 'pg-protocol/dist/messages.js';
+import { Parser } from 'pg-protocol/dist/parser.js';
+
+/**
+ * Where PGlite runs: protocol messages in, the backend's raw reply out, in the order sent. PGlite
+ * has one session; the client keeps every caller's messages in turn (see PgliteStatementClient).
+ */
+export interface PgliteLink {
+  send(message: Uint8Array): Promise<Uint8Array>;
+  close(): Promise<void>;
+}
+
+/**
+ * PGlite on this thread. No syncToFs: on a directory (NODEFS) PostgreSQL's writes already reach
+ * the files, the sync is a no-op there; memory:// has nothing to sync.
+ */
+export function inProcessLink(pg: PGlite): PgliteLink {
+  let closed = false;
+  return {
+    send: async (message) => {
+      if (closed) throw new Error('database is closed');
+      return pg.execProtocolRawSync(message);
+    },
+    close: async () => {
+      closed = true;
+      await pg.close();
+    },
+  };
+}
+
+type Exchange = (message: Uint8Array) => Promise<Uint8Array>;
+type Parsers = Record<number, (value: string, typeId?: number) => unknown>;
+type Serializers = Record<number, (value: unknown) => string>;
 
 interface Statement {
   name: string;
@@ -8,150 +40,294 @@ interface Statement {
   fields: { name: string; dataTypeID: number }[];
 }
 
-/** Plenty for Keel's query shapes; beyond it queries simply take PGlite's ordinary path. */
+/** What a query runs in: a transaction or a held session (`exclusive`: it owns the session), or neither. */
+interface Scope {
+  send: Exchange;
+  exclusive: boolean;
+}
+
+/** A caller waiting for the session: a whole transaction, or one exchange. */
+type Waiter = { start: () => void } | { message: Uint8Array; resolve: (reply: Uint8Array) => void; reject: (error: unknown) => void };
+
+/** Plenty for Keel's query shapes; beyond it queries use a statement of their own, closed after use. */
 const MAX_STATEMENTS = 1_000;
 
-/**
- * Runs protocol messages against PGlite (outside a transaction under its lock, inside one as part
- * of it) and answers the backend's messages, as PGlite parses them anyway while it runs them
- * (`execProtocolStream`: no copy of the raw reply and no second parse here); an error is one of
- * them, not thrown.
- */
-type Exchange = (message: Uint8Array) => Promise<BackendMessage[]>;
+const BEGIN = serialize.query('BEGIN');
 
-const exchangeOptions = { syncToFs: false, throwOnError: false } as const;
+/** A transaction as Drizzle's PGlite driver uses it (`query`; `exec` and `closed` as PGlite's). */
+export type PgliteTransaction = Pick<Transaction, 'query' | 'exec' | 'closed'>;
 
 /**
- * PGlite with a statement cache. PGlite's `query()` runs Parse, Describe, Bind, Describe, Execute
- * and Sync as six separate calls into WebAssembly and re-plans every query (~230 µs for a
- * primary-key lookup here); this prepares each distinct SQL text once as a named statement and then
- * sends Bind + Execute + Sync in one call (~45 µs). It is handed to Drizzle in place of the PGlite
- * instance, so every query profits, in a transaction too (a run's start, step and end are each one;
- * named statements belong to the session, so one prepared in a transaction outlives its rollback).
+ * PGlite's session, spoken to in the wire protocol, with a statement cache. PGlite's `query()` runs
+ * Parse, Describe, Bind, Describe, Execute and Sync as six separate calls into WebAssembly and
+ * re-plans every query (~230 µs for a primary-key lookup here); this prepares each distinct SQL text
+ * once as a named statement and then sends Bind + Execute + Sync as one message (~45 µs), and
+ * parses the reply here. It is handed to Drizzle in place of the PGlite instance, so every query
+ * profits, in a transaction too (named statements belong to the session, so one prepared in a
+ * transaction outlives its rollback).
+ *
+ * The link may run PGlite on another thread (pglite-thread.ts), so the session's turns are kept
+ * here: a transaction (or `session`) holds the session from BEGIN to COMMIT and single exchanges
+ * wait for it; single exchanges between transactions go out at once, several in flight together
+ * (each is a whole Bind…Sync, and the link answers in order).
  */
 export class PgliteStatementClient {
   private readonly statements = new Map<string, Promise<Statement>>();
   /** The statements whose preparation has finished. */
   private readonly ready = new Map<string, Statement>();
   private prepared = 0;
+  private held = false;
+  private readonly waiters: Waiter[] = [];
+  private readonly parser = new Parser();
+  private readonly outside: Scope = { send: (message) => this.shared(message), exclusive: false };
+  readonly parsers: Parsers = { ...types.parsers };
+  readonly serializers: Serializers = { ...types.serializers };
 
-  constructor(readonly pg: PGlite) {}
+  constructor(private readonly link: PgliteLink) {}
 
-  // Drizzle also calls this; it keeps PGlite's behaviour.
-  exec: PGlite['exec'] = (sqlText, options) => this.pg.exec(sqlText, options);
-
-  /**
-   * The transaction holds PGlite's transaction lock from BEGIN to COMMIT; its queries run on the
-   * statement cache under the query lock, as PGlite's own `tx.query` does.
-   */
-  transaction: PGlite['transaction'] = (callback) =>
-    this.pg.transaction((tx) => {
-      const exchange: Exchange = (message) => this.pg.runExclusive(() => this.answers(message));
-      const query = async <T>(text: string, params?: unknown[], options?: QueryOptions): Promise<Results<T>> => {
-        if (tx.closed) throw new Error('Transaction is closed');
-        // A statement still being prepared outside waits for this transaction's lock: waiting for it here would deadlock.
-        if (this.statements.has(text) && !this.ready.has(text)) return tx.query<T>(text, params, options);
-        return this.run<T>(exchange, text, params, options, () => tx.query<T>(text, params, options));
-      };
-      // PGlite's transaction with this query; the rest (exec, rollback, closed, …) is its own.
-      return callback(Object.assign(Object.create(tx) as Transaction, { query }));
-    });
-
-  /** Outside a transaction: the transaction lock keeps these messages out of another caller's open transaction. */
-  private readonly exchange: Exchange = (message) => this.pg._runExclusiveTransaction(() => this.answers(message));
-
-  private async answers(message: Uint8Array): Promise<BackendMessage[]> {
-    return await this.pg.execProtocolStream(message, exchangeOptions);
+  /** A client on `link`, with PGlite's parsers and serializers for every array type, as PGlite sets them up at open. */
+  static async open(link: PgliteLink): Promise<PgliteStatementClient> {
+    const client = new PgliteStatementClient(link);
+    const { rows } = await client.query<{ oid: number; typarray: number }>(
+      `select b.oid, b.typarray from pg_catalog.pg_type a left join pg_catalog.pg_type b on b.oid = a.typelem
+       where a.typcategory = 'A' group by b.oid, b.typarray order by b.oid`,
+    );
+    for (const { oid, typarray } of rows) {
+      client.serializers[typarray] = (value) => types.arraySerializer(value, client.serializers[oid], typarray);
+      client.parsers[typarray] = (value) => types.arrayParser(value, client.parsers[oid]!, typarray) as unknown;
+    }
+    return client;
   }
 
   query<T>(text: string, params: unknown[] = [], options: QueryOptions = {}): Promise<Results<T>> {
-    return this.run<T>(this.exchange, text, params, options, () => this.pg.query<T>(text, params, options));
+    return this.run<T>(this.outside, text, params, options);
   }
 
-  private async run<T>(exchange: Exchange, text: string, params: unknown[] = [], options: QueryOptions = {}, plain: () => Promise<Results<T>>): Promise<Results<T>> {
-    const statement = this.statement(exchange, text);
-    if (!statement) return plain();
-    const prepared = await statement;
-    const message = Buffer.concat([
-      serialize.bind({ statement: prepared.name, values: this.serializeParams(prepared, params, options) }),
-      serialize.execute({}),
-      serialize.sync(),
-    ]);
-    // No syncToFs: on a directory (NODEFS) PostgreSQL's writes already reach the files, the sync
-    // is a no-op there; memory:// has nothing to sync.
-    const reply = await exchange(message);
+  /** Runs one or more statements without parameters (the simple query protocol), as PGlite's `exec`. */
+  exec = (text: string, options: QueryOptions = {}): Promise<Results[]> => this.simple(this.outside, text, options);
+
+  /** Runs `work` holding the session: nothing else runs until it ends (session settings, advisory locks, migrations). */
+  session<T>(work: (session: { query: PgliteStatementClient['query']; exec: PgliteStatementClient['exec'] }) => Promise<T>): Promise<T> {
+    return this.exclusive(async (send) => {
+      const scope: Scope = { send, exclusive: true };
+      return work({
+        query: <R>(text: string, params: unknown[] = [], options: QueryOptions = {}) => this.run<R>(scope, text, params, options),
+        exec: (text: string, options: QueryOptions = {}) => this.simple(scope, text, options),
+      });
+    });
+  }
+
+  /**
+   * BEGIN … COMMIT holding the session (ROLLBACK when `callback` throws). BEGIN travels with the
+   * transaction's first statement, so a transaction of n statements is n + 1 round trips.
+   */
+  transaction = <T>(callback: (tx: PgliteTransaction) => Promise<T>): Promise<T> =>
+    this.exclusive(async (send) => {
+      let begin = true;
+      let closed = false;
+      const scope: Scope = {
+        exclusive: true,
+        send: async (message) => {
+          if (closed) throw new Error('Transaction is closed');
+          if (!begin) return send(message);
+          begin = false;
+          return this.afterBegin(await send(Buffer.concat([BEGIN, message])));
+        },
+      };
+      const tx: PgliteTransaction = {
+        query: <R>(text: string, params?: unknown[], options?: QueryOptions) => this.run<R>(scope, text, params, options),
+        exec: (text: string, options?: QueryOptions) => this.simple(scope, text, options),
+        get closed() {
+          return closed;
+        },
+      };
+      try {
+        const result = await callback(tx);
+        // Nothing sent: no transaction was opened.
+        if (!begin) await this.simple({ send, exclusive: true }, 'COMMIT');
+        return result;
+      } catch (error) {
+        if (!begin) await this.simple({ send, exclusive: true }, 'ROLLBACK').catch(() => undefined);
+        throw error;
+      } finally {
+        closed = true;
+      }
+    });
+
+  /** Stops the session once every caller before this one is done. */
+  close(): Promise<void> {
+    return this.exclusive(() => this.link.close());
+  }
+
+  // ==================== The session's turns ====================
+
+  private shared(message: Uint8Array): Promise<Uint8Array> {
+    if (!this.held && this.waiters.length === 0) return this.link.send(message);
+    return new Promise((resolve, reject) => this.waiters.push({ message, resolve, reject }));
+  }
+
+  private async exclusive<T>(work: (send: Exchange) => Promise<T>): Promise<T> {
+    if (this.held || this.waiters.length > 0) await new Promise<void>((start) => this.waiters.push({ start }));
+    else this.held = true;
     try {
-      return this.results<T>(prepared, reply, options);
+      return await work((message) => this.link.send(message));
+    } finally {
+      this.release();
+    }
+  }
+
+  private release(): void {
+    this.held = false;
+    while (this.waiters.length > 0) {
+      const next = this.waiters.shift()!;
+      if ('start' in next) {
+        this.held = true;
+        next.start();
+        return;
+      }
+      this.link.send(next.message).then(next.resolve, next.reject);
+    }
+  }
+
+  // ==================== Queries ====================
+
+  private async run<T>(scope: Scope, text: string, params: unknown[] = [], options: QueryOptions = {}): Promise<Results<T>> {
+    let statement = this.ready.get(text);
+    if (!statement) {
+      const preparing = this.statement(scope, text);
+      if (!preparing) return this.once<T>(scope, text, params, options);
+      statement = await preparing;
+    }
+    const reply = await scope.send(this.execute(statement, params, options));
+    try {
+      return this.results<T>(statement, reply, options);
     } catch (error) {
-      // A plan invalidated by a schema change: forget it and run this once the ordinary way.
+      // A plan invalidated by a schema change: forget it and run this once on a fresh one.
       if ((error as { code?: string }).code === '0A000') {
         this.statements.delete(text);
         this.ready.delete(text);
-        return plain();
+        return this.once<T>(scope, text, params, options);
       }
       throw error;
     }
   }
 
-  private statement(exchange: Exchange, text: string): Promise<Statement> | null {
+  /** The cached statement for `text` being prepared, or null when the query should use one of its own. */
+  private statement(scope: Scope, text: string): Promise<Statement> | null {
     const known = this.statements.get(text);
-    if (known) return known;
+    // One still being prepared outside may be waiting for the session this scope holds: waiting for it would deadlock.
+    if (known) return scope.exclusive ? null : known;
     if (this.statements.size >= MAX_STATEMENTS) return null;
-    const preparing = this.prepare(exchange, `keel_${this.prepared++}`, text);
+    const name = `keel_${this.prepared++}`;
+    const preparing = this.prepare(scope, name, text).then((statement) => {
+      this.ready.set(text, statement);
+      return statement;
+    });
     this.statements.set(text, preparing);
     // A statement that fails to prepare (bad SQL) is not kept: the caller sees the error, and a retry prepares anew.
     preparing.catch(() => this.statements.delete(text));
     return preparing;
   }
 
-  private async prepare(exchange: Exchange, name: string, text: string): Promise<Statement> {
-    const message = Buffer.concat([
-      serialize.parse({ name, text, types: [] }),
-      serialize.describe({ type: 'S', name }),
-      serialize.sync(),
-    ]);
-    const reply = await exchange(message);
+  /** A statement of its own for one query, closed with its execution. */
+  private async once<T>(scope: Scope, text: string, params: unknown[], options: QueryOptions): Promise<Results<T>> {
+    const statement = await this.prepare(scope, `keel_once_${this.prepared++}`, text);
+    const reply = await scope.send(this.execute(statement, params, options, true));
+    return this.results<T>(statement, reply, options);
+  }
+
+  private async prepare(scope: Scope, name: string, text: string): Promise<Statement> {
+    const message = Buffer.concat([serialize.parse({ name, text, types: [] }), serialize.describe({ type: 'S', name }), serialize.sync()]);
     let paramTypes: number[] = [];
     let fields: Statement['fields'] = [];
-    for (const m of reply) {
+    for (const m of this.messages(await scope.send(message))) {
       if (m.name === 'error') throw m as DatabaseError;
       if (m.name === 'parameterDescription') paramTypes = (m as ParameterDescriptionMessage).dataTypeIDs;
+      if (m.name === 'rowDescription') fields = (m as RowDescriptionMessage).fields.map((f) => ({ name: f.name, dataTypeID: f.dataTypeID }));
+    }
+    return { name, paramTypes, fields };
+  }
+
+  private execute(statement: Statement, params: unknown[], options: QueryOptions, close = false): Uint8Array {
+    const parts = [serialize.bind({ statement: statement.name, values: this.serializeParams(statement, params, options) }), serialize.execute({})];
+    if (close) parts.push(serialize.close({ type: 'S', name: statement.name }));
+    parts.push(serialize.sync());
+    return Buffer.concat(parts);
+  }
+
+  private async simple(scope: Scope, text: string, options: QueryOptions = {}): Promise<Results[]> {
+    const results: Results[] = [];
+    let fields: Statement['fields'] = [];
+    let rows: unknown[] = [];
+    for (const m of this.messages(await scope.send(serialize.query(text)))) {
+      if (m.name === 'error') throw m as DatabaseError;
       if (m.name === 'rowDescription') {
         fields = (m as RowDescriptionMessage).fields.map((f) => ({ name: f.name, dataTypeID: f.dataTypeID }));
+        rows = [];
+      } else if (m.name === 'dataRow') {
+        rows.push(this.row(fields, (m as DataRowMessage).fields as (string | null)[], options));
+      } else if (m.name === 'commandComplete') {
+        results.push({ rows: rows as Results['rows'], fields, affectedRows: affected(m as CommandCompleteMessage) });
+        fields = [];
+        rows = [];
       }
     }
-    const statement = { name, paramTypes, fields };
-    this.ready.set(text, statement);
-    return statement;
+    return results;
   }
 
   private serializeParams(statement: Statement, params: unknown[], options: QueryOptions): (string | null)[] {
     return params.map((value, i) => {
       if (value === null || value === undefined) return null;
       const type = statement.paramTypes[i] ?? 0;
-      const serializer = options.serializers?.[type] ?? this.pg.serializers[type];
+      const serializer = (options.serializers?.[type] as Serializers[number] | undefined) ?? this.serializers[type];
       if (serializer) return serializer(value);
       return typeof value === 'object' ? JSON.stringify(value) : `${value as string | number | boolean | bigint}`;
     });
   }
 
-  private results<T>(statement: Statement, messages: BackendMessage[], options: QueryOptions): Results<T> {
-    const parsers = statement.fields.map((f) => options.parsers?.[f.dataTypeID] ?? this.pg.parsers[f.dataTypeID]);
+  private results<T>(statement: Statement, reply: Uint8Array, options: QueryOptions): Results<T> {
     const rows: unknown[] = [];
     let affectedRows = 0;
-    for (const m of messages) {
+    for (const m of this.messages(reply)) {
       if (m.name === 'error') throw m as DatabaseError;
-      if (m.name === 'dataRow') {
-        const values = (m as DataRowMessage).fields.map((raw: string | null, i): unknown => {
-          const parser = parsers[i];
-          return raw === null || !parser ? raw : (parser(raw, statement.fields[i]!.dataTypeID) as unknown);
-        });
-        rows.push(options.rowMode === 'array' ? values : Object.fromEntries(statement.fields.map((f, i) => [f.name, values[i]])));
-      } else if (m.name === 'commandComplete') {
-        const count = /(\d+)$/.exec((m as unknown as { text: string }).text);
-        if (count) affectedRows = Number(count[1]);
-      }
+      if (m.name === 'dataRow') rows.push(this.row(statement.fields, (m as DataRowMessage).fields as (string | null)[], options));
+      else if (m.name === 'commandComplete') affectedRows = affected(m as CommandCompleteMessage);
     }
     return { rows: rows as T[], fields: statement.fields, affectedRows };
   }
+
+  private row(fields: Statement['fields'], raw: (string | null)[], options: QueryOptions): unknown {
+    const values = raw.map((value, i): unknown => {
+      if (value === null) return null;
+      const type = fields[i]!.dataTypeID;
+      const parser = (options.parsers?.[type] as Parsers[number] | undefined) ?? this.parsers[type];
+      return parser ? parser(value, type) : value;
+    });
+    if (options.rowMode === 'array') return values;
+    const row: Record<string, unknown> = {};
+    for (let i = 0; i < fields.length; i++) row[fields[i]!.name] = values[i];
+    return row;
+  }
+
+  private messages(reply: Uint8Array): BackendMessage[] {
+    const messages: BackendMessage[] = [];
+    this.parser.parse(Buffer.from(reply.buffer, reply.byteOffset, reply.byteLength), (m) => messages.push(m));
+    return messages;
+  }
+
+  /** The reply of BEGIN + a statement, as the statement's alone: BEGIN's failure is thrown. */
+  private afterBegin(reply: Uint8Array): Uint8Array {
+    const view = Buffer.from(reply.buffer, reply.byteOffset, reply.byteLength);
+    for (let at = 0; at + 5 <= view.length; at += 1 + view.readUInt32BE(at + 1)) {
+      const type = view[at];
+      if (type === 0x45 /* E */) for (const m of this.messages(view.subarray(at))) if (m.name === 'error') throw m as DatabaseError;
+      if (type === 0x5a /* Z: ready for query, BEGIN's end */) return view.subarray(at + 1 + view.readUInt32BE(at + 1));
+    }
+    throw new Error('the embedded database did not answer BEGIN');
+  }
+}
+
+function affected(m: CommandCompleteMessage): number {
+  const count = /(\d+)$/.exec(m.text);
+  return count ? Number(count[1]) : 0;
 }

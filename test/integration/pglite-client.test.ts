@@ -1,38 +1,62 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
 import { PGlite } from '@electric-sql/pglite';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { PgliteStatementClient } from '../../src/core/pglite-client.js';
+import { loadSettings } from '../../src/core/config.js';
+import { openDatabase } from '../../src/core/db.js';
+import { inProcessLink, type PgliteLink, PgliteStatementClient } from '../../src/core/pglite-client.js';
+import { openPgliteThread } from '../../src/core/pglite-thread.js';
 
-// The statement cache must answer exactly as PGlite's own query() does, on every path.
-describe('PgliteStatementClient', () => {
-  let pg: PGlite;
+const SCHEMA = `
+  create type mood as enum ('calm', 'busy');
+  create table items (
+    id uuid primary key default gen_random_uuid(),
+    name text not null unique,
+    n integer,
+    ok boolean not null default true,
+    at timestamptz not null default now(),
+    mood mood not null default 'calm',
+    meta jsonb
+  );`;
+
+const links: Record<string, () => Promise<PgliteLink>> = {
+  'this thread': async () => inProcessLink(await PGlite.create('memory://')),
+  'a thread of its own': () => openPgliteThread({ dataDir: 'memory://', startParams: [] }),
+};
+
+// The client must answer exactly as PGlite's own query() does, on every path, wherever PGlite runs.
+describe.each(Object.keys(links))('PgliteStatementClient, PGlite on %s', (where) => {
   let client: PgliteStatementClient;
+  /** PGlite's own answers, for comparison. */
+  let reference: PGlite;
 
   beforeAll(async () => {
-    pg = await PGlite.create('memory://');
-    await pg.exec(`
-      create type mood as enum ('calm', 'busy');
-      create table items (
-        id uuid primary key default gen_random_uuid(),
-        name text not null unique,
-        n integer,
-        ok boolean not null default true,
-        at timestamptz not null default now(),
-        mood mood not null default 'calm',
-        meta jsonb
-      );`);
-    client = new PgliteStatementClient(pg);
-  }, 60_000);
+    client = await PgliteStatementClient.open(await links[where]!());
+    await client.exec(SCHEMA);
+    reference = await PGlite.create('memory://');
+    await reference.exec(SCHEMA);
+    // Two databases to open: slow on a loaded machine.
+  }, 180_000);
 
   afterAll(async () => {
-    await pg.close();
-  });
+    await client.close();
+    await reference.close();
+  }, 60_000);
+
+  const count = async (text: string, params: unknown[] = []) => (await client.query<{ count: number }>(text, params)).rows[0]!.count;
 
   it('returns the same rows, types and fields as PGlite for objects and arrays', async () => {
-    await pg.query(`insert into items (name, n, ok, meta) values ('a', 1, false, '{"k": [1, 2]}'), ('b', null, true, null)`);
+    const insert = `insert into items (id, name, n, ok, at, meta) values
+      ('00000000-0000-4000-8000-000000000001', 'a', 1, false, '2026-01-02T03:04:05Z', '{"k": [1, 2]}'),
+      ('00000000-0000-4000-8000-000000000002', 'b', null, true, '2026-01-02T03:04:05Z', null)`;
+    await client.query(insert);
+    await reference.query(insert);
     for (const rowMode of ['object', 'array'] as const) {
-      const text = 'select * from items where name = any($1::text[]) order by name';
-      const expected = await pg.query(text, [['a', 'b']], { rowMode });
+      const text = 'select *, array[n, 7] as ns, array[at] as ats from items where name = any($1::text[]) order by name';
+      const expected = await reference.query(text, [['a', 'b']], { rowMode });
       const actual = await client.query(text, [['a', 'b']], { rowMode });
       expect(actual.rows).toEqual(expected.rows);
       expect(actual.fields).toEqual(expected.fields);
@@ -42,14 +66,18 @@ describe('PgliteStatementClient', () => {
     expect(first!.ok).toBe(false);
     expect(first!.n).toBe(1);
     expect(first!.meta).toEqual({ k: [1, 2] });
+    // Parameters go through PGlite's serializers: a Date, an array, an object for jsonb.
+    const at = new Date('2026-05-06T07:08:09.123Z');
+    await client.query('insert into items (name, at, meta) values ($1, $2, $3)', ['dated', at, { x: [1, 'y'] }]);
+    const [dated] = (await client.query<{ at: Date; meta: unknown }>('select at, meta from items where name = any($1)', [['dated']])).rows;
+    expect(dated).toEqual({ at, meta: { x: [1, 'y'] } });
   });
 
   it('reuses one prepared statement per SQL text and counts affected rows', async () => {
     const text = 'update items set n = coalesce(n, 0) + $1 where name = $2';
     for (let i = 0; i < 5; i++) expect((await client.query(text, [1, 'b'])).affectedRows).toBe(1);
     expect((await client.query<{ n: number }>('select n from items where name = $1', ['b'])).rows[0]!.n).toBe(5);
-    const prepared = await pg.query<{ count: number }>("select count(*)::int as count from pg_prepared_statements where statement like 'update items%'");
-    expect(prepared.rows[0]!.count).toBe(1);
+    expect(await count("select count(*)::int as count from pg_prepared_statements where statement like 'update items%'")).toBe(1);
   });
 
   it('raises database errors with their SQLSTATE, and keeps working afterwards', async () => {
@@ -57,31 +85,76 @@ describe('PgliteStatementClient', () => {
     await expect(client.query('select * from no_such_table')).rejects.toMatchObject({ code: '42P01' });
     // A failed prepare is not cached: the same text fails again the same way.
     await expect(client.query('select * from no_such_table')).rejects.toMatchObject({ code: '42P01' });
+    await expect(client.exec('select 1; select * from no_such_table')).rejects.toMatchObject({ code: '42P01' });
     expect((await client.query('select 1 as one')).rows).toEqual([{ one: 1 }]);
   });
 
-  it('never runs inside another caller’s open transaction', async () => {
+  it('answers exec with one result per statement, as PGlite', async () => {
+    const text = "select 1 as one; update items set n = n where name = 'zzz'; select name from items where name = 'a'";
+    const results = await client.exec(text);
+    expect(results.map((r) => ({ rows: r.rows, affectedRows: r.affectedRows }))).toEqual([
+      { rows: [{ one: 1 }], affectedRows: 1 },
+      { rows: [], affectedRows: 0 },
+      { rows: [{ name: 'a' }], affectedRows: 1 },
+    ]);
+  });
+
+  it('answers many concurrent queries, each with its own rows', async () => {
+    const answers = await Promise.all(Array.from({ length: 200 }, (_, i) => client.query<{ i: number; s: string }>('select $1::int as i, repeat($2, $1::int) as s', [i, 'x'])));
+    answers.forEach((answer, i) => expect(answer.rows).toEqual([{ i, s: 'x'.repeat(i) }]));
+  });
+
+  it('returns large results whole', async () => {
+    const { rows } = await client.query<{ i: number; s: string }>('select i, repeat(i::text, 20) as s from generate_series(1, $1::int) i', [50_000]);
+    expect(rows).toHaveLength(50_000);
+    expect(rows[0]).toEqual({ i: 1, s: '1'.repeat(20) });
+    expect(rows[49_999]).toEqual({ i: 50_000, s: '50000'.repeat(20) });
+    const [big] = (await client.query<{ s: string }>("select repeat('y', 8000000) as s")).rows;
+    expect(big!.s).toHaveLength(8_000_000);
+  });
+
+  it('never runs a caller’s query inside another caller’s open transaction', async () => {
     let release!: () => void;
     const held = new Promise<void>((resolve) => (release = resolve));
-    const transaction = pg.transaction(async (tx) => {
+    const transaction = client.transaction(async (tx) => {
       await tx.query("insert into items (name) values ('uncommitted')");
       await held;
       throw new Error('roll back');
     });
+    await new Promise((resolve) => setTimeout(resolve, 20));
     // Issued while the transaction is open: it must wait and then not see the rolled-back row.
-    const read = client.query<{ count: number }>("select count(*)::int as count from items where name = 'uncommitted'");
-    await new Promise((resolve) => setTimeout(resolve, 50));
+    const read = count("select count(*)::int as count from items where name = 'uncommitted'");
+    const exec = client.exec("insert into items (name) values ('after')");
+    await new Promise((resolve) => setTimeout(resolve, 30));
     release();
     await expect(transaction).rejects.toThrow('roll back');
-    expect((await read).rows[0]!.count).toBe(0);
+    expect(await read).toBe(0);
+    await exec;
+    expect(await count("select count(*)::int as count from items where name in ('uncommitted', 'after')")).toBe(1);
+  });
+
+  it('runs transactions one after another, never interleaved', async () => {
+    await client.query("insert into items (name, n) values ('counter', 0)");
+    await Promise.all(
+      Array.from({ length: 20 }, () =>
+        client.transaction(async (tx) => {
+          const { rows } = await tx.query<{ n: number }>("select n from items where name = 'counter'");
+          await new Promise((resolve) => setImmediate(resolve));
+          await tx.query("update items set n = $1 where name = 'counter'", [rows[0]!.n + 1]);
+        }),
+      ),
+    );
+    expect(await count("select n as count from items where name = 'counter'")).toBe(20);
   });
 
   it('falls back to a fresh plan when the schema changes under a cached statement', async () => {
     const text = 'select * from items where name = $1';
     await client.query(text, ['a']);
-    await pg.exec('alter table items add column extra text');
+    await client.exec('alter table items add column extra text');
     const rows = (await client.query<Record<string, unknown>>(text, ['a'])).rows;
     expect(rows[0]).toHaveProperty('extra', null);
+    // The fresh plan's statement was closed after use: none is left behind.
+    expect(await count("select count(*)::int as count from pg_prepared_statements where name like 'keel_once_%'")).toBe(0);
   });
 
   it('runs a transaction’s queries on prepared statements, commits them together and rolls them back together', async () => {
@@ -89,11 +162,15 @@ describe('PgliteStatementClient', () => {
     await client.transaction(async (tx) => {
       expect((await tx.query(text, ['tx-1', 1])).rows).toEqual([{ name: 'tx-1', n: 1 }]);
       expect((await tx.query(text, ['tx-2', 2])).rows).toEqual([{ name: 'tx-2', n: 2 }]);
-      // Its own writes are visible inside it, through a cached statement too.
-      expect((await tx.query<{ count: number }>('select count(*)::int as count from items where name like $1', ['tx-%'])).rows[0]!.count).toBe(2);
+      // Its own writes are visible inside it, through a cached statement too, and queries sent together answer in turn.
+      const [a, b] = await Promise.all([
+        tx.query<{ count: number }>('select count(*)::int as count from items where name like $1', ['tx-%']),
+        tx.query<{ n: number }>('select n from items where name = $1', ['tx-2']),
+      ]);
+      expect(a.rows[0]!.count).toBe(2);
+      expect(b.rows[0]!.n).toBe(2);
     });
-    const prepared = await pg.query<{ count: number }>("select count(*)::int as count from pg_prepared_statements where statement like 'insert into items (name, n)%'");
-    expect(prepared.rows[0]!.count).toBe(1);
+    expect(await count("select count(*)::int as count from pg_prepared_statements where statement like 'insert into items (name, n) values ($1%'")).toBe(1);
     await expect(
       client.transaction(async (tx) => {
         await tx.query(text, ['tx-3', 3]);
@@ -103,13 +180,40 @@ describe('PgliteStatementClient', () => {
     expect((await client.query<{ name: string }>('select name from items where name like $1 order by name', ['tx-%'])).rows.map((r) => r.name)).toEqual(['tx-1', 'tx-2']);
     // The statement prepared before the failure still serves later callers, outside a transaction too.
     expect((await client.query(text, ['tx-4', 4])).rows).toEqual([{ name: 'tx-4', n: 4 }]);
+    // No transaction is left open after the failure.
+    expect(await count("select count(*)::int as count from items where name = 'tx-4'")).toBe(1);
+  });
+
+  it('rolls back when the first statement of a transaction fails (it travels with BEGIN), and when the callback throws', async () => {
+    await expect(client.transaction((tx) => tx.query('select * from no_such_table'))).rejects.toMatchObject({ code: '42P01' });
+    await expect(
+      client.transaction(async (tx) => {
+        await tx.query("insert into items (name) values ('thrown')");
+        throw new Error('changed my mind');
+      }),
+    ).rejects.toThrow('changed my mind');
+    expect(await count("select count(*)::int as count from items where name = 'thrown'")).toBe(0);
+    // A transaction that sends nothing opens nothing; its result is returned.
+    expect(await client.transaction(async () => 'nothing')).toBe('nothing');
+    const [status] = (await client.query<{ status: string }>("select current_setting('transaction_isolation') as status")).rows;
+    expect(status!.status).toBe('read committed');
+  });
+
+  it('refuses a closed transaction’s queries', async () => {
+    let kept!: Pick<PGlite, 'query'>;
+    await client.transaction(async (tx) => {
+      kept = tx;
+      await tx.query('select 1');
+    });
+    await expect(kept.query('select 1')).rejects.toThrow('Transaction is closed');
   });
 
   it('does not wait inside a transaction for a statement an outside caller is still preparing (that waits for the transaction)', async () => {
     const text = "select count(*)::int as count from items where name like 'race-%'";
     let outside!: Promise<{ rows: { count: number }[] }>;
     await client.transaction(async (tx) => {
-      // Queued now behind this transaction's lock, with its statement's preparation.
+      await tx.query('select 1');
+      // Queued now behind this transaction, with its statement's preparation.
       outside = client.query<{ count: number }>(text);
       await new Promise((resolve) => setTimeout(resolve, 20));
       await tx.query("insert into items (name) values ('race-1')");
@@ -117,4 +221,62 @@ describe('PgliteStatementClient', () => {
     });
     expect((await outside).rows[0]!.count).toBe(1);
   });
+
+  it('holds the session for `session`: its settings and nothing else in between', async () => {
+    const outside: Promise<unknown>[] = [];
+    const seen = await client.session(async (session) => {
+      await session.exec("set application_name = 'held'");
+      outside.push(client.exec("set application_name = 'other'"));
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      const { rows } = await session.query<{ name: string }>("select current_setting('application_name') as name");
+      return rows[0]!.name;
+    });
+    expect(seen).toBe('held');
+    await Promise.all(outside);
+  });
+});
+
+describe('PGlite on a thread of its own', () => {
+  it('closes after an open transaction commits, refuses queries afterwards, and keeps what it committed', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'keel-pglite-thread-'));
+    try {
+      let client = await PgliteStatementClient.open(await openPgliteThread({ dataDir: dir, startParams: [] }));
+      await client.exec('create table kept (n int)');
+      await Promise.all(Array.from({ length: 50 }, (_, n) => client.query('insert into kept values ($1)', [n])));
+      let closing!: Promise<void>;
+      await client.transaction(async (tx) => {
+        await tx.query('insert into kept values ($1)', [50]);
+        closing = client.close();
+        await new Promise((resolve) => setTimeout(resolve, 20));
+        await tx.query('insert into kept values ($1)', [51]);
+      });
+      await closing;
+      await expect(client.query('select 1')).rejects.toThrow('database is closed');
+
+      client = await PgliteStatementClient.open(await openPgliteThread({ dataDir: dir, startParams: [] }));
+      expect((await client.query<{ count: number }>('select count(*)::int as count from kept')).rows[0]!.count).toBe(52);
+      await client.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 60_000);
+
+  it('reports an error opening the database as the thread saw it', async () => {
+    await expect(openPgliteThread({ dataDir: 'memory://', startParams: ['-c', 'no_such_setting_at_all=1'] })).rejects.toThrow();
+  }, 60_000);
+
+  it('serves openDatabase with pgvector and the session’s settings', async () => {
+    const database = await openDatabase(loadSettings({ PGLITE_DATA_DIR: 'memory://', PGLITE_THREAD: 'true' }));
+    try {
+      await database.withSession(async (session) => {
+        await session.exec('create extension if not exists vector');
+        expect(await session.query("select current_setting('hnsw.iterative_scan') as scan")).toEqual([{ scan: 'relaxed_order' }]);
+        expect(await session.query("select '[1,2]'::vector <-> '[1,3]'::vector as d")).toEqual([{ d: 1 }]);
+      });
+      await database.ping();
+    } finally {
+      await database.close();
+    }
+    await expect(database.ping()).rejects.toThrow('closed');
+  }, 60_000);
 });

@@ -1,0 +1,153 @@
+import { createRequire } from 'node:module';
+import { Worker } from 'node:worker_threads';
+
+import type { PgliteLink } from './pglite-client.js';
+
+export interface PgliteThreadOptions {
+  dataDir: string;
+  /** Added to PGlite's default start parameters. */
+  startParams: string[];
+}
+
+/**
+ * The thread's code. It is a script rather than a module file so that it runs the same from dist/
+ * and from src/ (tsx, the tests), which a worker's file could not. It opens PGlite with pgvector
+ * (a new directory twice: see openPglite in db.ts), then answers each batch of protocol messages
+ * with their raw replies, in order; the replies' buffers are transferred, not copied.
+ */
+const THREAD = `
+const { parentPort, workerData } = require('node:worker_threads');
+const { existsSync } = require('node:fs');
+const { join } = require('node:path');
+const { PGlite } = require(workerData.pglite);
+const { vector } = require(workerData.vector);
+let pg;
+const failure = (e) => ({ message: String((e && e.message) || e), code: e && e.code, errno: e && e.errno });
+async function open() {
+  const { dataDir, startParams } = workerData;
+  const options = { extensions: { vector }, startParams: [...PGlite.defaultStartParams, ...startParams] };
+  const initdb = !dataDir.startsWith('memory://') && !existsSync(join(dataDir, 'PG_VERSION'));
+  pg = await PGlite.create(dataDir, options);
+  if (initdb) {
+    await pg.close();
+    pg = await PGlite.create(dataDir, options);
+  }
+}
+open().then(() => parentPort.postMessage({ open: true }), (e) => parentPort.postMessage({ open: false, error: failure(e) }));
+parentPort.on('message', (m) => {
+  if (m.close) {
+    pg.close().then(() => parentPort.postMessage({ closed: true }), (e) => parentPort.postMessage({ closed: false, error: failure(e) }));
+    return;
+  }
+  const replies = [];
+  const transfer = [];
+  let offset = 0;
+  for (const length of m.lengths) {
+    const message = new Uint8Array(m.batch, offset, length);
+    offset += length;
+    try {
+      const reply = pg.execProtocolRawSync(message);
+      replies.push(reply);
+      transfer.push(reply.buffer);
+    } catch (e) {
+      replies.push(failure(e));
+    }
+  }
+  parentPort.postMessage({ replies }, transfer);
+});
+`;
+
+interface Failure {
+  message: string;
+  code?: string;
+  errno?: number;
+}
+
+function asError(failure: Failure): Error {
+  return Object.assign(new Error(failure.message), failure.code === undefined ? {} : { code: failure.code }, failure.errno === undefined ? {} : { errno: failure.errno });
+}
+
+/**
+ * PGlite in a worker thread, so its WebAssembly runs beside the main thread (on another core)
+ * rather than on it. The messages sent in one turn of the event loop go as one batch, copied once
+ * into a buffer that is transferred; the thread answers them in order.
+ */
+export async function openPgliteThread(options: PgliteThreadOptions): Promise<PgliteLink> {
+  const require = createRequire(import.meta.url);
+  const worker = new Worker(THREAD, {
+    eval: true,
+    workerData: { ...options, pglite: require.resolve('@electric-sql/pglite'), vector: require.resolve('@electric-sql/pglite-pgvector') },
+  });
+  const waiting: { resolve: (reply: Uint8Array) => void; reject: (error: unknown) => void }[] = [];
+  let outgoing: Uint8Array[] = [];
+  let stopped: Error | null = null;
+  let closing: ((failure?: Failure) => void) | null = null;
+  let opening: ((failure?: Failure) => void) | null = null;
+
+  const stop = (error: Error) => {
+    stopped ??= error;
+    for (const w of waiting.splice(0)) w.reject(stopped);
+    opening?.({ message: error.message });
+    closing?.();
+  };
+  worker.on('error', (error) => stop(error));
+  worker.on('exit', (code) => stop(new Error(`the embedded database's thread stopped (exit code ${code})`)));
+  worker.on('message', (m: { open?: boolean; closed?: boolean; error?: Failure; replies?: (Uint8Array | Failure)[] }) => {
+    if (m.replies) {
+      for (const reply of m.replies) {
+        const w = waiting.shift()!;
+        if (reply instanceof Uint8Array) w.resolve(reply);
+        else w.reject(asError(reply));
+      }
+      // Idle: the thread does not keep the process alive (nor did PGlite on the main thread).
+      if (waiting.length === 0) worker.unref();
+    } else if (m.open !== undefined) opening?.(m.error);
+    else if (m.closed !== undefined) closing?.(m.error);
+  });
+
+  const flush = () => {
+    if (outgoing.length === 0) return;
+    const messages = outgoing;
+    outgoing = [];
+    const lengths = messages.map((message) => message.byteLength);
+    const batch = new Uint8Array(lengths.reduce((a, b) => a + b, 0));
+    let offset = 0;
+    for (const message of messages) {
+      batch.set(message, offset);
+      offset += message.byteLength;
+    }
+    worker.postMessage({ batch: batch.buffer, lengths }, [batch.buffer]);
+  };
+
+  const opened = await new Promise<Failure | undefined>((resolve) => (opening = resolve));
+  opening = null;
+  if (opened) {
+    await worker.terminate();
+    throw asError(opened);
+  }
+  worker.unref();
+
+  return {
+    send: (message) =>
+      new Promise((resolve, reject) => {
+        if (stopped) return reject(stopped);
+        if (waiting.length === 0) worker.ref();
+        waiting.push({ resolve, reject });
+        outgoing.push(message);
+        if (outgoing.length === 1) queueMicrotask(flush);
+      }),
+    close: async () => {
+      if (stopped) return;
+      worker.ref();
+      // After the messages already sent.
+      if (outgoing.length > 0) flush();
+      const failure = await new Promise<Failure | undefined>((resolve) => {
+        closing = resolve;
+        worker.postMessage({ close: true });
+      });
+      stopped = new Error('database is closed');
+      await worker.terminate();
+      if (failure) throw asError(failure);
+    },
+  };
+}
