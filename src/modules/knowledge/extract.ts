@@ -44,6 +44,14 @@ function workerEntry(): { entry: string | URL; eval: boolean } {
   return { entry: `import(${JSON.stringify(loader)}).then((tsx) => { tsx.register(); return import(${JSON.stringify(target)}); });`, eval: true };
 }
 
+/**
+ * The parsing thread's young generation. Parsers allocate short-lived objects at a high rate
+ * (pdf.js per glyph), so V8 grows the young generation to its maximum, and what survives a
+ * scavenge is promoted into an old generation sized after it: at 32 MB the thread of a 50 MB PDF
+ * held 78 MB of heap for 35–50 MB in use; at 8 MB, 45 MB, with the same CPU time (bench/RESULTS.md).
+ */
+const YOUNG_GENERATION_MB = 8;
+
 const duration = (ms: number) => (ms < 1000 ? `${ms} ms` : `${Math.round(ms / 100) / 10} s`);
 
 /**
@@ -63,7 +71,7 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, signal?: AbortSi
       execArgv: [],
       stdout: true,
       stderr: true,
-      resourceLimits: { maxOldGenerationSizeMb: limits.maxMemoryMb, maxYoungGenerationSizeMb: Math.min(32, Math.max(4, limits.maxMemoryMb / 8)), stackSizeMb: 4 },
+      resourceLimits: { maxOldGenerationSizeMb: limits.maxMemoryMb, maxYoungGenerationSizeMb: YOUNG_GENERATION_MB, stackSizeMb: 4 },
     });
     // pdf.js and friends print warnings about damaged files; the outcome says what matters.
     worker.stdout.resume();
