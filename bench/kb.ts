@@ -68,6 +68,13 @@ const TARGETS = env('TARGETS', 'pglite postgres').split(/\s+/);
 const ADMIN = { email: 'admin@kb-bench.test', password: 'kb-bench-password' };
 
 const log = (line: string) => console.log(line);
+/** A Markdown table under a heading, for bench/RESULTS.md. */
+function logTable(title: string, columns: string[], rows: string[]): void {
+  log(`\n### ${title}\n`);
+  log(`| ${columns.join(' | ')} |`);
+  log(`|${' --- |'.repeat(columns.length)}`);
+  for (const row of rows) log(row);
+}
 const load = () => loadavg().map((n) => n.toFixed(2)).join(' ');
 
 // ==================== Text ====================
@@ -246,6 +253,13 @@ function groupRssMb(pgid: number): number {
 
 const benchSettings: Settings = loadSettings({ ENVIRONMENT: 'local', SECRET_KEY: 'x'.repeat(40) });
 
+/** CHECKOUTS ("name=dir ...", default this one): the builds a part runs in turn, as [name, dir]. */
+function checkoutsToRun(): [string, string][] {
+  return env('CHECKOUTS', `this=${root}`)
+    .split(/\s+/)
+    .map((pair) => pair.split('=') as [string, string]);
+}
+
 /** Extraction + chunking alone, in this process: the baseline of ingestion, and the text size. */
 async function bareExtraction(path: string): Promise<{ textMb: number; seconds: number; chunks: number }> {
   const began = performance.now();
@@ -260,9 +274,7 @@ async function ingestPart(dir: string): Promise<void> {
   await writePdf(files[1]!, PDF_PAGES);
   const bare = new Map<string, Awaited<ReturnType<typeof bareExtraction>>>();
   for (const path of files) bare.set(path, await bareExtraction(path));
-  const checkouts = env('CHECKOUTS', `this=${root}`)
-    .split(/\s+/)
-    .map((pair) => pair.split('=') as [string, string]);
+  const checkouts = checkoutsToRun();
   const rows: string[] = [];
   // Round by round, each build in turn on each file: a change of load hits both alike.
   for (let round = 0; round < Number(env('ROUNDS', '1')); round++) {
@@ -287,10 +299,7 @@ async function ingestPart(dir: string): Promise<void> {
       }
     }
   }
-  log('\n### Ingestion throughput (embedded `keel start`, no EMBEDDING_MODEL; upload over HTTP → ready)\n');
-  log('| checkout | file | file MB | text MB | chunks | end to end s | text MB/min | server CPU s | bare extract+chunk s | bare MB/min | load avg |');
-  log('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |');
-  for (const row of rows) log(row);
+  logTable('Ingestion throughput (embedded `keel start`, no EMBEDDING_MODEL; upload over HTTP → ready)', ['checkout', 'file', 'file MB', 'text MB', 'chunks', 'end to end s', 'text MB/min', 'server CPU s', 'bare extract+chunk s', 'bare MB/min', 'load avg'], rows);
 }
 
 /**
@@ -325,9 +334,7 @@ async function writeBigPdf(path: string, megabytes: number): Promise<void> {
  */
 async function rssPart(dir: string): Promise<void> {
   const path = await bigPdf(dir);
-  const checkouts = env('CHECKOUTS', `this=${root}`)
-    .split(/\s+/)
-    .map((pair) => pair.split('=') as [string, string]);
+  const checkouts = checkoutsToRun();
   const rows: string[] = [];
   for (const [name, checkout] of checkouts) {
     const first = await startKeel(PORT_BASE + 1, {}, checkout);
@@ -364,10 +371,7 @@ async function rssPart(dir: string): Promise<void> {
       await stopKeel(server);
     }
   }
-  log('\n### Memory of `keel start` (API + worker + PGlite, one process group) ingesting a large PDF\n');
-  log('| checkout | file MB | status | text MB | chunks | upload → ready s | text MB/min | RSS idle after first start MB | RSS at rest (restarted) MB | peak RSS MB | RSS 2 s after MB | load avg |');
-  log('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |');
-  for (const row of rows) log(row);
+  logTable('Memory of `keel start` (API + worker + PGlite, one process group) ingesting a large PDF', ['checkout', 'file MB', 'status', 'text MB', 'chunks', 'upload → ready s', 'text MB/min', 'RSS idle after first start MB', 'RSS at rest (restarted) MB', 'peak RSS MB', 'RSS 2 s after MB', 'load avg'], rows);
 }
 
 /** The big PDF: BIG_PDF when set (written there first when missing), else a fresh one in `dir`. */
@@ -384,9 +388,7 @@ async function bigPdf(dir: string): Promise<string> {
  */
 async function workerRssPart(dir: string): Promise<void> {
   const path = await bigPdf(dir);
-  const checkouts = env('CHECKOUTS', `this=${root}`)
-    .split(/\s+/)
-    .map((pair) => pair.split('=') as [string, string]);
+  const checkouts = checkoutsToRun();
   const rows: string[] = [];
   for (const [label, checkout] of checkouts) {
     const name = `${DB_PREFIX}_worker_${process.pid}`;
@@ -406,10 +408,7 @@ async function workerRssPart(dir: string): Promise<void> {
       await adminQuery(PG_ADMIN_URL, `drop database if exists "${name}" with (force)`);
     }
   }
-  log('\n### Memory of `keel worker` (scaled: PostgreSQL + Redis) ingesting a large PDF\n');
-  log('| checkout | file MB | status | text MB | chunks | upload → ready s | worker CPU s | text MB per CPU min | worker RSS at rest MB | worker peak RSS MB | load avg |');
-  log('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |');
-  for (const row of rows) log(row);
+  logTable('Memory of `keel worker` (scaled: PostgreSQL + Redis) ingesting a large PDF', ['checkout', 'file MB', 'status', 'text MB', 'chunks', 'upload → ready s', 'worker CPU s', 'text MB per CPU min', 'worker RSS at rest MB', 'worker peak RSS MB', 'load avg'], rows);
 }
 
 /** CPU seconds (user + system) of a process, from ps. */
