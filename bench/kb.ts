@@ -53,6 +53,12 @@ const PARTS = env('PARTS', 'ingest search rss').split(/\s+/);
 const TEXT_MB = Number(env('TEXT_MB', '20'));
 const PDF_PAGES = Number(env('PDF_PAGES', '2000'));
 const BIG_PDF_MB = Number(env('BIG_PDF_MB', '50'));
+/** A big PDF kept between runs (made there when missing): pdfkit takes minutes to write 50 MB. */
+const BIG_PDF = process.env.BIG_PDF;
+/** Keel processes listen on PORT_BASE … PORT_BASE + 4 (two benches side by side need their own). */
+const PORT_BASE = Number(env('PORT_BASE', '8231'));
+/** Prefix of the PostgreSQL databases the bench creates (and drops). */
+const DB_PREFIX = env('DB_PREFIX', 'keel_bench_kb');
 const CHUNKS = Number(env('CHUNKS', '100000'));
 const CHUNKS_PER_ENTRY = 100;
 const REQUESTS = Number(env('REQUESTS', '300'));
@@ -62,6 +68,13 @@ const TARGETS = env('TARGETS', 'pglite postgres').split(/\s+/);
 const ADMIN = { email: 'admin@kb-bench.test', password: 'kb-bench-password' };
 
 const log = (line: string) => console.log(line);
+/** A Markdown table under a heading, for bench/RESULTS.md. */
+function logTable(title: string, columns: string[], rows: string[]): void {
+  log(`\n### ${title}\n`);
+  log(`| ${columns.join(' | ')} |`);
+  log(`|${' --- |'.repeat(columns.length)}`);
+  for (const row of rows) log(row);
+}
 const load = () => loadavg().map((n) => n.toFixed(2)).join(' ');
 
 // ==================== Text ====================
@@ -240,6 +253,13 @@ function groupRssMb(pgid: number): number {
 
 const benchSettings: Settings = loadSettings({ ENVIRONMENT: 'local', SECRET_KEY: 'x'.repeat(40) });
 
+/** CHECKOUTS ("name=dir ...", default this one): the builds a part runs in turn, as [name, dir]. */
+function checkoutsToRun(): [string, string][] {
+  return env('CHECKOUTS', `this=${root}`)
+    .split(/\s+/)
+    .map((pair) => pair.split('=') as [string, string]);
+}
+
 /** Extraction + chunking alone, in this process: the baseline of ingestion, and the text size. */
 async function bareExtraction(path: string): Promise<{ textMb: number; seconds: number; chunks: number }> {
   const began = performance.now();
@@ -252,24 +272,34 @@ async function ingestPart(dir: string): Promise<void> {
   const files = [join(dir, 'text.md'), join(dir, 'doc.pdf')];
   writeMarkdown(files[0]!, TEXT_MB);
   await writePdf(files[1]!, PDF_PAGES);
-  const server = await startKeel(8231);
-  try {
-    const folder = await api<{ id: string }>(server, 'POST', '/knowledge-base/folders', { name: 'bench' });
-    log('\n### Ingestion throughput (embedded `keel start`, no EMBEDDING_MODEL; upload over HTTP → ready)\n');
-    log('| file | file MB | text MB | chunks | end to end s | text MB/min | bare extract+chunk s | bare MB/min | load avg |');
-    log('| --- | --- | --- | --- | --- | --- | --- | --- | --- |');
-    for (const path of files) {
-      const bare = await bareExtraction(path);
-      const began = performance.now();
-      const entry = await untilSettled(server, await uploadFile(server, folder.id, path));
-      const seconds = (performance.now() - began) / 1000;
-      if (entry.status !== 'ready') throw new Error(`${path}: ${entry.error}`);
-      const perMin = (s: number) => ((bare.textMb / s) * 60).toFixed(0);
-      log(`| ${path.split('/').pop()} | ${(statSync(path).size / 1e6).toFixed(1)} | ${bare.textMb.toFixed(1)} | ${entry.chunk_count} | ${seconds.toFixed(1)} | ${perMin(seconds)} | ${bare.seconds.toFixed(1)} | ${perMin(bare.seconds)} | ${load()} |`);
+  const bare = new Map<string, Awaited<ReturnType<typeof bareExtraction>>>();
+  for (const path of files) bare.set(path, await bareExtraction(path));
+  const checkouts = checkoutsToRun();
+  const rows: string[] = [];
+  // Round by round, each build in turn on each file: a change of load hits both alike.
+  for (let round = 0; round < Number(env('ROUNDS', '1')); round++) {
+    for (const [name, checkout] of checkouts) {
+      const server = await startKeel(PORT_BASE, {}, checkout);
+      try {
+        const folder = await api<{ id: string }>(server, 'POST', '/knowledge-base/folders', { name: 'bench' });
+        for (const path of files) {
+          const { textMb, seconds: bareSeconds } = bare.get(path)!;
+          const cpuBefore = cpuSeconds(server.child.pid!);
+          const began = performance.now();
+          const entry = await untilSettled(server, await uploadFile(server, folder.id, path));
+          const seconds = (performance.now() - began) / 1000;
+          const cpu = cpuSeconds(server.child.pid!) - cpuBefore;
+          if (entry.status !== 'ready') throw new Error(`${path}: ${entry.error}`);
+          const perMin = (s: number) => ((textMb / s) * 60).toFixed(0);
+          rows.push(`| ${name} | ${path.split('/').pop()} | ${(statSync(path).size / 1e6).toFixed(1)} | ${textMb.toFixed(1)} | ${entry.chunk_count} | ${seconds.toFixed(1)} | ${perMin(seconds)} | ${cpu} | ${bareSeconds.toFixed(1)} | ${perMin(bareSeconds)} | ${load()} |`);
+          log(rows.at(-1)!);
+        }
+      } finally {
+        await stopKeel(server);
+      }
     }
-  } finally {
-    await stopKeel(server);
   }
+  logTable('Ingestion throughput (embedded `keel start`, no EMBEDDING_MODEL; upload over HTTP → ready)', ['checkout', 'file', 'file MB', 'text MB', 'chunks', 'end to end s', 'text MB/min', 'server CPU s', 'bare extract+chunk s', 'bare MB/min', 'load avg'], rows);
 }
 
 /**
@@ -303,17 +333,14 @@ async function writeBigPdf(path: string, megabytes: number): Promise<void> {
  * figure is a restarted worker's (the first start also runs initdb and the migrations).
  */
 async function rssPart(dir: string): Promise<void> {
-  const path = join(dir, 'big.pdf');
-  await writeBigPdf(path, BIG_PDF_MB);
-  const checkouts = env('CHECKOUTS', `this=${root}`)
-    .split(/\s+/)
-    .map((pair) => pair.split('=') as [string, string]);
+  const path = await bigPdf(dir);
+  const checkouts = checkoutsToRun();
   const rows: string[] = [];
   for (const [name, checkout] of checkouts) {
-    const first = await startKeel(8232, {}, checkout);
+    const first = await startKeel(PORT_BASE + 1, {}, checkout);
     const freshRest = groupRssMb(first.child.pid!);
     await stopKeel(first, false);
-    const server = await startKeel(8232, { DATA_DIR: first.dataDir }, checkout);
+    const server = await startKeel(PORT_BASE + 1, { DATA_DIR: first.dataDir }, checkout);
     try {
       const folder = await api<{ id: string }>(server, 'POST', '/knowledge-base/folders', { name: 'bench' });
       const pgid = server.child.pid!;
@@ -344,56 +371,85 @@ async function rssPart(dir: string): Promise<void> {
       await stopKeel(server);
     }
   }
-  log('\n### Memory of `keel start` (API + worker + PGlite, one process group) ingesting a large PDF\n');
-  log('| checkout | file MB | status | text MB | chunks | upload → ready s | text MB/min | RSS idle after first start MB | RSS at rest (restarted) MB | peak RSS MB | RSS 2 s after MB | load avg |');
-  log('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |');
-  for (const row of rows) log(row);
+  logTable('Memory of `keel start` (API + worker + PGlite, one process group) ingesting a large PDF', ['checkout', 'file MB', 'status', 'text MB', 'chunks', 'upload → ready s', 'text MB/min', 'RSS idle after first start MB', 'RSS at rest (restarted) MB', 'peak RSS MB', 'RSS 2 s after MB', 'load avg'], rows);
+}
+
+/** The big PDF: BIG_PDF when set (written there first when missing), else a fresh one in `dir`. */
+async function bigPdf(dir: string): Promise<string> {
+  const path = BIG_PDF ?? join(dir, 'big.pdf');
+  if (!existsSync(path)) await writeBigPdf(path, BIG_PDF_MB);
+  return path;
 }
 
 /**
  * Peak and at-rest RSS of a `keel worker` (scaled: PostgreSQL + Redis, the API in a process of its
  * own) ingesting the big PDF: the worker the issue's memory target names, without PGlite or the API.
+ * For each checkout of CHECKOUTS ("name=dir ..."; default this one) in turn, on the same file.
  */
 async function workerRssPart(dir: string): Promise<void> {
-  const path = join(dir, 'big.pdf');
-  if (!existsSync(path)) await writeBigPdf(path, BIG_PDF_MB);
-  const name = `keel_bench_kb_worker_${process.pid}`;
-  await adminQuery(PG_ADMIN_URL, `create database "${name}"`);
-  try {
-    await ingestWithWorker(dir, path, { DATABASE_URL: databaseUrl(PG_ADMIN_URL, name), REDIS_URL: env('REDIS_URL', 'redis://127.0.0.1:6379'), REDIS_KEY_PREFIX: `kbbench${process.pid}:` });
-  } finally {
-    await adminQuery(PG_ADMIN_URL, `drop database if exists "${name}" with (force)`);
+  const path = await bigPdf(dir);
+  const checkouts = checkoutsToRun();
+  const rows: string[] = [];
+  for (const [label, checkout] of checkouts) {
+    const name = `${DB_PREFIX}_worker_${process.pid}`;
+    await adminQuery(PG_ADMIN_URL, `create database "${name}"`);
+    try {
+      // One SECRET_KEY for both: jobs travel sealed under it, and a worker with another key drops
+      // the API's job (the entry then waits for the sweeper, a minute or two).
+      const shared = {
+        DATABASE_URL: databaseUrl(PG_ADMIN_URL, name),
+        REDIS_URL: env('REDIS_URL', 'redis://127.0.0.1:6379'),
+        REDIS_KEY_PREFIX: `${DB_PREFIX}${process.pid}:`,
+        SECRET_KEY: randomBytes(32).toString('hex'),
+      };
+      rows.push(`| ${label} ${await ingestWithWorker(dir, path, shared, checkout)}`);
+      log(rows.at(-1)!);
+    } finally {
+      await adminQuery(PG_ADMIN_URL, `drop database if exists "${name}" with (force)`);
+    }
   }
+  logTable('Memory of `keel worker` (scaled: PostgreSQL + Redis) ingesting a large PDF', ['checkout', 'file MB', 'status', 'text MB', 'chunks', 'upload → ready s', 'worker CPU s', 'text MB per CPU min', 'worker RSS at rest MB', 'worker peak RSS MB', 'load avg'], rows);
 }
 
-/** `keel migrate`, `keel api` and one `keel worker` on `shared`'s databases; the worker's RSS while it ingests the PDF at `path`. */
-async function ingestWithWorker(dir: string, path: string, shared: Record<string, string>): Promise<void> {
-  const migrated = spawnSync(process.execPath, [join(root, 'bin/keel.js'), 'migrate'], { cwd: root, env: keelProcessEnv(dir, 8234, shared), stdio: 'inherit' });
+/** CPU seconds (user + system) of a process, from ps. */
+function cpuSeconds(pid: number): number {
+  return Number(spawnSync('ps', ['-o', 'times=', '-p', String(pid)], { encoding: 'utf8' }).stdout.trim()) || 0;
+}
+
+/** `keel migrate`, `keel api` and one `keel worker` of `checkout` on `shared`'s databases; the worker's RSS and CPU while it ingests the PDF at `path` (a table row's cells after the first). */
+async function ingestWithWorker(dir: string, path: string, shared: Record<string, string>, checkout: string): Promise<string> {
+  const migrated = spawnSync(process.execPath, [join(checkout, 'bin/keel.js'), 'migrate'], { cwd: checkout, env: keelProcessEnv(dir, PORT_BASE + 3, shared), stdio: 'inherit' });
   if (migrated.status !== 0) throw new Error('keel migrate failed');
-  const apiServer = await startKeel(8234, shared, root, 'api');
-  const worker = spawn(process.execPath, [join(root, 'bin/keel.js'), 'worker'], {
-    cwd: root,
+  const apiServer = await startKeel(PORT_BASE + 3, shared, checkout, 'api');
+  const worker = spawn(process.execPath, [join(checkout, 'bin/keel.js'), 'worker'], {
+    cwd: checkout,
     detached: true,
     stdio: ['ignore', 'ignore', 'inherit'],
-    env: keelProcessEnv(apiServer.dataDir, 8235, shared),
+    env: keelProcessEnv(apiServer.dataDir, PORT_BASE + 4, shared),
   });
   try {
     await new Promise((r) => setTimeout(r, 5000)); // the worker connects and loads the catalog
     const folder = await api<{ id: string }>(apiServer, 'POST', '/knowledge-base/folders', { name: 'bench' });
     const atRest = groupRssMb(worker.pid!);
+    const cpuBefore = cpuSeconds(worker.pid!);
     let peak = atRest;
-    const sampler = setInterval(() => (peak = Math.max(peak, groupRssMb(worker.pid!))), 100);
     const began = performance.now();
+    const timeline: number[] = [];
+    const sampler = setInterval(() => {
+      const rss = groupRssMb(worker.pid!);
+      peak = Math.max(peak, rss);
+      if (timeline.length < (performance.now() - began) / 5000) timeline.push(rss);
+    }, 100);
     const id = await uploadFile(apiServer, folder.id, path);
+    const uploaded = (performance.now() - began) / 1000;
     const entry = await untilSettled(apiServer, id);
     const seconds = (performance.now() - began) / 1000;
     clearInterval(sampler);
+    const cpu = cpuSeconds(worker.pid!) - cpuBefore;
+    log(`worker RSS every 5 s from the upload's first byte (MB): ${timeline.join(' ')}; upload answered after ${uploaded.toFixed(1)} s`);
     const content = await fetch(`${apiServer.base}/api/v1/knowledge-base/entries/${id}/content`, { headers: apiServer.headers });
     const textMb = content.ok ? Buffer.byteLength(await content.text()) / 1e6 : NaN;
-    log('\n### Memory of `keel worker` (scaled: PostgreSQL + Redis) ingesting a large PDF\n');
-    log('| file MB | status | text MB | chunks | upload → ready s | worker RSS at rest MB | worker peak RSS MB | load avg |');
-    log('| --- | --- | --- | --- | --- | --- | --- | --- |');
-    log(`| ${(statSync(path).size / 1e6).toFixed(1)} | ${entry.status}${entry.error ? ` (${entry.error})` : ''} | ${textMb.toFixed(1)} | ${entry.chunk_count} | ${seconds.toFixed(1)} | ${atRest} | **${peak}** | ${load()} |`);
+    return `| ${(statSync(path).size / 1e6).toFixed(1)} | ${entry.status}${entry.error ? ` (${entry.error})` : ''} | ${textMb.toFixed(1)} | ${entry.chunk_count} | ${seconds.toFixed(1)} | ${cpu} | ${((textMb / cpu) * 60).toFixed(1)} | ${atRest} | **${peak}** | ${load()} |`;
   } finally {
     const exited = new Promise((r) => worker.once('exit', r));
     worker.kill('SIGTERM');
@@ -520,7 +576,7 @@ async function seededDatabase(target: string): Promise<{ location: Record<string
       await adminQuery(PG_ADMIN_URL, `create database "${template}"`);
     }
     seeded = (await prepare({ DATABASE_URL: databaseUrl(PG_ADMIN_URL, template) }, fresh || !exists)) || seeded;
-    const name = `keel_bench_kb_${randomBytes(4).toString('hex')}`;
+    const name = `${DB_PREFIX}_${randomBytes(4).toString('hex')}`;
     await adminQuery(PG_ADMIN_URL, `create database "${name}" template "${template}"`);
     return { location: { DATABASE_URL: databaseUrl(PG_ADMIN_URL, name) }, seeded, cleanup: () => adminQuery(PG_ADMIN_URL, `drop database if exists "${name}" with (force)`).then(() => undefined) };
   }

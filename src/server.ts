@@ -9,7 +9,6 @@ import { checkListenAddress, checkRedis, openCheckedDatabase } from './core/pref
 import { createQueue } from './core/queue.js';
 import { createRedis } from './core/redis.js';
 
-import { buildApp } from './app.js';
 import { cacheUsers } from './crud/user.js';
 import { openAgentRuns } from './services/agent-runs.js';
 import { hasVectorTable } from './services/knowledge/embeddings.js';
@@ -42,6 +41,8 @@ export async function startServer(settings: Settings, logger: Logger, options: S
     // `start` is the whole system in one process; `api` leaves jobs to `keel worker` when Redis
     // carries them, and runs them itself otherwise (nothing else could).
     const runJobs = options.migrate || !settings.REDIS_URL;
+    // Imported here: `keel worker` shares this module and needs none of Fastify and the routes.
+    const { buildApp } = await import('./app.js');
     const app = await buildApp({ settings, database, logger, vectorSearch, runJobs, closeDatabase: true });
     drainable(app);
     await app.listen({ host: settings.HOST, port: settings.PORT });

@@ -44,6 +44,14 @@ function workerEntry(): { entry: string | URL; eval: boolean } {
   return { entry: `import(${JSON.stringify(loader)}).then((tsx) => { tsx.register(); return import(${JSON.stringify(target)}); });`, eval: true };
 }
 
+/**
+ * The parsing thread's young generation. Parsers allocate short-lived objects at a high rate
+ * (pdf.js per glyph), so V8 grows the young generation to its maximum, and what survives a
+ * scavenge is promoted into an old generation sized after it: at 32 MB the thread of a 50 MB PDF
+ * held 78 MB of heap for 35–50 MB in use; at 8 MB, 45 MB, with the same CPU time (bench/RESULTS.md).
+ */
+const YOUNG_GENERATION_MB = 8;
+
 const duration = (ms: number) => (ms < 1000 ? `${ms} ms` : `${Math.round(ms / 100) / 10} s`);
 
 /**
@@ -63,7 +71,7 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, signal?: AbortSi
       execArgv: [],
       stdout: true,
       stderr: true,
-      resourceLimits: { maxOldGenerationSizeMb: limits.maxMemoryMb, maxYoungGenerationSizeMb: Math.min(32, Math.max(4, limits.maxMemoryMb / 8)), stackSizeMb: 4 },
+      resourceLimits: { maxOldGenerationSizeMb: limits.maxMemoryMb, maxYoungGenerationSizeMb: YOUNG_GENERATION_MB, stackSizeMb: 4 },
     });
     // pdf.js and friends print warnings about damaged files; the outcome says what matters.
     worker.stdout.resume();
@@ -83,25 +91,21 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, signal?: AbortSi
     const onAbort = () => settle(() => reject(signal!.reason instanceof Error ? signal!.reason : new Error('the extraction was aborted')));
     signal?.addEventListener('abort', onAbort, { once: true });
 
-    // The text the parser handed on as it read; the outcome's text is what follows it.
+    // The text the parser handed on as it read; the outcome's text is what follows it. The outcome
+    // is kept until the thread has stopped, so the pieces are joined once the thread's memory (the
+    // file, the parser's heap) is gone rather than on top of it; the time limit runs until then.
     let pieces: string[] = [];
+    let outcome: WorkerOutput | null = null;
     worker.on('message', (output: WorkerOutput) => {
       if ('piece' in output) {
         if (!settled) pieces.push(output.piece);
         return;
       }
-      const before = pieces;
-      pieces = [];
-      settle(() => {
-        if (!output.ok) reject(output.rejected ? new DocumentRejectedError(output.message) : new DocumentRejectedError(`could not read the document: ${output.message}`));
-        else if (before.length === 0) resolve(output.result);
-        else {
-          before.push(output.result.text);
-          resolve({ ...output.result, text: before.join('') });
-        }
-      });
+      outcome = output;
+      void worker.terminate();
     });
     worker.on('error', (error: Error & { code?: string }) => {
+      if (outcome) return; // the document was read; what the thread does after does not matter
       settle(() =>
         reject(
           error.code === 'ERR_WORKER_OUT_OF_MEMORY'
@@ -111,7 +115,18 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, signal?: AbortSi
       );
     });
     worker.on('exit', (code) => {
-      settle(() => reject(new DocumentRejectedError(`could not read the document: the reader stopped (exit code ${code})`)));
+      const output: WorkerOutput | null = outcome;
+      const before = pieces;
+      pieces = [];
+      settle(() => {
+        if (!output || 'piece' in output) reject(new DocumentRejectedError(`could not read the document: the reader stopped (exit code ${code})`));
+        else if (!output.ok) reject(output.rejected ? new DocumentRejectedError(output.message) : new DocumentRejectedError(`could not read the document: ${output.message}`));
+        else if (before.length === 0) resolve(output.result);
+        else {
+          before.push(output.result.text);
+          resolve({ ...output.result, text: before.join('') });
+        }
+      });
     });
   });
 }

@@ -24,7 +24,6 @@ import { knowledgeChunks, knowledgeEntries,type KnowledgeEntry } from '../../mod
 
 import { deleteChunks } from '../../crud/knowledge.js';
 import type { ModelManager } from '../../modules/ai-models/index.js';
-import { chunkOptionsFrom, documentChunks } from '../../modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
 import { type DocumentChunk, DocumentRejectedError, type ExtractedDocument } from '../../modules/knowledge/types.js';
 import { StorageNotFoundError, type StorageService } from '../storage-service.js';
@@ -240,6 +239,9 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
       extractDocument({ path, filename: entry.filename, declaredMime: entry.mime_type }, extractLimitsFrom(settings)),
     );
     await renew(db, settings, entry);
+    // The chunker is loaded with the first document, not with the process: its tokenizer's tables
+    // take ~65 MB, which a worker that runs only agent runs or email never needs.
+    const { chunkOptionsFrom, documentChunks } = await import('../../modules/knowledge/chunk.js');
     const chunkOptions = chunkOptionsFrom(settings);
     // Cut as they are stored, unless they are embedded first (their vectors go in with them).
     const model = settings.EMBEDDING_MODEL && (await hasVectorTable(db)) ? settings.EMBEDDING_MODEL : null;
