@@ -18,7 +18,9 @@ export const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after'];
 export async function registerCors(app: FastifyInstance, settings: Settings): Promise<void> {
   const allowed = new Set(settings.BACKEND_CORS_ORIGINS);
   await app.register(cors, {
-    origin: (origin, callback) => callback(null, origin !== undefined && allowed.has(origin) ? origin : false),
+    // No origins: a constant `false`, which the plugin settles per request without calling back or
+    // adding `Vary: Origin` (nothing varies); with origins, the answer depends on the request's.
+    origin: allowed.size === 0 ? false : (origin, callback) => callback(null, origin !== undefined && allowed.has(origin) ? origin : false),
     credentials: true,
     methods: CORS_METHODS,
     allowedHeaders: CORS_ALLOWED_HEADERS,
