@@ -64,7 +64,8 @@ export class UsageMeterService implements UsageMeter {
   private readonly metrics: ModelMetrics;
   private readonly counters: CounterStore;
   private readonly rpmPrefix: string;
-  private buffer: billingCrud.UsageRow[] = [];
+  /** Usage rows as JSON (`usageRowJson`), made as each call settled: a flush only joins them. */
+  private buffer: string[] = [];
   private failedSettlements: billingCrud.Settlement[] = [];
   /** Settlements waiting for the statement in flight (`settling`) to end. */
   private settlements: billingCrud.Settlement[] = [];
@@ -240,7 +241,7 @@ export class UsageMeterService implements UsageMeter {
     const id = randomUUID();
     const ctx = record.context;
     const ended = new Date(record.started_at.getTime() + record.latency_ms);
-    this.enqueue({
+    this.enqueue(billingCrud.usageRowJson({
       id,
       created_at: ended.toISOString(),
       owner_id: ctx.user_id ?? null,
@@ -266,7 +267,7 @@ export class UsageMeterService implements UsageMeter {
       started_at: record.started_at.toISOString(),
       // A key with a budget has its spend moved by the settlement below; others with the batch.
       charge_key: !held.chargeKey,
-    });
+    }));
     if (held.reservationId === null && (record.cost === '0' || (!held.chargeAccount && !held.chargeKey))) return;
     const settlement: billingCrud.Settlement = {
       reservationId: held.reservationId,
@@ -284,7 +285,9 @@ export class UsageMeterService implements UsageMeter {
       const { block, units } = held.window;
       const cost = costUnits(record.cost);
       const used = cost < units ? cost : units;
-      this.windowSettlements.push({ ...settlement, release: unitsCost(used) });
+      settlement.release = unitsCost(used);
+      settlement.json = billingCrud.settlementJson(settlement);
+      this.windowSettlements.push(settlement);
       this.windows!.settled(block, units, used);
       return;
     }
@@ -342,7 +345,7 @@ export class UsageMeterService implements UsageMeter {
 
   // ==================== Batch writer ====================
 
-  private enqueue(row: billingCrud.UsageRow): void {
+  private enqueue(row: string): void {
     this.buffer.push(row);
     if (this.buffer.length > MAX_BUFFERED_ROWS) {
       const dropped = this.buffer.splice(0, this.buffer.length - MAX_BUFFERED_ROWS);
