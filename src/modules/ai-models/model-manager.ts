@@ -284,9 +284,10 @@ class Attempt {
     return this.controller.signal;
   }
 
+  /** Restarts the timer: `refresh()` re-arms the same timer (a stream touches it on every part). */
   touch(): void {
-    clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.controller.abort(new AttemptTimeout()), this.timeoutMs);
+    if (this.timer) this.timer.refresh();
+    else this.timer = setTimeout(() => this.controller.abort(new AttemptTimeout()), this.timeoutMs);
   }
 
   end(): void {
