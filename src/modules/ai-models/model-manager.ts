@@ -284,10 +284,9 @@ class Attempt {
     return this.controller.signal;
   }
 
-  /** Restarts the timer: `refresh()` re-arms the same timer (a stream touches it on every part). */
   touch(): void {
-    if (this.timer) this.timer.refresh();
-    else this.timer = setTimeout(() => this.controller.abort(new AttemptTimeout()), this.timeoutMs);
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.controller.abort(new AttemptTimeout()), this.timeoutMs);
   }
 
   end(): void {
