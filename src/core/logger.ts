@@ -110,7 +110,8 @@ class LazyRequestLogger {
 for (const method of LOG_METHODS) {
   Object.defineProperty(LazyRequestLogger.prototype, method, {
     value: function (this: LazyRequestLogger, ...args: unknown[]) {
-      return (this.real[method] as (...a: unknown[]) => void)(...args);
+      const real = this.real;
+      return Reflect.apply(real[method], real, args) as unknown;
     },
   });
 }
