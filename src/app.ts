@@ -11,7 +11,7 @@ import { registerCors } from './core/cors.js';
 import type { Database, Db } from './core/db.js';
 import { registerErrorHandler } from './core/errors.js';
 import { serverOptions, trackConnections } from './core/http-server.js';
-import type { Logger } from './core/logger.js';
+import { lazyRequestLogger, type Logger } from './core/logger.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
 import { registerDocs, registerOpenApi } from './core/openapi.js';
 import { createQueue, type JobQueue } from './core/queue.js';
@@ -81,6 +81,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     loggerInstance: logger,
     // One line per request (onResponse below) instead of Fastify's two.
     logController: new LogController({ disableRequestLogging: true, requestIdLogLabel: 'reqId' }),
+    childLoggerFactory: lazyRequestLogger,
     // A hop count trusts that many proxies nearest to us (Fastify's types take it as a function).
     trustProxy: typeof trustProxy === 'number' ? (_address: string, hop: number) => hop < trustProxy : trustProxy,
     bodyLimit: settings.BODY_LIMIT_BYTES,

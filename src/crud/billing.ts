@@ -192,6 +192,27 @@ export interface Settlement {
   chargeKey: boolean;
   usageRecordId: string;
   description: string;
+  /**
+   * The item as `settleMany` sends it (`settlementJson`), when made ahead: the usage meter makes it
+   * as a call settles, after its answer, so that a flush only joins strings on the event loop.
+   */
+  json?: string;
+}
+
+/** A settlement as one item of `settleMany`'s JSON parameter. */
+export function settlementJson(s: Settlement): string {
+  return JSON.stringify({
+    rid: s.reservationId,
+    part: s.release ?? null,
+    user_id: s.userId,
+    api_key_id: s.apiKeyId,
+    project_id: s.projectId,
+    cost: s.cost,
+    charge_account: s.chargeAccount,
+    charge_key: s.chargeKey,
+    usage_record_id: s.usageRecordId,
+    description: s.description,
+  });
 }
 
 /**
@@ -232,23 +253,12 @@ export async function settle(db: Db, s: Settlement): Promise<void> {
  */
 export async function settleMany(db: Db, batch: readonly Settlement[]): Promise<void> {
   if (batch.length === 1) return settle(db, batch[0]!);
-  const items = batch.map((s) => ({
-    rid: s.reservationId,
-    part: s.release ?? null,
-    user_id: s.userId,
-    api_key_id: s.apiKeyId,
-    project_id: s.projectId,
-    cost: s.cost,
-    charge_account: s.chargeAccount,
-    charge_key: s.chargeKey,
-    usage_record_id: s.usageRecordId,
-    description: s.description,
-  }));
+  const items = `[${batch.map((s) => s.json ?? settlementJson(s)).join(',')}]`;
   await rows(
     db,
     sql`with ${ASYNC_COMMIT},
         i as (
-          select x.*, e.ord from json_array_elements(${JSON.stringify(items)}::json) with ordinality as e(item, ord),
+          select x.*, e.ord from json_array_elements(${items}::json) with ordinality as e(item, ord),
             json_to_record(e.item) as x(rid uuid, part numeric, user_id uuid, api_key_id uuid, project_id uuid, cost numeric, charge_account boolean,
               charge_key boolean, usage_record_id uuid, description text)
         ),
@@ -345,16 +355,21 @@ export interface UsageRow extends UsageTotals {
   charge_key: boolean;
 }
 
+/** A usage row as JSON, as `insertUsage` takes it ready-made (see Settlement.json for why). */
+export const usageRowJson = (row: UsageRow): string => JSON.stringify(row);
+
 /**
- * Writes a batch in one statement with one parameter (the rows as JSON, so the text never varies).
+ * Writes a batch in one statement with one parameter (the rows as JSON, so the text never varies);
+ * rows may come as objects or already as `usageRowJson`.
  * A row whose id is already stored is skipped (a retried batch is not doubled, nor is the key's
  * spend); a row whose user was deleted meanwhile is dropped. Returns how many were written.
  */
-export async function insertUsage(db: Db, batch: readonly UsageRow[]): Promise<number> {
+export async function insertUsage(db: Db, batch: readonly (UsageRow | string)[]): Promise<number> {
+  const json = `[${batch.map((r) => (typeof r === 'string' ? r : usageRowJson(r))).join(',')}]`;
   const [row] = await rows<{ written: number }>(
     db,
     sql`with x as (
-          select * from json_to_recordset(${JSON.stringify(batch)}::json) as x(
+          select * from json_to_recordset(${json}::json) as x(
             id uuid, created_at timestamptz, owner_id uuid, api_key_id uuid, project_id uuid, agent_id uuid, run_id uuid,
             model text, provider text, operation text, input_tokens int, cached_input_tokens int, cache_write_tokens int,
             output_tokens int, reasoning_tokens int, cost numeric, latency_ms int, time_to_first_token_ms int, status text,

@@ -19,17 +19,16 @@
  */
 import { randomUUID } from 'node:crypto';
 
-import { Decimal } from 'decimal.js';
-
 import type { Db } from '../core/db.js';
 
 import * as billingCrud from '../crud/billing.js';
+import { costUnits, unitsCost } from '../modules/ai-models/index.js';
 
 export interface CreditBlock {
   readonly id: string;
   readonly userId: string;
-  /** Not yet handed to a call. */
-  available: Decimal;
+  /** Not yet handed to a call, in 10^-12 credits (`costUnits`: integer arithmetic per call, no Decimals). */
+  available: bigint;
   /** Calls holding from this block that have not settled. */
   outstanding: number;
   retired: boolean;
@@ -58,16 +57,16 @@ export class CreditWindows {
     this.maxAgeMs = Math.min((options.ttlSeconds * 1000) / 2, 30_000);
   }
 
-  /** Holds `amount` from the user's block in memory; undefined when the block cannot (take one, or hold per call). */
-  tryHold(userId: string, amount: string): CreditBlock | undefined {
+  /** Holds `units` (see `costUnits`) from the user's block in memory; undefined when the block cannot (take one, or hold per call). */
+  tryHold(userId: string, units: bigint): CreditBlock | undefined {
     const block = this.current.get(userId);
     if (!block) return undefined;
     const now = Date.now();
-    if (now - block.takenAt > this.maxAgeMs || block.available.lessThan(amount)) {
+    if (now - block.takenAt > this.maxAgeMs || block.available < units) {
       this.retire(block);
       return undefined;
     }
-    block.available = block.available.minus(amount);
+    block.available -= units;
     block.outstanding += 1;
     block.lastUsedAt = now;
     return block;
@@ -87,13 +86,13 @@ export class CreditWindows {
   }
 
   private async take(userId: string, amount: string): Promise<boolean> {
-    const size = new Decimal(amount).times(this.options.blockCalls);
+    const size = costUnits(amount) * BigInt(this.options.blockCalls);
     const id = randomUUID();
     const outcome = await billingCrud.hold(this.options.db, {
       id,
       userId,
       apiKeyId: null,
-      accountAmount: size.toFixed(),
+      accountAmount: unitsCost(size),
       keyAmount: null,
       ttlSeconds: this.options.ttlSeconds,
     });
@@ -109,9 +108,9 @@ export class CreditWindows {
    * A call held from `block` ended having used `used` of its `held` amount (used ≤ held: the
    * settlement releases `used` from the block's row); the rest goes back to the block.
    */
-  settled(block: CreditBlock, held: string, used: string): void {
+  settled(block: CreditBlock, held: bigint, used: bigint): void {
     block.outstanding -= 1;
-    if (!block.retired) block.available = block.available.plus(held).minus(used);
+    if (!block.retired) block.available += held - used;
     else if (block.outstanding === 0) this.options.onRetired(block);
   }
 

@@ -14,7 +14,6 @@
 import { randomUUID } from 'node:crypto';
 import { setImmediate as setImmediatePromise } from 'node:timers/promises';
 
-import { Decimal } from 'decimal.js';
 import type { Redis } from 'ioredis';
 
 import type { Settings } from '../core/config.js';
@@ -25,7 +24,7 @@ import type { ModelMetrics } from '../core/metrics.js';
 
 import * as billingCrud from '../crud/billing.js';
 import type { CostEstimate, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
-import { addCosts } from '../modules/ai-models/index.js';
+import { addCosts, costUnits, unitsCost } from '../modules/ai-models/index.js';
 import { type CounterStore, counterStore } from '../utils/rate-limit.js';
 import { type CreditBlock, CreditWindows } from './credit-window.js';
 import { type KeyLimits, loadKeyLimits } from './key-limits.js';
@@ -55,7 +54,7 @@ interface Held {
   reservationId: string | null;
   chargeAccount: boolean;
   chargeKey: boolean;
-  window?: { block: CreditBlock; amount: string };
+  window?: { block: CreditBlock; units: bigint };
 }
 
 export class UsageMeterService implements UsageMeter {
@@ -65,7 +64,8 @@ export class UsageMeterService implements UsageMeter {
   private readonly metrics: ModelMetrics;
   private readonly counters: CounterStore;
   private readonly rpmPrefix: string;
-  private buffer: billingCrud.UsageRow[] = [];
+  /** Usage rows as JSON (`usageRowJson`), made as each call settled: a flush only joins them. */
+  private buffer: string[] = [];
   private failedSettlements: billingCrud.Settlement[] = [];
   /** Settlements waiting for the statement in flight (`settling`) to end. */
   private settlements: billingCrud.Settlement[] = [];
@@ -138,10 +138,11 @@ export class UsageMeterService implements UsageMeter {
     }
     // The usual billed call (the account only): from the user's credit window, without I/O when it has room.
     const windows = holdAccount && !holdKey ? this.windows : undefined;
+    const units = windows ? costUnits(estimate.cost) : BigInt(0);
     const fromWindow = (block: CreditBlock | undefined) =>
-      block && this.reservation({ reservationId: block.id, chargeAccount, chargeKey: budgeted, window: { block, amount: estimate.cost } });
+      block && this.reservation({ reservationId: block.id, chargeAccount, chargeKey: budgeted, window: { block, units } });
     if (windows && !limits?.rpm) {
-      const served = fromWindow(windows.tryHold(userId!, estimate.cost));
+      const served = fromWindow(windows.tryHold(userId!, units));
       if (served) return served;
     }
     return (async () => {
@@ -150,7 +151,7 @@ export class UsageMeterService implements UsageMeter {
       if (windows) {
         // A burst can empty a fresh block before every waiter had its share: those take the next one.
         for (let refills = 0; ; refills++) {
-          const served = fromWindow(windows.tryHold(userId!, estimate.cost));
+          const served = fromWindow(windows.tryHold(userId!, units));
           if (served) return served;
           if (refills === MAX_REFILLS_PER_CALL || !(await windows.refill(userId!, estimate.cost))) break;
         }
@@ -240,7 +241,7 @@ export class UsageMeterService implements UsageMeter {
     const id = randomUUID();
     const ctx = record.context;
     const ended = new Date(record.started_at.getTime() + record.latency_ms);
-    this.enqueue({
+    this.enqueue(billingCrud.usageRowJson({
       id,
       created_at: ended.toISOString(),
       owner_id: ctx.user_id ?? null,
@@ -266,7 +267,7 @@ export class UsageMeterService implements UsageMeter {
       started_at: record.started_at.toISOString(),
       // A key with a budget has its spend moved by the settlement below; others with the batch.
       charge_key: !held.chargeKey,
-    });
+    }));
     if (held.reservationId === null && (record.cost === '0' || (!held.chargeAccount && !held.chargeKey))) return;
     const settlement: billingCrud.Settlement = {
       reservationId: held.reservationId,
@@ -281,10 +282,13 @@ export class UsageMeterService implements UsageMeter {
     };
     if (held.window) {
       // Covered by the block in memory: written with the next batch (the block keeps the credit held meanwhile).
-      const { block, amount } = held.window;
-      const used = Decimal.min(record.cost, amount).toFixed();
-      this.windowSettlements.push({ ...settlement, release: used });
-      this.windows!.settled(block, amount, used);
+      const { block, units } = held.window;
+      const cost = costUnits(record.cost);
+      const used = cost < units ? cost : units;
+      settlement.release = unitsCost(used);
+      settlement.json = billingCrud.settlementJson(settlement);
+      this.windowSettlements.push(settlement);
+      this.windows!.settled(block, units, used);
       return;
     }
     this.settlements.push(settlement);
@@ -341,7 +345,7 @@ export class UsageMeterService implements UsageMeter {
 
   // ==================== Batch writer ====================
 
-  private enqueue(row: billingCrud.UsageRow): void {
+  private enqueue(row: string): void {
     this.buffer.push(row);
     if (this.buffer.length > MAX_BUFFERED_ROWS) {
       const dropped = this.buffer.splice(0, this.buffer.length - MAX_BUFFERED_ROWS);

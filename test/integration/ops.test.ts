@@ -190,6 +190,20 @@ describe('security headers and CORS', () => {
   it('allows no cross-origin caller by default', async () => {
     const response = await ctx.app.inject({ method: 'GET', url: '/health', headers: { origin: 'http://evil.example' } });
     expect(response.headers['access-control-allow-origin']).toBeUndefined();
+    // Nothing depends on the origin, so nothing says it does.
+    expect(response.headers.vary).toBeUndefined();
+  });
+
+  it('answers a preflight by default as a plain OPTIONS: 405 with Allow, no CORS headers', async () => {
+    const preflight = await ctx.app.inject({
+      method: 'OPTIONS',
+      url: '/api/v1/projects',
+      headers: { origin: 'http://evil.example', 'access-control-request-method': 'POST' },
+    });
+    expect(preflight.statusCode).toBe(405);
+    expect(preflight.headers.allow).toContain('POST');
+    expect(preflight.headers['access-control-allow-origin']).toBeUndefined();
+    expect(preflight.headers['access-control-allow-methods']).toBeUndefined();
   });
 
   describe('with BACKEND_CORS_ORIGINS', () => {

@@ -1,6 +1,7 @@
+import { Decimal } from 'decimal.js';
 import { describe, expect, it } from 'vitest';
 
-import { addCosts, computeCost, estimateCost } from '../../src/modules/ai-models/cost.js';
+import { addCosts, computeCost, costUnits, estimateCost, unitsCost } from '../../src/modules/ai-models/cost.js';
 import type { ModelPricing, TokenUsage } from '../../src/modules/ai-models/types.js';
 
 const usage = (u: Partial<TokenUsage>): TokenUsage => ({ input: 0, cached_input: 0, cache_write: 0, output: 0, reasoning: 0, ...u });
@@ -95,5 +96,60 @@ describe('estimateCost and addCosts', () => {
   it('adds decimal strings exactly (0.1 + 0.2 = 0.3)', () => {
     expect(addCosts('0.1', '0.2')).toBe('0.3');
     expect(addCosts('0.000000000001', '0.000000000002')).toBe('0.000000000003');
+  });
+});
+
+describe('integer arithmetic against decimal.js', () => {
+  // The reference: the formula in decimal.js, as computeCost did it before it used BigInts.
+  const D = Decimal.clone({ precision: 40, rounding: Decimal.ROUND_HALF_UP });
+  function reference(p: ModelPricing, u: TokenUsage): string {
+    const input = new D(p.input_cost_per_million_tokens);
+    const output = new D(p.output_cost_per_million_tokens);
+    const uncached = D.max(new D(u.input).minus(u.cached_input).minus(u.cache_write), 0);
+    const text = D.max(new D(u.output).minus(u.reasoning), 0);
+    const total = uncached
+      .times(input)
+      .plus(new D(u.cached_input).times(p.cached_input_cost_per_million_tokens ?? input))
+      .plus(new D(u.cache_write).times(p.cache_write_cost_per_million_tokens ?? input))
+      .plus(text.times(output))
+      .plus(new D(u.reasoning).times(p.reasoning_cost_per_million_tokens ?? output));
+    return total.dividedBy(1_000_000).toDecimalPlaces(12, Decimal.ROUND_HALF_UP).toFixed();
+  }
+
+  it('gives the same strings for random prices and counts (rounding, half up, exponent-notation prices)', () => {
+    let seed = 7;
+    const rand = (n: number) => {
+      seed = (seed * 1_103_515_245 + 12_345) % 2 ** 31;
+      return seed % n;
+    };
+    const price = () => ['0', '1e-7', '0.0000005', '2.5', '15', '0.075', '1.23456789012345', '60', '3.75', '0.00000123456789'][rand(10)]!;
+    const tokens = () => [0, 1, 7, 999, 123_456, 1e9, 2 ** 53 - 1][rand(7)]!;
+    for (let i = 0; i < 2_000; i++) {
+      const pricing: ModelPricing = {
+        input_cost_per_million_tokens: price(),
+        output_cost_per_million_tokens: price(),
+        ...(rand(2) ? { cached_input_cost_per_million_tokens: price() } : {}),
+        ...(rand(2) ? { cache_write_cost_per_million_tokens: price() } : {}),
+        ...(rand(2) ? { reasoning_cost_per_million_tokens: price() } : {}),
+      };
+      const input = tokens();
+      const output = tokens();
+      const u = usage({ input, output, cached_input: Math.min(input, tokens()), reasoning: Math.min(output, tokens()) });
+      expect(computeCost(pricing, u), JSON.stringify({ pricing, u })).toBe(reference(pricing, u));
+    }
+  });
+
+  it('rounds half up at the 12th place', () => {
+    // 5 × 10^-13 per token: half a unit of the 12th place rounds up; 4 × 10^-13 rounds down.
+    expect(computeCost({ input_cost_per_million_tokens: '0.0000005', output_cost_per_million_tokens: '0.0000004' }, usage({ input: 1 }))).toBe('0.000000000001');
+    expect(computeCost({ input_cost_per_million_tokens: '0.0000005', output_cost_per_million_tokens: '0.0000004' }, usage({ output: 1 }))).toBe('0');
+  });
+
+  it('costUnits and unitsCost convert a cost to 10^-12 credits and back', () => {
+    expect(costUnits('0.0000025')).toBe(BigInt(2_500_000));
+    expect(costUnits('12')).toBe(BigInt(12) * BigInt(10) ** BigInt(12));
+    expect(costUnits('-0.000000000001')).toBe(BigInt(-1));
+    expect(costUnits('1e-6')).toBe(BigInt(1_000_000));
+    for (const cost of ['0', '0.0000025', '1234.5', '0.000000000001', '-3.25', '999999999.999999999999']) expect(unitsCost(costUnits(cost))).toBe(cost);
   });
 });

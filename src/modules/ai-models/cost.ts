@@ -1,7 +1,8 @@
 /**
  * Cost of a model call in decimal (decimal.js, never binary floats): tokens by kind × the model's
  * prices per million tokens. The result is exact up to 12 decimal places (the database's
- * `numeric(_, 12)`); nothing is rounded before that.
+ * `numeric(_, 12)`); nothing is rounded before that. Prices are parsed with decimal.js once, and
+ * a call's arithmetic is done on BigInts at the prices' scale (exact).
  */
 import { Decimal } from 'decimal.js';
 
@@ -9,7 +10,6 @@ import type { ModelPricing, TokenUsage } from './types.js';
 
 /** 40 significant digits: far more than 10^12 credits with 12 decimals ever need. */
 const D = Decimal.clone({ precision: 40, rounding: Decimal.ROUND_HALF_UP });
-const MILLION = new D(1_000_000);
 export const COST_DECIMAL_PLACES = 12;
 
 /** The flat prices that apply to a call with `inputTokens` input tokens (long-context tiers). */
@@ -19,42 +19,89 @@ export function pricesFor(pricing: ModelPricing, inputTokens: number): Omit<Mode
   return applied;
 }
 
-function count(value: number, kind: string): Decimal {
+function count(value: number, kind: string): bigint {
   if (!Number.isSafeInteger(value) || value < 0) throw new RangeError(`${kind} tokens must be a non-negative integer, got ${value}`);
-  return new D(value);
+  return BigInt(value);
 }
 
+/**
+ * A pricing object's prices as integers at one scale (price = mantissa / 10^scale), parsed once:
+ * a call's cost is then integer arithmetic on BigInts — exact, as decimal.js is, without the
+ * digit arrays and intermediate Decimals it allocated per call (most of a call's garbage after
+ * the HTTP layers; see bench/RESULTS.md).
+ */
 interface ParsedPrices {
-  input: Decimal;
-  cachedInput: Decimal;
-  cacheWrite: Decimal;
-  output: Decimal;
-  reasoning: Decimal;
+  scale: number;
+  input: bigint;
+  cachedInput: bigint;
+  cacheWrite: bigint;
+  output: bigint;
+  reasoning: bigint;
 }
 
-/** Prices parsed once per pricing object (a catalog entry's, or a tier's): parsing decimals was most of a call's cost arithmetic. */
+/** Prices parsed once per pricing object (a catalog entry's, or a tier's). */
 const parsedPrices = new WeakMap<object, ParsedPrices>();
+
+/** Decimal places of a decimal's plain notation. */
+const placesOf = (value: Decimal): number => value.decimalPlaces();
+
+/** `value` × 10^scale as an integer (exact: scale ≥ its decimal places). */
+const scaled = (value: Decimal, scale: number): bigint => BigInt(value.times(new D(10).pow(scale)).toFixed(0));
 
 function parsed(p: Omit<ModelPricing, 'tiers'>): ParsedPrices {
   let prices = parsedPrices.get(p);
   if (!prices) {
     const input = new D(p.input_cost_per_million_tokens);
     const output = new D(p.output_cost_per_million_tokens);
-    prices = {
+    const all = [
       input,
-      cachedInput: new D(p.cached_input_cost_per_million_tokens ?? input),
-      cacheWrite: new D(p.cache_write_cost_per_million_tokens ?? input),
+      new D(p.cached_input_cost_per_million_tokens ?? input),
+      new D(p.cache_write_cost_per_million_tokens ?? input),
       output,
-      reasoning: new D(p.reasoning_cost_per_million_tokens ?? output),
-    };
+      new D(p.reasoning_cost_per_million_tokens ?? output),
+    ] as const;
+    const scale = Math.max(...all.map(placesOf));
+    const [i, c, w, o, r] = all.map((v) => scaled(v, scale)) as [bigint, bigint, bigint, bigint, bigint];
+    prices = { scale, input: i, cachedInput: c, cacheWrite: w, output: o, reasoning: r };
     parsedPrices.set(p, prices);
   }
   return prices;
 }
 
-/** `tokens` × `price`, added to `sum` (tokens: a checked count; zero adds nothing). */
-function addPriced(sum: Decimal, tokens: Decimal, price: Decimal): Decimal {
-  return tokens.isZero() ? sum : sum.plus(tokens.times(price));
+const ZERO = BigInt(0);
+const TEN = BigInt(10);
+const max0 = (value: bigint): bigint => (value > ZERO ? value : ZERO);
+const powers: bigint[] = [];
+/** 10^n as a BigInt (cached). */
+function pow10(n: number): bigint {
+  for (let i = powers.length; i <= n; i++) powers.push(i === 0 ? BigInt(1) : powers[i - 1]! * TEN);
+  return powers[n]!;
+}
+
+/**
+ * `mantissa` / 10^scale rounded half up (away from zero) to COST_DECIMAL_PLACES, in plain notation
+ * with trailing zeros dropped: what `Decimal#toDecimalPlaces(12, ROUND_HALF_UP).toFixed()` gives.
+ */
+function formatScaled(mantissa: bigint, scale: number): string {
+  const negative = mantissa < ZERO;
+  let m = negative ? -mantissa : mantissa;
+  if (scale > COST_DECIMAL_PLACES) {
+    const divisor = pow10(scale - COST_DECIMAL_PLACES);
+    m = (m + divisor / BigInt(2)) / divisor;
+    scale = COST_DECIMAL_PLACES;
+  }
+  if (m === ZERO) return '0';
+  let digits = m.toString();
+  // Trailing zeros of the fraction go (Decimal's normal form).
+  while (scale > 0 && digits.endsWith('0')) {
+    digits = digits.slice(0, -1);
+    scale--;
+  }
+  if (scale > 0) {
+    digits = digits.padStart(scale + 1, '0');
+    digits = `${digits.slice(0, -scale)}.${digits.slice(-scale)}`;
+  }
+  return negative ? `-${digits}` : digits;
 }
 
 /**
@@ -69,22 +116,34 @@ export function computeCost(pricing: ModelPricing, usage: TokenUsage): string {
   const cacheWrite = count(usage.cache_write, 'cache write');
   const output = count(usage.output, 'output');
   const reasoning = count(usage.reasoning, 'reasoning');
-  const uncached = D.max(input.minus(cached).minus(cacheWrite), 0);
-  const textOutput = D.max(output.minus(reasoning), 0);
-
-  let total = new D(0);
-  total = addPriced(total, uncached, p.input);
-  total = addPriced(total, cached, p.cachedInput);
-  total = addPriced(total, cacheWrite, p.cacheWrite);
-  total = addPriced(total, textOutput, p.output);
-  total = addPriced(total, reasoning, p.reasoning);
-  return formatCost(total.dividedBy(MILLION));
+  const uncached = max0(input - cached - cacheWrite);
+  const textOutput = max0(output - reasoning);
+  const total = uncached * p.input + cached * p.cachedInput + cacheWrite * p.cacheWrite + textOutput * p.output + reasoning * p.reasoning;
+  // Per million tokens: six more decimal places.
+  return formatScaled(total, p.scale + 6);
 }
 
 /** Worst-case cost of a call before it runs: every input token uncached, `maxOutputTokens` out. */
 export function estimateCost(pricing: ModelPricing, inputTokens: number, maxOutputTokens: number): string {
   return computeCost(pricing, { input: inputTokens, cached_input: 0, cache_write: 0, output: maxOutputTokens, reasoning: 0 });
 }
+
+const PLAIN_COST = /^(-?)(\d+)(?:\.(\d{1,12}))?$/;
+
+/**
+ * A cost string (at most COST_DECIMAL_PLACES decimals, as every cost here is) as an integer count
+ * of 10^-12 credits, for arithmetic on the hot path without Decimals; other notations go through
+ * decimal.js (rounded to 12 places as costs are).
+ */
+export function costUnits(cost: string): bigint {
+  const m = PLAIN_COST.exec(cost);
+  if (!m) return BigInt(new D(cost).toDecimalPlaces(COST_DECIMAL_PLACES, Decimal.ROUND_HALF_UP).times(new D(10).pow(COST_DECIMAL_PLACES)).toFixed(0));
+  const units = BigInt(m[2]!) * pow10(COST_DECIMAL_PLACES) + BigInt((m[3] ?? '').padEnd(COST_DECIMAL_PLACES, '0'));
+  return m[1] ? -units : units;
+}
+
+/** `costUnits`' inverse: the cost string (trailing zeros dropped). */
+export const unitsCost = (units: bigint): string => formatScaled(units, COST_DECIMAL_PLACES);
 
 /** Sums decimal strings exactly. */
 export function addCosts(...costs: string[]): string {
