@@ -36,7 +36,7 @@ export const SettingsSchema = z.object({
   /** Also compile PGlite's busiest functions with V8's optimizing compiler (see openPglite in db.ts). */
   PGLITE_WASM_TIER_UP: bool.default(false),
   /** Run PGlite on a worker thread of its own, beside the main thread (see openPgliteLink in db.ts). */
-  PGLITE_THREAD: bool.default(true),
+  PGLITE_THREAD: bool.default(false),
   DATABASE_URL: z.preprocess(
     emptyAsUndefined,
     z.url({ protocol: /^postgres(ql)?$/, error: 'must be a postgres:// or postgresql:// URL (only PostgreSQL is supported); leave it unset for the embedded database' }).optional(),

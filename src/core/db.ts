@@ -187,9 +187,10 @@ async function openPglite(settings: Settings): Promise<Database> {
 }
 
 /**
- * PGlite on a thread of its own (PGLITE_THREAD, the default) or on this one. On its own thread its
- * WebAssembly runs beside the HTTP server, the runner and the rest of Keel's JavaScript rather than
- * taking turns with them on one core (measured, bench/RESULTS.md).
+ * PGlite on this thread (the default) or on a thread of its own (PGLITE_THREAD=true). On its own
+ * thread its WebAssembly runs beside the HTTP server and the runner, but every round trip is a thread
+ * hand-off while a transaction holds the one session: on 2 cores that cost agent runs more than it
+ * gave (the gateway gained; measured, bench/RESULTS.md).
  */
 async function openPgliteLink(settings: Settings, dataDir: string): Promise<PgliteLink> {
   if (settings.PGLITE_THREAD) return openPgliteThread({ dataDir, startParams: PGLITE_MEMORY });
