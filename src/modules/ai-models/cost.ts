@@ -42,9 +42,6 @@ interface ParsedPrices {
 /** Prices parsed once per pricing object (a catalog entry's, or a tier's). */
 const parsedPrices = new WeakMap<object, ParsedPrices>();
 
-/** Decimal places of a decimal's plain notation. */
-const placesOf = (value: Decimal): number => value.decimalPlaces();
-
 /** `value` × 10^scale as an integer (exact: scale ≥ its decimal places). */
 const scaled = (value: Decimal, scale: number): bigint => BigInt(value.times(new D(10).pow(scale)).toFixed(0));
 
@@ -60,7 +57,7 @@ function parsed(p: Omit<ModelPricing, 'tiers'>): ParsedPrices {
       output,
       new D(p.reasoning_cost_per_million_tokens ?? output),
     ] as const;
-    const scale = Math.max(...all.map(placesOf));
+    const scale = Math.max(...all.map((price) => price.decimalPlaces()));
     const [i, c, w, o, r] = all.map((v) => scaled(v, scale)) as [bigint, bigint, bigint, bigint, bigint];
     prices = { scale, input: i, cachedInput: c, cacheWrite: w, output: o, reasoning: r };
     parsedPrices.set(p, prices);
