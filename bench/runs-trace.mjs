@@ -7,6 +7,7 @@
 // CLIENTS=50 DURATION=8 then loads it: CLIENTS clients (a user and thread each) start runs and read
 // them to the end for DURATION s, and it prints what each process sent per completed run
 // (statements and commands by text) and its CPU per run: where a second worker's CPU goes.
+// WORKERS=0 traces embedded mode (`keel start` on PGlite, its statements as `pglite>`).
 // CHECKOUT=<dir> traces another build (e.g. a baseline); KEEL_ENV="NAME=value ..." adds settings.
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
@@ -25,11 +26,13 @@ const REDIS_URL = process.env.REDIS_URL || 'redis://127.0.0.1:6379';
 const CLIENTS = Number(process.env.CLIENTS ?? 0);
 const DURATION = Number(process.env.DURATION ?? 8);
 const MODEL = 'bench-model';
+const DB_PREFIX = process.env.BENCH_DB_PREFIX ?? 'keel_runs_trace_';
 rmSync(OUT, { recursive: true, force: true });
 mkdirSync(OUT, { recursive: true });
 
 // KEEL_NODE_ARGS (e.g. "--cpu-prof --cpu-prof-dir=bench/out/prof") go to Keel's processes too.
-const preload = ['--import', resolve('bench/trace-preload.mjs'), ...keelNodeArgs()];
+// TRACE=0 leaves the tracer out (a profile without its cost; no statement counts then).
+const preload = [...(process.env.TRACE === '0' ? [] : ['--import', resolve('bench/trace-preload.mjs')]), ...keelNodeArgs()];
 const traced = (role) => ({ TRACE_FILE: TRACE, TRACE_ROLE: role });
 const fd = openSync(TRACE, 'a');
 const t = () => Math.round((performance.timeOrigin + performance.now()) * 1000);
@@ -38,15 +41,13 @@ const mark = (what) => writeSync(fd, `${t()}\tclient\t${what}\n`);
 start(OUT, 'upstream', ['bench/fake-upstream.mjs'], { PORT: String(PORT_BASE), ...traced('upstream') }, { nodeArgs: preload });
 await waitUp(PORT_BASE);
 const port = PORT_BASE + 1;
-const env = keelEnv(port, {
-  DATABASE_URL: createDatabase(`keel_runs_trace_${process.pid}`),
-  REDIS_URL,
-  REDIS_KEY_PREFIX: `keel-runs-trace-${process.pid}:`,
-  RATE_LIMIT_LOGIN_PER_IP: '100000',
-  ...(process.env.KEEL_ENV ? Object.fromEntries(process.env.KEEL_ENV.split(/\s+/).filter(Boolean).map((pair) => pair.split('='))) : {}),
-});
-execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { cwd: CHECKOUT, env: { ...process.env, ...env }, stdio: 'ignore' });
-const processes = { api: start(OUT, 'api', ['bin/keel.js', 'api'], { ...env, ...traced('api') }, { cwd: CHECKOUT, nodeArgs: preload }) };
+const extraEnv = process.env.KEEL_ENV ? Object.fromEntries(process.env.KEEL_ENV.split(/\s+/).filter(Boolean).map((pair) => pair.split('='))) : {};
+const env = WORKERS
+  ? keelEnv(port, { DATABASE_URL: createDatabase(`${DB_PREFIX}${process.pid}`), REDIS_URL, REDIS_KEY_PREFIX: `${DB_PREFIX.replaceAll('_', '-')}${process.pid}:`, RATE_LIMIT_LOGIN_PER_IP: '100000', ...extraEnv })
+  : keelEnv(port, { DATA_DIR: `${OUT}/data`, DATABASE_URL: '', REDIS_URL: '', RATE_LIMIT_LOGIN_PER_IP: '100000', ...extraEnv });
+if (WORKERS) execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { cwd: CHECKOUT, env: { ...process.env, ...env }, stdio: 'ignore' });
+// WORKERS=0: embedded, one `keel start` (PGlite) does everything.
+const processes = { api: start(OUT, 'api', ['bin/keel.js', WORKERS ? 'api' : 'start'], { ...env, ...traced('api') }, { cwd: CHECKOUT, nodeArgs: preload }) };
 for (let i = 1; i <= WORKERS; i++) processes[`worker${i}`] = start(OUT, `worker${i}`, ['bin/keel.js', 'worker'], { ...env, ...traced(`worker${i}`) }, { cwd: CHECKOUT, nodeArgs: preload });
 await waitUp(port);
 for (let i = 1; i <= WORKERS; i++) await waitForLog(`${OUT}/worker${i}.log`, '"worker started"');
@@ -128,7 +129,7 @@ async function load() {
   const sent = new Map();
   for (const line of readFileSync(TRACE, 'utf8').trim().split('\n')) {
     const [time, role, what] = line.split('\t');
-    if (Number(time) < begin || Number(time) >= end || !/^(pg|redis)> /.test(what)) continue;
+    if (Number(time) < begin || Number(time) >= end || !/^(pg|pglite|redis)> /.test(what)) continue;
     const key = `${role}\t${what}`;
     sent.set(key, (sent.get(key) ?? 0) + 1);
   }
@@ -188,7 +189,7 @@ for (const [index, begin] of starts.entries()) {
   if (index < 5) continue;
   const next = starts[index + 1]?.time ?? Infinity;
   for (const l of lines) {
-    if (l.time < begin.time || l.time >= next || !/^(pg|redis)> /.test(l.what)) continue;
+    if (l.time < begin.time || l.time >= next || !/^(pg|pglite|redis)> /.test(l.what)) continue;
     const key = `${l.role} ${l.what.slice(0, l.what.indexOf('>'))}`;
     counts.set(key, (counts.get(key) ?? 0) + 1 / RUNS);
   }

@@ -1,6 +1,6 @@
 /* global process, performance, setInterval */
 // Loaded into Keel's processes by bench/runs-trace.mjs (node --import): timestamps (µs, wall
-// clock, comparable across processes on one machine) of every PostgreSQL query, Redis command,
+// clock, comparable across processes on one machine) of every PostgreSQL query (PGlite's too), Redis command,
 // incoming HTTP request and SSE write, buffered and written to TRACE_FILE. Bench only.
 import { openSync, writeSync } from 'node:fs';
 import http from 'node:http';
@@ -34,6 +34,23 @@ try {
   };
 } catch {
   // not loaded here
+}
+
+// Embedded: PGlite through Keel's wire-protocol client (the same module instance the app loads).
+try {
+  const { PgliteStatementClient } = await import(`${process.cwd()}/dist/core/pglite-client.js`);
+  for (const method of ['run', 'simple']) {
+    const original = PgliteStatementClient.prototype[method];
+    PgliteStatementClient.prototype[method] = function (scope, text, ...rest) {
+      const what = short(text);
+      log(`pglite> ${what}`);
+      const result = original.call(this, scope, text, ...rest);
+      result.then(() => log(`pglite< ${what}`), () => log(`pglite! ${what}`));
+      return result;
+    };
+  }
+} catch {
+  // another checkout's layout, or not built
 }
 
 try {

@@ -34,26 +34,44 @@ async function open() {
   }
 }
 open().then(() => parentPort.postMessage({ open: true }), (e) => parentPort.postMessage({ open: false, error: failure(e) }));
+// As rawExchange in pglite-client.ts: the raw reply without PGlite's own parsing (and keeping) of it.
+async function exchange(message) {
+  const chunks = [];
+  await pg.execProtocolRawStream(message, { syncToFs: false, onRawData: (bytes) => void chunks.push(bytes.slice()) });
+  if (chunks.length === 1) return chunks[0];
+  // A buffer of its own (Buffer.concat may use the shared pool, which cannot be transferred).
+  const reply = new Uint8Array(chunks.reduce((n, chunk) => n + chunk.length, 0));
+  let at = 0;
+  for (const chunk of chunks) {
+    reply.set(chunk, at);
+    at += chunk.length;
+  }
+  return reply;
+}
+// Batches are answered one after the other, in the order they came.
+let turn = Promise.resolve();
 parentPort.on('message', (m) => {
   if (m.close) {
-    pg.close().then(() => parentPort.postMessage({ closed: true }), (e) => parentPort.postMessage({ closed: false, error: failure(e) }));
+    turn = turn.then(() => pg.close()).then(() => parentPort.postMessage({ closed: true }), (e) => parentPort.postMessage({ closed: false, error: failure(e) }));
     return;
   }
-  const replies = [];
-  const transfer = [];
-  let offset = 0;
-  for (const length of m.lengths) {
-    const message = new Uint8Array(m.batch, offset, length);
-    offset += length;
-    try {
-      const reply = pg.execProtocolRawSync(message);
-      replies.push(reply);
-      transfer.push(reply.buffer);
-    } catch (e) {
-      replies.push(failure(e));
+  turn = turn.then(async () => {
+    const replies = [];
+    const transfer = [];
+    let offset = 0;
+    for (const length of m.lengths) {
+      const message = new Uint8Array(m.batch, offset, length);
+      offset += length;
+      try {
+        const reply = await exchange(message);
+        replies.push(reply);
+        transfer.push(reply.buffer);
+      } catch (e) {
+        replies.push(failure(e));
+      }
     }
-  }
-  parentPort.postMessage({ replies }, transfer);
+    parentPort.postMessage({ replies }, transfer);
+  });
 });
 `;
 
