@@ -13,7 +13,8 @@ export interface PgliteLink {
 }
 
 /**
- * PGlite on this thread. No syncToFs: on a directory (NODEFS) PostgreSQL's writes already reach
+ * PGlite on this thread, the link's alone: after rawExchange, PGlite's own query API on the same
+ * instance would find the raw output handler still set. No syncToFs: on a directory (NODEFS) PostgreSQL's writes already reach
  * the files, the sync is a no-op there; memory:// has nothing to sync.
  */
 export function inProcessLink(pg: PGlite): PgliteLink {
