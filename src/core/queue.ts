@@ -72,7 +72,9 @@ class InProcessQueue<R extends JobRegistry> implements JobQueue<R> {
       this.waiting.push({ name, data });
       return;
     }
-    this.start(name, data, 1);
+    // On the event loop's next turn, not inside the caller's: the caller (a run's start) answers
+    // its request before the job's first statement takes the database's one session.
+    this.start(name, data, 1, true);
   }
 
   work(handlers: JobHandlers<R>): void {
@@ -80,8 +82,8 @@ class InProcessQueue<R extends JobRegistry> implements JobQueue<R> {
     for (const job of this.waiting.splice(0)) this.start(job.name, job.data, 1);
   }
 
-  private start(name: string, data: unknown, attempt: number): void {
-    const run = this.attempt(name, data, attempt).finally(() => this.running.delete(run));
+  private start(name: string, data: unknown, attempt: number, later = false): void {
+    const run = (later ? new Promise<void>((resolve) => setImmediate(resolve)).then(() => this.attempt(name, data, attempt)) : this.attempt(name, data, attempt)).finally(() => this.running.delete(run));
     this.running.add(run);
   }
 

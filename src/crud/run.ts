@@ -213,6 +213,61 @@ const endByWorker = (release: boolean) => (db: Db, name: string) =>
 const endedByWorker = preparedAnywhere('runs_end_by_worker', endByWorker(false));
 const endedAndReleased = preparedAnywhere('runs_end_by_worker_released', endByWorker(true));
 
+/**
+ * endByWorker and nextWaitingOrIdle as one statement, for a run that holds its thread (the caller's
+ * transaction has locked the thread and the run): the end, the thread's oldest waiting run (locked),
+ * or else the thread marked idle. Nothing is handed on when the end's guard fails. Every run's end.
+ */
+const endAndHandOn = (release: boolean) => (db: Db, name: string) => {
+  const ended = db.$with('ended').as(
+    db
+      .update(runs)
+      .set({
+        status: slot<Run['status']>('status'),
+        error: slot<string | null>('error'),
+        steps: slot<number>('steps'),
+        usage: slot<Run['usage']>('usage'),
+        cost: slot<string>('cost'),
+        waiting: false,
+        ended_at: sql`now()`,
+        ...(release ? { lease_owner: null, lease_expires_at: null } : {}),
+      })
+      .where(and(eq(runs.id, slot<string>('run_id')), active, eq(runs.lease_owner, slot<string>('worker_id'))))
+      .returning(),
+  );
+  const next = db.$with('next').as(
+    db
+      .select()
+      .from(runs)
+      .where(and(eq(runs.thread_id, slot<string>('thread_id')), eq(runs.status, 'queued'), eq(runs.waiting, true), sql`exists (select 1 from ${ended})`))
+      .orderBy(asc(runs.created_at), asc(runs.id))
+      .limit(1)
+      .for('update'),
+  );
+  const idle = db.$with('idle').as(
+    db
+      .update(threads)
+      .set({ status: 'idle' })
+      .where(and(eq(threads.id, slot<string>('thread_id')), sql`exists (select 1 from ${ended})`, sql`not exists (select 1 from ${next})`))
+      .returning({ id: threads.id }),
+  );
+  return db.with(ended, next, idle).select().from(ended).leftJoin(next, sql`true`).prepare(name);
+};
+const endedAndHandedOn = preparedAnywhere('runs_end_by_worker_hand_on', endAndHandOn(false));
+const endedReleasedAndHandedOn = preparedAnywhere('runs_end_by_worker_released_hand_on', endAndHandOn(true));
+
+export type WorkerEnd = Pick<NewRun, 'status' | 'error'> & Pick<Run, 'steps' | 'usage' | 'cost'>;
+
+/**
+ * Its worker ends a run that holds its thread, with its totals, and hands the thread on: the
+ * ended run and the waiting run that now holds the thread (null: the thread is idle), or
+ * undefined when the run is no longer the worker's. `release`: as endRun's releaseLease.
+ */
+export async function endByWorkerAndHandOn(tx: Db, run: Pick<Run, 'id' | 'thread_id'>, values: WorkerEnd, workerId: string, release: boolean): Promise<{ run: Run; next: Run | null } | undefined> {
+  const [row] = await (release ? endedReleasedAndHandedOn : endedAndHandedOn)(tx).execute({ run_id: run.id, thread_id: run.thread_id, worker_id: workerId, status: values.status, error: values.error ?? null, steps: values.steps, usage: values.usage, cost: values.cost });
+  return row && { run: row.ended, next: row.next };
+}
+
 
 const waitingOrIdle = preparedAnywhere('runs_next_waiting_or_idle', (db, name) => {
   const next = db

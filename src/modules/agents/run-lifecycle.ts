@@ -55,7 +55,11 @@ export function runEvent(run: Run) {
  */
 export async function handOnThread(tx: Db, threadId: string): Promise<Run | undefined> {
   const next = await runCrud.nextWaitingOrIdle(tx, threadId);
-  if (!next) return undefined;
+  return next && promote(tx, threadId, next);
+}
+
+/** The waiting run `next` (locked) takes the thread. */
+async function promote(tx: Db, threadId: string, next: Run): Promise<Run> {
   const message = next.input && !next.input_message_id ? await appendMessage(tx, { thread_id: threadId, role: 'user', content: next.input, metadata: {} }) : null;
   return runCrud.updateRun(tx, next.id, { waiting: false, ...(message ? { input_message_id: message.id } : {}) });
 }
@@ -81,10 +85,15 @@ export type RunOutcome = { status: 'completed' | 'failed' | 'cancelled'; error?:
  */
 export async function endInTransaction(tx: Db, run: Pick<Run, 'id' | 'thread_id'>, outcome: RunOutcome, guard: runCrud.EndGuard, locked?: Pick<Run, 'waiting'>): Promise<EndedRun | undefined> {
   // `locked`: the run as read under the thread's lock, already held by the caller.
+  const { releaseLease = false, ...values } = outcome;
+  if (locked && !locked.waiting && guard && 'leaseOwner' in guard && values.steps !== undefined && values.usage !== undefined && values.cost !== undefined) {
+    // Its worker's end of the run that holds the thread: the end and the hand-over in one statement.
+    const ended = await runCrud.endByWorkerAndHandOn(tx, run, { ...values, steps: values.steps, usage: values.usage, cost: values.cost }, guard.leaseOwner, releaseLease);
+    return ended && { run: ended.run, promoted: ended.next ? await promote(tx, run.thread_id, ended.next) : undefined };
+  }
   if (!locked) await lockThread(tx, run.thread_id);
   // Under the thread's lock a run's `waiting` cannot change: read it before the end clears it.
   const [before] = locked ? [locked] : await tx.select({ waiting: runs.waiting }).from(runs).where(eq(runs.id, run.id));
-  const { releaseLease = false, ...values } = outcome;
   const row = await runCrud.endRun(tx, run.id, { ...values, error: values.error ?? null }, guard, releaseLease);
   if (!row) return undefined;
   const promoted = before?.waiting ? undefined : await handOnThread(tx, run.thread_id);
