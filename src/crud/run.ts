@@ -194,7 +194,7 @@ export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status
 }
 
 /** Its worker ends a run with its totals (and lets go of it, with `release`: its final event is in the same transaction). */
-const endByWorker = (release: boolean) => (db: Db, name: string) =>
+const workerEnd = (db: Db, release: boolean) =>
   db
     .update(runs)
     .set({
@@ -208,8 +208,8 @@ const endByWorker = (release: boolean) => (db: Db, name: string) =>
       ...(release ? { lease_owner: null, lease_expires_at: null } : {}),
     })
     .where(and(eq(runs.id, slot<string>('run_id')), active, eq(runs.lease_owner, slot<string>('worker_id'))))
-    .returning()
-    .prepare(name);
+    .returning();
+const endByWorker = (release: boolean) => (db: Db, name: string) => workerEnd(db, release).prepare(name);
 const endedByWorker = preparedAnywhere('runs_end_by_worker', endByWorker(false));
 const endedAndReleased = preparedAnywhere('runs_end_by_worker_released', endByWorker(true));
 
@@ -219,22 +219,7 @@ const endedAndReleased = preparedAnywhere('runs_end_by_worker_released', endByWo
  * or else the thread marked idle. Nothing is handed on when the end's guard fails. Every run's end.
  */
 const endAndHandOn = (release: boolean) => (db: Db, name: string) => {
-  const ended = db.$with('ended').as(
-    db
-      .update(runs)
-      .set({
-        status: slot<Run['status']>('status'),
-        error: slot<string | null>('error'),
-        steps: slot<number>('steps'),
-        usage: slot<Run['usage']>('usage'),
-        cost: slot<string>('cost'),
-        waiting: false,
-        ended_at: sql`now()`,
-        ...(release ? { lease_owner: null, lease_expires_at: null } : {}),
-      })
-      .where(and(eq(runs.id, slot<string>('run_id')), active, eq(runs.lease_owner, slot<string>('worker_id'))))
-      .returning(),
-  );
+  const ended = db.$with('ended').as(workerEnd(db, release));
   const next = db.$with('next').as(
     db
       .select()
