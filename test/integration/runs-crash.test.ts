@@ -6,7 +6,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { eventually } from '../helpers/http.js';
-import { freePort, healthy, keel, killLeftovers } from '../helpers/process.js';
+import { freePort, healthy, keel, killLeftovers, migratedDataDir } from '../helpers/process.js';
 import { expectContiguous, FINAL_EVENTS, json, messagesOf, readEvents, type RunBody, startRunWithThread, userWithAgent } from '../helpers/runs.js';
 
 // The real CLI (`keel start`, embedded) killed with SIGKILL or stopped with SIGTERM mid-run, then
@@ -51,11 +51,15 @@ async function userWithRun(base: string, email: string) {
   return { headers, run: await startRunWithThread(base, headers, 'tell me a long story') };
 }
 
-/** A fresh data directory with `keel start` on it, a user, and a run the fake model streams slowly; `then` is the model's next answer. */
+/**
+ * A new data directory (its database already migrated: the restart is under test, not the first
+ * start) with `keel start` on it, a user, and a run the fake model streams slowly; `then` is the
+ * model's next answer.
+ */
 async function runMidStream(name: string, then: string, chunksBefore: number) {
   fake.reset();
   fake.script(MODEL, { chunks: Array.from({ length: 100 }, (_, i) => `w${i} `), chunkDelayMs: 100 }, { text: then });
-  const dataDir = join(scratch, name);
+  const dataDir = await migratedDataDir(join(scratch, name));
   const port = await freePort();
   const first = await start(dataDir, port);
   const { headers, run } = await userWithRun(first.base, `${name}@crash.test`);
