@@ -14,6 +14,10 @@ import { expectContiguous, FINAL_EVENTS, json, messagesOf, readEvents, type RunB
 const scratch = mkdtempSync(join(tmpdir(), 'keel-runs-crash-'));
 const PASSWORD = 'crash-test-password';
 const MODEL = 'gpt-4.1';
+// Two `keel start`s and a streamed run: seconds on a quiet machine, but each start loads the whole
+// server and PGlite, and on a shared 2-core CI machine the default 30 s ran out (the other process
+// tests allow minutes too). The waits that matter keep their own deadlines (`eventually`).
+const PROCESS_TEST_TIMEOUT_MS = 120_000;
 let fake: FakeModelServer;
 
 beforeAll(async () => {
@@ -84,7 +88,7 @@ describe('embedded process stopped mid-run', () => {
     expect(events.filter((e) => FINAL_EVENTS.has(e.event)).map((e) => e.event)).toEqual(['run.completed']);
     second.child.process.kill('SIGTERM');
     await second.child.ended;
-  });
+  }, PROCESS_TEST_TIMEOUT_MS);
 
   it('SIGTERM hands the running run back; the next start finishes it', async () => {
     const { first, headers, run, restart } = await runMidStream('term', 'finished after restart', 3);
@@ -101,5 +105,5 @@ describe('embedded process stopped mid-run', () => {
     expect((await messagesOf(second.base, headers, run.thread_id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['finished after restart']);
     second.child.process.kill('SIGTERM');
     await second.child.ended;
-  });
+  }, PROCESS_TEST_TIMEOUT_MS);
 });
