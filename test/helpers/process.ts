@@ -1,6 +1,10 @@
 import { type ChildProcess, spawn } from 'node:child_process';
+import { cpSync, mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { resolve } from 'node:path';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+
+import { inject } from 'vitest';
 
 /** The checkout's root: children run from here, as a user runs Keel. */
 export const ROOT = resolve(import.meta.dirname, '../..');
@@ -94,4 +98,30 @@ export function exists(pid: number): boolean {
   } catch (error) {
     return (error as NodeJS.ErrnoException).code === 'EPERM';
   }
+}
+
+let migratedTemplate: Promise<string> | undefined;
+
+/** A data directory migrated once by `keel migrate`, for runs without the run's PGlite template (server mode). */
+async function migratedByCli(): Promise<string> {
+  const dataDir = mkdtempSync(join(tmpdir(), 'keel-migrated-'));
+  process.on('exit', () => rmSync(dataDir, { recursive: true, force: true }));
+  const migrate = keel(['migrate'], { ENVIRONMENT: 'local', DATA_DIR: dataDir, LOG_LEVEL: 'warn' });
+  const { code } = await migrate.ended;
+  if (code !== 0) throw new Error(`keel migrate failed:\n${migrate.out()}\n${migrate.err()}`);
+  return join(dataDir, 'pglite');
+}
+
+/**
+ * Makes `dataDir` a DATA_DIR whose embedded database is already created and migrated: a copy of
+ * the run's migrated PGlite template (the one every in-process test file copies), or, when the
+ * run has none (DATABASE_URL set), of one directory `keel migrate` made for this test file.
+ * A start on it skips PGlite's initdb and the migrations, which cost ~10 s of CPU per directory
+ * on a 2-core machine; for tests of what a server does once it runs. Tests of the first start
+ * itself (initdb, migrations, file modes of new files) keep an empty directory.
+ */
+export async function migratedDataDir(dataDir: string): Promise<string> {
+  const template = inject('templatePgliteDir') ?? (await (migratedTemplate ??= migratedByCli()));
+  cpSync(template, join(dataDir, 'pglite'), { recursive: true });
+  return dataDir;
 }

@@ -4,12 +4,15 @@ import { join } from 'node:path';
 
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 
-import { exists, freePort, healthy, keel, killLeftovers, launch } from '../helpers/process.js';
+import { exists, freePort, healthy, keel, killLeftovers, launch, migratedDataDir } from '../helpers/process.js';
 
 // Real processes on real data directories: the lock, file modes, signals, log flushing and drain.
 const scratch = mkdtempSync(join(tmpdir(), 'keel-process-test-'));
 let dirs = 0;
+/** An empty DATA_DIR: the start creates the database (initdb) and migrates it. */
 const freshDir = () => join(scratch, `data-${++dirs}`);
+/** A DATA_DIR with the database already created and migrated, for tests of a running server. */
+const migratedDir = () => migratedDataDir(freshDir());
 
 afterEach(killLeftovers);
 afterAll(() => rmSync(scratch, { recursive: true, force: true }));
@@ -49,7 +52,7 @@ async function signup(base: string, email: string): Promise<number> {
 
 describe('one process per embedded database', () => {
   it('a second process on the same DATA_DIR stops at once naming the holder; kill -9 leaves a lock the next start takes over', async () => {
-    const dataDir = freshDir();
+    const dataDir = await migratedDir();
     const first = await server(dataDir);
     expect(await signup(first.base, 'kept@process.test')).toBe(200);
 
@@ -125,7 +128,7 @@ describe('file modes', () => {
 
 describe('logs', () => {
   it('JSON logs reach stdout within a second: after kill -9 every answered request has its access line', async () => {
-    const { child, base } = await server(freshDir());
+    const { child, base } = await server(await migratedDir());
     const ids: string[] = [];
     for (let i = 0; i < 40; i++) {
       const response = await fetch(`${base}/api/v1/users/me`);
@@ -150,7 +153,7 @@ describe('logs', () => {
 
 describe('SIGTERM', () => {
   it('drains first: /ready answers 503 while requests are still served, then the process exits 0', async () => {
-    const { child, base } = await server(freshDir(), { SHUTDOWN_DRAIN_MS: '3000' });
+    const { child, base } = await server(await migratedDir(), { SHUTDOWN_DRAIN_MS: '3000' });
     expect((await fetch(`${base}/ready`)).status).toBe(200);
     const signalled = Date.now();
     child.process.kill('SIGTERM');
@@ -176,7 +179,7 @@ describe('SIGTERM', () => {
     ['npm start', ['start']],
     ['npm run keel -- start', ['run', 'keel', '--', 'start']],
   ])('SIGTERM to `%s` (the process the user started) stops Keel cleanly', async (_name, args) => {
-    const dataDir = freshDir();
+    const dataDir = await migratedDir();
     const port = await freePort();
     const npm = launch('npm', args, env(dataDir, { PORT: String(port) }));
     const base = `http://127.0.0.1:${port}`;
@@ -190,34 +193,5 @@ describe('SIGTERM', () => {
     expect(exists(serverPid)).toBe(false);
     expect(existsSync(join(dataDir, 'pglite.lock'))).toBe(false);
     await expect(fetch(`${base}/health`)).rejects.toThrow();
-  }, 300_000);
-});
-
-describe.skipIf(!process.env.REDIS_URL)('keel worker', () => {
-  it('refuses an unmigrated database, naming `keel migrate`', async () => {
-    const worker = keel(['worker'], env(freshDir(), { REDIS_URL: process.env.REDIS_URL! }));
-    const { code } = await worker.ended;
-    expect(code).not.toBe(0);
-    expect(worker.out() + worker.err()).toContain('run `keel migrate` first');
-  }, 120_000);
-
-  it('exits 0 at once on SIGTERM when idle, closing its Redis connections', async () => {
-    // A worker runs agent runs and ingestion: it opens the (migrated) database, here an embedded one of its own.
-    const dataDir = freshDir();
-    const migrate = keel(['migrate'], env(dataDir));
-    expect((await migrate.ended).code, migrate.err()).toBe(0);
-    const worker = keel(['worker'], env(dataDir, { REDIS_URL: process.env.REDIS_URL!, SHUTDOWN_TIMEOUT_MS: '20000' }));
-    const deadline = Date.now() + 60_000;
-    while (!worker.out().includes('worker started')) {
-      if (worker.done() || Date.now() > deadline) throw new Error(`worker did not start:\n${worker.out()}\n${worker.err()}`);
-      await new Promise((done) => setTimeout(done, 100));
-    }
-    await new Promise((done) => setTimeout(done, 1_000));
-    const signalled = Date.now();
-    worker.process.kill('SIGTERM');
-    const { code } = await worker.ended;
-    expect(code, worker.out()).toBe(0);
-    expect(Date.now() - signalled).toBeLessThan(3_000);
-    expect(worker.out()).toContain('shut down cleanly');
   }, 300_000);
 });

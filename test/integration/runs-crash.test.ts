@@ -6,7 +6,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { eventually } from '../helpers/http.js';
-import { freePort, healthy, keel, killLeftovers } from '../helpers/process.js';
+import { freePort, healthy, keel, killLeftovers, migratedDataDir } from '../helpers/process.js';
 import { expectContiguous, FINAL_EVENTS, json, messagesOf, readEvents, type RunBody, startRunWithThread, userWithAgent } from '../helpers/runs.js';
 
 // The real CLI (`keel start`, embedded) killed with SIGKILL or stopped with SIGTERM mid-run, then
@@ -14,6 +14,10 @@ import { expectContiguous, FINAL_EVENTS, json, messagesOf, readEvents, type RunB
 const scratch = mkdtempSync(join(tmpdir(), 'keel-runs-crash-'));
 const PASSWORD = 'crash-test-password';
 const MODEL = 'gpt-4.1';
+// Two `keel start`s and a streamed run: seconds on a quiet machine, but each start loads the whole
+// server and PGlite, and on a shared 2-core CI machine the default 30 s ran out (the other process
+// tests allow minutes too). The waits that matter keep their own deadlines (`eventually`).
+const PROCESS_TEST_TIMEOUT_MS = 120_000;
 let fake: FakeModelServer;
 
 beforeAll(async () => {
@@ -51,11 +55,15 @@ async function userWithRun(base: string, email: string) {
   return { headers, run: await startRunWithThread(base, headers, 'tell me a long story') };
 }
 
-/** A fresh data directory with `keel start` on it, a user, and a run the fake model streams slowly; `then` is the model's next answer. */
+/**
+ * A new data directory (its database already migrated: the restart is under test, not the first
+ * start) with `keel start` on it, a user, and a run the fake model streams slowly; `then` is the
+ * model's next answer.
+ */
 async function runMidStream(name: string, then: string, chunksBefore: number) {
   fake.reset();
   fake.script(MODEL, { chunks: Array.from({ length: 100 }, (_, i) => `w${i} `), chunkDelayMs: 100 }, { text: then });
-  const dataDir = join(scratch, name);
+  const dataDir = await migratedDataDir(join(scratch, name));
   const port = await freePort();
   const first = await start(dataDir, port);
   const { headers, run } = await userWithRun(first.base, `${name}@crash.test`);
@@ -80,7 +88,7 @@ describe('embedded process stopped mid-run', () => {
     expect(events.filter((e) => FINAL_EVENTS.has(e.event)).map((e) => e.event)).toEqual(['run.completed']);
     second.child.process.kill('SIGTERM');
     await second.child.ended;
-  });
+  }, PROCESS_TEST_TIMEOUT_MS);
 
   it('SIGTERM hands the running run back; the next start finishes it', async () => {
     const { first, headers, run, restart } = await runMidStream('term', 'finished after restart', 3);
@@ -97,5 +105,5 @@ describe('embedded process stopped mid-run', () => {
     expect((await messagesOf(second.base, headers, run.thread_id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['finished after restart']);
     second.child.process.kill('SIGTERM');
     await second.child.ended;
-  });
+  }, PROCESS_TEST_TIMEOUT_MS);
 });
