@@ -8,7 +8,12 @@
 //   bare-sse  bench/baseline-sse-server.mjs: bare Fastify, POST 202 then GET SSE of canned events
 //   embedded  `keel start` (PGlite) on a fresh DATA_DIR
 //   scaled-N  `keel api` + N × `keel worker` on PostgreSQL (a database of its own, PG_ADMIN_URL) and
-//             REDIS_URL (a key prefix of its own); skipped, with a note, when its runs do not start
+//             REDIS_URL (a key prefix of its own); skipped, with a note, when its runs do not start;
+//   scaled-NxC  the same with RUN_CONCURRENCY=C on its workers. Its run slots (N × C) bound the runs
+//             in flight: with MODEL_LATENCY_MS ≫ a run's CPU and N × C < CLIENTS, the slots (not the
+//             clients, not the CPU) bound throughput, and "scaled-1xC scaled-2xC" measures what a
+//             worker adds (e.g. TARGETS="scaled-1x8 scaled-2x8" MODEL_LATENCY_MS=1000 N1=0); the
+//             summary says which bound each target had
 // Per Keel server: USERS (= CLIENTS) users, each with credits (billing on), an agent on the
 // upstream's model and its own threads. Every round measures, interleaved:
 //   c1   N1 runs one after the other, each on a new thread (made untimed): the time from sending
@@ -17,8 +22,10 @@
 //   cN   CLIENTS clients for DURATION s, each on a thread of its own (new each round): start a run,
 //        read its events to `run.completed`, again (completed runs/s, p50/p99 of the whole run)
 // with the server processes' CPU per run from /proc, and for cN the cores each part used (Keel's
-// processes; scaled: PostgreSQL's backends of its database and the whole Redis server, which others
-// may share). MODEL_LATENCY_MS (default 0) makes the fake model wait before its first chunk (label
+// processes; scaled: PostgreSQL's backends of its database and the whole Redis server at REDIS_URL,
+// which others may share), and the workers' event-loop wake-ups and read/write syscalls per run.
+// cN starts after WARMUP s (3) of the same load, so that every process (each worker) has compiled
+// its hot code: a cold worker costs about twice the CPU per run. MODEL_LATENCY_MS (default 0) makes the fake model wait before its first chunk (label
 // a figure with it); KEEL_ENV="NAME=value ..." adds settings (e.g. JOB_CONCURRENCY=16) to every
 // Keel process. KEEL_NODE_ARGS goes to Keel's node processes
 // (e.g. "--cpu-prof --cpu-prof-dir=bench/out/runs/prof"). Raw lines: bench/out/runs/raw.tsv.
