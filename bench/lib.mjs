@@ -169,6 +169,22 @@ export function cpuMs(pid, tid) {
 /** CPU ms so far of a process's main thread (its JavaScript; not V8's helpers nor worker threads). */
 export const mainThreadCpuMs = (pid) => cpuMs(pid, pid);
 
+/**
+ * Counters of a process's main thread (its event loop): `wakeups`, the times it blocked and was
+ * woken (voluntary context switches), and `syscalls`, its read and write system calls (those of
+ * /proc/<pid>/io, the whole process's). Zeros once it is gone.
+ */
+export function loopCounters(pid) {
+  try {
+    const status = readFileSync(`/proc/${pid}/task/${pid}/status`, 'utf8');
+    const io = readFileSync(`/proc/${pid}/io`, 'utf8');
+    const field = (text, name) => Number(new RegExp(`${name}:\\s+(\\d+)`).exec(text)?.[1] ?? 0);
+    return { wakeups: field(status, 'voluntary_ctxt_switches'), syscalls: field(io, 'syscr') + field(io, 'syscw') };
+  } catch {
+    return { wakeups: 0, syscalls: 0 };
+  }
+}
+
 /** Resident memory of a process in MB. */
 export function rssMb(pid) {
   return Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))[1]) / 1024;

@@ -8,7 +8,12 @@
 //   bare-sse  bench/baseline-sse-server.mjs: bare Fastify, POST 202 then GET SSE of canned events
 //   embedded  `keel start` (PGlite) on a fresh DATA_DIR
 //   scaled-N  `keel api` + N × `keel worker` on PostgreSQL (a database of its own, PG_ADMIN_URL) and
-//             REDIS_URL (a key prefix of its own); skipped, with a note, when its runs do not start
+//             REDIS_URL (a key prefix of its own); skipped, with a note, when its runs do not start;
+//   scaled-NxC  the same with RUN_CONCURRENCY=C on its workers. Its run slots (N × C) bound the runs
+//             in flight: with MODEL_LATENCY_MS ≫ a run's CPU and N × C < CLIENTS, the slots (not the
+//             clients, not the CPU) bound throughput, and "scaled-1xC scaled-2xC" measures what a
+//             worker adds (e.g. TARGETS="scaled-1x8 scaled-2x8" MODEL_LATENCY_MS=1000 N1=0); the
+//             summary says which bound each target had
 // Per Keel server: USERS (= CLIENTS) users, each with credits (billing on), an agent on the
 // upstream's model and its own threads. Every round measures, interleaved:
 //   c1   N1 runs one after the other, each on a new thread (made untimed): the time from sending
@@ -17,8 +22,10 @@
 //   cN   CLIENTS clients for DURATION s, each on a thread of its own (new each round): start a run,
 //        read its events to `run.completed`, again (completed runs/s, p50/p99 of the whole run)
 // with the server processes' CPU per run from /proc, and for cN the cores each part used (Keel's
-// processes; scaled: PostgreSQL's backends of its database and the whole Redis server, which others
-// may share). MODEL_LATENCY_MS (default 0) makes the fake model wait before its first chunk (label
+// processes; scaled: PostgreSQL's backends of its database and the whole Redis server at REDIS_URL,
+// which others may share), and the workers' event-loop wake-ups and read/write syscalls per run.
+// cN starts after WARMUP s (3) of the same load, so that every process (each worker) has compiled
+// its hot code: a cold worker costs about twice the CPU per run. MODEL_LATENCY_MS (default 0) makes the fake model wait before its first chunk (label
 // a figure with it); KEEL_ENV="NAME=value ..." adds settings (e.g. JOB_CONCURRENCY=16) to every
 // Keel process. KEEL_NODE_ARGS goes to Keel's node processes
 // (e.g. "--cpu-prof --cpu-prof-dir=bench/out/runs/prof"). Raw lines: bench/out/runs/raw.tsv.
@@ -28,12 +35,13 @@ import http from 'node:http';
 import { cpus, loadavg, totalmem } from 'node:os';
 import { resolve } from 'node:path';
 
-import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, mainThreadCpuMs, median, now, percentile, PG_ADMIN_URL, signIn, sleep, start, stop, waitForLog, waitUp } from './lib.mjs';
+import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, loopCounters, mainThreadCpuMs, median, now, percentile, PG_ADMIN_URL, signIn, sleep, start, stop, waitForLog, waitUp } from './lib.mjs';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const N1 = Number(process.env.N1 ?? 300);
 const DURATION = Number(process.env.DURATION ?? 10);
 const CLIENTS = Number(process.env.CLIENTS ?? 50);
+const WARMUP = Number(process.env.WARMUP ?? 3);
 const USERS = Number(process.env.USERS ?? CLIENTS);
 const TARGETS = (process.env.TARGETS ?? 'embedded').split(/\s+/).filter(Boolean);
 const CHECKOUTS = (process.env.CHECKOUTS ?? 'this=.').split(/\s+/).filter(Boolean).map((pair) => {
@@ -164,6 +172,13 @@ async function prepareUsers(port) {
   return users;
 }
 
+/** `scaled-N` (N workers) or `scaled-NxC` (N workers running C runs at once each); null otherwise. */
+function scaledTarget(name) {
+  const match = /^scaled-(\d+)(?:x(\d+))?$/.exec(name);
+  if (!match || !Number(match[1])) return null;
+  return { workers: Number(match[1]), runConcurrency: match[2] ? Number(match[2]) : undefined, family: match[2] ? `x${match[2]}` : '' };
+}
+
 async function startKeel(checkout, name) {
   const port = nextPort++;
   const options = { cwd: checkout.dir, nodeArgs: keelNodeArgs() };
@@ -175,14 +190,17 @@ async function startKeel(checkout, name) {
     await waitUp(port);
     return { ...serverOf(checkout, name, child), port, users: await prepareUsers(port) };
   }
-  const workers = Number(/^scaled-(\d+)$/.exec(name)?.[1] ?? NaN);
-  if (!workers) throw new Error(`unknown target ${name} (embedded, scaled-1, scaled-2, …)`);
+  const scaled = scaledTarget(name);
+  if (!scaled) throw new Error(`unknown target ${name} (embedded, scaled-1, scaled-2, scaled-2x8, …)`);
+  const { workers } = scaled;
+  // scaled-NxC: this target's workers run C runs at once each (RUN_CONCURRENCY), whatever KEEL_ENV says.
+  if (scaled.runConcurrency) env.RUN_CONCURRENCY = String(scaled.runConcurrency);
   const databaseUrl = createDatabase(`keel_runs_bench_${process.pid}_${name.replace('-', '_')}_${checkout.label}`);
   const database = databaseUrl.slice(databaseUrl.lastIndexOf('/') + 1);
   Object.assign(env, {
     DATABASE_URL: databaseUrl,
     REDIS_URL,
-    REDIS_KEY_PREFIX: `keel-runs-bench-${process.pid}-${tag}:`,
+    REDIS_KEY_PREFIX: `${process.env.BENCH_DB_PREFIX ?? ''}keel-runs-bench-${process.pid}-${tag}:`,
   });
   execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { cwd: checkout.dir, env: { ...process.env, ...env }, stdio: 'ignore' });
   const api = start(OUT, `keel-${tag}-api`, ['bin/keel.js', 'api'], env, options);
@@ -190,7 +208,7 @@ async function startKeel(checkout, name) {
   await waitUp(port);
   // The workers load the model catalog at start: the bench's model is added once they have.
   for (let i = 1; i <= workers; i++) await waitForLog(`${OUT}/keel-${tag}-worker${i}.log`, '"worker started"');
-  const server = { ...serverOf(checkout, name, api), port, users: await prepareUsers(port), database, workerPids };
+  const server = { ...serverOf(checkout, name, api), port, users: await prepareUsers(port), database, workerPids, slots: workers * Number(env.RUN_CONCURRENCY ?? 32) };
   server.pids.push(...workerPids);
   return server;
 }
@@ -230,9 +248,10 @@ function backendsOf(database) {
   return out.split('\n').filter(Boolean).map(Number);
 }
 
+// The process of the Redis at REDIS_URL (not just any redis-server on the machine).
 let redisPid;
 try {
-  redisPid = Number(execFileSync('pidof', ['redis-server'], { encoding: 'utf8' }).trim().split(/\s+/)[0]) || undefined;
+  redisPid = Number(/process_id:(\d+)/.exec(execFileSync('redis-cli', ['-u', REDIS_URL, 'info', 'server'], { encoding: 'utf8' }))?.[1]) || undefined;
 } catch {
   redisPid = undefined;
 }
@@ -244,10 +263,23 @@ function partsCpu(target) {
   const parts = { api: cpuMs(target.pids[0]), main: mainThreadCpuMs(target.pids[0]) };
   if (target.workerPids) {
     parts.workers = sum(target.workerPids);
+    // The workers' main threads alone: the rest is V8's compiler and GC threads and libuv's pool.
+    parts.workersMain = target.workerPids.reduce((total, pid) => total + mainThreadCpuMs(pid), 0);
     parts.pg = sum(backendsOf(target.database));
     parts.redis = cpuMs(redisPid);
   }
   return parts;
+}
+
+/** The workers' event-loop counters, summed (lib.mjs loopCounters). */
+function workerLoops(target) {
+  const total = { wakeups: 0, syscalls: 0 };
+  for (const pid of target.workerPids) {
+    const counters = loopCounters(pid);
+    total.wakeups += counters.wakeups;
+    total.syscalls += counters.syscalls;
+  }
+  return total;
 }
 
 async function one(target, user) {
@@ -284,10 +316,12 @@ async function measureMany(round, target) {
       if (!result.ok && target.kind === 'keel') await sleep(50); // a failing target is not hammered
     }
   };
-  await Promise.all(Array.from({ length: CLIENTS }, (_, i) => loop(i, now() + 1000))); // warm-up
+  // Warm-up: every process of the target (each worker) compiles its hot code before it is measured.
+  await Promise.all(Array.from({ length: CLIENTS }, (_, i) => loop(i, now() + WARMUP * 1000)));
   const results = [];
   const cpuBefore = serverCpu(target);
   const partsBefore = target.kind === 'keel' ? partsCpu(target) : null;
+  const loopsBefore = target.workerPids ? workerLoops(target) : null;
   const started = now();
   await Promise.all(Array.from({ length: CLIENTS }, (_, i) => loop(i, started + DURATION * 1000, results)));
   const seconds = (now() - started) / 1000;
@@ -298,6 +332,11 @@ async function measureMany(round, target) {
     const done = Math.max(1, results.filter((r) => r.ok).length);
     row.parts = Object.fromEntries(Object.keys(after).map((part) => [part, { cores: (after[part] - partsBefore[part]) / (seconds * 1000), msPerRun: (after[part] - partsBefore[part]) / done }]));
     console.log(`${' '.repeat(21)}cores used (CPU ms/run): ${Object.entries(row.parts).map(([part, v]) => `${part} ${fmt(v.cores, 2)} (${fmt(v.msPerRun, 2)})`).join(', ')}${target.workerPids ? ' — pg: backends of its database (those open at the end), redis: the whole server' : ''}`);
+    if (loopsBefore) {
+      const loops = workerLoops(target);
+      row.workerLoops = { wakeups: (loops.wakeups - loopsBefore.wakeups) / done, syscalls: (loops.syscalls - loopsBefore.syscalls) / done };
+      console.log(`${' '.repeat(21)}workers per completed run (all workers together): ${fmt(row.workerLoops.wakeups, 1)} event-loop wake-ups, ${fmt(row.workerLoops.syscalls, 1)} read/write syscalls`);
+    }
   }
   return row;
 }
@@ -344,7 +383,7 @@ await stop();
 const pick = (target, clients) => rows.filter((r) => r.target === target && r.clients === clients);
 const lines = [];
 const out = (line = '') => lines.push(line);
-out(`Run ${new Date().toISOString().slice(0, 16)}Z; ${cpus().length} cores (${cpus()[0]?.model ?? '?'}), ${Math.round(totalmem() / 2 ** 30)} GiB, Node ${process.version}; ROUNDS=${ROUNDS} N1=${N1} DURATION=${DURATION}s CLIENTS=${CLIENTS} USERS=${USERS}; checkouts ${CHECKOUTS.map((c) => `${c.label}=${c.dir}`).join(', ')}`);
+out(`Run ${new Date().toISOString().slice(0, 16)}Z; ${cpus().length} cores (${cpus()[0]?.model ?? '?'}), ${Math.round(totalmem() / 2 ** 30)} GiB, Node ${process.version}; ROUNDS=${ROUNDS} N1=${N1} DURATION=${DURATION}s WARMUP=${WARMUP}s CLIENTS=${CLIENTS} USERS=${USERS}; checkouts ${CHECKOUTS.map((c) => `${c.label}=${c.dir}`).join(', ')}`);
 out(`Load average (1 min) at start, each round, end: ${load.map((l) => l[0].toFixed(1)).join(', ')}`);
 out(`Model: ${MODEL_LATENCY_MS ? `${MODEL_LATENCY_MS} ms before its first chunk (MODEL_LATENCY_MS)` : 'zero latency'}${Object.keys(KEEL_ENV).length ? `; KEEL_ENV ${process.env.KEEL_ENV}` : ''}`);
 if (skipped.length) out(`Skipped: ${skipped.join('; ')}`);
@@ -365,11 +404,22 @@ for (const target of targets) {
   if (target === targets.find((t) => pick(t.name, CLIENTS).some((r) => r.parts))) out(`\nc${CLIENTS}, cores used by each part (its CPU ms per completed run), medians: pg = the backends of the target's database, redis = the whole server (shared with anything else on the machine)\n`);
   out(`- ${target.name}: ${names.map((name) => `${name} ${fmt(median(parts.map((p) => p[name].cores)), 2)} (${fmt(median(parts.map((p) => p[name].msPerRun)), 2)})`).join(', ')}`);
 }
+// What bounds a scaled target's throughput: its run slots (workers × RUN_CONCURRENCY), the clients,
+// or neither (then the CPU, or latency): a ratio means something only next to this.
+const scaledTargets = targets.filter((target) => target.slots);
+if (scaledTargets.length) {
+  out(`\nRuns in flight at most: min(run slots = workers × RUN_CONCURRENCY, c${CLIENTS} clients); whole-run p50 at c1 ${N1 > 0 ? 'above' : 'not measured (N1=0)'}`);
+  out();
+  for (const target of scaledTargets) out(`- ${target.name}: ${target.slots} slots → ${target.slots < CLIENTS ? `bound by its slots (${target.slots} runs in flight)` : `bound by the ${CLIENTS} clients, or the CPU, before its slots`}`);
+}
 for (const checkout of CHECKOUTS) {
   const suffix = CHECKOUTS.length > 1 ? `@${checkout.label}` : '';
-  const one = median(pick(`scaled-1${suffix}`, CLIENTS).map((r) => r.rps));
-  const two = median(pick(`scaled-2${suffix}`, CLIENTS).map((r) => r.rps));
-  if (Number.isFinite(one) && Number.isFinite(two)) out(`\nscaled${suffix}: 2 workers / 1 worker at c${CLIENTS} = ${fmt(two / one, 2)}× (target ≥ 1.6×)`);
+  const families = [...new Set(TARGETS.map(scaledTarget).filter(Boolean).map((scaled) => scaled.family))];
+  for (const family of families) {
+    const one = median(pick(`scaled-1${family}${suffix}`, CLIENTS).map((r) => r.rps));
+    const two = median(pick(`scaled-2${family}${suffix}`, CLIENTS).map((r) => r.rps));
+    if (Number.isFinite(one) && Number.isFinite(two)) out(`\nscaled${family}${suffix}: 2 workers / 1 worker at c${CLIENTS} = ${fmt(two / one, 2)}× (target ≥ 1.6×)`);
+  }
 }
 writeFileSync(`${OUT}/summary.md`, `${lines.join('\n')}\n`);
 console.log(`\n${lines.join('\n')}`);

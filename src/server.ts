@@ -3,7 +3,7 @@ import type pino from 'pino';
 
 import { ConfigError, type Settings } from './core/config.js';
 import type { Logger } from './core/logger.js';
-import { createMetrics } from './core/metrics.js';
+import { unservedModelMetrics } from './core/metrics.js';
 import { migrateUp, requireMigrated } from './core/migrate.js';
 import { checkListenAddress, checkRedis, openCheckedDatabase } from './core/preflight.js';
 import { createQueue } from './core/queue.js';
@@ -67,7 +67,7 @@ export async function startWorker(settings: Settings, logger: pino.Logger): Prom
   try {
     await requireMigrated(database);
     const redis = createRedis(settings)!;
-    const agentRuns = await openAgentRuns({ settings, database, logger, redis, queue: createQueue(settings, logger), metrics: createMetrics().models });
+    const agentRuns = await openAgentRuns({ settings, database, logger, redis, queue: createQueue(settings, logger), metrics: unservedModelMetrics() });
     agentRuns.work();
     logger.info({ concurrency: settings.JOB_CONCURRENCY, runConcurrency: settings.RUN_CONCURRENCY }, 'worker started');
     return {

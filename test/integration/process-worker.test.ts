@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -38,6 +38,13 @@ describe.skipIf(!process.env.REDIS_URL)('keel worker', () => {
       await new Promise((done) => setTimeout(done, 100));
     }
     await new Promise((done) => setTimeout(done, 1_000));
+    // Idle, its event loop sleeps: nothing wakes it 100 times a second (a 10 ms event-loop delay
+    // monitor did, for metrics a worker serves to no one). Its main thread's voluntary context
+    // switches are its wake-ups; Redis' blocking pops and the sweeps wake it a few times a second.
+    const wakeups = () => Number(/voluntary_ctxt_switches:\s+(\d+)/.exec(readFileSync(`/proc/${worker.pid}/task/${worker.pid}/status`, 'utf8'))?.[1]);
+    const before = wakeups();
+    await new Promise((done) => setTimeout(done, 2_000));
+    expect(wakeups() - before).toBeLessThan(60);
     const signalled = Date.now();
     worker.process.kill('SIGTERM');
     const { code } = await worker.ended;
