@@ -15,6 +15,7 @@ import { execFileSync } from 'node:child_process';
 import { appendFileSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { cpus, loadavg, totalmem } from 'node:os';
+import { resolve } from 'node:path';
 
 import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, mainThreadCpuMs, median, now, percentile, sleep, start, stop, waitUp } from './lib.mjs';
 
@@ -148,7 +149,8 @@ const targets = [{ name: 'direct', port: PORTS.upstream, path: '/v1/chat/complet
 /** Keel embedded (`start`, PGlite) or on PostgreSQL (`api`, a database of its own) from `checkout`. */
 async function startKeel(name, kind, checkout) {
   const port = PORTS[name];
-  const dataDir = `${process.cwd()}/${OUT}/data-${name}`;
+  // Absolute (the base checkout runs in its own directory), whether OUT_DIR is relative or not.
+  const dataDir = resolve(OUT, `data-${name}`);
   let env;
   if (kind === 'embedded') env = keelEnv(port, { DATA_DIR: dataDir, DATABASE_URL: '' });
   else {

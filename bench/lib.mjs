@@ -65,7 +65,8 @@ export async function waitForLog(file, text, timeoutMs = 60_000) {
 }
 
 export async function waitUp(port, path = '/health') {
-  for (let i = 0; i < 240; i++) {
+  // 3 minutes: a start on a machine shared with other benchmarks can take more than one.
+  for (let i = 0; i < 720; i++) {
     try {
       const response = await fetch(`http://127.0.0.1:${port}${path}`);
       if (response.status < 500) return;

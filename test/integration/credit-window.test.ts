@@ -113,6 +113,26 @@ describe('credit windows', () => {
     await expectSettled(user, 1000 - 24 * 4);
   });
 
+  it('50 concurrent calls through two API nodes (each its own credit windows) against a balance that covers 10: never more', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '100');
+    fake.defaultReply = { text: 'ten', usage: { prompt_tokens: 1, completion_tokens: 10 }, chunkDelayMs: 5 };
+    // Each app is what one API node holds in memory: its own credit windows over the one account row.
+    const other = await buildTestApp(ctx.database, SETTINGS);
+    try {
+      const outcomes = await Promise.allSettled(Array.from({ length: 50 }, (_, i) => (i % 2 ? other : ctx.app).models.chat(billed(user))));
+      const refused = outcomes.filter((o): o is PromiseRejectedResult => o.status === 'rejected');
+      expect(outcomes.filter((o) => o.status === 'fulfilled')).toHaveLength(10);
+      expect(refused.every((o) => o.reason instanceof PaymentRequiredError)).toBe(true);
+      expect(fake.log).toHaveLength(10);
+      await other.meter.idle();
+    } finally {
+      await other.close();
+    }
+    await expectSettled(user, 0);
+    expect(await usageEntries(user)).toBe(10);
+  });
+
   it('a process that stops gives its blocks back', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');
