@@ -1,3 +1,5 @@
+import { setImmediate as nextTurn } from 'node:timers/promises';
+
 import type * as BullMQ from 'bullmq';
 import type { Queue, Worker } from 'bullmq';
 import type { Redis } from 'ioredis';
@@ -83,7 +85,7 @@ class InProcessQueue<R extends JobRegistry> implements JobQueue<R> {
   }
 
   private start(name: string, data: unknown, attempt: number, later = false): void {
-    const run = (later ? new Promise<void>((resolve) => setImmediate(resolve)).then(() => this.attempt(name, data, attempt)) : this.attempt(name, data, attempt)).finally(() => this.running.delete(run));
+    const run = (later ? nextTurn().then(() => this.attempt(name, data, attempt)) : this.attempt(name, data, attempt)).finally(() => this.running.delete(run));
     this.running.add(run);
   }
 

@@ -220,22 +220,7 @@ const endedAndReleased = preparedAnywhere('runs_end_by_worker_released', endByWo
  */
 const endAndHandOn = (release: boolean) => (db: Db, name: string) => {
   const ended = db.$with('ended').as(workerEnd(db, release));
-  const next = db.$with('next').as(
-    db
-      .select()
-      .from(runs)
-      .where(and(eq(runs.thread_id, slot<string>('thread_id')), eq(runs.status, 'queued'), eq(runs.waiting, true), sql`exists (select 1 from ${ended})`))
-      .orderBy(asc(runs.created_at), asc(runs.id))
-      .limit(1)
-      .for('update'),
-  );
-  const idle = db.$with('idle').as(
-    db
-      .update(threads)
-      .set({ status: 'idle' })
-      .where(and(eq(threads.id, slot<string>('thread_id')), sql`exists (select 1 from ${ended})`, sql`not exists (select 1 from ${next})`))
-      .returning({ id: threads.id }),
-  );
+  const { next, idle } = nextOrIdle(db, sql`exists (select 1 from ${ended})`);
   return db.with(ended, next, idle).select().from(ended).leftJoin(next, sql`true`).prepare(name);
 };
 const endedAndHandedOn = preparedAnywhere('runs_end_by_worker_hand_on', endAndHandOn(false));
@@ -254,27 +239,32 @@ export async function endByWorkerAndHandOn(tx: Db, run: Pick<Run, 'id' | 'thread
 }
 
 
+/**
+ * The thread's oldest run waiting behind its active run (locked) and, when there is none, the
+ * thread marked idle: the hand-over, as CTEs; `only` (e.g. that the end before it happened) guards both.
+ */
+function nextOrIdle(db: Db, only?: SQL) {
+  const next = db.$with('next').as(
+    db
+      .select()
+      .from(runs)
+      .where(and(eq(runs.thread_id, slot<string>('thread_id')), eq(runs.status, 'queued'), eq(runs.waiting, true), only))
+      .orderBy(asc(runs.created_at), asc(runs.id))
+      .limit(1)
+      .for('update'),
+  );
+  const idle = db.$with('idle').as(
+    db
+      .update(threads)
+      .set({ status: 'idle' })
+      .where(and(eq(threads.id, slot<string>('thread_id')), only, sql`not exists (select 1 from ${next})`))
+      .returning({ id: threads.id }),
+  );
+  return { next, idle };
+}
+
 const waitingOrIdle = preparedAnywhere('runs_next_waiting_or_idle', (db, name) => {
-  const next = db
-    .$with('next')
-    .as(
-      db
-        .select()
-        .from(runs)
-        .where(and(eq(runs.thread_id, slot<string>('thread_id')), eq(runs.status, 'queued'), eq(runs.waiting, true)))
-        .orderBy(asc(runs.created_at), asc(runs.id))
-        .limit(1)
-        .for('update'),
-    );
-  const idle = db
-    .$with('idle')
-    .as(
-      db
-        .update(threads)
-        .set({ status: 'idle' })
-        .where(and(eq(threads.id, slot<string>('thread_id')), sql`not exists (select 1 from ${next})`))
-        .returning({ id: threads.id }),
-    );
+  const { next, idle } = nextOrIdle(db);
   return db.with(next, idle).select().from(next).prepare(name);
 });
 
