@@ -1,11 +1,11 @@
-import { mkdtempSync, rmSync } from 'node:fs';
+import { cpSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 
 import { PGlite } from '@electric-sql/pglite';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 
 import { loadSettings } from '../../src/core/config.js';
 import { openDatabase } from '../../src/core/db.js';
@@ -24,9 +24,29 @@ const SCHEMA = `
     meta jsonb
   );`;
 
+const copies: string[] = [];
+afterAll(() => {
+  for (const dir of copies) rmSync(dir, { recursive: true, force: true });
+});
+
+/**
+ * A data directory of its own for one database: a copy of the run's migrated PGlite template, which
+ * opens in a third of the CPU of PGlite's initdb (these tests are about the client, not a new
+ * database's creation; PGlite creates one in every process test's first start); 'memory://' when
+ * the run has no template (DATABASE_URL set).
+ */
+function dataDir(): string {
+  const template = inject('templatePgliteDir');
+  if (!template) return 'memory://';
+  const dir = mkdtempSync(join(tmpdir(), 'keel-pglite-client-'));
+  cpSync(template, dir, { recursive: true });
+  copies.push(dir);
+  return dir;
+}
+
 const links: Record<string, () => Promise<PgliteLink>> = {
-  'this thread': async () => inProcessLink(await PGlite.create('memory://')),
-  'a thread of its own': () => openPgliteThread({ dataDir: 'memory://', startParams: [] }),
+  'this thread': async () => inProcessLink(await PGlite.create(dataDir())),
+  'a thread of its own': () => openPgliteThread({ dataDir: dataDir(), startParams: [] }),
 };
 
 // The client must answer exactly as PGlite's own query() does, on every path, wherever PGlite runs.
@@ -38,7 +58,7 @@ describe.each(Object.keys(links))('PgliteStatementClient, PGlite on %s', (where)
   beforeAll(async () => {
     client = await PgliteStatementClient.open(await links[where]!());
     await client.exec(SCHEMA);
-    reference = await PGlite.create('memory://');
+    reference = await PGlite.create(dataDir());
     await reference.exec(SCHEMA);
     // Two databases to open: slow on a loaded machine.
   }, 180_000);
@@ -242,7 +262,7 @@ describe('PGlite on this thread, through the client', () => {
   it('keeps nothing of the replies it answered: memory stays flat over many queries', async () => {
     setFlagsFromString('--expose-gc');
     const gc = runInNewContext('gc') as () => void;
-    const client = await PgliteStatementClient.open(inProcessLink(await PGlite.create('memory://')));
+    const client = await PgliteStatementClient.open(inProcessLink(await PGlite.create(dataDir())));
     try {
       const round = async () => {
         for (let i = 0; i < 10_000; i++) await client.query('select $1::int as i, $2::text as s', [i, 'x']);
@@ -262,7 +282,7 @@ describe('PGlite on this thread, through the client', () => {
 
 describe('PGlite on a thread of its own', () => {
   it('closes after an open transaction commits, refuses queries afterwards, and keeps what it committed', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'keel-pglite-thread-'));
+    const dir = inject('templatePgliteDir') ? dataDir() : mkdtempSync(join(tmpdir(), 'keel-pglite-thread-'));
     try {
       let client = await PgliteStatementClient.open(await openPgliteThread({ dataDir: dir, startParams: [] }));
       await client.exec('create table kept (n int)');
@@ -286,11 +306,11 @@ describe('PGlite on a thread of its own', () => {
   }, 60_000);
 
   it('reports an error opening the database as the thread saw it', async () => {
-    await expect(openPgliteThread({ dataDir: 'memory://', startParams: ['-c', 'no_such_setting_at_all=1'] })).rejects.toThrow();
+    await expect(openPgliteThread({ dataDir: dataDir(), startParams: ['-c', 'no_such_setting_at_all=1'] })).rejects.toThrow();
   }, 60_000);
 
   it('serves openDatabase with pgvector and the session’s settings', async () => {
-    const database = await openDatabase(loadSettings({ PGLITE_DATA_DIR: 'memory://', PGLITE_THREAD: 'true' }));
+    const database = await openDatabase(loadSettings({ PGLITE_DATA_DIR: dataDir(), PGLITE_THREAD: 'true' }));
     try {
       await database.withSession(async (session) => {
         await session.exec('create extension if not exists vector');
