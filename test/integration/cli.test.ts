@@ -4,22 +4,27 @@ import { type AddressInfo, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { readMigrations } from '../../src/core/migrate.js';
 
 import { ADMIN_EMAIL, ADMIN_PASSWORD, cliOn, isSuperuser, jsonLines, login, type Server, stop, token } from '../helpers/cli.js';
-import { freePort, ROOT } from '../helpers/process.js';
+import { freePort, migratedDataDir, ROOT } from '../helpers/process.js';
 
 // The `keel` command line where it meets the runtime, so CI runs this file on every Node it
-// supports: a first start on an empty data directory, signals, prompts at a terminal, standard
-// input that is not one, start-up errors from the network and the file system, argument parsing.
-// What the commands do to the data (migrate down/up, create-superuser's cases, restarts) is the
-// same JavaScript on any Node: cli-data.test.ts, run once.
+// supports: a start, signals, prompts at a terminal, standard input that is not one, start-up
+// errors from the network and the file system, argument parsing. What the commands do to the data
+// (migrate down/up, create-superuser's cases, restarts) is the same JavaScript on any Node:
+// cli-data.test.ts, run once. The data directory starts as a copy of the run's migrated database;
+// a first start on an empty one (initdb, migrations, file modes) is process.test.ts's.
 
 const TAGS = readMigrations().map((m) => m.tag);
 const dataDir = mkdtempSync(join(tmpdir(), 'keel-cli-test-'));
 const { run, atTerminal, start, killLeftovers } = cliOn(dataDir);
+
+beforeAll(async () => {
+  await migratedDataDir(dataDir);
+});
 
 afterAll(() => {
   killLeftovers();
@@ -35,7 +40,7 @@ const status = async () => {
 describe('keel start', () => {
   let server: Server | undefined;
 
-  it('on an empty data directory: creates and migrates the database, serves the API and creates the first superuser', async () => {
+  it('serves the API and creates the first superuser', async () => {
     server = await start();
     const ready = await fetch(`${server.base}/ready`);
     expect(ready.status).toBe(200);
