@@ -99,6 +99,7 @@ export class UsageMeterService implements UsageMeter {
         ttlSeconds: options.settings.BILLING_RESERVATION_TTL_SECONDS,
         idleMs: WINDOW_IDLE_MS,
         onRetired: (block) => this.releaseBlock(block),
+        background: (work) => this.track(work),
       });
     }
   }
@@ -435,8 +436,9 @@ export class UsageMeterService implements UsageMeter {
   /** Resolves once every settlement started so far has run and the buffer has been written. */
   async idle(): Promise<void> {
     this.settleDeferred();
-    this.windows?.retireIdle(true);
     while (this.inFlight.size) await Promise.allSettled([...this.inFlight]);
+    // After the work in flight: a block taken ahead meanwhile goes back too.
+    this.windows?.retireIdle(true);
     await this.flush();
   }
 

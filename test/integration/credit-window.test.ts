@@ -70,6 +70,30 @@ describe('credit windows', () => {
     expect(await usageEntries(user)).toBe(25);
   });
 
+  it('takes the next block ahead, off the calls\' path: sequential calls past several blocks never wait for one', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    // A hold that waits for the database (taking a block) comes back as a promise; one from memory does not.
+    const { meter } = ctx.app;
+    const reserve = meter.reserve.bind(meter);
+    let waited = 0;
+    meter.reserve = (estimate) => {
+      const reservation = reserve(estimate);
+      if (reservation instanceof Promise) waited++;
+      return reservation;
+    };
+    try {
+      // A block of 80 serves ~18 calls of 4 (each held 10): 40 calls run through three blocks.
+      for (let i = 0; i < 40; i++) await ctx.app.models.chat(billed(user));
+    } finally {
+      meter.reserve = reserve;
+    }
+    // Only the first call waited (there was no block yet).
+    expect(waited).toBe(1);
+    await expectSettled(user, 1000 - 40 * 4);
+    expect(await usageEntries(user)).toBe(40);
+  });
+
   it('50 concurrent calls against a balance that covers 30: blocks, then single holds, never more', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '300');
