@@ -275,7 +275,7 @@ export function simpleChatRequest(data: unknown): ChatCompletionRequest | undefi
   if (!nullishNumber(out.temperature, 0, 2) || !nullishNumber(out.top_p, 0, 1)) return undefined;
   if (stop !== undefined && stop !== null && typeof stop !== 'string') {
     if (!Array.isArray(stop) || stop.length > 4 || !stop.every((s) => typeof s === 'string')) return undefined;
-    out.stop = [...(stop as string[])];
+    out.stop = [...(stop)];
   }
   return out as ChatCompletionRequest;
 }

@@ -106,7 +106,7 @@ describe('credit windows', () => {
       const text = dialect.sqlToQuery(query).sql;
       if (/insert into (usage_records|credit_transactions)/.test(text)) writes.push(text);
       return execute(query);
-    }) as typeof db.execute;
+    });
     try {
       for (let i = 0; i < 5; i++) await ctx.app.models.chat(billed(user));
       await ctx.app.meter.flush();

@@ -136,7 +136,7 @@ export function wireMessages(system: string | undefined, messages: readonly Mode
 /** What aborts a non-streamed call: an attempt's timer or its caller (the manager's `Attempt`), without an AbortSignal of its own. */
 export interface AbortLike {
   readonly aborted: boolean;
-  readonly reason: unknown;
+  readonly reason: Error | undefined;
   /** Calls `listener` once when aborted; returns what unsubscribes it. */
   onAbort(listener: () => void): () => void;
 }
@@ -293,12 +293,12 @@ function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOption
     let rawHeaders: Buffer[] = [];
     const chunks: Buffer[] = [];
     let abort: ((reason?: Error) => void) | undefined;
-    if (signal.aborted) return reject(signal.reason as Error);
-    const done = signal.onAbort(() => abort?.(signal.reason as Error));
+    if (signal.aborted) return reject(signal.reason ?? new Error('aborted'));
+    const done = signal.onAbort(() => abort?.(signal.reason));
     dispatcher.dispatch(options, {
       onConnect(abortRequest) {
         abort = abortRequest;
-        if (signal.aborted) abortRequest(signal.reason as Error);
+        if (signal.aborted) abortRequest(signal.reason);
       },
       onHeaders(status, headers) {
         statusCode = status;

@@ -273,11 +273,11 @@ class AttemptTimeout extends Error {}
  */
 class Attempt implements AbortLike {
   aborted = false;
-  reason: unknown;
+  reason: Error | undefined;
   private controller: AbortController | undefined;
   private listeners: (() => void)[] = [];
   private timer: NodeJS.Timeout | undefined;
-  private readonly onCallerAbort = () => this.abort(this.caller?.reason);
+  private readonly onCallerAbort = () => this.abort(this.caller?.reason as Error | undefined);
 
   constructor(
     private readonly caller: AbortSignal | undefined,
@@ -303,7 +303,7 @@ class Attempt implements AbortLike {
     };
   }
 
-  private abort(reason: unknown): void {
+  private abort(reason: Error | undefined): void {
     if (this.aborted) return;
     this.aborted = true;
     this.reason = reason;
