@@ -253,12 +253,16 @@ export async function settle(db: Db, s: Settlement): Promise<void> {
  */
 export async function settleMany(db: Db, batch: readonly Settlement[]): Promise<void> {
   if (batch.length === 1) return settle(db, batch[0]!);
-  const items = `[${batch.map((s) => s.json ?? settlementJson(s)).join(',')}]`;
-  await rows(
-    db,
-    sql`with ${ASYNC_COMMIT},
-        i as (
-          select x.*, e.ord from json_array_elements(${items}::json) with ordinality as e(item, ord),
+  await rows(db, sql`with ${ASYNC_COMMIT}, ${settleCtes(batch)} ${LEDGER_ENTRIES}`);
+}
+
+/** The items as `settleMany`'s one JSON parameter. */
+const settlementItems = (batch: readonly Settlement[]): string => `[${batch.map((s) => s.json ?? settlementJson(s)).join(',')}]`;
+
+/** `settleMany`'s work up to its ledger entries (`e`): reservations released, keys' spend and accounts' balances moved. */
+const settleCtes = (batch: readonly Settlement[]) =>
+  sql`i as (
+          select x.*, e.ord from json_array_elements(${settlementItems(batch)}::json) with ordinality as e(item, ord),
             json_to_record(e.item) as x(rid uuid, part numeric, user_id uuid, api_key_id uuid, project_id uuid, cost numeric, charge_account boolean,
               charge_key boolean, usage_record_id uuid, description text)
         ),
@@ -292,12 +296,11 @@ export async function settleMany(db: Db, batch: readonly Settlement[]): Promise<
           select ir.*, a.balance + coalesce(sum(ir.cost) over (partition by ir.user_id order by ir.ord rows between 1 following and unbounded following), 0) as balance_after
           from ir join a on a.user_id = ir.user_id
           where ir.charge_account
-        )
-        insert into credit_transactions (owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id)
+        )`;
+
+const LEDGER_ENTRIES = sql`insert into credit_transactions (owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id)
         select user_id, 'usage', -cost, balance_after, description, usage_record_id, api_key_id, project_id
-        from e where cost > 0 order by ord`,
-  );
-}
+        from e where cost > 0 order by ord`;
 
 /** Releases every reservation past its expiry (its process died mid-call); returns how many. */
 export async function releaseExpired(db: Db): Promise<number> {
@@ -365,10 +368,33 @@ export const usageRowJson = (row: UsageRow): string => JSON.stringify(row);
  * spend); a row whose user was deleted meanwhile is dropped. Returns how many were written.
  */
 export async function insertUsage(db: Db, batch: readonly (UsageRow | string)[]): Promise<number> {
+  const [row] = await rows<{ written: number }>(db, sql`with ${usageCtes(batch)} select count(*)::int as written from ins`);
+  return Number(row?.written ?? 0);
+}
+
+/**
+ * A flush in one statement: usage records (as `insertUsage`) and settlements (as `settleMany`)
+ * together, so that each flush costs the database one statement and one commit, and a call's
+ * usage record and ledger entry are written together or not at all. Settlements that move a key's
+ * spend go apart (the usage rows may move the same key's, and one statement cannot update a row twice).
+ */
+export async function writeUsage(db: Db, usage: readonly (UsageRow | string)[], settlements: readonly Settlement[]): Promise<void> {
+  if (!settlements.length) {
+    await insertUsage(db, usage);
+    return;
+  }
+  if (!usage.length || settlements.some((s) => s.chargeKey)) {
+    if (usage.length) await insertUsage(db, usage);
+    await settleMany(db, settlements);
+    return;
+  }
+  await rows(db, sql`with ${ASYNC_COMMIT}, ${usageCtes(usage)}, ${settleCtes(settlements)} ${LEDGER_ENTRIES}`);
+}
+
+/** `insertUsage`'s work: `ins` the rows written, `uk` the keys' spend moved by rows with `charge_key`. */
+const usageCtes = (batch: readonly (UsageRow | string)[]) => {
   const json = `[${batch.map((r) => (typeof r === 'string' ? r : usageRowJson(r))).join(',')}]`;
-  const [row] = await rows<{ written: number }>(
-    db,
-    sql`with x as (
+  return sql`x as (
           select * from json_to_recordset(${json}::json) as x(
             id uuid, created_at timestamptz, owner_id uuid, api_key_id uuid, project_id uuid, agent_id uuid, run_id uuid,
             model text, provider text, operation text, input_tokens int, cached_input_tokens int, cache_write_tokens int,
@@ -386,16 +412,13 @@ export async function insertUsage(db: Db, batch: readonly (UsageRow | string)[])
           on conflict (id) do nothing
           returning id, api_key_id, cost
         ),
-        k as (
+        uk as (
           update api_keys t set spent = t.spent + s.total
           from (select ins.api_key_id, sum(ins.cost) as total from ins join x on x.id = ins.id
                 where x.charge_key and ins.api_key_id is not null group by ins.api_key_id) s
           where t.id = s.api_key_id returning 1
-        )
-        select count(*)::int as written from ins`,
-  );
-  return Number(row?.written ?? 0);
-}
+        )`;
+};
 
 export const GROUP_BY = ['model', 'day', 'api_key'] as const;
 export type GroupBy = (typeof GROUP_BY)[number];

@@ -1,5 +1,5 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { type FastifyPluginAsyncZod, validatorCompiler } from 'fastify-type-provider-zod';
 
 import { noteRefusal } from '../core/access-log.js';
 
@@ -12,6 +12,7 @@ import {
   OpenAIModel,
   OpenAIModelList,
   OpenAIModelParams,
+  simpleChatRequest,
 } from '../schemas/openai.js';
 
 import { ModelNotFoundError } from '../modules/ai-models/index.js';
@@ -111,6 +112,15 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
     '/chat/completions',
     {
       bodyLimit: app.settings.GATEWAY_BODY_LIMIT_BYTES,
+      // The usual body is checked by hand (simpleChatRequest); any other, and every invalid one, by Zod.
+      validatorCompiler: (route) => {
+        const zod = validatorCompiler(route as unknown as Parameters<typeof validatorCompiler>[0]);
+        if (route.httpPart !== 'body') return zod;
+        return (data: unknown) => {
+          const simple = simpleChatRequest(data);
+          return simple ? { value: simple } : zod(data);
+        };
+      },
       schema: {
         operationId: 'openai_create_chat_completion',
         summary: 'Create Chat Completion (OpenAI)',

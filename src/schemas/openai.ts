@@ -213,3 +213,69 @@ export const EmbeddingList = z
     usage: z.object({ prompt_tokens: z.number().int(), total_tokens: z.number().int() }),
   })
   .meta({ id: 'EmbeddingList' });
+
+// ==================== The hot route's common body, without Zod ====================
+
+const SIMPLE_ROLES = new Set(['system', 'developer', 'user', 'assistant']);
+/** Keys `simpleChatRequest` checks itself; any other key of the schema (tools, response_format, ...) sends the body to Zod. */
+const SIMPLE_KEYS = new Set(['model', 'messages', 'stream', 'stream_options', 'n', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_p', 'stop']);
+const SCHEMA_KEYS = new Set(Object.keys(ChatCompletionRequest.shape));
+
+const isRecord = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
+const nullishNumber = (value: unknown, min: number, max: number, integer = false): boolean =>
+  value === undefined || value === null || (typeof value === 'number' && value >= min && value <= max && (!integer || Number.isInteger(value)));
+
+/**
+ * The body as `ChatCompletionRequest.parse` returns it, for the shape nearly every call has (text
+ * messages, the sampling settings), checked by hand: Zod's parse was ~2.5 % of a gateway call's
+ * CPU (bench/RESULTS.md). Undefined for anything else — other fields, content parts, tool calls,
+ * and every invalid body — which Zod then parses, so its errors (and their OpenAI `param`) are
+ * unchanged. Keys outside the schema are dropped, as Zod's object drops them.
+ */
+export function simpleChatRequest(data: unknown): ChatCompletionRequest | undefined {
+  if (!isRecord(data)) return undefined;
+  const out: Record<string, unknown> = {};
+  for (const key in data) {
+    if (!SCHEMA_KEYS.has(key)) continue;
+    if (!SIMPLE_KEYS.has(key)) return undefined;
+    out[key] = data[key];
+  }
+  const { model, messages, stream, stream_options: streamOptions, n, stop } = out;
+  if (typeof model !== 'string' || model.length < 1 || model.length > 200) return undefined;
+  if (!Array.isArray(messages) || messages.length < 1) return undefined;
+  const parsed: Record<string, unknown>[] = [];
+  for (const message of messages as unknown[]) {
+    if (!isRecord(message)) return undefined;
+    const { role, content, name } = message;
+    if (typeof role !== 'string' || !SIMPLE_ROLES.has(role) || typeof content !== 'string') return undefined;
+    const copy: Record<string, unknown> = { role, content };
+    for (const key in message) {
+      if (key === 'role' || key === 'content') continue;
+      // Known keys of other shapes (tool_calls, refusal, tool_call_id): Zod's.
+      if (key !== 'name') {
+        if (key === 'tool_calls' || key === 'refusal' || key === 'tool_call_id') return undefined;
+        continue;
+      }
+      if (name === undefined) continue;
+      if (typeof name !== 'string') return undefined;
+      copy.name = name;
+    }
+    parsed.push(copy);
+  }
+  out.messages = parsed;
+  if (stream !== undefined && stream !== null && typeof stream !== 'boolean') return undefined;
+  if (streamOptions !== undefined && streamOptions !== null) {
+    if (!isRecord(streamOptions)) return undefined;
+    const includeUsage = streamOptions.include_usage;
+    if (includeUsage !== undefined && typeof includeUsage !== 'boolean') return undefined;
+    out.stream_options = includeUsage === undefined ? {} : { include_usage: includeUsage };
+  }
+  if (n !== undefined && n !== null && n !== 1) return undefined;
+  if (!nullishNumber(out.max_tokens, 1, 10_000_000, true) || !nullishNumber(out.max_completion_tokens, 1, 10_000_000, true)) return undefined;
+  if (!nullishNumber(out.temperature, 0, 2) || !nullishNumber(out.top_p, 0, 1)) return undefined;
+  if (stop !== undefined && stop !== null && typeof stop !== 'string') {
+    if (!Array.isArray(stop) || stop.length > 4 || !stop.every((s) => typeof s === 'string')) return undefined;
+    out.stop = [...(stop)];
+  }
+  return out as ChatCompletionRequest;
+}

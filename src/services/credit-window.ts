@@ -11,6 +11,13 @@
  * (its row deleted, what is left of it back to `available`). Blocks retire when idle, after half
  * the reservation TTL at most, and at shutdown.
  *
+ * The next block is taken ahead, off the calls' path: when a block has less than a quarter of it
+ * left (or three quarters of its time are gone) the hold that notices starts taking the next one
+ * in the background, so a steady stream of calls never waits for a block (a call that did was ~1 %
+ * of sequential calls: the gateway's p99, bench/RESULTS.md). Taking it retires the old block, whose
+ * rest goes back once its calls have settled. When the account cannot cover the next block the
+ * old one serves on until it is empty, then calls hold per call as before.
+ *
  * Why this never overdraws: a block is taken only when the account covers it, and the block serves
  * at most its own amount. Across processes each takes its own blocks from the same row. A process
  * that dies leaves its block's row, which expires and is released by the sweep like a call's hold.
@@ -18,6 +25,7 @@
  * nearly empty account behaves exactly as without windows.
  */
 import { randomUUID } from 'node:crypto';
+import { setImmediate as setImmediatePromise } from 'node:timers/promises';
 
 import type { Db } from '../core/db.js';
 
@@ -27,8 +35,12 @@ import { costUnits, unitsCost } from '../modules/ai-models/index.js';
 export interface CreditBlock {
   readonly id: string;
   readonly userId: string;
+  /** What the block held when taken, in 10^-12 credits. */
+  readonly size: bigint;
   /** Not yet handed to a call, in 10^-12 credits (`costUnits`: integer arithmetic per call, no Decimals). */
   available: bigint;
+  /** The next block was asked for (taken ahead: see `tryHold`), whatever came of it. */
+  renewing: boolean;
   /** Calls holding from this block that have not settled. */
   outstanding: number;
   retired: boolean;
@@ -45,6 +57,8 @@ export interface CreditWindowOptions {
   idleMs: number;
   /** A block whose calls have all settled after it retired: release its row (queued behind their settlements). */
   onRetired: (block: CreditBlock) => void;
+  /** Work started off the calls' path (taking the next block ahead): the owner tracks it, logs its failure and waits for it at shutdown. */
+  background: (work: Promise<unknown>) => void;
 }
 
 export class CreditWindows {
@@ -69,6 +83,12 @@ export class CreditWindows {
     block.available -= units;
     block.outstanding += 1;
     block.lastUsedAt = now;
+    if (!block.renewing && (block.available < block.size / BigInt(4) || now - block.takenAt > (this.maxAgeMs * 3) / 4)) {
+      block.renewing = true;
+      // After this turn of the event loop (the answer's): on PGlite the statement runs on this thread.
+      const amount = unitsCost(units);
+      this.options.background(setImmediatePromise().then(() => this.refill(userId, amount)));
+    }
     return block;
   }
 
@@ -100,7 +120,7 @@ export class CreditWindows {
     const previous = this.current.get(userId);
     if (previous) this.retire(previous);
     const now = Date.now();
-    this.current.set(userId, { id, userId, available: size, outstanding: 0, retired: false, takenAt: now, lastUsedAt: now });
+    this.current.set(userId, { id, userId, size, available: size, renewing: false, outstanding: 0, retired: false, takenAt: now, lastUsedAt: now });
     return true;
   }
 

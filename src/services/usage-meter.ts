@@ -99,6 +99,7 @@ export class UsageMeterService implements UsageMeter {
         ttlSeconds: options.settings.BILLING_RESERVATION_TTL_SECONDS,
         idleMs: WINDOW_IDLE_MS,
         onRetired: (block) => this.releaseBlock(block),
+        background: (work) => this.track(work),
       });
     }
   }
@@ -381,41 +382,34 @@ export class UsageMeterService implements UsageMeter {
   }
 
   /**
-   * One flush: the buffered usage records, then the window calls' settlements, in statements of at
-   * most USAGE_FLUSH_MAX_ROWS rows, handing the event loop back between statements. On PGlite a
-   * statement runs on this thread: small statements with turns of the loop between them keep a
-   * flush from holding up the answers in flight for more than one statement's time.
+   * One flush: the buffered usage records and the window calls' settlements, together in
+   * statements of at most USAGE_FLUSH_MAX_ROWS of each (`writeUsage`: one statement and one commit
+   * for both), handing the event loop back between statements. On PGlite a statement runs on this
+   * thread: one statement per flush instead of two halves the answers in flight that a flush holds
+   * up (bench/RESULTS.md: the c1 p99), and turns of the loop between statements keep it to one
+   * statement's time each.
    */
   private async writeOnce(): Promise<void> {
     const max = this.settings.USAGE_FLUSH_MAX_ROWS;
     let statements = 0;
-    const between = () => (statements++ ? setImmediatePromise() : undefined);
-    // What is queued now; what calls add meanwhile waits for the next flush (so neither kind starves the other).
-    for (let rows = this.buffer.length; rows > 0 && this.buffer.length; ) {
-      await between();
-      const batch = this.buffer.splice(0, Math.min(max, rows));
-      rows -= batch.length;
+    // What is queued now; what calls add meanwhile waits for the next flush (so a busy process still ends its flush).
+    for (let rows = this.buffer.length, settles = this.windowSettlements.length; (rows > 0 && this.buffer.length) || (settles > 0 && this.windowSettlements.length); ) {
+      if (statements++) await setImmediatePromise();
+      const usage = this.buffer.splice(0, Math.min(max, rows));
+      const settlements = this.windowSettlements.splice(0, Math.min(max, settles));
+      rows -= usage.length;
+      settles -= settlements.length;
       try {
-        await billingCrud.insertUsage(this.db, batch);
+        await billingCrud.writeUsage(this.db, usage, settlements);
       } catch (error) {
-        this.buffer.unshift(...batch);
-        this.log.error({ err: cause(error), pending: this.buffer.length }, 'usage records not written; kept for a retry');
+        this.buffer.unshift(...usage);
+        this.failedSettlements.push(...settlements);
+        this.log.error({ err: cause(error), pending: this.buffer.length, settlements: settlements.length }, 'usage records not written; kept for a retry');
         this.schedule();
         return;
       }
     }
-    // Settlements of window calls, then the blocks retired after them (never in the same statement as their settlements).
-    for (let rows = this.windowSettlements.length; rows > 0 && this.windowSettlements.length; ) {
-      await between();
-      const batch = this.windowSettlements.splice(0, Math.min(max, rows));
-      rows -= batch.length;
-      try {
-        await billingCrud.settleMany(this.db, batch);
-      } catch (error) {
-        this.log.error({ err: cause(error), settlements: batch.length }, 'credit settlement failed; kept for a retry');
-        this.failedSettlements.push(...batch);
-      }
-    }
+    // The blocks retired after the settlements above (never in the same statement as their settlements).
     const releases = this.blockReleases;
     this.blockReleases = [];
     const settlements = [...releases, ...this.failedSettlements];
@@ -435,8 +429,9 @@ export class UsageMeterService implements UsageMeter {
   /** Resolves once every settlement started so far has run and the buffer has been written. */
   async idle(): Promise<void> {
     this.settleDeferred();
-    this.windows?.retireIdle(true);
     while (this.inFlight.size) await Promise.allSettled([...this.inFlight]);
+    // After the work in flight: a block taken ahead meanwhile goes back too.
+    this.windows?.retireIdle(true);
     await this.flush();
   }
 

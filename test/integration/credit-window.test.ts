@@ -4,7 +4,8 @@
  * the balance equal to the ledger's sum, nothing held once the calls have settled, and a crashed
  * process's block released by the expiry sweep without anything released twice.
  */
-import { sql } from 'drizzle-orm';
+import { type SQL, sql } from 'drizzle-orm';
+import { PgDialect } from 'drizzle-orm/pg-core';
 import { beforeEach, describe, expect, it } from 'vitest';
 
 import { PaymentRequiredError } from '../../src/core/errors.js';
@@ -68,6 +69,54 @@ describe('credit windows', () => {
     await Promise.all(Array.from({ length: 20 }, () => ctx.app.models.chat(billed(user))));
     await expectSettled(user, 1000 - 25 * 4);
     expect(await usageEntries(user)).toBe(25);
+  });
+
+  it('takes the next block ahead, off the calls\' path: sequential calls past several blocks never wait for one', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    // A hold that waits for the database (taking a block) comes back as a promise; one from memory does not.
+    const { meter } = ctx.app;
+    const reserve = meter.reserve.bind(meter);
+    let waited = 0;
+    meter.reserve = (estimate) => {
+      const reservation = reserve(estimate);
+      if (reservation instanceof Promise) waited++;
+      return reservation;
+    };
+    try {
+      // A block of 80 serves ~18 calls of 4 (each held 10): 40 calls run through three blocks.
+      for (let i = 0; i < 40; i++) await ctx.app.models.chat(billed(user));
+    } finally {
+      meter.reserve = reserve;
+    }
+    // Only the first call waited (there was no block yet).
+    expect(waited).toBe(1);
+    await expectSettled(user, 1000 - 40 * 4);
+    expect(await usageEntries(user)).toBe(40);
+  });
+
+  it('a flush writes the usage records and the ledger entries of its calls in one statement', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    const { db } = ctx.database;
+    const dialect = new PgDialect();
+    const execute = db.execute.bind(db);
+    const writes: string[] = [];
+    db.execute = ((query: SQL) => {
+      const text = dialect.sqlToQuery(query).sql;
+      if (/insert into (usage_records|credit_transactions)/.test(text)) writes.push(text);
+      return execute(query);
+    });
+    try {
+      for (let i = 0; i < 5; i++) await ctx.app.models.chat(billed(user));
+      await ctx.app.meter.flush();
+    } finally {
+      db.execute = execute;
+    }
+    expect(writes.length).toBeGreaterThan(0);
+    for (const text of writes) expect(text).toMatch(/insert into usage_records[\s\S]*insert into credit_transactions/);
+    await expectSettled(user, 1000 - 5 * 4);
+    expect(await usageEntries(user)).toBe(5);
   });
 
   it('50 concurrent calls against a balance that covers 30: blocks, then single holds, never more', async () => {

@@ -133,6 +133,14 @@ export function wireMessages(system: string | undefined, messages: readonly Mode
   return out;
 }
 
+/** What aborts a non-streamed call: an attempt's timer or its caller (the manager's `Attempt`), without an AbortSignal of its own. */
+export interface AbortLike {
+  readonly aborted: boolean;
+  readonly reason: Error | undefined;
+  /** Calls `listener` once when aborted; returns what unsubscribes it. */
+  onAbort(listener: () => void): () => void;
+}
+
 /** One provider's Chat Completions endpoint: its URL, headers and a keep-alive connection pool. */
 export class ChatWire {
   private readonly url: string;
@@ -158,7 +166,7 @@ export class ChatWire {
   }
 
   /** A non-streamed call. */
-  async generate(call: WireCall, signal: AbortSignal): Promise<WireAnswer> {
+  async generate(call: WireCall, signal: AbortLike): Promise<WireAnswer> {
     let answer: TextAnswer;
     try {
       answer = await dispatchText(this.dispatcher, { origin: this.origin, path: this.path, method: 'POST', headers: this.headers, body: JSON.stringify(call) }, signal);
@@ -279,20 +287,18 @@ interface TextAnswer {
  * answer in a Node stream (and an async resource) that a non-streamed call only reads to the end;
  * a handler of our own keeps the chunks instead. The signal aborts the request as it does there.
  */
-function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOptions, signal: AbortSignal): Promise<TextAnswer> {
+function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOptions, signal: AbortLike): Promise<TextAnswer> {
   return new Promise((resolve, reject) => {
     let statusCode = 0;
     let rawHeaders: Buffer[] = [];
     const chunks: Buffer[] = [];
     let abort: ((reason?: Error) => void) | undefined;
-    const onAbort = () => abort?.(signal.reason as Error);
-    const done = () => signal.removeEventListener('abort', onAbort);
-    if (signal.aborted) return reject(signal.reason as Error);
-    signal.addEventListener('abort', onAbort, { once: true });
+    if (signal.aborted) return reject(signal.reason ?? new Error('aborted'));
+    const done = signal.onAbort(() => abort?.(signal.reason));
     dispatcher.dispatch(options, {
       onConnect(abortRequest) {
         abort = abortRequest;
-        if (signal.aborted) abortRequest(signal.reason as Error);
+        if (signal.aborted) abortRequest(signal.reason);
       },
       onHeaders(status, headers) {
         statusCode = status;

@@ -25,7 +25,7 @@ import {
 import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings } from 'ai/internal';
 
 import type { ModelCatalog } from './catalog.js';
-import { type ChatWire, undeclaredToolCall as wireToolCall, type WireCall, wireMessages } from './chat-wire.js';
+import { type AbortLike, type ChatWire, undeclaredToolCall as wireToolCall, type WireCall, wireMessages } from './chat-wire.js';
 import { computeCost, estimateCost } from './cost.js';
 import { ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, UpstreamError } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
@@ -266,11 +266,18 @@ const directResponseMessages: StreamSource['responseMessages'] = async (text, re
 
 class AttemptTimeout extends Error {}
 
-/** An attempt's signal: the caller's signal plus a timer that `touch()` restarts. */
-class Attempt {
-  readonly controller = new AbortController();
+/**
+ * An attempt's abort: the caller's signal plus a timer that `touch()` restarts. The wire path
+ * listens to it directly (`AbortLike`); an AbortSignal (`signal`, for undici's streams and the SDK)
+ * is made only when asked for — one AbortController less per non-streamed call.
+ */
+class Attempt implements AbortLike {
+  aborted = false;
+  reason: Error | undefined;
+  private controller: AbortController | undefined;
+  private listeners: (() => void)[] = [];
   private timer: NodeJS.Timeout | undefined;
-  private readonly onCallerAbort = () => this.controller.abort(this.caller?.reason);
+  private readonly onCallerAbort = () => this.abort(this.caller?.reason as Error | undefined);
 
   constructor(
     private readonly caller: AbortSignal | undefined,
@@ -281,12 +288,32 @@ class Attempt {
   }
 
   get signal(): AbortSignal {
+    if (!this.controller) {
+      this.controller = new AbortController();
+      if (this.aborted) this.controller.abort(this.reason);
+    }
     return this.controller.signal;
+  }
+
+  onAbort(listener: () => void): () => void {
+    this.listeners.push(listener);
+    return () => {
+      const index = this.listeners.indexOf(listener);
+      if (index >= 0) this.listeners.splice(index, 1);
+    };
+  }
+
+  private abort(reason: Error | undefined): void {
+    if (this.aborted) return;
+    this.aborted = true;
+    this.reason = reason;
+    this.controller?.abort(reason);
+    for (const listener of this.listeners.splice(0)) listener();
   }
 
   touch(): void {
     clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.controller.abort(new AttemptTimeout()), this.timeoutMs);
+    this.timer = setTimeout(() => this.abort(new AttemptTimeout()), this.timeoutMs);
   }
 
   end(): void {
@@ -324,7 +351,7 @@ function findApiCallError(error: unknown): APICallError | undefined {
 
 function classify(error: unknown, attempt: Attempt, caller: AbortSignal | undefined, timeoutMs: number): Classified {
   if (caller?.aborted) return { kind: 'aborted' };
-  if (attempt.signal.aborted && attempt.signal.reason instanceof AttemptTimeout) {
+  if (attempt.aborted && attempt.reason instanceof AttemptTimeout) {
     return { kind: 'retryable', error: new ModelTimeoutError(timeoutMs) };
   }
   const apiError = findApiCallError(error);
@@ -420,7 +447,7 @@ export class ModelManager {
     return this.run(request, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
       const wired = this.wireCall(request, model);
       if (wired) {
-        const reply = await wired.wire.generate(wired.call, attempt.signal);
+        const reply = await wired.wire.generate(wired.call, attempt);
         state.usage = reply.usage;
         return { ...this.outcome(model, state, started), ...answer(reply.text, reply.reasoning, reply.toolCalls), finishReason: reply.finishReason, time_to_first_token_ms: null };
       }
@@ -587,7 +614,7 @@ export class ModelManager {
           attempt.touch();
         }
       }
-      if (attempt.signal.aborted) throw attempt.signal.reason ?? new ModelCallAbortedError();
+      if (attempt.aborted) throw attempt.reason ?? new ModelCallAbortedError();
       state.usage ??= { ...ZERO_USAGE };
       return {
         ...this.outcome(model, state, started),
@@ -680,7 +707,7 @@ export class ModelManager {
           else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: { toolCallId: part.toolCallId, toolName: part.toolName, input: part.input as unknown } };
           else if (part.type === 'finish') yield { type: 'finish', finishReason: part.finishReason, usage: toTokenUsage(part.totalUsage) };
           else if (part.type === 'error') throw part.error;
-          else if (part.type === 'abort') throw attempt.signal.reason ?? new ModelCallAbortedError();
+          else if (part.type === 'abort') throw attempt.reason ?? new ModelCallAbortedError();
           else yield PROGRESS;
         }
       })(),

@@ -1,0 +1,147 @@
+/* global process, console, Buffer, performance */
+// The gateway's tail at 1 client: N1 sequential non-stream `POST /v1/chat/completions` per target,
+// with bench/tail-preload.mjs in Keel recording its garbage collections, database statements and
+// each request's time in the server. Every request slower than the target's p50 + SLOW_MS is put
+// down to what overlapped it in the server (a major or minor GC, a database statement — which — or
+// nothing seen), so what makes the tail is named from in-process evidence, not from timing alone.
+//   node bench/gateway-tail.mjs     (ROUNDS=2 N1=3000 SLOW_MS=1 TARGETS="embedded postgres")
+// BASE_CHECKOUT=<dir> adds `<target>-base` from that checkout (built), interleaved in the rounds.
+// KEEL_NODE_ARGS reaches Keel too (e.g. --trace-gc). Output: bench/out/gateway-tail/ (logs, events).
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, readFileSync, rmSync } from 'node:fs';
+import http from 'node:http';
+import { loadavg } from 'node:os';
+import { resolve } from 'node:path';
+
+import { addCredits, addUpstreamModel, createDatabase, keelEnv, keelNodeArgs, percentile, sleep, start, stop, waitUp } from './lib.mjs';
+
+const ROUNDS = Number(process.env.ROUNDS ?? 2);
+const N1 = Number(process.env.N1 ?? 3000);
+const SLOW_MS = Number(process.env.SLOW_MS ?? 1);
+const TARGETS = (process.env.TARGETS ?? 'embedded postgres').split(/\s+/).filter(Boolean);
+const BASE_CHECKOUT = process.env.BASE_CHECKOUT ?? '';
+const OUT = resolve(process.env.OUT_DIR ?? 'bench/out/gateway-tail');
+const PORT_BASE = Number(process.env.PORT_BASE ?? 8261);
+const PRELOAD = resolve('bench/tail-preload.mjs');
+const MODEL = 'bench-model';
+const wall = () => (performance.timeOrigin + performance.now()) * 1000;
+
+rmSync(OUT, { recursive: true, force: true });
+mkdirSync(OUT, { recursive: true });
+
+const BODY = Buffer.from(JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'Say hello.' }], max_tokens: 16 }));
+
+function once(port, headers, agent) {
+  return new Promise((done) => {
+    const started = wall();
+    const request = http.request({ host: '127.0.0.1', port, path: '/v1/chat/completions', method: 'POST', agent, headers: { ...headers, 'content-type': 'application/json', 'content-length': BODY.length } }, (response) => {
+      response.resume();
+      response.on('end', () => done({ ok: response.statusCode === 200, start: started, end: wall() }));
+    });
+    request.on('error', () => done({ ok: false, start: started, end: wall() }));
+    request.end(BODY);
+  });
+}
+
+const load = [loadavg()[0]];
+const upstreamPort = PORT_BASE;
+const UPSTREAM = `http://127.0.0.1:${upstreamPort}/v1`;
+const upstream = start(OUT, 'upstream', ['bench/fake-upstream.mjs'], { PORT: String(upstreamPort) });
+await waitUp(upstreamPort);
+const targets = [{ name: 'direct', port: upstreamPort, headers: { authorization: 'Bearer sk-bench' }, child: upstream, samples: [] }];
+
+let nextPort = PORT_BASE + 1;
+for (const kind of TARGETS) {
+  for (const [suffix, checkout] of [['', undefined], ...(BASE_CHECKOUT ? [['-base', BASE_CHECKOUT]] : [])]) {
+    const name = `${kind}${suffix}`;
+    const port = nextPort++;
+    const dataDir = resolve(OUT, `data-${name}`);
+    const tailFile = resolve(OUT, `events-${name}.tsv`);
+    let env = { DATA_DIR: dataDir, DATABASE_URL: '', TAIL_FILE: tailFile };
+    if (kind === 'postgres') {
+      env = { ...env, DATABASE_URL: createDatabase(`keel_gwtail_${process.pid}_${name.replace('-', '_')}`) };
+      execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { env: { ...process.env, ...keelEnv(port, env) }, stdio: 'ignore', cwd: checkout });
+    }
+    const child = start(OUT, `keel-${name}`, ['bin/keel.js', kind === 'embedded' ? 'start' : 'api'], keelEnv(port, env), { cwd: checkout, nodeArgs: ['--import', PRELOAD, ...keelNodeArgs()] });
+    await waitUp(port);
+    const admin = await addUpstreamModel(port, UPSTREAM, MODEL);
+    const { key } = await admin.call('POST', '/api-keys', { name: 'bench' });
+    await addCredits(admin, (await admin.call('GET', '/users/me')).id);
+    targets.push({ name, port, headers: { authorization: `Bearer ${key}` }, child, tailFile, samples: [] });
+  }
+}
+
+for (let round = 1; round <= ROUNDS; round++) {
+  load.push(loadavg()[0]);
+  for (const target of targets) {
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    for (let i = 0; i < 300; i++) await once(target.port, target.headers, agent);
+    for (let i = 0; i < N1; i++) {
+      const sample = await once(target.port, target.headers, agent);
+      if (sample.ok) target.samples.push(sample);
+    }
+    agent.destroy();
+    console.log(`round ${round} ${target.name} done`);
+  }
+}
+load.push(loadavg()[0]);
+await Promise.race([stop(targets.filter((t) => t.tailFile).map((t) => t.child)), sleep(20_000)]);
+
+// ==================== Analysis ====================
+
+const BUCKETS = [0.5, 0.75, 1, 1.5, 2, 3, 5, 10, Infinity];
+const histogram = (ms) => BUCKETS.map((edge, i) => ms.filter((v) => v >= (BUCKETS[i - 1] ?? 0) && v < edge).length);
+const ms = (t) => t.samples.map((s) => (s.end - s.start) / 1000).sort((a, b) => a - b);
+console.log(`\nLoad average (1 min): ${load.map((l) => l.toFixed(1)).join(', ')}; ${ROUNDS} rounds × ${N1} requests; slow = p50 + ${SLOW_MS} ms`);
+console.log(`\n| target | p50 ms | p90 | p99 | p99.9 | ${BUCKETS.map((b, i) => `${BUCKETS[i - 1] ?? 0}–${b === Infinity ? '' : b}`).join(' | ')} |`);
+console.log(`| --- | --- | --- | --- | --- | ${BUCKETS.map(() => '---').join(' | ')} |`);
+for (const target of targets) {
+  const all = ms(target);
+  console.log(`| ${target.name} | ${[50, 90, 99, 99.9].map((q) => percentile(all, q).toFixed(3)).join(' | ')} | ${histogram(all).join(' | ')} |`);
+}
+
+for (const target of targets.filter((t) => t.tailFile)) {
+  let events;
+  try {
+    events = readFileSync(target.tailFile, 'utf8').trim().split('\n').map((line) => line.split('\t'));
+  } catch {
+    console.log(`\n${target.name}: no events file`);
+    continue;
+  }
+  const gcs = events.filter((e) => e[0] === 'gc').map(([, s, e, kind]) => ({ s: +s, e: +e, kind }));
+  const dbs = events.filter((e) => e[0] === 'db').map(([, s, e, text]) => ({ s: +s, e: +e, text }));
+  const all = ms(target);
+  const threshold = percentile(all, 50) + SLOW_MS;
+  const slow = target.samples.filter((s) => (s.end - s.start) / 1000 >= threshold);
+  const causes = new Map();
+  const note = (cause, sample) => {
+    const entry = causes.get(cause) ?? { n: 0, extra: 0 };
+    entry.n++;
+    entry.extra += (sample.end - sample.start) / 1000 - percentile(all, 50);
+    causes.set(cause, entry);
+  };
+  // Statements a request runs itself (auth, a hold) are in every request; "other" statements are those
+  // whose span overlaps a slow request's but began before it or are not the request's own kind.
+  for (const sample of slow) {
+    const overlaps = (x) => x.s < sample.end && x.e > sample.start;
+    const gc = gcs.filter(overlaps);
+    const db = dbs.filter(overlaps);
+    const parts = [];
+    for (const g of gc) parts.push(`gc ${g.kind} ${((g.e - g.s) / 1000).toFixed(1)}ms`);
+    const texts = [...new Set(db.map((d) => d.text.replace(/\$\d+/g, '$').slice(0, 40)))];
+    if (texts.length) parts.push(`db: ${texts.join(' + ')}`);
+    note(parts.length ? parts.map((p) => p.replace(/ [\d.]+ms$/, '')).join(' & ') : 'nothing seen', sample);
+  }
+  const loop = events.find((e) => e[0] === 'loop');
+  const gcSummary = ['minor', 'major', 'incremental'].map((kind) => {
+    const of = gcs.filter((g) => g.kind === kind).map((g) => (g.e - g.s) / 1000).sort((a, b) => a - b);
+    return `${kind} ${of.length} (p50 ${(percentile(of, 50) ?? 0).toFixed(2)}, max ${(of.at(-1) ?? 0).toFixed(2)} ms)`;
+  });
+  const perCall = dbs.length / Math.max(1, target.samples.length);
+  console.log(`\n#### ${target.name}: ${slow.length} slow requests (≥ ${threshold.toFixed(2)} ms) of ${target.samples.length}`);
+  console.log(`GCs: ${gcSummary.join('; ')}; statements ${dbs.length} (${perCall.toFixed(2)} per request); event loop delay ${loop ? loop.slice(1).join(' samples, ') : '?'}`);
+  console.log('| overlapping in the server | slow requests | mean extra ms |');
+  console.log('| --- | --- | --- |');
+  for (const [cause, { n, extra }] of [...causes].sort((a, b) => b[1].n - a[1].n).slice(0, 12)) console.log(`| ${cause} | ${n} | ${(extra / n).toFixed(2)} |`);
+}
+process.exit(0);

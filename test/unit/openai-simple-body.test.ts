@@ -1,0 +1,69 @@
+/**
+ * The chat route's hand-written check of the usual body (simpleChatRequest) against Zod's parse of
+ * the schema: for every body it takes it returns exactly what Zod returns, and it takes no body
+ * Zod refuses (those go to Zod, whose errors carry OpenAI's `param`).
+ */
+import { describe, expect, it } from 'vitest';
+
+import { ChatCompletionRequest, simpleChatRequest } from '../../src/schemas/openai.js';
+
+const user = { role: 'user', content: 'Hello' };
+const taken = [
+  { model: 'm', messages: [user] },
+  { model: 'm', messages: [{ role: 'system', content: 'Be brief.' }, { role: 'developer', content: 'x', name: 'dev' }, user, { role: 'assistant', content: 'Hi' }, user] },
+  { model: 'm', messages: [user], max_tokens: 16, temperature: 0.5, top_p: 1, n: 1, stop: ['a', 'b'], stream: true, stream_options: { include_usage: true } },
+  { model: 'm', messages: [user], max_completion_tokens: 10_000_000, temperature: null, top_p: null, stop: 'x', stream: false, stream_options: null, n: null, max_tokens: null },
+  { model: 'm', messages: [{ ...user, extra: 1 }], user: 'someone', seed: 3, frequency_penalty: 0, logit_bias: {} },
+  { model: 'm', messages: [user], stream_options: { include_usage: false, other: 1 } },
+];
+const toZod = [
+  // valid, but not the simple shape
+  { model: 'm', messages: [{ role: 'user', content: [{ type: 'text', text: 'Hi' }] }] },
+  { model: 'm', messages: [user, { role: 'assistant', content: null, tool_calls: [{ id: 'c', type: 'function', function: { name: 'f', arguments: '{}' } }] }, { role: 'tool', content: 'r', tool_call_id: 'c' }] },
+  { model: 'm', messages: [user], tools: [{ type: 'function', function: { name: 'f' } }] },
+  { model: 'm', messages: [user], response_format: { type: 'json_object' } },
+  { model: 'm', messages: [user], metadata: { thread_id: 't' } },
+  { model: 'm', messages: [user], parallel_tool_calls: true },
+  // invalid
+  null,
+  [],
+  'text',
+  {},
+  { model: '', messages: [user] },
+  { model: 'x'.repeat(201), messages: [user] },
+  { model: 1, messages: [user] },
+  { model: 'm', messages: [] },
+  { model: 'm', messages: {} },
+  { model: 'm', messages: [{ role: 'robot', content: 'x' }] },
+  { model: 'm', messages: [{ role: 'user' }] },
+  { model: 'm', messages: [{ role: 'user', content: 3 }] },
+  { model: 'm', messages: [{ role: 'user', content: 'x', name: 3 }] },
+  { model: 'm', messages: [user], max_tokens: 0 },
+  { model: 'm', messages: [user], max_tokens: 1.5 },
+  { model: 'm', messages: [user], max_tokens: 10_000_001 },
+  { model: 'm', messages: [user], max_completion_tokens: '3' },
+  { model: 'm', messages: [user], temperature: 2.1 },
+  { model: 'm', messages: [user], top_p: -0.1 },
+  { model: 'm', messages: [user], n: 2 },
+  { model: 'm', messages: [user], stream: 'yes' },
+  { model: 'm', messages: [user], stream_options: { include_usage: 'yes' } },
+  { model: 'm', messages: [user], stream_options: 'x' },
+  { model: 'm', messages: [user], stop: ['a', 'b', 'c', 'd', 'e'] },
+  { model: 'm', messages: [user], stop: [1] },
+];
+
+describe('simpleChatRequest', () => {
+  it.each(taken.map((body, i) => [i, body] as const))('takes the usual body %i and returns what Zod returns', (_, body) => {
+    const simple = simpleChatRequest(body);
+    expect(simple).toBeDefined();
+    expect(simple).toStrictEqual(ChatCompletionRequest.parse(body));
+  });
+
+  it.each(toZod.map((body, i) => [i, body] as const))('leaves body %i to Zod', (_, body) => {
+    expect(simpleChatRequest(body)).toBeUndefined();
+  });
+
+  it('never takes a body Zod refuses', () => {
+    for (const body of toZod) if (!ChatCompletionRequest.safeParse(body).success) expect(simpleChatRequest(body)).toBeUndefined();
+  });
+});
