@@ -1,13 +1,16 @@
+import { randomUUID } from 'node:crypto';
+
 import { and, asc, eq, inArray, isNotNull, isNull, lt, or, type SQL, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
 
-import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, type NewRun, type Run, runs, type Thread, threads, users } from '../models/index.js';
+import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, messages, type NewRun, type Run, runs, type Thread, threads, users } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
 import { ownedCrud } from './owned.js';
 import { preparedAnywhere } from './prepared.js';
+import { appendedMessageValues } from './thread.js';
 
 /** Runs: their owner's (or any superuser's); a project-scoped key reads and starts its project's. */
 export const runPolicy = definePolicy<Run>({
@@ -47,13 +50,19 @@ const activeOwned = preparedAnywhere('runs_active_owned', (db, name) =>
 /** The columns a start gives; the rest take their defaults. */
 const START_COLUMNS = ['owner_id', 'thread_id', 'project_id', 'api_key_id', 'agent_id', 'agent_version', 'model', 'multitask_strategy', 'waiting', 'input', 'input_message_id'] as const;
 export type NewStartedRun = Pick<NewRun, (typeof START_COLUMNS)[number]>;
-const insertStarted = preparedAnywhere('runs_insert_started', (db, name) =>
-  db
+const startValues = () => Object.fromEntries(START_COLUMNS.map((column) => [column, sql.placeholder(column)])) as unknown as NewRun;
+const insertStarted = preparedAnywhere('runs_insert_started', (db, name) => db.insert(runs).values(startValues()).returning().prepare(name));
+/** The run's input appended to its thread as a user message (appendMessage's insert) and the run pointing at it: one statement. */
+const insertStartedWithInput = preparedAnywhere('runs_insert_started_with_input', (db, name) => {
+  const input = db.$with('input').as(db.insert(messages).values(appendedMessageValues()).returning({ id: messages.id }));
+  return db
+    .with(input)
     .insert(runs)
-    .values(Object.fromEntries(START_COLUMNS.map((column) => [column, sql.placeholder(column)])) as unknown as NewRun)
+    .values({ ...startValues(), input_message_id: sql`(select "id" from ${input})` })
     .returning()
-    .prepare(name),
-);
+    .prepare(name);
+});
+
 /** The owner locked (the active-run limit), then the thread locked and marked busy: one statement, in that lock order. */
 const threadHeldBusy = preparedAnywhere('threads_hold_busy_after_owner', (db, name) => {
   const owner = db.$with('owner').as(db.select({ id: users.id }).from(users).where(eq(users.id, slot<string>('owner_id'))).for('update'));
@@ -87,6 +96,15 @@ export async function ownerActive(tx: Db, ownerId: string, threadId: string, upT
 
 export async function insertRun(tx: Db, values: NewStartedRun): Promise<Run> {
   const [row] = await insertStarted(tx).execute(values);
+  return row!;
+}
+
+/**
+ * Inside a start's transaction that holds the thread's lock (see appendMessage): appends the run's
+ * `input` to the thread as a user message and inserts the run with it as `input_message_id`.
+ */
+export async function insertRunWithInput(tx: Db, values: Omit<NewStartedRun, 'input' | 'input_message_id'> & { input: string }): Promise<Run> {
+  const [row] = await insertStartedWithInput(tx).execute({ ...values, id: randomUUID(), role: 'user', content: values.input, tool_calls: null, tool_call_id: null, run_id: null, metadata: {} });
   return row!;
 }
 

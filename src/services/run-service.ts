@@ -14,7 +14,7 @@ import { agentCrud, agentPolicy, getDefault, versionCrud } from '../crud/agent.j
 import * as billingCrud from '../crud/billing.js';
 import { matching } from '../crud/owned.js';
 import * as runCrud from '../crud/run.js';
-import { appendMessage, appendMessages, threadCrud, threadPolicy } from '../crud/thread.js';
+import { appendMessages, threadCrud, threadPolicy } from '../crud/thread.js';
 import { appendFinalEvent, finishRun, queueRun, type RunDeps, runEvent, runView } from '../modules/agents/run-lifecycle.js';
 import { addCosts, estimateCost } from '../modules/ai-models/index.js';
 import { catalogModel } from './agent-service.js';
@@ -137,8 +137,7 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     }
     const appendInput = !waiting && options.input !== undefined && !options.inputMessageId;
     if (appendInput && options.history?.length) await appendMessages(tx, thread.id, options.history.map((message) => ({ ...message, metadata: {} })));
-    const message = appendInput ? await appendMessage(tx, { thread_id: thread.id, role: 'user', content: options.input!, metadata: {} }) : null;
-    const inserted = await runCrud.insertRun(tx, {
+    const values = {
       owner_id: thread.owner_id,
       thread_id: thread.id,
       project_id: thread.project_id,
@@ -148,9 +147,11 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
       model,
       multitask_strategy: options.strategy,
       waiting,
-      input: options.input ?? null,
-      input_message_id: message?.id ?? options.inputMessageId ?? null,
-    });
+    };
+    // The input becomes the thread's next user message in the run's own insert.
+    const inserted = appendInput
+      ? await runCrud.insertRunWithInput(tx, { ...values, input: options.input! })
+      : await runCrud.insertRun(tx, { ...values, input: options.input ?? null, input_message_id: options.inputMessageId ?? null });
     // Where the log is in this database (embedded), run.queued is stored with the run.
     await deps.bus.events.appendFirst?.(tx, inserted.id, [runEvent(inserted)]);
     return { run: inserted, interrupted };

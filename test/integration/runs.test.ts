@@ -290,7 +290,7 @@ describe('cancel', () => {
 describe('statements per run (embedded)', () => {
   // Each statement is a round trip into PGlite's WebAssembly on the one thread that also serves
   // HTTP: a start and a run's last step send as few as their checks allow (bench/runs.mjs).
-  it.skipIf(Boolean(process.env.DATABASE_URL))('a start locks the owner and the thread in one statement; the answering step locks the thread and fences the run in one', async () => {
+  it.skipIf(Boolean(process.env.DATABASE_URL))('a start locks the owner and the thread in one statement and inserts its input with the run; the answering step locks the thread and fences the run in one', async () => {
     fake.script(MODEL, { chunks: ['Hi'] });
     const { owner, thread } = await setup();
     // Statements by the transaction (or none) they ran in: the client's scope object.
@@ -308,11 +308,12 @@ describe('statements per run (embedded)', () => {
       spy.mockRestore();
     }
     const scopes = [...byScope.values()];
-    const start = scopes.find((texts) => texts.some((text) => text.startsWith('insert into "runs"')))!;
+    const start = scopes.find((texts) => texts.some((text) => text.includes('insert into "runs"')))!;
     const step = scopes.find((texts) => texts.some((text) => text.startsWith('with "ended" as')))!;
-    // The owner and thread locks with the busy mark, the owner's active runs, the input message, the run, run.queued.
-    expect(start).toHaveLength(5);
+    // The owner and thread locks with the busy mark, the owner's active runs, the input message with the run, run.queued.
+    expect(start).toHaveLength(4);
     expect(start[0]).toMatch(/^with "owner" as \(select "id" from "users" .* for update\) update "threads"/);
+    expect(start[2]).toMatch(/^with "input" as \(insert into "messages" .*\) insert into "runs"/);
     // The thread and run locks (the fence), the answer, the end with the hand-over, the events.
     expect(step).toHaveLength(4);
     expect(step[0]).toMatch(/^with "thread" as \(select "id" from "threads" .* for update\) select .* from "runs" .* for update of "runs"/);
