@@ -1,13 +1,16 @@
-import { and, asc, count, eq, inArray, isNotNull, isNull, lt, or, type SQL, sql } from 'drizzle-orm';
+import { randomUUID } from 'node:crypto';
+
+import { and, asc, eq, inArray, isNotNull, isNull, lt, or, type SQL, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
 
-import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, type NewRun, type Run, runs, type Thread, threads } from '../models/index.js';
+import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, messages, type NewRun, type Run, runs, type Thread, threads, users } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
 import { ownedCrud } from './owned.js';
 import { preparedAnywhere } from './prepared.js';
+import { appendedMessageValues } from './thread.js';
 
 /** Runs: their owner's (or any superuser's); a project-scoped key reads and starts its project's. */
 export const runPolicy = definePolicy<Run>({
@@ -31,55 +34,64 @@ const leaseSeconds = (seconds: number | SQL.Aliased | ReturnType<typeof sql.plac
 const slot = <T>(name: string) => sql.placeholder(name) as unknown as T;
 
 // The statements of every run's start, step and end, prepared once (in transactions too): see preparedAnywhere.
-const activeOnThreadLocked = preparedAnywhere('runs_active_on_thread_locked', (db, name) =>
+/**
+ * A user's queued and running runs, up to `up_to` (the per-user limit): how many, and which of
+ * them holds a thread. Read under the thread's lock (a new snapshot after it), which every change
+ * of a thread's active run takes, so the thread's active run among them is current.
+ */
+const activeOwned = preparedAnywhere('runs_active_owned', (db, name) =>
   db
-    .select()
-    .from(runs)
-    .where(and(eq(runs.thread_id, slot<string>('thread_id')), active, eq(runs.waiting, false)))
-    .for('update')
-    .prepare(name),
-);
-const activeOwnedCount = preparedAnywhere('runs_active_owned_count', (db, name) => {
-  const capped = db
-    .select({ one: sql`1` })
+    .select({ id: runs.id, thread_id: runs.thread_id, status: runs.status, waiting: runs.waiting })
     .from(runs)
     .where(and(eq(runs.owner_id, slot<string>('owner_id')), active))
     .limit(slot<number>('up_to'))
-    .as('capped');
-  return db.select({ value: count() }).from(capped).prepare(name);
-});
+    .prepare(name),
+);
 /** The columns a start gives; the rest take their defaults. */
 const START_COLUMNS = ['owner_id', 'thread_id', 'project_id', 'api_key_id', 'agent_id', 'agent_version', 'model', 'multitask_strategy', 'waiting', 'input', 'input_message_id'] as const;
 export type NewStartedRun = Pick<NewRun, (typeof START_COLUMNS)[number]>;
-const insertStarted = preparedAnywhere('runs_insert_started', (db, name) =>
-  db
+const startValues = () => Object.fromEntries(START_COLUMNS.map((column) => [column, sql.placeholder(column)])) as unknown as NewRun;
+const insertStarted = preparedAnywhere('runs_insert_started', (db, name) => db.insert(runs).values(startValues()).returning().prepare(name));
+/** The run's input appended to its thread as a user message (appendMessage's insert) and the run pointing at it: one statement. */
+const insertStartedWithInput = preparedAnywhere('runs_insert_started_with_input', (db, name) => {
+  const input = db.$with('input').as(db.insert(messages).values(appendedMessageValues()).returning({ id: messages.id }));
+  return db
+    .with(input)
     .insert(runs)
-    .values(Object.fromEntries(START_COLUMNS.map((column) => [column, sql.placeholder(column)])) as unknown as NewRun)
+    .values({ ...startValues(), input_message_id: sql`(select "id" from ${input})` })
     .returning()
-    .prepare(name),
-);
-const threadHeldBusy = preparedAnywhere('threads_hold_busy', (db, name) =>
-  db
+    .prepare(name);
+});
+
+/** The owner locked (the active-run limit), then the thread locked and marked busy: one statement, in that lock order. */
+const threadHeldBusy = preparedAnywhere('threads_hold_busy_after_owner', (db, name) => {
+  const owner = db.$with('owner').as(db.select({ id: users.id }).from(users).where(eq(users.id, slot<string>('owner_id'))).for('update'));
+  return db
+    .with(owner)
     .update(threads)
     .set({ status: 'busy' })
-    .where(eq(threads.id, slot<string>('id')))
+    .where(and(eq(threads.id, slot<string>('id')), sql`exists (select 1 from ${owner})`))
     .returning()
-    .prepare(name),
-);
+    .prepare(name);
+});
 
 /** Runs of the caller that are queued or running (`where`: the access policy's condition). */
 export const activeFilter = active;
 
-/** The thread's run that holds it (queued or running, not waiting), locked. */
-export async function lockActiveOnThread(tx: Db, threadId: string): Promise<Run | undefined> {
-  const [row] = await activeOnThreadLocked(tx).execute({ thread_id: threadId });
-  return row;
+/** What a start needs of the owner's active runs: how many (up to `upTo`), and the one that holds the thread. */
+export interface OwnerActive {
+  count: number;
+  onThread: Pick<Run, 'id' | 'status'> | undefined;
 }
 
-/** Queued or running runs of a user, up to `upTo` (the per-user limit). */
-export async function countActiveOwnedBy(db: Db, ownerId: string, upTo: number): Promise<number> {
-  const [row] = await activeOwnedCount(db).execute({ owner_id: ownerId, up_to: upTo });
-  return row?.value ?? 0;
+/**
+ * Inside a start's transaction, after holdThreadBusy (the owner's and the thread's locks): the
+ * owner's queued or running runs up to `upTo`, and the thread's active run among them (a thread's
+ * runs are its owner's). Beyond the limit the caller refuses the start, whichever thread is busy.
+ */
+export async function ownerActive(tx: Db, ownerId: string, threadId: string, upTo: number): Promise<OwnerActive> {
+  const rows = await activeOwned(tx).execute({ owner_id: ownerId, up_to: upTo });
+  return { count: rows.length, onThread: rows.find((row) => row.thread_id === threadId && !row.waiting) };
 }
 
 export async function insertRun(tx: Db, values: NewStartedRun): Promise<Run> {
@@ -88,12 +100,22 @@ export async function insertRun(tx: Db, values: NewStartedRun): Promise<Run> {
 }
 
 /**
- * Inside a start's transaction: locks the thread and marks it busy in one statement (every start
- * that succeeds leaves it busy: its run, or the one it waits behind, holds it). Undefined when the
- * thread is gone; the caller checks its access to the row.
+ * Inside a start's transaction that holds the thread's lock (see appendMessage): appends the run's
+ * `input` to the thread as a user message and inserts the run with it as `input_message_id`.
  */
-export async function holdThreadBusy(tx: Db, threadId: string): Promise<Thread | undefined> {
-  const [row] = await threadHeldBusy(tx).execute({ id: threadId });
+export async function insertRunWithInput(tx: Db, values: Omit<NewStartedRun, 'input' | 'input_message_id'> & { input: string }): Promise<Run> {
+  const [row] = await insertStartedWithInput(tx).execute({ ...values, id: randomUUID(), role: 'user', content: values.input, tool_calls: null, tool_call_id: null, run_id: null, metadata: {} });
+  return row!;
+}
+
+/**
+ * Inside a start's transaction: locks the thread's owner (the active-run limit), then the thread,
+ * and marks the thread busy, in one statement (every start that succeeds leaves it busy: its run,
+ * or the one it waits behind, holds it). Undefined when the thread is gone; the caller checks its
+ * access to the row.
+ */
+export async function holdThreadBusy(tx: Db, ownerId: string, threadId: string): Promise<Thread | undefined> {
+  const [row] = await threadHeldBusy(tx).execute({ owner_id: ownerId, id: threadId });
   return row;
 }
 
@@ -139,18 +161,23 @@ export async function renewLease(db: Db, runId: string, workerId: string, lease:
   return rows.length === 1;
 }
 
-/** Inside a step's transaction: the run, locked, if `workerId` still holds it running (the fence of every write). */
-const heldLocked = preparedAnywhere('runs_held_locked', (db, name) =>
-  db
+/**
+ * Inside a step's transaction: the run's thread locked, then the run, locked, if `workerId` still
+ * holds it running (the fence of every write), in one statement and that lock order (thread, then run).
+ */
+const heldLocked = preparedAnywhere('runs_held_locked_with_thread', (db, name) => {
+  const thread = db.$with('thread').as(db.select({ id: threads.id }).from(threads).where(eq(threads.id, slot<string>('thread_id'))).for('update'));
+  return db
+    .with(thread)
     .select()
     .from(runs)
-    .where(and(eq(runs.id, slot<string>('run_id')), eq(runs.status, 'running'), eq(runs.lease_owner, slot<string>('worker_id'))))
-    .for('update')
-    .prepare(name),
-);
+    .where(and(eq(runs.id, slot<string>('run_id')), eq(runs.status, 'running'), eq(runs.lease_owner, slot<string>('worker_id')), sql`exists (select 1 from ${thread})`))
+    .for('update', { of: runs })
+    .prepare(name);
+});
 
-export async function lockHeld(tx: Db, runId: string, workerId: string): Promise<Run | undefined> {
-  const [row] = await heldLocked(tx).execute({ run_id: runId, worker_id: workerId });
+export async function lockHeld(tx: Db, run: Pick<Run, 'id' | 'thread_id'>, workerId: string): Promise<Run | undefined> {
+  const [row] = await heldLocked(tx).execute({ run_id: run.id, thread_id: run.thread_id, worker_id: workerId });
   return row;
 }
 

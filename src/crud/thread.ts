@@ -39,30 +39,31 @@ constraintAnswers({ threads_project_id_projects_id_fk: { status: 404, detail: 'P
  */
 export async function appendMessage(tx: Db, values: Omit<NewMessage, 'seq'>): Promise<Message> {
   const { id = randomUUID(), thread_id, role, content, tool_calls = null, tool_call_id = null, run_id = null, metadata } = values;
-  // A run's start and every step append one: prepared (the thread's last seq + 1, as appendMessages gives).
   const [message] = await oneAppended(tx).execute({ id, thread_id, role, content, tool_calls: tool_calls === null ? null : JSON.stringify(tool_calls), tool_call_id, run_id, metadata: metadata ?? {} });
   return message!;
 }
 
 const placeholder = <T>(name: string) => sql.placeholder(name) as unknown as T;
-const oneAppended = preparedAnywhere('messages_append_one', (db, name) =>
-  db
-    .insert(messages)
-    .values({
-      id: placeholder('id'),
-      thread_id: placeholder('thread_id'),
-      seq: sql`(select coalesce(max(${messages.seq}), 0) + 1 from ${messages} where ${messages.thread_id} = ${sql.placeholder('thread_id')})`,
-      role: placeholder('role'),
-      content: placeholder('content'),
-      // SQL null when there are none (a jsonb parameter would store JSON null).
-      tool_calls: sql`${sql.placeholder('tool_calls')}::jsonb`,
-      tool_call_id: placeholder('tool_call_id'),
-      run_id: placeholder('run_id'),
-      metadata: placeholder('metadata'),
-    })
-    .returning()
-    .prepare(name),
-);
+/**
+ * One message's values as parameters (`id`, `thread_id`, `role`, `content`, `tool_calls` as JSON
+ * text or null, `tool_call_id`, `run_id`, `metadata`), its seq the thread's last + 1: what
+ * appendMessage inserts, for statements that insert a message with something else.
+ */
+export const appendedMessageValues = () => ({
+  id: placeholder<string>('id'),
+  thread_id: placeholder<string>('thread_id'),
+  seq: sql`(select coalesce(max(${messages.seq}), 0) + 1 from ${messages} where ${messages.thread_id} = ${sql.placeholder('thread_id')})` as unknown as number,
+  role: placeholder<Message['role']>('role'),
+  content: placeholder<string>('content'),
+  // SQL null when there are none (a jsonb parameter would store JSON null).
+  tool_calls: sql`${sql.placeholder('tool_calls')}::jsonb` as unknown as null,
+  tool_call_id: placeholder<string | null>('tool_call_id'),
+  run_id: placeholder<string | null>('run_id'),
+  metadata: placeholder<Message['metadata']>('metadata'),
+});
+
+// A run's start and every step append one: prepared (the thread's last seq + 1, as appendMessages gives).
+const oneAppended = preparedAnywhere('messages_append_one', (db, name) => db.insert(messages).values(appendedMessageValues()).returning().prepare(name));
 
 /** Appends messages in this order in one statement, under the same lock as `appendMessage`. */
 export async function appendMessages(tx: Db, threadId: string, values: readonly Omit<NewMessage, 'seq' | 'thread_id'>[]): Promise<Message[]> {

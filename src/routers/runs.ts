@@ -218,22 +218,26 @@ function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: strin
   streams.add(controller);
   const leave = () => controller.abort();
   raw.on('close', leave);
-  raw.write(': connected\n\n');
-  const keepAlive = setInterval(() => raw.write(': keep-alive\n\n'), settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000);
-  // Events that arrive together (a model's burst of deltas, a step's messages) go out in one write.
+  // Events that arrive together (a model's burst of deltas, a step's messages) go out in one write;
+  // the headers and the first comment go with the events the reader replays at once.
   let corked = false;
   const uncork = () => {
     corked = false;
     raw.uncork();
   };
+  const corkOnce = () => {
+    if (corked) return;
+    corked = true;
+    raw.cork();
+    process.nextTick(uncork);
+  };
+  corkOnce();
+  raw.write(': connected\n\n');
+  const keepAlive = setInterval(() => raw.write(': keep-alive\n\n'), settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000);
   void (async () => {
     try {
       for await (const event of runs.bus.events.read(runId, after, controller.signal)) {
-        if (!corked) {
-          corked = true;
-          raw.cork();
-          process.nextTick(uncork);
-        }
+        corkOnce();
         if (!raw.write(frame(event))) await drained(raw, controller.signal);
       }
     } catch (error) {

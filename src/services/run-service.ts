@@ -14,8 +14,7 @@ import { agentCrud, agentPolicy, getDefault, versionCrud } from '../crud/agent.j
 import * as billingCrud from '../crud/billing.js';
 import { matching } from '../crud/owned.js';
 import * as runCrud from '../crud/run.js';
-import { appendMessage, appendMessages, threadCrud, threadPolicy } from '../crud/thread.js';
-import * as userCrud from '../crud/user.js';
+import { appendMessages, threadCrud, threadPolicy } from '../crud/thread.js';
 import { appendFinalEvent, finishRun, queueRun, type RunDeps, runEvent, runView } from '../modules/agents/run-lifecycle.js';
 import { addCosts, estimateCost } from '../modules/ai-models/index.js';
 import { catalogModel } from './agent-service.js';
@@ -119,14 +118,14 @@ type Interrupted = Run | undefined;
 async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_id: ownerId }: Pick<Thread, 'id' | 'owner_id'>, { agent, model }: RunPlan, options: StartOptions): Promise<Run> {
   const { principal, settings } = ctx;
   const { run, interrupted } = await transaction(ctx.db, async (tx) => {
-    // Lock order: the user (the active-run limit), then the thread, then its runs.
-    await userCrud.lockForUpdate(tx, ownerId);
-    if ((await runCrud.countActiveOwnedBy(tx, ownerId, settings.MAX_ACTIVE_RUNS_PER_USER)) >= settings.MAX_ACTIVE_RUNS_PER_USER) {
+    // Lock order: the user (the active-run limit), then the thread, in one statement; the thread
+    // marked busy with it (a refused start rolls it back). Then its runs, read under those locks.
+    const thread = threadPolicy.check(principal, await runCrud.holdThreadBusy(tx, ownerId, threadId), 'write');
+    const owned = await runCrud.ownerActive(tx, ownerId, thread.id, settings.MAX_ACTIVE_RUNS_PER_USER);
+    if (owned.count >= settings.MAX_ACTIVE_RUNS_PER_USER) {
       throw new TooManyRequestsError(5, `Too many active runs: at most ${settings.MAX_ACTIVE_RUNS_PER_USER} may be queued or running per user (MAX_ACTIVE_RUNS_PER_USER); wait for one to end or cancel one`);
     }
-    // The thread, locked and marked busy in one statement (a refused start rolls it back).
-    const thread = threadPolicy.check(principal, await runCrud.holdThreadBusy(tx, threadId), 'write');
-    const active = await runCrud.lockActiveOnThread(tx, thread.id);
+    const active = owned.onThread;
     let waiting = false;
     let interrupted: Interrupted;
     if (active) {
@@ -138,8 +137,7 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     }
     const appendInput = !waiting && options.input !== undefined && !options.inputMessageId;
     if (appendInput && options.history?.length) await appendMessages(tx, thread.id, options.history.map((message) => ({ ...message, metadata: {} })));
-    const message = appendInput ? await appendMessage(tx, { thread_id: thread.id, role: 'user', content: options.input!, metadata: {} }) : null;
-    const inserted = await runCrud.insertRun(tx, {
+    const values = {
       owner_id: thread.owner_id,
       thread_id: thread.id,
       project_id: thread.project_id,
@@ -149,9 +147,11 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
       model,
       multitask_strategy: options.strategy,
       waiting,
-      input: options.input ?? null,
-      input_message_id: message?.id ?? options.inputMessageId ?? null,
-    });
+    };
+    // The input becomes the thread's next user message in the run's own insert.
+    const inserted = appendInput
+      ? await runCrud.insertRunWithInput(tx, { ...values, input: options.input! })
+      : await runCrud.insertRun(tx, { ...values, input: options.input ?? null, input_message_id: options.inputMessageId ?? null });
     // Where the log is in this database (embedded), run.queued is stored with the run.
     await deps.bus.events.appendFirst?.(tx, inserted.id, [runEvent(inserted)]);
     return { run: inserted, interrupted };

@@ -3,6 +3,8 @@ import { type AddressInfo, connect } from 'node:net';
 import { eq } from 'drizzle-orm';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 
+import { PgliteStatementClient } from '../../src/core/pglite-client.js';
+
 import { messages, runEvents, runs, threads } from '../../src/models/index.js';
 
 import { RedisRunEventLog } from '../../src/modules/agents/redis-run-events.js';
@@ -282,6 +284,39 @@ describe('cancel', () => {
     expect(fake.requestsFor(MODEL)).toHaveLength(1);
     // Its input never became a message: it never held the thread.
     expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['one', 'a b c']);
+  });
+});
+
+describe('statements per run (embedded)', () => {
+  // Each statement is a round trip into PGlite's WebAssembly on the one thread that also serves
+  // HTTP: a start and a run's last step send as few as their checks allow (bench/runs.mjs).
+  it.skipIf(Boolean(process.env.DATABASE_URL))('a start locks the owner and the thread in one statement and inserts its input with the run; the answering step locks the thread and fences the run in one', async () => {
+    fake.script(MODEL, { chunks: ['Hi'] });
+    const { owner, thread } = await setup();
+    // Statements by the transaction (or none) they ran in: the client's scope object.
+    const byScope = new Map<unknown, string[]>();
+    const client = PgliteStatementClient.prototype as unknown as { run: (scope: unknown, text: string, ...rest: unknown[]) => unknown };
+    const original = client.run;
+    const spy = vi.spyOn(client, 'run').mockImplementation(function (this: unknown, scope, text, ...rest) {
+      byScope.set(scope, [...(byScope.get(scope) ?? []), text.replace(/\s+/g, ' ')]);
+      return original.call(this, scope, text, ...rest);
+    });
+    try {
+      const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'Hi there' });
+      await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+    } finally {
+      spy.mockRestore();
+    }
+    const scopes = [...byScope.values()];
+    const start = scopes.find((texts) => texts.some((text) => text.includes('insert into "runs"')))!;
+    const step = scopes.find((texts) => texts.some((text) => text.startsWith('with "ended" as')))!;
+    // The owner and thread locks with the busy mark, the owner's active runs, the input message with the run, run.queued.
+    expect(start).toHaveLength(4);
+    expect(start[0]).toMatch(/^with "owner" as \(select "id" from "users" .* for update\) update "threads"/);
+    expect(start[2]).toMatch(/^with "input" as \(insert into "messages" .*\) insert into "runs"/);
+    // The thread and run locks (the fence), the answer, the end with the hand-over, the events.
+    expect(step).toHaveLength(4);
+    expect(step[0]).toMatch(/^with "thread" as \(select "id" from "threads" .* for update\) select .* from "runs" .* for update of "runs"/);
   });
 });
 

@@ -24,7 +24,7 @@ import { appendMessage } from '../../crud/thread.js';
 import { addCosts, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, OrderedAppends } from './run-bus.js';
-import { appendFinalEvent, endInTransaction, finishRun, lockThread, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
+import { appendFinalEvent, endInTransaction, finishRun, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
 import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, type ToolImplementations, type ToolSource } from './tools.js';
 
 // ==================== Why a run stops ====================
@@ -346,9 +346,8 @@ export class AgentRunner {
       const within = toolCalls.length ? undefined : bus.events.appendWithin?.bind(bus.events);
       const writeStep = (store?: (tx: Db, events: readonly NewRunEvent[]) => Promise<unknown>) =>
         transaction(deps.db, async (tx) => {
-          await lockThread(tx, run.thread_id);
-          // The fence: only the worker holding the run, still running, writes its step.
-          const held = await runCrud.lockHeld(tx, run.id, this.workerId);
+          // The thread's lock, then the fence: only the worker holding the run, still running, writes its step.
+          const held = await runCrud.lockHeld(tx, run, this.workerId);
           if (!held) return null;
           const assistant = await appendMessage(tx, { id: messageId, thread_id: run.thread_id, role: 'assistant', content: result.text, tool_calls: toolCalls.length ? toolCalls : null, run_id: run.id, metadata: { step, model: result.model, ...citations } });
           const toolMessages: Message[] = [];
