@@ -9,6 +9,8 @@ import http from 'node:http';
 import { createRequire } from 'node:module';
 import { constants, monitorEventLoopDelay, PerformanceObserver } from 'node:perf_hooks';
 
+import { hookStatements } from './statement-hooks.mjs';
+
 const require = createRequire(`${process.cwd()}/`);
 const lines = [];
 const wall = (t = performance.now()) => Math.round((performance.timeOrigin + t) * 1000);
@@ -22,47 +24,12 @@ new PerformanceObserver((list) => {
 const delay = monitorEventLoopDelay({ resolution: 1 });
 delay.enable();
 
-const statement = (kind, text, started, promise) => {
-  const what = short(text);
-  const end = () => lines.push(`db\t${started}\t${wall()}\t${kind} ${what}`);
-  promise?.then?.(end, end);
-};
 
-try {
-  const pg = require('pg');
-  const query = pg.Client.prototype.query;
-  pg.Client.prototype.query = function (config, values, callback) {
-    const text = typeof config === 'string' ? config : (config?.text ?? config?.name);
-    const started = wall();
-    // pg.Pool's query passes a callback (values may be left out).
-    if (typeof values === 'function') [values, callback] = [undefined, values];
-    if (typeof callback === 'function') {
-      let end;
-      statement('pg', text, started, new Promise((resolve) => (end = resolve)));
-      return query.call(this, config, values, (...a) => (end(), callback(...a)));
-    }
-    const result = query.call(this, config, values);
-    statement('pg', text, started, result);
-    return result;
-  };
-} catch {
-  // not loaded here
-}
-try {
-  const { PgliteStatementClient } = await import(`${process.cwd()}/dist/core/pglite-client.js`);
-  for (const method of ['run', 'simple']) {
-    const original = PgliteStatementClient.prototype[method];
-    PgliteStatementClient.prototype[method] = function (scope, text, ...rest) {
-      // PGlite may run the statement before returning (on this thread): the start is taken first.
-      const started = wall();
-      const result = original.call(this, scope, text, ...rest);
-      statement('pglite', text, started, result);
-      return result;
-    };
-  }
-} catch {
-  // another layout, or not built
-}
+await hookStatements(require, (kind, text) => {
+  const started = wall();
+  const what = short(text);
+  return () => lines.push(`db\t${started}\t${wall()}\t${kind} ${what}`);
+});
 
 const serverEmit = http.Server.prototype.emit;
 http.Server.prototype.emit = function (name, req, res, ...rest) {

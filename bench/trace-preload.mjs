@@ -6,6 +6,8 @@ import { openSync, writeSync } from 'node:fs';
 import http from 'node:http';
 import { createRequire } from 'node:module';
 
+import { hookStatements } from './statement-hooks.mjs';
+
 const require = createRequire(`${process.cwd()}/`);
 const fd = openSync(process.env.TRACE_FILE, 'a');
 const role = process.env.TRACE_ROLE ?? String(process.pid);
@@ -20,38 +22,12 @@ process.on('exit', flush);
 
 const short = (text) => String(text).replace(/\s+/g, ' ').slice(0, 70);
 
-try {
-  const pg = require('pg');
-  const query = pg.Client.prototype.query;
-  pg.Client.prototype.query = function (config, values, callback) {
-    const text = short(typeof config === 'string' ? config : config?.text ?? config?.name);
-    log(`pg> ${text}`);
-    if (typeof callback === 'function') return query.call(this, config, values, (...a) => (log(`pg< ${text}`), callback(...a)));
-    if (typeof values === 'function') return query.call(this, config, (...a) => (log(`pg< ${text}`), values(...a)));
-    const result = query.call(this, config, values);
-    if (result && typeof result.then === 'function') result.then(() => log(`pg< ${text}`), () => log(`pg! ${text}`));
-    return result;
-  };
-} catch {
-  // not loaded here
-}
-
-// Embedded: PGlite through Keel's wire-protocol client (the same module instance the app loads).
-try {
-  const { PgliteStatementClient } = await import(`${process.cwd()}/dist/core/pglite-client.js`);
-  for (const method of ['run', 'simple']) {
-    const original = PgliteStatementClient.prototype[method];
-    PgliteStatementClient.prototype[method] = function (scope, text, ...rest) {
-      const what = short(text);
-      log(`pglite> ${what}`);
-      const result = original.call(this, scope, text, ...rest);
-      result.then(() => log(`pglite< ${what}`), () => log(`pglite! ${what}`));
-      return result;
-    };
-  }
-} catch {
-  // another checkout's layout, or not built
-}
+// PostgreSQL (pg) and embedded PGlite (Keel's wire-protocol client, the module instance the app loads).
+await hookStatements(require, (kind, text) => {
+  const what = short(text);
+  log(`${kind}> ${what}`);
+  return (failed) => log(`${kind}${failed ? '!' : '<'} ${what}`);
+});
 
 try {
   const { Redis } = require('ioredis');
