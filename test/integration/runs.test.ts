@@ -355,6 +355,41 @@ describe('one active run per thread', () => {
     expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['old', 'new', 'fresh']);
   });
 
+  it('starts racing on the same threads, while runs finish, never fail or leave a thread busy', async () => {
+    // Two enqueued starts at once on each of three threads, round after round, while the runs
+    // before them hand the thread over: every start is accepted (or told 429 by the per-user cap and
+    // retried), every run completes, each answer follows its own input, and every thread ends idle.
+    const users = await Promise.all([setup(), setup(), setup()]);
+    const started: { owner: TestUser; runId: string }[] = [];
+    async function start(owner: TestUser, threadId: string, input: string): Promise<void> {
+      for (;;) {
+        const response = await api('POST', `/threads/${threadId}/runs`, owner.headers, { input, multitask_strategy: 'enqueue' });
+        if (response.statusCode === 429) {
+          await sleep(20);
+          continue;
+        }
+        expect(response.statusCode, response.body).toBe(202);
+        started.push({ owner, runId: response.json<RunBody>().id });
+        return;
+      }
+    }
+    await Promise.all(
+      users.map(async ({ owner, thread }, u) => {
+        for (let round = 0; round < 5; round += 1) {
+          await Promise.all([start(owner, thread.id, `u${u} r${round} a`), start(owner, thread.id, `u${u} r${round} b`)]);
+          await sleep(round * 3);
+        }
+      }),
+    );
+    expect(started).toHaveLength(30);
+    for (const { owner, runId } of started) expect((await waitForRun(ctx.app, owner.headers, runId, ['completed', 'failed', 'cancelled'])).status).toBe('completed');
+    for (const { owner, thread } of users) {
+      expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
+      const roles = (await threadMessages(owner, thread.id)).map((m) => m.role);
+      expect(roles).toEqual(Array.from({ length: 20 }, (_, i) => (i % 2 === 0 ? 'user' : 'assistant')));
+    }
+  });
+
   it('the database refuses a second active run on a thread, whatever the code does', async () => {
     const { owner, thread } = await setup();
     fake.script(MODEL, { chunks: ['a ', 'b'], chunkDelayMs: 100 });
