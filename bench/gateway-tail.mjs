@@ -93,11 +93,13 @@ const BUCKETS = [0.5, 0.75, 1, 1.5, 2, 3, 5, 10, Infinity];
 const histogram = (ms) => BUCKETS.map((edge, i) => ms.filter((v) => v >= (BUCKETS[i - 1] ?? 0) && v < edge).length);
 const ms = (t) => t.samples.map((s) => (s.end - s.start) / 1000).sort((a, b) => a - b);
 console.log(`\nLoad average (1 min): ${load.map((l) => l.toFixed(1)).join(', ')}; ${ROUNDS} rounds × ${N1} requests; slow = p50 + ${SLOW_MS} ms`);
-console.log(`\n| target | p50 ms | p90 | p99 | p99.9 | ${BUCKETS.map((b, i) => `${BUCKETS[i - 1] ?? 0}–${b === Infinity ? '' : b}`).join(' | ')} |`);
-console.log(`| --- | --- | --- | --- | --- | ${BUCKETS.map(() => '---').join(' | ')} |`);
+// Stalls: calls of 5 ms or more, and of 10 ms or more, per 1000 calls (a 128-row flush on PGlite's thread is ~10 ms).
+const perThousand = (all, floor) => ((all.filter((v) => v >= floor).length * 1000) / Math.max(1, all.length)).toFixed(2);
+console.log(`\n| target | p50 ms | p90 | p99 | p99.9 | ${BUCKETS.map((b, i) => `${BUCKETS[i - 1] ?? 0}–${b === Infinity ? '' : b}`).join(' | ')} | ≥5 ms /1000 | ≥10 ms /1000 |`);
+console.log(`| --- | --- | --- | --- | --- | ${BUCKETS.map(() => '---').join(' | ')} | --- | --- |`);
 for (const target of targets) {
   const all = ms(target);
-  console.log(`| ${target.name} | ${[50, 90, 99, 99.9].map((q) => percentile(all, q).toFixed(3)).join(' | ')} | ${histogram(all).join(' | ')} |`);
+  console.log(`| ${target.name} | ${[50, 90, 99, 99.9].map((q) => percentile(all, q).toFixed(3)).join(' | ')} | ${histogram(all).join(' | ')} | ${perThousand(all, 5)} | ${perThousand(all, 10)} |`);
 }
 
 for (const target of targets.filter((t) => t.tailFile)) {

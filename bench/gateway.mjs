@@ -11,6 +11,9 @@
 // to the first body chunk) — at 1 client (N1 sequential requests: p50/p99; added = target − direct,
 // same round) and at each CLIENTS count (closed loop for DURATION s: req/s, p50, p99). Server CPU
 // per request is read from /proc. Raw lines: bench/out/gateway/raw.tsv; summary: summary.md.
+// The c1 added p99 from blocks (target's N1 calls, then direct's) compares tails taken at different
+// moments of a loaded machine; each round also interleaves N1 target calls with N1 direct ones
+// (INTERLEAVED=0 leaves it out): its p99 − direct p99, and p99 − direct p50 (see bench/README.md).
 import { execFileSync } from 'node:child_process';
 import { appendFileSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
@@ -25,6 +28,7 @@ const DURATION = Number(process.env.DURATION ?? 5);
 const CLIENTS = (process.env.CLIENTS ?? '16 64').split(/\s+/).filter(Boolean).map(Number);
 const MODES = (process.env.MODES ?? 'nonstream stream').split(/\s+/).filter(Boolean);
 const TARGETS = (process.env.TARGETS ?? 'embedded postgres portkey').split(/\s+/).filter(Boolean);
+const INTERLEAVED = process.env.INTERLEAVED !== '0';
 // A/B in one run: BASE_CHECKOUT=<another checkout, built> adds `embedded-base` / `postgres-base`, the
 // same setups from that checkout, measured in the same rounds (e.g. the base commit via git archive).
 const BASE_CHECKOUT = process.env.BASE_CHECKOUT ?? '';
@@ -139,6 +143,44 @@ async function measure(target, mode, clients) {
   return row;
 }
 
+/**
+ * c1, interleaved with direct: N1 pairs of sequential calls (direct then target, the order swapped
+ * every pair), so that both samples see the same moments of the machine. Returns the target's and
+ * direct's p50/p99 from the same window.
+ */
+async function measureInterleaved(target, direct, mode) {
+  const agents = [new http.Agent({ keepAlive: true, maxSockets: 1 }), new http.Agent({ keepAlive: true, maxSockets: 1 })];
+  for (let i = 0; i < 100; i++) {
+    await once(direct, mode, agents[0]);
+    await once(target, mode, agents[1]);
+  }
+  const [d, t] = [[], []];
+  let errors = 0;
+  for (let i = 0; i < N1; i++) {
+    const pair = i % 2 ? [[target, agents[1], t], [direct, agents[0], d]] : [[direct, agents[0], d], [target, agents[1], t]];
+    for (const [who, agent, latencies] of pair) {
+      const { ok, ms } = await once(who, mode, agent);
+      if (ok) latencies.push(ms);
+      else errors++;
+    }
+  }
+  for (const agent of agents) agent.destroy();
+  d.sort((a, b) => a - b);
+  t.sort((a, b) => a - b);
+  const row = {
+    target: target.name,
+    mode,
+    p50: percentile(t, 50) ?? NaN,
+    p99: percentile(t, 99) ?? NaN,
+    direct_p50: percentile(d, 50) ?? NaN,
+    direct_p99: percentile(d, 99) ?? NaN,
+    errors,
+  };
+  appendFileSync(RAW, `${[row.target, mode, '1i', '', row.p50.toFixed(3), row.p99.toFixed(3), errors, '', row.direct_p50.toFixed(3), row.direct_p99.toFixed(3)].join('\t')}\n`);
+  console.log(`${row.target.padEnd(13)} ${mode.padEnd(9)} c1 interleaved  p50 ${row.p50.toFixed(3)} ms  p99 ${row.p99.toFixed(3)} ms  (direct p50 ${row.direct_p50.toFixed(3)}, p99 ${row.direct_p99.toFixed(3)})  errors ${errors}`);
+  return row;
+}
+
 // ==================== Run ====================
 
 const load = [loadavg()];
@@ -184,13 +226,19 @@ if (TARGETS.includes('portkey')) {
 }
 
 const rows = [];
+const interleaved = [];
+const inMode = (mode) => targets.filter((t) => !t.modes || t.modes.includes(mode));
 for (let round = 1; round <= ROUNDS; round++) {
   console.log(`--- round ${round}/${ROUNDS} (load ${loadavg().map((l) => l.toFixed(1)).join(' ')})`);
   load.push(loadavg());
   for (const mode of MODES) {
     for (const clients of [1, ...CLIENTS]) {
-      for (const target of targets) if (!target.modes || target.modes.includes(mode)) rows.push({ round, ...(await measure(target, mode, clients)) });
+      for (const target of inMode(mode)) rows.push({ round, ...(await measure(target, mode, clients)) });
     }
+    if (!INTERLEAVED) continue;
+    // Alternate the targets' order round by round (this phase runs each target for a while).
+    const others = inMode(mode).filter((t) => t.name !== 'direct');
+    for (const target of round % 2 ? others : others.toReversed()) interleaved.push({ round, ...(await measureInterleaved(target, targets[0], mode)) });
   }
 }
 load.push(loadavg());
@@ -204,16 +252,25 @@ out(`Run ${new Date().toISOString().slice(0, 16)}Z; ${cpus().length} cores (${cp
 out(`Load average (1 min) at start, each round, end: ${load.map((l) => l[0].toFixed(1)).join(', ')}`);
 out();
 out('Medians over the rounds; "added" = target − direct in the same round (then the median). Stream latency = time to the first chunk.');
+if (INTERLEAVED) {
+  out('"interleaved": N1 target calls alternating with N1 direct calls, same window: added p99 = p99 − direct p99, and p99 − direct p50 (all of the target\'s tail counted as added).');
+}
 out();
 for (const mode of MODES) {
   out(`### ${mode === 'stream' ? 'Stream (time to first chunk)' : 'Non-stream (whole answer)'}`);
   out();
-  out(`| target | c1 p50 ms | c1 p99 ms | added p50 ms | added p99 ms | ${CLIENTS.map((c) => `c${c} req/s | c${c} p50 ms | c${c} p99 ms`).join(' | ')} | server CPU µs/req (c1, ${CLIENTS.map((c) => `c${c}`).join(', ')}) | errors |`);
-  out(`| --- | --- | --- | --- | --- | ${CLIENTS.map(() => '--- | --- | ---').join(' | ')} | --- | --- |`);
+  const extra = INTERLEAVED ? ' interleaved: added p50 ms | added p99 ms | p99 − direct p50 ms |' : '';
+  out(`| target | c1 p50 ms | c1 p99 ms | added p50 ms | added p99 ms |${extra} ${CLIENTS.map((c) => `c${c} req/s | c${c} p50 ms | c${c} p99 ms`).join(' | ')} | server CPU µs/req (c1, ${CLIENTS.map((c) => `c${c}`).join(', ')}) | errors |`);
+  out(`| --- | --- | --- | --- | --- |${INTERLEAVED ? ' --- | --- | --- |' : ''} ${CLIENTS.map(() => '--- | --- | ---').join(' | ')} | --- | --- |`);
   for (const target of targets.filter((t) => !t.modes || t.modes.includes(mode))) {
     const one = pick(target.name, mode, 1);
     const added = (p) => median(one.map((r) => r[p] - pick('direct', mode, 1).find((d) => d.round === r.round)[p]));
     const cells = [fmt(median(one.map((r) => r.p50)), 3), fmt(median(one.map((r) => r.p99)), 3), target.name === 'direct' ? '–' : fmt(added('p50'), 3), target.name === 'direct' ? '–' : fmt(added('p99'), 3)];
+    if (INTERLEAVED) {
+      const mine = interleaved.filter((r) => r.target === target.name && r.mode === mode);
+      const diff = (f) => (target.name === 'direct' ? '–' : fmt(median(mine.map(f)), 3));
+      cells.push(diff((r) => r.p50 - r.direct_p50), diff((r) => r.p99 - r.direct_p99), diff((r) => r.p99 - r.direct_p50));
+    }
     for (const c of CLIENTS) {
       const many = pick(target.name, mode, c);
       cells.push(fmt(median(many.map((r) => r.rps)), 0), fmt(median(many.map((r) => r.p50))), fmt(median(many.map((r) => r.p99))));
