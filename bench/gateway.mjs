@@ -233,7 +233,9 @@ for (let round = 1; round <= ROUNDS; round++) {
   load.push(loadavg());
   for (const mode of MODES) {
     for (const clients of [1, ...CLIENTS]) {
-      for (const target of inMode(mode)) rows.push({ round, ...(await measure(target, mode, clients)) });
+      // Direct first, then the servers in an order reversed every other round (each follows another alike).
+      const [direct, ...servers] = inMode(mode);
+      for (const target of [direct, ...(round % 2 ? servers : servers.toReversed())]) rows.push({ round, ...(await measure(target, mode, clients)) });
     }
     if (!INTERLEAVED) continue;
     // Alternate the targets' order round by round (this phase runs each target for a while).
