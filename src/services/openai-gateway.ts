@@ -15,6 +15,7 @@ import type { ChatCompletionRequest, ChatMessage, EmbeddingRequest } from '../sc
 
 import {
   type CallContext,
+  type CallerSignal,
   type ChatRequest,
   type ChatResult,
   type EmbedRequest,
@@ -147,7 +148,7 @@ function toResponseFormat(format: ChatCompletionRequest['response_format']): Jso
 
 const orUndefined = <T>(value: T | null | undefined): T | undefined => value ?? undefined;
 
-export function toChatRequest(body: ChatCompletionRequest, context: CallContext, signal: AbortSignal): ChatRequest {
+export function toChatRequest(body: ChatCompletionRequest, context: CallContext, signal: CallerSignal): ChatRequest {
   refuseAgentModel(body.model);
   const tools = toTools(body.tools);
   const stop = body.stop;
@@ -166,7 +167,7 @@ export function toChatRequest(body: ChatCompletionRequest, context: CallContext,
   };
 }
 
-export function toEmbedRequest(body: EmbeddingRequest, context: CallContext, signal: AbortSignal): EmbedRequest {
+export function toEmbedRequest(body: EmbeddingRequest, context: CallContext, signal: CallerSignal): EmbedRequest {
   refuseAgentModel(body.model);
   if (body.dimensions !== undefined) throw new InvalidRequestError('dimensions is not supported; use a model of the size you need', 'dimensions');
   return { model: body.model, values: typeof body.input === 'string' ? [body.input] : body.input, signal, context };
