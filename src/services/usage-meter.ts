@@ -23,7 +23,7 @@ import type { Logger } from '../core/logger.js';
 import type { ModelMetrics } from '../core/metrics.js';
 
 import * as billingCrud from '../crud/billing.js';
-import type { CostEstimate, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
+import type { CostEstimate, TokenUsage, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
 import { addCosts, costUnits, unitsCost } from '../modules/ai-models/index.js';
 import { type CounterStore, counterStore } from '../utils/rate-limit.js';
 import { type CreditBlock, CreditWindows } from './credit-window.js';
@@ -48,6 +48,8 @@ const SWEEP_INTERVAL_MS = 60_000;
 /** A credit window's block nobody used for this long goes back to the account. */
 const WINDOW_IDLE_MS = 2_000;
 const MAX_REFILLS_PER_CALL = 3;
+/** TokenUsage's kinds, in its order (the order their series first appear in /metrics, as before). */
+const TOKEN_KINDS = ['input', 'cached_input', 'cache_write', 'output', 'reasoning'] as const satisfies readonly (keyof TokenUsage)[];
 
 /** What a call holds: nothing (null ids), a reservation row, or part of a credit window's block. */
 interface Held {
@@ -333,15 +335,22 @@ export class UsageMeterService implements UsageMeter {
     }
   }
 
+  /** The call's metrics, by series key: the label values joined by newlines, which model ids and provider names never contain. */
   private observe(record: UsageRecord): void {
     const { model, provider, operation, status, tokens } = record;
     const m = this.metrics;
-    m.calls.inc({ model, provider, operation, status });
-    m.latency.observe({ model, provider, operation, status }, record.latency_ms / 1000);
-    if (record.time_to_first_token_ms !== null) m.timeToFirstToken.observe({ model, provider }, record.time_to_first_token_ms / 1000);
-    for (const [kind, count] of Object.entries(tokens) as [string, number][]) if (count > 0) m.tokens.inc({ model, provider, kind }, count);
+    const byModel = `${model}\n${provider}`;
+    const byCall = `${byModel}\n${operation}\n${status}`;
+    const callLabels = { model, provider, operation, status };
+    m.calls.incKeyed(byCall, callLabels);
+    m.latency.observeKeyed(byCall, callLabels, record.latency_ms / 1000);
+    if (record.time_to_first_token_ms !== null) m.timeToFirstToken.observeKeyed(byModel, { model, provider }, record.time_to_first_token_ms / 1000);
+    for (const kind of TOKEN_KINDS) {
+      const count = tokens[kind];
+      if (count > 0) m.tokens.incKeyed(`${byModel}\n${kind}`, { model, provider, kind }, count);
+    }
     const cost = Number(record.cost);
-    if (cost > 0) m.cost.inc({ model, provider }, cost);
+    if (cost > 0) m.cost.incKeyed(byModel, { model, provider }, cost);
   }
 
   // ==================== Batch writer ====================
