@@ -25,6 +25,7 @@ import type { ModelMetrics } from '../core/metrics.js';
 import * as billingCrud from '../crud/billing.js';
 import type { CostEstimate, TokenUsage, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
 import { addCosts, costUnits, unitsCost } from '../modules/ai-models/index.js';
+import { isoFormatter } from '../utils/iso-time.js';
 import { type CounterStore, counterStore } from '../utils/rate-limit.js';
 import { type CreditBlock, CreditWindows } from './credit-window.js';
 import { type KeyLimits, loadKeyLimits } from './key-limits.js';
@@ -48,6 +49,9 @@ const SWEEP_INTERVAL_MS = 60_000;
 /** A credit window's block nobody used for this long goes back to the account. */
 const WINDOW_IDLE_MS = 2_000;
 const MAX_REFILLS_PER_CALL = 3;
+/** A usage row's times as ISO strings (calls settled together often ended, or started, in the same millisecond). */
+const endTime = isoFormatter();
+const startTime = isoFormatter();
 /** TokenUsage's kinds, in its order (the order their series first appear in /metrics, as before). */
 const TOKEN_KINDS = ['input', 'cached_input', 'cache_write', 'output', 'reasoning'] as const satisfies readonly (keyof TokenUsage)[];
 
@@ -243,10 +247,9 @@ export class UsageMeterService implements UsageMeter {
     this.observe(record);
     const id = randomUUID();
     const ctx = record.context;
-    const ended = new Date(record.started_at.getTime() + record.latency_ms);
     this.enqueue(billingCrud.usageRowJson({
       id,
-      created_at: ended.toISOString(),
+      created_at: endTime(record.started_at.getTime() + record.latency_ms),
       owner_id: ctx.user_id ?? null,
       api_key_id: ctx.api_key_id ?? null,
       project_id: ctx.project_id ?? null,
@@ -267,7 +270,7 @@ export class UsageMeterService implements UsageMeter {
       error: record.error === null ? null : record.error.slice(0, 2_000),
       estimated: record.estimated,
       attempts: record.attempts,
-      started_at: record.started_at.toISOString(),
+      started_at: startTime(record.started_at.getTime()),
       // A key with a budget has its spend moved by the settlement below; others with the batch.
       charge_key: !held.chargeKey,
     }));
