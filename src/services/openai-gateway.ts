@@ -198,7 +198,11 @@ const toolCallOut = (call: ToolCall) => ({
   function: { name: call.toolName, arguments: typeof call.input === 'string' ? call.input : JSON.stringify(call.input ?? {}) },
 });
 
-export const completionId = (): string => `chatcmpl-${randomUUID().replaceAll('-', '')}`;
+/** `chatcmpl-` and a random UUID's 32 hex digits (cut around its dashes: half the cost of replaceAll on every answer). */
+export function completionId(): string {
+  const uuid = randomUUID();
+  return `chatcmpl-${uuid.slice(0, 8)}${uuid.slice(9, 13)}${uuid.slice(14, 18)}${uuid.slice(19, 23)}${uuid.slice(24)}`;
+}
 const now = () => Math.floor(Date.now() / 1000);
 
 /** A number as JSON writes it (non-finite ones as null). */

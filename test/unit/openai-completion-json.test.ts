@@ -5,7 +5,7 @@
 import { describe, expect, it } from 'vitest';
 
 import type { ChatResult, StreamEvent, TokenUsage, ToolCall } from '../../src/modules/ai-models/index.js';
-import { completionChunks, completionJson } from '../../src/services/openai-gateway.js';
+import { completionChunks, completionId, completionJson } from '../../src/services/openai-gateway.js';
 
 const USAGE: TokenUsage = { input: 12, output: 7, cached_input: 0, cache_write: 0, reasoning: 0 };
 
@@ -81,6 +81,14 @@ describe('completionJson', () => {
     expect(id).toMatch(/^chatcmpl-[0-9a-f]{32}$/);
     expect(Math.abs(created - Date.now() / 1000)).toBeLessThan(5);
     expect(json).toBe(expected(r, id, created));
+  });
+});
+
+describe('completionId', () => {
+  it('is chatcmpl- and the 32 hex digits of a fresh random UUID', () => {
+    const ids = Array.from({ length: 100 }, completionId);
+    for (const id of ids) expect(id).toMatch(/^chatcmpl-[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}$/);
+    expect(new Set(ids).size).toBe(ids.length);
   });
 });
 
