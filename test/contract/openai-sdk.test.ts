@@ -350,8 +350,9 @@ describe('the call path behind /v1', () => {
   });
 
   it('aborts the upstream request when the client disconnects before a non-stream answer', async () => {
-    // The answer would come at 600 ms, inside the attempt's timeout: only the client's going away can abort it.
-    fake.script('fake-chat', { text: 'Too late.', chunkDelayMs: 600 });
+    // The answer would come at 900 ms, inside the attempt's timeout (1 s, whose abort would be followed
+    // by a retry): only the client's going away can abort it this early.
+    fake.script('fake-chat', { text: 'Too late.', chunkDelayMs: 900 });
     const client = new AbortController();
     const call = clientWith((await createKey(ctx.app, user)).key).chat.completions.create(
       { model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] },
@@ -364,8 +365,8 @@ describe('the call path behind /v1', () => {
     await fake.waitFor((log) => log.length === 1);
     client.abort();
     expect(await settled).toBe('aborted');
-    await fake.waitFor((log) => log[0]?.aborted === true, 400);
-    await new Promise((resolve) => setTimeout(resolve, 400));
+    await fake.waitFor((log) => log[0]?.aborted === true, 700);
+    await new Promise((resolve) => setTimeout(resolve, 300));
     expect(fake.log.map((r) => [r.aborted, r.completed])).toEqual([[true, false]]); // and no retry
   });
 
