@@ -54,7 +54,9 @@ export function registerAccessLog(app: FastifyInstance, settings: Settings, logg
   function writeAccessLine(request: FastifyRequest, reply: FastifyReply): void {
     const route = request.routeOptions.url ?? '<unmatched>';
     const seconds = reply.elapsedTime / 1000;
-    app.metrics.httpDuration.observe({ method: request.method, route, status_code: reply.statusCode }, seconds);
+    const status = reply.statusCode;
+    // The series key: method and status have no spaces, so the route may.
+    app.metrics.httpDuration.observeKeyed(`${request.method} ${status} ${route}`, { method: request.method, route, status_code: status }, seconds);
     const path = request.routeOptions.url ? undefined : request.url.split('?')[0]!.slice(0, 200);
     const reason = reasons.get(request);
     const ms = Math.round(reply.elapsedTime * 10) / 10;

@@ -1,18 +1,116 @@
-import { collectDefaultMetrics, Counter, Histogram, Registry } from 'prom-client';
+import { collectDefaultMetrics, Counter, Histogram, type LabelValues, Registry } from 'prom-client';
+
+// ==================== Series cached by key ====================
+
+/** A series as prom-client keeps it in a metric's `hashMap` (15.x): mutated in place by inc/observe. */
+interface CounterSeries {
+  labels: object;
+  value: number;
+}
+interface HistogramSeries {
+  labels: object;
+  bucketValues: Record<number, number>;
+  sum: number;
+  count: number;
+}
+
+/** The series prom-client made for `labels` (found by identity: it keeps the object it was given). */
+function seriesOf<S extends { labels: object }>(metric: object, labels: object): S | undefined {
+  const map = (metric as { hashMap?: Record<string, S> }).hashMap ?? {};
+  for (const hash in map) if (map[hash]!.labels === labels) return map[hash];
+  return undefined;
+}
+
+/**
+ * A Counter whose hot callers name a series by a key of their own (its label values joined):
+ * prom-client's inc(labels) validates the labels and builds a hash string on every call, several
+ * per model call; here the first call per key goes through inc() and later ones add to the series
+ * it made. The output of /metrics is prom-client's, unchanged (test/unit/metrics.test.ts).
+ */
+export class KeyedCounter<T extends string> extends Counter<T> {
+  private cache = new Map<string, CounterSeries>();
+
+  /** inc(labels, value) for the series `key` stands for (the same labels, always). */
+  incKeyed(key: string, labels: LabelValues<T>, value = 1): void {
+    const series = this.cache.get(key);
+    // prom-client's refusals (negative, not a number) stay its own.
+    if (series && Number.isFinite(value) && value >= 0) {
+      series.value += value;
+      return;
+    }
+    this.inc(labels, value);
+    const made = seriesOf<CounterSeries>(this, labels);
+    if (made) this.cache.set(key, made);
+  }
+
+  override reset(): void {
+    (this.cache as typeof this.cache | undefined)?.clear(); // prom-client's constructor resets before the fields exist
+    super.reset();
+  }
+
+  override remove(...args: string[] | [LabelValues<T>]): void {
+    this.cache.clear();
+    (super.remove as (...values: unknown[]) => void).apply(this, args);
+  }
+}
+
+/** A Histogram with KeyedCounter's per-key series (see there). */
+export class KeyedHistogram<T extends string> extends Histogram<T> {
+  private cache = new Map<string, HistogramSeries>();
+  private readonly bounds: readonly number[];
+
+  constructor(configuration: ConstructorParameters<typeof Histogram<T>>[0] & { buckets: number[] }) {
+    super(configuration);
+    this.bounds = [...configuration.buckets];
+  }
+
+  /** observe(labels, value) for the series `key` stands for (the same labels, always). */
+  observeKeyed(key: string, labels: LabelValues<T>, value: number): void {
+    const series = this.cache.get(key);
+    if (series && Number.isFinite(value)) {
+      series.sum += value;
+      series.count += 1;
+      // As prom-client: the first bound at or above the value; above every bound only +Inf (count) moves.
+      const bounds = this.bounds;
+      for (let i = 0; i < bounds.length; i++) {
+        if (value <= bounds[i]!) {
+          series.bucketValues[bounds[i]!]! += 1;
+          break;
+        }
+      }
+      return;
+    }
+    this.observe(labels, value);
+    const made = seriesOf<HistogramSeries>(this, labels);
+    if (made) this.cache.set(key, made);
+  }
+
+  override reset(): void {
+    (this.cache as typeof this.cache | undefined)?.clear(); // prom-client's constructor resets before the fields exist
+    super.reset();
+  }
+
+  override remove(...args: string[] | [LabelValues<T>]): void {
+    this.cache.clear();
+    (super.remove as (...values: unknown[]) => void).apply(this, args);
+  }
+}
+
+// ==================== The app's metrics ====================
 
 /** Model calls through the model manager, by model and provider (see services/usage-meter.ts). */
 export interface ModelMetrics {
-  calls: Counter<'model' | 'provider' | 'operation' | 'status'>;
-  tokens: Counter<'model' | 'provider' | 'kind'>;
+  calls: KeyedCounter<'model' | 'provider' | 'operation' | 'status'>;
+  tokens: KeyedCounter<'model' | 'provider' | 'kind'>;
   /** Credits (= USD at catalog prices); a float here, exact in the database. */
-  cost: Counter<'model' | 'provider'>;
-  latency: Histogram<'model' | 'provider' | 'operation' | 'status'>;
-  timeToFirstToken: Histogram<'model' | 'provider'>;
+  cost: KeyedCounter<'model' | 'provider'>;
+  latency: KeyedHistogram<'model' | 'provider' | 'operation' | 'status'>;
+  timeToFirstToken: KeyedHistogram<'model' | 'provider'>;
 }
 
 export interface Metrics {
   registry: Registry;
-  httpDuration: Histogram<'method' | 'route' | 'status_code'>;
+  httpDuration: KeyedHistogram<'method' | 'route' | 'status_code'>;
   models: ModelMetrics;
 }
 
@@ -21,32 +119,32 @@ const MODEL_SECONDS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
 function createModelMetrics(registry: Registry): ModelMetrics {
   const registers = [registry];
   return {
-    calls: new Counter({
+    calls: new KeyedCounter({
       name: 'keel_model_calls_total',
       help: 'Model calls by model, provider, operation and final status (success, error, aborted)',
       labelNames: ['model', 'provider', 'operation', 'status'] as const,
       registers,
     }),
-    tokens: new Counter({
+    tokens: new KeyedCounter({
       name: 'keel_model_tokens_total',
       help: 'Tokens by model, provider and kind (input, cached_input, cache_write, output, reasoning)',
       labelNames: ['model', 'provider', 'kind'] as const,
       registers,
     }),
-    cost: new Counter({
+    cost: new KeyedCounter({
       name: 'keel_model_cost_credits_total',
       help: 'Cost of model calls in credits at catalog prices',
       labelNames: ['model', 'provider'] as const,
       registers,
     }),
-    latency: new Histogram({
+    latency: new KeyedHistogram({
       name: 'keel_model_call_duration_seconds',
       help: 'Model call latency (all attempts) by model, provider, operation and status',
       labelNames: ['model', 'provider', 'operation', 'status'] as const,
       buckets: MODEL_SECONDS,
       registers,
     }),
-    timeToFirstToken: new Histogram({
+    timeToFirstToken: new KeyedHistogram({
       name: 'keel_model_time_to_first_token_seconds',
       help: 'Time to the first streamed token by model and provider',
       labelNames: ['model', 'provider'] as const,
@@ -70,7 +168,7 @@ export function unservedModelMetrics(): ModelMetrics {
 export function createMetrics(): Metrics {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry });
-  const httpDuration = new Histogram({
+  const httpDuration = new KeyedHistogram({
     name: 'http_request_duration_seconds',
     help: 'HTTP request latency by route',
     labelNames: ['method', 'route', 'status_code'] as const,

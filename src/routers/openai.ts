@@ -15,7 +15,7 @@ import {
   simpleChatRequest,
 } from '../schemas/openai.js';
 
-import { ModelNotFoundError } from '../modules/ai-models/index.js';
+import { CallerAbort, ModelNotFoundError } from '../modules/ai-models/index.js';
 import { isAgentModel } from '../services/agent-completions.js';
 import {
   callContext,
@@ -42,15 +42,17 @@ const JSON_TYPE = 'application/json; charset=utf-8';
 const thrownErrors = new WeakMap<FastifyRequest, unknown>();
 
 /**
- * An AbortSignal that fires when the client goes away before the answer is complete: the model
- * manager aborts the upstream request with it.
+ * What aborts a call when the client goes away before the answer is complete: the model manager
+ * aborts the upstream request with it. A CallerAbort, not an AbortController: nothing on this path
+ * needs an AbortSignal of the caller's, and one costs more per call than the rest of the
+ * plumbing (see modules/ai-models/abort.ts).
  */
-function disconnectSignal(request: FastifyRequest, reply: FastifyReply): AbortSignal {
-  const controller = new AbortController();
+function disconnectSignal(reply: FastifyReply): CallerAbort {
+  const abort = new CallerAbort();
   reply.raw.once('close', () => {
-    if (!reply.raw.writableFinished) controller.abort();
+    if (!reply.raw.writableFinished) abort.abort();
   });
-  return controller.signal;
+  return abort;
 }
 
 /**
@@ -134,7 +136,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
     async (request, reply) => {
       const { body } = request;
       if (isAgentModel(body.model)) return agents.complete(request, reply);
-      const chat = toChatRequest(body, callContext(request.principal), disconnectSignal(request, reply));
+      const chat = toChatRequest(body, callContext(request.principal), disconnectSignal(reply));
       if (body.stream) {
         const { events, first } = await openStream(models.stream(chat));
         const chunks = completionChunks(events, first, body.model, body.stream_options?.include_usage === true);
@@ -164,7 +166,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
     },
     async (request, reply) => {
       const { body } = request;
-      const result = await models.embed(toEmbedRequest(body, callContext(request.principal), disconnectSignal(request, reply)));
+      const result = await models.embed(toEmbedRequest(body, callContext(request.principal), disconnectSignal(reply)));
       return reply.type(JSON_TYPE).send(embeddingsJson(result, body.encoding_format) as never);
     },
   );

@@ -23,8 +23,9 @@ import type { Logger } from '../core/logger.js';
 import type { ModelMetrics } from '../core/metrics.js';
 
 import * as billingCrud from '../crud/billing.js';
-import type { CostEstimate, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
+import type { CostEstimate, TokenUsage, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
 import { addCosts, costUnits, unitsCost } from '../modules/ai-models/index.js';
+import { isoFormatter } from '../utils/iso-time.js';
 import { type CounterStore, counterStore } from '../utils/rate-limit.js';
 import { type CreditBlock, CreditWindows } from './credit-window.js';
 import { type KeyLimits, loadKeyLimits } from './key-limits.js';
@@ -48,6 +49,11 @@ const SWEEP_INTERVAL_MS = 60_000;
 /** A credit window's block nobody used for this long goes back to the account. */
 const WINDOW_IDLE_MS = 2_000;
 const MAX_REFILLS_PER_CALL = 3;
+/** A usage row's times as ISO strings (calls settled together often ended, or started, in the same millisecond). */
+const endTime = isoFormatter();
+const startTime = isoFormatter();
+/** TokenUsage's kinds, in its order (the order their series first appear in /metrics, as before). */
+const TOKEN_KINDS = ['input', 'cached_input', 'cache_write', 'output', 'reasoning'] as const satisfies readonly (keyof TokenUsage)[];
 
 /** What a call holds: nothing (null ids), a reservation row, or part of a credit window's block. */
 interface Held {
@@ -241,10 +247,9 @@ export class UsageMeterService implements UsageMeter {
     this.observe(record);
     const id = randomUUID();
     const ctx = record.context;
-    const ended = new Date(record.started_at.getTime() + record.latency_ms);
     this.enqueue(billingCrud.usageRowJson({
       id,
-      created_at: ended.toISOString(),
+      created_at: endTime(record.started_at.getTime() + record.latency_ms),
       owner_id: ctx.user_id ?? null,
       api_key_id: ctx.api_key_id ?? null,
       project_id: ctx.project_id ?? null,
@@ -265,7 +270,7 @@ export class UsageMeterService implements UsageMeter {
       error: record.error === null ? null : record.error.slice(0, 2_000),
       estimated: record.estimated,
       attempts: record.attempts,
-      started_at: record.started_at.toISOString(),
+      started_at: startTime(record.started_at.getTime()),
       // A key with a budget has its spend moved by the settlement below; others with the batch.
       charge_key: !held.chargeKey,
     }));
@@ -333,15 +338,22 @@ export class UsageMeterService implements UsageMeter {
     }
   }
 
+  /** The call's metrics, by series key: the label values joined by newlines, which model ids and provider names never contain. */
   private observe(record: UsageRecord): void {
     const { model, provider, operation, status, tokens } = record;
     const m = this.metrics;
-    m.calls.inc({ model, provider, operation, status });
-    m.latency.observe({ model, provider, operation, status }, record.latency_ms / 1000);
-    if (record.time_to_first_token_ms !== null) m.timeToFirstToken.observe({ model, provider }, record.time_to_first_token_ms / 1000);
-    for (const [kind, count] of Object.entries(tokens) as [string, number][]) if (count > 0) m.tokens.inc({ model, provider, kind }, count);
+    const byModel = `${model}\n${provider}`;
+    const byCall = `${byModel}\n${operation}\n${status}`;
+    const callLabels = { model, provider, operation, status };
+    m.calls.incKeyed(byCall, callLabels);
+    m.latency.observeKeyed(byCall, callLabels, record.latency_ms / 1000);
+    if (record.time_to_first_token_ms !== null) m.timeToFirstToken.observeKeyed(byModel, { model, provider }, record.time_to_first_token_ms / 1000);
+    for (const kind of TOKEN_KINDS) {
+      const count = tokens[kind];
+      if (count > 0) m.tokens.incKeyed(`${byModel}\n${kind}`, { model, provider, kind }, count);
+    }
     const cost = Number(record.cost);
-    if (cost > 0) m.cost.inc({ model, provider }, cost);
+    if (cost > 0) m.cost.incKeyed(byModel, { model, provider }, cost);
   }
 
   // ==================== Batch writer ====================

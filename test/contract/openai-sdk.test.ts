@@ -349,6 +349,27 @@ describe('the call path behind /v1', () => {
     expect(upstream!.chunksSent).toBeLessThan(40);
   });
 
+  it('aborts the upstream request when the client disconnects before a non-stream answer', async () => {
+    // The answer would come at 900 ms, inside the attempt's timeout (1 s, whose abort would be followed
+    // by a retry): only the client's going away can abort it this early.
+    fake.script('fake-chat', { text: 'Too late.', chunkDelayMs: 900 });
+    const client = new AbortController();
+    const call = clientWith((await createKey(ctx.app, user)).key).chat.completions.create(
+      { model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] },
+      { signal: client.signal },
+    );
+    const settled = call.then(
+      () => 'answered',
+      () => 'aborted',
+    );
+    await fake.waitFor((log) => log.length === 1);
+    client.abort();
+    expect(await settled).toBe('aborted');
+    await fake.waitFor((log) => log[0]?.aborted === true, 700);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(fake.log.map((r) => [r.aborted, r.completed])).toEqual([[true, false]]); // and no retry
+  });
+
   it('answers from the fallback model when the first keeps failing', async () => {
     fake.script('fake-primary', { status: 500 }, { status: 500 });
     const completion = await client.chat.completions.create({ model: 'fake-primary', messages: [{ role: 'user', content: 'Hi' }] });

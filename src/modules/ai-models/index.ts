@@ -27,6 +27,7 @@ export function createModelManager(settings: Settings, options: CreateModelManag
   });
 }
 
+export * from './abort.js';
 export { ModelCatalog } from './catalog.js';
 export * from './cost.js';
 export * from './errors.js';

@@ -24,6 +24,7 @@ import {
 } from 'ai';
 import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings } from 'ai/internal';
 
+import { CallerAbort, type CallerSignal } from './abort.js';
 import type { ModelCatalog } from './catalog.js';
 import { type AbortLike, type ChatWire, undeclaredToolCall as wireToolCall, type WireCall, wireMessages } from './chat-wire.js';
 import { computeCost, estimateCost } from './cost.js';
@@ -49,8 +50,8 @@ export type Operation = 'chat' | 'stream' | 'embed';
 interface CallOptions {
   /** Catalog id or alias. */
   model: string;
-  /** Aborts the call, the upstream request included. */
-  signal?: AbortSignal;
+  /** Aborts the call, the upstream request included: an AbortSignal, or a lighter `CallerAbort`. */
+  signal?: CallerSignal;
   /** Per attempt; for streams, the longest wait for the next chunk. Default: MODEL_TIMEOUT_MS. */
   timeoutMs?: number;
   context?: CallContext;
@@ -235,7 +236,10 @@ type LanguageModelV3 = Extract<LanguageModel, { specificationVersion: 'v3' }>;
 const undeclaredToolCall = (part: { toolCallId: string; toolName: string; input: string }): ToolCall => wireToolCall(part.toolCallId, part.toolName, part.input);
 
 /** A call's text, reasoning and tool calls with the assistant message the SDK would return for them. */
-function answer(text: string, reasoningText: string | undefined, toolCalls: ToolCall[]): Pick<ChatResult, 'text' | 'reasoningText' | 'toolCalls' | 'responseMessages'> {
+/** What a chat answer said: ChatResult's fields beside its outcome and finish. */
+type Said = Pick<ChatResult, 'text' | 'reasoningText' | 'toolCalls' | 'responseMessages'>;
+
+function answer(text: string, reasoningText: string | undefined, toolCalls: ToolCall[]): Said {
   const content: Exclude<AssistantContent, string> = [];
   if (reasoningText !== undefined) content.push({ type: 'reasoning', text: reasoningText });
   if (text) content.push({ type: 'text', text });
@@ -280,7 +284,7 @@ class Attempt implements AbortLike {
   private readonly onCallerAbort = () => this.abort(this.caller?.reason as Error | undefined);
 
   constructor(
-    private readonly caller: AbortSignal | undefined,
+    private readonly caller: CallerSignal | undefined,
     private readonly timeoutMs: number,
   ) {
     caller?.addEventListener('abort', this.onCallerAbort, { once: true });
@@ -349,7 +353,7 @@ function findApiCallError(error: unknown): APICallError | undefined {
   return undefined;
 }
 
-function classify(error: unknown, attempt: Attempt, caller: AbortSignal | undefined, timeoutMs: number): Classified {
+function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undefined, timeoutMs: number): Classified {
   if (caller?.aborted) return { kind: 'aborted' };
   if (attempt.aborted && attempt.reason instanceof AttemptTimeout) {
     return { kind: 'retryable', error: new ModelTimeoutError(timeoutMs) };
@@ -370,7 +374,7 @@ function classify(error: unknown, attempt: Attempt, caller: AbortSignal | undefi
   return { kind: 'fatal', error: error instanceof Error ? error : new Error(String(error)) };
 }
 
-function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+function sleep(ms: number, signal: CallerSignal | undefined): Promise<void> {
   return new Promise((resolve, reject) => {
     if (signal?.aborted) return reject(new ModelCallAbortedError());
     const onAbort = () => {
@@ -444,12 +448,12 @@ export class ModelManager {
 
   async chat(request: ChatRequest): Promise<ChatResult> {
     const started = performance.now();
-    return this.run(request, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
+    return this.run(request, request.signal, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
       const wired = this.wireCall(request, model);
       if (wired) {
         const reply = await wired.wire.generate(wired.call, attempt);
         state.usage = reply.usage;
-        return { ...this.outcome(model, state, started), ...answer(reply.text, reply.reasoning, reply.toolCalls), finishReason: reply.finishReason, time_to_first_token_ms: null };
+        return this.chatResult(model, state, started, answer(reply.text, reply.reasoning, reply.toolCalls), reply.finishReason, null);
       }
       const languageModel = this.directModel(request, model);
       if (languageModel) return this.generate(request, languageModel, model, attempt, state, started);
@@ -458,15 +462,8 @@ export class ModelManager {
         abortSignal: attempt.signal,
       });
       state.usage = toTokenUsage(result.totalUsage);
-      return {
-        ...this.outcome(model, state, started),
-        text: result.text,
-        reasoningText: result.reasoningText,
-        toolCalls: result.toolCalls.map((c): ToolCall => ({ toolCallId: c.toolCallId, toolName: c.toolName, input: c.input as unknown })),
-        finishReason: result.finishReason,
-        responseMessages: result.response.messages,
-        time_to_first_token_ms: null,
-      };
+      const toolCalls = result.toolCalls.map((c): ToolCall => ({ toolCallId: c.toolCallId, toolName: c.toolName, input: c.input as unknown }));
+      return this.chatResult(model, state, started, { text: result.text, reasoningText: result.reasoningText, toolCalls, responseMessages: result.response.messages }, result.finishReason, null);
     });
   }
 
@@ -532,12 +529,7 @@ export class ModelManager {
       else if (part.type === 'reasoning') reasoning = (reasoning ?? '') + part.text;
       else if (part.type === 'tool-call') toolCalls.push(undeclaredToolCall(part));
     }
-    return {
-      ...this.outcome(model, state, started),
-      ...answer(text, reasoning, toolCalls),
-      finishReason: result.finishReason.unified,
-      time_to_first_token_ms: null,
-    };
+    return this.chatResult(model, state, started, answer(text, reasoning, toolCalls), result.finishReason.unified, null);
   }
 
   /** The provider call options `generateText`/`streamText` would build for a call without tools. */
@@ -569,9 +561,9 @@ export class ModelManager {
     let done = false;
     let failure: Error | undefined;
     // The caller's signal or the consumer stopping aborts the call. Linked by hand: AbortSignal.any
-    // costs far more per call (weak references, a registry) on Node 20.
-    const consumer = new AbortController();
-    const { signal } = consumer;
+    // costs far more per call (weak references, a registry) on Node 20; a CallerAbort, not an
+    // AbortController: the attempt makes the AbortSignal the wire's stream needs.
+    const consumer = new CallerAbort();
     const callerSignal = request.signal;
     const onCallerAbort = () => consumer.abort(callerSignal?.reason);
     if (callerSignal?.aborted) onCallerAbort();
@@ -582,7 +574,7 @@ export class ModelManager {
     };
 
     const started = performance.now();
-    const result = this.run({ ...request, signal }, 'stream', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
+    const result = this.run(request, consumer, 'stream', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
       let text = '';
       let reasoning = '';
       const toolCalls: ToolCall[] = [];
@@ -616,15 +608,9 @@ export class ModelManager {
       }
       if (attempt.aborted) throw attempt.reason ?? new ModelCallAbortedError();
       state.usage ??= { ...ZERO_USAGE };
-      return {
-        ...this.outcome(model, state, started),
-        text,
-        reasoningText: reasoning || undefined,
-        toolCalls,
-        finishReason,
-        responseMessages: await source.responseMessages(text, reasoning || undefined, toolCalls),
-        time_to_first_token_ms: state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started),
-      };
+      const responseMessages = await source.responseMessages(text, reasoning || undefined, toolCalls);
+      const firstToken = state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started);
+      return this.chatResult(model, state, started, { text, reasoningText: reasoning || undefined, toolCalls, responseMessages }, finishReason, firstToken);
     });
     result.then(
       (final) => {
@@ -663,7 +649,7 @@ export class ModelManager {
 
   async embed(request: EmbedRequest): Promise<EmbedResult> {
     const started = performance.now();
-    return this.run(request, 'embed', 'embedding', 0, async (model, attempt, state) => {
+    return this.run(request, request.signal, 'embed', 'embedding', 0, async (model, attempt, state) => {
       const result = await embedMany({
         model: this.options.providers.embeddingModel(model.provider, model.id),
         values: request.values,
@@ -734,27 +720,51 @@ export class ModelManager {
 
   /** The answer's model, usage and cost (of `state.usage`, which the attempt has set). */
   private outcome(model: ModelInfo, state: AttemptState, started: number): CallOutcome {
-    const usage = state.usage ?? { ...ZERO_USAGE };
-    const cost = computeCost(model.pricing, usage);
-    state.priced = { usage, cost };
+    const { usage, cost } = this.price(model, state);
     return { model: model.id, provider: model.provider, usage, cost, latency_ms: Math.round(performance.now() - started) };
+  }
+
+  /** The outcome and what was said in one object literal: no spreads, on every chat call. */
+  private chatResult(model: ModelInfo, state: AttemptState, started: number, said: Said, finishReason: string, firstTokenMs: number | null): ChatResult {
+    const { usage, cost } = this.price(model, state);
+    return {
+      model: model.id,
+      provider: model.provider,
+      usage,
+      cost,
+      latency_ms: Math.round(performance.now() - started),
+      text: said.text,
+      reasoningText: said.reasoningText,
+      toolCalls: said.toolCalls,
+      responseMessages: said.responseMessages,
+      finishReason,
+      time_to_first_token_ms: firstTokenMs,
+    };
+  }
+
+  /** `state.usage` (set by the attempt) and its cost, kept for the usage record (computed once). */
+  private price(model: ModelInfo, state: AttemptState): { usage: TokenUsage; cost: string } {
+    const usage = state.usage ?? { ...ZERO_USAGE };
+    return (state.priced = { usage, cost: computeCost(model.pricing, usage) });
   }
 
   /** Resolution, reservation, retries, fallbacks and settlement around `runAttempt`. */
   private async run<T>(
     request: CallOptions & Partial<ChatRequest> & Partial<EmbedRequest>,
+    /** What aborts the call (the request's, or a stream's own). */
+    signal: CallerSignal | undefined,
     operation: Operation,
     capability: Capability,
     maxOutputTokens: number | undefined,
     runAttempt: AttemptRunner<T>,
   ): Promise<T> {
     const primary = this.resolve(request.model, capability);
-    const chain = [primary, ...this.fallbacksOf(primary, capability)];
+    const chain = this.chainOf(primary, capability);
     const inputTokens = estimateTokens(operation === 'embed' ? (request.values ?? []).join('') : [request.system ?? '', request.messages, request.tools ? Object.keys(request.tools) : []]);
     const outputTokens = operation === 'embed' ? 0 : (maxOutputTokens ?? this.options.defaultMaxOutputTokens);
     let lastError: Error | undefined;
     for (const model of chain) {
-      if (request.signal?.aborted) throw new ModelCallAbortedError();
+      if (signal?.aborted) throw new ModelCallAbortedError();
       const estimate: CostEstimate = {
         operation,
         model: model.id,
@@ -798,13 +808,13 @@ export class ModelManager {
       for (;;) {
         attempts += 1;
         const timeoutMs = request.timeoutMs ?? this.options.timeoutMs;
-        const attempt = new Attempt(request.signal, timeoutMs);
+        const attempt = new Attempt(signal, timeoutMs);
         try {
           const value = await runAttempt(model, attempt, state);
           finish('success', null);
           return value;
         } catch (error) {
-          const outcome = classify(error, attempt, request.signal, timeoutMs);
+          const outcome = classify(error, attempt, signal, timeoutMs);
           if (outcome.kind === 'aborted') {
             finish('aborted', new ModelCallAbortedError());
             throw new ModelCallAbortedError();
@@ -818,7 +828,7 @@ export class ModelManager {
             finish('error', outcome.error);
             break; // next model in the chain
           }
-          await sleep(this.backoff(attempts, outcome.retryAfterMs), request.signal).catch((e: unknown) => {
+          await sleep(this.backoff(attempts, outcome.retryAfterMs), signal).catch((e: unknown) => {
             finish('aborted', new ModelCallAbortedError());
             throw e;
           });
@@ -830,11 +840,12 @@ export class ModelManager {
     throw lastError ?? new UpstreamError('No model answered');
   }
 
-  private fallbacksOf(model: ModelInfo, capability: Capability): ModelInfo[] {
-    const out: ModelInfo[] = [];
+  /** The model, then its usable fallbacks. */
+  private chainOf(model: ModelInfo, capability: Capability): ModelInfo[] {
+    const out: ModelInfo[] = [model];
     for (const id of model.fallbacks) {
       const fallback = this.options.catalog.getModel(id);
-      if (!fallback || !fallback.enabled || fallback.id === model.id || out.some((m) => m.id === fallback.id)) continue;
+      if (!fallback || !fallback.enabled || out.some((m) => m.id === fallback.id)) continue;
       if (!fallback.capabilities.includes(capability) || !this.options.providers.status(fallback.provider).available) continue;
       out.push(fallback);
     }

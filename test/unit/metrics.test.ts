@@ -1,0 +1,76 @@
+/**
+ * KeyedCounter and KeyedHistogram add to the series prom-client made for a key: /metrics must read
+ * exactly as with prom-client's own inc/observe for every call.
+ */
+import { Counter, Histogram, Registry } from 'prom-client';
+import { describe, expect, it } from 'vitest';
+
+import { KeyedCounter, KeyedHistogram } from '../../src/core/metrics.js';
+
+const BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5];
+
+function pair() {
+  const plain = new Registry();
+  const keyed = new Registry();
+  const labelNames = ['model', 'provider', 'status'] as const;
+  return {
+    plain,
+    keyed,
+    counters: [
+      new Counter({ name: 'calls_total', help: 'Calls', labelNames, registers: [plain] }),
+      new KeyedCounter({ name: 'calls_total', help: 'Calls', labelNames, registers: [keyed] }),
+    ] as const,
+    histograms: [
+      new Histogram({ name: 'latency_seconds', help: 'Latency', labelNames, buckets: BUCKETS, registers: [plain] }),
+      new KeyedHistogram({ name: 'latency_seconds', help: 'Latency', labelNames, buckets: BUCKETS, registers: [keyed] }),
+    ] as const,
+  };
+}
+
+/** A call's labels and values, the same for both registries; some series again and again, values on and past the bounds. */
+const CALLS: [model: string, provider: string, status: string, seconds: number, cost: number][] = [];
+for (let i = 0; i < 200; i++) {
+  const model = ['gpt-4.1', 'org/"quoted"\\model', 'ünï-cödé'][i % 3]!;
+  const status = i % 7 === 0 ? 'error' : 'success';
+  const seconds = [0, 0.05, 0.0500001, 0.1, 0.3, 1, 2.5, 2.6, 99, 0.012345][i % 10]!;
+  CALLS.push([model, 'openai', status, seconds, i % 5 === 0 ? 0 : 0.000123 * i]);
+}
+
+describe('KeyedCounter and KeyedHistogram', () => {
+  it('write the same /metrics text and JSON as prom-client\'s inc and observe', async () => {
+    const { plain, keyed, counters, histograms } = pair();
+    for (const [model, provider, status, seconds, cost] of CALLS) {
+      const key = `${model}\n${provider}\n${status}`;
+      counters[0].inc({ model, provider, status });
+      counters[1].incKeyed(key, { model, provider, status });
+      counters[0].inc({ model, provider, status: 'cost' }, cost);
+      counters[1].incKeyed(`${key}\ncost`, { model, provider, status: 'cost' }, cost);
+      histograms[0].observe({ model, provider, status }, seconds);
+      histograms[1].observeKeyed(key, { model, provider, status }, seconds);
+    }
+    const text = await keyed.metrics();
+    expect(text).toBe(await plain.metrics());
+    expect(text).toMatch(/latency_seconds_bucket\{le="\+Inf",model="gpt-4.1",provider="openai",status="success"\} \d+/);
+    expect(await keyed.getMetricsAsJSON()).toEqual(await plain.getMetricsAsJSON());
+  });
+
+  it('keep prom-client\'s refusals, and start again after reset()', async () => {
+    const { plain, keyed, counters, histograms } = pair();
+    const labels = { model: 'm', provider: 'p', status: 'success' };
+    counters[1].incKeyed('k', labels, 2);
+    expect(() => counters[1].incKeyed('k', labels, -1)).toThrow(/decrease/);
+    histograms[1].observeKeyed('k', labels, 0.2);
+    expect(() => histograms[1].observeKeyed('k', labels, Number.NaN)).toThrow(/not a valid number/);
+    counters[0].inc(labels, 2);
+    counters[0].reset();
+    counters[1].reset();
+    histograms[0].reset();
+    histograms[1].reset();
+    counters[0].inc(labels, 3);
+    counters[1].incKeyed('k', labels, 3);
+    histograms[0].observe(labels, 0.2);
+    histograms[1].observeKeyed('k', labels, 0.2);
+    expect(await keyed.metrics()).toBe(await plain.metrics());
+    expect(await keyed.metrics()).toContain('calls_total{model="m",provider="p",status="success"} 3');
+  });
+});

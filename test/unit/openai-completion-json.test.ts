@@ -1,0 +1,107 @@
+/**
+ * The non-stream answer and the stream's usage chunk are written from templates: they must be what
+ * JSON.stringify of the equivalent object writes, byte for byte, whatever the model said.
+ */
+import { describe, expect, it } from 'vitest';
+
+import type { ChatResult, StreamEvent, TokenUsage, ToolCall } from '../../src/modules/ai-models/index.js';
+import { completionChunks, completionId, completionJson } from '../../src/services/openai-gateway.js';
+
+const USAGE: TokenUsage = { input: 12, output: 7, cached_input: 0, cache_write: 0, reasoning: 0 };
+
+function result(overrides: Partial<ChatResult>): ChatResult {
+  return {
+    model: 'gpt-test',
+    provider: 'fake',
+    usage: USAGE,
+    cost: '0',
+    latency_ms: 1,
+    text: 'Hello.',
+    toolCalls: [],
+    finishReason: 'stop',
+    responseMessages: [],
+    time_to_first_token_ms: null,
+    ...overrides,
+  };
+}
+
+const FINISH: Record<string, string> = { stop: 'stop', length: 'length', 'tool-calls': 'tool_calls', 'content-filter': 'content_filter' };
+
+const usageObject = (u: TokenUsage) => ({
+  prompt_tokens: u.input,
+  completion_tokens: u.output,
+  total_tokens: u.input + u.output,
+  prompt_tokens_details: { cached_tokens: u.cached_input },
+  completion_tokens_details: { reasoning_tokens: u.reasoning },
+});
+
+/** The object OpenAI's answer is, serialized as a whole (what the gateway wrote before the template). */
+function expected(r: ChatResult, id: string, created: number): string {
+  const message: Record<string, unknown> = { role: 'assistant', content: r.text || (r.toolCalls.length ? null : ''), refusal: null };
+  if (r.toolCalls.length) {
+    message.tool_calls = r.toolCalls.map((call) => ({
+      id: call.toolCallId,
+      type: 'function',
+      function: { name: call.toolName, arguments: typeof call.input === 'string' ? call.input : JSON.stringify(call.input ?? {}) },
+    }));
+  }
+  const finish = r.toolCalls.length ? 'tool_calls' : (FINISH[r.finishReason] ?? 'stop');
+  return JSON.stringify({
+    id,
+    object: 'chat.completion',
+    created,
+    model: r.model,
+    choices: [{ index: 0, message, finish_reason: finish, logprobs: null }],
+    usage: usageObject(r.usage),
+  });
+}
+
+const call = (toolCallId: string, toolName: string, input: unknown): ToolCall => ({ toolCallId, toolName, input });
+
+const CASES: [string, Partial<ChatResult>][] = [
+  ['plain text', {}],
+  ['unicode: accents, CJK, emoji, a lone surrogate, U+2028', { text: 'Ça va — 你好 👋🏽 \ud800 end\u2028line' }],
+  ['quotes, backslashes, control characters, markup', { text: 'He said "hi"\\n\n\t\r\u0000\u001f </script><!-- \'x\'' }],
+  ['an empty answer', { text: '' }],
+  ['tool calls only: null content', { text: '', toolCalls: [call('call_1', 'get_weather', { city: 'Zürich', "q\"uote": [1, null, true] }), call('call_2', 'noop', undefined)], finishReason: 'tool-calls' }],
+  ['text and a tool call whose input is a string', { text: 'Let me check.', toolCalls: [call('call_"3', 'raw', '{"not": "parsed"')] }],
+  ['usage with cached and reasoning tokens', { usage: { input: 1_234_567, output: 89, cached_input: 1_000_000, cache_write: 5, reasoning: 64 } }],
+  ['a model name that needs escaping', { model: 'org/"model"\\v1 ✓' }],
+  ['finish reasons', { finishReason: 'length' }],
+  ['content filter', { finishReason: 'content-filter' }],
+  ['an unknown finish reason', { finishReason: 'other' }],
+  ['non-finite token counts', { usage: { input: Number.NaN, output: Infinity, cached_input: 0, cache_write: 0, reasoning: -0 } }],
+];
+
+describe('completionJson', () => {
+  it.each(CASES)('writes what JSON.stringify of the object writes: %s', (_name, overrides) => {
+    const r = result(overrides);
+    const json = completionJson(r);
+    const { id, created } = JSON.parse(json) as { id: string; created: number };
+    expect(id).toMatch(/^chatcmpl-[0-9a-f]{32}$/);
+    expect(Math.abs(created - Date.now() / 1000)).toBeLessThan(5);
+    expect(json).toBe(expected(r, id, created));
+  });
+});
+
+describe('completionId', () => {
+  it('is chatcmpl- and the 32 hex digits of a fresh random UUID', () => {
+    const ids = Array.from({ length: 100 }, completionId);
+    for (const id of ids) expect(id).toMatch(/^chatcmpl-[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}$/);
+    expect(new Set(ids).size).toBe(ids.length);
+  });
+});
+
+describe('the stream usage chunk', () => {
+  it('is what JSON.stringify of the chunk writes', async () => {
+    const r = result({ model: 'ünïcode "model"', usage: { input: 5, output: 3, cached_input: 2, cache_write: 0, reasoning: 1 } });
+    const events: AsyncIterator<StreamEvent> = { next: () => Promise.resolve({ done: true, value: undefined }) };
+    let body = '';
+    for await (const frame of completionChunks(events, { done: false, value: { type: 'finish', result: r } }, 'requested', true)) body += frame;
+    const frames = body.split('\n\n').filter(Boolean);
+    const usageFrame = frames.at(-2)!.replace(/^data: /, '');
+    const { id, created } = JSON.parse(usageFrame) as { id: string; created: number };
+    expect(usageFrame).toBe(JSON.stringify({ id, object: 'chat.completion.chunk', created, model: r.model, choices: [], usage: usageObject(r.usage) }));
+    expect(frames.at(-1)).toBe('data: [DONE]');
+  });
+});
