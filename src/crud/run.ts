@@ -5,7 +5,7 @@ import { and, asc, eq, inArray, isNotNull, isNull, lt, or, type SQL, sql } from 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
 
-import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, messages, type NewRun, type Run, runs, type Thread, threads, users } from '../models/index.js';
+import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, type Message, messages, type NewRun, type Run, runs, type Thread, threads, users } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
 import { ownedCrud } from './owned.js';
@@ -119,36 +119,69 @@ export async function holdThreadBusy(tx: Db, ownerId: string, threadId: string):
   return row;
 }
 
+/** A worker's take of a run (see claim): the run, and what its first step reads. */
+export interface Claimed {
+  run: Run;
+  /** No worker had started the run before (its log holds only run.queued): the start to announce. */
+  firstStart: boolean;
+  /** The thread's messages in order, as the run's first step reads them. */
+  history: Message[];
+}
+
+/** A message as json_agg writes it: its timestamps as text. */
+type MessageJson = Omit<Message, 'created_at' | 'updated_at'> & { created_at: string; updated_at: string };
+
 /**
  * A worker takes a run: a queued one that holds its thread, or a running one whose worker is gone
- * (lease expired, or handed back). One conditional UPDATE, so two workers never both get it.
+ * (lease expired, or handed back). One conditional UPDATE, so two workers never both get it. The
+ * same statement reads what the first step needs — the thread's messages, and whether the run had
+ * been started before (`before`: the row as the statement's snapshot saw it) — so a run's first
+ * statement is its only round trip before the model call. Its commit does not wait for the WAL to
+ * reach the disk (synchronous_commit off, for this transaction only): lost in a database crash,
+ * the claim is undone and the run's lease recovers it like a dead worker's (docs/decisions.md).
  */
-const claimed = preparedAnywhere('runs_claim', (db, name) =>
-  db
-    .update(runs)
-    .set({
-      status: 'running',
-      lease_owner: slot<string>('worker_id'),
-      lease_expires_at: leaseSeconds(sql.placeholder('lease')),
-      attempts: sql`${runs.attempts} + 1`,
-      started_at: sql`coalesce(${runs.started_at}, now())`,
-    })
-    .where(
-      and(
-        eq(runs.id, slot<string>('run_id')),
-        or(
-          and(eq(runs.status, 'queued'), eq(runs.waiting, false)),
-          and(eq(runs.status, 'running'), or(isNull(runs.lease_owner), lt(runs.lease_expires_at, sql`now()`))),
+const claimed = preparedAnywhere('runs_claim_with_history', (db, name) => {
+  const before = db.$with('before').as(db.select({ started_at: runs.started_at }).from(runs).where(eq(runs.id, slot<string>('run_id'))));
+  const taken = db.$with('taken').as(
+    db
+      .update(runs)
+      .set({
+        status: 'running',
+        lease_owner: slot<string>('worker_id'),
+        lease_expires_at: leaseSeconds(sql.placeholder('lease')),
+        attempts: sql`${runs.attempts} + 1`,
+        started_at: sql`coalesce(${runs.started_at}, now())`,
+      })
+      .where(
+        and(
+          eq(runs.id, slot<string>('run_id')),
+          or(
+            and(eq(runs.status, 'queued'), eq(runs.waiting, false)),
+            and(eq(runs.status, 'running'), or(isNull(runs.lease_owner), lt(runs.lease_expires_at, sql`now()`))),
+          ),
         ),
-      ),
-    )
-    .returning()
-    .prepare(name),
-);
+      )
+      .returning(),
+  );
+  const reads = db.$with('reads').as(
+    db
+      .select({
+        first_start: sql<boolean>`(select ${before.started_at} from ${before}) is null`.as('first_start'),
+        // Qualified by hand: inside the subquery, Drizzle's bare "thread_id" would be the message's own.
+        history: sql<MessageJson[]>`(select coalesce(json_agg(m order by m.seq), '[]'::json) from ${messages} m where m.thread_id = ${sql.identifier('taken')}.${sql.identifier('thread_id')})`.as('history'),
+        // set_config(..., true) is SET LOCAL: it holds until this statement's own transaction commits.
+        commit_mode: sql<string>`set_config('synchronous_commit', 'off', true)`.as('commit_mode'),
+      })
+      .from(taken),
+  );
+  return db.with(before, taken, reads).select().from(taken).innerJoin(reads, sql`true`).prepare(name);
+});
 
-export async function claim(db: Db, runId: string, workerId: string, lease: number): Promise<Run | undefined> {
+export async function claim(db: Db, runId: string, workerId: string, lease: number): Promise<Claimed | undefined> {
   const [row] = await claimed(db).execute({ run_id: runId, worker_id: workerId, lease });
-  return row;
+  if (!row) return undefined;
+  const history = row.reads.history.map((message) => ({ ...message, created_at: new Date(message.created_at), updated_at: new Date(message.updated_at) }));
+  return { run: row.taken, firstStart: row.reads.first_start, history };
 }
 
 /** Extends the worker's hold; false when the run is no longer its own (cancelled, ended, taken over). */

@@ -157,8 +157,15 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     return { run: inserted, interrupted };
   });
   if (interrupted) await stopEnded(deps, interrupted);
-  if (!deps.bus.events.appendFirst) await deps.bus.events.append(run.id, [runEvent(run)]);
+  // Where the log is elsewhere (Redis), run.queued and the job go out without waiting in between:
+  // one round trip, and in that order on the connection they share (QueueOptions.laneProducer), so
+  // a worker finds run.queued in the log when it takes the job. (Were it missing — the append
+  // failed and the sweep queued the run later — the worker's first append continues from the log's
+  // real top: RunEventLog.expect.) A failed append still fails the request, as before.
+  const announced = deps.bus.events.appendFirst ? undefined : deps.bus.events.append(run.id, [runEvent(run)]);
+  announced?.catch(() => undefined);
   if (!run.waiting) await queueRun(deps, run.id);
+  await announced;
   ctx.log.info({ runId: run.id, threadId, agentId: agent.id, model, waiting: run.waiting, interrupted: interrupted?.id }, 'run queued');
   return run;
 }
