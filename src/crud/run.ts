@@ -39,14 +39,14 @@ const slot = <T>(name: string) => sql.placeholder(name) as unknown as T;
  * them holds a thread. Read under the thread's lock (a new snapshot after it), which every change
  * of a thread's active run takes, so the thread's active run among them is current.
  */
-const activeOwned = preparedAnywhere('runs_active_owned', (db, name) =>
+const activeOwnedQuery = (db: Db) =>
   db
     .select({ id: runs.id, thread_id: runs.thread_id, status: runs.status, waiting: runs.waiting })
     .from(runs)
     .where(and(eq(runs.owner_id, slot<string>('owner_id')), active))
-    .limit(slot<number>('up_to'))
-    .prepare(name),
-);
+    .limit(slot<number>('up_to'));
+type OwnedRow = Pick<Run, 'id' | 'thread_id' | 'status' | 'waiting'>;
+const activeOwned = preparedAnywhere('runs_active_owned', (db, name) => activeOwnedQuery(db).prepare(name));
 /** The columns a start gives; the rest take their defaults. */
 const START_COLUMNS = ['owner_id', 'thread_id', 'project_id', 'api_key_id', 'agent_id', 'agent_version', 'model', 'multitask_strategy', 'waiting', 'input', 'input_message_id'] as const;
 export type NewStartedRun = Pick<NewRun, (typeof START_COLUMNS)[number]>;
@@ -61,6 +61,30 @@ const insertStartedWithInput = preparedAnywhere('runs_insert_started_with_input'
     .values({ ...startValues(), input_message_id: sql`(select "id" from ${input})` })
     .returning()
     .prepare(name);
+});
+
+/** The thread's one active run (ux_runs_thread_id_active's predicate, unqualified as ON CONFLICT takes it). */
+const HOLDS_THREAD = sql`"status" in ('queued', 'running') and not "waiting"`;
+
+/**
+ * activeOwned and insertStartedWithInput as one statement, for a start that refuses a busy thread
+ * (`reject`): the run is inserted unless the thread has an active run (the one-active-run index,
+ * ON CONFLICT DO NOTHING), and the owner's active runs come back as they were before it, for the
+ * caller's checks (a refused start rolls the insert back). Under the same locks as the two
+ * statements it replaces, read after them in a new snapshot.
+ */
+const insertedIfFree = preparedAnywhere('runs_insert_started_with_input_if_free', (db, name) => {
+  const owned = db.$with('owned').as(activeOwnedQuery(db));
+  const input = db.$with('input').as(db.insert(messages).values(appendedMessageValues()).returning({ id: messages.id }));
+  const inserted = db.$with('inserted').as(
+    db
+      .insert(runs)
+      .values({ ...startValues(), input_message_id: sql`(select "id" from ${input})` })
+      .onConflictDoNothing({ target: runs.thread_id, where: HOLDS_THREAD })
+      .returning(),
+  );
+  const ownedRows = db.$with('owned_rows').as(db.select({ owned: sql<OwnedRow[]>`coalesce(json_agg(${sql.identifier('owned')}), '[]'::json)`.as('owned') }).from(owned));
+  return db.with(owned, input, inserted, ownedRows).select().from(ownedRows).leftJoin(inserted, sql`true`).prepare(name);
 });
 
 /** The owner locked (the active-run limit), then the thread locked and marked busy: one statement, in that lock order. */
@@ -90,8 +114,22 @@ export interface OwnerActive {
  * runs are its owner's). Beyond the limit the caller refuses the start, whichever thread is busy.
  */
 export async function ownerActive(tx: Db, ownerId: string, threadId: string, upTo: number): Promise<OwnerActive> {
-  const rows = await activeOwned(tx).execute({ owner_id: ownerId, up_to: upTo });
+  return summarize(await activeOwned(tx).execute({ owner_id: ownerId, up_to: upTo }), threadId);
+}
+
+function summarize(rows: readonly OwnedRow[], threadId: string): OwnerActive {
   return { count: rows.length, onThread: rows.find((row) => row.thread_id === threadId && !row.waiting) };
+}
+
+/**
+ * Inside a start's transaction, after holdThreadBusy, for a start that refuses a busy thread:
+ * ownerActive and insertRunWithInput in one statement. `run` is undefined when the thread has an
+ * active run (then `owned.onThread` is it); the caller refuses the start (rolling back what was
+ * written) when `owned` says so, as after ownerActive.
+ */
+export async function insertRunWithInputIfFree(tx: Db, values: Omit<NewStartedRun, 'input' | 'input_message_id' | 'waiting'> & { input: string }, upTo: number): Promise<{ run: Run | undefined; owned: OwnerActive }> {
+  const [row] = await insertedIfFree(tx).execute({ ...values, waiting: false, up_to: upTo, id: randomUUID(), role: 'user', content: values.input, tool_calls: null, tool_call_id: null, run_id: null, metadata: {} });
+  return { run: row!.inserted ?? undefined, owned: summarize(row!.owned_rows.owned, values.thread_id) };
 }
 
 export async function insertRun(tx: Db, values: NewStartedRun): Promise<Run> {

@@ -313,10 +313,10 @@ describe('statements per run (embedded)', () => {
     const scopes = [...byScope.values()];
     const start = scopes.find((texts) => texts.some((text) => text.includes('insert into "runs"')))!;
     const step = scopes.find((texts) => texts.some((text) => text.startsWith('with "ended" as')))!;
-    // The owner and thread locks with the busy mark, the owner's active runs, the input message with the run, run.queued.
-    expect(start).toHaveLength(4);
+    // The owner and thread locks with the busy mark; the owner's active runs read by the insert of the input message with the run; run.queued.
+    expect(start).toHaveLength(3);
     expect(start[0]).toMatch(/^with "owner" as \(select "id" from "users" .* for update\) update "threads"/);
-    expect(start[2]).toMatch(/^with "input" as \(insert into "messages" .*\) insert into "runs"/);
+    expect(start[1]).toMatch(/^with "owned" as \(select .* from "runs" .*\), "input" as \(insert into "messages" .*\), "inserted" as \(insert into "runs" .* on conflict \("thread_id"\) where "status" in \('queued', 'running'\) and not "waiting" do nothing/);
     // The thread and run locks (the fence), the answer, the end with the hand-over, the events.
     expect(step).toHaveLength(4);
     expect(step[0]).toMatch(/^with "thread" as \(select "id" from "threads" .* for update\) select .* from "runs" .* for update of "runs"/);
@@ -402,7 +402,8 @@ describe('one active run per thread', () => {
     expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('busy');
     const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'q2' });
     expect(refused.statusCode).toBe(409);
-    expect(refused.json<{ detail: string }>().detail).toMatch(/Thread is busy/);
+    // Named by the refused start's own statement (it read the owner's active runs), its input rolled back (the messages below).
+    expect(refused.json<{ detail: string }>().detail).toMatch(new RegExp(`^Thread is busy: run ${first.id} is (queued|running) on it`));
     // Posting a message while a run works is refused too.
     expect((await api('POST', `/threads/${thread.id}/messages`, owner.headers, { content: 'x' })).statusCode).toBe(409);
     const queued = await startRun(ctx.app, owner.headers, thread.id, { input: 'q2', multitask_strategy: 'enqueue' });
