@@ -120,7 +120,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.setSerializerCompiler(serializerCompiler);
 
   const redis = createRedis(settings);
-  const queue = createQueue(settings, logger);
+  const queue = createQueue(settings, logger, undefined, undefined, { laneProducer: redis });
   const mailer = new Mailer(settings, queue);
   app.decorate('settings', settings);
   app.decorate('database', database);

@@ -67,7 +67,7 @@ export async function startWorker(settings: Settings, logger: pino.Logger): Prom
   try {
     await requireMigrated(database);
     const redis = createRedis(settings)!;
-    const agentRuns = await openAgentRuns({ settings, database, logger, redis, queue: createQueue(settings, logger), metrics: unservedModelMetrics() });
+    const agentRuns = await openAgentRuns({ settings, database, logger, redis, queue: createQueue(settings, logger, undefined, undefined, { laneProducer: redis }), metrics: unservedModelMetrics() });
     agentRuns.work();
     logger.info({ concurrency: settings.JOB_CONCURRENCY, runConcurrency: settings.RUN_CONCURRENCY }, 'worker started');
     return {

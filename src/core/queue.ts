@@ -134,6 +134,18 @@ interface StoredJob {
   sealed: string;
 }
 
+/** How the queue is set up beyond its settings. */
+export interface QueueOptions {
+  /**
+   * The client the lanes' jobs are queued on (not closed by the queue): the process's own, on which
+   * the run bus writes a run's events. A run's start appends its `run.queued` and queues its job
+   * without waiting in between; on one connection Redis takes them in that order, so the job cannot
+   * be taken before its run's first event is in the log, and both are one round trip (see
+   * services/run-service.ts). Other jobs keep the queue's connection.
+   */
+  laneProducer?: Redis | null;
+}
+
 class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
   readonly kind = 'redis';
   private readonly connection: Redis;
@@ -150,6 +162,7 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
     private readonly registry: R,
     url: string,
     private readonly lanes: readonly JobLane[],
+    laneProducer: Redis | null,
   ) {
     this.sealer = new JobSealer(settings.SECRET_KEY);
     // BullMQ's blocking commands need a client that retries forever rather than failing a request.
@@ -157,7 +170,8 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
     this.connection.on('error', () => undefined);
     for (const lane of lanes) for (const job of lane.jobs) this.laneOf.set(job, lane.queue);
     for (const name of [QUEUE_NAME, ...lanes.map((lane) => lane.queue)]) {
-      const queue = new (bullmq().Queue)(name, { connection: this.connection, prefix: this.prefix });
+      const connection = name !== QUEUE_NAME && laneProducer ? laneProducer : this.connection;
+      const queue = new (bullmq().Queue)(name, { connection, prefix: this.prefix });
       queue.on('error', () => undefined);
       this.queues.set(name, queue);
     }
@@ -249,6 +263,6 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
 }
 
 /** The queue of `registry`'s jobs (default: the application's, tasks/registry.ts, with its lanes). */
-export function createQueue<R extends JobRegistry = Jobs>(settings: Settings, logger: Logger, registry: R = JOBS as JobRegistry as R, lanes: readonly JobLane[] = JOB_LANES): JobQueue<R> {
-  return settings.REDIS_URL ? new RedisQueue(settings, logger, registry, settings.REDIS_URL, lanes) : new InProcessQueue(settings, logger, registry);
+export function createQueue<R extends JobRegistry = Jobs>(settings: Settings, logger: Logger, registry: R = JOBS as JobRegistry as R, lanes: readonly JobLane[] = JOB_LANES, options: QueueOptions = {}): JobQueue<R> {
+  return settings.REDIS_URL ? new RedisQueue(settings, logger, registry, settings.REDIS_URL, lanes, options.laneProducer ?? null) : new InProcessQueue(settings, logger, registry);
 }

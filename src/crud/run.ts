@@ -5,7 +5,7 @@ import { and, asc, eq, inArray, isNotNull, isNull, lt, or, type SQL, sql } from 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
 
-import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, messages, type NewRun, type Run, runs, type Thread, threads, users } from '../models/index.js';
+import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, type Message, messages, type NewRun, type Run, runs, type Thread, threads, users } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
 import { ownedCrud } from './owned.js';
@@ -39,14 +39,14 @@ const slot = <T>(name: string) => sql.placeholder(name) as unknown as T;
  * them holds a thread. Read under the thread's lock (a new snapshot after it), which every change
  * of a thread's active run takes, so the thread's active run among them is current.
  */
-const activeOwned = preparedAnywhere('runs_active_owned', (db, name) =>
+const activeOwnedQuery = (db: Db) =>
   db
     .select({ id: runs.id, thread_id: runs.thread_id, status: runs.status, waiting: runs.waiting })
     .from(runs)
     .where(and(eq(runs.owner_id, slot<string>('owner_id')), active))
-    .limit(slot<number>('up_to'))
-    .prepare(name),
-);
+    .limit(slot<number>('up_to'));
+type OwnedRow = Pick<Run, 'id' | 'thread_id' | 'status' | 'waiting'>;
+const activeOwned = preparedAnywhere('runs_active_owned', (db, name) => activeOwnedQuery(db).prepare(name));
 /** The columns a start gives; the rest take their defaults. */
 const START_COLUMNS = ['owner_id', 'thread_id', 'project_id', 'api_key_id', 'agent_id', 'agent_version', 'model', 'multitask_strategy', 'waiting', 'input', 'input_message_id'] as const;
 export type NewStartedRun = Pick<NewRun, (typeof START_COLUMNS)[number]>;
@@ -61,6 +61,30 @@ const insertStartedWithInput = preparedAnywhere('runs_insert_started_with_input'
     .values({ ...startValues(), input_message_id: sql`(select "id" from ${input})` })
     .returning()
     .prepare(name);
+});
+
+/** The thread's one active run (ux_runs_thread_id_active's predicate, unqualified as ON CONFLICT takes it). */
+const HOLDS_THREAD = sql`"status" in ('queued', 'running') and not "waiting"`;
+
+/**
+ * activeOwned and insertStartedWithInput as one statement, for a start that refuses a busy thread
+ * (`reject`): the run is inserted unless the thread has an active run (the one-active-run index,
+ * ON CONFLICT DO NOTHING), and the owner's active runs come back as they were before it, for the
+ * caller's checks (a refused start rolls the insert back). Under the same locks as the two
+ * statements it replaces, read after them in a new snapshot.
+ */
+const insertedIfFree = preparedAnywhere('runs_insert_started_with_input_if_free', (db, name) => {
+  const owned = db.$with('owned').as(activeOwnedQuery(db));
+  const input = db.$with('input').as(db.insert(messages).values(appendedMessageValues()).returning({ id: messages.id }));
+  const inserted = db.$with('inserted').as(
+    db
+      .insert(runs)
+      .values({ ...startValues(), input_message_id: sql`(select "id" from ${input})` })
+      .onConflictDoNothing({ target: runs.thread_id, where: HOLDS_THREAD })
+      .returning(),
+  );
+  const ownedRows = db.$with('owned_rows').as(db.select({ owned: sql<OwnedRow[]>`coalesce(json_agg(${sql.identifier('owned')}), '[]'::json)`.as('owned') }).from(owned));
+  return db.with(owned, input, inserted, ownedRows).select().from(ownedRows).leftJoin(inserted, sql`true`).prepare(name);
 });
 
 /** The owner locked (the active-run limit), then the thread locked and marked busy: one statement, in that lock order. */
@@ -90,8 +114,22 @@ export interface OwnerActive {
  * runs are its owner's). Beyond the limit the caller refuses the start, whichever thread is busy.
  */
 export async function ownerActive(tx: Db, ownerId: string, threadId: string, upTo: number): Promise<OwnerActive> {
-  const rows = await activeOwned(tx).execute({ owner_id: ownerId, up_to: upTo });
+  return summarize(await activeOwned(tx).execute({ owner_id: ownerId, up_to: upTo }), threadId);
+}
+
+function summarize(rows: readonly OwnedRow[], threadId: string): OwnerActive {
   return { count: rows.length, onThread: rows.find((row) => row.thread_id === threadId && !row.waiting) };
+}
+
+/**
+ * Inside a start's transaction, after holdThreadBusy, for a start that refuses a busy thread:
+ * ownerActive and insertRunWithInput in one statement. `run` is undefined when the thread has an
+ * active run (then `owned.onThread` is it); the caller refuses the start (rolling back what was
+ * written) when `owned` says so, as after ownerActive.
+ */
+export async function insertRunWithInputIfFree(tx: Db, values: Omit<NewStartedRun, 'input' | 'input_message_id' | 'waiting'> & { input: string }, upTo: number): Promise<{ run: Run | undefined; owned: OwnerActive }> {
+  const [row] = await insertedIfFree(tx).execute({ ...values, waiting: false, up_to: upTo, id: randomUUID(), role: 'user', content: values.input, tool_calls: null, tool_call_id: null, run_id: null, metadata: {} });
+  return { run: row!.inserted ?? undefined, owned: summarize(row!.owned_rows.owned, values.thread_id) };
 }
 
 export async function insertRun(tx: Db, values: NewStartedRun): Promise<Run> {
@@ -119,36 +157,69 @@ export async function holdThreadBusy(tx: Db, ownerId: string, threadId: string):
   return row;
 }
 
+/** A worker's take of a run (see claim): the run, and what its first step reads. */
+export interface Claimed {
+  run: Run;
+  /** No worker had started the run before (its log holds only run.queued): the start to announce. */
+  firstStart: boolean;
+  /** The thread's messages in order, as the run's first step reads them. */
+  history: Message[];
+}
+
+/** A message as json_agg writes it: its timestamps as text. */
+type MessageJson = Omit<Message, 'created_at' | 'updated_at'> & { created_at: string; updated_at: string };
+
 /**
  * A worker takes a run: a queued one that holds its thread, or a running one whose worker is gone
- * (lease expired, or handed back). One conditional UPDATE, so two workers never both get it.
+ * (lease expired, or handed back). One conditional UPDATE, so two workers never both get it. The
+ * same statement reads what the first step needs — the thread's messages, and whether the run had
+ * been started before (`before`: the row as the statement's snapshot saw it) — so a run's first
+ * statement is its only round trip before the model call. Its commit does not wait for the WAL to
+ * reach the disk (synchronous_commit off, for this transaction only): lost in a database crash,
+ * the claim is undone and the run's lease recovers it like a dead worker's (docs/decisions.md).
  */
-const claimed = preparedAnywhere('runs_claim', (db, name) =>
-  db
-    .update(runs)
-    .set({
-      status: 'running',
-      lease_owner: slot<string>('worker_id'),
-      lease_expires_at: leaseSeconds(sql.placeholder('lease')),
-      attempts: sql`${runs.attempts} + 1`,
-      started_at: sql`coalesce(${runs.started_at}, now())`,
-    })
-    .where(
-      and(
-        eq(runs.id, slot<string>('run_id')),
-        or(
-          and(eq(runs.status, 'queued'), eq(runs.waiting, false)),
-          and(eq(runs.status, 'running'), or(isNull(runs.lease_owner), lt(runs.lease_expires_at, sql`now()`))),
+const claimed = preparedAnywhere('runs_claim_with_history', (db, name) => {
+  const before = db.$with('before').as(db.select({ started_at: runs.started_at }).from(runs).where(eq(runs.id, slot<string>('run_id'))));
+  const taken = db.$with('taken').as(
+    db
+      .update(runs)
+      .set({
+        status: 'running',
+        lease_owner: slot<string>('worker_id'),
+        lease_expires_at: leaseSeconds(sql.placeholder('lease')),
+        attempts: sql`${runs.attempts} + 1`,
+        started_at: sql`coalesce(${runs.started_at}, now())`,
+      })
+      .where(
+        and(
+          eq(runs.id, slot<string>('run_id')),
+          or(
+            and(eq(runs.status, 'queued'), eq(runs.waiting, false)),
+            and(eq(runs.status, 'running'), or(isNull(runs.lease_owner), lt(runs.lease_expires_at, sql`now()`))),
+          ),
         ),
-      ),
-    )
-    .returning()
-    .prepare(name),
-);
+      )
+      .returning(),
+  );
+  const reads = db.$with('reads').as(
+    db
+      .select({
+        first_start: sql<boolean>`(select ${before.started_at} from ${before}) is null`.as('first_start'),
+        // Qualified by hand: inside the subquery, Drizzle's bare "thread_id" would be the message's own.
+        history: sql<MessageJson[]>`(select coalesce(json_agg(m order by m.seq), '[]'::json) from ${messages} m where m.thread_id = ${sql.identifier('taken')}.${sql.identifier('thread_id')})`.as('history'),
+        // set_config(..., true) is SET LOCAL: it holds until this statement's own transaction commits.
+        commit_mode: sql<string>`set_config('synchronous_commit', 'off', true)`.as('commit_mode'),
+      })
+      .from(taken),
+  );
+  return db.with(before, taken, reads).select().from(taken).innerJoin(reads, sql`true`).prepare(name);
+});
 
-export async function claim(db: Db, runId: string, workerId: string, lease: number): Promise<Run | undefined> {
+export async function claim(db: Db, runId: string, workerId: string, lease: number): Promise<Claimed | undefined> {
   const [row] = await claimed(db).execute({ run_id: runId, worker_id: workerId, lease });
-  return row;
+  if (!row) return undefined;
+  const history = row.reads.history.map((message) => ({ ...message, created_at: new Date(message.created_at), updated_at: new Date(message.updated_at) }));
+  return { run: row.taken, firstStart: row.reads.first_start, history };
 }
 
 /** Extends the worker's hold; false when the run is no longer its own (cancelled, ended, taken over). */

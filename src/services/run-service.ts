@@ -121,22 +121,13 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     // Lock order: the user (the active-run limit), then the thread, in one statement; the thread
     // marked busy with it (a refused start rolls it back). Then its runs, read under those locks.
     const thread = threadPolicy.check(principal, await runCrud.holdThreadBusy(tx, ownerId, threadId), 'write');
-    const owned = await runCrud.ownerActive(tx, ownerId, thread.id, settings.MAX_ACTIVE_RUNS_PER_USER);
-    if (owned.count >= settings.MAX_ACTIVE_RUNS_PER_USER) {
-      throw new TooManyRequestsError(5, `Too many active runs: at most ${settings.MAX_ACTIVE_RUNS_PER_USER} may be queued or running per user (MAX_ACTIVE_RUNS_PER_USER); wait for one to end or cancel one`);
-    }
-    const active = owned.onThread;
-    let waiting = false;
-    let interrupted: Interrupted;
-    if (active) {
-      if (options.strategy === 'reject') {
-        throw new ConflictError(`Thread is busy: run ${active.id} is ${active.status} on it; wait for it, cancel it, or start with multitask_strategy enqueue or interrupt`);
-      }
-      if (options.strategy === 'enqueue') waiting = true;
-      else interrupted = await runCrud.endRun(tx, active.id, { status: 'cancelled', error: null }, null);
-    }
-    const appendInput = !waiting && options.input !== undefined && !options.inputMessageId;
-    if (appendInput && options.history?.length) await appendMessages(tx, thread.id, options.history.map((message) => ({ ...message, metadata: {} })));
+    const limit = settings.MAX_ACTIVE_RUNS_PER_USER;
+    const checkLimit = (owned: runCrud.OwnerActive) => {
+      if (owned.count < limit) return;
+      throw new TooManyRequestsError(5, `Too many active runs: at most ${limit} may be queued or running per user (MAX_ACTIVE_RUNS_PER_USER); wait for one to end or cancel one`);
+    };
+    const busy = (active: Pick<Run, 'id' | 'status'> | undefined) =>
+      new ConflictError(active ? `Thread is busy: run ${active.id} is ${active.status} on it; wait for it, cancel it, or start with multitask_strategy enqueue or interrupt` : 'Thread is busy: another run is active on it');
     const values = {
       owner_id: thread.owner_id,
       thread_id: thread.id,
@@ -146,19 +137,46 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
       agent_version: agent.version,
       model,
       multitask_strategy: options.strategy,
-      waiting,
     };
+    if (options.strategy === 'reject' && options.input !== undefined && !options.inputMessageId && !options.history?.length) {
+      // The usual start (a refused busy thread, a new input): the owner's active runs are read by
+      // the insert itself, one round trip fewer; a refusal rolls the insert back.
+      const { run: inserted, owned } = await runCrud.insertRunWithInputIfFree(tx, { ...values, input: options.input }, limit);
+      checkLimit(owned);
+      if (!inserted) throw busy(owned.onThread);
+      await deps.bus.events.appendFirst?.(tx, inserted.id, [runEvent(inserted)]);
+      return { run: inserted, interrupted: undefined };
+    }
+    const owned = await runCrud.ownerActive(tx, ownerId, thread.id, limit);
+    checkLimit(owned);
+    const active = owned.onThread;
+    let waiting = false;
+    let interrupted: Interrupted;
+    if (active) {
+      if (options.strategy === 'reject') throw busy(active);
+      if (options.strategy === 'enqueue') waiting = true;
+      else interrupted = await runCrud.endRun(tx, active.id, { status: 'cancelled', error: null }, null);
+    }
+    const appendInput = !waiting && options.input !== undefined && !options.inputMessageId;
+    if (appendInput && options.history?.length) await appendMessages(tx, thread.id, options.history.map((message) => ({ ...message, metadata: {} })));
     // The input becomes the thread's next user message in the run's own insert.
     const inserted = appendInput
-      ? await runCrud.insertRunWithInput(tx, { ...values, input: options.input! })
-      : await runCrud.insertRun(tx, { ...values, input: options.input ?? null, input_message_id: options.inputMessageId ?? null });
+      ? await runCrud.insertRunWithInput(tx, { ...values, waiting, input: options.input! })
+      : await runCrud.insertRun(tx, { ...values, waiting, input: options.input ?? null, input_message_id: options.inputMessageId ?? null });
     // Where the log is in this database (embedded), run.queued is stored with the run.
     await deps.bus.events.appendFirst?.(tx, inserted.id, [runEvent(inserted)]);
     return { run: inserted, interrupted };
   });
   if (interrupted) await stopEnded(deps, interrupted);
-  if (!deps.bus.events.appendFirst) await deps.bus.events.append(run.id, [runEvent(run)]);
+  // Where the log is elsewhere (Redis), run.queued and the job go out without waiting in between:
+  // one round trip, and in that order on the connection they share (QueueOptions.laneProducer), so
+  // a worker finds run.queued in the log when it takes the job. (Were it missing — the append
+  // failed and the sweep queued the run later — the worker's first append continues from the log's
+  // real top: RunEventLog.expect.) A failed append still fails the request, as before.
+  const announced = deps.bus.events.appendFirst ? undefined : deps.bus.events.append(run.id, [runEvent(run)]);
+  announced?.catch(() => undefined);
   if (!run.waiting) await queueRun(deps, run.id);
+  await announced;
   ctx.log.info({ runId: run.id, threadId, agentId: agent.id, model, waiting: run.waiting, interrupted: interrupted?.id }, 'run queued');
   return run;
 }

@@ -118,6 +118,36 @@ describe.skipIf(!redisUrl)('run bus on Redis', () => {
     expect((await admin.xrange(api.events.streamKey(runId), '-', '+')).map(([id, fields]) => [id, fields[3]])).toEqual([['0-1', JSON.stringify({ by: 'other', run_id: runId, seq: 1 })]]);
   });
 
+  it('a first start\'s writer appends after run.queued without reading the stream, or from its real top when run.queued is missing', async () => {
+    const [api, worker] = [node(), node()];
+    const reads: string[] = [];
+    const redis = (worker.events as unknown as { redis: Redis }).redis;
+    await redis.ping(); // connected: its handshake's commands are not the writer's
+    const sendCommand = redis.sendCommand.bind(redis);
+    redis.sendCommand = ((command: { name: string }, ...rest: unknown[]) => {
+      reads.push(command.name);
+      return (sendCommand as (...args: unknown[]) => unknown)(command, ...rest);
+    });
+    const runId = randomUUID();
+    await api.events.append(runId, [{ event: 'run.queued', data: {} }]);
+    worker.events.expect(runId, 1);
+    const first = await worker.events.append(runId, [{ event: 'run.started', data: {} }]);
+    expect(first.map((event) => event.seq)).toEqual([2]);
+    expect(reads).toEqual(['evalsha']);
+
+    // run.queued was never written: the guess is wrong once, and the append continues from the top.
+    const lost = randomUUID();
+    worker.events.expect(lost, 1);
+    expect((await worker.events.append(lost, [{ event: 'run.started', data: {} }])).map((event) => event.seq)).toEqual([1]);
+    expect((await worker.events.append(lost, [{ event: 'message.created', data: {} }])).map((event) => event.seq)).toEqual([2]);
+    // Only the append right after expect is lenient: a writer behind another one is refused again.
+    await api.events.lastSeq(lost);
+    await api.events.append(lost, [{ event: 'message.delta', data: {} }]);
+    const error = await worker.events.append(lost, [{ event: 'message.delta', data: {} }]).catch((thrown: unknown) => thrown);
+    expect((error as RunEventsRefusedError).reason).toBe('stale');
+    expect((await admin.xrange(worker.events.streamKey(lost), '-', '+')).map(([id]) => id)).toEqual(['0-1', '0-2', '0-3']);
+  });
+
   it('serves 400 readers of 100 runs over one subscriber connection per node', async () => {
     const [writer, reader] = [node(), node()];
     const runIds = Array.from({ length: 100 }, () => randomUUID());

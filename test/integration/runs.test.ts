@@ -1,12 +1,15 @@
 import { type AddressInfo, connect } from 'node:net';
 
-import { eq } from 'drizzle-orm';
+import { eq, sql } from 'drizzle-orm';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 
+import { type Db, transaction } from '../../src/core/db.js';
 import { PgliteStatementClient } from '../../src/core/pglite-client.js';
 
 import { messages, runEvents, runs, threads } from '../../src/models/index.js';
 
+import * as runCrud from '../../src/crud/run.js';
+import { appendMessages } from '../../src/crud/thread.js';
 import { RedisRunEventLog } from '../../src/modules/agents/redis-run-events.js';
 import { finishRun } from '../../src/modules/agents/run-lifecycle.js';
 import { useTestApp } from '../helpers/app.js';
@@ -310,13 +313,84 @@ describe('statements per run (embedded)', () => {
     const scopes = [...byScope.values()];
     const start = scopes.find((texts) => texts.some((text) => text.includes('insert into "runs"')))!;
     const step = scopes.find((texts) => texts.some((text) => text.startsWith('with "ended" as')))!;
-    // The owner and thread locks with the busy mark, the owner's active runs, the input message with the run, run.queued.
-    expect(start).toHaveLength(4);
+    // The owner and thread locks with the busy mark; the owner's active runs read by the insert of the input message with the run; run.queued.
+    expect(start).toHaveLength(3);
     expect(start[0]).toMatch(/^with "owner" as \(select "id" from "users" .* for update\) update "threads"/);
-    expect(start[2]).toMatch(/^with "input" as \(insert into "messages" .*\) insert into "runs"/);
+    expect(start[1]).toMatch(/^with "owned" as \(select .* from "runs" .*\), "input" as \(insert into "messages" .*\), "inserted" as \(insert into "runs" .* on conflict \("thread_id"\) where "status" in \('queued', 'running'\) and not "waiting" do nothing/);
     // The thread and run locks (the fence), the answer, the end with the hand-over, the events.
     expect(step).toHaveLength(4);
     expect(step[0]).toMatch(/^with "thread" as \(select "id" from "threads" .* for update\) select .* from "runs" .* for update of "runs"/);
+  });
+});
+
+describe('a worker\'s claim', () => {
+  /** A queued run on a thread with two messages, inserted as a start would (no job: nobody else claims it). */
+  async function queuedRun() {
+    const { owner, agent, thread } = await setup();
+    const history = await transaction(ctx.app.db, (tx) =>
+      appendMessages(tx, thread.id, [
+        { role: 'user', content: 'first', metadata: {} },
+        { role: 'assistant', content: 'second', metadata: { step: 1 } },
+      ]),
+    );
+    const [run] = await ctx.app.db.insert(runs).values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, agent_version: 1, model: MODEL }).returning();
+    return { run: run!, history };
+  }
+
+  it('takes the run with the thread\'s messages in one statement and says whether it is the run\'s first start', async () => {
+    const { run, history } = await queuedRun();
+    const first = await runCrud.claim(ctx.app.db, run.id, 'test-worker-a', 60);
+    expect(first).toMatchObject({ firstStart: true, run: { id: run.id, status: 'running', lease_owner: 'test-worker-a', attempts: 1 } });
+    expect(first!.history).toEqual(history);
+    expect(await runCrud.claim(ctx.app.db, run.id, 'test-worker-b', 60)).toBeUndefined();
+    // Handed back (a shutdown): the next claim resumes it, and is not a first start.
+    expect(await runCrud.releaseLease(ctx.app.db, run.id, 'test-worker-a', true)).toBe(true);
+    const resumed = await runCrud.claim(ctx.app.db, run.id, 'test-worker-b', 60);
+    expect(resumed).toMatchObject({ firstStart: false, run: { lease_owner: 'test-worker-b', attempts: 1, started_at: first!.run.started_at } });
+    await runCrud.endRun(ctx.app.db, run.id, { status: 'cancelled', error: null }, null, true);
+  });
+
+  it('commits without waiting for the WAL (synchronous_commit off for its own transaction only)', async () => {
+    const { run } = await queuedRun();
+    const setting = async (db: Db) => {
+      const result: unknown = await db.execute(sql`select current_setting('synchronous_commit') as value`);
+      return (result as { rows: { value: string }[] }).rows[0]!.value;
+    };
+    const seen = await transaction(ctx.app.db, async (tx) => {
+      const before = await setting(tx);
+      await runCrud.claim(tx, run.id, 'test-worker-a', 60);
+      return { before, after: await setting(tx) };
+    });
+    expect(seen).toEqual({ before: 'on', after: 'off' });
+    expect(await setting(ctx.app.db)).toBe('on');
+    await runCrud.endRun(ctx.app.db, run.id, { status: 'cancelled', error: null }, null, true);
+  });
+});
+
+describe.runIf(Boolean(process.env.REDIS_URL))('a start on Redis', () => {
+  it('appends run.queued and queues the job on one connection, the job sent before the append is answered: one round trip', async () => {
+    fake.script(MODEL, { chunks: ['Hi'] });
+    const { owner, thread } = await setup();
+    const redis = ctx.app.redis!;
+    const log: string[] = [];
+    const original = redis.sendCommand.bind(redis);
+    const spy = vi.spyOn(redis, 'sendCommand').mockImplementation((command, ...rest) => {
+      const key = String(command.args[2] ?? '');
+      const what = key.endsWith(':events') ? 'event' : key.includes(':keel-runs:') && command.name.startsWith('eval') ? 'job' : null;
+      if (what) {
+        log.push(`send ${what}`);
+        void command.promise.then(() => log.push(`reply ${what}`), () => undefined);
+      }
+      return (original as (...args: unknown[]) => ReturnType<typeof redis.sendCommand>)(command, ...rest);
+    });
+    try {
+      const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'Hi there' });
+      await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+    } finally {
+      spy.mockRestore();
+    }
+    // The run's later events are appended by its worker (on this client too, in this test's app).
+    expect(log.slice(0, 3)).toEqual(['send event', 'send job', 'reply event']);
   });
 });
 
@@ -328,7 +402,8 @@ describe('one active run per thread', () => {
     expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('busy');
     const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'q2' });
     expect(refused.statusCode).toBe(409);
-    expect(refused.json<{ detail: string }>().detail).toMatch(/Thread is busy/);
+    // Named by the refused start's own statement (it read the owner's active runs), its input rolled back (the messages below).
+    expect(refused.json<{ detail: string }>().detail).toMatch(new RegExp(`^Thread is busy: run ${first.id} is (queued|running) on it`));
     // Posting a message while a run works is refused too.
     expect((await api('POST', `/threads/${thread.id}/messages`, owner.headers, { content: 'x' })).statusCode).toBe(409);
     const queued = await startRun(ctx.app, owner.headers, thread.id, { input: 'q2', multitask_strategy: 'enqueue' });

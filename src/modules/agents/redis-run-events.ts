@@ -39,6 +39,8 @@ const TAIL_WINDOW = 64;
 const UNTRIMMED_EVENTS = 16;
 /** Events per XRANGE page (replay, catching up). */
 const PAGE_SIZE = 200;
+/** Runs with an `expect` not yet followed by an append that a log keeps (the oldest is forgotten: its writer reads the top). */
+const MAX_EXPECTED = 1_000;
 /** Most events of queued appends one script call takes (the rest go in the next). */
 const MAX_BATCH_EVENTS = 256;
 
@@ -93,6 +95,8 @@ function parseEntry([id, fields]: StreamEntry): RunEvent {
 export class RedisRunEventLog implements RunEventLog {
   /** Per run, the seq this log last appended or read with lastSeq: where its next append must continue. */
   private readonly cursors = new Map<string, number>();
+  /** Runs whose cursor a writer set with `expect`, until their next append: that one continues from the real top if the guess is wrong. */
+  private readonly expected = new Set<string>();
   /** Per run with an append in flight: the appends made since, which go out together after it. */
   private readonly queued = new Map<string, QueuedAppend[]>();
   private readonly tails = new Map<string, RunTail>();
@@ -170,6 +174,7 @@ export class RedisRunEventLog implements RunEventLog {
   }
 
   private async appendNow(runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]> {
+    const expected = this.expected.delete(runId);
     try {
       // A run's first event (its start writes run.queued) needs no look-up: the script refuses it
       // ('stale') were the stream not empty.
@@ -193,6 +198,11 @@ export class RedisRunEventLog implements RunEventLog {
       if (outcome === 'ended') {
         this.cursors.delete(runId);
         throw new RunEventsRefusedError(runId, 'ended', last);
+      }
+      if (outcome === 'stale' && expected) {
+        // The writer's `expect` was wrong (its run.queued is missing): the script told where the log is.
+        this.remember(runId, last);
+        return await this.appendNow(runId, events);
       }
       // A stale writer keeps its cursor: it stays refused until it reads lastSeq (resumes the run).
       if (outcome === 'stale') throw new RunEventsRefusedError(runId, 'stale', last);
@@ -218,6 +228,17 @@ export class RedisRunEventLog implements RunEventLog {
 
   private remember(runId: string, seq: number): void {
     rememberCursor(this.cursors, runId, seq);
+  }
+
+  expect(runId: string, seq: number): void {
+    this.remember(runId, seq);
+    this.expected.add(runId);
+    // A writer appends right after it expects; this only bounds what a writer that never did leaves.
+    if (this.expected.size > MAX_EXPECTED) {
+      const oldest = this.expected.values().next().value!;
+      this.expected.delete(oldest);
+      this.cursors.delete(oldest);
+    }
   }
 
   /** The highest seq (0 when none); also where this log's next append continues (a writer resuming a run). */

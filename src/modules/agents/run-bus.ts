@@ -55,6 +55,13 @@ export interface RunEventLog {
   read(runId: string, after: number, signal: AbortSignal): AsyncIterable<RunEvent>;
   /** The highest seq of the run (0 when it has none): where a resumed writer continues. */
   lastSeq(runId: string): Promise<number>;
+  /**
+   * A writer that knows where the run's log should be without reading it (a run's first start:
+   * after its run.queued, seq 1): its next append continues after `seq` — and, should the log be
+   * elsewhere (run.queued was never written), from the log's real top rather than being refused as
+   * stale. Later appends are fenced as after `lastSeq`. Absent where `lastSeq` costs nothing.
+   */
+  expect?(runId: string, seq: number): void;
   /** Forgets events of runs that ended more than `ttlSeconds` ago (RUN_EVENTS_TTL_SECONDS). */
   expire?(ttlSeconds: number): Promise<number>;
   /**

@@ -177,9 +177,9 @@ export class AgentRunner {
     const execution: Execution = { controller, done: new Promise<void>((resolve) => (finished = resolve)) };
     this.executions.set(runId, execution);
     try {
-      const run = await runCrud.claim(this.deps.db, runId, this.workerId, this.deps.settings.RUN_LEASE_SECONDS);
-      if (!run) return;
-      await this.drive(run, controller);
+      const claimed = await runCrud.claim(this.deps.db, runId, this.workerId, this.deps.settings.RUN_LEASE_SECONDS);
+      if (!claimed) return;
+      await this.drive(claimed, controller);
     } finally {
       unsubscribe();
       this.executions.delete(runId);
@@ -200,7 +200,8 @@ export class AgentRunner {
     await Promise.allSettled(executions.map((execution) => execution.done));
   }
 
-  private async drive(run: Run, controller: AbortController): Promise<void> {
+  private async drive(claimed: runCrud.Claimed, controller: AbortController): Promise<void> {
+    const { run } = claimed;
     const { deps } = this;
     const { settings, log } = deps;
     const signal = controller.signal;
@@ -217,7 +218,7 @@ export class AgentRunner {
     // announces itself, with the first event of its work (one write, not two).
     const announcement: NewRunEvent[] = [];
     try {
-      await this.loop(run, signal, announcement);
+      await this.loop(claimed, signal, announcement);
     } catch (error) {
       const stop = signal.aborted && signal.reason instanceof RunStop ? signal.reason : null;
       if (stop?.kind === 'shutdown') {
@@ -268,16 +269,19 @@ export class AgentRunner {
    * in one transaction, and appends its `message.completed` with `run.completed`. `announcement`
    * (run.started, on a run's first start) goes out with the first event.
    */
-  private async loop(run: Run, signal: AbortSignal, announcement: NewRunEvent[]): Promise<void> {
+  private async loop({ run, firstStart, history: claimedHistory }: runCrud.Claimed, signal: AbortSignal, announcement: NewRunEvent[]): Promise<void> {
     const { deps } = this;
     const { settings, bus } = deps;
     if (!run.agent_id) throw new RunFailure('The agent of this run was deleted; start a new run with another agent');
-    // The first step's reads go out together: the pinned version (cached), the thread's messages, the
-    // log's top (a resumed run's log goes on from its last event; only a first start announces itself).
-    let historyRead: Promise<Message[]> | null = threadHistory(deps.db).execute({ thread_id: run.thread_id });
-    historyRead.catch(() => undefined);
-    const [version, lastSeq] = await Promise.all([this.versionOf(run.agent_id, run.agent_version), bus.events.lastSeq(run.id)]);
+    // The claim read the thread's messages. A first start's log holds only run.queued: where reading
+    // the log's top is a round trip (Redis), it goes on from there without it (expect). Otherwise the
+    // top is read with the pinned version (cached): a resumed run's log goes on from its last event.
+    // Only a run whose log has nothing of a worker's yet announces its start.
+    const expectFirst = firstStart && bus.events.expect !== undefined;
+    if (expectFirst) bus.events.expect!(run.id, 1);
+    const [version, lastSeq] = await Promise.all([this.versionOf(run.agent_id, run.agent_version), expectFirst ? 1 : bus.events.lastSeq(run.id)]);
     if (lastSeq <= 1) announcement.push(runEvent(run));
+    let firstHistory: Message[] | null = claimedHistory;
     const tools = toolSetOf(version);
     const toolContext: Omit<ToolCallContext, 'cite'> = {
       run_id: run.id,
@@ -296,8 +300,8 @@ export class AgentRunner {
         throw new RunFailure(`The agent used all ${settings.MAX_RUN_STEPS} steps (MAX_RUN_STEPS) without a final answer`);
       }
       const step = steps + 1;
-      const history = await (historyRead ?? threadHistory(deps.db).execute({ thread_id: run.thread_id }));
-      historyRead = null;
+      const history = firstHistory ?? (await threadHistory(deps.db).execute({ thread_id: run.thread_id }));
+      firstHistory = null;
       const messageId = randomUUID();
       const draft = { id: messageId, thread_id: run.thread_id, run_id: run.id, role: 'assistant', content: '', tool_calls: null, step };
       // The step's events are not waited for one by one (the model call starts while message.created
