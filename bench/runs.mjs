@@ -371,9 +371,14 @@ const rows = [];
 for (let round = 1; round <= ROUNDS; round++) {
   console.log(`--- round ${round}/${ROUNDS} (load ${loadavg().map((l) => l.toFixed(1)).join(' ')})`);
   load.push(loadavg());
+  // The baselines first, then Keel's targets in an order reversed every other round: in a fixed
+  // order, the Keel targets' CPU per run fell with their place in the round, whatever the build.
+  const baselines = targets.filter((t) => t.kind !== 'keel');
+  const keel = targets.filter((t) => t.kind === 'keel');
+  const order = [...baselines, ...(round % 2 ? keel : keel.toReversed())];
   // N1=0 leaves c1 out (e.g. with a slow model, where only throughput is of interest).
-  if (N1 > 0) for (const target of targets) rows.push(await measureOne(round, target, N1));
-  for (const target of targets) rows.push(await measureMany(round, target));
+  if (N1 > 0) for (const target of order) rows.push(await measureOne(round, target, N1));
+  for (const target of order) rows.push(await measureMany(round, target));
 }
 load.push(loadavg());
 await stop();
