@@ -14,49 +14,75 @@ interface HistogramSeries {
   count: number;
 }
 
-/** The series prom-client made for `labels` (found by identity: it keeps the object it was given). */
-function seriesOf<S extends { labels: object }>(metric: object, labels: object): S | undefined {
-  const map = (metric as { hashMap?: Record<string, S> }).hashMap ?? {};
-  for (const hash in map) if (map[hash]!.labels === labels) return map[hash];
-  return undefined;
+/**
+ * The series prom-client made, by a key of the caller's (its label values joined). prom-client
+ * keeps the labels object it was given, so the series is found by identity once; reset() gives the
+ * metric a new hashMap, which empties the cache at its next look-up.
+ */
+class SeriesCache<S extends { labels: object }> {
+  private readonly byKey = new Map<string, S>();
+  private source: object | undefined;
+
+  constructor(private readonly metric: object) {}
+
+  private get hashMap(): Record<string, S> {
+    return (this.metric as { hashMap?: Record<string, S> }).hashMap ?? {};
+  }
+
+  get(key: string): S | undefined {
+    if (this.hashMap !== this.source) {
+      this.byKey.clear();
+      return undefined;
+    }
+    return this.byKey.get(key);
+  }
+
+  /** After prom-client's own inc/observe made (or found) the series for `labels`. */
+  remember(key: string, labels: object): void {
+    const map = this.hashMap;
+    for (const hash in map) {
+      if (map[hash]!.labels !== labels) continue;
+      if (map !== this.source) this.byKey.clear();
+      this.source = map;
+      this.byKey.set(key, map[hash]!);
+      return;
+    }
+  }
+
+  clear(): void {
+    this.byKey.clear();
+  }
 }
 
 /**
- * A Counter whose hot callers name a series by a key of their own (its label values joined):
- * prom-client's inc(labels) validates the labels and builds a hash string on every call, several
- * per model call; here the first call per key goes through inc() and later ones add to the series
- * it made. The output of /metrics is prom-client's, unchanged (test/unit/metrics.test.ts).
+ * A Counter whose hot callers name a series by a key of their own: prom-client's inc(labels)
+ * validates the labels and builds a hash string on every call, several per model call; here the
+ * first call per key goes through inc() and later ones add to the series it made. The output of
+ * /metrics is prom-client's, unchanged (test/unit/metrics.test.ts).
  */
 export class KeyedCounter<T extends string> extends Counter<T> {
-  private cache = new Map<string, CounterSeries>();
+  private readonly series = new SeriesCache<CounterSeries>(this);
 
   /** inc(labels, value) for the series `key` stands for (the same labels, always). */
   incKeyed(key: string, labels: LabelValues<T>, value = 1): void {
-    const series = this.cache.get(key);
+    const series = this.series.get(key);
     // prom-client's refusals (negative, not a number) stay its own.
-    if (series && Number.isFinite(value) && value >= 0) {
-      series.value += value;
-      return;
+    if (series && Number.isFinite(value) && value >= 0) series.value += value;
+    else {
+      this.inc(labels, value);
+      this.series.remember(key, labels);
     }
-    this.inc(labels, value);
-    const made = seriesOf<CounterSeries>(this, labels);
-    if (made) this.cache.set(key, made);
-  }
-
-  override reset(): void {
-    (this.cache as typeof this.cache | undefined)?.clear(); // prom-client's constructor resets before the fields exist
-    super.reset();
   }
 
   override remove(...args: string[] | [LabelValues<T>]): void {
-    this.cache.clear();
+    this.series.clear();
     (super.remove as (...values: unknown[]) => void).apply(this, args);
   }
 }
 
 /** A Histogram with KeyedCounter's per-key series (see there). */
 export class KeyedHistogram<T extends string> extends Histogram<T> {
-  private cache = new Map<string, HistogramSeries>();
+  private readonly series = new SeriesCache<HistogramSeries>(this);
   private readonly bounds: readonly number[];
 
   constructor(configuration: ConstructorParameters<typeof Histogram<T>>[0] & { buckets: number[] }) {
@@ -66,32 +92,26 @@ export class KeyedHistogram<T extends string> extends Histogram<T> {
 
   /** observe(labels, value) for the series `key` stands for (the same labels, always). */
   observeKeyed(key: string, labels: LabelValues<T>, value: number): void {
-    const series = this.cache.get(key);
-    if (series && Number.isFinite(value)) {
-      series.sum += value;
-      series.count += 1;
-      // As prom-client: the first bound at or above the value; above every bound only +Inf (count) moves.
-      const bounds = this.bounds;
-      for (let i = 0; i < bounds.length; i++) {
-        if (value <= bounds[i]!) {
-          series.bucketValues[bounds[i]!]! += 1;
-          break;
-        }
-      }
+    const series = this.series.get(key);
+    if (!series || !Number.isFinite(value)) {
+      this.observe(labels, value);
+      this.series.remember(key, labels);
       return;
     }
-    this.observe(labels, value);
-    const made = seriesOf<HistogramSeries>(this, labels);
-    if (made) this.cache.set(key, made);
-  }
-
-  override reset(): void {
-    (this.cache as typeof this.cache | undefined)?.clear(); // prom-client's constructor resets before the fields exist
-    super.reset();
+    series.sum += value;
+    series.count += 1;
+    // As prom-client: the first bound at or above the value; above every bound only +Inf (count) moves.
+    const bounds = this.bounds;
+    for (let i = 0; i < bounds.length; i++) {
+      if (value <= bounds[i]!) {
+        series.bucketValues[bounds[i]!]! += 1;
+        break;
+      }
+    }
   }
 
   override remove(...args: string[] | [LabelValues<T>]): void {
-    this.cache.clear();
+    this.series.clear();
     (super.remove as (...values: unknown[]) => void).apply(this, args);
   }
 }

@@ -66,10 +66,30 @@ describe('KeyedCounter and KeyedHistogram', () => {
     counters[1].reset();
     histograms[0].reset();
     histograms[1].reset();
-    counters[0].inc(labels, 3);
-    counters[1].incKeyed('k', labels, 3);
-    histograms[0].observe(labels, 0.2);
-    histograms[1].observeKeyed('k', labels, 0.2);
+    for (const value of [3, 1]) {
+      counters[0].inc(labels, value);
+      counters[1].incKeyed('k', labels, value);
+      histograms[0].observe(labels, value / 10);
+      histograms[1].observeKeyed('k', labels, value / 10);
+    }
+    expect(await keyed.metrics()).toBe(await plain.metrics());
+    expect(await keyed.metrics()).toContain('calls_total{model="m",provider="p",status="success"} 4');
+  });
+
+  it('make the series again after remove()', async () => {
+    const { plain, keyed, counters, histograms } = pair();
+    const labels = { model: 'm', provider: 'p', status: 'success' };
+    for (const [counter, histogram] of [[counters[0], histograms[0]], [counters[1], histograms[1]]] as const) {
+      const inc = (value: number) => (counter instanceof KeyedCounter ? counter.incKeyed('k', labels, value) : counter.inc(labels, value));
+      const observe = (value: number) => (histogram instanceof KeyedHistogram ? histogram.observeKeyed('k', labels, value) : histogram.observe(labels, value));
+      inc(5);
+      observe(0.3);
+      counter.remove(labels);
+      histogram.remove(labels);
+      inc(2);
+      inc(1);
+      observe(0.07);
+    }
     expect(await keyed.metrics()).toBe(await plain.metrics());
     expect(await keyed.metrics()).toContain('calls_total{model="m",provider="p",status="success"} 3');
   });
