@@ -24,7 +24,7 @@ import type { ModelMetrics } from '../core/metrics.js';
 
 import * as billingCrud from '../crud/billing.js';
 import type { CostEstimate, TokenUsage, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
-import { addCosts, costUnits, unitsCost } from '../modules/ai-models/index.js';
+import { addCosts, costUnits, unitsCost, ZERO_USAGE } from '../modules/ai-models/index.js';
 import { isoFormatter } from '../utils/iso-time.js';
 import { type CounterStore, counterStore } from '../utils/rate-limit.js';
 import { type CreditBlock, CreditWindows } from './credit-window.js';
@@ -53,7 +53,7 @@ const MAX_REFILLS_PER_CALL = 3;
 const endTime = isoFormatter();
 const startTime = isoFormatter();
 /** TokenUsage's kinds, in its order (the order their series first appear in /metrics, as before). */
-const TOKEN_KINDS = ['input', 'cached_input', 'cache_write', 'output', 'reasoning'] as const satisfies readonly (keyof TokenUsage)[];
+const TOKEN_KINDS = Object.keys(ZERO_USAGE) as (keyof TokenUsage)[];
 
 /** What a call holds: nothing (null ids), a reservation row, or part of a credit window's block. */
 interface Held {
