@@ -9,9 +9,10 @@ import ts from 'typescript';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge/extract.js';
+import { type DrainedText, PieceAssembler } from '../../src/modules/knowledge/document-builder.js';
 import { pdfSpans } from '../../src/modules/knowledge/pdf.js';
 import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
-import { DocumentRejectedError, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
+import { type DocumentSection, DocumentRejectedError, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
 import { type Block, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
 
 const LIMITS: ExtractLimits = { maxTextChars: 1_000_000, timeoutMs: 20_000, maxMemoryMb: 128 };
@@ -323,12 +324,32 @@ describe('extractDocument: PDF and DOCX', () => {
     }
     const path = join(dir, 'long.pdf');
     await writePdf(path, blocks);
-    const pieces: string[] = [];
+    const pieces: DrainedText[] = [];
     const file = await readFile(path);
     const direct = await pdfSpans(new Uint8Array(file.buffer, file.byteOffset, file.byteLength), 5_000_000, 64 * 1024 * 1024, (piece) => pieces.push(piece));
-    expect(pieces.length).toBeGreaterThan(0);
-    const doc = await extract(path, 'long.pdf', { maxTextChars: 5_000_000, timeoutMs: 300_000 });
-    expect(doc.text).toBe(pieces.join('') + direct.text);
+    expect(pieces.length).toBeGreaterThan(1);
+    // Sections leave with the pieces, not only at the end.
+    expect(pieces[0]!.spans.length).toBeGreaterThan(0);
+    const assembled = new PieceAssembler();
+    for (const piece of pieces) assembled.add(piece);
+    const whole = assembled.finish(direct);
+    expect(whole.text).toBe(pieces.map((piece) => piece.text).join('') + direct.text);
+
+    // Through the thread, sections handed over while it reads: with the ones returned at the end,
+    // they are the whole document's, in order.
+    const early: DocumentSection[] = [];
+    let handedOverBeforeTheEnd = 0;
+    let finished = false;
+    const extracting = extractDocument({ path, filename: 'long.pdf' }, { ...LIMITS, maxTextChars: 5_000_000, timeoutMs: 300_000 }, (sections) => {
+      early.push(...sections);
+      if (!finished) handedOverBeforeTheEnd++;
+    });
+    const rest = await extracting;
+    finished = true;
+    expect(handedOverBeforeTheEnd).toBeGreaterThan(1);
+    expect(early.length).toBeGreaterThan(100);
+    const doc = { ...rest, sections: [...early, ...rest.sections] };
+    expect(doc).toEqual(whole);
     expect(doc.text.length).toBeGreaterThan(1_300_000);
     const chapters = Array.from({ length: 130 }, (_, i) => `Chapter ${i + 1}`);
     expect(paths(doc)).toEqual([...chapters.slice(0, 125), 'Chapter 125 > Late appendix', ...chapters.slice(125)]);

@@ -166,15 +166,31 @@ function* sectionChunks(section: DocumentSection, chunkTokens: number, overlapTo
   }
 }
 
-/** The chunks of `chunkDocument` one at a time, as they are cut: a caller that stores them as it goes never holds them all. */
-export function* documentChunks(doc: ExtractedDocument, opts: ChunkOptions): Generator<DocumentChunk> {
-  const chunkTokens = Math.max(8, Math.floor(opts.chunkTokens));
-  // More than half a chunk of overlap would make most of the index repeated text.
-  const overlapTokens = Math.max(0, Math.min(Math.floor(opts.overlapTokens), Math.floor(chunkTokens / 2)));
-  let index = 0;
-  for (const section of doc.sections) {
-    for (const chunk of sectionChunks(section, chunkTokens, overlapTokens)) yield { index: index++, ...chunk };
+/**
+ * Cuts a document's sections into chunks as the sections come (in document order), numbering the
+ * chunks across them: the chunks of a document read and indexed at the same time.
+ */
+export class ChunkCutter {
+  private readonly chunkTokens: number;
+  private readonly overlapTokens: number;
+  private next = 0;
+
+  constructor(opts: ChunkOptions) {
+    this.chunkTokens = Math.max(8, Math.floor(opts.chunkTokens));
+    // More than half a chunk of overlap would make most of the index repeated text.
+    this.overlapTokens = Math.max(0, Math.min(Math.floor(opts.overlapTokens), Math.floor(this.chunkTokens / 2)));
   }
+
+  *cut(sections: Iterable<DocumentSection>): Generator<DocumentChunk> {
+    for (const section of sections) {
+      for (const chunk of sectionChunks(section, this.chunkTokens, this.overlapTokens)) yield { index: this.next++, ...chunk };
+    }
+  }
+}
+
+/** The chunks of `chunkDocument` one at a time, as they are cut: a caller that stores them as it goes never holds them all. */
+export function documentChunks(doc: ExtractedDocument, opts: ChunkOptions): Generator<DocumentChunk> {
+  return new ChunkCutter(opts).cut(doc.sections);
 }
 
 /**

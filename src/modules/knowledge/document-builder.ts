@@ -13,14 +13,74 @@ export interface ExtractedSpans {
   spans: SectionSpan[];
 }
 
+/** Text handed on before the end of a parse, and the sections whose text it completes. */
+export interface DrainedText {
+  text: string;
+  spans: SectionSpan[];
+}
+
 /** Turns offsets back into sections, dropping the ones with no text (a heading followed by another). */
 export function materialize({ format, text, spans }: ExtractedSpans): ExtractedDocument {
+  return { format, text, sections: sectionsOf(spans, (start, end) => text.slice(start, end)) };
+}
+
+function sectionsOf(spans: SectionSpan[], slice: (start: number, end: number) => string): DocumentSection[] {
   const sections: DocumentSection[] = [];
   for (const [headingPath, start, end] of spans) {
-    const body = text.slice(start, end);
+    const body = slice(start, end);
     if (/\S/.test(body)) sections.push({ headingPath, text: body });
   }
-  return { format, text, sections };
+  return sections;
+}
+
+/**
+ * A document's text as it arrives in pieces (see TextBuilder.drain). With `onSections`, each span
+ * becomes a section as soon as its text is there and is handed on (the finished document then
+ * holds only the later ones); without, the spans wait for the whole text. `finish` joins the
+ * pieces once, at the end.
+ */
+export class PieceAssembler {
+  private pieces: string[] = [];
+  /** Where each piece starts in the document's text. */
+  private starts: number[] = [];
+  private length = 0;
+  private readonly heldSpans: SectionSpan[] = [];
+
+  constructor(private readonly onSections?: (sections: DocumentSection[]) => void) {}
+
+  add(piece: DrainedText): void {
+    this.pieces.push(piece.text);
+    this.starts.push(this.length);
+    this.length += piece.text.length;
+    if (!this.onSections) {
+      this.heldSpans.push(...piece.spans);
+      return;
+    }
+    const sections = sectionsOf(piece.spans, (start, end) => this.slice(start, end));
+    if (sections.length > 0) this.onSections(sections);
+  }
+
+  /** The whole document from the parse's outcome (the text and spans that followed the pieces). */
+  finish({ format, text, spans }: ExtractedSpans): ExtractedDocument {
+    if (this.pieces.length === 0) return materialize({ format, text, spans });
+    this.pieces.push(text);
+    const whole = this.pieces.join('');
+    this.pieces = [];
+    this.starts = [];
+    return materialize({ format, text: whole, spans: this.heldSpans.length > 0 ? [...this.heldSpans, ...spans] : spans });
+  }
+
+  private slice(start: number, end: number): string {
+    // The last piece that starts at or before `start` (a section is usually in the newest pieces).
+    let at = this.starts.length - 1;
+    while (at > 0 && this.starts[at]! > start) at--;
+    const parts: string[] = [];
+    for (let i = at; i < this.pieces.length && this.starts[i]! < end; i++) {
+      const from = this.starts[i]!;
+      parts.push(this.pieces[i]!.slice(Math.max(0, start - from), Math.min(this.pieces[i]!.length, end - from)));
+    }
+    return parts.join('');
+  }
 }
 
 export function tooMuchText(maxTextChars: number): DocumentRejectedError {
@@ -65,6 +125,8 @@ export class TextBuilder {
   private gap: Gap = 'none';
   private readonly headings = new HeadingStack();
   private readonly spans: SectionSpan[] = [];
+  /** How many of `spans` the last `drain` handed over. */
+  private spansDrained = 0;
   private sectionPath: string[] = [];
   private sectionStart = -1;
 
@@ -113,20 +175,24 @@ export class TextBuilder {
 
   /**
    * The text written since the last call, once there is at least `minChars` of it (else null),
-   * handed over and no longer kept: a parser of a large document passes its text on as it goes.
-   * `finish` then returns the rest; the spans count from the start of the first piece.
+   * handed over and no longer kept, with the sections closed meanwhile (all their text is in this
+   * piece or an earlier one): a parser of a large document passes its text on as it goes, and the
+   * reader can index each section as soon as it is whole. `finish` then returns the rest of the
+   * text and the spans not yet handed over; spans count from the start of the first piece.
    */
-  drain(minChars: number): string | null {
+  drain(minChars: number): DrainedText | null {
     if (this.pending < minChars || this.pending === 0) return null;
-    const piece = this.parts.join('');
+    const text = this.parts.join('');
     this.parts = [];
     this.pending = 0;
-    return piece;
+    const spans = this.spans.slice(this.spansDrained);
+    this.spansDrained = this.spans.length;
+    return { text, spans };
   }
 
   finish(): ExtractedSpans {
     this.closeSection();
-    return { format: this.format, text: this.parts.join(''), spans: this.spans };
+    return { format: this.format, text: this.parts.join(''), spans: this.spans.slice(this.spansDrained) };
   }
 
   private closeSection(): void {

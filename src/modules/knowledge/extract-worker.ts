@@ -6,7 +6,7 @@
 import { readFile } from 'node:fs/promises';
 import { parentPort, workerData } from 'node:worker_threads';
 
-import { type ExtractedSpans, TextBuilder } from './document-builder.js';
+import { type DrainedText, type ExtractedSpans, TextBuilder } from './document-builder.js';
 import { readText, readTextChunks } from './text-reader.js';
 import { DocumentRejectedError } from './types.js';
 
@@ -20,10 +20,10 @@ export interface WorkerInput {
 }
 
 /**
- * Text as it is read (PDF), then the outcome: `{ok: true, result}` whose text is what follows the
- * pieces, or `{ok: false, rejected, message}`.
+ * Text as it is read (PDF), with the sections it completes, then the outcome: `{ok: true, result}`
+ * whose text and spans are what follows the pieces, or `{ok: false, rejected, message}`.
  */
-export type WorkerOutput = { piece: string } | { ok: true; result: ExtractedSpans } | { ok: false; rejected: boolean; message: string };
+export type WorkerOutput = { piece: DrainedText } | { ok: true; result: ExtractedSpans } | { ok: false; rejected: boolean; message: string };
 
 const port = parentPort!;
 

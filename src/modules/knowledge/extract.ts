@@ -3,12 +3,12 @@ import { Worker } from 'node:worker_threads';
 
 import type { Settings } from '../../core/config.js';
 
-import { type ExtractedSpans, materialize } from './document-builder.js';
+import { type DrainedText, type ExtractedSpans, materialize, PieceAssembler } from './document-builder.js';
 import type { WorkerInput, WorkerOutput } from './extract-worker.js';
 import { markdownSpans } from './markdown.js';
 import { sniffFile } from './sniff.js';
 import { readText } from './text-reader.js';
-import { DocumentRejectedError, type ExtractedDocument } from './types.js';
+import { DocumentRejectedError, type DocumentSection, type ExtractedDocument } from './types.js';
 
 export interface ExtractInput {
   /** The stored file (a local path: the ingestion job copies a remote object to a temporary file first). */
@@ -56,9 +56,10 @@ const duration = (ms: number) => (ms < 1000 ? `${ms} ms` : `${Math.round(ms / 10
 
 /**
  * Parses in a worker thread with a capped heap and a hard time limit: a document built to hang or
- * to exhaust memory ends as a DocumentRejectedError; the process and its other jobs go on.
+ * to exhaust memory ends as a DocumentRejectedError; the process and its other jobs go on. The
+ * text the parser hands on as it reads goes to `onPiece`; the outcome is what follows it.
  */
-function runInWorker(input: WorkerInput, limits: ExtractLimits, signal?: AbortSignal): Promise<ExtractedSpans> {
+function runInWorker(input: WorkerInput, limits: ExtractLimits, onPiece: (piece: DrainedText) => void, signal?: AbortSignal): Promise<ExtractedSpans> {
   signal?.throwIfAborted();
   const { entry, eval: isEval } = workerEntry();
   return new Promise((resolve, reject) => {
@@ -91,14 +92,13 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, signal?: AbortSi
     const onAbort = () => settle(() => reject(signal!.reason instanceof Error ? signal!.reason : new Error('the extraction was aborted')));
     signal?.addEventListener('abort', onAbort, { once: true });
 
-    // The text the parser handed on as it read; the outcome's text is what follows it. The outcome
-    // is kept until the thread has stopped, so the pieces are joined once the thread's memory (the
-    // file, the parser's heap) is gone rather than on top of it; the time limit runs until then.
-    let pieces: string[] = [];
+    // The outcome is kept until the thread has stopped, so the pieces are joined (by the caller)
+    // once the thread's memory (the file, the parser's heap) is gone rather than on top of it; the
+    // time limit runs until then.
     let outcome: WorkerOutput | null = null;
     worker.on('message', (output: WorkerOutput) => {
       if ('piece' in output) {
-        if (!settled) pieces.push(output.piece);
+        if (!settled) onPiece(output.piece);
         return;
       }
       outcome = output;
@@ -116,16 +116,10 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, signal?: AbortSi
     });
     worker.on('exit', (code) => {
       const output: WorkerOutput | null = outcome;
-      const before = pieces;
-      pieces = [];
       settle(() => {
         if (!output || 'piece' in output) reject(new DocumentRejectedError(`could not read the document: the reader stopped (exit code ${code})`));
         else if (!output.ok) reject(output.rejected ? new DocumentRejectedError(output.message) : new DocumentRejectedError(`could not read the document: ${output.message}`));
-        else if (before.length === 0) resolve(output.result);
-        else {
-          before.push(output.result.text);
-          resolve({ ...output.result, text: before.join('') });
-        }
+        else resolve(output.result);
       });
     });
   });
@@ -138,27 +132,39 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, signal?: AbortSi
  * Plain text and Markdown are decoded here as they stream from disk (one copy of the text in
  * memory); binaries and the formats that need a parser run in a worker thread under `limits`.
  * Anything Keel cannot read ends in a DocumentRejectedError whose message tells the user why.
+ *
+ * `onSections` receives sections as soon as they are whole while a long document (PDF) is still
+ * being read, in document order, so they can be indexed meanwhile; the returned document then
+ * holds only the sections not handed over. Without it, the document holds them all.
  */
-export async function extractDocument(input: ExtractInput, limits: ExtractLimits): Promise<ExtractedDocument> {
+export async function extractDocument(input: ExtractInput, limits: ExtractLimits, onSections?: (sections: DocumentSection[]) => void): Promise<ExtractedDocument> {
   const { path, filename, declaredMime, signal } = input;
   signal?.throwIfAborted();
   if ((await stat(path)).size === 0) throw new DocumentRejectedError('the file is empty');
   const format = await sniffFile(path, filename, declaredMime);
-  let spans: ExtractedSpans;
+  let document: ExtractedDocument;
+  let handedOver = false;
   if (format === 'text') {
     const text = await readText(path, filename, limits.maxTextChars);
-    spans = { format, text, spans: [[[], 0, text.length]] };
+    document = materialize({ format, text, spans: [[[], 0, text.length]] });
   } else if (format === 'markdown') {
-    spans = markdownSpans(await readText(path, filename, limits.maxTextChars));
+    document = materialize(markdownSpans(await readText(path, filename, limits.maxTextChars)));
   } else {
     // pdf.js and JSZip (DOCX) unpack into typed arrays, outside the heap limit: a quarter of the
     // thread's memory per compressed part keeps the thread near its allowance.
     const maxStreamBytes = (limits.maxMemoryMb * 1024 * 1024) / 4;
-    spans = await runInWorker({ path, filename, format, maxTextChars: limits.maxTextChars, maxStreamBytes }, limits, signal);
+    const pieces = new PieceAssembler(
+      onSections &&
+        ((sections) => {
+          handedOver = true;
+          onSections(sections);
+        }),
+    );
+    const rest = await runInWorker({ path, filename, format, maxTextChars: limits.maxTextChars, maxStreamBytes }, limits, (piece) => pieces.add(piece), signal);
+    document = pieces.finish(rest);
   }
   signal?.throwIfAborted();
-  const document = materialize(spans);
-  if (document.sections.length === 0) throw new DocumentRejectedError('the document holds no text');
+  if (document.sections.length === 0 && !handedOver) throw new DocumentRejectedError('the document holds no text');
   return document;
 }
 

@@ -2,7 +2,7 @@ import { createInflate } from 'node:zlib';
 
 import { getDocumentProxy } from 'unpdf';
 
-import { type ExtractedSpans, TextBuilder, tooMuchText } from './document-builder.js';
+import { type DrainedText, type ExtractedSpans, TextBuilder, tooMuchText } from './document-builder.js';
 import { DocumentRejectedError } from './types.js';
 
 interface Line {
@@ -105,13 +105,17 @@ function bodySize(lines: Line[]): number {
 
 /**
  * Characters of lines held back before the body size is settled: a document up to this size is
- * judged on all its lines; a larger one on its first pages (a book's body text does not change
- * size after its first ~150 pages), so its text is written, and can leave the thread, as it is read.
+ * judged on all its lines; a larger one on its first pages (~100 pages of a book: its body text
+ * does not change size after them), so its text is written, and can leave the thread, as it is read
+ * — and indexed meanwhile (what comes before this is indexed only once it has been read).
  */
-const SAMPLE_CHARS = 1_000_000;
+const SAMPLE_CHARS = 250_000;
 
-/** Text handed on from the parsing thread in pieces of about this many characters. */
-const PIECE_CHARS = 1_000_000;
+/**
+ * Text handed on from the parsing thread in pieces of about this many characters: small enough
+ * that indexing follows the reading closely, large enough that a piece costs nothing to post.
+ */
+const PIECE_CHARS = 128_000;
 
 /**
  * Writes a PDF's lines as text: headings by size (see pdfSpans), paragraphs by the gaps between
@@ -141,8 +145,8 @@ class PdfTextWriter {
     if (this.heldChars >= SAMPLE_CHARS) this.settle();
   }
 
-  /** The text written since the last piece, once there is enough of it. */
-  drain(): string | null {
+  /** The text written since the last piece, once there is enough of it, with the sections it completes. */
+  drain(): DrainedText | null {
     return this.out.drain(PIECE_CHARS);
   }
 
@@ -206,11 +210,12 @@ class PdfTextWriter {
  * (exported from Word, LaTeX, Google Docs) mark them. A PDF without a text layer (a scan) is
  * refused: there is nothing to search.
  *
- * `onText` receives the text in pieces as pages are read (the returned text is then only the
- * rest), so a large document's text is never whole in this thread; the spans count from the start
- * of the first piece. pdf.js takes `data` over (it is detached when this returns).
+ * `onText` receives the text in pieces as pages are read, each with the sections it completes (the
+ * returned text and spans are then only the rest), so a large document's text is never whole in
+ * this thread and can be indexed while it is read; spans count from the start of the first piece.
+ * pdf.js takes `data` over (it is detached when this returns).
  */
-export async function pdfSpans(data: Uint8Array, maxTextChars: number, maxStreamBytes: number, onText?: (piece: string) => void): Promise<ExtractedSpans> {
+export async function pdfSpans(data: Uint8Array, maxTextChars: number, maxStreamBytes: number, onText?: (piece: DrainedText) => void): Promise<ExtractedSpans> {
   await checkPdfStreams(data, maxStreamBytes);
   let pdf: Awaited<ReturnType<typeof getDocumentProxy>>;
   try {

@@ -24,8 +24,9 @@ import { knowledgeChunks, knowledgeEntries,type KnowledgeEntry } from '../../mod
 
 import { deleteChunks } from '../../crud/knowledge.js';
 import type { ModelManager } from '../../modules/ai-models/index.js';
+import type { ChunkCutter } from '../../modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
-import { type DocumentChunk, DocumentRejectedError, type ExtractedDocument } from '../../modules/knowledge/types.js';
+import { type DocumentChunk, DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../modules/knowledge/types.js';
 import { StorageNotFoundError, type StorageService } from '../storage-service.js';
 import { ensureVectorIndex, hasVectorTable, writeEmbeddings } from './embeddings.js';
 import { knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
@@ -131,66 +132,155 @@ async function embed(deps: IngestionDeps, entry: KnowledgeEntry, model: string, 
   return vectors;
 }
 
-/** Rows per INSERT of chunks: far under PostgreSQL's 65535 parameters. */
-const CHUNK_ROWS_PER_INSERT = 500;
+/**
+ * Chunks per write (one short transaction): small enough that the embedded database, which runs
+ * one statement at a time for every request, is never held long, and that indexing follows the
+ * reading closely; large enough that a statement's fixed cost does not count.
+ */
+const CHUNK_ROWS_PER_WRITE = 100;
 
-/** The next `size` items of an iterator (fewer at its end). */
-function take<T>(items: Iterator<T>, size: number): T[] {
-  const batch: T[] = [];
-  while (batch.length < size) {
-    const next = items.next();
-    if (next.done) break;
-    batch.push(next.value);
+/** Cutting chunks (token counting) runs this long at most before the event loop gets a turn. */
+const CUT_SLICE_MS = 20;
+
+/**
+ * Indexes a document while it is read: sections come in (in document order) as the extraction
+ * hands them over, are cut into chunks here, embedded where a model is set, and stored batch by
+ * batch — each batch in a short transaction that first renews the job's claim (so a job that lost
+ * it stores nothing more) — as generation `lease_token` of the entry's chunks, which search does
+ * not show until `publish` switches the entry to it. A failure stops the extraction (`signal`).
+ */
+class ChunkWriter {
+  private readonly queue: DocumentSection[] = [];
+  private head = 0;
+  private pending: DocumentChunk[] = [];
+  private busy = false;
+  private working: Promise<void> = Promise.resolve();
+  private failure: { error: unknown } | null = null;
+  private indexed = false;
+  private readonly controller = new AbortController();
+  readonly signal = this.controller.signal;
+  chunkCount = 0;
+  tokenCount = 0;
+
+  constructor(
+    private readonly deps: IngestionDeps,
+    private readonly entry: KnowledgeEntry,
+    private readonly cutter: ChunkCutter,
+    private readonly model: string | null,
+  ) {}
+
+  add(sections: DocumentSection[]): void {
+    if (this.failure) return;
+    this.queue.push(...sections);
+    if (this.busy) return;
+    this.busy = true;
+    this.working = this.work();
   }
-  return batch;
+
+  /** Stores what is left once every section has been added; throws what stopped the writing. */
+  async finish(): Promise<void> {
+    await this.working;
+    if (!this.failure && this.pending.length > 0) await this.write().catch((error: unknown) => this.fail(error));
+    if (this.failure) throw this.failure.error;
+  }
+
+  /** Stops at the next batch (the job failed elsewhere). */
+  stop(reason: unknown): void {
+    this.fail(reason);
+  }
+
+  private async work(): Promise<void> {
+    try {
+      let sliceEnd = performance.now() + CUT_SLICE_MS;
+      while (this.head < this.queue.length && !this.failure) {
+        const section = this.queue[this.head]!;
+        this.queue[this.head++] = undefined as unknown as DocumentSection; // cut: let its text go
+        for (const chunk of this.cutter.cut([section])) {
+          this.pending.push(chunk);
+          if (this.pending.length >= CHUNK_ROWS_PER_WRITE) {
+            await this.write();
+            sliceEnd = performance.now() + CUT_SLICE_MS;
+          } else if (performance.now() >= sliceEnd) {
+            await new Promise((resolve) => setImmediate(resolve));
+            sliceEnd = performance.now() + CUT_SLICE_MS;
+          }
+          if (this.failure) return;
+        }
+      }
+      this.queue.length = 0;
+      this.head = 0;
+    } catch (error) {
+      this.fail(error);
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  private fail(error: unknown): void {
+    if (this.failure) return;
+    this.failure = { error };
+    this.controller.abort(error);
+  }
+
+  private async write(): Promise<void> {
+    const { deps, entry, model } = this;
+    const batch = this.pending;
+    this.pending = [];
+    const vectors = model ? await embed(deps, entry, model, batch) : null;
+    if (vectors?.[0] && !this.indexed) {
+      await ensureVectorIndex(deps.db, vectors[0].length);
+      this.indexed = true;
+    }
+    const language = deps.settings.KB_SEARCH_LANGUAGE;
+    await transaction(deps.db, async (tx) => {
+      await renew(tx, deps.settings, entry);
+      const inserted = await tx
+        .insert(knowledgeChunks)
+        .values(
+          batch.map((chunk) => ({
+            entry_id: entry.id,
+            owner_id: entry.owner_id,
+            generation: entry.lease_token,
+            chunk_index: chunk.index,
+            text: chunk.text,
+            heading_path: chunk.headingPath,
+            token_count: chunk.tokenCount,
+            tsv: sql`to_tsvector(${language}::regconfig, ${chunk.text})` as unknown as string,
+          })),
+        )
+        .returning({ id: knowledgeChunks.id });
+      if (vectors) await writeEmbeddings(tx, model!, inserted.map((row) => row.id), vectors);
+    });
+    this.chunkCount += batch.length;
+    this.tokenCount += batch.reduce((sum, chunk) => sum + chunk.tokenCount, 0);
+  }
 }
 
 /**
- * Replaces the entry's chunks (and their embeddings) and marks it `ready`, in one transaction that
- * first locks the entry under this job's claim: an entry deleted or reindexed meanwhile gets
- * nothing (ClaimLostError), so a deletion never sees its chunks come back. The chunks are taken
- * from `chunks` a batch at a time and inserted, so a large document's chunks are never all in
- * memory (the event loop also gets in between two batches).
+ * Switches the entry to the chunks this job stored and marks it `ready`, in one transaction that
+ * first locks the entry under the job's claim (an entry deleted or reindexed meanwhile gets
+ * nothing: ClaimLostError, so a deletion never sees its chunks come back); the chunks of every
+ * other generation (the ones shown until now, those of a job that died midway) go.
  */
-/** Stores the entry's chunks (and vectors) and marks it ready, in one transaction; returns how many chunks it stored. */
-async function store(deps: IngestionDeps, entry: KnowledgeEntry, document: ExtractedDocument, chunks: Iterable<DocumentChunk>, embeddings: { model: string; vectors: number[][] } | null): Promise<number> {
-  const language = deps.settings.KB_SEARCH_LANGUAGE;
-  return transaction(deps.db, async (tx) => {
+async function publish(db: Db, entry: KnowledgeEntry, document: ExtractedDocument, written: ChunkWriter): Promise<void> {
+  await transaction(db, async (tx) => {
     const [row] = await tx.select({ id: knowledgeEntries.id }).from(knowledgeEntries).where(held(entry)).for('update');
     if (!row) throw new ClaimLostError();
-    await deleteChunks(tx, entry.id);
-    const ids: string[] = [];
-    let tokens = 0;
-    const source = chunks[Symbol.iterator]();
-    for (let batch = take(source, CHUNK_ROWS_PER_INSERT); batch.length > 0; batch = take(source, CHUNK_ROWS_PER_INSERT)) {
-      const rows = batch.map((chunk) => ({
-        entry_id: entry.id,
-        owner_id: entry.owner_id,
-        chunk_index: chunk.index,
-        text: chunk.text,
-        heading_path: chunk.headingPath,
-        token_count: chunk.tokenCount,
-        tsv: sql`to_tsvector(${language}::regconfig, ${chunk.text})` as unknown as string,
-      }));
-      tokens += batch.reduce((sum, chunk) => sum + chunk.tokenCount, 0);
-      const inserted = await tx.insert(knowledgeChunks).values(rows).returning({ id: knowledgeChunks.id });
-      ids.push(...inserted.map((r) => r.id));
-    }
-    if (embeddings) await writeEmbeddings(tx, embeddings.model, ids, embeddings.vectors);
+    await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), sql`${knowledgeChunks.generation} is distinct from ${entry.lease_token}`));
     await tx
       .update(knowledgeEntries)
       .set({
         status: 'ready',
         format: document.format,
         error: null,
-        chunk_count: ids.length,
-        token_count: tokens,
+        chunk_count: written.chunkCount,
+        token_count: written.tokenCount,
+        chunk_generation: entry.lease_token,
         lease_token: null,
         lease_expires_at: null,
         processed_at: sql`now()`,
       })
       .where(eq(knowledgeEntries.id, entry.id));
-    return ids.length;
   });
 }
 
@@ -234,26 +324,32 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
   }
   const storage = knowledgeStorage(settings);
   const started = performance.now();
+  let writer: ChunkWriter | null = null;
   try {
-    const document = await withLocalCopy(storage, entry.storage_key, (path) =>
-      extractDocument({ path, filename: entry.filename, declaredMime: entry.mime_type }, extractLimitsFrom(settings)),
-    );
-    await renew(db, settings, entry);
     // The chunker is loaded with the first document, not with the process: its tokenizer's tables
-    // take ~65 MB, which a worker that runs only agent runs or email never needs.
-    const { chunkOptionsFrom, documentChunks } = await import('../../modules/knowledge/chunk.js');
-    const chunkOptions = chunkOptionsFrom(settings);
-    // Cut as they are stored, unless they are embedded first (their vectors go in with them).
+    // are large, and a worker that runs only agent runs or email never needs them.
+    const { ChunkCutter, chunkOptionsFrom } = await import('../../modules/knowledge/chunk.js');
     const model = settings.EMBEDDING_MODEL && (await hasVectorTable(db)) ? settings.EMBEDDING_MODEL : null;
-    const chunks = model ? [...documentChunks(document, chunkOptions)] : null;
-    const embeddings = model && chunks?.length ? { model, vectors: await embed(deps, entry, model, chunks) } : null;
-    const dimensions = embeddings?.vectors[0]?.length;
-    if (dimensions) await ensureVectorIndex(db, dimensions);
-    await storage.saveFile(utf8Pieces(document.text), `${entry.id}.txt`, 'text/plain; charset=utf-8', textPathOf(storage, entry.storage_key));
-    const stored = await store(deps, entry, document, chunks ?? documentChunks(document, chunkOptions), embeddings);
-    await refreshSearchStatistics(db, stored);
-    log.info({ entryId, format: document.format, chunks: stored, ms: Math.round(performance.now() - started) }, 'knowledge entry ingested');
-  } catch (error) {
+    const chunks = new ChunkWriter(deps, entry, new ChunkCutter(chunkOptionsFrom(settings)), model);
+    writer = chunks;
+    // A long PDF is indexed while it is read: its sections come out of the reader's thread as
+    // they are whole and are stored here meanwhile, so reading and indexing take the time of the
+    // longer of the two rather than both.
+    const document = await withLocalCopy(storage, entry.storage_key, (path) =>
+      extractDocument({ path, filename: entry.filename, declaredMime: entry.mime_type, signal: chunks.signal }, extractLimitsFrom(settings), (sections) => chunks.add(sections)),
+    );
+    chunks.add(document.sections);
+    await Promise.all([
+      storage.saveFile(utf8Pieces(document.text), `${entry.id}.txt`, 'text/plain; charset=utf-8', textPathOf(storage, entry.storage_key)),
+      chunks.finish(),
+    ]);
+    await publish(db, entry, document, chunks);
+    await refreshSearchStatistics(db, chunks.chunkCount);
+    log.info({ entryId, format: document.format, chunks: chunks.chunkCount, ms: Math.round(performance.now() - started) }, 'knowledge entry ingested');
+  } catch (thrown) {
+    // The writer's own failure stopped the extraction: its cause is the one to report.
+    writer?.stop(thrown);
+    const error = await writer?.finish().then(() => thrown, (cause: unknown) => cause) ?? thrown;
     if (error instanceof ClaimLostError) {
       log.info({ entryId }, 'ingestion dropped: the entry was deleted or reindexed meanwhile');
       await removeTextOfDeleted(db, storage, entry);
