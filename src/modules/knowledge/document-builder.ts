@@ -53,7 +53,7 @@ export class PieceAssembler {
     this.starts.push(this.length);
     this.length += piece.text.length;
     if (!this.onSections) {
-      this.heldSpans.push(...piece.spans);
+      for (const span of piece.spans) this.heldSpans.push(span);
       return;
     }
     const sections = sectionsOf(piece.spans, (start, end) => this.slice(start, end));

@@ -171,7 +171,7 @@ class ChunkWriter {
 
   add(sections: DocumentSection[]): void {
     if (this.failure) return;
-    this.queue.push(...sections);
+    for (const section of sections) this.queue.push(section); // (a spread overflows the stack past ~100k sections)
     if (this.busy) return;
     this.busy = true;
     this.working = this.work();
@@ -193,8 +193,7 @@ class ChunkWriter {
     try {
       let sliceEnd = performance.now() + CUT_SLICE_MS;
       while (this.head < this.queue.length && !this.failure) {
-        const section = this.queue[this.head]!;
-        this.queue[this.head++] = undefined as unknown as DocumentSection; // cut: let its text go
+        const section = this.queue[this.head++]!;
         for (const chunk of this.cutter.cut([section])) {
           this.pending.push(chunk);
           if (this.pending.length >= CHUNK_ROWS_PER_WRITE) {
