@@ -1,7 +1,6 @@
-import { countTokens, decode, encode } from 'gpt-tokenizer/encoding/o200k_base';
-
 import type { Settings } from '../../core/config.js';
 
+import { countTokens, decode, encode } from './tokenizer.js';
 import type { DocumentChunk, DocumentSection, ExtractedDocument } from './types.js';
 
 export interface ChunkOptions {
