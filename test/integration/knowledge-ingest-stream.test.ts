@@ -2,11 +2,14 @@
  * A long PDF is indexed while it is read: its chunks are stored batch by batch as a generation of
  * their own, which search does not show until the entry is switched over to it whole.
  */
+import { randomUUID } from 'node:crypto';
+
 import { and, eq, sql } from 'drizzle-orm';
 import { beforeAll, describe, expect, it } from 'vitest';
 
 import { knowledgeChunks, knowledgeEntries } from '../../src/models/index.js';
 
+import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
 import { useTestApp } from '../helpers/app.js';
 import { type Block, madeFile, writePdf } from '../helpers/documents.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
@@ -133,4 +136,29 @@ describe('a PDF indexed while it is read', () => {
     expect(await chunksOf(entry.id)).toEqual([]);
     expect(failed.chunk_count).toBe(0);
   }, 120_000);
+
+  it('never shows what a job that died midway stored, and drops it when the entry is indexed again', async () => {
+    const entry = await ingested(ctx.app, user.headers, folderId, { filename: 'pangolin.txt', content: 'Pangolins roll into a ball when threatened.' });
+    const { db } = ctx.database;
+    // As a worker killed mid-ingestion leaves it: part of a generation stored, the claim's lease run out.
+    const dead = randomUUID();
+    await db.insert(knowledgeChunks).values({
+      entry_id: entry.id,
+      owner_id: user.user.id,
+      generation: dead,
+      chunk_index: 0,
+      text: 'Half-stored zebra passage.',
+      token_count: 5,
+      tsv: sql`to_tsvector('english', 'Half-stored zebra passage.')`,
+    });
+    await db.update(knowledgeEntries).set({ status: 'processing', lease_token: dead, lease_expires_at: sql`now() - interval '1 second'` }).where(eq(knowledgeEntries.id, entry.id));
+    expect((await search(ctx.app, user.headers, { query: 'zebra' })).data).toEqual([]);
+    expect((await search(ctx.app, user.headers, { query: 'pangolins' })).data).toHaveLength(1);
+
+    expect(await sweepIngestion(db, ctx.app.queue, 60_000)).toBeGreaterThanOrEqual(1);
+    expect(await settled(ctx.app, user.headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: 1 });
+    const row = await entryRow(entry.id);
+    expect(await chunksOf(entry.id)).toEqual([{ generation: row.chunk_generation, count: 1 }]);
+    expect((await search(ctx.app, user.headers, { query: 'pangolins' })).data).toHaveLength(1);
+  });
 });

@@ -8,11 +8,11 @@ import { promisify } from 'node:util';
 import ts from 'typescript';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge/extract.js';
 import { type DrainedText, PieceAssembler } from '../../src/modules/knowledge/document-builder.js';
+import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge/extract.js';
 import { pdfSpans } from '../../src/modules/knowledge/pdf.js';
 import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
-import { type DocumentSection, DocumentRejectedError, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
+import { DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
 import { type Block, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
 
 const LIMITS: ExtractLimits = { maxTextChars: 1_000_000, timeoutMs: 20_000, maxMemoryMb: 128 };
