@@ -156,6 +156,14 @@ describe('chunkDocument', () => {
     expect(ticks).toBeGreaterThan(0);
   });
 
+  it('chunks text that names special tokens (`<|endoftext|>`) like any other text', () => {
+    const text = Array.from({ length: 40 }, (_, i) => `Step ${i}: the model stops at <|endoftext|> and <|im_end|> markers.`).join('\n\n');
+    const chunks = chunkDocument(doc([{ headingPath: ['Tokens'], text }]), { chunkTokens: 64, overlapTokens: 8 });
+    expect(chunks.length).toBeGreaterThan(5);
+    expect(chunks.every((chunk) => chunk.tokenCount <= 64)).toBe(true);
+    expect(chunks[0]!.text).toContain('<|endoftext|>');
+  });
+
   it('returns nothing for a document without sections', () => {
     expect(chunkDocument(doc([]), { chunkTokens: 100, overlapTokens: 10 })).toEqual([]);
   });

@@ -83,8 +83,12 @@ describe('o200k tokenizer built from the tiktoken data file', () => {
     }
   });
 
-  it('refuses special tokens in text as the library does', () => {
-    expect(() => encode('before <|endoftext|> after')).toThrow(/Disallowed special token/);
-    expect(() => library.encode('before <|endoftext|> after')).toThrow(/Disallowed special token/);
+  it('counts the names of special tokens in a document as ordinary text (the library would throw)', () => {
+    const text = 'before <|endoftext|> after <|im_start|>';
+    expect(() => library.encode(text)).toThrow(/Disallowed special token/);
+    expect(encode(text)).toEqual(library.encode(text, { disallowedSpecial: new Set() }));
+    expect(countTokens(text)).toBe(encode(text).length);
+    expect(decode(encode(text))).toBe(text);
+    expect(encode(text)).not.toContain(199_999);
   });
 });

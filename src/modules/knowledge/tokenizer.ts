@@ -109,14 +109,20 @@ export function ranksFromTiktoken(file: Uint8Array): RawBytePairRanks {
 const o200k = GptEncoding.getEncodingApi('o200k_base', () => ranksFromTiktoken(readFileSync(rankFilePath())));
 o200k.setMergeCacheSize(MERGE_CACHE_ENTRIES);
 
-// Functions rather than the encoding's own methods, which it binds but types as unbound. As through
-// the library's module, text holding a special token such as `<|endoftext|>` throws.
+/**
+ * A document's text is counted as text: `<|endoftext|>` and the other special tokens' names are
+ * ordinary characters in an uploaded file (documentation about language models holds them), not
+ * markers — by default the library throws on them, which failed the whole document.
+ */
+const AS_TEXT = { disallowedSpecial: new Set<string>() };
+
+// Functions rather than the encoding's own methods, which it binds but types as unbound.
 export function countTokens(text: string): number {
-  return o200k.countTokens(text);
+  return o200k.countTokens(text, AS_TEXT);
 }
 
 export function encode(text: string): number[] {
-  return o200k.encode(text);
+  return o200k.encode(text, AS_TEXT);
 }
 
 export function decode(tokens: Iterable<number>): string {

