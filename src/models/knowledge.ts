@@ -69,12 +69,6 @@ export const knowledgeEntries = pgTable(
     lease_expires_at: timestamp('lease_expires_at', { withTimezone: true }),
     processing_started_at: timestamp('processing_started_at', { withTimezone: true }),
     processed_at: timestamp('processed_at', { withTimezone: true }),
-    /**
-     * The chunks search shows: those of this generation (the claim of the ingestion that stored
-     * them). An ingestion stores its chunks as it reads, beside the ones shown, and switches over
-     * when it is done. Null: chunks stored before generations (their generation is null too).
-     */
-    chunk_generation: uuid('chunk_generation'),
   },
   (t) => [
     uniqueIndex('ux_knowledge_entries_folder_id_filename').on(t.folder_id, t.filename),
@@ -106,11 +100,9 @@ export const knowledgeChunks = pgTable(
     heading_path: text('heading_path').array().notNull().default(sql`'{}'::text[]`),
     token_count: integer('token_count').notNull(),
     tsv: tsvector('tsv').notNull(),
-    /** Which ingestion stored the chunk; shown when it is its entry's `chunk_generation`. */
-    generation: uuid('generation'),
   },
   (t) => [
-    uniqueIndex('ux_knowledge_chunks_entry_id_generation_chunk_index').on(t.entry_id, t.generation, t.chunk_index),
+    uniqueIndex('ux_knowledge_chunks_entry_id_chunk_index').on(t.entry_id, t.chunk_index),
     index('ix_knowledge_chunks_owner_id').on(t.owner_id),
     index('ix_knowledge_chunks_tsv').using('gin', t.tsv),
   ],

@@ -46,27 +46,32 @@ class ClaimLostError extends Error {}
 
 /**
  * Takes the entry for this job: from `pending`, or from `processing` whose lease ran out. One
- * conditional update, so two jobs for one entry never both hold it. Null: nothing to do.
+ * conditional update, so two jobs for one entry never both hold it; the entry's chunks (an earlier
+ * ingestion's, or what a job that stopped midway stored) go in the same transaction, since this
+ * job stores the document's chunks anew as it reads it. Null: nothing to do.
  */
 async function claim(db: Db, settings: Settings, entryId: string): Promise<KnowledgeEntry | null> {
-  const [entry] = await db
-    .update(knowledgeEntries)
-    .set({
-      status: 'processing',
-      lease_token: randomUUID(),
-      lease_expires_at: sql`now() + ${settings.KB_INGEST_LEASE_MS} * interval '1 millisecond'`,
-      processing_started_at: sql`now()`,
-      attempts: sql`${knowledgeEntries.attempts} + 1`,
-      error: null,
-    })
-    .where(
-      and(
-        eq(knowledgeEntries.id, entryId),
-        or(eq(knowledgeEntries.status, 'pending'), and(eq(knowledgeEntries.status, 'processing'), lt(knowledgeEntries.lease_expires_at, sql`now()`))),
-      ),
-    )
-    .returning();
-  return entry ?? null;
+  return transaction(db, async (tx) => {
+    const [entry] = await tx
+      .update(knowledgeEntries)
+      .set({
+        status: 'processing',
+        lease_token: randomUUID(),
+        lease_expires_at: sql`now() + ${settings.KB_INGEST_LEASE_MS} * interval '1 millisecond'`,
+        processing_started_at: sql`now()`,
+        attempts: sql`${knowledgeEntries.attempts} + 1`,
+        error: null,
+      })
+      .where(
+        and(
+          eq(knowledgeEntries.id, entryId),
+          or(eq(knowledgeEntries.status, 'pending'), and(eq(knowledgeEntries.status, 'processing'), lt(knowledgeEntries.lease_expires_at, sql`now()`))),
+        ),
+      )
+      .returning();
+    if (entry) await deleteChunks(tx, entry.id);
+    return entry ?? null;
+  });
 }
 
 const held = (entry: KnowledgeEntry) => and(eq(knowledgeEntries.id, entry.id), eq(knowledgeEntries.lease_token, entry.lease_token!));
@@ -146,9 +151,9 @@ const CUT_SLICE_MS = 20;
 /**
  * Indexes a document while it is read: sections come in (in document order) as the extraction
  * hands them over, are cut into chunks here, embedded where a model is set, and stored batch by
- * batch — each batch in a short transaction that first renews the job's claim (so a job that lost
- * it stores nothing more) — as generation `lease_token` of the entry's chunks, which search does
- * not show until `publish` switches the entry to it. A failure stops the extraction (`signal`).
+ * batch — each batch in a short transaction that first renews the job's claim, so a job that lost
+ * it (a reindex, a deletion, the sweeper after a stall) stores nothing more. Search finds a batch
+ * once it is stored. A failure stops the extraction (`signal`).
  */
 class ChunkWriter {
   private readonly queue: DocumentSection[] = [];
@@ -234,8 +239,9 @@ class ChunkWriter {
     const language = deps.settings.KB_SEARCH_LANGUAGE;
     await transaction(deps.db, async (tx) => {
       // Committed without waiting for the WAL flush (this transaction only): a batch lost in a
-      // crash is a job that is run again from the start, as a new generation; the switch-over
-      // (publish) is durable. (A 20 MB Markdown file on PGlite: 20.7 s with a flush per batch, 19.4 without.)
+      // crash belongs to a job that is run again from the start (its claim clears the chunks);
+      // the end (`ready`) is durable. (A 20 MB Markdown file on PGlite: 20.7 s with a flush per
+      // batch, 19.4 s without.)
       await tx.execute(sql`select set_config('synchronous_commit', 'off', true)`);
       await renew(tx, deps.settings, entry);
       const inserted = await tx
@@ -244,7 +250,6 @@ class ChunkWriter {
           batch.map((chunk) => ({
             entry_id: entry.id,
             owner_id: entry.owner_id,
-            generation: entry.lease_token,
             chunk_index: chunk.index,
             text: chunk.text,
             heading_path: chunk.headingPath,
@@ -261,16 +266,13 @@ class ChunkWriter {
 }
 
 /**
- * Switches the entry to the chunks this job stored and marks it `ready`, in one transaction that
- * first locks the entry under the job's claim (an entry deleted or reindexed meanwhile gets
- * nothing: ClaimLostError, so a deletion never sees its chunks come back); the chunks of every
- * other generation (the ones shown until now, those of a job that died midway) go.
+ * Marks the entry `ready` with what this job stored, in one transaction that first locks the entry
+ * under the job's claim: an entry deleted or reindexed meanwhile gets nothing (ClaimLostError).
  */
-async function publish(db: Db, entry: KnowledgeEntry, document: ExtractedDocument, written: ChunkWriter): Promise<void> {
+async function finishEntry(db: Db, entry: KnowledgeEntry, document: ExtractedDocument, written: ChunkWriter): Promise<void> {
   await transaction(db, async (tx) => {
     const [row] = await tx.select({ id: knowledgeEntries.id }).from(knowledgeEntries).where(held(entry)).for('update');
     if (!row) throw new ClaimLostError();
-    await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), sql`${knowledgeChunks.generation} is distinct from ${entry.lease_token}`));
     await tx
       .update(knowledgeEntries)
       .set({
@@ -279,7 +281,6 @@ async function publish(db: Db, entry: KnowledgeEntry, document: ExtractedDocumen
         error: null,
         chunk_count: written.chunkCount,
         token_count: written.tokenCount,
-        chunk_generation: entry.lease_token,
         lease_token: null,
         lease_expires_at: null,
         processed_at: sql`now()`,
@@ -347,7 +348,7 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
       storage.saveFile(utf8Pieces(document.text), `${entry.id}.txt`, 'text/plain; charset=utf-8', textPathOf(storage, entry.storage_key)),
       chunks.finish(),
     ]);
-    await publish(db, entry, document, chunks);
+    await finishEntry(db, entry, document, chunks);
     await refreshSearchStatistics(db, chunks.chunkCount);
     log.info({ entryId, format: document.format, chunks: chunks.chunkCount, ms: Math.round(performance.now() - started) }, 'knowledge entry ingested');
   } catch (thrown) {

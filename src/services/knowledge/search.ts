@@ -55,15 +55,9 @@ const RRF_K = 60;
 /** Candidates taken from each list before fusing: several times what is asked, so fusion has room. */
 const candidatesFor = (topK: number) => Math.max(15, topK * 3);
 
-/**
- * The chunks search shows: those of their entry's current generation (an ingestion stores the
- * next one beside it, and switches the entry over when it is whole).
- */
-const shownGeneration = sql`${knowledgeChunks.generation} is not distinct from ${knowledgeEntries.chunk_generation}`;
-
 /** The chunks the caller may search, narrowed by the query's folders and entries. */
 function scopeOf(principal: Principal, query: KnowledgeQuery): SQL {
-  const own = and(ownRows(principal, knowledgeChunks.owner_id, knowledgeEntries.project_id), shownGeneration)!;
+  const own = ownRows(principal, knowledgeChunks.owner_id, knowledgeEntries.project_id);
   if (query.folderIds === undefined && query.entryIds === undefined) return own;
   const folderIds = query.folderIds ?? [];
   const entryIds = query.entryIds ?? [];
