@@ -90,25 +90,32 @@ export async function writeEmbeddings(db: Db, model: string, chunkIds: string[],
   );
 }
 
+/** A chunk near the query, with what search shows of it (so that no second statement fetches it). */
 export interface VectorMatch {
   chunk_id: string;
   distance: number;
+  entry_id: string;
+  filename: string;
+  chunk_index: number;
+  text: string;
+  heading_path: string[];
 }
 
 /**
  * The chunks nearest to `vector` by cosine distance among those `where` admits (a condition on
- * knowledge_chunks' and knowledge_entries' columns), embedded by `model`. pgvector's iterative
- * index scan keeps looking when the filter removes the first candidates (a user's chunks among
- * everyone's), so a narrow filter still gets `limit` results.
+ * knowledge_chunks' and knowledge_entries' columns), embedded by `model`, with their passages.
+ * pgvector's iterative index scan keeps looking when the filter removes the first candidates (a
+ * user's chunks among everyone's), so a narrow filter still gets `limit` results.
  */
 export async function nearestChunks(db: Db, model: string, vector: number[], where: SQL, limit: number): Promise<VectorMatch[]> {
   const n = dimensionSql(vector.length);
   const query = sql`${vectorLiteral(vector)}::vector(${n})`;
   const distance = sql`(${TABLE}.embedding::vector(${n}) <=> ${query})`;
   const nearest = (on: Db) =>
-    queryRows<{ chunk_id: string; distance: number }>(
+    queryRows<VectorMatch>(
       on,
-      sql`select ${TABLE}.chunk_id, ${distance} as distance
+      sql`select ${TABLE}.chunk_id, ${distance} as distance, knowledge_chunks.entry_id, knowledge_entries.filename,
+            knowledge_chunks.chunk_index, knowledge_chunks.text, knowledge_chunks.heading_path
           from ${TABLE} ${JOINS}
           where vector_dims(${TABLE}.embedding) = ${n} and ${TABLE}.model = ${model} and ${where}
           order by ${distance}
@@ -121,7 +128,7 @@ export async function nearestChunks(db: Db, model: string, vector: number[], whe
         return nearest(tx);
       });
   // relaxed_order may return neighbours slightly out of order.
-  return rows.map((r) => ({ chunk_id: r.chunk_id, distance: Number(r.distance) })).sort((a, b) => a.distance - b.distance);
+  return rows.map((r) => ({ ...r, distance: Number(r.distance) })).sort((a, b) => a.distance - b.distance);
 }
 
 const iterativeScan = new WeakMap<object, Promise<boolean>>();

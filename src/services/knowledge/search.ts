@@ -1,4 +1,4 @@
-import { and, eq, inArray, or, type SQL, sql } from 'drizzle-orm';
+import { and, inArray, or, type SQL, sql } from 'drizzle-orm';
 
 import type { Settings } from '../../core/config.js';
 import { type Db, rootOf } from '../../core/db.js';
@@ -71,15 +71,6 @@ function scopeOf(principal: Principal, query: KnowledgeQuery): SQL {
 interface Passage extends Omit<KnowledgeHit, 'score'> {
   id: string;
 }
-
-const passageColumns = {
-  id: knowledgeChunks.id,
-  entry_id: knowledgeChunks.entry_id,
-  filename: knowledgeEntries.filename,
-  chunk_index: knowledgeChunks.chunk_index,
-  text: knowledgeChunks.text,
-  heading_path: knowledgeChunks.heading_path,
-};
 
 /**
  * Chunks ranked at most, for the AND query and for the OR fallback each. `ts_rank_cd` detoasts and
@@ -233,15 +224,6 @@ export async function refreshSearchStatistics(db: Db, chunksWritten: number): Pr
   frequencyCache.delete(root);
 }
 
-async function passagesByIds(db: Db, ids: string[]): Promise<Passage[]> {
-  if (!ids.length) return [];
-  return db
-    .select(passageColumns)
-    .from(knowledgeChunks)
-    .innerJoin(knowledgeEntries, eq(knowledgeEntries.id, knowledgeChunks.entry_id))
-    .where(inArray(knowledgeChunks.id, ids));
-}
-
 /** The query's embedding, or null when there is nothing to compare it with (or the model fails: full text answers alone). */
 async function queryEmbedding(deps: KnowledgeSearchDeps, principal: Principal, query: KnowledgeQuery, scope: SQL): Promise<number[] | null> {
   const model = deps.settings.EMBEDDING_MODEL;
@@ -292,13 +274,11 @@ export async function searchKnowledge(deps: KnowledgeSearchDeps, principal: Prin
   // A stable sort: ties keep the order they were added in (full-text rank first), not the chunks' random ids.
   const best = [...fused.entries()].sort((a, b) => b[1] - a[1]).slice(0, topK);
   const known = new Map<string, Passage>(textHits.map((hit) => [hit.id, hit]));
-  const missing = best.map(([id]) => id).filter((id) => !known.has(id));
-  for (const passage of await passagesByIds(deps.db, missing)) known.set(passage.id, passage);
-  const data = best.flatMap(([id, score]) => {
-    const passage = known.get(id);
-    if (!passage) return []; // deleted between the two queries
-    const { id: _id, ...hit } = passage;
-    return [{ ...hit, score }];
+  for (const { chunk_id, distance: _distance, ...passage } of nearest) if (!known.has(chunk_id)) known.set(chunk_id, { id: chunk_id, ...passage });
+  // Every fused id came with its passage from one list or the other.
+  const data = best.map(([id, score]) => {
+    const { id: _id, ...hit } = known.get(id)!;
+    return { ...hit, score };
   });
   return { data, mode: 'hybrid' };
 }
