@@ -52,12 +52,14 @@ export function registerAccessLog(app: FastifyInstance, settings: Settings, logg
     done();
   });
   function writeAccessLine(request: FastifyRequest, reply: FastifyReply): void {
-    const route = request.routeOptions.url ?? '<unmatched>';
+    // routeOptions is a getter that builds an object on every read.
+    const url = request.routeOptions.url;
+    const route = url ?? '<unmatched>';
     const seconds = reply.elapsedTime / 1000;
     const status = reply.statusCode;
     // The series key: method and status have no spaces, so the route may.
     app.metrics.httpDuration.observeKeyed(`${request.method} ${status} ${route}`, { method: request.method, route, status_code: status }, seconds);
-    const path = request.routeOptions.url ? undefined : request.url.split('?')[0]!.slice(0, 200);
+    const path = url ? undefined : request.url.split('?')[0]!.slice(0, 200);
     const reason = reasons.get(request);
     const ms = Math.round(reply.elapsedTime * 10) / 10;
     const userId = request.principal?.user.id;
@@ -66,6 +68,6 @@ export function registerAccessLog(app: FastifyInstance, settings: Settings, logg
       accessLog.info(`${request.method} ${path ?? route} ${reply.statusCode} ${ms}ms ${extra}${reason ? ` (${reason})` : ''}`);
       return;
     }
-    accessLog.info({ reqId: request.id, method: request.method, route, path, status: reply.statusCode, ms, userId, reason }, 'request completed');
+    accessLog.info({ reqId: request.id, method: request.method, route, path, status, ms, userId, reason }, 'request completed');
   }
 }

@@ -87,6 +87,9 @@ class LineBatch {
   }
 }
 
+/** Characters of JSON log lines gathered before they go to SonicBoom. */
+const LOG_BATCH_CHARS = 16_384;
+
 /** The longest a JSON log line waits in the buffer: a crash (kill -9) loses at most this much. */
 export const LOG_FLUSH_INTERVAL_MS = 1_000;
 
@@ -101,7 +104,9 @@ export function createLogger(settings: Pick<Settings, 'LOG_LEVEL' | 'LOG_FORMAT'
   // Asynchronous, buffered writes keep logging off the request's critical path. The buffer is
   // flushed every second (a quiet server's lines still show, a crash loses at most that second)
   // and synchronously when the process exits.
-  const destination = new LineBatch(pino.destination({ dest: 1, sync: false }), 4096);
+  // 16 KB a write (~70 access lines): each write is a request to libuv's thread pool, which at
+  // 4 KB cost ~1.5 % of a gateway call's main-thread time at 64 clients (bench/RESULTS.md).
+  const destination = new LineBatch(pino.destination({ dest: 1, sync: false }), LOG_BATCH_CHARS);
   setInterval(() => destination.flush(), LOG_FLUSH_INTERVAL_MS).unref();
   process.once('exit', () => {
     try {

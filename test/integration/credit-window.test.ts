@@ -119,6 +119,31 @@ describe('credit windows', () => {
     expect(await usageEntries(user)).toBe(5);
   });
 
+  it('the blocks retired together go back in one statement, each to its own account', async () => {
+    const users = [await createUser(ctx.app), await createUser(ctx.app), await createUser(ctx.app)];
+    for (const user of users) await grant(user, '1000');
+    for (const user of users) for (let i = 0; i < 3; i++) await ctx.app.models.chat(billed(user));
+    await ctx.app.meter.flush();
+    for (const user of users) expect(await reservationRows(user)).toBe(1);
+    const { db } = ctx.database;
+    const dialect = new PgDialect();
+    const execute = db.execute.bind(db);
+    const releases: string[] = [];
+    db.execute = ((query: SQL) => {
+      const text = dialect.sqlToQuery(query).sql;
+      if (/delete from credit_reservations/.test(text) && !/insert into usage_records/.test(text)) releases.push(text);
+      return execute(query);
+    });
+    try {
+      // Shutting down retires every block: the three (one per user) are released by one statement.
+      await ctx.app.meter.idle();
+    } finally {
+      db.execute = execute;
+    }
+    expect(releases).toHaveLength(1);
+    for (const user of users) await expectSettled(user, 1000 - 3 * 4);
+  });
+
   it('50 concurrent calls against a balance that covers 30: blocks, then single holds, never more', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '300');
