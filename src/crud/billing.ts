@@ -8,10 +8,12 @@ import { and, asc, gte, lt, type SQL, sql } from 'drizzle-orm';
 import type { Db } from '../core/db.js';
 import { transaction } from '../core/db.js';
 
-import { type CreditTransaction, creditTransactions, type NewCreditTransaction, usageRecords } from '../models/index.js';
+import { creditAccounts, type CreditTransaction, creditTransactions, type NewCreditTransaction, usageRecords } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
+import { batchedById } from './batch.js';
 import { ownedCrud, queryRows as rows } from './owned.js';
+import { preparedPerDb } from './prepared.js';
 
 // ==================== Policies ====================
 
@@ -43,12 +45,19 @@ export interface Balance {
   reserved: string;
 }
 
+const balancesOf = preparedPerDb('credit_balances_by_users', (db, name) =>
+  db
+    .select({ id: creditAccounts.user_id, balance: sql<string>`${creditAccounts.balance}::text`, reserved: sql<string>`${creditAccounts.reserved}::text` })
+    .from(creditAccounts)
+    .where(sql`${creditAccounts.user_id} = any(${sql.placeholder('ids')})`)
+    .prepare(name),
+);
+/** Balances by user id: reads arriving together (every run's start reads one) share one statement, as reads by id do. */
+const balanceOf = batchedById<Balance & { id: string }>((db, ids) => balancesOf(db).execute({ ids }));
+
 export async function getBalance(db: Db, userId: string): Promise<Balance> {
-  const [row] = await rows<Balance>(
-    db,
-    sql`select balance::text as balance, reserved::text as reserved from credit_accounts where user_id = ${userId}`,
-  );
-  return row ?? { balance: '0', reserved: '0' };
+  const row = await balanceOf(db, userId);
+  return row ? { balance: row.balance, reserved: row.reserved } : { balance: '0', reserved: '0' };
 }
 
 export interface LedgerChange {

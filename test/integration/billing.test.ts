@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 
 import { eq, sql } from 'drizzle-orm';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 
 import { PaymentRequiredError, TooManyRequestsError } from '../../src/core/errors.js';
 
@@ -279,6 +279,22 @@ describe('metered calls with BILLING_ENABLED', () => {
     await restarted.close();
     await expectConsistent(user);
     expect((await balanceOf(user)).balance).toBe('10');
+  });
+
+  it('balances read together are one statement (every run start reads one), each user its own', async () => {
+    const [rich, poor] = [await createUser(ctx.app), await createUser(ctx.app)];
+    await grant(rich, '7');
+    const query = vi.spyOn((ctx.database.db as unknown as { $client: { query: (...args: unknown[]) => unknown } }).$client, 'query');
+    try {
+      const read = await Promise.all([getBalance(ctx.database.db, rich.user.id), getBalance(ctx.database.db, poor.user.id)]);
+      expect(read).toEqual([
+        { balance: '7.000000000000', reserved: '0.000000000000' },
+        { balance: '0', reserved: '0' },
+      ]);
+      expect(query.mock.calls.filter(([text]) => String((text as { text?: string }).text ?? text).includes('credit_accounts'))).toHaveLength(1);
+    } finally {
+      query.mockRestore();
+    }
   });
 
   it('a user deleted with credits takes the account and ledger along', async () => {
