@@ -53,12 +53,10 @@ function rankEntry(bytes: Uint8Array): string | number[] {
 
 const NEWLINE = 0x0a;
 const SPACE = 0x20;
-const BASE64_PADDING = 0x3d;
-const BASE64_DIGIT_VALUES = new Int8Array(128).fill(-1);
-for (const [value, digit] of [...'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'].entries()) BASE64_DIGIT_VALUES[digit.charCodeAt(0)] = value;
+const BASE64 = /^[A-Za-z0-9+/]+={0,2}$/;
 
-function malformed(file: Uint8Array, lineStart: number, lineEnd: number): Error {
-  return new Error(`o200k rank table: malformed line ${JSON.stringify(Buffer.from(file.subarray(lineStart, Math.min(lineEnd, lineStart + 80))).toString('latin1'))}`);
+function malformed(file: Buffer, lineStart: number, lineEnd: number): Error {
+  return new Error(`o200k rank table: malformed line ${JSON.stringify(file.toString('latin1', lineStart, Math.min(lineEnd, lineStart + 80)))}`);
 }
 
 /**
@@ -66,40 +64,26 @@ function malformed(file: Uint8Array, lineStart: number, lineEnd: number): Error 
  * the file skips stays a hole, as in the library's generated module (the library counts the
  * vocabulary with Object.keys, which skips holes).
  *
- * It works on the file's bytes, decoding each token into one reused buffer: splitting the text
+ * It walks the file's bytes and decodes each token into one reused buffer: splitting the text
  * into 200,000 lines and a Buffer per token made enough short-lived garbage to grow the heap
  * (and the resident memory, which V8 does not give back) past what the bundled module costs.
  */
-export function ranksFromTiktoken(file: Uint8Array): RawBytePairRanks {
+export function ranksFromTiktoken(bytes: Uint8Array): RawBytePairRanks {
+  const file = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const ranks: (string | number[])[] = [];
-  let tokenBytes = new Uint8Array(256);
+  let tokenBytes = Buffer.alloc(256);
   for (let lineStart = 0; lineStart < file.length; ) {
     const newline = file.indexOf(NEWLINE, lineStart);
     const lineEnd = newline < 0 ? file.length : newline;
     if (lineEnd > lineStart) {
       const space = file.indexOf(SPACE, lineStart);
-      if (space <= lineStart || space >= lineEnd - 1) throw malformed(file, lineStart, lineEnd);
-      let rank = 0;
-      for (let i = space + 1; i < lineEnd; i++) {
-        const digit = file[i]! - 0x30;
-        if (digit < 0 || digit > 9) throw malformed(file, lineStart, lineEnd);
-        rank = rank * 10 + digit;
-      }
-      if (tokenBytes.length < space - lineStart) tokenBytes = new Uint8Array(space - lineStart);
-      let byteCount = 0;
-      let bits = 0;
-      let bitCount = 0;
-      for (let i = lineStart; i < space && file[i] !== BASE64_PADDING; i++) {
-        const value = BASE64_DIGIT_VALUES[file[i]!] ?? -1;
-        if (value < 0) throw malformed(file, lineStart, lineEnd);
-        bits = ((bits << 6) | value) & 0xffff;
-        bitCount += 6;
-        if (bitCount >= 8) {
-          bitCount -= 8;
-          tokenBytes[byteCount++] = bits >> bitCount;
-        }
-      }
-      ranks[rank] = rankEntry(tokenBytes.subarray(0, byteCount));
+      const rankText = file.toString('latin1', space + 1, lineEnd);
+      if (space <= lineStart || space >= lineEnd - 1 || !/^\d+$/.test(rankText)) throw malformed(file, lineStart, lineEnd);
+      const base64 = file.toString('latin1', lineStart, space);
+      if (!BASE64.test(base64)) throw malformed(file, lineStart, lineEnd);
+      if (tokenBytes.length < base64.length) tokenBytes = Buffer.alloc(base64.length);
+      const byteCount = tokenBytes.write(base64, 'base64');
+      ranks[Number(rankText)] = rankEntry(tokenBytes.subarray(0, byteCount));
     }
     lineStart = lineEnd + 1;
   }
