@@ -194,6 +194,17 @@ describe('migrations on a fresh database', () => {
         expect(covered, `${fk.tbl}.${fk.cols} (${fk.name}) has an index`).toBe(true);
       }
     });
+
+    it("a knowledge chunk's tsvector is kept in its row (STORAGE MAIN), not in the TOAST table", async () => {
+      // Search tests and ranks the tsvector of every candidate outside the GIN index: out of line,
+      // each test cost a TOAST lookup. A type change resets the storage, so this is checked on the
+      // schema the migrations leave, not on what one of them says.
+      const [column] = await query<{ storage: string }>(
+        fresh.database,
+        `select attstorage as storage from pg_attribute where attrelid = 'knowledge_chunks'::regclass and attname = 'tsv'`,
+      );
+      expect(column?.storage).toBe('m');
+    });
   });
 
   it('a changed migration that was already applied is refused', async () => {
