@@ -13,7 +13,7 @@ import { openDatabase } from '../src/core/db.js';
 import { users } from '../src/models/index.js';
 
 import { queryRows } from '../src/crud/owned.js';
-import { fullTextQuery, lexemeFrequencies } from '../src/services/knowledge/search.js';
+import { fullTextStatement } from '../src/services/knowledge/search.js';
 import { loadQuestions } from '../test/helpers/kb-eval-corpus.js';
 
 const where = process.env.DATABASE_URL ? { DATABASE_URL: process.env.DATABASE_URL } : { PGLITE_DATA_DIR: process.env.PGLITE_DATA_DIR! };
@@ -30,7 +30,7 @@ try {
     for (const question of questions) {
       const plan = await queryRows<{ 'QUERY PLAN': string }>(
         database.db,
-        sql`explain (analyze, buffers) ${fullTextQuery('english', question, sql`knowledge_chunks.owner_id = ${admin!.id}`, limit, await lexemeFrequencies(database.db))}`,
+        sql`explain (analyze, buffers) ${await fullTextStatement(database.db, 'english', question, { where: sql`knowledge_chunks.owner_id = ${admin!.id}`, readsEntries: false }, limit)}`,
       );
       const text = plan.map((r) => r['QUERY PLAN']).join('\n');
       const ms = Number(/Execution Time: ([\d.]+)/.exec(text)?.[1]);

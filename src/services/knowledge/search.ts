@@ -55,17 +55,28 @@ const RRF_K = 60;
 /** Candidates taken from each list before fusing: several times what is asked, so fusion has room. */
 const candidatesFor = (topK: number) => Math.max(15, topK * 3);
 
-/** The chunks the caller may search, narrowed by the query's folders and entries. */
-function scopeOf(principal: Principal, query: KnowledgeQuery): SQL {
+/**
+ * The chunks the caller may search, narrowed by the query's folders and entries, and whether that
+ * condition reads the chunk's entry (a project-scoped key, a folder filter): only then do the
+ * statements that look for matching chunks join knowledge_entries (planning and probing it cost
+ * on every search).
+ */
+export interface Scope {
+  where: SQL;
+  readsEntries: boolean;
+}
+
+function scopeOf(principal: Principal, query: KnowledgeQuery): Scope {
   const own = ownRows(principal, knowledgeChunks.owner_id, knowledgeEntries.project_id);
-  if (query.folderIds === undefined && query.entryIds === undefined) return own;
+  const projectScoped = principal.scopeProjectId !== null;
+  if (query.folderIds === undefined && query.entryIds === undefined) return { where: own, readsEntries: projectScoped };
   const folderIds = query.folderIds ?? [];
   const entryIds = query.entryIds ?? [];
   const named = or(
     folderIds.length ? inArray(knowledgeEntries.folder_id, folderIds) : undefined,
     entryIds.length ? inArray(knowledgeChunks.entry_id, entryIds) : undefined,
   );
-  return and(own, named ?? sql`false`)!;
+  return { where: and(own, named ?? sql`false`)!, readsEntries: projectScoped || folderIds.length > 0 };
 }
 
 interface Passage extends Omit<KnowledgeHit, 'score'> {
@@ -99,7 +110,7 @@ const frequencyCache = new WeakMap<object, { at: number; frequencies: Promise<Le
 /**
  * The lexeme frequencies that ANALYZE gathered for knowledge_chunks.tsv (`most_common_elems`, up
  * to ~1,000 lexemes), read at most once a minute per database: reading them through `pg_stats` in
- * every search cost ~50 ms on PGlite. Each search sends them along as one JSON parameter.
+ * every search cost ~50 ms on PGlite.
  */
 export function lexemeFrequencies(db: Db): Promise<LexemeFrequencies> {
   const root = rootOf(db);
@@ -115,11 +126,41 @@ export function lexemeFrequencies(db: Db): Promise<LexemeFrequencies> {
   return frequencies;
 }
 
+/** One lexeme of a question: how often it occurs, and its tsquery text as PostgreSQL wrote it (quoted and escaped there). */
+export interface QuestionLexeme {
+  lexeme: string;
+  query: string;
+  frequency: number;
+}
+
+/**
+ * The question's lexemes as the stored tsvectors hold them (stemmed, stop words gone), rarest
+ * first (their frequencies from the planner's statistics; a lexeme missing there is rarer than any
+ * listed; ties in code-point order). Each is made a query with the 'simple' configuration, which
+ * only lowercases (no re-stemming), and only PostgreSQL's text of that query is used later: no
+ * user text is parsed as tsquery syntax. Asked in a statement of its own so that the search
+ * statement is written for these lexemes, with no table of frequencies sent along and joined in it.
+ */
+export async function questionLexemes(db: Db, language: string, text: string): Promise<QuestionLexeme[]> {
+  const [words, frequencies] = await Promise.all([
+    queryRows<{ lexeme: string; query: string }>(
+      db,
+      sql`select lexeme, query from (
+            select words.lexeme, plainto_tsquery('simple', words.lexeme)::text as query
+            from unnest(tsvector_to_array(to_tsvector(${language}::regconfig, ${text}))) as words(lexeme)
+          ) as lexemes where query <> ''`,
+    ),
+    lexemeFrequencies(db),
+  ]);
+  return words
+    .map(({ lexeme, query }) => ({ lexeme, query, frequency: frequencies[lexeme] ?? 0 }))
+    .sort((a, b) => a.frequency - b.frequency || (a.lexeme < b.lexeme ? -1 : a.lexeme > b.lexeme ? 1 : 0));
+}
+
 /** The chunks in scope whose tsvector matches `match`, at most `cap` of them (GIN, in index order). */
-function matching(match: SQL, scope: SQL, cap: number | SQL): SQL {
-  return sql`select ${knowledgeChunks.id} from ${knowledgeChunks}
-    join ${knowledgeEntries} on ${knowledgeEntries.id} = ${knowledgeChunks.entry_id}
-    where ${match} and ${scope} limit ${cap}`;
+function matching(match: SQL, scope: Scope, cap: number): SQL {
+  const entries = scope.readsEntries ? sql`join ${knowledgeEntries} on ${knowledgeEntries.id} = ${knowledgeChunks.entry_id}` : sql``;
+  return sql`select ${knowledgeChunks.id} from ${knowledgeChunks} ${entries} where ${match} and ${scope.where} limit ${cap}`;
 }
 
 /**
@@ -128,15 +169,11 @@ function matching(match: SQL, scope: SQL, cap: number | SQL): SQL {
  * chunk; when it yields fewer than `limit` chunks, the rest come from an OR of the question's
  * lexemes, ranked below every AND match (their score is scaled under the lowest AND score, so
  * scores keep the order). The OR part runs in the same statement, only when the AND part fell
- * short (a one-time filter), and takes its candidates from the question's rarest lexemes first —
- * their frequencies from the planner's statistics (lexemeFrequencies; a lexeme missing there is
- * rarer than any listed) — so a rare word, the question's
- * point, keeps its chunks however many a common word matches.
+ * short (a one-time filter), and takes its candidates from the question's rarest lexemes first
+ * (`lexemes`, from questionLexemes), so a rare word, the question's point, keeps its chunks however
+ * many a common word matches.
  */
-export function fullTextQuery(language: string, text: string, scope: SQL, limit: number, frequencies: LexemeFrequencies): SQL {
-  // The question's lexemes as the stored tsvectors hold them (stemmed, stop words gone). Each is
-  // made a query with the 'simple' configuration, which only lowercases (no re-stemming), and its
-  // tsquery text (quoted, escaped by PostgreSQL) is OR-ed: no user text is parsed as tsquery syntax.
+export function fullTextQuery(language: string, text: string, lexemes: QuestionLexeme[], scope: Scope, limit: number): SQL {
   // A query that excludes a word (`-word`) gets no fallback: an OR of lexemes cannot honour the
   // exclusion. Quotes are not honoured either, but the phrase matches come first (AND).
   // (`!` only appears in tsquery text as the NOT operator: the parser never puts it in a lexeme.)
@@ -145,29 +182,25 @@ export function fullTextQuery(language: string, text: string, scope: SQL, limit:
   // Written out where it is used (not a CTE's column): the planner estimates its matches from the
   // statistics and picks the GIN index or a scan that stops at the cap.
   const allWords = sql`websearch_to_tsquery(${language}::regconfig, ${text})`;
-  return sql`with frequencies as (
-          select key as lexeme, value::real as frequency from jsonb_each_text(${JSON.stringify(frequencies)}::jsonb)
-        ), lexemes as (
-          select words.lexeme, plainto_tsquery('simple', words.lexeme) as query, coalesce(frequencies.frequency, 0) as frequency
-          from unnest(tsvector_to_array(to_tsvector(${language}::regconfig, ${text}))) as words(lexeme)
-          left join frequencies on frequencies.lexeme = words.lexeme
-          where plainto_tsquery('simple', words.lexeme)::text <> ''
-        ), and_hits as (
+  // The rarest lexemes' matches one lexeme after the other (an Append runs its parts in order and
+  // stops at the cap). A lexeme in a large share of the chunks is tested on the rows (ts_match_vq,
+  // which the index cannot answer) instead of being looked up in the GIN index.
+  const perLexeme = lexemes
+    .slice(0, OR_LEXEMES)
+    .map(({ query, frequency }) =>
+      matching(frequency < COMMON ? sql`${chunk.tsv} @@ ${query}::tsquery` : sql`ts_match_vq(${chunk.tsv}, ${query}::tsquery)`, scope, ranked),
+    );
+  const orMatches = perLexeme.length ? sql.join(perLexeme.map((part) => sql`(${part})`), sql` union all `) : sql`select null::uuid as id where false`;
+  const anyWords = lexemes.map(({ query }) => `(${query})`).join(' | ');
+  return sql`with and_hits as (
           ${matching(sql`${chunk.tsv} @@ ${allWords}`, scope, ranked)}
         ), or_hits as (
           select distinct id from (
-            select matches.id from (select query, frequency from lexemes order by frequency, lexeme limit ${OR_LEXEMES}) as rare
-            cross join lateral (
-              (${matching(sql`rare.frequency < ${COMMON} and ${chunk.tsv} @@ rare.query`, scope, ranked)})
-              union all
-              (${matching(sql`rare.frequency >= ${COMMON} and ts_match_vq(${chunk.tsv}, rare.query)`, scope, ranked)})
-            ) as matches
+            select matches.id from (${orMatches}) as matches
             where (select count(*) from and_hits) < ${limit} and position('!' in ${allWords}::text) = 0
             limit ${ranked}
           ) as capped
           where id not in (select id from and_hits)
-        ), any_word as (
-          select string_agg('(' || query::text || ')', ' | ')::tsquery as any_words from lexemes
         ), candidates as (
           select id, true as all_words from and_hits
           union all
@@ -176,7 +209,7 @@ export function fullTextQuery(language: string, text: string, scope: SQL, limit:
         select ${chunk.id} as id, ${chunk.entry_id} as entry_id, ${knowledgeEntries.filename} as filename,
           ${chunk.chunk_index} as chunk_index, ${chunk.text} as text, ${chunk.heading_path} as heading_path,
           candidates.all_words,
-          ts_rank_cd(${chunk.tsv}, case when candidates.all_words then ${allWords} else (select any_words from any_word) end) as score
+          ts_rank_cd(${chunk.tsv}, case when candidates.all_words then ${allWords} else ${anyWords}::tsquery end) as score
         from candidates
         join ${chunk} on ${chunk.id} = candidates.id
         join ${knowledgeEntries} on ${knowledgeEntries.id} = ${chunk.entry_id}
@@ -185,8 +218,13 @@ export function fullTextQuery(language: string, text: string, scope: SQL, limit:
         limit ${limit}`;
 }
 
-async function fullText(db: Db, language: string, text: string, scope: SQL, limit: number): Promise<(Passage & { score: number })[]> {
-  const rows = await queryRows<Passage & { all_words: boolean; score: number }>(db, fullTextQuery(language, text, scope, limit, await lexemeFrequencies(db)));
+/** The full-text search statement for a question, written after its lexemes are looked up (questionLexemes). */
+export async function fullTextStatement(db: Db, language: string, text: string, scope: Scope, limit: number): Promise<SQL> {
+  return fullTextQuery(language, text, await questionLexemes(db, language, text), scope, limit);
+}
+
+async function fullText(db: Db, language: string, text: string, scope: Scope, limit: number): Promise<(Passage & { score: number })[]> {
+  const rows = await queryRows<Passage & { all_words: boolean; score: number }>(db, await fullTextStatement(db, language, text, scope, limit));
   const andHits = rows.filter((row) => row.all_words);
   const floor = andHits.length ? Number(andHits[andHits.length - 1]!.score) : 1;
   // rank / (rank + 1) maps [0, ∞) into [0, 1) in the same order; times the floor: below every AND hit.
@@ -225,9 +263,9 @@ export async function refreshSearchStatistics(db: Db, chunksWritten: number): Pr
 }
 
 /** The query's embedding, or null when there is nothing to compare it with (or the model fails: full text answers alone). */
-async function queryEmbedding(deps: KnowledgeSearchDeps, principal: Principal, query: KnowledgeQuery, scope: SQL): Promise<number[] | null> {
+async function queryEmbedding(deps: KnowledgeSearchDeps, principal: Principal, query: KnowledgeQuery, scope: Scope): Promise<number[] | null> {
   const model = deps.settings.EMBEDDING_MODEL;
-  if (!model || !(await hasVectorTable(deps.db)) || !(await anyEmbedded(deps.db, model, scope))) return null;
+  if (!model || !(await hasVectorTable(deps.db)) || !(await anyEmbedded(deps.db, model, scope.where))) return null;
   try {
     const result = await deps.models.embed({
       model,
@@ -265,7 +303,7 @@ export async function searchKnowledge(deps: KnowledgeSearchDeps, principal: Prin
   const limit = candidatesFor(topK);
   const [textHits, nearest] = await Promise.all([
     fullText(deps.db, language, query.query, scope, limit),
-    nearestChunks(deps.db, deps.settings.EMBEDDING_MODEL!, vector, scope, limit),
+    nearestChunks(deps.db, deps.settings.EMBEDDING_MODEL!, vector, scope.where, limit),
   ]);
   const fused = new Map<string, number>();
   const add = (id: string, rank: number) => fused.set(id, (fused.get(id) ?? 0) + 1 / (RRF_K + rank + 1));
