@@ -109,6 +109,17 @@ function tighten(path: string): void {
 const PGLITE_MEMORY = ['-c', 'shared_buffers=16MB', '-c', 'max_connections=10'];
 
 /**
+ * A sequential scan of a table larger than a quarter of the buffers starts where another one is
+ * (synchronized scans), so a statement that takes the first N rows a scan finds takes different
+ * ones each time: knowledge search ranks a capped set of the chunks that match (services/knowledge/
+ * search.ts), and the same question got a different answer from one search to the next.
+ */
+const SAME_SCAN_START = 'synchronize_seqscans=off';
+
+/** The embedded server's settings, on top of PGlite's defaults. */
+const PGLITE_SETTINGS = [...PGLITE_MEMORY, '-c', SAME_SCAN_START];
+
+/**
  * PGlite is PostgreSQL compiled to WebAssembly. V8 compiles it at once with its baseline compiler
  * (Liftoff) and then, by default, compiles the busiest functions again with its optimizing one in
  * background threads: ~40 MB of resident memory and ~0.3 s of CPU in the first seconds (measured,
@@ -193,8 +204,8 @@ async function openPglite(settings: Settings): Promise<Database> {
  * gave (the gateway gained; measured, bench/RESULTS.md).
  */
 async function openPgliteLink(settings: Settings, dataDir: string): Promise<PgliteLink> {
-  if (settings.PGLITE_THREAD) return openPgliteThread({ dataDir, startParams: PGLITE_MEMORY });
-  const options = { extensions: { vector }, startParams: [...PGlite.defaultStartParams, ...PGLITE_MEMORY] };
+  if (settings.PGLITE_THREAD) return openPgliteThread({ dataDir, startParams: PGLITE_SETTINGS });
+  const options = { extensions: { vector }, startParams: [...PGlite.defaultStartParams, ...PGLITE_SETTINGS] };
   // A directory without PG_VERSION is created here (initdb), which grows PGlite's WebAssembly
   // memory to ~600 MB that it never gives back: open it a second time, in a fresh instance, so
   // a first start runs on as little memory as every later one (measured, bench/RESULTS.md).
@@ -221,6 +232,10 @@ function openPostgres(settings: Settings, url: string): Database {
   });
   // An idle client that loses its server emits here; without a listener the process would crash.
   pool.on('error', () => undefined);
+  // Queued on the new connection ahead of the statement it was opened for.
+  pool.on('connect', (client) => {
+    client.query(`set ${SAME_SCAN_START}`).catch(() => undefined);
+  });
   const listeners: Listener[] = [];
   return {
     db: drizzleNodePg(pool, { schema, casing: 'snake_case' }),

@@ -9,6 +9,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 
 import { knowledgeChunks, knowledgeEntries } from '../../src/models/index.js';
 
+import { queryRows } from '../../src/crud/owned.js';
 import { contentDisposition } from '../../src/routers/knowledge.js';
 import { purgeDeletedFiles } from '../../src/services/knowledge/files.js';
 import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
@@ -586,6 +587,14 @@ describe('search', () => {
     const made = await api('POST', '/knowledge-base/folders', key, { name: 'Made by key' });
     expect(made.json()).toMatchObject({ project_id: project.id });
     expect((await api('GET', '/knowledge-base/stats', key)).json()).toMatchObject({ folder_count: 2, entry_count: 2 });
+  });
+
+  it('gets the same answer for the same question: a sequential scan starts at the table\'s start, not where another one is', async () => {
+    // Search ranks a capped set of the chunks that match; with synchronized scans (on by default,
+    // for tables over a quarter of the buffers) which chunks made the set changed from one search
+    // to the next. Every connection the app opens has them off.
+    const shown = await Promise.all(Array.from({ length: 3 }, () => queryRows(ctx.database.db, sql`show synchronize_seqscans`)));
+    expect(shown).toEqual(Array.from({ length: 3 }, () => [{ synchronize_seqscans: 'off' }]));
   });
 
   it('answers 422 for a bad search and 401 without credentials', async () => {
