@@ -116,6 +116,12 @@ describe('embeddings', () => {
     const found = await search(ctx.app, other.headers, { query: 'seals sandbanks' });
     expect(found.mode).toBe('full_text');
     expect(found.data[0]!.text).toContain('Seals');
+    // The full-text candidates were looked up for fusion (more than asked): the answer keeps to top_k, best first.
+    await ingested(ctx.app, other.headers, folder.id, { filename: 'seals-2.txt', content: 'Grey seals breed on remote beaches.' });
+    fake.script('fake-embed', { status: 500 });
+    const one = await search(ctx.app, other.headers, { query: 'seals sandbanks', top_k: 1 });
+    expect(one).toMatchObject({ mode: 'full_text', data: [{ filename: 'seals.txt' }] });
+    expect(one.data).toHaveLength(1);
   });
 
   it('retries an embedding provider that fails, then fails the entry with an error saying what to do', async () => {

@@ -263,9 +263,8 @@ export async function refreshSearchStatistics(db: Db, chunksWritten: number): Pr
 }
 
 /** The query's embedding, or null when there is nothing to compare it with (or the model fails: full text answers alone). */
-async function queryEmbedding(deps: KnowledgeSearchDeps, principal: Principal, query: KnowledgeQuery, scope: Scope): Promise<number[] | null> {
-  const model = deps.settings.EMBEDDING_MODEL;
-  if (!model || !(await hasVectorTable(deps.db)) || !(await anyEmbedded(deps.db, model, scope.where))) return null;
+async function queryEmbedding(deps: KnowledgeSearchDeps, model: string, principal: Principal, query: KnowledgeQuery, scope: Scope): Promise<number[] | null> {
+  if (!(await anyEmbedded(deps.db, model, scope.where))) return null;
   try {
     const result = await deps.models.embed({
       model,
@@ -285,6 +284,8 @@ async function queryEmbedding(deps: KnowledgeSearchDeps, principal: Principal, q
   }
 }
 
+const withoutIds = (hits: (Passage & { score: number })[]): KnowledgeHit[] => hits.map(({ id: _id, ...hit }) => hit);
+
 /**
  * Searches the caller's documents (a project-scoped key: its project's): full text alone, or —
  * when EMBEDDING_MODEL is set and the documents have embeddings (pgvector) — full text and vector
@@ -295,16 +296,18 @@ export async function searchKnowledge(deps: KnowledgeSearchDeps, principal: Prin
   const topK = query.topK ?? 5;
   const scope = scopeOf(principal, query);
   const language = deps.settings.KB_SEARCH_LANGUAGE;
-  const vector = await queryEmbedding(deps, principal, query, scope);
-  if (!vector) {
-    const hits = await fullText(deps.db, language, query.query, scope, topK);
-    return { data: hits.map(({ id: _id, ...hit }) => hit), mode: 'full_text' };
-  }
+  const model = deps.settings.EMBEDDING_MODEL;
+  if (!model || !(await hasVectorTable(deps.db))) return { data: withoutIds(await fullText(deps.db, language, query.query, scope, topK)), mode: 'full_text' };
+  // The full-text candidates are looked up while the question is embedded (a provider's round
+  // trip), not after. When there is nothing to fuse, their first topK answer: chunks holding only
+  // some of the words rank below all those holding every word whatever the limit, and a larger
+  // limit only ranks more candidates.
   const limit = candidatesFor(topK);
   const [textHits, nearest] = await Promise.all([
     fullText(deps.db, language, query.query, scope, limit),
-    nearestChunks(deps.db, deps.settings.EMBEDDING_MODEL!, vector, scope.where, limit),
+    queryEmbedding(deps, model, principal, query, scope).then((vector) => vector && nearestChunks(deps.db, model, vector, scope.where, limit)),
   ]);
+  if (!nearest) return { data: withoutIds(textHits.slice(0, topK)), mode: 'full_text' };
   const fused = new Map<string, number>();
   const add = (id: string, rank: number) => fused.set(id, (fused.get(id) ?? 0) + 1 / (RRF_K + rank + 1));
   textHits.forEach((hit, rank) => add(hit.id, rank));
