@@ -233,7 +233,9 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'reindex_knowledge_entry',
         summary: 'Reindex Knowledge Entry',
-        description: 'Ingests the stored file again (after a failure, or a change of EMBEDDING_MODEL or KB_SEARCH_LANGUAGE): **202**, `status: pending`.',
+        description:
+          'Ingests the stored file again (after a failure, or a change of EMBEDDING_MODEL or KB_SEARCH_LANGUAGE): **202**, `status: pending`. ' +
+          'The entry\'s chunks are cleared when the job starts and stored again as the file is read, so until it is `ready` search finds only the part indexed so far.',
         tags,
         params: KnowledgeEntryIdParams,
         response: { 202: KnowledgeEntryPublic, 404: ErrorBody, ...authErrors },
