@@ -165,9 +165,18 @@ function keelProcessEnv(dataDir: string, port: number, extra: Record<string, str
   };
 }
 
+/**
+ * The node flags `npm start` and `npm run keel` give Keel in `checkout` (its package.json), so the
+ * processes measured here run as the README has operators run them.
+ */
+function keelNodeFlags(checkout: string): string[] {
+  const scripts = (JSON.parse(readFileSync(join(checkout, 'package.json'), 'utf8')) as { scripts: Record<string, string> }).scripts;
+  return (/\bnode ((?:--\S+ )*)bin\/keel\.js/.exec(scripts.keel ?? '')?.[1] ?? '').split(' ').filter(Boolean);
+}
+
 async function startKeel(port: number, extra: Record<string, string> = {}, checkout = root, command = 'start'): Promise<Server> {
   const dataDir = extra.DATA_DIR ?? mkdtempSync(join(tmpdir(), 'keel-bench-kb-data-'));
-  const child = spawn(process.execPath, [join(checkout, 'bin/keel.js'), command], {
+  const child = spawn(process.execPath, [...keelNodeFlags(checkout), join(checkout, 'bin/keel.js'), command], {
     cwd: checkout,
     detached: true, // its own process group: RSS is summed over it
     stdio: ['ignore', 'ignore', 'inherit'],
@@ -421,7 +430,7 @@ async function ingestWithWorker(dir: string, path: string, shared: Record<string
   const migrated = spawnSync(process.execPath, [join(checkout, 'bin/keel.js'), 'migrate'], { cwd: checkout, env: keelProcessEnv(dir, PORT_BASE + 3, shared), stdio: 'inherit' });
   if (migrated.status !== 0) throw new Error('keel migrate failed');
   const apiServer = await startKeel(PORT_BASE + 3, shared, checkout, 'api');
-  const worker = spawn(process.execPath, [join(checkout, 'bin/keel.js'), 'worker'], {
+  const worker = spawn(process.execPath, [...keelNodeFlags(checkout), join(checkout, 'bin/keel.js'), 'worker'], {
     cwd: checkout,
     detached: true,
     stdio: ['ignore', 'ignore', 'inherit'],
