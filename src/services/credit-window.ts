@@ -2,8 +2,10 @@
  * Credit windows: holds served from memory instead of one database statement per call.
  *
  * A process takes a block of a user's credit with the same conditional UPDATE a call's hold uses
- * (a reservation row of `BILLING_CREDIT_WINDOW_CALLS` × the call's worst case; refused unless
- * `balance - reserved` covers all of it), then serves that user's holds from the block in memory.
+ * (a reservation row of `BILLING_CREDIT_WINDOW_CALLS` × the call's worst case — or of twice the
+ * user's calls in flight in this process when that is more, up to 16 × the setting, so that a
+ * block holds a busy user's concurrent calls; refused unless `balance - reserved` covers all of
+ * it, and then the usual size is tried), then serves that user's holds from the block in memory.
  * A call's settlement releases what it used from the block's row together with the charge (see
  * `Settlement.release`), so at every moment `reserved` = what blocks and per-call holds still
  * hold, and the balance still moves only with its ledger entry. When the block cannot serve a hold
@@ -61,9 +63,14 @@ export interface CreditWindowOptions {
   background: (work: Promise<unknown>) => void;
 }
 
+/** The most a busy user's block grows to, in blocks of `blockCalls` (see `blockCallsFor`). */
+const MAX_BLOCK_GROWTH = 16;
+
 export class CreditWindows {
   private readonly current = new Map<string, CreditBlock>();
   private readonly taking = new Map<string, Promise<boolean>>();
+  /** Calls held from a block (current or retired) that have not settled, by user. */
+  private readonly inFlight = new Map<string, number>();
   private readonly maxAgeMs: number;
 
   constructor(private readonly options: CreditWindowOptions) {
@@ -82,6 +89,7 @@ export class CreditWindows {
     }
     block.available -= units;
     block.outstanding += 1;
+    this.inFlight.set(userId, (this.inFlight.get(userId) ?? 0) + 1);
     block.lastUsedAt = now;
     if (!block.renewing && (block.available < block.size / BigInt(4) || now - block.takenAt > (this.maxAgeMs * 3) / 4)) {
       block.renewing = true;
@@ -106,16 +114,17 @@ export class CreditWindows {
   }
 
   private async take(userId: string, amount: string): Promise<boolean> {
-    const size = costUnits(amount) * BigInt(this.options.blockCalls);
-    const id = randomUUID();
-    const outcome = await billingCrud.hold(this.options.db, {
-      id,
-      userId,
-      apiKeyId: null,
-      accountAmount: unitsCost(size),
-      keyAmount: null,
-      ttlSeconds: this.options.ttlSeconds,
-    });
+    const unit = costUnits(amount);
+    const calls = this.blockCallsFor(userId);
+    let size = unit * BigInt(calls);
+    let id = randomUUID();
+    let outcome = await this.hold(userId, id, size);
+    // A block grown for a busy user that the account cannot cover: the usual size may still fit.
+    if (outcome !== 'held' && calls > this.options.blockCalls) {
+      size = unit * BigInt(this.options.blockCalls);
+      id = randomUUID();
+      outcome = await this.hold(userId, id, size);
+    }
     if (outcome !== 'held') return false;
     const previous = this.current.get(userId);
     if (previous) this.retire(previous);
@@ -124,12 +133,30 @@ export class CreditWindows {
     return true;
   }
 
+  private hold(userId: string, id: string, size: bigint) {
+    return billingCrud.hold(this.options.db, { id, userId, apiKeyId: null, accountAmount: unitsCost(size), keyAmount: null, ttlSeconds: this.options.ttlSeconds });
+  }
+
+  /**
+   * Calls' worst cases in the user's next block: `blockCalls`, or twice the user's calls in flight
+   * when that is more (at most MAX_BLOCK_GROWTH × `blockCalls`). A block smaller than the calls in
+   * flight cannot hold them all: at 64 clients a block of 32 served ~32 calls, so every ~32nd call
+   * waited for the next block's statement and every block cost a release statement too.
+   */
+  private blockCallsFor(userId: string): number {
+    const base = this.options.blockCalls;
+    return Math.min(Math.max(base, 2 * (this.inFlight.get(userId) ?? 0)), base * MAX_BLOCK_GROWTH);
+  }
+
   /**
    * A call held from `block` ended having used `used` of its `held` amount (used ≤ held: the
    * settlement releases `used` from the block's row); the rest goes back to the block.
    */
   settled(block: CreditBlock, held: bigint, used: bigint): void {
     block.outstanding -= 1;
+    const calls = (this.inFlight.get(block.userId) ?? 1) - 1;
+    if (calls > 0) this.inFlight.set(block.userId, calls);
+    else this.inFlight.delete(block.userId);
     if (!block.retired) block.available += held - used;
     else if (block.outstanding === 0) this.options.onRetired(block);
   }

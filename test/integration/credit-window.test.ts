@@ -144,6 +144,32 @@ describe('credit windows', () => {
     for (const user of users) await expectSettled(user, 1000 - 3 * 4);
   });
 
+  it('a busy user\'s block grows with the calls in flight: concurrent waves take few blocks, each call charged exactly', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '100000');
+    fake.defaultReply = { text: 'four', usage: { prompt_tokens: 1, completion_tokens: 4 }, chunkDelayMs: 5 };
+    const { db } = ctx.database;
+    const dialect = new PgDialect();
+    const execute = db.execute.bind(db);
+    let holds = 0;
+    db.execute = ((query: SQL) => {
+      const { sql: text, params } = dialect.sqlToQuery(query);
+      if (/insert into credit_reservations/.test(text) && params.includes(user.user.id)) holds++;
+      return execute(query);
+    });
+    try {
+      // 32 calls at a time, 4 waves: blocks of 8 worst cases took 35 blocks (measured without the growth).
+      for (let wave = 0; wave < 4; wave++) await Promise.all(Array.from({ length: 32 }, () => ctx.app.models.chat(billed(user))));
+    } finally {
+      db.execute = execute;
+    }
+    expect(holds).toBeGreaterThan(0);
+    expect(holds).toBeLessThan(8);
+    // The grown blocks are real reservations: what they held came back, and every call paid 4.
+    await expectSettled(user, 100000 - 128 * 4);
+    expect(await usageEntries(user)).toBe(128);
+  });
+
   it('50 concurrent calls against a balance that covers 30: blocks, then single holds, never more', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '300');
