@@ -156,9 +156,9 @@ export const SettingsSchema = z.object({
   BILLING_RESERVATION_TTL_SECONDS: int(10, 604_800).default(900),
   /**
    * Credit windows: each process takes a user's credit in blocks of this many calls' worst case
-   * (twice the user's calls in flight when more, up to 16 × this) and holds calls from the block in
-   * memory (no database statement per call); 0 holds every call in the database. Never overdraws
-   * either way (see src/services/credit-window.ts).
+   * (more for a busy user: twice their calls in flight, or a second's worth at their pace, up to
+   * 16 × this) and holds calls from the block in memory (no database statement per call); 0 holds
+   * every call in the database. Never overdraws either way (see src/services/credit-window.ts).
    */
   BILLING_CREDIT_WINDOW_CALLS: int(0, 100_000).default(32),
   /** Usage records are written in batches: at most this long after the call, or at USAGE_FLUSH_MAX_ROWS rows. */

@@ -2,10 +2,11 @@
  * Credit windows: holds served from memory instead of one database statement per call.
  *
  * A process takes a block of a user's credit with the same conditional UPDATE a call's hold uses
- * (a reservation row of `BILLING_CREDIT_WINDOW_CALLS` × the call's worst case — or of twice the
- * user's calls in flight in this process when that is more, up to 16 × the setting, so that a
- * block holds a busy user's concurrent calls; refused unless `balance - reserved` covers all of
- * it, and then the usual size is tried), then serves that user's holds from the block in memory.
+ * (a reservation row of `BILLING_CREDIT_WINDOW_CALLS` × the call's worst case — more for a busy
+ * user: twice their calls in flight in this process, or a second's worth at the pace their last
+ * block was used, up to 16 × the setting (see `blockCallsFor`); refused unless `balance - reserved`
+ * covers all of it, and then the usual size is tried), then serves that user's holds from the
+ * block in memory.
  * A call's settlement releases what it used from the block's row together with the charge (see
  * `Settlement.release`), so at every moment `reserved` = what blocks and per-call holds still
  * hold, and the balance still moves only with its ledger entry. When the block cannot serve a hold
@@ -45,6 +46,8 @@ export interface CreditBlock {
   renewing: boolean;
   /** Calls holding from this block that have not settled. */
   outstanding: number;
+  /** Calls held from this block so far. */
+  served: number;
   retired: boolean;
   readonly takenAt: number;
   lastUsedAt: number;
@@ -65,12 +68,16 @@ export interface CreditWindowOptions {
 
 /** The most a busy user's block grows to, in blocks of `blockCalls` (see `blockCallsFor`). */
 const MAX_BLOCK_GROWTH = 16;
+/** A block used up faster than this makes the next one as large as that pace needs for this long. */
+const BLOCK_MIN_LIFE_MS = 1_000;
 
 export class CreditWindows {
   private readonly current = new Map<string, CreditBlock>();
   private readonly taking = new Map<string, Promise<boolean>>();
   /** Calls held from a block (current or retired) that have not settled, by user. */
   private readonly inFlight = new Map<string, number>();
+  /** The user's latest block, current or retired by its successor (not when retired idle): its pace sizes the next. */
+  private readonly latest = new Map<string, CreditBlock>();
   private readonly maxAgeMs: number;
 
   constructor(private readonly options: CreditWindowOptions) {
@@ -89,6 +96,7 @@ export class CreditWindows {
     }
     block.available -= units;
     block.outstanding += 1;
+    block.served += 1;
     this.inFlight.set(userId, (this.inFlight.get(userId) ?? 0) + 1);
     block.lastUsedAt = now;
     if (!block.renewing && (block.available < block.size / BigInt(4) || now - block.takenAt > (this.maxAgeMs * 3) / 4)) {
@@ -129,7 +137,9 @@ export class CreditWindows {
     const previous = this.current.get(userId);
     if (previous) this.retire(previous);
     const now = Date.now();
-    this.current.set(userId, { id, userId, size, available: size, renewing: false, outstanding: 0, retired: false, takenAt: now, lastUsedAt: now });
+    const block: CreditBlock = { id, userId, size, available: size, renewing: false, outstanding: 0, served: 0, retired: false, takenAt: now, lastUsedAt: now };
+    this.current.set(userId, block);
+    this.latest.set(userId, block);
     return true;
   }
 
@@ -138,14 +148,21 @@ export class CreditWindows {
   }
 
   /**
-   * Calls' worst cases in the user's next block: `blockCalls`, or twice the user's calls in flight
-   * when that is more (at most MAX_BLOCK_GROWTH × `blockCalls`). A block smaller than the calls in
-   * flight cannot hold them all: at 64 clients a block of 32 served ~32 calls, so every ~32nd call
-   * waited for the next block's statement and every block cost a release statement too.
+   * Calls' worst cases in the user's next block: `blockCalls`; or twice the user's calls in flight;
+   * or, when the latest block was used up within BLOCK_MIN_LIFE_MS, as many calls as its pace makes
+   * in that time — whichever is most, at most MAX_BLOCK_GROWTH × `blockCalls`. A block smaller
+   * than the calls in flight cannot hold them all: at 64 clients a block of 32 served ~32 calls, so
+   * every ~32nd call waited for the next block's statement and every block cost a release statement
+   * too. A block that lasts ~50 ms (one client at ~1,000 calls/s) costs those two statements every
+   * ~50 calls, and embedded each one holds up the call that comes next (the 1-client p99).
    */
   private blockCallsFor(userId: string): number {
     const base = this.options.blockCalls;
-    return Math.min(Math.max(base, 2 * (this.inFlight.get(userId) ?? 0)), base * MAX_BLOCK_GROWTH);
+    let calls = Math.max(base, 2 * (this.inFlight.get(userId) ?? 0));
+    const latest = this.latest.get(userId);
+    const age = latest ? Date.now() - latest.takenAt : Infinity;
+    if (latest && age < BLOCK_MIN_LIFE_MS) calls = Math.max(calls, Math.ceil((latest.served * BLOCK_MIN_LIFE_MS) / Math.max(age, 1)));
+    return Math.min(calls, base * MAX_BLOCK_GROWTH);
   }
 
   /**
@@ -165,6 +182,8 @@ export class CreditWindows {
   retireIdle(all = false): void {
     const cutoff = Date.now() - this.options.idleMs;
     for (const block of this.current.values()) if (all || block.lastUsedAt < cutoff) this.retire(block);
+    // An idle user's next block starts from the usual size again (and the map keeps only active users).
+    for (const [userId, block] of this.latest) if (block.retired && (all || block.lastUsedAt < cutoff)) this.latest.delete(userId);
   }
 
   private retire(block: CreditBlock): void {

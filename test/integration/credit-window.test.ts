@@ -170,6 +170,30 @@ describe('credit windows', () => {
     expect(await usageEntries(user)).toBe(128);
   });
 
+  it('a block used up within a second makes the next one a second\'s worth at that pace: sequential calls take few blocks', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '100000');
+    const { db } = ctx.database;
+    const dialect = new PgDialect();
+    const execute = db.execute.bind(db);
+    let holds = 0;
+    db.execute = ((query: SQL) => {
+      const { sql: text, params } = dialect.sqlToQuery(query);
+      if (/insert into credit_reservations/.test(text) && params.includes(user.user.id)) holds++;
+      return execute(query);
+    });
+    try {
+      // Blocks of 8 worst cases serve ~18 of these calls each: 100 calls took 8 (measured without the pace rule).
+      for (let i = 0; i < 100; i++) await ctx.app.models.chat(billed(user));
+    } finally {
+      db.execute = execute;
+    }
+    expect(holds).toBeGreaterThan(0);
+    expect(holds).toBeLessThan(4);
+    await expectSettled(user, 100000 - 100 * 4);
+    expect(await usageEntries(user)).toBe(100);
+  });
+
   it('50 concurrent calls against a balance that covers 30: blocks, then single holds, never more', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '300');
