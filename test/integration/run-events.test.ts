@@ -1,4 +1,4 @@
-import { asc, eq } from 'drizzle-orm';
+import { asc, eq, inArray, sql } from 'drizzle-orm';
 import pino from 'pino';
 import { beforeAll, describe, expect, it } from 'vitest';
 
@@ -42,6 +42,14 @@ async function collect(iterable: AsyncIterable<RunEvent>, onEvent?: (event: RunE
 }
 
 const stored = async (runId: string) => ctx.app.db.select().from(runEvents).where(eq(runEvents.run_id, runId)).orderBy(asc(runEvents.seq));
+/** The stored events of `runIds` once there are `count` of them (the flush timer's), with created_at as text (microseconds). */
+async function storedOnceAll(runIds: string[], count: number): Promise<{ run_id: string; seq: number; created: string }[]> {
+  for (let waited = 0; ; waited += 10) {
+    const rows = await ctx.app.db.select({ run_id: runEvents.run_id, seq: runEvents.seq, created: sql<string>`${runEvents.created_at}::text` }).from(runEvents).where(inArray(runEvents.run_id, runIds));
+    if (rows.length >= count || waited > 5_000) return rows;
+    await sleep(10);
+  }
+}
 const delta = (text: string) => ({ event: 'message.delta' as const, data: { delta: text } });
 
 describe('the database run event log', () => {
@@ -107,6 +115,28 @@ describe('the database run event log', () => {
     expect(events.map((e) => e.seq)).toEqual(Array.from({ length: total + 2 }, (_, i) => i + 1));
     // The writer did not wait for the reader (a few seconds at most even on a busy machine).
     expect(writing).toBeLessThan(10_000);
+  });
+
+  it('stores the deferred events of runs streaming at the same time in one statement per flush', async () => {
+    const runIds = [await newRun(), await newRun(), await newRun()];
+    for (const runId of runIds) await log.append(runId, [{ event: 'run.started', data: {} }, delta('a')]);
+    for (const runId of runIds) await log.append(runId, [delta('b')]);
+    const rows = await storedOnceAll(runIds, 9);
+    expect(rows.map((r) => `${r.run_id === runIds[0] ? 0 : r.run_id === runIds[1] ? 1 : 2}:${r.seq}`).sort()).toEqual(['0:1', '0:2', '0:3', '1:1', '1:2', '1:3', '2:1', '2:2', '2:3']);
+    // now() is its transaction's start: one value for all nine rows, so one statement (and commit) wrote them.
+    expect(new Set(rows.map((r) => r.created))).toHaveProperty('size', 1);
+  });
+
+  it('one run whose events cannot be stored holds up no other run\'s', async () => {
+    const own = new DatabaseRunEventLog(new EmbeddedRunEvents(ctx.app.db, pino({ level: 'silent' }), FLUSH_MS));
+    const [gone, kept] = [await newRun(), await newRun()];
+    await own.append(gone, [delta('x')]);
+    await own.append(kept, [delta('y')]);
+    // Its run row deleted before the flush: its events break the foreign key.
+    await ctx.app.db.delete(runs).where(eq(runs.id, gone));
+    expect((await storedOnceAll([kept], 1)).map((r) => r.seq)).toEqual([1]);
+    expect(await stored(gone)).toEqual([]);
+    await own.close();
   });
 
   it('forgets events of runs that ended more than the TTL ago', async () => {

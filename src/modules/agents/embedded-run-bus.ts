@@ -50,20 +50,30 @@ const storedAfter = preparedAnywhere('run_events_after', (db, name) =>
     .limit(REPLAY_PAGE)
     .prepare(name),
 );
+// One statement shape for every store: the rows carry their run, so one INSERT can hold several runs' events.
 const eventRows = preparedAnywhere('run_events_insert', (db, name) =>
   db
     .insert(runEvents)
     .select(
       db
-        .select({ run_id: sql`${sql.placeholder('run_id')}::uuid`.as('run_id'), seq: sql`x.seq`.as('seq'), event: sql`x.event`.as('event'), data: sql`x.data`.as('data'), created_at: sql`now()`.as('created_at') })
-        .from(sql`jsonb_to_recordset(${sql.placeholder('events')}::jsonb) as x(seq integer, event varchar, data jsonb)`) as never,
+        .select({ run_id: sql`x.run_id`.as('run_id'), seq: sql`x.seq`.as('seq'), event: sql`x.event`.as('event'), data: sql`x.data`.as('data'), created_at: sql`now()`.as('created_at') })
+        .from(sql`jsonb_to_recordset(${sql.placeholder('events')}::jsonb) as x(run_id uuid, seq integer, event varchar, data jsonb)`) as never,
     )
     .prepare(name),
 );
 
-/** Stores events of one run in one statement, however many (one prepared INSERT … SELECT over a JSON array). */
-async function storeEvents(db: Db, runId: string, events: readonly RunEvent[]): Promise<void> {
-  await eventRows(db).execute({ run_id: runId, events: JSON.stringify(events.map((e) => ({ seq: e.seq, event: e.event, data: e.data }))) });
+/** Events of one or more runs to store: each run's, in seq order. */
+type EventBatch = readonly { runId: string; events: readonly RunEvent[] }[];
+
+/** Stores the events of `batches` in one statement, however many (one prepared INSERT … SELECT over a JSON array). */
+async function storeEvents(db: Db, batches: EventBatch): Promise<void> {
+  const rows = batches.flatMap(({ runId, events }) => events.map((e) => ({ run_id: runId, seq: e.seq, event: e.event, data: e.data })));
+  await eventRows(db).execute({ events: JSON.stringify(rows) });
+}
+
+/** Stores one run's events, INSERT_BATCH rows per statement. */
+async function storeRunEvents(db: Db, runId: string, events: readonly RunEvent[]): Promise<void> {
+  for (let i = 0; i < events.length; i += INSERT_BATCH) await storeEvents(db, [{ runId, events: events.slice(i, i + INSERT_BATCH) }]);
 }
 
 /** One run's log as this process sees it: the writer's next seq, events not yet stored, readers. */
@@ -78,7 +88,8 @@ interface RunLogState {
   /** Appends run one after the other. */
   tail: Promise<unknown>;
   flushing: Promise<void> | null;
-  flushTimer: NodeJS.Timeout | undefined;
+  /** After a failed store: the timer's flush leaves the run's events until then (Date.now() ms). */
+  retryAt: number;
   /** The last events stored (at most RECENT_EVENTS, in seq order, up to the first pending one): a reader replays them without a query. */
   recent: RunEvent[];
 }
@@ -103,6 +114,13 @@ const deltaChars = (event: RunEvent) => (event.event === 'message.delta' && type
  */
 export class EmbeddedRunEvents {
   private readonly states = new Map<string, RunLogState>();
+  /**
+   * Runs whose deferred events wait for the flush timer. One timer for all of them, and one INSERT
+   * per tick for every run that is due: with many runs streaming at once, each run's deltas would
+   * otherwise cost a statement (and a commit) of their own.
+   */
+  private readonly deferred = new Map<string, RunLogState>();
+  private flushTimer: NodeJS.Timeout | undefined;
   /** Logs open on it: a failed flush is retried only while one is (not after shutdown). */
   private users = 0;
 
@@ -125,7 +143,7 @@ export class EmbeddedRunEvents {
   private stateOf(runId: string): RunLogState {
     let state = this.states.get(runId);
     if (!state) {
-      state = { nextSeq: null, ended: false, pending: [], pendingChars: 0, listeners: new Set(), tail: Promise.resolve(), flushing: null, flushTimer: undefined, recent: [] };
+      state = { nextSeq: null, ended: false, pending: [], pendingChars: 0, listeners: new Set(), tail: Promise.resolve(), flushing: null, retryAt: 0, recent: [] };
       this.states.set(runId, state);
     }
     return state;
@@ -134,9 +152,60 @@ export class EmbeddedRunEvents {
   /** Drops what this process keeps of a run once everything is stored and nobody listens. */
   private forgetIfIdle(runId: string, state: RunLogState): void {
     if (state.pending.length || state.listeners.size || state.flushing) return;
+    if (this.deferred.get(runId) === state) this.deferred.delete(runId);
     // A writer's seq is kept until its run ends; a reader-only state can go at once.
     if (state.nextSeq !== null && !state.ended) return;
     if (this.states.get(runId) === state) this.states.delete(runId);
+  }
+
+  /** The run's pending events are stored by the next flush timer's tick (unless something stores them first). */
+  private defer(runId: string, state: RunLogState): void {
+    this.deferred.set(runId, state);
+    this.flushTimer ??= setTimeout(() => this.flushDeferred(), this.flushMs);
+  }
+
+  /**
+   * The timer's tick: every deferred run that is not being stored already (by its own flush or
+   * transaction, which leaves what it did not store deferred) nor waiting to retry, in one INSERT.
+   * Should that fail, each run is flushed on its own, so that one run's failure (its row gone)
+   * holds up no other run's events.
+   */
+  private flushDeferred(): void {
+    this.flushTimer = undefined;
+    const now = Date.now();
+    const due: { runId: string; state: RunLogState; events: RunEvent[] }[] = [];
+    for (const [runId, state] of this.deferred) {
+      if (!state.pending.length) this.deferred.delete(runId);
+      else if (!state.flushing && state.retryAt <= now) {
+        this.deferred.delete(runId);
+        due.push({ runId, state, events: state.pending.slice() });
+      }
+    }
+    if (this.deferred.size) this.flushTimer = setTimeout(() => this.flushDeferred(), this.flushMs);
+    if (!due.length) return;
+    let release!: () => void;
+    const flushing = new Promise<void>((resolve) => (release = resolve));
+    for (const { state } of due) state.flushing = flushing;
+    void (async () => {
+      try {
+        if (due.length > 1 && due.reduce((n, { events }) => n + events.length, 0) <= INSERT_BATCH) {
+          try {
+            await storeEvents(this.db, due);
+            for (const { state, events } of due) this.stored(state, events.length);
+            return;
+          } catch {
+            // Stored run by run below.
+          }
+        }
+        // Each run's own flush (which logs a failure and retries it later) takes over.
+        for (const { state } of due) state.flushing = null;
+        for (const { runId, state } of due) void this.flush(runId, state).catch(() => undefined);
+      } finally {
+        for (const { state } of due) if (state.flushing === flushing) state.flushing = null;
+        release();
+        for (const { runId, state } of due) this.forgetIfIdle(runId, state);
+      }
+    })();
   }
 
   private async storedLast(runId: string): Promise<{ seq: number; event: RunEventName } | undefined> {
@@ -186,7 +255,7 @@ export class EmbeddedRunEvents {
       // Live readers first: they never wait for the database.
       for (const listener of state.listeners) listener(stamped);
       if (stamped.every((event) => DEFERRED_EVENTS.has(event.event)) && state.pendingChars < FLUSH_CHARS) {
-        state.flushTimer ??= setTimeout(() => void this.flush(runId, state).catch(() => undefined), this.flushMs);
+        this.defer(runId, state);
         return stamped;
       }
       await this.flush(runId, state);
@@ -210,7 +279,7 @@ export class EmbeddedRunEvents {
    */
   async appendFirst(tx: Db, runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]> {
     const stamped = events.map((e, i): RunEvent => ({ seq: i + 1, event: e.event, data: { ...e.data, run_id: runId, seq: i + 1 } }));
-    await storeEvents(tx, runId, stamped);
+    await storeRunEvents(tx, runId, stamped);
     afterCommit(tx, () => {
       const state = this.stateOf(runId);
       // Nobody but its creator knew the run before the commit: the state is new.
@@ -234,8 +303,6 @@ export class EmbeddedRunEvents {
     const done = state.tail.then(async () => {
       // A flush in flight finishes first, outside the transaction (it needs the database's turn).
       while (state.flushing) await state.flushing.catch(() => undefined);
-      clearTimeout(state.flushTimer);
-      state.flushTimer = undefined;
       const top = await this.load(runId, state);
       let staged: { stamped: RunEvent[]; pending: number } | null = null;
       let release!: () => void;
@@ -254,7 +321,7 @@ export class EmbeddedRunEvents {
             return { seq, event: e.event, data: { ...e.data, run_id: runId, seq } };
           });
           const rows = [...state.pending, ...stamped];
-          for (let i = 0; i < rows.length; i += INSERT_BATCH) await storeEvents(tx, runId, rows.slice(i, i + INSERT_BATCH));
+          await storeRunEvents(tx, runId, rows);
           staged = { stamped, pending: state.pending.length };
           return stamped;
         });
@@ -263,7 +330,7 @@ export class EmbeddedRunEvents {
       } finally {
         state.flushing = null;
         release();
-        if (state.pending.length) state.flushTimer ??= setTimeout(() => void this.flush(runId, state).catch(() => undefined), this.flushMs);
+        if (state.pending.length) this.defer(runId, state);
         this.forgetIfIdle(runId, state);
       }
     });
@@ -286,18 +353,20 @@ export class EmbeddedRunEvents {
 
   /** Stores the pending events (one flush at a time per run); they stay pending, for readers, until stored. */
   private flush(runId: string, state: RunLogState): Promise<void> {
-    clearTimeout(state.flushTimer);
-    state.flushTimer = undefined;
     if (state.flushing) return state.flushing.then(() => (state.pending.length ? this.flush(runId, state) : undefined));
     if (!state.pending.length) return Promise.resolve();
     const batch = state.pending.slice();
     state.flushing = (async () => {
       try {
-        for (let i = 0; i < batch.length; i += INSERT_BATCH) await storeEvents(this.db, runId, batch.slice(i, i + INSERT_BATCH));
+        await storeRunEvents(this.db, runId, batch);
         this.stored(state, batch.length);
+        state.retryAt = 0;
       } catch (error) {
         this.log.error({ err: (error as { cause?: unknown }).cause ?? error, runId, events: batch.length }, 'run events not stored; kept for the next flush');
-        if (this.users > 0) state.flushTimer ??= setTimeout(() => void this.flush(runId, state).catch(() => undefined), Math.max(this.flushMs, 1_000));
+        if (this.users > 0) {
+          state.retryAt = Date.now() + Math.max(this.flushMs, 1_000);
+          this.defer(runId, state);
+        }
         throw error;
       } finally {
         state.flushing = null;
@@ -402,6 +471,11 @@ export class EmbeddedRunEvents {
   /** Stores every pending event. */
   async flushAll(): Promise<void> {
     await Promise.allSettled([...this.states].map(([runId, state]) => state.tail.then(() => this.flush(runId, state))));
+    for (const [runId, state] of this.deferred) if (!state.pending.length) this.deferred.delete(runId);
+    if (!this.deferred.size) {
+      clearTimeout(this.flushTimer);
+      this.flushTimer = undefined;
+    }
   }
 }
 
