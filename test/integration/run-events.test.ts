@@ -41,11 +41,16 @@ async function collect(iterable: AsyncIterable<RunEvent>, onEvent?: (event: RunE
   return out;
 }
 
-const stored = async (runId: string) => ctx.app.db.select().from(runEvents).where(eq(runEvents.run_id, runId)).orderBy(asc(runEvents.seq));
-/** The stored events of `runIds` once there are `count` of them (the flush timer's), with created_at as text (microseconds). */
-async function storedOnceAll(runIds: string[], count: number): Promise<{ run_id: string; seq: number; created: string }[]> {
+/** The run's stored events, in seq order (a row of run_events holds a batch of them). */
+const stored = async (runId: string) => (await storedRows(runId)).flatMap((row) => row.events);
+const storedRows = async (runId: string) => ctx.app.db.select().from(runEvents).where(eq(runEvents.run_id, runId)).orderBy(asc(runEvents.seq));
+/** The stored rows of `runIds` once there are `count` of them (the flush timer's), with created_at as text (microseconds). */
+async function storedOnceAll(runIds: string[], count: number): Promise<{ run_id: string; seq: number; last_seq: number; created: string }[]> {
   for (let waited = 0; ; waited += 10) {
-    const rows = await ctx.app.db.select({ run_id: runEvents.run_id, seq: runEvents.seq, created: sql<string>`${runEvents.created_at}::text` }).from(runEvents).where(inArray(runEvents.run_id, runIds));
+    const rows = await ctx.app.db
+      .select({ run_id: runEvents.run_id, seq: runEvents.seq, last_seq: runEvents.last_seq, created: sql<string>`${runEvents.created_at}::text` })
+      .from(runEvents)
+      .where(inArray(runEvents.run_id, runIds));
     if (rows.length >= count || waited > 5_000) return rows;
     await sleep(10);
   }
@@ -121,10 +126,12 @@ describe('the database run event log', () => {
     const runIds = [await newRun(), await newRun(), await newRun()];
     for (const runId of runIds) await log.append(runId, [{ event: 'run.started', data: {} }, delta('a')]);
     for (const runId of runIds) await log.append(runId, [delta('b')]);
-    const rows = await storedOnceAll(runIds, 9);
-    expect(rows.map((r) => `${r.run_id === runIds[0] ? 0 : r.run_id === runIds[1] ? 1 : 2}:${r.seq}`).sort()).toEqual(['0:1', '0:2', '0:3', '1:1', '1:2', '1:3', '2:1', '2:2', '2:3']);
-    // now() is its transaction's start: one value for all nine rows, so one statement (and commit) wrote them.
+    // A row per run, holding its three events.
+    const rows = await storedOnceAll(runIds, 3);
+    expect(rows.map((r) => `${runIds.indexOf(r.run_id)}:${r.seq}-${r.last_seq}`).sort()).toEqual(['0:1-3', '1:1-3', '2:1-3']);
+    // now() is its transaction's start: one value for the three rows, so one statement (and commit) wrote them.
     expect(new Set(rows.map((r) => r.created))).toHaveProperty('size', 1);
+    for (const runId of runIds) expect((await stored(runId)).map((e) => [e.seq, e.event])).toEqual([[1, 'run.started'], [2, 'message.delta'], [3, 'message.delta']]);
   });
 
   it('one run whose events cannot be stored holds up no other run\'s', async () => {
@@ -137,6 +144,27 @@ describe('the database run event log', () => {
     expect((await storedOnceAll([kept], 1)).map((r) => r.seq)).toEqual([1]);
     expect(await stored(gone)).toEqual([]);
     await own.close();
+  });
+
+  it('replays from the database from any seq, within a stored row or at its edges, exactly once', async () => {
+    const runId = await newRun();
+    // One append of 1,200 events (not deferred): rows of at most 500 events.
+    await log.append(runId, Array.from({ length: 1_200 }, (_, i) => ({ event: 'tool.result' as const, data: { i } })));
+    await log.append(runId, [{ event: 'run.completed', data: {} }]);
+    expect((await storedRows(runId)).map((r) => [r.seq, r.last_seq, r.last_event])).toEqual([
+      [1, 500, 'tool.result'],
+      [501, 1000, 'tool.result'],
+      [1001, 1200, 'tool.result'],
+      [1201, 1201, 'run.completed'],
+    ]);
+    // Another process's view: nothing in memory, every event read from the database.
+    const fresh = new DatabaseRunEventLog(new EmbeddedRunEvents(ctx.app.db, pino({ level: 'silent' }), FLUSH_MS));
+    for (const after of [0, 1, 499, 500, 501, 999, 1200]) {
+      const events = await collect(fresh.read(runId, after, new AbortController().signal));
+      expect(events.map((e) => e.seq)).toEqual(Array.from({ length: 1201 - after }, (_, i) => after + i + 1));
+    }
+    expect(await fresh.lastSeq(runId)).toBe(1201);
+    await fresh.close();
   });
 
   it('forgets events of runs that ended more than the TTL ago', async () => {

@@ -3,23 +3,23 @@
  * (`run_events`) with in-process notification, and cancels through an in-process registry. One
  * process holds the data directory (embedded mode), so every writer and reader of a run is here.
  */
-import { and, asc, desc, eq, gt, inArray, lt, sql } from 'drizzle-orm';
+import { and, asc, desc, eq, gt, gte, inArray, lt, lte, sql } from 'drizzle-orm';
 
 import { afterCommit, type Db } from '../../core/db.js';
 import type { Logger } from '../../core/logger.js';
 
-import { runEvents, runs } from '../../models/index.js';
+import { runEvents, runs, type StoredRunEvent } from '../../models/index.js';
 
 import { preparedAnywhere } from '../../crud/prepared.js';
 import { CANCEL_MARK_TTL_SECONDS, FINAL_RUN_EVENTS, type NewRunEvent, rememberCursor, type RunEvent, type RunEventLog, type RunEventName, type RunSignals } from './run-bus.js';
 import { RunEventsRefusedError } from './run-bus-errors.js';
 
-/** Stored events read per query while a reader catches up. */
-const REPLAY_PAGE = 500;
+/** Rows of stored events read per query while a reader catches up (each holds at most ROW_EVENTS). */
+const REPLAY_PAGE = 20;
 /** Streamed text pending beyond this many characters is written at once rather than on the timer. */
 const FLUSH_CHARS = 4_096;
-/** Rows per INSERT when a flush writes many events. */
-const INSERT_BATCH = 500;
+/** Events per row of run_events at most: a long backlog (a reader that stalled, a failed flush) is stored in several rows. */
+const ROW_EVENTS = 500;
 /** Stored events a run's state keeps for readers that start (the usual reader opens at the run's start). */
 const RECENT_EVENTS = 64;
 /**
@@ -34,30 +34,55 @@ const slot = <T>(name: string) => sql.placeholder(name) as unknown as T;
 // Every run writes and reads its log: these are prepared once (see preparedAnywhere).
 const lastStored = preparedAnywhere('run_events_last', (db, name) =>
   db
-    .select({ seq: runEvents.seq, event: runEvents.event })
+    .select({ seq: runEvents.last_seq, event: runEvents.last_event })
     .from(runEvents)
     .where(eq(runEvents.run_id, slot<string>('run_id')))
     .orderBy(desc(runEvents.seq))
     .limit(1)
     .prepare(name),
 );
-const storedAfter = preparedAnywhere('run_events_after', (db, name) =>
-  db
-    .select({ seq: runEvents.seq, event: runEvents.event, data: runEvents.data })
+/** The rows that hold events after `after`: from the row that holds `after` + 1 (a row's seqs are contiguous, rows follow on). */
+const storedAfter = preparedAnywhere('run_events_after', (db, name) => {
+  const holding = db.$with('holding').as(
+    db
+      .select({ seq: sql<number>`coalesce(max(${runEvents.seq}), 0)`.as('seq') })
+      .from(runEvents)
+      .where(and(eq(runEvents.run_id, slot<string>('run_id')), lte(runEvents.seq, sql`${sql.placeholder('after')}::integer + 1`))),
+  );
+  return db
+    .with(holding)
+    .select({ events: runEvents.events })
     .from(runEvents)
-    .where(and(eq(runEvents.run_id, slot<string>('run_id')), gt(runEvents.seq, slot<number>('after'))))
+    .where(and(eq(runEvents.run_id, slot<string>('run_id')), gte(runEvents.seq, sql`(select ${holding.seq} from ${holding})`), gt(runEvents.last_seq, slot<number>('after'))))
     .orderBy(asc(runEvents.seq))
     .limit(REPLAY_PAGE)
+    .prepare(name);
+});
+// A store's rows: one (a run's start, a step's end, a run's own flush) as plain parameters; several
+// (the flush timer's, for many runs) as arrays. Neither has the database parse a JSON document to
+// find the rows: json_to_recordset did, ~80 µs more per statement on PGlite (bench/RESULTS.md).
+const eventRow = preparedAnywhere('run_events_insert', (db, name) =>
+  db
+    .insert(runEvents)
+    .values({
+      run_id: slot<string>('run_id'),
+      seq: slot<number>('seq'),
+      last_seq: slot<number>('last_seq'),
+      last_event: slot<string>('last_event'),
+      // The JSON text as the log wrote it (a placeholder of the column would encode it again).
+      events: sql`${sql.placeholder('events')}::json`,
+    })
     .prepare(name),
 );
-// One statement shape for every store: the rows carry their run, so one INSERT can hold several runs' events.
-const eventRows = preparedAnywhere('run_events_insert', (db, name) =>
+const eventRows = preparedAnywhere('run_events_insert_many', (db, name) =>
   db
     .insert(runEvents)
     .select(
       db
-        .select({ run_id: sql`x.run_id`.as('run_id'), seq: sql`x.seq`.as('seq'), event: sql`x.event`.as('event'), data: sql`x.data`.as('data'), created_at: sql`now()`.as('created_at') })
-        .from(sql`jsonb_to_recordset(${sql.placeholder('events')}::jsonb) as x(run_id uuid, seq integer, event varchar, data jsonb)`) as never,
+        .select({ run_id: sql`x.run_id`.as('run_id'), seq: sql`x.seq`.as('seq'), last_seq: sql`x.last_seq`.as('last_seq'), last_event: sql`x.last_event`.as('last_event'), events: sql`x.events`.as('events'), created_at: sql`now()`.as('created_at') })
+        .from(
+          sql`unnest(${sql.placeholder('run_ids')}::uuid[], ${sql.placeholder('seqs')}::integer[], ${sql.placeholder('last_seqs')}::integer[], ${sql.placeholder('last_events')}::varchar[], ${sql.placeholder('events')}::json[]) as x(run_id, seq, last_seq, last_event, events)`,
+        ) as never,
     )
     .prepare(name),
 );
@@ -65,16 +90,29 @@ const eventRows = preparedAnywhere('run_events_insert', (db, name) =>
 /** Events of one or more runs to store: each run's, in seq order. */
 type EventBatch = readonly { runId: string; events: readonly RunEvent[] }[];
 
-/** Stores the events of `batches` in one statement, however many (one prepared INSERT … SELECT over a JSON array). */
+/** Stores the events of `batches` in one statement: a row per run (per ROW_EVENTS events), with its first and last seq. */
 async function storeEvents(db: Db, batches: EventBatch): Promise<void> {
-  const rows = batches.flatMap(({ runId, events }) => events.map((e) => ({ run_id: runId, seq: e.seq, event: e.event, data: e.data })));
-  await eventRows(db).execute({ events: JSON.stringify(rows) });
+  const rows: { run_id: string; seq: number; last_seq: number; last_event: string; events: string }[] = [];
+  for (const { runId, events } of batches) {
+    for (let i = 0; i < events.length; i += ROW_EVENTS) {
+      const part = events.slice(i, i + ROW_EVENTS);
+      const last = part[part.length - 1]!;
+      rows.push({ run_id: runId, seq: part[0]!.seq, last_seq: last.seq, last_event: last.event, events: JSON.stringify(part.map(({ seq, event, data }): StoredRunEvent => ({ seq, event, data }))) });
+    }
+  }
+  if (rows.length === 1) await eventRow(db).execute(rows[0]);
+  else if (rows.length > 1) {
+    await eventRows(db).execute({
+      run_ids: rows.map((r) => r.run_id),
+      seqs: rows.map((r) => r.seq),
+      last_seqs: rows.map((r) => r.last_seq),
+      last_events: rows.map((r) => r.last_event),
+      events: rows.map((r) => r.events),
+    });
+  }
 }
 
-/** Stores one run's events, INSERT_BATCH rows per statement. */
-async function storeRunEvents(db: Db, runId: string, events: readonly RunEvent[]): Promise<void> {
-  for (let i = 0; i < events.length; i += INSERT_BATCH) await storeEvents(db, [{ runId, events: events.slice(i, i + INSERT_BATCH) }]);
-}
+const storeRunEvents = (db: Db, runId: string, events: readonly RunEvent[]) => storeEvents(db, [{ runId, events }]);
 
 /** One run's log as this process sees it: the writer's next seq, events not yet stored, readers. */
 interface RunLogState {
@@ -188,7 +226,7 @@ export class EmbeddedRunEvents {
     for (const { state } of due) state.flushing = flushing;
     void (async () => {
       try {
-        if (due.length > 1 && due.reduce((n, { events }) => n + events.length, 0) <= INSERT_BATCH) {
+        if (due.length > 1) {
           try {
             await storeEvents(this.db, due);
             for (const { state, events } of due) this.stored(state, events.length);
@@ -402,16 +440,16 @@ export class EmbeddedRunEvents {
         // The stored events this process still holds, when they reach back to where the reader is.
         const recent = state.recent[0] !== undefined && state.recent[0].seq <= last + 1 ? state.recent.slice() : null;
         for (;;) {
-          const rows = recent ?? (await storedAfter(this.db).execute({ run_id: runId, after: last }));
-          for (const row of rows) {
+          const page = recent ? null : await storedAfter(this.db).execute({ run_id: runId, after: last });
+          const events = recent ?? page!.flatMap((row) => row.events as RunEvent[]);
+          for (const event of events) {
             if (signal.aborted) return;
-            const event = row as RunEvent;
             if (event.seq <= last) continue;
             yield event;
             last = event.seq;
             if (isFinal(event)) return;
           }
-          if (recent || rows.length < REPLAY_PAGE) break;
+          if (recent || page!.length < REPLAY_PAGE) break;
         }
         for (const event of snapshot) {
           if (event.seq <= last) continue;
