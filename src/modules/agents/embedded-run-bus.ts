@@ -502,8 +502,9 @@ export class EmbeddedRunEvents {
       .select({ id: runs.id })
       .from(runs)
       .where(lt(runs.ended_at, sql`now() - make_interval(secs => ${ttlSeconds})`));
-    const deleted = await this.db.delete(runEvents).where(inArray(runEvents.run_id, ended)).returning({ run_id: runEvents.run_id });
-    return deleted.length;
+    // Counted in events, not rows (a row holds a batch).
+    const deleted = await this.db.delete(runEvents).where(inArray(runEvents.run_id, ended)).returning({ events: sql<number>`${runEvents.last_seq} - ${runEvents.seq} + 1` });
+    return deleted.reduce((n, row) => n + Number(row.events), 0);
   }
 
   /** Stores every pending event. */
