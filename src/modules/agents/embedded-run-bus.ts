@@ -187,10 +187,11 @@ export class EmbeddedRunEvents {
     return state;
   }
 
-  /** Drops what this process keeps of a run once everything is stored and nobody listens. */
+  /** Once everything of a run is stored: it no longer waits for the flush timer, and what this process keeps of it goes once nobody listens. */
   private forgetIfIdle(runId: string, state: RunLogState): void {
-    if (state.pending.length || state.listeners.size || state.flushing) return;
-    if (this.deferred.get(runId) === state) this.deferred.delete(runId);
+    if (state.pending.length || state.flushing) return;
+    this.undefer(runId, state);
+    if (state.listeners.size) return;
     // A writer's seq is kept until its run ends; a reader-only state can go at once.
     if (state.nextSeq !== null && !state.ended) return;
     if (this.states.get(runId) === state) this.states.delete(runId);
@@ -200,6 +201,15 @@ export class EmbeddedRunEvents {
   private defer(runId: string, state: RunLogState): void {
     this.deferred.set(runId, state);
     this.flushTimer ??= setTimeout(() => this.flushDeferred(), this.flushMs);
+  }
+
+  /** Nothing of the run waits for the timer (stored otherwise): the timer stops when no run does. */
+  private undefer(runId: string, state: RunLogState): void {
+    if (this.deferred.get(runId) === state) this.deferred.delete(runId);
+    if (!this.deferred.size && this.flushTimer) {
+      clearTimeout(this.flushTimer);
+      this.flushTimer = undefined;
+    }
   }
 
   /**
