@@ -1,5 +1,5 @@
 import { sql } from 'drizzle-orm';
-import { boolean, check, index, integer, jsonb, numeric, pgEnum, pgTable, primaryKey, text, timestamp, uniqueIndex, uuid, varchar } from 'drizzle-orm/pg-core';
+import { boolean, check, index, integer, json, jsonb, numeric, pgEnum, pgTable, primaryKey, text, timestamp, uniqueIndex, uuid, varchar } from 'drizzle-orm/pg-core';
 
 import { agents } from './agent.js';
 import { apiKeys } from './api-key.js';
@@ -84,20 +84,36 @@ export const runs = pgTable(
   ],
 );
 
-/** The append-only event log of a run (embedded mode; scaled mode keeps it in Redis Streams). */
+/**
+ * The append-only event log of a run (embedded mode; scaled mode keeps it in Redis Streams): one row
+ * per stored batch of events (`seq` … `last_seq`, contiguous), as the log stores them together (a
+ * start's `run.queued`, a flush of streamed deltas, a step's end). A row costs PGlite about as much
+ * as an event did (the insert, its key, the foreign key's check), so a run's ~10 events cost ~3 rows.
+ */
 export const runEvents = pgTable(
   'run_events',
   {
     run_id: uuid('run_id')
       .notNull()
       .references(() => runs.id, { onDelete: 'cascade' }),
+    /** The first event's seq. */
     seq: integer('seq').notNull(),
-    event: varchar('event', { length: 32 }).notNull(),
-    data: jsonb('data').$type<Record<string, unknown>>().notNull(),
+    last_seq: integer('last_seq').notNull(),
+    /** The last event's name: whether the log has ended, without reading the events. */
+    last_event: varchar('last_event', { length: 32 }).notNull(),
+    /** `[{seq, event, data}]` in seq order; json, not jsonb: stored and read back as written, never queried into. */
+    events: json('events').$type<StoredRunEvent[]>().notNull(),
     created_at: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
   },
   (t) => [primaryKey({ name: 'run_events_pkey', columns: [t.run_id, t.seq] })],
 );
+
+/** One event as a row of run_events holds it. */
+export interface StoredRunEvent {
+  seq: number;
+  event: string;
+  data: Record<string, unknown>;
+}
 
 export type Run = typeof runs.$inferSelect;
 export type NewRun = typeof runs.$inferInsert;

@@ -1,4 +1,4 @@
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
 
 import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -320,5 +320,41 @@ describe('concurrency and failures', () => {
     const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new Error('migration lock was not released')), 10_000).unref());
     expect(await Promise.race([retry, timeout])).toEqual(['9101_bad', '9102_after']);
     expect(await tables(database)).toEqual(expect.arrayContaining(['keel_test_bad_partial', 'keel_test_after']));
+  });
+});
+
+describe('0010_run_event_batches', () => {
+  it('keeps every stored run event across up (a row per event becomes a batch of one) and down (each event a row again)', async () => {
+    const fresh = await freshDatabase();
+    try {
+      const { database } = fresh;
+      const upTo = MIGRATIONS.findIndex((m) => m.tag === '0010_run_event_batches');
+      await migrateUp(database, logger, MIGRATIONS.slice(0, upTo));
+      const [user, thread, run] = [randomUUID(), randomUUID(), randomUUID()];
+      await query(database, `insert into users (id, email, hashed_password) values ($1, 'events@example.com', 'x')`, [user]);
+      await query(database, `insert into threads (id, owner_id) values ($1, $2)`, [thread, user]);
+      await query(database, `insert into runs (id, owner_id, thread_id, agent_version, model) values ($1, $2, $3, 1, 'm')`, [run, user, thread]);
+      for (const [seq, event] of [[1, 'run.queued'], [2, 'run.started']] as const) {
+        await query(database, `insert into run_events (run_id, seq, event, data) values ($1, $2, $3, $4::jsonb)`, [run, seq, event, JSON.stringify({ run_id: run, seq })]);
+      }
+      await migrateUp(database, logger);
+      const batches = await query<{ seq: number; last_seq: number; last_event: string; events: unknown }>(database, `select seq, last_seq, last_event, events from run_events where run_id = $1 order by seq`, [run]);
+      expect(batches).toEqual([
+        { seq: 1, last_seq: 1, last_event: 'run.queued', events: [{ seq: 1, event: 'run.queued', data: { run_id: run, seq: 1 } }] },
+        { seq: 2, last_seq: 2, last_event: 'run.started', events: [{ seq: 2, event: 'run.started', data: { run_id: run, seq: 2 } }] },
+      ]);
+      const later = [3, 4].map((seq) => ({ seq, event: seq === 4 ? 'run.completed' : 'message.delta', data: { run_id: run, seq } }));
+      await query(database, `insert into run_events (run_id, seq, last_seq, last_event, events) values ($1, 3, 4, 'run.completed', $2::json)`, [run, JSON.stringify(later)]);
+      await migrateDown(database, logger, MIGRATIONS[upTo - 1]!.tag);
+      const rows = await query<{ seq: number; event: string; data: unknown }>(database, `select seq, event, data from run_events where run_id = $1 order by seq`, [run]);
+      expect(rows).toEqual([
+        { seq: 1, event: 'run.queued', data: { run_id: run, seq: 1 } },
+        { seq: 2, event: 'run.started', data: { run_id: run, seq: 2 } },
+        { seq: 3, event: 'message.delta', data: { run_id: run, seq: 3 } },
+        { seq: 4, event: 'run.completed', data: { run_id: run, seq: 4 } },
+      ]);
+    } finally {
+      await fresh.destroy();
+    }
   });
 });

@@ -1,4 +1,4 @@
-import { asc, eq } from 'drizzle-orm';
+import { asc, eq, inArray, sql } from 'drizzle-orm';
 import pino from 'pino';
 import { beforeAll, describe, expect, it } from 'vitest';
 
@@ -41,7 +41,20 @@ async function collect(iterable: AsyncIterable<RunEvent>, onEvent?: (event: RunE
   return out;
 }
 
-const stored = async (runId: string) => ctx.app.db.select().from(runEvents).where(eq(runEvents.run_id, runId)).orderBy(asc(runEvents.seq));
+/** The run's stored events, in seq order (a row of run_events holds a batch of them). */
+const stored = async (runId: string) => (await storedRows(runId)).flatMap((row) => row.events);
+const storedRows = async (runId: string) => ctx.app.db.select().from(runEvents).where(eq(runEvents.run_id, runId)).orderBy(asc(runEvents.seq));
+/** The stored rows of `runIds` once there are `count` of them (the flush timer's), with created_at as text (microseconds). */
+async function storedOnceAll(runIds: string[], count: number): Promise<{ run_id: string; seq: number; last_seq: number; created: string }[]> {
+  for (let waited = 0; ; waited += 10) {
+    const rows = await ctx.app.db
+      .select({ run_id: runEvents.run_id, seq: runEvents.seq, last_seq: runEvents.last_seq, created: sql<string>`${runEvents.created_at}::text` })
+      .from(runEvents)
+      .where(inArray(runEvents.run_id, runIds));
+    if (rows.length >= count || waited > 5_000) return rows;
+    await sleep(10);
+  }
+}
 const delta = (text: string) => ({ event: 'message.delta' as const, data: { delta: text } });
 
 describe('the database run event log', () => {
@@ -109,11 +122,57 @@ describe('the database run event log', () => {
     expect(writing).toBeLessThan(10_000);
   });
 
+  it('stores the deferred events of runs streaming at the same time in one statement per flush', async () => {
+    const runIds = [await newRun(), await newRun(), await newRun()];
+    for (const runId of runIds) await log.append(runId, [{ event: 'run.started', data: {} }, delta('a')]);
+    for (const runId of runIds) await log.append(runId, [delta('b')]);
+    // A row per run, holding its three events.
+    const rows = await storedOnceAll(runIds, 3);
+    expect(rows.map((r) => `${runIds.indexOf(r.run_id)}:${r.seq}-${r.last_seq}`).sort()).toEqual(['0:1-3', '1:1-3', '2:1-3']);
+    // now() is its transaction's start: one value for the three rows, so one statement (and commit) wrote them.
+    expect(new Set(rows.map((r) => r.created))).toHaveProperty('size', 1);
+    for (const runId of runIds) expect((await stored(runId)).map((e) => [e.seq, e.event])).toEqual([[1, 'run.started'], [2, 'message.delta'], [3, 'message.delta']]);
+  });
+
+  it('one run whose events cannot be stored holds up no other run\'s', async () => {
+    const own = new DatabaseRunEventLog(new EmbeddedRunEvents(ctx.app.db, pino({ level: 'silent' }), FLUSH_MS));
+    const [gone, kept] = [await newRun(), await newRun()];
+    await own.append(gone, [delta('x')]);
+    await own.append(kept, [delta('y')]);
+    // Its run row deleted before the flush: its events break the foreign key.
+    await ctx.app.db.delete(runs).where(eq(runs.id, gone));
+    expect((await storedOnceAll([kept], 1)).map((r) => r.seq)).toEqual([1]);
+    expect(await stored(gone)).toEqual([]);
+    await own.close();
+  });
+
+  it('replays from the database from any seq, within a stored row or at its edges, exactly once', async () => {
+    const runId = await newRun();
+    // One append of 1,200 events (not deferred): rows of at most 500 events.
+    await log.append(runId, Array.from({ length: 1_200 }, (_, i) => ({ event: 'tool.result' as const, data: { i } })));
+    await log.append(runId, [{ event: 'run.completed', data: {} }]);
+    expect((await storedRows(runId)).map((r) => [r.seq, r.last_seq, r.last_event])).toEqual([
+      [1, 500, 'tool.result'],
+      [501, 1000, 'tool.result'],
+      [1001, 1200, 'tool.result'],
+      [1201, 1201, 'run.completed'],
+    ]);
+    // Another process's view: nothing in memory, every event read from the database.
+    const fresh = new DatabaseRunEventLog(new EmbeddedRunEvents(ctx.app.db, pino({ level: 'silent' }), FLUSH_MS));
+    for (const after of [0, 1, 499, 500, 501, 999, 1200]) {
+      const events = await collect(fresh.read(runId, after, new AbortController().signal));
+      expect(events.map((e) => e.seq)).toEqual(Array.from({ length: 1201 - after }, (_, i) => after + i + 1));
+    }
+    expect(await fresh.lastSeq(runId)).toBe(1201);
+    await fresh.close();
+  });
+
   it('forgets events of runs that ended more than the TTL ago', async () => {
     const runId = await newRun();
-    await log.append(runId, [{ event: 'run.completed', data: {} }]);
+    await log.append(runId, [{ event: 'run.started', data: {} }, { event: 'run.completed', data: {} }]);
     await ctx.app.db.update(runs).set({ ended_at: new Date(Date.now() - 2 * 3600_000) }).where(eq(runs.id, runId));
-    expect(await log.expire(3600)).toBeGreaterThanOrEqual(1);
+    // Counted in events (one row holds both).
+    expect(await log.expire(3600)).toBeGreaterThanOrEqual(2);
     expect(await stored(runId)).toEqual([]);
   });
 });

@@ -3,23 +3,23 @@
  * (`run_events`) with in-process notification, and cancels through an in-process registry. One
  * process holds the data directory (embedded mode), so every writer and reader of a run is here.
  */
-import { and, asc, desc, eq, gt, inArray, lt, sql } from 'drizzle-orm';
+import { and, asc, desc, eq, gt, gte, inArray, lt, lte, sql } from 'drizzle-orm';
 
 import { afterCommit, type Db } from '../../core/db.js';
 import type { Logger } from '../../core/logger.js';
 
-import { runEvents, runs } from '../../models/index.js';
+import { runEvents, runs, type StoredRunEvent } from '../../models/index.js';
 
 import { preparedAnywhere } from '../../crud/prepared.js';
 import { CANCEL_MARK_TTL_SECONDS, FINAL_RUN_EVENTS, type NewRunEvent, rememberCursor, type RunEvent, type RunEventLog, type RunEventName, type RunSignals } from './run-bus.js';
 import { RunEventsRefusedError } from './run-bus-errors.js';
 
-/** Stored events read per query while a reader catches up. */
-const REPLAY_PAGE = 500;
+/** Rows of stored events read per query while a reader catches up (each holds at most ROW_EVENTS). */
+const REPLAY_PAGE = 20;
 /** Streamed text pending beyond this many characters is written at once rather than on the timer. */
 const FLUSH_CHARS = 4_096;
-/** Rows per INSERT when a flush writes many events. */
-const INSERT_BATCH = 500;
+/** Events per row of run_events at most: a long backlog (a reader that stalled, a failed flush) is stored in several rows. */
+const ROW_EVENTS = 500;
 /** Stored events a run's state keeps for readers that start (the usual reader opens at the run's start). */
 const RECENT_EVENTS = 64;
 /**
@@ -34,37 +34,85 @@ const slot = <T>(name: string) => sql.placeholder(name) as unknown as T;
 // Every run writes and reads its log: these are prepared once (see preparedAnywhere).
 const lastStored = preparedAnywhere('run_events_last', (db, name) =>
   db
-    .select({ seq: runEvents.seq, event: runEvents.event })
+    .select({ seq: runEvents.last_seq, event: runEvents.last_event })
     .from(runEvents)
     .where(eq(runEvents.run_id, slot<string>('run_id')))
     .orderBy(desc(runEvents.seq))
     .limit(1)
     .prepare(name),
 );
-const storedAfter = preparedAnywhere('run_events_after', (db, name) =>
-  db
-    .select({ seq: runEvents.seq, event: runEvents.event, data: runEvents.data })
+/** The rows that hold events after `after`: from the row that holds `after` + 1 (a row's seqs are contiguous, rows follow on). */
+const storedAfter = preparedAnywhere('run_events_after', (db, name) => {
+  const holding = db.$with('holding').as(
+    db
+      .select({ seq: sql<number>`coalesce(max(${runEvents.seq}), 0)`.as('seq') })
+      .from(runEvents)
+      .where(and(eq(runEvents.run_id, slot<string>('run_id')), lte(runEvents.seq, sql`${sql.placeholder('after')}::integer + 1`))),
+  );
+  return db
+    .with(holding)
+    .select({ events: runEvents.events })
     .from(runEvents)
-    .where(and(eq(runEvents.run_id, slot<string>('run_id')), gt(runEvents.seq, slot<number>('after'))))
+    .where(and(eq(runEvents.run_id, slot<string>('run_id')), gte(runEvents.seq, sql`(select ${holding.seq} from ${holding})`), gt(runEvents.last_seq, slot<number>('after'))))
     .orderBy(asc(runEvents.seq))
     .limit(REPLAY_PAGE)
+    .prepare(name);
+});
+// A store's rows: one (a run's start, a step's end, a run's own flush) as plain parameters; several
+// (the flush timer's, for many runs) as arrays. Neither has the database parse a JSON document to
+// find the rows: json_to_recordset did, ~80 µs more per statement on PGlite (bench/RESULTS.md).
+const eventRow = preparedAnywhere('run_events_insert', (db, name) =>
+  db
+    .insert(runEvents)
+    .values({
+      run_id: slot<string>('run_id'),
+      seq: slot<number>('seq'),
+      last_seq: slot<number>('last_seq'),
+      last_event: slot<string>('last_event'),
+      // The JSON text as the log wrote it (a placeholder of the column would encode it again).
+      events: sql`${sql.placeholder('events')}::json`,
+    })
     .prepare(name),
 );
-const eventRows = preparedAnywhere('run_events_insert', (db, name) =>
+const eventRows = preparedAnywhere('run_events_insert_many', (db, name) =>
   db
     .insert(runEvents)
     .select(
       db
-        .select({ run_id: sql`${sql.placeholder('run_id')}::uuid`.as('run_id'), seq: sql`x.seq`.as('seq'), event: sql`x.event`.as('event'), data: sql`x.data`.as('data'), created_at: sql`now()`.as('created_at') })
-        .from(sql`jsonb_to_recordset(${sql.placeholder('events')}::jsonb) as x(seq integer, event varchar, data jsonb)`) as never,
+        .select({ run_id: sql`x.run_id`.as('run_id'), seq: sql`x.seq`.as('seq'), last_seq: sql`x.last_seq`.as('last_seq'), last_event: sql`x.last_event`.as('last_event'), events: sql`x.events`.as('events'), created_at: sql`now()`.as('created_at') })
+        .from(
+          sql`unnest(${sql.placeholder('run_ids')}::uuid[], ${sql.placeholder('seqs')}::integer[], ${sql.placeholder('last_seqs')}::integer[], ${sql.placeholder('last_events')}::varchar[], ${sql.placeholder('events')}::json[]) as x(run_id, seq, last_seq, last_event, events)`,
+        ) as never,
     )
     .prepare(name),
 );
 
-/** Stores events of one run in one statement, however many (one prepared INSERT … SELECT over a JSON array). */
-async function storeEvents(db: Db, runId: string, events: readonly RunEvent[]): Promise<void> {
-  await eventRows(db).execute({ run_id: runId, events: JSON.stringify(events.map((e) => ({ seq: e.seq, event: e.event, data: e.data }))) });
+/** Events of one or more runs to store: each run's, in seq order. */
+type EventBatch = readonly { runId: string; events: readonly RunEvent[] }[];
+
+/** Stores the events of `batches` in one statement: a row per run (per ROW_EVENTS events), with its first and last seq. */
+async function storeEvents(db: Db, batches: EventBatch): Promise<void> {
+  const rows: { run_id: string; seq: number; last_seq: number; last_event: string; events: string }[] = [];
+  for (const { runId, events } of batches) {
+    for (let i = 0; i < events.length; i += ROW_EVENTS) {
+      const part = events.slice(i, i + ROW_EVENTS);
+      const last = part[part.length - 1]!;
+      rows.push({ run_id: runId, seq: part[0]!.seq, last_seq: last.seq, last_event: last.event, events: JSON.stringify(part.map(({ seq, event, data }): StoredRunEvent => ({ seq, event, data }))) });
+    }
+  }
+  if (rows.length === 1) await eventRow(db).execute(rows[0]);
+  else if (rows.length > 1) {
+    await eventRows(db).execute({
+      run_ids: rows.map((r) => r.run_id),
+      seqs: rows.map((r) => r.seq),
+      last_seqs: rows.map((r) => r.last_seq),
+      last_events: rows.map((r) => r.last_event),
+      events: rows.map((r) => r.events),
+    });
+  }
 }
+
+const storeRunEvents = (db: Db, runId: string, events: readonly RunEvent[]) => storeEvents(db, [{ runId, events }]);
 
 /** One run's log as this process sees it: the writer's next seq, events not yet stored, readers. */
 interface RunLogState {
@@ -78,7 +126,8 @@ interface RunLogState {
   /** Appends run one after the other. */
   tail: Promise<unknown>;
   flushing: Promise<void> | null;
-  flushTimer: NodeJS.Timeout | undefined;
+  /** After a failed store: the timer's flush leaves the run's events until then (Date.now() ms). */
+  retryAt: number;
   /** The last events stored (at most RECENT_EVENTS, in seq order, up to the first pending one): a reader replays them without a query. */
   recent: RunEvent[];
 }
@@ -103,6 +152,13 @@ const deltaChars = (event: RunEvent) => (event.event === 'message.delta' && type
  */
 export class EmbeddedRunEvents {
   private readonly states = new Map<string, RunLogState>();
+  /**
+   * Runs whose deferred events wait for the flush timer. One timer for all of them, and one INSERT
+   * per tick for every run that is due: with many runs streaming at once, each run's deltas would
+   * otherwise cost a statement (and a commit) of their own.
+   */
+  private readonly deferred = new Map<string, RunLogState>();
+  private flushTimer: NodeJS.Timeout | undefined;
   /** Logs open on it: a failed flush is retried only while one is (not after shutdown). */
   private users = 0;
 
@@ -125,18 +181,79 @@ export class EmbeddedRunEvents {
   private stateOf(runId: string): RunLogState {
     let state = this.states.get(runId);
     if (!state) {
-      state = { nextSeq: null, ended: false, pending: [], pendingChars: 0, listeners: new Set(), tail: Promise.resolve(), flushing: null, flushTimer: undefined, recent: [] };
+      state = { nextSeq: null, ended: false, pending: [], pendingChars: 0, listeners: new Set(), tail: Promise.resolve(), flushing: null, retryAt: 0, recent: [] };
       this.states.set(runId, state);
     }
     return state;
   }
 
-  /** Drops what this process keeps of a run once everything is stored and nobody listens. */
+  /** Once everything of a run is stored: it no longer waits for the flush timer, and what this process keeps of it goes once nobody listens. */
   private forgetIfIdle(runId: string, state: RunLogState): void {
-    if (state.pending.length || state.listeners.size || state.flushing) return;
+    if (state.pending.length || state.flushing) return;
+    this.undefer(runId, state);
+    if (state.listeners.size) return;
     // A writer's seq is kept until its run ends; a reader-only state can go at once.
     if (state.nextSeq !== null && !state.ended) return;
     if (this.states.get(runId) === state) this.states.delete(runId);
+  }
+
+  /** The run's pending events are stored by the next flush timer's tick (unless something stores them first). */
+  private defer(runId: string, state: RunLogState): void {
+    this.deferred.set(runId, state);
+    this.flushTimer ??= setTimeout(() => this.flushDeferred(), this.flushMs);
+  }
+
+  /** Nothing of the run waits for the timer (stored otherwise): the timer stops when no run does. */
+  private undefer(runId: string, state: RunLogState): void {
+    if (this.deferred.get(runId) === state) this.deferred.delete(runId);
+    if (!this.deferred.size && this.flushTimer) {
+      clearTimeout(this.flushTimer);
+      this.flushTimer = undefined;
+    }
+  }
+
+  /**
+   * The timer's tick: every deferred run that is not being stored already (by its own flush or
+   * transaction, which leaves what it did not store deferred) nor waiting to retry, in one INSERT.
+   * Should that fail, each run is flushed on its own, so that one run's failure (its row gone)
+   * holds up no other run's events.
+   */
+  private flushDeferred(): void {
+    this.flushTimer = undefined;
+    const now = Date.now();
+    const due: { runId: string; state: RunLogState; events: RunEvent[] }[] = [];
+    for (const [runId, state] of this.deferred) {
+      if (!state.pending.length) this.deferred.delete(runId);
+      else if (!state.flushing && state.retryAt <= now) {
+        this.deferred.delete(runId);
+        due.push({ runId, state, events: state.pending.slice() });
+      }
+    }
+    if (this.deferred.size) this.flushTimer = setTimeout(() => this.flushDeferred(), this.flushMs);
+    if (!due.length) return;
+    let release!: () => void;
+    const flushing = new Promise<void>((resolve) => (release = resolve));
+    for (const { state } of due) state.flushing = flushing;
+    void (async () => {
+      try {
+        if (due.length > 1) {
+          try {
+            await storeEvents(this.db, due);
+            for (const { state, events } of due) this.stored(state, events.length);
+            return;
+          } catch {
+            // Stored run by run below.
+          }
+        }
+        // Each run's own flush (which logs a failure and retries it later) takes over.
+        for (const { state } of due) state.flushing = null;
+        for (const { runId, state } of due) void this.flush(runId, state).catch(() => undefined);
+      } finally {
+        for (const { state } of due) if (state.flushing === flushing) state.flushing = null;
+        release();
+        for (const { runId, state } of due) this.forgetIfIdle(runId, state);
+      }
+    })();
   }
 
   private async storedLast(runId: string): Promise<{ seq: number; event: RunEventName } | undefined> {
@@ -186,7 +303,7 @@ export class EmbeddedRunEvents {
       // Live readers first: they never wait for the database.
       for (const listener of state.listeners) listener(stamped);
       if (stamped.every((event) => DEFERRED_EVENTS.has(event.event)) && state.pendingChars < FLUSH_CHARS) {
-        state.flushTimer ??= setTimeout(() => void this.flush(runId, state).catch(() => undefined), this.flushMs);
+        this.defer(runId, state);
         return stamped;
       }
       await this.flush(runId, state);
@@ -210,7 +327,7 @@ export class EmbeddedRunEvents {
    */
   async appendFirst(tx: Db, runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]> {
     const stamped = events.map((e, i): RunEvent => ({ seq: i + 1, event: e.event, data: { ...e.data, run_id: runId, seq: i + 1 } }));
-    await storeEvents(tx, runId, stamped);
+    await storeRunEvents(tx, runId, stamped);
     afterCommit(tx, () => {
       const state = this.stateOf(runId);
       // Nobody but its creator knew the run before the commit: the state is new.
@@ -234,8 +351,6 @@ export class EmbeddedRunEvents {
     const done = state.tail.then(async () => {
       // A flush in flight finishes first, outside the transaction (it needs the database's turn).
       while (state.flushing) await state.flushing.catch(() => undefined);
-      clearTimeout(state.flushTimer);
-      state.flushTimer = undefined;
       const top = await this.load(runId, state);
       let staged: { stamped: RunEvent[]; pending: number } | null = null;
       let release!: () => void;
@@ -254,7 +369,7 @@ export class EmbeddedRunEvents {
             return { seq, event: e.event, data: { ...e.data, run_id: runId, seq } };
           });
           const rows = [...state.pending, ...stamped];
-          for (let i = 0; i < rows.length; i += INSERT_BATCH) await storeEvents(tx, runId, rows.slice(i, i + INSERT_BATCH));
+          await storeRunEvents(tx, runId, rows);
           staged = { stamped, pending: state.pending.length };
           return stamped;
         });
@@ -263,7 +378,7 @@ export class EmbeddedRunEvents {
       } finally {
         state.flushing = null;
         release();
-        if (state.pending.length) state.flushTimer ??= setTimeout(() => void this.flush(runId, state).catch(() => undefined), this.flushMs);
+        if (state.pending.length) this.defer(runId, state);
         this.forgetIfIdle(runId, state);
       }
     });
@@ -286,18 +401,20 @@ export class EmbeddedRunEvents {
 
   /** Stores the pending events (one flush at a time per run); they stay pending, for readers, until stored. */
   private flush(runId: string, state: RunLogState): Promise<void> {
-    clearTimeout(state.flushTimer);
-    state.flushTimer = undefined;
     if (state.flushing) return state.flushing.then(() => (state.pending.length ? this.flush(runId, state) : undefined));
     if (!state.pending.length) return Promise.resolve();
     const batch = state.pending.slice();
     state.flushing = (async () => {
       try {
-        for (let i = 0; i < batch.length; i += INSERT_BATCH) await storeEvents(this.db, runId, batch.slice(i, i + INSERT_BATCH));
+        await storeRunEvents(this.db, runId, batch);
         this.stored(state, batch.length);
+        state.retryAt = 0;
       } catch (error) {
         this.log.error({ err: (error as { cause?: unknown }).cause ?? error, runId, events: batch.length }, 'run events not stored; kept for the next flush');
-        if (this.users > 0) state.flushTimer ??= setTimeout(() => void this.flush(runId, state).catch(() => undefined), Math.max(this.flushMs, 1_000));
+        if (this.users > 0) {
+          state.retryAt = Date.now() + Math.max(this.flushMs, 1_000);
+          this.defer(runId, state);
+        }
         throw error;
       } finally {
         state.flushing = null;
@@ -333,16 +450,16 @@ export class EmbeddedRunEvents {
         // The stored events this process still holds, when they reach back to where the reader is.
         const recent = state.recent[0] !== undefined && state.recent[0].seq <= last + 1 ? state.recent.slice() : null;
         for (;;) {
-          const rows = recent ?? (await storedAfter(this.db).execute({ run_id: runId, after: last }));
-          for (const row of rows) {
+          const page = recent ? null : await storedAfter(this.db).execute({ run_id: runId, after: last });
+          const events = recent ?? page!.flatMap((row) => row.events as RunEvent[]);
+          for (const event of events) {
             if (signal.aborted) return;
-            const event = row as RunEvent;
             if (event.seq <= last) continue;
             yield event;
             last = event.seq;
             if (isFinal(event)) return;
           }
-          if (recent || rows.length < REPLAY_PAGE) break;
+          if (recent || page!.length < REPLAY_PAGE) break;
         }
         for (const event of snapshot) {
           if (event.seq <= last) continue;
@@ -395,13 +512,19 @@ export class EmbeddedRunEvents {
       .select({ id: runs.id })
       .from(runs)
       .where(lt(runs.ended_at, sql`now() - make_interval(secs => ${ttlSeconds})`));
-    const deleted = await this.db.delete(runEvents).where(inArray(runEvents.run_id, ended)).returning({ run_id: runEvents.run_id });
-    return deleted.length;
+    // Counted in events, not rows (a row holds a batch).
+    const deleted = await this.db.delete(runEvents).where(inArray(runEvents.run_id, ended)).returning({ events: sql<number>`${runEvents.last_seq} - ${runEvents.seq} + 1` });
+    return deleted.reduce((n, row) => n + Number(row.events), 0);
   }
 
   /** Stores every pending event. */
   async flushAll(): Promise<void> {
     await Promise.allSettled([...this.states].map(([runId, state]) => state.tail.then(() => this.flush(runId, state))));
+    for (const [runId, state] of this.deferred) if (!state.pending.length) this.deferred.delete(runId);
+    if (!this.deferred.size) {
+      clearTimeout(this.flushTimer);
+      this.flushTimer = undefined;
+    }
   }
 }
 
