@@ -229,13 +229,11 @@ function openPostgres(settings: Settings, url: string): Database {
     connectionTimeoutMillis: settings.DATABASE_CONNECT_TIMEOUT_MS,
     statement_timeout: settings.DATABASE_STATEMENT_TIMEOUT_MS || undefined,
     application_name: 'keel',
+    // Settings every session starts with (a DATABASE_URL that has `options` of its own replaces these).
+    options: `-c ${SAME_SCAN_START}`,
   });
   // An idle client that loses its server emits here; without a listener the process would crash.
   pool.on('error', () => undefined);
-  // Queued on the new connection ahead of the statement it was opened for.
-  pool.on('connect', (client) => {
-    client.query(`set ${SAME_SCAN_START}`).catch(() => undefined);
-  });
   const listeners: Listener[] = [];
   return {
     db: drizzleNodePg(pool, { schema, casing: 'snake_case' }),
