@@ -49,6 +49,29 @@ const reservationRows = (user: TestUser) => countOf(sql`select count(*)::int as 
 const usageEntries = (user: TestUser) => countOf(sql`select count(*)::int as n from credit_transactions where owner_id = ${user.user.id} and type = 'usage'`);
 
 /** Everything settled and given back: nothing held, and the balance is the ledger's sum. */
+/** The statements the app's database ran during `work` that `match` picks (their SQL text). */
+async function statementsDuring(match: (text: string, params: unknown[]) => boolean, work: () => Promise<unknown>): Promise<string[]> {
+  const { db } = ctx.database;
+  const dialect = new PgDialect();
+  const execute = db.execute.bind(db);
+  const seen: string[] = [];
+  db.execute = ((query: SQL) => {
+    const { sql: text, params } = dialect.sqlToQuery(query);
+    if (match(text, params)) seen.push(text);
+    return execute(query);
+  });
+  try {
+    await work();
+  } finally {
+    db.execute = execute;
+  }
+  return seen;
+}
+
+/** How many credit blocks (reservation rows) the user's calls took during `work`. */
+const blockHolds = async (user: TestUser, work: () => Promise<unknown>) =>
+  (await statementsDuring((text, params) => /insert into credit_reservations/.test(text) && params.includes(user.user.id), work)).length;
+
 async function expectSettled(user: TestUser, balance: number) {
   await ctx.app.meter.idle();
   const account = await getBalance(ctx.database.db, user.user.id);
@@ -98,21 +121,13 @@ describe('credit windows', () => {
   it('a flush writes the usage records and the ledger entries of its calls in one statement', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');
-    const { db } = ctx.database;
-    const dialect = new PgDialect();
-    const execute = db.execute.bind(db);
-    const writes: string[] = [];
-    db.execute = ((query: SQL) => {
-      const text = dialect.sqlToQuery(query).sql;
-      if (/insert into (usage_records|credit_transactions)/.test(text)) writes.push(text);
-      return execute(query);
-    });
-    try {
-      for (let i = 0; i < 5; i++) await ctx.app.models.chat(billed(user));
-      await ctx.app.meter.flush();
-    } finally {
-      db.execute = execute;
-    }
+    const writes = await statementsDuring(
+      (text) => /insert into (usage_records|credit_transactions)/.test(text),
+      async () => {
+        for (let i = 0; i < 5; i++) await ctx.app.models.chat(billed(user));
+        await ctx.app.meter.flush();
+      },
+    );
     expect(writes.length).toBeGreaterThan(0);
     for (const text of writes) expect(text).toMatch(/insert into usage_records[\s\S]*insert into credit_transactions/);
     await expectSettled(user, 1000 - 5 * 4);
@@ -125,21 +140,11 @@ describe('credit windows', () => {
     for (const user of users) for (let i = 0; i < 3; i++) await ctx.app.models.chat(billed(user));
     await ctx.app.meter.flush();
     for (const user of users) expect(await reservationRows(user)).toBe(1);
-    const { db } = ctx.database;
-    const dialect = new PgDialect();
-    const execute = db.execute.bind(db);
-    const releases: string[] = [];
-    db.execute = ((query: SQL) => {
-      const text = dialect.sqlToQuery(query).sql;
-      if (/delete from credit_reservations/.test(text) && !/insert into usage_records/.test(text)) releases.push(text);
-      return execute(query);
-    });
-    try {
-      // Shutting down retires every block: the three (one per user) are released by one statement.
-      await ctx.app.meter.idle();
-    } finally {
-      db.execute = execute;
-    }
+    // Shutting down retires every block: the three (one per user) are released by one statement.
+    const releases = await statementsDuring(
+      (text) => /delete from credit_reservations/.test(text) && !/insert into usage_records/.test(text),
+      () => ctx.app.meter.idle(),
+    );
     expect(releases).toHaveLength(1);
     for (const user of users) await expectSettled(user, 1000 - 3 * 4);
   });
@@ -148,21 +153,10 @@ describe('credit windows', () => {
     const user = await createUser(ctx.app);
     await grant(user, '100000');
     fake.defaultReply = { text: 'four', usage: { prompt_tokens: 1, completion_tokens: 4 }, chunkDelayMs: 5 };
-    const { db } = ctx.database;
-    const dialect = new PgDialect();
-    const execute = db.execute.bind(db);
-    let holds = 0;
-    db.execute = ((query: SQL) => {
-      const { sql: text, params } = dialect.sqlToQuery(query);
-      if (/insert into credit_reservations/.test(text) && params.includes(user.user.id)) holds++;
-      return execute(query);
-    });
-    try {
-      // 32 calls at a time, 4 waves: blocks of 8 worst cases took 35 blocks (measured without the growth).
+    // 32 calls at a time, 4 waves: blocks of 8 worst cases took 35 blocks (measured without the growth).
+    const holds = await blockHolds(user, async () => {
       for (let wave = 0; wave < 4; wave++) await Promise.all(Array.from({ length: 32 }, () => ctx.app.models.chat(billed(user))));
-    } finally {
-      db.execute = execute;
-    }
+    });
     expect(holds).toBeGreaterThan(0);
     expect(holds).toBeLessThan(8);
     // The grown blocks are real reservations: what they held came back, and every call paid 4.
@@ -173,21 +167,10 @@ describe('credit windows', () => {
   it('a block used up within a second makes the next one a second\'s worth at that pace: sequential calls take few blocks', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '100000');
-    const { db } = ctx.database;
-    const dialect = new PgDialect();
-    const execute = db.execute.bind(db);
-    let holds = 0;
-    db.execute = ((query: SQL) => {
-      const { sql: text, params } = dialect.sqlToQuery(query);
-      if (/insert into credit_reservations/.test(text) && params.includes(user.user.id)) holds++;
-      return execute(query);
-    });
-    try {
-      // Blocks of 8 worst cases serve ~18 of these calls each: 100 calls took 8 (measured without the pace rule).
+    // Blocks of 8 worst cases serve ~18 of these calls each: 100 calls took 8 (measured without the pace rule).
+    const holds = await blockHolds(user, async () => {
       for (let i = 0; i < 100; i++) await ctx.app.models.chat(billed(user));
-    } finally {
-      db.execute = execute;
-    }
+    });
     expect(holds).toBeGreaterThan(0);
     expect(holds).toBeLessThan(4);
     await expectSettled(user, 100000 - 100 * 4);
