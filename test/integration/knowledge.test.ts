@@ -13,6 +13,7 @@ import { queryRows } from '../../src/crud/owned.js';
 import { contentDisposition } from '../../src/routers/knowledge.js';
 import { purgeDeletedFiles } from '../../src/services/knowledge/files.js';
 import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
+import { fullTextQuery, questionLexemes, type Scope } from '../../src/services/knowledge/search.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
@@ -568,6 +569,43 @@ describe('search', () => {
     // No chunk holds both words: the OR fallback answers, and takes the rare word's chunks first.
     const found = (await search(ctx.app, user.headers, { query: 'Do platypus and wombat dig burrows?' })).data;
     expect(found.map((hit) => hit.entry_id)).toContain(rare.id);
+  });
+
+  it('looks for the matches of a question of common words among the first rows in scope, and answers as the index does', async () => {
+    const owner = await createUser(ctx.app);
+    const other = await createUser(ctx.app);
+    const filler = 'The river bank is muddy and the water runs cold over the stones. '.repeat(15);
+    // Another user's chunks holding the same words come first in the table: the probe must pass them by.
+    await ingested(ctx.app, other.headers, (await createFolder(ctx.app, other.headers)).id, { filename: 'theirs.txt', content: `Their note. ${filler}` });
+    const folder = await createFolder(ctx.app, owner.headers);
+    await ingested(ctx.app, owner.headers, folder.id, { filename: 'wombat-first.txt', content: 'A wombat swims across the muddy river.' });
+    for (const part of [0, 1]) {
+      const content = Array.from({ length: 45 }, (_, i) => `Platypus note ${part}-${i}. ${filler}`).join('\n\n');
+      await ingested(ctx.app, owner.headers, folder.id, { filename: `platypus-${part}.txt`, content });
+    }
+    await ingested(ctx.app, owner.headers, folder.id, { filename: 'wombat.txt', content: 'A wombat swims in the muddy river water.' });
+    const db = ctx.database.db;
+    const [{ matches } = { matches: 0 }] = await queryRows<{ matches: number }>(
+      db,
+      sql`select count(*)::int as matches from knowledge_chunks where owner_id = ${owner.user.id} and tsv @@ websearch_to_tsquery('english', 'muddy river water')`,
+    );
+    // More matches than search ranks (60 for top 5): the probe finds all it wants among the first rows.
+    expect(matches).toBeGreaterThan(60);
+    const scopes: Scope[] = [
+      { where: sql`knowledge_chunks.owner_id = ${owner.user.id}`, readsEntries: false },
+      { where: sql`knowledge_chunks.owner_id = ${owner.user.id} and knowledge_entries.folder_id = ${folder.id}`, readsEntries: true },
+    ];
+    // The same lexemes, told rare (the GIN index answers) and common (the rows are probed first; for
+    // the wombat, in the first chunk and the last, the probe falls short and the index answers after all).
+    for (const scope of scopes) {
+      for (const question of ['muddy river water', 'Does a wombat swim in the muddy river?']) {
+        const lexemes = await questionLexemes(db, 'english', question);
+        const answer = (frequency: number) => queryRows<{ id: string }>(db, fullTextQuery('english', question, lexemes.map((l) => ({ ...l, frequency })), scope, 5));
+        const viaIndex = await answer(0);
+        expect(viaIndex).toHaveLength(5);
+        expect(await answer(0.5)).toEqual(viaIndex);
+      }
+    }
   });
 
   it('limits a project-scoped key to its project\'s folders, entries and search', async () => {
