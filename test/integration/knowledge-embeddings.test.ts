@@ -4,6 +4,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { knowledgeChunks, usageRecords } from '../../src/models/index.js';
 
 import { queryRows } from '../../src/crud/owned.js';
+import { anyEmbedded } from '../../src/services/knowledge/embeddings.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -97,6 +98,20 @@ describe('embeddings', () => {
     const strangers = await createFolder(ctx.app, stranger.headers);
     await ingested(ctx.app, stranger.headers, strangers.id, { filename: 'mine.txt', content: 'Nothing to see.' });
     expect((await search(ctx.app, stranger.headers, { query: 'To be or not to be.' })).data.map((h) => h.entry_id)).not.toContain(entry.id);
+  });
+
+  it('asks whether the caller has chunks embedded by the configured model: none by another model (EMBEDDING_MODEL changed), none of another user\'s', async () => {
+    if (!withVectors()) return;
+    const owner = await createUser(ctx.app);
+    const stranger = await createUser(ctx.app);
+    await ingested(ctx.app, owner.headers, (await createFolder(ctx.app, owner.headers)).id, { filename: 'lamp.txt', content: SECTIONS[1]! });
+    const of = (someone: TestUser) => sql`knowledge_chunks.owner_id = ${someone.user.id}`;
+    // More times than PGlite's prepared statements run before their generic plan.
+    for (let round = 0; round < 7; round++) {
+      expect(await anyEmbedded(ctx.database.db, 'fake-embed', of(owner))).toBe(true);
+      expect(await anyEmbedded(ctx.database.db, 'another-embedding-model', of(owner))).toBe(false);
+      expect(await anyEmbedded(ctx.database.db, 'fake-embed', of(stranger))).toBe(false);
+    }
   });
 
   it('runs vector searches on the embedded database with the iterative HNSW scan set for its session (one statement, no SET LOCAL transaction)', async () => {

@@ -205,6 +205,18 @@ describe('migrations on a fresh database', () => {
       );
       expect(column?.storage).toBe('m');
     });
+
+    it('chunk embeddings are found by model through an index, where pgvector is enabled', async () => {
+      // Search first asks whether any of the caller's chunks has an embedding by EMBEDDING_MODEL;
+      // for a model no row has (the setting just changed) that read the whole table without one.
+      const indexed = await query<{ name: string }>(
+        fresh.database,
+        `select c.relname as name from pg_index i join pg_class c on c.oid = i.indexrelid join pg_attribute a on a.attrelid = i.indrelid and a.attnum = i.indkey[0]
+         where i.indrelid = to_regclass('knowledge_chunk_embeddings') and a.attname = 'model'`,
+      );
+      const tables = await keelTables(fresh.database);
+      expect(indexed.map((row) => row.name)).toEqual(tables.includes('knowledge_chunk_embeddings') ? ['ix_knowledge_chunk_embeddings_model'] : []);
+    });
   });
 
   it('a changed migration that was already applied is refused', async () => {
