@@ -147,9 +147,10 @@ function iterativeScanSet(db: Db): Promise<boolean> {
 /**
  * Whether any chunk `where` admits has an embedding by `model`: only then is a query worth
  * embedding. The one-time filter asks first whether the model has any embedding at all, through
- * the (model, chunk_id) index (0011; ordering by chunk_id keeps the index in a generic plan, which PGlite's prepared
- * statements get after five runs and which, with one model in the table, scans it): a model no row
- * has (EMBEDDING_MODEL changed, documents not yet reindexed) read every embedding in every search.
+ * the (model, chunk_id) index (0011; ordering by chunk_id keeps the index in a generic plan, which
+ * PGlite's prepared statements get after five runs and which, with one model in the table, scans
+ * it): a model no row has (EMBEDDING_MODEL changed, documents not yet reindexed) read every
+ * embedding in every search.
  */
 export async function anyEmbedded(db: Db, model: string, where: SQL): Promise<boolean> {
   const rows = await queryRows<{ one: number }>(
