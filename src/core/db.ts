@@ -49,7 +49,7 @@ export interface ListenHandlers {
 
 // ==================== Transactions ====================
 
-const openTransactions = new WeakMap<object, { root: Db; afterCommit: (() => void)[] }>();
+const openTransactions = new WeakMap<object, { root: Db; afterCommit: (() => void)[]; nested: boolean }>();
 
 /**
  * Runs `work` in a transaction. Use this rather than `db.transaction`: it lets code deep in a
@@ -60,7 +60,7 @@ export async function transaction<T>(db: Db, work: (tx: Db) => Promise<T>): Prom
   const outer = openTransactions.get(db);
   const afterCommit = outer?.afterCommit ?? [];
   const result = await db.transaction(async (tx) => {
-    openTransactions.set(tx, { root: rootOf(db), afterCommit });
+    openTransactions.set(tx, { root: rootOf(db), afterCommit, nested: outer !== undefined });
     return work(tx);
   });
   if (!outer) for (const callback of afterCommit) callback();
@@ -70,6 +70,18 @@ export async function transaction<T>(db: Db, work: (tx: Db) => Promise<T>): Prom
 /** The database handle a transaction was opened on (the handle itself outside a transaction). */
 export function rootOf(db: Db): Db {
   return openTransactions.get(db)?.root ?? db;
+}
+
+/**
+ * Inside a transaction opened with `transaction()`, just before its last statement: on PGlite the
+ * COMMIT goes with that statement (one round trip fewer; PgliteTransaction.commitWithNext), so
+ * nothing may run in the transaction after it, and what the caller does after it must not need a
+ * rollback. Elsewhere (node-postgres, a savepoint, outside a transaction) nothing changes.
+ */
+export function commitWithNextStatement(tx: Db): void {
+  const open = openTransactions.get(tx);
+  if (!open || open.nested) return;
+  (tx as unknown as { session: { client: { commitWithNext?: () => void } } }).session.client.commitWithNext?.();
 }
 
 /** Runs `callback` once the surrounding transaction commits (never, if it rolls back); at once outside one. */

@@ -12,7 +12,7 @@ import { hostname } from 'node:os';
 import { jsonSchema, type ModelMessage, tool, type ToolSet } from 'ai';
 import { asc, eq, sql } from 'drizzle-orm';
 
-import { type Db, transaction } from '../../core/db.js';
+import { commitWithNextStatement, type Db, transaction } from '../../core/db.js';
 import { HttpError, PaymentRequiredError, TooManyRequestsError } from '../../core/errors.js';
 
 import { type AgentVersion, type Message, messages, type MessageToolCall, type Run, type RunUsage } from '../../models/index.js';
@@ -366,6 +366,8 @@ export class AgentRunner {
           // The answer: the run ends with it (the lock above is the fence, so the end cannot miss).
           const ended = await endInTransaction(tx, run, { status: 'completed', steps, usage, cost, releaseLease: store !== undefined }, { leaseOwner: this.workerId }, held);
           if (!ended) throw new RunStop('lease');
+          // The answer's events are the transaction's last statement (embedded: COMMIT goes with it).
+          if (store) commitWithNextStatement(tx);
           await store?.(tx, [...completedEvents(stepMessages, step), runEvent(ended.run)]);
           return { stepMessages, ended };
         });
