@@ -319,14 +319,16 @@ describe('statements per run (embedded)', () => {
     expect(commitsWithStatements).toBe(2);
     const scopes = [...byScope.values()];
     const start = scopes.find((texts) => texts.some((text) => text.includes('insert into "runs"')))!;
-    const step = scopes.find((texts) => texts.some((text) => text.startsWith('with "ended" as')))!;
+    const step = scopes.find((texts) => texts.some((text) => text.startsWith('with "answer" as')))!;
     // The owner and thread locks with the busy mark; the owner's active runs read by the insert of the input message with the run; run.queued.
     expect(start).toHaveLength(3);
     expect(start[0]).toMatch(/^with "owner" as \(select "id" from "users" .* for update\) update "threads"/);
     expect(start[1]).toMatch(/^with "owned" as \(select .* from "runs" .*\), "input" as \(insert into "messages" .*\), "inserted" as \(insert into "runs" .* on conflict \("thread_id"\) where "status" in \('queued', 'running'\) and not "waiting" do nothing/);
-    // The thread and run locks (the fence), the answer, the end with the hand-over, the events.
-    expect(step).toHaveLength(4);
+    // The thread and run locks (the fence); the answer with the end and the hand-over; the events.
+    expect(step).toHaveLength(3);
     expect(step[0]).toMatch(/^with "thread" as \(select "id" from "threads" .* for update\) select .* from "runs" .* for update of "runs"/);
+    expect(step[1]).toMatch(/^with "answer" as \(insert into "messages" .*\), "ended" as \(update "runs" .*\), "next" as \(select .* for update\), "idle" as \(update "threads" /);
+    expect(step[2]).toMatch(/^insert into "run_events"/);
   });
 });
 
