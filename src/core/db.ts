@@ -9,16 +9,17 @@ import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
 import { drizzle as drizzlePglite } from 'drizzle-orm/pglite';
 import pg from 'pg';
 
-import * as schema from '../models/index.js';
-
 import type { Settings } from './config.js';
 import { lockDirectory } from './data-dir-lock.js';
 import { inProcessLink, type PgliteLink, PgliteStatementClient } from './pglite-client.js';
 import { openPgliteThread } from './pglite-thread.js';
 
-export type Schema = typeof schema;
-/** The database handle every crud function takes first; a transaction is one too. */
-export type Db = PgDatabase<PgQueryResultHKT, Schema>;
+/**
+ * The database handle every crud function takes first; a transaction is one too. Built without
+ * Drizzle's relational query API (`db.query.<table>`, unused here): Drizzle makes that API's
+ * builders for every table each time it opens a transaction, ~0.5 % of an agent run's CPU.
+ */
+export type Db = PgDatabase<PgQueryResultHKT>;
 
 /** Raw access for what the query builder cannot say: migrations, locks, health checks. */
 export interface SqlSession {
@@ -177,7 +178,7 @@ async function openPglite(settings: Settings): Promise<Database> {
     throw error;
   }
   return {
-    db: drizzlePglite({ client: client as unknown as PGlite, schema, casing: 'snake_case' }) as unknown as Db,
+    db: drizzlePglite({ client: client as unknown as PGlite, casing: 'snake_case' }) as unknown as Db,
     kind: 'pglite',
     // PGlite is a single session: this holds it, so no other caller's statement runs in between.
     withSession: <T>(work: (session: SqlSession) => Promise<T>): Promise<T> =>
@@ -248,7 +249,7 @@ function openPostgres(settings: Settings, url: string): Database {
   pool.on('error', () => undefined);
   const listeners: Listener[] = [];
   return {
-    db: drizzleNodePg(pool, { schema, casing: 'snake_case' }),
+    db: drizzleNodePg(pool, { casing: 'snake_case' }),
     kind: 'postgres',
     withSession: async (work) => {
       const client = await pool.connect();
