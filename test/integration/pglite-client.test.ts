@@ -273,6 +273,12 @@ describe.each(Object.keys(links))('PgliteStatementClient, PGlite on %s', (where)
       tx.commitWithNext();
     });
     expect(await count("select count(*)::int as count from items where name = 'last-6'")).toBe(1);
+    // A statement no one prepared before: its preparation goes first (with BEGIN), COMMIT with its execution.
+    await client.transaction(async (tx) => {
+      tx.commitWithNext();
+      expect((await tx.query("insert into items (name, n) values ($1, 7) returning n", ['last-7'])).rows).toEqual([{ n: 7 }]);
+    });
+    expect(await count("select count(*)::int as count from items where name = 'last-7'")).toBe(1);
   });
 
   it('refuses a closed transaction’s queries', async () => {
