@@ -9,16 +9,17 @@ import type { PgDatabase, PgQueryResultHKT } from 'drizzle-orm/pg-core';
 import { drizzle as drizzlePglite } from 'drizzle-orm/pglite';
 import pg from 'pg';
 
-import * as schema from '../models/index.js';
-
 import type { Settings } from './config.js';
 import { lockDirectory } from './data-dir-lock.js';
 import { inProcessLink, type PgliteLink, PgliteStatementClient } from './pglite-client.js';
 import { openPgliteThread } from './pglite-thread.js';
 
-export type Schema = typeof schema;
-/** The database handle every crud function takes first; a transaction is one too. */
-export type Db = PgDatabase<PgQueryResultHKT, Schema>;
+/**
+ * The database handle every crud function takes first; a transaction is one too. Built without
+ * Drizzle's relational query API (`db.query.<table>`, unused here): Drizzle makes that API's
+ * builders for every table each time it opens a transaction, ~0.5 % of an agent run's CPU.
+ */
+export type Db = PgDatabase<PgQueryResultHKT>;
 
 /** Raw access for what the query builder cannot say: migrations, locks, health checks. */
 export interface SqlSession {
@@ -49,7 +50,7 @@ export interface ListenHandlers {
 
 // ==================== Transactions ====================
 
-const openTransactions = new WeakMap<object, { root: Db; afterCommit: (() => void)[] }>();
+const openTransactions = new WeakMap<object, { root: Db; afterCommit: (() => void)[]; nested: boolean }>();
 
 /**
  * Runs `work` in a transaction. Use this rather than `db.transaction`: it lets code deep in a
@@ -60,7 +61,7 @@ export async function transaction<T>(db: Db, work: (tx: Db) => Promise<T>): Prom
   const outer = openTransactions.get(db);
   const afterCommit = outer?.afterCommit ?? [];
   const result = await db.transaction(async (tx) => {
-    openTransactions.set(tx, { root: rootOf(db), afterCommit });
+    openTransactions.set(tx, { root: rootOf(db), afterCommit, nested: outer !== undefined });
     return work(tx);
   });
   if (!outer) for (const callback of afterCommit) callback();
@@ -70,6 +71,18 @@ export async function transaction<T>(db: Db, work: (tx: Db) => Promise<T>): Prom
 /** The database handle a transaction was opened on (the handle itself outside a transaction). */
 export function rootOf(db: Db): Db {
   return openTransactions.get(db)?.root ?? db;
+}
+
+/**
+ * Inside a transaction opened with `transaction()`, just before its last statement: on PGlite the
+ * COMMIT goes with that statement (one round trip fewer; PgliteTransaction.commitWithNext), so
+ * nothing may run in the transaction after it, and what the caller does after it must not need a
+ * rollback. Elsewhere (node-postgres, a savepoint, outside a transaction) nothing changes.
+ */
+export function commitWithNextStatement(tx: Db): void {
+  const open = openTransactions.get(tx);
+  if (!open || open.nested) return;
+  (tx as unknown as { session: { client: { commitWithNext?: () => void } } }).session.client.commitWithNext?.();
 }
 
 /** Runs `callback` once the surrounding transaction commits (never, if it rolls back); at once outside one. */
@@ -165,7 +178,7 @@ async function openPglite(settings: Settings): Promise<Database> {
     throw error;
   }
   return {
-    db: drizzlePglite({ client: client as unknown as PGlite, schema, casing: 'snake_case' }) as unknown as Db,
+    db: drizzlePglite({ client: client as unknown as PGlite, casing: 'snake_case' }) as unknown as Db,
     kind: 'pglite',
     // PGlite is a single session: this holds it, so no other caller's statement runs in between.
     withSession: <T>(work: (session: SqlSession) => Promise<T>): Promise<T> =>
@@ -236,7 +249,7 @@ function openPostgres(settings: Settings, url: string): Database {
   pool.on('error', () => undefined);
   const listeners: Listener[] = [];
   return {
-    db: drizzleNodePg(pool, { schema, casing: 'snake_case' }),
+    db: drizzleNodePg(pool, { casing: 'snake_case' }),
     kind: 'postgres',
     withSession: async (work) => {
       const client = await pool.connect();

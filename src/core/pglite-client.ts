@@ -60,6 +60,8 @@ interface Statement {
 interface Scope {
   send: Exchange;
   exclusive: boolean;
+  /** Sends a statement's execution (a transaction's last one may carry its COMMIT); `send` when absent. */
+  execute?: Exchange;
 }
 
 /** A caller waiting for the session: a whole transaction, or one exchange. */
@@ -69,9 +71,14 @@ type Waiter = { start: () => void } | { message: Uint8Array; resolve: (reply: Ui
 const MAX_STATEMENTS = 1_000;
 
 const BEGIN = serialize.query('BEGIN');
+const COMMIT = serialize.query('COMMIT');
 
-/** A transaction as Drizzle's PGlite driver uses it (`query`; `exec` and `closed` as PGlite's). */
-export type PgliteTransaction = Pick<Transaction, 'query' | 'exec' | 'closed'>;
+/**
+ * A transaction as Drizzle's PGlite driver uses it (`query`; `exec` and `closed` as PGlite's), and
+ * `commitWithNext`: the next statement executed is the transaction's last, and its COMMIT travels
+ * with it (one round trip fewer); anything sent after it fails as on a closed transaction.
+ */
+export type PgliteTransaction = Pick<Transaction, 'query' | 'exec' | 'closed'> & { commitWithNext(): void };
 
 /**
  * PGlite's session, spoken to in the wire protocol, with a statement cache. PGlite's `query()` runs
@@ -135,35 +142,49 @@ export class PgliteStatementClient {
 
   /**
    * BEGIN … COMMIT holding the session (ROLLBACK when `callback` throws). BEGIN travels with the
-   * transaction's first statement, so a transaction of n statements is n + 1 round trips.
+   * transaction's first statement, so a transaction of n statements is n + 1 round trips, or n when
+   * the caller says which statement is the last (`commitWithNext`): COMMIT travels with it.
    */
   transaction = <T>(callback: (tx: PgliteTransaction) => Promise<T>): Promise<T> =>
     this.exclusive(async (send) => {
       let begin = true;
       let closed = false;
+      let commitNext = false;
+      /** COMMIT went with a statement: the transaction is over (committed, or rolled back if the statement failed). */
+      let ended = false;
       const scope: Scope = {
         exclusive: true,
         send: async (message) => {
-          if (closed) throw new Error('Transaction is closed');
+          if (closed || ended) throw new Error('Transaction is closed');
           if (!begin) return send(message);
           begin = false;
           return this.afterBegin(await send(Buffer.concat([BEGIN, message])));
+        },
+        execute: async (message) => {
+          if (!commitNext) return scope.send(message);
+          commitNext = false;
+          const reply = await scope.send(Buffer.concat([message, COMMIT]));
+          ended = true;
+          return this.beforeCommit(reply);
         },
       };
       const tx: PgliteTransaction = {
         query: <R>(text: string, params?: unknown[], options?: QueryOptions) => this.run<R>(scope, text, params, options),
         exec: (text: string, options?: QueryOptions) => this.simple(scope, text, options),
+        commitWithNext: () => {
+          commitNext = true;
+        },
         get closed() {
-          return closed;
+          return closed || ended;
         },
       };
       try {
         const result = await callback(tx);
-        // Nothing sent: no transaction was opened.
-        if (!begin) await this.simple({ send, exclusive: true }, 'COMMIT');
+        // Nothing sent: no transaction was opened. Ended: its COMMIT went with its last statement.
+        if (!begin && !ended) await this.simple({ send, exclusive: true }, 'COMMIT');
         return result;
       } catch (error) {
-        if (!begin) await this.simple({ send, exclusive: true }, 'ROLLBACK').catch(() => undefined);
+        if (!begin && !ended) await this.simple({ send, exclusive: true }, 'ROLLBACK').catch(() => undefined);
         throw error;
       } finally {
         closed = true;
@@ -214,7 +235,7 @@ export class PgliteStatementClient {
       if (!preparing) return this.once<T>(scope, text, params, options);
       statement = await preparing;
     }
-    const reply = await scope.send(this.execute(statement, params, options));
+    const reply = await (scope.execute ?? scope.send)(this.execute(statement, params, options));
     try {
       return this.results<T>(statement, reply, options);
     } catch (error) {
@@ -248,7 +269,7 @@ export class PgliteStatementClient {
   /** A statement of its own for one query, closed with its execution. */
   private async once<T>(scope: Scope, text: string, params: unknown[], options: QueryOptions): Promise<Results<T>> {
     const statement = await this.prepare(scope, `keel_once_${this.prepared++}`, text);
-    const reply = await scope.send(this.execute(statement, params, options, true));
+    const reply = await (scope.execute ?? scope.send)(this.execute(statement, params, options, true));
     return this.results<T>(statement, reply, options);
   }
 
@@ -329,6 +350,21 @@ export class PgliteStatementClient {
     const messages: BackendMessage[] = [];
     this.parser.parse(Buffer.from(reply.buffer, reply.byteOffset, reply.byteLength), (m) => messages.push(m));
     return messages;
+  }
+
+  /**
+   * The reply of a statement + COMMIT, as the statement's alone (its error is the caller's to
+   * throw; COMMIT then only ends the failed transaction): COMMIT's failure is thrown.
+   */
+  private beforeCommit(reply: Uint8Array): Uint8Array {
+    const view = Buffer.from(reply.buffer, reply.byteOffset, reply.byteLength);
+    for (let at = 0; at + 5 <= view.length; at += 1 + view.readUInt32BE(at + 1)) {
+      if (view[at] !== 0x5a /* Z: ready for query, the statement's end */) continue;
+      const end = at + 1 + view.readUInt32BE(at + 1);
+      for (const m of this.messages(view.subarray(end))) if (m.name === 'error') throw m as DatabaseError;
+      return view.subarray(0, end);
+    }
+    throw new Error('the embedded database did not answer the statement');
   }
 
   /** The reply of BEGIN + a statement, as the statement's alone: BEGIN's failure is thrown. */

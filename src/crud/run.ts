@@ -5,7 +5,7 @@ import { and, asc, eq, inArray, isNotNull, isNull, lt, or, type SQL, sql } from 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
 
-import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, type Message, messages, type NewRun, type Run, runs, type Thread, threads, users } from '../models/index.js';
+import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, type Message, messages, type NewMessage, type NewRun, type Run, runs, type Thread, threads, users } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
 import { ownedCrud } from './owned.js';
@@ -336,6 +336,48 @@ export async function endByWorkerAndHandOn(tx: Db, run: Pick<Run, 'id' | 'thread
   return row && { run: row.ended, next: row.next };
 }
 
+
+/**
+ * endAndHandOn with the run's answer appended to the thread in the same statement (appendMessage's
+ * insert, its seq the thread's last + 1: read after the step's thread lock, in this statement's
+ * new snapshot). The answer is written even when the end's guard fails: the caller then rolls back.
+ */
+const endWithAnswer = (release: boolean) => (db: Db, name: string) => {
+  const answer = db.$with('answer').as(db.insert(messages).values(appendedMessageValues()).returning());
+  const ended = db.$with('ended').as(workerEnd(db, release));
+  const { next, idle } = nextOrIdle(db, sql`exists (select 1 from ${ended})`);
+  return db.with(answer, ended, next, idle).select().from(answer).leftJoin(ended, sql`true`).leftJoin(next, sql`true`).prepare(name);
+};
+const endedWithAnswer = preparedAnywhere('runs_end_by_worker_with_answer', endWithAnswer(false));
+const endedReleasedWithAnswer = preparedAnywhere('runs_end_by_worker_released_with_answer', endWithAnswer(true));
+
+/** The answer endWithAnswerAndHandOn appends: appendMessage's values, on the run's thread. */
+export type RunAnswer = Pick<NewMessage, 'id' | 'content' | 'metadata'> & { tool_calls?: null };
+
+/**
+ * endByWorkerAndHandOn for the step that answers: the run's answer appended as an assistant message
+ * (on its thread, whose lock the caller's transaction holds) in the same statement. Undefined when
+ * the run is no longer the worker's (the caller rolls back: the answer must not stay).
+ */
+export async function endWithAnswerAndHandOn(tx: Db, run: Pick<Run, 'id' | 'thread_id'>, answer: RunAnswer, values: WorkerEnd, workerId: string, release: boolean): Promise<{ message: Message; run: Run; next: Run | null } | undefined> {
+  const [row] = await (release ? endedReleasedWithAnswer : endedWithAnswer)(tx).execute({
+    id: answer.id ?? randomUUID(),
+    thread_id: run.thread_id,
+    role: 'assistant',
+    content: answer.content,
+    tool_calls: null,
+    tool_call_id: null,
+    run_id: run.id,
+    metadata: answer.metadata ?? {},
+    worker_id: workerId,
+    status: values.status,
+    error: values.error ?? null,
+    steps: values.steps,
+    usage: values.usage,
+    cost: values.cost,
+  });
+  return row?.ended ? { message: row.answer, run: row.ended, next: row.next } : undefined;
+}
 
 /**
  * The thread's oldest run waiting behind its active run (locked) and, when there is none, the

@@ -7,7 +7,7 @@ import type { Run } from '../models/index.js';
 import { authErrors, ErrorBody, listOf, Message } from '../schemas/common.js';
 import { RunCreate, RunCreateWithThread, RunEventsQuery, RunIdParams, RunListQuery, RunPublic, ThreadIdParams } from '../schemas/run.js';
 
-import type { RunEvent } from '../modules/agents/run-bus.js';
+import { eventDataJson, type RunEvent } from '../modules/agents/run-bus.js';
 import { contextOf } from '../services/context.js';
 import * as runService from '../services/run-service.js';
 import { requireUser } from '../utils/authentication.js';
@@ -29,7 +29,7 @@ function accepted(reply: FastifyReply, run: Run): FastifyReply {
   return reply.code(202).header('location', `${reply.server.prefix}/runs/${run.id}`).send(runService.publicRun(run));
 }
 
-const frame = (event: RunEvent) => `id: ${event.seq}\nevent: ${event.event}\ndata: ${JSON.stringify(event.data)}\n\n`;
+const frame = (event: RunEvent) => `id: ${event.seq}\nevent: ${event.event}\ndata: ${eventDataJson(event)}\n\n`;
 
 /** Runs of agents on threads (SPEC §5), and their event streams. */
 export const runsRouter: FastifyPluginAsyncZod = async (app) => {

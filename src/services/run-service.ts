@@ -3,7 +3,7 @@
  * delete. One active run per thread is the database's rule (ux_runs_thread_id_active); the thread's
  * row lock orders starts, ends and hand-overs, and every status change is conditional.
  */
-import { transaction } from '../core/db.js';
+import { commitWithNextStatement, transaction } from '../core/db.js';
 import { ConflictError, GoneError, PaymentRequiredError, TooManyRequestsError, UnprocessableError } from '../core/errors.js';
 
 import { type Agent, type Run, runs, type Thread } from '../models/index.js';
@@ -144,6 +144,8 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
       const { run: inserted, owned } = await runCrud.insertRunWithInputIfFree(tx, { ...values, input: options.input }, limit);
       checkLimit(owned);
       if (!inserted) throw busy(owned.onThread);
+      // run.queued's insert is the transaction's last statement (embedded: COMMIT goes with it).
+      commitWithNextStatement(tx);
       await deps.bus.events.appendFirst?.(tx, inserted.id, [runEvent(inserted)]);
       return { run: inserted, interrupted: undefined };
     }
@@ -163,7 +165,9 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     const inserted = appendInput
       ? await runCrud.insertRunWithInput(tx, { ...values, waiting, input: options.input! })
       : await runCrud.insertRun(tx, { ...values, waiting, input: options.input ?? null, input_message_id: options.inputMessageId ?? null });
-    // Where the log is in this database (embedded), run.queued is stored with the run.
+    // Where the log is in this database (embedded), run.queued is stored with the run, by the
+    // transaction's last statement (COMMIT goes with it).
+    commitWithNextStatement(tx);
     await deps.bus.events.appendFirst?.(tx, inserted.id, [runEvent(inserted)]);
     return { run: inserted, interrupted };
   });

@@ -5,10 +5,11 @@ import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 
 import { PGlite } from '@electric-sql/pglite';
-import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { sql } from 'drizzle-orm';
+import { afterAll, beforeAll, describe, expect, inject, it, vi } from 'vitest';
 
 import { loadSettings } from '../../src/core/config.js';
-import { openDatabase } from '../../src/core/db.js';
+import { commitWithNextStatement, openDatabase, transaction } from '../../src/core/db.js';
 import { inProcessLink, type PgliteLink, PgliteStatementClient } from '../../src/core/pglite-client.js';
 import { openPgliteThread } from '../../src/core/pglite-thread.js';
 
@@ -221,6 +222,65 @@ describe.each(Object.keys(links))('PgliteStatementClient, PGlite on %s', (where)
     expect(status!.status).toBe('read committed');
   });
 
+  it('sends a transaction’s COMMIT with the statement marked last (commitWithNext); that statement’s failure rolls the whole transaction back', async () => {
+    const text = 'insert into items (name, n) values ($1, $2) returning name, n';
+    await client.query(text, ['last-0', 0]);
+    const link = (client as unknown as { link: PgliteLink }).link;
+    const send = vi.spyOn(link, 'send');
+    try {
+      const rows = await client.transaction(async (tx) => {
+        await tx.query(text, ['last-1', 1]);
+        tx.commitWithNext();
+        return (await tx.query(text, ['last-2', 2])).rows;
+      });
+      expect(rows).toEqual([{ name: 'last-2', n: 2 }]);
+      // BEGIN went with the first statement and COMMIT with the last: two exchanges in all.
+      expect(send).toHaveBeenCalledTimes(2);
+    } finally {
+      send.mockRestore();
+    }
+    expect(await count("select count(*)::int as count from items where name in ('last-1', 'last-2')")).toBe(2);
+    // BEGIN, the one statement and COMMIT together; nothing may follow it in the transaction.
+    let kept!: { closed: boolean };
+    await expect(
+      client.transaction(async (tx) => {
+        kept = tx;
+        tx.commitWithNext();
+        await tx.query(text, ['last-3', 3]);
+        expect(tx.closed).toBe(true);
+        await tx.query('select 1');
+      }),
+    ).rejects.toThrow('Transaction is closed');
+    expect(kept.closed).toBe(true);
+    expect(await count("select count(*)::int as count from items where name = 'last-3'")).toBe(1);
+    // The last statement fails (a unique violation): what came before it goes too, and no transaction stays open.
+    await expect(
+      client.transaction(async (tx) => {
+        await tx.query(text, ['last-4', 4]);
+        tx.commitWithNext();
+        await tx.query(text, ['last-1', 1]);
+      }),
+    ).rejects.toMatchObject({ code: '23505' });
+    expect(await count("select count(*)::int as count from items where name = 'last-4'")).toBe(0);
+    await client.transaction(async (tx) => {
+      await tx.query(text, ['last-5', 5]);
+      await tx.query('select 1');
+    });
+    expect(await count("select count(*)::int as count from items where name = 'last-5'")).toBe(1);
+    // Marked but nothing sent after it: COMMIT goes on its own, as before.
+    await client.transaction(async (tx) => {
+      await tx.query(text, ['last-6', 6]);
+      tx.commitWithNext();
+    });
+    expect(await count("select count(*)::int as count from items where name = 'last-6'")).toBe(1);
+    // A statement no one prepared before: its preparation goes first (with BEGIN), COMMIT with its execution.
+    await client.transaction(async (tx) => {
+      tx.commitWithNext();
+      expect((await tx.query("insert into items (name, n) values ($1, 7) returning n", ['last-7'])).rows).toEqual([{ n: 7 }]);
+    });
+    expect(await count("select count(*)::int as count from items where name = 'last-7'")).toBe(1);
+  });
+
   it('refuses a closed transaction’s queries', async () => {
     let kept!: Pick<PGlite, 'query'>;
     await client.transaction(async (tx) => {
@@ -302,6 +362,41 @@ describe('PGlite on a thread of its own', () => {
       await client.close();
     } finally {
       rmSync(dir, { recursive: true, force: true });
+    }
+  }, 60_000);
+
+  it('commitWithNextStatement: the COMMIT goes with a Drizzle transaction’s next statement, and a savepoint’s is left alone', async () => {
+    const database = await openDatabase(loadSettings({ PGLITE_DATA_DIR: dataDir(), PGLITE_THREAD: 'true' }));
+    const { db } = database;
+    try {
+      await db.execute(sql`create table marked (n integer primary key)`);
+      const insert = (tx: typeof db, n: number) => tx.execute(sql`insert into marked values (${n})`);
+      await transaction(db, async (tx) => {
+        await insert(tx, 1);
+        commitWithNextStatement(tx);
+        await insert(tx, 2);
+        await expect(insert(tx, 3)).rejects.toMatchObject({ cause: { message: 'Transaction is closed' } });
+      });
+      // In a savepoint it does nothing: the savepoint's rollback still undoes its statements, and the outer transaction goes on.
+      await transaction(db, async (tx) => {
+        await insert(tx, 4);
+        await expect(
+          transaction(tx, async (inner) => {
+            commitWithNextStatement(inner);
+            await insert(inner, 5);
+            throw new Error('undo the savepoint');
+          }),
+        ).rejects.toThrow('undo the savepoint');
+        await insert(tx, 6);
+      });
+      // Outside a transaction it does nothing.
+      commitWithNextStatement(db);
+      await insert(db, 7);
+      await insert(db, 8);
+      const rows = await database.withSession((session) => session.query<{ ns: number[] }>("select coalesce(array_agg(n order by n), '{}') as ns from marked"));
+      expect(rows[0]!.ns).toEqual([1, 2, 4, 6, 7, 8]);
+    } finally {
+      await database.close();
     }
   }, 60_000);
 

@@ -4,10 +4,10 @@ import { eq } from 'drizzle-orm';
 import pino from 'pino';
 import { beforeAll, describe, expect, it } from 'vitest';
 
-import { runs } from '../../src/models/index.js';
+import { runEvents, runs } from '../../src/models/index.js';
 
 import { DatabaseRunEventLog, EmbeddedRunEvents, InProcessCancels, InProcessRunSignals } from '../../src/modules/agents/embedded-run-bus.js';
-import type { RunEventLog } from '../../src/modules/agents/run-bus.js';
+import { eventDataJson, type RunEventLog } from '../../src/modules/agents/run-bus.js';
 import { appendFinalEvent, type RunDeps } from '../../src/modules/agents/run-lifecycle.js';
 import { runEventLogContract, runSignalsContract } from '../contract/run-bus.js';
 import { useTestApp } from '../helpers/app.js';
@@ -73,5 +73,18 @@ describe('embedded run bus', () => {
     for await (const event of api.read(runId, 0, new AbortController().signal)) read.push(`${event.seq} ${event.event}`);
     expect(read).toEqual(['1 run.queued', '2 run.started', '3 message.delta', '4 run.completed']);
     await Promise.all([api.close(), worker.close()]);
+  });
+
+  it('stores a batch as JSON.stringify writes it, each event\'s data written once for the store and its readers', async () => {
+    const log = node();
+    const runId = randomUUID();
+    const data = { text: 'a "quoted" line\nwith ünïcode ✓ and \\ a backslash', nested: { list: [1, null, true, 2.5] } };
+    const [stamped] = await log.append(runId, [{ event: 'run.queued', data }]);
+    const json = eventDataJson(stamped!);
+    expect(json).toBe(JSON.stringify({ ...data, run_id: runId, seq: 1 }));
+    expect(eventDataJson(stamped!)).toBe(json);
+    const [row] = await ctx.app.db.select({ events: runEvents.events }).from(runEvents).where(eq(runEvents.run_id, runId));
+    expect(row!.events).toEqual([{ seq: 1, event: 'run.queued', data: { ...data, run_id: runId, seq: 1 } }]);
+    await log.close();
   });
 });

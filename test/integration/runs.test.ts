@@ -293,7 +293,7 @@ describe('cancel', () => {
 describe('statements per run (embedded)', () => {
   // Each statement is a round trip into PGlite's WebAssembly on the one thread that also serves
   // HTTP: a start and a run's last step send as few as their checks allow (bench/runs.mjs).
-  it.skipIf(Boolean(process.env.DATABASE_URL))('a start locks the owner and the thread in one statement and inserts its input with the run; the answering step locks the thread and fences the run in one', async () => {
+  it.skipIf(Boolean(process.env.DATABASE_URL))('a start locks the owner and the thread in one statement and inserts its input with the run; the answering step locks the thread and fences the run in one; both commit with their last statement', async () => {
     fake.script(MODEL, { chunks: ['Hi'] });
     const { owner, thread } = await setup();
     // Statements by the transaction (or none) they ran in: the client's scope object.
@@ -304,22 +304,31 @@ describe('statements per run (embedded)', () => {
       byScope.set(scope, [...(byScope.get(scope) ?? []), text.replace(/\s+/g, ' ')]);
       return original.call(this, scope, text, ...rest);
     });
+    // A transaction's COMMIT sent with its last statement (commitWithNextStatement) is split off its reply here.
+    const withCommit = vi.spyOn(PgliteStatementClient.prototype as unknown as { beforeCommit: (reply: Uint8Array) => Uint8Array }, 'beforeCommit');
+    let commitsWithStatements: number;
     try {
       const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'Hi there' });
       await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+      commitsWithStatements = withCommit.mock.calls.length;
     } finally {
       spy.mockRestore();
+      withCommit.mockRestore();
     }
+    // The start's COMMIT went with run.queued, the answering step's with its events: no COMMIT round trips.
+    expect(commitsWithStatements).toBe(2);
     const scopes = [...byScope.values()];
     const start = scopes.find((texts) => texts.some((text) => text.includes('insert into "runs"')))!;
-    const step = scopes.find((texts) => texts.some((text) => text.startsWith('with "ended" as')))!;
+    const step = scopes.find((texts) => texts.some((text) => text.startsWith('with "answer" as')))!;
     // The owner and thread locks with the busy mark; the owner's active runs read by the insert of the input message with the run; run.queued.
     expect(start).toHaveLength(3);
     expect(start[0]).toMatch(/^with "owner" as \(select "id" from "users" .* for update\) update "threads"/);
     expect(start[1]).toMatch(/^with "owned" as \(select .* from "runs" .*\), "input" as \(insert into "messages" .*\), "inserted" as \(insert into "runs" .* on conflict \("thread_id"\) where "status" in \('queued', 'running'\) and not "waiting" do nothing/);
-    // The thread and run locks (the fence), the answer, the end with the hand-over, the events.
-    expect(step).toHaveLength(4);
+    // The thread and run locks (the fence); the answer with the end and the hand-over; the events.
+    expect(step).toHaveLength(3);
     expect(step[0]).toMatch(/^with "thread" as \(select "id" from "threads" .* for update\) select .* from "runs" .* for update of "runs"/);
+    expect(step[1]).toMatch(/^with "answer" as \(insert into "messages" .*\), "ended" as \(update "runs" .*\), "next" as \(select .* for update\), "idle" as \(update "threads" /);
+    expect(step[2]).toMatch(/^insert into "run_events"/);
   });
 });
 

@@ -8,10 +8,10 @@ import { and, asc, desc, eq, gt, gte, inArray, lt, lte, sql } from 'drizzle-orm'
 import { afterCommit, type Db } from '../../core/db.js';
 import type { Logger } from '../../core/logger.js';
 
-import { runEvents, runs, type StoredRunEvent } from '../../models/index.js';
+import { runEvents, runs } from '../../models/index.js';
 
 import { preparedAnywhere } from '../../crud/prepared.js';
-import { CANCEL_MARK_TTL_SECONDS, FINAL_RUN_EVENTS, type NewRunEvent, rememberCursor, type RunEvent, type RunEventLog, type RunEventName, type RunSignals } from './run-bus.js';
+import { CANCEL_MARK_TTL_SECONDS, eventDataJson, FINAL_RUN_EVENTS, type NewRunEvent, rememberCursor, type RunEvent, type RunEventLog, type RunEventName, type RunSignals } from './run-bus.js';
 import { RunEventsRefusedError } from './run-bus-errors.js';
 
 /** Rows of stored events read per query while a reader catches up (each holds at most ROW_EVENTS). */
@@ -97,7 +97,9 @@ async function storeEvents(db: Db, batches: EventBatch): Promise<void> {
     for (let i = 0; i < events.length; i += ROW_EVENTS) {
       const part = events.slice(i, i + ROW_EVENTS);
       const last = part[part.length - 1]!;
-      rows.push({ run_id: runId, seq: part[0]!.seq, last_seq: last.seq, last_event: last.event, events: JSON.stringify(part.map(({ seq, event, data }): StoredRunEvent => ({ seq, event, data }))) });
+      // The StoredRunEvent[] as JSON.stringify writes it, each event's data as its SSE readers get it (written once).
+      const json = part.map((e) => `{"seq":${e.seq},"event":${JSON.stringify(e.event)},"data":${eventDataJson(e)}}`);
+      rows.push({ run_id: runId, seq: part[0]!.seq, last_seq: last.seq, last_event: last.event, events: `[${json.join(',')}]` });
     }
   }
   if (rows.length === 1) await eventRow(db).execute(rows[0]);

@@ -32,6 +32,19 @@ export interface RunEvent {
   data: Record<string, unknown> & { run_id: string; seq: number };
 }
 
+/** Each event's `data` as JSON, once: the log's store and every SSE reader of the event write the same text. */
+const dataJson = new WeakMap<RunEvent, string>();
+
+/** `JSON.stringify(event.data)`, made once per event object (its data never changes once stamped). */
+export function eventDataJson(event: RunEvent): string {
+  let json = dataJson.get(event);
+  if (json === undefined) {
+    json = JSON.stringify(event.data);
+    dataJson.set(event, json);
+  }
+  return json;
+}
+
 /** An event to append; the log gives it its `seq` (and puts `run_id` and `seq` into its data). */
 export interface NewRunEvent {
   event: RunEventName;

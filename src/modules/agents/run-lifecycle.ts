@@ -10,7 +10,7 @@ import { type Db, transaction } from '../../core/db.js';
 import type { Logger } from '../../core/logger.js';
 import type { JobQueue } from '../../core/queue.js';
 
-import { type Run, runs, threads } from '../../models/index.js';
+import { type Message, type Run, runs, threads } from '../../models/index.js';
 
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
@@ -98,6 +98,24 @@ export async function endInTransaction(tx: Db, run: Pick<Run, 'id' | 'thread_id'
   if (!row) return undefined;
   const promoted = before?.waiting ? undefined : await handOnThread(tx, run.thread_id);
   return { run: row, promoted };
+}
+
+/**
+ * Inside a step's transaction that holds the thread's lock and the run (`locked`, as lockHeld read
+ * it): its worker's end of the run with its answer, the answer appended to the thread as an
+ * assistant message and the run ended and its thread handed on, in one statement. Undefined when
+ * the run is no longer the worker's (the caller rolls back, which takes the answer too).
+ */
+export async function endWithAnswer(tx: Db, run: Pick<Run, 'id' | 'thread_id'>, answer: runCrud.RunAnswer, outcome: RunOutcome & Pick<Run, 'steps' | 'usage' | 'cost'>, workerId: string, locked: Pick<Run, 'waiting'>): Promise<(EndedRun & { message: Message }) | undefined> {
+  const { releaseLease = false, ...values } = outcome;
+  if (locked.waiting) {
+    // Not a run that holds its thread (a running run never waits): the general end.
+    const message = await appendMessage(tx, { ...answer, thread_id: run.thread_id, role: 'assistant', run_id: run.id });
+    const ended = await endInTransaction(tx, run, outcome, { leaseOwner: workerId }, locked);
+    return ended && { ...ended, message };
+  }
+  const done = await runCrud.endWithAnswerAndHandOn(tx, run, answer, values, workerId, releaseLease);
+  return done && { message: done.message, run: done.run, promoted: done.next ? await promote(tx, run.thread_id, done.next) : undefined };
 }
 
 /** After the commit that ended a run: the waiting run that now holds its thread gets its job. */
