@@ -24,7 +24,7 @@ import { appendMessage } from '../../crud/thread.js';
 import { addCosts, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, OrderedAppends } from './run-bus.js';
-import { appendFinalEvent, endInTransaction, endWithAnswer, finishRun, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
+import { appendFinalEvent, type EndedRun, endInTransaction, endWithAnswer, finishRun, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
 import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, type ToolImplementations, type ToolSource } from './tools.js';
 
 // ==================== Why a run stops ====================
@@ -354,28 +354,28 @@ export class AgentRunner {
           const held = await runCrud.lockHeld(tx, run, this.workerId);
           if (!held) return null;
           const metadata = { step, model: result.model, ...citations };
+          const end = { status: 'completed', steps, usage, cost, releaseLease: store !== undefined } as const;
+          let stepMessages: Message[];
+          let ended: EndedRun | undefined;
           if (!toolCalls.length && !results.length) {
-            // The answer: written with the run's end and the thread's hand-over in one statement (the lock above is the fence).
-            const ended = await endWithAnswer(tx, run, { id: messageId, content: result.text, metadata }, { status: 'completed', steps, usage, cost, releaseLease: store !== undefined }, this.workerId, held);
-            if (!ended) throw new RunStop('lease');
-            const stepMessages = [ended.message];
-            // The answer's events are the transaction's last statement (embedded: COMMIT goes with it).
-            if (store) commitWithNextStatement(tx);
-            await store?.(tx, [...completedEvents(stepMessages, step), runEvent(ended.run)]);
-            return { stepMessages, ended };
+            // The answer alone: written with the run's end and the thread's hand-over in one statement (the lock above is the fence).
+            const done = await endWithAnswer(tx, run, { id: messageId, content: result.text, metadata }, end, this.workerId, held);
+            stepMessages = done ? [done.message] : [];
+            ended = done;
+          } else {
+            const assistant = await appendMessage(tx, { id: messageId, thread_id: run.thread_id, role: 'assistant', content: result.text, tool_calls: toolCalls.length ? toolCalls : null, run_id: run.id, metadata });
+            const toolMessages: Message[] = [];
+            for (const outcome of results) {
+              toolMessages.push(await appendMessage(tx, { thread_id: run.thread_id, role: 'tool', content: outcome.content, tool_call_id: outcome.call.toolCallId, run_id: run.id, metadata: { step, name: outcome.call.toolName, is_error: outcome.is_error, ...sourcesField(outcome.sources) } }));
+            }
+            stepMessages = [assistant, ...toolMessages];
+            if (toolCalls.length) {
+              await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: new Date(Date.now() + settings.RUN_LEASE_SECONDS * 1000) });
+              return { stepMessages, ended: undefined };
+            }
+            // The answer: the run ends with it (the lock above is the fence, so the end cannot miss).
+            ended = await endInTransaction(tx, run, end, { leaseOwner: this.workerId }, held);
           }
-          const assistant = await appendMessage(tx, { id: messageId, thread_id: run.thread_id, role: 'assistant', content: result.text, tool_calls: toolCalls.length ? toolCalls : null, run_id: run.id, metadata });
-          const toolMessages: Message[] = [];
-          for (const outcome of results) {
-            toolMessages.push(await appendMessage(tx, { thread_id: run.thread_id, role: 'tool', content: outcome.content, tool_call_id: outcome.call.toolCallId, run_id: run.id, metadata: { step, name: outcome.call.toolName, is_error: outcome.is_error, ...sourcesField(outcome.sources) } }));
-          }
-          const stepMessages = [assistant, ...toolMessages];
-          if (toolCalls.length) {
-            await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: new Date(Date.now() + settings.RUN_LEASE_SECONDS * 1000) });
-            return { stepMessages, ended: undefined };
-          }
-          // The answer: the run ends with it (the lock above is the fence, so the end cannot miss).
-          const ended = await endInTransaction(tx, run, { status: 'completed', steps, usage, cost, releaseLease: store !== undefined }, { leaseOwner: this.workerId }, held);
           if (!ended) throw new RunStop('lease');
           // The answer's events are the transaction's last statement (embedded: COMMIT goes with it).
           if (store) commitWithNextStatement(tx);
