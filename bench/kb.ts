@@ -65,6 +65,8 @@ const REQUESTS = Number(env('REQUESTS', '300'));
 const WARMUP = 20;
 const PG_ADMIN_URL = env('PG_ADMIN_URL', 'postgres://postgres@127.0.0.1:5432/postgres');
 const TARGETS = env('TARGETS', 'pglite postgres').split(/\s+/);
+/** Where the fake embedding provider runs for hybrid search: `process` (its own) or `inline` (this one). */
+const FAKE_MODEL = env('FAKE_MODEL', 'process');
 const ADMIN = { email: 'admin@kb-bench.test', password: 'kb-bench-password' };
 
 const log = (line: string) => console.log(line);
@@ -615,12 +617,31 @@ async function appOn(database: Database, settings: Record<string, string>): Prom
   return { app, base, headers: { authorization: `Bearer ${token.json<{ access_token: string }>().access_token}`, 'content-type': 'application/json' } };
 }
 
+/**
+ * The fake embedding provider: in a process of its own (default), as a remote provider would be, or
+ * on this process's event loop with Keel and the client (FAKE_MODEL=inline, as before 2026-12-03).
+ */
+async function startFakeModel(): Promise<{ url: string; close: () => Promise<unknown> }> {
+  if (FAKE_MODEL === 'inline') return FakeModelServer.start();
+  const child = spawn(process.execPath, [...process.execArgv, join(root, 'bench/fake-model.ts')], { stdio: ['pipe', 'pipe', 'inherit'] });
+  const url = await new Promise<string>((resolve, reject) => {
+    let out = '';
+    child.stdout!.on('data', (data: Buffer) => {
+      out += data.toString();
+      if (out.includes('\n')) resolve(out.split('\n')[0]!);
+    });
+    child.once('exit', (code) => reject(new Error(`the fake model server stopped (exit code ${code})`)));
+  });
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  return { url, close: () => (child.stdin!.end(), exited) };
+}
+
 async function searchTarget(target: string, queries: string[]): Promise<void> {
   const { location, cleanup, seeded } = await seededDatabase(target);
   const common = { SECRET_KEY: BENCH_SECRET, FIRST_SUPERUSER: ADMIN.email, FIRST_SUPERUSER_PASSWORD: ADMIN.password, DATA_DIR: mkdtempSync(join(tmpdir(), 'keel-bench-kb-data-')) };
   const settings = { ...common, ...location };
   const database = await openDatabase(loadSettings({ ENVIRONMENT: 'local', ...settings }));
-  const fake = await FakeModelServer.start();
+  const fake = await startFakeModel();
   const apps: FastifyInstance[] = [];
   try {
     await migrateUp(database, pino({ level: 'silent' }));

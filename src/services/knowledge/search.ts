@@ -295,9 +295,8 @@ export async function refreshSearchStatistics(db: Db, chunksWritten: number): Pr
   frequencyCache.delete(root);
 }
 
-/** The query's embedding, or null when there is nothing to compare it with (or the model fails: full text answers alone). */
-async function queryEmbedding(deps: KnowledgeSearchDeps, model: string, principal: Principal, query: KnowledgeQuery, scope: Scope): Promise<number[] | null> {
-  if (!(await anyEmbedded(deps.db, model, scope.where))) return null;
+/** The query's embedding, or null when the model fails (full text answers alone). */
+async function queryEmbedding(deps: KnowledgeSearchDeps, model: string, principal: Principal, query: KnowledgeQuery): Promise<number[] | null> {
   try {
     const result = await deps.models.embed({
       model,
@@ -331,15 +330,17 @@ export async function searchKnowledge(deps: KnowledgeSearchDeps, principal: Prin
   const language = deps.settings.KB_SEARCH_LANGUAGE;
   const model = deps.settings.EMBEDDING_MODEL;
   if (!model || !(await hasVectorTable(deps.db))) return { data: withoutIds(await fullText(deps.db, language, query.query, scope, topK)), mode: 'full_text' };
+  if (!(await anyEmbedded(deps.db, model, scope.where))) return { data: withoutIds(await fullText(deps.db, language, query.query, scope, topK)), mode: 'full_text' };
   // The full-text candidates are looked up while the question is embedded (a provider's round
-  // trip), not after. When there is nothing to fuse, their first topK answer: chunks holding only
-  // some of the words rank below all those holding every word whatever the limit, and a larger
-  // limit only ranks more candidates.
+  // trip), not after: the request goes out first, and a turn of the event loop lets it reach the
+  // socket before the full-text statement starts (on PGlite, statements run on this thread and
+  // would hold it back until they end). When there is nothing to fuse, the candidates' first topK
+  // answer: chunks holding only some of the words rank below all those holding every word
+  // whatever the limit, and a larger limit only ranks more candidates.
   const limit = candidatesFor(topK);
-  const [textHits, nearest] = await Promise.all([
-    fullText(deps.db, language, query.query, scope, limit),
-    queryEmbedding(deps, model, principal, query, scope).then((vector) => vector && nearestChunks(deps.db, model, vector, scope.where, limit)),
-  ]);
+  const nearestHits = queryEmbedding(deps, model, principal, query).then((vector) => vector && nearestChunks(deps.db, model, vector, scope.where, limit));
+  const requestSent = new Promise(setImmediate);
+  const [textHits, nearest] = await Promise.all([requestSent.then(() => fullText(deps.db, language, query.query, scope, limit)), nearestHits]);
   if (!nearest) return { data: withoutIds(textHits.slice(0, topK)), mode: 'full_text' };
   const fused = new Map<string, number>();
   const add = (id: string, rank: number) => fused.set(id, (fused.get(id) ?? 0) + 1 / (RRF_K + rank + 1));
