@@ -626,14 +626,14 @@ async function startFakeModel(): Promise<{ url: string; close: () => Promise<unk
   const child = spawn(process.execPath, [...process.execArgv, join(root, 'bench/fake-model.ts')], { stdio: ['pipe', 'pipe', 'inherit'] });
   const url = await new Promise<string>((resolve, reject) => {
     let out = '';
-    child.stdout!.on('data', (data: Buffer) => {
+    child.stdout.on('data', (data: Buffer) => {
       out += data.toString();
       if (out.includes('\n')) resolve(out.split('\n')[0]!);
     });
     child.once('exit', (code) => reject(new Error(`the fake model server stopped (exit code ${code})`)));
   });
   const exited = new Promise((resolve) => child.once('exit', resolve));
-  return { url, close: () => (child.stdin!.end(), exited) };
+  return { url, close: () => (child.stdin.end(), exited) };
 }
 
 async function searchTarget(target: string, queries: string[]): Promise<void> {
