@@ -329,8 +329,9 @@ export async function searchKnowledge(deps: KnowledgeSearchDeps, principal: Prin
   const scope = scopeOf(principal, query);
   const language = deps.settings.KB_SEARCH_LANGUAGE;
   const model = deps.settings.EMBEDDING_MODEL;
-  if (!model || !(await hasVectorTable(deps.db))) return { data: withoutIds(await fullText(deps.db, language, query.query, scope, topK)), mode: 'full_text' };
-  if (!(await anyEmbedded(deps.db, model, scope.where))) return { data: withoutIds(await fullText(deps.db, language, query.query, scope, topK)), mode: 'full_text' };
+  // Full text alone when there is nothing to compare the question's embedding with.
+  const embedded = model && (await hasVectorTable(deps.db)) && (await anyEmbedded(deps.db, model, scope.where));
+  if (!model || !embedded) return { data: withoutIds(await fullText(deps.db, language, query.query, scope, topK)), mode: 'full_text' };
   // The full-text candidates are looked up while the question is embedded (a provider's round
   // trip), not after: the request goes out first, and a turn of the event loop lets it reach the
   // socket before the full-text statement starts (on PGlite, statements run on this thread and
