@@ -1,5 +1,5 @@
 import { createRequire } from 'node:module';
-import { MessageChannel, receiveMessageOnPort, Worker } from 'node:worker_threads';
+import { Worker } from 'node:worker_threads';
 
 import type { PgliteLink } from './pglite-client.js';
 
@@ -10,19 +10,10 @@ export interface PgliteThreadOptions {
 }
 
 /**
- * How long the main thread blocks for the answer to an exchange made while the session is held
- * before it waits for it asynchronously instead (a long statement in a transaction: a reindex, a
- * migration). A transaction's usual statement answers in well under a millisecond.
- */
-const HELD_BLOCK_MS = 20;
-
-/**
  * The thread's code. It is a script rather than a module file so that it runs the same from dist/
  * and from src/ (tsx, the tests), which a worker's file could not. It opens PGlite with pgvector
  * (a new directory twice: see openPglite in db.ts), then answers each batch of protocol messages
- * with their raw replies, in order; the replies' buffers are transferred, not copied. A held
- * exchange (`held`) is answered in the same order, on its own port, and its answer is signalled
- * on the shared flag the main thread may be blocked on.
+ * with their raw replies, in order; the replies' buffers are transferred, not copied.
  */
 const THREAD = `
 const { parentPort, workerData } = require('node:worker_threads');
@@ -59,22 +50,7 @@ async function exchange(message) {
 }
 // Batches are answered one after the other, in the order they came.
 let turn = Promise.resolve();
-const { heldPort, heldFlag } = workerData;
-const flag = new Int32Array(heldFlag);
 parentPort.on('message', (m) => {
-  if (m.held) {
-    turn = turn.then(async () => {
-      try {
-        const reply = await exchange(new Uint8Array(m.held));
-        heldPort.postMessage(reply, [reply.buffer]);
-      } catch (e) {
-        heldPort.postMessage(failure(e));
-      }
-      Atomics.store(flag, 0, 1);
-      Atomics.notify(flag, 0);
-    });
-    return;
-  }
   if (m.close) {
     turn = turn.then(() => pg.close()).then(() => parentPort.postMessage({ closed: true }), (e) => parentPort.postMessage({ closed: false, error: failure(e) }));
     return;
@@ -116,33 +92,18 @@ function asError(failure: Failure): Error {
  */
 export async function openPgliteThread(options: PgliteThreadOptions): Promise<PgliteLink> {
   const require = createRequire(import.meta.url);
-  // Held exchanges: their answers come on a port of their own, read at once (receiveMessageOnPort),
-  // and the flag says when one is there (0: waiting, 1: answered, 2: the thread stopped).
-  const held = new MessageChannel();
-  const heldFlag = new Int32Array(new SharedArrayBuffer(4));
   const worker = new Worker(THREAD, {
     eval: true,
-    workerData: {
-      ...options,
-      pglite: require.resolve('@electric-sql/pglite'),
-      vector: require.resolve('@electric-sql/pglite-pgvector'),
-      heldPort: held.port2,
-      heldFlag: heldFlag.buffer,
-    },
-    transferList: [held.port2],
+    workerData: { ...options, pglite: require.resolve('@electric-sql/pglite'), vector: require.resolve('@electric-sql/pglite-pgvector') },
   });
   const waiting: { resolve: (reply: Uint8Array) => void; reject: (error: unknown) => void }[] = [];
   let outgoing: Uint8Array[] = [];
   let stopped: Error | null = null;
-  let heldUnanswered = false;
   let closing: ((failure?: Failure) => void) | null = null;
   let opening: ((failure?: Failure) => void) | null = null;
 
-  const stoppedError = () => stopped ?? new Error("the embedded database's thread stopped");
   const stop = (error: Error) => {
     stopped ??= error;
-    Atomics.store(heldFlag, 0, 2);
-    Atomics.notify(heldFlag, 0);
     for (const w of waiting.splice(0)) w.reject(stopped);
     opening?.({ message: error.message });
     closing?.();
@@ -184,44 +145,15 @@ export async function openPgliteThread(options: PgliteThreadOptions): Promise<Pg
   }
   worker.unref();
 
-  const send = (message: Uint8Array) =>
-    new Promise<Uint8Array>((resolve, reject) => {
-      if (stopped) return reject(stopped);
-      if (waiting.length === 0) worker.ref();
-      waiting.push({ resolve, reject });
-      outgoing.push(message);
-      if (outgoing.length === 1) queueMicrotask(flush);
-    });
-
   return {
-    send,
-    // Waits for the answer on this thread when nothing sent before is still unanswered (else it
-    // would wait for those too): the session is held, so the thread's next work is this answer's
-    // caller's next statement, which is sent without waiting for this event loop's next turn.
-    sendHeld: async (message) => {
-      if (stopped) throw stopped;
-      // (Or another held exchange is still unanswered: one that took long, waited for asynchronously.)
-      if (waiting.length > 0 || outgoing.length > 0 || heldUnanswered) return send(message);
-      heldUnanswered = true;
-      Atomics.store(heldFlag, 0, 0);
-      // A copy of its own to transfer (a Buffer's may be a view of Node's shared pool).
-      const copy = new Uint8Array(message);
-      worker.postMessage({ held: copy.buffer }, [copy.buffer]);
-      if (Atomics.wait(heldFlag, 0, 0, HELD_BLOCK_MS) === 'timed-out') {
-        worker.ref();
-        try {
-          await Atomics.waitAsync(heldFlag, 0, 0).value;
-        } finally {
-          if (waiting.length === 0) worker.unref();
-        }
-      }
-      heldUnanswered = false;
-      // No answer: the thread stopped (the flag was set by stop).
-      const reply = receiveMessageOnPort(held.port1)?.message as Uint8Array | Failure | undefined;
-      if (reply === undefined) throw stoppedError();
-      if (reply instanceof Uint8Array) return reply;
-      throw asError(reply);
-    },
+    send: (message) =>
+      new Promise((resolve, reject) => {
+        if (stopped) return reject(stopped);
+        if (waiting.length === 0) worker.ref();
+        waiting.push({ resolve, reject });
+        outgoing.push(message);
+        if (outgoing.length === 1) queueMicrotask(flush);
+      }),
     close: async () => {
       if (stopped) return;
       worker.ref();
