@@ -315,7 +315,7 @@ const settleCtes = (batch: readonly Settlement[]) =>
         )`;
 
 const LEDGER_ENTRIES = sql`insert into credit_transactions (id, owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id)
-        select coalesce(entry_id, gen_random_uuid()), user_id, 'usage', -cost, balance_after, description, usage_record_id, api_key_id, project_id
+        select entry_id, user_id, 'usage', -cost, balance_after, description, usage_record_id, api_key_id, project_id
         from e where cost > 0 order by ord`;
 
 /** Releases every reservation past its expiry (its process died mid-call); returns how many. */

@@ -3,7 +3,7 @@
  * delete. One active run per thread is the database's rule (ux_runs_thread_id_active); the thread's
  * row lock orders starts, ends and hand-overs, and every status change is conditional.
  */
-import { commitWithNextStatement, transaction } from '../core/db.js';
+import { commitWithNextStatement, type Db, transaction } from '../core/db.js';
 import { ConflictError, GoneError, PaymentRequiredError, TooManyRequestsError, UnprocessableError } from '../core/errors.js';
 
 import { type Agent, type Run, runs, type Thread } from '../models/index.js';
@@ -114,6 +114,16 @@ interface StartOptions {
 /** The run that holds the thread, ended by an `interrupt` (its worker is told after the commit). */
 type Interrupted = Run | undefined;
 
+/**
+ * Where the log is in this database (embedded): run.queued, stored with the run by its start's
+ * transaction as the last statement (COMMIT goes with it). Where it is elsewhere, nothing here.
+ */
+async function storeQueued(deps: RunDeps, tx: Db, run: Run): Promise<void> {
+  if (!deps.bus.events.appendFirst) return;
+  commitWithNextStatement(tx);
+  await deps.bus.events.appendFirst(tx, run.id, [runEvent(run)]);
+}
+
 /** Queues a run on the thread (`owner_id`: the thread's owner, whose run it is). */
 async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_id: ownerId }: Pick<Thread, 'id' | 'owner_id'>, { agent, model }: RunPlan, options: StartOptions): Promise<Run> {
   const { principal, settings } = ctx;
@@ -144,9 +154,7 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
       const { run: inserted, owned } = await runCrud.insertRunWithInputIfFree(tx, { ...values, input: options.input }, limit);
       checkLimit(owned);
       if (!inserted) throw busy(owned.onThread);
-      // run.queued's insert is the transaction's last statement (embedded: COMMIT goes with it).
-      commitWithNextStatement(tx);
-      await deps.bus.events.appendFirst?.(tx, inserted.id, [runEvent(inserted)]);
+      await storeQueued(deps, tx, inserted);
       return { run: inserted, interrupted: undefined };
     }
     const owned = await runCrud.ownerActive(tx, ownerId, thread.id, limit);
@@ -165,10 +173,7 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     const inserted = appendInput
       ? await runCrud.insertRunWithInput(tx, { ...values, waiting, input: options.input! })
       : await runCrud.insertRun(tx, { ...values, waiting, input: options.input ?? null, input_message_id: options.inputMessageId ?? null });
-    // Where the log is in this database (embedded), run.queued is stored with the run, by the
-    // transaction's last statement (COMMIT goes with it).
-    commitWithNextStatement(tx);
-    await deps.bus.events.appendFirst?.(tx, inserted.id, [runEvent(inserted)]);
+    await storeQueued(deps, tx, inserted);
     return { run: inserted, interrupted };
   });
   if (interrupted) await stopEnded(deps, interrupted);

@@ -101,19 +101,13 @@ export async function endInTransaction(tx: Db, run: Pick<Run, 'id' | 'thread_id'
 }
 
 /**
- * Inside a step's transaction that holds the thread's lock and the run (`locked`, as lockHeld read
- * it): its worker's end of the run with its answer, the answer appended to the thread as an
- * assistant message and the run ended and its thread handed on, in one statement. Undefined when
+ * Inside a step's transaction that holds the thread's lock and the run, a run that holds its thread
+ * (not waiting): its worker's end of the run with its answer, the answer appended to the thread as
+ * an assistant message and the run ended and its thread handed on, in one statement. Undefined when
  * the run is no longer the worker's (the caller rolls back, which takes the answer too).
  */
-export async function endWithAnswer(tx: Db, run: Pick<Run, 'id' | 'thread_id'>, answer: runCrud.RunAnswer, outcome: RunOutcome & Pick<Run, 'steps' | 'usage' | 'cost'>, workerId: string, locked: Pick<Run, 'waiting'>): Promise<(EndedRun & { message: Message }) | undefined> {
+export async function endWithAnswer(tx: Db, run: Pick<Run, 'id' | 'thread_id'>, answer: runCrud.RunAnswer, outcome: RunOutcome & Pick<Run, 'steps' | 'usage' | 'cost'>, workerId: string): Promise<(EndedRun & { message: Message }) | undefined> {
   const { releaseLease = false, ...values } = outcome;
-  if (locked.waiting) {
-    // Not a run that holds its thread (a running run never waits): the general end.
-    const message = await appendMessage(tx, { ...answer, thread_id: run.thread_id, role: 'assistant', run_id: run.id });
-    const ended = await endInTransaction(tx, run, outcome, { leaseOwner: workerId }, locked);
-    return ended && { ...ended, message };
-  }
   const done = await runCrud.endWithAnswerAndHandOn(tx, run, answer, values, workerId, releaseLease);
   return done && { message: done.message, run: done.run, promoted: done.next ? await promote(tx, run.thread_id, done.next) : undefined };
 }

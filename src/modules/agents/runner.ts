@@ -357,9 +357,10 @@ export class AgentRunner {
           const end = { status: 'completed', steps, usage, cost, releaseLease: store !== undefined } as const;
           let stepMessages: Message[];
           let ended: EndedRun | undefined;
-          if (!toolCalls.length && !results.length) {
-            // The answer alone: written with the run's end and the thread's hand-over in one statement (the lock above is the fence).
-            const done = await endWithAnswer(tx, run, { id: messageId, content: result.text, metadata }, end, this.workerId, held);
+          if (!toolCalls.length && !results.length && !held.waiting) {
+            // The answer alone of a run that holds its thread (a running run never waits): written with
+            // the run's end and the thread's hand-over in one statement (the lock above is the fence).
+            const done = await endWithAnswer(tx, run, { id: messageId, content: result.text, metadata }, end, this.workerId);
             stepMessages = done ? [done.message] : [];
             ended = done;
           } else {
