@@ -62,7 +62,7 @@ for (const kind of TARGETS) {
       env = { ...env, DATABASE_URL: createDatabase(`keel_gwtail_${process.pid}_${name.replace('-', '_')}`) };
       execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { env: { ...process.env, ...keelEnv(port, env) }, stdio: 'ignore', cwd: checkout });
     }
-    const child = start(OUT, `keel-${name}`, ['bin/keel.js', kind === 'embedded' ? 'start' : 'api'], keelEnv(port, env), { cwd: checkout, nodeArgs: ['--import', PRELOAD, ...keelNodeArgs()] });
+    const child = start(OUT, `keel-${name}`, ['bin/keel.js', kind === 'embedded' ? 'start' : 'api'], keelEnv(port, env), { cwd: checkout, nodeArgs: ['--import', PRELOAD, ...keelNodeArgs(checkout)] });
     await waitUp(port);
     const admin = await addUpstreamModel(port, UPSTREAM, MODEL);
     const { key } = await admin.call('POST', '/api-keys', { name: 'bench' });
@@ -145,5 +145,22 @@ for (const target of targets.filter((t) => t.tailFile)) {
   console.log('| overlapping in the server | slow requests | mean extra ms |');
   console.log('| --- | --- | --- |');
   for (const [cause, { n, extra }] of [...causes].sort((a, b) => b[1].n - a[1].n).slice(0, 12)) console.log(`| ${cause} | ${n} | ${(extra / n).toFixed(2)} |`);
+  // Where a request's time went, from the client's and the server's clocks (one machine, one clock):
+  // before the server saw it (the client, the kernel, or Keel's event loop busy with something
+  // else), in the server (request event → response finished), and after (the kernel, the client).
+  const spans = events.filter((e) => e[0] === 'req').map(([, s, e]) => ({ s: +s, e: +e })).sort((a, b) => a.s - b.s);
+  const split = (sample) => {
+    const span = spans.find((x) => x.s >= sample.start && x.e <= sample.end);
+    if (!span) return undefined;
+    const up = ups.find((x) => x.s >= span.s && x.e <= span.e);
+    const upstreamMs = up ? up.e - up.s : 0;
+    return [span.s - sample.start, span.e - span.s - upstreamMs, upstreamMs, up ? up.busy : 0, sample.end - span.e].map((us) => us / 1000);
+  };
+  const ups = events.filter((e) => e[0] === 'up').map(([, s, e, , busy]) => ({ s: +s, e: +e, busy: +busy })).sort((a, b) => a.s - b.s);
+  const medians = (samples) => {
+    const parts = samples.map(split).filter(Boolean);
+    return [0, 1, 2, 3, 4].map((i) => percentile(parts.map((p) => p[i]).sort((a, b) => a - b), 50)?.toFixed(2) ?? '–').join(' / ');
+  };
+  console.log(`\nbefore the server / in the server without the upstream / the upstream call / this thread busy during it / after, medians ms: all ${medians(target.samples)}; slow ${medians(slow)}`);
 }
 process.exit(0);

@@ -7,6 +7,8 @@
 //   embedded Keel `start` (PGlite), API-key auth, a provider record + model added through the API
 //   postgres Keel `api` on PostgreSQL (PG_ADMIN_URL; a database of its own, dropped at the end)
 //   portkey  @portkey-ai/gateway (x-portkey-provider: openai, x-portkey-custom-host: the upstream)
+//   bare-proxy  bench/bare-proxy.mjs: bare Fastify passing the call to the upstream with undici (as
+//            Keel does), nothing else — the floor of a two-hop gateway on this machine
 // in two modes — non-stream (latency = whole answer) and stream with include_usage (latency = time
 // to the first body chunk) — at 1 client (N1 sequential requests: p50/p99; added = target − direct,
 // same round) and at each CLIENTS count (closed loop for DURATION s: req/s, p50, p99). Server CPU
@@ -32,12 +34,13 @@ const INTERLEAVED = process.env.INTERLEAVED !== '0';
 // A/B in one run: BASE_CHECKOUT=<another checkout, built> adds `embedded-base` / `postgres-base`, the
 // same setups from that checkout, measured in the same rounds (e.g. the base commit via git archive).
 const BASE_CHECKOUT = process.env.BASE_CHECKOUT ?? '';
-// Extra node flags for the Keel servers, e.g. KEEL_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" (NODE_OPTIONS refuses --cpu-prof).
-const KEEL_NODE_ARGS = keelNodeArgs();
-// OUT_DIR and PORT_BASE (ports PORT_BASE..+5) let another benchmark run beside this one.
+// KEEL_ENV="NAME=value ..." adds settings to every Keel server (e.g. BILLING_ENABLED=false).
+// Keel's servers get the node flags of their checkout's `npm start`, then KEEL_NODE_ARGS, e.g.
+// KEEL_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" (NODE_OPTIONS refuses --cpu-prof).
+// OUT_DIR and PORT_BASE (ports PORT_BASE..+6) let another benchmark run beside this one.
 const OUT = process.env.OUT_DIR ?? 'bench/out/gateway';
 const PORT_BASE = Number(process.env.PORT_BASE ?? 8201);
-const PORTS = { upstream: PORT_BASE, embedded: PORT_BASE + 1, postgres: PORT_BASE + 2, portkey: PORT_BASE + 3, 'embedded-base': PORT_BASE + 4, 'postgres-base': PORT_BASE + 5 };
+const PORTS = { upstream: PORT_BASE, embedded: PORT_BASE + 1, postgres: PORT_BASE + 2, portkey: PORT_BASE + 3, 'embedded-base': PORT_BASE + 4, 'postgres-base': PORT_BASE + 5, 'bare-proxy': PORT_BASE + 6 };
 const UPSTREAM = `http://127.0.0.1:${PORTS.upstream}/v1`;
 const MODEL = 'bench-model';
 
@@ -200,7 +203,7 @@ async function startKeel(name, kind, checkout) {
     env = keelEnv(port, { DATA_DIR: dataDir, DATABASE_URL: createDatabase(`keel_gateway_bench_${process.pid}_${name.replace('-', '_')}`) });
     execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { env: { ...process.env, ...env }, stdio: 'ignore', cwd: checkout });
   }
-  const child = start(OUT, `keel-${name}`, ['bin/keel.js', kind === 'embedded' ? 'start' : 'api'], env, { cwd: checkout, nodeArgs: KEEL_NODE_ARGS });
+  const child = start(OUT, `keel-${name}`, ['bin/keel.js', kind === 'embedded' ? 'start' : 'api'], env, { cwd: checkout, nodeArgs: keelNodeArgs(checkout) });
   await waitUp(port);
   const key = await configureKeel(port);
   targets.push({ name, port, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });
@@ -223,6 +226,12 @@ if (TARGETS.includes('portkey')) {
     // header to the upstream fetch Response), so it is measured without streaming.
     modes: ['nonstream'],
   });
+}
+
+if (TARGETS.includes('bare-proxy')) {
+  const child = start(OUT, 'bare-proxy', ['bench/bare-proxy.mjs'], { PORT: String(PORTS['bare-proxy']), UPSTREAM });
+  await waitUp(PORTS['bare-proxy']);
+  targets.push({ name: 'bare-proxy', port: PORTS['bare-proxy'], path: '/v1/chat/completions', headers: {}, pid: child.pid });
 }
 
 const rows = [];

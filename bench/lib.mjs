@@ -5,6 +5,7 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { openSync, readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
 
 export const PG_ADMIN_URL = process.env.PG_ADMIN_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
 export const SUPERUSER = { email: 'admin@bench.test', password: 'bench-superuser-password' };
@@ -45,8 +46,17 @@ export async function stop(which = children) {
   })));
 }
 
-/** Node flags for Keel's processes from KEEL_NODE_ARGS (space-separated), e.g. to profile them. */
-export const keelNodeArgs = () => (process.env.KEEL_NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
+/**
+ * Node flags for Keel's processes from `checkout` (default: this one): the ones its package.json's
+ * `keel` script gives (`npm start` and `npm run keel` pass the same, e.g. `--max-semi-space-size`),
+ * so what is measured runs as the README has operators run it; then KEEL_NODE_ARGS (space-separated),
+ * e.g. to profile them.
+ */
+export function keelNodeArgs(checkout = '.') {
+  const { scripts } = JSON.parse(readFileSync(resolve(checkout, 'package.json'), 'utf8'));
+  const npmFlags = (/\bnode ((?:--\S+ )*)bin\/keel\.js/.exec(scripts.keel ?? '')?.[1] ?? '').split(' ').filter(Boolean);
+  return [...npmFlags, ...(process.env.KEEL_NODE_ARGS ?? '').split(/\s+/).filter(Boolean)];
+}
 
 /** Waits until the log file `file` (of a process started with `start`) contains `text`. */
 export async function waitForLog(file, text, timeoutMs = 60_000) {
@@ -80,7 +90,11 @@ export async function waitUp(port, path = '/health') {
 
 // ==================== Keel ====================
 
-/** Keel's environment as a user runs it (JSON logs at info, billing on), on `port`. */
+/** KEEL_ENV="NAME=value ..." (space-separated): settings every bench gives Keel over its own (keelEnv). */
+export const keelEnvOverrides = () =>
+  Object.fromEntries((process.env.KEEL_ENV ?? '').split(/\s+/).filter(Boolean).map((pair) => [pair.slice(0, pair.indexOf('=')), pair.slice(pair.indexOf('=') + 1)]));
+
+/** Keel's environment as a user runs it (JSON logs at info, billing on), on `port`; then `extra` and KEEL_ENV. */
 export const keelEnv = (port, extra) => ({
   ENVIRONMENT: 'local',
   SECRET_KEY: randomBytes(32).toString('hex'),
@@ -94,6 +108,7 @@ export const keelEnv = (port, extra) => ({
   // Metered and paid for: credit holds and settlements on every model call.
   BILLING_ENABLED: 'true',
   ...extra,
+  ...keelEnvOverrides(),
 });
 
 /** fetch that throws with the answer on a non-2xx and parses JSON. */

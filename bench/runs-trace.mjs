@@ -32,7 +32,7 @@ mkdirSync(OUT, { recursive: true });
 
 // KEEL_NODE_ARGS (e.g. "--cpu-prof --cpu-prof-dir=bench/out/prof") go to Keel's processes too.
 // TRACE=0 leaves the tracer out (a profile without its cost; no statement counts then).
-const preload = [...(process.env.TRACE === '0' ? [] : ['--import', resolve('bench/trace-preload.mjs')]), ...keelNodeArgs()];
+const preload = [...(process.env.TRACE === '0' ? [] : ['--import', resolve('bench/trace-preload.mjs')]), ...keelNodeArgs(CHECKOUT)];
 const traced = (role) => ({ TRACE_FILE: TRACE, TRACE_ROLE: role });
 const fd = openSync(TRACE, 'a');
 const t = () => Math.round((performance.timeOrigin + performance.now()) * 1000);
@@ -41,10 +41,9 @@ const mark = (what) => writeSync(fd, `${t()}\tclient\t${what}\n`);
 start(OUT, 'upstream', ['bench/fake-upstream.mjs'], { PORT: String(PORT_BASE), ...traced('upstream') }, { nodeArgs: preload });
 await waitUp(PORT_BASE);
 const port = PORT_BASE + 1;
-const extraEnv = process.env.KEEL_ENV ? Object.fromEntries(process.env.KEEL_ENV.split(/\s+/).filter(Boolean).map((pair) => pair.split('='))) : {};
 const env = WORKERS
-  ? keelEnv(port, { DATABASE_URL: createDatabase(`${DB_PREFIX}${process.pid}`), REDIS_URL, REDIS_KEY_PREFIX: `${DB_PREFIX.replaceAll('_', '-')}${process.pid}:`, RATE_LIMIT_LOGIN_PER_IP: '100000', ...extraEnv })
-  : keelEnv(port, { DATA_DIR: `${OUT}/data`, DATABASE_URL: '', REDIS_URL: '', RATE_LIMIT_LOGIN_PER_IP: '100000', ...extraEnv });
+  ? keelEnv(port, { DATABASE_URL: createDatabase(`${DB_PREFIX}${process.pid}`), REDIS_URL, REDIS_KEY_PREFIX: `${DB_PREFIX.replaceAll('_', '-')}${process.pid}:`, RATE_LIMIT_LOGIN_PER_IP: '100000' })
+  : keelEnv(port, { DATA_DIR: `${OUT}/data`, DATABASE_URL: '', REDIS_URL: '', RATE_LIMIT_LOGIN_PER_IP: '100000' });
 if (WORKERS) execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { cwd: CHECKOUT, env: { ...process.env, ...env }, stdio: 'ignore' });
 // WORKERS=0: embedded, one `keel start` (PGlite) does everything.
 const processes = { api: start(OUT, 'api', ['bin/keel.js', WORKERS ? 'api' : 'start'], { ...env, ...traced('api') }, { cwd: CHECKOUT, nodeArgs: preload }) };

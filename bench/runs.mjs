@@ -27,7 +27,7 @@
 // cN starts after WARMUP s (3) of the same load, so that every process (each worker) has compiled
 // its hot code: a cold worker costs about twice the CPU per run. MODEL_LATENCY_MS (default 0) makes the fake model wait before its first chunk (label
 // a figure with it); KEEL_ENV="NAME=value ..." adds settings (e.g. JOB_CONCURRENCY=16) to every
-// Keel process. KEEL_NODE_ARGS goes to Keel's node processes
+// Keel process. Keel's node processes get their checkout's `npm start` flags, then KEEL_NODE_ARGS
 // (e.g. "--cpu-prof --cpu-prof-dir=bench/out/runs/prof"). Raw lines: bench/out/runs/raw.tsv.
 import { execFileSync } from 'node:child_process';
 import { appendFileSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
@@ -35,7 +35,7 @@ import http from 'node:http';
 import { cpus, loadavg, totalmem } from 'node:os';
 import { resolve } from 'node:path';
 
-import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, loopCounters, mainThreadCpuMs, median, now, percentile, PG_ADMIN_URL, signIn, sleep, start, stop, waitForLog, waitUp } from './lib.mjs';
+import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelEnvOverrides, keelNodeArgs, loopCounters, mainThreadCpuMs, median, now, percentile, PG_ADMIN_URL, signIn, sleep, start, stop, waitForLog, waitUp } from './lib.mjs';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const N1 = Number(process.env.N1 ?? 300);
@@ -58,7 +58,7 @@ const UPSTREAM = `http://127.0.0.1:${UPSTREAM_PORT}/v1`;
 const PASSWORD = 'bench-user-password';
 const INPUT = 'Say hello.';
 const MODEL_LATENCY_MS = Number(process.env.MODEL_LATENCY_MS ?? 0);
-const KEEL_ENV = Object.fromEntries((process.env.KEEL_ENV ?? '').split(/\s+/).filter(Boolean).map((pair) => [pair.slice(0, pair.indexOf('=')), pair.slice(pair.indexOf('=') + 1)]));
+const KEEL_ENV = keelEnvOverrides();
 
 rmSync(OUT, { recursive: true, force: true });
 mkdirSync(OUT, { recursive: true });
@@ -181,9 +181,9 @@ function scaledTarget(name) {
 
 async function startKeel(checkout, name) {
   const port = nextPort++;
-  const options = { cwd: checkout.dir, nodeArgs: keelNodeArgs() };
+  const options = { cwd: checkout.dir, nodeArgs: keelNodeArgs(checkout.dir) };
   // Logins of many bench users from one address; the per-user active-run limit leaves room for them.
-  const env = keelEnv(port, { DATA_DIR: `${resolve(OUT)}/data-${name}-${checkout.label}`, DATABASE_URL: '', RATE_LIMIT_LOGIN_PER_IP: '100000', ...KEEL_ENV });
+  const env = keelEnv(port, { DATA_DIR: `${resolve(OUT)}/data-${name}-${checkout.label}`, DATABASE_URL: '', RATE_LIMIT_LOGIN_PER_IP: '100000' });
   const tag = `${name}-${checkout.label}`;
   if (name === 'embedded') {
     const child = start(OUT, `keel-${tag}`, ['bin/keel.js', 'start'], env, options);

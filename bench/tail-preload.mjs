@@ -4,6 +4,7 @@
 // server (request event → response finished), every garbage collection (kind, duration), every
 // database statement (pg or PGlite: start, end) and the event loop's delay histogram — written to
 // TAIL_FILE as tab-separated lines at exit. Bench only.
+import diagnostics from 'node:diagnostics_channel';
 import { writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { createRequire } from 'node:module';
@@ -29,6 +30,19 @@ await hookStatements(require, (kind, text) => {
   const started = wall();
   const what = short(text);
   return () => lines.push(`db\t${started}\t${wall()}\t${kind} ${what}`);
+});
+
+// Each upstream request (undici, fetch's too): created, its response's headers, its end.
+const upstream = new WeakMap();
+diagnostics.subscribe('undici:request:create', ({ request }) => upstream.set(request, { s: wall(), elu: performance.eventLoopUtilization() }));
+diagnostics.subscribe('undici:request:headers', ({ request }) => {
+  const entry = upstream.get(request);
+  if (entry) entry.h = wall();
+});
+diagnostics.subscribe('undici:request:trailers', ({ request }) => {
+  const entry = upstream.get(request);
+  // How long this thread ran JavaScript (or native work on it) while the call was out: the event loop's active time.
+  if (entry) lines.push(`up\t${entry.s}\t${wall()}\t${entry.h ?? ''}\t${Math.round(performance.eventLoopUtilization(entry.elu).active * 1000)}`);
 });
 
 const serverEmit = http.Server.prototype.emit;
