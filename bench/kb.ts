@@ -46,6 +46,7 @@ import { ensureFirstSuperuser } from '../src/services/user-service.js';
 import { FakeModelServer, LEXICAL_EMBEDDING_MODEL, lexicalEmbedding } from '../test/helpers/fake-model-server.js';
 import { KB_EVAL_DIR, loadQuestions } from '../test/helpers/kb-eval-corpus.js';
 import { adminQuery, databaseUrl } from '../test/helpers/postgres.js';
+import { keelScript } from './lib.mjs';
 
 const root = resolve(import.meta.dirname, '..');
 const env = (name: string, fallback: string) => process.env[name] ?? fallback;
@@ -167,22 +168,15 @@ function keelProcessEnv(dataDir: string, port: number, extra: Record<string, str
   };
 }
 
-/**
- * The node flags `npm start` and `npm run keel` give Keel in `checkout` (its package.json), so the
- * processes measured here run as the README has operators run them.
- */
-function keelNodeFlags(checkout: string): string[] {
-  const scripts = (JSON.parse(readFileSync(join(checkout, 'package.json'), 'utf8')) as { scripts: Record<string, string> }).scripts;
-  return (/\bnode ((?:--\S+ )*)bin\/keel\.js/.exec(scripts.keel ?? '')?.[1] ?? '').split(' ').filter(Boolean);
-}
-
 async function startKeel(port: number, extra: Record<string, string> = {}, checkout = root, command = 'start'): Promise<Server> {
   const dataDir = extra.DATA_DIR ?? mkdtempSync(join(tmpdir(), 'keel-bench-kb-data-'));
-  const child = spawn(process.execPath, [...keelNodeFlags(checkout), join(checkout, 'bin/keel.js'), command], {
+  // As `npm start` / `npm run keel` start it in `checkout`: its node flags and environment.
+  const script = keelScript(checkout);
+  const child = spawn(process.execPath, [...script.flags, join(checkout, 'bin/keel.js'), command], {
     cwd: checkout,
     detached: true, // its own process group: RSS is summed over it
     stdio: ['ignore', 'ignore', 'inherit'],
-    env: keelProcessEnv(dataDir, port, extra),
+    env: { ...script.env, ...keelProcessEnv(dataDir, port, extra) },
   });
   const base = `http://127.0.0.1:${port}`;
   for (let i = 0; ; i++) {
@@ -432,11 +426,12 @@ async function ingestWithWorker(dir: string, path: string, shared: Record<string
   const migrated = spawnSync(process.execPath, [join(checkout, 'bin/keel.js'), 'migrate'], { cwd: checkout, env: keelProcessEnv(dir, PORT_BASE + 3, shared), stdio: 'inherit' });
   if (migrated.status !== 0) throw new Error('keel migrate failed');
   const apiServer = await startKeel(PORT_BASE + 3, shared, checkout, 'api');
-  const worker = spawn(process.execPath, [...keelNodeFlags(checkout), join(checkout, 'bin/keel.js'), 'worker'], {
+  const script = keelScript(checkout);
+  const worker = spawn(process.execPath, [...script.flags, join(checkout, 'bin/keel.js'), 'worker'], {
     cwd: checkout,
     detached: true,
     stdio: ['ignore', 'ignore', 'inherit'],
-    env: keelProcessEnv(apiServer.dataDir, PORT_BASE + 4, shared),
+    env: { ...script.env, ...keelProcessEnv(apiServer.dataDir, PORT_BASE + 4, shared) },
   });
   try {
     await new Promise((r) => setTimeout(r, 5000)); // the worker connects and loads the catalog

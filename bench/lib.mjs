@@ -29,10 +29,12 @@ for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, () => process.exi
 /**
  * Starts `node <args>` with `env` over this process's environment, output to `<logDir>/<name>.log`;
  * `nodeArgs` (e.g. KEEL_NODE_ARGS="--cpu-prof --cpu-prof-dir=bench/out/prof") go before the script.
+ * Keel (`bin/keel.js`) also gets the environment its checkout's npm scripts set (keelScript).
  */
 export function start(logDir, name, args, env, { cwd, nodeArgs = [] } = {}) {
   const log = openSync(`${logDir}/${name}.log`, 'w');
-  const child = spawn(process.execPath, [...nodeArgs, ...args], { cwd, env: { ...process.env, ...env }, stdio: ['ignore', log, log] });
+  const scriptEnv = /(^|\/)bin\/keel\.js$/.test(args[0] ?? '') ? keelScript(cwd).env : {};
+  const child = spawn(process.execPath, [...nodeArgs, ...args], { cwd, env: { ...process.env, ...scriptEnv, ...env }, stdio: ['ignore', log, log] });
   children.push(child);
   return child;
 }
@@ -47,15 +49,22 @@ export async function stop(which = children) {
 }
 
 /**
- * Node flags for Keel's processes from `checkout` (default: this one): the ones its package.json's
- * `keel` script gives (`npm start` and `npm run keel` pass the same, e.g. `--max-semi-space-size`),
- * so what is measured runs as the README has operators run it; then KEEL_NODE_ARGS (space-separated),
- * e.g. to profile them.
+ * How `npm start` and `npm run keel` start Keel in `checkout` (default: this one), from its
+ * package.json's `keel` script (`[NAME=value ...] exec node [--flag ...] bin/keel.js`): the
+ * environment it sets and the node flags it passes, so that what a bench measures runs as the
+ * README has operators run it.
  */
-export function keelNodeArgs(checkout = '.') {
+export function keelScript(checkout = '.') {
   const { scripts } = JSON.parse(readFileSync(resolve(checkout, 'package.json'), 'utf8'));
-  const npmFlags = (/\bnode ((?:--\S+ )*)bin\/keel\.js/.exec(scripts.keel ?? '')?.[1] ?? '').split(' ').filter(Boolean);
-  return [...npmFlags, ...(process.env.KEEL_NODE_ARGS ?? '').split(/\s+/).filter(Boolean)];
+  const match = /^((?:\w+=\S+ )*)exec node ((?:--\S+ )*)bin\/keel\.js$/.exec(scripts.keel ?? '');
+  if (!match) throw new Error(`package.json's keel script is not "[NAME=value ...] exec node [--flag ...] bin/keel.js": ${scripts.keel}`);
+  const env = Object.fromEntries(match[1].split(' ').filter(Boolean).map((pair) => [pair.slice(0, pair.indexOf('=')), pair.slice(pair.indexOf('=') + 1)]));
+  return { env, flags: match[2].split(' ').filter(Boolean) };
+}
+
+/** Node flags for Keel's processes: `checkout`'s npm flags (keelScript), then KEEL_NODE_ARGS (space-separated), e.g. to profile them. */
+export function keelNodeArgs(checkout = '.') {
+  return [...keelScript(checkout).flags, ...(process.env.KEEL_NODE_ARGS ?? '').split(/\s+/).filter(Boolean)];
 }
 
 /** Waits until the log file `file` (of a process started with `start`) contains `text`. */
