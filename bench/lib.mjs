@@ -58,8 +58,12 @@ export function keelScript(checkout = '.') {
   const { scripts } = JSON.parse(readFileSync(resolve(checkout, 'package.json'), 'utf8'));
   const match = /^((?:\w+=\S+ )*)exec node ((?:--\S+ )*)bin\/keel\.js$/.exec(scripts.keel ?? '');
   if (!match) throw new Error(`package.json's keel script is not "[NAME=value ...] exec node [--flag ...] bin/keel.js": ${scripts.keel}`);
-  const env = Object.fromEntries(match[1].split(' ').filter(Boolean).map((pair) => [pair.slice(0, pair.indexOf('=')), pair.slice(pair.indexOf('=') + 1)]));
-  return { env, flags: match[2].split(' ').filter(Boolean) };
+  return { env: envPairs(match[1]), flags: match[2].split(' ').filter(Boolean) };
+}
+
+/** "NAME=value NAME=value" (whitespace-separated; a value may hold `=`) as an object. */
+function envPairs(text) {
+  return Object.fromEntries(text.split(/\s+/).filter(Boolean).map((pair) => [pair.slice(0, pair.indexOf('=')), pair.slice(pair.indexOf('=') + 1)]));
 }
 
 /** Node flags for Keel's processes: `checkout`'s npm flags (keelScript), then KEEL_NODE_ARGS (space-separated), e.g. to profile them. */
@@ -100,8 +104,7 @@ export async function waitUp(port, path = '/health') {
 // ==================== Keel ====================
 
 /** KEEL_ENV="NAME=value ..." (space-separated): settings every bench gives Keel over its own (keelEnv). */
-export const keelEnvOverrides = () =>
-  Object.fromEntries((process.env.KEEL_ENV ?? '').split(/\s+/).filter(Boolean).map((pair) => [pair.slice(0, pair.indexOf('=')), pair.slice(pair.indexOf('=') + 1)]));
+export const keelEnvOverrides = () => envPairs(process.env.KEEL_ENV ?? '');
 
 /** Keel's environment as a user runs it (JSON logs at info, billing on), on `port`; then `extra` and KEEL_ENV. */
 export const keelEnv = (port, extra) => ({
