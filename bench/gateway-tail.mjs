@@ -62,7 +62,7 @@ for (const kind of TARGETS) {
       env = { ...env, DATABASE_URL: createDatabase(`keel_gwtail_${process.pid}_${name.replace('-', '_')}`) };
       execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { env: { ...process.env, ...keelEnv(port, env) }, stdio: 'ignore', cwd: checkout });
     }
-    const child = start(OUT, `keel-${name}`, ['bin/keel.js', kind === 'embedded' ? 'start' : 'api'], keelEnv(port, env), { cwd: checkout, nodeArgs: ['--import', PRELOAD, ...keelNodeArgs(checkout)] });
+    const child = start(OUT, `keel-${name}`, ['bin/keel.js', kind === 'embedded' ? 'start' : 'api'], keelEnv(port, env), { cwd: checkout, nodeArgs: ['--import', PRELOAD, ...keelNodeArgs()] });
     await waitUp(port);
     const admin = await addUpstreamModel(port, UPSTREAM, MODEL);
     const { key } = await admin.call('POST', '/api-keys', { name: 'bench' });
@@ -149,6 +149,7 @@ for (const target of targets.filter((t) => t.tailFile)) {
   // before the server saw it (the client, the kernel, or Keel's event loop busy with something
   // else), in the server (request event → response finished), and after (the kernel, the client).
   const spans = events.filter((e) => e[0] === 'req').map(([, s, e]) => ({ s: +s, e: +e })).sort((a, b) => a.s - b.s);
+  const ups = events.filter((e) => e[0] === 'up').map(([, s, e, , busy]) => ({ s: +s, e: +e, busy: +busy })).sort((a, b) => a.s - b.s);
   const split = (sample) => {
     const span = spans.find((x) => x.s >= sample.start && x.e <= sample.end);
     if (!span) return undefined;
@@ -156,7 +157,6 @@ for (const target of targets.filter((t) => t.tailFile)) {
     const upstreamMs = up ? up.e - up.s : 0;
     return [span.s - sample.start, span.e - span.s - upstreamMs, upstreamMs, up ? up.busy : 0, sample.end - span.e].map((us) => us / 1000);
   };
-  const ups = events.filter((e) => e[0] === 'up').map(([, s, e, , busy]) => ({ s: +s, e: +e, busy: +busy })).sort((a, b) => a.s - b.s);
   const medians = (samples) => {
     const parts = samples.map(split).filter(Boolean);
     return [0, 1, 2, 3, 4].map((i) => percentile(parts.map((p) => p[i]).sort((a, b) => a - b), 50)?.toFixed(2) ?? '–').join(' / ');

@@ -203,7 +203,7 @@ async function startKeel(name, kind, checkout) {
     env = keelEnv(port, { DATA_DIR: dataDir, DATABASE_URL: createDatabase(`keel_gateway_bench_${process.pid}_${name.replace('-', '_')}`) });
     execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { env: { ...process.env, ...env }, stdio: 'ignore', cwd: checkout });
   }
-  const child = start(OUT, `keel-${name}`, ['bin/keel.js', kind === 'embedded' ? 'start' : 'api'], env, { cwd: checkout, nodeArgs: keelNodeArgs(checkout) });
+  const child = start(OUT, `keel-${name}`, ['bin/keel.js', kind === 'embedded' ? 'start' : 'api'], env, { cwd: checkout, nodeArgs: keelNodeArgs() });
   await waitUp(port);
   const key = await configureKeel(port);
   targets.push({ name, port, path: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, pid: child.pid });

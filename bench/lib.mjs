@@ -29,12 +29,13 @@ for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, () => process.exi
 /**
  * Starts `node <args>` with `env` over this process's environment, output to `<logDir>/<name>.log`;
  * `nodeArgs` (e.g. KEEL_NODE_ARGS="--cpu-prof --cpu-prof-dir=bench/out/prof") go before the script.
- * Keel (`bin/keel.js`) also gets the environment its checkout's npm scripts set (keelScript).
+ * Keel (`bin/keel.js`) starts as its checkout's npm scripts start it: their environment and node
+ * flags first (keelScript), then `env` and `nodeArgs`.
  */
 export function start(logDir, name, args, env, { cwd, nodeArgs = [] } = {}) {
   const log = openSync(`${logDir}/${name}.log`, 'w');
-  const scriptEnv = /(^|\/)bin\/keel\.js$/.test(args[0] ?? '') ? keelScript(cwd).env : {};
-  const child = spawn(process.execPath, [...nodeArgs, ...args], { cwd, env: { ...process.env, ...scriptEnv, ...env }, stdio: ['ignore', log, log] });
+  const npm = /(^|\/)bin\/keel\.js$/.test(args[0] ?? '') ? keelScript(cwd) : { env: {}, flags: [] };
+  const child = spawn(process.execPath, [...npm.flags, ...nodeArgs, ...args], { cwd, env: { ...process.env, ...npm.env, ...env }, stdio: ['ignore', log, log] });
   children.push(child);
   return child;
 }
@@ -66,10 +67,8 @@ function envPairs(text) {
   return Object.fromEntries(text.split(/\s+/).filter(Boolean).map((pair) => [pair.slice(0, pair.indexOf('=')), pair.slice(pair.indexOf('=') + 1)]));
 }
 
-/** Node flags for Keel's processes: `checkout`'s npm flags (keelScript), then KEEL_NODE_ARGS (space-separated), e.g. to profile them. */
-export function keelNodeArgs(checkout = '.') {
-  return [...keelScript(checkout).flags, ...(process.env.KEEL_NODE_ARGS ?? '').split(/\s+/).filter(Boolean)];
-}
+/** Node flags for Keel's processes from KEEL_NODE_ARGS (space-separated), e.g. to profile them; `start` puts its npm flags before them. */
+export const keelNodeArgs = () => (process.env.KEEL_NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
 
 /** Waits until the log file `file` (of a process started with `start`) contains `text`. */
 export async function waitForLog(file, text, timeoutMs = 60_000) {

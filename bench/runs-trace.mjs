@@ -32,7 +32,7 @@ mkdirSync(OUT, { recursive: true });
 
 // KEEL_NODE_ARGS (e.g. "--cpu-prof --cpu-prof-dir=bench/out/prof") go to Keel's processes too.
 // TRACE=0 leaves the tracer out (a profile without its cost; no statement counts then).
-const preload = [...(process.env.TRACE === '0' ? [] : ['--import', resolve('bench/trace-preload.mjs')]), ...keelNodeArgs(CHECKOUT)];
+const preload = [...(process.env.TRACE === '0' ? [] : ['--import', resolve('bench/trace-preload.mjs')]), ...keelNodeArgs()];
 const traced = (role) => ({ TRACE_FILE: TRACE, TRACE_ROLE: role });
 const fd = openSync(TRACE, 'a');
 const t = () => Math.round((performance.timeOrigin + performance.now()) * 1000);

@@ -181,7 +181,7 @@ function scaledTarget(name) {
 
 async function startKeel(checkout, name) {
   const port = nextPort++;
-  const options = { cwd: checkout.dir, nodeArgs: keelNodeArgs(checkout.dir) };
+  const options = { cwd: checkout.dir, nodeArgs: keelNodeArgs() };
   // Logins of many bench users from one address; the per-user active-run limit leaves room for them.
   const env = keelEnv(port, { DATA_DIR: `${resolve(OUT)}/data-${name}-${checkout.label}`, DATABASE_URL: '', RATE_LIMIT_LOGIN_PER_IP: '100000' });
   const tag = `${name}-${checkout.label}`;
