@@ -11,7 +11,8 @@
  * `Settlement.release`), so at every moment `reserved` = what blocks and per-call holds still
  * hold, and the balance still moves only with its ledger entry. When the block cannot serve a hold
  * it is retired and a new one taken; a retired block whose calls have all settled is released
- * (its row deleted, what is left of it back to `available`). Blocks retire when idle, after half
+ * (its row deleted, what is left of it back to `available`) once their settlements are written:
+ * released before one of them, the account would show that call's spent credit as available. Blocks retire when idle, after half
  * the reservation TTL at most, and at shutdown.
  *
  * The next block is taken ahead, off the calls' path: when a block has less than a quarter of it

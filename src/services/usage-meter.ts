@@ -402,6 +402,20 @@ export class UsageMeterService implements UsageMeter {
    * statement's time each.
    */
   private async writeOnce(): Promise<void> {
+    // The blocks retired before this flush began: their calls' settlements were queued before them
+    // (`settle` queues a call's settlement, then tells its window), so this flush writes those first.
+    const releases = this.blockReleases;
+    this.blockReleases = [];
+    if (!(await this.writeQueued())) {
+      this.blockReleases.unshift(...releases);
+      return;
+    }
+    await this.retryFailed();
+    await this.releaseBlocks(releases);
+  }
+
+  /** The usage records and window settlements queued when the flush began; false when a statement failed (what it held is kept). */
+  private async writeQueued(): Promise<boolean> {
     const max = this.settings.USAGE_FLUSH_MAX_ROWS;
     let statements = 0;
     // What is queued now; what calls add meanwhile waits for the next flush (so a busy process still ends its flush).
@@ -418,26 +432,14 @@ export class UsageMeterService implements UsageMeter {
         this.failedSettlements.push(...settlements);
         this.log.error({ err: cause(error), pending: this.buffer.length, settlements: settlements.length }, 'usage records not written; kept for a retry');
         this.schedule();
-        return;
+        return false;
       }
     }
-    // The blocks retired after the settlements above (never in the same statement as their
-    // settlements), all in one statement: each is its own reservation row, so `settleMany` releases
-    // them as `settle` would one by one. At 64 clients a block of 32 worst cases lasts ~32 calls,
-    // so one statement per release was as many statements as the blocks taken.
-    const releases = this.blockReleases;
-    this.blockReleases = [];
-    if (releases.length) {
-      try {
-        await billingCrud.settleMany(this.db, releases);
-      } catch (error) {
-        this.failedSettlements.unshift(...releases);
-        this.log.error({ err: cause(error), pending: this.failedSettlements.length }, 'credit settlements not written; kept for a retry');
-        this.schedule();
-        return;
-      }
-    }
-    // Retried one by one: one that keeps failing holds up only the ones after it.
+    return true;
+  }
+
+  /** Settlements that failed before, one by one: one that keeps failing holds up only the ones after it. */
+  private async retryFailed(): Promise<void> {
     const settlements = this.failedSettlements;
     this.failedSettlements = [];
     for (const [i, settlement] of settlements.entries()) {
@@ -449,6 +451,35 @@ export class UsageMeterService implements UsageMeter {
         this.schedule();
         return;
       }
+    }
+  }
+
+  /**
+   * Gives retired blocks back, all in one statement: each is its own reservation row, so
+   * `settleMany` releases them as `settle` would one by one (at 64 clients a block of 32 worst
+   * cases lasts ~32 calls: a statement per release was as many statements as blocks taken).
+   * A block goes back only once every call it served has been charged: its release hands back what
+   * its row still holds, which includes the part of a call whose settlement is still to be written,
+   * and until that settlement the account would show credit already spent as available to other
+   * calls (CI saw 32 of 50 calls pass against a balance covering 30). So a block with a settlement
+   * still unwritten (failed, kept for a retry) waits for the flush that writes it.
+   */
+  private async releaseBlocks(releases: billingCrud.Settlement[]): Promise<void> {
+    if (!releases.length) return;
+    const unwritten = new Set<string | null>();
+    for (const queue of [this.failedSettlements, this.windowSettlements]) for (const s of queue) if (typeof s.release === 'string') unwritten.add(s.reservationId);
+    const ready = releases.filter((r) => !unwritten.has(r.reservationId));
+    if (ready.length < releases.length) {
+      this.blockReleases.unshift(...releases.filter((r) => unwritten.has(r.reservationId)));
+      this.schedule();
+    }
+    if (!ready.length) return;
+    try {
+      await billingCrud.settleMany(this.db, ready);
+    } catch (error) {
+      this.failedSettlements.push(...ready);
+      this.log.error({ err: cause(error), pending: this.failedSettlements.length }, 'credit settlements not written; kept for a retry');
+      this.schedule();
     }
   }
 

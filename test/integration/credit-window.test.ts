@@ -48,30 +48,59 @@ const reservationRows = (user: TestUser) => countOf(sql`select count(*)::int as 
 
 const usageEntries = (user: TestUser) => countOf(sql`select count(*)::int as n from credit_transactions where owner_id = ${user.user.id} and type = 'usage'`);
 
-/** Everything settled and given back: nothing held, and the balance is the ledger's sum. */
-/** The statements the app's database ran during `work` that `match` picks (their SQL text). */
-async function statementsDuring(match: (text: string, params: unknown[]) => boolean, work: () => Promise<unknown>): Promise<string[]> {
+/** Runs `work` with `hook` seeing every statement the app's database sends (its SQL text and parameters) before it goes. */
+async function intercepting(hook: (text: string, params: unknown[]) => void | Promise<void>, work: () => Promise<unknown>): Promise<void> {
   const { db } = ctx.database;
   const dialect = new PgDialect();
   const execute = db.execute.bind(db);
-  const seen: string[] = [];
-  db.execute = ((query: SQL) => {
+  db.execute = (async (query: SQL) => {
     const { sql: text, params } = dialect.sqlToQuery(query);
-    if (match(text, params)) seen.push(text);
+    await hook(text, params);
     return execute(query);
-  });
+  }) as typeof db.execute;
   try {
     await work();
   } finally {
     db.execute = execute;
   }
+}
+
+/** The statements the app's database ran during `work` that `match` picks (their SQL text). */
+async function statementsDuring(match: (text: string, params: unknown[]) => boolean, work: () => Promise<unknown>): Promise<string[]> {
+  const seen: string[] = [];
+  await intercepting((text, params) => {
+    if (match(text, params)) seen.push(text);
+  }, work);
   return seen;
+}
+
+/**
+ * What a statement writes to reservation `id`: a call's part of it (a window call's settlement) or
+ * its release, one entry per item (settlements go as one JSON parameter, or one by one as `settle`'s).
+ */
+function reservationWrites(id: string, text: string, params: unknown[]): ('part' | 'release')[] {
+  const writes: ('part' | 'release')[] = [];
+  for (const param of params) {
+    if (typeof param !== 'string' || !param.startsWith('[{')) continue;
+    for (const item of JSON.parse(param) as { rid?: string; part?: string | null }[]) if (item.rid === id) writes.push(item.part === null ? 'release' : 'part');
+  }
+  if (/rd as \(delete from credit_reservations/.test(text) && params[0] === id) writes.push(params[1] === null ? 'release' : 'part');
+  return writes;
+}
+
+/** The one reservation row the user has (a block). */
+async function onlyReservation(user: TestUser): Promise<string> {
+  const result: unknown = await ctx.database.db.execute(sql`select id from credit_reservations where user_id = ${user.user.id}`);
+  const { rows } = result as { rows: { id: string }[] };
+  expect(rows).toHaveLength(1);
+  return rows[0]!.id;
 }
 
 /** How many credit blocks (reservation rows) the user's calls took during `work`. */
 const blockHolds = async (user: TestUser, work: () => Promise<unknown>) =>
   (await statementsDuring((text, params) => /insert into credit_reservations/.test(text) && params.includes(user.user.id), work)).length;
 
+/** Everything settled and given back: nothing held, and the balance is the ledger's sum. */
 async function expectSettled(user: TestUser, balance: number) {
   await ctx.app.meter.idle();
   const account = await getBalance(ctx.database.db, user.user.id);
@@ -193,6 +222,75 @@ describe('credit windows', () => {
     expect(fake.log).toHaveLength(30);
     await expectSettled(user, 0);
     expect(await usageEntries(user)).toBe(30);
+  });
+
+  // A block's release hands back what its row still holds. Written before a call's settlement (its
+  // part of the row and its charge), the account shows that call's credit as available although it
+  // was spent: other calls may hold it (CI saw 32 of 50 calls pass against a balance covering 30).
+  const blockCall = { text: 'ten', usage: { prompt_tokens: 1, completion_tokens: 10 } };
+
+  /** One call takes a block of 80 and uses 10; then six calls of 10 (the last `lastCallMs` slow) use it up, retiring it. */
+  async function usingUpABlock(user: TestUser, lastCallMs: number) {
+    await grant(user, '1000');
+    fake.defaultReply = blockCall;
+    await ctx.app.models.chat(billed(user));
+    await new Promise(setImmediate); // the call settles in the check phase after it returns
+    await ctx.app.meter.flush();
+    const block = await onlyReservation(user);
+    fake.script('fake-billed', ...Array.from({ length: 5 }, () => ({ ...blockCall, chunkDelayMs: 30 })), { ...blockCall, chunkDelayMs: lastCallMs });
+    return { block, calls: () => Promise.all(Array.from({ length: 6 }, () => ctx.app.models.chat(billed(user)))) };
+  }
+
+  it('a block goes back after every call it served is charged, when its last call ends while a flush is being written', async () => {
+    const user = await createUser(ctx.app);
+    const { block, calls } = await usingUpABlock(user, 200);
+    const writes: string[] = [];
+    let ended: Promise<unknown> | undefined;
+    await intercepting(
+      async (text, params) => {
+        const mine = reservationWrites(block, text, params);
+        if (mine.includes('part') && !writes.length) {
+          // The first flush of the block's calls is in flight while the slow call ends and settles.
+          await ended;
+          await new Promise((resolve) => setTimeout(resolve, 50));
+        }
+        writes.push(...mine);
+      },
+      async () => {
+        ended = calls();
+        await ended;
+        await ctx.app.meter.idle();
+      },
+    );
+    expect(writes).toEqual([...Array.from({ length: 6 }, () => 'part'), 'release']);
+    await expectSettled(user, 1000 - 7 * 10);
+  });
+
+  it('a block goes back after every call it served is charged, when their settlements failed once and are retried', async () => {
+    const user = await createUser(ctx.app);
+    const { block, calls } = await usingUpABlock(user, 30);
+    const writes: string[] = [];
+    let failed = false;
+    await intercepting(
+      (text, params) => {
+        const mine = reservationWrites(block, text, params);
+        if (mine.includes('part') && !failed) {
+          failed = true;
+          throw new Error('connection lost'); // as a dropped connection does: the statement never ran
+        }
+        writes.push(...mine);
+      },
+      async () => {
+        await calls();
+        await ctx.app.meter.idle(); // its flush fails
+        await ctx.app.meter.idle(); // the next writes what it kept
+      },
+    );
+    expect(failed).toBe(true);
+    expect(writes.filter((w) => w === 'part')).toHaveLength(6);
+    expect(writes.at(-1)).toBe('release');
+    expect(writes.filter((w) => w === 'release')).toHaveLength(1);
+    await expectSettled(user, 1000 - 7 * 10);
   });
 
   it('a block left by a crashed process is released by the sweep; the settlements that come later release nothing twice', async () => {
