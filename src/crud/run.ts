@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 
-import { and, asc, eq, inArray, isNotNull, isNull, lt, or, type SQL, sql } from 'drizzle-orm';
+import { and, asc, desc, eq, inArray, isNotNull, isNull, lt, or, type SQL, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
@@ -257,6 +257,29 @@ export async function updateRun(tx: Db, runId: string, values: Partial<NewRun>):
   return row!;
 }
 
+/**
+ * The lease owner of an ended run whose final event is still to be written by what ended it — a
+ * cancel or an interrupt of a run no worker held, or the sweep giving a run up — with a lease that
+ * has already expired: should that write fail (the event store down), the sweep
+ * (endedWithExpiredLease) writes the event; once it is stored the mark is cleared (clearEndedLease).
+ * Without it such a run was final in the database with no final event, and its readers waited forever.
+ */
+export const FINAL_EVENT_PENDING = 'final-event-pending';
+
+/**
+ * The lease an end leaves (see FINAL_EVENT_PENDING): the sweep's end replaces the dead worker's
+ * lease with the mark; a cancel leaves a worker's lease on the run (that worker writes the final
+ * event) and marks a run nobody held.
+ */
+function finalEventPending(guard: EndGuard): Partial<Record<'lease_owner' | 'lease_expires_at', SQL>> {
+  if (guard !== null && 'leaseExpired' in guard) return { lease_owner: sql`${FINAL_EVENT_PENDING}`, lease_expires_at: sql`now()` };
+  if (guard !== null) return {};
+  return {
+    lease_owner: sql`coalesce(${runs.lease_owner}, ${FINAL_EVENT_PENDING})`,
+    lease_expires_at: sql`case when ${runs.lease_owner} is null then now() else ${runs.lease_expires_at} end`,
+  };
+}
+
 /** Who may end a run: its worker (by lease), the sweeper (lease expired), or anyone (a cancel). */
 export type EndGuard = { leaseOwner: string } | { leaseExpired: true } | null;
 
@@ -265,8 +288,8 @@ export type EndGuard = { leaseOwner: string } | { leaseExpired: true } | null;
  * conditional UPDATE, so a final status is never changed. The lease stays on a run its worker
  * ends (or that a cancel ends under it): the worker lets go once the final event is stored, so a
  * worker that dies in between leaves an ended run with an expiring lease, whose final event the
- * sweep writes (endedWithExpiredLease) — readers are never left waiting. The sweep's own end of
- * an orphaned run clears it.
+ * sweep writes (endedWithExpiredLease) — readers are never left waiting. An end no worker will
+ * write the final event of (the sweep's, or a cancel of a run nobody held) leaves FINAL_EVENT_PENDING.
  */
 export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status' | 'error'> & Partial<Pick<NewRun, 'steps' | 'usage' | 'cost'>>, guard: EndGuard, releaseLease = false): Promise<Run | undefined> {
   if (guard && 'leaseOwner' in guard && values.steps !== undefined && values.usage !== undefined && values.cost !== undefined) {
@@ -277,14 +300,13 @@ export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status
   const conditions: (SQL | undefined)[] = [eq(runs.id, runId), active];
   if (guard && 'leaseOwner' in guard) conditions.push(eq(runs.lease_owner, guard.leaseOwner));
   if (guard && 'leaseExpired' in guard) conditions.push(eq(runs.status, 'running'), or(isNull(runs.lease_owner), lt(runs.lease_expires_at, sql`now()`)));
-  const clearLease = releaseLease || (guard !== null && 'leaseExpired' in guard);
   const [row] = await tx
     .update(runs)
     .set({
       ...values,
       waiting: false,
       ended_at: sql`now()`,
-      ...(clearLease ? { lease_owner: null, lease_expires_at: null } : {}),
+      ...(releaseLease ? { lease_owner: null, lease_expires_at: null } : finalEventPending(guard)),
     })
     .where(and(...conditions))
     .returning();
@@ -426,13 +448,17 @@ const leaseReleased = preparedAnywhere('runs_release_lease', (db, name) =>
     .prepare(name),
 );
 
-/** Clears a worker's hold without ending the run; `handBack` also returns the attempt (a shutdown is not a crash). */
+/**
+ * Clears a worker's hold. `handBack` (a shutdown, not a crash): of a run still running only, and
+ * returns the attempt; false when the run ended meanwhile (a cancel while the worker stopped), whose
+ * final event the worker then still owes.
+ */
 export async function releaseLease(db: Db, runId: string, workerId: string, handBack: boolean): Promise<boolean> {
   if (!handBack) return (await leaseReleased(db).execute({ run_id: runId, worker_id: workerId })).length === 1;
   const rows = await db
     .update(runs)
-    .set({ lease_owner: null, lease_expires_at: null, ...(handBack ? { attempts: sql`greatest(${runs.attempts} - 1, 0)` } : {}) })
-    .where(and(eq(runs.id, runId), eq(runs.lease_owner, workerId)))
+    .set({ lease_owner: null, lease_expires_at: null, attempts: sql`greatest(${runs.attempts} - 1, 0)` })
+    .where(and(eq(runs.id, runId), eq(runs.lease_owner, workerId), eq(runs.status, 'running')))
     .returning({ id: runs.id });
   return rows.length === 1;
 }
@@ -467,10 +493,21 @@ export function endedWithExpiredLease(db: Db, limit: number): Promise<Run[]> {
     .limit(limit);
 }
 
-/** Clears the hold of an ended run (its final event is written). */
-export async function clearEndedLease(db: Db, runId: string): Promise<void> {
+/** The run's last assistant message: a completed run's answer. */
+export async function lastAnswer(db: Db, runId: string): Promise<Message | undefined> {
+  const [row] = await db
+    .select()
+    .from(messages)
+    .where(and(eq(messages.run_id, runId), eq(messages.role, 'assistant')))
+    .orderBy(desc(messages.seq))
+    .limit(1);
+  return row;
+}
+
+/** Clears the hold of an ended run (its final event is written): any hold, or only `owner`'s. */
+export async function clearEndedLease(db: Db, runId: string, owner?: string): Promise<void> {
   await db
     .update(runs)
     .set({ lease_owner: null, lease_expires_at: null })
-    .where(and(eq(runs.id, runId), inArray(runs.status, [...FINAL_RUN_STATUSES])));
+    .where(and(eq(runs.id, runId), inArray(runs.status, [...FINAL_RUN_STATUSES]), owner === undefined ? undefined : eq(runs.lease_owner, owner)));
 }

@@ -15,7 +15,7 @@ import * as billingCrud from '../crud/billing.js';
 import { matching } from '../crud/owned.js';
 import * as runCrud from '../crud/run.js';
 import { appendMessages, threadCrud, threadPolicy } from '../crud/thread.js';
-import { appendFinalEvent, finishRun, queueRun, type RunDeps, runEvent, runView } from '../modules/agents/run-lifecycle.js';
+import { closePending, finishRun, queueRun, type RunDeps, runEvent, runView } from '../modules/agents/run-lifecycle.js';
 import { addCosts, estimateCost } from '../modules/ai-models/index.js';
 import { catalogModel } from './agent-service.js';
 import type { ServiceContext } from './context.js';
@@ -190,9 +190,12 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
   return run;
 }
 
-/** After a cancel: a run no worker holds gets its final event here; a held one is told to stop (its worker writes it). */
+/**
+ * After a cancel: a run no worker held gets its final event here (the sweep writes it if this
+ * fails: see FINAL_EVENT_PENDING); a held one is told to stop (its worker writes it).
+ */
 async function stopEnded(deps: RunDeps, run: Run): Promise<void> {
-  if (run.lease_owner === null) await appendFinalEvent(deps, run);
+  if (run.lease_owner === runCrud.FINAL_EVENT_PENDING) await closePending(deps, run);
   else await deps.bus.signals.cancel(run.id, 'cancelled');
 }
 

@@ -598,50 +598,102 @@ describe('limits and access', () => {
   });
 });
 
+/** The event store refuses the first `times` appends that carry `event` (as when it is unreachable) while `work` runs. */
+async function refusing<T>(event: string, work: (refused: () => number) => Promise<T>, times = 1): Promise<T> {
+  const log = ctx.app.runs.bus.events;
+  const append = log.append.bind(log);
+  let refused = 0;
+  log.append = (runId, events) => {
+    if (refused < times && events.some((e) => e.event === event)) {
+      refused += 1;
+      return Promise.reject(new Error('event store unreachable'));
+    }
+    return append(runId, events);
+  };
+  try {
+    return await work(() => refused);
+  } finally {
+    log.append = append;
+  }
+}
+
+const leaseOf = async (runId: string) => (await ctx.app.db.select({ owner: runs.lease_owner }).from(runs).where(eq(runs.id, runId)))[0]!.owner;
+
 describe('durability', () => {
-  it('a run whose final event could not be stored keeps its lease, and the sweep writes the event once the lease expires', async () => {
+  it('a run whose final event could not be stored keeps its lease, and the sweep writes the event, with the answer\'s, once the lease expires', async () => {
     const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
     const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);
     const { owner, thread } = await setup();
     // The event store fails the final event once (as when the process dies between the run's end
     // in the database and its final event).
     const log = ctx.app.runs.bus.events;
-    const append = log.append.bind(log);
     // Embedded, an answered run stores its final event in the transaction that ends it (nothing to
     // lose in between): without that, the run takes the path a failed or cancelled run and the
     // Redis log take, the final event appended after the commit.
     const within = log.appendWithin?.bind(log);
     log.appendWithin = undefined;
-    let refused = 0;
-    log.append = (runId, events) => {
-      if (refused === 0 && events.some((e) => e.event === 'run.completed')) {
-        refused += 1;
-        return Promise.reject(new Error('event store unreachable'));
-      }
-      return append(runId, events);
-    };
     try {
-      fake.script(MODEL, { text: 'answered' });
-      const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'hello' });
-      await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
-      await vi.waitFor(() => expect(refused).toBe(1));
-      const [held] = await ctx.app.db.select().from(runs).where(eq(runs.id, run.id));
-      expect(held!.lease_owner).not.toBeNull();
-      // Not before the lease expires (the worker may still be writing it)...
-      expect((await sweeper.sweep()).closed).toBe(0);
-      await ctx.app.db.update(runs).set({ lease_expires_at: new Date(Date.now() - 1_000) }).where(eq(runs.id, run.id));
-      // ...then once, and the stream ends with it.
-      expect((await sweeper.sweep()).closed).toBe(1);
-      const { events, ended } = await readEvents(base, owner.headers, run.id);
-      expect(ended).toBe(true);
-      expectContiguous(events);
-      expect(events.filter((e) => e.event === 'run.completed')).toHaveLength(1);
-      const [released] = await ctx.app.db.select().from(runs).where(eq(runs.id, run.id));
-      expect(released!.lease_owner).toBeNull();
+      await refusing('run.completed', async (refused) => {
+        fake.script(MODEL, { text: 'answered' });
+        const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'hello' });
+        await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+        await vi.waitFor(() => expect(refused()).toBe(1));
+        expect(await leaseOf(run.id)).not.toBeNull();
+        // Not before the lease expires (the worker may still be writing it)...
+        expect((await sweeper.sweep()).closed).toBe(0);
+        await ctx.app.db.update(runs).set({ lease_expires_at: new Date(Date.now() - 1_000) }).where(eq(runs.id, run.id));
+        // ...then once, and the stream ends with it.
+        expect((await sweeper.sweep()).closed).toBe(1);
+        const { events, ended } = await readEvents(base, owner.headers, run.id);
+        expect(ended).toBe(true);
+        expectContiguous(events);
+        expect(events.filter((e) => e.event === 'run.completed')).toHaveLength(1);
+        // The answer's `message.completed` went with the final event (readers, the /v1 agent answer too, take the answer from it).
+        expect(events.slice(-2).map((e) => e.event)).toEqual(['message.completed', 'run.completed']);
+        expect(events.at(-2)!.data).toMatchObject({ message: { role: 'assistant', content: 'answered', run_id: run.id }, step: 1 });
+        expect(await leaseOf(run.id)).toBeNull();
+      });
     } finally {
-      log.append = append;
       log.appendWithin = within;
     }
+  });
+
+  it('a cancel of a run no worker holds, whose final event could not be stored: the sweep writes it', async () => {
+    const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
+    const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);
+    fake.script(MODEL, { chunks: ['a ', 'b ', 'c'], chunkDelayMs: 100 });
+    const { owner, thread } = await setup();
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'one' });
+    const second = await startRun(ctx.app, owner.headers, thread.id, { input: 'two', multitask_strategy: 'enqueue' });
+    // The store stays down a while (the app's own sweeps, every 10 s, cannot write it either).
+    await refusing(
+      'run.cancelled',
+      async (refused) => {
+        const cancelled = await api('POST', `/runs/${second.id}/cancel`, owner.headers);
+        expect(cancelled.json<RunBody>().status).toBe('cancelled');
+        expect(refused()).toBeGreaterThanOrEqual(1);
+        // Marked for the sweep...
+        expect(await leaseOf(second.id)).toBe(runCrud.FINAL_EVENT_PENDING);
+      },
+      Infinity,
+    );
+    // ...which writes the event once the store is back.
+    await sweeper.sweep();
+    const { events, ended } = await readEvents(base, owner.headers, second.id);
+    expect(ended).toBe(true);
+    expect(events.map((e) => e.event)).toEqual(['run.queued', 'run.cancelled']);
+    expect(await leaseOf(second.id)).toBeNull();
+    await waitForRun(ctx.app, owner.headers, first.id, ['completed']);
+  });
+
+  it('a cancel whose final event is stored leaves nothing for the sweep', async () => {
+    fake.script(MODEL, { chunks: ['a ', 'b ', 'c'], chunkDelayMs: 100 });
+    const { owner, thread } = await setup();
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'one' });
+    const second = await startRun(ctx.app, owner.headers, thread.id, { input: 'two', multitask_strategy: 'enqueue' });
+    expect((await api('POST', `/runs/${second.id}/cancel`, owner.headers)).statusCode).toBe(200);
+    expect(await leaseOf(second.id)).toBeNull();
+    await waitForRun(ctx.app, owner.headers, first.id, ['completed']);
   });
 
   it('a run whose worker died is resumed by the sweep without duplicating its messages, or failed after RUN_MAX_ATTEMPTS', async () => {
@@ -682,5 +734,32 @@ describe('durability', () => {
     expect(failed.error).toMatch(/interrupted 3 times.*retry/);
     expect((await readEvents(base, owner.headers, hopeless!.id)).events.at(-1)!.event).toBe('run.failed');
     expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
+  });
+
+  it('a run the sweep gives up, whose final event could not be stored: the next sweep writes it', async () => {
+    const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
+    const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);
+    const { owner, thread, agent } = await setup();
+    const [hopeless] = await ctx.app.db
+      .insert(runs)
+      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 3, started_at: new Date() })
+      .returning();
+    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
+    await ctx.app.runs.bus.events.append(hopeless!.id, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }]);
+    await refusing(
+      'run.failed',
+      async (refused) => {
+        await sweeper.sweep();
+        expect(refused()).toBeGreaterThanOrEqual(1);
+        expect(await getRun(ctx.app, owner.headers, hopeless!.id)).toMatchObject({ status: 'failed' });
+        expect(await leaseOf(hopeless!.id)).toBe(runCrud.FINAL_EVENT_PENDING);
+      },
+      Infinity,
+    );
+    await sweeper.sweep();
+    const { events, ended } = await readEvents(base, owner.headers, hopeless!.id);
+    expect(ended).toBe(true);
+    expect(events.map((e) => e.event)).toEqual(['run.queued', 'run.started', 'run.failed']);
+    expect(await leaseOf(hopeless!.id)).toBeNull();
   });
 });

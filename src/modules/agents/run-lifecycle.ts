@@ -136,6 +136,13 @@ export async function queueRun(deps: RunDeps, runId: string): Promise<void> {
   }
 }
 
+/** Writes the final event of a run ended with FINAL_EVENT_PENDING, then clears the mark; left for the sweep when the write fails. */
+export async function closePending(deps: RunDeps, run: Run): Promise<boolean> {
+  if (!(await appendFinalEvent(deps, run))) return false;
+  await runCrud.clearEndedLease(deps.db, run.id, runCrud.FINAL_EVENT_PENDING);
+  return true;
+}
+
 /**
  * Appends a run's final event (after `before`, events of the run not yet appended) unless its log
  * already ended (another writer got there first). The database decided the run's end, so a writer

@@ -5,11 +5,16 @@
  * expired or handed back) or fails them after RUN_MAX_ATTEMPTS, writes the final event of runs
  * cancelled while their worker died, and forgets events older than RUN_EVENTS_TTL_SECONDS.
  */
+import type { Message, Run } from '../../models/index.js';
+
 import * as runCrud from '../../crud/run.js';
-import { appendFinalEvent, finishRun, queueRun, type RunDeps } from './run-lifecycle.js';
+import { appendFinalEvent, closePending, finishRun, queueRun, type RunDeps } from './run-lifecycle.js';
 import type { AgentRunner } from './runner.js';
 
 const BATCH = 500;
+
+/** The step a run's answer was written by (its metadata says; else the run's last). */
+const answerStep = (answer: Message, run: Run): number => (typeof answer.metadata.step === 'number' ? answer.metadata.step : run.steps);
 
 export class RunSweeper {
   private timer: NodeJS.Timeout | undefined;
@@ -57,7 +62,7 @@ export class RunSweeper {
         const error = `The run was interrupted ${run.attempts} times (its worker stopped before finishing) and was given up; start it again with POST /runs/${run.id}/retry`;
         const ended = await finishRun(deps, run, { status: 'failed', error }, { leaseExpired: true });
         if (ended) {
-          await appendFinalEvent(deps, ended.run);
+          await closePending(deps, ended.run);
           failed += 1;
         }
       } else {
@@ -69,7 +74,11 @@ export class RunSweeper {
     let closed = 0;
     for (const run of await runCrud.endedWithExpiredLease(deps.db, BATCH)) {
       // The log refuses an event after a final one: a final event already written is not doubled.
-      if (!(await appendFinalEvent(deps, run))) continue;
+      // A completed run's worker appends its answer's `message.completed` with `run.completed` (one
+      // append): both are missing, and readers (the /v1 agent answer too) take the answer from it.
+      const answer = run.status === 'completed' ? await runCrud.lastAnswer(deps.db, run.id) : undefined;
+      const before = answer ? [{ event: 'message.completed' as const, data: { message: answer, step: answerStep(answer, run) } }] : [];
+      if (!(await appendFinalEvent(deps, run, before))) continue;
       await runCrud.clearEndedLease(deps.db, run.id);
       closed += 1;
     }

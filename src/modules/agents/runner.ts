@@ -222,8 +222,13 @@ export class AgentRunner {
     } catch (error) {
       const stop = signal.aborted && signal.reason instanceof RunStop ? signal.reason : null;
       if (stop?.kind === 'shutdown') {
-        await runCrud.releaseLease(deps.db, run.id, this.workerId, true).catch((e: unknown) => log.error({ err: e, runId: run.id }, 'run not handed back; its lease will expire'));
-        log.info({ runId: run.id }, 'run handed back at shutdown');
+        const handedBack = await runCrud.releaseLease(deps.db, run.id, this.workerId, true).catch((e: unknown) => {
+          log.error({ err: e, runId: run.id }, 'run not handed back; its lease will expire');
+          return undefined;
+        });
+        if (handedBack) log.info({ runId: run.id }, 'run handed back at shutdown');
+        // Cancelled while it stopped: the cancel left the final event to this worker, which still holds it.
+        else if (handedBack === false) await this.afterLostRun(run.id);
         return;
       }
       if (stop?.kind === 'cancel' || stop?.kind === 'lease') {
