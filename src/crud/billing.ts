@@ -173,8 +173,10 @@ export async function hold(db: Db, h: Hold): Promise<HoldOutcome> {
   try {
     return await transaction(db, async (tx) => {
       await rows(tx, sql`with ${ASYNC_COMMIT} select 1 from s`);
-      if (!(await rows(tx, holdKey(h, keyAmount))).length) throw new Refused('budget');
+      // The account's row before the key's, the order settlements and the sweep lock them in
+      // (key first, concurrent holds and settlements on one key deadlocked on PostgreSQL).
       if (!(await rows(tx, holdAccount(h, accountAmount))).length) throw new Refused('balance');
+      if (!(await rows(tx, holdKey(h, keyAmount))).length) throw new Refused('budget');
       await rows(tx, insertHold(h, sql``));
       return 'held' as const;
     });

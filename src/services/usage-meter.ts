@@ -27,6 +27,7 @@ import type { CostEstimate, TokenUsage, UsageMeter, UsageRecord, UsageReservatio
 import { addCosts, costUnits, unitsCost, ZERO_USAGE } from '../modules/ai-models/index.js';
 import { isoFormatter } from '../utils/iso-time.js';
 import { type CounterStore, counterStore } from '../utils/rate-limit.js';
+import { storableText } from '../utils/text.js';
 import { type CreditBlock, CreditWindows } from './credit-window.js';
 import { type KeyLimits, loadKeyLimits } from './key-limits.js';
 import { formatMoney } from './money.js';
@@ -267,7 +268,7 @@ export class UsageMeterService implements UsageMeter {
       latency_ms: record.latency_ms,
       time_to_first_token_ms: record.time_to_first_token_ms,
       status: record.status,
-      error: record.error === null ? null : record.error.slice(0, 2_000),
+      error: record.error === null ? null : storableText(record.error, 2_000),
       estimated: record.estimated,
       attempts: record.attempts,
       started_at: startTime(record.started_at.getTime()),

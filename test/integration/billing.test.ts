@@ -341,6 +341,28 @@ describe('per-API-key limits', () => {
     expect(Number(row!.r)).toBe(0);
   });
 
+  it('max_budget: waves of concurrent calls on one budgeted key all go through, and the key and account add up', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '100000');
+    const key = await createKey(ctx.app, user, { name: 'busy budget', max_budget: '100000' });
+    const context = { user_id: user.user.id, api_key_id: key.id };
+    fake.defaultReply = { text: 'ten tokens', usage: { prompt_tokens: 1, completion_tokens: 10 }, chunkDelayMs: 5 };
+    try {
+      // Holds lock the account and the key; settlements (and the sweep) too: in one order, or
+      // PostgreSQL finds deadlocks (6 of 64 calls failed so, each after a second's wait).
+      for (let wave = 0; wave < 2; wave++) {
+        const outcomes = await Promise.allSettled(Array.from({ length: 32 }, () => ctx.app.models.chat(chatRequest('fake-billed', context, { maxOutputTokens: 10 }))));
+        expect(outcomes.filter((o) => o.status === 'rejected').map((o) => String(o.reason))).toEqual([]);
+      }
+    } finally {
+      fake.defaultReply = { text: 'Hello from the fake model.', usage: { prompt_tokens: 10, completion_tokens: 5 } };
+    }
+    await ctx.app.meter.idle();
+    expect(await balanceOf(user)).toMatchObject({ balance: String(100000 - 64 * 10), reserved: '0' });
+    expect((await api('GET', `/api-keys/${key.id}`, user.headers)).json()).toMatchObject({ spent: '640' });
+    await expectConsistent(user);
+  });
+
   it('rpm: calls beyond the key’s limit in a minute answer 429 with retry-after, naming the limit', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');

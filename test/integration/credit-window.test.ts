@@ -293,6 +293,43 @@ describe('credit windows', () => {
     await expectSettled(user, 1000 - 7 * 10);
   });
 
+  it('an upstream error whose text PostgreSQL cannot take (a NUL, a surrogate pair cut at the length limit) is recorded, and billing goes on', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    // Its own app: with the bug, the row that cannot be written jams its meter (every later flush retries it first).
+    const other = await buildTestApp(ctx.database, SETTINGS);
+    const messages = ['bad: \u0000 byte', 'x' + '😀'.repeat(1_500), '😀'.repeat(1_500)];
+    try {
+      for (const message of messages) {
+        fake.script('fake-billed', { status: 400, body: { error: { message, type: 'invalid_request_error', param: null, code: null } } });
+        await expect(other.models.chat(billed(user))).rejects.toThrow();
+      }
+      for (let i = 0; i < 5; i++) await other.models.chat(billed(user));
+      await other.meter.idle();
+    } finally {
+      await other.close();
+    }
+    await expectSettled(user, 1000 - 5 * 4);
+    expect(await usageEntries(user)).toBe(5);
+    const errors = await ctx.database.db.execute(sql`select error from usage_records where owner_id = ${user.user.id} and error is not null`);
+    const texts = (errors as { rows: { error: string }[] }).rows.map((r) => r.error);
+    expect(texts).toHaveLength(3);
+    for (const text of texts) expect(text.length).toBeLessThanOrEqual(2_000);
+    expect(texts.some((text) => text.includes('bad:  byte'))).toBe(true);
+  });
+
+  it('usage a provider reports in counts that are not token counts (a fraction, a negative) is recorded and charged as whole tokens', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    fake.script('fake-billed', { text: 'ok', usage: { prompt_tokens: 1, completion_tokens: 2.5 } }, { text: 'ok', usage: { prompt_tokens: 1, completion_tokens: -1 } });
+    await ctx.app.models.chat(billed(user));
+    await ctx.app.models.chat(billed(user));
+    // 2.5 output tokens count as 3, −1 as none; each call settled (nothing left held).
+    await expectSettled(user, 1000 - 3);
+    expect(await usageEntries(user)).toBe(1);
+    expect(await countOf(sql`select count(*)::int as n from usage_records where owner_id = ${user.user.id}`)).toBe(2);
+  });
+
   it('a block left by a crashed process is released by the sweep; the settlements that come later release nothing twice', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');

@@ -106,6 +106,21 @@ function formatScaled(mantissa: bigint, scale: number): string {
  * trailing zeros dropped, never exponent notation). `input` counts cached reads and cache writes,
  * `output` counts reasoning tokens, as the providers report them.
  */
+/** A token count a provider reported as one: a non-negative safe integer (2.5 → 3, −1 or NaN → 0). */
+const tokenCount = (value: number): number => (Number.isSafeInteger(value) && value >= 0 ? value : Number.isFinite(value) ? Math.min(Math.max(0, Math.round(value)), Number.MAX_SAFE_INTEGER) : 0);
+
+/**
+ * Usage as a provider reported it, with every count made one `computeCost` takes: what a provider
+ * reports is outside input, and a count it refused (a fraction, a negative) made the call's
+ * settlement throw, so the call was never recorded or charged and its credit stayed held. The same
+ * object when it was valid.
+ */
+export function countableUsage(usage: TokenUsage): TokenUsage {
+  const { input, cached_input, cache_write, output, reasoning } = usage;
+  if ([input, cached_input, cache_write, output, reasoning].every((n) => Number.isSafeInteger(n) && n >= 0)) return usage;
+  return { input: tokenCount(input), cached_input: tokenCount(cached_input), cache_write: tokenCount(cache_write), output: tokenCount(output), reasoning: tokenCount(reasoning) };
+}
+
 export function computeCost(pricing: ModelPricing, usage: TokenUsage): string {
   const p = parsed(pricesFor(pricing, usage.input));
   const input = count(usage.input, 'input');

@@ -27,7 +27,7 @@ import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings
 import { CallerAbort, type CallerSignal } from './abort.js';
 import type { ModelCatalog } from './catalog.js';
 import { type AbortLike, type ChatWire, undeclaredToolCall as wireToolCall, type WireCall, wireMessages } from './chat-wire.js';
-import { computeCost, estimateCost } from './cost.js';
+import { computeCost, countableUsage, estimateCost } from './cost.js';
 import { ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, UpstreamError } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
@@ -744,7 +744,7 @@ export class ModelManager {
 
   /** `state.usage` (set by the attempt) and its cost, kept for the usage record (computed once). */
   private price(model: ModelInfo, state: AttemptState): { usage: TokenUsage; cost: string } {
-    const usage = state.usage ?? { ...ZERO_USAGE };
+    const usage = (state.usage = countableUsage(state.usage ?? { ...ZERO_USAGE }));
     return (state.priced = { usage, cost: computeCost(model.pricing, usage) });
   }
 
@@ -782,7 +782,7 @@ export class ModelManager {
       const finish = (status: CallStatus, error: Error | null) => {
         if (!reservation) return;
         const estimated = state.usage === undefined && state.streamed;
-        const tokens = state.usage ?? (estimated ? { ...ZERO_USAGE, input: inputTokens, output: Math.ceil(state.outputChars / CHARS_PER_TOKEN) } : { ...ZERO_USAGE });
+        const tokens = state.usage ? countableUsage(state.usage) : estimated ? { ...ZERO_USAGE, input: inputTokens, output: Math.ceil(state.outputChars / CHARS_PER_TOKEN) } : { ...ZERO_USAGE };
         const record: UsageRecord = {
           operation,
           model: model.id,

@@ -1,0 +1,12 @@
+/**
+ * Text from outside (an upstream's error message) as PostgreSQL can store it, cut to at most `max`
+ * UTF-16 units: without NUL characters (text and json refuse them) and well-formed (a surrogate
+ * pair cut in two at the limit leaves a lone surrogate, which json input refuses). One such value
+ * in a batched statement failed the whole batch, every time it was retried.
+ */
+export function storableText(text: string, max: number): string {
+  const cut = text.length > max ? text.slice(0, max) : text;
+  return cut.replaceAll('\u0000', '').replace(LONE_SURROGATE, '\ufffd');
+}
+
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g;
