@@ -130,12 +130,13 @@ class Refused extends Error {
 }
 
 /**
- * A hold commits without waiting for the WAL flush (`synchronous_commit = off` for its own
- * transaction only): on this machine's PostgreSQL that wait is ~6 ms, far beyond what a call may
- * add. It is safe for a hold: the statement stays atomic, and a database crash can only lose the
- * newest holds whole (their amount and row together) — the call then settles against no
- * reservation, which still charges it. WAL is written in order, so a settlement that reached disk
- * (settlements keep the synchronous commit) carries every hold before it.
+ * Holds and settlements commit without waiting for the WAL flush (`synchronous_commit = off` for
+ * their own transaction only): on this machine's PostgreSQL that wait is ~6 ms, far beyond what a
+ * call may add. Each statement stays atomic, and a database crash can only lose the newest ones
+ * whole (docs/decisions.md): a lost hold's call settles against no reservation, which still
+ * charges it; a lost settlement leaves its reservation to expire, the call uncharged. WAL is written
+ * in order, so anything that reached disk carries every hold before it. (A lost credit block is
+ * the exception: its process serves calls from memory until the block retires, with no row behind them.)
  */
 const ASYNC_COMMIT = sql`s as (select set_config('synchronous_commit', 'off', true) as setting)`;
 
@@ -205,6 +206,8 @@ export interface Settlement {
   chargeKey: boolean;
   usageRecordId: string;
   description: string;
+  /** When the call started (ISO 8601): a retried settlement looks for its ledger entry from then on (see `settle`). */
+  since?: string;
   /**
    * The item as `settleMany` sends it (`settlementJson`), when made ahead: the usage meter makes it
    * as a call settles, after its answer, so that a flush only joins strings on the event loop.
@@ -239,23 +242,32 @@ export function settlementJson(s: Settlement): string {
  * Charging does not depend on the reservation still existing, so a call that outlived its
  * reservation's expiry is still paid for.
  */
-export async function settle(db: Db, s: Settlement): Promise<void> {
+export async function settle(db: Db, s: Settlement, retried = false): Promise<void> {
   const rid = s.reservationId;
   const part = s.release ?? null;
+  // A retry after a failure the client could not tell from a lost reply (the statement may have
+  // committed): nothing moves if the call's ledger entry is there already. Looked up by owner from
+  // a little before the call started (the owner's index; the clocks of app and database may differ).
+  const once = retried && s.userId !== null && s.since !== undefined;
+  const seen = once
+    ? sql`, seen as (select 1 from credit_transactions where owner_id = ${s.userId}::uuid and created_at >= ${s.since}::timestamptz - interval '5 minutes'
+          and usage_record_id = ${s.usageRecordId}::uuid and type = 'usage' limit 1)`
+    : sql``;
+  const fresh = once ? sql` and not exists (select 1 from seen)` : sql``;
   await rows(
     db,
-    sql`with ${ASYNC_COMMIT}, rd as (delete from credit_reservations where id = ${rid}::uuid and ${part}::numeric is null and (select setting from s) is not null returning account_amount, key_amount),
-        rb as (update credit_reservations set account_amount = account_amount - ${part}::numeric where id = ${rid}::uuid and ${part}::numeric is not null returning ${part}::numeric as account_amount, 0::numeric as key_amount),
+    sql`with ${ASYNC_COMMIT}${seen}, rd as (delete from credit_reservations where id = ${rid}::uuid and ${part}::numeric is null and (select setting from s) is not null${fresh} returning account_amount, key_amount),
+        rb as (update credit_reservations set account_amount = account_amount - ${part}::numeric where id = ${rid}::uuid and ${part}::numeric is not null${fresh} returning ${part}::numeric as account_amount, 0::numeric as key_amount),
         r as (select * from rd union all select * from rb),
         k as (
           update api_keys set spent = spent + ${s.cost}::numeric,
             budget_reserved = greatest(budget_reserved - coalesce((select key_amount from r), 0), 0)
-          where id = ${s.apiKeyId}::uuid and ${s.chargeKey}::boolean returning id
+          where id = ${s.apiKeyId}::uuid and ${s.chargeKey}::boolean${fresh} returning id
         ),
         a as (
           update credit_accounts set balance = balance - ${s.cost}::numeric,
             reserved = greatest(reserved - coalesce((select account_amount from r), 0), 0), updated_at = now()
-          where user_id = ${s.userId}::uuid and ${s.chargeAccount}::boolean returning balance
+          where user_id = ${s.userId}::uuid and ${s.chargeAccount}::boolean${fresh} returning balance
         )
         insert into credit_transactions (owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id)
         select ${s.userId}::uuid, 'usage', -${s.cost}::numeric, balance, ${s.description}, ${s.usageRecordId}::uuid, ${s.apiKeyId}::uuid, ${s.projectId}::uuid

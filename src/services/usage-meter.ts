@@ -247,6 +247,7 @@ export class UsageMeterService implements UsageMeter {
   private settle(held: Held, record: UsageRecord): void {
     this.observe(record);
     const id = randomUUID();
+    const started = startTime(record.started_at.getTime());
     const ctx = record.context;
     this.enqueue(billingCrud.usageRowJson({
       id,
@@ -271,7 +272,7 @@ export class UsageMeterService implements UsageMeter {
       error: record.error === null ? null : storableText(record.error, 2_000),
       estimated: record.estimated,
       attempts: record.attempts,
-      started_at: startTime(record.started_at.getTime()),
+      started_at: started,
       // A key with a budget has its spend moved by the settlement below; others with the batch.
       charge_key: !held.chargeKey,
     }));
@@ -286,6 +287,7 @@ export class UsageMeterService implements UsageMeter {
       chargeKey: held.chargeKey,
       usageRecordId: id,
       description: `${record.operation} ${record.model}${record.status === 'success' ? '' : ` (${record.status})`}`,
+      since: started,
     };
     if (held.window) {
       // Covered by the block in memory: written with the next batch (the block keeps the credit held meanwhile).
@@ -445,7 +447,7 @@ export class UsageMeterService implements UsageMeter {
     this.failedSettlements = [];
     for (const [i, settlement] of settlements.entries()) {
       try {
-        await billingCrud.settle(this.db, settlement);
+        await billingCrud.settle(this.db, settlement, true);
       } catch (error) {
         this.failedSettlements.push(...settlements.slice(i));
         this.log.error({ err: cause(error), pending: this.failedSettlements.length }, 'credit settlements not written; kept for a retry');

@@ -48,15 +48,20 @@ const reservationRows = (user: TestUser) => countOf(sql`select count(*)::int as 
 
 const usageEntries = (user: TestUser) => countOf(sql`select count(*)::int as n from credit_transactions where owner_id = ${user.user.id} and type = 'usage'`);
 
-/** Runs `work` with `hook` seeing every statement the app's database sends (its SQL text and parameters) before it goes. */
-async function intercepting(hook: (text: string, params: unknown[]) => void | Promise<void>, work: () => Promise<unknown>): Promise<void> {
+/**
+ * Runs `work` with `hook` seeing every statement the app's database sends (its SQL text and
+ * parameters) before it goes, or (`afterwards`) once it has run: a throw then is a reply lost after the commit.
+ */
+async function intercepting(hook: (text: string, params: unknown[]) => void | Promise<void>, work: () => Promise<unknown>, afterwards = false): Promise<void> {
   const { db } = ctx.database;
   const dialect = new PgDialect();
   const execute = db.execute.bind(db);
   db.execute = (async (query: SQL) => {
     const { sql: text, params } = dialect.sqlToQuery(query);
-    await hook(text, params);
-    return execute(query);
+    if (!afterwards) await hook(text, params);
+    const result: unknown = await execute(query);
+    if (afterwards) await hook(text, params);
+    return result;
   }) as typeof db.execute;
   try {
     await work();
@@ -84,7 +89,9 @@ function reservationWrites(id: string, text: string, params: unknown[]): ('part'
     if (typeof param !== 'string' || !param.startsWith('[{')) continue;
     for (const item of JSON.parse(param) as { rid?: string; part?: string | null }[]) if (item.rid === id) writes.push(item.part === null ? 'release' : 'part');
   }
-  if (/rd as \(delete from credit_reservations/.test(text) && params[0] === id) writes.push(params[1] === null ? 'release' : 'part');
+  // `settle`'s own statement: the reservation's id, then the part released of it.
+  const at = params.indexOf(id);
+  if (/rd as \(delete from credit_reservations/.test(text) && at >= 0) writes.push(params[at + 1] === null ? 'release' : 'part');
   return writes;
 }
 
@@ -328,6 +335,30 @@ describe('credit windows', () => {
     await expectSettled(user, 1000 - 3);
     expect(await usageEntries(user)).toBe(1);
     expect(await countOf(sql`select count(*)::int as n from usage_records where owner_id = ${user.user.id}`)).toBe(2);
+  });
+
+  it('a flush that committed but whose reply was lost is retried without charging anything twice', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    let lost = 0;
+    await intercepting(
+      (text) => {
+        if (!lost && /insert into usage_records[\s\S]*insert into credit_transactions/.test(text)) {
+          lost += 1;
+          throw new Error('connection lost after the commit');
+        }
+      },
+      async () => {
+        for (let i = 0; i < 5; i++) await ctx.app.models.chat(billed(user));
+        await ctx.app.meter.idle(); // its flush "fails"
+        await ctx.app.meter.idle(); // the next retries the settlements
+      },
+      true,
+    );
+    expect(lost).toBe(1);
+    await expectSettled(user, 1000 - 5 * 4);
+    expect(await usageEntries(user)).toBe(5);
+    expect(await countOf(sql`select count(*)::int as n from usage_records where owner_id = ${user.user.id}`)).toBe(5);
   });
 
   it('a block left by a crashed process is released by the sweep; the settlements that come later release nothing twice', async () => {
