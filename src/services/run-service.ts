@@ -195,8 +195,13 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
  * fails: see FINAL_EVENT_PENDING); a held one is told to stop (its worker writes it).
  */
 async function stopEnded(deps: RunDeps, run: Run): Promise<void> {
-  if (run.lease_owner === runCrud.FINAL_EVENT_PENDING) await closePending(deps, run);
-  else await deps.bus.signals.cancel(run.id, 'cancelled');
+  if (run.lease_owner === runCrud.FINAL_EVENT_PENDING) {
+    await closePending(deps, run);
+    return;
+  }
+  // The end is committed: a signal that cannot be sent (Redis down) is not the request's failure
+  // (an interrupt's new run would not even be queued), and the worker sees the status at its next lease renewal.
+  await deps.bus.signals.cancel(run.id, 'cancelled').catch((error: unknown) => deps.log.warn({ err: error, runId: run.id }, 'cancel signal not sent; the worker stops at its next lease renewal'));
 }
 
 export async function startOnThread(ctx: ServiceContext, deps: RunDeps, threadId: string, input: RunCreate): Promise<Run> {

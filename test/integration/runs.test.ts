@@ -439,6 +439,28 @@ describe('one active run per thread', () => {
     expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['old', 'new', 'fresh']);
   });
 
+  it('interrupt while the cancel signal cannot be sent: the new run is accepted and runs, the old one stops at its lease renewal', async () => {
+    fake.script(MODEL, { chunks: Array.from({ length: 120 }, () => 'x '), chunkDelayMs: 100 }, { text: 'fresh' });
+    const { owner, thread } = await setup();
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'old' });
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 1));
+    const { signals } = ctx.app.runs.bus;
+    const cancel = signals.cancel.bind(signals);
+    signals.cancel = () => Promise.reject(new Error('signal channel unreachable'));
+    let second: RunBody;
+    try {
+      second = await startRun(ctx.app, owner.headers, thread.id, { input: 'new', multitask_strategy: 'interrupt' });
+    } finally {
+      signals.cancel = cancel;
+    }
+    expect((await getRun(ctx.app, owner.headers, first.id)).status).toBe('cancelled');
+    // Renewed every 2 s (RUN_LEASE_SECONDS 6): the worker finds its run cancelled then.
+    await fake.waitFor((log) => log[0]!.aborted, 8_000);
+    await waitForRun(ctx.app, owner.headers, second.id, ['completed']);
+    expect((await readEvents(base, owner.headers, first.id)).events.at(-1)!.event).toBe('run.cancelled');
+    expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['old', 'new', 'fresh']);
+  });
+
   it('starts racing on the same threads, while runs finish, never fail or leave a thread busy', async () => {
     // Two enqueued starts at once on each of three threads, round after round, while the runs
     // before them hand the thread over: every start is accepted (or told 429 by the per-user cap and
