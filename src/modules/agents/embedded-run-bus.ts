@@ -18,6 +18,14 @@ import { RunEventsRefusedError } from './run-bus-errors.js';
 const REPLAY_PAGE = 20;
 /** Streamed text pending beyond this many characters is written at once rather than on the timer. */
 const FLUSH_CHARS = 4_096;
+/** Events pending beyond this many are written at once rather than on the timer (deltas of a few characters each). */
+const FLUSH_EVENTS = 256;
+/**
+ * How far a resumed run's events are numbered past the stored top (see `resume`): beyond what a
+ * dead process can have handed readers without storing — the pending events (FLUSH_EVENTS, or
+ * FLUSH_CHARS of text, at most) and a batch being stored, with room to spare.
+ */
+export const UNSTORED_SEQS = 4 * FLUSH_EVENTS;
 /** Events per row of run_events at most: a long backlog (a reader that stalled, a failed flush) is stored in several rows. */
 const ROW_EVENTS = 500;
 /** Stored events a run's state keeps for readers that start (the usual reader opens at the run's start). */
@@ -304,7 +312,7 @@ export class EmbeddedRunEvents {
       if (stamped.some(isFinal)) state.ended = true;
       // Live readers first: they never wait for the database.
       for (const listener of state.listeners) listener(stamped);
-      if (stamped.every((event) => DEFERRED_EVENTS.has(event.event)) && state.pendingChars < FLUSH_CHARS) {
+      if (stamped.every((event) => DEFERRED_EVENTS.has(event.event)) && state.pendingChars < FLUSH_CHARS && state.pending.length < FLUSH_EVENTS) {
         this.defer(runId, state);
         return stamped;
       }
@@ -313,6 +321,26 @@ export class EmbeddedRunEvents {
     });
     state.tail = appended.catch(() => undefined);
     return appended;
+  }
+
+  /**
+   * `lastSeq` for a writer taking up a run another process was writing (a resumed run): that
+   * process handed live readers its deferred events before storing them, so seqs past the stored
+   * top may be known to readers (and a reader reconnecting with its Last-Event-ID would skip the
+   * new attempt's events that reused them). Unless this process wrote the run, its next events are
+   * numbered after a gap of UNSTORED_SEQS. Returns the stored top.
+   */
+  resume(runId: string, cursors: Map<string, number>): Promise<number> {
+    const state = this.stateOf(runId);
+    const resumed = state.tail.then(async () => {
+      const known = state.nextSeq !== null;
+      const top = await this.load(runId, state);
+      if (!known && !state.ended) state.nextSeq = top + UNSTORED_SEQS + 1;
+      rememberCursor(cursors, runId, state.nextSeq! - 1);
+      return top;
+    });
+    state.tail = resumed.catch(() => undefined);
+    return resumed;
   }
 
   /** The first `count` pending events are stored: they move to `recent`. */
@@ -574,6 +602,11 @@ export class DatabaseRunEventLog implements RunEventLog {
     const seq = await this.events.lastSeq(runId);
     rememberCursor(this.cursors, runId, seq);
     return seq;
+  }
+
+  resumeSeq(runId: string): Promise<number> {
+    if (this.closed) return Promise.reject(new Error('run event log closed'));
+    return this.events.resume(runId, this.cursors);
   }
 
   expire(ttlSeconds: number): Promise<number> {

@@ -69,6 +69,14 @@ export interface RunEventLog {
   /** The highest seq of the run (0 when it has none): where a resumed writer continues. */
   lastSeq(runId: string): Promise<number>;
   /**
+   * `lastSeq` for a writer resuming a run another process was writing, where that process could
+   * hand readers events before storing them (embedded: deltas wait for the flush timer): its next
+   * events are numbered after a gap wider than those can reach, so a reader that saw them and
+   * reconnects (Last-Event-ID) gets all of the new attempt. Absent where an event is stored
+   * before any reader gets it (Redis).
+   */
+  resumeSeq?(runId: string): Promise<number>;
+  /**
    * A writer that knows where the run's log should be without reading it (a run's first start:
    * after its run.queued, seq 1): its next append continues after `seq` — and, should the log be
    * elsewhere (run.queued was never written), from the log's real top rather than being refused as

@@ -162,6 +162,8 @@ export class AgentRunner {
   private closing = false;
   /** The built-in tools, overridden by name by the server's own (tests give theirs; `undefined` switches one off). */
   private readonly tools: ToolImplementations;
+  /** Runs created before this are ones an earlier process may have been running (see resumeSeq). */
+  private readonly startedAt = new Date();
 
   constructor(private readonly deps: RunDeps) {
     this.tools = { ...builtinTools(deps), ...deps.tools };
@@ -284,7 +286,12 @@ export class AgentRunner {
     // Only a run whose log has nothing of a worker's yet announces its start.
     const expectFirst = firstStart && bus.events.expect !== undefined;
     if (expectFirst) bus.events.expect!(run.id, 1);
-    const [version, lastSeq] = await Promise.all([this.versionOf(run.agent_id, run.agent_version), expectFirst ? 1 : bus.events.lastSeq(run.id)]);
+    // A run from before this process started may have been running in one that died (its claim,
+    // committed without waiting for the disk, lost with it: so even a first start here): its log
+    // may have handed readers events it never stored, and goes on after them (resumeSeq).
+    const earlier = run.created_at < this.startedAt && bus.events.resumeSeq !== undefined;
+    const top = expectFirst ? 1 : earlier ? bus.events.resumeSeq!(run.id) : bus.events.lastSeq(run.id);
+    const [version, lastSeq] = await Promise.all([this.versionOf(run.agent_id, run.agent_version), top]);
     if (lastSeq <= 1) announcement.push(runEvent(run));
     let firstHistory: Message[] | null = claimedHistory;
     const tools = toolSetOf(version);
