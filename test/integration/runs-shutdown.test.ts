@@ -6,13 +6,12 @@
  * runner is closed.
  */
 import { eq } from 'drizzle-orm';
-import { beforeAll, expect, it } from 'vitest';
+import { expect, it } from 'vitest';
 
 import { runs } from '../../src/models/index.js';
 
 import { useTestApp } from '../helpers/app.js';
 import { createUser } from '../helpers/factories.js';
-import { type FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, eventually, sleep } from '../helpers/http.js';
 import { createAgent, createThread, readEvents, type RunBody, startRun, useRunServer } from '../helpers/runs.js';
 
@@ -34,16 +33,12 @@ const ctx = useTestApp(
 );
 const api = apiOf(ctx);
 const server = useRunServer(ctx);
-let fake: FakeModelServer;
-let base: string;
-beforeAll(() => {
-  ({ fake, base } = server);
-});
 
 it('a run cancelled while its worker shuts down gets its final event, and its lease is let go', async () => {
   const owner = await createUser(ctx.app);
   await createAgent(ctx.app, owner.headers, { is_default: true, tools: ['knowledge_search'] });
   const thread = await createThread(ctx.app, owner.headers);
+  const { fake, base } = server;
   fake.script(MODEL, { toolCalls: [{ id: 'call_a', name: 'knowledge_search', arguments: '{"query":"x"}' }] }, { text: 'never asked' });
   const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'search' });
   await eventually(() => Promise.resolve(searching));
