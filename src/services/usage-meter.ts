@@ -18,7 +18,7 @@ import type { Redis } from 'ioredis';
 
 import type { Settings } from '../core/config.js';
 import type { Db } from '../core/db.js';
-import { PaymentRequiredError, ServiceUnavailableError, TooManyRequestsError } from '../core/errors.js';
+import { databaseError, PaymentRequiredError, ServiceUnavailableError, TooManyRequestsError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import type { ModelMetrics } from '../core/metrics.js';
 
@@ -44,6 +44,12 @@ const RPM_WINDOW_MS = 60_000;
 
 /** Drizzle's query errors carry the statement's parameters (here: whole batches); log the driver's error. */
 const cause = (error: unknown): unknown => (error as { cause?: unknown }).cause ?? error;
+
+/**
+ * The database refused a statement for what it was given (SQLSTATE class 22, data; 23, integrity),
+ * not for being unreachable: retried as it is, it fails the same way every time.
+ */
+const refusedForData = (error: unknown): boolean => /^2[23]/.test(databaseError(error)?.code ?? '');
 /** Rows kept in memory while the database cannot take them; beyond it the oldest are dropped (logged). */
 const MAX_BUFFERED_ROWS = 1_000_000;
 const SWEEP_INTERVAL_MS = 60_000;
@@ -431,6 +437,15 @@ export class UsageMeterService implements UsageMeter {
       try {
         await billingCrud.writeUsage(this.db, usage, settlements);
       } catch (error) {
+        if (refusedForData(error)) {
+          // One row the database refuses would fail its batch at every retry and hold up all that
+          // came after it: the rows go one by one (what is refused is set aside, logged), the
+          // settlements are retried one by one after this loop (retryFailed).
+          this.log.error({ err: cause(error), rows: usage.length, settlements: settlements.length }, 'usage batch refused by the database; written one by one');
+          this.failedSettlements.push(...settlements);
+          if (await this.writeRowsApart(usage)) continue;
+          return false;
+        }
         this.buffer.unshift(...usage);
         this.failedSettlements.push(...settlements);
         this.log.error({ err: cause(error), pending: this.buffer.length, settlements: settlements.length }, 'usage records not written; kept for a retry');
@@ -441,7 +456,30 @@ export class UsageMeterService implements UsageMeter {
     return true;
   }
 
-  /** Settlements that failed before, one by one: one that keeps failing holds up only the ones after it. */
+  /** Usage rows one statement each; one the database refuses is set aside (logged). False when the database failed otherwise (the rest kept). */
+  private async writeRowsApart(rows: string[]): Promise<boolean> {
+    for (const [i, row] of rows.entries()) {
+      try {
+        await billingCrud.insertUsage(this.db, [row]);
+      } catch (error) {
+        if (refusedForData(error)) {
+          this.log.error({ err: cause(error), usageRecord: (JSON.parse(row) as { id: string }).id }, 'usage record refused by the database; set aside');
+          continue;
+        }
+        this.buffer.unshift(...rows.slice(i));
+        this.log.error({ err: cause(error), pending: this.buffer.length }, 'usage records not written; kept for a retry');
+        this.schedule();
+        return false;
+      }
+    }
+    return true;
+  }
+
+  /**
+   * Settlements that failed before, one by one: one the database cannot take now holds up only the
+   * ones after it; one it refuses for its data is set aside (logged with what it would have
+   * charged: the call goes uncharged rather than every later one).
+   */
   private async retryFailed(): Promise<void> {
     const settlements = this.failedSettlements;
     this.failedSettlements = [];
@@ -449,6 +487,11 @@ export class UsageMeterService implements UsageMeter {
       try {
         await billingCrud.settle(this.db, settlement, true);
       } catch (error) {
+        if (refusedForData(error)) {
+          const { reservationId, userId, apiKeyId, cost, usageRecordId, description } = settlement;
+          this.log.error({ err: cause(error), settlement: { reservationId, userId, apiKeyId, cost, usageRecordId, description } }, 'credit settlement refused by the database; set aside');
+          continue;
+        }
         this.failedSettlements.push(...settlements.slice(i));
         this.log.error({ err: cause(error), pending: this.failedSettlements.length }, 'credit settlements not written; kept for a retry');
         this.schedule();

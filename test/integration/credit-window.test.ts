@@ -325,6 +325,37 @@ describe('credit windows', () => {
     expect(texts.some((text) => text.includes('bad:  byte'))).toBe(true);
   });
 
+  it('a usage row the database refuses is set aside, and the rows and charges around it are written', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    // As a value PostgreSQL refuses would (22P02): every statement carrying the marked row fails.
+    const refused = Object.assign(new Error('invalid input syntax for type json'), { code: '22P02' });
+    let refusals = 0;
+    await intercepting(
+      (_text, params) => {
+        if (params.some((p) => typeof p === 'string' && p.includes('MARKED-ROW'))) {
+          refusals += 1;
+          throw refused;
+        }
+      },
+      async () => {
+        for (let i = 0; i < 2; i++) await ctx.app.models.chat(billed(user));
+        fake.script('fake-billed', { status: 400, body: { error: { message: 'MARKED-ROW', type: 'invalid_request_error', param: null, code: null } } });
+        await expect(ctx.app.models.chat(billed(user))).rejects.toThrow();
+        for (let i = 0; i < 3; i++) await ctx.app.models.chat(billed(user));
+        await ctx.app.meter.idle();
+        // Later calls are written too, while the row is still refused: nothing waits behind it.
+        await ctx.app.models.chat(billed(user));
+        await ctx.app.meter.idle();
+        expect(await usageEntries(user)).toBe(6);
+      },
+    );
+    expect(refusals).toBeGreaterThanOrEqual(2); // its batch, then the row alone
+    await expectSettled(user, 1000 - 6 * 4);
+    expect(await usageEntries(user)).toBe(6);
+    expect(await countOf(sql`select count(*)::int as n from usage_records where owner_id = ${user.user.id}`)).toBe(6);
+  });
+
   it('usage a provider reports in counts that are not token counts (a fraction, a negative) is recorded and charged as whole tokens', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');
