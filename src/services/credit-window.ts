@@ -12,8 +12,8 @@
  * hold, and the balance still moves only with its ledger entry. When the block cannot serve a hold
  * it is retired and a new one taken; a retired block whose calls have all settled is released
  * (its row deleted, what is left of it back to `available`) once their settlements are written:
- * released before one of them, the account would show that call's spent credit as available. Blocks retire when idle, after half
- * the reservation TTL at most, and at shutdown.
+ * released before one of them, the account would show that call's spent credit as available.
+ * Blocks retire when idle, after half the reservation TTL at most, and at shutdown.
  *
  * The next block is taken ahead, off the calls' path: when a block has less than a quarter of it
  * left (or three quarters of its time are gone) the hold that notices starts taking the next one

@@ -1,3 +1,6 @@
+/** A high surrogate with no low one after it, or a low one with no high one before it. */
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g;
+
 /**
  * Text from outside (an upstream's error message) as PostgreSQL can store it, cut to at most `max`
  * UTF-16 units: without NUL characters (text and json refuse them) and well-formed (a surrogate
@@ -8,5 +11,3 @@ export function storableText(text: string, max: number): string {
   const cut = text.length > max ? text.slice(0, max) : text;
   return cut.replaceAll('\u0000', '').replace(LONE_SURROGATE, '\ufffd');
 }
-
-const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g;

@@ -46,6 +46,8 @@ async function countOf(query: ReturnType<typeof sql>): Promise<number> {
 
 const reservationRows = (user: TestUser) => countOf(sql`select count(*)::int as n from credit_reservations where user_id = ${user.user.id}`);
 
+const usageRows = (user: TestUser) => countOf(sql`select count(*)::int as n from usage_records where owner_id = ${user.user.id}`);
+
 const usageEntries = (user: TestUser) => countOf(sql`select count(*)::int as n from credit_transactions where owner_id = ${user.user.id} and type = 'usage'`);
 
 /**
@@ -353,7 +355,7 @@ describe('credit windows', () => {
     expect(refusals).toBeGreaterThanOrEqual(2); // its batch, then the row alone
     await expectSettled(user, 1000 - 6 * 4);
     expect(await usageEntries(user)).toBe(6);
-    expect(await countOf(sql`select count(*)::int as n from usage_records where owner_id = ${user.user.id}`)).toBe(6);
+    expect(await usageRows(user)).toBe(6);
   });
 
   it('usage a provider reports in counts that are not token counts (a fraction, a negative) is recorded and charged as whole tokens', async () => {
@@ -365,7 +367,7 @@ describe('credit windows', () => {
     // 2.5 output tokens count as 3, −1 as none; each call settled (nothing left held).
     await expectSettled(user, 1000 - 3);
     expect(await usageEntries(user)).toBe(1);
-    expect(await countOf(sql`select count(*)::int as n from usage_records where owner_id = ${user.user.id}`)).toBe(2);
+    expect(await usageRows(user)).toBe(2);
   });
 
   it('a flush that committed but whose reply was lost is retried without charging anything twice', async () => {
@@ -389,7 +391,7 @@ describe('credit windows', () => {
     expect(lost).toBe(1);
     await expectSettled(user, 1000 - 5 * 4);
     expect(await usageEntries(user)).toBe(5);
-    expect(await countOf(sql`select count(*)::int as n from usage_records where owner_id = ${user.user.id}`)).toBe(5);
+    expect(await usageRows(user)).toBe(5);
   });
 
   it('a block left by a crashed process is released by the sweep; the settlements that come later release nothing twice', async () => {
@@ -465,7 +467,7 @@ describe('credit windows', () => {
     }
     await expectSettled(user, 1000 - 23 * 4);
     expect(await usageEntries(user)).toBe(23);
-    expect(await countOf(sql`select count(*)::int as n from usage_records where owner_id = ${user.user.id}`)).toBe(23);
+    expect(await usageRows(user)).toBe(23);
     expect(await countOf(sql`select count(distinct usage_record_id)::int as n from credit_transactions where owner_id = ${user.user.id} and type = 'usage'`)).toBe(23);
   });
 });

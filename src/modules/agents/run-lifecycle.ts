@@ -136,6 +136,11 @@ export async function queueRun(deps: RunDeps, runId: string): Promise<void> {
   }
 }
 
+/** The events of a step's written messages: the assistant's (opened when the step began) completed, each tool result created and completed. */
+export function completedEvents(stepMessages: readonly Message[], step: number): NewRunEvent[] {
+  return stepMessages.flatMap((message, i): NewRunEvent[] => (i === 0 ? [{ event: 'message.completed', data: { message, step } }] : [{ event: 'message.created', data: { message, step } }, { event: 'message.completed', data: { message, step } }]));
+}
+
 /** Writes the final event of a run ended with FINAL_EVENT_PENDING, then clears the mark; left for the sweep when the write fails. */
 export async function closePending(deps: RunDeps, run: Run): Promise<boolean> {
   if (!(await appendFinalEvent(deps, run))) return false;

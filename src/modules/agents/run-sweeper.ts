@@ -8,7 +8,7 @@
 import type { Message, Run } from '../../models/index.js';
 
 import * as runCrud from '../../crud/run.js';
-import { appendFinalEvent, closePending, finishRun, queueRun, type RunDeps } from './run-lifecycle.js';
+import { appendFinalEvent, closePending, completedEvents, finishRun, queueRun, type RunDeps } from './run-lifecycle.js';
 import type { AgentRunner } from './runner.js';
 
 const BATCH = 500;
@@ -77,7 +77,7 @@ export class RunSweeper {
       // A completed run's worker appends its answer's `message.completed` with `run.completed` (one
       // append): both are missing, and readers (the /v1 agent answer too) take the answer from it.
       const answer = run.status === 'completed' ? await runCrud.lastAnswer(deps.db, run.id) : undefined;
-      const before = answer ? [{ event: 'message.completed' as const, data: { message: answer, step: answerStep(answer, run) } }] : [];
+      const before = answer ? completedEvents([answer], answerStep(answer, run)) : [];
       if (!(await appendFinalEvent(deps, run, before))) continue;
       await runCrud.clearEndedLease(deps.db, run.id);
       closed += 1;

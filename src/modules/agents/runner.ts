@@ -24,7 +24,7 @@ import { appendMessage } from '../../crud/thread.js';
 import { addCosts, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, OrderedAppends } from './run-bus.js';
-import { appendFinalEvent, type EndedRun, endInTransaction, endWithAnswer, finishRun, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
+import { appendFinalEvent, completedEvents, type EndedRun, endInTransaction, endWithAnswer, finishRun, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
 import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, type ToolImplementations, type ToolSource } from './tools.js';
 
 // ==================== Why a run stops ====================
@@ -129,11 +129,6 @@ export function sourcesOfRun(history: readonly Message[], runId: string): ToolSo
 const sourcesField = (sources: ToolSource[]) => (sources.length ? { sources } : {});
 
 // ==================== The runner ====================
-
-/** The events of a step's written messages: the assistant's (opened when the step began) completed, each tool result created and completed. */
-function completedEvents(stepMessages: readonly Message[], step: number): NewRunEvent[] {
-  return stepMessages.flatMap((message, i): NewRunEvent[] => (i === 0 ? [{ event: 'message.completed', data: { message, step } }] : [{ event: 'message.created', data: { message, step } }, { event: 'message.completed', data: { message, step } }]));
-}
 
 /** Agent versions a runner keeps (they never change). */
 const VERSION_CACHE_SIZE = 1_000;

@@ -19,8 +19,11 @@ export function pricesFor(pricing: ModelPricing, inputTokens: number): Omit<Mode
   return applied;
 }
 
+/** A token count as `computeCost` takes it: a non-negative safe integer. */
+const isTokenCount = (value: number): boolean => Number.isSafeInteger(value) && value >= 0;
+
 function count(value: number, kind: string): bigint {
-  if (!Number.isSafeInteger(value) || value < 0) throw new RangeError(`${kind} tokens must be a non-negative integer, got ${value}`);
+  if (!isTokenCount(value)) throw new RangeError(`${kind} tokens must be a non-negative integer, got ${value}`);
   return BigInt(value);
 }
 
@@ -101,13 +104,8 @@ function formatScaled(mantissa: bigint, scale: number): string {
   return negative ? `-${digits}` : digits;
 }
 
-/**
- * Cost of `usage` at `pricing` as a decimal string (e.g. `"0.000002500000"` → `"0.0000025"`:
- * trailing zeros dropped, never exponent notation). `input` counts cached reads and cache writes,
- * `output` counts reasoning tokens, as the providers report them.
- */
 /** A token count a provider reported as one: a non-negative safe integer (2.5 → 3, −1 or NaN → 0). */
-const tokenCount = (value: number): number => (Number.isSafeInteger(value) && value >= 0 ? value : Number.isFinite(value) ? Math.min(Math.max(0, Math.round(value)), Number.MAX_SAFE_INTEGER) : 0);
+const tokenCount = (value: number): number => (isTokenCount(value) ? value : Number.isFinite(value) ? Math.min(Math.max(0, Math.round(value)), Number.MAX_SAFE_INTEGER) : 0);
 
 /**
  * Usage as a provider reported it, with every count made one `computeCost` takes: what a provider
@@ -117,10 +115,15 @@ const tokenCount = (value: number): number => (Number.isSafeInteger(value) && va
  */
 export function countableUsage(usage: TokenUsage): TokenUsage {
   const { input, cached_input, cache_write, output, reasoning } = usage;
-  if ([input, cached_input, cache_write, output, reasoning].every((n) => Number.isSafeInteger(n) && n >= 0)) return usage;
+  if (isTokenCount(input) && isTokenCount(cached_input) && isTokenCount(cache_write) && isTokenCount(output) && isTokenCount(reasoning)) return usage;
   return { input: tokenCount(input), cached_input: tokenCount(cached_input), cache_write: tokenCount(cache_write), output: tokenCount(output), reasoning: tokenCount(reasoning) };
 }
 
+/**
+ * Cost of `usage` at `pricing` as a decimal string (e.g. `"0.000002500000"` → `"0.0000025"`:
+ * trailing zeros dropped, never exponent notation). `input` counts cached reads and cache writes,
+ * `output` counts reasoning tokens, as the providers report them.
+ */
 export function computeCost(pricing: ModelPricing, usage: TokenUsage): string {
   const p = parsed(pricesFor(pricing, usage.input));
   const input = count(usage.input, 'input');
