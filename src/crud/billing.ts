@@ -119,6 +119,8 @@ export interface Hold {
   /** Held from the key's budget (null: the key has no budget). */
   keyAmount: string | null;
   ttlSeconds: number;
+  /** A credit window's block: commits only once it is on disk (DURABLE_COMMIT), not asynchronously. */
+  durable?: boolean;
 }
 
 export type HoldOutcome = 'held' | 'balance' | 'budget';
@@ -135,10 +137,18 @@ class Refused extends Error {
  * call may add. Each statement stays atomic, and a database crash can only lose the newest ones
  * whole (docs/decisions.md): a lost hold's call settles against no reservation, which still
  * charges it; a lost settlement leaves its reservation to expire, the call uncharged. WAL is written
- * in order, so anything that reached disk carries every hold before it. (A lost credit block is
- * the exception: its process serves calls from memory until the block retires, with no row behind them.)
+ * in order, so anything that reached disk carries every hold before it.
  */
 const ASYNC_COMMIT = sql`s as (select set_config('synchronous_commit', 'off', true) as setting)`;
+
+/**
+ * A credit window's block is held with the commit waiting for the WAL flush: its process serves
+ * calls from the block in memory for up to ~30 s, so a block's hold lost in a crash would leave
+ * those calls with no row behind them while another process takes the same credit again (an
+ * overdraft of up to a block). Blocks are taken rarely (each serves many calls), so the wait costs
+ * a call little; set explicitly, it holds whatever the server's default.
+ */
+const DURABLE_COMMIT = sql`s as (select set_config('synchronous_commit', 'on', true) as setting)`;
 
 const holdAccount = (hold: Hold, amount: string) =>
   sql`update credit_accounts set reserved = reserved + ${amount}::numeric
@@ -162,18 +172,19 @@ const insertHold = (hold: Hold, from: SQL) =>
  */
 export async function hold(db: Db, h: Hold): Promise<HoldOutcome> {
   const { accountAmount, keyAmount } = h;
+  const commit = h.durable ? DURABLE_COMMIT : ASYNC_COMMIT;
   if (accountAmount !== null && keyAmount === null) {
-    const held = await rows(db, sql`with ${ASYNC_COMMIT}, a as (${holdAccount(h, accountAmount)}) ${insertHold(h, sql`from a, s`)}`);
+    const held = await rows(db, sql`with ${commit}, a as (${holdAccount(h, accountAmount)}) ${insertHold(h, sql`from a, s`)}`);
     return held.length ? 'held' : 'balance';
   }
   if (accountAmount === null && keyAmount !== null) {
-    const held = await rows(db, sql`with ${ASYNC_COMMIT}, k as (${holdKey(h, keyAmount)}) ${insertHold(h, sql`from k, s`)}`);
+    const held = await rows(db, sql`with ${commit}, k as (${holdKey(h, keyAmount)}) ${insertHold(h, sql`from k, s`)}`);
     return held.length ? 'held' : 'budget';
   }
   if (accountAmount === null || keyAmount === null) return 'held';
   try {
     return await transaction(db, async (tx) => {
-      await rows(tx, sql`with ${ASYNC_COMMIT} select 1 from s`);
+      await rows(tx, sql`with ${commit} select 1 from s`);
       // The account's row before the key's, the order settlements and the sweep lock them in
       // (key first, concurrent holds and settlements on one key deadlocked on PostgreSQL).
       if (!(await rows(tx, holdAccount(h, accountAmount))).length) throw new Refused('balance');

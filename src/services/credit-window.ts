@@ -23,8 +23,10 @@
  * old one serves on until it is empty, then calls hold per call as before.
  *
  * Why this never overdraws: a block is taken only when the account covers it, and the block serves
- * at most its own amount. Across processes each takes its own blocks from the same row. A process
- * that dies leaves its block's row, which expires and is released by the sweep like a call's hold.
+ * at most its own amount. Across processes each takes its own blocks from the same row. A block's
+ * hold commits only once it is on disk (per-call holds commit asynchronously): a database crash
+ * cannot take back a block its process goes on serving calls from. A process that dies leaves its
+ * block's row, which expires and is released by the sweep like a call's hold.
  * When a block cannot be taken (the balance is low), the caller holds per call as before, so a
  * nearly empty account behaves exactly as without windows.
  */
@@ -145,7 +147,8 @@ export class CreditWindows {
   }
 
   private hold(userId: string, id: string, size: bigint) {
-    return billingCrud.hold(this.options.db, { id, userId, apiKeyId: null, accountAmount: unitsCost(size), keyAmount: null, ttlSeconds: this.options.ttlSeconds });
+    // Durable before the block serves a call (see billingCrud.hold's DURABLE_COMMIT).
+    return billingCrud.hold(this.options.db, { id, userId, apiKeyId: null, accountAmount: unitsCost(size), keyAmount: null, ttlSeconds: this.options.ttlSeconds, durable: true });
   }
 
   /**

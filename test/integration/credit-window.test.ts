@@ -14,7 +14,7 @@ import { getBalance, ledgerSum } from '../../src/crud/billing.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
-import { apiOf } from '../helpers/http.js';
+import { apiOf, createKey } from '../helpers/http.js';
 import { chatRequest, useFakeModels } from '../helpers/metered-models.js';
 
 // Blocks of 8 calls: with `fake-billed` (1 credit per output token) and 10 output tokens at most, a block is 80 credits.
@@ -392,6 +392,42 @@ describe('credit windows', () => {
     await expectSettled(user, 1000 - 5 * 4);
     expect(await usageEntries(user)).toBe(5);
     expect(await usageRows(user)).toBe(5);
+  });
+
+  it('a block\'s hold commits only once it is durable (synchronous_commit on); per-call holds keep the asynchronous commit', async () => {
+    // A process serves calls from its block in memory for up to ~30 s: a block's hold lost in a
+    // database crash would let another process take the same credit again. A deferred trigger runs
+    // at COMMIT, in the hold's own transaction: it records the synchronous_commit that commit runs with.
+    const { db } = ctx.database;
+    await db.execute(sql`create table commit_modes (reservation_id uuid primary key, user_id uuid, api_key_id uuid, mode text not null)`);
+    await db.execute(sql.raw(`create function record_commit_mode() returns trigger language plpgsql as $$
+      begin insert into commit_modes values (new.id, new.user_id, new.api_key_id, current_setting('synchronous_commit')); return null; end $$`));
+    await db.execute(sql`create constraint trigger record_commit_mode after insert on credit_reservations deferrable initially deferred for each row execute function record_commit_mode()`);
+    const modes = async (where: SQL) => {
+      const result: unknown = await db.execute(sql`select mode from commit_modes where ${where}`);
+      return (result as { rows: { mode: string }[] }).rows.map((r) => r.mode);
+    };
+    try {
+      const rich = await createUser(ctx.app);
+      await grant(rich, '1000');
+      await ctx.app.models.chat(billed(rich)); // takes a block
+      const block = await onlyReservation(rich);
+      expect(await modes(sql`reservation_id = ${block}`)).toEqual(['on']);
+      // A call on a key with a budget holds per call (account and key in one transaction).
+      const key = await createKey(ctx.app, rich, { name: 'budget', max_budget: '100' });
+      await ctx.app.models.chat(chatRequest('fake-billed', { user_id: rich.user.id, api_key_id: key.id }, { maxOutputTokens: 10 }));
+      expect(await modes(sql`api_key_id = ${key.id}`)).toEqual(['off']);
+      // A balance that cannot cover a block: the call holds its own amount (one statement).
+      const poor = await createUser(ctx.app);
+      await grant(poor, '15');
+      await ctx.app.models.chat(billed(poor));
+      expect(await modes(sql`user_id = ${poor.user.id}`)).toEqual(['off']);
+      await expectSettled(poor, 11);
+    } finally {
+      await db.execute(sql`drop trigger record_commit_mode on credit_reservations`);
+      await db.execute(sql`drop function record_commit_mode()`);
+      await db.execute(sql`drop table commit_modes`);
+    }
   });
 
   it('a block left by a crashed process is released by the sweep; the settlements that come later release nothing twice', async () => {
