@@ -220,6 +220,12 @@ export interface Settlement {
   /** When the call started (ISO 8601): a retried settlement looks for its ledger entry from then on (see `settle`). */
   since?: string;
   /**
+   * The call's usage row (`usageRowJson`, id `usageRecordId`), when the settlement writes it: a
+   * settlement that charges the key but writes no ledger entry (billing off). The row goes in with
+   * the key's spend, once by its id, so a retried settlement that had committed moves nothing again.
+   */
+  usage?: string;
+  /**
    * The item as `settleMany` sends it (`settlementJson`), when made ahead: the usage meter makes it
    * as a call settles, after its answer, so that a flush only joins strings on the event loop.
    */
@@ -259,19 +265,23 @@ export async function settle(db: Db, s: Settlement, retried = false): Promise<vo
   // A retry after a failure the client could not tell from a lost reply (the statement may have
   // committed): nothing moves if the call's ledger entry is there already. Looked up by owner from
   // a little before the call started (the owner's index; the clocks of app and database may differ).
-  const once = retried && s.userId !== null && s.since !== undefined;
+  // A settlement that writes its call's usage row needs no look-up: the key's spend moves by the
+  // row it inserts, none when the row is there already (and the reservation is released once anyway).
+  const once = retried && s.usage === undefined && s.userId !== null && s.since !== undefined;
   const seen = once
     ? sql`, seen as (select 1 from credit_transactions where owner_id = ${s.userId}::uuid and created_at >= ${s.since}::timestamptz - interval '5 minutes'
           and usage_record_id = ${s.usageRecordId}::uuid and type = 'usage' limit 1)`
     : sql``;
   const fresh = once ? sql` and not exists (select 1 from seen)` : sql``;
+  const usage = s.usage === undefined ? sql`` : sql`, ${usageRowCtes([s.usage])}`;
+  const spend = s.usage === undefined ? sql`${s.cost}::numeric` : sql`(select coalesce(sum(cost), 0) from ins)`;
   await rows(
     db,
-    sql`with ${ASYNC_COMMIT}${seen}, rd as (delete from credit_reservations where id = ${rid}::uuid and ${part}::numeric is null and (select setting from s) is not null${fresh} returning account_amount, key_amount),
+    sql`with ${ASYNC_COMMIT}${seen}${usage}, rd as (delete from credit_reservations where id = ${rid}::uuid and ${part}::numeric is null and (select setting from s) is not null${fresh} returning account_amount, key_amount),
         rb as (update credit_reservations set account_amount = account_amount - ${part}::numeric where id = ${rid}::uuid and ${part}::numeric is not null${fresh} returning ${part}::numeric as account_amount, 0::numeric as key_amount),
         r as (select * from rd union all select * from rb),
         k as (
-          update api_keys set spent = spent + ${s.cost}::numeric,
+          update api_keys set spent = spent + ${spend},
             budget_reserved = greatest(budget_reserved - coalesce((select key_amount from r), 0), 0)
           where id = ${s.apiKeyId}::uuid and ${s.chargeKey}::boolean${fresh} returning id
         ),
@@ -294,14 +304,20 @@ export async function settle(db: Db, s: Settlement, retried = false): Promise<vo
  */
 export async function settleMany(db: Db, batch: readonly Settlement[]): Promise<void> {
   if (batch.length === 1) return settle(db, batch[0]!);
-  await rows(db, sql`with ${ASYNC_COMMIT}, ${settleCtes(batch)} ${LEDGER_ENTRIES}`);
+  const usage = batch.flatMap((s) => (s.usage === undefined ? [] : [s.usage]));
+  const rowCtes = usage.length ? sql`${usageRowCtes(usage)}, ` : sql``;
+  await rows(db, sql`with ${ASYNC_COMMIT}, ${rowCtes}${settleCtes(batch, usage.length > 0)} ${LEDGER_ENTRIES}`);
 }
 
 /** The items as `settleMany`'s one JSON parameter. */
 const settlementItems = (batch: readonly Settlement[]): string => `[${batch.map((s) => s.json ?? settlementJson(s)).join(',')}]`;
 
-/** `settleMany`'s work up to its ledger entries (`e`): reservations released, keys' spend and accounts' balances moved. */
-const settleCtes = (batch: readonly Settlement[]) =>
+/**
+ * `settleMany`'s work up to its ledger entries (`e`): reservations released, keys' spend and
+ * accounts' balances moved. `withRows`: some settlements write their usage rows (`usageRowCtes`
+ * before these): such a call moves its key's spend only when its row was inserted now (see `settle`).
+ */
+const settleCtes = (batch: readonly Settlement[], withRows = false) =>
   sql`i as (
           select x.*, e.ord from json_array_elements(${settlementItems(batch)}::json) with ordinality as e(item, ord),
             json_to_record(e.item) as x(entry_id uuid, rid uuid, part numeric, user_id uuid, api_key_id uuid, project_id uuid, cost numeric, charge_account boolean,
@@ -323,7 +339,8 @@ const settleCtes = (batch: readonly Settlement[]) =>
         ),
         k as (
           update api_keys t set spent = t.spent + g.cost, budget_reserved = greatest(t.budget_reserved - g.released, 0)
-          from (select api_key_id, sum(cost) as cost, sum(key_release) as released from ir
+          from (select api_key_id, sum(${withRows ? sql`case when usage_record_id in (select id from x except select id from ins) then 0 else cost end` : sql`cost`}) as cost,
+                  sum(key_release) as released from ir
                 where charge_key and api_key_id is not null group by api_key_id) g
           where t.id = g.api_key_id returning t.id
         ),
@@ -433,7 +450,17 @@ export async function writeUsage(db: Db, usage: readonly (UsageRow | string)[], 
 }
 
 /** `insertUsage`'s work: `ins` the rows written, `uk` the keys' spend moved by rows with `charge_key`. */
-const usageCtes = (batch: readonly (UsageRow | string)[]) => {
+const usageCtes = (batch: readonly (UsageRow | string)[]) =>
+  sql`${usageRowCtes(batch)},
+        uk as (
+          update api_keys t set spent = t.spent + s.total
+          from (select ins.api_key_id, sum(ins.cost) as total from ins join x on x.id = ins.id
+                where x.charge_key and ins.api_key_id is not null group by ins.api_key_id) s
+          where t.id = s.api_key_id returning 1
+        )`;
+
+/** The rows (`x`) and those written (`ins`: not those whose id is stored already, nor those of users deleted meanwhile). */
+const usageRowCtes = (batch: readonly (UsageRow | string)[]) => {
   const json = `[${batch.map((r) => (typeof r === 'string' ? r : usageRowJson(r))).join(',')}]`;
   return sql`x as (
           select * from json_to_recordset(${json}::json) as x(
@@ -452,12 +479,6 @@ const usageCtes = (batch: readonly (UsageRow | string)[]) => {
           from x where x.owner_id is null or exists (select 1 from users u where u.id = x.owner_id)
           on conflict (id) do nothing
           returning id, api_key_id, cost
-        ),
-        uk as (
-          update api_keys t set spent = t.spent + s.total
-          from (select ins.api_key_id, sum(ins.cost) as total from ins join x on x.id = ins.id
-                where x.charge_key and ins.api_key_id is not null group by ins.api_key_id) s
-          where t.id = s.api_key_id returning 1
         )`;
 };
 

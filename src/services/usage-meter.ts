@@ -8,7 +8,8 @@
  *
  * settle (after the answer, never on the caller's path): Prometheus, a usage record into the
  * batch writer, and — when something was held — one statement that releases the hold, charges the
- * exact cost and writes the ledger entry. Nothing is lost: a failed batch or settlement is kept and
+ * exact cost and writes the ledger entry (a key's budget charged without one, billing off: the
+ * usage record, which makes a retry of that statement charge nothing twice). Nothing is lost: a failed batch or settlement is kept and
  * retried, and `close()` (the app's close hook) writes what is left.
  */
 import { randomUUID } from 'node:crypto';
@@ -255,7 +256,7 @@ export class UsageMeterService implements UsageMeter {
     const id = randomUUID();
     const started = startTime(record.started_at.getTime());
     const ctx = record.context;
-    this.enqueue(billingCrud.usageRowJson({
+    const row = billingCrud.usageRowJson({
       id,
       created_at: endTime(record.started_at.getTime() + record.latency_ms),
       owner_id: ctx.user_id ?? null,
@@ -281,8 +282,11 @@ export class UsageMeterService implements UsageMeter {
       started_at: started,
       // A key with a budget has its spend moved by the settlement below; others with the batch.
       charge_key: !held.chargeKey,
-    }));
-    if (held.reservationId === null && (record.cost === '0' || (!held.chargeAccount && !held.chargeKey))) return;
+    });
+    if (held.reservationId === null && (record.cost === '0' || (!held.chargeAccount && !held.chargeKey))) {
+      this.enqueue(row);
+      return;
+    }
     const settlement: billingCrud.Settlement = {
       reservationId: held.reservationId,
       userId: ctx.user_id ?? null,
@@ -295,6 +299,10 @@ export class UsageMeterService implements UsageMeter {
       description: `${record.operation} ${record.model}${record.status === 'success' ? '' : ` (${record.status})`}`,
       since: started,
     };
+    // A key charged with no ledger entry (billing off): the settlement writes the call's usage row,
+    // whose id tells a retried settlement that had committed to move nothing again (Settlement.usage).
+    if (held.chargeKey && !held.chargeAccount) settlement.usage = row;
+    else this.enqueue(row);
     if (held.window) {
       // Covered by the block in memory: written with the next batch (the block keeps the credit held meanwhile).
       const { block, units } = held.window;
@@ -485,7 +493,7 @@ export class UsageMeterService implements UsageMeter {
     this.failedSettlements = [];
     for (const [i, settlement] of settlements.entries()) {
       try {
-        await billingCrud.settle(this.db, settlement, true);
+        await this.settleAgain(settlement);
       } catch (error) {
         if (refusedForData(error)) {
           const { reservationId, userId, apiKeyId, cost, usageRecordId, description } = settlement;
@@ -497,6 +505,21 @@ export class UsageMeterService implements UsageMeter {
         this.schedule();
         return;
       }
+    }
+  }
+
+  /**
+   * A failed settlement, again. One that writes its call's usage row and that the database refuses
+   * for its data goes once more without the row (the row may be what it refuses): the row is set
+   * aside (logged), the hold is still released and the key still charged.
+   */
+  private async settleAgain(settlement: billingCrud.Settlement): Promise<void> {
+    try {
+      await billingCrud.settle(this.db, settlement, true);
+    } catch (error) {
+      if (settlement.usage === undefined || !refusedForData(error)) throw error;
+      this.log.error({ err: cause(error), usageRecord: settlement.usageRecordId }, 'usage record refused by the database; set aside, its settlement goes without it');
+      await billingCrud.settle(this.db, { ...settlement, usage: undefined }, true);
     }
   }
 

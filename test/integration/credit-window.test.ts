@@ -5,7 +5,6 @@
  * process's block released by the expiry sweep without anything released twice.
  */
 import { type SQL, sql } from 'drizzle-orm';
-import { PgDialect } from 'drizzle-orm/pg-core';
 import { beforeEach, describe, expect, it } from 'vitest';
 
 import { PaymentRequiredError } from '../../src/core/errors.js';
@@ -16,6 +15,7 @@ import { createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey } from '../helpers/http.js';
 import { chatRequest, useFakeModels } from '../helpers/metered-models.js';
+import { intercepting } from '../helpers/statements.js';
 
 // Blocks of 8 calls: with `fake-billed` (1 credit per output token) and 10 output tokens at most, a block is 80 credits.
 const SETTINGS = { BILLING_ENABLED: 'true', BILLING_CREDIT_WINDOW_CALLS: '8', USAGE_FLUSH_INTERVAL_MS: '20', MODEL_MAX_RETRIES: '0' };
@@ -50,32 +50,13 @@ const usageRows = (user: TestUser) => countOf(sql`select count(*)::int as n from
 
 const usageEntries = (user: TestUser) => countOf(sql`select count(*)::int as n from credit_transactions where owner_id = ${user.user.id} and type = 'usage'`);
 
-/**
- * Runs `work` with `hook` seeing every statement the app's database sends (its SQL text and
- * parameters) before it goes, or (`afterwards`) once it has run: a throw then is a reply lost after the commit.
- */
-async function intercepting(hook: (text: string, params: unknown[]) => void | Promise<void>, work: () => Promise<unknown>, afterwards = false): Promise<void> {
-  const { db } = ctx.database;
-  const dialect = new PgDialect();
-  const execute = db.execute.bind(db);
-  db.execute = (async (query: SQL) => {
-    const { sql: text, params } = dialect.sqlToQuery(query);
-    if (!afterwards) await hook(text, params);
-    const result: unknown = await execute(query);
-    if (afterwards) await hook(text, params);
-    return result;
-  }) as typeof db.execute;
-  try {
-    await work();
-  } finally {
-    db.execute = execute;
-  }
-}
+/** `intercepting` on the app's database. */
+const intercept = (hook: Parameters<typeof intercepting>[1], work: () => Promise<unknown>, afterwards = false) => intercepting(ctx.database.db, hook, work, afterwards);
 
 /** The statements the app's database ran during `work` that `match` picks (their SQL text). */
 async function statementsDuring(match: (text: string, params: unknown[]) => boolean, work: () => Promise<unknown>): Promise<string[]> {
   const seen: string[] = [];
-  await intercepting((text, params) => {
+  await intercept((text, params) => {
     if (match(text, params)) seen.push(text);
   }, work);
   return seen;
@@ -255,7 +236,7 @@ describe('credit windows', () => {
     const { block, calls } = await usingUpABlock(user, 200);
     const writes: string[] = [];
     let ended: Promise<unknown> | undefined;
-    await intercepting(
+    await intercept(
       async (text, params) => {
         const mine = reservationWrites(block, text, params);
         if (mine.includes('part') && !writes.length) {
@@ -280,7 +261,7 @@ describe('credit windows', () => {
     const { block, calls } = await usingUpABlock(user, 30);
     const writes: string[] = [];
     let failed = false;
-    await intercepting(
+    await intercept(
       (text, params) => {
         const mine = reservationWrites(block, text, params);
         if (mine.includes('part') && !failed) {
@@ -333,7 +314,7 @@ describe('credit windows', () => {
     // As a value PostgreSQL refuses would (22P02): every statement carrying the marked row fails.
     const refused = Object.assign(new Error('invalid input syntax for type json'), { code: '22P02' });
     let refusals = 0;
-    await intercepting(
+    await intercept(
       (_text, params) => {
         if (params.some((p) => typeof p === 'string' && p.includes('MARKED-ROW'))) {
           refusals += 1;
@@ -374,7 +355,7 @@ describe('credit windows', () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');
     let lost = 0;
-    await intercepting(
+    await intercept(
       (text) => {
         if (!lost && /insert into usage_records[\s\S]*insert into credit_transactions/.test(text)) {
           lost += 1;

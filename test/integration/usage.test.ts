@@ -11,7 +11,7 @@ import { openDatabase } from '../../src/core/db.js';
 
 import { usageRecords } from '../../src/models/index.js';
 
-import { insertUsage, type UsageRow } from '../../src/crud/billing.js';
+import { insertUsage, keySpend, type UsageRow } from '../../src/crud/billing.js';
 import type { CostEstimate } from '../../src/modules/ai-models/index.js';
 import { startServer } from '../../src/server.js';
 import { buildTestApp, openTestDatabase, testSettings, useTestApp } from '../helpers/app.js';
@@ -19,6 +19,7 @@ import { createProject, createUser, superuserHeaders, type TestUser } from '../h
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, expectValidationError, xApiKey } from '../helpers/http.js';
 import { addFakeModels, chatRequest } from '../helpers/metered-models.js';
+import { intercepting } from '../helpers/statements.js';
 
 // Billing off (the default): usage is recorded, balances are never touched.
 const ctx = useTestApp({ USAGE_FLUSH_INTERVAL_MS: '20', MODEL_MAX_RETRIES: '0' });
@@ -181,6 +182,78 @@ describe('usage records', () => {
     expect(await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, erin.user.id))).toHaveLength(0);
     await second.close();
     expect(await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, erin.user.id))).toHaveLength(1);
+  });
+});
+
+describe('keys with max_budget', () => {
+  it('a settlement that committed but whose reply was lost is retried without adding the call to the key\'s spend twice', async () => {
+    // With billing off no ledger entry is written: what tells a retry that its settlement committed
+    // is the call's usage row, written by the settlement itself.
+    const carol = await createUser(ctx.app);
+    const key = await createKey(ctx.app, carol, { name: 'budget, retried', max_budget: '1000' });
+    const context = { user_id: carol.user.id, api_key_id: key.id };
+    const call = () => ctx.app.models.chat(chatRequest('fake-billed', context, { maxOutputTokens: 10 }));
+    fake.script('fake-billed', ...Array.from({ length: 6 }, () => ({ text: 'four', usage: { prompt_tokens: 1, completion_tokens: 4 } })));
+    let losing = true;
+    let lost = 0;
+    let batched = 0;
+    let wave: Promise<unknown> | undefined;
+    await intercepting(
+      ctx.database.db,
+      async (text, params) => {
+        // The key's settlements (they release its hold): each commits and then its reply is lost, retries too, while `losing`.
+        if (losing && /delete from credit_reservations/.test(text) && JSON.stringify(params).includes(key.id)) {
+          lost += 1;
+          if (/json_array_elements/.test(text)) batched += 1;
+          // The wave's first settlement is in flight until the wave has ended: the others are settled together, in one statement.
+          else if (wave) await wave.then(() => new Promise(setImmediate));
+          throw new Error('connection lost after the commit');
+        }
+      },
+      async () => {
+        await call(); // settled alone (`settle`)
+        wave = Promise.all(Array.from({ length: 5 }, call));
+        await wave;
+        await ctx.app.meter.idle(); // the retries are lost too
+        losing = false;
+        await ctx.app.meter.idle(); // the next retries go through
+      },
+      true,
+    );
+    expect(lost).toBeGreaterThanOrEqual(3);
+    expect(batched).toBeGreaterThanOrEqual(1);
+    const spend = await keySpend(ctx.database.db, key.id);
+    expect([Number(spend.spent), Number(spend.reserved)]).toEqual([6 * 4, 0]);
+    const records = await recordsOf(carol.user.id);
+    expect(records).toHaveLength(6);
+    expect(new Set(records.map((r) => r.id)).size).toBe(6);
+  });
+
+  it('a usage row the database refuses is set aside; its settlement still releases the key\'s hold, and later calls are charged', async () => {
+    const dora = await createUser(ctx.app);
+    const key = await createKey(ctx.app, dora, { name: 'budget, refused row', max_budget: '1000' });
+    const context = { user_id: dora.user.id, api_key_id: key.id };
+    const call = () => ctx.app.models.chat(chatRequest('fake-billed', context, { maxOutputTokens: 10 }));
+    // As a value PostgreSQL refuses would (22P02): every statement carrying the marked row fails.
+    const refused = Object.assign(new Error('invalid input syntax for type json'), { code: '22P02' });
+    await intercepting(
+      ctx.database.db,
+      (_text, params) => {
+        if (params.some((p) => typeof p === 'string' && p.includes('MARKED-ROW'))) throw refused;
+      },
+      async () => {
+        fake.script('fake-billed', { status: 400, body: { error: { message: 'MARKED-ROW', type: 'invalid_request_error', param: null, code: null } } });
+        await expect(call()).rejects.toThrow();
+        fake.script('fake-billed', ...Array.from({ length: 2 }, () => ({ text: 'four', usage: { prompt_tokens: 1, completion_tokens: 4 } })));
+        await call();
+        await call();
+        await ctx.app.meter.idle();
+        await ctx.app.meter.idle();
+      },
+    );
+    const spend = await keySpend(ctx.database.db, key.id);
+    expect([Number(spend.spent), Number(spend.reserved)]).toEqual([2 * 4, 0]);
+    expect(await recordsOf(dora.user.id)).toHaveLength(2);
   });
 });
 
