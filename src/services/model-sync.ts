@@ -216,10 +216,13 @@ export async function startModelRuntime(options: UsageMeterOptions & { database:
     close: async () => {
       loaded.stop();
       unfollow();
-      // Usage records and settlements still in memory are written before the database closes.
+      // Usage records and settlements still in memory are written before the database closes;
+      // calls are refused from here on.
       await meter.close();
-      // Then the upstream connection pool (the direct Chat Completions path).
+      // Then the upstream connection pool (the direct Chat Completions path), which waits for the
+      // calls still in flight: what they add is written too.
       await loaded.models.close();
+      await meter.idle();
     },
   };
 }

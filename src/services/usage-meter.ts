@@ -9,8 +9,9 @@
  * settle (after the answer, never on the caller's path): Prometheus, a usage record into the
  * batch writer, and — when something was held — one statement that releases the hold, charges the
  * exact cost and writes the ledger entry (a key's budget charged without one, billing off: the
- * usage record, which makes a retry of that statement charge nothing twice). Nothing is lost: a failed batch or settlement is kept and
- * retried, and `close()` (the app's close hook) writes what is left.
+ * usage record, which makes a retry of that statement charge nothing twice). Nothing is lost: a
+ * failed batch or settlement is kept and retried, and `close()` (the app's close hook) refuses
+ * calls from then on and writes what is left.
  */
 import { randomUUID } from 'node:crypto';
 import { setImmediate as setImmediatePromise } from 'node:timers/promises';
@@ -97,7 +98,11 @@ export class UsageMeterService implements UsageMeter {
   private flushing: Promise<void> | null = null;
   private flushTimer: NodeJS.Timeout | undefined;
   private sweepTimer: NodeJS.Timeout | undefined;
+  /** close() has begun: calls are refused from then on (see close). */
+  private closing = false;
+  /** close() has resolved: what a call still in flight then adds is written at once (`lateFlush`), no timer runs any more. */
   private closed = false;
+  private lateFlush: NodeJS.Immediate | undefined;
 
   constructor(options: UsageMeterOptions) {
     this.db = options.db;
@@ -133,7 +138,7 @@ export class UsageMeterService implements UsageMeter {
   // ==================== reserve ====================
 
   reserve(estimate: CostEstimate): UsageReservation | Promise<UsageReservation> {
-    if (this.closed) throw new ServiceUnavailableError('Shutting down');
+    if (this.closing) throw new ServiceUnavailableError('Shutting down');
     const keyId = estimate.context.api_key_id ?? null;
     if (keyId === null) return this.hold(estimate, null);
     const limits = estimate.context.api_key_limits;
@@ -347,7 +352,7 @@ export class UsageMeterService implements UsageMeter {
         } catch (error) {
           this.log.error({ err: cause(error), settlements: batch.length }, 'credit settlement failed; kept for a retry');
           this.failedSettlements.push(...batch);
-          this.schedule();
+          this.retryLater();
         }
       }
     } finally {
@@ -385,13 +390,31 @@ export class UsageMeterService implements UsageMeter {
     else this.schedule();
   }
 
+  /**
+   * Writes what was just queued with the next flush (USAGE_FLUSH_INTERVAL_MS); once closed, at once
+   * (in the next check phase, with whatever else its turn of the event loop queued).
+   */
   private schedule(): void {
-    if (this.flushTimer || this.closed) return;
+    if (this.closed) {
+      this.lateFlush ??= setImmediate(() => {
+        // A block taken for a call that reserved before close() began goes back too.
+        this.windows?.retireIdle(true);
+        this.lateFlush = undefined;
+        this.track(this.flush());
+      });
+      return;
+    }
+    if (this.flushTimer) return;
     this.flushTimer = setTimeout(() => {
       this.flushTimer = undefined;
       this.track(this.flush());
     }, this.settings.USAGE_FLUSH_INTERVAL_MS);
     this.flushTimer.unref();
+  }
+
+  /** After a failure: the next flush retries what was kept (once closed, the next write of a late call does). */
+  private retryLater(): void {
+    if (!this.closed) this.schedule();
   }
 
   /**
@@ -457,7 +480,7 @@ export class UsageMeterService implements UsageMeter {
         this.buffer.unshift(...usage);
         this.failedSettlements.push(...settlements);
         this.log.error({ err: cause(error), pending: this.buffer.length, settlements: settlements.length }, 'usage records not written; kept for a retry');
-        this.schedule();
+        this.retryLater();
         return false;
       }
     }
@@ -476,7 +499,7 @@ export class UsageMeterService implements UsageMeter {
         }
         this.buffer.unshift(...rows.slice(i));
         this.log.error({ err: cause(error), pending: this.buffer.length }, 'usage records not written; kept for a retry');
-        this.schedule();
+        this.retryLater();
         return false;
       }
     }
@@ -502,7 +525,7 @@ export class UsageMeterService implements UsageMeter {
         }
         this.failedSettlements.push(...settlements.slice(i));
         this.log.error({ err: cause(error), pending: this.failedSettlements.length }, 'credit settlements not written; kept for a retry');
-        this.schedule();
+        this.retryLater();
         return;
       }
     }
@@ -540,7 +563,7 @@ export class UsageMeterService implements UsageMeter {
     const ready = releases.filter((r) => !unwritten.has(r.reservationId));
     if (ready.length < releases.length) {
       this.blockReleases.unshift(...releases.filter((r) => unwritten.has(r.reservationId)));
-      this.schedule();
+      this.retryLater();
     }
     if (!ready.length) return;
     try {
@@ -548,7 +571,7 @@ export class UsageMeterService implements UsageMeter {
     } catch (error) {
       this.failedSettlements.push(...ready);
       this.log.error({ err: cause(error), pending: this.failedSettlements.length }, 'credit settlements not written; kept for a retry');
-      this.schedule();
+      this.retryLater();
     }
   }
 
@@ -574,21 +597,37 @@ export class UsageMeterService implements UsageMeter {
     return released;
   }
 
-  /** The app's close hook: stop the timers, then write everything still held in memory. */
+  /**
+   * The app's close hook (after the HTTP requests, runs and jobs of the process have ended): from
+   * now on calls are refused (503 — the process is going away; nothing is served that could go
+   * unrecorded), and everything queued is written before this resolves: the calls settled meanwhile
+   * too, whose settlement waits for the next check phase or is being written. A call still in
+   * flight then (it reserved before) is written as it ends (see `schedule`).
+   */
   async close(): Promise<void> {
+    this.closing = true;
     clearInterval(this.sweepTimer);
     clearInterval(this.windowTimer);
     clearTimeout(this.flushTimer);
     this.flushTimer = undefined;
-    for (let attempt = 1; ; attempt++) {
+    for (let attempt = 1; ; ) {
       await this.idle();
-      if (!this.hasPending()) break;
+      if (this.drained()) break;
+      // Calls that ended meanwhile: once more. What the database did not take: wait a little, up to three times.
+      if (!this.hasPending()) continue;
       if (attempt === 3) {
         this.log.error({ usageRecords: this.buffer.length, settlements: this.failedSettlements.length }, 'usage not written at shutdown');
         break;
       }
-      await new Promise((resolve) => setTimeout(resolve, 200 * attempt));
+      await new Promise((resolve) => setTimeout(resolve, 200 * attempt++));
     }
     this.closed = true;
+    clearTimeout(this.flushTimer);
+    this.flushTimer = undefined;
+  }
+
+  /** Nothing queued, waiting for the next check phase, or being written. */
+  private drained(): boolean {
+    return !this.hasPending() && !this.deferred.length && !this.settlements.length && !this.inFlight.size;
   }
 }

@@ -470,6 +470,23 @@ describe('credit windows', () => {
     await expectSettled(user, 996);
   });
 
+  it('a call in flight when the meter closes is charged as it ends, and its block given back', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    const other = await buildTestApp(ctx.database, SETTINGS);
+    try {
+      fake.script('fake-billed', { text: 'four', usage: { prompt_tokens: 1, completion_tokens: 4 }, chunkDelayMs: 300 });
+      const call = other.models.chat(billed(user));
+      await fake.waitFor((log) => log.length === 1);
+      await other.meter.close();
+      await call;
+      await expect.poll(async () => [await reservationRows(user), await usageEntries(user), await usageRows(user)], { timeout: 2_000 }).toEqual([0, 1, 1]);
+    } finally {
+      await other.close();
+    }
+    await expectSettled(user, 996);
+  });
+
   it('a flush in statements of USAGE_FLUSH_MAX_ROWS rows writes every usage record and ledger entry, each call once', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');

@@ -8,11 +8,12 @@ import pino from 'pino';
 import { afterAll, beforeAll, beforeEach, describe, expect, inject, it } from 'vitest';
 
 import { openDatabase } from '../../src/core/db.js';
+import { ServiceUnavailableError } from '../../src/core/errors.js';
 
 import { usageRecords } from '../../src/models/index.js';
 
 import { insertUsage, keySpend, type UsageRow } from '../../src/crud/billing.js';
-import type { CostEstimate } from '../../src/modules/ai-models/index.js';
+import { type CostEstimate, type UsageRecord, ZERO_USAGE } from '../../src/modules/ai-models/index.js';
 import { startServer } from '../../src/server.js';
 import { buildTestApp, openTestDatabase, testSettings, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
@@ -329,7 +330,74 @@ describe('GET /billing/summary', () => {
 });
 
 describe('shutdown', () => {
-  it('a server that stops writes the usage still in memory before its database closes', async () => {
+  /** A second app on the file's database (it reads the fake provider and models at start) whose batches wait 10 minutes: only its close writes them. */
+  const secondApp = () => buildTestApp(ctx.database, { USAGE_FLUSH_INTERVAL_MS: '600000' });
+  const rowsOf = (user: TestUser) => ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
+
+  it('a call that ends as the meter closes is written before close() resolves', async () => {
+    const user = await createUser(ctx.app);
+    const context = { user_id: user.user.id };
+    const other = await secondApp();
+    try {
+      await other.meter.idle(); // nothing in flight: close() has nothing to wait for
+      const reservation = await other.meter.reserve({ operation: 'chat', model: 'fake-precise', provider: 'fake', input_tokens: 1, max_output_tokens: 1, cost: '0.00000579', context });
+      const closing = other.meter.close();
+      // The model manager settles a call as it ends: here, the moment close() began.
+      const record: UsageRecord = {
+        operation: 'chat',
+        model: 'fake-precise',
+        provider: 'fake',
+        tokens: { ...ZERO_USAGE, input: 1, output: 1 },
+        estimated: false,
+        cost: '0.00000579',
+        latency_ms: 5,
+        time_to_first_token_ms: null,
+        status: 'success',
+        error: null,
+        attempts: 1,
+        started_at: new Date(),
+        context,
+      };
+      await reservation.settle(record);
+      await closing;
+      expect(await rowsOf(user)).toHaveLength(1);
+    } finally {
+      await other.close();
+    }
+  });
+
+  it('a call that starts once the meter is closing is refused (503) before it reaches the provider; the calls before it are written', async () => {
+    const user = await createUser(ctx.app);
+    const other = await secondApp();
+    try {
+      await other.models.chat(chatRequest('fake-precise', { user_id: user.user.id })); // its row waits in memory: close() writes it
+      const closing = other.meter.close();
+      await expect(other.models.chat(chatRequest('fake-precise', { user_id: user.user.id }))).rejects.toBeInstanceOf(ServiceUnavailableError);
+      await closing;
+      expect(fake.log).toHaveLength(1);
+      expect(await rowsOf(user)).toHaveLength(1);
+    } finally {
+      await other.close();
+    }
+  });
+
+  it('a call in flight when the meter closed is written as it ends', async () => {
+    const user = await createUser(ctx.app);
+    const other = await secondApp();
+    try {
+      fake.script('fake-precise', { text: 'slow', usage: { prompt_tokens: 10, completion_tokens: 5 }, chunkDelayMs: 300 });
+      const call = other.models.chat(chatRequest('fake-precise', { user_id: user.user.id }));
+      await fake.waitFor((log) => log.length === 1);
+      await other.meter.close();
+      await call;
+      // No flush timer runs once closed: it is written at once, not after the 10-minute interval.
+      await expect.poll(async () => (await rowsOf(user)).length, { timeout: 2_000 }).toBe(1);
+    } finally {
+      await other.close();
+    }
+  });
+
+  it('a server that stops writes the usage still in memory before its database closes, and that of a call still in flight', async () => {
     const adminUrl = process.env.DATABASE_URL;
     let overrides: Record<string, string>;
     let cleanup: () => Promise<void>;
@@ -351,11 +419,16 @@ describe('shutdown', () => {
       await addFakeModels(server, headers, fake.url);
       const me = (await server.inject({ method: 'POST', url: '/api/v1/login/test-token', headers })).json<{ id: string }>();
       await server.models.chat(chatRequest('fake-precise', { user_id: me.id }));
+      // A call (no request behind it) still waiting for its answer when the server stops.
+      fake.script('fake-precise', { text: 'slow', usage: { prompt_tokens: 10, completion_tokens: 5 }, chunkDelayMs: 300 });
+      const inFlight = server.models.chat(chatRequest('fake-precise', { user_id: me.id }));
+      await fake.waitFor((log) => log.length === 2);
       await server.close(); // closes the database too (server.ts)
+      await inFlight;
       const reopened = await openDatabase(settings);
       try {
         const rows = await reopened.db.select().from(usageRecords).where(eq(usageRecords.owner_id, me.id));
-        expect(rows).toHaveLength(1);
+        expect(rows).toHaveLength(2);
       } finally {
         await reopened.close();
       }
