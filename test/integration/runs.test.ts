@@ -16,6 +16,7 @@ import { DatabaseRunEventLog, type EmbeddedRunEvents } from '../../src/modules/a
 import { createRedisRunBus } from '../../src/modules/agents/redis-run-bus.js';
 import { RedisRunEventLog } from '../../src/modules/agents/redis-run-events.js';
 import type { RunEventLog } from '../../src/modules/agents/run-bus.js';
+import { RunBusUnavailableError } from '../../src/modules/agents/run-bus-errors.js';
 import { finishRun } from '../../src/modules/agents/run-lifecycle.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
@@ -406,6 +407,76 @@ describe.runIf(Boolean(process.env.REDIS_URL))('a start on Redis', () => {
     // The run's later events are appended by its worker (on this client too, in this test's app).
     expect(log.slice(0, 3)).toEqual(['send event', 'send job', 'reply event']);
   });
+
+  // Redis unreachable for the append, as the run bus reports it.
+  const unreachable = () => new RunBusUnavailableError({ cause: new Error('connect ECONNREFUSED') });
+
+  it('a start whose run.queued cannot be appended answers 202 with the run it committed; the run runs, and its stream starts with its worker\'s first event', async () => {
+    fake.script(MODEL, { chunks: ['still ', 'ran'] });
+    const { owner, thread } = await setup();
+    const response = await refusing(
+      'run.queued',
+      async (refused) => {
+        const started = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hello' });
+        expect(refused()).toBe(1);
+        return started;
+      },
+      1,
+      unreachable,
+    );
+    expect(response.statusCode, response.body).toBe(202);
+    const run = response.json<RunBody>();
+    expect(run).toMatchObject({ status: 'queued', thread_id: thread.id, input: 'hello' });
+    expect(response.headers.location).toContain(run.id);
+    const { events, ended } = await readEvents(base, owner.headers, run.id);
+    expect(ended).toBe(true);
+    expectContiguous(events);
+    expect(events.map((e) => e.event)).toEqual(['run.started', 'message.created', 'message.delta', 'message.delta', 'message.completed', 'run.completed']);
+    expect((await getRun(ctx.app, owner.headers, run.id)).status).toBe('completed');
+    expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<ListBody<RunBody>>().count).toBe(1);
+  });
+
+  it('an enqueued start whose run.queued cannot be appended: 202 (no second run for a retrying client); cancelled while it waits, its stream ends with run.cancelled', async () => {
+    fake.script(MODEL, { chunks: ['a ', 'b ', 'c'], chunkDelayMs: 150 });
+    const { owner, thread } = await setup();
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'one' });
+    const response = await refusing('run.queued', () => api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'two', multitask_strategy: 'enqueue' }), 1, unreachable);
+    expect(response.statusCode, response.body).toBe(202);
+    const second = response.json<RunBody>();
+    expect(second.status).toBe('queued');
+    // A reader of the waiting run's (empty) stream is there when it is cancelled.
+    const reading = readEvents(base, owner.headers, second.id);
+    await sleep(100);
+    expect((await api('POST', `/runs/${second.id}/cancel`, owner.headers)).statusCode).toBe(200);
+    const { events, ended } = await reading;
+    expect(ended).toBe(true);
+    expect(events.map((e) => [e.id, e.event])).toEqual([[1, 'run.cancelled']]);
+    await waitForRun(ctx.app, owner.headers, first.id, ['completed']);
+    expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<ListBody<RunBody>>().data.map((r) => [r.id, r.status]).sort()).toEqual(
+      [
+        [first.id, 'completed'],
+        [second.id, 'cancelled'],
+      ].sort(),
+    );
+  });
+});
+
+describe.skipIf(Boolean(process.env.REDIS_URL))('a start, embedded', () => {
+  it('stores run.queued in the transaction that creates the run: when it cannot be stored, nothing is created and the client is told', async () => {
+    const { owner, thread } = await setup();
+    const log = ctx.app.runs.bus.events;
+    const appendFirst = log.appendFirst!.bind(log);
+    log.appendFirst = () => Promise.reject(new Error('event store unreachable'));
+    try {
+      const response = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hello' });
+      expect(response.statusCode).toBe(500);
+    } finally {
+      log.appendFirst = appendFirst;
+    }
+    expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<ListBody<RunBody>>().count).toBe(0);
+    expect(await threadMessages(owner, thread.id)).toEqual([]);
+    expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
+  });
 });
 
 describe('one active run per thread', () => {
@@ -626,14 +697,15 @@ describe('limits and access', () => {
 });
 
 /** The event store refuses the first `times` appends that carry `event` (as when it is unreachable) while `work` runs. */
-async function refusing<T>(event: string, work: (refused: () => number) => Promise<T>, times = 1): Promise<T> {
+/** `error`: what the store fails with (Redis down: RunBusUnavailableError, 503). */
+async function refusing<T>(event: string, work: (refused: () => number) => Promise<T>, times = 1, error: () => Error = () => new Error('event store unreachable')): Promise<T> {
   const log = ctx.app.runs.bus.events;
   const append = log.append.bind(log);
   let refused = 0;
   log.append = (runId, events) => {
     if (refused < times && events.some((e) => e.event === event)) {
       refused += 1;
-      return Promise.reject(new Error('event store unreachable'));
+      return Promise.reject(error());
     }
     return append(runId, events);
   };
