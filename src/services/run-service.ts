@@ -287,7 +287,11 @@ export async function eventsFrom(ctx: ServiceContext, deps: RunDeps, id: string,
   const run = await get(ctx, id);
   const last = await lastSeq;
   if (!FINAL.has(run.status)) return { run, done: false };
-  // Every run's log starts with run.queued: an ended run without events had them expire
+  // An ended run without events whose final event is still to be written — its lease is held until
+  // then (by its worker, or FINAL_EVENT_PENDING for the sweep) — and whose run.queued could not be
+  // appended (a scaled start logs that and goes on): the reader waits for that event.
+  if (last === 0 && run.lease_owner !== null) return { run, done: false };
+  // Otherwise every run's log has events: an ended run without them had them expire
   // (RUN_EVENTS_TTL_SECONDS). Inventing its final event would need a seq the client may have
   // seen with another event; 410 says plainly that the stream is gone and where the run's state is.
   if (last === 0) throw new GoneError(`The events of run ${run.id} have expired (kept RUN_EVENTS_TTL_SECONDS after a run ends); GET /runs/${run.id} has its final state`);

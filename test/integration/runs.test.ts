@@ -459,6 +459,35 @@ describe.runIf(Boolean(process.env.REDIS_URL))('a start on Redis', () => {
       ].sort(),
     );
   });
+
+  it('a waiting run with no events, cancelled while its run.cancelled cannot be appended either: its reader waits for the sweep to write it, rather than hearing 410', async () => {
+    const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
+    const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);
+    fake.script(MODEL, { chunks: ['a ', 'b ', 'c'], chunkDelayMs: 150 });
+    const { owner, thread } = await setup();
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'one' });
+    const response = await refusing('run.queued', () => api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'two', multitask_strategy: 'enqueue' }), 1, unreachable);
+    const second = response.json<RunBody>();
+    const reading = await refusing(
+      'run.cancelled',
+      async () => {
+        expect((await api('POST', `/runs/${second.id}/cancel`, owner.headers)).json<RunBody>().status).toBe('cancelled');
+        expect(await leaseOf(second.id)).toBe(runCrud.FINAL_EVENT_PENDING);
+        // Ended, with no event at all yet: its final event is still to come.
+        const reader = readEvents(base, owner.headers, second.id);
+        await sleep(200);
+        return { reader };
+      },
+      Infinity,
+      unreachable,
+    );
+    await sweeper.sweep();
+    const { events, ended, status } = await reading.reader;
+    expect(status).toBe(200);
+    expect(ended).toBe(true);
+    expect(events.map((e) => [e.id, e.event])).toEqual([[1, 'run.cancelled']]);
+    await waitForRun(ctx.app, owner.headers, first.id, ['completed']);
+  });
 });
 
 describe.skipIf(Boolean(process.env.REDIS_URL))('a start, embedded', () => {
