@@ -1,9 +1,11 @@
+import { jsonSchema, tool } from 'ai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
 import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
 import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
 import { ModelCallAbortedError, ModelTimeoutError, UpstreamError } from '../../src/modules/ai-models/errors.js';
 import {
+  type ChatRequest,
   type CostEstimate,
   type ModelManager,
   type ModelManagerOptions,
@@ -326,5 +328,55 @@ describe('ModelManager.embed', () => {
     const result = await manager().embed({ model: 'fake-embed', values: ['x'] });
     expect(result.embeddings).toHaveLength(1);
     expect(server.requestsFor('fake-embed').map((r) => r.reply)).toEqual([429, 200]);
+  });
+});
+
+describe('the output cap', () => {
+  const tools = { lookup: tool({ description: 'Look up', inputSchema: jsonSchema({ type: 'object', properties: {} }) }) };
+  /** The call as each path sends it: the wire, the provider model directly (provider options), the SDK (tools). */
+  const PATHS: Partial<ChatRequest>[] = [{}, { providerOptions: {} }, { tools }];
+  /** A meter that keeps the estimates it is asked to reserve. */
+  const keeping = (estimates: CostEstimate[]): ModelManagerOptions['meter'] => ({
+    reserve(estimate) {
+      estimates.push(estimate);
+      return { settle: () => {} };
+    },
+  });
+
+  it('a call without a maximum sends upstream the output tokens its estimate assumed (chat and stream, every path)', async () => {
+    const estimates: CostEstimate[] = [];
+    // defaultMaxOutputTokens: 100 (the test manager's).
+    const m = manager({ meter: keeping(estimates) });
+    for (const extra of PATHS) {
+      await m.chat({ model: 'fake-backup', messages: hello, ...extra });
+      for await (const _ of m.stream({ model: 'fake-backup', messages: hello, ...extra }));
+    }
+    expect(server.log.map((r) => r.body.max_tokens)).toEqual(Array(6).fill(100));
+    expect(estimates.map((e) => e.max_output_tokens)).toEqual(Array(6).fill(100));
+  });
+
+  it('a model\'s own smaller limit wins over the default, model by model along the fallbacks; a maximum the caller set is sent as it is', async () => {
+    const estimates: CostEstimate[] = [];
+    const catalog = new ModelCatalog(builtins, [
+      ...CUSTOM_MODELS,
+      { id: 'fake-short', provider: 'fake', capabilities: ['chat', 'tools'], pricing: price('1', '4'), max_output_tokens: 40 },
+      { id: 'fake-long', provider: 'fake', capabilities: ['chat'], pricing: price('1', '4'), max_output_tokens: 5_000, fallbacks: ['fake-short'] },
+    ]);
+    const m = manager({ catalog, maxRetries: 0, meter: keeping(estimates) });
+    for (const extra of PATHS) await m.chat({ model: 'fake-short', messages: hello, ...extra });
+    server.script('fake-long', { status: 500 });
+    await m.chat({ model: 'fake-long', messages: hello });
+    await m.chat({ model: 'fake-short', messages: hello, maxOutputTokens: 500 });
+    for await (const _ of m.stream({ model: 'fake-short', messages: hello, tools, maxOutputTokens: 500 }));
+    expect(server.log.map((r) => [r.model, r.body.max_tokens])).toEqual([
+      ['fake-short', 40],
+      ['fake-short', 40],
+      ['fake-short', 40],
+      ['fake-long', 100],
+      ['fake-short', 40],
+      ['fake-short', 500],
+      ['fake-short', 500],
+    ]);
+    expect(estimates.map((e) => e.max_output_tokens)).toEqual([40, 40, 40, 100, 40, 500, 500]);
   });
 });

@@ -184,7 +184,10 @@ export interface ModelManagerOptions {
   retryMaxWaitMs: number;
   /** First backoff step (doubles per retry, with jitter). Default 500 ms. */
   retryBaseDelayMs?: number;
-  /** Output tokens assumed for the estimate when a call sets no maximum. */
+  /**
+   * Output tokens for a call that sets no maximum (capped by the model's own `max_output_tokens`):
+   * sent upstream as its maximum, so the worst case its estimate assumed is a real bound.
+   */
   defaultMaxOutputTokens: number;
   /** Where settle failures go (a meter must not break calls). */
   onMeterError?: (error: unknown, record: UsageRecord) => void;
@@ -479,7 +482,7 @@ export class ModelManager {
     const messages = wireMessages(request.system, request.messages);
     if (!messages) return undefined;
     // The SDK's checks of the settings (integers, ranges), so both paths refuse the same input.
-    const settings = prepareCallSettings({ maxOutputTokens: request.maxOutputTokens, temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences });
+    const settings = prepareCallSettings({ maxOutputTokens: request.maxOutputTokens ?? this.defaultOutputTokens(model), temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences });
     const format = request.responseFormat;
     return {
       wire,
@@ -519,7 +522,7 @@ export class ModelManager {
    * tool calls' input against the tools' schemas.
    */
   private async generate(request: ChatRequest, languageModel: LanguageModelV3, model: ModelInfo, attempt: Attempt, state: AttemptState, started: number): Promise<ChatResult> {
-    const result = await languageModel.doGenerate(await this.callOptions(request, languageModel, attempt));
+    const result = await languageModel.doGenerate(await this.callOptions(request, languageModel, model, attempt));
     state.usage = toTokenUsage(asLanguageModelUsage(result.usage));
     let text = '';
     let reasoning: string | undefined;
@@ -533,7 +536,7 @@ export class ModelManager {
   }
 
   /** The provider call options `generateText`/`streamText` would build for a call without tools. */
-  private async callOptions(request: ChatRequest, languageModel: LanguageModelV3, attempt: Attempt) {
+  private async callOptions(request: ChatRequest, languageModel: LanguageModelV3, model: ModelInfo, attempt: Attempt) {
     const prompt = await convertToLanguageModelPrompt({
       prompt: { system: request.system, messages: request.messages },
       supportedUrls: await languageModel.supportedUrls,
@@ -542,7 +545,7 @@ export class ModelManager {
     });
     const format = request.responseFormat;
     return {
-      ...prepareCallSettings({ maxOutputTokens: request.maxOutputTokens, temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences }),
+      ...prepareCallSettings({ maxOutputTokens: request.maxOutputTokens ?? this.defaultOutputTokens(model), temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences }),
       responseFormat: format && { type: 'json' as const, schema: format.schema, name: format.name, description: format.description },
       prompt,
       providerOptions: request.providerOptions,
@@ -670,7 +673,7 @@ export class ModelManager {
     if (wired) return { parts: await wired.wire.stream(wired.call, attempt.signal), responseMessages: directResponseMessages };
     const languageModel = this.directModel(request, model);
     if (languageModel) {
-      const { stream } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, attempt)), includeRawChunks: false });
+      const { stream } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, model, attempt)), includeRawChunks: false });
       return {
         parts: (async function* () {
           for await (const part of stream) {
@@ -708,7 +711,7 @@ export class ModelManager {
       system: request.system,
       tools: request.tools,
       toolChoice: request.toolChoice,
-      maxOutputTokens: request.maxOutputTokens,
+      maxOutputTokens: request.maxOutputTokens ?? this.defaultOutputTokens(model),
       temperature: request.temperature,
       topP: request.topP,
       stopSequences: request.stopSequences,
@@ -761,10 +764,11 @@ export class ModelManager {
     const primary = this.resolve(request.model, capability);
     const chain = this.chainOf(primary, capability);
     const inputTokens = estimateTokens(operation === 'embed' ? (request.values ?? []).join('') : [request.system ?? '', request.messages, request.tools ? Object.keys(request.tools) : []]);
-    const outputTokens = operation === 'embed' ? 0 : (maxOutputTokens ?? this.options.defaultMaxOutputTokens);
     let lastError: Error | undefined;
     for (const model of chain) {
       if (signal?.aborted) throw new ModelCallAbortedError();
+      // What the call sends upstream as its maximum (see defaultOutputTokens): the estimate's worst case.
+      const outputTokens = operation === 'embed' ? 0 : (maxOutputTokens ?? this.defaultOutputTokens(model));
       const estimate: CostEstimate = {
         operation,
         model: model.id,
@@ -838,6 +842,13 @@ export class ModelManager {
       }
     }
     throw lastError ?? new UpstreamError('No model answered');
+  }
+
+  /** The output tokens of a call that sets no maximum: the default, or the model's own limit when smaller. */
+  private defaultOutputTokens(model: ModelInfo): number {
+    const own = model.max_output_tokens;
+    const fallback = this.options.defaultMaxOutputTokens;
+    return own !== null && own < fallback ? own : fallback;
   }
 
   /** The model, then its usable fallbacks. */
