@@ -174,6 +174,24 @@ describe('metered calls with BILLING_ENABLED', () => {
     await expectConsistent(user);
   });
 
+  it('a call whose provider reports no usage is charged from an estimate, its usage record marked estimated', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '100');
+    // 4 characters a token: 3 output tokens = 3 credits (input is free on fake-billed).
+    fake.script('fake-billed', { text: 'twelve chars', usage: null }, { chunks: ['twelve', ' chars'], usage: null });
+    expect((await ctx.app.models.chat(billed(user))).cost).toBe('3');
+    const stream = ctx.app.models.stream(billed(user));
+    for await (const _ of stream);
+    expect((await stream.result).cost).toBe('3');
+    expect(await balanceOf(user)).toMatchObject({ balance: '94', reserved: '0' });
+    const rows = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
+    expect(rows.map((r) => [r.operation, r.output_tokens, r.estimated, Number(r.cost)]).sort()).toEqual([
+      ['chat', 3, true, 3],
+      ['stream', 3, true, 3],
+    ]);
+    await expectConsistent(user);
+  });
+
   it('50 concurrent calls against a balance that covers 10 never overdraw', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '100');

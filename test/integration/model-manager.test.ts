@@ -43,6 +43,9 @@ async function settled(count: number): Promise<UsageRecord[]> {
 }
 
 const hello = [{ role: 'user' as const, content: 'Hello' }];
+const tools = { lookup: tool({ description: 'Look up', inputSchema: jsonSchema({ type: 'object', properties: {} }) }) };
+/** A call as each path sends it: the wire, the provider model directly (provider options), the SDK (tools). */
+const PATHS: Partial<ChatRequest>[] = [{}, { providerOptions: {} }, { tools }];
 
 beforeAll(async () => {
   server = await FakeModelServer.start();
@@ -332,9 +335,6 @@ describe('ModelManager.embed', () => {
 });
 
 describe('the output cap', () => {
-  const tools = { lookup: tool({ description: 'Look up', inputSchema: jsonSchema({ type: 'object', properties: {} }) }) };
-  /** The call as each path sends it: the wire, the provider model directly (provider options), the SDK (tools). */
-  const PATHS: Partial<ChatRequest>[] = [{}, { providerOptions: {} }, { tools }];
   /** A meter that keeps the estimates it is asked to reserve. */
   const keeping = (estimates: CostEstimate[]): ModelManagerOptions['meter'] => ({
     reserve(estimate) {
@@ -378,5 +378,46 @@ describe('the output cap', () => {
       ['fake-short', 500],
     ]);
     expect(estimates.map((e) => e.max_output_tokens)).toEqual([40, 40, 40, 100, 40, 500, 500]);
+  });
+});
+
+describe('usage the provider did not report', () => {
+  /** 380 characters: 95 output tokens at 4 characters a token. */
+  const ANSWER = 'A long free answer '.repeat(20);
+
+  it('a chat or stream answer without usage is charged from an estimate and marked estimated, on every path', async () => {
+    const m = manager();
+    const results = [];
+    for (const extra of PATHS) {
+      server.script('fake-chat', { text: ANSWER, usage: null }, { text: ANSWER, usage: null });
+      results.push(await m.chat({ model: 'fake-chat', messages: hello, ...extra }));
+      const stream = m.stream({ model: 'fake-chat', messages: hello, ...extra });
+      for await (const _ of stream);
+      results.push(await stream.result);
+    }
+    expect(server.log).toHaveLength(6);
+    const metered = await settled(6);
+    for (const [i, result] of results.entries()) {
+      expect(result.text, `call ${i}`).toBe(ANSWER);
+      expect(result.usage.output, `call ${i}`).toBe(95);
+      expect(result.usage.input, `call ${i}`).toBeGreaterThan(0); // the prompt's estimate
+      expect(Number(result.cost), `call ${i}`).toBeGreaterThan(0);
+      expect(metered[i], `call ${i}`).toMatchObject({ status: 'success', estimated: true, tokens: result.usage, cost: result.cost });
+    }
+  });
+
+  it('an embedding answer without usage is charged from the input\'s estimate, marked estimated', async () => {
+    server.script('fake-embed', { usage: null });
+    const result = await manager().embed({ model: 'fake-embed', values: ['hello world', 'keel'] });
+    expect(result.usage.input).toBe(4); // ceil(15 / 4)
+    expect(result.cost).toBe('0.00000008');
+    expect((await settled(1))[0]).toMatchObject({ operation: 'embed', status: 'success', estimated: true, cost: '0.00000008' });
+  });
+
+  it('usage the provider reported is not estimated, even when it is zero', async () => {
+    server.script('fake-chat', { text: ANSWER, usage: { prompt_tokens: 0, completion_tokens: 0 } });
+    const result = await manager().chat({ model: 'fake-chat', messages: hello });
+    expect(result).toMatchObject({ usage: { input: 0, output: 0 }, cost: '0' });
+    expect((await settled(1))[0]).toMatchObject({ estimated: false, cost: '0' });
   });
 });

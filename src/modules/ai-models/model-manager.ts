@@ -143,7 +143,7 @@ export interface UsageRecord {
   model: string;
   provider: string;
   tokens: TokenUsage;
-  /** True when the provider reported no usage (an aborted stream): tokens are estimated. */
+  /** True when the provider reported no usage (an aborted stream, an answer without usage): tokens are estimated. */
   estimated: boolean;
   cost: string;
   latency_ms: number;
@@ -207,14 +207,28 @@ function estimateTokens(value: unknown): number {
   return Math.ceil(text.length / CHARS_PER_TOKEN);
 }
 
-function toTokenUsage(usage: LanguageModelUsage | undefined): TokenUsage {
+/** The SDK's usage; undefined when the provider reported none (the SDK leaves both counts undefined then). */
+function toTokenUsage(usage: LanguageModelUsage | undefined): TokenUsage | undefined {
+  if (usage?.inputTokens === undefined && usage?.outputTokens === undefined) return undefined;
   return {
-    input: usage?.inputTokens ?? 0,
-    cached_input: usage?.inputTokenDetails?.cacheReadTokens ?? 0,
-    cache_write: usage?.inputTokenDetails?.cacheWriteTokens ?? 0,
-    output: usage?.outputTokens ?? 0,
-    reasoning: usage?.outputTokenDetails?.reasoningTokens ?? 0,
+    input: usage.inputTokens ?? 0,
+    cached_input: usage.inputTokenDetails?.cacheReadTokens ?? 0,
+    cache_write: usage.inputTokenDetails?.cacheWriteTokens ?? 0,
+    output: usage.outputTokens ?? 0,
+    reasoning: usage.outputTokenDetails?.reasoningTokens ?? 0,
   };
+}
+
+/** What a call is charged for when its provider reported no usage: the prompt estimate and the output seen, CHARS_PER_TOKEN characters a token. */
+function estimatedUsage(state: AttemptState): TokenUsage {
+  return { ...ZERO_USAGE, input: state.inputTokens, output: Math.ceil(state.outputChars / CHARS_PER_TOKEN) };
+}
+
+/** The characters of an answer, as the stream loop counts them while they arrive. */
+function saidChars(said: Said): number {
+  let chars = said.text.length + (said.reasoningText?.length ?? 0);
+  for (const call of said.toolCalls) chars += estimateTokens(call.input) * CHARS_PER_TOKEN;
+  return chars;
 }
 
 /**
@@ -256,7 +270,7 @@ function answer(text: string, reasoningText: string | undefined, toolCalls: Tool
 type StreamPart =
   | { type: 'text-delta' | 'reasoning-delta'; text: string }
   | { type: 'tool-call'; toolCall: ToolCall }
-  | { type: 'finish'; finishReason: string; usage: TokenUsage }
+  | { type: 'finish'; finishReason: string; usage: TokenUsage | undefined }
   /** Anything else upstream sent: the stream is alive. */
   | { type: 'progress' };
 
@@ -394,7 +408,12 @@ function sleep(ms: number, signal: CallerSignal | undefined): Promise<void> {
 
 /** What one model's attempt produced; `streamed` says the caller already saw some of it. */
 interface AttemptState {
+  /** As the provider reported it; undefined when it reported none (then estimated: see `price`). */
   usage?: TokenUsage;
+  /** `usage` is an estimate (the provider reported none). */
+  estimated: boolean;
+  /** The prompt's estimate, for an estimated usage. */
+  inputTokens: number;
   /** The cost the answer reported, for the usage record of the same usage (computed once). */
   priced?: { usage: TokenUsage; cost: string };
   streamed: boolean;
@@ -610,7 +629,6 @@ export class ModelManager {
         }
       }
       if (attempt.aborted) throw attempt.reason ?? new ModelCallAbortedError();
-      state.usage ??= { ...ZERO_USAGE };
       const responseMessages = await source.responseMessages(text, reasoning || undefined, toolCalls);
       const firstToken = state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started);
       return this.chatResult(model, state, started, { text, reasoningText: reasoning || undefined, toolCalls, responseMessages }, finishReason, firstToken);
@@ -659,7 +677,8 @@ export class ModelManager {
         maxRetries: 0,
         abortSignal: attempt.signal,
       });
-      state.usage = { ...ZERO_USAGE, input: result.usage.tokens };
+      // embedMany reports NaN tokens when the provider sent no usage: unknown, estimated (see `price`).
+      state.usage = Number.isFinite(result.usage.tokens) ? { ...ZERO_USAGE, input: result.usage.tokens } : undefined;
       return { ...this.outcome(model, state, started), embeddings: result.embeddings };
     });
   }
@@ -729,6 +748,7 @@ export class ModelManager {
 
   /** The outcome and what was said in one object literal: no spreads, on every chat call. */
   private chatResult(model: ModelInfo, state: AttemptState, started: number, said: Said, finishReason: string, firstTokenMs: number | null): ChatResult {
+    if (state.usage === undefined) state.outputChars = saidChars(said);
     const { usage, cost } = this.price(model, state);
     return {
       model: model.id,
@@ -745,9 +765,16 @@ export class ModelManager {
     };
   }
 
-  /** `state.usage` (set by the attempt) and its cost, kept for the usage record (computed once). */
+  /**
+   * `state.usage` (set by the attempt) and its cost, kept for the usage record (computed once). A
+   * provider that reported no usage is not a free call: its usage is estimated (and so marked).
+   */
   private price(model: ModelInfo, state: AttemptState): { usage: TokenUsage; cost: string } {
-    const usage = (state.usage = countableUsage(state.usage ?? { ...ZERO_USAGE }));
+    if (state.usage === undefined) {
+      state.usage = estimatedUsage(state);
+      state.estimated = true;
+    }
+    const usage = (state.usage = countableUsage(state.usage));
     return (state.priced = { usage, cost: computeCost(model.pricing, usage) });
   }
 
@@ -779,14 +806,15 @@ export class ModelManager {
         context: request.context ?? {},
       };
       const reservation = this.options.meter ? await this.options.meter.reserve(estimate) : undefined;
-      const state: AttemptState = { streamed: false, firstTokenAt: null, outputChars: 0 };
+      const state: AttemptState = { estimated: false, inputTokens, streamed: false, firstTokenAt: null, outputChars: 0 };
       const started = performance.now();
       const startedAt = new Date();
       let attempts = 0;
       const finish = (status: CallStatus, error: Error | null) => {
         if (!reservation) return;
-        const estimated = state.usage === undefined && state.streamed;
-        const tokens = state.usage ? countableUsage(state.usage) : estimated ? { ...ZERO_USAGE, input: inputTokens, output: Math.ceil(state.outputChars / CHARS_PER_TOKEN) } : { ...ZERO_USAGE };
+        // A call ended after output reached the caller (an abort, an error) has no usage either: estimated.
+        const estimated = state.estimated || (state.usage === undefined && state.streamed);
+        const tokens = state.usage ? countableUsage(state.usage) : estimated ? estimatedUsage(state) : { ...ZERO_USAGE };
         const record: UsageRecord = {
           operation,
           model: model.id,
