@@ -3,11 +3,13 @@ import { randomUUID } from 'node:crypto';
 import { eq, sql } from 'drizzle-orm';
 import { describe, expect, it, vi } from 'vitest';
 
+import { transaction } from '../../src/core/db.js';
 import { PaymentRequiredError, TooManyRequestsError } from '../../src/core/errors.js';
 
 import { creditReservations, usageRecords } from '../../src/models/index.js';
 
 import { getBalance, hold, ledgerSum, settleMany } from '../../src/crud/billing.js';
+import { ModelCallAbortedError } from '../../src/modules/ai-models/errors.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -189,6 +191,26 @@ describe('metered calls with BILLING_ENABLED', () => {
       ['chat', 3, true, 3],
       ['stream', 3, true, 3],
     ]);
+    await expectConsistent(user);
+  });
+
+  it('a caller gone while its call is being reserved: stopped before the upstream, settled as aborted, nothing held or charged', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '100');
+    const controller = new AbortController();
+    let call: Promise<unknown> | undefined;
+    // A busy database: the call's hold waits for this transaction's lock on the account's row.
+    await transaction(ctx.database.db, async (tx) => {
+      await tx.execute(sql`select 1 from credit_accounts where user_id = ${user.user.id} for update`);
+      call = ctx.app.models.chat(billed(user, { signal: controller.signal })).catch((e: unknown) => e);
+      await new Promise((r) => setTimeout(r, 100));
+      controller.abort();
+    });
+    expect(await call).toBeInstanceOf(ModelCallAbortedError);
+    expect(fake.log).toHaveLength(0);
+    expect(await balanceOf(user)).toMatchObject({ balance: '100', reserved: '0' });
+    const rows = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
+    expect(rows.map((r) => [r.status, r.attempts, Number(r.cost)])).toEqual([['aborted', 0, 0]]);
     await expectConsistent(user);
   });
 

@@ -195,6 +195,26 @@ describe('ModelManager.chat', () => {
     expect((await settled(1))[0]!.status).toBe('aborted');
   });
 
+  it('a caller gone while the call is being reserved: no upstream request, settled as aborted (chat and stream)', async () => {
+    for (const operation of ['chat', 'stream'] as const) {
+      records = [];
+      let release!: () => void;
+      const gate = new Promise<void>((resolve) => (release = resolve));
+      // A slow hold (a busy database): the caller leaves before it is granted.
+      const m = manager({ meter: { reserve: () => gate.then(() => ({ settle: (r) => void records.push(r) })) } });
+      const controller = new AbortController();
+      const request = { model: 'fake-chat', messages: hello, signal: controller.signal };
+      const call = operation === 'chat' ? m.chat(request) : m.stream(request).result;
+      await new Promise((r) => setTimeout(r, 20));
+      controller.abort();
+      release();
+      await expect(call, operation).rejects.toThrow(ModelCallAbortedError);
+      await new Promise((r) => setTimeout(r, 100));
+      expect(server.log, operation).toHaveLength(0);
+      expect(await settled(1), operation).toMatchObject([{ status: 'aborted', attempts: 0, cost: '0', operation }]);
+    }
+  });
+
   it('a built-in provider without its key fails naming the setting, and is listed unavailable', async () => {
     const m = manager();
     await expect(m.chat({ model: 'gpt-4.1-mini', messages: hello })).rejects.toThrow(ProviderUnavailableError);

@@ -304,7 +304,9 @@ class Attempt implements AbortLike {
     private readonly caller: CallerSignal | undefined,
     private readonly timeoutMs: number,
   ) {
-    caller?.addEventListener('abort', this.onCallerAbort, { once: true });
+    // A caller gone already fires no 'abort' any more: the attempt starts aborted.
+    if (caller?.aborted) this.abort(caller.reason as Error | undefined);
+    else caller?.addEventListener('abort', this.onCallerAbort, { once: true });
     this.touch();
   }
 
@@ -837,6 +839,11 @@ export class ModelManager {
         });
       };
 
+      if (signal?.aborted) {
+        // The caller went away while the call was being reserved: it goes no further (settling releases the hold).
+        finish('aborted', new ModelCallAbortedError());
+        throw new ModelCallAbortedError();
+      }
       for (;;) {
         attempts += 1;
         const timeoutMs = request.timeoutMs ?? this.options.timeoutMs;
