@@ -423,4 +423,21 @@ describe('per-API-key limits', () => {
     await ctx.app.models.chat(chatRequest('fake-billed', { user_id: user.user.id, api_key_id: other.id }, { maxOutputTokens: 1 }));
     await expectConsistent(user);
   });
+
+  it('rpm: a call counts once, whatever fallbacks it tries', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    const flaky = await api('POST', '/models', admin, { id: 'fake-billed-flaky', provider: 'fake', pricing: { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: '1000000' }, fallbacks: ['fake-billed'] });
+    expect(flaky.statusCode, flaky.body).toBe(200);
+    const key = await createKey(ctx.app, user, { name: 'rpm one', rpm: 1 });
+    const context = { user_id: user.user.id, api_key_id: key.id };
+    fake.script('fake-billed-flaky', { status: 500 });
+    const answered = await ctx.app.models.chat(chatRequest('fake-billed-flaky', context, { maxOutputTokens: 1 }));
+    expect(answered.model).toBe('fake-billed');
+    expect(fake.log.map((r) => r.model)).toEqual(['fake-billed-flaky', 'fake-billed']);
+    // That was the minute's one call: the next is refused, before any upstream request.
+    await expect(ctx.app.models.chat(chatRequest('fake-billed-flaky', context, { maxOutputTokens: 1 }))).rejects.toBeInstanceOf(TooManyRequestsError);
+    expect(fake.log).toHaveLength(2);
+    await expectConsistent(user);
+  });
 });

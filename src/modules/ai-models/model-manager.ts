@@ -133,6 +133,8 @@ export interface CostEstimate {
   max_output_tokens: number;
   cost: string;
   context: CallContext;
+  /** A fallback tried after the call's first model: the same call, already counted against rate limits. */
+  fallback?: boolean;
 }
 
 export type CallStatus = 'success' | 'error' | 'aborted';
@@ -806,6 +808,7 @@ export class ModelManager {
         max_output_tokens: outputTokens,
         cost: estimateCost(model.pricing, inputTokens, outputTokens),
         context: request.context ?? {},
+        fallback: model !== primary,
       };
       const reservation = this.options.meter ? await this.options.meter.reserve(estimate) : undefined;
       const state: AttemptState = { estimated: false, inputTokens, streamed: false, firstTokenAt: null, outputChars: 0 };
