@@ -13,6 +13,7 @@ export const NO_OVERRIDE: Required<Omit<OverrideFields, 'deleted'>> = {
   provider: null,
   aliases: null,
   context_window: null,
+  max_output_tokens: null,
   capabilities: null,
   pricing: null,
   enabled: null,

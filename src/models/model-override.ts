@@ -15,6 +15,7 @@ export const modelOverrides = pgTable('model_overrides', {
   provider: text('provider'),
   aliases: text('aliases').array(),
   context_window: integer('context_window'),
+  max_output_tokens: integer('max_output_tokens'),
   capabilities: text('capabilities').array().$type<Capability[]>(),
   pricing: jsonb('pricing').$type<ModelPricing>(),
   enabled: boolean('enabled'),

@@ -25,6 +25,8 @@ const ModelFields = {
   provider: z.string().min(1).max(64),
   aliases: z.array(ModelId).max(20),
   context_window: z.number().int().positive().max(100_000_000).nullable(),
+  /** The model's own output limit: calls without a maximum send no more than it. */
+  max_output_tokens: z.number().int().positive().max(10_000_000).nullable(),
   capabilities: z.array(z.enum(CAPABILITIES)).min(1).max(CAPABILITIES.length),
   pricing: ModelPricingInput,
   enabled: z.boolean(),
@@ -60,6 +62,7 @@ export const ModelPublic = z
     provider: z.string(),
     aliases: z.array(z.string()),
     context_window: z.number().int().nullable(),
+    max_output_tokens: z.number().int().nullable(),
     capabilities: z.array(z.enum(CAPABILITIES)),
     pricing: z.object({
       input_cost_per_million_tokens: z.string(),

@@ -153,7 +153,9 @@ export class UsageMeterService implements UsageMeter {
     const budgeted = limits !== null && limits.max_budget !== null;
     const holdAccount = chargeAccount && !free;
     const holdKey = budgeted && !free;
-    if (!holdAccount && !holdKey && !limits?.rpm) {
+    // One call, one request of the key's rpm: its fallbacks are not counted again.
+    const rpm = estimate.fallback ? null : limits?.rpm;
+    if (!holdAccount && !holdKey && !rpm) {
       return this.reservation({ reservationId: null, chargeAccount, chargeKey: budgeted });
     }
     // The usual billed call (the account only): from the user's credit window, without I/O when it has room.
@@ -161,12 +163,12 @@ export class UsageMeterService implements UsageMeter {
     const units = windows ? costUnits(estimate.cost) : BigInt(0);
     const fromWindow = (block: CreditBlock | undefined) =>
       block && this.reservation({ reservationId: block.id, chargeAccount, chargeKey: budgeted, window: { block, units } });
-    if (windows && !limits?.rpm) {
+    if (windows && !rpm) {
       const served = fromWindow(windows.tryHold(userId!, units));
       if (served) return served;
     }
     return (async () => {
-      if (limits?.rpm) await this.countRequest(estimate, limits.rpm);
+      if (rpm) await this.countRequest(estimate, rpm);
       if (!holdAccount && !holdKey) return this.reservation({ reservationId: null, chargeAccount, chargeKey: budgeted });
       if (windows) {
         // A burst can empty a fresh block before every waiter had its share: those take the next one.

@@ -108,6 +108,15 @@ describe('chat completions', () => {
     expect(sent!.headers.authorization).toBe('Bearer sk-upstream');
   });
 
+  it('sends upstream as max_tokens the output cap the call held when the client sets none, and the client\'s own when it does', async () => {
+    const hi = { model: 'fake-chat', messages: [{ role: 'user' as const, content: 'Hi' }] };
+    await client.chat.completions.create(hi);
+    for await (const _ of await client.chat.completions.create({ ...hi, stream: true }));
+    await client.chat.completions.create({ ...hi, max_tokens: 7 });
+    const cap = ctx.app.settings.MODEL_DEFAULT_MAX_OUTPUT_TOKENS;
+    expect(fake.requestsFor('fake-chat').map((r) => r.body.max_tokens)).toEqual([cap, cap, 7]);
+  });
+
   it('streams OpenAI chunks ending in [DONE], with the usage chunk when asked for', async () => {
     fake.script('fake-chat', { chunks: ['Hel', 'lo', ' there'], usage: { prompt_tokens: 7, completion_tokens: 3 } });
     const stream = await client.chat.completions.create({

@@ -41,7 +41,8 @@ export interface ScriptedReply {
   /** Delay before each streamed chunk (and before a non-stream answer). */
   chunkDelayMs?: number;
   toolCalls?: FakeToolCall[];
-  usage?: FakeUsage;
+  /** null: the answer reports no usage (no `usage` field, no usage chunk), as some servers do. */
+  usage?: FakeUsage | null;
 }
 
 export interface LoggedRequest {
@@ -220,7 +221,7 @@ export class FakeModelServer {
       return this.json(res, entry, reply.status, error, reply.headers);
     }
     if (reply.chunkDelayMs && !entry.stream) await sleep(reply.chunkDelayMs);
-    if (path === '/v1/embeddings') return this.embeddings(res, entry, body);
+    if (path === '/v1/embeddings') return this.embeddings(res, entry, body, reply);
     if (path !== '/v1/chat/completions') return this.json(res, entry, 404, { error: { message: 'not found' } });
     if (entry.stream) return this.streamChat(res, entry, body, reply);
     return this.json(res, entry, 200, this.completion(entry.model, reply));
@@ -264,7 +265,7 @@ export class FakeModelServer {
           finish_reason: toolCalls?.length ? 'tool_calls' : 'stop',
         },
       ],
-      usage: this.usageOf(reply),
+      usage: reply.usage === null ? undefined : this.usageOf(reply),
     };
   }
 
@@ -280,7 +281,7 @@ export class FakeModelServer {
     if (toolCalls) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', tool_calls: toolCalls }, finish_reason: null }] });
     chunks.push({ choices: [{ index: 0, delta: {}, finish_reason: toolCalls?.length ? 'tool_calls' : 'stop' }] });
     const includeUsage = (body.stream_options as { include_usage?: boolean } | undefined)?.include_usage === true;
-    if (includeUsage) chunks.push({ choices: [], usage: this.usageOf(reply) });
+    if (includeUsage && reply.usage !== null) chunks.push({ choices: [], usage: this.usageOf(reply) });
 
     for (const chunk of chunks) {
       if (entry.aborted) return;
@@ -302,14 +303,14 @@ export class FakeModelServer {
     });
   }
 
-  private embeddings(res: ServerResponse, entry: LoggedRequest, body: Record<string, unknown>): void {
+  private embeddings(res: ServerResponse, entry: LoggedRequest, body: Record<string, unknown>, reply: ScriptedReply): void {
     const input = Array.isArray(body.input) ? (body.input as string[]) : [String(body.input)];
     const tokens = input.reduce((n, text) => n + Math.ceil(text.length / 4), 0);
     this.json(res, entry, 200, {
       object: 'list',
       model: entry.model,
       data: input.map((text, index) => ({ object: 'embedding', index, embedding: entry.model === LEXICAL_EMBEDDING_MODEL ? lexicalEmbedding(text) : fakeEmbedding(text) })),
-      usage: { prompt_tokens: tokens, total_tokens: tokens },
+      usage: reply.usage === null ? undefined : { prompt_tokens: tokens, total_tokens: tokens },
     });
   }
 }

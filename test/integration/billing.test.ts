@@ -3,11 +3,13 @@ import { randomUUID } from 'node:crypto';
 import { eq, sql } from 'drizzle-orm';
 import { describe, expect, it, vi } from 'vitest';
 
+import { transaction } from '../../src/core/db.js';
 import { PaymentRequiredError, TooManyRequestsError } from '../../src/core/errors.js';
 
 import { creditReservations, usageRecords } from '../../src/models/index.js';
 
 import { getBalance, hold, ledgerSum, settleMany } from '../../src/crud/billing.js';
+import { ModelCallAbortedError } from '../../src/modules/ai-models/errors.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -171,6 +173,44 @@ describe('metered calls with BILLING_ENABLED', () => {
     expect(account.reserved).toBe('0');
     // Estimated output: 4 characters seen = 1 token = 1 credit (not the 60 reserved).
     expect(account.balance).toBe('99');
+    await expectConsistent(user);
+  });
+
+  it('a call whose provider reports no usage is charged from an estimate, its usage record marked estimated', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '100');
+    // 4 characters a token: 3 output tokens = 3 credits (input is free on fake-billed).
+    fake.script('fake-billed', { text: 'twelve chars', usage: null }, { chunks: ['twelve', ' chars'], usage: null });
+    expect((await ctx.app.models.chat(billed(user))).cost).toBe('3');
+    const stream = ctx.app.models.stream(billed(user));
+    for await (const _ of stream);
+    expect((await stream.result).cost).toBe('3');
+    expect(await balanceOf(user)).toMatchObject({ balance: '94', reserved: '0' });
+    const rows = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
+    expect(rows.map((r) => [r.operation, r.output_tokens, r.estimated, Number(r.cost)]).sort()).toEqual([
+      ['chat', 3, true, 3],
+      ['stream', 3, true, 3],
+    ]);
+    await expectConsistent(user);
+  });
+
+  it('a caller gone while its call is being reserved: stopped before the upstream, settled as aborted, nothing held or charged', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '100');
+    const controller = new AbortController();
+    let call: Promise<unknown> | undefined;
+    // A busy database: the call's hold waits for this transaction's lock on the account's row.
+    await transaction(ctx.database.db, async (tx) => {
+      await tx.execute(sql`select 1 from credit_accounts where user_id = ${user.user.id} for update`);
+      call = ctx.app.models.chat(billed(user, { signal: controller.signal })).catch((e: unknown) => e);
+      await new Promise((r) => setTimeout(r, 100));
+      controller.abort();
+    });
+    expect(await call).toBeInstanceOf(ModelCallAbortedError);
+    expect(fake.log).toHaveLength(0);
+    expect(await balanceOf(user)).toMatchObject({ balance: '100', reserved: '0' });
+    const rows = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
+    expect(rows.map((r) => [r.status, r.attempts, Number(r.cost)])).toEqual([['aborted', 0, 0]]);
     await expectConsistent(user);
   });
 
@@ -381,6 +421,23 @@ describe('per-API-key limits', () => {
     // Another key of the same user is not limited by it.
     const other = await createKey(ctx.app, user, { name: 'other' });
     await ctx.app.models.chat(chatRequest('fake-billed', { user_id: user.user.id, api_key_id: other.id }, { maxOutputTokens: 1 }));
+    await expectConsistent(user);
+  });
+
+  it('rpm: a call counts once, whatever fallbacks it tries', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    const flaky = await api('POST', '/models', admin, { id: 'fake-billed-flaky', provider: 'fake', pricing: { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: '1000000' }, fallbacks: ['fake-billed'] });
+    expect(flaky.statusCode, flaky.body).toBe(200);
+    const key = await createKey(ctx.app, user, { name: 'rpm one', rpm: 1 });
+    const context = { user_id: user.user.id, api_key_id: key.id };
+    fake.script('fake-billed-flaky', { status: 500 });
+    const answered = await ctx.app.models.chat(chatRequest('fake-billed-flaky', context, { maxOutputTokens: 1 }));
+    expect(answered.model).toBe('fake-billed');
+    expect(fake.log.map((r) => r.model)).toEqual(['fake-billed-flaky', 'fake-billed']);
+    // That was the minute's one call: the next is refused, before any upstream request.
+    await expect(ctx.app.models.chat(chatRequest('fake-billed-flaky', context, { maxOutputTokens: 1 }))).rejects.toBeInstanceOf(TooManyRequestsError);
+    expect(fake.log).toHaveLength(2);
     await expectConsistent(user);
   });
 });

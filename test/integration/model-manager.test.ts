@@ -1,9 +1,11 @@
+import { jsonSchema, tool } from 'ai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
 import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
 import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
 import { ModelCallAbortedError, ModelTimeoutError, UpstreamError } from '../../src/modules/ai-models/errors.js';
 import {
+  type ChatRequest,
   type CostEstimate,
   type ModelManager,
   type ModelManagerOptions,
@@ -41,6 +43,9 @@ async function settled(count: number): Promise<UsageRecord[]> {
 }
 
 const hello = [{ role: 'user' as const, content: 'Hello' }];
+const tools = { lookup: tool({ description: 'Look up', inputSchema: jsonSchema({ type: 'object', properties: {} }) }) };
+/** A call as each path sends it: the wire, the provider model directly (provider options), the SDK (tools). */
+const PATHS: Partial<ChatRequest>[] = [{}, { providerOptions: {} }, { tools }];
 
 beforeAll(async () => {
   server = await FakeModelServer.start();
@@ -190,6 +195,26 @@ describe('ModelManager.chat', () => {
     expect((await settled(1))[0]!.status).toBe('aborted');
   });
 
+  it('a caller gone while the call is being reserved: no upstream request, settled as aborted (chat and stream)', async () => {
+    for (const operation of ['chat', 'stream'] as const) {
+      records = [];
+      let release!: () => void;
+      const gate = new Promise<void>((resolve) => (release = resolve));
+      // A slow hold (a busy database): the caller leaves before it is granted.
+      const m = manager({ meter: { reserve: () => gate.then(() => ({ settle: (r) => void records.push(r) })) } });
+      const controller = new AbortController();
+      const request = { model: 'fake-chat', messages: hello, signal: controller.signal };
+      const call = operation === 'chat' ? m.chat(request) : m.stream(request).result;
+      await new Promise((r) => setTimeout(r, 20));
+      controller.abort();
+      release();
+      await expect(call, operation).rejects.toThrow(ModelCallAbortedError);
+      await new Promise((r) => setTimeout(r, 100));
+      expect(server.log, operation).toHaveLength(0);
+      expect(await settled(1), operation).toMatchObject([{ status: 'aborted', attempts: 0, cost: '0', operation }]);
+    }
+  });
+
   it('a built-in provider without its key fails naming the setting, and is listed unavailable', async () => {
     const m = manager();
     await expect(m.chat({ model: 'gpt-4.1-mini', messages: hello })).rejects.toThrow(ProviderUnavailableError);
@@ -326,5 +351,93 @@ describe('ModelManager.embed', () => {
     const result = await manager().embed({ model: 'fake-embed', values: ['x'] });
     expect(result.embeddings).toHaveLength(1);
     expect(server.requestsFor('fake-embed').map((r) => r.reply)).toEqual([429, 200]);
+  });
+});
+
+describe('the output cap', () => {
+  /** A meter that keeps the estimates it is asked to reserve. */
+  const keeping = (estimates: CostEstimate[]): ModelManagerOptions['meter'] => ({
+    reserve(estimate) {
+      estimates.push(estimate);
+      return { settle: () => {} };
+    },
+  });
+
+  it('a call without a maximum sends upstream the output tokens its estimate assumed (chat and stream, every path)', async () => {
+    const estimates: CostEstimate[] = [];
+    // defaultMaxOutputTokens: 100 (the test manager's).
+    const m = manager({ meter: keeping(estimates) });
+    for (const extra of PATHS) {
+      await m.chat({ model: 'fake-backup', messages: hello, ...extra });
+      for await (const _ of m.stream({ model: 'fake-backup', messages: hello, ...extra }));
+    }
+    expect(server.log.map((r) => r.body.max_tokens)).toEqual(Array(6).fill(100));
+    expect(estimates.map((e) => e.max_output_tokens)).toEqual(Array(6).fill(100));
+  });
+
+  it('a model\'s own smaller limit wins over the default, model by model along the fallbacks; a maximum the caller set is sent as it is', async () => {
+    const estimates: CostEstimate[] = [];
+    const catalog = new ModelCatalog(builtins, [
+      ...CUSTOM_MODELS,
+      { id: 'fake-short', provider: 'fake', capabilities: ['chat', 'tools'], pricing: price('1', '4'), max_output_tokens: 40 },
+      { id: 'fake-long', provider: 'fake', capabilities: ['chat'], pricing: price('1', '4'), max_output_tokens: 5_000, fallbacks: ['fake-short'] },
+    ]);
+    const m = manager({ catalog, maxRetries: 0, meter: keeping(estimates) });
+    for (const extra of PATHS) await m.chat({ model: 'fake-short', messages: hello, ...extra });
+    server.script('fake-long', { status: 500 });
+    await m.chat({ model: 'fake-long', messages: hello });
+    await m.chat({ model: 'fake-short', messages: hello, maxOutputTokens: 500 });
+    for await (const _ of m.stream({ model: 'fake-short', messages: hello, tools, maxOutputTokens: 500 }));
+    expect(server.log.map((r) => [r.model, r.body.max_tokens])).toEqual([
+      ['fake-short', 40],
+      ['fake-short', 40],
+      ['fake-short', 40],
+      ['fake-long', 100],
+      ['fake-short', 40],
+      ['fake-short', 500],
+      ['fake-short', 500],
+    ]);
+    expect(estimates.map((e) => e.max_output_tokens)).toEqual([40, 40, 40, 100, 40, 500, 500]);
+  });
+});
+
+describe('usage the provider did not report', () => {
+  /** 380 characters: 95 output tokens at 4 characters a token. */
+  const ANSWER = 'A long free answer '.repeat(20);
+
+  it('a chat or stream answer without usage is charged from an estimate and marked estimated, on every path', async () => {
+    const m = manager();
+    const results = [];
+    for (const extra of PATHS) {
+      server.script('fake-chat', { text: ANSWER, usage: null }, { text: ANSWER, usage: null });
+      results.push(await m.chat({ model: 'fake-chat', messages: hello, ...extra }));
+      const stream = m.stream({ model: 'fake-chat', messages: hello, ...extra });
+      for await (const _ of stream);
+      results.push(await stream.result);
+    }
+    expect(server.log).toHaveLength(6);
+    const metered = await settled(6);
+    for (const [i, result] of results.entries()) {
+      expect(result.text, `call ${i}`).toBe(ANSWER);
+      expect(result.usage.output, `call ${i}`).toBe(95);
+      expect(result.usage.input, `call ${i}`).toBeGreaterThan(0); // the prompt's estimate
+      expect(Number(result.cost), `call ${i}`).toBeGreaterThan(0);
+      expect(metered[i], `call ${i}`).toMatchObject({ status: 'success', estimated: true, tokens: result.usage, cost: result.cost });
+    }
+  });
+
+  it('an embedding answer without usage is charged from the input\'s estimate, marked estimated', async () => {
+    server.script('fake-embed', { usage: null });
+    const result = await manager().embed({ model: 'fake-embed', values: ['hello world', 'keel'] });
+    expect(result.usage.input).toBe(4); // ceil(15 / 4)
+    expect(result.cost).toBe('0.00000008');
+    expect((await settled(1))[0]).toMatchObject({ operation: 'embed', status: 'success', estimated: true, cost: '0.00000008' });
+  });
+
+  it('usage the provider reported is not estimated, even when it is zero', async () => {
+    server.script('fake-chat', { text: ANSWER, usage: { prompt_tokens: 0, completion_tokens: 0 } });
+    const result = await manager().chat({ model: 'fake-chat', messages: hello });
+    expect(result).toMatchObject({ usage: { input: 0, output: 0 }, cost: '0' });
+    expect((await settled(1))[0]).toMatchObject({ estimated: false, cost: '0' });
   });
 });

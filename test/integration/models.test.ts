@@ -17,6 +17,7 @@ interface ModelBody {
   provider: string;
   aliases: string[];
   context_window: number | null;
+  max_output_tokens: number | null;
   capabilities: string[];
   pricing: Record<string, string>;
   enabled: boolean;
@@ -27,7 +28,7 @@ interface ModelBody {
   unavailable_reason: string | null;
 }
 
-const MODEL_FIELDS = ['aliases', 'available', 'capabilities', 'context_window', 'enabled', 'fallbacks', 'id', 'name', 'pricing', 'priority', 'provider', 'recommended', 'unavailable_reason'];
+const MODEL_FIELDS = ['aliases', 'available', 'capabilities', 'context_window', 'enabled', 'fallbacks', 'id', 'max_output_tokens', 'name', 'pricing', 'priority', 'provider', 'recommended', 'unavailable_reason'];
 const DECIMAL = /^\d+(\.\d+)?$/;
 const BUILTIN = loadBuiltinModels().find((m) => m.id === 'gpt-4.1-mini')!;
 const CUSTOM = {
@@ -129,20 +130,21 @@ describe('superuser changes', () => {
     expectValidationError(await api('POST', '/models', admin, { ...CUSTOM, id: 'has space' }), ['body', 'id']);
     expectValidationError(await api('PATCH', '/models/gpt-4.1-mini', admin, { capabilities: ['telepathy'] }), ['body', 'capabilities', '0']);
     expectValidationError(await api('PATCH', '/models/gpt-4.1-mini', admin, { id: 'renamed' }), ['body', 'id'], 'extra_forbidden');
+    for (const bad of [0, -1, 1.5, '100']) expectValidationError(await api('PATCH', '/models/gpt-4.1-mini', admin, { max_output_tokens: bad }), ['body', 'max_output_tokens']);
   });
 
   it('creates a custom model (409 the second time), changes and removes it', async () => {
     const created = await api('POST', '/models', admin, CUSTOM);
     expect(created.statusCode, created.body).toBe(200);
     expect(created.headers.location).toBe('/api/v1/models/house-model');
-    expect(created.json()).toMatchObject({ ...CUSTOM, capabilities: ['chat'], enabled: true, available: false, unavailable_reason: 'OPENAI_API_KEY is not set' });
+    expect(created.json()).toMatchObject({ ...CUSTOM, capabilities: ['chat'], max_output_tokens: null, enabled: true, available: false, unavailable_reason: 'OPENAI_API_KEY is not set' });
     expect((await api('POST', '/models', admin, CUSTOM)).statusCode).toBe(409);
     expect((await api('GET', '/models/house', user.headers)).json<ModelBody>().id).toBe('house-model');
 
-    const patched = await api('PATCH', '/models/house', admin, { pricing: { input_cost_per_million_tokens: '3', output_cost_per_million_tokens: '4', cached_input_cost_per_million_tokens: '0.3' }, priority: 7 });
+    const patched = await api('PATCH', '/models/house', admin, { pricing: { input_cost_per_million_tokens: '3', output_cost_per_million_tokens: '4', cached_input_cost_per_million_tokens: '0.3' }, priority: 7, max_output_tokens: 8192 });
     expect(patched.statusCode, patched.body).toBe(200);
-    expect(patched.json()).toMatchObject({ id: 'house-model', priority: 7, pricing: { input_cost_per_million_tokens: '3', cached_input_cost_per_million_tokens: '0.3' } });
-    expect(ctx.app.models.getModel('house-model')?.pricing.output_cost_per_million_tokens).toBe('4');
+    expect(patched.json()).toMatchObject({ id: 'house-model', priority: 7, max_output_tokens: 8192, pricing: { input_cost_per_million_tokens: '3', cached_input_cost_per_million_tokens: '0.3' } });
+    expect(ctx.app.models.getModel('house-model')).toMatchObject({ max_output_tokens: 8192, pricing: { output_cost_per_million_tokens: '4' } });
 
     expect((await api('DELETE', '/models/house-model', admin)).statusCode).toBe(200);
     expect((await api('GET', '/models/house-model', user.headers)).statusCode).toBe(404);

@@ -157,6 +157,8 @@ export function loadBuiltinModels(at: Date = new Date()): ModelInfo[] {
         provider: providerId,
         aliases: aliasesOf(entry),
         context_window: entry.context_window ?? null,
+        // The price data has no output limits: a superuser sets one where the default is too high.
+        max_output_tokens: null,
         capabilities,
         pricing,
         enabled: true,

@@ -70,6 +70,7 @@ function completeCustomModel(change: Omit<ModelOverride, 'deleted'>): ModelInfo 
     name: change.id,
     aliases: [],
     context_window: null,
+    max_output_tokens: null,
     capabilities: ['chat'],
     enabled: true,
     recommended: false,

@@ -31,14 +31,15 @@ export interface WireAnswer {
   reasoning: string | undefined;
   toolCalls: ToolCall[];
   finishReason: string;
-  usage: TokenUsage;
+  /** Undefined when the answer carried no usage. */
+  usage: TokenUsage | undefined;
 }
 
 /** A streamed answer's pieces, as the manager's stream loop reads them; `progress`: a chunk without content. */
 export type WirePart =
   | { type: 'text-delta' | 'reasoning-delta'; text: string }
   | { type: 'tool-call'; toolCall: ToolCall }
-  | { type: 'finish'; finishReason: string; usage: TokenUsage }
+  | { type: 'finish'; finishReason: string; usage: TokenUsage | undefined }
   | { type: 'progress' };
 
 const PROGRESS: WirePart = { type: 'progress' };
@@ -93,14 +94,18 @@ interface Completion {
 const FINISH_REASONS: Record<string, string> = { stop: 'stop', length: 'length', content_filter: 'content-filter', function_call: 'tool-calls', tool_calls: 'tool-calls' };
 const finishReasonOf = (reason: string | null | undefined): string => (reason ? (FINISH_REASONS[reason] ?? 'other') : 'other');
 
-/** The SDK's reading of OpenAI usage (`convertOpenAICompatibleChatUsage`): missing counts are 0. */
-function usageOf(usage: OpenAIUsage | null | undefined): TokenUsage {
+/**
+ * The SDK's reading of OpenAI usage (`convertOpenAICompatibleChatUsage`): missing counts are 0; no
+ * usage at all is unknown (undefined), not zero: the manager then estimates it.
+ */
+function usageOf(usage: OpenAIUsage | null | undefined): TokenUsage | undefined {
+  if (!usage) return undefined;
   return {
-    input: usage?.prompt_tokens ?? 0,
-    cached_input: usage?.prompt_tokens_details?.cached_tokens ?? 0,
+    input: usage.prompt_tokens ?? 0,
+    cached_input: usage.prompt_tokens_details?.cached_tokens ?? 0,
     cache_write: 0,
-    output: usage?.completion_tokens ?? 0,
-    reasoning: usage?.completion_tokens_details?.reasoning_tokens ?? 0,
+    output: usage.completion_tokens ?? 0,
+    reasoning: usage.completion_tokens_details?.reasoning_tokens ?? 0,
   };
 }
 

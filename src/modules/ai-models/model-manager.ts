@@ -133,6 +133,8 @@ export interface CostEstimate {
   max_output_tokens: number;
   cost: string;
   context: CallContext;
+  /** A fallback tried after the call's first model: the same call, already counted against rate limits. */
+  fallback?: boolean;
 }
 
 export type CallStatus = 'success' | 'error' | 'aborted';
@@ -143,7 +145,7 @@ export interface UsageRecord {
   model: string;
   provider: string;
   tokens: TokenUsage;
-  /** True when the provider reported no usage (an aborted stream): tokens are estimated. */
+  /** True when the provider reported no usage (an aborted stream, an answer without usage): tokens are estimated. */
   estimated: boolean;
   cost: string;
   latency_ms: number;
@@ -184,7 +186,10 @@ export interface ModelManagerOptions {
   retryMaxWaitMs: number;
   /** First backoff step (doubles per retry, with jitter). Default 500 ms. */
   retryBaseDelayMs?: number;
-  /** Output tokens assumed for the estimate when a call sets no maximum. */
+  /**
+   * Output tokens for a call that sets no maximum (capped by the model's own `max_output_tokens`):
+   * sent upstream as its maximum, so the worst case its estimate assumed is a real bound.
+   */
   defaultMaxOutputTokens: number;
   /** Where settle failures go (a meter must not break calls). */
   onMeterError?: (error: unknown, record: UsageRecord) => void;
@@ -204,14 +209,28 @@ function estimateTokens(value: unknown): number {
   return Math.ceil(text.length / CHARS_PER_TOKEN);
 }
 
-function toTokenUsage(usage: LanguageModelUsage | undefined): TokenUsage {
+/** The SDK's usage; undefined when the provider reported none (the SDK leaves both counts undefined then). */
+function toTokenUsage(usage: LanguageModelUsage | undefined): TokenUsage | undefined {
+  if (usage?.inputTokens === undefined && usage?.outputTokens === undefined) return undefined;
   return {
-    input: usage?.inputTokens ?? 0,
-    cached_input: usage?.inputTokenDetails?.cacheReadTokens ?? 0,
-    cache_write: usage?.inputTokenDetails?.cacheWriteTokens ?? 0,
-    output: usage?.outputTokens ?? 0,
-    reasoning: usage?.outputTokenDetails?.reasoningTokens ?? 0,
+    input: usage.inputTokens ?? 0,
+    cached_input: usage.inputTokenDetails?.cacheReadTokens ?? 0,
+    cache_write: usage.inputTokenDetails?.cacheWriteTokens ?? 0,
+    output: usage.outputTokens ?? 0,
+    reasoning: usage.outputTokenDetails?.reasoningTokens ?? 0,
   };
+}
+
+/** What a call is charged for when its provider reported no usage: the prompt estimate and the output seen, CHARS_PER_TOKEN characters a token. */
+function estimatedUsage(state: AttemptState): TokenUsage {
+  return { ...ZERO_USAGE, input: state.inputTokens, output: Math.ceil(state.outputChars / CHARS_PER_TOKEN) };
+}
+
+/** The characters of an answer, as the stream loop counts them while they arrive. */
+function saidChars(said: Said): number {
+  let chars = said.text.length + (said.reasoningText?.length ?? 0);
+  for (const call of said.toolCalls) chars += estimateTokens(call.input) * CHARS_PER_TOKEN;
+  return chars;
 }
 
 /**
@@ -253,7 +272,7 @@ function answer(text: string, reasoningText: string | undefined, toolCalls: Tool
 type StreamPart =
   | { type: 'text-delta' | 'reasoning-delta'; text: string }
   | { type: 'tool-call'; toolCall: ToolCall }
-  | { type: 'finish'; finishReason: string; usage: TokenUsage }
+  | { type: 'finish'; finishReason: string; usage: TokenUsage | undefined }
   /** Anything else upstream sent: the stream is alive. */
   | { type: 'progress' };
 
@@ -287,7 +306,9 @@ class Attempt implements AbortLike {
     private readonly caller: CallerSignal | undefined,
     private readonly timeoutMs: number,
   ) {
-    caller?.addEventListener('abort', this.onCallerAbort, { once: true });
+    // A caller gone already fires no 'abort' any more: the attempt starts aborted.
+    if (caller?.aborted) this.abort(caller.reason as Error | undefined);
+    else caller?.addEventListener('abort', this.onCallerAbort, { once: true });
     this.touch();
   }
 
@@ -391,7 +412,12 @@ function sleep(ms: number, signal: CallerSignal | undefined): Promise<void> {
 
 /** What one model's attempt produced; `streamed` says the caller already saw some of it. */
 interface AttemptState {
+  /** As the provider reported it; undefined when it reported none (then estimated: see `price`). */
   usage?: TokenUsage;
+  /** `usage` is an estimate (the provider reported none). */
+  estimated: boolean;
+  /** The prompt's estimate, for an estimated usage. */
+  inputTokens: number;
   /** The cost the answer reported, for the usage record of the same usage (computed once). */
   priced?: { usage: TokenUsage; cost: string };
   streamed: boolean;
@@ -479,7 +505,7 @@ export class ModelManager {
     const messages = wireMessages(request.system, request.messages);
     if (!messages) return undefined;
     // The SDK's checks of the settings (integers, ranges), so both paths refuse the same input.
-    const settings = prepareCallSettings({ maxOutputTokens: request.maxOutputTokens, temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences });
+    const settings = prepareCallSettings({ maxOutputTokens: request.maxOutputTokens ?? this.defaultOutputTokens(model), temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences });
     const format = request.responseFormat;
     return {
       wire,
@@ -519,7 +545,7 @@ export class ModelManager {
    * tool calls' input against the tools' schemas.
    */
   private async generate(request: ChatRequest, languageModel: LanguageModelV3, model: ModelInfo, attempt: Attempt, state: AttemptState, started: number): Promise<ChatResult> {
-    const result = await languageModel.doGenerate(await this.callOptions(request, languageModel, attempt));
+    const result = await languageModel.doGenerate(await this.callOptions(request, languageModel, model, attempt));
     state.usage = toTokenUsage(asLanguageModelUsage(result.usage));
     let text = '';
     let reasoning: string | undefined;
@@ -533,7 +559,7 @@ export class ModelManager {
   }
 
   /** The provider call options `generateText`/`streamText` would build for a call without tools. */
-  private async callOptions(request: ChatRequest, languageModel: LanguageModelV3, attempt: Attempt) {
+  private async callOptions(request: ChatRequest, languageModel: LanguageModelV3, model: ModelInfo, attempt: Attempt) {
     const prompt = await convertToLanguageModelPrompt({
       prompt: { system: request.system, messages: request.messages },
       supportedUrls: await languageModel.supportedUrls,
@@ -542,7 +568,7 @@ export class ModelManager {
     });
     const format = request.responseFormat;
     return {
-      ...prepareCallSettings({ maxOutputTokens: request.maxOutputTokens, temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences }),
+      ...prepareCallSettings({ maxOutputTokens: request.maxOutputTokens ?? this.defaultOutputTokens(model), temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences }),
       responseFormat: format && { type: 'json' as const, schema: format.schema, name: format.name, description: format.description },
       prompt,
       providerOptions: request.providerOptions,
@@ -607,7 +633,6 @@ export class ModelManager {
         }
       }
       if (attempt.aborted) throw attempt.reason ?? new ModelCallAbortedError();
-      state.usage ??= { ...ZERO_USAGE };
       const responseMessages = await source.responseMessages(text, reasoning || undefined, toolCalls);
       const firstToken = state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started);
       return this.chatResult(model, state, started, { text, reasoningText: reasoning || undefined, toolCalls, responseMessages }, finishReason, firstToken);
@@ -656,7 +681,8 @@ export class ModelManager {
         maxRetries: 0,
         abortSignal: attempt.signal,
       });
-      state.usage = { ...ZERO_USAGE, input: result.usage.tokens };
+      // embedMany reports NaN tokens when the provider sent no usage: unknown, estimated (see `price`).
+      state.usage = Number.isFinite(result.usage.tokens) ? { ...ZERO_USAGE, input: result.usage.tokens } : undefined;
       return { ...this.outcome(model, state, started), embeddings: result.embeddings };
     });
   }
@@ -670,7 +696,7 @@ export class ModelManager {
     if (wired) return { parts: await wired.wire.stream(wired.call, attempt.signal), responseMessages: directResponseMessages };
     const languageModel = this.directModel(request, model);
     if (languageModel) {
-      const { stream } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, attempt)), includeRawChunks: false });
+      const { stream } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, model, attempt)), includeRawChunks: false });
       return {
         parts: (async function* () {
           for await (const part of stream) {
@@ -708,7 +734,7 @@ export class ModelManager {
       system: request.system,
       tools: request.tools,
       toolChoice: request.toolChoice,
-      maxOutputTokens: request.maxOutputTokens,
+      maxOutputTokens: request.maxOutputTokens ?? this.defaultOutputTokens(model),
       temperature: request.temperature,
       topP: request.topP,
       stopSequences: request.stopSequences,
@@ -726,6 +752,7 @@ export class ModelManager {
 
   /** The outcome and what was said in one object literal: no spreads, on every chat call. */
   private chatResult(model: ModelInfo, state: AttemptState, started: number, said: Said, finishReason: string, firstTokenMs: number | null): ChatResult {
+    if (state.usage === undefined) state.outputChars = saidChars(said);
     const { usage, cost } = this.price(model, state);
     return {
       model: model.id,
@@ -742,9 +769,16 @@ export class ModelManager {
     };
   }
 
-  /** `state.usage` (set by the attempt) and its cost, kept for the usage record (computed once). */
+  /**
+   * `state.usage` (set by the attempt) and its cost, kept for the usage record (computed once). A
+   * provider that reported no usage is not a free call: its usage is estimated (and so marked).
+   */
   private price(model: ModelInfo, state: AttemptState): { usage: TokenUsage; cost: string } {
-    const usage = (state.usage = countableUsage(state.usage ?? { ...ZERO_USAGE }));
+    if (state.usage === undefined) {
+      state.usage = estimatedUsage(state);
+      state.estimated = true;
+    }
+    const usage = (state.usage = countableUsage(state.usage));
     return (state.priced = { usage, cost: computeCost(model.pricing, usage) });
   }
 
@@ -761,10 +795,11 @@ export class ModelManager {
     const primary = this.resolve(request.model, capability);
     const chain = this.chainOf(primary, capability);
     const inputTokens = estimateTokens(operation === 'embed' ? (request.values ?? []).join('') : [request.system ?? '', request.messages, request.tools ? Object.keys(request.tools) : []]);
-    const outputTokens = operation === 'embed' ? 0 : (maxOutputTokens ?? this.options.defaultMaxOutputTokens);
     let lastError: Error | undefined;
     for (const model of chain) {
       if (signal?.aborted) throw new ModelCallAbortedError();
+      // What the call sends upstream as its maximum (see defaultOutputTokens): the estimate's worst case.
+      const outputTokens = operation === 'embed' ? 0 : (maxOutputTokens ?? this.defaultOutputTokens(model));
       const estimate: CostEstimate = {
         operation,
         model: model.id,
@@ -773,16 +808,18 @@ export class ModelManager {
         max_output_tokens: outputTokens,
         cost: estimateCost(model.pricing, inputTokens, outputTokens),
         context: request.context ?? {},
+        fallback: model !== primary,
       };
       const reservation = this.options.meter ? await this.options.meter.reserve(estimate) : undefined;
-      const state: AttemptState = { streamed: false, firstTokenAt: null, outputChars: 0 };
+      const state: AttemptState = { estimated: false, inputTokens, streamed: false, firstTokenAt: null, outputChars: 0 };
       const started = performance.now();
       const startedAt = new Date();
       let attempts = 0;
       const finish = (status: CallStatus, error: Error | null) => {
         if (!reservation) return;
-        const estimated = state.usage === undefined && state.streamed;
-        const tokens = state.usage ? countableUsage(state.usage) : estimated ? { ...ZERO_USAGE, input: inputTokens, output: Math.ceil(state.outputChars / CHARS_PER_TOKEN) } : { ...ZERO_USAGE };
+        // A call ended after output reached the caller (an abort, an error) has no usage either: estimated.
+        const estimated = state.estimated || (state.usage === undefined && state.streamed);
+        const tokens = state.usage ? countableUsage(state.usage) : estimated ? estimatedUsage(state) : { ...ZERO_USAGE };
         const record: UsageRecord = {
           operation,
           model: model.id,
@@ -805,6 +842,11 @@ export class ModelManager {
         });
       };
 
+      if (signal?.aborted) {
+        // The caller went away while the call was being reserved: it goes no further (settling releases the hold).
+        finish('aborted', new ModelCallAbortedError());
+        throw new ModelCallAbortedError();
+      }
       for (;;) {
         attempts += 1;
         const timeoutMs = request.timeoutMs ?? this.options.timeoutMs;
@@ -838,6 +880,13 @@ export class ModelManager {
       }
     }
     throw lastError ?? new UpstreamError('No model answered');
+  }
+
+  /** The output tokens of a call that sets no maximum: the default, or the model's own limit when smaller. */
+  private defaultOutputTokens(model: ModelInfo): number {
+    const own = model.max_output_tokens;
+    const fallback = this.options.defaultMaxOutputTokens;
+    return own !== null && own < fallback ? own : fallback;
   }
 
   /** The model, then its usable fallbacks. */
