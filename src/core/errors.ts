@@ -7,7 +7,10 @@ import { trackAllowedMethods } from './method-not-allowed.js';
 
 // ==================== Typed errors ====================
 
-/** An error whose message is safe to show the client as `{detail}`. */
+/**
+ * An error whose `detail` is safe to show the client. Its `message` is the same, unless a subclass
+ * keeps more for the log (UpstreamError: the provider's own words), which the handler then logs.
+ */
 export class HttpError extends Error {
   constructor(
     readonly statusCode: number,
@@ -246,6 +249,7 @@ export function registerErrorHandler(app: FastifyInstance): void {
   app.setErrorHandler((error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
     if (error instanceof UnprocessableError) return send(reply, 422, { detail: error.issues });
     if (error instanceof HttpError) {
+      if (error.message !== error.detail) request.log.warn({ err: error }, 'request failed; details withheld from the client');
       return send(reply, error.statusCode, { detail: error.detail }, error.headers);
     }
     if (error.validation) {

@@ -185,9 +185,10 @@ function registerOpenAIErrors(app: FastifyInstance): void {
   });
   app.addHook('preSerialization', (request, reply, payload: unknown, done) => {
     if (reply.statusCode < 400 || payload === null || typeof payload !== 'object' || !('detail' in payload)) return done(null, payload);
-    const { status, body } = openAIErrorFrom(reply.statusCode, payload.detail, thrownErrors.get(request));
+    const { status, body, headers } = openAIErrorFrom(reply.statusCode, payload.detail, thrownErrors.get(request));
     noteRefusal(request, body.error.message.slice(0, 300));
     void reply.code(status);
+    if (headers) void reply.headers(headers);
     done(null, body);
   });
 }

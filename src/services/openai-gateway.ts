@@ -18,6 +18,7 @@ import {
   type CallerSignal,
   type ChatRequest,
   type ChatResult,
+  CLIENT_FAULT_UPSTREAM,
   type EmbedRequest,
   type EmbedResult,
   type JsonResponseFormat,
@@ -26,6 +27,7 @@ import {
   type StreamEvent,
   type TokenUsage,
   type ToolCall,
+  UpstreamError,
 } from '../modules/ai-models/index.js';
 import type { Principal } from '../utils/authentication.js';
 
@@ -381,6 +383,8 @@ export interface OpenAIErrorBody {
 interface Described {
   status: number;
   body: OpenAIErrorBody;
+  /** Headers the answer needs beyond the app handler's (an upstream's retry-after). */
+  headers?: Record<string, string>;
 }
 
 const TYPES: Record<number, [type: string, code: string | null]> = {
@@ -396,9 +400,6 @@ const TYPES: Record<number, [type: string, code: string | null]> = {
   503: ['server_error', 'service_unavailable'],
   504: ['server_error', 'timeout'],
 };
-
-/** Upstream refusals that are the request's fault (too long, a bad tool schema): the client's 400, not a 502 it would retry. */
-const CLIENT_FAULT_UPSTREAM = new Set([400, 413, 422]);
 
 const error = (status: number, message: string, param: string | null = null, code?: string | null): Described => {
   const [type, defaultCode] = TYPES[status] ?? (status >= 500 ? ['server_error', null] : ['invalid_request_error', null]);
@@ -421,9 +422,16 @@ export function openAIErrorFrom(status: number, detail: unknown, thrown: unknown
   if (thrown instanceof InvalidRequestError) return error(400, thrown.detail, thrown.param);
   if (thrown instanceof CodedOpenAIError) return error(thrown.statusCode, thrown.detail, null, thrown.code);
   if (thrown instanceof ModelNotFoundError) return error(404, `The model \`${thrown.model}\` does not exist or you do not have access to it.`, null, 'model_not_found');
-  if (thrown instanceof HttpError && thrown.name === 'UpstreamError') {
-    const upstream = (thrown as HttpError & { upstreamStatus?: number }).upstreamStatus;
+  if (thrown instanceof UpstreamError) {
+    const upstream = thrown.upstreamStatus;
+    // The request's fault (too long, a bad tool schema): the client's 400, not a 502 it would retry.
     if (upstream !== undefined && CLIENT_FAULT_UPSTREAM.has(upstream)) return error(400, thrown.detail, null, 'upstream_rejected');
+    // Still rate limited after the retries: OpenAI's clients back off on a 429 (as long as its Retry-After says).
+    if (upstream === 429) {
+      const limited = error(429, thrown.detail);
+      if (thrown.retryAfterMs !== undefined) limited.headers = { 'retry-after': String(Math.ceil(thrown.retryAfterMs / 1000)) };
+      return limited;
+    }
   }
   if (thrown instanceof HttpError && thrown.name === 'ModelCapabilityError') return error(400, thrown.detail, 'model', 'model_not_supported');
   if (thrown instanceof HttpError && thrown.name === 'ProviderUnavailableError') return error(503, thrown.detail, 'model', 'provider_unavailable');

@@ -5,8 +5,11 @@
  */
 import type { AddressInfo } from 'node:net';
 
+import { eq } from 'drizzle-orm';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { usageRecords } from '../../src/models/index.js';
 
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
@@ -389,6 +392,45 @@ describe('the call path behind /v1', () => {
     fake.script('fake-backup', { status: 503 }, { status: 503 });
     const failed = await apiError(client.chat.completions.create({ model: 'fake-backup', messages: [{ role: 'user', content: 'Hi' }] }));
     expect(failed).toMatchObject({ status: 502, type: 'server_error', code: 'upstream_error' });
+  });
+
+  it('tells the client of a provider\'s failure without its words or address, which go to the usage record', async () => {
+    const owner = await createUser(ctx.app);
+    const own = clientWith((await createKey(ctx.app, owner)).key);
+    const hi = { model: 'fake-chat', messages: [{ role: 'user' as const, content: 'Hi' }] };
+    // The operator's provider key is wrong: the provider's message shows a fragment of it.
+    const words = 'Incorrect API key provided: sk-secr*************1234.';
+    fake.script('fake-chat', { status: 401, body: { error: { message: words, type: 'invalid_request_error', code: 'invalid_api_key' } } });
+    const rejected = await apiError(own.chat.completions.create(hi));
+    expect(rejected.error).toEqual({ message: 'The model provider refused the request (status 401)', type: 'server_error', param: null, code: 'upstream_error' });
+    // A provider nothing listens for: neither its address nor the socket error reach the client, streamed or not.
+    expect((await api('POST', '/providers', admin, { name: 'refused', kind: 'openai-compatible', base_url: 'http://127.0.0.1:1/v1', api_key: 'sk-refused' })).statusCode).toBe(200);
+    await addModel({ id: 'refused-chat', provider: 'refused', capabilities: ['chat'] });
+    for (const stream of [false, true]) {
+      const unreachable = await apiError(own.chat.completions.create({ ...hi, model: 'refused-chat', stream }));
+      expect(unreachable.status).toBe(502);
+      expect(unreachable.error).toEqual({ message: 'The model provider could not be reached', type: 'server_error', param: null, code: 'upstream_error' });
+    }
+    // The operator reads the whole story in the usage records.
+    await ctx.app.meter.idle();
+    const rows = await ctx.app.db.select({ model: usageRecords.model, error: usageRecords.error }).from(usageRecords).where(eq(usageRecords.owner_id, owner.user.id));
+    expect(rows.filter((r) => r.model === 'fake-chat').map((r) => r.error)).toEqual([expect.stringContaining(words)]);
+    expect(rows.filter((r) => r.model === 'refused-chat').map((r) => r.error)).toEqual([expect.stringMatching(/ECONNREFUSED 127\.0\.0\.1:1/), expect.stringMatching(/ECONNREFUSED 127\.0\.0\.1:1/)]);
+  });
+
+  it('answers a provider still rate limiting after the retries with 429 and its Retry-After (the SDK backs off as told)', async () => {
+    const hi = { model: 'fake-backup', messages: [{ role: 'user' as const, content: 'Hi' }] };
+    fake.script('fake-backup', { status: 429, headers: { 'retry-after': '0' } }, { status: 429, headers: { 'retry-after': '7' } });
+    const limited = await apiError(client.chat.completions.create(hi));
+    expect(limited).toBeInstanceOf(OpenAI.RateLimitError);
+    expect(limited.error).toEqual({ message: 'The model provider refused the request (status 429)', type: 'requests', param: null, code: 'rate_limit_exceeded' });
+    expect(limited.headers?.get('retry-after')).toBe('7');
+    expect(fake.requestsFor('fake-backup').map((r) => r.reply)).toEqual([429, 429]);
+    // Without a retry-after upstream, none is made up.
+    fake.script('fake-backup', { status: 429 }, { status: 429 });
+    const bare = await apiError(client.chat.completions.create({ ...hi, stream: true }));
+    expect(bare.status).toBe(429);
+    expect(bare.headers?.get('retry-after')).toBeNull();
   });
 
   it('ends a stream that fails after its first chunk with an error event the SDK raises', async () => {

@@ -362,9 +362,10 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   if (apiError) {
     const status = apiError.statusCode;
     const message = `Upstream ${status ?? 'connection'} error: ${apiError.message}`;
-    const upstream = new UpstreamError(message, status);
+    const wait = retryAfterMs(apiError.responseHeaders);
+    const upstream = new UpstreamError(message, status, wait);
     if (status === undefined || status === 408 || status === 409 || status === 429 || status >= 500) {
-      return { kind: 'retryable', error: upstream, retryAfterMs: retryAfterMs(apiError.responseHeaders) };
+      return { kind: 'retryable', error: upstream, retryAfterMs: wait };
     }
     return { kind: 'fatal', error: upstream };
   }
