@@ -123,12 +123,18 @@ function toModelMessages(messages: readonly ChatMessage[]): ModelMessage[] {
 
 const EMPTY_PARAMETERS: JSONSchema7 = { type: 'object', properties: {} };
 
+/**
+ * The tools by name, in an object without a prototype: a function may be called `__proto__` or
+ * `constructor` and must stay an entry of its own. Two functions of one name are refused, as
+ * OpenAI refuses invalid tools: one would silently replace the other.
+ */
 function toTools(tools: ChatCompletionRequest['tools']): ToolSet | undefined {
   if (!tools?.length) return undefined;
-  const set: ToolSet = {};
-  for (const { function: fn } of tools) {
+  const set = Object.create(null) as ToolSet;
+  tools.forEach(({ function: fn }, index) => {
+    if (Object.hasOwn(set, fn.name)) throw new InvalidRequestError(`tools has two functions named ${fn.name}; each needs a name of its own`, `tools[${index}].function.name`);
     set[fn.name] = { description: fn.description, inputSchema: jsonSchema((fn.parameters as JSONSchema7 | undefined) ?? EMPTY_PARAMETERS) };
-  }
+  });
   return set;
 }
 

@@ -171,6 +171,25 @@ describe('chat completions', () => {
     expect(orphan.param).toBe('messages[1].tool_call_id');
   });
 
+  const tool = (name: string): OpenAI.ChatCompletionTool => ({ type: 'function', function: { name, parameters: { type: 'object', properties: { q: { type: 'string' } } } } });
+
+  it('keeps a function named __proto__ a tool of its own', async () => {
+    const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Look it up' }];
+    fake.script('fake-chat', { toolCalls: [{ id: 'call_p', name: '__proto__', arguments: '{"q":"x"}' }] });
+    const completion = await client.chat.completions.create({ model: 'fake-chat', messages, tools: [tool('__proto__'), tool('constructor')] });
+    const sent = fake.requestsFor('fake-chat')[0]!.body.tools as { function: { name: string } }[];
+    expect(sent.map((t) => t.function.name)).toEqual(['__proto__', 'constructor']);
+    expect(completion.choices[0]!.message.tool_calls).toEqual([{ id: 'call_p', type: 'function', function: { name: '__proto__', arguments: '{"q":"x"}' } }]);
+  });
+
+  it('refuses two functions of one name with 400 naming the param, as it would drop one', async () => {
+    const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Look it up' }];
+    const twice = await apiError(client.chat.completions.create({ model: 'fake-chat', messages, tools: [tool('lookup'), tool('other'), tool('lookup')] }));
+    expect(twice).toMatchObject({ status: 400, type: 'invalid_request_error', param: 'tools[2].function.name' });
+    expect(twice.message).toMatch(/lookup/);
+    expect(fake.log).toEqual([]);
+  });
+
   it('streams tool calls as tool_calls deltas with an index', async () => {
     fake.script('fake-chat', { toolCalls: [{ id: 'call_a', name: 'lookup', arguments: '{"q":"keel"}' }] });
     const stream = await client.chat.completions.create({
