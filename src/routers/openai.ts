@@ -95,7 +95,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'openai_retrieve_model',
         summary: 'Retrieve Model (OpenAI)',
-        description: 'By id or alias, or `agent:<id>` for an agent you may use; 404 `model_not_found` for a disabled or unknown model and another user\'s agent.',
+        description: 'By id or alias, or `agent:<id>` for an agent you may use; 404 `model_not_found` for a model the list leaves out (unknown, disabled, or its provider not configured) and another user\'s agent.',
         tags,
         params: OpenAIModelParams,
         response: { 200: OpenAIModel, ...openAIErrors },
@@ -105,7 +105,8 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       const { model } = request.params;
       if (isAgentModel(model)) return agents.retrieve(request, model);
       const found = models.getModel(model);
-      if (!found || !found.enabled) throw new ModelNotFoundError(model);
+      // What the list leaves out is not found here either: a model whose provider is not configured cannot be called.
+      if (!found || !found.enabled || !found.available) throw new ModelNotFoundError(model);
       return modelObject(found.id, found.provider);
     },
   );

@@ -71,8 +71,8 @@ describe('models', () => {
     expect((await client.models.retrieve('fake-latest')).id).toBe('fake-chat');
   });
 
-  it('answers 404 model_not_found for an unknown, a disabled and an agent model', async () => {
-    for (const id of ['no-such-model', 'fake-off', 'agent:0f8fad5b-d9cb-469f-a165-70867728950e']) {
+  it('answers 404 model_not_found for an unknown, a disabled, an unlisted (provider not configured) and an agent model', async () => {
+    for (const id of ['no-such-model', 'fake-off', 'gpt-4.1', 'agent:0f8fad5b-d9cb-469f-a165-70867728950e']) {
       const error = await apiError(client.models.retrieve(id));
       expect(error.status, id).toBe(404);
       expect(error.code).toBe('model_not_found');
