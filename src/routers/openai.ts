@@ -139,8 +139,8 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       if (isAgentModel(body.model)) return agents.complete(request, reply);
       const chat = toChatRequest(body, callContext(request.principal), disconnectSignal(reply));
       if (body.stream) {
-        const { events, first } = await openStream(models.stream(chat));
-        const chunks = completionChunks(events, first, body.model, body.stream_options?.include_usage === true);
+        const { events, first, model } = await openStream(models.stream(chat), body.model);
+        const chunks = completionChunks(events, first, model, body.stream_options?.include_usage === true);
         return reply
           .header('content-type', 'text/event-stream; charset=utf-8')
           .header('cache-control', 'no-cache')

@@ -244,20 +244,20 @@ export function completionJson(result: ChatResult): string {
 /**
  * The SSE body of a streamed completion, OpenAI's framing: a first chunk with the role, content
  * deltas, one chunk per tool call, a chunk with the finish reason, the usage chunk when asked for
- * (`choices: []`; every earlier chunk then says `usage: null`), then `data: [DONE]`. The caller has
- * already taken `first` (so errors before any output answered as plain HTTP errors). An error after
- * that ends the stream with an `error` event (OpenAI's SDKs raise it). Stopping the iteration
- * (the client went away) returns the manager's iterator, which aborts the upstream request.
+ * (`choices: []`; every earlier chunk then says `usage: null`), then `data: [DONE]`. Every chunk
+ * names `model`, the one that answered (see openStream). The caller has already taken `first`
+ * (so errors before any output answered as plain HTTP errors). An error after that ends the stream
+ * with an `error` event (OpenAI's SDKs raise it). Stopping the iteration (the client went away)
+ * returns the manager's iterator, which aborts the upstream request.
  */
 export async function* completionChunks(
   events: AsyncIterator<StreamEvent>,
   first: IteratorResult<StreamEvent>,
-  requestedModel: string,
+  model: string,
   includeUsage: boolean,
 ): AsyncGenerator<string> {
   const id = completionId();
   const created = now();
-  let model = requestedModel;
   const usageField = includeUsage ? ',"usage":null' : '';
   const frame = (delta: unknown, finish: string | null = null) =>
     `data: {"id":"${id}","object":"chat.completion.chunk","created":${created},"model":${JSON.stringify(model)},"choices":[{"index":0,"delta":${JSON.stringify(delta)},"logprobs":null,"finish_reason":${finish === null ? 'null' : `"${finish}"`}}]${usageField}}\n\n`;
@@ -278,7 +278,6 @@ export async function* completionChunks(
         continue;
       }
       const { result } = event;
-      model = result.model;
       let tail = head + frame({}, finishReason(result));
       if (includeUsage) {
         tail += `data: {"id":"${id}","object":"chat.completion.chunk","created":${created},"model":${JSON.stringify(model)},"choices":[],"usage":${usageJson(result.usage)}}\n\n`;
@@ -357,10 +356,16 @@ export function sseBody(frames: AsyncGenerator<string>, response?: { cork(): voi
   return body;
 }
 
-/** Starts a stream and waits for its first event: failures before any output throw here. */
-export async function openStream(stream: ModelStream): Promise<{ events: AsyncIterator<StreamEvent>; first: IteratorResult<StreamEvent> }> {
+/**
+ * Starts a stream and waits for its first event: failures before any output throw here. `model`
+ * is the one that answered (a fallback, maybe; an alias resolved), which every chunk names, as
+ * the non-streamed answer does: retries and fallbacks end with the first event.
+ */
+export async function openStream(stream: ModelStream, requestedModel: string): Promise<{ events: AsyncIterator<StreamEvent>; first: IteratorResult<StreamEvent>; model: string }> {
   const events = stream[Symbol.asyncIterator]();
-  return { events, first: await events.next() };
+  const first = await events.next();
+  const model = !first.done && first.value.type === 'finish' ? first.value.result.model : (stream.model ?? requestedModel);
+  return { events, first, model };
 }
 
 /** Embeddings as float arrays, or base64 of little-endian float32 values as OpenAI sends them. */

@@ -403,6 +403,20 @@ describe('the call path behind /v1', () => {
     ]);
   });
 
+  it('names the model that answered in every chunk of a stream, as the non-streamed answer does (a fallback, an alias)', async () => {
+    fake.script('fake-primary', { status: 500 }, { status: 500 });
+    fake.script('fake-backup', { chunks: ['Hel', 'lo'] });
+    const fellBack = await client.chat.completions.create({ model: 'fake-primary', messages: [{ role: 'user', content: 'Hi' }], stream: true, stream_options: { include_usage: true } });
+    const models: string[] = [];
+    for await (const chunk of fellBack) models.push(chunk.model);
+    expect(models.length).toBeGreaterThan(3);
+    expect(new Set(models)).toEqual(new Set(['fake-backup']));
+    const aliased = await client.chat.completions.create({ model: 'fake-latest', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const aliasModels = new Set<string>();
+    for await (const chunk of aliased) aliasModels.add(chunk.model);
+    expect(aliasModels).toEqual(new Set(['fake-chat']));
+  });
+
   it('maps an upstream 400 to the client\'s 400 and a failing upstream to 502 (the SDK would retry a 5xx)', async () => {
     fake.script('fake-chat', { status: 400, body: { error: { message: 'context too long', type: 'invalid_request_error' } } });
     const refused = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] }));

@@ -114,6 +114,11 @@ export type StreamEvent =
 /** Iterate for events; `result` settles when the stream ends (rejects on failure or abort). */
 export interface ModelStream extends AsyncIterable<StreamEvent> {
   result: Promise<ChatResult>;
+  /**
+   * The model whose output the events carry (a fallback, maybe), from the first of them on:
+   * retries and fallbacks end there. Undefined before.
+   */
+  readonly model: string | undefined;
 }
 
 export interface EmbedRequest extends CallOptions {
@@ -575,6 +580,7 @@ export class ModelManager {
     };
 
     const started = performance.now();
+    let answering: string | undefined;
     const result = this.run(request, consumer, 'stream', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
       let text = '';
       let reasoning = '';
@@ -582,6 +588,7 @@ export class ModelManager {
       let finishReason = 'unknown';
       const seen = (chars: number) => {
         attempt.touch();
+        answering = model.id;
         state.streamed = true;
         state.outputChars += chars;
         state.firstTokenAt ??= performance.now();
@@ -645,7 +652,13 @@ export class ModelManager {
     }
     // Reading `result` is optional for callers that iterate; its rejection then surfaces there.
     result.catch(() => {});
-    return { result, [Symbol.asyncIterator]: events };
+    return {
+      result,
+      get model() {
+        return answering;
+      },
+      [Symbol.asyncIterator]: events,
+    };
   }
 
   async embed(request: EmbedRequest): Promise<EmbedResult> {
