@@ -273,6 +273,12 @@ export function registerErrorHandler(app: FastifyInstance): void {
       const detail = error.statusCode === 413 ? 'Request body too large' : error.message;
       return send(reply, error.statusCode, { detail });
     }
+    // Input nested deeper than the call stack goes, past every check that should have refused it
+    // (the schemas bound the free-form JSON they take): still the request's fault, not a crash.
+    if (error instanceof RangeError && /call stack/i.test(error.message)) {
+      request.log.warn({ err: error }, 'input nested too deeply for the call stack');
+      return send(reply, 422, { detail: [{ loc: ['body'], msg: 'Input is nested too deeply', type: 'value_error' }] });
+    }
     if ((db && isDatabaseUnavailableCode(db.code)) || connectionError(error)) {
       request.log.error(loggable(error), 'database unavailable');
       return send(reply, 503, { detail: 'Service unavailable' }, { 'retry-after': String(DATABASE_RETRY_AFTER_SECONDS) });

@@ -11,7 +11,8 @@ import { jsonSchema, type JSONSchema7, type ModelMessage, type ToolChoice, type 
 
 import { HttpError } from '../core/errors.js';
 
-import type { ChatCompletionRequest, ChatMessage, EmbeddingRequest } from '../schemas/openai.js';
+import { nestsWithin } from '../schemas/common.js';
+import { type ChatCompletionRequest, type ChatMessage, type EmbeddingRequest, MAX_JSON_DEPTH } from '../schemas/openai.js';
 
 import {
   type CallContext,
@@ -70,12 +71,16 @@ export function callContext(principal: Principal): CallContext {
 
 const textOf = (content: string | { text: string }[]): string => (typeof content === 'string' ? content : content.map((p) => p.text).join(''));
 
-function parseArguments(text: string): unknown {
+/** A tool call's arguments, parsed when they are JSON (at most MAX_JSON_DEPTH levels deep: `param` says where, if not). */
+function parseArguments(text: string, param: string): unknown {
+  let parsed: unknown;
   try {
-    return JSON.parse(text) as unknown;
+    parsed = JSON.parse(text) as unknown;
   } catch {
     return text; // sent on as it came: the provider sees the same string
   }
+  if (!nestsWithin(parsed, MAX_JSON_DEPTH)) throw new InvalidRequestError(`Invalid value for ${param}: nested deeper than ${MAX_JSON_DEPTH} levels`, param);
+  return parsed;
 }
 
 /** OpenAI's messages as the AI SDK's; a tool result names its tool through the assistant's earlier call. */
@@ -103,7 +108,12 @@ function toModelMessages(messages: readonly ChatMessage[]): ModelMessage[] {
           role: 'assistant',
           content: [
             ...(text ? [{ type: 'text' as const, text }] : []),
-            ...calls.map((call) => ({ type: 'tool-call' as const, toolCallId: call.id, toolName: call.function.name, input: parseArguments(call.function.arguments) })),
+            ...calls.map((call, i) => ({
+              type: 'tool-call' as const,
+              toolCallId: call.id,
+              toolName: call.function.name,
+              input: parseArguments(call.function.arguments, `messages[${index}].tool_calls[${i}].function.arguments`),
+            })),
           ],
         };
       }

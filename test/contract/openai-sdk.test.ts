@@ -238,6 +238,35 @@ describe('chat completions', () => {
     expect(fake.log).toEqual([]);
   });
 
+  it('refuses free-form JSON nested deeper than 64 levels with 400 naming the param, however deep (never a 500 the SDK would retry)', async () => {
+    /** JSON text of `{"a":{"a":…1…}}`, `levels` objects deep (a text: the SDK's own JSON.stringify would overflow on the deepest). */
+    const nested = (levels: number) => `${'{"a":'.repeat(levels - 1)}{}${'}'.repeat(levels - 1)}`;
+    const post = (body: string) =>
+      fetch(`${baseURL}/chat/completions`, { method: 'POST', headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' }, body });
+    const hi = '"model":"fake-chat","messages":[{"role":"user","content":"Hi"}]';
+    const bodies = (levels: number): [string, string][] => [
+      [`{${hi},"tools":[{"type":"function","function":{"name":"f","parameters":${nested(levels)}}}]}`, 'tools[0].function.parameters'],
+      [`{${hi},"response_format":{"type":"json_schema","json_schema":{"name":"r","schema":${nested(levels)}}}}`, 'response_format.json_schema.schema'],
+      [
+        `{"model":"fake-chat","messages":[{"role":"user","content":"Hi"},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":${JSON.stringify(nested(levels))}}}]},{"role":"tool","tool_call_id":"c1","content":"ok"}]}`,
+        'messages[1].tool_calls[0].function.arguments',
+      ],
+    ];
+    for (const levels of [65, 20_000]) {
+      for (const [body, param] of bodies(levels)) {
+        const response = await post(body);
+        const answer = (await response.json()) as { error: { type: string; param: string | null; message: string } };
+        expect(response.status, `${param} ${levels}: ${answer.error.message}`).toBe(400);
+        expect(answer.error).toMatchObject({ type: 'invalid_request_error', param });
+        expect(answer.error.message).toMatch(/deeper than 64 levels/);
+      }
+    }
+    expect(fake.log).toEqual([]);
+    // 64 levels go through.
+    for (const [body, param] of bodies(64)) expect((await post(body)).status, param).toBe(200);
+    expect(fake.log).toHaveLength(3);
+  });
+
   it('answers malformed JSON with 400 in OpenAI shape (raw HTTP)', async () => {
     const response = await fetch(`${baseURL}/chat/completions`, {
       method: 'POST',

@@ -43,3 +43,25 @@ describe('the error handler on errors that say more than the client may read', (
     expect(lines).toEqual([]);
   });
 });
+
+describe('the error handler on a stack overflow', () => {
+  it('answers input nested deeper than the call stack as a validation error, not a 500', async () => {
+    const deep = JSON.parse(`${'['.repeat(100_000)}${']'.repeat(100_000)}`) as unknown;
+    const overflow = (() => {
+      try {
+        JSON.stringify(deep);
+      } catch (error) {
+        return error;
+      }
+    })();
+    expect(overflow).toBeInstanceOf(RangeError);
+    const { response, lines } = await answerTo(overflow);
+    expect(response.statusCode).toBe(422);
+    expect(response.json()).toEqual({ detail: [{ loc: ['body'], msg: 'Input is nested too deeply', type: 'value_error' }] });
+    expect(lines).toMatchObject([{ level: 40 }]);
+  });
+
+  it('keeps other range errors a 500', async () => {
+    expect((await answerTo(new RangeError('Invalid array length'))).response.statusCode).toBe(500);
+  });
+});
