@@ -99,6 +99,37 @@ export class ServiceUnavailableError extends HttpError {
   }
 }
 
+/** 404 for a URL no route answers (`path`: without the query string). */
+export class RouteNotFoundError extends HttpError {
+  constructor(
+    readonly method: string,
+    readonly path: string,
+  ) {
+    super(404, 'Not Found');
+  }
+}
+
+/** 405 for a URL whose routes answer other methods, listed in `Allow`. */
+export class MethodNotAllowedError extends HttpError {
+  constructor(
+    readonly method: string,
+    readonly path: string,
+    readonly allow: readonly string[],
+  ) {
+    super(405, 'Method Not Allowed', { allow: allow.join(', ') });
+  }
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /**
+     * The not-found handler (RouteNotFoundError, or MethodNotAllowedError for a known URL): it
+     * throws, so a context that answers errors in a shape of its own (/v1) sets it as its own.
+     */
+    routeNotFound(request: FastifyRequest): never;
+  }
+}
+
 // ==================== Error bodies ====================
 
 export interface ValidationIssue {
@@ -240,11 +271,12 @@ function send(reply: FastifyReply, status: number, body: unknown, headers: Recor
 
 export function registerErrorHandler(app: FastifyInstance): void {
   const allowedMethods = trackAllowedMethods(app);
-  app.setNotFoundHandler((request, reply) => {
+  app.decorate('routeNotFound', (request: FastifyRequest): never => {
     const allow = allowedMethods(request);
-    if (allow.length) return send(reply, 405, { detail: 'Method Not Allowed' }, { allow: allow.join(', ') });
-    return send(reply, 404, { detail: 'Not Found' });
+    const path = request.url.split('?', 1)[0]!.slice(0, 200);
+    throw allow.length ? new MethodNotAllowedError(request.method, path, allow) : new RouteNotFoundError(request.method, path);
   });
+  app.setNotFoundHandler((request) => app.routeNotFound(request));
 
   app.setErrorHandler((error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
     if (error instanceof UnprocessableError) return send(reply, 422, { detail: error.issues });

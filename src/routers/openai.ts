@@ -174,16 +174,19 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
 };
 
 /**
- * Errors under /v1 in OpenAI's shape: this context's error handler notes what was thrown and hands
- * it on to the app's handler (which logs it and picks the status and `{detail}`); the
- * preSerialization hook turns that `{detail}` into OpenAI's error object before the response
- * schema serializes it. Success answers are strings (or a list object) and pass untouched.
+ * Errors under /v1 in OpenAI's shape, unknown URLs and wrong methods included: this context's error
+ * handler notes what was thrown and hands it on to the app's handler (which logs it and picks the
+ * status and `{detail}`); the preSerialization hook turns that `{detail}` into OpenAI's error
+ * object before the response schema serializes it. Success answers are strings (or a list object)
+ * and pass untouched.
  */
 function registerOpenAIErrors(app: FastifyInstance): void {
   app.setErrorHandler((error, request) => {
     thrownErrors.set(request, error);
     throw error;
   });
+  // Unknown URLs and wrong methods under /v1 too: the app's not-found handler throws, this context's error handler notes it.
+  app.setNotFoundHandler((request) => app.routeNotFound(request));
   app.addHook('preSerialization', (request, reply, payload: unknown, done) => {
     if (reply.statusCode < 400 || payload === null || typeof payload !== 'object' || !('detail' in payload)) return done(null, payload);
     const { status, body, headers } = openAIErrorFrom(reply.statusCode, payload.detail, thrownErrors.get(request));

@@ -9,7 +9,7 @@ import { Readable } from 'node:stream';
 
 import { jsonSchema, type JSONSchema7, type ModelMessage, type ToolChoice, type ToolSet } from 'ai';
 
-import { HttpError } from '../core/errors.js';
+import { HttpError, MethodNotAllowedError, RouteNotFoundError } from '../core/errors.js';
 
 import { nestsWithin } from '../schemas/common.js';
 import { type ChatCompletionRequest, type ChatMessage, type EmbeddingRequest, MAX_JSON_DEPTH } from '../schemas/openai.js';
@@ -414,6 +414,7 @@ const TYPES: Record<number, [type: string, code: string | null]> = {
   402: ['insufficient_quota', 'insufficient_quota'],
   403: ['invalid_request_error', 'permission_denied'],
   404: ['invalid_request_error', 'not_found'],
+  405: ['invalid_request_error', 'method_not_allowed'],
   409: ['invalid_request_error', 'conflict'],
   413: ['invalid_request_error', 'request_too_large'],
   429: ['requests', 'rate_limit_exceeded'],
@@ -442,6 +443,8 @@ function paramOf(loc: readonly (string | number)[]): string | null {
 export function openAIErrorFrom(status: number, detail: unknown, thrown: unknown): Described {
   if (thrown instanceof InvalidRequestError) return error(400, thrown.detail, thrown.param);
   if (thrown instanceof CodedOpenAIError) return error(thrown.statusCode, thrown.detail, null, thrown.code);
+  if (thrown instanceof RouteNotFoundError) return error(404, `Unknown request URL: ${thrown.method} ${thrown.path}`, null, 'unknown_url');
+  if (thrown instanceof MethodNotAllowedError) return error(405, `Invalid method for URL: ${thrown.method} ${thrown.path} (it takes ${thrown.allow.join(', ')})`);
   if (thrown instanceof ModelNotFoundError) return error(404, `The model \`${thrown.model}\` does not exist or you do not have access to it.`, null, 'model_not_found');
   if (thrown instanceof UpstreamError) {
     const upstream = thrown.upstreamStatus;

@@ -361,10 +361,36 @@ describe('authentication and errors', () => {
     expect(JSON.stringify(summary.json())).toMatch(/"cost":"0\.002"/);
   });
 
+  it('answers an unknown URL and a wrong method under /v1 with OpenAI\'s error object (404 unknown_url, 405 with Allow)', async () => {
+    const headers = { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' };
+    const unknown = await fetch(`${baseURL}/completions?stream=false`, { method: 'POST', headers, body: '{"model":"fake-chat","prompt":"Hi"}' });
+    expect(unknown.status).toBe(404);
+    expect(await unknown.json()).toEqual({ error: { message: 'Unknown request URL: POST /v1/completions', type: 'invalid_request_error', param: null, code: 'unknown_url' } });
+    const wrong = await fetch(`${baseURL}/chat/completions`, { headers });
+    expect(wrong.status).toBe(405);
+    expect(wrong.headers.get('allow')).toBe('POST');
+    expect(await wrong.json()).toEqual({ error: { message: 'Invalid method for URL: GET /v1/chat/completions (it takes POST)', type: 'invalid_request_error', param: null, code: 'method_not_allowed' } });
+    // The SDK reads them as its own errors.
+    const viaSdk = await apiError(client.post('/completions', { body: { model: 'fake-chat', prompt: 'Hi' } }));
+    expect(viaSdk).toBeInstanceOf(OpenAI.NotFoundError);
+    expect(viaSdk.code).toBe('unknown_url');
+    // Without a key, the key is what is wrong first (as for every /v1 URL).
+    const anonymous = await fetch(`${baseURL}/completions`, { method: 'POST' });
+    expect(anonymous.status).toBe(401);
+    expect(((await anonymous.json()) as { error: { code: string } }).error.code).toBe('invalid_api_key');
+    expect(fake.log).toEqual([]);
+  });
+
   it('keeps {detail} outside /v1', async () => {
     const response = await fetch(baseURL.replace(/\/v1$/, '/api/v1/models'));
     expect(response.status).toBe(401);
     expect(await response.json()).toEqual({ detail: 'Not authenticated' });
+    const unknown = await fetch(baseURL.replace(/\/v1$/, '/api/v1/completions'), { method: 'POST' });
+    expect(unknown.status).toBe(404);
+    expect(await unknown.json()).toEqual({ detail: 'Not Found' });
+    const wrong = await fetch(baseURL.replace(/\/v1$/, '/api/v1/models'), { method: 'DELETE' });
+    expect(wrong.status).toBe(405);
+    expect(await wrong.json()).toEqual({ detail: 'Method Not Allowed' });
   });
 });
 
