@@ -47,6 +47,7 @@ describe('OpenAI error objects', () => {
       [new UpstreamError('Upstream 404 error: no model at http://10.0.0.7/v1', 404), 'The model provider refused the request (status 404)'],
       [new UpstreamError('Upstream 500 error: db at 10.0.0.9 down', 500), 'The model provider refused the request (status 500)'],
       [new UpstreamError('Upstream connection error: Cannot connect to API: connect ECONNREFUSED 127.0.0.1:1'), 'The model provider could not be reached'],
+      [new UpstreamError('Upstream 200 error: Invalid JSON response: <html>proxy at 10.0.0.8</html>', 200), 'The model provider sent an answer that could not be read'],
     ];
     for (const [error, told] of cases) {
       expect(error.detail).toBe(told);

@@ -21,6 +21,8 @@ export const CLIENT_FAULT_UPSTREAM: ReadonlySet<number> = new Set([400, 413, 422
 function upstreamDetail(diagnosis: string, status: number | undefined): string {
   if (status === undefined) return 'The model provider could not be reached';
   if (CLIENT_FAULT_UPSTREAM.has(status)) return diagnosis;
+  // A success status whose body was no answer (not JSON, not a completion).
+  if (status < 300) return 'The model provider sent an answer that could not be read';
   return `The model provider refused the request (status ${status})`;
 }
 
