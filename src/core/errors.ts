@@ -7,7 +7,10 @@ import { trackAllowedMethods } from './method-not-allowed.js';
 
 // ==================== Typed errors ====================
 
-/** An error whose message is safe to show the client as `{detail}`. */
+/**
+ * An error whose `detail` is safe to show the client. Its `message` is the same, unless a subclass
+ * keeps more for the log (UpstreamError: the provider's own words), which the handler then logs.
+ */
 export class HttpError extends Error {
   constructor(
     readonly statusCode: number,
@@ -93,6 +96,37 @@ export class TooManyRequestsError extends HttpError {
 export class ServiceUnavailableError extends HttpError {
   constructor(detail = 'Service unavailable') {
     super(503, detail);
+  }
+}
+
+/** 404 for a URL no route answers (`path`: without the query string). */
+export class RouteNotFoundError extends HttpError {
+  constructor(
+    readonly method: string,
+    readonly path: string,
+  ) {
+    super(404, 'Not Found');
+  }
+}
+
+/** 405 for a URL whose routes answer other methods, listed in `Allow`. */
+export class MethodNotAllowedError extends HttpError {
+  constructor(
+    readonly method: string,
+    readonly path: string,
+    readonly allow: readonly string[],
+  ) {
+    super(405, 'Method Not Allowed', { allow: allow.join(', ') });
+  }
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /**
+     * The not-found handler (RouteNotFoundError, or MethodNotAllowedError for a known URL): it
+     * throws, so a context that answers errors in a shape of its own (/v1) sets it as its own.
+     */
+    routeNotFound(request: FastifyRequest): never;
   }
 }
 
@@ -237,15 +271,17 @@ function send(reply: FastifyReply, status: number, body: unknown, headers: Recor
 
 export function registerErrorHandler(app: FastifyInstance): void {
   const allowedMethods = trackAllowedMethods(app);
-  app.setNotFoundHandler((request, reply) => {
+  app.decorate('routeNotFound', (request: FastifyRequest): never => {
     const allow = allowedMethods(request);
-    if (allow.length) return send(reply, 405, { detail: 'Method Not Allowed' }, { allow: allow.join(', ') });
-    return send(reply, 404, { detail: 'Not Found' });
+    const path = request.url.split('?', 1)[0]!.slice(0, 200);
+    throw allow.length ? new MethodNotAllowedError(request.method, path, allow) : new RouteNotFoundError(request.method, path);
   });
+  app.setNotFoundHandler((request) => app.routeNotFound(request));
 
   app.setErrorHandler((error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
     if (error instanceof UnprocessableError) return send(reply, 422, { detail: error.issues });
     if (error instanceof HttpError) {
+      if (error.message !== error.detail) request.log.warn({ err: error }, 'request failed; details withheld from the client');
       return send(reply, error.statusCode, { detail: error.detail }, error.headers);
     }
     if (error.validation) {
@@ -268,6 +304,12 @@ export function registerErrorHandler(app: FastifyInstance): void {
     if (!isResponseSerializationError(error) && error.statusCode && error.statusCode >= 400 && error.statusCode < 500) {
       const detail = error.statusCode === 413 ? 'Request body too large' : error.message;
       return send(reply, error.statusCode, { detail });
+    }
+    // Input nested deeper than the call stack goes, past every check that should have refused it
+    // (the schemas bound the free-form JSON they take): still the request's fault, not a crash.
+    if (error instanceof RangeError && /call stack/i.test(error.message)) {
+      request.log.warn({ err: error }, 'input nested too deeply for the call stack');
+      return send(reply, 422, { detail: [{ loc: ['body'], msg: 'Input is nested too deeply', type: 'value_error' }] });
     }
     if ((db && isDatabaseUnavailableCode(db.code)) || connectionError(error)) {
       request.log.error(loggable(error), 'database unavailable');

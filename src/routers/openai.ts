@@ -95,7 +95,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'openai_retrieve_model',
         summary: 'Retrieve Model (OpenAI)',
-        description: 'By id or alias, or `agent:<id>` for an agent you may use; 404 `model_not_found` for a disabled or unknown model and another user\'s agent.',
+        description: 'By id or alias, or `agent:<id>` for an agent you may use; 404 `model_not_found` for a model the list leaves out (unknown, disabled, or its provider not configured) and another user\'s agent.',
         tags,
         params: OpenAIModelParams,
         response: { 200: OpenAIModel, ...openAIErrors },
@@ -105,7 +105,8 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       const { model } = request.params;
       if (isAgentModel(model)) return agents.retrieve(request, model);
       const found = models.getModel(model);
-      if (!found || !found.enabled) throw new ModelNotFoundError(model);
+      // What the list leaves out is not found here either: a model whose provider is not configured cannot be called.
+      if (!found || !found.enabled || !found.available) throw new ModelNotFoundError(model);
       return modelObject(found.id, found.provider);
     },
   );
@@ -138,8 +139,8 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       if (isAgentModel(body.model)) return agents.complete(request, reply);
       const chat = toChatRequest(body, callContext(request.principal), disconnectSignal(reply));
       if (body.stream) {
-        const { events, first } = await openStream(models.stream(chat));
-        const chunks = completionChunks(events, first, body.model, body.stream_options?.include_usage === true);
+        const { events, first, model } = await openStream(models.stream(chat), body.model);
+        const chunks = completionChunks(events, first, model, body.stream_options?.include_usage === true);
         return reply
           .header('content-type', 'text/event-stream; charset=utf-8')
           .header('cache-control', 'no-cache')
@@ -173,21 +174,25 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
 };
 
 /**
- * Errors under /v1 in OpenAI's shape: this context's error handler notes what was thrown and hands
- * it on to the app's handler (which logs it and picks the status and `{detail}`); the
- * preSerialization hook turns that `{detail}` into OpenAI's error object before the response
- * schema serializes it. Success answers are strings (or a list object) and pass untouched.
+ * Errors under /v1 in OpenAI's shape, unknown URLs and wrong methods included: this context's error
+ * handler notes what was thrown and hands it on to the app's handler (which logs it and picks the
+ * status and `{detail}`); the preSerialization hook turns that `{detail}` into OpenAI's error
+ * object before the response schema serializes it. Success answers are strings (or a list object)
+ * and pass untouched.
  */
 function registerOpenAIErrors(app: FastifyInstance): void {
   app.setErrorHandler((error, request) => {
     thrownErrors.set(request, error);
     throw error;
   });
+  // Unknown URLs and wrong methods under /v1 too: the app's not-found handler throws, this context's error handler notes it.
+  app.setNotFoundHandler((request) => app.routeNotFound(request));
   app.addHook('preSerialization', (request, reply, payload: unknown, done) => {
     if (reply.statusCode < 400 || payload === null || typeof payload !== 'object' || !('detail' in payload)) return done(null, payload);
-    const { status, body } = openAIErrorFrom(reply.statusCode, payload.detail, thrownErrors.get(request));
+    const { status, body, headers } = openAIErrorFrom(reply.statusCode, payload.detail, thrownErrors.get(request));
     noteRefusal(request, body.error.message.slice(0, 300));
     void reply.code(status);
+    if (headers) void reply.headers(headers);
     done(null, body);
   });
 }

@@ -52,20 +52,34 @@ export const METADATA_MAX_BYTES = 16_384;
 export const METADATA_MAX_DEPTH = 5;
 export const METADATA_MAX_KEY_LENGTH = 255;
 
-/** How deep a JSON value nests: a scalar 0, `{}` or `[]` 1, `{"a": {}}` 2. */
-function depthOf(value: unknown): number {
-  if (value === null || typeof value !== 'object') return 0;
-  const children = Array.isArray(value) ? value : Object.values(value);
-  return 1 + children.reduce<number>((deepest, child) => Math.max(deepest, depthOf(child)), 0);
+/**
+ * Whether a JSON value nests at most `max` levels (a scalar 0, `{}` or `[]` 1, `{"a": {}}` 2). The
+ * walk stops at the first level past `max`, so it never recurses deeper than that however deep
+ * the value goes: it is what to ask before anything recursive (JSON.stringify) touches a client's
+ * free-form JSON, which could otherwise exhaust the call stack.
+ */
+export function nestsWithin(value: unknown, max: number): boolean {
+  if (value === null || typeof value !== 'object') return true;
+  if (max <= 0) return false;
+  if (Array.isArray(value)) {
+    for (const item of value) if (!nestsWithin(item, max - 1)) return false;
+    return true;
+  }
+  for (const key in value) if (!nestsWithin((value as Record<string, unknown>)[key], max - 1)) return false;
+  return true;
 }
 
 /** A client's free-form JSON object, bounded in size and depth (a client sends nothing unbounded). */
 export const Metadata = z
   .record(z.string().max(METADATA_MAX_KEY_LENGTH), z.unknown())
   .superRefine((value, ctx) => {
+    // Depth first: measuring the size serializes the value, recursively.
+    if (!nestsWithin(value, METADATA_MAX_DEPTH)) {
+      ctx.addIssue({ code: 'custom', message: `Metadata nests deeper than ${METADATA_MAX_DEPTH} levels` });
+      return;
+    }
     const bytes = Buffer.byteLength(JSON.stringify(value));
     if (bytes > METADATA_MAX_BYTES) ctx.addIssue({ code: 'custom', message: `Metadata is ${bytes} bytes as JSON; at most ${METADATA_MAX_BYTES} are kept` });
-    else if (depthOf(value) > METADATA_MAX_DEPTH) ctx.addIssue({ code: 'custom', message: `Metadata nests deeper than ${METADATA_MAX_DEPTH} levels` });
   })
   .meta({
     id: 'Metadata',

@@ -5,6 +5,8 @@
  */
 import { z } from 'zod';
 
+import { nestsWithin } from './common.js';
+
 // ==================== Errors ====================
 
 export const OpenAIError = z
@@ -83,12 +85,22 @@ const ToolMessage = z.object({ role: z.literal('tool'), content: TextContent, to
 export const ChatMessage = z.discriminatedUnion('role', [SystemMessage, UserMessage, AssistantMessage, ToolMessage]);
 export type ChatMessage = z.infer<typeof ChatMessage>;
 
+/**
+ * How deep a client's free-form JSON (a tool's parameters, a response schema, a tool call's
+ * arguments) may nest: past any real schema (each level of a JSON Schema object is two), far short
+ * of what would exhaust the call stack of the code that serializes it on the way upstream.
+ */
+export const MAX_JSON_DEPTH = 64;
+
+/** A JSON object of the client's (a JSON Schema), at most MAX_JSON_DEPTH levels deep. */
+const FreeFormObject = z.record(z.string(), z.unknown()).refine((value) => nestsWithin(value, MAX_JSON_DEPTH), { error: `Nested deeper than ${MAX_JSON_DEPTH} levels` });
+
 const FunctionTool = z.object({
   type: z.literal('function'),
   function: z.object({
     name: z.string().regex(/^[\w-]{1,64}$/, { error: 'A function name is 1 to 64 letters, digits, _ or -' }),
     description: z.string().optional(),
-    parameters: z.record(z.string(), z.unknown()).optional(),
+    parameters: FreeFormObject.optional(),
     strict: z.boolean().nullish(),
   }),
 });
@@ -106,7 +118,7 @@ const ResponseFormat = z.discriminatedUnion('type', [
     json_schema: z.object({
       name: z.string().min(1).max(64),
       description: z.string().optional(),
-      schema: z.record(z.string(), z.unknown()).optional(),
+      schema: FreeFormObject.optional(),
       strict: z.boolean().nullish(),
     }),
   }),

@@ -9,15 +9,17 @@ import { Readable } from 'node:stream';
 
 import { jsonSchema, type JSONSchema7, type ModelMessage, type ToolChoice, type ToolSet } from 'ai';
 
-import { HttpError } from '../core/errors.js';
+import { HttpError, MethodNotAllowedError, RouteNotFoundError } from '../core/errors.js';
 
-import type { ChatCompletionRequest, ChatMessage, EmbeddingRequest } from '../schemas/openai.js';
+import { nestsWithin } from '../schemas/common.js';
+import { type ChatCompletionRequest, type ChatMessage, type EmbeddingRequest, MAX_JSON_DEPTH } from '../schemas/openai.js';
 
 import {
   type CallContext,
   type CallerSignal,
   type ChatRequest,
   type ChatResult,
+  CLIENT_FAULT_UPSTREAM,
   type EmbedRequest,
   type EmbedResult,
   type JsonResponseFormat,
@@ -26,6 +28,7 @@ import {
   type StreamEvent,
   type TokenUsage,
   type ToolCall,
+  UpstreamError,
 } from '../modules/ai-models/index.js';
 import type { Principal } from '../utils/authentication.js';
 
@@ -68,12 +71,16 @@ export function callContext(principal: Principal): CallContext {
 
 const textOf = (content: string | { text: string }[]): string => (typeof content === 'string' ? content : content.map((p) => p.text).join(''));
 
-function parseArguments(text: string): unknown {
+/** A tool call's arguments, parsed when they are JSON (at most MAX_JSON_DEPTH levels deep: `param` says where, if not). */
+function parseArguments(text: string, param: string): unknown {
+  let parsed: unknown;
   try {
-    return JSON.parse(text) as unknown;
+    parsed = JSON.parse(text) as unknown;
   } catch {
     return text; // sent on as it came: the provider sees the same string
   }
+  if (!nestsWithin(parsed, MAX_JSON_DEPTH)) throw new InvalidRequestError(`Invalid value for ${param}: nested deeper than ${MAX_JSON_DEPTH} levels`, param);
+  return parsed;
 }
 
 /** OpenAI's messages as the AI SDK's; a tool result names its tool through the assistant's earlier call. */
@@ -101,7 +108,12 @@ function toModelMessages(messages: readonly ChatMessage[]): ModelMessage[] {
           role: 'assistant',
           content: [
             ...(text ? [{ type: 'text' as const, text }] : []),
-            ...calls.map((call) => ({ type: 'tool-call' as const, toolCallId: call.id, toolName: call.function.name, input: parseArguments(call.function.arguments) })),
+            ...calls.map((call, i) => ({
+              type: 'tool-call' as const,
+              toolCallId: call.id,
+              toolName: call.function.name,
+              input: parseArguments(call.function.arguments, `messages[${index}].tool_calls[${i}].function.arguments`),
+            })),
           ],
         };
       }
@@ -121,12 +133,18 @@ function toModelMessages(messages: readonly ChatMessage[]): ModelMessage[] {
 
 const EMPTY_PARAMETERS: JSONSchema7 = { type: 'object', properties: {} };
 
+/**
+ * The tools by name, in an object without a prototype: a function may be called `__proto__` or
+ * `constructor` and must stay an entry of its own. Two functions of one name are refused, as
+ * OpenAI refuses invalid tools: one would silently replace the other.
+ */
 function toTools(tools: ChatCompletionRequest['tools']): ToolSet | undefined {
   if (!tools?.length) return undefined;
-  const set: ToolSet = {};
-  for (const { function: fn } of tools) {
+  const set = Object.create(null) as ToolSet;
+  tools.forEach(({ function: fn }, index) => {
+    if (Object.hasOwn(set, fn.name)) throw new InvalidRequestError(`tools has two functions named ${fn.name}; each needs a name of its own`, `tools[${index}].function.name`);
     set[fn.name] = { description: fn.description, inputSchema: jsonSchema((fn.parameters as JSONSchema7 | undefined) ?? EMPTY_PARAMETERS) };
-  }
+  });
   return set;
 }
 
@@ -236,20 +254,20 @@ export function completionJson(result: ChatResult): string {
 /**
  * The SSE body of a streamed completion, OpenAI's framing: a first chunk with the role, content
  * deltas, one chunk per tool call, a chunk with the finish reason, the usage chunk when asked for
- * (`choices: []`; every earlier chunk then says `usage: null`), then `data: [DONE]`. The caller has
- * already taken `first` (so errors before any output answered as plain HTTP errors). An error after
- * that ends the stream with an `error` event (OpenAI's SDKs raise it). Stopping the iteration
- * (the client went away) returns the manager's iterator, which aborts the upstream request.
+ * (`choices: []`; every earlier chunk then says `usage: null`), then `data: [DONE]`. Every chunk
+ * names `model`, the one that answered (see openStream). The caller has already taken `first`
+ * (so errors before any output answered as plain HTTP errors). An error after that ends the stream
+ * with an `error` event (OpenAI's SDKs raise it). Stopping the iteration (the client went away)
+ * returns the manager's iterator, which aborts the upstream request.
  */
 export async function* completionChunks(
   events: AsyncIterator<StreamEvent>,
   first: IteratorResult<StreamEvent>,
-  requestedModel: string,
+  model: string,
   includeUsage: boolean,
 ): AsyncGenerator<string> {
   const id = completionId();
   const created = now();
-  let model = requestedModel;
   const usageField = includeUsage ? ',"usage":null' : '';
   const frame = (delta: unknown, finish: string | null = null) =>
     `data: {"id":"${id}","object":"chat.completion.chunk","created":${created},"model":${JSON.stringify(model)},"choices":[{"index":0,"delta":${JSON.stringify(delta)},"logprobs":null,"finish_reason":${finish === null ? 'null' : `"${finish}"`}}]${usageField}}\n\n`;
@@ -270,7 +288,6 @@ export async function* completionChunks(
         continue;
       }
       const { result } = event;
-      model = result.model;
       let tail = head + frame({}, finishReason(result));
       if (includeUsage) {
         tail += `data: {"id":"${id}","object":"chat.completion.chunk","created":${created},"model":${JSON.stringify(model)},"choices":[],"usage":${usageJson(result.usage)}}\n\n`;
@@ -349,10 +366,16 @@ export function sseBody(frames: AsyncGenerator<string>, response?: { cork(): voi
   return body;
 }
 
-/** Starts a stream and waits for its first event: failures before any output throw here. */
-export async function openStream(stream: ModelStream): Promise<{ events: AsyncIterator<StreamEvent>; first: IteratorResult<StreamEvent> }> {
+/**
+ * Starts a stream and waits for its first event: failures before any output throw here. `model`
+ * is the one that answered (a fallback, maybe; an alias resolved), which every chunk names, as
+ * the non-streamed answer does: retries and fallbacks end with the first event.
+ */
+export async function openStream(stream: ModelStream, requestedModel: string): Promise<{ events: AsyncIterator<StreamEvent>; first: IteratorResult<StreamEvent>; model: string }> {
   const events = stream[Symbol.asyncIterator]();
-  return { events, first: await events.next() };
+  const first = await events.next();
+  const model = !first.done && first.value.type === 'finish' ? first.value.result.model : (stream.model ?? requestedModel);
+  return { events, first, model };
 }
 
 /** Embeddings as float arrays, or base64 of little-endian float32 values as OpenAI sends them. */
@@ -381,6 +404,8 @@ export interface OpenAIErrorBody {
 interface Described {
   status: number;
   body: OpenAIErrorBody;
+  /** Headers the answer needs beyond the app handler's (an upstream's retry-after). */
+  headers?: Record<string, string>;
 }
 
 const TYPES: Record<number, [type: string, code: string | null]> = {
@@ -389,6 +414,7 @@ const TYPES: Record<number, [type: string, code: string | null]> = {
   402: ['insufficient_quota', 'insufficient_quota'],
   403: ['invalid_request_error', 'permission_denied'],
   404: ['invalid_request_error', 'not_found'],
+  405: ['invalid_request_error', 'method_not_allowed'],
   409: ['invalid_request_error', 'conflict'],
   413: ['invalid_request_error', 'request_too_large'],
   429: ['requests', 'rate_limit_exceeded'],
@@ -396,9 +422,6 @@ const TYPES: Record<number, [type: string, code: string | null]> = {
   503: ['server_error', 'service_unavailable'],
   504: ['server_error', 'timeout'],
 };
-
-/** Upstream refusals that are the request's fault (too long, a bad tool schema): the client's 400, not a 502 it would retry. */
-const CLIENT_FAULT_UPSTREAM = new Set([400, 413, 422]);
 
 const error = (status: number, message: string, param: string | null = null, code?: string | null): Described => {
   const [type, defaultCode] = TYPES[status] ?? (status >= 500 ? ['server_error', null] : ['invalid_request_error', null]);
@@ -420,10 +443,19 @@ function paramOf(loc: readonly (string | number)[]): string | null {
 export function openAIErrorFrom(status: number, detail: unknown, thrown: unknown): Described {
   if (thrown instanceof InvalidRequestError) return error(400, thrown.detail, thrown.param);
   if (thrown instanceof CodedOpenAIError) return error(thrown.statusCode, thrown.detail, null, thrown.code);
+  if (thrown instanceof RouteNotFoundError) return error(404, `Unknown request URL: ${thrown.method} ${thrown.path}`, null, 'unknown_url');
+  if (thrown instanceof MethodNotAllowedError) return error(405, `Invalid method for URL: ${thrown.method} ${thrown.path} (it takes ${thrown.allow.join(', ')})`);
   if (thrown instanceof ModelNotFoundError) return error(404, `The model \`${thrown.model}\` does not exist or you do not have access to it.`, null, 'model_not_found');
-  if (thrown instanceof HttpError && thrown.name === 'UpstreamError') {
-    const upstream = (thrown as HttpError & { upstreamStatus?: number }).upstreamStatus;
+  if (thrown instanceof UpstreamError) {
+    const upstream = thrown.upstreamStatus;
+    // The request's fault (too long, a bad tool schema): the client's 400, not a 502 it would retry.
     if (upstream !== undefined && CLIENT_FAULT_UPSTREAM.has(upstream)) return error(400, thrown.detail, null, 'upstream_rejected');
+    // Still rate limited after the retries: OpenAI's clients back off on a 429 (as long as its Retry-After says).
+    if (upstream === 429) {
+      const limited = error(429, thrown.detail);
+      if (thrown.retryAfterMs !== undefined) limited.headers = { 'retry-after': String(Math.ceil(thrown.retryAfterMs / 1000)) };
+      return limited;
+    }
   }
   if (thrown instanceof HttpError && thrown.name === 'ModelCapabilityError') return error(400, thrown.detail, 'model', 'model_not_supported');
   if (thrown instanceof HttpError && thrown.name === 'ProviderUnavailableError') return error(503, thrown.detail, 'model', 'provider_unavailable');

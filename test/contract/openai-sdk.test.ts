@@ -5,8 +5,11 @@
  */
 import type { AddressInfo } from 'node:net';
 
+import { eq } from 'drizzle-orm';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { usageRecords } from '../../src/models/index.js';
 
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
@@ -68,8 +71,8 @@ describe('models', () => {
     expect((await client.models.retrieve('fake-latest')).id).toBe('fake-chat');
   });
 
-  it('answers 404 model_not_found for an unknown, a disabled and an agent model', async () => {
-    for (const id of ['no-such-model', 'fake-off', 'agent:0f8fad5b-d9cb-469f-a165-70867728950e']) {
+  it('answers 404 model_not_found for an unknown, a disabled, an unlisted (provider not configured) and an agent model', async () => {
+    for (const id of ['no-such-model', 'fake-off', 'gpt-4.1', 'agent:0f8fad5b-d9cb-469f-a165-70867728950e']) {
       const error = await apiError(client.models.retrieve(id));
       expect(error.status, id).toBe(404);
       expect(error.code).toBe('model_not_found');
@@ -177,6 +180,25 @@ describe('chat completions', () => {
     expect(orphan.param).toBe('messages[1].tool_call_id');
   });
 
+  const tool = (name: string): OpenAI.ChatCompletionTool => ({ type: 'function', function: { name, parameters: { type: 'object', properties: { q: { type: 'string' } } } } });
+
+  it('keeps a function named __proto__ a tool of its own', async () => {
+    const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Look it up' }];
+    fake.script('fake-chat', { toolCalls: [{ id: 'call_p', name: '__proto__', arguments: '{"q":"x"}' }] });
+    const completion = await client.chat.completions.create({ model: 'fake-chat', messages, tools: [tool('__proto__'), tool('constructor')] });
+    const sent = fake.requestsFor('fake-chat')[0]!.body.tools as { function: { name: string } }[];
+    expect(sent.map((t) => t.function.name)).toEqual(['__proto__', 'constructor']);
+    expect(completion.choices[0]!.message.tool_calls).toEqual([{ id: 'call_p', type: 'function', function: { name: '__proto__', arguments: '{"q":"x"}' } }]);
+  });
+
+  it('refuses two functions of one name with 400 naming the param, as it would drop one', async () => {
+    const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Look it up' }];
+    const twice = await apiError(client.chat.completions.create({ model: 'fake-chat', messages, tools: [tool('lookup'), tool('other'), tool('lookup')] }));
+    expect(twice).toMatchObject({ status: 400, type: 'invalid_request_error', param: 'tools[2].function.name' });
+    expect(twice.message).toMatch(/lookup/);
+    expect(fake.log).toEqual([]);
+  });
+
   it('streams tool calls as tool_calls deltas with an index', async () => {
     fake.script('fake-chat', { toolCalls: [{ id: 'call_a', name: 'lookup', arguments: '{"q":"keel"}' }] });
     const stream = await client.chat.completions.create({
@@ -223,6 +245,35 @@ describe('chat completions', () => {
     const embedModel = await apiError(client.chat.completions.create({ model: 'fake-embed', messages: [{ role: 'user', content: 'Hi' }] }));
     expect(embedModel).toMatchObject({ status: 400, code: 'model_not_supported', param: 'model' });
     expect(fake.log).toEqual([]);
+  });
+
+  it('refuses free-form JSON nested deeper than 64 levels with 400 naming the param, however deep (never a 500 the SDK would retry)', async () => {
+    /** JSON text of `{"a":{"a":…1…}}`, `levels` objects deep (a text: the SDK's own JSON.stringify would overflow on the deepest). */
+    const nested = (levels: number) => `${'{"a":'.repeat(levels - 1)}{}${'}'.repeat(levels - 1)}`;
+    const post = (body: string) =>
+      fetch(`${baseURL}/chat/completions`, { method: 'POST', headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' }, body });
+    const hi = '"model":"fake-chat","messages":[{"role":"user","content":"Hi"}]';
+    const bodies = (levels: number): [string, string][] => [
+      [`{${hi},"tools":[{"type":"function","function":{"name":"f","parameters":${nested(levels)}}}]}`, 'tools[0].function.parameters'],
+      [`{${hi},"response_format":{"type":"json_schema","json_schema":{"name":"r","schema":${nested(levels)}}}}`, 'response_format.json_schema.schema'],
+      [
+        `{"model":"fake-chat","messages":[{"role":"user","content":"Hi"},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":${JSON.stringify(nested(levels))}}}]},{"role":"tool","tool_call_id":"c1","content":"ok"}]}`,
+        'messages[1].tool_calls[0].function.arguments',
+      ],
+    ];
+    for (const levels of [65, 20_000]) {
+      for (const [body, param] of bodies(levels)) {
+        const response = await post(body);
+        const answer = (await response.json()) as { error: { type: string; param: string | null; message: string } };
+        expect(response.status, `${param} ${levels}: ${answer.error.message}`).toBe(400);
+        expect(answer.error).toMatchObject({ type: 'invalid_request_error', param });
+        expect(answer.error.message).toMatch(/deeper than 64 levels/);
+      }
+    }
+    expect(fake.log).toEqual([]);
+    // 64 levels go through.
+    for (const [body, param] of bodies(64)) expect((await post(body)).status, param).toBe(200);
+    expect(fake.log).toHaveLength(3);
   });
 
   it('answers malformed JSON with 400 in OpenAI shape (raw HTTP)', async () => {
@@ -319,10 +370,36 @@ describe('authentication and errors', () => {
     expect(JSON.stringify(summary.json())).toMatch(/"cost":"0\.002"/);
   });
 
+  it('answers an unknown URL and a wrong method under /v1 with OpenAI\'s error object (404 unknown_url, 405 with Allow)', async () => {
+    const headers = { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' };
+    const unknown = await fetch(`${baseURL}/completions?stream=false`, { method: 'POST', headers, body: '{"model":"fake-chat","prompt":"Hi"}' });
+    expect(unknown.status).toBe(404);
+    expect(await unknown.json()).toEqual({ error: { message: 'Unknown request URL: POST /v1/completions', type: 'invalid_request_error', param: null, code: 'unknown_url' } });
+    const wrong = await fetch(`${baseURL}/chat/completions`, { headers });
+    expect(wrong.status).toBe(405);
+    expect(wrong.headers.get('allow')).toBe('POST');
+    expect(await wrong.json()).toEqual({ error: { message: 'Invalid method for URL: GET /v1/chat/completions (it takes POST)', type: 'invalid_request_error', param: null, code: 'method_not_allowed' } });
+    // The SDK reads them as its own errors.
+    const viaSdk = await apiError(client.post('/completions', { body: { model: 'fake-chat', prompt: 'Hi' } }));
+    expect(viaSdk).toBeInstanceOf(OpenAI.NotFoundError);
+    expect(viaSdk.code).toBe('unknown_url');
+    // Without a key, the key is what is wrong first (as for every /v1 URL).
+    const anonymous = await fetch(`${baseURL}/completions`, { method: 'POST' });
+    expect(anonymous.status).toBe(401);
+    expect(((await anonymous.json()) as { error: { code: string } }).error.code).toBe('invalid_api_key');
+    expect(fake.log).toEqual([]);
+  });
+
   it('keeps {detail} outside /v1', async () => {
     const response = await fetch(baseURL.replace(/\/v1$/, '/api/v1/models'));
     expect(response.status).toBe(401);
     expect(await response.json()).toEqual({ detail: 'Not authenticated' });
+    const unknown = await fetch(baseURL.replace(/\/v1$/, '/api/v1/completions'), { method: 'POST' });
+    expect(unknown.status).toBe(404);
+    expect(await unknown.json()).toEqual({ detail: 'Not Found' });
+    const wrong = await fetch(baseURL.replace(/\/v1$/, '/api/v1/models'), { method: 'DELETE' });
+    expect(wrong.status).toBe(405);
+    expect(await wrong.json()).toEqual({ detail: 'Method Not Allowed' });
   });
 });
 
@@ -390,6 +467,20 @@ describe('the call path behind /v1', () => {
     ]);
   });
 
+  it('names the model that answered in every chunk of a stream, as the non-streamed answer does (a fallback, an alias)', async () => {
+    fake.script('fake-primary', { status: 500 }, { status: 500 });
+    fake.script('fake-backup', { chunks: ['Hel', 'lo'] });
+    const fellBack = await client.chat.completions.create({ model: 'fake-primary', messages: [{ role: 'user', content: 'Hi' }], stream: true, stream_options: { include_usage: true } });
+    const models: string[] = [];
+    for await (const chunk of fellBack) models.push(chunk.model);
+    expect(models.length).toBeGreaterThan(3);
+    expect(new Set(models)).toEqual(new Set(['fake-backup']));
+    const aliased = await client.chat.completions.create({ model: 'fake-latest', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const aliasModels = new Set<string>();
+    for await (const chunk of aliased) aliasModels.add(chunk.model);
+    expect(aliasModels).toEqual(new Set(['fake-chat']));
+  });
+
   it('maps an upstream 400 to the client\'s 400 and a failing upstream to 502 (the SDK would retry a 5xx)', async () => {
     fake.script('fake-chat', { status: 400, body: { error: { message: 'context too long', type: 'invalid_request_error' } } });
     const refused = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] }));
@@ -398,6 +489,45 @@ describe('the call path behind /v1', () => {
     fake.script('fake-backup', { status: 503 }, { status: 503 });
     const failed = await apiError(client.chat.completions.create({ model: 'fake-backup', messages: [{ role: 'user', content: 'Hi' }] }));
     expect(failed).toMatchObject({ status: 502, type: 'server_error', code: 'upstream_error' });
+  });
+
+  it('tells the client of a provider\'s failure without its words or address, which go to the usage record', async () => {
+    const owner = await createUser(ctx.app);
+    const own = clientWith((await createKey(ctx.app, owner)).key);
+    const hi = { model: 'fake-chat', messages: [{ role: 'user' as const, content: 'Hi' }] };
+    // The operator's provider key is wrong: the provider's message shows a fragment of it.
+    const words = 'Incorrect API key provided: sk-secr*************1234.';
+    fake.script('fake-chat', { status: 401, body: { error: { message: words, type: 'invalid_request_error', code: 'invalid_api_key' } } });
+    const rejected = await apiError(own.chat.completions.create(hi));
+    expect(rejected.error).toEqual({ message: 'The model provider refused the request (status 401)', type: 'server_error', param: null, code: 'upstream_error' });
+    // A provider nothing listens for: neither its address nor the socket error reach the client, streamed or not.
+    expect((await api('POST', '/providers', admin, { name: 'refused', kind: 'openai-compatible', base_url: 'http://127.0.0.1:1/v1', api_key: 'sk-refused' })).statusCode).toBe(200);
+    await addModel({ id: 'refused-chat', provider: 'refused', capabilities: ['chat'] });
+    for (const stream of [false, true]) {
+      const unreachable = await apiError(own.chat.completions.create({ ...hi, model: 'refused-chat', stream }));
+      expect(unreachable.status).toBe(502);
+      expect(unreachable.error).toEqual({ message: 'The model provider could not be reached', type: 'server_error', param: null, code: 'upstream_error' });
+    }
+    // The operator reads the whole story in the usage records.
+    await ctx.app.meter.idle();
+    const rows = await ctx.app.db.select({ model: usageRecords.model, error: usageRecords.error }).from(usageRecords).where(eq(usageRecords.owner_id, owner.user.id));
+    expect(rows.filter((r) => r.model === 'fake-chat').map((r) => r.error)).toEqual([expect.stringContaining(words)]);
+    expect(rows.filter((r) => r.model === 'refused-chat').map((r) => r.error)).toEqual([expect.stringMatching(/ECONNREFUSED 127\.0\.0\.1:1/), expect.stringMatching(/ECONNREFUSED 127\.0\.0\.1:1/)]);
+  });
+
+  it('answers a provider still rate limiting after the retries with 429 and its Retry-After (the SDK backs off as told)', async () => {
+    const hi = { model: 'fake-backup', messages: [{ role: 'user' as const, content: 'Hi' }] };
+    fake.script('fake-backup', { status: 429, headers: { 'retry-after': '0' } }, { status: 429, headers: { 'retry-after': '7' } });
+    const limited = await apiError(client.chat.completions.create(hi));
+    expect(limited).toBeInstanceOf(OpenAI.RateLimitError);
+    expect(limited.error).toEqual({ message: 'The model provider refused the request (status 429)', type: 'requests', param: null, code: 'rate_limit_exceeded' });
+    expect(limited.headers?.get('retry-after')).toBe('7');
+    expect(fake.requestsFor('fake-backup').map((r) => r.reply)).toEqual([429, 429]);
+    // Without a retry-after upstream, none is made up.
+    fake.script('fake-backup', { status: 429 }, { status: 429 });
+    const bare = await apiError(client.chat.completions.create({ ...hi, stream: true }));
+    expect(bare.status).toBe(429);
+    expect(bare.headers?.get('retry-after')).toBeNull();
   });
 
   it('ends a stream that fails after its first chunk with an error event the SDK raises', async () => {

@@ -115,6 +115,10 @@ describe('creating an agent', () => {
     expectValidationError(await api('POST', '/agents', alice.headers, { ...base, metadata: { blob: 'x'.repeat(17_000) } }), ['body', 'metadata'], 'value_error');
     expectValidationError(await api('POST', '/agents', alice.headers, { ...base, metadata: deep }), ['body', 'metadata'], 'value_error');
     expect((await api('POST', '/agents', alice.headers, { ...base, metadata: deep.a })).statusCode).toBe(200);
+    // Deeper than any call stack (a text: the test's own JSON.stringify would overflow): refused, not a 500.
+    const abyss = `{"name":"a","model":"gpt-4.1","metadata":${'{"a":'.repeat(20_000)}1${'}'.repeat(20_000)}}`;
+    const tooDeep = await api('POST', '/agents', { ...alice.headers, 'content-type': 'application/json' }, abyss);
+    expect(expectValidationError(tooDeep, ['body', 'metadata'], 'value_error').detail[0]!.msg).toMatch(/deeper than 5 levels/);
     expectValidationError(await api('POST', '/agents', alice.headers, { ...base, tags: Array.from({ length: 33 }, (_, i) => `t${i}`) }), ['body', 'tags']);
     expectValidationError(await api('POST', '/agents', alice.headers, { ...base, system_prompt: 'p'.repeat(100_001) }), ['body', 'system_prompt'], 'string_too_long');
     expectValidationError(await api('POST', '/agents', alice.headers, { ...base, max_output_tokens: 0 }), ['body', 'max_output_tokens'], 'greater_than_equal');

@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CORS_ALLOWED_HEADERS, CORS_EXPOSED_HEADERS, CORS_METHODS } from '../../src/core/cors.js';
 
 import { buildTestApp, useTestApp } from '../helpers/app.js';
+import { createUser } from '../helpers/factories.js';
 import { type OpenApiDocument, operationsOf, resolvePointer, routePath, servedRoutes } from '../helpers/routes.js';
 
 const ctx = useTestApp();
@@ -166,14 +167,19 @@ describe('HTTP methods', () => {
     const paths = [...new Set(routes.map(([, path]) => path))];
     expect(paths.length).toBeGreaterThan(10);
     const wrong: string[] = [];
+    // /v1 authenticates first, then answers OpenAI's error object.
+    const { headers } = await createUser(ctx.app);
     for (const path of paths) {
+      const openAI = path.startsWith('/v1/');
       const url = path.replace(/:(\w+)/g, (_, name: string) => (name === 'email' ? 'nobody%40keel.test' : '00000000-0000-4000-8000-000000000000'));
       // The methods some route answers at this URL (`/users/signup` is also `/users/:user_id`).
       const served = new Set(patterns.filter(({ match }) => match.test(url)).map(({ method }) => method));
       const allow = [...served].sort().join(', ');
       for (const method of METHODS.filter((m) => !served.has(m))) {
-        const response = await ctx.app.inject({ method, url });
-        const ok = response.statusCode === 405 && response.headers.allow === allow && response.json<{ detail: string }>().detail === 'Method Not Allowed';
+        const response = await ctx.app.inject({ method, url, headers: openAI ? headers : {} });
+        const body = response.json<{ detail?: string; error?: { code: string } }>();
+        const shaped = openAI ? body.error?.code === 'method_not_allowed' : body.detail === 'Method Not Allowed';
+        const ok = response.statusCode === 405 && response.headers.allow === allow && shaped;
         if (!ok) wrong.push(`${method} ${path}: ${response.statusCode} allow=${String(response.headers.allow)} (want ${allow})`);
       }
     }

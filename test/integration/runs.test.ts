@@ -637,6 +637,17 @@ describe('failures in words', () => {
     expect(unknown.statusCode).toBe(422);
   });
 
+  it('a provider\'s own words reach the run\'s error only when the request was at fault', async () => {
+    const { owner, thread } = await setup();
+    fake.script(MODEL, { status: 404, body: { error: { message: 'no deployment fake-precise at http://10.1.2.3:8000 (key sk-secr****1234)' } } });
+    const refused = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
+    const error = (await waitForRun(ctx.app, owner.headers, refused.id, ['failed'])).error;
+    expect(error).toBe(`The provider refused the request for model ${MODEL} (404)`);
+    fake.script(MODEL, { status: 400, body: { error: { message: 'This model\'s maximum context length is 8192 tokens' } } });
+    const tooLong = await startRun(ctx.app, owner.headers, thread.id, {});
+    expect((await waitForRun(ctx.app, owner.headers, tooLong.id, ['failed'])).error).toMatch(/\(400\): .*maximum context length is 8192 tokens$/);
+  });
+
   it('retry makes a new run with the same input, not appended twice; delete only when ended', async () => {
     const { owner, thread } = await setup();
     fake.script(MODEL, { status: 401 }, { text: 'second try' });

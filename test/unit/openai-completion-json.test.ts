@@ -97,7 +97,7 @@ describe('the stream usage chunk', () => {
     const r = result({ model: 'ünïcode "model"', usage: { input: 5, output: 3, cached_input: 2, cache_write: 0, reasoning: 1 } });
     const events: AsyncIterator<StreamEvent> = { next: () => Promise.resolve({ done: true, value: undefined }) };
     let body = '';
-    for await (const frame of completionChunks(events, { done: false, value: { type: 'finish', result: r } }, 'requested', true)) body += frame;
+    for await (const frame of completionChunks(events, { done: false, value: { type: 'finish', result: r } }, r.model, true)) body += frame;
     const frames = body.split('\n\n').filter(Boolean);
     const usageFrame = frames.at(-2)!.replace(/^data: /, '');
     const { id, created } = JSON.parse(usageFrame) as { id: string; created: number };

@@ -21,7 +21,7 @@ import { versionCrud } from '../../crud/agent.js';
 import { preparedAnywhere } from '../../crud/prepared.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
-import { addCosts, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
+import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, RunWriter } from './run-bus.js';
 import { appendFinalEvent, completedEvents, type EndedRun, endInTransaction, endWithAnswer, finishRun, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
@@ -52,7 +52,9 @@ export function describeRunError(error: unknown, run: Pick<Run, 'model'>): strin
     if (status === 401 || status === 403) return `The provider rejected the API key for model ${run.model} (${status}); check the provider's key`;
     if (status === 429) return `The provider of model ${run.model} is rate limiting requests (429) and retries did not get through; try again later`;
     if (status === undefined || status >= 500) return `The provider of model ${run.model} could not be reached or failed (${status ?? 'connection error'}), after retries; try again later`;
-    return `The provider refused the request for model ${run.model} (${status}): ${error.detail}`;
+    // The provider's own words only when the request was at fault (its detail says so); the rest is in the log.
+    if (CLIENT_FAULT_UPSTREAM.has(status)) return `The provider refused the request for model ${run.model} (${status}): ${error.detail}`;
+    return `The provider refused the request for model ${run.model} (${status})`;
   }
   if (error instanceof HttpError) return error.detail;
   return 'The run failed because of an internal error; try again, and report it if it persists';
@@ -244,7 +246,7 @@ export class AgentRunner {
       }
       const message = stop?.kind === 'deadline' ? `The run passed its deadline of ${settings.RUN_TIMEOUT_SECONDS} s (RUN_TIMEOUT_SECONDS) and was stopped` : describeRunError(error, run);
       if (!(error instanceof HttpError) && !(error instanceof RunFailure) && !stop) log.error({ err: error, runId: run.id }, 'run failed');
-      else log.info({ runId: run.id, reason: message }, 'run failed');
+      else log.info({ runId: run.id, reason: message, ...(error instanceof UpstreamError ? { upstream: error.message } : {}) }, 'run failed');
       const ended = await finishRun(deps, run, { status: 'failed', error: message }, { leaseOwner: this.workerId });
       if (ended) await this.closeEnded(ended.run, announcement.splice(0));
       else await this.afterLostRun(run.id);

@@ -14,13 +14,33 @@ export class ModelCapabilityError extends HttpError {
   }
 }
 
-/** The provider answered with an error, or could not be reached, after every retry and fallback. */
+/** Upstream refusals that are the request's fault (too long, a bad tool schema): their words help the client fix it. */
+export const CLIENT_FAULT_UPSTREAM: ReadonlySet<number> = new Set([400, 413, 422]);
+
+/** What the client is told of an upstream failure: the provider's own words only when the request was at fault. */
+function upstreamDetail(diagnosis: string, status: number | undefined): string {
+  if (status === undefined) return 'The model provider could not be reached';
+  if (CLIENT_FAULT_UPSTREAM.has(status)) return diagnosis;
+  // A success status whose body was no answer (not JSON, not a completion).
+  if (status < 300) return 'The model provider sent an answer that could not be read';
+  return `The model provider refused the request (status ${status})`;
+}
+
+/**
+ * The provider answered with an error, or could not be reached, after every retry and fallback.
+ * `message` is the diagnosis (the provider's own message, its address, a connection error): for the
+ * log and the usage record only, since it may name hosts or fragments of the provider's key;
+ * `detail`, what every client sees, is generic unless the request itself was at fault (400, 413, 422).
+ */
 export class UpstreamError extends HttpError {
   constructor(
-    detail: string,
+    diagnosis: string,
     readonly upstreamStatus?: number,
+    /** How long the provider asked to be left alone (its retry-after), when it said. */
+    readonly retryAfterMs?: number,
   ) {
-    super(502, detail);
+    super(502, upstreamDetail(diagnosis, upstreamStatus));
+    this.message = diagnosis;
   }
 }
 

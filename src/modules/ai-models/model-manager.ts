@@ -114,6 +114,11 @@ export type StreamEvent =
 /** Iterate for events; `result` settles when the stream ends (rejects on failure or abort). */
 export interface ModelStream extends AsyncIterable<StreamEvent> {
   result: Promise<ChatResult>;
+  /**
+   * The model whose output the events carry (a fallback, maybe), from the first of them on:
+   * retries and fallbacks end there. Undefined before.
+   */
+  readonly model: string | undefined;
 }
 
 export interface EmbedRequest extends CallOptions {
@@ -383,9 +388,10 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   if (apiError) {
     const status = apiError.statusCode;
     const message = `Upstream ${status ?? 'connection'} error: ${apiError.message}`;
-    const upstream = new UpstreamError(message, status);
+    const wait = retryAfterMs(apiError.responseHeaders);
+    const upstream = new UpstreamError(message, status, wait);
     if (status === undefined || status === 408 || status === 409 || status === 429 || status >= 500) {
-      return { kind: 'retryable', error: upstream, retryAfterMs: retryAfterMs(apiError.responseHeaders) };
+      return { kind: 'retryable', error: upstream, retryAfterMs: wait };
     }
     return { kind: 'fatal', error: upstream };
   }
@@ -600,6 +606,7 @@ export class ModelManager {
     };
 
     const started = performance.now();
+    let answering: string | undefined;
     const result = this.run(request, consumer, 'stream', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
       let text = '';
       let reasoning = '';
@@ -607,6 +614,7 @@ export class ModelManager {
       let finishReason = 'unknown';
       const seen = (chars: number) => {
         attempt.touch();
+        answering = model.id;
         state.streamed = true;
         state.outputChars += chars;
         state.firstTokenAt ??= performance.now();
@@ -669,7 +677,13 @@ export class ModelManager {
     }
     // Reading `result` is optional for callers that iterate; its rejection then surfaces there.
     result.catch(() => {});
-    return { result, [Symbol.asyncIterator]: events };
+    return {
+      result,
+      get model() {
+        return answering;
+      },
+      [Symbol.asyncIterator]: events,
+    };
   }
 
   async embed(request: EmbedRequest): Promise<EmbedResult> {
