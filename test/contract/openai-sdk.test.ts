@@ -391,6 +391,26 @@ describe('the call path behind /v1', () => {
     expect(failed).toMatchObject({ status: 502, type: 'server_error', code: 'upstream_error' });
   });
 
+  it('answers an upstream 200 that is no chat completion with 502 upstream_error, and ends a stream at such a chunk with its error event', async () => {
+    fake.script('fake-chat', { rawBody: '<html>Bad gateway</html>' });
+    const failed = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] }));
+    expect(failed).toMatchObject({ status: 502, type: 'server_error', code: 'upstream_error' });
+    expect(fake.log).toHaveLength(1); // not retried
+
+    fake.reset();
+    const chunk = { id: 'x', object: 'chat.completion.chunk', created: 1, model: 'fake-chat', choices: [{ index: 0, delta: { content: 'Hi' }, finish_reason: null }] };
+    fake.script('fake-chat', { rawBody: `data: ${JSON.stringify(chunk)}\n\ndata: <html>Bad gateway</html>\n\n` });
+    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const texts: string[] = [];
+    const error = await apiError(
+      (async () => {
+        for await (const part of stream) texts.push(part.choices[0]?.delta.content ?? '');
+      })(),
+    );
+    expect(error.error).toMatchObject({ type: 'server_error', code: 'upstream_error' });
+    expect(texts.join('')).toBe('Hi');
+  });
+
   it('ends a stream that fails after its first chunk with an error event the SDK raises', async () => {
     // The delay lets the first chunk reach the client before the drop (after that, no retry).
     fake.script('fake-chat', { chunks: ['a ', 'b ', 'c '], chunkDelayMs: 30, drop: { afterChunks: 2 } });

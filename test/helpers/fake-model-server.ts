@@ -2,8 +2,8 @@
  * A fake OpenAI-compatible model server on 127.0.0.1 for tests: `/v1/chat/completions` (plain and
  * SSE), `/v1/embeddings`, `/v1/models`. Replies are scripted per model (a queue; when it is empty the
  * default reply answers). Faults: any status (429 with retry-after, 500...), hangs, dropped
- * connections (before or during a stream). Every request is logged with its body and whether the
- * client aborted it.
+ * connections (before or during a stream), bodies sent as they are. Every request is logged with
+ * its body and whether the client aborted it.
  */
 import { createHash } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
@@ -42,6 +42,8 @@ export interface ScriptedReply {
   chunkDelayMs?: number;
   toolCalls?: FakeToolCall[];
   usage?: FakeUsage;
+  /** Answer 200 with this body as it is, for a stream or not (a body that is no JSON, a broken stream). */
+  rawBody?: string;
 }
 
 export interface LoggedRequest {
@@ -222,6 +224,7 @@ export class FakeModelServer {
     if (reply.chunkDelayMs && !entry.stream) await sleep(reply.chunkDelayMs);
     if (path === '/v1/embeddings') return this.embeddings(res, entry, body);
     if (path !== '/v1/chat/completions') return this.json(res, entry, 404, { error: { message: 'not found' } });
+    if (reply.rawBody !== undefined) return this.raw(res, entry, reply);
     if (entry.stream) return this.streamChat(res, entry, body, reply);
     return this.json(res, entry, 200, this.completion(entry.model, reply));
   }
@@ -230,6 +233,14 @@ export class FakeModelServer {
     entry.reply = status;
     res.writeHead(status, { 'content-type': 'application/json', ...headers });
     res.end(JSON.stringify(payload), () => {
+      entry.completed = true;
+      this.changed();
+    });
+  }
+
+  private raw(res: ServerResponse, entry: LoggedRequest, reply: ScriptedReply): void {
+    res.writeHead(200, { 'content-type': entry.stream ? 'text/event-stream' : 'application/json', ...reply.headers });
+    res.end(reply.rawBody, () => {
       entry.completed = true;
       this.changed();
     });

@@ -59,6 +59,8 @@ const FULL: ChatRequest = {
 const viaSdk = (request: ChatRequest): ChatRequest => ({ ...request, providerOptions: {} });
 
 const REPLY: ScriptedReply = { text: 'Hello wire world', reasoning: 'thinking', usage: { prompt_tokens: 9, completion_tokens: 4, cached_tokens: 3, reasoning_tokens: 2 } };
+/** One SSE event of a stream, for bodies the fake server sends as they are. */
+const sse = (chunk: unknown) => `data: ${JSON.stringify(chunk)}\n\n`;
 const comparable = ({ latency_ms: _latency, time_to_first_token_ms: _ttft, ...rest }: ChatResult) => rest;
 
 async function streamed(request: ChatRequest): Promise<{ texts: string[]; reasoning: string[]; result: ChatResult }> {
@@ -150,6 +152,35 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     expect(failure).toMatchObject({ upstreamStatus: 400 });
     expect((failure as Error).message).toContain('context too long');
     expect(server.log).toHaveLength(1);
+  });
+
+  it('an answer that is no chat completion (not JSON, not its shape) is an upstream error, unretried, as through the SDK', async () => {
+    const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    for (const body of ['<html>Bad gateway</html>', 'null', '[]', '{}', '{"choices":"x"}', '{"choices":[]}', '{"choices":[{"message":{"content":{"a":1}}}]}']) {
+      for (const request of [hello, viaSdk(hello)]) {
+        server.reset();
+        server.script('wire-chat', { rawBody: body });
+        const failure = await models.chat(request).catch((e: unknown) => e);
+        expect(failure, body).toBeInstanceOf(UpstreamError);
+        expect(failure, body).toMatchObject({ statusCode: 502, upstreamStatus: 200 });
+        expect(server.log, body).toHaveLength(1);
+      }
+    }
+  });
+
+  it('a stream chunk that is no completion chunk ends the stream with an upstream error, as through the SDK', async () => {
+    const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    for (const request of [hello, viaSdk(hello)]) {
+      server.reset();
+      server.script('wire-chat', { rawBody: `${sse({ choices: [{ index: 0, delta: { content: 'Hi' } }] })}data: <html>Bad gateway</html>\n\n` });
+      const texts: string[] = [];
+      const failure = await (async () => {
+        for await (const event of models.stream(request)) if (event.type === 'text-delta') texts.push(event.text);
+      })().catch((e: unknown) => e);
+      expect(failure).toBeInstanceOf(UpstreamError);
+      expect(failure).toMatchObject({ statusCode: 502, upstreamStatus: 200 });
+      expect(texts).toEqual(['Hi']);
+    }
   });
 
   it('leaves image parts to the SDK', async () => {

@@ -176,15 +176,16 @@ export class ChatWire {
     }
     const { statusCode, text } = answer;
     if (statusCode < 200 || statusCode >= 300) throw this.refused(call, statusCode, rawHeaderRecord(answer.rawHeaders), text);
-    const completion = parseJson(text) as Completion;
-    const choice = completion.choices?.[0];
-    const message = choice?.message ?? {};
+    const completion = completionOf(text);
+    const choice = completion?.choices?.[0];
+    if (!completion || !choice) throw invalidAnswer(this.url, call, statusCode, text, rawHeaderRecord(answer.rawHeaders));
+    const message = choice.message ?? {};
     const toolCalls = (message.tool_calls ?? []).map((c) => undeclaredToolCall(c.id ?? '', c.function?.name ?? '', c.function?.arguments ?? ''));
     return {
       text: message.content ?? '',
       reasoning: message.reasoning_content ?? message.reasoning ?? undefined,
       toolCalls,
-      finishReason: finishReasonOf(choice?.finish_reason),
+      finishReason: finishReasonOf(choice.finish_reason),
       usage: usageOf(completion.usage),
     };
   }
@@ -195,7 +196,7 @@ export class ChatWire {
    * dropped connection or the signal throws; stopping the iteration closes the upstream request.
    */
   async stream(call: WireCall, signal: AbortSignal): Promise<AsyncIterable<WirePart>> {
-    const body = await this.post({ ...call, stream: true, stream_options: { include_usage: true } }, signal);
+    const { statusCode, body } = await this.post({ ...call, stream: true, stream_options: { include_usage: true } }, signal);
     const { url } = this;
     return (async function* () {
       const tools = new Map<number, ToolCallText>();
@@ -211,7 +212,8 @@ export class ChatWire {
             if (!line.startsWith('data:')) continue;
             const data = line.slice(5).trim();
             if (data === '[DONE]') continue;
-            const value = parseJson(data) as Completion;
+            const value = completionOf(data);
+            if (!value) throw invalidAnswer(url, call, statusCode, data);
             if (value.error) throw upstreamError(url, call, value.error.message ?? 'Upstream error in the stream', undefined);
             if (value.usage) usage = value.usage;
             const choice = value.choices?.[0];
@@ -237,7 +239,7 @@ export class ChatWire {
           }
         }
       } catch (error) {
-        if (signal.aborted || error instanceof APICallError || error instanceof InvalidResponseError) throw error;
+        if (signal.aborted || error instanceof APICallError) throw error;
         throw connectionError(url, call, error);
       } finally {
         // Stopped early (a break, an error): the rest of the body is not wanted; this closes the connection.
@@ -258,7 +260,7 @@ export class ChatWire {
       throw connectionError(this.url, call, error);
     }
     const { statusCode, headers, body } = response;
-    if (statusCode >= 200 && statusCode < 300) return body;
+    if (statusCode >= 200 && statusCode < 300) return response;
     const text = await body.text().catch(() => '');
     throw this.refused(call, statusCode, flatHeaders(headers), text);
   }
@@ -349,17 +351,40 @@ function connectionError(url: string, call: unknown, error: unknown): APICallErr
   return new APICallError({ message: `Cannot connect to API: ${message}`, url, requestBodyValues: call, isRetryable: true, cause: error });
 }
 
-/** An answer that is not JSON: not retried (as the SDK's parse error is not). */
-class InvalidResponseError extends Error {
-  override name = 'InvalidResponseError';
+/**
+ * A completion (or stream chunk) from its JSON text, or undefined when the text is not one: not
+ * JSON, not an object, or fields this reading uses of another type (what the SDK's response schema
+ * refuses, as far as it matters here).
+ */
+function completionOf(text: string): Completion | undefined {
+  let value: Completion | null;
+  try {
+    value = JSON.parse(text) as Completion | null;
+  } catch {
+    return undefined;
+  }
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) return undefined;
+  const { choices } = value;
+  if (choices === undefined || choices === null) return value;
+  if (!Array.isArray(choices)) return undefined;
+  const choice = choices[0];
+  if (choice === undefined) return value;
+  if (typeof choice !== 'object' || choice === null) return undefined;
+  const message = choice.message ?? choice.delta;
+  if (message === undefined || message === null) return value;
+  if (typeof message !== 'object') return undefined;
+  const { content, tool_calls: toolCalls } = message;
+  if (content !== undefined && content !== null && typeof content !== 'string') return undefined;
+  if (toolCalls !== undefined && toolCalls !== null && !Array.isArray(toolCalls)) return undefined;
+  return value;
 }
 
-function parseJson(text: string): unknown {
-  try {
-    return JSON.parse(text) as unknown;
-  } catch {
-    throw new InvalidResponseError(`Invalid JSON response from the upstream: ${text.slice(0, 200)}`);
-  }
+/**
+ * An answer that is no chat completion, as the SDK reports one (its JSON response handler): an
+ * APICallError with the answer's 2xx status, so not retried, and a 502 for the caller.
+ */
+function invalidAnswer(url: string, call: unknown, statusCode: number, text: string, responseHeaders?: Record<string, string>): APICallError {
+  return new APICallError({ message: 'Invalid JSON response', url, requestBodyValues: call, statusCode, responseHeaders, responseBody: text, isRetryable: false });
 }
 
 /** One pool of keep-alive connections per registry, shared by its providers (undici keeps one per origin). */

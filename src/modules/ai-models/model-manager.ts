@@ -12,6 +12,8 @@ import {
   type AssistantContent,
   embedMany,
   generateText,
+  InvalidResponseDataError,
+  JSONParseError,
   type JSONSchema7,
   type LanguageModel,
   type LanguageModelUsage,
@@ -21,6 +23,7 @@ import {
   streamText,
   type ToolChoice,
   type ToolSet,
+  TypeValidationError,
 } from 'ai';
 import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings } from 'ai/internal';
 
@@ -367,6 +370,11 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
       return { kind: 'retryable', error: upstream, retryAfterMs: retryAfterMs(apiError.responseHeaders) };
     }
     return { kind: 'fatal', error: upstream };
+  }
+  // A streamed answer the SDK could not read (a chunk not JSON or not of its shape, no finish
+  // reason): the upstream's fault, as its non-streamed reading reports it (an APICallError 200).
+  if (JSONParseError.isInstance(error) || TypeValidationError.isInstance(error) || InvalidResponseDataError.isInstance(error)) {
+    return { kind: 'fatal', error: new UpstreamError(`Upstream 200 error: ${InvalidResponseDataError.isInstance(error) ? error.message : 'Invalid JSON response'}`, 200) };
   }
   if (error instanceof Error && (error.name === 'TypeError' || /ECONNRESET|ECONNREFUSED|socket|terminated|fetch failed/i.test(`${error.message} ${String(error.cause)}`))) {
     return { kind: 'retryable', error: new UpstreamError(`Upstream connection error: ${error.message}`) };
