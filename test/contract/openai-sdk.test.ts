@@ -411,6 +411,20 @@ describe('the call path behind /v1', () => {
     expect(texts.join('')).toBe('Hi');
   });
 
+  it('a stream the upstream cut off (no finish_reason, no [DONE]) ends with an error event, not finish_reason stop', async () => {
+    const chunk = { id: 'x', object: 'chat.completion.chunk', created: 1, model: 'fake-chat', choices: [{ index: 0, delta: { content: 'The answer is' }, finish_reason: null }] };
+    fake.script('fake-chat', { rawBody: `data: ${JSON.stringify(chunk)}\n\n` });
+    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const finishes: (string | null | undefined)[] = [];
+    const error = await apiError(
+      (async () => {
+        for await (const part of stream) finishes.push(part.choices[0]?.finish_reason);
+      })(),
+    );
+    expect(error.error).toMatchObject({ type: 'server_error', code: 'upstream_error' });
+    expect(finishes).not.toContain('stop');
+  });
+
   it('ends a stream that fails after its first chunk with an error event the SDK raises', async () => {
     // The delay lets the first chunk reach the client before the drop (after that, no retry).
     fake.script('fake-chat', { chunks: ['a ', 'b ', 'c '], chunkDelayMs: 30, drop: { afterChunks: 2 } });

@@ -183,6 +183,39 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     }
   });
 
+  it('a stream that ends without a finish reason or [DONE] was cut off: an upstream error, metered, not an answer', async () => {
+    const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    const cut = sse({ choices: [{ index: 0, delta: { content: 'The answer is' }, finish_reason: null }] });
+    for (const request of [hello, viaSdk(hello)]) {
+      server.reset();
+      records.length = 0;
+      server.script('wire-chat', { rawBody: cut });
+      const texts: string[] = [];
+      const stream = models.stream(request);
+      const failure = await (async () => {
+        for await (const event of stream) if (event.type === 'text-delta') texts.push(event.text);
+      })().catch((e: unknown) => e);
+      expect(failure).toBeInstanceOf(UpstreamError);
+      expect(texts).toEqual(['The answer is']);
+      await expect(stream.result).rejects.toThrow(UpstreamError);
+      expect((await settled(1))[0]).toMatchObject({ status: 'error', estimated: true });
+    }
+  });
+
+  it('a stream cut off before any output is retried like a dropped connection; [DONE] without a finish reason is a whole answer', async () => {
+    const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    const role = sse({ choices: [{ index: 0, delta: { role: 'assistant' }, finish_reason: null }] });
+    server.script('wire-chat', { rawBody: role }, { rawBody: role });
+    await expect(streamed(hello)).rejects.toThrow(UpstreamError);
+    expect(server.log).toHaveLength(2);
+
+    server.reset();
+    server.script('wire-chat', { rawBody: `${sse({ choices: [{ index: 0, delta: { content: 'Whole' }, finish_reason: null }] })}data: [DONE]\n\n` });
+    const { texts, result } = await streamed(hello);
+    expect(texts).toEqual(['Whole']);
+    expect(result).toMatchObject({ text: 'Whole', finishReason: 'other' });
+  });
+
   it('leaves image parts to the SDK', async () => {
     server.script('wire-chat', { text: 'a cat' });
     await models.chat({ model: 'wire-chat', messages: [{ role: 'user', content: [{ type: 'image', image: new Uint8Array([1, 2, 3]), mediaType: 'image/png' }] }] });

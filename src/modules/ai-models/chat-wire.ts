@@ -193,7 +193,8 @@ export class ChatWire {
   /**
    * A streamed call (with `include_usage`): the parts in order, ending with `finish`. Tool calls
    * arrive in pieces and are handed on whole when the stream ends. An upstream error chunk, a
-   * dropped connection or the signal throws; stopping the iteration closes the upstream request.
+   * dropped connection, a stream that ends with neither a finish reason nor `[DONE]` (cut off) or
+   * the signal throws; stopping the iteration closes the upstream request.
    */
   async stream(call: WireCall, signal: AbortSignal): Promise<AsyncIterable<WirePart>> {
     const { statusCode, body } = await this.post({ ...call, stream: true, stream_options: { include_usage: true } }, signal);
@@ -202,6 +203,7 @@ export class ChatWire {
       const tools = new Map<number, ToolCallText>();
       let finishReason: string | null | undefined;
       let usage: OpenAIUsage | null | undefined;
+      let done = false;
       let rest = '';
       try {
         body.setEncoding('utf8');
@@ -211,7 +213,10 @@ export class ChatWire {
           for (const line of lines) {
             if (!line.startsWith('data:')) continue;
             const data = line.slice(5).trim();
-            if (data === '[DONE]') continue;
+            if (data === '[DONE]') {
+              done = true;
+              continue;
+            }
             const value = completionOf(data);
             if (!value) throw invalidAnswer(url, call, statusCode, data);
             if (value.error) throw upstreamError(url, call, value.error.message ?? 'Upstream error in the stream', undefined);
@@ -245,6 +250,8 @@ export class ChatWire {
         // Stopped early (a break, an error): the rest of the body is not wanted; this closes the connection.
         if (!body.readableEnded) body.destroy();
       }
+      // Ended cleanly but cut off (a proxy's timeout, a crashed server): a dropped connection, not an answer.
+      if (!finishReason && !done) throw upstreamError(url, call, 'The stream ended before the answer did (no finish_reason, no [DONE])', undefined);
       for (const tool of tools.values()) yield { type: 'tool-call', toolCall: undeclaredToolCall(tool.id, tool.name, tool.text) };
       yield { type: 'finish', finishReason: finishReasonOf(finishReason), usage: usageOf(usage) };
     })();
