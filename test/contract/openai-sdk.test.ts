@@ -425,6 +425,18 @@ describe('the call path behind /v1', () => {
     expect(finishes).not.toContain('stop');
   });
 
+  it('ends a stream at the upstream\'s [DONE] though the upstream keeps its connection open', async () => {
+    fake.script('fake-chat', { text: 'Hello there', holdOpen: true });
+    const started = Date.now();
+    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const parts = [];
+    for await (const part of stream) parts.push(part);
+    expect(Date.now() - started).toBeLessThan(TIMEOUT_MS);
+    expect(parts.map((p) => p.choices[0]?.delta.content ?? '').join('')).toBe('Hello there');
+    expect(parts.at(-1)!.choices[0]!.finish_reason).toBe('stop');
+    await fake.waitFor((log) => log[0]?.aborted === true, 1_000);
+  });
+
   it('ends a stream that fails after its first chunk with an error event the SDK raises', async () => {
     // The delay lets the first chunk reach the client before the drop (after that, no retry).
     fake.script('fake-chat', { chunks: ['a ', 'b ', 'c '], chunkDelayMs: 30, drop: { afterChunks: 2 } });

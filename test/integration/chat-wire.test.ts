@@ -216,6 +216,26 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     expect(result).toMatchObject({ text: 'Whole', finishReason: 'other' });
   });
 
+  it('a stream ends at [DONE] though the upstream keeps the connection open, which is then closed', async () => {
+    server.script('wire-chat', { ...REPLY, holdOpen: true });
+    const started = Date.now();
+    const { texts, result } = await streamed({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] });
+    expect(Date.now() - started).toBeLessThan(1_000); // the attempt's timeout is 2 s
+    expect(texts.join('')).toBe('Hello wire world');
+    expect(result).toMatchObject({ finishReason: 'stop', usage: { input: 9, output: 4 } });
+    expect((await settled(1))[0]).toMatchObject({ status: 'success', estimated: false });
+    await server.waitFor((log) => log[0]?.aborted === true, 1_000);
+  });
+
+  it('a response that ends a moment after its [DONE] keeps its connection for the next call', async () => {
+    await streamed({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] }); // a pooled connection
+    const before = server.connections;
+    server.script('wire-chat', { ...REPLY, holdOpen: 20 }, { ...REPLY, holdOpen: 20 }, REPLY);
+    for (let i = 0; i < 3; i++) await streamed({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] });
+    expect(server.log.every((r) => r.completed && !r.aborted)).toBe(true);
+    expect(server.connections).toBe(before);
+  });
+
   it('leaves image parts to the SDK', async () => {
     server.script('wire-chat', { text: 'a cat' });
     await models.chat({ model: 'wire-chat', messages: [{ role: 'user', content: [{ type: 'image', image: new Uint8Array([1, 2, 3]), mediaType: 'image/png' }] }] });

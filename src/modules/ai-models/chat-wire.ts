@@ -7,6 +7,8 @@
  * bench/RESULTS.md). Errors come out as the SDK's `APICallError` (status, headers, retryability),
  * so the manager's retries, fallbacks and error answers treat both paths alike.
  */
+import type { Readable } from 'node:stream';
+
 import { APICallError, type ModelMessage } from 'ai';
 import { Agent, type Dispatcher, request as httpRequest } from 'undici';
 
@@ -204,18 +206,26 @@ export class ChatWire {
       let finishReason: string | null | undefined;
       let usage: OpenAIUsage | null | undefined;
       let done = false;
+      let grace: NodeJS.Timeout | undefined;
       let rest = '';
       try {
         body.setEncoding('utf8');
-        for await (const chunk of body as AsyncIterable<string>) {
+        read: for await (const chunk of body as AsyncIterable<string>) {
+          if (done) continue; // after [DONE]: only waiting for the response's end (see below)
           const lines = (rest + chunk).split('\n');
           rest = lines.pop() ?? '';
           for (const line of lines) {
             if (!line.startsWith('data:')) continue;
             const data = line.slice(5).trim();
             if (data === '[DONE]') {
+              // The answer is whole: nothing after [DONE] is read. The response usually ends with it
+              // (stop here: its connection is back in the pool); one that ends a moment later (its
+              // own write) is waited for a little, so as not to lose the connection; one kept open
+              // is closed after DONE_GRACE_MS.
               done = true;
-              continue;
+              if (responseEnded(body)) break read;
+              grace = setTimeout(() => body.destroy(), DONE_GRACE_MS);
+              continue read;
             }
             const value = completionOf(data);
             if (!value) throw invalidAnswer(url, call, statusCode, data);
@@ -244,10 +254,15 @@ export class ChatWire {
           }
         }
       } catch (error) {
-        if (signal.aborted || error instanceof APICallError) throw error;
-        throw connectionError(url, call, error);
+        // After [DONE] (the grace's end, a dropped connection) the answer is whole all the same.
+        if (!done) {
+          if (signal.aborted || error instanceof APICallError) throw error;
+          throw connectionError(url, call, error);
+        }
       } finally {
-        // Stopped early (a break, an error): the rest of the body is not wanted; this closes the connection.
+        clearTimeout(grace);
+        // Stopped early (at [DONE], a break, an error): the rest of the body is not wanted; this closes
+        // the connection, unless the response was complete already (then it stays in the pool).
         if (!body.readableEnded) body.destroy();
       }
       // Ended cleanly but cut off (a proxy's timeout, a crashed server): a dropped connection, not an answer.
@@ -392,6 +407,18 @@ function completionOf(text: string): Completion | undefined {
  */
 function invalidAnswer(url: string, call: unknown, statusCode: number, text: string, responseHeaders?: Record<string, string>): APICallError {
   return new APICallError({ message: 'Invalid JSON response', url, requestBodyValues: call, statusCode, responseHeaders, responseBody: text, isRetryable: false });
+}
+
+/** How long a stream's response may take to end after its [DONE] before its connection is closed. */
+const DONE_GRACE_MS = 200;
+
+/**
+ * undici has pushed the response's end into its body (the request is complete, its connection back
+ * in the pool), read or not. `readableEnded` turns true only once the reader reached it; Node has no
+ * public name for this state (undici reads `_readableState` too).
+ */
+function responseEnded(body: Readable): boolean {
+  return (body as Readable & { _readableState?: { ended?: boolean } })._readableState?.ended === true;
 }
 
 /** One pool of keep-alive connections per registry, shared by its providers (undici keeps one per origin). */
