@@ -15,7 +15,8 @@ import { apiOf, createKey } from '../helpers/http.js';
 import { apiError } from '../helpers/openai.js';
 
 const TIMEOUT_MS = 1_000;
-const ctx = useTestApp({ MODEL_TIMEOUT_MS: String(TIMEOUT_MS), MODEL_MAX_RETRIES: '1', MODEL_RETRY_MAX_WAIT_MS: '50' });
+const STREAM_TIMEOUT_MS = 2_000;
+const ctx = useTestApp({ MODEL_TIMEOUT_MS: String(TIMEOUT_MS), MODEL_STREAM_TIMEOUT_MS: String(STREAM_TIMEOUT_MS), MODEL_MAX_RETRIES: '1', MODEL_RETRY_MAX_WAIT_MS: '50' });
 const api = apiOf(ctx);
 
 const PRICING = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' };
@@ -435,6 +436,26 @@ describe('the call path behind /v1', () => {
     expect(parts.map((p) => p.choices[0]?.delta.content ?? '').join('')).toBe('Hello there');
     expect(parts.at(-1)!.choices[0]!.finish_reason).toBe('stop');
     await fake.waitFor((log) => log[0]?.aborted === true, 1_000);
+  });
+
+  it('ends a stream past MODEL_STREAM_TIMEOUT_MS with a timeout error event, and closes the upstream request', async () => {
+    // A chunk every 100 ms for 20 s: each inside the chunk timeout (1 s).
+    fake.script('fake-chat', { chunks: Array.from({ length: 200 }, () => 'x '), chunkDelayMs: 100 });
+    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const started = Date.now();
+    let texts = 0;
+    const error = await apiError(
+      (async () => {
+        for await (const part of stream) {
+          if (part.choices[0]?.delta.content) texts += 1;
+          if (Date.now() - started > 3 * STREAM_TIMEOUT_MS) break;
+        }
+      })(),
+    );
+    expect(error.error).toMatchObject({ type: 'server_error', code: 'timeout' });
+    expect(Date.now() - started).toBeLessThan(STREAM_TIMEOUT_MS + TIMEOUT_MS);
+    expect(texts).toBeGreaterThan(5);
+    await fake.waitFor((log) => log[0]?.aborted === true);
   });
 
   it('ends a stream that fails after its first chunk with an error event the SDK raises', async () => {

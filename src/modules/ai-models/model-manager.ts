@@ -31,7 +31,7 @@ import { CallerAbort, type CallerSignal } from './abort.js';
 import type { ModelCatalog } from './catalog.js';
 import { type AbortLike, type ChatWire, undeclaredToolCall as wireToolCall, type WireCall, wireMessages } from './chat-wire.js';
 import { computeCost, countableUsage, estimateCost } from './cost.js';
-import { ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, UpstreamError } from './errors.js';
+import { ModelAnswerLimitError, ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, UpstreamError } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
 
@@ -55,7 +55,7 @@ interface CallOptions {
   model: string;
   /** Aborts the call, the upstream request included: an AbortSignal, or a lighter `CallerAbort`. */
   signal?: CallerSignal;
-  /** Per attempt; for streams, the longest wait for the next chunk. Default: MODEL_TIMEOUT_MS. */
+  /** Per attempt; for streams, the longest wait for the next chunk (their total: `streamTimeoutMs`). Default: MODEL_TIMEOUT_MS. */
   timeoutMs?: number;
   context?: CallContext;
 }
@@ -182,6 +182,10 @@ export interface ModelManagerOptions {
   providers: ProviderRegistry;
   meter?: UsageMeter;
   timeoutMs: number;
+  /** A streamed call's total time, retries and fallbacks included (MODEL_STREAM_TIMEOUT_MS). */
+  streamTimeoutMs: number;
+  /** The most characters of text, reasoning and tool-call input a streamed answer may add up to (MODEL_MAX_RESPONSE_BYTES). */
+  maxResponseBytes: number;
   maxRetries: number;
   /** The longest wait between two attempts; a longer retry-after is capped to it. */
   retryMaxWaitMs: number;
@@ -274,9 +278,10 @@ const directResponseMessages: StreamSource['responseMessages'] = async (text, re
 class AttemptTimeout extends Error {}
 
 /**
- * An attempt's abort: the caller's signal plus a timer that `touch()` restarts. The wire path
- * listens to it directly (`AbortLike`); an AbortSignal (`signal`, for undici's streams and the SDK)
- * is made only when asked for — one AbortController less per non-streamed call.
+ * An attempt's abort: the caller's signal plus one timer, for the chunk timeout (counted from the
+ * last `touch()`) or the stream's deadline, whichever comes first. The wire path listens to it
+ * directly (`AbortLike`); an AbortSignal (`signal`, for undici's streams and the SDK) is made only
+ * when asked for — one AbortController less per non-streamed call.
  */
 class Attempt implements AbortLike {
   aborted = false;
@@ -284,11 +289,27 @@ class Attempt implements AbortLike {
   private controller: AbortController | undefined;
   private listeners: (() => void)[] = [];
   private timer: NodeJS.Timeout | undefined;
+  /** When the upstream last showed progress (`performance.now()`). */
+  private alive = 0;
   private readonly onCallerAbort = () => this.abort(this.caller?.reason as Error | undefined);
+  /**
+   * `touch()` only notes the time (a stream's every part calls it): when the timer fires with
+   * progress since it was set, it is set again for what is left.
+   */
+  private readonly onTimer = () => {
+    const now = performance.now();
+    if (now >= this.deadline - 1) return this.abort(new ModelAnswerLimitError(504, `The model's answer did not finish within ${this.deadlineMs} ms`));
+    const idleEnd = this.alive + this.timeoutMs;
+    if (now >= idleEnd - 1) return this.abort(new AttemptTimeout());
+    this.timer = setTimeout(this.onTimer, Math.min(idleEnd, this.deadline) - now);
+  };
 
   constructor(
     private readonly caller: CallerSignal | undefined,
     private readonly timeoutMs: number,
+    /** When (`performance.now()`) a streamed call must have ended, and its length for the error; Infinity: no deadline. */
+    private readonly deadline = Infinity,
+    private readonly deadlineMs = 0,
   ) {
     caller?.addEventListener('abort', this.onCallerAbort, { once: true });
     this.touch();
@@ -310,6 +331,12 @@ class Attempt implements AbortLike {
     };
   }
 
+  /** Ends the attempt with `reason`, aborting its upstream request; returns it, to throw. */
+  fail(reason: Error): Error {
+    this.abort(reason);
+    return reason;
+  }
+
   private abort(reason: Error | undefined): void {
     if (this.aborted) return;
     this.aborted = true;
@@ -319,8 +346,8 @@ class Attempt implements AbortLike {
   }
 
   touch(): void {
-    clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.abort(new AttemptTimeout()), this.timeoutMs);
+    this.alive = performance.now();
+    this.timer ??= setTimeout(this.onTimer, Math.min(this.timeoutMs, this.deadline - this.alive));
   }
 
   end(): void {
@@ -361,6 +388,9 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   if (attempt.aborted && attempt.reason instanceof AttemptTimeout) {
     return { kind: 'retryable', error: new ModelTimeoutError(timeoutMs) };
   }
+  // The stream's deadline or the answer's size: the call ends here.
+  if (error instanceof ModelAnswerLimitError) return { kind: 'fatal', error };
+  if (attempt.aborted && attempt.reason instanceof ModelAnswerLimitError) return { kind: 'fatal', error: attempt.reason };
   const apiError = findApiCallError(error);
   if (apiError) {
     const status = apiError.statusCode;
@@ -582,6 +612,7 @@ export class ModelManager {
     };
 
     const started = performance.now();
+    const maxChars = this.options.maxResponseBytes;
     const result = this.run(request, consumer, 'stream', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
       let text = '';
       let reasoning = '';
@@ -590,8 +621,9 @@ export class ModelManager {
       const seen = (chars: number) => {
         attempt.touch();
         state.streamed = true;
-        state.outputChars += chars;
         state.firstTokenAt ??= performance.now();
+        // Past the size limit: cut off like a stream past its deadline (metered from what came).
+        if ((state.outputChars += chars) > maxChars) throw attempt.fail(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`));
       };
       const source = await this.streamSource(request, model, attempt);
       for await (const part of source.parts) {
@@ -766,6 +798,7 @@ export class ModelManager {
     maxOutputTokens: number | undefined,
     runAttempt: AttemptRunner<T>,
   ): Promise<T> {
+    const deadline = operation === 'stream' ? performance.now() + this.options.streamTimeoutMs : Infinity;
     const primary = this.resolve(request.model, capability);
     const chain = this.chainOf(primary, capability);
     const inputTokens = estimateTokens(operation === 'embed' ? (request.values ?? []).join('') : [request.system ?? '', request.messages, request.tools ? Object.keys(request.tools) : []]);
@@ -816,7 +849,7 @@ export class ModelManager {
       for (;;) {
         attempts += 1;
         const timeoutMs = request.timeoutMs ?? this.options.timeoutMs;
-        const attempt = new Attempt(signal, timeoutMs);
+        const attempt = new Attempt(signal, timeoutMs, deadline, this.options.streamTimeoutMs);
         try {
           const value = await runAttempt(model, attempt, state);
           finish('success', null);
