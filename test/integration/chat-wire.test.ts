@@ -5,7 +5,7 @@
  */
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
-import { ModelCallAbortedError, UpstreamError } from '../../src/modules/ai-models/errors.js';
+import { ModelAnswerLimitError, ModelCallAbortedError, UpstreamError } from '../../src/modules/ai-models/errors.js';
 import type { ChatRequest, ChatResult, ModelManager, UsageRecord } from '../../src/modules/ai-models/model-manager.js';
 import { FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
 import { fakeModelManager } from '../helpers/model-manager.js';
@@ -240,5 +240,79 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     server.script('wire-chat', { text: 'a cat' });
     await models.chat({ model: 'wire-chat', messages: [{ role: 'user', content: [{ type: 'image', image: new Uint8Array([1, 2, 3]), mediaType: 'image/png' }] }] });
     expect(server.log[0]!.body.messages).toEqual([{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'data:image/png;base64,AQID' } }] }]);
+  });
+});
+
+describe('the size of what the wire reads (MODEL_MAX_RESPONSE_BYTES)', () => {
+  const LIMIT = 64 * 1024;
+  const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+  const big = 'x'.repeat(1024 * 1024);
+  let limited: ModelManager;
+  beforeAll(() => {
+    limited = fakeModelManager(server, {
+      models: [{ id: 'wire-chat', provider: 'fake', capabilities: ['chat'], pricing }],
+      records,
+      overrides: { maxRetries: 1, retryMaxWaitMs: 100, maxResponseBytes: LIMIT },
+    });
+  });
+  afterAll(() => limited.close());
+
+  async function failureOf(call: () => Promise<unknown>): Promise<{ failure: unknown; ms: number }> {
+    const started = Date.now();
+    const failure = await call().then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    return { failure, ms: Date.now() - started };
+  }
+  const drained = (request: ChatRequest) => async () => {
+    for await (const event of limited.stream(request)) void event;
+  };
+
+  it('a non-streamed answer past the limit is not read further: 502, unretried, its connection closed', async () => {
+    const completion = (text: string) => JSON.stringify({ id: 'x', object: 'chat.completion', created: 1, model: 'wire-chat', choices: [{ index: 0, message: { role: 'assistant', content: text }, finish_reason: 'stop' }] });
+    server.script('wire-chat', { rawBody: completion(big) }, { rawBody: completion(big), holdOpen: true });
+    for (let i = 0; i < 2; i++) {
+      const { failure, ms } = await failureOf(() => limited.chat(hello));
+      expect(failure).toBeInstanceOf(ModelAnswerLimitError);
+      expect(failure).toMatchObject({ statusCode: 502 });
+      expect(ms).toBeLessThan(1_000); // the attempt's timeout is 2 s
+    }
+    expect(server.log).toHaveLength(2);
+    await server.waitFor((log) => log[1]?.aborted === true, 1_000);
+  });
+
+  it('a stream event (a line) that does not end is not held past the limit: 502 at once, the connection closed', async () => {
+    server.script('wire-chat', { rawBody: `data: {"choices":[{"index":0,"delta":{"content":"${big}`, holdOpen: true });
+    const { failure, ms } = await failureOf(drained(hello));
+    expect(failure).toBeInstanceOf(ModelAnswerLimitError);
+    expect(ms).toBeLessThan(1_000);
+    expect(server.log).toHaveLength(1);
+    await server.waitFor((log) => log[0]?.aborted === true, 1_000);
+  });
+
+  it('tool-call input the wire assembles is not held past the limit either', async () => {
+    const piece = (args: string) => sse({ choices: [{ index: 0, delta: { tool_calls: [{ index: 0, id: 'call_1', function: { name: 'lookup', arguments: args } }] }, finish_reason: null }] });
+    server.script('wire-chat', { rawBody: piece('{"q":"') + piece('x'.repeat(16 * 1024)).repeat(8), holdOpen: true });
+    const { failure, ms } = await failureOf(drained(hello));
+    expect(failure).toBeInstanceOf(ModelAnswerLimitError);
+    expect(ms).toBeLessThan(1_000);
+    await server.waitFor((log) => log[0]?.aborted === true, 1_000);
+  });
+
+  it('of a refusal to a stream, only the start is read', async () => {
+    server.script('wire-chat', { status: 400, body: { error: { message: big } } });
+    const { failure } = await failureOf(drained(hello));
+    expect(failure).toBeInstanceOf(UpstreamError);
+    expect(failure).toMatchObject({ upstreamStatus: 400 });
+    expect((failure as Error).message.length).toBeLessThan(LIMIT);
+  });
+
+  it('an event within the limit that takes many reads comes through whole', async () => {
+    const text = `${'y'.repeat(1024 * 1024)}é`;
+    server.script('wire-chat', { rawBody: `${sse({ choices: [{ index: 0, delta: { content: text }, finish_reason: null }] })}${sse({ choices: [{ index: 0, delta: {}, finish_reason: 'stop' }] })}data: [DONE]\n\n` });
+    const { texts, result } = await streamed(hello); // the default limit, 16 MiB
+    expect(texts).toEqual([text]);
+    expect(result.finishReason).toBe('stop');
   });
 });

@@ -12,6 +12,7 @@ import type { Readable } from 'node:stream';
 import { APICallError, type ModelMessage } from 'ai';
 import { Agent, type Dispatcher, request as httpRequest } from 'undici';
 
+import { ModelAnswerLimitError } from './errors.js';
 import type { ToolCall } from './model-manager.js';
 import type { TokenUsage } from './types.js';
 
@@ -167,13 +168,13 @@ export class ChatWire {
     };
   }
 
-  /** A non-streamed call. */
-  async generate(call: WireCall, signal: AbortLike): Promise<WireAnswer> {
+  /** A non-streamed call; an answer longer than `maxBytes` is not read further (ModelAnswerLimitError). */
+  async generate(call: WireCall, signal: AbortLike, maxBytes: number): Promise<WireAnswer> {
     let answer: TextAnswer;
     try {
-      answer = await dispatchText(this.dispatcher, { origin: this.origin, path: this.path, method: 'POST', headers: this.headers, body: JSON.stringify(call) }, signal);
+      answer = await dispatchText(this.dispatcher, { origin: this.origin, path: this.path, method: 'POST', headers: this.headers, body: JSON.stringify(call) }, signal, maxBytes);
     } catch (error) {
-      if (signal.aborted) throw error;
+      if (signal.aborted || error instanceof ModelAnswerLimitError) throw error;
       throw connectionError(this.url, call, error);
     }
     const { statusCode, text } = answer;
@@ -196,10 +197,11 @@ export class ChatWire {
    * A streamed call (with `include_usage`): the parts in order, ending with `finish`. Tool calls
    * arrive in pieces and are handed on whole when the stream ends. An upstream error chunk, a
    * dropped connection, a stream that ends with neither a finish reason nor `[DONE]` (cut off) or
-   * the signal throws; stopping the iteration closes the upstream request.
+   * the signal throws; so do an event (a line) or tool calls longer than `maxChars`, which the wire
+   * would hold. Stopping the iteration closes the upstream request.
    */
-  async stream(call: WireCall, signal: AbortSignal): Promise<AsyncIterable<WirePart>> {
-    const { statusCode, body } = await this.post({ ...call, stream: true, stream_options: { include_usage: true } }, signal);
+  async stream(call: WireCall, signal: AbortSignal, maxChars: number): Promise<AsyncIterable<WirePart>> {
+    const { statusCode, body } = await this.post({ ...call, stream: true, stream_options: { include_usage: true } }, signal, maxChars);
     const { url } = this;
     return (async function* () {
       const tools = new Map<number, ToolCallText>();
@@ -207,14 +209,17 @@ export class ChatWire {
       let usage: OpenAIUsage | null | undefined;
       let done = false;
       let grace: NodeJS.Timeout | undefined;
+      let toolChars = 0;
       let rest = '';
       try {
         body.setEncoding('utf8');
         read: for await (const chunk of body as AsyncIterable<string>) {
           if (done) continue; // after [DONE]: only waiting for the response's end (see below)
-          const lines = (rest + chunk).split('\n');
-          rest = lines.pop() ?? '';
-          for (const line of lines) {
+          // Only the new chunk is searched for line ends: a long line costs its length once, not once per chunk.
+          let start = 0;
+          for (let end = chunk.indexOf('\n'); end !== -1; start = end + 1, end = chunk.indexOf('\n', start)) {
+            const line = rest ? rest + chunk.slice(start, end) : chunk.slice(start, end);
+            rest = '';
             if (!line.startsWith('data:')) continue;
             const data = line.slice(5).trim();
             if (data === '[DONE]') {
@@ -247,16 +252,20 @@ export class ChatWire {
             for (const piece of delta?.tool_calls ?? []) {
               const index = piece.index ?? tools.size;
               const known = tools.get(index);
-              if (known) known.text += piece.function?.arguments ?? '';
-              else tools.set(index, { id: piece.id ?? '', name: piece.function?.name ?? '', text: piece.function?.arguments ?? '' });
+              const text = piece.function?.arguments ?? '';
+              if ((toolChars += text.length) > maxChars) throw new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`);
+              if (known) known.text += text;
+              else tools.set(index, { id: piece.id ?? '', name: piece.function?.name ?? '', text });
             }
             if (!emitted) yield PROGRESS;
           }
+          rest = start === 0 ? rest + chunk : chunk.slice(start);
+          if (rest.length > maxChars) throw new ModelAnswerLimitError(502, `An event of the model's answer exceeded ${maxChars} characters`);
         }
       } catch (error) {
         // After [DONE] (the grace's end, a dropped connection) the answer is whole all the same.
         if (!done) {
-          if (signal.aborted || error instanceof APICallError) throw error;
+          if (signal.aborted || error instanceof APICallError || error instanceof ModelAnswerLimitError) throw error;
           throw connectionError(url, call, error);
         }
       } finally {
@@ -272,8 +281,8 @@ export class ChatWire {
     })();
   }
 
-  /** Sends the request; a non-2xx answer throws `APICallError` with OpenAI's error message. */
-  private async post(call: WireCall & { stream?: true; stream_options?: { include_usage: true } }, signal: AbortSignal) {
+  /** Sends the request; a non-2xx answer throws `APICallError` with OpenAI's error message (of its first `maxChars`). */
+  private async post(call: WireCall & { stream?: true; stream_options?: { include_usage: true } }, signal: AbortSignal, maxChars: number) {
     let response;
     try {
       response = await httpRequest(this.url, { method: 'POST', headers: this.headers, body: JSON.stringify(call), signal, dispatcher: this.dispatcher });
@@ -283,8 +292,7 @@ export class ChatWire {
     }
     const { statusCode, headers, body } = response;
     if (statusCode >= 200 && statusCode < 300) return response;
-    const text = await body.text().catch(() => '');
-    throw this.refused(call, statusCode, flatHeaders(headers), text);
+    throw this.refused(call, statusCode, flatHeaders(headers), await headOf(body, maxChars));
   }
 
   /** A non-2xx answer as `APICallError`, with OpenAI's error message when the body is its error object. */
@@ -309,13 +317,15 @@ interface TextAnswer {
 /**
  * One request on the dispatcher, its whole answer read as text. undici's `request()` wraps every
  * answer in a Node stream (and an async resource) that a non-streamed call only reads to the end;
- * a handler of our own keeps the chunks instead. The signal aborts the request as it does there.
+ * a handler of our own keeps the chunks instead. The signal aborts the request as it does there;
+ * an answer past `maxBytes` aborts it with ModelAnswerLimitError.
  */
-function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOptions, signal: AbortLike): Promise<TextAnswer> {
+function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOptions, signal: AbortLike, maxBytes: number): Promise<TextAnswer> {
   return new Promise((resolve, reject) => {
     let statusCode = 0;
     let rawHeaders: Buffer[] = [];
     const chunks: Buffer[] = [];
+    let size = 0;
     let abort: ((reason?: Error) => void) | undefined;
     if (signal.aborted) return reject(signal.reason ?? new Error('aborted'));
     const done = signal.onAbort(() => abort?.(signal.reason));
@@ -330,6 +340,10 @@ function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOption
         return true;
       },
       onData(chunk) {
+        if ((size += chunk.length) > maxBytes) {
+          abort?.(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxBytes} bytes`));
+          return false;
+        }
         chunks.push(chunk);
         return true;
       },
@@ -343,6 +357,21 @@ function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOption
       },
     });
   });
+}
+
+/** The start of a body, at most `maxChars` of it (an error answer: the rest is not read). */
+async function headOf(body: Readable, maxChars: number): Promise<string> {
+  let text = '';
+  try {
+    body.setEncoding('utf8');
+    for await (const chunk of body as AsyncIterable<string>) {
+      text += chunk;
+      if (text.length >= maxChars) break;
+    }
+  } catch {
+    // what came is all there is
+  }
+  return text.slice(0, maxChars);
 }
 
 /** Raw response headers (name, value, name, value…) as one record, repeated names joined as Node joins them. */

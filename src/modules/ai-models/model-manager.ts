@@ -184,7 +184,11 @@ export interface ModelManagerOptions {
   timeoutMs: number;
   /** A streamed call's total time, retries and fallbacks included (MODEL_STREAM_TIMEOUT_MS). */
   streamTimeoutMs: number;
-  /** The most characters of text, reasoning and tool-call input a streamed answer may add up to (MODEL_MAX_RESPONSE_BYTES). */
+  /**
+   * The most an answer may carry (MODEL_MAX_RESPONSE_BYTES): a streamed answer's text, reasoning
+   * and tool-call input together, in characters; on the wire also a non-streamed body, in bytes, and
+   * one event of a stream.
+   */
   maxResponseBytes: number;
   maxRetries: number;
   /** The longest wait between two attempts; a longer retry-after is capped to it. */
@@ -489,7 +493,7 @@ export class ModelManager {
     return this.run(request, request.signal, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
       const wired = this.wireCall(request, model);
       if (wired) {
-        const reply = await wired.wire.generate(wired.call, attempt);
+        const reply = await wired.wire.generate(wired.call, attempt, this.options.maxResponseBytes);
         state.usage = reply.usage;
         return this.chatResult(model, state, started, answer(reply.text, reply.reasoning, reply.toolCalls), reply.finishReason, null);
       }
@@ -707,7 +711,7 @@ export class ModelManager {
    */
   private async streamSource(request: ChatRequest, model: ModelInfo, attempt: Attempt): Promise<StreamSource> {
     const wired = this.wireCall(request, model);
-    if (wired) return { parts: await wired.wire.stream(wired.call, attempt.signal), responseMessages: directResponseMessages };
+    if (wired) return { parts: await wired.wire.stream(wired.call, attempt.signal, this.options.maxResponseBytes), responseMessages: directResponseMessages };
     const languageModel = this.directModel(request, model);
     if (languageModel) {
       const { stream } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, attempt)), includeRawChunks: false });
