@@ -144,6 +144,14 @@ export const SettingsSchema = z.object({
   ANTHROPIC_API_KEY: optionalString,
   GOOGLE_GENERATIVE_AI_API_KEY: optionalString,
   MODEL_TIMEOUT_MS: int(100, 3_600_000).default(120_000),
+  /** A streamed model call's total time, retries and fallbacks included: then it ends with an error and its upstream request is closed. */
+  MODEL_STREAM_TIMEOUT_MS: int(1_000, 86_400_000).default(600_000),
+  /**
+   * The most an answer may carry: a streamed answer's text, reasoning and tool-call input together
+   * (characters); an openai-compatible provider's non-streamed body (bytes) and each stream event
+   * (characters). Past it the answer is not read further: an upstream error (502).
+   */
+  MODEL_MAX_RESPONSE_BYTES: int(1_024, 1_073_741_824).default(16_777_216),
   MODEL_MAX_RETRIES: int(0, 10).default(2),
   MODEL_RETRY_MAX_WAIT_MS: int(0, 300_000).default(20_000),
   MODEL_DEFAULT_MAX_OUTPUT_TOKENS: int(1, 10_000_000).default(4_096),

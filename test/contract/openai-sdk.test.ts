@@ -18,7 +18,8 @@ import { apiOf, createKey } from '../helpers/http.js';
 import { apiError } from '../helpers/openai.js';
 
 const TIMEOUT_MS = 1_000;
-const ctx = useTestApp({ MODEL_TIMEOUT_MS: String(TIMEOUT_MS), MODEL_MAX_RETRIES: '1', MODEL_RETRY_MAX_WAIT_MS: '50' });
+const STREAM_TIMEOUT_MS = 2_000;
+const ctx = useTestApp({ MODEL_TIMEOUT_MS: String(TIMEOUT_MS), MODEL_STREAM_TIMEOUT_MS: String(STREAM_TIMEOUT_MS), MODEL_MAX_RETRIES: '1', MODEL_RETRY_MAX_WAIT_MS: '50' });
 const api = apiOf(ctx);
 
 const PRICING = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' };
@@ -528,6 +529,72 @@ describe('the call path behind /v1', () => {
     const bare = await apiError(client.chat.completions.create({ ...hi, stream: true }));
     expect(bare.status).toBe(429);
     expect(bare.headers?.get('retry-after')).toBeNull();
+  });
+
+  it('answers an upstream 200 that is no chat completion with 502 upstream_error, and ends a stream at such a chunk with its error event', async () => {
+    fake.script('fake-chat', { rawBody: '<html>Bad gateway</html>' });
+    const failed = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] }));
+    expect(failed).toMatchObject({ status: 502, type: 'server_error', code: 'upstream_error' });
+    expect(fake.log).toHaveLength(1); // not retried
+
+    fake.reset();
+    const chunk = { id: 'x', object: 'chat.completion.chunk', created: 1, model: 'fake-chat', choices: [{ index: 0, delta: { content: 'Hi' }, finish_reason: null }] };
+    fake.script('fake-chat', { rawBody: `data: ${JSON.stringify(chunk)}\n\ndata: <html>Bad gateway</html>\n\n` });
+    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const texts: string[] = [];
+    const error = await apiError(
+      (async () => {
+        for await (const part of stream) texts.push(part.choices[0]?.delta.content ?? '');
+      })(),
+    );
+    expect(error.error).toMatchObject({ type: 'server_error', code: 'upstream_error' });
+    expect(texts.join('')).toBe('Hi');
+  });
+
+  it('a stream the upstream cut off (no finish_reason, no [DONE]) ends with an error event, not finish_reason stop', async () => {
+    const chunk = { id: 'x', object: 'chat.completion.chunk', created: 1, model: 'fake-chat', choices: [{ index: 0, delta: { content: 'The answer is' }, finish_reason: null }] };
+    fake.script('fake-chat', { rawBody: `data: ${JSON.stringify(chunk)}\n\n` });
+    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const finishes: (string | null | undefined)[] = [];
+    const error = await apiError(
+      (async () => {
+        for await (const part of stream) finishes.push(part.choices[0]?.finish_reason);
+      })(),
+    );
+    expect(error.error).toMatchObject({ type: 'server_error', code: 'upstream_error' });
+    expect(finishes).not.toContain('stop');
+  });
+
+  it('ends a stream at the upstream\'s [DONE] though the upstream keeps its connection open', async () => {
+    fake.script('fake-chat', { text: 'Hello there', holdOpen: true });
+    const started = Date.now();
+    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const parts = [];
+    for await (const part of stream) parts.push(part);
+    expect(Date.now() - started).toBeLessThan(TIMEOUT_MS);
+    expect(parts.map((p) => p.choices[0]?.delta.content ?? '').join('')).toBe('Hello there');
+    expect(parts.at(-1)!.choices[0]!.finish_reason).toBe('stop');
+    await fake.waitFor((log) => log[0]?.aborted === true, 1_000);
+  });
+
+  it('ends a stream past MODEL_STREAM_TIMEOUT_MS with a timeout error event, and closes the upstream request', async () => {
+    // A chunk every 100 ms for 20 s: each inside the chunk timeout (1 s).
+    fake.script('fake-chat', { chunks: Array.from({ length: 200 }, () => 'x '), chunkDelayMs: 100 });
+    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const started = Date.now();
+    let texts = 0;
+    const error = await apiError(
+      (async () => {
+        for await (const part of stream) {
+          if (part.choices[0]?.delta.content) texts += 1;
+          if (Date.now() - started > 3 * STREAM_TIMEOUT_MS) break;
+        }
+      })(),
+    );
+    expect(error.error).toMatchObject({ type: 'server_error', code: 'timeout' });
+    expect(Date.now() - started).toBeLessThan(STREAM_TIMEOUT_MS + TIMEOUT_MS);
+    expect(texts).toBeGreaterThan(5);
+    await fake.waitFor((log) => log[0]?.aborted === true);
   });
 
   it('ends a stream that fails after its first chunk with an error event the SDK raises', async () => {

@@ -2,8 +2,8 @@
  * A fake OpenAI-compatible model server on 127.0.0.1 for tests: `/v1/chat/completions` (plain and
  * SSE), `/v1/embeddings`, `/v1/models`. Replies are scripted per model (a queue; when it is empty the
  * default reply answers). Faults: any status (429 with retry-after, 500...), hangs, dropped
- * connections (before or during a stream). Every request is logged with its body and whether the
- * client aborted it.
+ * connections (before or during a stream), bodies sent as they are, connections held open after the
+ * answer. Every request is logged with its body and whether the client aborted it.
  */
 import { createHash } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
@@ -43,6 +43,10 @@ export interface ScriptedReply {
   toolCalls?: FakeToolCall[];
   /** null: the answer reports no usage (no `usage` field, no usage chunk), as some servers do. */
   usage?: FakeUsage | null;
+  /** Answer 200 with this body as it is, for a stream or not (a body that is no JSON, a broken stream). */
+  rawBody?: string;
+  /** After the answer (a stream's `[DONE]` included), keep the connection open: for good, or this many ms before ending the response. */
+  holdOpen?: true | number;
 }
 
 export interface LoggedRequest {
@@ -117,6 +121,8 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export class FakeModelServer {
   readonly log: LoggedRequest[] = [];
+  /** TCP connections accepted so far (keep-alive reuses them). */
+  connections = 0;
   private readonly scripts = new Map<string, ScriptedReply[]>();
   defaultReply: ScriptedReply = { text: 'Hello from the fake model.', usage: { prompt_tokens: 10, completion_tokens: 5 } };
   private waiters: (() => void)[] = [];
@@ -127,6 +133,7 @@ export class FakeModelServer {
     const server = createServer();
     const fake = new FakeModelServer(server);
     server.on('request', (req, res) => void fake.handle(req, res));
+    server.on('connection', () => (fake.connections += 1));
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     return fake;
   }
@@ -223,6 +230,7 @@ export class FakeModelServer {
     if (reply.chunkDelayMs && !entry.stream) await sleep(reply.chunkDelayMs);
     if (path === '/v1/embeddings') return this.embeddings(res, entry, body, reply);
     if (path !== '/v1/chat/completions') return this.json(res, entry, 404, { error: { message: 'not found' } });
+    if (reply.rawBody !== undefined) return this.raw(res, entry, reply);
     if (entry.stream) return this.streamChat(res, entry, body, reply);
     return this.json(res, entry, 200, this.completion(entry.model, reply));
   }
@@ -234,6 +242,25 @@ export class FakeModelServer {
       entry.completed = true;
       this.changed();
     });
+  }
+
+  private raw(res: ServerResponse, entry: LoggedRequest, reply: ScriptedReply): void {
+    res.writeHead(200, { 'content-type': entry.stream ? 'text/event-stream' : 'application/json', ...reply.headers });
+    this.end(res, entry, reply, reply.rawBody ?? '');
+  }
+
+  /** Ends the response with `last`, or writes it and ends later or never (`holdOpen`). */
+  private end(res: ServerResponse, entry: LoggedRequest, reply: ScriptedReply, last: string): void {
+    const done = () => {
+      entry.completed = true;
+      this.changed();
+    };
+    if (reply.holdOpen === undefined) {
+      res.end(last, done);
+      return;
+    }
+    res.write(last);
+    if (reply.holdOpen !== true) setTimeout(() => res.end(done), reply.holdOpen);
   }
 
   private usageOf(reply: ScriptedReply) {
@@ -297,10 +324,7 @@ export class FakeModelServer {
       entry.chunksSent += 1;
       this.changed();
     }
-    res.end('data: [DONE]\n\n', () => {
-      entry.completed = true;
-      this.changed();
-    });
+    this.end(res, entry, reply, 'data: [DONE]\n\n');
   }
 
   private embeddings(res: ServerResponse, entry: LoggedRequest, body: Record<string, unknown>, reply: ScriptedReply): void {

@@ -30,6 +30,8 @@ export function fakeModelManager(server: FakeModelServer, options: FakeManagerOp
       options.records.push(record);
     }),
     timeoutMs: 2_000,
+    streamTimeoutMs: 600_000,
+    maxResponseBytes: 16_777_216,
     maxRetries: 2,
     retryMaxWaitMs: 1_000,
     retryBaseDelayMs: 10,

@@ -5,7 +5,7 @@
  */
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
-import { ModelCallAbortedError, UpstreamError } from '../../src/modules/ai-models/errors.js';
+import { ModelAnswerLimitError, ModelCallAbortedError, UpstreamError } from '../../src/modules/ai-models/errors.js';
 import type { ChatRequest, ChatResult, ModelManager, UsageRecord } from '../../src/modules/ai-models/model-manager.js';
 import { FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
 import { fakeModelManager } from '../helpers/model-manager.js';
@@ -59,6 +59,8 @@ const FULL: ChatRequest = {
 const viaSdk = (request: ChatRequest): ChatRequest => ({ ...request, providerOptions: {} });
 
 const REPLY: ScriptedReply = { text: 'Hello wire world', reasoning: 'thinking', usage: { prompt_tokens: 9, completion_tokens: 4, cached_tokens: 3, reasoning_tokens: 2 } };
+/** One SSE event of a stream, for bodies the fake server sends as they are. */
+const sse = (chunk: unknown) => `data: ${JSON.stringify(chunk)}\n\n`;
 const comparable = ({ latency_ms: _latency, time_to_first_token_ms: _ttft, ...rest }: ChatResult) => rest;
 
 async function streamed(request: ChatRequest): Promise<{ texts: string[]; reasoning: string[]; result: ChatResult }> {
@@ -152,9 +154,165 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     expect(server.log).toHaveLength(1);
   });
 
+  it('an answer that is no chat completion (not JSON, not its shape) is an upstream error, unretried, as through the SDK', async () => {
+    const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    for (const body of ['<html>Bad gateway</html>', 'null', '[]', '{}', '{"choices":"x"}', '{"choices":[]}', '{"choices":[{"message":{"content":{"a":1}}}]}']) {
+      for (const request of [hello, viaSdk(hello)]) {
+        server.reset();
+        server.script('wire-chat', { rawBody: body });
+        const failure = await models.chat(request).catch((e: unknown) => e);
+        expect(failure, body).toBeInstanceOf(UpstreamError);
+        expect(failure, body).toMatchObject({ statusCode: 502, upstreamStatus: 200 });
+        expect(server.log, body).toHaveLength(1);
+      }
+    }
+  });
+
+  it('a stream chunk that is no completion chunk ends the stream with an upstream error, as through the SDK', async () => {
+    const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    for (const request of [hello, viaSdk(hello)]) {
+      server.reset();
+      server.script('wire-chat', { rawBody: `${sse({ choices: [{ index: 0, delta: { content: 'Hi' } }] })}data: <html>Bad gateway</html>\n\n` });
+      const texts: string[] = [];
+      const failure = await (async () => {
+        for await (const event of models.stream(request)) if (event.type === 'text-delta') texts.push(event.text);
+      })().catch((e: unknown) => e);
+      expect(failure).toBeInstanceOf(UpstreamError);
+      expect(failure).toMatchObject({ statusCode: 502, upstreamStatus: 200 });
+      expect(texts).toEqual(['Hi']);
+    }
+  });
+
+  it('a stream that ends without a finish reason or [DONE] was cut off: an upstream error, metered, not an answer', async () => {
+    const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    const cut = sse({ choices: [{ index: 0, delta: { content: 'The answer is' }, finish_reason: null }] });
+    for (const request of [hello, viaSdk(hello)]) {
+      server.reset();
+      records.length = 0;
+      server.script('wire-chat', { rawBody: cut });
+      const texts: string[] = [];
+      const stream = models.stream(request);
+      const failure = await (async () => {
+        for await (const event of stream) if (event.type === 'text-delta') texts.push(event.text);
+      })().catch((e: unknown) => e);
+      expect(failure).toBeInstanceOf(UpstreamError);
+      expect(texts).toEqual(['The answer is']);
+      await expect(stream.result).rejects.toThrow(UpstreamError);
+      expect((await settled(1))[0]).toMatchObject({ status: 'error', estimated: true });
+    }
+  });
+
+  it('a stream cut off before any output is retried like a dropped connection; [DONE] without a finish reason is a whole answer', async () => {
+    const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    const role = sse({ choices: [{ index: 0, delta: { role: 'assistant' }, finish_reason: null }] });
+    server.script('wire-chat', { rawBody: role }, { rawBody: role });
+    await expect(streamed(hello)).rejects.toThrow(UpstreamError);
+    expect(server.log).toHaveLength(2);
+
+    server.reset();
+    server.script('wire-chat', { rawBody: `${sse({ choices: [{ index: 0, delta: { content: 'Whole' }, finish_reason: null }] })}data: [DONE]\n\n` });
+    const { texts, result } = await streamed(hello);
+    expect(texts).toEqual(['Whole']);
+    expect(result).toMatchObject({ text: 'Whole', finishReason: 'other' });
+  });
+
+  it('a stream ends at [DONE] though the upstream keeps the connection open, which is then closed', async () => {
+    server.script('wire-chat', { ...REPLY, holdOpen: true });
+    const started = Date.now();
+    const { texts, result } = await streamed({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] });
+    expect(Date.now() - started).toBeLessThan(1_000); // the attempt's timeout is 2 s
+    expect(texts.join('')).toBe('Hello wire world');
+    expect(result).toMatchObject({ finishReason: 'stop', usage: { input: 9, output: 4 } });
+    expect((await settled(1))[0]).toMatchObject({ status: 'success', estimated: false });
+    await server.waitFor((log) => log[0]?.aborted === true, 1_000);
+  });
+
+  it('a response that ends a moment after its [DONE] keeps its connection for the next call', async () => {
+    await streamed({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] }); // a pooled connection
+    const before = server.connections;
+    server.script('wire-chat', { ...REPLY, holdOpen: 20 }, { ...REPLY, holdOpen: 20 }, REPLY);
+    for (let i = 0; i < 3; i++) await streamed({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] });
+    expect(server.log.every((r) => r.completed && !r.aborted)).toBe(true);
+    expect(server.connections).toBe(before);
+  });
+
   it('leaves image parts to the SDK', async () => {
     server.script('wire-chat', { text: 'a cat' });
     await models.chat({ model: 'wire-chat', messages: [{ role: 'user', content: [{ type: 'image', image: new Uint8Array([1, 2, 3]), mediaType: 'image/png' }] }] });
     expect(server.log[0]!.body.messages).toEqual([{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'data:image/png;base64,AQID' } }] }]);
+  });
+});
+
+describe('the size of what the wire reads (MODEL_MAX_RESPONSE_BYTES)', () => {
+  const LIMIT = 64 * 1024;
+  const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+  const big = 'x'.repeat(1024 * 1024);
+  let limited: ModelManager;
+  beforeAll(() => {
+    limited = fakeModelManager(server, {
+      models: [{ id: 'wire-chat', provider: 'fake', capabilities: ['chat'], pricing }],
+      records,
+      overrides: { maxRetries: 1, retryMaxWaitMs: 100, maxResponseBytes: LIMIT },
+    });
+  });
+  afterAll(() => limited.close());
+
+  async function failureOf(call: () => Promise<unknown>): Promise<{ failure: unknown; ms: number }> {
+    const started = Date.now();
+    const failure = await call().then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    return { failure, ms: Date.now() - started };
+  }
+  const drained = (request: ChatRequest) => async () => {
+    for await (const event of limited.stream(request)) void event;
+  };
+
+  it('a non-streamed answer past the limit is not read further: 502, unretried, its connection closed', async () => {
+    const completion = (text: string) => JSON.stringify({ id: 'x', object: 'chat.completion', created: 1, model: 'wire-chat', choices: [{ index: 0, message: { role: 'assistant', content: text }, finish_reason: 'stop' }] });
+    server.script('wire-chat', { rawBody: completion(big) }, { rawBody: completion(big), holdOpen: true });
+    for (let i = 0; i < 2; i++) {
+      const { failure, ms } = await failureOf(() => limited.chat(hello));
+      expect(failure).toBeInstanceOf(ModelAnswerLimitError);
+      expect(failure).toMatchObject({ statusCode: 502 });
+      expect(ms).toBeLessThan(1_000); // the attempt's timeout is 2 s
+    }
+    expect(server.log).toHaveLength(2);
+    await server.waitFor((log) => log[1]?.aborted === true, 1_000);
+  });
+
+  it('a stream event (a line) that does not end is not held past the limit: 502 at once, the connection closed', async () => {
+    server.script('wire-chat', { rawBody: `data: {"choices":[{"index":0,"delta":{"content":"${big}`, holdOpen: true });
+    const { failure, ms } = await failureOf(drained(hello));
+    expect(failure).toBeInstanceOf(ModelAnswerLimitError);
+    expect(ms).toBeLessThan(1_000);
+    expect(server.log).toHaveLength(1);
+    await server.waitFor((log) => log[0]?.aborted === true, 1_000);
+  });
+
+  it('tool-call input the wire assembles is not held past the limit either', async () => {
+    const piece = (args: string) => sse({ choices: [{ index: 0, delta: { tool_calls: [{ index: 0, id: 'call_1', function: { name: 'lookup', arguments: args } }] }, finish_reason: null }] });
+    server.script('wire-chat', { rawBody: piece('{"q":"') + piece('x'.repeat(16 * 1024)).repeat(8), holdOpen: true });
+    const { failure, ms } = await failureOf(drained(hello));
+    expect(failure).toBeInstanceOf(ModelAnswerLimitError);
+    expect(ms).toBeLessThan(1_000);
+    await server.waitFor((log) => log[0]?.aborted === true, 1_000);
+  });
+
+  it('of a refusal to a stream, only the start is read', async () => {
+    server.script('wire-chat', { status: 400, body: { error: { message: big } } });
+    const { failure } = await failureOf(drained(hello));
+    expect(failure).toBeInstanceOf(UpstreamError);
+    expect(failure).toMatchObject({ upstreamStatus: 400 });
+    expect((failure as Error).message.length).toBeLessThan(LIMIT);
+  });
+
+  it('an event within the limit that takes many reads comes through whole', async () => {
+    const text = `${'y'.repeat(1024 * 1024)}é`;
+    server.script('wire-chat', { rawBody: `${sse({ choices: [{ index: 0, delta: { content: text }, finish_reason: null }] })}${sse({ choices: [{ index: 0, delta: {}, finish_reason: 'stop' }] })}data: [DONE]\n\n` });
+    const { texts, result } = await streamed(hello); // the default limit, 16 MiB
+    expect(texts).toEqual([text]);
+    expect(result.finishReason).toBe('stop');
   });
 });

@@ -3,7 +3,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
 import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
 import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
-import { ModelCallAbortedError, ModelTimeoutError, UpstreamError } from '../../src/modules/ai-models/errors.js';
+import { ModelAnswerLimitError, ModelCallAbortedError, ModelTimeoutError, UpstreamError } from '../../src/modules/ai-models/errors.js';
 import {
   type ChatRequest,
   type CostEstimate,
@@ -334,6 +334,60 @@ describe('ModelManager.stream', () => {
     expect(Date.now() - started).toBeLessThan(1_500);
     await server.waitFor((log) => log[0]?.aborted === true);
     expect(server.log).toHaveLength(1); // output had reached the caller: no retry, no fallback
+  });
+});
+
+describe('ModelManager.stream limits', () => {
+  /** Streams `fake-chat` (aborted after 5 s): the text deltas and what the stream failed with. */
+  async function drain(models: ModelManager): Promise<{ texts: string[]; failure: unknown; ms: number }> {
+    const started = Date.now();
+    const texts: string[] = [];
+    let failure: unknown;
+    const signal = AbortSignal.timeout(5_000);
+    try {
+      for await (const event of models.stream({ model: 'fake-chat', messages: hello, signal })) if (event.type === 'text-delta') texts.push(event.text);
+    } catch (error) {
+      failure = error;
+    }
+    return { texts, failure, ms: Date.now() - started };
+  }
+
+  it('ends a stream at its total deadline however steadily it trickles: 504, upstream closed, metered, no fallback', async () => {
+    // A chunk every 50 ms for 50 s: the chunk timeout (2 s) never fires.
+    server.script('fake-chat', { chunks: Array.from({ length: 1_000 }, () => 'x '), chunkDelayMs: 50 });
+    const { texts, failure, ms } = await drain(manager({ streamTimeoutMs: 1_000 }));
+    expect(failure).toBeInstanceOf(ModelAnswerLimitError);
+    expect(failure).toMatchObject({ statusCode: 504, detail: "The model's answer did not finish within 1000 ms" });
+    expect(ms).toBeGreaterThanOrEqual(950);
+    expect(ms).toBeLessThan(2_000);
+    expect(texts.length).toBeGreaterThan(5);
+    await server.waitFor((log) => log[0]?.aborted === true);
+    expect(server.log).toHaveLength(1); // fake-chat's fallback is not tried
+    const record = (await settled(1))[0]!;
+    expect(record).toMatchObject({ status: 'error', estimated: true, error: "The model's answer did not finish within 1000 ms" });
+    expect(record.tokens.output).toBeGreaterThan(0);
+  });
+
+  it('the deadline also ends a stream that sends only empty chunks (each one resets the chunk timeout)', async () => {
+    server.script('fake-chat', { chunks: Array.from({ length: 1_000 }, () => ''), chunkDelayMs: 50 });
+    const { texts, failure } = await drain(manager({ streamTimeoutMs: 1_000 }));
+    expect(failure).toBeInstanceOf(ModelAnswerLimitError);
+    expect(texts).toEqual([]);
+    await server.waitFor((log) => log[0]?.aborted === true);
+    expect(server.log).toHaveLength(1); // not retried
+  });
+
+  it('ends a stream whose answer passes the size limit: 502, upstream closed, metered', async () => {
+    server.script('fake-chat', { chunks: Array.from({ length: 200 }, () => 'x'.repeat(100)), chunkDelayMs: 5 });
+    const { texts, failure } = await drain(manager({ maxResponseBytes: 1_000 }));
+    expect(failure).toBeInstanceOf(ModelAnswerLimitError);
+    expect(failure).toMatchObject({ statusCode: 502 });
+    expect(texts.join('').length).toBeLessThanOrEqual(1_000);
+    await server.waitFor((log) => log[0]?.aborted === true);
+    expect(server.log[0]!.chunksSent).toBeLessThan(200);
+    const record = (await settled(1))[0]!;
+    expect(record).toMatchObject({ status: 'error', estimated: true });
+    expect(record.tokens.output).toBeGreaterThan(250);
   });
 });
 

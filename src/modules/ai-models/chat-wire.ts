@@ -7,9 +7,12 @@
  * bench/RESULTS.md). Errors come out as the SDK's `APICallError` (status, headers, retryability),
  * so the manager's retries, fallbacks and error answers treat both paths alike.
  */
+import type { Readable } from 'node:stream';
+
 import { APICallError, type ModelMessage } from 'ai';
 import { Agent, type Dispatcher, request as httpRequest } from 'undici';
 
+import { ModelAnswerLimitError } from './errors.js';
 import type { ToolCall } from './model-manager.js';
 import type { TokenUsage } from './types.js';
 
@@ -170,26 +173,27 @@ export class ChatWire {
     };
   }
 
-  /** A non-streamed call. */
-  async generate(call: WireCall, signal: AbortLike): Promise<WireAnswer> {
+  /** A non-streamed call; an answer longer than `maxBytes` is not read further (ModelAnswerLimitError). */
+  async generate(call: WireCall, signal: AbortLike, maxBytes: number): Promise<WireAnswer> {
     let answer: TextAnswer;
     try {
-      answer = await dispatchText(this.dispatcher, { origin: this.origin, path: this.path, method: 'POST', headers: this.headers, body: JSON.stringify(call) }, signal);
+      answer = await dispatchText(this.dispatcher, { origin: this.origin, path: this.path, method: 'POST', headers: this.headers, body: JSON.stringify(call) }, signal, maxBytes);
     } catch (error) {
-      if (signal.aborted) throw error;
+      if (signal.aborted || error instanceof ModelAnswerLimitError) throw error;
       throw connectionError(this.url, call, error);
     }
     const { statusCode, text } = answer;
     if (statusCode < 200 || statusCode >= 300) throw this.refused(call, statusCode, rawHeaderRecord(answer.rawHeaders), text);
-    const completion = parseJson(text) as Completion;
-    const choice = completion.choices?.[0];
-    const message = choice?.message ?? {};
+    const completion = completionOf(text);
+    const choice = completion?.choices?.[0];
+    if (!completion || !choice) throw invalidAnswer(this.url, call, statusCode, text, rawHeaderRecord(answer.rawHeaders));
+    const message = choice.message ?? {};
     const toolCalls = (message.tool_calls ?? []).map((c) => undeclaredToolCall(c.id ?? '', c.function?.name ?? '', c.function?.arguments ?? ''));
     return {
       text: message.content ?? '',
       reasoning: message.reasoning_content ?? message.reasoning ?? undefined,
       toolCalls,
-      finishReason: finishReasonOf(choice?.finish_reason),
+      finishReason: finishReasonOf(choice.finish_reason),
       usage: usageOf(completion.usage),
     };
   }
@@ -197,26 +201,44 @@ export class ChatWire {
   /**
    * A streamed call (with `include_usage`): the parts in order, ending with `finish`. Tool calls
    * arrive in pieces and are handed on whole when the stream ends. An upstream error chunk, a
-   * dropped connection or the signal throws; stopping the iteration closes the upstream request.
+   * dropped connection, a stream that ends with neither a finish reason nor `[DONE]` (cut off) or
+   * the signal throws; so do an event (a line) or tool calls longer than `maxChars`, which the wire
+   * would hold. Stopping the iteration closes the upstream request.
    */
-  async stream(call: WireCall, signal: AbortSignal): Promise<AsyncIterable<WirePart>> {
-    const body = await this.post({ ...call, stream: true, stream_options: { include_usage: true } }, signal);
+  async stream(call: WireCall, signal: AbortSignal, maxChars: number): Promise<AsyncIterable<WirePart>> {
+    const { statusCode, body } = await this.post({ ...call, stream: true, stream_options: { include_usage: true } }, signal, maxChars);
     const { url } = this;
     return (async function* () {
       const tools = new Map<number, ToolCallText>();
       let finishReason: string | null | undefined;
       let usage: OpenAIUsage | null | undefined;
+      let done = false;
+      let grace: NodeJS.Timeout | undefined;
+      let toolChars = 0;
       let rest = '';
       try {
         body.setEncoding('utf8');
-        for await (const chunk of body as AsyncIterable<string>) {
-          const lines = (rest + chunk).split('\n');
-          rest = lines.pop() ?? '';
-          for (const line of lines) {
+        read: for await (const chunk of body as AsyncIterable<string>) {
+          if (done) continue; // after [DONE]: only waiting for the response's end (see below)
+          // Only the new chunk is searched for line ends: a long line costs its length once, not once per chunk.
+          let start = 0;
+          for (let end = chunk.indexOf('\n'); end !== -1; start = end + 1, end = chunk.indexOf('\n', start)) {
+            const line = rest ? rest + chunk.slice(start, end) : chunk.slice(start, end);
+            rest = '';
             if (!line.startsWith('data:')) continue;
             const data = line.slice(5).trim();
-            if (data === '[DONE]') continue;
-            const value = parseJson(data) as Completion;
+            if (data === '[DONE]') {
+              // The answer is whole: nothing after [DONE] is read. The response usually ends with it
+              // (stop here: its connection is back in the pool); one that ends a moment later (its
+              // own write) is waited for a little, so as not to lose the connection; one kept open
+              // is closed after DONE_GRACE_MS.
+              done = true;
+              if (responseEnded(body)) break read;
+              grace = setTimeout(() => body.destroy(), DONE_GRACE_MS);
+              continue read;
+            }
+            const value = completionOf(data);
+            if (!value) throw invalidAnswer(url, call, statusCode, data);
             if (value.error) throw upstreamError(url, call, value.error.message ?? 'Upstream error in the stream', undefined);
             if (value.usage) usage = value.usage;
             const choice = value.choices?.[0];
@@ -235,26 +257,37 @@ export class ChatWire {
             for (const piece of delta?.tool_calls ?? []) {
               const index = piece.index ?? tools.size;
               const known = tools.get(index);
-              if (known) known.text += piece.function?.arguments ?? '';
-              else tools.set(index, { id: piece.id ?? '', name: piece.function?.name ?? '', text: piece.function?.arguments ?? '' });
+              const text = piece.function?.arguments ?? '';
+              if ((toolChars += text.length) > maxChars) throw new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`);
+              if (known) known.text += text;
+              else tools.set(index, { id: piece.id ?? '', name: piece.function?.name ?? '', text });
             }
             if (!emitted) yield PROGRESS;
           }
+          rest = start === 0 ? rest + chunk : chunk.slice(start);
+          if (rest.length > maxChars) throw new ModelAnswerLimitError(502, `An event of the model's answer exceeded ${maxChars} characters`);
         }
       } catch (error) {
-        if (signal.aborted || error instanceof APICallError || error instanceof InvalidResponseError) throw error;
-        throw connectionError(url, call, error);
+        // After [DONE] (the grace's end, a dropped connection) the answer is whole all the same.
+        if (!done) {
+          if (signal.aborted || error instanceof APICallError || error instanceof ModelAnswerLimitError) throw error;
+          throw connectionError(url, call, error);
+        }
       } finally {
-        // Stopped early (a break, an error): the rest of the body is not wanted; this closes the connection.
+        clearTimeout(grace);
+        // Stopped early (at [DONE], a break, an error): the rest of the body is not wanted; this closes
+        // the connection, unless the response was complete already (then it stays in the pool).
         if (!body.readableEnded) body.destroy();
       }
+      // Ended cleanly but cut off (a proxy's timeout, a crashed server): a dropped connection, not an answer.
+      if (!finishReason && !done) throw upstreamError(url, call, 'The stream ended before the answer did (no finish_reason, no [DONE])', undefined);
       for (const tool of tools.values()) yield { type: 'tool-call', toolCall: undeclaredToolCall(tool.id, tool.name, tool.text) };
       yield { type: 'finish', finishReason: finishReasonOf(finishReason), usage: usageOf(usage) };
     })();
   }
 
-  /** Sends the request; a non-2xx answer throws `APICallError` with OpenAI's error message. */
-  private async post(call: WireCall & { stream?: true; stream_options?: { include_usage: true } }, signal: AbortSignal) {
+  /** Sends the request; a non-2xx answer throws `APICallError` with OpenAI's error message (of its first `maxChars`). */
+  private async post(call: WireCall & { stream?: true; stream_options?: { include_usage: true } }, signal: AbortSignal, maxChars: number) {
     let response;
     try {
       response = await httpRequest(this.url, { method: 'POST', headers: this.headers, body: JSON.stringify(call), signal, dispatcher: this.dispatcher });
@@ -263,9 +296,8 @@ export class ChatWire {
       throw connectionError(this.url, call, error);
     }
     const { statusCode, headers, body } = response;
-    if (statusCode >= 200 && statusCode < 300) return body;
-    const text = await body.text().catch(() => '');
-    throw this.refused(call, statusCode, flatHeaders(headers), text);
+    if (statusCode >= 200 && statusCode < 300) return response;
+    throw this.refused(call, statusCode, flatHeaders(headers), await headOf(body, maxChars));
   }
 
   /** A non-2xx answer as `APICallError`, with OpenAI's error message when the body is its error object. */
@@ -290,13 +322,15 @@ interface TextAnswer {
 /**
  * One request on the dispatcher, its whole answer read as text. undici's `request()` wraps every
  * answer in a Node stream (and an async resource) that a non-streamed call only reads to the end;
- * a handler of our own keeps the chunks instead. The signal aborts the request as it does there.
+ * a handler of our own keeps the chunks instead. The signal aborts the request as it does there;
+ * an answer past `maxBytes` aborts it with ModelAnswerLimitError.
  */
-function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOptions, signal: AbortLike): Promise<TextAnswer> {
+function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOptions, signal: AbortLike, maxBytes: number): Promise<TextAnswer> {
   return new Promise((resolve, reject) => {
     let statusCode = 0;
     let rawHeaders: Buffer[] = [];
     const chunks: Buffer[] = [];
+    let size = 0;
     let abort: ((reason?: Error) => void) | undefined;
     if (signal.aborted) return reject(signal.reason ?? new Error('aborted'));
     const done = signal.onAbort(() => abort?.(signal.reason));
@@ -311,6 +345,10 @@ function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOption
         return true;
       },
       onData(chunk) {
+        if ((size += chunk.length) > maxBytes) {
+          abort?.(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxBytes} bytes`));
+          return false;
+        }
         chunks.push(chunk);
         return true;
       },
@@ -324,6 +362,21 @@ function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOption
       },
     });
   });
+}
+
+/** The start of a body, at most `maxChars` of it (an error answer: the rest is not read). */
+async function headOf(body: Readable, maxChars: number): Promise<string> {
+  let text = '';
+  try {
+    body.setEncoding('utf8');
+    for await (const chunk of body as AsyncIterable<string>) {
+      text += chunk;
+      if (text.length >= maxChars) break;
+    }
+  } catch {
+    // what came is all there is
+  }
+  return text.slice(0, maxChars);
 }
 
 /** Raw response headers (name, value, name, value…) as one record, repeated names joined as Node joins them. */
@@ -354,17 +407,52 @@ function connectionError(url: string, call: unknown, error: unknown): APICallErr
   return new APICallError({ message: `Cannot connect to API: ${message}`, url, requestBodyValues: call, isRetryable: true, cause: error });
 }
 
-/** An answer that is not JSON: not retried (as the SDK's parse error is not). */
-class InvalidResponseError extends Error {
-  override name = 'InvalidResponseError';
+/**
+ * A completion (or stream chunk) from its JSON text, or undefined when the text is not one: not
+ * JSON, not an object, or fields this reading uses of another type (what the SDK's response schema
+ * refuses, as far as it matters here).
+ */
+function completionOf(text: string): Completion | undefined {
+  let value: Completion | null;
+  try {
+    value = JSON.parse(text) as Completion | null;
+  } catch {
+    return undefined;
+  }
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) return undefined;
+  const { choices } = value;
+  if (choices === undefined || choices === null) return value;
+  if (!Array.isArray(choices)) return undefined;
+  const choice = choices[0];
+  if (choice === undefined) return value;
+  if (typeof choice !== 'object' || choice === null) return undefined;
+  const message = choice.message ?? choice.delta;
+  if (message === undefined || message === null) return value;
+  if (typeof message !== 'object') return undefined;
+  const { content, tool_calls: toolCalls } = message;
+  if (content !== undefined && content !== null && typeof content !== 'string') return undefined;
+  if (toolCalls !== undefined && toolCalls !== null && !Array.isArray(toolCalls)) return undefined;
+  return value;
 }
 
-function parseJson(text: string): unknown {
-  try {
-    return JSON.parse(text) as unknown;
-  } catch {
-    throw new InvalidResponseError(`Invalid JSON response from the upstream: ${text.slice(0, 200)}`);
-  }
+/**
+ * An answer that is no chat completion, as the SDK reports one (its JSON response handler): an
+ * APICallError with the answer's 2xx status, so not retried, and a 502 for the caller.
+ */
+function invalidAnswer(url: string, call: unknown, statusCode: number, text: string, responseHeaders?: Record<string, string>): APICallError {
+  return new APICallError({ message: 'Invalid JSON response', url, requestBodyValues: call, statusCode, responseHeaders, responseBody: text, isRetryable: false });
+}
+
+/** How long a stream's response may take to end after its [DONE] before its connection is closed. */
+const DONE_GRACE_MS = 200;
+
+/**
+ * undici has pushed the response's end into its body (the request is complete, its connection back
+ * in the pool), read or not. `readableEnded` turns true only once the reader reached it; Node has no
+ * public name for this state (undici reads `_readableState` too).
+ */
+function responseEnded(body: Readable): boolean {
+  return (body as Readable & { _readableState?: { ended?: boolean } })._readableState?.ended === true;
 }
 
 /** One pool of keep-alive connections per registry, shared by its providers (undici keeps one per origin). */

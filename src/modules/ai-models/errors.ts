@@ -50,6 +50,16 @@ export class ModelTimeoutError extends HttpError {
   }
 }
 
+/**
+ * An answer cut off by one of its limits (its upstream request closed, the call not retried): a
+ * stream past its total time (504), an answer past its size (502).
+ */
+export class ModelAnswerLimitError extends HttpError {
+  constructor(status: 502 | 504, detail: string) {
+    super(status, detail);
+  }
+}
+
 /** The caller's AbortSignal fired (client disconnect, cancelled run). */
 export class ModelCallAbortedError extends HttpError {
   constructor() {

@@ -12,6 +12,8 @@ import {
   type AssistantContent,
   embedMany,
   generateText,
+  InvalidResponseDataError,
+  JSONParseError,
   type JSONSchema7,
   type LanguageModel,
   type LanguageModelUsage,
@@ -21,6 +23,7 @@ import {
   streamText,
   type ToolChoice,
   type ToolSet,
+  TypeValidationError,
 } from 'ai';
 import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings } from 'ai/internal';
 
@@ -28,7 +31,7 @@ import { CallerAbort, type CallerSignal } from './abort.js';
 import type { ModelCatalog } from './catalog.js';
 import { type AbortLike, type ChatWire, undeclaredToolCall as wireToolCall, type WireCall, wireMessages } from './chat-wire.js';
 import { computeCost, countableUsage, estimateCost } from './cost.js';
-import { ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, UpstreamError } from './errors.js';
+import { ModelAnswerLimitError, ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, UpstreamError } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
 
@@ -52,7 +55,7 @@ interface CallOptions {
   model: string;
   /** Aborts the call, the upstream request included: an AbortSignal, or a lighter `CallerAbort`. */
   signal?: CallerSignal;
-  /** Per attempt; for streams, the longest wait for the next chunk. Default: MODEL_TIMEOUT_MS. */
+  /** Per attempt; for streams, the longest wait for the next chunk (their total: `streamTimeoutMs`). Default: MODEL_TIMEOUT_MS. */
   timeoutMs?: number;
   context?: CallContext;
 }
@@ -186,6 +189,14 @@ export interface ModelManagerOptions {
   providers: ProviderRegistry;
   meter?: UsageMeter;
   timeoutMs: number;
+  /** A streamed call's total time, retries and fallbacks included (MODEL_STREAM_TIMEOUT_MS). */
+  streamTimeoutMs: number;
+  /**
+   * The most an answer may carry (MODEL_MAX_RESPONSE_BYTES): a streamed answer's text, reasoning
+   * and tool-call input together, in characters; on the wire also a non-streamed body, in bytes, and
+   * one event of a stream.
+   */
+  maxResponseBytes: number;
   maxRetries: number;
   /** The longest wait between two attempts; a longer retry-after is capped to it. */
   retryMaxWaitMs: number;
@@ -295,9 +306,10 @@ const directResponseMessages: StreamSource['responseMessages'] = async (text, re
 class AttemptTimeout extends Error {}
 
 /**
- * An attempt's abort: the caller's signal plus a timer that `touch()` restarts. The wire path
- * listens to it directly (`AbortLike`); an AbortSignal (`signal`, for undici's streams and the SDK)
- * is made only when asked for — one AbortController less per non-streamed call.
+ * An attempt's abort: the caller's signal plus one timer, for the chunk timeout (counted from the
+ * last `touch()`) or the stream's deadline, whichever comes first. The wire path listens to it
+ * directly (`AbortLike`); an AbortSignal (`signal`, for undici's streams and the SDK) is made only
+ * when asked for — one AbortController less per non-streamed call.
  */
 class Attempt implements AbortLike {
   aborted = false;
@@ -305,11 +317,27 @@ class Attempt implements AbortLike {
   private controller: AbortController | undefined;
   private listeners: (() => void)[] = [];
   private timer: NodeJS.Timeout | undefined;
+  /** When the upstream last showed progress (`performance.now()`). */
+  private alive = 0;
   private readonly onCallerAbort = () => this.abort(this.caller?.reason as Error | undefined);
+  /**
+   * `touch()` only notes the time (a stream's every part calls it): when the timer fires with
+   * progress since it was set, it is set again for what is left.
+   */
+  private readonly onTimer = () => {
+    const now = performance.now();
+    if (now >= this.deadline - 1) return this.abort(new ModelAnswerLimitError(504, `The model's answer did not finish within ${this.deadlineMs} ms`));
+    const idleEnd = this.alive + this.timeoutMs;
+    if (now >= idleEnd - 1) return this.abort(new AttemptTimeout());
+    this.timer = setTimeout(this.onTimer, Math.min(idleEnd, this.deadline) - now);
+  };
 
   constructor(
     private readonly caller: CallerSignal | undefined,
     private readonly timeoutMs: number,
+    /** When (`performance.now()`) a streamed call must have ended, and its length for the error; Infinity: no deadline. */
+    private readonly deadline = Infinity,
+    private readonly deadlineMs = 0,
   ) {
     // A caller gone already fires no 'abort' any more: the attempt starts aborted.
     if (caller?.aborted) this.abort(caller.reason as Error | undefined);
@@ -333,6 +361,12 @@ class Attempt implements AbortLike {
     };
   }
 
+  /** Ends the attempt with `reason`, aborting its upstream request; returns it, to throw. */
+  fail(reason: Error): Error {
+    this.abort(reason);
+    return reason;
+  }
+
   private abort(reason: Error | undefined): void {
     if (this.aborted) return;
     this.aborted = true;
@@ -342,8 +376,8 @@ class Attempt implements AbortLike {
   }
 
   touch(): void {
-    clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.abort(new AttemptTimeout()), this.timeoutMs);
+    this.alive = performance.now();
+    this.timer ??= setTimeout(this.onTimer, Math.min(this.timeoutMs, this.deadline - this.alive));
   }
 
   end(): void {
@@ -384,6 +418,9 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   if (attempt.aborted && attempt.reason instanceof AttemptTimeout) {
     return { kind: 'retryable', error: new ModelTimeoutError(timeoutMs) };
   }
+  // The stream's deadline or the answer's size: the call ends here.
+  if (error instanceof ModelAnswerLimitError) return { kind: 'fatal', error };
+  if (attempt.aborted && attempt.reason instanceof ModelAnswerLimitError) return { kind: 'fatal', error: attempt.reason };
   const apiError = findApiCallError(error);
   if (apiError) {
     const status = apiError.statusCode;
@@ -394,6 +431,11 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
       return { kind: 'retryable', error: upstream, retryAfterMs: wait };
     }
     return { kind: 'fatal', error: upstream };
+  }
+  // A streamed answer the SDK could not read (a chunk not JSON or not of its shape, no finish
+  // reason): the upstream's fault, as its non-streamed reading reports it (an APICallError 200).
+  if (JSONParseError.isInstance(error) || TypeValidationError.isInstance(error) || InvalidResponseDataError.isInstance(error)) {
+    return { kind: 'fatal', error: new UpstreamError(`Upstream 200 error: ${InvalidResponseDataError.isInstance(error) ? error.message : 'Invalid JSON response'}`, 200) };
   }
   if (error instanceof Error && (error.name === 'TypeError' || /ECONNRESET|ECONNREFUSED|socket|terminated|fetch failed/i.test(`${error.message} ${String(error.cause)}`))) {
     return { kind: 'retryable', error: new UpstreamError(`Upstream connection error: ${error.message}`) };
@@ -483,7 +525,7 @@ export class ModelManager {
     return this.run(request, request.signal, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
       const wired = this.wireCall(request, model);
       if (wired) {
-        const reply = await wired.wire.generate(wired.call, attempt);
+        const reply = await wired.wire.generate(wired.call, attempt, this.options.maxResponseBytes);
         state.usage = reply.usage;
         return this.chatResult(model, state, started, answer(reply.text, reply.reasoning, reply.toolCalls), reply.finishReason, null);
       }
@@ -607,6 +649,7 @@ export class ModelManager {
 
     const started = performance.now();
     let answering: string | undefined;
+    const maxChars = this.options.maxResponseBytes;
     const result = this.run(request, consumer, 'stream', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
       let text = '';
       let reasoning = '';
@@ -616,8 +659,9 @@ export class ModelManager {
         attempt.touch();
         answering = model.id;
         state.streamed = true;
-        state.outputChars += chars;
         state.firstTokenAt ??= performance.now();
+        // Past the size limit: cut off like a stream past its deadline (metered from what came).
+        if ((state.outputChars += chars) > maxChars) throw attempt.fail(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`));
       };
       const source = await this.streamSource(request, model, attempt);
       for await (const part of source.parts) {
@@ -707,7 +751,7 @@ export class ModelManager {
    */
   private async streamSource(request: ChatRequest, model: ModelInfo, attempt: Attempt): Promise<StreamSource> {
     const wired = this.wireCall(request, model);
-    if (wired) return { parts: await wired.wire.stream(wired.call, attempt.signal), responseMessages: directResponseMessages };
+    if (wired) return { parts: await wired.wire.stream(wired.call, attempt.signal, this.options.maxResponseBytes), responseMessages: directResponseMessages };
     const languageModel = this.directModel(request, model);
     if (languageModel) {
       const { stream } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, model, attempt)), includeRawChunks: false });
@@ -806,6 +850,7 @@ export class ModelManager {
     maxOutputTokens: number | undefined,
     runAttempt: AttemptRunner<T>,
   ): Promise<T> {
+    const deadline = operation === 'stream' ? performance.now() + this.options.streamTimeoutMs : Infinity;
     const primary = this.resolve(request.model, capability);
     const chain = this.chainOf(primary, capability);
     const inputTokens = estimateTokens(operation === 'embed' ? (request.values ?? []).join('') : [request.system ?? '', request.messages, request.tools ? Object.keys(request.tools) : []]);
@@ -864,7 +909,7 @@ export class ModelManager {
       for (;;) {
         attempts += 1;
         const timeoutMs = request.timeoutMs ?? this.options.timeoutMs;
-        const attempt = new Attempt(signal, timeoutMs);
+        const attempt = new Attempt(signal, timeoutMs, deadline, this.options.streamTimeoutMs);
         try {
           const value = await runAttempt(model, attempt, state);
           finish('success', null);
