@@ -143,6 +143,22 @@ describe('ModelManager.chat', () => {
     expect((await settled(1))[0]?.error).toContain('bad tool schema');
   });
 
+  it('a provider refusing the model itself (401, 402, 403, 404) is not retried: the fallback answers', async () => {
+    for (const status of [401, 402, 403, 404]) {
+      server.reset();
+      server.script('fake-chat', { status, body: { error: { message: `refused ${status}` } } });
+      server.script('fake-backup', { text: 'from the backup' });
+      const result = await manager().chat({ model: 'fake-chat', messages: hello });
+      expect(result).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
+      expect(server.log.map((r) => [r.model, r.reply])).toEqual([['fake-chat', status], ['fake-backup', 200]]);
+    }
+    // With no fallback left, the refusal is the caller's error.
+    server.reset();
+    server.script('fake-backup', { status: 401, body: { error: { message: 'bad key' } } });
+    await expect(manager().chat({ model: 'fake-backup', messages: hello })).rejects.toThrow(UpstreamError);
+    expect(server.log).toHaveLength(1);
+  });
+
   it('times out a hung upstream and aborts the request', async () => {
     server.script('fake-chat', { hang: true });
     server.script('fake-backup', { hang: true });

@@ -389,7 +389,12 @@ class Attempt implements AbortLike {
 type Classified =
   | { kind: 'aborted' }
   | { kind: 'retryable'; error: Error; retryAfterMs?: number }
+  /** This model cannot answer, whatever the request (its provider refused the credentials, the account or the model): no retry, its fallbacks may. */
+  | { kind: 'next'; error: Error }
   | { kind: 'fatal'; error: Error };
+
+/** Upstream statuses that are the provider's setup's fault, not the request's: a wrong key (401), no credit (402), no access (403), no such model (404). */
+const PROVIDER_REFUSALS = new Set([401, 402, 403, 404]);
 
 function retryAfterMs(headers: Record<string, string> | undefined): number | undefined {
   if (!headers) return undefined;
@@ -430,6 +435,7 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
     if (status === undefined || status === 408 || status === 409 || status === 429 || status >= 500) {
       return { kind: 'retryable', error: upstream, retryAfterMs: wait };
     }
+    if (PROVIDER_REFUSALS.has(status)) return { kind: 'next', error: upstream };
     return { kind: 'fatal', error: upstream };
   }
   // A streamed answer the SDK could not read (a chunk not JSON or not of its shape, no finish
@@ -925,7 +931,7 @@ export class ModelManager {
             finish('error', outcome.error);
             throw outcome.error;
           }
-          if (attempts > this.options.maxRetries) {
+          if (outcome.kind === 'next' || attempts > this.options.maxRetries) {
             finish('error', outcome.error);
             break; // next model in the chain
           }
