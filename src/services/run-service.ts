@@ -179,11 +179,15 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
   if (interrupted) await stopEnded(deps, interrupted);
   // Where the log is elsewhere (Redis), run.queued and the job go out without waiting in between:
   // one round trip, and in that order on the connection they share (QueueOptions.laneProducer), so
-  // a worker finds run.queued in the log when it takes the job. (Were it missing — the append
-  // failed and the sweep queued the run later — the worker's first append continues from the log's
-  // real top: RunEventLog.expect.) A failed append still fails the request, as before.
-  const announced = deps.bus.events.appendFirst ? undefined : deps.bus.events.append(run.id, [runEvent(run)]);
-  announced?.catch(() => undefined);
+  // a worker finds run.queued in the log when it takes the job. The run is committed by now: a
+  // failed append is logged, not the request's failure (a 503 would have a client retry, and an
+  // `enqueue` retry start a second run). The log is then opened by the run's next writer: its
+  // worker (whose first append continues from the log's real top: RunEventLog.expect), or the
+  // cancel of a run no worker took (its run.cancelled, or the sweep's: FINAL_EVENT_PENDING); a
+  // reader waits for those as for any queued run's events.
+  const announced = deps.bus.events.appendFirst
+    ? undefined
+    : deps.bus.events.append(run.id, [runEvent(run)]).catch((error: unknown) => ctx.log.error({ err: error, runId: run.id }, 'run.queued not appended; the run is queued, and its log starts with its next event'));
   if (!run.waiting) await queueRun(deps, run.id);
   await announced;
   ctx.log.info({ runId: run.id, threadId, agentId: agent.id, model, waiting: run.waiting, interrupted: interrupted?.id }, 'run queued');
@@ -283,7 +287,11 @@ export async function eventsFrom(ctx: ServiceContext, deps: RunDeps, id: string,
   const run = await get(ctx, id);
   const last = await lastSeq;
   if (!FINAL.has(run.status)) return { run, done: false };
-  // Every run's log starts with run.queued: an ended run without events had them expire
+  // An ended run without events whose final event is still to be written — its lease is held until
+  // then (by its worker, or FINAL_EVENT_PENDING for the sweep) — and whose run.queued could not be
+  // appended (a scaled start logs that and goes on): the reader waits for that event.
+  if (last === 0 && run.lease_owner !== null) return { run, done: false };
+  // Otherwise every run's log has events: an ended run without them had them expire
   // (RUN_EVENTS_TTL_SECONDS). Inventing its final event would need a seq the client may have
   // seen with another event; 410 says plainly that the stream is gone and where the run's state is.
   if (last === 0) throw new GoneError(`The events of run ${run.id} have expired (kept RUN_EVENTS_TTL_SECONDS after a run ends); GET /runs/${run.id} has its final state`);

@@ -3,7 +3,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
-import type { NewRunEvent, RunEvent, RunEventLog, RunSignals } from '../../src/modules/agents/run-bus.js';
+import { type NewRunEvent, type RunEvent, type RunEventLog, type RunSignals, RunWriter } from '../../src/modules/agents/run-bus.js';
 import { RunEventsRefusedError } from '../../src/modules/agents/run-bus-errors.js';
 
 /**
@@ -214,6 +214,49 @@ export function runEventLogContract(name: string, makeLog: Factory<RunEventLog>)
         expect((outcome as PromiseRejectedResult).reason).toBeInstanceOf(RunEventsRefusedError);
       }
       expect(await second.lastSeq(runId)).toBe(3);
+    });
+
+    it('a lease holder\'s RunWriter refused as stale asks whether it still holds the run: if so it catches up, every append in order; if not, it stops', async () => {
+      const [old, owner, third, readerNode] = [await node(), await node(), await node(), await node()];
+      const runId = randomUUID();
+      await old.append(runId, deltas(2));
+      // The new owner reads the top; the old worker, whose lease expired unnoticed, appends once more.
+      await owner.lastSeq(runId);
+      await old.append(runId, [delta('stale')]);
+      let asked = 0;
+      // The question goes to the database: answered at once, then after a round trip during which the writer goes on appending.
+      const writer = new RunWriter(owner, runId, () => (asked++ === 0 ? Promise.resolve(true) : sleep(10).then(() => true)));
+      // Appends made without waiting, before and while the refusal comes back, and one waited for.
+      for (let i = 0; i < 20; i++) writer.add([delta(`n${i}`)]);
+      const awaited = writer.append([delta('awaited')]);
+      for (let i = 20; i < 25; i++) writer.add([delta(`n${i}`)]);
+      expect(seqs(await awaited)).toEqual([24]);
+      await writer.settle();
+      expect(asked).toBe(1);
+      // Another writer gets in again, mid-stream: one more catch-up, the order kept.
+      await third.lastSeq(runId);
+      await third.append(runId, [delta('third')]);
+      for (let i = 25; i < 65; i++) {
+        writer.add([delta(`n${i}`)]);
+        await sleep(1);
+      }
+      await writer.settle();
+      expect(asked).toBe(2);
+
+      // The old worker's next append is refused; it no longer holds the run: the refusal stands, without asking again.
+      let oldAsked = 0;
+      const stopped = new RunWriter(old, runId, () => Promise.resolve(++oldAsked < 0));
+      await expectRefused(stopped.append([delta('late')]), 'stale');
+      stopped.add([delta('later')]);
+      await expectRefused(stopped.settle(), 'stale');
+      expect(oldAsked).toBe(1);
+
+      writer.add([completed]);
+      await writer.settle();
+      const events = await readAll(readerNode, runId, 0);
+      expect(seqs(events)).toEqual(range(1, events.length));
+      const mine = [...Array.from({ length: 20 }, (_, i) => `n${i}`), 'awaited', ...Array.from({ length: 5 }, (_, i) => `n${20 + i}`)];
+      expect(events.map((event) => event.data.delta ?? event.event)).toEqual(['t0', 't1', 'stale', ...mine, 'third', ...Array.from({ length: 40 }, (_, i) => `n${25 + i}`), 'run.completed']);
     });
 
     it('lets exactly one of two writers racing from the same seq append', async () => {

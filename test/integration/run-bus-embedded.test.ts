@@ -38,17 +38,20 @@ beforeAll(async () => {
  */
 function node(): RunEventLog {
   const log = new DatabaseRunEventLog(events);
-  const known = new Set<string>();
-  const ensureRun = async (runId: string) => {
-    if (known.has(runId)) return;
-    await ctx.app.db.insert(runs).values({ id: runId, owner_id: ownerId, thread_id: threadId, agent_version: 1, model: 'm', status: 'completed' }).onConflictDoNothing();
-    known.add(runId);
+  // One insert per run, shared by every append: appends made together then reach the log in the
+  // order they were made, as the log's callers assume (on a pool, separate inserts finish in any order).
+  const known = new Map<string, Promise<unknown>>();
+  const ensureRun = (runId: string) => {
+    let inserted = known.get(runId);
+    if (!inserted) {
+      // A Drizzle query runs on every `then`: `execute` runs it once.
+      inserted = ctx.app.db.insert(runs).values({ id: runId, owner_id: ownerId, thread_id: threadId, agent_version: 1, model: 'm', status: 'completed' }).onConflictDoNothing().execute();
+      known.set(runId, inserted);
+    }
+    return inserted;
   };
   return {
-    append: async (runId, batch) => {
-      await ensureRun(runId);
-      return log.append(runId, batch);
-    },
+    append: (runId, batch) => ensureRun(runId).then(() => log.append(runId, batch)),
     read: (runId, after, signal) => log.read(runId, after, signal),
     lastSeq: (runId) => log.lastSeq(runId),
     close: () => log.close(),

@@ -1,6 +1,8 @@
+import { randomUUID } from 'node:crypto';
 import { type AddressInfo, connect } from 'node:net';
 
 import { eq, sql } from 'drizzle-orm';
+import pino from 'pino';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 
 import { type Db, transaction } from '../../src/core/db.js';
@@ -10,7 +12,11 @@ import { messages, runEvents, runs, threads } from '../../src/models/index.js';
 
 import * as runCrud from '../../src/crud/run.js';
 import { appendMessages } from '../../src/crud/thread.js';
+import { DatabaseRunEventLog, type EmbeddedRunEvents } from '../../src/modules/agents/embedded-run-bus.js';
+import { createRedisRunBus } from '../../src/modules/agents/redis-run-bus.js';
 import { RedisRunEventLog } from '../../src/modules/agents/redis-run-events.js';
+import type { RunEventLog } from '../../src/modules/agents/run-bus.js';
+import { RunBusUnavailableError } from '../../src/modules/agents/run-bus-errors.js';
 import { finishRun } from '../../src/modules/agents/run-lifecycle.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
@@ -401,6 +407,105 @@ describe.runIf(Boolean(process.env.REDIS_URL))('a start on Redis', () => {
     // The run's later events are appended by its worker (on this client too, in this test's app).
     expect(log.slice(0, 3)).toEqual(['send event', 'send job', 'reply event']);
   });
+
+  // Redis unreachable for the append, as the run bus reports it.
+  const unreachable = () => new RunBusUnavailableError({ cause: new Error('connect ECONNREFUSED') });
+
+  it('a start whose run.queued cannot be appended answers 202 with the run it committed; the run runs, and its stream starts with its worker\'s first event', async () => {
+    fake.script(MODEL, { chunks: ['still ', 'ran'] });
+    const { owner, thread } = await setup();
+    const response = await refusing(
+      'run.queued',
+      async (refused) => {
+        const started = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hello' });
+        expect(refused()).toBe(1);
+        return started;
+      },
+      1,
+      unreachable,
+    );
+    expect(response.statusCode, response.body).toBe(202);
+    const run = response.json<RunBody>();
+    expect(run).toMatchObject({ status: 'queued', thread_id: thread.id, input: 'hello' });
+    expect(response.headers.location).toContain(run.id);
+    const { events, ended } = await readEvents(base, owner.headers, run.id);
+    expect(ended).toBe(true);
+    expectContiguous(events);
+    expect(events.map((e) => e.event)).toEqual(['run.started', 'message.created', 'message.delta', 'message.delta', 'message.completed', 'run.completed']);
+    expect((await getRun(ctx.app, owner.headers, run.id)).status).toBe('completed');
+    expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<ListBody<RunBody>>().count).toBe(1);
+  });
+
+  it('an enqueued start whose run.queued cannot be appended: 202 (no second run for a retrying client); cancelled while it waits, its stream ends with run.cancelled', async () => {
+    fake.script(MODEL, { chunks: ['a ', 'b ', 'c'], chunkDelayMs: 150 });
+    const { owner, thread } = await setup();
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'one' });
+    const response = await refusing('run.queued', () => api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'two', multitask_strategy: 'enqueue' }), 1, unreachable);
+    expect(response.statusCode, response.body).toBe(202);
+    const second = response.json<RunBody>();
+    expect(second.status).toBe('queued');
+    // A reader of the waiting run's (empty) stream is there when it is cancelled.
+    const reading = readEvents(base, owner.headers, second.id);
+    await sleep(100);
+    expect((await api('POST', `/runs/${second.id}/cancel`, owner.headers)).statusCode).toBe(200);
+    const { events, ended } = await reading;
+    expect(ended).toBe(true);
+    expect(events.map((e) => [e.id, e.event])).toEqual([[1, 'run.cancelled']]);
+    await waitForRun(ctx.app, owner.headers, first.id, ['completed']);
+    expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<ListBody<RunBody>>().data.map((r) => [r.id, r.status]).sort()).toEqual(
+      [
+        [first.id, 'completed'],
+        [second.id, 'cancelled'],
+      ].sort(),
+    );
+  });
+
+  it('a waiting run with no events, cancelled while its run.cancelled cannot be appended either: its reader waits for the sweep to write it, rather than hearing 410', async () => {
+    const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
+    const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);
+    fake.script(MODEL, { chunks: ['a ', 'b ', 'c'], chunkDelayMs: 150 });
+    const { owner, thread } = await setup();
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'one' });
+    const response = await refusing('run.queued', () => api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'two', multitask_strategy: 'enqueue' }), 1, unreachable);
+    const second = response.json<RunBody>();
+    const reading = await refusing(
+      'run.cancelled',
+      async () => {
+        expect((await api('POST', `/runs/${second.id}/cancel`, owner.headers)).json<RunBody>().status).toBe('cancelled');
+        expect(await leaseOf(second.id)).toBe(runCrud.FINAL_EVENT_PENDING);
+        // Ended, with no event at all yet: its final event is still to come.
+        const reader = readEvents(base, owner.headers, second.id);
+        await sleep(200);
+        return { reader };
+      },
+      Infinity,
+      unreachable,
+    );
+    await sweeper.sweep();
+    const { events, ended, status } = await reading.reader;
+    expect(status).toBe(200);
+    expect(ended).toBe(true);
+    expect(events.map((e) => [e.id, e.event])).toEqual([[1, 'run.cancelled']]);
+    await waitForRun(ctx.app, owner.headers, first.id, ['completed']);
+  });
+});
+
+describe.skipIf(Boolean(process.env.REDIS_URL))('a start, embedded', () => {
+  it('stores run.queued in the transaction that creates the run: when it cannot be stored, nothing is created and the client is told', async () => {
+    const { owner, thread } = await setup();
+    const log = ctx.app.runs.bus.events;
+    const appendFirst = log.appendFirst!.bind(log);
+    log.appendFirst = () => Promise.reject(new Error('event store unreachable'));
+    try {
+      const response = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hello' });
+      expect(response.statusCode).toBe(500);
+    } finally {
+      log.appendFirst = appendFirst;
+    }
+    expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<ListBody<RunBody>>().count).toBe(0);
+    expect(await threadMessages(owner, thread.id)).toEqual([]);
+    expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
+  });
 });
 
 describe('one active run per thread', () => {
@@ -632,14 +737,15 @@ describe('limits and access', () => {
 });
 
 /** The event store refuses the first `times` appends that carry `event` (as when it is unreachable) while `work` runs. */
-async function refusing<T>(event: string, work: (refused: () => number) => Promise<T>, times = 1): Promise<T> {
+/** `error`: what the store fails with (Redis down: RunBusUnavailableError, 503). */
+async function refusing<T>(event: string, work: (refused: () => number) => Promise<T>, times = 1, error: () => Error = () => new Error('event store unreachable')): Promise<T> {
   const log = ctx.app.runs.bus.events;
   const append = log.append.bind(log);
   let refused = 0;
   log.append = (runId, events) => {
     if (refused < times && events.some((e) => e.event === event)) {
       refused += 1;
-      return Promise.reject(new Error('event store unreachable'));
+      return Promise.reject(error());
     }
     return append(runId, events);
   };
@@ -767,6 +873,100 @@ describe('durability', () => {
     expect(failed.error).toMatch(/interrupted 3 times.*retry/);
     expect((await readEvents(base, owner.headers, hopeless!.id)).events.at(-1)!.event).toBe('run.failed');
     expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
+  });
+
+  /**
+   * Another writer of the app's run events with cursors of its own: another worker process's log
+   * (scaled), or a second writer on the process's log (embedded, where a process has one).
+   */
+  function otherWriter(): { events: RunEventLog; close: () => Promise<void> } {
+    const { events } = ctx.app.runs.bus;
+    if (events instanceof RedisRunEventLog) {
+      const bus = createRedisRunBus(ctx.app.redis!, ctx.app.settings, pino({ level: 'silent' }));
+      return { events: bus.events, close: async () => (await bus.events.close(), await bus.signals.close()) };
+    }
+    const log = new DatabaseRunEventLog((events as unknown as { events: EmbeddedRunEvents }).events);
+    return { events: log, close: () => log.close() };
+  }
+
+  /**
+   * A run an old worker held until its lease expired (its renewals failed for longer than the
+   * lease), with that worker's events in the log, taken over by the app's runner. The old worker has
+   * not noticed: it appends a delta right after the runner read the log's top (`lastSeq`), before
+   * the runner's first append; then `meanwhile` runs. Resolves once the runner is done with it.
+   */
+  async function takenOverFromOldWorker(meanwhile: (runId: string) => Promise<void> = async () => undefined) {
+    const { owner, thread, agent } = await setup();
+    const old = otherWriter();
+    const log = ctx.app.runs.bus.events;
+    const lastSeq = log.lastSeq.bind(log);
+    try {
+      // Its lease not yet expired: no sweep takes the run before the test hands it over.
+      const [run] = await ctx.app.db
+        .insert(runs)
+        .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'old-worker', lease_expires_at: new Date(Date.now() + 60_000), attempts: 1, started_at: new Date() })
+        .returning();
+      await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
+      const oldMessage = randomUUID();
+      const delta = (text: string) => ({ event: 'message.delta' as const, data: { message_id: oldMessage, delta: text, step: 1 } });
+      await old.events.append(run!.id, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }, { event: 'message.created', data: { message: { id: oldMessage, role: 'assistant' }, step: 1 } }, delta('old ')]);
+      let interleaved = false;
+      log.lastSeq = async (runId) => {
+        const seq = await lastSeq(runId);
+        if (runId === run!.id && !interleaved) {
+          interleaved = true;
+          await old.events.append(runId, [delta('stale ')]);
+          await meanwhile(runId);
+        }
+        return seq;
+      };
+      await ctx.app.db.update(runs).set({ lease_expires_at: new Date(Date.now() - 1_000) }).where(eq(runs.id, run!.id));
+      await ctx.app.runs.runner.execute(run!.id);
+      // (Should the app's own sweep have queued it first, its job is the one that ran it.)
+      await vi.waitFor(() => expect(ctx.app.runs.runner.running).toBe(0), 10_000);
+      expect(interleaved).toBe(true);
+      return { owner, thread, run: run!, oldMessage };
+    } finally {
+      log.lastSeq = lastSeq;
+      await old.close();
+    }
+  }
+
+  it('a run taken over while its old worker still appends: the new owner, which holds the lease, catches up and completes it', async () => {
+    fake.script(MODEL, { chunks: ['new ', 'answer'], chunkDelayMs: 20 });
+    const { owner, thread, run, oldMessage } = await takenOverFromOldWorker();
+    expect(await getRun(ctx.app, owner.headers, run.id)).toMatchObject({ status: 'completed', error: null, attempts: 2, steps: 1 });
+    expect(await leaseOf(run.id)).toBeNull();
+    const { events, ended } = await readEvents(base, owner.headers, run.id);
+    expect(ended).toBe(true);
+    expectContiguous(events);
+    // The old worker's events, its late delta included, then every event of the new attempt, in order.
+    expect(events.slice(0, 5).map((e) => [e.event, e.data.delta])).toEqual([['run.queued', undefined], ['run.started', undefined], ['message.created', undefined], ['message.delta', 'old '], ['message.delta', 'stale ']]);
+    const attempt = events.slice(5);
+    expect(attempt.map((e) => e.event)).toEqual(['message.created', 'message.delta', 'message.delta', 'message.completed', 'run.completed']);
+    const messageId = (attempt[0]!.data.message as { id: string }).id;
+    expect(messageId).not.toBe(oldMessage);
+    expect(attempt.filter((e) => e.event === 'message.delta').map((e) => [e.data.message_id, e.data.delta])).toEqual([
+      [messageId, 'new '],
+      [messageId, 'answer'],
+    ]);
+    expect((await threadMessages(owner, thread.id)).map((m) => [m.role, m.content])).toEqual([['assistant', 'new answer']]);
+  });
+
+  it('a run taken over while its old worker still appends, and then taken from the new owner too: it stops without a word, as on a lost lease', async () => {
+    fake.script(MODEL, { chunks: Array.from({ length: 50 }, (_, i) => `w${i} `), chunkDelayMs: 50 });
+    // Before the refusal reaches the runner, a third worker holds the run.
+    const { owner, run } = await takenOverFromOldWorker(async (runId) => {
+      await ctx.app.db.update(runs).set({ lease_owner: 'newest-worker', lease_expires_at: new Date(Date.now() + 60_000) }).where(eq(runs.id, runId));
+    });
+    // Not failed by the refusal: the run is the newest worker's, and the log has nothing of the app's runner.
+    expect(await getRun(ctx.app, owner.headers, run.id)).toMatchObject({ status: 'running', error: null, attempts: 2 });
+    expect(await leaseOf(run.id)).toBe('newest-worker');
+    expect(await ctx.app.runs.bus.events.lastSeq(run.id)).toBe(5);
+    // Its model call, if it had begun, was aborted.
+    for (const request of fake.log) expect(request.aborted).toBe(true);
+    // (Ended, so that no sweep takes it up during the later tests.)
+    await runCrud.endRun(ctx.app.db, run.id, { status: 'cancelled', error: null }, null, true);
   });
 
   it('a run the sweep gives up, whose final event could not be stored: the next sweep writes it', async () => {

@@ -7,6 +7,8 @@
  */
 import type { Db } from '../../core/db.js';
 
+import { RunEventsRefusedError } from './run-bus-errors.js';
+
 /** The event names of SPEC §5, in the order a run can emit them. */
 export const RUN_EVENT_NAMES = [
   'run.queued',
@@ -122,26 +124,60 @@ export interface RunBus {
   signals: RunSignals;
 }
 
+const ignore = (): void => undefined;
+
+/** Catch-ups in a row one append may take (each means another writer appended again in between) before its refusal stands. */
+const MAX_CATCH_UPS = 10;
+
+const isStale = (error: unknown): error is RunEventsRefusedError => error instanceof RunEventsRefusedError && error.reason === 'stale';
+
 /**
- * A writer's appends that it does not wait for one by one (a model's deltas): the log keeps their
- * order (and Redis sends those made while one is in flight together). The first failure is kept:
- * `check` throws it at the writer's next step, `settle` after waiting for all of them.
+ * The appends of the worker that holds a run's lease: every event it writes goes through here, in
+ * order. Those it does not wait for one by one (a model's deltas: `add`) go out without waiting for
+ * each other (the log keeps their order, and Redis sends those made while one is in flight
+ * together); the first failure of those is kept: `check` throws it at the writer's next step,
+ * `settle` after waiting for all of them. `append` and `within` are waited for.
+ *
+ * A `stale` refusal (another writer appended since this one last did) is not the end of the run
+ * as such: a worker whose lease expired without its noticing (renewals failing for longer than the
+ * lease) may still append between the new owner's `lastSeq` and its first append. So the writer
+ * asks the database (`stillHolds`): while it holds the run, it catches up (`lastSeq`) and appends the
+ * refused events and every later one, in order, after what is there; when it no longer does, the
+ * refusal stands (and `stillHolds` has stopped the run, as a lost lease does) — which is how the
+ * old worker stops at its next append once the new owner has appended.
  */
-export class OrderedAppends {
-  private last: Promise<void> = Promise.resolve();
+export class RunWriter {
+  /** The latest append's outcome (after any catch-up): outcomes settle in the order the appends were made. */
+  private latest: Promise<unknown> = Promise.resolve();
+  /** The latest append sent straight to the log: it settles after every one sent before it. */
+  private sent: Promise<unknown> = Promise.resolve();
+  /** After a stale refusal, until the appends made since are through: each waits for the one before instead of going straight to the log. */
+  private inTurn = false;
+  /** The stale refusal not caught up with yet. */
+  private behind: RunEventsRefusedError | null = null;
+  /** The refusal that stands: the run is no longer this writer's. */
+  private lost: RunEventsRefusedError | null = null;
   private failure: { error: unknown } | null = null;
 
   constructor(
     private readonly log: RunEventLog,
     private readonly runId: string,
+    /** Whether this worker still holds the run, as the database says (and, when it does not, stops the run). */
+    private readonly stillHolds: () => Promise<boolean>,
   ) {}
 
+  /** Appends without the caller waiting; a failure is kept for `check` and `settle`. */
   add(events: readonly NewRunEvent[]): void {
-    // Appends to a run settle in order, so this handler runs after those of every earlier one.
-    this.last = this.log.append(this.runId, events).then(
-      () => undefined,
-      (error: unknown) => void (this.failure ??= { error }),
-    );
+    this.append(events).catch((error: unknown) => void (this.failure ??= { error }));
+  }
+
+  append(events: readonly NewRunEvent[]): Promise<RunEvent[]> {
+    return this.write(() => this.log.append(this.runId, events));
+  }
+
+  /** `appendWithin` (where the log has it): `work` runs again after a catch-up (its transaction rolled back). */
+  within<T>(work: (store: (tx: Db, events: readonly NewRunEvent[]) => Promise<RunEvent[]>) => Promise<T>): Promise<T> {
+    return this.write(() => this.log.appendWithin!(this.runId, work));
   }
 
   check(): void {
@@ -149,8 +185,58 @@ export class OrderedAppends {
   }
 
   async settle(): Promise<void> {
-    await this.last;
+    await this.latest.then(ignore, ignore);
     this.check();
+  }
+
+  private write<T>(send: () => Promise<T>): Promise<T> {
+    const previous = this.latest;
+    let outcome: Promise<T>;
+    if (this.inTurn) {
+      outcome = this.inTurnWrite(send, previous);
+      const done = () => {
+        if (this.latest === outcome) this.inTurn = false;
+      };
+      outcome.then(done, done);
+    } else {
+      const sent = send();
+      this.sent = sent;
+      outcome = sent.catch((error: unknown) => {
+        if (!isStale(error)) throw error;
+        // Every append sent after this one is refused too (this writer's cursor stays behind until
+        // it catches up); from now on appends wait their turn, so none lands before the refused ones.
+        this.inTurn = true;
+        this.behind ??= error;
+        return this.inTurnWrite(send, previous);
+      });
+    }
+    this.latest = outcome;
+    return outcome;
+  }
+
+  private async inTurnWrite<T>(send: () => Promise<T>, previous: Promise<unknown>): Promise<T> {
+    await previous.then(ignore, ignore);
+    for (let catchUps = 0; ; catchUps++) {
+      if (this.lost) throw this.lost;
+      if (this.behind) await this.catchUp(this.behind);
+      try {
+        return await send();
+      } catch (error) {
+        if (!isStale(error) || catchUps >= MAX_CATCH_UPS) throw error;
+        this.behind = error;
+      }
+    }
+  }
+
+  private async catchUp(refusal: RunEventsRefusedError): Promise<void> {
+    // Every append sent straight to the log has been answered (refused): none can land after the catch-up.
+    await this.sent.then(ignore, ignore);
+    if (!(await this.stillHolds())) {
+      this.lost = refusal;
+      throw refusal;
+    }
+    await this.log.lastSeq(this.runId);
+    this.behind = null;
   }
 }
 

@@ -23,7 +23,7 @@ import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
 import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
-import { type NewRunEvent, OrderedAppends } from './run-bus.js';
+import { type NewRunEvent, RunWriter } from './run-bus.js';
 import { appendFinalEvent, completedEvents, type EndedRun, endInTransaction, endWithAnswer, finishRun, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
 import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, type ToolImplementations, type ToolSource } from './tools.js';
 
@@ -212,12 +212,20 @@ export class AgentRunner {
         (error: unknown) => log.warn({ err: error, runId: run.id }, 'run lease not renewed'),
       );
     }, (settings.RUN_LEASE_SECONDS * 1000) / 3);
+    // Every event of the run goes through one writer, which the log refusing it as `stale` sends to
+    // the database: a run still held goes on after the other writer's events, one no longer held stops.
+    const appends = new RunWriter(deps.bus.events, run.id, async () => {
+      const held = await runCrud.renewLease(deps.db, run.id, this.workerId, settings.RUN_LEASE_SECONDS);
+      if (!held) controller.abort(new RunStop('lease'));
+      else log.warn({ runId: run.id }, 'run events appended by another writer (a worker whose lease expired); going on after them');
+      return held;
+    });
     log.info({ runId: run.id, attempt: run.attempts, model: run.model }, run.attempts === 1 ? 'run started' : 'run resumed');
     // A resumed run's log goes on from its last event; only the first start (after run.queued)
     // announces itself, with the first event of its work (one write, not two).
     const announcement: NewRunEvent[] = [];
     try {
-      await this.loop(claimed, signal, announcement);
+      await this.loop(claimed, signal, announcement, appends);
     } catch (error) {
       const stop = signal.aborted && signal.reason instanceof RunStop ? signal.reason : null;
       if (stop?.kind === 'shutdown') {
@@ -273,7 +281,7 @@ export class AgentRunner {
    * in one transaction, and appends its `message.completed` with `run.completed`. `announcement`
    * (run.started, on a run's first start) goes out with the first event.
    */
-  private async loop({ run, firstStart, history: claimedHistory }: runCrud.Claimed, signal: AbortSignal, announcement: NewRunEvent[]): Promise<void> {
+  private async loop({ run, firstStart, history: claimedHistory }: runCrud.Claimed, signal: AbortSignal, announcement: NewRunEvent[], appends: RunWriter): Promise<void> {
     const { deps } = this;
     const { settings, bus } = deps;
     if (!run.agent_id) throw new RunFailure('The agent of this run was deleted; start a new run with another agent');
@@ -315,7 +323,6 @@ export class AgentRunner {
       const draft = { id: messageId, thread_id: run.thread_id, run_id: run.id, role: 'assistant', content: '', tool_calls: null, step };
       // The step's events are not waited for one by one (the model call starts while message.created
       // is written, deltas go out batched); a failed append stops the step at the model's next part.
-      const appends = new OrderedAppends(bus.events, run.id);
       appends.add([...announcement.splice(0), { event: 'message.created', data: { message: draft, step } }]);
 
       const stream = deps.models.stream({
@@ -337,7 +344,7 @@ export class AgentRunner {
           const call = part.toolCall;
           appends.add([{ event: 'tool.call', data: { message_id: messageId, tool_call_id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input), step } }]);
           // Started as soon as the model asks: several calls of one step run in parallel.
-          const outcome = this.callTool(call, version, toolContext, step);
+          const outcome = this.callTool(call, version, toolContext, step, appends);
           // Awaited below; until then a rejection (an abort) must not count as unhandled.
           outcome.catch(() => undefined);
           outcomes.push(outcome);
@@ -356,7 +363,7 @@ export class AgentRunner {
       const citations = toolCalls.length ? {} : sourcesField(sourcesOfRun(history, run.id));
       // Where the log is in the database (embedded), the answer's events are stored by the step's
       // own transaction, and the run lets go of its lease in it: the end and its final event are one commit.
-      const within = toolCalls.length ? undefined : bus.events.appendWithin?.bind(bus.events);
+      const within = !toolCalls.length && bus.events.appendWithin !== undefined;
       const writeStep = (store?: (tx: Db, events: readonly NewRunEvent[]) => Promise<unknown>) =>
         transaction(deps.db, async (tx) => {
           // The thread's lock, then the fence: only the worker holding the run, still running, writes its step.
@@ -392,11 +399,11 @@ export class AgentRunner {
           await store?.(tx, [...completedEvents(stepMessages, step), runEvent(ended.run)]);
           return { stepMessages, ended };
         });
-      const written = within ? await within(run.id, (store) => writeStep(store)) : await writeStep();
+      const written = within ? await appends.within((store) => writeStep(store)) : await writeStep();
       if (!written) throw new RunStop('lease');
       const completed = completedEvents(written.stepMessages, step);
       if (!written.ended) {
-        await bus.events.append(run.id, completed);
+        await appends.append(completed);
         continue;
       }
       await queuePromoted(deps, written.ended);
@@ -424,7 +431,7 @@ export class AgentRunner {
   }
 
   /** One tool call: its implementation's answer, or an error result the model reads (never a crashed run). */
-  private async callTool(call: ToolCall, version: AgentVersion, runContext: Omit<ToolCallContext, 'cite'>, step: number): Promise<ToolOutcome> {
+  private async callTool(call: ToolCall, version: AgentVersion, runContext: Omit<ToolCallContext, 'cite'>, step: number, appends: RunWriter): Promise<ToolOutcome> {
     const name = call.toolName;
     const implementation = isToolName(name) && version.tools.includes(name) ? this.tools[name] : undefined;
     const sources: ToolSource[] = [];
@@ -444,7 +451,7 @@ export class AgentRunner {
         outcome = { call, content: `Error: the tool ${name} failed: ${error instanceof Error ? error.message : String(error)}`, is_error: true, sources: [] };
       }
     }
-    await this.deps.bus.events.append(context.run_id, [{ event: 'tool.result', data: { tool_call_id: call.toolCallId, name, content: outcome.content, is_error: outcome.is_error, step } }]);
+    await appends.append([{ event: 'tool.result', data: { tool_call_id: call.toolCallId, name, content: outcome.content, is_error: outcome.is_error, step } }]);
     return outcome;
   }
 }
