@@ -39,6 +39,8 @@ const ctx = useTestApp(
         const started = Date.now();
         await sleep(TOOL_DELAY_MS);
         const query = String((input as { query?: unknown }).query);
+        // A failure whose text is not for the model (as a database error's would be).
+        if (query === 'explode') throw new Error('relation "internal_secret" does not exist');
         toolCalls.push({ query, started, ended: Date.now() });
         return { passages: [{ text: `about ${query}`, source: 'doc.md' }] };
       },
@@ -219,6 +221,18 @@ describe('tools', () => {
     // The second model call carried the tool results.
     const second = fake.requestsFor(MODEL)[1]!.body.messages as { role: string; tool_call_id?: string }[];
     expect(second.filter((m) => m.role === 'tool').map((m) => m.tool_call_id).sort()).toEqual(['call_a', 'call_b', 'call_c']);
+  });
+
+  it("tells the model a tool failed without the error's own text, which may be the database's", async () => {
+    fake.script(MODEL, { toolCalls: [{ id: 'call_x', name: 'knowledge_search', arguments: '{"query":"explode"}' }], usage: { prompt_tokens: 5, completion_tokens: 5 } }, { text: 'Sorry.', usage: { prompt_tokens: 9, completion_tokens: 2 } });
+    const { owner, thread } = await setup({ tools: ['knowledge_search'] });
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'search' });
+    const { events } = await readEvents(base, owner.headers, run.id);
+    expect(events.at(-1)!.event).toBe('run.completed');
+    const result = events.find((e) => e.event === 'tool.result')!.data;
+    expect(result).toMatchObject({ tool_call_id: 'call_x', is_error: true, content: 'Error: the tool knowledge_search failed' });
+    // Nor does the model's next request carry it.
+    expect(JSON.stringify(fake.log.at(-1)!.body)).not.toContain('internal_secret');
   });
 
   it('fails in words after MAX_RUN_STEPS model calls without an answer', async () => {

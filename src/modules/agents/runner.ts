@@ -25,7 +25,7 @@ import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError,
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, RunWriter } from './run-bus.js';
 import { appendFinalEvent, completedEvents, type EndedRun, endInTransaction, endWithAnswer, finishRun, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
-import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, type ToolImplementations, type ToolSource } from './tools.js';
+import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, ToolError, type ToolImplementations, type ToolSource } from './tools.js';
 
 // ==================== Why a run stops ====================
 
@@ -448,10 +448,17 @@ export class AgentRunner {
       } catch (error) {
         if (context.signal.aborted) throw context.signal.reason;
         this.deps.log.warn({ err: error, runId: context.run_id, tool: name }, 'tool call failed');
-        outcome = { call, content: `Error: the tool ${name} failed: ${error instanceof Error ? error.message : String(error)}`, is_error: true, sources: [] };
+        outcome = { call, content: `Error: the tool ${name} failed${toolFailureText(error)}`, is_error: true, sources: [] };
       }
     }
     await appends.append([{ event: 'tool.result', data: { tool_call_id: call.toolCallId, name, content: outcome.content, is_error: outcome.is_error, step } }]);
     return outcome;
   }
+}
+
+/** What the model is told of a tool's failure: a ToolError's message or an HttpError's client-safe detail; nothing of any other error (the log has it). */
+function toolFailureText(error: unknown): string {
+  if (error instanceof ToolError) return `: ${error.message}`;
+  if (error instanceof HttpError) return `: ${error.detail}`;
+  return '';
 }
