@@ -5,11 +5,13 @@
  */
 import { z } from 'zod';
 
+import { BadRequestError, NotFoundError } from '../../core/errors.js';
+
 import { apiKeyCrud } from '../../crud/api-key.js';
 import * as userCrud from '../../crud/user.js';
 import { type KnowledgeHit, type KnowledgeSearchDeps, searchKnowledge } from '../../services/knowledge/search.js';
 import type { Principal } from '../../utils/authentication.js';
-import { type ToolCallContext, ToolError, type ToolImplementation, type ToolImplementations, type ToolSource } from './tools.js';
+import type { ToolCallContext, ToolImplementation, ToolImplementations, ToolSource } from './tools.js';
 
 /** Most characters of passage text one answer carries: the model's context is not the place for whole documents. */
 export const KNOWLEDGE_TOOL_MAX_CHARS = 12_000;
@@ -24,7 +26,7 @@ const KnowledgeSearchInput = z.object({
 /** The run's owner as a principal: the owner's documents, narrowed to a project-scoped key's project. */
 async function principalOf(deps: KnowledgeSearchDeps, context: ToolCallContext): Promise<Principal> {
   const user = await userCrud.getByIdCached(deps.db, context.owner_id);
-  if (!user) throw new ToolError('the owner of this run no longer exists');
+  if (!user) throw new NotFoundError('the owner of this run no longer exists');
   const key = context.api_key_id ? await apiKeyCrud.getById(deps.db, context.api_key_id) : undefined;
   return { user, apiKeyId: context.api_key_id, apiKeyLimits: null, scopeProjectId: key?.project_id ?? null };
 }
@@ -49,7 +51,7 @@ export function passagesOf(hits: KnowledgeHit[], maxChars = KNOWLEDGE_TOOL_MAX_C
 export function knowledgeSearchTool(deps: KnowledgeSearchDeps): ToolImplementation {
   return async (input, context) => {
     const parsed = KnowledgeSearchInput.safeParse(input);
-    if (!parsed.success) throw new ToolError(`invalid input: ${z.prettifyError(parsed.error)}`);
+    if (!parsed.success) throw new BadRequestError(`invalid input: ${z.prettifyError(parsed.error)}`);
     const { folder_ids, entry_ids } = context.agent.knowledge;
     if (!folder_ids.length && !entry_ids.length) return { passages: [], note: 'No knowledge is assigned to this agent; answer without it.' };
     const principal = await principalOf(deps, context);

@@ -25,7 +25,7 @@ import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError,
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, RunWriter } from './run-bus.js';
 import { appendFinalEvent, completedEvents, type EndedRun, endInTransaction, endWithAnswer, finishRun, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
-import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, ToolError, type ToolImplementations, type ToolSource } from './tools.js';
+import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, type ToolImplementations, type ToolSource } from './tools.js';
 
 // ==================== Why a run stops ====================
 
@@ -456,9 +456,11 @@ export class AgentRunner {
   }
 }
 
-/** What the model is told of a tool's failure: a ToolError's message or an HttpError's client-safe detail; nothing of any other error (the log has it). */
+/**
+ * What the model is told of a tool's failure: an HttpError's detail (written for the caller: bad
+ * input, nothing found), nothing of any other error, whose text may be the database's or a
+ * provider's (SQL, addresses); the log has it.
+ */
 function toolFailureText(error: unknown): string {
-  if (error instanceof ToolError) return `: ${error.message}`;
-  if (error instanceof HttpError) return `: ${error.detail}`;
-  return '';
+  return error instanceof HttpError ? `: ${error.detail}` : '';
 }

@@ -11,13 +11,6 @@ export function isToolName(name: string): name is ToolName {
   return (TOOL_NAMES as readonly string[]).includes(name);
 }
 
-/**
- * A tool's failure whose message is meant for the model (bad input, nothing to search): the
- * runner passes it on in the tool result. Any other error's text stays in the log, since it may be
- * the database's or a provider's (SQL, addresses); the model is told only that the tool failed.
- */
-export class ToolError extends Error {}
-
 // ==================== Definitions and implementations ====================
 
 /** What the model is told about a tool: its purpose and the JSON Schema of its input. */
