@@ -140,7 +140,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       const chat = toChatRequest(body, callContext(request.principal), disconnectSignal(reply));
       if (body.stream) {
         const { events, first, model } = await openStream(models.stream(chat), body.model);
-        const chunks = completionChunks(events, first, model, body.stream_options?.include_usage === true);
+        const chunks = completionChunks(events, first, model, body.stream_options?.include_usage === true, request.log);
         return reply
           .header('content-type', 'text/event-stream; charset=utf-8')
           .header('cache-control', 'no-cache')

@@ -10,6 +10,7 @@ import { Readable } from 'node:stream';
 import { jsonSchema, type JSONSchema7, type ModelMessage, type ToolChoice, type ToolSet } from 'ai';
 
 import { HttpError, MethodNotAllowedError, RouteNotFoundError } from '../core/errors.js';
+import type { Logger } from '../core/logger.js';
 
 import { nestsWithin } from '../schemas/common.js';
 import { type ChatCompletionRequest, type ChatMessage, type EmbeddingRequest, MAX_JSON_DEPTH } from '../schemas/openai.js';
@@ -23,6 +24,7 @@ import {
   type EmbedRequest,
   type EmbedResult,
   type JsonResponseFormat,
+  ModelCallAbortedError,
   ModelNotFoundError,
   type ModelStream,
   type StreamEvent,
@@ -257,14 +259,16 @@ export function completionJson(result: ChatResult): string {
  * (`choices: []`; every earlier chunk then says `usage: null`), then `data: [DONE]`. Every chunk
  * names `model`, the one that answered (see openStream). The caller has already taken `first`
  * (so errors before any output answered as plain HTTP errors). An error after that ends the stream
- * with an `error` event (OpenAI's SDKs raise it). Stopping the iteration (the client went away)
- * returns the manager's iterator, which aborts the upstream request.
+ * with an `error` event (OpenAI's SDKs raise it) and is logged on `log` (the request's): the 200
+ * has been sent by then, so the app's error handler never sees it. Stopping the iteration (the
+ * client went away) returns the manager's iterator, which aborts the upstream request.
  */
 export async function* completionChunks(
   events: AsyncIterator<StreamEvent>,
   first: IteratorResult<StreamEvent>,
   model: string,
   includeUsage: boolean,
+  log: Logger,
 ): AsyncGenerator<string> {
   const id = completionId();
   const created = now();
@@ -296,11 +300,26 @@ export async function* completionChunks(
       return;
     }
   } catch (error) {
-    const { body } = openAIErrorOf(error);
+    const { status, body } = openAIErrorOf(error);
+    logStreamFailure(log, error, status, model);
     yield `${head}data: ${JSON.stringify(body)}\n\n`;
   } finally {
     await events.return?.();
   }
+}
+
+/**
+ * A stream's failure after its first chunk, once: `error` for ours or the provider's (an upstream
+ * that failed or cut the answer off, a timeout, a bug), `warn` for the client's doing (a request the
+ * provider refused as malformed, a client that went away), so an operator's error alerts do not
+ * fire on disconnects. The model and the error only: never the messages.
+ */
+function logStreamFailure(log: Logger, error: unknown, status: number, model: string): void {
+  const clientsDoing =
+    error instanceof ModelCallAbortedError ||
+    (error instanceof UpstreamError ? error.upstreamStatus !== undefined && CLIENT_FAULT_UPSTREAM.has(error.upstreamStatus) : status < 500);
+  if (clientsDoing) log.warn({ err: error, model, status }, 'chat completion stream ended early by the client or its request');
+  else log.error({ err: error, model, status }, 'chat completion stream failed after its first chunk');
 }
 
 /**

@@ -16,7 +16,7 @@ import { matching } from '../crud/owned.js';
 import * as runCrud from '../crud/run.js';
 import { appendMessages, threadCrud, threadPolicy } from '../crud/thread.js';
 import { closePending, finishRun, queueRun, type RunDeps, runEvent, runView } from '../modules/agents/run-lifecycle.js';
-import { addCosts, estimateCost } from '../modules/ai-models/index.js';
+import { addCosts } from '../modules/ai-models/index.js';
 import { catalogModel } from './agent-service.js';
 import type { ServiceContext } from './context.js';
 import { formatMoney } from './money.js';
@@ -84,9 +84,9 @@ async function plan(ctx: ServiceContext, ownerId: string, agentId: string | unde
 
 /**
  * With billing on, 402 at once when the balance cannot cover the first step's worst case (the
- * prompt estimate and the agent's max output tokens at catalog prices). Every step still reserves
- * through the model manager; a later step the credits cannot cover fails the run. `balanceRead`:
- * the owner's balance, already asked for.
+ * prompt estimate and the output tokens the model manager will reserve for it, at catalog prices).
+ * Every step still reserves through the model manager; a later step the credits cannot cover fails
+ * the run. `balanceRead`: the owner's balance, already asked for.
  */
 async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, model: string, input: string | undefined, history: readonly HistoryMessage[], balanceRead?: Promise<billingCrud.Balance>): Promise<void> {
   if (!ctx.settings.BILLING_ENABLED) return;
@@ -94,7 +94,8 @@ async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, 
   if (!info) return; // the run fails with "unknown model", in words
   const promptChars = history.reduce((sum, message) => sum + message.content.length, agent.system_prompt.length + (input?.length ?? 0));
   const inputTokens = Math.ceil(promptChars / CHARS_PER_TOKEN);
-  const needed = estimateCost(info.pricing, inputTokens, agent.max_output_tokens ?? ctx.settings.MODEL_DEFAULT_MAX_OUTPUT_TOKENS);
+  // The manager's own worst case (the model's output limit caps the default): what the first call will reserve.
+  const { cost: needed } = ctx.models.worstCase(info, inputTokens, agent.max_output_tokens ?? undefined);
   const { balance, reserved } = await (balanceRead ?? billingCrud.getBalance(ctx.db, ownerId));
   const available = addCosts(balance, `-${reserved}`);
   if (addCosts(available, `-${needed}`).startsWith('-')) {

@@ -15,11 +15,16 @@ import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { EMBEDDING_DIMENSIONS, fakeEmbedding,FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey } from '../helpers/http.js';
+import { captureLogs, LEVEL } from '../helpers/logs.js';
 import { apiError } from '../helpers/openai.js';
 
 const TIMEOUT_MS = 1_000;
 const STREAM_TIMEOUT_MS = 2_000;
-const ctx = useTestApp({ MODEL_TIMEOUT_MS: String(TIMEOUT_MS), MODEL_STREAM_TIMEOUT_MS: String(STREAM_TIMEOUT_MS), MODEL_MAX_RETRIES: '1', MODEL_RETRY_MAX_WAIT_MS: '50' });
+const logs = captureLogs('warn');
+const ctx = useTestApp(
+  { MODEL_TIMEOUT_MS: String(TIMEOUT_MS), MODEL_STREAM_TIMEOUT_MS: String(STREAM_TIMEOUT_MS), MODEL_MAX_RETRIES: '1', MODEL_RETRY_MAX_WAIT_MS: '50' },
+  { logger: logs.logger },
+);
 const api = apiOf(ctx);
 
 const PRICING = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' };
@@ -56,7 +61,22 @@ beforeAll(async () => {
 afterAll(async () => {
   await fake.close();
 });
-beforeEach(() => fake.reset());
+beforeEach(() => {
+  fake.reset();
+  logs.clear();
+});
+
+/** The warn and error lines logged for one request (by its x-request-id). */
+const linesOf = (reqId: string | null) => logs.lines().filter((line) => line.reqId === reqId);
+
+/** Waits until `predicate` holds of what has been logged (some lines are written after the client has its answer). */
+async function loggedUntil(predicate: (lines: Record<string, unknown>[]) => boolean, timeoutMs = 2_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!predicate(logs.lines())) {
+    if (Date.now() > deadline) throw new Error(`not logged within ${timeoutMs} ms: ${JSON.stringify(logs.lines())}`);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
 
 describe('models', () => {
   it('lists the enabled models whose provider is configured, and retrieves one by id or alias', async () => {
@@ -422,9 +442,12 @@ describe('the call path behind /v1', () => {
     await fake.waitFor((log) => log.length === 2 && log.every((r) => r.aborted));
   });
 
-  it('aborts the upstream request when the client disconnects mid-stream', async () => {
+  it('aborts the upstream request when the client disconnects mid-stream, and logs it as a warning, not an error', async () => {
     fake.script('fake-chat', { chunks: Array.from({ length: 40 }, (_, i) => `w${i} `), chunkDelayMs: 50 });
-    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Tell me a long story' }], stream: true });
+    const { data: stream, response } = await client.chat.completions
+      .create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Tell me a long story' }], stream: true })
+      .withResponse();
+    const reqId = response.headers.get('x-request-id');
     let seen = 0;
     for await (const chunk of stream) {
       if (chunk.choices[0]?.delta.content) seen += 1;
@@ -434,6 +457,10 @@ describe('the call path behind /v1', () => {
     const [upstream] = fake.log;
     expect(upstream!.completed).toBe(false);
     expect(upstream!.chunksSent).toBeLessThan(40);
+    // A client going away is no fault of the server's: a warning an error alert does not count.
+    await loggedUntil(() => linesOf(reqId).length > 0);
+    await new Promise((resolve) => setTimeout(resolve, 100)); // and nothing more comes
+    expect(linesOf(reqId)).toEqual([expect.objectContaining({ level: LEVEL.warn, model: 'fake-chat', status: 499, err: expect.objectContaining({ type: 'ModelCallAbortedError' }) as unknown })]);
   });
 
   it('aborts the upstream request when the client disconnects before a non-stream answer', async () => {
@@ -612,6 +639,30 @@ describe('the call path behind /v1', () => {
     expect((error as InstanceType<typeof OpenAI.APIError>).error).toMatchObject({ type: 'server_error', code: 'upstream_error' });
     expect(texts.join('')).toMatch(/^a (b )?$/);
     expect(fake.log.map((r) => r.reply)).toEqual(['drop']);
+  });
+
+  it('logs a stream that fails after its first chunk once, as an error with the request id, the model and the error, never the prompt', async () => {
+    const prompt = 'my-private-prompt-text';
+    fake.script('fake-chat', { chunks: ['a ', 'b ', 'c '], chunkDelayMs: 30, drop: { afterChunks: 2 } });
+    const { data: stream, response } = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: prompt }], stream: true }).withResponse();
+    const reqId = response.headers.get('x-request-id');
+    expect(reqId).toBeTruthy();
+    await apiError(
+      (async () => {
+        for await (const _ of stream);
+      })(),
+    );
+    const lines = linesOf(reqId);
+    expect(lines).toEqual([
+      expect.objectContaining({
+        level: LEVEL.error,
+        model: 'fake-chat',
+        status: 502,
+        err: expect.objectContaining({ type: 'UpstreamError', message: expect.stringMatching(/^Upstream connection error/) as unknown }) as unknown,
+      }),
+    ]);
+    expect(JSON.stringify(logs.lines())).not.toContain(prompt);
+    expect(JSON.stringify(logs.lines())).not.toContain('sk-upstream');
   });
 });
 

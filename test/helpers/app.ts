@@ -84,12 +84,11 @@ export async function openTestDatabase(): Promise<{ database: Database; url: str
   };
 }
 
-/** What a test app is built with besides settings: the agents' tool implementations. */
-export type TestAppOptions = Pick<AppOptions, 'tools'>;
+/** What a test app is built with besides settings: the agents' tool implementations, a logger to read (helpers/logs.ts; silent by default). */
+export type TestAppOptions = Pick<AppOptions, 'tools'> & Partial<Pick<AppOptions, 'logger'>>;
 
-export async function buildTestApp(database: Database, overrides: Record<string, string> = {}, options: TestAppOptions = {}): Promise<FastifyInstance> {
+export async function buildTestApp(database: Database, overrides: Record<string, string> = {}, { logger = pino({ level: 'silent' }), ...options }: TestAppOptions = {}): Promise<FastifyInstance> {
   const settings = testSettings(overrides);
-  const logger = pino({ level: 'silent' });
   await ensureFirstSuperuser(database.db, settings, logger);
   const app = await buildApp({ settings, database, logger, vectorSearch: database.kind === 'pglite', runJobs: true, ...options });
   await app.ready();

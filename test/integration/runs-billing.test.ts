@@ -64,6 +64,27 @@ describe('runs with billing on', () => {
     await waitForRun(ctx.app, admin, started.json<{ id: string }>().id, ['completed']);
   });
 
+  it("without a max_output_tokens of the agent's, the start asks for the worst case the call reserves: the default capped by the model's own output limit", async () => {
+    // 1 credit per output token, input free; the catalog caps its output at 10, far below MODEL_DEFAULT_MAX_OUTPUT_TOKENS.
+    const capped = await api('POST', '/models', admin, { id: 'fake-capped', provider: 'fake', max_output_tokens: 10, pricing: { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: '1000000' } });
+    expect(capped.statusCode, capped.body).toBe(200);
+    expect(ctx.app.settings.MODEL_DEFAULT_MAX_OUTPUT_TOKENS).toBeGreaterThan(10);
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { model: 'fake-capped', is_default: true });
+    const thread = await createThread(ctx.app, owner.headers);
+    // Short of the capped worst case: refused at start, naming what the call would reserve.
+    await grant(owner, '9.5');
+    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hello' });
+    expect(refused.statusCode, refused.body).toBe(402);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/^Not enough credits to start this run: available 9.5; its first step with fake-capped needs up to 10$/);
+    // Exactly the capped worst case (far less than the default's): the run starts, and its call's reservation passes too.
+    await grant(owner, '0.5');
+    fake.script('fake-capped', { text: 'Hi.', usage: { prompt_tokens: 3, completion_tokens: 2 } });
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'hello' });
+    expect(await waitForRun(ctx.app, owner.headers, run.id, ['completed', 'failed'])).toMatchObject({ status: 'completed', cost: '2' });
+    expect(fake.requestsFor('fake-capped').map((r) => r.body.max_tokens)).toEqual([10]);
+  });
+
   it('a later step the credits cannot cover fails the run with "not enough credits"; a tool without an implementation answers the model with an error', async () => {
     const owner = await createUser(ctx.app);
     await createAgent(ctx.app, owner.headers, { model: 'fake-billed', max_output_tokens: 10, tools: ['knowledge_search'], is_default: true });

@@ -2,6 +2,7 @@
  * The non-stream answer and the stream's usage chunk are written from templates: they must be what
  * JSON.stringify of the equivalent object writes, byte for byte, whatever the model said.
  */
+import pino from 'pino';
 import { describe, expect, it } from 'vitest';
 
 import type { ChatResult, StreamEvent, TokenUsage, ToolCall } from '../../src/modules/ai-models/index.js';
@@ -97,7 +98,7 @@ describe('the stream usage chunk', () => {
     const r = result({ model: 'ünïcode "model"', usage: { input: 5, output: 3, cached_input: 2, cache_write: 0, reasoning: 1 } });
     const events: AsyncIterator<StreamEvent> = { next: () => Promise.resolve({ done: true, value: undefined }) };
     let body = '';
-    for await (const frame of completionChunks(events, { done: false, value: { type: 'finish', result: r } }, r.model, true)) body += frame;
+    for await (const frame of completionChunks(events, { done: false, value: { type: 'finish', result: r } }, r.model, true, pino({ level: 'silent' }))) body += frame;
     const frames = body.split('\n\n').filter(Boolean);
     const usageFrame = frames.at(-2)!.replace(/^data: /, '');
     const { id, created } = JSON.parse(usageFrame) as { id: string; created: number };

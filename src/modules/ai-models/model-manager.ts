@@ -526,6 +526,16 @@ export class ModelManager {
 
   // ---------- Calls ----------
 
+  /**
+   * A call's worst case on `model` as its reservation holds it: its output tokens (also sent
+   * upstream as its maximum) and their cost with `inputTokens` in. Public so that a check made
+   * ahead of a call (a run's start) asks for exactly what the call's reservation will.
+   */
+  worstCase(model: ModelInfo, inputTokens: number, maxOutputTokens: number | undefined): { outputTokens: number; cost: string } {
+    const outputTokens = this.outputTokens(model, maxOutputTokens);
+    return { outputTokens, cost: estimateCost(model.pricing, inputTokens, outputTokens) };
+  }
+
   async chat(request: ChatRequest): Promise<ChatResult> {
     const started = performance.now();
     return this.run(request, request.signal, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
@@ -559,7 +569,7 @@ export class ModelManager {
     const messages = wireMessages(request.system, request.messages);
     if (!messages) return undefined;
     // The SDK's checks of the settings (integers, ranges), so both paths refuse the same input.
-    const settings = prepareCallSettings({ maxOutputTokens: request.maxOutputTokens ?? this.defaultOutputTokens(model), temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences });
+    const settings = prepareCallSettings({ maxOutputTokens: this.outputTokens(model, request.maxOutputTokens), temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences });
     const format = request.responseFormat;
     return {
       wire,
@@ -622,7 +632,7 @@ export class ModelManager {
     });
     const format = request.responseFormat;
     return {
-      ...prepareCallSettings({ maxOutputTokens: request.maxOutputTokens ?? this.defaultOutputTokens(model), temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences }),
+      ...prepareCallSettings({ maxOutputTokens: this.outputTokens(model, request.maxOutputTokens), temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences }),
       responseFormat: format && { type: 'json' as const, schema: format.schema, name: format.name, description: format.description },
       prompt,
       providerOptions: request.providerOptions,
@@ -798,7 +808,7 @@ export class ModelManager {
       system: request.system,
       tools: request.tools,
       toolChoice: request.toolChoice,
-      maxOutputTokens: request.maxOutputTokens ?? this.defaultOutputTokens(model),
+      maxOutputTokens: this.outputTokens(model, request.maxOutputTokens),
       temperature: request.temperature,
       topP: request.topP,
       stopSequences: request.stopSequences,
@@ -863,15 +873,15 @@ export class ModelManager {
     let lastError: Error | undefined;
     for (const model of chain) {
       if (signal?.aborted) throw new ModelCallAbortedError();
-      // What the call sends upstream as its maximum (see defaultOutputTokens): the estimate's worst case.
-      const outputTokens = operation === 'embed' ? 0 : (maxOutputTokens ?? this.defaultOutputTokens(model));
+      // What the call sends upstream as its maximum (see outputTokens): the estimate's worst case.
+      const worst = this.worstCase(model, inputTokens, operation === 'embed' ? 0 : maxOutputTokens);
       const estimate: CostEstimate = {
         operation,
         model: model.id,
         provider: model.provider,
         input_tokens: inputTokens,
-        max_output_tokens: outputTokens,
-        cost: estimateCost(model.pricing, inputTokens, outputTokens),
+        max_output_tokens: worst.outputTokens,
+        cost: worst.cost,
         context: request.context ?? {},
         fallback: model !== primary,
       };
@@ -947,8 +957,9 @@ export class ModelManager {
     throw lastError ?? new UpstreamError('No model answered');
   }
 
-  /** The output tokens of a call that sets no maximum: the default, or the model's own limit when smaller. */
-  private defaultOutputTokens(model: ModelInfo): number {
+  /** A call's output tokens: its own maximum, else the default, or the model's own limit when smaller. */
+  private outputTokens(model: ModelInfo, maxOutputTokens: number | undefined): number {
+    if (maxOutputTokens !== undefined) return maxOutputTokens;
     const own = model.max_output_tokens;
     const fallback = this.options.defaultMaxOutputTokens;
     return own !== null && own < fallback ? own : fallback;
