@@ -194,7 +194,7 @@ export interface ModelManagerOptions {
   /**
    * The most an answer may carry (MODEL_MAX_RESPONSE_BYTES): a streamed answer's text, reasoning
    * and tool-call input together, in characters; on the wire also a non-streamed body, in bytes, and
-   * one event of a stream.
+   * one event of a stream (the SDK's providers are given the same limit: ProviderRegistry).
    */
   maxResponseBytes: number;
   maxRetries: number;
@@ -408,9 +408,10 @@ function retryAfterMs(headers: Record<string, string> | undefined): number | und
   return Number.isNaN(date) ? undefined : Math.max(0, date - Date.now());
 }
 
-function findApiCallError(error: unknown): APICallError | undefined {
+/** The first error of `error`'s chain (itself, then the SDK's `lastError`s and causes) that `is` accepts. */
+function findInChain<E>(error: unknown, is: (e: unknown) => e is E): E | undefined {
   for (let e: unknown = error, depth = 0; e && depth < 5; depth += 1) {
-    if (APICallError.isInstance(e)) return e;
+    if (is(e)) return e;
     const next = (e as { lastError?: unknown; cause?: unknown }).lastError ?? (e as { cause?: unknown }).cause;
     if (next === e) break;
     e = next;
@@ -418,15 +419,20 @@ function findApiCallError(error: unknown): APICallError | undefined {
   return undefined;
 }
 
+const isApiCallError = (e: unknown): e is APICallError => APICallError.isInstance(e);
+const isAnswerLimit = (e: unknown): e is ModelAnswerLimitError => e instanceof ModelAnswerLimitError;
+
 function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undefined, timeoutMs: number): Classified {
   if (caller?.aborted) return { kind: 'aborted' };
   if (attempt.aborted && attempt.reason instanceof AttemptTimeout) {
     return { kind: 'retryable', error: new ModelTimeoutError(timeoutMs) };
   }
-  // The stream's deadline or the answer's size: the call ends here.
-  if (error instanceof ModelAnswerLimitError) return { kind: 'fatal', error };
+  // The stream's deadline or the answer's size: the call ends here. On the SDK's path the size
+  // limit (answer-limit.ts) errors the response body, which the SDK wraps in an APICallError.
+  const limit = findInChain(error, isAnswerLimit);
+  if (limit) return { kind: 'fatal', error: limit };
   if (attempt.aborted && attempt.reason instanceof ModelAnswerLimitError) return { kind: 'fatal', error: attempt.reason };
-  const apiError = findApiCallError(error);
+  const apiError = findInChain(error, isApiCallError);
   if (apiError) {
     const status = apiError.statusCode;
     const message = `Upstream ${status ?? 'connection'} error: ${apiError.message}`;
