@@ -497,6 +497,27 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
     expect(server.log).toHaveLength(1);
   });
 
+  it('tool-call input the SDK assembles from a stream is not held past the limit either (provider model, SDK with tools)', async () => {
+    const sse = (chunk: unknown) => `data: ${JSON.stringify(chunk)}\n\n`;
+    const piece = (args: string) => sse({ choices: [{ index: 0, delta: { tool_calls: [{ index: 0, id: 'call_1', type: 'function', function: { name: 'lookup', arguments: args } }] }, finish_reason: null }] });
+    for (const [path, extra] of NAMED.slice(1)) {
+      server.reset();
+      // Each event well within the limit, their input together four times past it, and no end.
+      server.script('fake-chat', { rawBody: piece('{"q":"') + piece('x'.repeat(16 * 1024)).repeat(16), holdOpen: true });
+      const started = Date.now();
+      const failure = await failureOf(
+        (async () => {
+          for await (const event of limited().stream({ model: 'fake-chat', messages: hello, ...extra })) void event;
+        })(),
+      );
+      expect(failure, path).toBeInstanceOf(ModelAnswerLimitError);
+      expect(failure, path).toMatchObject({ statusCode: 502, detail: `The model's answer exceeded ${LIMIT} characters` });
+      expect(Date.now() - started, path).toBeLessThan(1_000); // the attempt's timeout is 2 s
+      await server.waitFor((log) => log[0]?.aborted === true, 1_000);
+      expect(server.log, path).toHaveLength(1);
+    }
+  });
+
   it("the caller's abort still reaches the upstream through the limited fetch, before the answer and mid-stream (provider model, SDK with tools)", async () => {
     for (const [path, extra] of NAMED.slice(1)) {
       server.reset();

@@ -287,6 +287,8 @@ function answer(text: string, reasoningText: string | undefined, toolCalls: Tool
 /** A streamed call's parts as the stream loop reads them, from either source (see streamSource). */
 type StreamPart =
   | { type: 'text-delta' | 'reasoning-delta'; text: string }
+  /** A piece of a tool call's input the SDK is assembling (the call itself comes whole later). */
+  | { type: 'tool-input'; chars: number }
   | { type: 'tool-call'; toolCall: ToolCall }
   | { type: 'finish'; finishReason: string; usage: TokenUsage | undefined }
   /** Anything else upstream sent: the stream is alive. */
@@ -667,6 +669,7 @@ export class ModelManager {
       let reasoning = '';
       const toolCalls: ToolCall[] = [];
       let finishReason = 'unknown';
+      let toolInputChars = 0;
       const seen = (chars: number) => {
         attempt.touch();
         answering = model.id;
@@ -689,6 +692,11 @@ export class ModelManager {
           seen(estimateTokens(part.toolCall.input) * CHARS_PER_TOKEN);
           toolCalls.push(part.toolCall);
           push(part);
+        } else if (part.type === 'tool-input') {
+          attempt.touch();
+          // Input the SDK holds until its tool call is whole (which `seen` then counts as output):
+          // limited on its own as it grows, as the wire limits what it assembles.
+          if ((toolInputChars += part.chars) > maxChars) throw attempt.fail(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`));
         } else if (part.type === 'finish') {
           finishReason = part.finishReason;
           state.usage = part.usage;
@@ -772,7 +780,8 @@ export class ModelManager {
           for await (const part of stream) {
             if (part.type === 'text-delta' || part.type === 'reasoning-delta') {
               if (part.delta) yield { type: part.type, text: part.delta };
-            } else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: undeclaredToolCall(part) };
+            } else if (part.type === 'tool-input-delta') yield { type: 'tool-input', chars: part.delta.length };
+            else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: undeclaredToolCall(part) };
             else if (part.type === 'finish') yield { type: 'finish', finishReason: part.finishReason.unified, usage: toTokenUsage(asLanguageModelUsage(part.usage)) };
             else if (part.type === 'error') throw part.error;
             else yield PROGRESS;
@@ -786,6 +795,7 @@ export class ModelManager {
       parts: (async function* () {
         for await (const part of sdk.fullStream) {
           if (part.type === 'text-delta' || part.type === 'reasoning-delta') yield { type: part.type, text: part.text };
+          else if (part.type === 'tool-input-delta') yield { type: 'tool-input', chars: part.delta.length };
           else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: { toolCallId: part.toolCallId, toolName: part.toolName, input: part.input as unknown } };
           else if (part.type === 'finish') yield { type: 'finish', finishReason: part.finishReason, usage: toTokenUsage(part.totalUsage) };
           else if (part.type === 'error') throw part.error;
