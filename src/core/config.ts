@@ -148,8 +148,8 @@ export const SettingsSchema = z.object({
   MODEL_STREAM_TIMEOUT_MS: int(1_000, 86_400_000).default(600_000),
   /**
    * The most an answer may carry: a streamed answer's text, reasoning and tool-call input together
-   * (characters); an openai-compatible provider's non-streamed body (bytes) and each stream event
-   * (characters). Past it the answer is not read further: an upstream error (502).
+   * (characters); a non-streamed body, chat or embeddings, of any provider (bytes) and each stream
+   * event. Past it the answer is not read further: an upstream error (502) naming the limit.
    */
   MODEL_MAX_RESPONSE_BYTES: int(1_024, 1_073_741_824).default(16_777_216),
   MODEL_MAX_RETRIES: int(0, 10).default(2),

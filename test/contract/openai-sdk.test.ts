@@ -578,6 +578,32 @@ describe('the call path behind /v1', () => {
     expect(texts.join('')).toBe('Hi');
   });
 
+  it('answers an upstream answer past MODEL_MAX_RESPONSE_BYTES (tools and embeddings: the AI SDK\'s path) with 502 naming the limit, closes its request, records the call as an error', async () => {
+    const owner = await createUser(ctx.app);
+    const own = clientWith((await createKey(ctx.app, owner)).key);
+    const limit = ctx.app.settings.MODEL_MAX_RESPONSE_BYTES;
+    const message = `The model's answer exceeded ${limit} bytes`;
+    // Four times the limit in whitespace: JSON the SDK would have read whole and parsed.
+    const padBytes = 4 * limit;
+    fake.script('fake-chat', { text: 'Hi', padBytes });
+    const chat = await apiError(own.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], tools: [{ type: 'function', function: { name: 'lookup', parameters: { type: 'object', properties: {} } } }] }));
+    expect(chat.status).toBe(502);
+    expect(chat.error).toEqual({ message, type: 'server_error', param: null, code: 'upstream_error' });
+    fake.script('fake-embed', { padBytes });
+    const embed = await apiError(own.embeddings.create({ model: 'fake-embed', input: 'alpha' }));
+    expect(embed.status).toBe(502);
+    expect(embed.error).toEqual({ message, type: 'server_error', param: null, code: 'upstream_error' });
+    await fake.waitFor((log) => log.length === 2 && log.every((r) => r.aborted));
+    // What was read, and at most what the sockets' buffers hold beyond it (a few MiB on loopback).
+    expect(fake.log.map((r) => r.bodyBytesSent < padBytes / 2)).toEqual([true, true]);
+    await ctx.app.meter.idle();
+    const rows = await ctx.app.db.select({ model: usageRecords.model, status: usageRecords.status, error: usageRecords.error }).from(usageRecords).where(eq(usageRecords.owner_id, owner.user.id));
+    expect(rows.sort((a, b) => a.model.localeCompare(b.model))).toEqual([
+      { model: 'fake-chat', status: 'error', error: message },
+      { model: 'fake-embed', status: 'error', error: message },
+    ]);
+  });
+
   it('a stream the upstream cut off (no finish_reason, no [DONE]) ends with an error event, not finish_reason stop', async () => {
     const chunk = { id: 'x', object: 'chat.completion.chunk', created: 1, model: 'fake-chat', choices: [{ index: 0, delta: { content: 'The answer is' }, finish_reason: null }] };
     fake.script('fake-chat', { rawBody: `data: ${JSON.stringify(chunk)}\n\n` });

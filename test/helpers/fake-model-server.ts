@@ -2,8 +2,8 @@
  * A fake OpenAI-compatible model server on 127.0.0.1 for tests: `/v1/chat/completions` (plain and
  * SSE), `/v1/embeddings`, `/v1/models`. Replies are scripted per model (a queue; when it is empty the
  * default reply answers). Faults: any status (429 with retry-after, 500...), hangs, dropped
- * connections (before or during a stream), bodies sent as they are, connections held open after the
- * answer. Every request is logged with its body and whether the client aborted it.
+ * connections (before or during a stream), bodies sent as they are, huge answers (`padBytes`),
+ * connections held open after the answer. Every request is logged with its body and whether the client aborted it.
  */
 import { createHash } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
@@ -47,6 +47,12 @@ export interface ScriptedReply {
   rawBody?: string;
   /** After the answer (a stream's `[DONE]` included), keep the connection open: for good, or this many ms before ending the response. */
   holdOpen?: true | number;
+  /**
+   * A non-streamed answer (chat or embeddings) this many bytes longer: JSON whitespace after its
+   * opening brace, written in pieces only as fast as the client reads them, and no more once it has
+   * gone — a huge answer that a client reading it whole would have to hold (see `bodyBytesSent`).
+   */
+  padBytes?: number;
 }
 
 export interface LoggedRequest {
@@ -64,6 +70,8 @@ export interface LoggedRequest {
   completed: boolean;
   /** Stream chunks written before the end or the abort. */
   chunksSent: number;
+  /** Bytes of a padded answer's body written before its end or the abort (`padBytes`). */
+  bodyBytesSent: number;
 }
 
 export const EMBEDDING_DIMENSIONS = 8;
@@ -204,6 +212,7 @@ export class FakeModelServer {
       aborted: false,
       completed: false,
       chunksSent: 0,
+      bodyBytesSent: 0,
     };
     this.log.push(entry);
     res.on('close', () => {
@@ -232,6 +241,7 @@ export class FakeModelServer {
     if (path !== '/v1/chat/completions') return this.json(res, entry, 404, { error: { message: 'not found' } });
     if (reply.rawBody !== undefined) return this.raw(res, entry, reply);
     if (entry.stream) return this.streamChat(res, entry, body, reply);
+    if (reply.padBytes) return this.padded(res, entry, this.completion(entry.model, reply), reply.padBytes);
     return this.json(res, entry, 200, this.completion(entry.model, reply));
   }
 
@@ -239,6 +249,37 @@ export class FakeModelServer {
     entry.reply = status;
     res.writeHead(status, { 'content-type': 'application/json', ...headers });
     res.end(JSON.stringify(payload), () => {
+      entry.completed = true;
+      this.changed();
+    });
+  }
+
+  /** `payload` with `padBytes` of whitespace after its `{`, written as the client reads (no content-length: chunked). */
+  private async padded(res: ServerResponse, entry: LoggedRequest, payload: unknown, padBytes: number): Promise<void> {
+    const PIECE = 64 * 1024;
+    entry.reply = 200;
+    res.writeHead(200, { 'content-type': 'application/json' });
+    const text = JSON.stringify(payload);
+    const write = async (data: string) => {
+      entry.bodyBytesSent += Buffer.byteLength(data);
+      // Back-pressure: wait until the client took what was sent (or went away).
+      if (res.write(data)) return;
+      await new Promise<void>((resolve) => {
+        const go = () => {
+          res.off('drain', go);
+          res.off('close', go);
+          resolve();
+        };
+        res.on('drain', go);
+        res.on('close', go);
+      });
+    };
+    await write('{');
+    const spaces = ' '.repeat(PIECE);
+    for (let left = padBytes; left > 0 && !entry.aborted && !res.destroyed; left -= PIECE) await write(left >= PIECE ? spaces : spaces.slice(0, left));
+    if (entry.aborted || res.destroyed) return;
+    res.end(text.slice(1), () => {
+      entry.bodyBytesSent += Buffer.byteLength(text) - 1;
       entry.completed = true;
       this.changed();
     });
@@ -330,11 +371,13 @@ export class FakeModelServer {
   private embeddings(res: ServerResponse, entry: LoggedRequest, body: Record<string, unknown>, reply: ScriptedReply): void {
     const input = Array.isArray(body.input) ? (body.input as string[]) : [String(body.input)];
     const tokens = input.reduce((n, text) => n + Math.ceil(text.length / 4), 0);
-    this.json(res, entry, 200, {
+    const payload = {
       object: 'list',
       model: entry.model,
       data: input.map((text, index) => ({ object: 'embedding', index, embedding: entry.model === LEXICAL_EMBEDDING_MODEL ? lexicalEmbedding(text) : fakeEmbedding(text) })),
       usage: reply.usage === null ? undefined : { prompt_tokens: tokens, total_tokens: tokens },
-    });
+    };
+    if (reply.padBytes) return void this.padded(res, entry, payload, reply.padBytes);
+    this.json(res, entry, 200, payload);
   }
 }

@@ -20,10 +20,12 @@ export interface FakeManagerOptions {
  * is the fake model server, metered into `records`, with short timeouts and retry waits for tests.
  */
 export function fakeModelManager(server: FakeModelServer, options: FakeManagerOptions): ModelManager {
+  // One limit for the manager and the SDK providers' fetch, as createModelManager gives both.
+  const maxResponseBytes = options.overrides?.maxResponseBytes ?? 16_777_216;
   return new ModelManager({
     catalog: new ModelCatalog(options.builtins ?? [], options.models),
     providers: new ProviderRegistry(
-      { OPENAI_API_KEY: options.openaiKey, OPENAI_BASE_URL: server.url, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined },
+      { OPENAI_API_KEY: options.openaiKey, OPENAI_BASE_URL: server.url, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined, MODEL_MAX_RESPONSE_BYTES: maxResponseBytes },
       [{ id: 'fake', kind: 'openai-compatible', base_url: server.url, api_key: 'fake-key', headers: { 'x-team': 'keel' } }],
     ),
     meter: usageCallback((record) => {
@@ -31,7 +33,7 @@ export function fakeModelManager(server: FakeModelServer, options: FakeManagerOp
     }),
     timeoutMs: 2_000,
     streamTimeoutMs: 600_000,
-    maxResponseBytes: 16_777_216,
+    maxResponseBytes,
     maxRetries: 2,
     retryMaxWaitMs: 1_000,
     retryBaseDelayMs: 10,

@@ -407,6 +407,144 @@ describe('ModelManager.stream limits', () => {
   });
 });
 
+describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_RESPONSE_BYTES)", () => {
+  const LIMIT = 64 * 1024;
+  /** Far past the limit: what a client reading it whole would hold. */
+  const PAD = 32 * 1024 * 1024;
+  const EXCEEDED = `The model's answer exceeded ${LIMIT} bytes`;
+  /** The wire, the provider model directly (provider options), the SDK (tools): named for the messages. */
+  const NAMED: [string, Partial<ChatRequest>][] = [
+    ['wire', PATHS[0]!],
+    ['provider model', PATHS[1]!],
+    ['SDK with tools', PATHS[2]!],
+  ];
+  const limited = () => manager({ maxResponseBytes: LIMIT });
+  const failureOf = (call: Promise<unknown>) =>
+    call.then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+
+  it('a chat answer past the limit ends the call: 502 naming the limit, unretried, no fallback, its connection closed, metered as an error', async () => {
+    for (const [path, extra] of NAMED) {
+      server.reset();
+      records = [];
+      server.script('fake-chat', { text: 'Hi', padBytes: PAD });
+      const failure = await failureOf(limited().chat({ model: 'fake-chat', messages: hello, ...extra }));
+      expect(failure, path).toBeInstanceOf(ModelAnswerLimitError);
+      expect(failure, path).toMatchObject({ statusCode: 502, detail: EXCEEDED });
+      await server.waitFor((log) => log[0]?.aborted === true, 2_000);
+      expect(server.log, path).toHaveLength(1); // fake-chat's fallback is not tried either
+      // Read no further than the limit: what was sent beyond it sits in the sockets' buffers at most.
+      expect(server.log[0]!.bodyBytesSent, path).toBeLessThan(PAD / 4);
+      expect(await settled(1), path).toMatchObject([{ operation: 'chat', model: 'fake-chat', status: 'error', error: EXCEEDED, attempts: 1 }]);
+    }
+  });
+
+  it('an answer that announces its length past the limit is refused the same (SDK with tools)', async () => {
+    const completion = JSON.stringify({ id: 'x', object: 'chat.completion', created: 1, model: 'fake-chat', choices: [{ index: 0, message: { role: 'assistant', content: 'x'.repeat(2 * LIMIT) }, finish_reason: 'stop' }] });
+    server.script('fake-chat', { rawBody: completion });
+    const failure = await failureOf(limited().chat({ model: 'fake-chat', messages: hello, tools }));
+    expect(failure).toMatchObject({ statusCode: 502, detail: EXCEEDED });
+    expect(server.log).toHaveLength(1);
+  });
+
+  it('an embeddings answer past the limit: the same', async () => {
+    server.script('fake-embed', { padBytes: PAD });
+    const failure = await failureOf(limited().embed({ model: 'fake-embed', values: ['hello'] }));
+    expect(failure).toBeInstanceOf(ModelAnswerLimitError);
+    expect(failure).toMatchObject({ statusCode: 502, detail: EXCEEDED });
+    await server.waitFor((log) => log[0]?.aborted === true, 2_000);
+    expect(server.log).toHaveLength(1);
+    expect(server.log[0]!.bodyBytesSent).toBeLessThan(PAD / 4);
+    expect(await settled(1)).toMatchObject([{ operation: 'embed', status: 'error', error: EXCEEDED }]);
+  });
+
+  it('answers within the limit come through whole on every path, embeddings too', async () => {
+    for (const [path, extra] of NAMED) {
+      server.script('fake-chat', { text: 'Hi', padBytes: LIMIT / 2 });
+      expect((await limited().chat({ model: 'fake-chat', messages: hello, ...extra })).text, path).toBe('Hi');
+    }
+    server.script('fake-embed', { padBytes: LIMIT / 2 });
+    expect((await limited().embed({ model: 'fake-embed', values: ['hello'] })).embeddings).toEqual([fakeEmbedding('hello')]);
+    expect(server.log.every((r) => r.completed && !r.aborted)).toBe(true);
+  });
+
+  it('a stream is not capped by its bytes (its framing is most of them): an answer whose text is within the limit comes through (SDK with tools)', async () => {
+    const pieces = Array.from({ length: 400 }, (_, i) => `w${i % 10} `);
+    server.script('fake-chat', { chunks: pieces });
+    const small = 4_096;
+    const texts: string[] = [];
+    const stream = manager({ maxResponseBytes: small }).stream({ model: 'fake-chat', messages: hello, tools });
+    for await (const event of stream) if (event.type === 'text-delta') texts.push(event.text);
+    expect(texts.join('')).toBe(pieces.join(''));
+    expect(texts.join('').length).toBeLessThan(small);
+    expect(server.log[0]!.chunksSent * 100).toBeGreaterThan(small); // each event is far more than its text
+  });
+
+  it('a stream event that does not end is not held past the limit (the SDK would assemble it): 502 at once, the connection closed', async () => {
+    server.script('fake-chat', { rawBody: `data: {"choices":[{"index":0,"delta":{"content":"${'x'.repeat(1024 * 1024)}`, holdOpen: true });
+    const started = Date.now();
+    const failure = await failureOf(
+      (async () => {
+        for await (const event of limited().stream({ model: 'fake-chat', messages: hello, tools })) void event;
+      })(),
+    );
+    expect(failure).toBeInstanceOf(ModelAnswerLimitError);
+    expect(failure).toMatchObject({ statusCode: 502, detail: EXCEEDED });
+    expect(Date.now() - started).toBeLessThan(1_000); // the attempt's timeout is 2 s
+    await server.waitFor((log) => log[0]?.aborted === true, 1_000);
+    expect(server.log).toHaveLength(1);
+  });
+
+  it('tool-call input the SDK assembles from a stream is not held past the limit either (provider model, SDK with tools)', async () => {
+    const sse = (chunk: unknown) => `data: ${JSON.stringify(chunk)}\n\n`;
+    const piece = (args: string) => sse({ choices: [{ index: 0, delta: { tool_calls: [{ index: 0, id: 'call_1', type: 'function', function: { name: 'lookup', arguments: args } }] }, finish_reason: null }] });
+    for (const [path, extra] of NAMED.slice(1)) {
+      server.reset();
+      // Each event well within the limit, their input together four times past it, and no end.
+      server.script('fake-chat', { rawBody: piece('{"q":"') + piece('x'.repeat(16 * 1024)).repeat(16), holdOpen: true });
+      const started = Date.now();
+      const failure = await failureOf(
+        (async () => {
+          for await (const event of limited().stream({ model: 'fake-chat', messages: hello, ...extra })) void event;
+        })(),
+      );
+      expect(failure, path).toBeInstanceOf(ModelAnswerLimitError);
+      expect(failure, path).toMatchObject({ statusCode: 502, detail: `The model's answer exceeded ${LIMIT} characters` });
+      expect(Date.now() - started, path).toBeLessThan(1_000); // the attempt's timeout is 2 s
+      await server.waitFor((log) => log[0]?.aborted === true, 1_000);
+      expect(server.log, path).toHaveLength(1);
+    }
+  });
+
+  it("the caller's abort still reaches the upstream through the limited fetch, before the answer and mid-stream (provider model, SDK with tools)", async () => {
+    for (const [path, extra] of NAMED.slice(1)) {
+      server.reset();
+      server.script('fake-chat', { hang: true });
+      const controller = new AbortController();
+      setTimeout(() => controller.abort(), 100);
+      expect(await failureOf(limited().chat({ model: 'fake-chat', messages: hello, signal: controller.signal, ...extra })), path).toBeInstanceOf(ModelCallAbortedError);
+      await server.waitFor((log) => log[0]?.aborted === true, 1_000);
+
+      server.reset();
+      server.script('fake-chat', { chunks: Array.from({ length: 50 }, (_, i) => `w${i} `), chunkDelayMs: 30 });
+      const midway = new AbortController();
+      let seen = 0;
+      const failure = await failureOf(
+        (async () => {
+          for await (const event of limited().stream({ model: 'fake-chat', messages: hello, signal: midway.signal, ...extra })) {
+            if (event.type === 'text-delta' && ++seen === 3) midway.abort();
+          }
+        })(),
+      );
+      expect(failure, path).toBeInstanceOf(ModelCallAbortedError);
+      await server.waitFor((log) => log[0]?.aborted === true, 1_000);
+      expect(server.log[0]!.chunksSent, path).toBeLessThan(50);
+    }
+  });
+});
+
 describe('ModelManager.embed', () => {
   it('returns the deterministic embeddings with usage and cost', async () => {
     const result = await manager().embed({ model: 'fake-embed', values: ['hello world', 'keel'] });

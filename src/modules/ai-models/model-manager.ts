@@ -194,7 +194,7 @@ export interface ModelManagerOptions {
   /**
    * The most an answer may carry (MODEL_MAX_RESPONSE_BYTES): a streamed answer's text, reasoning
    * and tool-call input together, in characters; on the wire also a non-streamed body, in bytes, and
-   * one event of a stream.
+   * one event of a stream (the SDK's providers are given the same limit: ProviderRegistry).
    */
   maxResponseBytes: number;
   maxRetries: number;
@@ -287,6 +287,8 @@ function answer(text: string, reasoningText: string | undefined, toolCalls: Tool
 /** A streamed call's parts as the stream loop reads them, from either source (see streamSource). */
 type StreamPart =
   | { type: 'text-delta' | 'reasoning-delta'; text: string }
+  /** A piece of a tool call's input the SDK is assembling (the call itself comes whole later). */
+  | { type: 'tool-input'; chars: number }
   | { type: 'tool-call'; toolCall: ToolCall }
   | { type: 'finish'; finishReason: string; usage: TokenUsage | undefined }
   /** Anything else upstream sent: the stream is alive. */
@@ -408,9 +410,10 @@ function retryAfterMs(headers: Record<string, string> | undefined): number | und
   return Number.isNaN(date) ? undefined : Math.max(0, date - Date.now());
 }
 
-function findApiCallError(error: unknown): APICallError | undefined {
+/** The first error of `error`'s chain (itself, then the SDK's `lastError`s and causes) that `is` accepts. */
+function findInChain<E>(error: unknown, is: (e: unknown) => e is E): E | undefined {
   for (let e: unknown = error, depth = 0; e && depth < 5; depth += 1) {
-    if (APICallError.isInstance(e)) return e;
+    if (is(e)) return e;
     const next = (e as { lastError?: unknown; cause?: unknown }).lastError ?? (e as { cause?: unknown }).cause;
     if (next === e) break;
     e = next;
@@ -418,15 +421,20 @@ function findApiCallError(error: unknown): APICallError | undefined {
   return undefined;
 }
 
+const isApiCallError = (e: unknown): e is APICallError => APICallError.isInstance(e);
+const isAnswerLimit = (e: unknown): e is ModelAnswerLimitError => e instanceof ModelAnswerLimitError;
+
 function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undefined, timeoutMs: number): Classified {
   if (caller?.aborted) return { kind: 'aborted' };
   if (attempt.aborted && attempt.reason instanceof AttemptTimeout) {
     return { kind: 'retryable', error: new ModelTimeoutError(timeoutMs) };
   }
-  // The stream's deadline or the answer's size: the call ends here.
-  if (error instanceof ModelAnswerLimitError) return { kind: 'fatal', error };
+  // The stream's deadline or the answer's size: the call ends here. On the SDK's path the size
+  // limit (answer-limit.ts) errors the response body, which the SDK wraps in an APICallError.
+  const limit = findInChain(error, isAnswerLimit);
+  if (limit) return { kind: 'fatal', error: limit };
   if (attempt.aborted && attempt.reason instanceof ModelAnswerLimitError) return { kind: 'fatal', error: attempt.reason };
-  const apiError = findApiCallError(error);
+  const apiError = findInChain(error, isApiCallError);
   if (apiError) {
     const status = apiError.statusCode;
     const message = `Upstream ${status ?? 'connection'} error: ${apiError.message}`;
@@ -671,6 +679,7 @@ export class ModelManager {
       let reasoning = '';
       const toolCalls: ToolCall[] = [];
       let finishReason = 'unknown';
+      let toolInputChars = 0;
       const seen = (chars: number) => {
         attempt.touch();
         answering = model.id;
@@ -693,6 +702,11 @@ export class ModelManager {
           seen(estimateTokens(part.toolCall.input) * CHARS_PER_TOKEN);
           toolCalls.push(part.toolCall);
           push(part);
+        } else if (part.type === 'tool-input') {
+          attempt.touch();
+          // Input the SDK holds until its tool call is whole (which `seen` then counts as output):
+          // limited on its own as it grows, as the wire limits what it assembles.
+          if ((toolInputChars += part.chars) > maxChars) throw attempt.fail(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`));
         } else if (part.type === 'finish') {
           finishReason = part.finishReason;
           state.usage = part.usage;
@@ -776,7 +790,8 @@ export class ModelManager {
           for await (const part of stream) {
             if (part.type === 'text-delta' || part.type === 'reasoning-delta') {
               if (part.delta) yield { type: part.type, text: part.delta };
-            } else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: undeclaredToolCall(part) };
+            } else if (part.type === 'tool-input-delta') yield { type: 'tool-input', chars: part.delta.length };
+            else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: undeclaredToolCall(part) };
             else if (part.type === 'finish') yield { type: 'finish', finishReason: part.finishReason.unified, usage: toTokenUsage(asLanguageModelUsage(part.usage)) };
             else if (part.type === 'error') throw part.error;
             else yield PROGRESS;
@@ -790,6 +805,7 @@ export class ModelManager {
       parts: (async function* () {
         for await (const part of sdk.fullStream) {
           if (part.type === 'text-delta' || part.type === 'reasoning-delta') yield { type: part.type, text: part.text };
+          else if (part.type === 'tool-input-delta') yield { type: 'tool-input', chars: part.delta.length };
           else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: { toolCallId: part.toolCallId, toolName: part.toolName, input: part.input as unknown } };
           else if (part.type === 'finish') yield { type: 'finish', finishReason: part.finishReason, usage: toTokenUsage(part.totalUsage) };
           else if (part.type === 'error') throw part.error;

@@ -13,6 +13,7 @@ import type { Agent } from 'undici';
 import type { Settings } from '../../core/config.js';
 import { HttpError } from '../../core/errors.js';
 
+import { limitedFetch } from './answer-limit.js';
 import { ChatWire, wireDispatcher } from './chat-wire.js';
 import type { ProviderKind } from './types.js';
 
@@ -32,6 +33,9 @@ export type ProviderCredentialSettings = Pick<
   Settings,
   'OPENAI_API_KEY' | 'OPENAI_BASE_URL' | 'ANTHROPIC_API_KEY' | 'GOOGLE_GENERATIVE_AI_API_KEY'
 >;
+
+/** The credentials, and the most of an answer the SDK's providers may read (see answer-limit.ts). */
+export type ProviderSettings = ProviderCredentialSettings & Pick<Settings, 'MODEL_MAX_RESPONSE_BYTES'>;
 
 export interface ProviderStatus {
   available: boolean;
@@ -69,11 +73,12 @@ function isBuiltin(id: string): id is BuiltinId {
   return Object.hasOwn(BUILTIN_KEYS, id);
 }
 
-function create(record: ProviderRecord): SdkProvider {
+function create(record: ProviderRecord, fetch: typeof globalThis.fetch): SdkProvider {
   const common = {
     apiKey: record.api_key ?? undefined,
     baseURL: record.base_url ?? undefined,
     headers: record.headers ?? undefined,
+    fetch,
   };
   switch (record.kind) {
     case 'openai': {
@@ -95,6 +100,7 @@ function create(record: ProviderRecord): SdkProvider {
         baseURL: record.base_url ?? '',
         apiKey: record.api_key ?? undefined,
         headers: record.headers ?? undefined,
+        fetch,
         includeUsage: true,
         // `response_format: json_schema` as OpenAI's API defines it (vLLM, Ollama, LiteLLM, OpenRouter speak it).
         supportsStructuredOutputs: true,
@@ -115,11 +121,14 @@ export class ProviderRegistry {
   private readonly embeddingModels = new Map<string, EmbeddingModel>();
   private readonly wires = new Map<string, ChatWire | null>();
   private dispatcher: Agent | undefined;
+  /** Every SDK provider's fetch: the answer limit on what it reads. */
+  private readonly fetch: typeof globalThis.fetch;
 
   constructor(
-    private readonly settings: ProviderCredentialSettings,
+    private readonly settings: ProviderSettings,
     records: readonly ProviderRecord[] = [],
   ) {
+    this.fetch = limitedFetch(settings.MODEL_MAX_RESPONSE_BYTES);
     this.setRecords(records);
   }
 
@@ -164,7 +173,7 @@ export class ProviderRegistry {
     if (!status.available) throw new ProviderUnavailableError(id, status.reason ?? 'unavailable', status.missing);
     let client = this.clients.get(id);
     if (!client) {
-      client = create(this.resolve(id) as ProviderRecord);
+      client = create(this.resolve(id) as ProviderRecord, this.fetch);
       this.clients.set(id, client);
     }
     return client;

@@ -1,0 +1,111 @@
+/**
+ * The `fetch` the AI SDK's providers are given (providers.ts): it bounds what Keel reads of an
+ * answer, as the wire client does (chat-wire.ts). The SDK itself reads a non-streamed body whole,
+ * up to a fixed 2 GiB (provider-utils' `readResponseWithSizeLimit`), so an upstream that sends
+ * gigabytes — any `openai-compatible` base URL is one a superuser typed in — would otherwise be
+ * buffered. Past the limit the body errors with ModelAnswerLimitError (502, naming the limit) and
+ * its reading stops, which cancels the response and so closes the upstream connection; the
+ * manager finds the error inside the SDK's wrapping (see `classify`) and answers it as on the wire.
+ */
+import { ModelAnswerLimitError } from './errors.js';
+
+export const answerTooLong = (maxBytes: number): ModelAnswerLimitError => new ModelAnswerLimitError(502, `The model's answer exceeded ${maxBytes} bytes`);
+
+/**
+ * The request asked for a stream: Google's streaming method (in the URL), else a top-level
+ * `"stream": true` in the JSON body (OpenAI, openai-compatible, Anthropic). The body is parsed only
+ * when the text is in it: inside a JSON string a quote is escaped, so only a key can match, and a
+ * non-streamed call rarely has one — but a tool schema or a provider option may, hence the parse.
+ */
+function asksForStream(input: string | URL | Request, init: RequestInit | undefined): boolean {
+  const url = typeof input === 'string' ? input : input instanceof URL ? input.href : input.url;
+  if (url.includes(':streamGenerateContent')) return true;
+  const body = init?.body;
+  if (typeof body !== 'string' || !body.includes('"stream":true')) return false;
+  try {
+    return (JSON.parse(body) as { stream?: unknown }).stream === true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * A non-streamed body: it is read whole (the SDK's JSON handlers), so its total is what is held —
+ * counted as decoded (fetch undoes gzip), so a small compressed body that inflates counts in full.
+ */
+function totalLimit(maxBytes: number): TransformStream<Uint8Array, Uint8Array> {
+  let size = 0;
+  return new TransformStream({
+    transform(chunk, controller) {
+      if ((size += chunk.byteLength) > maxBytes) throw answerTooLong(maxBytes);
+      controller.enqueue(chunk);
+    },
+  });
+}
+
+const LF = 0x0a;
+const CR = 0x0d;
+
+/**
+ * A streamed body (server-sent events). Its total is not capped here: the JSON framing of each
+ * chunk is several times the text it carries, so a byte total would cut a long answer far below the
+ * limit's meaning, and a stream is long-lived by design — its text, reasoning and tool calls are
+ * counted against the limit by the manager as they arrive, and its time by MODEL_STREAM_TIMEOUT_MS.
+ * What that count cannot see is an event the SDK's SSE parser is still assembling (no text reaches
+ * the manager until it ends): an event that does not end would grow without bound. So each event
+ * (up to its empty line) may take at most `maxBytes`, as one event of the wire may.
+ */
+function eventLimit(maxBytes: number): TransformStream<Uint8Array, Uint8Array> {
+  /** Bytes since the last event ended: what the parser holds. */
+  let pending = 0;
+  let atLineStart = true;
+  let afterCR = false;
+  return new TransformStream({
+    transform(chunk, controller) {
+      // Line ends as SSE has them (CRLF, LF, CR); an empty line ends the event.
+      for (let i = 0; i < chunk.length; i++) {
+        const byte = chunk[i];
+        if (byte === LF && afterCR) {
+          afterCR = false; // CRLF: the line ended at its CR
+          continue;
+        }
+        afterCR = byte === CR;
+        if (byte === LF || byte === CR) {
+          if (atLineStart) {
+            pending = 0;
+            continue;
+          }
+          atLineStart = true;
+        } else {
+          atLineStart = false;
+        }
+        pending += 1;
+      }
+      if (pending > maxBytes) throw answerTooLong(maxBytes);
+      controller.enqueue(chunk);
+    },
+  });
+}
+
+/**
+ * `fetch` with the answer limit on the response's body. The request, its AbortSignal included,
+ * goes to the global fetch untouched; an abort errors the body as before (the limit's stream
+ * passes the error on).
+ */
+export function limitedFetch(maxBytes: number): typeof globalThis.fetch {
+  return async (input, init) => {
+    const response = await fetch(input, init);
+    const { body } = response;
+    if (!body) return response;
+    // An error answer is read whole (the SDK's error handlers), whatever was asked.
+    const stream = response.ok && asksForStream(input, init);
+    if (!stream && Number(response.headers.get('content-length')) > maxBytes) {
+      // Said up front: not a byte of it is read.
+      await body.cancel().catch(() => {});
+      throw answerTooLong(maxBytes);
+    }
+    // Erroring the transform cancels `body` (pipeThrough), which closes the upstream connection.
+    const limited = body.pipeThrough(stream ? eventLimit(maxBytes) : totalLimit(maxBytes));
+    return new Response(limited, { status: response.status, statusText: response.statusText, headers: response.headers });
+  };
+}
