@@ -149,7 +149,7 @@ export const SettingsSchema = z.object({
   /**
    * The most an answer may carry: a streamed answer's text, reasoning and tool-call input together
    * (characters); a non-streamed body, chat or embeddings, of any provider (bytes) and each stream
-   * event. Past it the answer is not read further: an upstream error (502) naming the limit.
+   * event. An embeddings answer may carry 128 KiB a vector asked for when that is more. Past it the answer is not read further: an upstream error (502) naming the limit.
    */
   MODEL_MAX_RESPONSE_BYTES: int(1_024, 1_073_741_824).default(16_777_216),
   MODEL_MAX_RETRIES: int(0, 10).default(2),

@@ -449,15 +449,27 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
     expect(server.log).toHaveLength(1);
   });
 
-  it('an embeddings answer past the limit: the same', async () => {
+  /** An embeddings answer may carry the limit or 128 KiB a vector asked for, whichever is more. */
+  const PER_VECTOR = 128 * 1024;
+
+  it('an embeddings answer past what its batch may carry: the same, the message naming that size', async () => {
     server.script('fake-embed', { padBytes: PAD });
     const failure = await failureOf(limited().embed({ model: 'fake-embed', values: ['hello'] }));
     expect(failure).toBeInstanceOf(ModelAnswerLimitError);
-    expect(failure).toMatchObject({ statusCode: 502, detail: EXCEEDED });
+    expect(failure).toMatchObject({ statusCode: 502, detail: `The model's answer exceeded ${PER_VECTOR} bytes` });
     await server.waitFor((log) => log[0]?.aborted === true, 2_000);
     expect(server.log).toHaveLength(1);
     expect(server.log[0]!.bodyBytesSent).toBeLessThan(PAD / 4);
-    expect(await settled(1)).toMatchObject([{ operation: 'embed', status: 'error', error: EXCEEDED }]);
+    expect(await settled(1)).toMatchObject([{ operation: 'embed', status: 'error', error: `The model's answer exceeded ${PER_VECTOR} bytes` }]);
+  });
+
+  it('an embeddings batch answers with more than the limit when its vectors need it (OpenAI takes 2,048 inputs of ~60 KB each as JSON), up to 128 KiB a vector', async () => {
+    const values = ['a', 'b', 'c', 'd'];
+    server.script('fake-embed', { padBytes: 3 * PER_VECTOR });
+    expect((await limited().embed({ model: 'fake-embed', values })).embeddings).toEqual(values.map((v) => fakeEmbedding(v)));
+    server.script('fake-embed', { padBytes: 5 * PER_VECTOR });
+    const failure = await failureOf(limited().embed({ model: 'fake-embed', values }));
+    expect(failure).toMatchObject({ statusCode: 502, detail: `The model's answer exceeded ${4 * PER_VECTOR} bytes` });
   });
 
   it('answers within the limit come through whole on every path, embeddings too', async () => {

@@ -18,8 +18,7 @@ export const answerTooLong = (maxBytes: number): ModelAnswerLimitError => new Mo
  * non-streamed call rarely has one — but a tool schema or a provider option may, hence the parse.
  */
 function asksForStream(input: string | URL | Request, init: RequestInit | undefined): boolean {
-  const url = typeof input === 'string' ? input : input instanceof URL ? input.href : input.url;
-  if (url.includes(':streamGenerateContent')) return true;
+  if (urlOf(input).includes(':streamGenerateContent')) return true;
   const body = init?.body;
   if (typeof body !== 'string' || !body.includes('"stream":true')) return false;
   try {
@@ -28,6 +27,35 @@ function asksForStream(input: string | URL | Request, init: RequestInit | undefi
     return false;
   }
 }
+
+/**
+ * What one vector of an embeddings answer may take beyond MODEL_MAX_RESPONSE_BYTES: the vectors
+ * come as JSON numbers (~20 bytes a dimension), so a batch the client may legitimately ask for
+ * (OpenAI takes 2,048 inputs; 3,072 dimensions are usual) answers with far more than one chat
+ * answer's limit. 128 KiB holds 4,096 dimensions at 32 bytes each; the answer stays bounded by what
+ * the request asked for.
+ */
+const EMBEDDING_ANSWER_BYTES = 128 * 1024;
+
+/**
+ * The vectors an embeddings request asks for (0 for any other request): OpenAI's and compatible
+ * servers' `/embeddings` (`input`, a list or one value), Google's `:batchEmbedContents`
+ * (`requests`) and `:embedContent` (one).
+ */
+function embeddingsAskedFor(url: string, init: RequestInit | undefined): number {
+  const path = url.split('?')[0]!;
+  if (path.endsWith(':embedContent')) return 1;
+  const batch = path.endsWith('/embeddings') ? 'input' : path.endsWith(':batchEmbedContents') ? 'requests' : undefined;
+  if (!batch || typeof init?.body !== 'string') return 0;
+  try {
+    const asked = (JSON.parse(init.body) as Record<string, unknown>)[batch];
+    return Array.isArray(asked) ? asked.length : 1;
+  } catch {
+    return 0;
+  }
+}
+
+const urlOf = (input: string | URL | Request): string => (typeof input === 'string' ? input : input instanceof URL ? input.href : input.url);
 
 /**
  * A non-streamed body: it is read whole (the SDK's JSON handlers), so its total is what is held —
@@ -99,13 +127,14 @@ export function limitedFetch(maxBytes: number): typeof globalThis.fetch {
     if (!body) return response;
     // An error answer is read whole (the SDK's error handlers), whatever was asked.
     const stream = response.ok && asksForStream(input, init);
-    if (!stream && Number(response.headers.get('content-length')) > maxBytes) {
+    const total = stream || !response.ok ? maxBytes : Math.max(maxBytes, embeddingsAskedFor(urlOf(input), init) * EMBEDDING_ANSWER_BYTES);
+    if (!stream && Number(response.headers.get('content-length')) > total) {
       // Said up front: not a byte of it is read.
       await body.cancel().catch(() => {});
-      throw answerTooLong(maxBytes);
+      throw answerTooLong(total);
     }
     // Erroring the transform cancels `body` (pipeThrough), which closes the upstream connection.
-    const limited = body.pipeThrough(stream ? eventLimit(maxBytes) : totalLimit(maxBytes));
+    const limited = body.pipeThrough(stream ? eventLimit(maxBytes) : totalLimit(total));
     return new Response(limited, { status: response.status, statusText: response.statusText, headers: response.headers });
   };
 }
