@@ -319,9 +319,9 @@ const settlementItems = (batch: readonly Settlement[]): string => `[${batch.map(
  */
 const settleCtes = (batch: readonly Settlement[], withRows = false) =>
   sql`i as (
-          select x.*, e.ord from json_array_elements(${settlementItems(batch)}::json) with ordinality as e(item, ord),
-            json_to_record(e.item) as x(entry_id uuid, rid uuid, part numeric, user_id uuid, api_key_id uuid, project_id uuid, cost numeric, charge_account boolean,
-              charge_key boolean, usage_record_id uuid, description text)
+          select x.* from rows from (json_to_recordset(${settlementItems(batch)}::json) as (entry_id uuid, rid uuid, part numeric, user_id uuid, api_key_id uuid,
+              project_id uuid, cost numeric, charge_account boolean, charge_key boolean, usage_record_id uuid, description text)) with ordinality
+            as x(entry_id, rid, part, user_id, api_key_id, project_id, cost, charge_account, charge_key, usage_record_id, description, ord)
         ),
         r as (
           delete from credit_reservations where id in (select rid from i where rid is not null and part is null) and (select setting from s) is not null

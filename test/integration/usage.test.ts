@@ -205,7 +205,7 @@ describe('keys with max_budget', () => {
         // The key's settlements (they release its hold): each commits and then its reply is lost, retries too, while `losing`.
         if (losing && /delete from credit_reservations/.test(text) && JSON.stringify(params).includes(key.id)) {
           lost += 1;
-          if (/json_array_elements/.test(text)) batched += 1;
+          if (/with ordinality/.test(text)) batched += 1;
           // The wave's first settlement is in flight until the wave has ended: the others are settled together, in one statement.
           else if (wave) await wave.then(() => new Promise(setImmediate));
           throw new Error('connection lost after the commit');
