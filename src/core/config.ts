@@ -284,6 +284,22 @@ export function loadSettings(source: Record<string, string | undefined> = readEn
     throw new ConfigError('KB_MAX_FILE_BYTES: must not exceed KB_MAX_BYTES_PER_USER');
   }
 
+  // The sweep releases a reservation older than the TTL as one whose process died: a call still
+  // running then has lost its hold, and other calls may hold the credit it is about to be charged.
+  // A call holds from its reservation until it ends: a stream at most MODEL_STREAM_TIMEOUT_MS, any
+  // other call its attempts and the waits between them; a credit window's block serves calls for
+  // up to 30 s after it was taken (credit-window.ts).
+  const longestCallMs = Math.max(
+    raw.MODEL_STREAM_TIMEOUT_MS,
+    raw.MODEL_TIMEOUT_MS * (raw.MODEL_MAX_RETRIES + 1) + raw.MODEL_RETRY_MAX_WAIT_MS * raw.MODEL_MAX_RETRIES,
+  );
+  const heldSeconds = Math.ceil((longestCallMs + 30_000) / 1000);
+  if (raw.BILLING_RESERVATION_TTL_SECONDS <= heldSeconds) {
+    throw new ConfigError(
+      `BILLING_RESERVATION_TTL_SECONDS: must be more than ${heldSeconds} s, the longest a model call holds its reservation (MODEL_STREAM_TIMEOUT_MS, or MODEL_TIMEOUT_MS × (MODEL_MAX_RETRIES + 1) + MODEL_RETRY_MAX_WAIT_MS × MODEL_MAX_RETRIES, and 30 s of a credit window block's age); got ${raw.BILLING_RESERVATION_TTL_SECONDS}`,
+    );
+  }
+
   return Object.freeze({
     ...raw,
     SECRET_KEY: raw.SECRET_KEY ?? localSecretKey(dataDir),

@@ -1,6 +1,6 @@
 import { z } from 'zod';
 
-import { Id, Timestamp } from './common.js';
+import { Id, STORABLE_YEARS_ERROR, Timestamp, withinStorableYears } from './common.js';
 
 /** A decimal string with up to 12 decimal places (credits), as accepted in bodies: never a JSON number. */
 export const MoneyInput = z
@@ -55,10 +55,13 @@ export const TransactionIdParams = z.object({ transaction_id: Id });
 
 const GROUPS = ['model', 'day', 'api_key'] as const;
 
+/** An instant of a summary's range: ISO 8601 with an offset, or a bare date (midnight UTC), in the years 1 to 9999 UTC. */
+const RangeBound = () => z.iso.datetime({ offset: true }).or(z.iso.date()).refine(withinStorableYears, { error: STORABLE_YEARS_ERROR });
+
 /** `?from=&to=&group_by=`: a time range (ISO 8601; a bare date is midnight UTC) and groups, comma-separated. */
 export const SummaryQuery = z.strictObject({
-  from: z.iso.datetime({ offset: true }).or(z.iso.date()).optional().meta({ description: 'Start (inclusive); default: 30 days before `to`' }),
-  to: z.iso.datetime({ offset: true }).or(z.iso.date()).optional().meta({ description: 'End (exclusive); default: now' }),
+  from: RangeBound().optional().meta({ description: 'Start (inclusive); default: 30 days before `to` (at the earliest 0001-01-01)' }),
+  to: RangeBound().optional().meta({ description: 'End (exclusive); default: now' }),
   group_by: z
     .string()
     .default('model,day')

@@ -1,7 +1,23 @@
 import { z } from 'zod';
 
+/**
+ * The instants a timestamp may name: the years 1 to 9999 in UTC, what PostgreSQL's timestamptz
+ * takes in ISO 8601 and what an ISO 8601 UTC string writes with four digits. An offset can carry a
+ * valid-looking text past them (`9999-12-31T23:59:59-23:59` is in the year 10000 UTC), and
+ * PostgreSQL refuses the statement then (a 500, not the client's 422).
+ */
+export const MIN_INSTANT_MS = Date.parse('0001-01-01T00:00:00Z');
+export const MAX_INSTANT_MS = Date.parse('9999-12-31T23:59:59.999Z');
+
+/** ISO 8601 text whose instant is within MIN_INSTANT_MS–MAX_INSTANT_MS (see there). */
+export const withinStorableYears = (text: string): boolean => {
+  const ms = Date.parse(text);
+  return ms >= MIN_INSTANT_MS && ms <= MAX_INSTANT_MS;
+};
+export const STORABLE_YEARS_ERROR = 'Input should be an instant between the years 1 and 9999 (UTC)';
+
 /** A timestamp: a Date in code, ISO 8601 UTC on the wire. */
-export const Timestamp = z.codec(z.iso.datetime({ offset: true }), z.date(), {
+export const Timestamp = z.codec(z.iso.datetime({ offset: true }).refine(withinStorableYears, { error: STORABLE_YEARS_ERROR }), z.date(), {
   decode: (text) => new Date(text),
   encode: (date) => date.toISOString(),
 });

@@ -4,6 +4,7 @@ import { ConflictError, NotFoundError } from '../core/errors.js';
 import type { CreditTransaction } from '../models/index.js';
 
 import type { CreditGrant } from '../schemas/billing.js';
+import { MIN_INSTANT_MS } from '../schemas/common.js';
 
 import * as billingCrud from '../crud/billing.js';
 import type { Page } from '../crud/page.js';
@@ -68,7 +69,8 @@ export interface SummaryQuery {
 /** Usage summed by model, day and/or API key; a scoped key sees its project's usage only. */
 export async function summary(ctx: ServiceContext, query: SummaryQuery) {
   const to = query.to ? new Date(query.to) : new Date();
-  const from = query.from ? new Date(query.from) : new Date(to.getTime() - DEFAULT_RANGE_DAYS * DAY_MS);
+  // A range ending early in the year 1 starts at its first instant, not in the year 0 (which PostgreSQL refuses).
+  const from = query.from ? new Date(query.from) : new Date(Math.max(to.getTime() - DEFAULT_RANGE_DAYS * DAY_MS, MIN_INSTANT_MS));
   const visible = billingCrud.usagePolicy.where(ctx.principal, 'read');
   const rows = await billingCrud.summarize(ctx.db, visible, from, to, query.group_by);
   const total = { calls: 0, input_tokens: 0, cached_input_tokens: 0, cache_write_tokens: 0, output_tokens: 0, reasoning_tokens: 0, cost: '0' };

@@ -119,6 +119,14 @@ describe('POST /api-keys', () => {
     expect(await keyCount(alice.user.id)).toBe(0);
   });
 
+  it('answers 422 for an expiry past the year 9999 in UTC (an offset carries 9999-12-31 over), and stores nothing', async () => {
+    const alice = await createUser(ctx.app);
+    expectValidationError(await api('POST', '/api-keys', alice.headers, { name: 'far', expires_at: '9999-12-31T23:59:59-23:59' }), ['body', 'expires_at']);
+    expect(await keyCount(alice.user.id)).toBe(0);
+    // The last instant of 9999 is still a date PostgreSQL stores.
+    expect((await createKey(ctx.app, alice, { name: 'last', expires_at: '9999-12-31T23:59:59.999Z' })).expires_at).toBe('9999-12-31T23:59:59.999Z');
+  });
+
   it("answers 404 for another user's project and for a missing one, and stores nothing", async () => {
     const alice = await createUser(ctx.app);
     const bob = await createUser(ctx.app);

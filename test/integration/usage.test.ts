@@ -327,6 +327,27 @@ describe('GET /billing/summary', () => {
     expectValidationError(await summary('page=2'), ['query', 'page'], 'extra_forbidden');
     expect((await api('GET', '/billing/summary')).statusCode).toBe(401);
   });
+
+  it('refuses instants outside the years 1 to 9999 (UTC) with 422; a range that starts before year 1 by default starts at its first instant', async () => {
+    const outside = [
+      ['from=0000-01-01', 'from'],
+      ['from=0000-12-31T23:00:00Z&to=2026-01-01', 'from'],
+      ['from=9999-12-31T23:59:59-23:59', 'from'],
+      ['to=9999-12-31T23:59:59-01:00', 'to'],
+      ['from=0001-01-01&to=0000-06-01', 'to'],
+    ];
+    for (const [query, field] of outside) {
+      const response = await summary(query!);
+      expect(response.statusCode, `${query}: ${response.body}`).toBe(422);
+      expect(response.json<{ detail: { loc: string[] }[] }>().detail.map((d) => d.loc)).toContainEqual(['query', field]);
+    }
+    const early = await summary('to=0001-01-15');
+    expect(early.statusCode, early.body).toBe(200);
+    expect(early.json()).toMatchObject({ from: '0001-01-01T00:00:00.000Z', to: '0001-01-15T00:00:00.000Z', data: [] });
+    const late = await summary('from=2026-03-01&to=9999-12-31T23:59:59.999Z&group_by=model');
+    expect(late.statusCode, late.body).toBe(200);
+    expect(late.json<{ total: { calls: number } }>().total.calls).toBe(4);
+  });
 });
 
 describe('shutdown', () => {

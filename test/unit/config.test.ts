@@ -149,6 +149,24 @@ describe('knowledge-base settings', () => {
   });
 });
 
+describe('BILLING_RESERVATION_TTL_SECONDS', () => {
+  const base = { SECRET_KEY: GOOD_KEY, DATA_DIR: '/tmp/keel-config-billing' };
+
+  // The sweep releases a hold older than the TTL as a crashed process's: a call still running then
+  // loses it, and other calls may take the credit it will be charged (an overdraft).
+  it('must outlast the longest model call, a credit window block\'s 30 s included', () => {
+    // Defaults: a stream's 600 s; a call's 3 attempts of 120 s and 2 waits of 20 s, 400 s.
+    expect(loadSettings(base).BILLING_RESERVATION_TTL_SECONDS).toBe(900);
+    expect(loadSettings({ ...base, BILLING_RESERVATION_TTL_SECONDS: '631' }).BILLING_RESERVATION_TTL_SECONDS).toBe(631);
+    expect(configError({ ...base, BILLING_RESERVATION_TTL_SECONDS: '630' }).message).toBe(
+      'BILLING_RESERVATION_TTL_SECONDS: must be more than 630 s, the longest a model call holds its reservation (MODEL_STREAM_TIMEOUT_MS, or MODEL_TIMEOUT_MS × (MODEL_MAX_RETRIES + 1) + MODEL_RETRY_MAX_WAIT_MS × MODEL_MAX_RETRIES, and 30 s of a credit window block\'s age); got 630',
+    );
+    expect(configError({ ...base, MODEL_TIMEOUT_MS: '1200000', MODEL_MAX_RETRIES: '0' }).message).toMatch(/^BILLING_RESERVATION_TTL_SECONDS: must be more than 1230 s/);
+    expect(configError({ ...base, MODEL_STREAM_TIMEOUT_MS: '3600000' }).message).toMatch(/^BILLING_RESERVATION_TTL_SECONDS: must be more than 3630 s/);
+    expect(loadSettings({ ...base, MODEL_STREAM_TIMEOUT_MS: '3600000', BILLING_RESERVATION_TTL_SECONDS: '3700' }).MODEL_STREAM_TIMEOUT_MS).toBe(3_600_000);
+  });
+});
+
 describe.each(['staging', 'production'])('ENVIRONMENT=%s refuses default secrets', (environment) => {
   const base = { ENVIRONMENT: environment, FIRST_SUPERUSER_PASSWORD: 'a-real-superuser-password' };
 
