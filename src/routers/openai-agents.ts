@@ -56,7 +56,7 @@ export function agentModelRoutes(app: FastifyInstance) {
     // The first piece before any byte: a run that fails before its first text answers an HTTP error.
     let next = await pieces.next();
     if (body.stream) {
-      const chunks = agentCompletionChunks(pieces, next, run, body.model, body.stream_options?.include_usage === true);
+      const chunks = agentCompletionChunks(pieces, next, run, body.model, body.stream_options?.include_usage === true, request.log);
       return reply
         .header('content-type', 'text/event-stream; charset=utf-8')
         .header('cache-control', 'no-cache')

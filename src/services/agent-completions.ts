@@ -18,6 +18,7 @@
 import { eq } from 'drizzle-orm';
 
 import { ConflictError, NotFoundError } from '../core/errors.js';
+import type { Logger } from '../core/logger.js';
 
 import { type Agent, agents, type Run, type RunUsage } from '../models/index.js';
 
@@ -27,9 +28,10 @@ import type { ChatCompletionRequest, ChatMessage } from '../schemas/openai.js';
 import { agentCrud } from '../crud/agent.js';
 import type { RunEvent } from '../modules/agents/run-bus.js';
 import type { RunDeps, RunView } from '../modules/agents/run-lifecycle.js';
+import { INTERNAL_RUN_ERROR } from '../modules/agents/runner.js';
 import { ModelNotFoundError } from '../modules/ai-models/index.js';
 import type { ServiceContext } from './context.js';
-import { AGENT_MODEL_PREFIX, CodedOpenAIError, InvalidRequestError, openAIErrorOf, openAIUsage } from './openai-gateway.js';
+import { AGENT_MODEL_PREFIX, CodedOpenAIError, InvalidRequestError, logStreamFailure, openAIErrorOf, openAIUsage } from './openai-gateway.js';
 import * as runService from './run-service.js';
 import { checkContent } from './thread-service.js';
 
@@ -217,12 +219,35 @@ export function agentCompletionJson(run: Run, model: string, answer: Extract<Ans
 }
 
 /**
+ * Whether a stream's failure of ours should alert from the stream's log line. Not when the runner
+ * has alerted already: a run that failed on a bug is the one failure it logs at error, with the
+ * stack (by runId, maybe in a worker process): a second error line for it would be a second alert.
+ * Its other failures (the provider's, a timeout, the step limit) it logs at info, so the stream's
+ * line is their only error. Nor when the server is closing: the run is handed back and resumes, a
+ * planned restart that alerts nobody.
+ */
+function alertsFromStream(error: unknown): boolean {
+  if (!(error instanceof CodedOpenAIError)) return true;
+  if (error.code === 'agent_run_failed') return error.detail !== INTERNAL_RUN_ERROR;
+  return error.code !== 'service_unavailable';
+}
+
+/**
  * The SSE body of a streamed agent completion, in OpenAI's framing: the role chunk, the text
  * deltas, the finish chunk, the usage chunk (`choices: []`) when `includeUsage`, `data: [DONE]`.
  * The caller took `first` already (so a run that fails before any text answers a plain HTTP
- * error); a failure after that ends the stream with an `error` event, which OpenAI's SDKs raise.
+ * error); a failure after that ends the stream with an `error` event, which OpenAI's SDKs raise,
+ * and is logged once on `log` (the request's) with the run's id, as the gateway's streams are
+ * (logStreamFailure; alertsFromStream for the level).
  */
-export async function* agentCompletionChunks(pieces: AsyncIterator<AnswerPiece>, first: IteratorResult<AnswerPiece>, run: Run, model: string, includeUsage: boolean): AsyncGenerator<string> {
+export async function* agentCompletionChunks(
+  pieces: AsyncIterator<AnswerPiece>,
+  first: IteratorResult<AnswerPiece>,
+  run: Run,
+  model: string,
+  includeUsage: boolean,
+  log: Logger,
+): AsyncGenerator<string> {
   const base = { id: completionIdOf(run), object: 'chat.completion.chunk', created: createdOf(run), model };
   const usageField = includeUsage ? { usage: null } : {};
   const frame = (delta: Record<string, unknown>, finish: string | null = null) =>
@@ -242,7 +267,9 @@ export async function* agentCompletionChunks(pieces: AsyncIterator<AnswerPiece>,
       return;
     }
   } catch (error) {
-    yield `${head}data: ${JSON.stringify(openAIErrorOf(error).body)}\n\n`;
+    const { status, body } = openAIErrorOf(error);
+    logStreamFailure(log.child({ runId: run.id }), error, status, model, alertsFromStream(error));
+    yield `${head}data: ${JSON.stringify(body)}\n\n`;
   } finally {
     await pieces.return?.();
   }

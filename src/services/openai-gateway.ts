@@ -312,14 +312,22 @@ export async function* completionChunks(
  * A stream's failure after its first chunk, once: `error` for ours or the provider's (an upstream
  * that failed or cut the answer off, a timeout, a bug), `warn` for the client's doing (a request the
  * provider refused as malformed, a client that went away), so an operator's error alerts do not
- * fire on disconnects. The model and the error only: never the messages.
+ * fire on disconnects. The model and the error only: never the messages. `alert: false` is a
+ * caller's word that a failure of ours must not alert from this line (it has alerted elsewhere, or
+ * is no fault: the agent streams, services/agent-completions.ts): then it too is a warning.
  */
-function logStreamFailure(log: Logger, error: unknown, status: number, model: string): void {
-  const clientsDoing =
+export function logStreamFailure(log: Logger, error: unknown, status: number, model: string, alert = true): void {
+  const fields = { err: error, model, status };
+  if (isClientsDoing(error, status)) log.warn(fields, 'chat completion stream ended early by the client or its request');
+  else if (alert) log.error(fields, 'chat completion stream failed after its first chunk');
+  else log.warn(fields, 'chat completion stream failed after its first chunk');
+}
+
+function isClientsDoing(error: unknown, status: number): boolean {
+  return (
     error instanceof ModelCallAbortedError ||
-    (error instanceof UpstreamError ? error.upstreamStatus !== undefined && CLIENT_FAULT_UPSTREAM.has(error.upstreamStatus) : status < 500);
-  if (clientsDoing) log.warn({ err: error, model, status }, 'chat completion stream ended early by the client or its request');
-  else log.error({ err: error, model, status }, 'chat completion stream failed after its first chunk');
+    (error instanceof UpstreamError ? error.upstreamStatus !== undefined && CLIENT_FAULT_UPSTREAM.has(error.upstreamStatus) : status < 500)
+  );
 }
 
 /**

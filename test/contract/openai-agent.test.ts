@@ -13,15 +13,18 @@ import { useTestApp } from '../helpers/app.js';
 import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, sleep } from '../helpers/http.js';
+import { captureLogs, LEVEL } from '../helpers/logs.js';
 import { addFakeModels } from '../helpers/metered-models.js';
 import { apiError } from '../helpers/openai.js';
 import { createAgent, createThread, getRun, type RunBody, waitForRun } from '../helpers/runs.js';
 
 /** What the test's knowledge_search implementation was asked. */
 const searches: unknown[] = [];
+const logs = captureLogs('warn');
 const ctx = useTestApp(
   { MODEL_MAX_RETRIES: '0', MODEL_RETRY_MAX_WAIT_MS: '50', MODEL_TIMEOUT_MS: '30000' },
   {
+    logger: logs.logger,
     tools: {
       knowledge_search: async (input) => {
         searches.push(input);
@@ -75,7 +78,11 @@ afterAll(async () => {
 beforeEach(() => {
   fake.reset();
   searches.length = 0;
+  logs.clear();
 });
+
+/** The warn and error lines logged for one request (by its x-request-id). */
+const linesOf = (reqId: string | null) => logs.lines().filter((line) => line.reqId === reqId);
 
 describe('agents as models', () => {
   it('lists the caller\'s agents as agent:<id> (owned_by keel-agent) and retrieves them; another user\'s agent is model_not_found', async () => {
@@ -331,7 +338,31 @@ describe('runs that do not end well', () => {
     expect(texts.join('')).toMatch(/^a (b )?$/);
   });
 
-  it('a client that leaves mid-stream cancels the run, and its model call is aborted upstream', async () => {
+  it('logs a stream whose run fails after its first text once, as an error with the request id, the run and the model, never the prompt', async () => {
+    const prompt = 'my-private-agent-prompt';
+    fake.script('fake-precise', { chunks: ['a ', 'b ', 'c '], chunkDelayMs: 30, drop: { afterChunks: 2 } });
+    const { data: stream, response } = await client.chat.completions.create({ model: agentModel, messages: ask(prompt), stream: true }).withResponse();
+    const reqId = response.headers.get('x-request-id');
+    expect(reqId).toBeTruthy();
+    await apiError(
+      (async () => {
+        for await (const _ of stream);
+      })(),
+    );
+    const failure = expect.objectContaining({
+      level: LEVEL.error,
+      runId: response.headers.get('x-keel-run-id'),
+      model: agentModel,
+      status: 500,
+      err: expect.objectContaining({ type: 'CodedOpenAIError', message: expect.stringMatching(/could not be reached or failed/) as unknown }) as unknown,
+    }) as unknown;
+    expect(linesOf(reqId)).toEqual([failure]);
+    // The runner logs the provider's failure of a run at info: this is the one error, the one alert.
+    expect(logs.lines().filter((line) => Number(line.level) >= LEVEL.error)).toEqual([failure]);
+    expect(JSON.stringify(logs.lines())).not.toContain(prompt);
+  });
+
+  it('a client that leaves mid-stream cancels the run, and its model call is aborted upstream; the stream\'s end is a warning, not an error', async () => {
     fake.script('fake-precise', { chunks: Array.from({ length: 40 }, (_, i) => `w${i} `), chunkDelayMs: 50 });
     const { data: stream, response } = await client.chat.completions.create({ model: agentModel, messages: ask('A long story'), stream: true }).withResponse();
     let seen = 0;
@@ -346,6 +377,10 @@ describe('runs that do not end well', () => {
     expect(run.status).toBe('cancelled');
     const thread = await api('GET', `/threads/${run.thread_id}`, owner.headers);
     expect(thread.json<{ status: string }>().status).toBe('idle');
+    // A client going away is no fault of the server's: a warning an error alert does not count.
+    expect(linesOf(response.headers.get('x-request-id'))).toEqual([
+      expect.objectContaining({ level: LEVEL.warn, runId: run.id, status: 499, err: expect.objectContaining({ type: 'CodedOpenAIError', code: 'client_closed_request' }) as unknown }),
+    ]);
   });
 
   it('a client that gives up on a non-stream answer cancels the run too', async () => {
@@ -394,9 +429,10 @@ describe('with billing on', () => {
 });
 
 describe('a server that closes', () => {
-  const closing = useTestApp({ MODEL_TIMEOUT_MS: '30000' });
+  const closingLogs = captureLogs('warn');
+  const closing = useTestApp({ MODEL_TIMEOUT_MS: '30000' }, { logger: closingLogs.logger });
 
-  it('ends the completions waiting on runs with 503 (no retry); the runs are handed back to resume', async () => {
+  it('ends the completions waiting on runs with 503 (no retry), the stream\'s with a warning, not an error; the runs are handed back to resume', async () => {
     await closing.app.listen({ host: '127.0.0.1', port: 0 });
     const url = `http://127.0.0.1:${(closing.app.server.address() as AddressInfo).port}/v1`;
     await addFakeModels(closing.app, await superuserHeaders(closing.app), fake.url);
@@ -420,6 +456,10 @@ describe('a server that closes', () => {
     expect(error.message).toMatch(/shutting down/);
     const midStream = await streamed;
     expect(midStream.error).toMatchObject({ type: 'server_error', code: 'service_unavailable' });
+    // A planned restart: the run resumes, so the stream's end alerts nobody.
+    const streamEnd = closingLogs.lines().filter((line) => line.status === 503);
+    expect(streamEnd).toEqual([expect.objectContaining({ level: LEVEL.warn, model, err: expect.objectContaining({ code: 'service_unavailable' }) as unknown })]);
+    expect(closingLogs.lines().filter((line) => Number(line.level) >= LEVEL.error)).toEqual([]);
     // Both answers are complete; the SDK's keep-alive connections are not this test's subject.
     closing.app.server.closeAllConnections();
     await closed;

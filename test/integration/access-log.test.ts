@@ -1,35 +1,24 @@
-import { Writable } from 'node:stream';
-
 import type { FastifyInstance } from 'fastify';
-import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-
-import { loggerOptions } from '../../src/core/logger.js';
 
 import { buildApp } from '../../src/app.js';
 import { openTestDatabase, SUPERUSER_EMAIL, testSettings } from '../helpers/app.js';
+import { captureLogs } from '../helpers/logs.js';
 
 const SECRET_PASSWORD = 'access-log-secret-password';
 const FORM = { 'content-type': 'application/x-www-form-urlencoded' };
 
 /** An app whose log lines (as pino writes them, before any pretty-printing) are kept. */
 async function appWithLog(format: 'pretty' | 'json'): Promise<{ app: FastifyInstance; lines: () => Record<string, unknown>[]; close: () => Promise<void> }> {
-  let text = '';
-  const destination = new Writable({
-    write(chunk: Buffer, _encoding, callback) {
-      text += chunk.toString('utf8');
-      callback();
-    },
-  });
   const opened = await openTestDatabase();
   const settings = testSettings({ LOG_LEVEL: 'info', LOG_FORMAT: format, RATE_LIMIT_LOGIN_PER_ACCOUNT: '1' });
   // The lines themselves are JSON either way; LOG_FORMAT decides what the access line holds.
-  const logger = pino(loggerOptions({ LOG_LEVEL: 'info', LOG_FORMAT: 'json' }), destination);
-  const app = await buildApp({ settings, database: opened.database, logger, vectorSearch: false, runJobs: true });
+  const logs = captureLogs('info');
+  const app = await buildApp({ settings, database: opened.database, logger: logs.logger, vectorSearch: false, runJobs: true });
   await app.ready();
   return {
     app,
-    lines: () => text.split('\n').filter(Boolean).map((line) => JSON.parse(line) as Record<string, unknown>),
+    lines: () => logs.lines(),
     close: async () => {
       await app.close();
       await opened.destroy();

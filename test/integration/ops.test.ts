@@ -1,7 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { request as httpRequest } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { Writable } from 'node:stream';
 
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
@@ -9,11 +8,11 @@ import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { openDatabase } from '../../src/core/db.js';
-import { loggerOptions } from '../../src/core/logger.js';
 
 import { buildApp } from '../../src/app.js';
 import { buildTestApp, openTestDatabase, SUPERUSER_EMAIL, SUPERUSER_PASSWORD, testSettings, useTestApp } from '../helpers/app.js';
 import { bearer, createUser, login } from '../helpers/factories.js';
+import { captureLogs } from '../helpers/logs.js';
 import { routePath, servedRoutes } from '../helpers/routes.js';
 
 const ctx = useTestApp();
@@ -425,20 +424,15 @@ describe('API reference', () => {
 });
 
 describe('logs', () => {
-  const lines: Record<string, unknown>[] = [];
-  let rawText = '';
+  const logs = captureLogs('info');
+  let lines: Record<string, unknown>[] = [];
+  /** Everything logged, as one text: what a secret must not be found in. */
+  let loggedText = '';
   let app: FastifyInstance;
 
   beforeAll(async () => {
-    const destination = new Writable({
-      write(chunk: Buffer, _encoding, callback) {
-        rawText += chunk.toString('utf8');
-        callback();
-      },
-    });
     const settings = testSettings({ LOG_LEVEL: 'info', LOG_FORMAT: 'json', REDIS_URL: '' });
-    const logger = pino(loggerOptions(settings), destination);
-    app = await buildApp({ settings, database: ctx.database, logger, vectorSearch: false, runJobs: true });
+    app = await buildApp({ settings, database: ctx.database, logger: logs.logger, vectorSearch: false, runJobs: true });
     // What careless code might log: it must come out redacted all the same.
     app.get('/test/log-everything', async (request) => {
       request.log.info(
@@ -469,8 +463,8 @@ describe('logs', () => {
   });
 
   const parse = () => {
-    lines.length = 0;
-    for (const line of rawText.split('\n').filter(Boolean)) lines.push(JSON.parse(line) as Record<string, unknown>);
+    lines = logs.lines();
+    loggedText = JSON.stringify(lines);
   };
 
   it('carry the request id, and never a bearer token, API key or password', async () => {
@@ -536,9 +530,9 @@ describe('logs', () => {
       'nested-hash-value',
       'nested-token-value',
     ]) {
-      expect(rawText).not.toContain(secret);
+      expect(loggedText).not.toContain(secret);
     }
-    expect(rawText).not.toMatch(/bearer\s+ey/i);
+    expect(loggedText).not.toMatch(/bearer\s+ey/i);
   });
 
   it('a failed query is logged with its SQL and cause, never its parameters', async () => {
@@ -548,7 +542,7 @@ describe('logs', () => {
     const errorLine = lines.find((line) => line.reqId === 'trace-query' && line.level === 50);
     expect(JSON.stringify(errorLine)).toContain('division by zero');
     expect(errorLine).toHaveProperty('query');
-    expect(rawText).not.toContain('parameter-secret-value');
+    expect(loggedText).not.toContain('parameter-secret-value');
   });
 
   it('a failure answers a bare 500 and logs the error with its request id', async () => {

@@ -39,6 +39,12 @@ export class RunStop extends Error {
 /** A failure whose message is already in words the user can act on. */
 export class RunFailure extends Error {}
 
+/**
+ * The error of a run that failed on a bug: the one failure the runner logs at error (with the
+ * stack), so a reader of the run's events knows it has been reported (services/agent-completions.ts).
+ */
+export const INTERNAL_RUN_ERROR = 'The run failed because of an internal error; try again, and report it if it persists';
+
 /** A run's error as its owner reads it: what happened and what to do about it. */
 export function describeRunError(error: unknown, run: Pick<Run, 'model'>): string {
   if (error instanceof RunFailure) return error.message;
@@ -57,7 +63,7 @@ export function describeRunError(error: unknown, run: Pick<Run, 'model'>): strin
     return `The provider refused the request for model ${run.model} (${status})`;
   }
   if (error instanceof HttpError) return error.detail;
-  return 'The run failed because of an internal error; try again, and report it if it persists';
+  return INTERNAL_RUN_ERROR;
 }
 
 // ==================== Conversation ====================
