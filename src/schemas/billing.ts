@@ -75,7 +75,7 @@ export const SummaryQuery = z.strictObject({
       return [...new Set(parts)] as (typeof GROUPS)[number][];
     })
     .meta({ description: 'model, day, api_key, or several comma-separated (default: model,day)' }),
-}).refine((q) => !q.from || !q.to || new Date(q.from) < new Date(q.to), { error: 'Input should be before `to`', path: ['from'] });
+}).refine((q) => !q.from || new Date(q.from) < (q.to ? new Date(q.to) : new Date()), { error: 'Input should be before `to` (default: now)', path: ['from'] });
 
 const Totals = {
   calls: z.number().int(),

@@ -324,6 +324,9 @@ describe('GET /billing/summary', () => {
     expectValidationError(await summary('group_by=user'), ['query', 'group_by']);
     expectValidationError(await summary('from=yesterday'), ['query', 'from']);
     expectValidationError(await summary('from=2026-03-05&to=2026-03-01'), ['query', 'from']);
+    // Without `to` the range ends now: one starting later is as empty a range as the above.
+    expectValidationError(await summary(`from=${new Date(Date.now() + 60_000).toISOString()}`), ['query', 'from']);
+    expect((await summary(`from=${new Date(Date.now() - 60_000).toISOString()}`)).statusCode).toBe(200);
     expectValidationError(await summary('page=2'), ['query', 'page'], 'extra_forbidden');
     expect((await api('GET', '/billing/summary')).statusCode).toBe(401);
   });
