@@ -62,6 +62,12 @@ export const knowledgeEntries = pgTable(
     error: text('error'),
     chunk_count: integer('chunk_count').notNull().default(0),
     token_count: integer('token_count').notNull().default(0),
+    /**
+     * The API key whose request asked for the current indexing (the upload, or the last reindex):
+     * its embedding calls are charged to that key's max_budget. Null for a signed-in user. No
+     * foreign key, as in usage_records: a deleted key's id stays and limits nothing.
+     */
+    api_key_id: uuid('api_key_id'),
     /** Ingestion attempts since the last upload or reindex: one that keeps dying is failed, not retried forever. */
     attempts: integer('attempts').notNull().default(0),
     /** The claim of the ingestion working on the entry: only its holder may write the result. */

@@ -153,8 +153,9 @@ export class UsageMeterService implements UsageMeter {
     const budgeted = limits !== null && limits.max_budget !== null;
     const holdAccount = chargeAccount && !free;
     const holdKey = budgeted && !free;
-    // One call, one request of the key's rpm: its fallbacks are not counted again.
-    const rpm = estimate.fallback ? null : limits?.rpm;
+    // One call, one request of the key's rpm: its fallbacks are not counted again, nor calls
+    // exempted by their caller (ingestion's embedding batches: see CallContext.rpm_exempt).
+    const rpm = estimate.fallback || estimate.context.rpm_exempt ? null : limits?.rpm;
     if (!holdAccount && !holdKey && !rpm) {
       return this.reservation({ reservationId: null, chargeAccount, chargeKey: budgeted });
     }
@@ -183,7 +184,10 @@ export class UsageMeterService implements UsageMeter {
       const outcome = await billingCrud.hold(this.db, {
         id,
         userId,
-        apiKeyId: estimate.context.api_key_id ?? null,
+        // The key only where its budget is held (its part is what the sweep gives back by it), as a
+        // credit window's block does: a call may name a key deleted since, with no limits left
+        // (ingestion queued through it), which the reservation's foreign key would refuse.
+        apiKeyId: holdKey ? estimate.context.api_key_id! : null,
         accountAmount: holdAccount ? estimate.cost : null,
         keyAmount: holdKey ? estimate.cost : null,
         ttlSeconds: this.settings.BILLING_RESERVATION_TTL_SECONDS,

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 
-import { eq, sql } from 'drizzle-orm';
+import { and, eq, sql } from 'drizzle-orm';
 import { describe, expect, it, vi } from 'vitest';
 
 import { transaction } from '../../src/core/db.js';
@@ -10,13 +10,25 @@ import { creditReservations, usageRecords } from '../../src/models/index.js';
 
 import { getBalance, hold, ledgerSum, settleMany } from '../../src/crud/billing.js';
 import { ModelCallAbortedError } from '../../src/modules/ai-models/errors.js';
+import { addCosts } from '../../src/modules/ai-models/index.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
-import { apiOf, createKey, expectValidationError, type ListBody, UUID, xApiKey } from '../helpers/http.js';
+import { apiOf, createKey, expectValidationError, type ListBody, sleep, UUID, xApiKey } from '../helpers/http.js';
+import { createFolder, ingested, settled, uploaded } from '../helpers/knowledge.js';
 import { chatRequest, useFakeModels } from '../helpers/metered-models.js';
 
-const ctx = useTestApp({ BILLING_ENABLED: 'true', USAGE_FLUSH_INTERVAL_MS: '20', MODEL_MAX_RETRIES: '0' });
+// Knowledge-base ingestion embeds with `fake-embed`, 2 chunks a call (where pgvector exists: PGlite).
+const ctx = useTestApp({
+  BILLING_ENABLED: 'true',
+  USAGE_FLUSH_INTERVAL_MS: '20',
+  MODEL_MAX_RETRIES: '0',
+  EMBEDDING_MODEL: 'fake-embed',
+  KB_EMBED_BATCH: '2',
+  KB_CHUNK_TOKENS: '32',
+  KB_CHUNK_OVERLAP_TOKENS: '0',
+  JOB_BACKOFF_MS: '10',
+});
 const api = apiOf(ctx);
 
 let fake: FakeModelServer;
@@ -424,6 +436,20 @@ describe('per-API-key limits', () => {
     await expectConsistent(user);
   });
 
+  it('a call naming a key deleted since (no limits left) is paid by the account: its hold names no key', async () => {
+    const user = await createUser(ctx.app);
+    // Less than a credit window's block of such calls: each call holds its own amount.
+    await grant(user, '15');
+    const key = await createKey(ctx.app, user, { name: 'deleted', max_budget: '100' });
+    expect((await api('DELETE', `/api-keys/${key.id}`, user.headers)).statusCode).toBe(200);
+    await ctx.app.models.chat(chatRequest('fake-billed', { user_id: user.user.id, api_key_id: key.id }, { maxOutputTokens: 10 }));
+    await ctx.app.meter.idle();
+    expect((await balanceOf(user)).balance).toBe('10');
+    const [record] = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
+    expect(record).toMatchObject({ api_key_id: key.id, cost: '5.000000000000', status: 'success' });
+    await expectConsistent(user);
+  });
+
   it('rpm: a call counts once, whatever fallbacks it tries', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');
@@ -438,6 +464,148 @@ describe('per-API-key limits', () => {
     // That was the minute's one call: the next is refused, before any upstream request.
     await expect(ctx.app.models.chat(chatRequest('fake-billed-flaky', context, { maxOutputTokens: 1 }))).rejects.toBeInstanceOf(TooManyRequestsError);
     expect(fake.log).toHaveLength(2);
+    await expectConsistent(user);
+  });
+});
+
+describe('knowledge-base ingestion through an API key', () => {
+  // Where pgvector is missing (this machine's PostgreSQL) ingestion embeds nothing: nothing to meter.
+  const withVectors = () => ctx.database.kind === 'pglite';
+  const DOCUMENT = {
+    filename: 'lights.md',
+    content: [
+      'Lighthouses guide ships along rocky coasts at night.',
+      'Keepers once trimmed the lamp wicks every few hours.',
+      'Modern lights run automatically on solar power.',
+      'Fog horns warn vessels when the beam cannot be seen.',
+      'Seals rest on sandbanks below the tower at low tide.',
+    ]
+      .map((s, i) => `# Part ${i}\n\n${s}`)
+      .join('\n\n'),
+  };
+
+  /** A user with credits, a project, a folder in it and a project-scoped key with `limits`. */
+  async function scopedSetup(limits: Record<string, unknown>) {
+    const user = await createUser(ctx.app);
+    await grant(user, '10');
+    const project = await createProject(ctx.app, user.headers);
+    const folder = await createFolder(ctx.app, user.headers, { name: 'Docs', project_id: project.id });
+    const key = await createKey(ctx.app, user, { name: 'ingesting', project_id: project.id, ...limits });
+    return { user, project, folder, key };
+  }
+
+  /** The embedding calls' usage rows of `user`, oldest first. */
+  async function embeddings(user: TestUser) {
+    await ctx.app.meter.idle();
+    const rows = await ctx.database.db.select().from(usageRecords).where(and(eq(usageRecords.owner_id, user.user.id), eq(usageRecords.operation, 'embed')));
+    return rows.sort((a, b) => a.started_at.getTime() - b.started_at.getTime());
+  }
+
+  const costOf = (rows: { cost: string }[]) => addCosts('0', ...rows.map((r) => r.cost));
+
+  async function keyOf(user: TestUser, id: string) {
+    await ctx.app.meter.idle();
+    return (await api('GET', `/api-keys/${id}`, user.headers)).json<{ spent: string; max_budget: string | null }>();
+  }
+
+  it("a project-scoped key's upload is embedded against its max_budget: the key's spent grows by the cost, the usage records and the summary name it", async () => {
+    const { user, project, folder, key } = await scopedSetup({ max_budget: '1' });
+    const entry = await ingested(ctx.app, xApiKey(key.key), folder.id, DOCUMENT);
+    expect(entry.chunk_count).toBe(5);
+    if (!withVectors()) return;
+    const rows = await embeddings(user);
+    // KB_EMBED_BATCH=2: 5 chunks in 3 calls, each the key's.
+    expect(rows.map((r) => [r.api_key_id, r.project_id, r.status])).toEqual(Array.from({ length: 3 }, () => [key.id, project.id, 'success']));
+    const cost = costOf(rows);
+    expect(Number(cost)).toBeGreaterThan(0);
+    expect(Number((await keyOf(user, key.id)).spent)).toBe(Number(cost));
+    // The account paid the same, through the key's ledger entries.
+    expect(Number((await balanceOf(user)).balance)).toBe(Number(addCosts('10', `-${cost}`)));
+    const summary = (await api('GET', '/billing/summary?group_by=api_key', user.headers)).json<{ data: { api_key_id: string | null; calls: number; cost: string }[] }>();
+    expect(summary.data.map((d) => [d.api_key_id, d.calls, Number(d.cost)])).toEqual([[key.id, 3, Number(cost)]]);
+    await expectConsistent(user);
+  });
+
+  it('a key whose budget cannot cover the embeddings: the entry fails naming the budget, not retried; only the calls held are charged', async () => {
+    const { user, folder } = await scopedSetup({});
+    // What each call costs, from the same document uploaded by the signed-in user (no key).
+    await ingested(ctx.app, user.headers, (await createFolder(ctx.app, user.headers, { name: 'Priced' })).id, DOCUMENT);
+    const priced = await embeddings(user);
+    if (!withVectors()) return;
+    expect(priced.map((r) => r.api_key_id)).toEqual([null, null, null]);
+    const [first, second] = priced.map((r) => r.cost);
+    // Room for the first call and half the second.
+    const budget = addCosts(first!, String(Number(second) / 2));
+    const key = await createKey(ctx.app, user, { name: 'small budget', project_id: folder.project_id, max_budget: budget });
+    const before = (await balanceOf(user)).balance;
+    fake.reset();
+    const entry = await settled(ctx.app, xApiKey(key.key), (await uploaded(ctx.app, xApiKey(key.key), folder.id, DOCUMENT)).id);
+    expect(entry.status).toBe('failed');
+    expect(entry.error).toMatch(/^Embedding stopped: API key budget exceeded: max_budget [\d.]+, spent [\d.]+.*; this call to fake-embed needs up to [\d.]+; reindex the entry once the budget or balance allows it$/);
+    expect(entry.chunk_count).toBe(0);
+    // The refused call never went upstream, and the 402 was not tried again.
+    await sleep(100);
+    expect(fake.requestsFor('fake-embed')).toHaveLength(1);
+    expect((await api('GET', `/knowledge-base/entries/${entry.id}`, user.headers)).json()).toMatchObject({ status: 'failed' });
+    const charged = (await embeddings(user)).filter((r) => r.api_key_id === key.id);
+    expect(charged.map((r) => r.status)).toEqual(['success']);
+    expect(Number((await keyOf(user, key.id)).spent)).toBe(Number(charged[0]!.cost));
+    expect(Number(charged[0]!.cost)).toBeLessThanOrEqual(Number(budget));
+    expect(Number((await balanceOf(user)).balance)).toBe(Number(addCosts(before, `-${charged[0]!.cost}`)));
+    const [row] = await ctx.database.db.execute(sql`select budget_reserved::text as r from api_keys where id = ${key.id}`).then((r) => (r as { rows: { r: string }[] }).rows);
+    expect(Number(row!.r)).toBe(0);
+    await expectConsistent(user);
+  });
+
+  it('a reindex is paid by the key that asks for it (the signed-in user: no key), whoever uploaded', async () => {
+    const { user, project, folder, key } = await scopedSetup({ max_budget: '1' });
+    const other = await createKey(ctx.app, user, { name: 'reindexing', project_id: project.id, max_budget: '1' });
+    const entry = await ingested(ctx.app, xApiKey(key.key), folder.id, DOCUMENT);
+    const reindex = async (headers: Record<string, string>) => {
+      const response = await api('POST', `/knowledge-base/entries/${entry.id}/reindex`, headers);
+      expect(response.statusCode, response.body).toBe(202);
+      expect(response.json()).not.toHaveProperty('api_key_id');
+      expect(await settled(ctx.app, headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: 5 });
+    };
+    await reindex(xApiKey(other.key));
+    await reindex(user.headers);
+    if (!withVectors()) return;
+    const rows = await embeddings(user);
+    expect(rows.map((r) => r.api_key_id)).toEqual([key.id, key.id, key.id, other.id, other.id, other.id, null, null, null]);
+    expect(Number((await keyOf(user, key.id)).spent)).toBe(Number(costOf(rows.slice(0, 3))));
+    expect(Number((await keyOf(user, other.id)).spent)).toBe(Number(costOf(rows.slice(3, 6))));
+    await expectConsistent(user);
+  });
+
+  it("ingestion's embedding calls do not count against the key's rpm (its budget only)", async () => {
+    const { user, folder, key } = await scopedSetup({ rpm: 1 });
+    await ingested(ctx.app, xApiKey(key.key), folder.id, DOCUMENT);
+    if (!withVectors()) return;
+    expect((await embeddings(user)).map((r) => r.api_key_id)).toEqual([key.id, key.id, key.id]);
+    // The minute's one model call is still the client's; the next is refused.
+    const context = { user_id: user.user.id, api_key_id: key.id };
+    await ctx.app.models.chat(chatRequest('fake-billed', context, { maxOutputTokens: 1 }));
+    await expect(ctx.app.models.chat(chatRequest('fake-billed', context, { maxOutputTokens: 1 }))).rejects.toBeInstanceOf(TooManyRequestsError);
+    await expectConsistent(user);
+  });
+
+  it('a key deleted while its upload is being embedded: the rest is paid by the account, still recorded under its id', async () => {
+    const user = await createUser(ctx.app);
+    // Less than a credit window's block of embedding calls: each call holds its own amount.
+    await grant(user, '0.00001');
+    const folder = await createFolder(ctx.app, user.headers);
+    const key = await createKey(ctx.app, user, { name: 'deleted midway', max_budget: '1' });
+    // The first call answers late; the key goes meanwhile.
+    fake.script('fake-embed', { chunkDelayMs: 300 });
+    const entry = await uploaded(ctx.app, xApiKey(key.key), folder.id, DOCUMENT);
+    if (withVectors()) await fake.waitFor((log) => log.some((r) => r.model === 'fake-embed'));
+    expect((await api('DELETE', `/api-keys/${key.id}`, user.headers)).statusCode).toBe(200);
+    const done = await settled(ctx.app, user.headers, entry.id);
+    expect(done).toMatchObject({ status: 'ready', error: null, chunk_count: 5 });
+    if (!withVectors()) return;
+    const rows = await embeddings(user);
+    expect(rows.map((r) => [r.api_key_id, r.status])).toEqual(Array.from({ length: 3 }, () => [key.id, 'success']));
+    expect(Number((await balanceOf(user)).balance)).toBe(Number(addCosts('0.00001', `-${costOf(rows)}`)));
     await expectConsistent(user);
   });
 });

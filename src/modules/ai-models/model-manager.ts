@@ -46,6 +46,11 @@ export interface CallContext {
   project_id?: string | null;
   agent_id?: string | null;
   run_id?: string | null;
+  /**
+   * The key's rpm does not count this call; its max_budget still does. For work one request
+   * queued in bulk, which the client cannot pace (a document's embedding batches).
+   */
+  rpm_exempt?: boolean;
 }
 
 export type Operation = 'chat' | 'stream' | 'embed';

@@ -156,6 +156,8 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
           size_bytes: stored.size,
           sha256: stored.sha256,
           storage_key: stored.key,
+          // The requester pays: a key's upload is embedded against that key's max_budget.
+          api_key_id: ctx.principal.apiKeyId,
         }),
       );
     });
@@ -211,9 +213,14 @@ export async function move(ctx: ServiceContext, id: string, folderId: string): P
   );
 }
 
-/** Indexes the entry again from its stored file: back to `pending`, and queued. A running ingestion loses its claim. */
+/**
+ * Indexes the entry again from its stored file: back to `pending`, and queued. A running ingestion
+ * loses its claim. The requester pays: the embeddings are charged to the key that asked (none for a
+ * signed-in user), whoever uploaded the document.
+ */
 export async function reindex(ctx: ServiceContext, id: string): Promise<KnowledgeEntry> {
   const entry = await entryCrud.update(ctx.db, ctx.principal, id, {
+    api_key_id: ctx.principal.apiKeyId,
     status: 'pending',
     error: null,
     attempts: 0,

@@ -16,7 +16,7 @@ import { and, eq, lt, or, sql } from 'drizzle-orm';
 
 import type { Settings } from '../../core/config.js';
 import { type Db, transaction } from '../../core/db.js';
-import { HttpError } from '../../core/errors.js';
+import { HttpError, PaymentRequiredError } from '../../core/errors.js';
 import type { Logger } from '../../core/logger.js';
 import type { JobQueue } from '../../core/queue.js';
 
@@ -121,15 +121,23 @@ async function withLocalCopy<T>(storage: StorageService, key: string, work: (pat
   }
 }
 
-/** The chunks' embeddings, batch by batch (KB_EMBED_BATCH), metered to the entry's owner; the claim is renewed after each batch. */
+/**
+ * The chunks' embeddings, batch by batch (KB_EMBED_BATCH), metered to the entry's owner and to the
+ * API key that asked for this indexing (its max_budget held and charged; a 402 fails the entry);
+ * the claim is renewed after each batch.
+ */
 async function embed(deps: IngestionDeps, entry: KnowledgeEntry, model: string, chunks: DocumentChunk[]): Promise<number[][]> {
   const vectors: number[][] = [];
   const batch = deps.settings.KB_EMBED_BATCH;
+  // Not the key's rpm: the client made one request, and a large document's dozens of batches
+  // counted as model calls per minute would fail it for a pace the client cannot set. The budget
+  // bounds what ingestion spends; see docs/decisions.md.
+  const context = { user_id: entry.owner_id, api_key_id: entry.api_key_id, project_id: entry.project_id, rpm_exempt: true };
   for (let start = 0; start < chunks.length; start += batch) {
     const result = await deps.models.embed({
       model,
       values: chunks.slice(start, start + batch).map((chunk) => chunk.text),
-      context: { user_id: entry.owner_id, project_id: entry.project_id },
+      context,
     });
     vectors.push(...result.embeddings);
     await renew(deps.db, deps.settings, entry);
@@ -309,6 +317,8 @@ async function* utf8Pieces(text: string): AsyncGenerator<Uint8Array> {
 function outcomeOf(error: unknown, entry: KnowledgeEntry, maxAttempts: number): { fail: string } | { retry: string } {
   if (error instanceof DocumentRejectedError) return { fail: `The document could not be read: ${error.message}` };
   if (error instanceof StorageNotFoundError) return { fail: 'The stored file is missing (deleted from storage, or the storage settings changed); upload the document again' };
+  // The meter's 402 (the key's max_budget, the account's credits) ends the entry: trying again changes nothing until the limit does.
+  if (error instanceof PaymentRequiredError) return { fail: `Embedding stopped: ${error.detail}; reindex the entry once the budget or balance allows it` };
   if (error instanceof HttpError && error.statusCode < 500) return { fail: error.detail };
   if (error instanceof HttpError) {
     const reason = error.detail;
