@@ -37,6 +37,8 @@ export const SettingsSchema = z.object({
   PGLITE_WASM_TIER_UP: bool.default(false),
   /** Run PGlite on a worker thread of its own, beside the main thread (see openPgliteLink in db.ts). */
   PGLITE_THREAD: bool.default(false),
+  /** PGLITE_THREAD's thread runs at this nice value (Linux): statements yield a busy core to the threads that answer requests. */
+  PGLITE_THREAD_NICE: int(0, 19).default(10),
   DATABASE_URL: z.preprocess(
     emptyAsUndefined,
     z.url({ protocol: /^postgres(ql)?$/, error: 'must be a postgres:// or postgresql:// URL (only PostgreSQL is supported); leave it unset for the embedded database' }).optional(),

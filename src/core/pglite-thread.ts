@@ -7,6 +7,11 @@ export interface PgliteThreadOptions {
   dataDir: string;
   /** Added to PGlite's default start parameters. */
   startParams: string[];
+  /**
+   * The thread's nice value (Linux; 0 leaves it as the process's): how much of a busy core the
+   * database's statements yield to the threads that answer requests (see PGLITE_THREAD_NICE).
+   */
+  nice?: number;
 }
 
 /**
@@ -17,7 +22,8 @@ export interface PgliteThreadOptions {
  */
 const THREAD = `
 const { parentPort, workerData } = require('node:worker_threads');
-const { existsSync } = require('node:fs');
+const { existsSync, readlinkSync } = require('node:fs');
+const { setPriority } = require('node:os');
 const { join } = require('node:path');
 const { PGlite } = require(workerData.pglite);
 const { vector } = require(workerData.vector);
@@ -32,6 +38,13 @@ async function open() {
     await pg.close();
     pg = await PGlite.create(dataDir, options);
   }
+}
+// This thread's own nice value: Linux schedules threads apart, and /proc/thread-self names this
+// one's id (elsewhere there is no such file and the thread keeps the process's priority).
+if (workerData.nice) {
+  try {
+    setPriority(Number(readlinkSync('/proc/thread-self').split('/').pop()), workerData.nice);
+  } catch {}
 }
 open().then(() => parentPort.postMessage({ open: true }), (e) => parentPort.postMessage({ open: false, error: failure(e) }));
 // As rawExchange in pglite-client.ts: the raw reply without PGlite's own parsing (and keeping) of it.

@@ -1,4 +1,4 @@
-import { cpSync, mkdtempSync, rmSync } from 'node:fs';
+import { cpSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
@@ -398,6 +398,27 @@ describe('PGlite on a thread of its own', () => {
     } finally {
       await database.close();
     }
+  }, 60_000);
+
+  it.skipIf(process.platform !== 'linux')('runs the thread at the nice value asked for (openDatabase: PGLITE_THREAD_NICE), the rest of the process as it was', async () => {
+    /** This process's threads' nice values (/proc/self/task/<tid>/stat, field 19). */
+    const niceValues = () =>
+      readdirSync('/proc/self/task').flatMap((tid) => {
+        try {
+          return [Number(readFileSync(`/proc/self/task/${tid}/stat`, 'utf8').split(') ')[1]!.split(' ')[16])];
+        } catch {
+          return []; // a thread that ended meanwhile
+        }
+      });
+    const before = niceValues();
+    const database = await openDatabase(loadSettings({ PGLITE_DATA_DIR: dataDir(), PGLITE_THREAD: 'true', PGLITE_THREAD_NICE: '7' }));
+    try {
+      await database.ping();
+      expect(niceValues().filter((nice) => nice === 7)).toHaveLength(before.filter((nice) => nice === 7).length + 1);
+    } finally {
+      await database.close();
+    }
+    expect(niceValues().filter((nice) => nice === 7)).toHaveLength(before.filter((nice) => nice === 7).length);
   }, 60_000);
 
   it('reports an error opening the database as the thread saw it', async () => {
