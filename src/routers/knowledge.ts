@@ -145,19 +145,21 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Upload Knowledge Entry',
         description:
           'A `multipart/form-data` body with the document in a field named `file` (txt, md, html, pdf, docx, csv, json). Answers **201** with the entry, `status: pending`; ingestion runs in the background. ' +
-          'A name taken in the folder gets a number (`report (1).pdf`). Over KB_MAX_FILE_BYTES, or over what is left of KB_MAX_BYTES_PER_USER: 413 with the figures, answered as soon as the size is known (from Content-Length, or while the file arrives).',
+          'A name taken in the folder gets a number (`report (1).pdf`). Over KB_MAX_FILE_BYTES, or over what is left of KB_MAX_BYTES_PER_USER: 413 with the figures, answered as soon as the size is known (from Content-Length, or while the file arrives). ' +
+          'When EMBEDDING_MODEL is set and priced: 402 before the file is read if billing is on and the account has no credits available, or the API key\'s `max_budget` is used up (only that something is left is checked: a document\'s cost is known once it is chunked; a limit reached while it is embedded fails the entry).',
         tags,
         consumes: ['multipart/form-data'],
         form: { file: 'The document: plain text, Markdown, HTML, PDF, DOCX, CSV or JSON.' },
         params: KnowledgeFolderIdParams,
-        response: { 201: KnowledgeEntryPublic, 404: ErrorBody, 413: ErrorBody, ...authErrors },
+        response: { 201: KnowledgeEntryPublic, 402: ErrorBody, 404: ErrorBody, 413: ErrorBody, ...authErrors },
       },
     },
     async (request, reply) => {
       const ctx = contextOf(request);
       try {
         const folder = await folderCrud.getVisible(ctx.db, ctx.principal, request.params.folder_id, 'write');
-        const allowance = await entryService.uploadAllowance(ctx, folder.owner_id);
+        // Both before a byte of the file is read: a file that cannot be stored, or never embedded.
+        const [allowance] = await Promise.all([entryService.uploadAllowance(ctx, folder.owner_id), entryService.checkEmbeddingPayable(ctx, () => folder.owner_id)]);
         entryService.checkDeclaredSize(allowance, contentLengthOf(request), FORM_OVERHEAD_BYTES);
         if (!request.isMultipart()) throw missingFile();
         // busboy's own cap one byte past the allowance: the storage stream (maxBytes) refuses first, with the figures.
@@ -235,10 +237,11 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Reindex Knowledge Entry',
         description:
           'Ingests the stored file again (after a failure, or a change of EMBEDDING_MODEL or KB_SEARCH_LANGUAGE): **202**, `status: pending`. ' +
-          'The entry\'s chunks are cleared when the job starts and stored again as the file is read, so until it is `ready` search finds only the part indexed so far.',
+          'The entry\'s chunks are cleared when the job starts and stored again as the file is read, so until it is `ready` search finds only the part indexed so far. ' +
+          'Its embeddings count against the calling API key\'s `max_budget` and the owner\'s credits: 402 when EMBEDDING_MODEL is priced and nothing is left of either, as for an upload.',
         tags,
         params: KnowledgeEntryIdParams,
-        response: { 202: KnowledgeEntryPublic, 404: ErrorBody, ...authErrors },
+        response: { 202: KnowledgeEntryPublic, 402: ErrorBody, 404: ErrorBody, ...authErrors },
       },
     },
     async (request, reply) => {

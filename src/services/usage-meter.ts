@@ -26,13 +26,13 @@ import type { ModelMetrics } from '../core/metrics.js';
 
 import * as billingCrud from '../crud/billing.js';
 import type { CostEstimate, TokenUsage, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
-import { addCosts, costUnits, unitsCost, ZERO_USAGE } from '../modules/ai-models/index.js';
+import { costUnits, unitsCost, ZERO_USAGE } from '../modules/ai-models/index.js';
 import { isoFormatter } from '../utils/iso-time.js';
 import { type CounterStore, counterStore } from '../utils/rate-limit.js';
 import { storableText } from '../utils/text.js';
 import { type CreditBlock, CreditWindows } from './credit-window.js';
 import { type KeyLimits, loadKeyLimits } from './key-limits.js';
-import { formatMoney } from './money.js';
+import { formatMoney, notEnoughCreditsMessage, overBudgetMessage } from './money.js';
 
 export interface UsageMeterOptions {
   db: Db;
@@ -213,22 +213,15 @@ export class UsageMeterService implements UsageMeter {
   }
 
   private async notEnoughCredits(userId: string, estimate: CostEstimate): Promise<PaymentRequiredError> {
-    const { balance, reserved } = await billingCrud.getBalance(this.db, userId);
-    const available = formatMoney(addCosts(balance, `-${reserved}`));
-    const held = reserved === '0' || /^0(\.0*)?$/.test(reserved) ? '' : ` (${formatMoney(reserved)} of it held by calls in progress)`;
-    return new PaymentRequiredError(
-      `Not enough credits: balance ${formatMoney(balance)}${held}, available ${available}; this call to ${estimate.model} needs up to ${formatMoney(estimate.cost)}`,
-    );
+    const credits = await billingCrud.getBalance(this.db, userId);
+    return new PaymentRequiredError(`${notEnoughCreditsMessage(credits)}; this call to ${estimate.model} needs up to ${formatMoney(estimate.cost)}`);
   }
 
   private async overBudget(estimate: CostEstimate): Promise<PaymentRequiredError> {
     const keyId = estimate.context.api_key_id!;
     const limits = await loadKeyLimits(this.db, keyId);
     const spent = await billingCrud.keySpend(this.db, keyId);
-    return new PaymentRequiredError(
-      `API key budget exceeded: max_budget ${formatMoney(limits.max_budget ?? '0')}, spent ${formatMoney(spent.spent)}` +
-        `${/^0(\.0*)?$/.test(spent.reserved) ? '' : `, ${formatMoney(spent.reserved)} held by calls in progress`}; this call to ${estimate.model} needs up to ${formatMoney(estimate.cost)}`,
-    );
+    return new PaymentRequiredError(`${overBudgetMessage(limits.max_budget ?? '0', spent)}; this call to ${estimate.model} needs up to ${formatMoney(estimate.cost)}`);
   }
 
   private reservation(held: Held): UsageReservation {

@@ -1,4 +1,7 @@
 import { randomUUID } from 'node:crypto';
+import { existsSync, readdirSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
 
 import { and, eq, sql } from 'drizzle-orm';
 import { describe, expect, it, vi } from 'vitest';
@@ -15,7 +18,7 @@ import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, expectValidationError, type ListBody, sleep, UUID, xApiKey } from '../helpers/http.js';
-import { createFolder, ingested, settled, uploaded } from '../helpers/knowledge.js';
+import { createFolder, type EntryBody, ingested, multipartBody, settled, upload, uploaded } from '../helpers/knowledge.js';
 import { chatRequest, useFakeModels } from '../helpers/metered-models.js';
 
 // Knowledge-base ingestion embeds with `fake-embed`, 2 chunks a call (where pgvector exists: PGlite).
@@ -507,6 +510,135 @@ describe('knowledge-base ingestion through an API key', () => {
     await ctx.app.meter.idle();
     return (await api('GET', `/api-keys/${id}`, user.headers)).json<{ spent: string; max_budget: string | null }>();
   }
+
+  /** Files under the user's part of the knowledge-base storage (local backend). */
+  function storedFiles(user: TestUser): string[] {
+    const dir = join(ctx.app.settings.dataDir, 'storage', 'knowledge-base', user.user.id);
+    if (!existsSync(dir)) return [];
+    return readdirSync(dir, { recursive: true, encoding: 'utf8' }).filter((name) => statSync(join(dir, name)).isFile());
+  }
+
+  /** Spends `amount` (whole credits) of the key's budget and the account's balance with one chat call through it. */
+  async function spend(user: TestUser, keyId: string, amount: number) {
+    fake.script('fake-billed', { text: 'ok', usage: { prompt_tokens: 1, completion_tokens: amount } });
+    await ctx.app.models.chat(chatRequest('fake-billed', { user_id: user.user.id, api_key_id: keyId }, { maxOutputTokens: amount }));
+    await ctx.app.meter.idle();
+  }
+
+  /** Takes the whole balance back (an adjustment): the account is left at 0. */
+  async function drain(user: TestUser) {
+    const { balance } = await balanceOf(user);
+    await grant(user, `-${balance}`, { type: 'adjustment' });
+    expect((await balanceOf(user)).available).toBe('0');
+  }
+
+  /**
+   * An upload whose form stops after the file's first bytes and never ends (Content-Length says
+   * more): only an answer given before the file is read can end it.
+   */
+  function unfinishedUpload(headers: Record<string, string>, folderId: string) {
+    const { body, contentType } = multipartBody([DOCUMENT]);
+    let pushed = false;
+    const payload = new Readable({
+      read() {
+        if (pushed) return;
+        pushed = true;
+        this.push(body.subarray(0, body.indexOf('Lighthouses')));
+      },
+    });
+    return ctx.app.inject({
+      method: 'POST',
+      url: `/api/v1/knowledge-base/folders/${folderId}/upload`,
+      headers: { ...headers, 'content-type': contentType, 'content-length': String(body.length) },
+      payload,
+    });
+  }
+
+  async function entriesOf(user: TestUser) {
+    return (await api('GET', '/knowledge-base/entries', user.headers)).json<ListBody<EntryBody>>();
+  }
+
+  it('an upload through a key whose max_budget is used up answers 402 naming it, before the file is read: no entry, nothing stored, nothing embedded', async () => {
+    const { user, folder, key } = await scopedSetup({ max_budget: '5' });
+    await grant(user, '100');
+    await spend(user, key.id, 5);
+    fake.reset();
+    if (!withVectors()) {
+      // Nothing would be embedded (no pgvector), so nothing to pay: taken as before.
+      await uploaded(ctx.app, xApiKey(key.key), folder.id, DOCUMENT);
+      return;
+    }
+    const response = await unfinishedUpload(xApiKey(key.key), folder.id);
+    expect(response.statusCode, response.body).toBe(402);
+    expect(response.json()).toEqual({ detail: 'API key budget exceeded: max_budget 5, spent 5; nothing is left to embed this document with fake-embed' });
+    // The same for a whole form.
+    expect((await upload(ctx.app, xApiKey(key.key), folder.id, DOCUMENT)).statusCode).toBe(402);
+    expect((await entriesOf(user)).count).toBe(0);
+    expect(storedFiles(user)).toEqual([]);
+    expect(fake.requestsFor('fake-embed')).toHaveLength(0);
+    // Nothing held, nothing charged by the refusal.
+    expect((await keyOf(user, key.id)).spent).toBe('5');
+    await expectConsistent(user);
+  });
+
+  it('with billing on, an upload for an account with no credits available answers 402 naming the balance, storing nothing', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    if (!withVectors()) {
+      await uploaded(ctx.app, user.headers, folder.id, DOCUMENT);
+      return;
+    }
+    const response = await upload(ctx.app, user.headers, folder.id, DOCUMENT);
+    expect(response.statusCode, response.body).toBe(402);
+    expect(response.json()).toEqual({ detail: 'Not enough credits: balance 0, available 0; nothing is left to embed this document with fake-embed' });
+    // Through a key with budget to spare: the account is still empty.
+    const key = await createKey(ctx.app, user, { name: 'budgeted', max_budget: '10' });
+    expect((await upload(ctx.app, xApiKey(key.key), folder.id, DOCUMENT)).json()).toEqual(response.json());
+    expect((await entriesOf(user)).count).toBe(0);
+    expect(storedFiles(user)).toEqual([]);
+  });
+
+  it('a reindex that cannot be paid answers 402 the same (the key: its max_budget; the signed-in user: the balance), leaving the entry as it was', async () => {
+    const { user, folder, key } = await scopedSetup({ max_budget: '5' });
+    const entry = await ingested(ctx.app, xApiKey(key.key), folder.id, DOCUMENT);
+    await grant(user, '100');
+    await spend(user, key.id, 4);
+    // The key's cap lowered to what it has spent (the document's embeddings and the call).
+    const { spent } = await keyOf(user, key.id);
+    expect((await api('PATCH', `/api-keys/${key.id}`, user.headers, { max_budget: spent })).statusCode).toBe(200);
+    const reindex = (headers: Record<string, string>) => api('POST', `/knowledge-base/entries/${entry.id}/reindex`, headers);
+    if (!withVectors()) {
+      expect((await reindex(xApiKey(key.key))).statusCode).toBe(202);
+      return;
+    }
+    fake.reset();
+    const byKey = await reindex(xApiKey(key.key));
+    expect(byKey.statusCode, byKey.body).toBe(402);
+    expect(byKey.json<{ detail: string }>().detail).toBe(`API key budget exceeded: max_budget ${spent}, spent ${spent}; nothing is left to embed this document with fake-embed`);
+    await drain(user);
+    const byUser = await reindex(user.headers);
+    expect(byUser.statusCode, byUser.body).toBe(402);
+    expect(byUser.json<{ detail: string }>().detail).toBe('Not enough credits: balance 0, available 0; nothing is left to embed this document with fake-embed');
+    // An entry the caller cannot see is still 404, not 402.
+    const stranger = await createUser(ctx.app);
+    expect((await reindex(stranger.headers)).statusCode).toBe(404);
+    await sleep(50);
+    expect((await api('GET', `/knowledge-base/entries/${entry.id}`, user.headers)).json()).toMatchObject({ status: 'ready', chunk_count: 5, error: null });
+    const [row] = await ctx.database.db.execute(sql`select api_key_id from knowledge_entries where id = ${entry.id}`).then((r) => (r as { rows: { api_key_id: string | null }[] }).rows);
+    expect(row!.api_key_id).toBe(key.id);
+    expect(fake.requestsFor('fake-embed')).toHaveLength(0);
+  });
+
+  it('a key with budget left, on an account with credits left, uploads and reindexes as before (only that something is left is checked)', async () => {
+    const { user, folder, key } = await scopedSetup({ max_budget: '5' });
+    await grant(user, '100');
+    await spend(user, key.id, 4);
+    const entry = await ingested(ctx.app, xApiKey(key.key), folder.id, DOCUMENT);
+    const response = await api('POST', `/knowledge-base/entries/${entry.id}/reindex`, xApiKey(key.key));
+    expect(response.statusCode, response.body).toBe(202);
+    expect(await settled(ctx.app, user.headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: 5 });
+    await expectConsistent(user);
+  });
 
   it("a project-scoped key's upload is embedded against its max_budget: the key's spent grows by the cost, the usage records and the summary name it", async () => {
     const { user, project, folder, key } = await scopedSetup({ max_budget: '1' });

@@ -207,7 +207,7 @@ describe('upload', () => {
     expect(operation.requestBody).toMatchObject({
       content: { 'multipart/form-data': { schema: { type: 'object', required: ['file'], properties: { file: { type: 'string', format: 'binary' } } } } },
     });
-    expect(Object.keys(operation.responses as object).sort()).toEqual(['201', '401', '403', '404', '413', '422']);
+    expect(Object.keys(operation.responses as object).sort()).toEqual(['201', '401', '402', '403', '404', '413', '422']);
   });
 
   it('answers 404 for another user\'s folder and a missing one, storing nothing', async () => {

@@ -4,18 +4,21 @@ import type { Readable } from 'node:stream';
 import { sql } from 'drizzle-orm';
 
 import { transaction } from '../../core/db.js';
-import { ConflictError, PayloadTooLargeError, UnprocessableError } from '../../core/errors.js';
+import { ConflictError, PayloadTooLargeError, PaymentRequiredError, UnprocessableError } from '../../core/errors.js';
 
 import { knowledgeEntries, type KnowledgeEntry, type KnowledgeFolder, knowledgeFolders } from '../../models/index.js';
 
 import { type KnowledgeEntryListQuery, type KnowledgeEntryUpdate, nameProblem, normalizeName } from '../../schemas/knowledge.js';
 
+import * as billingCrud from '../../crud/billing.js';
 import { counts, entryCrud, entryNames, folderCrud, folderPolicy, ownRows, usedBytes, writeUniquelyNamed } from '../../crud/knowledge.js';
 import { matching } from '../../crud/owned.js';
 import * as userCrud from '../../crud/user.js';
 import { SNIFF_HEAD_BYTES,sniffFormat } from '../../modules/knowledge/sniff.js';
 import { type DocumentFormat, DocumentRejectedError } from '../../modules/knowledge/types.js';
 import type { ServiceContext } from '../context.js';
+import { loadKeyLimits } from '../key-limits.js';
+import { availableCredits, budgetLeft, notEnoughCreditsMessage, nothingLeft, overBudgetMessage } from '../money.js';
 import { type OpenedFile, StorageTooLargeError } from '../storage-service.js';
 import { hasVectorTable } from './embeddings.js';
 import { deleteStoredFiles, entryKey, knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
@@ -59,6 +62,47 @@ export function checkDeclaredSize(allowance: UploadAllowance, contentLength: num
   if (contentLength === undefined) return;
   const fileAtLeast = contentLength - formOverhead;
   if (fileAtLeast > allowance.max) throw tooLarge(allowance, fileAtLeast, true);
+}
+
+// ==================== Payment ====================
+
+/** The model ingestion will embed with, when it will embed at all and at a price (null otherwise). */
+async function pricedEmbeddingModel(ctx: ServiceContext): Promise<string | null> {
+  const id = ctx.settings.EMBEDDING_MODEL;
+  // As ingestion decides: without the vector table (no pgvector) nothing is embedded.
+  if (!id || !(await hasVectorTable(ctx.db))) return null;
+  const info = ctx.models.getModel(id);
+  // An unknown model fails the ingestion in words; a free one (a million tokens cost nothing) is never refused by the meter.
+  if (!info || ctx.models.worstCase(info, 1_000_000, 0).cost === '0') return null;
+  return info.id;
+}
+
+/**
+ * 402 at once for an upload or reindex whose embeddings cannot be paid at all: billing on and the
+ * owner's account with no credit available, or the requesting key's `max_budget` used up (what
+ * the meter would refuse the first embedding call for, after the entry was taken). What the whole
+ * document costs is unknown until it is chunked, so this asks only that something be left; the
+ * meter still holds each batch's worst case, and a limit reached midway fails the entry
+ * ("Embedding stopped: …"). Nothing is held here. One round trip: the balance and the key's
+ * spend together (the key's limits come with its authentication); `ownerOf`, whose account pays,
+ * is asked first, only when there is something to check (a reindex reads its entry for it: two).
+ */
+export async function checkEmbeddingPayable(ctx: ServiceContext, ownerOf: () => string | Promise<string>): Promise<void> {
+  const { principal, settings } = ctx;
+  const keyId = principal.apiKeyId;
+  if (!settings.BILLING_ENABLED && keyId === null) return;
+  const model = await pricedEmbeddingModel(ctx);
+  if (model === null) return;
+  const maxBudget = keyId === null ? null : (principal.apiKeyLimits ?? (await loadKeyLimits(ctx.db, keyId))).max_budget;
+  if (!settings.BILLING_ENABLED && maxBudget === null) return;
+  // The owner first (its 404 before any 402), its balance read as soon as it is known.
+  const [credits, spend] = await Promise.all([
+    Promise.resolve(ownerOf()).then((ownerId) => (settings.BILLING_ENABLED ? billingCrud.getBalance(ctx.db, ownerId) : null)),
+    maxBudget === null ? null : billingCrud.keySpend(ctx.db, keyId!),
+  ]);
+  const needs = `nothing is left to embed this document with ${model}`;
+  if (credits && nothingLeft(availableCredits(credits))) throw new PaymentRequiredError(`${notEnoughCreditsMessage(credits)}; ${needs}`);
+  if (spend && nothingLeft(budgetLeft(maxBudget!, spend))) throw new PaymentRequiredError(`${overBudgetMessage(maxBudget!, spend)}; ${needs}`);
 }
 
 // ==================== Upload ====================
@@ -216,9 +260,11 @@ export async function move(ctx: ServiceContext, id: string, folderId: string): P
 /**
  * Indexes the entry again from its stored file: back to `pending`, and queued. A running ingestion
  * loses its claim. The requester pays: the embeddings are charged to the key that asked (none for a
- * signed-in user), whoever uploaded the document.
+ * signed-in user), whoever uploaded the document. 402 when they cannot be paid at all (checkEmbeddingPayable).
  */
 export async function reindex(ctx: ServiceContext, id: string): Promise<KnowledgeEntry> {
+  // The owner's credits pay (a superuser may reindex another user's entry); 404 before 402.
+  await checkEmbeddingPayable(ctx, async () => (await entryCrud.getVisible(ctx.db, ctx.principal, id, 'write')).owner_id);
   const entry = await entryCrud.update(ctx.db, ctx.principal, id, {
     api_key_id: ctx.principal.apiKeyId,
     status: 'pending',
