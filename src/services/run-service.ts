@@ -19,7 +19,7 @@ import { closePending, finishRun, queueRun, type RunDeps, runEvent, runView } fr
 import { addCosts } from '../modules/ai-models/index.js';
 import { catalogModel } from './agent-service.js';
 import type { ServiceContext } from './context.js';
-import { formatMoney } from './money.js';
+import { availableCredits, formatMoney } from './money.js';
 import * as threadService from './thread-service.js';
 
 const CHARS_PER_TOKEN = 4;
@@ -96,8 +96,7 @@ async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, 
   const inputTokens = Math.ceil(promptChars / CHARS_PER_TOKEN);
   // The manager's own worst case (the model's output limit caps the default): what the first call will reserve.
   const { cost: needed } = ctx.models.worstCase(info, inputTokens, agent.max_output_tokens ?? undefined);
-  const { balance, reserved } = await (balanceRead ?? billingCrud.getBalance(ctx.db, ownerId));
-  const available = addCosts(balance, `-${reserved}`);
+  const available = availableCredits(await (balanceRead ?? billingCrud.getBalance(ctx.db, ownerId)));
   if (addCosts(available, `-${needed}`).startsWith('-')) {
     throw new PaymentRequiredError(`Not enough credits to start this run: available ${formatMoney(available)}; its first step with ${info.id} needs up to ${formatMoney(needed)}`);
   }
