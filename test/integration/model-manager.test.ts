@@ -494,6 +494,15 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
     expect(server.log[0]!.chunksSent * 100).toBeGreaterThan(small); // each event is far more than its text
   });
 
+  it("the manager's word to the limited fetch (what answer to expect) never reaches the upstream", async () => {
+    server.script('fake-chat', { chunks: ['a', 'b'] });
+    for await (const event of limited().stream({ model: 'fake-chat', messages: hello, tools })) void event;
+    server.script('fake-embed', {});
+    await limited().embed({ model: 'fake-embed', values: ['hello', 'world'] });
+    expect(server.log.length).toBeGreaterThanOrEqual(2);
+    for (const request of server.log) expect(Object.keys(request.headers).filter((name) => name.startsWith('x-keel'))).toEqual([]);
+  });
+
   it('a stream event that does not end is not held past the limit (the SDK would assemble it): 502 at once, the connection closed', async () => {
     server.script('fake-chat', { rawBody: `data: {"choices":[{"index":0,"delta":{"content":"${'x'.repeat(1024 * 1024)}`, holdOpen: true });
     const started = Date.now();

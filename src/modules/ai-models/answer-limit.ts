@@ -12,50 +12,39 @@ import { ModelAnswerLimitError } from './errors.js';
 export const answerTooLong = (maxBytes: number): ModelAnswerLimitError => new ModelAnswerLimitError(502, `The model's answer exceeded ${maxBytes} bytes`);
 
 /**
- * The request asked for a stream: Google's streaming method (in the URL), else a top-level
- * `"stream": true` in the JSON body (OpenAI, openai-compatible, Anthropic). The body is parsed only
- * when the text is in it: inside a JSON string a quote is escaped, so only a key can match, and a
- * non-streamed call rarely has one — but a tool schema or a provider option may, hence the parse.
+ * What the manager expects of an answer, told to this fetch in a request header that it takes off
+ * before the request leaves (the SDK passes a call's `headers` through to `fetch`): `stream` for
+ * its two stream paths, the number of vectors for an embeddings call. Told rather than guessed from
+ * the request: a body parsed to find `"stream": true` cost a parse of every streamed call's prompt
+ * (up to GATEWAY_BODY_LIMIT_BYTES of images), and each provider names its methods its own way.
  */
-function asksForStream(input: string | URL | Request, init: RequestInit | undefined): boolean {
-  if (urlOf(input).includes(':streamGenerateContent')) return true;
-  const body = init?.body;
-  if (typeof body !== 'string' || !body.includes('"stream":true')) return false;
-  try {
-    return (JSON.parse(body) as { stream?: unknown }).stream === true;
-  } catch {
-    return false;
-  }
-}
+const ANSWER_HEADER = 'x-keel-answer';
+export const STREAM_ANSWER = { [ANSWER_HEADER]: 'stream' } as const;
+export const vectorsAnswer = (count: number): Record<string, string> => ({ [ANSWER_HEADER]: String(count) });
 
 /**
  * What one vector of an embeddings answer may take beyond MODEL_MAX_RESPONSE_BYTES: the vectors
  * come as JSON numbers (~20 bytes a dimension), so a batch the client may legitimately ask for
  * (OpenAI takes 2,048 inputs; 3,072 dimensions are usual) answers with far more than one chat
  * answer's limit. 128 KiB holds 4,096 dimensions at 32 bytes each; the answer stays bounded by what
- * the request asked for.
+ * the request asked for (an embeddings call the SDK splits is allowed its whole count per request).
  */
 const EMBEDDING_ANSWER_BYTES = 128 * 1024;
 
-/**
- * The vectors an embeddings request asks for (0 for any other request): OpenAI's and compatible
- * servers' `/embeddings` (`input`, a list or one value), Google's `:batchEmbedContents`
- * (`requests`) and `:embedContent` (one).
- */
-function embeddingsAskedFor(url: string, init: RequestInit | undefined): number {
-  const path = url.split('?')[0]!;
-  if (path.endsWith(':embedContent')) return 1;
-  const batch = path.endsWith('/embeddings') ? 'input' : path.endsWith(':batchEmbedContents') ? 'requests' : undefined;
-  if (!batch || typeof init?.body !== 'string') return 0;
-  try {
-    const asked = (JSON.parse(init.body) as Record<string, unknown>)[batch];
-    return Array.isArray(asked) ? asked.length : 1;
-  } catch {
-    return 0;
+/** The request without the manager's header, and what that header said (provider-utils sends headers as a record, lower-cased). */
+function takeExpectation(init: RequestInit | undefined): { init: RequestInit | undefined; expected: string | undefined } {
+  const headers = init?.headers;
+  if (headers instanceof Headers) {
+    const expected = headers.get(ANSWER_HEADER) ?? undefined;
+    if (expected === undefined) return { init, expected };
+    const rest = new Headers(headers);
+    rest.delete(ANSWER_HEADER);
+    return { init: { ...init, headers: rest }, expected };
   }
+  if (!headers || Array.isArray(headers) || !(ANSWER_HEADER in headers)) return { init, expected: undefined };
+  const { [ANSWER_HEADER]: expected, ...rest } = headers as Record<string, string>;
+  return { init: { ...init, headers: rest }, expected };
 }
-
-const urlOf = (input: string | URL | Request): string => (typeof input === 'string' ? input : input instanceof URL ? input.href : input.url);
 
 /**
  * A non-streamed body: it is read whole (the SDK's JSON handlers), so its total is what is held —
@@ -121,13 +110,15 @@ function eventLimit(maxBytes: number): TransformStream<Uint8Array, Uint8Array> {
  * passes the error on).
  */
 export function limitedFetch(maxBytes: number): typeof globalThis.fetch {
-  return async (input, init) => {
+  return async (input, asked) => {
+    const { init, expected } = takeExpectation(asked);
     const response = await fetch(input, init);
     const { body } = response;
     if (!body) return response;
     // An error answer is read whole (the SDK's error handlers), whatever was asked.
-    const stream = response.ok && asksForStream(input, init);
-    const total = stream || !response.ok ? maxBytes : Math.max(maxBytes, embeddingsAskedFor(urlOf(input), init) * EMBEDDING_ANSWER_BYTES);
+    const stream = response.ok && expected === 'stream';
+    const vectors = response.ok && !stream ? Number(expected ?? 0) : 0;
+    const total = Math.max(maxBytes, vectors * EMBEDDING_ANSWER_BYTES);
     if (!stream && Number(response.headers.get('content-length')) > total) {
       // Said up front: not a byte of it is read.
       await body.cancel().catch(() => {});

@@ -28,6 +28,7 @@ import {
 import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings } from 'ai/internal';
 
 import { CallerAbort, type CallerSignal } from './abort.js';
+import { STREAM_ANSWER, vectorsAnswer } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
 import { type AbortLike, type ChatWire, undeclaredToolCall as wireToolCall, type WireCall, wireMessages } from './chat-wire.js';
 import { computeCost, countableUsage, estimateCost } from './cost.js';
@@ -772,6 +773,7 @@ export class ModelManager {
         model: this.options.providers.embeddingModel(model.provider, model.id),
         values: request.values,
         maxRetries: 0,
+        headers: vectorsAnswer(request.values.length),
         abortSignal: attempt.signal,
       });
       // embedMany reports NaN tokens when the provider sent no usage: unknown, estimated (see `price`).
@@ -789,7 +791,7 @@ export class ModelManager {
     if (wired) return { parts: await wired.wire.stream(wired.call, attempt.signal, this.options.maxResponseBytes), responseMessages: directResponseMessages };
     const languageModel = this.directModel(request, model);
     if (languageModel) {
-      const { stream } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, model, attempt)), includeRawChunks: false });
+      const { stream } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, model, attempt)), headers: STREAM_ANSWER, includeRawChunks: false });
       return {
         parts: (async function* () {
           for await (const part of stream) {
@@ -805,7 +807,7 @@ export class ModelManager {
         responseMessages: directResponseMessages,
       };
     }
-    const sdk = streamText({ ...this.sdkOptions(request, model), abortSignal: attempt.signal, onError: () => {} });
+    const sdk = streamText({ ...this.sdkOptions(request, model), headers: STREAM_ANSWER, abortSignal: attempt.signal, onError: () => {} });
     return {
       parts: (async function* () {
         for await (const part of sdk.fullStream) {
