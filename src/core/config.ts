@@ -25,6 +25,9 @@ export const SEARCH_LANGUAGES = [
   'spanish', 'swedish', 'tamil', 'turkish', 'yiddish',
 ] as const;
 
+/** The longest a credit window's block serves calls (services/credit-window.ts): part of what a reservation must outlast. */
+export const CREDIT_BLOCK_MAX_AGE_MS = 30_000;
+
 export const SettingsSchema = z.object({
   ENVIRONMENT: z.enum(['local', 'staging', 'production']).default('local'),
   PROJECT_NAME: z.string().min(1).default('Keel'),
@@ -295,7 +298,7 @@ export function loadSettings(source: Record<string, string | undefined> = readEn
     raw.MODEL_STREAM_TIMEOUT_MS,
     raw.MODEL_TIMEOUT_MS * (raw.MODEL_MAX_RETRIES + 1) + raw.MODEL_RETRY_MAX_WAIT_MS * raw.MODEL_MAX_RETRIES,
   );
-  const heldSeconds = Math.ceil((longestCallMs + 30_000) / 1000);
+  const heldSeconds = Math.ceil((longestCallMs + CREDIT_BLOCK_MAX_AGE_MS) / 1000);
   if (raw.BILLING_RESERVATION_TTL_SECONDS <= heldSeconds) {
     throw new ConfigError(
       `BILLING_RESERVATION_TTL_SECONDS: must be more than ${heldSeconds} s, the longest a model call holds its reservation (MODEL_STREAM_TIMEOUT_MS, or MODEL_TIMEOUT_MS × (MODEL_MAX_RETRIES + 1) + MODEL_RETRY_MAX_WAIT_MS × MODEL_MAX_RETRIES, and 30 s of a credit window block's age); got ${raw.BILLING_RESERVATION_TTL_SECONDS}`,

@@ -33,6 +33,7 @@
 import { randomUUID } from 'node:crypto';
 import { setImmediate as setImmediatePromise } from 'node:timers/promises';
 
+import { CREDIT_BLOCK_MAX_AGE_MS } from '../core/config.js';
 import type { Db } from '../core/db.js';
 
 import * as billingCrud from '../crud/billing.js';
@@ -85,7 +86,7 @@ export class CreditWindows {
 
   constructor(private readonly options: CreditWindowOptions) {
     // A block's row expires after the TTL: it must retire well before, and its calls end before the TTL too.
-    this.maxAgeMs = Math.min((options.ttlSeconds * 1000) / 2, 30_000);
+    this.maxAgeMs = Math.min((options.ttlSeconds * 1000) / 2, CREDIT_BLOCK_MAX_AGE_MS);
   }
 
   /** Holds `units` (see `costUnits`) from the user's block in memory; undefined when the block cannot (take one, or hold per call). */
