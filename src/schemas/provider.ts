@@ -6,7 +6,11 @@ import { Id, Timestamp } from './common.js';
 /** How models name the provider: lower case, digits, `-`, `_`, `.` (`ollama`, `openrouter`). */
 const ProviderName = z.string().regex(/^[a-z0-9][a-z0-9._-]{0,63}$/, { error: 'Use lower-case letters, digits, ".", "_" or "-" (at most 64)' });
 const BaseUrl = z.url({ protocol: /^https?$/ }).max(2048);
-const HeaderName = z.string().regex(/^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$/, { error: 'Not an HTTP header name' });
+const HeaderName = z
+  .string()
+  .regex(/^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$/, { error: 'Not an HTTP header name' })
+  // Keel's own: the model manager tells the SDK's fetch what answer to expect in one (answer-limit.ts).
+  .refine((name) => !name.toLowerCase().startsWith('x-keel-'), { error: 'Header names starting with x-keel- are reserved for Keel' });
 const Headers = z.record(HeaderName, z.string().max(8192)).refine((headers) => Object.keys(headers).length <= 20, { error: 'At most 20 headers' });
 
 const ProviderFields = {

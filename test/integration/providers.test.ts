@@ -63,6 +63,7 @@ describe('/providers', () => {
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'mistral' }), ['body', 'kind']);
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', base_url: 'ftp://example.com' }), ['body', 'base_url']);
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'bad header': 'v' } }), ['body', 'headers', 'bad header']);
+    expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'X-Keel-Answer': 'stream' } }), ['body', 'headers', 'X-Keel-Answer']);
   });
 
   it('keeps the API key and headers sealed: never in an answer, never in clear in the table', async () => {
