@@ -23,6 +23,13 @@ export interface PgliteThreadOptions {
 const HELD_BLOCK_MS = 10;
 
 /**
+ * The thread's young generation: its JavaScript makes little garbage (PGlite's calls and the
+ * replies' small wrappers; the replies' bytes live outside the heap), and V8's default for a
+ * worker keeps ~16 MB of it resident.
+ */
+const THREAD_YOUNG_GENERATION_MB = 3;
+
+/**
  * The word a held exchange's two sides agree on: the thread moves it from WAITING to ANSWERED (and
  * wakes the main thread) unless the main thread moved it to ASYNC first, having stopped blocking;
  * then the thread says so with a message. Both moves are compare-and-swaps, so exactly one side
@@ -158,6 +165,7 @@ export async function openPgliteThread(options: PgliteThreadOptions): Promise<Pg
   const heldState = new Int32Array(new SharedArrayBuffer(4));
   const worker = new Worker(THREAD, {
     eval: true,
+    resourceLimits: { maxYoungGenerationSizeMb: THREAD_YOUNG_GENERATION_MB },
     workerData: {
       ...options,
       pglite: require.resolve('@electric-sql/pglite'),

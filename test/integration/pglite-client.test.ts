@@ -530,8 +530,9 @@ describe('PGlite on a thread of its own', () => {
     await expect(openPgliteThread({ dataDir: dataDir(), startParams: ['-c', 'no_such_setting_at_all=1'] })).rejects.toThrow();
   }, 60_000);
 
-  it('serves openDatabase with pgvector and the session’s settings', async () => {
-    const database = await openDatabase(loadSettings({ PGLITE_DATA_DIR: dataDir(), PGLITE_THREAD: 'true' }));
+  // The default (a thread of its own) and PGLITE_THREAD=false (PGlite on this thread).
+  it.each(['true', 'false'])('serves openDatabase with pgvector and the session’s settings (PGLITE_THREAD=%s)', async (thread) => {
+    const database = await openDatabase(loadSettings({ PGLITE_DATA_DIR: dataDir(), PGLITE_THREAD: thread }));
     try {
       await database.withSession(async (session) => {
         await session.exec('create extension if not exists vector');
