@@ -38,8 +38,8 @@ export const SettingsSchema = z.object({
   PGLITE_DATA_DIR: optionalString,
   /** Also compile PGlite's busiest functions with V8's optimizing compiler (see openPglite in db.ts). */
   PGLITE_WASM_TIER_UP: bool.default(false),
-  /** Run PGlite on a worker thread of its own, beside the main thread (see openPgliteLink in db.ts). */
-  PGLITE_THREAD: bool.default(false),
+  /** Run PGlite on a worker thread of its own, beside the main thread (see openPgliteLink in db.ts); false: on the main thread. */
+  PGLITE_THREAD: bool.default(true),
   /** PGLITE_THREAD's thread runs at this nice value (Linux): statements yield a busy core to the threads that answer requests. */
   PGLITE_THREAD_NICE: int(0, 19).default(10),
   DATABASE_URL: z.preprocess(

@@ -211,10 +211,10 @@ async function openPglite(settings: Settings): Promise<Database> {
 }
 
 /**
- * PGlite on this thread (the default) or on a thread of its own (PGLITE_THREAD=true). On its own
- * thread its WebAssembly runs beside the HTTP server and the runner, but every round trip is a thread
- * hand-off while a transaction holds the one session: on 2 cores that cost agent runs more than it
- * gave (the gateway gained; measured, bench/RESULTS.md).
+ * PGlite on a thread of its own (PGLITE_THREAD, the default) or on this one. On its own thread its
+ * WebAssembly runs beside the HTTP server and the runner, on a second core; a transaction's
+ * statements are waited for on this thread (pglite-thread.ts: sendHeld), so the one session does
+ * not idle between them (measured against this thread, bench/RESULTS.md).
  */
 async function openPgliteLink(settings: Settings, dataDir: string): Promise<PgliteLink> {
   if (settings.PGLITE_THREAD) return openPgliteThread({ dataDir, startParams: PGLITE_SETTINGS, nice: settings.PGLITE_THREAD_NICE });

@@ -9,6 +9,12 @@ import { Parser } from 'pg-protocol/dist/parser.js';
  */
 export interface PgliteLink {
   send(message: Uint8Array): Promise<Uint8Array>;
+  /**
+   * An exchange while the session is held (a transaction's statements): nothing else goes out until
+   * it answers, so a link to another thread may wait for the answer on this one rather than leave
+   * the session idle until this thread's event loop comes round to it. `send` when absent.
+   */
+  sendHeld?(message: Uint8Array): Promise<Uint8Array>;
   close(): Promise<void>;
 }
 
@@ -106,7 +112,12 @@ export class PgliteStatementClient {
   readonly parsers: Parsers = { ...types.parsers };
   readonly serializers: Serializers = { ...types.serializers };
 
-  constructor(private readonly link: PgliteLink) {}
+  /** How a scope that holds the session sends. */
+  private readonly sendWhileHeld: Exchange;
+
+  constructor(private readonly link: PgliteLink) {
+    this.sendWhileHeld = link.sendHeld ? (message) => link.sendHeld!(message) : (message) => link.send(message);
+  }
 
   /** A client on `link`, with PGlite's parsers and serializers for every array type, as PGlite sets them up at open. */
   static async open(link: PgliteLink): Promise<PgliteStatementClient> {
@@ -207,7 +218,7 @@ export class PgliteStatementClient {
     if (this.held || this.waiters.length > 0) await new Promise<void>((start) => this.waiters.push({ start }));
     else this.held = true;
     try {
-      return await work((message) => this.link.send(message));
+      return await work(this.sendWhileHeld);
     } finally {
       this.release();
     }

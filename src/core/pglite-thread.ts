@@ -1,5 +1,5 @@
 import { createRequire } from 'node:module';
-import { Worker } from 'node:worker_threads';
+import { MessageChannel, receiveMessageOnPort, Worker } from 'node:worker_threads';
 
 import type { PgliteLink } from './pglite-client.js';
 
@@ -15,10 +15,51 @@ export interface PgliteThreadOptions {
 }
 
 /**
+ * How long the main thread blocks for the answer to an exchange made while the session is held (a
+ * transaction's statement) before it lets its event loop run and takes the answer as a message
+ * instead: a long statement (a reindex, a migration) must not stop the server. A transaction's
+ * usual statement answers well within a millisecond.
+ */
+const HELD_BLOCK_MS = 10;
+
+/**
+ * The thread's young generation: its JavaScript makes little garbage (PGlite's calls and the
+ * replies' small wrappers; the replies' bytes live outside the heap), and V8's default for a
+ * worker keeps ~16 MB of it resident.
+ */
+const THREAD_YOUNG_GENERATION_MB = 3;
+
+/**
+ * The word a held exchange's two sides agree on: the thread moves it from WAITING to ANSWERED (and
+ * wakes the main thread) unless the main thread moved it to ASYNC first, having stopped blocking;
+ * then the thread says so with a message. Both moves are compare-and-swaps, so exactly one side
+ * wins and the answer is taken exactly once.
+ */
+const WAITING = 0;
+const ANSWERED = 1;
+const ASYNC = 2;
+
+/**
+ * Blocks this thread until the word at 0 leaves WAITING, for `ms` at most. The word, not what
+ * Atomics.wait returns, says whether it left: the thread's notify for an earlier exchange comes just
+ * after it moved the word, and may wake the wait for the next one. Whether it left WAITING.
+ */
+export function blockWhileWaiting(state: Int32Array, ms: number): boolean {
+  const until = performance.now() + ms;
+  for (let left = ms; Atomics.load(state, 0) === WAITING; left = until - performance.now()) {
+    if (left <= 0) return false;
+    Atomics.wait(state, 0, WAITING, left);
+  }
+  return true;
+}
+
+/**
  * The thread's code. It is a script rather than a module file so that it runs the same from dist/
  * and from src/ (tsx, the tests), which a worker's file could not. It opens PGlite with pgvector
  * (a new directory twice: see openPglite in db.ts), then answers each batch of protocol messages
- * with their raw replies, in order; the replies' buffers are transferred, not copied.
+ * with their raw replies, in order; the replies' buffers are transferred, not copied. A held
+ * exchange (`held`) is answered in the same order, on a port of its own that nothing listens to:
+ * the main thread takes its answer there (receiveMessageOnPort) once the shared word says it is in.
  */
 const THREAD = `
 const { parentPort, workerData } = require('node:worker_threads');
@@ -63,7 +104,22 @@ async function exchange(message) {
 }
 // Batches are answered one after the other, in the order they came.
 let turn = Promise.resolve();
+const heldState = new Int32Array(workerData.heldState);
 parentPort.on('message', (m) => {
+  if (m.held) {
+    turn = turn.then(async () => {
+      try {
+        const reply = await exchange(new Uint8Array(m.held));
+        workerData.heldPort.postMessage(reply, [reply.buffer]);
+      } catch (e) {
+        workerData.heldPort.postMessage(failure(e));
+      }
+      // WAITING -> ANSWERED wakes a main thread that blocks; ASYNC: it stopped blocking, tell it.
+      if (Atomics.compareExchange(heldState, 0, ${WAITING}, ${ANSWERED}) === ${WAITING}) Atomics.notify(heldState, 0);
+      else parentPort.postMessage({ heldAnswered: true });
+    });
+    return;
+  }
   if (m.close) {
     turn = turn.then(() => pg.close()).then(() => parentPort.postMessage({ closed: true }), (e) => parentPort.postMessage({ closed: false, error: failure(e) }));
     return;
@@ -105,33 +161,52 @@ function asError(failure: Failure): Error {
  */
 export async function openPgliteThread(options: PgliteThreadOptions): Promise<PgliteLink> {
   const require = createRequire(import.meta.url);
+  const held = new MessageChannel();
+  const heldState = new Int32Array(new SharedArrayBuffer(4));
   const worker = new Worker(THREAD, {
     eval: true,
-    workerData: { ...options, pglite: require.resolve('@electric-sql/pglite'), vector: require.resolve('@electric-sql/pglite-pgvector') },
+    resourceLimits: { maxYoungGenerationSizeMb: THREAD_YOUNG_GENERATION_MB },
+    workerData: {
+      ...options,
+      pglite: require.resolve('@electric-sql/pglite'),
+      vector: require.resolve('@electric-sql/pglite-pgvector'),
+      heldPort: held.port2,
+      heldState: heldState.buffer,
+    },
+    transferList: [held.port2],
   });
   const waiting: { resolve: (reply: Uint8Array) => void; reject: (error: unknown) => void }[] = [];
   let outgoing: Uint8Array[] = [];
   let stopped: Error | null = null;
   let closing: ((failure?: Failure) => void) | null = null;
   let opening: ((failure?: Failure) => void) | null = null;
+  /** A held exchange that outlasted HELD_BLOCK_MS: told when its answer is in. */
+  let heldAsync: { resolve: () => void; reject: (error: unknown) => void } | null = null;
+  /** A held exchange is unanswered (one that waits asynchronously). */
+  let heldOut = false;
 
   const stop = (error: Error) => {
     stopped ??= error;
     for (const w of waiting.splice(0)) w.reject(stopped);
+    heldAsync?.reject(stopped);
+    heldAsync = null;
     opening?.({ message: error.message });
     closing?.();
   };
   worker.on('error', (error) => stop(error));
   worker.on('exit', (code) => stop(new Error(`the embedded database's thread stopped (exit code ${code})`)));
-  worker.on('message', (m: { open?: boolean; closed?: boolean; error?: Failure; replies?: (Uint8Array | Failure)[] }) => {
-    if (m.replies) {
+  worker.on('message', (m: { open?: boolean; closed?: boolean; error?: Failure; replies?: (Uint8Array | Failure)[]; heldAnswered?: true }) => {
+    if (m.heldAnswered) {
+      heldAsync?.resolve();
+      heldAsync = null;
+    } else if (m.replies) {
       for (const reply of m.replies) {
         const w = waiting.shift()!;
         if (reply instanceof Uint8Array) w.resolve(reply);
         else w.reject(asError(reply));
       }
       // Idle: the thread does not keep the process alive (nor did PGlite on the main thread).
-      if (waiting.length === 0) worker.unref();
+      if (waiting.length === 0 && !heldAsync) worker.unref();
     } else if (m.open !== undefined) opening?.(m.error);
     else if (m.closed !== undefined) closing?.(m.error);
   });
@@ -158,15 +233,54 @@ export async function openPgliteThread(options: PgliteThreadOptions): Promise<Pg
   }
   worker.unref();
 
+  const send = (message: Uint8Array) =>
+    new Promise<Uint8Array>((resolve, reject) => {
+      if (stopped) return reject(stopped);
+      if (waiting.length === 0) worker.ref();
+      waiting.push({ resolve, reject });
+      outgoing.push(message);
+      if (outgoing.length === 1) queueMicrotask(flush);
+    });
+
+  /** The answer of the held exchange just made, from its port (the state said it is in). */
+  const heldAnswer = (): Uint8Array => {
+    heldOut = false;
+    const reply = receiveMessageOnPort(held.port1)?.message as Uint8Array | Failure | undefined;
+    // Cannot happen: the thread posts the answer before it moves the state.
+    if (reply === undefined) throw new Error("the embedded database's thread lost an answer");
+    if (reply instanceof Uint8Array) return reply;
+    throw asError(reply);
+  };
+
   return {
-    send: (message) =>
-      new Promise((resolve, reject) => {
-        if (stopped) return reject(stopped);
-        if (waiting.length === 0) worker.ref();
-        waiting.push({ resolve, reject });
-        outgoing.push(message);
-        if (outgoing.length === 1) queueMicrotask(flush);
-      }),
+    send,
+    // The session is held: the thread's next work is this answer's caller's next statement. Waiting
+    // for it here, rather than for this event loop to come round to a message, keeps the one
+    // session from idling (and spares the loop a turn per statement). Not when something sent
+    // before is unanswered: the answer would wait behind it.
+    sendHeld: async (message) => {
+      if (stopped) throw stopped;
+      if (waiting.length > 0 || outgoing.length > 0 || heldOut) return send(message);
+      heldOut = true;
+      Atomics.store(heldState, 0, WAITING);
+      // A copy of its own to transfer (a Buffer may be a view of Node's shared pool).
+      const copy = new Uint8Array(message);
+      worker.postMessage({ held: copy.buffer }, [copy.buffer]);
+      blockWhileWaiting(heldState, HELD_BLOCK_MS);
+      // Still working: wait for the thread's message instead, unless the answer came in just now.
+      if (Atomics.compareExchange(heldState, 0, WAITING, ASYNC) === WAITING) {
+        worker.ref();
+        try {
+          await new Promise<void>((resolve, reject) => (heldAsync = { resolve, reject }));
+        } catch (error) {
+          heldOut = false;
+          throw error;
+        } finally {
+          if (waiting.length === 0) worker.unref();
+        }
+      }
+      return heldAnswer();
+    },
     close: async () => {
       if (stopped) return;
       worker.ref();

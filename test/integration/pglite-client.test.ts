@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
+import { Worker } from 'node:worker_threads';
 
 import { PGlite } from '@electric-sql/pglite';
 import { sql } from 'drizzle-orm';
@@ -11,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, inject, it, vi } from 'vitest';
 import { loadSettings } from '../../src/core/config.js';
 import { commitWithNextStatement, openDatabase, transaction } from '../../src/core/db.js';
 import { inProcessLink, type PgliteLink, PgliteStatementClient } from '../../src/core/pglite-client.js';
-import { openPgliteThread } from '../../src/core/pglite-thread.js';
+import { blockWhileWaiting, openPgliteThread } from '../../src/core/pglite-thread.js';
 
 const SCHEMA = `
   create type mood as enum ('calm', 'busy');
@@ -226,7 +227,8 @@ describe.each(Object.keys(links))('PgliteStatementClient, PGlite on %s', (where)
     const text = 'insert into items (name, n) values ($1, $2) returning name, n';
     await client.query(text, ['last-0', 0]);
     const link = (client as unknown as { link: PgliteLink }).link;
-    const send = vi.spyOn(link, 'send');
+    // A transaction's exchanges go through sendHeld where the link has it (PGlite on its own thread).
+    const send = vi.spyOn(link, link.sendHeld ? 'sendHeld' : 'send');
     try {
       const rows = await client.transaction(async (tx) => {
         await tx.query(text, ['last-1', 1]);
@@ -421,12 +423,116 @@ describe('PGlite on a thread of its own', () => {
     expect(niceValues().filter((nice) => nice === 7)).toHaveLength(before.filter((nice) => nice === 7).length);
   }, 60_000);
 
+  it('answers a transaction’s statements without a turn of the event loop, and a long one without blocking the loop past a few milliseconds', async () => {
+    const client = await PgliteStatementClient.open(await openPgliteThread({ dataDir: dataDir(), startParams: [] }));
+    try {
+      await client.query('select $1::int as n', [0]);
+      // Through messages, every answer waits for the event loop: an immediate queued before the
+      // statement runs first. Answered on this thread, it does not (asserted for one statement of
+      // 20, so that a slow moment of the machine past HELD_BLOCK_MS cannot fail it).
+      const withoutTurn = await client.transaction(async (tx) => {
+        let answeredFirst = 0;
+        for (let n = 0; n < 20; n++) {
+          let turned = false;
+          setImmediate(() => (turned = true));
+          expect((await tx.query<{ n: number }>('select $1::int as n', [n])).rows).toEqual([{ n }]);
+          if (!turned) answeredFirst++;
+        }
+        return answeredFirst;
+      });
+      expect(withoutTurn).toBeGreaterThan(0);
+
+      let ticks = 0;
+      const timer = setInterval(() => ticks++, 5);
+      const slept = await client.transaction(async (tx) => {
+        const first = await tx.query<{ n: number }>('select 1 as n');
+        // 400 ms on the database's thread: this thread blocks for HELD_BLOCK_MS of it at most, then its timers run.
+        const long = await tx.query<{ n: number }>('select 2 as n from pg_sleep(0.4)');
+        return [first.rows[0]!.n, long.rows[0]!.n];
+      });
+      clearInterval(timer);
+      expect(slept).toEqual([1, 2]);
+      expect(ticks).toBeGreaterThanOrEqual(10);
+    } finally {
+      await client.close();
+    }
+  }, 60_000);
+
+  it('blocks for a held answer until the shared word says it is in, not until the first wake-up (a late notify of the one before)', async () => {
+    // [0]: the word (0 waiting, 1 answered); [1]: the go signal for the other thread.
+    const shared = new Int32Array(new SharedArrayBuffer(8));
+    const other = new Worker(
+      `const { workerData } = require('node:worker_threads');
+       const shared = new Int32Array(workerData);
+       const sleep = (ms) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+       Atomics.wait(shared, 1, 0);
+       sleep(5);
+       Atomics.notify(shared, 0); // a wake-up with the word still 0
+       sleep(30);
+       Atomics.store(shared, 0, 1);
+       Atomics.notify(shared, 0);`,
+      { eval: true, workerData: shared.buffer },
+    );
+    try {
+      await new Promise((resolve) => other.once('online', resolve));
+      Atomics.store(shared, 1, 1);
+      Atomics.notify(shared, 1);
+      const began = performance.now();
+      expect(blockWhileWaiting(shared, 5_000)).toBe(true);
+      expect(Atomics.load(shared, 0)).toBe(1);
+      expect(performance.now() - began).toBeGreaterThanOrEqual(30);
+      // Never answered: false once the time is up.
+      const idle = new Int32Array(new SharedArrayBuffer(4));
+      const waited = performance.now();
+      expect(blockWhileWaiting(idle, 15)).toBe(false);
+      expect(performance.now() - waited).toBeGreaterThanOrEqual(14);
+    } finally {
+      await other.terminate();
+    }
+  });
+
+  it('gives each held statement its own answer when answers come about when the main thread stops blocking', async () => {
+    const client = await PgliteStatementClient.open(await openPgliteThread({ dataDir: dataDir(), startParams: [] }));
+    try {
+      // Statements of 0–20 ms around HELD_BLOCK_MS (10): some answered while blocked, some as
+      // messages, some as the main thread gives up; each must get its own row, in order.
+      for (let round = 0; round < 6; round++) {
+        const seen = await client.transaction(async (tx) => {
+          const values: number[] = [];
+          for (let n = 0; n < 12; n++) {
+            const ms = (n * 7 + round * 3) % 21;
+            values.push((await tx.query<{ n: number }>('select $1::int as n from pg_sleep($2::float8 / 1000)', [round * 100 + n, ms])).rows[0]!.n);
+          }
+          return values;
+        });
+        expect(seen).toEqual(Array.from({ length: 12 }, (_, n) => round * 100 + n));
+        // Single statements in between, several in flight, keep theirs too.
+        const singles = await Promise.all(Array.from({ length: 10 }, (_, n) => client.query<{ n: number }>('select $1::int as n', [-1 - n])));
+        expect(singles.map((r) => r.rows[0]!.n)).toEqual(Array.from({ length: 10 }, (_, n) => -1 - n));
+      }
+      // A held statement's error is its own, and the session goes on.
+      await expect(client.transaction((tx) => tx.query('select 1 / 0'))).rejects.toMatchObject({ code: '22012' });
+      expect((await client.query<{ n: number }>('select 3 as n')).rows).toEqual([{ n: 3 }]);
+      // Held and unheld exchanges keep their order: a transaction started while single statements are unanswered.
+      // (The insert is prepared first: a statement still being prepared would go out after the transaction.)
+      await client.exec('create table ordered (n int)');
+      await client.query('insert into ordered values ($1)', [-1]);
+      const inserts = Array.from({ length: 20 }, (_, n) => client.query('insert into ordered values ($1)', [n]));
+      const counted = await client.transaction(async (tx) => (await tx.query<{ count: number }>('select count(*)::int as count from ordered')).rows[0]!.count);
+      await Promise.all(inserts);
+      expect(counted).toBe(21);
+    } finally {
+      await client.close();
+    }
+  }, 60_000);
+
   it('reports an error opening the database as the thread saw it', async () => {
     await expect(openPgliteThread({ dataDir: dataDir(), startParams: ['-c', 'no_such_setting_at_all=1'] })).rejects.toThrow();
   }, 60_000);
 
-  it('serves openDatabase with pgvector and the session’s settings', async () => {
-    const database = await openDatabase(loadSettings({ PGLITE_DATA_DIR: dataDir(), PGLITE_THREAD: 'true' }));
+  // The default (a thread of its own) and PGLITE_THREAD=false (PGlite on this thread).
+  it.each(['true', 'false'])('serves openDatabase with pgvector and the session’s settings (PGLITE_THREAD=%s)', async (thread) => {
+    const database = await openDatabase(loadSettings({ PGLITE_DATA_DIR: dataDir(), PGLITE_THREAD: thread }));
     try {
       await database.withSession(async (session) => {
         await session.exec('create extension if not exists vector');
