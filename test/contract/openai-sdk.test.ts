@@ -20,9 +20,15 @@ import { apiError } from '../helpers/openai.js';
 
 const TIMEOUT_MS = 1_000;
 const STREAM_TIMEOUT_MS = 2_000;
+/**
+ * An answer's limit small enough that reading past it is quick beside TIMEOUT_MS: at the default
+ * (16 MiB) a loaded machine took longer than the attempt's timeout to read it, and the retry got
+ * the fake's plain answer (CI, PostgreSQL pass, 2026-12-04).
+ */
+const MAX_ANSWER_BYTES = 1024 * 1024;
 const logs = captureLogs('warn');
 const ctx = useTestApp(
-  { MODEL_TIMEOUT_MS: String(TIMEOUT_MS), MODEL_STREAM_TIMEOUT_MS: String(STREAM_TIMEOUT_MS), MODEL_MAX_RETRIES: '1', MODEL_RETRY_MAX_WAIT_MS: '50' },
+  { MODEL_TIMEOUT_MS: String(TIMEOUT_MS), MODEL_STREAM_TIMEOUT_MS: String(STREAM_TIMEOUT_MS), MODEL_MAX_RETRIES: '1', MODEL_RETRY_MAX_WAIT_MS: '50', MODEL_MAX_RESPONSE_BYTES: String(MAX_ANSWER_BYTES) },
   { logger: logs.logger },
 );
 const api = apiOf(ctx);
@@ -583,14 +589,16 @@ describe('the call path behind /v1', () => {
     const own = clientWith((await createKey(ctx.app, owner)).key);
     const limit = ctx.app.settings.MODEL_MAX_RESPONSE_BYTES;
     const message = `The model's answer exceeded ${limit} bytes`;
-    // Four times the limit in whitespace: JSON the SDK would have read whole and parsed.
-    const padBytes = 4 * limit;
+    // 64 times the limit in whitespace: JSON the SDK would have read whole and parsed.
+    const padBytes = 64 * limit;
     fake.script('fake-chat', { text: 'Hi', padBytes });
-    const chat = await apiError(own.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], tools: [{ type: 'function', function: { name: 'lookup', parameters: { type: 'object', properties: {} } } }] }));
+    // What the upstream saw, printed should the call not fail (a retry would show here).
+    const upstreamSaw = () => fake.log.map(({ model, path, reply, aborted, completed, bodyBytesSent }) => ({ model, path, reply, aborted, completed, bodyBytesSent }));
+    const chat = await apiError(own.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], tools: [{ type: 'function', function: { name: 'lookup', parameters: { type: 'object', properties: {} } } }] }), upstreamSaw);
     expect(chat.status).toBe(502);
     expect(chat.error).toEqual({ message, type: 'server_error', param: null, code: 'upstream_error' });
     fake.script('fake-embed', { padBytes });
-    const embed = await apiError(own.embeddings.create({ model: 'fake-embed', input: 'alpha' }));
+    const embed = await apiError(own.embeddings.create({ model: 'fake-embed', input: 'alpha' }), upstreamSaw);
     expect(embed.status).toBe(502);
     expect(embed.error).toEqual({ message, type: 'server_error', param: null, code: 'upstream_error' });
     await fake.waitFor((log) => log.length === 2 && log.every((r) => r.aborted));

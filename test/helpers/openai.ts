@@ -2,12 +2,15 @@
 import OpenAI from 'openai';
 import { expect } from 'vitest';
 
-/** The APIError a call (or the reading of a stream) rejects with. */
-export async function apiError(call: Promise<unknown>): Promise<InstanceType<typeof OpenAI.APIError>> {
+/**
+ * The APIError a call (or the reading of a stream) rejects with. `seen` tells, when it does not,
+ * what else would explain it (e.g. what the upstream received).
+ */
+export async function apiError(call: Promise<unknown>, seen?: () => unknown): Promise<InstanceType<typeof OpenAI.APIError>> {
   const error = await call.then(
     () => undefined,
     (e: unknown) => e,
   );
-  expect(error).toBeInstanceOf(OpenAI.APIError);
+  expect(error, seen && JSON.stringify(seen())).toBeInstanceOf(OpenAI.APIError);
   return error as InstanceType<typeof OpenAI.APIError>;
 }
