@@ -180,10 +180,8 @@ export async function openPgliteThread(options: PgliteThreadOptions): Promise<Pg
   let stopped: Error | null = null;
   let closing: ((failure?: Failure) => void) | null = null;
   let opening: ((failure?: Failure) => void) | null = null;
-  /** A held exchange that outlasted HELD_BLOCK_MS: told when its answer is in. */
+  /** A held exchange that outlasted HELD_BLOCK_MS, until its answer is taken: told when that answer is in. */
   let heldAsync: { resolve: () => void; reject: (error: unknown) => void } | null = null;
-  /** A held exchange is unanswered (one that waits asynchronously). */
-  let heldOut = false;
 
   const stop = (error: Error) => {
     stopped ??= error;
@@ -196,10 +194,8 @@ export async function openPgliteThread(options: PgliteThreadOptions): Promise<Pg
   worker.on('error', (error) => stop(error));
   worker.on('exit', (code) => stop(new Error(`the embedded database's thread stopped (exit code ${code})`)));
   worker.on('message', (m: { open?: boolean; closed?: boolean; error?: Failure; replies?: (Uint8Array | Failure)[]; heldAnswered?: true }) => {
-    if (m.heldAnswered) {
-      heldAsync?.resolve();
-      heldAsync = null;
-    } else if (m.replies) {
+    if (m.heldAnswered) heldAsync?.resolve();
+    else if (m.replies) {
       for (const reply of m.replies) {
         const w = waiting.shift()!;
         if (reply instanceof Uint8Array) w.resolve(reply);
@@ -244,7 +240,7 @@ export async function openPgliteThread(options: PgliteThreadOptions): Promise<Pg
 
   /** The answer of the held exchange just made, from its port (the state said it is in). */
   const heldAnswer = (): Uint8Array => {
-    heldOut = false;
+    heldAsync = null;
     const reply = receiveMessageOnPort(held.port1)?.message as Uint8Array | Failure | undefined;
     // Cannot happen: the thread posts the answer before it moves the state.
     if (reply === undefined) throw new Error("the embedded database's thread lost an answer");
@@ -260,8 +256,8 @@ export async function openPgliteThread(options: PgliteThreadOptions): Promise<Pg
     // before is unanswered: the answer would wait behind it.
     sendHeld: async (message) => {
       if (stopped) throw stopped;
-      if (waiting.length > 0 || outgoing.length > 0 || heldOut) return send(message);
-      heldOut = true;
+      // (Or a held exchange that took long is still unanswered.)
+      if (waiting.length > 0 || outgoing.length > 0 || heldAsync) return send(message);
       Atomics.store(heldState, 0, WAITING);
       // A copy of its own to transfer (a Buffer may be a view of Node's shared pool).
       const copy = new Uint8Array(message);
@@ -271,10 +267,8 @@ export async function openPgliteThread(options: PgliteThreadOptions): Promise<Pg
       if (Atomics.compareExchange(heldState, 0, WAITING, ASYNC) === WAITING) {
         worker.ref();
         try {
+          // Rejected by stop (which clears it) when the thread ends first.
           await new Promise<void>((resolve, reject) => (heldAsync = { resolve, reject }));
-        } catch (error) {
-          heldOut = false;
-          throw error;
         } finally {
           if (waiting.length === 0) worker.unref();
         }
