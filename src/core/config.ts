@@ -42,6 +42,11 @@ export const SettingsSchema = z.object({
   PGLITE_THREAD: bool.default(true),
   /** PGLITE_THREAD's thread runs at this nice value (Linux): statements yield a busy core to the threads that answer requests. */
   PGLITE_THREAD_NICE: int(0, 19).default(10),
+  /**
+   * PGLITE_THREAD's thread runs under SCHED_IDLE (Linux, util-linux `chrt`): it never delays a
+   * request's wake-ups, and it waits for as long as anything else keeps the cores busy.
+   */
+  PGLITE_THREAD_SCHED_IDLE: bool.default(false),
   DATABASE_URL: z.preprocess(
     emptyAsUndefined,
     z.url({ protocol: /^postgres(ql)?$/, error: 'must be a postgres:// or postgresql:// URL (only PostgreSQL is supported); leave it unset for the embedded database' }).optional(),

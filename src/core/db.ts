@@ -217,7 +217,7 @@ async function openPglite(settings: Settings): Promise<Database> {
  * not idle between them (measured against this thread, bench/RESULTS.md).
  */
 async function openPgliteLink(settings: Settings, dataDir: string): Promise<PgliteLink> {
-  if (settings.PGLITE_THREAD) return openPgliteThread({ dataDir, startParams: PGLITE_SETTINGS, nice: settings.PGLITE_THREAD_NICE });
+  if (settings.PGLITE_THREAD) return openPgliteThread({ dataDir, startParams: PGLITE_SETTINGS, nice: settings.PGLITE_THREAD_NICE, schedIdle: settings.PGLITE_THREAD_SCHED_IDLE });
   const options = { extensions: { vector }, startParams: [...PGlite.defaultStartParams, ...PGLITE_SETTINGS] };
   // A directory without PG_VERSION is created here (initdb), which grows PGlite's WebAssembly
   // memory to ~600 MB that it never gives back: open it a second time, in a fresh instance, so

@@ -12,6 +12,11 @@ export interface PgliteThreadOptions {
    * database's statements yield to the threads that answer requests (see PGLITE_THREAD_NICE).
    */
   nice?: number;
+  /**
+   * Linux: the thread runs under SCHED_IDLE (set with util-linux's `chrt`): it gets a core only when
+   * nothing else wants one (see PGLITE_THREAD_SCHED_IDLE). Opening fails when it cannot be set.
+   */
+  schedIdle?: boolean;
 }
 
 /**
@@ -80,14 +85,31 @@ async function open() {
     pg = await PGlite.create(dataDir, options);
   }
 }
-// This thread's own nice value: Linux schedules threads apart, and /proc/thread-self names this
-// one's id (elsewhere there is no such file and the thread keeps the process's priority).
-if (workerData.nice) {
+// This thread's own priority: Linux schedules threads apart, and /proc/thread-self names this one's
+// id (elsewhere there is no such file and the thread keeps the process's priority).
+let threadId = null;
+try {
+  threadId = readlinkSync('/proc/thread-self').split('/').pop();
+} catch {}
+if (workerData.nice && threadId !== null) {
   try {
-    setPriority(Number(readlinkSync('/proc/thread-self').split('/').pop()), workerData.nice);
+    setPriority(Number(threadId), workerData.nice);
   } catch {}
 }
-open().then(() => parentPort.postMessage({ open: true }), (e) => parentPort.postMessage({ open: false, error: failure(e) }));
+// SCHED_IDLE has no call in Node: chrt sets it (lowering a thread's policy needs no privilege).
+function scheduleIdle() {
+  if (threadId === null) throw new Error('SCHED_IDLE is for Linux threads (no /proc/thread-self here)');
+  try {
+    require('node:child_process').execFileSync('chrt', ['--idle', '-p', '0', threadId], { stdio: ['ignore', 'ignore', 'pipe'], timeout: 10000 });
+  } catch (e) {
+    const said = e && e.stderr ? String(e.stderr).trim() : '';
+    throw new Error('PGLITE_THREAD_SCHED_IDLE=true: util-linux chrt could not give the database thread SCHED_IDLE (' + (said || (e && e.message) || e) + '); install util-linux or set PGLITE_THREAD_SCHED_IDLE=false');
+  }
+}
+Promise.resolve()
+  .then(() => workerData.schedIdle && scheduleIdle())
+  .then(open)
+  .then(() => parentPort.postMessage({ open: true }), (e) => parentPort.postMessage({ open: false, error: failure(e) }));
 // As rawExchange in pglite-client.ts: the raw reply without PGlite's own parsing (and keeping) of it.
 async function exchange(message) {
   const chunks = [];

@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import { cpSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -402,16 +403,19 @@ describe('PGlite on a thread of its own', () => {
     }
   }, 60_000);
 
+  /** One field of /proc/self/task/<tid>/stat for each of this process's threads (1-based, as proc(5) numbers them). */
+  const threadsField = (field: number) =>
+    readdirSync('/proc/self/task').flatMap((tid) => {
+      try {
+        // Fields from the third on follow the command name's closing parenthesis.
+        return [Number(readFileSync(`/proc/self/task/${tid}/stat`, 'utf8').split(') ')[1]!.split(' ')[field - 3])];
+      } catch {
+        return []; // a thread that ended meanwhile
+      }
+    });
+
   it.skipIf(process.platform !== 'linux')('runs the thread at the nice value asked for (openDatabase: PGLITE_THREAD_NICE), the rest of the process as it was', async () => {
-    /** This process's threads' nice values (/proc/self/task/<tid>/stat, field 19). */
-    const niceValues = () =>
-      readdirSync('/proc/self/task').flatMap((tid) => {
-        try {
-          return [Number(readFileSync(`/proc/self/task/${tid}/stat`, 'utf8').split(') ')[1]!.split(' ')[16])];
-        } catch {
-          return []; // a thread that ended meanwhile
-        }
-      });
+    const niceValues = () => threadsField(19);
     const before = niceValues();
     const database = await openDatabase(loadSettings({ PGLITE_DATA_DIR: dataDir(), PGLITE_THREAD: 'true', PGLITE_THREAD_NICE: '7' }));
     try {
@@ -421,6 +425,54 @@ describe('PGlite on a thread of its own', () => {
       await database.close();
     }
     expect(niceValues().filter((nice) => nice === 7)).toHaveLength(before.filter((nice) => nice === 7).length);
+  }, 60_000);
+
+  const SCHED_IDLE = 5;
+  const chrtRuns = (() => {
+    try {
+      execFileSync('chrt', ['--max'], { stdio: 'ignore' });
+      return true;
+    } catch {
+      return false;
+    }
+  })();
+
+  it.skipIf(process.platform !== 'linux' || !chrtRuns)('runs the thread under SCHED_IDLE when asked (PGLITE_THREAD_SCHED_IDLE), the rest of the process as it was', async () => {
+    const idleThreads = () => threadsField(41).filter((policy) => policy === SCHED_IDLE).length;
+    const before = idleThreads();
+    const database = await openDatabase(loadSettings({ PGLITE_DATA_DIR: dataDir(), PGLITE_THREAD: 'true', PGLITE_THREAD_SCHED_IDLE: 'true' }));
+    try {
+      await database.ping();
+      expect(idleThreads()).toBe(before + 1);
+    } finally {
+      await database.close();
+    }
+    expect(idleThreads()).toBe(before);
+    // Not asked: no thread of this process is idle-scheduled.
+    const plain = await openDatabase(loadSettings({ PGLITE_DATA_DIR: dataDir(), PGLITE_THREAD: 'true' }));
+    try {
+      await plain.ping();
+      expect(idleThreads()).toBe(before);
+    } finally {
+      await plain.close();
+    }
+  }, 60_000);
+
+  it.skipIf(process.platform !== 'linux')('refuses to open, naming the setting, when SCHED_IDLE cannot be set (no chrt), and leaves the directory free', async () => {
+    const dir = dataDir();
+    const path = process.env.PATH;
+    // The thread's environment is a copy of this one's when it starts.
+    process.env.PATH = join(tmpdir(), 'keel-no-such-dir');
+    let opening: Promise<unknown>;
+    try {
+      opening = openDatabase(loadSettings({ PGLITE_DATA_DIR: dir, PGLITE_THREAD: 'true', PGLITE_THREAD_SCHED_IDLE: 'true' }));
+    } finally {
+      process.env.PATH = path;
+    }
+    await expect(opening).rejects.toThrow(/PGLITE_THREAD_SCHED_IDLE=true: util-linux chrt could not give the database thread SCHED_IDLE/);
+    const database = await openDatabase(loadSettings({ PGLITE_DATA_DIR: dir, PGLITE_THREAD: 'true' }));
+    await database.ping();
+    await database.close();
   }, 60_000);
 
   it('answers a transaction’s statements without a turn of the event loop, and a long one without blocking the loop past a few milliseconds', async () => {
