@@ -18,6 +18,8 @@ import { addCredits, addUpstreamModel, createDatabase, keelEnv, keelNodeArgs, pe
 const ROUNDS = Number(process.env.ROUNDS ?? 2);
 const N1 = Number(process.env.N1 ?? 3000);
 const SLOW_MS = Number(process.env.SLOW_MS ?? 1);
+// Calls before each round's measured ones (connections, JIT): V8 keeps optimizing Keel's hot paths for some thousands of calls after start.
+const WARMUP = Number(process.env.WARMUP ?? 300);
 const TARGETS = (process.env.TARGETS ?? 'embedded postgres').split(/\s+/).filter(Boolean);
 const BASE_CHECKOUT = process.env.BASE_CHECKOUT ?? '';
 const OUT = resolve(process.env.OUT_DIR ?? 'bench/out/gateway-tail');
@@ -75,13 +77,15 @@ for (let round = 1; round <= ROUNDS; round++) {
   load.push(loadavg()[0]);
   for (const target of targets) {
     const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
-    for (let i = 0; i < 300; i++) await once(target.port, target.headers, agent);
+    for (let i = 0; i < WARMUP; i++) await once(target.port, target.headers, agent);
+    const first = target.samples.length;
     for (let i = 0; i < N1; i++) {
       const sample = await once(target.port, target.headers, agent);
       if (sample.ok) target.samples.push(sample);
     }
     agent.destroy();
-    console.log(`round ${round} ${target.name} done`);
+    const mine = target.samples.slice(first).map((s) => (s.end - s.start) / 1000).sort((a, b) => a - b);
+    console.log(`round ${round} ${target.name} done: p50 ${percentile(mine, 50).toFixed(3)} p99 ${percentile(mine, 99).toFixed(3)} ms`);
   }
 }
 load.push(loadavg()[0]);

@@ -37,6 +37,7 @@ const BASE_CHECKOUT = process.env.BASE_CHECKOUT ?? '';
 // KEEL_ENV="NAME=value ..." adds settings to every Keel server (e.g. BILLING_ENABLED=false).
 // Keel's servers get the node flags of their checkout's `npm start`, then KEEL_NODE_ARGS, e.g.
 // KEEL_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" (NODE_OPTIONS refuses --cpu-prof).
+// WARMUP (default 5000): calls each target serves before the first round.
 // OUT_DIR and PORT_BASE (ports PORT_BASE..+6) let another benchmark run beside this one.
 const OUT = process.env.OUT_DIR ?? 'bench/out/gateway';
 const PORT_BASE = Number(process.env.PORT_BASE ?? 8201);
@@ -234,9 +235,24 @@ if (TARGETS.includes('bare-proxy')) {
   targets.push({ name: 'bare-proxy', port: PORTS['bare-proxy'], path: '/v1/chat/completions', headers: {}, pid: child.pid });
 }
 
+const inMode = (mode) => targets.filter((t) => !t.modes || t.modes.includes(mode));
+
+// Before the first round, every target serves WARMUP calls (16 at a time): V8 keeps optimizing a
+// server's hot paths for some thousands of calls after it starts, and a first round measured before
+// that (bench/RESULTS.md, 2026-12-04, stop 31) is the JIT's, not the server's steady state.
+const WARMUP = Number(process.env.WARMUP ?? 5000);
+for (const mode of MODES) {
+  for (const target of inMode(mode)) {
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 16 });
+    await Promise.all(Array.from({ length: 16 }, async () => {
+      for (let i = 0; i < WARMUP / 16; i++) await once(target, mode, agent);
+    }));
+    agent.destroy();
+  }
+}
+
 const rows = [];
 const interleaved = [];
-const inMode = (mode) => targets.filter((t) => !t.modes || t.modes.includes(mode));
 for (let round = 1; round <= ROUNDS; round++) {
   console.log(`--- round ${round}/${ROUNDS} (load ${loadavg().map((l) => l.toFixed(1)).join(' ')})`);
   load.push(loadavg());

@@ -29,7 +29,9 @@ delay.enable();
 await hookStatements(require, (kind, text) => {
   const started = wall();
   const what = short(text);
-  return () => lines.push(`db\t${started}\t${wall()}\t${kind} ${what}`);
+  const elu = performance.eventLoopUtilization();
+  // How long this thread ran while the statement was out (a held statement blocks it).
+  return () => lines.push(`db\t${started}\t${wall()}\t${kind} ${what}\t${Math.round(performance.eventLoopUtilization(elu).active * 1000)}`);
 });
 
 // Each upstream request (undici, fetch's too): created, its response's headers, its end.
