@@ -280,6 +280,10 @@ export function loadSettings(source: Record<string, string | undefined> = readEn
     throw new ConfigError(`EMAIL_BACKEND: console logs every email (reset links included) and is refused when ENVIRONMENT=${raw.ENVIRONMENT}`);
   }
 
+  if (raw.PGLITE_THREAD_SCHED_IDLE && !raw.PGLITE_THREAD) {
+    throw new ConfigError('PGLITE_THREAD_SCHED_IDLE: schedules the embedded database\'s own thread, so it needs PGLITE_THREAD=true');
+  }
+
   if (raw.STORAGE_BACKEND === 's3' && !raw.S3_BUCKET) {
     throw new ConfigError('S3_BUCKET: must be set when STORAGE_BACKEND=s3');
   }

@@ -149,6 +149,18 @@ describe('knowledge-base settings', () => {
   });
 });
 
+describe('PGLITE_THREAD_SCHED_IDLE', () => {
+  const base = { SECRET_KEY: GOOD_KEY, DATA_DIR: '/tmp/keel-config-pglite' };
+
+  it('is off by default, and refused without the thread it schedules', () => {
+    expect(loadSettings(base).PGLITE_THREAD_SCHED_IDLE).toBe(false);
+    expect(loadSettings({ ...base, PGLITE_THREAD_SCHED_IDLE: 'true' }).PGLITE_THREAD_SCHED_IDLE).toBe(true);
+    expect(configError({ ...base, PGLITE_THREAD: 'false', PGLITE_THREAD_SCHED_IDLE: 'true' }).message).toBe(
+      "PGLITE_THREAD_SCHED_IDLE: schedules the embedded database's own thread, so it needs PGLITE_THREAD=true",
+    );
+  });
+});
+
 describe('BILLING_RESERVATION_TTL_SECONDS', () => {
   const base = { SECRET_KEY: GOOD_KEY, DATA_DIR: '/tmp/keel-config-billing' };
 
