@@ -106,9 +106,17 @@ function scheduleIdle() {
     throw new Error('PGLITE_THREAD_SCHED_IDLE=true: util-linux chrt could not give the database thread SCHED_IDLE (' + (said || (e && e.message) || e) + '); install util-linux or set PGLITE_THREAD_SCHED_IDLE=false');
   }
 }
-Promise.resolve()
-  .then(() => workerData.schedIdle && scheduleIdle())
-  .then(open)
+// After opening: the database's start (initdb, recovery) does not wait for a busy host's cores.
+open()
+  .then(async () => {
+    if (!workerData.schedIdle) return;
+    try {
+      scheduleIdle();
+    } catch (e) {
+      await pg.close();
+      throw e;
+    }
+  })
   .then(() => parentPort.postMessage({ open: true }), (e) => parentPort.postMessage({ open: false, error: failure(e) }));
 // As rawExchange in pglite-client.ts: the raw reply without PGlite's own parsing (and keeping) of it.
 async function exchange(message) {
