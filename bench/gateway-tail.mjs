@@ -166,5 +166,25 @@ for (const target of targets.filter((t) => t.tailFile)) {
     return [0, 1, 2, 3, 4].map((i) => percentile(parts.map((p) => p[i]).sort((a, b) => a - b), 50)?.toFixed(2) ?? '–').join(' / ');
   };
   console.log(`\nbefore the server / in the server without the upstream / the upstream call / this thread busy during it / after, medians ms: all ${medians(target.samples)}; slow ${medians(slow)}`);
+  // Every call (not only the slow ones) by what overlapped it in the server: which part of the call
+  // grows when a statement or a GC runs beside it (stop 31: a flush lengthens the upstream call, whose
+  // wake-ups wait for a core, and nothing else).
+  const groups = new Map();
+  for (const sample of target.samples) {
+    const parts = split(sample);
+    if (!parts) continue;
+    const overlaps = (x) => x.s < sample.end && x.e > sample.start;
+    const key = [dbs.some(overlaps) && 'a statement', gcs.some(overlaps) && 'a GC'].filter(Boolean).join(' & ') || 'nothing';
+    const group = groups.get(key) ?? { server: [], upstream: [] };
+    group.server.push(parts[1] + parts[2]);
+    group.upstream.push(parts[2]);
+    groups.set(key, group);
+  }
+  const p = (values, q) => percentile(values.sort((a, b) => a - b), q).toFixed(2);
+  console.log('\n| calls overlapping | calls | in the server p50 / p99 ms | the upstream call p50 / p99 ms |');
+  console.log('| --- | --- | --- | --- |');
+  for (const [key, { server, upstream }] of [...groups].sort((a, b) => b[1].server.length - a[1].server.length)) {
+    console.log(`| ${key} | ${server.length} | ${p(server, 50)} / ${p(server, 99)} | ${p(upstream, 50)} / ${p(upstream, 99)} |`);
+  }
 }
 process.exit(0);
