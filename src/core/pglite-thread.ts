@@ -98,7 +98,7 @@ if (workerData.nice && threadId !== null) {
 }
 // SCHED_IDLE has no call in Node: chrt sets it (lowering a thread's policy needs no privilege).
 function scheduleIdle() {
-  if (threadId === null) throw new Error('SCHED_IDLE is for Linux threads (no /proc/thread-self here)');
+  if (threadId === null) throw new Error('PGLITE_THREAD_SCHED_IDLE=true: SCHED_IDLE is a Linux policy (there is no /proc/thread-self here); set PGLITE_THREAD_SCHED_IDLE=false');
   try {
     require('node:child_process').execFileSync('chrt', ['--idle', '-p', '0', threadId], { stdio: ['ignore', 'ignore', 'pipe'], timeout: 10000 });
   } catch (e) {
