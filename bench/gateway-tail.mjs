@@ -85,7 +85,7 @@ for (let round = 1; round <= ROUNDS; round++) {
     }
     agent.destroy();
     const mine = target.samples.slice(first).map((s) => (s.end - s.start) / 1000).sort((a, b) => a - b);
-    console.log(`round ${round} ${target.name} done: p50 ${percentile(mine, 50).toFixed(3)} p99 ${percentile(mine, 99).toFixed(3)} ms`);
+    console.log(`round ${round} ${target.name} done: p50 ${percentile(mine, 50)?.toFixed(3) ?? '–'} p99 ${percentile(mine, 99)?.toFixed(3) ?? '–'} ms (${mine.length} answered)`);
   }
 }
 load.push(loadavg()[0]);
@@ -161,30 +161,31 @@ for (const target of targets.filter((t) => t.tailFile)) {
     const upstreamMs = up ? up.e - up.s : 0;
     return [span.s - sample.start, span.e - span.s - upstreamMs, upstreamMs, up ? up.busy : 0, sample.end - span.e].map((us) => us / 1000);
   };
+  // Each call's parts, found once (a search through the spans per call) for both tables below.
+  const parts = new Map(target.samples.map((sample) => [sample, split(sample)]));
+  const quantile = (values, q) => percentile(values.sort((a, b) => a - b), q)?.toFixed(2) ?? '–';
   const medians = (samples) => {
-    const parts = samples.map(split).filter(Boolean);
-    return [0, 1, 2, 3, 4].map((i) => percentile(parts.map((p) => p[i]).sort((a, b) => a - b), 50)?.toFixed(2) ?? '–').join(' / ');
+    const found = samples.map((sample) => parts.get(sample)).filter(Boolean);
+    return [0, 1, 2, 3, 4].map((i) => quantile(found.map((p) => p[i]), 50)).join(' / ');
   };
   console.log(`\nbefore the server / in the server without the upstream / the upstream call / this thread busy during it / after, medians ms: all ${medians(target.samples)}; slow ${medians(slow)}`);
   // Every call (not only the slow ones) by what overlapped it in the server: which part of the call
   // grows when a statement or a GC runs beside it (stop 31: a flush lengthens the upstream call, whose
   // wake-ups wait for a core, and nothing else).
   const groups = new Map();
-  for (const sample of target.samples) {
-    const parts = split(sample);
-    if (!parts) continue;
+  for (const [sample, part] of parts) {
+    if (!part) continue;
     const overlaps = (x) => x.s < sample.end && x.e > sample.start;
     const key = [dbs.some(overlaps) && 'a statement', gcs.some(overlaps) && 'a GC'].filter(Boolean).join(' & ') || 'nothing';
     const group = groups.get(key) ?? { server: [], upstream: [] };
-    group.server.push(parts[1] + parts[2]);
-    group.upstream.push(parts[2]);
+    group.server.push(part[1] + part[2]);
+    group.upstream.push(part[2]);
     groups.set(key, group);
   }
-  const p = (values, q) => percentile(values.sort((a, b) => a - b), q).toFixed(2);
   console.log('\n| calls overlapping | calls | in the server p50 / p99 ms | the upstream call p50 / p99 ms |');
   console.log('| --- | --- | --- | --- |');
   for (const [key, { server, upstream }] of [...groups].sort((a, b) => b[1].server.length - a[1].server.length)) {
-    console.log(`| ${key} | ${server.length} | ${p(server, 50)} / ${p(server, 99)} | ${p(upstream, 50)} / ${p(upstream, 99)} |`);
+    console.log(`| ${key} | ${server.length} | ${quantile(server, 50)} / ${quantile(server, 99)} | ${quantile(upstream, 50)} / ${quantile(upstream, 99)} |`);
   }
 }
 process.exit(0);
