@@ -16,13 +16,11 @@ import { matching } from '../crud/owned.js';
 import * as runCrud from '../crud/run.js';
 import { appendMessages, threadCrud, threadPolicy } from '../crud/thread.js';
 import { closePending, finishRun, queueRun, type RunDeps, runEvent, runView } from '../modules/agents/run-lifecycle.js';
-import { addCosts } from '../modules/ai-models/index.js';
+import { addCosts, estimateTextTokens } from '../modules/ai-models/index.js';
 import { catalogModel } from './agent-service.js';
 import type { ServiceContext } from './context.js';
 import { availableCredits, formatMoney } from './money.js';
 import * as threadService from './thread-service.js';
-
-const CHARS_PER_TOKEN = 4;
 
 /** A run as the API answers it: the cost as a plain decimal string. */
 export function publicRun(run: Run) {
@@ -92,8 +90,9 @@ async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, 
   if (!ctx.settings.BILLING_ENABLED) return;
   const info = ctx.models.getModel(model);
   if (!info) return; // the run fails with "unknown model", in words
-  const promptChars = history.reduce((sum, message) => sum + message.content.length, agent.system_prompt.length + (input?.length ?? 0));
-  const inputTokens = Math.ceil(promptChars / CHARS_PER_TOKEN);
+  // As the model manager estimates the call's prompt (estimateTextTokens).
+  const promptTokens = history.reduce((sum, message) => sum + estimateTextTokens(message.content), estimateTextTokens(agent.system_prompt) + estimateTextTokens(input ?? ''));
+  const inputTokens = Math.ceil(promptTokens);
   // The manager's own worst case (the model's output limit caps the default): what the first call will reserve.
   const { cost: needed } = ctx.models.worstCase(info, inputTokens, agent.max_output_tokens ?? undefined);
   const available = availableCredits(await (balanceRead ?? billingCrud.getBalance(ctx.db, ownerId)));

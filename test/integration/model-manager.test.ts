@@ -592,6 +592,19 @@ describe('the output cap', () => {
     },
   });
 
+  it('a prompt outside ASCII is held by its bytes: 800 CJK characters reserve ~1,000 input tokens, not ~200', async () => {
+    const estimates: CostEstimate[] = [];
+    const m = manager({ meter: keeping(estimates) });
+    await m.chat({ model: 'fake-backup', messages: [{ role: 'user', content: '数据'.repeat(400) }] });
+    for await (const _ of m.stream({ model: 'fake-backup', messages: [{ role: 'user', content: '数据'.repeat(400) }] }));
+    // 800 × 1¼ = 1,000, and the messages' JSON around them (some 40 ASCII characters).
+    for (const estimate of estimates) {
+      expect(estimate.input_tokens).toBeGreaterThanOrEqual(1_000);
+      expect(estimate.input_tokens).toBeLessThan(1_020);
+    }
+    expect(estimates).toHaveLength(2);
+  });
+
   it('a call without a maximum sends upstream the output tokens its estimate assumed (chat and stream, every path)', async () => {
     const estimates: CostEstimate[] = [];
     // defaultMaxOutputTokens: 100 (the test manager's).
@@ -653,6 +666,22 @@ describe('usage the provider did not report', () => {
       expect(Number(result.cost), `call ${i}`).toBeGreaterThan(0);
       expect(metered[i], `call ${i}`).toMatchObject({ status: 'success', estimated: true, tokens: result.usage, cost: result.cost });
     }
+  });
+
+  it('an answer outside ASCII is estimated by its bytes (1¼ tokens a CJK character, not ¼), on every path', async () => {
+    // 60 characters of 3 UTF-8 bytes: 60 / 4 + 120 / 2 = 75 tokens (4 characters a token said 15).
+    const cjk = '数据库的回答'.repeat(10);
+    const m = manager();
+    const results = [];
+    for (const extra of PATHS) {
+      server.script('fake-chat', { text: cjk, usage: null }, { chunks: ['数据库的回答', '数据库的回答'.repeat(9)], usage: null });
+      results.push(await m.chat({ model: 'fake-chat', messages: hello, ...extra }));
+      const stream = m.stream({ model: 'fake-chat', messages: hello, ...extra });
+      for await (const _ of stream);
+      results.push(await stream.result);
+    }
+    expect(results.map((r) => r.usage.output)).toEqual(Array(6).fill(75));
+    expect((await settled(6)).map((r) => r.tokens.output)).toEqual(Array(6).fill(75));
   });
 
   it('an embedding answer without usage is charged from the input\'s estimate, marked estimated', async () => {

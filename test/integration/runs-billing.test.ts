@@ -85,6 +85,21 @@ describe('runs with billing on', () => {
     expect(fake.requestsFor('fake-capped').map((r) => r.body.max_tokens)).toEqual([10]);
   });
 
+  it('the start check estimates a prompt outside ASCII by its bytes, as the call will: 80 CJK characters need 100 input tokens, not 20', async () => {
+    // 1 credit per input token, output free.
+    const priced = await api('POST', '/models', admin, { id: 'fake-input-billed', provider: 'fake', max_output_tokens: 10, pricing: { input_cost_per_million_tokens: '1000000', output_cost_per_million_tokens: '0' } });
+    expect(priced.statusCode, priced.body).toBe(200);
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { model: 'fake-input-billed', is_default: true });
+    const thread = await createThread(ctx.app, owner.headers);
+    await grant(owner, '90');
+    // 'Be brief.' (9 ASCII characters, 2¼ tokens) + 80 CJK characters (100): 103 (4 characters a token said 23).
+    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: '数据'.repeat(40) });
+    expect(refused.statusCode, refused.body).toBe(402);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/^Not enough credits to start this run: available 90; its first step with fake-input-billed needs up to 103$/);
+    expect(fake.log).toHaveLength(0);
+  });
+
   it('a later step the credits cannot cover fails the run with "not enough credits"; a tool without an implementation answers the model with an error', async () => {
     const owner = await createUser(ctx.app);
     await createAgent(ctx.app, owner.headers, { model: 'fake-billed', max_output_tokens: 10, tools: ['knowledge_search'], is_default: true });

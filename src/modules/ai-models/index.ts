@@ -35,4 +35,5 @@ export * from './cost.js';
 export * from './errors.js';
 export * from './model-manager.js';
 export * from './providers.js';
+export * from './token-estimate.js';
 export * from './types.js';

@@ -34,6 +34,7 @@ import { type AbortLike, type ChatWire, undeclaredToolCall as wireToolCall, type
 import { computeCost, countableUsage, estimateCost } from './cost.js';
 import { ModelAnswerLimitError, ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, UpstreamError } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
+import { estimateTextTokens } from './token-estimate.js';
 import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
 
 // ==================== Interfaces ====================
@@ -224,12 +225,10 @@ export interface ModelView extends ModelInfo {
 
 // ==================== Internals ====================
 
-const CHARS_PER_TOKEN = 4;
+/** A value as the text it is sent as (a tool call's input, a prompt's messages). */
+const asText = (value: unknown): string => (typeof value === 'string' ? value : (JSON.stringify(value) ?? ''));
 
-function estimateTokens(value: unknown): number {
-  const text = typeof value === 'string' ? value : (JSON.stringify(value) ?? '');
-  return Math.ceil(text.length / CHARS_PER_TOKEN);
-}
+const estimateTokens = (value: unknown): number => Math.ceil(estimateTextTokens(asText(value)));
 
 /** The SDK's usage; undefined when the provider reported none (the SDK leaves both counts undefined then). */
 function toTokenUsage(usage: LanguageModelUsage | undefined): TokenUsage | undefined {
@@ -243,16 +242,16 @@ function toTokenUsage(usage: LanguageModelUsage | undefined): TokenUsage | undef
   };
 }
 
-/** What a call is charged for when its provider reported no usage: the prompt estimate and the output seen, CHARS_PER_TOKEN characters a token. */
+/** What a call is charged for when its provider reported no usage: the prompt's estimate and the output's (estimateTextTokens). */
 function estimatedUsage(state: AttemptState): TokenUsage {
-  return { ...ZERO_USAGE, input: state.inputTokens, output: Math.ceil(state.outputChars / CHARS_PER_TOKEN) };
+  return { ...ZERO_USAGE, input: state.inputTokens, output: Math.ceil(state.outputTokens) };
 }
 
-/** The characters of an answer, as the stream loop counts them while they arrive. */
-function saidChars(said: Said): number {
-  let chars = said.text.length + (said.reasoningText?.length ?? 0);
-  for (const call of said.toolCalls) chars += estimateTokens(call.input) * CHARS_PER_TOKEN;
-  return chars;
+/** An answer's output tokens as estimateTextTokens counts them, as the stream loop does while they arrive. */
+function saidTokens(said: Said): number {
+  let tokens = estimateTextTokens(said.text) + estimateTextTokens(said.reasoningText ?? '');
+  for (const call of said.toolCalls) tokens += estimateTextTokens(asText(call.input));
+  return tokens;
 }
 
 /**
@@ -490,7 +489,10 @@ interface AttemptState {
   priced?: { usage: TokenUsage; cost: string };
   streamed: boolean;
   firstTokenAt: number | null;
+  /** The characters of the answer so far (its size limit). */
   outputChars: number;
+  /** Its tokens as estimated (estimateTextTokens), for an estimated usage. */
+  outputTokens: number;
 }
 
 type AttemptRunner<T> = (model: ModelInfo, attempt: Attempt, state: AttemptState) => Promise<T>;
@@ -686,26 +688,28 @@ export class ModelManager {
       const toolCalls: ToolCall[] = [];
       let finishReason = 'unknown';
       let toolInputChars = 0;
-      const seen = (chars: number) => {
+      const seen = (chars: number, tokens: number) => {
         attempt.touch();
         answering = model.id;
         state.streamed = true;
         state.firstTokenAt ??= performance.now();
         // Past the size limit: cut off like a stream past its deadline (metered from what came).
+        state.outputTokens += tokens;
         if ((state.outputChars += chars) > maxChars) throw attempt.fail(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`));
       };
       const source = await this.streamSource(request, model, attempt);
       for await (const part of source.parts) {
         if (part.type === 'text-delta') {
-          seen(part.text.length);
+          seen(part.text.length, estimateTextTokens(part.text));
           text += part.text;
           push(part);
         } else if (part.type === 'reasoning-delta') {
-          seen(part.text.length);
+          seen(part.text.length, estimateTextTokens(part.text));
           reasoning += part.text;
           push(part);
         } else if (part.type === 'tool-call') {
-          seen(estimateTokens(part.toolCall.input) * CHARS_PER_TOKEN);
+          const input = asText(part.toolCall.input);
+          seen(input.length, estimateTextTokens(input));
           toolCalls.push(part.toolCall);
           push(part);
         } else if (part.type === 'tool-input') {
@@ -849,7 +853,7 @@ export class ModelManager {
 
   /** The outcome and what was said in one object literal: no spreads, on every chat call. */
   private chatResult(model: ModelInfo, state: AttemptState, started: number, said: Said, finishReason: string, firstTokenMs: number | null): ChatResult {
-    if (state.usage === undefined) state.outputChars = saidChars(said);
+    if (state.usage === undefined) state.outputTokens = saidTokens(said);
     const { usage, cost } = this.price(model, state);
     return {
       model: model.id,
@@ -909,7 +913,7 @@ export class ModelManager {
         fallback: model !== primary,
       };
       const reservation = this.options.meter ? await this.options.meter.reserve(estimate) : undefined;
-      const state: AttemptState = { estimated: false, inputTokens, streamed: false, firstTokenAt: null, outputChars: 0 };
+      const state: AttemptState = { estimated: false, inputTokens, streamed: false, firstTokenAt: null, outputChars: 0, outputTokens: 0 };
       const started = performance.now();
       const startedAt = new Date();
       let attempts = 0;
