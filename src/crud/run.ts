@@ -463,6 +463,18 @@ export async function releaseLease(db: Db, runId: string, workerId: string, hand
   return rows.length === 1;
 }
 
+/**
+ * The queued and running runs started through an API key (ended when the key is revoked or
+ * deleted), queued ones first: ending a running run first would hand its thread to the next of them.
+ */
+export function activeByApiKey(db: Db, apiKeyId: string): Promise<Pick<Run, 'id' | 'thread_id'>[]> {
+  return db
+    .select({ id: runs.id, thread_id: runs.thread_id })
+    .from(runs)
+    .where(and(eq(runs.api_key_id, apiKeyId), inArray(runs.status, ACTIVE_RUN_STATUSES)))
+    .orderBy(sql`${runs.status} = 'running'`, asc(runs.created_at));
+}
+
 // ==================== What the sweeper looks for ====================
 
 /** Queued runs holding their thread, created before `olderThanSeconds` ago: their job may be lost. */

@@ -19,7 +19,8 @@ export const apiKeysRouter: FastifyPluginAsyncZod = async (app) => {
     createErrors: [400, 404, 409],
     descriptions: {
       create: 'The answer holds the secret `key`; it is shown this once and stored only as a hash.',
-      update: 'Rename, or revoke with `{"status": "revoked"}`; revocation is final.',
+      update: 'Rename, or revoke with `{"status": "revoked"}`; revocation is final, and cancels the runs the key started that are still queued or running.',
+      delete: 'Cancels the runs the key started that are still queued or running.',
     },
   });
 };

@@ -12,6 +12,7 @@ import { requireOwnProject } from '../crud/project.js';
 import type { ServiceContext } from './context.js';
 import { createWithinLimit } from './limits.js';
 import { formatMoney } from './money.js';
+import * as runService from './run-service.js';
 
 export type ApiKeyView = Omit<ApiKey, 'status'> & { status: ApiKey['status'] | 'expired' };
 
@@ -61,9 +62,16 @@ export async function create(ctx: ServiceContext, input: ApiKeyCreate): Promise<
 
 export async function update(ctx: ServiceContext, id: string, input: ApiKeyUpdate): Promise<ApiKeyView> {
   // The key cache forgets the key (here at once, other nodes by NOTIFY): the next request sees its new limits.
-  return present(await apiKeyCrud.update(ctx.db, ctx.principal, id, input));
+  const key = await apiKeyCrud.update(ctx.db, ctx.principal, id, input);
+  // A revoked key's work stops with it: a leaked key's runs must not go on spending.
+  if (input.status === 'revoked') await runService.cancelStartedByKey(ctx, id, 'API key revoked');
+  return present(key);
 }
 
-export function remove(ctx: ServiceContext, id: string): Promise<void> {
-  return apiKeyCrud.remove(ctx.db, ctx.principal, id);
+export async function remove(ctx: ServiceContext, id: string): Promise<void> {
+  // Revoked first (the ownership check, and no request through it starts a run from then on), so
+  // that its runs are all found before the deletion clears their key.
+  await apiKeyCrud.update(ctx.db, ctx.principal, id, { status: 'revoked' });
+  await runService.cancelStartedByKey(ctx, id, 'API key deleted');
+  await apiKeyCrud.remove(ctx.db, ctx.principal, id);
 }

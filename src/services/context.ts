@@ -5,6 +5,7 @@ import type { Db } from '../core/db.js';
 import type { Logger } from '../core/logger.js';
 import type { JobQueue } from '../core/queue.js';
 
+import type { RunDeps } from '../modules/agents/run-lifecycle.js';
 import type { ModelManager } from '../modules/ai-models/index.js';
 import type { Principal } from '../utils/authentication.js';
 
@@ -18,9 +19,11 @@ export interface ServiceContext {
   models: ModelManager;
   /** Background work (ingestion, email). */
   queue: JobQueue;
+  /** Agent runs: what a change elsewhere ends (a revoked API key's runs). */
+  runs: RunDeps;
 }
 
 export function contextOf(request: FastifyRequest): ServiceContext {
-  const { db, settings, models, queue } = request.server;
-  return { db, settings, log: request.log, principal: request.principal, models, queue };
+  const { db, settings, models, queue, runs } = request.server;
+  return { db, settings, log: request.log, principal: request.principal, models, queue, runs };
 }

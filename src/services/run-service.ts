@@ -255,6 +255,23 @@ export async function cancel(ctx: ServiceContext, deps: RunDeps, id: string): Pr
   return ended.run;
 }
 
+/**
+ * Cancels the queued and running runs started through an API key, each as POST /runs/{id}/cancel
+ * does (a running run's model call is aborted at once), with `reason` as the run's error: what a
+ * revoked or deleted key started stops with it. Returns how many it ended.
+ */
+export async function cancelStartedByKey(ctx: ServiceContext, apiKeyId: string, reason: string): Promise<number> {
+  let cancelled = 0;
+  for (const run of await runCrud.activeByApiKey(ctx.db, apiKeyId)) {
+    const ended = await finishRun(ctx.runs, run, { status: 'cancelled', error: reason }, null);
+    if (!ended) continue; // it ended meanwhile
+    await stopEnded(ctx.runs, ended.run);
+    cancelled += 1;
+  }
+  if (cancelled) ctx.log.info({ apiKeyId, runs: cancelled }, 'runs of a revoked api key cancelled');
+  return cancelled;
+}
+
 /** A new run with the same agent, model and input, for a failed or cancelled run; the input is not appended twice. */
 export async function retry(ctx: ServiceContext, deps: RunDeps, id: string): Promise<Run> {
   const run = await runCrud.runCrud.getVisible(ctx.db, ctx.principal, id, 'write');

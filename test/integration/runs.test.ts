@@ -21,7 +21,7 @@ import { finishRun } from '../../src/modules/agents/run-lifecycle.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
 import { type FakeModelServer } from '../helpers/fake-model-server.js';
-import { apiOf, type ListBody, sleep } from '../helpers/http.js';
+import { apiOf, createKey, type ListBody, sleep, xApiKey } from '../helpers/http.js';
 import { createAgent, createThread, expectContiguous, FINAL_EVENTS, getRun, readEvents, type RunBody, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
 
 const MODEL = 'fake-precise';
@@ -243,6 +243,59 @@ describe('tools', () => {
     const final = await waitForRun(ctx.app, owner.headers, run.id, ['failed']);
     expect(final.error).toMatch(/all 3 steps \(MAX_RUN_STEPS\)/);
     expect(final.steps).toBe(3);
+  });
+});
+
+describe("an API key's runs", () => {
+  /** A user, a key of theirs, a run of the key streaming slowly (two pieces sent), one queued behind it, and one the user started with their token. */
+  async function keyRuns() {
+    fake.script(MODEL, { chunks: Array.from({ length: 50 }, (_, i) => `t${i} `), chunkDelayMs: 100 }, { chunks: ['own ', 'answer'], chunkDelayMs: 300 });
+    const { owner, thread } = await setup();
+    const key = await createKey(ctx.app, owner, { name: 'leaked' });
+    const running = await startRun(ctx.app, xApiKey(key.key), thread.id, { input: 'long' });
+    const queued = await startRun(ctx.app, xApiKey(key.key), thread.id, { input: 'two', multitask_strategy: 'enqueue' });
+    expect(queued.status).toBe('queued');
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 2));
+    const otherThread = await createThread(ctx.app, owner.headers);
+    const own = await startRun(ctx.app, owner.headers, otherThread.id, { input: 'mine' });
+    await fake.waitFor((log) => log.filter((r) => r.model === MODEL).length === 2);
+    return { owner, thread, key, running, queued, own };
+  }
+
+  it('revoking the key cancels the runs it started (the model call aborted at once, the queued one never calls it); the user\'s own run goes on', async () => {
+    const { owner, key, running, queued, own } = await keyRuns();
+    const sent = Date.now();
+    const revoked = await api('PATCH', `/api-keys/${key.id}`, owner.headers, { status: 'revoked' });
+    expect(revoked.statusCode, revoked.body).toBe(200);
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.aborted), 1_000);
+    expect(Date.now() - sent).toBeLessThan(1_000);
+    for (const run of [running, queued]) expect(await getRun(ctx.app, owner.headers, run.id)).toMatchObject({ status: 'cancelled', error: 'API key revoked' });
+    const { events } = await readEvents(base, owner.headers, running.id);
+    expect(events.at(-1)!.event).toBe('run.cancelled');
+    expect(await waitForRun(ctx.app, owner.headers, own.id, ['completed', 'failed', 'cancelled'])).toMatchObject({ status: 'completed' });
+    // Two model calls: the queued run never got one.
+    expect(fake.requestsFor(MODEL)).toHaveLength(2);
+  });
+
+  it('deleting the key cancels them too', async () => {
+    const { owner, key, running, queued, own } = await keyRuns();
+    expect((await api('DELETE', `/api-keys/${key.id}`, owner.headers)).statusCode).toBe(200);
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.aborted), 1_000);
+    for (const run of [running, queued]) expect(await getRun(ctx.app, owner.headers, run.id)).toMatchObject({ status: 'cancelled', error: 'API key deleted' });
+    expect((await api('GET', `/api-keys/${key.id}`, owner.headers)).statusCode).toBe(404);
+    expect(await waitForRun(ctx.app, owner.headers, own.id, ['completed', 'failed', 'cancelled'])).toMatchObject({ status: 'completed' });
+  });
+
+  it("another user cannot revoke or delete the key (404): its runs go on", async () => {
+    fake.script(MODEL, { chunks: ['a ', 'b ', 'c'], chunkDelayMs: 150 });
+    const { owner, thread } = await setup();
+    const key = await createKey(ctx.app, owner, { name: 'mine' });
+    const run = await startRun(ctx.app, xApiKey(key.key), thread.id, { input: 'go' });
+    const stranger = await createUser(ctx.app);
+    expect((await api('PATCH', `/api-keys/${key.id}`, stranger.headers, { status: 'revoked' })).statusCode).toBe(404);
+    expect((await api('DELETE', `/api-keys/${key.id}`, stranger.headers)).statusCode).toBe(404);
+    expect(await waitForRun(ctx.app, owner.headers, run.id, ['completed', 'failed', 'cancelled'])).toMatchObject({ status: 'completed', error: null });
+    expect((await api('GET', `/api-keys/${key.id}`, owner.headers)).json<{ status: string }>().status).toBe('active');
   });
 });
 
