@@ -464,14 +464,16 @@ export async function releaseLease(db: Db, runId: string, workerId: string, hand
 }
 
 /**
- * The queued and running runs started through an API key (ended when the key is revoked or
- * deleted), queued ones first: ending a running run first would hand its thread to the next of them.
+ * The queued and running runs started through an API key or owned by a user (ended when the key
+ * is revoked or deleted, the user deactivated), queued ones first: ending a running run first
+ * would hand its thread to the next of them.
  */
-export function activeByApiKey(db: Db, apiKeyId: string): Promise<Pick<Run, 'id' | 'thread_id'>[]> {
+export function activeOf(db: Db, of: { api_key_id: string } | { owner_id: string }): Promise<Pick<Run, 'id' | 'thread_id'>[]> {
+  const whose = 'api_key_id' in of ? eq(runs.api_key_id, of.api_key_id) : eq(runs.owner_id, of.owner_id);
   return db
     .select({ id: runs.id, thread_id: runs.thread_id })
     .from(runs)
-    .where(and(eq(runs.api_key_id, apiKeyId), inArray(runs.status, ACTIVE_RUN_STATUSES)))
+    .where(and(whose, inArray(runs.status, ACTIVE_RUN_STATUSES)))
     .orderBy(sql`${runs.status} = 'running'`, asc(runs.created_at));
 }
 

@@ -158,6 +158,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'update_user',
         summary: 'Update User',
+        description: "`is_active: false` signs the user out everywhere (tokens and API keys stop authenticating) and cancels the user's queued and running runs.",
         tags,
         params: UserIdParams,
         body: UserUpdate,
@@ -165,7 +166,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       },
       onRequest: requireSuperuser,
     },
-    async (request) => userService.updateByAdmin(db, request.params.user_id, request.body),
+    async (request) => userService.updateByAdmin(db, app.runs, request.params.user_id, request.body),
   );
 
   app.delete(

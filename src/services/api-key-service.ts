@@ -64,7 +64,7 @@ export async function update(ctx: ServiceContext, id: string, input: ApiKeyUpdat
   // The key cache forgets the key (here at once, other nodes by NOTIFY): the next request sees its new limits.
   const key = await apiKeyCrud.update(ctx.db, ctx.principal, id, input);
   // A revoked key's work stops with it: a leaked key's runs must not go on spending.
-  if (input.status === 'revoked') await runService.cancelStartedByKey(ctx, id, 'API key revoked');
+  if (input.status === 'revoked') await runService.cancelActiveOf(ctx.runs, { api_key_id: id }, 'API key revoked');
   return present(key);
 }
 
@@ -72,6 +72,6 @@ export async function remove(ctx: ServiceContext, id: string): Promise<void> {
   // Revoked first (the ownership check, and no request through it starts a run from then on), so
   // that its runs are all found before the deletion clears their key.
   await apiKeyCrud.update(ctx.db, ctx.principal, id, { status: 'revoked' });
-  await runService.cancelStartedByKey(ctx, id, 'API key deleted');
+  await runService.cancelActiveOf(ctx.runs, { api_key_id: id }, 'API key deleted');
   await apiKeyCrud.remove(ctx.db, ctx.principal, id);
 }

@@ -256,19 +256,19 @@ export async function cancel(ctx: ServiceContext, deps: RunDeps, id: string): Pr
 }
 
 /**
- * Cancels the queued and running runs started through an API key, each as POST /runs/{id}/cancel
- * does (a running run's model call is aborted at once), with `reason` as the run's error: what a
- * revoked or deleted key started stops with it. Returns how many it ended.
+ * Cancels the queued and running runs started through an API key, or owned by a user, each as
+ * POST /runs/{id}/cancel does (a running run's model call is aborted at once), with `reason` as the
+ * run's error: what a revoked key or a deactivated user started stops with them. Returns how many it ended.
  */
-export async function cancelStartedByKey(ctx: ServiceContext, apiKeyId: string, reason: string): Promise<number> {
+export async function cancelActiveOf(deps: RunDeps, of: Parameters<typeof runCrud.activeOf>[1], reason: string): Promise<number> {
   let cancelled = 0;
-  for (const run of await runCrud.activeByApiKey(ctx.db, apiKeyId)) {
-    const ended = await finishRun(ctx.runs, run, { status: 'cancelled', error: reason }, null);
+  for (const run of await runCrud.activeOf(deps.db, of)) {
+    const ended = await finishRun(deps, run, { status: 'cancelled', error: reason }, null);
     if (!ended) continue; // it ended meanwhile
-    await stopEnded(ctx.runs, ended.run);
+    await stopEnded(deps, ended.run);
     cancelled += 1;
   }
-  if (cancelled) ctx.log.info({ apiKeyId, runs: cancelled }, 'runs of a revoked api key cancelled');
+  if (cancelled) deps.log.info({ ...of, runs: cancelled, reason }, 'runs cancelled');
   return cancelled;
 }
 

@@ -9,8 +9,10 @@ import type { NewUser, User } from '../models/index.js';
 import type { UserCreate, UserRegister, UserUpdate, UserUpdateMe } from '../schemas/user.js';
 
 import * as userCrud from '../crud/user.js';
+import type { RunDeps } from '../modules/agents/run-lifecycle.js';
 import type { Mailer } from './email/mailer.js';
 import { newAccountEmail, resetPasswordEmail } from './email/templates.js';
+import * as runService from './run-service.js';
 
 // ==================== Authentication ====================
 
@@ -87,12 +89,13 @@ export async function deleteMe(db: Db, user: User): Promise<void> {
   });
 }
 
-export async function updateByAdmin(db: Db, id: string, input: UserUpdate): Promise<User> {
+/** `runs`: a deactivated user's queued and running runs are cancelled (their model calls aborted). */
+export async function updateByAdmin(db: Db, runs: RunDeps, id: string, input: UserUpdate): Promise<User> {
   const losesSuperuser = input.is_superuser === false || input.is_active === false;
   const { password, ...fields } = input;
   const values: Partial<NewUser> = { ...fields };
   if (password !== undefined) values.hashed_password = await hashPassword(password);
-  return transaction(db, async (tx) => {
+  const user = await transaction(db, async (tx) => {
     // Superusers are locked first, so that two concurrent demotions cannot both pass the check below.
     if (losesSuperuser) await userCrud.lockSuperusers(tx);
     const target = await getById(tx, id);
@@ -105,6 +108,9 @@ export async function updateByAdmin(db: Db, id: string, input: UserUpdate): Prom
     if (!updated) throw new NotFoundError('User not found');
     return updated;
   });
+  // After the commit: from then on the user's tokens and keys do not authenticate, so no run starts after these.
+  if (input.is_active === false) await runService.cancelActiveOf(runs, { owner_id: user.id }, 'User deactivated');
+  return user;
 }
 
 export async function deleteByAdmin(db: Db, actor: User, id: string): Promise<void> {

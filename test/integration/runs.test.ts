@@ -19,7 +19,7 @@ import type { RunEventLog } from '../../src/modules/agents/run-bus.js';
 import { RunBusUnavailableError } from '../../src/modules/agents/run-bus-errors.js';
 import { finishRun } from '../../src/modules/agents/run-lifecycle.js';
 import { useTestApp } from '../helpers/app.js';
-import { createUser, type TestUser } from '../helpers/factories.js';
+import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { type FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, type ListBody, sleep, xApiKey } from '../helpers/http.js';
 import { createAgent, createThread, expectContiguous, FINAL_EVENTS, getRun, readEvents, type RunBody, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
@@ -246,10 +246,10 @@ describe('tools', () => {
   });
 });
 
-describe("an API key's runs", () => {
+describe('what a revoked key or a deactivated user started', () => {
   /** A user, a key of theirs, a run of the key streaming slowly (two pieces sent), one queued behind it, and one the user started with their token. */
   async function keyRuns() {
-    fake.script(MODEL, { chunks: Array.from({ length: 50 }, (_, i) => `t${i} `), chunkDelayMs: 100 }, { chunks: ['own ', 'answer'], chunkDelayMs: 300 });
+    fake.script(MODEL, { chunks: Array.from({ length: 50 }, (_, i) => `t${i} `), chunkDelayMs: 100 }, { chunks: ['own ', 'answer ', 'comes ', 'slowly'], chunkDelayMs: 300 });
     const { owner, thread } = await setup();
     const key = await createKey(ctx.app, owner, { name: 'leaked' });
     const running = await startRun(ctx.app, xApiKey(key.key), thread.id, { input: 'long' });
@@ -284,6 +284,21 @@ describe("an API key's runs", () => {
     for (const run of [running, queued]) expect(await getRun(ctx.app, owner.headers, run.id)).toMatchObject({ status: 'cancelled', error: 'API key deleted' });
     expect((await api('GET', `/api-keys/${key.id}`, owner.headers)).statusCode).toBe(404);
     expect(await waitForRun(ctx.app, owner.headers, own.id, ['completed', 'failed', 'cancelled'])).toMatchObject({ status: 'completed' });
+  });
+
+  it("deactivating a user cancels all their runs (the key's and the token's); another user's run goes on", async () => {
+    const { owner, running, queued, own } = await keyRuns();
+    fake.script(MODEL, { chunks: ['x ', 'y ', 'z'], chunkDelayMs: 200 });
+    const other = await setup();
+    const theirs = await startRun(ctx.app, other.owner.headers, other.thread.id, { input: 'keep going' });
+    await fake.waitFor((log) => log.filter((r) => r.model === MODEL).length === 3);
+    const deactivated = await api('PATCH', `/users/${owner.user.id}`, await superuserHeaders(ctx.app), { is_active: false });
+    expect(deactivated.statusCode, deactivated.body).toBe(200);
+    await fake.waitFor((log) => log.filter((r) => r.model === MODEL && r.aborted).length === 2, 1_000);
+    const [rows] = [await ctx.app.db.select().from(runs).where(eq(runs.owner_id, owner.user.id))];
+    expect(rows.map((r) => [r.status, r.error]).sort()).toEqual(Array(3).fill(['cancelled', 'User deactivated']));
+    expect([running.id, queued.id, own.id].sort()).toEqual(rows.map((r) => r.id).sort());
+    expect(await waitForRun(ctx.app, other.owner.headers, theirs.id, ['completed', 'failed', 'cancelled'])).toMatchObject({ status: 'completed' });
   });
 
   it("another user cannot revoke or delete the key (404): its runs go on", async () => {
