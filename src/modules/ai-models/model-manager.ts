@@ -693,8 +693,8 @@ export class ModelManager {
         answering = model.id;
         state.streamed = true;
         state.firstTokenAt ??= performance.now();
-        // Past the size limit: cut off like a stream past its deadline (metered from what came).
         state.outputTokens += tokens;
+        // Past the size limit: cut off like a stream past its deadline (metered from what came).
         if ((state.outputChars += chars) > maxChars) throw attempt.fail(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`));
       };
       const source = await this.streamSource(request, model, attempt);
