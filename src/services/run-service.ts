@@ -245,14 +245,20 @@ const FINAL = new Set(['completed', 'failed', 'cancelled']);
 export async function cancel(ctx: ServiceContext, deps: RunDeps, id: string): Promise<Run> {
   const run = await runCrud.runCrud.getVisible(ctx.db, ctx.principal, id, 'write');
   if (FINAL.has(run.status)) throw new ConflictError(`Run already ${run.status}: only a queued or running run can be cancelled`);
-  const ended = await finishRun(deps, run, { status: 'cancelled' }, null);
+  const ended = await cancelOne(deps, run, null);
   if (!ended) {
     const now = await runCrud.runCrud.getVisible(ctx.db, ctx.principal, id);
     throw new ConflictError(`Run already ${now.status}: only a queued or running run can be cancelled`);
   }
-  await stopEnded(deps, ended.run);
   ctx.log.info({ runId: id }, 'run cancelled');
-  return ended.run;
+  return ended;
+}
+
+/** Ends an active run as cancelled and stops its worker; undefined when it had ended meanwhile. */
+async function cancelOne(deps: RunDeps, run: Pick<Run, 'id' | 'thread_id'>, error: string | null): Promise<Run | undefined> {
+  const ended = await finishRun(deps, run, { status: 'cancelled', error }, null);
+  if (ended) await stopEnded(deps, ended.run);
+  return ended?.run;
 }
 
 /**
@@ -262,12 +268,7 @@ export async function cancel(ctx: ServiceContext, deps: RunDeps, id: string): Pr
  */
 export async function cancelActiveOf(deps: RunDeps, of: Parameters<typeof runCrud.activeOf>[1], reason: string): Promise<number> {
   let cancelled = 0;
-  for (const run of await runCrud.activeOf(deps.db, of)) {
-    const ended = await finishRun(deps, run, { status: 'cancelled', error: reason }, null);
-    if (!ended) continue; // it ended meanwhile
-    await stopEnded(deps, ended.run);
-    cancelled += 1;
-  }
+  for (const run of await runCrud.activeOf(deps.db, of)) if (await cancelOne(deps, run, reason)) cancelled += 1;
   if (cancelled) deps.log.info({ ...of, runs: cancelled, reason }, 'runs cancelled');
   return cancelled;
 }

@@ -234,8 +234,7 @@ export class ChatWire {
               // back in the pool anyway). One that ends a moment later (its own write) is waited for
               // a little, so as not to lose the connection; one kept open is closed after DONE_GRACE_MS.
               done = true;
-              if (responseEnded(body)) continue read;
-              grace = setTimeout(() => body.destroy(), DONE_GRACE_MS);
+              if (!responseEnded(body)) grace = setTimeout(() => body.destroy(), DONE_GRACE_MS);
               continue read;
             }
             const value = completionOf(data);
