@@ -19,13 +19,13 @@ import { CallerAbort, ModelNotFoundError } from '../modules/ai-models/index.js';
 import { isAgentModel } from '../services/agent-completions.js';
 import {
   callContext,
-  completionChunks,
+  completionBody,
+  CompletionFrames,
   completionJson,
   embeddingsJson,
   modelObject,
   openAIErrorFrom,
   openStream,
-  sseBody,
   toChatRequest,
   toEmbedRequest,
 } from '../services/openai-gateway.js';
@@ -140,12 +140,12 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       const chat = toChatRequest(body, callContext(request.principal), disconnectSignal(reply));
       if (body.stream) {
         const { events, first, model } = await openStream(models.stream(chat), body.model);
-        const chunks = completionChunks(events, first, model, body.stream_options?.include_usage === true, request.log);
+        const frames = new CompletionFrames(model, body.stream_options?.include_usage === true);
         return reply
           .header('content-type', 'text/event-stream; charset=utf-8')
           .header('cache-control', 'no-cache')
           .header('x-accel-buffering', 'no')
-          .send(sseBody(chunks, reply.raw) as never);
+          .send(completionBody(events, first, frames, request.log, reply.raw) as never);
       }
       const result = await models.chat(chat);
       return reply.type(JSON_TYPE).send(completionJson(result) as never);

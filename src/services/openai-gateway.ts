@@ -254,57 +254,55 @@ export function completionJson(result: ChatResult): string {
 }
 
 /**
- * The SSE body of a streamed completion, OpenAI's framing: a first chunk with the role, content
+ * OpenAI's chunk framing of one streamed completion: a first chunk with the role, content
  * deltas, one chunk per tool call, a chunk with the finish reason, the usage chunk when asked for
  * (`choices: []`; every earlier chunk then says `usage: null`), then `data: [DONE]`. Every chunk
- * names `model`, the one that answered (see openStream). The caller has already taken `first`
- * (so errors before any output answered as plain HTTP errors). An error after that ends the stream
- * with an `error` event (OpenAI's SDKs raise it) and is logged on `log` (the request's): the 200
- * has been sent by then, so the app's error handler never sees it. Stopping the iteration (the
- * client went away) returns the manager's iterator, which aborts the upstream request.
+ * names `model`, the one that answered (see openStream). An error after the first chunk is an
+ * `error` event, which OpenAI's SDKs raise.
  */
-export async function* completionChunks(
-  events: AsyncIterator<StreamEvent>,
-  first: IteratorResult<StreamEvent>,
-  model: string,
-  includeUsage: boolean,
-  log: Logger,
-): AsyncGenerator<string> {
-  const id = completionId();
-  const created = now();
-  const usageField = includeUsage ? ',"usage":null' : '';
-  const frame = (delta: unknown, finish: string | null = null) =>
-    `data: {"id":"${id}","object":"chat.completion.chunk","created":${created},"model":${JSON.stringify(model)},"choices":[{"index":0,"delta":${JSON.stringify(delta)},"logprobs":null,"finish_reason":${finish === null ? 'null' : `"${finish}"`}}]${usageField}}\n\n`;
-  let toolIndex = 0;
-  const render = (event: Exclude<StreamEvent, { type: 'finish' }>): string => {
-    if (event.type === 'text-delta') return frame({ content: event.text });
-    if (event.type === 'reasoning-delta') return frame({ reasoning_content: event.text });
-    return frame({ tool_calls: [{ index: toolIndex++, ...toolCallOut(event.toolCall) }] });
-  };
-  let next = first;
-  let head = frame({ role: 'assistant', content: '', refusal: null });
-  try {
-    for (; !next.done; next = await events.next()) {
-      const event = next.value;
-      if (event.type !== 'finish') {
-        yield head + render(event);
-        head = '';
-        continue;
-      }
-      const { result } = event;
-      let tail = head + frame({}, finishReason(result));
-      if (includeUsage) {
-        tail += `data: {"id":"${id}","object":"chat.completion.chunk","created":${created},"model":${JSON.stringify(model)},"choices":[],"usage":${usageJson(result.usage)}}\n\n`;
-      }
-      yield `${tail}data: [DONE]\n\n`;
-      return;
-    }
-  } catch (error) {
-    const { status, body } = openAIErrorOf(error);
-    logStreamFailure(log, error, status, model);
-    yield `${head}data: ${JSON.stringify(body)}\n\n`;
-  } finally {
-    await events.return?.();
+export class CompletionFrames {
+  private readonly id = completionId();
+  private readonly created = now();
+  private readonly usageField: string;
+  private readonly modelJson: string;
+  private toolIndex = 0;
+  /** The role's chunk, until it goes out before the first event's. */
+  private head: string;
+
+  constructor(
+    readonly model: string,
+    private readonly includeUsage: boolean,
+  ) {
+    this.usageField = includeUsage ? ',"usage":null' : '';
+    this.modelJson = JSON.stringify(model);
+    this.head = this.frame({ role: 'assistant', content: '', refusal: null });
+  }
+
+  /** The frames of one event; `finish` ends the body (its finish reason, the usage, `[DONE]`). */
+  render(event: StreamEvent): string {
+    let out = this.takeHead();
+    if (event.type === 'text-delta') return out + this.frame({ content: event.text });
+    if (event.type === 'reasoning-delta') return out + this.frame({ reasoning_content: event.text });
+    if (event.type === 'tool-call') return out + this.frame({ tool_calls: [{ index: this.toolIndex++, ...toolCallOut(event.toolCall) }] });
+    const { result } = event;
+    out += this.frame({}, finishReason(result));
+    if (this.includeUsage) out += `data: {"id":"${this.id}","object":"chat.completion.chunk","created":${this.created},"model":${this.modelJson},"choices":[],"usage":${usageJson(result.usage)}}\n\n`;
+    return `${out}data: [DONE]\n\n`;
+  }
+
+  /** The `error` event that ends a body after a failure. */
+  error(body: OpenAIErrorBody): string {
+    return `${this.takeHead()}data: ${JSON.stringify(body)}\n\n`;
+  }
+
+  private takeHead(): string {
+    const head = this.head;
+    this.head = '';
+    return head;
+  }
+
+  private frame(delta: unknown, finish: string | null = null): string {
+    return `data: {"id":"${this.id}","object":"chat.completion.chunk","created":${this.created},"model":${this.modelJson},"choices":[{"index":0,"delta":${JSON.stringify(delta)},"logprobs":null,"finish_reason":${finish === null ? 'null' : `"${finish}"`}}]${this.usageField}}\n\n`;
   }
 }
 
@@ -331,14 +329,25 @@ function isClientsDoing(error: unknown, status: number): boolean {
 }
 
 /**
- * The response body for SSE frames: the first frame goes out at once (time to first chunk); frames
- * produced after it in the same turn of the event loop (an upstream read usually carries several)
- * go out together in one write, since every write on a socket is a system call — on loopback the
- * costliest part of a streamed answer; with `response`, the last frames and the end of the body
- * go out together too. Honours backpressure; destroying the body (the client went
- * away) returns the frames' iterator, which aborts the upstream request.
+ * The SSE body of a streamed completion: `first` (which the caller has already taken, so that
+ * errors before any output were answered as plain HTTP errors) and the rest of `events`, framed.
+ * The frames are rendered as the events are read, no async layer between: a streamed call's every
+ * event passes here. The first frame goes out at once (time to first chunk); frames produced after
+ * it in the same turn of the event loop (an upstream read usually carries several) go out together
+ * in one write, since every write on a socket is a system call — on loopback the costliest part of
+ * a streamed answer; with `response`, the last frames and the end of the body go out together too.
+ * An error after the first chunk ends the body with an `error` event and is logged on `log` (the
+ * request's): the 200 has been sent by then, so the app's error handler never sees it. Honours
+ * backpressure; destroying the body (the client went away) returns the events' iterator, which
+ * aborts the upstream request.
  */
-export function sseBody(frames: AsyncGenerator<string>, response?: { cork(): void; uncork(): void }): Readable {
+export function completionBody(
+  events: AsyncIterator<StreamEvent>,
+  first: IteratorResult<StreamEvent>,
+  frames: CompletionFrames,
+  log: Logger,
+  response?: { cork(): void; uncork(): void },
+): Readable {
   let pending = '';
   let scheduled = false;
   let started = false;
@@ -353,7 +362,9 @@ export function sseBody(frames: AsyncGenerator<string>, response?: { cork(): voi
       }
     },
     destroy(error, callback) {
-      void frames.return(undefined).catch(() => undefined);
+      // Stops the call; a pump waiting for room goes on, to see that the body is gone.
+      void events.return?.()?.catch(() => undefined);
+      wanted?.();
       callback(error);
     },
   });
@@ -362,33 +373,38 @@ export function sseBody(frames: AsyncGenerator<string>, response?: { cork(): voi
     if (pending && !body.destroyed) body.push(pending);
     pending = '';
   };
+  const write = (frame: string) => {
+    pending += frame;
+    if (!scheduled) {
+      scheduled = true;
+      setImmediate(flush);
+    }
+  };
   async function pump(): Promise<void> {
     try {
-      let first = true;
-      for await (const frame of frames) {
-        if (body.destroyed) return;
-        if (first) {
-          first = false;
-          body.push(frame);
-        } else {
-          pending += frame;
-          if (!scheduled) {
-            scheduled = true;
-            setImmediate(flush);
-          }
-        }
+      for (let next = first; !next.done; next = await events.next()) {
+        if (body.destroyed) break;
+        const frame = frames.render(next.value);
+        if (next === first) body.push(frame);
+        else write(frame);
+        if (next.value.type === 'finish') break;
         // A slow reader: wait until it has taken what is buffered.
         if (body.readableLength >= body.readableHighWaterMark) await new Promise<void>((resolve) => (wanted = resolve));
       }
-      // The last frames and the end of the chunked body in one write: the response's own end()
-      // would otherwise send its terminator in a write of its own, a tick later.
-      response?.cork();
-      flush();
-      if (!body.destroyed) body.push(null);
-      if (response) setImmediate(() => response.uncork());
     } catch (error) {
-      body.destroy(error as Error);
+      const { status, body: errorBody } = openAIErrorOf(error);
+      logStreamFailure(log, error, status, frames.model);
+      write(frames.error(errorBody));
+    } finally {
+      await events.return?.();
     }
+    if (body.destroyed) return;
+    // The last frames and the end of the chunked body in one write: the response's own end()
+    // would otherwise send its terminator in a write of its own, a tick later.
+    response?.cork();
+    flush();
+    body.push(null);
+    if (response) setImmediate(() => response.uncork());
   }
   return body;
 }

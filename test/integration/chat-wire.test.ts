@@ -227,13 +227,34 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     await server.waitFor((log) => log[0]?.aborted === true, 1_000);
   });
 
-  it('a response that ends a moment after its [DONE] keeps its connection for the next call', async () => {
-    await streamed({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] }); // a pooled connection
+  it('an answer is whole at its [DONE]: a response that ends a moment later is not waited for, and keeps its connection', async () => {
+    const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    await streamed(hello); // a pooled connection
     const before = server.connections;
-    server.script('wire-chat', { ...REPLY, holdOpen: 20 }, { ...REPLY, holdOpen: 20 }, REPLY);
-    for (let i = 0; i < 3; i++) await streamed({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] });
+    server.script('wire-chat', { ...REPLY, holdOpen: 100 }); // within DONE_GRACE_MS
+    const { texts, result } = await streamed(hello);
+    expect(texts.join('')).toBe('Hello wire world');
+    expect(result).toMatchObject({ finishReason: 'stop', usage: { input: 9, output: 4 } });
+    expect(server.log.at(-1)).toMatchObject({ completed: false, aborted: false }); // answered while the response was still open
+    await server.waitFor((log) => log.at(-1)?.completed === true, 1_000);
+    await new Promise((resolve) => setTimeout(resolve, 20)); // the response's end reaches the client
+    await streamed(hello);
     expect(server.log.every((r) => r.completed && !r.aborted)).toBe(true);
     expect(server.connections).toBe(before);
+  });
+
+  it('an answer of many events read slowly comes through whole, in order (the upstream paused and resumed)', async () => {
+    const chunks = Array.from({ length: 1_200 }, (_, i) => `${i} `);
+    server.script('wire-chat', { chunks });
+    const texts: string[] = [];
+    const stream = models.stream({ model: 'wire-chat', messages: [{ role: 'user', content: 'Count' }] });
+    for await (const event of stream) {
+      if (event.type !== 'text-delta') continue;
+      texts.push(event.text);
+      if (texts.length % 300 === 0) await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    expect(texts).toEqual(chunks);
+    expect((await stream.result).text).toBe(chunks.join(''));
   });
 
   it('leaves image parts to the SDK', async () => {

@@ -2,11 +2,10 @@
  * The non-stream answer and the stream's usage chunk are written from templates: they must be what
  * JSON.stringify of the equivalent object writes, byte for byte, whatever the model said.
  */
-import pino from 'pino';
 import { describe, expect, it } from 'vitest';
 
-import type { ChatResult, StreamEvent, TokenUsage, ToolCall } from '../../src/modules/ai-models/index.js';
-import { completionChunks, completionId, completionJson } from '../../src/services/openai-gateway.js';
+import type { ChatResult, TokenUsage, ToolCall } from '../../src/modules/ai-models/index.js';
+import { CompletionFrames, completionId, completionJson } from '../../src/services/openai-gateway.js';
 
 const USAGE: TokenUsage = { input: 12, output: 7, cached_input: 0, cache_write: 0, reasoning: 0 };
 
@@ -96,13 +95,49 @@ describe('completionId', () => {
 describe('the stream usage chunk', () => {
   it('is what JSON.stringify of the chunk writes', async () => {
     const r = result({ model: 'ünïcode "model"', usage: { input: 5, output: 3, cached_input: 2, cache_write: 0, reasoning: 1 } });
-    const events: AsyncIterator<StreamEvent> = { next: () => Promise.resolve({ done: true, value: undefined }) };
-    let body = '';
-    for await (const frame of completionChunks(events, { done: false, value: { type: 'finish', result: r } }, r.model, true, pino({ level: 'silent' }))) body += frame;
+    const body = new CompletionFrames(r.model, true).render({ type: 'finish', result: r });
     const frames = body.split('\n\n').filter(Boolean);
     const usageFrame = frames.at(-2)!.replace(/^data: /, '');
     const { id, created } = JSON.parse(usageFrame) as { id: string; created: number };
     expect(usageFrame).toBe(JSON.stringify({ id, object: 'chat.completion.chunk', created, model: r.model, choices: [], usage: usageObject(r.usage) }));
     expect(frames.at(-1)).toBe('data: [DONE]');
+  });
+});
+
+describe('the stream\'s frames (CompletionFrames)', () => {
+  it('are what JSON.stringify writes of OpenAI\'s chunks, in order, the role\'s first and [DONE] last', () => {
+    const call: ToolCall = { toolCallId: 'call_1', toolName: 'look "up"', input: { q: 'ü' } };
+    const r = result({ toolCalls: [call], finishReason: 'tool-calls' });
+    const frames = new CompletionFrames('gpt "test"', false);
+    const body =
+      frames.render({ type: 'text-delta', text: 'Hi "there"\n' }) +
+      frames.render({ type: 'reasoning-delta', text: 'hmm' }) +
+      frames.render({ type: 'tool-call', toolCall: call }) +
+      frames.render({ type: 'tool-call', toolCall: call }) +
+      frames.render({ type: 'finish', result: r });
+    const chunks = body.split('\n\n').filter(Boolean);
+    expect(chunks.at(-1)).toBe('data: [DONE]');
+    const parsed = chunks.slice(0, -1).map((c) => c.replace(/^data: /, ''));
+    const { id, created } = JSON.parse(parsed[0]!) as { id: string; created: number };
+    const chunk = (delta: unknown, finish: string | null = null) =>
+      JSON.stringify({ id, object: 'chat.completion.chunk', created, model: 'gpt "test"', choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }] });
+    const toolDelta = (index: number) => ({ tool_calls: [{ index, id: 'call_1', type: 'function', function: { name: 'look "up"', arguments: '{"q":"ü"}' } }] });
+    expect(parsed).toEqual([
+      chunk({ role: 'assistant', content: '', refusal: null }),
+      chunk({ content: 'Hi "there"\n' }),
+      chunk({ reasoning_content: 'hmm' }),
+      chunk(toolDelta(0)),
+      chunk(toolDelta(1)),
+      chunk({}, 'tool_calls'),
+    ]);
+  });
+
+  it('an error after the first chunk is OpenAI\'s error object as an event', () => {
+    const frames = new CompletionFrames('m', true);
+    frames.render({ type: 'text-delta', text: 'a' });
+    const error = { error: { message: 'Upstream 500 error', type: 'server_error', param: null, code: 'upstream_error' } };
+    expect(frames.error(error)).toBe(`data: ${JSON.stringify(error)}\n\n`);
+    // Before any: the role's chunk goes first.
+    expect(new CompletionFrames('m', true).error(error)).toMatch(/^data: \{"id":"chatcmpl-[0-9a-f]{32}".*"usage":null\}\n\ndata: \{"error"/);
   });
 });

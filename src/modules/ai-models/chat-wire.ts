@@ -7,11 +7,12 @@
  * bench/RESULTS.md). Errors come out as the SDK's `APICallError` (status, headers, retryability),
  * so the manager's retries, fallbacks and error answers treat both paths alike.
  */
-import type { Readable } from 'node:stream';
+import { StringDecoder } from 'node:string_decoder';
 
 import { APICallError, type ModelMessage } from 'ai';
-import { Agent, type Dispatcher, request as httpRequest } from 'undici';
+import { Agent, type Dispatcher } from 'undici';
 
+import { AsyncQueue } from '../../utils/async-queue.js';
 import { ModelAnswerLimitError } from './errors.js';
 import type { ToolCall } from './model-manager.js';
 import type { TokenUsage } from './types.js';
@@ -200,104 +201,20 @@ export class ChatWire {
 
   /**
    * A streamed call (with `include_usage`): the parts in order, ending with `finish`. Tool calls
-   * arrive in pieces and are handed on whole when the stream ends. An upstream error chunk, a
+   * arrive in pieces and are handed on whole when the answer ends. An upstream error chunk, a
    * dropped connection, a stream that ends with neither a finish reason nor `[DONE]` (cut off) or
    * the signal throws; so do an event (a line) or tool calls longer than `maxChars`, which the wire
-   * would hold. Stopping the iteration closes the upstream request.
+   * would hold. A refusal (non-2xx) throws here, with the start of its body. Stopping the iteration
+   * closes the upstream request, unless its response is complete.
    */
-  async stream(call: WireCall, signal: AbortSignal, maxChars: number): Promise<AsyncIterable<WirePart>> {
-    const { statusCode, body } = await this.post({ ...call, stream: true, stream_options: { include_usage: true } }, signal, maxChars);
-    const { url } = this;
-    return (async function* () {
-      const tools = new Map<number, ToolCallText>();
-      let finishReason: string | null | undefined;
-      let usage: OpenAIUsage | null | undefined;
-      let done = false;
-      let grace: NodeJS.Timeout | undefined;
-      let toolChars = 0;
-      let rest = '';
-      try {
-        body.setEncoding('utf8');
-        read: for await (const chunk of body as AsyncIterable<string>) {
-          if (done) continue; // after [DONE]: only waiting for the response's end (see below)
-          // Only the new chunk is searched for line ends: a long line costs its length once, not once per chunk.
-          let start = 0;
-          for (let end = chunk.indexOf('\n'); end !== -1; start = end + 1, end = chunk.indexOf('\n', start)) {
-            const line = rest ? rest + chunk.slice(start, end) : chunk.slice(start, end);
-            rest = '';
-            if (!line.startsWith('data:')) continue;
-            const data = line.slice(5).trim();
-            if (data === '[DONE]') {
-              // The answer is whole: nothing after [DONE] is read. The response usually ends with it:
-              // the loop then runs out with the body (a break would destroy it, which builds two
-              // errors with stack traces — ~3 % of a streamed call's CPU — for a connection that is
-              // back in the pool anyway). One that ends a moment later (its own write) is waited for
-              // a little, so as not to lose the connection; one kept open is closed after DONE_GRACE_MS.
-              done = true;
-              if (!responseEnded(body)) grace = setTimeout(() => body.destroy(), DONE_GRACE_MS);
-              continue read;
-            }
-            const value = completionOf(data);
-            if (!value) throw invalidAnswer(url, call, statusCode, data);
-            if (value.error) throw upstreamError(url, call, value.error.message ?? 'Upstream error in the stream', undefined);
-            if (value.usage) usage = value.usage;
-            const choice = value.choices?.[0];
-            const delta = choice?.delta;
-            if (choice?.finish_reason) finishReason = choice.finish_reason;
-            const reasoning = delta?.reasoning_content ?? delta?.reasoning;
-            let emitted = false;
-            if (reasoning) {
-              emitted = true;
-              yield { type: 'reasoning-delta', text: reasoning };
-            }
-            if (delta?.content) {
-              emitted = true;
-              yield { type: 'text-delta', text: delta.content };
-            }
-            for (const piece of delta?.tool_calls ?? []) {
-              const index = piece.index ?? tools.size;
-              const known = tools.get(index);
-              const text = piece.function?.arguments ?? '';
-              if ((toolChars += text.length) > maxChars) throw new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`);
-              if (known) known.text += text;
-              else tools.set(index, { id: piece.id ?? '', name: piece.function?.name ?? '', text });
-            }
-            if (!emitted) yield PROGRESS;
-          }
-          rest = start === 0 ? rest + chunk : chunk.slice(start);
-          if (rest.length > maxChars) throw new ModelAnswerLimitError(502, `An event of the model's answer exceeded ${maxChars} characters`);
-        }
-      } catch (error) {
-        // After [DONE] (the grace's end, a dropped connection) the answer is whole all the same.
-        if (!done) {
-          if (signal.aborted || error instanceof APICallError || error instanceof ModelAnswerLimitError) throw error;
-          throw connectionError(url, call, error);
-        }
-      } finally {
-        clearTimeout(grace);
-        // Stopped early (at [DONE], a break, an error): the rest of the body is not wanted; this closes
-        // the connection, unless the response was complete already (then it stays in the pool).
-        if (!body.readableEnded) body.destroy();
-      }
-      // Ended cleanly but cut off (a proxy's timeout, a crashed server): a dropped connection, not an answer.
-      if (!finishReason && !done) throw upstreamError(url, call, 'The stream ended before the answer did (no finish_reason, no [DONE])', undefined);
-      for (const tool of tools.values()) yield { type: 'tool-call', toolCall: undeclaredToolCall(tool.id, tool.name, tool.text) };
-      yield { type: 'finish', finishReason: finishReasonOf(finishReason), usage: usageOf(usage) };
-    })();
-  }
-
-  /** Sends the request; a non-2xx answer throws `APICallError` with OpenAI's error message (of its first `maxChars`). */
-  private async post(call: WireCall & { stream?: true; stream_options?: { include_usage: true } }, signal: AbortSignal, maxChars: number) {
-    let response;
-    try {
-      response = await httpRequest(this.url, { method: 'POST', headers: this.headers, body: JSON.stringify(call), signal, dispatcher: this.dispatcher });
-    } catch (error) {
-      if (signal.aborted) throw error;
-      throw connectionError(this.url, call, error);
-    }
-    const { statusCode, headers, body } = response;
-    if (statusCode >= 200 && statusCode < 300) return response;
-    throw this.refused(call, statusCode, flatHeaders(headers), await headOf(body, maxChars));
+  async stream(call: WireCall, signal: AbortLike, maxChars: number): Promise<AsyncIterable<WirePart>> {
+    const streamCall = { ...call, stream: true as const, stream_options: { include_usage: true as const } };
+    if (signal.aborted) throw signal.reason ?? new Error('aborted');
+    const reader = new SseReader(this.url, streamCall, signal, maxChars);
+    this.dispatcher.dispatch({ origin: this.origin, path: this.path, method: 'POST', headers: this.headers, body: JSON.stringify(streamCall) }, reader);
+    const refusal = await reader.opened;
+    if (refusal) throw this.refused(streamCall, refusal.statusCode, rawHeaderRecord(refusal.rawHeaders), refusal.text);
+    return reader.parts;
   }
 
   /** A non-2xx answer as `APICallError`, with OpenAI's error message when the body is its error object. */
@@ -364,19 +281,201 @@ function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOption
   });
 }
 
-/** The start of a body, at most `maxChars` of it (an error answer: the rest is not read). */
-async function headOf(body: Readable, maxChars: number): Promise<string> {
-  let text = '';
-  try {
-    body.setEncoding('utf8');
-    for await (const chunk of body as AsyncIterable<string>) {
-      text += chunk;
-      if (text.length >= maxChars) break;
-    }
-  } catch {
-    // what came is all there is
+/** A refused stream's answer: its status, headers and the start of its body. */
+interface Refusal {
+  statusCode: number;
+  rawHeaders: Buffer[];
+  text: string;
+}
+
+/** Parts a stream's reader holds before it stops reading the upstream until they are taken. */
+const PAUSE_AT_PARTS = 256;
+
+/**
+ * A streamed answer read off the dispatcher into the queue of its parts. undici's `request()`
+ * wraps every answer in a Node stream (an async resource, an AbortSignal listener, a string
+ * decoder stream), which an async generator then read chunk by chunk: on a zero-latency upstream,
+ * layers that cost more than reading the events themselves. Here the events are parsed as the data
+ * arrives and their parts queued (`parts`); the upstream is paused while many wait. The answer is
+ * whole at `[DONE]`, or at the response's end after a finish reason: its last parts are queued
+ * then; a response still open DONE_GRACE_MS after its `[DONE]` is closed.
+ */
+class SseReader implements Dispatcher.DispatchHandlers {
+  /** Settles once the headers came: undefined for a 2xx (read `parts`); for any other status, its refusal, once the start of its body is read. */
+  readonly opened: Promise<Refusal | undefined>;
+  /** Stopping their iteration early closes the connection (unless the answer is whole); taking the last one resumes a paused upstream. */
+  readonly parts = new AsyncQueue<WirePart>({ onReturn: () => this.stop(), onDrained: () => this.unpause() });
+  private open!: (refusal: Refusal | undefined) => void;
+  private openFailed!: (error: Error) => void;
+  private statusCode = 0;
+  private rawHeaders: Buffer[] = [];
+  private readonly decoder = new StringDecoder('utf8');
+  /** A refusal's body so far; for a 2xx, the start of a line whose end has not come yet. */
+  private rest = '';
+  /** undici is through with the request (complete or failed): nothing to abort. */
+  private settled = false;
+  private abortRequest: ((reason?: Error) => void) | undefined;
+  private resume: (() => void) | undefined;
+  private paused = false;
+  private grace: NodeJS.Timeout | undefined;
+  private readonly tools = new Map<number, ToolCallText>();
+  private toolChars = 0;
+  private finishReason: string | null | undefined;
+  private usage: OpenAIUsage | null | undefined;
+  private readonly unsubscribe: () => void;
+
+  constructor(
+    private readonly url: string,
+    private readonly call: unknown,
+    private readonly signal: AbortLike,
+    private readonly maxChars: number,
+  ) {
+    this.opened = new Promise((resolve, reject) => {
+      this.open = resolve;
+      this.openFailed = reject;
+    });
+    this.unsubscribe = signal.onAbort(() => this.abortRequest?.(signal.reason));
   }
-  return text.slice(0, maxChars);
+
+  onConnect(abort: (reason?: Error) => void): void {
+    this.abortRequest = abort;
+    if (this.signal.aborted) abort(this.signal.reason);
+  }
+
+  onHeaders(statusCode: number, rawHeaders: Buffer[], resume: () => void): boolean {
+    this.statusCode = statusCode;
+    this.rawHeaders = rawHeaders;
+    this.resume = resume;
+    if (this.isAnswer()) this.open(undefined);
+    return true;
+  }
+
+  onData(chunk: Buffer): boolean {
+    if (!this.isAnswer()) {
+      // A refusal: only its start is read, then the connection is closed.
+      this.rest += this.decoder.write(chunk);
+      if (this.rest.length < this.maxChars) return true;
+      this.refuse();
+      this.abortRequest?.(new Error('The refusal is read'));
+      return false;
+    }
+    if (this.parts.ended) return true; // after [DONE]: waiting for the response's end only
+    try {
+      this.read(this.decoder.write(chunk));
+    } catch (error) {
+      this.parts.fail(error as Error);
+      this.abortRequest?.(error as Error);
+      return false;
+    }
+    if (this.parts.size < PAUSE_AT_PARTS) return true;
+    this.paused = true;
+    return false;
+  }
+
+  onComplete(): void {
+    this.settle();
+    if (!this.isAnswer()) return this.refuse();
+    if (this.parts.ended) return;
+    // A last line without its line end is no event. Ended cleanly but cut off (a proxy's timeout,
+    // a crashed server): a dropped connection, not an answer.
+    if (!this.finishReason) return this.parts.fail(upstreamError(this.url, this.call, 'The stream ended before the answer did (no finish_reason, no [DONE])', undefined));
+    this.finish();
+  }
+
+  onError(error: Error): void {
+    this.settle();
+    const failure = this.signal.aborted || error instanceof ModelAnswerLimitError ? error : connectionError(this.url, this.call, error);
+    if (this.statusCode === 0) return this.openFailed(failure);
+    if (!this.isAnswer()) return this.refuse(); // what came of the refusal is all there is
+    // After [DONE] (the grace's end, a dropped connection) the answer is whole all the same (fail
+    // does nothing then); aborted, what waits is not wanted.
+    this.parts.fail(failure, this.signal.aborted);
+  }
+
+  private isAnswer(): boolean {
+    return this.statusCode >= 200 && this.statusCode < 300;
+  }
+
+  private refuse(): void {
+    this.open({ statusCode: this.statusCode, rawHeaders: this.rawHeaders, text: this.rest.slice(0, this.maxChars) });
+  }
+
+  private settle(): void {
+    this.settled = true;
+    this.unsubscribe();
+    clearTimeout(this.grace);
+  }
+
+  /** The reader stopped before the answer was whole: the rest is not wanted. */
+  private stop(): void {
+    if (!this.settled) this.abortRequest?.(new Error('The stream was closed by its reader'));
+  }
+
+  private unpause(): void {
+    if (!this.paused) return;
+    this.paused = false;
+    this.resume?.();
+  }
+
+  /** Parses the lines `text` ends (only the new text is searched for line ends: a long line costs its length once, not once per chunk). */
+  private read(text: string): void {
+    let start = 0;
+    for (let end = text.indexOf('\n'); end !== -1; start = end + 1, end = text.indexOf('\n', start)) {
+      const line = this.rest ? this.rest + text.slice(start, end) : text.slice(start, end);
+      this.rest = '';
+      if (!line.startsWith('data:')) continue;
+      const data = line.slice(5).trim();
+      if (data === '[DONE]') {
+        // The answer is whole: nothing after [DONE] is read. The response usually ends in the same
+        // read (undici completes it before this turn's microtasks); one that ends a moment later (its
+        // own write) is waited for a little, so as not to lose the connection; one kept open is closed.
+        this.finish();
+        queueMicrotask(() => {
+          if (!this.settled) this.grace = setTimeout(() => this.abortRequest?.(new Error('The response did not end after [DONE]')), DONE_GRACE_MS);
+        });
+        return;
+      }
+      this.event(data);
+    }
+    this.rest = start === 0 ? this.rest + text : text.slice(start);
+    if (this.rest.length > this.maxChars) throw new ModelAnswerLimitError(502, `An event of the model's answer exceeded ${this.maxChars} characters`);
+  }
+
+  private event(data: string): void {
+    const value = completionOf(data);
+    if (!value) throw invalidAnswer(this.url, this.call, this.statusCode, data);
+    if (value.error) throw upstreamError(this.url, this.call, value.error.message ?? 'Upstream error in the stream', undefined);
+    if (value.usage) this.usage = value.usage;
+    const choice = value.choices?.[0];
+    const delta = choice?.delta;
+    if (choice?.finish_reason) this.finishReason = choice.finish_reason;
+    const reasoning = delta?.reasoning_content ?? delta?.reasoning;
+    let emitted = false;
+    if (reasoning) {
+      emitted = true;
+      this.parts.push({ type: 'reasoning-delta', text: reasoning });
+    }
+    if (delta?.content) {
+      emitted = true;
+      this.parts.push({ type: 'text-delta', text: delta.content });
+    }
+    for (const piece of delta?.tool_calls ?? []) {
+      const index = piece.index ?? this.tools.size;
+      const known = this.tools.get(index);
+      const text = piece.function?.arguments ?? '';
+      if ((this.toolChars += text.length) > this.maxChars) throw new ModelAnswerLimitError(502, `The model's answer exceeded ${this.maxChars} characters`);
+      if (known) known.text += text;
+      else this.tools.set(index, { id: piece.id ?? '', name: piece.function?.name ?? '', text });
+    }
+    if (!emitted) this.parts.push(PROGRESS);
+  }
+
+  /** The answer is whole: its tool calls, then `finish`. */
+  private finish(): void {
+    for (const tool of this.tools.values()) this.parts.push({ type: 'tool-call', toolCall: undeclaredToolCall(tool.id, tool.name, tool.text) });
+    this.parts.push({ type: 'finish', finishReason: finishReasonOf(this.finishReason), usage: usageOf(this.usage) });
+    this.parts.end();
+  }
 }
 
 /** Raw response headers (name, value, name, value…) as one record, repeated names joined as Node joins them. */
@@ -387,12 +486,6 @@ function rawHeaderRecord(raw: Buffer[]): Record<string, string> {
     const value = raw[i + 1]!.toString('latin1');
     out[name] = name in out ? `${out[name]}, ${value}` : value;
   }
-  return out;
-}
-
-function flatHeaders(headers: Record<string, string | string[] | undefined>): Record<string, string> {
-  const out: Record<string, string> = {};
-  for (const [name, value] of Object.entries(headers)) if (value !== undefined) out[name] = Array.isArray(value) ? value.join(', ') : value;
   return out;
 }
 
@@ -445,15 +538,6 @@ function invalidAnswer(url: string, call: unknown, statusCode: number, text: str
 
 /** How long a stream's response may take to end after its [DONE] before its connection is closed. */
 const DONE_GRACE_MS = 200;
-
-/**
- * undici has pushed the response's end into its body (the request is complete, its connection back
- * in the pool), read or not. `readableEnded` turns true only once the reader reached it; Node has no
- * public name for this state (undici reads `_readableState` too).
- */
-function responseEnded(body: Readable): boolean {
-  return (body as Readable & { _readableState?: { ended?: boolean } })._readableState?.ended === true;
-}
 
 /** One pool of keep-alive connections per registry, shared by its providers (undici keeps one per origin). */
 export function wireDispatcher(): Agent {

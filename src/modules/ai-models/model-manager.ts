@@ -27,6 +27,7 @@ import {
 } from 'ai';
 import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings } from 'ai/internal';
 
+import { AsyncQueue } from '../../utils/async-queue.js';
 import { CallerAbort, type CallerSignal } from './abort.js';
 import { STREAM_ANSWER, vectorsAnswer } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
@@ -662,10 +663,6 @@ export class ModelManager {
    * signal aborts the upstream request.
    */
   stream(request: ChatRequest): ModelStream {
-    const queue: StreamEvent[] = [];
-    let wake: (() => void) | undefined;
-    let done = false;
-    let failure: Error | undefined;
     // The caller's signal or the consumer stopping aborts the call. Linked by hand: AbortSignal.any
     // costs far more per call (weak references, a registry) on Node 20; a CallerAbort, not an
     // AbortController: the attempt makes the AbortSignal the wire's stream needs.
@@ -674,10 +671,9 @@ export class ModelManager {
     const onCallerAbort = () => consumer.abort(callerSignal?.reason);
     if (callerSignal?.aborted) onCallerAbort();
     else callerSignal?.addEventListener('abort', onCallerAbort, { once: true });
-    const push = (event: StreamEvent) => {
-      queue.push(event);
-      wake?.();
-    };
+    // The caller stopping its iteration before the end aborts the call.
+    const events = new AsyncQueue<StreamEvent>({ onReturn: () => consumer.abort(new ModelCallAbortedError()) });
+    const push = (event: StreamEvent) => events.push(event);
 
     const started = performance.now();
     let answering: string | undefined;
@@ -732,33 +728,14 @@ export class ModelManager {
     result.then(
       (final) => {
         callerSignal?.removeEventListener('abort', onCallerAbort);
-        push({ type: 'finish', result: final });
-        done = true;
-        wake?.();
+        events.push({ type: 'finish', result: final });
+        events.end();
       },
       (error: unknown) => {
         callerSignal?.removeEventListener('abort', onCallerAbort);
-        failure = error instanceof Error ? error : new Error(String(error));
-        done = true;
-        wake?.();
+        events.fail(error instanceof Error ? error : new Error(String(error)));
       },
     );
-
-    async function* events(): AsyncGenerator<StreamEvent> {
-      try {
-        for (;;) {
-          while (queue.length) yield queue.shift() as StreamEvent;
-          if (done) {
-            if (failure) throw failure;
-            return;
-          }
-          await new Promise<void>((resolve) => (wake = resolve));
-          wake = undefined;
-        }
-      } finally {
-        if (!done) consumer.abort(new ModelCallAbortedError());
-      }
-    }
     // Reading `result` is optional for callers that iterate; its rejection then surfaces there.
     result.catch(() => {});
     return {
@@ -766,7 +743,7 @@ export class ModelManager {
       get model() {
         return answering;
       },
-      [Symbol.asyncIterator]: events,
+      [Symbol.asyncIterator]: () => events,
     };
   }
 
@@ -792,7 +769,7 @@ export class ModelManager {
    */
   private async streamSource(request: ChatRequest, model: ModelInfo, attempt: Attempt): Promise<StreamSource> {
     const wired = this.wireCall(request, model);
-    if (wired) return { parts: await wired.wire.stream(wired.call, attempt.signal, this.options.maxResponseBytes), responseMessages: directResponseMessages };
+    if (wired) return { parts: await wired.wire.stream(wired.call, attempt, this.options.maxResponseBytes), responseMessages: directResponseMessages };
     const languageModel = this.directModel(request, model);
     if (languageModel) {
       const { stream } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, model, attempt)), headers: STREAM_ANSWER, includeRawChunks: false });
