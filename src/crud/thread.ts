@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 
-import { sql } from 'drizzle-orm';
+import { eq, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
@@ -75,3 +75,19 @@ export async function appendMessages(tx: Db, threadId: string, values: readonly 
   return written.sort((a, b) => a.seq - b.seq);
 }
 
+/**
+ * The size of a thread's messages as a model call's prompt carries them (content and tool calls),
+ * in characters and UTF-8 bytes, summed by the database: a run's start estimates the tokens of its
+ * first step's prompt from it (estimateTokensOfSize) without reading the history.
+ */
+export async function historySize(db: Db, threadId: string): Promise<{ chars: number; bytes: number }> {
+  const text = sql`(${messages.content} || coalesce(${messages.tool_calls}::text, ''))`;
+  const [row] = await db
+    .select({
+      chars: sql<number>`coalesce(sum(char_length(${text})), 0)::float8`.mapWith(Number),
+      bytes: sql<number>`coalesce(sum(octet_length(${text})), 0)::float8`.mapWith(Number),
+    })
+    .from(messages)
+    .where(eq(messages.thread_id, threadId));
+  return row ?? { chars: 0, bytes: 0 };
+}

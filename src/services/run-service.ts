@@ -14,9 +14,9 @@ import { agentCrud, agentPolicy, getDefault, versionCrud } from '../crud/agent.j
 import * as billingCrud from '../crud/billing.js';
 import { matching } from '../crud/owned.js';
 import * as runCrud from '../crud/run.js';
-import { appendMessages, threadCrud, threadPolicy } from '../crud/thread.js';
+import { appendMessages, historySize, threadCrud, threadPolicy } from '../crud/thread.js';
 import { closePending, finishRun, queueRun, type RunDeps, runEvent, runView } from '../modules/agents/run-lifecycle.js';
-import { addCosts, estimateTextTokens } from '../modules/ai-models/index.js';
+import { addCosts, estimateTextTokens, estimateTokensOfSize } from '../modules/ai-models/index.js';
 import { catalogModel } from './agent-service.js';
 import type { ServiceContext } from './context.js';
 import { availableCredits, formatMoney } from './money.js';
@@ -45,25 +45,29 @@ export interface HistoryMessage {
 }
 
 /**
- * Reads a start needs that do not depend on the thread, begun at once so they go out together
- * with the thread's read (one round trip instead of three): the agent, and the caller's balance
- * (the owner of a thread the caller may write is nearly always the caller; another owner's is read
- * when it is known). Awaiting one rethrows its error; until then a failure is not unhandled.
+ * Reads a start needs besides the thread's own, begun at once so they go out together with the
+ * thread's read (one round trip instead of several): the agent, and with billing on the caller's
+ * balance (the owner of a thread the caller may write is nearly always the caller; another owner's
+ * is read when it is known) and an existing thread's history size. They are only awaited after the
+ * thread's read has answered 404 for a thread the caller may not see. Awaiting one rethrows its
+ * error; until then a failure is not unhandled.
  */
 interface EarlyReads {
   agent: Promise<Agent | undefined>;
   balance: { userId: string; read: Promise<billingCrud.Balance> } | null;
+  historySize?: Promise<{ chars: number; bytes: number }>;
 }
 
-function readEarly(ctx: ServiceContext, agentId: string | undefined): EarlyReads {
+function readEarly(ctx: ServiceContext, agentId: string | undefined, threadId?: string): EarlyReads {
   const quiet = <T>(promise: Promise<T>): Promise<T> => {
     promise.catch(() => undefined);
     return promise;
   };
   const userId = ctx.principal.user.id;
   const agent = quiet(agentId ? agentCrud.getVisible(ctx.db, ctx.principal, agentId) : getDefault(ctx.db, userId));
-  const balance = ctx.settings.BILLING_ENABLED ? { userId, read: quiet(billingCrud.getBalance(ctx.db, userId)) } : null;
-  return { agent, balance };
+  if (!ctx.settings.BILLING_ENABLED) return { agent, balance: null };
+  const balance = { userId, read: quiet(billingCrud.getBalance(ctx.db, userId)) };
+  return { agent, balance, historySize: threadId === undefined ? undefined : quiet(historySize(ctx.db, threadId)) };
 }
 
 /** The run's agent, model and first-step credit check; `ownerId` is whose thread it runs on (who pays). */
@@ -76,25 +80,33 @@ async function plan(ctx: ServiceContext, ownerId: string, agentId: string | unde
     throw new UnprocessableError({ loc: ['body', 'agent_id'], msg: 'No agent_id given and you have no default agent; name an agent or make one the default (is_default: true)', type: 'missing' });
   }
   const runModel = model === undefined ? agent.model : catalogModel(ctx.models, model);
-  await checkCredits(ctx, ownerId, agent, runModel, input, history, early.balance?.userId === ownerId ? early.balance.read : undefined);
+  await checkCredits(ctx, ownerId, agent, runModel, input, history, early);
   return { agent, model: runModel };
 }
 
 /**
  * With billing on, 402 at once when the balance cannot cover the first step's worst case (the
  * prompt estimate and the output tokens the model manager will reserve for it, at catalog prices).
- * Every step still reserves through the model manager; a later step the credits cannot cover fails
- * the run. `balanceRead`: the owner's balance, already asked for.
+ * The prompt is the agent's instructions, the thread's messages (`history` for a new thread; an
+ * existing thread's, summed by the database: `early.historySize`) and the input; counted by their
+ * text only, so the estimate stays below the call's own (which counts the messages' framing too) and
+ * never refuses a run its first call would take. Every step still reserves through the model
+ * manager; a later step the credits cannot cover fails the run. `early`: the reads already asked for.
  */
-async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, model: string, input: string | undefined, history: readonly HistoryMessage[], balanceRead?: Promise<billingCrud.Balance>): Promise<void> {
+async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, model: string, input: string | undefined, history: readonly HistoryMessage[], early: EarlyReads): Promise<void> {
   if (!ctx.settings.BILLING_ENABLED) return;
   const info = ctx.models.getModel(model);
   if (!info) return; // the run fails with "unknown model", in words
   // As the model manager estimates the call's prompt (estimateTextTokens).
-  const promptTokens = history.reduce((sum, message) => sum + estimateTextTokens(message.content), estimateTextTokens(agent.system_prompt) + estimateTextTokens(input ?? ''));
+  let promptTokens = history.reduce((sum, message) => sum + estimateTextTokens(message.content), estimateTextTokens(agent.system_prompt) + estimateTextTokens(input ?? ''));
+  if (early.historySize) {
+    const { chars, bytes } = await early.historySize;
+    promptTokens += estimateTokensOfSize(chars, bytes);
+  }
   const inputTokens = Math.ceil(promptTokens);
   // The manager's own worst case (the model's output limit caps the default): what the first call will reserve.
   const { cost: needed } = ctx.models.worstCase(info, inputTokens, agent.max_output_tokens ?? undefined);
+  const balanceRead = early.balance?.userId === ownerId ? early.balance.read : undefined;
   const available = availableCredits(await (balanceRead ?? billingCrud.getBalance(ctx.db, ownerId)));
   if (addCosts(available, `-${needed}`).startsWith('-')) {
     throw new PaymentRequiredError(`Not enough credits to start this run: available ${formatMoney(available)}; its first step with ${info.id} needs up to ${formatMoney(needed)}`);
@@ -208,7 +220,7 @@ async function stopEnded(deps: RunDeps, run: Run): Promise<void> {
 }
 
 export async function startOnThread(ctx: ServiceContext, deps: RunDeps, threadId: string, input: RunCreate): Promise<Run> {
-  const early = readEarly(ctx, input.agent_id);
+  const early = readEarly(ctx, input.agent_id, threadId);
   // 404 for another user's thread before anything else is told (the other reads are only awaited after it).
   const thread = await threadCrud.getVisible(ctx.db, ctx.principal, threadId, 'write');
   const planned = await plan(ctx, thread.owner_id, input.agent_id, input.model, input.input, [], early);

@@ -100,6 +100,35 @@ describe('runs with billing on', () => {
     expect(fake.log).toHaveLength(0);
   });
 
+  it("a run on a thread with history: the start check counts the thread's messages, as the first step's prompt will carry them", async () => {
+    // 1 credit per input token, output free.
+    const priced = await api('POST', '/models', admin, { id: 'fake-history-billed', provider: 'fake', max_output_tokens: 10, pricing: { input_cost_per_million_tokens: '1000000', output_cost_per_million_tokens: '0' } });
+    expect(priced.statusCode, priced.body).toBe(200);
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { model: 'fake-history-billed', is_default: true });
+    const thread = await createThread(ctx.app, owner.headers);
+    for (const message of [
+      { role: 'user', content: 'x'.repeat(400) }, // 100 tokens
+      { role: 'user', content: '数据'.repeat(40) }, // 100 tokens
+    ]) {
+      const added = await api('POST', `/threads/${thread.id}/messages`, owner.headers, message);
+      expect(added.statusCode, added.body).toBe(200);
+    }
+    await grant(owner, '150');
+    // 'Be brief.' (2¼) + the history (200) + 'hello' (1¼): 204; the new input alone would have needed 4.
+    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hello' });
+    expect(refused.statusCode, refused.body).toBe(402);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/^Not enough credits to start this run: available 150; its first step with fake-history-billed needs up to 204$/);
+    expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<{ count: number }>().count).toBe(0);
+    expect((await api('GET', `/threads/${thread.id}/messages`, owner.headers)).json<{ count: number }>().count).toBe(2);
+    expect(fake.log).toHaveLength(0);
+    // Enough for the call's own estimate (which counts the messages' framing too): it runs.
+    await grant(owner, '100');
+    fake.script('fake-history-billed', { text: 'Hi.', usage: { prompt_tokens: 210, completion_tokens: 2 } });
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'hello' });
+    expect(await waitForRun(ctx.app, owner.headers, run.id, ['completed', 'failed'])).toMatchObject({ status: 'completed', cost: '210' });
+  });
+
   it('a later step the credits cannot cover fails the run with "not enough credits"; a tool without an implementation answers the model with an error', async () => {
     const owner = await createUser(ctx.app);
     await createAgent(ctx.app, owner.headers, { model: 'fake-billed', max_output_tokens: 10, tools: ['knowledge_search'], is_default: true });

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 
-import { estimateTextTokens } from '../../src/modules/ai-models/token-estimate.js';
+import { estimateTextTokens, estimateTokensOfSize } from '../../src/modules/ai-models/token-estimate.js';
 
 describe('estimateTextTokens', () => {
   it('ASCII (English, code, JSON): 4 characters a token', () => {
@@ -24,5 +24,11 @@ describe('estimateTextTokens', () => {
   it('mixed text adds up by character', () => {
     expect(estimateTextTokens('Hi 数据 😀')).toBe(estimateTextTokens('Hi ') + estimateTextTokens('数据') + estimateTextTokens(' ') + estimateTextTokens('😀'));
     expect(estimateTextTokens('Hi 数据 😀')).toBe(0.75 + 2.5 + 0.25 + 1.5);
+  });
+
+  it('a text known by its size (what the database sums up) counts as the text itself', () => {
+    const text = 'Hi 数据 привет';
+    expect(estimateTokensOfSize(text.length, Buffer.byteLength(text))).toBe(estimateTextTokens(text));
+    expect(estimateTokensOfSize(0, 0)).toBe(0);
   });
 });

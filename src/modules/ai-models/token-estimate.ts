@@ -13,5 +13,10 @@
 export function estimateTextTokens(text: string): number {
   if (text.length === 0) return 0;
   // Buffer.byteLength is native: no walk over the characters in JavaScript, whatever the prompt's size.
-  return text.length / 4 + (Buffer.byteLength(text, 'utf8') - text.length) / 2;
+  return estimateTokensOfSize(text.length, Buffer.byteLength(text, 'utf8'));
+}
+
+/** estimateTextTokens of a text known only by its size (`chars` characters, `bytes` UTF-8 bytes): texts the database sums up. */
+export function estimateTokensOfSize(chars: number, bytes: number): number {
+  return chars / 4 + (bytes - chars) / 2;
 }
