@@ -358,7 +358,8 @@ export function completionBody(
       wanted = undefined;
       if (!started) {
         started = true;
-        void pump();
+        // Anything that escapes the pump (a bug) ends the body rather than the process.
+        pump().catch((error: unknown) => body.destroy(error as Error));
       }
     },
     destroy(error, callback) {

@@ -61,6 +61,8 @@ export class AsyncQueue<T> implements AsyncIterableIterator<T> {
     if (this.head < this.items.length) return Promise.resolve({ value: this.take(), done: false });
     if (this.failure) return Promise.reject(this.failure);
     if (this.closed) return Promise.resolve({ value: undefined, done: true });
+    // One reader: a second waiting `next()` would take the first one's place, which then never settled.
+    if (this.waiting) return Promise.reject(new Error('AsyncQueue: next() called while another next() waits'));
     return new Promise((resolve, reject) => (this.waiting = { resolve, reject }));
   }
 
@@ -83,7 +85,9 @@ export class AsyncQueue<T> implements AsyncIterableIterator<T> {
   }
 
   private take(): T {
-    const item = this.items[this.head++]!;
+    const item = this.items[this.head]!;
+    // Not held once taken: a long answer read slowly would otherwise stay whole until the queue drains.
+    this.items[this.head++] = undefined as T;
     if (this.head === this.items.length) {
       this.items.length = this.head = 0;
       this.hooks.onDrained?.();

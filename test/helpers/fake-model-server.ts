@@ -30,7 +30,9 @@ export interface ScriptedReply {
   body?: unknown;
   /** Never answer (until the client gives up). */
   hang?: boolean;
-  /** Destroy the connection: before any byte, or after this many stream chunks. */
+  /** Send `103 Early Hints` first (an interim answer a client must skip), then the reply. */
+  earlyHints?: boolean;
+  /** Destroy the connection: before any byte (of the final answer), or after this many stream chunks. */
   drop?: 'immediately' | { afterChunks: number };
   /** Stop sending (but keep the connection open) after this many stream chunks. */
   stallAfterChunks?: number;
@@ -223,6 +225,7 @@ export class FakeModelServer {
 
     if (path === '/v1/models') return this.json(res, entry, 200, { object: 'list', data: [] });
     const reply = this.next(entry.model);
+    if (reply.earlyHints) await new Promise<void>((resolve) => res.writeEarlyHints({ link: '</style.css>; rel=preload; as=style' }, resolve));
     if (reply.hang) {
       entry.reply = 'hang';
       return; // the client's timeout or abort closes it

@@ -257,6 +257,18 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     expect((await stream.result).text).toBe(chunks.join(''));
   });
 
+  it('an interim 103 answer is skipped: the stream after it is read, and a drop after it is retried as a dropped connection', async () => {
+    server.script('wire-chat', { ...REPLY, earlyHints: true });
+    const { texts, result } = await streamed({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] });
+    expect(texts.join('')).toBe('Hello wire world');
+    expect(result).toMatchObject({ finishReason: 'stop', usage: { input: 9, output: 4 } });
+    server.reset();
+    server.script('wire-chat', { earlyHints: true, drop: 'immediately' }, REPLY);
+    const again = await streamed({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] });
+    expect(again.texts.join('')).toBe('Hello wire world');
+    expect(server.log.map((r) => r.reply)).toEqual(['drop', 200]);
+  });
+
   it('leaves image parts to the SDK', async () => {
     server.script('wire-chat', { text: 'a cat' });
     await models.chat({ model: 'wire-chat', messages: [{ role: 'user', content: [{ type: 'image', image: new Uint8Array([1, 2, 3]), mediaType: 'image/png' }] }] });

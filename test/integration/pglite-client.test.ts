@@ -15,6 +15,8 @@ import { commitWithNextStatement, openDatabase, transaction } from '../../src/co
 import { inProcessLink, type PgliteLink, PgliteStatementClient } from '../../src/core/pglite-client.js';
 import { blockWhileWaiting, openPgliteThread } from '../../src/core/pglite-thread.js';
 
+import { eventually } from '../helpers/http.js';
+
 const SCHEMA = `
   create type mood as enum ('calm', 'busy');
   create table items (
@@ -448,7 +450,8 @@ describe('PGlite on a thread of its own', () => {
     } finally {
       await link.close();
     }
-    expect(idleThreads()).toBe(before);
+    // terminate() resolves as the thread stops; the OS reaps it a moment later.
+    await eventually(() => Promise.resolve(idleThreads() === before));
     // Not asked: no thread of this process is idle-scheduled.
     const plain = await openPgliteThread({ dataDir: 'memory://', startParams: [] });
     try {

@@ -105,4 +105,12 @@ describe('AsyncQueue', () => {
     expect(await drain(queue)).toEqual([1, 2, 3]);
     expect(queue.size).toBe(0);
   });
+
+  it('has one reader: a second next() while one waits is refused, and the first still gets its item', async () => {
+    const queue = new AsyncQueue<number>();
+    const first = queue.next();
+    await expect(queue.next()).rejects.toThrow('another next() waits');
+    queue.push(1);
+    expect(await first).toEqual({ value: 1, done: false });
+  });
 });

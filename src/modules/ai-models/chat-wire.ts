@@ -343,6 +343,7 @@ class SseReader implements Dispatcher.DispatchHandlers {
   }
 
   onHeaders(statusCode: number, rawHeaders: Buffer[], resume: () => void): boolean {
+    if (statusCode < 200) return true; // an interim answer (103 Early Hints): the real one follows
     this.statusCode = statusCode;
     this.rawHeaders = rawHeaders;
     this.resume = resume;
@@ -367,7 +368,8 @@ class SseReader implements Dispatcher.DispatchHandlers {
       this.abortRequest?.(error as Error);
       return false;
     }
-    if (this.parts.size < PAUSE_AT_PARTS) return true;
+    // A whole answer (its [DONE] in this read) is not paused: its response's end is still to be read.
+    if (this.parts.ended || this.parts.size < PAUSE_AT_PARTS) return true;
     this.paused = true;
     return false;
   }
@@ -384,12 +386,12 @@ class SseReader implements Dispatcher.DispatchHandlers {
 
   onError(error: Error): void {
     this.settle();
-    const failure = this.signal.aborted || error instanceof ModelAnswerLimitError ? error : connectionError(this.url, this.call, error);
-    if (this.statusCode === 0) return this.openFailed(failure);
+    const failure = () => (this.signal.aborted || error instanceof ModelAnswerLimitError ? error : connectionError(this.url, this.call, error));
+    if (this.statusCode === 0) return this.openFailed(failure());
     if (!this.isAnswer()) return this.refuse(); // what came of the refusal is all there is
-    // After [DONE] (the grace's end, a dropped connection) the answer is whole all the same (fail
-    // does nothing then); aborted, what waits is not wanted.
-    this.parts.fail(failure, this.signal.aborted);
+    // After [DONE] (the grace's end, a dropped connection), a failure of its own or the reader's
+    // stop, the parts have ended: the answer stands (or failed already); aborted, what waits is not wanted.
+    if (!this.parts.ended) this.parts.fail(failure(), this.signal.aborted);
   }
 
   private isAnswer(): boolean {
