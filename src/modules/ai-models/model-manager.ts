@@ -316,8 +316,8 @@ class AttemptTimeout extends Error {}
 /**
  * An attempt's abort: the caller's signal plus one timer, for the chunk timeout (counted from the
  * last `touch()`) or the stream's deadline, whichever comes first. The wire path listens to it
- * directly (`AbortLike`); an AbortSignal (`signal`, for undici's streams and the SDK) is made only
- * when asked for — one AbortController less per non-streamed call.
+ * directly (`AbortLike`), streamed or not; an AbortSignal (`signal`, for the SDK) is made only
+ * when asked for — one AbortController less per call on the wire.
  */
 class Attempt implements AbortLike {
   aborted = false;
@@ -665,7 +665,7 @@ export class ModelManager {
   stream(request: ChatRequest): ModelStream {
     // The caller's signal or the consumer stopping aborts the call. Linked by hand: AbortSignal.any
     // costs far more per call (weak references, a registry) on Node 20; a CallerAbort, not an
-    // AbortController: the attempt makes the AbortSignal the wire's stream needs.
+    // AbortController: the attempt makes an AbortSignal only for the SDK's paths, which need one.
     const consumer = new CallerAbort();
     const callerSignal = request.signal;
     const onCallerAbort = () => consumer.abort(callerSignal?.reason);
