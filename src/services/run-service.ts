@@ -293,7 +293,9 @@ export async function retry(ctx: ServiceContext, deps: RunDeps, id: string): Pro
   const pinned = await versionCrud.getIn(ctx.db, run.agent_id, run.agent_version).catch(() => null);
   // The model is kept when the run named one of its own; otherwise the agent's (maybe changed) model runs.
   const ownModel = pinned && pinned.model !== run.model ? run.model : undefined;
-  const planned = await plan(ctx, run.owner_id, run.agent_id, ownModel, run.input ?? undefined);
+  // The thread's history is the prompt, the input in it unless that message is gone (then it is appended again, and counted apart).
+  const unstoredInput = run.input_message_id ? undefined : (run.input ?? undefined);
+  const planned = await plan(ctx, run.owner_id, run.agent_id, ownModel, unstoredInput, [], readEarly(ctx, run.agent_id, run.thread_id));
   return start(ctx, deps, { id: run.thread_id, owner_id: run.owner_id }, planned, { strategy: run.multitask_strategy, input: run.input ?? undefined, inputMessageId: run.input_message_id });
 }
 

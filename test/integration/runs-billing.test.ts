@@ -127,6 +127,18 @@ describe('runs with billing on', () => {
     fake.script('fake-history-billed', { text: 'Hi.', usage: { prompt_tokens: 210, completion_tokens: 2 } });
     const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'hello' });
     expect(await waitForRun(ctx.app, owner.headers, run.id, ['completed', 'failed'])).toMatchObject({ status: 'completed', cost: '210' });
+
+    // A retry runs on the thread too: its check counts the history, its stored input once.
+    await grant(owner, '200');
+    fake.script('fake-history-billed', { status: 400 });
+    const failing = await startRun(ctx.app, owner.headers, thread.id, { input: 'again' });
+    expect(await waitForRun(ctx.app, owner.headers, failing.id, ['completed', 'failed'])).toMatchObject({ status: 'failed', cost: '0' });
+    const adjusted = await api('POST', '/billing/credits', admin, { user_id: owner.user.id, amount: '-210', type: 'adjustment', description: 'test' });
+    expect(adjusted.statusCode, adjusted.body).toBe(200);
+    // 'Be brief.' (2¼) + the history: 400 + 80 CJK + 'hello' + 'Hi.' + 'again' (100 + 100 + 3¼): 205½ → 206.
+    const retried = await api('POST', `/runs/${failing.id}/retry`, owner.headers);
+    expect(retried.statusCode, retried.body).toBe(402);
+    expect(retried.json<{ detail: string }>().detail).toMatch(/^Not enough credits to start this run: available 30; its first step with fake-history-billed needs up to 206$/);
   });
 
   it('a later step the credits cannot cover fails the run with "not enough credits"; a tool without an implementation answers the model with an error', async () => {
