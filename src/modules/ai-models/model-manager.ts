@@ -673,7 +673,6 @@ export class ModelManager {
     else callerSignal?.addEventListener('abort', onCallerAbort, { once: true });
     // The caller stopping its iteration before the end aborts the call.
     const events = new AsyncQueue<StreamEvent>({ onReturn: () => consumer.abort(new ModelCallAbortedError()) });
-    const push = (event: StreamEvent) => events.push(event);
 
     const started = performance.now();
     let answering: string | undefined;
@@ -684,30 +683,30 @@ export class ModelManager {
       const toolCalls: ToolCall[] = [];
       let finishReason = 'unknown';
       let toolInputChars = 0;
-      const seen = (chars: number, tokens: number) => {
+      /** Output arrived (text, reasoning, a tool call's input): counted, and held to the size limit. */
+      const seen = (output: string) => {
         attempt.touch();
         answering = model.id;
         state.streamed = true;
         state.firstTokenAt ??= performance.now();
-        state.outputTokens += tokens;
+        state.outputTokens += estimateTextTokens(output);
         // Past the size limit: cut off like a stream past its deadline (metered from what came).
-        if ((state.outputChars += chars) > maxChars) throw attempt.fail(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`));
+        if ((state.outputChars += output.length) > maxChars) throw attempt.fail(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`));
       };
       const source = await this.streamSource(request, model, attempt);
       for await (const part of source.parts) {
         if (part.type === 'text-delta') {
-          seen(part.text.length, estimateTextTokens(part.text));
+          seen(part.text);
           text += part.text;
-          push(part);
+          events.push(part);
         } else if (part.type === 'reasoning-delta') {
-          seen(part.text.length, estimateTextTokens(part.text));
+          seen(part.text);
           reasoning += part.text;
-          push(part);
+          events.push(part);
         } else if (part.type === 'tool-call') {
-          const input = asText(part.toolCall.input);
-          seen(input.length, estimateTextTokens(input));
+          seen(asText(part.toolCall.input));
           toolCalls.push(part.toolCall);
-          push(part);
+          events.push(part);
         } else if (part.type === 'tool-input') {
           attempt.touch();
           // Input the SDK holds until its tool call is whole (which `seen` then counts as output):
