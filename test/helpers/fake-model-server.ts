@@ -76,6 +76,23 @@ export interface LoggedRequest {
   bodyBytesSent: number;
 }
 
+/**
+ * Writes `data`, resolving once the client has taken what is buffered (or has gone): a server
+ * that writes only as fast as its client reads, as a real one does (a slow client holds it back).
+ */
+function writeAsRead(res: ServerResponse, data: string): Promise<void> | undefined {
+  if (res.write(data)) return undefined;
+  return new Promise<void>((resolve) => {
+    const go = () => {
+      res.off('drain', go);
+      res.off('close', go);
+      resolve();
+    };
+    res.on('drain', go);
+    res.on('close', go);
+  });
+}
+
 export const EMBEDDING_DIMENSIONS = 8;
 
 /** The embedding the server returns for `text`: from its SHA-256, values in [-1, 1]. */
@@ -263,19 +280,9 @@ export class FakeModelServer {
     entry.reply = 200;
     res.writeHead(200, { 'content-type': 'application/json' });
     const text = JSON.stringify(payload);
-    const write = async (data: string) => {
+    const write = (data: string) => {
       entry.bodyBytesSent += Buffer.byteLength(data);
-      // Back-pressure: wait until the client took what was sent (or went away).
-      if (res.write(data)) return;
-      await new Promise<void>((resolve) => {
-        const go = () => {
-          res.off('drain', go);
-          res.off('close', go);
-          resolve();
-        };
-        res.on('drain', go);
-        res.on('close', go);
-      });
+      return writeAsRead(res, data);
     };
     await write('{');
     const spaces = ' '.repeat(PIECE);
@@ -364,9 +371,10 @@ export class FakeModelServer {
       if (reply.stallAfterChunks !== undefined && entry.chunksSent >= reply.stallAfterChunks) return;
       if (reply.chunkDelayMs) await sleep(reply.chunkDelayMs);
       if (entry.aborted) return;
-      res.write(`data: ${JSON.stringify({ ...base, ...(chunk as object) })}\n\n`);
+      const written = writeAsRead(res, `data: ${JSON.stringify({ ...base, ...(chunk as object) })}\n\n`);
       entry.chunksSent += 1;
       this.changed();
+      if (written) await written;
     }
     this.end(res, entry, reply, 'data: [DONE]\n\n');
   }

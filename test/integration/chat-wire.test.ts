@@ -257,6 +257,55 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     expect((await stream.result).text).toBe(chunks.join(''));
   });
 
+  describe.each([
+    ['the wire', (request: ChatRequest) => request],
+    ['the SDK', viaSdk],
+  ])('a caller slower than the model, through %s', (_path, route) => {
+    const slowModels = (streamTimeoutMs = 600_000) =>
+      fakeModelManager(server, { models: [{ id: 'wire-chat', provider: 'fake', capabilities: ['chat'], pricing }], records, overrides: { timeoutMs: 300, streamTimeoutMs } });
+    // 16 MB of answer in 8,000 chunks: more than the sockets' buffers hold between the two servers.
+    const chunks = Array.from({ length: 8_000 }, (_, i) => `${String(i).padStart(5, '0')}${'x'.repeat(2_043)} `);
+
+    it('holds the upstream back while it does not read, with no chunk timeout meanwhile, then gets the whole answer', async () => {
+      server.script('wire-chat', { chunks });
+      const slow = slowModels();
+      try {
+        const stream = slow.stream(route({ model: 'wire-chat', messages: [{ role: 'user', content: 'Count' }] }));
+        const events = stream[Symbol.asyncIterator]();
+        expect((await events.next()).value).toEqual({ type: 'text-delta', text: chunks[0] });
+        // Four chunk timeouts long without reading: the upstream waits for the caller, and is not cut off.
+        await new Promise((resolve) => setTimeout(resolve, 1_200));
+        const sentWhileWaiting = server.log[0]!.chunksSent;
+        expect(server.log[0]!.completed).toBe(false);
+        expect(sentWhileWaiting).toBeLessThan(chunks.length / 2);
+        const texts = [chunks[0]];
+        for (let next = await events.next(); !next.done; next = await events.next()) if (next.value.type === 'text-delta') texts.push(next.value.text);
+        expect(texts.length).toBe(chunks.length);
+        expect(texts.join('')).toBe(chunks.join(''));
+        expect(server.log[0]).toMatchObject({ completed: true, aborted: false });
+        expect((await stream.result).finishReason).toBe('stop');
+      } finally {
+        await slow.close();
+      }
+    });
+
+    it('a caller that stops reading for good is cut off at the stream deadline, and the upstream request aborted', async () => {
+      server.script('wire-chat', { chunks });
+      const slow = slowModels(800);
+      try {
+        const stream = slow.stream(route({ model: 'wire-chat', messages: [{ role: 'user', content: 'Count' }] }));
+        const events = stream[Symbol.asyncIterator]();
+        await events.next();
+        await expect(stream.result).rejects.toThrow(/did not finish within 800 ms/);
+        await server.waitFor(() => server.log[0]!.aborted);
+        expect(server.log[0]!.completed).toBe(false);
+        await events.return?.();
+      } finally {
+        await slow.close();
+      }
+    });
+  });
+
   it('an interim 103 answer is skipped: the stream after it is read, and a drop after it is retried as a dropped connection', async () => {
     server.script('wire-chat', { ...REPLY, earlyHints: true });
     const { texts, result } = await streamed({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] });

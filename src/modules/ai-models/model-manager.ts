@@ -302,6 +302,13 @@ type StreamPart =
 
 const PROGRESS: StreamPart = { type: 'progress' };
 
+/**
+ * Parts a streamed call queues for a caller that reads slower than the model writes; beyond it the
+ * upstream is held back (the wire's own queue then fills and pauses its socket). Without it a slow
+ * client would have the whole answer held in memory, up to MODEL_MAX_RESPONSE_BYTES per call.
+ */
+const EVENTS_HIGH_WATER = 256;
+
 interface StreamSource {
   parts: AsyncIterable<StreamPart>;
   /** The assistant messages for what was streamed (after the parts ended). */
@@ -327,6 +334,8 @@ class Attempt implements AbortLike {
   private timer: NodeJS.Timeout | undefined;
   /** When the upstream last showed progress (`performance.now()`). */
   private alive = 0;
+  /** The caller has not taken what came yet, so the upstream is held back: no chunk timeout meanwhile. */
+  private waitingForCaller = false;
   private readonly onCallerAbort = () => this.abort(this.caller?.reason as Error | undefined);
   /**
    * `touch()` only notes the time (a stream's every part calls it): when the timer fires with
@@ -335,7 +344,8 @@ class Attempt implements AbortLike {
   private readonly onTimer = () => {
     const now = performance.now();
     if (now >= this.deadline - 1) return this.abort(new ModelAnswerLimitError(504, `The model's answer did not finish within ${this.deadlineMs} ms`));
-    const idleEnd = this.alive + this.timeoutMs;
+    // Held back by a slow caller, the upstream sends nothing: that is not the upstream's silence.
+    const idleEnd = (this.waitingForCaller ? now : this.alive) + this.timeoutMs;
     if (now >= idleEnd - 1) return this.abort(new AttemptTimeout());
     this.timer = setTimeout(this.onTimer, Math.min(idleEnd, this.deadline) - now);
   };
@@ -386,6 +396,27 @@ class Attempt implements AbortLike {
   touch(): void {
     this.alive = performance.now();
     this.timer ??= setTimeout(this.onTimer, Math.min(this.timeoutMs, this.deadline - this.alive));
+  }
+
+  /**
+   * Resolves once `room` is called (the caller took what was queued) or the attempt ends: meanwhile
+   * the stream loop reads nothing, so the upstream is held back, and the chunk timeout does not run
+   * (the stream's deadline does: a caller that never reads does not hold a connection for ever).
+   */
+  waitForCaller(setRoom: (room: (() => void) | undefined) => void): Promise<void> {
+    if (this.aborted) return Promise.resolve();
+    this.waitingForCaller = true;
+    return new Promise((resolve) => {
+      const done = () => {
+        setRoom(undefined);
+        stopListening();
+        this.waitingForCaller = false;
+        this.touch();
+        resolve();
+      };
+      const stopListening = this.onAbort(done);
+      setRoom(done);
+    });
   }
 
   end(): void {
@@ -671,8 +702,12 @@ export class ModelManager {
     const onCallerAbort = () => consumer.abort(callerSignal?.reason);
     if (callerSignal?.aborted) onCallerAbort();
     else callerSignal?.addEventListener('abort', onCallerAbort, { once: true });
-    // The caller stopping its iteration before the end aborts the call.
-    const events = new AsyncQueue<StreamEvent>({ onReturn: () => consumer.abort(new ModelCallAbortedError()) });
+    // The caller stopping its iteration before the end aborts the call. A caller slower than the
+    // model is let catch up: at EVENTS_HIGH_WATER parts queued the loop below stops reading (the
+    // wire then pauses the upstream's socket) until the caller has taken them all (`room`).
+    let room: (() => void) | undefined;
+    const setRoom = (next: (() => void) | undefined) => (room = next);
+    const events = new AsyncQueue<StreamEvent>({ onReturn: () => consumer.abort(new ModelCallAbortedError()), onDrained: () => room?.() });
 
     const started = performance.now();
     let answering: string | undefined;
@@ -718,6 +753,7 @@ export class ModelManager {
         } else {
           attempt.touch();
         }
+        if (events.size >= EVENTS_HIGH_WATER) await attempt.waitForCaller(setRoom);
       }
       if (attempt.aborted) throw attempt.reason ?? new ModelCallAbortedError();
       const responseMessages = await source.responseMessages(text, reasoning || undefined, toolCalls);
