@@ -1,5 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { cpSync, mkdtempSync, rmSync } from 'node:fs';
+import { type IncomingMessage, request as httpRequest } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -22,8 +24,9 @@ import { apiOf, createKey, expectValidationError, xApiKey } from '../helpers/htt
 import { addFakeModels, chatRequest } from '../helpers/metered-models.js';
 import { intercepting } from '../helpers/statements.js';
 
-// Billing off (the default): usage is recorded, balances are never touched.
-const ctx = useTestApp({ USAGE_FLUSH_INTERVAL_MS: '20', MODEL_MAX_RETRIES: '0' });
+// Billing off (the default): usage is recorded, balances are never touched. Answers up to 48 MiB
+// (a slow client's stream, below, must be larger than what the sockets between can buffer).
+const ctx = useTestApp({ USAGE_FLUSH_INTERVAL_MS: '20', MODEL_MAX_RETRIES: '0', MODEL_MAX_RESPONSE_BYTES: String(48 * 1024 * 1024) });
 const api = apiOf(ctx);
 
 let fake: FakeModelServer;
@@ -141,6 +144,43 @@ describe('usage records', () => {
     expect(metrics.body).toMatch(/keel_model_cost_credits_total\{model="fake-precise",provider="fake"\} 0\.00/);
     expect(metrics.body).toMatch(/keel_model_call_duration_seconds_count\{model="fake-precise",provider="fake",operation="stream",status="success"\} [1-9]/);
     expect(metrics.body).toMatch(/keel_model_time_to_first_token_seconds_count\{model="fake-precise",provider="fake"\} [1-9]/);
+  });
+
+  it('a streaming client that stops reading holds the upstream back; reading on, it gets the whole answer, recorded once', async () => {
+    const dave = await createUser(ctx.app);
+    const key = await createKey(ctx.app, dave);
+    // 32 MB of answer: about three times what the sockets of both legs (client, upstream) held together here.
+    const chunks = Array.from({ length: 16_000 }, (_, i) => `${String(i).padStart(5, '0')}${'x'.repeat(2_043)} `);
+    fake.script('fake-precise', { chunks, usage: { prompt_tokens: 5, completion_tokens: 16_000 } });
+    await ctx.app.listen({ host: '127.0.0.1', port: 0 });
+    const { port } = ctx.app.server.address() as AddressInfo;
+    const body = JSON.stringify({ model: 'fake-precise', messages: [{ role: 'user', content: 'Count' }], stream: true, stream_options: { include_usage: true } });
+    const response = await new Promise<IncomingMessage>((resolve, reject) => {
+      const request = httpRequest({ host: '127.0.0.1', port, method: 'POST', path: '/v1/chat/completions', headers: { ...xApiKey(key.key), 'content-type': 'application/json' } }, resolve);
+      request.on('error', reject);
+      request.end(body);
+    });
+    expect(response.statusCode).toBe(200);
+    const received: Buffer[] = [];
+    response.on('data', (data: Buffer) => received.push(data));
+    await new Promise((resolve) => response.once('data', resolve));
+    response.pause();
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    // Held back: Keel stopped reading the upstream once what it may hold for the client was full.
+    const sent = fake.log[0]!.chunksSent;
+    expect(fake.log[0]!.completed).toBe(false);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(fake.log[0]!.chunksSent).toBe(sent);
+    response.resume();
+    await new Promise((resolve) => response.on('end', resolve));
+    const events = Buffer.concat(received).toString().split('\n\n').filter(Boolean);
+    expect(events.at(-1)).toBe('data: [DONE]');
+    const parsed = events.slice(0, -1).map((event) => JSON.parse(event.slice('data: '.length)) as { choices: { delta: { content?: string } }[]; usage: unknown });
+    expect(parsed.map((chunk) => chunk.choices[0]?.delta.content ?? '').join('')).toBe(chunks.join(''));
+    expect(parsed.at(-1)!.usage).toMatchObject({ prompt_tokens: 5, completion_tokens: 16_000 });
+    expect(fake.log[0]).toMatchObject({ completed: true, aborted: false });
+    const records = await recordsOf(dave.user.id);
+    expect(records.map((r) => [r.operation, r.status, r.output_tokens])).toEqual([['stream', 'success', 16_000]]);
   });
 
   it('reserve does no I/O with billing off and a key without limits: it answers synchronously', async () => {
