@@ -289,6 +289,24 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
       }
     });
 
+    it('a caller that stops while the upstream is held back for it aborts the upstream request', async () => {
+      server.script('wire-chat', { chunks });
+      const slow = slowModels();
+      try {
+        const stream = slow.stream(route({ model: 'wire-chat', messages: [{ role: 'user', content: 'Count' }] }));
+        const events = stream[Symbol.asyncIterator]();
+        await events.next();
+        await server.waitFor((log) => log[0]!.chunksSent > 600);
+        await new Promise((resolve) => setTimeout(resolve, 200));
+        await events.return?.();
+        await expect(stream.result).rejects.toBeInstanceOf(ModelCallAbortedError);
+        await server.waitFor((log) => log[0]!.aborted);
+        expect(server.log[0]!.completed).toBe(false);
+      } finally {
+        await slow.close();
+      }
+    });
+
     it('a caller that stops reading for good is cut off at the stream deadline, and the upstream request aborted', async () => {
       server.script('wire-chat', { chunks });
       const slow = slowModels(800);
