@@ -196,6 +196,22 @@ export class FakeModelServer {
     }
   }
 
+  /**
+   * Resolves with request `index` once it has sent no stream chunk for `quietMs`: its client holds
+   * it back (or it ended). However big the sockets' buffers between, they are full by then.
+   */
+  async stalled(index = 0, quietMs = 300, timeoutMs = 10_000): Promise<LoggedRequest> {
+    const deadline = Date.now() + timeoutMs;
+    await this.waitFor((log) => log[index] !== undefined, timeoutMs);
+    const entry = this.log[index]!;
+    for (let sent = -1; sent !== entry.chunksSent; ) {
+      if (Date.now() > deadline) throw new Error(`fake model server: request ${index} still sending after ${timeoutMs} ms`);
+      sent = entry.chunksSent;
+      await new Promise((resolve) => setTimeout(resolve, quietMs));
+    }
+    return entry;
+  }
+
   async close(): Promise<void> {
     this.server.closeAllConnections();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));

@@ -319,7 +319,12 @@ class SseReader implements Dispatcher.DispatchHandlers {
   private paused = false;
   private grace: NodeJS.Timeout | undefined;
   private readonly tools = new Map<number, ToolCallText>();
-  private toolChars = 0;
+  /**
+   * The answer's characters read so far (text, reasoning, tool-call input), held to the limit here:
+   * the model manager counts them too, but only as its caller takes them, and a slow caller leaves
+   * them queued here (up to PAUSE_AT_PARTS parts, each up to the limit).
+   */
+  private outputChars = 0;
   private finishReason: string | null | undefined;
   private usage: OpenAIUsage | null | undefined;
   private readonly unsubscribe: () => void;
@@ -455,21 +460,27 @@ class SseReader implements Dispatcher.DispatchHandlers {
     let emitted = false;
     if (reasoning) {
       emitted = true;
+      this.output(reasoning);
       this.parts.push({ type: 'reasoning-delta', text: reasoning });
     }
     if (delta?.content) {
       emitted = true;
+      this.output(delta.content);
       this.parts.push({ type: 'text-delta', text: delta.content });
     }
     for (const piece of delta?.tool_calls ?? []) {
       const index = piece.index ?? this.tools.size;
       const known = this.tools.get(index);
       const text = piece.function?.arguments ?? '';
-      if ((this.toolChars += text.length) > this.maxChars) throw new ModelAnswerLimitError(502, `The model's answer exceeded ${this.maxChars} characters`);
+      this.output(text);
       if (known) known.text += text;
       else this.tools.set(index, { id: piece.id ?? '', name: piece.function?.name ?? '', text });
     }
     if (!emitted) this.parts.push(PROGRESS);
+  }
+
+  private output(text: string): void {
+    if ((this.outputChars += text.length) > this.maxChars) throw new ModelAnswerLimitError(502, `The model's answer exceeded ${this.maxChars} characters`);
   }
 
   /** The answer is whole: its tool calls, then `finish`. */

@@ -122,7 +122,11 @@ export type StreamEvent =
   | { type: 'tool-call'; toolCall: ToolCall }
   | { type: 'finish'; result: ChatResult };
 
-/** Iterate for events; `result` settles when the stream ends (rejects on failure or abort). */
+/**
+ * Iterate for events; `result` settles when the stream ends (rejects on failure or abort). The
+ * stream goes only as fast as it is iterated: a caller that awaits `result` without iterating holds
+ * the upstream back once EVENTS_HIGH_WATER events wait, until the stream's deadline ends it.
+ */
 export interface ModelStream extends AsyncIterable<StreamEvent> {
   result: Promise<ChatResult>;
   /**
