@@ -308,8 +308,9 @@ const PROGRESS: StreamPart = { type: 'progress' };
 
 /**
  * Parts a streamed call queues for a caller that reads slower than the model writes; beyond it the
- * upstream is held back (the wire's own queue then fills and pauses its socket). Without it a slow
- * client would have the whole answer held in memory, up to MODEL_MAX_RESPONSE_BYTES per call.
+ * upstream is held back (the wire's own queue then fills and pauses its socket). Without it the
+ * upstream's whole answer would be read and queued for a slow client (what the call keeps for its
+ * result, the text read so far, is held to MODEL_MAX_RESPONSE_BYTES either way).
  */
 const EVENTS_HIGH_WATER = 256;
 
