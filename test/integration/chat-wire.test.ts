@@ -3,7 +3,7 @@
  * SDK. The same calls forced through the SDK (a call with provider options goes there) are the
  * reference: the upstream must receive the same request, and the caller the same answer and usage.
  */
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
 import { ModelAnswerLimitError, ModelCallAbortedError, UpstreamError } from '../../src/modules/ai-models/errors.js';
 import type { ChatRequest, ChatResult, ModelManager, UsageRecord } from '../../src/modules/ai-models/model-manager.js';
@@ -261,63 +261,51 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     ['the wire', (request: ChatRequest) => request],
     ['the SDK', viaSdk],
   ])('a caller slower than the model, through %s', (_path, route) => {
-    const slowModels = (streamTimeoutMs = 600_000) =>
-      fakeModelManager(server, { models: [{ id: 'wire-chat', provider: 'fake', capabilities: ['chat'], pricing }], records, overrides: { timeoutMs: 300, streamTimeoutMs } });
     // 16 MB of answer in 8,000 chunks: more than the sockets' buffers hold between the two servers.
     const chunks = Array.from({ length: 8_000 }, (_, i) => `${String(i).padStart(5, '0')}${'x'.repeat(2_043)} `);
+    let slow: ModelManager | undefined;
+    afterEach(async () => {
+      await slow?.close();
+      slow = undefined;
+    });
+    /** That answer streamed through a manager whose chunk timeout is 300 ms, to a caller that has taken its first event. */
+    async function startSlow(streamTimeoutMs = 600_000) {
+      server.script('wire-chat', { chunks });
+      slow = fakeModelManager(server, { models: [{ id: 'wire-chat', provider: 'fake', capabilities: ['chat'], pricing }], records, overrides: { timeoutMs: 300, streamTimeoutMs } });
+      const stream = slow.stream(route({ model: 'wire-chat', messages: [{ role: 'user', content: 'Count' }] }));
+      const events = stream[Symbol.asyncIterator]();
+      return { stream, events, first: await events.next() };
+    }
 
     it('holds the upstream back while it does not read, with no chunk timeout meanwhile, then gets the whole answer', async () => {
-      server.script('wire-chat', { chunks });
-      const slow = slowModels();
-      try {
-        const stream = slow.stream(route({ model: 'wire-chat', messages: [{ role: 'user', content: 'Count' }] }));
-        const events = stream[Symbol.asyncIterator]();
-        expect((await events.next()).value).toEqual({ type: 'text-delta', text: chunks[0] });
-        // Four chunk timeouts long without reading: the upstream waits for the caller, and is not cut off.
-        await new Promise((resolve) => setTimeout(resolve, 1_200));
-        expect(await server.stalled()).toMatchObject({ completed: false, aborted: false });
-        const texts = [chunks[0]];
-        for (let next = await events.next(); !next.done; next = await events.next()) if (next.value.type === 'text-delta') texts.push(next.value.text);
-        expect(texts.length).toBe(chunks.length);
-        expect(texts.join('')).toBe(chunks.join(''));
-        expect(server.log[0]).toMatchObject({ completed: true, aborted: false });
-        expect((await stream.result).finishReason).toBe('stop');
-      } finally {
-        await slow.close();
-      }
+      const { stream, events, first } = await startSlow();
+      expect(first.value).toEqual({ type: 'text-delta', text: chunks[0] });
+      // Four chunk timeouts long without reading: the upstream waits for the caller, and is not cut off.
+      await new Promise((resolve) => setTimeout(resolve, 1_200));
+      expect(await server.stalled()).toMatchObject({ completed: false, aborted: false });
+      const texts = [chunks[0]];
+      for (let next = await events.next(); !next.done; next = await events.next()) if (next.value.type === 'text-delta') texts.push(next.value.text);
+      expect(texts.length).toBe(chunks.length);
+      expect(texts.join('')).toBe(chunks.join(''));
+      expect(server.log[0]).toMatchObject({ completed: true, aborted: false });
+      expect((await stream.result).finishReason).toBe('stop');
     });
 
     it('a caller that stops while the upstream is held back for it aborts the upstream request', async () => {
-      server.script('wire-chat', { chunks });
-      const slow = slowModels();
-      try {
-        const stream = slow.stream(route({ model: 'wire-chat', messages: [{ role: 'user', content: 'Count' }] }));
-        const events = stream[Symbol.asyncIterator]();
-        await events.next();
-        expect(await server.stalled()).toMatchObject({ completed: false });
-        await events.return?.();
-        await expect(stream.result).rejects.toBeInstanceOf(ModelCallAbortedError);
-        await server.waitFor((log) => log[0]!.aborted);
-        expect(server.log[0]!.completed).toBe(false);
-      } finally {
-        await slow.close();
-      }
+      const { stream, events } = await startSlow();
+      expect(await server.stalled()).toMatchObject({ completed: false });
+      await events.return?.();
+      await expect(stream.result).rejects.toBeInstanceOf(ModelCallAbortedError);
+      await server.waitFor((log) => log[0]!.aborted);
+      expect(server.log[0]!.completed).toBe(false);
     });
 
     it('a caller that stops reading for good is cut off at the stream deadline, and the upstream request aborted', async () => {
-      server.script('wire-chat', { chunks });
-      const slow = slowModels(800);
-      try {
-        const stream = slow.stream(route({ model: 'wire-chat', messages: [{ role: 'user', content: 'Count' }] }));
-        const events = stream[Symbol.asyncIterator]();
-        await events.next();
-        await expect(stream.result).rejects.toThrow(/did not finish within 800 ms/);
-        await server.waitFor(() => server.log[0]!.aborted);
-        expect(server.log[0]!.completed).toBe(false);
-        await events.return?.();
-      } finally {
-        await slow.close();
-      }
+      const { stream, events } = await startSlow(800);
+      await expect(stream.result).rejects.toThrow(/did not finish within 800 ms/);
+      await server.waitFor((log) => log[0]!.aborted);
+      expect(server.log[0]!.completed).toBe(false);
+      await events.return?.();
     });
   });
 
