@@ -460,13 +460,13 @@ class SseReader implements Dispatcher.DispatchHandlers {
     let emitted = false;
     if (reasoning) {
       emitted = true;
-      this.output(reasoning);
       this.parts.push({ type: 'reasoning-delta', text: reasoning });
+      this.output(reasoning);
     }
     if (delta?.content) {
       emitted = true;
-      this.output(delta.content);
       this.parts.push({ type: 'text-delta', text: delta.content });
+      this.output(delta.content);
     }
     for (const piece of delta?.tool_calls ?? []) {
       const index = piece.index ?? this.tools.size;
@@ -479,6 +479,7 @@ class SseReader implements Dispatcher.DispatchHandlers {
     if (!emitted) this.parts.push(PROGRESS);
   }
 
+  /** Counts output read; past the limit the read fails after the part that passed it, which is queued (so metered, as what came). */
   private output(text: string): void {
     if ((this.outputChars += text.length) > this.maxChars) throw new ModelAnswerLimitError(502, `The model's answer exceeded ${this.maxChars} characters`);
   }
