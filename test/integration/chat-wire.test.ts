@@ -386,9 +386,11 @@ describe('the size of what the wire reads (MODEL_MAX_RESPONSE_BYTES)', () => {
   });
 
   it('a slow caller does not let the answer past the limit wait in memory: the upstream request ends at the limit', async () => {
-    // Small parts fill what the manager queues for its caller (who reads one and waits), then large
-    // ones come that only the wire holds while the manager waits: 256 of 32 KB, were it not counting.
-    const chunks = [...Array.from({ length: 300 }, () => 'a '), ...Array.from({ length: 300 }, () => 'b'.repeat(32 * 1024))];
+    // 257 small parts: the one the caller takes, then the 256 the manager queues for it before it
+    // waits (EVENTS_HIGH_WATER), which leaves the wire's queue empty, so the wire reads on (a paused
+    // wire resumes once its queue is drained; one left queued part would keep it paused). Then large
+    // parts that only the wire would hold while the manager waits: up to 256 of 32 KB, uncounted.
+    const chunks = [...Array.from({ length: 257 }, () => 'a '), ...Array.from({ length: 300 }, () => 'b'.repeat(32 * 1024))];
     server.script('wire-chat', { chunks });
     const stream = limited.stream(hello);
     const events = stream[Symbol.asyncIterator]();
