@@ -85,13 +85,17 @@ describe('runs with billing on', () => {
     expect(fake.requestsFor('fake-capped').map((r) => r.body.max_tokens)).toEqual([10]);
   });
 
-  it('the start check estimates a prompt outside ASCII by its bytes, as the call will: 80 CJK characters need 100 input tokens, not 20', async () => {
-    // 1 credit per input token, output free.
-    const priced = await api('POST', '/models', admin, { id: 'fake-input-billed', provider: 'fake', max_output_tokens: 10, pricing: { input_cost_per_million_tokens: '1000000', output_cost_per_million_tokens: '0' } });
+  /** A model `id` that costs 1 credit per input token (output free, at most 10), a new user's default agent on it, and a thread of theirs. */
+  async function inputBilledThread(id: string) {
+    const priced = await api('POST', '/models', admin, { id, provider: 'fake', max_output_tokens: 10, pricing: { input_cost_per_million_tokens: '1000000', output_cost_per_million_tokens: '0' } });
     expect(priced.statusCode, priced.body).toBe(200);
     const owner = await createUser(ctx.app);
-    await createAgent(ctx.app, owner.headers, { model: 'fake-input-billed', is_default: true });
-    const thread = await createThread(ctx.app, owner.headers);
+    await createAgent(ctx.app, owner.headers, { model: id, is_default: true });
+    return { owner, thread: await createThread(ctx.app, owner.headers) };
+  }
+
+  it('the start check estimates a prompt outside ASCII by its bytes, as the call will: 80 CJK characters need 100 input tokens, not 20', async () => {
+    const { owner, thread } = await inputBilledThread('fake-input-billed');
     await grant(owner, '90');
     // 'Be brief.' (9 ASCII characters, 2¼ tokens) + 80 CJK characters (100): 103 (4 characters a token said 23).
     const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: '数据'.repeat(40) });
@@ -101,12 +105,7 @@ describe('runs with billing on', () => {
   });
 
   it("a run on a thread with history: the start check counts the thread's messages, as the first step's prompt will carry them", async () => {
-    // 1 credit per input token, output free.
-    const priced = await api('POST', '/models', admin, { id: 'fake-history-billed', provider: 'fake', max_output_tokens: 10, pricing: { input_cost_per_million_tokens: '1000000', output_cost_per_million_tokens: '0' } });
-    expect(priced.statusCode, priced.body).toBe(200);
-    const owner = await createUser(ctx.app);
-    await createAgent(ctx.app, owner.headers, { model: 'fake-history-billed', is_default: true });
-    const thread = await createThread(ctx.app, owner.headers);
+    const { owner, thread } = await inputBilledThread('fake-history-billed');
     for (const message of [
       { role: 'user', content: 'x'.repeat(400) }, // 100 tokens
       { role: 'user', content: '数据'.repeat(40) }, // 100 tokens
