@@ -182,6 +182,8 @@ export function toChatRequest(body: ChatCompletionRequest, context: CallContext,
     topP: orUndefined(body.top_p),
     stopSequences: !stop ? undefined : typeof stop === 'string' ? [stop] : stop,
     responseFormat: toResponseFormat(body.response_format),
+    // A streamed answer goes to the client as its events; the result is read only for the usage and finish reason.
+    keepAnswer: body.stream !== true,
     signal,
     context,
   };

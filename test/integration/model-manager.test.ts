@@ -668,6 +668,20 @@ describe('usage the provider did not report', () => {
     }
   });
 
+  it('a stream that keeps no answer (keepAnswer: false, as the gateway asks) returns none, and is still charged for what it streamed, on every path', async () => {
+    const m = manager();
+    for (const [i, extra] of PATHS.entries()) {
+      server.script('fake-chat', { chunks: [ANSWER.slice(0, 100), ANSWER.slice(100)], usage: null });
+      const stream = m.stream({ model: 'fake-chat', messages: hello, keepAnswer: false, ...extra });
+      let streamed = '';
+      for await (const event of stream) if (event.type === 'text-delta') streamed += event.text;
+      const result = await stream.result;
+      expect(streamed, `path ${i}`).toBe(ANSWER);
+      expect(result, `path ${i}`).toMatchObject({ text: '', responseMessages: [], usage: { output: 95 } });
+    }
+    expect((await settled(3)).map((r) => [r.estimated, r.tokens.output])).toEqual(Array(3).fill([true, 95]));
+  });
+
   it('an answer outside ASCII is estimated by its bytes (1¼ tokens a CJK character, not ¼), on every path', async () => {
     // 60 characters of 3 UTF-8 bytes: 60 / 4 + 120 / 2 = 75 tokens (4 characters a token said 15).
     const cjk = '数据库的回答'.repeat(10);

@@ -146,6 +146,26 @@ describe('usage records', () => {
     expect(metrics.body).toMatch(/keel_model_time_to_first_token_seconds_count\{model="fake-precise",provider="fake"\} [1-9]/);
   });
 
+  it('a streamed answer through /v1 whose provider reported no usage: the client and the record get the estimate of what streamed', async () => {
+    const dave = await createUser(ctx.app);
+    const key = await createKey(ctx.app, dave, { name: 'streams' });
+    // 380 characters, 4 a token: 95 output tokens.
+    const answer = 'A long free answer '.repeat(20);
+    fake.script('fake-precise', { chunks: [answer.slice(0, 190), answer.slice(190)], usage: null });
+    const response = await ctx.app.inject({
+      method: 'POST',
+      url: '/v1/chat/completions',
+      headers: xApiKey(key.key),
+      payload: { model: 'fake-precise', messages: [{ role: 'user', content: 'Talk' }], stream: true, stream_options: { include_usage: true } },
+    });
+    expect(response.statusCode).toBe(200);
+    const chunks = response.body.split('\n\n').filter(Boolean).slice(0, -1).map((event) => JSON.parse(event.slice('data: '.length)) as { choices: { delta: { content?: string } }[]; usage: { completion_tokens: number } | null });
+    expect(chunks.map((chunk) => chunk.choices[0]?.delta.content ?? '').join('')).toBe(answer);
+    expect(chunks.at(-1)!.usage).toMatchObject({ completion_tokens: 95 });
+    const [record] = await recordsOf(dave.user.id);
+    expect(record).toMatchObject({ operation: 'stream', status: 'success', estimated: true, output_tokens: 95 });
+  });
+
   it('a streaming client that stops reading holds the upstream back; reading on, it gets the whole answer, recorded once', async () => {
     const dave = await createUser(ctx.app);
     const key = await createKey(ctx.app, dave);

@@ -81,6 +81,13 @@ export interface ChatRequest extends CallOptions {
   /** JSON output (with a schema where the provider supports one); the text is returned unparsed. */
   responseFormat?: JsonResponseFormat;
   providerOptions?: Record<string, Record<string, never>> | ProviderMetadata;
+  /**
+   * `stream` only. false: the result's `text`, `reasoningText` and `responseMessages` stay empty,
+   * for a caller that takes the answer from the events (the /v1 gateway). The answer is then held
+   * only while its events wait for the caller, so a slow reader of a long answer costs Keel its
+   * queues, not everything read so far (up to MODEL_MAX_RESPONSE_BYTES). Default true.
+   */
+  keepAnswer?: boolean;
 }
 
 export interface JsonResponseFormat {
@@ -717,6 +724,7 @@ export class ModelManager {
     const started = performance.now();
     let answering: string | undefined;
     const maxChars = this.options.maxResponseBytes;
+    const keepAnswer = request.keepAnswer !== false;
     const result = this.run(request, consumer, 'stream', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
       let text = '';
       let reasoning = '';
@@ -737,11 +745,11 @@ export class ModelManager {
       for await (const part of source.parts) {
         if (part.type === 'text-delta') {
           seen(part.text);
-          text += part.text;
+          if (keepAnswer) text += part.text;
           events.push(part);
         } else if (part.type === 'reasoning-delta') {
           seen(part.text);
-          reasoning += part.text;
+          if (keepAnswer) reasoning += part.text;
           events.push(part);
         } else if (part.type === 'tool-call') {
           seen(asText(part.toolCall.input));
@@ -761,7 +769,7 @@ export class ModelManager {
         if (events.size >= EVENTS_HIGH_WATER) await attempt.waitForCaller(setRoom);
       }
       if (attempt.aborted) throw attempt.reason ?? new ModelCallAbortedError();
-      const responseMessages = await source.responseMessages(text, reasoning || undefined, toolCalls);
+      const responseMessages = keepAnswer ? await source.responseMessages(text, reasoning || undefined, toolCalls) : [];
       const firstToken = state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started);
       return this.chatResult(model, state, started, { text, reasoningText: reasoning || undefined, toolCalls, responseMessages }, finishReason, firstToken);
     });
@@ -870,7 +878,8 @@ export class ModelManager {
 
   /** The outcome and what was said in one object literal: no spreads, on every chat call. */
   private chatResult(model: ModelInfo, state: AttemptState, started: number, said: Said, finishReason: string, firstTokenMs: number | null): ChatResult {
-    if (state.usage === undefined) state.outputTokens = saidTokens(said);
+    // A streamed answer's output was counted part by part as it came (`seen`), kept or not.
+    if (state.usage === undefined && !state.streamed) state.outputTokens = saidTokens(said);
     const { usage, cost } = this.price(model, state);
     return {
       model: model.id,
