@@ -207,6 +207,23 @@ describe('chat completions', () => {
     expect(orphan.param).toBe('messages[1].tool_call_id');
   });
 
+  it('a model that breaks tool_choice is the provider\'s fault: 502 saying how, streamed or not', async () => {
+    const tools = [tool('lookup')];
+    const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Look it up' }];
+    fake.script('fake-chat', { text: 'No need.' }, { toolCalls: [{ id: 'call_1', name: 'lookup', arguments: '{"q":"x"}' }] }, { toolCalls: [{ id: 'call_2', name: 'lookup', arguments: '{"q":"y"}' }] });
+    const required = await apiError(client.chat.completions.create({ model: 'fake-chat', messages, tools, tool_choice: 'required' }));
+    expect(required.status).toBe(502);
+    expect(required.error).toMatchObject({ message: 'Model response did not contain a tool call even though tool choice was required.' });
+    const none = await apiError(client.chat.completions.create({ model: 'fake-chat', messages, tools, tool_choice: 'none' }));
+    expect(none.status).toBe(502);
+    expect(none.error).toMatchObject({ message: 'Model response contained a tool call even though tool choice was none.' });
+    // Streamed: nothing had reached the client before the tool call, so the answer is the same 502.
+    const streamed = await apiError(client.chat.completions.create({ model: 'fake-chat', messages, tools, tool_choice: 'none', stream: true }));
+    expect(streamed.status).toBe(502);
+    expect(streamed.error).toMatchObject({ message: 'Model response contained a tool call even though tool choice was none.' });
+    expect(fake.log.map((r) => r.body.tool_choice)).toEqual(['required', 'none', 'none']);
+  });
+
   const tool = (name: string): OpenAI.ChatCompletionTool => ({ type: 'function', function: { name, parameters: { type: 'object', properties: { q: { type: 'string' } } } } });
 
   it('keeps a function named __proto__ a tool of its own', async () => {

@@ -3,7 +3,9 @@
  * SDK. The same calls forced through the SDK (a call with provider options goes there) are the
  * reference: the upstream must receive the same request, and the caller the same answer and usage.
  */
+import { jsonSchema, tool, type ToolSet } from 'ai';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { z } from 'zod';
 
 import { ModelAnswerLimitError, ModelCallAbortedError, UpstreamError } from '../../src/modules/ai-models/errors.js';
 import type { ChatRequest, ChatResult, ModelManager, UsageRecord } from '../../src/modules/ai-models/model-manager.js';
@@ -325,6 +327,201 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     server.script('wire-chat', { text: 'a cat' });
     await models.chat({ model: 'wire-chat', messages: [{ role: 'user', content: [{ type: 'image', image: new Uint8Array([1, 2, 3]), mediaType: 'image/png' }] }] });
     expect(server.log[0]!.body.messages).toEqual([{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'data:image/png;base64,AQID' } }] }]);
+  });
+});
+
+describe('tools over the wire (openai-compatible)', () => {
+  const TOOLS: ToolSet = {
+    lookup: tool({ description: 'Look it up', inputSchema: jsonSchema({ type: 'object', properties: { q: { type: 'string' } }, required: ['q'] }) }),
+    clock: tool({ inputSchema: jsonSchema({ type: 'object', properties: {} }), strict: true }),
+  };
+  /** A conversation that has been through tool calls: with text and without, input as JSON and as text, results as text and as errors. */
+  const WITH_TOOLS: ChatRequest = {
+    model: 'wire-chat',
+    system: 'Use the tools.',
+    tools: TOOLS,
+    messages: [
+      { role: 'user', content: 'What is keel, and the time?' },
+      {
+        role: 'assistant',
+        content: [
+          { type: 'text', text: 'Looking.' },
+          { type: 'tool-call', toolCallId: 'c1', toolName: 'lookup', input: { q: 'keel' } },
+          { type: 'tool-call', toolCallId: 'c2', toolName: 'clock', input: {} },
+        ],
+      },
+      {
+        role: 'tool',
+        content: [
+          { type: 'tool-result', toolCallId: 'c1', toolName: 'lookup', output: { type: 'text', value: 'A backend.' } },
+          { type: 'tool-result', toolCallId: 'c2', toolName: 'clock', output: { type: 'error-text', value: 'no clock' } },
+        ],
+      },
+      {
+        role: 'assistant',
+        content: [
+          { type: 'tool-call', toolCallId: 'c3', toolName: 'lookup', input: 'not json' },
+          { type: 'tool-call', toolCallId: 'c4', toolName: 'lookup', input: '{"q":"as text"}' },
+        ],
+      },
+      { role: 'tool', content: [{ type: 'tool-result', toolCallId: 'c3', toolName: 'lookup', output: { type: 'text', value: '?' } }, { type: 'tool-result', toolCallId: 'c4', toolName: 'lookup', output: { type: 'text', value: '!' } }] },
+      { role: 'user', content: 'Go on.' },
+    ],
+    maxOutputTokens: 64,
+  };
+  /** Tool calls with arguments as JSON, none at all, and not JSON (the model's mistake, handed on as it came). */
+  const CALLS: ScriptedReply = {
+    toolCalls: [
+      { id: 'call_1', name: 'lookup', arguments: '{"q":"keel"}' },
+      { id: 'call_2', name: 'clock', arguments: '' },
+      { id: 'call_3', name: 'lookup', arguments: '{"q":' },
+    ],
+    usage: { prompt_tokens: 30, completion_tokens: 12 },
+  };
+  const said = ({ text, toolCalls, finishReason, usage, cost }: ChatResult) => ({ text, toolCalls, finishReason, usage, cost });
+
+  /** What a call came to: what was said, or the error, for comparing the two paths. */
+  const outcome = (call: Promise<ChatResult>) =>
+    call.then(
+      (result) => said(result),
+      (error: Error) => ({ error: `${error.name}: ${error.message}` }),
+    );
+  const streamOutcome = (request: ChatRequest) => outcome(streamed(request).then((s) => s.result));
+
+  it('sends the request the SDK sends, each tool choice included, and reads the tool calls as the SDK does (chat and stream)', async () => {
+    const choices = [undefined, 'auto', 'none', 'required', { type: 'tool', toolName: 'lookup' }, { type: 'tool', toolName: 'clock' }] as const;
+    for (const [reply, name] of [
+      [CALLS, 'tool calls'],
+      [{ text: 'No tools needed.', usage: { prompt_tokens: 30, completion_tokens: 4 } }, 'text'],
+    ] as const) {
+      for (const toolChoice of choices) {
+        const label = `${name}, ${JSON.stringify(toolChoice)}`;
+        server.reset();
+        server.script('wire-chat', reply, reply, reply, reply);
+        const request: ChatRequest = { ...WITH_TOOLS, toolChoice };
+        const chats = [await outcome(models.chat(request)), await outcome(models.chat(viaSdk(request)))];
+        const streams = [await streamOutcome(request), await streamOutcome(viaSdk(request))];
+        const [wire, sdk, wireStream, sdkStream] = server.log.map((r) => r.body);
+        expect(wire, label).toEqual(sdk);
+        expect(wireStream, label).toEqual(sdkStream);
+        expect(chats[0], label).toEqual(chats[1]);
+        expect(streams[0], label).toEqual(streams[1]);
+      }
+    }
+    const sent = server.log[0]!.body;
+    expect(sent.tool_choice).toEqual({ type: 'function', function: { name: 'clock' } });
+    expect(sent.tools).toEqual([
+      { type: 'function', function: { name: 'lookup', description: 'Look it up', parameters: { type: 'object', properties: { q: { type: 'string' } }, required: ['q'] } } },
+      { type: 'function', function: { name: 'clock', parameters: { type: 'object', properties: {} }, strict: true } },
+    ]);
+    expect((sent.messages as unknown[]).slice(2, 5)).toEqual([
+      {
+        role: 'assistant',
+        content: 'Looking.',
+        tool_calls: [
+          { id: 'c1', type: 'function', function: { name: 'lookup', arguments: '{"q":"keel"}' } },
+          { id: 'c2', type: 'function', function: { name: 'clock', arguments: '{}' } },
+        ],
+      },
+      { role: 'tool', tool_call_id: 'c1', content: 'A backend.' },
+      { role: 'tool', tool_call_id: 'c2', content: 'no clock' },
+    ]);
+    server.script('wire-chat', CALLS);
+    const { result } = await streamed(WITH_TOOLS);
+    expect(result.toolCalls).toEqual([
+      { toolCallId: 'call_1', toolName: 'lookup', input: { q: 'keel' } },
+      { toolCallId: 'call_2', toolName: 'clock', input: {} },
+      { toolCallId: 'call_3', toolName: 'lookup', input: '{"q":' },
+    ]);
+  });
+
+  /** A stream whose tool calls come in the pieces given, then its finish. */
+  const toolStream = (...pieces: unknown[][]) =>
+    pieces.map((calls) => sse({ choices: [{ index: 0, delta: { tool_calls: calls }, finish_reason: null }] })).join('') +
+    sse({ choices: [{ index: 0, delta: {}, finish_reason: 'tool_calls' }] }) +
+    'data: [DONE]\n\n';
+  const fn = (name: string | undefined, args: string) => ({ ...(name === undefined ? {} : { name }), arguments: args });
+
+  it('puts a stream\'s tool-call pieces together as the SDK does: by index, without one, a new call at a used index, a name that comes late, no id', async () => {
+    const streams: [string, string][] = [
+      ['indexed, arguments in pieces', toolStream([{ index: 0, id: 'a', function: fn('lookup', '') }], [{ index: 0, function: fn(undefined, '{"q":') }], [{ index: 0, function: fn(undefined, '"x"}') }])],
+      ['two calls, each by its index', toolStream([{ index: 0, id: 'a', function: fn('lookup', '{"q":"x"}') }, { index: 1, id: 'b', function: fn('clock', '{}') }])],
+      ['no index, arguments in pieces', toolStream([{ id: 'a', function: fn('lookup', '{"q"') }], [{ function: fn(undefined, ':"y"}') }])],
+      ['no index, two named calls', toolStream([{ id: 'a', function: fn('lookup', '{"q":"1"}') }], [{ id: 'b', function: fn('clock', '{}') }])],
+      ['a new call at a used index', toolStream([{ index: 0, id: 'a', function: fn('lookup', '{"q":"a"}') }], [{ index: 0, id: 'b', function: fn('clock', '{}') }])],
+    ];
+    for (const [label, rawBody] of streams) {
+      server.reset();
+      server.script('wire-chat', { rawBody }, { rawBody });
+      const wire = await streamed(WITH_TOOLS);
+      const sdk = await streamed(viaSdk(WITH_TOOLS));
+      expect(wire.result.toolCalls, label).toEqual(sdk.result.toolCalls);
+      expect(wire.result.toolCalls.length, label).toBeGreaterThan(0);
+    }
+    // Without an id the call gets one of its own (the caller answers it by id), on both paths.
+    for (const request of [WITH_TOOLS, viaSdk(WITH_TOOLS)]) {
+      server.script('wire-chat', { rawBody: toolStream([{ index: 0, function: fn('lookup', '{"q":"1"}') }, { index: 1, function: fn('clock', '{}') }]) });
+      const ids = (await streamed(request)).result.toolCalls.map((call) => call.toolCallId);
+      expect(ids).toHaveLength(2);
+      expect(new Set(ids).size).toBe(2);
+      for (const id of ids) expect(id.trim()).not.toBe('');
+    }
+    server.script('wire-chat', { rawBody: JSON.stringify({ choices: [{ message: { role: 'assistant', tool_calls: [{ type: 'function', function: fn('clock', '{}') }] }, finish_reason: 'tool_calls' }] }) });
+    expect((await models.chat(WITH_TOOLS)).toolCalls[0]!.toolCallId).toMatch(/^\S+$/);
+  });
+
+  it('a tool call of the wrong shape (arguments not text, say) is an upstream error, unretried, as through the SDK', async () => {
+    const answer = JSON.stringify({ choices: [{ message: { role: 'assistant', tool_calls: [{ id: 'a', type: 'function', function: { name: 'lookup', arguments: { q: 'x' } } }] }, finish_reason: 'tool_calls' }] });
+    const chunk = toolStream([{ index: 0, id: 'a', function: { name: 'lookup', arguments: { q: 'x' } } }]);
+    for (const request of [WITH_TOOLS, viaSdk(WITH_TOOLS)]) {
+      server.reset();
+      server.script('wire-chat', { rawBody: answer }, { rawBody: chunk });
+      expect(await models.chat(request).catch((e: unknown) => e)).toMatchObject({ statusCode: 502, upstreamStatus: 200 });
+      expect(await streamed(request).catch((e: unknown) => e)).toMatchObject({ statusCode: 502 });
+      expect(server.log).toHaveLength(2);
+    }
+  });
+
+  it('goes over the wire, not through the SDK, and asks for `auto` when the call names no tool choice, as the SDK does', async () => {
+    server.script('wire-chat', CALLS, CALLS);
+    await models.chat(WITH_TOOLS);
+    await models.chat(viaSdk(WITH_TOOLS));
+    expect(server.log.map((r) => r.body.tool_choice)).toEqual(['auto', 'auto']);
+    // The SDK's fetch names itself; the wire sends no user agent.
+    expect(server.log.map((r) => r.headers['user-agent'] === undefined)).toEqual([true, false]);
+  });
+
+  it('leaves to the SDK a tool whose input the SDK would validate (a Zod schema)', async () => {
+    server.script('wire-chat', { toolCalls: [{ id: 'call_1', name: 'lookup', arguments: '{"q":5}' }] });
+    const result = await models.chat({ ...WITH_TOOLS, tools: { lookup: tool({ inputSchema: z.object({ q: z.string() }) }) } });
+    // The SDK checked the input against the schema (a number is no string): an invalid call, kept as it came.
+    expect(result.toolCalls).toEqual([{ toolCallId: 'call_1', toolName: 'lookup', input: { q: 5 } }]);
+    expect(server.log[0]!.headers['user-agent']).toBeDefined();
+  });
+
+  it('leaves to the SDK a tool result as JSON, and a tool call without a result (which the SDK refuses)', async () => {
+    server.script('wire-chat', { text: 'ok' });
+    const answered = [
+      ...WITH_TOOLS.messages.slice(0, 2),
+      {
+        role: 'tool',
+        content: [
+          { type: 'tool-result', toolCallId: 'c1', toolName: 'lookup', output: { type: 'json', value: { a: 1 } } },
+          { type: 'tool-result', toolCallId: 'c2', toolName: 'clock', output: { type: 'text', value: '12:00' } },
+        ],
+      },
+    ] as ChatRequest['messages'];
+    await models.chat({ ...WITH_TOOLS, messages: answered });
+    expect((server.log[0]!.body.messages as unknown[]).slice(3)).toEqual([
+      { role: 'tool', tool_call_id: 'c1', content: '{"a":1}' },
+      { role: 'tool', tool_call_id: 'c2', content: '12:00' },
+    ]);
+    expect(server.log[0]!.headers['user-agent']).toBeDefined();
+    const unanswered = [...WITH_TOOLS.messages.slice(0, 2), { role: 'user', content: 'And?' }] as ChatRequest['messages'];
+    for (const request of [{ ...WITH_TOOLS, messages: unanswered }, viaSdk({ ...WITH_TOOLS, messages: unanswered })]) {
+      expect(await outcome(models.chat(request))).toEqual({ error: 'AI_MissingToolResultsError: Tool results are missing for tool calls c1, c2.' });
+    }
+    expect(server.log).toHaveLength(1);
   });
 });
 

@@ -45,7 +45,10 @@ async function settled(count: number): Promise<UsageRecord[]> {
 const hello = [{ role: 'user' as const, content: 'Hello' }];
 const tools = { lookup: tool({ description: 'Look up', inputSchema: jsonSchema({ type: 'object', properties: {} }) }) };
 /** A call as each path sends it: the wire, the provider model directly (provider options), the SDK (tools). */
-const PATHS: Partial<ChatRequest>[] = [{}, { providerOptions: {} }, { tools }];
+/** The SDK's generateText/streamText: provider options keep a call off the wire, tools off the provider model. */
+const SDK_TOOLS: Partial<ChatRequest> = { tools, providerOptions: {} };
+/** Each way a chat call can go: the wire, the provider model, the wire with tools, the SDK with tools. */
+const PATHS: Partial<ChatRequest>[] = [{}, { providerOptions: {} }, { tools }, SDK_TOOLS];
 
 beforeAll(async () => {
   server = await FakeModelServer.start();
@@ -416,7 +419,8 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
   const NAMED: [string, Partial<ChatRequest>][] = [
     ['wire', PATHS[0]!],
     ['provider model', PATHS[1]!],
-    ['SDK with tools', PATHS[2]!],
+    ['wire with tools', PATHS[2]!],
+    ['SDK with tools', PATHS[3]!],
   ];
   const limited = () => manager({ maxResponseBytes: LIMIT });
   const failureOf = (call: Promise<unknown>) =>
@@ -444,7 +448,7 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
   it('an answer that announces its length past the limit is refused the same (SDK with tools)', async () => {
     const completion = JSON.stringify({ id: 'x', object: 'chat.completion', created: 1, model: 'fake-chat', choices: [{ index: 0, message: { role: 'assistant', content: 'x'.repeat(2 * LIMIT) }, finish_reason: 'stop' }] });
     server.script('fake-chat', { rawBody: completion });
-    const failure = await failureOf(limited().chat({ model: 'fake-chat', messages: hello, tools }));
+    const failure = await failureOf(limited().chat({ model: 'fake-chat', messages: hello, ...SDK_TOOLS }));
     expect(failure).toMatchObject({ statusCode: 502, detail: EXCEEDED });
     expect(server.log).toHaveLength(1);
   });
@@ -487,7 +491,7 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
     server.script('fake-chat', { chunks: pieces });
     const small = 4_096;
     const texts: string[] = [];
-    const stream = manager({ maxResponseBytes: small }).stream({ model: 'fake-chat', messages: hello, tools });
+    const stream = manager({ maxResponseBytes: small }).stream({ model: 'fake-chat', messages: hello, ...SDK_TOOLS });
     for await (const event of stream) if (event.type === 'text-delta') texts.push(event.text);
     expect(texts.join('')).toBe(pieces.join(''));
     expect(texts.join('').length).toBeLessThan(small);
@@ -496,7 +500,7 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
 
   it("the manager's word to the limited fetch (what answer to expect) never reaches the upstream", async () => {
     server.script('fake-chat', { chunks: ['a', 'b'] });
-    for await (const event of limited().stream({ model: 'fake-chat', messages: hello, tools })) void event;
+    for await (const event of limited().stream({ model: 'fake-chat', messages: hello, ...SDK_TOOLS })) void event;
     server.script('fake-embed', {});
     await limited().embed({ model: 'fake-embed', values: ['hello', 'world'] });
     expect(server.log.length).toBeGreaterThanOrEqual(2);
@@ -508,7 +512,7 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
     const started = Date.now();
     const failure = await failureOf(
       (async () => {
-        for await (const event of limited().stream({ model: 'fake-chat', messages: hello, tools })) void event;
+        for await (const event of limited().stream({ model: 'fake-chat', messages: hello, ...SDK_TOOLS })) void event;
       })(),
     );
     expect(failure).toBeInstanceOf(ModelAnswerLimitError);
@@ -613,8 +617,8 @@ describe('the output cap', () => {
       await m.chat({ model: 'fake-backup', messages: hello, ...extra });
       for await (const _ of m.stream({ model: 'fake-backup', messages: hello, ...extra }));
     }
-    expect(server.log.map((r) => r.body.max_tokens)).toEqual(Array(6).fill(100));
-    expect(estimates.map((e) => e.max_output_tokens)).toEqual(Array(6).fill(100));
+    expect(server.log.map((r) => r.body.max_tokens)).toEqual(Array(8).fill(100));
+    expect(estimates.map((e) => e.max_output_tokens)).toEqual(Array(8).fill(100));
   });
 
   it('a model\'s own smaller limit wins over the default, model by model along the fallbacks; a maximum the caller set is sent as it is', async () => {
@@ -634,12 +638,13 @@ describe('the output cap', () => {
       ['fake-short', 40],
       ['fake-short', 40],
       ['fake-short', 40],
+      ['fake-short', 40],
       ['fake-long', 100],
       ['fake-short', 40],
       ['fake-short', 500],
       ['fake-short', 500],
     ]);
-    expect(estimates.map((e) => e.max_output_tokens)).toEqual([40, 40, 40, 100, 40, 500, 500]);
+    expect(estimates.map((e) => e.max_output_tokens)).toEqual([40, 40, 40, 40, 100, 40, 500, 500]);
   });
 });
 
@@ -657,8 +662,8 @@ describe('usage the provider did not report', () => {
       for await (const _ of stream);
       results.push(await stream.result);
     }
-    expect(server.log).toHaveLength(6);
-    const metered = await settled(6);
+    expect(server.log).toHaveLength(8);
+    const metered = await settled(8);
     for (const [i, result] of results.entries()) {
       expect(result.text, `call ${i}`).toBe(ANSWER);
       expect(result.usage.output, `call ${i}`).toBe(95);
@@ -679,7 +684,7 @@ describe('usage the provider did not report', () => {
       expect(streamed, `path ${i}`).toBe(ANSWER);
       expect(result, `path ${i}`).toMatchObject({ text: '', responseMessages: [], usage: { output: 95 } });
     }
-    expect((await settled(3)).map((r) => [r.estimated, r.tokens.output])).toEqual(Array(3).fill([true, 95]));
+    expect((await settled(4)).map((r) => [r.estimated, r.tokens.output])).toEqual(Array(4).fill([true, 95]));
   });
 
   it('an answer outside ASCII is estimated by its bytes (1¼ tokens a CJK character, not ¼), on every path', async () => {
@@ -694,8 +699,8 @@ describe('usage the provider did not report', () => {
       for await (const _ of stream);
       results.push(await stream.result);
     }
-    expect(results.map((r) => r.usage.output)).toEqual(Array(6).fill(75));
-    expect((await settled(6)).map((r) => r.tokens.output)).toEqual(Array(6).fill(75));
+    expect(results.map((r) => r.usage.output)).toEqual(Array(8).fill(75));
+    expect((await settled(8)).map((r) => r.tokens.output)).toEqual(Array(8).fill(75));
   });
 
   it('an embedding answer without usage is charged from the input\'s estimate, marked estimated', async () => {

@@ -1,12 +1,13 @@
 /**
  * Chat Completions spoken directly over a pooled HTTP client, for `openai-compatible` providers and
- * calls the request body can express without the AI SDK (no tools, text messages, no provider
- * options). It sends what the SDK's openai-compatible chat model would send and reads the answer
+ * calls the request body can express without the AI SDK (function tools with JSON schemas; text,
+ * tool-call and text tool-result messages; no provider options). It sends what the SDK's openai-compatible chat model would send and reads the answer
  * (JSON, or SSE chunks) into the manager's parts, without the SDK's per-call Zod parsing, `fetch`
  * and web streams: on a zero-latency upstream those were most of the CPU a call cost (see
  * bench/RESULTS.md). Errors come out as the SDK's `APICallError` (status, headers, retryability),
  * so the manager's retries, fallbacks and error answers treat both paths alike.
  */
+import { randomBytes } from 'node:crypto';
 import { StringDecoder } from 'node:string_decoder';
 
 import { APICallError, type ModelMessage } from 'ai';
@@ -18,16 +19,35 @@ import type { ToolCall } from './model-manager.js';
 import type { TokenUsage } from './types.js';
 
 /** An OpenAI chat message as the wire carries it. */
-type WireMessage = { role: 'system' | 'user' | 'assistant'; content: string | { type: 'text'; text: string }[] };
+type WireMessage =
+  | { role: 'system' | 'user'; content: string | { type: 'text'; text: string }[] }
+  | { role: 'assistant'; content: string | null; tool_calls?: WireToolCall[] }
+  | { role: 'tool'; tool_call_id: string; content: string };
+
+interface WireToolCall {
+  id: string;
+  type: 'function';
+  function: { name: string; arguments: string };
+}
+
+/** A function tool as the SDK's openai-compatible model declares it (`prepareTools`). */
+export interface WireTool {
+  type: 'function';
+  function: { name: string; description?: string; parameters: unknown; strict?: boolean };
+}
+
+export type WireToolChoice = 'auto' | 'none' | 'required' | { type: 'function'; function: { name: string } };
 
 export interface WireCall {
   model: string;
-  messages: WireMessage[];
   max_tokens?: number;
   temperature?: number;
   top_p?: number;
   stop?: string[];
   response_format?: unknown;
+  messages: WireMessage[];
+  tools?: WireTool[];
+  tool_choice?: WireToolChoice;
 }
 
 export interface WireAnswer {
@@ -62,11 +82,26 @@ export function undeclaredToolCall(toolCallId: string, toolName: string, text: s
   return { toolCallId, toolName, input };
 }
 
+/**
+ * A tool call as the SDK's `generateText`/`streamText` hand it back when the call declared tools
+ * (`parseToolCall`; a JSON schema of `jsonSchema()` validates nothing): no arguments are `{}`;
+ * otherwise as an undeclared call's (what is not JSON comes as its text).
+ */
+function toolCallOf(declared: boolean, toolCallId: string, toolName: string, text: string): ToolCall {
+  return declared && text.trim() === '' ? { toolCallId, toolName, input: {} } : undeclaredToolCall(toolCallId, toolName, text);
+}
+
 interface ToolCallText {
   id: string;
   name: string;
   text: string;
+  /** Its `index` in the stream's deltas, when they gave one. */
+  index?: number;
 }
+
+/** An id for a tool call the upstream sent without one, as the SDK makes one (16 letters and digits): the caller answers the call by it. */
+const toolCallId = (id: string | null | undefined): string => (id?.trim() ? id : `call_${randomBytes(12).toString('base64url').replace(/[-_]/g, 'x').slice(0, 16)}`);
+const nonBlank = (value: string | null | undefined): string | undefined => (value?.trim() ? value : undefined);
 
 interface OpenAIUsage {
   prompt_tokens?: number;
@@ -76,9 +111,9 @@ interface OpenAIUsage {
 }
 
 interface ToolCallDelta {
-  index?: number;
-  id?: string;
-  function?: { name?: string; arguments?: string };
+  index?: number | null;
+  id?: string | null;
+  function?: { name?: string | null; arguments?: string | null } | null;
 }
 
 interface ChoiceMessage {
@@ -114,21 +149,48 @@ function usageOf(usage: OpenAIUsage | null | undefined): TokenUsage | undefined 
 }
 
 /**
- * The messages as OpenAI's wire format, converted as the SDK converts them (a single text part is
- * sent as a string); undefined when one of them needs the SDK (images, files, tool calls, tool
- * results, reasoning parts).
+ * The messages as OpenAI's wire format, converted as the SDK's openai-compatible model converts
+ * them (`convertToOpenAICompatibleChatMessages`: a single text part is sent as a string, an
+ * assistant's tool calls with their arguments as JSON text, each tool result as a `tool` message);
+ * undefined when one of them needs the SDK (images, files, reasoning parts, tool results other
+ * than text).
  */
 export function wireMessages(system: string | undefined, messages: readonly ModelMessage[]): WireMessage[] | undefined {
   const out: WireMessage[] = system ? [{ role: 'system', content: system }] : [];
+  // Tool calls still without a result: the SDK refuses such a prompt (MissingToolResultsError), so
+  // it is left to the SDK, to be refused the same way.
+  let unanswered: Set<string> | undefined;
   for (const message of messages) {
+    if (message.role === 'tool') {
+      for (const part of message.content) {
+        if (part.type === 'tool-approval-response') continue;
+        if (part.output.type !== 'text' && part.output.type !== 'error-text') return undefined;
+        unanswered?.delete(part.toolCallId);
+        out.push({ role: 'tool', tool_call_id: part.toolCallId, content: part.output.value });
+      }
+      continue;
+    }
+    if (message.role !== 'assistant' && unanswered?.size) return undefined;
     if (message.role === 'system') {
       out.push({ role: 'system', content: message.content });
       continue;
     }
-    if (message.role !== 'user' && message.role !== 'assistant') return undefined;
     const { content } = message;
     if (typeof content === 'string') {
       out.push({ role: message.role, content });
+      continue;
+    }
+    if (message.role === 'assistant') {
+      let text = '';
+      const calls: WireToolCall[] = [];
+      for (const part of content) {
+        if (part.type === 'text') text += part.text;
+        else if (part.type === 'tool-call' && !part.providerExecuted) {
+          calls.push({ id: part.toolCallId, type: 'function', function: { name: part.toolName, arguments: toolArguments(part.input) } });
+          (unanswered ??= new Set()).add(part.toolCallId);
+        } else return undefined;
+      }
+      out.push(calls.length ? { role: 'assistant', content: text || null, tool_calls: calls } : { role: 'assistant', content: text });
       continue;
     }
     const texts: { type: 'text'; text: string }[] = [];
@@ -136,10 +198,22 @@ export function wireMessages(system: string | undefined, messages: readonly Mode
       if (part.type !== 'text') return undefined;
       texts.push({ type: 'text', text: part.text });
     }
-    if (message.role === 'assistant') out.push({ role: 'assistant', content: texts.map((t) => t.text).join('') });
-    else out.push({ role: 'user', content: texts.length === 1 ? texts[0]!.text : texts });
+    out.push({ role: 'user', content: texts.length === 1 ? texts[0]!.text : texts });
   }
-  return out;
+  return unanswered?.size ? undefined : out;
+}
+
+/** A tool call's input as the SDK sends it back (`serializeToolCallArguments`): text that is JSON as it is, anything else as JSON. */
+function toolArguments(input: unknown): string {
+  if (typeof input === 'string') {
+    try {
+      JSON.parse(input);
+      return input;
+    } catch {
+      // not JSON: sent as a JSON string, as the SDK does
+    }
+  }
+  return JSON.stringify(input);
 }
 
 /** What aborts a non-streamed call: an attempt's timer or its caller (the manager's `Attempt`), without an AbortSignal of its own. */
@@ -189,7 +263,8 @@ export class ChatWire {
     const choice = completion?.choices?.[0];
     if (!completion || !choice) throw invalidAnswer(this.url, call, statusCode, text, rawHeaderRecord(answer.rawHeaders));
     const message = choice.message ?? {};
-    const toolCalls = (message.tool_calls ?? []).map((c) => undeclaredToolCall(c.id ?? '', c.function?.name ?? '', c.function?.arguments ?? ''));
+    const declared = call.tools !== undefined;
+    const toolCalls = (message.tool_calls ?? []).map((c) => toolCallOf(declared, toolCallId(c.id), c.function?.name ?? '', c.function?.arguments ?? ''));
     return {
       text: message.content ?? '',
       reasoning: message.reasoning_content ?? message.reasoning ?? undefined,
@@ -318,7 +393,9 @@ class SseReader implements Dispatcher.DispatchHandlers {
   private resume: (() => void) | undefined;
   private paused = false;
   private grace: NodeJS.Timeout | undefined;
-  private readonly tools = new Map<number, ToolCallText>();
+  /** Tool calls as they are assembled, in the order they began; `toolAt`: the one each delta index continues. */
+  private readonly tools: ToolCallText[] = [];
+  private readonly toolAt = new Map<number, ToolCallText>();
   /**
    * The answer's characters read so far (text, reasoning, tool-call input), held to the limit here:
    * the model manager counts them too, but only as its caller takes them, and a slow caller leaves
@@ -329,12 +406,16 @@ class SseReader implements Dispatcher.DispatchHandlers {
   private usage: OpenAIUsage | null | undefined;
   private readonly unsubscribe: () => void;
 
+  /** The call declared tools: its tool calls are read as `generateText` reads them (toolCallOf). */
+  private readonly declared: boolean;
+
   constructor(
     private readonly url: string,
-    private readonly call: unknown,
+    private readonly call: WireCall,
     private readonly signal: AbortLike,
     private readonly maxChars: number,
   ) {
+    this.declared = call.tools !== undefined;
     this.opened = new Promise((resolve, reject) => {
       this.open = resolve;
       this.openFailed = reject;
@@ -468,15 +549,32 @@ class SseReader implements Dispatcher.DispatchHandlers {
       this.parts.push({ type: 'text-delta', text: delta.content });
       this.output(delta.content);
     }
-    for (const piece of delta?.tool_calls ?? []) {
-      const index = piece.index ?? this.tools.size;
-      const known = this.tools.get(index);
-      const text = piece.function?.arguments ?? '';
-      this.output(text);
-      if (known) known.text += text;
-      else this.tools.set(index, { id: piece.id ?? '', name: piece.function?.name ?? '', text });
-    }
+    for (const piece of delta?.tool_calls ?? []) this.toolDelta(piece);
     if (!emitted) this.parts.push(PROGRESS);
+  }
+
+  /**
+   * A piece of a tool call, put with the call it continues as the SDK's tracker puts it in the
+   * usual cases: by its index — unless it starts another call there (a name and an id of its
+   * own) — or, without an index, with the call before it unless it names a call of its own.
+   */
+  private toolDelta(piece: ToolCallDelta): void {
+    const text = piece.function?.arguments ?? '';
+    this.output(text);
+    const id = nonBlank(piece.id);
+    const name = nonBlank(piece.function?.name);
+    const index = piece.index ?? undefined;
+    let call = index === undefined ? (name ? undefined : this.tools.at(-1)) : this.toolAt.get(index);
+    if (call && index !== undefined && name && id && call.id && call.id !== id) call = undefined;
+    if (!call) {
+      call = { id: id ?? '', name: name ?? '', text, index };
+      this.tools.push(call);
+      if (index !== undefined) this.toolAt.set(index, call);
+      return;
+    }
+    call.text += text;
+    if (!call.id && id) call.id = id;
+    if (!call.name && name) call.name = name;
   }
 
   /** Counts output read; past the limit the read fails after the part that passed it, which is queued (so metered, as what came). */
@@ -486,7 +584,9 @@ class SseReader implements Dispatcher.DispatchHandlers {
 
   /** The answer is whole: its tool calls, then `finish`. */
   private finish(): void {
-    for (const tool of this.tools.values()) this.parts.push({ type: 'tool-call', toolCall: undeclaredToolCall(tool.id, tool.name, tool.text) });
+    // In index order when every call had one (as the SDK's tracker hands them on), else as they began.
+    const calls = this.tools.every((t) => t.index !== undefined) ? this.tools.toSorted((a, b) => a.index! - b.index!) : this.tools;
+    for (const tool of calls) this.parts.push({ type: 'tool-call', toolCall: toolCallOf(this.declared, toolCallId(tool.id), tool.name, tool.text) });
     this.parts.push({ type: 'finish', finishReason: finishReasonOf(this.finishReason), usage: usageOf(this.usage) });
     this.parts.end();
   }
@@ -538,9 +638,22 @@ function completionOf(text: string): Completion | undefined {
   if (typeof message !== 'object') return undefined;
   const { content, tool_calls: toolCalls } = message;
   if (content !== undefined && content !== null && typeof content !== 'string') return undefined;
-  if (toolCalls !== undefined && toolCalls !== null && !Array.isArray(toolCalls)) return undefined;
+  if (toolCalls !== undefined && toolCalls !== null && (!Array.isArray(toolCalls) || !toolCalls.every(isToolCallDelta))) return undefined;
   return value;
 }
+
+/** A tool call (or a piece of one) of the shape the SDK's schemas take: nothing where a string or a number goes that is neither. */
+function isToolCallDelta(value: unknown): boolean {
+  if (typeof value !== 'object' || value === null) return false;
+  const { index, id, function: fn } = value as Record<string, unknown>;
+  if (!optional(index, 'number') || !optional(id, 'string')) return false;
+  if (fn === undefined || fn === null) return true;
+  if (typeof fn !== 'object') return false;
+  const { name, arguments: args } = fn as Record<string, unknown>;
+  return optional(name, 'string') && optional(args, 'string');
+}
+
+const optional = (value: unknown, type: 'string' | 'number'): boolean => value === undefined || value === null || typeof value === type;
 
 /**
  * An answer that is no chat completion, as the SDK reports one (its JSON response handler): an

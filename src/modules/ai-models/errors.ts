@@ -14,6 +14,16 @@ export class ModelCapabilityError extends HttpError {
   }
 }
 
+/**
+ * The model's answer broke the call's tool choice (a tool call under `none`, none under `required`,
+ * no call of the named tool): the provider's fault, in words the client can act on.
+ */
+export class ModelToolChoiceError extends HttpError {
+  constructor(message: string) {
+    super(502, message);
+  }
+}
+
 /** Upstream refusals that are the request's fault (too long, a bad tool schema): their words help the client fix it. */
 export const CLIENT_FAULT_UPSTREAM: ReadonlySet<number> = new Set([400, 413, 422]);
 

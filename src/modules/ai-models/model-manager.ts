@@ -9,8 +9,10 @@
  */
 import {
   APICallError,
+  asSchema,
   type AssistantContent,
   embedMany,
+  type FinishReason,
   generateText,
   InvalidResponseDataError,
   JSONParseError,
@@ -22,6 +24,7 @@ import {
   type ProviderMetadata,
   streamText,
   type ToolChoice,
+  ToolChoiceViolationError,
   type ToolSet,
   TypeValidationError,
 } from 'ai';
@@ -31,9 +34,9 @@ import { AsyncQueue } from '../../utils/async-queue.js';
 import { CallerAbort, type CallerSignal } from './abort.js';
 import { STREAM_ANSWER, vectorsAnswer } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
-import { type AbortLike, type ChatWire, undeclaredToolCall as wireToolCall, type WireCall, wireMessages } from './chat-wire.js';
+import { type AbortLike, type ChatWire, undeclaredToolCall as wireToolCall, type WireCall, wireMessages, type WireTool, type WireToolChoice } from './chat-wire.js';
 import { computeCost, countableUsage, estimateCost } from './cost.js';
-import { ModelAnswerLimitError, ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, UpstreamError } from './errors.js';
+import { ModelAnswerLimitError, ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
 import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
@@ -287,6 +290,48 @@ type LanguageModelV3 = Extract<LanguageModel, { specificationVersion: 'v3' }>;
 /** A tool call from the provider model itself (a call without tools), read as the wire reads one. */
 const undeclaredToolCall = (part: { toolCallId: string; toolName: string; input: string }): ToolCall => wireToolCall(part.toolCallId, part.toolName, part.input);
 
+/**
+ * The call's tools as the SDK's openai-compatible model declares them (prepareToolsAndToolChoice,
+ * then `prepareTools`); null when one needs the SDK: a provider tool, a tool it would run or whose
+ * input it would validate, or a schema that is not at hand (a lazy one, whose JSON schema is a
+ * promise). Undefined for an empty set, which the SDK
+ * sends as no tools.
+ */
+function wireTools(tools: ToolSet): WireTool[] | undefined | null {
+  const out: WireTool[] = [];
+  for (const [name, tool] of Object.entries(tools)) {
+    if (tool.type !== undefined && tool.type !== 'function' && tool.type !== 'dynamic') return null;
+    // A tool the SDK would run, or whose input it would validate (a Zod schema, say): the SDK's.
+    if (tool.execute !== undefined) return null;
+    const schema = asSchema(tool.inputSchema);
+    if (schema.validate !== undefined) return null;
+    const parameters: unknown = schema.jsonSchema;
+    if (typeof (parameters as PromiseLike<unknown> | null)?.then === 'function') return null;
+    out.push({ type: 'function', function: { name, description: tool.description, parameters, ...(tool.strict !== undefined && tool.strict !== null ? { strict: tool.strict } : {}) } });
+  }
+  return out.length ? out : undefined;
+}
+
+/**
+ * What `generateText` checks of an answer to a call with tools before handing it back: a tool
+ * choice other than `auto` that the model did not keep is an error (ToolChoiceViolationError),
+ * checked here for the wire's answers so that both paths answer alike.
+ */
+function enforceToolChoice(choice: ToolChoice<ToolSet> | undefined, calls: readonly ToolCall[], finishReason: string, model: ModelInfo): void {
+  if (choice === undefined || choice === 'auto') return;
+  if (choice === 'none' ? calls.length > 0 : !calls.some((call) => choice === 'required' || call.toolName === choice.toolName)) {
+    throw toolChoiceViolation(typeof choice === 'string' ? { type: choice } : { type: 'tool', toolName: choice.toolName }, finishReason, model);
+  }
+}
+
+const toolChoiceViolation = (toolChoice: { type: 'none' | 'required' } | { type: 'tool'; toolName: string }, finishReason: string, model: ModelInfo) =>
+  new ToolChoiceViolationError({ toolChoice, finishReason: finishReason as FinishReason, provider: model.provider, modelId: model.id, content: [] });
+
+function wireToolChoice(choice: ToolChoice<ToolSet> | undefined): WireToolChoice {
+  if (choice === undefined) return 'auto';
+  return typeof choice === 'string' ? choice : { type: 'function', function: { name: choice.toolName } };
+}
+
 /** A call's text, reasoning and tool calls with the assistant message the SDK would return for them. */
 /** What a chat answer said: ChatResult's fields beside its outcome and finish. */
 type Said = Pick<ChatResult, 'text' | 'reasoningText' | 'toolCalls' | 'responseMessages'>;
@@ -323,6 +368,8 @@ const EVENTS_HIGH_WATER = 256;
 
 interface StreamSource {
   parts: AsyncIterable<StreamPart>;
+  /** A tool call breaks the call's tool choice `none`: checked here for the wire, as `streamText` checks it. */
+  noToolCalls?: boolean;
   /** The assistant messages for what was streamed (after the parts ended). */
   responseMessages(text: string, reasoning: string | undefined, toolCalls: ToolCall[]): Promise<ModelMessage[]>;
 }
@@ -483,6 +530,7 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   const limit = findInChain(error, isAnswerLimit);
   if (limit) return { kind: 'fatal', error: limit };
   if (attempt.aborted && attempt.reason instanceof ModelAnswerLimitError) return { kind: 'fatal', error: attempt.reason };
+  if (ToolChoiceViolationError.isInstance(error)) return { kind: 'fatal', error: new ModelToolChoiceError(error.message) };
   const apiError = findInChain(error, isApiCallError);
   if (apiError) {
     const status = apiError.statusCode;
@@ -603,6 +651,7 @@ export class ModelManager {
       if (wired) {
         const reply = await wired.wire.generate(wired.call, attempt, this.options.maxResponseBytes);
         state.usage = reply.usage;
+        if (wired.call.tools) enforceToolChoice(request.toolChoice, reply.toolCalls, reply.finishReason, model);
         return this.chatResult(model, state, started, answer(reply.text, reply.reasoning, reply.toolCalls), reply.finishReason, null);
       }
       const languageModel = this.directModel(request, model);
@@ -619,13 +668,15 @@ export class ModelManager {
 
   /**
    * The Chat Completions request a call sends without the SDK (see chat-wire.ts), or undefined when
-   * it needs the SDK: tools (validated against their schemas), provider options, or message parts
-   * other than text; providers other than `openai-compatible`.
+   * it needs the SDK: provider options, tools other than functions with a JSON schema at hand,
+   * message parts the wire does not carry (wireMessages); providers other than `openai-compatible`.
    */
   private wireCall(request: ChatRequest, model: ModelInfo): { wire: ChatWire; call: WireCall } | undefined {
-    if (request.tools || request.providerOptions) return undefined;
+    if (request.providerOptions) return undefined;
     const wire = this.options.providers.chatWire(model.provider);
     if (!wire) return undefined;
+    const tools = request.tools && wireTools(request.tools);
+    if (tools === null) return undefined;
     const messages = wireMessages(request.system, request.messages);
     if (!messages) return undefined;
     // The SDK's checks of the settings (integers, ranges), so both paths refuse the same input.
@@ -646,6 +697,9 @@ export class ModelManager {
             : { type: 'json_object' },
         stop: settings.stopSequences,
         messages,
+        tools,
+        // The SDK asks for `auto` when the call names no choice (prepareToolsAndToolChoice).
+        tool_choice: tools && wireToolChoice(request.toolChoice),
       },
     };
   }
@@ -752,6 +806,7 @@ export class ModelManager {
           if (keepAnswer) reasoning += part.text;
           events.push(part);
         } else if (part.type === 'tool-call') {
+          if (source.noToolCalls) throw toolChoiceViolation({ type: 'none' }, 'tool-calls', model);
           seen(asText(part.toolCall.input));
           toolCalls.push(part.toolCall);
           events.push(part);
@@ -817,7 +872,10 @@ export class ModelManager {
    */
   private async streamSource(request: ChatRequest, model: ModelInfo, attempt: Attempt): Promise<StreamSource> {
     const wired = this.wireCall(request, model);
-    if (wired) return { parts: await wired.wire.stream(wired.call, attempt, this.options.maxResponseBytes), responseMessages: directResponseMessages };
+    if (wired) {
+      const parts = await wired.wire.stream(wired.call, attempt, this.options.maxResponseBytes);
+      return { parts, responseMessages: directResponseMessages, noToolCalls: wired.call.tool_choice === 'none' };
+    }
     const languageModel = this.directModel(request, model);
     if (languageModel) {
       const { stream } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, model, attempt)), headers: STREAM_ANSWER, includeRawChunks: false });
