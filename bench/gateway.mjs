@@ -10,7 +10,7 @@
 //   bare-proxy  bench/bare-proxy.mjs: bare Fastify passing the call to the upstream with undici (as
 //            Keel does), nothing else — the floor of a two-hop gateway on this machine
 // in two modes — non-stream (latency = whole answer) and stream with include_usage (latency = time
-// to the first body chunk) — at 1 client (N1 sequential requests: p50/p99; added = target − direct,
+// to the first body chunk), and the same with two function tools in each call (MODES "tools stream-tools") — at 1 client (N1 sequential requests: p50/p99; added = target − direct,
 // same round) and at each CLIENTS count (closed loop for DURATION s: req/s, p50, p99). Server CPU
 // per request is read from /proc. Raw lines: bench/out/gateway/raw.tsv; summary: summary.md.
 // The c1 added p99 from blocks (target's N1 calls, then direct's) compares tails taken at different
@@ -62,10 +62,20 @@ async function configureKeel(port) {
 
 // ==================== Load ====================
 
+const HELLO = { model: MODEL, messages: [{ role: 'user', content: 'Say hello.' }], max_tokens: 16 };
+// The `tools` modes send what an agent framework sends: the call's function tools (the upstream answers in text either way).
+const TOOLS = [
+  { type: 'function', function: { name: 'get_weather', description: 'The weather in a city', parameters: { type: 'object', properties: { city: { type: 'string' }, unit: { type: 'string', enum: ['celsius', 'fahrenheit'] } }, required: ['city'] } } },
+  { type: 'function', function: { name: 'search_docs', description: 'Search the documentation', parameters: { type: 'object', properties: { query: { type: 'string' }, limit: { type: 'integer' } }, required: ['query'] } } },
+];
+const STREAMED = { stream: true, stream_options: { include_usage: true } };
 const BODIES = {
-  nonstream: Buffer.from(JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'Say hello.' }], max_tokens: 16 })),
-  stream: Buffer.from(JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'Say hello.' }], max_tokens: 16, stream: true, stream_options: { include_usage: true } })),
+  nonstream: Buffer.from(JSON.stringify(HELLO)),
+  stream: Buffer.from(JSON.stringify({ ...HELLO, ...STREAMED })),
+  tools: Buffer.from(JSON.stringify({ ...HELLO, tools: TOOLS })),
+  'stream-tools': Buffer.from(JSON.stringify({ ...HELLO, ...STREAMED, tools: TOOLS })),
 };
+const streams = (mode) => mode.startsWith('stream');
 
 /** One request; resolves with the latency that counts (whole answer, or first chunk when streaming). */
 function once(target, mode, agent) {
@@ -88,7 +98,7 @@ function once(target, mode, agent) {
         });
         response.on('end', () => {
           const end = now();
-          resolve({ ok: response.statusCode === 200, ms: mode === 'stream' ? (first ?? end) - started : end - started });
+          resolve({ ok: response.statusCode === 200, ms: streams(mode) ? (first ?? end) - started : end - started });
         });
         response.on('error', () => resolve({ ok: false, ms: now() - started }));
       },
@@ -225,7 +235,7 @@ if (TARGETS.includes('portkey')) {
     pid: child.pid,
     // Its streamed answers fail on Node 20 (every provider: `TypeError: immutable` appending a
     // header to the upstream fetch Response), so it is measured without streaming.
-    modes: ['nonstream'],
+    modes: ['nonstream', 'tools'],
   });
 }
 
@@ -284,7 +294,7 @@ if (INTERLEAVED) {
 }
 out();
 for (const mode of MODES) {
-  out(`### ${mode === 'stream' ? 'Stream (time to first chunk)' : 'Non-stream (whole answer)'}`);
+  out(`### ${streams(mode) ? 'Stream (time to first chunk)' : 'Non-stream (whole answer)'}${mode.endsWith('tools') ? ', with tools' : ''}`);
   out();
   const extra = INTERLEAVED ? ' interleaved: added p50 ms | added p99 ms | p99 − direct p50 ms |' : '';
   out(`| target | c1 p50 ms | c1 p99 ms | added p50 ms | added p99 ms |${extra} ${CLIENTS.map((c) => `c${c} req/s | c${c} p50 ms | c${c} p99 ms`).join(' | ')} | server CPU µs/req (c1, ${CLIENTS.map((c) => `c${c}`).join(', ')}) | errors |`);
@@ -306,7 +316,7 @@ for (const mode of MODES) {
     cells.push(String(rows.filter((r) => r.target === target.name && r.mode === mode).reduce((n, r) => n + r.errors, 0)));
     out(`| ${target.name} | ${cells.join(' | ')} |`);
   }
-  if (mode === 'nonstream' && targets.some((t) => t.name === 'portkey')) {
+  if (!streams(mode) && targets.some((t) => t.name === 'portkey')) {
     const last = CLIENTS.at(-1);
     const portkey = median(pick('portkey', mode, last).map((r) => r.rps));
     for (const name of ['embedded', 'postgres', 'embedded-base', 'postgres-base']) {
