@@ -1,11 +1,12 @@
 /**
  * Chat Completions spoken directly over a pooled HTTP client, for `openai-compatible` providers and
  * calls the request body can express without the AI SDK (function tools with JSON schemas; text,
- * tool-call and text tool-result messages; no provider options). It sends what the SDK's openai-compatible chat model would send and reads the answer
- * (JSON, or SSE chunks) into the manager's parts, without the SDK's per-call Zod parsing, `fetch`
- * and web streams: on a zero-latency upstream those were most of the CPU a call cost (see
- * bench/RESULTS.md). Errors come out as the SDK's `APICallError` (status, headers, retryability),
- * so the manager's retries, fallbacks and error answers treat both paths alike.
+ * tool-call and text tool-result messages; no provider options). It sends what the SDK's
+ * openai-compatible chat model would send and reads the answer (JSON, or SSE chunks) into the
+ * manager's parts, without the SDK's per-call Zod parsing, `fetch` and web streams: on a
+ * zero-latency upstream those were most of the CPU a call cost (bench/RESULTS.md; with tools,
+ * stop 35). Errors come out as the SDK's `APICallError` (status, headers, retryability), so the
+ * manager's retries, fallbacks and error answers treat both paths alike.
  */
 import { randomBytes } from 'node:crypto';
 import { StringDecoder } from 'node:string_decoder';
