@@ -331,10 +331,19 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
 });
 
 describe('tools over the wire (openai-compatible)', () => {
-  const TOOLS: ToolSet = {
-    lookup: tool({ description: 'Look it up', inputSchema: jsonSchema({ type: 'object', properties: { q: { type: 'string' } }, required: ['q'] }) }),
-    clock: tool({ inputSchema: jsonSchema({ type: 'object', properties: {} }), strict: true }),
+  /** The tools; `checked`, with a validator that takes any input: the SDK then reads the answer itself (generateText, streamText), the reference. */
+  const toolSet = (checked: boolean): ToolSet => {
+    const validate = checked ? (value: unknown) => ({ success: true as const, value }) : undefined;
+    return {
+      lookup: tool({ description: 'Look it up', inputSchema: jsonSchema({ type: 'object', properties: { q: { type: 'string' } }, required: ['q'] }, { validate }) }),
+      clock: tool({ inputSchema: jsonSchema({ type: 'object', properties: {} }, { validate }), strict: true }),
+    };
   };
+  const TOOLS = toolSet(false);
+  /** The same call through the SDK's generateText/streamText. */
+  const viaGenerateText = (request: ChatRequest): ChatRequest => ({ ...request, tools: toolSet(true) });
+  /** Each path a call with tools can take: the wire, the provider model directly, the SDK's generateText/streamText (the reference, last). */
+  const threeWays = (request: ChatRequest): ChatRequest[] => [request, viaSdk(request), viaGenerateText(request)];
   /** A conversation that has been through tool calls: with text and without, input as JSON and as text, results as text and as errors. */
   const WITH_TOOLS: ChatRequest = {
     model: 'wire-chat',
@@ -397,18 +406,23 @@ describe('tools over the wire (openai-compatible)', () => {
       for (const toolChoice of choices) {
         const label = `${name}, ${JSON.stringify(toolChoice)}`;
         server.reset();
-        server.script('wire-chat', reply, reply, reply, reply);
+        server.script('wire-chat', ...Array<ScriptedReply>(6).fill(reply));
         const request: ChatRequest = { ...WITH_TOOLS, toolChoice };
-        const chats = [await outcome(models.chat(request)), await outcome(models.chat(viaSdk(request)))];
-        const streams = [await streamOutcome(request), await streamOutcome(viaSdk(request))];
-        const [wire, sdk, wireStream, sdkStream] = server.log.map((r) => r.body);
-        expect(wire, label).toEqual(sdk);
-        expect(wireStream, label).toEqual(sdkStream);
-        expect(chats[0], label).toEqual(chats[1]);
-        expect(streams[0], label).toEqual(streams[1]);
+        const chats = [];
+        for (const way of threeWays(request)) chats.push(await outcome(models.chat(way)));
+        const streams = [];
+        for (const way of threeWays(request)) streams.push(await streamOutcome(way));
+        const bodies = server.log.map((r) => r.body);
+        for (const i of [0, 1]) {
+          expect(bodies[i], label).toEqual(bodies[2]);
+          expect(bodies[3 + i], label).toEqual(bodies[5]);
+          expect(chats[i], label).toEqual(chats[2]);
+          expect(streams[i], label).toEqual(streams[2]);
+        }
       }
     }
     const sent = server.log[0]!.body;
+    expect(server.log.map((r) => r.headers['user-agent'] === undefined)).toEqual([true, false, false, true, false, false]); // the wire sends none
     expect(sent.tool_choice).toEqual({ type: 'function', function: { name: 'clock' } });
     expect(sent.tools).toEqual([
       { type: 'function', function: { name: 'lookup', description: 'Look it up', parameters: { type: 'object', properties: { q: { type: 'string' } }, required: ['q'] } } },
@@ -452,14 +466,14 @@ describe('tools over the wire (openai-compatible)', () => {
     ];
     for (const [label, rawBody] of streams) {
       server.reset();
-      server.script('wire-chat', { rawBody }, { rawBody });
-      const wire = await streamed(WITH_TOOLS);
-      const sdk = await streamed(viaSdk(WITH_TOOLS));
+      server.script('wire-chat', { rawBody }, { rawBody }, { rawBody });
+      const [wire, direct, sdk] = [await streamed(WITH_TOOLS), await streamed(viaSdk(WITH_TOOLS)), await streamed(viaGenerateText(WITH_TOOLS))];
       expect(wire.result.toolCalls, label).toEqual(sdk.result.toolCalls);
+      expect(direct.result.toolCalls, label).toEqual(sdk.result.toolCalls);
       expect(wire.result.toolCalls.length, label).toBeGreaterThan(0);
     }
     // Without an id the call gets one of its own (the caller answers it by id), on both paths.
-    for (const request of [WITH_TOOLS, viaSdk(WITH_TOOLS)]) {
+    for (const request of threeWays(WITH_TOOLS)) {
       server.script('wire-chat', { rawBody: toolStream([{ index: 0, function: fn('lookup', '{"q":"1"}') }, { index: 1, function: fn('clock', '{}') }]) });
       const ids = (await streamed(request)).result.toolCalls.map((call) => call.toolCallId);
       expect(ids).toHaveLength(2);
@@ -473,7 +487,7 @@ describe('tools over the wire (openai-compatible)', () => {
   it('a tool call of the wrong shape (arguments not text, say) is an upstream error, unretried, as through the SDK', async () => {
     const answer = JSON.stringify({ choices: [{ message: { role: 'assistant', tool_calls: [{ id: 'a', type: 'function', function: { name: 'lookup', arguments: { q: 'x' } } }] }, finish_reason: 'tool_calls' }] });
     const chunk = toolStream([{ index: 0, id: 'a', function: { name: 'lookup', arguments: { q: 'x' } } }]);
-    for (const request of [WITH_TOOLS, viaSdk(WITH_TOOLS)]) {
+    for (const request of threeWays(WITH_TOOLS)) {
       server.reset();
       server.script('wire-chat', { rawBody: answer }, { rawBody: chunk });
       expect(await models.chat(request).catch((e: unknown) => e)).toMatchObject({ statusCode: 502, upstreamStatus: 200 });
@@ -483,12 +497,11 @@ describe('tools over the wire (openai-compatible)', () => {
   });
 
   it('goes over the wire, not through the SDK, and asks for `auto` when the call names no tool choice, as the SDK does', async () => {
-    server.script('wire-chat', CALLS, CALLS);
-    await models.chat(WITH_TOOLS);
-    await models.chat(viaSdk(WITH_TOOLS));
-    expect(server.log.map((r) => r.body.tool_choice)).toEqual(['auto', 'auto']);
+    server.script('wire-chat', CALLS, CALLS, CALLS);
+    for (const request of threeWays(WITH_TOOLS)) await models.chat(request);
+    expect(server.log.map((r) => r.body.tool_choice)).toEqual(['auto', 'auto', 'auto']);
     // The SDK's fetch names itself; the wire sends no user agent.
-    expect(server.log.map((r) => r.headers['user-agent'] === undefined)).toEqual([true, false]);
+    expect(server.log.map((r) => r.headers['user-agent'] === undefined)).toEqual([true, false, false]);
   });
 
   it('leaves to the SDK a tool whose input the SDK would validate (a Zod schema)', async () => {
@@ -518,7 +531,7 @@ describe('tools over the wire (openai-compatible)', () => {
     ]);
     expect(server.log[0]!.headers['user-agent']).toBeDefined();
     const unanswered = [...WITH_TOOLS.messages.slice(0, 2), { role: 'user', content: 'And?' }] as ChatRequest['messages'];
-    for (const request of [{ ...WITH_TOOLS, messages: unanswered }, viaSdk({ ...WITH_TOOLS, messages: unanswered })]) {
+    for (const request of threeWays({ ...WITH_TOOLS, messages: unanswered })) {
       expect(await outcome(models.chat(request))).toEqual({ error: 'AI_MissingToolResultsError: Tool results are missing for tool calls c1, c2.' });
     }
     expect(server.log).toHaveLength(1);

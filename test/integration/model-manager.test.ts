@@ -1,5 +1,6 @@
 import { jsonSchema, tool } from 'ai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { z } from 'zod';
 
 import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
 import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
@@ -44,11 +45,10 @@ async function settled(count: number): Promise<UsageRecord[]> {
 
 const hello = [{ role: 'user' as const, content: 'Hello' }];
 const tools = { lookup: tool({ description: 'Look up', inputSchema: jsonSchema({ type: 'object', properties: {} }) }) };
-/** A call as each path sends it: the wire, the provider model directly (provider options), the SDK (tools). */
-/** The SDK's generateText/streamText: provider options keep a call off the wire, tools off the provider model. */
-const SDK_TOOLS: Partial<ChatRequest> = { tools, providerOptions: {} };
-/** Each way a chat call can go: the wire, the provider model, the wire with tools, the SDK with tools. */
-const PATHS: Partial<ChatRequest>[] = [{}, { providerOptions: {} }, { tools }, SDK_TOOLS];
+/** The SDK's generateText/streamText: a tool whose input the SDK validates (a Zod schema) keeps a call off the wire and the provider model. */
+const SDK_TOOLS: Partial<ChatRequest> = { tools: { lookup: tool({ description: 'Look up', inputSchema: z.looseObject({}) }) } };
+/** Each way a chat call can go: the wire, the provider model directly (provider options keep a call off the wire), both with tools, the SDK with tools. */
+const PATHS: Partial<ChatRequest>[] = [{}, { providerOptions: {} }, { tools }, { tools, providerOptions: {} }, SDK_TOOLS];
 
 beforeAll(async () => {
   server = await FakeModelServer.start();
@@ -420,7 +420,8 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
     ['wire', PATHS[0]!],
     ['provider model', PATHS[1]!],
     ['wire with tools', PATHS[2]!],
-    ['SDK with tools', PATHS[3]!],
+    ['provider model with tools', PATHS[3]!],
+    ['SDK with tools', PATHS[4]!],
   ];
   const limited = () => manager({ maxResponseBytes: LIMIT });
   const failureOf = (call: Promise<unknown>) =>
@@ -617,8 +618,8 @@ describe('the output cap', () => {
       await m.chat({ model: 'fake-backup', messages: hello, ...extra });
       for await (const _ of m.stream({ model: 'fake-backup', messages: hello, ...extra }));
     }
-    expect(server.log.map((r) => r.body.max_tokens)).toEqual(Array(8).fill(100));
-    expect(estimates.map((e) => e.max_output_tokens)).toEqual(Array(8).fill(100));
+    expect(server.log.map((r) => r.body.max_tokens)).toEqual(Array(10).fill(100));
+    expect(estimates.map((e) => e.max_output_tokens)).toEqual(Array(10).fill(100));
   });
 
   it('a model\'s own smaller limit wins over the default, model by model along the fallbacks; a maximum the caller set is sent as it is', async () => {
@@ -639,12 +640,13 @@ describe('the output cap', () => {
       ['fake-short', 40],
       ['fake-short', 40],
       ['fake-short', 40],
+      ['fake-short', 40],
       ['fake-long', 100],
       ['fake-short', 40],
       ['fake-short', 500],
       ['fake-short', 500],
     ]);
-    expect(estimates.map((e) => e.max_output_tokens)).toEqual([40, 40, 40, 40, 100, 40, 500, 500]);
+    expect(estimates.map((e) => e.max_output_tokens)).toEqual([40, 40, 40, 40, 40, 100, 40, 500, 500]);
   });
 });
 
@@ -662,8 +664,8 @@ describe('usage the provider did not report', () => {
       for await (const _ of stream);
       results.push(await stream.result);
     }
-    expect(server.log).toHaveLength(8);
-    const metered = await settled(8);
+    expect(server.log).toHaveLength(10);
+    const metered = await settled(10);
     for (const [i, result] of results.entries()) {
       expect(result.text, `call ${i}`).toBe(ANSWER);
       expect(result.usage.output, `call ${i}`).toBe(95);
@@ -684,7 +686,7 @@ describe('usage the provider did not report', () => {
       expect(streamed, `path ${i}`).toBe(ANSWER);
       expect(result, `path ${i}`).toMatchObject({ text: '', responseMessages: [], usage: { output: 95 } });
     }
-    expect((await settled(4)).map((r) => [r.estimated, r.tokens.output])).toEqual(Array(4).fill([true, 95]));
+    expect((await settled(5)).map((r) => [r.estimated, r.tokens.output])).toEqual(Array(5).fill([true, 95]));
   });
 
   it('an answer outside ASCII is estimated by its bytes (1¼ tokens a CJK character, not ¼), on every path', async () => {
@@ -699,8 +701,8 @@ describe('usage the provider did not report', () => {
       for await (const _ of stream);
       results.push(await stream.result);
     }
-    expect(results.map((r) => r.usage.output)).toEqual(Array(8).fill(75));
-    expect((await settled(8)).map((r) => r.tokens.output)).toEqual(Array(8).fill(75));
+    expect(results.map((r) => r.usage.output)).toEqual(Array(10).fill(75));
+    expect((await settled(10)).map((r) => r.tokens.output)).toEqual(Array(10).fill(75));
   });
 
   it('an embedding answer without usage is charged from the input\'s estimate, marked estimated', async () => {

@@ -73,7 +73,7 @@ const PROGRESS: WirePart = { type: 'progress' };
  * A tool call the model made though the call declared no tools, as the SDK hands it back: its
  * input parsed when it is JSON, else the text that came.
  */
-export function undeclaredToolCall(toolCallId: string, toolName: string, text: string): ToolCall {
+function undeclaredToolCall(toolCallId: string, toolName: string, text: string): ToolCall {
   let input: unknown = text;
   try {
     input = JSON.parse(text) as unknown;
@@ -88,7 +88,7 @@ export function undeclaredToolCall(toolCallId: string, toolName: string, text: s
  * (`parseToolCall`; a JSON schema of `jsonSchema()` validates nothing): no arguments are `{}`;
  * otherwise as an undeclared call's (what is not JSON comes as its text).
  */
-function toolCallOf(declared: boolean, toolCallId: string, toolName: string, text: string): ToolCall {
+export function toolCallOf(declared: boolean, toolCallId: string, toolName: string, text: string): ToolCall {
   return declared && text.trim() === '' ? { toolCallId, toolName, input: {} } : undeclaredToolCall(toolCallId, toolName, text);
 }
 

@@ -34,7 +34,7 @@ import { AsyncQueue } from '../../utils/async-queue.js';
 import { CallerAbort, type CallerSignal } from './abort.js';
 import { STREAM_ANSWER, vectorsAnswer } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
-import { type AbortLike, type ChatWire, undeclaredToolCall as wireToolCall, type WireCall, wireMessages, type WireTool, type WireToolChoice } from './chat-wire.js';
+import { type AbortLike, type ChatWire, toolCallOf, type WireCall, wireMessages, type WireTool, type WireToolChoice } from './chat-wire.js';
 import { computeCost, countableUsage, estimateCost } from './cost.js';
 import { ModelAnswerLimitError, ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
@@ -287,35 +287,62 @@ function jsonOutput(format: JsonResponseFormat): OutputInterface<string, string,
 /** The provider model interface the SDK's own calls end in (what every registry provider creates). */
 type LanguageModelV3 = Extract<LanguageModel, { specificationVersion: 'v3' }>;
 
-/** A tool call from the provider model itself (a call without tools), read as the wire reads one. */
-const undeclaredToolCall = (part: { toolCallId: string; toolName: string; input: string }): ToolCall => wireToolCall(part.toolCallId, part.toolName, part.input);
+/** A tool call from the provider model itself, read as the wire reads one (`declared`: the call had tools). */
+const modelToolCall = (declared: boolean, part: { toolCallId: string; toolName: string; input: string }): ToolCall => toolCallOf(declared, part.toolCallId, part.toolName, part.input);
+
+type CallOptionsV3 = Parameters<LanguageModelV3['doGenerate']>[0];
+
+/** A call that goes to the provider model directly (directModel): the model, and the call's tools as declared to it. */
+interface DirectCall {
+  languageModel: LanguageModelV3;
+  tools: FunctionTool[] | undefined;
+}
+/** A function tool as `generateText` declares it to a provider model (prepareToolsAndToolChoice). */
+type FunctionTool = Extract<NonNullable<CallOptionsV3['tools']>[number], { type: 'function' }>;
 
 /**
- * The call's tools as the SDK's openai-compatible model declares them (prepareToolsAndToolChoice,
- * then `prepareTools`); null when one needs the SDK: a provider tool, a tool it would run or whose
- * input it would validate, or a schema that is not at hand (a lazy one, whose JSON schema is a
- * promise). Undefined for an empty set, which the SDK
- * sends as no tools.
+ * The call's tools as `generateText` declares them to a provider model (prepareToolsAndToolChoice);
+ * null when one needs the SDK itself: a provider tool, a tool it would run or whose input it would
+ * validate (a Zod schema, say), or a schema that is not at hand (a lazy one, whose JSON schema is a
+ * promise). Undefined for an empty set, which the SDK sends as no tools.
  */
-function wireTools(tools: ToolSet): WireTool[] | undefined | null {
-  const out: WireTool[] = [];
+function functionTools(tools: ToolSet): FunctionTool[] | undefined | null {
+  const out: FunctionTool[] = [];
   for (const [name, tool] of Object.entries(tools)) {
     if (tool.type !== undefined && tool.type !== 'function' && tool.type !== 'dynamic') return null;
-    // A tool the SDK would run, or whose input it would validate (a Zod schema, say): the SDK's.
     if (tool.execute !== undefined) return null;
     const schema = asSchema(tool.inputSchema);
     if (schema.validate !== undefined) return null;
-    const parameters: unknown = schema.jsonSchema;
-    if (typeof (parameters as PromiseLike<unknown> | null)?.then === 'function') return null;
-    out.push({ type: 'function', function: { name, description: tool.description, parameters, ...(tool.strict !== undefined && tool.strict !== null ? { strict: tool.strict } : {}) } });
+    const inputSchema: unknown = schema.jsonSchema;
+    if (typeof (inputSchema as PromiseLike<unknown> | null)?.then === 'function') return null;
+    out.push({
+      type: 'function',
+      name,
+      description: tool.description,
+      inputSchema: inputSchema as JSONSchema7,
+      ...(tool.inputExamples !== undefined && tool.inputExamples !== null ? { inputExamples: tool.inputExamples } : {}),
+      providerOptions: tool.providerOptions,
+      ...(tool.strict !== undefined && tool.strict !== null ? { strict: tool.strict } : {}),
+    });
   }
   return out.length ? out : undefined;
+}
+
+/** Function tools as the SDK's openai-compatible model sends them (`prepareTools`: name, description, parameters, strict). */
+const wireTools = (tools: readonly FunctionTool[]): WireTool[] =>
+  tools.map((t) => ({ type: 'function', function: { name: t.name, description: t.description, parameters: t.inputSchema, ...(t.strict !== undefined ? { strict: t.strict } : {}) } }));
+
+/** The tool choice as `generateText` tells a provider model: `auto` when the call names none. */
+function callToolChoice(choice: ToolChoice<ToolSet> | undefined): NonNullable<CallOptionsV3['toolChoice']> {
+  if (choice === undefined) return { type: 'auto' };
+  return typeof choice === 'string' ? { type: choice } : { type: 'tool', toolName: choice.toolName };
 }
 
 /**
  * What `generateText` checks of an answer to a call with tools before handing it back: a tool
  * choice other than `auto` that the model did not keep is an error (ToolChoiceViolationError),
- * checked here for the wire's answers so that both paths answer alike.
+ * checked here for the answers read without it (the wire's, the provider model's) so that every
+ * path answers alike.
  */
 function enforceToolChoice(choice: ToolChoice<ToolSet> | undefined, calls: readonly ToolCall[], finishReason: string, model: ModelInfo): void {
   if (choice === undefined || choice === 'auto') return;
@@ -328,8 +355,8 @@ const toolChoiceViolation = (toolChoice: { type: 'none' | 'required' } | { type:
   new ToolChoiceViolationError({ toolChoice, finishReason: finishReason as FinishReason, provider: model.provider, modelId: model.id, content: [] });
 
 function wireToolChoice(choice: ToolChoice<ToolSet> | undefined): WireToolChoice {
-  if (choice === undefined) return 'auto';
-  return typeof choice === 'string' ? choice : { type: 'function', function: { name: choice.toolName } };
+  const told = callToolChoice(choice);
+  return told.type === 'tool' ? { type: 'function', function: { name: told.toolName } } : told.type;
 }
 
 /** A call's text, reasoning and tool calls with the assistant message the SDK would return for them. */
@@ -368,7 +395,7 @@ const EVENTS_HIGH_WATER = 256;
 
 interface StreamSource {
   parts: AsyncIterable<StreamPart>;
-  /** A tool call breaks the call's tool choice `none`: checked here for the wire, as `streamText` checks it. */
+  /** A tool call breaks the call's tool choice `none`: checked here off the SDK's path, as `streamText` checks it. */
   noToolCalls?: boolean;
   /** The assistant messages for what was streamed (after the parts ended). */
   responseMessages(text: string, reasoning: string | undefined, toolCalls: ToolCall[]): Promise<ModelMessage[]>;
@@ -654,8 +681,8 @@ export class ModelManager {
         if (wired.call.tools) enforceToolChoice(request.toolChoice, reply.toolCalls, reply.finishReason, model);
         return this.chatResult(model, state, started, answer(reply.text, reply.reasoning, reply.toolCalls), reply.finishReason, null);
       }
-      const languageModel = this.directModel(request, model);
-      if (languageModel) return this.generate(request, languageModel, model, attempt, state, started);
+      const direct = this.directModel(request, model);
+      if (direct) return this.generate(request, direct, model, attempt, state, started);
       const result = await generateText({
         ...this.sdkOptions(request, model),
         abortSignal: attempt.signal,
@@ -675,7 +702,7 @@ export class ModelManager {
     if (request.providerOptions) return undefined;
     const wire = this.options.providers.chatWire(model.provider);
     if (!wire) return undefined;
-    const tools = request.tools && wireTools(request.tools);
+    const tools = request.tools && functionTools(request.tools);
     if (tools === null) return undefined;
     const messages = wireMessages(request.system, request.messages);
     if (!messages) return undefined;
@@ -697,7 +724,7 @@ export class ModelManager {
             : { type: 'json_object' },
         stop: settings.stopSequences,
         messages,
-        tools,
+        tools: tools && wireTools(tools),
         // The SDK asks for `auto` when the call names no choice (prepareToolsAndToolChoice).
         tool_choice: tools && wireToolChoice(request.toolChoice),
       },
@@ -705,39 +732,42 @@ export class ModelManager {
   }
 
   /**
-   * The provider model a call goes to directly (`doGenerate`/`doStream`), or undefined when it goes
-   * through the SDK: calls with tools do, since `generateText`/`streamText` parse and validate the
-   * tool calls' input against the tools' schemas.
+   * The provider model a call goes to directly (`doGenerate`/`doStream`) and its tools as declared
+   * to it, or undefined when the call goes through the SDK's `generateText`/`streamText`: tools the
+   * SDK must run or validate input for (see functionTools).
    */
-  private directModel(request: ChatRequest, model: ModelInfo): LanguageModelV3 | undefined {
-    if (request.tools) return undefined;
+  private directModel(request: ChatRequest, model: ModelInfo): DirectCall | undefined {
+    const tools = request.tools && functionTools(request.tools);
+    if (tools === null) return undefined;
     const languageModel = this.options.providers.languageModel(model.provider, model.id);
-    return typeof languageModel === 'object' && languageModel.specificationVersion === 'v3' ? languageModel : undefined;
+    return typeof languageModel === 'object' && languageModel.specificationVersion === 'v3' ? { languageModel, tools } : undefined;
   }
 
   /**
-   * A chat call without tools, straight to the provider model's `doGenerate`: the same request the
-   * SDK's `generateText` sends (prompt conversion, call settings, response format), without its
-   * second Zod validation of the prompt (callers pass typed, validated messages), telemetry spans
-   * and step machinery. Calls with tools go through `generateText`, which parses and validates the
-   * tool calls' input against the tools' schemas.
+   * A chat call straight to the provider model's `doGenerate`: the same request the SDK's
+   * `generateText` sends (prompt conversion, call settings, response format, tools and tool
+   * choice), without its second Zod validation of the prompt (callers pass typed, validated
+   * messages), telemetry spans and step machinery. Tool calls are read as `generateText` reads them
+   * for tools with a plain JSON schema (toolCallOf), and its tool-choice check is made here.
    */
-  private async generate(request: ChatRequest, languageModel: LanguageModelV3, model: ModelInfo, attempt: Attempt, state: AttemptState, started: number): Promise<ChatResult> {
-    const result = await languageModel.doGenerate(await this.callOptions(request, languageModel, model, attempt));
+  private async generate(request: ChatRequest, direct: DirectCall, model: ModelInfo, attempt: Attempt, state: AttemptState, started: number): Promise<ChatResult> {
+    const result = await direct.languageModel.doGenerate(await this.callOptions(request, direct, model, attempt));
     state.usage = toTokenUsage(asLanguageModelUsage(result.usage));
+    const declared = direct.tools !== undefined;
     let text = '';
     let reasoning: string | undefined;
     const toolCalls: ToolCall[] = [];
     for (const part of result.content) {
       if (part.type === 'text') text += part.text;
       else if (part.type === 'reasoning') reasoning = (reasoning ?? '') + part.text;
-      else if (part.type === 'tool-call') toolCalls.push(undeclaredToolCall(part));
+      else if (part.type === 'tool-call') toolCalls.push(modelToolCall(declared, part));
     }
+    if (declared) enforceToolChoice(request.toolChoice, toolCalls, result.finishReason.unified, model);
     return this.chatResult(model, state, started, answer(text, reasoning, toolCalls), result.finishReason.unified, null);
   }
 
   /** The provider call options `generateText`/`streamText` would build for a call without tools. */
-  private async callOptions(request: ChatRequest, languageModel: LanguageModelV3, model: ModelInfo, attempt: Attempt) {
+  private async callOptions(request: ChatRequest, { languageModel, tools }: DirectCall, model: ModelInfo, attempt: Attempt) {
     const prompt = await convertToLanguageModelPrompt({
       prompt: { system: request.system, messages: request.messages },
       supportedUrls: await languageModel.supportedUrls,
@@ -749,6 +779,8 @@ export class ModelManager {
       ...prepareCallSettings({ maxOutputTokens: this.outputTokens(model, request.maxOutputTokens), temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences }),
       responseFormat: format && { type: 'json' as const, schema: format.schema, name: format.name, description: format.description },
       prompt,
+      tools,
+      toolChoice: tools && callToolChoice(request.toolChoice),
       providerOptions: request.providerOptions,
       abortSignal: attempt.signal,
     };
@@ -876,22 +908,24 @@ export class ModelManager {
       const parts = await wired.wire.stream(wired.call, attempt, this.options.maxResponseBytes);
       return { parts, responseMessages: directResponseMessages, noToolCalls: wired.call.tool_choice === 'none' };
     }
-    const languageModel = this.directModel(request, model);
-    if (languageModel) {
-      const { stream } = await languageModel.doStream({ ...(await this.callOptions(request, languageModel, model, attempt)), headers: STREAM_ANSWER, includeRawChunks: false });
+    const direct = this.directModel(request, model);
+    if (direct) {
+      const declared = direct.tools !== undefined;
+      const { stream } = await direct.languageModel.doStream({ ...(await this.callOptions(request, direct, model, attempt)), headers: STREAM_ANSWER, includeRawChunks: false });
       return {
         parts: (async function* () {
           for await (const part of stream) {
             if (part.type === 'text-delta' || part.type === 'reasoning-delta') {
               if (part.delta) yield { type: part.type, text: part.delta };
             } else if (part.type === 'tool-input-delta') yield { type: 'tool-input', chars: part.delta.length };
-            else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: undeclaredToolCall(part) };
+            else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: modelToolCall(declared, part) };
             else if (part.type === 'finish') yield { type: 'finish', finishReason: part.finishReason.unified, usage: toTokenUsage(asLanguageModelUsage(part.usage)) };
             else if (part.type === 'error') throw part.error;
             else yield PROGRESS;
           }
         })(),
         responseMessages: directResponseMessages,
+        noToolCalls: declared && request.toolChoice === 'none',
       };
     }
     const sdk = streamText({ ...this.sdkOptions(request, model), headers: STREAM_ANSWER, abortSignal: attempt.signal, onError: () => {} });
