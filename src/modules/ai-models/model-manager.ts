@@ -345,10 +345,10 @@ function callToolChoice(choice: ToolChoice<ToolSet> | undefined): NonNullable<Ca
  * path answers alike.
  */
 function enforceToolChoice(choice: ToolChoice<ToolSet> | undefined, calls: readonly ToolCall[], finishReason: string, model: ModelInfo): void {
-  if (choice === undefined || choice === 'auto') return;
-  if (choice === 'none' ? calls.length > 0 : !calls.some((call) => choice === 'required' || call.toolName === choice.toolName)) {
-    throw toolChoiceViolation(typeof choice === 'string' ? { type: choice } : { type: 'tool', toolName: choice.toolName }, finishReason, model);
-  }
+  const told = callToolChoice(choice);
+  if (told.type === 'auto') return;
+  const kept = told.type === 'none' ? calls.length === 0 : calls.some((call) => told.type === 'required' || call.toolName === told.toolName);
+  if (!kept) throw toolChoiceViolation(told, finishReason, model);
 }
 
 const toolChoiceViolation = (toolChoice: { type: 'none' | 'required' } | { type: 'tool'; toolName: string }, finishReason: string, model: ModelInfo) =>
@@ -674,14 +674,15 @@ export class ModelManager {
   async chat(request: ChatRequest): Promise<ChatResult> {
     const started = performance.now();
     return this.run(request, request.signal, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
-      const wired = this.wireCall(request, model);
+      const tools = request.tools && functionTools(request.tools);
+      const wired = this.wireCall(request, model, tools);
       if (wired) {
         const reply = await wired.wire.generate(wired.call, attempt, this.options.maxResponseBytes);
         state.usage = reply.usage;
         if (wired.call.tools) enforceToolChoice(request.toolChoice, reply.toolCalls, reply.finishReason, model);
         return this.chatResult(model, state, started, answer(reply.text, reply.reasoning, reply.toolCalls), reply.finishReason, null);
       }
-      const direct = this.directModel(request, model);
+      const direct = this.directModel(model, tools);
       if (direct) return this.generate(request, direct, model, attempt, state, started);
       const result = await generateText({
         ...this.sdkOptions(request, model),
@@ -698,12 +699,10 @@ export class ModelManager {
    * it needs the SDK: provider options, tools other than functions with a JSON schema at hand,
    * message parts the wire does not carry (wireMessages); providers other than `openai-compatible`.
    */
-  private wireCall(request: ChatRequest, model: ModelInfo): { wire: ChatWire; call: WireCall } | undefined {
-    if (request.providerOptions) return undefined;
+  private wireCall(request: ChatRequest, model: ModelInfo, tools: FunctionTool[] | undefined | null): { wire: ChatWire; call: WireCall } | undefined {
+    if (request.providerOptions || tools === null) return undefined;
     const wire = this.options.providers.chatWire(model.provider);
     if (!wire) return undefined;
-    const tools = request.tools && functionTools(request.tools);
-    if (tools === null) return undefined;
     const messages = wireMessages(request.system, request.messages);
     if (!messages) return undefined;
     // The SDK's checks of the settings (integers, ranges), so both paths refuse the same input.
@@ -732,12 +731,11 @@ export class ModelManager {
   }
 
   /**
-   * The provider model a call goes to directly (`doGenerate`/`doStream`) and its tools as declared
-   * to it, or undefined when the call goes through the SDK's `generateText`/`streamText`: tools the
-   * SDK must run or validate input for (see functionTools).
+   * The provider model a call goes to directly (`doGenerate`/`doStream`) with the call's tools as
+   * declared to it (functionTools), or undefined when the call goes through the SDK's
+   * `generateText`/`streamText`: tools the SDK must run or validate input for (`tools` null).
    */
-  private directModel(request: ChatRequest, model: ModelInfo): DirectCall | undefined {
-    const tools = request.tools && functionTools(request.tools);
+  private directModel(model: ModelInfo, tools: FunctionTool[] | undefined | null): DirectCall | undefined {
     if (tools === null) return undefined;
     const languageModel = this.options.providers.languageModel(model.provider, model.id);
     return typeof languageModel === 'object' && languageModel.specificationVersion === 'v3' ? { languageModel, tools } : undefined;
@@ -899,16 +897,17 @@ export class ModelManager {
   }
 
   /**
-   * A streamed call's parts, the same whether they come straight from the provider model (calls
-   * without tools) or through the SDK's `streamText`; an upstream error or abort is thrown.
+   * A streamed call's parts, the same whether they come over the wire, straight from the provider
+   * model or through the SDK's `streamText`; an upstream error or abort is thrown.
    */
   private async streamSource(request: ChatRequest, model: ModelInfo, attempt: Attempt): Promise<StreamSource> {
-    const wired = this.wireCall(request, model);
+    const tools = request.tools && functionTools(request.tools);
+    const wired = this.wireCall(request, model, tools);
     if (wired) {
       const parts = await wired.wire.stream(wired.call, attempt, this.options.maxResponseBytes);
       return { parts, responseMessages: directResponseMessages, noToolCalls: wired.call.tool_choice === 'none' };
     }
-    const direct = this.directModel(request, model);
+    const direct = this.directModel(model, tools);
     if (direct) {
       const declared = direct.tools !== undefined;
       const { stream } = await direct.languageModel.doStream({ ...(await this.callOptions(request, direct, model, attempt)), headers: STREAM_ANSWER, includeRawChunks: false });
