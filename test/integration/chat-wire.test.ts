@@ -595,6 +595,16 @@ describe('the size of what the wire reads (MODEL_MAX_RESPONSE_BYTES)', () => {
     await server.waitFor((log) => log[0]?.aborted === true, 1_000);
   });
 
+  it('tool calls without input do not pile up past the limit either (each costs its name and id, at least a character)', async () => {
+    let next = 0;
+    const event = () => sse({ choices: [{ index: 0, delta: { tool_calls: Array.from({ length: 200 }, () => ({ index: next++, function: { arguments: '' } })) }, finish_reason: null }] });
+    server.script('wire-chat', { rawBody: Array.from({ length: 400 }, event).join(''), holdOpen: true });
+    const { failure, ms } = await failureOf(drained(hello));
+    expect(failure).toBeInstanceOf(ModelAnswerLimitError);
+    expect(ms).toBeLessThan(1_000);
+    await server.waitFor((log) => log[0]?.aborted === true, 1_000);
+  });
+
   it('a slow caller does not let the answer past the limit wait in memory: the upstream request ends at the limit', async () => {
     // 257 small parts: the one the caller takes, then the 256 the manager queues for it before it
     // waits (EVENTS_HIGH_WATER), which leaves the wire's queue empty, so the wire reads on (a paused

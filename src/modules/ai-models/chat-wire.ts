@@ -568,6 +568,9 @@ class SseReader implements Dispatcher.DispatchHandlers {
     let call = index === undefined ? (name ? undefined : this.tools.at(-1)) : this.toolAt.get(index);
     if (call && index !== undefined && name && id && call.id && call.id !== id) call = undefined;
     if (!call) {
+      // A call costs its name and id as well (at least one character): pieces that start calls with
+      // no input cannot pile up unbounded within the limit.
+      this.output(`${id ?? ''}${name ?? ''}` || ' ');
       call = { id: id ?? '', name: name ?? '', text, index };
       this.tools.push(call);
       if (index !== undefined) this.toolAt.set(index, call);
