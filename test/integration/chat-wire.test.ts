@@ -463,6 +463,8 @@ describe('tools over the wire (openai-compatible)', () => {
       ['no index, arguments in pieces', toolStream([{ id: 'a', function: fn('lookup', '{"q"') }], [{ function: fn(undefined, ':"y"}') }])],
       ['no index, two named calls', toolStream([{ id: 'a', function: fn('lookup', '{"q":"1"}') }], [{ id: 'b', function: fn('clock', '{}') }])],
       ['a new call at a used index', toolStream([{ index: 0, id: 'a', function: fn('lookup', '{"q":"a"}') }], [{ index: 0, id: 'b', function: fn('clock', '{}') }])],
+      ['the id on every piece', toolStream([{ index: 0, id: 'a', function: fn('lookup', '{"q"') }], [{ index: 0, id: 'a', function: fn(undefined, ':"z"}') }])],
+      ['arguments before the name, at an index', toolStream([{ index: 0, id: 'a', function: fn(undefined, '{"q":') }], [{ index: 0, function: fn('lookup', '"late"}') }])],
     ];
     for (const [label, rawBody] of streams) {
       server.reset();
@@ -471,6 +473,25 @@ describe('tools over the wire (openai-compatible)', () => {
       expect(wire.result.toolCalls, label).toEqual(sdk.result.toolCalls);
       expect(direct.result.toolCalls, label).toEqual(sdk.result.toolCalls);
       expect(wire.result.toolCalls.length, label).toBeGreaterThan(0);
+    }
+    // Pieces the SDK's tracker drops, splits or refuses: the wire hands on (or fails with) the same.
+    const unusual: [string, string][] = [
+      ['no index, a piece while two calls are open (dropped)', toolStream([{ id: 'a', function: fn('lookup', '{"q":"1"') }], [{ id: 'b', function: fn('clock', '{') }], [{ function: fn(undefined, '}') }])],
+      ['JSON begun anew at a used index: a second call', toolStream([{ index: 0, id: 'a', function: fn('lookup', '{"q":"a"}') }], [{ index: 0, function: fn('lookup', '{"q":"b"}') }])],
+      ['a blank name starts no call', toolStream([{ index: 0, id: 'a', function: fn(' ', '{}') }], [{ index: 1, id: 'b', function: fn('clock', '{}') }])],
+      ['the same id at a new index, no name: the call it names', toolStream([{ index: 0, id: 'a', function: fn('lookup', '{"q":') }], [{ index: 1, id: 'a', function: fn(undefined, '"i"}') }])],
+      ['a call that never gets a name (refused)', toolStream([{ index: 0, id: 'a', function: fn(undefined, '{}') }])],
+      ['no index and no name for the first piece (refused)', toolStream([{ id: 'a', function: fn(undefined, '{}') }])],
+    ];
+    for (const [label, rawBody] of unusual) {
+      server.reset();
+      server.script('wire-chat', { rawBody }, { rawBody }, { rawBody });
+      // Ids made for calls (random) compare as one.
+      const made = (outcome: Awaited<ReturnType<typeof streamOutcome>>) =>
+        'toolCalls' in outcome ? { ...outcome, toolCalls: outcome.toolCalls.map((c) => ({ ...c, toolCallId: ['a', 'b'].includes(c.toolCallId) ? c.toolCallId : 'made' })) } : outcome;
+      const [wire, direct, sdk] = (await Promise.all(threeWays(WITH_TOOLS).map((way) => streamOutcome(way)))).map(made);
+      expect(wire, label).toEqual(sdk);
+      expect(direct, label).toEqual(sdk);
     }
     // Without an id the call gets one of its own (the caller answers it by id), on both paths.
     for (const request of threeWays(WITH_TOOLS)) {

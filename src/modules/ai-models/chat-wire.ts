@@ -8,9 +8,9 @@
  * stop 35). Errors come out as the SDK's `APICallError` (status, headers, retryability), so the
  * manager's retries, fallbacks and error answers treat both paths alike.
  */
-import { randomBytes } from 'node:crypto';
 import { StringDecoder } from 'node:string_decoder';
 
+import { generateId, StreamingToolCallTracker } from '@ai-sdk/provider-utils';
 import { APICallError, type ModelMessage } from 'ai';
 import { Agent, type Dispatcher } from 'undici';
 
@@ -92,17 +92,70 @@ export function toolCallOf(declared: boolean, toolCallId: string, toolName: stri
   return declared && text.trim() === '' ? { toolCallId, toolName, input: {} } : undeclaredToolCall(toolCallId, toolName, text);
 }
 
-interface ToolCallText {
-  id: string;
-  name: string;
-  text: string;
-  /** Its `index` in the stream's deltas, when they gave one. */
-  index?: number;
-}
+/** An id for a tool call the upstream sent without one, as the SDK makes one: the caller answers the call by it. */
+const toolCallId = (id: string | null | undefined): string => (id?.trim() ? id : generateId());
 
-/** An id for a tool call the upstream sent without one, as the SDK makes one (16 letters and digits): the caller answers the call by it. */
-const toolCallId = (id: string | null | undefined): string => (id?.trim() ? id : `call_${randomBytes(12).toString('base64url').replace(/[-_]/g, 'x').slice(0, 16)}`);
-const nonBlank = (value: string | null | undefined): string | undefined => (value?.trim() ? value : undefined);
+/**
+ * A stream's tool calls put together as the SDK's openai-compatible model puts them: pieces at an
+ * index wait for their call's name (the model's `pendingToolCalls`), then go to the SDK's own
+ * tracker, which decides what continues a call, what starts one, what is ambiguous (dropped) and
+ * which ids repeat; a call without a name is an invalid answer (it throws). The calls come out at
+ * the stream's end, in the tracker's order, as the SDK hands them on.
+ */
+class ToolCallAssembly {
+  private readonly calls: ToolCall[] = [];
+  private readonly pending = new Map<number, { id: string | null; text: string }>();
+  /** Indexes whose call went to the tracker: their further pieces go there at once. */
+  private readonly forwarded = new Set<number>();
+  private readonly tracker: StreamingToolCallTracker;
+
+  /**
+   * `count` is told the characters a new call holds besides its input (which the reader counts):
+   * its name and id, at least one, so pieces that start calls without input cannot pile up unbounded.
+   */
+  constructor(
+    declared: boolean,
+    private readonly count: (chars: number) => void,
+  ) {
+    this.tracker = new StreamingToolCallTracker(
+      {
+        enqueue: (part) => {
+          if (part.type === 'tool-input-start') count(Math.max(part.id.length + part.toolName.length, 1));
+          else if (part.type === 'tool-call') this.calls.push(toolCallOf(declared, part.toolCallId, part.toolName, part.input));
+        },
+      },
+      { generateId },
+    );
+  }
+
+  add(piece: ToolCallDelta): void {
+    const { index } = piece;
+    if (index === undefined || index === null || this.forwarded.has(index)) return this.tracker.processDelta(piece);
+    let pending = this.pending.get(index);
+    if (!pending) {
+      pending = { id: piece.id ?? null, text: '' };
+      this.pending.set(index, pending);
+      this.count((pending.id?.length ?? 0) + 1);
+    } else if (pending.id === null && piece.id) {
+      pending.id = piece.id;
+      this.count(piece.id.length);
+    }
+    pending.text += piece.function?.arguments ?? '';
+    const name = piece.function?.name;
+    if (name === undefined || name === null) return;
+    this.tracker.processDelta({ index, id: pending.id, function: { name, arguments: pending.text } });
+    this.pending.delete(index);
+    this.forwarded.add(index);
+  }
+
+  /** The calls, once the answer is whole (throws for a call that never got a name). */
+  finish(): ToolCall[] {
+    for (const [index, { id, text }] of this.pending) this.tracker.processDelta({ index, id, function: { arguments: text } });
+    this.pending.clear();
+    this.tracker.flush();
+    return this.calls;
+  }
+}
 
 interface OpenAIUsage {
   prompt_tokens?: number;
@@ -394,9 +447,8 @@ class SseReader implements Dispatcher.DispatchHandlers {
   private resume: (() => void) | undefined;
   private paused = false;
   private grace: NodeJS.Timeout | undefined;
-  /** Tool calls as they are assembled, in the order they began; `toolAt`: the one each delta index continues. */
-  private readonly tools: ToolCallText[] = [];
-  private readonly toolAt = new Map<number, ToolCallText>();
+  /** The answer's tool calls as they are put together, from their first piece on. */
+  private tools: ToolCallAssembly | undefined;
   /**
    * The answer's characters read so far (text, reasoning, tool-call input), held to the limit here:
    * the model manager counts them too, but only as its caller takes them, and a slow caller leaves
@@ -543,54 +595,36 @@ class SseReader implements Dispatcher.DispatchHandlers {
     if (reasoning) {
       emitted = true;
       this.parts.push({ type: 'reasoning-delta', text: reasoning });
-      this.output(reasoning);
+      this.output(reasoning.length);
     }
     if (delta?.content) {
       emitted = true;
       this.parts.push({ type: 'text-delta', text: delta.content });
-      this.output(delta.content);
+      this.output(delta.content.length);
     }
     for (const piece of delta?.tool_calls ?? []) this.toolDelta(piece);
     if (!emitted) this.parts.push(PROGRESS);
   }
 
-  /**
-   * A piece of a tool call, put with the call it continues as the SDK's tracker puts it in the
-   * usual cases: by its index — unless it starts another call there (a name and an id of its
-   * own) — or, without an index, with the call before it unless it names a call of its own.
-   */
   private toolDelta(piece: ToolCallDelta): void {
-    const text = piece.function?.arguments ?? '';
-    this.output(text);
-    const id = nonBlank(piece.id);
-    const name = nonBlank(piece.function?.name);
-    const index = piece.index ?? undefined;
-    let call = index === undefined ? (name ? undefined : this.tools.at(-1)) : this.toolAt.get(index);
-    if (call && index !== undefined && name && id && call.id && call.id !== id) call = undefined;
-    if (!call) {
-      // A call costs its name and id as well (at least one character): pieces that start calls with
-      // no input cannot pile up unbounded within the limit.
-      this.output(`${id ?? ''}${name ?? ''}` || ' ');
-      call = { id: id ?? '', name: name ?? '', text, index };
-      this.tools.push(call);
-      if (index !== undefined) this.toolAt.set(index, call);
-      return;
-    }
-    call.text += text;
-    if (!call.id && id) call.id = id;
-    if (!call.name && name) call.name = name;
+    this.output(piece.function?.arguments?.length ?? 0);
+    (this.tools ??= new ToolCallAssembly(this.declared, (chars) => this.output(chars))).add(piece);
   }
 
   /** Counts output read; past the limit the read fails after the part that passed it, which is queued (so metered, as what came). */
-  private output(text: string): void {
-    if ((this.outputChars += text.length) > this.maxChars) throw new ModelAnswerLimitError(502, `The model's answer exceeded ${this.maxChars} characters`);
+  private output(chars: number): void {
+    if ((this.outputChars += chars) > this.maxChars) throw new ModelAnswerLimitError(502, `The model's answer exceeded ${this.maxChars} characters`);
   }
 
   /** The answer is whole: its tool calls, then `finish`. */
   private finish(): void {
-    // In index order when every call had one (as the SDK's tracker hands them on), else as they began.
-    const calls = this.tools.every((t) => t.index !== undefined) ? this.tools.toSorted((a, b) => a.index! - b.index!) : this.tools;
-    for (const tool of calls) this.parts.push({ type: 'tool-call', toolCall: toolCallOf(this.declared, toolCallId(tool.id), tool.name, tool.text) });
+    let calls: ToolCall[];
+    try {
+      calls = this.tools?.finish() ?? [];
+    } catch (error) {
+      return this.parts.fail(error as Error); // a call without a name: an invalid answer, as through the SDK
+    }
+    for (const toolCall of calls) this.parts.push({ type: 'tool-call', toolCall });
     this.parts.push({ type: 'finish', finishReason: finishReasonOf(this.finishReason), usage: usageOf(this.usage) });
     this.parts.end();
   }
