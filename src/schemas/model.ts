@@ -2,6 +2,7 @@ import { z } from 'zod';
 
 import { isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
 import { CAPABILITIES } from '../modules/ai-models/types.js';
+import { Pagination } from './common.js';
 
 /** A price per million tokens: a decimal string (never a binary float), up to 12 decimal places. */
 const Price = z.string().regex(/^\d{1,9}(\.\d{1,12})?$/, { error: 'A price is a decimal string such as "2.5", up to 12 decimal places' });
@@ -84,9 +85,5 @@ export const ModelPublic = z
 
 export const ModelIdParams = z.object({ model_id: z.string().min(1).max(200) });
 
-/** `?include_disabled=&limit=&offset=` */
-export const ModelListQuery = z.strictObject({
-  include_disabled: z.stringbool().default(false),
-  limit: z.coerce.number().int().min(1).max(500).default(100),
-  offset: z.coerce.number().int().min(0).max(1_000_000).default(0),
-});
+/** `?include_disabled=&limit=&offset=`, paged as every list (SPEC §2: 1–100, default 20). */
+export const ModelListQuery = Pagination.extend({ include_disabled: z.stringbool().default(false) });

@@ -47,10 +47,16 @@ beforeAll(async () => {
   user = await createUser(ctx.app);
 });
 
+/** Every page of the list, as a client pages through it (at most 100 a page). */
 async function allModels(headers: Record<string, string>, query = ''): Promise<ListBody<ModelBody>> {
-  const response = await api('GET', `/models?limit=500${query}`, headers);
-  expect(response.statusCode, response.body).toBe(200);
-  return response.json<ListBody<ModelBody>>();
+  const data: ModelBody[] = [];
+  for (;;) {
+    const response = await api('GET', `/models?limit=100&offset=${data.length}${query}`, headers);
+    expect(response.statusCode, response.body).toBe(200);
+    const page = response.json<ListBody<ModelBody>>();
+    data.push(...page.data);
+    if (!page.data.length || data.length >= page.count) return { data, count: page.count };
+  }
 }
 
 describe('GET /models', () => {
@@ -71,7 +77,10 @@ describe('GET /models', () => {
 
     const page = (await api('GET', '/models?limit=2&offset=1', user.headers)).json<ListBody<ModelBody>>();
     expect(page).toEqual({ data: data.slice(1, 3), count });
+    // Paged as every list: 20 by default, at most 100.
+    expect((await api('GET', '/models', user.headers)).json<ListBody<ModelBody>>()).toEqual({ data: data.slice(0, 20), count });
     expectValidationError(await api('GET', '/models?limit=0', user.headers), ['query', 'limit']);
+    expectValidationError(await api('GET', '/models?limit=101', user.headers), ['query', 'limit']);
     expectValidationError(await api('GET', '/models?page=2', user.headers), ['query', 'page'], 'extra_forbidden');
   });
 
