@@ -5,7 +5,7 @@ import { authErrors, ErrorBody, Message, ValidationError } from '../schemas/comm
 import { UserPublic } from '../schemas/user.js';
 
 import * as userService from '../services/user-service.js';
-import { requireUser } from '../utils/authentication.js';
+import { ownAccount, requireUser } from '../utils/authentication.js';
 import { byAccount, byIp, loginLockout, rateLimit, refundOnSuccess } from '../utils/rate-limit.js';
 
 const tags = ['login'];
@@ -53,7 +53,7 @@ export const loginRouter: FastifyPluginAsyncZod = async (app) => {
       },
       onRequest: requireUser,
     },
-    async (request) => request.principal.user,
+    async (request) => ownAccount(request.principal),
   );
 
   // ==================== Password recovery ====================

@@ -4,7 +4,7 @@ import { authErrors, ErrorBody, listOf, Message, Pagination, ValidationError } f
 import { UpdatePassword, UserCreate, UserIdParams, UserPublic, UserRegister, UserUpdate, UserUpdateMe } from '../schemas/user.js';
 
 import * as userService from '../services/user-service.js';
-import { ensureSuperuser, forbidApiKey, requireSuperuser, requireUser } from '../utils/authentication.js';
+import { ensureSuperuser, forbidApiKey, ownAccount, requireSuperuser, requireUser } from '../utils/authentication.js';
 import { bodyField, byAccount, byIp, rateLimit } from '../utils/rate-limit.js';
 
 const tags = ['users'];
@@ -56,7 +56,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       schema: { operationId: 'read_user_me', summary: 'Read User Me', tags, response: { 200: UserPublic, ...authErrors } },
       onRequest: requireUser,
     },
-    async (request) => request.principal.user,
+    async (request) => ownAccount(request.principal),
   );
 
   app.patch(

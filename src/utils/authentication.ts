@@ -83,6 +83,12 @@ export async function requireSuperuser(request: FastifyRequest, reply: FastifyRe
   ensureSuperuser(request.principal);
 }
 
+/** The signed-in account, to show it: not to a project-scoped key, whose project it is no resource of (403). */
+export function ownAccount(principal: Principal): User {
+  refuseScopedKey(principal);
+  return principal.user;
+}
+
 /**
  * The account's own credentials (email, password, the account itself) change only for a signed-in
  * user: a leaked API key must not be enough to take the account over.

@@ -13,7 +13,8 @@ import { buildTestApp, openTestDatabase, testSettings } from '../helpers/app.js'
 import { createProject, createUser, superuserHeaders } from '../helpers/factories.js';
 import { createKey, eventually, xApiKey } from '../helpers/http.js';
 
-const me = (app: FastifyInstance, key: string) => app.inject({ method: 'GET', url: '/api/v1/users/me', headers: xApiKey(key) });
+/** A route every live key may read, scoped or not. */
+const me = (app: FastifyInstance, key: string) => app.inject({ method: 'GET', url: '/api/v1/billing/balance', headers: xApiKey(key) });
 const status = async (app: FastifyInstance, key: string) => (await me(app, key)).statusCode;
 
 describe('API-key cache', () => {

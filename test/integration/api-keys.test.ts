@@ -34,7 +34,7 @@ const api = apiOf(ctx);
 
 /** The status a key gets on a simple authenticated route. */
 async function statusWith(headers: Record<string, string>): Promise<number> {
-  return (await api('GET', '/users/me', headers)).statusCode;
+  return (await api('GET', '/billing/balance', headers)).statusCode;
 }
 
 /** Expects the key to be refused as a credential in both headers, with a proper 401. */
@@ -627,6 +627,16 @@ describe('a project-scoped key', () => {
     expect(await keyCount(alice.user.id)).toBe(2);
     expect((await api('GET', `/api-keys/${unscoped.id}`, alice.headers)).json()).toMatchObject({ status: 'active', name: 'unscoped' });
     expect(await statusWith(headers)).toBe(200);
+  });
+
+  it('cannot read the account either (403 on GET /users/me and POST /login/test-token): it is no resource of the project', async () => {
+    const { alice, headers } = await setup();
+    for (const [method, url] of [['GET', '/users/me'], ['POST', '/login/test-token']] as const) {
+      const response = await api(method, url, headers);
+      expect(response.statusCode, url).toBe(403);
+      expect(response.json()).toEqual(SCOPED);
+      expect((await api(method, url, alice.headers)).json(), url).toMatchObject({ id: alice.user.id });
+    }
   });
 
   it('answers 403 on PATCH /users/me and changes nothing', async () => {
