@@ -50,6 +50,9 @@ const FULL: ChatRequest = {
     { role: 'user', content: [{ type: 'text', text: 'Two ' }, { type: 'text', text: 'parts' }] },
     { role: 'assistant', content: [{ type: 'text', text: 'Noted.' }] },
     { role: 'user', content: [{ type: 'text', text: 'One part' }] },
+    { role: 'assistant', content: 'Yes.' },
+    // The SDK drops a user message's empty text parts: this one goes as a string.
+    { role: 'user', content: [{ type: 'text', text: '' }, { type: 'text', text: 'One part left' }] },
   ],
   maxOutputTokens: 64,
   temperature: 0.3,

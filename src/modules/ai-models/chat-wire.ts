@@ -250,7 +250,7 @@ export function wireMessages(system: string | undefined, messages: readonly Mode
     const texts: { type: 'text'; text: string }[] = [];
     for (const part of content) {
       if (part.type !== 'text') return undefined;
-      texts.push({ type: 'text', text: part.text });
+      if (part.text !== '') texts.push({ type: 'text', text: part.text }); // the SDK drops empty text parts
     }
     out.push({ role: 'user', content: texts.length === 1 ? texts[0]!.text : texts });
   }
