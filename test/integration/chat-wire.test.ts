@@ -387,6 +387,8 @@ describe('tools over the wire (openai-compatible)', () => {
       { id: 'call_1', name: 'lookup', arguments: '{"q":"keel"}' },
       { id: 'call_2', name: 'clock', arguments: '' },
       { id: 'call_3', name: 'lookup', arguments: '{"q":' },
+      // JSON that would set a prototype: the SDK's secure parser refuses it, so it comes as its text.
+      { id: 'call_4', name: 'lookup', arguments: '{"q":"x","__proto__":{"admin":true}}' },
     ],
     usage: { prompt_tokens: 30, completion_tokens: 12 },
   };
@@ -449,6 +451,7 @@ describe('tools over the wire (openai-compatible)', () => {
       { toolCallId: 'call_1', toolName: 'lookup', input: { q: 'keel' } },
       { toolCallId: 'call_2', toolName: 'clock', input: {} },
       { toolCallId: 'call_3', toolName: 'lookup', input: '{"q":' },
+      { toolCallId: 'call_4', toolName: 'lookup', input: '{"q":"x","__proto__":{"admin":true}}' },
     ]);
   });
 

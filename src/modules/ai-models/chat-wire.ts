@@ -10,7 +10,7 @@
  */
 import { StringDecoder } from 'node:string_decoder';
 
-import { generateId, StreamingToolCallTracker } from '@ai-sdk/provider-utils';
+import { generateId, secureJsonParse, StreamingToolCallTracker } from '@ai-sdk/provider-utils';
 import { APICallError, type ModelMessage } from 'ai';
 import { Agent, type Dispatcher } from 'undici';
 
@@ -71,14 +71,15 @@ const PROGRESS: WirePart = { type: 'progress' };
 
 /**
  * A tool call the model made though the call declared no tools, as the SDK hands it back: its
- * input parsed when it is JSON, else the text that came.
+ * input parsed when it is JSON (by the SDK's parser, which refuses `__proto__` and
+ * `constructor.prototype` keys), else the text that came.
  */
 function undeclaredToolCall(toolCallId: string, toolName: string, text: string): ToolCall {
   let input: unknown = text;
   try {
-    input = JSON.parse(text) as unknown;
+    input = secureJsonParse(text);
   } catch {
-    // not JSON: kept as text
+    // not JSON, or JSON that would set a prototype: kept as text
   }
   return { toolCallId, toolName, input };
 }
