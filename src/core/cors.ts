@@ -5,10 +5,30 @@ import type { Settings } from './config.js';
 
 /** Every method the API answers, so a browser on an allowed origin can also edit and delete. */
 export const CORS_METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'];
-/** The request headers the API reads. */
-export const CORS_ALLOWED_HEADERS = ['authorization', 'x-api-key', 'content-type', 'x-request-id'];
-/** The response headers a browser script may read. */
-export const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after'];
+/**
+ * The request headers the API reads, and those the official `openai` client sends with every
+ * request (its platform headers, retry count and timeout, its helpers' name; organization and
+ * project when set): a browser refuses a request whose preflight does not allow all of them.
+ */
+export const CORS_ALLOWED_HEADERS = [
+  'authorization',
+  'x-api-key',
+  'content-type',
+  'x-request-id',
+  'x-stainless-arch',
+  'x-stainless-lang',
+  'x-stainless-os',
+  'x-stainless-package-version',
+  'x-stainless-runtime',
+  'x-stainless-runtime-version',
+  'x-stainless-retry-count',
+  'x-stainless-timeout',
+  'x-stainless-helper-method',
+  'openai-organization',
+  'openai-project',
+];
+/** The response headers a browser script may read (`x-should-retry`, `retry-after`: what the openai client's retries go by). */
+export const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after', 'x-should-retry'];
 
 /**
  * CORS for the origins in `BACKEND_CORS_ORIGINS` (none: no CORS headers at all). Any other origin

@@ -1,5 +1,6 @@
 import { compileErrors, validate } from '@readme/openapi-parser';
 import type { FastifyInstance } from 'fastify';
+import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { CORS_ALLOWED_HEADERS, CORS_EXPOSED_HEADERS, CORS_METHODS } from '../../src/core/cors.js';
@@ -230,6 +231,36 @@ describe('CORS preflight', () => {
     }
     const answer = await app.inject({ method: 'GET', url: '/health', headers: { origin } });
     expect(String(answer.headers['access-control-expose-headers']).split(', ')).toEqual(CORS_EXPOSED_HEADERS);
+  });
+
+  it("lets the official openai client's requests through from a browser: every header it sends is allowed, the ones it reads exposed", async () => {
+    // What the client sends, caught at its fetch (the headers of a browser build are the same names).
+    const sent = new Set<string>();
+    const client = new OpenAI({
+      apiKey: 'sk-test',
+      baseURL: 'http://keel.test/v1',
+      maxRetries: 0,
+      fetch: (_url: string | URL | Request, init?: RequestInit) => {
+        for (const name of new Headers(init?.headers).keys()) sent.add(name);
+        return Promise.resolve(new Response(JSON.stringify({ object: 'list', data: [] }), { headers: { 'content-type': 'application/json' } }));
+      },
+    });
+    await client.models.list();
+    await client.chat.completions.create({ model: 'm', messages: [] }).catch(() => undefined);
+    client.chat.completions.stream({ model: 'm', messages: [] }).on('error', () => undefined);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    const custom = [...sent].filter((name) => !['accept', 'content-type', 'content-length', 'user-agent'].includes(name));
+    expect(custom).toEqual(expect.arrayContaining(['authorization', 'x-stainless-os', 'x-stainless-retry-count', 'x-stainless-helper-method']));
+    const response = await app.inject({
+      method: 'OPTIONS',
+      url: '/v1/chat/completions',
+      headers: { origin, 'access-control-request-method': 'POST', 'access-control-request-headers': custom.join(',') },
+    });
+    expect(response.statusCode).toBe(204);
+    const allowed = String(response.headers['access-control-allow-headers']).split(', ');
+    expect(allowed).toEqual(expect.arrayContaining(custom));
+    // The client reads these of an answer to decide whether and when to retry.
+    expect(CORS_EXPOSED_HEADERS).toEqual(expect.arrayContaining(['x-request-id', 'retry-after', 'x-should-retry']));
   });
 
   it('gives a refused origin no CORS headers (a plain 405)', async () => {
