@@ -24,9 +24,13 @@ import {
   type EmbedRequest,
   type EmbedResult,
   type JsonResponseFormat,
+  ModelAnswerLimitError,
   ModelCallAbortedError,
   ModelNotFoundError,
   type ModelStream,
+  ModelTimeoutError,
+  ModelToolChoiceError,
+  ProviderUnavailableError,
   type StreamEvent,
   type TokenUsage,
   type ToolCall,
@@ -487,6 +491,23 @@ function paramOf(loc: readonly (string | number)[]): string | null {
  * database, body-size and framework errors stays in one place.
  */
 export function openAIErrorFrom(status: number, detail: unknown, thrown: unknown): Described {
+  const described = describeError(status, detail, thrown);
+  if (described.status === 409 || (described.status >= 502 && isModelCallFailure(thrown))) described.headers = { ...described.headers, 'x-should-retry': 'false' };
+  return described;
+}
+
+/**
+ * A model call that failed after the gateway's own retries and fallbacks, or that another try
+ * would not mend (an answer that broke the tool choice or a limit, a provider without credentials):
+ * the openai client, which retries every 5xx (twice by default) unless an answer says
+ * `x-should-retry: false`, would make each of its tries a whole round of the gateway's, and have
+ * each charged. An upstream rate limit (429) stays the client's to back off from.
+ */
+function isModelCallFailure(thrown: unknown): boolean {
+  return thrown instanceof UpstreamError || thrown instanceof ModelTimeoutError || thrown instanceof ModelToolChoiceError || thrown instanceof ModelAnswerLimitError || thrown instanceof ProviderUnavailableError;
+}
+
+function describeError(status: number, detail: unknown, thrown: unknown): Described {
   if (thrown instanceof InvalidRequestError) return error(400, thrown.detail, thrown.param);
   if (thrown instanceof CodedOpenAIError) return error(thrown.statusCode, thrown.detail, null, thrown.code);
   if (thrown instanceof RouteNotFoundError) return error(404, `Unknown request URL: ${thrown.method} ${thrown.path}`, null, 'unknown_url');

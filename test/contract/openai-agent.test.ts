@@ -305,6 +305,7 @@ describe('what an agent model refuses', () => {
     const conflict = await apiError(client.chat.completions.create({ model: agentModel, messages: ask('Second'), metadata: { thread_id: thread.id } }));
     expect(conflict).toBeInstanceOf(OpenAI.ConflictError);
     expect(conflict.message).toMatch(/Thread is busy/);
+    expect(conflict.headers?.get('x-should-retry')).toBe('false'); // the client would retry a 409 at once
     expect((await busy).choices[0]!.message.content).toBe('slow answer');
     expect((await threadMessages(owner.headers, thread.id)).map((m) => m.content)).toEqual(['First', 'slow answer']);
   });

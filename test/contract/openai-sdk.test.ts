@@ -13,7 +13,7 @@ import { usageRecords } from '../../src/models/index.js';
 
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
-import { EMBEDDING_DIMENSIONS, fakeEmbedding,FakeModelServer } from '../helpers/fake-model-server.js';
+import { EMBEDDING_DIMENSIONS, fakeEmbedding, FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
 import { apiOf, createKey } from '../helpers/http.js';
 import { captureLogs, LEVEL } from '../helpers/logs.js';
 import { apiError } from '../helpers/openai.js';
@@ -540,6 +540,28 @@ describe('the call path behind /v1', () => {
     fake.script('fake-backup', { status: 503 }, { status: 503 });
     const failed = await apiError(client.chat.completions.create({ model: 'fake-backup', messages: [{ role: 'user', content: 'Hi' }] }));
     expect(failed).toMatchObject({ status: 502, type: 'server_error', code: 'upstream_error' });
+  });
+
+  it('tells the client not to retry what the gateway retried already (x-should-retry: false), so its own retries do not multiply the calls', async () => {
+    const retrying = new OpenAI({ apiKey: (await createKey(ctx.app, user)).key, baseURL, maxRetries: 2 }); // the client's default
+    const hi = { model: 'fake-backup', messages: [{ role: 'user' as const, content: 'Hi' }] };
+    fake.script('fake-backup', ...Array<ScriptedReply>(6).fill({ status: 503 }));
+    const failed = await retrying.chat.completions.create(hi).withResponse().catch((e: unknown) => e as InstanceType<typeof OpenAI.APIError>);
+    expect(failed).toMatchObject({ status: 502, code: 'upstream_error' });
+    expect((failed as InstanceType<typeof OpenAI.APIError>).headers?.get('x-should-retry')).toBe('false');
+    expect(fake.log).toHaveLength(2); // the gateway's own attempts (MODEL_MAX_RETRIES=1), not 3 × 2
+    // A model that breaks the tool choice: charged once, not once per retry of the client.
+    fake.reset();
+    fake.script('fake-chat', ...Array<ScriptedReply>(3).fill({ text: 'No tools.' }));
+    const tools = [{ type: 'function' as const, function: { name: 'lookup', parameters: { type: 'object', properties: {} } } }];
+    const broken = await apiError(retrying.chat.completions.create({ ...hi, model: 'fake-chat', tools, tool_choice: 'required' }));
+    expect(broken.status).toBe(502);
+    expect(fake.log).toHaveLength(1);
+    // A rate limit the gateway could not wait out is the client's to back off from, by its retry-after.
+    fake.reset();
+    fake.script('fake-backup', ...Array<ScriptedReply>(2).fill({ status: 429, headers: { 'retry-after': '0' } }), { text: 'At last.' });
+    expect((await retrying.chat.completions.create(hi)).choices[0]!.message.content).toBe('At last.');
+    expect(fake.log).toHaveLength(3);
   });
 
   it('tells the client of a provider\'s failure without its words or address, which go to the usage record', async () => {
