@@ -162,6 +162,11 @@ export const SettingsSchema = z.object({
    * event. An embeddings answer may carry 128 KiB a vector asked for when that is more. Past it the answer is not read further: an upstream error (502) naming the limit.
    */
   MODEL_MAX_RESPONSE_BYTES: int(1_024, 1_073_741_824).default(16_777_216),
+  /**
+   * The most Keel downloads of one image (or file) a prompt names by URL, for a provider that takes
+   * none by URL: past it the call is refused (400). The SDK's own limit is 2 GiB, held in memory.
+   */
+  MODEL_MAX_DOWNLOAD_BYTES: int(1_024, 1_073_741_824).default(20_971_520),
   MODEL_MAX_RETRIES: int(0, 10).default(2),
   MODEL_RETRY_MAX_WAIT_MS: int(0, 300_000).default(20_000),
   MODEL_DEFAULT_MAX_OUTPUT_TOKENS: int(1, 10_000_000).default(4_096),

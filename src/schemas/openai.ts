@@ -55,7 +55,8 @@ export const OpenAIModelParams = z.object({ model: z.string().min(1).max(200) })
 const TextPart = z.object({ type: z.literal('text'), text: z.string() });
 const ImagePart = z.object({
   type: z.literal('image_url'),
-  image_url: z.object({ url: z.string().min(1), detail: z.enum(['auto', 'low', 'high']).optional() }),
+  // What else would be taken for base64 data and sent on as an image.
+  image_url: z.object({ url: z.string().regex(/^(https?:\/\/|data:)/i, { error: 'Expected an http(s) URL or a data URL' }), detail: z.enum(['auto', 'low', 'high']).optional() }),
 });
 const RefusalPart = z.object({ type: z.literal('refusal'), refusal: z.string() });
 

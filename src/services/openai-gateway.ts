@@ -26,6 +26,7 @@ import {
   type JsonResponseFormat,
   ModelAnswerLimitError,
   ModelCallAbortedError,
+  ModelDownloadError,
   ModelNotFoundError,
   type ModelStream,
   ModelTimeoutError,
@@ -524,6 +525,7 @@ function describeError(status: number, detail: unknown, thrown: unknown): Descri
       return limited;
     }
   }
+  if (thrown instanceof ModelDownloadError) return error(400, thrown.detail, null, 'invalid_image_url');
   if (thrown instanceof HttpError && thrown.name === 'ModelCapabilityError') return error(400, thrown.detail, 'model', 'model_not_supported');
   if (thrown instanceof HttpError && thrown.name === 'ProviderUnavailableError') return error(503, thrown.detail, 'model', 'provider_unavailable');
   if (status === 422 && Array.isArray(detail)) {

@@ -542,6 +542,28 @@ describe('the call path behind /v1', () => {
     expect(failed).toMatchObject({ status: 502, type: 'server_error', code: 'upstream_error' });
   });
 
+  it('refuses an image it may not or cannot fetch with 400 invalid_image_url, unretried, without calling the model; a data URL goes on', async () => {
+    const ask = (url: string) =>
+      client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: [{ type: 'text', text: 'What is this?' }, { type: 'image_url', image_url: { url } }] }] });
+    // Addresses of this host and its network: the SDK's download refuses them (no request leaves).
+    for (const url of [`${fake.url}/image.png`, 'http://localhost/image.png', 'http://169.254.169.254/latest/meta-data/']) {
+      const refused = await apiError(ask(url));
+      expect(refused, url).toMatchObject({ status: 400, type: 'invalid_request_error', code: 'invalid_image_url' });
+      expect(refused.message, url).toMatch(/is not allowed/);
+    }
+    for (const url of ['not a url', 'file:///etc/passwd']) {
+      const invalid = await apiError(ask(url));
+      expect(invalid, url).toMatchObject({ status: 400, param: 'messages[0].content[1].image_url.url' });
+      expect(invalid.message).toMatch(/Expected an http\(s\) URL or a data URL/);
+    }
+    expect(fake.log).toEqual([]);
+    fake.script('fake-chat', { text: 'A pixel.' });
+    const pixel = 'data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==';
+    expect((await ask(pixel)).choices[0]!.message.content).toBe('A pixel.');
+    const sent = (fake.log[0]!.body.messages as { content: unknown }[])[0]!.content;
+    expect(sent).toEqual([{ type: 'text', text: 'What is this?' }, { type: 'image_url', image_url: { url: pixel } }]);
+  });
+
   it('tells the client not to retry what the gateway retried already (x-should-retry: false), so its own retries do not multiply the calls', async () => {
     const retrying = new OpenAI({ apiKey: (await createKey(ctx.app, user)).key, baseURL, maxRetries: 2 }); // the client's default
     const hi = { model: 'fake-backup', messages: [{ role: 'user' as const, content: 'Hi' }] };

@@ -54,6 +54,17 @@ export class UpstreamError extends HttpError {
   }
 }
 
+/**
+ * An image or file the prompt names by URL that could not be downloaded for the provider: not
+ * there, too large (MODEL_MAX_DOWNLOAD_BYTES), or at an address the SDK refuses (a private or local
+ * one, another scheme). The request's fault: 400, in words that say which and why.
+ */
+export class ModelDownloadError extends HttpError {
+  constructor(detail: string) {
+    super(400, detail);
+  }
+}
+
 export class ModelTimeoutError extends HttpError {
   constructor(readonly timeoutMs: number) {
     super(504, `The model did not answer within ${timeoutMs} ms`);

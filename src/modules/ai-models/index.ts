@@ -23,6 +23,7 @@ export function createModelManager(settings: Settings, options: CreateModelManag
     timeoutMs: settings.MODEL_TIMEOUT_MS,
     streamTimeoutMs: settings.MODEL_STREAM_TIMEOUT_MS,
     maxResponseBytes: settings.MODEL_MAX_RESPONSE_BYTES,
+    maxDownloadBytes: settings.MODEL_MAX_DOWNLOAD_BYTES,
     maxRetries: settings.MODEL_MAX_RETRIES,
     retryMaxWaitMs: settings.MODEL_RETRY_MAX_WAIT_MS,
     defaultMaxOutputTokens: settings.MODEL_DEFAULT_MAX_OUTPUT_TOKENS,

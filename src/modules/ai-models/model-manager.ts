@@ -11,7 +11,10 @@ import {
   APICallError,
   asSchema,
   type AssistantContent,
+  createDownload,
+  DownloadError,
   embedMany,
+  type Experimental_DownloadFunction as DownloadFunction,
   type FinishReason,
   generateText,
   InvalidResponseDataError,
@@ -36,7 +39,7 @@ import { STREAM_ANSWER, vectorsAnswer } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
 import { type AbortLike, type ChatWire, toolCallOf, type WireCall, wireMessages, type WireTool, type WireToolChoice } from './chat-wire.js';
 import { computeCost, countableUsage, estimateCost } from './cost.js';
-import { ModelAnswerLimitError, ModelCallAbortedError, ModelCapabilityError, ModelNotFoundError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from './errors.js';
+import { ModelAnswerLimitError, ModelCallAbortedError, ModelCapabilityError, ModelDownloadError, ModelNotFoundError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
 import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
@@ -219,6 +222,8 @@ export interface ModelManagerOptions {
    * one event of a stream (the SDK's providers are given the same limit: ProviderRegistry).
    */
   maxResponseBytes: number;
+  /** The most downloaded of an image or file a prompt names by URL (MODEL_MAX_DOWNLOAD_BYTES; default 20 MiB). */
+  maxDownloadBytes?: number;
   maxRetries: number;
   /** The longest wait between two attempts; a longer retry-after is capped to it. */
   retryMaxWaitMs: number;
@@ -558,6 +563,9 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   if (limit) return { kind: 'fatal', error: limit };
   if (attempt.aborted && attempt.reason instanceof ModelAnswerLimitError) return { kind: 'fatal', error: attempt.reason };
   if (ToolChoiceViolationError.isInstance(error)) return { kind: 'fatal', error: new ModelToolChoiceError(error.message) };
+  // Before the connection errors: a download that failed to connect says "fetch failed" too.
+  const download = findInChain(error, (e): e is DownloadError => DownloadError.isInstance(e));
+  if (download) return { kind: 'fatal', error: new ModelDownloadError(download.message) };
   const apiError = findInChain(error, isApiCallError);
   if (apiError) {
     const status = apiError.statusCode;
@@ -619,7 +627,17 @@ type AttemptRunner<T> = (model: ModelInfo, attempt: Attempt, state: AttemptState
 // ==================== The manager ====================
 
 export class ModelManager {
-  constructor(private readonly options: ModelManagerOptions) {}
+  /** Fetches one image or file a prompt names by URL: the SDK's download (its address checks), with Keel's size limit. */
+  private readonly fetchFile: ReturnType<typeof createDownload>;
+
+  constructor(private readonly options: ModelManagerOptions) {
+    this.fetchFile = createDownload({ maxBytes: options.maxDownloadBytes ?? 20_971_520 });
+  }
+
+  /** A call's downloads of what its provider is not given by URL, as the SDK's default makes them (whose limit is 2 GiB), aborted with the attempt. */
+  private downloads(abortSignal: AbortSignal): DownloadFunction {
+    return (requested) => Promise.all(requested.map(({ url, isUrlSupportedByModel }) => (isUrlSupportedByModel ? Promise.resolve(null) : this.fetchFile({ url, abortSignal }))));
+  }
 
   // ---------- Catalog ----------
 
@@ -686,6 +704,7 @@ export class ModelManager {
       if (direct) return this.generate(request, direct, model, attempt, state, started);
       const result = await generateText({
         ...this.sdkOptions(request, model),
+        experimental_download: this.downloads(attempt.signal),
         abortSignal: attempt.signal,
       });
       state.usage = toTokenUsage(result.totalUsage);
@@ -769,7 +788,7 @@ export class ModelManager {
     const prompt = await convertToLanguageModelPrompt({
       prompt: { system: request.system, messages: request.messages },
       supportedUrls: await languageModel.supportedUrls,
-      download: undefined,
+      download: this.downloads(attempt.signal),
       abortSignal: attempt.signal,
     });
     const format = request.responseFormat;
@@ -927,7 +946,7 @@ export class ModelManager {
         noToolCalls: declared && request.toolChoice === 'none',
       };
     }
-    const sdk = streamText({ ...this.sdkOptions(request, model), headers: STREAM_ANSWER, abortSignal: attempt.signal, onError: () => {} });
+    const sdk = streamText({ ...this.sdkOptions(request, model), experimental_download: this.downloads(attempt.signal), headers: STREAM_ANSWER, abortSignal: attempt.signal, onError: () => {} });
     return {
       parts: (async function* () {
         for await (const part of sdk.fullStream) {
