@@ -517,7 +517,8 @@ function describeError(status: number, detail: unknown, thrown: unknown): Descri
   if (thrown instanceof UpstreamError) {
     const upstream = thrown.upstreamStatus;
     // The request's fault (too long, a bad tool schema): the client's 400, not a 502 it would retry.
-    if (upstream !== undefined && CLIENT_FAULT_UPSTREAM.has(upstream)) return error(400, thrown.detail, null, 'upstream_rejected');
+    // The provider's code and param when it gave them (`context_length_exceeded`: a client trims its history on it).
+    if (upstream !== undefined && CLIENT_FAULT_UPSTREAM.has(upstream)) return error(400, thrown.detail, thrown.upstreamError?.param ?? null, thrown.upstreamError?.code ?? 'upstream_rejected');
     // Still rate limited after the retries: OpenAI's clients back off on a 429 (as long as its Retry-After says).
     if (upstream === 429) {
       const limited = error(429, thrown.detail);

@@ -535,8 +535,17 @@ describe('the call path behind /v1', () => {
   it('maps an upstream 400 to the client\'s 400 and a failing upstream to 502 (the SDK would retry a 5xx)', async () => {
     fake.script('fake-chat', { status: 400, body: { error: { message: 'context too long', type: 'invalid_request_error' } } });
     const refused = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] }));
-    expect(refused).toMatchObject({ status: 400, code: 'upstream_rejected' });
+    expect(refused).toMatchObject({ status: 400, code: 'upstream_rejected', param: null });
     expect(refused.message).toContain('context too long');
+    // The provider's code and param come through (clients trim their history on context_length_exceeded), streamed or not.
+    for (const stream of [false, true]) {
+      fake.script('fake-chat', { status: 400, body: { error: { message: 'Too many tokens', type: 'invalid_request_error', param: 'messages', code: 'context_length_exceeded' } } });
+      const tooLong = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream }));
+      expect(tooLong).toMatchObject({ status: 400, type: 'invalid_request_error', code: 'context_length_exceeded', param: 'messages' });
+    }
+    // Not an identifier: not passed on.
+    fake.script('fake-chat', { status: 400, body: { error: { message: 'Bad', code: 'two words', param: { a: 1 } } } });
+    expect(await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] }))).toMatchObject({ code: 'upstream_rejected', param: null });
     fake.script('fake-backup', { status: 503 }, { status: 503 });
     const failed = await apiError(client.chat.completions.create({ model: 'fake-backup', messages: [{ role: 'user', content: 'Hi' }] }));
     expect(failed).toMatchObject({ status: 502, type: 'server_error', code: 'upstream_error' });

@@ -48,6 +48,8 @@ export class UpstreamError extends HttpError {
     readonly upstreamStatus?: number,
     /** How long the provider asked to be left alone (its retry-after), when it said. */
     readonly retryAfterMs?: number,
+    /** The provider's error `code` and `param` (OpenAI's error object), for a refusal that was the request's fault. */
+    readonly upstreamError?: { code: string | null; param: string | null },
   ) {
     super(502, upstreamDetail(diagnosis, upstreamStatus));
     this.message = diagnosis;

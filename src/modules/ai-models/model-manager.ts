@@ -39,7 +39,7 @@ import { STREAM_ANSWER, vectorsAnswer } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
 import { type AbortLike, type ChatWire, toolCallOf, type WireCall, wireMessages, type WireTool, type WireToolChoice } from './chat-wire.js';
 import { computeCost, countableUsage, estimateCost } from './cost.js';
-import { ModelAnswerLimitError, ModelCallAbortedError, ModelCapabilityError, ModelDownloadError, ModelNotFoundError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from './errors.js';
+import { CLIENT_FAULT_UPSTREAM, ModelAnswerLimitError, ModelCallAbortedError, ModelCapabilityError, ModelDownloadError, ModelNotFoundError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
 import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
@@ -539,6 +539,26 @@ function retryAfterMs(headers: Record<string, string> | undefined): number | und
 }
 
 /** The first error of `error`'s chain (itself, then the SDK's `lastError`s and causes) that `is` accepts. */
+/**
+ * The `code` and `param` of an OpenAI error object (`{error: {code, param}}`), when the body is one
+ * and they are short identifiers: what a client acts on (`context_length_exceeded`), passed on with
+ * the provider's words for a refusal that was the request's fault.
+ */
+function openAIErrorFields(body: string | undefined): { code: string | null; param: string | null } | undefined {
+  if (!body?.startsWith('{')) return undefined;
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(body);
+  } catch {
+    return undefined;
+  }
+  const fields = (parsed as { error?: { code?: unknown; param?: unknown } } | null)?.error;
+  const identifier = (value: unknown) => (typeof value === 'string' && /^[\w.[\]-]{1,100}$/.test(value) ? value : null);
+  const code = identifier(fields?.code);
+  const param = identifier(fields?.param);
+  return code || param ? { code, param } : undefined;
+}
+
 function findInChain<E>(error: unknown, is: (e: unknown) => e is E): E | undefined {
   for (let e: unknown = error, depth = 0; e && depth < 5; depth += 1) {
     if (is(e)) return e;
@@ -571,7 +591,7 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
     const status = apiError.statusCode;
     const message = `Upstream ${status ?? 'connection'} error: ${apiError.message}`;
     const wait = retryAfterMs(apiError.responseHeaders);
-    const upstream = new UpstreamError(message, status, wait);
+    const upstream = new UpstreamError(message, status, wait, status !== undefined && CLIENT_FAULT_UPSTREAM.has(status) ? openAIErrorFields(apiError.responseBody) : undefined);
     if (status === undefined || status === 408 || status === 409 || status === 429 || status >= 500) {
       return { kind: 'retryable', error: upstream, retryAfterMs: wait };
     }
