@@ -3,6 +3,7 @@ import { existsSync, readdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 
+import { jsonSchema, tool } from 'ai';
 import { and, eq, sql } from 'drizzle-orm';
 import { describe, expect, it, vi } from 'vitest';
 
@@ -13,7 +14,7 @@ import { creditReservations, usageRecords } from '../../src/models/index.js';
 
 import { getBalance, hold, ledgerSum, settleMany } from '../../src/crud/billing.js';
 import { ModelCallAbortedError } from '../../src/modules/ai-models/errors.js';
-import { addCosts } from '../../src/modules/ai-models/index.js';
+import { addCosts, type ChatRequest } from '../../src/modules/ai-models/index.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -139,6 +140,26 @@ describe('metered calls with BILLING_ENABLED', () => {
     await expect(refused).rejects.toThrow('Not enough credits: balance 4, available 4; this call to fake-billed needs up to 10');
     expect(fake.log).toHaveLength(0);
     expect(await balanceOf(user)).toMatchObject({ balance: '4', reserved: '0' });
+    await expectConsistent(user);
+  });
+
+  it('reserves for the whole prompt sent: tools (names, descriptions, schemas) and the response format count, not only the messages', async () => {
+    const priced = await api('POST', '/models', admin, { id: 'fake-billed-input', provider: 'fake', pricing: { input_cost_per_million_tokens: '1000000', output_cost_per_million_tokens: '0' } });
+    expect(priced.statusCode, priced.body).toBe(200);
+    const user = await createUser(ctx.app);
+    await grant(user, '100');
+    const long = 'Look a word up in the dictionary. '.repeat(120); // ~4,000 characters: ~1,000 tokens
+    const asks: Partial<ChatRequest>[] = [
+      { tools: { lookup: tool({ description: long, inputSchema: jsonSchema({ type: 'object', properties: { q: { type: 'string' } } }) }) } },
+      { tools: { lookup: tool({ inputSchema: jsonSchema({ type: 'object', properties: { q: { type: 'string', description: long } } }) }) } },
+      { responseFormat: { type: 'json', name: 'answer', schema: { type: 'object', properties: { a: { type: 'string', description: long } } } } },
+    ];
+    for (const ask of asks) {
+      const refused = ctx.app.models.chat(chatRequest('fake-billed-input', { user_id: user.user.id }, { maxOutputTokens: 10, ...ask }));
+      await expect(refused).rejects.toBeInstanceOf(PaymentRequiredError);
+      await expect(refused).rejects.toThrow(/^Not enough credits: balance 100, available 100; this call to fake-billed-input needs up to 1\d{3}$/);
+    }
+    expect(fake.log).toHaveLength(0);
     await expectConsistent(user);
   });
 

@@ -333,6 +333,24 @@ function functionTools(tools: ToolSet): FunctionTool[] | undefined | null {
   return out.length ? out : undefined;
 }
 
+/**
+ * What a call's tools add to the prompt the provider counts: each one's name, description and
+ * input schema (a schema the SDK only makes later counts as none). Counted in the estimate a call
+ * reserves for: with only the tools' names there, a 40 KB description went upstream unreserved.
+ */
+function toolsSent(tools: ToolSet | undefined): unknown[] {
+  if (!tools) return [];
+  return Object.entries(tools).map(([name, tool]) => {
+    let schema: unknown = null;
+    try {
+      schema = tool.inputSchema === undefined ? null : asSchema(tool.inputSchema).jsonSchema;
+    } catch {
+      // a schema that cannot be made now is made (or refused) by the call itself
+    }
+    return [name, tool.description ?? '', typeof (schema as PromiseLike<unknown> | null)?.then === 'function' ? null : schema];
+  });
+}
+
 /** Function tools as the SDK's openai-compatible model sends them (`prepareTools`: name, description, parameters, strict). */
 const wireTools = (tools: readonly FunctionTool[]): WireTool[] =>
   tools.map((t) => ({ type: 'function', function: { name: t.name, description: t.description, parameters: t.inputSchema, ...(t.strict !== undefined ? { strict: t.strict } : {}) } }));
@@ -1052,7 +1070,7 @@ export class ModelManager {
     const deadline = operation === 'stream' ? performance.now() + this.options.streamTimeoutMs : Infinity;
     const primary = this.resolve(request.model, capability);
     const chain = this.chainOf(primary, capability);
-    const inputTokens = estimateTokens(operation === 'embed' ? (request.values ?? []).join('') : [request.system ?? '', request.messages, request.tools ? Object.keys(request.tools) : []]);
+    const inputTokens = estimateTokens(operation === 'embed' ? (request.values ?? []).join('') : [request.system ?? '', request.messages, toolsSent(request.tools), request.responseFormat ?? null]);
     let lastError: Error | undefined;
     for (const model of chain) {
       if (signal?.aborted) throw new ModelCallAbortedError();
