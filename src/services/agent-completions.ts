@@ -28,12 +28,13 @@ import type { ChatCompletionRequest, ChatMessage } from '../schemas/openai.js';
 import { agentCrud } from '../crud/agent.js';
 import type { RunEvent } from '../modules/agents/run-bus.js';
 import type { RunDeps, RunView } from '../modules/agents/run-lifecycle.js';
-import { INTERNAL_RUN_ERROR } from '../modules/agents/runner.js';
+import { CREDITS_REFUSED, INTERNAL_RUN_ERROR } from '../modules/agents/runner.js';
 import { ModelNotFoundError } from '../modules/ai-models/index.js';
 import type { ServiceContext } from './context.js';
 import { AGENT_MODEL_PREFIX, CodedOpenAIError, InvalidRequestError, logStreamFailure, openAIErrorOf, openAIUsage } from './openai-gateway.js';
 import * as runService from './run-service.js';
 import { checkContent } from './thread-service.js';
+import { KEY_RATE_LIMITED } from './usage-meter.js';
 
 export const isAgentModel = (model: string): boolean => model.startsWith(AGENT_MODEL_PREFIX);
 
@@ -183,8 +184,10 @@ export async function* answerOf(events: AsyncIterable<RunEvent>, signal: AbortSi
       case 'run.completed':
         yield { type: 'done', content: written.join(STEP_SEPARATOR), usage: (data.run as RunView).usage };
         return;
-      case 'run.failed':
-        throw new CodedOpenAIError(500, (data.run as RunView).error ?? 'The agent run failed', 'agent_run_failed', NO_RETRY);
+      case 'run.failed': {
+        const error = (data.run as RunView).error ?? 'The agent run failed';
+        throw refusalOf(error) ?? new CodedOpenAIError(500, error, 'agent_run_failed', NO_RETRY);
+      }
       case 'run.cancelled':
         throw new CodedOpenAIError(409, 'The agent run was cancelled before it answered', 'agent_run_cancelled', NO_RETRY);
       default:
@@ -195,6 +198,17 @@ export async function* answerOf(events: AsyncIterable<RunEvent>, signal: AbortSi
   }
   // Nobody reads this answer: the client closed the request.
   throw new CodedOpenAIError(499, 'The client closed the request', 'client_closed_request', NO_RETRY);
+}
+
+/**
+ * A run whose model call a limit of its caller's refused, answered as the plain models answer the
+ * same refusal (402 insufficient_quota; 429 with its retry-after), not as a failed run's 500: the
+ * run's error says which, in the meter's words.
+ */
+function refusalOf(error: string): CodedOpenAIError | undefined {
+  if (error.startsWith(CREDITS_REFUSED)) return new CodedOpenAIError(402, error, 'insufficient_quota', NO_RETRY);
+  const wait = KEY_RATE_LIMITED.exec(error)?.[1];
+  return wait === undefined ? undefined : new CodedOpenAIError(429, error, 'rate_limit_exceeded', { 'retry-after': wait });
 }
 
 // ==================== OpenAI's shapes ====================

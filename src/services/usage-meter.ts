@@ -44,6 +44,10 @@ export interface UsageMeterOptions {
 
 const RPM_WINDOW_MS = 60_000;
 
+/** A key's `rpm` refusal, and how to read its wait back from it (a run's error keeps only its words: agent-completions.ts). */
+const keyRateLimitMessage = (rpm: number, seconds: number) => `API key rate limit reached: rpm ${rpm} (model calls per minute); try again in ${seconds} s`;
+export const KEY_RATE_LIMITED = /^API key rate limit reached: rpm \d+ \(model calls per minute\); try again in (\d+) s$/;
+
 /** Drizzle's query errors carry the statement's parameters (here: whole batches); log the driver's error. */
 const cause = (error: unknown): unknown => (error as { cause?: unknown }).cause ?? error;
 
@@ -208,7 +212,7 @@ export class UsageMeterService implements UsageMeter {
       throw new ServiceUnavailableError('Rate limiter unavailable, try again later');
     }
     if (counted.count > rpm) {
-      throw new TooManyRequestsError(counted.ttlMs / 1000, `API key rate limit reached: rpm ${rpm} (model calls per minute); try again in ${Math.max(1, Math.ceil(counted.ttlMs / 1000))} s`);
+      throw new TooManyRequestsError(counted.ttlMs / 1000, keyRateLimitMessage(rpm, Math.max(1, Math.ceil(counted.ttlMs / 1000))));
     }
   }
 

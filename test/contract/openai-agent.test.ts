@@ -427,6 +427,33 @@ describe('with billing on', () => {
     expect(threads.json<{ count: number }>().count).toBe(0);
     expect(fake.log).toEqual([]);
   });
+
+  it("answers a key's rate limit and budget as the plain models do (429 with retry-after, 402), not as a failed run's 500", async () => {
+    const admin = await superuserHeaders(billed.app);
+    const payer = await createUser(billed.app);
+    const granted = await billed.app.inject({ method: 'POST', url: '/api/v1/billing/credits', headers: admin, payload: { user_id: payer.user.id, amount: '1000', description: 'test' } });
+    expect(granted.statusCode, granted.body).toBe(200);
+    const agent = await createAgent(billed.app, payer.headers, { model: 'fake-billed', max_output_tokens: 10 });
+    const clientOf = async (limits: Record<string, unknown>) => new OpenAI({ apiKey: (await createKey(billed.app, payer, { name: 'limited', ...limits })).key, baseURL: billedURL, maxRetries: 0 });
+    const limited = await clientOf({ rpm: 1 });
+    fake.script('fake-billed', { text: 'First.' });
+    expect((await limited.chat.completions.create({ model: `agent:${agent.id}`, messages: ask('Hi') })).choices[0]!.message.content).toBe('First.');
+    for (const stream of [false, true]) {
+      const error = await apiError(limited.chat.completions.create({ model: `agent:${agent.id}`, messages: ask('Again'), stream }));
+      expect(error.status, `stream ${stream}`).toBe(429);
+      expect(error.error).toMatchObject({ type: 'requests', code: 'rate_limit_exceeded' });
+      expect(error.message).toMatch(/API key rate limit reached: rpm 1/);
+      expect(error.headers?.get('retry-after')).toMatch(/^\d+$/);
+    }
+    const capped = await clientOf({ max_budget: '5' });
+    for (const stream of [false, true]) {
+      const error = await apiError(capped.chat.completions.create({ model: `agent:${agent.id}`, messages: ask('Hi'), stream }));
+      expect(error.status, `stream ${stream}`).toBe(402);
+      expect(error.error).toMatchObject({ type: 'insufficient_quota', code: 'insufficient_quota' });
+      expect(error.message).toMatch(/API key budget exceeded: max_budget 5/);
+    }
+    expect(fake.log).toHaveLength(1);
+  });
 });
 
 describe('a server that closes', () => {

@@ -45,12 +45,15 @@ export class RunFailure extends Error {}
  */
 export const INTERNAL_RUN_ERROR = 'The run failed because of an internal error; try again, and report it if it persists';
 
+/** How the error of a run whose model call its owner's credits or key budget refused begins. */
+export const CREDITS_REFUSED = 'Not enough credits';
+
 /** A run's error as its owner reads it: what happened and what to do about it. */
 export function describeRunError(error: unknown, run: Pick<Run, 'model'>): string {
   if (error instanceof RunFailure) return error.message;
   if (error instanceof ModelNotFoundError) return `Unknown model ${error.model}: it is not in the model catalog or is disabled; give the agent a model that GET /models lists`;
   if (error instanceof ProviderUnavailableError) return `The provider of model ${run.model} is not set up: ${error.reason}`;
-  if (error instanceof PaymentRequiredError) return error.detail.startsWith('Not enough credits') ? error.detail : `Not enough credits: ${error.detail}`;
+  if (error instanceof PaymentRequiredError) return error.detail.startsWith(CREDITS_REFUSED) ? error.detail : `${CREDITS_REFUSED}: ${error.detail}`;
   if (error instanceof TooManyRequestsError) return error.detail;
   if (error instanceof ModelTimeoutError) return `The provider of model ${run.model} could not be reached: no answer within ${error.timeoutMs} ms, after retries; try again later`;
   if (error instanceof UpstreamError) {
