@@ -351,6 +351,18 @@ describe('credit windows', () => {
     expect(await usageRows(user)).toBe(2);
   });
 
+  it('usage past what a count can hold (a broken provider reporting billions of tokens) is recorded and charged at the largest count, not lost', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    fake.script('fake-billed', { text: 'ok', usage: { prompt_tokens: 1, completion_tokens: 9e15 } });
+    await ctx.app.models.chat(billed(user));
+    await ctx.app.meter.idle();
+    const result: unknown = await ctx.database.db.execute(sql`select output_tokens, cost::text as cost from usage_records where owner_id = ${user.user.id}`);
+    expect((result as { rows: unknown[] }).rows).toEqual([{ output_tokens: 2_147_483_647, cost: '2147483647.000000000000' }]);
+    expect(await usageEntries(user)).toBe(1);
+    await expectSettled(user, 1000 - 2_147_483_647);
+  });
+
   it('a flush that committed but whose reply was lost is retried without charging anything twice', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');

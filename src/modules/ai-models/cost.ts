@@ -19,8 +19,17 @@ export function pricesFor(pricing: ModelPricing, inputTokens: number): Omit<Mode
   return applied;
 }
 
+/**
+ * The most tokens of one kind a call is recorded with (a usage record's counts are 32-bit): a
+ * provider that reports more is broken, and its call is still recorded and charged, at this count.
+ */
+export const MAX_TOKEN_COUNT = 2_147_483_647;
+
 /** A token count as `computeCost` takes it: a non-negative safe integer. */
 const isTokenCount = (value: number): boolean => Number.isSafeInteger(value) && value >= 0;
+
+/** A token count as a usage record holds it: a whole number from 0 to MAX_TOKEN_COUNT. */
+const isRecordedCount = (value: number): boolean => isTokenCount(value) && value <= MAX_TOKEN_COUNT;
 
 function count(value: number, kind: string): bigint {
   if (!isTokenCount(value)) throw new RangeError(`${kind} tokens must be a non-negative integer, got ${value}`);
@@ -104,8 +113,8 @@ function formatScaled(mantissa: bigint, scale: number): string {
   return negative ? `-${digits}` : digits;
 }
 
-/** A token count a provider reported as one: a non-negative safe integer (2.5 → 3, −1 or NaN → 0). */
-const tokenCount = (value: number): number => (isTokenCount(value) ? value : Number.isFinite(value) ? Math.min(Math.max(0, Math.round(value)), Number.MAX_SAFE_INTEGER) : 0);
+/** A token count a provider reported as one: a whole number from 0 to MAX_TOKEN_COUNT (2.5 → 3, −1 or NaN → 0, 9e15 → MAX_TOKEN_COUNT). */
+const tokenCount = (value: number): number => (isRecordedCount(value) ? value : Number.isFinite(value) ? Math.min(Math.max(0, Math.round(value)), MAX_TOKEN_COUNT) : value === Infinity ? MAX_TOKEN_COUNT : 0);
 
 /**
  * Usage as a provider reported it, with every count made one `computeCost` takes: what a provider
@@ -115,7 +124,7 @@ const tokenCount = (value: number): number => (isTokenCount(value) ? value : Num
  */
 export function countableUsage(usage: TokenUsage): TokenUsage {
   const { input, cached_input, cache_write, output, reasoning } = usage;
-  if (isTokenCount(input) && isTokenCount(cached_input) && isTokenCount(cache_write) && isTokenCount(output) && isTokenCount(reasoning)) return usage;
+  if (isRecordedCount(input) && isRecordedCount(cached_input) && isRecordedCount(cache_write) && isRecordedCount(output) && isRecordedCount(reasoning)) return usage;
   return { input: tokenCount(input), cached_input: tokenCount(cached_input), cache_write: tokenCount(cache_write), output: tokenCount(output), reasoning: tokenCount(reasoning) };
 }
 
