@@ -185,7 +185,7 @@ export class UsageMeterService implements UsageMeter {
         // No block to be had (the balance is low): this call holds its own amount, as without windows.
       }
       const id = randomUUID();
-      const outcome = await billingCrud.hold(this.db, {
+      const held = {
         id,
         userId,
         // The key only where its budget is held (its part is what the sweep gives back by it), as a
@@ -195,7 +195,16 @@ export class UsageMeterService implements UsageMeter {
         accountAmount: holdAccount ? estimate.cost : null,
         keyAmount: holdKey ? estimate.cost : null,
         ttlSeconds: this.settings.BILLING_RESERVATION_TTL_SECONDS,
-      });
+      };
+      let outcome = await billingCrud.hold(this.db, held);
+      // What this process has not written yet can make the account look short: a retired block's
+      // credit goes back, and its calls' charges come off what it holds, only with the next flush.
+      // Refused then, the call waits for that flush and tries once more, so a call the account
+      // covers is not refused for a block with nothing in progress.
+      if (outcome === 'balance' && windows && this.hasPending()) {
+        await this.flush();
+        outcome = await billingCrud.hold(this.db, held);
+      }
       if (outcome === 'balance') throw await this.notEnoughCredits(userId!, estimate);
       if (outcome === 'budget') throw await this.overBudget(estimate);
       return this.reservation({ reservationId: id, chargeAccount, chargeKey: budgeted });

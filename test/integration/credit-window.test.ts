@@ -113,6 +113,21 @@ describe('credit windows', () => {
     expect(await usageEntries(user)).toBe(25);
   });
 
+  it("a call larger than what is left of the user's block is not refused for the credit that block still holds (nor for its calls' charges not yet written)", async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '200');
+    await ctx.app.models.chat(billed(user)); // takes a block of 80, uses 4
+    // Needs 150: the block (76 left) cannot serve it, a block of 8 such calls is out of reach, and
+    // the account, 196 with nothing in progress, covers it: held per call once the block is back.
+    const large = await ctx.app.models.chat(chatRequest('fake-billed', { user_id: user.user.id }, { maxOutputTokens: 150 }));
+    expect(large.cost).toBe('4');
+    await expectSettled(user, 200 - 2 * 4);
+    // What the account cannot cover is still refused, with the figures as they are.
+    await expect(ctx.app.models.chat(chatRequest('fake-billed', { user_id: user.user.id }, { maxOutputTokens: 193 }))).rejects.toThrow(
+      'Not enough credits: balance 192, available 192; this call to fake-billed needs up to 193',
+    );
+  });
+
   it('takes the next block ahead, off the calls\' path: sequential calls past several blocks never wait for one', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');
