@@ -120,6 +120,9 @@ describe('chat completions', () => {
       max_completion_tokens: 50,
       temperature: 0.2,
       top_p: 0.9,
+      frequency_penalty: 0.5,
+      presence_penalty: -1,
+      seed: 7,
       stop: ['\n\n'],
     });
     expect(completion).toMatchObject({
@@ -130,7 +133,7 @@ describe('chat completions', () => {
     });
     expect(completion.id).toMatch(/^chatcmpl-/);
     const [sent] = fake.requestsFor('fake-chat');
-    expect(sent!.body).toMatchObject({ max_tokens: 50, temperature: 0.2, top_p: 0.9, stop: ['\n\n'] });
+    expect(sent!.body).toMatchObject({ max_tokens: 50, temperature: 0.2, top_p: 0.9, frequency_penalty: 0.5, presence_penalty: -1, seed: 7, stop: ['\n\n'] });
     expect(sent!.body.messages).toEqual([
       { role: 'system', content: 'Be brief.' },
       { role: 'user', content: 'What is 2+2?' },

@@ -57,6 +57,9 @@ const FULL: ChatRequest = {
   maxOutputTokens: 64,
   temperature: 0.3,
   topP: 0.9,
+  frequencyPenalty: 0.5,
+  presencePenalty: -0.5,
+  seed: 42,
   stopSequences: ['END'],
   responseFormat: { type: 'json', name: 'answer', description: 'The answer', schema: { type: 'object', properties: { a: { type: 'string' } } } },
 };
@@ -86,7 +89,7 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     const sdk = await models.chat(viaSdk(FULL));
     const [wireRequest, sdkRequest] = server.log;
     expect(wireRequest!.body).toEqual(sdkRequest!.body);
-    expect(wireRequest!.body).toMatchObject({ model: 'wire-chat', max_tokens: 64, stop: ['END'], response_format: { type: 'json_schema' } });
+    expect(wireRequest!.body).toMatchObject({ model: 'wire-chat', max_tokens: 64, stop: ['END'], frequency_penalty: 0.5, presence_penalty: -0.5, seed: 42, response_format: { type: 'json_schema' } });
     expect(wireRequest!.headers).toMatchObject({ authorization: 'Bearer fake-key', 'x-team': 'keel', 'content-type': 'application/json' });
     expect(comparable(wire)).toEqual(comparable(sdk));
     expect(wire).toMatchObject({ text: 'Hello wire world', reasoningText: 'thinking', finishReason: 'stop', usage: { input: 9, cached_input: 3, output: 4, reasoning: 2 } });

@@ -15,6 +15,8 @@ const taken = [
   { model: 'm', messages: [user], max_completion_tokens: 10_000_000, temperature: null, top_p: null, stop: 'x', stream: false, stream_options: null, n: null, max_tokens: null },
   { model: 'm', messages: [{ ...user, extra: 1 }], user: 'someone', seed: 3, frequency_penalty: 0, logit_bias: {} },
   { model: 'm', messages: [user], stream_options: { include_usage: false, other: 1 } },
+  { model: 'm', messages: [user], frequency_penalty: -2, presence_penalty: 2, seed: -7 },
+  { model: 'm', messages: [user], frequency_penalty: null, presence_penalty: null, seed: null },
 ];
 const toZod = [
   // valid, but not the simple shape
@@ -44,6 +46,10 @@ const toZod = [
   { model: 'm', messages: [user], max_completion_tokens: '3' },
   { model: 'm', messages: [user], temperature: 2.1 },
   { model: 'm', messages: [user], top_p: -0.1 },
+  { model: 'm', messages: [user], frequency_penalty: 2.1 },
+  { model: 'm', messages: [user], presence_penalty: '0' },
+  { model: 'm', messages: [user], seed: 1.5 },
+  { model: 'm', messages: [user], seed: 2 ** 53 },
   { model: 'm', messages: [user], n: 2 },
   { model: 'm', messages: [user], stream: 'yes' },
   { model: 'm', messages: [user], stream_options: { include_usage: 'yes' } },

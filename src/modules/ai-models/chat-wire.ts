@@ -44,6 +44,9 @@ export interface WireCall {
   max_tokens?: number;
   temperature?: number;
   top_p?: number;
+  frequency_penalty?: number;
+  presence_penalty?: number;
+  seed?: number;
   stop?: string[];
   response_format?: unknown;
   messages: WireMessage[];

@@ -83,6 +83,10 @@ export interface ChatRequest extends CallOptions {
   maxOutputTokens?: number;
   temperature?: number;
   topP?: number;
+  frequencyPenalty?: number;
+  presencePenalty?: number;
+  /** Asks the provider for repeatable sampling (where it supports it). */
+  seed?: number;
   stopSequences?: string[];
   /** JSON output (with a schema where the provider supports one); the text is returned unparsed. */
   responseFormat?: JsonResponseFormat;
@@ -763,7 +767,7 @@ export class ModelManager {
     const messages = wireMessages(request.system, request.messages);
     if (!messages) return undefined;
     // The SDK's checks of the settings (integers, ranges), so both paths refuse the same input.
-    const settings = prepareCallSettings({ maxOutputTokens: this.outputTokens(model, request.maxOutputTokens), temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences });
+    const settings = this.callSettings(request, model);
     const format = request.responseFormat;
     return {
       wire,
@@ -772,6 +776,9 @@ export class ModelManager {
         max_tokens: settings.maxOutputTokens,
         temperature: settings.temperature,
         top_p: settings.topP,
+        frequency_penalty: settings.frequencyPenalty,
+        presence_penalty: settings.presencePenalty,
+        seed: settings.seed,
         // As the SDK's openai-compatible model sends it (structured outputs on: see providers.ts).
         response_format: !format
           ? undefined
@@ -831,7 +838,7 @@ export class ModelManager {
     });
     const format = request.responseFormat;
     return {
-      ...prepareCallSettings({ maxOutputTokens: this.outputTokens(model, request.maxOutputTokens), temperature: request.temperature, topP: request.topP, stopSequences: request.stopSequences }),
+      ...this.callSettings(request, model),
       responseFormat: format && { type: 'json' as const, schema: format.schema, name: format.name, description: format.description },
       prompt,
       tools,
@@ -1001,6 +1008,12 @@ export class ModelManager {
     };
   }
 
+  /** A call's settings as `generateText` checks and passes them (prepareCallSettings: integers, ranges). */
+  private callSettings(request: ChatRequest, model: ModelInfo) {
+    const { temperature, topP, frequencyPenalty, presencePenalty, seed, stopSequences } = request;
+    return prepareCallSettings({ maxOutputTokens: this.outputTokens(model, request.maxOutputTokens), temperature, topP, frequencyPenalty, presencePenalty, seed, stopSequences });
+  }
+
   private sdkOptions(request: ChatRequest, model: ModelInfo) {
     return {
       model: this.options.providers.languageModel(model.provider, model.id),
@@ -1011,6 +1024,9 @@ export class ModelManager {
       maxOutputTokens: this.outputTokens(model, request.maxOutputTokens),
       temperature: request.temperature,
       topP: request.topP,
+      frequencyPenalty: request.frequencyPenalty,
+      presencePenalty: request.presencePenalty,
+      seed: request.seed,
       stopSequences: request.stopSequences,
       providerOptions: request.providerOptions,
       output: request.responseFormat && jsonOutput(request.responseFormat),
