@@ -167,8 +167,9 @@ function toToolChoice(choice: ChatCompletionRequest['tool_choice'], tools: ToolS
 function toResponseFormat(format: ChatCompletionRequest['response_format']): JsonResponseFormat | undefined {
   if (!format || format.type === 'text') return undefined;
   if (format.type === 'json_object') return { type: 'json' };
-  const { name, description, schema } = format.json_schema;
-  return { type: 'json', name, description, schema: schema as JSONSchema7 | undefined };
+  const { name, description, schema, strict } = format.json_schema;
+  // OpenAI's default: a schema is strict only when the request says so.
+  return { type: 'json', name, description, schema: schema as JSONSchema7 | undefined, strict: strict ?? false };
 }
 
 const orUndefined = <T>(value: T | null | undefined): T | undefined => value ?? undefined;

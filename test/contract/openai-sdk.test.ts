@@ -265,18 +265,21 @@ describe('chat completions', () => {
   });
 
   it('passes response_format (json_object and json_schema) upstream and returns the text as it came', async () => {
-    fake.script('fake-chat', { text: '{"answer":4}' }, { text: '{"answer":4}' });
+    fake.script('fake-chat', ...Array<ScriptedReply>(4).fill({ text: '{"answer":4}' }));
     const object = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'JSON please' }], response_format: { type: 'json_object' } });
     expect(JSON.parse(object.choices[0]!.message.content!)).toEqual({ answer: 4 });
     const schema = { type: 'object', properties: { answer: { type: 'number' } }, required: ['answer'], additionalProperties: false };
-    await client.chat.completions.create({
-      model: 'fake-chat',
-      messages: [{ role: 'user', content: 'JSON please' }],
-      response_format: { type: 'json_schema', json_schema: { name: 'answer', schema, strict: true } },
-    });
-    const [first, second] = fake.requestsFor('fake-chat');
+    // strict as the client says, and as OpenAI takes it, false when it says nothing (a loose schema that strict mode would refuse).
+    for (const strict of [true, false, undefined]) {
+      await client.chat.completions.create({
+        model: 'fake-chat',
+        messages: [{ role: 'user', content: 'JSON please' }],
+        response_format: { type: 'json_schema', json_schema: { name: 'answer', schema, ...(strict === undefined ? {} : { strict }) } },
+      });
+    }
+    const [first, ...schemed] = fake.requestsFor('fake-chat');
     expect(first!.body.response_format).toEqual({ type: 'json_object' });
-    expect(second!.body.response_format).toMatchObject({ type: 'json_schema', json_schema: { name: 'answer', schema } });
+    expect(schemed.map((r) => r.body.response_format)).toEqual([true, false, false].map((strict) => ({ type: 'json_schema', json_schema: { name: 'answer', schema, strict } })));
   });
 
   it('refuses what it cannot serve with 400 invalid_request_error naming the param', async () => {

@@ -95,6 +95,16 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     expect(wire).toMatchObject({ text: 'Hello wire world', reasoningText: 'thinking', finishReason: 'stop', usage: { input: 9, cached_input: 3, output: 4, reasoning: 2 } });
   });
 
+  it('sends a response schema that need not be strict as the SDK sends it (its provider option), strict otherwise', async () => {
+    const loose: ChatRequest = { ...FULL, responseFormat: { ...FULL.responseFormat!, strict: false } };
+    server.script('wire-chat', REPLY, REPLY);
+    await models.chat(loose);
+    await models.chat(viaSdk(loose));
+    const [wireRequest, sdkRequest] = server.log;
+    expect(wireRequest!.body).toEqual(sdkRequest!.body);
+    expect(wireRequest!.body.response_format).toMatchObject({ type: 'json_schema', json_schema: { strict: false } });
+  });
+
   it('streams what the SDK streams and meters the usage chunk exactly', async () => {
     server.script('wire-chat', { ...REPLY, chunks: ['Hel', 'lo ', 'wire ', 'world'] }, { ...REPLY, chunks: ['Hel', 'lo ', 'wire ', 'world'] });
     const wire = await streamed(FULL);

@@ -105,6 +105,8 @@ export interface JsonResponseFormat {
   schema?: JSONSchema7;
   name?: string;
   description?: string;
+  /** Whether the provider must hold the answer to the schema exactly (OpenAI's `strict`); default true, as the SDK sends it. */
+  strict?: boolean;
 }
 
 export interface ToolCall {
@@ -783,7 +785,7 @@ export class ModelManager {
         response_format: !format
           ? undefined
           : format.schema
-            ? { type: 'json_schema', json_schema: { schema: format.schema, strict: true, name: format.name ?? 'response', description: format.description } }
+            ? { type: 'json_schema', json_schema: { schema: format.schema, strict: format.strict ?? true, name: format.name ?? 'response', description: format.description } }
             : { type: 'json_object' },
         stop: settings.stopSequences,
         messages,
@@ -843,7 +845,7 @@ export class ModelManager {
       prompt,
       tools,
       toolChoice: tools && callToolChoice(request.toolChoice),
-      providerOptions: request.providerOptions,
+      providerOptions: this.providerOptions(request, model),
       abortSignal: attempt.signal,
     };
   }
@@ -1008,6 +1010,18 @@ export class ModelManager {
     };
   }
 
+  /**
+   * The call's provider options, with a response schema that need not be strict told to the
+   * provider the way its SDK model takes it (`strictJsonSchema: false`; the SDK's default is strict).
+   * The wire sends `strict` itself.
+   */
+  private providerOptions(request: ChatRequest, model: ModelInfo): ChatRequest['providerOptions'] {
+    const key = request.responseFormat?.strict === false ? this.options.providers.strictnessKey(model.provider) : undefined;
+    if (!key) return request.providerOptions;
+    const options = request.providerOptions as ProviderMetadata | undefined;
+    return { ...options, [key]: { ...options?.[key], strictJsonSchema: false } };
+  }
+
   /** A call's settings as `generateText` checks and passes them (prepareCallSettings: integers, ranges). */
   private callSettings(request: ChatRequest, model: ModelInfo) {
     const { temperature, topP, frequencyPenalty, presencePenalty, seed, stopSequences } = request;
@@ -1028,7 +1042,7 @@ export class ModelManager {
       presencePenalty: request.presencePenalty,
       seed: request.seed,
       stopSequences: request.stopSequences,
-      providerOptions: request.providerOptions,
+      providerOptions: this.providerOptions(request, model),
       output: request.responseFormat && jsonOutput(request.responseFormat),
       maxRetries: 0,
     };

@@ -198,6 +198,16 @@ export class ProviderRegistry {
     return wire;
   }
 
+  /**
+   * The key of a provider's options in a call's `providerOptions` where its SDK model reads
+   * `strictJsonSchema` (`openai`; an openai-compatible provider's own name); undefined for kinds
+   * without it.
+   */
+  strictnessKey(providerId: string): string | undefined {
+    const kind = this.resolve(providerId)?.kind;
+    return kind === 'openai' ? 'openai' : kind === 'openai-compatible' ? providerId : undefined;
+  }
+
   /** Closes the wire's idle connections (the app's close hook). */
   async close(): Promise<void> {
     const dispatcher = this.dispatcher;
