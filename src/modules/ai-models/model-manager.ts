@@ -1018,7 +1018,7 @@ export class ModelManager {
   private providerOptions(request: ChatRequest, model: ModelInfo): ChatRequest['providerOptions'] {
     const key = request.responseFormat?.strict === false ? this.options.providers.strictnessKey(model.provider) : undefined;
     if (!key) return request.providerOptions;
-    const options = request.providerOptions as ProviderMetadata | undefined;
+    const options = request.providerOptions;
     return { ...options, [key]: { ...options?.[key], strictJsonSchema: false } };
   }
 
