@@ -145,6 +145,12 @@ export const ChatCompletionRequest = z
     frequency_penalty: z.number().min(-2).max(2).nullish(),
     presence_penalty: z.number().min(-2).max(2).nullish(),
     seed: z.number().int().min(Number.MIN_SAFE_INTEGER).max(Number.MAX_SAFE_INTEGER).nullish(),
+    reasoning_effort: z
+      .string()
+      .regex(/^[a-z]{1,16}$/, { error: 'Expected a reasoning effort such as low, medium or high' })
+      .nullish()
+      .describe('For models that reason, where their provider takes it (OpenAI and OpenAI-compatible ones).'),
+    user: z.string().max(256).nullish(),
     stop: z.union([z.string(), z.array(z.string()).max(4)]).nullish(),
     metadata: z
       .record(z.string().max(64), z.string().max(512))
@@ -234,7 +240,7 @@ export const EmbeddingList = z
 
 const SIMPLE_ROLES = new Set(['system', 'developer', 'user', 'assistant']);
 /** Keys `simpleChatRequest` checks itself; any other key of the schema (tools, response_format, ...) sends the body to Zod. */
-const SIMPLE_KEYS = new Set(['model', 'messages', 'stream', 'stream_options', 'n', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_p', 'frequency_penalty', 'presence_penalty', 'seed', 'stop']);
+const SIMPLE_KEYS = new Set(['model', 'messages', 'stream', 'stream_options', 'n', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_p', 'frequency_penalty', 'presence_penalty', 'seed', 'stop', 'user']);
 const SCHEMA_KEYS = new Set(Object.keys(ChatCompletionRequest.shape));
 
 const isRecord = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
@@ -291,6 +297,7 @@ export function simpleChatRequest(data: unknown): ChatCompletionRequest | undefi
   if (!nullishNumber(out.temperature, 0, 2) || !nullishNumber(out.top_p, 0, 1)) return undefined;
   if (!nullishNumber(out.frequency_penalty, -2, 2) || !nullishNumber(out.presence_penalty, -2, 2)) return undefined;
   if (!nullishNumber(out.seed, Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER, true)) return undefined;
+  if (out.user !== undefined && out.user !== null && (typeof out.user !== 'string' || out.user.length > 256)) return undefined;
   if (stop !== undefined && stop !== null && typeof stop !== 'string') {
     if (!Array.isArray(stop) || stop.length > 4 || !stop.every((s) => typeof s === 'string')) return undefined;
     out.stop = [...(stop)];

@@ -123,6 +123,9 @@ describe('chat completions', () => {
       frequency_penalty: 0.5,
       presence_penalty: -1,
       seed: 7,
+      user: 'end-user-7',
+      reasoning_effort: 'low',
+      parallel_tool_calls: false,
       stop: ['\n\n'],
     });
     expect(completion).toMatchObject({
@@ -133,7 +136,7 @@ describe('chat completions', () => {
     });
     expect(completion.id).toMatch(/^chatcmpl-/);
     const [sent] = fake.requestsFor('fake-chat');
-    expect(sent!.body).toMatchObject({ max_tokens: 50, temperature: 0.2, top_p: 0.9, frequency_penalty: 0.5, presence_penalty: -1, seed: 7, stop: ['\n\n'] });
+    expect(sent!.body).toMatchObject({ max_tokens: 50, temperature: 0.2, top_p: 0.9, frequency_penalty: 0.5, presence_penalty: -1, seed: 7, user: 'end-user-7', reasoning_effort: 'low', parallel_tool_calls: false, stop: ['\n\n'] });
     expect(sent!.body.messages).toEqual([
       { role: 'system', content: 'Be brief.' },
       { role: 'user', content: 'What is 2+2?' },

@@ -60,6 +60,9 @@ const FULL: ChatRequest = {
   frequencyPenalty: 0.5,
   presencePenalty: -0.5,
   seed: 42,
+  user: 'end-user-7',
+  reasoningEffort: 'low',
+  parallelToolCalls: false,
   stopSequences: ['END'],
   responseFormat: { type: 'json', name: 'answer', description: 'The answer', schema: { type: 'object', properties: { a: { type: 'string' } } } },
 };
@@ -89,7 +92,7 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     const sdk = await models.chat(viaSdk(FULL));
     const [wireRequest, sdkRequest] = server.log;
     expect(wireRequest!.body).toEqual(sdkRequest!.body);
-    expect(wireRequest!.body).toMatchObject({ model: 'wire-chat', max_tokens: 64, stop: ['END'], frequency_penalty: 0.5, presence_penalty: -0.5, seed: 42, response_format: { type: 'json_schema' } });
+    expect(wireRequest!.body).toMatchObject({ model: 'wire-chat', max_tokens: 64, stop: ['END'], frequency_penalty: 0.5, presence_penalty: -0.5, seed: 42, user: 'end-user-7', reasoning_effort: 'low', parallel_tool_calls: false, response_format: { type: 'json_schema' } });
     expect(wireRequest!.headers).toMatchObject({ authorization: 'Bearer fake-key', 'x-team': 'keel', 'content-type': 'application/json' });
     expect(comparable(wire)).toEqual(comparable(sdk));
     expect(wire).toMatchObject({ text: 'Hello wire world', reasoningText: 'thinking', finishReason: 'stop', usage: { input: 9, cached_input: 3, output: 4, reasoning: 2 } });

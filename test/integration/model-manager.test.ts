@@ -253,6 +253,19 @@ describe('ModelManager.chat', () => {
     expect(result.cost).toBe('0.0017');
   });
 
+  it("tells the openai provider what the request asks of it as its own options: a loose schema, reasoning effort, the end user, one tool call at a time", async () => {
+    server.script('gpt-4.1-mini', { text: '{}' });
+    await manager({}, { OPENAI_API_KEY: 'sk-test' }).chat({
+      model: 'gpt-4.1-mini',
+      messages: hello,
+      responseFormat: { type: 'json', name: 'r', schema: { type: 'object' }, strict: false },
+      reasoningEffort: 'low',
+      user: 'end-user-7',
+      parallelToolCalls: false,
+    });
+    expect(server.log[0]!.body).toMatchObject({ reasoning_effort: 'low', user: 'end-user-7', parallel_tool_calls: false, response_format: { type: 'json_schema', json_schema: { strict: false } } });
+  });
+
   it('lists models with availability; disabled ones only when asked', () => {
     const m = manager({ catalog: new ModelCatalog(builtins, [...CUSTOM_MODELS, { id: 'fake-backup', enabled: false }]) });
     expect(m.listAvailableModels().map((x) => x.id)).not.toContain('fake-backup');

@@ -47,6 +47,9 @@ export interface WireCall {
   frequency_penalty?: number;
   presence_penalty?: number;
   seed?: number;
+  user?: string;
+  parallel_tool_calls?: boolean;
+  reasoning_effort?: string;
   stop?: string[];
   response_format?: unknown;
   messages: WireMessage[];

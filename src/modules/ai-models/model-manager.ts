@@ -20,6 +20,7 @@ import {
   InvalidResponseDataError,
   JSONParseError,
   type JSONSchema7,
+  type JSONValue,
   type LanguageModel,
   type LanguageModelUsage,
   type ModelMessage,
@@ -87,6 +88,12 @@ export interface ChatRequest extends CallOptions {
   presencePenalty?: number;
   /** Asks the provider for repeatable sampling (where it supports it). */
   seed?: number;
+  /** OpenAI's `reasoning_effort` (`minimal`…`high`), for the providers that take it (openai, openai-compatible). */
+  reasoningEffort?: string;
+  /** OpenAI's `parallel_tool_calls` (false: at most one tool call an answer), for openai and openai-compatible. */
+  parallelToolCalls?: boolean;
+  /** OpenAI's `user` (the end user, for the provider's abuse checks), for openai and openai-compatible. */
+  user?: string;
   stopSequences?: string[];
   /** JSON output (with a schema where the provider supports one); the text is returned unparsed. */
   responseFormat?: JsonResponseFormat;
@@ -781,6 +788,9 @@ export class ModelManager {
         frequency_penalty: settings.frequencyPenalty,
         presence_penalty: settings.presencePenalty,
         seed: settings.seed,
+        user: request.user,
+        parallel_tool_calls: request.parallelToolCalls,
+        reasoning_effort: request.reasoningEffort,
         // As the SDK's openai-compatible model sends it (structured outputs on: see providers.ts).
         response_format: !format
           ? undefined
@@ -1011,15 +1021,25 @@ export class ModelManager {
   }
 
   /**
-   * The call's provider options, with a response schema that need not be strict told to the
-   * provider the way its SDK model takes it (`strictJsonSchema: false`; the SDK's default is strict).
-   * The wire sends `strict` itself.
+   * The call's provider options, with what the request asks of OpenAI-style providers told to the
+   * provider the way its SDK model takes it: a response schema that need not be strict
+   * (`strictJsonSchema: false`; the SDK's default is strict), `reasoningEffort`, `user`, and
+   * `parallel_tool_calls` (`parallelToolCalls` for openai; an openai-compatible model sends keys it
+   * does not know as they are). Other kinds take none of them. The wire sends them itself.
    */
   private providerOptions(request: ChatRequest, model: ModelInfo): ChatRequest['providerOptions'] {
-    const key = request.responseFormat?.strict === false ? this.options.providers.strictnessKey(model.provider) : undefined;
-    if (!key) return request.providerOptions;
+    const { responseFormat, reasoningEffort, user, parallelToolCalls } = request;
+    if (responseFormat?.strict !== false && reasoningEffort === undefined && user === undefined && parallelToolCalls === undefined) return request.providerOptions;
+    const kind = this.options.providers.openAIKind(model.provider);
+    if (!kind) return request.providerOptions;
+    const key = kind === 'openai' ? 'openai' : model.provider;
+    const asked: Record<string, JSONValue> = {};
+    if (responseFormat?.strict === false) asked.strictJsonSchema = false;
+    if (reasoningEffort !== undefined) asked.reasoningEffort = reasoningEffort;
+    if (user !== undefined) asked.user = user;
+    if (parallelToolCalls !== undefined) asked[kind === 'openai' ? 'parallelToolCalls' : 'parallel_tool_calls'] = parallelToolCalls;
     const options = request.providerOptions;
-    return { ...options, [key]: { ...options?.[key], strictJsonSchema: false } };
+    return { ...options, [key]: { ...options?.[key], ...asked } };
   }
 
   /** A call's settings as `generateText` checks and passes them (prepareCallSettings: integers, ranges). */

@@ -198,14 +198,10 @@ export class ProviderRegistry {
     return wire;
   }
 
-  /**
-   * The key of a provider's options in a call's `providerOptions` where its SDK model reads
-   * `strictJsonSchema` (`openai`; an openai-compatible provider's own name); undefined for kinds
-   * without it.
-   */
-  strictnessKey(providerId: string): string | undefined {
+  /** A provider's kind when it speaks OpenAI's API (whose options a call may carry: strictness, reasoning effort…); undefined for the others. */
+  openAIKind(providerId: string): 'openai' | 'openai-compatible' | undefined {
     const kind = this.resolve(providerId)?.kind;
-    return kind === 'openai' ? 'openai' : kind === 'openai-compatible' ? providerId : undefined;
+    return kind === 'openai' || kind === 'openai-compatible' ? kind : undefined;
   }
 
   /** Closes the wire's idle connections (the app's close hook). */
