@@ -356,8 +356,14 @@ const settleCtes = (batch: readonly Settlement[], withRows = false) =>
           where ir.charge_account
         )`;
 
-const LEDGER_ENTRIES = sql`insert into credit_transactions (id, owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id)
-        select entry_id, user_id, 'usage', -cost, balance_after, description, usage_record_id, api_key_id, project_id
+/**
+ * The batch's ledger entries. Each is a microsecond after the one before it in the batch (whose
+ * order its balances were made in): with one `created_at` for all of them, the ledger listed them
+ * (newest first, ties by id) in no order its `balance_after` chain could be followed by.
+ */
+const LEDGER_ENTRIES = sql`insert into credit_transactions (id, owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id, created_at, updated_at)
+        select entry_id, user_id, 'usage', -cost, balance_after, description, usage_record_id, api_key_id, project_id,
+          now() + ord * interval '1 microsecond', now() + ord * interval '1 microsecond'
         from e where cost > 0 order by ord`;
 
 /** Releases every reservation past its expiry (its process died mid-call); returns how many. */

@@ -178,6 +178,24 @@ describe('metered calls with BILLING_ENABLED', () => {
     await expectConsistent(user);
   });
 
+  it('lists the ledger in the order its balances were made: each entry\'s balance_after is the one before it plus its amount, also within one batch of charges', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    for (let i = 0; i < 12; i++) {
+      fake.script('fake-billed', { text: 'ok', usage: { prompt_tokens: 1, completion_tokens: 1 + (i % 5) } });
+      await ctx.app.models.chat(billed(user));
+    }
+    await grant(user, '5');
+    await ctx.app.meter.idle();
+    const { data } = (await api('GET', '/billing/transactions?limit=100', user.headers)).json<ListBody<TransactionBody>>();
+    expect(data).toHaveLength(14);
+    const oldestFirst = data.toReversed();
+    for (let i = 1; i < oldestFirst.length; i++) {
+      expect(Number(oldestFirst[i]!.balance_after), `entry ${i}`).toBe(Number(oldestFirst[i - 1]!.balance_after) + Number(oldestFirst[i]!.amount));
+    }
+    expect(oldestFirst.at(-1)!.balance_after).toBe((await balanceOf(user)).balance);
+  });
+
   it('an upstream error releases the whole reservation and charges nothing', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '10');
