@@ -175,6 +175,35 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     expect(server.log).toHaveLength(1);
   });
 
+  it('reads content as parts (text, thinking) and a refusal as the SDK does, chat and stream', async () => {
+    const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    const usage = { prompt_tokens: 3, completion_tokens: 4 };
+    const thinking = { type: 'thinking', thinking: [{ type: 'text', text: 'Let me ' }, { type: 'text', text: 'think.' }, { type: 'other' }] };
+    const messages = [
+      { content: [thinking, { type: 'text', text: 'Hello ' }, { type: 'image', url: 'x' }, { type: 'text', text: 'parts.' }] },
+      { content: null, refusal: "I can't help with that." },
+      { content: 'Partly. ', refusal: 'No more.' },
+      { content: 'Fine.', refusal: false },
+      { content: [], reasoning_content: '' },
+    ];
+    const answers = messages.map((message) => JSON.stringify({ choices: [{ message: { role: 'assistant', ...message }, finish_reason: 'stop' }], usage }));
+    const deltas = messages.map((message) => [sse({ choices: [{ index: 0, delta: message, finish_reason: null }] }), sse({ choices: [{ index: 0, delta: {}, finish_reason: 'stop' }], usage }), 'data: [DONE]\n\n'].join(''));
+    const read = ({ text, reasoningText, finishReason, usage: used }: ChatResult) => ({ text, reasoningText, finishReason, usage: used });
+    for (const [i, rawBody] of answers.entries()) {
+      server.reset();
+      server.script('wire-chat', { rawBody }, { rawBody });
+      const [wire, sdk] = [await outcomeOf(models.chat(hello)), await outcomeOf(models.chat(viaSdk(hello)))];
+      expect(wire, rawBody).toEqual(sdk);
+      expect(wire, rawBody).not.toHaveProperty('error');
+      server.script('wire-chat', { rawBody: deltas[i] }, { rawBody: deltas[i] });
+      const [wireStream, sdkStream] = [await outcomeOf(streamed(hello).then((s) => s.result)), await outcomeOf(streamed(viaSdk(hello)).then((s) => s.result))];
+      expect(wireStream, deltas[i]).toEqual(sdkStream);
+    }
+    function outcomeOf(call: Promise<ChatResult>) {
+      return call.then(read, (error: Error) => ({ error: `${error.name}: ${error.message}` }));
+    }
+  });
+
   it('an answer that is no chat completion (not JSON, not its shape) is an upstream error, unretried, as through the SDK', async () => {
     const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
     for (const body of ['<html>Bad gateway</html>', 'null', '[]', '{}', '{"choices":"x"}', '{"choices":[]}', '{"choices":[{"message":{"content":{"a":1}}}]}']) {

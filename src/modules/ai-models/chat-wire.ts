@@ -177,8 +177,17 @@ interface ToolCallDelta {
   function?: { name?: string | null; arguments?: string | null } | null;
 }
 
+/** A part of a message's content as some servers send it (Mistral: text and thinking parts). */
+interface ContentPart {
+  type: string;
+  text?: unknown;
+  thinking?: unknown;
+}
+
 interface ChoiceMessage {
-  content?: string | null;
+  content?: string | ContentPart[] | null;
+  /** Set instead of (or besides) `content` when the model refuses; some servers send other types, which are ignored. */
+  refusal?: unknown;
   reasoning_content?: string | null;
   reasoning?: string | null;
   tool_calls?: ToolCallDelta[] | null;
@@ -190,9 +199,36 @@ interface Completion {
   error?: { message?: string };
 }
 
-/** The SDK's mapping of OpenAI's finish reasons (`mapOpenAICompatibleFinishReason`). */
+/** The SDK's mapping of OpenAI's finish reasons (`mapOpenAICompatibleFinishReason`): an answer that was a refusal stopped for its content. */
 const FINISH_REASONS: Record<string, string> = { stop: 'stop', length: 'length', content_filter: 'content-filter', function_call: 'tool-calls', tool_calls: 'tool-calls' };
-const finishReasonOf = (reason: string | null | undefined): string => (reason ? (FINISH_REASONS[reason] ?? 'other') : 'other');
+const finishReasonOf = (reason: string | null | undefined, refused = false): string =>
+  reason === 'stop' && refused ? 'content-filter' : reason ? (FINISH_REASONS[reason] ?? 'other') : 'other';
+
+/** A refusal as the SDK reads it: a text that is not empty, else none. */
+const refusalOf = (value: unknown): string | undefined => (typeof value === 'string' && value.length > 0 ? value : undefined);
+
+/**
+ * A message's (or delta's) content as the SDK reads it (`convertOpenAICompatibleContent`), in
+ * order: a string is text; of parts, text parts are text and thinking parts' text parts reasoning;
+ * empty pieces and other parts are dropped.
+ */
+function contentPieces(content: string | ContentPart[] | null | undefined): { type: 'text-delta' | 'reasoning-delta'; text: string }[] {
+  if (!content) return [];
+  if (typeof content === 'string') return [{ type: 'text-delta', text: content }];
+  const pieces: { type: 'text-delta' | 'reasoning-delta'; text: string }[] = [];
+  for (const part of content) {
+    if (part.type === 'text' && typeof part.text === 'string') {
+      if (part.text) pieces.push({ type: 'text-delta', text: part.text });
+    } else if (part.type === 'thinking' && Array.isArray(part.thinking)) {
+      const text = (part.thinking as unknown[]).map((c) => (isTextPart(c) ? c.text : '')).join('');
+      if (text) pieces.push({ type: 'reasoning-delta', text });
+    }
+  }
+  return pieces;
+}
+
+const isTextPart = (value: unknown): value is { text: string } =>
+  typeof value === 'object' && value !== null && (value as { type?: unknown }).type === 'text' && typeof (value as { text?: unknown }).text === 'string';
 
 /**
  * The SDK's reading of OpenAI usage (`convertOpenAICompatibleChatUsage`): missing counts are 0; no
@@ -326,11 +362,19 @@ export class ChatWire {
     const message = choice.message ?? {};
     const declared = call.tools !== undefined;
     const toolCalls = (message.tool_calls ?? []).map((c) => toolCallOf(declared, toolCallId(c.id), c.function?.name ?? '', c.function?.arguments ?? ''));
+    let said = '';
+    let reasoning = message.reasoning_content ?? message.reasoning ?? '';
+    for (const piece of contentPieces(message.content)) {
+      if (piece.type === 'text-delta') said += piece.text;
+      else reasoning += piece.text;
+    }
+    const refusal = refusalOf(message.refusal);
+    if (refusal) said += refusal;
     return {
-      text: message.content ?? '',
-      reasoning: message.reasoning_content ?? message.reasoning ?? undefined,
+      text: said,
+      reasoning: reasoning || undefined,
       toolCalls,
-      finishReason: finishReasonOf(choice.finish_reason),
+      finishReason: finishReasonOf(choice.finish_reason, refusal !== undefined),
       usage: usageOf(completion.usage),
     };
   }
@@ -463,6 +507,8 @@ class SseReader implements Dispatcher.DispatchHandlers {
    */
   private outputChars = 0;
   private finishReason: string | null | undefined;
+  /** The answer carried a refusal (its finish then says content-filter, as the SDK's does). */
+  private refused = false;
   private usage: OpenAIUsage | null | undefined;
   private readonly unsubscribe: () => void;
 
@@ -604,10 +650,17 @@ class SseReader implements Dispatcher.DispatchHandlers {
       this.parts.push({ type: 'reasoning-delta', text: reasoning });
       this.output(reasoning.length);
     }
-    if (delta?.content) {
+    for (const piece of contentPieces(delta?.content)) {
       emitted = true;
-      this.parts.push({ type: 'text-delta', text: delta.content });
-      this.output(delta.content.length);
+      this.parts.push(piece);
+      this.output(piece.text.length);
+    }
+    const refusal = refusalOf(delta?.refusal);
+    if (refusal) {
+      emitted = true;
+      this.refused = true;
+      this.parts.push({ type: 'text-delta', text: refusal });
+      this.output(refusal.length);
     }
     for (const piece of delta?.tool_calls ?? []) this.toolDelta(piece);
     if (!emitted) this.parts.push(PROGRESS);
@@ -632,7 +685,7 @@ class SseReader implements Dispatcher.DispatchHandlers {
       return this.parts.fail(error as Error); // a call without a name: an invalid answer, as through the SDK
     }
     for (const toolCall of calls) this.parts.push({ type: 'tool-call', toolCall });
-    this.parts.push({ type: 'finish', finishReason: finishReasonOf(this.finishReason), usage: usageOf(this.usage) });
+    this.parts.push({ type: 'finish', finishReason: finishReasonOf(this.finishReason, this.refused), usage: usageOf(this.usage) });
     this.parts.end();
   }
 }
@@ -682,10 +735,13 @@ function completionOf(text: string): Completion | undefined {
   if (message === undefined || message === null) return value;
   if (typeof message !== 'object') return undefined;
   const { content, tool_calls: toolCalls } = message;
-  if (content !== undefined && content !== null && typeof content !== 'string') return undefined;
+  if (content !== undefined && content !== null && typeof content !== 'string' && !(Array.isArray(content) && content.every(isContentPart))) return undefined;
   if (toolCalls !== undefined && toolCalls !== null && (!Array.isArray(toolCalls) || !toolCalls.every(isToolCallDelta))) return undefined;
   return value;
 }
+
+/** A content part of the shape the SDK's schema takes: an object with a `type` text. */
+const isContentPart = (value: unknown): boolean => typeof value === 'object' && value !== null && typeof (value as { type?: unknown }).type === 'string';
 
 /** A tool call (or a piece of one) of the shape the SDK's schemas take: nothing where a string or a number goes that is neither. */
 function isToolCallDelta(value: unknown): boolean {
