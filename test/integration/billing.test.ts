@@ -230,6 +230,30 @@ describe('metered calls with BILLING_ENABLED', () => {
     await expectConsistent(user);
   });
 
+  it('a call aborted once its request went upstream pays for its prompt (estimated), streamed or not, before any output came', async () => {
+    const priced = await api('POST', '/models', admin, { id: 'fake-billed-prompt', provider: 'fake', pricing: { input_cost_per_million_tokens: '1000000', output_cost_per_million_tokens: '1000000' } });
+    expect(priced.statusCode, priced.body).toBe(200);
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    const prompt = 'word '.repeat(80); // 400 characters: ~100 tokens
+    for (const streamed of [false, true]) {
+      fake.reset();
+      fake.script('fake-billed-prompt', { text: 'late', chunkDelayMs: 2_000 });
+      const controller = new AbortController();
+      const request = chatRequest('fake-billed-prompt', { user_id: user.user.id }, { messages: [{ role: 'user', content: prompt }], maxOutputTokens: 10, signal: controller.signal });
+      const call = streamed ? (async () => { for await (const _ of ctx.app.models.stream(request)); })() : ctx.app.models.chat(request);
+      await fake.waitFor((log) => log.length === 1);
+      controller.abort();
+      await expect(call).rejects.toThrow(ModelCallAbortedError);
+    }
+    await ctx.app.meter.idle();
+    const rows = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
+    expect(rows.map((r) => [r.status, r.estimated, r.output_tokens])).toEqual([['aborted', true, 0], ['aborted', true, 0]]);
+    for (const row of rows) expect(row.input_tokens).toBeGreaterThanOrEqual(100);
+    expect(Number((await balanceOf(user)).balance)).toBeLessThanOrEqual(1000 - 200);
+    await expectConsistent(user);
+  });
+
   it('a call whose provider reports no usage is charged from an estimate, its usage record marked estimated', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '100');

@@ -1141,10 +1141,14 @@ export class ModelManager {
       const started = performance.now();
       const startedAt = new Date();
       let attempts = 0;
-      const finish = (status: CallStatus, error: Error | null) => {
+      /** `sent`: the call ended while its request was with the provider (aborted then, it is charged for its prompt at least). */
+      const finish = (status: CallStatus, error: Error | null, sent = false) => {
         if (!reservation) return;
-        // A call ended after output reached the caller (an abort, an error) has no usage either: estimated.
-        const estimated = state.estimated || (state.usage === undefined && state.streamed);
+        // A call ended after output reached the caller (an abort, an error) has no usage either:
+        // estimated. So has one aborted while its request was upstream: the provider has the prompt
+        // (and may go on answering a non-streamed call), so a caller that goes away before the
+        // answer is charged for the prompt, not let off free.
+        const estimated = state.estimated || (state.usage === undefined && (state.streamed || (sent && status === 'aborted')));
         const tokens = state.usage ? countableUsage(state.usage) : estimated ? estimatedUsage(state) : { ...ZERO_USAGE };
         const record: UsageRecord = {
           operation,
@@ -1184,7 +1188,7 @@ export class ModelManager {
         } catch (error) {
           const outcome = classify(error, attempt, signal, timeoutMs);
           if (outcome.kind === 'aborted') {
-            finish('aborted', new ModelCallAbortedError());
+            finish('aborted', new ModelCallAbortedError(), true);
             throw new ModelCallAbortedError();
           }
           lastError = outcome.error;
