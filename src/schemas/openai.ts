@@ -127,6 +127,10 @@ const ResponseFormat = z.discriminatedUnion('type', [
 
 const MaxTokens = z.number().int().min(1).max(10_000_000).nullish();
 
+/** OpenAI's reasoning efforts (those its SDK model takes). */
+const REASONING_EFFORTS = ['none', 'minimal', 'low', 'medium', 'high', 'xhigh', 'max'] as const;
+const REASONING_EFFORT_SET: ReadonlySet<unknown> = new Set(REASONING_EFFORTS);
+
 export const ChatCompletionRequest = z
   .object({
     model: z.string().min(1).max(200),
@@ -146,8 +150,7 @@ export const ChatCompletionRequest = z
     presence_penalty: z.number().min(-2).max(2).nullish(),
     seed: z.number().int().min(Number.MIN_SAFE_INTEGER).max(Number.MAX_SAFE_INTEGER).nullish(),
     reasoning_effort: z
-      .string()
-      .regex(/^[a-z]{1,16}$/, { error: 'Expected a reasoning effort such as low, medium or high' })
+      .enum(REASONING_EFFORTS)
       .nullish()
       .describe('For models that reason, where their provider takes it (OpenAI and OpenAI-compatible ones).'),
     user: z.string().max(256).nullish(),
@@ -240,7 +243,7 @@ export const EmbeddingList = z
 
 const SIMPLE_ROLES = new Set(['system', 'developer', 'user', 'assistant']);
 /** Keys `simpleChatRequest` checks itself; any other key of the schema (tools, response_format, ...) sends the body to Zod. */
-const SIMPLE_KEYS = new Set(['model', 'messages', 'stream', 'stream_options', 'n', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_p', 'frequency_penalty', 'presence_penalty', 'seed', 'stop', 'user']);
+const SIMPLE_KEYS = new Set(['model', 'messages', 'stream', 'stream_options', 'n', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_p', 'frequency_penalty', 'presence_penalty', 'seed', 'stop', 'user', 'reasoning_effort']);
 const SCHEMA_KEYS = new Set(Object.keys(ChatCompletionRequest.shape));
 
 const isRecord = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
@@ -298,6 +301,7 @@ export function simpleChatRequest(data: unknown): ChatCompletionRequest | undefi
   if (!nullishNumber(out.frequency_penalty, -2, 2) || !nullishNumber(out.presence_penalty, -2, 2)) return undefined;
   if (!nullishNumber(out.seed, Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER, true)) return undefined;
   if (out.user !== undefined && out.user !== null && (typeof out.user !== 'string' || out.user.length > 256)) return undefined;
+  if (out.reasoning_effort !== undefined && out.reasoning_effort !== null && !REASONING_EFFORT_SET.has(out.reasoning_effort)) return undefined;
   if (stop !== undefined && stop !== null && typeof stop !== 'string') {
     if (!Array.isArray(stop) || stop.length > 4 || !stop.every((s) => typeof s === 'string')) return undefined;
     out.stop = [...(stop)];

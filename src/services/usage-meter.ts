@@ -201,8 +201,9 @@ export class UsageMeterService implements UsageMeter {
       // credit goes back, and its calls' charges come off what it holds, only with the next flush.
       // Refused then, the call waits for that flush and tries once more, so a call the account
       // covers is not refused for a block with nothing in progress.
-      if (outcome === 'balance' && windows && this.hasPending()) {
-        await this.flush();
+      if (outcome === 'balance' && windows && this.owesAccount(userId!)) {
+        // A flush that fails keeps what it held for the next (logged there): this call is then refused as it was.
+        await this.flush().catch(() => undefined);
         outcome = await billingCrud.hold(this.db, held);
       }
       if (outcome === 'balance') throw await this.notEnoughCredits(userId!, estimate);
@@ -439,6 +440,11 @@ export class UsageMeterService implements UsageMeter {
       this.flushing = null;
     });
     return this.flushing;
+  }
+
+  /** Writes of this process that change the user's available credit: a retired block's release, its calls' charges. */
+  private owesAccount(userId: string): boolean {
+    return this.blockReleases.some((r) => r.userId === userId) || this.windowSettlements.some((s) => s.userId === userId);
   }
 
   private hasPending(): boolean {

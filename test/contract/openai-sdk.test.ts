@@ -283,6 +283,18 @@ describe('chat completions', () => {
     const [first, ...schemed] = fake.requestsFor('fake-chat');
     expect(first!.body.response_format).toEqual({ type: 'json_object' });
     expect(schemed.map((r) => r.body.response_format)).toEqual([true, false, false].map((strict) => ({ type: 'json_schema', json_schema: { name: 'answer', schema, strict } })));
+    // Through the SDK (an image leaves the wire), to a provider whose name has a dot (its SDK model reads its options under `dot`).
+    expect((await api('POST', '/providers', admin, { name: 'dot.ted', kind: 'openai-compatible', base_url: fake.url, api_key: 'sk-dot' })).statusCode).toBe(200);
+    await addModel({ id: 'dotted-chat', provider: 'dot.ted', capabilities: ['chat', 'vision'] });
+    fake.script('dotted-chat', { text: '{"answer":4}' });
+    const pixel = 'data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==';
+    await client.chat.completions.create({
+      model: 'dotted-chat',
+      messages: [{ role: 'user', content: [{ type: 'text', text: 'JSON please' }, { type: 'image_url', image_url: { url: pixel } }] }],
+      response_format: { type: 'json_schema', json_schema: { name: 'answer', schema } },
+      user: 'end-user-7',
+    });
+    expect(fake.requestsFor('dotted-chat')[0]!.body).toMatchObject({ user: 'end-user-7', response_format: { json_schema: { strict: false } } });
   });
 
   it('refuses what it cannot serve with 400 invalid_request_error naming the param', async () => {

@@ -264,6 +264,10 @@ describe('ModelManager.chat', () => {
       parallelToolCalls: false,
     });
     expect(server.log[0]!.body).toMatchObject({ reasoning_effort: 'low', user: 'end-user-7', parallel_tool_calls: false, response_format: { type: 'json_schema', json_schema: { strict: false } } });
+    // One it does not take is the request's fault (400 in the SDK's words), not a 500; nothing goes upstream.
+    const refused = await manager({}, { OPENAI_API_KEY: 'sk-test' }).chat({ model: 'gpt-4.1-mini', messages: hello, reasoningEffort: 'auto' }).catch((e: unknown) => e);
+    expect(refused).toMatchObject({ statusCode: 400 });
+    expect(server.log).toHaveLength(1);
   });
 
   it('lists models with availability; disabled ones only when asked', () => {

@@ -16,7 +16,8 @@ const taken = [
   { model: 'm', messages: [{ ...user, extra: 1 }], user: 'someone', seed: 3, frequency_penalty: 0, logit_bias: {} },
   { model: 'm', messages: [user], stream_options: { include_usage: false, other: 1 } },
   { model: 'm', messages: [user], frequency_penalty: -2, presence_penalty: 2, seed: -7 },
-  { model: 'm', messages: [user], frequency_penalty: null, presence_penalty: null, seed: null, user: null },
+  { model: 'm', messages: [user], frequency_penalty: null, presence_penalty: null, seed: null, user: null, reasoning_effort: null },
+  { model: 'm', messages: [user], reasoning_effort: 'low', user: 'end-user' },
 ];
 const toZod = [
   // valid, but not the simple shape
@@ -52,7 +53,7 @@ const toZod = [
   { model: 'm', messages: [user], seed: 2 ** 53 },
   { model: 'm', messages: [user], user: 5 },
   { model: 'm', messages: [user], user: 'u'.repeat(257) },
-  { model: 'm', messages: [user], reasoning_effort: 'low' },
+  { model: 'm', messages: [user], reasoning_effort: 'auto' },
   { model: 'm', messages: [user], n: 2 },
   { model: 'm', messages: [user], stream: 'yes' },
   { model: 'm', messages: [user], stream_options: { include_usage: 'yes' } },

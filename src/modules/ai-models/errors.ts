@@ -56,6 +56,13 @@ export class UpstreamError extends HttpError {
   }
 }
 
+/** A call setting or provider option the SDK refuses for the provider (400, in the SDK's words). */
+export class ModelArgumentError extends HttpError {
+  constructor(detail: string) {
+    super(400, detail);
+  }
+}
+
 /**
  * An image or file the prompt names by URL that could not be downloaded for the provider: not
  * there, too large (MODEL_MAX_DOWNLOAD_BYTES), or at an address the SDK refuses (a private or local

@@ -17,6 +17,7 @@ import {
   type Experimental_DownloadFunction as DownloadFunction,
   type FinishReason,
   generateText,
+  InvalidArgumentError,
   InvalidResponseDataError,
   JSONParseError,
   type JSONSchema7,
@@ -40,7 +41,7 @@ import { STREAM_ANSWER, vectorsAnswer } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
 import { type AbortLike, type ChatWire, toolCallOf, type WireCall, wireMessages, type WireTool, type WireToolChoice } from './chat-wire.js';
 import { computeCost, countableUsage, estimateCost } from './cost.js';
-import { CLIENT_FAULT_UPSTREAM, ModelAnswerLimitError, ModelCallAbortedError, ModelCapabilityError, ModelDownloadError, ModelNotFoundError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from './errors.js';
+import { CLIENT_FAULT_UPSTREAM, ModelAnswerLimitError, ModelArgumentError, ModelCallAbortedError, ModelCapabilityError, ModelDownloadError, ModelNotFoundError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
 import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
@@ -569,7 +570,6 @@ function retryAfterMs(headers: Record<string, string> | undefined): number | und
   return Number.isNaN(date) ? undefined : Math.max(0, date - Date.now());
 }
 
-/** The first error of `error`'s chain (itself, then the SDK's `lastError`s and causes) that `is` accepts. */
 /**
  * The `code` and `param` of an OpenAI error object (`{error: {code, param}}`), when the body is one
  * and they are short identifiers: what a client acts on (`context_length_exceeded`), passed on with
@@ -590,6 +590,7 @@ function openAIErrorFields(body: string | undefined): { code: string | null; par
   return code || param ? { code, param } : undefined;
 }
 
+/** The first error of `error`'s chain (itself, then the SDK's `lastError`s and causes) that `is` accepts. */
 function findInChain<E>(error: unknown, is: (e: unknown) => e is E): E | undefined {
   for (let e: unknown = error, depth = 0; e && depth < 5; depth += 1) {
     if (is(e)) return e;
@@ -614,6 +615,8 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   if (limit) return { kind: 'fatal', error: limit };
   if (attempt.aborted && attempt.reason instanceof ModelAnswerLimitError) return { kind: 'fatal', error: attempt.reason };
   if (ToolChoiceViolationError.isInstance(error)) return { kind: 'fatal', error: new ModelToolChoiceError(error.message) };
+  // A setting or provider option the SDK refuses (a reasoning effort its provider does not take): the request's fault.
+  if (InvalidArgumentError.isInstance(error)) return { kind: 'fatal', error: new ModelArgumentError(error.message) };
   // Before the connection errors: a download that failed to connect says "fetch failed" too.
   const download = findInChain(error, (e): e is DownloadError => DownloadError.isInstance(e));
   if (download) return { kind: 'fatal', error: new ModelDownloadError(download.message) };
@@ -1032,7 +1035,8 @@ export class ModelManager {
     if (responseFormat?.strict !== false && reasoningEffort === undefined && user === undefined && parallelToolCalls === undefined) return request.providerOptions;
     const kind = this.options.providers.openAIKind(model.provider);
     if (!kind) return request.providerOptions;
-    const key = kind === 'openai' ? 'openai' : model.provider;
+    // An openai-compatible model reads its options under its provider's name up to the first dot.
+    const key = kind === 'openai' ? 'openai' : (model.provider.split('.')[0]?.trim() ?? model.provider);
     const asked: Record<string, JSONValue> = {};
     if (responseFormat?.strict === false) asked.strictJsonSchema = false;
     if (reasoningEffort !== undefined) asked.reasoningEffort = reasoningEffort;
