@@ -86,8 +86,8 @@ export async function changeBalance(db: Db, change: LedgerChange): Promise<strin
   const [row] = await rows<{ id: string }>(
     db,
     sql`with a as (${account})
-        insert into credit_transactions (owner_id, type, amount, balance_after, description, created_by)
-        select ${userId}, ${type}, ${amount}::numeric, balance, ${description}, ${createdBy} from a
+        insert into credit_transactions (owner_id, type, amount, balance_after, description, created_by, created_at, updated_at)
+        select ${userId}, ${type}, ${amount}::numeric, balance, ${description}, ${createdBy}, ${LEDGER_TIME}, ${LEDGER_TIME} from a
         returning id`,
   );
   return row?.id ?? null;
@@ -290,8 +290,8 @@ export async function settle(db: Db, s: Settlement, retried = false): Promise<vo
             reserved = greatest(reserved - coalesce((select account_amount from r), 0), 0), updated_at = now()
           where user_id = ${s.userId}::uuid and ${s.chargeAccount}::boolean${fresh} returning balance
         )
-        insert into credit_transactions (owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id)
-        select ${s.userId}::uuid, 'usage', -${s.cost}::numeric, balance, ${s.description}, ${s.usageRecordId}::uuid, ${s.apiKeyId}::uuid, ${s.projectId}::uuid
+        insert into credit_transactions (owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id, created_at, updated_at)
+        select ${s.userId}::uuid, 'usage', -${s.cost}::numeric, balance, ${s.description}, ${s.usageRecordId}::uuid, ${s.apiKeyId}::uuid, ${s.projectId}::uuid, ${LEDGER_TIME}, ${LEDGER_TIME}
         from a where ${s.cost}::numeric > 0`,
   );
 }
@@ -357,13 +357,21 @@ const settleCtes = (batch: readonly Settlement[], withRows = false) =>
         )`;
 
 /**
+ * When a ledger entry is made: the clock once its statement holds the account's row (evaluated
+ * once, in the insert, after the update that locks it), not the transaction's start — a transaction
+ * that waited for another's lock started earlier but made its balance later, and would have been
+ * listed before it.
+ */
+const LEDGER_TIME = sql`(select clock_timestamp())`;
+
+/**
  * The batch's ledger entries. Each is a microsecond after the one before it in the batch (whose
  * order its balances were made in): with one `created_at` for all of them, the ledger listed them
  * (newest first, ties by id) in no order its `balance_after` chain could be followed by.
  */
 const LEDGER_ENTRIES = sql`insert into credit_transactions (id, owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id, created_at, updated_at)
         select entry_id, user_id, 'usage', -cost, balance_after, description, usage_record_id, api_key_id, project_id,
-          now() + ord * interval '1 microsecond', now() + ord * interval '1 microsecond'
+          ${LEDGER_TIME} + ord * interval '1 microsecond', ${LEDGER_TIME} + ord * interval '1 microsecond'
         from e where cost > 0 order by ord`;
 
 /** Releases every reservation past its expiry (its process died mid-call); returns how many. */
