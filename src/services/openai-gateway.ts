@@ -26,6 +26,7 @@ import {
   type JsonResponseFormat,
   ModelAnswerLimitError,
   ModelCallAbortedError,
+  ModelCapabilityError,
   ModelDownloadError,
   ModelNotFoundError,
   type ModelStream,
@@ -534,8 +535,8 @@ function describeError(status: number, detail: unknown, thrown: unknown): Descri
     }
   }
   if (thrown instanceof ModelDownloadError) return error(400, thrown.detail, null, 'invalid_image_url');
-  if (thrown instanceof HttpError && thrown.name === 'ModelCapabilityError') return error(400, thrown.detail, 'model', 'model_not_supported');
-  if (thrown instanceof HttpError && thrown.name === 'ProviderUnavailableError') return error(503, thrown.detail, 'model', 'provider_unavailable');
+  if (thrown instanceof ModelCapabilityError) return error(400, thrown.detail, 'model', 'model_not_supported');
+  if (thrown instanceof ProviderUnavailableError) return error(503, thrown.detail, 'model', 'provider_unavailable');
   if (status === 422 && Array.isArray(detail)) {
     const [issue] = detail as { loc: (string | number)[]; msg: string; type: string }[];
     if (issue?.type === 'json_invalid') return error(400, 'We could not parse the JSON body of your request.');

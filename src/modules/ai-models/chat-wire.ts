@@ -204,6 +204,8 @@ const FINISH_REASONS: Record<string, string> = { stop: 'stop', length: 'length',
 const finishReasonOf = (reason: string | null | undefined, refused = false): string =>
   reason === 'stop' && refused ? 'content-filter' : reason ? (FINISH_REASONS[reason] ?? 'other') : 'other';
 
+type TextPiece = Extract<WirePart, { type: 'text-delta' | 'reasoning-delta' }>;
+
 /** A refusal as the SDK reads it: a text that is not empty, else none. */
 const refusalOf = (value: unknown): string | undefined => (typeof value === 'string' && value.length > 0 ? value : undefined);
 
@@ -212,10 +214,10 @@ const refusalOf = (value: unknown): string | undefined => (typeof value === 'str
  * order: a string is text; of parts, text parts are text and thinking parts' text parts reasoning;
  * empty pieces and other parts are dropped.
  */
-function contentPieces(content: string | ContentPart[] | null | undefined): { type: 'text-delta' | 'reasoning-delta'; text: string }[] {
+function contentPieces(content: string | ContentPart[] | null | undefined): TextPiece[] {
   if (!content) return [];
   if (typeof content === 'string') return [{ type: 'text-delta', text: content }];
-  const pieces: { type: 'text-delta' | 'reasoning-delta'; text: string }[] = [];
+  const pieces: TextPiece[] = [];
   for (const part of content) {
     if (part.type === 'text' && typeof part.text === 'string') {
       if (part.text) pieces.push({ type: 'text-delta', text: part.text });

@@ -332,13 +332,13 @@ function functionTools(tools: ToolSet): FunctionTool[] | undefined | null {
     if (tool.execute !== undefined) return null;
     const schema = asSchema(tool.inputSchema);
     if (schema.validate !== undefined) return null;
-    const inputSchema: unknown = schema.jsonSchema;
-    if (typeof (inputSchema as PromiseLike<unknown> | null)?.then === 'function') return null;
+    const inputSchema = atHand(schema.jsonSchema);
+    if (inputSchema === undefined) return null;
     out.push({
       type: 'function',
       name,
       description: tool.description,
-      inputSchema: inputSchema as JSONSchema7,
+      inputSchema: inputSchema,
       ...(tool.inputExamples !== undefined && tool.inputExamples !== null ? { inputExamples: tool.inputExamples } : {}),
       providerOptions: tool.providerOptions,
       ...(tool.strict !== undefined && tool.strict !== null ? { strict: tool.strict } : {}),
@@ -355,14 +355,19 @@ function functionTools(tools: ToolSet): FunctionTool[] | undefined | null {
 function toolsSent(tools: ToolSet | undefined): unknown[] {
   if (!tools) return [];
   return Object.entries(tools).map(([name, tool]) => {
-    let schema: unknown = null;
+    let schema: unknown;
     try {
-      schema = tool.inputSchema === undefined ? null : asSchema(tool.inputSchema).jsonSchema;
+      schema = tool.inputSchema === undefined ? undefined : atHand(asSchema(tool.inputSchema).jsonSchema);
     } catch {
       // a schema that cannot be made now is made (or refused) by the call itself
     }
-    return [name, tool.description ?? '', typeof (schema as PromiseLike<unknown> | null)?.then === 'function' ? null : schema];
+    return [name, tool.description ?? '', schema ?? null];
   });
+}
+
+/** A tool's JSON schema when it is at hand; undefined for a lazy schema's (a promise). */
+function atHand(schema: JSONSchema7 | PromiseLike<JSONSchema7>): JSONSchema7 | undefined {
+  return typeof (schema as PromiseLike<JSONSchema7>).then === 'function' ? undefined : (schema as JSONSchema7);
 }
 
 /** Function tools as the SDK's openai-compatible model sends them (`prepareTools`: name, description, parameters, strict). */
@@ -843,7 +848,7 @@ export class ModelManager {
     return this.chatResult(model, state, started, answer(text, reasoning, toolCalls), result.finishReason.unified, null);
   }
 
-  /** The provider call options `generateText`/`streamText` would build for a call without tools. */
+  /** The provider call options `generateText`/`streamText` would build for the call (its tools as `functionTools` declared them). */
   private async callOptions(request: ChatRequest, { languageModel, tools }: DirectCall, model: ModelInfo, attempt: Attempt) {
     const prompt = await convertToLanguageModelPrompt({
       prompt: { system: request.system, messages: request.messages },
@@ -1033,10 +1038,9 @@ export class ModelManager {
   private providerOptions(request: ChatRequest, model: ModelInfo): ChatRequest['providerOptions'] {
     const { responseFormat, reasoningEffort, user, parallelToolCalls } = request;
     if (responseFormat?.strict !== false && reasoningEffort === undefined && user === undefined && parallelToolCalls === undefined) return request.providerOptions;
-    const kind = this.options.providers.openAIKind(model.provider);
-    if (!kind) return request.providerOptions;
-    // An openai-compatible model reads its options under its provider's name up to the first dot.
-    const key = kind === 'openai' ? 'openai' : (model.provider.split('.')[0]?.trim() ?? model.provider);
+    const openAI = this.options.providers.openAIOptions(model.provider);
+    if (!openAI) return request.providerOptions;
+    const { kind, key } = openAI;
     const asked: Record<string, JSONValue> = {};
     if (responseFormat?.strict === false) asked.strictJsonSchema = false;
     if (reasoningEffort !== undefined) asked.reasoningEffort = reasoningEffort;
@@ -1059,13 +1063,7 @@ export class ModelManager {
       system: request.system,
       tools: request.tools,
       toolChoice: request.toolChoice,
-      maxOutputTokens: this.outputTokens(model, request.maxOutputTokens),
-      temperature: request.temperature,
-      topP: request.topP,
-      frequencyPenalty: request.frequencyPenalty,
-      presencePenalty: request.presencePenalty,
-      seed: request.seed,
-      stopSequences: request.stopSequences,
+      ...this.callSettings(request, model),
       providerOptions: this.providerOptions(request, model),
       output: request.responseFormat && jsonOutput(request.responseFormat),
       maxRetries: 0,
@@ -1145,14 +1143,14 @@ export class ModelManager {
       const started = performance.now();
       const startedAt = new Date();
       let attempts = 0;
-      /** `sent`: the call ended while its request was with the provider (aborted then, it is charged for its prompt at least). */
-      const finish = (status: CallStatus, error: Error | null, sent = false) => {
+      /** `abortedUpstream`: the caller went away while the request was with the provider (charged for its prompt at least). */
+      const finish = (status: CallStatus, error: Error | null, abortedUpstream = false) => {
         if (!reservation) return;
         // A call ended after output reached the caller (an abort, an error) has no usage either:
         // estimated. So has one aborted while its request was upstream: the provider has the prompt
         // (and may go on answering a non-streamed call), so a caller that goes away before the
         // answer is charged for the prompt, not let off free.
-        const estimated = state.estimated || (state.usage === undefined && (state.streamed || (sent && status === 'aborted')));
+        const estimated = state.estimated || (state.usage === undefined && (state.streamed || abortedUpstream));
         const tokens = state.usage ? countableUsage(state.usage) : estimated ? estimatedUsage(state) : { ...ZERO_USAGE };
         const record: UsageRecord = {
           operation,

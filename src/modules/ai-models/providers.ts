@@ -198,10 +198,16 @@ export class ProviderRegistry {
     return wire;
   }
 
-  /** A provider's kind when it speaks OpenAI's API (whose options a call may carry: strictness, reasoning effort…); undefined for the others. */
-  openAIKind(providerId: string): 'openai' | 'openai-compatible' | undefined {
+  /**
+   * For a provider that speaks OpenAI's API (whose options a call may carry: strictness, reasoning
+   * effort…), its kind and the key of `providerOptions` its SDK model reads: `openai`, or an
+   * openai-compatible provider's name up to its first dot (the SDK's `providerOptionsName`).
+   * Undefined for the other kinds.
+   */
+  openAIOptions(providerId: string): { kind: 'openai' | 'openai-compatible'; key: string } | undefined {
     const kind = this.resolve(providerId)?.kind;
-    return kind === 'openai' || kind === 'openai-compatible' ? kind : undefined;
+    if (kind === 'openai') return { kind, key: 'openai' };
+    return kind === 'openai-compatible' ? { kind, key: providerId.split('.')[0]!.trim() } : undefined;
   }
 
   /** Closes the wire's idle connections (the app's close hook). */
