@@ -1,5 +1,6 @@
 /* global process, console, Buffer, performance */
-// The gateway's tail at 1 client: N1 sequential non-stream `POST /v1/chat/completions` per target,
+// The gateway's tail at 1 client: N1 sequential `POST /v1/chat/completions` per target (STREAM=1:
+// streamed, timed to the first chunk as bench/gateway.mjs times them; otherwise whole answers),
 // with bench/tail-preload.mjs in Keel recording its garbage collections, database statements and
 // each request's time in the server. Every request slower than the target's p50 + SLOW_MS is put
 // down to what overlapped it in the server (a major or minor GC, a database statement — which — or
@@ -31,16 +32,22 @@ const wall = () => (performance.timeOrigin + performance.now()) * 1000;
 rmSync(OUT, { recursive: true, force: true });
 mkdirSync(OUT, { recursive: true });
 
-const BODY = Buffer.from(JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'Say hello.' }], max_tokens: 16 }));
+const STREAM = process.env.STREAM === '1';
+const BODY = Buffer.from(JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'Say hello.' }], max_tokens: 16, ...(STREAM ? { stream: true } : {}) }));
 
 function once(port, headers, agent) {
   return new Promise((done) => {
     const started = wall();
     const request = http.request({ host: '127.0.0.1', port, path: '/v1/chat/completions', method: 'POST', agent, headers: { ...headers, 'content-type': 'application/json', 'content-length': BODY.length } }, (response) => {
-      response.resume();
-      response.on('end', () => done({ ok: response.statusCode === 200, start: started, end: wall() }));
+      // `end`: what is timed (a stream's first chunk); `done`: the answer's last byte, which the server's own span ends before.
+      let first;
+      response.on('data', () => (first ??= wall()));
+      response.on('end', () => {
+        const done_ = wall();
+        done({ ok: response.statusCode === 200, start: started, end: STREAM ? (first ?? done_) : done_, done: done_ });
+      });
     });
-    request.on('error', () => done({ ok: false, start: started, end: wall() }));
+    request.on('error', () => done({ ok: false, start: started, end: wall(), done: wall() }));
     request.end(BODY);
   });
 }
@@ -96,7 +103,7 @@ await Promise.race([stop(targets.filter((t) => t.tailFile).map((t) => t.child)),
 const BUCKETS = [0.5, 0.75, 1, 1.5, 2, 3, 5, 10, Infinity];
 const histogram = (ms) => BUCKETS.map((edge, i) => ms.filter((v) => v >= (BUCKETS[i - 1] ?? 0) && v < edge).length);
 const ms = (t) => t.samples.map((s) => (s.end - s.start) / 1000).sort((a, b) => a - b);
-console.log(`\nLoad average (1 min): ${load.map((l) => l.toFixed(1)).join(', ')}; ${ROUNDS} rounds × ${N1} requests; slow = p50 + ${SLOW_MS} ms`);
+console.log(`\n${STREAM ? 'Streamed, timed to the first chunk' : 'Whole answers'}. Load average (1 min): ${load.map((l) => l.toFixed(1)).join(', ')}; ${ROUNDS} rounds × ${N1} requests; slow = p50 + ${SLOW_MS} ms`);
 // Stalls: calls of 5 ms or more, and of 10 ms or more, per 1000 calls (a 128-row flush on PGlite's thread is ~10 ms).
 const perThousand = (all, floor) => ((all.filter((v) => v >= floor).length * 1000) / Math.max(1, all.length)).toFixed(2);
 console.log(`\n| target | p50 ms | p90 | p99 | p99.9 | ${BUCKETS.map((b, i) => `${BUCKETS[i - 1] ?? 0}–${b === Infinity ? '' : b}`).join(' | ')} | ≥5 ms /1000 | ≥10 ms /1000 |`);
@@ -155,11 +162,11 @@ for (const target of targets.filter((t) => t.tailFile)) {
   const spans = events.filter((e) => e[0] === 'req').map(([, s, e]) => ({ s: +s, e: +e })).sort((a, b) => a.s - b.s);
   const ups = events.filter((e) => e[0] === 'up').map(([, s, e, , busy]) => ({ s: +s, e: +e, busy: +busy })).sort((a, b) => a.s - b.s);
   const split = (sample) => {
-    const span = spans.find((x) => x.s >= sample.start && x.e <= sample.end);
+    const span = spans.find((x) => x.s >= sample.start && x.e <= sample.done);
     if (!span) return undefined;
     const up = ups.find((x) => x.s >= span.s && x.e <= span.e);
     const upstreamMs = up ? up.e - up.s : 0;
-    return [span.s - sample.start, span.e - span.s - upstreamMs, upstreamMs, up ? up.busy : 0, sample.end - span.e].map((us) => us / 1000);
+    return [span.s - sample.start, span.e - span.s - upstreamMs, upstreamMs, up ? up.busy : 0, sample.done - span.e].map((us) => us / 1000);
   };
   // Each call's parts, found once (a search through the spans per call) for both tables below.
   const parts = new Map(target.samples.map((sample) => [sample, split(sample)]));

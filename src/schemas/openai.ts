@@ -218,10 +218,16 @@ export const EmbeddingRequest = z
     model: z.string().min(1).max(200),
     input: z.union([z.string(), z.array(z.string()).min(1).max(2048)]),
     encoding_format: z.enum(['float', 'base64']).optional(),
-    dimensions: z.number().int().optional(),
-    user: z.string().optional(),
+    dimensions: z
+      .number()
+      .int()
+      .min(1)
+      .max(65_536)
+      .optional()
+      .describe('The size of the vectors, for models that can shorten theirs (OpenAI\'s text-embedding-3, Google\'s, OpenAI-compatible servers that take it); an answer of another size is a 502.'),
+    user: z.string().max(256).optional(),
   })
-  .meta({ id: 'EmbeddingRequest', description: 'Text input only (token arrays are not accepted); `dimensions` is not supported.' });
+  .meta({ id: 'EmbeddingRequest', description: 'Text input only (token arrays are not accepted).' });
 export type EmbeddingRequest = z.infer<typeof EmbeddingRequest>;
 
 export const EmbeddingList = z

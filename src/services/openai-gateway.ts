@@ -24,6 +24,7 @@ import {
   type EmbedRequest,
   type EmbedResult,
   type JsonResponseFormat,
+  ModelAnswerError,
   ModelAnswerLimitError,
   ModelCallAbortedError,
   ModelCapabilityError,
@@ -31,7 +32,6 @@ import {
   ModelNotFoundError,
   type ModelStream,
   ModelTimeoutError,
-  ModelToolChoiceError,
   ProviderUnavailableError,
   type StreamEvent,
   type TokenUsage,
@@ -204,8 +204,8 @@ export function toChatRequest(body: ChatCompletionRequest, context: CallContext,
 
 export function toEmbedRequest(body: EmbeddingRequest, context: CallContext, signal: CallerSignal): EmbedRequest {
   refuseAgentModel(body.model);
-  if (body.dimensions !== undefined) throw new InvalidRequestError('dimensions is not supported; use a model of the size you need', 'dimensions');
-  return { model: body.model, values: typeof body.input === 'string' ? [body.input] : body.input, signal, context };
+  const { dimensions, user } = body;
+  return { model: body.model, values: typeof body.input === 'string' ? [body.input] : body.input, dimensions, user, signal, context };
 }
 
 // ==================== Answers ====================
@@ -513,7 +513,7 @@ export function openAIErrorFrom(status: number, detail: unknown, thrown: unknown
  * each charged. An upstream rate limit (429) stays the client's to back off from.
  */
 function isModelCallFailure(thrown: unknown): boolean {
-  return thrown instanceof UpstreamError || thrown instanceof ModelTimeoutError || thrown instanceof ModelToolChoiceError || thrown instanceof ModelAnswerLimitError || thrown instanceof ProviderUnavailableError;
+  return thrown instanceof UpstreamError || thrown instanceof ModelTimeoutError || thrown instanceof ModelAnswerError || thrown instanceof ModelAnswerLimitError || thrown instanceof ProviderUnavailableError;
 }
 
 function describeError(status: number, detail: unknown, thrown: unknown): Described {

@@ -369,9 +369,31 @@ describe('embeddings', () => {
     expect(floats.data[0]!.embedding).toEqual(fakeEmbedding('alpha'));
   });
 
-  it('refuses dimensions and a chat model', async () => {
-    expect(await apiError(client.embeddings.create({ model: 'fake-embed', input: 'a', dimensions: 4 }))).toMatchObject({ status: 400, param: 'dimensions' });
+  it('asks the provider for shorter vectors (dimensions) and passes the user on', async () => {
+    const short = await client.embeddings.create({ model: 'fake-embed', input: ['alpha', 'beta'], dimensions: 4, user: 'end-user-7' });
+    expect(short.data.map((d) => d.embedding.length)).toEqual([4, 4]);
+    short.data[0]!.embedding.forEach((value, d) => expect(value).toBeCloseTo(fakeEmbedding('alpha')[d]!, 6));
+    expect(fake.requestsFor('fake-embed')[0]!.body).toMatchObject({ dimensions: 4, user: 'end-user-7' });
+    // Without them, nothing of the kind goes upstream.
+    await client.embeddings.create({ model: 'fake-embed', input: 'alpha' });
+    expect(fake.requestsFor('fake-embed')[1]!.body).not.toHaveProperty('dimensions');
+    expect(fake.requestsFor('fake-embed')[1]!.body).not.toHaveProperty('user');
+  });
+
+  it('refuses an answer of another size than the dimensions asked for, once, with a 502 that says so', async () => {
+    const error = await apiError(client.embeddings.create({ model: 'fake-embed', input: 'a', dimensions: EMBEDDING_DIMENSIONS * 2 }));
+    expect(error.status).toBe(502);
+    expect(error.message).toContain(`vectors of ${EMBEDDING_DIMENSIONS} dimensions where ${EMBEDDING_DIMENSIONS * 2} were asked for`);
+    expect(error.headers?.get('x-should-retry')).toBe('false');
+    expect(fake.requestsFor('fake-embed')).toHaveLength(1);
+  });
+
+  it('refuses bad dimensions and a chat model', async () => {
+    for (const dimensions of [0, -1, 1.5]) {
+      expect(await apiError(client.embeddings.create({ model: 'fake-embed', input: 'a', dimensions }))).toMatchObject({ status: 400, param: 'dimensions' });
+    }
     expect(await apiError(client.embeddings.create({ model: 'fake-chat', input: 'a' }))).toMatchObject({ status: 400, code: 'model_not_supported' });
+    expect(fake.requestsFor('fake-embed')).toHaveLength(0);
   });
 });
 

@@ -101,6 +101,14 @@ export function fakeEmbedding(text: string): number[] {
   return Array.from({ length: EMBEDDING_DIMENSIONS }, (_, i) => digest.readInt16BE(i * 2) / 32768);
 }
 
+/**
+ * A vector cut to the `dimensions` a request asked for, as OpenAI shortens text-embedding-3's; a
+ * size it does not have is ignored, as a server that cannot lengthen its vectors and does not say so.
+ */
+function shortened(vector: number[], dimensions: unknown): number[] {
+  return typeof dimensions === 'number' && dimensions < vector.length ? vector.slice(0, dimensions) : vector;
+}
+
 /** Dimensions of `lexicalEmbedding`: enough that hashed features rarely collide in a small corpus. */
 export const LEXICAL_DIMENSIONS = 256;
 
@@ -401,7 +409,7 @@ export class FakeModelServer {
     const payload = {
       object: 'list',
       model: entry.model,
-      data: input.map((text, index) => ({ object: 'embedding', index, embedding: entry.model === LEXICAL_EMBEDDING_MODEL ? lexicalEmbedding(text) : fakeEmbedding(text) })),
+      data: input.map((text, index) => ({ object: 'embedding', index, embedding: shortened(entry.model === LEXICAL_EMBEDDING_MODEL ? lexicalEmbedding(text) : fakeEmbedding(text), body.dimensions) })),
       usage: reply.usage === null ? undefined : { prompt_tokens: tokens, total_tokens: tokens },
     };
     if (reply.padBytes) return void this.padded(res, entry, payload, reply.padBytes);

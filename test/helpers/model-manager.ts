@@ -1,6 +1,6 @@
 import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
 import { ModelManager, type ModelManagerOptions, usageCallback, type UsageRecord } from '../../src/modules/ai-models/model-manager.js';
-import { ProviderRegistry } from '../../src/modules/ai-models/providers.js';
+import { type ProviderRecord, ProviderRegistry } from '../../src/modules/ai-models/providers.js';
 import type { ModelInfo, ModelOverride } from '../../src/modules/ai-models/types.js';
 import type { FakeModelServer } from './fake-model-server.js';
 
@@ -12,6 +12,8 @@ export interface FakeManagerOptions {
   records: UsageRecord[];
   /** For the built-in `openai` provider (pointed at the fake server). */
   openaiKey?: string;
+  /** Provider records besides `fake`. */
+  providers?: ProviderRecord[];
   overrides?: Partial<ModelManagerOptions>;
 }
 
@@ -26,7 +28,7 @@ export function fakeModelManager(server: FakeModelServer, options: FakeManagerOp
     catalog: new ModelCatalog(options.builtins ?? [], options.models),
     providers: new ProviderRegistry(
       { OPENAI_API_KEY: options.openaiKey, OPENAI_BASE_URL: server.url, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined, MODEL_MAX_RESPONSE_BYTES: maxResponseBytes },
-      [{ id: 'fake', kind: 'openai-compatible', base_url: server.url, api_key: 'fake-key', headers: { 'x-team': 'keel' } }],
+      [{ id: 'fake', kind: 'openai-compatible', base_url: server.url, api_key: 'fake-key', headers: { 'x-team': 'keel' } }, ...(options.providers ?? [])],
     ),
     meter: usageCallback((record) => {
       options.records.push(record);

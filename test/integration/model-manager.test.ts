@@ -4,7 +4,7 @@ import { z } from 'zod';
 
 import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
 import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
-import { ModelAnswerLimitError, ModelCallAbortedError, ModelTimeoutError, UpstreamError } from '../../src/modules/ai-models/errors.js';
+import { ModelAnswerError, ModelAnswerLimitError, ModelCallAbortedError, ModelTimeoutError, UpstreamError } from '../../src/modules/ai-models/errors.js';
 import {
   type ChatRequest,
   type CostEstimate,
@@ -595,6 +595,33 @@ describe('ModelManager.embed', () => {
     expect(result.usage.input).toBe(4); // ceil(11/4) + ceil(4/4)
     expect(result.cost).toBe('0.00000008'); // 4 × 0.02 / 10^6
     expect((await settled(1))[0]).toMatchObject({ operation: 'embed', status: 'success', cost: '0.00000008' });
+  });
+
+  it('asks each kind of provider for shorter vectors as its API takes them, and refuses an answer of another size', async () => {
+    const pricing = price('0.02', '0');
+    const m = fakeModelManager(server, {
+      models: [...CUSTOM_MODELS, { id: 'oa-embed', provider: 'openai', capabilities: ['embedding'], pricing }, { id: 'gem-embed', provider: 'gem', capabilities: ['embedding'], pricing }],
+      records,
+      openaiKey: 'sk-test',
+      providers: [{ id: 'gem', kind: 'google', base_url: server.url, api_key: 'g-key' }],
+    });
+    for (const model of ['fake-embed', 'oa-embed']) {
+      expect((await m.embed({ model, values: ['hello'], dimensions: 3, user: 'u-9' })).embeddings).toEqual([fakeEmbedding('hello').slice(0, 3)]);
+    }
+    expect(server.log.map((r) => [r.path, r.body.dimensions, r.body.user])).toEqual([
+      ['/v1/embeddings', 3, 'u-9'],
+      ['/v1/embeddings', 3, 'u-9'],
+    ]);
+    // Google's API (the fake does not speak it: only what was sent is looked at).
+    await m.embed({ model: 'gem-embed', values: ['hello'], dimensions: 3 }).catch(() => undefined);
+    expect(server.log[2]).toMatchObject({ path: '/v1/models/gem-embed:embedContent', body: { outputDimensionality: 3 } });
+
+    // A server that ignores `dimensions`: an error naming both sizes, not retried, and no vectors handed on.
+    server.reset();
+    const failure = await m.embed({ model: 'fake-embed', values: ['hello'], dimensions: 64 }).catch((e: unknown) => e);
+    expect(failure).toBeInstanceOf(ModelAnswerError);
+    expect((failure as ModelAnswerError).message).toBe('Model fake-embed answered vectors of 8 dimensions where 64 were asked for: it may not support dimensions');
+    expect(server.log).toHaveLength(1);
   });
 
   it('retries an embeddings 429', async () => {

@@ -14,15 +14,15 @@ export class ModelCapabilityError extends HttpError {
   }
 }
 
-/**
- * The model's answer broke the call's tool choice (a tool call under `none`, none under `required`,
- * no call of the named tool): the provider's fault, in words the client can act on.
- */
-export class ModelToolChoiceError extends HttpError {
+/** The model's answer is not what the call asked for: the provider's fault, in words the client can act on. */
+export class ModelAnswerError extends HttpError {
   constructor(message: string) {
     super(502, message);
   }
 }
+
+/** The answer broke the call's tool choice (a tool call under `none`, none under `required`, no call of the named tool). */
+export class ModelToolChoiceError extends ModelAnswerError {}
 
 /** Upstream refusals that are the request's fault (too long, a bad tool schema): their words help the client fix it. */
 export const CLIENT_FAULT_UPSTREAM: ReadonlySet<number> = new Set([400, 413, 422]);

@@ -41,7 +41,7 @@ import { STREAM_ANSWER, vectorsAnswer } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
 import { type AbortLike, type ChatWire, toolCallOf, type WireCall, wireMessages, type WireTool, type WireToolChoice } from './chat-wire.js';
 import { computeCost, countableUsage, estimateCost } from './cost.js';
-import { CLIENT_FAULT_UPSTREAM, ModelAnswerLimitError, ModelArgumentError, ModelCallAbortedError, ModelCapabilityError, ModelDownloadError, ModelNotFoundError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from './errors.js';
+import { CLIENT_FAULT_UPSTREAM, ModelAnswerError, ModelAnswerLimitError, ModelArgumentError, ModelCallAbortedError, ModelCapabilityError, ModelDownloadError, ModelNotFoundError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
 import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
@@ -165,6 +165,13 @@ export interface ModelStream extends AsyncIterable<StreamEvent> {
 
 export interface EmbedRequest extends CallOptions {
   values: string[];
+  /**
+   * The size of the vectors asked for (OpenAI's `dimensions`, Google's `outputDimensionality`), for
+   * models that can shorten theirs; an answer of another size is refused (ModelAnswerError).
+   */
+  dimensions?: number;
+  /** OpenAI's end-user id, for OpenAI and OpenAI-compatible providers. */
+  user?: string;
 }
 
 export interface EmbedResult extends CallOutcome {
@@ -972,10 +979,15 @@ export class ModelManager {
         values: request.values,
         maxRetries: 0,
         headers: vectorsAnswer(request.values.length),
+        providerOptions: this.embedOptions(request, model),
         abortSignal: attempt.signal,
       });
       // embedMany reports NaN tokens when the provider sent no usage: unknown, estimated (see `price`).
       state.usage = Number.isFinite(result.usage.tokens) ? { ...ZERO_USAGE, input: result.usage.tokens } : undefined;
+      const { dimensions } = request;
+      const otherSize = dimensions === undefined ? undefined : result.embeddings.find((vector) => vector.length !== dimensions);
+      // A provider that ignores `dimensions` (many OpenAI-compatible servers do) would hand back vectors a client's index of that size refuses.
+      if (otherSize) throw new ModelAnswerError(`Model ${model.id} answered vectors of ${otherSize.length} dimensions where ${dimensions} were asked for: it may not support dimensions`);
       return { ...this.outcome(model, state, started), embeddings: result.embeddings };
     });
   }
@@ -1048,6 +1060,21 @@ export class ModelManager {
     if (parallelToolCalls !== undefined) asked[kind === 'openai' ? 'parallelToolCalls' : 'parallel_tool_calls'] = parallelToolCalls;
     const options = request.providerOptions;
     return { ...options, [key]: { ...options?.[key], ...asked } };
+  }
+
+  /**
+   * An embedding call's provider options: `dimensions` and `user` as OpenAI-style providers' SDK
+   * models take them, `dimensions` as Google's `outputDimensionality`; a provider of another kind
+   * cannot shorten its vectors (ModelCapabilityError, before anything is sent).
+   */
+  private embedOptions(request: EmbedRequest, model: ModelInfo): ProviderMetadata | undefined {
+    const { dimensions, user } = request;
+    if (dimensions === undefined && user === undefined) return undefined;
+    const openAI = this.options.providers.openAIOptions(model.provider);
+    if (openAI) return { [openAI.key]: { ...(dimensions !== undefined && { dimensions }), ...(user !== undefined && { user }) } };
+    if (dimensions === undefined) return undefined;
+    if (this.options.providers.kindOf(model.provider) === 'google') return { google: { outputDimensionality: dimensions } };
+    throw new ModelCapabilityError(model.id, 'dimensions');
   }
 
   /** A call's settings as `generateText` checks and passes them (prepareCallSettings: integers, ranges). */

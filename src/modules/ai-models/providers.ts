@@ -210,6 +210,11 @@ export class ProviderRegistry {
     return kind === 'openai-compatible' ? { kind, key: providerId.split('.')[0]!.trim() } : undefined;
   }
 
+  /** The provider's kind, undefined for one not configured. */
+  kindOf(providerId: string): ProviderKind | undefined {
+    return this.resolve(providerId)?.kind;
+  }
+
   /** Closes the wire's idle connections (the app's close hook). */
   async close(): Promise<void> {
     const dispatcher = this.dispatcher;
