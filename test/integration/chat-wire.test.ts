@@ -419,9 +419,18 @@ describe('tools over the wire (openai-compatible)', () => {
         content: [
           { type: 'tool-call', toolCallId: 'c3', toolName: 'lookup', input: 'not json' },
           { type: 'tool-call', toolCallId: 'c4', toolName: 'lookup', input: '{"q":"as text"}' },
+          // JSON that would set a prototype: the SDK's secure parser refuses it, so it goes as a JSON string.
+          { type: 'tool-call', toolCallId: 'c5', toolName: 'lookup', input: '{"q":"x","__proto__":{"admin":true}}' },
         ],
       },
-      { role: 'tool', content: [{ type: 'tool-result', toolCallId: 'c3', toolName: 'lookup', output: { type: 'text', value: '?' } }, { type: 'tool-result', toolCallId: 'c4', toolName: 'lookup', output: { type: 'text', value: '!' } }] },
+      {
+        role: 'tool',
+        content: [
+          { type: 'tool-result', toolCallId: 'c3', toolName: 'lookup', output: { type: 'text', value: '?' } },
+          { type: 'tool-result', toolCallId: 'c4', toolName: 'lookup', output: { type: 'text', value: '!' } },
+          { type: 'tool-result', toolCallId: 'c5', toolName: 'lookup', output: { type: 'text', value: '-' } },
+        ],
+      },
       { role: 'user', content: 'Go on.' },
     ],
     maxOutputTokens: 64,

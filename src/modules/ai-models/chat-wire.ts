@@ -302,11 +302,14 @@ export function wireMessages(system: string | undefined, messages: readonly Mode
   return unanswered?.size ? undefined : out;
 }
 
-/** A tool call's input as the SDK sends it back (`serializeToolCallArguments`): text that is JSON as it is, anything else as JSON. */
+/**
+ * A tool call's input as the SDK sends it back (`serializeToolCallArguments`): text that is JSON as
+ * it is, anything else as JSON, JSON that would set a prototype too (its secure parser refuses it).
+ */
 function toolArguments(input: unknown): string {
   if (typeof input === 'string') {
     try {
-      JSON.parse(input);
+      secureJsonParse(input);
       return input;
     } catch {
       // not JSON: sent as a JSON string, as the SDK does
