@@ -14,7 +14,7 @@ import { creditReservations, usageRecords } from '../../src/models/index.js';
 
 import { getBalance, hold, ledgerSum, settleMany } from '../../src/crud/billing.js';
 import { ModelCallAbortedError } from '../../src/modules/ai-models/errors.js';
-import { addCosts, type ChatRequest } from '../../src/modules/ai-models/index.js';
+import { addCosts, type ChatRequest, MEDIA_PART_TOKENS } from '../../src/modules/ai-models/index.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -160,6 +160,33 @@ describe('metered calls with BILLING_ENABLED', () => {
       await expect(refused).rejects.toThrow(/^Not enough credits: balance 100, available 100; this call to fake-billed-input needs up to 1\d{3}$/);
     }
     expect(fake.log).toHaveLength(0);
+    await expectConsistent(user);
+  });
+
+  it('reserves for each image in a prompt what a large image is billed, not what its URL or data says', async () => {
+    const priced = await api('POST', '/models', admin, { id: 'fake-billed-image', provider: 'fake', pricing: { input_cost_per_million_tokens: '1000000', output_cost_per_million_tokens: '0' } });
+    expect(priced.statusCode, priced.body).toBe(200);
+    const user = await createUser(ctx.app);
+    await grant(user, '5000');
+    const context = { user_id: user.user.id };
+    const withImages = (...images: (URL | string)[]): Partial<ChatRequest> => ({
+      maxOutputTokens: 1,
+      messages: [{ role: 'user', content: [{ type: 'text', text: 'What is this?' }, ...images.map((image) => ({ type: 'image' as const, image }))] }],
+    });
+    // A URL of ~30 characters and a 1×1 PNG's base64: each held as MEDIA_PART_TOKENS (1 credit a token here).
+    const pixel = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==';
+    for (const ask of [withImages(new URL('https://example.com/cat.png'), `data:image/png;base64,${pixel}`), withImages(new URL('https://example.com/a.png'), new URL('https://example.com/b.png'))]) {
+      const refused = ctx.app.models.chat(chatRequest('fake-billed-image', context, ask));
+      await expect(refused).rejects.toBeInstanceOf(PaymentRequiredError);
+      // Two images, the text and its message's JSON (some 30 tokens), one output token.
+      const needs = Number(/needs up to (\d+)$/.exec(await refused.catch((e: Error) => e.message))?.[1]);
+      expect(needs).toBeGreaterThan(2 * MEDIA_PART_TOKENS);
+      expect(needs).toBeLessThan(2 * MEDIA_PART_TOKENS + 60);
+    }
+    expect(fake.log).toHaveLength(0);
+    // One image fits in the balance (the fake answers without fetching it: its usage is what it reports).
+    const one = await ctx.app.models.chat(chatRequest('fake-billed-image', context, withImages(`data:image/png;base64,${pixel}`)));
+    expect(one.text).toBeTruthy();
     await expectConsistent(user);
   });
 

@@ -271,6 +271,27 @@ const asText = (value: unknown): string => (typeof value === 'string' ? value : 
 
 const estimateTokens = (value: unknown): number => Math.ceil(estimateTextTokens(asText(value)));
 
+/**
+ * What an image or file in a prompt reserves at least. Its text (a URL, or base64 of a small PNG)
+ * says nothing of what the provider bills for it: a large image costs up to ~1,450 tokens at
+ * OpenAI's GPT-4o and GPT-5 (tiles), ~1,600 at Anthropic, ~3,800 at OpenAI's nano models (patches
+ * times their multiplier). Counted by its text alone, an image by URL with `max_tokens: 1` held ~30
+ * tokens and was charged ~1,000: calls in parallel took a balance far below zero.
+ */
+export const MEDIA_PART_TOKENS = 4_096;
+
+/** What a prompt's images and files may cost beyond their text's estimate: up to MEDIA_PART_TOKENS each. */
+function mediaAllowance(messages: ModelMessage[] | undefined): number {
+  let tokens = 0;
+  for (const message of messages ?? []) {
+    if (message.role !== 'user' || typeof message.content === 'string') continue;
+    for (const part of message.content) {
+      if (part.type === 'image' || part.type === 'file') tokens += Math.max(0, MEDIA_PART_TOKENS - estimateTokens(part.type === 'image' ? part.image : part.data));
+    }
+  }
+  return tokens;
+}
+
 /** The SDK's usage; undefined when the provider reported none (the SDK leaves both counts undefined then). */
 function toTokenUsage(usage: LanguageModelUsage | undefined): TokenUsage | undefined {
   if (usage?.inputTokens === undefined && usage?.outputTokens === undefined) return undefined;
@@ -1149,7 +1170,10 @@ export class ModelManager {
     const deadline = operation === 'stream' ? performance.now() + this.options.streamTimeoutMs : Infinity;
     const primary = this.resolve(request.model, capability);
     const chain = this.chainOf(primary, capability);
-    const inputTokens = estimateTokens(operation === 'embed' ? (request.values ?? []).join('') : [request.system ?? '', request.messages, toolsSent(request.tools), request.responseFormat ?? null]);
+    const inputTokens =
+      operation === 'embed'
+        ? estimateTokens((request.values ?? []).join(''))
+        : estimateTokens([request.system ?? '', request.messages, toolsSent(request.tools), request.responseFormat ?? null]) + mediaAllowance(request.messages);
     let lastError: Error | undefined;
     for (const model of chain) {
       if (signal?.aborted) throw new ModelCallAbortedError();
