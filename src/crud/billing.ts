@@ -116,6 +116,8 @@ export interface Hold {
   apiKeyId: string | null;
   /** Held from the account (null: the account is not charged). */
   accountAmount: string | null;
+  /** What `balance - reserved` must cover for the hold to be taken, when more than `accountAmount` (a credit window's block). */
+  accountCover?: string;
   /** Held from the key's budget (null: the key has no budget). */
   keyAmount: string | null;
   ttlSeconds: number;
@@ -152,7 +154,7 @@ const DURABLE_COMMIT = sql`s as (select set_config('synchronous_commit', 'on', t
 
 const holdAccount = (hold: Hold, amount: string) =>
   sql`update credit_accounts set reserved = reserved + ${amount}::numeric
-      where user_id = ${hold.userId} and balance - reserved >= ${amount}::numeric returning user_id`;
+      where user_id = ${hold.userId} and balance - reserved >= ${hold.accountCover ?? amount}::numeric returning user_id`;
 
 const holdKey = (hold: Hold, amount: string) =>
   sql`update api_keys set budget_reserved = budget_reserved + ${amount}::numeric

@@ -22,7 +22,8 @@
  * rest goes back once its calls have settled. When the account cannot cover the next block the
  * old one serves on until it is empty, then calls hold per call as before.
  *
- * Why this never overdraws: a block is taken only when the account covers it, and the block serves
+ * Why this never overdraws: a block is taken only when the account covers it (twice over: see
+ * `hold`, so other processes are never starved by an idle block), and the block serves
  * at most its own amount. Across processes each takes its own blocks from the same row. A block's
  * hold commits only once it is on disk (per-call holds commit asynchronously): a database crash
  * cannot take back a block its process goes on serving calls from. A process that dies leaves its
@@ -147,9 +148,16 @@ export class CreditWindows {
     return true;
   }
 
+  /**
+   * Holds a block only while the account has twice its size free: a block takes at most half of
+   * what is free, so another process (whose calls cannot be served from this one's block) always
+   * finds as much again for its own calls. Taking all of it, a block left another node's calls
+   * refused with the credit unused until the block went idle (2–3 s).
+   */
   private hold(userId: string, id: string, size: bigint) {
     // Durable before the block serves a call (see billingCrud.hold's DURABLE_COMMIT).
-    return billingCrud.hold(this.options.db, { id, userId, apiKeyId: null, accountAmount: unitsCost(size), keyAmount: null, ttlSeconds: this.options.ttlSeconds, durable: true });
+    const hold = { id, userId, apiKeyId: null, accountAmount: unitsCost(size), accountCover: unitsCost(size * BigInt(2)), keyAmount: null, ttlSeconds: this.options.ttlSeconds, durable: true };
+    return billingCrud.hold(this.options.db, hold);
   }
 
   /**

@@ -487,6 +487,33 @@ describe('credit windows', () => {
     expect(await usageEntries(user)).toBe(10);
   });
 
+  it("another process's idle block leaves the account as much free as it holds: that process's calls are not refused meanwhile", async () => {
+    const user = await createUser(ctx.app);
+    // A block is 80 (8 calls' worst case): taking one would leave 70, less than the other process's 8 calls need.
+    await grant(user, '150');
+    const other = await buildTestApp(ctx.database, SETTINGS);
+    try {
+      await ctx.app.models.chat(billed(user));
+      // The other process's 8 calls at once, while this one would still keep a block (not idle long enough to give it back).
+      const outcomes = await Promise.allSettled(Array.from({ length: 8 }, () => other.models.chat(billed(user))));
+      expect(outcomes.map((o) => (o.status === 'rejected' ? String(o.reason) : 'ok'))).toEqual(Array(8).fill('ok'));
+      await other.meter.idle();
+    } finally {
+      await other.close();
+    }
+    await expectSettled(user, 150 - 9 * 4);
+  });
+
+  it('an account that covers a block but not twice holds per call, so no process takes all of it', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '150');
+    await ctx.app.models.chat(billed(user));
+    // What was held was the call's own worst case, not a block (which would stay until idle): nothing is held once it is written.
+    await expect.poll(() => usageRows(user), { timeout: 2_000 }).toBe(1);
+    expect(await reservationRows(user)).toBe(0);
+    await expectSettled(user, 146);
+  });
+
   it('a process that stops gives its blocks back', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');
