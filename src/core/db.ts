@@ -247,6 +247,11 @@ function openPostgres(settings: Settings, url: string): Database {
   });
   // An idle client that loses its server emits here; without a listener the process would crash.
   pool.on('error', () => undefined);
+  // So does a client checked out (a transaction's, a session's) whose connection ends, after failing
+  // its statement: the pool listens only to idle clients, and an 'error' event nobody listens to
+  // crashed the process, with the calls it had answered but not yet written. The failed statement
+  // carries the error to its caller; the pool drops the client when it comes back.
+  pool.on('connect', (client) => client.on('error', () => undefined));
   const listeners: Listener[] = [];
   return {
     db: drizzleNodePg(pool, { casing: 'snake_case' }),

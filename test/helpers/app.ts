@@ -52,14 +52,14 @@ export function testSettings(overrides: Record<string, string> = {}): Settings {
  * A fresh, migrated database of this test file's own: a clone of the run's template database on
  * the server (DATABASE_URL set) or a copy of the template PGlite directory.
  */
-export async function openTestDatabase(): Promise<{ database: Database; url: string | null; destroy: () => Promise<void> }> {
+export async function openTestDatabase(overrides: Record<string, string> = {}): Promise<{ database: Database; url: string | null; destroy: () => Promise<void> }> {
   const adminUrl = process.env.DATABASE_URL;
   const template = inject('templateDatabase');
   if (adminUrl && template) {
     const name = `${inject('runPrefix')}_${randomBytes(4).toString('hex')}`;
     await adminQuery(adminUrl, `create database "${name}" template "${template}"`);
     const url = databaseUrl(adminUrl, name);
-    const database = await openDatabase(testSettings({ DATABASE_URL: url }));
+    const database = await openDatabase(testSettings({ ...overrides, DATABASE_URL: url }));
     await cacheUsers(database);
     return {
       database,
@@ -72,7 +72,7 @@ export async function openTestDatabase(): Promise<{ database: Database; url: str
   }
   const dir = mkdtempSync(join(tmpdir(), 'keel-test-db-'));
   cpSync(inject('templatePgliteDir')!, dir, { recursive: true });
-  const database = await openDatabase(testSettings({ PGLITE_DATA_DIR: dir }));
+  const database = await openDatabase(testSettings({ ...overrides, PGLITE_DATA_DIR: dir }));
   await cacheUsers(database);
   return {
     database,

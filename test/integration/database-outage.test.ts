@@ -1,4 +1,6 @@
+import { sql } from 'drizzle-orm';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
+import pg from 'pg';
 import { describe, expect, it } from 'vitest';
 
 import { DATABASE_RETRY_AFTER_SECONDS } from '../../src/core/db-errors.js';
@@ -38,6 +40,57 @@ describe.skipIf(!adminUrl)('a database dropped while the app runs', () => {
       }
       expect((await app.inject({ method: 'GET', url: '/ready' })).statusCode).toBe(503);
     } finally {
+      await app?.close();
+      await opened.destroy();
+    }
+  });
+});
+
+describe.skipIf(!adminUrl)('a database that fails one statement while the app runs', () => {
+  it('a connection lost in the middle of a transaction fails that transaction, and the process goes on', async () => {
+    const opened = await openTestDatabase();
+    let app: FastifyInstance | null = null;
+    try {
+      app = await buildTestApp(opened.database);
+      const admin = await superuserHeaders(app);
+      const name = new URL(opened.url!).pathname.slice(1);
+      // A checked-out client (a transaction's) whose server goes away: its 'error' event had no listener and crashed the process.
+      const sleeping = opened.database.db.transaction(async (tx) => {
+        await tx.execute(sql`select 1`);
+        await tx.execute(sql`select pg_sleep(30)`);
+      });
+      const failed = sleeping.then(
+        () => 'committed',
+        (error: Error) => error.message,
+      );
+      await expect
+        .poll(async () => (await adminQuery<{ n: number }>(adminUrl!, `select count(*)::int as n from pg_stat_activity where datname = $1 and query like 'select pg_sleep%'`, [name]))[0]!.n)
+        .toBe(1);
+      await adminQuery(adminUrl!, `select pg_terminate_backend(pid) from pg_stat_activity where datname = $1 and query like 'select pg_sleep%'`, [name]);
+      expect(await failed).not.toBe('committed');
+      // The pool dropped that connection: the next requests are served.
+      expect((await app.inject({ method: 'GET', url: '/api/v1/projects/', headers: admin })).statusCode).toBe(200);
+    } finally {
+      await app?.close();
+      await opened.destroy();
+    }
+  });
+
+  it('a statement past DATABASE_STATEMENT_TIMEOUT_MS (a table locked elsewhere) answers 503 with Retry-After, not 500', async () => {
+    const opened = await openTestDatabase({ DATABASE_STATEMENT_TIMEOUT_MS: '300' });
+    let app: FastifyInstance | null = null;
+    const locker = new pg.Client({ connectionString: opened.url! });
+    try {
+      app = await buildTestApp(opened.database);
+      const admin = await superuserHeaders(app);
+      await locker.connect();
+      await locker.query('begin');
+      await locker.query('lock table projects in access exclusive mode');
+      expectUnavailable(await app.inject({ method: 'GET', url: '/api/v1/projects/', headers: admin }), 'projects while locked');
+      await locker.query('rollback');
+      expect((await app.inject({ method: 'GET', url: '/api/v1/projects/', headers: admin })).statusCode).toBe(200);
+    } finally {
+      await locker.end().catch(() => undefined);
       await app?.close();
       await opened.destroy();
     }
