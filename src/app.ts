@@ -9,7 +9,7 @@ import { registerAccessLog } from './core/access-log.js';
 import type { Settings } from './core/config.js';
 import { registerCors } from './core/cors.js';
 import type { Database, Db } from './core/db.js';
-import { registerErrorHandler } from './core/errors.js';
+import { registerErrorHandler, ServiceUnavailableError } from './core/errors.js';
 import { serverOptions, trackConnections } from './core/http-server.js';
 import { lazyRequestLogger, type Logger } from './core/logger.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
@@ -102,7 +102,8 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
         .type('application/json; charset=utf-8')
         .send({ detail: status === 414 ? 'URI too long' : 'Invalid URL' });
     },
-    return503OnClosing: true,
+    // Our own 503 once closing (below), in the API's shape: Fastify's has a shape of its own.
+    return503OnClosing: false,
     forceCloseConnections: 'idle',
     ...serverOptions(settings),
   }).withTypeProvider<ZodTypeProvider>();
@@ -111,9 +112,19 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   if (closeDatabase) app.addHook('onClose', () => database.close());
   // Connections without a request in flight end when closing starts (see trackConnections).
   const closeUnusedConnections = trackConnections(app.server);
+  let closing = false;
   app.addHook('preClose', (done) => {
+    closing = true;
     closeUnusedConnections();
     done();
+  });
+  // A request that reaches the app once it is closing (pipelined, or on a connection that was busy
+  // when closing began) is refused with a 503 the error handlers shape ({detail}, or OpenAI's under
+  // /v1), asking the client to reconnect (to another node). Callback style: it runs on every request.
+  app.addHook('onRequest', (_request, reply, done) => {
+    if (!closing) return done();
+    reply.header('connection', 'close');
+    done(new ServiceUnavailableError('The server is shutting down'));
   });
 
   app.setValidatorCompiler(validatorCompiler);

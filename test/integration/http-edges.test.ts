@@ -205,6 +205,40 @@ describe('METRICS_TOKEN', () => {
 // ==================== Closing ====================
 
 describe('closing the server', () => {
+  it("refuses a request that arrives once closing has begun with 503 in the API's shape ({detail}, OpenAI's under /v1), asking the client to reconnect", async () => {
+    const opened = await openTestDatabase();
+    try {
+      const app = await buildTestApp(opened.database);
+      await app.listen({ host: '127.0.0.1', port: 0 });
+      const { port } = app.server.address() as { port: number };
+      const socket = connect(port, '127.0.0.1');
+      await new Promise((resolve) => socket.once('connect', resolve));
+      let received = '';
+      socket.on('data', (chunk: Buffer) => (received += chunk.toString('utf8')));
+      const ended = new Promise((resolve) => socket.once('close', resolve));
+      // A request in flight (half its body sent) keeps the connection busy, so closing does not end it.
+      const form = 'username=nobody%40keel.test&password=wrong-password';
+      socket.write(`POST /api/v1/login/access-token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: ${form.length}\r\n\r\n${form.slice(0, 10)}`);
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      const closing = app.close();
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      // The rest of that body, then two requests pipelined behind it: they reach the app while it closes.
+      socket.write(`${form.slice(10)}GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer keel_x\r\n\r\nGET /api/v1/projects/ HTTP/1.1\r\nHost: x\r\n\r\n`);
+      await Promise.race([ended, new Promise((resolve) => setTimeout(resolve, 5_000))]);
+      socket.destroy();
+      await closing;
+      const answers = received.split(/(?=HTTP\/1\.1 )/);
+      expect(answers[0]).toMatch(/^HTTP\/1\.1 400 /); // served: it was in flight
+      expect(answers[1]).toMatch(/^HTTP\/1\.1 503 /);
+      expect(answers[1]).toMatch(/\r\nconnection: close\r\n/i);
+      expect(JSON.parse(answers[1]!.split('\r\n\r\n')[1]!)).toEqual({ error: { message: 'The server is shutting down', type: 'server_error', param: null, code: 'service_unavailable' } });
+      // The connection was closed after the 503, as it asked: the third request was never answered, or answered alike.
+      if (answers[2]) expect(JSON.parse(answers[2].split('\r\n\r\n')[1]!)).toEqual({ detail: 'The server is shutting down' });
+    } finally {
+      await opened.destroy();
+    }
+  });
+
   it('ends connections with no request in flight at once, one that never sent a request included (Node 20 keeps those otherwise)', async () => {
     const opened = await openTestDatabase();
     try {
