@@ -11,9 +11,12 @@
  * exact cost and writes the ledger entry (a key's budget charged without one, billing off: the
  * usage record, which makes a retry of that statement charge nothing twice). Nothing is lost: a
  * failed batch or settlement is kept and retried, and `close()` (the app's close hook) refuses
- * calls from then on and writes what is left.
+ * calls from then on and writes what is left; what the database still does not take then (it is
+ * down) is saved under DATA_DIR/usage-unwritten and written by the next start (`recoverUnwritten`).
  */
 import { randomUUID } from 'node:crypto';
+import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
 import { setImmediate as setImmediatePromise } from 'node:timers/promises';
 
 import type { Redis } from 'ioredis';
@@ -61,6 +64,17 @@ const MAX_BUFFERED_ROWS = 1_000_000;
 const SWEEP_INTERVAL_MS = 60_000;
 /** A credit window's block nobody used for this long goes back to the account. */
 const WINDOW_IDLE_MS = 2_000;
+
+/** Under DATA_DIR: what a process could not write at shutdown, for the next start to write. */
+export const UNWRITTEN_DIR = 'usage-unwritten';
+
+/** A file of UNWRITTEN_DIR: the meter's queues as they were. Every write in them is idempotent (by usage record and ledger entry id). */
+interface Unwritten {
+  usage: string[];
+  settlements: billingCrud.Settlement[];
+  windowSettlements: billingCrud.Settlement[];
+  blockReleases: billingCrud.Settlement[];
+}
 const MAX_REFILLS_PER_CALL = 3;
 /** A usage row's times as ISO strings (calls settled together often ended, or started, in the same millisecond). */
 const endTime = isoFormatter();
@@ -127,8 +141,9 @@ export class UsageMeterService implements UsageMeter {
     }
   }
 
-  /** Releases reservations left by crashed processes now and every minute. */
+  /** Writes what an earlier process left unwritten; releases reservations left by crashed processes now and every minute. */
   start(): void {
+    this.recoverUnwritten();
     this.track(this.sweep());
     this.sweepTimer = setInterval(() => this.track(this.sweep()), Math.min(SWEEP_INTERVAL_MS, this.settings.BILLING_RESERVATION_TTL_SECONDS * 500));
     this.sweepTimer.unref();
@@ -634,7 +649,7 @@ export class UsageMeterService implements UsageMeter {
       // Calls that ended meanwhile: once more. What the database did not take: wait a little, up to three times.
       if (!this.hasPending()) continue;
       if (attempt === 3) {
-        this.log.error({ usageRecords: this.buffer.length, settlements: this.failedSettlements.length }, 'usage not written at shutdown');
+        this.saveUnwritten();
         break;
       }
       await new Promise((resolve) => setTimeout(resolve, 200 * attempt++));
@@ -642,6 +657,63 @@ export class UsageMeterService implements UsageMeter {
     this.closed = true;
     clearTimeout(this.flushTimer);
     this.flushTimer = undefined;
+  }
+
+  private get unwrittenDir(): string {
+    return resolve(this.settings.DATA_DIR, UNWRITTEN_DIR);
+  }
+
+  /**
+   * At shutdown, what the database would not take (it is down): into a file of UNWRITTEN_DIR, for
+   * the next start on this DATA_DIR. The records and charges of calls already answered are not lost
+   * with the process, and the credit its blocks held goes back then, not at their expiry.
+   */
+  private saveUnwritten(): void {
+    const unwritten: Unwritten = { usage: this.buffer, settlements: this.failedSettlements, windowSettlements: this.windowSettlements, blockReleases: this.blockReleases };
+    const counts = { usageRecords: unwritten.usage.length, settlements: unwritten.settlements.length + unwritten.windowSettlements.length, blockReleases: unwritten.blockReleases.length };
+    const file = join(this.unwrittenDir, `${Date.now()}-${process.pid}-${randomUUID()}.json`);
+    try {
+      mkdirSync(this.unwrittenDir, { recursive: true, mode: 0o700 });
+      writeFileSync(file, JSON.stringify(unwritten), { mode: 0o600 });
+      this.log.error({ ...counts, file }, 'usage not written at shutdown (database unavailable); saved for the next start to write');
+    } catch (error) {
+      this.log.error({ ...counts, err: error }, 'usage not written at shutdown, and could not be saved');
+    }
+  }
+
+  /**
+   * What earlier processes saved at shutdown (saveUnwritten), queued to be written first: every
+   * write is idempotent, so what had reached the database after all is not written twice. A file is
+   * renamed before it is read, so two processes on one DATA_DIR never both take it; once read it is
+   * gone, and this process's own shutdown saves it again if the database still refuses it.
+   */
+  private recoverUnwritten(): void {
+    let names: string[];
+    try {
+      names = readdirSync(this.unwrittenDir).filter((name) => name.endsWith('.json'));
+    } catch {
+      return; // none saved
+    }
+    for (const name of names) {
+      const taken = join(this.unwrittenDir, `${name}.${process.pid}.taken`);
+      try {
+        renameSync(join(this.unwrittenDir, name), taken);
+      } catch {
+        continue; // another process took it
+      }
+      try {
+        const unwritten = JSON.parse(readFileSync(taken, 'utf8')) as Unwritten;
+        this.buffer.push(...unwritten.usage);
+        this.failedSettlements.push(...unwritten.settlements);
+        this.windowSettlements.push(...unwritten.windowSettlements);
+        this.blockReleases.push(...unwritten.blockReleases);
+        rmSync(taken);
+        this.log.info({ file: name, usageRecords: unwritten.usage.length }, 'writing the usage an earlier process left unwritten');
+      } catch (error) {
+        this.log.error({ err: error, file: taken }, 'usage left unwritten by an earlier process could not be read; the file is kept');
+      }
+    }
+    if (this.hasPending()) this.track(this.flush());
   }
 
   /** Nothing queued, waiting for the next check phase, or being written. */

@@ -1,3 +1,7 @@
+import { existsSync, mkdtempSync, readdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import pg from 'pg';
@@ -5,8 +9,13 @@ import { describe, expect, it } from 'vitest';
 
 import { DATABASE_RETRY_AFTER_SECONDS } from '../../src/core/db-errors.js';
 
+import { getBalance, ledgerSum } from '../../src/crud/billing.js';
+import { UNWRITTEN_DIR } from '../../src/services/usage-meter.js';
 import { buildTestApp, openTestDatabase } from '../helpers/app.js';
 import { createUser, loginRequest, superuserHeaders } from '../helpers/factories.js';
+import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { call } from '../helpers/http.js';
+import { addFakeModels, chatRequest } from '../helpers/metered-models.js';
 import { adminQuery } from '../helpers/postgres.js';
 
 const adminUrl = process.env.DATABASE_URL;
@@ -92,6 +101,54 @@ describe.skipIf(!adminUrl)('a database that fails one statement while the app ru
     } finally {
       await locker.end().catch(() => undefined);
       await app?.close();
+      await opened.destroy();
+    }
+  });
+});
+
+describe.skipIf(!adminUrl)('the database down when the app stops', () => {
+  it('usage it would not take is saved under DATA_DIR and written by the next start: every call charged once, the blocks given back', async () => {
+    const opened = await openTestDatabase();
+    const fake = await FakeModelServer.start();
+    fake.defaultReply = { text: 'four', usage: { prompt_tokens: 1, completion_tokens: 4 } };
+    const name = new URL(opened.url!).pathname.slice(1);
+    // One DATA_DIR for both processes; the flush timer far away, so the calls' usage is still in memory at the stop.
+    const settings = { BILLING_ENABLED: 'true', DATA_DIR: mkdtempSync(join(tmpdir(), 'keel-unwritten-')), USAGE_FLUSH_INTERVAL_MS: '600000', MODEL_MAX_RETRIES: '0' };
+    const saved = join(settings.DATA_DIR, UNWRITTEN_DIR);
+    let first: FastifyInstance | null = null;
+    let next: FastifyInstance | null = null;
+    try {
+      first = await buildTestApp(opened.database, settings);
+      const admin = await superuserHeaders(first);
+      await addFakeModels(first, admin, fake.url);
+      const user = await createUser(first);
+      expect((await call(first, 'POST', '/billing/credits', admin, { user_id: user.user.id, amount: '1000', description: 'test credits' })).statusCode).toBe(200);
+      for (let i = 0; i < 5; i++) await first.models.chat(chatRequest('fake-billed', { user_id: user.user.id }, { maxOutputTokens: 10 }));
+
+      await adminQuery(adminUrl!, `alter database "${name}" allow_connections false`);
+      await adminQuery(adminUrl!, 'select pg_terminate_backend(pid) from pg_stat_activity where datname = $1', [name]);
+      await first.close();
+      first = null;
+      expect(readdirSync(saved)).toHaveLength(1);
+
+      await adminQuery(adminUrl!, `alter database "${name}" allow_connections true`);
+      next = await buildTestApp(opened.database, settings);
+      await next.meter.idle();
+      const counts = await opened.database.db.execute(
+        sql`select (select count(*)::int from usage_records where owner_id = ${user.user.id}) as usage,
+                   (select count(*)::int from credit_transactions where owner_id = ${user.user.id} and type = 'usage') as charges,
+                   (select count(*)::int from credit_reservations where user_id = ${user.user.id}) as holds`,
+      );
+      expect((counts as { rows: unknown[] }).rows[0]).toEqual({ usage: 5, charges: 5, holds: 0 });
+      const account = await getBalance(opened.database.db, user.user.id);
+      expect([Number(account.balance), Number(account.reserved)]).toEqual([1000 - 5 * 4, 0]);
+      expect(Number(await ledgerSum(opened.database.db, user.user.id))).toBe(1000 - 5 * 4);
+      expect(existsSync(saved) ? readdirSync(saved) : []).toEqual([]);
+    } finally {
+      await adminQuery(adminUrl!, `alter database "${name}" allow_connections true`).catch(() => undefined);
+      await first?.close().catch(() => undefined);
+      await next?.close();
+      await fake.close();
       await opened.destroy();
     }
   });
