@@ -287,13 +287,15 @@ export async function settle(db: Db, s: Settlement, retried = false): Promise<vo
             budget_reserved = greatest(budget_reserved - coalesce((select key_amount from r), 0), 0)
           where id = ${s.apiKeyId}::uuid and ${s.chargeKey}::boolean${fresh} returning id
         ),
+        o as (select user_id, balance from credit_accounts where user_id = ${s.userId}::uuid and ${s.chargeAccount}::boolean${fresh} for update),
         a as (
-          update credit_accounts set balance = balance - ${s.cost}::numeric,
-            reserved = greatest(reserved - coalesce((select account_amount from r), 0), 0), updated_at = now()
-          where user_id = ${s.userId}::uuid and ${s.chargeAccount}::boolean${fresh} returning balance
+          update credit_accounts c set balance = ${flooredBalance(sql`o.balance`, sql`${s.cost}::numeric`)},
+            reserved = greatest(c.reserved - coalesce((select account_amount from r), 0), 0), updated_at = now()
+          from o where c.user_id = o.user_id returning c.balance, o.balance - c.balance as debited
         )
         insert into credit_transactions (owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id, created_at, updated_at)
-        select ${s.userId}::uuid, 'usage', -${s.cost}::numeric, balance, ${s.description}, ${s.usageRecordId}::uuid, ${s.apiKeyId}::uuid, ${s.projectId}::uuid, ${LEDGER_TIME}, ${LEDGER_TIME}
+        select ${s.userId}::uuid, 'usage', -debited, balance, ${chargedDescription(sql`${s.description}::text`, sql`${s.cost}::numeric`, sql`debited`)},
+          ${s.usageRecordId}::uuid, ${s.apiKeyId}::uuid, ${s.projectId}::uuid, ${LEDGER_TIME}, ${LEDGER_TIME}
         from a where ${s.cost}::numeric > 0`,
   );
 }
@@ -346,17 +348,35 @@ const settleCtes = (batch: readonly Settlement[], withRows = false) =>
                 where charge_key and api_key_id is not null group by api_key_id) g
           where t.id = g.api_key_id returning t.id
         ),
+        o as (select user_id, balance from credit_accounts where user_id in (select user_id from ir where charge_account) for update),
         a as (
-          update credit_accounts c set balance = c.balance - g.cost, reserved = greatest(c.reserved - g.released, 0), updated_at = now()
+          update credit_accounts c set balance = ${flooredBalance(sql`o.balance`, sql`g.cost`)}, reserved = greatest(c.reserved - g.released, 0), updated_at = now()
           from (select user_id, sum(cost) as cost, sum(account_release) as released from ir
-                where charge_account and user_id is not null group by user_id) g
-          where c.user_id = g.user_id returning c.user_id, c.balance
+                where charge_account and user_id is not null group by user_id) g, o
+          where c.user_id = g.user_id and o.user_id = g.user_id returning c.user_id, o.balance as prior_balance
         ),
-        e as (
-          select ir.*, a.balance + coalesce(sum(ir.cost) over (partition by ir.user_id order by ir.ord rows between 1 following and unbounded following), 0) as balance_after
+        w as (
+          select ir.*, a.prior_balance, sum(ir.cost) over (partition by ir.user_id order by ir.ord rows between unbounded preceding and current row) as spent
           from ir join a on a.user_id = ir.user_id
           where ir.charge_account
+        ),
+        e as (
+          select w.*, ${flooredBalance(sql`prior_balance`, sql`spent`)} as balance_after,
+            ${flooredBalance(sql`prior_balance`, sql`spent - cost`)} - ${flooredBalance(sql`prior_balance`, sql`spent`)} as debited
+          from w
         )`;
+
+/**
+ * An account's balance after `cost` is charged to `balance`: never below zero (SPEC §8: debits can
+ * never spend past zero), and one below zero already (an adjustment) is left as it is. A call's
+ * reservation covers its estimate; what it costs beyond that (a provider that counts more tokens
+ * than the estimate, or ignores the maximum) is charged only as far as the balance goes.
+ */
+const flooredBalance = (balance: SQL, cost: SQL) => sql`least(${balance}, greatest(0, ${balance} - (${cost})))`;
+
+/** A usage entry's description, saying so when the balance covered less than the call cost (its usage record keeps the cost). */
+const chargedDescription = (description: SQL, cost: SQL, debited: SQL) =>
+  sql`case when ${debited} < ${cost} then ${description} || ' (cost ' || trim_scale(${cost}) || '; the balance covered ' || trim_scale(${debited}) || ')' else ${description} end`;
 
 /**
  * When a ledger entry is made: the clock once its statement holds the account's row (evaluated
@@ -372,7 +392,7 @@ const LEDGER_TIME = sql`(select clock_timestamp())`;
  * (newest first, ties by id) in no order its `balance_after` chain could be followed by.
  */
 const LEDGER_ENTRIES = sql`insert into credit_transactions (id, owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id, created_at, updated_at)
-        select entry_id, user_id, 'usage', -cost, balance_after, description, usage_record_id, api_key_id, project_id,
+        select entry_id, user_id, 'usage', -debited, balance_after, ${chargedDescription(sql`description`, sql`cost`, sql`debited`)}, usage_record_id, api_key_id, project_id,
           ${LEDGER_TIME} + ord * interval '1 microsecond', ${LEDGER_TIME} + ord * interval '1 microsecond'
         from e where cost > 0 order by ord`;
 

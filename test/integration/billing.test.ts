@@ -234,6 +234,37 @@ describe('metered calls with BILLING_ENABLED', () => {
     await expectConsistent(user);
   });
 
+  it('a call that costs more than it held (a provider past the maximum) is charged as far as the balance goes, never below zero', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '25');
+    // Held 10 (its maximum), reported 50: one call alone (settled by itself), then three at once (settled together).
+    const usual = fake.defaultReply;
+    fake.defaultReply = { text: 'long', usage: { prompt_tokens: 1, completion_tokens: 50 } };
+    try {
+      await ctx.app.models.chat(billed(user));
+      expect(await balanceOf(user)).toMatchObject({ balance: '0', reserved: '0' });
+      await grant(user, '15');
+      await Promise.all(Array.from({ length: 3 }, () => ctx.app.models.chat(billed(user, { maxOutputTokens: 5 }))));
+    } finally {
+      fake.defaultReply = usual;
+    }
+    expect(await balanceOf(user)).toMatchObject({ balance: '0', reserved: '0' });
+    await expectConsistent(user);
+    const ledger = (await api('GET', '/billing/transactions?limit=100', user.headers)).json<{ data: { type: string; amount: string; balance_after: string; description: string }[] }>().data;
+    const usage = ledger.filter((entry) => entry.type === 'usage').reverse();
+    expect(usage.map((entry) => [entry.amount, entry.balance_after])).toEqual([
+      ['-25', '0'],
+      ['-15', '0'],
+      ['0', '0'],
+      ['0', '0'],
+    ]);
+    expect(usage[0]!.description).toMatch(/\(cost 50; the balance covered 25\)$/);
+    expect(usage[1]!.description).toMatch(/\(cost 50; the balance covered 15\)$/);
+    // The usage records keep what each call cost.
+    const costs = await ctx.database.db.select({ cost: usageRecords.cost }).from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
+    expect(costs.map((row) => Number(row.cost))).toEqual([50, 50, 50, 50]);
+  });
+
   it('an aborted stream releases the reservation and pays only for what was streamed', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '100');
