@@ -1,4 +1,4 @@
-import type { ServerOptions } from 'node:http';
+import type { ServerOptions, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 
 import type { Settings } from './config.js';
@@ -80,7 +80,26 @@ export function trackConnections(server: { on(event: 'connection', listener: (so
   return () => {
     closing = true;
     for (const socket of sockets) {
-      if (!(socket as Socket & { _httpMessage?: unknown })._httpMessage) socket.destroy();
+      if (!busyWith(socket)) socket.destroy();
+      else endOnceAnswered(socket);
     }
   };
+}
+
+/** The answer a socket is busy with (Node's `_httpMessage`, set once a request's headers are parsed). */
+const busyWith = (socket: Socket): ServerResponse | undefined => (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage ?? undefined;
+
+/**
+ * Ends a connection busy when closing began once it has answered what it was asked (requests
+ * pipelined behind it too): kept alive, as its answer's headers said before closing began, it held
+ * `server.close()` until its keep-alive timeout (72 s), far past the shutdown deadline.
+ */
+function endOnceAnswered(socket: Socket): void {
+  const response = busyWith(socket);
+  if (!response) {
+    socket.end();
+    return;
+  }
+  // After the turn in which Node hands the socket to a request pipelined behind this one.
+  response.once('close', () => setImmediate(() => endOnceAnswered(socket)));
 }

@@ -47,12 +47,38 @@ const thrownErrors = new WeakMap<FastifyRequest, unknown>();
  * needs an AbortSignal of the caller's, and one costs more per call than the rest of the
  * plumbing (see modules/ai-models/abort.ts).
  */
-function disconnectSignal(reply: FastifyReply): CallerAbort {
+function disconnectSignal(reply: FastifyReply, inFlight: Set<CallerAbort>): CallerAbort {
   const abort = new CallerAbort();
+  inFlight.add(abort);
   reply.raw.once('close', () => {
+    inFlight.delete(abort);
     if (!reply.raw.writableFinished) abort.abort();
   });
   return abort;
+}
+
+/**
+ * Once closing, the model calls still in flight (long streams) are aborted this long before the
+ * shutdown deadline (SHUTDOWN_TIMEOUT_MS), a quarter of it at most: a stream then ends with an
+ * error event and its call is metered and its hold released, where the deadline's exit had cut it
+ * off silently, unmetered, its credit held until the reservation expired.
+ */
+const SHUTDOWN_CUT_BEFORE_MS = 2_000;
+
+function cutOffAtShutdown(app: FastifyInstance, inFlight: Set<CallerAbort>): void {
+  let timer: NodeJS.Timeout | undefined;
+  app.addHook('preClose', (done) => {
+    const timeout = app.settings.SHUTDOWN_TIMEOUT_MS;
+    timer = setTimeout(() => {
+      for (const call of inFlight) call.abort();
+    }, timeout - Math.min(SHUTDOWN_CUT_BEFORE_MS, timeout / 4));
+    timer.unref();
+    done();
+  });
+  app.addHook('onClose', (_instance, done) => {
+    clearTimeout(timer);
+    done();
+  });
 }
 
 /**
@@ -62,8 +88,10 @@ function disconnectSignal(reply: FastifyReply): CallerAbort {
  */
 export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
   const { models } = app;
+  const inFlight = new Set<CallerAbort>();
   app.addHook('onRequest', requireUser);
   registerOpenAIErrors(app);
+  cutOffAtShutdown(app, inFlight);
   const agents = agentModelRoutes(app);
 
   app.get(
@@ -137,7 +165,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
     async (request, reply) => {
       const { body } = request;
       if (isAgentModel(body.model)) return agents.complete(request, reply);
-      const chat = toChatRequest(body, callContext(request.principal), disconnectSignal(reply));
+      const chat = toChatRequest(body, callContext(request.principal), disconnectSignal(reply, inFlight));
       if (body.stream) {
         const { events, first, model } = await openStream(models.stream(chat), body.model);
         const frames = new CompletionFrames(model, body.stream_options?.include_usage === true);
@@ -167,7 +195,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
     },
     async (request, reply) => {
       const { body } = request;
-      const result = await models.embed(toEmbedRequest(body, callContext(request.principal), disconnectSignal(reply)));
+      const result = await models.embed(toEmbedRequest(body, callContext(request.principal), disconnectSignal(reply, inFlight)));
       return reply.type(JSON_TYPE).send(embeddingsJson(result, body.encoding_format) as never);
     },
   );

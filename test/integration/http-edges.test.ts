@@ -1,5 +1,6 @@
 import { connect, type Socket } from 'node:net';
 
+import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
@@ -7,7 +8,10 @@ import { MAX_VALIDATION_ISSUES } from '../../src/core/errors.js';
 import { serverOptions } from '../../src/core/http-server.js';
 
 import { buildTestApp, openTestDatabase, testSettings, useTestApp } from '../helpers/app.js';
-import { superuserHeaders } from '../helpers/factories.js';
+import { createUser, superuserHeaders } from '../helpers/factories.js';
+import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { call, createKey } from '../helpers/http.js';
+import { addFakeModels } from '../helpers/metered-models.js';
 
 const ctx = useTestApp({ RATE_LIMIT_SIGNUP_PER_IP: '3', HTTP_REQUEST_TIMEOUT_MS: '2000', HTTP_HEADERS_TIMEOUT_MS: '1000' });
 
@@ -205,6 +209,54 @@ describe('METRICS_TOKEN', () => {
 // ==================== Closing ====================
 
 describe('closing the server', () => {
+  it('cuts a model stream still running near the shutdown deadline with an error event, metered and its hold released, so closing ends in time', async () => {
+    const opened = await openTestDatabase();
+    const fake = await FakeModelServer.start();
+    let app: FastifyInstance | null = null;
+    try {
+      // The deadline 2 s away: streams are cut a quarter of it before (at 1.5 s).
+      app = await buildTestApp(opened.database, { SHUTDOWN_TIMEOUT_MS: '2000', BILLING_ENABLED: 'true' });
+      const admin = await superuserHeaders(app);
+      await addFakeModels(app, admin, fake.url);
+      const user = await createUser(app);
+      expect((await call(app, 'POST', '/billing/credits', admin, { user_id: user.user.id, amount: '1000', description: 'test credits' })).statusCode).toBe(200);
+      const { key } = await createKey(app, user);
+      await app.listen({ host: '127.0.0.1', port: 0 });
+      const { port } = app.server.address() as { port: number };
+      // 50 chunks 200 ms apart: 10 s, far past the deadline.
+      fake.script('fake-billed', { chunks: Array.from({ length: 50 }, (_, i) => `part ${i} `), chunkDelayMs: 200 });
+      const response = await fetch(`http://127.0.0.1:${port}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'fake-billed', stream: true, max_tokens: 100, messages: [{ role: 'user', content: 'Go on' }] }),
+      });
+      expect(response.status).toBe(200);
+      const reader = (response.body as ReadableStream<Uint8Array>).getReader();
+      const decoder = new TextDecoder();
+      let text = decoder.decode((await reader.read()).value);
+      const started = Date.now();
+      const closed = app.close();
+      for (let part = await reader.read(); !part.done; part = await reader.read()) text += decoder.decode(part.value);
+      await closed;
+      app = null;
+      expect(Date.now() - started).toBeLessThan(2_000);
+      const events = text.split('\n\n').filter(Boolean);
+      expect(events.at(-1)).toMatch(/^data: \{"error":/);
+      expect(text).not.toContain('[DONE]');
+      await fake.waitFor((log) => log[0]?.aborted === true);
+      const result = await opened.database.db.execute(
+        sql`select (select status from usage_records where owner_id = ${user.user.id}) as status,
+                   (select count(*)::int from credit_reservations where user_id = ${user.user.id}) as holds,
+                   (select reserved::float from credit_accounts where user_id = ${user.user.id}) as reserved`,
+      );
+      expect((result as { rows: unknown[] }).rows[0]).toEqual({ status: 'aborted', holds: 0, reserved: 0 });
+    } finally {
+      await app?.close();
+      await fake.close();
+      await opened.destroy();
+    }
+  });
+
   it("refuses a request that arrives once closing has begun with 503 in the API's shape ({detail}, OpenAI's under /v1), asking the client to reconnect", async () => {
     const opened = await openTestDatabase();
     try {
