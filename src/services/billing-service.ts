@@ -53,7 +53,7 @@ export async function grant(ctx: ServiceContext, input: CreditGrant) {
   });
   if (id === null) {
     const { balance, reserved } = await billingCrud.getBalance(ctx.db, user.id);
-    throw new ConflictError(`The adjustment would leave less than nothing: balance ${formatMoney(balance)}, ${formatMoney(reserved)} of it held by calls in progress`);
+    throw new ConflictError(`The adjustment would leave less than nothing: balance ${formatMoney(balance)}, ${formatMoney(reserved)} of it held for calls not yet settled`);
   }
   ctx.log.info({ userId: user.id, type: input.type, transactionId: id }, 'credits changed');
   const row = await billingCrud.transactionCrud.getById(ctx.db, id);

@@ -28,7 +28,7 @@ export const availableCredits = ({ balance, reserved }: CreditsFigures): string 
  * (`; this call to … needs up to …`). The meter's words, and every early refusal's.
  */
 export function notEnoughCreditsMessage(credits: CreditsFigures): string {
-  const held = isZero(credits.reserved) ? '' : ` (${formatMoney(credits.reserved)} of it held by calls in progress)`;
+  const held = isZero(credits.reserved) ? '' : ` (${formatMoney(credits.reserved)} of it held for calls not yet settled)`;
   return `Not enough credits: balance ${formatMoney(credits.balance)}${held}, available ${formatMoney(availableCredits(credits))}`;
 }
 
@@ -43,6 +43,6 @@ export const budgetLeft = (maxBudget: string, spend: KeySpendFigures): string =>
 
 /** The 402 for an API key whose `max_budget` does not cover a call, with its figures; the caller adds what needed it. */
 export function overBudgetMessage(maxBudget: string, spend: KeySpendFigures): string {
-  const held = isZero(spend.reserved) ? '' : `, ${formatMoney(spend.reserved)} held by calls in progress`;
+  const held = isZero(spend.reserved) ? '' : `, ${formatMoney(spend.reserved)} held for calls not yet settled`;
   return `API key budget exceeded: max_budget ${formatMoney(maxBudget)}, spent ${formatMoney(spend.spent)}${held}`;
 }
