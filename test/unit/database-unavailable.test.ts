@@ -5,11 +5,11 @@ import { DATABASE_RETRY_AFTER_SECONDS, isDatabaseUnavailableCode } from '../../s
 import { registerErrorHandler } from '../../src/core/errors.js';
 
 describe('database unavailable SQLSTATEs', () => {
-  it.each(['08000', '08001', '08003', '08004', '08006', '08P01', '57P01', '57P02', '57P03', '57P04', '3D000', '53300'])('%s means unavailable', (code) => {
+  it.each(['08000', '08001', '08003', '08004', '08006', '08P01', '57P01', '57P02', '57P03', '57P04', '3D000', '53300', '57014', '55P03'])('%s means unavailable', (code) => {
     expect(isDatabaseUnavailableCode(code)).toBe(true);
   });
 
-  it.each(['23505', '22P02', '42P01', '57014', '53100', '40001', '3F000', '28P01'])('%s does not', (code) => {
+  it.each(['23505', '22P02', '42P01', '53100', '40001', '3F000', '28P01'])('%s does not', (code) => {
     expect(isDatabaseUnavailableCode(code)).toBe(false);
   });
 });
