@@ -118,15 +118,6 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     closeUnusedConnections();
     done();
   });
-  // A request that reaches the app once it is closing (pipelined, or on a connection that was busy
-  // when closing began) is refused with a 503 the error handlers shape ({detail}, or OpenAI's under
-  // /v1), asking the client to reconnect (to another node). Callback style: it runs on every request.
-  app.addHook('onRequest', (_request, reply, done) => {
-    if (!closing) return done();
-    reply.header('connection', 'close');
-    done(new ServiceUnavailableError('The server is shutting down'));
-  });
-
   app.setValidatorCompiler(validatorCompiler);
   app.setSerializerCompiler(serializerCompiler);
 
@@ -177,6 +168,15 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   // ==================== Plugins ====================
 
   await registerCors(app, settings);
+  // A request that reaches the app once it is closing (pipelined, or on a connection that was busy
+  // when closing began) is refused with a 503 the error handlers shape ({detail}, or OpenAI's under
+  // /v1); Fastify's routing adds `Connection: close` then, so the client reconnects (to another
+  // node). After the bookkeeping and CORS hooks, so the 503 carries their headers too. Callback
+  // style: it runs on every request.
+  app.addHook('onRequest', (_request, _reply, done) => {
+    if (!closing) return done();
+    done(new ServiceUnavailableError('The server is shutting down'));
+  });
   await app.register(formbody, { bodyLimit: settings.BODY_LIMIT_BYTES });
   // An empty body sent as JSON is no body (as FastAPI reads it): a DELETE from a client that sets
   // `content-type: application/json` on every request works, and a route that needs a body

@@ -287,7 +287,11 @@ export async function settle(db: Db, s: Settlement, retried = false): Promise<vo
             budget_reserved = greatest(budget_reserved - coalesce((select key_amount from r), 0), 0)
           where id = ${s.apiKeyId}::uuid and ${s.chargeKey}::boolean${fresh} returning id
         ),
-        o as (select user_id, balance from credit_accounts where user_id = ${s.userId}::uuid and ${s.chargeAccount}::boolean${fresh} for update),
+        o as (
+          -- After the reservation (r): the sweep and settleMany lock a reservation before its account.
+          select user_id, balance from credit_accounts
+          where user_id = ${s.userId}::uuid and ${s.chargeAccount}::boolean${fresh} and (select count(*) from r) >= 0 for update
+        ),
         a as (
           update credit_accounts c set balance = ${flooredBalance(sql`o.balance`, sql`${s.cost}::numeric`)},
             reserved = greatest(c.reserved - coalesce((select account_amount from r), 0), 0), updated_at = now()

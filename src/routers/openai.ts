@@ -2,6 +2,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { type FastifyPluginAsyncZod, validatorCompiler } from 'fastify-type-provider-zod';
 
 import { noteRefusal } from '../core/access-log.js';
+import { ServiceUnavailableError } from '../core/errors.js';
 
 import {
   ChatCompletion,
@@ -70,7 +71,8 @@ function cutOffAtShutdown(app: FastifyInstance, inFlight: Set<CallerAbort>): voi
   app.addHook('preClose', (done) => {
     const timeout = app.settings.SHUTDOWN_TIMEOUT_MS;
     timer = setTimeout(() => {
-      for (const call of inFlight) call.abort();
+      const reason = new ServiceUnavailableError('The server is shutting down');
+      for (const call of inFlight) call.abort(reason);
     }, timeout - Math.min(SHUTDOWN_CUT_BEFORE_MS, timeout / 4));
     timer.unref();
     done();

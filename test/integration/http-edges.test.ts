@@ -224,13 +224,18 @@ describe('closing the server', () => {
       await app.listen({ host: '127.0.0.1', port: 0 });
       const { port } = app.server.address() as { port: number };
       // 50 chunks 200 ms apart: 10 s, far past the deadline.
-      fake.script('fake-billed', { chunks: Array.from({ length: 50 }, (_, i) => `part ${i} `), chunkDelayMs: 200 });
-      const response = await fetch(`http://127.0.0.1:${port}/v1/chat/completions`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-        body: JSON.stringify({ model: 'fake-billed', stream: true, max_tokens: 100, messages: [{ role: 'user', content: 'Go on' }] }),
-      });
+      // Then a whole answer 10 s away.
+      fake.script('fake-billed', { chunks: Array.from({ length: 50 }, (_, i) => `part ${i} `), chunkDelayMs: 200 }, { text: 'late', chunkDelayMs: 10_000 });
+      const ask = (stream: boolean) =>
+        fetch(`http://127.0.0.1:${port}/v1/chat/completions`, {
+          method: 'POST',
+          headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+          body: JSON.stringify({ model: 'fake-billed', stream, max_tokens: 100, messages: [{ role: 'user', content: 'Go on' }] }),
+        });
+      const response = await ask(true);
       expect(response.status).toBe(200);
+      const whole = ask(false);
+      await fake.waitFor((log) => log.length === 2);
       const reader = (response.body as ReadableStream<Uint8Array>).getReader();
       const decoder = new TextDecoder();
       let text = decoder.decode((await reader.read()).value);
@@ -241,15 +246,19 @@ describe('closing the server', () => {
       app = null;
       expect(Date.now() - started).toBeLessThan(2_000);
       const events = text.split('\n\n').filter(Boolean);
-      expect(events.at(-1)).toMatch(/^data: \{"error":/);
+      // Not the client's doing: a 503 it may retry elsewhere, in the stream and as the whole answer's status.
+      expect(JSON.parse(events.at(-1)!.slice('data: '.length))).toEqual({ error: { message: 'The server is shutting down', type: 'server_error', param: null, code: 'service_unavailable' } });
       expect(text).not.toContain('[DONE]');
-      await fake.waitFor((log) => log[0]?.aborted === true);
+      const cut = await whole;
+      expect(cut.status).toBe(503);
+      expect(((await cut.json()) as { error: { code: string } }).error.code).toBe('service_unavailable');
+      await fake.waitFor((log) => log[0]?.aborted === true && log[1]?.aborted === true);
       const result = await opened.database.db.execute(
-        sql`select (select status from usage_records where owner_id = ${user.user.id}) as status,
+        sql`select (select string_agg(status::text, ',') from usage_records where owner_id = ${user.user.id}) as status,
                    (select count(*)::int from credit_reservations where user_id = ${user.user.id}) as holds,
                    (select reserved::float from credit_accounts where user_id = ${user.user.id}) as reserved`,
       );
-      expect((result as { rows: unknown[] }).rows[0]).toEqual({ status: 'aborted', holds: 0, reserved: 0 });
+      expect((result as { rows: unknown[] }).rows[0]).toEqual({ status: 'aborted,aborted', holds: 0, reserved: 0 });
     } finally {
       await app?.close();
       await fake.close();
@@ -283,6 +292,7 @@ describe('closing the server', () => {
       expect(answers[0]).toMatch(/^HTTP\/1\.1 400 /); // served: it was in flight
       expect(answers[1]).toMatch(/^HTTP\/1\.1 503 /);
       expect(answers[1]).toMatch(/\r\nconnection: close\r\n/i);
+      expect(answers[1]).toMatch(/\r\nx-request-id: [\w-]+\r\n/);
       expect(JSON.parse(answers[1]!.split('\r\n\r\n')[1]!)).toEqual({ error: { message: 'The server is shutting down', type: 'server_error', param: null, code: 'service_unavailable' } });
       // The connection was closed after the 503, as it asked: the third request was never answered, or answered alike.
       if (answers[2]) expect(JSON.parse(answers[2].split('\r\n\r\n')[1]!)).toEqual({ detail: 'The server is shutting down' });

@@ -35,6 +35,8 @@ import {
 } from 'ai';
 import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings } from 'ai/internal';
 
+import { HttpError } from '../../core/errors.js';
+
 import { AsyncQueue } from '../../utils/async-queue.js';
 import { CallerAbort, type CallerSignal } from './abort.js';
 import { STREAM_ANSWER, vectorsAnswer } from './answer-limit.js';
@@ -676,12 +678,22 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   return { kind: 'fatal', error: error instanceof Error ? error : new Error(String(error)) };
 }
 
+/**
+ * What a call its caller aborted throws: the caller's reason when it is an HttpError (the server
+ * shutting down: a 503 the client may retry elsewhere), else ModelCallAbortedError (the client
+ * went away). Metered as `aborted` either way.
+ */
+function abortedError(signal: CallerSignal | undefined): Error {
+  const reason = signal?.reason;
+  return reason instanceof HttpError ? reason : new ModelCallAbortedError();
+}
+
 function sleep(ms: number, signal: CallerSignal | undefined): Promise<void> {
   return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(new ModelCallAbortedError());
+    if (signal?.aborted) return reject(abortedError(signal));
     const onAbort = () => {
       clearTimeout(timer);
-      reject(new ModelCallAbortedError());
+      reject(abortedError(signal));
     };
     const timer = setTimeout(() => {
       signal?.removeEventListener('abort', onAbort);
@@ -1176,7 +1188,7 @@ export class ModelManager {
         : estimateTokens([request.system ?? '', request.messages, toolsSent(request.tools), request.responseFormat ?? null]) + mediaAllowance(request.messages);
     let lastError: Error | undefined;
     for (const model of chain) {
-      if (signal?.aborted) throw new ModelCallAbortedError();
+      if (signal?.aborted) throw abortedError(signal);
       // What the call sends upstream as its maximum (see outputTokens): the estimate's worst case.
       const worst = this.worstCase(model, inputTokens, operation === 'embed' ? 0 : maxOutputTokens);
       const estimate: CostEstimate = {
@@ -1228,7 +1240,7 @@ export class ModelManager {
       if (signal?.aborted) {
         // The caller went away while the call was being reserved: it goes no further (settling releases the hold).
         finish('aborted', new ModelCallAbortedError());
-        throw new ModelCallAbortedError();
+        throw abortedError(signal);
       }
       for (;;) {
         attempts += 1;
@@ -1242,7 +1254,7 @@ export class ModelManager {
           const outcome = classify(error, attempt, signal, timeoutMs);
           if (outcome.kind === 'aborted') {
             finish('aborted', new ModelCallAbortedError(), true);
-            throw new ModelCallAbortedError();
+            throw abortedError(signal);
           }
           lastError = outcome.error;
           if (outcome.kind === 'fatal' || state.streamed) {
