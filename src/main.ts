@@ -127,7 +127,7 @@ async function serveCommand(spec: CommandSpec, args: string[]): Promise<number> 
   const { closeOnSignals, startServer } = await server();
   try {
     const app = await startServer(settings, logger, { migrate: spec.name === 'start' });
-    closeOnSignals(app, settings, logger);
+    closeOnSignals(app, settings, logger, () => app.meter.saveUnwritten());
   } catch (error) {
     throw listenProblem(error, settings) ?? error;
   }
@@ -140,7 +140,8 @@ async function workerCommand(args: string[]): Promise<number> {
   const logger = startLogger(settings);
   await checkRedis(settings);
   const { closeOnSignals, startWorker } = await server();
-  closeOnSignals(await startWorker(settings, logger), settings, logger);
+  const worker = await startWorker(settings, logger);
+  closeOnSignals(worker, settings, logger, () => worker.saveUnwritten());
   return 0;
 }
 

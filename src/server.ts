@@ -59,7 +59,7 @@ export async function startServer(settings: Settings, logger: Logger, options: S
  * run events and cancels travel) and the database (the truth about runs); embedded, `keel start`
  * does all of it itself.
  */
-export async function startWorker(settings: Settings, logger: pino.Logger): Promise<{ close: () => Promise<void> }> {
+export async function startWorker(settings: Settings, logger: pino.Logger): Promise<{ close: () => Promise<void>; saveUnwritten: () => void }> {
   if (!settings.REDIS_URL) {
     throw new ConfigError('REDIS_URL: `keel worker` takes jobs from Redis; without it, `keel start` or `keel api` runs them');
   }
@@ -71,6 +71,7 @@ export async function startWorker(settings: Settings, logger: pino.Logger): Prom
     agentRuns.work();
     logger.info({ concurrency: settings.JOB_CONCURRENCY, runConcurrency: settings.RUN_CONCURRENCY }, 'worker started');
     return {
+      saveUnwritten: () => agentRuns.meter.saveUnwritten(),
       close: async () => {
         await agentRuns.close();
         await closeStorage(settings);
@@ -119,13 +120,15 @@ export function drainMs(settings: Settings): number {
  * short), then stops accepting and lets in-flight requests finish; a worker lets its running jobs
  * finish (up to SHUTDOWN_TIMEOUT_MS after the drain); then everything is closed.
  */
-export function closeOnSignals(app: { close(): PromiseLike<unknown> }, settings: Settings, logger: pino.Logger): void {
+export function closeOnSignals(app: { close(): PromiseLike<unknown> }, settings: Settings, logger: pino.Logger, atDeadline?: () => void): void {
   let closing = false;
   let endDrain: (() => void) | null = null;
   const close = () => {
     endDrain = null;
     const deadline = setTimeout(() => {
       logger.error('shutdown deadline passed; exiting with work still running');
+      // What must outlive the process (the usage not yet written), saved before it goes.
+      atDeadline?.();
       logger.flush();
       process.exit(1);
     }, settings.SHUTDOWN_TIMEOUT_MS);

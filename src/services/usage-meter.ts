@@ -15,7 +15,7 @@
  * down) is saved under DATA_DIR/usage-unwritten and written by the next start (`recoverUnwritten`).
  */
 import { randomUUID } from 'node:crypto';
-import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { setImmediate as setImmediatePromise } from 'node:timers/promises';
 
@@ -67,6 +67,20 @@ const WINDOW_IDLE_MS = 2_000;
 
 /** Under DATA_DIR: what a process could not write at shutdown, for the next start to write. */
 export const UNWRITTEN_DIR = 'usage-unwritten';
+
+/** The most usage rows (and settlements) one file of UNWRITTEN_DIR holds. */
+const UNWRITTEN_ROWS_PER_FILE = 10_000;
+
+/** Whether a process of this id runs (on this host): a saved file it took but never wrote is taken back once it is gone. */
+function processAlive(pid: number): boolean {
+  if (pid === process.pid) return false; // an earlier process's id, reused: this one keeps no such file
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
 
 /** A file of UNWRITTEN_DIR: the meter's queues as they were. Every write in them is idempotent (by usage record and ledger entry id). */
 interface Unwritten {
@@ -121,6 +135,8 @@ export class UsageMeterService implements UsageMeter {
   /** close() has resolved: what a call still in flight then adds is written at once (`lateFlush`), no timer runs any more. */
   private closed = false;
   private lateFlush: NodeJS.Immediate | undefined;
+  /** Files of UNWRITTEN_DIR this process took (`recoverUnwritten`) whose items are not yet written. */
+  private recovered: string[] = [];
 
   constructor(options: UsageMeterOptions) {
     this.db = options.db;
@@ -145,7 +161,14 @@ export class UsageMeterService implements UsageMeter {
   start(): void {
     this.recoverUnwritten();
     this.track(this.sweep());
-    this.sweepTimer = setInterval(() => this.track(this.sweep()), Math.min(SWEEP_INTERVAL_MS, this.settings.BILLING_RESERVATION_TTL_SECONDS * 500));
+    this.sweepTimer = setInterval(
+      () => {
+        // What another process on this DATA_DIR saved since (stopped while the database was down).
+        this.recoverUnwritten();
+        this.track(this.sweep());
+      },
+      Math.min(SWEEP_INTERVAL_MS, this.settings.BILLING_RESERVATION_TTL_SECONDS * 500),
+    );
     this.sweepTimer.unref();
     if (this.windows) {
       const windows = this.windows;
@@ -453,6 +476,8 @@ export class UsageMeterService implements UsageMeter {
     if (this.flushing) return this.flushing.then(() => (this.hasPending() ? this.flush() : undefined));
     this.flushing = this.writeOnce().finally(() => {
       this.flushing = null;
+      // Nothing pending: what the files recovered from held is in the database.
+      if (this.recovered.length && !this.hasPending()) this.forgetRecovered();
     });
     return this.flushing;
   }
@@ -664,56 +689,112 @@ export class UsageMeterService implements UsageMeter {
   }
 
   /**
-   * At shutdown, what the database would not take (it is down): into a file of UNWRITTEN_DIR, for
-   * the next start on this DATA_DIR. The records and charges of calls already answered are not lost
-   * with the process, and the credit its blocks held goes back then, not at their expiry.
+   * At shutdown, what the database would not take (it is down): into files of UNWRITTEN_DIR, for
+   * the next start on this DATA_DIR (or a running process's sweep). The records and charges of
+   * calls already answered are not lost with the process, and the credit its blocks held goes back
+   * then, not at their expiry. Files of UNWRITTEN_ROWS_PER_FILE rows at most (a long outage's
+   * buffer would pass what one JSON string can hold), each written whole under a temporary name and
+   * renamed, so a reader never sees half of one; names sort in the order the items were queued (a
+   * block's release after its calls' charges). Synchronous: the shutdown deadline calls it too.
    */
-  private saveUnwritten(): void {
-    const unwritten: Unwritten = { usage: this.buffer, settlements: this.failedSettlements, windowSettlements: this.windowSettlements, blockReleases: this.blockReleases };
-    const counts = { usageRecords: unwritten.usage.length, settlements: unwritten.settlements.length + unwritten.windowSettlements.length, blockReleases: unwritten.blockReleases.length };
-    const file = join(this.unwrittenDir, `${Date.now()}-${process.pid}-${randomUUID()}.json`);
+  saveUnwritten(): void {
+    if (!this.hasPending()) return;
+    const counts = { usageRecords: this.buffer.length, settlements: this.failedSettlements.length + this.windowSettlements.length, blockReleases: this.blockReleases.length };
+    const chunks: Unwritten[] = [];
+    const chunk = <T>(items: T[], into: (part: Unwritten, slice: T[]) => void) => {
+      for (let i = 0; i < items.length; i += UNWRITTEN_ROWS_PER_FILE) {
+        const part: Unwritten = { usage: [], settlements: [], windowSettlements: [], blockReleases: [] };
+        into(part, items.slice(i, i + UNWRITTEN_ROWS_PER_FILE));
+        chunks.push(part);
+      }
+    };
+    chunk(this.buffer, (part, slice) => (part.usage = slice));
+    chunk(this.windowSettlements, (part, slice) => (part.windowSettlements = slice));
+    chunk(this.failedSettlements, (part, slice) => (part.settlements = slice));
+    chunk(this.blockReleases, (part, slice) => (part.blockReleases = slice));
+    const stamp = `${Date.now()}-${process.pid}-${randomUUID()}`;
     try {
       mkdirSync(this.unwrittenDir, { recursive: true, mode: 0o700 });
-      writeFileSync(file, JSON.stringify(unwritten), { mode: 0o600 });
-      this.log.error({ ...counts, file }, 'usage not written at shutdown (database unavailable); saved for the next start to write');
+      for (const [i, part] of chunks.entries()) {
+        const name = join(this.unwrittenDir, `${stamp}-${String(i).padStart(6, '0')}`);
+        const fd = openSync(`${name}.tmp`, 'w', 0o600);
+        try {
+          writeSync(fd, JSON.stringify(part));
+          fsyncSync(fd);
+        } finally {
+          closeSync(fd);
+        }
+        renameSync(`${name}.tmp`, `${name}.json`);
+      }
+      // Saved again with the rest: the files they were recovered from are done with.
+      this.forgetRecovered();
+      this.buffer = [];
+      this.failedSettlements = [];
+      this.windowSettlements = [];
+      this.blockReleases = [];
+      this.log.error({ ...counts, dir: this.unwrittenDir, files: chunks.length }, 'usage not written at shutdown (database unavailable); saved for the next start to write');
     } catch (error) {
       this.log.error({ ...counts, err: error }, 'usage not written at shutdown, and could not be saved');
     }
   }
 
   /**
-   * What earlier processes saved at shutdown (saveUnwritten), queued to be written first: every
-   * write is idempotent, so what had reached the database after all is not written twice. A file is
-   * renamed before it is read, so two processes on one DATA_DIR never both take it; once read it is
-   * gone, and this process's own shutdown saves it again if the database still refuses it.
+   * Queues what processes saved (saveUnwritten) to be written first: every write is idempotent, so
+   * what had reached the database after all is not written twice. A file is renamed to
+   * `<name>.<pid>.taken` before it is read, so two processes on one DATA_DIR never both take it, and
+   * deleted only once what it held is written (a flush that leaves nothing pending) or saved again
+   * (shutdown): a process killed meanwhile leaves it taken, and the next one takes it back once
+   * that process is gone. A file that cannot be read is set aside as `.unreadable` (logged).
    */
   private recoverUnwritten(): void {
     let names: string[];
     try {
-      names = readdirSync(this.unwrittenDir).filter((name) => name.endsWith('.json'));
+      names = readdirSync(this.unwrittenDir).sort();
     } catch {
       return; // none saved
     }
     for (const name of names) {
+      const orphan = /^(.+\.json)\.(\d+)\.taken$/.exec(name);
+      if (!orphan || this.recovered.includes(join(this.unwrittenDir, name)) || processAlive(Number(orphan[2]))) continue;
+      try {
+        renameSync(join(this.unwrittenDir, name), join(this.unwrittenDir, orphan[1]!));
+        names.push(orphan[1]!);
+      } catch {
+        // another process took it back first
+      }
+    }
+    let recovered = 0;
+    for (const name of [...new Set(names)].filter((n) => n.endsWith('.json')).sort()) {
       const taken = join(this.unwrittenDir, `${name}.${process.pid}.taken`);
       try {
         renameSync(join(this.unwrittenDir, name), taken);
       } catch {
         continue; // another process took it
       }
+      let unwritten: Unwritten;
       try {
-        const unwritten = JSON.parse(readFileSync(taken, 'utf8')) as Unwritten;
-        this.buffer.push(...unwritten.usage);
-        this.failedSettlements.push(...unwritten.settlements);
-        this.windowSettlements.push(...unwritten.windowSettlements);
-        this.blockReleases.push(...unwritten.blockReleases);
-        rmSync(taken);
-        this.log.info({ file: name, usageRecords: unwritten.usage.length }, 'writing the usage an earlier process left unwritten');
+        unwritten = JSON.parse(readFileSync(taken, 'utf8')) as Unwritten;
       } catch (error) {
-        this.log.error({ err: error, file: taken }, 'usage left unwritten by an earlier process could not be read; the file is kept');
+        this.log.error({ err: error, file: name }, 'usage left unwritten by an earlier process could not be read; set aside');
+        renameSync(taken, join(this.unwrittenDir, `${name}.unreadable`));
+        continue;
       }
+      // Item by item: a spread of 100,000s of items passes the call stack's limit.
+      for (const row of unwritten.usage) this.buffer.push(row);
+      for (const item of unwritten.settlements) this.failedSettlements.push(item);
+      for (const item of unwritten.windowSettlements) this.windowSettlements.push(item);
+      for (const item of unwritten.blockReleases) this.blockReleases.push(item);
+      this.recovered.push(taken);
+      recovered += unwritten.usage.length;
     }
-    if (this.hasPending()) this.track(this.flush());
+    if (!this.recovered.length) return;
+    this.log.info({ files: this.recovered.length, usageRecords: recovered }, 'writing the usage earlier processes left unwritten');
+    this.track(this.flush());
+  }
+
+  /** Deletes the files recovered from once what they held is written or saved again. */
+  private forgetRecovered(): void {
+    for (const file of this.recovered.splice(0)) rmSync(file, { force: true });
   }
 
   /** Nothing queued, waiting for the next check phase, or being written. */
