@@ -289,12 +289,12 @@ export async function settle(db: Db, s: Settlement, retried = false): Promise<vo
         ),
         o as (
           -- After the reservation (r): the sweep and settleMany lock a reservation before its account.
-          select user_id, balance from credit_accounts
+          select user_id, balance, reserved from credit_accounts
           where user_id = ${s.userId}::uuid and ${s.chargeAccount}::boolean${fresh} and (select count(*) from r) >= 0 for update
         ),
         a as (
-          update credit_accounts c set balance = ${flooredBalance(sql`o.balance`, sql`${s.cost}::numeric`)},
-            reserved = greatest(c.reserved - coalesce((select account_amount from r), 0), 0), updated_at = now()
+          update credit_accounts c set balance = ${flooredBalance(sql`o.balance`, sql`${s.cost}::numeric`, sql`greatest(o.reserved - coalesce((select account_amount from r), 0), 0)`)},
+            reserved = greatest(o.reserved - coalesce((select account_amount from r), 0), 0), updated_at = now()
           from o where c.user_id = o.user_id returning c.balance, o.balance - c.balance as debited
         )
         insert into credit_transactions (owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id, created_at, updated_at)
@@ -352,31 +352,34 @@ const settleCtes = (batch: readonly Settlement[], withRows = false) =>
                 where charge_key and api_key_id is not null group by api_key_id) g
           where t.id = g.api_key_id returning t.id
         ),
-        o as (select user_id, balance from credit_accounts where user_id in (select user_id from ir where charge_account) for update),
+        o as (select user_id, balance, reserved from credit_accounts where user_id in (select user_id from ir where charge_account) for update),
         a as (
-          update credit_accounts c set balance = ${flooredBalance(sql`o.balance`, sql`g.cost`)}, reserved = greatest(c.reserved - g.released, 0), updated_at = now()
+          update credit_accounts c set balance = ${flooredBalance(sql`o.balance`, sql`g.cost`, sql`greatest(o.reserved - g.released, 0)`)},
+            reserved = greatest(o.reserved - g.released, 0), updated_at = now()
           from (select user_id, sum(cost) as cost, sum(account_release) as released from ir
                 where charge_account and user_id is not null group by user_id) g, o
-          where c.user_id = g.user_id and o.user_id = g.user_id returning c.user_id, o.balance as prior_balance
+          where c.user_id = g.user_id and o.user_id = g.user_id returning c.user_id, o.balance as prior_balance, c.reserved as still_held
         ),
         w as (
-          select ir.*, a.prior_balance, sum(ir.cost) over (partition by ir.user_id order by ir.ord rows between unbounded preceding and current row) as spent
+          select ir.*, a.prior_balance, a.still_held, sum(ir.cost) over (partition by ir.user_id order by ir.ord rows between unbounded preceding and current row) as spent
           from ir join a on a.user_id = ir.user_id
           where ir.charge_account
         ),
         e as (
-          select w.*, ${flooredBalance(sql`prior_balance`, sql`spent`)} as balance_after,
-            ${flooredBalance(sql`prior_balance`, sql`spent - cost`)} - ${flooredBalance(sql`prior_balance`, sql`spent`)} as debited
+          select w.*, ${flooredBalance(sql`prior_balance`, sql`spent`, sql`still_held`)} as balance_after,
+            ${flooredBalance(sql`prior_balance`, sql`spent - cost`, sql`still_held`)} - ${flooredBalance(sql`prior_balance`, sql`spent`, sql`still_held`)} as debited
           from w
         )`;
 
 /**
- * An account's balance after `cost` is charged to `balance`: never below zero (SPEC §8: debits can
- * never spend past zero), and one below zero already (an adjustment) is left as it is. A call's
+ * An account's balance after `cost` is charged to `balance`: never below what other calls still
+ * hold (`held`, the account's `reserved` after this statement's releases), so never below zero
+ * (SPEC §8: debits can never spend past zero) and never into credit another call in flight (or a
+ * credit window's block) has held; a balance below that already is left as it is. A call's
  * reservation covers its estimate; what it costs beyond that (a provider that counts more tokens
- * than the estimate, or ignores the maximum) is charged only as far as the balance goes.
+ * than the estimate, or ignores the maximum) is charged only as far as the free balance goes.
  */
-const flooredBalance = (balance: SQL, cost: SQL) => sql`least(${balance}, greatest(0, ${balance} - (${cost})))`;
+const flooredBalance = (balance: SQL, cost: SQL, held: SQL) => sql`least(${balance}, greatest(${held}, ${balance} - (${cost})))`;
 
 /** A usage entry's description, saying so when the balance covered less than the call cost (its usage record keeps the cost). */
 const chargedDescription = (description: SQL, cost: SQL, debited: SQL) =>

@@ -234,16 +234,18 @@ describe('metered calls with BILLING_ENABLED', () => {
     await expectConsistent(user);
   });
 
-  it('a call that costs more than it held (a provider past the maximum) is charged as far as the balance goes, never below zero', async () => {
+  it('a call that costs more than it held (a provider past the maximum) is charged as far as the free balance goes: never below zero, nor into what other calls hold', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '25');
-    // Held 10 (its maximum), reported 50: one call alone (settled by itself), then three at once (settled together).
+    // Held 10 (its maximum), reported 50.
     const usual = fake.defaultReply;
     fake.defaultReply = { text: 'long', usage: { prompt_tokens: 1, completion_tokens: 50 } };
     try {
       await ctx.app.models.chat(billed(user));
       expect(await balanceOf(user)).toMatchObject({ balance: '0', reserved: '0' });
+      // Three at once, each holding 5 of 15 before any answers: all three are served, whatever order they settle in.
       await grant(user, '15');
+      fake.defaultReply = { text: 'long', chunkDelayMs: 200, usage: { prompt_tokens: 1, completion_tokens: 50 } };
       await Promise.all(Array.from({ length: 3 }, () => ctx.app.models.chat(billed(user, { maxOutputTokens: 5 }))));
     } finally {
       fake.defaultReply = usual;
@@ -252,17 +254,38 @@ describe('metered calls with BILLING_ENABLED', () => {
     await expectConsistent(user);
     const ledger = (await api('GET', '/billing/transactions?limit=100', user.headers)).json<{ data: { type: string; amount: string; balance_after: string; description: string }[] }>().data;
     const usage = ledger.filter((entry) => entry.type === 'usage').reverse();
-    expect(usage.map((entry) => [entry.amount, entry.balance_after])).toEqual([
-      ['-25', '0'],
-      ['-15', '0'],
-      ['0', '0'],
-      ['0', '0'],
-    ]);
+    expect(usage.map((entry) => entry.amount)[0]).toBe('-25');
     expect(usage[0]!.description).toMatch(/\(cost 50; the balance covered 25\)$/);
-    expect(usage[1]!.description).toMatch(/\(cost 50; the balance covered 15\)$/);
+    const three = usage.slice(1);
+    expect(three).toHaveLength(3);
+    expect(three.reduce((sum, entry) => sum + Number(entry.amount), 0)).toBe(-15);
+    for (const entry of three) {
+      expect(Number(entry.balance_after)).toBeGreaterThanOrEqual(0);
+      expect(entry.description).toMatch(/\(cost 50; the balance covered \d+\)$/);
+    }
     // The usage records keep what each call cost.
     const costs = await ctx.database.db.select({ cost: usageRecords.cost }).from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
     expect(costs.map((row) => Number(row.cost))).toEqual([50, 50, 50, 50]);
+  });
+
+  it('an over-running call is not charged the credit a call still in flight holds, which stays covered', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '30');
+    const usual = fake.defaultReply;
+    try {
+      // A slow call holds 10; a quick one that reports 50 against its hold of 10 settles first.
+      fake.script('fake-billed', { text: 'slow', chunkDelayMs: 400, usage: { prompt_tokens: 1, completion_tokens: 4 } }, { text: 'long', usage: { prompt_tokens: 1, completion_tokens: 50 } });
+      const slow = ctx.app.models.chat(billed(user));
+      await fake.waitFor((log) => log.length === 1);
+      await ctx.app.models.chat(billed(user));
+      // Settled: 30 − 20 (what the slow call's hold leaves free) = 10, still covering the slow call.
+      expect(await balanceOf(user)).toMatchObject({ balance: '10', reserved: '10' });
+      await slow;
+    } finally {
+      fake.defaultReply = usual;
+    }
+    expect(await balanceOf(user)).toMatchObject({ balance: '6', reserved: '0' });
+    await expectConsistent(user);
   });
 
   it('an aborted stream releases the reservation and pays only for what was streamed', async () => {
