@@ -288,13 +288,12 @@ export async function settle(db: Db, s: Settlement, retried = false): Promise<vo
           where id = ${s.apiKeyId}::uuid and ${s.chargeKey}::boolean${fresh} returning id
         ),
         o as (
-          -- After the reservation (r): the sweep and settleMany lock a reservation before its account.
-          select user_id, balance, reserved from credit_accounts
-          where user_id = ${s.userId}::uuid and ${s.chargeAccount}::boolean${fresh} and (select count(*) from r) >= 0 for update
+          -- Reads the reservation (r) first: the sweep and settleMany lock a reservation before its account.
+          select user_id, balance, greatest(reserved - coalesce((select account_amount from r), 0), 0) as still_held from credit_accounts
+          where user_id = ${s.userId}::uuid and ${s.chargeAccount}::boolean${fresh} for update
         ),
         a as (
-          update credit_accounts c set balance = ${flooredBalance(sql`o.balance`, sql`${s.cost}::numeric`, sql`greatest(o.reserved - coalesce((select account_amount from r), 0), 0)`)},
-            reserved = greatest(o.reserved - coalesce((select account_amount from r), 0), 0), updated_at = now()
+          update credit_accounts c set balance = ${flooredBalance(sql`o.balance`, sql`${s.cost}::numeric`, sql`o.still_held`)}, reserved = o.still_held, updated_at = now()
           from o where c.user_id = o.user_id returning c.balance, o.balance - c.balance as debited
         )
         insert into credit_transactions (owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id, created_at, updated_at)
@@ -352,13 +351,14 @@ const settleCtes = (batch: readonly Settlement[], withRows = false) =>
                 where charge_key and api_key_id is not null group by api_key_id) g
           where t.id = g.api_key_id returning t.id
         ),
-        o as (select user_id, balance, reserved from credit_accounts where user_id in (select user_id from ir where charge_account) for update),
+        due as (select user_id, sum(cost) as cost, sum(account_release) as released from ir where charge_account and user_id is not null group by user_id),
+        o as (
+          select c.user_id, c.balance as prior_balance, greatest(c.reserved - due.released, 0) as still_held, due.cost
+          from credit_accounts c join due on due.user_id = c.user_id for update of c
+        ),
         a as (
-          update credit_accounts c set balance = ${flooredBalance(sql`o.balance`, sql`g.cost`, sql`greatest(o.reserved - g.released, 0)`)},
-            reserved = greatest(o.reserved - g.released, 0), updated_at = now()
-          from (select user_id, sum(cost) as cost, sum(account_release) as released from ir
-                where charge_account and user_id is not null group by user_id) g, o
-          where c.user_id = g.user_id and o.user_id = g.user_id returning c.user_id, o.balance as prior_balance, c.reserved as still_held
+          update credit_accounts c set balance = ${flooredBalance(sql`o.prior_balance`, sql`o.cost`, sql`o.still_held`)}, reserved = o.still_held, updated_at = now()
+          from o where c.user_id = o.user_id returning c.user_id, o.prior_balance, o.still_held
         ),
         w as (
           select ir.*, a.prior_balance, a.still_held, sum(ir.cost) over (partition by ir.user_id order by ir.ord rows between unbounded preceding and current row) as spent
