@@ -1095,19 +1095,11 @@ export class ModelManager {
     return { ...options, [key]: { ...options?.[key], ...asked } };
   }
 
-  /**
-   * An embedding call's provider options: `dimensions` and `user` as OpenAI-style providers' SDK
-   * models take them, `dimensions` as Google's `outputDimensionality`; a provider of another kind
-   * cannot shorten its vectors (ModelCapabilityError, before anything is sent).
-   */
+  /** An embedding call's provider options (ProviderRegistry.embeddingOptions); a provider that cannot shorten its vectors refuses `dimensions` before anything is sent. */
   private embedOptions(request: EmbedRequest, model: ModelInfo): ProviderMetadata | undefined {
-    const { dimensions, user } = request;
-    if (dimensions === undefined && user === undefined) return undefined;
-    const openAI = this.options.providers.openAIOptions(model.provider);
-    if (openAI) return { [openAI.key]: { ...(dimensions !== undefined && { dimensions }), ...(user !== undefined && { user }) } };
-    if (dimensions === undefined) return undefined;
-    if (this.options.providers.kindOf(model.provider) === 'google') return { google: { outputDimensionality: dimensions } };
-    throw new ModelCapabilityError(model.id, 'dimensions');
+    const options = this.options.providers.embeddingOptions(model.provider, request.dimensions, request.user);
+    if (options === null) throw new ModelCapabilityError(model.id, 'dimensions');
+    return options;
   }
 
   /** A call's settings as `generateText` checks and passes them (prepareCallSettings: integers, ranges). */

@@ -7,7 +7,7 @@ import { createAnthropic } from '@ai-sdk/anthropic';
 import { createGoogleGenerativeAI } from '@ai-sdk/google';
 import { createOpenAI } from '@ai-sdk/openai';
 import { createOpenAICompatible } from '@ai-sdk/openai-compatible';
-import type { EmbeddingModel, LanguageModel } from 'ai';
+import type { EmbeddingModel, JSONValue, LanguageModel } from 'ai';
 import type { Agent } from 'undici';
 
 import type { Settings } from '../../core/config.js';
@@ -210,9 +210,17 @@ export class ProviderRegistry {
     return kind === 'openai-compatible' ? { kind, key: providerId.split('.')[0]!.trim() } : undefined;
   }
 
-  /** The provider's kind, undefined for one not configured. */
-  kindOf(providerId: string): ProviderKind | undefined {
-    return this.resolve(providerId)?.kind;
+  /**
+   * An embedding call's provider options, keyed as the provider's SDK model reads them: `dimensions`
+   * and `user` for OpenAI-style providers, `dimensions` as Google's `outputDimensionality`. Null
+   * when the provider cannot shorten its vectors and `dimensions` was asked for.
+   */
+  embeddingOptions(providerId: string, dimensions: number | undefined, user: string | undefined): Record<string, Record<string, JSONValue>> | undefined | null {
+    if (dimensions === undefined && user === undefined) return undefined;
+    const openAI = this.openAIOptions(providerId);
+    if (openAI) return { [openAI.key]: { ...(dimensions !== undefined && { dimensions }), ...(user !== undefined && { user }) } };
+    if (dimensions === undefined) return undefined; // `user`: OpenAI's alone
+    return this.resolve(providerId)?.kind === 'google' ? { google: { outputDimensionality: dimensions } } : null;
   }
 
   /** Closes the wire's idle connections (the app's close hook). */
