@@ -9,7 +9,7 @@ import { registerAccessLog } from './core/access-log.js';
 import type { Settings } from './core/config.js';
 import { registerCors } from './core/cors.js';
 import type { Database, Db } from './core/db.js';
-import { registerErrorHandler, ServiceUnavailableError } from './core/errors.js';
+import { registerErrorHandler, ShuttingDownError } from './core/errors.js';
 import { serverOptions, trackConnections } from './core/http-server.js';
 import { lazyRequestLogger, type Logger } from './core/logger.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
@@ -175,7 +175,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   // style: it runs on every request.
   app.addHook('onRequest', (_request, _reply, done) => {
     if (!closing) return done();
-    done(new ServiceUnavailableError('The server is shutting down'));
+    done(new ShuttingDownError());
   });
   await app.register(formbody, { bodyLimit: settings.BODY_LIMIT_BYTES });
   // An empty body sent as JSON is no body (as FastAPI reads it): a DELETE from a client that sets

@@ -99,6 +99,13 @@ export class ServiceUnavailableError extends HttpError {
   }
 }
 
+/** A request that reaches the app once it is closing, or a model call still running near the shutdown deadline. */
+export class ShuttingDownError extends ServiceUnavailableError {
+  constructor() {
+    super('The server is shutting down');
+  }
+}
+
 /** 404 for a URL no route answers (`path`: without the query string). */
 export class RouteNotFoundError extends HttpError {
   constructor(

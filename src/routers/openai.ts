@@ -2,7 +2,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { type FastifyPluginAsyncZod, validatorCompiler } from 'fastify-type-provider-zod';
 
 import { noteRefusal } from '../core/access-log.js';
-import { ServiceUnavailableError } from '../core/errors.js';
+import { ShuttingDownError } from '../core/errors.js';
 
 import {
   ChatCompletion,
@@ -71,7 +71,7 @@ function cutOffAtShutdown(app: FastifyInstance, inFlight: Set<CallerAbort>): voi
   app.addHook('preClose', (done) => {
     const timeout = app.settings.SHUTDOWN_TIMEOUT_MS;
     timer = setTimeout(() => {
-      const reason = new ServiceUnavailableError('The server is shutting down');
+      const reason = new ShuttingDownError();
       for (const call of inFlight) call.abort(reason);
     }, timeout - Math.min(SHUTDOWN_CUT_BEFORE_MS, timeout / 4));
     timer.unref();
