@@ -15,8 +15,6 @@
  * down) is saved under DATA_DIR/usage-unwritten and written by the next start (`recoverUnwritten`).
  */
 import { randomUUID } from 'node:crypto';
-import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
-import { join, resolve } from 'node:path';
 import { setImmediate as setImmediatePromise } from 'node:timers/promises';
 
 import type { Redis } from 'ioredis';
@@ -36,6 +34,7 @@ import { storableText } from '../utils/text.js';
 import { type CreditBlock, CreditWindows } from './credit-window.js';
 import { type KeyLimits, loadKeyLimits } from './key-limits.js';
 import { formatMoney, notEnoughCreditsMessage, overBudgetMessage } from './money.js';
+import { forgetUnwritten, saveUnwritten, takeUnwritten, unwrittenDir } from './unwritten-usage.js';
 
 export interface UsageMeterOptions {
   db: Db;
@@ -65,30 +64,6 @@ const SWEEP_INTERVAL_MS = 60_000;
 /** A credit window's block nobody used for this long goes back to the account. */
 const WINDOW_IDLE_MS = 2_000;
 
-/** Under DATA_DIR: what a process could not write at shutdown, for the next start to write. */
-export const UNWRITTEN_DIR = 'usage-unwritten';
-
-/** The most usage rows (and settlements) one file of UNWRITTEN_DIR holds. */
-const UNWRITTEN_ROWS_PER_FILE = 10_000;
-
-/** Whether a process of this id runs (on this host): a saved file it took but never wrote is taken back once it is gone. */
-function processAlive(pid: number): boolean {
-  if (pid === process.pid) return false; // an earlier process's id, reused: this one keeps no such file
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-/** A file of UNWRITTEN_DIR: the meter's queues as they were. Every write in them is idempotent (by usage record and ledger entry id). */
-interface Unwritten {
-  usage: string[];
-  settlements: billingCrud.Settlement[];
-  windowSettlements: billingCrud.Settlement[];
-  blockReleases: billingCrud.Settlement[];
-}
 const MAX_REFILLS_PER_CALL = 3;
 /** A usage row's times as ISO strings (calls settled together often ended, or started, in the same millisecond). */
 const endTime = isoFormatter();
@@ -135,7 +110,7 @@ export class UsageMeterService implements UsageMeter {
   /** close() has resolved: what a call still in flight then adds is written at once (`lateFlush`), no timer runs any more. */
   private closed = false;
   private lateFlush: NodeJS.Immediate | undefined;
-  /** Files of UNWRITTEN_DIR this process took (`recoverUnwritten`) whose items are not yet written. */
+  /** Files of unwritten usage this process took (`recoverUnwritten`) whose items are not yet written. */
   private recovered: string[] = [];
 
   constructor(options: UsageMeterOptions) {
@@ -684,117 +659,52 @@ export class UsageMeterService implements UsageMeter {
     this.flushTimer = undefined;
   }
 
-  private get unwrittenDir(): string {
-    return resolve(this.settings.DATA_DIR, UNWRITTEN_DIR);
-  }
-
   /**
-   * At shutdown, what the database would not take (it is down): into files of UNWRITTEN_DIR, for
-   * the next start on this DATA_DIR (or a running process's sweep). The records and charges of
+   * At shutdown, what the database would not take (it is down): saved under DATA_DIR for the next
+   * start (or a running process's sweep) to write (unwritten-usage.ts). The records and charges of
    * calls already answered are not lost with the process, and the credit its blocks held goes back
-   * then, not at their expiry. Files of UNWRITTEN_ROWS_PER_FILE rows at most (a long outage's
-   * buffer would pass what one JSON string can hold), each written whole under a temporary name and
-   * renamed, so a reader never sees half of one; names sort in the order the items were queued (a
-   * block's release after its calls' charges). Synchronous: the shutdown deadline calls it too.
+   * then, not at their expiry. Synchronous: the shutdown deadline calls it too.
    */
   saveUnwritten(): void {
     if (!this.hasPending()) return;
     const counts = { usageRecords: this.buffer.length, settlements: this.failedSettlements.length + this.windowSettlements.length, blockReleases: this.blockReleases.length };
-    const chunks: Unwritten[] = [];
-    const chunk = <T>(items: T[], into: (part: Unwritten, slice: T[]) => void) => {
-      for (let i = 0; i < items.length; i += UNWRITTEN_ROWS_PER_FILE) {
-        const part: Unwritten = { usage: [], settlements: [], windowSettlements: [], blockReleases: [] };
-        into(part, items.slice(i, i + UNWRITTEN_ROWS_PER_FILE));
-        chunks.push(part);
-      }
-    };
-    chunk(this.buffer, (part, slice) => (part.usage = slice));
-    chunk(this.windowSettlements, (part, slice) => (part.windowSettlements = slice));
-    chunk(this.failedSettlements, (part, slice) => (part.settlements = slice));
-    chunk(this.blockReleases, (part, slice) => (part.blockReleases = slice));
-    const stamp = `${Date.now()}-${process.pid}-${randomUUID()}`;
+    const dir = unwrittenDir(this.settings.DATA_DIR);
     try {
-      mkdirSync(this.unwrittenDir, { recursive: true, mode: 0o700 });
-      for (const [i, part] of chunks.entries()) {
-        const name = join(this.unwrittenDir, `${stamp}-${String(i).padStart(6, '0')}`);
-        const fd = openSync(`${name}.tmp`, 'w', 0o600);
-        try {
-          writeSync(fd, JSON.stringify(part));
-          fsyncSync(fd);
-        } finally {
-          closeSync(fd);
-        }
-        renameSync(`${name}.tmp`, `${name}.json`);
-      }
+      const files = saveUnwritten(dir, { usage: this.buffer, settlements: this.failedSettlements, windowSettlements: this.windowSettlements, blockReleases: this.blockReleases });
       // Saved again with the rest: the files they were recovered from are done with.
       this.forgetRecovered();
       this.buffer = [];
       this.failedSettlements = [];
       this.windowSettlements = [];
       this.blockReleases = [];
-      this.log.error({ ...counts, dir: this.unwrittenDir, files: chunks.length }, 'usage not written at shutdown (database unavailable); saved for the next start to write');
+      this.log.error({ ...counts, dir, files }, 'usage not written at shutdown (database unavailable); saved for the next start to write');
     } catch (error) {
       this.log.error({ ...counts, err: error }, 'usage not written at shutdown, and could not be saved');
     }
   }
 
-  /**
-   * Queues what processes saved (saveUnwritten) to be written first: every write is idempotent, so
-   * what had reached the database after all is not written twice. A file is renamed to
-   * `<name>.<pid>.taken` before it is read, so two processes on one DATA_DIR never both take it, and
-   * deleted only once what it held is written (a flush that leaves nothing pending) or saved again
-   * (shutdown): a process killed meanwhile leaves it taken, and the next one takes it back once
-   * that process is gone. A file that cannot be read is set aside as `.unreadable` (logged).
-   */
+  /** Queues what processes saved (saveUnwritten) to be written first; the files go once it is written (`flush`) or saved again. */
   private recoverUnwritten(): void {
-    let names: string[];
-    try {
-      names = readdirSync(this.unwrittenDir).sort();
-    } catch {
-      return; // none saved
-    }
-    for (const name of names) {
-      const orphan = /^(.+\.json)\.(\d+)\.taken$/.exec(name);
-      if (!orphan || this.recovered.includes(join(this.unwrittenDir, name)) || processAlive(Number(orphan[2]))) continue;
-      try {
-        renameSync(join(this.unwrittenDir, name), join(this.unwrittenDir, orphan[1]!));
-        names.push(orphan[1]!);
-      } catch {
-        // another process took it back first
-      }
-    }
-    let recovered = 0;
-    for (const name of [...new Set(names)].filter((n) => n.endsWith('.json')).sort()) {
-      const taken = join(this.unwrittenDir, `${name}.${process.pid}.taken`);
-      try {
-        renameSync(join(this.unwrittenDir, name), taken);
-      } catch {
-        continue; // another process took it
-      }
-      let unwritten: Unwritten;
-      try {
-        unwritten = JSON.parse(readFileSync(taken, 'utf8')) as Unwritten;
-      } catch (error) {
-        this.log.error({ err: error, file: name }, 'usage left unwritten by an earlier process could not be read; set aside');
-        renameSync(taken, join(this.unwrittenDir, `${name}.unreadable`));
-        continue;
-      }
+    const onUnreadable = (file: string, error: unknown) => this.log.error({ err: error, file }, 'usage left unwritten by an earlier process could not be read; set aside');
+    const { taken, parts } = takeUnwritten(unwrittenDir(this.settings.DATA_DIR), this.recovered, onUnreadable);
+    if (!taken.length) return;
+    let usageRecords = 0;
+    for (const part of parts) {
       // Item by item: a spread of 100,000s of items passes the call stack's limit.
-      for (const row of unwritten.usage) this.buffer.push(row);
-      for (const item of unwritten.settlements) this.failedSettlements.push(item);
-      for (const item of unwritten.windowSettlements) this.windowSettlements.push(item);
-      for (const item of unwritten.blockReleases) this.blockReleases.push(item);
-      this.recovered.push(taken);
-      recovered += unwritten.usage.length;
+      for (const row of part.usage) this.buffer.push(row);
+      for (const item of part.settlements) this.failedSettlements.push(item);
+      for (const item of part.windowSettlements) this.windowSettlements.push(item);
+      for (const item of part.blockReleases) this.blockReleases.push(item);
+      usageRecords += part.usage.length;
     }
-    if (!this.recovered.length) return;
-    this.log.info({ files: this.recovered.length, usageRecords: recovered }, 'writing the usage earlier processes left unwritten');
+    this.recovered.push(...taken);
+    this.log.info({ files: taken.length, usageRecords }, 'writing the usage earlier processes left unwritten');
     this.track(this.flush());
   }
 
   /** Deletes the files recovered from once what they held is written or saved again. */
   private forgetRecovered(): void {
-    for (const file of this.recovered.splice(0)) rmSync(file, { force: true });
+    forgetUnwritten(this.recovered.splice(0));
   }
 
   /** Nothing queued, waiting for the next check phase, or being written. */

@@ -11,7 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { DATABASE_RETRY_AFTER_SECONDS } from '../../src/core/db-errors.js';
 
 import { getBalance, ledgerSum } from '../../src/crud/billing.js';
-import { UNWRITTEN_DIR } from '../../src/services/usage-meter.js';
+import { UNWRITTEN_DIR } from '../../src/services/unwritten-usage.js';
 import { buildTestApp, openTestDatabase } from '../helpers/app.js';
 import { createUser, loginRequest, superuserHeaders } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';

@@ -1,0 +1,129 @@
+/**
+ * Usage a process could not write at shutdown (the database down, or the deadline first): its
+ * meter's queues saved as files under DATA_DIR/usage-unwritten, for the next start on that
+ * directory, or a running process's sweep, to write (usage-meter.ts). Every write in them is
+ * idempotent (by usage record and ledger entry id), so what had reached the database after all is
+ * not written twice.
+ *
+ * - A file holds at most ROWS_PER_FILE rows (a long outage's buffer passes what one JSON string
+ *   can hold) and is written whole under a temporary name, fsynced and renamed: a reader never
+ *   sees half of one. Names sort in the order the items were queued (a block's release after its
+ *   calls' charges).
+ * - A reader renames a file to `<name>.<pid>.taken` before reading it, so two processes on one
+ *   DATA_DIR never both take it, and deletes it only once what it held is written or saved again;
+ *   one left taken by a process that is gone is taken back. A file that cannot be read is set
+ *   aside as `<name>.unreadable`.
+ */
+import { randomUUID } from 'node:crypto';
+import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+
+import type { Settlement } from '../crud/billing.js';
+
+/** Under DATA_DIR. */
+export const UNWRITTEN_DIR = 'usage-unwritten';
+
+/** The most usage rows (or settlements) one file holds. */
+const ROWS_PER_FILE = 10_000;
+
+/** A usage meter's queues: what one file holds a part of. */
+export interface UnwrittenUsage {
+  usage: string[];
+  settlements: Settlement[];
+  windowSettlements: Settlement[];
+  blockReleases: Settlement[];
+}
+
+export const unwrittenDir = (dataDir: string): string => resolve(dataDir, UNWRITTEN_DIR);
+
+/** Saves `queues` into files of `dir`; returns how many. Synchronous: the shutdown deadline calls it before the process exits. Throws what the file system throws. */
+export function saveUnwritten(dir: string, queues: UnwrittenUsage): number {
+  const parts: UnwrittenUsage[] = [];
+  const split = <T>(items: T[], into: (part: UnwrittenUsage, slice: T[]) => void) => {
+    for (let i = 0; i < items.length; i += ROWS_PER_FILE) {
+      const part: UnwrittenUsage = { usage: [], settlements: [], windowSettlements: [], blockReleases: [] };
+      into(part, items.slice(i, i + ROWS_PER_FILE));
+      parts.push(part);
+    }
+  };
+  split(queues.usage, (part, slice) => (part.usage = slice));
+  split(queues.windowSettlements, (part, slice) => (part.windowSettlements = slice));
+  split(queues.settlements, (part, slice) => (part.settlements = slice));
+  split(queues.blockReleases, (part, slice) => (part.blockReleases = slice));
+  const stamp = `${Date.now()}-${process.pid}-${randomUUID()}`;
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  for (const [i, part] of parts.entries()) {
+    const name = join(dir, `${stamp}-${String(i).padStart(6, '0')}`);
+    const fd = openSync(`${name}.tmp`, 'w', 0o600);
+    try {
+      writeSync(fd, JSON.stringify(part));
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(`${name}.tmp`, `${name}.json`);
+  }
+  return parts.length;
+}
+
+/**
+ * Takes the files of `dir` (those saved, and those a process that is gone left taken; not `held`,
+ * this process's own): their paths as taken, to delete once what they held is written
+ * (`forgetUnwritten`), and what they held, in the order it was queued.
+ */
+export function takeUnwritten(dir: string, held: readonly string[], onUnreadable: (file: string, error: unknown) => void): { taken: string[]; parts: UnwrittenUsage[] } {
+  const taken: string[] = [];
+  const parts: UnwrittenUsage[] = [];
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return { taken, parts }; // none saved
+  }
+  for (const name of names) {
+    const orphan = /^(.+\.json)\.(\d+)\.taken$/.exec(name);
+    if (!orphan || held.includes(join(dir, name)) || processAlive(Number(orphan[2]))) continue;
+    try {
+      renameSync(join(dir, name), join(dir, orphan[1]!));
+      names.push(orphan[1]!);
+    } catch {
+      // another process took it back first
+    }
+  }
+  for (const name of [...new Set(names)].filter((n) => n.endsWith('.json')).sort()) {
+    const path = join(dir, `${name}.${process.pid}.taken`);
+    try {
+      renameSync(join(dir, name), path);
+    } catch {
+      continue; // another process took it
+    }
+    try {
+      parts.push(JSON.parse(readFileSync(path, 'utf8')) as UnwrittenUsage);
+      taken.push(path);
+    } catch (error) {
+      onUnreadable(name, error);
+      try {
+        renameSync(path, join(dir, `${name}.unreadable`));
+      } catch {
+        // left taken: the next process takes it back, and sets it aside then
+      }
+    }
+  }
+  return { taken, parts };
+}
+
+/** Deletes taken files whose contents are written, or saved again. */
+export function forgetUnwritten(files: readonly string[]): void {
+  for (const file of files) rmSync(file, { force: true });
+}
+
+/** Whether a process of this id runs (on this host). */
+function processAlive(pid: number): boolean {
+  if (pid === process.pid) return false; // an earlier process's id, reused: this one's own files are `held`
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
