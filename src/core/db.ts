@@ -241,6 +241,7 @@ function openPostgres(settings: Settings, url: string): Database {
     idleTimeoutMillis: settings.DATABASE_POOL_IDLE_TIMEOUT_MS,
     connectionTimeoutMillis: settings.DATABASE_CONNECT_TIMEOUT_MS,
     statement_timeout: settings.DATABASE_STATEMENT_TIMEOUT_MS || undefined,
+    query_timeout: queryTimeoutMs(settings),
     application_name: 'keel',
     // Settings every session starts with (a DATABASE_URL that has `options` of its own replaces these).
     options: `-c ${SAME_SCAN_START}`,
@@ -251,7 +252,10 @@ function openPostgres(settings: Settings, url: string): Database {
   // its statement: the pool listens only to idle clients, and an 'error' event nobody listens to
   // crashed the process, with the calls it had answered but not yet written. The failed statement
   // carries the error to its caller; the pool drops the client when it comes back.
-  pool.on('connect', (client) => client.on('error', () => undefined));
+  pool.on('connect', (client) => {
+    client.on('error', () => undefined);
+    closeOnQueryTimeout(client);
+  });
   const listeners: Listener[] = [];
   return {
     db: drizzleNodePg(pool, { casing: 'snake_case' }),
@@ -261,11 +265,12 @@ function openPostgres(settings: Settings, url: string): Database {
       let failure: Error | undefined;
       try {
         return await work({
+          // A session's statements (migrations: `statement_timeout = 0`, waits for the migration lock) may take as long as they need.
           exec: async (sqlText) => {
-            await client.query(sqlText);
+            await client.query(unbounded(sqlText));
           },
           query: async <T extends Record<string, unknown>>(sqlText: string, params: unknown[] = []) =>
-            (await client.query<T>(sqlText, params)).rows,
+            (await client.query<T>(unbounded(sqlText, params))).rows,
         });
       } catch (error) {
         failure = error instanceof Error ? error : new Error('session failed');
@@ -287,6 +292,52 @@ function openPostgres(settings: Settings, url: string): Database {
       await Promise.all(listeners.map((l) => l.stop()));
       if (!pool.ending) await pool.end();
     },
+  };
+}
+
+/**
+ * How long the app waits for a statement's answer: the server's own limit and then some, so a
+ * statement it cancels reports the server's error (57014); past that, the server has gone silent
+ * (a network black hole, a paused proxy, a host that vanished) and without a limit a request would
+ * wait until TCP gave up, some 15 minutes. None when the server's limit is off.
+ */
+const QUERY_TIMEOUT_MARGIN_MS = 2_000;
+const queryTimeoutMs = (settings: Settings): number | undefined =>
+  settings.DATABASE_STATEMENT_TIMEOUT_MS ? settings.DATABASE_STATEMENT_TIMEOUT_MS + QUERY_TIMEOUT_MARGIN_MS : undefined;
+/**
+ * A statement that waits as long as it takes: the longest timer Node keeps (a longer one fires at
+ * once); node-postgres reads a per-statement 0 as "the client's". Its types omit the option it reads.
+ */
+const unbounded = (text: string, values?: unknown[]): pg.QueryConfig => ({ text, values, query_timeout: 2 ** 31 - 1 }) as pg.QueryConfig;
+/** What node-postgres says when a statement outlives query_timeout. */
+export const QUERY_TIMEOUT_MESSAGE = 'Query read timeout';
+
+/**
+ * node-postgres fails a statement that outlives query_timeout but keeps its connection, with that
+ * statement still pending on it and, with it, the transaction it was in (its ROLLBACK is queued
+ * behind it, and dropped once it times out too). A transaction hands its client back to the pool
+ * without an error, so the next user would queue behind the silent server and, once it answered,
+ * run inside that transaction, never committed. The connection is closed instead: the server rolls
+ * the transaction back, and the pool drops the client (no longer queryable) when it comes back.
+ */
+function closeOnQueryTimeout(client: pg.PoolClient): void {
+  const close = (error: unknown) => {
+    if (error instanceof Error && error.message === QUERY_TIMEOUT_MESSAGE) client.connection.stream.destroy();
+  };
+  const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+  (client as { query: unknown }).query = (...args: unknown[]): unknown => {
+    const callback = args.at(-1) as ((error: unknown, result: unknown) => void) | undefined;
+    if (typeof callback === 'function') {
+      // The pool's own pool.query: its callback gets the error before the pool sees the client again.
+      args[args.length - 1] = (error: unknown, result: unknown) => {
+        close(error);
+        callback(error, result);
+      };
+      return query(...args);
+    }
+    const result = query(...args);
+    if (result instanceof Promise) result.catch(close);
+    return result;
   };
 }
 

@@ -3,6 +3,7 @@ import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } fro
 
 import { DATABASE_RETRY_AFTER_SECONDS, isDatabaseUnavailableCode } from './db-errors.js';
 import { integrityAnswer, unknownQueryMessage } from './error-mapping.js';
+import { RepeatedLine } from './logger.js';
 import { trackAllowedMethods } from './method-not-allowed.js';
 
 // ==================== Typed errors ====================
@@ -248,7 +249,10 @@ export function databaseError(error: unknown): DatabaseError | null {
 const CONNECTION_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN']);
 
 /** What node-postgres says, without a code, when it loses or cannot get a connection. */
-const CONNECTION_MESSAGES = /Connection terminated|timeout exceeded when trying to connect|not queryable|Cannot use a pool after calling end/;
+const CONNECTION_MESSAGES = /Connection terminated|Query read timeout|timeout exceeded when trying to connect|not queryable|Cannot use a pool after calling end/;
+
+/** Written once per window while the database is down (per process). */
+const databaseUnavailable = new RepeatedLine();
 
 function connectionError(error: unknown): boolean {
   for (let e: unknown = error, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
@@ -319,7 +323,8 @@ export function registerErrorHandler(app: FastifyInstance): void {
       return send(reply, 422, { detail: [{ loc: ['body'], msg: 'Input is nested too deeply', type: 'value_error' }] });
     }
     if ((db && isDatabaseUnavailableCode(db.code)) || connectionError(error)) {
-      request.log.error(loggable(error), 'database unavailable');
+      const line = databaseUnavailable.take();
+      if (line) request.log.error({ ...loggable(error), ...line }, 'database unavailable');
       return send(reply, 503, { detail: 'Service unavailable' }, { 'retry-after': String(DATABASE_RETRY_AFTER_SECONDS) });
     }
     request.log.error(loggable(error), 'unhandled error');

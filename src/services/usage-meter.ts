@@ -22,7 +22,7 @@ import type { Redis } from 'ioredis';
 import type { Settings } from '../core/config.js';
 import type { Db } from '../core/db.js';
 import { databaseError, PaymentRequiredError, ServiceUnavailableError, TooManyRequestsError } from '../core/errors.js';
-import type { Logger } from '../core/logger.js';
+import { type Logger, RepeatedLine } from '../core/logger.js';
 import type { ModelMetrics } from '../core/metrics.js';
 
 import * as billingCrud from '../crud/billing.js';
@@ -86,6 +86,7 @@ export class UsageMeterService implements UsageMeter {
   private readonly metrics: ModelMetrics;
   private readonly counters: CounterStore;
   private readonly rpmPrefix: string;
+  private readonly limiterUnavailable = new RepeatedLine();
   /** Usage rows as JSON (`usageRowJson`), made as each call settled: a flush only joins them. */
   private buffer: string[] = [];
   private failedSettlements: billingCrud.Settlement[] = [];
@@ -231,7 +232,8 @@ export class UsageMeterService implements UsageMeter {
     try {
       counted = await this.counters.hit(`${this.rpmPrefix}${keyId}`, RPM_WINDOW_MS);
     } catch (error) {
-      this.log.error({ err: error, apiKeyId: keyId }, 'rate limiter unavailable');
+      const line = this.limiterUnavailable.take();
+      if (line) this.log.error({ err: error, apiKeyId: keyId, ...line }, 'rate limiter unavailable');
       throw new ServiceUnavailableError('Rate limiter unavailable, try again later');
     }
     if (counted.count > rpm) {

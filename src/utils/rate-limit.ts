@@ -7,6 +7,7 @@ import type { Redis } from 'ioredis';
 import { noteRefusal } from '../core/access-log.js';
 import type { Settings } from '../core/config.js';
 import { ServiceUnavailableError, TooManyRequestsError } from '../core/errors.js';
+import { RepeatedLine } from '../core/logger.js';
 
 // ==================== Counters ====================
 
@@ -115,6 +116,9 @@ function limiterOf(app: FastifyInstance): Limiter {
 /** Hits that are taken back when the request succeeds (see refundOnSuccess). */
 const refundable = new WeakMap<FastifyRequest, string[]>();
 
+/** Written once per window while the counters are down (per process). */
+const limiterUnavailable = new RepeatedLine();
+
 /** Counts one hit on `name:subject`; throws 429 beyond `max`, 503 when the counters cannot be reached. */
 async function count(request: FastifyRequest, name: string, subject: string, refund: boolean): Promise<Count> {
   const limiter = limiterOf(request.server);
@@ -125,7 +129,8 @@ async function count(request: FastifyRequest, name: string, subject: string, ref
     return counted;
   } catch (error) {
     // Failing open would switch brute-force protection off whenever Redis is down.
-    request.log.error({ err: error, limiter: name }, 'rate limiter unavailable');
+    const line = limiterUnavailable.take();
+    if (line) request.log.error({ err: error, limiter: name, ...line }, 'rate limiter unavailable');
     throw new ServiceUnavailableError('Rate limiter unavailable, try again later');
   }
 }

@@ -8,16 +8,19 @@ import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import pg from 'pg';
 import { describe, expect, it } from 'vitest';
 
+import { type Database, openDatabase, transaction } from '../../src/core/db.js';
 import { DATABASE_RETRY_AFTER_SECONDS } from '../../src/core/db-errors.js';
 
 import { getBalance, ledgerSum } from '../../src/crud/billing.js';
 import { UNWRITTEN_DIR } from '../../src/services/unwritten-usage.js';
-import { buildTestApp, openTestDatabase } from '../helpers/app.js';
+import { buildTestApp, openTestDatabase, testSettings } from '../helpers/app.js';
 import { createUser, loginRequest, superuserHeaders } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { call } from '../helpers/http.js';
+import { captureLogs } from '../helpers/logs.js';
 import { addFakeModels, chatRequest } from '../helpers/metered-models.js';
 import { adminQuery } from '../helpers/postgres.js';
+import { SilentProxy } from '../helpers/silent-proxy.js';
 
 const adminUrl = process.env.DATABASE_URL;
 
@@ -33,7 +36,8 @@ describe.skipIf(!adminUrl)('a database dropped while the app runs', () => {
     const opened = await openTestDatabase();
     let app: FastifyInstance | null = null;
     try {
-      app = await buildTestApp(opened.database);
+      const logs = captureLogs('error');
+      app = await buildTestApp(opened.database, {}, { logger: logs.logger });
       const alice = await createUser(app);
       const admin = await superuserHeaders(app);
       const name = new URL(opened.url!).pathname.slice(1);
@@ -49,6 +53,9 @@ describe.skipIf(!adminUrl)('a database dropped while the app runs', () => {
         );
       }
       expect((await app.inject({ method: 'GET', url: '/ready' })).statusCode).toBe(503);
+      // Six requests refused within seconds: one line says so, not one each (an outage under load
+      // wrote tens of thousands). The file's first outage: nothing before it was left out.
+      expect(logs.lines().filter((line) => line.msg === 'database unavailable')).toMatchObject([{ err: expect.anything() }]);
     } finally {
       await app?.close();
       await opened.destroy();
@@ -102,6 +109,86 @@ describe.skipIf(!adminUrl)('a database that fails one statement while the app ru
     } finally {
       await locker.end().catch(() => undefined);
       await app?.close();
+      await opened.destroy();
+    }
+  });
+});
+
+describe.skipIf(!adminUrl)('a database server gone silent (a network black hole, a paused proxy)', () => {
+  // The server's limit 300 ms: the app waits 2.3 s for an answer before it gives up on the server.
+  const SILENT_SETTINGS = { DATABASE_STATEMENT_TIMEOUT_MS: '300', DATABASE_POOL_SIZE: '1' };
+  const GIVES_UP_WITHIN_MS = 300 + 2_000 + 1_500;
+
+  async function throughProxy(): Promise<{ opened: Awaited<ReturnType<typeof openTestDatabase>>; proxy: SilentProxy; database: Database }> {
+    const opened = await openTestDatabase();
+    const target = new URL(opened.url!);
+    const proxy = await SilentProxy.start({ host: target.hostname, port: Number(target.port || 5432) });
+    const database = await openDatabase(testSettings({ ...SILENT_SETTINGS, DATABASE_URL: proxy.url(opened.url!) }));
+    return { opened, proxy, database };
+  }
+
+  it('a transaction waiting on it fails in bounded time, and its connection is not handed to the next caller', async () => {
+    const { opened, proxy, database } = await throughProxy();
+    try {
+      await adminQuery(opened.url!, 'create table silent_probe (label text)');
+      const started = Date.now();
+      const failure = await transaction(database.db, async (tx) => {
+        await tx.execute(sql`insert into silent_probe values ('in the transaction')`);
+        proxy.fallSilent();
+        await tx.execute(sql`select 1`);
+      }).then(
+        () => null,
+        (error: Error) => error,
+      );
+      expect(failure, 'the transaction failed').not.toBeNull();
+      expect(Date.now() - started).toBeLessThan(GIVES_UP_WITHIN_MS);
+
+      // The server speaks again. With the pool's one connection kept, it would have answered the
+      // statement that timed out and left that transaction open: this insert would run inside it, never committed.
+      proxy.speak();
+      await database.db.execute(sql`insert into silent_probe values ('after')`);
+      expect(await adminQuery(opened.url!, 'select label from silent_probe')).toEqual([{ label: 'after' }]);
+    } finally {
+      proxy.speak();
+      await database.close();
+      await proxy.close();
+      await opened.destroy();
+    }
+  });
+
+  it('a request answers 503 with Retry-After in bounded time, and requests are served once the server speaks again', async () => {
+    const { opened, proxy, database } = await throughProxy();
+    let app: FastifyInstance | null = null;
+    try {
+      app = await buildTestApp(database, SILENT_SETTINGS);
+      const admin = await superuserHeaders(app);
+      proxy.fallSilent();
+      const started = Date.now();
+      expectUnavailable(await app.inject({ method: 'GET', url: '/api/v1/projects/', headers: admin }), 'projects while silent');
+      expect(Date.now() - started).toBeLessThan(GIVES_UP_WITHIN_MS);
+      proxy.speak();
+      expect((await app.inject({ method: 'GET', url: '/api/v1/projects/', headers: admin })).statusCode).toBe(200);
+    } finally {
+      proxy.speak();
+      await app?.close();
+      await database.close();
+      await proxy.close();
+      await opened.destroy();
+    }
+  });
+
+  it("a session's statements (migrations) are not cut by that limit: they wait as long as they take", async () => {
+    const { opened, proxy, database } = await throughProxy();
+    try {
+      // As migrations do: the server's limit lifted for the session, then a statement longer than the app's wait (2.3 s).
+      const [row] = await database.withSession(async (session) => {
+        await session.exec('set statement_timeout = 0');
+        return session.query<{ slept: boolean }>('select pg_sleep(2.6) is not null as slept');
+      });
+      expect(row).toEqual({ slept: true });
+    } finally {
+      await database.close();
+      await proxy.close();
       await opened.destroy();
     }
   });
