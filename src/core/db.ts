@@ -60,12 +60,39 @@ export async function transaction<T>(db: Db, work: (tx: Db) => Promise<T>): Prom
   // Nested (a savepoint): callbacks wait for the outermost commit, not the savepoint's release.
   const outer = openTransactions.get(db);
   const afterCommit = outer?.afterCommit ?? [];
-  const result = await db.transaction(async (tx) => {
+  const run = async (tx: Db) => {
     openTransactions.set(tx, { root: rootOf(db), afterCommit, nested: outer !== undefined });
     return work(tx);
-  });
+  };
+  const pool = outer ? undefined : serverPools.get(db);
+  const result = pool ? await pooledTransaction(pool, run) : await db.transaction(run);
   if (!outer) for (const callback of afterCommit) callback();
   return result;
+}
+
+/** The server's pool behind each node-postgres handle, and a handle for each of its clients (see pooledTransaction). */
+const serverPools = new WeakMap<Db, pg.Pool>();
+const clientHandles = new WeakMap<pg.PoolClient, Db>();
+
+/**
+ * A transaction on a client of the server's pool, checked out and given back here rather than by
+ * Drizzle: Drizzle's node-postgres transaction sends BEGIN before the `try` whose `finally` gives
+ * the client back, so a BEGIN that fails (its connection lost, or timed out on a server gone
+ * silent) never returns its client, and once DATABASE_POOL_SIZE had failed so, every request
+ * waited for a client that never came, until a restart (drizzle-orm#6241). Given back here
+ * whatever happens; the pool drops a client whose connection is gone.
+ */
+async function pooledTransaction<T>(pool: pg.Pool, work: (tx: Db) => Promise<T>): Promise<T> {
+  const client = await pool.connect();
+  let handle = clientHandles.get(client);
+  if (!handle) clientHandles.set(client, (handle = drizzleNodePg(client, DRIZZLE_OPTIONS)));
+  try {
+    return await handle.transaction(work);
+  } finally {
+    // One closed for a silent server is given back as failed (the pool drops it now): its socket is
+    // destroyed, but until that is heard the client still looks usable and would be handed out again.
+    client.release(closedOnTimeout.has(client) || undefined);
+  }
 }
 
 /** The database handle a transaction was opened on (the handle itself outside a transaction). */
@@ -234,6 +261,8 @@ async function openPgliteLink(settings: Settings, dataDir: string): Promise<Pgli
 
 // ==================== Server (node-postgres) ====================
 
+const DRIZZLE_OPTIONS = { casing: 'snake_case' } as const;
+
 function openPostgres(settings: Settings, url: string): Database {
   const pool = new pg.Pool({
     connectionString: url,
@@ -257,8 +286,10 @@ function openPostgres(settings: Settings, url: string): Database {
     closeOnQueryTimeout(client);
   });
   const listeners: Listener[] = [];
+  const db = drizzleNodePg(pool, DRIZZLE_OPTIONS);
+  serverPools.set(db, pool);
   return {
-    db: drizzleNodePg(pool, { casing: 'snake_case' }),
+    db,
     kind: 'postgres',
     withSession: async (work) => {
       const client = await pool.connect();
@@ -311,6 +342,7 @@ const queryTimeoutMs = (settings: Settings): number | undefined =>
 const unbounded = (text: string, values?: unknown[]): pg.QueryConfig => ({ text, values, query_timeout: 2 ** 31 - 1 }) as pg.QueryConfig;
 /** What node-postgres says when a statement outlives query_timeout. */
 export const QUERY_TIMEOUT_MESSAGE = 'Query read timeout';
+const closedOnTimeout = new WeakSet<pg.PoolClient>();
 
 /**
  * node-postgres fails a statement that outlives query_timeout but keeps its connection, with that
@@ -322,7 +354,9 @@ export const QUERY_TIMEOUT_MESSAGE = 'Query read timeout';
  */
 function closeOnQueryTimeout(client: pg.PoolClient): void {
   const close = (error: unknown) => {
-    if (error instanceof Error && error.message === QUERY_TIMEOUT_MESSAGE) client.connection.stream.destroy();
+    if (!(error instanceof Error) || error.message !== QUERY_TIMEOUT_MESSAGE) return;
+    closedOnTimeout.add(client);
+    client.connection.stream.destroy();
   };
   const query = client.query.bind(client) as (...args: unknown[]) => unknown;
   (client as { query: unknown }).query = (...args: unknown[]): unknown => {

@@ -323,7 +323,9 @@ export function registerErrorHandler(app: FastifyInstance): void {
       return send(reply, 422, { detail: [{ loc: ['body'], msg: 'Input is nested too deeply', type: 'value_error' }] });
     }
     if ((db && isDatabaseUnavailableCode(db.code)) || connectionError(error)) {
-      const line = databaseUnavailable.take();
+      // A database out of reach is one fact every request repeats: written once a window. A statement
+      // out of time (57014) or a lock not taken (55P03) is the statement's own, named with it: each one.
+      const line = db?.code === '57014' || db?.code === '55P03' ? {} : databaseUnavailable.take();
       if (line) request.log.error({ ...loggable(error), ...line }, 'database unavailable');
       return send(reply, 503, { detail: 'Service unavailable' }, { 'retry-after': String(DATABASE_RETRY_AFTER_SECONDS) });
     }
