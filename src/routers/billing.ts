@@ -12,6 +12,10 @@ const tags = ['billing'];
 /** Credits (balance, ledger, grants) and usage. Personal: a superuser sees their own here too. */
 export const billingRouter: FastifyPluginAsyncZod = async (app) => {
   app.addHook('onRequest', requireUser);
+  // What this process charged the caller before this read is in it: a balance read right after a call shows the call.
+  app.addHook('preHandler', async (request) => {
+    if (request.method === 'GET') await app.meter.written(request.principal.user.id);
+  });
 
   app.get(
     '/billing/balance',

@@ -199,6 +199,12 @@ export class CreditWindows {
     for (const [userId, block] of this.latest) if (block.retired && (all || block.lastUsedAt < cutoff)) this.latest.delete(userId);
   }
 
+  /** Retires the user's block if no call is using it: what it held goes back to the account now, not once it has been idle for `idleMs`. */
+  retireUnused(userId: string): void {
+    const block = this.current.get(userId);
+    if (block && block.outstanding === 0) this.retire(block);
+  }
+
   private retire(block: CreditBlock): void {
     if (block.retired) return;
     block.retired = true;

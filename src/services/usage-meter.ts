@@ -610,6 +610,20 @@ export class UsageMeterService implements UsageMeter {
     }
   }
 
+  /**
+   * Writes what this process has charged so far: the calls that have ended, their usage rows and
+   * ledger entries (and `userId`'s credit-window block, when no call is using it). Metering stays
+   * off the answer's path, but not off what its client reads next: the balance, ledger and usage
+   * summary read after a call, and a run's end (SPEC §5: the run's calls are charged when it is
+   * seen ended), wait for this. What the database does not take stays for the next flush (logged there).
+   */
+  async written(userId?: string): Promise<void> {
+    this.settleDeferred();
+    if (this.inFlight.size) await Promise.allSettled([...this.inFlight]);
+    if (userId !== undefined) this.windows?.retireUnused(userId);
+    if (this.hasPending()) await this.flush().catch(() => undefined);
+  }
+
   /** Resolves once every settlement started so far has run and the buffer has been written. */
   async idle(): Promise<void> {
     this.settleDeferred();

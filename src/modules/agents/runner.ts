@@ -256,6 +256,7 @@ export class AgentRunner {
       const message = stop?.kind === 'deadline' ? `The run passed its deadline of ${settings.RUN_TIMEOUT_SECONDS} s (RUN_TIMEOUT_SECONDS) and was stopped` : describeRunError(error, run);
       if (!(error instanceof HttpError) && !(error instanceof RunFailure) && !stop) log.error({ err: error, runId: run.id }, 'run failed');
       else log.info({ runId: run.id, reason: message, ...(error instanceof UpstreamError ? { upstream: error.message } : {}) }, 'run failed');
+      await deps.charged?.();
       const ended = await finishRun(deps, run, { status: 'failed', error: message }, { leaseOwner: this.workerId });
       if (ended) await this.closeEnded(ended.run, announcement.splice(0));
       else await this.afterLostRun(run.id);
@@ -408,6 +409,8 @@ export class AgentRunner {
           await store?.(tx, [...completedEvents(stepMessages, step), runEvent(ended.run)]);
           return { stepMessages, ended };
         });
+      // SPEC §5: a run is seen ended with its calls charged (their ledger entries and usage rows written).
+      if (!toolCalls.length) await deps.charged?.();
       const written = within ? await appends.within((store) => writeStep(store)) : await writeStep();
       if (!written) throw new RunStop('lease');
       const completed = completedEvents(written.stepMessages, step);

@@ -1,0 +1,72 @@
+import { eq } from 'drizzle-orm';
+import { describe, expect, it } from 'vitest';
+
+import { creditTransactions, usageRecords } from '../../src/models/index.js';
+
+import { getBalance } from '../../src/crud/billing.js';
+import { addCosts } from '../../src/modules/ai-models/index.js';
+import { useTestApp } from '../helpers/app.js';
+import { bearer, createUser, type TestUser } from '../helpers/factories.js';
+import type { FakeModelServer } from '../helpers/fake-model-server.js';
+import { apiOf, createKey } from '../helpers/http.js';
+import { useFakeModels } from '../helpers/metered-models.js';
+import { createAgent, createThread, startRun, waitForRun } from '../helpers/runs.js';
+
+// The meter's timer would write a minute after a call: what a read shows, it shows because the read (or the run's end) had it written.
+const ctx = useTestApp({ BILLING_ENABLED: 'true', USAGE_FLUSH_INTERVAL_MS: '60000', MODEL_MAX_RETRIES: '0' }, { tools: { knowledge_search: undefined } });
+const api = apiOf(ctx);
+let admin: Record<string, string>;
+let fake: FakeModelServer;
+
+useFakeModels(ctx, (server, headers) => {
+  fake = server;
+  admin = headers;
+});
+
+async function fundedUser(amount: string): Promise<TestUser> {
+  const user = await createUser(ctx.app);
+  const granted = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount, description: 'test credits' });
+  expect(granted.statusCode, granted.body).toBe(200);
+  return user;
+}
+
+describe('what a client reads right after a call', () => {
+  it('the balance, the ledger and the usage summary read after a /v1 call show it (no wait for the meter)', async () => {
+    const user = await fundedUser('100');
+    const { key } = await createKey(ctx.app, user);
+    const answered = await ctx.app.inject({
+      method: 'POST',
+      url: '/v1/chat/completions',
+      headers: bearer(key),
+      payload: { model: 'fake-billed', messages: [{ role: 'user', content: 'Hi' }], max_tokens: 10 },
+    });
+    expect(answered.statusCode, answered.body).toBe(200);
+    // `fake-billed`: input free, 1 credit per output token.
+    const cost = String(answered.json<{ usage: { completion_tokens: number } }>().usage.completion_tokens);
+    expect(Number(cost)).toBeGreaterThan(0);
+
+    const balance = await api('GET', '/billing/balance', user.headers);
+    // Nothing held any more: the credit window's block with no call in it went back too.
+    expect(balance.json()).toEqual({ balance: addCosts('100', `-${cost}`), reserved: '0', available: addCosts('100', `-${cost}`), billing_enabled: true });
+    const ledger = (await api('GET', '/billing/transactions', user.headers)).json<{ data: { type: string; amount: string }[] }>();
+    expect(ledger.data[0]).toMatchObject({ type: 'usage', amount: `-${cost}` });
+    const summary = (await api('GET', '/billing/summary', user.headers)).json<{ total: { calls: number; cost: string } }>();
+    expect(summary.total).toMatchObject({ calls: 1, cost });
+  });
+
+  it('a run is seen completed with its calls charged: its ledger entries and usage rows are written by then', async () => {
+    const user = await fundedUser('100');
+    await createAgent(ctx.app, user.headers, { model: 'fake-billed', max_output_tokens: 10, is_default: true });
+    const thread = await createThread(ctx.app, user.headers);
+    const run = await startRun(ctx.app, user.headers, thread.id, { input: 'hello' });
+    const ended = await waitForRun(ctx.app, user.headers, run.id, ['completed', 'failed']);
+    expect(ended.status).toBe('completed');
+    expect(Number(ended.cost)).toBeGreaterThan(0);
+    // Read from the database, not through the billing routes (which write what is pending themselves).
+    const db = ctx.database.db;
+    expect(Number((await getBalance(db, user.user.id)).balance)).toBe(100 - Number(ended.cost));
+    expect(await db.select({ amount: creditTransactions.amount }).from(creditTransactions).where(eq(creditTransactions.owner_id, user.user.id))).toHaveLength(2);
+    expect(await db.select({ id: usageRecords.id }).from(usageRecords).where(eq(usageRecords.run_id, run.id))).toHaveLength(1);
+    expect(fake.log).toHaveLength(1);
+  });
+});
