@@ -29,11 +29,18 @@ describe('built-in catalog (from @pydantic/genai-prices)', () => {
       pricing: { input_cost_per_million_tokens: '0.02' },
     });
     expect(builtins.some((m) => m.provider === 'google' && m.capabilities.includes('embedding'))).toBe(true);
+    // Still sold, and the model most clients and examples name.
+    expect(builtins.find((m) => m.id === 'gpt-4o-mini')).toMatchObject({
+      provider: 'openai',
+      capabilities: ['chat', 'tools', 'vision'],
+      pricing: { input_cost_per_million_tokens: '0.15', output_cost_per_million_tokens: '0.6', cached_input_cost_per_million_tokens: '0.075' },
+    });
+    expect(builtins.find((m) => m.id === 'gpt-4o')?.aliases).toContain('gpt-4o-2024-08-06');
   });
 
   it('leaves out old, deprecated and non-chat models', () => {
     const ids = builtins.map((m) => m.id);
-    for (const old of ['gpt-3.5-turbo', 'gpt-4', 'claude-2', 'claude-3-haiku', 'gemini-1.5-pro', 'gpt-realtime', 'gpt-image-1', 'whisper-1', 'gemini-2.5-flash-preview']) {
+    for (const old of ['gpt-3.5-turbo', 'gpt-4', 'claude-2', 'claude-3-haiku', 'gemini-1.5-pro', 'gpt-realtime', 'gpt-image-1', 'whisper-1', 'gemini-2.5-flash-preview', 'gpt-4o-mini-2024-07-18.ft-', 'gpt-4o-audio-preview', 'gpt-4o-mini-tts']) {
       expect(ids).not.toContain(old);
     }
   });
@@ -43,6 +50,8 @@ describe('built-in catalog (from @pydantic/genai-prices)', () => {
     expect(sonnet45?.pricing.tiers?.[0]).toMatchObject({ above_input_tokens: 200_000, input_cost_per_million_tokens: '6' });
     expect(builtins.filter((m) => m.recommended).length).toBeGreaterThan(2);
     expect(builtins.find((m) => m.id === 'gpt-4.1-mini')?.recommended).toBe(false);
+    // gpt-4o-mini is of gpt-5-mini's family (the `o` is no family of its own); a dated snapshot is never recommended.
+    for (const id of ['gpt-4o', 'gpt-4o-mini', 'gpt-4o-2024-05-13']) expect(builtins.find((m) => m.id === id)?.recommended, id).toBe(false);
   });
 });
 

@@ -20,13 +20,14 @@ interface ProviderRules {
   noVision: RegExp;
 }
 
-const NON_CHAT = /audio|realtime|image|tts|transcribe|search|deep-research|computer|live|omni|moderation|instruct|:|^ft/;
+const NON_CHAT = /audio|realtime|image|tts|transcribe|search|deep-research|computer|live|omni|moderation|instruct|:|(^|\.)ft-/;
 
 const RULES: Record<'openai' | 'anthropic' | 'google', ProviderRules> = {
   openai: {
-    include: /^(gpt-4\.1|gpt-[5-9]|o[3-9]|text-embedding-3-)/,
+    // gpt-4o and gpt-4o-mini: still sold, and the models most clients and examples name.
+    include: /^(gpt-4o|gpt-4\.1|gpt-[5-9]|o[3-9]|text-embedding-3-)/,
     exclude: NON_CHAT,
-    noReasoning: /^gpt-4\.1/,
+    noReasoning: /^gpt-4(o|\.1)/,
     noVision: /^o3-mini/,
   },
   anthropic: {
@@ -119,12 +120,15 @@ function aliasesOf(model: PriceModel): string[] {
   return [...found].sort();
 }
 
-/** `gpt-5.4-mini` → family `gpt-*-mini`, version 5.4; `claude-opus-4-7` → `claude-opus-*`, 4.7. */
+/**
+ * `gpt-5.4-mini` → family `gpt-*-mini`, version 5.4; `claude-opus-4-7` → `claude-opus-*`, 4.7;
+ * `gpt-4o-mini` → `gpt-*-mini`, 4 (the `o` of `4o` is no family of its own: gpt-5-mini supersedes it).
+ */
 function familyAndVersion(id: string): { family: string; version: number } {
-  const digits = /(\d+(?:[.-]\d+)?)/.exec(id)?.[1];
-  if (digits === undefined) return { family: id, version: 0 };
-  const version = Number(digits.replace('-', '.'));
-  return { family: id.replace(digits, '*'), version: Number.isFinite(version) ? version : 0 };
+  const found = /(\d+(?:[.-]\d+)?)(o(?=-|$))?/.exec(id);
+  if (!found) return { family: id, version: 0 };
+  const version = Number(found[1]!.replace('-', '.'));
+  return { family: id.replace(found[0], '*'), version: Number.isFinite(version) ? version : 0 };
 }
 
 function capabilitiesOf(id: string, rules: ProviderRules): Capability[] {
@@ -175,7 +179,8 @@ export function loadBuiltinModels(at: Date = new Date()): ModelInfo[] {
 function markRecommended(models: ModelInfo[]): void {
   const best = new Map<string, ModelInfo>();
   for (const model of models) {
-    if (/preview|codex|pro\b|-pro$/.test(model.id)) continue;
+    // Previews, specialised variants, and dated snapshots (`gpt-4o-2024-05-13`): never the one to pick.
+    if (/preview|codex|pro\b|-pro$|\d{4}-\d{2}-\d{2}/.test(model.id)) continue;
     const key = `${model.provider}:${familyAndVersion(model.id).family}`;
     const current = best.get(key);
     if (!current || model.priority > current.priority) best.set(key, model);
