@@ -71,9 +71,10 @@ export const billingRouter: FastifyPluginAsyncZod = async (app) => {
         body: CreditGrant,
         response: { 200: CreditTransactionPublic, 404: ErrorBody, 409: ErrorBody, ...authErrors },
       },
+      // Before the body is read: a caller who may not grant learns that (403), not what its body lacks (422).
+      onRequest: async (request) => ensureSuperuser(request.principal),
     },
     async (request, reply) => {
-      ensureSuperuser(request.principal);
       const created = await billingService.grant(contextOf(request), request.body);
       void reply.header('location', `${app.prefix}/billing/transactions/${created.id}`);
       return created;

@@ -145,8 +145,8 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       onRequest: requireUser,
     },
     async (request) => {
-      const { user } = request.principal;
-      if (request.params.user_id === user.id) return user;
+      // A project-scoped key reaches no account resource (SPEC §3), its own user by id no more than /users/me.
+      if (request.params.user_id === request.principal.user.id) return ownAccount(request.principal);
       ensureSuperuser(request.principal);
       return userService.getById(db, request.params.user_id);
     },

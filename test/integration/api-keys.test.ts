@@ -554,7 +554,7 @@ describe('a project-scoped key', () => {
     expect(stats.json()).toEqual({ project_id: project.id, api_keys: 1, active_api_keys: 1 });
   });
 
-  it("of a superuser cannot read other users through the admin routes (403), only its own account", async () => {
+  it("of a superuser reads no user through the user routes (403), not even its own", async () => {
     const admin = await createUser(ctx.app, { superuser: true });
     const someone = await createUser(ctx.app);
     const project = await createProject(ctx.app, admin.headers, 'Admin scope');
@@ -562,7 +562,9 @@ describe('a project-scoped key', () => {
     const other = await api('GET', `/users/${someone.user.id}`, bearer(scoped.key));
     expect(other.statusCode).toBe(403);
     expect(other.json()).toEqual(SCOPED);
-    expect((await api('GET', `/users/${admin.user.id}`, bearer(scoped.key))).statusCode).toBe(200);
+    // Its own account too, by id as at /users/me: no account resource for a scoped key (SPEC §3).
+    expect((await api('GET', `/users/${admin.user.id}`, bearer(scoped.key))).statusCode).toBe(403);
+    expect((await api('GET', `/users/${admin.user.id}`, admin.headers)).statusCode).toBe(200);
     expect((await api('GET', '/users', bearer(scoped.key))).statusCode).toBe(403);
   });
 

@@ -102,6 +102,8 @@ describe('POST /billing/credits', () => {
     const project = await createProject(ctx.app, admin);
     const scoped = await createKey(ctx.app, { headers: admin }, { name: 'scoped', project_id: project.id });
     expect((await api('POST', '/billing/credits', xApiKey(scoped.key), body)).statusCode).toBe(403);
+    // Refused before the body is read: not 422 for what it lacks, nor for a number where a decimal string goes.
+    expect((await api('POST', '/billing/credits', user.headers, {})).statusCode).toBe(403);
     expect((await balanceOf(user)).balance).toBe('0');
   });
 
