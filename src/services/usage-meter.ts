@@ -61,6 +61,8 @@ const refusedForData = (error: unknown): boolean => /^2[23]/.test(databaseError(
 /** Rows kept in memory while the database cannot take them; beyond it the oldest are dropped (logged). */
 const MAX_BUFFERED_ROWS = 1_000_000;
 const SWEEP_INTERVAL_MS = 60_000;
+/** The longest `written()` holds a read or a run's end. */
+const WRITTEN_WAIT_MS = 2_000;
 /** A credit window's block nobody used for this long goes back to the account. */
 const WINDOW_IDLE_MS = 2_000;
 
@@ -104,6 +106,8 @@ export class UsageMeterService implements UsageMeter {
   private deferred: { held: Held; record: UsageRecord }[] = [];
   private deferredTimer: NodeJS.Immediate | undefined;
   private flushing: Promise<void> | null = null;
+  /** The flush `flushQueued` callers wait for while one runs. */
+  private followingFlush: Promise<void> | null = null;
   private flushTimer: NodeJS.Timeout | undefined;
   private sweepTimer: NodeJS.Timeout | undefined;
   /** close() has begun: calls are refused from then on (see close). */
@@ -619,9 +623,29 @@ export class UsageMeterService implements UsageMeter {
    */
   async written(userId?: string): Promise<void> {
     this.settleDeferred();
-    if (this.inFlight.size) await Promise.allSettled([...this.inFlight]);
-    if (userId !== undefined) this.windows?.retireUnused(userId);
-    if (this.hasPending()) await this.flush().catch(() => undefined);
+    const writing = (async () => {
+      // Settlements of calls held per call are statements of their own (tracked).
+      if (this.inFlight.size) await Promise.allSettled([...this.inFlight]);
+      if (userId !== undefined) this.windows?.retireUnused(userId);
+      if (this.flushing || this.hasPending()) await this.flushQueued();
+    })().catch(() => undefined);
+    // Best effort, bounded: with the database slow or gone the read goes on (and answers for itself).
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([writing, new Promise<void>((resolve) => (timer = setTimeout(resolve, WRITTEN_WAIT_MS)))]);
+    clearTimeout(timer);
+  }
+
+  /**
+   * Writes everything queued now: a flush, or, while one runs (it took what was queued when it
+   * began), one more after it, shared by every caller meanwhile — not `flush()`'s "until nothing is
+   * pending", which under load waits for other calls' rows again and again.
+   */
+  private flushQueued(): Promise<void> {
+    if (!this.flushing) return this.flush();
+    return (this.followingFlush ??= this.flushing.then(() => {
+      this.followingFlush = null;
+      return this.flush();
+    }));
   }
 
   /** Resolves once every settlement started so far has run and the buffer has been written. */

@@ -54,6 +54,27 @@ describe('what a client reads right after a call', () => {
     expect(summary.total).toMatchObject({ calls: 1, cost });
   });
 
+  it('reads sent together after calls all show them: the one that finds a write under way waits for it', async () => {
+    const user = await fundedUser('100');
+    const { key } = await createKey(ctx.app, user);
+    let cost = '0';
+    for (let i = 0; i < 3; i++) {
+      const answered = await ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: bearer(key), payload: { model: 'fake-billed', messages: [{ role: 'user', content: 'Hi' }], max_tokens: 10 } });
+      expect(answered.statusCode, answered.body).toBe(200);
+      cost = addCosts(cost, String(answered.json<{ usage: { completion_tokens: number } }>().usage.completion_tokens));
+    }
+    // A dashboard's three reads at once: the first starts the write, the others must not read before it
+    // commits (on PostgreSQL: PGlite's one connection runs their statements after it anyway).
+    const [balance, ledger, summary] = await Promise.all([
+      api('GET', '/billing/balance', user.headers),
+      api('GET', '/billing/transactions', user.headers),
+      api('GET', '/billing/summary', user.headers),
+    ]);
+    expect(balance.json<{ balance: string }>().balance).toBe(addCosts('100', `-${cost}`));
+    expect(ledger.json<{ count: number }>().count).toBe(4);
+    expect(summary.json<{ total: { calls: number; cost: string } }>().total).toMatchObject({ calls: 3, cost });
+  });
+
   it('a run is seen completed with its calls charged: its ledger entries and usage rows are written by then', async () => {
     const user = await fundedUser('100');
     await createAgent(ctx.app, user.headers, { model: 'fake-billed', max_output_tokens: 10, is_default: true });
