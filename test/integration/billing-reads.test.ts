@@ -6,7 +6,7 @@ import { creditTransactions, usageRecords } from '../../src/models/index.js';
 import { getBalance } from '../../src/crud/billing.js';
 import { addCosts } from '../../src/modules/ai-models/index.js';
 import { useTestApp } from '../helpers/app.js';
-import { bearer, createUser, type TestUser } from '../helpers/factories.js';
+import { bearer, createProject, createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey } from '../helpers/http.js';
 import { useFakeModels } from '../helpers/metered-models.js';
@@ -73,6 +73,27 @@ describe('what a client reads right after a call', () => {
     expect(balance.json<{ balance: string }>().balance).toBe(addCosts('100', `-${cost}`));
     expect(ledger.json<{ count: number }>().count).toBe(4);
     expect(summary.json<{ total: { calls: number; cost: string } }>().total).toMatchObject({ calls: 3, cost });
+  });
+
+  it("a project-scoped key's calls are its project's: its ledger and summary show them alone, its balance is the account's", async () => {
+    const user = await fundedUser('100');
+    const project = await createProject(ctx.app, user.headers);
+    const scoped = await createKey(ctx.app, user, { name: 'scoped', project_id: project.id });
+    const whole = await createKey(ctx.app, user, { name: 'whole' });
+    const costOf = async (key: string) => {
+      const answered = await ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: bearer(key), payload: { model: 'fake-billed', messages: [{ role: 'user', content: 'Hi' }], max_tokens: 10 } });
+      expect(answered.statusCode, answered.body).toBe(200);
+      return String(answered.json<{ usage: { completion_tokens: number } }>().usage.completion_tokens);
+    };
+    const inProject = await costOf(scoped.key);
+    const outside = await costOf(whole.key);
+    const ledger = (await api('GET', '/billing/transactions', bearer(scoped.key))).json<{ count: number; data: { type: string; amount: string }[] }>();
+    expect(ledger.count).toBe(1);
+    expect(ledger.data[0]).toMatchObject({ type: 'usage', amount: `-${inProject}` });
+    expect((await api('GET', '/billing/summary', bearer(scoped.key))).json<{ total: { calls: number; cost: string } }>().total).toMatchObject({ calls: 1, cost: inProject });
+    const left = addCosts('100', `-${addCosts(inProject, outside)}`);
+    expect((await api('GET', '/billing/balance', bearer(scoped.key))).json<{ balance: string }>().balance).toBe(left);
+    expect((await api('GET', '/billing/transactions', user.headers)).json<{ count: number }>().count).toBe(3);
   });
 
   it('a run is seen completed with its calls charged: its ledger entries and usage rows are written by then', async () => {
