@@ -96,6 +96,21 @@ describe('what a client reads right after a call', () => {
     expect((await api('GET', '/billing/transactions', user.headers)).json<{ count: number }>().count).toBe(3);
   });
 
+  it("a cancelled run's final event comes after its stopped call's usage is written", async () => {
+    const user = await fundedUser('100');
+    await createAgent(ctx.app, user.headers, { model: 'fake-billed', max_output_tokens: 10, is_default: true });
+    const thread = await createThread(ctx.app, user.headers);
+    fake.script('fake-billed', { chunks: Array.from({ length: 50 }, (_, i) => `t${i} `), chunkDelayMs: 100 });
+    const run = await startRun(ctx.app, user.headers, thread.id, { input: 'long' });
+    await fake.waitFor((log) => log.some((r) => r.model === 'fake-billed' && r.chunksSent >= 2));
+    expect((await api('POST', `/runs/${run.id}/cancel`, user.headers)).statusCode).toBe(200);
+    // The event stream ends with run.cancelled, which the run's worker writes once its call has stopped.
+    const events = await ctx.app.inject({ method: 'GET', url: `/api/v1/runs/${run.id}/events`, headers: user.headers });
+    expect(events.body).toMatch(/event: run\.cancelled/);
+    const rows = await ctx.database.db.select({ status: usageRecords.status }).from(usageRecords).where(eq(usageRecords.run_id, run.id));
+    expect(rows).toEqual([{ status: 'aborted' }]);
+  });
+
   it('a run is seen completed with its calls charged: its ledger entries and usage rows are written by then', async () => {
     const user = await fundedUser('100');
     await createAgent(ctx.app, user.headers, { model: 'fake-billed', max_output_tokens: 10, is_default: true });

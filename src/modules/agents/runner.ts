@@ -250,6 +250,8 @@ export class AgentRunner {
       if (stop?.kind === 'cancel' || stop?.kind === 'lease') {
         // Which one says how the cancel arrived: its signal, or the status seen at a lease renewal.
         log.info({ runId: run.id, stop: stop.kind }, 'run stopped: cancelled, or no longer this worker\'s');
+        // The final event (a cancel leaves it to this worker) comes after what the stopped calls cost is written.
+        await deps.charged?.();
         await this.afterLostRun(run.id);
         return;
       }
