@@ -122,17 +122,30 @@ describe.skipIf(!adminUrl)('a database server gone silent (a network black hole,
   const SILENT_SETTINGS = { DATABASE_STATEMENT_TIMEOUT_MS: '300', DATABASE_POOL_SIZE: '1', DATABASE_CONNECT_TIMEOUT_MS: '1000' };
   const GIVES_UP_WITHIN_MS = 300 + 2_000 + 1_500;
 
-  async function throughProxy(): Promise<{ opened: Awaited<ReturnType<typeof openTestDatabase>>; proxy: SilentProxy; database: Database }> {
+  interface Silent {
+    opened: Awaited<ReturnType<typeof openTestDatabase>>;
+    proxy: SilentProxy;
+    database: Database;
+  }
+
+  /** A database of its own reached through a SilentProxy; all of it closed after `work`. */
+  async function throughProxy(work: (silent: Silent) => Promise<void>): Promise<void> {
     const opened = await openTestDatabase();
     const target = new URL(opened.url!);
     const proxy = await SilentProxy.start({ host: target.hostname, port: Number(target.port || 5432) });
     const database = await openDatabase(testSettings({ ...SILENT_SETTINGS, DATABASE_URL: proxy.url(opened.url!) }));
-    return { opened, proxy, database };
+    try {
+      await work({ opened, proxy, database });
+    } finally {
+      proxy.speak();
+      await database.close();
+      await proxy.close();
+      await opened.destroy();
+    }
   }
 
   it('a transaction waiting on it fails in bounded time, and its connection is not handed to the next caller', async () => {
-    const { opened, proxy, database } = await throughProxy();
-    try {
+    await throughProxy(async ({ opened, proxy, database }) => {
       await adminQuery(opened.url!, 'create table silent_probe (label text)');
       const started = Date.now();
       const failure = await transaction(database.db, async (tx) => {
@@ -151,17 +164,11 @@ describe.skipIf(!adminUrl)('a database server gone silent (a network black hole,
       proxy.speak();
       await database.db.execute(sql`insert into silent_probe values ('after')`);
       expect(await adminQuery(opened.url!, 'select label from silent_probe')).toEqual([{ label: 'after' }]);
-    } finally {
-      proxy.speak();
-      await database.close();
-      await proxy.close();
-      await opened.destroy();
-    }
+    });
   });
 
   it("a transaction whose BEGIN gets no answer gives its connection back: the pool's one client is not lost for good", async () => {
-    const { opened, proxy, database } = await throughProxy();
-    try {
+    await throughProxy(async ({ proxy, database }) => {
       await database.db.execute(sql`select 1`);
       proxy.fallSilent();
       const failure = await transaction(database.db, async (tx) => {
@@ -178,18 +185,13 @@ describe.skipIf(!adminUrl)('a database server gone silent (a network black hole,
       await transaction(database.db, async (tx) => {
         await tx.execute(sql`select 1`);
       });
-    } finally {
-      proxy.speak();
-      await database.close();
-      await proxy.close();
-      await opened.destroy();
-    }
+    });
   });
 
   it('a request answers 503 with Retry-After in bounded time, and requests are served once the server speaks again', async () => {
-    const { opened, proxy, database } = await throughProxy();
-    let app: FastifyInstance | null = null;
-    try {
+    await throughProxy(async ({ proxy, database }) => {
+      let app: FastifyInstance | null = null;
+      try {
       app = await buildTestApp(database, SILENT_SETTINGS);
       const admin = await superuserHeaders(app);
       proxy.fallSilent();
@@ -198,29 +200,21 @@ describe.skipIf(!adminUrl)('a database server gone silent (a network black hole,
       expect(Date.now() - started).toBeLessThan(GIVES_UP_WITHIN_MS);
       proxy.speak();
       expect((await app.inject({ method: 'GET', url: '/api/v1/projects/', headers: admin })).statusCode).toBe(200);
-    } finally {
-      proxy.speak();
-      await app?.close();
-      await database.close();
-      await proxy.close();
-      await opened.destroy();
-    }
+      } finally {
+        await app?.close();
+      }
+    });
   });
 
   it("a session's statements (migrations) are not cut by that limit: they wait as long as they take", async () => {
-    const { opened, proxy, database } = await throughProxy();
-    try {
+    await throughProxy(async ({ database }) => {
       // As migrations do: the server's limit lifted for the session, then a statement longer than the app's wait (2.3 s).
       const [row] = await database.withSession(async (session) => {
         await session.exec('set statement_timeout = 0');
         return session.query<{ slept: boolean }>('select pg_sleep(2.6) is not null as slept');
       });
       expect(row).toEqual({ slept: true });
-    } finally {
-      await database.close();
-      await proxy.close();
-      await opened.destroy();
-    }
+    });
   });
 });
 
