@@ -5,6 +5,7 @@
  * process's block released by the expiry sweep without anything released twice.
  */
 import { type SQL, sql } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
 import { beforeEach, describe, expect, it } from 'vitest';
 
 import { PaymentRequiredError } from '../../src/core/errors.js';
@@ -91,6 +92,20 @@ const blockHolds = async (user: TestUser, work: () => Promise<unknown>) =>
   (await statementsDuring((text, params) => /insert into credit_reservations/.test(text) && params.includes(user.user.id), work)).length;
 
 /** Everything settled and given back: nothing held, and the balance is the ledger's sum. */
+/**
+ * `work` on a second app over the same database (what another API node holds in memory: its own
+ * credit windows over the one account row), its meter idle after it; the app closed either way.
+ */
+async function onAnotherNode(work: (other: FastifyInstance) => Promise<void>, settings: Record<string, string> = SETTINGS): Promise<void> {
+  const other = await buildTestApp(ctx.database, settings);
+  try {
+    await work(other);
+    await other.meter.idle();
+  } finally {
+    await other.close();
+  }
+}
+
 async function expectSettled(user: TestUser, balance: number) {
   await ctx.app.meter.idle();
   const account = await getBalance(ctx.database.db, user.user.id);
@@ -302,18 +317,14 @@ describe('credit windows', () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');
     // Its own app: with the bug, the row that cannot be written jams its meter (every later flush retries it first).
-    const other = await buildTestApp(ctx.database, SETTINGS);
     const messages = ['bad: \u0000 byte', 'x' + '😀'.repeat(1_500), '😀'.repeat(1_500)];
-    try {
+    await onAnotherNode(async (other) => {
       for (const message of messages) {
         fake.script('fake-billed', { status: 400, body: { error: { message, type: 'invalid_request_error', param: null, code: null } } });
         await expect(other.models.chat(billed(user))).rejects.toThrow();
       }
       for (let i = 0; i < 5; i++) await other.models.chat(billed(user));
-      await other.meter.idle();
-    } finally {
-      await other.close();
-    }
+    });
     await expectSettled(user, 1000 - 5 * 4);
     expect(await usageEntries(user)).toBe(5);
     const errors = await ctx.database.db.execute(sql`select error from usage_records where owner_id = ${user.user.id} and error is not null`);
@@ -455,17 +466,13 @@ describe('credit windows', () => {
   it('two processes on one database each take their own blocks; the account stays exact', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');
-    const other = await buildTestApp(ctx.database, SETTINGS);
-    try {
+    await onAnotherNode(async (other) => {
       await Promise.all([
         ...Array.from({ length: 12 }, () => ctx.app.models.chat(billed(user))),
         ...Array.from({ length: 12 }, () => other.models.chat(billed(user))),
       ]);
       expect(await reservationRows(user)).toBeGreaterThanOrEqual(2);
-      await other.meter.idle();
-    } finally {
-      await other.close();
-    }
+    });
     await expectSettled(user, 1000 - 24 * 4);
   });
 
@@ -473,18 +480,13 @@ describe('credit windows', () => {
     const user = await createUser(ctx.app);
     await grant(user, '100');
     fake.defaultReply = { text: 'ten', usage: { prompt_tokens: 1, completion_tokens: 10 }, chunkDelayMs: 5 };
-    // Each app is what one API node holds in memory: its own credit windows over the one account row.
-    const other = await buildTestApp(ctx.database, SETTINGS);
-    try {
+    await onAnotherNode(async (other) => {
       const outcomes = await Promise.allSettled(Array.from({ length: 50 }, (_, i) => (i % 2 ? other : ctx.app).models.chat(billed(user))));
       const refused = outcomes.filter((o): o is PromiseRejectedResult => o.status === 'rejected');
       expect(outcomes.filter((o) => o.status === 'fulfilled')).toHaveLength(10);
       expect(refused.every((o) => o.reason instanceof PaymentRequiredError)).toBe(true);
       expect(fake.log).toHaveLength(10);
-      await other.meter.idle();
-    } finally {
-      await other.close();
-    }
+    });
     await expectSettled(user, 0);
     expect(await usageEntries(user)).toBe(10);
   });
@@ -493,16 +495,12 @@ describe('credit windows', () => {
     const user = await createUser(ctx.app);
     // A block is 80 (8 calls' worst case): taking one would leave 70, less than the other process's 8 calls need.
     await grant(user, '150');
-    const other = await buildTestApp(ctx.database, SETTINGS);
-    try {
+    await onAnotherNode(async (other) => {
       await ctx.app.models.chat(billed(user));
       // The other process's 8 calls at once, while this one would still keep a block (not idle long enough to give it back).
       const outcomes = await Promise.allSettled(Array.from({ length: 8 }, () => other.models.chat(billed(user))));
       expect(outcomes.map((o) => (o.status === 'rejected' ? String(o.reason) : 'ok'))).toEqual(Array(8).fill('ok'));
-      await other.meter.idle();
-    } finally {
-      await other.close();
-    }
+    });
     await expectSettled(user, 150 - 9 * 4);
   });
 
@@ -547,14 +545,10 @@ describe('credit windows', () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');
     // Statements of 3 rows, and a flush interval long enough that only the row count and idle() start flushes.
-    const other = await buildTestApp(ctx.database, { ...SETTINGS, USAGE_FLUSH_MAX_ROWS: '3', USAGE_FLUSH_INTERVAL_MS: '600000' });
-    try {
+    await onAnotherNode(async (other) => {
       await Promise.all(Array.from({ length: 17 }, () => other.models.chat(billed(user))));
       for (let i = 0; i < 6; i++) await other.models.chat(billed(user));
-      await other.meter.idle();
-    } finally {
-      await other.close();
-    }
+    }, { ...SETTINGS, USAGE_FLUSH_MAX_ROWS: '3', USAGE_FLUSH_INTERVAL_MS: '600000' });
     await expectSettled(user, 1000 - 23 * 4);
     expect(await usageEntries(user)).toBe(23);
     expect(await usageRows(user)).toBe(23);
