@@ -341,7 +341,7 @@ const queryTimeoutMs = (settings: Settings): number | undefined =>
  */
 const unbounded = (text: string, values?: unknown[]): pg.QueryConfig => ({ text, values, query_timeout: 2 ** 31 - 1 }) as pg.QueryConfig;
 /** What node-postgres says when a statement outlives query_timeout. */
-export const QUERY_TIMEOUT_MESSAGE = 'Query read timeout';
+const QUERY_TIMEOUT_MESSAGE = 'Query read timeout';
 const closedOnTimeout = new WeakSet<pg.PoolClient>();
 
 /**

@@ -22,15 +22,16 @@ import type { Redis } from 'ioredis';
 import type { Settings } from '../core/config.js';
 import type { Db } from '../core/db.js';
 import { databaseError, PaymentRequiredError, ServiceUnavailableError, TooManyRequestsError } from '../core/errors.js';
-import { type Logger, RepeatedLine } from '../core/logger.js';
+import type { Logger } from '../core/logger.js';
 import type { ModelMetrics } from '../core/metrics.js';
 
 import * as billingCrud from '../crud/billing.js';
 import type { CostEstimate, TokenUsage, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
 import { costUnits, unitsCost, ZERO_USAGE } from '../modules/ai-models/index.js';
 import { isoFormatter } from '../utils/iso-time.js';
-import { type CounterStore, counterStore } from '../utils/rate-limit.js';
+import { type CounterStore, counterStore, countersUnavailable } from '../utils/rate-limit.js';
 import { storableText } from '../utils/text.js';
+import { fulfilledWithin } from '../utils/time-limit.js';
 import { type CreditBlock, CreditWindows } from './credit-window.js';
 import { type KeyLimits, loadKeyLimits } from './key-limits.js';
 import { formatMoney, notEnoughCreditsMessage, overBudgetMessage } from './money.js';
@@ -88,7 +89,6 @@ export class UsageMeterService implements UsageMeter {
   private readonly metrics: ModelMetrics;
   private readonly counters: CounterStore;
   private readonly rpmPrefix: string;
-  private readonly limiterUnavailable = new RepeatedLine();
   /** Usage rows as JSON (`usageRowJson`), made as each call settled: a flush only joins them. */
   private buffer: string[] = [];
   private failedSettlements: billingCrud.Settlement[] = [];
@@ -236,9 +236,7 @@ export class UsageMeterService implements UsageMeter {
     try {
       counted = await this.counters.hit(`${this.rpmPrefix}${keyId}`, RPM_WINDOW_MS);
     } catch (error) {
-      const line = this.limiterUnavailable.take();
-      if (line) this.log.error({ err: error, apiKeyId: keyId, ...line }, 'rate limiter unavailable');
-      throw new ServiceUnavailableError('Rate limiter unavailable, try again later');
+      throw countersUnavailable(this.log, error, { apiKeyId: keyId });
     }
     if (counted.count > rpm) {
       throw new TooManyRequestsError(counted.ttlMs / 1000, keyRateLimitMessage(rpm, Math.max(1, Math.ceil(counted.ttlMs / 1000))));
@@ -628,11 +626,9 @@ export class UsageMeterService implements UsageMeter {
       if (this.inFlight.size) await Promise.allSettled([...this.inFlight]);
       if (userId !== undefined) this.windows?.retireUnused(userId);
       if (this.flushing || this.hasPending()) await this.flushQueued();
-    })().catch(() => undefined);
+    })();
     // Best effort, bounded: with the database slow or gone the read goes on (and answers for itself).
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([writing, new Promise<void>((resolve) => (timer = setTimeout(resolve, WRITTEN_WAIT_MS)))]);
-    clearTimeout(timer);
+    await fulfilledWithin(WRITTEN_WAIT_MS, writing);
   }
 
   /**

@@ -7,7 +7,7 @@ import type { Redis } from 'ioredis';
 import { noteRefusal } from '../core/access-log.js';
 import type { Settings } from '../core/config.js';
 import { ServiceUnavailableError, TooManyRequestsError } from '../core/errors.js';
-import { RepeatedLine } from '../core/logger.js';
+import { type Logger, RepeatedLine } from '../core/logger.js';
 
 // ==================== Counters ====================
 
@@ -116,8 +116,15 @@ function limiterOf(app: FastifyInstance): Limiter {
 /** Hits that are taken back when the request succeeds (see refundOnSuccess). */
 const refundable = new WeakMap<FastifyRequest, string[]>();
 
-/** Written once per window while the counters are down (per process). */
+/** Written once per window while the counters are down (per process: the request limits and the keys' rpm alike). */
 const limiterUnavailable = new RepeatedLine();
+
+/** The counters could not be reached: said in the log (once a window) and answered 503, never failing open. */
+export function countersUnavailable(log: Logger, error: unknown, fields: Record<string, unknown>): ServiceUnavailableError {
+  const line = limiterUnavailable.take();
+  if (line) log.error({ err: error, ...fields, ...line }, 'rate limiter unavailable');
+  return new ServiceUnavailableError('Rate limiter unavailable, try again later');
+}
 
 /** Counts one hit on `name:subject`; throws 429 beyond `max`, 503 when the counters cannot be reached. */
 async function count(request: FastifyRequest, name: string, subject: string, refund: boolean): Promise<Count> {
@@ -129,9 +136,7 @@ async function count(request: FastifyRequest, name: string, subject: string, ref
     return counted;
   } catch (error) {
     // Failing open would switch brute-force protection off whenever Redis is down.
-    const line = limiterUnavailable.take();
-    if (line) request.log.error({ err: error, limiter: name, ...line }, 'rate limiter unavailable');
-    throw new ServiceUnavailableError('Rate limiter unavailable, try again later');
+    throw countersUnavailable(request.log, error, { limiter: name });
   }
 }
 
