@@ -8,6 +8,8 @@ import { UnauthorizedError } from '../core/errors.js';
 
 import { ErrorBody } from '../schemas/common.js';
 
+import { fulfilledWithin } from '../utils/time-limit.js';
+
 const tags = ['ops'];
 const CHECK_TIMEOUT_MS = 2_000;
 
@@ -22,18 +24,7 @@ const Readiness = z
   .meta({ id: 'Readiness' });
 
 async function within(ms: number, work: () => Promise<unknown>): Promise<'ok' | 'unavailable'> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error('timeout')), ms);
-  });
-  try {
-    await Promise.race([work(), timeout]);
-    return 'ok';
-  } catch {
-    return 'unavailable';
-  } finally {
-    clearTimeout(timer);
-  }
+  return (await fulfilledWithin(ms, work())) ? 'ok' : 'unavailable';
 }
 
 const digest = (value: string) => createHash('sha256').update(value).digest();
