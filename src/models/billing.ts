@@ -1,5 +1,5 @@
 import { sql } from 'drizzle-orm';
-import { boolean, check, index, integer, numeric, pgEnum, pgTable, text, timestamp, uuid, varchar } from 'drizzle-orm/pg-core';
+import { boolean, check, index, integer, numeric, pgEnum, pgTable, text, timestamp, uniqueIndex, uuid, varchar } from 'drizzle-orm/pg-core';
 
 import { apiKeys } from './api-key.js';
 import { baseColumns } from './columns.js';
@@ -99,6 +99,9 @@ export const creditTransactions = pgTable(
   (t) => [
     index('ix_credit_transactions_owner_id_created_at').on(t.owner_id, t.created_at),
     index('ix_credit_transactions_created_by').on(t.created_by),
+    // One usage entry per call: a settlement sent twice (a retry, and its first attempt reaching
+    // the server late) fails whole the second time, balance included, instead of charging again.
+    uniqueIndex('ux_credit_transactions_usage_record_id').on(t.usage_record_id).where(sql`${t.type} = 'usage'`),
   ],
 );
 

@@ -59,6 +59,15 @@ const cause = (error: unknown): unknown => (error as { cause?: unknown }).cause 
  * not for being unreachable: retried as it is, it fails the same way every time.
  */
 const refusedForData = (error: unknown): boolean => /^2[23]/.test(databaseError(error)?.code ?? '');
+/**
+ * A retried settlement whose first attempt committed after the retry had looked for it (a reply
+ * lost while the statement still ran): the ledger's one usage entry per call refused the retry
+ * whole, so the call is charged, once.
+ */
+const chargedAlready = (error: unknown): boolean => {
+  const refusal = databaseError(error);
+  return refusal?.code === '23505' && refusal.constraint === 'ux_credit_transactions_usage_record_id';
+};
 /** Rows kept in memory while the database cannot take them; beyond it the oldest are dropped (logged). */
 const MAX_BUFFERED_ROWS = 1_000_000;
 const SWEEP_INTERVAL_MS = 60_000;
@@ -555,6 +564,10 @@ export class UsageMeterService implements UsageMeter {
       try {
         await this.settleAgain(settlement);
       } catch (error) {
+        if (chargedAlready(error)) {
+          this.log.info({ usageRecord: settlement.usageRecordId }, 'credit settlement retried after its first attempt committed; charged once');
+          continue;
+        }
         if (refusedForData(error)) {
           const { reservationId, userId, apiKeyId, cost, usageRecordId, description } = settlement;
           this.log.error({ err: cause(error), settlement: { reservationId, userId, apiKeyId, cost, usageRecordId, description } }, 'credit settlement refused by the database; set aside');
@@ -577,7 +590,7 @@ export class UsageMeterService implements UsageMeter {
     try {
       await billingCrud.settle(this.db, settlement, true);
     } catch (error) {
-      if (settlement.usage === undefined || !refusedForData(error)) throw error;
+      if (settlement.usage === undefined || !refusedForData(error) || chargedAlready(error)) throw error;
       this.log.error({ err: cause(error), usageRecord: settlement.usageRecordId }, 'usage record refused by the database; set aside, its settlement goes without it');
       await billingCrud.settle(this.db, { ...settlement, usage: undefined }, true);
     }

@@ -15,12 +15,14 @@ import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey } from '../helpers/http.js';
+import { captureLogs, LEVEL } from '../helpers/logs.js';
 import { chatRequest, useFakeModels } from '../helpers/metered-models.js';
 import { intercepting } from '../helpers/statements.js';
 
 // Blocks of 8 calls: with `fake-billed` (1 credit per output token) and 10 output tokens at most, a block is 80 credits.
 const SETTINGS = { BILLING_ENABLED: 'true', BILLING_CREDIT_WINDOW_CALLS: '8', USAGE_FLUSH_INTERVAL_MS: '20', MODEL_MAX_RETRIES: '0' };
-const ctx = useTestApp(SETTINGS);
+const logs = captureLogs('info');
+const ctx = useTestApp(SETTINGS, { logger: logs.logger });
 const api = apiOf(ctx);
 let fake: FakeModelServer;
 let admin: Record<string, string>;
@@ -413,6 +415,79 @@ describe('credit windows', () => {
     await expectSettled(user, 1000 - 5 * 4);
     expect(await usageEntries(user)).toBe(5);
     expect(await usageRows(user)).toBe(5);
+  });
+
+  it('a flush the client gave up on that reaches the server after its retry (a stalled network) charges nothing twice', async () => {
+    // The client times out and retries on a new connection; the first attempt's bytes, held by the
+    // network, reach the server afterwards and run: without a unique ledger entry per call the
+    // retry's "already charged?" look-up cannot see a statement that has not run yet.
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    let stalled: { text: string; params: unknown[] } | undefined;
+    await intercept(
+      (text, params) => {
+        if (!stalled && /insert into credit_transactions/.test(text)) {
+          stalled = { text, params };
+          throw new Error('Query read timeout');
+        }
+      },
+      async () => {
+        for (let i = 0; i < 5; i++) await ctx.app.models.chat(billed(user));
+        await ctx.app.meter.idle(); // its flush "times out"
+        await ctx.app.meter.idle(); // the next retries the settlements
+      },
+    );
+    expect(stalled).toBeDefined();
+    await expectSettled(user, 1000 - 5 * 4);
+    const late = ctx.database.withSession((session) => session.query(stalled!.text, stalled!.params));
+    await expect(late).rejects.toMatchObject({ code: '23505' });
+    await expectSettled(user, 1000 - 5 * 4);
+    expect(await usageEntries(user)).toBe(5);
+    expect(await usageRows(user)).toBe(5);
+  });
+
+  it.skipIf(!process.env.DATABASE_URL)('a retry that runs while its first attempt is still committing is refused whole, and the meter counts the call as charged', async () => {
+    // The first attempt holds the account's row in an open transaction when the retry looks for its
+    // ledger entry: the retry finds none, waits for the row, then charges again — unless the
+    // ledger's one usage entry per call refuses it, undoing its balance change with it.
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    let stalled: { text: string; params: unknown[] } | undefined;
+    let original: Promise<unknown> | undefined;
+    logs.clear();
+    await intercept(
+      async (text, params) => {
+        if (!stalled && /insert into credit_transactions/.test(text)) {
+          stalled = { text, params };
+          throw new Error('Query read timeout');
+        }
+        if (stalled && !original && /seen as \(select 1 from credit_transactions/.test(text)) {
+          // The first attempt reaches the server now, just before the retry, and commits 300 ms later.
+          let ran!: () => void;
+          const running = new Promise<void>((resolve) => (ran = resolve));
+          original = ctx.database.withSession(async (session) => {
+            await session.exec('begin');
+            await session.query(stalled!.text, stalled!.params);
+            ran();
+            await new Promise((resolve) => setTimeout(resolve, 300));
+            await session.exec('commit');
+          });
+          await running;
+        }
+      },
+      async () => {
+        for (let i = 0; i < 5; i++) await ctx.app.models.chat(billed(user));
+        await ctx.app.meter.idle(); // its flush "times out"
+        await ctx.app.meter.idle(); // the next retries the settlements
+      },
+    );
+    expect(original).toBeDefined();
+    await original;
+    await expectSettled(user, 1000 - 5 * 4);
+    expect(await usageEntries(user)).toBe(5);
+    expect(await usageRows(user)).toBe(5);
+    expect(logs.lines().filter((line) => (line.level as number) >= LEVEL.error)).toEqual([expect.objectContaining({ msg: 'usage records not written; kept for a retry' })]);
+    expect(logs.lines().filter((line) => /charged once/.test(String(line.msg)))).toHaveLength(1);
   });
 
   it('a block\'s hold commits only once it is durable (synchronous_commit on); per-call holds keep the asynchronous commit', async () => {

@@ -370,3 +370,44 @@ describe('0010_run_event_batches', () => {
     }
   });
 });
+
+describe('0014_credit_usage_entry_once', () => {
+  it("keeps a call's first usage entry linked and unlinks a second one (saying which call), then refuses a third", async () => {
+    const fresh = await freshDatabase();
+    try {
+      const { database } = fresh;
+      const upTo = MIGRATIONS.findIndex((m) => m.tag === '0014_credit_usage_entry_once');
+      await migrateUp(database, logger, MIGRATIONS.slice(0, upTo));
+      const [user, call, other] = [randomUUID(), randomUUID(), randomUUID()];
+      await query(database, `insert into users (id, email, hashed_password) values ($1, 'ledger@example.com', 'x')`, [user]);
+      const entry = (id: string, usage: string, balance: string, at: string) =>
+        query(database, `insert into credit_transactions (id, owner_id, type, amount, balance_after, description, usage_record_id, created_at) values ($1, $2, 'usage', -4, $3, 'chat', $4, $5)`, [
+          id,
+          user,
+          balance,
+          usage,
+          at,
+        ]);
+      const [first, second, single] = [randomUUID(), randomUUID(), randomUUID()];
+      await entry(second, call, '92', '2026-01-01T00:00:02Z');
+      await entry(first, call, '96', '2026-01-01T00:00:01Z');
+      await entry(single, other, '88', '2026-01-01T00:00:03Z');
+      await migrateUp(database, logger);
+      const rows = await query<{ id: string; usage_record_id: string | null; description: string }>(
+        database,
+        `select id, usage_record_id, description from credit_transactions where owner_id = $1 order by created_at`,
+        [user],
+      );
+      expect(rows).toEqual([
+        { id: first, usage_record_id: call, description: 'chat' },
+        { id: second, usage_record_id: null, description: `chat (a second charge for call ${call})` },
+        { id: single, usage_record_id: other, description: 'chat' },
+      ]);
+      await expect(entry(randomUUID(), call, '84', '2026-01-01T00:00:04Z')).rejects.toMatchObject({ code: '23505' });
+      await migrateDown(database, logger, MIGRATIONS[upTo - 1]!.tag);
+      await entry(randomUUID(), call, '84', '2026-01-01T00:00:04Z');
+    } finally {
+      await fresh.destroy();
+    }
+  });
+});
