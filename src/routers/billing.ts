@@ -1,7 +1,7 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 
-import { Balance, CreditGrant, CreditTransactionPublic, SummaryQuery, TransactionIdParams, UsageSummary } from '../schemas/billing.js';
-import { authErrors, ErrorBody, listOf, Pagination } from '../schemas/common.js';
+import { AccountQuery, Balance, CreditGrant, CreditTransactionPublic, SummaryQuery, TransactionIdParams, TransactionsQuery, UsageSummary } from '../schemas/billing.js';
+import { authErrors, ErrorBody, listOf } from '../schemas/common.js';
 
 import * as billingService from '../services/billing-service.js';
 import { contextOf } from '../services/context.js';
@@ -9,12 +9,18 @@ import { ensureSuperuser, requireUser } from '../utils/authentication.js';
 
 const tags = ['billing'];
 
-/** Credits (balance, ledger, grants) and usage. Personal: a superuser sees their own here too. */
+/**
+ * Credits (balance, ledger, grants) and usage. Personal: each caller reads their own account; a
+ * superuser reads another's by naming it (`?user_id=`) and any ledger entry by its id.
+ */
 export const billingRouter: FastifyPluginAsyncZod = async (app) => {
   app.addHook('onRequest', requireUser);
-  // What this process charged the caller before this read is in it: a balance read right after a call shows the call.
+  // What this process charged the account before this read is in it: a balance read right after a call shows the call.
   app.addHook('preHandler', async (request) => {
-    if (request.method === 'GET') await app.meter.written(request.principal.user.id);
+    if (request.method !== 'GET') return;
+    const { user_id: userId } = request.query as { user_id?: string };
+    // Whoever may not read that account learns so (403) before anything is written for it.
+    await app.meter.written(billingService.accountOf(request.principal, userId));
   });
 
   app.get(
@@ -23,12 +29,13 @@ export const billingRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'get_balance',
         summary: 'Get Balance',
-        description: 'The caller’s credits. A project-scoped key reads its account’s balance.',
+        description: 'The caller’s credits (a superuser: any user’s, with `user_id`). A project-scoped key reads its account’s balance.',
         tags,
-        response: { 200: Balance, ...authErrors },
+        querystring: AccountQuery,
+        response: { 200: Balance, 404: ErrorBody, ...authErrors },
       },
     },
-    async (request) => billingService.balance(contextOf(request)),
+    async (request) => billingService.balance(contextOf(request), request.query.user_id),
   );
 
   app.get(
@@ -37,10 +44,11 @@ export const billingRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'list_transactions',
         summary: 'List Transactions',
-        description: 'The ledger, newest first: grants, usage (negative), refunds, adjustments, each with the balance after it. A project-scoped key sees its project’s usage entries.',
+        description:
+          'The ledger, newest first: grants, usage (negative), refunds, adjustments, each with the balance after it (a superuser: any user’s, with `user_id`). A project-scoped key sees its project’s usage entries.',
         tags,
-        querystring: Pagination,
-        response: { 200: listOf(CreditTransactionPublic), ...authErrors },
+        querystring: TransactionsQuery,
+        response: { 200: listOf(CreditTransactionPublic), 404: ErrorBody, ...authErrors },
       },
     },
     async (request) => billingService.listTransactions(contextOf(request), request.query),
@@ -52,6 +60,7 @@ export const billingRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'get_transaction',
         summary: 'Get Transaction',
+        description: 'One ledger entry of the caller’s (a superuser: anyone’s, such as the grant a `POST /billing/credits` names in its Location).',
         tags,
         params: TransactionIdParams,
         response: { 200: CreditTransactionPublic, 404: ErrorBody, ...authErrors },
@@ -87,10 +96,11 @@ export const billingRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'get_usage_summary',
         summary: 'Get Usage Summary',
-        description: 'Model calls, tokens and cost in [from, to), grouped by model and day unless `group_by` says otherwise. A project-scoped key sees its project’s usage.',
+        description:
+          'Model calls, tokens and cost in [from, to), grouped by model and day unless `group_by` says otherwise (a superuser: any user’s, with `user_id`). A project-scoped key sees its project’s usage.',
         tags,
         querystring: SummaryQuery,
-        response: { 200: UsageSummary, ...authErrors },
+        response: { 200: UsageSummary, 404: ErrorBody, ...authErrors },
       },
     },
     async (request) => billingService.summary(contextOf(request), request.query),

@@ -1,6 +1,6 @@
 import { z } from 'zod';
 
-import { Id, STORABLE_YEARS_ERROR, Timestamp, withinStorableYears } from './common.js';
+import { Id, Pagination, STORABLE_YEARS_ERROR, Timestamp, withinStorableYears } from './common.js';
 
 /** A decimal string with up to 12 decimal places (credits), as accepted in bodies: never a JSON number. */
 export const MoneyInput = z
@@ -53,6 +53,15 @@ export type CreditGrant = z.infer<typeof CreditGrant>;
 
 export const TransactionIdParams = z.object({ transaction_id: Id });
 
+/** `?user_id=`: whose credits a read is of (superusers: any user's; default the caller's). */
+const OfUser = { user_id: Id.optional().meta({ description: 'Superusers: another user’s account, read as that user would (default: the caller’s own). Others may name only their own id (403 otherwise).' }) };
+
+/** `?user_id=` alone (the balance). */
+export const AccountQuery = z.strictObject(OfUser);
+
+/** `?limit=&offset=&user_id=` (the ledger). */
+export const TransactionsQuery = Pagination.extend(OfUser);
+
 const GROUPS = ['model', 'day', 'api_key'] as const;
 
 /** An instant of a summary's range: ISO 8601 with an offset, or a bare date (midnight UTC), in the years 1 to 9999 UTC. */
@@ -60,6 +69,7 @@ const RangeBound = () => z.iso.datetime({ offset: true }).or(z.iso.date()).refin
 
 /** `?from=&to=&group_by=`: a time range (ISO 8601; a bare date is midnight UTC) and groups, comma-separated. */
 export const SummaryQuery = z.strictObject({
+  ...OfUser,
   from: RangeBound().optional().meta({ description: 'Start (inclusive); default: 30 days before `to` (at the earliest 0001-01-01)' }),
   to: RangeBound().optional().meta({ description: 'End (exclusive); default: now' }),
   group_by: z

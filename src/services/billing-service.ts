@@ -10,15 +10,39 @@ import * as billingCrud from '../crud/billing.js';
 import type { Page } from '../crud/page.js';
 import * as userCrud from '../crud/user.js';
 import { addCosts } from '../modules/ai-models/index.js';
+import { ensureSuperuser, type Principal } from '../utils/authentication.js';
 import type { ServiceContext } from './context.js';
 import { formatMoney } from './money.js';
 
 const DAY_MS = 86_400_000;
 const DEFAULT_RANGE_DAYS = 30;
 
+/**
+ * Whose account a read is of: the caller's, or the user a superuser names (`user_id`). Anyone else
+ * naming another user is refused (403), a project-scoped key too (SPEC §3: no account resources).
+ */
+export function accountOf(principal: Principal, userId: string | undefined): string {
+  if (userId === undefined || userId === principal.user.id) return principal.user.id;
+  ensureSuperuser(principal);
+  return userId;
+}
+
+/**
+ * Who a read of that account goes as: the caller, or the named user as they would read it
+ * themselves (signed in, no key), so the ledger's and usage's own policies apply unchanged.
+ */
+async function readerOf(ctx: ServiceContext, userId: string | undefined): Promise<Principal> {
+  const id = accountOf(ctx.principal, userId);
+  if (id === ctx.principal.user.id) return ctx.principal;
+  const user = await userCrud.getById(ctx.db, id);
+  if (!user) throw new NotFoundError('User not found');
+  return { user, apiKeyId: null, apiKeyLimits: null, scopeProjectId: null };
+}
+
 /** The account's balance: a scoped key reads it too (it is what its calls are paid from). */
-export async function balance(ctx: ServiceContext) {
-  const { balance, reserved } = await billingCrud.getBalance(ctx.db, ctx.principal.user.id);
+export async function balance(ctx: ServiceContext, userId?: string) {
+  const reader = await readerOf(ctx, userId);
+  const { balance, reserved } = await billingCrud.getBalance(ctx.db, reader.user.id);
   return {
     balance: formatMoney(balance),
     reserved: formatMoney(reserved),
@@ -31,13 +55,18 @@ function present(row: CreditTransaction): CreditTransaction {
   return { ...row, amount: formatMoney(row.amount), balance_after: formatMoney(row.balance_after) };
 }
 
-export async function listTransactions(ctx: ServiceContext, page: Page) {
-  const { data, count } = await billingCrud.transactionCrud.list(ctx.db, ctx.principal, page);
+export async function listTransactions(ctx: ServiceContext, query: Page & { user_id?: string }) {
+  const reader = await readerOf(ctx, query.user_id);
+  const { data, count } = await billingCrud.transactionCrud.list(ctx.db, reader, query);
   return { data: data.map(present), count };
 }
 
+/** One ledger entry: the caller's own, or any for a superuser (the entry a grant's Location names). */
 export async function getTransaction(ctx: ServiceContext, id: string) {
-  return present(await billingCrud.transactionCrud.getVisible(ctx.db, ctx.principal, id));
+  if (!ctx.principal.user.is_superuser || ctx.principal.scopeProjectId !== null) return present(await billingCrud.transactionCrud.getVisible(ctx.db, ctx.principal, id));
+  const row = await billingCrud.transactionCrud.getById(ctx.db, id);
+  if (!row) throw new NotFoundError('Transaction not found');
+  return present(row);
 }
 
 /** A superuser's grant, refund or adjustment: the balance and its ledger entry change together. */
@@ -61,6 +90,7 @@ export async function grant(ctx: ServiceContext, input: CreditGrant) {
 }
 
 export interface SummaryQuery {
+  user_id?: string;
   from?: string;
   to?: string;
   group_by: billingCrud.GroupBy[];
@@ -71,7 +101,7 @@ export async function summary(ctx: ServiceContext, query: SummaryQuery) {
   const to = query.to ? new Date(query.to) : new Date();
   // A range ending early in the year 1 starts at its first instant, not in the year 0 (which PostgreSQL refuses).
   const from = query.from ? new Date(query.from) : new Date(Math.max(to.getTime() - DEFAULT_RANGE_DAYS * DAY_MS, MIN_INSTANT_MS));
-  const visible = billingCrud.usagePolicy.where(ctx.principal, 'read');
+  const visible = billingCrud.usagePolicy.where(await readerOf(ctx, query.user_id), 'read');
   const rows = await billingCrud.summarize(ctx.db, visible, from, to, query.group_by);
   const total = { calls: 0, input_tokens: 0, cached_input_tokens: 0, cache_write_tokens: 0, output_tokens: 0, reasoning_tokens: 0, cost: '0' };
   const data = rows.map((row) => {

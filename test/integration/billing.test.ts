@@ -127,9 +127,59 @@ describe('POST /billing/credits', () => {
     const [owner, other] = [await createUser(ctx.app), await createUser(ctx.app)];
     const created = await grant(owner, '1');
     expect((await api('GET', `/billing/transactions/${created.id}`, other.headers)).statusCode).toBe(404);
-    expect((await api('GET', `/billing/transactions/${created.id}`, admin)).statusCode).toBe(404);
     expect((await api('GET', '/billing/transactions', other.headers)).json()).toEqual({ data: [], count: 0 });
     expect((await balanceOf(other)).balance).toBe('0');
+  });
+});
+
+describe('a superuser reading another user’s credits (user_id)', () => {
+  it('reads their balance, ledger, entries and usage as they would, the charges of their last call included; without user_id, the superuser’s own', async () => {
+    const user = await createUser(ctx.app);
+    const created = await grant(user, '100');
+    // What a grant's Location names is readable by whoever made it.
+    const entry = await api('GET', `/billing/transactions/${created.id}`, admin);
+    expect(entry.statusCode, entry.body).toBe(200);
+    expect(entry.json()).toMatchObject({ id: created.id, type: 'grant', amount: '100', balance_after: '100' });
+    const call = await ctx.app.models.chat(billed(user)); // read at once below
+    const left = String(100 - Number(call.cost));
+    const of = `user_id=${user.user.id}`;
+    const balance = await api('GET', `/billing/balance?${of}`, admin);
+    expect(balance.statusCode, balance.body).toBe(200);
+    expect(balance.json()).toEqual({ balance: left, reserved: '0', available: left, billing_enabled: true });
+    const ledger = (await api('GET', `/billing/transactions?${of}&limit=5`, admin)).json<ListBody<TransactionBody>>();
+    expect(ledger.count).toBe(2);
+    expect(ledger.data.map((t) => [t.type, t.amount, t.balance_after])).toEqual([
+      ['usage', `-${call.cost}`, left],
+      ['grant', '100', '100'],
+    ]);
+    const summary = (await api('GET', `/billing/summary?${of}&group_by=model`, admin)).json<{ total: { calls: number; cost: string } }>();
+    expect(summary.total).toMatchObject({ calls: 1, cost: call.cost });
+    // The superuser's own account, as before.
+    const own = (await api('GET', '/billing/transactions', admin)).json<ListBody<TransactionBody>>();
+    expect(own.data.some((t) => t.id === created.id)).toBe(false);
+    expect((await api('GET', '/billing/summary?group_by=model', admin)).json<{ total: { calls: number } }>().total.calls).toBe(0);
+  });
+
+  it('is for superusers: 403 for a user naming another user (or a superuser’s scoped key); a user’s own id reads as without it; 404 for no such user, 422 for no id', async () => {
+    const [user, other] = [await createUser(ctx.app), await createUser(ctx.app)];
+    await grant(other, '5');
+    const project = await createProject(ctx.app, admin);
+    const scoped = xApiKey((await createKey(ctx.app, { headers: admin }, { name: 'scoped', project_id: project.id })).key);
+    for (const path of ['/billing/balance', '/billing/transactions', '/billing/summary']) {
+      for (const headers of [user.headers, scoped]) {
+        const refused = await api('GET', `${path}?user_id=${other.user.id}`, headers);
+        expect(refused.statusCode, `${path} ${refused.body}`).toBe(403);
+      }
+      const own = await api('GET', `${path}?user_id=${user.user.id}`, user.headers);
+      expect(own.statusCode, path).toBe(200);
+      // The same answer (a summary's default range ends now: not compared).
+      const withoutRange = (body: Record<string, unknown>) => ({ ...body, from: undefined, to: undefined });
+      expect(withoutRange(own.json())).toEqual(withoutRange((await api('GET', path, user.headers)).json()));
+      const missing = await api('GET', `${path}?user_id=${randomUUID()}`, admin);
+      expect(missing.statusCode, path).toBe(404);
+      expect(missing.json()).toEqual({ detail: 'User not found' });
+      expectValidationError(await api('GET', `${path}?user_id=nobody`, admin), ['query', 'user_id']);
+    }
   });
 });
 
