@@ -1,8 +1,11 @@
 -- One ledger usage entry per call. A second one can only have come from a settlement written twice
 -- (a retry racing its first attempt): it stays in the ledger, whose balance_after chain it is part
--- of, but no longer names the call, and says why; the call's first entry keeps the link.
+-- of, but no longer names the call, and says why; the call's first entry keeps the link. The table
+-- is locked against writes first, so a node still running the old code cannot add a duplicate
+-- between the fix and the index.
+LOCK TABLE "credit_transactions" IN SHARE ROW EXCLUSIVE MODE;--> statement-breakpoint
 UPDATE "credit_transactions" SET "usage_record_id" = NULL,
-  "description" = coalesce("description", '') || ' (a second charge for call ' || "usage_record_id" || ')'
+  "description" = coalesce("description" || ' ', '') || '(a second charge for call ' || "usage_record_id" || ')'
 WHERE "id" IN (
   SELECT "id" FROM (
     SELECT "id", row_number() OVER (PARTITION BY "usage_record_id" ORDER BY "created_at", "id") AS "n"

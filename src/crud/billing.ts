@@ -219,8 +219,6 @@ export interface Settlement {
   chargeKey: boolean;
   usageRecordId: string;
   description: string;
-  /** When the call started (ISO 8601): a retried settlement looks for its ledger entry from then on (see `settle`). */
-  since?: string;
   /**
    * The call's usage row (`usageRowJson`, id `usageRecordId`), when the settlement writes it: a
    * settlement that charges the key but writes no ledger entry (billing off). The row goes in with
@@ -265,15 +263,12 @@ export async function settle(db: Db, s: Settlement, retried = false): Promise<vo
   const rid = s.reservationId;
   const part = s.release ?? null;
   // A retry after a failure the client could not tell from a lost reply (the statement may have
-  // committed): nothing moves if the call's ledger entry is there already. Looked up by owner from
-  // a little before the call started (the owner's index; the clocks of app and database may differ).
+  // committed): nothing moves if the call's ledger entry is there already (looked up through the
+  // index that keeps it one per call; a first attempt that commits only later is refused by it).
   // A settlement that writes its call's usage row needs no look-up: the key's spend moves by the
   // row it inserts, none when the row is there already (and the reservation is released once anyway).
-  const once = retried && s.usage === undefined && s.userId !== null && s.since !== undefined;
-  const seen = once
-    ? sql`, seen as (select 1 from credit_transactions where owner_id = ${s.userId}::uuid and created_at >= ${s.since}::timestamptz - interval '5 minutes'
-          and usage_record_id = ${s.usageRecordId}::uuid and type = 'usage' limit 1)`
-    : sql``;
+  const once = retried && s.usage === undefined && s.userId !== null;
+  const seen = once ? sql`, seen as (select 1 from credit_transactions where usage_record_id = ${s.usageRecordId}::uuid and type = 'usage')` : sql``;
   const fresh = once ? sql` and not exists (select 1 from seen)` : sql``;
   const usage = s.usage === undefined ? sql`` : sql`, ${usageRowCtes([s.usage])}`;
   const spend = s.usage === undefined ? sql`${s.cost}::numeric` : sql`(select coalesce(sum(cost), 0) from ins)`;

@@ -1,3 +1,4 @@
+import type { FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 
 import { AccountQuery, Balance, CreditGrant, CreditTransactionPublic, SummaryQuery, TransactionIdParams, TransactionsQuery, UsageSummary } from '../schemas/billing.js';
@@ -15,13 +16,14 @@ const tags = ['billing'];
  */
 export const billingRouter: FastifyPluginAsyncZod = async (app) => {
   app.addHook('onRequest', requireUser);
-  // What this process charged the account before this read is in it: a balance read right after a call shows the call.
-  app.addHook('preHandler', async (request) => {
-    if (request.method !== 'GET') return;
+  /**
+   * What this process charged the account read before the read is in it: a balance read right after
+   * a call shows the call. Whoever may not read that account learns so (403) before anything is written.
+   */
+  const chargesWritten = async (request: FastifyRequest) => {
     const { user_id: userId } = request.query as { user_id?: string };
-    // Whoever may not read that account learns so (403) before anything is written for it.
     await app.meter.written(billingService.accountOf(request.principal, userId));
-  });
+  };
 
   app.get(
     '/billing/balance',
@@ -34,6 +36,7 @@ export const billingRouter: FastifyPluginAsyncZod = async (app) => {
         querystring: AccountQuery,
         response: { 200: Balance, 404: ErrorBody, ...authErrors },
       },
+      preHandler: chargesWritten,
     },
     async (request) => billingService.balance(contextOf(request), request.query.user_id),
   );
@@ -50,6 +53,7 @@ export const billingRouter: FastifyPluginAsyncZod = async (app) => {
         querystring: TransactionsQuery,
         response: { 200: listOf(CreditTransactionPublic), 404: ErrorBody, ...authErrors },
       },
+      preHandler: chargesWritten,
     },
     async (request) => billingService.listTransactions(contextOf(request), request.query),
   );
@@ -102,6 +106,7 @@ export const billingRouter: FastifyPluginAsyncZod = async (app) => {
         querystring: SummaryQuery,
         response: { 200: UsageSummary, 404: ErrorBody, ...authErrors },
       },
+      preHandler: chargesWritten,
     },
     async (request) => billingService.summary(contextOf(request), request.query),
   );

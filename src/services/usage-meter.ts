@@ -341,7 +341,6 @@ export class UsageMeterService implements UsageMeter {
       chargeKey: held.chargeKey,
       usageRecordId: id,
       description: `${record.operation} ${record.model}${record.status === 'success' ? '' : ` (${record.status})`}`,
-      since: started,
     };
     // A key charged with no ledger entry (billing off): the settlement writes the call's usage row,
     // whose id tells a retried settlement that had committed to move nothing again (Settlement.usage).
@@ -590,7 +589,7 @@ export class UsageMeterService implements UsageMeter {
     try {
       await billingCrud.settle(this.db, settlement, true);
     } catch (error) {
-      if (settlement.usage === undefined || !refusedForData(error) || chargedAlready(error)) throw error;
+      if (settlement.usage === undefined || !refusedForData(error)) throw error;
       this.log.error({ err: cause(error), usageRecord: settlement.usageRecordId }, 'usage record refused by the database; set aside, its settlement goes without it');
       await billingCrud.settle(this.db, { ...settlement, usage: undefined }, true);
     }

@@ -165,12 +165,17 @@ describe('a superuser reading another user’s credits (user_id)', () => {
     await grant(other, '5');
     const project = await createProject(ctx.app, admin);
     const scoped = xApiKey((await createKey(ctx.app, { headers: admin }, { name: 'scoped', project_id: project.id })).key);
+    const userKey = xApiKey((await createKey(ctx.app, user, { name: 'own' })).key);
+    const adminKey = xApiKey((await createKey(ctx.app, { headers: admin }, { name: 'operator' })).key);
     for (const path of ['/billing/balance', '/billing/transactions', '/billing/summary']) {
-      for (const headers of [user.headers, scoped]) {
+      for (const headers of [user.headers, userKey, scoped]) {
         const refused = await api('GET', `${path}?user_id=${other.user.id}`, headers);
         expect(refused.statusCode, `${path} ${refused.body}`).toBe(403);
       }
-      const own = await api('GET', `${path}?user_id=${user.user.id}`, user.headers);
+      // A superuser's key that is not scoped to a project acts as the superuser.
+      expect((await api('GET', `${path}?user_id=${other.user.id}`, adminKey)).statusCode, path).toBe(200);
+      // Their own id, in capitals too (a UUID is case-insensitive).
+      const own = await api('GET', `${path}?user_id=${user.user.id.toUpperCase()}`, user.headers);
       expect(own.statusCode, path).toBe(200);
       // The same answer (a summary's default range ends now: not compared).
       const withoutRange = (body: Record<string, unknown>) => ({ ...body, from: undefined, to: undefined });
@@ -180,6 +185,11 @@ describe('a superuser reading another user’s credits (user_id)', () => {
       expect(missing.json()).toEqual({ detail: 'User not found' });
       expectValidationError(await api('GET', `${path}?user_id=nobody`, admin), ['query', 'user_id']);
     }
+    // An entry by id: a superuser's scoped key reads its project's entries only, as any scoped key; a
+    // route without user_id does not refuse its own caller for one.
+    const [granted] = (await api('GET', `/billing/transactions?user_id=${other.user.id}`, admin)).json<ListBody<TransactionBody>>().data;
+    expect((await api('GET', `/billing/transactions/${granted!.id}`, scoped)).statusCode).toBe(404);
+    expect((await api('GET', `/billing/transactions/${granted!.id}?user_id=${user.user.id}`, other.headers)).statusCode).toBe(200);
   });
 });
 

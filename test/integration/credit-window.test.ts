@@ -454,6 +454,8 @@ describe('credit windows', () => {
     await grant(user, '1000');
     let stalled: { text: string; params: unknown[] } | undefined;
     let original: Promise<unknown> | undefined;
+    const retryWaiting = async () =>
+      (await countOf(sql`select count(*)::int as n from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock' and query like '%seen as (select 1 from credit_transactions%'`)) > 0;
     logs.clear();
     await intercept(
       async (text, params) => {
@@ -462,14 +464,15 @@ describe('credit windows', () => {
           throw new Error('Query read timeout');
         }
         if (stalled && !original && /seen as \(select 1 from credit_transactions/.test(text)) {
-          // The first attempt reaches the server now, just before the retry, and commits 300 ms later.
+          // The first attempt reaches the server now, just before the retry, and commits once the retry waits for it.
           let ran!: () => void;
           const running = new Promise<void>((resolve) => (ran = resolve));
           original = ctx.database.withSession(async (session) => {
             await session.exec('begin');
             await session.query(stalled!.text, stalled!.params);
             ran();
-            await new Promise((resolve) => setTimeout(resolve, 300));
+            // Commits once the retry waits for the account's row it holds (the retry has looked and found nothing).
+            for (let waited = 0; !(await retryWaiting()) && waited < 10_000; waited += 20) await new Promise((resolve) => setTimeout(resolve, 20));
             await session.exec('commit');
           });
           await running;
