@@ -53,10 +53,17 @@ export const OpenAIModelParams = z.object({ model: z.string().min(1).max(200) })
 // ==================== Chat completions ====================
 
 const TextPart = z.object({ type: z.literal('text'), text: z.string() });
+/** An image's data URL as OpenAI takes it: an image type, base64 (no line breaks), of a length base64 can have. */
+const IMAGE_DATA_URL = /^data:image\/[\w.+-]+(;[\w.+-]+=[^;,]*)*;base64,[A-Za-z0-9+/]*={0,2}$/i;
+const isImageUrl = (url: string): boolean => /^https?:\/\//i.test(url) || (IMAGE_DATA_URL.test(url) && url.slice(url.indexOf(',') + 1).replace(/=+$/, '').length % 4 !== 1);
+
 const ImagePart = z.object({
   type: z.literal('image_url'),
-  // What else would be taken for base64 data and sent on as an image.
-  image_url: z.object({ url: z.string().regex(/^(https?:\/\/|data:)/i, { error: 'Expected an http(s) URL or a data URL' }), detail: z.enum(['auto', 'low', 'high']).optional() }),
+  // Anything else would be taken for base64 data and sent on as an image, or refused by the SDK (a 500).
+  image_url: z.object({
+    url: z.string().refine(isImageUrl, { error: 'Expected an http(s) URL or a data URL of an image in base64 (data:image/png;base64,…)' }),
+    detail: z.enum(['auto', 'low', 'high']).optional(),
+  }),
 });
 const RefusalPart = z.object({ type: z.literal('refusal'), refusal: z.string() });
 

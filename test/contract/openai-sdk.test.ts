@@ -603,7 +603,8 @@ describe('the call path behind /v1', () => {
       expect(refused, url).toMatchObject({ status: 400, type: 'invalid_request_error', code: 'invalid_image_url' });
       expect(refused.message, url).toMatch(/is not allowed/);
     }
-    for (const url of ['not a url', 'file:///etc/passwd']) {
+    // Not an image in base64 (another type, text, bad characters or length): the client's 400, not an error of the SDK's (500).
+    for (const url of ['not a url', 'file:///etc/passwd', 'data:text/plain,hello', 'data:,,,;;;', 'data:;base64,AAAA', 'data:image/png;base64,!!!notbase64', 'data:image/png;base64,AAAAA', 'data:image/png,rawbytes']) {
       const invalid = await apiError(ask(url));
       expect(invalid, url).toMatchObject({ status: 400, param: 'messages[0].content[1].image_url.url' });
       expect(invalid.message).toMatch(/Expected an http\(s\) URL or a data URL/);

@@ -270,6 +270,14 @@ describe('ModelManager.chat', () => {
     expect(server.log).toHaveLength(1);
   });
 
+  it('refuses a part its provider has no place for (a file of a type an openai-compatible model does not take) as the request\'s fault, 400, without calling it', async () => {
+    const file = [{ role: 'user' as const, content: [{ type: 'file' as const, data: new TextEncoder().encode('hello'), mediaType: 'application/x-keel-unknown' }] }];
+    const refused = await manager().chat({ model: 'fake-chat', messages: file }).catch((e: unknown) => e);
+    expect(refused).toMatchObject({ statusCode: 400 });
+    expect((refused as Error).message).toMatch(/media type/);
+    expect(server.log).toHaveLength(0);
+  });
+
   it('lists models with availability; disabled ones only when asked', () => {
     const m = manager({ catalog: new ModelCatalog(builtins, [...CUSTOM_MODELS, { id: 'fake-backup', enabled: false }]) });
     expect(m.listAvailableModels().map((x) => x.id)).not.toContain('fake-backup');

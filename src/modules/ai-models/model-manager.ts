@@ -32,6 +32,7 @@ import {
   ToolChoiceViolationError,
   type ToolSet,
   TypeValidationError,
+  UnsupportedFunctionalityError,
 } from 'ai';
 import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings } from 'ai/internal';
 
@@ -651,7 +652,8 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   if (attempt.aborted && attempt.reason instanceof ModelAnswerLimitError) return { kind: 'fatal', error: attempt.reason };
   if (ToolChoiceViolationError.isInstance(error)) return { kind: 'fatal', error: new ModelToolChoiceError(error.message) };
   // A setting or provider option the SDK refuses (a reasoning effort its provider does not take): the request's fault.
-  if (InvalidArgumentError.isInstance(error)) return { kind: 'fatal', error: new ModelArgumentError(error.message) };
+  // So is a part its provider cannot take (a file type it has no place for).
+  if (InvalidArgumentError.isInstance(error) || UnsupportedFunctionalityError.isInstance(error)) return { kind: 'fatal', error: new ModelArgumentError(error.message) };
   // Before the connection errors: a download that failed to connect says "fetch failed" too.
   const download = findInChain(error, (e): e is DownloadError => DownloadError.isInstance(e));
   if (download) return { kind: 'fatal', error: new ModelDownloadError(download.message) };
