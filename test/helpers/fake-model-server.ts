@@ -45,7 +45,7 @@ export interface ScriptedReply {
   toolCalls?: FakeToolCall[];
   /** null: the answer reports no usage (no `usage` field, no usage chunk), as some servers do. */
   usage?: FakeUsage | null;
-  /** Answer 200 with this body as it is, for a stream or not (a body that is no JSON, a broken stream). */
+  /** Answer 200 with this body as it is, for a stream or not, or embeddings (a body that is no JSON, a broken stream, vectors out of order). */
   rawBody?: string;
   /** After the answer (a stream's `[DONE]` included), keep the connection open: for good, or this many ms before ending the response. */
   holdOpen?: true | number;
@@ -281,9 +281,9 @@ export class FakeModelServer {
       return this.json(res, entry, reply.status, error, reply.headers);
     }
     if (reply.chunkDelayMs && !entry.stream) await sleep(reply.chunkDelayMs);
-    if (path === '/v1/embeddings') return this.embeddings(res, entry, body, reply);
-    if (path !== '/v1/chat/completions') return this.json(res, entry, 404, { error: { message: 'not found' } });
+    if (path !== '/v1/chat/completions' && path !== '/v1/embeddings') return this.json(res, entry, 404, { error: { message: 'not found' } });
     if (reply.rawBody !== undefined) return this.raw(res, entry, reply);
+    if (path === '/v1/embeddings') return this.embeddings(res, entry, body, reply);
     if (entry.stream) return this.streamChat(res, entry, body, reply);
     if (reply.padBytes) return this.padded(res, entry, this.completion(entry.model, reply), reply.padBytes);
     return this.json(res, entry, 200, this.completion(entry.model, reply));

@@ -14,7 +14,7 @@ import {
 } from '../../src/modules/ai-models/model-manager.js';
 import { ProviderUnavailableError } from '../../src/modules/ai-models/providers.js';
 import type { ModelOverride } from '../../src/modules/ai-models/types.js';
-import { fakeEmbedding, FakeModelServer } from '../helpers/fake-model-server.js';
+import { fakeEmbedding, FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
 import { fakeModelManager } from '../helpers/model-manager.js';
 
 const price = (input: string, output: string, cached?: string) => ({
@@ -630,6 +630,33 @@ describe('ModelManager.embed', () => {
     expect(failure).toBeInstanceOf(ModelAnswerError);
     expect((failure as ModelAnswerError).message).toBe('Model fake-embed answered vectors of 8 dimensions where 64 were asked for: it may not support dimensions');
     expect(server.log).toHaveLength(1);
+  });
+
+  it('hands each input its own vector: an answer listed out of order is put back by its index; one that does not fit the inputs is a 502, not vectors', async () => {
+    const vector = (i: number) => [i, i];
+    const answer = (data: { index?: number; embedding: number[] }[]): ScriptedReply => ({
+      rawBody: JSON.stringify({ object: 'list', model: 'fake-embed', data: data.map((d) => ({ object: 'embedding', ...d })), usage: { prompt_tokens: 3, total_tokens: 3 } }),
+    });
+    const m = manager();
+    const embed = () => m.embed({ model: 'fake-embed', values: ['a', 'b', 'c'] });
+    server.script('fake-embed', answer([2, 0, 1].map((index) => ({ index, embedding: vector(index) }))));
+    expect((await embed()).embeddings).toEqual([vector(0), vector(1), vector(2)]);
+    // Without numbers (some servers leave them out): the order listed.
+    server.script('fake-embed', answer([5, 6, 7].map((i) => ({ embedding: vector(i) }))));
+    expect((await embed()).embeddings).toEqual([vector(5), vector(6), vector(7)]);
+    const misfits: [string, { index?: number; embedding: number[] }[], RegExp][] = [
+      ['too few', [{ index: 0, embedding: vector(0) }], /answered 1 vector for 3 inputs/],
+      ['too many', [0, 1, 2, 3].map((index) => ({ index, embedding: vector(index) })), /answered 4 vectors for 3 inputs/],
+      ['the same number twice', [0, 0, 1].map((index) => ({ index, embedding: vector(index) })), /numbered its vectors 0, 0, 1/],
+      ['a number past the inputs', [0, 1, 1000].map((index) => ({ index, embedding: vector(index) })), /numbered its vectors 0, 1, 1000/],
+      ['sizes that differ', [[0], [1, 1], [2, 2, 2]].map((embedding, index) => ({ index, embedding })), /vectors of 1 and 2 dimensions/],
+    ];
+    for (const [what, data, message] of misfits) {
+      server.script('fake-embed', answer(data));
+      const failure = await embed().catch((e: unknown) => e);
+      expect(failure, what).toBeInstanceOf(ModelAnswerError);
+      expect((failure as ModelAnswerError).message, what).toMatch(message);
+    }
   });
 
   it('retries an embeddings 429', async () => {

@@ -640,6 +640,38 @@ function findInChain<E>(error: unknown, is: (e: unknown) => e is E): E | undefin
 const isApiCallError = (e: unknown): e is APICallError => APICallError.isInstance(e);
 const isAnswerLimit = (e: unknown): e is ModelAnswerLimitError => e instanceof ModelAnswerLimitError;
 
+/**
+ * An embeddings answer's vectors in the order of their inputs, one each. OpenAI-style answers
+ * number their vectors (`index`), which the SDK does not read: it takes them as listed, so an answer
+ * listed in another order would hand each input another input's vector. Each request's answer
+ * (`responses`, one per request the SDK split the inputs into) is put in order by its numbers when
+ * it has them; an answer whose count or numbers do not fit its inputs is the provider's fault (502).
+ */
+function inInputOrder(modelId: string, inputs: number, vectors: number[][], responses: readonly ({ body?: unknown } | undefined)[] | undefined): number[][] {
+  const misfit = (what: string) => new ModelAnswerError(`Model ${modelId} ${what}`);
+  if (vectors.length !== inputs) throw misfit(`answered ${vectors.length} vector${vectors.length === 1 ? '' : 's'} for ${inputs} inputs`);
+  const answers = (responses ?? []).map((response) => (response?.body as { data?: unknown } | undefined)?.data);
+  // Not OpenAI's shape (Google's), or not all of it: as listed.
+  if (!answers.length || !answers.every((data): data is { index?: unknown }[] => Array.isArray(data))) return vectors;
+  const ordered = vectors.slice();
+  let offset = 0;
+  for (const data of answers) {
+    const numbers = data.map((item) => item?.index);
+    if (numbers.every((n) => n === undefined)) {
+      offset += data.length;
+      continue;
+    }
+    const seen = new Set<number>();
+    for (const n of numbers) {
+      if (typeof n !== 'number' || !Number.isInteger(n) || n < 0 || n >= data.length || seen.has(n)) throw misfit(`numbered its vectors ${numbers.join(', ')} for ${data.length} inputs`);
+      seen.add(n);
+    }
+    numbers.forEach((n, listed) => (ordered[offset + (n as number)] = vectors[offset + listed]!));
+    offset += data.length;
+  }
+  return ordered;
+}
+
 function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undefined, timeoutMs: number): Classified {
   if (caller?.aborted) return { kind: 'aborted' };
   if (attempt.aborted && attempt.reason instanceof AttemptTimeout) {
@@ -1019,11 +1051,14 @@ export class ModelManager {
       });
       // embedMany reports NaN tokens when the provider sent no usage: unknown, estimated (see `price`).
       state.usage = Number.isFinite(result.usage.tokens) ? { ...ZERO_USAGE, input: result.usage.tokens } : undefined;
+      const embeddings = inInputOrder(model.id, request.values.length, result.embeddings, result.responses);
       const { dimensions } = request;
-      const otherSize = dimensions === undefined ? undefined : result.embeddings.find((vector) => vector.length !== dimensions);
+      const size = dimensions ?? embeddings[0]?.length;
+      const otherSize = embeddings.find((vector) => vector.length !== size);
       // A provider that ignores `dimensions` (many OpenAI-compatible servers do) would hand back vectors a client's index of that size refuses.
-      if (otherSize) throw new ModelAnswerError(`Model ${model.id} answered vectors of ${otherSize.length} dimensions where ${dimensions} were asked for: it may not support dimensions`);
-      return { ...this.outcome(model, state, started), embeddings: result.embeddings };
+      if (otherSize && dimensions !== undefined) throw new ModelAnswerError(`Model ${model.id} answered vectors of ${otherSize.length} dimensions where ${dimensions} were asked for: it may not support dimensions`);
+      if (otherSize) throw new ModelAnswerError(`Model ${model.id} answered vectors of ${size} and ${otherSize.length} dimensions for one request`);
+      return { ...this.outcome(model, state, started), embeddings };
     });
   }
 
