@@ -146,6 +146,27 @@ describe('ModelManager.chat', () => {
     expect((await settled(1))[0]?.error).toContain('bad tool schema');
   });
 
+  it("an upstream's error that echoes its provider's key (as some servers echo what they were sent) carries it neither to the caller nor to the usage record", async () => {
+    const echo = { error: { message: 'Bad request from Authorization: Bearer fake-key; check fake-key' } };
+    for (const [what, call] of [
+      ['wire', () => manager().chat({ model: 'fake-chat', messages: hello })],
+      ['SDK with tools', () => manager().chat({ model: 'fake-chat', messages: hello, ...SDK_TOOLS })],
+      ['stream', () => manager().stream({ model: 'fake-chat', messages: hello }).result],
+      ['embeddings', () => manager().embed({ model: 'fake-embed', values: ['x'] })],
+    ] as const) {
+      records = [];
+      server.reset();
+      server.script(what === 'embeddings' ? 'fake-embed' : 'fake-chat', { status: 400, body: echo });
+      const failure = await (call as () => Promise<unknown>)().catch((e: unknown) => e);
+      expect(failure, what).toBeInstanceOf(UpstreamError);
+      const { message, detail, stack } = failure as UpstreamError;
+      expect(`${message} ${String(detail)} ${stack}`, what).not.toContain('fake-key');
+      expect(message, what).toContain('Bearer [redacted]; check [redacted]');
+      expect((await settled(1))[0]?.error, what).toContain('[redacted]');
+      expect((await settled(1))[0]?.error, what).not.toContain('fake-key');
+    }
+  });
+
   it('a provider refusing the model itself (401, 402, 403, 404) is not retried: the fallback answers', async () => {
     for (const status of [401, 402, 403, 404]) {
       server.reset();

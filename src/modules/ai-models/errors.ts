@@ -54,6 +54,11 @@ export class UpstreamError extends HttpError {
     super(502, upstreamDetail(diagnosis, upstreamStatus));
     this.message = diagnosis;
   }
+
+  /** The same error in other words (its provider's credentials taken out of what the provider said). */
+  reworded(diagnosis: string): UpstreamError {
+    return new UpstreamError(diagnosis, this.upstreamStatus, this.retryAfterMs, this.upstreamError);
+  }
 }
 
 /** A call setting or provider option the SDK refuses for the provider (400, in the SDK's words). */

@@ -1285,13 +1285,14 @@ export class ModelManager {
             finish('aborted', new ModelCallAbortedError(), true);
             throw abortedError(signal);
           }
-          lastError = outcome.error;
+          const failure = this.withoutSecrets(outcome.error, model.provider);
+          lastError = failure;
           if (outcome.kind === 'fatal' || state.streamed) {
-            finish('error', outcome.error);
-            throw outcome.error;
+            finish('error', failure);
+            throw failure;
           }
           if (outcome.kind === 'next' || attempts > this.options.maxRetries) {
-            finish('error', outcome.error);
+            finish('error', failure);
             break; // next model in the chain
           }
           await sleep(this.backoff(attempts, outcome.retryAfterMs), signal).catch((e: unknown) => {
@@ -1304,6 +1305,18 @@ export class ModelManager {
       }
     }
     throw lastError ?? new UpstreamError('No model answered');
+  }
+
+  /**
+   * What a provider said, without the provider's credentials: a server may echo what it was sent
+   * (its Authorization header) in an error, which goes on to the caller (a 400's words reach the
+   * client), the usage record and the log.
+   */
+  private withoutSecrets(error: Error, providerId: string): Error {
+    if (!(error instanceof UpstreamError)) return error;
+    let diagnosis = error.message;
+    for (const secret of this.options.providers.secrets(providerId)) diagnosis = diagnosis.replaceAll(secret, '[redacted]');
+    return diagnosis === error.message ? error : error.reworded(diagnosis);
   }
 
   /** A call's output tokens: its own maximum, else the default, or the model's own limit when smaller. */

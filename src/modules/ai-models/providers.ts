@@ -110,6 +110,9 @@ function create(record: ProviderRecord, fetch: typeof globalThis.fetch): SdkProv
   }
 }
 
+/** A header value shorter than this is taken for a word (`keel`, `v1`), not a credential. */
+const MIN_SECRET_LENGTH = 8;
+
 export class ProviderRegistry {
   private records = new Map<string, ProviderRecord>();
   private readonly clients = new Map<string, SdkProvider>();
@@ -149,6 +152,16 @@ export class ProviderRegistry {
     if (id === 'anthropic') return { id, kind: 'anthropic', api_key: this.settings.ANTHROPIC_API_KEY };
     if (id === 'google') return { id, kind: 'google', api_key: this.settings.GOOGLE_GENERATIVE_AI_API_KEY };
     return undefined;
+  }
+
+  /**
+   * What a provider is sent that no one else may read: its key and its headers' values (long
+   * enough to be credentials rather than words). A server may echo them in an error.
+   */
+  secrets(id: string): string[] {
+    const record = this.resolve(id);
+    if (!record) return [];
+    return [record.api_key, ...Object.values(record.headers ?? {})].filter((value): value is string => typeof value === 'string' && value.length >= MIN_SECRET_LENGTH);
   }
 
   status(id: string): ProviderStatus {
