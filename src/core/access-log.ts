@@ -29,6 +29,14 @@ function detailOf(payload: unknown): string | undefined {
 }
 
 /**
+ * A reason as one line of text: a client's line breaks and other control characters (which a
+ * refusal may quote, as a model id it asked for) escaped as JSON escapes them, so none of its text
+ * can pass for a log line of its own (a JSON log escapes them itself).
+ */
+// eslint-disable-next-line no-control-regex -- control characters are what it looks for
+const oneLine = (text: string): string => text.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g, (c) => (c === '\n' ? '\\n' : c === '\r' ? '\\r' : c === '\t' ? '\\t' : `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`));
+
+/**
  * One line per request: JSON fields for machines, or in pretty (local) logs a single readable line.
  * Unmatched requests carry their path (never the query string); a 4xx carries its reason.
  */
@@ -65,7 +73,7 @@ export function registerAccessLog(app: FastifyInstance, settings: Settings, logg
     const userId = request.principal?.user.id;
     if (pretty) {
       const extra = [userId ? `user=${userId}` : '', `reqId=${request.id}`, ].filter(Boolean).join(' ');
-      accessLog.info(`${request.method} ${path ?? route} ${reply.statusCode} ${ms}ms ${extra}${reason ? ` (${reason})` : ''}`);
+      accessLog.info(`${request.method} ${path ?? route} ${reply.statusCode} ${ms}ms ${extra}${reason ? ` (${oneLine(reason)})` : ''}`);
       return;
     }
     accessLog.info({ reqId: request.id, method: request.method, route, path, status, ms, userId, reason }, 'request completed');

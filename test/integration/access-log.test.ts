@@ -3,6 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { buildApp } from '../../src/app.js';
 import { openTestDatabase, SUPERUSER_EMAIL, testSettings } from '../helpers/app.js';
+import { createUser } from '../helpers/factories.js';
 import { captureLogs } from '../helpers/logs.js';
 
 const SECRET_PASSWORD = 'access-log-secret-password';
@@ -59,6 +60,15 @@ describe.each(['pretty', 'json'] as const)('access log (%s)', (format) => {
     expect(invalid).toMatch(/^POST \/api\/v1\/users\/signup 422 .*\(body\.email: .+\)$/);
     expect(wrong).toMatch(/^POST \/api\/v1\/login\/access-token 400 .*\(Incorrect email or password\)$/);
     expect(limited).toMatch(/^POST \/api\/v1\/login\/access-token 429 .*\(rate limit login-account-address: 1 per 60s\)$/);
+  });
+
+  it.runIf(format === 'pretty')("escapes a client's line breaks and other control characters in a reason, so no text of theirs can pass for a line of its own", async () => {
+    const { headers } = await createUser(ctx.app); // (the superuser's logins are used up by the rate limit above)
+    const forged = '\n[09:99:99.999] ERROR: forged\r\u0000\u2028';
+    const response = await ctx.app.inject({ method: 'GET', url: `/api/v1/models/x${encodeURIComponent(forged)}`, headers });
+    expect(response.statusCode).toBe(404);
+    const [line] = ctx.lines().filter((l) => /^GET \/api\/v1\/models\/\S+ 404 /.test(String(l.msg)));
+    expect(String(line?.msg)).toMatch(/\(Model x\\n\[09:99:99\.999\] ERROR: forged\\r\\u0000\\u2028 not found\)$/);
   });
 
   it.runIf(format === 'json')('keeps its fields and adds the path of unmatched requests and the reason of a 4xx', () => {
