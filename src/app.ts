@@ -30,6 +30,7 @@ import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
 import { openAgentRuns } from './services/agent-runs.js';
 import { Mailer } from './services/email/mailer.js';
+import { openAIUnreadableUrl } from './services/openai-gateway.js';
 import { closeStorage, getStorageService, type StorageService } from './services/storage-service.js';
 import type { UsageMeterService } from './services/usage-meter.js';
 import type { Principal } from './utils/authentication.js';
@@ -96,11 +97,14 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     // error handler: answer them in the API's `{detail}` shape too.
     frameworkErrors: (error, request, reply) => {
       const status = error.statusCode === 414 ? 414 : 400;
-      void (reply as FastifyReply)
-        .code(status)
-        .header('x-request-id', request.id)
-        .type('application/json; charset=utf-8')
-        .send({ detail: status === 414 ? 'URI too long' : 'Invalid URL' });
+      const answer = (reply as FastifyReply).code(status).header('x-request-id', request.id).type('application/json; charset=utf-8');
+      // Under /v1, OpenAI's error object, as for every other refusal there.
+      if (request.url === OPENAI_PREFIX || request.url.startsWith(`${OPENAI_PREFIX}/`)) {
+        const { status: openAIStatus, body } = openAIUnreadableUrl(request.url, status);
+        void answer.code(openAIStatus).send(body);
+        return;
+      }
+      void answer.send({ detail: status === 414 ? 'URI too long' : 'Invalid URL' });
     },
     // Our own 503 once closing (below), in the API's shape: Fastify's has a shape of its own.
     return503OnClosing: false,

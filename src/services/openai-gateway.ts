@@ -487,6 +487,16 @@ const error = (status: number, message: string, param: string | null = null, cod
   return { status, body: { error: { message, type, param, code: code === undefined ? defaultCode : code } } };
 };
 
+/**
+ * A /v1 URL the router could not read (it never reaches a route's handlers): a model id longer
+ * than any model's is a model that does not exist, as OpenAI answers it; the rest, 400 or 414.
+ */
+export function openAIUnreadableUrl(url: string, status: 400 | 414): Described {
+  const model = /^\/v1\/models\/([^?]*)/.exec(url)?.[1];
+  if (status === 414 && model !== undefined) return error(404, `The model \`${model.slice(0, 60)}…\` does not exist or you do not have access to it.`, null, 'model_not_found');
+  return error(status, status === 414 ? 'URI too long' : 'Invalid URL');
+}
+
 /** A validation issue's location as OpenAI writes a param: `messages[0].content`. */
 function paramOf(loc: readonly (string | number)[]): string | null {
   const path = loc.slice(1);

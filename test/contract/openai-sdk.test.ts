@@ -470,6 +470,12 @@ describe('authentication and errors', () => {
     const viaSdk = await apiError(client.post('/completions', { body: { model: 'fake-chat', prompt: 'Hi' } }));
     expect(viaSdk).toBeInstanceOf(OpenAI.NotFoundError);
     expect(viaSdk.code).toBe('unknown_url');
+    // URLs the router cannot read: a model id past any model's length is a model that does not exist; a bad escape a 400.
+    const long = await apiError(client.models.retrieve('m'.repeat(300)));
+    expect(long).toMatchObject({ status: 404, type: 'invalid_request_error', code: 'model_not_found' });
+    const unreadable = await fetch(`${baseURL}/models/%ZZ`, { headers });
+    expect(unreadable.status).toBe(400);
+    expect(await unreadable.json()).toEqual({ error: { message: 'Invalid URL', type: 'invalid_request_error', param: null, code: null } });
     // Without a key, the key is what is wrong first (as for every /v1 URL).
     const anonymous = await fetch(`${baseURL}/completions`, { method: 'POST' });
     expect(anonymous.status).toBe(401);
