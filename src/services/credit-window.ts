@@ -199,6 +199,11 @@ export class CreditWindows {
     for (const [userId, block] of this.latest) if (block.retired && (all || block.lastUsedAt < cutoff)) this.latest.delete(userId);
   }
 
+  /** The user has had a block lately (current, or retired and perhaps not yet given back). */
+  hadBlock(userId: string): boolean {
+    return this.current.has(userId) || this.latest.has(userId);
+  }
+
   /** Retires the user's block if no call is using it: what it held goes back to the account now, not once it has been idle for `idleMs`. */
   retireUnused(userId: string): void {
     const block = this.current.get(userId);

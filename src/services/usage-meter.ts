@@ -115,6 +115,8 @@ export class UsageMeterService implements UsageMeter {
   private deferred: { held: Held; record: UsageRecord }[] = [];
   private deferredTimer: NodeJS.Immediate | undefined;
   private flushing: Promise<void> | null = null;
+  /** Flushes ended so far: a hold refused while one was being written tries again after it (see `hold`). */
+  private flushes = 0;
   /** The flush `flushQueued` callers wait for while one runs. */
   private followingFlush: Promise<void> | null = null;
   private flushTimer: NodeJS.Timeout | undefined;
@@ -223,12 +225,14 @@ export class UsageMeterService implements UsageMeter {
         keyAmount: holdKey ? estimate.cost : null,
         ttlSeconds: this.settings.BILLING_RESERVATION_TTL_SECONDS,
       };
+      const flushes = this.flushes;
       let outcome = await billingCrud.hold(this.db, held);
       // What this process has not written yet can make the account look short: a retired block's
-      // credit goes back, and its calls' charges come off what it holds, only with the next flush.
+      // credit goes back, and its calls' charges come off what it holds, only with the next flush
+      // (or the one being written, or written meanwhile: its release may have missed this hold).
       // Refused then, the call waits for that flush and tries once more, so a call the account
       // covers is not refused for a block with nothing in progress.
-      if (outcome === 'balance' && windows && this.owesAccount(userId!)) {
+      if (outcome === 'balance' && windows && (this.owesAccount(userId!) || (windows.hadBlock(userId!) && (this.flushing !== null || this.flushes !== flushes)))) {
         // A flush that fails keeps what it held for the next (logged there): this call is then refused as it was.
         await this.flush().catch(() => undefined);
         outcome = await billingCrud.hold(this.db, held);
@@ -463,6 +467,7 @@ export class UsageMeterService implements UsageMeter {
     if (this.flushing) return this.flushing.then(() => (this.hasPending() ? this.flush() : undefined));
     this.flushing = this.writeOnce().finally(() => {
       this.flushing = null;
+      this.flushes += 1;
       // Nothing pending: what the files recovered from held is in the database.
       if (this.recovered.length && !this.hasPending()) this.forgetRecovered();
     });

@@ -582,6 +582,42 @@ describe('credit windows', () => {
     await expectSettled(user, 150 - 9 * 4);
   });
 
+  it("calls refused while the user's retired block is being given back wait for it, and are held from the credit it gives back", async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '160');
+    await ctx.app.models.chat(billed(user)); // takes a block of 80 (the account covers twice it), uses 4
+    await new Promise(setImmediate); // the call settles in the check phase after it returns
+    await ctx.app.meter.flush();
+    const block = await onlyReservation(user);
+    // The rest of the account is spent elsewhere: what the block holds (76) is all that is left.
+    const adjusted = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: '-80', type: 'adjustment', description: 'spent elsewhere' });
+    expect(adjusted.statusCode, adjusted.body).toBe(200);
+    let openGate!: () => void;
+    const gate = new Promise<void>((resolve) => (openGate = resolve));
+    let releasing!: () => void;
+    const released = new Promise<void>((resolve) => (releasing = resolve));
+    await intercept(
+      async (text, params) => {
+        if (!reservationWrites(block, text, params).includes('release')) return;
+        releasing();
+        await gate;
+      },
+      async () => {
+        // A read of the balance gives the unused block back: its release is being written (held at the gate)…
+        const read = api('GET', '/billing/balance', user.headers);
+        await released;
+        // …when calls arrive that the account covers only with the block's credit back.
+        const calls = Promise.allSettled(Array.from({ length: 5 }, () => ctx.app.models.chat(billed(user))));
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        openGate();
+        const outcomes = await calls;
+        expect(outcomes.map((outcome) => (outcome.status === 'rejected' ? String(outcome.reason) : 'answered'))).toEqual(Array.from({ length: 5 }, () => 'answered'));
+        expect((await read).statusCode).toBe(200);
+      },
+    );
+    await expectSettled(user, 76 - 5 * 4);
+  });
+
   it('an account that covers a block but not twice holds per call, so no process takes all of it', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '150');
