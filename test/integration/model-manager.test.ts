@@ -775,6 +775,22 @@ describe('usage the provider did not report', () => {
     }
   });
 
+  it('tool calls without arguments are not free: each counts its name, on every path that takes tools', async () => {
+    const calls = Array.from({ length: 20 }, (_, i) => ({ id: `call_${i}`, name: 'lookup', arguments: '' }));
+    const m = manager();
+    const results = [];
+    for (const extra of [PATHS[2]!, PATHS[3]!, PATHS[4]!]) {
+      server.script('fake-chat', { toolCalls: calls, usage: null }, { toolCalls: calls, usage: null });
+      results.push(await m.chat({ model: 'fake-chat', messages: hello, ...extra }));
+      const stream = m.stream({ model: 'fake-chat', messages: hello, ...extra });
+      for await (const _ of stream);
+      results.push(await stream.result);
+    }
+    // 'lookup': 6 characters, 2 tokens at 4 a token; 20 calls.
+    expect(results.map((r) => [r.toolCalls.length, r.usage.output])).toEqual(Array(6).fill([20, 40]));
+    expect((await settled(6)).map((r) => [r.estimated, r.tokens.output])).toEqual(Array(6).fill([true, 40]));
+  });
+
   it('a stream that keeps no answer (keepAnswer: false, as the gateway asks) returns none, and is still charged for what it streamed, on every path', async () => {
     const m = manager();
     for (const [i, extra] of PATHS.entries()) {

@@ -312,10 +312,16 @@ function estimatedUsage(state: AttemptState): TokenUsage {
   return { ...ZERO_USAGE, input: state.inputTokens, output: Math.ceil(state.outputTokens) };
 }
 
+/**
+ * A tool call's output tokens, estimated: its name and its arguments (a call without arguments is
+ * still output the provider charges for: a stream of such calls was estimated at nothing).
+ */
+const toolCallTokens = (call: ToolCall): number => estimateTextTokens(call.toolName) + estimateTextTokens(asText(call.input));
+
 /** An answer's output tokens as estimateTextTokens counts them, as the stream loop does while they arrive. */
 function saidTokens(said: Said): number {
   let tokens = estimateTextTokens(said.text) + estimateTextTokens(said.reasoningText ?? '');
-  for (const call of said.toolCalls) tokens += estimateTextTokens(asText(call.input));
+  for (const call of said.toolCalls) tokens += toolCallTokens(call);
   return tokens;
 }
 
@@ -996,6 +1002,7 @@ export class ModelManager {
         } else if (part.type === 'tool-call') {
           if (source.noToolCalls) throw toolChoiceViolation({ type: 'none' }, 'tool-calls', model);
           seen(asText(part.toolCall.input));
+          state.outputTokens += estimateTextTokens(part.toolCall.toolName);
           toolCalls.push(part.toolCall);
           events.push(part);
         } else if (part.type === 'tool-input') {
