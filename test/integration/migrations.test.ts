@@ -99,6 +99,21 @@ async function appliedTags(database: Database): Promise<string[]> {
   return rows.map((r) => r.tag);
 }
 
+/**
+ * Runs `work` on a fresh database migrated up to just before `tag`: data in the old shape for that
+ * migration to carry across; `previous` is the tag before it, to go back down to.
+ */
+async function beforeMigration(tag: string, work: (database: Database, previous: string) => Promise<void>): Promise<void> {
+  const fresh = await freshDatabase();
+  try {
+    const at = MIGRATIONS.findIndex((m) => m.tag === tag);
+    await migrateUp(fresh.database, logger, MIGRATIONS.slice(0, at));
+    await work(fresh.database, MIGRATIONS[at - 1]!.tag);
+  } finally {
+    await fresh.destroy();
+  }
+}
+
 describe('migrations on a fresh database', () => {
   let fresh: FreshDatabase;
   beforeAll(async () => {
@@ -337,11 +352,7 @@ describe('concurrency and failures', () => {
 
 describe('0010_run_event_batches', () => {
   it('keeps every stored run event across up (a row per event becomes a batch of one) and down (each event a row again)', async () => {
-    const fresh = await freshDatabase();
-    try {
-      const { database } = fresh;
-      const upTo = MIGRATIONS.findIndex((m) => m.tag === '0010_run_event_batches');
-      await migrateUp(database, logger, MIGRATIONS.slice(0, upTo));
+    await beforeMigration('0010_run_event_batches', async (database, previous) => {
       const [user, thread, run] = [randomUUID(), randomUUID(), randomUUID()];
       await query(database, `insert into users (id, email, hashed_password) values ($1, 'events@example.com', 'x')`, [user]);
       await query(database, `insert into threads (id, owner_id) values ($1, $2)`, [thread, user]);
@@ -357,7 +368,7 @@ describe('0010_run_event_batches', () => {
       ]);
       const later = [3, 4].map((seq) => ({ seq, event: seq === 4 ? 'run.completed' : 'message.delta', data: { run_id: run, seq } }));
       await query(database, `insert into run_events (run_id, seq, last_seq, last_event, events) values ($1, 3, 4, 'run.completed', $2::json)`, [run, JSON.stringify(later)]);
-      await migrateDown(database, logger, MIGRATIONS[upTo - 1]!.tag);
+      await migrateDown(database, logger, previous);
       const rows = await query<{ seq: number; event: string; data: unknown }>(database, `select seq, event, data from run_events where run_id = $1 order by seq`, [run]);
       expect(rows).toEqual([
         { seq: 1, event: 'run.queued', data: { run_id: run, seq: 1 } },
@@ -365,19 +376,13 @@ describe('0010_run_event_batches', () => {
         { seq: 3, event: 'message.delta', data: { run_id: run, seq: 3 } },
         { seq: 4, event: 'run.completed', data: { run_id: run, seq: 4 } },
       ]);
-    } finally {
-      await fresh.destroy();
-    }
+    });
   });
 });
 
 describe('0014_credit_usage_entry_once', () => {
   it("keeps a call's first usage entry linked and unlinks a second one (saying which call), then refuses a third", async () => {
-    const fresh = await freshDatabase();
-    try {
-      const { database } = fresh;
-      const upTo = MIGRATIONS.findIndex((m) => m.tag === '0014_credit_usage_entry_once');
-      await migrateUp(database, logger, MIGRATIONS.slice(0, upTo));
+    await beforeMigration('0014_credit_usage_entry_once', async (database, previous) => {
       const [user, call, other] = [randomUUID(), randomUUID(), randomUUID()];
       await query(database, `insert into users (id, email, hashed_password) values ($1, 'ledger@example.com', 'x')`, [user]);
       const entry = (id: string, usage: string, balance: string, at: string) =>
@@ -404,10 +409,8 @@ describe('0014_credit_usage_entry_once', () => {
         { id: single, usage_record_id: other, description: 'chat' },
       ]);
       await expect(entry(randomUUID(), call, '84', '2026-01-01T00:00:04Z')).rejects.toMatchObject({ code: '23505' });
-      await migrateDown(database, logger, MIGRATIONS[upTo - 1]!.tag);
+      await migrateDown(database, logger, previous);
       await entry(randomUUID(), call, '84', '2026-01-01T00:00:04Z');
-    } finally {
-      await fresh.destroy();
-    }
+    });
   });
 });
