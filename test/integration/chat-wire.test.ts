@@ -252,6 +252,20 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     }
   });
 
+  it('a stream answered with no events at all (a server that ignores `stream` and answers JSON) is an upstream error, unretried, as through the SDK; the wire names what came', async () => {
+    const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    const json = JSON.stringify({ id: 'x', object: 'chat.completion', choices: [{ index: 0, message: { role: 'assistant', content: 'Hi' }, finish_reason: 'stop' }] });
+    for (const request of [hello, viaSdk(hello)]) {
+      server.reset();
+      server.script('wire-chat', { rawBody: json }, { rawBody: json });
+      const failure = await streamed(request).catch((e: unknown) => e);
+      expect(failure).toBeInstanceOf(UpstreamError);
+      expect(failure).toMatchObject({ statusCode: 502, upstreamStatus: 200 });
+      expect(server.log).toHaveLength(1);
+      if (request === hello) expect((failure as UpstreamError).message).toContain('The answer was not a stream of events: it began "{\\"id\\":\\"x\\"');
+    }
+  });
+
   it('a stream cut off before any output is retried like a dropped connection; [DONE] without a finish reason is a whole answer', async () => {
     const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
     const role = sse({ choices: [{ index: 0, delta: { role: 'assistant' }, finish_reason: null }] });

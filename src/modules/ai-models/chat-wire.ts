@@ -512,6 +512,10 @@ class SseReader implements Dispatcher.DispatchHandlers {
    */
   private outputChars = 0;
   private finishReason: string | null | undefined;
+  /** A `data:` event was read: the answer is a stream, whatever came of it. */
+  private streamed = false;
+  /** The start of a 2xx answer's body, to name an answer that is no stream (a server that ignores `stream`). */
+  private opening = '';
   /** The answer carried a refusal (its finish then says content-filter, as the SDK's does). */
   private refused = false;
   private usage: OpenAIUsage | null | undefined;
@@ -577,6 +581,11 @@ class SseReader implements Dispatcher.DispatchHandlers {
     if (this.parts.ended) return;
     // A last line without its line end is no event. Ended cleanly but cut off (a proxy's timeout,
     // a crashed server): a dropped connection, not an answer.
+    // A body that held no event at all is no stream (a server that ignores `stream` answers JSON):
+    // asking again gets the same, so it is the provider's 502, not a dropped connection retried.
+    if (!this.finishReason && !this.streamed && this.opening.trim()) {
+      return this.parts.fail(upstreamError(this.url, this.call, `The answer was not a stream of events: it began ${JSON.stringify(this.opening.slice(0, 120))}`, this.statusCode));
+    }
     if (!this.finishReason) return this.parts.fail(upstreamError(this.url, this.call, 'The stream ended before the answer did (no finish_reason, no [DONE])', undefined));
     this.finish();
   }
@@ -618,11 +627,13 @@ class SseReader implements Dispatcher.DispatchHandlers {
 
   /** Parses the lines `text` ends (only the new text is searched for line ends: a long line costs its length once, not once per chunk). */
   private read(text: string): void {
+    if (!this.streamed && this.opening.length < 120) this.opening += text.slice(0, 120);
     let start = 0;
     for (let end = text.indexOf('\n'); end !== -1; start = end + 1, end = text.indexOf('\n', start)) {
       const line = this.rest ? this.rest + text.slice(start, end) : text.slice(start, end);
       this.rest = '';
       if (!line.startsWith('data:')) continue;
+      this.streamed = true;
       const data = line.slice(5).trim();
       if (data === '[DONE]') {
         // The answer is whole: nothing after [DONE] is read. The response usually ends in the same
