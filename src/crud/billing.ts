@@ -20,15 +20,14 @@ import { preparedPerDb } from './prepared.js';
 // ==================== Policies ====================
 
 /** The ledger is personal (a superuser sees their own); a scoped key reads its project's entries. */
-export const transactionPolicy = definePolicy<CreditTransaction>({
-  noun: 'Transaction',
-  owner: creditTransactions.owner_id,
-  project: creditTransactions.project_id,
-  scopedKey: 'read',
-  superuserSeesAll: false,
-});
+const TRANSACTION_ACCESS = { noun: 'Transaction', owner: creditTransactions.owner_id, project: creditTransactions.project_id, scopedKey: 'read' } as const;
+
+export const transactionPolicy = definePolicy<CreditTransaction>({ ...TRANSACTION_ACCESS, superuserSeesAll: false });
 
 export const transactionCrud = ownedCrud<CreditTransaction, NewCreditTransaction>(creditTransactions, transactionPolicy);
+
+/** One entry by id: a superuser reads every user's (the grant a `POST /billing/credits` names in its Location). */
+export const transactionEntryPolicy = definePolicy<CreditTransaction>({ ...TRANSACTION_ACCESS, superuserSeesAll: true });
 
 /** Usage is personal too; a scoped key reads the usage of its project. */
 export const usagePolicy = definePolicy<{ owner_id: string | null; project_id: string | null }>({

@@ -53,9 +53,10 @@ export const OpenAIModelParams = z.object({ model: z.string().min(1).max(200) })
 // ==================== Chat completions ====================
 
 const TextPart = z.object({ type: z.literal('text'), text: z.string() });
-/** An image's data URL as OpenAI takes it: an image type, base64 (no line breaks), of a length base64 can have. */
-const IMAGE_DATA_URL = /^data:image\/[\w.+-]+(;[\w.+-]+=[^;,]*)*;base64,[A-Za-z0-9+/]*={0,2}$/i;
-const isImageUrl = (url: string): boolean => /^https?:\/\//i.test(url) || (IMAGE_DATA_URL.test(url) && url.slice(url.indexOf(',') + 1).replace(/=+$/, '').length % 4 !== 1);
+/** An image's data URL as OpenAI takes it: an image type and base64 (no line breaks; its digits captured, padding aside). */
+const IMAGE_DATA_URL = /^data:image\/[\w.+-]+(?:;[\w.+-]+=[^;,]*)*;base64,([A-Za-z0-9+/]*)={0,2}$/i;
+/** An http(s) URL, or an image's data URL whose digits are of a length base64 can have (never 1 more than a multiple of 4). */
+const isImageUrl = (url: string): boolean => /^https?:\/\//i.test(url) || (IMAGE_DATA_URL.exec(url)?.[1]!.length ?? 1) % 4 !== 1;
 
 const ImagePart = z.object({
   type: z.literal('image_url'),

@@ -65,10 +65,7 @@ export async function listTransactions(ctx: ServiceContext, query: Page & { user
 
 /** One ledger entry: the caller's own, or any for a superuser (the entry a grant's Location names). */
 export async function getTransaction(ctx: ServiceContext, id: string) {
-  if (!ctx.principal.user.is_superuser || ctx.principal.scopeProjectId !== null) return present(await billingCrud.transactionCrud.getVisible(ctx.db, ctx.principal, id));
-  const row = await billingCrud.transactionCrud.getById(ctx.db, id);
-  if (!row) throw new NotFoundError('Transaction not found');
-  return present(row);
+  return present(billingCrud.transactionEntryPolicy.check(ctx.principal, await billingCrud.transactionCrud.getById(ctx.db, id), 'read'));
 }
 
 /** A superuser's grant, refund or adjustment: the balance and its ledger entry change together. */

@@ -227,12 +227,9 @@ export class UsageMeterService implements UsageMeter {
       };
       const flushes = this.flushes;
       let outcome = await billingCrud.hold(this.db, held);
-      // What this process has not written yet can make the account look short: a retired block's
-      // credit goes back, and its calls' charges come off what it holds, only with the next flush
-      // (or the one being written, or written meanwhile: its release may have missed this hold).
-      // Refused then, the call waits for that flush and tries once more, so a call the account
-      // covers is not refused for a block with nothing in progress.
-      if (outcome === 'balance' && windows && (this.owesAccount(userId!) || (windows.hadBlock(userId!) && (this.flushing !== null || this.flushes !== flushes)))) {
+      // Refused while this process may still owe the account credit, the call waits for that flush
+      // and tries once more, so a call the account covers is not refused for a block with nothing in progress.
+      if (outcome === 'balance' && windows && this.mayOweAccount(windows, userId!, flushes)) {
         // A flush that fails keeps what it held for the next (logged there): this call is then refused as it was.
         await this.flush().catch(() => undefined);
         outcome = await billingCrud.hold(this.db, held);
@@ -472,6 +469,15 @@ export class UsageMeterService implements UsageMeter {
       if (this.recovered.length && !this.hasPending()) this.forgetRecovered();
     });
     return this.flushing;
+  }
+
+  /**
+   * Whether a hold refused for `userId`, which began after `flushes` flushes, may have missed credit
+   * this process gives back: a retired block's release and its calls' charges are written only with
+   * the next flush — or the one being written, or one written while the hold ran.
+   */
+  private mayOweAccount(windows: CreditWindows, userId: string, flushes: number): boolean {
+    return this.owesAccount(userId) || (windows.hadBlock(userId) && (this.flushing !== null || this.flushes !== flushes));
   }
 
   /** Writes of this process that change the user's available credit: a retired block's release, its calls' charges. */
