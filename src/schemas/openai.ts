@@ -133,6 +133,9 @@ const ResponseFormat = z.discriminatedUnion('type', [
   }),
 ]);
 
+/** OpenAI's limit on a request's `metadata` pairs. */
+const MAX_METADATA_PAIRS = 16;
+
 const MaxTokens = z.number().int().min(1).max(10_000_000).nullish();
 
 /** OpenAI's reasoning efforts (those its SDK model takes). */
@@ -165,8 +168,20 @@ export const ChatCompletionRequest = z
     stop: z.union([z.string(), z.array(z.string()).max(4)]).nullish(),
     metadata: z
       .record(z.string().max(64), z.string().max(512))
+      .refine((pairs) => Object.keys(pairs).length <= MAX_METADATA_PAIRS, { error: `At most ${MAX_METADATA_PAIRS} pairs` })
       .nullish()
-      .describe('OpenAI\'s string pairs. For an `agent:<id>` model, `thread_id` names the thread to run on (default: a new one).'),
+      .describe(`OpenAI's string pairs (at most ${MAX_METADATA_PAIRS}). For an \`agent:<id>\` model, \`thread_id\` names the thread to run on (default: a new one).`),
+  })
+  .superRefine(({ tools, tool_choice: choice }, ctx) => {
+    // A choice that asks for a tool call needs tools to call (the SDK would drop it without a word
+    // and the model answer in text); `none` and `auto` mean the same with or without them.
+    if (typeof choice !== 'object') {
+      if (choice === 'required' && !tools?.length) ctx.addIssue({ code: 'custom', path: ['tool_choice'], message: '`required` needs `tools` to choose from' });
+      return;
+    }
+    if (!tools?.some((tool) => tool.function.name === choice.function.name)) {
+      ctx.addIssue({ code: 'custom', path: ['tool_choice'], message: `No tool named ${JSON.stringify(choice.function.name)} in \`tools\`` });
+    }
   })
   .meta({ id: 'ChatCompletionRequest' });
 export type ChatCompletionRequest = z.infer<typeof ChatCompletionRequest>;
@@ -224,7 +239,8 @@ export const ChatCompletion = z
 export const EmbeddingRequest = z
   .object({
     model: z.string().min(1).max(200),
-    input: z.union([z.string(), z.array(z.string()).min(1).max(2048)]),
+    // An empty text has no embedding: OpenAI refuses it too.
+    input: z.union([z.string().min(1), z.array(z.string().min(1)).min(1).max(2048)]),
     encoding_format: z.enum(['float', 'base64']).optional(),
     dimensions: z
       .number()

@@ -312,6 +312,27 @@ describe('chat completions', () => {
     expect(fake.log).toEqual([]);
   });
 
+  it('refuses a tool_choice that asks for a call no tool can answer, and metadata past 16 pairs, with 400 naming the param', async () => {
+    const messages = [{ role: 'user' as const, content: 'Hi' }];
+    const weather = { type: 'function' as const, function: { name: 'weather', parameters: { type: 'object', properties: {} } } };
+    const required = await apiError(client.chat.completions.create({ model: 'fake-chat', messages, tool_choice: 'required' }));
+    expect(required).toMatchObject({ status: 400, type: 'invalid_request_error', param: 'tool_choice' });
+    const named = await apiError(client.chat.completions.create({ model: 'fake-chat', messages, tools: [weather], tool_choice: { type: 'function', function: { name: 'news' } } }));
+    expect(named).toMatchObject({ status: 400, param: 'tool_choice' });
+    expect(named.message).toContain('"news"');
+    const noTools = await apiError(client.chat.completions.create({ model: 'fake-chat', messages, tool_choice: { type: 'function', function: { name: 'weather' } } }));
+    expect(noTools).toMatchObject({ status: 400, param: 'tool_choice' });
+    const metadata = Object.fromEntries(Array.from({ length: 17 }, (_, i) => [`k${i}`, 'v']));
+    expect(await apiError(client.chat.completions.create({ model: 'fake-chat', messages, metadata }))).toMatchObject({ status: 400, param: 'metadata' });
+    expect(fake.log).toEqual([]);
+    // What names a tool there is, `none` and `auto` without tools, and 16 pairs go on.
+    fake.script('fake-chat', { toolCalls: [{ id: 'call_1', name: 'weather', arguments: '{}' }] }, { text: 'ok' }, { text: 'ok' });
+    await client.chat.completions.create({ model: 'fake-chat', messages, tools: [weather], tool_choice: { type: 'function', function: { name: 'weather' } } });
+    await client.chat.completions.create({ model: 'fake-chat', messages, tool_choice: 'none' });
+    await client.chat.completions.create({ model: 'fake-chat', messages, tool_choice: 'auto', metadata: Object.fromEntries(Object.entries(metadata).slice(0, 16)) });
+    expect(fake.requestsFor('fake-chat')).toHaveLength(3);
+  });
+
   it('refuses free-form JSON nested deeper than 64 levels with 400 naming the param, however deep (never a 500 the SDK would retry)', async () => {
     /** JSON text of `{"a":{"a":…1…}}`, `levels` objects deep (a text: the SDK's own JSON.stringify would overflow on the deepest). */
     const nested = (levels: number) => `${'{"a":'.repeat(levels - 1)}{}${'}'.repeat(levels - 1)}`;
@@ -393,6 +414,12 @@ describe('embeddings', () => {
       expect(await apiError(client.embeddings.create({ model: 'fake-embed', input: 'a', dimensions }))).toMatchObject({ status: 400, param: 'dimensions' });
     }
     expect(await apiError(client.embeddings.create({ model: 'fake-chat', input: 'a' }))).toMatchObject({ status: 400, code: 'model_not_supported' });
+    // An empty text has no embedding (OpenAI refuses it too): nothing is sent to embed.
+    for (const input of ['', ['alpha', '']]) {
+      const error = await apiError(client.embeddings.create({ model: 'fake-embed', input }));
+      expect(error.status).toBe(400);
+      expect(error.param).toMatch(/^input/);
+    }
     expect(fake.requestsFor('fake-embed')).toHaveLength(0);
   });
 });
