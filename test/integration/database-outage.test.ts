@@ -1,5 +1,6 @@
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { copyFileSync, mkdtempSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -17,7 +18,7 @@ import { buildTestApp, openTestDatabase, testSettings } from '../helpers/app.js'
 import { createUser, loginRequest, superuserHeaders } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { call } from '../helpers/http.js';
-import { captureLogs } from '../helpers/logs.js';
+import { captureLogs, LEVEL } from '../helpers/logs.js';
 import { addFakeModels, chatRequest } from '../helpers/metered-models.js';
 import { adminQuery } from '../helpers/postgres.js';
 import { SilentProxy } from '../helpers/silent-proxy.js';
@@ -224,8 +225,9 @@ describe.skipIf(!adminUrl)('the database down when the app stops', () => {
     const fake = await FakeModelServer.start();
     fake.defaultReply = { text: 'four', usage: { prompt_tokens: 1, completion_tokens: 4 } };
     const name = new URL(opened.url!).pathname.slice(1);
-    // One DATA_DIR for both processes; the flush timer far away, so the calls' usage is still in memory at the stop.
-    const settings = { BILLING_ENABLED: 'true', DATA_DIR: mkdtempSync(join(tmpdir(), 'keel-unwritten-')), USAGE_FLUSH_INTERVAL_MS: '600000', MODEL_MAX_RETRIES: '0' };
+    // One DATA_DIR (and SECRET_KEY, which opens the provider's key) for every process; the flush
+    // timer far away, so the calls' usage is still in memory at the stop.
+    const settings = { BILLING_ENABLED: 'true', DATA_DIR: mkdtempSync(join(tmpdir(), 'keel-unwritten-')), USAGE_FLUSH_INTERVAL_MS: '600000', MODEL_MAX_RETRIES: '0', SECRET_KEY: randomBytes(32).toString('hex') };
     const saved = join(settings.DATA_DIR, UNWRITTEN_DIR);
     let first: FastifyInstance | null = null;
     let next: FastifyInstance | null = null;
@@ -249,19 +251,39 @@ describe.skipIf(!adminUrl)('the database down when the app stops', () => {
       renameSync(join(saved, file!), join(saved, `${file}.${gone}.taken`));
       writeFileSync(join(saved, '0-1-broken.json'), '{"usage": [');
 
+      const copies = mkdtempSync(join(tmpdir(), 'keel-unwritten-copy-'));
+      for (const saving of readdirSync(saved)) copyFileSync(join(saved, saving), join(copies, saving));
+
       await adminQuery(adminUrl!, `alter database "${name}" allow_connections true`);
       next = await buildTestApp(opened.database, settings);
       await next.meter.idle();
-      const counts = await opened.database.db.execute(
-        sql`select (select count(*)::int from usage_records where owner_id = ${user.user.id}) as usage,
-                   (select count(*)::int from credit_transactions where owner_id = ${user.user.id} and type = 'usage') as charges,
-                   (select count(*)::int from credit_reservations where user_id = ${user.user.id}) as holds`,
-      );
-      expect((counts as { rows: unknown[] }).rows[0]).toEqual({ usage: 5, charges: 5, holds: 0 });
-      const account = await getBalance(opened.database.db, user.user.id);
-      expect([Number(account.balance), Number(account.reserved)]).toEqual([1000 - 5 * 4, 0]);
-      expect(Number(await ledgerSum(opened.database.db, user.user.id))).toBe(1000 - 5 * 4);
+      const expectChargedOnce = async () => {
+        const counts = await opened.database.db.execute(
+          sql`select (select count(*)::int from usage_records where owner_id = ${user.user.id}) as usage,
+                     (select count(*)::int from credit_transactions where owner_id = ${user.user.id} and type = 'usage') as charges,
+                     (select count(*)::int from credit_reservations where user_id = ${user.user.id}) as holds`,
+        );
+        expect((counts as { rows: unknown[] }).rows[0]).toEqual({ usage: 5, charges: 5, holds: 0 });
+        const account = await getBalance(opened.database.db, user.user.id);
+        expect([Number(account.balance), Number(account.reserved)]).toEqual([1000 - 5 * 4, 0]);
+        expect(Number(await ledgerSum(opened.database.db, user.user.id))).toBe(1000 - 5 * 4);
+      };
+      await expectChargedOnce();
       expect(readdirSync(saved)).toEqual(['0-1-broken.json.unreadable']);
+      await next.close();
+      next = null;
+
+      // As a process killed after writing them but before deleting their files leaves them: the
+      // same files again. The next start writes nothing twice (every write in them is idempotent by
+      // usage record and ledger entry id), and finds nothing to warn of.
+      rmSync(join(saved, '0-1-broken.json.unreadable'));
+      for (const copy of readdirSync(copies)) if (!copy.includes('broken')) copyFileSync(join(copies, copy), join(saved, copy));
+      const logs = captureLogs('info');
+      next = await buildTestApp(opened.database, settings, { logger: logs.logger });
+      await next.meter.idle();
+      await expectChargedOnce();
+      expect(readdirSync(saved)).toEqual([]);
+      expect(logs.lines().filter((line) => (line.level as number) >= LEVEL.warn)).toEqual([]);
     } finally {
       await adminQuery(adminUrl!, `alter database "${name}" allow_connections true`).catch(() => undefined);
       await first?.close().catch(() => undefined);
