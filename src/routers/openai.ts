@@ -134,7 +134,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
     async (request) => {
       const { model } = request.params;
       if (isAgentModel(model)) return agents.retrieve(request, model);
-      const found = models.getModel(model);
+      const found = models.modelAsCalled(model);
       // What the list leaves out is not found here either: a model whose provider is not configured cannot be called.
       if (!found || !found.enabled || !found.available) throw new ModelNotFoundError(model);
       return modelObject(found.id, found.provider);

@@ -35,11 +35,12 @@ const sameBehaviour = (a: Behaviour, b: Behaviour) => JSON.stringify(behaviourOf
 const versionOf = (agent: Agent) => ({ agent_id: agent.id, version: agent.version, ...behaviourOf(agent) });
 
 /**
- * The catalog id of an enabled chat model named by id or alias; 422 naming the model otherwise.
+ * The id an agent calls an enabled chat model named by id or alias with (the catalog id; a pinned
+ * snapshot's own, see `ModelCatalog.modelAsCalled`); 422 naming the model otherwise.
  * Whether its provider has credentials is not asked: they may be set after the agent is saved.
  */
 export function catalogModel(models: ModelManager, name: string): string {
-  const model = models.getModel(name);
+  const model = models.modelAsCalled(name);
   const issue = (msg: string) => new UnprocessableError({ loc: ['body', 'model'], msg, type: 'value_error' });
   if (!model) throw issue(`Unknown model ${JSON.stringify(name)}; GET /models lists the catalog`);
   if (!model.enabled) throw issue(`Model ${JSON.stringify(model.id)} is disabled`);

@@ -95,7 +95,7 @@ async function plan(ctx: ServiceContext, ownerId: string, agentId: string | unde
  */
 async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, model: string, input: string | undefined, history: readonly HistoryMessage[], early: EarlyReads): Promise<void> {
   if (!ctx.settings.BILLING_ENABLED) return;
-  const info = ctx.models.getModel(model);
+  const info = ctx.models.modelAsCalled(model);
   if (!info) return; // the run fails with "unknown model", in words
   // As the model manager estimates the call's prompt (estimateTextTokens).
   let promptTokens = history.reduce((sum, message) => sum + estimateTextTokens(message.content), estimateTextTokens(agent.system_prompt) + estimateTextTokens(input ?? ''));

@@ -83,12 +83,10 @@ describe('creating an agent', () => {
     expect(list.data[0]).toMatchObject({ agent_id: agent.id, version: 1, model: 'gpt-4.1', system_prompt: '', tools: [] });
   });
 
-  it('stores the model an alias names under its catalog id', async () => {
+  it('stores the model an alias names under its catalog id, and a pinned snapshot as it is (the agent calls that snapshot)', async () => {
     const alice = await createUser(ctx.app);
-    const aliased = ctx.app.models.listAvailableModels().find((m) => m.capabilities.includes('chat') && m.aliases.some((alias) => alias !== m.id));
-    expect(aliased).toBeDefined();
-    const alias = aliased!.aliases.find((a) => a !== aliased!.id)!;
-    expect((await createAgent(alice, { model: alias })).model).toBe(aliased!.id);
+    expect((await createAgent(alice, { model: 'gpt-5-1' })).model).toBe('gpt-5.1');
+    expect((await createAgent(alice, { model: 'gpt-4o-2024-11-20' })).model).toBe('gpt-4o-2024-11-20');
   });
 
   it('answers 422 naming an unknown, a disabled or a non-chat model, and an unknown tool', async () => {

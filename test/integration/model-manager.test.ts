@@ -266,12 +266,28 @@ describe('ModelManager.chat', () => {
 
   it('the built-in openai provider calls Chat Completions at OPENAI_BASE_URL with OPENAI_API_KEY', async () => {
     server.script('gpt-4.1-mini', { text: 'via openai', usage: { prompt_tokens: 1000, completion_tokens: 1000, cached_tokens: 1000 } });
-    const result = await manager({}, { OPENAI_API_KEY: 'sk-test' }).chat({ model: 'gpt-4.1-mini-2025-04-14', messages: hello });
+    const result = await manager({}, { OPENAI_API_KEY: 'sk-test' }).chat({ model: 'gpt-4.1-mini', messages: hello });
     expect(result).toMatchObject({ text: 'via openai', model: 'gpt-4.1-mini', provider: 'openai' });
     expect(server.log[0]).toMatchObject({ path: '/v1/chat/completions', model: 'gpt-4.1-mini' });
     expect(server.log[0]!.headers.authorization).toBe('Bearer sk-test');
     // Catalog prices: 1000 cached × 0.1 + 1000 output × 1.6 = 1700 / 10^6.
     expect(result.cost).toBe('0.0017');
+  });
+
+  it('calls a pinned snapshot or variant the catalog prices with its model as asked, at that price; another spelling calls the catalog id', async () => {
+    const m = manager({}, { OPENAI_API_KEY: 'sk-test' });
+    const usage = { prompt_tokens: 1000, completion_tokens: 1000, cached_tokens: 1000 };
+    server.script('gpt-4.1-mini-2025-04-14', { text: 'snapshot', usage });
+    const snapshot = await m.chat({ model: 'gpt-4.1-mini-2025-04-14', messages: hello });
+    expect(snapshot).toMatchObject({ text: 'snapshot', model: 'gpt-4.1-mini-2025-04-14', provider: 'openai', cost: '0.0017' });
+    server.script('gpt-5-chat-latest', { text: 'variant' });
+    expect((await m.chat({ model: 'gpt-5-chat-latest', messages: hello })).model).toBe('gpt-5-chat-latest');
+    server.script('gpt-5.1', { text: 'respelled' });
+    expect((await m.chat({ model: 'gpt-5-1', messages: hello })).model).toBe('gpt-5.1');
+    expect(server.log.map((entry) => entry.model)).toEqual(['gpt-4.1-mini-2025-04-14', 'gpt-5-chat-latest', 'gpt-5.1']);
+    // The catalog entry still answers for the snapshot's id (GET /models/{id}); the call's model is the snapshot, at the entry's price.
+    expect(m.getModel('gpt-4.1-mini-2025-04-14')?.id).toBe('gpt-4.1-mini');
+    expect(m.modelAsCalled('gpt-4.1-mini-2025-04-14')).toMatchObject({ id: 'gpt-4.1-mini-2025-04-14', pricing: m.getModel('gpt-4.1-mini')!.pricing });
   });
 
   it("tells the openai provider what the request asks of it as its own options: a loose schema, reasoning effort, the end user, one tool call at a time", async () => {

@@ -16,6 +16,8 @@ export interface ListModelsOptions {
 export class ModelCatalog {
   private models = new Map<string, ModelInfo>();
   private aliases = new Map<string, string>();
+  /** Built-in aliases that name a model of their own at the provider (see `modelAsCalled`), as that model. */
+  private variants = new Map<string, ModelInfo>();
 
   constructor(
     private readonly builtins: readonly ModelInfo[] = loadBuiltinModels(),
@@ -38,16 +40,35 @@ export class ModelCatalog {
       models.set(override.id, merged);
     }
     const aliases = new Map<string, string>();
+    const variants = new Map<string, ModelInfo>();
+    const builtinAliases = new Map(this.builtins.map((m) => [m.id, new Set(m.aliases)]));
     for (const model of models.values()) {
-      for (const alias of model.aliases) if (!models.has(alias) && !aliases.has(alias)) aliases.set(alias, model.id);
+      for (const alias of model.aliases) {
+        if (models.has(alias) || aliases.has(alias)) continue;
+        aliases.set(alias, model.id);
+        if (builtinAliases.get(model.id)?.has(alias) && alias.startsWith(`${model.id}-`)) variants.set(alias, { ...model, id: alias, aliases: [], recommended: false });
+      }
     }
     this.models = models;
     this.aliases = aliases;
+    this.variants = variants;
   }
 
   /** A model by id or alias (disabled ones too: callers decide), or undefined. */
   getModel(idOrAlias: string): ModelInfo | undefined {
     return this.models.get(idOrAlias) ?? this.models.get(this.aliases.get(idOrAlias) ?? '');
+  }
+
+  /**
+   * The model a call to `idOrAlias` makes, as `getModel` finds it, but for a built-in alias that
+   * extends its model's id (`gpt-4o-2024-11-20`, `gpt-5-chat-latest`, `gpt-5.1-codex-max`): the
+   * price data lists these under one price, yet each is a model of its own at the provider (a
+   * pinned snapshot, a variant that behaves otherwise), so it is called as asked, with its entry's
+   * price, capabilities and settings. Other aliases (another spelling, a superuser's own name)
+   * call the entry's id.
+   */
+  modelAsCalled(idOrAlias: string): ModelInfo | undefined {
+    return this.models.get(idOrAlias) ?? this.variants.get(idOrAlias) ?? this.models.get(this.aliases.get(idOrAlias) ?? '');
   }
 
   /** Models by priority (highest first), then id; disabled ones only when asked. */

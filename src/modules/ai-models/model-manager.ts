@@ -791,9 +791,15 @@ export class ModelManager {
     return this.options.providers.close();
   }
 
-  /** A model by id or alias, with its availability; disabled models too. */
+  /** A catalog entry by id or alias, with its availability; disabled models too. */
   getModel(idOrAlias: string): ModelView | undefined {
     const model = this.options.catalog.getModel(idOrAlias);
+    return model && this.view(model);
+  }
+
+  /** The model a call to `idOrAlias` makes (`ModelCatalog.modelAsCalled`: a pinned snapshot is called as asked), with its availability. */
+  modelAsCalled(idOrAlias: string): ModelView | undefined {
+    const model = this.options.catalog.modelAsCalled(idOrAlias);
     return model && this.view(model);
   }
 
@@ -808,7 +814,7 @@ export class ModelManager {
 
   /** An enabled model that can do `capability`, or a typed error. */
   private resolve(idOrAlias: string, capability: Capability): ModelInfo {
-    const model = this.options.catalog.getModel(idOrAlias);
+    const model = this.options.catalog.modelAsCalled(idOrAlias);
     if (!model || !model.enabled) throw new ModelNotFoundError(idOrAlias);
     if (!model.capabilities.includes(capability)) throw new ModelCapabilityError(model.id, capability);
     const status = this.options.providers.status(model.provider);

@@ -71,7 +71,7 @@ async function pricedEmbeddingModel(ctx: ServiceContext): Promise<string | null>
   const id = ctx.settings.EMBEDDING_MODEL;
   // As ingestion decides: without the vector table (no pgvector) nothing is embedded.
   if (!id || !(await hasVectorTable(ctx.db))) return null;
-  const info = ctx.models.getModel(id);
+  const info = ctx.models.modelAsCalled(id);
   // An unknown model fails the ingestion in words; a free one (a million tokens cost nothing) is never refused by the meter.
   if (!info || ctx.models.worstCase(info, 1_000_000, 0).cost === '0') return null;
   return info.id;
