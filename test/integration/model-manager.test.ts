@@ -4,7 +4,7 @@ import { z } from 'zod';
 
 import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
 import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
-import { ModelAnswerError, ModelAnswerLimitError, ModelCallAbortedError, ModelTimeoutError, UpstreamError } from '../../src/modules/ai-models/errors.js';
+import { ModelAnswerError, ModelAnswerLimitError, ModelArgumentError, ModelCallAbortedError, ModelTimeoutError, UpstreamError } from '../../src/modules/ai-models/errors.js';
 import {
   type ChatRequest,
   type CostEstimate,
@@ -49,6 +49,28 @@ const tools = { lookup: tool({ description: 'Look up', inputSchema: jsonSchema({
 const SDK_TOOLS: Partial<ChatRequest> = { tools: { lookup: tool({ description: 'Look up', inputSchema: z.looseObject({}) }) } };
 /** Each way a chat call can go: the wire, the provider model directly (provider options keep a call off the wire), both with tools, the SDK with tools. */
 const PATHS: Partial<ChatRequest>[] = [{}, { providerOptions: {} }, { tools }, { tools, providerOptions: {} }, SDK_TOOLS];
+/** The wire, the provider model directly (provider options), the SDK (tools): named for the messages. */
+const NAMED: [string, Partial<ChatRequest>][] = [
+  ['wire', PATHS[0]!],
+  ['provider model', PATHS[1]!],
+  ['wire with tools', PATHS[2]!],
+  ['provider model with tools', PATHS[3]!],
+  ['SDK with tools', PATHS[4]!],
+];
+const failureOf = (call: Promise<unknown>) =>
+  call.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+/** What a stream's reading fails with (undefined when it ends well). */
+async function streamFailure(stream: AsyncIterable<unknown>): Promise<unknown> {
+  try {
+    for await (const _ of stream);
+  } catch (error) {
+    return error;
+  }
+  return undefined;
+}
 
 beforeAll(async () => {
   server = await FakeModelServer.start();
@@ -477,20 +499,7 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
   /** Far past the limit: what a client reading it whole would hold. */
   const PAD = 32 * 1024 * 1024;
   const EXCEEDED = `The model's answer exceeded ${LIMIT} bytes`;
-  /** The wire, the provider model directly (provider options), the SDK (tools): named for the messages. */
-  const NAMED: [string, Partial<ChatRequest>][] = [
-    ['wire', PATHS[0]!],
-    ['provider model', PATHS[1]!],
-    ['wire with tools', PATHS[2]!],
-    ['provider model with tools', PATHS[3]!],
-    ['SDK with tools', PATHS[4]!],
-  ];
   const limited = () => manager({ maxResponseBytes: LIMIT });
-  const failureOf = (call: Promise<unknown>) =>
-    call.then(
-      () => undefined,
-      (e: unknown) => e,
-    );
 
   it('a chat answer past the limit ends the call: 502 naming the limit, unretried, no fallback, its connection closed, metered as an error', async () => {
     for (const [path, extra] of NAMED) {
@@ -629,6 +638,35 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
       expect(failure, path).toBeInstanceOf(ModelCallAbortedError);
       await server.waitFor((log) => log[0]?.aborted === true, 1_000);
       expect(server.log[0]!.chunksSent, path).toBeLessThan(50);
+    }
+  });
+});
+
+describe('a conversation the SDK cannot convert, an error event in a stream', () => {
+  it('a tool call without its result is the request\'s fault: 400 in the SDK\'s words, on every path, streamed or not, nothing sent', async () => {
+    const call = { role: 'assistant' as const, content: [{ type: 'tool-call' as const, toolCallId: 'c1', toolName: 'lookup', input: {} }] };
+    const messages = [...hello, call, { role: 'user' as const, content: 'And next?' }];
+    for (const [path, extra] of NAMED) {
+      for (const failure of [await failureOf(manager().chat({ model: 'fake-chat', messages, ...extra })), await streamFailure(manager().stream({ model: 'fake-chat', messages, ...extra }))]) {
+        expect(failure, path).toBeInstanceOf(ModelArgumentError);
+        expect(failure, path).toMatchObject({ statusCode: 400 });
+        expect((failure as ModelArgumentError).detail, path).toContain('c1');
+      }
+    }
+    expect(server.log).toEqual([]);
+  });
+
+  it('a stream that carries the provider\'s error event after its first text fails with the provider\'s 502 naming it, on every path', async () => {
+    const chunk = (delta: unknown) => `data: ${JSON.stringify({ id: 'x', object: 'chat.completion.chunk', created: 1, model: 'fake-chat', choices: [{ index: 0, delta, finish_reason: null }] })}\n\n`;
+    const rawBody = `${chunk({ role: 'assistant', content: 'Hel' })}data: ${JSON.stringify({ error: { message: 'overloaded mid stream', type: 'server_error' } })}\n\n`;
+    for (const [path, extra] of NAMED) {
+      server.reset();
+      server.script('fake-chat', { rawBody });
+      const failure = await streamFailure(manager().stream({ model: 'fake-chat', messages: hello, ...extra }));
+      expect(failure, path).toBeInstanceOf(UpstreamError);
+      expect(failure, path).toMatchObject({ statusCode: 502 });
+      expect((failure as Error).message, path).toContain('overloaded mid stream');
+      expect(server.log, path).toHaveLength(1); // text reached the caller: no retry, no fallback
     }
   });
 });

@@ -18,12 +18,17 @@ import {
   type FinishReason,
   generateText,
   InvalidArgumentError,
+  InvalidDataContentError,
+  InvalidMessageRoleError,
+  InvalidPromptError,
   InvalidResponseDataError,
   JSONParseError,
   type JSONSchema7,
   type JSONValue,
   type LanguageModel,
   type LanguageModelUsage,
+  MessageConversionError,
+  MissingToolResultsError,
   type ModelMessage,
   type OutputInterface,
   type ProviderMetadata,
@@ -692,6 +697,9 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   // A setting or provider option the SDK refuses (a reasoning effort its provider does not take): the request's fault.
   // So is a part its provider cannot take (a file type it has no place for).
   if (InvalidArgumentError.isInstance(error) || UnsupportedFunctionalityError.isInstance(error)) return { kind: 'fatal', error: new ModelArgumentError(error.message) };
+  // A conversation the SDK cannot turn into a prompt (a tool call without its result, a role or
+  // content out of place): the request's fault too, never the 500 of an unknown error.
+  if (isPromptError(error)) return { kind: 'fatal', error: new ModelArgumentError(error.message) };
   // Before the connection errors: a download that failed to connect says "fetch failed" too.
   const download = findInChain(error, (e): e is DownloadError => DownloadError.isInstance(e));
   if (download) return { kind: 'fatal', error: new ModelDownloadError(download.message) };
@@ -715,8 +723,21 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   if (error instanceof Error && (error.name === 'TypeError' || /ECONNRESET|ECONNREFUSED|socket|terminated|fetch failed/i.test(`${error.message} ${String(error.cause)}`))) {
     return { kind: 'retryable', error: new UpstreamError(`Upstream connection error: ${error.message}`) };
   }
+  // A stream's error event, as the SDK hands it on: the provider's error object (OpenAI's
+  // `{message, type, code}`), not an Error — the provider's failure, as the wire reads the same event.
+  if (!(error instanceof Error) && typeof (error as { message?: unknown } | null)?.message === 'string') {
+    return { kind: 'retryable', error: new UpstreamError(`Upstream error in the stream: ${(error as { message: string }).message}`) };
+  }
   return { kind: 'fatal', error: error instanceof Error ? error : new Error(String(error)) };
 }
+
+/** The SDK's refusals of a prompt it cannot convert (`convertToLanguageModelPrompt` and the providers' converters). */
+const isPromptError = (error: unknown): error is Error =>
+  MissingToolResultsError.isInstance(error) ||
+  InvalidPromptError.isInstance(error) ||
+  InvalidMessageRoleError.isInstance(error) ||
+  InvalidDataContentError.isInstance(error) ||
+  MessageConversionError.isInstance(error);
 
 /**
  * What a call its caller aborted throws: the caller's reason when it is an HttpError (the server
