@@ -627,7 +627,9 @@ describe('tools over the wire (openai-compatible)', () => {
     expect(server.log[0]!.headers['user-agent']).toBeDefined();
     const unanswered = [...WITH_TOOLS.messages.slice(0, 2), { role: 'user', content: 'And?' }] as ChatRequest['messages'];
     for (const request of threeWays({ ...WITH_TOOLS, messages: unanswered })) {
-      expect(await outcome(models.chat(request))).toEqual({ error: 'AI_MissingToolResultsError: Tool results are missing for tool calls c1, c2.' });
+      // The SDK's refusal, as the request's 400 in its words.
+      expect(await outcome(models.chat(request))).toEqual({ error: 'ModelArgumentError: Tool results are missing for tool calls c1, c2.' });
+      await expect(models.chat(request)).rejects.toMatchObject({ statusCode: 400 });
     }
     expect(server.log).toHaveLength(1);
   });

@@ -14,7 +14,7 @@ import {
 } from '../../src/modules/ai-models/model-manager.js';
 import { ProviderUnavailableError } from '../../src/modules/ai-models/providers.js';
 import type { ModelOverride } from '../../src/modules/ai-models/types.js';
-import { fakeEmbedding, FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
+import { fakeEmbedding, FakeModelServer, type FakeUsage, type ScriptedReply } from '../helpers/fake-model-server.js';
 import { fakeModelManager } from '../helpers/model-manager.js';
 
 const price = (input: string, output: string, cached?: string) => ({
@@ -825,6 +825,31 @@ describe('usage the provider did not report', () => {
       expect(result.usage.output, `call ${i}`).toBe(95);
       expect(result.usage.input, `call ${i}`).toBeGreaterThan(0); // the prompt's estimate
       expect(Number(result.cost), `call ${i}`).toBeGreaterThan(0);
+      expect(metered[i], `call ${i}`).toMatchObject({ status: 'success', estimated: true, tokens: result.usage, cost: result.cost });
+    }
+  });
+
+  it('usage whose counts are no counts (negative, null, one left out) is unknown, not zero: charged from an estimate, on every path', async () => {
+    const broken = [
+      { prompt_tokens: -100_000, completion_tokens: -100_000 },
+      { prompt_tokens: null, completion_tokens: null },
+      { prompt_tokens: 12, completion_tokens: null },
+    ] as unknown as FakeUsage[];
+    const m = manager();
+    const results = [];
+    for (const usage of broken) {
+      for (const extra of PATHS) {
+        server.script('fake-chat', { text: ANSWER, usage }, { text: ANSWER, usage });
+        results.push(await m.chat({ model: 'fake-chat', messages: hello, ...extra }));
+        const stream = m.stream({ model: 'fake-chat', messages: hello, ...extra });
+        for await (const _ of stream);
+        results.push(await stream.result);
+      }
+    }
+    const metered = await settled(results.length);
+    for (const [i, result] of results.entries()) {
+      expect(result.usage.output, `call ${i}`).toBe(95);
+      expect(result.usage.input, `call ${i}`).toBeGreaterThan(0);
       expect(metered[i], `call ${i}`).toMatchObject({ status: 'success', estimated: true, tokens: result.usage, cost: result.cost });
     }
   });

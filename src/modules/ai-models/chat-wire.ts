@@ -236,13 +236,14 @@ const isTextPart = (value: unknown): value is { text: string } =>
  * The SDK's reading of OpenAI usage (`convertOpenAICompatibleChatUsage`): missing counts are 0; no
  * usage at all is unknown (undefined), not zero: the manager then estimates it.
  */
+/** The answer's usage as it came: a count left out or of another type is passed on as it is, for the model manager to tell (`chargeableUsage`). */
 function usageOf(usage: OpenAIUsage | null | undefined): TokenUsage | undefined {
-  if (!usage) return undefined;
+  if (!usage || typeof usage !== 'object') return undefined;
   return {
-    input: usage.prompt_tokens ?? 0,
+    input: usage.prompt_tokens as number,
     cached_input: usage.prompt_tokens_details?.cached_tokens ?? 0,
     cache_write: 0,
-    output: usage.completion_tokens ?? 0,
+    output: usage.completion_tokens as number,
     reasoning: usage.completion_tokens_details?.reasoning_tokens ?? 0,
   };
 }

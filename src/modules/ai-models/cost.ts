@@ -128,6 +128,21 @@ export function countableUsage(usage: TokenUsage): TokenUsage {
   return { input: tokenCount(input), cached_input: tokenCount(cached_input), cache_write: tokenCount(cache_write), output: tokenCount(output), reasoning: tokenCount(reasoning) };
 }
 
+/** A count a provider may have meant: a number, finite, not below zero (a fraction is rounded, a huge one capped: `countableUsage`). */
+const isReportedCount = (value: unknown): boolean => typeof value === 'number' && Number.isFinite(value) && value >= 0;
+
+/**
+ * Usage a provider reported, as a call is charged for it: `countableUsage`, or undefined when its
+ * input or output count is missing or no count at all (null, negative, a string): such usage is
+ * unknown, not zero, so the call is charged from an estimate as one that reported none — a
+ * negative count clamped to 0 made the call free. Its details (cached, reasoning) only split
+ * those counts: one that is no count is 0.
+ */
+export function chargeableUsage(usage: TokenUsage | undefined): TokenUsage | undefined {
+  if (!usage || !isReportedCount(usage.input) || !isReportedCount(usage.output)) return undefined;
+  return countableUsage(usage);
+}
+
 /**
  * Cost of `usage` at `pricing` as a decimal string (e.g. `"0.000002500000"` → `"0.0000025"`:
  * trailing zeros dropped, never exponent notation). `input` counts cached reads and cache writes,

@@ -48,7 +48,7 @@ import { CallerAbort, type CallerSignal } from './abort.js';
 import { STREAM_ANSWER, vectorsAnswer } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
 import { type AbortLike, type ChatWire, toolCallOf, type WireCall, wireMessages, type WireTool, type WireToolChoice } from './chat-wire.js';
-import { computeCost, countableUsage, estimateCost } from './cost.js';
+import { chargeableUsage, computeCost, estimateCost } from './cost.js';
 import { CLIENT_FAULT_UPSTREAM, ModelAnswerError, ModelAnswerLimitError, ModelArgumentError, ModelCallAbortedError, ModelCapabilityError, ModelDownloadError, ModelNotFoundError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
@@ -301,15 +301,26 @@ function mediaAllowance(messages: ModelMessage[] | undefined): number {
 }
 
 /** The SDK's usage; undefined when the provider reported none (the SDK leaves both counts undefined then). */
+/** The SDK's usage as the provider reported it: a count it left out stays out (`chargeableUsage` then estimates the call). */
 function toTokenUsage(usage: LanguageModelUsage | undefined): TokenUsage | undefined {
-  if (usage?.inputTokens === undefined && usage?.outputTokens === undefined) return undefined;
+  if (usage?.inputTokens === undefined || usage.outputTokens === undefined || leavesCountOut(usage.raw)) return undefined;
   return {
-    input: usage.inputTokens ?? 0,
+    input: usage.inputTokens,
     cached_input: usage.inputTokenDetails?.cacheReadTokens ?? 0,
     cache_write: usage.inputTokenDetails?.cacheWriteTokens ?? 0,
-    output: usage.outputTokens ?? 0,
+    output: usage.outputTokens,
     reasoning: usage.outputTokenDetails?.reasoningTokens ?? 0,
   };
+}
+
+/**
+ * The SDK reads a count that OpenAI-style usage left out, or sent as null, as 0: told apart by the
+ * usage as it came (other providers' usage has other names, and is taken as the SDK read it).
+ */
+function leavesCountOut(raw: unknown): boolean {
+  if (!raw || typeof raw !== 'object' || !('prompt_tokens' in raw || 'completion_tokens' in raw)) return false;
+  const { prompt_tokens: input, completion_tokens: output } = raw as Record<string, unknown>;
+  return typeof input !== 'number' || typeof output !== 'number';
 }
 
 /** What a call is charged for when its provider reported no usage: the prompt's estimate and the output's (estimateTextTokens). */
@@ -1202,7 +1213,8 @@ export class ModelManager {
   /** The outcome and what was said in one object literal: no spreads, on every chat call. */
   private chatResult(model: ModelInfo, state: AttemptState, started: number, said: Said, finishReason: string, firstTokenMs: number | null): ChatResult {
     // A streamed answer's output was counted part by part as it came (`seen`), kept or not.
-    if (state.usage === undefined && !state.streamed) state.outputTokens = saidTokens(said);
+    // Usage that is no usage (a count missing, negative) is estimated as none reported.
+    if (chargeableUsage(state.usage) === undefined && !state.streamed) state.outputTokens = saidTokens(said);
     const { usage, cost } = this.price(model, state);
     return {
       model: model.id,
@@ -1224,11 +1236,12 @@ export class ModelManager {
    * provider that reported no usage is not a free call: its usage is estimated (and so marked).
    */
   private price(model: ModelInfo, state: AttemptState): { usage: TokenUsage; cost: string } {
-    if (state.usage === undefined) {
-      state.usage = estimatedUsage(state);
+    let usage = chargeableUsage(state.usage);
+    if (usage === undefined) {
+      usage = estimatedUsage(state);
       state.estimated = true;
     }
-    const usage = (state.usage = countableUsage(state.usage));
+    state.usage = usage;
     return (state.priced = { usage, cost: computeCost(model.pricing, usage) });
   }
 
@@ -1276,8 +1289,9 @@ export class ModelManager {
         // estimated. So has one aborted while its request was upstream: the provider has the prompt
         // (and may go on answering a non-streamed call), so a caller that goes away before the
         // answer is charged for the prompt, not let off free.
-        const estimated = state.estimated || (state.usage === undefined && (state.streamed || abortedUpstream));
-        const tokens = state.usage ? countableUsage(state.usage) : estimated ? estimatedUsage(state) : { ...ZERO_USAGE };
+        const reported = chargeableUsage(state.usage);
+        const estimated = state.estimated || (reported === undefined && (state.streamed || abortedUpstream));
+        const tokens = reported ?? (estimated ? estimatedUsage(state) : { ...ZERO_USAGE });
         const record: UsageRecord = {
           operation,
           model: model.id,
