@@ -63,7 +63,7 @@ const ImagePart = z.object({
   // Anything else would be taken for base64 data and sent on as an image, or refused by the SDK (a 500).
   image_url: z.object({
     url: z.string().refine(isImageUrl, { error: 'Expected an http(s) URL or a data URL of an image in base64 (data:image/png;base64,…)' }),
-    detail: z.enum(['auto', 'low', 'high']).optional(),
+    detail: z.enum(['auto', 'low', 'high']).nullish(),
   }),
 });
 const RefusalPart = z.object({ type: z.literal('refusal'), refusal: z.string() });
@@ -76,18 +76,18 @@ const ToolCallIn = z.object({
   function: z.object({ name: z.string().min(1), arguments: z.string() }),
 });
 
-const SystemMessage = z.object({ role: z.enum(['system', 'developer']), content: TextContent, name: z.string().optional() });
+const SystemMessage = z.object({ role: z.enum(['system', 'developer']), content: TextContent, name: z.string().nullish() });
 const UserMessage = z.object({
   role: z.literal('user'),
   content: z.union([z.string(), z.array(z.discriminatedUnion('type', [TextPart, ImagePart]))]),
-  name: z.string().optional(),
+  name: z.string().nullish(),
 });
 const AssistantMessage = z.object({
   role: z.literal('assistant'),
   content: z.union([z.string(), z.array(z.discriminatedUnion('type', [TextPart, RefusalPart]))]).nullish(),
-  tool_calls: z.array(ToolCallIn).optional(),
+  tool_calls: z.array(ToolCallIn).nullish(),
   refusal: z.string().nullish(),
-  name: z.string().optional(),
+  name: z.string().nullish(),
 });
 const ToolMessage = z.object({ role: z.literal('tool'), content: TextContent, tool_call_id: z.string().min(1) });
 
@@ -108,8 +108,8 @@ const FunctionTool = z.object({
   type: z.literal('function'),
   function: z.object({
     name: z.string().regex(/^[\w-]{1,64}$/, { error: 'A function name is 1 to 64 letters, digits, _ or -' }),
-    description: z.string().optional(),
-    parameters: FreeFormObject.optional(),
+    description: z.string().nullish(),
+    parameters: FreeFormObject.nullish(),
     strict: z.boolean().nullish(),
   }),
 });
@@ -148,10 +148,10 @@ export const ChatCompletionRequest = z
     messages: z.array(ChatMessage).min(1),
     stream: z.boolean().nullish(),
     stream_options: z.object({ include_usage: z.boolean().optional() }).nullish(),
-    tools: z.array(FunctionTool).max(128).optional(),
-    tool_choice: ToolChoice.optional(),
-    parallel_tool_calls: z.boolean().optional(),
-    response_format: ResponseFormat.optional(),
+    tools: z.array(FunctionTool).max(128).nullish(),
+    tool_choice: ToolChoice.nullish(),
+    parallel_tool_calls: z.boolean().nullish(),
+    response_format: ResponseFormat.nullish(),
     n: z.literal(1, { error: 'Only n=1 is supported' }).nullish(),
     max_tokens: MaxTokens,
     max_completion_tokens: MaxTokens,
@@ -175,6 +175,7 @@ export const ChatCompletionRequest = z
   .superRefine(({ tools, tool_choice: choice }, ctx) => {
     // A choice that asks for a tool call needs tools to call (the SDK would drop it without a word
     // and the model answer in text); `none` and `auto` mean the same with or without them.
+    if (choice === null || choice === undefined) return;
     if (typeof choice !== 'object') {
       if (choice === 'required' && !tools?.length) ctx.addIssue({ code: 'custom', path: ['tool_choice'], message: '`required` needs `tools` to choose from' });
       return;

@@ -125,7 +125,7 @@ function conversationOf(ctx: ServiceContext, messages: readonly ChatMessage[]): 
 /** Request fields an agent has its own answer to. */
 function refuseAgentOverrides(body: ChatCompletionRequest): void {
   if (body.tools?.length) throw new InvalidRequestError('An agent model calls the agent\'s own tools: remove tools (or change the agent\'s tools)', 'tools');
-  if (body.tool_choice !== undefined) throw new InvalidRequestError('An agent model calls the agent\'s own tools: remove tool_choice', 'tool_choice');
+  if (body.tool_choice !== undefined && body.tool_choice !== null) throw new InvalidRequestError('An agent model calls the agent\'s own tools: remove tool_choice', 'tool_choice');
   if (body.response_format && body.response_format.type !== 'text') throw new InvalidRequestError('An agent model answers in text: remove response_format', 'response_format');
 }
 

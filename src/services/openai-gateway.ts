@@ -151,13 +151,13 @@ function toTools(tools: ChatCompletionRequest['tools']): ToolSet | undefined {
   const set = Object.create(null) as ToolSet;
   tools.forEach(({ function: fn }, index) => {
     if (Object.hasOwn(set, fn.name)) throw new InvalidRequestError(`tools has two functions named ${fn.name}; each needs a name of its own`, `tools[${index}].function.name`);
-    set[fn.name] = { description: fn.description, inputSchema: jsonSchema((fn.parameters as JSONSchema7 | undefined) ?? EMPTY_PARAMETERS) };
+    set[fn.name] = { description: fn.description ?? undefined, inputSchema: jsonSchema((fn.parameters as JSONSchema7 | null | undefined) ?? EMPTY_PARAMETERS) };
   });
   return set;
 }
 
 function toToolChoice(choice: ChatCompletionRequest['tool_choice'], tools: ToolSet | undefined): ToolChoice<ToolSet> | undefined {
-  if (choice === undefined) return undefined;
+  if (choice === null || choice === undefined) return undefined;
   if (typeof choice === 'string') return choice;
   if (!tools || !Object.hasOwn(tools, choice.function.name)) {
     throw new InvalidRequestError(`tool_choice names ${choice.function.name}, which is not in tools`, 'tool_choice');

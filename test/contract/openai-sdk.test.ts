@@ -312,6 +312,29 @@ describe('chat completions', () => {
     expect(fake.log).toEqual([]);
   });
 
+  it('takes null for every optional field, as clients that echo an earlier answer (tool_calls: null) send it', async () => {
+    fake.script('fake-chat', { text: 'ok' });
+    const body = {
+      model: 'fake-chat',
+      messages: [
+        { role: 'system', content: 'Be brief.', name: null },
+        { role: 'user', content: [{ type: 'image_url', image_url: { url: 'data:image/png;base64,iVBORw0KGgo=', detail: null } }, { type: 'text', text: 'Hi' }], name: null },
+        { role: 'assistant', content: 'Hello', tool_calls: null, refusal: null, name: null },
+        { role: 'user', content: 'Again' },
+      ],
+      tools: null,
+      tool_choice: null,
+      parallel_tool_calls: null,
+      response_format: null,
+    };
+    const answer = await client.chat.completions.create(body as never);
+    expect(answer.choices[0]?.message.content).toBe('ok');
+    fake.script('fake-chat', { text: 'ok' });
+    const described = { type: 'function', function: { name: 'weather', description: null, parameters: null } };
+    await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], tools: [described] } as never);
+    expect(fake.requestsFor('fake-chat')[1]?.body).toMatchObject({ tools: [{ type: 'function', function: { name: 'weather', parameters: { type: 'object', properties: {} } } }] });
+  });
+
   it('refuses a tool_choice that asks for a call no tool can answer, and metadata past 16 pairs, with 400 naming the param', async () => {
     const messages = [{ role: 'user' as const, content: 'Hi' }];
     const weather = { type: 'function' as const, function: { name: 'weather', parameters: { type: 'object', properties: {} } } };
