@@ -1,4 +1,4 @@
-import { eq } from 'drizzle-orm';
+import { and, asc, eq } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 
@@ -46,4 +46,14 @@ export async function insert(db: Db, modelId: string, fields: OverrideFields): P
 
 export async function removeByModelId(db: Db, modelId: string): Promise<void> {
   await db.delete(modelOverrides).where(eq(modelOverrides.model_id, modelId));
+}
+
+/** The models (ids) whose row names `provider` as theirs: custom models, and built-in ones moved to it. */
+export async function modelIdsOfProvider(db: Db, provider: string): Promise<string[]> {
+  const rows = await db
+    .select({ model_id: modelOverrides.model_id })
+    .from(modelOverrides)
+    .where(and(eq(modelOverrides.provider, provider), eq(modelOverrides.deleted, false)))
+    .orderBy(asc(modelOverrides.model_id));
+  return rows.map((row) => row.model_id);
 }

@@ -17,8 +17,10 @@ export const providersRouter: FastifyPluginAsyncZod = async (app) => {
     tags: ['models'],
     schemas: { create: ProviderCreate, update: ProviderUpdate, public: ProviderPublic },
     service: providerService(app.models),
+    errors: { delete: [409] },
     descriptions: {
       create: 'Superusers only. The API key and headers are stored encrypted and never returned; `name` is what models refer to as their provider. 409 when the name is taken.',
+      delete: 'Superusers only. 409 while models name it as their provider (delete them or move them to another provider first).',
     },
   });
 };

@@ -6,19 +6,36 @@ import { Id, Timestamp } from './common.js';
 /** How models name the provider: lower case, digits, `-`, `_`, `.` (`ollama`, `openrouter`). */
 const ProviderName = z.string().regex(/^[a-z0-9][a-z0-9._-]{0,63}$/, { error: 'Use lower-case letters, digits, ".", "_" or "-" (at most 64)' });
 const BaseUrl = z.url({ protocol: /^https?$/ }).max(2048);
+/**
+ * Headers the HTTP client writes itself, from the request it sends: one of these set here would
+ * contradict them (a wrong length, another host), and every call to the provider would fail.
+ */
+const FRAMING_HEADERS = new Set(['host', 'content-length', 'transfer-encoding', 'connection', 'keep-alive', 'upgrade', 'expect', 'te', 'trailer', 'proxy-connection']);
 const HeaderName = z
   .string()
   .regex(/^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$/, { error: 'Not an HTTP header name' })
   // Keel's own: the model manager tells the SDK's fetch what answer to expect in one (answer-limit.ts).
-  .refine((name) => !name.toLowerCase().startsWith('x-keel-'), { error: 'Header names starting with x-keel- are reserved for Keel' });
-const Headers = z.record(HeaderName, z.string().max(8192)).refine((headers) => Object.keys(headers).length <= 20, { error: 'At most 20 headers' });
+  .refine((name) => !name.toLowerCase().startsWith('x-keel-'), { error: 'Header names starting with x-keel- are reserved for Keel' })
+  .refine((name) => !FRAMING_HEADERS.has(name.toLowerCase()), { error: 'The HTTP client sets this header itself' });
+/** What an HTTP header's value may hold: no line breaks or other control characters (the client refuses them), no characters past Latin-1. */
+const HeaderValue = z
+  .string()
+  .max(8192)
+  .regex(/^[\t\x20-\x7e\x80-\xff]*$/, { error: 'A header value holds no line breaks, control characters or characters past Latin-1' });
+const Headers = z.record(HeaderName, HeaderValue).refine((headers) => Object.keys(headers).length <= 20, { error: 'At most 20 headers' });
 
 const ProviderFields = {
   kind: z.enum(PROVIDER_KINDS),
   /** Default: the SDK's own (OpenAI, Anthropic, Google); required for `openai-compatible`. */
   base_url: BaseUrl.nullable(),
   /** Stored sealed, never returned; null removes it. */
-  api_key: z.string().min(1).max(4096).nullable(),
+  api_key: z
+    .string()
+    .min(1)
+    .max(4096)
+    // It travels in a header (Authorization, x-api-key): a space or line break in it (a key pasted with its newline) fails every call.
+    .regex(/^[\x21-\x7e]+$/, { error: 'An API key is visible ASCII characters: no spaces or line breaks' })
+    .nullable(),
   /** Sent with every request (sealed like the key; only their names are returned). */
   headers: Headers.nullable(),
   enabled: z.boolean(),

@@ -1,9 +1,12 @@
 import { randomUUID } from 'node:crypto';
 
+import { ConflictError } from '../core/errors.js';
+
 import type { ProviderRow } from '../models/index.js';
 
 import type { ProviderCreate, ProviderPublic, ProviderUpdate } from '../schemas/provider.js';
 
+import * as overrideCrud from '../crud/model-override.js';
 import type { Page } from '../crud/page.js';
 import { providerCrud } from '../crud/provider.js';
 import type { ModelManager } from '../modules/ai-models/index.js';
@@ -66,8 +69,18 @@ export function providerService(models: ModelManager) {
       return toPublic(ctx, row);
     },
 
+    /**
+     * 409 while models name it (custom models, built-in ones moved to it): they would answer 503
+     * from then on, as its name cannot be changed for them to follow.
+     */
     async remove(ctx: ServiceContext, id: string) {
       ensureSuperuser(ctx.principal);
+      const row = await providerCrud.getVisible(ctx.db, ctx.principal, id);
+      const used = await overrideCrud.modelIdsOfProvider(ctx.db, row.name);
+      if (used.length) {
+        const named = used.slice(0, 10).join(', ') + (used.length > 10 ? ` and ${used.length - 10} more` : '');
+        throw new ConflictError(`Provider ${row.name} is used by ${used.length === 1 ? 'model' : 'models'} ${named}: delete them or move them to another provider first`);
+      }
       await providerCrud.remove(ctx.db, ctx.principal, id);
       ctx.log.info({ provider_id: id }, 'Provider deleted');
       await reload(ctx);

@@ -64,6 +64,18 @@ describe('/providers', () => {
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', base_url: 'ftp://example.com' }), ['body', 'base_url']);
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'bad header': 'v' } }), ['body', 'headers', 'bad header']);
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'X-Keel-Answer': 'stream' } }), ['body', 'headers', 'X-Keel-Answer']);
+    // What would make every call to the provider fail: a value the HTTP client refuses, a header it writes itself, a key that cannot travel in a header.
+    for (const value of ['v\r\nX-Injected: 1', 'v\n', 'nul\u0000', 'snow ☃']) {
+      expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'X-A': value } }), ['body', 'headers', 'X-A']);
+    }
+    for (const name of ['Host', 'content-length', 'Transfer-Encoding', 'Connection']) {
+      expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { [name]: '5' } }), ['body', 'headers', name]);
+    }
+    expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', api_key: 'sk-pasted\n' }), ['body', 'api_key']);
+    expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', api_key: 'sk two' }), ['body', 'api_key']);
+    const kept = await createProvider({ name: 'header-checks', kind: 'openai', headers: { 'X-Tab': 'a\tb', 'X-Latin': 'café' } });
+    expectValidationError(await api('PATCH', `/providers/${kept.id}`, admin, { headers: { 'X-A': 'v\r\nX-Injected: 1' } }), ['body', 'headers', 'X-A']);
+    expect((await api('DELETE', `/providers/${kept.id}`, admin)).statusCode).toBe(200);
   });
 
   it('keeps the API key and headers sealed: never in an answer, never in clear in the table', async () => {
@@ -145,5 +157,19 @@ describe('/providers', () => {
     await api('PATCH', `/providers/${provider.id}`, admin, { enabled: false });
     expect(ctx.app.models.getModel('fake-chat')).toMatchObject({ available: false, unavailable_reason: 'Provider fake is disabled' });
     await expect(ctx.app.models.chat({ model: 'fake-chat', messages: [{ role: 'user', content: 'hello' }] })).rejects.toThrow('Provider fake is disabled');
+  });
+
+  it('refuses with 409 to delete a provider that models name (custom, or a built-in moved to it), and deletes it once none does', async () => {
+    const provider = await createProvider({ name: 'in-use', kind: 'openai-compatible', base_url: fake.url });
+    const pricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' };
+    expect((await api('POST', '/models', admin, { id: 'in-use-chat', provider: 'in-use', pricing })).statusCode).toBe(200);
+    expect((await api('PATCH', '/models/gpt-4.1-nano', admin, { provider: 'in-use' })).statusCode).toBe(200);
+    const refused = await api('DELETE', `/providers/${provider.id}`, admin);
+    expect(refused.statusCode).toBe(409);
+    expect(refused.json<{ detail: string }>().detail).toBe('Provider in-use is used by models gpt-4.1-nano, in-use-chat: delete them or move them to another provider first');
+    expect((await api('GET', `/providers/${provider.id}`, admin)).statusCode).toBe(200);
+    expect((await api('DELETE', '/models/in-use-chat', admin)).statusCode).toBe(200);
+    expect((await api('PATCH', '/models/gpt-4.1-nano', admin, { provider: 'openai' })).statusCode).toBe(200);
+    expect((await api('DELETE', `/providers/${provider.id}`, admin)).statusCode).toBe(200);
   });
 });
