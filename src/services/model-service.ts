@@ -1,4 +1,4 @@
-import { NotFoundError } from '../core/errors.js';
+import { NotFoundError, UnprocessableError, type ValidationIssue } from '../core/errors.js';
 
 import type { ModelCreate, ModelUpdate } from '../schemas/model.js';
 
@@ -6,6 +6,7 @@ import * as overrideCrud from '../crud/model-override.js';
 import * as providerCrud from '../crud/provider.js';
 import { isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
 import type { ModelManager, ModelView } from '../modules/ai-models/index.js';
+import type { Capability } from '../modules/ai-models/types.js';
 import { ensureSuperuser } from '../utils/authentication.js';
 import type { ServiceContext } from './context.js';
 import { refreshModels } from './model-sync.js';
@@ -33,6 +34,27 @@ async function checkProvider(ctx: ServiceContext, provider: string | undefined):
   if (!(await providerCrud.getByName(ctx.db, provider))) throw new NotFoundError(`Provider ${provider} not found`);
 }
 
+/** What a fallback must do when its model does: the operations a call makes. */
+const STAND_IN_FOR: readonly Capability[] = ['chat', 'embedding'];
+
+/**
+ * Each fallback must be a model that can stand in for `id` when its calls fail: one the catalog
+ * knows, not the model itself, able to do what the model does (chat, embeddings). The call path
+ * skips any other without a word; a mistake here would only show when the model fails. 422 naming each.
+ */
+function checkFallbacks(models: ModelManager, id: string, capabilities: readonly Capability[], fallbacks: readonly string[] | undefined): void {
+  const issues: ValidationIssue[] = [];
+  fallbacks?.forEach((name, i) => {
+    const issue = (msg: string) => issues.push({ loc: ['body', 'fallbacks', i], msg, type: 'value_error' });
+    const fallback = models.getModel(name);
+    if (name === id || fallback?.id === id) return issue('A model cannot be its own fallback');
+    if (!fallback) return issue(`Unknown model ${JSON.stringify(name)}; GET /models lists the catalog`);
+    const missing = STAND_IN_FOR.filter((can) => capabilities.includes(can) && !fallback.capabilities.includes(can));
+    if (missing.length) issue(`Model ${JSON.stringify(fallback.id)} cannot stand in: it lacks ${missing.join(' and ')}`);
+  });
+  if (issues.length) throw new UnprocessableError(issues);
+}
+
 async function changed(ctx: ServiceContext, models: ModelManager, id: string): Promise<ModelView> {
   await refreshModels(models, ctx.db, ctx.settings, ctx.log);
   return get(models, id);
@@ -45,6 +67,7 @@ async function changed(ctx: ServiceContext, models: ModelManager, id: string): P
 export async function create(ctx: ServiceContext, models: ModelManager, input: ModelCreate): Promise<ModelView> {
   ensureSuperuser(ctx.principal);
   const { id, ...fields } = input;
+  checkFallbacks(models, id, fields.capabilities ?? models.getModel(id)?.capabilities ?? ['chat'], fields.fallbacks);
   await checkProvider(ctx, fields.provider);
   const row = { ...overrideCrud.NO_OVERRIDE, ...fields, deleted: false };
   const existing = await overrideCrud.getByModelId(ctx.db, id);
@@ -57,7 +80,8 @@ export async function create(ctx: ServiceContext, models: ModelManager, input: M
 /** Changes the given fields of a model (by id or alias); a built-in one gets its override row. */
 export async function update(ctx: ServiceContext, models: ModelManager, idOrAlias: string, input: ModelUpdate): Promise<ModelView> {
   ensureSuperuser(ctx.principal);
-  const { id } = get(models, idOrAlias);
+  const { id, capabilities } = get(models, idOrAlias);
+  checkFallbacks(models, id, input.capabilities ?? capabilities, input.fallbacks);
   await checkProvider(ctx, input.provider);
   await overrideCrud.upsert(ctx.db, id, input);
   ctx.log.info({ model: id, fields: Object.keys(input) }, 'Model updated');

@@ -171,6 +171,22 @@ describe('superuser changes', () => {
     expect((await api('DELETE', '/models/meta-llama%2Fllama-3-70b', admin)).statusCode).toBe(200);
   });
 
+  it('refuses fallbacks that could not stand in (unknown, the model itself, another kind) with 422 naming each; takes one by alias', async () => {
+    const refused = await api('POST', '/models', admin, { ...CUSTOM, id: 'with-fallbacks', aliases: [], fallbacks: ['gpt-4.1-mini', 'no-such-model', 'with-fallbacks', 'text-embedding-3-small'] });
+    const issues = expectValidationError(refused, ['body', 'fallbacks', 1]).detail;
+    expect(issues.map((issue) => [issue.loc, issue.msg])).toEqual([
+      [['body', 'fallbacks', 1], 'Unknown model "no-such-model"; GET /models lists the catalog'],
+      [['body', 'fallbacks', 2], 'A model cannot be its own fallback'],
+      [['body', 'fallbacks', 3], 'Model "text-embedding-3-small" cannot stand in: it lacks chat'],
+    ]);
+    expectValidationError(await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: ['gpt-4.1-2025-04-14'] }), ['body', 'fallbacks', 0]);
+    expectValidationError(await api('PATCH', '/models/text-embedding-3-small', admin, { fallbacks: ['gpt-4.1'] }), ['body', 'fallbacks', 0]);
+    const taken = await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: ['gpt-4.1-mini-2025-04-14'] });
+    expect(taken.statusCode, taken.body).toBe(200);
+    expect(taken.json<ModelBody>().fallbacks).toEqual(['gpt-4.1-mini-2025-04-14']);
+    expect((await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: [] })).statusCode).toBe(200);
+  });
+
   it('refuses a custom model for a provider that does not exist (404)', async () => {
     const response = await api('POST', '/models', admin, { ...CUSTOM, id: 'orphan', provider: 'nowhere' });
     expect(response.statusCode).toBe(404);
