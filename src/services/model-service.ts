@@ -4,7 +4,7 @@ import type { ModelCreate, ModelUpdate } from '../schemas/model.js';
 
 import * as overrideCrud from '../crud/model-override.js';
 import * as providerCrud from '../crud/provider.js';
-import { isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
+import { builtinModel, isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
 import type { ModelManager, ModelView } from '../modules/ai-models/index.js';
 import type { Capability } from '../modules/ai-models/types.js';
 import { ensureSuperuser } from '../utils/authentication.js';
@@ -46,7 +46,7 @@ function checkFallbacks(models: ModelManager, id: string, capabilities: readonly
   const issues: ValidationIssue[] = [];
   fallbacks?.forEach((name, i) => {
     const issue = (msg: string) => issues.push({ loc: ['body', 'fallbacks', i], msg, type: 'value_error' });
-    const fallback = models.getModel(name);
+    const fallback = models.modelAsCalled(name);
     if (name === id || fallback?.id === id) return issue('A model cannot be its own fallback');
     if (!fallback) return issue(`Unknown model ${JSON.stringify(name)}; GET /models lists the catalog`);
     const missing = STAND_IN_FOR.filter((can) => capabilities.includes(can) && !fallback.capabilities.includes(can));
@@ -67,7 +67,8 @@ async function changed(ctx: ServiceContext, models: ModelManager, id: string): P
 export async function create(ctx: ServiceContext, models: ModelManager, input: ModelCreate): Promise<ModelView> {
   ensureSuperuser(ctx.principal);
   const { id, ...fields } = input;
-  checkFallbacks(models, id, fields.capabilities ?? models.getModel(id)?.capabilities ?? ['chat'], fields.fallbacks);
+  // A built-in's own (a hidden one is not in the catalog), else a custom model's default.
+  checkFallbacks(models, id, fields.capabilities ?? builtinModel(id)?.capabilities ?? ['chat'], fields.fallbacks);
   await checkProvider(ctx, fields.provider);
   const row = { ...overrideCrud.NO_OVERRIDE, ...fields, deleted: false };
   const existing = await overrideCrud.getByModelId(ctx.db, id);

@@ -156,12 +156,10 @@ function toTools(tools: ChatCompletionRequest['tools']): ToolSet | undefined {
   return set;
 }
 
-function toToolChoice(choice: ChatCompletionRequest['tool_choice'], tools: ToolSet | undefined): ToolChoice<ToolSet> | undefined {
+/** The schema has checked that a function named here is one of `tools`. */
+function toToolChoice(choice: ChatCompletionRequest['tool_choice']): ToolChoice<ToolSet> | undefined {
   if (choice === null || choice === undefined) return undefined;
   if (typeof choice === 'string') return choice;
-  if (!tools || !Object.hasOwn(tools, choice.function.name)) {
-    throw new InvalidRequestError(`tool_choice names ${choice.function.name}, which is not in tools`, 'tool_choice');
-  }
   return { type: 'tool', toolName: choice.function.name };
 }
 
@@ -183,7 +181,7 @@ export function toChatRequest(body: ChatCompletionRequest, context: CallContext,
     model: body.model,
     messages: toModelMessages(body.messages),
     tools,
-    toolChoice: toToolChoice(body.tool_choice, tools),
+    toolChoice: toToolChoice(body.tool_choice),
     maxOutputTokens: orUndefined(body.max_completion_tokens ?? body.max_tokens),
     temperature: orUndefined(body.temperature),
     topP: orUndefined(body.top_p),

@@ -45,6 +45,8 @@ export interface ScriptedReply {
   toolCalls?: FakeToolCall[];
   /** null: the answer reports no usage (no `usage` field, no usage chunk), as some servers do. */
   usage?: FakeUsage | null;
+  /** The answer's `usage` object as it is, instead of one made from `usage` (counts left out: `{}`, `{total_tokens: 57}`). */
+  rawUsage?: unknown;
   /** Answer 200 with this body as it is, for a stream or not, or embeddings (a body that is no JSON, a broken stream, vectors out of order). */
   rawBody?: string;
   /** After the answer (a stream's `[DONE]` included), keep the connection open: for good, or this many ms before ending the response. */
@@ -339,6 +341,7 @@ export class FakeModelServer {
   }
 
   private usageOf(reply: ScriptedReply) {
+    if (reply.rawUsage !== undefined) return reply.rawUsage;
     const u = reply.usage ?? { prompt_tokens: 0, completion_tokens: 0 };
     return {
       prompt_tokens: u.prompt_tokens,

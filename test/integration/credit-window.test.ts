@@ -367,15 +367,15 @@ describe('credit windows', () => {
     expect(await usageRows(user)).toBe(6);
   });
 
-  it('usage a provider reports in counts that are not token counts (a fraction, a negative) is recorded and charged as whole tokens', async () => {
+  it('usage a provider reports in counts that are not token counts is charged as whole tokens (a fraction) or from an estimate (a negative: no count)', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');
     fake.script('fake-billed', { text: 'ok', usage: { prompt_tokens: 1, completion_tokens: 2.5 } }, { text: 'ok', usage: { prompt_tokens: 1, completion_tokens: -1 } });
     await ctx.app.models.chat(billed(user));
     await ctx.app.models.chat(billed(user));
-    // 2.5 output tokens count as 3, −1 as none; each call settled (nothing left held).
-    await expectSettled(user, 1000 - 3);
-    expect(await usageEntries(user)).toBe(1);
+    // 2.5 output tokens count as 3; −1 is no count, so the answer's estimate (1 token for "ok"); each call settled (nothing left held).
+    await expectSettled(user, 1000 - 3 - 1);
+    expect(await usageEntries(user)).toBe(2);
     expect(await usageRows(user)).toBe(2);
   });
 

@@ -14,7 +14,7 @@ import {
 } from '../../src/modules/ai-models/model-manager.js';
 import { ProviderUnavailableError } from '../../src/modules/ai-models/providers.js';
 import type { ModelOverride } from '../../src/modules/ai-models/types.js';
-import { fakeEmbedding, FakeModelServer, type FakeUsage, type ScriptedReply } from '../helpers/fake-model-server.js';
+import { fakeEmbedding, FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
 import { fakeModelManager } from '../helpers/model-manager.js';
 
 const price = (input: string, output: string, cached?: string) => ({
@@ -304,12 +304,25 @@ describe('ModelManager.chat', () => {
     expect(snapshot).toMatchObject({ text: 'snapshot', model: 'gpt-4.1-mini-2025-04-14', provider: 'openai', cost: '0.0017' });
     server.script('gpt-5-chat-latest', { text: 'variant' });
     expect((await m.chat({ model: 'gpt-5-chat-latest', messages: hello })).model).toBe('gpt-5-chat-latest');
+    // Another spelling, and a name that is no API model (o4-mini asked to reason hard): the entry's id.
     server.script('gpt-5.1', { text: 'respelled' });
     expect((await m.chat({ model: 'gpt-5-1', messages: hello })).model).toBe('gpt-5.1');
-    expect(server.log.map((entry) => entry.model)).toEqual(['gpt-4.1-mini-2025-04-14', 'gpt-5-chat-latest', 'gpt-5.1']);
+    server.script('o4-mini', { text: 'reasoned' });
+    expect((await m.chat({ model: 'o4-mini-high', messages: hello })).model).toBe('o4-mini');
+    expect(server.log.map((entry) => entry.model)).toEqual(['gpt-4.1-mini-2025-04-14', 'gpt-5-chat-latest', 'gpt-5.1', 'o4-mini']);
     // The catalog entry still answers for the snapshot's id (GET /models/{id}); the call's model is the snapshot, at the entry's price.
     expect(m.getModel('gpt-4.1-mini-2025-04-14')?.id).toBe('gpt-4.1-mini');
     expect(m.modelAsCalled('gpt-4.1-mini-2025-04-14')).toMatchObject({ id: 'gpt-4.1-mini-2025-04-14', pricing: m.getModel('gpt-4.1-mini')!.pricing });
+    expect(m.modelAsCalled('gpt-4o-mini-search-preview-2025-03-11')?.id).toBe('gpt-4o-mini'); // a variant the catalog leaves out
+  });
+
+  it('falls back to a pinned snapshot as it is named', async () => {
+    const catalog = new ModelCatalog(builtins, [...CUSTOM_MODELS, { id: 'gpt-4.1', fallbacks: ['gpt-4.1-mini-2025-04-14'] }]);
+    const m = manager({ catalog, maxRetries: 0 }, { OPENAI_API_KEY: 'sk-test' });
+    server.script('gpt-4.1', { status: 500 });
+    server.script('gpt-4.1-mini-2025-04-14', { text: 'fallback' });
+    expect(await m.chat({ model: 'gpt-4.1', messages: hello })).toMatchObject({ text: 'fallback', model: 'gpt-4.1-mini-2025-04-14' });
+    expect(server.log.map((entry) => entry.model)).toEqual(['gpt-4.1', 'gpt-4.1-mini-2025-04-14']);
   });
 
   it("tells the openai provider what the request asks of it as its own options: a loose schema, reasoning effort, the end user, one tool call at a time", async () => {
@@ -665,7 +678,7 @@ describe('a conversation the SDK cannot convert, an error event in a stream', ()
       const failure = await streamFailure(manager().stream({ model: 'fake-chat', messages: hello, ...extra }));
       expect(failure, path).toBeInstanceOf(UpstreamError);
       expect(failure, path).toMatchObject({ statusCode: 502 });
-      expect((failure as Error).message, path).toContain('overloaded mid stream');
+      expect((failure as Error).message, path).toBe('Upstream error in the stream: overloaded mid stream'); // the same words on every path
       expect(server.log, path).toHaveLength(1); // text reached the caller: no retry, no fallback
     }
   });
@@ -834,12 +847,15 @@ describe('usage the provider did not report', () => {
       { prompt_tokens: -100_000, completion_tokens: -100_000 },
       { prompt_tokens: null, completion_tokens: null },
       { prompt_tokens: 12, completion_tokens: null },
-    ] as unknown as FakeUsage[];
+      { prompt_tokens: 12 },
+      { total_tokens: 57 },
+      {},
+    ];
     const m = manager();
     const results = [];
-    for (const usage of broken) {
+    for (const rawUsage of broken) {
       for (const extra of PATHS) {
-        server.script('fake-chat', { text: ANSWER, usage }, { text: ANSWER, usage });
+        server.script('fake-chat', { text: ANSWER, rawUsage }, { text: ANSWER, rawUsage });
         results.push(await m.chat({ model: 'fake-chat', messages: hello, ...extra }));
         const stream = m.stream({ model: 'fake-chat', messages: hello, ...extra });
         for await (const _ of stream);

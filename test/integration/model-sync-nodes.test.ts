@@ -84,7 +84,9 @@ describe.runIf(Boolean(process.env.DATABASE_URL))('model catalog across nodes on
     const { id } = providers.json<{ data: { id: string; name: string }[] }>().data.find((p) => p.name === 'nodes')!;
     await a.inject({ method: 'PATCH', url: '/api/v1/models/node-model', headers: admin, payload: { enabled: true } });
     await eventually(async () => (await modelOn(b.app, 'node-model')).json<{ enabled: boolean }>().enabled);
-    expect((await a.inject({ method: 'DELETE', url: `/api/v1/providers/${id}`, headers: admin })).statusCode).toBe(200);
+    // A provider that models name is not deleted (409); disabled, its models are unavailable on every node.
+    expect((await a.inject({ method: 'DELETE', url: `/api/v1/providers/${id}`, headers: admin })).statusCode).toBe(409);
+    expect((await a.inject({ method: 'PATCH', url: `/api/v1/providers/${id}`, headers: admin, payload: { enabled: false } })).statusCode).toBe(200);
     await eventually(async () => (await modelOn(b.app, 'node-model')).json<{ available: boolean }>().available === false);
   });
 

@@ -179,12 +179,18 @@ describe('superuser changes', () => {
       [['body', 'fallbacks', 2], 'A model cannot be its own fallback'],
       [['body', 'fallbacks', 3], 'Model "text-embedding-3-small" cannot stand in: it lacks chat'],
     ]);
-    expectValidationError(await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: ['gpt-4.1-2025-04-14'] }), ['body', 'fallbacks', 0]);
+    expectValidationError(await api('PATCH', '/models/gpt-5.1', admin, { fallbacks: ['gpt-5-1'] }), ['body', 'fallbacks', 0]); // its other spelling
     expectValidationError(await api('PATCH', '/models/text-embedding-3-small', admin, { fallbacks: ['gpt-4.1'] }), ['body', 'fallbacks', 0]);
-    const taken = await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: ['gpt-4.1-mini-2025-04-14'] });
+    const taken = await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: ['gpt-4.1-mini-2025-04-14', 'gpt-4.1-2025-04-14'] });
     expect(taken.statusCode, taken.body).toBe(200);
-    expect(taken.json<ModelBody>().fallbacks).toEqual(['gpt-4.1-mini-2025-04-14']);
+    expect(taken.json<ModelBody>().fallbacks).toEqual(['gpt-4.1-mini-2025-04-14', 'gpt-4.1-2025-04-14']);
     expect((await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: [] })).statusCode).toBe(200);
+    // A hidden built-in brought back is checked as what it is (an embedding model), not as a custom chat model.
+    expect((await api('DELETE', '/models/text-embedding-3-small', admin)).statusCode).toBe(200);
+    const back = await api('POST', '/models', admin, { id: 'text-embedding-3-small', fallbacks: ['text-embedding-3-large'] });
+    expect(back.statusCode, back.body).toBe(200);
+    expect((await api('DELETE', '/models/text-embedding-3-small', admin)).statusCode).toBe(200);
+    expect((await api('POST', '/models', admin, { id: 'text-embedding-3-small' })).statusCode).toBe(200);
   });
 
   it('refuses a custom model for a provider that does not exist (404)', async () => {

@@ -46,7 +46,7 @@ export class ModelCatalog {
       for (const alias of model.aliases) {
         if (models.has(alias) || aliases.has(alias)) continue;
         aliases.set(alias, model.id);
-        if (builtinAliases.get(model.id)?.has(alias) && alias.startsWith(`${model.id}-`)) variants.set(alias, { ...model, id: alias, aliases: [], recommended: false });
+        if (builtinAliases.get(model.id)?.has(alias) && isSnapshotOf(model.id, alias)) variants.set(alias, { ...model, id: alias, aliases: [], recommended: false });
       }
     }
     this.models = models;
@@ -60,12 +60,13 @@ export class ModelCatalog {
   }
 
   /**
-   * The model a call to `idOrAlias` makes, as `getModel` finds it, but for a built-in alias that
-   * extends its model's id (`gpt-4o-2024-11-20`, `gpt-5-chat-latest`, `gpt-5.1-codex-max`): the
-   * price data lists these under one price, yet each is a model of its own at the provider (a
-   * pinned snapshot, a variant that behaves otherwise), so it is called as asked, with its entry's
-   * price, capabilities and settings. Other aliases (another spelling, a superuser's own name)
-   * call the entry's id.
+   * The model a call to `idOrAlias` makes, as `getModel` finds it, but for a built-in alias that is
+   * a dated snapshot of its model (`gpt-4o-2024-11-20`, `gemini-2.5-flash-preview-09-2025`) or its
+   * `-chat-latest`: the price data lists these under one price, yet each is a model of its own at
+   * the provider (pinned, or one that behaves otherwise), so it is called as asked, with its
+   * entry's price, capabilities and settings. Other aliases call the entry's id: another spelling
+   * (`gpt-5-1`), a name that is no API model (`o4-mini-high`: o4-mini asked to reason hard), a
+   * variant the catalog leaves out (`-search-preview`, `-codex`), a superuser's own name.
    */
   modelAsCalled(idOrAlias: string): ModelInfo | undefined {
     return this.models.get(idOrAlias) ?? this.variants.get(idOrAlias) ?? this.models.get(this.aliases.get(idOrAlias) ?? '');
@@ -78,6 +79,10 @@ export class ModelCatalog {
       .sort((a, b) => b.priority - a.priority || a.id.localeCompare(b.id));
   }
 }
+
+/** `alias` is `id` pinned at a date (OpenAI's `-2024-11-20`, Anthropic's `-20250514`, Google's `-preview-09-2025`), or its `-chat-latest`. */
+const isSnapshotOf = (id: string, alias: string): boolean =>
+  alias.startsWith(`${id}-`) && /^(?:(?:preview-)?(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{2}-\d{4})|chat-latest)$/.test(alias.slice(id.length + 1));
 
 function stripUndefined<T extends object>(value: T): Partial<T> {
   return Object.fromEntries(Object.entries(value).filter(([, v]) => v !== undefined)) as Partial<T>;

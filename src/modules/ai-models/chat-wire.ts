@@ -15,7 +15,7 @@ import { APICallError, type ModelMessage } from 'ai';
 import { Agent, type Dispatcher } from 'undici';
 
 import { AsyncQueue } from '../../utils/async-queue.js';
-import { ModelAnswerLimitError } from './errors.js';
+import { ModelAnswerLimitError, StreamErrorEvent } from './errors.js';
 import type { ToolCall } from './model-manager.js';
 import type { TokenUsage } from './types.js';
 
@@ -233,10 +233,9 @@ const isTextPart = (value: unknown): value is { text: string } =>
   typeof value === 'object' && value !== null && (value as { type?: unknown }).type === 'text' && typeof (value as { text?: unknown }).text === 'string';
 
 /**
- * The SDK's reading of OpenAI usage (`convertOpenAICompatibleChatUsage`): missing counts are 0; no
- * usage at all is unknown (undefined), not zero: the manager then estimates it.
+ * The answer's usage as it came: no usage at all is unknown (undefined), not zero; a count left
+ * out or of another type is passed on as it is, for the model manager to tell (`chargeableUsage`).
  */
-/** The answer's usage as it came: a count left out or of another type is passed on as it is, for the model manager to tell (`chargeableUsage`). */
 function usageOf(usage: OpenAIUsage | null | undefined): TokenUsage | undefined {
   if (!usage || typeof usage !== 'object') return undefined;
   return {
@@ -655,7 +654,8 @@ class SseReader implements Dispatcher.DispatchHandlers {
   private event(data: string): void {
     const value = completionOf(data);
     if (!value) throw invalidAnswer(this.url, this.call, this.statusCode, data);
-    if (value.error) throw upstreamError(this.url, this.call, value.error.message ?? 'Upstream error in the stream', undefined);
+    // The provider's error object, handed on as the SDK hands it on: the model manager reads both alike.
+    if (value.error) throw new StreamErrorEvent(value.error);
     if (value.usage) this.usage = value.usage;
     const choice = value.choices?.[0];
     const delta = choice?.delta;

@@ -101,3 +101,19 @@ export class ModelCallAbortedError extends HttpError {
     super(499, 'The model call was aborted');
   }
 }
+
+/**
+ * A stream's `{"error": {...}}` event as the wire reads it: the provider's error object, which the
+ * SDK hands on as it is (a plain object); the model manager reads both as the provider's failure.
+ */
+export class StreamErrorEvent extends Error {
+  constructor(readonly event: unknown) {
+    super(streamEventMessage(event) ?? 'An error event without a message');
+  }
+}
+
+/** The message of a stream's error event: its `message` when it has one (OpenAI's `{message, type, code}`). */
+export function streamEventMessage(event: unknown): string | undefined {
+  const message = (event as { message?: unknown } | null | undefined)?.message;
+  return typeof message === 'string' ? message : undefined;
+}

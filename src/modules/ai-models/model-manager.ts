@@ -49,7 +49,21 @@ import { STREAM_ANSWER, vectorsAnswer } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
 import { type AbortLike, type ChatWire, toolCallOf, type WireCall, wireMessages, type WireTool, type WireToolChoice } from './chat-wire.js';
 import { chargeableUsage, computeCost, estimateCost } from './cost.js';
-import { CLIENT_FAULT_UPSTREAM, ModelAnswerError, ModelAnswerLimitError, ModelArgumentError, ModelCallAbortedError, ModelCapabilityError, ModelDownloadError, ModelNotFoundError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from './errors.js';
+import {
+  CLIENT_FAULT_UPSTREAM,
+  ModelAnswerError,
+  ModelAnswerLimitError,
+  ModelArgumentError,
+  ModelCallAbortedError,
+  ModelCapabilityError,
+  ModelDownloadError,
+  ModelNotFoundError,
+  ModelTimeoutError,
+  ModelToolChoiceError,
+  StreamErrorEvent,
+  streamEventMessage,
+  UpstreamError,
+} from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
 import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
@@ -300,8 +314,10 @@ function mediaAllowance(messages: ModelMessage[] | undefined): number {
   return tokens;
 }
 
-/** The SDK's usage; undefined when the provider reported none (the SDK leaves both counts undefined then). */
-/** The SDK's usage as the provider reported it: a count it left out stays out (`chargeableUsage` then estimates the call). */
+/**
+ * The SDK's usage as the provider reported it: undefined when it reported none (the SDK leaves
+ * both counts undefined then) or left a count out (`chargeableUsage` then estimates the call).
+ */
 function toTokenUsage(usage: LanguageModelUsage | undefined): TokenUsage | undefined {
   if (usage?.inputTokens === undefined || usage.outputTokens === undefined || leavesCountOut(usage.raw)) return undefined;
   return {
@@ -313,12 +329,15 @@ function toTokenUsage(usage: LanguageModelUsage | undefined): TokenUsage | undef
   };
 }
 
+/** Count names of Anthropic's usage and Google's `usageMetadata`: usage of theirs is taken as the SDK read it. */
+const OTHER_USAGE_COUNTS = ['input_tokens', 'output_tokens', 'promptTokenCount', 'candidatesTokenCount'];
+
 /**
- * The SDK reads a count that OpenAI-style usage left out, or sent as null, as 0: told apart by the
- * usage as it came (other providers' usage has other names, and is taken as the SDK read it).
+ * The SDK reads a count that OpenAI-style usage left out, or sent as null, as 0 (`usage: {}` and
+ * `{total_tokens: 57}` both read as 0 in, 0 out): told apart by the usage as it came.
  */
 function leavesCountOut(raw: unknown): boolean {
-  if (!raw || typeof raw !== 'object' || !('prompt_tokens' in raw || 'completion_tokens' in raw)) return false;
+  if (!raw || typeof raw !== 'object' || OTHER_USAGE_COUNTS.some((name) => name in raw)) return false;
   const { prompt_tokens: input, completion_tokens: output } = raw as Record<string, unknown>;
   return typeof input !== 'number' || typeof output !== 'number';
 }
@@ -734,10 +753,10 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   if (error instanceof Error && (error.name === 'TypeError' || /ECONNRESET|ECONNREFUSED|socket|terminated|fetch failed/i.test(`${error.message} ${String(error.cause)}`))) {
     return { kind: 'retryable', error: new UpstreamError(`Upstream connection error: ${error.message}`) };
   }
-  // A stream's error event, as the SDK hands it on: the provider's error object (OpenAI's
-  // `{message, type, code}`), not an Error — the provider's failure, as the wire reads the same event.
-  if (!(error instanceof Error) && typeof (error as { message?: unknown } | null)?.message === 'string') {
-    return { kind: 'retryable', error: new UpstreamError(`Upstream error in the stream: ${(error as { message: string }).message}`) };
+  // A stream's error event: the provider's error object (OpenAI's `{message, type, code}`), as the
+  // SDK hands it on (not an Error) and the wire reads it — the provider's failure either way.
+  if (error instanceof StreamErrorEvent || (!(error instanceof Error) && streamEventMessage(error) !== undefined)) {
+    return { kind: 'retryable', error: new UpstreamError(`Upstream error in the stream: ${error instanceof StreamErrorEvent ? error.message : streamEventMessage(error)}`) };
   }
   return { kind: 'fatal', error: error instanceof Error ? error : new Error(String(error)) };
 }
@@ -1379,7 +1398,7 @@ export class ModelManager {
   private chainOf(model: ModelInfo, capability: Capability): ModelInfo[] {
     const out: ModelInfo[] = [model];
     for (const id of model.fallbacks) {
-      const fallback = this.options.catalog.getModel(id);
+      const fallback = this.options.catalog.modelAsCalled(id);
       if (!fallback || !fallback.enabled || out.some((m) => m.id === fallback.id)) continue;
       if (!fallback.capabilities.includes(capability) || !this.options.providers.status(fallback.provider).available) continue;
       out.push(fallback);
