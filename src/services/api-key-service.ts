@@ -9,6 +9,7 @@ import type { ApiKeyCreate, ApiKeyUpdate } from '../schemas/api-key.js';
 import { apiKeyCrud, apiKeyPolicy, countActiveByOwner } from '../crud/api-key.js';
 import type { Page } from '../crud/page.js';
 import { requireOwnProject } from '../crud/project.js';
+import { forbidApiKey } from '../utils/authentication.js';
 import type { ServiceContext } from './context.js';
 import { createWithinLimit } from './limits.js';
 import { formatMoney } from './money.js';
@@ -33,8 +34,12 @@ export async function list(ctx: ServiceContext, page: Page) {
   return { data: data.map((key) => present(key, now)), count };
 }
 
+/** Creating, changing and deleting keys needs a signed-in user (403 for an API key: `forbidApiKey`). */
+const MANAGE_KEYS = 'create, change or delete API keys';
+
 export async function create(ctx: ServiceContext, input: ApiKeyCreate): Promise<ApiKeyView & { key: string }> {
   const { principal, settings } = ctx;
+  forbidApiKey(principal, MANAGE_KEYS);
   apiKeyPolicy.checkCreate(principal, input.project_id ?? null);
   const ownerId = principal.user.id;
   // Keys are personal: only a project of the caller's own, even for a superuser.
@@ -61,6 +66,7 @@ export async function create(ctx: ServiceContext, input: ApiKeyCreate): Promise<
 }
 
 export async function update(ctx: ServiceContext, id: string, input: ApiKeyUpdate): Promise<ApiKeyView> {
+  forbidApiKey(ctx.principal, MANAGE_KEYS);
   // The key cache forgets the key (here at once, other nodes by NOTIFY): the next request sees its new limits.
   const key = await apiKeyCrud.update(ctx.db, ctx.principal, id, input);
   // A revoked key's work stops with it: a leaked key's runs must not go on spending.
@@ -69,6 +75,7 @@ export async function update(ctx: ServiceContext, id: string, input: ApiKeyUpdat
 }
 
 export async function remove(ctx: ServiceContext, id: string): Promise<void> {
+  forbidApiKey(ctx.principal, MANAGE_KEYS);
   // Revoked first (the ownership check, and no request through it starts a run from then on), so
   // that its runs are all found before the deletion clears their key.
   await apiKeyCrud.update(ctx.db, ctx.principal, id, { status: 'revoked' });

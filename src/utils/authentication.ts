@@ -90,10 +90,11 @@ export function ownAccount(principal: Principal): User {
 }
 
 /**
- * The account's own credentials (email, password, the account itself) change only for a signed-in
- * user: a leaked API key must not be enough to take the account over.
+ * The account's own credentials (email, password, the account itself, its API keys) change only
+ * for a signed-in user: a leaked API key must not be enough to take the account over — nor to lift
+ * its own limits, or mint keys that outlive its revocation. `what` names the change refused.
  */
-export function forbidApiKey(principal: Principal): void {
+export function forbidApiKey(principal: Principal, what = 'change the account'): void {
   refuseScopedKey(principal);
-  if (principal.apiKeyId !== null) throw new ForbiddenError('API keys cannot change the account; sign in instead');
+  if (principal.apiKeyId !== null) throw new ForbiddenError(`API keys cannot ${what}; sign in instead`);
 }

@@ -249,6 +249,33 @@ describe('an unscoped key and the account itself', () => {
     // The same changes work for the signed-in user.
     expect((await api('PATCH', '/users/me', alice.headers, { full_name: 'Alice' })).statusCode).toBe(200);
   });
+
+  it('cannot create, change or delete keys (403): a capped key would lift its own limits or mint keys that outlive its revocation', async () => {
+    const alice = await createUser(ctx.app);
+    const capped = await createKey(ctx.app, alice, { name: 'capped', max_budget: '0.01', rpm: 1 });
+    const sibling = await createKey(ctx.app, alice, { name: 'sibling' });
+    const headers = bearer(capped.key);
+    const expected = { detail: 'API keys cannot create, change or delete API keys; sign in instead' };
+    for (const [method, url, payload] of [
+      ['POST', '/api-keys', { name: 'escape' }],
+      ['PATCH', `/api-keys/${capped.id}`, { max_budget: null, rpm: null }],
+      ['PATCH', `/api-keys/${sibling.id}`, { status: 'revoked' }],
+      ['DELETE', `/api-keys/${sibling.id}`, undefined],
+      ['DELETE', `/api-keys/${capped.id}`, undefined],
+    ] as const) {
+      const response = await api(method, url, headers, payload);
+      expect(response.statusCode, `${method} ${url}`).toBe(403);
+      expect(response.json()).toEqual(expected);
+    }
+    const keys = (await api('GET', '/api-keys', alice.headers)).json<ListBody<{ name: string; status: string; max_budget: string | null; rpm: number | null }>>();
+    expect(keys.data.map((k) => [k.name, k.status, k.max_budget, k.rpm]).sort()).toEqual([
+      ['capped', 'active', '0.01', 1],
+      ['sibling', 'active', null, null],
+    ]);
+    // It still reads them; the signed-in user still manages them.
+    expect((await api('GET', `/api-keys/${sibling.id}`, headers)).statusCode).toBe(200);
+    expect((await api('PATCH', `/api-keys/${capped.id}`, alice.headers, { rpm: 5 })).statusCode).toBe(200);
+  });
 });
 
 describe('authenticating with a key', () => {
