@@ -203,12 +203,13 @@ export async function* answerOf(events: AsyncIterable<RunEvent>, signal: AbortSi
 /**
  * A run whose model call a limit of its caller's refused, answered as the plain models answer the
  * same refusal (402 insufficient_quota; 429 with its retry-after), not as a failed run's 500: the
- * run's error says which, in the meter's words.
+ * run's error says which, in the meter's words. Neither is for the SDK to retry: the run was
+ * written (its thread, the user's message, maybe paid steps), and a retry starts another one.
  */
 function refusalOf(error: string): CodedOpenAIError | undefined {
   if (error.startsWith(CREDITS_REFUSED)) return new CodedOpenAIError(402, error, 'insufficient_quota', NO_RETRY);
   const wait = KEY_RATE_LIMITED.exec(error)?.[1];
-  return wait === undefined ? undefined : new CodedOpenAIError(429, error, 'rate_limit_exceeded', { 'retry-after': wait });
+  return wait === undefined ? undefined : new CodedOpenAIError(429, error, 'rate_limit_exceeded', { 'retry-after': wait, ...NO_RETRY });
 }
 
 // ==================== OpenAI's shapes ====================

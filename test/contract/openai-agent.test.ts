@@ -444,6 +444,8 @@ describe('with billing on', () => {
       expect(error.error).toMatchObject({ type: 'requests', code: 'rate_limit_exceeded' });
       expect(error.message).toMatch(/API key rate limit reached: rpm 1/);
       expect(error.headers?.get('retry-after')).toMatch(/^\d+$/);
+      // The run was written: a retry by the SDK would start (and pay for) another.
+      expect(error.headers?.get('x-should-retry')).toBe('false');
     }
     const capped = await clientOf({ max_budget: '5' });
     for (const stream of [false, true]) {
