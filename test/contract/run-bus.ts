@@ -149,6 +149,18 @@ export function runEventLogContract(name: string, makeLog: Factory<RunEventLog>)
       expect(reader.events.at(-1)!.event).toBe('run.completed');
     });
 
+    it('ends a reader that started at or past the final event once the final event comes (a Last-Event-ID ahead of a live run)', async () => {
+      const log = await node();
+      const runId = randomUUID();
+      await log.append(runId, deltas(2));
+      const readers = [startReading(log, runId, 3), startReading(log, runId, 1_000_000)];
+      await sleep(50);
+      expect(readers.map((reader) => reader.ended())).toEqual([false, false]);
+      await log.append(runId, [completed]); // seq 3
+      for (const reader of readers) await withinMs(reader.done, 2_000, 'a reader past the run\'s events to end with the run');
+      expect(readers.map((reader) => reader.events)).toEqual([[], []]);
+    });
+
     it('ends a reader when its signal aborts, and at once when it is already aborted', async () => {
       const log = await node();
       const { runId, reader } = await replayed(log, log, 2, 0);

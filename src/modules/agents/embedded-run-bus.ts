@@ -507,7 +507,11 @@ export class EmbeddedRunEvents {
             continue;
           }
           for (const event of inbox.splice(0)) {
-            if (event.seq <= last) continue;
+            // The final event ends a reader that started past it too (a Last-Event-ID ahead of the run).
+            if (event.seq <= last) {
+              if (isFinal(event)) return;
+              continue;
+            }
             yield event;
             last = event.seq;
             if (isFinal(event)) return;
