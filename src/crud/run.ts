@@ -5,7 +5,7 @@ import { and, asc, desc, eq, inArray, isNotNull, isNull, lt, or, type SQL, sql }
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
 
-import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, type Message, messages, type NewMessage, type NewRun, type Run, runs, type Thread, threads, users } from '../models/index.js';
+import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, type Message, messages, type NewMessage, type NewRun, type Run, runs, type RunUsage, type Thread, threads, usageRecords, users } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
 import { ownedCrud } from './owned.js';
@@ -524,4 +524,29 @@ export async function clearEndedLease(db: Db, runId: string, owner?: string): Pr
     .update(runs)
     .set({ lease_owner: null, lease_expires_at: null })
     .where(and(eq(runs.id, runId), inArray(runs.status, [...FINAL_RUN_STATUSES]), owner === undefined ? undefined : eq(runs.lease_owner, owner)));
+}
+
+/**
+ * What a run's model calls were charged, summed from their usage records (every attempt's, the
+ * stopped call's included): a run that fails or is cancelled shows what it cost, not only its
+ * finished steps. Read once its calls' usage is written (`RunDeps.charged`).
+ */
+export async function paidByRun(db: Db, runId: string): Promise<{ usage: RunUsage; cost: string }> {
+  const [row] = await db
+    .select({
+      input_tokens: sql<number>`coalesce(sum(${usageRecords.input_tokens}), 0)`.mapWith(Number),
+      output_tokens: sql<number>`coalesce(sum(${usageRecords.output_tokens}), 0)`.mapWith(Number),
+      cached_input_tokens: sql<number>`coalesce(sum(${usageRecords.cached_input_tokens}), 0)`.mapWith(Number),
+      reasoning_tokens: sql<number>`coalesce(sum(${usageRecords.reasoning_tokens}), 0)`.mapWith(Number),
+      cost: sql<string>`coalesce(sum(${usageRecords.cost}), 0)::text`,
+    })
+    .from(usageRecords)
+    .where(eq(usageRecords.run_id, runId));
+  const { cost, ...usage } = row!;
+  return { usage, cost };
+}
+
+/** A stopped run's totals, by the worker that still holds it (a run another worker took over is left to that one). */
+export async function setPaid(db: Db, runId: string, workerId: string, paid: { usage: RunUsage; cost: string }): Promise<void> {
+  await db.update(runs).set(paid).where(and(eq(runs.id, runId), eq(runs.lease_owner, workerId)));
 }

@@ -174,5 +174,34 @@ describe('runs with billing on', () => {
     expect(final.error).toBe('The run passed its deadline of 1 s (RUN_TIMEOUT_SECONDS) and was stopped');
     await fake.waitFor((log) => log[0]!.aborted, 1_000);
     expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
+    // The stopped call was charged for its prompt (the provider had it): the run's cost says so, as the ledger does.
+    expect(Number(final.cost)).toBeGreaterThan(0);
+    expect(final.usage.input_tokens).toBeGreaterThan(0);
+    expect(Number((await getBalance(ctx.database.db, owner.user.id)).balance)).toBeCloseTo(100 - Number(final.cost), 12);
+  });
+
+  it('a cancelled run shows what its calls were charged, the one stopped mid-stream included', async () => {
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { model: 'fake-billed', max_output_tokens: 50, tools: ['knowledge_search'], is_default: true });
+    const thread = await createThread(ctx.app, owner.headers);
+    await grant(owner, '1000');
+    fake.script(
+      'fake-billed',
+      { toolCalls: [{ id: 'call_1', name: 'knowledge_search', arguments: '{"query":"q"}' }], usage: { prompt_tokens: 3, completion_tokens: 8 } },
+      { chunks: Array.from({ length: 40 }, (_, i) => `w${i} `), chunkDelayMs: 100 },
+    );
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'search then answer slowly' });
+    await fake.waitFor((log) => log.length === 2 && log[1]!.chunksSent >= 3, 5_000);
+    expect((await api('POST', `/runs/${run.id}/cancel`, owner.headers)).statusCode).toBe(200);
+    // The run's final event comes once the worker has written what the stopped call cost (the events end with it).
+    const { events } = await readEvents(base, owner.headers, run.id);
+    expect(events.at(-1)!.event).toBe('run.cancelled');
+    // Step 1: 8 output tokens at 1 credit each. The stopped step: its streamed words, estimated, at least 3 of them.
+    const paid = 1000 - Number((await getBalance(ctx.database.db, owner.user.id)).balance);
+    expect(paid).toBeGreaterThan(8);
+    const final = (await api('GET', `/runs/${run.id}`, owner.headers)).json<{ status: string; cost: string; usage: { output_tokens: number } }>();
+    expect(final).toMatchObject({ status: 'cancelled', cost: String(paid) });
+    expect(final.usage.output_tokens).toBe(paid); // input is free on fake-billed
+    expect(Number((events.at(-1)!.data as { run: { cost: string } }).run.cost)).toBe(paid);
   });
 });

@@ -250,8 +250,10 @@ export class AgentRunner {
       if (stop?.kind === 'cancel' || stop?.kind === 'lease') {
         // Which one says how the cancel arrived: its signal, or the status seen at a lease renewal.
         log.info({ runId: run.id, stop: stop.kind }, 'run stopped: cancelled, or no longer this worker\'s');
-        // The final event (a cancel leaves it to this worker) comes after what the stopped calls cost is written.
+        // The final event (a cancel leaves it to this worker) comes after what the stopped calls cost
+        // is written, and the run's totals with it (the stopped call's included).
         await deps.charged?.();
+        await runCrud.setPaid(deps.db, run.id, this.workerId, await runCrud.paidByRun(deps.db, run.id));
         await this.afterLostRun(run.id);
         return;
       }
@@ -259,7 +261,8 @@ export class AgentRunner {
       if (!(error instanceof HttpError) && !(error instanceof RunFailure) && !stop) log.error({ err: error, runId: run.id }, 'run failed');
       else log.info({ runId: run.id, reason: message, ...(error instanceof UpstreamError ? { upstream: error.message } : {}) }, 'run failed');
       await deps.charged?.();
-      const ended = await finishRun(deps, run, { status: 'failed', error: message }, { leaseOwner: this.workerId });
+      const paid = await runCrud.paidByRun(deps.db, run.id);
+      const ended = await finishRun(deps, run, { status: 'failed', error: message, ...paid }, { leaseOwner: this.workerId });
       if (ended) await this.closeEnded(ended.run, announcement.splice(0));
       else await this.afterLostRun(run.id);
     } finally {
