@@ -22,7 +22,8 @@ export const Timestamp = z.codec(z.iso.datetime({ offset: true }).refine(withinS
   encode: (date) => date.toISOString(),
 });
 
-export const Id = z.uuid();
+/** A UUID, in lower case as the database answers it: one sent in capitals names the same row (a cache, a comparison in code, would miss it). */
+export const Id = z.uuid().toLowerCase();
 
 export const Message = z.object({ message: z.string() }).meta({ id: 'Message' });
 

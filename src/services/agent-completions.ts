@@ -140,8 +140,9 @@ export async function startAgentCompletion(ctx: ServiceContext, deps: RunDeps, b
   const { input, history } = conversationOf(ctx, body.messages);
   const threadId = body.metadata?.thread_id;
   if (threadId !== undefined) {
-    if (!Id.safeParse(threadId).success) throw new InvalidRequestError('metadata.thread_id must be the id of one of your threads (a UUID)', 'metadata.thread_id');
-    return runService.startOnThread(ctx, deps, threadId, { agent_id: agent.id, input, multitask_strategy: 'reject' });
+    const thread = Id.safeParse(threadId);
+    if (!thread.success) throw new InvalidRequestError('metadata.thread_id must be the id of one of your threads (a UUID)', 'metadata.thread_id');
+    return runService.startOnThread(ctx, deps, thread.data, { agent_id: agent.id, input, multitask_strategy: 'reject' });
   }
   const title = (history.find((turn) => turn.role === 'user')?.content ?? input).replace(/\s+/g, ' ').trim().slice(0, TITLE_CHARS);
   return runService.startWithThread(ctx, deps, { agent_id: agent.id, input, thread: { title } }, history);

@@ -142,6 +142,19 @@ export function ownedResourceContract(ctx: TestContext, contract: OwnedResourceC
       expect((await ids(at, alice.headers)).count).toBe(1);
     });
 
+    it('reads, changes and deletes a row named by its id in capitals (the same UUID)', async () => {
+      const alice = await createUser(ctx.app);
+      const at = await collection(alice);
+      const upper = (url: string) => url.replace(/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}/g, (id) => id.toUpperCase());
+      const row = await create(alice, at);
+      const got = await api('GET', upper(`${at}/${row.id}`), alice.headers);
+      expect(got.statusCode, got.body).toBe(200);
+      expect(got.json<Row>().id).toBe(row.id);
+      expect((await api('PATCH', upper(`${at}/${row.id}`), alice.headers, contract.update)).statusCode).toBe(200);
+      expect((await api('DELETE', upper(`${at}/${row.id}`), alice.headers)).statusCode).toBe(200);
+      expect((await api('GET', `${at}/${row.id}`, alice.headers)).statusCode).toBe(404);
+    });
+
     it('answers 422 for a malformed id, unknown fields and unknown query parameters', async () => {
       const alice = await createUser(ctx.app);
       const at = await collection(alice);
