@@ -19,7 +19,7 @@ import { closePending, finishRun, queueRun, type RunDeps, runEvent, runView } fr
 import { addCosts, estimateTextTokens, estimateTokensOfSize } from '../modules/ai-models/index.js';
 import { catalogModel } from './agent-service.js';
 import type { ServiceContext } from './context.js';
-import { availableCredits, formatMoney } from './money.js';
+import { availableCredits, formatMoney, overBudgetMessage } from './money.js';
 import * as threadService from './thread-service.js';
 
 /** A run as the API answers it: the cost as a plain decimal string. */
@@ -86,7 +86,8 @@ async function plan(ctx: ServiceContext, ownerId: string, agentId: string | unde
 
 /**
  * With billing on, 402 at once when the balance cannot cover the first step's worst case (the
- * prompt estimate and the output tokens the model manager will reserve for it, at catalog prices).
+ * prompt estimate and the output tokens the model manager will reserve for it, at catalog prices);
+ * so, billing on or off, when what is left of the caller's key's `max_budget` cannot.
  * The prompt is the agent's instructions, the thread's messages (`history` for a new thread; an
  * existing thread's, summed by the database: `early.historySize`) and the input; counted by their
  * text only, so the estimate stays below the call's own (which counts the messages' framing too) and
@@ -94,7 +95,10 @@ async function plan(ctx: ServiceContext, ownerId: string, agentId: string | unde
  * manager; a later step the credits cannot cover fails the run. `early`: the reads already asked for.
  */
 async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, model: string, input: string | undefined, history: readonly HistoryMessage[], early: EarlyReads): Promise<void> {
-  if (!ctx.settings.BILLING_ENABLED) return;
+  // The caller's key's spend cap holds its calls too, billing on or off.
+  const { apiKeyId, apiKeyLimits } = ctx.principal;
+  const budget = apiKeyId !== null ? (apiKeyLimits?.max_budget ?? null) : null;
+  if (!ctx.settings.BILLING_ENABLED && budget === null) return;
   const info = ctx.models.modelAsCalled(model);
   if (!info) return; // the run fails with "unknown model", in words
   // As the model manager estimates the call's prompt (estimateTextTokens).
@@ -106,10 +110,16 @@ async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, 
   const inputTokens = Math.ceil(promptTokens);
   // The manager's own worst case (the model's output limit caps the default): what the first call will reserve.
   const { cost: needed } = ctx.models.worstCase(info, inputTokens, agent.max_output_tokens ?? undefined);
+  const firstStep = `its first step with ${info.id} needs up to ${formatMoney(needed)}`;
+  if (budget !== null) {
+    const spend = await billingCrud.keySpend(ctx.db, apiKeyId!);
+    if (addCosts(budget, `-${spend.spent}`, `-${spend.reserved}`, `-${needed}`).startsWith('-')) throw new PaymentRequiredError(`${overBudgetMessage(budget, spend)}; ${firstStep}`);
+  }
+  if (!ctx.settings.BILLING_ENABLED) return;
   const balanceRead = early.balance?.userId === ownerId ? early.balance.read : undefined;
   const available = availableCredits(await (balanceRead ?? billingCrud.getBalance(ctx.db, ownerId)));
   if (addCosts(available, `-${needed}`).startsWith('-')) {
-    throw new PaymentRequiredError(`Not enough credits to start this run: available ${formatMoney(available)}; its first step with ${info.id} needs up to ${formatMoney(needed)}`);
+    throw new PaymentRequiredError(`Not enough credits to start this run: available ${formatMoney(available)}; ${firstStep}`);
   }
 }
 

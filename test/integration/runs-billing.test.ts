@@ -6,7 +6,7 @@ import { getBalance, ledgerSum } from '../../src/crud/billing.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
-import { apiOf } from '../helpers/http.js';
+import { apiOf, createKey } from '../helpers/http.js';
 import { addFakeModels } from '../helpers/metered-models.js';
 import { createAgent, createThread, readEvents, startRun, waitForRun } from '../helpers/runs.js';
 
@@ -47,6 +47,25 @@ describe('runs with billing on', () => {
     expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<{ count: number }>().count).toBe(0);
     expect((await api('GET', `/threads/${thread.id}/messages`, owner.headers)).json<{ count: number }>().count).toBe(0);
     expect(fake.log).toHaveLength(0);
+  });
+
+  it("402 at start when what is left of the caller's key's max_budget cannot cover the first step; no run, no message", async () => {
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { model: 'fake-billed', max_output_tokens: 10, is_default: true });
+    const thread = await createThread(ctx.app, owner.headers);
+    await grant(owner, '1000');
+    const capped = { authorization: `Bearer ${(await createKey(ctx.app, owner, { name: 'capped', max_budget: '9.5' })).key}` };
+    const refused = await api('POST', `/threads/${thread.id}/runs`, capped, { input: 'hello' });
+    expect(refused.statusCode).toBe(402);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/^API key budget exceeded: max_budget 9.5, spent 0; its first step with fake-billed needs up to 10$/);
+    expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<{ count: number }>().count).toBe(0);
+    expect((await api('GET', `/threads/${thread.id}/messages`, owner.headers)).json<{ count: number }>().count).toBe(0);
+    // A key whose budget covers it starts the run.
+    const roomy = { authorization: `Bearer ${(await createKey(ctx.app, owner, { name: 'roomy', max_budget: '10' })).key}` };
+    fake.script('fake-billed', { text: 'ok', usage: { prompt_tokens: 1, completion_tokens: 1 } });
+    const started = await api('POST', `/threads/${thread.id}/runs`, roomy, { input: 'hello' });
+    expect(started.statusCode, started.body).toBe(202);
+    await waitForRun(ctx.app, owner.headers, started.json<{ id: string }>().id, ['completed']);
   });
 
   it("a run on another user's thread (a superuser's start) checks the thread owner's credits, not the caller's", async () => {
