@@ -527,11 +527,19 @@ export async function clearEndedLease(db: Db, runId: string, owner?: string): Pr
 }
 
 /**
+ * How far before its run's start a call's usage record may be stamped: its time is the node's
+ * clock, the run's the database's.
+ */
+const CLOCK_SKEW = sql`interval '10 minutes'`;
+
+/**
  * What a run's model calls were charged, summed from their usage records (every attempt's, the
  * stopped call's included): a run that fails or is cancelled shows what it cost, not only its
- * finished steps. Read once its calls' usage is written (`RunDeps.charged`).
+ * finished steps. Read once its calls' usage is written (`RunDeps.charged`). Found through the
+ * owner's records since the run began (their index), not an index of `run_id` of its own, which
+ * every gateway call's row would pay for (bench/RESULTS.md, stop 40).
  */
-export async function paidByRun(db: Db, runId: string): Promise<{ usage: RunUsage; cost: string }> {
+export async function paidByRun(db: Db, run: Pick<Run, 'id' | 'owner_id' | 'created_at'>): Promise<{ usage: RunUsage; cost: string }> {
   const [row] = await db
     .select({
       input_tokens: sql<number>`coalesce(sum(${usageRecords.input_tokens}), 0)`.mapWith(Number),
@@ -541,7 +549,7 @@ export async function paidByRun(db: Db, runId: string): Promise<{ usage: RunUsag
       cost: sql<string>`coalesce(sum(${usageRecords.cost}), 0)::text`,
     })
     .from(usageRecords)
-    .where(eq(usageRecords.run_id, runId));
+    .where(and(eq(usageRecords.owner_id, run.owner_id), sql`${usageRecords.created_at} >= ${run.created_at}::timestamptz - ${CLOCK_SKEW}`, eq(usageRecords.run_id, run.id)));
   const { cost, ...usage } = row!;
   return { usage, cost };
 }

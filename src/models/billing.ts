@@ -47,8 +47,6 @@ export const usageRecords = pgTable(
     index('ix_usage_records_owner_id_created_at').on(t.owner_id, t.created_at),
     index('ix_usage_records_api_key_id_created_at').on(t.api_key_id, t.created_at),
     index('ix_usage_records_project_id_created_at').on(t.project_id, t.created_at),
-    // A stopped run's paid total (`runUsage`): only a run's calls are in it, so a gateway call's row costs no more to write.
-    index('ix_usage_records_run_id').on(t.run_id).where(sql`${t.run_id} is not null`),
   ],
 );
 

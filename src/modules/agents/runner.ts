@@ -253,7 +253,7 @@ export class AgentRunner {
         // The final event (a cancel leaves it to this worker) comes after what the stopped calls cost
         // is written, and the run's totals with it (the stopped call's included).
         await deps.charged?.();
-        await runCrud.setPaid(deps.db, run.id, this.workerId, await runCrud.paidByRun(deps.db, run.id));
+        await runCrud.setPaid(deps.db, run.id, this.workerId, await runCrud.paidByRun(deps.db, run));
         await this.afterLostRun(run.id);
         return;
       }
@@ -261,7 +261,7 @@ export class AgentRunner {
       if (!(error instanceof HttpError) && !(error instanceof RunFailure) && !stop) log.error({ err: error, runId: run.id }, 'run failed');
       else log.info({ runId: run.id, reason: message, ...(error instanceof UpstreamError ? { upstream: error.message } : {}) }, 'run failed');
       await deps.charged?.();
-      const paid = await runCrud.paidByRun(deps.db, run.id);
+      const paid = await runCrud.paidByRun(deps.db, run);
       const ended = await finishRun(deps, run, { status: 'failed', error: message, ...paid }, { leaseOwner: this.workerId });
       if (ended) await this.closeEnded(ended.run, announcement.splice(0));
       else await this.afterLostRun(run.id);

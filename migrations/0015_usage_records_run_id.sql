@@ -1,1 +1,0 @@
-CREATE INDEX "ix_usage_records_run_id" ON "usage_records" USING btree ("run_id") WHERE "usage_records"."run_id" is not null;
