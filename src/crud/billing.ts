@@ -6,6 +6,7 @@
 import { randomUUID } from 'node:crypto';
 
 import { and, asc, gte, lt, type SQL, sql } from 'drizzle-orm';
+import type { AnyPgColumn } from 'drizzle-orm/pg-core';
 
 import type { Db } from '../core/db.js';
 import { transaction } from '../core/db.js';
@@ -537,20 +538,24 @@ const GROUP_COLUMNS: Record<GroupBy, SQL> = {
 const GROUP_NAMES: Record<GroupBy, string> = { model: 'model', day: 'day', api_key: 'api_key_id' };
 
 /** Usage in [from, to) that `visible` selects, summed per group (all of it when `groupBy` is empty). */
+/** A count column summed over usage records (0 over none). */
+const summed = (column: AnyPgColumn) => sql<number>`coalesce(sum(${column}), 0)`.mapWith(Number);
+
+/** Usage records' tokens by kind and cost, summed: a select's columns (a summary's groups, a run's calls). */
+export const usageTotalColumns = () => ({
+  input_tokens: summed(usageRecords.input_tokens),
+  cached_input_tokens: summed(usageRecords.cached_input_tokens),
+  cache_write_tokens: summed(usageRecords.cache_write_tokens),
+  output_tokens: summed(usageRecords.output_tokens),
+  reasoning_tokens: summed(usageRecords.reasoning_tokens),
+  cost: sql<string>`coalesce(sum(${usageRecords.cost}), 0)::text`,
+});
+
 export async function summarize(db: Db, visible: SQL | undefined, from: Date, to: Date, groupBy: readonly GroupBy[]): Promise<SummaryRow[]> {
   const groups: Record<string, SQL> = Object.fromEntries(groupBy.map((g) => [GROUP_NAMES[g], GROUP_COLUMNS[g]]));
   const keys = groupBy.map((g) => GROUP_COLUMNS[g]);
   return db
-    .select({
-      ...groups,
-      calls: sql<number>`count(*)`.mapWith(Number),
-      input_tokens: sql<number>`coalesce(sum(${usageRecords.input_tokens}), 0)`.mapWith(Number),
-      cached_input_tokens: sql<number>`coalesce(sum(${usageRecords.cached_input_tokens}), 0)`.mapWith(Number),
-      cache_write_tokens: sql<number>`coalesce(sum(${usageRecords.cache_write_tokens}), 0)`.mapWith(Number),
-      output_tokens: sql<number>`coalesce(sum(${usageRecords.output_tokens}), 0)`.mapWith(Number),
-      reasoning_tokens: sql<number>`coalesce(sum(${usageRecords.reasoning_tokens}), 0)`.mapWith(Number),
-      cost: sql<string>`coalesce(sum(${usageRecords.cost}), 0)::text`,
-    })
+    .select({ ...groups, calls: sql<number>`count(*)`.mapWith(Number), ...usageTotalColumns() })
     .from(usageRecords)
     .where(and(visible, gte(usageRecords.created_at, from), lt(usageRecords.created_at, to)))
     .groupBy(...keys)

@@ -8,6 +8,7 @@ import { constraintAnswers } from '../core/error-mapping.js';
 import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, type Message, messages, type NewMessage, type NewRun, type Run, runs, type RunUsage, type Thread, threads, usageRecords, users } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
+import { usageTotalColumns } from './billing.js';
 import { ownedCrud } from './owned.js';
 import { preparedAnywhere } from './prepared.js';
 import { appendedMessageValues } from './thread.js';
@@ -541,17 +542,11 @@ const CLOCK_SKEW = sql`interval '10 minutes'`;
  */
 export async function paidByRun(db: Db, run: Pick<Run, 'id' | 'owner_id' | 'created_at'>): Promise<{ usage: RunUsage; cost: string }> {
   const [row] = await db
-    .select({
-      input_tokens: sql<number>`coalesce(sum(${usageRecords.input_tokens}), 0)`.mapWith(Number),
-      output_tokens: sql<number>`coalesce(sum(${usageRecords.output_tokens}), 0)`.mapWith(Number),
-      cached_input_tokens: sql<number>`coalesce(sum(${usageRecords.cached_input_tokens}), 0)`.mapWith(Number),
-      reasoning_tokens: sql<number>`coalesce(sum(${usageRecords.reasoning_tokens}), 0)`.mapWith(Number),
-      cost: sql<string>`coalesce(sum(${usageRecords.cost}), 0)::text`,
-    })
+    .select(usageTotalColumns())
     .from(usageRecords)
     .where(and(eq(usageRecords.owner_id, run.owner_id), sql`${usageRecords.created_at} >= ${run.created_at}::timestamptz - ${CLOCK_SKEW}`, eq(usageRecords.run_id, run.id)));
-  const { cost, ...usage } = row!;
-  return { usage, cost };
+  const { cost, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens } = row!;
+  return { usage: { input_tokens, output_tokens, cached_input_tokens, reasoning_tokens }, cost };
 }
 
 /** A stopped run's totals, by the worker that still holds it (a run another worker took over is left to that one). */
