@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 
-import { and, asc, desc, eq, inArray, isNotNull, isNull, lt, or, type SQL, sql } from 'drizzle-orm';
+import { and, asc, desc, eq, inArray, isNotNull, isNull, lt, ne, or, type SQL, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
@@ -528,28 +528,41 @@ export async function clearEndedLease(db: Db, runId: string, owner?: string): Pr
 }
 
 /**
- * How far before its run's start a call's usage record may be stamped: its time is the node's
- * clock, the run's the database's.
+ * How far before its run's first start a call's usage record may be stamped: its time is the
+ * node's clock, the run's the database's.
  */
 const CLOCK_SKEW = sql`interval '10 minutes'`;
 
 /**
- * What a run's model calls were charged, summed from their usage records (every attempt's, the
- * stopped call's included): a run that fails or is cancelled shows what it cost, not only its
- * finished steps. Read once its calls' usage is written (`RunDeps.charged`). Found through the
- * owner's records since the run began (their index), not an index of `run_id` of its own, which
- * every gateway call's row would pay for (bench/RESULTS.md, stop 40).
+ * A stopped run (failed, cancelled) still held by `workerId`, with its totals raised to what its
+ * model calls were charged, summed from their usage records (every attempt's, the stopped call's
+ * included; its knowledge searches' embeddings left out, as a finished run's steps leave them).
+ * Read once its calls' usage is written (`RunDeps.charged`); each total only rises (a record still
+ * unwritten does not lower the steps' own). Found through the owner's records since the run first
+ * started (their index), not an index of `run_id`, which every gateway call's row would pay for
+ * (bench/RESULTS.md, stop 40). Undefined when the worker no longer holds it.
  */
-export async function paidByRun(db: Db, run: Pick<Run, 'id' | 'owner_id' | 'created_at'>): Promise<{ usage: RunUsage; cost: string }> {
-  const [row] = await db
+export async function addPaidTotals(db: Db, run: Pick<Run, 'id' | 'owner_id' | 'created_at' | 'started_at'>, workerId: string): Promise<Run | undefined> {
+  const [paid] = await db
     .select(usageTotalColumns())
     .from(usageRecords)
-    .where(and(eq(usageRecords.owner_id, run.owner_id), sql`${usageRecords.created_at} >= ${run.created_at}::timestamptz - ${CLOCK_SKEW}`, eq(usageRecords.run_id, run.id)));
-  const { cost, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens } = row!;
-  return { usage: { input_tokens, output_tokens, cached_input_tokens, reasoning_tokens }, cost };
-}
-
-/** A stopped run's totals, by the worker that still holds it (a run another worker took over is left to that one). */
-export async function setPaid(db: Db, runId: string, workerId: string, paid: { usage: RunUsage; cost: string }): Promise<void> {
-  await db.update(runs).set(paid).where(and(eq(runs.id, runId), eq(runs.lease_owner, workerId)));
+    .where(
+      and(
+        eq(usageRecords.owner_id, run.owner_id),
+        sql`${usageRecords.created_at} >= ${run.started_at ?? run.created_at}::timestamptz - ${CLOCK_SKEW}`,
+        eq(usageRecords.run_id, run.id),
+        ne(usageRecords.operation, 'embed'),
+      ),
+    );
+  const { cost, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens } = paid!;
+  const count = (name: keyof RunUsage, value: number) => sql`greatest(coalesce((${runs.usage}->>${name})::bigint, 0), ${value}::bigint)`;
+  const [row] = await db
+    .update(runs)
+    .set({
+      cost: sql`greatest(${runs.cost}, ${cost}::numeric)`,
+      usage: sql`jsonb_build_object('input_tokens', ${count('input_tokens', input_tokens)}, 'output_tokens', ${count('output_tokens', output_tokens)}, 'cached_input_tokens', ${count('cached_input_tokens', cached_input_tokens)}, 'reasoning_tokens', ${count('reasoning_tokens', reasoning_tokens)})`,
+    })
+    .where(and(eq(runs.id, run.id), eq(runs.lease_owner, workerId), inArray(runs.status, FINAL_RUN_STATUSES)))
+    .returning();
+  return row;
 }

@@ -251,9 +251,8 @@ export class AgentRunner {
         // Which one says how the cancel arrived: its signal, or the status seen at a lease renewal.
         log.info({ runId: run.id, stop: stop.kind }, 'run stopped: cancelled, or no longer this worker\'s');
         // The final event (a cancel leaves it to this worker) comes after what the stopped calls cost
-        // is written, and the run's totals with it (the stopped call's included).
+        // is written, with the run's totals (the stopped call's included: see withPaidTotals).
         await deps.charged?.();
-        await runCrud.setPaid(deps.db, run.id, this.workerId, await runCrud.paidByRun(deps.db, run));
         await this.afterLostRun(run.id);
         return;
       }
@@ -261,9 +260,8 @@ export class AgentRunner {
       if (!(error instanceof HttpError) && !(error instanceof RunFailure) && !stop) log.error({ err: error, runId: run.id }, 'run failed');
       else log.info({ runId: run.id, reason: message, ...(error instanceof UpstreamError ? { upstream: error.message } : {}) }, 'run failed');
       await deps.charged?.();
-      const paid = await runCrud.paidByRun(deps.db, run);
-      const ended = await finishRun(deps, run, { status: 'failed', error: message, ...paid }, { leaseOwner: this.workerId });
-      if (ended) await this.closeEnded(ended.run, announcement.splice(0));
+      const ended = await finishRun(deps, run, { status: 'failed', error: message }, { leaseOwner: this.workerId });
+      if (ended) await this.closeEnded(await this.withPaidTotals(ended.run), announcement.splice(0));
       else await this.afterLostRun(run.id);
     } finally {
       clearTimeout(deadlineTimer);
@@ -287,8 +285,24 @@ export class AgentRunner {
       // Our lease is still on it: a lost renewal (database trouble). Let it expire; the sweep resumes it.
       return;
     }
-    await appendFinalEvent(this.deps, run);
+    await appendFinalEvent(this.deps, await this.withPaidTotals(run));
     await runCrud.releaseLease(this.deps.db, runId, this.workerId, false);
+  }
+
+  /**
+   * A run this worker stopped (failed, cancelled) and still holds, with the totals its usage
+   * records show once its calls are charged: the stopped call never reaches a step's transaction,
+   * so its cost was missing from the run. Never below the steps' totals (a record still unwritten
+   * does not lower them), and best effort: a failure keeps the steps' totals, logged, and the run
+   * ends all the same.
+   */
+  private async withPaidTotals(run: Run): Promise<Run> {
+    try {
+      return (await runCrud.addPaidTotals(this.deps.db, run, this.workerId)) ?? run;
+    } catch (error) {
+      this.deps.log.warn({ err: error, runId: run.id }, 'run totals not read from its usage records; its steps\' totals kept');
+      return run;
+    }
   }
 
   /**
