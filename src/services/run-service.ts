@@ -65,10 +65,16 @@ function readEarly(ctx: ServiceContext, agentId: string | undefined, threadId?: 
   };
   const userId = ctx.principal.user.id;
   const agent = quiet(agentId ? agentCrud.getVisible(ctx.db, ctx.principal, agentId) : getDefault(ctx.db, userId));
-  if (!ctx.settings.BILLING_ENABLED) return { agent, balance: null };
+  // The start's checks (checkCredits) estimate the prompt when billing is on or the key has a budget.
+  const checked = ctx.settings.BILLING_ENABLED || keyBudgetOf(ctx) !== null;
+  const history = checked && threadId !== undefined ? quiet(historySize(ctx.db, threadId)) : undefined;
+  if (!ctx.settings.BILLING_ENABLED) return { agent, balance: null, historySize: history };
   const balance = { userId, read: quiet(billingCrud.getBalance(ctx.db, userId)) };
-  return { agent, balance, historySize: threadId === undefined ? undefined : quiet(historySize(ctx.db, threadId)) };
+  return { agent, balance, historySize: history };
 }
+
+/** The caller's API key's `max_budget` (null: no key, or no budget). */
+const keyBudgetOf = (ctx: ServiceContext): string | null => (ctx.principal.apiKeyId !== null ? (ctx.principal.apiKeyLimits?.max_budget ?? null) : null);
 
 /** The run's agent, model and first-step credit check; `ownerId` is whose thread it runs on (who pays). */
 async function plan(ctx: ServiceContext, ownerId: string, agentId: string | undefined, model: string | undefined, input: string | undefined, history: readonly HistoryMessage[] = [], early: EarlyReads = readEarly(ctx, agentId)): Promise<RunPlan> {
@@ -96,8 +102,7 @@ async function plan(ctx: ServiceContext, ownerId: string, agentId: string | unde
  */
 async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, model: string, input: string | undefined, history: readonly HistoryMessage[], early: EarlyReads): Promise<void> {
   // The caller's key's spend cap holds its calls too, billing on or off.
-  const { apiKeyId, apiKeyLimits } = ctx.principal;
-  const budget = apiKeyId !== null ? (apiKeyLimits?.max_budget ?? null) : null;
+  const budget = keyBudgetOf(ctx);
   if (!ctx.settings.BILLING_ENABLED && budget === null) return;
   const info = ctx.models.modelAsCalled(model);
   if (!info) return; // the run fails with "unknown model", in words
@@ -111,8 +116,9 @@ async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, 
   // The manager's own worst case (the model's output limit caps the default): what the first call will reserve.
   const { cost: needed } = ctx.models.worstCase(info, inputTokens, agent.max_output_tokens ?? undefined);
   const firstStep = `its first step with ${info.id} needs up to ${formatMoney(needed)}`;
-  if (budget !== null) {
-    const spend = await billingCrud.keySpend(ctx.db, apiKeyId!);
+  // A free first step is not held against the key (the meter holds nothing for it).
+  if (budget !== null && needed !== '0') {
+    const spend = await billingCrud.keySpend(ctx.db, ctx.principal.apiKeyId!);
     if (addCosts(budget, `-${spend.spent}`, `-${spend.reserved}`, `-${needed}`).startsWith('-')) throw new PaymentRequiredError(`${overBudgetMessage(budget, spend)}; ${firstStep}`);
   }
   if (!ctx.settings.BILLING_ENABLED) return;

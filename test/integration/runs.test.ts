@@ -246,6 +246,26 @@ describe('tools', () => {
   });
 });
 
+describe("a key's max_budget, billing off", () => {
+  it('a start whose first step the budget left cannot cover is 402 before anything is written, the thread\'s history counted', async () => {
+    // fake-precise: 1.23 in, 4.56 out per million; 10 output tokens at most: 45.6 millionths, plus the prompt.
+    const { owner, thread } = await setup({ max_output_tokens: 10 });
+    const key = await createKey(ctx.app, owner, { name: 'capped', max_budget: '0.0001' });
+    // A short thread fits the budget…
+    fake.script(MODEL, { text: 'ok', usage: { prompt_tokens: 1, completion_tokens: 1 } });
+    const first = await startRun(ctx.app, xApiKey(key.key), thread.id, { input: 'hi' });
+    await waitForRun(ctx.app, owner.headers, first.id, ['completed']);
+    // …one whose history is ~1,000 tokens does not (1.23 millionths a token): refused before its run or message is written.
+    expect((await api('POST', `/threads/${thread.id}/messages`, owner.headers, { content: 'history '.repeat(500) })).statusCode).toBe(200);
+    const messagesBefore = (await api('GET', `/threads/${thread.id}/messages`, owner.headers)).json<{ count: number }>().count;
+    const refused = await api('POST', `/threads/${thread.id}/runs`, xApiKey(key.key), { input: 'hi again' });
+    expect(refused.statusCode, refused.body).toBe(402);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/^API key budget exceeded: max_budget 0\.0001, spent /);
+    expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<{ count: number }>().count).toBe(1);
+    expect((await api('GET', `/threads/${thread.id}/messages`, owner.headers)).json<{ count: number }>().count).toBe(messagesBefore);
+  });
+});
+
 describe('what a revoked key or a deactivated user started', () => {
   /** A user, a key of theirs, a run of the key streaming slowly (two pieces sent), one queued behind it, and one the user started with their token. */
   async function keyRuns() {
