@@ -22,10 +22,8 @@ import type { ServiceContext } from './context.js';
 import { availableCredits, formatMoney, overBudgetMessage } from './money.js';
 import * as threadService from './thread-service.js';
 
-/** A run as the API answers it: the cost as a plain decimal string. */
-export function publicRun(run: Run) {
-  return { ...runView(run), cost: formatMoney(run.cost) };
-}
+/** A run as the API answers it (and as its events carry it). */
+export const publicRun = runView;
 
 // ==================== Starting ====================
 

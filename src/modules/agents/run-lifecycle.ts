@@ -14,7 +14,7 @@ import { type Message, type Run, runs, threads } from '../../models/index.js';
 
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
-import type { ModelManager } from '../ai-models/index.js';
+import { addCosts, type ModelManager } from '../ai-models/index.js';
 import type { NewRunEvent, RunBus, RunEventName } from './run-bus.js';
 import { RunEventsRefusedError } from './run-bus-errors.js';
 import type { ToolImplementations } from './tools.js';
@@ -35,7 +35,8 @@ export interface RunDeps {
 /** A run as clients see it (GET /runs/{id} and the `run` of run.* events): no lease internals. */
 export function runView(run: Run) {
   const { lease_owner: _owner, lease_expires_at: _expires, waiting: _waiting, input_message_id: _input, api_key_id: _key, ...view } = run;
-  return view;
+  // Money as every answer shows it: the stored numeric's `"11.000000000000"` is `"11"` (events and GET /runs/{id} alike).
+  return { ...view, cost: addCosts(view.cost) };
 }
 export type RunView = ReturnType<typeof runView>;
 
