@@ -81,8 +81,9 @@ export async function create(ctx: ServiceContext, models: ModelManager, input: M
 /** Changes the given fields of a model (by id or alias); a built-in one gets its override row. */
 export async function update(ctx: ServiceContext, models: ModelManager, idOrAlias: string, input: ModelUpdate): Promise<ModelView> {
   ensureSuperuser(ctx.principal);
-  const { id, capabilities } = get(models, idOrAlias);
-  checkFallbacks(models, id, input.capabilities ?? capabilities, input.fallbacks);
+  const { id, capabilities, fallbacks } = get(models, idOrAlias);
+  // New capabilities are checked against the fallbacks the model keeps, too.
+  checkFallbacks(models, id, input.capabilities ?? capabilities, input.fallbacks ?? (input.capabilities ? fallbacks : undefined));
   await checkProvider(ctx, input.provider);
   await overrideCrud.upsert(ctx.db, id, input);
   ctx.log.info({ model: id, fields: Object.keys(input) }, 'Model updated');

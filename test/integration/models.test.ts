@@ -184,6 +184,8 @@ describe('superuser changes', () => {
     const taken = await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: ['gpt-4.1-mini-2025-04-14', 'gpt-4.1-2025-04-14'] });
     expect(taken.statusCode, taken.body).toBe(200);
     expect(taken.json<ModelBody>().fallbacks).toEqual(['gpt-4.1-mini-2025-04-14', 'gpt-4.1-2025-04-14']);
+    // Capabilities changed alone are checked against the fallbacks kept.
+    expectValidationError(await api('PATCH', '/models/gpt-4.1', admin, { capabilities: ['chat', 'embedding'] }), ['body', 'fallbacks', 0]);
     expect((await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: [] })).statusCode).toBe(200);
     // A hidden built-in brought back is checked as what it is (an embedding model), not as a custom chat model.
     expect((await api('DELETE', '/models/text-embedding-3-small', admin)).statusCode).toBe(200);
