@@ -6,6 +6,7 @@ import { ShuttingDownError } from '../core/errors.js';
 
 import {
   ChatCompletion,
+  ChatCompletionEvents,
   ChatCompletionRequest,
   EmbeddingList,
   EmbeddingRequest,
@@ -161,7 +162,8 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
           'OpenAI\'s Chat Completions through the model manager (retries, fallbacks, timeouts, metering). `stream: true` answers `text/event-stream` in OpenAI\'s chunk framing, ending in `data: [DONE]`. Only `n=1`. With `model: agent:<id>` the agent runs on a thread — `metadata.thread_id`, or a new one that the earlier user/assistant messages start — the last message (the user\'s) is its input, and the answer is the run\'s (`x-keel-thread-id`, `x-keel-run-id` headers; `metadata` in the body). For agents: system, tool messages and `tools` are 400; 404 `model_not_found` for another user\'s agent; 409 while a run works on the thread; 500 `agent_run_failed` with the run\'s error.',
         tags,
         body: ChatCompletionRequest,
-        response: { 200: ChatCompletion, ...openAIErrors },
+        // Both answers a client generator should know of: the completion, or (`stream: true`) its events.
+        response: { 200: { content: { 'application/json': { schema: ChatCompletion }, 'text/event-stream': { schema: ChatCompletionEvents } } }, ...openAIErrors },
       },
     },
     async (request, reply) => {
@@ -178,7 +180,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
           .send(completionBody(events, first, frames, request.log, reply.raw) as never);
       }
       const result = await models.chat(chat);
-      return reply.type(JSON_TYPE).send(completionJson(result) as never);
+      return reply.type(JSON_TYPE).send(completionJson(result));
     },
   );
 

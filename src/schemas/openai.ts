@@ -235,6 +235,12 @@ export const ChatCompletion = z
     description: 'The answer; with `stream: true` the route answers `text/event-stream` of `chat.completion.chunk` objects ending in `data: [DONE]`.',
   });
 
+/** A streamed completion as it goes over the wire (`stream: true`). */
+export const ChatCompletionEvents = z.string().meta({
+  id: 'ChatCompletionEvents',
+  description: 'Server-sent events: `data: <chat.completion.chunk JSON>` per chunk (the last one with `usage` and no choices when `stream_options.include_usage`), then `data: [DONE]`; a failure after the first chunk is a `data: {"error": {...}}` event.',
+});
+
 // ==================== Embeddings ====================
 
 export const EmbeddingRequest = z

@@ -60,6 +60,11 @@ describe('the OpenAPI document', () => {
     for (const status of ['404', '410', '503']) expect(Object.keys(responses[status]!.content ?? {})).toEqual(['application/json']);
   });
 
+  it('documents a chat completion as JSON or, streamed, as text/event-stream', () => {
+    const { responses } = operationsOf(document).find(({ operation }) => operation.operationId === 'openai_create_chat_completion')!.operation;
+    expect(Object.keys(responses['200']!.content ?? {})).toEqual(['application/json', 'text/event-stream']);
+  });
+
   it('gives every operation a success response whose schema resolves', () => {
     const missing: string[] = [];
     for (const { path, method, operation } of operationsOf(document)) {
