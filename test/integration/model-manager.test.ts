@@ -671,15 +671,18 @@ describe('a conversation the SDK cannot convert, an error event in a stream', ()
 
   it('a stream that carries the provider\'s error event after its first text fails with the provider\'s 502 naming it, on every path', async () => {
     const chunk = (delta: unknown) => `data: ${JSON.stringify({ id: 'x', object: 'chat.completion.chunk', created: 1, model: 'fake-chat', choices: [{ index: 0, delta, finish_reason: null }] })}\n\n`;
-    const rawBody = `${chunk({ role: 'assistant', content: 'Hel' })}data: ${JSON.stringify({ error: { message: 'overloaded mid stream', type: 'server_error' } })}\n\n`;
-    for (const [path, extra] of NAMED) {
-      server.reset();
-      server.script('fake-chat', { rawBody });
-      const failure = await streamFailure(manager().stream({ model: 'fake-chat', messages: hello, ...extra }));
-      expect(failure, path).toBeInstanceOf(UpstreamError);
-      expect(failure, path).toMatchObject({ statusCode: 502 });
-      expect((failure as Error).message, path).toBe('Upstream error in the stream: overloaded mid stream'); // the same words on every path
-      expect(server.log, path).toHaveLength(1); // text reached the caller: no retry, no fallback
+    // The second reads like a lost connection ("socket"): it is still the provider's event.
+    for (const message of ['overloaded mid stream', 'upstream socket terminated']) {
+      const rawBody = `${chunk({ role: 'assistant', content: 'Hel' })}data: ${JSON.stringify({ error: { message, type: 'server_error' } })}\n\n`;
+      for (const [path, extra] of NAMED) {
+        server.reset();
+        server.script('fake-chat', { rawBody });
+        const failure = await streamFailure(manager().stream({ model: 'fake-chat', messages: hello, ...extra }));
+        expect(failure, path).toBeInstanceOf(UpstreamError);
+        expect(failure, path).toMatchObject({ statusCode: 502 });
+        expect((failure as Error).message, path).toBe(`Upstream error in the stream: ${message}`); // the same words on every path
+        expect(server.log, path).toHaveLength(1); // text reached the caller: no retry, no fallback
+      }
     }
   });
 });

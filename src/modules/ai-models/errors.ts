@@ -108,12 +108,7 @@ export class ModelCallAbortedError extends HttpError {
  */
 export class StreamErrorEvent extends Error {
   constructor(readonly event: unknown) {
-    super(streamEventMessage(event) ?? 'An error event without a message');
+    const message = typeof event === 'string' ? event : (event as { message?: unknown } | null | undefined)?.message;
+    super(typeof message === 'string' ? message : 'An error event without a message');
   }
-}
-
-/** The message of a stream's error event: its `message` when it has one (OpenAI's `{message, type, code}`). */
-export function streamEventMessage(event: unknown): string | undefined {
-  const message = (event as { message?: unknown } | null | undefined)?.message;
-  return typeof message === 'string' ? message : undefined;
 }

@@ -61,7 +61,6 @@ import {
   ModelTimeoutError,
   ModelToolChoiceError,
   StreamErrorEvent,
-  streamEventMessage,
   UpstreamError,
 } from './errors.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
@@ -750,16 +749,19 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   if (JSONParseError.isInstance(error) || TypeValidationError.isInstance(error) || InvalidResponseDataError.isInstance(error)) {
     return { kind: 'fatal', error: new UpstreamError(`Upstream 200 error: ${InvalidResponseDataError.isInstance(error) ? error.message : 'Invalid JSON response'}`, 200) };
   }
+  // A stream's error event (the provider's words, however they read: before the connection errors' pattern).
+  if (error instanceof StreamErrorEvent) return { kind: 'retryable', error: new UpstreamError(`Upstream error in the stream: ${error.message}`) };
   if (error instanceof Error && (error.name === 'TypeError' || /ECONNRESET|ECONNREFUSED|socket|terminated|fetch failed/i.test(`${error.message} ${String(error.cause)}`))) {
     return { kind: 'retryable', error: new UpstreamError(`Upstream connection error: ${error.message}`) };
   }
-  // A stream's error event: the provider's error object (OpenAI's `{message, type, code}`), as the
-  // SDK hands it on (not an Error) and the wire reads it — the provider's failure either way.
-  if (error instanceof StreamErrorEvent || (!(error instanceof Error) && streamEventMessage(error) !== undefined)) {
-    return { kind: 'retryable', error: new UpstreamError(`Upstream error in the stream: ${error instanceof StreamErrorEvent ? error.message : streamEventMessage(error)}`) };
-  }
   return { kind: 'fatal', error: error instanceof Error ? error : new Error(String(error)) };
 }
+
+/**
+ * What an SDK stream's error part carries, to throw: an Error as it is; anything else is the
+ * provider's error event as its chunk held it (OpenAI's `{message, type, code}`), as the wire reads it.
+ */
+const streamError = (error: unknown): Error => (error instanceof Error ? error : new StreamErrorEvent(error));
 
 /** The SDK's refusals of a prompt it cannot convert (`convertToLanguageModelPrompt` and the providers' converters). */
 const isPromptError = (error: unknown): error is Error =>
@@ -1149,7 +1151,7 @@ export class ModelManager {
             } else if (part.type === 'tool-input-delta') yield { type: 'tool-input', chars: part.delta.length };
             else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: modelToolCall(declared, part) };
             else if (part.type === 'finish') yield { type: 'finish', finishReason: part.finishReason.unified, usage: toTokenUsage(asLanguageModelUsage(part.usage)) };
-            else if (part.type === 'error') throw part.error;
+            else if (part.type === 'error') throw streamError(part.error);
             else yield PROGRESS;
           }
         })(),
@@ -1165,7 +1167,7 @@ export class ModelManager {
           else if (part.type === 'tool-input-delta') yield { type: 'tool-input', chars: part.delta.length };
           else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: { toolCallId: part.toolCallId, toolName: part.toolName, input: part.input as unknown } };
           else if (part.type === 'finish') yield { type: 'finish', finishReason: part.finishReason, usage: toTokenUsage(part.totalUsage) };
-          else if (part.type === 'error') throw part.error;
+          else if (part.type === 'error') throw streamError(part.error);
           else if (part.type === 'abort') throw attempt.reason ?? new ModelCallAbortedError();
           else yield PROGRESS;
         }
