@@ -537,7 +537,6 @@ const GROUP_COLUMNS: Record<GroupBy, SQL> = {
 };
 const GROUP_NAMES: Record<GroupBy, string> = { model: 'model', day: 'day', api_key: 'api_key_id' };
 
-/** Usage in [from, to) that `visible` selects, summed per group (all of it when `groupBy` is empty). */
 /** A count column summed over usage records (0 over none). */
 const summed = (column: AnyPgColumn) => sql<number>`coalesce(sum(${column}), 0)`.mapWith(Number);
 
@@ -551,6 +550,7 @@ export const usageTotalColumns = () => ({
   cost: sql<string>`coalesce(sum(${usageRecords.cost}), 0)::text`,
 });
 
+/** Usage in [from, to) that `visible` selects, summed per group (all of it when `groupBy` is empty). */
 export async function summarize(db: Db, visible: SQL | undefined, from: Date, to: Date, groupBy: readonly GroupBy[]): Promise<SummaryRow[]> {
   const groups: Record<string, SQL> = Object.fromEntries(groupBy.map((g) => [GROUP_NAMES[g], GROUP_COLUMNS[g]]));
   const keys = groupBy.map((g) => GROUP_COLUMNS[g]);

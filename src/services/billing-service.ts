@@ -22,11 +22,10 @@ const DEFAULT_RANGE_DAYS = 30;
  * naming another user is refused (403), a project-scoped key too (SPEC §3: no account resources).
  */
 export function accountOf(principal: Principal, userId: string | undefined): string {
-  // A UUID may come in capitals; ids are stored (and credit windows kept) in lower case.
-  const id = userId?.toLowerCase();
-  if (id === undefined || id === principal.user.id) return principal.user.id;
+  // The query's schema (Id) has put the id in lower case, as ids are stored and credit windows kept.
+  if (userId === undefined || userId === principal.user.id) return principal.user.id;
   ensureSuperuser(principal);
-  return id;
+  return userId;
 }
 
 /**

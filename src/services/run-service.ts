@@ -66,8 +66,7 @@ function readEarly(ctx: ServiceContext, agentId: string | undefined, threadId?: 
   // The start's checks (checkCredits) estimate the prompt when billing is on or the key has a budget.
   const checked = ctx.settings.BILLING_ENABLED || keyBudgetOf(ctx) !== null;
   const history = checked && threadId !== undefined ? quiet(historySize(ctx.db, threadId)) : undefined;
-  if (!ctx.settings.BILLING_ENABLED) return { agent, balance: null, historySize: history };
-  const balance = { userId, read: quiet(billingCrud.getBalance(ctx.db, userId)) };
+  const balance = ctx.settings.BILLING_ENABLED ? { userId, read: quiet(billingCrud.getBalance(ctx.db, userId)) } : null;
   return { agent, balance, historySize: history };
 }
 
