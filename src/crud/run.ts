@@ -284,6 +284,9 @@ function finalEventPending(guard: EndGuard): Partial<Record<'lease_owner' | 'lea
 /** Who may end a run: its worker (by lease), the sweeper (lease expired), or anyone (a cancel). */
 export type EndGuard = { leaseOwner: string } | { leaseExpired: true } | null;
 
+/** A run's end: its status and error, its worker's last totals, or the totals its calls were charged (`paid`, raising the stored ones). */
+export type EndValues = Pick<NewRun, 'status' | 'error'> & Partial<Pick<NewRun, 'steps' | 'usage' | 'cost'>> & { paid?: PaidTotals };
+
 /**
  * Ends an active run with a final status (and its worker's last totals), if the guard holds: one
  * conditional UPDATE, so a final status is never changed. The lease stays on a run its worker
@@ -292,8 +295,8 @@ export type EndGuard = { leaseOwner: string } | { leaseExpired: true } | null;
  * sweep writes (endedWithExpiredLease) — readers are never left waiting. An end no worker will
  * write the final event of (the sweep's, or a cancel of a run nobody held) leaves FINAL_EVENT_PENDING.
  */
-export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status' | 'error'> & Partial<Pick<NewRun, 'steps' | 'usage' | 'cost'>>, guard: EndGuard, releaseLease = false): Promise<Run | undefined> {
-  if (guard && 'leaseOwner' in guard && values.steps !== undefined && values.usage !== undefined && values.cost !== undefined) {
+export async function endRun(tx: Db, runId: string, values: EndValues, guard: EndGuard, releaseLease = false): Promise<Run | undefined> {
+  if (guard && 'leaseOwner' in guard && values.steps !== undefined && values.usage !== undefined && values.cost !== undefined && !values.paid) {
     // The runner's end of its run, with its totals: every run's last write, prepared.
     const [row] = await (releaseLease ? endedAndReleased : endedByWorker)(tx).execute({ run_id: runId, worker_id: guard.leaseOwner, status: values.status, error: values.error, steps: values.steps, usage: values.usage, cost: values.cost });
     return row;
@@ -301,10 +304,13 @@ export async function endRun(tx: Db, runId: string, values: Pick<NewRun, 'status
   const conditions: (SQL | undefined)[] = [eq(runs.id, runId), active];
   if (guard && 'leaseOwner' in guard) conditions.push(eq(runs.lease_owner, guard.leaseOwner));
   if (guard && 'leaseExpired' in guard) conditions.push(eq(runs.status, 'running'), or(isNull(runs.lease_owner), lt(runs.lease_expires_at, sql`now()`)));
+  const { paid, ...own } = values;
   const [row] = await tx
     .update(runs)
     .set({
-      ...values,
+      ...own,
+      // Its calls' usage records, where they show more than the steps did (a stopped run's last call).
+      ...(paid && raisedTo(paid)),
       waiting: false,
       ended_at: sql`now()`,
       ...(releaseLease ? { lease_owner: null, lease_expires_at: null } : finalEventPending(guard)),
@@ -533,16 +539,18 @@ export async function clearEndedLease(db: Db, runId: string, owner?: string): Pr
  */
 const CLOCK_SKEW = sql`interval '10 minutes'`;
 
+/** What a run's model calls were charged, summed from their usage records (`paidTotals`). */
+export type PaidTotals = Pick<Run, 'usage' | 'cost'>;
+
 /**
- * A stopped run (failed, cancelled) still held by `workerId`, with its totals raised to what its
- * model calls were charged, summed from their usage records (every attempt's, the stopped call's
- * included; its knowledge searches' embeddings left out, as a finished run's steps leave them).
- * Read once its calls' usage is written (`RunDeps.charged`); each total only rises (a record still
- * unwritten does not lower the steps' own). Found through the owner's records since the run first
- * started (their index), not an index of `run_id`, which every gateway call's row would pay for
- * (bench/RESULTS.md, stop 40). Undefined when the worker no longer holds it.
+ * What a stopped run's model calls were charged, summed from their usage records (every attempt's,
+ * the stopped call's included: it never reaches a step's transaction; its knowledge searches'
+ * embeddings left out, as a finished run's steps leave them). Read once its calls' usage is
+ * written (`RunDeps.charged`). Found through the owner's records since the run first started
+ * (their index), not an index of `run_id`, which every gateway call's row would pay for
+ * (bench/RESULTS.md, stop 40).
  */
-export async function addPaidTotals(db: Db, run: Pick<Run, 'id' | 'owner_id' | 'created_at' | 'started_at'>, workerId: string): Promise<Run | undefined> {
+export async function paidTotals(db: Db, run: Pick<Run, 'id' | 'owner_id' | 'created_at' | 'started_at'>): Promise<PaidTotals> {
   const [paid] = await db
     .select(usageTotalColumns())
     .from(usageRecords)
@@ -555,14 +563,27 @@ export async function addPaidTotals(db: Db, run: Pick<Run, 'id' | 'owner_id' | '
       ),
     );
   const { cost, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens } = paid!;
-  const count = (name: keyof RunUsage, value: number) => sql`greatest(coalesce((${runs.usage}->>${name})::bigint, 0), ${value}::bigint)`;
+  return { cost, usage: { input_tokens, output_tokens, cached_input_tokens, reasoning_tokens } };
+}
+
+/** A run's totals raised to `paid` where it is higher: each only rises (a record still unwritten does not lower the steps' own). */
+function raisedTo(paid: PaidTotals) {
+  const count = (name: keyof RunUsage) => sql`greatest(coalesce((${runs.usage}->>${name})::bigint, 0), ${paid.usage[name]}::bigint)`;
+  return {
+    cost: sql`greatest(${runs.cost}, ${paid.cost}::numeric)`,
+    usage: sql`jsonb_build_object('input_tokens', ${count('input_tokens')}, 'output_tokens', ${count('output_tokens')}, 'cached_input_tokens', ${count('cached_input_tokens')}, 'reasoning_tokens', ${count('reasoning_tokens')})`,
+  };
+}
+
+/**
+ * A stopped run still held by `workerId` whose end came from elsewhere (a cancel), with its totals
+ * raised to `paid`. Undefined when the worker no longer holds it.
+ */
+export async function raisePaidTotals(db: Db, runId: string, paid: PaidTotals, workerId: string): Promise<Run | undefined> {
   const [row] = await db
     .update(runs)
-    .set({
-      cost: sql`greatest(${runs.cost}, ${cost}::numeric)`,
-      usage: sql`jsonb_build_object('input_tokens', ${count('input_tokens', input_tokens)}, 'output_tokens', ${count('output_tokens', output_tokens)}, 'cached_input_tokens', ${count('cached_input_tokens', cached_input_tokens)}, 'reasoning_tokens', ${count('reasoning_tokens', reasoning_tokens)})`,
-    })
-    .where(and(eq(runs.id, run.id), eq(runs.lease_owner, workerId), inArray(runs.status, FINAL_RUN_STATUSES)))
+    .set(raisedTo(paid))
+    .where(and(eq(runs.id, runId), eq(runs.lease_owner, workerId), inArray(runs.status, FINAL_RUN_STATUSES)))
     .returning();
   return row;
 }

@@ -1,5 +1,6 @@
 import type { AddressInfo } from 'node:net';
 
+import { sql } from 'drizzle-orm';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
 import { getBalance, ledgerSum } from '../../src/crud/billing.js';
@@ -186,9 +187,15 @@ describe('runs with billing on', () => {
     const thread = await createThread(ctx.app, owner.headers);
     await grant(owner, '100');
     fake.script('fake-precise', { hang: true });
+    // Every write of the run as a reader could see it once committed: polling could miss the moment
+    // between its end and a later write of its totals.
+    const { db } = ctx.database;
+    await db.execute(sql`create table run_writes (run_id uuid not null, status text not null, cost numeric not null)`);
+    await db.execute(sql.raw(`create function record_run_write() returns trigger language plpgsql as $$ begin insert into run_writes values (new.id, new.status, new.cost); return null; end $$`));
+    await db.execute(sql`create trigger record_run_write after update on runs for each row execute function record_run_write()`);
     const started = Date.now();
     const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'never answered' });
-    const final = await waitForRun(ctx.app, owner.headers, run.id, ['failed'], 5_000);
+    const final = await waitForRun(ctx.app, owner.headers, run.id, ['failed'], 5_000).finally(() => db.execute(sql`drop trigger record_run_write on runs`));
     expect(Date.now() - started).toBeLessThan(3_000);
     expect(final.error).toBe('The run passed its deadline of 1 s (RUN_TIMEOUT_SECONDS) and was stopped');
     await fake.waitFor((log) => log[0]!.aborted, 1_000);
@@ -197,6 +204,10 @@ describe('runs with billing on', () => {
     expect(Number(final.cost)).toBeGreaterThan(0);
     expect(final.usage.input_tokens).toBeGreaterThan(0);
     expect(Number((await getBalance(ctx.database.db, owner.user.id)).balance)).toBeCloseTo(100 - Number(final.cost), 12);
+    // It failed and showed that cost in one write: no reader saw it failed and free.
+    const writes = await db.execute(sql`select status, cost::text as cost from run_writes where run_id = ${run.id} and status <> 'running'`).then((r) => (r as { rows: { status: string; cost: string }[] }).rows);
+    expect(writes.length).toBeGreaterThan(0);
+    for (const write of writes) expect(Number(write.cost), write.status).toBe(Number(final.cost));
   });
 
   it('a cancelled run shows what its calls were charged, the one stopped mid-stream included', async () => {

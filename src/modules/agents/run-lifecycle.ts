@@ -79,7 +79,7 @@ export interface EndedRun {
 }
 
 /** How a run ends: its final status, the error in words, and (from its worker) its last step's totals. */
-export type RunOutcome = { status: 'completed' | 'failed' | 'cancelled'; error?: string | null; /** Its worker lets go of it in the same update (its final event is stored in the same transaction). */ releaseLease?: boolean } & Partial<Pick<Run, 'steps' | 'usage' | 'cost'>>;
+export type RunOutcome = { status: 'completed' | 'failed' | 'cancelled'; error?: string | null; /** Its worker lets go of it in the same update (its final event is stored in the same transaction). */ releaseLease?: boolean } & Partial<Pick<runCrud.EndValues, 'steps' | 'usage' | 'cost' | 'paid'>>;
 
 /**
  * Inside a transaction: ends a run if it is active and `guard` holds, and hands its thread on.

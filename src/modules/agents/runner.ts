@@ -260,8 +260,9 @@ export class AgentRunner {
       if (!(error instanceof HttpError) && !(error instanceof RunFailure) && !stop) log.error({ err: error, runId: run.id }, 'run failed');
       else log.info({ runId: run.id, reason: message, ...(error instanceof UpstreamError ? { upstream: error.message } : {}) }, 'run failed');
       await deps.charged?.();
-      const ended = await finishRun(deps, run, { status: 'failed', error: message }, { leaseOwner: this.workerId });
-      if (ended) await this.closeEnded(await this.withPaidTotals(ended.run), announcement.splice(0));
+      // Its totals as charged come with the failure, in one update: a reader never sees it failed without them.
+      const ended = await finishRun(deps, run, { status: 'failed', error: message, paid: await this.paidTotals(run) }, { leaseOwner: this.workerId });
+      if (ended) await this.closeEnded(ended.run, announcement.splice(0));
       else await this.afterLostRun(run.id);
     } finally {
       clearTimeout(deadlineTimer);
@@ -290,19 +291,25 @@ export class AgentRunner {
   }
 
   /**
-   * A run this worker stopped (failed, cancelled) and still holds, with the totals its usage
-   * records show once its calls are charged: the stopped call never reaches a step's transaction,
-   * so its cost was missing from the run. Never below the steps' totals (a record still unwritten
-   * does not lower them), and best effort: a failure keeps the steps' totals, logged, and the run
+   * What a run this worker stopped (failed, cancelled) was charged, from its usage records once its
+   * calls are charged: the stopped call never reaches a step's transaction, so its cost was missing
+   * from the run. Best effort: a failure keeps the steps' totals (undefined), logged, and the run
    * ends all the same.
    */
-  private async withPaidTotals(run: Run): Promise<Run> {
+  private async paidTotals(run: Run): Promise<runCrud.PaidTotals | undefined> {
     try {
-      return (await runCrud.addPaidTotals(this.deps.db, run, this.workerId)) ?? run;
+      return await runCrud.paidTotals(this.deps.db, run);
     } catch (error) {
       this.deps.log.warn({ err: error, runId: run.id }, 'run totals not read from its usage records; its steps\' totals kept');
-      return run;
+      return undefined;
     }
+  }
+
+  /** A run this worker stopped and still holds whose end came from elsewhere (a cancel), with its totals as charged (paidTotals). */
+  private async withPaidTotals(run: Run): Promise<Run> {
+    const paid = await this.paidTotals(run);
+    const raised = paid && (await runCrud.raisePaidTotals(this.deps.db, run.id, paid, this.workerId).catch((error: unknown) => this.deps.log.warn({ err: error, runId: run.id }, "run totals not raised to its usage records; its steps' totals kept")));
+    return raised ?? run;
   }
 
   /**
