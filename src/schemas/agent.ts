@@ -1,7 +1,7 @@
 import { z } from 'zod';
 
 import { TOOL_NAMES } from '../modules/agents/tools.js';
-import { Id, Metadata, Pagination, Tags, Timestamp } from './common.js';
+import { Id, integerParam, Metadata, Pagination, Tags, Timestamp } from './common.js';
 
 /** Longest system prompt, in characters. */
 export const SYSTEM_PROMPT_MAX_CHARS = 100_000;
@@ -110,7 +110,7 @@ export const AgentVersionPublic = z
   .meta({ id: 'AgentVersionPublic' });
 
 export const AgentIdParams = z.object({ agent_id: Id });
-export const AgentVersionParams = z.object({ agent_id: Id, version: z.coerce.number().int().min(1).max(2_147_483_647) });
+export const AgentVersionParams = z.object({ agent_id: Id, version: integerParam(1, 2_147_483_647) });
 
 /** `?project_id=` lists the agents of one project. */
 export const AgentListQuery = Pagination.extend({ project_id: Id.optional() });

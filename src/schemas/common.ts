@@ -42,13 +42,25 @@ export const ValidationError = z
   })
   .meta({ id: 'HTTPValidationError' });
 
-/** A query parameter holding one integer (a repeated parameter arrives as an array: not one integer). */
-const queryInteger = () => z.coerce.number({ error: 'Input should be a single integer' }).int({ error: 'Input should be an integer' });
+/** A number as a parameter writes it: decimal digits, a sign and a fraction at most. */
+const DECIMAL = /^-?[0-9]{1,16}(\.[0-9]+)?$/;
+
+/**
+ * A query or path parameter holding one integer written in decimal: what `Number()` would also
+ * take (`0x10`, `1e1`, ` 5`, an empty value as 0) is not a number here, nor is a repeated
+ * parameter (an array); a fraction is a number but no integer. Documented as the integer it is.
+ */
+export function integerParam(min: number, max: number, fallback?: number) {
+  const integer = z.number({ error: 'Input should be a single integer' }).int({ error: 'Input should be an integer' }).min(min).max(max);
+  // The default inside the pipe, where the document shows it; an absent parameter reaches it as it is.
+  const parse = (value: unknown) => (value === undefined ? undefined : typeof value === 'string' && DECIMAL.test(value) ? Number(value) : Number.NaN);
+  return fallback === undefined ? z.preprocess(parse, integer) : z.preprocess(parse, integer.default(fallback));
+}
 
 /** `?limit=&offset=`, and nothing else: an unknown parameter (`?skip=`, `?page=`) answers 422. */
 export const Pagination = z.strictObject({
-  limit: queryInteger().min(1).max(100).default(20),
-  offset: queryInteger().min(0).max(1_000_000_000).default(0),
+  limit: integerParam(1, 100, 20),
+  offset: integerParam(0, 1_000_000_000, 0),
 });
 
 /** `{data, count}`: one page of a list and the total it was cut from. */

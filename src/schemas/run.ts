@@ -1,6 +1,6 @@
 import { z } from 'zod';
 
-import { Id, Pagination, Timestamp } from './common.js';
+import { Id, integerParam, Pagination, Timestamp } from './common.js';
 
 export const RunStatus = z.enum(['queued', 'running', 'completed', 'failed', 'cancelled']);
 export const MultitaskStrategy = z
@@ -64,5 +64,5 @@ export const RunListQuery = Pagination.extend({ status: RunStatus.optional() });
 export type RunListQuery = z.infer<typeof RunListQuery>;
 
 export const RunEventsQuery = z.strictObject({
-  after: z.coerce.number().int().min(0).optional().describe('Resume after this event seq (as the `Last-Event-ID` header does).'),
+  after: integerParam(0, Number.MAX_SAFE_INTEGER).optional().describe('Resume after this event seq (as the `Last-Event-ID` header does).'),
 });

@@ -176,6 +176,9 @@ describe('versions', () => {
     }
     expectValidationError(await api('GET', `/agents/${agent.id}/versions/0`, alice.headers), ['path', 'version']);
     expectValidationError(await api('GET', `/agents/${agent.id}/versions/one`, alice.headers), ['path', 'version']);
+    // Written as no path writes a number: version 1 to Number(), not here.
+    expectValidationError(await api('GET', `/agents/${agent.id}/versions/0x1`, alice.headers), ['path', 'version']);
+    expectValidationError(await api('GET', `/agents/${agent.id}/versions/1e0`, alice.headers), ['path', 'version']);
     expectValidationError(await api('GET', `/agents/not-a-uuid/versions`, alice.headers), ['path', 'agent_id']);
   });
 

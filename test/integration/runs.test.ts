@@ -141,6 +141,8 @@ describe('a run streams its answer', () => {
     // Read to the end: the stream closes at once.
     const none = await readEvents(base, owner.headers, run.id, { after: total });
     expect(none).toMatchObject({ events: [], ended: true });
+    // A seq written as no query writes a number (Number() reads these as 1 and 10).
+    for (const after of ['0x1', '1e1', '']) expect((await api('GET', `/runs/${run.id}/events?after=${after}`, owner.headers)).statusCode, after).toBe(422);
 
     // Once its events have expired (RUN_EVENTS_TTL_SECONDS): 410 in words, from any point.
     await forgetEvents(run.id);

@@ -441,6 +441,11 @@ describe('GET /users', () => {
     ['limit=2.5', [[['query', 'limit'], 'int_from_float']]],
     ['offset=-1', [[['query', 'offset'], 'greater_than_equal']]],
     ['offset=abc', [[['query', 'offset'], 'float_parsing']]],
+    // What Number() reads as a number, and no query parameter writes as one.
+    ['limit=0x10', [[['query', 'limit'], 'float_parsing']]],
+    ['limit=1e1', [[['query', 'limit'], 'float_parsing']]],
+    ['limit=%205', [[['query', 'limit'], 'float_parsing']]],
+    ['offset=', [[['query', 'offset'], 'float_parsing']]],
   ] as [string, [string[], string][]][])('answers 422 for %s', async (query, issues) => {
     expect422(await call('GET', `/users?${query}`, { headers: admin }), issues);
   });
