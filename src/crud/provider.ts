@@ -25,7 +25,12 @@ export function listAll(db: Db): Promise<ProviderRow[]> {
   return db.select().from(providers);
 }
 
-export async function getByName(db: Db, name: string): Promise<ProviderRow | undefined> {
-  const [row] = await db.select().from(providers).where(eq(providers.name, name));
+/**
+ * A provider record by name, its row locked until the transaction ends: shared by a model write
+ * that names it (so its delete waits for that model, then sees it), for update by its delete (so
+ * such a write waits, then finds it gone). Undefined when there is none.
+ */
+export async function lockByName(tx: Db, name: string, strength: 'share' | 'update'): Promise<ProviderRow | undefined> {
+  const [row] = await tx.select().from(providers).where(eq(providers.name, name)).for(strength);
   return row;
 }

@@ -1,3 +1,4 @@
+import { type Db, transaction } from '../core/db.js';
 import { NotFoundError, UnprocessableError, type ValidationIssue } from '../core/errors.js';
 
 import type { ModelCreate, ModelUpdate } from '../schemas/model.js';
@@ -28,10 +29,13 @@ export function get(models: ModelManager, idOrAlias: string): ModelView {
   return model;
 }
 
-/** A model refers to a built-in provider or to a provider record (by name). */
-async function checkProvider(ctx: ServiceContext, provider: string | undefined): Promise<void> {
+/**
+ * A model refers to a built-in provider or to a provider record (by name), which stays until the
+ * model's write commits (`tx`): a delete of it meanwhile waits, then sees the model and refuses.
+ */
+async function checkProvider(tx: Db, provider: string | undefined): Promise<void> {
   if (provider === undefined || BUILTIN_PROVIDERS.has(provider)) return;
-  if (!(await providerCrud.getByName(ctx.db, provider))) throw new NotFoundError(`Provider ${provider} not found`);
+  if (!(await providerCrud.lockByName(tx, provider, 'share'))) throw new NotFoundError(`Provider ${provider} not found`);
 }
 
 /** What a fallback must do when its model does: the operations a call makes. */
@@ -69,11 +73,13 @@ export async function create(ctx: ServiceContext, models: ModelManager, input: M
   const { id, ...fields } = input;
   // A built-in's own (a hidden one is not in the catalog), else a custom model's default.
   checkFallbacks(models, id, fields.capabilities ?? builtinModel(id)?.capabilities ?? ['chat'], fields.fallbacks);
-  await checkProvider(ctx, fields.provider);
   const row = { ...overrideCrud.NO_OVERRIDE, ...fields, deleted: false };
-  const existing = await overrideCrud.getByModelId(ctx.db, id);
-  if (existing?.deleted) await overrideCrud.upsert(ctx.db, id, row);
-  else await overrideCrud.insert(ctx.db, id, row);
+  await transaction(ctx.db, async (tx) => {
+    await checkProvider(tx, fields.provider);
+    const existing = await overrideCrud.getByModelId(tx, id);
+    if (existing?.deleted) await overrideCrud.upsert(tx, id, row);
+    else await overrideCrud.insert(tx, id, row);
+  });
   ctx.log.info({ model: id, builtin: isBuiltinModel(id) }, 'Model created');
   return changed(ctx, models, id);
 }
@@ -84,8 +90,10 @@ export async function update(ctx: ServiceContext, models: ModelManager, idOrAlia
   const { id, capabilities, fallbacks } = get(models, idOrAlias);
   // New capabilities are checked against the fallbacks the model keeps, too.
   checkFallbacks(models, id, input.capabilities ?? capabilities, input.fallbacks ?? (input.capabilities ? fallbacks : undefined));
-  await checkProvider(ctx, input.provider);
-  await overrideCrud.upsert(ctx.db, id, input);
+  await transaction(ctx.db, async (tx) => {
+    await checkProvider(tx, input.provider);
+    await overrideCrud.upsert(tx, id, input);
+  });
   ctx.log.info({ model: id, fields: Object.keys(input) }, 'Model updated');
   return changed(ctx, models, id);
 }

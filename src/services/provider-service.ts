@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 
+import { transaction } from '../core/db.js';
 import { ConflictError } from '../core/errors.js';
 
 import type { ProviderRow } from '../models/index.js';
@@ -8,7 +9,7 @@ import type { ProviderCreate, ProviderPublic, ProviderUpdate } from '../schemas/
 
 import * as overrideCrud from '../crud/model-override.js';
 import type { Page } from '../crud/page.js';
-import { providerCrud } from '../crud/provider.js';
+import { lockByName, providerCrud } from '../crud/provider.js';
 import type { ModelManager } from '../modules/ai-models/index.js';
 import { ensureSuperuser } from '../utils/authentication.js';
 import type { ServiceContext } from './context.js';
@@ -75,13 +76,17 @@ export function providerService(models: ModelManager) {
      */
     async remove(ctx: ServiceContext, id: string) {
       ensureSuperuser(ctx.principal);
-      const row = await providerCrud.getVisible(ctx.db, ctx.principal, id);
-      const used = await overrideCrud.modelIdsOfProvider(ctx.db, row.name);
-      if (used.length) {
-        const named = used.slice(0, 10).join(', ') + (used.length > 10 ? ` and ${used.length - 10} more` : '');
-        throw new ConflictError(`Provider ${row.name} is used by ${used.length === 1 ? 'model' : 'models'} ${named}: delete them or move them to another provider first`);
-      }
-      await providerCrud.remove(ctx.db, ctx.principal, id);
+      await transaction(ctx.db, async (tx) => {
+        const row = await providerCrud.getVisible(tx, ctx.principal, id);
+        // Locked first: a model write naming it (which shares the lock) has committed, or waits and then finds it gone.
+        await lockByName(tx, row.name, 'update');
+        const used = await overrideCrud.modelIdsOfProvider(tx, row.name);
+        if (used.length) {
+          const named = used.slice(0, 10).join(', ') + (used.length > 10 ? ` and ${used.length - 10} more` : '');
+          throw new ConflictError(`Provider ${row.name} is used by ${used.length === 1 ? 'model' : 'models'} ${named}: delete them or move them to another provider first`);
+        }
+        await providerCrud.remove(tx, ctx.principal, id);
+      });
       ctx.log.info({ provider_id: id }, 'Provider deleted');
       await reload(ctx);
     },

@@ -172,4 +172,21 @@ describe('/providers', () => {
     expect((await api('PATCH', '/models/gpt-4.1-nano', admin, { provider: 'openai' })).statusCode).toBe(200);
     expect((await api('DELETE', `/providers/${provider.id}`, admin)).statusCode).toBe(200);
   });
+
+  it('a model created while its provider is deleted: one of them wins, never a model naming a provider that is gone', async () => {
+    const pricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' };
+    const outcomes = new Set<string>();
+    for (let i = 0; i < 12; i++) {
+      const provider = await createProvider({ name: `racing-${i}`, kind: 'openai-compatible', base_url: fake.url });
+      const [created, deleted] = await Promise.all([api('POST', '/models', admin, { id: `racing-chat-${i}`, provider: provider.name, pricing }), api('DELETE', `/providers/${provider.id}`, admin)]);
+      const outcome = `${created.statusCode}/${deleted.statusCode}`;
+      outcomes.add(outcome);
+      // The model first (the delete then refused), or the delete first (the model's provider then not found).
+      expect(['200/409', '404/200'], `${outcome}: ${created.body} ${deleted.body}`).toContain(outcome);
+      if (created.statusCode === 200) {
+        expect((await api('DELETE', `/models/racing-chat-${i}`, admin)).statusCode).toBe(200);
+        expect((await api('DELETE', `/providers/${provider.id}`, admin)).statusCode).toBe(200);
+      }
+    }
+  });
 });
