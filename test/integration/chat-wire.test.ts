@@ -266,6 +266,47 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     }
   });
 
+  it('reads every framing of server-sent events the SDK reads: data over several lines, CRLF or CR line ends, no space after the colon, comments and other fields', async () => {
+    const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    const usage = { prompt_tokens: 3, completion_tokens: 4 };
+    const events = [
+      { choices: [{ index: 0, delta: { role: 'assistant', content: 'Framed ' }, finish_reason: null }] },
+      { choices: [{ index: 0, delta: { content: 'well.' }, finish_reason: null }] },
+      { choices: [{ index: 0, delta: {}, finish_reason: 'stop' }], usage },
+    ];
+    const framings: Record<string, string> = {
+      // JSON pretty-printed, a `data:` line for each of its lines (the SSE spec joins them with line feeds).
+      'several data lines': events.map((e) => `${JSON.stringify(e, null, 1).split('\n').map((line) => `data: ${line}`).join('\n')}\n\n`).join('') + 'data: [DONE]\n\n',
+      CRLF: events.map((e) => `data: ${JSON.stringify(e)}\r\n\r\n`).join('') + 'data: [DONE]\r\n\r\n',
+      'CR only': events.map((e) => `data: ${JSON.stringify(e)}\r\r`).join('') + 'data: [DONE]\r\r',
+      'no space, comments, event and id fields': `: keep-alive\n\n${events.map((e, i) => `id: ${i}\nevent: message\ndata:${JSON.stringify(e)}\n\n`).join('')}data:[DONE]\n\n`,
+    };
+    for (const [framing, rawBody] of Object.entries(framings)) {
+      const outcomes = [];
+      for (const request of [hello, viaSdk(hello)]) {
+        server.reset();
+        server.script('wire-chat', { rawBody });
+        outcomes.push(
+          await streamed(request).then(
+            ({ texts, result }) => ({ texts, text: result.text, finishReason: result.finishReason, usage: result.usage }),
+            (error: Error) => ({ error: `${error.name}: ${error.message}` }),
+          ),
+        );
+      }
+      expect(outcomes[0], framing).toEqual(outcomes[1]);
+      expect(outcomes[0], framing).toMatchObject({ texts: ['Framed ', 'well.'], finishReason: 'stop', usage: { input: 3, output: 4 } });
+    }
+  });
+
+  it('a server that writes no blank line between its events is still read (each data line whole JSON)', async () => {
+    const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    const rawBody = [{ index: 0, delta: { content: 'Tight' }, finish_reason: null }, { index: 0, delta: {}, finish_reason: 'stop' }].map((choice) => `data: ${JSON.stringify({ choices: [choice] })}\n`).join('') + 'data: [DONE]\n';
+    server.script('wire-chat', { rawBody });
+    const { texts, result } = await streamed(hello);
+    expect(texts).toEqual(['Tight']);
+    expect(result).toMatchObject({ text: 'Tight', finishReason: 'stop' });
+  });
+
   it('a stream cut off before any output is retried like a dropped connection; [DONE] without a finish reason is a whole answer', async () => {
     const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
     const role = sse({ choices: [{ index: 0, delta: { role: 'assistant' }, finish_reason: null }] });

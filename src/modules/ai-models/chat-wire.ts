@@ -514,6 +514,8 @@ class SseReader implements Dispatcher.DispatchHandlers {
   private finishReason: string | null | undefined;
   /** A `data:` event was read: the answer is a stream, whatever came of it. */
   private streamed = false;
+  /** An event's data lines so far, while they are no JSON yet (data over several lines: see read). */
+  private data: string | null = null;
   /** The start of a 2xx answer's body, to name an answer that is no stream (a server that ignores `stream`). */
   private opening = '';
   /** The answer carried a refusal (its finish then says content-filter, as the SDK's does). */
@@ -579,6 +581,14 @@ class SseReader implements Dispatcher.DispatchHandlers {
     this.settle();
     if (!this.isAnswer()) return this.refuse();
     if (this.parts.ended) return;
+    if (this.data !== null) {
+      // An event whose blank line never came: the response's end ends it.
+      try {
+        if (this.dispatch(this.data, true)) return;
+      } catch (error) {
+        return this.parts.fail(error as Error);
+      }
+    }
     // A last line without its line end is no event. Ended cleanly but cut off (a proxy's timeout,
     // a crashed server): a dropped connection, not an answer.
     // A body that held no event at all is no stream (a server that ignores `stream` answers JSON):
@@ -625,35 +635,59 @@ class SseReader implements Dispatcher.DispatchHandlers {
     this.resume?.();
   }
 
-  /** Parses the lines `text` ends (only the new text is searched for line ends: a long line costs its length once, not once per chunk). */
-  private read(text: string): void {
+  /**
+   * Parses the lines `text` ends (only the new text is searched for line ends: a long line costs its
+   * length once, not once per chunk). An event is its `data:` lines joined with line feeds, as the
+   * SSE spec (and the SDK's parser) reads it; a `data:` line that is whole JSON on its own is read at
+   * once, without waiting for the blank line after it (every OpenAI-compatible server writes one
+   * line an event, and some no blank line between them), so only data over several lines waits.
+   */
+  private read(chunk: string): void {
+    // CR or CRLF line ends (rare) as LF: a CRLF cut between two reads adds a blank line, which ends no event twice.
+    const text = chunk.includes('\r') ? chunk.replace(/\r\n?/g, '\n') : chunk;
     if (!this.streamed && this.opening.length < 120) this.opening += text.slice(0, 120);
     let start = 0;
     for (let end = text.indexOf('\n'); end !== -1; start = end + 1, end = text.indexOf('\n', start)) {
       const line = this.rest ? this.rest + text.slice(start, end) : text.slice(start, end);
       this.rest = '';
+      if (line === '') {
+        if (this.data !== null && this.dispatch(this.data, true)) return;
+        continue;
+      }
       if (!line.startsWith('data:')) continue;
       this.streamed = true;
-      const data = line.slice(5).trim();
-      if (data === '[DONE]') {
-        // The answer is whole: nothing after [DONE] is read. The response usually ends in the same
-        // read (undici completes it before this turn's microtasks); one that ends a moment later (its
-        // own write) is waited for a little, so as not to lose the connection; one kept open is closed.
-        this.finish();
-        queueMicrotask(() => {
-          if (!this.settled) this.grace = setTimeout(() => this.abortRequest?.(new Error('The response did not end after [DONE]')), DONE_GRACE_MS);
-        });
-        return;
-      }
-      this.event(data);
+      const data = line.charCodeAt(5) === 32 ? line.slice(6) : line.slice(5);
+      if (this.data === null ? this.dispatch(data, false) : ((this.data += `\n${data}`), false)) return;
     }
     this.rest = start === 0 ? this.rest + text : text.slice(start);
-    if (this.rest.length > this.maxChars) throw new ModelAnswerLimitError(502, `An event of the model's answer exceeded ${this.maxChars} characters`);
+    if (this.rest.length + (this.data?.length ?? 0) > this.maxChars) throw new ModelAnswerLimitError(502, `An event of the model's answer exceeded ${this.maxChars} characters`);
   }
 
-  private event(data: string): void {
-    const value = completionOf(data);
-    if (!value) throw invalidAnswer(this.url, this.call, this.statusCode, data);
+  /**
+   * An event's data: `[DONE]`, or a completion chunk. Not yet `whole` (its blank line not read), data
+   * that is no JSON is held for the lines that follow it. True at `[DONE]`: nothing after it is read.
+   */
+  private dispatch(data: string, whole: boolean): boolean {
+    this.data = null;
+    const trimmed = data.trim();
+    if (trimmed === '[DONE]') {
+      // The answer is whole: nothing after [DONE] is read. The response usually ends in the same
+      // read (undici completes it before this turn's microtasks); one that ends a moment later (its
+      // own write) is waited for a little, so as not to lose the connection; one kept open is closed.
+      this.finish();
+      queueMicrotask(() => {
+        if (!this.settled) this.grace = setTimeout(() => this.abortRequest?.(new Error('The response did not end after [DONE]')), DONE_GRACE_MS);
+      });
+      return true;
+    }
+    const value = completionOf(trimmed);
+    if (value) this.event(value);
+    else if (whole) throw invalidAnswer(this.url, this.call, this.statusCode, trimmed);
+    else this.data = data;
+    return false;
+  }
+
+  private event(value: Completion): void {
     // The provider's error object, handed on as the SDK hands it on: the model manager reads both alike.
     if (value.error) throw new StreamErrorEvent(value.error);
     if (value.usage) this.usage = value.usage;
