@@ -27,6 +27,10 @@ export function securityHeaders(): Readonly<Record<string, string>> {
         imgSrc: ["'self'", 'data:'],
         fontSrc: ["'self'", 'data:'],
         connectSrc: ["'self'"],
+        // Not helmet's default here: a server reached over plain HTTP by a name or an address other
+        // than localhost (a LAN address, a port mapping) had the browser ask for /docs' script over
+        // https://, which it does not serve: the page stayed blank. TLS is the proxy's to add.
+        upgradeInsecureRequests: null,
       },
     },
   });

@@ -36,14 +36,14 @@ export interface Browser {
   close(): Promise<void>;
 }
 
-/** Headless Chromium with a fresh profile and nothing of its own on the network. */
-export async function launchChromium(): Promise<Browser> {
+/** Headless Chromium with a fresh profile and nothing of its own on the network; `args`: more of its switches. */
+export async function launchChromium(args: readonly string[] = []): Promise<Browser> {
   const profile = mkdtempSync(join(tmpdir(), 'keel-chromium-'));
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: CHROMIUM,
     headless: true,
     viewport: { width: 1400, height: 1000 },
-    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
+    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run', ...args],
   });
   return {
     context,
