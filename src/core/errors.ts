@@ -307,8 +307,8 @@ export function registerErrorHandler(app: FastifyInstance): void {
     if (db?.code === '22P02' || db?.code === '22003' || db?.code === '22001') {
       return send(reply, 422, { detail: [{ loc: ['body'], msg: 'Value out of range', type: 'value_error' }] });
     }
-    // A NUL character (\u0000) in text: PostgreSQL cannot store it.
-    if (db?.code === '22021') {
+    // A NUL character (\u0000) in text (22021) or in JSON (22P05, the escape jsonb refuses): PostgreSQL cannot store it.
+    if (db?.code === '22021' || db?.code === '22P05') {
       return send(reply, 422, { detail: [{ loc: ['body'], msg: 'Text contains a character that cannot be stored', type: 'value_error' }] });
     }
     // Fastify's own client errors (415 media type, 413 body limit, 400 malformed) keep their status.

@@ -63,6 +63,29 @@ describe('threads', () => {
     expect(changed.json()).toMatchObject({ title: 'Trip', status: 'idle', metadata: { k: [1, 2] } });
   });
 
+  it('a NUL character in metadata, tags or text is refused with 422 in words, as PostgreSQL cannot store it (in JSON or as text)', async () => {
+    const alice = await createUser(ctx.app);
+    const thread = await createThread(alice);
+    const message = (await api('POST', `/threads/${thread.id}/messages`, alice.headers, { content: 'hi' })).json<MessageBody>();
+    const agent = (await api('POST', '/agents', alice.headers, { name: 'nul', model: 'gpt-4.1-mini' })).json<{ id: string }>();
+    const writes: [string, string, unknown][] = [
+      ['POST', '/threads', { metadata: { k: 'a\u0000b' } }],
+      ['PATCH', `/threads/${thread.id}`, { metadata: { 'a\u0000b': 1 } }],
+      ['PATCH', `/threads/${thread.id}`, { metadata: { k: { nested: ['\u0000'] } } }],
+      ['PATCH', `/threads/${thread.id}`, { title: 'a\u0000b' }],
+      ['POST', `/threads/${thread.id}/messages`, { content: 'x', metadata: { k: '\u0000' } }],
+      ['PATCH', `/threads/${thread.id}/messages/${message.id}`, { metadata: { k: '\u0000' } }],
+      ['POST', '/agents', { name: 'x', model: 'gpt-4.1-mini', metadata: { k: '\u0000' } }],
+      ['POST', '/agents', { name: 'x', model: 'gpt-4.1-mini', tags: ['a\u0000'] }],
+      ['PATCH', `/agents/${agent.id}`, { metadata: { k: '\u0000' } }],
+    ];
+    for (const [method, url, body] of writes) {
+      const response = await api(method, url, alice.headers, body);
+      expect(response.statusCode, `${method} ${url} ${JSON.stringify(body)}: ${response.body}`).toBe(422);
+      expect(response.json<{ detail: { msg: string }[] }>().detail[0]!.msg).toBe('Text contains a character that cannot be stored');
+    }
+  });
+
   it('list by project and by status', async () => {
     const alice = await createUser(ctx.app);
     const project = await createProject(ctx.app, alice.headers);
