@@ -11,3 +11,11 @@ export function storableText(text: string, max: number): string {
   const cut = text.length > max ? text.slice(0, max) : text;
   return cut.replaceAll('\u0000', '').replace(LONE_SURROGATE, '\ufffd');
 }
+
+/**
+ * A model's text as a thread stores it: a NUL character (which text and json columns refuse, so
+ * the answer was lost and its run failed) shown as U+FFFD, the character of what could not be kept.
+ */
+export function withoutNul(text: string): string {
+  return text.includes('\u0000') ? text.replaceAll('\u0000', '\ufffd') : text;
+}

@@ -118,6 +118,21 @@ describe('a run streams its answer', () => {
     expect(sent.map((m) => m.role)).toEqual(['system', 'user']);
   });
 
+  it('a model whose answer PostgreSQL cannot store as it came (a NUL character, an emoji cut between two chunks) has it stored as near as it can: the run completes', async () => {
+    const emoji = '\u{1F600}';
+    fake.script(MODEL, { chunks: ['nul: a\u0000b, emoji: ', emoji[0]!, `${emoji[1]!}!`] });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'say nul' });
+    const { events, ended } = await readEvents(base, owner.headers, run.id);
+    expect(ended).toBe(true);
+    const final = await getRun(ctx.app, owner.headers, run.id);
+    expect(final).toMatchObject({ status: 'completed', error: null });
+    expect(events.at(-1)!.data.run).toMatchObject({ status: 'completed' });
+    expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['say nul', `nul: a\uFFFDb, emoji: ${emoji}!`]);
+    // The deltas say what the thread holds.
+    expect(events.filter((e) => e.event === 'message.delta').map((e) => e.data.delta).join('')).toBe(`nul: a\uFFFDb, emoji: ${emoji}!`);
+  });
+
   it('replays from any Last-Event-ID or ?after= exactly once, live and after the end', async () => {
     fake.script(MODEL, { chunks: Array.from({ length: 12 }, (_, i) => `w${i} `), chunkDelayMs: 40 });
     const { owner, thread } = await setup();

@@ -68,7 +68,7 @@ describe('threads', () => {
     const thread = await createThread(alice);
     const message = (await api('POST', `/threads/${thread.id}/messages`, alice.headers, { content: 'hi' })).json<MessageBody>();
     const agent = (await api('POST', '/agents', alice.headers, { name: 'nul', model: 'gpt-4.1-mini' })).json<{ id: string }>();
-    const writes: [string, string, unknown][] = [
+    const writes: ['POST' | 'PATCH', string, unknown][] = [
       ['POST', '/threads', { metadata: { k: 'a\u0000b' } }],
       ['PATCH', `/threads/${thread.id}`, { metadata: { 'a\u0000b': 1 } }],
       ['PATCH', `/threads/${thread.id}`, { metadata: { k: { nested: ['\u0000'] } } }],

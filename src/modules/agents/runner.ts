@@ -21,6 +21,7 @@ import { versionCrud } from '../../crud/agent.js';
 import { preparedAnywhere } from '../../crud/prepared.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
+import { withoutNul } from '../../utils/text.js';
 import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, RunWriter } from './run-bus.js';
@@ -375,7 +376,7 @@ export class AgentRunner {
       for await (const part of stream) {
         appends.check();
         if (part.type === 'text-delta') {
-          appends.add([{ event: 'message.delta', data: { message_id: messageId, delta: part.text, step } }]);
+          appends.add([{ event: 'message.delta', data: { message_id: messageId, delta: withoutNul(part.text), step } }]);
         } else if (part.type === 'tool-call') {
           const call = part.toolCall;
           appends.add([{ event: 'tool.call', data: { message_id: messageId, tool_call_id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input), step } }]);
@@ -394,6 +395,8 @@ export class AgentRunner {
       usage = addUsage(usage, result.usage);
       cost = addCosts(cost, result.cost);
 
+      // The answer as its deltas went out (withoutNul), which the thread can store.
+      const text = withoutNul(result.text);
       const toolCalls: MessageToolCall[] = result.toolCalls.map((call) => ({ id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input) }));
       // The final answer cites what the run's knowledge searches found (the tool messages of earlier steps, in `history`).
       const citations = toolCalls.length ? {} : sourcesField(sourcesOfRun(history, run.id));
@@ -412,11 +415,11 @@ export class AgentRunner {
           if (!toolCalls.length && !results.length && !held.waiting) {
             // The answer alone of a run that holds its thread (a running run never waits): written with
             // the run's end and the thread's hand-over in one statement (the lock above is the fence).
-            const done = await endWithAnswer(tx, run, { id: messageId, content: result.text, metadata }, end, this.workerId);
+            const done = await endWithAnswer(tx, run, { id: messageId, content: text, metadata }, end, this.workerId);
             stepMessages = done ? [done.message] : [];
             ended = done;
           } else {
-            const assistant = await appendMessage(tx, { id: messageId, thread_id: run.thread_id, role: 'assistant', content: result.text, tool_calls: toolCalls.length ? toolCalls : null, run_id: run.id, metadata });
+            const assistant = await appendMessage(tx, { id: messageId, thread_id: run.thread_id, role: 'assistant', content: text, tool_calls: toolCalls.length ? toolCalls : null, run_id: run.id, metadata });
             const toolMessages: Message[] = [];
             for (const outcome of results) {
               toolMessages.push(await appendMessage(tx, { thread_id: run.thread_id, role: 'tool', content: outcome.content, tool_call_id: outcome.call.toolCallId, run_id: run.id, metadata: { step, name: outcome.call.toolName, is_error: outcome.is_error, ...sourcesField(outcome.sources) } }));
