@@ -185,9 +185,11 @@ async function openPglite(settings: Settings): Promise<Database> {
     unlock = lockDirectory(dataDir);
   }
   let client: PgliteStatementClient;
+  const wal = new WalWriter();
   try {
     chooseWasmTiering(settings);
-    client = await PgliteStatementClient.open(await openPgliteLink(settings, dataDir));
+    client = await PgliteStatementClient.open(wal.watch(await openPgliteLink(settings, dataDir)));
+    wal.start(client);
   } catch (error) {
     unlock();
     throw error;
@@ -227,6 +229,7 @@ async function openPglite(settings: Settings): Promise<Database> {
     close: async () => {
       if (closed) return;
       closed = true;
+      wal.stop();
       try {
         await client.close();
         keepPrivate();
@@ -235,6 +238,73 @@ async function openPglite(settings: Settings): Promise<Database> {
       }
     },
   };
+}
+
+/** How soon after a statement its commit's WAL is written, at the latest (PostgreSQL's WAL writer: ~3 × wal_writer_delay, 600 ms). */
+const WAL_WRITE_MS = 500;
+/**
+ * A WAL record written and flushed at once (PostgreSQL 17's `flush`), and every record before it
+ * with it. A durable commit of a transaction that wrote nothing flushes nothing (tried): it has no
+ * WAL of its own to wait for.
+ */
+const WAL_FLUSH = "select pg_logical_emit_message(false, 'keel-wal-write', '', true)";
+
+/**
+ * PostgreSQL's WAL writer, which PGlite has not: a commit made without waiting for the WAL
+ * (`synchronous_commit = off`: credit holds and settlements, usage batches, a run's claim, knowledge
+ * batches) stays in PGlite's memory until a later commit waits for the WAL, and in a quiet process
+ * none came: a kill -9 lost every such commit since the last durable one, however old (answered
+ * calls' charges and usage records). So WAL_WRITE_MS after statements were sent, a flush of its own
+ * writes the WAL up to them; again while more are sent meanwhile, never while idle.
+ */
+class WalWriter {
+  private sent = 0;
+  private timer: NodeJS.Timeout | undefined;
+  private client: PgliteStatementClient | undefined;
+  private stopped = false;
+
+  /** `link`, counting what is sent over it. */
+  watch(link: PgliteLink): PgliteLink {
+    const note = () => {
+      this.sent += 1;
+      if (!this.timer && this.client && !this.stopped) this.timer = setTimeout(() => void this.write(), WAL_WRITE_MS).unref();
+    };
+    const sendHeld = link.sendHeld?.bind(link);
+    return {
+      send: (message) => {
+        note();
+        return link.send(message);
+      },
+      sendHeld: sendHeld
+        ? (message) => {
+            note();
+            return sendHeld(message);
+          }
+        : undefined,
+      close: () => link.close(),
+    };
+  }
+
+  start(client: PgliteStatementClient): void {
+    this.client = client;
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+  }
+
+  private async write(): Promise<void> {
+    const before = this.sent;
+    try {
+      await this.client!.exec(WAL_FLUSH);
+    } catch {
+      // Closed meanwhile, or the database refused: the next statements' commit tries again.
+    }
+    this.timer = undefined;
+    // Others sent besides this commit (its own is one exchange): their WAL is written at the next turn.
+    if (this.sent > before + 1 && !this.stopped) this.timer = setTimeout(() => void this.write(), WAL_WRITE_MS).unref();
+  }
 }
 
 /**

@@ -135,3 +135,35 @@ describe('embedded process stopped mid-run', () => {
     await second.child.ended;
   }, PROCESS_TEST_TIMEOUT_MS);
 });
+
+describe('embedded process killed after metered calls', () => {
+  it('kill -9 a moment after answered gateway calls (billing on): their charges and usage records are there after a restart', async () => {
+    fake.reset();
+    const calls = 4;
+    fake.script(MODEL, ...Array.from({ length: calls }, () => ({ text: 'ok', usage: { prompt_tokens: 1_000, completion_tokens: 500 } })));
+    const dataDir = await migratedDataDir(join(scratch, 'billing-kill'));
+    const port = await freePort();
+    const first = await start(dataDir, port, { BILLING_ENABLED: 'true' });
+    const headers = await userWithAgent(first.base, 'billing-kill@crash.test', PASSWORD, MODEL);
+    const me = (await json<{ id: string }>(first.base, 'GET', '/users/me', headers)).body;
+    const login = await fetch(`${first.base}/api/v1/login/access-token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams({ username: 'admin@crash.test', password: PASSWORD }) });
+    const admin = { authorization: `Bearer ${((await login.json()) as { access_token: string }).access_token}` };
+    expect((await json(first.base, 'POST', '/billing/credits', admin, { user_id: me.id, amount: '100', description: 'test' })).status).toBe(200);
+    for (let i = 0; i < calls; i++) {
+      const answered = await fetch(`${first.base}/v1/chat/completions`, { method: 'POST', headers: { ...headers, 'content-type': 'application/json' }, body: JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'hi' }] }) });
+      expect(answered.status).toBe(200);
+    }
+    const before = (await json<{ balance: string; reserved: string }>(first.base, 'GET', '/billing/balance', headers)).body;
+    expect(Number(before.balance)).toBeLessThan(100);
+    // Written (the read waited for it) and then nothing more: a crash a second later loses none of it.
+    await new Promise((done) => setTimeout(done, 1_500));
+    first.child.process.kill('SIGKILL');
+    await first.child.ended;
+
+    const second = await start(dataDir, port, { BILLING_ENABLED: 'true' });
+    expect((await json<{ balance: string }>(second.base, 'GET', '/billing/balance', headers)).body.balance).toBe(before.balance);
+    expect((await json<{ total: { calls: number } }>(second.base, 'GET', '/billing/summary', headers)).body.total.calls).toBe(calls);
+    second.child.process.kill('SIGTERM');
+    await second.child.ended;
+  }, PROCESS_TEST_TIMEOUT_MS);
+});
