@@ -93,6 +93,15 @@ describe('estimateCost and addCosts', () => {
     expect(estimateCost(withCache, 1000, 4096)).toBe('0.008442');
   });
 
+  it('prices the maximum output as reasoning where reasoning costs more: a model may spend all of it thinking', () => {
+    const thinking: ModelPricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2', reasoning_cost_per_million_tokens: '3' };
+    // 1000 × 1 + 100 × 3 = 1300 / 10^6; what such a call can cost, reported in full.
+    expect(estimateCost(thinking, 1000, 100)).toBe('0.0013');
+    expect(computeCost(thinking, { input: 1000, cached_input: 0, cache_write: 0, output: 100, reasoning: 100 })).toBe('0.0013');
+    // Reasoning at or below the output's price: the output's.
+    expect(estimateCost({ ...thinking, reasoning_cost_per_million_tokens: '1' }, 1000, 100)).toBe('0.0012');
+  });
+
   it('adds decimal strings exactly (0.1 + 0.2 = 0.3)', () => {
     expect(addCosts('0.1', '0.2')).toBe('0.3');
     expect(addCosts('0.000000000001', '0.000000000002')).toBe('0.000000000003');

@@ -162,9 +162,15 @@ export function computeCost(pricing: ModelPricing, usage: TokenUsage): string {
   return formatScaled(total, p.scale + 6);
 }
 
-/** Worst-case cost of a call before it runs: every input token uncached, `maxOutputTokens` out. */
+/**
+ * Worst-case cost of a call before it runs: every input token uncached, `maxOutputTokens` out, all
+ * of them reasoning where reasoning is priced above the output (a model may think to its limit: a
+ * hold priced as text fell short, and calls in parallel spent past the balance and a key's budget).
+ */
 export function estimateCost(pricing: ModelPricing, inputTokens: number, maxOutputTokens: number): string {
-  return computeCost(pricing, { input: inputTokens, cached_input: 0, cache_write: 0, output: maxOutputTokens, reasoning: 0 });
+  const p = parsed(pricesFor(pricing, inputTokens));
+  const reasoning = p.reasoning > p.output ? maxOutputTokens : 0;
+  return computeCost(pricing, { input: inputTokens, cached_input: 0, cache_write: 0, output: maxOutputTokens, reasoning });
 }
 
 const PLAIN_COST = /^(-?)(\d+)(?:\.(\d{1,12}))?$/;
