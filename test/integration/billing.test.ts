@@ -235,9 +235,11 @@ describe('metered calls with BILLING_ENABLED', () => {
       maxOutputTokens: 1,
       messages: [{ role: 'user', content: [{ type: 'text', text: 'What is this?' }, ...images.map((image) => ({ type: 'image' as const, image }))] }],
     });
-    // A URL of ~30 characters and a 1×1 PNG's base64: each held as MEDIA_PART_TOKENS (1 credit a token here).
+    // A URL of ~30 characters and a 1×1 PNG's base64: each held as MEDIA_PART_TOKENS (1 credit a token here), as much as a large image.
     const pixel = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==';
-    for (const ask of [withImages(new URL('https://example.com/cat.png'), `data:image/png;base64,${pixel}`), withImages(new URL('https://example.com/a.png'), new URL('https://example.com/b.png'))]) {
+    // A large image sent inline: its base64 (400,000 characters, ~100,000 tokens as text) is no measure of it either.
+    const large = `data:image/png;base64,${'A'.repeat(400_000)}`;
+    for (const ask of [withImages(new URL('https://example.com/cat.png'), `data:image/png;base64,${pixel}`), withImages(new URL('https://example.com/a.png'), new URL('https://example.com/b.png')), withImages(large, new URL('https://example.com/c.png'))]) {
       const refused = ctx.app.models.chat(chatRequest('fake-billed-image', context, ask));
       await expect(refused).rejects.toBeInstanceOf(PaymentRequiredError);
       // Two images, the text and its message's JSON (some 30 tokens), one output token.

@@ -301,13 +301,19 @@ const estimateTokens = (value: unknown): number => Math.ceil(estimateTextTokens(
  */
 export const MEDIA_PART_TOKENS = 4_096;
 
-/** What a prompt's images and files may cost beyond their text's estimate: up to MEDIA_PART_TOKENS each. */
+/**
+ * What a prompt's images and files cost beyond (or instead of) their text in its estimate. An image
+ * counts MEDIA_PART_TOKENS whatever its text: a provider scales it down, so a large one inline (a 3 MB
+ * PNG's base64, ~1,000,000 tokens as text) held and, unanswered, was charged ~250 times what it costs.
+ * A file (a PDF) counts its text's estimate, and MEDIA_PART_TOKENS at least: its pages are billed.
+ */
 function mediaAllowance(messages: ModelMessage[] | undefined): number {
   let tokens = 0;
   for (const message of messages ?? []) {
     if (message.role !== 'user' || typeof message.content === 'string') continue;
     for (const part of message.content) {
-      if (part.type === 'image' || part.type === 'file') tokens += Math.max(0, MEDIA_PART_TOKENS - estimateTokens(part.type === 'image' ? part.image : part.data));
+      if (part.type === 'image') tokens += MEDIA_PART_TOKENS - estimateTokens(part.image);
+      else if (part.type === 'file') tokens += Math.max(0, MEDIA_PART_TOKENS - estimateTokens(part.data));
     }
   }
   return tokens;
@@ -1282,7 +1288,7 @@ export class ModelManager {
     const inputTokens =
       operation === 'embed'
         ? estimateTokens((request.values ?? []).join(''))
-        : estimateTokens([request.system ?? '', request.messages, toolsSent(request.tools), request.responseFormat ?? null]) + mediaAllowance(request.messages);
+        : Math.max(0, estimateTokens([request.system ?? '', request.messages, toolsSent(request.tools), request.responseFormat ?? null]) + mediaAllowance(request.messages));
     let lastError: Error | undefined;
     for (const model of chain) {
       if (signal?.aborted) throw abortedError(signal);
