@@ -174,7 +174,7 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'stream_run_events',
         summary: 'Stream Run Events',
         description:
-          'Server-Sent Events: `id:` the event\'s seq (from 1), `event:` its name, `data:` JSON with `run_id` and `seq`. With `Last-Event-ID: N` or `?after=N` every event after N comes exactly once, then the live ones; the stream ends after the final event (`run.completed`, `run.failed`, `run.cancelled`). Keep-alive comments at least every RUN_EVENTS_KEEPALIVE_SECONDS. **410** when the run ended more than RUN_EVENTS_TTL_SECONDS ago and its events are gone (`GET /runs/{id}` has its final state); **503** when the event store (Redis) cannot be reached.',
+          'Server-Sent Events: `id:` the event\'s seq (from 1), `event:` its name, `data:` JSON with `run_id` and `seq`. With `Last-Event-ID: N` or `?after=N` (both: the later one) every event after N comes exactly once, then the live ones; the stream ends after the final event (`run.completed`, `run.failed`, `run.cancelled`). Keep-alive comments at least every RUN_EVENTS_KEEPALIVE_SECONDS. **410** when the run ended more than RUN_EVENTS_TTL_SECONDS ago and its events are gone (`GET /runs/{id}` has its final state); **503** when the event store (Redis) cannot be reached.',
         tags,
         params: RunIdParams,
         querystring: RunEventsQuery,
@@ -188,7 +188,9 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
       },
     },
     async (request, reply) => {
-      const after = request.query.after ?? lastEventId(request) ?? 0;
+      // Both: an EventSource opened with ?after=N reconnects to that URL with Last-Event-ID: M. The
+      // later one, so what the client has is not sent again.
+      const after = Math.max(request.query.after ?? 0, lastEventId(request) ?? 0);
       const { run, done } = await runService.eventsFrom(contextOf(request), app.runs, request.params.run_id, after);
       streamEvents(request, reply, run.id, after, done, streams);
     },

@@ -153,6 +153,13 @@ describe('a run streams its answer', () => {
       expect(replay.events.map((e) => e.event)).toEqual(all.slice(after).map((e) => e.event));
       expect(replay.events.map((e) => e.data)).toEqual(all.slice(after).map((e) => e.data));
     }
+    // A browser's EventSource opened with ?after=N reconnects to the same URL with Last-Event-ID: M:
+    // the later of the two, so nothing comes twice (and an earlier Last-Event-ID does not go back).
+    for (const [after, lastEventId] of [[2, 5], [5, 2]] as const) {
+      const resumed = await readEvents(base, owner.headers, run.id, { after, lastEventId });
+      expectContiguous(resumed.events, 5);
+      expect(resumed.events.length).toBe(total - 5);
+    }
     // Read to the end: the stream closes at once.
     const none = await readEvents(base, owner.headers, run.id, { after: total });
     expect(none).toMatchObject({ events: [], ended: true });
