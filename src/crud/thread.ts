@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 
-import { eq, sql } from 'drizzle-orm';
+import { eq, type SQL, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
@@ -22,6 +22,16 @@ export const threadPolicy = definePolicy<Thread>({
 });
 
 export const threadCrud = ownedCrud<Thread, NewThread>(threads, threadPolicy);
+
+/**
+ * How many of the threads `which` selects (a project's, a user's) a run works on, their rows locked
+ * until the transaction ends: a run starting on one meanwhile (it locks its thread) waits, then
+ * finds it gone. What deletes them all asks first: a cascade took runs from under their worker.
+ */
+export async function lockCountingBusy(tx: Db, which: SQL): Promise<number> {
+  const rows = await tx.select({ status: threads.status }).from(threads).where(which).for('update');
+  return rows.filter((row) => row.status === 'busy').length;
+}
 
 /** A thread's messages in creation order (`seq`), addressed by id; visibility is the thread's. */
 export const messageCrud = childCrud<Message, NewMessage>(messages, {

@@ -21,6 +21,8 @@ export const projectsRouter: FastifyPluginAsyncZod = async (app) => {
     tags,
     schemas: { create: ProjectCreate, update: ProjectUpdate, public: ProjectPublic },
     service: projectService,
+    // While a run works on one of its threads.
+    errors: { delete: [409] },
   });
 
   // ==================== Stats ====================

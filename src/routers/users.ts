@@ -100,7 +100,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
   app.delete(
     '/users/me',
     {
-      schema: { operationId: 'delete_user_me', summary: 'Delete User Me', tags, response: { 200: Message, ...authErrors } },
+      schema: { operationId: 'delete_user_me', summary: 'Delete User Me', tags, response: { 200: Message, 409: ErrorBody, ...authErrors } },
       onRequest: requireUser,
     },
     async (request) => {
@@ -177,7 +177,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Delete User',
         tags,
         params: UserIdParams,
-        response: { 200: Message, 404: ErrorBody, ...authErrors },
+        response: { 200: Message, 404: ErrorBody, 409: ErrorBody, ...authErrors },
       },
       onRequest: requireSuperuser,
     },

@@ -1,12 +1,16 @@
-import type { Db } from '../core/db.js';
+import { eq } from 'drizzle-orm';
 
-import type { Project } from '../models/index.js';
+import { type Db, transaction } from '../core/db.js';
+import { ConflictError } from '../core/errors.js';
+
+import { type Project, threads } from '../models/index.js';
 
 import type { ProjectCreate, ProjectUpdate } from '../schemas/project.js';
 
 import { forgetApiKeys } from '../crud/api-key.js';
 import type { Page } from '../crud/page.js';
 import { projectCrud, projectPolicy, requireOwnProject, stats as projectStats } from '../crud/project.js';
+import { lockCountingBusy } from '../crud/thread.js';
 import type { AccessPolicy } from '../utils/access.js';
 import type { ServiceContext } from './context.js';
 import { createWithinLimit } from './limits.js';
@@ -30,9 +34,18 @@ export function update(ctx: ServiceContext, id: string, input: ProjectUpdate): P
   return projectCrud.update(ctx.db, ctx.principal, id, input);
 }
 
-/** Deleting a project deletes the keys scoped to it (cascade): the key cache forgets them. */
+/**
+ * Deleting a project deletes its threads and the keys scoped to it (cascade): the key cache forgets
+ * them. Not while a run works on one of its threads (409), as for a thread: the run would go on
+ * with its rows gone, and its readers wait for an end that never came.
+ */
 export async function remove(ctx: ServiceContext, id: string): Promise<void> {
-  await projectCrud.remove(ctx.db, ctx.principal, id);
+  await transaction(ctx.db, async (tx) => {
+    await projectCrud.getVisible(tx, ctx.principal, id, 'write');
+    const busy = await lockCountingBusy(tx, eq(threads.project_id, id));
+    if (busy) throw new ConflictError(`Project has runs in progress on ${busy === 1 ? 'one of its threads' : `${busy} of its threads`}: cancel them or wait for them to end, then delete it`);
+    await projectCrud.remove(tx, ctx.principal, id);
+  });
   forgetApiKeys(ctx.db);
 }
 

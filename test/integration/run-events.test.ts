@@ -134,15 +134,23 @@ describe('the database run event log', () => {
     for (const runId of runIds) expect((await stored(runId)).map((e) => [e.seq, e.event])).toEqual([[1, 'run.started'], [2, 'message.delta'], [3, 'message.delta']]);
   });
 
-  it('one run whose events cannot be stored holds up no other run\'s', async () => {
-    const own = new DatabaseRunEventLog(new EmbeddedRunEvents(ctx.app.db, pino({ level: 'silent' }), FLUSH_MS));
+  it('one run whose events cannot be stored (its row deleted) holds up no other run\'s; they are dropped, not retried for ever, and its readers end', async () => {
+    const lines: { level: number; msg: string }[] = [];
+    const logger = pino({ level: 'info' }, { write: (line: string) => lines.push(JSON.parse(line) as { level: number; msg: string }) });
+    const own = new DatabaseRunEventLog(new EmbeddedRunEvents(ctx.app.db, logger, FLUSH_MS));
     const [gone, kept] = [await newRun(), await newRun()];
     await own.append(gone, [delta('x')]);
     await own.append(kept, [delta('y')]);
+    const reading = collect(own.read(gone, 0, new AbortController().signal)).then((events) => events.map((e) => e.seq));
     // Its run row deleted before the flush: its events break the foreign key.
     await ctx.app.db.delete(runs).where(eq(runs.id, gone));
     expect((await storedOnceAll([kept], 1)).map((r) => r.seq)).toEqual([1]);
     expect(await stored(gone)).toEqual([]);
+    expect(await Promise.race([reading, sleep(3_000).then(() => 'still waiting')])).toEqual([1]);
+    // A failed store is retried every second while the log is open: not one of a run that is gone.
+    await sleep(2_500);
+    expect(lines.filter((line) => line.level >= 50).map((line) => line.msg)).toEqual([]);
+    expect(lines.map((line) => line.msg)).toContain('run deleted: its unstored events dropped');
     await own.close();
   });
 

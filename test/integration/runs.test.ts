@@ -358,6 +358,38 @@ describe('what a revoked key or a deactivated user started', () => {
   });
 });
 
+describe('deleting what holds a running run', () => {
+  it('a project, its owner or the owner by an admin: 409 while a run works on one of its threads, deleted once it has ended; the run ends as cancelled, its readers too', async () => {
+    fake.script(MODEL, { chunks: Array.from({ length: 50 }, (_, i) => `t${i} `), chunkDelayMs: 100 });
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { is_default: true });
+    const project = (await api('POST', '/projects', owner.headers, { name: 'busy' })).json<{ id: string }>();
+    const thread = (await api('POST', '/threads', owner.headers, { project_id: project.id })).json<{ id: string }>();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'long' });
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 2));
+    const reading = readEvents(base, owner.headers, run.id);
+    const admin = await superuserHeaders(ctx.app);
+    const refusals = [
+      [await api('DELETE', `/projects/${project.id}`, owner.headers), 'Project has runs in progress on one of its threads: cancel them or wait for them to end, then delete it'],
+      [await api('DELETE', '/users/me', owner.headers), 'You have runs in progress: cancel them (POST /runs/{id}/cancel) or wait for them to end, then delete your account'],
+      [await api('DELETE', `/users/${owner.user.id}`, admin), 'The user has runs in progress: deactivate the user (which cancels them) or wait for them to end, then delete'],
+    ] as const;
+    for (const [response, detail] of refusals) {
+      expect(response.statusCode, response.body).toBe(409);
+      expect(response.json()).toEqual({ detail });
+    }
+    expect((await getRun(ctx.app, owner.headers, run.id)).status).toBe('running');
+    expect((await api('POST', `/runs/${run.id}/cancel`, owner.headers)).statusCode).toBe(200);
+    const { events, ended } = await reading;
+    expect(ended).toBe(true);
+    expect(events.at(-1)!.event).toBe('run.cancelled');
+    await waitForRun(ctx.app, owner.headers, run.id, ['cancelled']);
+    expect((await api('DELETE', `/projects/${project.id}`, owner.headers)).statusCode).toBe(200);
+    expect((await api('GET', `/threads/${thread.id}`, owner.headers)).statusCode).toBe(404);
+    expect((await api('DELETE', `/users/${owner.user.id}`, admin)).statusCode).toBe(200);
+  });
+});
+
 describe('cancel', () => {
   /** A run whose model is streaming `chunks` slow pieces (two sent), and a reader of its events. */
   async function streamingRun(chunks: number) {

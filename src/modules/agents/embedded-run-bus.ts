@@ -6,6 +6,7 @@
 import { and, asc, desc, eq, gt, gte, inArray, lt, lte, sql } from 'drizzle-orm';
 
 import { afterCommit, type Db } from '../../core/db.js';
+import { databaseError } from '../../core/errors.js';
 import type { Logger } from '../../core/logger.js';
 
 import { runEvents, runs } from '../../models/index.js';
@@ -140,6 +141,8 @@ interface RunLogState {
   retryAt: number;
   /** The last events stored (at most RECENT_EVENTS, in seq order, up to the first pending one): a reader replays them without a query. */
   recent: RunEvent[];
+  /** The run's row is gone (deleted): its events have nowhere to go, and its readers have ended. */
+  gone: boolean;
 }
 
 /**
@@ -191,7 +194,7 @@ export class EmbeddedRunEvents {
   private stateOf(runId: string): RunLogState {
     let state = this.states.get(runId);
     if (!state) {
-      state = { nextSeq: null, ended: false, pending: [], pendingChars: 0, listeners: new Set(), tail: Promise.resolve(), flushing: null, retryAt: 0, recent: [] };
+      state = { nextSeq: null, ended: false, pending: [], pendingChars: 0, listeners: new Set(), tail: Promise.resolve(), flushing: null, retryAt: 0, recent: [], gone: false };
       this.states.set(runId, state);
     }
     return state;
@@ -440,6 +443,13 @@ export class EmbeddedRunEvents {
         this.stored(state, batch.length);
         state.retryAt = 0;
       } catch (error) {
+        if (databaseError(error)?.code === '23503') {
+          // Its run's row is gone (deleted with what held it): no store will ever take them, and
+          // retried every second they filled the log for as long as the process ran.
+          this.log.warn({ runId, events: batch.length }, 'run deleted: its unstored events dropped');
+          this.drop(state);
+          return;
+        }
         this.log.error({ err: (error as { cause?: unknown }).cause ?? error, runId, events: batch.length }, 'run events not stored; kept for the next flush');
         if (this.users > 0) {
           state.retryAt = Date.now() + Math.max(this.flushMs, 1_000);
@@ -452,6 +462,15 @@ export class EmbeddedRunEvents {
     })();
     const flushed = state.flushing.then(() => this.forgetIfIdle(runId, state));
     return flushed;
+  }
+
+  /** A run whose row is gone: what waits to be stored is dropped, and its readers end (no final event will come). */
+  private drop(state: RunLogState): void {
+    state.gone = true;
+    state.ended = true;
+    state.pending = [];
+    state.pendingChars = 0;
+    for (const listener of state.listeners) listener([]);
   }
 
   async *read(runId: string, after: number, signal: AbortSignal): AsyncIterable<RunEvent> {
@@ -501,6 +520,7 @@ export class EmbeddedRunEvents {
         // A reader that starts at or past the final event (it has read it all) ends at once.
         if (await this.endedBy(runId, state, last)) return;
         while (!signal.aborted && !overflowed) {
+          if (state.gone) return;
           if (!inbox.length) {
             await new Promise<void>((resolve) => (wake = resolve));
             wake = null;
