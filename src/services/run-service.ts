@@ -244,7 +244,15 @@ export async function startOnThread(ctx: ServiceContext, deps: RunDeps, threadId
 export async function startWithThread(ctx: ServiceContext, deps: RunDeps, input: RunCreateWithThread, history: readonly HistoryMessage[] = []): Promise<Run> {
   const planned = await plan(ctx, ctx.principal.user.id, input.agent_id, input.model, input.input, history);
   const thread = await threadService.create(ctx, { title: input.thread?.title ?? '', project_id: input.thread?.project_id, metadata: {} });
-  return start(ctx, deps, thread, planned, { strategy: 'reject', input: input.input, history });
+  try {
+    return await start(ctx, deps, thread, planned, { strategy: 'reject', input: input.input, history });
+  } catch (error) {
+    // Refused (the active-run limit, credits): the thread made for it goes too, not left empty and
+    // counted against MAX_THREADS_PER_USER. (Not one transaction around both: start() hands the run
+    // to its worker once its own commits, which must then be the last.)
+    await threadCrud.remove(ctx.db, ctx.principal, thread.id).catch((e: unknown) => ctx.log.warn({ err: e, threadId: thread.id }, 'thread of a refused run not deleted'));
+    throw error;
+  }
 }
 
 // ==================== Reading ====================

@@ -866,6 +866,11 @@ describe('limits and access', () => {
     const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'x' });
     expect(refused.statusCode).toBe(429);
     expect(refused.json<{ detail: string }>().detail).toMatch(/MAX_ACTIVE_RUNS_PER_USER/);
+    // Refused with a new thread of its own (POST /runs): no thread is left behind (each counted against MAX_THREADS_PER_USER).
+    const threadsBefore = (await api('GET', '/threads', owner.headers)).json<{ count: number }>().count;
+    const refusedWithThread = await api('POST', '/runs', owner.headers, { input: 'x', thread: { title: 'never' } });
+    expect(refusedWithThread.statusCode).toBe(429);
+    expect((await api('GET', '/threads', owner.headers)).json<{ count: number }>().count).toBe(threadsBefore);
     for (const run of started) await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
   });
 
