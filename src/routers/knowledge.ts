@@ -75,9 +75,16 @@ function contentLengthOf(request: FastifyRequest): number | undefined {
   return Number.isSafeInteger(length) && length >= 0 ? length : undefined;
 }
 
-/** Streamed answers (never serialized: Fastify pipes a stream as it is), described for the OpenAPI document. */
-const FileBody = z.unknown().meta({ type: 'string', format: 'binary', description: 'The file as uploaded.' });
-const TextBody = z.unknown().meta({ type: 'string', description: 'The extracted text.' });
+/**
+ * Streamed answers (never serialized: Fastify pipes a stream as it is), described for the OpenAPI
+ * document with the media types they go out with, so a generated client reads a file as bytes and
+ * the text as text (documented as JSON, clients parsed both as JSON and threw).
+ */
+const FileBody = {
+  description: 'The file as uploaded (its `Content-Type` the one sniffed from it)',
+  content: { 'application/octet-stream': { schema: z.unknown().meta({ type: 'string', format: 'binary' }) } },
+};
+const TextBody = { description: 'The extracted text', content: { 'text/plain': { schema: z.string() } } };
 
 const missingFile = () =>
   new UnprocessableError({ loc: ['body', 'file'], msg: 'Field required: send the document as multipart/form-data in a field named "file"', type: 'missing' });

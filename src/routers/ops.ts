@@ -86,8 +86,8 @@ export const opsRouter: FastifyPluginAsyncZod = async (app) => {
         description: 'Needs `Authorization: Bearer <METRICS_TOKEN>` when that setting is set.',
         tags,
         security: [],
-        produces: ['text/plain'],
-        response: { 200: z.string().describe('Prometheus text exposition format'), 401: ErrorBody },
+        // Each answer with its own media type (`produces` put the JSON 401 under text/plain too).
+        response: { 200: { description: 'Prometheus text exposition format', content: { 'text/plain': { schema: z.string() } } }, 401: ErrorBody },
       },
       ...(app.settings.METRICS_TOKEN ? { onRequest: requireMetricsToken(app.settings.METRICS_TOKEN) } : {}),
     },

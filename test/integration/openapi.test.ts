@@ -60,6 +60,14 @@ describe('the OpenAPI document', () => {
     for (const status of ['404', '410', '503']) expect(Object.keys(responses[status]!.content ?? {})).toEqual(['application/json']);
   });
 
+  it('documents each answer that is no JSON with the media type it goes out with: a file as bytes, text as text, metrics; their errors as JSON', () => {
+    const mediaTypes = (operationId: string, status: string) => Object.keys(operationsOf(document).find(({ operation }) => operation.operationId === operationId)!.operation.responses[status]!.content ?? {});
+    expect(mediaTypes('download_knowledge_entry', '200')).toEqual(['application/octet-stream']);
+    expect(mediaTypes('get_knowledge_entry_content', '200')).toEqual(['text/plain']);
+    expect(mediaTypes('metrics', '200')).toEqual(['text/plain']);
+    for (const [operationId, status] of [['download_knowledge_entry', '404'], ['get_knowledge_entry_content', '409'], ['metrics', '401']]) expect(mediaTypes(operationId!, status!)).toEqual(['application/json']);
+  });
+
   it('documents a chat completion as JSON or, streamed, as text/event-stream', () => {
     const { responses } = operationsOf(document).find(({ operation }) => operation.operationId === 'openai_create_chat_completion')!.operation;
     expect(Object.keys(responses['200']!.content ?? {})).toEqual(['application/json', 'text/event-stream']);
