@@ -57,6 +57,17 @@ export function integerParam(min: number, max: number, fallback?: number) {
   return fallback === undefined ? z.preprocess(parse, integer) : z.preprocess(parse, integer.default(fallback));
 }
 
+const STRING_BOOLEAN = z.stringbool();
+
+/**
+ * A query parameter holding a boolean, written as `z.stringbool()` takes it (`true`/`false`, `1`/`0`,
+ * `yes`/`no`…), documented as the boolean it is (a string, generated clients refused `true`).
+ */
+export function booleanParam(fallback: boolean) {
+  const parse = (value: unknown) => (typeof value === 'string' ? (STRING_BOOLEAN.safeParse(value).data ?? value) : value);
+  return z.preprocess(parse, z.boolean({ error: 'Input should be a valid boolean' }).default(fallback));
+}
+
 /** `?limit=&offset=`, and nothing else: an unknown parameter (`?skip=`, `?page=`) answers 422. */
 export const Pagination = z.strictObject({
   limit: integerParam(1, 100, 20),

@@ -2,7 +2,7 @@ import { z } from 'zod';
 
 import { isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
 import { CAPABILITIES } from '../modules/ai-models/types.js';
-import { Pagination } from './common.js';
+import { booleanParam, Pagination } from './common.js';
 
 /** A price per million tokens: a decimal string (never a binary float), up to 12 decimal places. */
 const Price = z.string().regex(/^\d{1,9}(\.\d{1,12})?$/, { error: 'A price is a decimal string such as "2.5", up to 12 decimal places' });
@@ -86,4 +86,4 @@ export const ModelPublic = z
 export const ModelIdParams = z.object({ model_id: z.string().min(1).max(200) });
 
 /** `?include_disabled=&limit=&offset=`, paged as every list (SPEC §2: 1–100, default 20). */
-export const ModelListQuery = Pagination.extend({ include_disabled: z.stringbool().default(false) });
+export const ModelListQuery = Pagination.extend({ include_disabled: booleanParam(false) });

@@ -68,6 +68,15 @@ describe('the OpenAPI document', () => {
     for (const [operationId, status] of [['download_knowledge_entry', '404'], ['get_knowledge_entry_content', '409'], ['metrics', '401']]) expect(mediaTypes(operationId!, status!)).toEqual(['application/json']);
   });
 
+  it('types query parameters as what they hold: limit and offset integers with their defaults, include_disabled a boolean', () => {
+    const parameter = (operationId: string, name: string) =>
+      (operationsOf(document).find(({ operation }) => operation.operationId === operationId)!.operation as unknown as { parameters: { name: string; schema: Record<string, unknown> }[] }).parameters.find((p) => p.name === name)!.schema;
+    expect(parameter('list_models', 'include_disabled')).toMatchObject({ type: 'boolean', default: false });
+    expect(parameter('list_models', 'limit')).toMatchObject({ type: 'integer', default: 20, minimum: 1, maximum: 100 });
+    expect(parameter('list_projects', 'offset')).toMatchObject({ type: 'integer', default: 0, minimum: 0 });
+    expect(parameter('stream_run_events', 'after')).toMatchObject({ type: 'integer', minimum: 0 });
+  });
+
   it('documents a chat completion as JSON or, streamed, as text/event-stream', () => {
     const { responses } = operationsOf(document).find(({ operation }) => operation.operationId === 'openai_create_chat_completion')!.operation;
     expect(Object.keys(responses['200']!.content ?? {})).toEqual(['application/json', 'text/event-stream']);
