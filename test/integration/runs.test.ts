@@ -56,6 +56,7 @@ beforeAll(() => {
 });
 
 interface MessageBody {
+  id: string;
   role: string;
   content: string;
   run_id: string | null;
@@ -113,6 +114,10 @@ describe('a run streams its answer', () => {
       ['user', 'Hi there', null],
       ['assistant', 'Hello world', run.id],
     ]);
+    // The events' message is the message as listed (MessagePublic): the completed one equal to it, the opened one with its fields.
+    expect(events[6]!.data.message).toEqual(list[1]);
+    expect(Object.keys(created).sort()).toEqual(Object.keys(list[1]!).sort());
+    expect(created).toMatchObject({ id: list[1]!.id, content: '', tool_calls: null, tool_call_id: null, metadata: {} });
     // The model got the system prompt and the thread.
     const sent = fake.requestsFor(MODEL)[0]!.body.messages as { role: string; content: string }[];
     expect(sent.map((m) => m.role)).toEqual(['system', 'user']);

@@ -139,9 +139,17 @@ export async function queueRun(deps: RunDeps, runId: string): Promise<void> {
   }
 }
 
+/** A message as the API shows it (MessagePublic): an event's `message` is the one `GET /threads/{id}/messages` lists (its position in the thread, `seq`, is no field of it). */
+export function messageView({ seq: _seq, ...message }: Message): Omit<Message, 'seq'> {
+  return message;
+}
+
 /** The events of a step's written messages: the assistant's (opened when the step began) completed, each tool result created and completed. */
 export function completedEvents(stepMessages: readonly Message[], step: number): NewRunEvent[] {
-  return stepMessages.flatMap((message, i): NewRunEvent[] => (i === 0 ? [{ event: 'message.completed', data: { message, step } }] : [{ event: 'message.created', data: { message, step } }, { event: 'message.completed', data: { message, step } }]));
+  return stepMessages.flatMap((row, i): NewRunEvent[] => {
+    const message = messageView(row);
+    return i === 0 ? [{ event: 'message.completed', data: { message, step } }] : [{ event: 'message.created', data: { message, step } }, { event: 'message.completed', data: { message, step } }];
+  });
 }
 
 /** Writes the final event of a run ended with FINAL_EVENT_PENDING, then clears the mark; left for the sweep when the write fails. */

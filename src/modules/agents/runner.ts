@@ -357,7 +357,9 @@ export class AgentRunner {
       const history = firstHistory ?? (await threadHistory(deps.db).execute({ thread_id: run.thread_id }));
       firstHistory = null;
       const messageId = randomUUID();
-      const draft = { id: messageId, thread_id: run.thread_id, run_id: run.id, role: 'assistant', content: '', tool_calls: null, step };
+      // The message as it will be listed (MessagePublic), empty until its text comes (its times: now, the thread's when written).
+      const now = new Date();
+      const draft = { id: messageId, thread_id: run.thread_id, role: 'assistant', content: '', tool_calls: null, tool_call_id: null, run_id: run.id, metadata: {}, created_at: now, updated_at: now };
       // The step's events are not waited for one by one (the model call starts while message.created
       // is written, deltas go out batched); a failed append stops the step at the model's next part.
       appends.add([...announcement.splice(0), { event: 'message.created', data: { message: draft, step } }]);
