@@ -795,6 +795,14 @@ describe('failures in words', () => {
     expect((await waitForRun(ctx.app, owner.headers, down.id, ['failed'])).error).toMatch(/could not be reached or failed \(503\).*try again later/);
     const { events } = await readEvents(base, owner.headers, down.id);
     expect(events.at(-1)).toMatchObject({ event: 'run.failed', data: { run: { status: 'failed' } } });
+    // A connection dropped mid-answer (not retried: its text went out) is not said to have been retried;
+    // an answer that could not be read is not said to have been refused.
+    fake.script(MODEL, { chunks: ['a ', 'b ', 'c'], chunkDelayMs: 100, drop: { afterChunks: 2 } });
+    const dropped = await startRun(ctx.app, owner.headers, thread.id, {});
+    expect((await waitForRun(ctx.app, owner.headers, dropped.id, ['failed'])).error).toBe(`The provider of model ${MODEL} could not be reached or failed (connection error); try again later`);
+    fake.script(MODEL, { rawBody: 'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\ndata: <html>oops</html>\n\n' });
+    const unreadable = await startRun(ctx.app, owner.headers, thread.id, {});
+    expect((await waitForRun(ctx.app, owner.headers, unreadable.id, ['failed'])).error).toBe(`The answer of the provider of model ${MODEL} could not be read (200); try again later`);
     // A model named by the request must be in the catalog (422 at once).
     const unknown = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { model: 'no-such-model' });
     expect(unknown.statusCode).toBe(422);

@@ -56,12 +56,15 @@ export function describeRunError(error: unknown, run: Pick<Run, 'model'>): strin
   if (error instanceof ProviderUnavailableError) return `The provider of model ${run.model} is not set up: ${error.reason}`;
   if (error instanceof PaymentRequiredError) return error.detail.startsWith(CREDITS_REFUSED) ? error.detail : `${CREDITS_REFUSED}: ${error.detail}`;
   if (error instanceof TooManyRequestsError) return error.detail;
-  if (error instanceof ModelTimeoutError) return `The provider of model ${run.model} could not be reached: no answer within ${error.timeoutMs} ms, after retries; try again later`;
+  // Not "after retries": a call whose answer had begun is not retried (its text went out).
+  if (error instanceof ModelTimeoutError) return `The provider of model ${run.model} could not be reached: no answer within ${error.timeoutMs} ms; try again later`;
   if (error instanceof UpstreamError) {
     const status = error.upstreamStatus;
     if (status === 401 || status === 403) return `The provider rejected the API key for model ${run.model} (${status}); check the provider's key`;
     if (status === 429) return `The provider of model ${run.model} is rate limiting requests (429) and retries did not get through; try again later`;
-    if (status === undefined || status >= 500) return `The provider of model ${run.model} could not be reached or failed (${status ?? 'connection error'}), after retries; try again later`;
+    if (status === undefined || status >= 500) return `The provider of model ${run.model} could not be reached or failed (${status ?? 'connection error'}); try again later`;
+    // A 2xx whose answer was no answer (not JSON, not a completion's shape): nothing was refused.
+    if (status < 300) return `The answer of the provider of model ${run.model} could not be read (${status}); try again later`;
     // The provider's own words only when the request was at fault (its detail says so); the rest is in the log.
     if (CLIENT_FAULT_UPSTREAM.has(status)) return `The provider refused the request for model ${run.model} (${status}): ${error.detail}`;
     return `The provider refused the request for model ${run.model} (${status})`;
