@@ -49,6 +49,8 @@ export interface ScriptedReply {
   rawUsage?: unknown;
   /** Answer 200 with this body as it is, for a stream or not, or embeddings (a body that is no JSON, a broken stream, vectors out of order). */
   rawBody?: string;
+  /** Where `rawBody` is cut into writes of their own, 20 ms apart, so the client reads them apart (a line end cut in two). */
+  rawCuts?: number[];
   /** After the answer (a stream's `[DONE]` included), keep the connection open: for good, or this many ms before ending the response. */
   holdOpen?: true | number;
   /**
@@ -321,9 +323,16 @@ export class FakeModelServer {
     });
   }
 
-  private raw(res: ServerResponse, entry: LoggedRequest, reply: ScriptedReply): void {
+  private async raw(res: ServerResponse, entry: LoggedRequest, reply: ScriptedReply): Promise<void> {
     res.writeHead(200, { 'content-type': entry.stream ? 'text/event-stream' : 'application/json', ...reply.headers });
-    this.end(res, entry, reply, reply.rawBody ?? '');
+    const body = reply.rawBody ?? '';
+    let from = 0;
+    for (const cut of reply.rawCuts ?? []) {
+      res.write(body.slice(from, cut));
+      from = cut;
+      await sleep(20);
+    }
+    this.end(res, entry, reply, body.slice(from));
   }
 
   /** Ends the response with `last`, or writes it and ends later or never (`holdOpen`). */

@@ -278,14 +278,20 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
       // JSON pretty-printed, a `data:` line for each of its lines (the SSE spec joins them with line feeds).
       'several data lines': events.map((e) => `${JSON.stringify(e, null, 1).split('\n').map((line) => `data: ${line}`).join('\n')}\n\n`).join('') + 'data: [DONE]\n\n',
       CRLF: events.map((e) => `data: ${JSON.stringify(e)}\r\n\r\n`).join('') + 'data: [DONE]\r\n\r\n',
+      'several data lines, CRLF': events.map((e) => `${JSON.stringify(e, null, 1).split('\n').map((line) => `data: ${line}`).join('\r\n')}\r\n\r\n`).join('') + 'data: [DONE]\r\n\r\n',
       'CR only': events.map((e) => `data: ${JSON.stringify(e)}\r\r`).join('') + 'data: [DONE]\r\r',
       'no space, comments, event and id fields': `: keep-alive\n\n${events.map((e, i) => `id: ${i}\nevent: message\ndata:${JSON.stringify(e)}\n\n`).join('')}data:[DONE]\n\n`,
     };
-    for (const [framing, rawBody] of Object.entries(framings)) {
+    // Each framing whole, and cut in reads after every CR (a CRLF or a CR line end split between two reads).
+    const cases = Object.entries(framings).flatMap(([framing, rawBody]) => {
+      const cuts = [...rawBody.matchAll(/\r/g)].map((m) => m.index + 1);
+      return cuts.length ? [[framing, rawBody, []] as const, [`${framing}, cut after each CR`, rawBody, cuts] as const] : [[framing, rawBody, []] as const];
+    });
+    for (const [framing, rawBody, rawCuts] of cases) {
       const outcomes = [];
       for (const request of [hello, viaSdk(hello)]) {
         server.reset();
-        server.script('wire-chat', { rawBody });
+        server.script('wire-chat', { rawBody, rawCuts: [...rawCuts] });
         outcomes.push(
           await streamed(request).then(
             ({ texts, result }) => ({ texts, text: result.text, finishReason: result.finishReason, usage: result.usage }),

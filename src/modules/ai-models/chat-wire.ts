@@ -516,6 +516,8 @@ class SseReader implements Dispatcher.DispatchHandlers {
   private streamed = false;
   /** An event's data lines so far, while they are no JSON yet (data over several lines: see read). */
   private data: string | null = null;
+  /** The last read ended with a CR: a LF starting the next ends the same line. */
+  private afterCR = false;
   /** The start of a 2xx answer's body, to name an answer that is no stream (a server that ignores `stream`). */
   private opening = '';
   /** The answer carried a refusal (its finish then says content-filter, as the SDK's does). */
@@ -643,8 +645,10 @@ class SseReader implements Dispatcher.DispatchHandlers {
    * line an event, and some no blank line between them), so only data over several lines waits.
    */
   private read(chunk: string): void {
-    // CR or CRLF line ends (rare) as LF: a CRLF cut between two reads adds a blank line, which ends no event twice.
-    const text = chunk.includes('\r') ? chunk.replace(/\r\n?/g, '\n') : chunk;
+    // CR or CRLF line ends (rare) as LF; the LF of a CRLF cut between two reads is not a line of its own.
+    let text = this.afterCR && chunk.charCodeAt(0) === 10 ? chunk.slice(1) : chunk;
+    this.afterCR = text.charCodeAt(text.length - 1) === 13;
+    if (text.includes('\r')) text = text.replace(/\r\n?/g, '\n');
     if (!this.streamed && this.opening.length < 120) this.opening += text.slice(0, 120);
     let start = 0;
     for (let end = text.indexOf('\n'); end !== -1; start = end + 1, end = text.indexOf('\n', start)) {
@@ -680,10 +684,14 @@ class SseReader implements Dispatcher.DispatchHandlers {
       });
       return true;
     }
-    const value = completionOf(trimmed);
-    if (value) this.event(value);
-    else if (whole) throw invalidAnswer(this.url, this.call, this.statusCode, trimmed);
-    else this.data = data;
+    const json = jsonOf(trimmed);
+    // No JSON yet: the first of its data lines, held for the rest (JSON of another shape is refused at once).
+    if (json === NOT_JSON && !whole) this.data = data;
+    else {
+      const value = json === NOT_JSON ? undefined : asCompletion(json as Completion | null);
+      if (!value) throw invalidAnswer(this.url, this.call, this.statusCode, trimmed);
+      this.event(value);
+    }
     return false;
   }
 
@@ -769,12 +777,22 @@ function connectionError(url: string, call: unknown, error: unknown): APICallErr
  * refuses, as far as it matters here).
  */
 function completionOf(text: string): Completion | undefined {
-  let value: Completion | null;
+  const value = jsonOf(text);
+  return value === NOT_JSON ? undefined : asCompletion(value as Completion | null);
+}
+
+const NOT_JSON = Symbol('not JSON');
+
+function jsonOf(text: string): unknown {
   try {
-    value = JSON.parse(text) as Completion | null;
+    return JSON.parse(text) as unknown;
   } catch {
-    return undefined;
+    return NOT_JSON;
   }
+}
+
+/** `value` when it has a completion's (or a chunk's) shape as the SDK's schema checks it. */
+function asCompletion(value: Completion | null): Completion | undefined {
   if (typeof value !== 'object' || value === null || Array.isArray(value)) return undefined;
   const { choices } = value;
   if (choices === undefined || choices === null) return value;
