@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 
-import { eq, type SQL, sql } from 'drizzle-orm';
+import { and, eq, type SQL, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
@@ -24,13 +24,16 @@ export const threadPolicy = definePolicy<Thread>({
 export const threadCrud = ownedCrud<Thread, NewThread>(threads, threadPolicy);
 
 /**
- * How many of the threads `which` selects (a project's, a user's) a run works on, their rows locked
- * until the transaction ends: a run starting on one meanwhile (it locks its thread) waits, then
- * finds it gone. What deletes them all asks first: a cascade took runs from under their worker.
+ * How many of the threads `which` selects (a project's, a user's) a run works on. What deletes them
+ * all asks first, holding their owner's row (`lockForUpdate`: every run start and thread creation
+ * of theirs takes it first), so none starts meanwhile: a cascade took runs from under their worker.
  */
-export async function lockCountingBusy(tx: Db, which: SQL): Promise<number> {
-  const rows = await tx.select({ status: threads.status }).from(threads).where(which).for('update');
-  return rows.filter((row) => row.status === 'busy').length;
+export async function countBusy(tx: Db, which: SQL): Promise<number> {
+  const [row] = await tx
+    .select({ busy: sql<number>`count(*)`.mapWith(Number) })
+    .from(threads)
+    .where(and(which, eq(threads.status, 'busy')));
+  return row?.busy ?? 0;
 }
 
 /** A thread's messages in creation order (`seq`), addressed by id; visibility is the thread's. */
