@@ -19,3 +19,11 @@ export function storableText(text: string, max: number): string {
 export function withoutNul(text: string): string {
   return text.includes('\u0000') ? text.replaceAll('\u0000', '\ufffd') : text;
 }
+
+/** `withoutNul` through a JSON value (a tool call's arguments, stored as jsonb): its strings and keys. */
+export function withoutNulDeep(value: unknown): unknown {
+  if (typeof value === 'string') return withoutNul(value);
+  if (Array.isArray(value)) return value.map(withoutNulDeep);
+  if (value === null || typeof value !== 'object') return value;
+  return Object.fromEntries(Object.entries(value).map(([key, item]) => [withoutNul(key), withoutNulDeep(item)]));
+}

@@ -138,6 +138,15 @@ describe('a run streams its answer', () => {
     expect(events.filter((e) => e.event === 'message.delta').map((e) => e.data.delta).join('')).toBe(`nul: a\uFFFDb, emoji: ${emoji}!`);
   });
 
+  it('a tool call whose arguments hold a NUL character is stored with U+FFFD in its place: the run completes', async () => {
+    fake.script(MODEL, { toolCalls: [{ id: 'call_nul', name: 'knowledge_search', arguments: '{"query":"a\\u0000b","\\u0000":1}' }] }, { text: 'done' });
+    const { owner, thread } = await setup({ tools: ['knowledge_search'] });
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'search nul' });
+    expect(await waitForRun(ctx.app, owner.headers, run.id, ['completed', 'failed'])).toMatchObject({ status: 'completed', error: null });
+    const call = (await threadMessages(owner, thread.id)).find((m) => m.tool_calls)!.tool_calls![0] as unknown as { arguments: Record<string, unknown> };
+    expect(call.arguments).toEqual({ query: 'a\uFFFDb', '\uFFFD': 1 });
+  });
+
   it('replays from any Last-Event-ID or ?after= exactly once, live and after the end', async () => {
     fake.script(MODEL, { chunks: Array.from({ length: 12 }, (_, i) => `w${i} `), chunkDelayMs: 40 });
     const { owner, thread } = await setup();

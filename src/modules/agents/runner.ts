@@ -21,7 +21,7 @@ import { versionCrud } from '../../crud/agent.js';
 import { preparedAnywhere } from '../../crud/prepared.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
-import { withoutNul } from '../../utils/text.js';
+import { withoutNul, withoutNulDeep } from '../../utils/text.js';
 import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, RunWriter } from './run-bus.js';
@@ -116,7 +116,11 @@ function toolSetOf(version: AgentVersion): ToolSet | undefined {
   return Object.fromEntries(names.map((name) => [name, tool({ description: TOOL_DEFINITIONS[name].description, inputSchema: jsonSchema(TOOL_DEFINITIONS[name].parameters) })]));
 }
 
-const asArguments = (input: unknown): Record<string, unknown> => (typeof input === 'object' && input !== null && !Array.isArray(input) ? (input as Record<string, unknown>) : { input });
+/** A tool call's input as its message stores it (an object; NUL characters, which jsonb refuses, as U+FFFD). */
+const asArguments = (input: unknown): Record<string, unknown> => {
+  const storable = JSON.stringify(input)?.includes('\\u0000') ? withoutNulDeep(input) : input;
+  return typeof storable === 'object' && storable !== null && !Array.isArray(storable) ? (storable as Record<string, unknown>) : { input: storable };
+};
 
 interface ToolOutcome {
   call: ToolCall;
