@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 
 import { transaction } from '../core/db.js';
-import { ConflictError } from '../core/errors.js';
+import { ConflictError, NotFoundError } from '../core/errors.js';
 
 import type { ProviderRow } from '../models/index.js';
 
@@ -77,9 +77,10 @@ export function providerService(models: ModelManager) {
     async remove(ctx: ServiceContext, id: string) {
       ensureSuperuser(ctx.principal);
       await transaction(ctx.db, async (tx) => {
-        const row = await providerCrud.getVisible(tx, ctx.principal, id);
+        const visible = await providerCrud.getVisible(tx, ctx.principal, id);
         // Locked first: a model write naming it (which shares the lock) has committed, or waits and then finds it gone.
-        await lockByName(tx, row.name, 'update');
+        const row = await lockByName(tx, visible.name, 'update');
+        if (!row) throw new NotFoundError('Provider not found');
         const used = await overrideCrud.modelIdsOfProvider(tx, row.name);
         if (used.length) {
           const named = used.slice(0, 10).join(', ') + (used.length > 10 ? ` and ${used.length - 10} more` : '');

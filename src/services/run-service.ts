@@ -4,7 +4,7 @@
  * row lock orders starts, ends and hand-overs, and every status change is conditional.
  */
 import { commitWithNextStatement, type Db, transaction } from '../core/db.js';
-import { ConflictError, GoneError, PaymentRequiredError, TooManyRequestsError, UnprocessableError } from '../core/errors.js';
+import { ConflictError, GoneError, HttpError, PaymentRequiredError, TooManyRequestsError, UnprocessableError } from '../core/errors.js';
 
 import { type Agent, type Run, runs, type Thread } from '../models/index.js';
 
@@ -247,6 +247,8 @@ export async function startWithThread(ctx: ServiceContext, deps: RunDeps, input:
   try {
     return await start(ctx, deps, thread, planned, { strategy: 'reject', input: input.input, history });
   } catch (error) {
+    // Only a refusal (an HttpError: the active-run limit, credits) is surely no run; a database error may be a COMMIT that took.
+    if (!(error instanceof HttpError)) throw error;
     // Refused (the active-run limit, credits): the thread made for it goes too, not left empty and
     // counted against MAX_THREADS_PER_USER. (Not one transaction around both: start() hands the run
     // to its worker once its own commits, which must then be the last.)

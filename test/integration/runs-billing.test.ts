@@ -195,7 +195,10 @@ describe('runs with billing on', () => {
     await db.execute(sql`create trigger record_run_write after update on runs for each row execute function record_run_write()`);
     const started = Date.now();
     const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'never answered' });
-    const final = await waitForRun(ctx.app, owner.headers, run.id, ['failed'], 5_000).finally(() => db.execute(sql`drop trigger record_run_write on runs`));
+    const final = await waitForRun(ctx.app, owner.headers, run.id, ['failed'], 5_000).finally(async () => {
+      await db.execute(sql`drop trigger record_run_write on runs`);
+      await db.execute(sql`drop function record_run_write()`);
+    });
     expect(Date.now() - started).toBeLessThan(3_000);
     expect(final.error).toBe('The run passed its deadline of 1 s (RUN_TIMEOUT_SECONDS) and was stopped');
     await fake.waitFor((log) => log[0]!.aborted, 1_000);
@@ -208,6 +211,7 @@ describe('runs with billing on', () => {
     const writes = await db.execute(sql`select status, cost::text as cost from run_writes where run_id = ${run.id} and status <> 'running'`).then((r) => (r as { rows: { status: string; cost: string }[] }).rows);
     expect(writes.length).toBeGreaterThan(0);
     for (const write of writes) expect(Number(write.cost), write.status).toBe(Number(final.cost));
+    await db.execute(sql`drop table run_writes`);
   });
 
   it('a cancelled run shows what its calls were charged, the one stopped mid-stream included', async () => {

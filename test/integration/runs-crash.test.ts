@@ -155,8 +155,9 @@ describe('embedded process killed after metered calls', () => {
     }
     const before = (await json<{ balance: string; reserved: string }>(first.base, 'GET', '/billing/balance', headers)).body;
     expect(Number(before.balance)).toBeLessThan(100);
-    // Written (the read waited for it) and then nothing more: a crash a second later loses none of it.
-    await new Promise((done) => setTimeout(done, 1_500));
+    // Written (the read waited for it) and then nothing more: a crash seconds later loses none of it
+    // (its WAL is written 500 ms after; 3 s leave room for a loaded machine).
+    await new Promise((done) => setTimeout(done, 3_000));
     first.child.process.kill('SIGKILL');
     await first.child.ended;
 

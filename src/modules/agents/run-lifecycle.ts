@@ -89,7 +89,7 @@ export type RunOutcome = { status: 'completed' | 'failed' | 'cancelled'; error?:
 export async function endInTransaction(tx: Db, run: Pick<Run, 'id' | 'thread_id'>, outcome: RunOutcome, guard: runCrud.EndGuard, locked?: Pick<Run, 'waiting'>): Promise<EndedRun | undefined> {
   // `locked`: the run as read under the thread's lock, already held by the caller.
   const { releaseLease = false, ...values } = outcome;
-  if (locked && !locked.waiting && guard && 'leaseOwner' in guard && values.steps !== undefined && values.usage !== undefined && values.cost !== undefined) {
+  if (locked && !locked.waiting && guard && 'leaseOwner' in guard && values.steps !== undefined && values.usage !== undefined && values.cost !== undefined && !values.paid) {
     // Its worker's end of the run that holds the thread: the end and the hand-over in one statement.
     const ended = await runCrud.endByWorkerAndHandOn(tx, run, { ...values, steps: values.steps, usage: values.usage, cost: values.cost }, guard.leaseOwner, releaseLease);
     return ended && { run: ended.run, promoted: ended.next ? await promote(tx, run.thread_id, ended.next) : undefined };
