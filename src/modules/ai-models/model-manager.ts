@@ -1241,8 +1241,9 @@ export class ModelManager {
   private chatResult(model: ModelInfo, state: AttemptState, started: number, said: Said, finishReason: string, firstTokenMs: number | null): ChatResult {
     // A streamed answer's output was counted part by part as it came (`seen`), kept or not.
     // Usage that is no usage (a count missing, negative) is estimated as none reported.
-    if (chargeableUsage(state.usage) === undefined && !state.streamed) state.outputTokens = saidTokens(said);
-    const { usage, cost } = this.price(model, state);
+    const reported = chargeableUsage(state.usage);
+    if (reported === undefined && !state.streamed) state.outputTokens = saidTokens(said);
+    const { usage, cost } = this.price(model, state, reported);
     return {
       model: model.id,
       provider: model.provider,
@@ -1262,8 +1263,8 @@ export class ModelManager {
    * `state.usage` (set by the attempt) and its cost, kept for the usage record (computed once). A
    * provider that reported no usage is not a free call: its usage is estimated (and so marked).
    */
-  private price(model: ModelInfo, state: AttemptState): { usage: TokenUsage; cost: string } {
-    let usage = chargeableUsage(state.usage);
+  private price(model: ModelInfo, state: AttemptState, reported = chargeableUsage(state.usage)): { usage: TokenUsage; cost: string } {
+    let usage = reported;
     if (usage === undefined) {
       usage = estimatedUsage(state);
       state.estimated = true;
@@ -1316,7 +1317,8 @@ export class ModelManager {
         // estimated. So has one aborted while its request was upstream: the provider has the prompt
         // (and may go on answering a non-streamed call), so a caller that goes away before the
         // answer is charged for the prompt, not let off free.
-        const reported = chargeableUsage(state.usage);
+        // Priced as the answer went out (price): its usage and cost as they are, not read again.
+        const reported = state.priced ? state.priced.usage : chargeableUsage(state.usage);
         const estimated = state.estimated || (reported === undefined && (state.streamed || abortedUpstream));
         const tokens = reported ?? (estimated ? estimatedUsage(state) : { ...ZERO_USAGE });
         const record: UsageRecord = {
