@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 
-import { and, eq, type SQL, sql } from 'drizzle-orm';
+import { and, eq, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
@@ -11,6 +11,7 @@ import { definePolicy } from '../utils/access.js';
 import { childCrud } from './child.js';
 import { ownedCrud } from './owned.js';
 import { preparedAnywhere } from './prepared.js';
+import { lockForUpdate } from './user.js';
 
 /** Threads: their owner's (or any superuser's); a project-scoped key reads and writes its project's. */
 export const threadPolicy = definePolicy<Thread>({
@@ -24,15 +25,17 @@ export const threadPolicy = definePolicy<Thread>({
 export const threadCrud = ownedCrud<Thread, NewThread>(threads, threadPolicy);
 
 /**
- * How many of the threads `which` selects (a project's, a user's) a run works on. What deletes them
- * all asks first, holding their owner's row (`lockForUpdate`: every run start and thread creation
- * of theirs takes it first), so none starts meanwhile: a cascade took runs from under their worker.
+ * How many threads of `ownerId` (of their project `projectId`, when given) a run works on, asked by
+ * what deletes them all: the owner's row is locked first (`lockForUpdate`), as every run start and
+ * thread creation of theirs takes it, so none starts between this count and the delete (a cascade
+ * took runs from under their worker).
  */
-export async function countBusy(tx: Db, which: SQL): Promise<number> {
+export async function lockOwnerCountingBusy(tx: Db, ownerId: string, projectId?: string): Promise<number> {
+  await lockForUpdate(tx, ownerId);
   const [row] = await tx
     .select({ busy: sql<number>`count(*)`.mapWith(Number) })
     .from(threads)
-    .where(and(which, eq(threads.status, 'busy')));
+    .where(and(eq(threads.owner_id, ownerId), projectId === undefined ? undefined : eq(threads.project_id, projectId), eq(threads.status, 'busy')));
   return row?.busy ?? 0;
 }
 

@@ -1,17 +1,14 @@
-import { eq } from 'drizzle-orm';
-
 import { type Db, transaction } from '../core/db.js';
 import { ConflictError } from '../core/errors.js';
 
-import { type Project, threads } from '../models/index.js';
+import type { Project } from '../models/index.js';
 
 import type { ProjectCreate, ProjectUpdate } from '../schemas/project.js';
 
 import { forgetApiKeys } from '../crud/api-key.js';
 import type { Page } from '../crud/page.js';
 import { projectCrud, projectPolicy, requireOwnProject, stats as projectStats } from '../crud/project.js';
-import { countBusy } from '../crud/thread.js';
-import { lockForUpdate } from '../crud/user.js';
+import { lockOwnerCountingBusy } from '../crud/thread.js';
 import type { AccessPolicy } from '../utils/access.js';
 import type { ServiceContext } from './context.js';
 import { createWithinLimit } from './limits.js';
@@ -43,9 +40,7 @@ export function update(ctx: ServiceContext, id: string, input: ProjectUpdate): P
 export async function remove(ctx: ServiceContext, id: string): Promise<void> {
   await transaction(ctx.db, async (tx) => {
     const project = await projectCrud.getVisible(tx, ctx.principal, id, 'write');
-    // Its owner's row first, as a run start or a new thread of theirs takes it: none comes between the count and the delete.
-    await lockForUpdate(tx, project.owner_id);
-    const busy = await countBusy(tx, eq(threads.project_id, id));
+    const busy = await lockOwnerCountingBusy(tx, project.owner_id, id);
     if (busy) throw new ConflictError(`Project has runs in progress on ${busy === 1 ? 'one of its threads' : `${busy} of its threads`}: cancel them or wait for them to end, then delete it`);
     await projectCrud.remove(tx, ctx.principal, id);
   });

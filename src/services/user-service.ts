@@ -1,16 +1,14 @@
-import { eq } from 'drizzle-orm';
-
 import type { Settings } from '../core/config.js';
 import { type Db, transaction } from '../core/db.js';
 import { BadRequestError, ConflictError, ForbiddenError, NotFoundError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import { emailBinding, hashPassword, type TokenService, verifyPassword } from '../core/security.js';
 
-import { type NewUser, threads, type User } from '../models/index.js';
+import type { NewUser, User } from '../models/index.js';
 
 import type { UserCreate, UserRegister, UserUpdate, UserUpdateMe } from '../schemas/user.js';
 
-import { countBusy } from '../crud/thread.js';
+import { lockOwnerCountingBusy } from '../crud/thread.js';
 import * as userCrud from '../crud/user.js';
 import type { RunDeps } from '../modules/agents/run-lifecycle.js';
 import type { Mailer } from './email/mailer.js';
@@ -88,9 +86,7 @@ export async function deleteMe(db: Db, user: User): Promise<void> {
   await transaction(db, async (tx) => {
     if (user.is_superuser) await userCrud.lockSuperusers(tx);
     if (await isLastSuperuser(tx, user)) throw new ForbiddenError('The last superuser cannot delete their account');
-    // The user's row, as their run starts take it first: none starts between the count and the delete.
-    await userCrud.lockForUpdate(tx, user.id);
-    if (await countBusy(tx, eq(threads.owner_id, user.id))) throw new ConflictError('You have runs in progress: cancel them (POST /runs/{id}/cancel) or wait for them to end, then delete your account');
+    if (await lockOwnerCountingBusy(tx, user.id)) throw new ConflictError('You have runs in progress: cancel them (POST /runs/{id}/cancel) or wait for them to end, then delete your account');
     await userCrud.remove(tx, user.id);
   });
 }
@@ -126,9 +122,8 @@ export async function deleteByAdmin(db: Db, actor: User, id: string): Promise<vo
     await userCrud.lockSuperusers(tx);
     const target = await getById(tx, id);
     if (await isLastSuperuser(tx, target)) throw new ForbiddenError('The last superuser cannot be deleted');
-    // The user's runs would go on with their rows gone (see countBusy); deactivating cancels them.
-    await userCrud.lockForUpdate(tx, id);
-    if (await countBusy(tx, eq(threads.owner_id, id))) throw new ConflictError('The user has runs in progress: deactivate the user (which cancels them) or wait for them to end, then delete');
+    // The user's runs would go on with their rows gone (see lockOwnerCountingBusy); deactivating cancels them.
+    if (await lockOwnerCountingBusy(tx, id)) throw new ConflictError('The user has runs in progress: deactivate the user (which cancels them) or wait for them to end, then delete');
     await userCrud.remove(tx, id);
   });
 }

@@ -118,7 +118,7 @@ function toolSetOf(version: AgentVersion): ToolSet | undefined {
 
 /** A tool call's input as its message stores it (an object; NUL characters, which jsonb refuses, as U+FFFD). */
 const asArguments = (input: unknown): Record<string, unknown> => {
-  const storable = JSON.stringify(input)?.includes('\\u0000') ? withoutNulDeep(input) : input;
+  const storable = withoutNulDeep(input);
   return typeof storable === 'object' && storable !== null && !Array.isArray(storable) ? (storable as Record<string, unknown>) : { input: storable };
 };
 
