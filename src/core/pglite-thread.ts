@@ -213,6 +213,14 @@ export async function openPgliteThread(options: PgliteThreadOptions): Promise<Pg
   /** A held exchange that outlasted HELD_BLOCK_MS, until its answer is taken: told when that answer is in. */
   let heldAsync: { resolve: () => void; reject: (error: unknown) => void } | null = null;
 
+  /**
+   * Idle: the thread does not keep the process alive (nor did PGlite on the main thread). Not while
+   * closing: the close waits for the thread's word, and an answer to a statement sent before it (a
+   * WAL flush of the background writer) let the process end with that word still to come.
+   */
+  const letGoWhenIdle = () => {
+    if (waiting.length === 0 && !heldAsync && !closing) worker.unref();
+  };
   const stop = (error: Error) => {
     stopped ??= error;
     for (const w of waiting.splice(0)) w.reject(stopped);
@@ -231,8 +239,7 @@ export async function openPgliteThread(options: PgliteThreadOptions): Promise<Pg
         if (reply instanceof Uint8Array) w.resolve(reply);
         else w.reject(asError(reply));
       }
-      // Idle: the thread does not keep the process alive (nor did PGlite on the main thread).
-      if (waiting.length === 0 && !heldAsync) worker.unref();
+      letGoWhenIdle();
     } else if (m.open !== undefined) opening?.(m.error);
     else if (m.closed !== undefined) closing?.(m.error);
   });
@@ -300,7 +307,8 @@ export async function openPgliteThread(options: PgliteThreadOptions): Promise<Pg
           // Rejected by stop (which clears it) when the thread ends first.
           await new Promise<void>((resolve, reject) => (heldAsync = { resolve, reject }));
         } finally {
-          if (waiting.length === 0) worker.unref();
+          heldAsync = null;
+          letGoWhenIdle();
         }
       }
       return heldAnswer();

@@ -1,5 +1,5 @@
 import { execFileSync } from 'node:child_process';
-import { cpSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { cpSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
@@ -580,6 +580,28 @@ describe('PGlite on a thread of its own', () => {
     } finally {
       await client.close();
     }
+  }, 60_000);
+
+  it('a close that waits for the thread keeps the process alive, even when an answer sent before it arrives first (nothing else holds the event loop)', () => {
+    // A child process whose only work is the thread: a statement still running (as the WAL
+    // writer's flush can be when the database closes), then the close. The statement's answer made
+    // the idle thread let go of the process before the close's word came: the process ended
+    // half-closed with status 0 (vitest's global setup ended so, with no test run at all).
+    const script = `
+      import { openPgliteThread } from ${JSON.stringify(join(process.cwd(), 'src/core/pglite-thread.ts'))};
+      const text = Buffer.from('select pg_sleep(0.3)\\0');
+      const query = Buffer.alloc(5);
+      query.write('Q');
+      query.writeInt32BE(4 + text.length, 1);
+      const link = await openPgliteThread({ dataDir: process.argv[2], startParams: [] });
+      link.send(Buffer.concat([query, text])).catch(() => {});
+      await link.close();
+      console.log('closed');`;
+    const dir = mkdtempSync(join(tmpdir(), 'keel-close-'));
+    copies.push(dir);
+    writeFileSync(join(dir, 'close.mts'), script);
+    const out = execFileSync(process.execPath, ['--import', 'tsx', join(dir, 'close.mts'), dataDir()], { encoding: 'utf8', timeout: 60_000 });
+    expect(out.trim()).toBe('closed');
   }, 60_000);
 
   it('reports an error opening the database as the thread saw it', async () => {
