@@ -1,7 +1,7 @@
 /* global process */
 // The floor of a gateway built like Keel's: bare Fastify (as Keel's HTTP server) passing
 // POST /v1/chat/completions to UPSTREAM with undici's `request()` on a keep-alive Agent (as Keel's
-// chat-wire), streamed answers piped through. No authentication, no database, no metering, no
+// openai-wire), streamed answers piped through. No authentication, no database, no metering, no
 // logging: what two HTTP hops on Node cost on this machine, against which Keel's added latency
 // (bench/gateway.mjs, target `bare-proxy`) can be read.
 //   PORT=8204 UPSTREAM=http://127.0.0.1:8201/v1 node bench/bare-proxy.mjs

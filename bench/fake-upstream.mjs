@@ -2,12 +2,19 @@
 // A zero-latency OpenAI-compatible upstream for the gateway benchmark: every answer is prepared
 // once at start and written at once (no timers, no logging). PORT (default 8201). LATENCY_MS (default
 // 0): a streamed answer waits this long before its first chunk (a model's time to first token).
+// EMBED_DIMENSIONS (default 8): the size of its embeddings.
 //   POST /v1/chat/completions  → a completion, or with "stream": true five SSE chunks + usage + [DONE]
-//   POST /v1/embeddings        → one 8-dimension embedding per input
+//   POST /v1/embeddings        → one embedding per input: JSON numbers, or float32 base64 when
+//                                `encoding_format: base64` asks (as OpenAI answers); prepared once per count
 import { createServer } from 'node:http';
 
 const port = Number(process.env.PORT ?? 8201);
 const latencyMs = Number(process.env.LATENCY_MS ?? 0);
+const dimensions = Number(process.env.EMBED_DIMENSIONS ?? 8);
+// Values as a model's are: float32, spread over [-0.1, 0.1].
+const vector = Float32Array.from({ length: dimensions }, (_, i) => Math.sin(i + 1) / 10);
+const vectorJson = JSON.stringify(Array.from(vector));
+const vectorBase64 = JSON.stringify(Buffer.from(vector.buffer).toString('base64'));
 const created = Math.floor(Date.now() / 1000);
 const usage = { prompt_tokens: 12, completion_tokens: 5, total_tokens: 17, prompt_tokens_details: { cached_tokens: 0 }, completion_tokens_details: { reasoning_tokens: 0 } };
 
@@ -72,14 +79,13 @@ const server = createServer((req, res) => {
       return;
     }
     if (req.url.endsWith('/embeddings')) {
-      const inputs = Array.isArray(body.input) ? body.input : [body.input];
-      const text = JSON.stringify({
-        object: 'list',
-        model,
-        data: inputs.map((_, index) => ({ object: 'embedding', index, embedding: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8] })),
-        usage: { prompt_tokens: inputs.length, total_tokens: inputs.length },
+      const count = Array.isArray(body.input) ? body.input.length : 1;
+      const base64 = body.encoding_format === 'base64';
+      const text = prepared(`e:${model}:${count}:${base64}`, () => {
+        const items = Array.from({ length: count }, (_, index) => `{"object":"embedding","index":${index},"embedding":${base64 ? vectorBase64 : vectorJson}}`);
+        return `{"object":"list","model":${JSON.stringify(model)},"data":[${items.join(',')}],"usage":{"prompt_tokens":${count},"total_tokens":${count}}}`;
       });
-      res.writeHead(200, { 'content-type': 'application/json' }).end(text);
+      res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) }).end(text);
       return;
     }
     res.writeHead(404).end();

@@ -24,7 +24,7 @@ import {
   completionBody,
   CompletionFrames,
   completionJson,
-  embeddingsJson,
+  embeddingsAnswer,
   modelObject,
   openAIErrorFrom,
   openStream,
@@ -200,7 +200,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
     async (request, reply) => {
       const { body } = request;
       const result = await models.embed(toEmbedRequest(body, callContext(request.principal), disconnectSignal(reply, inFlight)));
-      return reply.type(JSON_TYPE).send(embeddingsJson(result, body.encoding_format) as never);
+      return reply.type(JSON_TYPE).send(embeddingsAnswer(result, body.encoding_format) as never);
     },
   );
 };

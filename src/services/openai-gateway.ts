@@ -6,6 +6,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { Readable } from 'node:stream';
+import { setImmediate as setImmediatePromise } from 'node:timers/promises';
 
 import { jsonSchema, type JSONSchema7, type ModelMessage, type ToolChoice, type ToolSet } from 'ai';
 
@@ -435,14 +436,49 @@ export async function openStream(stream: ModelStream, requestedModel: string): P
   return { events, first, model };
 }
 
-/** Embeddings as float arrays, or base64 of little-endian float32 values as OpenAI sends them. */
-export function embeddingsJson(result: EmbedResult, format: 'float' | 'base64' | undefined): string {
-  const data = result.embeddings.map((vector, index) => ({
-    object: 'embedding',
-    index,
-    embedding: format === 'base64' ? Buffer.from(new Float32Array(vector).buffer).toString('base64') : vector,
-  }));
-  return JSON.stringify({ object: 'list', data, model: result.model, usage: { prompt_tokens: result.usage.input, total_tokens: result.usage.input } });
+/**
+ * An embeddings answer written whole in one piece up to this many values (~1 MB of JSON numbers);
+ * past it, in pieces of about this size with the event loop free between them (`embeddingsAnswer`).
+ */
+const EMBEDDINGS_PIECE_VALUES = 64 * 1024;
+
+/**
+ * Embeddings as float arrays, or base64 of little-endian float32 values as OpenAI sends them: one
+ * string, or for a large answer a stream of pieces made as the client reads them. 2,048 vectors of
+ * 3,072 dimensions are ~130 MB of JSON numbers (~2 s to write) or 34 MB of base64: written in one
+ * go they held the event loop (every other request) that long, and the whole text in memory.
+ */
+export function embeddingsAnswer(result: EmbedResult, format: 'float' | 'base64' | undefined): string | Readable {
+  const values = result.embeddings.reduce((n, vector) => n + vector.length, 0);
+  if (values <= EMBEDDINGS_PIECE_VALUES) return [...embeddingsJson(result, format, Infinity)].join('');
+  // Readable.from asks for the next piece only once the socket has taken the last: a slow client holds nothing more.
+  return Readable.from(
+    (async function* pieces() {
+      for (const piece of embeddingsJson(result, format, EMBEDDINGS_PIECE_VALUES)) {
+        yield piece;
+        await setImmediatePromise(); // the other requests' turn
+      }
+    })(),
+    { objectMode: false },
+  );
+}
+
+/** The answer's JSON in pieces of about `pieceValues` values each. */
+function* embeddingsJson(result: EmbedResult, format: 'float' | 'base64' | undefined, pieceValues: number): Generator<string> {
+  let piece = '{"object":"list","data":[';
+  let inPiece = 0;
+  for (const [index, vector] of result.embeddings.entries()) {
+    const embedding = format === 'base64' ? Buffer.from(vector.buffer, vector.byteOffset, vector.byteLength).toString('base64') : Array.from(vector);
+    piece += `${index ? ',' : ''}${JSON.stringify({ object: 'embedding', index, embedding })}`;
+    inPiece += vector.length;
+    if (inPiece >= pieceValues) {
+      yield piece;
+      piece = '';
+      inPiece = 0;
+    }
+  }
+  const usage = { prompt_tokens: result.usage.input, total_tokens: result.usage.input };
+  yield `${piece}],"model":${JSON.stringify(result.model)},"usage":${JSON.stringify(usage)}}`;
 }
 
 export function modelObject(id: string, provider: string) {

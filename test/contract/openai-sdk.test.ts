@@ -413,6 +413,36 @@ describe('embeddings', () => {
     expect(floats.data[0]!.embedding).toEqual(fakeEmbedding('alpha'));
   });
 
+  it('answers a large batch in pieces that make the same JSON, in either format (the SDK reads it whole)', async () => {
+    // 3 vectors of 30,000 dimensions: past the size Keel writes in one piece.
+    const size = 30_000;
+    const vectors = [0, 1, 2].map((i) => Float32Array.from({ length: size }, (_, d) => Math.fround(Math.sin(i * size + d) / 10)));
+    const answer = () => ({
+      rawBody: JSON.stringify({
+        object: 'list',
+        data: vectors.map((vector, index) => ({ object: 'embedding', index, embedding: Buffer.from(vector.buffer).toString('base64') })),
+        usage: { prompt_tokens: 3, total_tokens: 3 },
+      }),
+    });
+    fake.script('fake-embed', answer(), answer());
+    const input = ['a', 'b', 'c'];
+    const viaSdk = await client.embeddings.create({ model: 'fake-embed', input });
+    expect(viaSdk.data.map((d) => d.embedding)).toEqual(vectors.map((vector) => Array.from(vector)));
+    expect(viaSdk).toMatchObject({ object: 'list', model: 'fake-embed', usage: { prompt_tokens: 3, total_tokens: 3 } });
+    const response = await fetch(`${baseURL}/embeddings`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' }, body: JSON.stringify({ model: 'fake-embed', input, encoding_format: 'float' }),
+    });
+    expect(response.status).toBe(200);
+    expect(response.headers.get('transfer-encoding')).toBe('chunked'); // written in pieces
+    expect(await response.json()).toEqual({
+      object: 'list',
+      data: vectors.map((vector, index) => ({ object: 'embedding', index, embedding: Array.from(vector) })),
+      model: 'fake-embed',
+      usage: { prompt_tokens: 3, total_tokens: 3 },
+    });
+  });
+
   it('asks the provider for shorter vectors (dimensions) and passes the user on', async () => {
     const short = await client.embeddings.create({ model: 'fake-embed', input: ['alpha', 'beta'], dimensions: 4, user: 'end-user-7' });
     expect(short.data.map((d) => d.embedding.length)).toEqual([4, 4]);

@@ -59,6 +59,8 @@ export interface ScriptedReply {
    * gone — a huge answer that a client reading it whole would have to hold (see `bodyBytesSent`).
    */
   padBytes?: number;
+  /** Embeddings as JSON numbers whatever `encoding_format` asked, as some OpenAI-compatible servers answer. */
+  floatsAlways?: boolean;
 }
 
 export interface LoggedRequest {
@@ -418,10 +420,13 @@ export class FakeModelServer {
   private embeddings(res: ServerResponse, entry: LoggedRequest, body: Record<string, unknown>, reply: ScriptedReply): void {
     const input = Array.isArray(body.input) ? (body.input as string[]) : [String(body.input)];
     const tokens = input.reduce((n, text) => n + Math.ceil(text.length / 4), 0);
+    // base64 when asked (float32, little-endian), as OpenAI answers.
+    const base64 = body.encoding_format === 'base64' && !reply.floatsAlways;
+    const encoded = (vector: number[]) => (base64 ? Buffer.from(Float32Array.from(vector).buffer).toString('base64') : vector);
     const payload = {
       object: 'list',
       model: entry.model,
-      data: input.map((text, index) => ({ object: 'embedding', index, embedding: shortened(entry.model === LEXICAL_EMBEDDING_MODEL ? lexicalEmbedding(text) : fakeEmbedding(text), body.dimensions) })),
+      data: input.map((text, index) => ({ object: 'embedding', index, embedding: encoded(shortened(entry.model === LEXICAL_EMBEDDING_MODEL ? lexicalEmbedding(text) : fakeEmbedding(text), body.dimensions)) })),
       usage: reply.usage === null ? undefined : { prompt_tokens: tokens, total_tokens: tokens },
     };
     if (reply.padBytes) return void this.padded(res, entry, payload, reply.padBytes);

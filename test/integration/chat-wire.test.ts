@@ -1,5 +1,5 @@
 /**
- * The wire path (chat-wire.ts): Chat Completions to an openai-compatible provider without the AI
+ * The wire path (openai-wire.ts): Chat Completions to an openai-compatible provider without the AI
  * SDK. The same calls forced through the SDK (a call with provider options goes there) are the
  * reference: the upstream must receive the same request, and the caller the same answer and usage.
  */

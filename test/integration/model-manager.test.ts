@@ -57,6 +57,9 @@ const NAMED: [string, Partial<ChatRequest>][] = [
   ['provider model with tools', PATHS[3]!],
   ['SDK with tools', PATHS[4]!],
 ];
+/** An embeddings call's vectors as plain arrays (the manager hands on Float32Arrays). */
+const vectorsOf = (result: { embeddings: Float32Array[] }): number[][] => result.embeddings.map((vector) => Array.from(vector));
+
 const failureOf = (call: Promise<unknown>) =>
   call.then(
     () => undefined,
@@ -555,7 +558,7 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
   it('an embeddings batch answers with more than the limit when its vectors need it (OpenAI takes 2,048 inputs of ~60 KB each as JSON), up to 128 KiB a vector', async () => {
     const values = ['a', 'b', 'c', 'd'];
     server.script('fake-embed', { padBytes: 3 * PER_VECTOR });
-    expect((await limited().embed({ model: 'fake-embed', values })).embeddings).toEqual(values.map((v) => fakeEmbedding(v)));
+    expect(vectorsOf(await limited().embed({ model: 'fake-embed', values }))).toEqual(values.map((v) => fakeEmbedding(v)));
     server.script('fake-embed', { padBytes: 5 * PER_VECTOR });
     const failure = await failureOf(limited().embed({ model: 'fake-embed', values }));
     expect(failure).toMatchObject({ statusCode: 502, detail: `The model's answer exceeded ${4 * PER_VECTOR} bytes` });
@@ -567,7 +570,7 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
       expect((await limited().chat({ model: 'fake-chat', messages: hello, ...extra })).text, path).toBe('Hi');
     }
     server.script('fake-embed', { padBytes: LIMIT / 2 });
-    expect((await limited().embed({ model: 'fake-embed', values: ['hello'] })).embeddings).toEqual([fakeEmbedding('hello')]);
+    expect(vectorsOf(await limited().embed({ model: 'fake-embed', values: ['hello'] }))).toEqual([fakeEmbedding('hello')]);
     expect(server.log.every((r) => r.completed && !r.aborted)).toBe(true);
   });
 
@@ -690,7 +693,7 @@ describe('a conversation the SDK cannot convert, an error event in a stream', ()
 describe('ModelManager.embed', () => {
   it('returns the deterministic embeddings with usage and cost', async () => {
     const result = await manager().embed({ model: 'fake-embed', values: ['hello world', 'keel'] });
-    expect(result.embeddings).toEqual([fakeEmbedding('hello world'), fakeEmbedding('keel')]);
+    expect(vectorsOf(result)).toEqual([fakeEmbedding('hello world'), fakeEmbedding('keel')]);
     expect(result.usage.input).toBe(4); // ceil(11/4) + ceil(4/4)
     expect(result.cost).toBe('0.00000008'); // 4 × 0.02 / 10^6
     expect((await settled(1))[0]).toMatchObject({ operation: 'embed', status: 'success', cost: '0.00000008' });
@@ -705,11 +708,12 @@ describe('ModelManager.embed', () => {
       providers: [{ id: 'gem', kind: 'google', base_url: server.url, api_key: 'g-key' }],
     });
     for (const model of ['fake-embed', 'oa-embed']) {
-      expect((await m.embed({ model, values: ['hello'], dimensions: 3, user: 'u-9' })).embeddings).toEqual([fakeEmbedding('hello').slice(0, 3)]);
+      expect(vectorsOf(await m.embed({ model, values: ['hello'], dimensions: 3, user: 'u-9' }))).toEqual([fakeEmbedding('hello').slice(0, 3)]);
     }
-    expect(server.log.map((r) => [r.path, r.body.dimensions, r.body.user])).toEqual([
-      ['/v1/embeddings', 3, 'u-9'],
-      ['/v1/embeddings', 3, 'u-9'],
+    // Both speak OpenAI's API: asked for base64, as OpenAI's SDKs ask (see openai-wire.ts).
+    expect(server.log.map((r) => [r.path, r.body.dimensions, r.body.user, r.body.encoding_format])).toEqual([
+      ['/v1/embeddings', 3, 'u-9', 'base64'],
+      ['/v1/embeddings', 3, 'u-9', 'base64'],
     ]);
     // Google's API (the fake does not speak it: only what was sent is looked at).
     await m.embed({ model: 'gem-embed', values: ['hello'], dimensions: 3 }).catch(() => undefined);
@@ -731,10 +735,10 @@ describe('ModelManager.embed', () => {
     const m = manager();
     const embed = () => m.embed({ model: 'fake-embed', values: ['a', 'b', 'c'] });
     server.script('fake-embed', answer([2, 0, 1].map((index) => ({ index, embedding: vector(index) }))));
-    expect((await embed()).embeddings).toEqual([vector(0), vector(1), vector(2)]);
+    expect(vectorsOf(await embed())).toEqual([vector(0), vector(1), vector(2)]);
     // Without numbers (some servers leave them out): the order listed.
     server.script('fake-embed', answer([5, 6, 7].map((i) => ({ embedding: vector(i) }))));
-    expect((await embed()).embeddings).toEqual([vector(5), vector(6), vector(7)]);
+    expect(vectorsOf(await embed())).toEqual([vector(5), vector(6), vector(7)]);
     const misfits: [string, { index?: number; embedding: number[] }[], RegExp][] = [
       ['too few', [{ index: 0, embedding: vector(0) }], /answered 1 vector for 3 inputs/],
       ['too many', [0, 1, 2, 3].map((index) => ({ index, embedding: vector(index) })), /answered 4 vectors for 3 inputs/],
@@ -748,6 +752,44 @@ describe('ModelManager.embed', () => {
       expect(failure, what).toBeInstanceOf(ModelAnswerError);
       expect((failure as ModelAnswerError).message, what).toMatch(message);
     }
+  });
+
+  it('reads vectors as base64 float32, or as numbers from a server that answers numbers whatever was asked; refuses an answer that is neither, or holds NaN', async () => {
+    const m = manager();
+    const values = ['hello world', 'keel'];
+    const base64 = await m.embed({ model: 'fake-embed', values });
+    expect(base64.embeddings[0]).toBeInstanceOf(Float32Array);
+    expect(vectorsOf(base64)).toEqual(values.map((v) => fakeEmbedding(v)));
+    server.script('fake-embed', { floatsAlways: true });
+    expect(vectorsOf(await m.embed({ model: 'fake-embed', values }))).toEqual(values.map((v) => fakeEmbedding(v)));
+    expect(server.log.map((r) => r.body.encoding_format)).toEqual(['base64', 'base64']);
+    const f32 = (...numbers: number[]) => Buffer.from(Float32Array.from(numbers).buffer).toString('base64');
+    const answer = (embedding: unknown): ScriptedReply => ({ rawBody: JSON.stringify({ object: 'list', data: [{ object: 'embedding', index: 0, embedding }], usage: { prompt_tokens: 1 } }) });
+    server.script('fake-embed', answer(f32(0.5, -0.25)));
+    expect(vectorsOf(await m.embed({ model: 'fake-embed', values: ['x'] }))).toEqual([[0.5, -0.25]]);
+    const bad: [string, unknown][] = [
+      ['bytes that are no float32s', Buffer.from([1, 2, 3, 4, 5, 6]).toString('base64')],
+      ['NaN', f32(0.5, Number.NaN)],
+      ['infinity', f32(Number.POSITIVE_INFINITY)],
+      ['an object', { values: [1] }],
+      ['a text among numbers', [0.5, '0.5']],
+    ];
+    for (const [what, embedding] of bad) {
+      server.reset();
+      server.script('fake-embed', answer(embedding));
+      const failure = await failureOf(m.embed({ model: 'fake-embed', values: ['x'] }));
+      expect(failure, what).toBeInstanceOf(UpstreamError);
+      expect(failure, what).toMatchObject({ statusCode: 502 });
+      expect(server.log, what).toHaveLength(1); // an answer, not retried
+    }
+  });
+
+  it('sends more than 2,048 inputs in requests of 2,048 at most, and hands back every vector in input order with the usage of all', async () => {
+    const values = Array.from({ length: 2049 + 7 }, (_, i) => `text ${i}`);
+    const result = await manager().embed({ model: 'fake-embed', values });
+    expect(server.log.map((r) => (r.body.input as string[]).length)).toEqual([2048, 8]);
+    expect(vectorsOf(result)).toEqual(values.map((v) => fakeEmbedding(v)));
+    expect(result.usage.input).toBe(values.reduce((n, v) => n + Math.ceil(v.length / 4), 0));
   });
 
   it('retries an embeddings 429', async () => {

@@ -1,6 +1,6 @@
 /**
  * The `fetch` the AI SDK's providers are given (providers.ts): it bounds what Keel reads of an
- * answer, as the wire client does (chat-wire.ts). The SDK itself reads a non-streamed body whole,
+ * answer, as the wire client does (openai-wire.ts). The SDK itself reads a non-streamed body whole,
  * up to a fixed 2 GiB (provider-utils' `readResponseWithSizeLimit`), so an upstream that sends
  * gigabytes — any `openai-compatible` base URL is one a superuser typed in — would otherwise be
  * buffered. Past the limit the body errors with ModelAnswerLimitError (502, naming the limit) and
@@ -30,6 +30,9 @@ export const vectorsAnswer = (count: number): Record<string, string> => ({ [ANSW
  * the request asked for (an embeddings call the SDK splits is allowed its whole count per request).
  */
 const EMBEDDING_ANSWER_BYTES = 128 * 1024;
+
+/** The most an embeddings answer of `vectors` vectors may take (the wire's and the SDK's). */
+export const embeddingsAnswerLimit = (maxBytes: number, vectors: number): number => Math.max(maxBytes, vectors * EMBEDDING_ANSWER_BYTES);
 
 /** The request without the manager's header, and what that header said (provider-utils sends headers as a record, lower-cased). */
 function takeExpectation(init: RequestInit | undefined): { init: RequestInit | undefined; expected: string | undefined } {
@@ -118,7 +121,7 @@ export function limitedFetch(maxBytes: number): typeof globalThis.fetch {
     // An error answer is read whole (the SDK's error handlers), whatever was asked.
     const stream = response.ok && expected === 'stream';
     const vectors = response.ok && !stream ? Number(expected ?? 0) : 0;
-    const total = Math.max(maxBytes, vectors * EMBEDDING_ANSWER_BYTES);
+    const total = embeddingsAnswerLimit(maxBytes, vectors);
     if (!stream && Number(response.headers.get('content-length')) > total) {
       // Said up front: not a byte of it is read.
       await body.cancel().catch(() => {});

@@ -45,9 +45,8 @@ import { HttpError } from '../../core/errors.js';
 
 import { AsyncQueue } from '../../utils/async-queue.js';
 import { CallerAbort, type CallerSignal } from './abort.js';
-import { STREAM_ANSWER, vectorsAnswer } from './answer-limit.js';
+import { embeddingsAnswerLimit, STREAM_ANSWER, vectorsAnswer } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
-import { type AbortLike, type ChatWire, toolCallOf, type WireCall, wireMessages, type WireTool, type WireToolChoice } from './chat-wire.js';
 import { chargeableUsage, computeCost, estimateCost } from './cost.js';
 import {
   CLIENT_FAULT_UPSTREAM,
@@ -63,6 +62,7 @@ import {
   StreamErrorEvent,
   UpstreamError,
 } from './errors.js';
+import { type AbortLike, type OpenAIWire, toolCallOf, type WireCall, type WireEmbeddingsCall, wireMessages, type WireTool, type WireToolChoice } from './openai-wire.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
 import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
@@ -196,7 +196,8 @@ export interface EmbedRequest extends CallOptions {
 }
 
 export interface EmbedResult extends CallOutcome {
-  embeddings: number[][];
+  /** float32, as OpenAI's models make them (and pgvector stores them). */
+  embeddings: Float32Array[];
 }
 
 /** What the meter sees before a call: its worst-case cost. */
@@ -686,34 +687,42 @@ function findInChain<E>(error: unknown, is: (e: unknown) => e is E): E | undefin
 const isApiCallError = (e: unknown): e is APICallError => APICallError.isInstance(e);
 const isAnswerLimit = (e: unknown): e is ModelAnswerLimitError => e instanceof ModelAnswerLimitError;
 
+/** An embeddings call's answer before it is checked: vectors as listed, each request's `index` values (see `inInputOrder`), tokens reported. */
+interface VectorsAnswer {
+  vectors: Float32Array[];
+  numbering: (readonly unknown[])[] | undefined;
+  tokens: number | undefined;
+}
+
+/** The most inputs OpenAI's embeddings endpoint takes in one request (the SDK's `maxEmbeddingsPerCall` for OpenAI-style providers). */
+const OPENAI_EMBEDDING_INPUTS = 2048;
+
 /**
  * An embeddings answer's vectors in the order of their inputs, one each. OpenAI-style answers
  * number their vectors (`index`), which the SDK does not read: it takes them as listed, so an answer
- * listed in another order would hand each input another input's vector. Each request's answer
- * (`responses`, one per request the SDK split the inputs into) is put in order by its numbers when
- * it has them; an answer whose count or numbers do not fit its inputs is the provider's fault (502).
+ * listed in another order would hand each input another input's vector. Each request's vectors
+ * (`numbering`: one list of `index` values per request the inputs were sent in) are put in order by
+ * their numbers when they have them; an answer whose count or numbers do not fit its inputs is the
+ * provider's fault (502). Without numbering (Google's shape), as listed.
  */
-function inInputOrder(modelId: string, inputs: number, vectors: number[][], responses: readonly ({ body?: unknown } | undefined)[] | undefined): number[][] {
+function inInputOrder(modelId: string, inputs: number, vectors: Float32Array[], numbering: readonly (readonly unknown[])[] | undefined): Float32Array[] {
   const misfit = (what: string) => new ModelAnswerError(`Model ${modelId} ${what}`);
   if (vectors.length !== inputs) throw misfit(`answered ${vectors.length} vector${vectors.length === 1 ? '' : 's'} for ${inputs} inputs`);
-  const answers = (responses ?? []).map((response) => (response?.body as { data?: unknown } | undefined)?.data);
-  // Not OpenAI's shape (Google's), or not all of it: as listed.
-  if (!answers.length || !answers.every((data): data is { index?: unknown }[] => Array.isArray(data))) return vectors;
+  if (!numbering?.length) return vectors;
   const ordered = vectors.slice();
   let offset = 0;
-  for (const data of answers) {
-    const numbers = data.map((item) => item?.index);
+  for (const numbers of numbering) {
     if (numbers.every((n) => n === undefined)) {
-      offset += data.length;
+      offset += numbers.length;
       continue;
     }
     const seen = new Set<number>();
     for (const n of numbers) {
-      if (typeof n !== 'number' || !Number.isInteger(n) || n < 0 || n >= data.length || seen.has(n)) throw misfit(`numbered its vectors ${numbers.join(', ')} for ${data.length} inputs`);
+      if (typeof n !== 'number' || !Number.isInteger(n) || n < 0 || n >= numbers.length || seen.has(n)) throw misfit(`numbered its vectors ${numbers.join(', ')} for ${numbers.length} inputs`);
       seen.add(n);
     }
     numbers.forEach((n, listed) => (ordered[offset + (n as number)] = vectors[offset + listed]!));
-    offset += data.length;
+    offset += numbers.length;
   }
   return ordered;
 }
@@ -918,11 +927,11 @@ export class ModelManager {
   }
 
   /**
-   * The Chat Completions request a call sends without the SDK (see chat-wire.ts), or undefined when
+   * The Chat Completions request a call sends without the SDK (see openai-wire.ts), or undefined when
    * it needs the SDK: provider options, tools other than functions with a JSON schema at hand,
    * message parts the wire does not carry (wireMessages); providers other than `openai-compatible`.
    */
-  private wireCall(request: ChatRequest, model: ModelInfo, tools: FunctionTool[] | undefined | null): { wire: ChatWire; call: WireCall } | undefined {
+  private wireCall(request: ChatRequest, model: ModelInfo, tools: FunctionTool[] | undefined | null): { wire: OpenAIWire; call: WireCall } | undefined {
     if (request.providerOptions || tools === null) return undefined;
     const wire = this.options.providers.chatWire(model.provider);
     if (!wire) return undefined;
@@ -1113,17 +1122,11 @@ export class ModelManager {
   async embed(request: EmbedRequest): Promise<EmbedResult> {
     const started = performance.now();
     return this.run(request, request.signal, 'embed', 'embedding', 0, async (model, attempt, state) => {
-      const result = await embedMany({
-        model: this.options.providers.embeddingModel(model.provider, model.id),
-        values: request.values,
-        maxRetries: 0,
-        headers: vectorsAnswer(request.values.length),
-        providerOptions: this.embedOptions(request, model),
-        abortSignal: attempt.signal,
-      });
-      // embedMany reports NaN tokens when the provider sent no usage: unknown, estimated (see `price`).
-      state.usage = Number.isFinite(result.usage.tokens) ? { ...ZERO_USAGE, input: result.usage.tokens } : undefined;
-      const embeddings = inInputOrder(model.id, request.values.length, result.embeddings, result.responses);
+      const options = this.embedOptions(request, model);
+      const wire = this.options.providers.embeddingsWire(model.provider);
+      const answer = wire ? await this.embedOverWire(wire, request, model, attempt) : await this.embedThroughSdk(request, model, options, attempt.signal);
+      state.usage = answer.tokens === undefined ? undefined : { ...ZERO_USAGE, input: answer.tokens };
+      const embeddings = inInputOrder(model.id, request.values.length, answer.vectors, answer.numbering);
       const { dimensions } = request;
       const size = dimensions ?? embeddings[0]?.length;
       const otherSize = embeddings.find((vector) => vector.length !== size);
@@ -1132,6 +1135,46 @@ export class ModelManager {
       if (otherSize) throw new ModelAnswerError(`Model ${model.id} answered vectors of ${size} and ${otherSize.length} dimensions for one request`);
       return { ...this.outcome(model, state, started), embeddings };
     });
+  }
+
+  /** Embeddings over the wire (openai-wire.ts), OPENAI_EMBEDDING_INPUTS inputs a request, one request after another. */
+  private async embedOverWire(wire: OpenAIWire, request: EmbedRequest, model: ModelInfo, attempt: AbortLike): Promise<VectorsAnswer> {
+    const vectors: Float32Array[] = [];
+    const numbering: unknown[][] = [];
+    let tokens: number | undefined = 0;
+    for (let start = 0; start < request.values.length; start += OPENAI_EMBEDDING_INPUTS) {
+      const input = request.values.slice(start, start + OPENAI_EMBEDDING_INPUTS);
+      const call: WireEmbeddingsCall = { model: model.id, input };
+      if (request.dimensions !== undefined) call.dimensions = request.dimensions;
+      if (request.user !== undefined) call.user = request.user;
+      const answer = await wire.embed(call, attempt, embeddingsAnswerLimit(this.options.maxResponseBytes, input.length));
+      vectors.push(...answer.vectors);
+      numbering.push(answer.indexes);
+      // One request without usage makes the call's unknown (estimated, see `price`), as the SDK's sum does.
+      tokens = tokens === undefined || answer.tokens === undefined ? undefined : tokens + answer.tokens;
+    }
+    return { vectors, numbering, tokens };
+  }
+
+  /** Embeddings through the AI SDK's model of the provider (Google's, Anthropic's none). */
+  private async embedThroughSdk(request: EmbedRequest, model: ModelInfo, providerOptions: ProviderMetadata | undefined, signal: AbortSignal): Promise<VectorsAnswer> {
+    const result = await embedMany({
+      model: this.options.providers.embeddingModel(model.provider, model.id),
+      values: request.values,
+      maxRetries: 0,
+      headers: vectorsAnswer(request.values.length),
+      providerOptions,
+      abortSignal: signal,
+    });
+    const answers = (result.responses ?? []).map((response) => (response?.body as { data?: unknown } | undefined)?.data);
+    // OpenAI's shape numbers its vectors; Google's does not (taken as listed).
+    const numbering = answers.length && answers.every((data): data is unknown[] => Array.isArray(data)) ? answers.map((data) => data.map((item) => (item as { index?: unknown } | null)?.index)) : undefined;
+    return {
+      vectors: result.embeddings.map((vector) => Float32Array.from(vector)),
+      numbering,
+      // embedMany reports NaN tokens when the provider sent no usage: unknown, estimated (see `price`).
+      tokens: Number.isFinite(result.usage.tokens) ? result.usage.tokens : undefined,
+    };
   }
 
   /**

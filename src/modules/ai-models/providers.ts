@@ -14,7 +14,7 @@ import type { Settings } from '../../core/config.js';
 import { HttpError } from '../../core/errors.js';
 
 import { limitedFetch } from './answer-limit.js';
-import { ChatWire, wireDispatcher } from './chat-wire.js';
+import { OpenAIWire, wireDispatcher } from './openai-wire.js';
 import type { ProviderKind } from './types.js';
 
 /** A provider as the DB layer will hand it over (secrets already decrypted). */
@@ -110,6 +110,9 @@ function create(record: ProviderRecord, fetch: typeof globalThis.fetch): SdkProv
   }
 }
 
+/** Where the `openai` kind goes without a base URL (the SDK's default too). */
+const OPENAI_BASE_URL = 'https://api.openai.com/v1';
+
 /** A header value shorter than this is taken for a word (`keel`, `v1`), not a credential. */
 const MIN_SECRET_LENGTH = 8;
 
@@ -122,7 +125,7 @@ export class ProviderRegistry {
    */
   private readonly languageModels = new Map<string, LanguageModel>();
   private readonly embeddingModels = new Map<string, EmbeddingModel>();
-  private readonly wires = new Map<string, ChatWire | null>();
+  private readonly wires = new Map<string, OpenAIWire | null>();
   private dispatcher: Agent | undefined;
   /** Every SDK provider's fetch: the answer limit on what it reads. */
   private readonly fetch: typeof globalThis.fetch;
@@ -197,15 +200,27 @@ export class ProviderRegistry {
   }
 
   /**
-   * Chat Completions without the SDK for an `openai-compatible` provider (see chat-wire.ts), or
+   * Chat Completions without the SDK for an `openai-compatible` provider (see openai-wire.ts), or
    * null for other kinds (their SDK models speak other APIs or add provider-specific fields).
    */
-  chatWire(providerId: string): ChatWire | null {
+  chatWire(providerId: string): OpenAIWire | null {
+    const wire = this.wire(providerId);
+    return wire && this.resolve(providerId)?.kind === 'openai-compatible' ? wire : null;
+  }
+
+  /** Embeddings without the SDK for a provider that speaks OpenAI's API (`openai`, `openai-compatible`), else null. */
+  embeddingsWire(providerId: string): OpenAIWire | null {
+    return this.wire(providerId);
+  }
+
+  /** The provider's OpenAI API over the wire, for the kinds that speak it; null for the others. */
+  private wire(providerId: string): OpenAIWire | null {
     let wire = this.wires.get(providerId);
     if (wire === undefined) {
       this.client(providerId); // the same availability check as the SDK's path
       const record = this.resolve(providerId) as ProviderRecord;
-      wire = record.kind === 'openai-compatible' ? new ChatWire(record.base_url ?? '', record.api_key, record.headers, (this.dispatcher ??= wireDispatcher())) : null;
+      const baseUrl = record.kind === 'openai-compatible' ? (record.base_url ?? '') : record.kind === 'openai' ? (record.base_url ?? OPENAI_BASE_URL) : undefined;
+      wire = baseUrl === undefined ? null : new OpenAIWire(baseUrl, record.api_key, record.headers, (this.dispatcher ??= wireDispatcher()));
       this.wires.set(providerId, wire);
     }
     return wire;

@@ -41,8 +41,11 @@ export function hasVectorTable(db: Db): Promise<boolean> {
   );
 }
 
+/** An embedding as a model's answer has it (float32), or as given (a benchmark's corpus). */
+export type Vector = Float32Array | readonly number[];
+
 /** `[0.1,0.2,…]`, pgvector's text form; every value is a finite number (a provider's NaN is refused). */
-function vectorLiteral(values: number[]): string {
+function vectorLiteral(values: Vector): string {
   if (!values.every(Number.isFinite)) throw new Error('embedding holds a value that is not a finite number');
   return `[${values.join(',')}]`;
 }
@@ -79,7 +82,7 @@ export async function ensureVectorIndex(db: Db, dimensions: number): Promise<voi
 }
 
 /** Stores the embeddings of chunks (their ids in the same order), replacing earlier ones. */
-export async function writeEmbeddings(db: Db, model: string, chunkIds: string[], vectors: number[][]): Promise<void> {
+export async function writeEmbeddings(db: Db, model: string, chunkIds: string[], vectors: readonly Vector[]): Promise<void> {
   if (!chunkIds.length) return;
   const values = sql.join(
     chunkIds.map((id, i) => sql`(${id}::uuid, ${model}, ${vectorLiteral(vectors[i]!)}::vector)`),
@@ -107,7 +110,7 @@ export interface VectorMatch {
  * pgvector's iterative index scan keeps looking when the filter removes the first candidates (a
  * user's chunks among everyone's), so a narrow filter still gets `limit` results.
  */
-export async function nearestChunks(db: Db, model: string, vector: number[], where: SQL, limit: number): Promise<VectorMatch[]> {
+export async function nearestChunks(db: Db, model: string, vector: Vector, where: SQL, limit: number): Promise<VectorMatch[]> {
   const n = dimensionSql(vector.length);
   const query = sql`${vectorLiteral(vector)}::vector(${n})`;
   const distance = sql`(${TABLE}.embedding::vector(${n}) <=> ${query})`;

@@ -126,8 +126,8 @@ async function withLocalCopy<T>(storage: StorageService, key: string, work: (pat
  * API key that asked for this indexing (its max_budget held and charged; a 402 fails the entry);
  * the claim is renewed after each batch.
  */
-async function embed(deps: IngestionDeps, entry: KnowledgeEntry, model: string, chunks: DocumentChunk[]): Promise<number[][]> {
-  const vectors: number[][] = [];
+async function embed(deps: IngestionDeps, entry: KnowledgeEntry, model: string, chunks: DocumentChunk[]): Promise<Float32Array[]> {
+  const vectors: Float32Array[] = [];
   const batch = deps.settings.KB_EMBED_BATCH;
   // Not the key's rpm: the client made one request, and a large document's dozens of batches
   // counted as model calls per minute would fail it for a pace the client cannot set. The budget

@@ -296,7 +296,7 @@ export async function refreshSearchStatistics(db: Db, chunksWritten: number): Pr
 }
 
 /** The query's embedding, or null when the model fails (full text answers alone). */
-async function queryEmbedding(deps: KnowledgeSearchDeps, model: string, principal: Principal, query: KnowledgeQuery): Promise<number[] | null> {
+async function queryEmbedding(deps: KnowledgeSearchDeps, model: string, principal: Principal, query: KnowledgeQuery): Promise<Float32Array | null> {
   try {
     const result = await deps.models.embed({
       model,

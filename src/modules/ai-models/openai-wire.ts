@@ -1,12 +1,21 @@
 /**
- * Chat Completions spoken directly over a pooled HTTP client, for `openai-compatible` providers and
- * calls the request body can express without the AI SDK (function tools with JSON schemas; text,
- * tool-call and text tool-result messages; no provider options). It sends what the SDK's
- * openai-compatible chat model would send and reads the answer (JSON, or SSE chunks) into the
- * manager's parts, without the SDK's per-call Zod parsing, `fetch` and web streams: on a
- * zero-latency upstream those were most of the CPU a call cost (bench/RESULTS.md; with tools,
- * stop 35). Errors come out as the SDK's `APICallError` (status, headers, retryability), so the
- * manager's retries, fallbacks and error answers treat both paths alike.
+ * OpenAI's API spoken directly over a pooled HTTP client, without the AI SDK.
+ *
+ * Chat Completions, for `openai-compatible` providers and calls the request body can express
+ * without the SDK (function tools with JSON schemas; text, tool-call and text tool-result messages;
+ * no provider options). It sends what the SDK's openai-compatible chat model would send and reads
+ * the answer (JSON, or SSE chunks) into the manager's parts, without the SDK's per-call Zod
+ * parsing, `fetch` and web streams: on a zero-latency upstream those were most of the CPU a call
+ * cost (bench/RESULTS.md; with tools, stop 35).
+ *
+ * Embeddings, for `openai` and `openai-compatible` providers: asked for as base64 (float32), as
+ * OpenAI's own SDKs ask, and read into Float32Arrays. The SDK asks for JSON numbers and checks each
+ * with Zod: 2,048 vectors of 3,072 dimensions were ~120 MB of JSON that held the event loop for
+ * seconds (bench/RESULTS.md, stop 42); as base64 they are 34 MB of strings. A server that answers
+ * numbers anyway is read as well.
+ *
+ * Errors come out as the SDK's `APICallError` (status, headers, retryability), so the manager's
+ * retries, fallbacks and error answers treat both paths alike.
  */
 import { StringDecoder } from 'node:string_decoder';
 
@@ -326,11 +335,40 @@ export interface AbortLike {
   onAbort(listener: () => void): () => void;
 }
 
-/** One provider's Chat Completions endpoint: its URL, headers and a keep-alive connection pool. */
-export class ChatWire {
+/** An endpoint of the provider's API: its URL, and that URL as undici's dispatch takes it. */
+interface Endpoint {
+  url: string;
+  origin: string;
+  path: string;
+}
+
+function endpoint(baseUrl: string, name: string): Endpoint {
+  const url = `${baseUrl.replace(/\/+$/, '')}/${name}`;
+  const parsed = new URL(url);
+  return { url, origin: parsed.origin, path: `${parsed.pathname}${parsed.search}` };
+}
+
+/** An embeddings request as the wire sends it (OpenAI's body; `encoding_format` is the wire's). */
+export interface WireEmbeddingsCall {
+  model: string;
+  input: string[];
+  dimensions?: number;
+  user?: string;
+}
+
+/** An embeddings answer: its vectors as listed, each one's `index` as given, the tokens it reports. */
+export interface WireEmbeddings {
+  vectors: Float32Array[];
+  indexes: unknown[];
+  tokens: number | undefined;
+}
+
+/** One provider's OpenAI API (Chat Completions, Embeddings): its URLs, headers and a keep-alive connection pool. */
+export class OpenAIWire {
   private readonly url: string;
   private readonly origin: string;
   private readonly path: string;
+  private readonly embeddings: Endpoint;
   private readonly headers: Record<string, string>;
 
   constructor(
@@ -339,10 +377,8 @@ export class ChatWire {
     extraHeaders: Record<string, string> | null | undefined,
     private readonly dispatcher: Agent,
   ) {
-    this.url = `${baseUrl.replace(/\/+$/, '')}/chat/completions`;
-    const url = new URL(this.url);
-    this.origin = url.origin;
-    this.path = `${url.pathname}${url.search}`;
+    ({ url: this.url, origin: this.origin, path: this.path } = endpoint(baseUrl, 'chat/completions'));
+    this.embeddings = endpoint(baseUrl, 'embeddings');
     this.headers = {
       ...(apiKey ? { authorization: `Bearer ${apiKey}` } : {}),
       ...extraHeaders,
@@ -402,8 +438,31 @@ export class ChatWire {
     return reader.parts;
   }
 
+  /**
+   * One embeddings request (OpenAI takes up to 2,048 inputs in one); an answer longer than
+   * `maxBytes` is not read further (ModelAnswerLimitError). An answer that is not an embeddings
+   * list, or holds a vector that is neither float32 base64 nor numbers (or a value that is not a
+   * finite number), is an invalid answer, as the SDK's response schema would find it.
+   */
+  async embed(call: WireEmbeddingsCall, signal: AbortLike, maxBytes: number): Promise<WireEmbeddings> {
+    const { url, origin, path } = this.embeddings;
+    const body = { ...call, encoding_format: 'base64' };
+    let answer: TextAnswer;
+    try {
+      answer = await dispatchText(this.dispatcher, { origin, path, method: 'POST', headers: this.headers, body: JSON.stringify(body) }, signal, maxBytes);
+    } catch (error) {
+      if (signal.aborted || error instanceof ModelAnswerLimitError) throw error;
+      throw connectionError(url, body, error);
+    }
+    const { statusCode, text } = answer;
+    if (statusCode < 200 || statusCode >= 300) throw this.refused(body, statusCode, rawHeaderRecord(answer.rawHeaders), text, url);
+    const embeddings = embeddingsOf(jsonOf(text));
+    if (!embeddings) throw invalidAnswer(url, body, statusCode, text, rawHeaderRecord(answer.rawHeaders));
+    return embeddings;
+  }
+
   /** A non-2xx answer as `APICallError`, with OpenAI's error message when the body is its error object. */
-  private refused(call: unknown, statusCode: number, headers: Record<string, string>, text: string): APICallError {
+  private refused(call: unknown, statusCode: number, headers: Record<string, string>, text: string, url = this.url): APICallError {
     let message = `HTTP ${statusCode}`;
     try {
       const parsed = JSON.parse(text) as { error?: { message?: string } };
@@ -411,8 +470,49 @@ export class ChatWire {
     } catch {
       // not OpenAI's error object: the status says it
     }
-    return upstreamError(this.url, call, message, statusCode, headers, text);
+    return upstreamError(url, call, message, statusCode, headers, text);
   }
+}
+
+/** An embeddings list's vectors, indexes and tokens, or undefined when `value` is none (see `embed`). */
+function embeddingsOf(value: unknown): WireEmbeddings | undefined {
+  if (typeof value !== 'object' || value === null) return undefined;
+  const { data, usage } = value as { data?: unknown; usage?: { prompt_tokens?: unknown } | null };
+  if (!Array.isArray(data)) return undefined;
+  const vectors: Float32Array[] = [];
+  const indexes: unknown[] = [];
+  for (const item of data as unknown[]) {
+    if (typeof item !== 'object' || item === null) return undefined;
+    const { embedding, index } = item as { embedding?: unknown; index?: unknown };
+    const vector = vectorOf(embedding);
+    if (!vector) return undefined;
+    vectors.push(vector);
+    indexes.push(index);
+  }
+  const tokens = usage?.prompt_tokens;
+  return { vectors, indexes, tokens: typeof tokens === 'number' && Number.isFinite(tokens) ? tokens : undefined };
+}
+
+/**
+ * A vector from base64 (float32, little-endian — this platform's order, as OpenAI's SDKs read it
+ * with the platform's typed arrays) or from JSON numbers; undefined when it is neither, or holds a
+ * value that is not a finite number (NaN fits in float32 but in no JSON answer or pgvector column).
+ */
+function vectorOf(embedding: unknown): Float32Array | undefined {
+  let vector: Float32Array;
+  if (typeof embedding === 'string') {
+    const bytes = Buffer.from(embedding, 'base64');
+    if (bytes.length % 4 !== 0) return undefined;
+    // A short string's bytes may sit in Buffer's shared pool at an offset a Float32Array cannot start at.
+    vector = bytes.byteOffset % 4 === 0 ? new Float32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4) : new Float32Array(new Uint8Array(bytes).buffer);
+  } else if (Array.isArray(embedding)) {
+    if (!embedding.every((n) => typeof n === 'number')) return undefined;
+    vector = Float32Array.from(embedding);
+  } else {
+    return undefined;
+  }
+  for (let i = 0; i < vector.length; i++) if (!Number.isFinite(vector[i])) return undefined;
+  return vector;
 }
 
 interface TextAnswer {
