@@ -10,7 +10,7 @@ import { serverOptions } from '../../src/core/http-server.js';
 import { buildTestApp, openTestDatabase, testSettings, useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
-import { call, createKey } from '../helpers/http.js';
+import { call, createKey, eventually } from '../helpers/http.js';
 import { addFakeModels } from '../helpers/metered-models.js';
 
 const ctx = useTestApp({ RATE_LIMIT_SIGNUP_PER_IP: '3', HTTP_REQUEST_TIMEOUT_MS: '2000', HTTP_HEADERS_TIMEOUT_MS: '1000' });
@@ -118,6 +118,44 @@ describe('over a real socket', () => {
   }
 
   const bodyOf = (text: string) => JSON.parse(text.slice(text.indexOf('\r\n\r\n') + 4)) as unknown;
+
+  it('answers a body over the limit with 413 and reads the rest of it, so a client still sending gets the answer and keeps its connection', async () => {
+    // 3 MB against BODY_LIMIT_BYTES (1 MB): the answer comes as the headers arrive. Closing the
+    // connection then (as Fastify asks) left the client writing into a closed socket: EPIPE or
+    // ECONNRESET instead of the 413.
+    const size = 3 * 1024 * 1024;
+    const socket = connect(port, '127.0.0.1');
+    const answers: string[] = [];
+    let text = '';
+    socket.on('data', (chunk: Buffer) => {
+      text += chunk.toString('utf8');
+      // Each answer here has a content-length: split them as they complete.
+      for (let match = /content-length: (\d+)\r\n[\s\S]*?\r\n\r\n/i.exec(text); match; match = /content-length: (\d+)\r\n[\s\S]*?\r\n\r\n/i.exec(text)) {
+        const end = match.index + match[0].length + Number(match[1]);
+        if (text.length < end) break;
+        answers.push(text.slice(0, end));
+        text = text.slice(end);
+      }
+    });
+    const failed = new Promise<Error>((resolve) => socket.on('error', resolve));
+    const closed = new Promise<void>((resolve) => socket.on('close', () => resolve()));
+    const write = (data: string | Buffer) => new Promise<void>((resolve, reject) => socket.write(data, (error) => (error ? reject(error) : resolve())));
+    await write(`POST /api/v1/users/signup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${size}\r\n\r\n`);
+    const piece = Buffer.alloc(64 * 1024, 0x20);
+    for (let sent = 0; sent < size; sent += piece.length) {
+      await write(piece);
+      if (sent === 0) await eventually(async () => answers.length === 1); // answered before the body is sent
+    }
+    // The same connection takes the next request.
+    await write('GET /health HTTP/1.1\r\nHost: x\r\n\r\n');
+    await Promise.race([eventually(async () => answers.length === 2), failed.then((error) => Promise.reject(error))]);
+    expect(answers[0]).toMatch(/^HTTP\/1\.1 413 /);
+    expect(answers[0]).not.toMatch(/connection: close/i);
+    expect(bodyOf(answers[0]!)).toEqual({ detail: 'Request body too large' });
+    expect(answers[1]).toMatch(/^HTTP\/1\.1 200 /);
+    socket.end();
+    await closed;
+  });
 
   it('answers a malformed request line with 400 in the {detail} shape', async () => {
     const { text } = await exchange('NOT AN HTTP REQUEST\r\n\r\n').answer;
