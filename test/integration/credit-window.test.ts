@@ -147,7 +147,9 @@ describe('credit windows', () => {
 
   it("takes the next block ahead, off the calls' path: sequential calls past several blocks never wait for one that was not already being taken", async () => {
     const user = await createUser(ctx.app);
-    await grant(user, '1000');
+    // Enough that a block grown for this pace (see blockCallsFor) is never refused: a refused
+    // block is tried again at the usual size, a second hold that may go out during a later call.
+    await grant(user, '100000');
     // Calls that take a few milliseconds, as a model's do (far more): the next block is taken while
     // the last quarter of the current one serves calls.
     fake.defaultReply = { text: 'four', usage: { prompt_tokens: 1, completion_tokens: 4 }, chunkDelayMs: 20 };
@@ -185,7 +187,7 @@ describe('credit windows', () => {
     expect(holds[0]).toBe(0);
     for (const waited of waits.slice(1)) expect(holds.some((held) => held < waited && held > 0)).toBe(true);
     for (const held of holds.slice(1)) expect(waits).not.toContain(held);
-    await expectSettled(user, 1000 - 40 * 4);
+    await expectSettled(user, 100000 - 40 * 4);
     expect(await usageEntries(user)).toBe(40);
   });
 

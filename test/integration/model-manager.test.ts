@@ -181,7 +181,10 @@ describe('ModelManager.chat', () => {
     ] as const) {
       records = [];
       server.reset();
-      server.script(what === 'embeddings' ? 'fake-embed' : 'fake-chat', { status: 400, body: echo });
+      // Embeddings: a 400 to base64 is asked again for numbers (see openai-wire.ts), refused alike.
+      const refusal = { status: 400, body: echo };
+      if (what === 'embeddings') server.script('fake-embed', refusal, refusal);
+      else server.script('fake-chat', refusal);
       const failure = await (call as () => Promise<unknown>)().catch((e: unknown) => e);
       expect(failure, what).toBeInstanceOf(UpstreamError);
       const { message, detail, stack } = failure as UpstreamError;
@@ -782,6 +785,48 @@ describe('ModelManager.embed', () => {
       expect(failure, what).toMatchObject({ statusCode: 502 });
       expect(server.log, what).toHaveLength(1); // an answer, not retried
     }
+  });
+
+  it('asks a server that refuses base64 (a 400) for numbers, at once and from then on', async () => {
+    const m = manager();
+    server.script('fake-embed', { status: 400, body: { error: { message: 'base64 encoding is not currently supported', type: 'invalid_request_error' } } });
+    expect(vectorsOf(await m.embed({ model: 'fake-embed', values: ['hello'] }))).toEqual([fakeEmbedding('hello')]);
+    expect(vectorsOf(await m.embed({ model: 'fake-embed', values: ['keel'] }))).toEqual([fakeEmbedding('keel')]);
+    expect(server.log.map((r) => [r.reply, r.body.encoding_format])).toEqual([
+      [400, 'base64'],
+      [200, 'float'],
+      [200, 'float'],
+    ]);
+    // Another refusal (a 401, a 429) is not taken for that: refused as before, and base64 stays.
+    server.reset();
+    const fresh = manager({ maxRetries: 0 });
+    server.script('fake-embed', { status: 401 });
+    expect(await failureOf(fresh.embed({ model: 'fake-embed', values: ['x'] }))).toMatchObject({ statusCode: 502 });
+    await fresh.embed({ model: 'fake-embed', values: ['x'] });
+    expect(server.log.map((r) => r.body.encoding_format)).toEqual(['base64', 'base64']);
+  });
+
+  it('sends an `openai` provider record without a base URL where OPENAI_BASE_URL says, as the SDK does', async () => {
+    const m = fakeModelManager(server, {
+      models: [...CUSTOM_MODELS, { id: 'rec-embed', provider: 'oa-record', capabilities: ['embedding'], pricing: price('0.02', '0') }],
+      records,
+      providers: [{ id: 'oa-record', kind: 'openai', api_key: 'sk-record', headers: { Authorization: 'Bearer sk-from-header' } }],
+    });
+    expect(vectorsOf(await m.embed({ model: 'rec-embed', values: ['hello'] }))).toEqual([fakeEmbedding('hello')]);
+    expect(server.log[0]).toMatchObject({ path: '/v1/embeddings', body: { model: 'rec-embed', encoding_format: 'base64' } });
+    // A record's own Authorization header replaces the key's (one header, as the SDK sends it).
+    expect(server.log[0]!.headers.authorization).toBe('Bearer sk-from-header');
+  });
+
+  it('refuses a split answer whose requests miscount, though the total fits', async () => {
+    const values = Array.from({ length: 2049 }, (_, i) => `t${i}`);
+    const answer = (count: number): ScriptedReply => ({
+      rawBody: JSON.stringify({ object: 'list', data: Array.from({ length: count }, (_, index) => ({ object: 'embedding', index, embedding: [index, 1] })), usage: { prompt_tokens: 1 } }),
+    });
+    server.script('fake-embed', answer(2047), answer(2));
+    const failure = await failureOf(manager().embed({ model: 'fake-embed', values }));
+    expect(failure).toBeInstanceOf(ModelAnswerError);
+    expect((failure as ModelAnswerError).message).toBe('Model fake-embed answered 2047 vectors for 2048 inputs');
   });
 
   it('sends more than 2,048 inputs in requests of 2,048 at most, and hands back every vector in input order with the usage of all', async () => {

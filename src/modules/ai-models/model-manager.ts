@@ -687,6 +687,11 @@ function findInChain<E>(error: unknown, is: (e: unknown) => e is E): E | undefin
 const isApiCallError = (e: unknown): e is APICallError => APICallError.isInstance(e);
 const isAnswerLimit = (e: unknown): e is ModelAnswerLimitError => e instanceof ModelAnswerLimitError;
 
+/** An answer with another number of vectors than the inputs it was asked for is the provider's fault (502). */
+function checkVectorCount(modelId: string, inputs: number, vectors: number): void {
+  if (vectors !== inputs) throw new ModelAnswerError(`Model ${modelId} answered ${vectors} vector${vectors === 1 ? '' : 's'} for ${inputs} inputs`);
+}
+
 /** An embeddings call's answer before it is checked: vectors as listed, each request's `index` values (see `inInputOrder`), tokens reported. */
 interface VectorsAnswer {
   vectors: Float32Array[];
@@ -707,7 +712,7 @@ const OPENAI_EMBEDDING_INPUTS = 2048;
  */
 function inInputOrder(modelId: string, inputs: number, vectors: Float32Array[], numbering: readonly (readonly unknown[])[] | undefined): Float32Array[] {
   const misfit = (what: string) => new ModelAnswerError(`Model ${modelId} ${what}`);
-  if (vectors.length !== inputs) throw misfit(`answered ${vectors.length} vector${vectors.length === 1 ? '' : 's'} for ${inputs} inputs`);
+  checkVectorCount(modelId, inputs, vectors.length);
   if (!numbering?.length) return vectors;
   const ordered = vectors.slice();
   let offset = 0;
@@ -1148,6 +1153,8 @@ export class ModelManager {
       if (request.dimensions !== undefined) call.dimensions = request.dimensions;
       if (request.user !== undefined) call.user = request.user;
       const answer = await wire.embed(call, attempt, embeddingsAnswerLimit(this.options.maxResponseBytes, input.length));
+      // Each request's own count: one short and the next one long would otherwise pass as a whole, every vector on another input.
+      checkVectorCount(model.id, input.length, answer.vectors.length);
       vectors.push(...answer.vectors);
       numbering.push(answer.indexes);
       // One request without usage makes the call's unknown (estimated, see `price`), as the SDK's sum does.
@@ -1169,8 +1176,11 @@ export class ModelManager {
     const answers = (result.responses ?? []).map((response) => (response?.body as { data?: unknown } | undefined)?.data);
     // OpenAI's shape numbers its vectors; Google's does not (taken as listed).
     const numbering = answers.length && answers.every((data): data is unknown[] => Array.isArray(data)) ? answers.map((data) => data.map((item) => (item as { index?: unknown } | null)?.index)) : undefined;
+    const vectors = result.embeddings.map((vector) => Float32Array.from(vector));
+    // A number past float32's range becomes an infinity, which no JSON answer or pgvector column holds.
+    if (!vectors.every((vector) => vector.every(Number.isFinite))) throw new ModelAnswerError(`Model ${model.id} answered a vector with a value that is not a finite float32`);
     return {
-      vectors: result.embeddings.map((vector) => Float32Array.from(vector)),
+      vectors,
       numbering,
       // embedMany reports NaN tokens when the provider sent no usage: unknown, estimated (see `price`).
       tokens: Number.isFinite(result.usage.tokens) ? result.usage.tokens : undefined,

@@ -363,6 +363,9 @@ export interface WireEmbeddings {
   tokens: number | undefined;
 }
 
+/** What a server that does not take `encoding_format: base64` answers it with. */
+const REFUSED_REQUEST = new Set([400, 422]);
+
 /** One provider's OpenAI API (Chat Completions, Embeddings): its URLs, headers and a keep-alive connection pool. */
 export class OpenAIWire {
   private readonly url: string;
@@ -370,6 +373,8 @@ export class OpenAIWire {
   private readonly path: string;
   private readonly embeddings: Endpoint;
   private readonly headers: Record<string, string>;
+  /** The server refused embeddings as base64: asked for JSON numbers since. */
+  private floatsOnly = false;
 
   constructor(
     baseUrl: string,
@@ -381,7 +386,8 @@ export class OpenAIWire {
     this.embeddings = endpoint(baseUrl, 'embeddings');
     this.headers = {
       ...(apiKey ? { authorization: `Bearer ${apiKey}` } : {}),
-      ...extraHeaders,
+      // Lower-cased: a record's `Authorization` replaces the key's, as in the SDK, rather than going beside it.
+      ...Object.fromEntries(Object.entries(extraHeaders ?? {}).map(([name, value]) => [name.toLowerCase(), value])),
       'content-type': 'application/json',
     };
   }
@@ -445,8 +451,21 @@ export class OpenAIWire {
    * finite number), is an invalid answer, as the SDK's response schema would find it.
    */
   async embed(call: WireEmbeddingsCall, signal: AbortLike, maxBytes: number): Promise<WireEmbeddings> {
+    if (this.floatsOnly) return this.embedAs('float', call, signal, maxBytes);
+    try {
+      return await this.embedAs('base64', call, signal, maxBytes);
+    } catch (error) {
+      // Some servers refuse base64 (older vLLM, proxies in front of OpenAI's API) rather than ignore it: ask them for numbers, from now on.
+      if (!(error instanceof APICallError) || !REFUSED_REQUEST.has(error.statusCode ?? 0)) throw error;
+      const answer = await this.embedAs('float', call, signal, maxBytes);
+      this.floatsOnly = true;
+      return answer;
+    }
+  }
+
+  private async embedAs(encoding: 'base64' | 'float', call: WireEmbeddingsCall, signal: AbortLike, maxBytes: number): Promise<WireEmbeddings> {
     const { url, origin, path } = this.embeddings;
-    const body = { ...call, encoding_format: 'base64' };
+    const body = { ...call, encoding_format: encoding };
     let answer: TextAnswer;
     try {
       answer = await dispatchText(this.dispatcher, { origin, path, method: 'POST', headers: this.headers, body: JSON.stringify(body) }, signal, maxBytes);

@@ -110,7 +110,7 @@ function create(record: ProviderRecord, fetch: typeof globalThis.fetch): SdkProv
   }
 }
 
-/** Where the `openai` kind goes without a base URL (the SDK's default too). */
+/** Where the `openai` kind goes without a base URL or OPENAI_BASE_URL (the SDK's default too). */
 const OPENAI_BASE_URL = 'https://api.openai.com/v1';
 
 /** A header value shorter than this is taken for a word (`keel`, `v1`), not a credential. */
@@ -219,7 +219,7 @@ export class ProviderRegistry {
     if (wire === undefined) {
       this.client(providerId); // the same availability check as the SDK's path
       const record = this.resolve(providerId) as ProviderRecord;
-      const baseUrl = record.kind === 'openai-compatible' ? (record.base_url ?? '') : record.kind === 'openai' ? (record.base_url ?? OPENAI_BASE_URL) : undefined;
+      const baseUrl = record.kind === 'openai-compatible' ? (record.base_url ?? '') : record.kind === 'openai' ? (record.base_url ?? this.settings.OPENAI_BASE_URL ?? OPENAI_BASE_URL) : undefined;
       wire = baseUrl === undefined ? null : new OpenAIWire(baseUrl, record.api_key, record.headers, (this.dispatcher ??= wireDispatcher()));
       this.wires.set(providerId, wire);
     }
