@@ -3,6 +3,7 @@ import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } fro
 
 import { DATABASE_RETRY_AFTER_SECONDS, isDatabaseUnavailableCode } from './db-errors.js';
 import { integrityAnswer, unknownQueryMessage } from './error-mapping.js';
+import { lingerOnUnreadBody } from './http-server.js';
 import { RepeatedLine } from './logger.js';
 import { trackAllowedMethods } from './method-not-allowed.js';
 
@@ -282,15 +283,15 @@ function send(reply: FastifyReply, status: number, body: unknown, headers: Recor
 
 /**
  * A body refused before it was read to its end (413 from its declared length or as it grew past
- * the limit, 415): its rest is read and dropped, and the connection kept. Fastify asks for
- * `Connection: close` there, and Node then closed the socket with the body unread: a client still
- * sending got EPIPE or ECONNRESET instead of the 413 (fetch, for an 8 MB body, 4 times in 5).
- * Node's request timeout (HTTP_REQUEST_TIMEOUT_MS) still bounds how long the rest may take.
+ * the limit, 415): the connection is kept and the rest read and dropped, within bounds
+ * (`lingerOnUnreadBody`). Fastify asks for `Connection: close` there, and Node then closed the
+ * socket with the body unread: a client still sending got EPIPE or ECONNRESET instead of the 413
+ * (fetch, for an 8 MB body, 4 times in 5).
  */
 function readTheRest(request: FastifyRequest, reply: FastifyReply): void {
   if (request.raw.complete) return;
   reply.removeHeader('connection');
-  request.raw.resume();
+  lingerOnUnreadBody(request, reply);
 }
 
 export function registerErrorHandler(app: FastifyInstance): void {

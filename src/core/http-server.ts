@@ -1,6 +1,8 @@
 import type { ServerOptions, ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 
+import type { FastifyReply, FastifyRequest } from 'fastify';
+
 import type { Settings } from './config.js';
 
 /** What Node answers on its own, before a request reaches Fastify, in the API's `{detail}` shape. */
@@ -102,4 +104,34 @@ function endOnceAnswered(socket: Socket): void {
   }
   // After the turn in which Node hands the socket to a request pipelined behind this one.
   response.once('close', () => setImmediate(() => endOnceAnswered(socket)));
+}
+
+/** After an early answer (413, 404, 415) to a body still arriving: how much of the rest is read and dropped, and for how long, before the connection is closed. */
+const LINGER_BYTES = 16 * 1024 * 1024;
+const LINGER_MS = 2_000;
+
+/**
+ * An answer given before the request's body was read to its end: once the answer is out, the
+ * rest is read and dropped for a while, so that a client still sending sees the answer rather
+ * than a connection reset; past LINGER_BYTES or LINGER_MS the connection is closed.
+ */
+export function lingerOnUnreadBody(request: FastifyRequest, reply: FastifyReply): void {
+  const raw = request.raw;
+  if (raw.complete) return;
+  reply.raw.once('finish', () => {
+    if (raw.complete) return;
+    raw.unpipe();
+    let read = 0;
+    // Destroying the request destroys its connection.
+    const close = () => raw.destroy();
+    const timer = setTimeout(close, LINGER_MS);
+    timer.unref();
+    raw.on('data', (chunk: Buffer) => {
+      read += chunk.length;
+      if (read > LINGER_BYTES) close();
+    });
+    raw.once('end', () => clearTimeout(timer));
+    raw.once('close', () => clearTimeout(timer));
+    raw.resume();
+  });
 }

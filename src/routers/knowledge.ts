@@ -4,6 +4,7 @@ import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 
 import { UnprocessableError } from '../core/errors.js';
+import { lingerOnUnreadBody } from '../core/http-server.js';
 
 import { authErrors, ErrorBody } from '../schemas/common.js';
 import {
@@ -38,36 +39,6 @@ const tags = ['knowledge-base'];
  * Content-Length beyond the allowance by more than this is refused before a byte is read.
  */
 const FORM_OVERHEAD_BYTES = 64 * 1024;
-
-/** After an early answer (413, 404) to an upload still arriving: how much of the rest is read and dropped, and for how long, before the connection is closed. */
-const LINGER_BYTES = 16 * 1024 * 1024;
-const LINGER_MS = 2_000;
-
-/**
- * An answer given before the request's body was read to its end: once the answer is out, the
- * rest is read and dropped for a while, so that a client still sending sees the answer rather
- * than a connection reset; past LINGER_BYTES or LINGER_MS the connection is closed.
- */
-function lingerOnUnreadBody(request: FastifyRequest, reply: FastifyReply): void {
-  const raw = request.raw;
-  if (raw.complete) return;
-  reply.raw.once('finish', () => {
-    if (raw.complete) return;
-    raw.unpipe();
-    let read = 0;
-    // Destroying the request destroys its connection.
-    const close = () => raw.destroy();
-    const timer = setTimeout(close, LINGER_MS);
-    timer.unref();
-    raw.on('data', (chunk: Buffer) => {
-      read += chunk.length;
-      if (read > LINGER_BYTES) close();
-    });
-    raw.once('end', () => clearTimeout(timer));
-    raw.once('close', () => clearTimeout(timer));
-    raw.resume();
-  });
-}
 
 function contentLengthOf(request: FastifyRequest): number | undefined {
   const header = request.headers['content-length'];
