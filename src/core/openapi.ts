@@ -43,7 +43,7 @@ export async function registerOpenApi(app: FastifyInstance, settings: Settings):
       security: [{ bearer: [] }, { apiKey: [] }],
     },
     transform: (input) => withFormBody(jsonSchemaTransform(input), input.schema.form),
-    transformObject: (document) => describeResponses(keepUsedSchemas(jsonSchemaTransformObject(document))),
+    transformObject: (document) => describeResponses(documentBodyLimit(keepUsedSchemas(jsonSchemaTransformObject(document)))),
   });
 }
 
@@ -63,6 +63,30 @@ function withFormBody<T extends { schema: object }>(transformed: T, form: Record
   const { form: _form, ...schema } = transformed.schema as { form?: unknown };
   const properties = Object.fromEntries(Object.entries(form).map(([name, description]) => [name, { type: 'string', format: 'binary', description }]));
   return { ...transformed, schema: { ...schema, body: { type: 'object', required: Object.keys(form), properties } } };
+}
+
+interface DocumentedOperation {
+  requestBody?: unknown;
+  responses?: Record<string, { description?: string; content?: unknown }>;
+}
+
+/**
+ * Every operation that takes a body answers 413 past its limit (BODY_LIMIT_BYTES, the gateway's
+ * GATEWAY_BODY_LIMIT_BYTES, an upload's own): documented where a route does not say it itself, in
+ * the shape of the operation's 401 (`{detail}`, or OpenAI's error object under /v1), so that a
+ * generated client knows the answer.
+ */
+function documentBodyLimit<T extends object>(document: T): T {
+  const paths = (document as { paths?: Record<string, Record<string, DocumentedOperation>> }).paths ?? {};
+  for (const item of Object.values(paths)) {
+    for (const operation of Object.values(item)) {
+      const responses = operation.responses;
+      if (!operation.requestBody || !responses || responses['413']) continue;
+      const content = responses['401']?.content ?? { 'application/json': { schema: { $ref: `${SCHEMA_REF}HTTPError` } } };
+      responses['413'] = { description: 'Request body too large', content };
+    }
+  }
+  return document;
 }
 
 /** @fastify/swagger calls every response "Default Response"; say what the status means instead (as FastAPI does). */

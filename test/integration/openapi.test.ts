@@ -68,6 +68,18 @@ describe('the OpenAPI document', () => {
     for (const [operationId, status] of [['download_knowledge_entry', '404'], ['get_knowledge_entry_content', '409'], ['metrics', '401']]) expect(mediaTypes(operationId!, status!)).toEqual(['application/json']);
   });
 
+  it('documents 413 on every operation that takes a body, in the shape of its other errors', () => {
+    const withBody = operationsOf(document).filter(({ operation }) => (operation as { requestBody?: unknown }).requestBody);
+    expect(withBody.length).toBeGreaterThan(20);
+    for (const { operation } of withBody) {
+      const { responses } = operation;
+      expect(responses['413'], operation.operationId).toBeDefined();
+      if (responses['401']) expect(responses['413']!.content, operation.operationId).toEqual(responses['401'].content);
+    }
+    const chat = operationsOf(document).find(({ operation }) => operation.operationId === 'openai_create_chat_completion')!.operation;
+    expect(JSON.stringify(chat.responses['413']!.content)).not.toContain('HTTPError');
+  });
+
   it('types query parameters as what they hold: limit and offset integers with their defaults, include_disabled a boolean', () => {
     const parameter = (operationId: string, name: string) =>
       (operationsOf(document).find(({ operation }) => operation.operationId === operationId)!.operation as unknown as { parameters: { name: string; schema: Record<string, unknown> }[] }).parameters.find((p) => p.name === name)!.schema;
