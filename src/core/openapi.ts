@@ -37,6 +37,7 @@ export async function registerOpenApi(app: FastifyInstance, settings: Settings):
         securitySchemes: {
           bearer: { type: 'http', scheme: 'bearer', description: 'An access token or an API key' },
           apiKey: { type: 'apiKey', in: 'header', name: 'X-API-Key' },
+          metricsToken: { type: 'http', scheme: 'bearer', description: 'METRICS_TOKEN (GET /metrics, when it is set)' },
         },
       },
       // Routes that need no credentials say `security: []` in their schema.

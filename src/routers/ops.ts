@@ -85,7 +85,8 @@ export const opsRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Prometheus Metrics',
         description: 'Needs `Authorization: Bearer <METRICS_TOKEN>` when that setting is set.',
         tags,
-        security: [],
+        // Open, or the token's own scheme: neither a user's token nor an API key opens it.
+        security: app.settings.METRICS_TOKEN ? [{ metricsToken: [] }] : [],
         // Each answer with its own media type (`produces` put the JSON 401 under text/plain too).
         response: { 200: { description: 'Prometheus text exposition format', content: { 'text/plain': { schema: z.string() } } }, 401: ErrorBody },
       },

@@ -229,6 +229,12 @@ describe('METRICS_TOKEN', () => {
     expect(response.body).not.toContain('http_request_duration_seconds');
   });
 
+  it('documents the token as the route\'s security (not `security: []`)', async () => {
+    const document = (await app.inject({ method: 'GET', url: '/api/v1/openapi.json' })).json<{ paths: Record<string, { get: { security?: unknown } }>; components: { securitySchemes: Record<string, unknown> } }>();
+    expect(document.paths['/metrics']!.get.security).toEqual([{ metricsToken: [] }]);
+    expect(document.components.securitySchemes.metricsToken).toMatchObject({ type: 'http', scheme: 'bearer' });
+  });
+
   it('answers the metrics to the bearer of the token', async () => {
     const response = await app.inject({ method: 'GET', url: '/metrics', headers: { authorization: `Bearer ${token}` } });
     expect(response.statusCode).toBe(200);
