@@ -314,6 +314,9 @@ export function registerErrorHandler(app: FastifyInstance): void {
       return send(reply, 422, { detail: validationIssues(error, request) });
     }
     if (error.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || (error instanceof SyntaxError && error.statusCode === 400)) {
+      // A compressed body (no parser here inflates one) is not malformed JSON: it was never JSON to read.
+      const encoding = request.headers['content-encoding']?.trim().toLowerCase();
+      if (encoding && encoding !== 'identity') return send(reply, 415, { detail: `Content-Encoding ${encoding.slice(0, 40)} is not supported: send the body uncompressed` });
       return send(reply, 422, { detail: [{ loc: ['body'], msg: 'JSON decode error', type: 'json_invalid' }] });
     }
     const db = databaseError(error);

@@ -4,6 +4,7 @@
  * adds at run time, as a real deployment would).
  */
 import type { AddressInfo } from 'node:net';
+import { gzipSync } from 'node:zlib';
 
 import { eq } from 'drizzle-orm';
 import OpenAI from 'openai';
@@ -411,6 +412,16 @@ describe('embeddings', () => {
 
     const floats = await client.embeddings.create({ model: 'fake-embed', input: 'alpha', encoding_format: 'float' });
     expect(floats.data[0]!.embedding).toEqual(fakeEmbedding('alpha'));
+  });
+
+  it('answers a compressed body with 415 in OpenAI\'s shape', async () => {
+    const response = await fetch(`${baseURL}/embeddings`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json', 'content-encoding': 'gzip' },
+      body: gzipSync(JSON.stringify({ model: 'fake-embed', input: 'alpha' })),
+    });
+    expect(response.status).toBe(415);
+    expect(await response.json()).toEqual({ error: { message: 'Content-Encoding gzip is not supported: send the body uncompressed', type: 'invalid_request_error', param: null, code: null } });
   });
 
   it('answers a large batch in pieces that make the same JSON, in either format (the SDK reads it whole)', async () => {

@@ -1,4 +1,5 @@
 import { connect, type Socket } from 'node:net';
+import { gzipSync } from 'node:zlib';
 
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
@@ -58,6 +59,13 @@ describe('422 answers', () => {
       expect(detail).toHaveLength(1);
       expect(detail[0]).toMatchObject({ loc: ['body'], type });
     }
+  });
+
+  it('answers a compressed body with 415 that says to send it uncompressed (not as malformed JSON)', async () => {
+    const payload = gzipSync(JSON.stringify({ email: 'gz@example.test', password: 'a-long-password' }));
+    const response = await ctx.app.inject({ method: 'POST', url: '/api/v1/users/signup', payload, headers: { 'content-type': 'application/json', 'content-encoding': 'gzip' }, remoteAddress: '10.22.0.2' });
+    expect(response.statusCode).toBe(415);
+    expect(response.json()).toEqual({ detail: 'Content-Encoding gzip is not supported: send the body uncompressed' });
   });
 
   it('takes an empty JSON body on a route without a body (a client that always sends content-type)', async () => {
