@@ -776,15 +776,32 @@ describe('ModelManager.embed', () => {
       ['infinity', f32(Number.POSITIVE_INFINITY)],
       ['an object', { values: [1] }],
       ['a text among numbers', [0.5, '0.5']],
+      // Node's decoder skips what is not base64 and stops at a `=` inside, with no error: values from elsewhere in the text.
+      ['characters that are not base64', `${f32(0.5, -0.25).slice(0, 4)}!!!!${f32(0.5, -0.25).slice(4)}`],
+      ['two padded pieces', `${f32(0.5)}${f32(0.25)}`],
+      ['an empty vector', ''],
+      ['an empty list', []],
     ];
     for (const [what, embedding] of bad) {
       server.reset();
       server.script('fake-embed', answer(embedding));
       const failure = await failureOf(m.embed({ model: 'fake-embed', values: ['x'] }));
-      expect(failure, what).toBeInstanceOf(UpstreamError);
+      // An answer that cannot be read (UpstreamError) or that reads as no vectors (ModelAnswerError): 502 either way.
+      expect(failure, what).toSatisfy((error) => error instanceof UpstreamError || error instanceof ModelAnswerError);
       expect(failure, what).toMatchObject({ statusCode: 502 });
       expect(server.log, what).toHaveLength(1); // an answer, not retried
     }
+  });
+
+  it('believes no more input tokens than the inputs can hold (their UTF-8 bytes, and two marks each)', async () => {
+    const answer = (tokens: number): ScriptedReply => ({
+      rawBody: JSON.stringify({ object: 'list', data: [0, 1].map((index) => ({ object: 'embedding', index, embedding: [0.5, 0.5] })), usage: { prompt_tokens: tokens } }),
+    });
+    server.script('fake-embed', answer(1e15), answer(3));
+    const m = manager();
+    const values = ['hello', 'héllo']; // 5 and 6 bytes
+    expect((await m.embed({ model: 'fake-embed', values })).usage.input).toBe(5 + 6 + 2 * 2);
+    expect((await m.embed({ model: 'fake-embed', values })).usage.input).toBe(3); // within it: as reported
   });
 
   it('asks a server that refuses base64 (a 400) for numbers, at once and from then on', async () => {

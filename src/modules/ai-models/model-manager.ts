@@ -687,6 +687,18 @@ function findInChain<E>(error: unknown, is: (e: unknown) => e is E): E | undefin
 const isApiCallError = (e: unknown): e is APICallError => APICallError.isInstance(e);
 const isAnswerLimit = (e: unknown): e is ModelAnswerLimitError => e instanceof ModelAnswerLimitError;
 
+/** Tokens a model's tokenizer may add to each input (a start and an end mark, as BERT-style models do). */
+const EMBEDDING_INPUT_MARKS = 2;
+
+/**
+ * The most tokens embedding `values` can take: a token is at least one byte of UTF-8 text, plus each
+ * input's marks. What a provider reports past it is not believed: an upstream that reported 10^15
+ * tokens for three words was charged the user's whole balance.
+ */
+function embeddingTokensBound(values: readonly string[]): number {
+  return values.reduce((tokens, value) => tokens + Buffer.byteLength(value, 'utf8') + EMBEDDING_INPUT_MARKS, 0);
+}
+
 /** An answer with another number of vectors than the inputs it was asked for is the provider's fault (502). */
 function checkVectorCount(modelId: string, inputs: number, vectors: number): void {
   if (vectors !== inputs) throw new ModelAnswerError(`Model ${modelId} answered ${vectors} vector${vectors === 1 ? '' : 's'} for ${inputs} inputs`);
@@ -1130,10 +1142,11 @@ export class ModelManager {
       const options = this.embedOptions(request, model);
       const wire = this.options.providers.embeddingsWire(model.provider);
       const answer = wire ? await this.embedOverWire(wire, request, model, attempt) : await this.embedThroughSdk(request, model, options, attempt.signal);
-      state.usage = answer.tokens === undefined ? undefined : { ...ZERO_USAGE, input: answer.tokens };
+      state.usage = answer.tokens === undefined ? undefined : { ...ZERO_USAGE, input: Math.min(answer.tokens, embeddingTokensBound(request.values)) };
       const embeddings = inInputOrder(model.id, request.values.length, answer.vectors, answer.numbering);
       const { dimensions } = request;
       const size = dimensions ?? embeddings[0]?.length;
+      if (size === 0) throw new ModelAnswerError(`Model ${model.id} answered empty vectors`);
       const otherSize = embeddings.find((vector) => vector.length !== size);
       // A provider that ignores `dimensions` (many OpenAI-compatible servers do) would hand back vectors a client's index of that size refuses.
       if (otherSize && dimensions !== undefined) throw new ModelAnswerError(`Model ${model.id} answered vectors of ${otherSize.length} dimensions where ${dimensions} were asked for: it may not support dimensions`);

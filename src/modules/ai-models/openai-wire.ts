@@ -512,6 +512,9 @@ function embeddingsOf(value: unknown): WireEmbeddings | undefined {
   return { vectors, indexes, tokens: typeof tokens === 'number' && Number.isFinite(tokens) ? tokens : undefined };
 }
 
+/** The `=` a base64 text ends with (two at most). */
+const paddingOf = (text: string): number => (text.endsWith('==') ? 2 : text.endsWith('=') ? 1 : 0);
+
 /**
  * A vector from base64 (float32, little-endian — this platform's order, as OpenAI's SDKs read it
  * with the platform's typed arrays) or from JSON numbers; undefined when it is neither, or holds a
@@ -521,7 +524,8 @@ function vectorOf(embedding: unknown): Float32Array | undefined {
   let vector: Float32Array;
   if (typeof embedding === 'string') {
     const bytes = Buffer.from(embedding, 'base64');
-    if (bytes.length % 4 !== 0) return undefined;
+    // Node skips what is not base64 and stops at a `=` inside: whole groups of four, every one decoded, or it is no vector.
+    if (embedding.length % 4 !== 0 || bytes.length !== (embedding.length / 4) * 3 - paddingOf(embedding) || bytes.length % 4 !== 0) return undefined;
     // A short string's bytes may sit in Buffer's shared pool at an offset a Float32Array cannot start at.
     vector = bytes.byteOffset % 4 === 0 ? new Float32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4) : new Float32Array(new Uint8Array(bytes).buffer);
   } else if (Array.isArray(embedding)) {
