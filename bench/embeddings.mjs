@@ -6,7 +6,8 @@
 // of DIMENSIONS float32 values, as JSON numbers or as base64 when asked (OpenAI does both). Keel
 // (`start`, embedded, billing on) serves the call to a client asking for FORMATS (the openai SDK
 // asks for base64 unless told otherwise) while a prober asks GET /health one request after another:
-// its slowest answer during the call is how long another user would have waited. Per round and
+// its slowest answer during the call is how long another user would have waited; `direct` is the
+// same call to the upstream itself (the floor). Per round and
 // format: the call's latency, the probes' max and p99, Keel's CPU (main thread and whole process)
 // and its RSS after the call. BASE_CHECKOUT=<another checkout, built> adds `embedded-base`, the same
 // from that checkout, in the same rounds. Raw lines: bench/out/embeddings/raw.tsv.
@@ -73,7 +74,8 @@ async function startKeel(name, checkout, port) {
 
 const upstream = start(OUT, 'upstream', ['bench/fake-upstream.mjs'], { PORT: String(PORT_BASE), EMBED_DIMENSIONS: String(DIMENSIONS) });
 await waitUp(PORT_BASE);
-const targets = [await startKeel('embedded', '.', PORT_BASE + 1)];
+// `direct`: the upstream itself, the floor (its /health answered by the same process).
+const targets = [{ name: 'direct', port: PORT_BASE, child: upstream, key: 'none' }, await startKeel('embedded', '.', PORT_BASE + 1)];
 if (BASE_CHECKOUT) targets.push(await startKeel('embedded-base', BASE_CHECKOUT, PORT_BASE + 2));
 
 const input = Array.from({ length: INPUTS }, (_, i) => `text number ${i} to embed`);
@@ -119,5 +121,5 @@ for (const target of targets) {
 writeFileSync(`${OUT}/summary.md`, `${lines.join('\n')}\n`);
 console.log(`\nmedians of ${ROUNDS} rounds:\n${lines.join('\n')}`);
 agent.destroy();
-await stop([...targets.map((t) => t.child), upstream]);
-for (const target of targets) rmSync(target.dataDir, { recursive: true, force: true });
+await stop(targets.map((t) => t.child));
+for (const target of targets) if (target.dataDir) rmSync(target.dataDir, { recursive: true, force: true });
