@@ -247,7 +247,7 @@ export const EmbeddingRequest = z
   .object({
     model: z.string().min(1).max(200),
     // An empty text has no embedding: OpenAI refuses it too.
-    input: z.union([z.string().min(1), z.array(z.string().min(1)).min(1).max(2048)]),
+    input: z.union([z.string().min(1), z.array(z.string().min(1)).min(1).max(2048)], { error: 'input must be a text or a list of 1 to 2048 texts, none of them empty' }),
     encoding_format: z.enum(['float', 'base64']).optional(),
     dimensions: z
       .number()

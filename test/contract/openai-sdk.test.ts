@@ -414,6 +414,18 @@ describe('embeddings', () => {
     expect(floats.data[0]!.embedding).toEqual(fakeEmbedding('alpha'));
   });
 
+  it('refuses an input it cannot take with a message that says what it takes', async () => {
+    const tooMany = await apiError(client.embeddings.create({ model: 'fake-embed', input: Array.from({ length: 2049 }, () => 'a') }));
+    expect(tooMany).toMatchObject({ status: 400, param: 'input' });
+    expect(tooMany.message).toContain('input must be a text or a list of 1 to 2048 texts, none of them empty');
+    for (const input of [[], '', ['a', '']]) {
+      const error = await apiError(client.embeddings.create({ model: 'fake-embed', input }));
+      expect(error.status, JSON.stringify(input)).toBe(400);
+      expect(error.message, JSON.stringify(input)).toContain('Too small');
+    }
+    expect(fake.requestsFor('fake-embed')).toHaveLength(0);
+  });
+
   it('answers a compressed body with 415 in OpenAI\'s shape', async () => {
     const response = await fetch(`${baseURL}/embeddings`, {
       method: 'POST',
