@@ -2,6 +2,7 @@ import type { FastifyInstance } from 'fastify';
 import type pino from 'pino';
 
 import { ConfigError, type Settings } from './core/config.js';
+import { drainingRequests } from './core/http-server.js';
 import type { Logger } from './core/logger.js';
 import { unservedModelMetrics } from './core/metrics.js';
 import { migrateUp, requireMigrated } from './core/migrate.js';
@@ -100,6 +101,7 @@ function drainable(app: FastifyInstance): void {
   app.addHook('onRequest', (request, reply, done) => {
     if (!draining) return done();
     reply.header('connection', 'close');
+    drainingRequests.add(request.raw);
     if (request.routeOptions.url !== '/ready') return done();
     void reply.code(503).send({
       status: 'unavailable',

@@ -3,7 +3,7 @@ import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } fro
 
 import { DATABASE_RETRY_AFTER_SECONDS, isDatabaseUnavailableCode } from './db-errors.js';
 import { integrityAnswer, unknownQueryMessage } from './error-mapping.js';
-import { lingerOnUnreadBody } from './http-server.js';
+import { drainingRequests, lingerOnUnreadBody } from './http-server.js';
 import { RepeatedLine } from './logger.js';
 import { trackAllowedMethods } from './method-not-allowed.js';
 
@@ -289,7 +289,8 @@ function send(reply: FastifyReply, status: number, body: unknown, headers: Recor
  * (fetch, for an 8 MB body, 4 times in 5).
  */
 function readTheRest(request: FastifyRequest, reply: FastifyReply): void {
-  if (request.raw.complete) return;
+  // Draining: the close stays (the client is to move to another node), as it was before.
+  if (request.raw.complete || drainingRequests.has(request.raw)) return;
   reply.removeHeader('connection');
   lingerOnUnreadBody(request, reply);
 }

@@ -106,6 +106,12 @@ function endOnceAnswered(socket: Socket): void {
   response.once('close', () => setImmediate(() => endOnceAnswered(socket)));
 }
 
+/**
+ * Requests answered while the server drains (their `Connection: close` asks the client to move to
+ * another node): an early answer to their body keeps that close rather than the connection.
+ */
+export const drainingRequests = new WeakSet<object>();
+
 /** After an early answer (413, 404, 415) to a body still arriving: how much of the rest is read and dropped, and for how long, before the connection is closed. */
 const LINGER_BYTES = 16 * 1024 * 1024;
 const LINGER_MS = 2_000;

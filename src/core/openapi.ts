@@ -83,7 +83,8 @@ function documentBodyLimit<T extends object>(document: T): T {
     for (const operation of Object.values(item)) {
       const responses = operation.responses;
       if (!operation.requestBody || !responses || responses['413']) continue;
-      const content = responses['401']?.content ?? { 'application/json': { schema: { $ref: `${SCHEMA_REF}HTTPError` } } };
+      // A copy: one object in two places is written as a YAML alias (&a/*a), which some parsers cap.
+      const content = structuredClone(responses['401']?.content) ?? { 'application/json': { schema: { $ref: `${SCHEMA_REF}HTTPError` } } };
       responses['413'] = { description: 'Request body too large', content };
     }
   }

@@ -768,8 +768,11 @@ describe('ModelManager.embed', () => {
     expect(server.log.map((r) => r.body.encoding_format)).toEqual(['base64', 'base64']);
     const f32 = (...numbers: number[]) => Buffer.from(Float32Array.from(numbers).buffer).toString('base64');
     const answer = (embedding: unknown): ScriptedReply => ({ rawBody: JSON.stringify({ object: 'list', data: [{ object: 'embedding', index: 0, embedding }], usage: { prompt_tokens: 1 } }) });
-    server.script('fake-embed', answer(f32(0.5, -0.25)));
-    expect(vectorsOf(await m.embed({ model: 'fake-embed', values: ['x'] }))).toEqual([[0.5, -0.25]]);
+    // Padded, unpadded, or wrapped over lines as MIME encoders write it: the same vector.
+    for (const text of [f32(0.5, -0.25), f32(0.5, -0.25).replace(/=+$/, ''), `${f32(0.5, -0.25).slice(0, 4)}\r\n${f32(0.5, -0.25).slice(4)}`]) {
+      server.script('fake-embed', answer(text));
+      expect(vectorsOf(await m.embed({ model: 'fake-embed', values: ['x'] })), JSON.stringify(text)).toEqual([[0.5, -0.25]]);
+    }
     const bad: [string, unknown][] = [
       ['bytes that are no float32s', Buffer.from([1, 2, 3, 4, 5, 6]).toString('base64')],
       ['NaN', f32(0.5, Number.NaN)],
@@ -779,6 +782,7 @@ describe('ModelManager.embed', () => {
       // Node's decoder skips what is not base64 and stops at a `=` inside, with no error: values from elsewhere in the text.
       ['characters that are not base64', `${f32(0.5, -0.25).slice(0, 4)}!!!!${f32(0.5, -0.25).slice(4)}`],
       ['two padded pieces', `${f32(0.5)}${f32(0.25)}`],
+      ['a length no base64 has', `${f32(0.5, -0.25).replace(/=+$/, '')}AA`],
       ['an empty vector', ''],
       ['an empty list', []],
     ];
@@ -793,14 +797,14 @@ describe('ModelManager.embed', () => {
     }
   });
 
-  it('believes no more input tokens than the inputs can hold (their UTF-8 bytes, and two marks each)', async () => {
+  it('believes no more input tokens than the inputs can hold (two a UTF-8 byte, and 64 each for marks and a server\'s prompt)', async () => {
     const answer = (tokens: number): ScriptedReply => ({
       rawBody: JSON.stringify({ object: 'list', data: [0, 1].map((index) => ({ object: 'embedding', index, embedding: [0.5, 0.5] })), usage: { prompt_tokens: tokens } }),
     });
     server.script('fake-embed', answer(1e15), answer(3));
     const m = manager();
     const values = ['hello', 'héllo']; // 5 and 6 bytes
-    expect((await m.embed({ model: 'fake-embed', values })).usage.input).toBe(5 + 6 + 2 * 2);
+    expect((await m.embed({ model: 'fake-embed', values })).usage.input).toBe(2 * (5 + 6) + 2 * 64);
     expect((await m.embed({ model: 'fake-embed', values })).usage.input).toBe(3); // within it: as reported
   });
 

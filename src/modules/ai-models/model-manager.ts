@@ -687,16 +687,17 @@ function findInChain<E>(error: unknown, is: (e: unknown) => e is E): E | undefin
 const isApiCallError = (e: unknown): e is APICallError => APICallError.isInstance(e);
 const isAnswerLimit = (e: unknown): e is ModelAnswerLimitError => e instanceof ModelAnswerLimitError;
 
-/** Tokens a model's tokenizer may add to each input (a start and an end mark, as BERT-style models do). */
-const EMBEDDING_INPUT_MARKS = 2;
+/** Tokens a model or its server may add to each input: start and end marks, an instruction prompt (TEI's `--default-prompt`, instruct models'), ~10–30. */
+const EMBEDDING_INPUT_EXTRA_TOKENS = 64;
 
 /**
- * The most tokens embedding `values` can take: a token is at least one byte of UTF-8 text, plus each
- * input's marks. What a provider reports past it is not believed: an upstream that reported 10^15
- * tokens for three words was charged the user's whole balance.
+ * The most tokens embedding `values` can take: two a byte of UTF-8 text (byte-level BPE makes at
+ * most one; SentencePiece's word marks can add one), plus each input's extra. What a provider
+ * reports past it is not believed: an upstream that reported 10^15 tokens for three words was
+ * charged the user's whole balance.
  */
 function embeddingTokensBound(values: readonly string[]): number {
-  return values.reduce((tokens, value) => tokens + Buffer.byteLength(value, 'utf8') + EMBEDDING_INPUT_MARKS, 0);
+  return values.reduce((tokens, value) => tokens + 2 * Buffer.byteLength(value, 'utf8') + EMBEDDING_INPUT_EXTRA_TOKENS, 0);
 }
 
 /** An answer with another number of vectors than the inputs it was asked for is the provider's fault (502). */

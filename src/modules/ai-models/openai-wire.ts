@@ -516,6 +516,17 @@ function embeddingsOf(value: unknown): WireEmbeddings | undefined {
 const paddingOf = (text: string): number => (text.endsWith('==') ? 2 : text.endsWith('=') ? 1 : 0);
 
 /**
+ * The bytes of a base64 text, padded or not, or undefined when it is no base64: Node's decoder
+ * skips what is not base64 and stops at a `=` inside, without a word, so every character must have
+ * been decoded. Line breaks (MIME encoders wrap at 76) are taken out first, only when there are any.
+ */
+function base64Bytes(text: string, unwrapped = false): Buffer | undefined {
+  const bytes = Buffer.from(text, 'base64');
+  if (text.length % 4 !== 1 && bytes.length === Math.floor((text.length * 3) / 4) - paddingOf(text)) return bytes;
+  return !unwrapped && /\s/.test(text) ? base64Bytes(text.replace(/\s+/g, ''), true) : undefined;
+}
+
+/**
  * A vector from base64 (float32, little-endian — this platform's order, as OpenAI's SDKs read it
  * with the platform's typed arrays) or from JSON numbers; undefined when it is neither, or holds a
  * value that is not a finite number (NaN fits in float32 but in no JSON answer or pgvector column).
@@ -523,9 +534,8 @@ const paddingOf = (text: string): number => (text.endsWith('==') ? 2 : text.ends
 function vectorOf(embedding: unknown): Float32Array | undefined {
   let vector: Float32Array;
   if (typeof embedding === 'string') {
-    const bytes = Buffer.from(embedding, 'base64');
-    // Node skips what is not base64 and stops at a `=` inside: whole groups of four, every one decoded, or it is no vector.
-    if (embedding.length % 4 !== 0 || bytes.length !== (embedding.length / 4) * 3 - paddingOf(embedding) || bytes.length % 4 !== 0) return undefined;
+    const bytes = base64Bytes(embedding);
+    if (!bytes || bytes.length % 4 !== 0) return undefined;
     // A short string's bytes may sit in Buffer's shared pool at an offset a Float32Array cannot start at.
     vector = bytes.byteOffset % 4 === 0 ? new Float32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4) : new Float32Array(new Uint8Array(bytes).buffer);
   } else if (Array.isArray(embedding)) {
