@@ -62,7 +62,7 @@ import {
   StreamErrorEvent,
   UpstreamError,
 } from './errors.js';
-import { type AbortLike, type OpenAIWire, toolCallOf, type WireCall, type WireEmbeddingsCall, wireMessages, type WireTool, type WireToolChoice } from './openai-wire.js';
+import { type AbortLike, allFinite, type OpenAIWire, toolCallOf, type WireCall, type WireEmbeddingsCall, wireMessages, type WireTool, type WireToolChoice } from './openai-wire.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
 import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
@@ -1140,9 +1140,8 @@ export class ModelManager {
   async embed(request: EmbedRequest): Promise<EmbedResult> {
     const started = performance.now();
     return this.run(request, request.signal, 'embed', 'embedding', 0, async (model, attempt, state) => {
-      const options = this.embedOptions(request, model);
       const wire = this.options.providers.embeddingsWire(model.provider);
-      const answer = wire ? await this.embedOverWire(wire, request, model, attempt) : await this.embedThroughSdk(request, model, options, attempt.signal);
+      const answer = wire ? await this.embedOverWire(wire, request, model, attempt) : await this.embedThroughSdk(request, model, attempt.signal);
       state.usage = answer.tokens === undefined ? undefined : { ...ZERO_USAGE, input: Math.min(answer.tokens, embeddingTokensBound(request.values)) };
       const embeddings = inInputOrder(model.id, request.values.length, answer.vectors, answer.numbering);
       const { dimensions } = request;
@@ -1178,13 +1177,13 @@ export class ModelManager {
   }
 
   /** Embeddings through the AI SDK's model of the provider (Google's, Anthropic's none). */
-  private async embedThroughSdk(request: EmbedRequest, model: ModelInfo, providerOptions: ProviderMetadata | undefined, signal: AbortSignal): Promise<VectorsAnswer> {
+  private async embedThroughSdk(request: EmbedRequest, model: ModelInfo, signal: AbortSignal): Promise<VectorsAnswer> {
     const result = await embedMany({
       model: this.options.providers.embeddingModel(model.provider, model.id),
       values: request.values,
       maxRetries: 0,
       headers: vectorsAnswer(request.values.length),
-      providerOptions,
+      providerOptions: this.embedOptions(request, model),
       abortSignal: signal,
     });
     const answers = (result.responses ?? []).map((response) => (response?.body as { data?: unknown } | undefined)?.data);
@@ -1192,7 +1191,7 @@ export class ModelManager {
     const numbering = answers.length && answers.every((data): data is unknown[] => Array.isArray(data)) ? answers.map((data) => data.map((item) => (item as { index?: unknown } | null)?.index)) : undefined;
     const vectors = result.embeddings.map((vector) => Float32Array.from(vector));
     // A number past float32's range becomes an infinity, which no JSON answer or pgvector column holds.
-    if (!vectors.every((vector) => vector.every(Number.isFinite))) throw new ModelAnswerError(`Model ${model.id} answered a vector with a value that is not a finite float32`);
+    if (!vectors.every(allFinite)) throw new ModelAnswerError(`Model ${model.id} answered a vector with a value that is not a finite float32`);
     return {
       vectors,
       numbering,

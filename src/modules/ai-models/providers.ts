@@ -110,6 +110,12 @@ function create(record: ProviderRecord, fetch: typeof globalThis.fetch): SdkProv
   }
 }
 
+/** A provider's wire (null: its kind speaks no OpenAI API), and whether its chat calls take it. */
+interface ProviderWire {
+  wire: OpenAIWire | null;
+  chat: boolean;
+}
+
 /** Where the `openai` kind goes without a base URL or OPENAI_BASE_URL (the SDK's default too). */
 const OPENAI_BASE_URL = 'https://api.openai.com/v1';
 
@@ -125,7 +131,7 @@ export class ProviderRegistry {
    */
   private readonly languageModels = new Map<string, LanguageModel>();
   private readonly embeddingModels = new Map<string, EmbeddingModel>();
-  private readonly wires = new Map<string, OpenAIWire | null>();
+  private readonly wires = new Map<string, ProviderWire>();
   private dispatcher: Agent | undefined;
   /** Every SDK provider's fetch: the answer limit on what it reads. */
   private readonly fetch: typeof globalThis.fetch;
@@ -204,26 +210,27 @@ export class ProviderRegistry {
    * null for other kinds (their SDK models speak other APIs or add provider-specific fields).
    */
   chatWire(providerId: string): OpenAIWire | null {
-    const wire = this.wire(providerId);
-    return wire && this.resolve(providerId)?.kind === 'openai-compatible' ? wire : null;
+    const { wire, chat } = this.wire(providerId);
+    return chat ? wire : null;
   }
 
   /** Embeddings without the SDK for a provider that speaks OpenAI's API (`openai`, `openai-compatible`), else null. */
   embeddingsWire(providerId: string): OpenAIWire | null {
-    return this.wire(providerId);
+    return this.wire(providerId).wire;
   }
 
-  /** The provider's OpenAI API over the wire, for the kinds that speak it; null for the others. */
-  private wire(providerId: string): OpenAIWire | null {
-    let wire = this.wires.get(providerId);
-    if (wire === undefined) {
+  /** The provider's OpenAI API over the wire, for the kinds that speak it (null for the others), and whether its chat goes over it too. */
+  private wire(providerId: string): ProviderWire {
+    let entry = this.wires.get(providerId);
+    if (entry === undefined) {
       this.client(providerId); // the same availability check as the SDK's path
       const record = this.resolve(providerId) as ProviderRecord;
       const baseUrl = record.kind === 'openai-compatible' ? (record.base_url ?? '') : record.kind === 'openai' ? (record.base_url ?? this.settings.OPENAI_BASE_URL ?? OPENAI_BASE_URL) : undefined;
-      wire = baseUrl === undefined ? null : new OpenAIWire(baseUrl, record.api_key, record.headers, (this.dispatcher ??= wireDispatcher()));
-      this.wires.set(providerId, wire);
+      const wire = baseUrl === undefined ? null : new OpenAIWire(baseUrl, record.api_key, record.headers, (this.dispatcher ??= wireDispatcher()));
+      entry = { wire, chat: record.kind === 'openai-compatible' };
+      this.wires.set(providerId, entry);
     }
-    return wire;
+    return entry;
   }
 
   /**
