@@ -71,6 +71,12 @@ interface DocumentedOperation {
   responses?: Record<string, { description?: string; content?: unknown }>;
 }
 
+/** Every operation of the document (each method of each path). */
+function operationsOf(document: object): DocumentedOperation[] {
+  const paths = (document as { paths?: Record<string, Record<string, DocumentedOperation>> }).paths ?? {};
+  return Object.values(paths).flatMap((item) => Object.values(item));
+}
+
 /**
  * Every operation that takes a body answers 413 past its limit (BODY_LIMIT_BYTES, the gateway's
  * GATEWAY_BODY_LIMIT_BYTES, an upload's own): documented where a route does not say it itself, in
@@ -78,28 +84,22 @@ interface DocumentedOperation {
  * generated client knows the answer.
  */
 function documentBodyLimit<T extends object>(document: T): T {
-  const paths = (document as { paths?: Record<string, Record<string, DocumentedOperation>> }).paths ?? {};
-  for (const item of Object.values(paths)) {
-    for (const operation of Object.values(item)) {
-      const responses = operation.responses;
-      if (!operation.requestBody || !responses || responses['413']) continue;
-      // A copy: one object in two places is written as a YAML alias (&a/*a), which some parsers cap.
-      const content = structuredClone(responses['401']?.content) ?? { 'application/json': { schema: { $ref: `${SCHEMA_REF}HTTPError` } } };
-      responses['413'] = { description: 'Request body too large', content };
-    }
+  for (const operation of operationsOf(document)) {
+    const responses = operation.responses;
+    if (!operation.requestBody || !responses || responses['413']) continue;
+    // A copy: one object in two places is written as a YAML alias (&a/*a), which some parsers cap.
+    const content = structuredClone(responses['401']?.content) ?? { 'application/json': { schema: { $ref: `${SCHEMA_REF}HTTPError` } } };
+    responses['413'] = { description: 'Request body too large', content };
   }
   return document;
 }
 
 /** @fastify/swagger calls every response "Default Response"; say what the status means instead (as FastAPI does). */
 function describeResponses<T extends object>(document: T): T {
-  const paths = (document as { paths?: Record<string, Record<string, { responses?: Record<string, { description?: string }> }>> }).paths ?? {};
-  for (const item of Object.values(paths)) {
-    for (const operation of Object.values(item)) {
-      for (const [status, response] of Object.entries(operation.responses ?? {})) {
-        if (response.description !== 'Default Response') continue;
-        response.description = status.startsWith('2') ? 'Successful Response' : status === '422' ? 'Validation Error' : (STATUS_CODES[status] ?? 'Response');
-      }
+  for (const operation of operationsOf(document)) {
+    for (const [status, response] of Object.entries(operation.responses ?? {})) {
+      if (response.description !== 'Default Response') continue;
+      response.description = status.startsWith('2') ? 'Successful Response' : status === '422' ? 'Validation Error' : (STATUS_CODES[status] ?? 'Response');
     }
   }
   return document;
