@@ -780,6 +780,13 @@ describe('the call path behind /v1', () => {
     expect(limited.error).toEqual({ message: 'The model provider refused the request (status 429)', type: 'requests', param: null, code: 'rate_limit_exceeded' });
     expect(limited.headers?.get('retry-after')).toBe('7');
     expect(fake.requestsFor('fake-backup').map((r) => r.reply)).toEqual([429, 429]);
+    // A wait longer than the gateway waits between tries (MODEL_RETRY_MAX_WAIT_MS) is passed on at once, untried again.
+    fake.reset();
+    fake.script('fake-backup', { status: 429, headers: { 'retry-after': '30' } }, { text: 'too soon' });
+    const asked = await apiError(client.chat.completions.create(hi));
+    expect([asked.status, asked.headers?.get('retry-after')]).toEqual([429, '30']);
+    expect(fake.log).toHaveLength(1);
+    fake.reset();
     // Without a retry-after upstream, none is made up.
     fake.script('fake-backup', { status: 429 }, { status: 429 });
     const bare = await apiError(client.chat.completions.create({ ...hi, stream: true }));
