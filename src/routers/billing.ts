@@ -86,6 +86,10 @@ export const billingRouter: FastifyPluginAsyncZod = async (app) => {
       },
       // Before the body is read: a caller who may not grant learns that (403), not what its body lacks (422).
       onRequest: async (request) => ensureSuperuser(request.principal),
+      // What this process charged the account, and its credit window's block no call is using, are
+      // written and given back first: an adjustment right after the user's calls was refused (409)
+      // for credit "held for calls not yet settled" though none was in progress.
+      preHandler: async (request) => app.meter.written(request.body.user_id),
     },
     async (request, reply) => {
       const created = await billingService.grant(contextOf(request), request.body);

@@ -96,6 +96,19 @@ describe('what a client reads right after a call', () => {
     expect((await api('GET', '/billing/transactions', user.headers)).json<{ count: number }>().count).toBe(3);
   });
 
+  it("a superuser's adjustment right after a user's call is not refused for the credit this process still holds of the account", async () => {
+    const user = await fundedUser('100');
+    const { key } = await createKey(ctx.app, user);
+    fake.script('fake-billed', { text: 'one', usage: { prompt_tokens: 1, completion_tokens: 1 } });
+    const answered = await ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: bearer(key), payload: { model: 'fake-billed', messages: [{ role: 'user', content: 'Hi' }], max_tokens: 1 } });
+    expect(answered.statusCode, answered.body).toBe(200);
+    // The call took a credit window's block (32 of the 100) and is over: nothing is in progress.
+    const adjusted = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: '-90', type: 'adjustment', description: 'correction' });
+    expect(adjusted.statusCode, adjusted.body).toBe(200);
+    expect(adjusted.json()).toMatchObject({ type: 'adjustment', amount: '-90', balance_after: '9' });
+    expect((await api('GET', '/billing/balance', user.headers)).json()).toMatchObject({ balance: '9', reserved: '0' });
+  });
+
   it("a cancelled run's final event comes after its stopped call's usage is written", async () => {
     const user = await fundedUser('100');
     await createAgent(ctx.app, user.headers, { model: 'fake-billed', max_output_tokens: 10, is_default: true });
