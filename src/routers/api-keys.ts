@@ -8,6 +8,13 @@ import { registerOwnedRoutes } from './owned-routes.js';
 
 export const apiKeysRouter: FastifyPluginAsyncZod = async (app) => {
   app.addHook('onRequest', requireUser);
+  // A key without a `max_budget` has its `spent` moved with the usage batch, up to
+  // USAGE_FLUSH_INTERVAL_MS after its calls: what this process charged is written first, so a key
+  // read right after its calls shows them, and a budget set on a key in use is held against what
+  // it has really spent (set before, the calls after it could overrun it by what was unwritten).
+  app.addHook('preHandler', async (request) => {
+    if (request.method === 'GET' || request.method === 'PATCH') await app.meter.written();
+  });
 
   registerOwnedRoutes(app, {
     noun: 'API key',

@@ -96,6 +96,33 @@ describe('what a client reads right after a call', () => {
     expect((await api('GET', '/billing/transactions', user.headers)).json<{ count: number }>().count).toBe(3);
   });
 
+  it("a key's spent read right after its calls shows them, and a max_budget set then counts them", async () => {
+    const user = await fundedUser('100');
+    const read = await createKey(ctx.app, user, { name: 'read' });
+    const capped = await createKey(ctx.app, user, { name: 'capped' });
+    const chat = (key: string) =>
+      ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: bearer(key), payload: { model: 'fake-billed', messages: [{ role: 'user', content: 'Hi' }], max_tokens: 10 } });
+    fake.defaultReply = { text: 'five', usage: { prompt_tokens: 1, completion_tokens: 5 } };
+    try {
+      // A key without a budget has its spend moved with the usage batch (a minute away here).
+      for (let i = 0; i < 2; i++) expect((await chat(read.key)).statusCode).toBe(200);
+      expect((await api('GET', `/api-keys/${read.id}`, user.headers)).json()).toMatchObject({ spent: '10' });
+      expect((await chat(read.key)).statusCode).toBe(200);
+      const listed = (await api('GET', '/api-keys', user.headers)).json<{ data: { id: string; spent: string }[] }>().data;
+      expect(listed.find((k) => k.id === read.id)).toMatchObject({ spent: '15' });
+
+      for (let i = 0; i < 2; i++) expect((await chat(capped.key)).statusCode).toBe(200);
+      const patched = await api('PATCH', `/api-keys/${capped.id}`, user.headers, { max_budget: '12' });
+      expect(patched.json()).toMatchObject({ max_budget: '12', spent: '10' });
+      // 2 left of the budget cannot cover a call's worst case of 10.
+      const refused = await chat(capped.key);
+      expect(refused.statusCode, refused.body).toBe(402);
+      expect(refused.json<{ error: { message: string } }>().error.message).toBe('API key budget exceeded: max_budget 12, spent 10; this call to fake-billed needs up to 10');
+    } finally {
+      fake.defaultReply = { text: 'Hello from the fake model.', usage: { prompt_tokens: 10, completion_tokens: 5 } };
+    }
+  });
+
   it("a superuser's adjustment right after a user's call is not refused for the credit this process still holds of the account", async () => {
     const user = await fundedUser('100');
     const { key } = await createKey(ctx.app, user);
