@@ -69,6 +69,23 @@ describe('runs with billing on', () => {
     await waitForRun(ctx.app, owner.headers, started.json<{ id: string }>().id, ['completed']);
   });
 
+  it("starts right after the user's model call: the credit this process still holds of the account from it is no shortage", async () => {
+    const owner = await createUser(ctx.app);
+    await grant(owner, '100');
+    // A first step that needs 70 of the 100.
+    await createAgent(ctx.app, owner.headers, { model: 'fake-billed', max_output_tokens: 70, is_default: true });
+    const thread = await createThread(ctx.app, owner.headers);
+    const { key } = await createKey(ctx.app, owner);
+    fake.script('fake-billed', { text: 'one', usage: { prompt_tokens: 1, completion_tokens: 1 } }, { text: 'ok', usage: { prompt_tokens: 1, completion_tokens: 1 } });
+    // A call that holds 1 credit takes a credit window's block of 32 for the account, and is over before the run starts.
+    const answered = await ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: { authorization: `Bearer ${key}` }, payload: { model: 'fake-billed', messages: [{ role: 'user', content: 'Hi' }], max_tokens: 1 } });
+    expect(answered.statusCode, answered.body).toBe(200);
+    const started = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hello' });
+    expect(started.statusCode, started.body).toBe(202);
+    await waitForRun(ctx.app, owner.headers, started.json<{ id: string }>().id, ['completed']);
+    expect((await api('GET', '/billing/balance', owner.headers)).json()).toMatchObject({ balance: '98', reserved: '0' });
+  });
+
   it("a run on another user's thread (a superuser's start) checks the thread owner's credits, not the caller's", async () => {
     const owner = await createUser(ctx.app);
     const thread = await createThread(ctx.app, owner.headers);

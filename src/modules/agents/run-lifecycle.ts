@@ -28,8 +28,11 @@ export interface RunDeps {
   queue: JobQueue;
   models: ModelManager;
   tools: ToolImplementations;
-  /** Writes the model calls this process has charged so far (UsageMeterService.written): a run ends after its calls' charges. */
-  charged?: () => Promise<void>;
+  /**
+   * Writes the model calls this process has charged so far (UsageMeterService.written): a run ends
+   * after its calls' charges. With `userId`, that user's credit-window block no call is using goes back too.
+   */
+  charged?: (userId?: string) => Promise<void>;
 }
 
 /** A run as clients see it (GET /runs/{id} and the `run` of run.* events): no lease internals. */
