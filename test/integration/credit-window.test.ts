@@ -145,6 +145,17 @@ describe('credit windows', () => {
     );
   });
 
+  it("a call through a key with a budget (held per call) is not refused for the block the user's other calls took, idle now", async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '200');
+    await ctx.app.models.chat(billed(user)); // takes a block of 80, uses 4
+    const budgeted = await createKey(ctx.app, user, { name: 'budgeted', max_budget: '1000' });
+    // Needs 150 from the account and the key's budget: the account, 196 with nothing in progress, covers it.
+    const large = await ctx.app.models.chat(chatRequest('fake-billed', { user_id: user.user.id, api_key_id: budgeted.id }, { maxOutputTokens: 150 }));
+    expect(large.cost).toBe('4');
+    await expectSettled(user, 200 - 2 * 4);
+  });
+
   it("takes the next block ahead, off the calls' path: sequential calls past several blocks never wait for one that was not already being taken", async () => {
     const user = await createUser(ctx.app);
     // Enough that a block grown for this pace (see blockCallsFor) is never refused: a refused
