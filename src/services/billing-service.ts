@@ -12,7 +12,7 @@ import * as userCrud from '../crud/user.js';
 import { addCosts } from '../modules/ai-models/index.js';
 import { ensureSuperuser, type Principal } from '../utils/authentication.js';
 import type { ServiceContext } from './context.js';
-import { formatMoney } from './money.js';
+import { formatMoney, nothingLeft } from './money.js';
 
 const DAY_MS = 86_400_000;
 const DEFAULT_RANGE_DAYS = 30;
@@ -80,7 +80,9 @@ export async function grant(ctx: ServiceContext, input: CreditGrant) {
   });
   if (id === null) {
     const { balance, reserved } = await billingCrud.getBalance(ctx.db, user.id);
-    throw new ConflictError(`The adjustment would leave less than nothing: balance ${formatMoney(balance)}, ${formatMoney(reserved)} of it held for calls not yet settled`);
+    // What calls in progress hold is named only when they hold something ("0 of it held" read as the reason).
+    const held = nothingLeft(reserved) ? '' : `, ${formatMoney(reserved)} of it held for calls not yet settled`;
+    throw new ConflictError(`The adjustment would leave less than nothing: balance ${formatMoney(balance)}${held}`);
   }
   ctx.log.info({ userId: user.id, type: input.type, transactionId: id }, 'credits changed');
   const row = await billingCrud.transactionCrud.getById(ctx.db, id);
