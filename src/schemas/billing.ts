@@ -65,7 +65,11 @@ export const TransactionsQuery = Pagination.extend(OfUser);
 const GROUPS = ['model', 'day', 'api_key'] as const;
 
 /** An instant of a summary's range: ISO 8601 with an offset, or a bare date (midnight UTC), in the years 1 to 9999 UTC. */
-const RangeBound = () => z.iso.datetime({ offset: true }).or(z.iso.date()).refine(withinStorableYears, { error: STORABLE_YEARS_ERROR });
+const RangeBound = () =>
+  // Its own words: a union's refusal said only "Invalid input", naming neither form.
+  z
+    .union([z.iso.datetime({ offset: true }), z.iso.date()], { error: 'Input should be an ISO 8601 date (2026-03-01) or date-time with an offset (2026-03-01T00:00:00Z)' })
+    .refine(withinStorableYears, { error: STORABLE_YEARS_ERROR });
 
 /** `?from=&to=&group_by=`: a time range (ISO 8601; a bare date is midnight UTC) and groups, comma-separated. */
 export const SummaryQuery = z.strictObject({

@@ -378,7 +378,12 @@ describe('GET /billing/summary', () => {
 
   it('refuses bad queries with 422 and answers 401 without credentials', async () => {
     expectValidationError(await summary('group_by=user'), ['query', 'group_by']);
-    expectValidationError(await summary('from=yesterday'), ['query', 'from']);
+    // The refusal names the forms a bound takes.
+    const dateMessage = 'Input should be an ISO 8601 date (2026-03-01) or date-time with an offset (2026-03-01T00:00:00Z)';
+    for (const query of ['from=yesterday', 'from=', 'from=2026-02-30', 'to=2026-03-01T00:00']) {
+      const [name] = query.split('=');
+      expect(expectValidationError(await summary(query), ['query', name!]).detail).toContainEqual(expect.objectContaining({ msg: dateMessage }));
+    }
     expectValidationError(await summary('from=2026-03-05&to=2026-03-01'), ['query', 'from']);
     // Without `to` the range ends now: one starting later is as empty a range as the above.
     expectValidationError(await summary(`from=${new Date(Date.now() + 60_000).toISOString()}`), ['query', 'from']);
