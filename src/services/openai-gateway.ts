@@ -152,7 +152,12 @@ function toTools(tools: ChatCompletionRequest['tools']): ToolSet | undefined {
   const set = Object.create(null) as ToolSet;
   tools.forEach(({ function: fn }, index) => {
     if (Object.hasOwn(set, fn.name)) throw new InvalidRequestError(`tools has two functions named ${fn.name}; each needs a name of its own`, `tools[${index}].function.name`);
-    set[fn.name] = { description: fn.description ?? undefined, inputSchema: jsonSchema((fn.parameters as JSONSchema7 | null | undefined) ?? EMPTY_PARAMETERS) };
+    set[fn.name] = {
+      description: fn.description ?? undefined,
+      inputSchema: jsonSchema((fn.parameters as JSONSchema7 | null | undefined) ?? EMPTY_PARAMETERS),
+      // Structured outputs for the call's arguments (the openai SDK's zodFunction sets it): dropped, the provider would not hold the model to the schema.
+      strict: fn.strict ?? undefined,
+    };
   });
   return set;
 }

@@ -268,6 +268,17 @@ describe('chat completions', () => {
     expect(finish).toBe('tool_calls');
   });
 
+  it('passes each function\'s strict upstream as the client set it (zodFunction sets true), none when it set none', async () => {
+    const parameters = { type: 'object', properties: { q: { type: 'string' } }, required: ['q'], additionalProperties: false };
+    const tools: OpenAI.ChatCompletionTool[] = [true, false, undefined].map((strict, i) => ({ type: 'function', function: { name: `f${i}`, parameters, ...(strict === undefined ? {} : { strict }) } }));
+    fake.script('fake-chat', { text: 'ok' }, { text: 'ok' });
+    await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Look it up' }], tools });
+    await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Look it up' }], tools, stream: true });
+    for (const request of fake.requestsFor('fake-chat')) {
+      expect((request.body.tools as { function: { strict?: boolean } }[]).map((t) => t.function.strict)).toEqual([true, false, undefined]);
+    }
+  });
+
   it('passes response_format (json_object and json_schema) upstream and returns the text as it came', async () => {
     fake.script('fake-chat', ...Array<ScriptedReply>(4).fill({ text: '{"answer":4}' }));
     const object = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'JSON please' }], response_format: { type: 'json_object' } });
