@@ -216,8 +216,15 @@ export function toEmbedRequest(body: EmbeddingRequest, context: CallContext, sig
 
 const FINISH_REASONS: Record<string, string> = { stop: 'stop', length: 'length', 'tool-calls': 'tool_calls', 'content-filter': 'content_filter' };
 
+/**
+ * `tool_calls` whenever the answer holds tool calls (some providers say `stop` with them), except
+ * when it was cut off (`length`) or filtered: as OpenAI answers then, so that a client does not run
+ * a call whose arguments were cut short (the openai SDK's parse() raises LengthFinishReasonError).
+ */
 function finishReason(result: ChatResult): string {
-  return result.toolCalls.length ? 'tool_calls' : (FINISH_REASONS[result.finishReason] ?? 'stop');
+  const reason = FINISH_REASONS[result.finishReason];
+  if (result.toolCalls.length && reason !== 'length' && reason !== 'content_filter') return 'tool_calls';
+  return reason ?? 'stop';
 }
 
 /** OpenAI's `usage` object from token counts (a model call's, or a whole agent run's). */

@@ -855,6 +855,26 @@ describe('the call path behind /v1', () => {
     ]);
   });
 
+  it('says length, not tool_calls, for tool calls cut off by max_tokens, streamed or not, as OpenAI does (the SDK\'s parse() raises on it)', async () => {
+    const call = { id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '{"city":"Pa' } };
+    const completion = { id: 'x', object: 'chat.completion', created: 1, model: 'fake-chat', choices: [{ index: 0, message: { role: 'assistant', content: null, tool_calls: [call] }, finish_reason: 'length' }] };
+    const chunks = [
+      { choices: [{ index: 0, delta: { tool_calls: [{ index: 0, ...call }] }, finish_reason: null }] },
+      { choices: [{ index: 0, delta: {}, finish_reason: 'length' }] },
+    ];
+    const sse = `${chunks.map((c) => `data: ${JSON.stringify({ id: 'x', object: 'chat.completion.chunk', created: 1, model: 'fake-chat', ...c })}\n\n`).join('')}data: [DONE]\n\n`;
+    fake.script('fake-chat', { rawBody: JSON.stringify(completion) }, { rawBody: sse }, { rawBody: JSON.stringify(completion) });
+    const tools: OpenAI.ChatCompletionTool[] = [{ type: 'function', function: { name: 'get_weather', parameters: { type: 'object', properties: { city: { type: 'string' } } } } }];
+    const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Weather in Paris?' }];
+    const plain = await client.chat.completions.create({ model: 'fake-chat', messages, tools, max_tokens: 5 });
+    expect(plain.choices[0]).toMatchObject({ finish_reason: 'length', message: { tool_calls: [call] } });
+    const streamed = await client.chat.completions.stream({ model: 'fake-chat', messages, tools, max_tokens: 5 }).finalChatCompletion();
+    expect(streamed.choices[0]).toMatchObject({ finish_reason: 'length', message: { tool_calls: [call] } });
+    const { LengthFinishReasonError } = await import('openai/core/error');
+    const strictTools: OpenAI.ChatCompletionTool[] = [{ type: 'function', function: { name: 'get_weather', strict: true, parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'], additionalProperties: false } } }];
+    await expect(client.chat.completions.parse({ model: 'fake-chat', messages, tools: strictTools, max_tokens: 5 })).rejects.toBeInstanceOf(LengthFinishReasonError);
+  });
+
   it('a stream the upstream cut off (no finish_reason, no [DONE]) ends with an error event, not finish_reason stop', async () => {
     const chunk = { id: 'x', object: 'chat.completion.chunk', created: 1, model: 'fake-chat', choices: [{ index: 0, delta: { content: 'The answer is' }, finish_reason: null }] };
     fake.script('fake-chat', { rawBody: `data: ${JSON.stringify(chunk)}\n\n` });

@@ -45,7 +45,9 @@ function expected(r: ChatResult, id: string, created: number): string {
       function: { name: call.toolName, arguments: typeof call.input === 'string' ? call.input : JSON.stringify(call.input ?? {}) },
     }));
   }
-  const finish = r.toolCalls.length ? 'tool_calls' : (FINISH[r.finishReason] ?? 'stop');
+  // Tool calls say tool_calls, unless they were cut off (length) or filtered, as OpenAI answers then.
+  const reason = FINISH[r.finishReason];
+  const finish = r.toolCalls.length && reason !== 'length' && reason !== 'content_filter' ? 'tool_calls' : (reason ?? 'stop');
   return JSON.stringify({
     id,
     object: 'chat.completion',
@@ -70,6 +72,8 @@ const CASES: [string, Partial<ChatResult>][] = [
   ['finish reasons', { finishReason: 'length' }],
   ['content filter', { finishReason: 'content-filter' }],
   ['an unknown finish reason', { finishReason: 'other' }],
+  ['a tool call cut off by the output limit', { text: '', toolCalls: [call('call_4', 'get_weather', '{"city":"Pa')], finishReason: 'length' }],
+  ['a tool call with a provider\'s stop', { text: '', toolCalls: [call('call_5', 'get_weather', { city: 'Paris' })], finishReason: 'stop' }],
   ['non-finite token counts', { usage: { input: Number.NaN, output: Infinity, cached_input: 0, cache_write: 0, reasoning: -0 } }],
 ];
 
