@@ -304,6 +304,24 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     }
   });
 
+  it('reads an answer that starts with a byte order mark as the SDK does, chat and stream (the first event not dropped)', async () => {
+    const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    const usage = { prompt_tokens: 3, completion_tokens: 4 };
+    const completion = { choices: [{ index: 0, message: { role: 'assistant', content: 'Marked.' }, finish_reason: 'stop' }], usage };
+    const events = [{ choices: [{ index: 0, delta: { role: 'assistant', content: 'Marked.' }, finish_reason: null }] }, { choices: [{ index: 0, delta: {}, finish_reason: 'stop' }], usage }];
+    const stream = `\uFEFF${events.map(sse).join('')}data: [DONE]\n\n`;
+    for (const request of [hello, viaSdk(hello)]) {
+      server.reset();
+      server.script('wire-chat', { rawBody: `\uFEFF${JSON.stringify(completion)}` }, { rawBody: stream }, { rawBody: stream, rawCuts: [1] });
+      const chat = await models.chat(request);
+      expect(chat).toMatchObject({ text: 'Marked.', finishReason: 'stop', usage: { input: 3, output: 4 } });
+      for (let i = 0; i < 2; i++) {
+        const { texts, result } = await streamed(request);
+        expect({ texts, finishReason: result.finishReason, usage: result.usage }).toMatchObject({ texts: ['Marked.'], finishReason: 'stop', usage: { input: 3, output: 4 } });
+      }
+    }
+  });
+
   it('a server that writes no blank line between its events is still read (each data line whole JSON)', async () => {
     const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
     const rawBody = [{ index: 0, delta: { content: 'Tight' }, finish_reason: null }, { index: 0, delta: {}, finish_reason: 'stop' }].map((choice) => `data: ${JSON.stringify({ choices: [choice] })}\n`).join('') + 'data: [DONE]\n';

@@ -592,7 +592,7 @@ function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOption
       },
       onComplete() {
         done();
-        resolve({ statusCode, rawHeaders, text: chunks.length === 1 ? chunks[0]!.toString('utf8') : Buffer.concat(chunks).toString('utf8') });
+        resolve({ statusCode, rawHeaders, text: withoutBom(chunks.length === 1 ? chunks[0]!.toString('utf8') : Buffer.concat(chunks).toString('utf8')) });
       },
       onError(error) {
         done();
@@ -601,6 +601,12 @@ function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOption
     });
   });
 }
+
+/**
+ * The text without the byte order mark it may start with: Node's decoding keeps it (where fetch's
+ * `text()`, and so the SDK, drops it), and JSON.parse refuses it.
+ */
+const withoutBom = (text: string): string => (text.charCodeAt(0) === 0xfeff ? text.slice(1) : text);
 
 /** A refused stream's answer: its status, headers and the start of its body. */
 interface Refusal {
@@ -654,6 +660,8 @@ class SseReader implements Dispatcher.DispatchHandlers {
   private data: string | null = null;
   /** The last read ended with a CR: a LF starting the next ends the same line. */
   private afterCR = false;
+  /** Text was read: a byte order mark is only the body's first character (see read). */
+  private begun = false;
   /** The start of a 2xx answer's body, to name an answer that is no stream (a server that ignores `stream`). */
   private opening = '';
   /** The answer carried a refusal (its finish then says content-filter, as the SDK's does). */
@@ -753,7 +761,7 @@ class SseReader implements Dispatcher.DispatchHandlers {
   }
 
   private refuse(): void {
-    this.open({ statusCode: this.statusCode, rawHeaders: this.rawHeaders, text: this.rest.slice(0, this.maxChars) });
+    this.open({ statusCode: this.statusCode, rawHeaders: this.rawHeaders, text: withoutBom(this.rest.slice(0, this.maxChars)) });
   }
 
   private settle(): void {
@@ -781,6 +789,12 @@ class SseReader implements Dispatcher.DispatchHandlers {
    * line an event, and some no blank line between them), so only data over several lines waits.
    */
   private read(chunk: string): void {
+    // A byte order mark the body starts with is no part of its first line (the SSE spec and the SDK's
+    // parser drop it): left there, that line was no `data:` line, and its event lost without a word.
+    if (!this.begun && chunk) {
+      this.begun = true;
+      chunk = withoutBom(chunk);
+    }
     // CR or CRLF line ends (rare) as LF; the LF of a CRLF cut between two reads is not a line of its own.
     let text = this.afterCR && chunk.charCodeAt(0) === 10 ? chunk.slice(1) : chunk;
     this.afterCR = text.charCodeAt(text.length - 1) === 13;
