@@ -92,6 +92,16 @@ function parseArguments(text: string, param: string): unknown {
   return parsed;
 }
 
+/**
+ * An image part; its `detail` as the openai provider's SDK model takes it (dropped, `low` cost the
+ * client the tokens of `auto`). Other providers have no such setting and ignore the option.
+ */
+const imagePart = ({ url, detail }: { url: string; detail?: 'auto' | 'low' | 'high' | null }) => ({
+  type: 'image' as const,
+  image: url,
+  ...(detail ? { providerOptions: { openai: { imageDetail: detail } } } : {}),
+});
+
 /** OpenAI's messages as the AI SDK's; a tool result names its tool through the assistant's earlier call. */
 function toModelMessages(messages: readonly ChatMessage[]): ModelMessage[] {
   const toolNames = new Map<string, string>();
@@ -105,7 +115,7 @@ function toModelMessages(messages: readonly ChatMessage[]): ModelMessage[] {
         return {
           role: 'user',
           content: message.content.map((part) =>
-            part.type === 'text' ? { type: 'text' as const, text: part.text } : { type: 'image' as const, image: part.image_url.url },
+            part.type === 'text' ? { type: 'text' as const, text: part.text } : imagePart(part.image_url),
           ),
         };
       case 'assistant': {

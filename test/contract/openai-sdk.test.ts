@@ -739,6 +739,19 @@ describe('the call path behind /v1', () => {
     expect(sent).toEqual([{ type: 'text', text: 'What is this?' }, { type: 'image_url', image_url: { url: pixel } }]);
   });
 
+  it('passes an image\'s detail on to an openai provider (low costs a fraction of the tokens), and none when the client set none', async () => {
+    expect((await api('POST', '/providers', admin, { name: 'oa', kind: 'openai', base_url: fake.url, api_key: 'sk-oa' })).statusCode).toBe(200);
+    await addModel({ id: 'oa-vision', provider: 'oa', capabilities: ['chat', 'vision'] });
+    fake.script('oa-vision', { text: 'A pixel.' }, { text: 'A pixel.' });
+    const pixel = 'data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==';
+    for (const detail of ['low', undefined] as const) {
+      const image = { url: pixel, ...(detail && { detail }) };
+      await client.chat.completions.create({ model: 'oa-vision', messages: [{ role: 'user', content: [{ type: 'text', text: 'What is this?' }, { type: 'image_url', image_url: image }] }] });
+    }
+    const sent = fake.requestsFor('oa-vision').map((r) => (r.body.messages as { content: { image_url?: unknown }[] }[])[0]!.content[1]!.image_url);
+    expect(sent).toEqual([{ url: pixel, detail: 'low' }, { url: pixel }]);
+  });
+
   it('tells the client not to retry what the gateway retried already (x-should-retry: false), so its own retries do not multiply the calls', async () => {
     const retrying = new OpenAI({ apiKey: (await createKey(ctx.app, user)).key, baseURL, maxRetries: 2 }); // the client's default
     const hi = { model: 'fake-backup', messages: [{ role: 'user' as const, content: 'Hi' }] };
