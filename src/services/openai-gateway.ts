@@ -230,11 +230,13 @@ const FINISH_REASONS: Record<string, string> = { stop: 'stop', length: 'length',
  * `tool_calls` whenever the answer holds tool calls (some providers say `stop` with them), except
  * when it was cut off (`length`) or filtered: as OpenAI answers then, so that a client does not run
  * a call whose arguments were cut short (the openai SDK's parse() raises LengthFinishReasonError).
+ * Never without one: a server that could not parse the model's call says `tool_calls` over plain
+ * text, and a client that reads the calls then finds no `tool_calls` to read.
  */
 function finishReason(result: ChatResult): string {
   const reason = FINISH_REASONS[result.finishReason];
   if (result.toolCalls.length && reason !== 'length' && reason !== 'content_filter') return 'tool_calls';
-  return reason ?? 'stop';
+  return reason && reason !== 'tool_calls' ? reason : 'stop';
 }
 
 /** OpenAI's `usage` object from token counts (a model call's, or a whole agent run's). */

@@ -888,6 +888,23 @@ describe('the call path behind /v1', () => {
     await expect(client.chat.completions.parse({ model: 'fake-chat', messages, tools: strictTools, max_tokens: 5 })).rejects.toBeInstanceOf(LengthFinishReasonError);
   });
 
+  it('says stop, not tool_calls, for an answer without tool calls whose provider said tool_calls (a tool call its server could not parse)', async () => {
+    const completion = { id: 'x', object: 'chat.completion', created: 1, model: 'fake-chat', choices: [{ index: 0, message: { role: 'assistant', content: '<tool_call>{"name": "get_weather"' }, finish_reason: 'tool_calls' }] };
+    const chunks = [
+      { choices: [{ index: 0, delta: { content: '<tool_call>{"name": "get_weather"' }, finish_reason: null }] },
+      { choices: [{ index: 0, delta: {}, finish_reason: 'tool_calls' }] },
+    ];
+    const sse = `${chunks.map((c) => `data: ${JSON.stringify({ id: 'x', object: 'chat.completion.chunk', created: 1, model: 'fake-chat', ...c })}\n\n`).join('')}data: [DONE]\n\n`;
+    fake.script('fake-chat', { rawBody: JSON.stringify(completion) }, { rawBody: sse });
+    const tools: OpenAI.ChatCompletionTool[] = [{ type: 'function', function: { name: 'get_weather', parameters: { type: 'object', properties: { city: { type: 'string' } } } } }];
+    const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Weather in Paris?' }];
+    const plain = await client.chat.completions.create({ model: 'fake-chat', messages, tools });
+    expect(plain.choices[0]).toMatchObject({ finish_reason: 'stop', message: { content: completion.choices[0]!.message.content } });
+    expect(plain.choices[0]!.message.tool_calls).toBeUndefined();
+    const streamed = await client.chat.completions.stream({ model: 'fake-chat', messages, tools }).finalChatCompletion();
+    expect(streamed.choices[0]).toMatchObject({ finish_reason: 'stop' });
+  });
+
   it('a stream the upstream cut off (no finish_reason, no [DONE]) ends with an error event, not finish_reason stop', async () => {
     const chunk = { id: 'x', object: 'chat.completion.chunk', created: 1, model: 'fake-chat', choices: [{ index: 0, delta: { content: 'The answer is' }, finish_reason: null }] };
     fake.script('fake-chat', { rawBody: `data: ${JSON.stringify(chunk)}\n\n` });

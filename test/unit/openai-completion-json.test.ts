@@ -47,7 +47,7 @@ function expected(r: ChatResult, id: string, created: number): string {
   }
   // Tool calls say tool_calls, unless they were cut off (length) or filtered, as OpenAI answers then.
   const reason = FINISH[r.finishReason];
-  const finish = r.toolCalls.length && reason !== 'length' && reason !== 'content_filter' ? 'tool_calls' : (reason ?? 'stop');
+  const finish = r.toolCalls.length && reason !== 'length' && reason !== 'content_filter' ? 'tool_calls' : reason && reason !== 'tool_calls' ? reason : 'stop';
   return JSON.stringify({
     id,
     object: 'chat.completion',
@@ -73,6 +73,7 @@ const CASES: [string, Partial<ChatResult>][] = [
   ['content filter', { finishReason: 'content-filter' }],
   ['an unknown finish reason', { finishReason: 'other' }],
   ['a tool call cut off by the output limit', { text: '', toolCalls: [call('call_4', 'get_weather', '{"city":"Pa')], finishReason: 'length' }],
+  ['tool_calls without a tool call', { text: '<tool_call>', finishReason: 'tool-calls' }],
   ['a tool call with a provider\'s stop', { text: '', toolCalls: [call('call_5', 'get_weather', { city: 'Paris' })], finishReason: 'stop' }],
   ['non-finite token counts', { usage: { input: Number.NaN, output: Infinity, cached_input: 0, cache_write: 0, reasoning: -0 } }],
 ];
