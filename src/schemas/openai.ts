@@ -217,6 +217,7 @@ export const ChatCompletion = z
         message: z.object({
           role: z.literal('assistant'),
           content: z.string().nullable(),
+          reasoning_content: z.string().optional().describe('The model\'s reasoning, for models that reason and give it (streamed as `reasoning_content` deltas).'),
           refusal: z.string().nullable(),
           tool_calls: z.array(ToolCallOut).optional(),
         }),

@@ -284,9 +284,11 @@ export function completionJson(result: ChatResult): string {
   const calls = result.toolCalls;
   const content = result.text ? JSON.stringify(result.text) : calls.length ? 'null' : '""';
   const toolCalls = calls.length ? `,"tool_calls":${JSON.stringify(calls.map(toolCallOut))}` : '';
+  // As a stream's `reasoning_content` deltas carry it (and the servers that reason write it): left out, only streams had it.
+  const reasoning = result.reasoningText ? `,"reasoning_content":${JSON.stringify(result.reasoningText)}` : '';
   return (
     `{"id":"${completionId()}","object":"chat.completion","created":${now()},"model":${JSON.stringify(result.model)},` +
-    `"choices":[{"index":0,"message":{"role":"assistant","content":${content},"refusal":null${toolCalls}},"finish_reason":"${finishReason(result)}","logprobs":null}],` +
+    `"choices":[{"index":0,"message":{"role":"assistant","content":${content}${reasoning},"refusal":null${toolCalls}},"finish_reason":"${finishReason(result)}","logprobs":null}],` +
     `"usage":${usageJson(result.usage)}}`
   );
 }

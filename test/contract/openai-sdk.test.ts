@@ -905,6 +905,18 @@ describe('the call path behind /v1', () => {
     expect(streamed.choices[0]).toMatchObject({ finish_reason: 'stop' });
   });
 
+  it('answers a model\'s reasoning as reasoning_content, streamed or not (as the servers that reason write it)', async () => {
+    fake.script('fake-chat', { text: 'Four.', reasoning: 'Two and two.' }, { text: 'Four.', reasoning: 'Two and two.' });
+    const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'What is 2+2?' }];
+    const plain = await client.chat.completions.create({ model: 'fake-chat', messages });
+    expect(plain.choices[0]!.message).toMatchObject({ content: 'Four.', reasoning_content: 'Two and two.' });
+    let reasoning = '';
+    for await (const chunk of await client.chat.completions.create({ model: 'fake-chat', messages, stream: true })) {
+      reasoning += (chunk.choices[0]?.delta as { reasoning_content?: string } | undefined)?.reasoning_content ?? '';
+    }
+    expect(reasoning).toBe('Two and two.');
+  });
+
   it('a stream the upstream cut off (no finish_reason, no [DONE]) ends with an error event, not finish_reason stop', async () => {
     const chunk = { id: 'x', object: 'chat.completion.chunk', created: 1, model: 'fake-chat', choices: [{ index: 0, delta: { content: 'The answer is' }, finish_reason: null }] };
     fake.script('fake-chat', { rawBody: `data: ${JSON.stringify(chunk)}\n\n` });

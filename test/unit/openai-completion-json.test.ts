@@ -37,7 +37,7 @@ const usageObject = (u: TokenUsage) => ({
 
 /** The object OpenAI's answer is, serialized as a whole (what the gateway wrote before the template). */
 function expected(r: ChatResult, id: string, created: number): string {
-  const message: Record<string, unknown> = { role: 'assistant', content: r.text || (r.toolCalls.length ? null : ''), refusal: null };
+  const message: Record<string, unknown> = { role: 'assistant', content: r.text || (r.toolCalls.length ? null : ''), ...(r.reasoningText && { reasoning_content: r.reasoningText }), refusal: null };
   if (r.toolCalls.length) {
     message.tool_calls = r.toolCalls.map((call) => ({
       id: call.toolCallId,
@@ -73,6 +73,7 @@ const CASES: [string, Partial<ChatResult>][] = [
   ['content filter', { finishReason: 'content-filter' }],
   ['an unknown finish reason', { finishReason: 'other' }],
   ['a tool call cut off by the output limit', { text: '', toolCalls: [call('call_4', 'get_weather', '{"city":"Pa')], finishReason: 'length' }],
+  ['reasoning', { reasoningText: 'Two and "two".' }],
   ['tool_calls without a tool call', { text: '<tool_call>', finishReason: 'tool-calls' }],
   ['a tool call with a provider\'s stop', { text: '', toolCalls: [call('call_5', 'get_weather', { city: 'Paris' })], finishReason: 'stop' }],
   ['non-finite token counts', { usage: { input: Number.NaN, output: Infinity, cached_input: 0, cache_write: 0, reasoning: -0 } }],
