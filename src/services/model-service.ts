@@ -59,6 +59,23 @@ function checkFallbacks(models: ModelManager, id: string, capabilities: readonly
   if (issues.length) throw new UnprocessableError(issues);
 }
 
+/**
+ * Each alias must name this model alone: the catalog resolves an id before any alias and the first
+ * model to claim an alias before the others (in the rows' order, which changes as they are
+ * written), so an alias that is another model's id or alias would be listed here yet call the
+ * other model. 422 naming the model that holds each.
+ */
+function checkAliases(models: ModelManager, id: string, aliases: readonly string[] | undefined): void {
+  const issues: ValidationIssue[] = [];
+  aliases?.forEach((alias, i) => {
+    const holder = models.getModel(alias);
+    if (!holder || holder.id === id) return;
+    const msg = holder.id === alias ? `${JSON.stringify(alias)} is the id of model ${JSON.stringify(holder.id)}` : `${JSON.stringify(alias)} is already an alias of model ${JSON.stringify(holder.id)}`;
+    issues.push({ loc: ['body', 'aliases', i], msg, type: 'value_error' });
+  });
+  if (issues.length) throw new UnprocessableError(issues);
+}
+
 async function changed(ctx: ServiceContext, models: ModelManager, id: string): Promise<ModelView> {
   await refreshModels(models, ctx.db, ctx.settings, ctx.log);
   return get(models, id);
@@ -73,6 +90,7 @@ export async function create(ctx: ServiceContext, models: ModelManager, input: M
   const { id, ...fields } = input;
   // A built-in's own (a hidden one is not in the catalog), else a custom model's default.
   checkFallbacks(models, id, fields.capabilities ?? builtinModel(id)?.capabilities ?? ['chat'], fields.fallbacks);
+  checkAliases(models, id, fields.aliases);
   const row = { ...overrideCrud.NO_OVERRIDE, ...fields, deleted: false };
   await transaction(ctx.db, async (tx) => {
     await checkProvider(tx, fields.provider);
@@ -90,6 +108,7 @@ export async function update(ctx: ServiceContext, models: ModelManager, idOrAlia
   const { id, capabilities, fallbacks } = get(models, idOrAlias);
   // New capabilities are checked against the fallbacks the model keeps, too.
   checkFallbacks(models, id, input.capabilities ?? capabilities, input.fallbacks ?? (input.capabilities ? fallbacks : undefined));
+  checkAliases(models, id, input.aliases);
   await transaction(ctx.db, async (tx) => {
     await checkProvider(tx, input.provider);
     await overrideCrud.upsert(tx, id, input);

@@ -195,6 +195,32 @@ describe('superuser changes', () => {
     expect((await api('POST', '/models', admin, { id: 'text-embedding-3-small' })).statusCode).toBe(200);
   });
 
+  it('refuses an alias that already names another model (its id or alias) with 422 naming the holder; keeps its own', async () => {
+    const refused = await api('POST', '/models', admin, { ...CUSTOM, id: 'alias-thief', aliases: ['thief', 'gpt-4.1', 'gpt-4.1-2025-04-14'] });
+    const issues = expectValidationError(refused, ['body', 'aliases', 1]).detail;
+    expect(issues.map((issue) => [issue.loc, issue.msg])).toEqual([
+      [['body', 'aliases', 1], '"gpt-4.1" is the id of model "gpt-4.1"'],
+      [['body', 'aliases', 2], '"gpt-4.1-2025-04-14" is already an alias of model "gpt-4.1"'],
+    ]);
+    expect((await api('GET', '/models/alias-thief', user.headers)).statusCode).toBe(404);
+
+    const first = await api('POST', '/models', admin, { ...CUSTOM, id: 'alias-first', aliases: ['shared-name'] });
+    expect(first.statusCode, first.body).toBe(200);
+    expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'alias-second', aliases: [] })).statusCode).toBe(200);
+    expectValidationError(await api('PATCH', '/models/alias-second', admin, { aliases: ['shared-name'] }), ['body', 'aliases', 0]);
+    expect((await api('GET', '/models/alias-second', user.headers)).json<ModelBody>().aliases).toEqual([]);
+    // Its own aliases (and a built-in's) are set again freely; a freed alias can be taken.
+    expect((await api('PATCH', '/models/shared-name', admin, { aliases: ['shared-name', 'other-name'] })).statusCode).toBe(200);
+    expect((await api('PATCH', '/models/gpt-4.1', admin, { aliases: ['gpt-4.1-2025-04-14'] })).statusCode).toBe(200);
+    expect((await api('PATCH', '/models/alias-first', admin, { aliases: [] })).statusCode).toBe(200);
+    const taken = await api('PATCH', '/models/alias-second', admin, { aliases: ['shared-name'] });
+    expect(taken.statusCode, taken.body).toBe(200);
+    expect((await api('GET', '/models/shared-name', user.headers)).json<ModelBody>().id).toBe('alias-second');
+    for (const id of ['alias-first', 'alias-second']) expect((await api('DELETE', `/models/${id}`, admin)).statusCode).toBe(200);
+    expect((await api('DELETE', '/models/gpt-4.1', admin)).statusCode).toBe(200);
+    expect((await api('POST', '/models', admin, { id: 'gpt-4.1' })).statusCode).toBe(200);
+  });
+
   it('refuses a custom model for a provider that does not exist (404)', async () => {
     const response = await api('POST', '/models', admin, { ...CUSTOM, id: 'orphan', provider: 'nowhere' });
     expect(response.statusCode).toBe(404);
