@@ -62,6 +62,10 @@ describe('/providers', () => {
     expectValidationError(await api('POST', '/providers', admin, { name: 'Bad Name', kind: 'openai' }), ['body', 'name']);
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'mistral' }), ['body', 'kind']);
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', base_url: 'ftp://example.com' }), ['body', 'base_url']);
+    // What the client would call elsewhere than asked (the API paths are appended as text) or without the credentials given.
+    for (const base_url of ['http://127.0.0.1:11434/v1?key=a', 'http://127.0.0.1:11434/v1?', 'http://127.0.0.1:11434/v1#x', 'http://user:pass@127.0.0.1:11434/v1', 'https://:token@example.com/v1']) {
+      expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai-compatible', base_url }), ['body', 'base_url']);
+    }
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'bad header': 'v' } }), ['body', 'headers', 'bad header']);
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'X-Keel-Answer': 'stream' } }), ['body', 'headers', 'X-Keel-Answer']);
     // What would make every call to the provider fail: a value the HTTP client refuses, a header it writes itself, a key that cannot travel in a header.
@@ -75,6 +79,7 @@ describe('/providers', () => {
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', api_key: 'sk two' }), ['body', 'api_key']);
     const kept = await createProvider({ name: 'header-checks', kind: 'openai', headers: { 'X-Tab': 'a\tb', 'X-Latin': 'café' } });
     expectValidationError(await api('PATCH', `/providers/${kept.id}`, admin, { headers: { 'X-A': 'v\r\nX-Injected: 1' } }), ['body', 'headers', 'X-A']);
+    expectValidationError(await api('PATCH', `/providers/${kept.id}`, admin, { base_url: 'https://api.example.com/v1?api-version=1' }), ['body', 'base_url']);
     expect((await api('DELETE', `/providers/${kept.id}`, admin)).statusCode).toBe(200);
   });
 
