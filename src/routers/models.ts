@@ -90,10 +90,11 @@ export const modelsRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'delete_model',
         summary: 'Delete Model',
-        description: 'Superusers only. A custom model is removed; a built-in one is hidden and its overrides dropped (`POST /models` with its id brings it back).',
+        description:
+          'Superusers only. A custom model is removed; a built-in one is hidden and its overrides dropped (`POST /models` with its id brings it back). 409 while other models name it as a fallback (remove it from their fallbacks first).',
         tags,
         params: ModelIdParams,
-        response: { 200: Message, 404: ErrorBody, ...authErrors },
+        response: { 200: Message, 404: ErrorBody, 409: ErrorBody, ...authErrors },
       },
     },
     async (request) => {

@@ -1,5 +1,5 @@
 import { type Db, transaction } from '../core/db.js';
-import { NotFoundError, UnprocessableError, type ValidationIssue } from '../core/errors.js';
+import { ConflictError, NotFoundError, UnprocessableError, type ValidationIssue } from '../core/errors.js';
 
 import type { ModelCreate, ModelUpdate } from '../schemas/model.js';
 
@@ -117,10 +117,22 @@ export async function update(ctx: ServiceContext, models: ModelManager, idOrAlia
   return changed(ctx, models, id);
 }
 
-/** A custom model is removed; a built-in one is hidden (its overrides dropped) until it is created again. */
+/**
+ * A custom model is removed; a built-in one is hidden (its overrides dropped) until it is created
+ * again. 409 while other models name it as a fallback: their calls would skip it without a word
+ * while they still list it, and a change of their capabilities would be refused for it.
+ */
 export async function remove(ctx: ServiceContext, models: ModelManager, idOrAlias: string): Promise<void> {
   ensureSuperuser(ctx.principal);
   const { id } = get(models, idOrAlias);
+  const dependents = models
+    .listAvailableModels({ includeDisabled: true })
+    .filter((model) => model.id !== id && model.fallbacks.some((name) => models.getModel(name)?.id === id))
+    .map((model) => model.id);
+  if (dependents.length) {
+    const named = dependents.slice(0, 10).join(', ') + (dependents.length > 10 ? ` and ${dependents.length - 10} more` : '');
+    throw new ConflictError(`Model ${id} is a fallback of ${dependents.length === 1 ? 'model' : 'models'} ${named}: remove it from their fallbacks first`);
+  }
   if (isBuiltinModel(id)) await overrideCrud.upsert(ctx.db, id, { ...overrideCrud.NO_OVERRIDE, deleted: true });
   else await overrideCrud.removeByModelId(ctx.db, id);
   ctx.log.info({ model: id }, 'Model deleted');

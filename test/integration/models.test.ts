@@ -221,6 +221,23 @@ describe('superuser changes', () => {
     expect((await api('POST', '/models', admin, { id: 'gpt-4.1' })).statusCode).toBe(200);
   });
 
+  it('refuses with 409 to delete a model that others name as a fallback (by id or alias), and deletes it once none does', async () => {
+    expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'stand-in', aliases: ['stand-in-alias'] })).statusCode).toBe(200);
+    expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'leaning', aliases: [], fallbacks: ['stand-in'] })).statusCode).toBe(200);
+    expect((await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: ['stand-in-alias'] })).statusCode).toBe(200);
+
+    const refused = await api('DELETE', '/models/stand-in-alias', admin);
+    expect(refused.statusCode, refused.body).toBe(409);
+    expect(refused.json()).toEqual({ detail: 'Model stand-in is a fallback of models gpt-4.1, leaning: remove it from their fallbacks first' });
+    expect((await api('GET', '/models/stand-in', user.headers)).statusCode).toBe(200);
+    // The fallbacks still name a model the catalog knows: a change of capabilities is checked against it, and passes.
+    expect((await api('PATCH', '/models/leaning', admin, { capabilities: ['chat', 'tools'] })).statusCode).toBe(200);
+
+    expect((await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: [] })).statusCode).toBe(200);
+    expect((await api('DELETE', '/models/leaning', admin)).statusCode).toBe(200);
+    expect((await api('DELETE', '/models/stand-in', admin)).statusCode).toBe(200);
+  });
+
   it('refuses a custom model for a provider that does not exist (404)', async () => {
     const response = await api('POST', '/models', admin, { ...CUSTOM, id: 'orphan', provider: 'nowhere' });
     expect(response.statusCode).toBe(404);
