@@ -189,6 +189,11 @@ function describeIssue(code: string, params: Record<string, unknown>, message: s
     // A schema's own rule (a refinement), as pydantic names a validator's error.
     case 'custom':
       return { type: 'value_error', ...own };
+    // A record's key its key schema refused: Zod says only "Invalid key in record" and holds that schema's own issues.
+    case 'invalid_key': {
+      const [inner] = Array.isArray(params.issues) ? (params.issues as ({ code: string; message: string } & Record<string, unknown>)[]) : [];
+      return inner ? describeIssue(inner.code, inner, inner.message) : { type: code, ...own };
+    }
     default:
       return { type: code, ...own };
   }

@@ -73,8 +73,11 @@ describe('/providers', () => {
       expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'X-A': value } }), ['body', 'headers', 'X-A']);
     }
     for (const name of ['Host', 'content-length', 'Transfer-Encoding', 'Connection']) {
-      expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { [name]: '5' } }), ['body', 'headers', name]);
+      const { detail } = expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { [name]: '5' } }), ['body', 'headers', name]);
+      // The header name's own rule is told, not Zod's "Invalid key in record".
+      expect(detail).toEqual([{ loc: ['body', 'headers', name], msg: 'The HTTP client sets this header itself', type: 'value_error' }]);
     }
+    expect(expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'X Y': 'v' } }), ['body', 'headers', 'X Y']).detail[0]).toMatchObject({ msg: 'Not an HTTP header name', type: 'regex_parsing' });
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', api_key: 'sk-pasted\n' }), ['body', 'api_key']);
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', api_key: 'sk two' }), ['body', 'api_key']);
     const kept = await createProvider({ name: 'header-checks', kind: 'openai', headers: { 'X-Tab': 'a\tb', 'X-Latin': 'café' } });
