@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 
 import { transaction } from '../core/db.js';
-import { ConflictError, NotFoundError } from '../core/errors.js';
+import { ConflictError, NotFoundError, UnprocessableError } from '../core/errors.js';
 
 import type { ProviderRow } from '../models/index.js';
 
@@ -64,7 +64,15 @@ export function providerService(models: ModelManager) {
 
     async update(ctx: ServiceContext, id: string, input: ProviderUpdate) {
       ensureSuperuser(ctx.principal);
-      const row = await providerCrud.update(ctx.db, ctx.principal, id, sealed(ctx, id, input));
+      const row = await transaction(ctx.db, async (tx) => {
+        // What ProviderCreate refuses, checked on the record as the change leaves it (its models would all answer 503).
+        const current = await providerCrud.lockVisible(tx, ctx.principal, id, 'write', 'update');
+        const baseUrl = input.base_url === undefined ? current.base_url : input.base_url;
+        if ((input.kind ?? current.kind) === 'openai-compatible' && !baseUrl) {
+          throw new UnprocessableError([{ loc: ['body', 'base_url'], msg: 'An openai-compatible provider needs a base_url', type: 'value_error' }]);
+        }
+        return providerCrud.update(tx, ctx.principal, id, sealed(ctx, id, input));
+      });
       ctx.log.info({ provider: row.name, fields: Object.keys(input) }, 'Provider updated');
       await reload(ctx);
       return toPublic(ctx, row);

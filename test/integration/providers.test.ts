@@ -83,6 +83,14 @@ describe('/providers', () => {
     const kept = await createProvider({ name: 'header-checks', kind: 'openai', headers: { 'X-Tab': 'a\tb', 'X-Latin': 'café' } });
     expectValidationError(await api('PATCH', `/providers/${kept.id}`, admin, { headers: { 'X-A': 'v\r\nX-Injected: 1' } }), ['body', 'headers', 'X-A']);
     expectValidationError(await api('PATCH', `/providers/${kept.id}`, admin, { base_url: 'https://api.example.com/v1?api-version=1' }), ['body', 'base_url']);
+    // An openai-compatible provider keeps a base_url, as when created: not removed, not another kind's record turned into one without it.
+    expectValidationError(await api('PATCH', `/providers/${kept.id}`, admin, { kind: 'openai-compatible' }), ['body', 'base_url']);
+    const local = await createProvider({ name: 'keeps-base-url', kind: 'openai-compatible', base_url: 'http://127.0.0.1:11434/v1' });
+    expectValidationError(await api('PATCH', `/providers/${local.id}`, admin, { base_url: null }), ['body', 'base_url']);
+    expect((await api('GET', `/providers/${local.id}`, admin)).json<ProviderBody>().base_url).toBe('http://127.0.0.1:11434/v1');
+    const moved = await api('PATCH', `/providers/${local.id}`, admin, { kind: 'openai', base_url: null });
+    expect(moved.statusCode, moved.body).toBe(200);
+    expect((await api('DELETE', `/providers/${local.id}`, admin)).statusCode).toBe(200);
     expect((await api('DELETE', `/providers/${kept.id}`, admin)).statusCode).toBe(200);
   });
 
