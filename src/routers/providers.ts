@@ -20,7 +20,7 @@ export const providersRouter: FastifyPluginAsyncZod = async (app) => {
     errors: { delete: [409] },
     descriptions: {
       create: 'Superusers only. The API key and headers are stored encrypted and never returned; `name` is what models refer to as their provider. 409 when the name is taken.',
-      delete: 'Superusers only. 409 while models name it as their provider (delete them or move them to another provider first).',
+      delete: 'Superusers only. 409 while models name it as their provider (delete them or move them to another provider first); a record named `openai`, `anthropic` or `google` is deleted anyway, its models going back to the credentials from the settings.',
     },
   });
 };

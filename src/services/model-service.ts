@@ -13,7 +13,7 @@ import type { ServiceContext } from './context.js';
 import { refreshModels } from './model-sync.js';
 
 /** Providers that exist without a record: their credentials come from the environment. */
-const BUILTIN_PROVIDERS = new Set(['openai', 'anthropic', 'google']);
+export const BUILTIN_PROVIDERS: ReadonlySet<string> = new Set(['openai', 'anthropic', 'google']);
 
 const notFound = (id: string) => new NotFoundError(`Model ${id} not found`);
 

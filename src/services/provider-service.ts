@@ -13,6 +13,7 @@ import { lockByName, providerCrud } from '../crud/provider.js';
 import type { ModelManager } from '../modules/ai-models/index.js';
 import { ensureSuperuser } from '../utils/authentication.js';
 import type { ServiceContext } from './context.js';
+import { BUILTIN_PROVIDERS } from './model-service.js';
 import { openSecret, refreshModels, sealSecret } from './model-sync.js';
 
 /** What a superuser sees of a record: whether it has a key and which headers, never their values. */
@@ -80,7 +81,8 @@ export function providerService(models: ModelManager) {
 
     /**
      * 409 while models name it (custom models, built-in ones moved to it): they would answer 503
-     * from then on, as its name cannot be changed for them to follow.
+     * from then on, as its name cannot be changed for them to follow. Not for a record named like a
+     * built-in provider (`openai`...): that provider stays, its credentials from the settings again.
      */
     async remove(ctx: ServiceContext, id: string) {
       ensureSuperuser(ctx.principal);
@@ -89,7 +91,7 @@ export function providerService(models: ModelManager) {
         // Locked first: a model write naming it (which shares the lock) has committed, or waits and then finds it gone.
         const row = await lockByName(tx, visible.name, 'update');
         if (!row) throw new NotFoundError('Provider not found');
-        const used = await overrideCrud.modelIdsOfProvider(tx, row.name);
+        const used = BUILTIN_PROVIDERS.has(row.name) ? [] : await overrideCrud.modelIdsOfProvider(tx, row.name);
         if (used.length) {
           const named = used.slice(0, 10).join(', ') + (used.length > 10 ? ` and ${used.length - 10} more` : '');
           throw new ConflictError(`Provider ${row.name} is used by ${used.length === 1 ? 'model' : 'models'} ${named}: delete them or move them to another provider first`);

@@ -145,8 +145,15 @@ describe('/providers', () => {
     expect(ctx.app.models.getModel('gpt-4.1')).toMatchObject({ available: true, unavailable_reason: null });
     const model = await api('GET', '/models/gpt-4.1', user.headers);
     expect(model.json()).toMatchObject({ available: true });
-    await api('DELETE', `/providers/${record.id}`, admin);
+    // Models naming the built-in provider keep it once the record is gone (the settings' credentials again): no 409.
+    const pricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' };
+    expect((await api('POST', '/models', admin, { id: 'house-on-openai', provider: 'openai', pricing })).statusCode).toBe(200);
+    expect((await api('PATCH', '/models/gpt-4.1-mini', admin, { provider: 'openai' })).statusCode).toBe(200);
+    const deleted = await api('DELETE', `/providers/${record.id}`, admin);
+    expect(deleted.statusCode, deleted.body).toBe(200);
     expect(ctx.app.models.getModel('gpt-4.1')?.available).toBe(false);
+    expect(ctx.app.models.getModel('house-on-openai')).toMatchObject({ provider: 'openai', available: false, unavailable_reason: 'OPENAI_API_KEY is not set' });
+    expect((await api('DELETE', '/models/house-on-openai', admin)).statusCode).toBe(200);
   });
 
   it('an openai-compatible provider and a custom model added at run time answer through app.models.chat', async () => {
