@@ -4,6 +4,8 @@ import type { Db } from '../core/db.js';
 
 import { type ModelOverrideRow, modelOverrides, type NewModelOverrideRow } from '../models/index.js';
 
+import { isEmptyChange } from './owned.js';
+
 /** The override fields of a row, without its key and bookkeeping columns. */
 export type OverrideFields = Omit<NewModelOverrideRow, 'id' | 'created_at' | 'updated_at' | 'model_id'>;
 
@@ -31,8 +33,12 @@ export async function getByModelId(db: Db, modelId: string): Promise<ModelOverri
   return row;
 }
 
-/** Inserts the row of `modelId`, or changes the given fields of the one there (one statement). */
+/**
+ * Inserts the row of `modelId`, or changes the given fields of the one there (one statement). An
+ * empty change (PATCH {}) writes nothing: Drizzle refuses an update without columns.
+ */
 export async function upsert(db: Db, modelId: string, fields: OverrideFields): Promise<void> {
+  if (isEmptyChange(fields)) return;
   await db
     .insert(modelOverrides)
     .values({ ...fields, model_id: modelId })

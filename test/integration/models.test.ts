@@ -155,6 +155,14 @@ describe('superuser changes', () => {
     expect(patched.json()).toMatchObject({ id: 'house-model', priority: 7, max_output_tokens: 8192, pricing: { input_cost_per_million_tokens: '3', cached_input_cost_per_million_tokens: '0.3' } });
     expect(ctx.app.models.getModel('house-model')).toMatchObject({ max_output_tokens: 8192, pricing: { output_cost_per_million_tokens: '4' } });
 
+    // An empty change changes nothing, for a custom model and a built-in one alike.
+    const unchanged = await api('PATCH', '/models/house', admin, {});
+    expect(unchanged.statusCode, unchanged.body).toBe(200);
+    expect(unchanged.json()).toEqual(patched.json());
+    const builtin = await api('PATCH', '/models/gpt-4.1-nano', admin, {});
+    expect(builtin.statusCode, builtin.body).toBe(200);
+    expect(builtin.json<ModelBody>().id).toBe('gpt-4.1-nano');
+
     expect((await api('DELETE', '/models/house-model', admin)).statusCode).toBe(200);
     expect((await api('GET', '/models/house-model', user.headers)).statusCode).toBe(404);
     expect(await ctx.database.db.select().from(modelOverrides).where(eq(modelOverrides.model_id, 'house-model'))).toEqual([]);
