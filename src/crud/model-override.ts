@@ -24,8 +24,13 @@ export const NO_OVERRIDE: Required<Omit<OverrideFields, 'deleted'>> = {
   fallbacks: null,
 };
 
+/**
+ * Oldest first: of two models claiming one alias (rows written before aliases were checked), the
+ * catalog gives it to the first, which must not change with the rows' physical order (an update
+ * moves a row to the end).
+ */
 export function listAll(db: Db): Promise<ModelOverrideRow[]> {
-  return db.select().from(modelOverrides);
+  return db.select().from(modelOverrides).orderBy(asc(modelOverrides.created_at), asc(modelOverrides.model_id));
 }
 
 export async function getByModelId(db: Db, modelId: string): Promise<ModelOverrideRow | undefined> {

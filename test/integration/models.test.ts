@@ -4,6 +4,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { modelOverrides } from '../../src/models/index.js';
 
 import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
+import { refreshModels } from '../../src/services/model-sync.js';
 import { useTestApp } from '../helpers/app.js';
 import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { apiOf, createKey, expectValidationError, type ListBody, xApiKey } from '../helpers/http.js';
@@ -227,6 +228,19 @@ describe('superuser changes', () => {
     for (const id of ['alias-first', 'alias-second']) expect((await api('DELETE', `/models/${id}`, admin)).statusCode).toBe(200);
     expect((await api('DELETE', '/models/gpt-4.1', admin)).statusCode).toBe(200);
     expect((await api('POST', '/models', admin, { id: 'gpt-4.1' })).statusCode).toBe(200);
+  });
+
+  it('an alias two models claim (rows from before aliases were checked) stays with the older one when the other is written', async () => {
+    const pricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' };
+    for (const model_id of ['claim-older', 'claim-newer']) {
+      await ctx.database.db.insert(modelOverrides).values({ model_id, provider: 'openai', pricing, aliases: ['claimed-twice'], deleted: false });
+    }
+    await refreshModels(ctx.app.models, ctx.database.db, ctx.app.settings, ctx.app.log);
+    for (const id of ['claim-older', 'claim-newer', 'claim-older']) {
+      expect((await api('PATCH', `/models/${id}`, admin, { priority: 3 })).statusCode).toBe(200);
+      expect((await api('GET', '/models/claimed-twice', user.headers)).json<ModelBody>().id).toBe('claim-older');
+    }
+    for (const id of ['claim-newer', 'claim-older']) expect((await api('DELETE', `/models/${id}`, admin)).statusCode).toBe(200);
   });
 
   it('refuses with 409 to delete a model that others name as a fallback (by id or alias), and deletes it once none does', async () => {
