@@ -2,7 +2,7 @@
  * The one path every model call in Keel takes: `chat`, `stream`, `embed`.
  *
  * resolve the model (id or alias) → reserve its worst-case cost with the meter → call the provider
- * with a timeout per attempt (not retried), retrying 429/5xx/connection errors with backoff (honouring
+ * with a timeout per attempt, retrying 429/5xx/connection errors with backoff (honouring
  * retry-after; one longer than the longest wait is not retried) → when retries are exhausted try the model's fallbacks → settle the meter
  * with the exact usage and cost (also after a failure or an abort). The caller's AbortSignal
  * aborts the upstream request at every stage.
@@ -634,7 +634,7 @@ class Attempt implements AbortLike {
 type Classified =
   | { kind: 'aborted' }
   | { kind: 'retryable'; error: Error; retryAfterMs?: number }
-  /** This model cannot answer now (its provider refused the credentials, the account or the model; it did not answer in time): no retry, its fallbacks may. */
+  /** This model cannot answer, whatever the request (its provider refused the credentials, the account or the model): no retry, its fallbacks may. */
   | { kind: 'next'; error: Error }
   | { kind: 'fatal'; error: Error };
 
@@ -747,12 +747,8 @@ function inInputOrder(modelId: string, inputs: number, vectors: Float32Array[], 
 
 function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undefined, timeoutMs: number): Classified {
   if (caller?.aborted) return { kind: 'aborted' };
-  // Not tried again on the same model: an answer that took longer than the timeout takes as long
-  // the next time (a long generation, an overloaded model), and the provider may bill each try it
-  // went on generating; a hung upstream held the caller a timeout per try (6 min by default,
-  // past Node's fetch waiting 300 s for headers). A fallback may answer sooner.
   if (attempt.aborted && attempt.reason instanceof AttemptTimeout) {
-    return { kind: 'next', error: new ModelTimeoutError(timeoutMs) };
+    return { kind: 'retryable', error: new ModelTimeoutError(timeoutMs) };
   }
   // The stream's deadline or the answer's size: the call ends here. On the SDK's path the size
   // limit (answer-limit.ts) errors the response body, which the SDK wraps in an APICallError.
