@@ -211,6 +211,8 @@ export function toChatRequest(body: ChatCompletionRequest, context: CallContext,
     responseFormat: toResponseFormat(body.response_format),
     // A streamed answer goes to the client as its events; the result is read only for the usage and finish reason.
     keepAnswer: body.stream !== true,
+    // OpenAI's clients wait as a Retry-After says: a provider's long one is theirs to wait out.
+    passesOnLongWaits: true,
     signal,
     context,
   };
@@ -219,7 +221,7 @@ export function toChatRequest(body: ChatCompletionRequest, context: CallContext,
 export function toEmbedRequest(body: EmbeddingRequest, context: CallContext, signal: CallerSignal): EmbedRequest {
   refuseAgentModel(body.model);
   const { dimensions, user } = body;
-  return { model: body.model, values: typeof body.input === 'string' ? [body.input] : body.input, dimensions, user, signal, context };
+  return { model: body.model, values: typeof body.input === 'string' ? [body.input] : body.input, dimensions, user, passesOnLongWaits: true, signal, context };
 }
 
 // ==================== Answers ====================
@@ -571,7 +573,9 @@ function paramOf(loc: readonly (string | number)[]): string | null {
  */
 export function openAIErrorFrom(status: number, detail: unknown, thrown: unknown): Described {
   const described = describeError(status, detail, thrown);
-  if (described.status === 409 || (described.status >= 502 && isModelCallFailure(thrown))) described.headers = { ...described.headers, 'x-should-retry': 'false' };
+  if (described.status === 409 || (described.status >= 502 && isModelCallFailure(thrown) && !(thrown instanceof UpstreamError && thrown.waitPassedOn))) {
+    described.headers = { ...described.headers, 'x-should-retry': 'false' };
+  }
   return described;
 }
 
@@ -597,9 +601,10 @@ function describeError(status: number, detail: unknown, thrown: unknown): Descri
     // The request's fault (too long, a bad tool schema): the client's 400, not a 502 it would retry.
     // The provider's code and param when it gave them (`context_length_exceeded`: a client trims its history on it).
     if (upstream !== undefined && CLIENT_FAULT_UPSTREAM.has(upstream)) return error(400, thrown.detail, thrown.upstreamError?.param ?? null, thrown.upstreamError?.code ?? 'upstream_rejected');
-    // Still rate limited after the retries: OpenAI's clients back off on a 429 (as long as its Retry-After says).
-    if (upstream === 429) {
-      const limited = error(429, thrown.detail);
+    // Still rate limited after the retries, or asking for a wait longer than the gateway's between
+    // tries (a 503 too, then): OpenAI's clients back off on a 429 or 503, as long as its Retry-After says.
+    if (upstream === 429 || thrown.waitPassedOn) {
+      const limited = error(upstream === 429 ? 429 : 503, thrown.detail);
       if (thrown.retryAfterMs !== undefined) limited.headers = { 'retry-after': String(Math.ceil(thrown.retryAfterMs / 1000)) };
       return limited;
     }

@@ -804,12 +804,15 @@ describe('the call path behind /v1', () => {
     expect(limited.error).toEqual({ message: 'The model provider refused the request (status 429)', type: 'requests', param: null, code: 'rate_limit_exceeded' });
     expect(limited.headers?.get('retry-after')).toBe('7');
     expect(fake.requestsFor('fake-backup').map((r) => r.reply)).toEqual([429, 429]);
-    // A wait longer than the gateway waits between tries (MODEL_RETRY_MAX_WAIT_MS) is passed on at once, untried again.
-    fake.reset();
-    fake.script('fake-backup', { status: 429, headers: { 'retry-after': '30' } }, { text: 'too soon' });
-    const asked = await apiError(client.chat.completions.create(hi));
-    expect([asked.status, asked.headers?.get('retry-after')]).toEqual([429, '30']);
-    expect(fake.log).toHaveLength(1);
+    // A wait longer than the gateway waits between tries (MODEL_RETRY_MAX_WAIT_MS) is passed on at
+    // once, untried again: a 429 as it is, a 5xx as a 503 the client may retry after it.
+    for (const status of [429, 503, 500]) {
+      fake.reset();
+      fake.script('fake-backup', { status, headers: { 'retry-after': '30' } }, { text: 'too soon' });
+      const asked = await apiError(client.chat.completions.create(hi));
+      expect([asked.status, asked.headers?.get('retry-after'), asked.headers?.get('x-should-retry')]).toEqual([status === 429 ? 429 : 503, '30', null]);
+      expect(fake.log).toHaveLength(1);
+    }
     fake.reset();
     // Without a retry-after upstream, none is made up.
     fake.script('fake-backup', { status: 429 }, { status: 429 });

@@ -150,33 +150,42 @@ describe('ModelManager.chat', () => {
     expect((await settled(1))[0]).toMatchObject({ status: 'success', attempts: 2 });
   });
 
-  it('does not wait out a retry-after past MODEL_RETRY_MAX_WAIT_MS: the fallback answers at once, or the caller hears how long to wait (chat and stream)', async () => {
+  it('caps a long retry-after at MODEL_RETRY_MAX_WAIT_MS and tries again (runs, ingestion)', async () => {
+    server.script('fake-chat', { status: 503, headers: { 'retry-after': '3600' } }, { text: 'ok' });
+    const started = Date.now();
+    expect((await manager({ retryMaxWaitMs: 100 }).chat({ model: 'fake-chat', messages: hello })).text).toBe('ok');
+    expect(Date.now() - started).toBeLessThan(2_000);
+    expect(server.log.map((r) => r.reply)).toEqual([503, 200]);
+  });
+
+  it('a caller that backs off by itself is told a retry-after past MODEL_RETRY_MAX_WAIT_MS at once, after the fallbacks (chat and stream)', async () => {
+    const models = () => manager({ retryMaxWaitMs: 1_000 });
     for (const [status, header] of [[503, '3600'], [429, '30']] as const) {
       server.reset();
       records = [];
       server.script('fake-chat', { status, headers: { 'retry-after': header } }, { text: 'too soon' });
       server.script('fake-backup', { text: 'from the backup' });
       const started = Date.now();
-      expect(await manager({ retryMaxWaitMs: 1_000 }).chat({ model: 'fake-chat', messages: hello })).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
+      expect(await models().chat({ model: 'fake-chat', messages: hello, passesOnLongWaits: true })).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
       expect(Date.now() - started).toBeLessThan(900);
       expect(server.log.map((r) => [r.model, r.reply])).toEqual([['fake-chat', status], ['fake-backup', 200]]);
       expect((await settled(2)).map((r) => [r.model, r.status, r.attempts])).toEqual(expect.arrayContaining([['fake-chat', 'error', 1], ['fake-backup', 'success', 1]]));
     }
-    // No fallback left: the provider's own wait reaches the caller (the gateway passes it on as Retry-After).
+    // No fallback left: the provider's own wait reaches the caller.
     for (const operation of ['chat', 'stream'] as const) {
       server.reset();
       server.script('fake-backup', { status: 429, headers: { 'retry-after': '30' } }, { text: 'too soon' });
       const started = Date.now();
-      const call = manager({ retryMaxWaitMs: 1_000 });
-      const failed = operation === 'chat' ? call.chat({ model: 'fake-backup', messages: hello }) : call.stream({ model: 'fake-backup', messages: hello }).result;
-      await expect(failed).rejects.toMatchObject({ upstreamStatus: 429, retryAfterMs: 30_000 });
+      const request = { model: 'fake-backup', messages: hello, passesOnLongWaits: true };
+      const failed = operation === 'chat' ? models().chat(request) : models().stream(request).result;
+      await expect(failed).rejects.toMatchObject({ upstreamStatus: 429, retryAfterMs: 30_000, waitPassedOn: true });
       expect(Date.now() - started).toBeLessThan(900);
       expect(server.log).toHaveLength(1);
     }
     // A wait within the bound is still waited for.
     server.reset();
     server.script('fake-backup', { status: 429, headers: { 'retry-after': '0.2' } }, { text: 'waited' });
-    expect((await manager({ retryMaxWaitMs: 1_000 }).chat({ model: 'fake-backup', messages: hello })).text).toBe('waited');
+    expect((await models().chat({ model: 'fake-backup', messages: hello, passesOnLongWaits: true })).text).toBe('waited');
     expect(server.log.map((r) => r.reply)).toEqual([429, 200]);
   });
 

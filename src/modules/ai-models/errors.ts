@@ -50,6 +50,8 @@ export class UpstreamError extends HttpError {
     readonly retryAfterMs?: number,
     /** The provider's error `code` and `param` (OpenAI's error object), for a refusal that was the request's fault. */
     readonly upstreamError?: { code: string | null; param: string | null },
+    /** Not tried again for its `retryAfterMs`, longer than the call waits: the caller's to wait (`passesOnLongWaits`). */
+    readonly waitPassedOn = false,
   ) {
     super(502, upstreamDetail(diagnosis, upstreamStatus));
     this.message = diagnosis;
@@ -57,7 +59,12 @@ export class UpstreamError extends HttpError {
 
   /** The same error in other words (its provider's credentials taken out of what the provider said). */
   reworded(diagnosis: string): UpstreamError {
-    return new UpstreamError(diagnosis, this.upstreamStatus, this.retryAfterMs, this.upstreamError);
+    return new UpstreamError(diagnosis, this.upstreamStatus, this.retryAfterMs, this.upstreamError, this.waitPassedOn);
+  }
+
+  /** The same error, its wait left to the caller. */
+  passedOn(): UpstreamError {
+    return new UpstreamError(this.message, this.upstreamStatus, this.retryAfterMs, this.upstreamError, true);
   }
 }
 

@@ -3,7 +3,7 @@
  *
  * resolve the model (id or alias) → reserve its worst-case cost with the meter → call the provider
  * with a timeout per attempt, retrying 429/5xx/connection errors with backoff (honouring
- * retry-after; one longer than the longest wait is not retried) → when retries are exhausted try the model's fallbacks → settle the meter
+ * retry-after, bounded) → when retries are exhausted try the model's fallbacks → settle the meter
  * with the exact usage and cost (also after a failure or an abort). The caller's AbortSignal
  * aborts the upstream request at every stage.
  */
@@ -94,6 +94,13 @@ interface CallOptions {
   signal?: CallerSignal;
   /** Per attempt; for streams, the longest wait for the next chunk (their total: `streamTimeoutMs`). Default: MODEL_TIMEOUT_MS. */
   timeoutMs?: number;
+  /**
+   * The caller backs off by itself when told (a gateway's client, by Retry-After): a provider whose
+   * retry-after asks for longer than MODEL_RETRY_MAX_WAIT_MS is not tried again — its fallbacks are,
+   * else the call ends at once with that wait (`UpstreamError.waitPassedOn`). Without it (runs,
+   * ingestion: SPEC §5 retries provider errors with backoff) the wait is capped and the call retried.
+   */
+  passesOnLongWaits?: boolean;
   context?: CallContext;
 }
 
@@ -268,7 +275,7 @@ export interface ModelManagerOptions {
   /** The most downloaded of an image or file a prompt names by URL (MODEL_MAX_DOWNLOAD_BYTES; default 20 MiB). */
   maxDownloadBytes?: number;
   maxRetries: number;
-  /** The longest wait between two attempts; a provider whose retry-after asks for longer is not tried again (its fallbacks are). */
+  /** The longest wait between two attempts; a longer retry-after is capped to it (or passed on: `passesOnLongWaits`). */
   retryMaxWaitMs: number;
   /** First backoff step (doubles per retry, with jitter). Default 500 ms. */
   retryBaseDelayMs?: number;
@@ -1435,9 +1442,14 @@ export class ModelManager {
             throw failure;
           }
           // A provider that asks to be left alone longer than a call waits between tries would
-          // refuse the next try too: its fallbacks answer, or the caller hears it (a gateway's 429
-          // passes its retry-after on) at once rather than after every try's wait in vain.
-          if (outcome.kind === 'next' || attempts > this.options.maxRetries || (outcome.kind === 'retryable' && (outcome.retryAfterMs ?? 0) > this.options.retryMaxWaitMs)) {
+          // likely refuse the capped try too: a caller that backs off by itself is told at once
+          // (after the fallbacks), not after every try's wait in vain (40 s for a 429 by default).
+          if (request.passesOnLongWaits && outcome.kind === 'retryable' && failure instanceof UpstreamError && (outcome.retryAfterMs ?? 0) > this.options.retryMaxWaitMs) {
+            lastError = failure.passedOn();
+            finish('error', failure);
+            break;
+          }
+          if (outcome.kind === 'next' || attempts > this.options.maxRetries) {
             finish('error', failure);
             break; // next model in the chain
           }
@@ -1485,10 +1497,10 @@ export class ModelManager {
     return out;
   }
 
-  /** Retry-after when the upstream sent one (never past the cap: `run` retries no longer wait), else exponential backoff with jitter, capped. */
+  /** Retry-after when the upstream sent one, else exponential backoff with jitter; both capped. */
   private backoff(attempt: number, retryAfter: number | undefined): number {
     const cap = this.options.retryMaxWaitMs;
-    if (retryAfter !== undefined) return retryAfter;
+    if (retryAfter !== undefined) return Math.min(retryAfter, cap);
     const base = (this.options.retryBaseDelayMs ?? 500) * 2 ** (attempt - 1);
     return Math.min(cap, base / 2 + Math.random() * (base / 2));
   }
