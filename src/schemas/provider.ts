@@ -51,10 +51,13 @@ const ProviderFields = {
   enabled: z.boolean(),
 };
 
+/** Said when an openai-compatible provider would be left without a base URL (on create, and by an update: provider-service). */
+export const BASE_URL_NEEDED = 'An openai-compatible provider needs a base_url';
+
 export const ProviderCreate = z
   .strictObject({ name: ProviderName, ...ProviderFields })
   .partial({ base_url: true, api_key: true, headers: true, enabled: true })
-  .refine((value) => value.kind !== 'openai-compatible' || !!value.base_url, { path: ['base_url'], error: 'An openai-compatible provider needs a base_url' })
+  .refine((value) => value.kind !== 'openai-compatible' || !!value.base_url, { path: ['base_url'], error: BASE_URL_NEEDED })
   .meta({ id: 'ProviderCreate' });
 export type ProviderCreate = z.infer<typeof ProviderCreate>;
 

@@ -9,11 +9,12 @@ import { builtinModel, isBuiltinModel } from '../modules/ai-models/builtin-ids.j
 import type { ModelManager, ModelView } from '../modules/ai-models/index.js';
 import type { Capability } from '../modules/ai-models/types.js';
 import { ensureSuperuser } from '../utils/authentication.js';
+import { firstNames } from '../utils/text.js';
 import type { ServiceContext } from './context.js';
 import { refreshModels } from './model-sync.js';
 
 /** Providers that exist without a record: their credentials come from the environment. */
-export const BUILTIN_PROVIDERS: ReadonlySet<string> = new Set(['openai', 'anthropic', 'google']);
+const BUILTIN_PROVIDERS = new Set(['openai', 'anthropic', 'google']);
 
 const notFound = (id: string) => new NotFoundError(`Model ${id} not found`);
 
@@ -59,20 +60,41 @@ function checkFallbacks(models: ModelManager, id: string, capabilities: readonly
   if (issues.length) throw new UnprocessableError(issues);
 }
 
+/** Whose `name` is, when another model's (its id or an alias), in words. */
+function heldBy(models: ModelManager, id: string, name: string): string | undefined {
+  const holder = models.getModel(name);
+  if (!holder || holder.id === id) return undefined;
+  return holder.id === name ? `${JSON.stringify(name)} is the id of model ${JSON.stringify(holder.id)}` : `${JSON.stringify(name)} is already an alias of model ${JSON.stringify(holder.id)}`;
+}
+
 /**
  * Each alias must name this model alone: the catalog resolves an id before any alias and the first
- * model to claim an alias before the others (in the rows' order, which changes as they are
- * written), so an alias that is another model's id or alias would be listed here yet call the
- * other model. 422 naming the model that holds each.
+ * model to claim an alias before the others (the oldest row), so an alias that is another model's
+ * id or alias would be listed here yet call the other model. 422 naming the model that holds each.
  */
 function checkAliases(models: ModelManager, id: string, aliases: readonly string[] | undefined): void {
   const issues: ValidationIssue[] = [];
   aliases?.forEach((alias, i) => {
-    const holder = models.getModel(alias);
-    if (!holder || holder.id === id) return;
-    const msg = holder.id === alias ? `${JSON.stringify(alias)} is the id of model ${JSON.stringify(holder.id)}` : `${JSON.stringify(alias)} is already an alias of model ${JSON.stringify(holder.id)}`;
-    issues.push({ loc: ['body', 'aliases', i], msg, type: 'value_error' });
+    const msg = heldBy(models, id, alias);
+    if (msg) issues.push({ loc: ['body', 'aliases', i], msg, type: 'value_error' });
   });
+  if (issues.length) throw new UnprocessableError(issues);
+}
+
+/**
+ * A new model's names taken from no other model: its id (an id wins over an alias, so another
+ * model's alias would quietly start calling this one) and, for a hidden built-in brought back
+ * without aliases of its own, the catalog's aliases it takes back. 422 naming the holder.
+ */
+function checkNewNames(models: ModelManager, id: string, aliases: readonly string[] | undefined): void {
+  const idHeld = heldBy(models, id, id);
+  if (idHeld) throw new UnprocessableError([{ loc: ['body', 'id'], msg: idHeld, type: 'value_error' }]);
+  if (aliases !== undefined) return checkAliases(models, id, aliases);
+  const issues: ValidationIssue[] = [];
+  for (const alias of builtinModel(id)?.aliases ?? []) {
+    const msg = heldBy(models, id, alias);
+    if (msg) issues.push({ loc: ['body', 'id'], msg: `Its built-in alias ${msg}`, type: 'value_error' });
+  }
   if (issues.length) throw new UnprocessableError(issues);
 }
 
@@ -90,7 +112,7 @@ export async function create(ctx: ServiceContext, models: ModelManager, input: M
   const { id, ...fields } = input;
   // A built-in's own (a hidden one is not in the catalog), else a custom model's default.
   checkFallbacks(models, id, fields.capabilities ?? builtinModel(id)?.capabilities ?? ['chat'], fields.fallbacks);
-  checkAliases(models, id, fields.aliases);
+  checkNewNames(models, id, fields.aliases);
   const row = { ...overrideCrud.NO_OVERRIDE, ...fields, deleted: false };
   await transaction(ctx.db, async (tx) => {
     await checkProvider(tx, fields.provider);
@@ -130,8 +152,7 @@ export async function remove(ctx: ServiceContext, models: ModelManager, idOrAlia
     .filter((model) => model.id !== id && model.fallbacks.some((name) => models.getModel(name)?.id === id))
     .map((model) => model.id);
   if (dependents.length) {
-    const named = dependents.slice(0, 10).join(', ') + (dependents.length > 10 ? ` and ${dependents.length - 10} more` : '');
-    throw new ConflictError(`Model ${id} is a fallback of ${dependents.length === 1 ? 'model' : 'models'} ${named}: remove it from their fallbacks first`);
+    throw new ConflictError(`Model ${id} is a fallback of ${dependents.length === 1 ? 'model' : 'models'} ${firstNames(dependents)}: remove it from their fallbacks first`);
   }
   if (isBuiltinModel(id)) await overrideCrud.upsert(ctx.db, id, { ...overrideCrud.NO_OVERRIDE, deleted: true });
   else await overrideCrud.removeByModelId(ctx.db, id);

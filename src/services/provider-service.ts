@@ -5,15 +5,16 @@ import { ConflictError, NotFoundError, UnprocessableError } from '../core/errors
 
 import type { ProviderRow } from '../models/index.js';
 
-import type { ProviderCreate, ProviderPublic, ProviderUpdate } from '../schemas/provider.js';
+import { BASE_URL_NEEDED, type ProviderCreate, type ProviderPublic, type ProviderUpdate } from '../schemas/provider.js';
 
 import * as overrideCrud from '../crud/model-override.js';
 import type { Page } from '../crud/page.js';
 import { lockByName, providerCrud } from '../crud/provider.js';
-import type { ModelManager } from '../modules/ai-models/index.js';
+import { isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
+import { builtinProviderKey, type ModelManager } from '../modules/ai-models/index.js';
 import { ensureSuperuser } from '../utils/authentication.js';
+import { firstNames } from '../utils/text.js';
 import type { ServiceContext } from './context.js';
-import { BUILTIN_PROVIDERS } from './model-service.js';
 import { openSecret, refreshModels, sealSecret } from './model-sync.js';
 
 /** What a superuser sees of a record: whether it has a key and which headers, never their values. */
@@ -66,11 +67,12 @@ export function providerService(models: ModelManager) {
     async update(ctx: ServiceContext, id: string, input: ProviderUpdate) {
       ensureSuperuser(ctx.principal);
       const row = await transaction(ctx.db, async (tx) => {
-        // What ProviderCreate refuses, checked on the record as the change leaves it (its models would all answer 503).
+        // What ProviderCreate refuses, checked on the record as a change of its kind or URL leaves it
+        // (its models would all answer 503); other changes pass on a record left so before this check.
         const current = await providerCrud.lockVisible(tx, ctx.principal, id, 'write', 'update');
         const baseUrl = input.base_url === undefined ? current.base_url : input.base_url;
-        if ((input.kind ?? current.kind) === 'openai-compatible' && !baseUrl) {
-          throw new UnprocessableError([{ loc: ['body', 'base_url'], msg: 'An openai-compatible provider needs a base_url', type: 'value_error' }]);
+        if ((input.kind !== undefined || input.base_url !== undefined) && (input.kind ?? current.kind) === 'openai-compatible' && !baseUrl) {
+          throw new UnprocessableError([{ loc: ['body', 'base_url'], msg: BASE_URL_NEEDED, type: 'value_error' }]);
         }
         return providerCrud.update(tx, ctx.principal, id, sealed(ctx, id, input));
       });
@@ -81,8 +83,11 @@ export function providerService(models: ModelManager) {
 
     /**
      * 409 while models name it (custom models, built-in ones moved to it): they would answer 503
-     * from then on, as its name cannot be changed for them to follow. Not for a record named like a
-     * built-in provider (`openai`...): that provider stays, its credentials from the settings again.
+     * from then on, as its name cannot be changed for them to follow. A record named like a built-in
+     * provider (`openai`...) leaves that provider, its credentials from the settings again: its
+     * built-in models go home, and custom ones stay only when that is the same kind of provider with
+     * a key set (a record `openai` of kind openai-compatible sent them to a local server: deleted,
+     * their prompts would have gone to api.openai.com).
      */
     async remove(ctx: ServiceContext, id: string) {
       ensureSuperuser(ctx.principal);
@@ -91,10 +96,11 @@ export function providerService(models: ModelManager) {
         // Locked first: a model write naming it (which shares the lock) has committed, or waits and then finds it gone.
         const row = await lockByName(tx, visible.name, 'update');
         if (!row) throw new NotFoundError('Provider not found');
-        const used = BUILTIN_PROVIDERS.has(row.name) ? [] : await overrideCrud.modelIdsOfProvider(tx, row.name);
+        const settingsKey = builtinProviderKey(row.name);
+        const sameInSettings = settingsKey !== undefined && row.kind === row.name && Boolean(ctx.settings[settingsKey]);
+        const used = sameInSettings ? [] : (await overrideCrud.modelIdsOfProvider(tx, row.name)).filter((model) => settingsKey === undefined || !isBuiltinModel(model));
         if (used.length) {
-          const named = used.slice(0, 10).join(', ') + (used.length > 10 ? ` and ${used.length - 10} more` : '');
-          throw new ConflictError(`Provider ${row.name} is used by ${used.length === 1 ? 'model' : 'models'} ${named}: delete them or move them to another provider first`);
+          throw new ConflictError(`Provider ${row.name} is used by ${used.length === 1 ? 'model' : 'models'} ${firstNames(used)}: delete them or move them to another provider first`);
         }
         await providerCrud.remove(tx, ctx.principal, id);
       });

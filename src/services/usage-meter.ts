@@ -229,13 +229,15 @@ export class UsageMeterService implements UsageMeter {
       let outcome = await billingCrud.hold(this.db, held);
       // Refused while this process may still owe the account credit, the call waits for that flush
       // and tries once more, so a call the account covers is not refused for a block with nothing in progress.
-      if (outcome === 'balance' && this.windows) {
+      if (outcome === 'balance' && this.windows && holdAccount) {
         // A call that holds per call by design (through a key with a budget) was refused for the
         // block the user's other calls took, idle now (402 right after such a call): it goes back too.
-        this.windows.retireUnused(userId!);
-        if (this.mayOweAccount(this.windows, userId!, flushes)) {
-          // A flush that fails keeps what it held for the next (logged there): this call is then refused as it was.
-          await this.flush().catch(() => undefined);
+        if (holdKey) this.windows.retireUnused(userId);
+        if (this.mayOweAccount(this.windows, userId, flushes)) {
+          // What was queued when it began (not `flush()`'s "until nothing is pending", which under
+          // load waits on other calls' rows). A flush that fails keeps what it held for the next
+          // (logged there): this call is then refused as it was.
+          await this.flushQueued().catch(() => undefined);
           outcome = await billingCrud.hold(this.db, held);
         }
       }

@@ -27,3 +27,8 @@ export function withoutNulDeep(value: unknown): unknown {
   if (value === null || typeof value !== 'object') return value;
   return Object.fromEntries(Object.entries(value).map(([key, item]) => [withoutNul(key), withoutNulDeep(item)]));
 }
+
+/** Names for a message, the first ten of them: `a, b, c` or `a, ..., j and 5 more`. */
+export function firstNames(names: readonly string[]): string {
+  return names.slice(0, 10).join(', ') + (names.length > 10 ? ` and ${names.length - 10} more` : '');
+}

@@ -230,6 +230,22 @@ describe('superuser changes', () => {
     expect((await api('POST', '/models', admin, { id: 'gpt-4.1' })).statusCode).toBe(200);
   });
 
+  it("refuses a new model whose id is another model's alias, and a hidden built-in brought back while another model holds its alias (422)", async () => {
+    expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'alias-holder', aliases: ['quick'] })).statusCode).toBe(200);
+    const shadowing = await api('POST', '/models', admin, { ...CUSTOM, id: 'quick' });
+    expect(expectValidationError(shadowing, ['body', 'id']).detail[0]!.msg).toBe('"quick" is already an alias of model "alias-holder"');
+    expect((await api('GET', '/models/quick', user.headers)).json<ModelBody>().id).toBe('alias-holder');
+    // While gpt-4.1-mini is hidden its alias is free; taken, the built-in comes back only with aliases of its own.
+    expect((await api('DELETE', '/models/gpt-4.1-mini', admin)).statusCode).toBe(200);
+    expect((await api('PATCH', '/models/alias-holder', admin, { aliases: ['quick', 'gpt-4.1-mini-2025-04-14'] })).statusCode).toBe(200);
+    const back = await api('POST', '/models', admin, { id: 'gpt-4.1-mini' });
+    expect(expectValidationError(back, ['body', 'id']).detail[0]!.msg).toBe('Its built-in alias "gpt-4.1-mini-2025-04-14" is already an alias of model "alias-holder"');
+    expect((await api('POST', '/models', admin, { id: 'gpt-4.1-mini', aliases: [] })).statusCode).toBe(200);
+    expect((await api('GET', '/models/gpt-4.1-mini-2025-04-14', user.headers)).json<ModelBody>().id).toBe('alias-holder');
+    expect((await api('DELETE', '/models/alias-holder', admin)).statusCode).toBe(200);
+    expect((await api('PATCH', '/models/gpt-4.1-mini', admin, { aliases: ['gpt-4.1-mini-2025-04-14'] })).statusCode).toBe(200);
+  });
+
   it('an alias two models claim (rows from before aliases were checked) stays with the older one when the other is written', async () => {
     const pricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' };
     for (const model_id of ['claim-older', 'claim-newer']) {

@@ -8,7 +8,8 @@ import { createProject, createUser, superuserHeaders, type TestUser } from '../h
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, expectValidationError, type ListBody, UUID, xApiKey } from '../helpers/http.js';
 
-const ctx = useTestApp();
+// Anthropic's key in the settings: a record named `anthropic` stands in for a provider that exists without it.
+const ctx = useTestApp({ ANTHROPIC_API_KEY: 'sk-ant-from-settings' });
 const api = apiOf(ctx);
 
 interface ProviderBody {
@@ -145,15 +146,32 @@ describe('/providers', () => {
     expect(ctx.app.models.getModel('gpt-4.1')).toMatchObject({ available: true, unavailable_reason: null });
     const model = await api('GET', '/models/gpt-4.1', user.headers);
     expect(model.json()).toMatchObject({ available: true });
-    // Models naming the built-in provider keep it once the record is gone (the settings' credentials again): no 409.
+    // Built-in models naming the provider go back to the settings' credentials once the record is
+    // gone; a custom one holds the record while the settings have no key for it (it would answer 503).
     const pricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' };
     expect((await api('POST', '/models', admin, { id: 'house-on-openai', provider: 'openai', pricing })).statusCode).toBe(200);
     expect((await api('PATCH', '/models/gpt-4.1-mini', admin, { provider: 'openai' })).statusCode).toBe(200);
+    const held = await api('DELETE', `/providers/${record.id}`, admin);
+    expect([held.statusCode, held.json<{ detail: string }>().detail]).toEqual([409, expect.stringContaining('used by model house-on-openai:')]);
+    expect((await api('DELETE', '/models/house-on-openai', admin)).statusCode).toBe(200);
     const deleted = await api('DELETE', `/providers/${record.id}`, admin);
     expect(deleted.statusCode, deleted.body).toBe(200);
     expect(ctx.app.models.getModel('gpt-4.1')?.available).toBe(false);
-    expect(ctx.app.models.getModel('house-on-openai')).toMatchObject({ provider: 'openai', available: false, unavailable_reason: 'OPENAI_API_KEY is not set' });
-    expect((await api('DELETE', '/models/house-on-openai', admin)).statusCode).toBe(200);
+    expect(ctx.app.models.getModel('gpt-4.1-mini')).toMatchObject({ provider: 'openai', available: false, unavailable_reason: 'OPENAI_API_KEY is not set' });
+  });
+
+  it('a record named like a built-in provider whose key the settings hold: deleted under its custom models when of that kind, held by them when of another (their prompts would go elsewhere)', async () => {
+    const pricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' };
+    const local = await createProvider({ name: 'anthropic', kind: 'openai-compatible', base_url: fake.url, api_key: API_KEY });
+    expect((await api('POST', '/models', admin, { id: 'house-on-anthropic', provider: 'anthropic', pricing })).statusCode).toBe(200);
+    const held = await api('DELETE', `/providers/${local.id}`, admin);
+    expect([held.statusCode, held.json<{ detail: string }>().detail]).toEqual([409, expect.stringContaining('used by model house-on-anthropic:')]);
+    // Of Anthropic's own kind, the model goes on with the settings' key once the record is gone.
+    expect((await api('PATCH', `/providers/${local.id}`, admin, { kind: 'anthropic', base_url: null })).statusCode).toBe(200);
+    const deleted = await api('DELETE', `/providers/${local.id}`, admin);
+    expect(deleted.statusCode, deleted.body).toBe(200);
+    expect(ctx.app.models.getModel('house-on-anthropic')).toMatchObject({ provider: 'anthropic', available: true });
+    expect((await api('DELETE', '/models/house-on-anthropic', admin)).statusCode).toBe(200);
   });
 
   it('an openai-compatible provider and a custom model added at run time answer through app.models.chat', async () => {
