@@ -17,6 +17,20 @@ const int = (min: number, max: number) => z.coerce.number().int().min(min).max(m
 const emptyAsUndefined = (v: unknown) => (v === '' ? undefined : v);
 const optionalString = z.preprocess(emptyAsUndefined, z.string().optional());
 
+/**
+ * A model provider's base URL (OPENAI_BASE_URL, a provider record's `base_url`). The SDKs and the
+ * wire append the API's paths (`/chat/completions`) to it as text: a query or a fragment would
+ * swallow them (`/v1?x=1/chat/completions`, `/v1#f` calls `/v1`). `user:pass@` is dropped by the
+ * wire and refused by fetch (the SDKs' path), whose error quotes the URL with the password. Any of
+ * these would fail every call.
+ */
+export const providerBaseUrl = () =>
+  z
+    .url({ protocol: /^https?$/ })
+    .max(2048)
+    .refine((url) => !/[?#]/.test(url), { error: 'A base URL has no query or fragment: the API paths are appended to it' })
+    .refine((url) => !URL.canParse(url) || !(new URL(url).username || new URL(url).password), { error: 'A base URL holds no user:password@; set the API key instead' });
+
 /** Every setting Keel reads. `.env.example` documents each one; keep the two in step. */
 /** PostgreSQL's built-in text-search configurations (`select cfgname from pg_ts_config`), on 15 and 18 alike. */
 export const SEARCH_LANGUAGES = [
@@ -150,7 +164,7 @@ export const SettingsSchema = z.object({
   EMAILS_FROM_EMAIL: z.preprocess(emptyAsUndefined, z.email().optional()),
   EMAILS_FROM_NAME: optionalString,
   OPENAI_API_KEY: optionalString,
-  OPENAI_BASE_URL: z.preprocess(emptyAsUndefined, z.url({ protocol: /^https?$/ }).optional()),
+  OPENAI_BASE_URL: z.preprocess(emptyAsUndefined, providerBaseUrl().optional()),
   ANTHROPIC_API_KEY: optionalString,
   GOOGLE_GENERATIVE_AI_API_KEY: optionalString,
   MODEL_TIMEOUT_MS: int(100, 3_600_000).default(120_000),

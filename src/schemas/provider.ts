@@ -1,21 +1,13 @@
 import { z } from 'zod';
 
+import { providerBaseUrl } from '../core/config.js';
+
 import { PROVIDER_KINDS } from '../modules/ai-models/types.js';
 import { Id, Timestamp } from './common.js';
 
 /** How models name the provider: lower case, digits, `-`, `_`, `.` (`ollama`, `openrouter`). */
 const ProviderName = z.string().regex(/^[a-z0-9][a-z0-9._-]{0,63}$/, { error: 'Use lower-case letters, digits, ".", "_" or "-" (at most 64)' });
-/**
- * The SDKs and the wire append the API's paths (`/chat/completions`) to it as text: a query or a
- * fragment would swallow them (`/v1?x=1/chat/completions`, `/v1#f` calls `/v1`). `user:pass@` is
- * dropped by the wire and refused by fetch (the SDKs' path), whose error quotes the URL with the
- * password. Any of these would fail every call.
- */
-const BaseUrl = z
-  .url({ protocol: /^https?$/ })
-  .max(2048)
-  .refine((url) => !/[?#]/.test(url), { error: 'A base URL has no query or fragment: the API paths are appended to it' })
-  .refine((url) => !URL.canParse(url) || !(new URL(url).username || new URL(url).password), { error: 'A base URL holds no user:password@; set api_key or headers instead' });
+const BaseUrl = providerBaseUrl();
 /**
  * Headers the HTTP client writes itself, from the request it sends: one of these set here would
  * contradict them (a wrong length, another host), and every call to the provider would fail.

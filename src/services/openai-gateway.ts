@@ -94,7 +94,8 @@ function parseArguments(text: string, param: string): unknown {
 
 /**
  * An image part; its `detail` as the openai provider's SDK model takes it (dropped, `low` cost the
- * client the tokens of `auto`). Other providers have no such setting and ignore the option.
+ * client the tokens of `auto`). Anthropic and Google have no such setting; openai-compatible
+ * servers may, but the SDK's model for them has no slot for it, so it is not sent to them.
  */
 const imagePart = ({ url, detail }: { url: string; detail?: 'auto' | 'low' | 'high' | null }) => ({
   type: 'image' as const,

@@ -127,5 +127,15 @@ describe('createModelManager', () => {
     expect(manager.listAvailableModels().map((m) => m.id)).not.toContain('gpt-4.1');
     expect(() => loadSettings({ DATA_DIR: '/tmp/keel-models-test', MODEL_MAX_RETRIES: '11' })).toThrow(/MODEL_MAX_RETRIES/);
     expect(() => loadSettings({ DATA_DIR: '/tmp/keel-models-test', OPENAI_BASE_URL: 'ftp://x' })).toThrow(/OPENAI_BASE_URL/);
+    // As a provider record's base_url: the API paths are appended to it, and a password in it would be quoted in errors.
+    for (const [url, words] of [
+      ['http://127.0.0.1:8000/v1?api-version=1', /OPENAI_BASE_URL.*no query or fragment/s],
+      ['http://127.0.0.1:8000/v1#x', /OPENAI_BASE_URL.*no query or fragment/s],
+      ['http://user:hunter2@127.0.0.1:8000/v1', /OPENAI_BASE_URL.*no user:password@/s],
+    ] as const) {
+      expect(() => loadSettings({ DATA_DIR: '/tmp/keel-models-test', OPENAI_BASE_URL: url })).toThrow(words);
+      expect(() => loadSettings({ DATA_DIR: '/tmp/keel-models-test', OPENAI_BASE_URL: url })).not.toThrow(/hunter2/);
+    }
+    expect(loadSettings({ DATA_DIR: '/tmp/keel-models-test', OPENAI_BASE_URL: 'http://[::1]:8000/v1/' }).OPENAI_BASE_URL).toBe('http://[::1]:8000/v1/');
   });
 });
