@@ -218,7 +218,10 @@ export const ChatCompletion = z
           role: z.literal('assistant'),
           content: z.string().nullable(),
           reasoning_content: z.string().optional().describe('The model\'s reasoning, for models that reason and give it (streamed as `reasoning_content` deltas).'),
-          refusal: z.string().nullable(),
+          refusal: z
+            .string()
+            .nullable()
+            .describe('The model\'s refusal to answer, where its provider tells one apart (OpenAI\'s, with structured outputs); `content` is then null and `finish_reason` the provider\'s (`stop`). Streamed as `refusal` deltas.'),
           tool_calls: z.array(ToolCallOut).optional(),
         }),
         finish_reason: FinishReason,
@@ -239,7 +242,7 @@ export const ChatCompletion = z
 /** A streamed completion as it goes over the wire (`stream: true`). */
 export const ChatCompletionEvents = z.string().meta({
   id: 'ChatCompletionEvents',
-  description: 'Server-sent events: `data: <chat.completion.chunk JSON>` per chunk (the last one with `usage` and no choices when `stream_options.include_usage`), then `data: [DONE]`; a failure after the first chunk is a `data: {"error": {...}}` event.',
+  description: 'Server-sent events: `data: <chat.completion.chunk JSON>` per chunk (`delta.content`, `delta.refusal` for a refusal, `delta.reasoning_content`, `delta.tool_calls`; the last one with `usage` and no choices when `stream_options.include_usage`), then `data: [DONE]`; a failure after the first chunk is a `data: {"error": {...}}` event.',
 });
 
 // ==================== Embeddings ====================

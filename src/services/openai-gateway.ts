@@ -120,7 +120,9 @@ function toModelMessages(messages: readonly ChatMessage[]): ModelMessage[] {
           ),
         };
       case 'assistant': {
-        const text = !message.content ? '' : typeof message.content === 'string' ? message.content : message.content.map((p) => (p.type === 'text' ? p.text : p.refusal)).join('');
+        // A refusal echoed back as it was answered (content null, `refusal`) is what the assistant
+        // said: the SDK's messages have no part for it, and dropped, the model would not know it refused.
+        const text = !message.content ? (message.refusal ?? '') : typeof message.content === 'string' ? message.content : message.content.map((p) => (p.type === 'text' ? p.text : p.refusal)).join('');
         const calls = message.tool_calls ?? [];
         if (!calls.length) return { role: 'assistant', content: text };
         for (const call of calls) toolNames.set(call.id, call.function.name);
@@ -285,20 +287,23 @@ function usageJson(usage: TokenUsage): string {
  */
 export function completionJson(result: ChatResult): string {
   const calls = result.toolCalls;
-  const content = result.text ? JSON.stringify(result.text) : calls.length ? 'null' : '""';
+  const { refusal } = result;
+  // A refusal is in `refusal`, its content null, as OpenAI answers it: the openai SDK's parse() then
+  // hands it back rather than parsing it as the JSON asked for.
+  const content = result.text ? JSON.stringify(result.text) : calls.length || refusal ? 'null' : '""';
   const toolCalls = calls.length ? `,"tool_calls":${JSON.stringify(calls.map(toolCallOut))}` : '';
   // As a stream's `reasoning_content` deltas carry it (and the servers that reason write it): left out, only streams had it.
   const reasoning = result.reasoningText ? `,"reasoning_content":${JSON.stringify(result.reasoningText)}` : '';
   return (
     `{"id":"${completionId()}","object":"chat.completion","created":${now()},"model":${JSON.stringify(result.model)},` +
-    `"choices":[{"index":0,"message":{"role":"assistant","content":${content}${reasoning},"refusal":null${toolCalls}},"finish_reason":"${finishReason(result)}","logprobs":null}],` +
+    `"choices":[{"index":0,"message":{"role":"assistant","content":${content}${reasoning},"refusal":${refusal ? JSON.stringify(refusal) : 'null'}${toolCalls}},"finish_reason":"${finishReason(result)}","logprobs":null}],` +
     `"usage":${usageJson(result.usage)}}`
   );
 }
 
 /**
  * OpenAI's chunk framing of one streamed completion: a first chunk with the role, content
- * deltas, one chunk per tool call, a chunk with the finish reason, the usage chunk when asked for
+ * (or refusal) deltas, one chunk per tool call, a chunk with the finish reason, the usage chunk when asked for
  * (`choices: []`; every earlier chunk then says `usage: null`), then `data: [DONE]`. Every chunk
  * names `model`, the one that answered (see openStream). An error after the first chunk is an
  * `error` event, which OpenAI's SDKs raise.
@@ -326,6 +331,7 @@ export class CompletionFrames {
     let out = this.takeHead();
     if (event.type === 'text-delta') return out + this.frame({ content: event.text });
     if (event.type === 'reasoning-delta') return out + this.frame({ reasoning_content: event.text });
+    if (event.type === 'refusal-delta') return out + this.frame({ refusal: event.text });
     if (event.type === 'tool-call') return out + this.frame({ tool_calls: [{ index: this.toolIndex++, ...toolCallOut(event.toolCall) }] });
     const { result } = event;
     out += this.frame({}, finishReason(result));

@@ -8,7 +8,9 @@ import { gzipSync } from 'node:zlib';
 
 import { eq } from 'drizzle-orm';
 import OpenAI from 'openai';
+import { zodResponseFormat } from 'openai/helpers/zod';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { z } from 'zod';
 
 import { usageRecords } from '../../src/models/index.js';
 
@@ -1003,6 +1005,53 @@ describe('the call path behind /v1', () => {
     ]);
     expect(JSON.stringify(logs.lines())).not.toContain(prompt);
     expect(JSON.stringify(logs.lines())).not.toContain('sk-upstream');
+  });
+});
+
+describe('refusals (structured outputs)', () => {
+  const NO = "I'm sorry, I can't help with that request.";
+  const format = zodResponseFormat(z.object({ city: z.string(), celsius: z.number() }), 'weather');
+  const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'The weather in Paris?' }];
+  /** `fake-chat` goes over the wire (openai-compatible); `oa-chat`, an `openai` provider's, through the AI SDK's openai model. */
+  const MODELS = ['fake-chat', 'oa-chat'];
+
+  beforeAll(async () => {
+    const created = await api('POST', '/providers', admin, { name: 'oa-refusing', kind: 'openai', base_url: fake.url, api_key: 'sk-oa-refusing' });
+    expect(created.statusCode, created.body).toBe(200);
+    await addModel({ id: 'oa-chat', provider: 'oa-refusing', capabilities: ['chat'] });
+  });
+
+  it('answers a refusal as OpenAI does (content null, refusal, finish_reason stop): parse() hands it back, on the wire and through the SDK', async () => {
+    for (const model of MODELS) {
+      fake.script(model, { refusal: NO, usage: { prompt_tokens: 20, completion_tokens: 9 } });
+      const completion = await client.chat.completions.parse({ model, messages, response_format: format });
+      expect(completion.choices[0], model).toMatchObject({ finish_reason: 'stop', message: { role: 'assistant', content: null, refusal: NO, parsed: null } });
+      expect(completion.usage, model).toMatchObject({ prompt_tokens: 20, completion_tokens: 9 });
+    }
+    // An answer, of course, is still parsed.
+    fake.script('fake-chat', { text: '{"city":"Paris","celsius":21}' });
+    const parsed = await client.chat.completions.parse({ model: 'fake-chat', messages, response_format: format });
+    expect(parsed.choices[0]!.message).toMatchObject({ refusal: null, parsed: { city: 'Paris', celsius: 21 } });
+  });
+
+  it('streams a refusal as refusal deltas: the stream helper hands it back, on the wire and through the SDK', async () => {
+    for (const model of MODELS) {
+      fake.script(model, { refusal: NO });
+      const stream = client.chat.completions.stream({ model, messages, response_format: format, stream_options: { include_usage: true } });
+      const pieces: string[] = [];
+      stream.on('refusal.delta', ({ delta }) => pieces.push(delta));
+      const final = await stream.finalChatCompletion();
+      expect(pieces.length, model).toBeGreaterThan(1);
+      expect(pieces.join(''), model).toBe(NO);
+      expect(final.choices[0], model).toMatchObject({ finish_reason: 'stop', message: { refusal: NO, parsed: null } });
+      expect(final.choices[0]!.message.content || null, model).toBeNull();
+    }
+  });
+
+  it('sends a refusal the client sends back upstream as the assistant\'s text', async () => {
+    fake.script('fake-chat', { text: 'Fine.' });
+    await client.chat.completions.create({ model: 'fake-chat', messages: [...messages, { role: 'assistant', content: null, refusal: NO }, { role: 'user', content: 'Why?' }] });
+    expect((fake.requestsFor('fake-chat')[0]!.body.messages as unknown[])[1]).toEqual({ role: 'assistant', content: NO });
   });
 });
 

@@ -40,6 +40,14 @@ export interface ScriptedReply {
   /** Streamed pieces (default: `text` split after each space). */
   chunks?: string[];
   reasoning?: string;
+  /** The model refuses (OpenAI's structured outputs): `message.refusal` (content null unless `text`), streamed as `delta.refusal` pieces split after each space. */
+  refusal?: string;
+  /**
+   * Before a stream's first chunk, an SSE comment (`: OPENROUTER PROCESSING`) every `everyMs` for
+   * `forMs` (Infinity: comments only, until the client goes), as OpenRouter keeps a stream alive
+   * while a reasoning model thinks.
+   */
+  comments?: { everyMs: number; forMs: number };
   /** Delay before each streamed chunk (and before a non-stream answer). */
   chunkDelayMs?: number;
   toolCalls?: FakeToolCall[];
@@ -78,6 +86,8 @@ export interface LoggedRequest {
   completed: boolean;
   /** Stream chunks written before the end or the abort. */
   chunksSent: number;
+  /** SSE comments written before the first chunk (`comments`). */
+  commentsSent: number;
   /** Bytes of a padded answer's body written before its end or the abort (`padBytes`). */
   bodyBytesSent: number;
 }
@@ -261,6 +271,7 @@ export class FakeModelServer {
       aborted: false,
       completed: false,
       chunksSent: 0,
+      commentsSent: 0,
       bodyBytesSent: 0,
     };
     this.log.push(entry);
@@ -377,7 +388,7 @@ export class FakeModelServer {
       choices: [
         {
           index: 0,
-          message: { role: 'assistant', content: reply.text ?? null, reasoning_content: reply.reasoning, tool_calls: toolCalls },
+          message: { role: 'assistant', content: reply.text ?? null, reasoning_content: reply.reasoning, refusal: reply.refusal ?? null, tool_calls: toolCalls },
           finish_reason: toolCalls?.length ? 'tool_calls' : 'stop',
         },
       ],
@@ -393,11 +404,22 @@ export class FakeModelServer {
     if (reply.reasoning) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', reasoning_content: reply.reasoning }, finish_reason: null }] });
     const pieces = reply.chunks ?? (reply.text ? reply.text.split(/(?<= )/) : []);
     for (const content of pieces) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', content }, finish_reason: null }] });
+    for (const refusal of reply.refusal?.split(/(?<= )/) ?? []) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', refusal }, finish_reason: null }] });
     const toolCalls = this.toolCallsOf(reply);
     if (toolCalls) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', tool_calls: toolCalls }, finish_reason: null }] });
     chunks.push({ choices: [{ index: 0, delta: {}, finish_reason: toolCalls?.length ? 'tool_calls' : 'stop' }] });
     const includeUsage = (body.stream_options as { include_usage?: boolean } | undefined)?.include_usage === true;
     if (includeUsage && reply.usage !== null) chunks.push({ choices: [], usage: this.usageOf(reply) });
+
+    if (reply.comments) {
+      const { everyMs, forMs } = reply.comments;
+      for (const started = Date.now(); Date.now() - started < forMs; await sleep(everyMs)) {
+        if (entry.aborted || res.destroyed) return;
+        res.write(': OPENROUTER PROCESSING\n\n');
+        entry.commentsSent += 1;
+        this.changed();
+      }
+    }
 
     for (const chunk of chunks) {
       if (entry.aborted) return;

@@ -74,15 +74,17 @@ const REPLY: ScriptedReply = { text: 'Hello wire world', reasoning: 'thinking', 
 const sse = (chunk: unknown) => `data: ${JSON.stringify(chunk)}\n\n`;
 const comparable = ({ latency_ms: _latency, time_to_first_token_ms: _ttft, ...rest }: ChatResult) => rest;
 
-async function streamed(request: ChatRequest): Promise<{ texts: string[]; reasoning: string[]; result: ChatResult }> {
+async function streamed(request: ChatRequest): Promise<{ texts: string[]; reasoning: string[]; refusals: string[]; result: ChatResult }> {
   const texts: string[] = [];
   const reasoning: string[] = [];
+  const refusals: string[] = [];
   const stream = models.stream(request);
   for await (const event of stream) {
     if (event.type === 'text-delta') texts.push(event.text);
     if (event.type === 'reasoning-delta') reasoning.push(event.text);
+    if (event.type === 'refusal-delta') refusals.push(event.text);
   }
-  return { texts, reasoning, result: await stream.result };
+  return { texts, reasoning, refusals, result: await stream.result };
 }
 
 describe('chat over the wire (openai-compatible, no tools)', () => {
@@ -188,16 +190,25 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     ];
     const answers = messages.map((message) => JSON.stringify({ choices: [{ message: { role: 'assistant', ...message }, finish_reason: 'stop' }], usage }));
     const deltas = messages.map((message) => [sse({ choices: [{ index: 0, delta: message, finish_reason: null }] }), sse({ choices: [{ index: 0, delta: {}, finish_reason: 'stop' }], usage }), 'data: [DONE]\n\n'].join(''));
-    const read = ({ text, reasoningText, finishReason, usage: used }: ChatResult) => ({ text, reasoningText, finishReason, usage: used });
+    const read = ({ text, reasoningText, refusal, finishReason, usage: used }: ChatResult) => ({ text, reasoningText, refusal, finishReason, usage: used });
+    // The refusal apart from the text, its finish `stop` as OpenAI answers it (the SDK's models merge them and say content-filter).
+    const expected = [
+      { text: 'Hello parts.', reasoningText: 'Let me think.', refusal: undefined },
+      { text: '', refusal: "I can't help with that.", finishReason: 'stop' },
+      { text: 'Partly. ', refusal: 'No more.', finishReason: 'stop' },
+      { text: 'Fine.', refusal: undefined },
+      { text: '', refusal: undefined },
+    ];
     for (const [i, rawBody] of answers.entries()) {
       server.reset();
       server.script('wire-chat', { rawBody }, { rawBody });
       const [wire, sdk] = [await outcomeOf(models.chat(hello)), await outcomeOf(models.chat(viaSdk(hello)))];
       expect(wire, rawBody).toEqual(sdk);
-      expect(wire, rawBody).not.toHaveProperty('error');
+      expect(wire, rawBody).toMatchObject(expected[i]!);
       server.script('wire-chat', { rawBody: deltas[i] }, { rawBody: deltas[i] });
       const [wireStream, sdkStream] = [await outcomeOf(streamed(hello).then((s) => s.result)), await outcomeOf(streamed(viaSdk(hello)).then((s) => s.result))];
       expect(wireStream, deltas[i]).toEqual(sdkStream);
+      expect(wireStream, deltas[i]).toMatchObject(expected[i]!);
     }
     function outcomeOf(call: Promise<ChatResult>) {
       return call.then(read, (error: Error) => ({ error: `${error.name}: ${error.message}` }));
@@ -662,6 +673,31 @@ describe('tools over the wire (openai-compatible)', () => {
     expect(server.log.map((r) => r.body.tool_choice)).toEqual(['auto', 'auto', 'auto']);
     // The SDK's fetch names itself; the wire sends no user agent.
     expect(server.log.map((r) => r.headers['user-agent'] === undefined)).toEqual([true, false, false]);
+  });
+
+  it('tells a refusal apart from the text on every path (the wire, the provider model, generateText/streamText), chat and stream, its finish stop as OpenAI says', async () => {
+    const NO = "I can't help with that. Not at all.";
+    const usage = { prompt_tokens: 30, completion_tokens: 9 };
+    const structured: ChatRequest = { ...WITH_TOOLS, responseFormat: { type: 'json', name: 'answer', schema: { type: 'object', properties: { a: { type: 'string' } } } } };
+    for (const [path, request] of threeWays(structured).entries()) {
+      server.reset();
+      records.length = 0;
+      server.script('wire-chat', { refusal: NO, usage }, { refusal: NO, usage });
+      const chat = await models.chat(request);
+      expect(chat, `path ${path}`).toMatchObject({ text: '', refusal: NO, toolCalls: [], finishReason: 'stop', usage: { input: 30, output: 9 } });
+      // The conversation reads on: the refusal is what the assistant said.
+      expect(chat.responseMessages, `path ${path}`).toMatchObject([{ role: 'assistant', content: [{ type: 'text', text: NO }] }]);
+      const stream = await streamed(request);
+      expect(stream.texts, `path ${path}`).toEqual([]);
+      expect(stream.refusals, `path ${path}`).toEqual(['I ', "can't ", 'help ', 'with ', 'that. ', 'Not ', 'at ', 'all.']);
+      expect(stream.result, `path ${path}`).toMatchObject({ text: '', refusal: NO, finishReason: 'stop', usage: { input: 30, output: 9 } });
+      expect(stream.result.responseMessages, `path ${path}`).toMatchObject([{ role: 'assistant', content: [{ type: 'text', text: NO }] }]);
+      // Metered as any answer.
+      expect((await settled(2)).map((r) => [r.status, r.estimated, r.tokens.output])).toEqual([
+        ['success', false, 9],
+        ['success', false, 9],
+      ]);
+    }
   });
 
   it('leaves to the SDK a tool whose input the SDK would validate (a Zod schema)', async () => {

@@ -138,6 +138,18 @@ describe('a run streams its answer', () => {
     expect(events.filter((e) => e.event === 'message.delta').map((e) => e.data.delta).join('')).toBe(`nul: a\uFFFDb, emoji: ${emoji}!`);
   });
 
+  it('a model that refuses (OpenAI\'s refusal, apart from its text) has its refusal streamed and stored as the answer: the run completes', async () => {
+    const no = "I can't help with that.";
+    fake.script(MODEL, { refusal: no });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'something refused' });
+    const { events, ended } = await readEvents(base, owner.headers, run.id);
+    expect(ended).toBe(true);
+    expect(events.filter((e) => e.event === 'message.delta').map((e) => e.data.delta).join('')).toBe(no);
+    expect(events.at(-1)!.data.run).toMatchObject({ status: 'completed' });
+    expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['something refused', no]);
+  });
+
   it('a tool call whose arguments hold a NUL character is stored with U+FFFD in its place: the run completes', async () => {
     fake.script(MODEL, { toolCalls: [{ id: 'call_nul', name: 'knowledge_search', arguments: '{"query":"a\\u0000b","\\u0000":1}' }] }, { text: 'done' });
     const { owner, thread } = await setup({ tools: ['knowledge_search'] });

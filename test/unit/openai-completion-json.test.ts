@@ -37,7 +37,8 @@ const usageObject = (u: TokenUsage) => ({
 
 /** The object OpenAI's answer is, serialized as a whole (what the gateway wrote before the template). */
 function expected(r: ChatResult, id: string, created: number): string {
-  const message: Record<string, unknown> = { role: 'assistant', content: r.text || (r.toolCalls.length ? null : ''), ...(r.reasoningText && { reasoning_content: r.reasoningText }), refusal: null };
+  // A refusal goes in `refusal`, its content null, as OpenAI answers it.
+  const message: Record<string, unknown> = { role: 'assistant', content: r.text || (r.toolCalls.length || r.refusal ? null : ''), ...(r.reasoningText && { reasoning_content: r.reasoningText }), refusal: r.refusal ?? null };
   if (r.toolCalls.length) {
     message.tool_calls = r.toolCalls.map((call) => ({
       id: call.toolCallId,
@@ -76,6 +77,8 @@ const CASES: [string, Partial<ChatResult>][] = [
   ['reasoning', { reasoningText: 'Two and "two".' }],
   ['tool_calls without a tool call', { text: '<tool_call>', finishReason: 'tool-calls' }],
   ['a tool call with a provider\'s stop', { text: '', toolCalls: [call('call_5', 'get_weather', { city: 'Paris' })], finishReason: 'stop' }],
+  ['a refusal: null content', { text: '', refusal: 'I can\'t help with "that" \u2028.' }],
+  ['a refusal after some text', { text: 'Partly.', refusal: 'No more.' }],
   ['non-finite token counts', { usage: { input: Number.NaN, output: Infinity, cached_input: 0, cache_write: 0, reasoning: -0 } }],
 ];
 
@@ -118,6 +121,7 @@ describe('the stream\'s frames (CompletionFrames)', () => {
     const body =
       frames.render({ type: 'text-delta', text: 'Hi "there"\n' }) +
       frames.render({ type: 'reasoning-delta', text: 'hmm' }) +
+      frames.render({ type: 'refusal-delta', text: 'No "way"' }) +
       frames.render({ type: 'tool-call', toolCall: call }) +
       frames.render({ type: 'tool-call', toolCall: call }) +
       frames.render({ type: 'finish', result: r });
@@ -132,6 +136,7 @@ describe('the stream\'s frames (CompletionFrames)', () => {
       chunk({ role: 'assistant', content: '', refusal: null }),
       chunk({ content: 'Hi "there"\n' }),
       chunk({ reasoning_content: 'hmm' }),
+      chunk({ refusal: 'No "way"' }),
       chunk(toolDelta(0)),
       chunk(toolDelta(1)),
       chunk({}, 'tool_calls'),

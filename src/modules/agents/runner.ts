@@ -384,7 +384,8 @@ export class AgentRunner {
       const outcomes: Promise<ToolOutcome>[] = [];
       for await (const part of stream) {
         appends.check();
-        if (part.type === 'text-delta') {
+        // A refusal is the assistant's answer here: a run's messages have no place of their own for it.
+        if (part.type === 'text-delta' || part.type === 'refusal-delta') {
           appends.add([{ event: 'message.delta', data: { message_id: messageId, delta: withoutNul(part.text), step } }]);
         } else if (part.type === 'tool-call') {
           const call = part.toolCall;
@@ -405,7 +406,7 @@ export class AgentRunner {
       cost = addCosts(cost, result.cost);
 
       // The answer as its deltas went out (withoutNul), which the thread can store.
-      const text = withoutNul(result.text);
+      const text = withoutNul(result.refusal ? result.text + result.refusal : result.text);
       const toolCalls: MessageToolCall[] = result.toolCalls.map((call) => ({ id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input) }));
       // The final answer cites what the run's knowledge searches found (the tool messages of earlier steps, in `history`).
       const citations = toolCalls.length ? {} : sourcesField(sourcesOfRun(history, run.id));

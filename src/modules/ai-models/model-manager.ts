@@ -62,7 +62,7 @@ import {
   StreamErrorEvent,
   UpstreamError,
 } from './errors.js';
-import { type AbortLike, allFinite, type OpenAIWire, toolCallOf, type WireCall, type WireEmbeddingsCall, wireMessages, type WireTool, type WireToolChoice } from './openai-wire.js';
+import { type AbortLike, allFinite, type OpenAIWire, rawRefusal, toolCallOf, type WireCall, type WireEmbeddingsCall, wireMessages, type WireTool, type WireToolChoice } from './openai-wire.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
 import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
@@ -162,8 +162,15 @@ export interface CallOutcome {
 }
 
 export interface ChatResult extends CallOutcome {
+  /** What the model said, without its refusal. */
   text: string;
   reasoningText?: string;
+  /**
+   * The model's refusal to answer, where its provider tells one apart (OpenAI's `refusal`, with
+   * structured outputs): set instead of `text`, whose JSON it would not be; the answer's
+   * `responseMessages` carry it as the assistant's text. Undefined when the model did not refuse.
+   */
+  refusal?: string;
   toolCalls: ToolCall[];
   finishReason: string;
   /** Assistant (and tool-call) messages to append to the conversation. */
@@ -174,6 +181,8 @@ export interface ChatResult extends CallOutcome {
 export type StreamEvent =
   | { type: 'text-delta'; text: string }
   | { type: 'reasoning-delta'; text: string }
+  /** A piece of the model's refusal (see ChatResult's `refusal`). */
+  | { type: 'refusal-delta'; text: string }
   | { type: 'tool-call'; toolCall: ToolCall }
   | { type: 'finish'; result: ChatResult };
 
@@ -368,7 +377,7 @@ const toolCallTokens = (call: ToolCall): number => estimateTextTokens(call.toolN
 
 /** An answer's output tokens as estimateTextTokens counts them, as the stream loop does while they arrive. */
 function saidTokens(said: Said): number {
-  let tokens = estimateTextTokens(said.text) + estimateTextTokens(said.reasoningText ?? '');
+  let tokens = estimateTextTokens(said.text) + estimateTextTokens(said.reasoningText ?? '') + estimateTextTokens(said.refusal ?? '');
   for (const call of said.toolCalls) tokens += toolCallTokens(call);
   return tokens;
 }
@@ -486,23 +495,39 @@ function wireToolChoice(choice: ToolChoice<ToolSet> | undefined): WireToolChoice
   return told.type === 'tool' ? { type: 'function', function: { name: told.toolName } } : told.type;
 }
 
-/** A call's text, reasoning and tool calls with the assistant message the SDK would return for them. */
 /** What a chat answer said: ChatResult's fields beside its outcome and finish. */
-type Said = Pick<ChatResult, 'text' | 'reasoningText' | 'toolCalls' | 'responseMessages'>;
+type Said = Pick<ChatResult, 'text' | 'reasoningText' | 'refusal' | 'toolCalls' | 'responseMessages'>;
 
-function answer(text: string, reasoningText: string | undefined, toolCalls: ToolCall[]): Said {
+/**
+ * A call's text, reasoning, refusal and tool calls with the assistant message the SDK would return
+ * for them (a refusal as a text part after the text: the SDK's models read it so).
+ */
+function answer(text: string, reasoningText: string | undefined, toolCalls: ToolCall[], refusal?: string): Said {
   const content: Exclude<AssistantContent, string> = [];
   if (reasoningText !== undefined) content.push({ type: 'reasoning', text: reasoningText });
   if (text) content.push({ type: 'text', text });
+  if (refusal) content.push({ type: 'text', text: refusal });
   for (const call of toolCalls) {
     content.push({ type: 'tool-call', toolCallId: call.toolCallId, toolName: call.toolName, input: typeof call.input === 'object' && call.input !== null ? call.input : {} });
   }
-  return { text, reasoningText, toolCalls, responseMessages: content.length ? [{ role: 'assistant', content }] : [] };
+  return { text, reasoningText, refusal, toolCalls, responseMessages: content.length ? [{ role: 'assistant', content }] : [] };
 }
+
+/**
+ * An answer's text without its refusal, for the SDK's paths: OpenAI's SDK models hand a refusal
+ * (`rawRefusal` finds it in the response as it came) on as the answer's last text part.
+ */
+const withoutRefusal = (text: string, refusal: string | undefined): string => (refusal && text.endsWith(refusal) ? text.slice(0, text.length - refusal.length) : text);
+
+/**
+ * The finish of an answer whose refusal came apart from its text: the SDK's models say
+ * `content-filter` for a refusal that stopped (it had no other way to tell one), OpenAI says `stop`.
+ */
+const finishOf = (unified: string, raw: string | undefined, refused: boolean): string => (refused && raw === 'stop' ? 'stop' : unified);
 
 /** A streamed call's parts as the stream loop reads them, from either source (see streamSource). */
 type StreamPart =
-  | { type: 'text-delta' | 'reasoning-delta'; text: string }
+  | { type: 'text-delta' | 'reasoning-delta' | 'refusal-delta'; text: string }
   /** A piece of a tool call's input the SDK is assembling (the call itself comes whole later). */
   | { type: 'tool-input'; chars: number }
   | { type: 'tool-call'; toolCall: ToolCall }
@@ -525,11 +550,36 @@ interface StreamSource {
   /** A tool call breaks the call's tool choice `none`: checked here off the SDK's path, as `streamText` checks it. */
   noToolCalls?: boolean;
   /** The assistant messages for what was streamed (after the parts ended). */
-  responseMessages(text: string, reasoning: string | undefined, toolCalls: ToolCall[]): Promise<ModelMessage[]>;
+  responseMessages(text: string, reasoning: string | undefined, toolCalls: ToolCall[], refusal: string | undefined): Promise<ModelMessage[]>;
+}
+
+/**
+ * Tells a refusal's pieces apart in an OpenAI SDK model's stream, which hands them on as text: a
+ * chunk's text deltas follow its raw chunk, the refusal's last, so the one that is the chunk's
+ * refusal is it. (Content equal to the refusal in the same chunk would be taken for it, and the
+ * refusal for text: the same characters either way.) One string compared a text delta; no
+ * allocation but the SDK's raw part.
+ */
+class RefusalReader {
+  /** The refusal of the chunk last read, until its delta has come. */
+  private pending: string | undefined;
+  /** A refusal came: the finish's `content-filter` was the SDK's word for it (finishOf). */
+  refused = false;
+
+  chunk(raw: unknown): void {
+    this.pending = rawRefusal(raw, 'delta');
+  }
+
+  kindOf(delta: string): 'text-delta' | 'refusal-delta' {
+    if (this.pending === undefined || delta !== this.pending) return 'text-delta';
+    this.pending = undefined;
+    this.refused = true;
+    return 'refusal-delta';
+  }
 }
 
 /** The assistant message for a streamed answer read without the SDK (the wire, the provider model directly). */
-const directResponseMessages: StreamSource['responseMessages'] = async (text, reasoning, toolCalls) => answer(text, reasoning, toolCalls).responseMessages;
+const directResponseMessages: StreamSource['responseMessages'] = async (text, reasoning, toolCalls, refusal) => answer(text, reasoning, toolCalls, refusal).responseMessages;
 
 class AttemptTimeout extends Error {}
 
@@ -936,7 +986,7 @@ export class ModelManager {
         const reply = await wired.wire.generate(wired.call, attempt, this.options.maxResponseBytes);
         state.usage = reply.usage;
         if (wired.call.tools) enforceToolChoice(request.toolChoice, reply.toolCalls, reply.finishReason, model);
-        return this.chatResult(model, state, started, answer(reply.text, reply.reasoning, reply.toolCalls), reply.finishReason, null);
+        return this.chatResult(model, state, started, answer(reply.text, reply.reasoning, reply.toolCalls, reply.refusal), reply.finishReason, null);
       }
       const direct = this.directModel(model, tools);
       if (direct) return this.generate(request, direct, model, attempt, state, started);
@@ -947,7 +997,10 @@ export class ModelManager {
       });
       state.usage = toTokenUsage(result.totalUsage);
       const toolCalls = result.toolCalls.map((c): ToolCall => ({ toolCallId: c.toolCallId, toolName: c.toolName, input: c.input as unknown }));
-      return this.chatResult(model, state, started, { text: result.text, reasoningText: result.reasoningText, toolCalls, responseMessages: result.response.messages }, result.finishReason, null);
+      // The SDK's messages keep the refusal as the assistant's text: the conversation reads on.
+      const refusal = rawRefusal(result.response.body, 'message');
+      const said: Said = { text: withoutRefusal(result.text, refusal), reasoningText: result.reasoningText, refusal, toolCalls, responseMessages: result.response.messages };
+      return this.chatResult(model, state, started, said, finishOf(result.finishReason, result.rawFinishReason, refusal !== undefined), null);
     });
   }
 
@@ -1023,8 +1076,10 @@ export class ModelManager {
       else if (part.type === 'reasoning') reasoning = (reasoning ?? '') + part.text;
       else if (part.type === 'tool-call') toolCalls.push(modelToolCall(declared, part));
     }
-    if (declared) enforceToolChoice(request.toolChoice, toolCalls, result.finishReason.unified, model);
-    return this.chatResult(model, state, started, answer(text, reasoning, toolCalls), result.finishReason.unified, null);
+    const refusal = rawRefusal(result.response?.body, 'message');
+    const finishReason = finishOf(result.finishReason.unified, result.finishReason.raw, refusal !== undefined);
+    if (declared) enforceToolChoice(request.toolChoice, toolCalls, finishReason, model);
+    return this.chatResult(model, state, started, answer(withoutRefusal(text, refusal), reasoning, toolCalls, refusal), finishReason, null);
   }
 
   /** The provider call options `generateText`/`streamText` would build for the call (its tools as `functionTools` declared them). */
@@ -1075,6 +1130,7 @@ export class ModelManager {
     const result = this.run(request, consumer, 'stream', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
       let text = '';
       let reasoning = '';
+      let refusal = '';
       const toolCalls: ToolCall[] = [];
       let finishReason = 'unknown';
       let toolInputChars = 0;
@@ -1098,6 +1154,10 @@ export class ModelManager {
           seen(part.text);
           if (keepAnswer) reasoning += part.text;
           events.push(part);
+        } else if (part.type === 'refusal-delta') {
+          seen(part.text);
+          if (keepAnswer) refusal += part.text;
+          events.push(part);
         } else if (part.type === 'tool-call') {
           if (source.noToolCalls) throw toolChoiceViolation({ type: 'none' }, 'tool-calls', model);
           seen(asText(part.toolCall.input));
@@ -1118,9 +1178,9 @@ export class ModelManager {
         if (events.size >= EVENTS_HIGH_WATER) await attempt.waitForCaller(setRoom);
       }
       if (attempt.aborted) throw attempt.reason ?? new ModelCallAbortedError();
-      const responseMessages = keepAnswer ? await source.responseMessages(text, reasoning || undefined, toolCalls) : [];
+      const responseMessages = keepAnswer ? await source.responseMessages(text, reasoning || undefined, toolCalls, refusal || undefined) : [];
       const firstToken = state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started);
-      return this.chatResult(model, state, started, { text, reasoningText: reasoning || undefined, toolCalls, responseMessages }, finishReason, firstToken);
+      return this.chatResult(model, state, started, { text, reasoningText: reasoning || undefined, refusal: refusal || undefined, toolCalls, responseMessages }, finishReason, firstToken);
     });
     result.then(
       (final) => {
@@ -1218,18 +1278,23 @@ export class ModelManager {
       const parts = await wired.wire.stream(wired.call, attempt, this.options.maxResponseBytes);
       return { parts, responseMessages: directResponseMessages, noToolCalls: wired.call.tool_choice === 'none' };
     }
+    // OpenAI's SDK models hand a refusal on as text: the raw chunks tell it apart (see RefusalReader).
+    // Only theirs are asked for: every raw chunk is one more part through the stream.
+    const includeRawChunks = this.options.providers.openAIOptions(model.provider) !== undefined;
     const direct = this.directModel(model, tools);
     if (direct) {
       const declared = direct.tools !== undefined;
-      const { stream } = await direct.languageModel.doStream({ ...(await this.callOptions(request, direct, model, attempt)), headers: STREAM_ANSWER, includeRawChunks: false });
+      const { stream } = await direct.languageModel.doStream({ ...(await this.callOptions(request, direct, model, attempt)), headers: STREAM_ANSWER, includeRawChunks });
       return {
         parts: (async function* () {
+          const refusals = new RefusalReader();
           for await (const part of stream) {
             if (part.type === 'text-delta' || part.type === 'reasoning-delta') {
-              if (part.delta) yield { type: part.type, text: part.delta };
-            } else if (part.type === 'tool-input-delta') yield { type: 'tool-input', chars: part.delta.length };
+              if (part.delta) yield { type: part.type === 'text-delta' ? refusals.kindOf(part.delta) : part.type, text: part.delta };
+            } else if (part.type === 'raw') refusals.chunk(part.rawValue);
+            else if (part.type === 'tool-input-delta') yield { type: 'tool-input', chars: part.delta.length };
             else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: modelToolCall(declared, part) };
-            else if (part.type === 'finish') yield { type: 'finish', finishReason: part.finishReason.unified, usage: toTokenUsage(asLanguageModelUsage(part.usage)) };
+            else if (part.type === 'finish') yield { type: 'finish', finishReason: finishOf(part.finishReason.unified, part.finishReason.raw, refusals.refused), usage: toTokenUsage(asLanguageModelUsage(part.usage)) };
             else if (part.type === 'error') throw streamError(part.error);
             else yield PROGRESS;
           }
@@ -1238,14 +1303,17 @@ export class ModelManager {
         noToolCalls: declared && request.toolChoice === 'none',
       };
     }
-    const sdk = streamText({ ...this.sdkOptions(request, model), experimental_download: this.downloads(attempt.signal), headers: STREAM_ANSWER, abortSignal: attempt.signal, onError: () => {} });
+    const sdk = streamText({ ...this.sdkOptions(request, model), experimental_download: this.downloads(attempt.signal), headers: STREAM_ANSWER, includeRawChunks, abortSignal: attempt.signal, onError: () => {} });
     return {
       parts: (async function* () {
+        const refusals = new RefusalReader();
         for await (const part of sdk.fullStream) {
-          if (part.type === 'text-delta' || part.type === 'reasoning-delta') yield { type: part.type, text: part.text };
+          if (part.type === 'text-delta') yield { type: refusals.kindOf(part.text), text: part.text };
+          else if (part.type === 'reasoning-delta') yield { type: part.type, text: part.text };
+          else if (part.type === 'raw') refusals.chunk(part.rawValue);
           else if (part.type === 'tool-input-delta') yield { type: 'tool-input', chars: part.delta.length };
           else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: { toolCallId: part.toolCallId, toolName: part.toolName, input: part.input as unknown } };
-          else if (part.type === 'finish') yield { type: 'finish', finishReason: part.finishReason, usage: toTokenUsage(part.totalUsage) };
+          else if (part.type === 'finish') yield { type: 'finish', finishReason: finishOf(part.finishReason, part.rawFinishReason, refusals.refused), usage: toTokenUsage(part.totalUsage) };
           else if (part.type === 'error') throw streamError(part.error);
           else if (part.type === 'abort') throw attempt.reason ?? new ModelCallAbortedError();
           else yield PROGRESS;
@@ -1325,6 +1393,7 @@ export class ModelManager {
       latency_ms: Math.round(performance.now() - started),
       text: said.text,
       reasoningText: said.reasoningText,
+      refusal: said.refusal,
       toolCalls: said.toolCalls,
       responseMessages: said.responseMessages,
       finishReason,

@@ -69,15 +69,21 @@ export interface WireCall {
 export interface WireAnswer {
   text: string;
   reasoning: string | undefined;
+  /** The model's refusal (OpenAI's `message.refusal`), apart from `text`: undefined when it did not refuse. */
+  refusal: string | undefined;
   toolCalls: ToolCall[];
   finishReason: string;
   /** Undefined when the answer carried no usage. */
   usage: TokenUsage | undefined;
 }
 
-/** A streamed answer's pieces, as the manager's stream loop reads them; `progress`: a chunk without content. */
+/**
+ * A streamed answer's pieces, as the manager's stream loop reads them; `refusal-delta`: a piece of
+ * the model's refusal (OpenAI's `delta.refusal`); `progress`: a chunk without content, or an SSE
+ * comment (a keep-alive while the model thinks).
+ */
 export type WirePart =
-  | { type: 'text-delta' | 'reasoning-delta'; text: string }
+  | { type: 'text-delta' | 'reasoning-delta' | 'refusal-delta'; text: string }
   | { type: 'tool-call'; toolCall: ToolCall }
   | { type: 'finish'; finishReason: string; usage: TokenUsage | undefined }
   | { type: 'progress' };
@@ -208,15 +214,28 @@ interface Completion {
   error?: { message?: string };
 }
 
-/** The SDK's mapping of OpenAI's finish reasons (`mapOpenAICompatibleFinishReason`): an answer that was a refusal stopped for its content. */
+/**
+ * The SDK's mapping of OpenAI's finish reasons (`mapOpenAICompatibleFinishReason`), but for a
+ * refusal: the SDK says `content-filter` for a refusal that stopped, having merged it into the text;
+ * here it comes apart (`refusal`), and its `stop` stays `stop`, as OpenAI answers it.
+ */
 const FINISH_REASONS: Record<string, string> = { stop: 'stop', length: 'length', content_filter: 'content-filter', function_call: 'tool-calls', tool_calls: 'tool-calls' };
-const finishReasonOf = (reason: string | null | undefined, refused = false): string =>
-  reason === 'stop' && refused ? 'content-filter' : reason ? (FINISH_REASONS[reason] ?? 'other') : 'other';
+const finishReasonOf = (reason: string | null | undefined): string => (reason ? (FINISH_REASONS[reason] ?? 'other') : 'other');
 
-type TextPiece = Extract<WirePart, { type: 'text-delta' | 'reasoning-delta' }>;
+type TextPiece = { type: 'text-delta' | 'reasoning-delta'; text: string };
 
-/** A refusal as the SDK reads it: a text that is not empty, else none. */
-const refusalOf = (value: unknown): string | undefined => (typeof value === 'string' && value.length > 0 ? value : undefined);
+/** A refusal as the SDK reads it: a text that is not empty, else none (some servers send `false`). */
+export const refusalOf = (value: unknown): string | undefined => (typeof value === 'string' && value.length > 0 ? value : undefined);
+
+/**
+ * The refusal of an OpenAI-style answer as its provider sent it (the SDK models' raw response body:
+ * `message`; a raw stream chunk: `delta`), for the SDK's paths, whose models merge it into the text.
+ * Any other value (another provider's shape, a chunk that was no JSON) holds none.
+ */
+export function rawRefusal(value: unknown, key: 'message' | 'delta'): string | undefined {
+  const choices = (value as Completion | null | undefined)?.choices;
+  return Array.isArray(choices) ? refusalOf((choices[0] as Record<string, ChoiceMessage | undefined> | undefined)?.[key]?.refusal) : undefined;
+}
 
 /**
  * A message's (or delta's) content as the SDK reads it (`convertOpenAICompatibleContent`), in
@@ -413,13 +432,12 @@ export class OpenAIWire {
       if (piece.type === 'text-delta') said += piece.text;
       else reasoning += piece.text;
     }
-    const refusal = refusalOf(message.refusal);
-    if (refusal) said += refusal;
     return {
       text: said,
       reasoning: reasoning || undefined,
+      refusal: refusalOf(message.refusal),
       toolCalls,
-      finishReason: finishReasonOf(choice.finish_reason, refusal !== undefined),
+      finishReason: finishReasonOf(choice.finish_reason),
       usage: usageOf(completion.usage),
     };
   }
@@ -664,8 +682,6 @@ class SseReader implements Dispatcher.DispatchHandlers {
   private begun = false;
   /** The start of a 2xx answer's body, to name an answer that is no stream (a server that ignores `stream`). */
   private opening = '';
-  /** The answer carried a refusal (its finish then says content-filter, as the SDK's does). */
-  private refused = false;
   private usage: OpenAIUsage | null | undefined;
   private readonly unsubscribe: () => void;
 
@@ -867,8 +883,7 @@ class SseReader implements Dispatcher.DispatchHandlers {
     const refusal = refusalOf(delta?.refusal);
     if (refusal) {
       emitted = true;
-      this.refused = true;
-      this.parts.push({ type: 'text-delta', text: refusal });
+      this.parts.push({ type: 'refusal-delta', text: refusal });
       this.output(refusal.length);
     }
     for (const piece of delta?.tool_calls ?? []) this.toolDelta(piece);
@@ -894,7 +909,7 @@ class SseReader implements Dispatcher.DispatchHandlers {
       return this.parts.fail(error as Error); // a call without a name: an invalid answer, as through the SDK
     }
     for (const toolCall of calls) this.parts.push({ type: 'tool-call', toolCall });
-    this.parts.push({ type: 'finish', finishReason: finishReasonOf(this.finishReason, this.refused), usage: usageOf(this.usage) });
+    this.parts.push({ type: 'finish', finishReason: finishReasonOf(this.finishReason), usage: usageOf(this.usage) });
     this.parts.end();
   }
 }
