@@ -966,6 +966,17 @@ describe('the call path behind /v1', () => {
     await fake.waitFor((log) => log[0]?.aborted === true);
   });
 
+  it('answers a stream whose upstream keeps it alive with SSE comments past the chunk timeout while its model thinks, without trying it again', async () => {
+    // Comments for 1.3 × MODEL_TIMEOUT_MS, inside MODEL_STREAM_TIMEOUT_MS; a retry would answer at once.
+    fake.script('fake-chat', { text: 'Thought it through.', comments: { everyMs: 100, forMs: 1_300 } }, { text: 'Tried again.' });
+    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Think' }], stream: true });
+    let text = '';
+    for await (const part of stream) text += part.choices[0]?.delta.content ?? '';
+    expect(text).toBe('Thought it through.');
+    expect(fake.log.map((r) => [r.reply, r.completed])).toEqual([[200, true]]);
+    expect(fake.log[0]!.commentsSent).toBeGreaterThan(5);
+  });
+
   it('ends a stream that fails after its first chunk with an error event the SDK raises', async () => {
     // The delay lets the first chunk reach the client before the drop (after that, no retry).
     fake.script('fake-chat', { chunks: ['a ', 'b ', 'c '], chunkDelayMs: 30, drop: { afterChunks: 2 } });

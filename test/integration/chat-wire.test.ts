@@ -468,6 +468,46 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
   });
 });
 
+describe('SSE comments while the model thinks (OpenRouter: `: OPENROUTER PROCESSING`)', () => {
+  let thinking: ModelManager | undefined;
+  afterEach(async () => {
+    await thinking?.close();
+    thinking = undefined;
+  });
+  /** A manager whose chunk timeout is 500 ms. */
+  const manager = (streamTimeoutMs: number) =>
+    (thinking = fakeModelManager(server, { models: [{ id: 'wire-chat', provider: 'fake', capabilities: ['chat'], pricing }], records, overrides: { timeoutMs: 500, streamTimeoutMs } }));
+  const hello: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Think hard' }] };
+
+  it('a stream whose upstream sends only comments for longer than the chunk timeout, then answers, is answered: not cut off and tried again', async () => {
+    // Three chunk timeouts of comments, then the answer; the retry, should there be one, would answer at once.
+    server.script('wire-chat', { ...REPLY, comments: { everyMs: 50, forMs: 1_500 } }, REPLY);
+    const stream = manager(10_000).stream(hello);
+    const texts: string[] = [];
+    for await (const event of stream) if (event.type === 'text-delta') texts.push(event.text);
+    expect(texts.join('')).toBe('Hello wire world');
+    expect(await stream.result).toMatchObject({ finishReason: 'stop', usage: { input: 9, output: 4 } });
+    expect(server.log.map(({ reply, completed, aborted }) => ({ reply, completed, aborted }))).toEqual([{ reply: 200, completed: true, aborted: false }]);
+    expect(server.log[0]!.commentsSent).toBeGreaterThan(10);
+  });
+
+  it('a stream whose upstream only sends comments ends at the stream deadline (504), its request closed, not tried again', async () => {
+    server.script('wire-chat', { ...REPLY, comments: { everyMs: 50, forMs: Infinity } }, REPLY);
+    const started = Date.now();
+    const stream = manager(1_500).stream(hello);
+    const failure = await (async () => {
+      for await (const _ of stream);
+    })().catch((e: unknown) => e);
+    expect(failure).toBeInstanceOf(ModelAnswerLimitError);
+    expect(failure).toMatchObject({ statusCode: 504, message: expect.stringMatching(/did not finish within 1500 ms/) as unknown });
+    expect(Date.now() - started).toBeGreaterThanOrEqual(1_400);
+    await server.waitFor((log) => log[0]?.aborted === true);
+    expect(server.log).toHaveLength(1);
+    expect(server.log[0]!.chunksSent).toBe(0);
+    expect((await settled(1))[0]).toMatchObject({ status: 'error', attempts: 1 });
+  });
+});
+
 describe('tools over the wire (openai-compatible)', () => {
   /** The tools; `checked`, with a validator that takes any input: the SDK then reads the answer itself (generateText, streamText), the reference. */
   const toolSet = (checked: boolean): ToolSet => {

@@ -824,7 +824,13 @@ class SseReader implements Dispatcher.DispatchHandlers {
         if (this.data !== null && this.dispatch(this.data, true)) return;
         continue;
       }
-      if (!line.startsWith('data:')) continue;
+      if (!line.startsWith('data:')) {
+        // A comment (`: OPENROUTER PROCESSING`) is how an upstream says it is still at work while a
+        // reasoning model thinks, silent otherwise for minutes: progress for the chunk timeout,
+        // which would cut the call off and try it again. The stream's deadline still bounds it.
+        if (line.charCodeAt(0) === 58) this.parts.push(PROGRESS);
+        continue;
+      }
       this.streamed = true;
       const data = line.charCodeAt(5) === 32 ? line.slice(6) : line.slice(5);
       if (this.data === null ? this.dispatch(data, false) : ((this.data += `\n${data}`), false)) return;
