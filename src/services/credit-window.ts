@@ -69,6 +69,8 @@ export interface CreditWindowOptions {
   onRetired: (block: CreditBlock) => void;
   /** Work started off the calls' path (taking the next block ahead): the owner tracks it, logs its failure and waits for it at shutdown. */
   background: (work: Promise<unknown>) => void;
+  /** A block's hold failed with no answer to tell whether it committed: release its row, if it has one (see `hold`). */
+  onHoldUnknown: (id: string, userId: string) => void;
 }
 
 /** The most a busy user's block grows to, in blocks of `blockCalls` (see `blockCallsFor`). */
@@ -157,7 +159,13 @@ export class CreditWindows {
   private hold(userId: string, id: string, size: bigint) {
     // Durable before the block serves a call (see billingCrud.hold's DURABLE_COMMIT).
     const hold = { id, userId, apiKeyId: null, accountAmount: unitsCost(size), accountCover: unitsCost(size * BigInt(2)), keyAmount: null, ttlSeconds: this.options.ttlSeconds, durable: true };
-    return billingCrud.hold(this.options.db, hold);
+    // A failure may come after the commit (a reply lost with its connection, a server silent past
+    // the query timeout that runs the statement once it is reached again): the row, which no block
+    // in memory stands for, would keep its credit from the account until it expired (15 min).
+    return billingCrud.hold(this.options.db, hold).catch((error: unknown) => {
+      this.options.onHoldUnknown(id, userId);
+      throw error;
+    });
   }
 
   /**

@@ -107,7 +107,7 @@ export class UsageMeterService implements UsageMeter {
   /** Credit windows (BILLING_CREDIT_WINDOW_CALLS > 0): holds from memory, settled with the batch writer. */
   private readonly windows: CreditWindows | undefined;
   private windowSettlements: billingCrud.Settlement[] = [];
-  /** Retired blocks to give back, written after the settlements queued before them. */
+  /** Retired blocks to give back, and holds that failed with no telling whether they committed (`releaseLost`), written after the settlements queued before them. */
   private blockReleases: billingCrud.Settlement[] = [];
   private windowTimer: NodeJS.Timeout | undefined;
   private readonly inFlight = new Set<Promise<unknown>>();
@@ -144,6 +144,8 @@ export class UsageMeterService implements UsageMeter {
         idleMs: WINDOW_IDLE_MS,
         onRetired: (block) => this.releaseBlock(block),
         background: (work) => this.track(work),
+        onHoldUnknown: (id, userId) =>
+          this.releaseReservation({ reservationId: id, userId, apiKeyId: null, chargeAccount: true, chargeKey: false, description: 'credit window released (its hold failed)' }),
       });
     }
   }
@@ -226,7 +228,7 @@ export class UsageMeterService implements UsageMeter {
         ttlSeconds: this.settings.BILLING_RESERVATION_TTL_SECONDS,
       };
       const flushes = this.flushes;
-      let outcome = await billingCrud.hold(this.db, held);
+      let outcome = await this.holdOnce(held);
       // Refused while this process may still owe the account credit, the call waits for that flush
       // and tries once more, so a call the account covers is not refused for a block with nothing in progress.
       if (outcome === 'balance' && this.windows && holdAccount) {
@@ -238,13 +240,26 @@ export class UsageMeterService implements UsageMeter {
           // load waits on other calls' rows). A flush that fails keeps what it held for the next
           // (logged there): this call is then refused as it was.
           await this.flushQueued().catch(() => undefined);
-          outcome = await billingCrud.hold(this.db, held);
+          outcome = await this.holdOnce(held);
         }
       }
       if (outcome === 'balance') throw await this.notEnoughCredits(userId!, estimate);
       if (outcome === 'budget') throw await this.overBudget(estimate);
       return this.reservation({ reservationId: id, chargeAccount, chargeKey: budgeted });
     })();
+  }
+
+  /**
+   * A call's hold. One that fails may have committed all the same (its reply lost with the
+   * connection, or a server silent past the query timeout that runs it once it is reached again):
+   * the call is refused, and its row would keep the credit (and the key's budget) held until it
+   * expired, after the outage. Its release goes with the next flush; with no such row it releases nothing.
+   */
+  private holdOnce(held: billingCrud.Hold): Promise<billingCrud.HoldOutcome> {
+    return billingCrud.hold(this.db, held).catch((error: unknown) => {
+      this.releaseLost(held);
+      throw error;
+    });
   }
 
   private async countRequest(estimate: CostEstimate, rpm: number): Promise<void> {
@@ -371,17 +386,24 @@ export class UsageMeterService implements UsageMeter {
 
   /** A retired block whose calls have all settled: delete its row, giving what is left of it back to the account. */
   private releaseBlock(block: CreditBlock): void {
-    this.blockReleases.push({
-      reservationId: block.id,
-      userId: block.userId,
-      apiKeyId: null,
-      projectId: null,
-      cost: '0',
-      chargeAccount: true,
-      chargeKey: false,
-      usageRecordId: randomUUID(),
-      description: 'credit window released',
+    this.releaseReservation({ reservationId: block.id, userId: block.userId, apiKeyId: null, chargeAccount: true, chargeKey: false, description: 'credit window released' });
+  }
+
+  /** A hold (a call's or a block's) that failed with no telling whether it committed: its row, if any, goes back whole. */
+  private releaseLost(held: billingCrud.Hold): void {
+    this.releaseReservation({
+      reservationId: held.id,
+      userId: held.userId,
+      apiKeyId: held.apiKeyId,
+      chargeAccount: held.accountAmount !== null,
+      chargeKey: held.keyAmount !== null,
+      description: 'credit hold released (its statement failed)',
     });
+  }
+
+  /** Deletes a reservation's row with the next flush (after the settlements queued before it), giving back what it holds; charges nothing. */
+  private releaseReservation(release: Pick<billingCrud.Settlement, 'reservationId' | 'userId' | 'apiKeyId' | 'chargeAccount' | 'chargeKey' | 'description'>): void {
+    this.blockReleases.push({ ...release, projectId: null, cost: '0', usageRecordId: randomUUID() });
     this.schedule();
   }
 

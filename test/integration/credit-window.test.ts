@@ -446,6 +446,36 @@ describe('credit windows', () => {
     expect(await usageRows(user)).toBe(5);
   });
 
+  it("a hold that committed but whose reply was lost (a block's, or a call's own) is given back, not held until it expires", async () => {
+    // As under a database outage: the statement reached the server and committed, its answer never
+    // came back. `windowed` takes blocks; `single` (100 covers a block of 80, not twice) holds per call.
+    const windowed = await createUser(ctx.app);
+    const single = await createUser(ctx.app);
+    await grant(windowed, '1000');
+    await grant(single, '100');
+    let lost = 0;
+    await intercept(
+      (text, params) => {
+        // `single`'s block is refused (its statement commits nothing): its call's own hold (asynchronous commit) is the one lost.
+        const holds = params.includes(windowed.user.id) || (params.includes(single.user.id) && /'synchronous_commit', 'off'/.test(text));
+        if (/insert into credit_reservations/.test(text) && holds) {
+          lost += 1;
+          throw new Error('connection lost after the commit');
+        }
+      },
+      async () => {
+        await expect(ctx.app.models.chat(billed(windowed))).rejects.toThrow();
+        await expect(ctx.app.models.chat(billed(single))).rejects.toThrow();
+      },
+      true,
+    );
+    expect(lost).toBe(2);
+    await ctx.app.models.chat(billed(windowed));
+    await ctx.app.models.chat(billed(single));
+    await expectSettled(windowed, 1000 - 4);
+    await expectSettled(single, 100 - 4);
+  });
+
   it('a flush the client gave up on that reaches the server after its retry (a stalled network) charges nothing twice', async () => {
     // The client times out and retries on a new connection; the first attempt's bytes, held by the
     // network, reach the server afterwards and run: without a unique ledger entry per call the
