@@ -414,6 +414,18 @@ describe('GET /billing/summary', () => {
   });
 });
 
+/** A database for a server a test starts itself: a PostgreSQL database of its own (DATABASE_URL set), or a copy of the migrated PGlite template. */
+async function databaseOfItsOwn(): Promise<{ overrides: Record<string, string>; cleanup: () => Promise<void> }> {
+  if (process.env.DATABASE_URL) {
+    const opened = await openTestDatabase();
+    await opened.database.close();
+    return { overrides: { DATABASE_URL: opened.url! }, cleanup: opened.destroy };
+  }
+  const dir = mkdtempSync(join(tmpdir(), 'keel-test-db-'));
+  cpSync(inject('templatePgliteDir')!, dir, { recursive: true });
+  return { overrides: { PGLITE_DATA_DIR: dir }, cleanup: async () => rmSync(dir, { recursive: true, force: true }) };
+}
+
 describe('shutdown', () => {
   /** A second app on the file's database (it reads the fake provider and models at start) whose batches wait 10 minutes: only its close writes them. */
   const secondApp = () => buildTestApp(ctx.database, { USAGE_FLUSH_INTERVAL_MS: '600000' });
@@ -479,6 +491,61 @@ describe('shutdown', () => {
       await expect.poll(async () => (await rowsOf(user)).length, { timeout: 2_000 }).toBe(1);
     } finally {
       await other.close();
+    }
+  });
+
+  it('a gateway call still waiting for its credit hold when the server stops answers 503 before the shutdown deadline, not a cut connection', async () => {
+    // A database gone silent keeps a hold's statement (up to its timeout + 2 s, past SHUTDOWN_TIMEOUT_MS,
+    // where the process exits and cuts the connection): the cut-off before the deadline (here 3 s
+    // after the stop, the deadline at 4 s) must reach the call waiting for it. The statement goes on at 6 s.
+    const dir = await databaseOfItsOwn();
+    const settings = testSettings({ ...dir.overrides, PORT: '0', BILLING_ENABLED: 'true', SHUTDOWN_TIMEOUT_MS: '4000' });
+    let release = () => undefined as void;
+    const silent = new Promise<void>((resolve) => (release = resolve));
+    let releaser: NodeJS.Timeout | undefined;
+    try {
+      const server = await startServer(settings, pino({ level: 'silent' }), { migrate: true });
+      let closed: Promise<unknown> | undefined;
+      try {
+        const admin = await superuserHeaders(server);
+        await addFakeModels(server, admin, fake.url);
+        const user = await createUser(server);
+        expect((await server.inject({ method: 'POST', url: '/api/v1/billing/credits', headers: admin, payload: { user_id: user.user.id, amount: '1000', description: 'test' } })).statusCode).toBe(200);
+        const key = await createKey(server, user, { name: 'gateway' });
+        let holding = false;
+        await intercepting(
+          server.database.db,
+          async (text, params) => {
+            if (/insert into credit_reservations/.test(text) && params.includes(user.user.id)) {
+              holding = true;
+              await silent;
+            }
+          },
+          async () => {
+            const { port } = server.server.address() as AddressInfo;
+            const answer = fetch(`http://127.0.0.1:${port}/v1/chat/completions`, {
+              method: 'POST',
+              headers: { authorization: `Bearer ${key.key}`, 'content-type': 'application/json' },
+              body: JSON.stringify({ model: 'fake-billed', max_tokens: 10, messages: [{ role: 'user', content: 'hi' }] }),
+            }).then(async (response) => ({ status: response.status, body: await response.text(), at: Date.now() }));
+            await expect.poll(() => holding).toBe(true);
+            const stopped = Date.now();
+            releaser = setTimeout(release, 6_000);
+            closed = server.close();
+            const response = await answer;
+            expect(response.status, response.body).toBe(503);
+            expect(response.at - stopped).toBeLessThan(4_000);
+            release();
+            await closed;
+          },
+        );
+      } finally {
+        release();
+        await (closed ?? server.close());
+      }
+    } finally {
+      clearTimeout(releaser);
+      await dir.cleanup();
     }
   });
 

@@ -871,6 +871,42 @@ function abortedError(signal: CallerSignal | undefined): Error {
   return reason instanceof HttpError ? reason : new ModelCallAbortedError();
 }
 
+/**
+ * The call's reservation, or its caller's abort while it is being made, whichever comes first. A
+ * hold can wait long (a database gone silent: the statement timeout + 2 s), and the caller may
+ * stop waiting meanwhile: a client gone, or the server's shutdown, whose cut-off before the
+ * deadline otherwise reached only calls already with their provider, so a request still waiting for
+ * its hold had its connection cut by the deadline's exit, with no answer instead of a 503.
+ * A reservation made after the abort goes to `settleLate`.
+ */
+async function untilAborted(
+  reserving: UsageReservation | Promise<UsageReservation>,
+  signal: CallerSignal | undefined,
+  settleLate: (reservation: UsageReservation) => void,
+): Promise<UsageReservation> {
+  if (!signal || !(reserving instanceof Promise)) return reserving;
+  return new Promise((resolve, reject) => {
+    let abandoned = false;
+    const onAbort = () => {
+      abandoned = true;
+      reject(abortedError(signal));
+    };
+    signal.addEventListener('abort', onAbort, { once: true });
+    reserving.then(
+      (reservation) => {
+        signal.removeEventListener('abort', onAbort);
+        if (abandoned) settleLate(reservation);
+        else resolve(reservation);
+      },
+      (error: Error) => {
+        signal.removeEventListener('abort', onAbort);
+        // Refused after the caller left: nothing to tell it (a hold that failed is released by the meter).
+        if (!abandoned) reject(error);
+      },
+    );
+  });
+}
+
 function sleep(ms: number, signal: CallerSignal | undefined): Promise<void> {
   return new Promise((resolve, reject) => {
     if (signal?.aborted) return reject(abortedError(signal));
@@ -1447,7 +1483,29 @@ export class ModelManager {
         context: request.context ?? {},
         fallback: model !== primary,
       };
-      const reservation = this.options.meter ? await this.options.meter.reserve(estimate) : undefined;
+      const reservation = this.options.meter
+        ? await untilAborted(this.options.meter.reserve(estimate), signal, (late) => {
+            // Made after its caller stopped waiting: ended at once, an aborted call that never went upstream (its hold released).
+            const record: UsageRecord = {
+              operation,
+              model: model.id,
+              provider: model.provider,
+              tokens: { ...ZERO_USAGE },
+              estimated: false,
+              cost: '0',
+              latency_ms: 0,
+              time_to_first_token_ms: null,
+              status: 'aborted',
+              error: new ModelCallAbortedError().message,
+              attempts: 0,
+              started_at: new Date(),
+              context: request.context ?? {},
+            };
+            Promise.resolve()
+              .then(() => late.settle(record))
+              .catch((e: unknown) => this.options.onMeterError?.(e, record));
+          })
+        : undefined;
       const state: AttemptState = { estimated: false, inputTokens, streamed: false, firstTokenAt: null, outputChars: 0, outputTokens: 0 };
       const started = performance.now();
       const startedAt = new Date();
