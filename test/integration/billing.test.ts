@@ -18,7 +18,7 @@ import { addCosts, type ChatRequest, MEDIA_PART_TOKENS } from '../../src/modules
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
-import { apiOf, createKey, expectValidationError, type ListBody, sleep, UUID, xApiKey } from '../helpers/http.js';
+import { apiOf, createKey, eventually, expectValidationError, type ListBody, sleep, UUID, xApiKey } from '../helpers/http.js';
 import { createFolder, type EntryBody, ingested, multipartBody, settled, upload, uploaded } from '../helpers/knowledge.js';
 import { chatRequest, useFakeModels } from '../helpers/metered-models.js';
 
@@ -432,9 +432,11 @@ describe('metered calls with BILLING_ENABLED', () => {
     });
     expect(await call).toBeInstanceOf(ModelCallAbortedError);
     expect(fake.log).toHaveLength(0);
+    // The caller was answered at once; its hold, made once the lock went, is ended after it.
+    const recorded = () => ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
+    await eventually(async () => (await ctx.app.meter.idle(), (await recorded()).length > 0));
     expect(await balanceOf(user)).toMatchObject({ balance: '100', reserved: '0' });
-    const rows = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
-    expect(rows.map((r) => [r.status, r.attempts, Number(r.cost)])).toEqual([['aborted', 0, 0]]);
+    expect((await recorded()).map((r) => [r.status, r.attempts, Number(r.cost)])).toEqual([['aborted', 0, 0]]);
     await expectConsistent(user);
   });
 
