@@ -1,6 +1,6 @@
 import { z } from 'zod';
 
-import { MoneyInput } from './billing.js';
+import { PositiveMoneyInput } from './billing.js';
 import { Id, Timestamp } from './common.js';
 
 /** `expired`: an active key past its `expires_at` (shown, not stored: it no longer authenticates). */
@@ -8,12 +8,10 @@ export const ApiKeyStatus = z.enum(['active', 'revoked', 'expired']);
 
 /** Per-key limits, as gateways offer them; null removes one. */
 const limits = {
-  /** Spend cap in credits (decimal string) over every metered call made with the key. */
-  max_budget: MoneyInput.refine((v) => !v.startsWith('-') && /[1-9]/.test(v), { error: 'Input should be a positive decimal string' })
-    .nullable()
-    .optional(),
-  /** Model calls per minute. */
-  rpm: z.number().int().min(1).max(1_000_000).nullable().optional(),
+  max_budget: PositiveMoneyInput.nullable()
+    .optional()
+    .meta({ description: 'Spend cap in credits (decimal string) over every metered call made with the key: past it, calls answer 402. null: none' }),
+  rpm: z.number().int().min(1).max(1_000_000).nullable().optional().meta({ description: 'Model calls per minute with the key: past it, calls answer 429 with Retry-After. null: no limit' }),
 };
 
 export const ApiKeyCreate = z

@@ -7,6 +7,12 @@ export const MoneyInput = z
   .string()
   .regex(/^-?\d{1,15}(\.\d{1,12})?$/, { error: 'Input should be a decimal string with at most 15 digits before the point and 12 after it' });
 
+/** An amount above zero (a budget), its pattern without a sign: what a client generator shows is what is taken. */
+export const PositiveMoneyInput = z
+  .string()
+  .regex(/^\d{1,15}(\.\d{1,12})?$/, { error: 'Input should be a positive decimal string with at most 15 digits before the point and 12 after it' })
+  .refine((v) => /[1-9]/.test(v), { error: 'Input should be a positive decimal string' });
+
 const Money = z.string().meta({ description: 'Credits as a decimal string (exact, up to 12 decimal places)' });
 
 export const Balance = z

@@ -583,6 +583,17 @@ describe('per-API-key limits', () => {
     expectValidationError(await api('POST', '/api-keys', user.headers, { name: 'x', max_budget: 3 }), ['body', 'max_budget']);
     expectValidationError(await api('PATCH', `/api-keys/${key.id}`, user.headers, { rpm: 0 }), ['body', 'rpm']);
     expectValidationError(await api('PATCH', `/api-keys/${key.id}`, user.headers, { rpm: 1.5 }), ['body', 'rpm']);
+    // The document says what a limit does, and shows a budget's pattern without the sign it refuses.
+    type Property = { pattern?: string; description?: string; anyOf?: Property[] };
+    const document = (await ctx.app.inject({ method: 'GET', url: '/api/v1/openapi.json' })).json<{ components: { schemas: Record<string, { properties: Record<string, Property> }> } }>();
+    for (const schema of ['ApiKeyCreate', 'ApiKeyUpdate']) {
+      const { max_budget: budget, rpm } = document.components.schemas[schema]!.properties;
+      expect(budget!.description).toMatch(/402/);
+      expect(rpm!.description).toMatch(/429/);
+      const pattern = budget!.pattern ?? budget!.anyOf?.find((p) => p.pattern)?.pattern;
+      expect(pattern).toBeDefined();
+      expect(new RegExp(pattern!).test('-1')).toBe(false);
+    }
   });
 
   it('max_budget: a call the key’s remaining budget cannot cover answers 402 naming the limit', async () => {
