@@ -35,9 +35,8 @@ import { randomUUID } from 'node:crypto';
 import { setImmediate as setImmediatePromise } from 'node:timers/promises';
 
 import { CREDIT_BLOCK_MAX_AGE_MS } from '../core/config.js';
-import type { Db } from '../core/db.js';
 
-import * as billingCrud from '../crud/billing.js';
+import type * as billingCrud from '../crud/billing.js';
 import { costUnits, unitsCost } from '../modules/ai-models/index.js';
 
 export interface CreditBlock {
@@ -59,7 +58,6 @@ export interface CreditBlock {
 }
 
 export interface CreditWindowOptions {
-  db: Db;
   /** Block size, in calls of the size of the one that takes it. */
   blockCalls: number;
   ttlSeconds: number;
@@ -69,8 +67,11 @@ export interface CreditWindowOptions {
   onRetired: (block: CreditBlock) => void;
   /** Work started off the calls' path (taking the next block ahead): the owner tracks it, logs its failure and waits for it at shutdown. */
   background: (work: Promise<unknown>) => void;
-  /** A block's hold failed with no answer to tell whether it committed: release its row, if it has one (see `hold`). */
-  onHoldUnknown: (id: string, userId: string) => void;
+  /**
+   * A block's hold statement (the meter's `holdOnce`: one whose statement failed, which may have
+   * committed all the same, has its row released with the next flush).
+   */
+  hold: (held: billingCrud.Hold) => Promise<billingCrud.HoldOutcome>;
 }
 
 /** The most a busy user's block grows to, in blocks of `blockCalls` (see `blockCallsFor`). */
@@ -159,13 +160,7 @@ export class CreditWindows {
   private hold(userId: string, id: string, size: bigint) {
     // Durable before the block serves a call (see billingCrud.hold's DURABLE_COMMIT).
     const hold = { id, userId, apiKeyId: null, accountAmount: unitsCost(size), accountCover: unitsCost(size * BigInt(2)), keyAmount: null, ttlSeconds: this.options.ttlSeconds, durable: true };
-    // A failure may come after the commit (a reply lost with its connection, a server silent past
-    // the query timeout that runs the statement once it is reached again): the row, which no block
-    // in memory stands for, would keep its credit from the account until it expired (15 min).
-    return billingCrud.hold(this.options.db, hold).catch((error: unknown) => {
-      this.options.onHoldUnknown(id, userId);
-      throw error;
-    });
+    return this.options.hold(hold);
   }
 
   /**

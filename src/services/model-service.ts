@@ -6,15 +6,13 @@ import type { ModelCreate, ModelUpdate } from '../schemas/model.js';
 import * as overrideCrud from '../crud/model-override.js';
 import * as providerCrud from '../crud/provider.js';
 import { builtinModel, isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
-import type { ModelManager, ModelView } from '../modules/ai-models/index.js';
+import { builtinProviderKey, type ModelManager, type ModelView } from '../modules/ai-models/index.js';
 import type { Capability } from '../modules/ai-models/types.js';
 import { ensureSuperuser } from '../utils/authentication.js';
 import { firstNames } from '../utils/text.js';
 import type { ServiceContext } from './context.js';
 import { refreshModels } from './model-sync.js';
 
-/** Providers that exist without a record: their credentials come from the environment. */
-const BUILTIN_PROVIDERS = new Set(['openai', 'anthropic', 'google']);
 
 const notFound = (id: string) => new NotFoundError(`Model ${id} not found`);
 
@@ -35,7 +33,8 @@ export function get(models: ModelManager, idOrAlias: string): ModelView {
  * model's write commits (`tx`): a delete of it meanwhile waits, then sees the model and refuses.
  */
 async function checkProvider(tx: Db, provider: string | undefined): Promise<void> {
-  if (provider === undefined || BUILTIN_PROVIDERS.has(provider)) return;
+  // A built-in provider exists without a record: its credentials come from the settings.
+  if (provider === undefined || builtinProviderKey(provider) !== undefined) return;
   if (!(await providerCrud.lockByName(tx, provider, 'share'))) throw new NotFoundError(`Provider ${provider} not found`);
 }
 
@@ -67,34 +66,26 @@ function heldBy(models: ModelManager, id: string, name: string): string | undefi
   return holder.id === name ? `${JSON.stringify(name)} is the id of model ${JSON.stringify(holder.id)}` : `${JSON.stringify(name)} is already an alias of model ${JSON.stringify(holder.id)}`;
 }
 
+/** An issue at `loc(i)` for each of `names` that another model holds (see heldBy). */
+function heldNames(models: ModelManager, id: string, names: readonly string[], loc: (i: number) => (string | number)[], say = (msg: string) => msg): ValidationIssue[] {
+  return names.flatMap((name, i) => {
+    const msg = heldBy(models, id, name);
+    return msg ? [{ loc: loc(i), msg: say(msg), type: 'value_error' }] : [];
+  });
+}
+
 /**
  * Each alias must name this model alone: the catalog resolves an id before any alias and the first
  * model to claim an alias before the others (the oldest row), so an alias that is another model's
  * id or alias would be listed here yet call the other model. 422 naming the model that holds each.
+ * A new model's id too (an id wins over an alias, so another model's alias would quietly start
+ * calling it), and a hidden built-in brought back without aliases of its own takes back its
+ * catalog's aliases.
  */
-function checkAliases(models: ModelManager, id: string, aliases: readonly string[] | undefined): void {
-  const issues: ValidationIssue[] = [];
-  aliases?.forEach((alias, i) => {
-    const msg = heldBy(models, id, alias);
-    if (msg) issues.push({ loc: ['body', 'aliases', i], msg, type: 'value_error' });
-  });
-  if (issues.length) throw new UnprocessableError(issues);
-}
-
-/**
- * A new model's names taken from no other model: its id (an id wins over an alias, so another
- * model's alias would quietly start calling this one) and, for a hidden built-in brought back
- * without aliases of its own, the catalog's aliases it takes back. 422 naming the holder.
- */
-function checkNewNames(models: ModelManager, id: string, aliases: readonly string[] | undefined): void {
-  const idHeld = heldBy(models, id, id);
-  if (idHeld) throw new UnprocessableError([{ loc: ['body', 'id'], msg: idHeld, type: 'value_error' }]);
-  if (aliases !== undefined) return checkAliases(models, id, aliases);
-  const issues: ValidationIssue[] = [];
-  for (const alias of builtinModel(id)?.aliases ?? []) {
-    const msg = heldBy(models, id, alias);
-    if (msg) issues.push({ loc: ['body', 'id'], msg: `Its built-in alias ${msg}`, type: 'value_error' });
-  }
+function checkNames(models: ModelManager, id: string, aliases: readonly string[] | undefined, created = false): void {
+  const issues = created ? heldNames(models, id, [id], () => ['body', 'id']) : [];
+  if (aliases !== undefined) issues.push(...heldNames(models, id, aliases, (i) => ['body', 'aliases', i]));
+  else if (created) issues.push(...heldNames(models, id, builtinModel(id)?.aliases ?? [], () => ['body', 'id'], (msg) => `Its built-in alias ${msg}`));
   if (issues.length) throw new UnprocessableError(issues);
 }
 
@@ -112,7 +103,7 @@ export async function create(ctx: ServiceContext, models: ModelManager, input: M
   const { id, ...fields } = input;
   // A built-in's own (a hidden one is not in the catalog), else a custom model's default.
   checkFallbacks(models, id, fields.capabilities ?? builtinModel(id)?.capabilities ?? ['chat'], fields.fallbacks);
-  checkNewNames(models, id, fields.aliases);
+  checkNames(models, id, fields.aliases, true);
   const row = { ...overrideCrud.NO_OVERRIDE, ...fields, deleted: false };
   await transaction(ctx.db, async (tx) => {
     await checkProvider(tx, fields.provider);
@@ -130,7 +121,7 @@ export async function update(ctx: ServiceContext, models: ModelManager, idOrAlia
   const { id, capabilities, fallbacks } = get(models, idOrAlias);
   // New capabilities are checked against the fallbacks the model keeps, too.
   checkFallbacks(models, id, input.capabilities ?? capabilities, input.fallbacks ?? (input.capabilities ? fallbacks : undefined));
-  checkAliases(models, id, input.aliases);
+  checkNames(models, id, input.aliases);
   await transaction(ctx.db, async (tx) => {
     await checkProvider(tx, input.provider);
     await overrideCrud.upsert(tx, id, input);

@@ -120,15 +120,16 @@ async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, 
   }
   if (!ctx.settings.BILLING_ENABLED) return;
   const balanceRead = early.balance?.userId === ownerId ? early.balance.read : undefined;
+  const short = (credits: string) => addCosts(credits, `-${needed}`).startsWith('-');
   let available = availableCredits(await (balanceRead ?? billingCrud.getBalance(ctx.db, ownerId)));
-  if (addCosts(available, `-${needed}`).startsWith('-') && ctx.runs.charged) {
+  if (short(available) && ctx.runs.charged) {
     // Part of what looks held may be this process's own: the credit window's block its last calls
     // for the user took (up to half of what was free), idle now. Given back, the account is read
     // again, as a call's own hold does (usage-meter.ts): a run was refused right after a call.
     await ctx.runs.charged(ownerId);
     available = availableCredits(await billingCrud.getBalance(ctx.db, ownerId));
   }
-  if (addCosts(available, `-${needed}`).startsWith('-')) {
+  if (short(available)) {
     throw new PaymentRequiredError(`Not enough credits to start this run: available ${formatMoney(available)}; ${firstStep}`);
   }
 }

@@ -138,14 +138,12 @@ export class UsageMeterService implements UsageMeter {
     this.rpmPrefix = options.redis ? `${options.settings.REDIS_KEY_PREFIX}rate-limit:api-key-rpm:` : 'api-key-rpm:';
     if (options.settings.BILLING_ENABLED && options.settings.BILLING_CREDIT_WINDOW_CALLS > 0) {
       this.windows = new CreditWindows({
-        db: options.db,
         blockCalls: options.settings.BILLING_CREDIT_WINDOW_CALLS,
         ttlSeconds: options.settings.BILLING_RESERVATION_TTL_SECONDS,
         idleMs: WINDOW_IDLE_MS,
         onRetired: (block) => this.releaseBlock(block),
         background: (work) => this.track(work),
-        onHoldUnknown: (id, userId) =>
-          this.releaseReservation({ reservationId: id, userId, apiKeyId: null, chargeAccount: true, chargeKey: false, description: 'credit window released (its hold failed)' }),
+        hold: (held) => this.holdOnce(held),
       });
     }
   }
@@ -250,10 +248,11 @@ export class UsageMeterService implements UsageMeter {
   }
 
   /**
-   * A call's hold. One that fails may have committed all the same (its reply lost with the
-   * connection, or a server silent past the query timeout that runs it once it is reached again):
-   * the call is refused, and its row would keep the credit (and the key's budget) held until it
-   * expired, after the outage. Its release goes with the next flush; with no such row it releases nothing.
+   * A hold statement (a call's, or a credit window's block's). One that fails may have committed
+   * all the same (its reply lost with the connection, or a server silent past the query timeout
+   * that runs it once it is reached again): the row, which no call or block in memory stands for,
+   * would keep the credit (and a key's budget) held until it expired, after the outage. Its release
+   * goes with the next flush; with no such row it releases nothing.
    */
   private holdOnce(held: billingCrud.Hold): Promise<billingCrud.HoldOutcome> {
     return billingCrud.hold(this.db, held).catch((error: unknown) => {
@@ -389,7 +388,7 @@ export class UsageMeterService implements UsageMeter {
     this.releaseReservation({ reservationId: block.id, userId: block.userId, apiKeyId: null, chargeAccount: true, chargeKey: false, description: 'credit window released' });
   }
 
-  /** A hold (a call's or a block's) that failed with no telling whether it committed: its row, if any, goes back whole. */
+  /** A hold whose statement failed with no telling whether it committed: its row, if any, goes back whole. */
   private releaseLost(held: billingCrud.Hold): void {
     this.releaseReservation({
       reservationId: held.id,

@@ -1571,12 +1571,9 @@ export class ModelManager {
           // A provider that asks to be left alone longer than a call waits between tries would
           // likely refuse the capped try too: a caller that backs off by itself is told at once
           // (after the fallbacks), not after every try's wait in vain (40 s for a 429 by default).
-          if (request.passesOnLongWaits && outcome.kind === 'retryable' && failure instanceof UpstreamError && (outcome.retryAfterMs ?? 0) > this.options.retryMaxWaitMs) {
-            lastError = failure.passedOn();
-            finish('error', failure);
-            break;
-          }
-          if (outcome.kind === 'next' || attempts > this.options.maxRetries) {
+          const passedOn = request.passesOnLongWaits && outcome.kind === 'retryable' && failure instanceof UpstreamError && (outcome.retryAfterMs ?? 0) > this.options.retryMaxWaitMs;
+          if (passedOn) lastError = failure.passedOn();
+          if (passedOn || outcome.kind === 'next' || attempts > this.options.maxRetries) {
             finish('error', failure);
             break; // next model in the chain
           }

@@ -70,7 +70,7 @@ const BUILTIN_KEYS = {
 type BuiltinId = keyof typeof BUILTIN_KEYS;
 
 /** The setting that holds a built-in provider's key (`openai`: OPENAI_API_KEY); undefined for any other name. */
-export const builtinProviderKey = (name: string): keyof ProviderCredentialSettings | undefined => (Object.hasOwn(BUILTIN_KEYS, name) ? BUILTIN_KEYS[name as BuiltinId] : undefined);
+export const builtinProviderKey = (name: string): keyof ProviderCredentialSettings | undefined => (isBuiltin(name) ? BUILTIN_KEYS[name] : undefined);
 
 function isBuiltin(id: string): id is BuiltinId {
   return Object.hasOwn(BUILTIN_KEYS, id);
