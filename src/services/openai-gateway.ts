@@ -215,7 +215,7 @@ export function toChatRequest(body: ChatCompletionRequest, context: CallContext,
     // A streamed answer goes to the client as its events; the result is read only for the usage and finish reason.
     keepAnswer: body.stream !== true,
     // OpenAI's clients wait as a Retry-After says: a provider's long one is theirs to wait out.
-    passesOnLongWaits: true,
+    interactive: true,
     signal,
     context,
   };
@@ -224,7 +224,7 @@ export function toChatRequest(body: ChatCompletionRequest, context: CallContext,
 export function toEmbedRequest(body: EmbeddingRequest, context: CallContext, signal: CallerSignal): EmbedRequest {
   refuseAgentModel(body.model);
   const { dimensions, user } = body;
-  return { model: body.model, values: typeof body.input === 'string' ? [body.input] : body.input, dimensions, user, passesOnLongWaits: true, signal, context };
+  return { model: body.model, values: typeof body.input === 'string' ? [body.input] : body.input, dimensions, user, interactive: true, signal, context };
 }
 
 // ==================== Answers ====================

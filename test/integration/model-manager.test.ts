@@ -166,7 +166,7 @@ describe('ModelManager.chat', () => {
       server.script('fake-chat', { status, headers: { 'retry-after': header } }, { text: 'too soon' });
       server.script('fake-backup', { text: 'from the backup' });
       const started = Date.now();
-      expect(await models().chat({ model: 'fake-chat', messages: hello, passesOnLongWaits: true })).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
+      expect(await models().chat({ model: 'fake-chat', messages: hello, interactive: true })).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
       expect(Date.now() - started).toBeLessThan(900);
       expect(server.log.map((r) => [r.model, r.reply])).toEqual([['fake-chat', status], ['fake-backup', 200]]);
       expect((await settled(2)).map((r) => [r.model, r.status, r.attempts])).toEqual(expect.arrayContaining([['fake-chat', 'error', 1], ['fake-backup', 'success', 1]]));
@@ -176,7 +176,7 @@ describe('ModelManager.chat', () => {
       server.reset();
       server.script('fake-backup', { status: 429, headers: { 'retry-after': '30' } }, { text: 'too soon' });
       const started = Date.now();
-      const request = { model: 'fake-backup', messages: hello, passesOnLongWaits: true };
+      const request = { model: 'fake-backup', messages: hello, interactive: true };
       const failed = operation === 'chat' ? models().chat(request) : models().stream(request).result;
       await expect(failed).rejects.toMatchObject({ upstreamStatus: 429, retryAfterMs: 30_000, waitPassedOn: true });
       expect(Date.now() - started).toBeLessThan(900);
@@ -185,7 +185,7 @@ describe('ModelManager.chat', () => {
     // A wait within the bound is still waited for.
     server.reset();
     server.script('fake-backup', { status: 429, headers: { 'retry-after': '0.2' } }, { text: 'waited' });
-    expect((await models().chat({ model: 'fake-backup', messages: hello, passesOnLongWaits: true })).text).toBe('waited');
+    expect((await models().chat({ model: 'fake-backup', messages: hello, interactive: true })).text).toBe('waited');
     expect(server.log.map((r) => r.reply)).toEqual([429, 200]);
   });
 
@@ -253,6 +253,26 @@ describe('ModelManager.chat', () => {
     await server.waitFor((log) => log.length === 2 && log.every((r) => r.aborted));
     expect(server.log.map((r) => r.model)).toEqual(['fake-chat', 'fake-backup']);
     expect((await settled(2)).map((r) => r.status)).toEqual(['error', 'error']);
+  });
+
+  it('tries a timed-out attempt again for a run (SPEC §5), not for a waiting client (interactive): its fallbacks are, or it ends at once', async () => {
+    const m = manager({ maxRetries: 1 });
+    server.script('fake-backup', { hang: true }, { text: 'second try' });
+    expect((await m.chat({ model: 'fake-backup', messages: hello, timeoutMs: 300 })).text).toBe('second try');
+    expect(server.requestsFor('fake-backup')).toHaveLength(2);
+
+    server.reset();
+    server.script('fake-backup', { hang: true }, { text: 'second try' });
+    const started = Date.now();
+    await expect(m.chat({ model: 'fake-backup', messages: hello, timeoutMs: 300, interactive: true })).rejects.toThrow(ModelTimeoutError);
+    expect(Date.now() - started).toBeLessThan(600);
+    await server.waitFor((log) => log.length === 1 && log[0]!.aborted);
+
+    server.reset();
+    server.script('fake-chat', { hang: true }, { text: 'not asked again' });
+    server.script('fake-backup', { text: 'from the backup' });
+    expect(await m.chat({ model: 'fake-chat', messages: hello, timeoutMs: 300, interactive: true })).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
+    expect(server.log.map((r) => r.model)).toEqual(['fake-chat', 'fake-backup']);
   });
 
   it('falls back to the next model when the first keeps failing, and meters both', async () => {

@@ -50,7 +50,7 @@ export class UpstreamError extends HttpError {
     readonly retryAfterMs?: number,
     /** The provider's error `code` and `param` (OpenAI's error object), for a refusal that was the request's fault. */
     readonly upstreamError?: { code: string | null; param: string | null },
-    /** Not tried again for its `retryAfterMs`, longer than the call waits: the caller's to wait (`passesOnLongWaits`). */
+    /** Not tried again for its `retryAfterMs`, longer than the call waits: the caller's to wait (`interactive`). */
     readonly waitPassedOn = false,
   ) {
     super(502, upstreamDetail(diagnosis, upstreamStatus));

@@ -95,12 +95,16 @@ interface CallOptions {
   /** Per attempt; for streams, the longest wait for the next chunk (their total: `streamTimeoutMs`). Default: MODEL_TIMEOUT_MS. */
   timeoutMs?: number;
   /**
-   * The caller backs off by itself when told (a gateway's client, by Retry-After): a provider whose
-   * retry-after asks for longer than MODEL_RETRY_MAX_WAIT_MS is not tried again — its fallbacks are,
-   * else the call ends at once with that wait (`UpstreamError.waitPassedOn`). Without it (runs,
-   * ingestion: SPEC §5 retries provider errors with backoff) the wait is capped and the call retried.
+   * A client waits for this answer and backs off by itself when told (the `/v1` gateway's, by
+   * Retry-After). A provider whose retry-after asks for longer than MODEL_RETRY_MAX_WAIT_MS is not
+   * tried again — its fallbacks are, else the call ends at once with that wait
+   * (`UpstreamError.waitPassedOn`); an attempt that timed out is not tried again on the same model
+   * either (a hung upstream held the client a timeout per try: 6 min by default, past the 300 s
+   * Node's fetch waits for headers; an answer that took too long takes as long again, billed again).
+   * Without it (runs, ingestion: SPEC §5 retries provider errors and timeouts with backoff) the wait
+   * is capped and the call retried.
    */
-  passesOnLongWaits?: boolean;
+  interactive?: boolean;
   context?: CallContext;
 }
 
@@ -284,7 +288,7 @@ export interface ModelManagerOptions {
   /** The most downloaded of an image or file a prompt names by URL (MODEL_MAX_DOWNLOAD_BYTES; default 20 MiB). */
   maxDownloadBytes?: number;
   maxRetries: number;
-  /** The longest wait between two attempts; a longer retry-after is capped to it (or passed on: `passesOnLongWaits`). */
+  /** The longest wait between two attempts; a longer retry-after is capped to it (or passed on: `interactive`). */
   retryMaxWaitMs: number;
   /** First backoff step (doubles per retry, with jitter). Default 500 ms. */
   retryBaseDelayMs?: number;
@@ -802,10 +806,10 @@ function inInputOrder(modelId: string, inputs: number, vectors: Float32Array[], 
   return ordered;
 }
 
-function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undefined, timeoutMs: number): Classified {
+function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undefined, timeoutMs: number, interactive: boolean): Classified {
   if (caller?.aborted) return { kind: 'aborted' };
   if (attempt.aborted && attempt.reason instanceof AttemptTimeout) {
-    return { kind: 'retryable', error: new ModelTimeoutError(timeoutMs) };
+    return { kind: interactive ? 'next' : 'retryable', error: new ModelTimeoutError(timeoutMs) };
   }
   // The stream's deadline or the answer's size: the call ends here. On the SDK's path the size
   // limit (answer-limit.ts) errors the response body, which the SDK wraps in an APICallError.
@@ -1557,7 +1561,7 @@ export class ModelManager {
           finish('success', null);
           return value;
         } catch (error) {
-          const outcome = classify(error, attempt, signal, timeoutMs);
+          const outcome = classify(error, attempt, signal, timeoutMs, request.interactive === true);
           if (outcome.kind === 'aborted') {
             finish('aborted', new ModelCallAbortedError(), true);
             throw abortedError(signal);
@@ -1571,7 +1575,7 @@ export class ModelManager {
           // A provider that asks to be left alone longer than a call waits between tries would
           // likely refuse the capped try too: a caller that backs off by itself is told at once
           // (after the fallbacks), not after every try's wait in vain (40 s for a 429 by default).
-          const passedOn = request.passesOnLongWaits && outcome.kind === 'retryable' && failure instanceof UpstreamError && (outcome.retryAfterMs ?? 0) > this.options.retryMaxWaitMs;
+          const passedOn = request.interactive && outcome.kind === 'retryable' && failure instanceof UpstreamError && (outcome.retryAfterMs ?? 0) > this.options.retryMaxWaitMs;
           if (passedOn) lastError = failure.passedOn();
           if (passedOn || outcome.kind === 'next' || attempts > this.options.maxRetries) {
             finish('error', failure);
