@@ -2,12 +2,13 @@
  * What one usage flush costs on the event loop: `insertUsage` and `settleMany` statements, and
  * `writeUsage` (both in one statement), of
  * BATCHES rows (default "8 32 128") on a file-backed PGlite on this thread (as `keel start` runs
- * it), or DATABASE_URL's PostgreSQL (then only the client's part); this process's CPU time per
- * statement and per row (on PGlite: how long the event loop is held), medians of ROUNDS.
+ * it), or DATABASE_URL's PostgreSQL; this process's CPU time per statement and per row (on
+ * PGlite: how long the event loop is held), and on PostgreSQL also the server's (its backends'
+ * CPU time from /proc/<pid>/schedstat, when the server runs on this machine), medians of ROUNDS.
  *   npx tsx bench/flush-cost.ts
  */
 import { randomBytes, randomUUID } from 'node:crypto';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -40,34 +41,51 @@ const settlement = (): billing.Settlement => {
   s.json = billing.settlementJson(s);
   return s;
 };
+// The server's backends for this database (the pool's connections, opened by the statements above).
+const backends =
+  database.kind === 'postgres'
+    ? (await database.withSession((s) => s.query<{ pid: number }>(`select pid from pg_stat_activity where datname = current_database() and application_name = 'keel'`))).map((r) => r.pid)
+    : [];
+/** CPU time the server's backends have used, ms (0 where /proc does not show them: another machine). */
+const serverMs = () =>
+  backends.reduce((sum, pid) => {
+    try {
+      return sum + Number(readFileSync(`/proc/${pid}/schedstat`, 'utf8').split(' ')[0]) / 1e6;
+    } catch {
+      return sum;
+    }
+  }, 0);
 const cpuMs = (since: NodeJS.CpuUsage) => {
   const { user, system } = process.cpuUsage(since);
   return (user + system) / 1000;
 };
 const median = (v: number[]) => v.sort((a, b) => a - b)[Math.floor(v.length / 2)]!;
-console.log(`${database.kind}; ${ROUNDS} rounds`);
+/** Runs `work`, adding this process's CPU ms to `client` and the server's to `server`. */
+const measure = async (work: () => Promise<unknown>, client: number[], server: number[]) => {
+  // CPU time of this process (PGlite runs on this thread): what the event loop is held for, whatever the machine's load.
+  const [t, s] = [process.cpuUsage(), serverMs()];
+  await work();
+  client.push(cpuMs(t));
+  server.push(serverMs() - s);
+};
+const onServer = backends.length > 0;
+console.log(`${database.kind}; ${ROUNDS} rounds${onServer ? '; CPU ms as this process + the server' : ''}`);
 console.log('| rows | insertUsage CPU ms | µs/row | settleMany CPU ms | µs/row | writeUsage (both, one statement) CPU ms | µs/row |');
 console.log('| --- | --- | --- | --- | --- | --- | --- |');
+const cell = (client: number[], server: number[], n: number) => {
+  const [c, s] = [median(client), median(server)];
+  return `${onServer ? `${c.toFixed(2)} + ${s.toFixed(2)}` : c.toFixed(2)} | ${(((c + s) * 1000) / n).toFixed(0)}`;
+};
 for (const n of BATCHES) {
-  const ins: number[] = [];
-  const set: number[] = [];
-  const both: number[] = [];
+  const m = Array.from({ length: 6 }, (): number[] => []);
   for (let r = 0; r < ROUNDS; r++) {
     const rows = Array.from({ length: n }, row);
     const settlements = Array.from({ length: n }, settlement);
-    // CPU time of this process (PGlite runs on this thread): what the event loop is held for, whatever the machine's load.
-    let t = process.cpuUsage();
-    await billing.insertUsage(db, rows);
-    ins.push(cpuMs(t));
-    t = process.cpuUsage();
-    await billing.settleMany(db, settlements);
-    set.push(cpuMs(t));
+    await measure(() => billing.insertUsage(db, rows), m[0]!, m[1]!);
+    await measure(() => billing.settleMany(db, settlements), m[2]!, m[3]!);
     const [more, moreSettlements] = [Array.from({ length: n }, row), Array.from({ length: n }, settlement)];
-    t = process.cpuUsage();
-    await billing.writeUsage(db, more, moreSettlements);
-    both.push(cpuMs(t));
+    await measure(() => billing.writeUsage(db, more, moreSettlements), m[4]!, m[5]!);
   }
-  const [a, b, c] = [median(ins), median(set), median(both)];
-  console.log(`| ${n} | ${a.toFixed(2)} | ${((a * 1000) / n).toFixed(0)} | ${b.toFixed(2)} | ${((b * 1000) / n).toFixed(0)} | ${c.toFixed(2)} | ${((c * 1000) / n).toFixed(0)} |`);
+  console.log(`| ${n} | ${cell(m[0]!, m[1]!, n)} | ${cell(m[2]!, m[3]!, n)} | ${cell(m[4]!, m[5]!, n)} |`);
 }
 await database.close();
