@@ -6,7 +6,7 @@
 import { randomUUID } from 'node:crypto';
 
 import { and, asc, gte, lt, type SQL, sql } from 'drizzle-orm';
-import type { AnyPgColumn } from 'drizzle-orm/pg-core';
+import type { AnyPgColumn, PgDialect } from 'drizzle-orm/pg-core';
 
 import type { Db } from '../core/db.js';
 import { transaction } from '../core/db.js';
@@ -16,7 +16,7 @@ import { creditAccounts, type CreditTransaction, creditTransactions, type NewCre
 import { definePolicy } from '../utils/access.js';
 import { batchedById } from './batch.js';
 import { ownedCrud, queryRows as rows } from './owned.js';
-import { preparedPerDb } from './prepared.js';
+import { preparedAnywhere, preparedPerDb } from './prepared.js';
 
 // ==================== Policies ====================
 
@@ -270,7 +270,7 @@ export async function settle(db: Db, s: Settlement, retried = false): Promise<vo
   const once = retried && s.usage === undefined && s.userId !== null;
   const seen = once ? sql`, seen as (select 1 from credit_transactions where usage_record_id = ${s.usageRecordId}::uuid and type = 'usage')` : sql``;
   const fresh = once ? sql` and not exists (select 1 from seen)` : sql``;
-  const usage = s.usage === undefined ? sql`` : sql`, ${usageRowCtes([s.usage])}`;
+  const usage = s.usage === undefined ? sql`` : sql`, ${usageRowCtes(sql`${jsonArray([s.usage])}`)}`;
   const spend = s.usage === undefined ? sql`${s.cost}::numeric` : sql`(select coalesce(sum(cost), 0) from ins)`;
   await rows(
     db,
@@ -307,21 +307,47 @@ export async function settle(db: Db, s: Settlement, retried = false): Promise<vo
 export async function settleMany(db: Db, batch: readonly Settlement[]): Promise<void> {
   if (batch.length === 1) return settle(db, batch[0]!);
   const usage = batch.flatMap((s) => (s.usage === undefined ? [] : [s.usage]));
-  const rowCtes = usage.length ? sql`${usageRowCtes(usage)}, ` : sql``;
-  await rows(db, sql`with ${ASYNC_COMMIT}, ${rowCtes}${settleCtes(batch, usage.length > 0)} ${LEDGER_ENTRIES}`);
+  const items = settlementItems(batch);
+  await (usage.length ? settleManyWithRows(db).execute({ usage: jsonArray(usage), items }) : settleManyOnly(db).execute({ items }));
 }
+
+/**
+ * A flush's statement, prepared under its name with its JSON parameters as placeholders: on
+ * PostgreSQL each connection parses and plans it once and runs a generic plan from the sixth run
+ * on. Sent as text, the server parsed and planned it at every flush, and ran it on a custom plan,
+ * which was slower to run than the generic one besides (a 128-row `writeUsage`'s backend CPU
+ * 10.6 → 6.6 ms, medians: bench/RESULTS.md, stop 44); Drizzle no longer builds its text each time
+ * either. PGlite's client prepares every text once already (pglite-client.ts).
+ */
+const flushStatement = (name: string, statement: () => SQL) =>
+  preparedAnywhere(name, (db, statementName): FlushStatement => {
+    const { dialect, _ } = db as unknown as { dialect: PgDialect; _: Pick<Db['_'], 'session'> };
+    return _.session.prepareQuery(dialect.sqlToQuery(statement()), undefined, statementName, false) as unknown as FlushStatement;
+  });
+
+interface FlushStatement {
+  execute(placeholders: Record<string, string>): Promise<{ rows: unknown[] }>;
+}
+
+/** The placeholders of a flush's statements: usage rows and settlement items, each a JSON array (`jsonArray`, `settlementItems`). */
+const USAGE = sql`${sql.placeholder('usage')}`;
+const ITEMS = sql`${sql.placeholder('items')}`;
+
+const settleManyOnly = flushStatement('credit_settle_many', () => sql`with ${ASYNC_COMMIT}, ${settleCtes(ITEMS)} ${LEDGER_ENTRIES}`);
+const settleManyWithRows = flushStatement('credit_settle_many_rows', () => sql`with ${ASYNC_COMMIT}, ${usageRowCtes(USAGE)}, ${settleCtes(ITEMS, true)} ${LEDGER_ENTRIES}`);
 
 /** The items as `settleMany`'s one JSON parameter. */
 const settlementItems = (batch: readonly Settlement[]): string => `[${batch.map((s) => s.json ?? settlementJson(s)).join(',')}]`;
 
 /**
  * `settleMany`'s work up to its ledger entries (`e`): reservations released, keys' spend and
- * accounts' balances moved. `withRows`: some settlements write their usage rows (`usageRowCtes`
- * before these): such a call moves its key's spend only when its row was inserted now (see `settle`).
+ * accounts' balances moved, for the settlements `items` (`settlementItems`). `withRows`: some
+ * settlements write their usage rows (`usageRowCtes` before these): such a call moves its key's
+ * spend only when its row was inserted now (see `settle`).
  */
-const settleCtes = (batch: readonly Settlement[], withRows = false) =>
+const settleCtes = (items: SQL, withRows = false) =>
   sql`i as (
-          select x.* from rows from (json_to_recordset(${settlementItems(batch)}::json) as (entry_id uuid, rid uuid, part numeric, user_id uuid, api_key_id uuid,
+          select x.* from rows from (json_to_recordset(${items}::json) as (entry_id uuid, rid uuid, part numeric, user_id uuid, api_key_id uuid,
               project_id uuid, cost numeric, charge_account boolean, charge_key boolean, usage_record_id uuid, description text)) with ordinality
             as x(entry_id, rid, part, user_id, api_key_id, project_id, cost, charge_account, charge_key, usage_record_id, description, ord)
         ),
@@ -464,9 +490,11 @@ export const usageRowJson = (row: UsageRow): string => JSON.stringify(row);
  * spend); a row whose user was deleted meanwhile is dropped. Returns how many were written.
  */
 export async function insertUsage(db: Db, batch: readonly (UsageRow | string)[]): Promise<number> {
-  const [row] = await rows<{ written: number }>(db, sql`with ${usageCtes(batch)} select count(*)::int as written from ins`);
+  const [row] = (await usageInserted(db).execute({ usage: jsonArray(batch) })).rows as { written: number }[];
   return Number(row?.written ?? 0);
 }
+
+const usageInserted = flushStatement('usage_insert', () => sql`with ${usageCtes(USAGE)} select count(*)::int as written from ins`);
 
 /**
  * A flush in one statement: usage records (as `insertUsage`) and settlements (as `settleMany`)
@@ -484,12 +512,12 @@ export async function writeUsage(db: Db, usage: readonly (UsageRow | string)[], 
     await settleMany(db, settlements);
     return;
   }
-  await rows(db, sql`with ${ASYNC_COMMIT}, ${usageCtes(usage)}, ${settleCtes(settlements)} ${LEDGER_ENTRIES}`);
+  await usageWritten(db).execute({ usage: jsonArray(usage), items: settlementItems(settlements) });
 }
 
-/** `insertUsage`'s work: `ins` the rows written, `uk` the keys' spend moved by rows with `charge_key`. */
-const usageCtes = (batch: readonly (UsageRow | string)[]) =>
-  sql`${usageRowCtes(batch)},
+/** `insertUsage`'s work for the rows `json` (`jsonArray`): `ins` the rows written, `uk` the keys' spend moved by rows with `charge_key`. */
+const usageCtes = (json: SQL) =>
+  sql`${usageRowCtes(json)},
         uk as (
           update api_keys t set spent = t.spent + s.total
           from (select ins.api_key_id, sum(ins.cost) as total from ins join x on x.id = ins.id
@@ -497,10 +525,14 @@ const usageCtes = (batch: readonly (UsageRow | string)[]) =>
           where t.id = s.api_key_id returning 1
         )`;
 
-/** The rows (`x`) and those written (`ins`: not those whose id is stored already, nor those of users deleted meanwhile). */
-const usageRowCtes = (batch: readonly (UsageRow | string)[]) => {
-  const json = `[${batch.map((r) => (typeof r === 'string' ? r : usageRowJson(r))).join(',')}]`;
-  return sql`x as (
+const usageWritten = flushStatement('usage_write', () => sql`with ${ASYNC_COMMIT}, ${usageCtes(USAGE)}, ${settleCtes(ITEMS)} ${LEDGER_ENTRIES}`);
+
+/** Usage rows as one JSON array, the parameter `usageRowCtes` reads. */
+const jsonArray = (batch: readonly (UsageRow | string)[]): string => `[${batch.map((r) => (typeof r === 'string' ? r : usageRowJson(r))).join(',')}]`;
+
+/** The rows `json` (`jsonArray`) as `x`, and those written (`ins`: not those whose id is stored already, nor those of users deleted meanwhile). */
+const usageRowCtes = (json: SQL) =>
+  sql`x as (
           select * from json_to_recordset(${json}::json) as x(
             id uuid, created_at timestamptz, owner_id uuid, api_key_id uuid, project_id uuid, agent_id uuid, run_id uuid,
             model text, provider text, operation text, input_tokens int, cached_input_tokens int, cache_write_tokens int,
@@ -518,7 +550,6 @@ const usageRowCtes = (batch: readonly (UsageRow | string)[]) => {
           on conflict (id) do nothing
           returning id, api_key_id, cost
         )`;
-};
 
 export const GROUP_BY = ['model', 'day', 'api_key'] as const;
 export type GroupBy = (typeof GROUP_BY)[number];
