@@ -1,4 +1,4 @@
-import { and, asc, eq } from 'drizzle-orm';
+import { and, asc, eq, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 
@@ -8,6 +8,9 @@ import { isEmptyChange } from './owned.js';
 
 /** The override fields of a row, without its key and bookkeeping columns. */
 export type OverrideFields = Omit<NewModelOverrideRow, 'id' | 'created_at' | 'updated_at' | 'model_id'>;
+
+/** What the catalog reads of a row: its model, whether it hides it, the fields it overrides. */
+export type CatalogRow = Pick<ModelOverrideRow, 'model_id' | 'deleted'> & OverrideFields;
 
 /** Every override field unset: a hidden built-in or a restored one starts from this. */
 export const NO_OVERRIDE: Required<Omit<OverrideFields, 'deleted'>> = {
@@ -23,6 +26,19 @@ export const NO_OVERRIDE: Required<Omit<OverrideFields, 'deleted'>> = {
   priority: null,
   fallbacks: null,
 };
+
+/** Any constant works, as long as every Keel process uses the same one (migrations take 7_424_911_002). */
+const CATALOG_WRITE_LOCK_KEY = 7_424_911_003;
+
+/**
+ * Inside a transaction: waits until no other transaction (on any node) holds the catalog's write
+ * lock, then holds it until this one ends. A catalog write takes it before it reads the rows it
+ * checks, so those are the rows it writes over: two writes never both pass checks that the other's
+ * change would fail. Only catalog writes take it; reads and model calls never wait for it.
+ */
+export async function lockCatalogWrites(tx: Db): Promise<void> {
+  await tx.execute(sql`select pg_advisory_xact_lock(${CATALOG_WRITE_LOCK_KEY}::bigint)`);
+}
 
 /**
  * Oldest first: of two models claiming one alias (rows written before aliases were checked), the

@@ -37,7 +37,7 @@ export const modelsRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'create_model',
         summary: 'Create Model',
         description:
-          'Superusers only. A built-in id creates an override of that model; another id a custom model, which needs `provider` (a built-in provider or a provider record name) and `pricing`. 409 when the model already has an override or exists; a deleted built-in is restored.',
+          'Superusers only. A built-in id creates an override of that model; another id a custom model, which needs `provider` (a built-in provider or a provider record name) and `pricing`. 409 when the model already has an override or exists; a deleted built-in is restored. 422 naming the field when an alias or the id names another model, or a fallback is unknown, the model itself or cannot do what the model does. Catalog writes are checked and written one at a time on every node, against the catalog as the database holds it.',
         tags,
         body: ModelCreate,
         response: { 200: ModelPublic, 404: ErrorBody, 409: ErrorBody, ...authErrors },
@@ -73,7 +73,8 @@ export const modelsRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'update_model',
         summary: 'Update Model',
-        description: 'Superusers only: enable or disable, change prices (the whole `pricing`), priority, fallbacks and the rest.',
+        description:
+          'Superusers only: enable or disable, change prices (the whole `pricing`), priority, fallbacks and the rest. Aliases and fallbacks are checked as for `POST /models` (422 naming the field), one write at a time on every node.',
         tags,
         params: ModelIdParams,
         body: ModelUpdate,

@@ -9,7 +9,7 @@ import type { Database, Db } from '../core/db.js';
 import { JobSealer } from '../core/job-crypto.js';
 import type { Logger } from '../core/logger.js';
 
-import type { ModelOverrideRow, ProviderRow } from '../models/index.js';
+import type { ProviderRow } from '../models/index.js';
 
 import * as overrideCrud from '../crud/model-override.js';
 import * as providerCrud from '../crud/provider.js';
@@ -43,7 +43,7 @@ export function openSecret(secretKey: string, providerId: string, field: SecretF
 
 // ==================== Rows → manager ====================
 
-function toOverride(row: ModelOverrideRow): ModelOverride {
+function toOverride(row: overrideCrud.CatalogRow): ModelOverride {
   const override: ModelOverride = { id: row.model_id, deleted: row.deleted };
   for (const [key, value] of Object.entries(row)) {
     if (key in overrideKeys && value !== null) (override as Record<string, unknown>)[key] = value;
@@ -54,7 +54,7 @@ function toOverride(row: ModelOverrideRow): ModelOverride {
 const overrideKeys = Object.fromEntries(Object.keys(overrideCrud.NO_OVERRIDE).map((key) => [key, true]));
 
 /** Rows the catalog can use: a custom model (no built-in id) needs its provider and prices — a built-in dropped by a data update leaves a partial row behind. */
-function usableOverrides(rows: readonly ModelOverrideRow[], log: Logger): ModelOverride[] {
+export function usableOverrides(rows: readonly overrideCrud.CatalogRow[], log: Logger): ModelOverride[] {
   return rows.flatMap((row) => {
     if (!row.deleted && !isBuiltinModel(row.model_id) && (row.provider === null || row.pricing === null)) {
       log.warn({ model: row.model_id }, 'Model override skipped: not a built-in model and no provider or pricing of its own');

@@ -5,9 +5,9 @@ import { modelOverrides } from '../../src/models/index.js';
 
 import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
 import { refreshModels } from '../../src/services/model-sync.js';
-import { useTestApp } from '../helpers/app.js';
+import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
-import { apiOf, createKey, expectValidationError, type ListBody, xApiKey } from '../helpers/http.js';
+import { apiOf, call, createKey, expectValidationError, type ListBody, xApiKey } from '../helpers/http.js';
 
 const ctx = useTestApp();
 const api = apiOf(ctx);
@@ -305,5 +305,65 @@ describe('superuser changes', () => {
     const restored = await api('POST', '/models', admin, { id });
     expect(restored.statusCode, restored.body).toBe(200);
     expect(restored.json<ModelBody>().priority).toBe(loadBuiltinModels().find((m) => m.id === id)!.priority);
+  });
+});
+
+describe('superuser changes at once (one lock; the rows checked are read under it)', () => {
+  const statuses = (answers: { statusCode: number }[]) => answers.map((answer) => answer.statusCode).sort();
+
+  it('of two models created at once claiming one alias, one is created and the other refused (422), each time', async () => {
+    for (let round = 0; round < 6; round++) {
+      const alias = `raced-alias-${round}`;
+      const ids = [`race-a-${round}`, `race-b-${round}`];
+      const answers = await Promise.all(ids.map((id) => api('POST', '/models', admin, { ...CUSTOM, id, aliases: [alias] })));
+      expect(statuses(answers), answers.map((answer) => answer.body).join('\n')).toEqual([200, 422]);
+      const winner = ids[answers.findIndex((answer) => answer.statusCode === 200)]!;
+      expect((await api('GET', `/models/${alias}`, user.headers)).json<ModelBody>().id).toBe(winner);
+      const rows = await ctx.database.db.select().from(modelOverrides);
+      expect(rows.filter((row) => row.aliases?.includes(alias)).map((row) => row.model_id)).toEqual([winner]);
+      expect((await api('DELETE', `/models/${winner}`, admin)).statusCode).toBe(200);
+    }
+  });
+
+  it('of two models changed at once to take one alias, one takes it; a model deleted while another names it as a fallback stays or the fallback is refused', async () => {
+    for (const id of ['race-left', 'race-right', 'race-stand-in', 'race-leaning']) {
+      expect((await api('POST', '/models', admin, { ...CUSTOM, id, aliases: [] })).statusCode).toBe(200);
+    }
+    for (let round = 0; round < 6; round++) {
+      const alias = `raced-patch-${round}`;
+      const answers = await Promise.all(['race-left', 'race-right'].map((id) => api('PATCH', `/models/${id}`, admin, { aliases: [alias] })));
+      expect(statuses(answers), answers.map((answer) => answer.body).join('\n')).toEqual([200, 422]);
+      const rows = await ctx.database.db.select().from(modelOverrides);
+      expect(rows.filter((row) => row.aliases?.includes(alias))).toHaveLength(1);
+    }
+    for (let round = 0; round < 6; round++) {
+      const [deleted, leaning] = await Promise.all([
+        api('DELETE', '/models/race-stand-in', admin),
+        api('PATCH', '/models/race-leaning', admin, { fallbacks: ['race-stand-in'] }),
+      ]);
+      // Either the fallback was written first (the delete is refused) or the model is gone first (the fallback is unknown).
+      expect([deleted.statusCode, leaning.statusCode], `${deleted.body}\n${leaning.body}`).toEqual(deleted.statusCode === 409 ? [409, 200] : [200, 422]);
+      const [row] = await ctx.database.db.select().from(modelOverrides).where(eq(modelOverrides.model_id, 'race-leaning'));
+      expect(row!.fallbacks ?? []).toEqual(deleted.statusCode === 409 ? ['race-stand-in'] : []);
+      expect((await api('PATCH', '/models/race-leaning', admin, { fallbacks: [] })).statusCode).toBe(200);
+      if (deleted.statusCode === 200) expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'race-stand-in', aliases: [] })).statusCode).toBe(200);
+    }
+    for (const id of ['race-left', 'race-right', 'race-stand-in', 'race-leaning']) expect((await api('DELETE', `/models/${id}`, admin)).statusCode).toBe(200);
+  });
+
+  it('a node whose catalog is stale checks the rows as they are: it refuses an alias another node gave away a moment ago', async () => {
+    const other = await buildTestApp(ctx.database);
+    try {
+      const otherAdmin = await superuserHeaders(other);
+      // Seen by the other node before the change (its catalog then misses what this one writes).
+      expect((await call(other, 'GET', '/models/stale-claim', otherAdmin)).statusCode).toBe(404);
+      expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'stale-first', aliases: ['stale-claim'] })).statusCode).toBe(200);
+      const refused = await call(other, 'POST', '/models', otherAdmin, { ...CUSTOM, id: 'stale-second', aliases: ['stale-claim'] });
+      expect(expectValidationError(refused, ['body', 'aliases', 0]).detail[0]!.msg).toBe('"stale-claim" is already an alias of model "stale-first"');
+      expect((await ctx.database.db.select().from(modelOverrides).where(eq(modelOverrides.model_id, 'stale-second')))).toEqual([]);
+    } finally {
+      await other.close();
+    }
+    expect((await api('DELETE', '/models/stale-first', admin)).statusCode).toBe(200);
   });
 });

@@ -26,6 +26,11 @@ export class ModelCatalog {
     this.setOverrides(overrides);
   }
 
+  /** Another catalog of the same built-in models with `overrides` (this one unchanged): what a write would make of it. */
+  withOverrides(overrides: readonly ModelOverride[]): ModelCatalog {
+    return new ModelCatalog(this.builtins, overrides);
+  }
+
   /** Replaces every override at once (call again after a change in the database). */
   setOverrides(overrides: readonly ModelOverride[]): void {
     const models = new Map(this.builtins.map((m) => [m.id, structuredClone(m)]));

@@ -969,6 +969,11 @@ export class ModelManager {
     this.options.providers.setRecords(providers);
   }
 
+  /** A catalog of this one's built-in models with `overrides` instead of its own, e.g. rows as a write finds them (this one unchanged). */
+  catalogWith(overrides: readonly ModelOverride[]): ModelCatalog {
+    return this.options.catalog.withOverrides(overrides);
+  }
+
   /** Closes the providers' idle connections (the app's close hook). */
   close(): Promise<void> {
     return this.options.providers.close();
