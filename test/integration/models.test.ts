@@ -248,8 +248,10 @@ describe('superuser changes', () => {
 
   it('an alias two models claim (rows from before aliases were checked) stays with the older one when the other is written', async () => {
     const pricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' };
-    for (const model_id of ['claim-older', 'claim-newer']) {
-      await ctx.database.db.insert(modelOverrides).values({ model_id, provider: 'openai', pricing, aliases: ['claimed-twice'], deleted: false });
+    // A second apart: PGlite's clock counts milliseconds, and two rows of one millisecond would be ordered by model_id.
+    const now = Date.now();
+    for (const [i, model_id] of ['claim-older', 'claim-newer'].entries()) {
+      await ctx.database.db.insert(modelOverrides).values({ model_id, provider: 'openai', pricing, aliases: ['claimed-twice'], deleted: false, created_at: new Date(now - 2000 + i * 1000) });
     }
     await refreshModels(ctx.app.models, ctx.database.db, ctx.app.settings, ctx.app.log);
     for (const id of ['claim-older', 'claim-newer', 'claim-older']) {
