@@ -74,11 +74,11 @@ export const modelsRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'update_model',
         summary: 'Update Model',
         description:
-          'Superusers only: enable or disable, change prices (the whole `pricing`), priority, fallbacks and the rest. Aliases and fallbacks are checked as for `POST /models` (422 naming the field), one write at a time on every node.',
+          'Superusers only: enable or disable, change prices (the whole `pricing`), priority, fallbacks and the rest. Aliases and fallbacks are checked as for `POST /models` (422 naming the field), one write at a time on every node. 409 naming them when the change would break the fallbacks of other models (an alias they name dropped, a capability they need removed): change their fallbacks first. Disabling a model others name as a fallback is allowed (their calls skip it while it is disabled) and logged as a warning.',
         tags,
         params: ModelIdParams,
         body: ModelUpdate,
-        response: { 200: ModelPublic, 404: ErrorBody, ...authErrors },
+        response: { 200: ModelPublic, 404: ErrorBody, 409: ErrorBody, ...authErrors },
       },
     },
     async (request) => modelService.update(contextOf(request), models, request.params.model_id, request.body),

@@ -3,6 +3,7 @@ import { ConflictError, NotFoundError, UnprocessableError, type ValidationIssue 
 
 import type { ModelCreate, ModelUpdate } from '../schemas/model.js';
 
+import type { CatalogRow } from '../crud/model-override.js';
 import * as overrideCrud from '../crud/model-override.js';
 import * as providerCrud from '../crud/provider.js';
 import { builtinModel, isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
@@ -41,22 +42,85 @@ async function checkProvider(tx: Db, provider: string | undefined): Promise<void
 /** What a fallback must do when its model does: the operations a call makes. */
 const STAND_IN_FOR: readonly Capability[] = ['chat', 'embedding'];
 
+/** Why a fallback cannot stand in for a model: it is the model, the catalog has no such model, or it cannot do what the model does. */
+type FallbackFault = { kind: 'self' } | { kind: 'unknown' } | { kind: 'lacks'; model: string; missing: Capability[] };
+
+/** Why `name` cannot stand in for the model `id` (which can do `capabilities`) in `catalog`; undefined when it can. */
+function fallbackFault(catalog: ModelCatalog, id: string, capabilities: readonly Capability[], name: string): FallbackFault | undefined {
+  const fallback = catalog.modelAsCalled(name);
+  if (name === id || fallback?.id === id) return { kind: 'self' };
+  if (!fallback) return { kind: 'unknown' };
+  const missing = STAND_IN_FOR.filter((can) => capabilities.includes(can) && !fallback.capabilities.includes(can));
+  return missing.length ? { kind: 'lacks', model: fallback.id, missing } : undefined;
+}
+
 /**
  * Each fallback must be a model that can stand in for `id` when its calls fail: one the catalog
  * knows, not the model itself, able to do what the model does (chat, embeddings). The call path
- * skips any other without a word; a mistake here would only show when the model fails. 422 naming each.
+ * skips any other without a word; a mistake here would only show when the model fails. 422 naming
+ * each. Two models may name each other: a call tries its model's own fallbacks, not theirs.
  */
 function checkFallbacks(catalog: ModelCatalog, id: string, capabilities: readonly Capability[], fallbacks: readonly string[] | undefined): void {
   const issues: ValidationIssue[] = [];
   fallbacks?.forEach((name, i) => {
-    const issue = (msg: string) => issues.push({ loc: ['body', 'fallbacks', i], msg, type: 'value_error' });
-    const fallback = catalog.modelAsCalled(name);
-    if (name === id || fallback?.id === id) return issue('A model cannot be its own fallback');
-    if (!fallback) return issue(`Unknown model ${JSON.stringify(name)}; GET /models lists the catalog`);
-    const missing = STAND_IN_FOR.filter((can) => capabilities.includes(can) && !fallback.capabilities.includes(can));
-    if (missing.length) issue(`Model ${JSON.stringify(fallback.id)} cannot stand in: it lacks ${missing.join(' and ')}`);
+    const fault = fallbackFault(catalog, id, capabilities, name);
+    if (!fault) return;
+    const msg =
+      fault.kind === 'self'
+        ? 'A model cannot be its own fallback'
+        : fault.kind === 'unknown'
+          ? `Unknown model ${JSON.stringify(name)}; GET /models lists the catalog`
+          : `Model ${JSON.stringify(fault.model)} cannot stand in: it lacks ${fault.missing.join(' and ')}`;
+    issues.push({ loc: ['body', 'fallbacks', i], msg, type: 'value_error' });
   });
   if (issues.length) throw new UnprocessableError(issues);
+}
+
+/**
+ * What a change of `id` (`before` → `after`) does to the other models' fallbacks: each name that
+ * called a model before and afterwards calls none or another, or no longer one that can stand in,
+ * in words. Names that called nothing before (rows from before fallbacks were checked) are not
+ * this change's doing.
+ */
+function brokenFallbacks(before: ModelCatalog, after: ModelCatalog, id: string): { dependents: string[]; reasons: string[] } {
+  const dependents: string[] = [];
+  const reasons = new Set<string>();
+  for (const model of before.listModels({ includeDisabled: true })) {
+    if (model.id === id) continue;
+    let broken = false;
+    for (const name of model.fallbacks) {
+      const was = before.modelAsCalled(name);
+      if (!was) continue;
+      const now = after.modelAsCalled(name);
+      const fault = fallbackFault(after, model.id, model.capabilities, name);
+      if (!now) reasons.add(`${JSON.stringify(name)} would name no model`);
+      else if (now.id !== was.id) reasons.add(`${JSON.stringify(name)} would name model ${JSON.stringify(now.id)}`);
+      else if (fault?.kind === 'lacks' && !fallbackFault(before, model.id, model.capabilities, name)) reasons.add(`it would lack ${fault.missing.join(' and ')}`);
+      else continue;
+      broken = true;
+    }
+    if (broken) dependents.push(model.id);
+  }
+  return { dependents, reasons: [...reasons] };
+}
+
+/**
+ * 409 when a change of `id` would break other models' fallbacks (see brokenFallbacks): their calls
+ * would skip it without a word while they still list it. A delete needs no reasons: it is one.
+ */
+function checkDependents(before: ModelCatalog, after: ModelCatalog, id: string, explain: boolean): void {
+  const { dependents, reasons } = brokenFallbacks(before, after, id);
+  if (!dependents.length) return;
+  const why = explain ? `after this change ${firstNames(reasons)}; ` : '';
+  throw new ConflictError(`Model ${id} is a fallback of ${dependents.length === 1 ? 'model' : 'models'} ${firstNames(dependents)}: ${why}remove it from their fallbacks first`);
+}
+
+/** The models (ids) whose fallbacks name `id` (by its id or an alias). */
+function namedAsFallbackBy(catalog: ModelCatalog, id: string): string[] {
+  return catalog
+    .listModels({ includeDisabled: true })
+    .filter((model) => model.id !== id && model.fallbacks.some((name) => catalog.getModel(name)?.id === id))
+    .map((model) => model.id);
 }
 
 /** Whose `name` is, when another model's (its id or an alias), in words. */
@@ -96,17 +160,32 @@ function found(catalog: ModelCatalog, idOrAlias: string): ModelInfo {
   return model;
 }
 
+/** The catalog as the database holds it, under the write lock, and what a write would make of it. */
+interface LockedCatalog {
+  catalog: ModelCatalog;
+  /** The catalog once the row of `id` is what `change` makes of it (its row, or undefined when it has none): undefined removes it. */
+  after: (id: string, change: (row: CatalogRow | undefined) => CatalogRow | undefined) => ModelCatalog;
+}
+
 /**
  * Runs a catalog write in a transaction holding the catalog's write lock (every node's writes
  * take it), with the catalog as the database holds it then: the write's checks read that, not the
  * node's catalog, which another superuser's write may not have reached yet (in flight here, or on
  * another node). Two writes that would conflict therefore never both pass.
  */
-async function catalogWrite<T>(ctx: ServiceContext, models: ModelManager, work: (tx: Db, catalog: ModelCatalog) => Promise<T>): Promise<T> {
+async function catalogWrite<T>(ctx: ServiceContext, models: ModelManager, work: (tx: Db, locked: LockedCatalog) => Promise<T>): Promise<T> {
   return transaction(ctx.db, async (tx) => {
     await overrideCrud.lockCatalogWrites(tx);
-    const catalog = models.catalogWith(usableOverrides(await overrideCrud.listAll(tx), ctx.log));
-    return work(tx, catalog);
+    const rows: CatalogRow[] = await overrideCrud.listAll(tx);
+    const catalogOf = (list: readonly CatalogRow[]) => models.catalogWith(usableOverrides(list, ctx.log));
+    const after: LockedCatalog['after'] = (id, change) => {
+      const at = rows.findIndex((row) => row.model_id === id);
+      const next = change(at < 0 ? undefined : rows[at]);
+      // A row's place is kept (the oldest row's claim to an alias wins); a new one is the newest.
+      if (at < 0) return catalogOf(next ? [...rows, next] : rows);
+      return catalogOf(next ? rows.map((row, i) => (i === at ? next : row)) : rows.filter((_, i) => i !== at));
+    };
+    return work(tx, { catalog: catalogOf(rows), after });
   });
 }
 
@@ -123,7 +202,7 @@ export async function create(ctx: ServiceContext, models: ModelManager, input: M
   ensureSuperuser(ctx.principal);
   const { id, ...fields } = input;
   const row = { ...overrideCrud.NO_OVERRIDE, ...fields, deleted: false };
-  await catalogWrite(ctx, models, async (tx, catalog) => {
+  await catalogWrite(ctx, models, async (tx, { catalog }) => {
     // A built-in's own (a hidden one is not in the catalog), else a custom model's default.
     checkFallbacks(catalog, id, fields.capabilities ?? builtinModel(id)?.capabilities ?? ['chat'], fields.fallbacks);
     checkNames(catalog, id, fields.aliases, true);
@@ -136,39 +215,41 @@ export async function create(ctx: ServiceContext, models: ModelManager, input: M
   return changed(ctx, models, id);
 }
 
-/** Changes the given fields of a model (by id or alias); a built-in one gets its override row. */
+/**
+ * Changes the given fields of a model (by id or alias); a built-in one gets its override row. 409
+ * when the change would break other models' fallbacks (see checkDependents). Disabling a model
+ * that others name as a fallback is the operator's choice: their calls skip it until it is enabled
+ * again, which is logged as a warning naming them.
+ */
 export async function update(ctx: ServiceContext, models: ModelManager, idOrAlias: string, input: ModelUpdate): Promise<ModelView> {
   ensureSuperuser(ctx.principal);
-  const id = await catalogWrite(ctx, models, async (tx, catalog) => {
-    const { id, capabilities, fallbacks } = found(catalog, idOrAlias);
+  const { id, dependents } = await catalogWrite(ctx, models, async (tx, { catalog, after }) => {
+    const { id, capabilities, fallbacks, enabled } = found(catalog, idOrAlias);
     // New capabilities are checked against the fallbacks the model keeps, too.
     checkFallbacks(catalog, id, input.capabilities ?? capabilities, input.fallbacks ?? (input.capabilities ? fallbacks : undefined));
     checkNames(catalog, id, input.aliases);
+    checkDependents(catalog, after(id, (row) => ({ ...(row ?? { ...overrideCrud.NO_OVERRIDE, model_id: id, deleted: false }), ...input })), id, true);
     await checkProvider(tx, input.provider);
     await overrideCrud.upsert(tx, id, input);
-    return id;
+    return { id, dependents: enabled && input.enabled === false ? namedAsFallbackBy(catalog, id) : [] };
   });
   ctx.log.info({ model: id, fields: Object.keys(input) }, 'Model updated');
+  if (dependents.length) ctx.log.warn({ model: id, dependents }, 'Model disabled while other models name it as a fallback: their calls skip it until it is enabled again');
   return changed(ctx, models, id);
 }
 
 /**
  * A custom model is removed; a built-in one is hidden (its overrides dropped) until it is created
- * again. 409 while other models name it as a fallback: their calls would skip it without a word
- * while they still list it, and a change of their capabilities would be refused for it.
+ * again. 409 while other models name it as a fallback (see checkDependents): their calls would
+ * skip it without a word while they still list it.
  */
 export async function remove(ctx: ServiceContext, models: ModelManager, idOrAlias: string): Promise<void> {
   ensureSuperuser(ctx.principal);
-  const id = await catalogWrite(ctx, models, async (tx, catalog) => {
+  const id = await catalogWrite(ctx, models, async (tx, { catalog, after }) => {
     const { id } = found(catalog, idOrAlias);
-    const dependents = catalog
-      .listModels({ includeDisabled: true })
-      .filter((model) => model.id !== id && model.fallbacks.some((name) => catalog.getModel(name)?.id === id))
-      .map((model) => model.id);
-    if (dependents.length) {
-      throw new ConflictError(`Model ${id} is a fallback of ${dependents.length === 1 ? 'model' : 'models'} ${firstNames(dependents)}: remove it from their fallbacks first`);
-    }
-    if (isBuiltinModel(id)) await overrideCrud.upsert(tx, id, { ...overrideCrud.NO_OVERRIDE, deleted: true });
+    const hidden = isBuiltinModel(id);
+    checkDependents(catalog, after(id, (row) => (hidden ? { ...row, ...overrideCrud.NO_OVERRIDE, model_id: id, deleted: true } : undefined)), id, false);
+    if (hidden) await overrideCrud.upsert(tx, id, { ...overrideCrud.NO_OVERRIDE, deleted: true });
     else await overrideCrud.removeByModelId(tx, id);
     return id;
   });

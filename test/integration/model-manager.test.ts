@@ -243,6 +243,16 @@ describe('ModelManager.chat', () => {
     expect(server.log).toHaveLength(1);
   });
 
+  it("two models that name each other as fallbacks: a call tries its model's own fallbacks, never theirs (no loop)", async () => {
+    const paired = fakeModelManager(server, { builtins, models: [CUSTOM_MODELS[0]!, { ...CUSTOM_MODELS[1]!, fallbacks: ['fake-chat'] }], records });
+    for (const [first, second] of [['fake-chat', 'fake-backup'], ['fake-backup', 'fake-chat']] as const) {
+      server.reset();
+      server.script('*', { status: 401, body: { error: { message: 'refused' } } }, { status: 401, body: { error: { message: 'refused' } } }, { status: 401, body: { error: { message: 'refused' } } });
+      await expect(paired.chat({ model: first, messages: hello })).rejects.toThrow(UpstreamError);
+      expect(server.log.map((r) => r.model)).toEqual([first, second]);
+    }
+  });
+
   it('times out a hung upstream and aborts the request', async () => {
     server.script('fake-chat', { hang: true });
     server.script('fake-backup', { hang: true });

@@ -8,8 +8,10 @@ import { refreshModels } from '../../src/services/model-sync.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { apiOf, call, createKey, expectValidationError, type ListBody, xApiKey } from '../helpers/http.js';
+import { captureLogs, LEVEL } from '../helpers/logs.js';
 
-const ctx = useTestApp();
+const logs = captureLogs('warn');
+const ctx = useTestApp({}, { logger: logs.logger });
 const api = apiOf(ctx);
 
 interface ModelBody {
@@ -276,6 +278,66 @@ describe('superuser changes', () => {
     expect((await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: [] })).statusCode).toBe(200);
     expect((await api('DELETE', '/models/leaning', admin)).statusCode).toBe(200);
     expect((await api('DELETE', '/models/stand-in', admin)).statusCode).toBe(200);
+  });
+
+  it("refuses with 409 a PATCH that would break another model's fallback (an alias it names dropped, a capability it needs removed), naming the dependents", async () => {
+    expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'kept-in', aliases: ['kept-in-alias'] })).statusCode).toBe(200);
+    expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'leaning-on', aliases: [], fallbacks: ['kept-in-alias'] })).statusCode).toBe(200);
+    expect((await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: ['kept-in'] })).statusCode).toBe(200);
+
+    const dropped = await api('PATCH', '/models/kept-in', admin, { aliases: ['another-name'] });
+    expect(dropped.statusCode, dropped.body).toBe(409);
+    expect(dropped.json()).toEqual({ detail: 'Model kept-in is a fallback of model leaning-on: after this change "kept-in-alias" would name no model; remove it from their fallbacks first' });
+    expect((await api('GET', '/models/kept-in-alias', user.headers)).json<ModelBody>()).toMatchObject({ id: 'kept-in', aliases: ['kept-in-alias'] });
+    const unable = await api('PATCH', '/models/kept-in-alias', admin, { capabilities: ['embedding'] });
+    expect(unable.statusCode, unable.body).toBe(409);
+    expect(unable.json()).toEqual({ detail: 'Model kept-in is a fallback of models gpt-4.1, leaning-on: after this change it would lack chat; remove it from their fallbacks first' });
+    expect((await api('GET', '/models/kept-in', user.headers)).json<ModelBody>().capabilities).toEqual(['chat']);
+    // A built-in's pinned snapshot named as a fallback: dropping that alias breaks it too.
+    expect((await api('PATCH', '/models/leaning-on', admin, { fallbacks: ['kept-in-alias', 'gpt-4.1-nano-2025-04-14'] })).statusCode).toBe(200);
+    const snapshot = await api('PATCH', '/models/gpt-4.1-nano', admin, { aliases: [] });
+    expect(snapshot.statusCode, snapshot.body).toBe(409);
+    expect(snapshot.json()).toEqual({ detail: 'Model gpt-4.1-nano is a fallback of model leaning-on: after this change "gpt-4.1-nano-2025-04-14" would name no model; remove it from their fallbacks first' });
+
+    // What keeps every fallback standing passes: another alias, more capabilities, other fields.
+    expect((await api('PATCH', '/models/kept-in', admin, { aliases: ['kept-in-alias', 'another-name'], capabilities: ['chat', 'tools'], priority: 5 })).statusCode).toBe(200);
+    // Once the dependents name it otherwise (or not at all), the change passes.
+    expect((await api('PATCH', '/models/leaning-on', admin, { fallbacks: ['kept-in'] })).statusCode).toBe(200);
+    expect((await api('PATCH', '/models/kept-in', admin, { aliases: [] })).statusCode).toBe(200);
+    for (const id of ['gpt-4.1', 'leaning-on']) expect((await api('PATCH', `/models/${id}`, admin, { fallbacks: [] })).statusCode).toBe(200);
+    expect((await api('PATCH', '/models/kept-in', admin, { capabilities: ['embedding'] })).statusCode).toBe(200);
+    for (const id of ['leaning-on', 'kept-in']) expect((await api('DELETE', `/models/${id}`, admin)).statusCode).toBe(200);
+    expect((await api('PATCH', '/models/gpt-4.1-nano', admin, { aliases: ['gpt-4.1-nano-2025-04-14'] })).statusCode).toBe(200);
+  });
+
+  it('disables a model that others name as a fallback (their calls skip it until it is enabled again), with a warning naming them', async () => {
+    expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'resting', aliases: [] })).statusCode).toBe(200);
+    expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'relying', aliases: [], fallbacks: ['resting'] })).statusCode).toBe(200);
+    logs.clear();
+    const disabled = await api('PATCH', '/models/resting', admin, { enabled: false });
+    expect(disabled.statusCode, disabled.body).toBe(200);
+    expect(logs.lines().filter((line) => line.level === LEVEL.warn).map(({ model, dependents, msg }) => ({ model, dependents, msg }))).toEqual([
+      { model: 'resting', dependents: ['relying'], msg: 'Model disabled while other models name it as a fallback: their calls skip it until it is enabled again' },
+    ]);
+    expect((await api('GET', '/models/relying', user.headers)).json<ModelBody>().fallbacks).toEqual(['resting']);
+    // Disabled, it still stands in as far as the catalog goes: a dependent's change is checked against it and passes.
+    expect((await api('PATCH', '/models/relying', admin, { capabilities: ['chat', 'tools'] })).statusCode).toBe(200);
+    logs.clear();
+    expect((await api('PATCH', '/models/resting', admin, { enabled: true })).statusCode).toBe(200);
+    expect(logs.lines().filter((line) => line.level === LEVEL.warn)).toEqual([]);
+    expect((await api('PATCH', '/models/relying', admin, { fallbacks: [] })).statusCode).toBe(200);
+    for (const id of ['relying', 'resting']) expect((await api('DELETE', `/models/${id}`, admin)).statusCode).toBe(200);
+  });
+
+  it("takes two models as each other's fallbacks (a call tries one model's own fallbacks, never theirs: no loop)", async () => {
+    expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'pair-a', aliases: [] })).statusCode).toBe(200);
+    expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'pair-b', aliases: [], fallbacks: ['pair-a'] })).statusCode).toBe(200);
+    const paired = await api('PATCH', '/models/pair-a', admin, { fallbacks: ['pair-b'] });
+    expect(paired.statusCode, paired.body).toBe(200);
+    expect(paired.json<ModelBody>().fallbacks).toEqual(['pair-b']);
+    expect((await api('DELETE', '/models/pair-a', admin)).json()).toEqual({ detail: 'Model pair-a is a fallback of model pair-b: remove it from their fallbacks first' });
+    expect((await api('PATCH', '/models/pair-b', admin, { fallbacks: [] })).statusCode).toBe(200);
+    for (const id of ['pair-a', 'pair-b']) expect((await api('DELETE', `/models/${id}`, admin)).statusCode).toBe(200);
   });
 
   it('refuses a custom model for a provider that does not exist (404)', async () => {
