@@ -415,6 +415,22 @@ describe('superuser changes at once (one lock; the rows checked are read under i
     for (const id of ['race-left', 'race-right', 'race-stand-in', 'race-leaning']) expect((await api('DELETE', `/models/${id}`, admin)).statusCode).toBe(200);
   });
 
+  it('an alias dropped while another model takes it as a fallback: one wins, never a fallback naming nothing', async () => {
+    expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'race-named', aliases: [] })).statusCode).toBe(200);
+    expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'race-naming', aliases: [] })).statusCode).toBe(200);
+    for (let round = 0; round < 6; round++) {
+      const alias = `race-named-${round}`;
+      expect((await api('PATCH', '/models/race-named', admin, { aliases: [alias] })).statusCode).toBe(200);
+      const [dropped, named] = await Promise.all([api('PATCH', '/models/race-named', admin, { aliases: [] }), api('PATCH', '/models/race-naming', admin, { fallbacks: [alias] })]);
+      // The fallback first: the alias stays (409); the alias dropped first: the fallback is unknown (422).
+      expect([dropped.statusCode, named.statusCode], `${dropped.body}\n${named.body}`).toEqual(dropped.statusCode === 409 ? [409, 200] : [200, 422]);
+      const [row] = await ctx.database.db.select().from(modelOverrides).where(eq(modelOverrides.model_id, 'race-named'));
+      expect(row!.aliases).toEqual(dropped.statusCode === 409 ? [alias] : []);
+      expect((await api('PATCH', '/models/race-naming', admin, { fallbacks: [] })).statusCode).toBe(200);
+    }
+    for (const id of ['race-naming', 'race-named']) expect((await api('DELETE', `/models/${id}`, admin)).statusCode).toBe(200);
+  });
+
   it('a node whose catalog is stale checks the rows as they are: it refuses an alias another node gave away a moment ago', async () => {
     const other = await buildTestApp(ctx.database);
     try {
