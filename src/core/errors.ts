@@ -96,8 +96,24 @@ export class TooManyRequestsError extends HttpError {
 }
 
 export class ServiceUnavailableError extends HttpError {
-  constructor(detail = 'Service unavailable') {
-    super(503, detail);
+  constructor(detail = 'Service unavailable', headers: Record<string, string> = {}) {
+    super(503, detail, headers);
+  }
+}
+
+/**
+ * Seconds a client is told to wait (Retry-After) when the rate limiter's counters (Redis) cannot be
+ * reached. Short: an outage of Redis is mostly a restart or failover of seconds, and the limiter
+ * fails closed, so every request of a client that does not wait would fail too; a client told
+ * nothing retries at once (or not at all), one told minutes stays away long after Redis is back.
+ * As the database's (DATABASE_RETRY_AFTER_SECONDS), and within what OpenAI's clients honour (≤ 60 s).
+ */
+export const RATE_LIMITER_RETRY_AFTER_SECONDS = 5;
+
+/** 503: the rate limiter's counters cannot be reached; requests it guards are refused (it never fails open), with a short Retry-After. */
+export class RateLimiterUnavailableError extends ServiceUnavailableError {
+  constructor() {
+    super('Rate limiter unavailable, try again later', { 'retry-after': String(RATE_LIMITER_RETRY_AFTER_SECONDS) });
   }
 }
 

@@ -6,7 +6,7 @@ import type { Redis } from 'ioredis';
 
 import { noteRefusal } from '../core/access-log.js';
 import type { Settings } from '../core/config.js';
-import { ServiceUnavailableError, TooManyRequestsError } from '../core/errors.js';
+import { RateLimiterUnavailableError, TooManyRequestsError } from '../core/errors.js';
 import { type Logger, RepeatedLine } from '../core/logger.js';
 
 // ==================== Counters ====================
@@ -119,11 +119,11 @@ const refundable = new WeakMap<FastifyRequest, string[]>();
 /** Written once per window while the counters are down (per process: the request limits and the keys' rpm alike). */
 const limiterUnavailable = new RepeatedLine();
 
-/** The counters could not be reached: said in the log (once a window) and answered 503, never failing open. */
-export function countersUnavailable(log: Logger, error: unknown, fields: Record<string, unknown>): ServiceUnavailableError {
+/** The counters could not be reached: said in the log (once a window) and answered 503 with a short Retry-After, never failing open. */
+export function countersUnavailable(log: Logger, error: unknown, fields: Record<string, unknown>): RateLimiterUnavailableError {
   const line = limiterUnavailable.take();
   if (line) log.error({ err: error, ...fields, ...line }, 'rate limiter unavailable');
-  return new ServiceUnavailableError('Rate limiter unavailable, try again later');
+  return new RateLimiterUnavailableError();
 }
 
 /** Counts one hit on `name:subject`; throws 429 beyond `max`, 503 when the counters cannot be reached. */

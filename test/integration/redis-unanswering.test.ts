@@ -6,6 +6,7 @@
 import type { FastifyInstance } from 'fastify';
 import { afterEach, describe, expect, it } from 'vitest';
 
+import { RATE_LIMITER_RETRY_AFTER_SECONDS } from '../../src/core/errors.js';
 import { createRedis, REDIS_COMMAND_TIMEOUT_MS } from '../../src/core/redis.js';
 
 import { until } from '../contract/run-bus.js';
@@ -74,6 +75,10 @@ describe('a Redis that stops answering', () => {
       expect(Date.now() - started).toBeLessThan(REDIS_COMMAND_TIMEOUT_MS + 2_000);
       expect(refused.statusCode, refused.body).toBe(503);
       expect(refused.json<{ error: { type: string } }>().error.type).toBe('server_error');
+      // A short wait the openai client honours; and nothing was called or charged, so its retry is
+      // not refused (no `x-should-retry: false`, which a failed model call carries).
+      expect(refused.headers['retry-after']).toBe(String(RATE_LIMITER_RETRY_AFTER_SECONDS));
+      expect(refused.headers['x-should-retry']).toBeUndefined();
       expect(fake.log).toHaveLength(1);
       server!.process.kill('SIGCONT');
       expect((await ask()).statusCode).toBe(200);
@@ -81,6 +86,37 @@ describe('a Redis that stops answering', () => {
       server?.process.kill('SIGCONT');
       await app?.close();
       await fake.close();
+      await opened.destroy();
+    }
+  });
+
+  it('refuses a rate-limited route with 503 and a short Retry-After while the counters cannot be reached, and serves again once they can', async () => {
+    const url = await startRedis();
+    const opened = await openTestDatabase();
+    let app: FastifyInstance | null = null;
+    try {
+      app = await buildTestApp(opened.database, { REDIS_URL: url });
+      const user = await createUser(app);
+      const login = () =>
+        app!.inject({
+          method: 'POST',
+          url: '/api/v1/login/access-token',
+          headers: { 'content-type': 'application/x-www-form-urlencoded' },
+          payload: new URLSearchParams({ username: user.email, password: user.password }).toString(),
+        });
+      expect((await login()).statusCode).toBe(200);
+      server!.process.kill('SIGSTOP');
+      const refused = await login();
+      expect(refused.statusCode, refused.body).toBe(503);
+      expect(refused.json()).toEqual({ detail: 'Rate limiter unavailable, try again later' });
+      expect(refused.headers['retry-after']).toBe(String(RATE_LIMITER_RETRY_AFTER_SECONDS));
+      server!.process.kill('SIGCONT');
+      const served = await login();
+      expect(served.statusCode).toBe(200);
+      expect(served.headers['retry-after']).toBeUndefined();
+    } finally {
+      server?.process.kill('SIGCONT');
+      await app?.close();
       await opened.destroy();
     }
   });
