@@ -15,6 +15,7 @@ import { openAgentRuns } from './services/agent-runs.js';
 import { hasVectorTable } from './services/knowledge/embeddings.js';
 import { logStartupNotices } from './services/startup-notices.js';
 import { closeStorage } from './services/storage-service.js';
+import { releaseHoldsLeftBehind } from './services/usage-meter.js';
 import { ensureFirstSuperuser } from './services/user-service.js';
 
 export interface StartOptions {
@@ -32,6 +33,8 @@ export async function startServer(settings: Settings, logger: Logger, options: S
     if (options.migrate) await migrateUp(database, logger);
     else await requireMigrated(database);
     await ensureFirstSuperuser(database.db, settings, logger);
+    // Before the app's meters exist (embedded: the holds a killed process left; scaled: nothing).
+    await releaseHoldsLeftBehind(database, logger);
     await logStartupNotices(database.db, settings, logger);
     await cacheUsers(database);
     // The embeddings table exists only where pgvector was enabled when the knowledge migration ran
@@ -67,6 +70,7 @@ export async function startWorker(settings: Settings, logger: pino.Logger): Prom
   const database = await openCheckedDatabase(settings);
   try {
     await requireMigrated(database);
+    await releaseHoldsLeftBehind(database, logger);
     const redis = createRedis(settings)!;
     const agentRuns = await openAgentRuns({ settings, database, logger, redis, queue: createQueue(settings, logger, undefined, undefined, { laneProducer: redis }), metrics: unservedModelMetrics() });
     agentRuns.work();

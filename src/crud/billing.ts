@@ -425,11 +425,23 @@ const LEDGER_ENTRIES = sql`insert into credit_transactions (id, owner_id, type, 
         from e where cost > 0 order by ord`;
 
 /** Releases every reservation past its expiry (its process died mid-call); returns how many. */
-export async function releaseExpired(db: Db): Promise<number> {
+export function releaseExpired(db: Db): Promise<number> {
+  return releaseWhere(db, sql`expires_at < now()`);
+}
+
+/**
+ * Releases every reservation, expired or not; returns how many. Only for a database no other
+ * process can be using (embedded, behind its data-dir lock), before this process holds anything.
+ */
+export function releaseAll(db: Db): Promise<number> {
+  return releaseWhere(db, sql`true`);
+}
+
+async function releaseWhere(db: Db, condition: SQL): Promise<number> {
   const [row] = await rows<{ released: number }>(
     db,
     sql`with r as (
-          delete from credit_reservations where expires_at < now() returning user_id, api_key_id, account_amount, key_amount
+          delete from credit_reservations where ${condition} returning user_id, api_key_id, account_amount, key_amount
         ),
         a as (
           update credit_accounts c set reserved = greatest(c.reserved - s.amount, 0)

@@ -20,7 +20,7 @@ import { setImmediate as setImmediatePromise } from 'node:timers/promises';
 import type { Redis } from 'ioredis';
 
 import type { Settings } from '../core/config.js';
-import type { Db } from '../core/db.js';
+import type { Database, Db } from '../core/db.js';
 import { databaseError, PaymentRequiredError, ServiceUnavailableError, TooManyRequestsError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import type { ModelMetrics } from '../core/metrics.js';
@@ -89,6 +89,22 @@ interface Held {
   chargeAccount: boolean;
   chargeKey: boolean;
   window?: { block: CreditBlock; units: bigint };
+}
+
+/**
+ * At start, embedded: releases the credit reservations found in the database. PGlite runs in one
+ * process per data directory (its lock: core/data-dir-lock.ts), so any reservation there before this
+ * process holds one is a dead process's (killed mid-call, kill -9): waiting for its expiry
+ * (BILLING_RESERVATION_TTL_SECONDS, up to 15 min) kept that credit from the account, and its calls
+ * refused (402), for nothing. Call it once, before any meter of the process is made (`keel start`
+ * serves the API and runs jobs through meters of its own): it would take a live meter's holds too.
+ * Scaled (PostgreSQL), other nodes' reservations are live: they keep their expiry (the sweep's).
+ */
+export async function releaseHoldsLeftBehind(database: Database, log: Logger): Promise<number> {
+  if (database.kind !== 'pglite') return 0;
+  const released = await billingCrud.releaseAll(database.db);
+  if (released) log.warn({ component: 'usage-meter', released }, 'credit reservations of an earlier process released at start (embedded: it ended mid-call)');
+  return released;
 }
 
 export class UsageMeterService implements UsageMeter {

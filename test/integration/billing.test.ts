@@ -15,11 +15,13 @@ import { creditReservations, usageRecords } from '../../src/models/index.js';
 import { getBalance, hold, ledgerSum, settleMany } from '../../src/crud/billing.js';
 import { ModelCallAbortedError } from '../../src/modules/ai-models/errors.js';
 import { addCosts, type ChatRequest, MEDIA_PART_TOKENS } from '../../src/modules/ai-models/index.js';
+import { releaseHoldsLeftBehind } from '../../src/services/usage-meter.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, eventually, expectValidationError, type ListBody, sleep, UUID, xApiKey } from '../helpers/http.js';
 import { createFolder, type EntryBody, ingested, multipartBody, settled, upload, uploaded } from '../helpers/knowledge.js';
+import { captureLogs, LEVEL } from '../helpers/logs.js';
 import { chatRequest, useFakeModels } from '../helpers/metered-models.js';
 
 // Knowledge-base ingestion embeds with `fake-embed`, 2 chunks a call (where pgvector exists: PGlite).
@@ -545,6 +547,30 @@ describe('metered calls with BILLING_ENABLED', () => {
     await restarted.close();
     await expectConsistent(user);
     expect((await balanceOf(user)).balance).toBe('10');
+  });
+
+  it('at start, embedded, every reservation is a dead process\'s and is released at once; scaled, an unexpired one is another node\'s and kept', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '10');
+    const db = ctx.database.db;
+    // No hold of this process's own meter is left (other tests' blocks): what is released is the row below.
+    await ctx.app.meter.idle();
+    await db.execute(sql`update credit_accounts set reserved = reserved + 4 where user_id = ${user.user.id}`);
+    await db.insert(creditReservations).values({ user_id: user.user.id, account_amount: '4', key_amount: '0', expires_at: sql`now() + interval '1 hour'` });
+    const logs = captureLogs();
+    const released = await releaseHoldsLeftBehind(ctx.database, logs.logger);
+    if (ctx.database.kind === 'pglite') {
+      expect(released).toBe(1);
+      expect(await balanceOf(user)).toMatchObject({ balance: '10', reserved: '0', available: '10' });
+      expect(logs.lines()).toContainEqual(expect.objectContaining({ level: LEVEL.warn, released: 1, msg: 'credit reservations of an earlier process released at start (embedded: it ended mid-call)' }));
+    } else {
+      expect(released).toBe(0);
+      expect(await balanceOf(user)).toMatchObject({ balance: '10', reserved: '4', available: '6' });
+      expect(await db.select().from(creditReservations).where(eq(creditReservations.user_id, user.user.id))).toHaveLength(1);
+      await db.execute(sql`update credit_reservations set expires_at = now() - interval '1 second' where user_id = ${user.user.id}`);
+      await ctx.app.meter.sweep();
+    }
+    await expectConsistent(user);
   });
 
   it('balances read together are one statement (every run start reads one), each user its own', async () => {

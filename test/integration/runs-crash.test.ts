@@ -167,4 +167,36 @@ describe('embedded process killed after metered calls', () => {
     second.child.process.kill('SIGTERM');
     await second.child.ended;
   }, PROCESS_TEST_TIMEOUT_MS);
+
+  it('kill -9 mid-call (billing on): after a restart what the call held is free at once, not after the reservation TTL', async () => {
+    fake.reset();
+    fake.script(MODEL, { chunks: Array.from({ length: 100 }, (_, i) => `w${i} `), chunkDelayMs: 100 }, { text: 'after restart', usage: { prompt_tokens: 10, completion_tokens: 5 } });
+    const dataDir = await migratedDataDir(join(scratch, 'billing-kill-mid-call'));
+    const port = await freePort();
+    const first = await start(dataDir, port, { BILLING_ENABLED: 'true' });
+    const headers = await userWithAgent(first.base, 'billing-mid-call@crash.test', PASSWORD, MODEL);
+    const me = (await json<{ id: string }>(first.base, 'GET', '/users/me', headers)).body;
+    const login = await fetch(`${first.base}/api/v1/login/access-token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams({ username: 'admin@crash.test', password: PASSWORD }) });
+    const admin = { authorization: `Bearer ${((await login.json()) as { access_token: string }).access_token}` };
+    expect((await json(first.base, 'POST', '/billing/credits', admin, { user_id: me.id, amount: '100', description: 'test' })).status).toBe(200);
+    const streaming = await fetch(`${first.base}/v1/chat/completions`, { method: 'POST', headers: { ...headers, 'content-type': 'application/json' }, body: JSON.stringify({ model: MODEL, stream: true, messages: [{ role: 'user', content: 'hi' }] }) });
+    expect(streaming.status).toBe(200);
+    await fake.waitFor((log) => log.some((r) => r.chunksSent >= 2), 10_000);
+    const during = (await json<{ balance: string; reserved: string }>(first.base, 'GET', '/billing/balance', headers)).body;
+    expect(during.balance).toBe('100');
+    expect(Number(during.reserved)).toBeGreaterThan(0);
+    first.child.process.kill('SIGKILL');
+    await first.child.ended;
+    await streaming.body?.cancel().catch(() => undefined);
+
+    // The default TTL (900 s): only the release at start can free it within the test.
+    const second = await start(dataDir, port, { BILLING_ENABLED: 'true' });
+    const after = (await json<{ balance: string; reserved: string; available: string }>(second.base, 'GET', '/billing/balance', headers)).body;
+    expect(after).toMatchObject({ balance: '100', reserved: '0', available: '100' });
+    expect(second.child.out() + second.child.err()).toContain('credit reservations of an earlier process released at start');
+    // The whole balance is free: an adjustment taking all of it is not refused for credit "held for calls not yet settled".
+    expect((await json(second.base, 'POST', '/billing/credits', admin, { user_id: me.id, type: 'adjustment', amount: '-100', description: 'all of it' })).status).toBe(200);
+    second.child.process.kill('SIGTERM');
+    await second.child.ended;
+  }, PROCESS_TEST_TIMEOUT_MS);
 });
