@@ -165,6 +165,12 @@ export const ChatCompletionRequest = z
       .nullish()
       .describe('For models that reason, where their provider takes it (OpenAI and OpenAI-compatible ones).'),
     user: z.string().max(256).nullish(),
+    logprobs: z.boolean().nullish().describe('The answer\'s token log probabilities in `choices[].logprobs` (streamed with each chunk), for models of OpenAI and OpenAI-compatible providers; 400 for others.'),
+    top_logprobs: z.number().int().min(0).max(20).nullish().describe('With `logprobs: true`: the likeliest tokens at each place, this many.'),
+    logit_bias: z
+      .record(z.string().regex(/^\d+$/, { error: 'A key is a token id' }), z.number().min(-100).max(100))
+      .nullish()
+      .describe('Token id → bias (-100 to 100), for models of OpenAI and OpenAI-compatible providers; 400 for others.'),
     stop: z.union([z.string(), z.array(z.string()).max(4)]).nullish(),
     metadata: z
       .record(z.string().max(64), z.string().max(512))
@@ -172,7 +178,9 @@ export const ChatCompletionRequest = z
       .nullish()
       .describe(`OpenAI's string pairs (at most ${MAX_METADATA_PAIRS}). For an \`agent:<id>\` model, \`thread_id\` names the thread to run on (default: a new one).`),
   })
-  .superRefine(({ tools, tool_choice: choice }, ctx) => {
+  .superRefine(({ tools, tool_choice: choice, logprobs, top_logprobs: top }, ctx) => {
+    // As OpenAI refuses it: asked for the top tokens without the log probabilities, the client would get neither.
+    if (top !== null && top !== undefined && logprobs !== true) ctx.addIssue({ code: 'custom', path: ['top_logprobs'], message: '`top_logprobs` needs `logprobs: true`' });
     // A choice that asks for a tool call needs tools to call (the SDK would drop it without a word
     // and the model answer in text); `none` and `auto` mean the same with or without them.
     if (choice === null || choice === undefined) return;
@@ -225,7 +233,10 @@ export const ChatCompletion = z
           tool_calls: z.array(ToolCallOut).optional(),
         }),
         finish_reason: FinishReason,
-        logprobs: z.null(),
+        logprobs: z
+          .object({ content: z.array(z.unknown()).nullable(), refusal: z.array(z.unknown()).nullable() })
+          .nullable()
+          .describe('With `logprobs: true`: the tokens\' log probabilities as the provider gave them (`{token, logprob, bytes, top_logprobs}` each).'),
       }),
     ),
     usage: CompletionUsage,

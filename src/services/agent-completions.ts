@@ -127,6 +127,9 @@ function refuseAgentOverrides(body: ChatCompletionRequest): void {
   if (body.tools?.length) throw new InvalidRequestError('An agent model calls the agent\'s own tools: remove tools (or change the agent\'s tools)', 'tools');
   if (body.tool_choice !== undefined && body.tool_choice !== null) throw new InvalidRequestError('An agent model calls the agent\'s own tools: remove tool_choice', 'tool_choice');
   if (body.response_format && body.response_format.type !== 'text') throw new InvalidRequestError('An agent model answers in text: remove response_format', 'response_format');
+  // The answer is the run's, of steps that may each call another model: no one answer's tokens to give or bias.
+  if (body.logprobs) throw new InvalidRequestError('An agent model gives no log probabilities: the answer is its run\'s, over steps of its own. Remove logprobs', 'logprobs');
+  if (body.logit_bias && Object.keys(body.logit_bias).length) throw new InvalidRequestError('An agent model takes no logit_bias: the answer is its run\'s, over steps of its own. Remove logit_bias', 'logit_bias');
 }
 
 /**

@@ -31,6 +31,7 @@ import {
   ModelCapabilityError,
   ModelDownloadError,
   ModelNotFoundError,
+  ModelOptionError,
   type ModelStream,
   ModelTimeoutError,
   ProviderUnavailableError,
@@ -210,6 +211,9 @@ export function toChatRequest(body: ChatCompletionRequest, context: CallContext,
     reasoningEffort: orUndefined(body.reasoning_effort),
     parallelToolCalls: orUndefined(body.parallel_tool_calls),
     user: orUndefined(body.user),
+    logprobs: body.logprobs === true ? true : undefined,
+    topLogprobs: orUndefined(body.top_logprobs),
+    logitBias: orUndefined(body.logit_bias),
     stopSequences: !stop ? undefined : typeof stop === 'string' ? [stop] : stop,
     responseFormat: toResponseFormat(body.response_format),
     // A streamed answer goes to the client as its events; the result is read only for the usage and finish reason.
@@ -296,7 +300,7 @@ export function completionJson(result: ChatResult): string {
   const reasoning = result.reasoningText ? `,"reasoning_content":${JSON.stringify(result.reasoningText)}` : '';
   return (
     `{"id":"${completionId()}","object":"chat.completion","created":${now()},"model":${JSON.stringify(result.model)},` +
-    `"choices":[{"index":0,"message":{"role":"assistant","content":${content}${reasoning},"refusal":${refusal ? JSON.stringify(refusal) : 'null'}${toolCalls}},"finish_reason":"${finishReason(result)}","logprobs":null}],` +
+    `"choices":[{"index":0,"message":{"role":"assistant","content":${content}${reasoning},"refusal":${refusal ? JSON.stringify(refusal) : 'null'}${toolCalls}},"finish_reason":"${finishReason(result)}","logprobs":${result.logprobs ? JSON.stringify(result.logprobs) : 'null'}}],` +
     `"usage":${usageJson(result.usage)}}`
   );
 }
@@ -329,9 +333,9 @@ export class CompletionFrames {
   /** The frames of one event; `finish` ends the body (its finish reason, the usage, `[DONE]`). */
   render(event: StreamEvent): string {
     let out = this.takeHead();
-    if (event.type === 'text-delta') return out + this.frame({ content: event.text });
+    if (event.type === 'text-delta') return out + this.frame({ content: event.text }, null, event.logprobs && { content: event.logprobs, refusal: null });
     if (event.type === 'reasoning-delta') return out + this.frame({ reasoning_content: event.text });
-    if (event.type === 'refusal-delta') return out + this.frame({ refusal: event.text });
+    if (event.type === 'refusal-delta') return out + this.frame({ refusal: event.text }, null, event.logprobs && { content: null, refusal: event.logprobs });
     if (event.type === 'tool-call') return out + this.frame({ tool_calls: [{ index: this.toolIndex++, ...toolCallOut(event.toolCall) }] });
     const { result } = event;
     out += this.frame({}, finishReason(result));
@@ -350,8 +354,9 @@ export class CompletionFrames {
     return head;
   }
 
-  private frame(delta: unknown, finish: string | null = null): string {
-    return `data: {"id":"${this.id}","object":"chat.completion.chunk","created":${this.created},"model":${this.modelJson},"choices":[{"index":0,"delta":${JSON.stringify(delta)},"logprobs":null,"finish_reason":${finish === null ? 'null' : `"${finish}"`}}]${this.usageField}}\n\n`;
+  /** A chunk; `logprobs`: its text's token log probabilities, when asked for. */
+  private frame(delta: unknown, finish: string | null = null, logprobs?: unknown): string {
+    return `data: {"id":"${this.id}","object":"chat.completion.chunk","created":${this.created},"model":${this.modelJson},"choices":[{"index":0,"delta":${JSON.stringify(delta)},"logprobs":${logprobs ? JSON.stringify(logprobs) : 'null'},"finish_reason":${finish === null ? 'null' : `"${finish}"`}}]${this.usageField}}\n\n`;
   }
 }
 
@@ -617,6 +622,7 @@ function describeError(status: number, detail: unknown, thrown: unknown): Descri
     }
   }
   if (thrown instanceof ModelDownloadError) return error(400, thrown.detail, null, 'invalid_image_url');
+  if (thrown instanceof ModelOptionError) return error(400, thrown.detail, thrown.option, 'unsupported_parameter');
   if (thrown instanceof ModelCapabilityError) return error(400, thrown.detail, 'model', 'model_not_supported');
   if (thrown instanceof ProviderUnavailableError) return error(503, thrown.detail, 'model', 'provider_unavailable');
   if (status === 422 && Array.isArray(detail)) {

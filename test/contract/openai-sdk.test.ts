@@ -16,7 +16,7 @@ import { usageRecords } from '../../src/models/index.js';
 
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
-import { EMBEDDING_DIMENSIONS, fakeEmbedding, FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
+import { EMBEDDING_DIMENSIONS, fakeEmbedding, fakeLogprobs, FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
 import { apiOf, createKey } from '../helpers/http.js';
 import { captureLogs, LEVEL } from '../helpers/logs.js';
 import { apiError } from '../helpers/openai.js';
@@ -1065,6 +1065,80 @@ describe('refusals (structured outputs)', () => {
     fake.script('fake-chat', { text: 'Fine.' });
     await client.chat.completions.create({ model: 'fake-chat', messages: [...messages, { role: 'assistant', content: null, refusal: NO }, { role: 'user', content: 'Why?' }] });
     expect((fake.requestsFor('fake-chat')[0]!.body.messages as unknown[])[1]).toEqual({ role: 'assistant', content: NO });
+  });
+});
+
+describe('log probabilities and logit_bias', () => {
+  const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Hi' }];
+  /** Through the SDK's openai-compatible model: an image keeps the call off the wire. */
+  const withImage: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'data:image/png;base64,iVBORw0KGgo=' } }, { type: 'text', text: 'Hi' }] }];
+  /** `fake-chat` over the wire (openai-compatible), the same through the SDK's openai-compatible model, and `lp-chat` (an `openai` provider's) through the SDK's openai model. */
+  const PATHS = [
+    { model: 'fake-chat', messages },
+    { model: 'fake-chat', messages: withImage },
+    { model: 'lp-chat', messages },
+  ];
+  const PIECES = ['Hello ', 'there.'];
+
+  beforeAll(async () => {
+    expect((await api('POST', '/providers', admin, { name: 'lp-openai', kind: 'openai', base_url: fake.url, api_key: 'sk-lp' })).statusCode).toBe(200);
+    await addModel({ id: 'lp-chat', provider: 'lp-openai', capabilities: ['chat'] });
+    // An Anthropic model: its provider takes neither (never called here).
+    expect((await api('POST', '/providers', admin, { name: 'lp-anthropic', kind: 'anthropic', base_url: fake.url, api_key: 'sk-lp-anthropic' })).statusCode).toBe(200);
+    await addModel({ id: 'lp-claude', provider: 'lp-anthropic', capabilities: ['chat'] });
+    await addModel({ id: 'lp-falls-to-claude', capabilities: ['chat'], fallbacks: ['lp-claude'] });
+  });
+
+  it('passes logprobs, top_logprobs and logit_bias upstream and answers choices[].logprobs, on every path', async () => {
+    for (const path of PATHS) {
+      fake.script(path.model, { chunks: PIECES, text: PIECES.join('') });
+      const completion = await client.chat.completions.create({ ...path, logprobs: true, top_logprobs: 2, logit_bias: { '50256': -100 } });
+      expect(completion.choices[0]!.message.content).toBe('Hello there.');
+      expect(completion.choices[0]!.logprobs, JSON.stringify(path)).toEqual({ content: fakeLogprobs(PIECES, 2), refusal: null });
+      expect(fake.log.at(-1)!.body, JSON.stringify(path)).toMatchObject({ logprobs: true, top_logprobs: 2, logit_bias: { '50256': -100 } });
+    }
+    // logprobs alone: the chosen tokens, no alternatives.
+    fake.script('fake-chat', { text: 'Hello there.' });
+    const plain = await client.chat.completions.create({ model: 'fake-chat', messages, logprobs: true });
+    expect(plain.choices[0]!.logprobs!.content).toEqual(fakeLogprobs(PIECES, 0));
+    // Not asked for: none asked upstream, none answered.
+    fake.script('fake-chat', { text: 'Hello there.' });
+    expect((await client.chat.completions.create({ model: 'fake-chat', messages })).choices[0]!.logprobs).toBeNull();
+    expect(fake.log.at(-1)!.body).not.toHaveProperty('logprobs');
+    expect(fake.log.at(-1)!.body).not.toHaveProperty('logit_bias');
+  });
+
+  it('streams each piece\'s logprobs in its chunk, on every path: the stream helper puts them together', async () => {
+    for (const path of PATHS) {
+      fake.script(path.model, { chunks: PIECES });
+      const stream = client.chat.completions.stream({ ...path, logprobs: true, top_logprobs: 1 });
+      const chunks: OpenAI.ChatCompletionChunk[] = [];
+      // Copies: the helper's snapshot shares (and extends) the first chunk's list.
+      stream.on('chunk', (chunk) => chunks.push(structuredClone(chunk)));
+      const final = await stream.finalChatCompletion();
+      expect(final.choices[0]!.logprobs, JSON.stringify(path)).toEqual({ content: fakeLogprobs(PIECES, 1), refusal: null });
+      // In the chunk of the text they are the log probabilities of, as OpenAI streams them.
+      const withText = chunks.filter((chunk) => chunk.choices[0]?.delta.content);
+      expect(withText.map((chunk) => chunk.choices[0]!.logprobs?.content?.map((entry) => entry.token)), JSON.stringify(path)).toEqual(PIECES.map((piece) => [piece]));
+      expect(fake.log.at(-1)!.body, JSON.stringify(path)).toMatchObject({ logprobs: true, top_logprobs: 1 });
+    }
+  });
+
+  it('refuses logprobs and logit_bias for a model whose provider takes neither, 400 naming the param, before calling upstream; a fallback that cannot is skipped', async () => {
+    const logprobs = await apiError(client.chat.completions.create({ model: 'lp-claude', messages, logprobs: true }));
+    expect(logprobs).toMatchObject({ status: 400, type: 'invalid_request_error', param: 'logprobs', code: 'unsupported_parameter' });
+    expect(logprobs.message).toContain('lp-claude');
+    const streamed = await apiError(client.chat.completions.create({ model: 'lp-claude', messages, logprobs: true, stream: true }));
+    expect(streamed).toMatchObject({ status: 400, param: 'logprobs' });
+    const bias = await apiError(client.chat.completions.create({ model: 'lp-claude', messages, logit_bias: { '1': 5 } }));
+    expect(bias).toMatchObject({ status: 400, param: 'logit_bias', code: 'unsupported_parameter' });
+    const top = await apiError(client.chat.completions.create({ model: 'fake-chat', messages, top_logprobs: 3 }));
+    expect(top).toMatchObject({ status: 400, param: 'top_logprobs' });
+    expect(fake.log).toEqual([]);
+    // The fallback would answer without them: the call fails with the first model's failure instead.
+    fake.script('lp-falls-to-claude', { status: 500 }, { status: 500 });
+    expect((await apiError(client.chat.completions.create({ model: 'lp-falls-to-claude', messages, logprobs: true }))).status).toBe(502);
+    expect(fake.log.map((r) => r.model)).toEqual(['lp-falls-to-claude', 'lp-falls-to-claude']);
   });
 });
 

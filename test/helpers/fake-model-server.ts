@@ -168,6 +168,22 @@ export function lexicalEmbedding(text: string): number[] {
   return vector.map((value) => value / norm);
 }
 
+/**
+ * The log probabilities the server gives a request that asks for them (`logprobs: true`): one entry
+ * a piece of the answer (a streamed chunk's text), `top` alternatives each (`top_logprobs`), the
+ * first the piece itself.
+ */
+export function fakeLogprobs(pieces: string[], top: number) {
+  const entry = (token: string, logprob: number) => ({ token, logprob, bytes: [...Buffer.from(token)] });
+  return pieces.map((token, i) => ({
+    ...entry(token, -(i + 1) / 8),
+    top_logprobs: Array.from({ length: top }, (_, k) => entry(k === 0 ? token : `${token}~${k}`, -(i + 1) / 8 - k)),
+  }));
+}
+
+/** What a request asks of log probabilities: the top count, or undefined for none. */
+const askedLogprobs = (body: Record<string, unknown>): number | undefined => (body.logprobs === true ? (typeof body.top_logprobs === 'number' ? body.top_logprobs : 0) : undefined);
+
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export class FakeModelServer {
@@ -302,8 +318,8 @@ export class FakeModelServer {
     if (reply.rawBody !== undefined) return this.raw(res, entry, reply);
     if (path === '/v1/embeddings') return this.embeddings(res, entry, body, reply);
     if (entry.stream) return this.streamChat(res, entry, body, reply);
-    if (reply.padBytes) return this.padded(res, entry, this.completion(entry.model, reply), reply.padBytes);
-    return this.json(res, entry, 200, this.completion(entry.model, reply));
+    if (reply.padBytes) return this.padded(res, entry, this.completion(entry.model, reply, body), reply.padBytes);
+    return this.json(res, entry, 200, this.completion(entry.model, reply, body));
   }
 
   private json(res: ServerResponse, entry: LoggedRequest, status: number, payload: unknown, headers: Record<string, string> = {}): void {
@@ -378,8 +394,13 @@ export class FakeModelServer {
     return reply.toolCalls?.map((t, index) => ({ index, id: t.id, type: 'function', function: { name: t.name, arguments: t.arguments } }));
   }
 
-  private completion(model: string | undefined, reply: ScriptedReply) {
+  private completion(model: string | undefined, reply: ScriptedReply, body: Record<string, unknown> = {}) {
     const toolCalls = this.toolCallsOf(reply);
+    const top = askedLogprobs(body);
+    const logprobs =
+      top === undefined
+        ? null
+        : { content: reply.text ? fakeLogprobs(reply.chunks ?? reply.text.split(/(?<= )/), top) : null, refusal: reply.refusal ? fakeLogprobs(reply.refusal.split(/(?<= )/), top) : null };
     return {
       id: 'chatcmpl-fake',
       object: 'chat.completion',
@@ -390,6 +411,7 @@ export class FakeModelServer {
           index: 0,
           message: { role: 'assistant', content: reply.text ?? null, reasoning_content: reply.reasoning, refusal: reply.refusal ?? null, tool_calls: toolCalls },
           finish_reason: toolCalls?.length ? 'tool_calls' : 'stop',
+          logprobs,
         },
       ],
       usage: reply.usage === null ? undefined : this.usageOf(reply),
@@ -403,8 +425,12 @@ export class FakeModelServer {
     const chunks: unknown[] = [];
     if (reply.reasoning) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', reasoning_content: reply.reasoning }, finish_reason: null }] });
     const pieces = reply.chunks ?? (reply.text ? reply.text.split(/(?<= )/) : []);
-    for (const content of pieces) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', content }, finish_reason: null }] });
-    for (const refusal of reply.refusal?.split(/(?<= )/) ?? []) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', refusal }, finish_reason: null }] });
+    // Asked for, each chunk's log probabilities are its piece's, as OpenAI streams them.
+    const top = askedLogprobs(body);
+    const refusals = reply.refusal?.split(/(?<= )/) ?? [];
+    const logprobsOf = (kind: 'content' | 'refusal', all: string[], i: number) => (top === undefined ? {} : { logprobs: { content: null, refusal: null, [kind]: [fakeLogprobs(all, top)[i]] } });
+    pieces.forEach((content, i) => chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', content }, finish_reason: null, ...logprobsOf('content', pieces, i) }] }));
+    refusals.forEach((refusal, i) => chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', refusal }, finish_reason: null, ...logprobsOf('refusal', refusals, i) }] }));
     const toolCalls = this.toolCallsOf(reply);
     if (toolCalls) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', tool_calls: toolCalls }, finish_reason: null }] });
     chunks.push({ choices: [{ index: 0, delta: {}, finish_reason: toolCalls?.length ? 'tool_calls' : 'stop' }] });

@@ -13,7 +13,7 @@ const taken = [
   { model: 'm', messages: [{ role: 'system', content: 'Be brief.' }, { role: 'developer', content: 'x', name: 'dev' }, user, { role: 'assistant', content: 'Hi' }, user] },
   { model: 'm', messages: [user], max_tokens: 16, temperature: 0.5, top_p: 1, n: 1, stop: ['a', 'b'], stream: true, stream_options: { include_usage: true } },
   { model: 'm', messages: [user], max_completion_tokens: 10_000_000, temperature: null, top_p: null, stop: 'x', stream: false, stream_options: null, n: null, max_tokens: null },
-  { model: 'm', messages: [{ ...user, extra: 1 }], user: 'someone', seed: 3, frequency_penalty: 0, logit_bias: {} },
+  { model: 'm', messages: [{ ...user, extra: 1 }], user: 'someone', seed: 3, frequency_penalty: 0, unknown_field: {} },
   { model: 'm', messages: [user], stream_options: { include_usage: false, other: 1 } },
   { model: 'm', messages: [user], frequency_penalty: -2, presence_penalty: 2, seed: -7 },
   { model: 'm', messages: [user], frequency_penalty: null, presence_penalty: null, seed: null, user: null, reasoning_effort: null },
@@ -27,6 +27,7 @@ const toZod = [
   { model: 'm', messages: [user], response_format: { type: 'json_object' } },
   { model: 'm', messages: [user], metadata: { thread_id: 't' } },
   { model: 'm', messages: [user], parallel_tool_calls: true },
+  { model: 'm', messages: [user], logprobs: true, top_logprobs: 2, logit_bias: { '50256': -100 } },
   // invalid
   null,
   [],

@@ -68,6 +68,21 @@ export class UpstreamError extends HttpError {
   }
 }
 
+/**
+ * A request option the model's provider cannot take, refused before anything is sent: answered
+ * without it, the caller would not know it went unheard (OpenAI's `logprobs` for an Anthropic
+ * model). `option` is the option's name in OpenAI's API (`logprobs`, `logit_bias`).
+ */
+export class ModelOptionError extends HttpError {
+  constructor(
+    readonly model: string,
+    readonly option: string,
+    reason: string,
+  ) {
+    super(400, `${option} is not supported by model ${model}: ${reason}`);
+  }
+}
+
 /** A call setting or provider option the SDK refuses for the provider (400, in the SDK's words). */
 export class ModelArgumentError extends HttpError {
   constructor(detail: string) {

@@ -57,12 +57,13 @@ import {
   ModelCapabilityError,
   ModelDownloadError,
   ModelNotFoundError,
+  ModelOptionError,
   ModelTimeoutError,
   ModelToolChoiceError,
   StreamErrorEvent,
   UpstreamError,
 } from './errors.js';
-import { type AbortLike, allFinite, type OpenAIWire, rawRefusal, toolCallOf, type WireCall, type WireEmbeddingsCall, wireMessages, type WireTool, type WireToolChoice } from './openai-wire.js';
+import { type AbortLike, allFinite, type ChoiceLogprobs, type OpenAIWire, rawLogprobs, rawRefusal, toolCallOf, type WireCall, type WireEmbeddingsCall, wireMessages, type WireTool, type WireToolChoice } from './openai-wire.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
 import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
@@ -108,6 +109,8 @@ interface CallOptions {
   context?: CallContext;
 }
 
+export type { ChoiceLogprobs } from './openai-wire.js';
+
 export interface ChatRequest extends CallOptions {
   messages: ModelMessage[];
   system?: string;
@@ -127,6 +130,15 @@ export interface ChatRequest extends CallOptions {
   parallelToolCalls?: boolean;
   /** OpenAI's `user` (the end user, for the provider's abuse checks), for openai and openai-compatible. */
   user?: string;
+  /**
+   * OpenAI's `logprobs` (true: the answer's token log probabilities, `ChatResult.logprobs` and the
+   * stream's text events) and `top_logprobs` (that many likeliest tokens at each place), for openai
+   * and openai-compatible providers; another provider's model refuses the call (ModelOptionError).
+   */
+  logprobs?: boolean;
+  topLogprobs?: number;
+  /** OpenAI's `logit_bias` (token id → bias, -100 to 100), for openai and openai-compatible providers, as `logprobs`. */
+  logitBias?: Record<string, number>;
   stopSequences?: string[];
   /** JSON output (with a schema where the provider supports one); the text is returned unparsed. */
   responseFormat?: JsonResponseFormat;
@@ -176,6 +188,8 @@ export interface ChatResult extends CallOutcome {
    */
   refusal?: string;
   toolCalls: ToolCall[];
+  /** The answer's token log probabilities (OpenAI's `choices[].logprobs`), when the call asked for them and the provider gave them. */
+  logprobs?: ChoiceLogprobs;
   finishReason: string;
   /** Assistant (and tool-call) messages to append to the conversation. */
   responseMessages: ModelMessage[];
@@ -183,10 +197,11 @@ export interface ChatResult extends CallOutcome {
 }
 
 export type StreamEvent =
-  | { type: 'text-delta'; text: string }
+  /** `logprobs`: the piece's token log probabilities, when the call asked for them (as OpenAI's chunk carries them with its text). */
+  | { type: 'text-delta'; text: string; logprobs?: unknown[] }
   | { type: 'reasoning-delta'; text: string }
   /** A piece of the model's refusal (see ChatResult's `refusal`). */
-  | { type: 'refusal-delta'; text: string }
+  | { type: 'refusal-delta'; text: string; logprobs?: unknown[] }
   | { type: 'tool-call'; toolCall: ToolCall }
   | { type: 'finish'; result: ChatResult };
 
@@ -500,13 +515,13 @@ function wireToolChoice(choice: ToolChoice<ToolSet> | undefined): WireToolChoice
 }
 
 /** What a chat answer said: ChatResult's fields beside its outcome and finish. */
-type Said = Pick<ChatResult, 'text' | 'reasoningText' | 'refusal' | 'toolCalls' | 'responseMessages'>;
+type Said = Pick<ChatResult, 'text' | 'reasoningText' | 'refusal' | 'toolCalls' | 'responseMessages' | 'logprobs'>;
 
 /**
  * A call's text, reasoning, refusal and tool calls with the assistant message the SDK would return
  * for them (a refusal as a text part after the text: the SDK's models read it so).
  */
-function answer(text: string, reasoningText: string | undefined, toolCalls: ToolCall[], refusal?: string): Said {
+function answer(text: string, reasoningText: string | undefined, toolCalls: ToolCall[], refusal?: string, logprobs?: ChoiceLogprobs): Said {
   const content: Exclude<AssistantContent, string> = [];
   if (reasoningText !== undefined) content.push({ type: 'reasoning', text: reasoningText });
   if (text) content.push({ type: 'text', text });
@@ -514,7 +529,7 @@ function answer(text: string, reasoningText: string | undefined, toolCalls: Tool
   for (const call of toolCalls) {
     content.push({ type: 'tool-call', toolCallId: call.toolCallId, toolName: call.toolName, input: typeof call.input === 'object' && call.input !== null ? call.input : {} });
   }
-  return { text, reasoningText, refusal, toolCalls, responseMessages: content.length ? [{ role: 'assistant', content }] : [] };
+  return { text, reasoningText, refusal, toolCalls, logprobs, responseMessages: content.length ? [{ role: 'assistant', content }] : [] };
 }
 
 /**
@@ -531,7 +546,8 @@ const finishOf = (unified: string, raw: string | undefined, refused: boolean): s
 
 /** A streamed call's parts as the stream loop reads them, from either source (see streamSource). */
 type StreamPart =
-  | { type: 'text-delta' | 'reasoning-delta' | 'refusal-delta'; text: string }
+  | { type: 'text-delta' | 'refusal-delta'; text: string; logprobs?: unknown[] }
+  | { type: 'reasoning-delta'; text: string }
   /** A piece of a tool call's input the SDK is assembling (the call itself comes whole later). */
   | { type: 'tool-input'; chars: number }
   | { type: 'tool-call'; toolCall: ToolCall }
@@ -567,11 +583,14 @@ interface StreamSource {
 class RefusalReader {
   /** The refusal of the chunk last read, until its delta has come. */
   private pending: string | undefined;
+  /** The token log probabilities of the chunk last read, until its text (content's) and refusal (refusal's) have come. */
+  private logprobs: ChoiceLogprobs | undefined;
   /** A refusal came: the finish's `content-filter` was the SDK's word for it (finishOf). */
   refused = false;
 
   chunk(raw: unknown): void {
     this.pending = rawRefusal(raw, 'delta');
+    this.logprobs = rawLogprobs(raw);
   }
 
   kindOf(delta: string): 'text-delta' | 'refusal-delta' {
@@ -579,6 +598,21 @@ class RefusalReader {
     this.pending = undefined;
     this.refused = true;
     return 'refusal-delta';
+  }
+
+  /** A text delta as its part: text or refusal, with its chunk's log probabilities (once) when it has them. */
+  part(delta: string): Extract<StreamPart, { type: 'text-delta' | 'refusal-delta' }> {
+    const type = this.kindOf(delta);
+    const logprobs = this.logprobs?.[type === 'text-delta' ? 'content' : 'refusal'];
+    if (!logprobs) return { type, text: delta };
+    if (type === 'text-delta') this.logprobs!.content = null;
+    else this.logprobs!.refusal = null;
+    return { type, text: delta, logprobs };
+  }
+
+  /** Whether the chunk last read holds log probabilities no delta has taken yet (a chunk of empty content carries some too). */
+  get hasLogprobs(): boolean {
+    return Boolean(this.logprobs?.content ?? this.logprobs?.refusal);
   }
 }
 
@@ -1031,7 +1065,7 @@ export class ModelManager {
         const reply = await wired.wire.generate(wired.call, attempt, this.options.maxResponseBytes);
         state.usage = reply.usage;
         if (wired.call.tools) enforceToolChoice(request.toolChoice, reply.toolCalls, reply.finishReason, model);
-        return this.chatResult(model, state, started, answer(reply.text, reply.reasoning, reply.toolCalls, reply.refusal), reply.finishReason, null);
+        return this.chatResult(model, state, started, answer(reply.text, reply.reasoning, reply.toolCalls, reply.refusal, reply.logprobs), reply.finishReason, null);
       }
       const direct = this.directModel(model, tools);
       if (direct) return this.generate(request, direct, model, attempt, state, started);
@@ -1044,7 +1078,7 @@ export class ModelManager {
       const toolCalls = result.toolCalls.map((c): ToolCall => ({ toolCallId: c.toolCallId, toolName: c.toolName, input: c.input as unknown }));
       // The SDK's messages keep the refusal as the assistant's text: the conversation reads on.
       const refusal = rawRefusal(result.response.body, 'message');
-      const said: Said = { text: withoutRefusal(result.text, refusal), reasoningText: result.reasoningText, refusal, toolCalls, responseMessages: result.response.messages };
+      const said: Said = { text: withoutRefusal(result.text, refusal), reasoningText: result.reasoningText, refusal, toolCalls, logprobs: rawLogprobs(result.response.body), responseMessages: result.response.messages };
       return this.chatResult(model, state, started, said, finishOf(result.finishReason, result.rawFinishReason, refusal !== undefined), null);
     });
   }
@@ -1076,6 +1110,9 @@ export class ModelManager {
         user: request.user,
         parallel_tool_calls: request.parallelToolCalls,
         reasoning_effort: request.reasoningEffort,
+        logprobs: request.logprobs,
+        top_logprobs: request.topLogprobs,
+        logit_bias: request.logitBias,
         // As the SDK's openai-compatible model sends it (structured outputs on: see providers.ts).
         response_format: !format
           ? undefined
@@ -1124,7 +1161,7 @@ export class ModelManager {
     const refusal = rawRefusal(result.response?.body, 'message');
     const finishReason = finishOf(result.finishReason.unified, result.finishReason.raw, refusal !== undefined);
     if (declared) enforceToolChoice(request.toolChoice, toolCalls, finishReason, model);
-    return this.chatResult(model, state, started, answer(withoutRefusal(text, refusal), reasoning, toolCalls, refusal), finishReason, null);
+    return this.chatResult(model, state, started, answer(withoutRefusal(text, refusal), reasoning, toolCalls, refusal, rawLogprobs(result.response?.body)), finishReason, null);
   }
 
   /** The provider call options `generateText`/`streamText` would build for the call (its tools as `functionTools` declared them). */
@@ -1334,8 +1371,10 @@ export class ModelManager {
         parts: (async function* () {
           const refusals = new RefusalReader();
           for await (const part of stream) {
-            if (part.type === 'text-delta' || part.type === 'reasoning-delta') {
-              if (part.delta) yield { type: part.type === 'text-delta' ? refusals.kindOf(part.delta) : part.type, text: part.delta };
+            if (part.type === 'text-delta') {
+              if (part.delta || refusals.hasLogprobs) yield refusals.part(part.delta);
+            } else if (part.type === 'reasoning-delta') {
+              if (part.delta) yield { type: part.type, text: part.delta };
             } else if (part.type === 'raw') refusals.chunk(part.rawValue);
             else if (part.type === 'tool-input-delta') yield { type: 'tool-input', chars: part.delta.length };
             else if (part.type === 'tool-call') yield { type: 'tool-call', toolCall: modelToolCall(declared, part) };
@@ -1353,7 +1392,7 @@ export class ModelManager {
       parts: (async function* () {
         const refusals = new RefusalReader();
         for await (const part of sdk.fullStream) {
-          if (part.type === 'text-delta') yield { type: refusals.kindOf(part.text), text: part.text };
+          if (part.type === 'text-delta') yield refusals.part(part.text);
           else if (part.type === 'reasoning-delta') yield { type: part.type, text: part.text };
           else if (part.type === 'raw') refusals.chunk(part.rawValue);
           else if (part.type === 'tool-input-delta') yield { type: 'tool-input', chars: part.delta.length };
@@ -1376,8 +1415,8 @@ export class ModelManager {
    * does not know as they are). Other kinds take none of them. The wire sends them itself.
    */
   private providerOptions(request: ChatRequest, model: ModelInfo): ChatRequest['providerOptions'] {
-    const { responseFormat, reasoningEffort, user, parallelToolCalls } = request;
-    if (responseFormat?.strict !== false && reasoningEffort === undefined && user === undefined && parallelToolCalls === undefined) return request.providerOptions;
+    const { responseFormat, reasoningEffort, user, parallelToolCalls, logprobs, topLogprobs, logitBias } = request;
+    if (responseFormat?.strict !== false && reasoningEffort === undefined && user === undefined && parallelToolCalls === undefined && !logprobs && logitBias === undefined) return request.providerOptions;
     const openAI = this.options.providers.openAIOptions(model.provider);
     if (!openAI) return request.providerOptions;
     const { kind, key } = openAI;
@@ -1386,6 +1425,9 @@ export class ModelManager {
     if (reasoningEffort !== undefined) asked.reasoningEffort = reasoningEffort;
     if (user !== undefined) asked.user = user;
     if (parallelToolCalls !== undefined) asked[kind === 'openai' ? 'parallelToolCalls' : 'parallel_tool_calls'] = parallelToolCalls;
+    // The openai model's `logprobs` is true or the top count (it sends `logprobs` and `top_logprobs`).
+    if (logprobs) Object.assign(asked, kind === 'openai' ? { logprobs: topLogprobs ?? true } : { logprobs: true, ...(topLogprobs !== undefined && { top_logprobs: topLogprobs }) });
+    if (logitBias !== undefined) asked[kind === 'openai' ? 'logitBias' : 'logit_bias'] = logitBias;
     const options = request.providerOptions;
     return { ...options, [key]: { ...options?.[key], ...asked } };
   }
@@ -1440,6 +1482,7 @@ export class ModelManager {
       reasoningText: said.reasoningText,
       refusal: said.refusal,
       toolCalls: said.toolCalls,
+      logprobs: said.logprobs,
       responseMessages: said.responseMessages,
       finishReason,
       time_to_first_token_ms: firstTokenMs,
@@ -1472,7 +1515,9 @@ export class ModelManager {
   ): Promise<T> {
     const deadline = operation === 'stream' ? performance.now() + this.options.streamTimeoutMs : Infinity;
     const primary = this.resolve(request.model, capability);
-    const chain = this.chainOf(primary, capability);
+    const refused = this.unheardOption(request, primary);
+    if (refused) throw new ModelOptionError(primary.id, refused, 'only OpenAI and OpenAI-compatible providers take it');
+    const chain = this.chainOf(primary, capability, (fallback) => this.unheardOption(request, fallback) === undefined);
     const inputTokens =
       operation === 'embed'
         ? estimateTokens((request.values ?? []).join(''))
@@ -1618,13 +1663,23 @@ export class ModelManager {
     return own !== null && own < fallback ? own : fallback;
   }
 
-  /** The model, then its usable fallbacks. */
-  private chainOf(model: ModelInfo, capability: Capability): ModelInfo[] {
+  /**
+   * The first option of the call (by its name in OpenAI's API) that `model`'s provider would not
+   * hear: OpenAI's own (`logprobs`, `logit_bias`), which only OpenAI-style providers take.
+   */
+  private unheardOption(request: Partial<ChatRequest>, model: ModelInfo): string | undefined {
+    if (!request.logprobs && request.logitBias === undefined) return undefined;
+    if (this.options.providers.openAIOptions(model.provider)) return undefined;
+    return request.logprobs ? 'logprobs' : 'logit_bias';
+  }
+
+  /** The model, then its usable fallbacks (those that can take the call: `takes`). */
+  private chainOf(model: ModelInfo, capability: Capability, takes: (fallback: ModelInfo) => boolean): ModelInfo[] {
     const out: ModelInfo[] = [model];
     for (const id of model.fallbacks) {
       const fallback = this.options.catalog.modelAsCalled(id);
       if (!fallback || !fallback.enabled || out.some((m) => m.id === fallback.id)) continue;
-      if (!fallback.capabilities.includes(capability) || !this.options.providers.status(fallback.provider).available) continue;
+      if (!fallback.capabilities.includes(capability) || !this.options.providers.status(fallback.provider).available || !takes(fallback)) continue;
       out.push(fallback);
     }
     return out;

@@ -59,6 +59,9 @@ export interface WireCall {
   user?: string;
   parallel_tool_calls?: boolean;
   reasoning_effort?: string;
+  logprobs?: boolean;
+  top_logprobs?: number;
+  logit_bias?: Record<string, number>;
   stop?: string[];
   response_format?: unknown;
   messages: WireMessage[];
@@ -75,6 +78,31 @@ export interface WireAnswer {
   finishReason: string;
   /** Undefined when the answer carried no usage. */
   usage: TokenUsage | undefined;
+  /** The answer's token log probabilities, when asked for and given. */
+  logprobs: ChoiceLogprobs | undefined;
+}
+
+/**
+ * A choice's `logprobs` as OpenAI writes them: a list of token entries for the content, and one for
+ * the refusal (each `{token, logprob, bytes, top_logprobs}`), handed on as the provider sent them.
+ */
+export interface ChoiceLogprobs {
+  content: unknown[] | null;
+  refusal: unknown[] | null;
+}
+
+/** A choice's `logprobs` when it holds a list (content's or refusal's), else undefined. */
+export function logprobsOf(value: unknown): ChoiceLogprobs | undefined {
+  if (typeof value !== 'object' || value === null) return undefined;
+  const { content, refusal } = value as { content?: unknown; refusal?: unknown };
+  if (!Array.isArray(content) && !Array.isArray(refusal)) return undefined;
+  return { content: Array.isArray(content) ? content : null, refusal: Array.isArray(refusal) ? refusal : null };
+}
+
+/** The logprobs of an OpenAI-style answer (an SDK model's raw response body) or raw stream chunk, as `rawRefusal` reads its refusal. */
+export function rawLogprobs(value: unknown): ChoiceLogprobs | undefined {
+  const choices = (value as Completion | null | undefined)?.choices;
+  return Array.isArray(choices) ? logprobsOf((choices[0])?.logprobs) : undefined;
 }
 
 /**
@@ -83,10 +111,14 @@ export interface WireAnswer {
  * comment (a keep-alive while the model thinks).
  */
 export type WirePart =
-  | { type: 'text-delta' | 'reasoning-delta' | 'refusal-delta'; text: string }
+  | { type: 'text-delta' | 'refusal-delta'; text: string; logprobs?: unknown[] }
+  | { type: 'reasoning-delta'; text: string }
   | { type: 'tool-call'; toolCall: ToolCall }
   | { type: 'finish'; finishReason: string; usage: TokenUsage | undefined }
   | { type: 'progress' };
+
+/** A part of what the model said (text or refusal), which may carry its token log probabilities. */
+type TextPart = Extract<WirePart, { type: 'text-delta' | 'refusal-delta' }>;
 
 const PROGRESS: WirePart = { type: 'progress' };
 
@@ -209,7 +241,7 @@ interface ChoiceMessage {
 }
 
 interface Completion {
-  choices?: { message?: ChoiceMessage; delta?: ChoiceMessage; finish_reason?: string | null }[];
+  choices?: { message?: ChoiceMessage; delta?: ChoiceMessage; finish_reason?: string | null; logprobs?: unknown }[];
   usage?: OpenAIUsage | null;
   error?: { message?: string };
 }
@@ -439,6 +471,7 @@ export class OpenAIWire {
       toolCalls,
       finishReason: finishReasonOf(choice.finish_reason),
       usage: usageOf(completion.usage),
+      logprobs: logprobsOf(choice.logprobs),
     };
   }
 
@@ -881,16 +914,25 @@ class SseReader implements Dispatcher.DispatchHandlers {
       this.parts.push({ type: 'reasoning-delta', text: reasoning });
       this.output(reasoning.length);
     }
-    for (const piece of contentPieces(delta?.content)) {
+    const pieces: WirePart[] = contentPieces(delta?.content);
+    const refusal = refusalOf(delta?.refusal);
+    const refused: TextPart | undefined = refusal ? { type: 'refusal-delta', text: refusal } : undefined;
+    // The chunk's token log probabilities go with its text (and its refusal), as OpenAI's chunk carries them.
+    const logprobs = logprobsOf(choice?.logprobs);
+    if (logprobs?.content) {
+      const last = pieces.findLast((piece): piece is TextPart => piece.type === 'text-delta');
+      if (last) last.logprobs = logprobs.content;
+      else pieces.push({ type: 'text-delta', text: '', logprobs: logprobs.content });
+    }
+    if (logprobs?.refusal) {
+      if (refused) refused.logprobs = logprobs.refusal;
+      else pieces.push({ type: 'refusal-delta', text: '', logprobs: logprobs.refusal });
+    }
+    if (refused) pieces.push(refused);
+    for (const piece of pieces) {
       emitted = true;
       this.parts.push(piece);
-      this.output(piece.text.length);
-    }
-    const refusal = refusalOf(delta?.refusal);
-    if (refusal) {
-      emitted = true;
-      this.parts.push({ type: 'refusal-delta', text: refusal });
-      this.output(refusal.length);
+      if (piece.type !== 'tool-call' && piece.type !== 'finish' && piece.type !== 'progress') this.output(piece.text.length);
     }
     for (const piece of delta?.tool_calls ?? []) this.toolDelta(piece);
     if (!emitted) this.parts.push(PROGRESS);
