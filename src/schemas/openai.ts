@@ -172,6 +172,25 @@ export const ChatCompletionRequest = z
       .nullish()
       .describe('Token id → bias (-100 to 100), for models of OpenAI and OpenAI-compatible providers; 400 for others.'),
     stop: z.union([z.string(), z.array(z.string()).max(4)]).nullish(),
+    verbosity: z.enum(['low', 'medium', 'high']).nullish().describe('For models of OpenAI and OpenAI-compatible providers; 400 for others.'),
+    store: z.boolean().nullish().describe('Passed to OpenAI and OpenAI-compatible providers (the provider keeps the completion; with `metadata`, its tags there); ignored by others.'),
+    prediction: z
+      .object({ type: z.literal('content'), content: z.union([z.string(), z.array(TextPart)]) })
+      .nullish()
+      .describe('Predicted output, passed to OpenAI and OpenAI-compatible providers; ignored by others (it changes only how fast the answer comes).'),
+    service_tier: z
+      .enum(['auto', 'default'], { error: 'Only `auto` and `default`: Keel bills every call at its catalog\'s price, so other tiers are not offered' })
+      .nullish()
+      .describe('`auto` or `default` only (the provider\'s default tier).'),
+    // Asked for, they would change the answer; not served, so refused rather than dropped.
+    modalities: z
+      .array(z.literal('text', { error: 'Only text output is served' }))
+      .nullish()
+      .describe('`["text"]` only.'),
+    audio: z.null({ error: 'Audio output is not served' }).optional(),
+    web_search_options: z.null({ error: 'Web search is not served: use an agent with a search tool' }).optional(),
+    functions: z.null({ error: 'The deprecated `functions` are not served: send `tools`' }).optional(),
+    function_call: z.null({ error: 'The deprecated `function_call` is not served: send `tool_choice`' }).optional(),
     metadata: z
       .record(z.string().max(64), z.string().max(512))
       .refine((pairs) => Object.keys(pairs).length <= MAX_METADATA_PAIRS, { error: `At most ${MAX_METADATA_PAIRS} pairs` })

@@ -214,6 +214,11 @@ export function toChatRequest(body: ChatCompletionRequest, context: CallContext,
     logprobs: body.logprobs === true ? true : undefined,
     topLogprobs: orUndefined(body.top_logprobs),
     logitBias: orUndefined(body.logit_bias),
+    verbosity: orUndefined(body.verbosity),
+    store: orUndefined(body.store),
+    // OpenAI keeps `metadata` with a stored completion; for an agent model it names the thread (services/agent-completions.ts).
+    metadata: orUndefined(body.metadata),
+    prediction: orUndefined(body.prediction),
     stopSequences: !stop ? undefined : typeof stop === 'string' ? [stop] : stop,
     responseFormat: toResponseFormat(body.response_format),
     // A streamed answer goes to the client as its events; the result is read only for the usage and finish reason.

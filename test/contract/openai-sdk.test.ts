@@ -1068,7 +1068,7 @@ describe('refusals (structured outputs)', () => {
   });
 });
 
-describe('log probabilities and logit_bias', () => {
+describe('log probabilities, logit_bias and the other fields of OpenAI\'s request', () => {
   const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Hi' }];
   /** Through the SDK's openai-compatible model: an image keeps the call off the wire. */
   const withImage: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'data:image/png;base64,iVBORw0KGgo=' } }, { type: 'text', text: 'Hi' }] }];
@@ -1139,6 +1139,52 @@ describe('log probabilities and logit_bias', () => {
     fake.script('lp-falls-to-claude', { status: 500 }, { status: 500 });
     expect((await apiError(client.chat.completions.create({ model: 'lp-falls-to-claude', messages, logprobs: true }))).status).toBe(502);
     expect(fake.log.map((r) => r.model)).toEqual(['lp-falls-to-claude', 'lp-falls-to-claude']);
+  });
+
+  it('passes verbosity, store, metadata (with store only) and prediction to OpenAI-style providers, on every path', async () => {
+    const prediction = { type: 'content' as const, content: 'Hello there.' };
+    for (const path of PATHS) {
+      fake.script(path.model, { text: 'Hello there.' }, { text: 'Hello there.' });
+      await client.chat.completions.create({ ...path, verbosity: 'low', store: true, metadata: { team: 'a' }, prediction });
+      expect(fake.log.at(-1)!.body, JSON.stringify(path)).toMatchObject({ verbosity: 'low', store: true, metadata: { team: 'a' }, prediction });
+      // metadata tags a stored completion: without store it stays here (OpenAI refuses it alone).
+      await client.chat.completions.create({ ...path, metadata: { team: 'a' } });
+      expect(fake.log.at(-1)!.body, JSON.stringify(path)).not.toHaveProperty('metadata');
+    }
+  });
+
+  it('refuses with 400 naming the param what it does not serve, rather than answer without it', async () => {
+    const refused: [Record<string, unknown>, string][] = [
+      [{ modalities: ['text', 'audio'], audio: { voice: 'alloy', format: 'mp3' } }, 'modalities[1]'],
+      [{ audio: { voice: 'alloy', format: 'mp3' } }, 'audio'],
+      [{ web_search_options: {} }, 'web_search_options'],
+      [{ functions: [{ name: 'weather', parameters: {} }] }, 'functions'],
+      [{ function_call: 'auto' }, 'function_call'],
+      [{ service_tier: 'priority' }, 'service_tier'],
+    ];
+    for (const [extra, param] of refused) {
+      const error = await apiError(client.chat.completions.create({ model: 'fake-chat', messages, ...extra } as never));
+      expect(error, param).toMatchObject({ status: 400, type: 'invalid_request_error', param });
+    }
+    // What an Anthropic model would answer without: refused, naming it.
+    const anthropic: [Record<string, unknown>, string][] = [
+      [{ reasoning_effort: 'low' }, 'reasoning_effort'],
+      [{ verbosity: 'low' }, 'verbosity'],
+      [{ parallel_tool_calls: false, tools: [{ type: 'function', function: { name: 'weather' } }] }, 'parallel_tool_calls'],
+      [{ seed: 7 }, 'seed'],
+      [{ frequency_penalty: 0.5 }, 'frequency_penalty'],
+      [{ presence_penalty: -1 }, 'presence_penalty'],
+    ];
+    for (const [extra, param] of anthropic) {
+      const error = await apiError(client.chat.completions.create({ model: 'lp-claude', messages, ...extra } as never));
+      expect(error, param).toMatchObject({ status: 400, param, code: 'unsupported_parameter' });
+      expect(error.message, param).toContain('anthropic');
+    }
+    expect(fake.log).toEqual([]);
+    // The defaults go on: text only, the auto tier, null for what is not asked for.
+    fake.script('fake-chat', { text: 'ok' });
+    await client.chat.completions.create({ model: 'fake-chat', messages, modalities: ['text'], service_tier: 'auto', audio: null, web_search_options: null } as never);
+    expect(fake.log).toHaveLength(1);
   });
 });
 

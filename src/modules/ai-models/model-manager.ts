@@ -139,6 +139,16 @@ export interface ChatRequest extends CallOptions {
   topLogprobs?: number;
   /** OpenAI's `logit_bias` (token id → bias, -100 to 100), for openai and openai-compatible providers, as `logprobs`. */
   logitBias?: Record<string, number>;
+  /** OpenAI's `verbosity` (`low`, `medium`, `high`), for openai and openai-compatible providers, as `logprobs`. */
+  verbosity?: string;
+  /**
+   * OpenAI's `store` (the provider keeps the completion), `metadata` (its tags there: sent only with
+   * `store`) and `prediction` (predicted output, for speed): for openai and openai-compatible
+   * providers; the others have no such thing and answer the same without them.
+   */
+  store?: boolean;
+  metadata?: Record<string, string>;
+  prediction?: Record<string, JSONValue>;
   stopSequences?: string[];
   /** JSON output (with a schema where the provider supports one); the text is returned unparsed. */
   responseFormat?: JsonResponseFormat;
@@ -1113,6 +1123,10 @@ export class ModelManager {
         logprobs: request.logprobs,
         top_logprobs: request.topLogprobs,
         logit_bias: request.logitBias,
+        verbosity: request.verbosity,
+        store: request.store,
+        metadata: request.store ? request.metadata : undefined,
+        prediction: request.prediction,
         // As the SDK's openai-compatible model sends it (structured outputs on: see providers.ts).
         response_format: !format
           ? undefined
@@ -1415,8 +1429,20 @@ export class ModelManager {
    * does not know as they are). Other kinds take none of them. The wire sends them itself.
    */
   private providerOptions(request: ChatRequest, model: ModelInfo): ChatRequest['providerOptions'] {
-    const { responseFormat, reasoningEffort, user, parallelToolCalls, logprobs, topLogprobs, logitBias } = request;
-    if (responseFormat?.strict !== false && reasoningEffort === undefined && user === undefined && parallelToolCalls === undefined && !logprobs && logitBias === undefined) return request.providerOptions;
+    const { responseFormat, reasoningEffort, user, parallelToolCalls, logprobs, topLogprobs, logitBias, verbosity, store, metadata, prediction } = request;
+    if (
+      responseFormat?.strict !== false &&
+      reasoningEffort === undefined &&
+      user === undefined &&
+      parallelToolCalls === undefined &&
+      !logprobs &&
+      logitBias === undefined &&
+      verbosity === undefined &&
+      store === undefined &&
+      prediction === undefined
+    ) {
+      return request.providerOptions;
+    }
     const openAI = this.options.providers.openAIOptions(model.provider);
     if (!openAI) return request.providerOptions;
     const { kind, key } = openAI;
@@ -1428,6 +1454,11 @@ export class ModelManager {
     // The openai model's `logprobs` is true or the top count (it sends `logprobs` and `top_logprobs`).
     if (logprobs) Object.assign(asked, kind === 'openai' ? { logprobs: topLogprobs ?? true } : { logprobs: true, ...(topLogprobs !== undefined && { top_logprobs: topLogprobs }) });
     if (logitBias !== undefined) asked[kind === 'openai' ? 'logitBias' : 'logit_bias'] = logitBias;
+    // Both models read `textVerbosity` (and send `verbosity`); `store`, `metadata`, `prediction` are the openai model's names and OpenAI's.
+    if (verbosity !== undefined) asked.textVerbosity = verbosity;
+    if (store !== undefined) asked.store = store;
+    if (store && metadata !== undefined) asked.metadata = metadata;
+    if (prediction !== undefined) asked.prediction = prediction;
     const options = request.providerOptions;
     return { ...options, [key]: { ...options?.[key], ...asked } };
   }
@@ -1516,7 +1547,7 @@ export class ModelManager {
     const deadline = operation === 'stream' ? performance.now() + this.options.streamTimeoutMs : Infinity;
     const primary = this.resolve(request.model, capability);
     const refused = this.unheardOption(request, primary);
-    if (refused) throw new ModelOptionError(primary.id, refused, 'only OpenAI and OpenAI-compatible providers take it');
+    if (refused) throw new ModelOptionError(primary.id, refused, `its provider (${this.options.providers.kind(primary.provider)}) does not take it`);
     const chain = this.chainOf(primary, capability, (fallback) => this.unheardOption(request, fallback) === undefined);
     const inputTokens =
       operation === 'embed'
@@ -1664,13 +1695,27 @@ export class ModelManager {
   }
 
   /**
-   * The first option of the call (by its name in OpenAI's API) that `model`'s provider would not
-   * hear: OpenAI's own (`logprobs`, `logit_bias`), which only OpenAI-style providers take.
+   * The first option of the call (by its name in OpenAI's API) that changes the answer and that
+   * `model`'s provider would not hear: OpenAI's own (`logprobs`, `logit_bias`, `reasoning_effort`,
+   * `verbosity`, `parallel_tool_calls: false`), which only OpenAI-style providers take, and the
+   * sampling settings Anthropic's model drops. Anthropic's and Google's SDK models would answer
+   * without them, and the caller not know.
    */
   private unheardOption(request: Partial<ChatRequest>, model: ModelInfo): string | undefined {
-    if (!request.logprobs && request.logitBias === undefined) return undefined;
-    if (this.options.providers.openAIOptions(model.provider)) return undefined;
-    return request.logprobs ? 'logprobs' : 'logit_bias';
+    const kind = this.options.providers.kind(model.provider);
+    if (kind !== 'anthropic' && kind !== 'google') return undefined;
+    if (request.logprobs) return 'logprobs';
+    if (request.logitBias !== undefined) return 'logit_bias';
+    if (request.reasoningEffort !== undefined) return 'reasoning_effort';
+    if (request.verbosity !== undefined) return 'verbosity';
+    if (request.parallelToolCalls === false) return 'parallel_tool_calls';
+    // Anthropic's SDK model drops these (with a warning no one reads); a penalty of 0 is none.
+    if (kind === 'anthropic') {
+      if (request.seed !== undefined) return 'seed';
+      if (request.frequencyPenalty) return 'frequency_penalty';
+      if (request.presencePenalty) return 'presence_penalty';
+    }
+    return undefined;
   }
 
   /** The model, then its usable fallbacks (those that can take the call: `takes`). */

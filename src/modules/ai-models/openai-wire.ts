@@ -62,6 +62,10 @@ export interface WireCall {
   logprobs?: boolean;
   top_logprobs?: number;
   logit_bias?: Record<string, number>;
+  verbosity?: string;
+  store?: boolean;
+  metadata?: Record<string, string>;
+  prediction?: unknown;
   stop?: string[];
   response_format?: unknown;
   messages: WireMessage[];

@@ -236,6 +236,11 @@ export class ProviderRegistry {
     return entry;
   }
 
+  /** A provider's kind (undefined: no such provider). */
+  kind(providerId: string): ProviderKind | undefined {
+    return this.resolve(providerId)?.kind;
+  }
+
   /**
    * For a provider that speaks OpenAI's API (whose options a call may carry: strictness, reasoning
    * effort…), its kind and the key of `providerOptions` its SDK model reads: `openai`, or an
