@@ -81,13 +81,24 @@ export function callContext(principal: Principal): CallContext {
 
 const textOf = (content: string | { text: string }[]): string => (typeof content === 'string' ? content : content.map((p) => p.text).join(''));
 
-/** A tool call's arguments, parsed when they are JSON (at most MAX_JSON_DEPTH levels deep: `param` says where, if not). */
+/**
+ * A tool call's arguments as the call's input: a JSON object (at most MAX_JSON_DEPTH levels deep),
+ * as models write them; none at all are `{}`, as a call without arguments is read. Anything else is
+ * refused, `param` saying where: no provider's model can send it on as it came — the openai SDK
+ * model sends `{}` instead, without a word; the others send text that is no JSON as a JSON string,
+ * and JSON of a string (arguments encoded twice) decoded once, or refuse it (Anthropic's, Google's).
+ */
 function parseArguments(text: string, param: string): unknown {
+  if (!text.trim()) return {};
   let parsed: unknown;
   try {
     parsed = JSON.parse(text) as unknown;
   } catch {
-    return text; // sent on as it came: the provider sees the same string
+    throw new InvalidRequestError(`Invalid value for ${param}: not JSON. A tool call's arguments are a JSON object, as the model wrote them`, param);
+  }
+  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
+    const what = typeof parsed === 'string' ? 'JSON of a string (encoded twice?)' : `JSON of ${Array.isArray(parsed) ? 'an array' : String(parsed === null ? 'null' : typeof parsed)}`;
+    throw new InvalidRequestError(`Invalid value for ${param}: ${what}. A tool call's arguments are a JSON object, as the model wrote them`, param);
   }
   if (!nestsWithin(parsed, MAX_JSON_DEPTH)) throw new InvalidRequestError(`Invalid value for ${param}: nested deeper than ${MAX_JSON_DEPTH} levels`, param);
   return parsed;

@@ -1186,6 +1186,31 @@ describe('log probabilities, logit_bias and the other fields of OpenAI\'s reques
     await client.chat.completions.create({ model: 'fake-chat', messages, modalities: ['text'], service_tier: 'auto', audio: null, web_search_options: null } as never);
     expect(fake.log).toHaveLength(1);
   });
+
+  it('sends an earlier tool call\'s arguments upstream as JSON objects (none as {}), and refuses any other (no JSON, encoded twice, an array) with 400 naming them, on every path', async () => {
+    const historyOf = (args: string[]): OpenAI.ChatCompletionMessageParam[] => {
+      const calls = args.map((text, i) => ({ id: `call_${i}`, type: 'function' as const, function: { name: 'weather', arguments: text } }));
+      return [{ role: 'assistant', content: null, tool_calls: calls }, ...calls.map((call) => ({ role: 'tool' as const, tool_call_id: call.id, content: 'sunny' })), { role: 'user', content: 'And now?' }];
+    };
+    for (const path of PATHS) {
+      fake.script(path.model, { text: 'Sunny.' });
+      const completion = await client.chat.completions.create({ model: path.model, messages: [...path.messages, ...historyOf(['{"city": "Paris"}', '', ' '])] });
+      expect(completion.choices[0]!.message.content).toBe('Sunny.');
+      const sent = (fake.log.at(-1)!.body.messages as { tool_calls?: { function: { arguments: string } }[] }[]).find((m) => m.tool_calls)!;
+      expect(sent.tool_calls!.map((c) => c.function.arguments), JSON.stringify(path)).toEqual(['{"city":"Paris"}', '{}', '{}']);
+    }
+    fake.reset();
+    const refused = ['{"city": "Par', JSON.stringify(JSON.stringify({ city: 'Paris' })), '[1]', 'null'];
+    for (const path of PATHS) {
+      for (const text of refused) {
+        const error = await apiError(client.chat.completions.create({ model: path.model, messages: [...path.messages, ...historyOf(['{}', text])] }));
+        const at = path.messages.length;
+        expect(error, text).toMatchObject({ status: 400, type: 'invalid_request_error', param: `messages[${at}].tool_calls[1].function.arguments` });
+        expect(error.message, text).toContain('JSON object');
+      }
+    }
+    expect(fake.log).toEqual([]);
+  });
 });
 
 describe('done when', () => {
