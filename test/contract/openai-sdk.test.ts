@@ -1087,6 +1087,8 @@ describe('log probabilities, logit_bias and the other fields of OpenAI\'s reques
     expect((await api('POST', '/providers', admin, { name: 'lp-anthropic', kind: 'anthropic', base_url: fake.url, api_key: 'sk-lp-anthropic' })).statusCode).toBe(200);
     await addModel({ id: 'lp-claude', provider: 'lp-anthropic', capabilities: ['chat'] });
     await addModel({ id: 'lp-falls-to-claude', capabilities: ['chat'], fallbacks: ['lp-claude'] });
+    // An id the openai SDK model takes for a reasoning model's (it drops logprobs and logit_bias for those).
+    await addModel({ id: 'gpt-5-lp', provider: 'lp-openai', capabilities: ['chat'] });
   });
 
   it('passes logprobs, top_logprobs and logit_bias upstream and answers choices[].logprobs, on every path', async () => {
@@ -1132,6 +1134,11 @@ describe('log probabilities, logit_bias and the other fields of OpenAI\'s reques
     expect(streamed).toMatchObject({ status: 400, param: 'logprobs' });
     const bias = await apiError(client.chat.completions.create({ model: 'lp-claude', messages, logit_bias: { '1': 5 } }));
     expect(bias).toMatchObject({ status: 400, param: 'logit_bias', code: 'unsupported_parameter' });
+    for (const extra of [{ logprobs: true }, { logit_bias: { '1': 5 } }]) {
+      const reasoning = await apiError(client.chat.completions.create({ model: 'gpt-5-lp', messages, ...extra }));
+      expect(reasoning).toMatchObject({ status: 400, param: Object.keys(extra)[0], code: 'unsupported_parameter' });
+      expect(reasoning.message).toContain('reasoning models');
+    }
     const top = await apiError(client.chat.completions.create({ model: 'fake-chat', messages, top_logprobs: 3 }));
     expect(top).toMatchObject({ status: 400, param: 'top_logprobs' });
     expect(fake.log).toEqual([]);

@@ -528,6 +528,33 @@ function wireToolChoice(choice: ToolChoice<ToolSet> | undefined): WireToolChoice
 type Said = Pick<ChatResult, 'text' | 'reasoningText' | 'refusal' | 'toolCalls' | 'responseMessages' | 'logprobs'>;
 
 /**
+ * Whether the AI SDK's openai model takes `id` for a reasoning model (its
+ * getOpenAILanguageModelCapabilities, not exported): o-series and gpt-5 on, but for the
+ * `gpt-N-chat` ones. For those it drops `logprobs` and `logit_bias` with a warning no one reads.
+ */
+function sdkReasoningModel(id: string): boolean {
+  if (/^o\d+(?:-|$)/.test(id)) return true;
+  const gpt = /^gpt-(\d+)(?:\.(\d+))?(?:-(.+))?$/.exec(id);
+  return gpt !== null && Number(gpt[1]) >= 5 && !(gpt[2] === undefined && (gpt[3] ?? '').startsWith('chat'));
+}
+
+/** What of the call Anthropic's or Google's SDK model would drop: the first such option, by its name in OpenAI's API. */
+function droppedBy(kind: 'anthropic' | 'google', request: Partial<ChatRequest>): string | undefined {
+  if (request.logprobs) return 'logprobs';
+  if (request.logitBias !== undefined) return 'logit_bias';
+  if (request.reasoningEffort !== undefined) return 'reasoning_effort';
+  if (request.verbosity !== undefined) return 'verbosity';
+  if (request.parallelToolCalls === false) return 'parallel_tool_calls';
+  // Anthropic's SDK model drops these (with a warning no one reads); a penalty of 0 is none.
+  if (kind === 'anthropic') {
+    if (request.seed !== undefined) return 'seed';
+    if (request.frequencyPenalty) return 'frequency_penalty';
+    if (request.presencePenalty) return 'presence_penalty';
+  }
+  return undefined;
+}
+
+/**
  * A call's text, reasoning, refusal and tool calls with the assistant message the SDK would return
  * for them (a refusal as a text part after the text: the SDK's models read it so).
  */
@@ -1547,7 +1574,7 @@ export class ModelManager {
     const deadline = operation === 'stream' ? performance.now() + this.options.streamTimeoutMs : Infinity;
     const primary = this.resolve(request.model, capability);
     const refused = this.unheardOption(request, primary);
-    if (refused) throw new ModelOptionError(primary.id, refused, `its provider (${this.options.providers.kind(primary.provider)}) does not take it`);
+    if (refused) throw new ModelOptionError(primary.id, refused.option, refused.reason);
     const chain = this.chainOf(primary, capability, (fallback) => this.unheardOption(request, fallback) === undefined);
     const inputTokens =
       operation === 'embed'
@@ -1698,24 +1725,19 @@ export class ModelManager {
    * The first option of the call (by its name in OpenAI's API) that changes the answer and that
    * `model`'s provider would not hear: OpenAI's own (`logprobs`, `logit_bias`, `reasoning_effort`,
    * `verbosity`, `parallel_tool_calls: false`), which only OpenAI-style providers take, and the
-   * sampling settings Anthropic's model drops. Anthropic's and Google's SDK models would answer
-   * without them, and the caller not know.
+   * sampling settings Anthropic's model drops; `logprobs` and `logit_bias` for the models the openai
+   * SDK model takes for reasoning ones. The SDK models would answer without them, and the caller
+   * not know.
    */
-  private unheardOption(request: Partial<ChatRequest>, model: ModelInfo): string | undefined {
+  private unheardOption(request: Partial<ChatRequest>, model: ModelInfo): { option: string; reason: string } | undefined {
     const kind = this.options.providers.kind(model.provider);
-    if (kind !== 'anthropic' && kind !== 'google') return undefined;
-    if (request.logprobs) return 'logprobs';
-    if (request.logitBias !== undefined) return 'logit_bias';
-    if (request.reasoningEffort !== undefined) return 'reasoning_effort';
-    if (request.verbosity !== undefined) return 'verbosity';
-    if (request.parallelToolCalls === false) return 'parallel_tool_calls';
-    // Anthropic's SDK model drops these (with a warning no one reads); a penalty of 0 is none.
-    if (kind === 'anthropic') {
-      if (request.seed !== undefined) return 'seed';
-      if (request.frequencyPenalty) return 'frequency_penalty';
-      if (request.presencePenalty) return 'presence_penalty';
+    if (kind === 'openai' && sdkReasoningModel(model.id)) {
+      const option = request.logprobs ? 'logprobs' : request.logitBias !== undefined ? 'logit_bias' : undefined;
+      return option && { option, reason: 'the openai provider\'s model drops it for reasoning models' };
     }
-    return undefined;
+    if (kind !== 'anthropic' && kind !== 'google') return undefined;
+    const option = droppedBy(kind, request);
+    return option === undefined ? undefined : { option, reason: `its provider (${kind}) does not take it` };
   }
 
   /** The model, then its usable fallbacks (those that can take the call: `takes`). */
