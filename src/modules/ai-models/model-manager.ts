@@ -198,7 +198,7 @@ export interface ChatResult extends CallOutcome {
    */
   refusal?: string;
   toolCalls: ToolCall[];
-  /** The answer's token log probabilities (OpenAI's `choices[].logprobs`), when the call asked for them and the provider gave them. */
+  /** The answer's token log probabilities (OpenAI's `choices[].logprobs`), when the call asked for them and the provider gave them: `chat` only (a stream's are in its text events). */
   logprobs?: ChoiceLogprobs;
   finishReason: string;
   /** Assistant (and tool-call) messages to append to the conversation. */
