@@ -1,7 +1,8 @@
 /**
  * The OpenAI-compatible surface (`/v1`): request and response shapes as OpenAI's API defines them,
- * limited to what Keel serves. Unknown request fields are ignored (OpenAI's SDKs and the tools
- * built on them send fields Keel has no use for, such as `user`, `seed`, `metadata`, `store`).
+ * limited to what Keel serves. Every field of OpenAI's that would change the answer is here, to be
+ * passed on or refused (docs/decisions.md, "Request fields"); other unknown fields are ignored
+ * (the tools built on OpenAI's SDKs send fields of their own).
  */
 import { z } from 'zod';
 
