@@ -9,13 +9,11 @@ import { registerOwnedRoutes } from './owned-routes.js';
 export const apiKeysRouter: FastifyPluginAsyncZod = async (app) => {
   app.addHook('onRequest', requireUser);
   // A key without a `max_budget` has its `spent` moved with the usage batch, up to
-  // USAGE_FLUSH_INTERVAL_MS after its calls: what this process charged the caller is written first
-  // (keys are personal: every key read here is the caller's, and its calls' rows are theirs), so a
-  // key read right after its calls shows them, and a budget set on a key in use is held against what
+  // USAGE_FLUSH_INTERVAL_MS after its calls: what this process charged is written first, so a key
+  // read right after its calls shows them, and a budget set on a key in use is held against what
   // it has really spent (set before, the calls after it could overrun it by what was unwritten).
-  // Their credit-window block stays: a key's figures do not show it.
   app.addHook('preHandler', async (request) => {
-    if (request.method === 'GET' || request.method === 'PATCH') await app.meter.written(request.principal.user.id, false);
+    if (request.method === 'GET' || request.method === 'PATCH') await app.meter.written();
   });
 
   registerOwnedRoutes(app, {

@@ -86,14 +86,10 @@ export const billingRouter: FastifyPluginAsyncZod = async (app) => {
       },
       // Before the body is read: a caller who may not grant learns that (403), not what its body lacks (422).
       onRequest: async (request) => ensureSuperuser(request.principal),
-      // Before an adjustment that takes credit away (the only change refused for what is held): what
-      // this process charged the account, and its credit window's block no call is using, are
-      // written and given back first — it was refused (409) right after the user's calls, for
-      // credit "held for calls not yet settled" though none was in progress. A grant or refund is
-      // never refused, and its ledger entry adds up whenever the charges are written: it waits for nothing.
-      preHandler: async (request) => {
-        if (request.body.amount.startsWith('-')) await app.meter.written(request.body.user_id);
-      },
+      // What this process charged the account, and its credit window's block no call is using, are
+      // written and given back first: an adjustment right after the user's calls was refused (409)
+      // for credit "held for calls not yet settled" though none was in progress.
+      preHandler: async (request) => app.meter.written(request.body.user_id),
     },
     async (request, reply) => {
       const created = await billingService.grant(contextOf(request), request.body);

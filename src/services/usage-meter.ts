@@ -51,24 +51,6 @@ const RPM_WINDOW_MS = 60_000;
 const keyRateLimitMessage = (rpm: number, seconds: number) => `API key rate limit reached: rpm ${rpm} (model calls per minute); try again in ${seconds} s`;
 export const KEY_RATE_LIMITED = /^API key rate limit reached: rpm \d+ \(model calls per minute\); try again in (\d+) s$/;
 
-/** A usage row (`usageRowJson`) of the user's calls: JSON escapes a string's quotes, so only the key itself matches. */
-const ownedBy = (userId: string) => {
-  const field = `"owner_id":"${userId}"`;
-  return (row: string) => row.includes(field);
-};
-
-/** Removes the items `take` matches from `list` (in place) and returns them, in order. */
-function takeWhere<T>(list: T[], take: (item: T) => boolean): T[] {
-  const taken: T[] = [];
-  let kept = 0;
-  for (const item of list) {
-    if (take(item)) taken.push(item);
-    else list[kept++] = item;
-  }
-  list.length = kept;
-  return taken;
-}
-
 /** Drizzle's query errors carry the statement's parameters (here: whole batches); log the driver's error. */
 const cause = (error: unknown): unknown => (error as { cause?: unknown }).cause ?? error;
 
@@ -138,8 +120,6 @@ export class UsageMeterService implements UsageMeter {
   /** Settlements waiting for the statement in flight (`settling`) to end. */
   private settlements: billingCrud.Settlement[] = [];
   private settling: Promise<void> | null = null;
-  /** The batch of `settlements` whose statement is in flight, and its end (see `writtenFor`). */
-  private batchInFlight: { batch: billingCrud.Settlement[]; written: Promise<void> } | null = null;
   /** Credit windows (BILLING_CREDIT_WINDOW_CALLS > 0): holds from memory, settled with the batch writer. */
   private readonly windows: CreditWindows | undefined;
   private windowSettlements: billingCrud.Settlement[] = [];
@@ -450,27 +430,16 @@ export class UsageMeterService implements UsageMeter {
     try {
       while (this.settlements.length) {
         const batch = this.settlements.splice(0, this.settings.USAGE_FLUSH_MAX_ROWS);
-        const written = billingCrud.settleMany(this.db, batch);
-        this.batchInFlight = { batch, written };
         try {
-          await this.settleBatch(batch, written);
-        } finally {
-          this.batchInFlight = null;
+          await billingCrud.settleMany(this.db, batch);
+        } catch (error) {
+          this.log.error({ err: cause(error), settlements: batch.length }, 'credit settlement failed; kept for a retry');
+          this.failedSettlements.push(...batch);
+          this.retryLater();
         }
       }
     } finally {
       this.settling = null;
-    }
-  }
-
-  /** Per-call settlements' statement (`written`); when it fails they are kept for a retry. */
-  private async settleBatch(batch: billingCrud.Settlement[], written: Promise<void>): Promise<void> {
-    try {
-      await written;
-    } catch (error) {
-      this.log.error({ err: cause(error), settlements: batch.length }, 'credit settlement failed; kept for a retry');
-      this.failedSettlements.push(...batch);
-      this.retryLater();
     }
   }
 
@@ -596,31 +565,26 @@ export class UsageMeterService implements UsageMeter {
       const settlements = this.windowSettlements.splice(0, Math.min(max, settles));
       rows -= usage.length;
       settles -= settlements.length;
-      if (!(await this.writeChunk(usage, settlements))) return false;
+      try {
+        await billingCrud.writeUsage(this.db, usage, settlements);
+      } catch (error) {
+        if (refusedForData(error)) {
+          // One row the database refuses would fail its batch at every retry and hold up all that
+          // came after it: the rows go one by one (what is refused is set aside, logged), the
+          // settlements are retried one by one after this loop (retryFailed).
+          this.log.error({ err: cause(error), rows: usage.length, settlements: settlements.length }, 'usage batch refused by the database; written one by one');
+          this.failedSettlements.push(...settlements);
+          if (await this.writeRowsApart(usage)) continue;
+          return false;
+        }
+        this.buffer.unshift(...usage);
+        this.failedSettlements.push(...settlements);
+        this.log.error({ err: cause(error), pending: this.buffer.length, settlements: settlements.length }, 'usage records not written; kept for a retry');
+        this.retryLater();
+        return false;
+      }
     }
     return true;
-  }
-
-  /** One statement of usage rows and window settlements; false when the database failed (what it held is kept for a retry). */
-  private async writeChunk(usage: string[], settlements: billingCrud.Settlement[]): Promise<boolean> {
-    try {
-      await billingCrud.writeUsage(this.db, usage, settlements);
-      return true;
-    } catch (error) {
-      if (refusedForData(error)) {
-        // One row the database refuses would fail its batch at every retry and hold up all that
-        // came after it: the rows go one by one (what is refused is set aside, logged), the
-        // settlements are retried one by one after it (retryFailed).
-        this.log.error({ err: cause(error), rows: usage.length, settlements: settlements.length }, 'usage batch refused by the database; written one by one');
-        this.failedSettlements.push(...settlements);
-        return this.writeRowsApart(usage);
-      }
-      this.buffer.unshift(...usage);
-      this.failedSettlements.push(...settlements);
-      this.log.error({ err: cause(error), pending: this.buffer.length, settlements: settlements.length }, 'usage records not written; kept for a retry');
-      this.retryLater();
-      return false;
-    }
   }
 
   /** Usage rows one statement each; one the database refuses is set aside (logged). False when the database failed otherwise (the rest kept). */
@@ -650,11 +614,6 @@ export class UsageMeterService implements UsageMeter {
   private async retryFailed(): Promise<void> {
     const settlements = this.failedSettlements;
     this.failedSettlements = [];
-    await this.retrySettlements(settlements);
-  }
-
-  /** `retryFailed`'s work on `settlements` (taken from `failedSettlements`): what the database cannot take now goes back there. */
-  private async retrySettlements(settlements: billingCrud.Settlement[]): Promise<void> {
     for (const [i, settlement] of settlements.entries()) {
       try {
         await this.settleAgain(settlement);
@@ -721,93 +680,22 @@ export class UsageMeterService implements UsageMeter {
   }
 
   /**
-   * Writes what this process has charged `userId` so far: the calls of theirs that have ended, their
-   * usage rows (which move their keys' `spent`) and ledger entries, and — unless `giveBack` is
-   * false — their credit-window block when no call is using it (its unused part back in `available`). Metering
-   * stays off the answer's path, but not off what its client reads next: the balance, ledger, usage
-   * summary and keys read after a call, and a run's end (SPEC §5: the run's calls are charged when
-   * it is seen ended), wait for this. Only that user's: another user's traffic (rows queued, a
-   * write the database is slow to take or refuses) does not hold the read up — except a flush
-   * already being written, which may hold theirs (and a block's release must follow its calls'
-   * charges). Without `userId`, everything queued. What the database does not take stays for the
-   * next flush (logged there).
+   * Writes what this process has charged so far: the calls that have ended, their usage rows and
+   * ledger entries (and `userId`'s credit-window block, when no call is using it). Metering stays
+   * off the answer's path, but not off what its client reads next: the balance, ledger and usage
+   * summary read after a call, and a run's end (SPEC §5: the run's calls are charged when it is
+   * seen ended), wait for this. What the database does not take stays for the next flush (logged there).
    */
-  async written(userId?: string, giveBack = true): Promise<void> {
+  async written(userId?: string): Promise<void> {
     this.settleDeferred();
-    const writing =
-      userId === undefined
-        ? (async () => {
-            // Settlements of calls held per call are statements of their own (tracked).
-            if (this.inFlight.size) await Promise.allSettled([...this.inFlight]);
-            if (this.flushing || this.hasPending()) await this.flushQueued();
-          })()
-        : this.writtenFor(userId, giveBack);
+    const writing = (async () => {
+      // Settlements of calls held per call are statements of their own (tracked).
+      if (this.inFlight.size) await Promise.allSettled([...this.inFlight]);
+      if (userId !== undefined) this.windows?.retireUnused(userId);
+      if (this.flushing || this.hasPending()) await this.flushQueued();
+    })();
     // Best effort, bounded: with the database slow or gone the read goes on (and answers for itself).
     await fulfilledWithin(WRITTEN_WAIT_MS, writing);
-  }
-
-  private async writtenFor(userId: string, giveBack: boolean): Promise<void> {
-    if (giveBack) this.windows?.retireUnused(userId);
-    if (!this.flushing && !this.pendingFor(userId)) {
-      // Nothing queued: only a per-call settlement of theirs may be under way.
-      await this.batchWritten(userId);
-      return;
-    }
-    await this.flushFor(userId);
-  }
-
-  /** Waits while the per-call settlements' statement in flight holds one of the user's (the loop may take another of theirs next). */
-  private async batchWritten(userId: string): Promise<void> {
-    for (let now = this.batchInFlight; now?.batch.some((s) => s.userId === userId); now = this.batchInFlight) {
-      await now.written.catch(() => undefined);
-    }
-  }
-
-  /** What is queued for `userId` (usage rows, settlements, block releases). */
-  private pendingFor(userId: string): boolean {
-    const mine = (s: billingCrud.Settlement) => s.userId === userId;
-    const owned = ownedBy(userId);
-    return (
-      this.blockReleases.some(mine) || this.windowSettlements.some(mine) || this.failedSettlements.some(mine) || this.settlements.some(mine) || this.buffer.some(owned)
-    );
-  }
-
-  /** The user's queued writes, one at a time with the flushes (a flush under way first: it may hold some of theirs). */
-  private flushFor(userId: string): Promise<void> {
-    if (this.flushing) return this.flushing.then(() => (this.flushing || this.pendingFor(userId) ? this.flushFor(userId) : this.batchWritten(userId)));
-    this.flushing = this.writeOnceFor(userId).finally(() => {
-      this.flushing = null;
-      this.flushes += 1;
-    });
-    return this.flushing;
-  }
-
-  /**
-   * `writeOnce` for one user's queued items: their usage rows and window settlements (statements of
-   * at most USAGE_FLUSH_MAX_ROWS), their per-call and failed settlements, then their retired
-   * blocks' releases (after the settlements, as a flush does). What fails goes back to the queues.
-   */
-  private async writeOnceFor(userId: string): Promise<void> {
-    await this.batchWritten(userId);
-    const mine = (s: billingCrud.Settlement) => s.userId === userId;
-    const releases = takeWhere(this.blockReleases, mine);
-    const usage = takeWhere(this.buffer, ownedBy(userId));
-    const settlements = takeWhere(this.windowSettlements, mine);
-    const perCall = takeWhere(this.settlements, mine);
-    const max = this.settings.USAGE_FLUSH_MAX_ROWS;
-    for (let i = 0; i < usage.length || i < settlements.length; i += max) {
-      if (!(await this.writeChunk(usage.slice(i, i + max), settlements.slice(i, i + max)))) {
-        this.buffer = usage.slice(i + max).concat(this.buffer);
-        this.windowSettlements = settlements.slice(i + max).concat(this.windowSettlements);
-        this.failedSettlements.push(...perCall);
-        this.blockReleases = releases.concat(this.blockReleases);
-        return;
-      }
-    }
-    // The failed ones: from before, and what a chunk refused for its data set apart just now.
-    await this.retrySettlements(takeWhere(this.failedSettlements, mine));
-    if (perCall.length) await this.settleBatch(perCall, billingCrud.settleMany(this.db, perCall));
-    await this.releaseBlocks(releases);
   }
 
   /**
