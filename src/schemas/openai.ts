@@ -136,6 +136,8 @@ const ResponseFormat = z.discriminatedUnion('type', [
 
 /** OpenAI's limit on a request's `metadata` pairs. */
 const MAX_METADATA_PAIRS = 16;
+/** A `logit_bias`'s most tokens: each is a line of the provider's sampler, and the body's limit alone would let through a million. */
+const MAX_LOGIT_BIAS_TOKENS = 1024;
 
 const MaxTokens = z.number().int().min(1).max(10_000_000).nullish();
 
@@ -169,12 +171,13 @@ export const ChatCompletionRequest = z
     logprobs: z.boolean().nullish().describe('The answer\'s token log probabilities in `choices[].logprobs` (streamed with each chunk), for models of OpenAI and OpenAI-compatible providers; 400 for others.'),
     top_logprobs: z.number().int().min(0).max(20).nullish().describe('With `logprobs: true`: the likeliest tokens at each place, this many.'),
     logit_bias: z
-      .record(z.string().regex(/^\d+$/, { error: 'A key is a token id' }), z.number().min(-100).max(100))
+      .record(z.string().regex(/^\d{1,10}$/, { error: 'A key is a token id' }), z.number().min(-100).max(100))
+      .refine((bias) => Object.keys(bias).length <= MAX_LOGIT_BIAS_TOKENS, { error: `At most ${MAX_LOGIT_BIAS_TOKENS} tokens` })
       .nullish()
-      .describe('Token id → bias (-100 to 100), for models of OpenAI and OpenAI-compatible providers; 400 for others.'),
+      .describe(`Token id → bias (-100 to 100), at most ${MAX_LOGIT_BIAS_TOKENS} tokens, for models of OpenAI and OpenAI-compatible providers; 400 for others.`),
     stop: z.union([z.string(), z.array(z.string()).max(4)]).nullish(),
     verbosity: z.enum(['low', 'medium', 'high']).nullish().describe('For models of OpenAI and OpenAI-compatible providers; 400 for others.'),
-    store: z.boolean().nullish().describe('Passed to OpenAI and OpenAI-compatible providers (the provider keeps the completion; with `metadata`, its tags there); ignored by others.'),
+    store: z.boolean().nullish().describe('Ignored: the provider account is the operator\'s, whose retention a caller does not turn on.'),
     prediction: z
       .object({ type: z.literal('content'), content: z.union([z.string(), z.array(TextPart)]) })
       .nullish()
@@ -196,7 +199,7 @@ export const ChatCompletionRequest = z
       .record(z.string().max(64), z.string().max(512))
       .refine((pairs) => Object.keys(pairs).length <= MAX_METADATA_PAIRS, { error: `At most ${MAX_METADATA_PAIRS} pairs` })
       .nullish()
-      .describe(`OpenAI's string pairs (at most ${MAX_METADATA_PAIRS}). For an \`agent:<id>\` model, \`thread_id\` names the thread to run on (default: a new one).`),
+      .describe(`OpenAI's string pairs (at most ${MAX_METADATA_PAIRS}); not sent to providers (OpenAI keeps it only with a stored completion, and \`store\` is ignored). For an \`agent:<id>\` model, \`thread_id\` names the thread to run on (default: a new one).`),
   })
   .superRefine(({ tools, tool_choice: choice, logprobs, top_logprobs: top }, ctx) => {
     // As OpenAI refuses it: asked for the top tokens without the log probabilities, the client would get neither.

@@ -82,11 +82,12 @@ export function callContext(principal: Principal): CallContext {
 const textOf = (content: string | { text: string }[]): string => (typeof content === 'string' ? content : content.map((p) => p.text).join(''));
 
 /**
- * A tool call's arguments as the call's input: a JSON object (at most MAX_JSON_DEPTH levels deep),
- * as models write them; none at all are `{}`, as a call without arguments is read. Anything else is
- * refused, `param` saying where: no provider's model can send it on as it came — the openai SDK
- * model sends `{}` instead, without a word; the others send text that is no JSON as a JSON string,
- * and JSON of a string (arguments encoded twice) decoded once, or refuse it (Anthropic's, Google's).
+ * A tool call's arguments as the call's input: parsed when they are JSON (at most MAX_JSON_DEPTH
+ * levels deep: `param` says where, if not); none at all are `{}`, as a call without arguments is
+ * read. Text that is no JSON is sent on as text: OpenAI takes any string here, and a client replays
+ * a model's own broken arguments (a call cut off by `max_tokens`) with the tool's error — refused,
+ * that conversation could not go on. No provider's model sends such text exactly as it came (the
+ * openai SDK model sends `{}`, openai-compatible ones a JSON string): docs/decisions.md.
  */
 function parseArguments(text: string, param: string): unknown {
   if (!text.trim()) return {};
@@ -94,11 +95,7 @@ function parseArguments(text: string, param: string): unknown {
   try {
     parsed = JSON.parse(text) as unknown;
   } catch {
-    throw new InvalidRequestError(`Invalid value for ${param}: not JSON. A tool call's arguments are a JSON object, as the model wrote them`, param);
-  }
-  if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
-    const what = typeof parsed === 'string' ? 'JSON of a string (encoded twice?)' : `JSON of ${Array.isArray(parsed) ? 'an array' : String(parsed === null ? 'null' : typeof parsed)}`;
-    throw new InvalidRequestError(`Invalid value for ${param}: ${what}. A tool call's arguments are a JSON object, as the model wrote them`, param);
+    return text;
   }
   if (!nestsWithin(parsed, MAX_JSON_DEPTH)) throw new InvalidRequestError(`Invalid value for ${param}: nested deeper than ${MAX_JSON_DEPTH} levels`, param);
   return parsed;
@@ -224,11 +221,9 @@ export function toChatRequest(body: ChatCompletionRequest, context: CallContext,
     user: orUndefined(body.user),
     logprobs: body.logprobs === true ? true : undefined,
     topLogprobs: orUndefined(body.top_logprobs),
-    logitBias: orUndefined(body.logit_bias),
+    // An empty bias is none (as the agent path reads it): nothing to refuse for a provider without it.
+    logitBias: body.logit_bias && Object.keys(body.logit_bias).length ? body.logit_bias : undefined,
     verbosity: orUndefined(body.verbosity),
-    store: orUndefined(body.store),
-    // OpenAI keeps `metadata` with a stored completion; for an agent model it names the thread (services/agent-completions.ts).
-    metadata: orUndefined(body.metadata),
     prediction: orUndefined(body.prediction),
     stopSequences: !stop ? undefined : typeof stop === 'string' ? [stop] : stop,
     responseFormat: toResponseFormat(body.response_format),

@@ -142,12 +142,9 @@ export interface ChatRequest extends CallOptions {
   /** OpenAI's `verbosity` (`low`, `medium`, `high`), for openai and openai-compatible providers, as `logprobs`. */
   verbosity?: string;
   /**
-   * OpenAI's `store` (the provider keeps the completion), `metadata` (its tags there: sent only with
-   * `store`) and `prediction` (predicted output, for speed): for openai and openai-compatible
-   * providers; the others have no such thing and answer the same without them.
+   * OpenAI's `prediction` (predicted output, for speed): for openai and openai-compatible providers;
+   * the others have no such thing and answer the same without it.
    */
-  store?: boolean;
-  metadata?: Record<string, string>;
   prediction?: Record<string, JSONValue>;
   stopSequences?: string[];
   /** JSON output (with a schema where the provider supports one); the text is returned unparsed. */
@@ -538,19 +535,17 @@ function sdkReasoningModel(id: string): boolean {
   return gpt !== null && Number(gpt[1]) >= 5 && !(gpt[2] === undefined && (gpt[3] ?? '').startsWith('chat'));
 }
 
-/** What of the call Anthropic's or Google's SDK model would drop: the first such option, by its name in OpenAI's API. */
-function droppedBy(kind: 'anthropic' | 'google', request: Partial<ChatRequest>): string | undefined {
+/**
+ * What of the call Anthropic's or Google's SDK model would drop that the client would miss in the
+ * answer: the first such option, by its name in OpenAI's API. `logprobs` (the answer would come
+ * without them) and a `logit_bias` (tokens the client banned or forced would go unheeded). Hints
+ * a model may follow its own way (`seed`, penalties, `reasoning_effort`, `verbosity`,
+ * `parallel_tool_calls`) are dropped there: generic clients send them to any model, and a 400
+ * would stop calls that answer well without them (docs/decisions.md).
+ */
+function droppedBy(request: Partial<ChatRequest>): string | undefined {
   if (request.logprobs) return 'logprobs';
   if (request.logitBias !== undefined) return 'logit_bias';
-  if (request.reasoningEffort !== undefined) return 'reasoning_effort';
-  if (request.verbosity !== undefined) return 'verbosity';
-  if (request.parallelToolCalls === false) return 'parallel_tool_calls';
-  // Anthropic's SDK model drops these (with a warning no one reads); a penalty of 0 is none.
-  if (kind === 'anthropic') {
-    if (request.seed !== undefined) return 'seed';
-    if (request.frequencyPenalty) return 'frequency_penalty';
-    if (request.presencePenalty) return 'presence_penalty';
-  }
   return undefined;
 }
 
@@ -1151,8 +1146,6 @@ export class ModelManager {
         top_logprobs: request.topLogprobs,
         logit_bias: request.logitBias,
         verbosity: request.verbosity,
-        store: request.store,
-        metadata: request.store ? request.metadata : undefined,
         prediction: request.prediction,
         // As the SDK's openai-compatible model sends it (structured outputs on: see providers.ts).
         response_format: !format
@@ -1456,7 +1449,7 @@ export class ModelManager {
    * does not know as they are). Other kinds take none of them. The wire sends them itself.
    */
   private providerOptions(request: ChatRequest, model: ModelInfo): ChatRequest['providerOptions'] {
-    const { responseFormat, reasoningEffort, user, parallelToolCalls, logprobs, topLogprobs, logitBias, verbosity, store, metadata, prediction } = request;
+    const { responseFormat, reasoningEffort, user, parallelToolCalls, logprobs, topLogprobs, logitBias, verbosity, prediction } = request;
     if (
       responseFormat?.strict !== false &&
       reasoningEffort === undefined &&
@@ -1465,7 +1458,6 @@ export class ModelManager {
       !logprobs &&
       logitBias === undefined &&
       verbosity === undefined &&
-      store === undefined &&
       prediction === undefined
     ) {
       return request.providerOptions;
@@ -1481,10 +1473,8 @@ export class ModelManager {
     // The openai model's `logprobs` is true or the top count (it sends `logprobs` and `top_logprobs`).
     if (logprobs) Object.assign(asked, kind === 'openai' ? { logprobs: topLogprobs ?? true } : { logprobs: true, ...(topLogprobs !== undefined && { top_logprobs: topLogprobs }) });
     if (logitBias !== undefined) asked[kind === 'openai' ? 'logitBias' : 'logit_bias'] = logitBias;
-    // Both models read `textVerbosity` (and send `verbosity`); `store`, `metadata`, `prediction` are the openai model's names and OpenAI's.
+    // Both models read `textVerbosity` (and send `verbosity`); `prediction` is the openai model's name and OpenAI's.
     if (verbosity !== undefined) asked.textVerbosity = verbosity;
-    if (store !== undefined) asked.store = store;
-    if (store && metadata !== undefined) asked.metadata = metadata;
     if (prediction !== undefined) asked.prediction = prediction;
     const options = request.providerOptions;
     return { ...options, [key]: { ...options?.[key], ...asked } };
@@ -1722,12 +1712,10 @@ export class ModelManager {
   }
 
   /**
-   * The first option of the call (by its name in OpenAI's API) that changes the answer and that
-   * `model`'s provider would not hear: OpenAI's own (`logprobs`, `logit_bias`, `reasoning_effort`,
-   * `verbosity`, `parallel_tool_calls: false`), which only OpenAI-style providers take, and the
-   * sampling settings Anthropic's model drops; `logprobs` and `logit_bias` for the models the openai
-   * SDK model takes for reasoning ones. The SDK models would answer without them, and the caller
-   * not know.
+   * The first option of the call (by its name in OpenAI's API) that the client would miss in the
+   * answer and that `model`'s provider would not hear (droppedBy): `logprobs` and `logit_bias`,
+   * which only OpenAI-style providers take, and which the openai SDK model drops for the models it
+   * takes for reasoning ones. The SDK models would answer without them, and the caller not know.
    */
   private unheardOption(request: Partial<ChatRequest>, model: ModelInfo): { option: string; reason: string } | undefined {
     const kind = this.options.providers.kind(model.provider);
@@ -1736,7 +1724,7 @@ export class ModelManager {
       return option && { option, reason: 'the openai provider\'s model drops it for reasoning models' };
     }
     if (kind !== 'anthropic' && kind !== 'google') return undefined;
-    const option = droppedBy(kind, request);
+    const option = droppedBy(request);
     return option === undefined ? undefined : { option, reason: `its provider (${kind}) does not take it` };
   }
 

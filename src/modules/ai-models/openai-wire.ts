@@ -63,8 +63,6 @@ export interface WireCall {
   top_logprobs?: number;
   logit_bias?: Record<string, number>;
   verbosity?: string;
-  store?: boolean;
-  metadata?: Record<string, string>;
   prediction?: unknown;
   stop?: string[];
   response_format?: unknown;
