@@ -136,19 +136,28 @@ describe('embedded process stopped mid-run', () => {
   }, PROCESS_TEST_TIMEOUT_MS);
 });
 
+/**
+ * A `keel start` with billing on, on a data directory of its own (`name`): a user whose agent calls
+ * MODEL, holding 100 credits granted by the superuser (`admin`).
+ */
+async function billedProcess(name: string) {
+  const dataDir = await migratedDataDir(join(scratch, name));
+  const port = await freePort();
+  const first = await start(dataDir, port, { BILLING_ENABLED: 'true' });
+  const headers = await userWithAgent(first.base, `${name}@crash.test`, PASSWORD, MODEL);
+  const me = (await json<{ id: string }>(first.base, 'GET', '/users/me', headers)).body;
+  const login = await fetch(`${first.base}/api/v1/login/access-token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams({ username: 'admin@crash.test', password: PASSWORD }) });
+  const admin = { authorization: `Bearer ${((await login.json()) as { access_token: string }).access_token}` };
+  expect((await json(first.base, 'POST', '/billing/credits', admin, { user_id: me.id, amount: '100', description: 'test' })).status).toBe(200);
+  return { dataDir, port, first, headers, admin, me };
+}
+
 describe('embedded process killed after metered calls', () => {
   it('kill -9 a moment after answered gateway calls (billing on): their charges and usage records are there after a restart', async () => {
     fake.reset();
     const calls = 4;
     fake.script(MODEL, ...Array.from({ length: calls }, () => ({ text: 'ok', usage: { prompt_tokens: 1_000, completion_tokens: 500 } })));
-    const dataDir = await migratedDataDir(join(scratch, 'billing-kill'));
-    const port = await freePort();
-    const first = await start(dataDir, port, { BILLING_ENABLED: 'true' });
-    const headers = await userWithAgent(first.base, 'billing-kill@crash.test', PASSWORD, MODEL);
-    const me = (await json<{ id: string }>(first.base, 'GET', '/users/me', headers)).body;
-    const login = await fetch(`${first.base}/api/v1/login/access-token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams({ username: 'admin@crash.test', password: PASSWORD }) });
-    const admin = { authorization: `Bearer ${((await login.json()) as { access_token: string }).access_token}` };
-    expect((await json(first.base, 'POST', '/billing/credits', admin, { user_id: me.id, amount: '100', description: 'test' })).status).toBe(200);
+    const { dataDir, port, first, headers } = await billedProcess('billing-kill');
     for (let i = 0; i < calls; i++) {
       const answered = await fetch(`${first.base}/v1/chat/completions`, { method: 'POST', headers: { ...headers, 'content-type': 'application/json' }, body: JSON.stringify({ model: MODEL, messages: [{ role: 'user', content: 'hi' }] }) });
       expect(answered.status).toBe(200);
@@ -171,14 +180,7 @@ describe('embedded process killed after metered calls', () => {
   it('kill -9 mid-call (billing on): after a restart what the call held is free at once, not after the reservation TTL', async () => {
     fake.reset();
     fake.script(MODEL, { chunks: Array.from({ length: 100 }, (_, i) => `w${i} `), chunkDelayMs: 100 }, { text: 'after restart', usage: { prompt_tokens: 10, completion_tokens: 5 } });
-    const dataDir = await migratedDataDir(join(scratch, 'billing-kill-mid-call'));
-    const port = await freePort();
-    const first = await start(dataDir, port, { BILLING_ENABLED: 'true' });
-    const headers = await userWithAgent(first.base, 'billing-mid-call@crash.test', PASSWORD, MODEL);
-    const me = (await json<{ id: string }>(first.base, 'GET', '/users/me', headers)).body;
-    const login = await fetch(`${first.base}/api/v1/login/access-token`, { method: 'POST', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: new URLSearchParams({ username: 'admin@crash.test', password: PASSWORD }) });
-    const admin = { authorization: `Bearer ${((await login.json()) as { access_token: string }).access_token}` };
-    expect((await json(first.base, 'POST', '/billing/credits', admin, { user_id: me.id, amount: '100', description: 'test' })).status).toBe(200);
+    const { dataDir, port, first, headers, admin, me } = await billedProcess('billing-mid-call');
     const streaming = await fetch(`${first.base}/v1/chat/completions`, { method: 'POST', headers: { ...headers, 'content-type': 'application/json' }, body: JSON.stringify({ model: MODEL, stream: true, messages: [{ role: 'user', content: 'hi' }] }) });
     expect(streaming.status).toBe(200);
     await fake.waitFor((log) => log.some((r) => r.chunksSent >= 2), 10_000);
