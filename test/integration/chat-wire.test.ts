@@ -403,15 +403,20 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
   ])('a caller slower than the model, through %s', (_path, route) => {
     // 16 MB of answer in 8,000 chunks: more than the sockets' buffers hold between the two servers.
     const chunks = Array.from({ length: 8_000 }, (_, i) => `${String(i).padStart(5, '0')}${'x'.repeat(2_043)} `);
+    const CHUNK_TIMEOUT_MS = 1_000;
     let slow: ModelManager | undefined;
     afterEach(async () => {
       await slow?.close();
       slow = undefined;
     });
-    /** That answer streamed through a manager whose chunk timeout is 300 ms, to a caller that has taken its first event. */
+    /**
+     * That answer streamed through a manager whose chunk timeout is CHUNK_TIMEOUT_MS, to a caller
+     * that has taken its first event. (300 ms was cut off now and then with the other files running
+     * beside, at load 8: 16 MB is read in 8,000 chunks, and one gap that long ended it.)
+     */
     async function startSlow(streamTimeoutMs = 600_000) {
       server.script('wire-chat', { chunks });
-      slow = fakeModelManager(server, { models: [{ id: 'wire-chat', provider: 'fake', capabilities: ['chat'], pricing }], records, overrides: { timeoutMs: 300, streamTimeoutMs } });
+      slow = fakeModelManager(server, { models: [{ id: 'wire-chat', provider: 'fake', capabilities: ['chat'], pricing }], records, overrides: { timeoutMs: CHUNK_TIMEOUT_MS, streamTimeoutMs } });
       const stream = slow.stream(route({ model: 'wire-chat', messages: [{ role: 'user', content: 'Count' }] }));
       const events = stream[Symbol.asyncIterator]();
       return { stream, events, first: await events.next() };
@@ -420,8 +425,8 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     it('holds the upstream back while it does not read, with no chunk timeout meanwhile, then gets the whole answer', async () => {
       const { stream, events, first } = await startSlow();
       expect(first.value).toEqual({ type: 'text-delta', text: chunks[0] });
-      // Four chunk timeouts long without reading: the upstream waits for the caller, and is not cut off.
-      await new Promise((resolve) => setTimeout(resolve, 1_200));
+      // Longer than two chunk timeouts without reading: the upstream waits for the caller, and is not cut off.
+      await new Promise((resolve) => setTimeout(resolve, 2.5 * CHUNK_TIMEOUT_MS));
       expect(await server.stalled()).toMatchObject({ completed: false, aborted: false });
       const texts = [chunks[0]];
       for (let next = await events.next(); !next.done; next = await events.next()) if (next.value.type === 'text-delta') texts.push(next.value.text);
@@ -441,8 +446,8 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     });
 
     it('a caller that stops reading for good is cut off at the stream deadline, and the upstream request aborted', async () => {
-      const { stream, events } = await startSlow(800);
-      await expect(stream.result).rejects.toThrow(/did not finish within 800 ms/);
+      const { stream, events } = await startSlow(1_500);
+      await expect(stream.result).rejects.toThrow(/did not finish within 1500 ms/);
       await server.waitFor((log) => log[0]!.aborted);
       expect(server.log[0]!.completed).toBe(false);
       await events.return?.();
