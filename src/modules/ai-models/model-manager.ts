@@ -536,8 +536,8 @@ function sdkReasoningModel(id: string): boolean {
 }
 
 /**
- * What of the call Anthropic's or Google's SDK model would drop that the client would miss in the
- * answer: the first such option, by its name in OpenAI's API. `logprobs` (the answer would come
+ * What of the call a provider's SDK model may drop that the client would miss in the answer (see
+ * unheardOption for which): the first such option, by its name in OpenAI's API. `logprobs` (the answer would come
  * without them) and a `logit_bias` (tokens the client banned or forced would go unheeded). Hints
  * a model may follow its own way (`seed`, penalties, `reasoning_effort`, `verbosity`,
  * `parallel_tool_calls`) are dropped there: generic clients send them to any model, and a 400
@@ -1603,9 +1603,7 @@ export class ModelManager {
               started_at: new Date(),
               context: request.context ?? {},
             };
-            Promise.resolve()
-              .then(() => late.settle(record))
-              .catch((e: unknown) => this.options.onMeterError?.(e, record));
+            this.settleOffPath(late, record);
           })
         : undefined;
       const state: AttemptState = { estimated: false, inputTokens, streamed: false, firstTokenAt: null, outputChars: 0, outputTokens: 0 };
@@ -1638,11 +1636,7 @@ export class ModelManager {
           started_at: startedAt,
           context: request.context ?? {},
         };
-        queueMicrotask(() => {
-          Promise.resolve()
-            .then(() => reservation.settle(record))
-            .catch((e: unknown) => this.options.onMeterError?.(e, record));
-        });
+        queueMicrotask(() => this.settleOffPath(reservation, record));
       };
 
       if (signal?.aborted) {
@@ -1718,14 +1712,18 @@ export class ModelManager {
    * takes for reasoning ones. The SDK models would answer without them, and the caller not know.
    */
   private unheardOption(request: Partial<ChatRequest>, model: ModelInfo): { option: string; reason: string } | undefined {
-    const kind = this.options.providers.kind(model.provider);
-    if (kind === 'openai' && sdkReasoningModel(model.id)) {
-      const option = request.logprobs ? 'logprobs' : request.logitBias !== undefined ? 'logit_bias' : undefined;
-      return option && { option, reason: 'the openai provider\'s model drops it for reasoning models' };
-    }
-    if (kind !== 'anthropic' && kind !== 'google') return undefined;
     const option = droppedBy(request);
-    return option === undefined ? undefined : { option, reason: `its provider (${kind}) does not take it` };
+    if (option === undefined) return undefined;
+    const kind = this.options.providers.kind(model.provider);
+    if (kind === 'openai' && sdkReasoningModel(model.id)) return { option, reason: 'the openai provider\'s model drops it for reasoning models' };
+    return kind === 'anthropic' || kind === 'google' ? { option, reason: `its provider (${kind}) does not take it` } : undefined;
+  }
+
+  /** Settles `reservation` with `record`, its failure to the meter's error hook (never the caller's). */
+  private settleOffPath(reservation: UsageReservation, record: UsageRecord): void {
+    Promise.resolve()
+      .then(() => reservation.settle(record))
+      .catch((e: unknown) => this.options.onMeterError?.(e, record));
   }
 
   /** The model, then its usable fallbacks (those that can take the call: `takes`). */

@@ -916,7 +916,7 @@ class SseReader implements Dispatcher.DispatchHandlers {
       this.parts.push({ type: 'reasoning-delta', text: reasoning });
       this.output(reasoning.length);
     }
-    const pieces: WirePart[] = contentPieces(delta?.content);
+    const pieces: (TextPiece | TextPart)[] = contentPieces(delta?.content);
     const refusal = refusalOf(delta?.refusal);
     const refused: TextPart | undefined = refusal ? { type: 'refusal-delta', text: refusal } : undefined;
     // The chunk's token log probabilities go with its text (and its refusal), as OpenAI's chunk carries them.
@@ -934,7 +934,7 @@ class SseReader implements Dispatcher.DispatchHandlers {
     for (const piece of pieces) {
       emitted = true;
       this.parts.push(piece);
-      if (piece.type !== 'tool-call' && piece.type !== 'finish' && piece.type !== 'progress') this.output(piece.text.length);
+      this.output(piece.text.length);
     }
     for (const piece of delta?.tool_calls ?? []) this.toolDelta(piece);
     if (!emitted) this.parts.push(PROGRESS);
