@@ -61,10 +61,6 @@ export class ConflictError extends HttpError {
   }
 }
 
-/**
- * 422 in the validation shape (`{detail: [{loc, msg, type}]}`) for what a schema cannot check:
- * rules that need the database or the model catalog (an unknown model, a cursor of another thread).
- */
 /** 410: what was there is gone for good (expired), and asking again will not bring it back. */
 export class GoneError extends HttpError {
   constructor(detail = 'Gone') {
@@ -72,6 +68,10 @@ export class GoneError extends HttpError {
   }
 }
 
+/**
+ * 422 in the validation shape (`{detail: [{loc, msg, type}]}`) for what a schema cannot check:
+ * rules that need the database or the model catalog (an unknown model, a cursor of another thread).
+ */
 export class UnprocessableError extends HttpError {
   readonly issues: ValidationIssue[];
 

@@ -21,7 +21,7 @@ import type { Redis } from 'ioredis';
 
 import type { Settings } from '../core/config.js';
 import type { Database, Db } from '../core/db.js';
-import { databaseError, PaymentRequiredError, ServiceUnavailableError, TooManyRequestsError } from '../core/errors.js';
+import { databaseError, PaymentRequiredError, ShuttingDownError, TooManyRequestsError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import type { ModelMetrics } from '../core/metrics.js';
 
@@ -187,7 +187,7 @@ export class UsageMeterService implements UsageMeter {
   // ==================== reserve ====================
 
   reserve(estimate: CostEstimate): UsageReservation | Promise<UsageReservation> {
-    if (this.closing) throw new ServiceUnavailableError('Shutting down');
+    if (this.closing) throw new ShuttingDownError();
     const keyId = estimate.context.api_key_id ?? null;
     if (keyId === null) return this.hold(estimate, null);
     const limits = estimate.context.api_key_limits;

@@ -101,6 +101,7 @@ export class ModelDownloadError extends HttpError {
   }
 }
 
+/** 504: the model did not answer within the call's time (MODEL_TIMEOUT_MS, or the call's own), after every retry and fallback. */
 export class ModelTimeoutError extends HttpError {
   constructor(readonly timeoutMs: number) {
     super(504, `The model did not answer within ${timeoutMs} ms`);
