@@ -1126,6 +1126,48 @@ describe('log probabilities, logit_bias and the other fields of OpenAI\'s reques
     }
   });
 
+  /** `count` tokens of an answer, each its own piece (and log probability entry). */
+  const tokens = (count: number) => Array.from({ length: count }, (_, i) => `t${i} `);
+
+  it('reads an answer whose log probabilities (20 alternatives a token) take past MODEL_MAX_RESPONSE_BYTES, streamed or not, on every path: they are what the call asked for', async () => {
+    const limit = ctx.app.settings.MODEL_MAX_RESPONSE_BYTES;
+    const pieces = tokens(1_500);
+    expect(JSON.stringify(fakeLogprobs(pieces, 20)).length).toBeGreaterThan(1.5 * limit);
+    const asked = { logprobs: true, top_logprobs: 20, max_tokens: pieces.length };
+    for (const path of PATHS) {
+      fake.script(path.model, { chunks: pieces, text: pieces.join('') }, { chunks: pieces });
+      const completion = await client.chat.completions.create({ ...path, ...asked });
+      expect(completion.choices[0]!.logprobs, JSON.stringify(path)).toEqual({ content: fakeLogprobs(pieces, 20), refusal: null });
+      const streamed = await client.chat.completions.stream({ ...path, ...asked }).finalChatCompletion();
+      expect(streamed.choices[0]!.logprobs!.content, JSON.stringify(path)).toHaveLength(pieces.length);
+      expect(streamed.choices[0]!.message.content).toBe(pieces.join(''));
+    }
+  });
+
+  it('still cuts off log probabilities past what the call asked for (its max_tokens, 20 alternatives each): 502, streamed or not, on every path', async () => {
+    const limit = ctx.app.settings.MODEL_MAX_RESPONSE_BYTES;
+    // 5 tokens: 5 × 21 entries of at most 160 bytes each beyond the limit.
+    const asked = { logprobs: true, top_logprobs: 20, max_tokens: 5 };
+    const message = `The model's answer exceeded ${limit + 5 * 21 * 160} bytes`;
+    for (const path of PATHS) {
+      fake.reset();
+      // A non-streamed answer padded past both; a stream of far more tokens than asked for, all within the limit.
+      fake.script(path.model, { text: 'Hi', padBytes: 4 * limit }, { chunks: tokens(300) });
+      const plain = await apiError(client.chat.completions.create({ ...path, ...asked }));
+      expect(plain.status, JSON.stringify(path)).toBe(502);
+      expect(plain.error).toEqual({ message, type: 'server_error', param: null, code: 'upstream_error' });
+      const stream = await client.chat.completions.create({ ...path, ...asked, stream: true });
+      const cut = await apiError(
+        (async () => {
+          for await (const part of stream) void part;
+        })(),
+      );
+      expect(cut.error, JSON.stringify(path)).toMatchObject({ type: 'server_error', code: 'upstream_error', message: `The log probabilities of the model's answer exceeded ${5 * 21 * 160} characters` });
+      await fake.waitFor((log) => log.length === 2 && log.every((r) => r.aborted || r.completed));
+      expect(fake.log.map((r) => r.reply)).toEqual([200, 200]);
+    }
+  });
+
   it('refuses logprobs and logit_bias for a model whose provider takes neither, 400 naming the param, before calling upstream; a fallback that cannot is skipped', async () => {
     const logprobs = await apiError(client.chat.completions.create({ model: 'lp-claude', messages, logprobs: true }));
     expect(logprobs).toMatchObject({ status: 400, type: 'invalid_request_error', param: 'logprobs', code: 'unsupported_parameter' });

@@ -428,9 +428,11 @@ export class FakeModelServer {
     // Asked for, each chunk's log probabilities are its piece's, as OpenAI streams them.
     const top = askedLogprobs(body);
     const refusals = reply.refusal?.split(/(?<= )/) ?? [];
-    const logprobsOf = (kind: 'content' | 'refusal', all: string[], i: number) => (top === undefined ? {} : { logprobs: { content: null, refusal: null, [kind]: [fakeLogprobs(all, top)[i]] } });
-    pieces.forEach((content, i) => chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', content }, finish_reason: null, ...logprobsOf('content', pieces, i) }] }));
-    refusals.forEach((refusal, i) => chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', refusal }, finish_reason: null, ...logprobsOf('refusal', refusals, i) }] }));
+    // Made once for the answer (each chunk's is one of them): thousands of pieces stream as fast as a few.
+    const entries = top === undefined ? undefined : { content: fakeLogprobs(pieces, top), refusal: fakeLogprobs(refusals, top) };
+    const logprobsOf = (kind: 'content' | 'refusal', i: number) => (entries ? { logprobs: { content: null, refusal: null, [kind]: [entries[kind][i]] } } : {});
+    pieces.forEach((content, i) => chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', content }, finish_reason: null, ...logprobsOf('content', i) }] }));
+    refusals.forEach((refusal, i) => chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', refusal }, finish_reason: null, ...logprobsOf('refusal', i) }] }));
     const toolCalls = this.toolCallsOf(reply);
     if (toolCalls) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', tool_calls: toolCalls }, finish_reason: null }] });
     chunks.push({ choices: [{ index: 0, delta: {}, finish_reason: toolCalls?.length ? 'tool_calls' : 'stop' }] });

@@ -14,13 +14,14 @@ export const answerTooLong = (maxBytes: number): ModelAnswerLimitError => new Mo
 /**
  * What the manager expects of an answer, told to this fetch in a request header that it takes off
  * before the request leaves (the SDK passes a call's `headers` through to `fetch`): `stream` for
- * its two stream paths, the number of vectors for an embeddings call. Told rather than guessed from
- * the request: a body parsed to find `"stream": true` cost a parse of every streamed call's prompt
- * (up to GATEWAY_BODY_LIMIT_BYTES of images), and each provider names its methods its own way.
+ * its two stream paths, else the most a non-streamed answer may take when the call asked for more
+ * than MODEL_MAX_RESPONSE_BYTES (embeddings' vectors, log probabilities). Told rather than guessed
+ * from the request: a body parsed to find `"stream": true` cost a parse of every streamed call's
+ * prompt (up to GATEWAY_BODY_LIMIT_BYTES of images), and each provider names its methods its own way.
  */
 const ANSWER_HEADER = 'x-keel-answer';
 export const STREAM_ANSWER = { [ANSWER_HEADER]: 'stream' } as const;
-export const vectorsAnswer = (count: number): Record<string, string> => ({ [ANSWER_HEADER]: String(count) });
+export const answerOfAtMost = (bytes: number): Record<string, string> => ({ [ANSWER_HEADER]: String(bytes) });
 
 /**
  * What one vector of an embeddings answer may take beyond MODEL_MAX_RESPONSE_BYTES: the vectors
@@ -33,6 +34,26 @@ const EMBEDDING_ANSWER_BYTES = 128 * 1024;
 
 /** The most an embeddings answer of `vectors` vectors may take (the wire's and the SDK's). */
 export const embeddingsAnswerLimit = (maxBytes: number, vectors: number): number => Math.max(maxBytes, vectors * EMBEDDING_ANSWER_BYTES);
+
+/**
+ * What one log probability entry of a chat answer may take: OpenAI writes each token of the answer
+ * as `{"token", "logprob", "bytes": [...], "top_logprobs": [...]}` and each of its `top_logprobs`
+ * alternatives the same way without the list, some 60 to 90 bytes for a usual token (the bytes
+ * list is 2 to 4 characters a byte). With `top_logprobs: 20` that is ~1.5 KB a token, so a
+ * legitimate answer of ~10,000 tokens passes 16 MiB: the limit of an answer that carries them
+ * grows with what the call asked for. 160 bytes leaves room for long tokens (runs of spaces,
+ * escaped bytes) and stays a bound a broken or hostile upstream cannot pass.
+ */
+const LOGPROB_ENTRY_BYTES = 160;
+
+/**
+ * What an answer's log probabilities may take beyond MODEL_MAX_RESPONSE_BYTES: one entry a token
+ * of its output (`outputTokens`, the maximum it was sent with) and one for each alternative asked
+ * for, or nothing when the call asked for none.
+ */
+export function logprobsAllowance(logprobs: boolean | undefined, topLogprobs: number | undefined, outputTokens: number | undefined): number {
+  return logprobs ? (outputTokens ?? 0) * (1 + (topLogprobs ?? 0)) * LOGPROB_ENTRY_BYTES : 0;
+}
 
 /** The request without the manager's header, and what that header said (provider-utils sends headers as a record, lower-cased). */
 function takeExpectation(init: RequestInit | undefined): { init: RequestInit | undefined; expected: string | undefined } {
@@ -120,8 +141,7 @@ export function limitedFetch(maxBytes: number): typeof globalThis.fetch {
     if (!body) return response;
     // An error answer is read whole (the SDK's error handlers), whatever was asked.
     const stream = response.ok && expected === 'stream';
-    const vectors = response.ok && !stream ? Number(expected ?? 0) : 0;
-    const total = embeddingsAnswerLimit(maxBytes, vectors);
+    const total = response.ok && !stream ? Math.max(maxBytes, Number(expected ?? 0) || 0) : maxBytes;
     if (!stream && Number(response.headers.get('content-length')) > total) {
       // Said up front: not a byte of it is read.
       await body.cancel().catch(() => {});

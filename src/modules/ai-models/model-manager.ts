@@ -45,7 +45,7 @@ import { HttpError } from '../../core/errors.js';
 
 import { AsyncQueue } from '../../utils/async-queue.js';
 import { CallerAbort, type CallerSignal } from './abort.js';
-import { embeddingsAnswerLimit, STREAM_ANSWER, vectorsAnswer } from './answer-limit.js';
+import { answerOfAtMost, embeddingsAnswerLimit, logprobsAllowance, STREAM_ANSWER } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
 import { chargeableUsage, computeCost, estimateCost } from './cost.js';
 import {
@@ -1093,16 +1093,18 @@ export class ModelManager {
     return this.run(request, request.signal, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
       const tools = request.tools && functionTools(request.tools);
       const wired = this.wireCall(request, model, tools);
+      const maxBytes = this.options.maxResponseBytes + this.logprobsAllowance(request, model);
       if (wired) {
-        const reply = await wired.wire.generate(wired.call, attempt, this.options.maxResponseBytes);
+        const reply = await wired.wire.generate(wired.call, attempt, maxBytes);
         state.usage = reply.usage;
         if (wired.call.tools) enforceToolChoice(request.toolChoice, reply.toolCalls, reply.finishReason, model);
         return this.chatResult(model, state, started, answer(reply.text, reply.reasoning, reply.toolCalls, reply.refusal, reply.logprobs), reply.finishReason, null);
       }
       const direct = this.directModel(model, tools);
-      if (direct) return this.generate(request, direct, model, attempt, state, started);
+      if (direct) return this.generate(request, direct, model, attempt, state, started, maxBytes);
       const result = await generateText({
         ...this.sdkOptions(request, model),
+        headers: answerOfAtMost(maxBytes),
         experimental_download: this.downloads(attempt.signal),
         abortSignal: attempt.signal,
       });
@@ -1180,8 +1182,8 @@ export class ModelManager {
    * messages), telemetry spans and step machinery. Tool calls are read as `generateText` reads them
    * for tools with a plain JSON schema (toolCallOf), and its tool-choice check is made here.
    */
-  private async generate(request: ChatRequest, direct: DirectCall, model: ModelInfo, attempt: Attempt, state: AttemptState, started: number): Promise<ChatResult> {
-    const result = await direct.languageModel.doGenerate(await this.callOptions(request, direct, model, attempt));
+  private async generate(request: ChatRequest, direct: DirectCall, model: ModelInfo, attempt: Attempt, state: AttemptState, started: number, maxBytes: number): Promise<ChatResult> {
+    const result = await direct.languageModel.doGenerate({ ...(await this.callOptions(request, direct, model, attempt)), headers: answerOfAtMost(maxBytes) });
     state.usage = toTokenUsage(asLanguageModelUsage(result.usage));
     const declared = direct.tools !== undefined;
     let text = '';
@@ -1250,6 +1252,14 @@ export class ModelManager {
       const toolCalls: ToolCall[] = [];
       let finishReason = 'unknown';
       let toolInputChars = 0;
+      const logprobsChars = this.logprobsAllowance(request, model);
+      let logprobsRead = 0;
+      /** A piece's log probabilities: no output (`seen` does not count them), held to what the call asked for on their own (the SDK's paths; the wire holds them as it reads too). */
+      const weigh = (logprobs: unknown[] | undefined) => {
+        if (logprobs && (logprobsRead += JSON.stringify(logprobs).length) > logprobsChars) {
+          throw attempt.fail(new ModelAnswerLimitError(502, `The log probabilities of the model's answer exceeded ${logprobsChars} characters`));
+        }
+      };
       /** Output arrived (text, reasoning, a tool call's input): counted, and held to the size limit. */
       const seen = (output: string) => {
         attempt.touch();
@@ -1264,6 +1274,7 @@ export class ModelManager {
       for await (const part of source.parts) {
         if (part.type === 'text-delta') {
           seen(part.text);
+          weigh(part.logprobs);
           if (keepAnswer) text += part.text;
           events.push(part);
         } else if (part.type === 'reasoning-delta') {
@@ -1272,6 +1283,7 @@ export class ModelManager {
           events.push(part);
         } else if (part.type === 'refusal-delta') {
           seen(part.text);
+          weigh(part.logprobs);
           if (keepAnswer) refusal += part.text;
           events.push(part);
         } else if (part.type === 'tool-call') {
@@ -1365,7 +1377,7 @@ export class ModelManager {
       model: this.options.providers.embeddingModel(model.provider, model.id),
       values: request.values,
       maxRetries: 0,
-      headers: vectorsAnswer(request.values.length),
+      headers: answerOfAtMost(embeddingsAnswerLimit(this.options.maxResponseBytes, request.values.length)),
       providerOptions: this.embedOptions(request, model),
       abortSignal: signal,
     });
@@ -1391,7 +1403,7 @@ export class ModelManager {
     const tools = request.tools && functionTools(request.tools);
     const wired = this.wireCall(request, model, tools);
     if (wired) {
-      const parts = await wired.wire.stream(wired.call, attempt, this.options.maxResponseBytes);
+      const parts = await wired.wire.stream(wired.call, attempt, this.options.maxResponseBytes, this.logprobsAllowance(request, model));
       return { parts, responseMessages: directResponseMessages, noToolCalls: wired.call.tool_choice === 'none' };
     }
     // OpenAI's SDK models hand a refusal on as text: the raw chunks tell it apart (see RefusalReader).
@@ -1695,6 +1707,11 @@ export class ModelManager {
     let diagnosis = error.message;
     for (const secret of this.options.providers.secrets(providerId)) diagnosis = diagnosis.replaceAll(secret, '[redacted]');
     return diagnosis === error.message ? error : error.reworded(diagnosis);
+  }
+
+  /** What the answer's log probabilities may take on `model`, beyond the answer's limit (see logprobsAllowance). */
+  private logprobsAllowance(request: ChatRequest, model: ModelInfo): number {
+    return logprobsAllowance(request.logprobs, request.topLogprobs, this.outputTokens(model, request.maxOutputTokens));
   }
 
   /** A call's output tokens: its own maximum, else the default, or the model's own limit when smaller. */

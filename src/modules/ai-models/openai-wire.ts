@@ -482,13 +482,14 @@ export class OpenAIWire {
    * arrive in pieces and are handed on whole when the answer ends. An upstream error chunk, a
    * dropped connection, a stream that ends with neither a finish reason nor `[DONE]` (cut off) or
    * the signal throws; so do an event (a line) or tool calls longer than `maxChars`, which the wire
-   * would hold. A refusal (non-2xx) throws here, with the start of its body. Stopping the iteration
-   * closes the upstream request, unless its response is complete.
+   * would hold, and log probabilities past `logprobsChars` (what the call asked for: logprobsAllowance).
+   * A refusal (non-2xx) throws here, with the start of its body. Stopping the iteration closes the
+   * upstream request, unless its response is complete.
    */
-  async stream(call: WireCall, signal: AbortLike, maxChars: number): Promise<AsyncIterable<WirePart>> {
+  async stream(call: WireCall, signal: AbortLike, maxChars: number, logprobsChars: number): Promise<AsyncIterable<WirePart>> {
     const streamCall = { ...call, stream: true as const, stream_options: { include_usage: true as const } };
     if (signal.aborted) throw signal.reason ?? new Error('aborted');
-    const reader = new SseReader(this.chat.url, streamCall, signal, maxChars);
+    const reader = new SseReader(this.chat.url, streamCall, signal, maxChars, logprobsChars);
     this.dispatcher.dispatch({ origin: this.chat.origin, path: this.chat.path, method: 'POST', headers: this.headers, body: JSON.stringify(streamCall) }, reader);
     const refusal = await reader.opened;
     if (refusal) throw this.refused(this.chat.url, streamCall, refusal.statusCode, rawHeaderRecord(refusal.rawHeaders), refusal.text);
@@ -706,6 +707,12 @@ class SseReader implements Dispatcher.DispatchHandlers {
    * them queued here (up to PAUSE_AT_PARTS parts, each up to the limit).
    */
   private outputChars = 0;
+  /**
+   * The characters of the events that carried log probabilities: no output (not counted above), but
+   * held for a slow caller as it is, so held to what the call asked for. The event's length stands
+   * for its log probabilities' (they are most of it), which are not written out again to be measured.
+   */
+  private logprobsRead = 0;
   private finishReason: string | null | undefined;
   /** A `data:` event was read: the answer is a stream, whatever came of it. */
   private streamed = false;
@@ -728,6 +735,7 @@ class SseReader implements Dispatcher.DispatchHandlers {
     private readonly call: WireCall,
     private readonly signal: AbortLike,
     private readonly maxChars: number,
+    private readonly logprobsChars: number,
   ) {
     this.declared = call.tools !== undefined;
     this.opened = new Promise((resolve, reject) => {
@@ -897,12 +905,13 @@ class SseReader implements Dispatcher.DispatchHandlers {
     else {
       const value = json === NOT_JSON ? undefined : asCompletion(json as Completion | null);
       if (!value) throw invalidAnswer(this.url, this.call, this.statusCode, trimmed);
-      this.event(value);
+      this.event(value, trimmed.length);
     }
     return false;
   }
 
-  private event(value: Completion): void {
+  /** One completion chunk; `chars`: the length of its event's data. */
+  private event(value: Completion, chars: number): void {
     // The provider's error object, handed on as the SDK hands it on: the model manager reads both alike.
     if (value.error) throw new StreamErrorEvent(value.error);
     if (value.usage) this.usage = value.usage;
@@ -921,6 +930,7 @@ class SseReader implements Dispatcher.DispatchHandlers {
     const refused: TextPart | undefined = refusal ? { type: 'refusal-delta', text: refusal } : undefined;
     // The chunk's token log probabilities go with its text (and its refusal), as OpenAI's chunk carries them.
     const logprobs = logprobsOf(choice?.logprobs);
+    if (logprobs && (this.logprobsRead += chars) > this.logprobsChars) throw new ModelAnswerLimitError(502, `The log probabilities of the model's answer exceeded ${this.logprobsChars} characters`);
     if (logprobs?.content) {
       const last = pieces.findLast((piece): piece is TextPart => piece.type === 'text-delta');
       if (last) last.logprobs = logprobs.content;
