@@ -181,7 +181,7 @@ export const ChatCompletionRequest = z
     prediction: z
       .object({ type: z.literal('content'), content: z.union([z.string(), z.array(TextPart)]) })
       .nullish()
-      .describe('Predicted output, passed to OpenAI and OpenAI-compatible providers; ignored by others (it changes only how fast the answer comes).'),
+      .describe('Predicted output, passed to OpenAI and OpenAI-compatible providers, whose tokens of it the answer does not use are billed as output (the credit hold counts it); ignored by others.'),
     service_tier: z
       .enum(['auto', 'default'], { error: 'Only `auto` and `default`: Keel bills every call at its catalog\'s price, so other tiers are not offered' })
       .nullish()

@@ -14,6 +14,8 @@ export interface FakeUsage {
   completion_tokens: number;
   cached_tokens?: number;
   reasoning_tokens?: number;
+  /** Of a predicted output, the tokens the answer did not use: billed as output, so counted in `completion_tokens` too (as OpenAI reports them). */
+  rejected_prediction_tokens?: number;
 }
 
 export interface FakeToolCall {
@@ -386,7 +388,7 @@ export class FakeModelServer {
       completion_tokens: u.completion_tokens,
       total_tokens: u.prompt_tokens + u.completion_tokens,
       prompt_tokens_details: { cached_tokens: u.cached_tokens ?? 0 },
-      completion_tokens_details: { reasoning_tokens: u.reasoning_tokens ?? 0 },
+      completion_tokens_details: { reasoning_tokens: u.reasoning_tokens ?? 0, ...(u.rejected_prediction_tokens !== undefined && { accepted_prediction_tokens: 0, rejected_prediction_tokens: u.rejected_prediction_tokens }) },
     };
   }
 

@@ -257,6 +257,34 @@ describe('metered calls with BILLING_ENABLED', () => {
     await expectConsistent(user);
   });
 
+  it('reserves for a predicted output too (its rejected tokens are billed as output, beyond max_tokens), and charges them once: as the completion tokens that count them', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '100');
+    // 3,800 characters of prediction (950 tokens), as a string or as text parts: with max_tokens' 10, more than the balance at 1 credit a token.
+    const predicted = 'const answer = 42;\n'.repeat(200);
+    for (const content of [predicted, [{ type: 'text', text: predicted.slice(0, 2000) }, { type: 'text', text: predicted.slice(2000) }]]) {
+      const refused = ctx.app.models.chat(billed(user, { prediction: { type: 'content', content } }));
+      await expect(refused).rejects.toBeInstanceOf(PaymentRequiredError);
+      await expect(refused).rejects.toThrow('Not enough credits: balance 100, available 100; this call to fake-billed needs up to 960');
+    }
+    // A provider that is not sent it (Anthropic's) does not bill it: the hold is max_tokens' alone.
+    expect((await api('POST', '/providers', admin, { name: 'predicted-anthropic', kind: 'anthropic', base_url: fake.url, api_key: 'sk-predicted' })).statusCode).toBe(200);
+    const claude = await api('POST', '/models', admin, { id: 'predicted-claude', provider: 'predicted-anthropic', pricing: { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: '1000000' } });
+    expect(claude.statusCode, claude.body).toBe(200);
+    const poor = await createUser(ctx.app);
+    await grant(poor, '5');
+    const unheard = ctx.app.models.chat(chatRequest('predicted-claude', { user_id: poor.user.id }, { maxOutputTokens: 10, prediction: { type: 'content', content: predicted } }));
+    await expect(unheard).rejects.toThrow('Not enough credits: balance 5, available 5; this call to predicted-claude needs up to 10');
+    expect(fake.log).toHaveLength(0);
+    // A prediction the balance covers: 3 tokens said, 20 of the prediction rejected, 23 completion tokens billed.
+    fake.script('fake-billed', { text: 'ok', usage: { prompt_tokens: 7, completion_tokens: 23, rejected_prediction_tokens: 20 } });
+    const result = await ctx.app.models.chat(billed(user, { prediction: { type: 'content', content: 'const answer = 42;\n'.repeat(10) } }));
+    expect(fake.log[0]!.body.prediction).toEqual({ type: 'content', content: 'const answer = 42;\n'.repeat(10) });
+    expect(result.cost).toBe('23');
+    expect(await balanceOf(user)).toMatchObject({ balance: '77', reserved: '0' });
+    await expectConsistent(user);
+  });
+
   it('reserves the worst case, settles to the exact cost: a usage entry in the ledger, the rest released', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '25');

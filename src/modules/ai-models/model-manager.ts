@@ -336,6 +336,20 @@ const asText = (value: unknown): string => (typeof value === 'string' ? value : 
 const estimateTokens = (value: unknown): number => Math.ceil(estimateTextTokens(asText(value)));
 
 /**
+ * What a predicted output (OpenAI's `prediction`) may add to the output billed: the tokens of the
+ * prediction the answer does not use are billed as output (`rejected_prediction_tokens`, counted in
+ * `completion_tokens`), and OpenAI does not say that `max_tokens` bounds them, so a hold of the
+ * maximum alone could be passed by the whole prediction. Its text's tokens, as a prompt's are counted.
+ */
+function predictedTokens(prediction: ChatRequest['prediction']): number {
+  const content = prediction?.content;
+  if (typeof content === 'string') return estimateTokens(content);
+  if (!Array.isArray(content)) return 0;
+  const texts = content.map((part) => (part as { text?: unknown } | null)?.text);
+  return estimateTokens(texts.filter((text) => typeof text === 'string').join(''));
+}
+
+/**
  * What an image or file in a prompt reserves at least. Its text (a URL, or base64 of a small PNG)
  * says nothing of what the provider bills for it: a large image costs up to ~1,450 tokens at
  * OpenAI's GPT-4o and GPT-5 (tiles), ~1,600 at Anthropic, ~3,800 at OpenAI's nano models (patches
@@ -1079,12 +1093,13 @@ export class ModelManager {
   // ---------- Calls ----------
 
   /**
-   * A call's worst case on `model` as its reservation holds it: its output tokens (also sent
-   * upstream as its maximum) and their cost with `inputTokens` in. Public so that a check made
-   * ahead of a call (a run's start) asks for exactly what the call's reservation will.
+   * A call's worst case on `model` as its reservation holds it: its output tokens (its maximum, sent
+   * upstream as such, and the tokens of a predicted output: see predictedTokens) and their cost with
+   * `inputTokens` in. Public so that a check made ahead of a call (a run's start) asks for exactly
+   * what the call's reservation will.
    */
-  worstCase(model: ModelInfo, inputTokens: number, maxOutputTokens: number | undefined): { outputTokens: number; cost: string } {
-    const outputTokens = this.outputTokens(model, maxOutputTokens);
+  worstCase(model: ModelInfo, inputTokens: number, maxOutputTokens: number | undefined, predictedTokens = 0): { outputTokens: number; cost: string } {
+    const outputTokens = this.outputTokens(model, maxOutputTokens) + predictedTokens;
     return { outputTokens, cost: estimateCost(model.pricing, inputTokens, outputTokens) };
   }
 
@@ -1582,11 +1597,13 @@ export class ModelManager {
       operation === 'embed'
         ? estimateTokens((request.values ?? []).join(''))
         : Math.max(0, estimateTokens([request.system ?? '', request.messages, toolsSent(request.tools), request.responseFormat ?? null]) + mediaAllowance(request.messages));
+    const predicted = predictedTokens(request.prediction);
     let lastError: Error | undefined;
     for (const model of chain) {
       if (signal?.aborted) throw abortedError(signal);
-      // What the call sends upstream as its maximum (see outputTokens): the estimate's worst case.
-      const worst = this.worstCase(model, inputTokens, operation === 'embed' ? 0 : maxOutputTokens);
+      // The estimate's worst case: what the call sends upstream as its maximum (see outputTokens),
+      // and a prediction's tokens where they may be billed: by a provider it is sent to (OpenAI-style ones: see providerOptions).
+      const worst = operation === 'embed' ? this.worstCase(model, inputTokens, 0) : this.worstCase(model, inputTokens, maxOutputTokens, this.options.providers.openAIOptions(model.provider) ? predicted : 0);
       const estimate: CostEstimate = {
         operation,
         model: model.id,
