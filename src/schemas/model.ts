@@ -80,6 +80,11 @@ export const ModelPublic = z
     available: z.boolean(),
     /** Why not, naming the setting to fill in; null when available. */
     unavailable_reason: z.string().nullable(),
+    /**
+     * The fallbacks its calls skip as things stand (no such model, disabled, lacking what the model
+     * does, a provider without credentials or disabled), each with why; empty when all can stand in.
+     */
+    unavailable_fallbacks: z.array(z.object({ name: z.string(), reason: z.string() })),
   })
   .meta({ id: 'ModelPublic' });
 

@@ -8,7 +8,7 @@ import * as overrideCrud from '../crud/model-override.js';
 import * as providerCrud from '../crud/provider.js';
 import { builtinModel, isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
 import { builtinProviderKey, type ModelCatalog, type ModelManager, type ModelView } from '../modules/ai-models/index.js';
-import type { Capability, ModelInfo } from '../modules/ai-models/types.js';
+import { type Capability, type ModelInfo, STAND_IN_FOR } from '../modules/ai-models/types.js';
 import { ensureSuperuser } from '../utils/authentication.js';
 import { firstNames } from '../utils/text.js';
 import type { ServiceContext } from './context.js';
@@ -38,9 +38,6 @@ async function checkProvider(tx: Db, provider: string | undefined): Promise<void
   if (provider === undefined || builtinProviderKey(provider) !== undefined) return;
   if (!(await providerCrud.lockByName(tx, provider, 'share'))) throw new NotFoundError(`Provider ${provider} not found`);
 }
-
-/** What a fallback must do when its model does: the operations a call makes. */
-const STAND_IN_FOR: readonly Capability[] = ['chat', 'embedding'];
 
 /** Why a fallback cannot stand in for a model: it is the model, the catalog has no such model, or it cannot do what the model does. */
 type FallbackFault = { kind: 'self' } | { kind: 'unknown' } | { kind: 'lacks'; model: string; missing: Capability[] };

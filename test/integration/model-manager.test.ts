@@ -393,6 +393,18 @@ describe('ModelManager.chat', () => {
     expect(server.log.map((entry) => entry.model)).toEqual(['gpt-4.1', 'gpt-4.1-mini-2025-04-14']);
   });
 
+  it('skips a fallback whose provider has no credentials, says so in the model\'s view, and fails with its own model\'s error when no other answers', async () => {
+    const catalog = new ModelCatalog(builtins, [...CUSTOM_MODELS, { id: 'fake-chat', fallbacks: ['gpt-4.1', 'fake-backup'] }]);
+    const m = manager({ catalog, maxRetries: 0 });
+    expect(m.getModel('fake-chat')?.unavailable_fallbacks).toEqual([{ name: 'gpt-4.1', reason: 'OPENAI_API_KEY is not set' }]);
+    server.script('fake-chat', { status: 500 }, { status: 500 });
+    server.script('fake-backup', { text: 'from the backup' }, { status: 500 });
+    expect(await m.chat({ model: 'fake-chat', messages: hello })).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
+    // None left that can answer: the caller gets its model's upstream error, not the skipped fallback's 503.
+    await expect(m.chat({ model: 'fake-chat', messages: hello })).rejects.toMatchObject({ statusCode: 502, upstreamStatus: 500 });
+    expect(server.log.map((entry) => entry.model)).toEqual(['fake-chat', 'fake-backup', 'fake-chat', 'fake-backup']);
+  });
+
   it("tells the openai provider what the request asks of it as its own options: a loose schema, reasoning effort, the end user, one tool call at a time", async () => {
     server.script('gpt-4.1-mini', { text: '{}' });
     await manager({}, { OPENAI_API_KEY: 'sk-test' }).chat({

@@ -29,9 +29,10 @@ interface ModelBody {
   fallbacks: string[];
   available: boolean;
   unavailable_reason: string | null;
+  unavailable_fallbacks: { name: string; reason: string }[];
 }
 
-const MODEL_FIELDS = ['aliases', 'available', 'capabilities', 'context_window', 'enabled', 'fallbacks', 'id', 'max_output_tokens', 'name', 'pricing', 'priority', 'provider', 'recommended', 'unavailable_reason'];
+const MODEL_FIELDS = ['aliases', 'available', 'capabilities', 'context_window', 'enabled', 'fallbacks', 'id', 'max_output_tokens', 'name', 'pricing', 'priority', 'provider', 'recommended', 'unavailable_fallbacks', 'unavailable_reason'];
 const DECIMAL = /^\d+(\.\d+)?$/;
 const BUILTIN = loadBuiltinModels().find((m) => m.id === 'gpt-4.1-mini')!;
 const CUSTOM = {
@@ -327,6 +328,41 @@ describe('superuser changes', () => {
     expect(logs.lines().filter((line) => line.level === LEVEL.warn)).toEqual([]);
     expect((await api('PATCH', '/models/relying', admin, { fallbacks: [] })).statusCode).toBe(200);
     for (const id of ['relying', 'resting']) expect((await api('DELETE', `/models/${id}`, admin)).statusCode).toBe(200);
+  });
+
+  it('says in a model\'s view, and in the answer to its write, which of its fallbacks its calls skip as things stand and why (a provider without credentials or disabled, a disabled model): taken, since those may change later', async () => {
+    const provider = async (body: Record<string, unknown>) => {
+      const response = await api('POST', '/providers', admin, body);
+      expect(response.statusCode, response.body).toBe(200);
+      return response.json<{ id: string }>().id;
+    };
+    await provider({ name: 'fb-keyless', kind: 'anthropic' });
+    const local = await provider({ name: 'fb-local', kind: 'openai-compatible', base_url: 'http://127.0.0.1:8449/v1' });
+    for (const [id, on, enabled] of [['fb-claude', 'fb-keyless', true], ['fb-llama', 'fb-local', true], ['fb-resting', 'fb-local', false]] as const) {
+      expect((await api('POST', '/models', admin, { ...CUSTOM, id, aliases: [], provider: on, enabled })).statusCode).toBe(200);
+    }
+    const created = await api('POST', '/models', admin, { ...CUSTOM, id: 'fb-leaning', aliases: [], provider: 'fb-local', fallbacks: ['fb-claude', 'fb-llama', 'fb-resting'] });
+    expect(created.statusCode, created.body).toBe(200);
+    expect(created.json<ModelBody>()).toMatchObject({
+      available: true,
+      unavailable_fallbacks: [
+        { name: 'fb-claude', reason: 'Provider fb-keyless has no api_key' },
+        { name: 'fb-resting', reason: 'Model fb-resting is disabled' },
+      ],
+    });
+    // What changes after the write shows in the view as it is read.
+    expect((await api('PATCH', `/providers/${local}`, admin, { enabled: false })).statusCode).toBe(200);
+    expect((await api('GET', '/models/fb-leaning', user.headers)).json<ModelBody>().unavailable_fallbacks).toEqual([
+      { name: 'fb-claude', reason: 'Provider fb-keyless has no api_key' },
+      { name: 'fb-llama', reason: 'Provider fb-local is disabled' },
+      { name: 'fb-resting', reason: 'Model fb-resting is disabled' },
+    ]);
+    expect((await api('PATCH', `/providers/${local}`, admin, { enabled: true })).statusCode).toBe(200);
+    const mended = await api('PATCH', '/models/fb-leaning', admin, { fallbacks: ['fb-llama'] });
+    expect(mended.json<ModelBody>().unavailable_fallbacks).toEqual([]);
+    // A model without fallbacks lists none.
+    expect((await api('GET', '/models/fb-llama', user.headers)).json<ModelBody>().unavailable_fallbacks).toEqual([]);
+    for (const id of ['fb-leaning', 'fb-claude', 'fb-llama', 'fb-resting']) expect((await api('DELETE', `/models/${id}`, admin)).statusCode).toBe(200);
   });
 
   it("takes two models as each other's fallbacks (a call tries one model's own fallbacks, never theirs: no loop)", async () => {

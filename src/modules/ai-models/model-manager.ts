@@ -66,7 +66,7 @@ import {
 import { type AbortLike, allFinite, type ChoiceLogprobs, type OpenAIWire, rawLogprobs, rawRefusal, toolCallOf, type WireCall, type WireEmbeddingsCall, wireMessages, type WireTool, type WireToolChoice } from './openai-wire.js';
 import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
-import { type Capability, type ModelInfo, type ModelOverride, type TokenUsage, ZERO_USAGE } from './types.js';
+import { type Capability, type ModelInfo, type ModelOverride, STAND_IN_FOR, type TokenUsage, ZERO_USAGE } from './types.js';
 
 // ==================== Interfaces ====================
 
@@ -326,6 +326,8 @@ export interface ModelManagerOptions {
 export interface ModelView extends ModelInfo {
   available: boolean;
   unavailable_reason: string | null;
+  /** Each of its fallbacks that its calls skip as things stand, and why (see fallbackUnavailable). */
+  unavailable_fallbacks: { name: string; reason: string }[];
 }
 
 // ==================== Internals ====================
@@ -1077,7 +1079,27 @@ export class ModelManager {
 
   private view(model: ModelInfo): ModelView {
     const status = this.options.providers.status(model.provider);
-    return { ...model, available: status.available, unavailable_reason: status.available ? null : (status.reason ?? null) };
+    const capabilities = STAND_IN_FOR.filter((can) => model.capabilities.includes(can));
+    const unavailable_fallbacks = model.fallbacks.flatMap((name) => {
+      const reason = this.fallbackUnavailable(this.options.catalog.modelAsCalled(name), capabilities);
+      return reason === undefined ? [] : [{ name, reason }];
+    });
+    return { ...model, available: status.available, unavailable_reason: status.available ? null : (status.reason ?? null), unavailable_fallbacks };
+  }
+
+  /**
+   * Why a fallback (the model a fallback's name calls, if any) cannot take a call that needs
+   * `capabilities` as things stand, or undefined when it can: what a call skips it for, without a
+   * word to its caller (whose call fails with its own model's error), so the model's view says it.
+   * A write of the model does not refuse these: a provider's credentials or a model's `enabled`
+   * may come later, and the operator may set them in any order.
+   */
+  private fallbackUnavailable(fallback: ModelInfo | undefined, capabilities: readonly Capability[]): string | undefined {
+    if (!fallback) return 'It names no model of the catalog';
+    if (!fallback.enabled) return `Model ${fallback.id} is disabled`;
+    if (!capabilities.every((can) => fallback.capabilities.includes(can))) return `Model ${fallback.id} lacks ${capabilities.filter((can) => !fallback.capabilities.includes(can)).join(' and ')}`;
+    const status = this.options.providers.status(fallback.provider);
+    return status.available ? undefined : (status.reason ?? `Provider ${fallback.provider} is unavailable`);
   }
 
   /** An enabled model that can do `capability`, or a typed error. */
@@ -1765,8 +1787,8 @@ export class ModelManager {
     const out: ModelInfo[] = [model];
     for (const id of model.fallbacks) {
       const fallback = this.options.catalog.modelAsCalled(id);
-      if (!fallback || !fallback.enabled || out.some((m) => m.id === fallback.id)) continue;
-      if (!fallback.capabilities.includes(capability) || !this.options.providers.status(fallback.provider).available || !takes(fallback)) continue;
+      if (!fallback || out.some((m) => m.id === fallback.id)) continue;
+      if (this.fallbackUnavailable(fallback, [capability]) !== undefined || !takes(fallback)) continue;
       out.push(fallback);
     }
     return out;

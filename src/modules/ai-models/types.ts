@@ -3,6 +3,9 @@
 export const CAPABILITIES = ['chat', 'tools', 'vision', 'embedding', 'reasoning'] as const;
 export type Capability = (typeof CAPABILITIES)[number];
 
+/** What a fallback must do when its model does: the operations a call makes (the others describe the model). */
+export const STAND_IN_FOR: readonly Capability[] = ['chat', 'embedding'];
+
 /** Kinds of provider Keel can call; a provider record names one of these. */
 export const PROVIDER_KINDS = ['openai', 'anthropic', 'google', 'openai-compatible'] as const;
 export type ProviderKind = (typeof PROVIDER_KINDS)[number];
