@@ -1,4 +1,4 @@
-import { chmodSync, existsSync, lstatSync, mkdirSync, readdirSync } from 'node:fs';
+import { chmodSync, existsSync, lstatSync, mkdirSync, readdirSync, realpathSync } from 'node:fs';
 import { join, sep } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 
@@ -181,8 +181,10 @@ async function openPglite(settings: Settings): Promise<Database> {
     makePrivate(dataDir);
     keepPrivate = () => tighten(privateRoot);
     // One process per directory: two PGlite instances on one directory each see only their own
-    // writes and overwrite each other's.
-    unlock = lockDirectory(dataDir);
+    // writes and overwrite each other's (and a start releases every credit reservation it finds,
+    // usage-meter.ts). The lock is named after the directory's canonical path: a trailing slash, a
+    // symlink or a relative path naming the same directory must find the same lock.
+    unlock = lockDirectory(realpathSync(dataDir));
   }
   let client: PgliteStatementClient;
   const wal = new WalWriter();

@@ -1,0 +1,50 @@
+import { cpSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, relative } from 'node:path';
+
+import { afterAll, describe, expect, inject, it } from 'vitest';
+
+import { loadSettings } from '../../src/core/config.js';
+import { DataDirLockedError } from '../../src/core/data-dir-lock.js';
+import { openDatabase } from '../../src/core/db.js';
+
+const scratch = mkdtempSync(join(tmpdir(), 'keel-lock-test-'));
+afterAll(() => rmSync(scratch, { recursive: true, force: true }));
+
+const settingsFor = (dataDir: string) => loadSettings({ ENVIRONMENT: 'local', SECRET_KEY: 'x'.repeat(40), PGLITE_DATA_DIR: dataDir });
+
+/** What opening the embedded database at `dataDir` throws; a database that opened is closed again (two on one directory overwrite each other's writes). */
+async function openingError(dataDir: string): Promise<unknown> {
+  try {
+    const database = await openDatabase(settingsFor(dataDir));
+    await database.close();
+    return undefined;
+  } catch (error) {
+    return error;
+  }
+}
+
+// The embedded database's own: a run on PostgreSQL (DATABASE_URL) has no migrated PGlite directory to copy.
+describe.skipIf(inject('templatePgliteDir') === null)('the embedded database lock', () => {
+  // The lock is what makes the release of every credit reservation at an embedded start safe (any
+  // reservation found is a dead process's): a second process that gets it on a directory in use
+  // would free the live process's holds, and both would write one PGlite directory.
+  it('holds the directory however its path is spelled: with a trailing slash, through a symlink, relative, with . and ..', async () => {
+    const dir = join(scratch, 'pglite');
+    cpSync(inject('templatePgliteDir')!, dir, { recursive: true });
+    const link = join(scratch, 'link');
+    symlinkSync(dir, link);
+    const held = await openDatabase(settingsFor(dir));
+    try {
+      for (const spelling of [`${dir}/`, `${scratch}/./pglite`, `${link}/../pglite`, link, relative(process.cwd(), dir)]) {
+        const error = await openingError(spelling);
+        expect(error, spelling).toBeInstanceOf(DataDirLockedError);
+        expect((error as DataDirLockedError).holder).toBe(process.pid);
+      }
+    } finally {
+      await held.close();
+    }
+    // Released with the database: any spelling opens it now.
+    expect(await openingError(`${dir}/`)).toBeUndefined();
+  });
+});
