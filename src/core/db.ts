@@ -172,19 +172,23 @@ function chooseWasmTiering(settings: Settings): void {
 }
 
 async function openPglite(settings: Settings): Promise<Database> {
-  const dataDir = settings.PGLITE_DATA_DIR ?? join(settings.dataDir, 'pglite');
+  const given = settings.PGLITE_DATA_DIR ?? join(settings.dataDir, 'pglite');
+  let dataDir = given;
   let unlock = () => undefined as void;
   // DATA_DIR as a whole when the database lives in it (the default).
-  const privateRoot = dataDir.startsWith(settings.dataDir + sep) ? settings.dataDir : dataDir;
+  const privateRoot = given.startsWith(settings.dataDir + sep) ? settings.dataDir : given;
   let keepPrivate = () => undefined as void;
-  if (!dataDir.startsWith('memory://')) {
-    makePrivate(dataDir);
+  if (!given.startsWith('memory://')) {
+    makePrivate(given);
     keepPrivate = () => tighten(privateRoot);
+    // The directory by its canonical path, for the lock and for PGlite: a trailing slash, a symlink
+    // or a relative path naming the same directory must find the same lock, and PGlite's file
+    // system fails to open a data directory that is itself a symlink (errno 44, "[object Object]").
+    dataDir = realpathSync(given);
     // One process per directory: two PGlite instances on one directory each see only their own
     // writes and overwrite each other's (and a start releases every credit reservation it finds,
-    // usage-meter.ts). The lock is named after the directory's canonical path: a trailing slash, a
-    // symlink or a relative path naming the same directory must find the same lock.
-    unlock = lockDirectory(realpathSync(dataDir));
+    // usage-meter.ts).
+    unlock = lockDirectory(dataDir);
   }
   let client: PgliteStatementClient;
   const wal = new WalWriter();

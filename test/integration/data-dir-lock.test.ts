@@ -2,6 +2,7 @@ import { cpSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 
+import { sql } from 'drizzle-orm';
 import { afterAll, describe, expect, inject, it } from 'vitest';
 
 import { loadSettings } from '../../src/core/config.js';
@@ -44,7 +45,27 @@ describe.skipIf(inject('templatePgliteDir') === null)('the embedded database loc
     } finally {
       await held.close();
     }
-    // Released with the database: any spelling opens it now.
+    // Released with the database: another spelling opens it now.
     expect(await openingError(`${dir}/`)).toBeUndefined();
+  });
+
+  it('opens a data directory named through a symlink (a volume mounted elsewhere) as the directory it points to', async () => {
+    const dir = join(scratch, 'real-pglite');
+    cpSync(inject('templatePgliteDir')!, dir, { recursive: true });
+    const link = join(scratch, 'linked-pglite');
+    symlinkSync(dir, link);
+    const linked = await openDatabase(settingsFor(link));
+    try {
+      await linked.db.execute(sql`create table through_link (n int)`);
+    } finally {
+      await linked.close();
+    }
+    const direct = await openDatabase(settingsFor(dir));
+    try {
+      const found = await direct.db.execute(sql`select to_regclass('through_link') is not null as found`);
+      expect((found as { rows: unknown[] }).rows).toEqual([{ found: true }]);
+    } finally {
+      await direct.close();
+    }
   });
 });
