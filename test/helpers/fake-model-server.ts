@@ -1,6 +1,9 @@
 /**
  * A fake OpenAI-compatible model server on 127.0.0.1 for tests: `/v1/chat/completions` (plain and
- * SSE), `/v1/embeddings`, `/v1/models`. Replies are scripted per model (a queue; when it is empty the
+ * SSE), `/v1/embeddings`, `/v1/models`; and, as far as the AI SDK's Anthropic and Google models
+ * read them, Anthropic's `/v1/messages` and Google's `/v1/models/{id}:generateContent` and
+ * `:streamGenerateContent` (a provider of that kind whose base URL is `url`), which answer the
+ * same scripts in their own shapes. Replies are scripted per model (a queue; when it is empty the
  * default reply answers). Faults: any status (429 with retry-after, 500...), hangs, dropped
  * connections (before or during a stream), bodies sent as they are, huge answers (`padBytes`),
  * connections held open after the answer. Every request is logged with its body and whether the client aborted it.
@@ -278,11 +281,13 @@ export class FakeModelServer {
     for await (const chunk of req) raw += String(chunk);
     const body = (raw ? JSON.parse(raw) : {}) as Record<string, unknown>;
     const path = new URL(req.url ?? '/', 'http://fake').pathname;
+    // Google names the model, and whether to stream, in the path.
+    const google = GOOGLE_PATH.exec(path);
     const entry: LoggedRequest = {
       method: req.method ?? 'GET',
       path,
-      model: typeof body.model === 'string' ? body.model : undefined,
-      stream: body.stream === true,
+      model: google ? google[1] : typeof body.model === 'string' ? body.model : undefined,
+      stream: body.stream === true || google?.[2] === 'streamGenerateContent',
       body,
       headers: req.headers,
       reply: 200,
@@ -316,9 +321,11 @@ export class FakeModelServer {
       return this.json(res, entry, reply.status, error, reply.headers);
     }
     if (reply.chunkDelayMs && !entry.stream) await sleep(reply.chunkDelayMs);
-    if (path !== '/v1/chat/completions' && path !== '/v1/embeddings') return this.json(res, entry, 404, { error: { message: 'not found' } });
+    if (path !== '/v1/chat/completions' && path !== '/v1/embeddings' && path !== '/v1/messages' && !google) return this.json(res, entry, 404, { error: { message: 'not found' } });
     if (reply.rawBody !== undefined) return this.raw(res, entry, reply);
     if (path === '/v1/embeddings') return this.embeddings(res, entry, body, reply);
+    if (path === '/v1/messages') return entry.stream ? this.frames(res, entry, reply, anthropicEvents(entry.model, reply), '') : this.json(res, entry, 200, anthropicMessage(entry.model, reply));
+    if (google) return entry.stream ? this.frames(res, entry, reply, googleChunks(reply), '') : this.json(res, entry, 200, googleResponse(reply, reply.chunks ?? (reply.text ? [reply.text] : [])));
     if (entry.stream) return this.streamChat(res, entry, body, reply);
     if (reply.padBytes) return this.padded(res, entry, this.completion(entry.model, reply, body), reply.padBytes);
     return this.json(res, entry, 200, this.completion(entry.model, reply, body));
@@ -451,7 +458,22 @@ export class FakeModelServer {
       }
     }
 
-    for (const chunk of chunks) {
+    await this.frames(
+      res,
+      entry,
+      reply,
+      chunks.map((chunk) => `data: ${JSON.stringify({ ...base, ...(chunk as object) })}\n\n`),
+      'data: [DONE]\n\n',
+    );
+  }
+
+  /** An event stream's frames, as the script's faults (drop, stall, delay) let them go, then `last`. */
+  private async frames(res: ServerResponse, entry: LoggedRequest, reply: ScriptedReply, frames: string[], last: string): Promise<void> {
+    if (!res.headersSent) {
+      entry.reply = 200;
+      res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache' });
+    }
+    for (const frame of frames) {
       if (entry.aborted) return;
       if (typeof reply.drop === 'object' && entry.chunksSent >= reply.drop.afterChunks) {
         entry.reply = 'drop';
@@ -461,12 +483,12 @@ export class FakeModelServer {
       if (reply.stallAfterChunks !== undefined && entry.chunksSent >= reply.stallAfterChunks) return;
       if (reply.chunkDelayMs) await sleep(reply.chunkDelayMs);
       if (entry.aborted) return;
-      const written = writeAsRead(res, `data: ${JSON.stringify({ ...base, ...(chunk as object) })}\n\n`);
+      const written = writeAsRead(res, frame);
       entry.chunksSent += 1;
       this.changed();
       if (written) await written;
     }
-    this.end(res, entry, reply, 'data: [DONE]\n\n');
+    this.end(res, entry, reply, last);
   }
 
   private embeddings(res: ServerResponse, entry: LoggedRequest, body: Record<string, unknown>, reply: ScriptedReply): void {
@@ -484,4 +506,74 @@ export class FakeModelServer {
     if (reply.padBytes) return void this.padded(res, entry, payload, reply.padBytes);
     this.json(res, entry, 200, payload);
   }
+}
+
+const GOOGLE_PATH = /^\/v1\/models\/([^/:]+):(generateContent|streamGenerateContent)$/;
+
+/** A script's usage in Anthropic's terms: `output_tokens` counts the thinking, as Anthropic's do. */
+function anthropicUsage(reply: ScriptedReply) {
+  const u = reply.usage ?? { prompt_tokens: 0, completion_tokens: 0 };
+  return { input_tokens: u.prompt_tokens, output_tokens: u.completion_tokens, output_tokens_details: { thinking_tokens: u.reasoning_tokens ?? 0 } };
+}
+
+/** A script's answer as Anthropic's Messages API gives it: the thinking, the text, the tool calls. */
+function anthropicMessage(model: string | undefined, reply: ScriptedReply) {
+  return {
+    id: 'msg_fake',
+    type: 'message',
+    role: 'assistant',
+    model,
+    content: [
+      ...(reply.reasoning ? [{ type: 'thinking', thinking: reply.reasoning, signature: 'fake-signature' }] : []),
+      ...(reply.text ? [{ type: 'text', text: reply.text }] : []),
+      ...(reply.toolCalls ?? []).map((t) => ({ type: 'tool_use', id: t.id, name: t.name, input: JSON.parse(t.arguments) as unknown })),
+    ],
+    stop_reason: reply.toolCalls?.length ? 'tool_use' : 'end_turn',
+    stop_sequence: null,
+    usage: anthropicUsage(reply),
+  };
+}
+
+/** The same answer as Anthropic streams it: a block for the thinking, the text (a delta a piece), each tool call. */
+function anthropicEvents(model: string | undefined, reply: ScriptedReply): string[] {
+  const blocks: { start: object; deltas: object[] }[] = [];
+  if (reply.reasoning) blocks.push({ start: { type: 'thinking', thinking: '' }, deltas: [{ type: 'thinking_delta', thinking: reply.reasoning }, { type: 'signature_delta', signature: 'fake-signature' }] });
+  const pieces = reply.chunks ?? (reply.text ? reply.text.split(/(?<= )/) : []);
+  if (pieces.length) blocks.push({ start: { type: 'text', text: '' }, deltas: pieces.map((text) => ({ type: 'text_delta', text })) });
+  for (const t of reply.toolCalls ?? []) blocks.push({ start: { type: 'tool_use', id: t.id, name: t.name }, deltas: [{ type: 'input_json_delta', partial_json: t.arguments }] });
+  const usage = anthropicUsage(reply);
+  const events: object[] = [{ type: 'message_start', message: { id: 'msg_fake', model, role: 'assistant', usage: { input_tokens: usage.input_tokens } } }];
+  blocks.forEach(({ start, deltas }, index) => {
+    events.push({ type: 'content_block_start', index, content_block: start }, ...deltas.map((delta) => ({ type: 'content_block_delta', index, delta })), { type: 'content_block_stop', index });
+  });
+  events.push({ type: 'message_delta', delta: { stop_reason: reply.toolCalls?.length ? 'tool_use' : 'end_turn' }, usage: { output_tokens: usage.output_tokens, output_tokens_details: usage.output_tokens_details } }, { type: 'message_stop' });
+  return events.map((event) => `event: ${(event as { type: string }).type}\ndata: ${JSON.stringify(event)}\n\n`);
+}
+
+/**
+ * A script's answer as Google's generateContent gives it, with `pieces` as its text: the thoughts as
+ * `thought` parts, and usage whose `candidatesTokenCount` leaves them out (`thoughtsTokenCount`).
+ */
+function googleResponse(reply: ScriptedReply, pieces: string[], last = true) {
+  const u = reply.usage ?? { prompt_tokens: 0, completion_tokens: 0 };
+  const thoughts = u.reasoning_tokens ?? 0;
+  const parts = [
+    ...(reply.reasoning ? [{ text: reply.reasoning, thought: true }] : []),
+    ...pieces.map((text) => ({ text })),
+    ...(reply.toolCalls ?? []).map((t) => ({ functionCall: { name: t.name, args: JSON.parse(t.arguments) as unknown } })),
+  ];
+  return {
+    candidates: [{ index: 0, content: { role: 'model', parts }, ...(last && { finishReason: 'STOP' }) }],
+    ...(last && { usageMetadata: { promptTokenCount: u.prompt_tokens, candidatesTokenCount: u.completion_tokens - thoughts, thoughtsTokenCount: thoughts, totalTokenCount: u.prompt_tokens + u.completion_tokens } }),
+  };
+}
+
+/** The same answer as streamGenerateContent sends it: the thoughts, then a chunk a text piece, the last with the finish and usage. */
+function googleChunks(reply: ScriptedReply): string[] {
+  const pieces = reply.chunks ?? (reply.text ? reply.text.split(/(?<= )/) : []);
+  const chunks = [];
+  if (reply.reasoning) chunks.push(googleResponse({ reasoning: reply.reasoning }, [], false));
+  pieces.forEach((piece, i) => chunks.push(googleResponse({ ...reply, reasoning: undefined, toolCalls: i === pieces.length - 1 ? reply.toolCalls : undefined }, [piece], i === pieces.length - 1)));
+  if (!pieces.length) chunks.push(googleResponse({ ...reply, reasoning: undefined }, [], true));
+  return chunks.map((chunk) => `data: ${JSON.stringify(chunk)}\n\n`);
 }
