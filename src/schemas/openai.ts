@@ -153,7 +153,7 @@ export const ChatCompletionRequest = z
     stream_options: z.object({ include_usage: z.boolean().optional() }).nullish(),
     tools: z.array(FunctionTool).max(128).nullish(),
     tool_choice: ToolChoice.nullish(),
-    parallel_tool_calls: z.boolean().nullish(),
+    parallel_tool_calls: z.boolean().nullish().describe('false: at most one tool call an answer. For OpenAI and OpenAI-compatible models, and Anthropic ones (with tools); dropped for Google models.'),
     response_format: ResponseFormat.nullish(),
     n: z.literal(1, { error: 'Only n=1 is supported' }).nullish(),
     max_tokens: MaxTokens,
@@ -166,7 +166,9 @@ export const ChatCompletionRequest = z
     reasoning_effort: z
       .enum(REASONING_EFFORTS)
       .nullish()
-      .describe('For models that reason, where their provider takes it (OpenAI and OpenAI-compatible ones).'),
+      .describe(
+        'For models that reason: as it is for OpenAI and OpenAI-compatible models; for Anthropic and Google models with the `reasoning` capability a thinking budget (low 1,024 tokens, medium 2,048, high 4,096, xhigh 8,192, max 16,384; none and minimal: none asked), held and charged as output; dropped for other models.',
+      ),
     user: z.string().max(256).nullish(),
     logprobs: z.boolean().nullish().describe('The answer\'s token log probabilities in `choices[].logprobs` (streamed with each chunk), for models of OpenAI and OpenAI-compatible providers; 400 for others.'),
     top_logprobs: z.number().int().min(0).max(20).nullish().describe('With `logprobs: true`: the likeliest tokens at each place, this many.'),

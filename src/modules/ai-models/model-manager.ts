@@ -124,9 +124,12 @@ export interface ChatRequest extends CallOptions {
   presencePenalty?: number;
   /** Asks the provider for repeatable sampling (where it supports it). */
   seed?: number;
-  /** OpenAI's `reasoning_effort` (`minimal`…`high`), for the providers that take it (openai, openai-compatible). */
+  /**
+   * OpenAI's `reasoning_effort` (`none`…`max`): as it is for openai and openai-compatible providers,
+   * as a thinking budget (THINKING_BUDGETS) for Anthropic and Google models that reason.
+   */
   reasoningEffort?: string;
-  /** OpenAI's `parallel_tool_calls` (false: at most one tool call an answer), for openai and openai-compatible. */
+  /** OpenAI's `parallel_tool_calls` (false: at most one tool call an answer), for openai and openai-compatible; Anthropic's `disableParallelToolUse` when false. */
   parallelToolCalls?: boolean;
   /** OpenAI's `user` (the end user, for the provider's abuse checks), for openai and openai-compatible. */
   user?: string;
@@ -555,15 +558,37 @@ function sdkReasoningModel(id: string): boolean {
  * What of the call a provider's SDK model may drop that the client would miss in the answer (see
  * unheardOption for which): the first such option, by its name in OpenAI's API. `logprobs` (the answer would come
  * without them) and a `logit_bias` (tokens the client banned or forced would go unheeded). Hints
- * a model may follow its own way (`seed`, penalties, `reasoning_effort`, `verbosity`,
- * `parallel_tool_calls`) are dropped there: generic clients send them to any model, and a 400
- * would stop calls that answer well without them (docs/decisions.md).
+ * a model may follow its own way (`seed`, penalties, `verbosity`, and `reasoning_effort` or
+ * `parallel_tool_calls` where nativeOptions has no place for them) are dropped there: generic
+ * clients send them to any model, and a 400 would stop calls that answer well without them
+ * (docs/decisions.md).
  */
 function droppedBy(request: Partial<ChatRequest>): string | undefined {
   if (request.logprobs) return 'logprobs';
   if (request.logitBias !== undefined) return 'logit_bias';
   return undefined;
 }
+
+/** A call's provider options with `asked` merged into those under its key (none asked: the call's as they are). */
+function withOptions(options: ChatRequest['providerOptions'], added: { key: string; asked: Record<string, JSONValue> } | undefined): ChatRequest['providerOptions'] {
+  return added ? { ...options, [added.key]: { ...options?.[added.key], ...added.asked } } : options;
+}
+
+/**
+ * The thinking budget (tokens) OpenAI's `reasoning_effort` asks of an Anthropic or Google model that
+ * reasons. LiteLLM's figures for low, medium and high (low at 1,024, the least Anthropic takes), so
+ * that a client moved from LiteLLM thinks as much, doubled on for the two efforts past `high`.
+ * `none` and `minimal` ask for none: nothing is sent, which leaves Anthropic's models not thinking
+ * and Google's at their default (a budget of 0 would turn Gemini Flash's off, but Gemini Pro and 3
+ * answer it with a 400: they cannot stop thinking).
+ */
+const THINKING_BUDGETS: ReadonlyMap<string, number> = new Map([
+  ['low', 1024],
+  ['medium', 2048],
+  ['high', 4096],
+  ['xhigh', 8192],
+  ['max', 16384],
+]);
 
 /**
  * A call's text, reasoning, refusal and tool calls with the assistant message the SDK would return
@@ -1115,13 +1140,14 @@ export class ModelManager {
   // ---------- Calls ----------
 
   /**
-   * A call's worst case on `model` as its reservation holds it: its output tokens (its maximum, sent
-   * upstream as such, and the tokens of a predicted output: see predictedTokens) and their cost with
-   * `inputTokens` in. Public so that a check made ahead of a call (a run's start) asks for exactly
-   * what the call's reservation will.
+   * A call's worst case on `model` as its reservation holds it: its output tokens (also sent
+   * upstream as its maximum), the output it may be billed for beyond them (`extraOutputTokens`: a
+   * thinking budget, see thinkingBudget; a predicted output's tokens, see predictedTokens), and their
+   * cost with `inputTokens` in. Public so that a check made ahead of a call (a run's start) asks for
+   * exactly what the call's reservation will.
    */
-  worstCase(model: ModelInfo, inputTokens: number, maxOutputTokens: number | undefined, predictedTokens = 0): { outputTokens: number; cost: string } {
-    const outputTokens = this.outputTokens(model, maxOutputTokens) + predictedTokens;
+  worstCase(model: ModelInfo, inputTokens: number, maxOutputTokens: number | undefined, extraOutputTokens = 0): { outputTokens: number; cost: string } {
+    const outputTokens = this.outputTokens(model, maxOutputTokens) + extraOutputTokens;
     return { outputTokens, cost: estimateCost(model.pricing, inputTokens, outputTokens) };
   }
 
@@ -1495,7 +1521,8 @@ export class ModelManager {
    * provider the way its SDK model takes it: a response schema that need not be strict
    * (`strictJsonSchema: false`; the SDK's default is strict), `reasoningEffort`, `user`, and
    * `parallel_tool_calls` (`parallelToolCalls` for openai; an openai-compatible model sends keys it
-   * does not know as they are). Other kinds take none of them. The wire sends them itself.
+   * does not know as they are). Anthropic and Google models take what they have a place for
+   * (nativeOptions). The wire sends them itself.
    */
   private providerOptions(request: ChatRequest, model: ModelInfo): ChatRequest['providerOptions'] {
     const { responseFormat, reasoningEffort, user, parallelToolCalls, logprobs, topLogprobs, logitBias, verbosity, prediction } = request;
@@ -1512,7 +1539,7 @@ export class ModelManager {
       return request.providerOptions;
     }
     const openAI = this.options.providers.openAIOptions(model.provider);
-    if (!openAI) return request.providerOptions;
+    if (!openAI) return withOptions(request.providerOptions, this.nativeOptions(request, model));
     const { kind, key } = openAI;
     const asked: Record<string, JSONValue> = {};
     if (responseFormat?.strict === false) asked.strictJsonSchema = false;
@@ -1525,8 +1552,39 @@ export class ModelManager {
     // Both models read `textVerbosity` (and send `verbosity`); `prediction` is the openai model's name and OpenAI's.
     if (verbosity !== undefined) asked.textVerbosity = verbosity;
     if (prediction !== undefined) asked.prediction = prediction;
-    const options = request.providerOptions;
-    return { ...options, [key]: { ...options?.[key], ...asked } };
+    return withOptions(request.providerOptions, { key, asked });
+  }
+
+  /**
+   * What an Anthropic or Google model takes of OpenAI's hints, keyed as its SDK model reads them:
+   * the thinking `reasoning_effort` asks for (thinkingBudget; Google's thoughts included in the
+   * answer, so they come back as Anthropic's do, `reasoning_content`), and `parallel_tool_calls:
+   * false` with tools as Anthropic's `disableParallelToolUse` (Google has no such switch).
+   * Anthropic's SDK model makes room for the thinking itself: it adds the budget to `max_tokens`
+   * (which must exceed it) and leaves out `temperature`, `top_p` and `top_k`, which thinking forbids.
+   */
+  private nativeOptions(request: ChatRequest, model: ModelInfo): { key: string; asked: Record<string, JSONValue> } | undefined {
+    const kind = this.options.providers.kind(model.provider);
+    const budget = this.thinkingBudget(request, model);
+    const asked: Record<string, JSONValue> = {};
+    if (kind === 'anthropic') {
+      if (budget > 0) asked.thinking = { type: 'enabled', budgetTokens: budget };
+      if (request.parallelToolCalls === false && request.tools && Object.keys(request.tools).length > 0) asked.disableParallelToolUse = true;
+    } else if (kind === 'google' && budget > 0) {
+      asked.thinkingConfig = { thinkingBudget: budget, includeThoughts: true };
+    }
+    return kind !== undefined && Object.keys(asked).length > 0 ? { key: kind, asked } : undefined;
+  }
+
+  /**
+   * The thinking budget a call's `reasoning_effort` asks of `model` (THINKING_BUDGETS): 0 unless it
+   * is an Anthropic or Google model whose capabilities include reasoning (OpenAI-style providers
+   * take the effort itself; a model that does not reason would refuse thinking upstream).
+   */
+  private thinkingBudget(request: Partial<ChatRequest>, model: ModelInfo): number {
+    if (request.reasoningEffort === undefined || !model.capabilities.includes('reasoning')) return 0;
+    const kind = this.options.providers.kind(model.provider);
+    return kind === 'anthropic' || kind === 'google' ? (THINKING_BUDGETS.get(request.reasoningEffort) ?? 0) : 0;
   }
 
   /** An embedding call's provider options (ProviderRegistry.embeddingOptions); a provider that cannot shorten its vectors refuses `dimensions` before anything is sent. */
@@ -1623,9 +1681,13 @@ export class ModelManager {
     let lastError: Error | undefined;
     for (const model of chain) {
       if (signal?.aborted) throw abortedError(signal);
-      // The estimate's worst case: what the call sends upstream as its maximum (see outputTokens),
-      // and a prediction's tokens where they may be billed: by a provider it is sent to (OpenAI-style ones: see providerOptions).
-      const worst = operation === 'embed' ? this.worstCase(model, inputTokens, 0) : this.worstCase(model, inputTokens, maxOutputTokens, this.options.providers.openAIOptions(model.provider) ? predicted : 0);
+      // The estimate's worst case: what the call sends upstream as its maximum (see outputTokens), the
+      // thinking it asks for, and a prediction's tokens where they may be billed: by a provider it is
+      // sent to (OpenAI-style ones: see providerOptions).
+      const worst =
+        operation === 'embed'
+          ? this.worstCase(model, inputTokens, 0)
+          : this.worstCase(model, inputTokens, maxOutputTokens, this.thinkingBudget(request, model) + (this.options.providers.openAIOptions(model.provider) ? predicted : 0));
       const estimate: CostEstimate = {
         operation,
         model: model.id,

@@ -1,0 +1,239 @@
+/**
+ * OpenAI's `reasoning_effort` and `parallel_tool_calls` for Anthropic and Google models through the
+ * gateway, as the official `openai` package sends them: what reaches the provider (the fake model
+ * server speaks Anthropic's Messages API and Google's generateContent as far as the AI SDK reads
+ * them), what comes back, what is charged, and what a call holds with billing on.
+ */
+import type { AddressInfo } from 'node:net';
+
+import { eq } from 'drizzle-orm';
+import OpenAI from 'openai';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { usageRecords } from '../../src/models/index.js';
+
+import { useTestApp } from '../helpers/app.js';
+import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { FakeModelServer, type LoggedRequest, type ScriptedReply } from '../helpers/fake-model-server.js';
+import { apiOf, createKey, eventually } from '../helpers/http.js';
+import { apiError } from '../helpers/openai.js';
+
+/** Holds per call (no credit windows: an account's `reserved` is then what its calls in flight hold), usage written soon after. */
+const ctx = useTestApp({ MODEL_MAX_RETRIES: '0', BILLING_ENABLED: 'true', BILLING_CREDIT_WINDOW_CALLS: '0', USAGE_FLUSH_INTERVAL_MS: '20' });
+const api = apiOf(ctx);
+
+/** Reasoning priced above text: a hold counts every output token as reasoning (estimateCost). */
+const PRICING = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2', reasoning_cost_per_million_tokens: '4' };
+const MAX_TOKENS = 1000;
+const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Why is the sky blue?' }];
+const tools: OpenAI.ChatCompletionTool[] = [{ type: 'function', function: { name: 'lookup', description: 'Looks a word up', parameters: { type: 'object', properties: { word: { type: 'string' } }, required: ['word'] } } }];
+const THOUGHT: ScriptedReply = { reasoning: 'Rayleigh scattering.', text: 'Short waves scatter most.', usage: { prompt_tokens: 10, completion_tokens: 50, reasoning_tokens: 30 } };
+/** THOUGHT's usage at PRICING: 10 in at 1, 20 text out at 2, 30 reasoning at 4, per million. */
+const THOUGHT_COST = 0.00017;
+
+/** Each provider kind, its model that reasons and one that does not, and where a request's thinking and answer limit are. */
+const PROVIDERS = [
+  {
+    kind: 'anthropic',
+    reasons: 'th-claude',
+    plain: 'th-claude-plain',
+    thinking: (r: LoggedRequest) => r.body.thinking,
+    maxTokens: (r: LoggedRequest) => r.body.max_tokens,
+  },
+  {
+    kind: 'google',
+    reasons: 'th-gemini',
+    plain: 'th-gemini-plain',
+    thinking: (r: LoggedRequest) => (r.body.generationConfig as Record<string, unknown>).thinkingConfig,
+    maxTokens: (r: LoggedRequest) => (r.body.generationConfig as Record<string, unknown>).maxOutputTokens,
+  },
+] as const;
+
+let fake: FakeModelServer;
+let admin: Record<string, string>;
+let user: TestUser;
+let client: OpenAI;
+let baseURL: string;
+
+const clientWith = (apiKey: string) => new OpenAI({ apiKey, baseURL, maxRetries: 0 });
+
+async function grant(owner: TestUser, amount: string): Promise<void> {
+  expect((await api('POST', '/billing/credits', admin, { user_id: owner.user.id, amount, description: 'test credits' })).statusCode).toBe(200);
+}
+
+/** The usage records of `owner`'s calls once `count` are written (settled off the caller's path). */
+async function usageOf(owner: TestUser, count: number) {
+  const read = () => ctx.app.db.select().from(usageRecords).where(eq(usageRecords.owner_id, owner.user.id));
+  await eventually(async () => (await read()).length >= count);
+  return read();
+}
+
+beforeAll(async () => {
+  fake = await FakeModelServer.start();
+  await ctx.app.listen({ host: '127.0.0.1', port: 0 });
+  baseURL = `http://127.0.0.1:${(ctx.app.server.address() as AddressInfo).port}/v1`;
+  admin = await superuserHeaders(ctx.app);
+  for (const { kind, reasons, plain } of PROVIDERS) {
+    const provider = `th-${kind}`;
+    const created = await api('POST', '/providers', admin, { name: provider, kind, base_url: fake.url, api_key: `sk-${kind}` });
+    expect(created.statusCode, created.body).toBe(200);
+    for (const [id, capabilities] of [
+      [reasons, ['chat', 'tools', 'reasoning']],
+      [plain, ['chat', 'tools']],
+    ] as const) {
+      const model = await api('POST', '/models', admin, { id, provider, pricing: PRICING, capabilities });
+      expect(model.statusCode, model.body).toBe(200);
+    }
+  }
+  user = await createUser(ctx.app);
+  await grant(user, '1000');
+  client = clientWith((await createKey(ctx.app, user)).key);
+});
+afterAll(async () => {
+  await fake.close();
+});
+beforeEach(() => fake.reset());
+
+describe('reasoning_effort on Anthropic and Google models that reason', () => {
+  it('turns on the provider\'s thinking with the effort\'s budget; the thinking comes back as reasoning_content, its tokens charged at the reasoning price', async () => {
+    const expected = {
+      anthropic: { thinking: { type: 'enabled', budget_tokens: 2048 }, maxTokens: MAX_TOKENS + 2048 },
+      // Google's answer limit stays the caller's: only the hold makes room for the thinking.
+      google: { thinking: { thinkingBudget: 2048, includeThoughts: true }, maxTokens: MAX_TOKENS },
+    };
+    for (const { kind, reasons, thinking, maxTokens } of PROVIDERS) {
+      fake.script(reasons, THOUGHT);
+      // Thinking forbids Anthropic's temperature: left out, not an upstream 400.
+      const completion = await client.chat.completions.create({ model: reasons, messages, max_tokens: MAX_TOKENS, reasoning_effort: 'medium', temperature: 0.5 });
+      const sent = fake.requestsFor(reasons)[0]!;
+      expect(thinking(sent), kind).toEqual(expected[kind].thinking);
+      expect(maxTokens(sent), kind).toBe(expected[kind].maxTokens);
+      if (kind === 'anthropic') expect(sent.body).not.toHaveProperty('temperature');
+      const message = completion.choices[0]!.message as OpenAI.ChatCompletionMessage & { reasoning_content?: string };
+      expect(message.content, kind).toBe(THOUGHT.text);
+      expect(message.reasoning_content, kind).toBe(THOUGHT.reasoning);
+      expect(completion.usage, kind).toMatchObject({ prompt_tokens: 10, completion_tokens: 50, completion_tokens_details: { reasoning_tokens: 30 } });
+    }
+    const rows = await usageOf(user, 2);
+    expect(rows.map((r) => [r.model, r.status, r.output_tokens, r.reasoning_tokens, Number(r.cost)]).sort()).toEqual([
+      ['th-claude', 'success', 50, 30, THOUGHT_COST],
+      ['th-gemini', 'success', 50, 30, THOUGHT_COST],
+    ]);
+  });
+
+  it('streams the thinking as reasoning_content deltas before the text, with the reasoning tokens in the usage chunk', async () => {
+    for (const { kind, reasons, thinking } of PROVIDERS) {
+      fake.script(reasons, THOUGHT);
+      const stream = await client.chat.completions.create({ model: reasons, messages, max_tokens: MAX_TOKENS, reasoning_effort: 'high', stream: true, stream_options: { include_usage: true } });
+      let reasoning = '';
+      let text = '';
+      let usage: OpenAI.CompletionUsage | null | undefined;
+      for await (const chunk of stream) {
+        // The reasoning is a field of the delta the client's types do not name.
+        const delta: { content?: string | null; reasoning_content?: string } | undefined = chunk.choices[0]?.delta;
+        if (delta?.reasoning_content) {
+          expect(text, kind).toBe('');
+          reasoning += delta.reasoning_content;
+        }
+        text += delta?.content ?? '';
+        usage = chunk.usage ?? usage;
+      }
+      expect([reasoning, text], kind).toEqual([THOUGHT.reasoning, THOUGHT.text]);
+      expect(usage, kind).toMatchObject({ completion_tokens: 50, completion_tokens_details: { reasoning_tokens: 30 } });
+      const sent = fake.requestsFor(reasons)[0]!;
+      expect(sent.stream, kind).toBe(true);
+      expect(thinking(sent), kind).toMatchObject(kind === 'anthropic' ? { budget_tokens: 4096 } : { thinkingBudget: 4096 });
+    }
+  });
+
+  it('asks for no thinking for the efforts that ask for none, nor of a model without the reasoning capability: the call answers all the same', async () => {
+    const calls = PROVIDERS.flatMap((p) => [
+      { ...p, model: p.reasons, effort: 'none' as const },
+      { ...p, model: p.reasons, effort: 'minimal' as const },
+      { ...p, model: p.plain, effort: 'high' as const },
+    ]);
+    for (const { kind, model, effort, thinking, maxTokens } of calls) {
+      fake.reset();
+      fake.script(model, { text: 'Blue.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+      const completion = await client.chat.completions.create({ model, messages, max_tokens: MAX_TOKENS, reasoning_effort: effort });
+      expect(completion.choices[0]!.message.content, `${model} ${effort}`).toBe('Blue.');
+      const sent = fake.requestsFor(model)[0]!;
+      expect(thinking(sent), `${kind} ${model} ${effort}`).toBeUndefined();
+      expect(maxTokens(sent), `${model} ${effort}`).toBe(MAX_TOKENS);
+    }
+  });
+
+  it('refuses an effort OpenAI does not name with 400 before anything is sent', async () => {
+    for (const { reasons } of PROVIDERS) {
+      const refused = await apiError(client.chat.completions.create({ model: reasons, messages, reasoning_effort: 'extreme' as OpenAI.ReasoningEffort }));
+      expect(refused.status).toBe(400);
+      expect(refused.message).toContain('reasoning_effort');
+    }
+    expect(fake.log).toEqual([]);
+  });
+});
+
+describe('parallel_tool_calls on Anthropic and Google models', () => {
+  it('false with tools is Anthropic\'s disable_parallel_tool_use; true, or no tools, sends none; Google has none to send', async () => {
+    const call = { id: 'toolu_1', name: 'lookup', arguments: '{"word":"sky"}' };
+    for (const { kind, plain } of PROVIDERS) {
+      fake.script(plain, { toolCalls: [call], usage: { prompt_tokens: 20, completion_tokens: 8 } });
+      const completion = await client.chat.completions.create({ model: plain, messages, tools, parallel_tool_calls: false });
+      expect(completion.choices[0]!.message.tool_calls, kind).toMatchObject([{ type: 'function', function: { name: 'lookup', arguments: call.arguments } }]);
+      const sent = fake.requestsFor(plain)[0]!.body;
+      if (kind === 'anthropic') expect(sent.tool_choice).toEqual({ type: 'auto', disable_parallel_tool_use: true });
+      else expect(JSON.stringify(sent)).not.toMatch(/parallel/i);
+    }
+    fake.reset();
+    await client.chat.completions.create({ model: 'th-claude-plain', messages, tools, parallel_tool_calls: true });
+    await client.chat.completions.create({ model: 'th-claude-plain', messages, parallel_tool_calls: false });
+    expect(fake.log.map((r) => JSON.stringify(r.body))).toEqual([expect.not.stringMatching(/disable_parallel_tool_use/), expect.not.stringMatching(/disable_parallel_tool_use/)]);
+  });
+});
+
+describe('the credit hold of a call that thinks', () => {
+  const reservedOf = async (owner: TestUser) => Number((await api('GET', '/billing/balance', owner.headers)).json<{ reserved: string }>().reserved);
+
+  /** What `owner`'s account holds while the call `make` starts is with the provider (its answer delayed); released once it has settled. */
+  async function heldDuring(owner: TestUser, model: string, make: () => Promise<unknown>): Promise<number> {
+    fake.script(model, { text: 'Blue.', usage: { prompt_tokens: 5, completion_tokens: 2 }, chunkDelayMs: 300 });
+    const call = make();
+    await fake.waitFor((log) => log.length > 0);
+    const reserved = await reservedOf(owner);
+    await call;
+    await eventually(async () => (await reservedOf(owner)) === 0);
+    fake.reset();
+    return reserved;
+  }
+
+  it('holds the thinking budget on top of the answer\'s max tokens, at the reasoning price; not for a model that does not reason', async () => {
+    for (const { kind, reasons, plain } of PROVIDERS) {
+      const base = { messages, max_tokens: MAX_TOKENS };
+      const without = await heldDuring(user, reasons, () => client.chat.completions.create({ ...base, model: reasons }));
+      const medium = await heldDuring(user, reasons, () => client.chat.completions.create({ ...base, model: reasons, reasoning_effort: 'medium' }));
+      const high = await heldDuring(user, reasons, () => client.chat.completions.create({ ...base, model: reasons, reasoning_effort: 'high', stream: true }).then(async (s) => { for await (const chunk of s) void chunk; }));
+      // The same prompt: the holds differ by the budget alone, each token at 4 per million.
+      expect(without, kind).toBeGreaterThan(MAX_TOKENS * 4e-6);
+      expect(medium - without, kind).toBeCloseTo(2048 * 4e-6, 12);
+      expect(high - without, kind).toBeCloseTo(4096 * 4e-6, 12);
+      const plainWithout = await heldDuring(user, plain, () => client.chat.completions.create({ ...base, model: plain }));
+      const plainHigh = await heldDuring(user, plain, () => client.chat.completions.create({ ...base, model: plain, reasoning_effort: 'high' }));
+      expect(plainHigh, kind).toBe(plainWithout);
+    }
+  });
+
+  it('refuses with 402 a thinking call the balance cannot hold, before it goes upstream; the same call without thinking goes', async () => {
+    const poor = await createUser(ctx.app);
+    // Enough for MAX_TOKENS at 4 per million (0.004 and the prompt), not for 4,096 more tokens of thinking.
+    await grant(poor, '0.01');
+    const poorClient = clientWith((await createKey(ctx.app, poor)).key);
+    for (const { kind, reasons } of PROVIDERS) {
+      const refused = await apiError(poorClient.chat.completions.create({ model: reasons, messages, max_tokens: MAX_TOKENS, reasoning_effort: 'high' }));
+      expect(refused, kind).toMatchObject({ status: 402, code: 'insufficient_quota' });
+      expect(fake.log, kind).toEqual([]);
+      fake.script(reasons, { text: 'Blue.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+      expect((await poorClient.chat.completions.create({ model: reasons, messages, max_tokens: MAX_TOKENS })).choices[0]!.message.content, kind).toBe('Blue.');
+      fake.reset();
+    }
+  });
+});
