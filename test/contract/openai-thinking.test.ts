@@ -85,6 +85,9 @@ beforeAll(async () => {
       expect(model.statusCode, model.body).toBe(200);
     }
   }
+  // An OpenAI-style model that falls back to the Anthropic one.
+  expect((await api('POST', '/providers', admin, { name: 'th-compatible', kind: 'openai-compatible', base_url: fake.url, api_key: 'sk-compatible' })).statusCode).toBe(200);
+  expect((await api('POST', '/models', admin, { id: 'th-falls-to-claude', provider: 'th-compatible', pricing: PRICING, capabilities: ['chat', 'reasoning'], fallbacks: ['th-claude'] })).statusCode).toBe(200);
   user = await createUser(ctx.app);
   await grant(user, '1000');
   client = clientWith((await createKey(ctx.app, user)).key);
@@ -161,6 +164,17 @@ describe('reasoning_effort on Anthropic and Google models that reason', () => {
       expect(thinking(sent), `${kind} ${model} ${effort}`).toBeUndefined();
       expect(maxTokens(sent), `${model} ${effort}`).toBe(MAX_TOKENS);
     }
+  });
+
+  it('is told each model of a fallback chain its own way: the effort to an OpenAI-style one, a thinking budget to the Anthropic one after it', async () => {
+    fake.script('th-falls-to-claude', { status: 500 });
+    fake.script('th-claude', THOUGHT);
+    const completion = await client.chat.completions.create({ model: 'th-falls-to-claude', messages, max_tokens: MAX_TOKENS, reasoning_effort: 'low' });
+    expect(completion.model).toBe('th-claude');
+    expect(fake.log.map((r) => [r.path, r.body.reasoning_effort, r.body.thinking])).toEqual([
+      ['/v1/chat/completions', 'low', undefined],
+      ['/v1/messages', undefined, { type: 'enabled', budget_tokens: 1024 }],
+    ]);
   });
 
   it('refuses an effort OpenAI does not name with 400 before anything is sent', async () => {
