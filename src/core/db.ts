@@ -164,11 +164,20 @@ const PGLITE_SETTINGS = [...PGLITE_MEMORY, '-c', SAME_SCAN_START];
  * (Liftoff) and then, by default, compiles the busiest functions again with its optimizing one in
  * background threads: ~40 MB of resident memory and ~0.3 s of CPU in the first seconds (measured,
  * bench/RESULTS.md), for queries whose cost in Keel is mostly the JavaScript around them. Unless
- * PGLITE_WASM_TIER_UP asks for it, modules compiled from here on keep the baseline code. The flag
- * is V8's and so applies to the whole process; Keel compiles no other WebAssembly of its own.
+ * PGLITE_WASM_TIER_UP asks for it, modules compiled from here on keep the baseline code. The flags
+ * are V8's and so apply to the whole process (worker threads too); Keel compiles no other
+ * WebAssembly of its own.
+ *
+ * V8 decides tier-up by `--wasm-dynamic-tiering` and `--wasm-tier-up` alone; `--liftoff-only`
+ * turns them off only through V8's flag implications, which the V8 of Node 24 no longer applies to
+ * a flag set at run time (Node 20's did), so there it left tier-up on. Both are set either way, so
+ * an open's choice holds for what is compiled after it, whatever an open before it chose (a live
+ * module compiled from the same bytes is reused as it was compiled). Not `--liftoff-only` itself:
+ * it would also make a function Liftoff cannot compile a fatal error instead of one compiled by
+ * TurboFan.
  */
 function chooseWasmTiering(settings: Settings): void {
-  setFlagsFromString(settings.PGLITE_WASM_TIER_UP ? '--no-liftoff-only' : '--liftoff-only');
+  setFlagsFromString(settings.PGLITE_WASM_TIER_UP ? '--wasm-dynamic-tiering --wasm-tier-up' : '--no-wasm-dynamic-tiering --no-wasm-tier-up');
 }
 
 async function openPglite(settings: Settings): Promise<Database> {

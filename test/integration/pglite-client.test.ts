@@ -3,7 +3,7 @@ import { cpSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync }
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
-import { runInNewContext } from 'node:vm';
+import { runInNewContext, runInThisContext } from 'node:vm';
 import { Worker } from 'node:worker_threads';
 
 import { PGlite } from '@electric-sql/pglite';
@@ -623,4 +623,64 @@ describe('PGlite on a thread of its own', () => {
     }
     await expect(database.ping()).rejects.toThrow('closed');
   }, 60_000);
+});
+
+/**
+ * A WebAssembly module of one exported function, `loop(n)`, that adds n, n-1, ... 1 in a loop:
+ *   (func (export "loop") (param $n i32) (result i32) (local $sum i32)
+ *     (loop (local.set $sum (i32.add (local.get $sum) (local.get $n)))
+ *           (br_if 0 (local.tee $n (i32.sub (local.get $n) (i32.const 1)))))
+ *     (local.get $sum))
+ * A call with n = 100,000 spends more than V8's tier-up budget for one function (Node 20 and 24).
+ */
+const HOT_LOOP_BODY = [0x01, 0x01, 0x7f, 0x03, 0x40, 0x20, 0x01, 0x20, 0x00, 0x6a, 0x21, 0x01, 0x20, 0x00, 0x41, 0x01, 0x6b, 0x22, 0x00, 0x0d, 0x00, 0x0b, 0x20, 0x01, 0x0b];
+const HOT_LOOP = [
+  ...[0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00],
+  ...[0x01, 0x06, 0x01, 0x60, 0x01, 0x7f, 0x01, 0x7f], // type: (i32) -> i32
+  ...[0x03, 0x02, 0x01, 0x00], // one function of that type
+  ...[0x07, 0x08, 0x01, 0x04, ...Buffer.from('loop'), 0x00, 0x00], // exported as "loop"
+  ...[0x0a, HOT_LOOP_BODY.length + 2, 0x01, HOT_LOOP_BODY.length, ...HOT_LOOP_BODY],
+];
+let probes = 0;
+/** Node's WebAssembly API, which the project's TypeScript libraries (ES, no DOM) declare no value for. */
+const wasm = (globalThis as unknown as { WebAssembly: { instantiate(bytes: Uint8Array): Promise<{ instance: { exports: { loop: (n: number) => number } } }> } }).WebAssembly;
+
+/**
+ * Whether V8 compiles a hot WebAssembly function compiled from now on again with its optimizing
+ * compiler (TurboFan), within `withinMs` of calls. The tiering flags are the process's, so this
+ * module, compiled here, answers for PGlite's too (on its thread or on this one). Each probe's
+ * module ends in a custom section of its own: V8 reuses a live module compiled from the same bytes,
+ * tiering as chosen then. V8's own test helper (%IsTurboFanFunction, natives syntax) tells which
+ * code a function runs; tier-up happens on a background thread, hence the calls over time.
+ */
+async function tiersUp(withinMs: number): Promise<boolean> {
+  setFlagsFromString('--allow-natives-syntax');
+  const isTurboFan = runInThisContext('(f) => %IsTurboFanFunction(f)') as (f: unknown) => boolean;
+  const nonce = Buffer.from(`probe ${++probes}`);
+  const { instance } = await wasm.instantiate(new Uint8Array([...HOT_LOOP, 0x00, nonce.length + 1, 0x00, ...nonce]));
+  const { loop } = instance.exports;
+  const deadline = Date.now() + withinMs;
+  while (Date.now() < deadline) {
+    expect(loop(100_000)).toBe(705_082_704); // 100,000 × 100,001 / 2, wrapped to 32 bits
+    if (isTurboFan(loop)) return true;
+    await new Promise((done) => setTimeout(done, 10));
+  }
+  return false;
+}
+
+describe('openDatabase: PGlite’s WebAssembly tiering (PGLITE_WASM_TIER_UP)', () => {
+  // Node 24 ignored the default: `--liftoff-only` set at run time did not turn V8's tier-up off
+  // there. Each open decides for what the process compiles next, whatever an open before it chose.
+  it('keeps V8’s baseline code by default, tiers up with PGLITE_WASM_TIER_UP=true, and back', async () => {
+    const tieringAfterOpen = async (tierUp: 'true' | 'false') => {
+      const database = await openDatabase(loadSettings({ PGLITE_DATA_DIR: dataDir(), PGLITE_WASM_TIER_UP: tierUp }));
+      await database.ping();
+      await database.close();
+      // 3 s of hot calls when nothing tiers up: enough on a loaded machine (it takes milliseconds).
+      return tiersUp(3_000);
+    };
+    expect(await tieringAfterOpen('false')).toBe(false);
+    expect(await tieringAfterOpen('true')).toBe(true);
+    expect(await tieringAfterOpen('false')).toBe(false);
+  }, 120_000);
 });
