@@ -1,4 +1,4 @@
-import { closeSync, linkSync, openSync, readFileSync, renameSync, statSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, linkSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
 import { hostname } from 'node:os';
 
 import { ConfigError } from './config.js';
@@ -18,19 +18,6 @@ interface Holder {
   /** Kernel start time of the process (Linux), so a pid reused after a crash is not taken for the holder. */
   started: string | null;
   host: string;
-  /**
-   * The directory held, by device and inode (`directoryId`); null in a lock written before it was
-   * recorded. A copy of DATA_DIR brings the lock file along, naming a live process that holds the
-   * original, not the copy: the copy's own inode tells them apart (a directory renamed while held
-   * keeps its inode, and so its holder).
-   */
-  directory: string | null;
-}
-
-/** The directory's identity on this machine: its device and inode, as a lock file records it. */
-function directoryId(directory: string): string {
-  const { dev, ino } = statSync(directory, { bigint: true });
-  return `${dev}:${ino}`;
 }
 
 /** Field 22 of /proc/<pid>/stat (start time in clock ticks since boot); null where there is no /proc. */
@@ -56,16 +43,11 @@ function alive(holder: Holder): boolean {
   return holder.started === null || started === null || started === holder.started;
 }
 
-/** Whether `holder` holds the directory `id` now: a live process that locked that directory (or a lock that does not say which). */
-function holds(holder: Holder, id: string): boolean {
-  return (holder.directory === null || holder.directory === id) && alive(holder);
-}
-
 function readHolder(path: string): Holder | null {
   try {
     const parsed = JSON.parse(readFileSync(path, 'utf8')) as Partial<Holder>;
     if (typeof parsed.pid !== 'number') return null;
-    return { pid: parsed.pid, started: parsed.started ?? null, host: parsed.host ?? hostname(), directory: parsed.directory ?? null };
+    return { pid: parsed.pid, started: parsed.started ?? null, host: parsed.host ?? hostname() };
   } catch (error) {
     if ((error as NodeJS.ErrnoException).code === 'ENOENT') throw error;
     // Half-written by a process killed between create and write: nobody holds it.
@@ -75,9 +57,8 @@ function readHolder(path: string): Holder | null {
 
 /**
  * An exclusive lock on a directory for this process's life: `<directory>.lock`, created with
- * O_EXCL and holding this process's pid and the directory's inode. It is removed on close and on
- * exit; after a crash (or kill -9) the next process finds the pid gone (or reused by another
- * program) and takes it over, as it does a lock copied along with the directory (another inode).
+ * O_EXCL and holding this process's pid. It is removed on close and on exit; after a crash (or
+ * kill -9) the next process finds the pid gone (or reused by another program) and takes it over.
  * Returns the release function; throws DataDirLockedError naming the holder's pid.
  *
  * A pid file rather than an OS lock (flock): Node has no flock of its own, and a lock file needs no
@@ -85,8 +66,7 @@ function readHolder(path: string): Holder | null {
  */
 export function lockDirectory(directory: string): () => void {
   const path = `${directory}.lock`;
-  const id = directoryId(directory);
-  const mine: Holder = { pid: process.pid, started: startTime(process.pid), host: hostname(), directory: id };
+  const mine: Holder = { pid: process.pid, started: startTime(process.pid), host: hostname() };
   for (let attempt = 0; attempt < 5; attempt++) {
     let fd: number;
     try {
@@ -99,8 +79,8 @@ export function lockDirectory(directory: string): () => void {
       } catch {
         continue; // released meanwhile: try again
       }
-      if (holder && holds(holder, id)) throw new DataDirLockedError(directory, holder.pid);
-      takeOverStale(path, holder, id);
+      if (holder && alive(holder)) throw new DataDirLockedError(directory, holder.pid);
+      takeOverStale(path, holder);
       continue;
     }
     try {
@@ -129,7 +109,7 @@ export function lockDirectory(directory: string): () => void {
  * Removes a lock whose holder is gone. Moving it aside first and checking what was moved keeps a
  * process that took the lock over in the meantime from losing it: that lock is put back.
  */
-function takeOverStale(path: string, stale: Holder | null, id: string): void {
+function takeOverStale(path: string, stale: Holder | null): void {
   const aside = `${path}.stale-${process.pid}`;
   try {
     renameSync(path, aside);
@@ -143,7 +123,7 @@ function takeOverStale(path: string, stale: Holder | null, id: string): void {
       return null;
     }
   })();
-  if (moved && (stale === null || moved.pid !== stale.pid) && holds(moved, id)) {
+  if (moved && (stale === null || moved.pid !== stale.pid) && alive(moved)) {
     try {
       linkSync(aside, path);
     } catch {
