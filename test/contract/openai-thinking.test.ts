@@ -49,6 +49,20 @@ const PROVIDERS = [
   },
 ] as const;
 
+const reservedOf = async (owner: TestUser) => Number((await api('GET', '/billing/balance', owner.headers)).json<{ reserved: string }>().reserved);
+
+/** What `owner`'s account holds while the call `make` starts is with the provider (its answer delayed, `reply` or text); released once it has settled. */
+async function heldDuring(owner: TestUser, model: string, make: () => Promise<unknown>, reply: ScriptedReply = { text: 'Blue.', usage: { prompt_tokens: 5, completion_tokens: 2 } }): Promise<number> {
+  fake.script(model, { ...reply, chunkDelayMs: 300 });
+  const call = make();
+  await fake.waitFor((log) => log.length > 0);
+  const reserved = await reservedOf(owner);
+  await call;
+  await eventually(async () => (await reservedOf(owner)) === 0);
+  fake.reset();
+  return reserved;
+}
+
 let fake: FakeModelServer;
 let admin: Record<string, string>;
 let user: TestUser;
@@ -187,6 +201,37 @@ describe('reasoning_effort on Anthropic and Google models that reason', () => {
   });
 });
 
+describe('reasoning_effort on an Anthropic call that cannot think', () => {
+  const lookup = { id: 'toolu_1', type: 'function' as const, function: { name: 'lookup', arguments: '{"word":"sky"}' } };
+  const toolLoop: OpenAI.ChatCompletionMessageParam[] = [...messages, { role: 'assistant', content: null, tool_calls: [lookup] }, { role: 'tool', tool_call_id: lookup.id, content: 'The air above.' }];
+  const prefill: OpenAI.ChatCompletionMessageParam[] = [...messages, { role: 'assistant', content: 'Because' }];
+
+  it('sends no thinking in a tool loop (the last assistant message calls tools) nor after a prefill, and holds none: Anthropic would want the signed thinking the client cannot send back', async () => {
+    for (const conversation of [toolLoop, prefill]) {
+      const base = { model: 'th-claude', messages: conversation, tools, max_tokens: MAX_TOKENS };
+      const without = await heldDuring(user, 'th-claude', () => client.chat.completions.create(base));
+      const held = await heldDuring(user, 'th-claude', () => client.chat.completions.create({ ...base, reasoning_effort: 'high' }));
+      fake.script('th-claude', { text: 'Blue.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+      await client.chat.completions.create({ ...base, reasoning_effort: 'high' });
+      const sent = fake.requestsFor('th-claude')[0]!.body;
+      expect(sent.thinking, conversation.at(-1)!.role).toBeUndefined();
+      expect(sent.max_tokens).toBe(MAX_TOKENS);
+      expect(held).toBe(without);
+      fake.reset();
+    }
+  });
+
+  it('thinks again once the tool loop has ended in an answer; Google\'s thinking goes on in a tool loop (Gemini needs no thoughts sent back)', async () => {
+    const after: OpenAI.ChatCompletionMessageParam[] = [...toolLoop, { role: 'assistant', content: 'The air scatters blue.' }, { role: 'user', content: 'Why blue?' }];
+    for (const [model, conversation] of [['th-claude', after], ['th-gemini', toolLoop]] as const) {
+      fake.script(model, THOUGHT);
+      await client.chat.completions.create({ model, messages: conversation, tools, max_tokens: MAX_TOKENS, reasoning_effort: 'low' });
+      const { thinking } = PROVIDERS.find((p) => p.reasons === model)!;
+      expect(thinking(fake.requestsFor(model)[0]!), model).toMatchObject(model === 'th-claude' ? { budget_tokens: 1024 } : { thinkingBudget: 1024 });
+    }
+  });
+});
+
 describe('parallel_tool_calls on Anthropic and Google models', () => {
   it('false with tools is Anthropic\'s disable_parallel_tool_use; true, or no tools, sends none; Google has none to send', async () => {
     const call = { id: 'toolu_1', name: 'lookup', arguments: '{"word":"sky"}' };
@@ -206,20 +251,6 @@ describe('parallel_tool_calls on Anthropic and Google models', () => {
 });
 
 describe('the credit hold of a call that thinks', () => {
-  const reservedOf = async (owner: TestUser) => Number((await api('GET', '/billing/balance', owner.headers)).json<{ reserved: string }>().reserved);
-
-  /** What `owner`'s account holds while the call `make` starts is with the provider (its answer delayed); released once it has settled. */
-  async function heldDuring(owner: TestUser, model: string, make: () => Promise<unknown>): Promise<number> {
-    fake.script(model, { text: 'Blue.', usage: { prompt_tokens: 5, completion_tokens: 2 }, chunkDelayMs: 300 });
-    const call = make();
-    await fake.waitFor((log) => log.length > 0);
-    const reserved = await reservedOf(owner);
-    await call;
-    await eventually(async () => (await reservedOf(owner)) === 0);
-    fake.reset();
-    return reserved;
-  }
-
   it('holds the thinking budget on top of the answer\'s max tokens, at the reasoning price; not for a model that does not reason', async () => {
     for (const { kind, reasons, plain } of PROVIDERS) {
       const base = { messages, max_tokens: MAX_TOKENS };

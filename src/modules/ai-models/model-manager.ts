@@ -591,6 +591,22 @@ const THINKING_BUDGETS: ReadonlyMap<string, number> = new Map([
 ]);
 
 /**
+ * Whether Anthropic would refuse the call's conversation with thinking on: its last assistant
+ * message must then start with a signed thinking block when it ends the conversation (a prefill)
+ * or calls tools (a tool loop in progress), and a client of OpenAI's API has none to send back (the
+ * SDK drops reasoning without a signature). Such a call goes without thinking, as LiteLLM sends it.
+ */
+function anthropicThinkingRefused(messages: readonly ModelMessage[] | undefined): boolean {
+  if (!messages) return false;
+  for (let i = messages.length - 1; i >= 0; i -= 1) {
+    const message = messages[i]!;
+    if (message.role !== 'assistant') continue;
+    return i === messages.length - 1 || (typeof message.content !== 'string' && message.content.some((part) => part.type === 'tool-call'));
+  }
+  return false;
+}
+
+/**
  * A call's text, reasoning, refusal and tool calls with the assistant message the SDK would return
  * for them (a refusal as a text part after the text: the SDK's models read it so).
  */
@@ -1579,12 +1595,15 @@ export class ModelManager {
   /**
    * The thinking budget a call's `reasoning_effort` asks of `model` (THINKING_BUDGETS): 0 unless it
    * is an Anthropic or Google model whose capabilities include reasoning (OpenAI-style providers
-   * take the effort itself; a model that does not reason would refuse thinking upstream).
+   * take the effort itself; a model that does not reason would refuse thinking upstream), and 0 for
+   * an Anthropic call that cannot think (anthropicThinkingRefused). What is sent and what the call
+   * holds both read it, so they agree.
    */
   private thinkingBudget(request: Partial<ChatRequest>, model: ModelInfo): number {
     if (request.reasoningEffort === undefined || !model.capabilities.includes('reasoning')) return 0;
     const kind = this.options.providers.kind(model.provider);
-    return kind === 'anthropic' || kind === 'google' ? (THINKING_BUDGETS.get(request.reasoningEffort) ?? 0) : 0;
+    if (kind === 'anthropic' ? anthropicThinkingRefused(request.messages) : kind !== 'google') return 0;
+    return THINKING_BUDGETS.get(request.reasoningEffort) ?? 0;
   }
 
   /** An embedding call's provider options (ProviderRegistry.embeddingOptions); a provider that cannot shorten its vectors refuses `dimensions` before anything is sent. */
