@@ -221,6 +221,27 @@ describe('reasoning_effort on an Anthropic call that cannot think', () => {
     }
   });
 
+  it('sends no thinking with a forced tool choice, and holds none: under thinking the SDK model would relax it to auto, and an answer without the call fail after it was billed', async () => {
+    const forced = [
+      { choice: 'required' as const, sent: { type: 'any' } },
+      { choice: { type: 'function' as const, function: { name: 'lookup' } }, sent: { type: 'tool', name: 'lookup' } },
+    ];
+    const reply: ScriptedReply = { toolCalls: [{ id: lookup.id, name: 'lookup', arguments: lookup.function.arguments }], usage: { prompt_tokens: 20, completion_tokens: 8 } };
+    for (const { choice, sent } of forced) {
+      const base = { model: 'th-claude', messages, tools, tool_choice: choice, max_tokens: MAX_TOKENS };
+      const without = await heldDuring(user, 'th-claude', () => client.chat.completions.create(base), reply);
+      const held = await heldDuring(user, 'th-claude', () => client.chat.completions.create({ ...base, reasoning_effort: 'high' }), reply);
+      fake.script('th-claude', reply);
+      const completion = await client.chat.completions.create({ ...base, reasoning_effort: 'high' });
+      expect(completion.choices[0]!.message.tool_calls).toMatchObject([{ function: { name: 'lookup' } }]);
+      const body = fake.requestsFor('th-claude')[0]!.body;
+      expect(body.thinking, sent.type).toBeUndefined();
+      expect(body.tool_choice, sent.type).toMatchObject(sent);
+      expect(held, sent.type).toBe(without);
+      fake.reset();
+    }
+  });
+
   it('thinks again once the tool loop has ended in an answer; Google\'s thinking goes on in a tool loop (Gemini needs no thoughts sent back)', async () => {
     const after: OpenAI.ChatCompletionMessageParam[] = [...toolLoop, { role: 'assistant', content: 'The air scatters blue.' }, { role: 'user', content: 'Why blue?' }];
     for (const [model, conversation] of [['th-claude', after], ['th-gemini', toolLoop]] as const) {

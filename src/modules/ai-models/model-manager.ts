@@ -591,12 +591,15 @@ const THINKING_BUDGETS: ReadonlyMap<string, number> = new Map([
 ]);
 
 /**
- * Whether Anthropic would refuse the call's conversation with thinking on: its last assistant
- * message must then start with a signed thinking block when it ends the conversation (a prefill)
- * or calls tools (a tool loop in progress), and a client of OpenAI's API has none to send back (the
- * SDK drops reasoning without a signature). Such a call goes without thinking, as LiteLLM sends it.
+ * Whether an Anthropic call must go without thinking (as LiteLLM sends it). Its last assistant
+ * message must start with a signed thinking block when it ends the conversation (a prefill) or
+ * calls tools (a tool loop in progress), and a client of OpenAI's API has none to send back (the
+ * SDK drops reasoning without a signature): Anthropic would answer 400. A forced tool choice
+ * (`required`, a named tool) is one thinking forbids: the SDK model would send `auto` instead, and
+ * an answer without the tool call fail enforceToolChoice after it was billed.
  */
-function anthropicThinkingRefused(messages: readonly ModelMessage[] | undefined): boolean {
+function anthropicThinkingRefused({ messages, toolChoice }: Partial<ChatRequest>): boolean {
+  if (toolChoice !== undefined && toolChoice !== 'auto' && toolChoice !== 'none') return true;
   if (!messages) return false;
   for (let i = messages.length - 1; i >= 0; i -= 1) {
     const message = messages[i]!;
@@ -1602,7 +1605,7 @@ export class ModelManager {
   private thinkingBudget(request: Partial<ChatRequest>, model: ModelInfo): number {
     if (request.reasoningEffort === undefined || !model.capabilities.includes('reasoning')) return 0;
     const kind = this.options.providers.kind(model.provider);
-    if (kind === 'anthropic' ? anthropicThinkingRefused(request.messages) : kind !== 'google') return 0;
+    if (kind === 'anthropic' ? anthropicThinkingRefused(request) : kind !== 'google') return 0;
     return THINKING_BUDGETS.get(request.reasoningEffort) ?? 0;
   }
 
