@@ -25,6 +25,8 @@ const api = apiOf(ctx);
 /** Reasoning priced above text: a hold counts every output token as reasoning (estimateCost). */
 const PRICING = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2', reasoning_cost_per_million_tokens: '4' };
 const MAX_TOKENS = 1000;
+/** The output cap of the catalog's capped models (PROVIDERS' `capped`). */
+const CAP = 8192;
 const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Why is the sky blue?' }];
 const tools: OpenAI.ChatCompletionTool[] = [{ type: 'function', function: { name: 'lookup', description: 'Looks a word up', parameters: { type: 'object', properties: { word: { type: 'string' } }, required: ['word'] } } }];
 const THOUGHT: ScriptedReply = { reasoning: 'Rayleigh scattering.', text: 'Short waves scatter most.', usage: { prompt_tokens: 10, completion_tokens: 50, reasoning_tokens: 30 } };
@@ -37,14 +39,18 @@ const PROVIDERS = [
     kind: 'anthropic',
     reasons: 'th-claude',
     plain: 'th-claude-plain',
+    capped: 'th-claude-capped',
     thinking: (r: LoggedRequest) => r.body.thinking,
+    budget: (r: LoggedRequest) => (r.body.thinking as { budget_tokens?: number } | undefined)?.budget_tokens,
     maxTokens: (r: LoggedRequest) => r.body.max_tokens,
   },
   {
     kind: 'google',
     reasons: 'th-gemini',
     plain: 'th-gemini-plain',
+    capped: 'th-gemini-capped',
     thinking: (r: LoggedRequest) => (r.body.generationConfig as Record<string, unknown>).thinkingConfig,
+    budget: (r: LoggedRequest) => ((r.body.generationConfig as Record<string, unknown>).thinkingConfig as { thinkingBudget?: number } | undefined)?.thinkingBudget,
     maxTokens: (r: LoggedRequest) => (r.body.generationConfig as Record<string, unknown>).maxOutputTokens,
   },
 ] as const;
@@ -87,15 +93,16 @@ beforeAll(async () => {
   await ctx.app.listen({ host: '127.0.0.1', port: 0 });
   baseURL = `http://127.0.0.1:${(ctx.app.server.address() as AddressInfo).port}/v1`;
   admin = await superuserHeaders(ctx.app);
-  for (const { kind, reasons, plain } of PROVIDERS) {
+  for (const { kind, reasons, plain, capped } of PROVIDERS) {
     const provider = `th-${kind}`;
     const created = await api('POST', '/providers', admin, { name: provider, kind, base_url: fake.url, api_key: `sk-${kind}` });
     expect(created.statusCode, created.body).toBe(200);
-    for (const [id, capabilities] of [
-      [reasons, ['chat', 'tools', 'reasoning']],
-      [plain, ['chat', 'tools']],
+    for (const [id, capabilities, max_output_tokens] of [
+      [reasons, ['chat', 'tools', 'reasoning'], null],
+      [plain, ['chat', 'tools'], null],
+      [capped, ['chat', 'tools', 'reasoning'], CAP],
     ] as const) {
-      const model = await api('POST', '/models', admin, { id, provider, pricing: PRICING, capabilities });
+      const model = await api('POST', '/models', admin, { id, provider, pricing: PRICING, capabilities, max_output_tokens });
       expect(model.statusCode, model.body).toBe(200);
     }
   }
@@ -285,6 +292,31 @@ describe('the credit hold of a call that thinks', () => {
       const plainWithout = await heldDuring(user, plain, () => client.chat.completions.create({ ...base, model: plain }));
       const plainHigh = await heldDuring(user, plain, () => client.chat.completions.create({ ...base, model: plain, reasoning_effort: 'high' }));
       expect(plainHigh, kind).toBe(plainWithout);
+    }
+  });
+
+  it('shrinks the budget to what the model\'s output cap leaves beside max_tokens (none under 1,024), and holds what is sent', async () => {
+    // [max_tokens, effort, the budget sent]: no max_tokens is the default maximum (4,096).
+    const cases = [
+      [MAX_TOKENS, 'medium', 2048],
+      [6000, 'max', CAP - 6000],
+      [undefined, 'max', CAP - 4096],
+      [7500, 'low', undefined],
+    ] as const;
+    for (const { kind, capped, budget, maxTokens } of PROVIDERS) {
+      for (const [max_tokens, effort, expected] of cases) {
+        const base = { model: capped, messages, max_tokens };
+        const without = await heldDuring(user, capped, () => client.chat.completions.create(base));
+        const held = await heldDuring(user, capped, () => client.chat.completions.create({ ...base, reasoning_effort: effort }));
+        fake.script(capped, { text: 'Blue.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+        await client.chat.completions.create({ ...base, reasoning_effort: effort });
+        const sent = fake.requestsFor(capped)[0]!;
+        const label = `${kind} ${max_tokens} ${effort}`;
+        expect(budget(sent), label).toBe(expected);
+        expect((held - without) / 4e-6, label).toBeCloseTo(expected ?? 0, 6);
+        if (kind === 'anthropic') expect(maxTokens(sent), label).toBe((max_tokens ?? 4096) + (expected ?? 0));
+        fake.reset();
+      }
     }
   });
 

@@ -590,6 +590,9 @@ const THINKING_BUDGETS: ReadonlyMap<string, number> = new Map([
   ['max', 16384],
 ]);
 
+/** The least thinking budget sent (Anthropic takes none smaller): one the model's output cap leaves smaller is none. */
+const MIN_THINKING_BUDGET = 1024;
+
 /**
  * Whether an Anthropic call must go without thinking (as LiteLLM sends it). Its last assistant
  * message must start with a signed thinking block when it ends the conversation (a prefill) or
@@ -1599,14 +1602,20 @@ export class ModelManager {
    * The thinking budget a call's `reasoning_effort` asks of `model` (THINKING_BUDGETS): 0 unless it
    * is an Anthropic or Google model whose capabilities include reasoning (OpenAI-style providers
    * take the effort itself; a model that does not reason would refuse thinking upstream), and 0 for
-   * an Anthropic call that cannot think (anthropicThinkingRefused). What is sent and what the call
-   * holds both read it, so they agree.
+   * an Anthropic call that cannot think (anthropicThinkingRefused). Where the catalog knows the
+   * model's output cap, the budget is what the cap leaves beside the call's maximum (the two are
+   * sent as one: Anthropic's `max_tokens`), none under MIN_THINKING_BUDGET: the SDK clamps only for
+   * the model ids it knows, and a custom id was answered 400. What is sent and what the call holds
+   * both read it, so they agree.
    */
   private thinkingBudget(request: Partial<ChatRequest>, model: ModelInfo): number {
     if (request.reasoningEffort === undefined || !model.capabilities.includes('reasoning')) return 0;
     const kind = this.options.providers.kind(model.provider);
     if (kind === 'anthropic' ? anthropicThinkingRefused(request) : kind !== 'google') return 0;
-    return THINKING_BUDGETS.get(request.reasoningEffort) ?? 0;
+    const asked = THINKING_BUDGETS.get(request.reasoningEffort) ?? 0;
+    const cap = model.max_output_tokens;
+    const budget = cap === null ? asked : Math.min(asked, cap - this.outputTokens(model, request.maxOutputTokens));
+    return budget >= MIN_THINKING_BUDGET ? budget : 0;
   }
 
   /** An embedding call's provider options (ProviderRegistry.embeddingOptions); a provider that cannot shorten its vectors refuses `dimensions` before anything is sent. */
