@@ -122,8 +122,8 @@ describe('reasoning_effort on Anthropic and Google models that reason', () => {
   it('turns on the provider\'s thinking with the effort\'s budget; the thinking comes back as reasoning_content, its tokens charged at the reasoning price', async () => {
     const expected = {
       anthropic: { thinking: { type: 'enabled', budget_tokens: 2048 }, maxTokens: MAX_TOKENS + 2048 },
-      // Google's answer limit stays the caller's: only the hold makes room for the thinking.
-      google: { thinking: { thinkingBudget: 2048, includeThoughts: true }, maxTokens: MAX_TOKENS },
+      // Gemini counts thoughts within maxOutputTokens: it makes room for them as Anthropic's max_tokens does.
+      google: { thinking: { thinkingBudget: 2048, includeThoughts: true }, maxTokens: MAX_TOKENS + 2048 },
     };
     for (const { kind, reasons, thinking, maxTokens } of PROVIDERS) {
       fake.script(reasons, THOUGHT);
@@ -146,7 +146,7 @@ describe('reasoning_effort on Anthropic and Google models that reason', () => {
   });
 
   it('streams the thinking as reasoning_content deltas before the text, with the reasoning tokens in the usage chunk', async () => {
-    for (const { kind, reasons, thinking } of PROVIDERS) {
+    for (const { kind, reasons, thinking, maxTokens } of PROVIDERS) {
       fake.script(reasons, THOUGHT);
       const stream = await client.chat.completions.create({ model: reasons, messages, max_tokens: MAX_TOKENS, reasoning_effort: 'high', stream: true, stream_options: { include_usage: true } });
       let reasoning = '';
@@ -167,6 +167,7 @@ describe('reasoning_effort on Anthropic and Google models that reason', () => {
       const sent = fake.requestsFor(reasons)[0]!;
       expect(sent.stream, kind).toBe(true);
       expect(thinking(sent), kind).toMatchObject(kind === 'anthropic' ? { budget_tokens: 4096 } : { thinkingBudget: 4096 });
+      expect(maxTokens(sent), kind).toBe(MAX_TOKENS + 4096);
     }
   });
 
@@ -295,7 +296,7 @@ describe('the credit hold of a call that thinks', () => {
     }
   });
 
-  it('shrinks the budget to what the model\'s output cap leaves beside max_tokens (none under 1,024), and holds what is sent', async () => {
+  it('shrinks the budget to what the model\'s output cap leaves beside max_tokens (none under 1,024), and holds what is sent: the two as the maximum for both providers', async () => {
     // [max_tokens, effort, the budget sent]: no max_tokens is the default maximum (4,096).
     const cases = [
       [MAX_TOKENS, 'medium', 2048],
@@ -314,7 +315,7 @@ describe('the credit hold of a call that thinks', () => {
         const label = `${kind} ${max_tokens} ${effort}`;
         expect(budget(sent), label).toBe(expected);
         expect((held - without) / 4e-6, label).toBeCloseTo(expected ?? 0, 6);
-        if (kind === 'anthropic') expect(maxTokens(sent), label).toBe((max_tokens ?? 4096) + (expected ?? 0));
+        expect(maxTokens(sent), label).toBe((max_tokens ?? 4096) + (expected ?? 0));
         fake.reset();
       }
     }

@@ -1583,7 +1583,8 @@ export class ModelManager {
    * answer, so they come back as Anthropic's do, `reasoning_content`), and `parallel_tool_calls:
    * false` with tools as Anthropic's `disableParallelToolUse` (Google has no such switch).
    * Anthropic's SDK model makes room for the thinking itself: it adds the budget to `max_tokens`
-   * (which must exceed it) and leaves out `temperature`, `top_p` and `top_k`, which thinking forbids.
+   * (which must exceed it) and leaves out `temperature`, `top_p` and `top_k`, which thinking forbids;
+   * callSettings makes it for Google's.
    */
   private nativeOptions(request: ChatRequest, model: ModelInfo): { key: string; asked: Record<string, JSONValue> } | undefined {
     const kind = this.options.providers.kind(model.provider);
@@ -1604,9 +1605,9 @@ export class ModelManager {
    * take the effort itself; a model that does not reason would refuse thinking upstream), and 0 for
    * an Anthropic call that cannot think (anthropicThinkingRefused). Where the catalog knows the
    * model's output cap, the budget is what the cap leaves beside the call's maximum (the two are
-   * sent as one: Anthropic's `max_tokens`), none under MIN_THINKING_BUDGET: the SDK clamps only for
-   * the model ids it knows, and a custom id was answered 400. What is sent and what the call holds
-   * both read it, so they agree.
+   * sent as one: Anthropic's `max_tokens`, Google's `maxOutputTokens`), none under
+   * MIN_THINKING_BUDGET: the SDK clamps only for the model ids it knows, and a custom id was
+   * answered 400. What is sent and what the call holds both read it, so they agree.
    */
   private thinkingBudget(request: Partial<ChatRequest>, model: ModelInfo): number {
     if (request.reasoningEffort === undefined || !model.capabilities.includes('reasoning')) return 0;
@@ -1625,10 +1626,17 @@ export class ModelManager {
     return options;
   }
 
-  /** A call's settings as `generateText` checks and passes them (prepareCallSettings: integers, ranges). */
+  /**
+   * A call's settings as `generateText` checks and passes them (prepareCallSettings: integers,
+   * ranges). A Google model's maximum makes room for its thinking budget: Gemini counts thoughts
+   * within `maxOutputTokens`, so the caller's maximum alone left a thinking call's answer empty or
+   * cut short (Anthropic's SDK model adds the budget to `max_tokens` itself).
+   */
   private callSettings(request: ChatRequest, model: ModelInfo) {
     const { temperature, topP, frequencyPenalty, presencePenalty, seed, stopSequences } = request;
-    return prepareCallSettings({ maxOutputTokens: this.outputTokens(model, request.maxOutputTokens), temperature, topP, frequencyPenalty, presencePenalty, seed, stopSequences });
+    let maxOutputTokens = this.outputTokens(model, request.maxOutputTokens);
+    if (request.reasoningEffort !== undefined && this.options.providers.kind(model.provider) === 'google') maxOutputTokens += this.thinkingBudget(request, model);
+    return prepareCallSettings({ maxOutputTokens, temperature, topP, frequencyPenalty, presencePenalty, seed, stopSequences });
   }
 
   private sdkOptions(request: ChatRequest, model: ModelInfo) {
