@@ -1144,6 +1144,19 @@ describe('log probabilities, logit_bias and the other fields of OpenAI\'s reques
     }
   });
 
+  it('streams a whole answer with logprobs and few or no alternatives whose max_tokens is its length, on every path: its log probabilities, not its events, are counted', async () => {
+    // Each chunk's event (id, model, text, framing) is longer than its one entry: counted whole, the wire cut this answer off halfway.
+    const pieces = tokens(400);
+    for (const top of [0, 2]) {
+      for (const path of PATHS) {
+        fake.script(path.model, { chunks: pieces });
+        const streamed = await client.chat.completions.stream({ ...path, logprobs: true, top_logprobs: top, max_tokens: pieces.length }).finalChatCompletion();
+        expect(streamed.choices[0]!.message.content, JSON.stringify({ path, top })).toBe(pieces.join(''));
+        expect(streamed.choices[0]!.logprobs!.content).toHaveLength(pieces.length);
+      }
+    }
+  });
+
   it('still cuts off log probabilities past what the call asked for (its max_tokens, 20 alternatives each): 502, streamed or not, on every path', async () => {
     const limit = ctx.app.settings.MODEL_MAX_RESPONSE_BYTES;
     // 5 tokens: 5 × 21 entries of at most 160 bytes each beyond the limit.

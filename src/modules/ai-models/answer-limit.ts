@@ -55,6 +55,17 @@ export function logprobsAllowance(logprobs: boolean | undefined, topLogprobs: nu
   return logprobs ? (outputTokens ?? 0) * (1 + (topLogprobs ?? 0)) * LOGPROB_ENTRY_BYTES : 0;
 }
 
+/**
+ * What a list of log probability entries weighs against logprobsAllowance in a stream: its length as
+ * JSON, as the SDK's paths have it and the entries go on to the caller. Not the event that carried
+ * it, whose id, model, text and framing take more than a usual token's entry (each event is capped
+ * on its own): counted whole, a legitimate answer with few alternatives was cut off halfway.
+ */
+export const logprobsWeight = (entries: unknown[] | null | undefined): number => (entries ? JSON.stringify(entries).length : 0);
+
+/** A stream's log probabilities past their allowance (`chars`), on the wire and the SDK's paths alike. */
+export const logprobsTooLong = (chars: number): ModelAnswerLimitError => new ModelAnswerLimitError(502, `The log probabilities of the model's answer exceeded ${chars} characters`);
+
 /** The request without the manager's header, and what that header said (provider-utils sends headers as a record, lower-cased). */
 function takeExpectation(init: RequestInit | undefined): { init: RequestInit | undefined; expected: string | undefined } {
   const headers = init?.headers;

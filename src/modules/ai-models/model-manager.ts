@@ -45,7 +45,7 @@ import { HttpError } from '../../core/errors.js';
 
 import { AsyncQueue } from '../../utils/async-queue.js';
 import { CallerAbort, type CallerSignal } from './abort.js';
-import { answerOfAtMost, embeddingsAnswerLimit, logprobsAllowance, STREAM_ANSWER } from './answer-limit.js';
+import { answerOfAtMost, embeddingsAnswerLimit, logprobsAllowance, logprobsTooLong, logprobsWeight, STREAM_ANSWER } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
 import { chargeableUsage, computeCost, estimateCost } from './cost.js';
 import {
@@ -1341,9 +1341,7 @@ export class ModelManager {
       let logprobsRead = 0;
       /** A piece's log probabilities: no output (`seen` does not count them), held to what the call asked for on their own (the SDK's paths; the wire holds them as it reads too). */
       const weigh = (logprobs: unknown[] | undefined) => {
-        if (logprobs && (logprobsRead += JSON.stringify(logprobs).length) > logprobsChars) {
-          throw attempt.fail(new ModelAnswerLimitError(502, `The log probabilities of the model's answer exceeded ${logprobsChars} characters`));
-        }
+        if ((logprobsRead += logprobsWeight(logprobs)) > logprobsChars) throw attempt.fail(logprobsTooLong(logprobsChars));
       };
       /** Output arrived (text, reasoning, a tool call's input): counted, and held to the size limit. */
       const seen = (output: string) => {

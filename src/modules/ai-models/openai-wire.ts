@@ -24,6 +24,7 @@ import { APICallError, type ModelMessage } from 'ai';
 import { Agent, type Dispatcher } from 'undici';
 
 import { AsyncQueue } from '../../utils/async-queue.js';
+import { logprobsTooLong, logprobsWeight } from './answer-limit.js';
 import { ModelAnswerLimitError, StreamErrorEvent } from './errors.js';
 import type { ToolCall } from './model-manager.js';
 import type { TokenUsage } from './types.js';
@@ -708,9 +709,8 @@ class SseReader implements Dispatcher.DispatchHandlers {
    */
   private outputChars = 0;
   /**
-   * The characters of the events that carried log probabilities: no output (not counted above), but
-   * held for a slow caller as it is, so held to what the call asked for. The event's length stands
-   * for its log probabilities' (they are most of it), which are not written out again to be measured.
+   * The characters of the log probabilities read (logprobsWeight): no output (not counted above), but
+   * held for a slow caller as it is, so held to what the call asked for.
    */
   private logprobsRead = 0;
   private finishReason: string | null | undefined;
@@ -905,13 +905,12 @@ class SseReader implements Dispatcher.DispatchHandlers {
     else {
       const value = json === NOT_JSON ? undefined : asCompletion(json as Completion | null);
       if (!value) throw invalidAnswer(this.url, this.call, this.statusCode, trimmed);
-      this.event(value, trimmed.length);
+      this.event(value);
     }
     return false;
   }
 
-  /** One completion chunk; `chars`: the length of its event's data. */
-  private event(value: Completion, chars: number): void {
+  private event(value: Completion): void {
     // The provider's error object, handed on as the SDK hands it on: the model manager reads both alike.
     if (value.error) throw new StreamErrorEvent(value.error);
     if (value.usage) this.usage = value.usage;
@@ -930,7 +929,7 @@ class SseReader implements Dispatcher.DispatchHandlers {
     const refused: TextPart | undefined = refusal ? { type: 'refusal-delta', text: refusal } : undefined;
     // The chunk's token log probabilities go with its text (and its refusal), as OpenAI's chunk carries them.
     const logprobs = logprobsOf(choice?.logprobs);
-    if (logprobs && (this.logprobsRead += chars) > this.logprobsChars) throw new ModelAnswerLimitError(502, `The log probabilities of the model's answer exceeded ${this.logprobsChars} characters`);
+    if (logprobs && (this.logprobsRead += logprobsWeight(logprobs.content) + logprobsWeight(logprobs.refusal)) > this.logprobsChars) throw logprobsTooLong(this.logprobsChars);
     if (logprobs?.content) {
       const last = pieces.findLast((piece): piece is TextPart => piece.type === 'text-delta');
       if (last) last.logprobs = logprobs.content;
