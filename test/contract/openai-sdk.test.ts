@@ -1157,6 +1157,21 @@ describe('log probabilities, logit_bias and the other fields of OpenAI\'s reques
     }
   });
 
+  it('answers without log probabilities the call did not ask for when the upstream sends them anyway, streamed or not, on every path', async () => {
+    for (const path of PATHS) {
+      fake.script(path.model, { chunks: PIECES, text: PIECES.join(''), logprobsUnasked: true }, { chunks: PIECES, logprobsUnasked: true });
+      const completion = await client.chat.completions.create(path);
+      expect(completion.choices[0]!.message.content, JSON.stringify(path)).toBe(PIECES.join(''));
+      expect(completion.choices[0]!.logprobs, JSON.stringify(path)).toBeNull();
+      const chunks: OpenAI.ChatCompletionChunk[] = [];
+      for await (const chunk of await client.chat.completions.create({ ...path, stream: true })) chunks.push(chunk);
+      expect(chunks.map((chunk) => chunk.choices[0]?.delta.content ?? '').join(''), JSON.stringify(path)).toBe(PIECES.join(''));
+      expect(chunks.filter((chunk) => chunk.choices[0]?.logprobs), JSON.stringify(path)).toEqual([]);
+      // The fake did send them: what is tested is that they were not handed on.
+      expect(fake.log.at(-1)!.body, JSON.stringify(path)).not.toHaveProperty('logprobs');
+    }
+  });
+
   it('still cuts off log probabilities past what the call asked for (its max_tokens, 20 alternatives each): 502, streamed or not, on every path', async () => {
     const limit = ctx.app.settings.MODEL_MAX_RESPONSE_BYTES;
     // 5 tokens: 5 × 21 entries of at most 160 bytes each beyond the limit.

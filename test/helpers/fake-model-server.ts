@@ -72,6 +72,8 @@ export interface ScriptedReply {
    * gone — a huge answer that a client reading it whole would have to hold (see `bodyBytesSent`).
    */
   padBytes?: number;
+  /** Chat answers carry log probabilities (no alternatives) when the request asked for none too, as a broken or careless server may. */
+  logprobsUnasked?: boolean;
   /** Embeddings as JSON numbers whatever `encoding_format` asked, as some OpenAI-compatible servers answer. */
   floatsAlways?: boolean;
 }
@@ -405,7 +407,7 @@ export class FakeModelServer {
 
   private completion(model: string | undefined, reply: ScriptedReply, body: Record<string, unknown> = {}) {
     const toolCalls = this.toolCallsOf(reply);
-    const top = askedLogprobs(body);
+    const top = askedLogprobs(body) ?? (reply.logprobsUnasked ? 0 : undefined);
     const logprobs =
       top === undefined
         ? null
@@ -435,7 +437,7 @@ export class FakeModelServer {
     if (reply.reasoning) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', reasoning_content: reply.reasoning }, finish_reason: null }] });
     const pieces = reply.chunks ?? (reply.text ? reply.text.split(/(?<= )/) : []);
     // Asked for, each chunk's log probabilities are its piece's, as OpenAI streams them.
-    const top = askedLogprobs(body);
+    const top = askedLogprobs(body) ?? (reply.logprobsUnasked ? 0 : undefined);
     const refusals = reply.refusal?.split(/(?<= )/) ?? [];
     // Made once for the answer (each chunk's is one of them): thousands of pieces stream as fast as a few.
     const entries = top === undefined ? undefined : { content: fakeLogprobs(pieces, top), refusal: fakeLogprobs(refusals, top) };

@@ -683,9 +683,12 @@ class RefusalReader {
   /** A refusal came: the finish's `content-filter` was the SDK's word for it (finishOf). */
   refused = false;
 
+  /** `asked`: the call asked for log probabilities (those a server sends anyway are not handed on). */
+  constructor(private readonly asked: boolean) {}
+
   chunk(raw: unknown): void {
     this.pending = rawRefusal(raw, 'delta');
-    this.logprobs = rawLogprobs(raw);
+    if (this.asked) this.logprobs = rawLogprobs(raw);
   }
 
   kindOf(delta: string): 'text-delta' | 'refusal-delta' {
@@ -710,6 +713,9 @@ class RefusalReader {
     return Boolean(this.logprobs?.content ?? this.logprobs?.refusal);
   }
 }
+
+/** The log probabilities of an OpenAI-style answer (an SDK model's raw response body) when the call asked for them: a server may send them anyway. */
+const askedLogprobs = (request: ChatRequest, body: unknown): ChoiceLogprobs | undefined => (request.logprobs ? rawLogprobs(body) : undefined);
 
 /** The assistant message for a streamed answer read without the SDK (the wire, the provider model directly). */
 const directResponseMessages: StreamSource['responseMessages'] = async (text, reasoning, toolCalls, refusal) => answer(text, reasoning, toolCalls, refusal).responseMessages;
@@ -1197,7 +1203,7 @@ export class ModelManager {
       const toolCalls = result.toolCalls.map((c): ToolCall => ({ toolCallId: c.toolCallId, toolName: c.toolName, input: c.input as unknown }));
       // The SDK's messages keep the refusal as the assistant's text: the conversation reads on.
       const refusal = rawRefusal(result.response.body, 'message');
-      const said: Said = { text: withoutRefusal(result.text, refusal), reasoningText: result.reasoningText, refusal, toolCalls, logprobs: rawLogprobs(result.response.body), responseMessages: result.response.messages };
+      const said: Said = { text: withoutRefusal(result.text, refusal), reasoningText: result.reasoningText, refusal, toolCalls, logprobs: askedLogprobs(request, result.response.body), responseMessages: result.response.messages };
       return this.chatResult(model, state, started, said, finishOf(result.finishReason, result.rawFinishReason, refusal !== undefined), null);
     });
   }
@@ -1282,7 +1288,7 @@ export class ModelManager {
     const refusal = rawRefusal(result.response?.body, 'message');
     const finishReason = finishOf(result.finishReason.unified, result.finishReason.raw, refusal !== undefined);
     if (declared) enforceToolChoice(request.toolChoice, toolCalls, finishReason, model);
-    return this.chatResult(model, state, started, answer(withoutRefusal(text, refusal), reasoning, toolCalls, refusal, rawLogprobs(result.response?.body)), finishReason, null);
+    return this.chatResult(model, state, started, answer(withoutRefusal(text, refusal), reasoning, toolCalls, refusal, askedLogprobs(request, result.response?.body)), finishReason, null);
   }
 
   /** The provider call options `generateText`/`streamText` would build for the call (its tools as `functionTools` declared them). */
@@ -1498,7 +1504,7 @@ export class ModelManager {
       const { stream } = await direct.languageModel.doStream({ ...(await this.callOptions(request, direct, model, attempt)), headers: STREAM_ANSWER, includeRawChunks });
       return {
         parts: (async function* () {
-          const refusals = new RefusalReader();
+          const refusals = new RefusalReader(request.logprobs === true);
           for await (const part of stream) {
             if (part.type === 'text-delta') {
               if (part.delta || refusals.hasLogprobs) yield refusals.part(part.delta);
@@ -1519,7 +1525,7 @@ export class ModelManager {
     const sdk = streamText({ ...this.sdkOptions(request, model), experimental_download: this.downloads(attempt.signal), headers: STREAM_ANSWER, includeRawChunks, abortSignal: attempt.signal, onError: () => {} });
     return {
       parts: (async function* () {
-        const refusals = new RefusalReader();
+        const refusals = new RefusalReader(request.logprobs === true);
         for await (const part of sdk.fullStream) {
           if (part.type === 'text-delta') yield refusals.part(part.text);
           else if (part.type === 'reasoning-delta') yield { type: part.type, text: part.text };

@@ -474,7 +474,8 @@ export class OpenAIWire {
       toolCalls,
       finishReason: finishReasonOf(choice.finish_reason),
       usage: usageOf(completion.usage),
-      logprobs: logprobsOf(choice.logprobs),
+      // Only when asked for: a server that sends them anyway (some send an empty list) is not passed on.
+      logprobs: call.logprobs ? logprobsOf(choice.logprobs) : undefined,
     };
   }
 
@@ -928,7 +929,8 @@ class SseReader implements Dispatcher.DispatchHandlers {
     const refusal = refusalOf(delta?.refusal);
     const refused: TextPart | undefined = refusal ? { type: 'refusal-delta', text: refusal } : undefined;
     // The chunk's token log probabilities go with its text (and its refusal), as OpenAI's chunk carries them.
-    const logprobs = logprobsOf(choice?.logprobs);
+    // Not asked for, they are ignored: held to an allowance of none, they failed the answer.
+    const logprobs = this.call.logprobs ? logprobsOf(choice?.logprobs) : undefined;
     if (logprobs && (this.logprobsRead += logprobsWeight(logprobs.content) + logprobsWeight(logprobs.refusal)) > this.logprobsChars) throw logprobsTooLong(this.logprobsChars);
     if (logprobs?.content) {
       const last = pieces.findLast((piece): piece is TextPart => piece.type === 'text-delta');
