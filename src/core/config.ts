@@ -174,8 +174,9 @@ export const SettingsSchema = z.object({
    * The most an answer may carry: a streamed answer's text, reasoning and tool-call input together
    * (characters); a non-streamed body, chat or embeddings, of any provider (bytes) and each stream
    * event. An embeddings answer may carry 128 KiB a vector asked for when that is more, a chat
-   * answer with log probabilities 160 bytes more an entry asked for (answer-limit.ts). Past it the
-   * answer is not read further: an upstream error (502) naming the limit.
+   * answer with log probabilities 160 bytes more an entry asked for (answer-limit.ts: max_tokens, or
+   * the model's max_output_tokens when smaller, × (1 + top_logprobs)), at most 8 times this more.
+   * Past it the answer is not read further: an upstream error (502) naming the limit.
    */
   MODEL_MAX_RESPONSE_BYTES: int(1_024, 1_073_741_824).default(16_777_216),
   /**

@@ -1196,6 +1196,25 @@ describe('log probabilities, logit_bias and the other fields of OpenAI\'s reques
     }
   });
 
+  it('bounds what log probabilities add to a non-streamed answer by the model\'s own max_output_tokens and by 8 × MODEL_MAX_RESPONSE_BYTES, whatever max_tokens the client chose, on every path', async () => {
+    const limit = ctx.app.settings.MODEL_MAX_RESPONSE_BYTES;
+    await addModel({ id: 'lp-fake-capped', capabilities: ['chat'], max_output_tokens: 5 });
+    await addModel({ id: 'lp-chat-capped', provider: 'lp-openai', capabilities: ['chat'], max_output_tokens: 5 });
+    const capped: Record<string, string> = { 'fake-chat': 'lp-fake-capped', 'lp-chat': 'lp-chat-capped' };
+    const asked = { logprobs: true, top_logprobs: 20 };
+    for (const path of PATHS) {
+      fake.reset();
+      // The model's limit: 5 tokens, 21 entries each, however many the client asks for.
+      fake.script(capped[path.model]!, { text: 'Hi', padBytes: 4 * limit });
+      const own = await apiError(client.chat.completions.create({ ...path, model: capped[path.model]!, ...asked, max_tokens: 1_000 }));
+      expect(own.error, JSON.stringify(path)).toMatchObject({ code: 'upstream_error', message: `The model's answer exceeded ${limit + 5 * 21 * 160} bytes` });
+      // No limit of its own: at most 8 times the answer's limit more (10,000,000 tokens would be ~33 GB).
+      fake.script(path.model, { text: 'Hi', padBytes: 10 * limit });
+      const huge = await apiError(client.chat.completions.create({ ...path, ...asked, max_tokens: 10_000_000 }));
+      expect(huge.error, JSON.stringify(path)).toMatchObject({ code: 'upstream_error', message: `The model's answer exceeded ${9 * limit} bytes` });
+    }
+  });
+
   it('refuses logprobs and logit_bias for a model whose provider takes neither, 400 naming the param, before calling upstream; a fallback that cannot is skipped', async () => {
     const logprobs = await apiError(client.chat.completions.create({ model: 'lp-claude', messages, logprobs: true }));
     expect(logprobs).toMatchObject({ status: 400, type: 'invalid_request_error', param: 'logprobs', code: 'unsupported_parameter' });

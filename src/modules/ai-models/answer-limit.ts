@@ -47,12 +47,21 @@ export const embeddingsAnswerLimit = (maxBytes: number, vectors: number): number
 const LOGPROB_ENTRY_BYTES = 160;
 
 /**
- * What an answer's log probabilities may take beyond MODEL_MAX_RESPONSE_BYTES: one entry a token
- * of its output (`outputTokens`, the maximum it was sent with) and one for each alternative asked
- * for, or nothing when the call asked for none.
+ * The most an answer's log probabilities may take, in MODEL_MAX_RESPONSE_BYTES: `max_tokens` is the
+ * client's (up to 10,000,000) and a model's own limit is not always known, so without a ceiling any
+ * key holder could lift the bound on a body read whole by gigabytes. 8 holds top_logprobs 20 for
+ * ~40,000 tokens at 160 bytes an entry (some 80,000 at the ~1.5 KB a token OpenAI writes).
  */
-export function logprobsAllowance(logprobs: boolean | undefined, topLogprobs: number | undefined, outputTokens: number | undefined): number {
-  return logprobs ? (outputTokens ?? 0) * (1 + (topLogprobs ?? 0)) * LOGPROB_ENTRY_BYTES : 0;
+const LOGPROBS_CEILING = 8;
+
+/**
+ * What an answer's log probabilities may take beyond MODEL_MAX_RESPONSE_BYTES (`maxBytes`): one
+ * entry a token of its output (`outputTokens`: the maximum it was sent with, or the model's own
+ * when smaller) and one for each alternative asked for, at most LOGPROBS_CEILING times `maxBytes`;
+ * nothing when the call asked for none.
+ */
+export function logprobsAllowance(logprobs: boolean | undefined, topLogprobs: number | undefined, outputTokens: number, maxBytes: number): number {
+  return logprobs ? Math.min(outputTokens * (1 + (topLogprobs ?? 0)) * LOGPROB_ENTRY_BYTES, LOGPROBS_CEILING * maxBytes) : 0;
 }
 
 /**

@@ -1853,9 +1853,14 @@ export class ModelManager {
     return diagnosis === error.message ? error : error.reworded(diagnosis);
   }
 
-  /** What the answer's log probabilities may take on `model`, beyond the answer's limit (see logprobsAllowance). */
+  /**
+   * What the answer's log probabilities may take on `model`, beyond the answer's limit (see
+   * logprobsAllowance): a client's max_tokens past the model's own limit is not sent on as more it
+   * may answer, so it buys no more room.
+   */
   private logprobsAllowance(request: ChatRequest, model: ModelInfo): number {
-    return logprobsAllowance(request.logprobs, request.topLogprobs, this.outputTokens(model, request.maxOutputTokens));
+    const tokens = Math.min(this.outputTokens(model, request.maxOutputTokens), model.max_output_tokens ?? Infinity);
+    return logprobsAllowance(request.logprobs, request.topLogprobs, tokens, this.options.maxResponseBytes);
   }
 
   /** A call's output tokens: its own maximum, else the default, or the model's own limit when smaller. */
