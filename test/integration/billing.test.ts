@@ -260,12 +260,12 @@ describe('metered calls with BILLING_ENABLED', () => {
   it('reserves for a predicted output too (its rejected tokens are billed as output, beyond max_tokens), and charges them once: as the completion tokens that count them', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '100');
-    // 3,800 characters of prediction (950 tokens), as a string or as text parts: with max_tokens' 10, more than the balance at 1 credit a token.
+    // 3,800 bytes of prediction (held as 3,800 tokens: see the next test), as a string or as text parts: with max_tokens' 10, more than the balance at 1 credit a token.
     const predicted = 'const answer = 42;\n'.repeat(200);
     for (const content of [predicted, [{ type: 'text', text: predicted.slice(0, 2000) }, { type: 'text', text: predicted.slice(2000) }]]) {
       const refused = ctx.app.models.chat(billed(user, { prediction: { type: 'content', content } }));
       await expect(refused).rejects.toBeInstanceOf(PaymentRequiredError);
-      await expect(refused).rejects.toThrow('Not enough credits: balance 100, available 100; this call to fake-billed needs up to 960');
+      await expect(refused).rejects.toThrow('Not enough credits: balance 100, available 100; this call to fake-billed needs up to 3810');
     }
     // A provider that is not sent it (Anthropic's) does not bill it: the hold is max_tokens' alone.
     expect((await api('POST', '/providers', admin, { name: 'predicted-anthropic', kind: 'anthropic', base_url: fake.url, api_key: 'sk-predicted' })).statusCode).toBe(200);
@@ -278,10 +278,22 @@ describe('metered calls with BILLING_ENABLED', () => {
     expect(fake.log).toHaveLength(0);
     // A prediction the balance covers: 3 tokens said, 20 of the prediction rejected, 23 completion tokens billed.
     fake.script('fake-billed', { text: 'ok', usage: { prompt_tokens: 7, completion_tokens: 23, rejected_prediction_tokens: 20 } });
-    const result = await ctx.app.models.chat(billed(user, { prediction: { type: 'content', content: 'const answer = 42;\n'.repeat(10) } }));
-    expect(fake.log[0]!.body.prediction).toEqual({ type: 'content', content: 'const answer = 42;\n'.repeat(10) });
+    const result = await ctx.app.models.chat(billed(user, { prediction: { type: 'content', content: 'const answer = 42;\n'.repeat(4) } }));
+    expect(fake.log[0]!.body.prediction).toEqual({ type: 'content', content: 'const answer = 42;\n'.repeat(4) });
     expect(result.cost).toBe('23');
     expect(await balanceOf(user)).toMatchObject({ balance: '77', reserved: '0' });
+    await expectConsistent(user);
+  });
+
+  it('holds a predicted output at a token a byte: punctuation or random characters a client chooses tokenize at about one a character, billed at the output price', async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    // 2,000 characters a tokenizer splits about one a character: the prompt's estimate (a quarter of a token each) held 510 of what could cost 2,010.
+    const symbols = '!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~';
+    const prediction = Array.from({ length: 2_000 }, (_, i) => symbols[(i * 7919) % symbols.length]).join('');
+    const refused = ctx.app.models.chat(billed(user, { prediction: { type: 'content', content: prediction } }));
+    await expect(refused).rejects.toThrow('Not enough credits: balance 1000, available 1000; this call to fake-billed needs up to 2010');
+    expect(fake.log).toHaveLength(0);
     await expectConsistent(user);
   });
 

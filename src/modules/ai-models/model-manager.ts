@@ -344,14 +344,21 @@ const estimateTokens = (value: unknown): number => Math.ceil(estimateTextTokens(
  * What a predicted output (OpenAI's `prediction`) may add to the output billed: the tokens of the
  * prediction the answer does not use are billed as output (`rejected_prediction_tokens`, counted in
  * `completion_tokens`), and OpenAI does not say that `max_tokens` bounds them, so a hold of the
- * maximum alone could be passed by the whole prediction. Its text's tokens, as a prompt's are counted.
+ * maximum alone could be passed by the whole prediction. Its UTF-8 bytes, not the prompt's estimate:
+ * a byte-level tokenizer spends at most a token a byte, and the client chooses the text — punctuation
+ * or random characters, a token a character or so, held at a quarter of a token passed the hold ~4×
+ * at the output price.
  */
 function predictedTokens(prediction: ChatRequest['prediction']): number {
   const content = prediction?.content;
-  if (typeof content === 'string') return estimateTokens(content);
+  if (typeof content === 'string') return Buffer.byteLength(content, 'utf8');
   if (!Array.isArray(content)) return 0;
-  const texts = content.map((part) => (part as { text?: unknown } | null)?.text);
-  return estimateTokens(texts.filter((text) => typeof text === 'string').join(''));
+  let bytes = 0;
+  for (const part of content) {
+    const text = (part as { text?: unknown } | null)?.text;
+    if (typeof text === 'string') bytes += Buffer.byteLength(text, 'utf8');
+  }
+  return bytes;
 }
 
 /**
