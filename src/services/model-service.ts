@@ -7,7 +7,7 @@ import type { CatalogRow } from '../crud/model-override.js';
 import * as overrideCrud from '../crud/model-override.js';
 import * as providerCrud from '../crud/provider.js';
 import { builtinModel, isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
-import { builtinProviderKey, type ModelCatalog, type ModelManager, type ModelView } from '../modules/ai-models/index.js';
+import { builtinProviderKey, type ModelCatalog, type ModelManager, type ModelPublicView } from '../modules/ai-models/index.js';
 import { type Capability, type ModelInfo, STAND_IN_FOR } from '../modules/ai-models/types.js';
 import { ensureSuperuser } from '../utils/authentication.js';
 import { firstNames } from '../utils/text.js';
@@ -19,14 +19,14 @@ const notFound = (id: string) => new NotFoundError(`Model ${id} not found`);
 
 export function list(models: ModelManager, query: { include_disabled: boolean; limit: number; offset: number }) {
   const all = models.listAvailableModels({ includeDisabled: query.include_disabled });
-  return { data: all.slice(query.offset, query.offset + query.limit), count: all.length };
+  return { data: all.slice(query.offset, query.offset + query.limit).map((model) => models.publicView(model)), count: all.length };
 }
 
 /** By id or alias; disabled models too (they are listed with include_disabled). */
-export function get(models: ModelManager, idOrAlias: string): ModelView {
+export function get(models: ModelManager, idOrAlias: string): ModelPublicView {
   const model = models.getModel(idOrAlias);
   if (!model) throw notFound(idOrAlias);
-  return model;
+  return models.publicView(model);
 }
 
 /**
@@ -186,7 +186,7 @@ async function catalogWrite<T>(ctx: ServiceContext, models: ModelManager, work: 
   });
 }
 
-async function changed(ctx: ServiceContext, models: ModelManager, id: string): Promise<ModelView> {
+async function changed(ctx: ServiceContext, models: ModelManager, id: string): Promise<ModelPublicView> {
   await refreshModels(models, ctx.db, ctx.settings, ctx.log);
   return get(models, id);
 }
@@ -195,7 +195,7 @@ async function changed(ctx: ServiceContext, models: ModelManager, id: string): P
  * A custom model, or an override of a built-in one. 409 when the model already has a row; a
  * hidden (deleted) built-in is brought back with the given changes.
  */
-export async function create(ctx: ServiceContext, models: ModelManager, input: ModelCreate): Promise<ModelView> {
+export async function create(ctx: ServiceContext, models: ModelManager, input: ModelCreate): Promise<ModelPublicView> {
   ensureSuperuser(ctx.principal);
   const { id, ...fields } = input;
   const row = { ...overrideCrud.NO_OVERRIDE, ...fields, deleted: false };
@@ -218,7 +218,7 @@ export async function create(ctx: ServiceContext, models: ModelManager, input: M
  * that others name as a fallback is the operator's choice: their calls skip it until it is enabled
  * again, which is logged as a warning naming them.
  */
-export async function update(ctx: ServiceContext, models: ModelManager, idOrAlias: string, input: ModelUpdate): Promise<ModelView> {
+export async function update(ctx: ServiceContext, models: ModelManager, idOrAlias: string, input: ModelUpdate): Promise<ModelPublicView> {
   ensureSuperuser(ctx.principal);
   const { id, dependents } = await catalogWrite(ctx, models, async (tx, { catalog, after }) => {
     const { id, capabilities, fallbacks, enabled } = found(catalog, idOrAlias);

@@ -396,7 +396,7 @@ describe('ModelManager.chat', () => {
   it('skips a fallback whose provider has no credentials, says so in the model\'s view, and fails with its own model\'s error when no other answers', async () => {
     const catalog = new ModelCatalog(builtins, [...CUSTOM_MODELS, { id: 'fake-chat', fallbacks: ['gpt-4.1', 'fake-backup'] }]);
     const m = manager({ catalog, maxRetries: 0 });
-    expect(m.getModel('fake-chat')?.unavailable_fallbacks).toEqual([{ name: 'gpt-4.1', reason: 'OPENAI_API_KEY is not set' }]);
+    expect(m.publicView(m.getModel('fake-chat')!).unavailable_fallbacks).toEqual([{ name: 'gpt-4.1', reason: 'OPENAI_API_KEY is not set' }]);
     server.script('fake-chat', { status: 500 }, { status: 500 });
     server.script('fake-backup', { text: 'from the backup' }, { status: 500 });
     expect(await m.chat({ model: 'fake-chat', messages: hello })).toMatchObject({ text: 'from the backup', model: 'fake-backup' });

@@ -329,6 +329,10 @@ export interface ModelManagerOptions {
 export interface ModelView extends ModelInfo {
   available: boolean;
   unavailable_reason: string | null;
+}
+
+/** A model as the models routes show it (publicView). */
+export interface ModelPublicView extends ModelView {
   /** Each of its fallbacks that its calls skip as things stand, and why (see fallbackUnavailable). */
   unavailable_fallbacks: { name: string; reason: string }[];
 }
@@ -1139,12 +1143,21 @@ export class ModelManager {
 
   private view(model: ModelInfo): ModelView {
     const status = this.options.providers.status(model.provider);
+    return { ...model, available: status.available, unavailable_reason: status.available ? null : (status.reason ?? null) };
+  }
+
+  /**
+   * A model's view with the fallbacks its calls skip as things stand: made only where the models
+   * routes answer with it, since `modelAsCalled` is read at each run's start and a check of every
+   * fallback (a catalog lookup and a provider status each) is of no use there.
+   */
+  publicView(model: ModelView): ModelPublicView {
     const capabilities = STAND_IN_FOR.filter((can) => model.capabilities.includes(can));
     const unavailable_fallbacks = model.fallbacks.flatMap((name) => {
       const reason = this.fallbackUnavailable(this.options.catalog.modelAsCalled(name), capabilities);
       return reason === undefined ? [] : [{ name, reason }];
     });
-    return { ...model, available: status.available, unavailable_reason: status.available ? null : (status.reason ?? null), unavailable_fallbacks };
+    return { ...model, unavailable_fallbacks };
   }
 
   /**
@@ -1202,7 +1215,7 @@ export class ModelManager {
       if (direct) return this.generate(request, direct, model, attempt, state, started, maxBytes);
       const result = await generateText({
         ...this.sdkOptions(request, model),
-        headers: answerOfAtMost(maxBytes),
+        headers: this.answerHeaders(maxBytes),
         experimental_download: this.downloads(attempt.signal),
         abortSignal: attempt.signal,
       });
@@ -1281,7 +1294,7 @@ export class ModelManager {
    * for tools with a plain JSON schema (toolCallOf), and its tool-choice check is made here.
    */
   private async generate(request: ChatRequest, direct: DirectCall, model: ModelInfo, attempt: Attempt, state: AttemptState, started: number, maxBytes: number): Promise<ChatResult> {
-    const result = await direct.languageModel.doGenerate({ ...(await this.callOptions(request, direct, model, attempt)), headers: answerOfAtMost(maxBytes) });
+    const result = await direct.languageModel.doGenerate(await this.callOptions(request, direct, model, attempt, this.answerHeaders(maxBytes)));
     state.usage = toTokenUsage(asLanguageModelUsage(result.usage));
     const declared = direct.tools !== undefined;
     let text = '';
@@ -1298,8 +1311,12 @@ export class ModelManager {
     return this.chatResult(model, state, started, answer(withoutRefusal(text, refusal), reasoning, toolCalls, refusal, askedLogprobs(request, result.response?.body)), finishReason, null);
   }
 
-  /** The provider call options `generateText`/`streamText` would build for the call (its tools as `functionTools` declared them). */
-  private async callOptions(request: ChatRequest, { languageModel, tools }: DirectCall, model: ModelInfo, attempt: Attempt) {
+  /**
+   * The provider call options `generateText`/`streamText` would build for the call (its tools as
+   * `functionTools` declared them), with `headers` for limitedFetch (answerHeaders, STREAM_ANSWER)
+   * and the stream's `includeRawChunks` built in: not spread onto them afterwards, a copy a call.
+   */
+  private async callOptions(request: ChatRequest, { languageModel, tools }: DirectCall, model: ModelInfo, attempt: Attempt, headers: Record<string, string> | undefined, includeRawChunks?: boolean) {
     const prompt = await convertToLanguageModelPrompt({
       prompt: { system: request.system, messages: request.messages },
       supportedUrls: await languageModel.supportedUrls,
@@ -1315,7 +1332,18 @@ export class ModelManager {
       toolChoice: tools && callToolChoice(request.toolChoice),
       providerOptions: this.providerOptions(request, model),
       abortSignal: attempt.signal,
+      headers,
+      includeRawChunks,
     };
+  }
+
+  /**
+   * What tells limitedFetch a non-streamed answer's limit: nothing when it is MODEL_MAX_RESPONSE_BYTES,
+   * the fetch's own (most calls: no header to make, and none for the fetch to take off and copy the
+   * request's headers for), else the limit (answerOfAtMost).
+   */
+  private answerHeaders(maxBytes: number): Record<string, string> | undefined {
+    return maxBytes > this.options.maxResponseBytes ? answerOfAtMost(maxBytes) : undefined;
   }
 
   /**
@@ -1473,7 +1501,7 @@ export class ModelManager {
       model: this.options.providers.embeddingModel(model.provider, model.id),
       values: request.values,
       maxRetries: 0,
-      headers: answerOfAtMost(embeddingsAnswerLimit(this.options.maxResponseBytes, request.values.length)),
+      headers: this.answerHeaders(embeddingsAnswerLimit(this.options.maxResponseBytes, request.values.length)),
       providerOptions: this.embedOptions(request, model),
       abortSignal: signal,
     });
@@ -1508,7 +1536,7 @@ export class ModelManager {
     const direct = this.directModel(model, tools);
     if (direct) {
       const declared = direct.tools !== undefined;
-      const { stream } = await direct.languageModel.doStream({ ...(await this.callOptions(request, direct, model, attempt)), headers: STREAM_ANSWER, includeRawChunks });
+      const { stream } = await direct.languageModel.doStream(await this.callOptions(request, direct, model, attempt, STREAM_ANSWER, includeRawChunks));
       return {
         parts: (async function* () {
           const refusals = new RefusalReader(request.logprobs === true);
@@ -1737,7 +1765,7 @@ export class ModelManager {
       const worst =
         operation === 'embed'
           ? this.worstCase(model, inputTokens, 0)
-          : this.worstCase(model, inputTokens, maxOutputTokens, this.thinkingBudget(request, model) + (this.options.providers.openAIOptions(model.provider) ? predicted : 0));
+          : this.worstCase(model, inputTokens, maxOutputTokens, this.thinkingBudget(request, model) + (predicted > 0 && this.options.providers.openAIOptions(model.provider) ? predicted : 0));
       const estimate: CostEstimate = {
         operation,
         model: model.id,
@@ -1866,6 +1894,7 @@ export class ModelManager {
    * may answer, so it buys no more room.
    */
   private logprobsAllowance(request: ChatRequest, model: ModelInfo): number {
+    if (!request.logprobs) return 0;
     const tokens = Math.min(this.outputTokens(model, request.maxOutputTokens), model.max_output_tokens ?? Infinity);
     return logprobsAllowance(request.logprobs, request.topLogprobs, tokens, this.options.maxResponseBytes);
   }
@@ -1902,10 +1931,12 @@ export class ModelManager {
   /** The model, then its usable fallbacks (those that can take the call: `takes`). */
   private chainOf(model: ModelInfo, capability: Capability, takes: (fallback: ModelInfo) => boolean): ModelInfo[] {
     const out: ModelInfo[] = [model];
+    if (model.fallbacks.length === 0) return out;
+    const needs = [capability];
     for (const id of model.fallbacks) {
       const fallback = this.options.catalog.modelAsCalled(id);
       if (!fallback || out.some((m) => m.id === fallback.id)) continue;
-      if (this.fallbackUnavailable(fallback, [capability]) !== undefined || !takes(fallback)) continue;
+      if (this.fallbackUnavailable(fallback, needs) !== undefined || !takes(fallback)) continue;
       out.push(fallback);
     }
     return out;
