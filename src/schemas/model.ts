@@ -24,7 +24,7 @@ const ModelFields = {
   name: z.string().trim().min(1).max(200),
   /** `openai`, `anthropic`, `google` or a provider record's name. */
   provider: z.string().min(1).max(64),
-  aliases: z.array(ModelId).max(20),
+  aliases: z.array(ModelId).max(20).describe('Other names a call may give the model, each once: neither its own id nor another model\'s id or alias (422).'),
   context_window: z.number().int().positive().max(100_000_000).nullable(),
   /** The model's own output limit: calls without a maximum send no more than it. */
   max_output_tokens: z.number().int().positive().max(10_000_000).nullable(),

@@ -127,12 +127,22 @@ function heldBy(catalog: ModelCatalog, id: string, name: string): string | undef
   return holder.id === name ? `${JSON.stringify(name)} is the id of model ${JSON.stringify(holder.id)}` : `${JSON.stringify(name)} is already an alias of model ${JSON.stringify(holder.id)}`;
 }
 
-/** An issue at `loc(i)` for each of `names` that another model holds (see heldBy). */
-function heldNames(catalog: ModelCatalog, id: string, names: readonly string[], loc: (i: number) => (string | number)[], say = (msg: string) => msg): ValidationIssue[] {
+/** An issue at `loc(i)` for each of `names` with a fault (`fault(name, i)`, in words). */
+function nameIssues(names: readonly string[], loc: (i: number) => (string | number)[], fault: (name: string, i: number) => string | undefined): ValidationIssue[] {
   return names.flatMap((name, i) => {
-    const msg = heldBy(catalog, id, name);
-    return msg ? [{ loc: loc(i), msg: say(msg), type: 'value_error' }] : [];
+    const msg = fault(name, i);
+    return msg ? [{ loc: loc(i), msg, type: 'value_error' }] : [];
   });
+}
+
+/**
+ * Why the `i`th of a model's `aliases` adds no name of its own: the model's id, or an alias listed
+ * before it (as ModelId left it: trimmed; names are matched as written, case too). Harmless to
+ * calls, yet `GET /models` would list the model under a name twice.
+ */
+function repeatedName(id: string, aliases: readonly string[], alias: string, i: number): string | undefined {
+  if (alias === id) return `${JSON.stringify(alias)} is this model's id`;
+  return aliases.indexOf(alias) < i ? `${JSON.stringify(alias)} is listed twice` : undefined;
 }
 
 /**
@@ -141,12 +151,18 @@ function heldNames(catalog: ModelCatalog, id: string, names: readonly string[], 
  * id or alias would be listed here yet call the other model. 422 naming the model that holds each.
  * A new model's id too (an id wins over an alias, so another model's alias would quietly start
  * calling it), and a hidden built-in brought back without aliases of its own takes back its
- * catalog's aliases.
+ * catalog's aliases. An alias that repeats the model's id or another of its aliases is 422 too
+ * (see repeatedName); a built-in's catalog aliases never do (`aliasesOf` lists each once, without
+ * the entry's id), so they are not checked for it.
  */
 function checkNames(catalog: ModelCatalog, id: string, aliases: readonly string[] | undefined, created = false): void {
-  const issues = created ? heldNames(catalog, id, [id], () => ['body', 'id']) : [];
-  if (aliases !== undefined) issues.push(...heldNames(catalog, id, aliases, (i) => ['body', 'aliases', i]));
-  else if (created) issues.push(...heldNames(catalog, id, builtinModel(id)?.aliases ?? [], () => ['body', 'id'], (msg) => `Its built-in alias ${msg}`));
+  const held = (name: string) => heldBy(catalog, id, name);
+  const issues = created ? nameIssues([id], () => ['body', 'id'], held) : [];
+  if (aliases !== undefined) issues.push(...nameIssues(aliases, (i) => ['body', 'aliases', i], (alias, i) => repeatedName(id, aliases, alias, i) ?? held(alias)));
+  else if (created) issues.push(...nameIssues(builtinModel(id)?.aliases ?? [], () => ['body', 'id'], (alias) => {
+    const msg = held(alias);
+    return msg && `Its built-in alias ${msg}`;
+  }));
   if (issues.length) throw new UnprocessableError(issues);
 }
 

@@ -233,6 +233,39 @@ describe('superuser changes', () => {
     expect((await api('POST', '/models', admin, { id: 'gpt-4.1' })).statusCode).toBe(200);
   });
 
+  it("refuses an alias listed twice or naming the model's own id with 422 naming it; a PATCH keeping a model's aliases passes", async () => {
+    // ' twice' is trimmed (ModelId) into a second 'twice'; names are matched as written, so 'Twice' is another.
+    const refused = await api('POST', '/models', admin, { ...CUSTOM, id: 'alias-repeater', aliases: ['twice', ' twice', 'alias-repeater', 'Twice'] });
+    expect(expectValidationError(refused, ['body', 'aliases', 1]).detail.map((issue) => [issue.loc, issue.msg])).toEqual([
+      [['body', 'aliases', 1], '"twice" is listed twice'],
+      [['body', 'aliases', 2], '"alias-repeater" is this model\'s id'],
+    ]);
+    expect((await api('GET', '/models/alias-repeater', user.headers)).statusCode).toBe(404);
+    // By an alias the model's id is still its own; a built-in's list is checked the same way.
+    expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'alias-keeper', aliases: ['keeper'] })).statusCode).toBe(200);
+    expectValidationError(await api('PATCH', '/models/keeper', admin, { aliases: ['keeper', 'alias-keeper'] }), ['body', 'aliases', 1]);
+    expectValidationError(await api('PATCH', '/models/gpt-4.1', admin, { aliases: ['gpt-4.1-2025-04-14', 'gpt-4.1-2025-04-14'] }), ['body', 'aliases', 1]);
+    // The built-in catalog keeps the rule, so each model's aliases as GET lists them are sent back unchanged.
+    for (const model of loadBuiltinModels()) expect(new Set([model.id, ...model.aliases]).size, model.id).toBe(model.aliases.length + 1);
+    for (const id of ['gpt-4.1', 'alias-keeper']) {
+      const { aliases } = (await api('GET', `/models/${id}`, user.headers)).json<ModelBody>();
+      expect(aliases.length, id).toBeGreaterThan(0);
+      const kept = await api('PATCH', `/models/${id}`, admin, { aliases, priority: 7 });
+      expect(kept.statusCode, kept.body).toBe(200);
+      expect(kept.json<ModelBody>().aliases).toEqual(aliases);
+    }
+    // A row from before the rule is listed with each alias once and without its id, and can be written.
+    const pricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' };
+    await ctx.database.db.insert(modelOverrides).values({ model_id: 'alias-legacy', provider: 'openai', pricing, aliases: ['old', 'alias-legacy', 'old', 'older'], deleted: false });
+    await refreshModels(ctx.app.models, ctx.database.db, ctx.app.settings, ctx.app.log);
+    const legacy = (await api('GET', '/models/old', user.headers)).json<ModelBody>();
+    expect(legacy).toMatchObject({ id: 'alias-legacy', aliases: ['old', 'older'] });
+    expect((await api('PATCH', '/models/alias-legacy', admin, { priority: 2 })).statusCode).toBe(200);
+    expect((await api('PATCH', '/models/alias-legacy', admin, { aliases: legacy.aliases })).statusCode).toBe(200);
+    for (const id of ['alias-keeper', 'alias-legacy', 'gpt-4.1']) expect((await api('DELETE', `/models/${id}`, admin)).statusCode).toBe(200);
+    expect((await api('POST', '/models', admin, { id: 'gpt-4.1' })).statusCode).toBe(200);
+  });
+
   it("refuses a new model whose id is another model's alias, and a hidden built-in brought back while another model holds its alias (422)", async () => {
     expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'alias-holder', aliases: ['quick'] })).statusCode).toBe(200);
     const shadowing = await api('POST', '/models', admin, { ...CUSTOM, id: 'quick' });

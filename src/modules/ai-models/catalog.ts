@@ -42,6 +42,9 @@ export class ModelCatalog {
       const { deleted: _deleted, ...change } = override;
       const base = models.get(override.id);
       const merged = base ? { ...base, ...stripUndefined(change) } : completeCustomModel(change);
+      // Rows written before the service refused them may repeat an alias or list the model's id:
+      // it is listed once, without the id (calls are the same: an id wins, the first claim counts).
+      if (change.aliases) merged.aliases = [...new Set(change.aliases)].filter((alias) => alias !== override.id);
       models.set(override.id, merged);
     }
     const aliases = new Map<string, string>();
