@@ -141,6 +141,30 @@ const MAX_LOGIT_BIAS_TOKENS = 1024;
 
 const MaxTokens = z.number().int().min(1).max(10_000_000).nullish();
 
+/**
+ * A `logit_bias` with each token id in its integer form (`"0001"` → `"1"`): the openai SDK model
+ * sends ids as numbers, openai-compatible providers (over the wire, the SDK's model) got them as
+ * written, so one body reached providers two ways. Two keys naming one token are refused (which
+ * bias won was the path's). Ids nearly always come canonical: that body is kept as it is, so only
+ * a bias pays for one look at its keys.
+ */
+function canonicalTokenIds(bias: Record<string, number>, ctx: z.RefinementCtx): Record<string, number> {
+  const keys = Object.keys(bias);
+  if (keys.every((key) => key.length === 1 || key[0] !== '0')) return bias;
+  const out: Record<string, number> = {};
+  for (const key of keys) {
+    // At most 10 digits (the key's schema): a double holds each exactly.
+    const id = String(Number(key));
+    if (Object.hasOwn(out, id)) {
+      const first = keys.find((other) => String(Number(other)) === id)!;
+      ctx.addIssue({ code: 'custom', message: `Keys ${JSON.stringify(first)} and ${JSON.stringify(key)} name one token id, ${id}` });
+      return z.NEVER;
+    }
+    out[id] = bias[key]!;
+  }
+  return out;
+}
+
 /** OpenAI's reasoning efforts (those its SDK model takes). */
 const REASONING_EFFORTS = ['none', 'minimal', 'low', 'medium', 'high', 'xhigh', 'max'] as const;
 const REASONING_EFFORT_SET: ReadonlySet<unknown> = new Set(REASONING_EFFORTS);
@@ -175,8 +199,9 @@ export const ChatCompletionRequest = z
     logit_bias: z
       .record(z.string().regex(/^\d{1,10}$/, { error: 'A key is a token id' }), z.number().min(-100).max(100))
       .refine((bias) => Object.keys(bias).length <= MAX_LOGIT_BIAS_TOKENS, { error: `At most ${MAX_LOGIT_BIAS_TOKENS} tokens` })
+      .transform(canonicalTokenIds)
       .nullish()
-      .describe(`Token id → bias (-100 to 100), at most ${MAX_LOGIT_BIAS_TOKENS} tokens, for models of OpenAI and OpenAI-compatible providers; 400 for others.`),
+      .describe(`Token id → bias (-100 to 100), at most ${MAX_LOGIT_BIAS_TOKENS} tokens, for models of OpenAI and OpenAI-compatible providers; 400 for others. Ids are sent in their integer form (\`"007"\` as \`"7"\`); two keys naming one id are 400.`),
     stop: z.union([z.string(), z.array(z.string()).max(4)]).nullish(),
     verbosity: z.enum(['low', 'medium', 'high']).nullish().describe('For models of OpenAI and OpenAI-compatible providers; 400 for others.'),
     store: z.boolean().nullish().describe('Ignored: the provider account is the operator\'s, whose retention a caller does not turn on.'),
@@ -319,7 +344,10 @@ export const EmbeddingList = z
 // ==================== The hot route's common body, without Zod ====================
 
 const SIMPLE_ROLES = new Set(['system', 'developer', 'user', 'assistant']);
-/** Keys `simpleChatRequest` checks itself; any other key of the schema (tools, response_format, ...) sends the body to Zod. */
+/**
+ * Keys `simpleChatRequest` checks itself; any other key of the schema (tools, response_format,
+ * logit_bias with its canonical token ids, ...) sends the body to Zod.
+ */
 const SIMPLE_KEYS = new Set(['model', 'messages', 'stream', 'stream_options', 'n', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_p', 'frequency_penalty', 'presence_penalty', 'seed', 'stop', 'user', 'reasoning_effort']);
 const SCHEMA_KEYS = new Set(Object.keys(ChatCompletionRequest.shape));
 

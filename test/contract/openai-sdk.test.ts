@@ -1110,6 +1110,21 @@ describe('log probabilities, logit_bias and the other fields of OpenAI\'s reques
     expect(fake.log.at(-1)!.body).not.toHaveProperty('logit_bias');
   });
 
+  it('sends logit_bias token ids in their integer form on every path, and refuses two keys naming one token (400 naming the param)', async () => {
+    for (const path of PATHS) {
+      fake.script(path.model, { text: 'Hello there.' });
+      await client.chat.completions.create({ ...path, logit_bias: { '0050256': -100, '0': 1, '7': 5 } });
+      expect(fake.log.at(-1)!.body.logit_bias, JSON.stringify(path)).toEqual({ '0': 1, '7': 5, '50256': -100 });
+    }
+    const sent = fake.log.length;
+    for (const path of PATHS) {
+      const twice = await apiError(client.chat.completions.create({ ...path, logit_bias: { '1': 5, '0001': -5 } }));
+      expect(twice, JSON.stringify(path)).toMatchObject({ status: 400, param: 'logit_bias' });
+      expect(twice.message).toContain('Invalid value for logit_bias: Keys "1" and "0001" name one token id, 1');
+    }
+    expect(fake.log).toHaveLength(sent);
+  });
+
   it('streams each piece\'s logprobs in its chunk, on every path: the stream helper puts them together', async () => {
     for (const path of PATHS) {
       fake.script(path.model, { chunks: PIECES });

@@ -28,6 +28,7 @@ const toZod = [
   { model: 'm', messages: [user], metadata: { thread_id: 't' } },
   { model: 'm', messages: [user], parallel_tool_calls: true },
   { model: 'm', messages: [user], logprobs: true, top_logprobs: 2, logit_bias: { '50256': -100 } },
+  { model: 'm', messages: [user], logit_bias: { '007': 1 } }, // its token id made canonical by Zod
   // invalid
   null,
   [],
@@ -61,6 +62,7 @@ const toZod = [
   { model: 'm', messages: [user], stream_options: 'x' },
   { model: 'm', messages: [user], stop: ['a', 'b', 'c', 'd', 'e'] },
   { model: 'm', messages: [user], stop: [1] },
+  { model: 'm', messages: [user], logit_bias: { '1': 1, '01': 2 } },
 ];
 
 describe('simpleChatRequest', () => {
