@@ -250,6 +250,36 @@ describe('reasoning_effort on an Anthropic call that cannot think', () => {
     }
   });
 
+  it('sends no thinking with a response schema the SDK model asks for through its forced json tool, and holds none; a schema sent as Anthropic\'s structured output keeps the thinking', async () => {
+    // An id the SDK model reads as Claude Sonnet 4.5's, which takes output_config.format (th-claude it knows not).
+    const known = 'th-claude-sonnet-4-5';
+    expect((await api('POST', '/models', admin, { id: known, provider: 'th-anthropic', pricing: PRICING, capabilities: ['chat', 'reasoning'] })).statusCode).toBe(200);
+    const closed = { type: 'object', properties: { color: { type: 'string' } }, required: ['color'], additionalProperties: false };
+    // An open object: output_config.format cannot hold it, so the SDK takes the json tool for a known id too.
+    const open = { type: 'object', additionalProperties: { type: 'string' } };
+    const asTool: ScriptedReply = { toolCalls: [{ id: 'toolu_json', name: 'json', arguments: '{"color":"blue"}' }], usage: { prompt_tokens: 20, completion_tokens: 8 } };
+    for (const [model, schema] of [['th-claude', closed], [known, open]] as const) {
+      const base = { model, messages, max_tokens: MAX_TOKENS, response_format: { type: 'json_schema' as const, json_schema: { name: 'color', schema } } };
+      const without = await heldDuring(user, model, () => client.chat.completions.create(base), asTool);
+      const held = await heldDuring(user, model, () => client.chat.completions.create({ ...base, reasoning_effort: 'high' }), asTool);
+      fake.script(model, asTool);
+      const completion = await client.chat.completions.create({ ...base, reasoning_effort: 'high' });
+      expect(JSON.parse(completion.choices[0]!.message.content!), model).toEqual({ color: 'blue' });
+      const body = fake.requestsFor(model)[0]!.body;
+      expect(body.thinking, model).toBeUndefined();
+      expect(body.tools, model).toMatchObject([{ name: 'json' }]);
+      expect(body.tool_choice, model).toMatchObject({ type: 'any' });
+      expect(held, model).toBe(without);
+      fake.reset();
+    }
+    fake.script(known, { text: '{"color":"blue"}', usage: { prompt_tokens: 20, completion_tokens: 8 } });
+    await client.chat.completions.create({ model: known, messages, max_tokens: MAX_TOKENS, reasoning_effort: 'high', response_format: { type: 'json_schema', json_schema: { name: 'color', schema: closed } } });
+    const body = fake.requestsFor(known)[0]!.body;
+    expect(body.thinking).toEqual({ type: 'enabled', budget_tokens: 4096 });
+    expect(body.output_config).toMatchObject({ format: { type: 'json_schema' } });
+    expect(body).not.toHaveProperty('tools');
+  });
+
   it('thinks again once the tool loop has ended in an answer; Google\'s thinking goes on in a tool loop (Gemini needs no thoughts sent back)', async () => {
     const after: OpenAI.ChatCompletionMessageParam[] = [...toolLoop, { role: 'assistant', content: 'The air scatters blue.' }, { role: 'user', content: 'Why blue?' }];
     for (const [model, conversation] of [['th-claude', after], ['th-gemini', toolLoop]] as const) {

@@ -7,6 +7,7 @@
  * with the exact usage and cost (also after a failure or an abort). The caller's AbortSignal
  * aborts the upstream request at every stage.
  */
+import { getModelCapabilities, supportsNativeStructuredOutputSchema } from '@ai-sdk/anthropic/internal';
 import {
   APICallError,
   asSchema,
@@ -610,10 +611,13 @@ const MIN_THINKING_BUDGET = 1024;
  * calls tools (a tool loop in progress), and a client of OpenAI's API has none to send back (the
  * SDK drops reasoning without a signature): Anthropic would answer 400. A forced tool choice
  * (`required`, a named tool) is one thinking forbids: the SDK model would send `auto` instead, and
- * an answer without the tool call fail enforceToolChoice after it was billed.
+ * an answer without the tool call fail enforceToolChoice after it was billed. So is a response
+ * schema the SDK model asks for through its forced `json` tool (anthropicJsonTool): under thinking
+ * the model may answer prose, handed to the client as its JSON.
  */
-function anthropicThinkingRefused({ messages, toolChoice }: Partial<ChatRequest>): boolean {
+function anthropicThinkingRefused({ messages, toolChoice, responseFormat }: Partial<ChatRequest>, modelId: string): boolean {
   if (toolChoice !== undefined && toolChoice !== 'auto' && toolChoice !== 'none') return true;
+  if (responseFormat?.schema !== undefined && anthropicJsonTool(modelId, responseFormat.schema)) return true;
   if (!messages) return false;
   for (let i = messages.length - 1; i >= 0; i -= 1) {
     const message = messages[i]!;
@@ -622,6 +626,15 @@ function anthropicThinkingRefused({ messages, toolChoice }: Partial<ChatRequest>
   }
   return false;
 }
+
+/**
+ * Whether Anthropic's SDK model asks `modelId` for JSON of `schema` through a `json` tool it forces
+ * (as its own check reads: Keel sets no `structuredOutputMode`) rather than Anthropic's
+ * `output_config.format`: for an id it does not take to have that format (a custom id without
+ * `claude-`, Claude 3 and 4.0), or a schema the format cannot hold (an open object, more than ten
+ * optional properties). A JSON response without a schema it sends as no format at all.
+ */
+const anthropicJsonTool = (modelId: string, schema: JSONSchema7): boolean => !getModelCapabilities(modelId).supportsStructuredOutput || !supportsNativeStructuredOutputSchema(schema);
 
 /**
  * A call's text, reasoning, refusal and tool calls with the assistant message the SDK would return
@@ -1651,7 +1664,7 @@ export class ModelManager {
   private thinkingBudget(request: Partial<ChatRequest>, model: ModelInfo): number {
     if (request.reasoningEffort === undefined || !model.capabilities.includes('reasoning')) return 0;
     const kind = this.options.providers.kind(model.provider);
-    if (kind === 'anthropic' ? anthropicThinkingRefused(request) : kind !== 'google') return 0;
+    if (kind === 'anthropic' ? anthropicThinkingRefused(request, model.id) : kind !== 'google') return 0;
     const asked = THINKING_BUDGETS.get(request.reasoningEffort) ?? 0;
     const cap = model.max_output_tokens;
     const budget = cap === null ? asked : Math.min(asked, cap - this.outputTokens(model, request.maxOutputTokens));
