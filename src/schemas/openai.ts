@@ -191,7 +191,7 @@ export const ChatCompletionRequest = z
       .enum(REASONING_EFFORTS)
       .nullish()
       .describe(
-        'For models that reason: as it is for OpenAI and OpenAI-compatible models; for Anthropic and Google models with the `reasoning` capability a thinking budget (low 1,024 tokens, medium 2,048, high 4,096, xhigh 8,192, max 16,384; none and minimal: none asked), held and charged as output; dropped for other models.',
+        'For models that reason: as it is for OpenAI and OpenAI-compatible models; for Anthropic and Google models with the `reasoning` capability a thinking budget (low 1,024 tokens, medium 2,048, high 4,096, xhigh 8,192, max 16,384; none and minimal: none asked), held and charged as output, or for a Claude model that thinks only adaptively the effort itself (within max_tokens); dropped for other models.',
       ),
     user: z.string().max(256).nullish(),
     logprobs: z.boolean().nullish().describe('The answer\'s token log probabilities in `choices[].logprobs` (streamed with each chunk), for models of OpenAI and OpenAI-compatible providers; 400 for others.'),

@@ -291,6 +291,33 @@ describe('reasoning_effort on an Anthropic call that cannot think', () => {
   });
 });
 
+describe('reasoning_effort on a Claude model that thinks only adaptively', () => {
+  it('sends adaptive thinking with the effort itself, each effort its own, and holds the call\'s maximum alone: that thinking counts within max_tokens', async () => {
+    // An id the Anthropic SDK model reads as Claude Opus 5.5's, which refuses a thinking budget.
+    const model = 'th-claude-opus-5-5';
+    expect((await api('POST', '/models', admin, { id: model, provider: 'th-anthropic', pricing: PRICING, capabilities: ['chat', 'reasoning'] })).statusCode).toBe(200);
+    const base = { model, messages, max_tokens: MAX_TOKENS };
+    const without = await heldDuring(user, model, () => client.chat.completions.create(base));
+    for (const effort of ['low', 'high', 'max'] as const) {
+      const held = await heldDuring(user, model, () => client.chat.completions.create({ ...base, reasoning_effort: effort }));
+      fake.script(model, THOUGHT);
+      const completion = await client.chat.completions.create({ ...base, reasoning_effort: effort });
+      expect((completion.choices[0]!.message as { reasoning_content?: string }).reasoning_content, effort).toBe(THOUGHT.reasoning);
+      const body = fake.requestsFor(model)[0]!.body;
+      expect(body.thinking, effort).toEqual({ type: 'adaptive' });
+      expect(body.output_config, effort).toEqual({ effort });
+      expect(body.max_tokens, effort).toBe(MAX_TOKENS);
+      expect(held, effort).toBe(without);
+      fake.reset();
+    }
+    fake.script(model, { text: 'Blue.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+    await client.chat.completions.create({ ...base, reasoning_effort: 'minimal' });
+    const body = fake.requestsFor(model)[0]!.body;
+    expect(body).not.toHaveProperty('thinking');
+    expect(body).not.toHaveProperty('output_config');
+  });
+});
+
 describe('parallel_tool_calls on Anthropic and Google models', () => {
   it('false with tools is Anthropic\'s disable_parallel_tool_use; true, or no tools, sends none; Google has none to send', async () => {
     const call = { id: 'toolu_1', name: 'lookup', arguments: '{"word":"sky"}' };

@@ -637,6 +637,16 @@ function anthropicThinkingRefused({ messages, toolChoice, responseFormat }: Part
 const anthropicJsonTool = (modelId: string, schema: JSONSchema7): boolean => !getModelCapabilities(modelId).supportsStructuredOutput || !supportsNativeStructuredOutputSchema(schema);
 
 /**
+ * Whether Anthropic's SDK model takes `modelId` for a Claude that thinks only adaptively (Opus 5.5,
+ * Sonnet 5.5, ...): one that refuses a thinking budget, which the SDK model would swap for adaptive
+ * thinking at Anthropic's default effort, every `reasoning_effort` alike. Such a model is sent
+ * adaptive thinking with the effort itself (Anthropic's `output_config.effort`, the same five
+ * names past `minimal`). Its thinking counts within `max_tokens` as it is sent (the SDK model adds
+ * no budget), so the call holds no more than its maximum.
+ */
+const adaptiveThinkingOnly = (modelId: string): boolean => getModelCapabilities(modelId).rejectsBudgetThinking;
+
+/**
  * A call's text, reasoning, refusal and tool calls with the assistant message the SDK would return
  * for them (a refusal as a text part after the text: the SDK's models read it so).
  */
@@ -1631,8 +1641,9 @@ export class ModelManager {
 
   /**
    * What an Anthropic or Google model takes of OpenAI's hints, keyed as its SDK model reads them:
-   * the thinking `reasoning_effort` asks for (thinkingBudget; Google's thoughts included in the
-   * answer, so they come back as Anthropic's do, `reasoning_content`), and `parallel_tool_calls:
+   * the thinking `reasoning_effort` asks for (thinkingBudget, or the effort itself for a Claude that
+   * thinks only adaptively: adaptiveThinkingOnly; Google's thoughts included in the answer, so they
+   * come back as Anthropic's do, `reasoning_content`), and `parallel_tool_calls:
    * false` with tools as Anthropic's `disableParallelToolUse` (Google has no such switch).
    * Anthropic's SDK model makes room for the thinking itself: it adds the budget to `max_tokens`
    * (which must exceed it) and leaves out `temperature`, `top_p` and `top_k`, which thinking forbids;
@@ -1640,10 +1651,12 @@ export class ModelManager {
    */
   private nativeOptions(request: ChatRequest, model: ModelInfo): { key: string; asked: Record<string, JSONValue> } | undefined {
     const kind = this.options.providers.kind(model.provider);
-    const budget = this.thinkingBudget(request, model);
+    const effort = this.thinkingEffort(request, model);
+    const budget = this.thinkingBudget(request, model, effort);
     const asked: Record<string, JSONValue> = {};
     if (kind === 'anthropic') {
       if (budget > 0) asked.thinking = { type: 'enabled', budgetTokens: budget };
+      else if (effort !== undefined && adaptiveThinkingOnly(model.id)) Object.assign(asked, { thinking: { type: 'adaptive' }, effort });
       if (request.parallelToolCalls === false && request.tools && Object.keys(request.tools).length > 0) asked.disableParallelToolUse = true;
     } else if (kind === 'google' && budget > 0) {
       asked.thinkingConfig = { thinkingBudget: budget, includeThoughts: true };
@@ -1652,20 +1665,31 @@ export class ModelManager {
   }
 
   /**
-   * The thinking budget a call's `reasoning_effort` asks of `model` (THINKING_BUDGETS): 0 unless it
-   * is an Anthropic or Google model whose capabilities include reasoning (OpenAI-style providers
-   * take the effort itself; a model that does not reason would refuse thinking upstream), and 0 for
-   * an Anthropic call that cannot think (anthropicThinkingRefused). Where the catalog knows the
-   * model's output cap, the budget is what the cap leaves beside the call's maximum (the two are
-   * sent as one: Anthropic's `max_tokens`, Google's `maxOutputTokens`), none under
-   * MIN_THINKING_BUDGET: the SDK clamps only for the model ids it knows, and a custom id was
+   * The `reasoning_effort` of a call that asks `model` to think, else undefined: an effort that asks
+   * for some (THINKING_BUDGETS names it), of an Anthropic or Google model whose capabilities include
+   * reasoning (OpenAI-style providers take the effort itself; a model that does not reason would
+   * refuse thinking upstream), and not an Anthropic call that cannot think (anthropicThinkingRefused).
+   */
+  private thinkingEffort(request: Partial<ChatRequest>, model: ModelInfo): string | undefined {
+    const effort = request.reasoningEffort;
+    if (effort === undefined || !THINKING_BUDGETS.has(effort) || !model.capabilities.includes('reasoning')) return undefined;
+    const kind = this.options.providers.kind(model.provider);
+    if (kind === 'anthropic' ? anthropicThinkingRefused(request, model.id) : kind !== 'google') return undefined;
+    return effort;
+  }
+
+  /**
+   * The thinking budget (THINKING_BUDGETS) a call asks of `model` on top of its maximum, 0 where it
+   * asks for none (thinkingEffort) or for thinking without a budget (adaptiveThinkingOnly: that
+   * thinking counts within the `max_tokens` sent, so the call's maximum already holds it). Where the
+   * catalog knows the model's output cap, the budget is what the cap leaves beside the call's
+   * maximum (the two are sent as one: Anthropic's `max_tokens`, Google's `maxOutputTokens`), none
+   * under MIN_THINKING_BUDGET: the SDK clamps only for the model ids it knows, and a custom id was
    * answered 400. What is sent and what the call holds both read it, so they agree.
    */
-  private thinkingBudget(request: Partial<ChatRequest>, model: ModelInfo): number {
-    if (request.reasoningEffort === undefined || !model.capabilities.includes('reasoning')) return 0;
-    const kind = this.options.providers.kind(model.provider);
-    if (kind === 'anthropic' ? anthropicThinkingRefused(request, model.id) : kind !== 'google') return 0;
-    const asked = THINKING_BUDGETS.get(request.reasoningEffort) ?? 0;
+  private thinkingBudget(request: Partial<ChatRequest>, model: ModelInfo, effort = this.thinkingEffort(request, model)): number {
+    if (effort === undefined || (this.options.providers.kind(model.provider) === 'anthropic' && adaptiveThinkingOnly(model.id))) return 0;
+    const asked = THINKING_BUDGETS.get(effort) ?? 0;
     const cap = model.max_output_tokens;
     const budget = cap === null ? asked : Math.min(asked, cap - this.outputTokens(model, request.maxOutputTokens));
     return budget >= MIN_THINKING_BUDGET ? budget : 0;
