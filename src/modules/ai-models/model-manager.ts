@@ -698,6 +698,8 @@ interface StreamSource {
   parts: AsyncIterable<StreamPart>;
   /** A tool call breaks the call's tool choice `none`: checked here off the SDK's path, as `streamText` checks it. */
   noToolCalls?: boolean;
+  /** The source holds the log probabilities to their allowance as it reads them (the wire), so they are not weighed again here. */
+  logprobsHeld?: boolean;
   /** The assistant messages for what was streamed (after the parts ended). */
   responseMessages(text: string, reasoning: string | undefined, toolCalls: ToolCall[], refusal: string | undefined): Promise<ModelMessage[]>;
 }
@@ -1403,9 +1405,9 @@ export class ModelManager {
       let toolInputChars = 0;
       const logprobsChars = this.logprobsAllowance(request, model);
       let logprobsRead = 0;
-      /** A piece's log probabilities: no output (`seen` does not count them), held to what the call asked for on their own (the SDK's paths; the wire holds them as it reads too). */
+      /** A piece's log probabilities: no output (`seen` does not count them), held to what the call asked for on their own (the SDK's paths: the wire holds them as it reads). */
       const weigh = (logprobs: unknown[] | undefined) => {
-        if ((logprobsRead += logprobsWeight(logprobs)) > logprobsChars) throw attempt.fail(logprobsTooLong(logprobsChars));
+        if (logprobs && !source.logprobsHeld && (logprobsRead += logprobsWeight(logprobs)) > logprobsChars) throw attempt.fail(logprobsTooLong(logprobsChars));
       };
       /** Output arrived (text, reasoning, a tool call's input): counted, and held to the size limit. */
       const seen = (output: string) => {
@@ -1551,7 +1553,7 @@ export class ModelManager {
     const wired = this.wireCall(request, model, tools);
     if (wired) {
       const parts = await wired.wire.stream(wired.call, attempt, this.options.maxResponseBytes, this.logprobsAllowance(request, model));
-      return { parts, responseMessages: directResponseMessages, noToolCalls: wired.call.tool_choice === 'none' };
+      return { parts, responseMessages: directResponseMessages, noToolCalls: wired.call.tool_choice === 'none', logprobsHeld: true };
     }
     // OpenAI's SDK models hand a refusal on as text: the raw chunks tell it apart (see RefusalReader).
     // Only theirs are asked for: every raw chunk is one more part through the stream.
