@@ -1,5 +1,5 @@
 /**
- * OpenAI's `reasoning_effort` and `parallel_tool_calls` for Anthropic and Google models through the
+ * OpenAI's `reasoning_effort`, `parallel_tool_calls` and JSON mode for Anthropic and Google models through the
  * gateway, as the official `openai` package sends them: what reaches the provider (the fake model
  * server speaks Anthropic's Messages API and Google's generateContent as far as the AI SDK reads
  * them), what comes back, what is charged, and what a call holds with billing on.
@@ -391,5 +391,47 @@ describe('the credit hold of a call that thinks', () => {
       expect((await poorClient.chat.completions.create({ model: reasons, messages, max_tokens: MAX_TOKENS })).choices[0]!.message.content, kind).toBe('Blue.');
       fake.reset();
     }
+  });
+});
+
+describe("response_format json_object (OpenAI's JSON mode) on Anthropic and Google models", () => {
+  const asTool: ScriptedReply = { toolCalls: [{ id: 'toolu_json', name: 'json', arguments: '{"color":"blue"}' }], usage: { prompt_tokens: 20, completion_tokens: 8 } };
+  const jsonMode = { messages, max_tokens: MAX_TOKENS, response_format: { type: 'json_object' as const } };
+
+  it('asks Claude for any JSON object through the forced json tool (Anthropic has no JSON mode) and answers its input, plain and streamed, without thinking', async () => {
+    for (const model of ['th-claude-plain', 'th-claude']) {
+      fake.script(model, asTool);
+      const completion = await client.chat.completions.create({ ...jsonMode, model, reasoning_effort: 'high' });
+      expect(JSON.parse(completion.choices[0]!.message.content!), model).toEqual({ color: 'blue' });
+      expect(completion.choices[0]!.finish_reason, model).toBe('stop');
+      expect(completion.choices[0]!.message.tool_calls ?? [], model).toEqual([]);
+      const body = fake.requestsFor(model)[0]!.body;
+      expect(body.tools, model).toMatchObject([{ name: 'json', input_schema: { type: 'object' } }]);
+      expect((body.tools as unknown[]).length, model).toBe(1);
+      expect(body.tool_choice, model).toMatchObject({ type: 'any' });
+      expect(body.thinking, model).toBeUndefined();
+      fake.reset();
+    }
+    fake.script('th-claude-plain', asTool);
+    const stream = await client.chat.completions.create({ ...jsonMode, model: 'th-claude-plain', stream: true });
+    let text = '';
+    let finish: string | null | undefined;
+    for await (const chunk of stream) {
+      text += chunk.choices[0]?.delta.content ?? '';
+      expect(chunk.choices[0]?.delta.tool_calls).toBeUndefined();
+      finish = chunk.choices[0]?.finish_reason ?? finish;
+    }
+    expect(JSON.parse(text)).toEqual({ color: 'blue' });
+    expect(finish).toBe('stop');
+  });
+
+  it("keeps the user's tools beside the json tool for Claude; sends Gemini its JSON MIME type", async () => {
+    fake.script('th-claude-plain', asTool);
+    await client.chat.completions.create({ ...jsonMode, model: 'th-claude-plain', tools });
+    expect((fake.requestsFor('th-claude-plain')[0]!.body.tools as { name: string }[]).map((t) => t.name)).toEqual(['lookup', 'json']);
+    fake.script('th-gemini-plain', { text: '{"color":"blue"}', usage: { prompt_tokens: 20, completion_tokens: 8 } });
+    const completion = await client.chat.completions.create({ ...jsonMode, model: 'th-gemini-plain' });
+    expect(JSON.parse(completion.choices[0]!.message.content!)).toEqual({ color: 'blue' });
+    expect(fake.requestsFor('th-gemini-plain')[0]!.body.generationConfig).toMatchObject({ responseMimeType: 'application/json' });
   });
 });

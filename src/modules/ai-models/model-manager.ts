@@ -617,7 +617,7 @@ const MIN_THINKING_BUDGET = 1024;
  */
 function anthropicThinkingRefused({ messages, toolChoice, responseFormat }: Partial<ChatRequest>, modelId: string): boolean {
   if (toolChoice !== undefined && toolChoice !== 'auto' && toolChoice !== 'none') return true;
-  if (responseFormat?.schema !== undefined && anthropicJsonTool(modelId, responseFormat.schema)) return true;
+  if (responseFormat !== undefined && anthropicJsonTool(modelId, responseFormat.schema ?? ANY_JSON_OBJECT)) return true;
   if (!messages) return false;
   for (let i = messages.length - 1; i >= 0; i -= 1) {
     const message = messages[i]!;
@@ -635,6 +635,20 @@ function anthropicThinkingRefused({ messages, toolChoice, responseFormat }: Part
  * optional properties). A JSON response without a schema it sends as no format at all.
  */
 const anthropicJsonTool = (modelId: string, schema: JSONSchema7): boolean => !getModelCapabilities(modelId).supportsStructuredOutput || !supportsNativeStructuredOutputSchema(schema);
+
+/** OpenAI's JSON mode (`json_object`) as a schema: any JSON object (see jsonFormatFor). */
+const ANY_JSON_OBJECT: JSONSchema7 = { type: 'object' };
+
+/**
+ * The JSON response format a `kind` provider's model is asked for. Anthropic has no JSON mode: its
+ * SDK model drops a JSON format without a schema (a warning nobody reads), so a client of OpenAI's
+ * `json_object` could be answered prose. Any object is its schema there, which the SDK model asks
+ * for through its forced `json` tool (an open object is one output_config.format cannot hold) and
+ * answers that tool's input as the text: a JSON object, as OpenAI's JSON mode promises. Google's
+ * SDK model sends a format without a schema as its JSON MIME type, which holds the answer to JSON.
+ */
+const jsonFormatFor = (kind: string | undefined, format: JsonResponseFormat | undefined): JsonResponseFormat | undefined =>
+  format && kind === 'anthropic' && format.schema === undefined ? { ...format, schema: ANY_JSON_OBJECT } : format;
 
 /**
  * Whether Anthropic's SDK model takes `modelId` for a Claude that thinks only adaptively (Opus 5.5,
@@ -1348,7 +1362,7 @@ export class ModelManager {
       download: this.downloads(attempt.signal),
       abortSignal: attempt.signal,
     });
-    const format = request.responseFormat;
+    const format = jsonFormatFor(this.options.providers.kind(model.provider), request.responseFormat);
     return {
       ...this.callSettings(request, model),
       responseFormat: format && { type: 'json' as const, schema: format.schema, name: format.name, description: format.description },
@@ -1718,6 +1732,7 @@ export class ModelManager {
   }
 
   private sdkOptions(request: ChatRequest, model: ModelInfo) {
+    const format = jsonFormatFor(this.options.providers.kind(model.provider), request.responseFormat);
     return {
       model: this.options.providers.languageModel(model.provider, model.id),
       messages: request.messages,
@@ -1726,7 +1741,7 @@ export class ModelManager {
       toolChoice: request.toolChoice,
       ...this.callSettings(request, model),
       providerOptions: this.providerOptions(request, model),
-      output: request.responseFormat && jsonOutput(request.responseFormat),
+      output: format && jsonOutput(format),
       maxRetries: 0,
     };
   }
