@@ -7,14 +7,17 @@
 // nothing seen), so what makes the tail is named from in-process evidence, not from timing alone.
 //   node bench/gateway-tail.mjs     (ROUNDS=2 N1=3000 SLOW_MS=1 TARGETS="embedded postgres")
 // BASE_CHECKOUT=<dir> adds `<target>-base` from that checkout (built), interleaved in the rounds.
+// BASE_KEEL_ENV="NAME=value ..." gives the `-base` servers settings of their own (an A/B of settings).
 // KEEL_NODE_ARGS reaches Keel too (e.g. --trace-gc). Output: bench/out/gateway-tail/ (logs, events).
+// Each target's measured calls also read the scheduler's times (/proc/…/schedstat): CPU and
+// run-queue wait per call of Keel's threads, its main thread, the upstream, and PostgreSQL's backends.
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import { loadavg } from 'node:os';
 import { resolve } from 'node:path';
 
-import { addCredits, addUpstreamModel, createDatabase, keelEnv, keelNodeArgs, percentile, sleep, start, stop, waitUp } from './lib.mjs';
+import { addCredits, addUpstreamModel, createDatabase, keelEnv, keelNodeArgs, percentile, PG_ADMIN_URL, schedMs, sleep, start, stop, waitUp } from './lib.mjs';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 2);
 const N1 = Number(process.env.N1 ?? 3000);
@@ -57,7 +60,20 @@ const upstreamPort = PORT_BASE;
 const UPSTREAM = `http://127.0.0.1:${upstreamPort}/v1`;
 const upstream = start(OUT, 'upstream', ['bench/fake-upstream.mjs'], { PORT: String(upstreamPort) });
 await waitUp(upstreamPort);
-const targets = [{ name: 'direct', port: upstreamPort, headers: { authorization: 'Bearer sk-bench' }, child: upstream, samples: [] }];
+const targets = [{ name: 'direct', port: upstreamPort, headers: { authorization: 'Bearer sk-bench' }, child: upstream, samples: [], sched: [] }];
+
+/** PostgreSQL's backends serving `database` (Keel's pool), by pid. */
+const backends = (database) =>
+  database
+    ? execFileSync('psql', ['-w', PG_ADMIN_URL, '-Atc', `select pid from pg_stat_activity where datname = '${database}'`], { encoding: 'utf8' }).split('\n').filter(Boolean).map(Number)
+    : [];
+/** Scheduler times (ms) now: the target's process (all threads, main thread), the upstream's, its database backends'. */
+const readSched = (target, pids) => {
+  const keel = schedMs(target.child.pid);
+  const up = schedMs(upstream.pid);
+  const db = pids.map(schedMs).reduce((a, b) => ({ run: a.run + b.run, wait: a.wait + b.wait }), { run: 0, wait: 0 });
+  return { run: keel.run, wait: keel.wait, mainRun: keel.main.run, mainWait: keel.main.wait, upRun: up.run, upWait: up.wait, dbRun: db.run, dbWait: db.wait };
+};
 
 let nextPort = PORT_BASE + 1;
 for (const kind of TARGETS) {
@@ -67,16 +83,19 @@ for (const kind of TARGETS) {
     const dataDir = resolve(OUT, `data-${name}`);
     const tailFile = resolve(OUT, `events-${name}.tsv`);
     let env = { DATA_DIR: dataDir, DATABASE_URL: '', TAIL_FILE: tailFile };
+    const base = { base: suffix === '-base' };
+    let database;
     if (kind === 'postgres') {
+      database = `${process.env.BENCH_DB_PREFIX ?? ''}keel_gwtail_${process.pid}_${name.replace('-', '_')}`;
       env = { ...env, DATABASE_URL: createDatabase(`keel_gwtail_${process.pid}_${name.replace('-', '_')}`) };
-      execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { env: { ...process.env, ...keelEnv(port, env) }, stdio: 'ignore', cwd: checkout });
+      execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { env: { ...process.env, ...keelEnv(port, env, base) }, stdio: 'ignore', cwd: checkout });
     }
-    const child = start(OUT, `keel-${name}`, ['bin/keel.js', kind === 'embedded' ? 'start' : 'api'], keelEnv(port, env), { cwd: checkout, nodeArgs: ['--import', PRELOAD, ...keelNodeArgs()] });
+    const child = start(OUT, `keel-${name}`, ['bin/keel.js', kind === 'embedded' ? 'start' : 'api'], keelEnv(port, env, base), { cwd: checkout, nodeArgs: ['--import', PRELOAD, ...keelNodeArgs()] });
     await waitUp(port);
     const admin = await addUpstreamModel(port, UPSTREAM, MODEL);
     const { key } = await admin.call('POST', '/api-keys', { name: 'bench' });
     await addCredits(admin, (await admin.call('GET', '/users/me')).id);
-    targets.push({ name, port, headers: { authorization: `Bearer ${key}` }, child, tailFile, samples: [] });
+    targets.push({ name, port, headers: { authorization: `Bearer ${key}` }, child, tailFile, database, samples: [], sched: [] });
   }
 }
 
@@ -86,10 +105,14 @@ for (let round = 1; round <= ROUNDS; round++) {
     const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
     for (let i = 0; i < WARMUP; i++) await once(target.port, target.headers, agent);
     const first = target.samples.length;
+    const pids = backends(target.database);
+    const before = readSched(target, pids);
     for (let i = 0; i < N1; i++) {
       const sample = await once(target.port, target.headers, agent);
       if (sample.ok) target.samples.push(sample);
     }
+    const after = readSched(target, pids);
+    target.sched.push(Object.fromEntries(Object.keys(after).map((k) => [k, (after[k] - before[k]) / N1])));
     agent.destroy();
     const mine = target.samples.slice(first).map((s) => (s.end - s.start) / 1000).sort((a, b) => a - b);
     console.log(`round ${round} ${target.name} done: p50 ${percentile(mine, 50)?.toFixed(3) ?? '–'} p99 ${percentile(mine, 99)?.toFixed(3) ?? '–'} ms (${mine.length} answered)`);
@@ -111,6 +134,17 @@ console.log(`| --- | --- | --- | --- | --- | ${BUCKETS.map(() => '---').join(' |
 for (const target of targets) {
   const all = ms(target);
   console.log(`| ${target.name} | ${[50, 90, 99, 99.9].map((q) => percentile(all, q).toFixed(3)).join(' | ')} | ${histogram(all).join(' | ')} | ${perThousand(all, 5)} | ${perThousand(all, 10)} |`);
+}
+
+// Per call, the rounds' medians: CPU and run-queue wait (µs) of the target's process (direct: the
+// upstream's), its main thread, the upstream's (behind Keel), PostgreSQL's backends.
+const mid = (values) => values.sort((a, b) => a - b)[Math.floor(values.length / 2)];
+console.log('\nPer call, µs, median of the rounds (run = on a CPU, wait = runnable, waiting for one):');
+console.log('| target | process run / wait | main thread run / wait | upstream run / wait | PostgreSQL backends run / wait |');
+console.log('| --- | --- | --- | --- | --- |');
+for (const target of targets) {
+  const m = (k) => (mid(target.sched.map((s) => s[k])) * 1000).toFixed(0);
+  console.log(`| ${target.name} | ${m('run')} / ${m('wait')} | ${target.tailFile ? `${m('mainRun')} / ${m('mainWait')}` : '–'} | ${target.tailFile ? `${m('upRun')} / ${m('upWait')}` : '–'} | ${target.database ? `${m('dbRun')} / ${m('dbWait')}` : '–'} |`);
 }
 
 for (const target of targets.filter((t) => t.tailFile)) {

@@ -34,7 +34,8 @@ const INTERLEAVED = process.env.INTERLEAVED !== '0';
 // A/B in one run: BASE_CHECKOUT=<another checkout, built> adds `embedded-base` / `postgres-base`, the
 // same setups from that checkout, measured in the same rounds (e.g. the base commit via git archive).
 const BASE_CHECKOUT = process.env.BASE_CHECKOUT ?? '';
-// KEEL_ENV="NAME=value ..." adds settings to every Keel server (e.g. BILLING_ENABLED=false).
+// KEEL_ENV="NAME=value ..." adds settings to every Keel server (e.g. BILLING_ENABLED=false);
+// BASE_KEEL_ENV to the `-base` servers only (an A/B of settings: BASE_CHECKOUT a copy of this tree).
 // Keel's servers get the node flags of their checkout's `npm start`, then KEEL_NODE_ARGS, e.g.
 // KEEL_NODE_ARGS="--cpu-prof --cpu-prof-dir=/tmp/prof" (NODE_OPTIONS refuses --cpu-prof).
 // WARMUP (default 5000): calls each target serves before the first round.
@@ -204,14 +205,15 @@ const targets = [{ name: 'direct', port: PORTS.upstream, path: '/v1/chat/complet
 
 /** Keel embedded (`start`, PGlite) or on PostgreSQL (`api`, a database of its own) from `checkout`. */
 async function startKeel(name, kind, checkout) {
+  const base = name.endsWith('-base');
   const port = PORTS[name];
   // Absolute (the base checkout runs in its own directory), whether OUT_DIR is relative or not.
   const dataDir = resolve(OUT, `data-${name}`);
   let env;
-  if (kind === 'embedded') env = keelEnv(port, { DATA_DIR: dataDir, DATABASE_URL: '' });
+  if (kind === 'embedded') env = keelEnv(port, { DATA_DIR: dataDir, DATABASE_URL: '' }, { base });
   else {
     // Dropped at exit by lib.mjs.
-    env = keelEnv(port, { DATA_DIR: dataDir, DATABASE_URL: createDatabase(`keel_gateway_bench_${process.pid}_${name.replace('-', '_')}`) });
+    env = keelEnv(port, { DATA_DIR: dataDir, DATABASE_URL: createDatabase(`keel_gateway_bench_${process.pid}_${name.replace('-', '_')}`) }, { base });
     execFileSync(process.execPath, ['bin/keel.js', 'migrate'], { env: { ...process.env, ...env }, stdio: 'ignore', cwd: checkout });
   }
   const child = start(OUT, `keel-${name}`, ['bin/keel.js', kind === 'embedded' ? 'start' : 'api'], env, { cwd: checkout, nodeArgs: keelNodeArgs() });

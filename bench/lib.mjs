@@ -4,7 +4,7 @@
 // of its own on PostgreSQL, /proc readings and percentiles.
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { openSync, readFileSync } from 'node:fs';
+import { openSync, readdirSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 
 export const PG_ADMIN_URL = process.env.PG_ADMIN_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
@@ -105,8 +105,14 @@ export async function waitUp(port, path = '/health') {
 /** KEEL_ENV="NAME=value ..." (space-separated): settings every bench gives Keel over its own (keelEnv). */
 export const keelEnvOverrides = () => envPairs(process.env.KEEL_ENV ?? '');
 
-/** Keel's environment as a user runs it (JSON logs at info, billing on), on `port`; then `extra` and KEEL_ENV. */
-export const keelEnv = (port, extra) => ({
+/**
+ * BASE_KEEL_ENV="NAME=value ...": settings for the `-base` servers only (over KEEL_ENV), so an A/B of
+ * settings runs both in the same rounds (BASE_CHECKOUT may be a copy of the same tree).
+ */
+export const baseKeelEnvOverrides = () => envPairs(process.env.BASE_KEEL_ENV ?? '');
+
+/** Keel's environment as a user runs it (JSON logs at info, billing on), on `port`; then `extra`, KEEL_ENV and (`base`) BASE_KEEL_ENV. */
+export const keelEnv = (port, extra, { base = false } = {}) => ({
   ENVIRONMENT: 'local',
   SECRET_KEY: randomBytes(32).toString('hex'),
   FIRST_SUPERUSER: SUPERUSER.email,
@@ -120,6 +126,7 @@ export const keelEnv = (port, extra) => ({
   BILLING_ENABLED: 'true',
   ...extra,
   ...keelEnvOverrides(),
+  ...(base ? baseKeelEnvOverrides() : {}),
 });
 
 /** fetch that throws with the answer on a non-2xx and parses JSON. */
@@ -210,6 +217,32 @@ export function loopCounters(pid) {
   } catch {
     return { wakeups: 0, syscalls: 0 };
   }
+}
+
+/**
+ * A process's threads' scheduler times in ms, from /proc/<pid>/task/<tid>/schedstat: `run`, on a
+ * CPU, and `wait`, runnable but waiting for one (the run queue), summed over its threads; `main`
+ * the same for its main thread alone. Zeros once it is gone.
+ */
+export function schedMs(pid) {
+  const sum = { run: 0, wait: 0, main: { run: 0, wait: 0 } };
+  let tids;
+  try {
+    tids = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return sum;
+  }
+  for (const tid of tids) {
+    try {
+      const [run, wait] = readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ').map((v) => Number(v) / 1e6);
+      sum.run += run;
+      sum.wait += wait;
+      if (tid === String(pid)) sum.main = { run, wait };
+    } catch {
+      // the thread ended
+    }
+  }
+  return sum;
 }
 
 /** Resident memory of a process in MB. */
