@@ -1,5 +1,6 @@
 import { closeSync, linkSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
 import { hostname } from 'node:os';
+import { join } from 'node:path';
 
 import { ConfigError } from './config.js';
 
@@ -12,6 +13,12 @@ export class DataDirLockedError extends ConfigError {
     super(`the embedded database ${directory} is in use by another Keel process (pid ${holder}); stop it first`);
   }
 }
+
+/** The lock could not be taken or judged: a file this user cannot create or read. The message names the file and the cause. */
+export class DataDirLockError extends ConfigError {}
+
+/** The lock file inside the directory it locks (PGlite's data directory). */
+export const LOCK_FILE = 'keel.lock';
 
 interface Holder {
   pid: number;
@@ -43,41 +50,135 @@ function alive(holder: Holder): boolean {
   return holder.started === null || started === null || started === holder.started;
 }
 
+const codeOf = (error: unknown): string | undefined => (error as NodeJS.ErrnoException | undefined)?.code;
+
+const whoAmI = (): string => (typeof process.getuid === 'function' ? `this user (uid ${process.getuid()})` : 'this user');
+
+/**
+ * The lock's holder; null when nobody holds it (half-written by a process killed between create and
+ * write). Throws ENOENT when there is no lock (released meanwhile), and DataDirLockError when this
+ * user cannot read it: another user's Keel may hold it, and a lock that cannot be read is never
+ * taken for stale (a process of another uid on the same directory would be joined, not excluded).
+ */
 function readHolder(path: string): Holder | null {
+  let text: string;
   try {
-    const parsed = JSON.parse(readFileSync(path, 'utf8')) as Partial<Holder>;
+    text = readFileSync(path, 'utf8');
+  } catch (error) {
+    if (codeOf(error) === 'ENOENT') throw error;
+    throw new DataDirLockError(
+      `cannot read the lock file ${path} (${codeOf(error) ?? String(error)}): another user's Keel process may hold it; if no Keel process runs on this directory, remove the file`,
+    );
+  }
+  try {
+    const parsed = JSON.parse(text) as Partial<Holder>;
     if (typeof parsed.pid !== 'number') return null;
     return { pid: parsed.pid, started: parsed.started ?? null, host: parsed.host ?? hostname() };
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') throw error;
-    // Half-written by a process killed between create and write: nobody holds it.
+  } catch {
     return null;
   }
 }
 
+/** The lock file could not be created (not EEXIST) or a dead holder's moved aside: `reason` is the error. */
+class CannotCreate extends Error {
+  constructor(readonly reason: NodeJS.ErrnoException) {
+    super(reason.message);
+  }
+}
+
 /**
- * An exclusive lock on a directory for this process's life: `<directory>.lock`, created with
+ * An exclusive lock on a directory for this process's life: `<directory>/keel.lock`, created with
  * O_EXCL and holding this process's pid. It is removed on close and on exit; after a crash (or
  * kill -9) the next process finds the pid gone (or reused by another program) and takes it over.
- * Returns the release function; throws DataDirLockedError naming the holder's pid.
+ * Returns the release function; throws DataDirLockedError naming the holder's pid, and
+ * DataDirLockError (naming the file and the cause) when the lock cannot be taken.
  *
  * A pid file rather than an OS lock (flock): Node has no flock of its own, and a lock file needs no
  * native add-on, works on every platform Node runs on and lets the message name the holder.
+ *
+ * Inside the directory, not beside it (`<directory>.lock`, where earlier versions put it):
+ * - A data directory that is a mount point (a container volume at /data) or a symlink to one has a
+ *   parent the process often cannot write (/, or /app owned by root while Keel runs as another
+ *   user): the lock beside it stopped Keel from starting on a directory it can write. The directory
+ *   itself must be writable for PGlite anyway, so the lock inside can always be taken when the
+ *   database can be opened at all.
+ * - One place for every process, whoever runs it: a fallback to the inside only where the parent
+ *   is not writable would have a root process lock beside and a non-root one inside, i.e. two
+ *   files for one directory, unless each also checked the other's (a race between the two checks).
+ * - The directory's own entry is the same however it is reached (a symlink, a trailing slash, a
+ *   relative path, a second bind mount of the same volume at another path).
+ * - PGlite (0.5.14) accepts it: its initdb runs on a directory that already holds other files
+ *   (tried with keel.lock, .secret_key and lost+found: initdb and the second open both succeed and
+ *   leave them untouched); PostgreSQL ignores unknown files at the top of its data directory, and
+ *   PGlite writes no postmaster.pid there. Nothing in Keel lists or empties PGlite's directory: the
+ *   other files under DATA_DIR (storage/, usage-unwritten/, .secret_key) are beside it, and
+ *   `tighten` (db.ts) leaves the lock's 0600 as it is.
+ * - A copy of the directory taken while it is in use brings the lock along, as a copy of DATA_DIR
+ *   did with DATA_DIR/pglite.lock: it is refused, naming the live process (3d7dd8c).
+ *
+ * Upgrades: a process of an older Keel holds `<directory>.lock` and knows nothing of the lock
+ * inside. So the lock beside is taken too where the parent can be written (an older version
+ * started later is refused by it), and where it cannot, a live holder found there still refuses
+ * this process, as does one this user cannot read (an older version run as root leaves it 0600); a
+ * stale one there is left (it cannot be removed). The one gap: an older version started afterwards
+ * as a user that can write the parent (root) while this one cannot.
  */
 export function lockDirectory(directory: string): () => void {
-  const path = `${directory}.lock`;
+  const inside = join(directory, LOCK_FILE);
+  let releaseInside: () => void;
+  try {
+    releaseInside = takeLock(inside, directory);
+  } catch (error) {
+    if (!(error instanceof CannotCreate)) throw error;
+    throw new DataDirLockError(
+      `cannot take the lock file ${inside} (${error.reason.code ?? error.reason.message}): make ${directory} writable by ${whoAmI()}`,
+    );
+  }
+  try {
+    const releaseBeside = takeOlderVersionsLock(`${directory}.lock`, directory);
+    return () => {
+      releaseBeside();
+      releaseInside();
+    };
+  } catch (error) {
+    releaseInside();
+    throw error;
+  }
+}
+
+/** The older versions' lock beside the directory: taken where the parent can be written, else only checked. */
+function takeOlderVersionsLock(path: string, directory: string): () => void {
+  try {
+    return takeLock(path, directory);
+  } catch (error) {
+    if (!(error instanceof CannotCreate)) throw error;
+  }
+  let holder: Holder | null;
+  try {
+    holder = readHolder(path);
+  } catch (error) {
+    if (codeOf(error) === 'ENOENT') return () => undefined;
+    throw error;
+  }
+  if (holder && alive(holder)) throw new DataDirLockedError(directory, holder.pid);
+  return () => undefined;
+}
+
+/** Creates the lock file `path` for `directory` or takes it over from a dead holder; throws CannotCreate when it cannot be created. */
+function takeLock(path: string, directory: string): () => void {
   const mine: Holder = { pid: process.pid, started: startTime(process.pid), host: hostname() };
   for (let attempt = 0; attempt < 5; attempt++) {
     let fd: number;
     try {
       fd = openSync(path, 'wx', 0o600);
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
+      if (codeOf(error) !== 'EEXIST') throw new CannotCreate(error as NodeJS.ErrnoException);
       let holder: Holder | null;
       try {
         holder = readHolder(path);
-      } catch {
-        continue; // released meanwhile: try again
+      } catch (error) {
+        if (codeOf(error) === 'ENOENT') continue; // released meanwhile: try again
+        throw error;
       }
       if (holder && alive(holder)) throw new DataDirLockedError(directory, holder.pid);
       takeOverStale(path, holder);
@@ -102,19 +203,21 @@ export function lockDirectory(directory: string): () => void {
     process.on('exit', release);
     return release;
   }
-  throw new Error(`could not take the lock ${path}: it keeps changing hands`);
+  throw new DataDirLockError(`could not take the lock ${path}: it keeps changing hands`);
 }
 
 /**
  * Removes a lock whose holder is gone. Moving it aside first and checking what was moved keeps a
- * process that took the lock over in the meantime from losing it: that lock is put back.
+ * process that took the lock over in the meantime from losing it: that lock is put back. Throws
+ * CannotCreate when its directory does not let this user move it (not writable, or sticky).
  */
 function takeOverStale(path: string, stale: Holder | null): void {
   const aside = `${path}.stale-${process.pid}`;
   try {
     renameSync(path, aside);
-  } catch {
-    return; // someone else moved or released it: start over
+  } catch (error) {
+    if (codeOf(error) === 'ENOENT') return; // someone else moved or released it: start over
+    throw new CannotCreate(error as NodeJS.ErrnoException);
   }
   const moved = (() => {
     try {

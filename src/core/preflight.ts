@@ -2,7 +2,7 @@ import { createServer } from 'node:net';
 import { join } from 'node:path';
 
 import { ConfigError, type Settings } from './config.js';
-import { DataDirLockedError } from './data-dir-lock.js';
+import { DataDirLockedError, DataDirLockError } from './data-dir-lock.js';
 import type { Database } from './db.js';
 import { ioredis } from './redis.js';
 
@@ -85,6 +85,8 @@ const WASM_ERRNO: Record<number, string> = { 2: 'EACCES', 44: 'ENOENT', 54: 'ENO
 function pgliteProblem(error: unknown, settings: Settings): ConfigError {
   const dir = settings.PGLITE_DATA_DIR ?? join(settings.dataDir, 'pglite');
   const setting = settings.PGLITE_DATA_DIR ? 'PGLITE_DATA_DIR' : 'DATA_DIR';
+  // Its lock says which file and why.
+  if (error instanceof DataDirLockError) return new ConfigError(`${setting}: ${error.message}`);
   const errno = (error as Failure | undefined)?.errno;
   const reason = errorCode(error) ?? (typeof errno === 'number' ? (WASM_ERRNO[errno] ?? `errno ${errno}`) : messageOf(error));
   return new ConfigError(`${setting}: cannot open the embedded database in ${dir} (${reason}): check that it is a directory this user can write, or set ${setting}`);

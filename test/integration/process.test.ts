@@ -83,14 +83,14 @@ describe('one process per embedded database', () => {
     // A crash leaves the lock file behind; its pid is dead, so the next start takes it over.
     first.child.process.kill('SIGKILL');
     await first.child.ended;
-    expect(existsSync(join(dataDir, 'pglite.lock'))).toBe(true);
+    expect(existsSync(join(dataDir, 'pglite', 'keel.lock'))).toBe(true);
     const second = await server(dataDir);
-    expect(JSON.parse(readFileSync(join(dataDir, 'pglite.lock'), 'utf8'))).toMatchObject({ pid: second.child.pid });
+    expect(JSON.parse(readFileSync(join(dataDir, 'pglite', 'keel.lock'), 'utf8'))).toMatchObject({ pid: second.child.pid });
     expect(await signup(second.base, 'kept@process.test')).toBe(409); // acknowledged before the crash: still there
     second.child.process.kill('SIGTERM');
     expect((await second.child.ended).code).toBe(0);
     // Released on a clean exit: create-superuser now works.
-    expect(existsSync(join(dataDir, 'pglite.lock'))).toBe(false);
+    expect(existsSync(join(dataDir, 'pglite', 'keel.lock'))).toBe(false);
     const created = keel(['create-superuser', '--email', 'second@process.test'], env(dataDir, { KEEL_SUPERUSER_PASSWORD: PASSWORD }));
     expect((await created.ended).code, created.err()).toBe(0);
   }, 400_000);
@@ -186,13 +186,13 @@ describe('SIGTERM', () => {
     const base = `http://127.0.0.1:${port}`;
     await healthy(npm, base);
     // The lock file names the server's pid: the node process under npm.
-    const serverPid = (JSON.parse(readFileSync(join(dataDir, 'pglite.lock'), 'utf8')) as { pid: number }).pid;
+    const serverPid = (JSON.parse(readFileSync(join(dataDir, 'pglite', 'keel.lock'), 'utf8')) as { pid: number }).pid;
     expect(serverPid).not.toBe(npm.pid);
     npm.process.kill('SIGTERM');
     await npm.ended;
     expect(npm.out()).toContain('shut down cleanly');
     expect(exists(serverPid)).toBe(false);
-    expect(existsSync(join(dataDir, 'pglite.lock'))).toBe(false);
+    expect(existsSync(join(dataDir, 'pglite', 'keel.lock'))).toBe(false);
     await expect(fetch(`${base}/health`)).rejects.toThrow();
   }, 300_000);
 });
