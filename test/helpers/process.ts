@@ -34,13 +34,16 @@ export function killLeftovers(): void {
 
 /**
  * Spawns `command args` in the checkout with an environment built from scratch (PATH and HOME
- * only, then `env`), so the test run's DATABASE_URL and REDIS_URL never leak in.
+ * only, then `env`), so the test run's DATABASE_URL and REDIS_URL never leak in; `as` runs it as
+ * another user (which needs root).
  */
-export function launch(command: string, args: string[], env: Record<string, string>): Child {
+export function launch(command: string, args: string[], env: Record<string, string>, as: { uid: number; gid: number } | null = null): Child {
   const child = spawn(command, args, {
     cwd: ROOT,
     env: { PATH: process.env.PATH, HOME: process.env.HOME, DATABASE_URL: '', REDIS_URL: '', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
+    // Another user (the test runs as root): Node drops the supplementary groups as well.
+    ...(as ?? {}),
   });
   let out = '';
   let err = '';
@@ -62,8 +65,8 @@ export function launch(command: string, args: string[], env: Record<string, stri
  * `node bin/keel.js ...args`, the way `npm run keel --` runs it: dist/ when it was built from the
  * src/ there is now (`npm ci` builds it; a compiled start is several times cheaper), else src/ through tsx.
  */
-export function keel(args: string[], env: Record<string, string>): Child {
-  return launch(process.execPath, [KEEL, ...args], env);
+export function keel(args: string[], env: Record<string, string>, as: { uid: number; gid: number } | null = null): Child {
+  return launch(process.execPath, [KEEL, ...args], env, as);
 }
 
 export async function freePort(): Promise<number> {

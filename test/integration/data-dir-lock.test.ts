@@ -1,5 +1,5 @@
-import { cpSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { hostname, tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 
 import { sql } from 'drizzle-orm';
@@ -47,6 +47,26 @@ describe.skipIf(inject('templatePgliteDir') === null)('the embedded database loc
     }
     // Released with the database: another spelling opens it now.
     expect(await openingError(`${dir}/`)).toBeUndefined();
+  });
+
+  it('locks keel.lock inside the directory, and the older versions\' <dir>.lock beside it where it can; an older version\'s live lock there refuses the open', async () => {
+    const dir = join(scratch, 'upgraded');
+    cpSync(inject('templatePgliteDir')!, dir, { recursive: true });
+    const held = await openDatabase(settingsFor(dir));
+    try {
+      for (const lock of [join(dir, 'keel.lock'), `${dir}.lock`]) expect(JSON.parse(readFileSync(lock, 'utf8')), lock).toMatchObject({ pid: process.pid });
+    } finally {
+      await held.close();
+    }
+    expect(existsSync(join(dir, 'keel.lock'))).toBe(false);
+    expect(existsSync(`${dir}.lock`)).toBe(false);
+
+    // A process of an older version holds the directory by the lock beside it (here: this live process's pid).
+    writeFileSync(`${dir}.lock`, JSON.stringify({ pid: process.pid, started: null, host: hostname() }));
+    const error = await openingError(dir);
+    expect(error).toBeInstanceOf(DataDirLockedError);
+    expect((error as DataDirLockedError).holder).toBe(process.pid);
+    expect(existsSync(join(dir, 'keel.lock'))).toBe(false);
   });
 
   it('opens a data directory named through a symlink (a volume mounted elsewhere) as the directory it points to', async () => {

@@ -1,5 +1,5 @@
-import { existsSync, lstatSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
@@ -32,10 +32,10 @@ function env(dataDir: string, extra: Record<string, string> = {}): Record<string
   };
 }
 
-/** `keel start` on a free port, answering /health. */
-async function server(dataDir: string, extra: Record<string, string> = {}) {
+/** `keel start` on a free port, answering /health; `as` another user. */
+async function server(dataDir: string, extra: Record<string, string> = {}, as: { uid: number; gid: number } | null = null) {
   const port = await freePort();
-  const child = keel(['start'], env(dataDir, { PORT: String(port), ...extra }));
+  const child = keel(['start'], env(dataDir, { PORT: String(port), ...extra }), as);
   const base = `http://127.0.0.1:${port}`;
   await healthy(child, base);
   return { child, base };
@@ -94,6 +94,90 @@ describe('one process per embedded database', () => {
     const created = keel(['create-superuser', '--email', 'second@process.test'], env(dataDir, { KEEL_SUPERUSER_PASSWORD: PASSWORD }));
     expect((await created.ended).code, created.err()).toBe(0);
   }, 400_000);
+});
+
+/** A user other than root: `nobody`. */
+const NOBODY = { uid: 65534, gid: 65534 };
+
+function chownTree(path: string, owner: { uid: number; gid: number }): void {
+  chownSync(path, owner.uid, owner.gid);
+  if (lstatSync(path).isDirectory()) for (const name of readdirSync(path)) chownTree(join(path, name), owner);
+}
+
+const lockHolder = (path: string) => (JSON.parse(readFileSync(path, 'utf8')) as { pid: number }).pid;
+
+// Keel as another user needs root to start it.
+describe.skipIf(process.getuid?.() !== 0)('a data directory whose parent Keel cannot write', () => {
+  it('a non-root Keel on a volume reached through a symlink starts; a second process (root too) and an older version\'s live lock beside it are refused; kill -9 is taken over; an unwritable directory names the lock file', async () => {
+    // This test file's scratch directory is 0700 (mkdtemp): let the other user through.
+    chmodSync(scratch, 0o755);
+    // Root's and 0755, as / above a volume at /data, or a root-owned /app above /app/data.
+    // (chmod: the run's umask may be 077, set by the PGlite the global setup opened.)
+    const volumes = join(scratch, 'volumes');
+    mkdirSync(volumes);
+    chmodSync(volumes, 0o755);
+    const volume = join(await migratedDataDir(volumes), 'pglite');
+    chownTree(volume, NOBODY);
+    const home = join(scratch, 'nobody-home');
+    mkdirSync(home, { mode: 0o700 });
+    chownSync(home, NOBODY.uid, NOBODY.gid);
+    const link = join(home, 'pglite');
+    symlinkSync(volume, link);
+    const dataDir = join(home, 'data');
+    const settings = { PGLITE_DATA_DIR: link, HOME: home };
+    const inside = join(volume, 'keel.lock');
+
+    const first = await server(dataDir, settings, NOBODY);
+    expect(lockHolder(inside)).toBe(first.child.pid);
+    expect(await signup(first.base, 'volume@process.test')).toBe(200);
+
+    // Root, on the same directory by its own path: refused by the same lock, and leaves none of its own.
+    const asRoot = keel(['migrate', 'status'], env(join(scratch, 'root-data'), { PGLITE_DATA_DIR: `${volume}/` }));
+    expect((await asRoot.ended).code, asRoot.out()).toBe(1);
+    expect(asRoot.err()).toContain(`in use by another Keel process (pid ${first.child.pid})`);
+    expect(lockHolder(inside)).toBe(first.child.pid);
+    const beside = `${volume}.lock`;
+    expect(existsSync(beside)).toBe(false);
+
+    // kill -9: the next start takes the lock over.
+    first.child.process.kill('SIGKILL');
+    await first.child.ended;
+    const second = await server(dataDir, settings, NOBODY);
+    expect(lockHolder(inside)).toBe(second.child.pid);
+    expect(await signup(second.base, 'volume@process.test')).toBe(409);
+    second.child.process.kill('SIGTERM');
+    expect((await second.child.ended).code).toBe(0);
+    expect(existsSync(inside)).toBe(false);
+
+    // A process of an older version holds the lock it took beside the directory (here: this live process).
+    writeFileSync(beside, JSON.stringify({ pid: process.pid, started: null, host: hostname() }));
+    // Private (as an older version running as root leaves it): a lock this user cannot read is not taken for stale.
+    chmodSync(beside, 0o600);
+    const unreadable = keel(['migrate', 'status'], env(dataDir, settings), NOBODY);
+    expect((await unreadable.ended).code, unreadable.out()).toBe(1);
+    expect(unreadable.err()).toContain(`PGLITE_DATA_DIR: cannot read the lock file ${beside} (EACCES)`);
+    chmodSync(beside, 0o644);
+    const refused = keel(['migrate', 'status'], env(dataDir, settings), NOBODY);
+    expect((await refused.ended).code, refused.out()).toBe(1);
+    expect(refused.err()).toContain(`in use by another Keel process (pid ${process.pid})`);
+    expect(existsSync(inside)).toBe(false);
+    // Its holder gone (no pid is above 2^22 on Linux): this user cannot remove it, and it is no longer in the way.
+    const deadHolder = JSON.stringify({ pid: 2 ** 22 + 1, started: null, host: hostname() });
+    writeFileSync(beside, deadHolder);
+    const opened = keel(['migrate', 'status'], env(dataDir, settings), NOBODY);
+    expect((await opened.ended).code, opened.err()).toBe(0);
+    expect(readFileSync(beside, 'utf8')).toBe(deadHolder);
+    expect(existsSync(inside)).toBe(false);
+
+    // A directory this user cannot write: one line naming the lock file and the cause.
+    const readOnly = join(volumes, 'read-only');
+    mkdirSync(readOnly);
+    chmodSync(readOnly, 0o755);
+    const denied = keel(['migrate'], env(dataDir, { PGLITE_DATA_DIR: readOnly, HOME: home }), NOBODY);
+    expect((await denied.ended).code, denied.out()).toBe(1);
+    expect(denied.err().trim().split('\n')).toHaveLength(1);
+    expect(denied.err()).toContain(`PGLITE_DATA_DIR: cannot take the lock file ${join(readOnly, 'keel.lock')} (EACCES): make ${readOnly} writable by this user (uid ${NOBODY.uid})`);
+  }, 300_000);
 });
 
 describe('file modes', () => {
