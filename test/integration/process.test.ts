@@ -1,10 +1,11 @@
+import { spawnSync } from 'node:child_process';
 import { chmodSync, chownSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 
-import { exists, freePort, healthy, keel, killLeftovers, launch, migratedDataDir } from '../helpers/process.js';
+import { exists, freePort, healthy, KEEL, keel, killLeftovers, launch, migratedDataDir, ROOT } from '../helpers/process.js';
 
 // Real processes on real data directories: the lock, file modes, signals, log flushing and drain.
 const scratch = mkdtempSync(join(tmpdir(), 'keel-process-test-'));
@@ -106,8 +107,17 @@ function chownTree(path: string, owner: { uid: number; gid: number }): void {
 
 const lockHolder = (path: string) => (JSON.parse(readFileSync(path, 'utf8')) as { pid: number }).pid;
 
-// Keel as another user needs root to start it.
-describe.skipIf(process.getuid?.() !== 0)('a data directory whose parent Keel cannot write', () => {
+/**
+ * Whether `user` can run this checkout's `keel` with this Node: starting it needs root, and neither
+ * may sit in a directory only root enters (CI's Node 24 is in a 0700 scratch directory; a checkout
+ * may be under /root).
+ */
+function canRunKeelAs(user: { uid: number; gid: number }): boolean {
+  if (process.getuid?.() !== 0) return false;
+  return spawnSync(process.execPath, [KEEL, 'help'], { cwd: ROOT, env: { PATH: process.env.PATH, HOME: tmpdir() }, stdio: 'ignore', ...user }).status === 0;
+}
+
+describe.skipIf(!canRunKeelAs(NOBODY))('a data directory whose parent Keel cannot write', () => {
   it('a non-root Keel on a volume reached through a symlink starts; a second process (root too) and an older version\'s live lock beside it are refused; kill -9 is taken over; an unwritable directory names the lock file', async () => {
     // This test file's scratch directory is 0700 (mkdtemp): let the other user through.
     chmodSync(scratch, 0o755);
