@@ -4,21 +4,33 @@ import { join } from 'node:path';
 
 import { ConfigError } from './config.js';
 
-/** Another live process holds the lock; `holder` is its pid. */
+/** The lock file inside the directory it locks (PGlite's data directory). */
+export const LOCK_FILE = 'keel.lock';
+
+/**
+ * Another live process holds the lock; `holder` is its pid. One on another host (a shared
+ * filesystem, or a container since replaced: each has a hostname of its own) cannot be checked
+ * from here and counts as live: the message names the host and the lock file, so that an operator
+ * whose container was replaced after a crash (kill -9, out of memory) knows what to remove.
+ */
 export class DataDirLockedError extends ConfigError {
   constructor(
     readonly directory: string,
     readonly holder: number,
+    readonly host: string = hostname(),
+    lockFile = join(directory, LOCK_FILE),
   ) {
-    super(`the embedded database ${directory} is in use by another Keel process (pid ${holder}); stop it first`);
+    super(
+      host === hostname()
+        ? `the embedded database ${directory} is in use by another Keel process (pid ${holder}); stop it first`
+        : `the embedded database ${directory} is in use by a Keel process on host ${host} (pid ${holder}), which cannot be checked from here; stop it first, or, if no Keel runs there any more (a container replaced after a crash), remove ${lockFile}`,
+    );
   }
 }
 
 /** The lock could not be taken or judged: a file this user cannot create or read. The message names the file and the cause. */
 export class DataDirLockError extends ConfigError {}
 
-/** The lock file inside the directory it locks (PGlite's data directory). */
-export const LOCK_FILE = 'keel.lock';
 
 interface Holder {
   pid: number;
@@ -160,7 +172,7 @@ function takeOlderVersionsLock(path: string, directory: string): () => void {
     if (codeOf(error) === 'ENOENT') return () => undefined;
     throw error;
   }
-  if (holder && alive(holder)) throw new DataDirLockedError(directory, holder.pid);
+  if (holder && alive(holder)) throw new DataDirLockedError(directory, holder.pid, holder.host, path);
   return () => undefined;
 }
 
@@ -180,7 +192,7 @@ function takeLock(path: string, directory: string): () => void {
         if (codeOf(error) === 'ENOENT') continue; // released meanwhile: try again
         throw error;
       }
-      if (holder && alive(holder)) throw new DataDirLockedError(directory, holder.pid);
+      if (holder && alive(holder)) throw new DataDirLockedError(directory, holder.pid, holder.host, path);
       takeOverStale(path, holder);
       continue;
     }

@@ -69,6 +69,21 @@ describe.skipIf(inject('templatePgliteDir') === null)('the embedded database loc
     expect(existsSync(join(dir, 'keel.lock'))).toBe(false);
   });
 
+  it('refuses a lock held on another host (it cannot be checked from here), naming the host and the lock file to remove once no Keel runs there: a container replaced after a crash has a new hostname', async () => {
+    const dir = join(scratch, 'other-host');
+    cpSync(inject('templatePgliteDir')!, dir, { recursive: true });
+    const lock = join(dir, 'keel.lock');
+    writeFileSync(lock, JSON.stringify({ pid: 1, started: null, host: 'keel-7f9c-old-container' }));
+    const error = await openingError(dir);
+    expect(error).toBeInstanceOf(DataDirLockedError);
+    expect((error as Error).message).toBe(
+      `the embedded database ${dir} is in use by a Keel process on host keel-7f9c-old-container (pid 1), which cannot be checked from here; stop it first, or, if no Keel runs there any more (a container replaced after a crash), remove ${lock}`,
+    );
+    // Removed as the message says: the database opens.
+    rmSync(lock);
+    expect(await openingError(dir)).toBeUndefined();
+  });
+
   it('opens a data directory named through a symlink (a volume mounted elsewhere) as the directory it points to', async () => {
     const dir = join(scratch, 'real-pglite');
     cpSync(inject('templatePgliteDir')!, dir, { recursive: true });
