@@ -129,7 +129,10 @@ export interface ModelMetrics {
 }
 
 export interface Metrics {
+  /** This app's metrics. */
   registry: Registry;
+  /** What `/metrics` shows: this app's metrics and the process's own. */
+  served: () => Registry;
   httpDuration: KeyedHistogram<'method' | 'route' | 'status_code'>;
   models: ModelMetrics;
 }
@@ -184,10 +187,25 @@ export function unservedModelMetrics(): ModelMetrics {
   return createModelMetrics(new Registry());
 }
 
-/** One registry per app instance, so several apps (tests) never share or clash. */
+/**
+ * The process's own metrics (prom-client's defaults: CPU, memory, event-loop delay, GC), collected
+ * once per process however many apps it builds: they describe the process, not an app, and each
+ * collection starts monitors that nothing stops (an event-loop delay histogram at 10 ms resolution,
+ * a GC observer), which a test process building an app per file piled up.
+ */
+let processRegistry: Registry | undefined;
+
+function processMetrics(): Registry {
+  if (!processRegistry) {
+    processRegistry = new Registry();
+    collectDefaultMetrics({ register: processRegistry });
+  }
+  return processRegistry;
+}
+
+/** One registry per app instance, so several apps (tests) never share or clash; `/metrics` shows it with the process's own (`processMetrics`). */
 export function createMetrics(): Metrics {
   const registry = new Registry();
-  collectDefaultMetrics({ register: registry });
   const httpDuration = new KeyedHistogram({
     name: 'http_request_duration_seconds',
     help: 'HTTP request latency by route',
@@ -195,5 +213,6 @@ export function createMetrics(): Metrics {
     buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
     registers: [registry],
   });
-  return { registry, httpDuration, models: createModelMetrics(registry) };
+  // At each scrape: a merged registry holds the metrics registered when it was made.
+  return { registry, served: () => Registry.merge([registry, processMetrics()]), httpDuration, models: createModelMetrics(registry) };
 }

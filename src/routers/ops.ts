@@ -93,8 +93,9 @@ export const opsRouter: FastifyPluginAsyncZod = async (app) => {
       ...(app.settings.METRICS_TOKEN ? { onRequest: requireMetricsToken(app.settings.METRICS_TOKEN) } : {}),
     },
     async (_request, reply) => {
-      reply.type(app.metrics.registry.contentType);
-      return app.metrics.registry.metrics();
+      const served = app.metrics.served();
+      reply.type(served.contentType);
+      return served.metrics();
     },
   );
 };

@@ -5,7 +5,7 @@
 import { Counter, Histogram, Registry } from 'prom-client';
 import { describe, expect, it } from 'vitest';
 
-import { KeyedCounter, KeyedHistogram } from '../../src/core/metrics.js';
+import { createMetrics, KeyedCounter, KeyedHistogram } from '../../src/core/metrics.js';
 
 const BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5];
 
@@ -92,5 +92,21 @@ describe('KeyedCounter and KeyedHistogram', () => {
     }
     expect(await keyed.metrics()).toBe(await plain.metrics());
     expect(await keyed.metrics()).toContain('calls_total{model="m",provider="p",status="success"} 3');
+  });
+});
+
+describe('the metrics of several apps in one process (tests build one per file)', () => {
+  it("serve each app's own metrics with the process's, whose monitors (event-loop delay, GC) are started once, not once an app", async () => {
+    const [a, b] = [createMetrics(), createMetrics()];
+    a.httpDuration.observe({ method: 'GET', route: '/a', status_code: '200' }, 0.01);
+    const [servedA, servedB] = [a.served(), b.served()];
+    for (const name of ['process_cpu_user_seconds_total', 'nodejs_eventloop_lag_seconds', 'nodejs_gc_duration_seconds']) {
+      expect(servedA.getSingleMetric(name), name).toBeDefined();
+      expect(servedA.getSingleMetric(name), name).toBe(servedB.getSingleMetric(name));
+    }
+    expect(await servedA.metrics()).toContain('route="/a"');
+    expect(await servedB.metrics()).not.toContain('route="/a"');
+    // The app's own registry holds no process metrics: a second collection there would start their monitors again.
+    expect(a.registry.getSingleMetric('nodejs_eventloop_lag_seconds')).toBeUndefined();
   });
 });
