@@ -1,3 +1,4 @@
+import { hostname } from 'node:os';
 import { inspect } from 'node:util';
 
 import { ConfigError, envFileWarnings, loadSettings, readEnvironment, type Settings } from './core/config.js';
@@ -272,6 +273,8 @@ async function createSuperuserCommand(args: string[]): Promise<number> {
     process.stdout.write(`${email.data}: ${changes.length ? changes.join(', ') : 'already an active superuser, nothing changed'}${kept}\n`);
   }).catch((error: unknown) => {
     if (!(error instanceof DataDirLockedError)) throw error;
+    // A holder on another host may be a replaced container's: the lock's own message says what to remove.
+    if (error.host !== hostname()) throw new ConfigError(`create-superuser: ${error.message}`);
     throw new ConfigError(
       `create-superuser cannot open ${error.directory}: a running Keel server (pid ${error.holder}) holds it. ` +
         'Stop the server first, or sign in as a superuser and create the account through the API (POST /api/v1/users)',

@@ -94,6 +94,14 @@ describe('one process per embedded database', () => {
     expect(existsSync(join(dataDir, 'pglite', 'keel.lock'))).toBe(false);
     const created = keel(['create-superuser', '--email', 'second@process.test'], env(dataDir, { KEEL_SUPERUSER_PASSWORD: PASSWORD }));
     expect((await created.ended).code, created.err()).toBe(0);
+
+    // A lock left on another host (a container replaced after a crash): create-superuser names that host and the file to remove, not a server to stop.
+    const lock = join(dataDir, 'pglite', 'keel.lock');
+    writeFileSync(lock, JSON.stringify({ pid: 1, started: null, host: 'replaced-container' }));
+    const elsewhere = keel(['create-superuser', '--email', 'third@process.test'], env(dataDir, { KEEL_SUPERUSER_PASSWORD: PASSWORD }));
+    expect((await elsewhere.ended).code).toBe(1);
+    expect(elsewhere.err()).toContain(`create-superuser: the embedded database ${join(dataDir, 'pglite')} is in use by a Keel process on host replaced-container (pid 1)`);
+    expect(elsewhere.err()).toContain(`remove ${lock}`);
   }, 400_000);
 });
 
