@@ -425,6 +425,19 @@ describe("response_format json_object (OpenAI's JSON mode) on Anthropic and Goog
     expect(finish).toBe('stop');
   });
 
+  it('keeps the thinking of a Claude model that refuses forced tool use: the SDK model offers it the json tool as auto, thinking or not', async () => {
+    // An id the Anthropic SDK model reads as Claude Sonnet 5.5's (rejectsForcedToolUse; thinks only adaptively).
+    const model = 'th-claude-sonnet-5-5';
+    expect((await api('POST', '/models', admin, { id: model, provider: 'th-anthropic', pricing: PRICING, capabilities: ['chat', 'reasoning'] })).statusCode).toBe(200);
+    fake.script(model, asTool);
+    const completion = await client.chat.completions.create({ ...jsonMode, model, reasoning_effort: 'high' });
+    expect(JSON.parse(completion.choices[0]!.message.content!)).toEqual({ color: 'blue' });
+    const body = fake.requestsFor(model)[0]!.body;
+    expect(body.thinking).toEqual({ type: 'adaptive' });
+    expect(body.tools).toMatchObject([{ name: 'json' }]);
+    expect(body.tool_choice).toMatchObject({ type: 'auto' });
+  });
+
   it("keeps the user's tools beside the json tool for Claude; sends Gemini its JSON MIME type", async () => {
     fake.script('th-claude-plain', asTool);
     await client.chat.completions.create({ ...jsonMode, model: 'th-claude-plain', tools });

@@ -612,12 +612,12 @@ const MIN_THINKING_BUDGET = 1024;
  * SDK drops reasoning without a signature): Anthropic would answer 400. A forced tool choice
  * (`required`, a named tool) is one thinking forbids: the SDK model would send `auto` instead, and
  * an answer without the tool call fail enforceToolChoice after it was billed. So is a response
- * schema the SDK model asks for through its forced `json` tool (anthropicJsonTool): under thinking
+ * schema the SDK model asks for through its forced `json` tool (anthropicForcedJsonTool): under thinking
  * the model may answer prose, handed to the client as its JSON.
  */
 function anthropicThinkingRefused({ messages, toolChoice, responseFormat }: Partial<ChatRequest>, modelId: string): boolean {
   if (toolChoice !== undefined && toolChoice !== 'auto' && toolChoice !== 'none') return true;
-  if (responseFormat !== undefined && anthropicJsonTool(modelId, responseFormat.schema ?? ANY_JSON_OBJECT)) return true;
+  if (responseFormat !== undefined && anthropicForcedJsonTool(modelId, responseFormat.schema ?? ANY_JSON_OBJECT)) return true;
   if (!messages) return false;
   for (let i = messages.length - 1; i >= 0; i -= 1) {
     const message = messages[i]!;
@@ -636,6 +636,14 @@ function anthropicThinkingRefused({ messages, toolChoice, responseFormat }: Part
  */
 const anthropicJsonTool = (modelId: string, schema: JSONSchema7): boolean => !getModelCapabilities(modelId).supportsStructuredOutput || !supportsNativeStructuredOutputSchema(schema);
 
+/**
+ * Whether the SDK model forces its `json` tool for `modelId`'s JSON of `schema` (anthropicJsonTool),
+ * which thinking would relax to `auto`. A model that refuses forced tool use (Sonnet 5.5, Opus 5.5:
+ * `rejectsForcedToolUse`) gets the tool as `auto` with or without thinking, so thinking changes
+ * nothing there and is kept.
+ */
+const anthropicForcedJsonTool = (modelId: string, schema: JSONSchema7): boolean => anthropicJsonTool(modelId, schema) && !getModelCapabilities(modelId).rejectsForcedToolUse;
+
 /** OpenAI's JSON mode (`json_object`) as a schema: any JSON object (see jsonFormatFor). */
 const ANY_JSON_OBJECT: JSONSchema7 = { type: 'object' };
 
@@ -644,7 +652,8 @@ const ANY_JSON_OBJECT: JSONSchema7 = { type: 'object' };
  * SDK model drops a JSON format without a schema (a warning nobody reads), so a client of OpenAI's
  * `json_object` could be answered prose. Any object is its schema there, which the SDK model asks
  * for through its forced `json` tool (an open object is one output_config.format cannot hold) and
- * answers that tool's input as the text: a JSON object, as OpenAI's JSON mode promises. Google's
+ * answers that tool's input as the text: a JSON object, as OpenAI's JSON mode promises (but for a
+ * model that refuses forced tool use, Sonnet and Opus 5.5, offered the tool as `auto`). Google's
  * SDK model sends a format without a schema as its JSON MIME type, which holds the answer to JSON.
  */
 const jsonFormatFor = (kind: string | undefined, format: JsonResponseFormat | undefined): JsonResponseFormat | undefined =>
