@@ -1,4 +1,4 @@
-import { closeSync, linkSync, openSync, readFileSync, renameSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, linkSync, openSync, readFileSync, renameSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 
@@ -180,11 +180,7 @@ function takeOlderVersionsLock(path: string, directory: string): () => void {
 function takeLock(path: string, directory: string): () => void {
   const mine: Holder = { pid: process.pid, started: startTime(process.pid), host: hostname() };
   for (let attempt = 0; attempt < 5; attempt++) {
-    let fd: number;
-    try {
-      fd = openSync(path, 'wx', 0o600);
-    } catch (error) {
-      if (codeOf(error) !== 'EEXIST') throw new CannotCreate(error as NodeJS.ErrnoException);
+    if (!createLock(path, mine)) {
       let holder: Holder | null;
       try {
         holder = readHolder(path);
@@ -195,11 +191,6 @@ function takeLock(path: string, directory: string): () => void {
       if (holder && alive(holder)) throw new DataDirLockedError(directory, holder.pid, holder.host, path);
       takeOverStale(path, holder);
       continue;
-    }
-    try {
-      writeSync(fd, JSON.stringify(mine));
-    } finally {
-      closeSync(fd);
     }
     let released = false;
     const release = () => {
@@ -216,6 +207,48 @@ function takeLock(path: string, directory: string): () => void {
     return release;
   }
   throw new DataDirLockError(`could not take the lock ${path}: it keeps changing hands`);
+}
+
+/** Link errors of a filesystem without hard links (FAT, some FUSE and SMB mounts). */
+const NO_HARD_LINKS = new Set(['EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'ENOSYS', 'EXDEV']);
+
+/**
+ * Creates the lock file `path` holding `mine`, whole: written under a name of this process's, then
+ * linked into place (EEXIST: it is taken; false). Never half-written where another starter can see
+ * it: created empty with O_EXCL and written after, it could be read in between as nobody's and
+ * taken over as stale, and both processes would open the database. A filesystem without hard links
+ * gets O_EXCL and the write. Throws CannotCreate when the file cannot be made.
+ */
+function createLock(path: string, mine: Holder): boolean {
+  const text = JSON.stringify(mine);
+  const draft = `${path}.${process.pid}.new`;
+  try {
+    writeFileSync(draft, text, { mode: 0o600 });
+  } catch (error) {
+    throw new CannotCreate(error as NodeJS.ErrnoException);
+  }
+  try {
+    linkSync(draft, path);
+    return true;
+  } catch (error) {
+    if (codeOf(error) === 'EEXIST') return false;
+    if (!NO_HARD_LINKS.has(codeOf(error) ?? '')) throw new CannotCreate(error as NodeJS.ErrnoException);
+  } finally {
+    unlinkSync(draft);
+  }
+  let fd: number;
+  try {
+    fd = openSync(path, 'wx', 0o600);
+  } catch (error) {
+    if (codeOf(error) === 'EEXIST') return false;
+    throw new CannotCreate(error as NodeJS.ErrnoException);
+  }
+  try {
+    writeSync(fd, text);
+  } finally {
+    closeSync(fd);
+  }
+  return true;
 }
 
 /**

@@ -1,6 +1,9 @@
-import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { hostname, tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { promisify } from 'node:util';
 
 import { sql } from 'drizzle-orm';
 import { afterAll, describe, expect, inject, it } from 'vitest';
@@ -15,6 +18,8 @@ afterAll(() => rmSync(scratch, { recursive: true, force: true }));
 const settingsFor = (dataDir: string) => loadSettings({ ENVIRONMENT: 'local', SECRET_KEY: 'x'.repeat(40), PGLITE_DATA_DIR: dataDir });
 
 /** What opening the embedded database at `dataDir` throws; a database that opened is closed again (two on one directory overwrite each other's writes). */
+const execFileAsync = promisify(execFile);
+
 async function openingError(dataDir: string): Promise<unknown> {
   try {
     const database = await openDatabase(settingsFor(dataDir));
@@ -82,6 +87,26 @@ describe.skipIf(inject('templatePgliteDir') === null)('the embedded database loc
     // Removed as the message says: the database opens.
     rmSync(lock);
     expect(await openingError(dir)).toBeUndefined();
+  });
+
+  it('lets exactly one of many processes that start at the same moment take the lock, a stale lock (kill -9) left in their way', async () => {
+    const dir = join(scratch, 'contended');
+    mkdirSync(dir);
+    // The lock a killed process left: its pid is no process's.
+    writeFileSync(join(dir, 'keel.lock'), JSON.stringify({ pid: 2 ** 22 + 1, started: null, host: hostname() }));
+    const lockModule = pathToFileURL(join(import.meta.dirname, '../../dist/core/data-dir-lock.js')).href;
+    const at = Date.now() + 1500;
+    // Each waits for the same moment, tries, says what it got, and holds a won lock a while (so a later one cannot take it over).
+    const script = `const { lockDirectory } = await import(${JSON.stringify(lockModule)});
+      while (Date.now() < ${at});
+      try { lockDirectory(${JSON.stringify(dir)}); console.log('got'); await new Promise((r) => setTimeout(r, 1500)); }
+      catch (error) { console.log(error.constructor.name); }`;
+    const starters = Array.from({ length: 12 }, () => execFileAsync(process.execPath, ['--input-type=module', '-e', script]));
+    const said = (await Promise.all(starters)).map(({ stdout }) => stdout.trim());
+    expect(said.filter((word) => word === 'got'), said.join(' ')).toHaveLength(1);
+    expect(said.filter((word) => word !== 'got' && word !== 'DataDirLockedError'), said.join(' ')).toEqual([]);
+    // Released by the winner's exit, nothing left behind: no drafts, no stale copies.
+    expect(readdirSync(dir)).toEqual([]);
   });
 
   it('opens a data directory named through a symlink (a volume mounted elsewhere) as the directory it points to', async () => {
