@@ -31,7 +31,6 @@ export class DataDirLockedError extends ConfigError {
 /** The lock could not be taken or judged: a file this user cannot create or read. The message names the file and the cause. */
 export class DataDirLockError extends ConfigError {}
 
-
 interface Holder {
   pid: number;
   /** Kernel start time of the process (Linux), so a pid reused after a crash is not taken for the holder. */

@@ -628,21 +628,18 @@ function anthropicThinkingRefused({ messages, toolChoice, responseFormat }: Part
 }
 
 /**
- * Whether Anthropic's SDK model asks `modelId` for JSON of `schema` through a `json` tool it forces
- * (as its own check reads: Keel sets no `structuredOutputMode`) rather than Anthropic's
- * `output_config.format`: for an id it does not take to have that format (a custom id without
- * `claude-`, Claude 3 and 4.0), or a schema the format cannot hold (an open object, more than ten
- * optional properties). A JSON response without a schema it sends as no format at all.
- */
-const anthropicJsonTool = (modelId: string, schema: JSONSchema7): boolean => !getModelCapabilities(modelId).supportsStructuredOutput || !supportsNativeStructuredOutputSchema(schema);
-
-/**
- * Whether the SDK model forces its `json` tool for `modelId`'s JSON of `schema` (anthropicJsonTool),
- * which thinking would relax to `auto`. A model that refuses forced tool use (Sonnet 5.5, Opus 5.5:
+ * Whether Anthropic's SDK model forces a `json` tool to have `modelId` answer JSON of `schema` (as
+ * its own checks read: Keel sets no `structuredOutputMode`), which thinking would relax to `auto`:
+ * rather than Anthropic's `output_config.format`, for an id it does not take to have that format (a
+ * custom id without `claude-`, Claude 3 and 4.0) or a schema the format cannot hold (an open object,
+ * more than ten optional properties). A model that refuses forced tool use (Sonnet 5.5, Opus 5.5:
  * `rejectsForcedToolUse`) gets the tool as `auto` with or without thinking, so thinking changes
  * nothing there and is kept.
  */
-const anthropicForcedJsonTool = (modelId: string, schema: JSONSchema7): boolean => anthropicJsonTool(modelId, schema) && !getModelCapabilities(modelId).rejectsForcedToolUse;
+function anthropicForcedJsonTool(modelId: string, schema: JSONSchema7): boolean {
+  const can = getModelCapabilities(modelId);
+  return (!can.supportsStructuredOutput || !supportsNativeStructuredOutputSchema(schema)) && !can.rejectsForcedToolUse;
+}
 
 /** OpenAI's JSON mode (`json_object`) as a schema: any JSON object (see jsonFormatFor). */
 const ANY_JSON_OBJECT: JSONSchema7 = { type: 'object' };
