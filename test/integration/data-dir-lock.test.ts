@@ -1,9 +1,8 @@
-import { execFile } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { hostname, tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { promisify } from 'node:util';
 
 import { sql } from 'drizzle-orm';
 import { afterAll, describe, expect, inject, it } from 'vitest';
@@ -18,8 +17,6 @@ afterAll(() => rmSync(scratch, { recursive: true, force: true }));
 const settingsFor = (dataDir: string) => loadSettings({ ENVIRONMENT: 'local', SECRET_KEY: 'x'.repeat(40), PGLITE_DATA_DIR: dataDir });
 
 /** What opening the embedded database at `dataDir` throws; a database that opened is closed again (two on one directory overwrite each other's writes). */
-const execFileAsync = promisify(execFile);
-
 async function openingError(dataDir: string): Promise<unknown> {
   try {
     const database = await openDatabase(settingsFor(dataDir));
@@ -96,13 +93,17 @@ describe.skipIf(inject('templatePgliteDir') === null)('the embedded database loc
     writeFileSync(join(dir, 'keel.lock'), JSON.stringify({ pid: 2 ** 22 + 1, started: null, host: hostname() }));
     const lockModule = pathToFileURL(join(import.meta.dirname, '../../dist/core/data-dir-lock.js')).href;
     const at = Date.now() + 1500;
-    // Each waits for the same moment, tries, says what it got, and holds a won lock a while (so a later one cannot take it over).
+    // Each waits for the same moment, tries and says what it got; a winner holds the lock until every
+    // one has answered (its standard input ends), so a starter the machine made late cannot find it free.
     const script = `const { lockDirectory } = await import(${JSON.stringify(lockModule)});
       while (Date.now() < ${at});
-      try { lockDirectory(${JSON.stringify(dir)}); console.log('got'); await new Promise((r) => setTimeout(r, 1500)); }
+      try { lockDirectory(${JSON.stringify(dir)}); console.log('got'); process.stdin.resume(); process.stdin.on('end', () => process.exit(0)); }
       catch (error) { console.log(error.constructor.name); }`;
-    const starters = Array.from({ length: 12 }, () => execFileAsync(process.execPath, ['--input-type=module', '-e', script]));
-    const said = (await Promise.all(starters)).map(({ stdout }) => stdout.trim());
+    const starters = Array.from({ length: 12 }, () => spawn(process.execPath, ['--input-type=module', '-e', script], { stdio: ['pipe', 'pipe', 'inherit'] }));
+    const ended = starters.map((child) => new Promise((resolve) => child.once('exit', resolve)));
+    const said = await Promise.all(starters.map((child) => new Promise<string>((resolve) => child.stdout.once('data', (data: Buffer) => resolve(data.toString().trim())))));
+    for (const child of starters) child.stdin.end();
+    await Promise.all(ended);
     expect(said.filter((word) => word === 'got'), said.join(' ')).toHaveLength(1);
     expect(said.filter((word) => word !== 'got' && word !== 'DataDirLockedError'), said.join(' ')).toEqual([]);
     // Released by the winner's exit, nothing left behind: no drafts, no stale copies.
