@@ -57,11 +57,12 @@ describe('one process per embedded database', () => {
     const first = await server(dataDir);
     expect(await signup(first.base, 'kept@process.test')).toBe(200);
 
-    // Every command that opens the database refuses, with one line naming the holder's pid.
-    const port = String(await freePort());
+    // Every command that opens the database refuses, with one line naming the holder's pid. The two
+    // servers get a port each: both probe their port before the lock, and one port probed by both at
+    // once is in use for one of them.
     const others = [
-      keel(['start'], env(dataDir, { PORT: port })),
-      keel(['api'], env(dataDir, { PORT: port })),
+      keel(['start'], env(dataDir, { PORT: String(await freePort()) })),
+      keel(['api'], env(dataDir, { PORT: String(await freePort()) })),
       keel(['migrate'], env(dataDir)),
       keel(['migrate', 'status'], env(dataDir)),
     ];
