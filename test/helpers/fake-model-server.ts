@@ -53,7 +53,7 @@ export interface ScriptedReply {
    * while a reasoning model thinks.
    */
   comments?: { everyMs: number; forMs: number };
-  /** Delay before each streamed chunk (and before a non-stream answer). */
+  /** Delay before each streamed chunk (and before a non-stream answer, or an error status, streamed or not). */
   chunkDelayMs?: number;
   toolCalls?: FakeToolCall[];
   /** null: the answer reports no usage (no `usage` field, no usage chunk), as some servers do. */
@@ -319,6 +319,7 @@ export class FakeModelServer {
       return;
     }
     if (reply.status && reply.status >= 400) {
+      if (reply.chunkDelayMs) await sleep(reply.chunkDelayMs);
       const error = reply.body ?? { error: { message: `fake error ${reply.status}`, type: 'server_error', param: null, code: null } };
       return this.json(res, entry, reply.status, error, reply.headers);
     }

@@ -65,7 +65,7 @@ import {
   UpstreamError,
 } from './errors.js';
 import { type AbortLike, allFinite, type ChoiceLogprobs, type OpenAIWire, rawLogprobs, rawRefusal, toolCallOf, type WireCall, type WireEmbeddingsCall, wireMessages, type WireTool, type WireToolChoice } from './openai-wire.js';
-import { type ProviderRecord, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
+import { type ProviderRecord, type ProviderRecords, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
 import { type Capability, type ModelInfo, type ModelOverride, STAND_IN_FOR, type TokenUsage, ZERO_USAGE } from './types.js';
 
@@ -1899,6 +1899,8 @@ export class ModelManager {
         attempts += 1;
         const timeoutMs = request.timeoutMs ?? this.options.timeoutMs;
         const attempt = new Attempt(signal, timeoutMs, deadline, this.options.streamTimeoutMs);
+        // The credentials this try is sent with: what its error may echo, even once they are changed meanwhile.
+        const sentWith = this.options.providers.current;
         try {
           const value = await runAttempt(model, attempt, state);
           finish('success', null);
@@ -1909,7 +1911,7 @@ export class ModelManager {
             finish('aborted', new ModelCallAbortedError(), true);
             throw abortedError(signal);
           }
-          const failure = this.withoutSecrets(outcome.error, model.provider);
+          const failure = this.withoutSecrets(outcome.error, model.provider, sentWith);
           lastError = failure;
           if (outcome.kind === 'fatal' || state.streamed) {
             finish('error', failure);
@@ -1939,12 +1941,16 @@ export class ModelManager {
   /**
    * What a provider said, without the provider's credentials: a server may echo what it was sent
    * (its Authorization header) in an error, which goes on to the caller (a 400's words reach the
-   * client), the usage record and the log.
+   * client), the usage record and the log. Those the request was sent with (`sentWith`) and those
+   * of now: a superuser who rotates a key while a call is in flight has the old one echoed back.
    */
-  private withoutSecrets(error: Error, providerId: string): Error {
+  private withoutSecrets(error: Error, providerId: string, sentWith: ProviderRecords): Error {
     if (!(error instanceof UpstreamError)) return error;
+    const { providers } = this.options;
     let diagnosis = error.message;
-    for (const secret of this.options.providers.secrets(providerId)) diagnosis = diagnosis.replaceAll(secret, '[redacted]');
+    for (const records of sentWith === providers.current ? [sentWith] : [sentWith, providers.current]) {
+      for (const secret of providers.secrets(providerId, records)) diagnosis = diagnosis.replaceAll(secret, '[redacted]');
+    }
     return diagnosis === error.message ? error : error.reworded(diagnosis);
   }
 

@@ -113,6 +113,9 @@ function create(record: ProviderRecord, fetch: typeof globalThis.fetch): SdkProv
   }
 }
 
+/** Provider records by id, as `ProviderRegistry.current` gives them. */
+export type ProviderRecords = ReadonlyMap<string, ProviderRecord>;
+
 /** A provider's wire (null: its kind speaks no OpenAI API), and whether its chat calls take it. */
 interface ProviderWire {
   wire: OpenAIWire | null;
@@ -126,7 +129,7 @@ const OPENAI_BASE_URL = 'https://api.openai.com/v1';
 const MIN_SECRET_LENGTH = 8;
 
 export class ProviderRegistry {
-  private records = new Map<string, ProviderRecord>();
+  private records: ProviderRecords = new Map<string, ProviderRecord>();
   private readonly clients = new Map<string, SdkProvider>();
   /**
    * Model objects by provider and model id: building one is costly (the openai-compatible chat
@@ -156,9 +159,17 @@ export class ProviderRegistry {
     this.wires.clear();
   }
 
-  /** The effective record of a provider: its record, else the settings for a built-in one. */
-  private resolve(id: string): ProviderRecord | undefined {
-    const record = this.records.get(id);
+  /**
+   * The provider records as they stand: a call's attempt keeps them to redact its error with
+   * (`secrets`), since a change while it is in flight (a key rotated) replaces them.
+   */
+  get current(): ProviderRecords {
+    return this.records;
+  }
+
+  /** The effective record of a provider: its record (in `records`), else the settings for a built-in one. */
+  private resolve(id: string, records: ProviderRecords = this.records): ProviderRecord | undefined {
+    const record = records.get(id);
     if (record) return record;
     if (id === 'openai') return { id, kind: 'openai', api_key: this.settings.OPENAI_API_KEY, base_url: this.settings.OPENAI_BASE_URL };
     if (id === 'anthropic') return { id, kind: 'anthropic', api_key: this.settings.ANTHROPIC_API_KEY };
@@ -168,10 +179,11 @@ export class ProviderRegistry {
 
   /**
    * What a provider is sent that no one else may read: its key and its headers' values (long
-   * enough to be credentials rather than words). A server may echo them in an error.
+   * enough to be credentials rather than words). A server may echo them in an error. `records`:
+   * as they were when a request was sent (`current`), for the credentials it went with.
    */
-  secrets(id: string): string[] {
-    const record = this.resolve(id);
+  secrets(id: string, records?: ProviderRecords): string[] {
+    const record = this.resolve(id, records);
     if (!record) return [];
     return [record.api_key, ...Object.values(record.headers ?? {})].filter((value): value is string => typeof value === 'string' && value.length >= MIN_SECRET_LENGTH);
   }
