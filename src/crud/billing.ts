@@ -78,16 +78,16 @@ export interface LedgerChange {
 export async function changeBalance(db: Db, change: LedgerChange): Promise<string | null> {
   const { userId, type, amount, description, createdBy } = change;
   const account = amount.startsWith('-')
-    ? sql`update credit_accounts set balance = balance + ${amount}::numeric, updated_at = now()
-          where user_id = ${userId} and balance - reserved + ${amount}::numeric >= 0 returning balance`
-    : sql`insert into credit_accounts (user_id, balance) values (${userId}, ${amount}::numeric)
-          on conflict (user_id) do update set balance = credit_accounts.balance + excluded.balance, updated_at = now()
-          returning balance`;
+    ? sql`update credit_accounts set balance = balance + ${amount}::numeric, updated_at = ${nextEntryTime(sql`updated_at`)}
+          where user_id = ${userId} and balance - reserved + ${amount}::numeric >= 0 returning balance, updated_at as at`
+    : sql`insert into credit_accounts (user_id, balance, updated_at) values (${userId}, ${amount}::numeric, clock_timestamp())
+          on conflict (user_id) do update set balance = credit_accounts.balance + excluded.balance, updated_at = ${nextEntryTime(sql`credit_accounts.updated_at`)}
+          returning balance, updated_at as at`;
   const [row] = await rows<{ id: string }>(
     db,
     sql`with a as (${account})
         insert into credit_transactions (owner_id, type, amount, balance_after, description, created_by, created_at, updated_at)
-        select ${userId}, ${type}, ${amount}::numeric, balance, ${description}, ${createdBy}, ${LEDGER_TIME}, ${LEDGER_TIME} from a
+        select ${userId}, ${type}, ${amount}::numeric, balance, ${description}, ${createdBy}, at, at from a
         returning id`,
   );
   return row?.id ?? null;
@@ -288,12 +288,13 @@ export async function settle(db: Db, s: Settlement, retried = false): Promise<vo
           where user_id = ${s.userId}::uuid and ${s.chargeAccount}::boolean${fresh} for update
         ),
         a as (
-          update credit_accounts c set balance = ${flooredBalance(sql`o.balance`, sql`${s.cost}::numeric`, sql`o.still_held`)}, reserved = o.still_held, updated_at = now()
-          from o where c.user_id = o.user_id returning c.balance, o.balance - c.balance as debited
+          update credit_accounts c set balance = ${flooredBalance(sql`o.balance`, sql`${s.cost}::numeric`, sql`o.still_held`)}, reserved = o.still_held,
+            updated_at = ${nextEntryTime(sql`c.updated_at`)}
+          from o where c.user_id = o.user_id returning c.balance, o.balance - c.balance as debited, c.updated_at as at
         )
         insert into credit_transactions (owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id, created_at, updated_at)
         select ${s.userId}::uuid, 'usage', -debited, balance, ${chargedDescription(sql`${s.description}::text`, sql`${s.cost}::numeric`, sql`debited`)},
-          ${s.usageRecordId}::uuid, ${s.apiKeyId}::uuid, ${s.projectId}::uuid, ${LEDGER_TIME}, ${LEDGER_TIME}
+          ${s.usageRecordId}::uuid, ${s.apiKeyId}::uuid, ${s.projectId}::uuid, at, at
         from a where ${s.cost}::numeric > 0`,
   );
 }
@@ -372,17 +373,20 @@ const settleCtes = (items: SQL, withRows = false) =>
                 where charge_key and api_key_id is not null group by api_key_id) g
           where t.id = g.api_key_id returning t.id
         ),
-        due as (select user_id, sum(cost) as cost, sum(account_release) as released from ir where charge_account and user_id is not null group by user_id),
+        due as (select user_id, sum(cost) as cost, sum(account_release) as released, count(*) as entries from ir where charge_account and user_id is not null group by user_id),
         o as (
-          select c.user_id, c.balance as prior_balance, greatest(c.reserved - due.released, 0) as still_held, due.cost
+          select c.user_id, c.balance as prior_balance, greatest(c.reserved - due.released, 0) as still_held, due.cost, due.entries
           from credit_accounts c join due on due.user_id = c.user_id for update of c
         ),
         a as (
-          update credit_accounts c set balance = ${flooredBalance(sql`o.prior_balance`, sql`o.cost`, sql`o.still_held`)}, reserved = o.still_held, updated_at = now()
-          from o where c.user_id = o.user_id returning c.user_id, o.prior_balance, o.still_held
+          -- The account's entries take the microseconds up to its new updated_at (their last one's time).
+          update credit_accounts c set balance = ${flooredBalance(sql`o.prior_balance`, sql`o.cost`, sql`o.still_held`)}, reserved = o.still_held,
+            updated_at = ${nextEntryTime(sql`c.updated_at`)} + (o.entries - 1) * interval '1 microsecond'
+          from o where c.user_id = o.user_id returning c.user_id, o.prior_balance, o.still_held, o.entries, c.updated_at as last_at
         ),
         w as (
-          select ir.*, a.prior_balance, a.still_held, sum(ir.cost) over (partition by ir.user_id order by ir.ord rows between unbounded preceding and current row) as spent
+          select ir.*, a.prior_balance, a.still_held, sum(ir.cost) over (partition by ir.user_id order by ir.ord rows between unbounded preceding and current row) as spent,
+            a.last_at - (a.entries - row_number() over (partition by ir.user_id order by ir.ord)) * interval '1 microsecond' as at
           from ir join a on a.user_id = ir.user_id
           where ir.charge_account
         ),
@@ -407,21 +411,23 @@ const chargedDescription = (description: SQL, cost: SQL, debited: SQL) =>
   sql`case when ${debited} < ${cost} then ${description} || ' (cost ' || trim_scale(${cost}) || '; the balance covered ' || trim_scale(${debited}) || ')' else ${description} end`;
 
 /**
- * When a ledger entry is made: the clock once its statement holds the account's row (evaluated
- * once, in the insert, after the update that locks it), not the transaction's start — a transaction
- * that waited for another's lock started earlier but made its balance later, and would have been
- * listed before it.
+ * When an account's next ledger entry is made, set as the account's `updated_at` (which only a
+ * change of its balance moves, with its entry: the last entry's time) in the update that holds its
+ * row: the clock then — not the transaction's start, since a transaction that waited for another's
+ * lock started earlier but made its balance later — and always after the account's last entry
+ * (`last`, the locked row's). The ledger lists entries by time (newest first, ties by id), so each
+ * must come after the one its `balance_after` follows: PGlite's clock ticks in milliseconds, and a
+ * grant in the same millisecond as a settlement tied with it (or came before a batch's entries,
+ * a microsecond apart), listed out of the chain's order.
  */
-const LEDGER_TIME = sql`(select clock_timestamp())`;
+const nextEntryTime = (last: SQL) => sql`greatest(clock_timestamp(), ${last} + interval '1 microsecond')`;
 
 /**
- * The batch's ledger entries. Each is a microsecond after the one before it in the batch (whose
- * order its balances were made in): with one `created_at` for all of them, the ledger listed them
- * (newest first, ties by id) in no order its `balance_after` chain could be followed by.
+ * The batch's ledger entries. Each is a microsecond after the one before it of its account (the
+ * order the batch made their balances in), the last at the account's new `updated_at`.
  */
 const LEDGER_ENTRIES = sql`insert into credit_transactions (id, owner_id, type, amount, balance_after, description, usage_record_id, api_key_id, project_id, created_at, updated_at)
-        select entry_id, user_id, 'usage', -debited, balance_after, ${chargedDescription(sql`description`, sql`cost`, sql`debited`)}, usage_record_id, api_key_id, project_id,
-          ${LEDGER_TIME} + ord * interval '1 microsecond', ${LEDGER_TIME} + ord * interval '1 microsecond'
+        select entry_id, user_id, 'usage', -debited, balance_after, ${chargedDescription(sql`description`, sql`cost`, sql`debited`)}, usage_record_id, api_key_id, project_id, at, at
         from e where cost > 0 order by ord`;
 
 /** Releases every reservation past its expiry (its process died mid-call); returns how many. */

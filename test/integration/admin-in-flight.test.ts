@@ -73,7 +73,6 @@ async function expectConsistent(userId: string): Promise<void> {
   expect(await ledgerSum(ctx.database.db, userId)).toBe(account.balance);
   let running = 0;
   const ledger = await ledgerOf(userId);
-  if (process.env.DUMP) console.log(ledger);
   for (const entry of ledger) {
     running += Number(entry.amount);
     expect(Number(entry.balance_after)).toBeCloseTo(running, 9);
@@ -247,5 +246,26 @@ describe('an API key or its user changed while calls are in flight', () => {
     await expectConsistent(paused.user.id);
     await expectConsistent(bystander.user.id);
     expect(await rowsOf(sql`select count(*)::int as n from credit_reservations where user_id = ${gone.user.id}`)).toEqual([{ n: 0 }]);
+  });
+});
+
+describe('credits granted while calls settle', () => {
+  it("keeps each entry's balance_after the one before plus its amount, and the balance the ledger's sum", async () => {
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    fake.defaultReply = { text: 'ok', chunkDelayMs: 5, usage: { prompt_tokens: 1, completion_tokens: 3 } };
+    try {
+      const work: Promise<unknown>[] = [];
+      for (let i = 0; i < 60; i++) {
+        work.push(chat(user.headers, 'fake-billed'));
+        if (i % 6 === 0) work.push(api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: i % 12 === 0 ? '7' : '-2', type: i % 12 === 0 ? 'grant' : 'adjustment', description: 'concurrent' }));
+      }
+      await Promise.all(work);
+    } finally {
+      fake.defaultReply = { text: 'ok', usage: { prompt_tokens: 1, completion_tokens: 1 } };
+    }
+    await expectConsistent(user.user.id);
+    const ledger = await ledgerOf(user.user.id);
+    expect(ledger.filter((e) => e.type === 'usage')).toHaveLength(60);
   });
 });
