@@ -464,6 +464,37 @@ async function releaseWhere(db: Db, condition: SQL): Promise<number> {
   return Number(row?.released ?? 0);
 }
 
+// ==================== Lock order ====================
+
+/** What a deletion takes away with its billing rows (ON DELETE CASCADE): a user, an API key, or a project (its scoped keys). */
+export type BillingRowsOf = { userId: string } | { apiKeyId: string } | { projectId: string };
+
+/**
+ * Locks (FOR UPDATE) the rows of `of` that holds and settlements lock, in the order they lock them:
+ * reservations, then the credit account, then API keys (each table's rows by id). A transaction
+ * that deletes a user, a key or a project calls it before it locks anything else, the users row
+ * included: it then waits for a hold or settlement in progress, or makes one wait, while holding
+ * nothing that one needs. Without it, the delete held the owner's users row (lockForUpdate, the
+ * DELETE itself) and then waited, through ON DELETE CASCADE, for rows a settlement held, while the
+ * settlement waited for that users row: its ledger entry's (and a hold's reservation's) foreign key
+ * takes a KEY SHARE lock on it at the end of its statement, after its own row locks. PostgreSQL
+ * broke the cycle after deadlock_timeout (1 s) by aborting one side, the delete's a 500. Holds and
+ * settlements, one statement per call, keep their order and cost nothing more.
+ */
+export async function lockBillingRows(tx: Db, of: BillingRowsOf): Promise<void> {
+  const keys =
+    'userId' in of
+      ? sql`select id from api_keys where owner_id = ${of.userId}::uuid`
+      : 'apiKeyId' in of
+        ? sql`select ${of.apiKeyId}::uuid`
+        : sql`select id from api_keys where project_id = ${of.projectId}::uuid`;
+  // A reservation goes with its user (cascade) or loses its key (set null): locked either way.
+  const byUser = 'userId' in of ? sql`user_id = ${of.userId}::uuid or ` : sql``;
+  await rows(tx, sql`select id from credit_reservations where ${byUser}api_key_id in (${keys}) order by id for update`);
+  if ('userId' in of) await rows(tx, sql`select id from credit_accounts where user_id = ${of.userId}::uuid for update`);
+  await rows(tx, sql`select id from api_keys where id in (${keys}) order by id for update`);
+}
+
 // ==================== Usage records ====================
 
 /** A usage row as the writer sends it: `charge_key` adds its cost to the key's `spent` on insert. */

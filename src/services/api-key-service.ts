@@ -1,4 +1,4 @@
-import type { Db } from '../core/db.js';
+import { type Db, transaction } from '../core/db.js';
 import { BadRequestError } from '../core/errors.js';
 import { generateApiKey } from '../core/security.js';
 
@@ -7,6 +7,7 @@ import type { ApiKey } from '../models/index.js';
 import type { ApiKeyCreate, ApiKeyUpdate } from '../schemas/api-key.js';
 
 import { apiKeyCrud, apiKeyPolicy, countActiveByOwner } from '../crud/api-key.js';
+import { lockBillingRows } from '../crud/billing.js';
 import type { Page } from '../crud/page.js';
 import { requireOwnProject } from '../crud/project.js';
 import { forbidApiKey } from '../utils/authentication.js';
@@ -80,5 +81,9 @@ export async function remove(ctx: ServiceContext, id: string): Promise<void> {
   // that its runs are all found before the deletion clears their key.
   await apiKeyCrud.update(ctx.db, ctx.principal, id, { status: 'revoked' });
   await runService.cancelActiveOf(ctx.runs, { api_key_id: id }, 'API key deleted');
-  await apiKeyCrud.remove(ctx.db, ctx.principal, id);
+  await transaction(ctx.db, async (tx) => {
+    // Its reservations first, as a settlement locks them before the key's row (see lockBillingRows).
+    await lockBillingRows(tx, { apiKeyId: id });
+    await apiKeyCrud.remove(tx, ctx.principal, id);
+  });
 }

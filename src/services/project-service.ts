@@ -6,6 +6,7 @@ import type { Project } from '../models/index.js';
 import type { ProjectCreate, ProjectUpdate } from '../schemas/project.js';
 
 import { forgetApiKeys } from '../crud/api-key.js';
+import { lockBillingRows } from '../crud/billing.js';
 import type { Page } from '../crud/page.js';
 import { projectCrud, projectPolicy, requireOwnProject, stats as projectStats } from '../crud/project.js';
 import { lockOwnerCountingBusy } from '../crud/thread.js';
@@ -40,6 +41,8 @@ export function update(ctx: ServiceContext, id: string, input: ProjectUpdate): P
 export async function remove(ctx: ServiceContext, id: string): Promise<void> {
   await transaction(ctx.db, async (tx) => {
     const project = await projectCrud.getVisible(tx, ctx.principal, id, 'write');
+    // Its keys' billing rows before the owner's users row (see lockBillingRows): the cascade deletes the keys.
+    await lockBillingRows(tx, { projectId: id });
     const busy = await lockOwnerCountingBusy(tx, project.owner_id, id);
     if (busy) throw new ConflictError(`Project has runs in progress on ${busy === 1 ? 'one of its threads' : `${busy} of its threads`}: cancel them or wait for them to end, then delete it`);
     await projectCrud.remove(tx, ctx.principal, id);

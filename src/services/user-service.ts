@@ -8,6 +8,7 @@ import type { NewUser, User } from '../models/index.js';
 
 import type { UserCreate, UserRegister, UserUpdate, UserUpdateMe } from '../schemas/user.js';
 
+import { lockBillingRows } from '../crud/billing.js';
 import { lockOwnerCountingBusy } from '../crud/thread.js';
 import * as userCrud from '../crud/user.js';
 import type { RunDeps } from '../modules/agents/run-lifecycle.js';
@@ -84,6 +85,8 @@ async function isLastSuperuser(db: Db, user: User): Promise<boolean> {
 
 export async function deleteMe(db: Db, user: User): Promise<void> {
   await transaction(db, async (tx) => {
+    // Before any users row (see lockBillingRows): a hold or settlement of theirs in progress would deadlock with the cascade.
+    await lockBillingRows(tx, { userId: user.id });
     if (user.is_superuser) await userCrud.lockSuperusers(tx);
     if (await isLastSuperuser(tx, user)) throw new ForbiddenError('The last superuser cannot delete their account');
     if (await lockOwnerCountingBusy(tx, user.id)) throw new ConflictError('You have runs in progress: cancel them (POST /runs/{id}/cancel) or wait for them to end, then delete your account');
@@ -118,6 +121,8 @@ export async function updateByAdmin(db: Db, runs: RunDeps, id: string, input: Us
 export async function deleteByAdmin(db: Db, actor: User, id: string): Promise<void> {
   if (actor.id === id) throw new ForbiddenError('Super users are not allowed to delete themselves');
   await transaction(db, async (tx) => {
+    // Before any users row, the target's among the superusers (see lockBillingRows).
+    await lockBillingRows(tx, { userId: id });
     // Two superusers deleting each other at once must not leave none.
     await userCrud.lockSuperusers(tx);
     const target = await getById(tx, id);

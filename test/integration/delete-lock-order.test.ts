@@ -1,0 +1,218 @@
+/**
+ * Deleting a user, an API key or a project while a hold or settlement of theirs holds its rows.
+ * The delete cascades (ON DELETE CASCADE / SET NULL) to the reservations, the credit account and
+ * the API keys that holds and settlements lock; a settlement's ledger entry (a hold's reservation)
+ * then takes a KEY SHARE lock on its users row for its foreign key, at the end of its statement. A
+ * delete that held the users row before waiting for the cascade's rows deadlocked with it on
+ * PostgreSQL: after deadlock_timeout (1 s) one side was aborted (40P01), the delete's a 500.
+ *
+ * The other side is played on a connection of its own, taking the locks a settlement or hold takes,
+ * in its order, with a pause where its statement would reach the users row: the delete is sent in
+ * the pause and waits (on the server: the test waits until it does), then the other side goes on.
+ * Embedded, PGlite runs one session at a time: the delete simply waits for the other side's commit.
+ * Last, the real meter's settlement made to lose such a deadlock: it is retried, charged once.
+ */
+import { randomUUID } from 'node:crypto';
+
+import { sql } from 'drizzle-orm';
+import { describe, expect, it } from 'vitest';
+
+import type { SqlSession } from '../../src/core/db.js';
+import { databaseError } from '../../src/core/errors.js';
+
+import { getBalance, hold, ledgerSum } from '../../src/crud/billing.js';
+import { useTestApp } from '../helpers/app.js';
+import { createProject, createUser, type TestUser } from '../helpers/factories.js';
+import type { FakeModelServer } from '../helpers/fake-model-server.js';
+import { apiOf, createKey, eventually } from '../helpers/http.js';
+import { captureLogs } from '../helpers/logs.js';
+import { useFakeModels } from '../helpers/metered-models.js';
+
+const logs = captureLogs('info');
+const ctx = useTestApp({ BILLING_ENABLED: 'true', USAGE_FLUSH_INTERVAL_MS: '20', MODEL_MAX_RETRIES: '0' }, { logger: logs.logger });
+const api = apiOf(ctx);
+const onServer = !!process.env.DATABASE_URL;
+
+let fake: FakeModelServer;
+let admin: Record<string, string>;
+useFakeModels(ctx, (server, headers) => {
+  fake = server;
+  admin = headers;
+});
+
+type Statement = [text: string, params?: unknown[]];
+
+async function rowsOf<T>(query: ReturnType<typeof sql>): Promise<T[]> {
+  return ctx.database.db.execute(query).then((result) => (result as { rows: T[] }).rows);
+}
+
+/** Backends of this database waiting for a lock (the server's view; none embedded). */
+async function waitingForLocks(): Promise<number> {
+  const [row] = await rowsOf<{ n: number }>(sql`select count(*)::int as n from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'`);
+  return row?.n ?? 0;
+}
+
+/**
+ * In one transaction on a connection of its own: `before`, then `racer` is started and (on the
+ * server) waits for a lock, then `after`, then COMMIT. Returns the racer's outcome and the
+ * SQLSTATE the transaction failed with (null: it committed).
+ */
+async function interleave<T>(before: Statement[], racer: () => Promise<T>, after: Statement[]): Promise<{ raced: T; failed: string | null }> {
+  let raced!: Promise<T>;
+  let failed: string | null = null;
+  await ctx.database.withSession(async (session: SqlSession) => {
+    await session.exec('begin');
+    try {
+      for (const [text, params] of before) await session.query(text, params);
+      raced = racer();
+      if (onServer) await eventually(async () => (await waitingForLocks()) > 0);
+      for (const [text, params] of after) await session.query(text, params);
+      await session.exec('commit');
+    } catch (error) {
+      failed = databaseError(error)?.code ?? String(error);
+      await session.exec('rollback');
+    }
+  });
+  return { raced: await raced, failed };
+}
+
+/** A user with 100 credits. */
+async function userWithCredits(options: { superuser?: boolean } = {}): Promise<TestUser> {
+  const user = await createUser(ctx.app, options);
+  const granted = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: '100', description: 'test credits' });
+  expect(granted.statusCode, granted.body).toBe(200);
+  return user;
+}
+
+/** A key of `user` with a budget, and a call of that key in flight: its hold of 10 from the account and the key's budget. */
+async function callInFlight(user: TestUser, keyOptions: Record<string, unknown> = {}): Promise<{ keyId: string; reservationId: string }> {
+  const key = await createKey(ctx.app, user, { name: 'budgeted', max_budget: '50', ...keyOptions });
+  const reservationId = randomUUID();
+  const held = await hold(ctx.database.db, { id: reservationId, userId: user.user.id, apiKeyId: key.id, accountAmount: '10', keyAmount: '10', ttlSeconds: 600 });
+  expect(held).toBe('held');
+  return { keyId: key.id, reservationId };
+}
+
+/**
+ * The settlement of that call (settle/settleMany, one statement), charging 4: the reservation
+ * deleted, the account locked and debited, the key's spend moved; `ledger` is its last step, the
+ * ledger entry whose foreign key locks the users row (FOR KEY SHARE, at the statement's end).
+ */
+function settlementOf(userId: string, keyId: string, reservationId: string): { locks: Statement[]; ledger: Statement } {
+  return {
+    locks: [
+      ['delete from credit_reservations where id = $1', [reservationId]],
+      ['select id from credit_accounts where user_id = $1 for update', [userId]],
+      ['update credit_accounts set balance = balance - 4, reserved = reserved - 10 where user_id = $1', [userId]],
+      ['update api_keys set spent = spent + 4, budget_reserved = budget_reserved - 10 where id = $1', [keyId]],
+    ],
+    ledger: [
+      `insert into credit_transactions (owner_id, type, amount, balance_after, description, usage_record_id, api_key_id) values ($1, 'usage', -4, 96, 'chat fake-billed', $2, $3)`,
+      [userId, randomUUID(), keyId],
+    ],
+  };
+}
+
+async function expectUserGone(userId: string): Promise<void> {
+  for (const table of ['users', 'api_keys', 'credit_accounts', 'credit_reservations', 'credit_transactions']) {
+    const column = table === 'users' ? 'id' : table === 'api_keys' || table === 'credit_transactions' ? 'owner_id' : 'user_id';
+    const [row] = await rowsOf<{ n: number }>(sql`select count(*)::int as n from ${sql.identifier(table)} where ${sql.identifier(column)} = ${userId}`);
+    expect(row?.n, table).toBe(0);
+  }
+}
+
+describe('a user deleted while a settlement of theirs holds its rows', () => {
+  for (const [by, superuser] of [
+    ['a superuser', false],
+    ['themselves', false],
+    // Their users row is among the superusers every delete by a superuser locks first.
+    ['a superuser, being one', true],
+  ] as const) {
+    it(`deleted by ${by}: the delete waits for the settlement and answers 200, the settlement commits`, async () => {
+      const user = await userWithCredits({ superuser });
+      const { keyId, reservationId } = await callInFlight(user);
+      const settlement = settlementOf(user.user.id, keyId, reservationId);
+      const remove = () => (by === 'themselves' ? api('DELETE', '/users/me', user.headers) : api('DELETE', `/users/${user.user.id}`, admin));
+      const { raced: response, failed } = await interleave(settlement.locks, remove, [settlement.ledger]);
+      expect(failed).toBeNull();
+      expect(response.statusCode, response.body).toBe(200);
+      await expectUserGone(user.user.id);
+    });
+  }
+});
+
+describe('a user deleted while a hold of theirs is being taken', () => {
+  it('the delete waits for the hold (account, then key, then its reservation row) and answers 200', async () => {
+    const user = await userWithCredits();
+    const key = await createKey(ctx.app, user, { name: 'budgeted', max_budget: '50' });
+    // billingCrud.hold of a key with a budget: one transaction, a statement each.
+    const { raced: response, failed } = await interleave(
+      [['update credit_accounts set reserved = reserved + 10 where user_id = $1 and balance - reserved >= 10', [user.user.id]]],
+      () => api('DELETE', `/users/${user.user.id}`, admin),
+      [
+        ['update api_keys set budget_reserved = budget_reserved + 10 where id = $1', [key.id]],
+        [
+          `insert into credit_reservations (id, expires_at, user_id, api_key_id, account_amount, key_amount) values ($1, now() + interval '10 minutes', $2, $3, 10, 10)`,
+          [randomUUID(), user.user.id, key.id],
+        ],
+      ],
+    );
+    expect(failed).toBeNull();
+    expect(response.statusCode, response.body).toBe(200);
+    await expectUserGone(user.user.id);
+  });
+});
+
+describe('an API key or its project deleted while a settlement of its call holds its rows', () => {
+  for (const what of ['key', 'project'] as const) {
+    it(`the ${what} deleted: the delete waits for the settlement and answers 200; the account charged once, nothing left held`, async () => {
+      const user = await userWithCredits();
+      const project = what === 'project' ? await createProject(ctx.app, user.headers, 'Scoped') : null;
+      const { keyId, reservationId } = await callInFlight(user, project ? { project_id: project.id } : {});
+      const settlement = settlementOf(user.user.id, keyId, reservationId);
+      const path = project ? `/projects/${project.id}` : `/api-keys/${keyId}`;
+      // The key's row is the settlement's last lock: the pause goes before it.
+      const { raced: response, failed } = await interleave(settlement.locks.slice(0, 3), () => api('DELETE', path, user.headers), [settlement.locks[3]!, settlement.ledger]);
+      expect(failed).toBeNull();
+      expect(response.statusCode, response.body).toBe(200);
+      expect(await rowsOf(sql`select id from api_keys where id = ${keyId}`)).toEqual([]);
+      const account = await getBalance(ctx.database.db, user.user.id);
+      expect([Number(account.balance), Number(account.reserved)]).toEqual([96, 0]);
+      expect(Number(await ledgerSum(ctx.database.db, user.user.id))).toBe(96);
+    });
+  }
+});
+
+describe('a settlement that loses a deadlock', () => {
+  // What a settlement met before the fix, and can still meet with any transaction that holds a
+  // users row and then waits for that user's billing rows: the settlement, waiting first, is the
+  // one PostgreSQL aborts. The meter keeps it and retries it: the call is charged and recorded once.
+  it('is retried by the meter: the call charged once, its usage recorded once, nothing left held', async () => {
+    const user = await userWithCredits();
+    fake.script('fake-billed', { text: 'slow', chunkDelayMs: 300, usage: { prompt_tokens: 1, completion_tokens: 4 } });
+    logs.clear();
+    const answered = ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: user.headers, payload: { model: 'fake-billed', messages: [{ role: 'user', content: 'Hi' }], max_tokens: 10 } });
+    // Held (the hold's reservation row takes its own KEY SHARE on the users row) before the users row is locked.
+    await fake.waitFor((log) => log.length === 1);
+    const { raced: response, failed } = await interleave(
+      [['select id from users where id = $1 for update', [user.user.id]]],
+      // Answered; its settlement then waits for the users row, holding the account's.
+      () => answered,
+      [['select id from credit_accounts where user_id = $1 for update', [user.user.id]]],
+    );
+    expect(failed).toBeNull();
+    expect(response.statusCode, response.body).toBe(200);
+    await ctx.app.meter.idle();
+    const ledger = await rowsOf<{ type: string; amount: string }>(sql`select type, trim_scale(amount)::text as amount from credit_transactions where owner_id = ${user.user.id} order by created_at`);
+    expect(ledger).toEqual([
+      { type: 'grant', amount: '100' },
+      { type: 'usage', amount: '-4' },
+    ]);
+    const account = await getBalance(ctx.database.db, user.user.id);
+    expect([Number(account.balance), Number(account.reserved)]).toEqual([96, 0]);
+    expect(await rowsOf(sql`select trim_scale(cost)::text as cost from usage_records where owner_id = ${user.user.id}`)).toEqual([{ cost: '4' }]);
+    const aborted = logs.lines().filter((line) => line.msg === 'credit settlement failed; kept for a retry');
+    // Embedded, one session at a time: nothing to deadlock.
+    expect(aborted.map((line) => (line.err as { code?: string }).code)).toEqual(onServer ? ['40P01'] : []);
+  });
+});
