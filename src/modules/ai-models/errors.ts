@@ -83,6 +83,20 @@ export class ModelOptionError extends HttpError {
   }
 }
 
+/**
+ * A conversation the model's provider cannot answer, refused before anything is sent (400 at
+ * `messages`): Anthropic and Google refuse one without a user or assistant message that says
+ * anything (only system messages, or only empty ones), which OpenAI answers.
+ */
+export class ModelConversationError extends HttpError {
+  constructor(
+    readonly model: string,
+    reason: string,
+  ) {
+    super(400, `messages cannot be sent to model ${model}: ${reason}`);
+  }
+}
+
 /** A call setting or provider option the SDK refuses for the provider (400, in the SDK's words). */
 export class ModelArgumentError extends HttpError {
   constructor(detail: string) {

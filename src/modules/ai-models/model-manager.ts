@@ -56,6 +56,7 @@ import {
   ModelArgumentError,
   ModelCallAbortedError,
   ModelCapabilityError,
+  ModelConversationError,
   ModelDownloadError,
   ModelNotFoundError,
   ModelOptionError,
@@ -67,7 +68,7 @@ import {
 import { type AbortLike, allFinite, type ChoiceLogprobs, type OpenAIWire, rawLogprobs, rawRefusal, toolCallOf, type WireCall, type WireEmbeddingsCall, wireMessages, type WireTool, type WireToolChoice } from './openai-wire.js';
 import { type ProviderRecord, type ProviderRecords, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
-import { type Capability, type ModelInfo, type ModelOverride, STAND_IN_FOR, type TokenUsage, ZERO_USAGE } from './types.js';
+import { type Capability, type ModelInfo, type ModelOverride, type ProviderKind, STAND_IN_FOR, type TokenUsage, ZERO_USAGE } from './types.js';
 
 // ==================== Interfaces ====================
 
@@ -579,6 +580,49 @@ function droppedBy(request: Partial<ChatRequest>): string | undefined {
   if (request.logprobs) return 'logprobs';
   if (request.logitBias !== undefined) return 'logit_bias';
   return undefined;
+}
+
+/**
+ * Text a provider reads as none: Anthropic refuses a text block that is empty or only whitespace
+ * (400), Gemini an empty part (its `text` unset). Whitespace alone says nothing to the model either.
+ */
+const blank = (text: string): boolean => !/\S/.test(text);
+
+/** A part the model has something to read in: any but a blank text. */
+const readable = (part: { type: string; text?: string }): boolean => part.type !== 'text' || !blank(part.text!);
+
+/** A message with something for the model to read (a tool's result always: both providers take an empty output). */
+function saysSomething(message: ModelMessage): boolean {
+  if (message.role === 'tool') return true;
+  return typeof message.content === 'string' ? !blank(message.content) : message.content.some(readable);
+}
+
+/**
+ * Whether a conversation has a user or assistant message that says something: Anthropic refuses
+ * one without (`messages: []` once the SDK has taken the system messages out; an empty block),
+ * Google too (`contents` empty; a part without text), OpenAI answers it. Stops at the first such
+ * message, nearly always the first or second: a cheap check on every call.
+ */
+const answerable = (messages: readonly ModelMessage[]): boolean => messages.some((message) => message.role !== 'system' && saysSomething(message));
+
+/**
+ * The conversation as Anthropic and Google take it: without the blank text parts and the messages
+ * left saying nothing (a replayed empty answer, an empty system message), which they refuse and
+ * which said nothing to the model. The SDK model then joins two user turns that met (Anthropic;
+ * Gemini takes them apart). Unchanged, the same array.
+ */
+function withoutBlanks(messages: ModelMessage[]): ModelMessage[] {
+  if (messages.every((message) => message.role === 'tool' || (typeof message.content === 'string' ? !blank(message.content) : message.content.every(readable)))) return messages;
+  const out: ModelMessage[] = [];
+  for (const message of messages) {
+    if (message.role === 'tool' || typeof message.content === 'string') {
+      if (saysSomething(message)) out.push(message);
+      continue;
+    }
+    const content = (message.content as { type: string; text?: string }[]).filter(readable);
+    if (content.length > 0) out.push({ ...message, content } as ModelMessage);
+  }
+  return out;
 }
 
 /** A call's provider options with `asked` merged into those under its key (none asked: the call's as they are). */
@@ -1362,13 +1406,14 @@ export class ModelManager {
    * and the stream's `includeRawChunks` built in: not spread onto them afterwards, a copy a call.
    */
   private async callOptions(request: ChatRequest, { languageModel, tools }: DirectCall, model: ModelInfo, attempt: Attempt, headers: Record<string, string> | undefined, includeRawChunks?: boolean) {
+    const kind = this.options.providers.kind(model.provider);
     const prompt = await convertToLanguageModelPrompt({
-      prompt: { system: request.system, messages: request.messages },
+      prompt: this.promptFor(request, kind),
       supportedUrls: await languageModel.supportedUrls,
       download: this.downloads(attempt.signal),
       abortSignal: attempt.signal,
     });
-    const format = jsonFormatFor(this.options.providers.kind(model.provider), request.responseFormat);
+    const format = jsonFormatFor(kind, request.responseFormat);
     return {
       ...this.callSettings(request, model),
       responseFormat: format && { type: 'json' as const, schema: format.schema, name: format.name, description: format.description },
@@ -1737,12 +1782,19 @@ export class ModelManager {
     return prepareCallSettings({ maxOutputTokens, temperature, topP, frequencyPenalty, presencePenalty, seed, stopSequences });
   }
 
+  /** The call's system prompt and messages as `kind`'s models take them: Anthropic's and Google's without blank text (withoutBlanks). */
+  private promptFor(request: ChatRequest, kind: ProviderKind | undefined): { system: string | undefined; messages: ModelMessage[] } {
+    const { system, messages } = request;
+    if (kind !== 'anthropic' && kind !== 'google') return { system, messages };
+    return { system: system !== undefined && blank(system) ? undefined : system, messages: withoutBlanks(messages) };
+  }
+
   private sdkOptions(request: ChatRequest, model: ModelInfo) {
-    const format = jsonFormatFor(this.options.providers.kind(model.provider), request.responseFormat);
+    const kind = this.options.providers.kind(model.provider);
+    const format = jsonFormatFor(kind, request.responseFormat);
     return {
       model: this.options.providers.languageModel(model.provider, model.id),
-      messages: request.messages,
-      system: request.system,
+      ...this.promptFor(request, kind),
       tools: request.tools,
       toolChoice: request.toolChoice,
       ...this.callSettings(request, model),
@@ -1808,9 +1860,9 @@ export class ModelManager {
   ): Promise<T> {
     const deadline = operation === 'stream' ? performance.now() + this.options.streamTimeoutMs : Infinity;
     const primary = this.resolve(request.model, capability);
-    const refused = this.unheardOption(request, primary);
-    if (refused) throw new ModelOptionError(primary.id, refused.option, refused.reason);
-    const chain = this.chainOf(primary, capability, (fallback) => this.unheardOption(request, fallback) === undefined);
+    const refused = this.refusal(request, primary);
+    if (refused) throw refused;
+    const chain = this.chainOf(primary, capability, (fallback) => this.refusal(request, fallback) === undefined);
     const inputTokens =
       operation === 'embed'
         ? estimateTokens((request.values ?? []).join(''))
@@ -1971,6 +2023,22 @@ export class ModelManager {
     const own = model.max_output_tokens;
     const fallback = this.options.defaultMaxOutputTokens;
     return own !== null && own < fallback ? own : fallback;
+  }
+
+  /**
+   * Why `model` cannot take the call as it is, refused before anything is held or sent (a fallback
+   * that cannot is skipped): an option its provider would not hear (unheardOption), or a
+   * conversation an Anthropic or Google model has nothing to answer in (answerable; OpenAI answers
+   * it, so it goes to OpenAI-style models as it is). Blank text beside what the conversation says is
+   * left out instead (promptFor).
+   */
+  private refusal(request: Partial<ChatRequest>, model: ModelInfo): HttpError | undefined {
+    const unheard = this.unheardOption(request, model);
+    if (unheard) return new ModelOptionError(model.id, unheard.option, unheard.reason);
+    if (request.messages === undefined || answerable(request.messages)) return undefined;
+    const kind = this.options.providers.kind(model.provider);
+    if (kind !== 'anthropic' && kind !== 'google') return undefined;
+    return new ModelConversationError(model.id, `its provider (${kind}) needs a user or assistant message that says something, and this conversation has only system messages or empty ones`);
   }
 
   /**

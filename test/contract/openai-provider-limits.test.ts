@@ -1,0 +1,159 @@
+/**
+ * OpenAI requests that Anthropic's Messages API or Gemini's generateContent cannot take as they
+ * are, through the gateway as the official `openai` package sends them: what reaches the provider
+ * (the fake model server logs every body), what the client gets back, and what is held or charged.
+ * A request Keel can map is sent the way the provider takes it; one it cannot is refused before any
+ * hold and any upstream call, naming the parameter.
+ */
+import type { AddressInfo } from 'node:net';
+
+import { eq } from 'drizzle-orm';
+import OpenAI from 'openai';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { usageRecords } from '../../src/models/index.js';
+
+import { useTestApp } from '../helpers/app.js';
+import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { FakeModelServer, type LoggedRequest } from '../helpers/fake-model-server.js';
+import { apiOf, createKey } from '../helpers/http.js';
+import { apiError } from '../helpers/openai.js';
+
+const ctx = useTestApp({ MODEL_MAX_RETRIES: '0', BILLING_ENABLED: 'true', BILLING_CREDIT_WINDOW_CALLS: '0', USAGE_FLUSH_INTERVAL_MS: '20' });
+const api = apiOf(ctx);
+
+const PRICING = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' };
+/** The output cap the catalog knows for each model here (ids the Anthropic SDK model does not know, so it clamps nothing itself). */
+const CAP = 8192;
+
+/** Each provider kind, its model, and where a request's conversation and maximum are. */
+const PROVIDERS = [
+  {
+    kind: 'anthropic',
+    model: 'pl-claude',
+    system: (r: LoggedRequest) => r.body.system,
+    conversation: (r: LoggedRequest) => r.body.messages,
+    maxTokens: (r: LoggedRequest) => r.body.max_tokens,
+  },
+  {
+    kind: 'google',
+    model: 'pl-gemini',
+    system: (r: LoggedRequest) => r.body.systemInstruction,
+    conversation: (r: LoggedRequest) => r.body.contents,
+    maxTokens: (r: LoggedRequest) => (r.body.generationConfig as Record<string, unknown>).maxOutputTokens,
+  },
+] as const;
+
+let fake: FakeModelServer;
+let admin: Record<string, string>;
+let user: TestUser;
+let client: OpenAI;
+
+const reservedOf = async (owner: TestUser) => Number((await api('GET', '/billing/balance', owner.headers)).json<{ reserved: string }>().reserved);
+const usageCount = async (owner: TestUser) => (await ctx.app.db.select().from(usageRecords).where(eq(usageRecords.owner_id, owner.user.id))).length;
+
+beforeAll(async () => {
+  fake = await FakeModelServer.start();
+  await ctx.app.listen({ host: '127.0.0.1', port: 0 });
+  const baseURL = `http://127.0.0.1:${(ctx.app.server.address() as AddressInfo).port}/v1`;
+  admin = await superuserHeaders(ctx.app);
+  for (const { kind, model } of PROVIDERS) {
+    const provider = `pl-${kind}`;
+    expect((await api('POST', '/providers', admin, { name: provider, kind, base_url: fake.url, api_key: `sk-${kind}` })).statusCode).toBe(200);
+    const created = await api('POST', '/models', admin, { id: model, provider, pricing: PRICING, capabilities: ['chat', 'tools'], max_output_tokens: CAP });
+    expect(created.statusCode, created.body).toBe(200);
+  }
+  // An OpenAI-style model (OpenAI answers a conversation of system messages) that falls back to the Anthropic one.
+  expect((await api('POST', '/providers', admin, { name: 'pl-compatible', kind: 'openai-compatible', base_url: fake.url, api_key: 'sk-compatible' })).statusCode).toBe(200);
+  expect((await api('POST', '/models', admin, { id: 'pl-falls-to-claude', provider: 'pl-compatible', pricing: PRICING, capabilities: ['chat'], max_output_tokens: CAP, fallbacks: ['pl-claude'] })).statusCode).toBe(200);
+  user = await createUser(ctx.app);
+  expect((await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: '1000', description: 'test credits' })).statusCode).toBe(200);
+  client = new OpenAI({ apiKey: (await createKey(ctx.app, user)).key, baseURL, maxRetries: 0 });
+});
+afterAll(async () => {
+  await fake.close();
+});
+beforeEach(() => fake.reset());
+
+describe('a conversation without a user or assistant message that says anything', () => {
+  const unanswerable: Record<string, OpenAI.ChatCompletionMessageParam[]> = {
+    'only system and developer messages': [
+      { role: 'system', content: 'Say hello.' },
+      { role: 'developer', content: 'Be brief.' },
+    ],
+    'only empty messages': [
+      { role: 'system', content: '' },
+      { role: 'user', content: '' },
+      { role: 'assistant', content: '' },
+    ],
+    'a system message and blank user text': [
+      { role: 'system', content: 'Say hello.' },
+      { role: 'user', content: [{ type: 'text', text: ' \n' }] },
+    ],
+  };
+
+  it('is refused for Anthropic and Google models with 400 at messages, before anything is held or sent (they refuse an empty conversation upstream)', async () => {
+    for (const { kind, model } of PROVIDERS) {
+      for (const [name, messages] of Object.entries(unanswerable)) {
+        const refused = await apiError(client.chat.completions.create({ model, messages }), () => fake.log);
+        expect(refused.status, `${kind}: ${name}`).toBe(400);
+        expect(refused.error, `${kind}: ${name}`).toMatchObject({ type: 'invalid_request_error', param: 'messages', code: 'unsupported_value' });
+        expect(refused.message, `${kind}: ${name}`).toMatch(new RegExp(`${model}.*user or assistant message`));
+        expect(fake.log, `${kind}: ${name}`).toEqual([]);
+      }
+    }
+    expect(await reservedOf(user)).toBe(0);
+    expect(await usageCount(user)).toBe(0);
+  });
+
+  it('goes to an OpenAI-style model as it is, and an Anthropic fallback that could not take it is skipped', async () => {
+    const messages = unanswerable['only system and developer messages']!;
+    fake.script('pl-falls-to-claude', { text: 'Hello.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+    const completion = await client.chat.completions.create({ model: 'pl-falls-to-claude', messages });
+    expect(completion.choices[0]!.message.content).toBe('Hello.');
+    expect(fake.requestsFor('pl-falls-to-claude')[0]!.body.messages).toEqual([
+      { role: 'system', content: 'Say hello.' },
+      { role: 'system', content: 'Be brief.' },
+    ]);
+    fake.reset();
+    fake.script('pl-falls-to-claude', { status: 500 });
+    const failed = await apiError(client.chat.completions.create({ model: 'pl-falls-to-claude', messages }));
+    expect(failed.status).toBe(502);
+    expect(fake.log.map((r) => r.model)).toEqual(['pl-falls-to-claude']);
+  });
+});
+
+describe('empty text within a conversation', () => {
+  it('is left out for Anthropic and Google models (both refuse an empty text block or part), the rest of the conversation sent as it was', async () => {
+    const messages: OpenAI.ChatCompletionMessageParam[] = [
+      { role: 'system', content: '' },
+      { role: 'user', content: 'Name a colour.' },
+      // An answer of nothing, replayed as the client got it.
+      { role: 'assistant', content: '' },
+      { role: 'user', content: [{ type: 'text', text: '' }, { type: 'text', text: 'Any colour.' }] },
+    ];
+    const expected = {
+      anthropic: [
+        { role: 'user', content: [{ type: 'text', text: 'Name a colour.' }, { type: 'text', text: 'Any colour.' }] },
+      ],
+      google: [
+        { role: 'user', parts: [{ text: 'Name a colour.' }] },
+        { role: 'user', parts: [{ text: 'Any colour.' }] },
+      ],
+    };
+    for (const { kind, model, system, conversation } of PROVIDERS) {
+      fake.script(model, { text: 'Blue.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+      const completion = await client.chat.completions.create({ model, messages });
+      expect(completion.choices[0]!.message.content, kind).toBe('Blue.');
+      const sent = fake.requestsFor(model)[0]!;
+      expect(system(sent), kind).toBeUndefined();
+      expect(conversation(sent), kind).toEqual(expected[kind]);
+      // Streamed the same.
+      fake.script(model, { text: 'Blue.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+      let text = '';
+      for await (const chunk of await client.chat.completions.create({ model, messages, stream: true })) text += chunk.choices[0]?.delta.content ?? '';
+      expect(text, kind).toBe('Blue.');
+      expect(conversation(fake.requestsFor(model)[1]!), kind).toEqual(expected[kind]);
+    }
+  });
+});
