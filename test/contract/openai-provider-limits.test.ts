@@ -16,7 +16,7 @@ import { usageRecords } from '../../src/models/index.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer, type LoggedRequest } from '../helpers/fake-model-server.js';
-import { apiOf, createKey } from '../helpers/http.js';
+import { apiOf, createKey, eventually } from '../helpers/http.js';
 import { apiError } from '../helpers/openai.js';
 
 const ctx = useTestApp({ MODEL_MAX_RETRIES: '0', BILLING_ENABLED: 'true', BILLING_CREDIT_WINDOW_CALLS: '0', USAGE_FLUSH_INTERVAL_MS: '20' });
@@ -154,6 +154,26 @@ describe('empty text within a conversation', () => {
       for await (const chunk of await client.chat.completions.create({ model, messages, stream: true })) text += chunk.choices[0]?.delta.content ?? '';
       expect(text, kind).toBe('Blue.');
       expect(conversation(fake.requestsFor(model)[1]!), kind).toEqual(expected[kind]);
+    }
+  });
+});
+
+describe("max_tokens above the model's output cap", () => {
+  it("is sent and held as the cap the catalog knows for Anthropic and Google models (both refuse more upstream; the answer could not be longer), max_tokens and max_completion_tokens alike", async () => {
+    for (const { kind, model, maxTokens } of PROVIDERS) {
+      for (const asked of [{ max_tokens: 100_000 }, { max_completion_tokens: 100_000 }]) {
+        fake.script(model, { text: 'Blue.', usage: { prompt_tokens: 5, completion_tokens: 2 }, chunkDelayMs: 300 });
+        const call = client.chat.completions.create({ model, messages: [{ role: 'user', content: 'Why is the sky blue?' }], ...asked });
+        await fake.waitFor((log) => log.length > 0);
+        // Held: the prompt's few tokens at 1 per million and CAP output tokens at 2, not 100,000 of them.
+        const held = await reservedOf(user);
+        expect(held, kind).toBeGreaterThanOrEqual(CAP * 2e-6);
+        expect(held, kind).toBeLessThan(CAP * 2e-6 + 1e-4);
+        await call;
+        expect(maxTokens(fake.log[0]!), kind).toBe(CAP);
+        await eventually(async () => (await reservedOf(user)) === 0);
+        fake.reset();
+      }
     }
   });
 });

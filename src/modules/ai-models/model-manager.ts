@@ -2017,12 +2017,24 @@ export class ModelManager {
     return logprobsAllowance(request.logprobs, request.topLogprobs, tokens, this.options.maxResponseBytes);
   }
 
-  /** A call's output tokens: its own maximum, else the default, or the model's own limit when smaller. */
+  /**
+   * A call's output tokens: its own maximum, else the default, or the model's own limit when
+   * smaller. An Anthropic or Google model's own limit bounds the caller's maximum too: both refuse a
+   * larger one (400), which OpenAI's clients send freely as a ceiling, and the answer could not be
+   * longer than the limit anyway (Anthropic's SDK model clamps it the same way, but only for the
+   * Claude ids it knows). An OpenAI-style provider gets it as it is and answers as OpenAI does.
+   */
   private outputTokens(model: ModelInfo, maxOutputTokens: number | undefined): number {
-    if (maxOutputTokens !== undefined) return maxOutputTokens;
     const own = model.max_output_tokens;
+    if (maxOutputTokens !== undefined) return own !== null && maxOutputTokens > own && this.refusesPastLimit(model) ? own : maxOutputTokens;
     const fallback = this.options.defaultMaxOutputTokens;
     return own !== null && own < fallback ? own : fallback;
+  }
+
+  /** Whether `model`'s provider refuses a maximum output past the model's own limit (Anthropic, Google). */
+  private refusesPastLimit(model: ModelInfo): boolean {
+    const kind = this.options.providers.kind(model.provider);
+    return kind === 'anthropic' || kind === 'google';
   }
 
   /**
