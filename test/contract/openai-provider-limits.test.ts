@@ -48,14 +48,25 @@ let fake: FakeModelServer;
 let admin: Record<string, string>;
 let user: TestUser;
 let client: OpenAI;
+let baseURL: string;
 
 const reservedOf = async (owner: TestUser) => Number((await api('GET', '/billing/balance', owner.headers)).json<{ reserved: string }>().reserved);
-const usageCount = async (owner: TestUser) => (await ctx.app.db.select().from(usageRecords).where(eq(usageRecords.owner_id, owner.user.id))).length;
+/** A user with credits of their own and a client on their key: what they were held and charged is theirs alone. */
+async function funded(): Promise<{ owner: TestUser; client: OpenAI }> {
+  const owner = await createUser(ctx.app);
+  expect((await api('POST', '/billing/credits', admin, { user_id: owner.user.id, amount: '1000', description: 'test credits' })).statusCode).toBe(200);
+  return { owner, client: new OpenAI({ apiKey: (await createKey(ctx.app, owner)).key, baseURL, maxRetries: 0 }) };
+}
+/** `owner`'s usage records, read once any a call just made would have been written (USAGE_FLUSH_INTERVAL_MS is 20). */
+async function usageCount(owner: TestUser): Promise<number> {
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  return (await ctx.app.db.select().from(usageRecords).where(eq(usageRecords.owner_id, owner.user.id))).length;
+}
 
 beforeAll(async () => {
   fake = await FakeModelServer.start();
   await ctx.app.listen({ host: '127.0.0.1', port: 0 });
-  const baseURL = `http://127.0.0.1:${(ctx.app.server.address() as AddressInfo).port}/v1`;
+  baseURL = `http://127.0.0.1:${(ctx.app.server.address() as AddressInfo).port}/v1`;
   admin = await superuserHeaders(ctx.app);
   for (const { kind, model } of PROVIDERS) {
     const provider = `pl-${kind}`;
@@ -66,9 +77,7 @@ beforeAll(async () => {
   // An OpenAI-style model (OpenAI answers a conversation of system messages) that falls back to the Anthropic one.
   expect((await api('POST', '/providers', admin, { name: 'pl-compatible', kind: 'openai-compatible', base_url: fake.url, api_key: 'sk-compatible' })).statusCode).toBe(200);
   expect((await api('POST', '/models', admin, { id: 'pl-falls-to-claude', provider: 'pl-compatible', pricing: PRICING, capabilities: ['chat'], max_output_tokens: CAP, fallbacks: ['pl-claude'] })).statusCode).toBe(200);
-  user = await createUser(ctx.app);
-  expect((await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: '1000', description: 'test credits' })).statusCode).toBe(200);
-  client = new OpenAI({ apiKey: (await createKey(ctx.app, user)).key, baseURL, maxRetries: 0 });
+  ({ owner: user, client } = await funded());
 });
 afterAll(async () => {
   await fake.close();
@@ -93,6 +102,7 @@ describe('a conversation without a user or assistant message that says anything'
   };
 
   it('is refused for Anthropic and Google models with 400 at messages, before anything is held or sent (they refuse an empty conversation upstream)', async () => {
+    const { owner, client } = await funded();
     for (const { kind, model } of PROVIDERS) {
       for (const [name, messages] of Object.entries(unanswerable)) {
         const refused = await apiError(client.chat.completions.create({ model, messages }), () => fake.log);
@@ -102,8 +112,8 @@ describe('a conversation without a user or assistant message that says anything'
         expect(fake.log, `${kind}: ${name}`).toEqual([]);
       }
     }
-    expect(await reservedOf(user)).toBe(0);
-    expect(await usageCount(user)).toBe(0);
+    expect(await reservedOf(owner)).toBe(0);
+    expect(await usageCount(owner)).toBe(0);
   });
 
   it('goes to an OpenAI-style model as it is, and an Anthropic fallback that could not take it is skipped', async () => {
@@ -120,6 +130,33 @@ describe('a conversation without a user or assistant message that says anything'
     const failed = await apiError(client.chat.completions.create({ model: 'pl-falls-to-claude', messages }));
     expect(failed.status).toBe(502);
     expect(fake.log.map((r) => r.model)).toEqual(['pl-falls-to-claude']);
+  });
+});
+
+describe('a system or developer message after the conversation has started', () => {
+  const messages: OpenAI.ChatCompletionMessageParam[] = [
+    { role: 'system', content: 'You answer questions.' },
+    { role: 'user', content: 'Why is the sky blue?' },
+    { role: 'assistant', content: 'Scattering.' },
+    { role: 'developer', content: 'Answer in one word from now on.' },
+    { role: 'user', content: 'And sunsets?' },
+  ];
+
+  it('is refused for a Google model with 400 naming the message, before anything is held or sent (Gemini has no place for it, and its SDK model refuses it after the hold)', async () => {
+    const { owner, client } = await funded();
+    const refused = await apiError(client.chat.completions.create({ model: 'pl-gemini', messages }), () => fake.log);
+    expect(refused.status).toBe(400);
+    expect(refused.error).toMatchObject({ type: 'invalid_request_error', param: 'messages[3]', code: 'unsupported_value' });
+    expect(refused.message).toMatch(/pl-gemini.*only before/);
+    expect(fake.log).toEqual([]);
+    expect(await reservedOf(owner)).toBe(0);
+    expect(await usageCount(owner)).toBe(0);
+  });
+
+  it('goes to an Anthropic model, which takes system messages within the conversation', async () => {
+    fake.script('pl-claude', { text: 'Red.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+    expect((await client.chat.completions.create({ model: 'pl-claude', messages })).choices[0]!.message.content).toBe('Red.');
+    expect(fake.requestsFor('pl-claude')[0]!.body.messages).toContainEqual({ role: 'system', content: [{ type: 'text', text: 'Answer in one word from now on.' }] });
   });
 });
 

@@ -84,16 +84,18 @@ export class ModelOptionError extends HttpError {
 }
 
 /**
- * A conversation the model's provider cannot answer, refused before anything is sent (400 at
- * `messages`): Anthropic and Google refuse one without a user or assistant message that says
- * anything (only system messages, or only empty ones), which OpenAI answers.
+ * A conversation the model's provider cannot take, which OpenAI answers, refused before anything is
+ * sent (400): one without a user or assistant message that says anything (only system messages,
+ * or only empty ones) for Anthropic and Google, a system message past the start for Google.
+ * `param` is the request's, by its name in OpenAI's API: `messages`, or the message at fault.
  */
 export class ModelConversationError extends HttpError {
   constructor(
     readonly model: string,
     reason: string,
+    readonly param = 'messages',
   ) {
-    super(400, `messages cannot be sent to model ${model}: ${reason}`);
+    super(400, `${param} cannot be sent to model ${model}: ${reason}`);
   }
 }
 

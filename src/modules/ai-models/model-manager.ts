@@ -606,6 +606,23 @@ function saysSomething(message: ModelMessage): boolean {
 const answerable = (messages: readonly ModelMessage[]): boolean => messages.some((message) => message.role !== 'system' && saysSomething(message));
 
 /**
+ * The index of the first system message that says something after a user, assistant or tool
+ * message that does (blank ones are not sent: withoutBlanks), else -1. Google's SDK model refuses
+ * one (Gemini's system instruction is the conversation's head, with no place further on); OpenAI
+ * and Anthropic take them anywhere.
+ */
+function lateSystemMessage(messages: readonly ModelMessage[]): number {
+  let started = false;
+  for (let i = 0; i < messages.length; i += 1) {
+    const message = messages[i]!;
+    if (!saysSomething(message)) continue;
+    if (message.role !== 'system') started = true;
+    else if (started) return i;
+  }
+  return -1;
+}
+
+/**
  * The conversation as Anthropic and Google take it: without the blank text parts and the messages
  * left saying nothing (a replayed empty answer, an empty system message), which they refuse and
  * which said nothing to the model. The SDK model then joins two user turns that met (Anthropic;
@@ -2039,18 +2056,25 @@ export class ModelManager {
 
   /**
    * Why `model` cannot take the call as it is, refused before anything is held or sent (a fallback
-   * that cannot is skipped): an option its provider would not hear (unheardOption), or a
-   * conversation an Anthropic or Google model has nothing to answer in (answerable; OpenAI answers
-   * it, so it goes to OpenAI-style models as it is). Blank text beside what the conversation says is
-   * left out instead (promptFor).
+   * that cannot is skipped): an option its provider would not hear (unheardOption), a conversation
+   * an Anthropic or Google model has nothing to answer in (answerable), or a Google one with a
+   * system message past its start (lateSystemMessage). OpenAI answers both, so OpenAI-style models
+   * get them as they are, for the price of a kind's look-up. Blank text beside what the conversation
+   * says is left out instead (promptFor).
    */
   private refusal(request: Partial<ChatRequest>, model: ModelInfo): HttpError | undefined {
     const unheard = this.unheardOption(request, model);
     if (unheard) return new ModelOptionError(model.id, unheard.option, unheard.reason);
-    if (request.messages === undefined || answerable(request.messages)) return undefined;
+    const { messages } = request;
+    if (messages === undefined) return undefined;
     const kind = this.options.providers.kind(model.provider);
     if (kind !== 'anthropic' && kind !== 'google') return undefined;
-    return new ModelConversationError(model.id, `its provider (${kind}) needs a user or assistant message that says something, and this conversation has only system messages or empty ones`);
+    if (!answerable(messages)) {
+      return new ModelConversationError(model.id, `its provider (${kind}) needs a user or assistant message that says something, and this conversation has only system messages or empty ones`);
+    }
+    const late = kind === 'google' ? lateSystemMessage(messages) : -1;
+    if (late < 0) return undefined;
+    return new ModelConversationError(model.id, 'its provider (google) takes system and developer messages only before the first user or assistant message', `messages[${late}]`);
   }
 
   /**
