@@ -71,7 +71,7 @@ beforeAll(async () => {
   for (const { kind, model } of PROVIDERS) {
     const provider = `pl-${kind}`;
     expect((await api('POST', '/providers', admin, { name: provider, kind, base_url: fake.url, api_key: `sk-${kind}` })).statusCode).toBe(200);
-    const created = await api('POST', '/models', admin, { id: model, provider, pricing: PRICING, capabilities: ['chat', 'tools'], max_output_tokens: CAP });
+    const created = await api('POST', '/models', admin, { id: model, provider, pricing: PRICING, capabilities: ['chat', 'tools', 'reasoning'], max_output_tokens: CAP });
     expect(created.statusCode, created.body).toBe(200);
   }
   // An OpenAI-style model (OpenAI answers a conversation of system messages) that falls back to the Anthropic one.
@@ -191,6 +191,21 @@ describe('empty text within a conversation', () => {
       for await (const chunk of await client.chat.completions.create({ model, messages, stream: true })) text += chunk.choices[0]?.delta.content ?? '';
       expect(text, kind).toBe('Blue.');
       expect(conversation(fake.requestsFor(model)[1]!), kind).toEqual(expected[kind]);
+    }
+  });
+});
+
+describe('reasoning_effort on a Claude model beside blank messages', () => {
+  it('reads a prefill from the conversation as it is sent: a blank last message left out makes the assistant\'s before it one (no thinking), a blank last assistant message is none (thinking)', async () => {
+    const cases: [OpenAI.ChatCompletionMessageParam[], unknown][] = [
+      [[{ role: 'user', content: 'Name a colour.' }, { role: 'assistant', content: 'Blue' }, { role: 'user', content: ' ' }], undefined],
+      [[{ role: 'user', content: 'Name a colour.' }, { role: 'assistant', content: '' }], { type: 'enabled', budget_tokens: 1024 }],
+    ];
+    for (const [messages, thinking] of cases) {
+      fake.script('pl-claude', { text: 'Blue.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+      await client.chat.completions.create({ model: 'pl-claude', messages, max_tokens: 1000, reasoning_effort: 'low' });
+      expect(fake.log[0]!.body.thinking, JSON.stringify(messages)).toEqual(thinking);
+      fake.reset();
     }
   });
 });

@@ -680,10 +680,12 @@ function anthropicThinkingRefused({ messages, toolChoice, responseFormat }: Part
   if (toolChoice !== undefined && toolChoice !== 'auto' && toolChoice !== 'none') return true;
   if (responseFormat !== undefined && anthropicForcedJsonTool(modelId, responseFormat.schema ?? ANY_JSON_OBJECT)) return true;
   if (!messages) return false;
-  for (let i = messages.length - 1; i >= 0; i -= 1) {
-    const message = messages[i]!;
+  // The conversation as it is sent: a blank message left out may make the one before it the last.
+  const sent = withoutBlanks(messages);
+  for (let i = sent.length - 1; i >= 0; i -= 1) {
+    const message = sent[i]!;
     if (message.role !== 'assistant') continue;
-    return i === messages.length - 1 || (typeof message.content !== 'string' && message.content.some((part) => part.type === 'tool-call'));
+    return i === sent.length - 1 || (typeof message.content !== 'string' && message.content.some((part) => part.type === 'tool-call'));
   }
   return false;
 }
