@@ -195,6 +195,33 @@ describe('empty text within a conversation', () => {
   });
 });
 
+describe('tool call ids of other providers in the conversation', () => {
+  /** Ids as other servers write them (Kimi's `functions.name:index`, a dotted one) beside OpenAI's own. */
+  const ids = ['functions.lookup:0', 'call.1', 'call_OpenAI-2'];
+  const messages: OpenAI.ChatCompletionMessageParam[] = [
+    { role: 'user', content: 'Look up three words.' },
+    { role: 'assistant', content: null, tool_calls: ids.map((id, i) => ({ id, type: 'function' as const, function: { name: 'lookup', arguments: `{"word":"w${i}"}` } })) },
+    ...ids.map((id, i): OpenAI.ChatCompletionToolMessageParam => ({ role: 'tool', tool_call_id: id, content: `meaning ${i}` })),
+  ];
+  const tools: OpenAI.ChatCompletionTool[] = [{ type: 'function', function: { name: 'lookup', parameters: { type: 'object', properties: { word: { type: 'string' } } } } }];
+
+  it("are sent to Anthropic in the form its tool_use ids take (letters, digits, _ and -), each call still paired with its result; to Google as they came", async () => {
+    for (const { kind, model } of PROVIDERS) {
+      fake.script(model, { text: 'Done.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+      expect((await client.chat.completions.create({ model, messages, tools })).choices[0]!.message.content, kind).toBe('Done.');
+    }
+    const [, call, results] = fake.requestsFor('pl-claude')[0]!.body.messages as { content: { id?: string; tool_use_id?: string; content?: unknown }[] }[];
+    const sentIds = call!.content.map((part) => part.id!);
+    for (const id of sentIds) expect(id).toMatch(/^[a-zA-Z0-9_-]+$/);
+    expect(new Set(sentIds).size).toBe(3);
+    // An id Anthropic takes is kept as it is.
+    expect(sentIds[2]).toBe('call_OpenAI-2');
+    expect(results!.content.map((part) => [part.tool_use_id, part.content])).toEqual(sentIds.map((id, i) => [id, `meaning ${i}`]));
+    const [, modelTurn] = fake.requestsFor('pl-gemini')[0]!.body.contents as { parts: { functionCall?: { id: string } }[] }[];
+    expect(modelTurn!.parts.map((part) => part.functionCall!.id)).toEqual(ids);
+  });
+});
+
 describe('reasoning_effort on a Claude model beside blank messages', () => {
   it('reads a prefill from the conversation as it is sent: a blank last message left out makes the assistant\'s before it one (no thinking), a blank last assistant message is none (thinking)', async () => {
     const cases: [OpenAI.ChatCompletionMessageParam[], unknown][] = [

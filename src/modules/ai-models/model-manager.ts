@@ -642,6 +642,31 @@ function withoutBlanks(messages: ModelMessage[]): ModelMessage[] {
   return out;
 }
 
+/** What Anthropic takes as a tool_use id (its API's pattern); OpenAI takes any string, and other servers write `functions.name:0`. */
+const ANTHROPIC_TOOL_ID = /^[\w-]+$/;
+
+/** A tool call or result part whose id Anthropic would refuse (400). */
+const foreignToolId = (part: { type: string; toolCallId?: string }): boolean => (part.type === 'tool-call' || part.type === 'tool-result') && !ANTHROPIC_TOOL_ID.test(part.toolCallId!);
+
+/**
+ * The conversation with each tool call id Anthropic would refuse rewritten in a form it takes, in
+ * calls and results alike: `k_` and the id's UTF-8 in base64url (whose alphabet is the pattern),
+ * distinct for distinct ids (an id the client wrote as such an encoding of another is not
+ * foreseen). The ids only pair a call with its result: the conversation means the same. Unchanged,
+ * the same array.
+ */
+function withAnthropicToolIds(messages: ModelMessage[]): ModelMessage[] {
+  const foreign = (message: ModelMessage) => typeof message.content !== 'string' && (message.content as { type: string }[]).some(foreignToolId);
+  if (!messages.some(foreign)) return messages;
+  return messages.map((message) => {
+    if (!foreign(message)) return message;
+    const content = (message.content as { type: string; toolCallId?: string }[]).map((part) =>
+      foreignToolId(part) ? { ...part, toolCallId: `k_${Buffer.from(part.toolCallId!).toString('base64url')}` } : part,
+    );
+    return { ...message, content } as ModelMessage;
+  });
+}
+
 /** A call's provider options with `asked` merged into those under its key (none asked: the call's as they are). */
 function withOptions(options: ChatRequest['providerOptions'], added: { key: string; asked: Record<string, JSONValue> } | undefined): ChatRequest['providerOptions'] {
   return added ? { ...options, [added.key]: { ...options?.[added.key], ...added.asked } } : options;
@@ -1801,11 +1826,15 @@ export class ModelManager {
     return prepareCallSettings({ maxOutputTokens, temperature, topP, frequencyPenalty, presencePenalty, seed, stopSequences });
   }
 
-  /** The call's system prompt and messages as `kind`'s models take them: Anthropic's and Google's without blank text (withoutBlanks). */
+  /**
+   * The call's system prompt and messages as `kind`'s models take them: Anthropic's and Google's
+   * without blank text (withoutBlanks), Anthropic's with tool call ids it takes (withAnthropicToolIds).
+   */
   private promptFor(request: ChatRequest, kind: ProviderKind | undefined): { system: string | undefined; messages: ModelMessage[] } {
     const { system, messages } = request;
     if (kind !== 'anthropic' && kind !== 'google') return { system, messages };
-    return { system: system !== undefined && blank(system) ? undefined : system, messages: withoutBlanks(messages) };
+    const sent = withoutBlanks(messages);
+    return { system: system !== undefined && blank(system) ? undefined : system, messages: kind === 'anthropic' ? withAnthropicToolIds(sent) : sent };
   }
 
   private sdkOptions(request: ChatRequest, model: ModelInfo) {
