@@ -29,12 +29,12 @@ import {
   ModelAnswerLimitError,
   ModelCallAbortedError,
   ModelCapabilityError,
-  ModelConversationError,
   ModelDownloadError,
   ModelNotFoundError,
   ModelOptionError,
   type ModelStream,
   ModelTimeoutError,
+  ModelValueError,
   ProviderUnavailableError,
   type StreamEvent,
   type TokenUsage,
@@ -636,7 +636,7 @@ function describeError(status: number, detail: unknown, thrown: unknown): Descri
   if (thrown instanceof ModelDownloadError) return error(400, thrown.detail, null, 'invalid_image_url');
   if (thrown instanceof ModelOptionError) return error(400, thrown.detail, thrown.option, 'unsupported_parameter');
   // OpenAI's code for a value a model does not take (a `temperature` a reasoning model refuses).
-  if (thrown instanceof ModelConversationError) return error(400, thrown.detail, thrown.param, 'unsupported_value');
+  if (thrown instanceof ModelValueError) return error(400, thrown.detail, thrown.param, 'unsupported_value');
   if (thrown instanceof ModelCapabilityError) return error(400, thrown.detail, 'model', 'model_not_supported');
   if (thrown instanceof ProviderUnavailableError) return error(503, thrown.detail, 'model', 'provider_unavailable');
   if (status === 422 && Array.isArray(detail)) {

@@ -195,6 +195,26 @@ describe('empty text within a conversation', () => {
   });
 });
 
+describe('a function name OpenAI takes and Gemini does not', () => {
+  it('is refused for a Google model with 400 naming the function, before anything is held or sent (Gemini wants it to start with a letter or _); Anthropic takes it', async () => {
+    const { owner, client } = await funded();
+    const tools: OpenAI.ChatCompletionTool[] = [
+      { type: 'function', function: { name: 'lookup' } },
+      { type: 'function', function: { name: '3d-render' } },
+    ];
+    const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Render a cube.' }];
+    const refused = await apiError(client.chat.completions.create({ model: 'pl-gemini', messages, tools }), () => fake.log);
+    expect(refused.status).toBe(400);
+    expect(refused.error).toMatchObject({ type: 'invalid_request_error', param: 'tools', code: 'unsupported_value' });
+    expect(refused.message).toMatch(/pl-gemini.*3d-render/);
+    expect(fake.log).toEqual([]);
+    expect(await reservedOf(owner)).toBe(0);
+    expect(await usageCount(owner)).toBe(0);
+    fake.script('pl-claude', { text: 'Done.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+    expect((await client.chat.completions.create({ model: 'pl-claude', messages, tools })).choices[0]!.message.content).toBe('Done.');
+  });
+});
+
 describe('tool call ids of other providers in the conversation', () => {
   /** Ids as other servers write them (Kimi's `functions.name:index`, a dotted one) beside OpenAI's own. */
   const ids = ['functions.lookup:0', 'call.1', 'call_OpenAI-2'];

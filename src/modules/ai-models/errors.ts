@@ -84,16 +84,17 @@ export class ModelOptionError extends HttpError {
 }
 
 /**
- * A conversation the model's provider cannot take, which OpenAI answers, refused before anything is
- * sent (400): one without a user or assistant message that says anything (only system messages,
- * or only empty ones) for Anthropic and Google, a system message past the start for Google.
- * `param` is the request's, by its name in OpenAI's API: `messages`, or the message at fault.
+ * A value of the request the model's provider cannot take, which OpenAI takes, refused before
+ * anything is sent (400): for Anthropic and Google a conversation without a user or assistant
+ * message that says anything (only system messages, or only empty ones); for Google a system
+ * message past the start, or a function name that does not start with a letter or `_`. `param` is
+ * the request's, by its name in OpenAI's API (`messages`, `messages[3]`, `tools`).
  */
-export class ModelConversationError extends HttpError {
+export class ModelValueError extends HttpError {
   constructor(
     readonly model: string,
+    readonly param: string,
     reason: string,
-    readonly param = 'messages',
   ) {
     super(400, `${param} cannot be sent to model ${model}: ${reason}`);
   }

@@ -56,12 +56,12 @@ import {
   ModelArgumentError,
   ModelCallAbortedError,
   ModelCapabilityError,
-  ModelConversationError,
   ModelDownloadError,
   ModelNotFoundError,
   ModelOptionError,
   ModelTimeoutError,
   ModelToolChoiceError,
+  ModelValueError,
   StreamErrorEvent,
   UpstreamError,
 } from './errors.js';
@@ -604,6 +604,23 @@ function saysSomething(message: ModelMessage): boolean {
  * message, nearly always the first or second: a cheap check on every call.
  */
 const answerable = (messages: readonly ModelMessage[]): boolean => messages.some((message) => message.role !== 'system' && saysSomething(message));
+
+/** A function name Gemini takes: OpenAI's (letters, digits, `_`, `-`) may start with a digit or `-`, Gemini's not. */
+const GEMINI_FUNCTION_NAME = /^[A-Za-z_][\w.:-]{0,63}$/;
+
+/**
+ * What of a conversation that says something Google refuses and OpenAI takes (400 upstream, or
+ * the SDK model's refusal after the hold): a system message past the start (lateSystemMessage),
+ * a function name Gemini does not take (GEMINI_FUNCTION_NAME; named in the message, since the
+ * tools' object puts numeric names first and so loses their index).
+ */
+function untakenByGoogle(messages: readonly ModelMessage[], tools: ToolSet | undefined): { param: string; reason: string } | undefined {
+  const late = lateSystemMessage(messages);
+  if (late >= 0) return { param: `messages[${late}]`, reason: 'takes system and developer messages only before the first user or assistant message' };
+  const misnamed = tools && Object.keys(tools).find((name) => !GEMINI_FUNCTION_NAME.test(name));
+  if (misnamed !== undefined) return { param: 'tools', reason: `takes function names that start with a letter or _, not ${JSON.stringify(misnamed)}` };
+  return undefined;
+}
 
 /**
  * The index of the first system message that says something after a user, assistant or tool
@@ -2088,9 +2105,9 @@ export class ModelManager {
   /**
    * Why `model` cannot take the call as it is, refused before anything is held or sent (a fallback
    * that cannot is skipped): an option its provider would not hear (unheardOption), a conversation
-   * an Anthropic or Google model has nothing to answer in (answerable), or a Google one with a
-   * system message past its start (lateSystemMessage). OpenAI answers both, so OpenAI-style models
-   * get them as they are, for the price of a kind's look-up. Blank text beside what the conversation
+   * an Anthropic or Google model has nothing to answer in (answerable), or what else Google refuses
+   * (untakenByGoogle). OpenAI takes them all, so OpenAI-style models get them as they are, for the
+   * price of a kind's look-up. Blank text beside what the conversation
    * says is left out instead (promptFor).
    */
   private refusal(request: Partial<ChatRequest>, model: ModelInfo): HttpError | undefined {
@@ -2101,12 +2118,12 @@ export class ModelManager {
     const kind = this.options.providers.kind(model.provider);
     if (kind !== 'anthropic' && kind !== 'google') return undefined;
     if (!answerable(messages)) {
-      return new ModelConversationError(model.id, `its provider (${kind}) needs a user or assistant message that says something, and this conversation has only system messages or empty ones`);
+      return new ModelValueError(model.id, 'messages', `its provider (${kind}) needs a user or assistant message that says something, and this conversation has only system messages or empty ones`);
     }
-    const late = kind === 'google' ? lateSystemMessage(messages) : -1;
-    if (late < 0) return undefined;
-    return new ModelConversationError(model.id, 'its provider (google) takes system and developer messages only before the first user or assistant message', `messages[${late}]`);
+    const untaken = kind === 'google' ? untakenByGoogle(messages, request.tools) : undefined;
+    return untaken && new ModelValueError(model.id, untaken.param, `its provider (google) ${untaken.reason}`);
   }
+
 
   /**
    * The first option of the call (by its name in OpenAI's API) that the client would miss in the
