@@ -203,7 +203,7 @@ export const ChatCompletionRequest = z
       .nullish()
       .describe(`Token id → bias (-100 to 100), at most ${MAX_LOGIT_BIAS_TOKENS} tokens, for models of OpenAI and OpenAI-compatible providers; 400 for others. Ids are sent in their integer form (\`"007"\` as \`"7"\`); two keys naming one id are 400.`),
     stop: z.union([z.string(), z.array(z.string()).max(4)]).nullish(),
-    verbosity: z.enum(['low', 'medium', 'high']).nullish().describe('For models of OpenAI and OpenAI-compatible providers; 400 for others.'),
+    verbosity: z.enum(['low', 'medium', 'high']).nullish().describe('For models of OpenAI and OpenAI-compatible providers; dropped for others (a hint, as docs/decisions.md has it).'),
     store: z.boolean().nullish().describe('Ignored: the provider account is the operator\'s, whose retention a caller does not turn on.'),
     prediction: z
       .object({ type: z.literal('content'), content: z.union([z.string(), z.array(TextPart)]) })
