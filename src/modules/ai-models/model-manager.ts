@@ -582,6 +582,9 @@ function droppedBy(request: Partial<ChatRequest>): string | undefined {
   return undefined;
 }
 
+/** A provider kind with an API of its own, which OpenAI's requests are fitted to (unlike OpenAI-style ones, which take them as they are). */
+const ownApi = (kind: ProviderKind | undefined): kind is 'anthropic' | 'google' => kind === 'anthropic' || kind === 'google';
+
 /**
  * Text a provider reads as none: Anthropic refuses a text block that is empty or only whitespace
  * (400), Gemini an empty part (its `text` unset). Whitespace alone says nothing to the model either.
@@ -1849,7 +1852,7 @@ export class ModelManager {
    */
   private promptFor(request: ChatRequest, kind: ProviderKind | undefined): { system: string | undefined; messages: ModelMessage[] } {
     const { system, messages } = request;
-    if (kind !== 'anthropic' && kind !== 'google') return { system, messages };
+    if (!ownApi(kind)) return { system, messages };
     const sent = withoutBlanks(messages);
     return { system: system !== undefined && blank(system) ? undefined : system, messages: kind === 'anthropic' ? withAnthropicToolIds(sent) : sent };
   }
@@ -2098,8 +2101,7 @@ export class ModelManager {
 
   /** Whether `model`'s provider refuses a maximum output past the model's own limit (Anthropic, Google). */
   private refusesPastLimit(model: ModelInfo): boolean {
-    const kind = this.options.providers.kind(model.provider);
-    return kind === 'anthropic' || kind === 'google';
+    return ownApi(this.options.providers.kind(model.provider));
   }
 
   /**
@@ -2107,8 +2109,8 @@ export class ModelManager {
    * that cannot is skipped): an option its provider would not hear (unheardOption), a conversation
    * an Anthropic or Google model has nothing to answer in (answerable), or what else Google refuses
    * (untakenByGoogle). OpenAI takes them all, so OpenAI-style models get them as they are, for the
-   * price of a kind's look-up. Blank text beside what the conversation
-   * says is left out instead (promptFor).
+   * price of a kind's look-up. Blank text beside what the conversation says is left out instead
+   * (promptFor).
    */
   private refusal(request: Partial<ChatRequest>, model: ModelInfo): HttpError | undefined {
     const unheard = this.unheardOption(request, model);
@@ -2116,14 +2118,13 @@ export class ModelManager {
     const { messages } = request;
     if (messages === undefined) return undefined;
     const kind = this.options.providers.kind(model.provider);
-    if (kind !== 'anthropic' && kind !== 'google') return undefined;
+    if (!ownApi(kind)) return undefined;
     if (!answerable(messages)) {
       return new ModelValueError(model.id, 'messages', `its provider (${kind}) needs a user or assistant message that says something, and this conversation has only system messages or empty ones`);
     }
     const untaken = kind === 'google' ? untakenByGoogle(messages, request.tools) : undefined;
     return untaken && new ModelValueError(model.id, untaken.param, `its provider (google) ${untaken.reason}`);
   }
-
 
   /**
    * The first option of the call (by its name in OpenAI's API) that the client would miss in the
@@ -2136,7 +2137,7 @@ export class ModelManager {
     if (option === undefined) return undefined;
     const kind = this.options.providers.kind(model.provider);
     if (kind === 'openai' && sdkReasoningModel(model.id)) return { option, reason: 'the openai provider\'s model drops it for reasoning models' };
-    return kind === 'anthropic' || kind === 'google' ? { option, reason: `its provider (${kind}) does not take it` } : undefined;
+    return ownApi(kind) ? { option, reason: `its provider (${kind}) does not take it` } : undefined;
   }
 
   /** Settles `reservation` with `record`, its failure to the meter's error hook (never the caller's). */
