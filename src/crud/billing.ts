@@ -474,7 +474,7 @@ export type BillingRowsOf = { userId: string } | { apiKeyId: string } | { projec
  * reservations, then the credit account, then API keys (each table's rows by id). A transaction
  * that deletes a user, a key or a project calls it before it locks anything else, the users row
  * included: it then waits for a hold or settlement in progress, or makes one wait, while holding
- * nothing that one needs. Without it, the delete held the owner's users row (lockForUpdate, the
+ * nothing that one needs. Without it, the delete held the owner's users row (lockUserForDelete, the
  * DELETE itself) and then waited, through ON DELETE CASCADE, for rows a settlement held, while the
  * settlement waited for that users row: its ledger entry's (and a hold's reservation's) foreign key
  * takes a KEY SHARE lock on it at the end of its statement, after its own row locks. PostgreSQL

@@ -88,9 +88,14 @@ const insertedIfFree = preparedAnywhere('runs_insert_started_with_input_if_free'
   return db.with(owned, input, inserted, ownedRows).select().from(ownedRows).leftJoin(inserted, sql`true`).prepare(name);
 });
 
-/** The owner locked (the active-run limit), then the thread locked and marked busy: one statement, in that lock order. */
+/**
+ * The owner locked (the active-run limit), then the thread locked and marked busy: one statement, in
+ * that lock order. The owner's lock is crud/user.ts lockUser's, FOR NO KEY UPDATE: it serializes
+ * the owner's starts (and a delete's count of busy threads) without making the owner's model calls
+ * wait for the start's transaction (their holds' and settlements' foreign keys take KEY SHARE).
+ */
 const threadHeldBusy = preparedAnywhere('threads_hold_busy_after_owner', (db, name) => {
-  const owner = db.$with('owner').as(db.select({ id: users.id }).from(users).where(eq(users.id, slot<string>('owner_id'))).for('update'));
+  const owner = db.$with('owner').as(db.select({ id: users.id }).from(users).where(eq(users.id, slot<string>('owner_id'))).for('no key update'));
   return db
     .with(owner)
     .update(threads)

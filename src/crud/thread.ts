@@ -11,7 +11,7 @@ import { definePolicy } from '../utils/access.js';
 import { childCrud } from './child.js';
 import { ownedCrud } from './owned.js';
 import { preparedAnywhere } from './prepared.js';
-import { lockForUpdate } from './user.js';
+import { lockUser } from './user.js';
 
 /** Threads: their owner's (or any superuser's); a project-scoped key reads and writes its project's. */
 export const threadPolicy = definePolicy<Thread>({
@@ -26,12 +26,13 @@ export const threadCrud = ownedCrud<Thread, NewThread>(threads, threadPolicy);
 
 /**
  * How many threads of `ownerId` (of their project `projectId`, when given) a run works on, asked by
- * what deletes them all: the owner's row is locked first (`lockForUpdate`), as every run start and
- * thread creation of theirs takes it, so none starts between this count and the delete (a cascade
- * took runs from under their worker).
+ * what deletes them all: the owner's row is locked first (`lockUser`), as every run start and
+ * thread creation of theirs locks it, so none starts between this count and the delete (a cascade
+ * took runs from under their worker). A transaction that deletes the user has locked the row
+ * FOR UPDATE before (`lockUserForDelete`).
  */
 export async function lockOwnerCountingBusy(tx: Db, ownerId: string, projectId?: string): Promise<number> {
-  await lockForUpdate(tx, ownerId);
+  await lockUser(tx, ownerId);
   const [row] = await tx
     .select({ busy: sql<number>`count(*)`.mapWith(Number) })
     .from(threads)

@@ -126,27 +126,54 @@ export async function countActiveSuperusers(db: Db): Promise<number> {
   return row?.value ?? 0;
 }
 
-/** Locks the active superusers: changes that could leave none take this lock first, one at a time. */
-export async function lockSuperusers(db: Db): Promise<void> {
+/*
+ * Users-row locks. A transaction that only serializes per-user writes takes FOR NO KEY UPDATE: it
+ * conflicts with itself (and with FOR UPDATE), so two such transactions of one user still run one
+ * after the other, but not with the KEY SHARE lock a foreign-key check takes on the users row. Every
+ * row that references users(id) takes that KEY SHARE as it is inserted, among them a model call's
+ * hold (its reservation) and settlement (its ledger entry): under FOR UPDATE those waited for the
+ * whole locking transaction (a run start, a limit's count), and a settlement did so holding the
+ * user's credit account, a deadlock as soon as that transaction wanted it
+ * (test/integration/owner-lock-billing.test.ts). A transaction that deletes the users row takes
+ * FOR UPDATE from its first lock on it (the DELETE needs it anyway): taken later, KEY SHARE holders
+ * let in meanwhile would make the DELETE wait for them while it holds their billing rows.
+ */
+
+/** How a transaction locks users rows: `no key update` to serialize changes, `update` to delete one. */
+export type UserLockStrength = 'no key update' | 'update';
+
+/**
+ * Locks the active superusers: changes that could leave none (a demotion, a deactivation, a delete)
+ * take this lock first, one at a time. `update` where the transaction deletes a user (whom it may lock here).
+ */
+export async function lockSuperusers(db: Db, strength: UserLockStrength = 'no key update'): Promise<void> {
   await db
     .select({ id: users.id })
     .from(users)
     .where(sql`${users.is_superuser} and ${users.is_active}`)
-    .for('update');
+    .for(strength);
 }
 
-// Every run's start takes it: prepared once, for every transaction.
-const userLocked = preparedAnywhere('users_lock', (db, name) =>
+// Every creation under a per-user limit takes it (a new thread's run start too): prepared once, for every transaction.
+const userLocked = preparedAnywhere('users_lock_no_key_update', (db, name) =>
   db
     .select({ id: users.id })
     .from(users)
     .where(eq(users.id, sql.placeholder('id') as unknown as string))
-    .for('update')
+    .for('no key update')
     .prepare(name),
 );
 
-/** Serializes per-user writes that check a limit first (count, then insert) inside a transaction. */
-export async function lockForUpdate(db: Db, id: string): Promise<void> {
+/**
+ * Serializes per-user writes that check a limit first (count, then insert) inside a transaction:
+ * FOR NO KEY UPDATE, so that the user's model calls are held and settled meanwhile (above).
+ */
+export async function lockUser(db: Db, id: string): Promise<void> {
   await userLocked(db).execute({ id });
+}
+
+/** The lock of a transaction that deletes the user (FOR UPDATE, above): taken before any weaker lock on the row. */
+export async function lockUserForDelete(db: Db, id: string): Promise<void> {
+  await db.select({ id: users.id }).from(users).where(eq(users.id, id)).for('update');
 }
 

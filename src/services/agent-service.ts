@@ -121,7 +121,7 @@ async function change(ctx: ServiceContext, id: string, input: AgentUpdate, knowl
   const ownerId = input.is_default || input.project_id !== undefined ? (await agentCrud.getVisible(ctx.db, principal, id, 'write')).owner_id : null;
   const projectId = input.project_id === undefined ? undefined : await placeInProject(ctx, agentPolicy, ownerId!, input.project_id);
   return transaction(ctx.db, async (tx) => {
-    if (input.is_default) await userCrud.lockForUpdate(tx, ownerId!);
+    if (input.is_default) await userCrud.lockUser(tx, ownerId!);
     const current = await agentCrud.lockVisible(tx, principal, id, 'write', 'update');
     checkDefaultChange(ctx, current.is_default, input.is_default);
     if (input.knowledge) await checkKnowledge(ctx, tx, current.owner_id, input.knowledge, knowledgeLoc);

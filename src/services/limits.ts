@@ -13,11 +13,12 @@ export interface PerUserLimit {
 
 /**
  * Creates under a per-user limit: lock the user's row, count, refuse with 409 at the limit, insert.
- * The lock serializes concurrent creations of one user, so count-then-insert cannot overshoot.
+ * The lock (NO KEY UPDATE: crud/user.ts) serializes concurrent creations of one user, so count-then-insert
+ * cannot overshoot; the user's model calls are held and settled meanwhile.
  */
 export async function createWithinLimit<T>(db: Db, userId: string, limit: PerUserLimit, insert: (tx: Db) => Promise<T>): Promise<T> {
   return transaction(db, async (tx) => {
-    await userCrud.lockForUpdate(tx, userId);
+    await userCrud.lockUser(tx, userId);
     if ((await limit.count(tx)) >= limit.max) throw new ConflictError(`${limit.what} limit reached (${limit.max} per user)`);
     return insert(tx);
   });

@@ -87,7 +87,9 @@ export async function deleteMe(db: Db, user: User): Promise<void> {
   await transaction(db, async (tx) => {
     // Before any users row (see lockBillingRows): a hold or settlement of theirs in progress would deadlock with the cascade.
     await lockBillingRows(tx, { userId: user.id });
-    if (user.is_superuser) await userCrud.lockSuperusers(tx);
+    // FOR UPDATE, the delete's lock, from the first lock on their row (see crud/user.ts).
+    if (user.is_superuser) await userCrud.lockSuperusers(tx, 'update');
+    await userCrud.lockUserForDelete(tx, user.id);
     if (await isLastSuperuser(tx, user)) throw new ForbiddenError('The last superuser cannot delete their account');
     if (await lockOwnerCountingBusy(tx, user.id)) throw new ConflictError('You have runs in progress: cancel them (POST /runs/{id}/cancel) or wait for them to end, then delete your account');
     await userCrud.remove(tx, user.id);
@@ -101,7 +103,8 @@ export async function updateByAdmin(db: Db, runs: RunDeps, id: string, input: Us
   const values: Partial<NewUser> = { ...fields };
   if (password !== undefined) values.hashed_password = await hashPassword(password);
   const user = await transaction(db, async (tx) => {
-    // Superusers are locked first, so that two concurrent demotions cannot both pass the check below.
+    // Superusers are locked first, so that two concurrent demotions cannot both pass the check below
+    // (FOR NO KEY UPDATE: their model calls are held and settled meanwhile; see crud/user.ts).
     if (losesSuperuser) await userCrud.lockSuperusers(tx);
     const target = await getById(tx, id);
     if (input.email !== undefined) await ensureEmailFree(tx, input.email, target.id);
@@ -123,8 +126,10 @@ export async function deleteByAdmin(db: Db, actor: User, id: string): Promise<vo
   await transaction(db, async (tx) => {
     // Before any users row, the target's among the superusers (see lockBillingRows).
     await lockBillingRows(tx, { userId: id });
-    // Two superusers deleting each other at once must not leave none.
-    await userCrud.lockSuperusers(tx);
+    // Two superusers deleting each other at once must not leave none. FOR UPDATE, the delete's
+    // lock, as the target may be among them (see crud/user.ts); then the target's own row.
+    await userCrud.lockSuperusers(tx, 'update');
+    await userCrud.lockUserForDelete(tx, id);
     const target = await getById(tx, id);
     if (await isLastSuperuser(tx, target)) throw new ForbiddenError('The last superuser cannot be deleted');
     // The user's runs would go on with their rows gone (see lockOwnerCountingBusy); deactivating cancels them.

@@ -512,7 +512,7 @@ describe('statements per run (embedded)', () => {
     const step = scopes.find((texts) => texts.some((text) => text.startsWith('with "answer" as')))!;
     // The owner and thread locks with the busy mark; the owner's active runs read by the insert of the input message with the run; run.queued.
     expect(start).toHaveLength(3);
-    expect(start[0]).toMatch(/^with "owner" as \(select "id" from "users" .* for update\) update "threads"/);
+    expect(start[0]).toMatch(/^with "owner" as \(select "id" from "users" .* for no key update\) update "threads"/);
     expect(start[1]).toMatch(/^with "owned" as \(select .* from "runs" .*\), "input" as \(insert into "messages" .*\), "inserted" as \(insert into "runs" .* on conflict \("thread_id"\) where "status" in \('queued', 'running'\) and not "waiting" do nothing/);
     // The thread and run locks (the fence); the answer with the end and the hand-over; the events.
     expect(step).toHaveLength(3);

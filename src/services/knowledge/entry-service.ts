@@ -187,7 +187,7 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
   try {
     const type = await sniffed(Buffer.concat(head), filename, file.declaredMime);
     const entry = await transaction(ctx.db, async (tx) => {
-      await userCrud.lockForUpdate(tx, ownerId);
+      await userCrud.lockUser(tx, ownerId);
       const used = await usedBytes(tx, ownerId);
       if (used + stored.size > allowance.quota) throw tooLarge({ ...allowance, used }, stored.size);
       return writeUniquelyNamed(tx, entryNames(folder.id), filename, (inner, name) =>
