@@ -470,8 +470,8 @@ async function releaseWhere(db: Db, condition: SQL): Promise<number> {
 export type BillingRowsOf = { userId: string } | { apiKeyId: string } | { projectId: string };
 
 /**
- * Locks (FOR UPDATE) the rows of `of` that holds and settlements lock, in the order they lock them:
- * reservations, then the credit account, then API keys (each table's rows by id). A transaction
+ * Locks the rows of `of` that holds and settlements lock, in the order they lock them: reservations,
+ * then the credit account (FOR UPDATE), then API keys (FOR NO KEY UPDATE; each table's rows by id). A transaction
  * that deletes a user, a key or a project calls it before it locks anything else, the users row
  * included: it then waits for a hold or settlement in progress, or makes one wait, while holding
  * nothing that one needs. Without it, the delete held the owner's users row (lockUserForDelete, the
@@ -492,7 +492,11 @@ export async function lockBillingRows(tx: Db, of: BillingRowsOf): Promise<void> 
   const byUser = 'userId' in of ? sql`user_id = ${of.userId}::uuid or ` : sql``;
   await rows(tx, sql`select id from credit_reservations where ${byUser}api_key_id in (${keys}) order by id for update`);
   if ('userId' in of) await rows(tx, sql`select id from credit_accounts where user_id = ${of.userId}::uuid for update`);
-  await rows(tx, sql`select id from api_keys where id in (${keys}) order by id for update`);
+  // NO KEY UPDATE: it waits for (and holds back) the holds and settlements that update the keys, but
+  // not a row that references a key (a run started through it, KEY SHARE): under FOR UPDATE, a run
+  // start that held the users row (lockUser) and then inserted its run waited for this delete, which
+  // waited for that users row: a deadlock. The DELETE takes the rest once the users row is its own.
+  await rows(tx, sql`select id from api_keys where id in (${keys}) order by id for no key update`);
 }
 
 // ==================== Usage records ====================

@@ -163,6 +163,28 @@ describe('a user deleted while a hold of theirs is being taken', () => {
   });
 });
 
+describe('a user deleted while a run of theirs starts through their API key', () => {
+  // A run start locks its owner's users row (lockUser, FOR NO KEY UPDATE), then inserts the run,
+  // whose api_key_id takes KEY SHARE on the key at the insert's end. The delete locks the key
+  // (lockBillingRows) before the users row: FOR UPDATE there made each wait for the other.
+  it('the delete waits for the run start and answers 200; the run goes with the user', async () => {
+    const user = await userWithCredits();
+    const key = await createKey(ctx.app, user, { name: 'runs' });
+    const project = await createProject(ctx.app, user.headers, 'Runs');
+    const thread = await api('POST', '/threads', user.headers, { project_id: project.id });
+    expect(thread.statusCode, thread.body).toBe(200);
+    const { raced: response, failed } = await interleave(
+      [['select id from users where id = $1 for no key update', [user.user.id]]],
+      () => api('DELETE', `/users/${user.user.id}`, admin),
+      [[`insert into runs (owner_id, thread_id, api_key_id, agent_version, model) values ($1, $2, $3, 1, 'fake-billed')`, [user.user.id, thread.json<{ id: string }>().id, key.id]]],
+    );
+    expect(failed).toBeNull();
+    expect(response.statusCode, response.body).toBe(200);
+    await expectUserGone(user.user.id);
+    expect(await rowsOf(sql`select id from runs where owner_id = ${user.user.id}`)).toEqual([]);
+  });
+});
+
 describe('an API key or its project deleted while a settlement of its call holds its rows', () => {
   for (const what of ['key', 'project'] as const) {
     it(`the ${what} deleted: the delete waits for the settlement and answers 200; the account charged once, nothing left held`, async () => {
