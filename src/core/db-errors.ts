@@ -12,3 +12,18 @@ export const DATABASE_RETRY_AFTER_SECONDS = 5;
 export function isDatabaseUnavailableCode(code: string): boolean {
   return code.startsWith('08') || /^57P0\d$/.test(code) || code === '3D000' || code === '53300' || code === '57014' || code === '55P03';
 }
+
+export interface DatabaseError {
+  code: string;
+  constraint?: string;
+  message?: string;
+}
+
+/** Drizzle wraps driver errors; the SQLSTATE sits on the error or its cause (pg and PGlite alike). */
+export function databaseError(error: unknown): DatabaseError | null {
+  for (let e: unknown = error, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === 'string' && /^[0-9A-Z]{5}$/.test(code)) return e as DatabaseError;
+  }
+  return null;
+}

@@ -11,6 +11,7 @@ import pg from 'pg';
 
 import type { Settings } from './config.js';
 import { lockDirectory } from './data-dir-lock.js';
+import { databaseError } from './db-errors.js';
 import { inProcessLink, type PgliteLink, PgliteStatementClient } from './pglite-client.js';
 import { openPgliteThread } from './pglite-thread.js';
 
@@ -68,6 +69,27 @@ export async function transaction<T>(db: Db, work: (tx: Db) => Promise<T>): Prom
   const result = pool ? await pooledTransaction(pool, run) : await db.transaction(run);
   if (!outer) for (const callback of afterCommit) callback();
   return result;
+}
+
+/** How many times `deadlockRetried` runs a transaction in all. */
+const DEADLOCK_ATTEMPTS = 3;
+
+/**
+ * `transaction(db, work)`, run again when PostgreSQL aborted it to break a deadlock (40P01: rolled
+ * back whole, nothing of it kept). For the rare deletes that cascade to rows the per-call
+ * statements lock in an order a plan picks (several of one user's reservations or keys in one
+ * batch): their lock order (crud/billing.ts lockBillingRows) cannot match it row for row, and the
+ * side the server aborts is the one that waited first, often the delete. An outermost transaction
+ * only: inside another, the abort has taken the outer one with it.
+ */
+export async function deadlockRetried<T>(db: Db, work: (tx: Db) => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await transaction(db, work);
+    } catch (error) {
+      if (attempt >= DEADLOCK_ATTEMPTS || openTransactions.has(db) || databaseError(error)?.code !== '40P01') throw error;
+    }
+  }
 }
 
 /** The server's pool behind each node-postgres handle, and a handle for each of its clients (see pooledTransaction). */

@@ -1,7 +1,7 @@
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } from 'fastify-type-provider-zod';
 
-import { DATABASE_RETRY_AFTER_SECONDS, isDatabaseUnavailableCode } from './db-errors.js';
+import { DATABASE_RETRY_AFTER_SECONDS, databaseError, isDatabaseUnavailableCode } from './db-errors.js';
 import { integrityAnswer, unknownQueryMessage } from './error-mapping.js';
 import { drainingRequests, lingerOnUnreadBody } from './http-server.js';
 import { RepeatedLine } from './logger.js';
@@ -252,20 +252,8 @@ function validationIssues(error: FastifyError, request: FastifyRequest): Validat
   return issues;
 }
 
-interface DatabaseError {
-  code: string;
-  constraint?: string;
-  message?: string;
-}
-
-/** Drizzle wraps driver errors; the SQLSTATE sits on the error or its cause (pg and PGlite alike). */
-export function databaseError(error: unknown): DatabaseError | null {
-  for (let e: unknown = error, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
-    const code = (e as { code?: unknown }).code;
-    if (typeof code === 'string' && /^[0-9A-Z]{5}$/.test(code)) return e as DatabaseError;
-  }
-  return null;
-}
+// Where the rest of the code has always found it; it lives beside the SQLSTATE rules, which db.ts reads without the HTTP layer.
+export { databaseError };
 
 /** Socket errors of a dependency that cannot be reached (the driver's error or its cause). */
 const CONNECTION_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN']);

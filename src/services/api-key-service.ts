@@ -1,4 +1,4 @@
-import { type Db, transaction } from '../core/db.js';
+import { type Db, deadlockRetried } from '../core/db.js';
 import { BadRequestError } from '../core/errors.js';
 import { generateApiKey } from '../core/security.js';
 
@@ -81,7 +81,7 @@ export async function remove(ctx: ServiceContext, id: string): Promise<void> {
   // that its runs are all found before the deletion clears their key.
   await apiKeyCrud.update(ctx.db, ctx.principal, id, { status: 'revoked' });
   await runService.cancelActiveOf(ctx.runs, { api_key_id: id }, 'API key deleted');
-  await transaction(ctx.db, async (tx) => {
+  await deadlockRetried(ctx.db, async (tx) => {
     // Its reservations first, as a settlement locks them before the key's row (see lockBillingRows).
     await lockBillingRows(tx, { apiKeyId: id });
     await apiKeyCrud.remove(tx, ctx.principal, id);

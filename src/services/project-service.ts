@@ -1,4 +1,4 @@
-import { type Db, transaction } from '../core/db.js';
+import { type Db, deadlockRetried } from '../core/db.js';
 import { ConflictError } from '../core/errors.js';
 
 import type { Project } from '../models/index.js';
@@ -39,7 +39,7 @@ export function update(ctx: ServiceContext, id: string, input: ProjectUpdate): P
  * with its rows gone, and its readers wait for an end that never came.
  */
 export async function remove(ctx: ServiceContext, id: string): Promise<void> {
-  await transaction(ctx.db, async (tx) => {
+  await deadlockRetried(ctx.db, async (tx) => {
     const project = await projectCrud.getVisible(tx, ctx.principal, id, 'write');
     // Its keys' billing rows before the owner's users row (see lockBillingRows): the cascade deletes the keys.
     await lockBillingRows(tx, { projectId: id });

@@ -1,5 +1,5 @@
 import type { Settings } from '../core/config.js';
-import { type Db, transaction } from '../core/db.js';
+import { type Db, deadlockRetried, transaction } from '../core/db.js';
 import { BadRequestError, ConflictError, ForbiddenError, NotFoundError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import { emailBinding, hashPassword, type TokenService, verifyPassword } from '../core/security.js';
@@ -84,7 +84,7 @@ async function isLastSuperuser(db: Db, user: User): Promise<boolean> {
 }
 
 export async function deleteMe(db: Db, user: User): Promise<void> {
-  await transaction(db, async (tx) => {
+  await deadlockRetried(db, async (tx) => {
     // Before any users row (see lockBillingRows): a hold or settlement of theirs in progress would deadlock with the cascade.
     await lockBillingRows(tx, { userId: user.id });
     // FOR UPDATE, the delete's lock, from the first lock on their row (see crud/user.ts).
@@ -123,7 +123,7 @@ export async function updateByAdmin(db: Db, runs: RunDeps, id: string, input: Us
 
 export async function deleteByAdmin(db: Db, actor: User, id: string): Promise<void> {
   if (actor.id === id) throw new ForbiddenError('Super users are not allowed to delete themselves');
-  await transaction(db, async (tx) => {
+  await deadlockRetried(db, async (tx) => {
     // Before any users row, the target's among the superusers (see lockBillingRows).
     await lockBillingRows(tx, { userId: id });
     // Two superusers deleting each other at once must not leave none. FOR UPDATE, the delete's

@@ -205,6 +205,28 @@ describe('an API key or its project deleted while a settlement of its call holds
   }
 });
 
+describe('a delete that loses a deadlock', () => {
+  // A batch settling several of a user's reservations locks them in the order its plan picks; the
+  // delete locks them by id. Played here: the other side holds the later one, the delete takes the
+  // first and waits for it, then the other side wants the first. The delete, waiting first, is the
+  // side the server aborts (40P01): it is run again (deadlockRetried) once the other side commits.
+  it('is run again: 200, the user gone, the other side committed', async () => {
+    const user = await userWithCredits();
+    const [first, second] = [randomUUID(), randomUUID()].sort();
+    for (const id of [first!, second!]) {
+      expect(await hold(ctx.database.db, { id, userId: user.user.id, apiKeyId: null, accountAmount: '1', keyAmount: null, ttlSeconds: 600 })).toBe('held');
+    }
+    const { raced: response, failed } = await interleave(
+      [['select id from credit_reservations where id = $1 for update', [second]]],
+      () => api('DELETE', `/users/${user.user.id}`, admin),
+      [['select id from credit_reservations where id = $1 for update', [first]]],
+    );
+    expect(failed).toBeNull();
+    expect(response.statusCode, response.body).toBe(200);
+    await expectUserGone(user.user.id);
+  });
+});
+
 describe('a settlement that loses a deadlock', () => {
   // What a settlement met before the fix, and can still meet with any transaction that holds a
   // users row and then waits for that user's billing rows: the settlement, waiting first, is the
