@@ -89,6 +89,7 @@ describe('a price changed while a call is in flight', () => {
     await fake.waitFor((log) => log.length === 1);
     const patch = await api('PATCH', '/models/fake-billed', admin, { pricing: { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: '3000000' } });
     expect(patch.statusCode, patch.body).toBe(200);
+    expect(fake.log[0]!.completed, 'the price changed while the call was in flight').toBe(false);
     expect((await call).statusCode).toBe(200);
     expect((await chat(user.headers, 'fake-billed')).statusCode).toBe(200);
     await ctx.app.meter.idle();
@@ -167,12 +168,14 @@ describe('a model or its provider changed while a call on it is in flight', () =
     for (const [i, stream] of [false, true].entries()) {
       const sent = sentKeys[i]!;
       fake.reset();
-      fake.script('fake-rotating-model', { status: 400, chunkDelayMs: 300, body: { error: { message: `Bad request from Authorization: Bearer ${sent}` } } });
+      // Long enough that the rotation lands first on a loaded machine too (asserted below: else this tests nothing).
+      fake.script('fake-rotating-model', { status: 400, chunkDelayMs: 1_000, body: { error: { message: `Bad request from Authorization: Bearer ${sent}` } } });
       const call = chat(user.headers, 'fake-rotating-model', { stream });
       await fake.waitFor((log) => log.length === 1);
       expect(fake.log[0]!.headers.authorization).toBe(`Bearer ${sent}`);
       const rotated = await api('PATCH', `/providers/${created.json<{ id: string }>().id}`, admin, { api_key: sentKeys[i + 1] ?? 'sk-rotated-last-0123456789' });
       expect(rotated.statusCode, rotated.body).toBe(200);
+      expect(fake.log[0]!.completed, 'the key rotated while the call was in flight').toBe(false);
       const response = await call;
       expect(response.statusCode).toBe(400);
       expect(response.body).not.toContain(sent);
