@@ -46,7 +46,6 @@ const PROVIDERS = [
 
 let fake: FakeModelServer;
 let admin: Record<string, string>;
-let user: TestUser;
 let client: OpenAI;
 let baseURL: string;
 
@@ -57,9 +56,9 @@ async function funded(): Promise<{ owner: TestUser; client: OpenAI }> {
   expect((await api('POST', '/billing/credits', admin, { user_id: owner.user.id, amount: '1000', description: 'test credits' })).statusCode).toBe(200);
   return { owner, client: new OpenAI({ apiKey: (await createKey(ctx.app, owner)).key, baseURL, maxRetries: 0 }) };
 }
-/** `owner`'s usage records, read once any a call just made would have been written (USAGE_FLUSH_INTERVAL_MS is 20). */
+/** `owner`'s usage records, read once the meter has written every call settled so far. */
 async function usageCount(owner: TestUser): Promise<number> {
-  await new Promise((resolve) => setTimeout(resolve, 200));
+  await ctx.app.meter.idle();
   return (await ctx.app.db.select().from(usageRecords).where(eq(usageRecords.owner_id, owner.user.id))).length;
 }
 
@@ -77,7 +76,7 @@ beforeAll(async () => {
   // An OpenAI-style model (OpenAI answers a conversation of system messages) that falls back to the Anthropic one.
   expect((await api('POST', '/providers', admin, { name: 'pl-compatible', kind: 'openai-compatible', base_url: fake.url, api_key: 'sk-compatible' })).statusCode).toBe(200);
   expect((await api('POST', '/models', admin, { id: 'pl-falls-to-claude', provider: 'pl-compatible', pricing: PRICING, capabilities: ['chat'], max_output_tokens: CAP, fallbacks: ['pl-claude'] })).statusCode).toBe(200);
-  ({ owner: user, client } = await funded());
+  ({ client } = await funded());
 });
 afterAll(async () => {
   await fake.close();
@@ -259,20 +258,30 @@ describe('reasoning_effort on a Claude model beside blank messages', () => {
 
 describe("max_tokens above the model's output cap", () => {
   it("is sent and held as the cap the catalog knows for Anthropic and Google models (both refuse more upstream; the answer could not be longer), max_tokens and max_completion_tokens alike", async () => {
+    // A user of their own, whose only hold is the call's: the upstream hangs until the client goes, so the hold is read while it stands.
+    const { owner, client } = await funded();
     for (const { kind, model, maxTokens } of PROVIDERS) {
       for (const asked of [{ max_tokens: 100_000 }, { max_completion_tokens: 100_000 }]) {
-        fake.script(model, { text: 'Blue.', usage: { prompt_tokens: 5, completion_tokens: 2 }, chunkDelayMs: 300 });
-        const call = client.chat.completions.create({ model, messages: [{ role: 'user', content: 'Why is the sky blue?' }], ...asked });
+        await eventually(async () => (await reservedOf(owner)) === 0);
+        fake.script(model, { hang: true });
+        const gone = new AbortController();
+        const call = client.chat.completions.create({ model, messages: [{ role: 'user', content: 'Why is the sky blue?' }], ...asked }, { signal: gone.signal });
+        const settled = call.then(
+          () => 'answered',
+          () => 'aborted',
+        );
         await fake.waitFor((log) => log.length > 0);
         // Held: the prompt's few tokens at 1 per million and CAP output tokens at 2, not 100,000 of them.
-        const held = await reservedOf(user);
+        const held = await reservedOf(owner);
+        gone.abort();
+        expect(await settled, kind).toBe('aborted');
         expect(held, kind).toBeGreaterThanOrEqual(CAP * 2e-6);
         expect(held, kind).toBeLessThan(CAP * 2e-6 + 1e-4);
-        await call;
         expect(maxTokens(fake.log[0]!), kind).toBe(CAP);
-        await eventually(async () => (await reservedOf(user)) === 0);
+        await fake.waitFor((log) => log[0]!.aborted === true);
         fake.reset();
       }
     }
+    await eventually(async () => (await reservedOf(owner)) === 0);
   });
 });
