@@ -94,16 +94,24 @@ describe('a conversation without a user or assistant message that says anything'
       { role: 'user', content: '' },
       { role: 'assistant', content: '' },
     ],
-    'a system message and blank user text': [
+  };
+  /** Blank to Anthropic (it refuses a whitespace text block), not to Gemini (which answers it). */
+  const whitespaceOnly: OpenAI.ChatCompletionMessageParam[][] = [
+    [
+      { role: 'system', content: 'Say hello.' },
+      { role: 'user', content: ' ' },
+    ],
+    [
       { role: 'system', content: 'Say hello.' },
       { role: 'user', content: [{ type: 'text', text: ' \n' }] },
     ],
-  };
+  ];
 
   it('is refused for Anthropic and Google models with 400 at messages, before anything is held or sent (they refuse an empty conversation upstream)', async () => {
     const { owner, client } = await funded();
     for (const { kind, model } of PROVIDERS) {
-      for (const [name, messages] of Object.entries(unanswerable)) {
+      const cases = { ...unanswerable, ...(kind === 'anthropic' ? Object.fromEntries(whitespaceOnly.map((messages, i) => [`whitespace-only user text ${i}`, messages])) : {}) };
+      for (const [name, messages] of Object.entries(cases)) {
         const refused = await apiError(client.chat.completions.create({ model, messages }), () => fake.log);
         expect(refused.status, `${kind}: ${name}`).toBe(400);
         expect(refused.error, `${kind}: ${name}`).toMatchObject({ type: 'invalid_request_error', param: 'messages', code: 'unsupported_value' });
@@ -113,6 +121,28 @@ describe('a conversation without a user or assistant message that says anything'
     }
     expect(await reservedOf(owner)).toBe(0);
     expect(await usageCount(owner)).toBe(0);
+  });
+
+  it('of whitespace only goes to a Google model as it is (Gemini takes whitespace text; only an empty part is none to it)', async () => {
+    for (const messages of whitespaceOnly) {
+      fake.script('pl-gemini', { text: 'Hello.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+      expect((await client.chat.completions.create({ model: 'pl-gemini', messages })).choices[0]!.message.content).toBe('Hello.');
+      const sent = fake.requestsFor('pl-gemini')[0]!;
+      const text = messages[1]!.content;
+      expect(sent.body.systemInstruction).toEqual({ parts: [{ text: 'Say hello.' }] });
+      expect(sent.body.contents).toEqual([{ role: 'user', parts: [{ text: typeof text === 'string' ? text : ' \n' }] }]);
+      fake.reset();
+    }
+    // A whitespace system message too, which Anthropic's conversation leaves out.
+    const messages: OpenAI.ChatCompletionMessageParam[] = [
+      { role: 'system', content: ' ' },
+      { role: 'user', content: 'Hi.' },
+    ];
+    for (const { kind, model, system } of PROVIDERS) {
+      fake.script(model, { text: 'Hello.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+      await client.chat.completions.create({ model, messages });
+      expect(system(fake.requestsFor(model)[0]!), kind).toEqual(kind === 'google' ? { parts: [{ text: ' ' }] } : undefined);
+    }
   });
 
   it('goes to an OpenAI-style model as it is, and an Anthropic fallback that could not take it is skipped', async () => {

@@ -585,19 +585,27 @@ function droppedBy(request: Partial<ChatRequest>): string | undefined {
 /** A provider kind with an API of its own, which OpenAI's requests are fitted to (unlike OpenAI-style ones, which take them as they are). */
 const ownApi = (kind: ProviderKind | undefined): kind is 'anthropic' | 'google' => kind === 'anthropic' || kind === 'google';
 
-/**
- * Text a provider reads as none: Anthropic refuses a text block that is empty or only whitespace
- * (400), Gemini an empty part (its `text` unset). Whitespace alone says nothing to the model either.
- */
-const blank = (text: string): boolean => !/\S/.test(text);
+/** Whether a provider kind reads a text as none (BLANK). */
+type Blank = (text: string) => boolean;
 
-/** A part the model has something to read in: any but a blank text. */
-const readable = (part: { type: string; text?: string }): boolean => part.type !== 'text' || !blank(part.text!);
+/**
+ * The text each provider kind with an API of its own reads as none. Anthropic refuses a text block
+ * that is empty or only whitespace (400). Google's SDK model leaves an empty assistant text out and
+ * sends an empty user or system one, which Gemini refuses (a part without text); whitespace it
+ * sends as it is, and Gemini answers it, so only empty text is none there.
+ */
+const BLANK: Readonly<Record<'anthropic' | 'google', Blank>> = {
+  anthropic: (text) => !/\S/.test(text),
+  google: (text) => text.length === 0,
+};
+
+/** A part the model has something to read in: any but a `blank` text. */
+const readable = (part: { type: string; text?: string }, blank: Blank): boolean => part.type !== 'text' || !blank(part.text!);
 
 /** A message with something for the model to read (a tool's result always: both providers take an empty output). */
-function saysSomething(message: ModelMessage): boolean {
+function saysSomething(message: ModelMessage, blank: Blank): boolean {
   if (message.role === 'tool') return true;
-  return typeof message.content === 'string' ? !blank(message.content) : message.content.some(readable);
+  return typeof message.content === 'string' ? !blank(message.content) : message.content.some((part) => readable(part, blank));
 }
 
 /**
@@ -606,7 +614,7 @@ function saysSomething(message: ModelMessage): boolean {
  * Google too (`contents` empty; a part without text), OpenAI answers it. Stops at the first such
  * message, nearly always the first or second: a cheap check on every call.
  */
-const answerable = (messages: readonly ModelMessage[]): boolean => messages.some((message) => message.role !== 'system' && saysSomething(message));
+const answerable = (messages: readonly ModelMessage[], blank: Blank): boolean => messages.some((message) => message.role !== 'system' && saysSomething(message, blank));
 
 /** A function name Gemini takes: OpenAI's (letters, digits, `_`, `-`) may start with a digit or `-`, Gemini's not. */
 const GEMINI_FUNCTION_NAME = /^[A-Za-z_][\w.:-]{0,63}$/;
@@ -618,7 +626,7 @@ const GEMINI_FUNCTION_NAME = /^[A-Za-z_][\w.:-]{0,63}$/;
  * tools' object puts numeric names first and so loses their index).
  */
 function untakenByGoogle(messages: readonly ModelMessage[], tools: ToolSet | undefined): { param: string; reason: string } | undefined {
-  const late = lateSystemMessage(messages);
+  const late = lateSystemMessage(messages, BLANK.google);
   if (late >= 0) return { param: `messages[${late}]`, reason: 'takes system and developer messages only before the first user or assistant message' };
   const misnamed = tools && Object.keys(tools).find((name) => !GEMINI_FUNCTION_NAME.test(name));
   if (misnamed !== undefined) return { param: 'tools', reason: `takes function names that start with a letter or _, not ${JSON.stringify(misnamed)}` };
@@ -631,11 +639,11 @@ function untakenByGoogle(messages: readonly ModelMessage[], tools: ToolSet | und
  * one (Gemini's system instruction is the conversation's head, with no place further on); OpenAI
  * and Anthropic take them anywhere.
  */
-function lateSystemMessage(messages: readonly ModelMessage[]): number {
+function lateSystemMessage(messages: readonly ModelMessage[], blank: Blank): number {
   let started = false;
   for (let i = 0; i < messages.length; i += 1) {
     const message = messages[i]!;
-    if (!saysSomething(message)) continue;
+    if (!saysSomething(message, blank)) continue;
     if (message.role !== 'system') started = true;
     else if (started) return i;
   }
@@ -643,20 +651,22 @@ function lateSystemMessage(messages: readonly ModelMessage[]): number {
 }
 
 /**
- * The conversation as Anthropic and Google take it: without the blank text parts and the messages
- * left saying nothing (a replayed empty answer, an empty system message), which they refuse and
- * which said nothing to the model. The SDK model then joins two user turns that met (Anthropic;
- * Gemini takes them apart). Unchanged, the same array.
+ * The conversation as Anthropic and Google take it: without the text parts `blank` for the provider
+ * (BLANK) and the messages left saying nothing (a replayed empty answer, an empty system message),
+ * which it refuses and which said nothing to the model. The SDK model then joins two user turns
+ * that met (Anthropic; Gemini takes them apart). Unchanged, the same array.
  */
-function withoutBlanks(messages: ModelMessage[]): ModelMessage[] {
-  if (messages.every((message) => message.role === 'tool' || (typeof message.content === 'string' ? !blank(message.content) : message.content.every(readable)))) return messages;
+function withoutBlanks(messages: ModelMessage[], blank: Blank): ModelMessage[] {
+  const whole = (message: ModelMessage) =>
+    message.role === 'tool' || (typeof message.content === 'string' ? !blank(message.content) : message.content.every((part) => readable(part, blank)));
+  if (messages.every(whole)) return messages;
   const out: ModelMessage[] = [];
   for (const message of messages) {
     if (message.role === 'tool' || typeof message.content === 'string') {
-      if (saysSomething(message)) out.push(message);
+      if (saysSomething(message, blank)) out.push(message);
       continue;
     }
-    const content = (message.content as { type: string; text?: string }[]).filter(readable);
+    const content = (message.content as { type: string; text?: string }[]).filter((part) => readable(part, blank));
     if (content.length > 0) out.push({ ...message, content } as ModelMessage);
   }
   return out;
@@ -726,7 +736,7 @@ function anthropicThinkingRefused({ messages, toolChoice, responseFormat }: Part
   if (responseFormat !== undefined && anthropicForcedJsonTool(modelId, responseFormat.schema ?? ANY_JSON_OBJECT)) return true;
   if (!messages) return false;
   // The conversation as it is sent: a blank message left out may make the one before it the last.
-  const sent = withoutBlanks(messages);
+  const sent = withoutBlanks(messages, BLANK.anthropic);
   for (let i = sent.length - 1; i >= 0; i -= 1) {
     const message = sent[i]!;
     if (message.role !== 'assistant') continue;
@@ -1848,12 +1858,14 @@ export class ModelManager {
 
   /**
    * The call's system prompt and messages as `kind`'s models take them: Anthropic's and Google's
-   * without blank text (withoutBlanks), Anthropic's with tool call ids it takes (withAnthropicToolIds).
+   * without the text blank for them (BLANK, withoutBlanks), Anthropic's with tool call ids it takes
+   * (withAnthropicToolIds).
    */
   private promptFor(request: ChatRequest, kind: ProviderKind | undefined): { system: string | undefined; messages: ModelMessage[] } {
     const { system, messages } = request;
     if (!ownApi(kind)) return { system, messages };
-    const sent = withoutBlanks(messages);
+    const blank = BLANK[kind];
+    const sent = withoutBlanks(messages, blank);
     return { system: system !== undefined && blank(system) ? undefined : system, messages: kind === 'anthropic' ? withAnthropicToolIds(sent) : sent };
   }
 
@@ -2107,10 +2119,10 @@ export class ModelManager {
   /**
    * Why `model` cannot take the call as it is, refused before anything is held or sent (a fallback
    * that cannot is skipped): an option its provider would not hear (unheardOption), a conversation
-   * an Anthropic or Google model has nothing to answer in (answerable), or what else Google refuses
-   * (untakenByGoogle). OpenAI takes them all, so OpenAI-style models get them as they are, for the
-   * price of a kind's look-up. Blank text beside what the conversation says is left out instead
-   * (promptFor).
+   * an Anthropic or Google model has nothing to answer in (answerable; blank as the provider reads
+   * it: BLANK), or what else Google refuses (untakenByGoogle). OpenAI takes them all, so
+   * OpenAI-style models get them as they are, for the price of a kind's look-up. Blank text beside
+   * what the conversation says is left out instead (promptFor).
    */
   private refusal(request: Partial<ChatRequest>, model: ModelInfo): HttpError | undefined {
     const unheard = this.unheardOption(request, model);
@@ -2119,7 +2131,8 @@ export class ModelManager {
     if (messages === undefined) return undefined;
     const kind = this.options.providers.kind(model.provider);
     if (!ownApi(kind)) return undefined;
-    if (!answerable(messages)) {
+    const blank = BLANK[kind];
+    if (!answerable(messages, blank)) {
       return new ModelValueError(model.id, 'messages', `its provider (${kind}) needs a user or assistant message that says something, and this conversation has only system messages or empty ones`);
     }
     const untaken = kind === 'google' ? untakenByGoogle(messages, request.tools) : undefined;
