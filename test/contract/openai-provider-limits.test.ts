@@ -224,6 +224,55 @@ describe('empty text within a conversation', () => {
   });
 });
 
+describe('a blank last message after an assistant message', () => {
+  const asked: OpenAI.ChatCompletionMessageParam[] = [
+    { role: 'user', content: 'Name a colour.' },
+    { role: 'assistant', content: 'Blue ' },
+  ];
+
+  it("is refused with 400 naming it, before anything is held or sent, where the provider reads it as blank (left out, it would make the assistant's answer a prefill to continue)", async () => {
+    const { owner, client } = await funded();
+    const cases: [string, OpenAI.ChatCompletionMessageParam[], number][] = [
+      ['pl-claude', [...asked, { role: 'user', content: ' ' }], 2],
+      ['pl-claude', [...asked, { role: 'user', content: [{ type: 'text', text: '\n' }] }], 2],
+      ['pl-claude', [...asked, { role: 'assistant', content: '' }], 2],
+      ['pl-claude', [...asked, { role: 'user', content: '' }, { role: 'system', content: ' ' }], 3],
+      ['pl-gemini', [...asked, { role: 'user', content: '' }], 2],
+      ['pl-gemini', [...asked, { role: 'user', content: [{ type: 'text', text: '' }] }, { role: 'developer', content: '' }], 3],
+    ];
+    for (const [model, messages, index] of cases) {
+      const name = `${model}: ${JSON.stringify(messages.slice(2))}`;
+      const refused = await apiError(client.chat.completions.create({ model, messages }), () => fake.log);
+      expect(refused.status, name).toBe(400);
+      expect(refused.error, name).toMatchObject({ type: 'invalid_request_error', param: `messages[${index}]`, code: 'unsupported_value' });
+      expect(refused.message, name).toMatch(new RegExp(`${model}.*assistant message before it`));
+      // Streamed the same.
+      const streamed = await apiError(client.chat.completions.create({ model, messages, stream: true }), () => fake.log);
+      expect(streamed.status, name).toBe(400);
+      expect(streamed.error, name).toMatchObject({ param: `messages[${index}]` });
+    }
+    expect(fake.log).toEqual([]);
+    expect(await reservedOf(owner)).toBe(0);
+    expect(await usageCount(owner)).toBe(0);
+  });
+
+  it('goes to a Google model as it is where it is whitespace (Gemini answers it as a new turn), and is left out where an assistant message does not come before it', async () => {
+    fake.script('pl-gemini', { text: 'Red.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+    expect((await client.chat.completions.create({ model: 'pl-gemini', messages: [...asked, { role: 'user', content: ' ' }] })).choices[0]!.message.content).toBe('Red.');
+    expect(fake.requestsFor('pl-gemini')[0]!.body.contents).toEqual([
+      { role: 'user', parts: [{ text: 'Name a colour.' }] },
+      { role: 'model', parts: [{ text: 'Blue ' }] },
+      { role: 'user', parts: [{ text: ' ' }] },
+    ]);
+    for (const { kind, model, conversation } of PROVIDERS) {
+      fake.script(model, { text: 'Red.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+      const messages: OpenAI.ChatCompletionMessageParam[] = [...asked, { role: 'user', content: 'Another.' }, { role: 'user', content: '' }];
+      expect((await client.chat.completions.create({ model, messages })).choices[0]!.message.content, kind).toBe('Red.');
+      expect(conversation(fake.requestsFor(model).at(-1)!), kind).toHaveLength(3);
+    }
+  });
+});
+
 describe('a function name OpenAI takes and Gemini does not', () => {
   it('is refused for a Google model with 400 naming the function, before anything is held or sent (Gemini wants it to start with a letter or _); Anthropic takes it', async () => {
     const { owner, client } = await funded();
@@ -272,10 +321,10 @@ describe('tool call ids of other providers in the conversation', () => {
 });
 
 describe('reasoning_effort on a Claude model beside blank messages', () => {
-  it('reads a prefill from the conversation as it is sent: a blank last message left out makes the assistant\'s before it one (no thinking), a blank last assistant message is none (thinking)', async () => {
+  it('reads a prefill from the conversation as it is sent: a blank last assistant message is none (thinking), one that says something is one (no thinking)', async () => {
     const cases: [OpenAI.ChatCompletionMessageParam[], unknown][] = [
-      [[{ role: 'user', content: 'Name a colour.' }, { role: 'assistant', content: 'Blue' }, { role: 'user', content: ' ' }], undefined],
-      [[{ role: 'user', content: 'Name a colour.' }, { role: 'assistant', content: '' }], { type: 'enabled', budget_tokens: 1024 }],
+      [[{ role: 'user', content: 'Name a colour.' }, { role: 'assistant', content: ' ' }], { type: 'enabled', budget_tokens: 1024 }],
+      [[{ role: 'user', content: 'Name a colour.' }, { role: 'assistant', content: 'Blue' }], undefined],
     ];
     for (const [messages, thinking] of cases) {
       fake.script('pl-claude', { text: 'Blue.', usage: { prompt_tokens: 5, completion_tokens: 2 } });

@@ -616,6 +616,22 @@ function saysSomething(message: ModelMessage, blank: Blank): boolean {
  */
 const answerable = (messages: readonly ModelMessage[], blank: Blank): boolean => messages.some((message) => message.role !== 'system' && saysSomething(message, blank));
 
+/**
+ * The index of the last message where it says nothing and leaving it out (withoutBlanks) would end
+ * the conversation with an assistant message, else -1: the provider would take that assistant
+ * message for a prefill to continue, not a turn to answer (Anthropic answers 400 after the hold
+ * where it ends in whitespace). A conversation that ends in something said: at once.
+ */
+function blankAfterAssistant(messages: readonly ModelMessage[], blank: Blank): number {
+  const last = messages.length - 1;
+  if (last < 0 || saysSomething(messages[last]!, blank)) return -1;
+  for (let i = last - 1; i >= 0; i -= 1) {
+    const message = messages[i]!;
+    if (saysSomething(message, blank)) return message.role === 'assistant' ? last : -1;
+  }
+  return -1;
+}
+
 /** A function name Gemini takes: OpenAI's (letters, digits, `_`, `-`) may start with a digit or `-`, Gemini's not. */
 const GEMINI_FUNCTION_NAME = /^[A-Za-z_][\w.:-]{0,63}$/;
 
@@ -735,7 +751,7 @@ function anthropicThinkingRefused({ messages, toolChoice, responseFormat }: Part
   if (toolChoice !== undefined && toolChoice !== 'auto' && toolChoice !== 'none') return true;
   if (responseFormat !== undefined && anthropicForcedJsonTool(modelId, responseFormat.schema ?? ANY_JSON_OBJECT)) return true;
   if (!messages) return false;
-  // The conversation as it is sent: a blank message left out may make the one before it the last.
+  // The conversation as it is sent: a blank last message left out is no prefill (one after an assistant message is refused: blankAfterAssistant).
   const sent = withoutBlanks(messages, BLANK.anthropic);
   for (let i = sent.length - 1; i >= 0; i -= 1) {
     const message = sent[i]!;
@@ -2119,8 +2135,9 @@ export class ModelManager {
   /**
    * Why `model` cannot take the call as it is, refused before anything is held or sent (a fallback
    * that cannot is skipped): an option its provider would not hear (unheardOption), a conversation
-   * an Anthropic or Google model has nothing to answer in (answerable; blank as the provider reads
-   * it: BLANK), or what else Google refuses (untakenByGoogle). OpenAI takes them all, so
+   * an Anthropic or Google model has nothing to answer in (answerable), one whose blank last message
+   * left out would leave an assistant message to continue (blankAfterAssistant), or what else Google
+   * refuses (untakenByGoogle); blank as the provider reads it (BLANK). OpenAI takes them all, so
    * OpenAI-style models get them as they are, for the price of a kind's look-up. Blank text beside
    * what the conversation says is left out instead (promptFor).
    */
@@ -2134,6 +2151,14 @@ export class ModelManager {
     const blank = BLANK[kind];
     if (!answerable(messages, blank)) {
       return new ModelValueError(model.id, 'messages', `its provider (${kind}) needs a user or assistant message that says something, and this conversation has only system messages or empty ones`);
+    }
+    const trailing = blankAfterAssistant(messages, blank);
+    if (trailing >= 0) {
+      return new ModelValueError(
+        model.id,
+        `messages[${trailing}]`,
+        `its provider (${kind}) takes no ${kind === 'anthropic' ? 'empty or whitespace' : 'empty'} message, and without this last one the assistant message before it would be continued rather than answered`,
+      );
     }
     const untaken = kind === 'google' ? untakenByGoogle(messages, request.tools) : undefined;
     return untaken && new ModelValueError(model.id, untaken.param, `its provider (google) ${untaken.reason}`);
