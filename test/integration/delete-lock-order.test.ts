@@ -10,7 +10,8 @@
  * in its order, with a pause where its statement would reach the users row: the delete is sent in
  * the pause and waits (on the server: the test waits until it does), then the other side goes on.
  * Embedded, PGlite runs one session at a time: the delete simply waits for the other side's commit.
- * Last, the real meter's settlement made to lose such a deadlock: it is retried, charged once.
+ * Also the sweep of expired holds against a hold of the same account and key. Last, the real
+ * meter's settlement made to lose such a deadlock: it is retried, charged once.
  */
 import { randomUUID } from 'node:crypto';
 
@@ -20,7 +21,7 @@ import { describe, expect, it } from 'vitest';
 import type { SqlSession } from '../../src/core/db.js';
 import { databaseError } from '../../src/core/errors.js';
 
-import { getBalance, hold, ledgerSum } from '../../src/crud/billing.js';
+import { getBalance, hold, ledgerSum, releaseExpired } from '../../src/crud/billing.js';
 import { useTestApp } from '../helpers/app.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -224,6 +225,34 @@ describe('a delete that loses a deadlock', () => {
     expect(failed).toBeNull();
     expect(response.statusCode, response.body).toBe(200);
     await expectUserGone(user.user.id);
+  });
+});
+
+describe('the sweep of expired holds while a hold of the same account and key is taken', () => {
+  // A hold with a budgeted key updates the account, then the key (one transaction). The sweep's
+  // statement ran its key update before its account update: it took the key, then waited for the
+  // account the hold held, while the hold waited for the key. It now locks the account first.
+  it('the sweep waits for the hold and releases the expired one; neither is aborted', async () => {
+    const user = await userWithCredits();
+    const key = await createKey(ctx.app, user, { name: 'budgeted', max_budget: '50' });
+    // Left by a process that died mid-call: 10 held from the account and from the key's budget.
+    expect(await hold(ctx.database.db, { id: randomUUID(), userId: user.user.id, apiKeyId: key.id, accountAmount: '10', keyAmount: '10', ttlSeconds: 600 })).toBe('held');
+    await rowsOf(sql`update credit_reservations set expires_at = now() - interval '1 second' where user_id = ${user.user.id}`);
+    const { raced: released, failed } = await interleave(
+      [['update credit_accounts set reserved = reserved + 10 where user_id = $1 and balance - reserved >= 10', [user.user.id]]],
+      () => releaseExpired(ctx.database.db),
+      [
+        ['update api_keys set budget_reserved = budget_reserved + 10 where id = $1', [key.id]],
+        [
+          `insert into credit_reservations (id, expires_at, user_id, api_key_id, account_amount, key_amount) values ($1, now() + interval '10 minutes', $2, $3, 10, 10)`,
+          [randomUUID(), user.user.id, key.id],
+        ],
+      ],
+    );
+    expect(failed).toBeNull();
+    expect(released).toBe(1);
+    expect(Number((await getBalance(ctx.database.db, user.user.id)).reserved)).toBe(10);
+    expect(await rowsOf(sql`select trim_scale(budget_reserved)::text as held from api_keys where id = ${key.id}`)).toEqual([{ held: '10' }]);
   });
 });
 
