@@ -133,7 +133,7 @@ describe('a conversation without a user or assistant message that says anything'
       expect(sent.body.contents).toEqual([{ role: 'user', parts: [{ text: typeof text === 'string' ? text : ' \n' }] }]);
       fake.reset();
     }
-    // A whitespace system message too, which Anthropic's conversation leaves out.
+    // A whitespace system message too, which says nothing to either: not sent.
     const messages: OpenAI.ChatCompletionMessageParam[] = [
       { role: 'system', content: ' ' },
       { role: 'user', content: 'Hi.' },
@@ -141,8 +141,20 @@ describe('a conversation without a user or assistant message that says anything'
     for (const { kind, model, system } of PROVIDERS) {
       fake.script(model, { text: 'Hello.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
       await client.chat.completions.create({ model, messages });
-      expect(system(fake.requestsFor(model)[0]!), kind).toEqual(kind === 'google' ? { parts: [{ text: ' ' }] } : undefined);
+      expect(system(fake.requestsFor(model)[0]!), kind).toBeUndefined();
     }
+    // Past the start as well: to Gemini it is no late system message (refused), it is nothing.
+    fake.reset();
+    fake.script('pl-gemini', { text: 'Green.', usage: { prompt_tokens: 9, completion_tokens: 2 } });
+    const late: OpenAI.ChatCompletionMessageParam[] = [
+      { role: 'system', content: 'Answer in one word.' },
+      { role: 'user', content: 'Name a colour.' },
+      { role: 'assistant', content: 'Blue.' },
+      { role: 'system', content: ' ' },
+      { role: 'user', content: 'Another.' },
+    ];
+    expect((await client.chat.completions.create({ model: 'pl-gemini', messages: late })).choices[0]!.message.content).toBe('Green.');
+    expect(fake.requestsFor('pl-gemini')[0]!.body.contents).toHaveLength(3);
   });
 
   it('goes to an OpenAI-style model as it is, and an Anthropic fallback that could not take it is skipped', async () => {
@@ -235,7 +247,6 @@ describe('a blank last message after an assistant message', () => {
     const cases: [string, OpenAI.ChatCompletionMessageParam[], number][] = [
       ['pl-claude', [...asked, { role: 'user', content: ' ' }], 2],
       ['pl-claude', [...asked, { role: 'user', content: [{ type: 'text', text: '\n' }] }], 2],
-      ['pl-claude', [...asked, { role: 'assistant', content: '' }], 2],
       ['pl-claude', [...asked, { role: 'user', content: '' }, { role: 'system', content: ' ' }], 3],
       ['pl-gemini', [...asked, { role: 'user', content: '' }], 2],
       ['pl-gemini', [...asked, { role: 'user', content: [{ type: 'text', text: '' }] }, { role: 'developer', content: '' }], 3],

@@ -84,7 +84,8 @@ describe('a price changed while a call is in flight', () => {
     const user = await createUser(ctx.app);
     await grant(user, '100');
     // fake-billed: 1 credit per output token. The call holds 10, answers 4 tokens.
-    fake.script('fake-billed', { text: 'slow', chunkDelayMs: 300, usage: { prompt_tokens: 1, completion_tokens: 4 } }, { text: 'after', usage: { prompt_tokens: 1, completion_tokens: 4 } });
+    // Long enough that the change lands first on a loaded machine too (asserted below).
+    fake.script('fake-billed', { text: 'slow', chunkDelayMs: 1_000, usage: { prompt_tokens: 1, completion_tokens: 4 } }, { text: 'after', usage: { prompt_tokens: 1, completion_tokens: 4 } });
     const call = chat(user.headers, 'fake-billed');
     await fake.waitFor((log) => log.length === 1);
     const patch = await api('PATCH', '/models/fake-billed', admin, { pricing: { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: '3000000' } });

@@ -250,7 +250,9 @@ describe('the sweep of expired holds while a hold of the same account and key is
       ],
     );
     expect(failed).toBeNull();
-    expect(released).toBe(1);
+    // The app's own sweep (every minute) may have taken it in between: released by one or the other.
+    expect(released).toBeLessThanOrEqual(1);
+    expect(await rowsOf(sql`select id from credit_reservations where user_id = ${user.user.id} and expires_at < now()`)).toEqual([]);
     expect(Number((await getBalance(ctx.database.db, user.user.id)).reserved)).toBe(10);
     expect(await rowsOf(sql`select trim_scale(budget_reserved)::text as held from api_keys where id = ${key.id}`)).toEqual([{ held: '10' }]);
   });

@@ -599,12 +599,16 @@ const BLANK: Readonly<Record<'anthropic' | 'google', Blank>> = {
   google: (text) => text.length === 0,
 };
 
+/** A system text that says nothing, for either provider: only whitespace (to Gemini, past the start, it would have nowhere to go). */
+const SILENT_SYSTEM: Blank = BLANK.anthropic;
+
 /** A part the model has something to read in: any but a `blank` text. */
 const readable = (part: { type: string; text?: string }, blank: Blank): boolean => part.type !== 'text' || !blank(part.text!);
 
 /** A message with something for the model to read (a tool's result always: both providers take an empty output). */
 function saysSomething(message: ModelMessage, blank: Blank): boolean {
   if (message.role === 'tool') return true;
+  if (message.role === 'system') return !SILENT_SYSTEM(message.content);
   return typeof message.content === 'string' ? !blank(message.content) : message.content.some((part) => readable(part, blank));
 }
 
@@ -617,14 +621,15 @@ function saysSomething(message: ModelMessage, blank: Blank): boolean {
 const answerable = (messages: readonly ModelMessage[], blank: Blank): boolean => messages.some((message) => message.role !== 'system' && saysSomething(message, blank));
 
 /**
- * The index of the last message where it says nothing and leaving it out (withoutBlanks) would end
- * the conversation with an assistant message, else -1: the provider would take that assistant
- * message for a prefill to continue, not a turn to answer (Anthropic answers 400 after the hold
- * where it ends in whitespace). A conversation that ends in something said: at once.
+ * The index of the last message where it is a user or system message that says nothing and
+ * leaving it out (withoutBlanks) would end the conversation with an assistant message, else -1:
+ * the client asked for a new turn, and the provider would take that assistant message for a
+ * prefill to continue. (A blank last assistant message is left out: the conversation then ends as
+ * a prefill of the client's would.) A conversation that ends in something said: at once.
  */
 function blankAfterAssistant(messages: readonly ModelMessage[], blank: Blank): number {
   const last = messages.length - 1;
-  if (last < 0 || saysSomething(messages[last]!, blank)) return -1;
+  if (last < 0 || messages[last]!.role === 'assistant' || saysSomething(messages[last]!, blank)) return -1;
   for (let i = last - 1; i >= 0; i -= 1) {
     const message = messages[i]!;
     if (saysSomething(message, blank)) return message.role === 'assistant' ? last : -1;
@@ -674,7 +679,7 @@ function lateSystemMessage(messages: readonly ModelMessage[], blank: Blank): num
  */
 function withoutBlanks(messages: ModelMessage[], blank: Blank): ModelMessage[] {
   const whole = (message: ModelMessage) =>
-    message.role === 'tool' || (typeof message.content === 'string' ? !blank(message.content) : message.content.every((part) => readable(part, blank)));
+    message.role === 'tool' || typeof message.content === 'string' ? saysSomething(message, blank) : message.content.every((part) => readable(part, blank));
   if (messages.every(whole)) return messages;
   const out: ModelMessage[] = [];
   for (const message of messages) {
@@ -1882,7 +1887,7 @@ export class ModelManager {
     if (!ownApi(kind)) return { system, messages };
     const blank = BLANK[kind];
     const sent = withoutBlanks(messages, blank);
-    return { system: system !== undefined && blank(system) ? undefined : system, messages: kind === 'anthropic' ? withAnthropicToolIds(sent) : sent };
+    return { system: system !== undefined && SILENT_SYSTEM(system) ? undefined : system, messages: kind === 'anthropic' ? withAnthropicToolIds(sent) : sent };
   }
 
   private sdkOptions(request: ChatRequest, model: ModelInfo) {
