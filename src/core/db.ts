@@ -80,7 +80,8 @@ const DEADLOCK_ATTEMPTS = 3;
  * statements lock in an order a plan picks (several of one user's reservations or keys in one
  * batch): their lock order (crud/billing.ts lockBillingRows) cannot match it row for row, and the
  * side the server aborts is the one that waited first, often the delete. An outermost transaction
- * only: inside another, the abort has taken the outer one with it.
+ * only: inside another (a savepoint) the outer one keeps the locks it took, and running the inner
+ * part again would meet the same wait.
  */
 export async function deadlockRetried<T>(db: Db, work: (tx: Db) => Promise<T>): Promise<T> {
   for (let attempt = 1; ; attempt++) {
