@@ -2127,14 +2127,9 @@ export class ModelManager {
    */
   private outputTokens(model: ModelInfo, maxOutputTokens: number | undefined): number {
     const own = model.max_output_tokens;
-    if (maxOutputTokens !== undefined) return own !== null && maxOutputTokens > own && this.refusesPastLimit(model) ? own : maxOutputTokens;
+    if (maxOutputTokens !== undefined) return own !== null && maxOutputTokens > own && ownApi(this.options.providers.kind(model.provider)) ? own : maxOutputTokens;
     const fallback = this.options.defaultMaxOutputTokens;
     return own !== null && own < fallback ? own : fallback;
-  }
-
-  /** Whether `model`'s provider refuses a maximum output past the model's own limit (Anthropic, Google). */
-  private refusesPastLimit(model: ModelInfo): boolean {
-    return ownApi(this.options.providers.kind(model.provider));
   }
 
   /**
