@@ -108,6 +108,15 @@ export async function keySpend(db: Db, apiKeyId: string): Promise<{ spent: strin
   return row ?? { spent: '0', reserved: '0' };
 }
 
+/** A key's budget, spend and what running calls hold of it; null when the key is gone (deleted). */
+export async function keyBudget(db: Db, apiKeyId: string): Promise<{ maxBudget: string | null; spent: string; reserved: string } | null> {
+  const [row] = await rows<{ max_budget: string | null; spent: string; reserved: string }>(
+    db,
+    sql`select max_budget::text as max_budget, spent::text as spent, budget_reserved::text as reserved from api_keys where id = ${apiKeyId}`,
+  );
+  return row ? { maxBudget: row.max_budget, spent: row.spent, reserved: row.reserved } : null;
+}
+
 // ==================== Reservations ====================
 
 export interface Hold {

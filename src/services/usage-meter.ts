@@ -21,7 +21,7 @@ import type { Redis } from 'ioredis';
 
 import type { Settings } from '../core/config.js';
 import type { Database, Db } from '../core/db.js';
-import { databaseError, PaymentRequiredError, ShuttingDownError, TooManyRequestsError } from '../core/errors.js';
+import { databaseError, PaymentRequiredError, ShuttingDownError, TooManyRequestsError, UnauthorizedError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import type { ModelMetrics } from '../core/metrics.js';
 
@@ -295,11 +295,20 @@ export class UsageMeterService implements UsageMeter {
     return new PaymentRequiredError(`${notEnoughCreditsMessage(credits)}; this call to ${estimate.model} needs up to ${formatMoney(estimate.cost)}`);
   }
 
-  private async overBudget(estimate: CostEstimate): Promise<PaymentRequiredError> {
+  /**
+   * The refusal of a hold the key's budget did not take. The key's row may be gone instead: deleted
+   * after the call was authenticated and before its hold reached the row (the hold's conditional
+   * UPDATE then finds none, as for a key over budget). The call is answered as one made with the
+   * deleted key (401), not with a budget the key no longer has; nothing was held (one transaction).
+   */
+  private async overBudget(estimate: CostEstimate): Promise<PaymentRequiredError | UnauthorizedError> {
     const keyId = estimate.context.api_key_id!;
-    const limits = await loadKeyLimits(this.db, keyId);
-    const spent = await billingCrud.keySpend(this.db, keyId);
-    return new PaymentRequiredError(`${overBudgetMessage(limits.max_budget ?? '0', spent)}; this call to ${estimate.model} needs up to ${formatMoney(estimate.cost)}`);
+    const budget = await billingCrud.keyBudget(this.db, keyId);
+    if (!budget) {
+      this.log.info({ apiKeyId: keyId, userId: estimate.context.user_id ?? null, model: estimate.model }, 'model call refused: its API key was deleted before its hold');
+      return new UnauthorizedError();
+    }
+    return new PaymentRequiredError(`${overBudgetMessage(budget.maxBudget ?? '0', budget)}; this call to ${estimate.model} needs up to ${formatMoney(estimate.cost)}`);
   }
 
   private reservation(held: Held): UsageReservation {
