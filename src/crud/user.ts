@@ -139,19 +139,20 @@ export async function countActiveSuperusers(db: Db): Promise<number> {
  * let in meanwhile would make the DELETE wait for them while it holds their billing rows.
  */
 
-/** How a transaction locks users rows: `no key update` to serialize changes, `update` to delete one. */
-export type UserLockStrength = 'no key update' | 'update';
+/** Any constant works, as long as every Keel process uses the same one (see crud/model-override.ts for the others). */
+const SUPERUSER_CHANGE_LOCK_KEY = 7_424_911_004;
 
 /**
- * Locks the active superusers: changes that could leave none (a demotion, a deactivation, a delete)
- * take this lock first, one at a time. `update` where the transaction deletes a user (whom it may lock here).
+ * Serializes the changes that could leave no active superuser (a demotion, a deactivation, a
+ * delete): each takes this lock first, inside its transaction, and holds it until it ends, so the
+ * next one's last-superuser check counts what the one before committed. A transaction-scoped
+ * advisory lock, not the superusers' rows: FOR UPDATE on them (what a delete would need) made every
+ * superuser's model calls (KEY SHARE through their hold's and ledger entry's foreign keys) wait for
+ * any user's delete, and FOR NO KEY UPDATE their run starts (lockUser) still
+ * (test/integration/superuser-lock.test.ts). Nothing else takes it.
  */
-export async function lockSuperusers(db: Db, strength: UserLockStrength = 'no key update'): Promise<void> {
-  await db
-    .select({ id: users.id })
-    .from(users)
-    .where(sql`${users.is_superuser} and ${users.is_active}`)
-    .for(strength);
+export async function lockSuperusers(db: Db): Promise<void> {
+  await db.execute(sql`select pg_advisory_xact_lock(${SUPERUSER_CHANGE_LOCK_KEY}::bigint)`);
 }
 
 // Every creation under a per-user limit takes it (a new thread's run start too): prepared once, for every transaction.

@@ -87,8 +87,8 @@ export async function deleteMe(db: Db, user: User): Promise<void> {
   await deadlockRetried(db, async (tx) => {
     // Before any users row (see lockBillingRows): a hold or settlement of theirs in progress would deadlock with the cascade.
     await lockBillingRows(tx, { userId: user.id });
-    // FOR UPDATE, the delete's lock, from the first lock on their row (see crud/user.ts).
-    if (user.is_superuser) await userCrud.lockSuperusers(tx, 'update');
+    // Superuser changes one at a time (see crud/user.ts); then their row FOR UPDATE, the delete's lock, as the first on it.
+    if (user.is_superuser) await userCrud.lockSuperusers(tx);
     await userCrud.lockUserForDelete(tx, user.id);
     if (await isLastSuperuser(tx, user)) throw new ForbiddenError('The last superuser cannot delete their account');
     if (await lockOwnerCountingBusy(tx, user.id)) throw new ConflictError('You have runs in progress: cancel them (POST /runs/{id}/cancel) or wait for them to end, then delete your account');
@@ -103,8 +103,8 @@ export async function updateByAdmin(db: Db, runs: RunDeps, id: string, input: Us
   const values: Partial<NewUser> = { ...fields };
   if (password !== undefined) values.hashed_password = await hashPassword(password);
   const user = await transaction(db, async (tx) => {
-    // Superusers are locked first, so that two concurrent demotions cannot both pass the check below
-    // (FOR NO KEY UPDATE: their model calls are held and settled meanwhile; see crud/user.ts).
+    // Taken first, so that two concurrent demotions cannot both pass the check below (no superuser's
+    // row is locked: their model calls and run starts go on meanwhile; see crud/user.ts).
     if (losesSuperuser) await userCrud.lockSuperusers(tx);
     const target = await getById(tx, id);
     if (input.email !== undefined) await ensureEmailFree(tx, input.email, target.id);
@@ -126,9 +126,9 @@ export async function deleteByAdmin(db: Db, actor: User, id: string): Promise<vo
   await deadlockRetried(db, async (tx) => {
     // Before any users row, the target's among the superusers (see lockBillingRows).
     await lockBillingRows(tx, { userId: id });
-    // Two superusers deleting each other at once must not leave none. FOR UPDATE, the delete's
-    // lock, as the target may be among them (see crud/user.ts); then the target's own row.
-    await userCrud.lockSuperusers(tx, 'update');
+    // Two superusers deleting each other at once must not leave none (see crud/user.ts); then the
+    // target's row FOR UPDATE, the delete's lock, as the first on it.
+    await userCrud.lockSuperusers(tx);
     await userCrud.lockUserForDelete(tx, id);
     const target = await getById(tx, id);
     if (await isLastSuperuser(tx, target)) throw new ForbiddenError('The last superuser cannot be deleted');

@@ -126,7 +126,7 @@ describe('a user deleted while a settlement of theirs holds its rows', () => {
   for (const [by, superuser] of [
     ['a superuser', false],
     ['themselves', false],
-    // Their users row is among the superusers every delete by a superuser locks first.
+    // A superuser's delete takes the superusers' lock (crud/user.ts) too.
     ['a superuser, being one', true],
   ] as const) {
     it(`deleted by ${by}: the delete waits for the settlement and answers 200, the settlement commits`, async () => {

@@ -1,6 +1,6 @@
 /**
  * A transaction that locks a users row without deleting it (a run start's active-run limit, a
- * per-user limit's count, a default agent's change, the last-superuser check) must not make that
+ * per-user limit's count, a default agent's change) must not make that
  * user's model calls wait. A hold's reservation row and a settlement's ledger row reference
  * users(id): their foreign-key check takes a KEY SHARE lock on the users row, which FOR UPDATE
  * blocks and FOR NO KEY UPDATE does not. With FOR UPDATE, a call's hold waited for the whole
@@ -143,6 +143,7 @@ describe.runIf(onServer)("a model call while a transaction holds its user's row 
     expect(changed.statusCode, changed.body).toBe(200);
   });
 
+  // It locks no users row (an advisory lock: crud/user.ts); test/integration/superuser-lock.test.ts has the rest.
   it("the superusers' lock (a demotion's or deactivation's last-superuser check): a superuser's call is held, answered and settled meanwhile", async () => {
     const superuser = await userWithCredits({ superuser: true });
     await transaction(ctx.database.db, async (tx) => {
