@@ -53,6 +53,23 @@ async function waitingForLocks(): Promise<number> {
   return row?.n ?? 0;
 }
 
+async function backendPid(session: SqlSession): Promise<number> {
+  const [row] = await session.query<{ pid: number }>('select pg_backend_pid() as pid');
+  return row!.pid;
+}
+
+/** Backends waiting for a lock that backend `pid` holds. */
+async function blockedBy(pid: number): Promise<number> {
+  const [row] = await rowsOf<{ n: number }>(sql`select count(*)::int as n from pg_stat_activity where ${pid}::int = any(pg_blocking_pids(pid))`);
+  return row?.n ?? 0;
+}
+
+/** Whether backend `pid` waits for a lock. */
+async function waitingForLock(pid: number): Promise<boolean> {
+  const [row] = await rowsOf<{ n: number }>(sql`select count(*)::int as n from pg_stat_activity where pid = ${pid}::int and wait_event_type = 'Lock'`);
+  return (row?.n ?? 0) > 0;
+}
+
 /**
  * In one transaction on a connection of its own: `before`, then `racer` is started and (on the
  * server) waits for a lock, then `after`, then COMMIT. Returns the racer's outcome and the
@@ -72,6 +89,59 @@ async function interleave<T>(before: Statement[], racer: () => Promise<T>, after
     } catch (error) {
       failed = databaseError(error)?.code ?? String(error);
       await session.exec('rollback');
+    }
+  });
+  return { raced: await raced, failed };
+}
+
+/**
+ * A deadlock that `racer`'s side must lose, on the server. PostgreSQL checks for a deadlock once per
+ * lock wait, deadlock_timeout (1 s) after the wait began, and the backend whose check finds the
+ * cycle is aborted. So the racer's last wait (the one that closes the cycle) must begin after the
+ * test's side already waits for the racer, whatever the delays between the steps:
+ *
+ * - the test's side (`held`, then `wants`) raises its own deadlock_timeout far past the test's
+ *   length: its check never runs, it is never the one aborted;
+ * - `gate`, held on a second connection, is a row the racer locks before the one `held` holds: the
+ *   racer waits there first (a wait with no cycle: its check finds none);
+ * - `wants` is sent then, and waits for the racer (queued behind it for `gate`, then for its lock);
+ * - the gate opens: the racer takes `gate` and waits for `held`, closing the cycle itself, and is
+ *   aborted (40P01) a deadlock_timeout later; the test's side then goes on and commits.
+ *
+ * Sent in the wrong order (the cycle closed by the test's side more than deadlock_timeout after
+ * the racer began to wait), the racer's only check had found nothing and the test's side was
+ * aborted instead. Returns the racer's outcome and the SQLSTATE the test's side failed with.
+ */
+async function racerLosesDeadlock<T>(held: Statement, gate: Statement, racer: () => Promise<T>, wants: Statement): Promise<{ raced: T; failed: string | null }> {
+  let raced!: Promise<T>;
+  let failed: string | null = null;
+  await ctx.database.withSession(async (side: SqlSession) => {
+    await side.exec('begin');
+    try {
+      await side.exec("set local deadlock_timeout = '10min'");
+      const sidePid = await backendPid(side);
+      await side.query(...held);
+      let wanted!: Promise<unknown>;
+      await ctx.database.withSession(async (gatekeeper: SqlSession) => {
+        await gatekeeper.exec('begin');
+        try {
+          await gatekeeper.query(...gate);
+          const gatePid = await backendPid(gatekeeper);
+          raced = racer();
+          await eventually(async () => (await blockedBy(gatePid)) > 0);
+          wanted = side.query(...wants);
+          // Unawaited until the gate opens: a failure is read below.
+          wanted.catch(() => undefined);
+          await eventually(async () => (await waitingForLock(sidePid)));
+        } finally {
+          await gatekeeper.exec('rollback');
+        }
+      });
+      await wanted;
+      await side.exec('commit');
+    } catch (error) {
+      failed = databaseError(error)?.code ?? String(error);
+      await side.exec('rollback');
     }
   });
   return { raced: await raced, failed };
@@ -217,11 +287,10 @@ describe('a delete that loses a deadlock', () => {
     for (const id of [first!, second!]) {
       expect(await hold(ctx.database.db, { id, userId: user.user.id, apiKeyId: null, accountAmount: '1', keyAmount: null, ttlSeconds: 600 })).toBe('held');
     }
-    const { raced: response, failed } = await interleave(
-      [['select id from credit_reservations where id = $1 for update', [second]]],
-      () => api('DELETE', `/users/${user.user.id}`, admin),
-      [['select id from credit_reservations where id = $1 for update', [first]]],
-    );
+    const lock = (id: string): Statement => ['select id from credit_reservations where id = $1 for update', [id]];
+    const remove = () => api('DELETE', `/users/${user.user.id}`, admin);
+    // Embedded, one session at a time: the delete simply runs after the other side's commit.
+    const { raced: response, failed } = onServer ? await racerLosesDeadlock(lock(second!), lock(first!), remove, lock(first!)) : await interleave([lock(second!)], remove, [lock(first!)]);
     expect(failed).toBeNull();
     expect(response.statusCode, response.body).toBe(200);
     await expectUserGone(user.user.id);
@@ -269,12 +338,10 @@ describe('a settlement that loses a deadlock', () => {
     const answered = ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: user.headers, payload: { model: 'fake-billed', messages: [{ role: 'user', content: 'Hi' }], max_tokens: 10 } });
     // Held (the hold's reservation row takes its own KEY SHARE on the users row) before the users row is locked.
     await fake.waitFor((log) => log.length === 1);
-    const { raced: response, failed } = await interleave(
-      [['select id from users where id = $1 for update', [user.user.id]]],
-      // Answered; its settlement then waits for the users row, holding the account's.
-      () => answered,
-      [['select id from credit_accounts where user_id = $1 for update', [user.user.id]]],
-    );
+    const usersRow: Statement = ['select id from users where id = $1 for update', [user.user.id]];
+    const accountRow: Statement = ['select id from credit_accounts where user_id = $1 for update', [user.user.id]];
+    // Answered; its settlement then locks the account's row and waits for the users row.
+    const { raced: response, failed } = onServer ? await racerLosesDeadlock(usersRow, accountRow, () => answered, accountRow) : await interleave([usersRow], () => answered, [accountRow]);
     expect(failed).toBeNull();
     expect(response.statusCode, response.body).toBe(200);
     await ctx.app.meter.idle();
