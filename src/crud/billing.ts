@@ -5,7 +5,7 @@
  */
 import { randomUUID } from 'node:crypto';
 
-import { and, asc, gte, lt, type SQL, sql } from 'drizzle-orm';
+import { and, asc, count, desc, getTableColumns, gte, inArray, lt, type SQL, sql } from 'drizzle-orm';
 import type { AnyPgColumn, PgDialect } from 'drizzle-orm/pg-core';
 
 import type { Db } from '../core/db.js';
@@ -14,8 +14,10 @@ import { transaction } from '../core/db.js';
 import { creditAccounts, type CreditTransaction, creditTransactions, type NewCreditTransaction, usageRecords } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
+import type { Principal } from '../utils/authentication.js';
 import { batchedById } from './batch.js';
-import { ownedCrud, queryRows as rows } from './owned.js';
+import { countWhere, ownedCrud, queryRows as rows } from './owned.js';
+import type { Page, PageOf } from './page.js';
 import { preparedAnywhere, preparedPerDb } from './prepared.js';
 
 // ==================== Policies ====================
@@ -26,6 +28,31 @@ const TRANSACTION_ACCESS = { noun: 'Transaction', owner: creditTransactions.owne
 export const transactionPolicy = definePolicy<CreditTransaction>({ ...TRANSACTION_ACCESS, superuserSeesAll: false });
 
 export const transactionCrud = ownedCrud<CreditTransaction, NewCreditTransaction>(creditTransactions, transactionPolicy);
+
+const NEWEST_FIRST = [desc(creditTransactions.created_at), desc(creditTransactions.id)];
+
+/**
+ * One page of the ledger the caller reads, newest first (ties by id), and its total. A ledger grows
+ * by an entry per call (300,000 a year for a busy account), so unlike other lists (`pageOf`) the
+ * total is not `count(*) over ()`: that window ran every one of the account's entries through it
+ * and a sort on every page (0.5-0.9 s on PGlite, whose one thread every other request waits for).
+ * The page's ids come from the index in the list's order (ix_credit_transactions_owner_id_created_at_id,
+ * so a first page reads 20 entries, and an offset steps over index entries, not whole rows) and
+ * only they are read whole; the total is a count of its own in the same statement.
+ */
+export async function listTransactions(db: Db, principal: Principal, page: Page): Promise<PageOf<CreditTransaction>> {
+  const visible = transactionPolicy.where(principal, 'read');
+  const ids = db.select({ id: creditTransactions.id }).from(creditTransactions).where(visible).orderBy(...NEWEST_FIRST).limit(page.limit).offset(page.offset);
+  const total = db.select({ value: count() }).from(creditTransactions).where(visible);
+  const found = await db
+    .select({ ...getTableColumns(creditTransactions), total: sql<number>`(${total})`.mapWith(Number) })
+    .from(creditTransactions)
+    .where(inArray(creditTransactions.id, ids))
+    .orderBy(...NEWEST_FIRST);
+  const data = found.map(({ total: _total, ...row }) => row);
+  // A page past the end has no row to carry the total: only then is it counted apart.
+  return { data, count: found[0]?.total ?? (page.offset > 0 ? await countWhere(db, creditTransactions, visible) : 0) };
+}
 
 /** One entry by id: a superuser reads every user's (the grant a `POST /billing/credits` names in its Location). */
 export const transactionEntryPolicy = definePolicy<CreditTransaction>({ ...TRANSACTION_ACCESS, superuserSeesAll: true });

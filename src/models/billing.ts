@@ -97,7 +97,8 @@ export const creditTransactions = pgTable(
     created_by: uuid('created_by').references(() => users.id, { onDelete: 'set null' }),
   },
   (t) => [
-    index('ix_credit_transactions_owner_id_created_at').on(t.owner_id, t.created_at),
+    // The ledger's order (newest first, ties by id): a page is read off the index, never sorted.
+    index('ix_credit_transactions_owner_id_created_at_id').on(t.owner_id, t.created_at, t.id),
     index('ix_credit_transactions_created_by').on(t.created_by),
     // One usage entry per call: a settlement sent twice (a retry, and its first attempt reaching
     // the server late) fails whole the second time, balance included, instead of charging again.

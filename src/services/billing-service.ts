@@ -58,7 +58,7 @@ function present(row: CreditTransaction): CreditTransaction {
 
 export async function listTransactions(ctx: ServiceContext, query: Page & { user_id?: string }) {
   const reader = await readerOf(ctx, query.user_id);
-  const { data, count } = await billingCrud.transactionCrud.list(ctx.db, reader, query);
+  const { data, count } = await billingCrud.listTransactions(ctx.db, reader, query);
   return { data: data.map(present), count };
 }
 
