@@ -201,6 +201,12 @@ export const SettingsSchema = z.object({
    * every call in the database. Never overdraws either way (see src/services/credit-window.ts).
    */
   BILLING_CREDIT_WINDOW_CALLS: int(0, 100_000).default(32),
+  /**
+   * The most days a usage summary grouped by `day` may span (422 on `from` past it): its groups are
+   * days × models × keys, and a range of years answered one per day (tens of MB for a busy account,
+   * built while PGlite's one thread waits). A summary not grouped by day takes any range.
+   */
+  BILLING_SUMMARY_MAX_DAYS: int(1, 36_500).default(366),
   /** Usage records are written in batches: at most this long after the call, or at USAGE_FLUSH_MAX_ROWS rows. */
   USAGE_FLUSH_INTERVAL_MS: int(10, 600_000).default(1_000),
   /**

@@ -9,7 +9,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { queryRows } from '../../src/crud/owned.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
-import { apiOf } from '../helpers/http.js';
+import { apiOf, expectValidationError } from '../helpers/http.js';
 import { intercepting } from '../helpers/statements.js';
 
 const ctx = useTestApp();
@@ -105,5 +105,22 @@ describe('the ledger of a long history', () => {
   it('reads a page off the ledger-order index, however deep: no sort or window over the whole history', async () => {
     await expectPageOffIndex('/billing/transactions');
     await expectPageOffIndex('/billing/transactions?limit=100&offset=15000');
+  });
+});
+
+describe('a usage summary by day', () => {
+  const summary = (query: string) => api('GET', `/billing/summary?${query}`, user.headers);
+
+  it('spans at most BILLING_SUMMARY_MAX_DAYS (366) days: a longer range is refused on `from`, saying why', async () => {
+    for (const query of ['from=2024-01-01&to=2025-01-02&group_by=day', 'from=0001-01-01&to=9999-12-31', 'from=2020-01-01&group_by=model,api_key,day']) {
+      const body = expectValidationError(await summary(query), ['query', 'from'], 'value_error');
+      expect(body.detail[0]!.msg, query).toMatch(/grouped by day spans at most 366 days \(BILLING_SUMMARY_MAX_DAYS\)/);
+    }
+  });
+
+  it('takes a year by day (366 days: a leap year), and any range not grouped by day', async () => {
+    for (const query of ['from=2024-01-01&to=2025-01-01&group_by=day', 'from=2025-06-01T12:00:00Z&to=2026-06-01T12:00:00Z', 'from=0001-01-01&to=9999-12-31&group_by=model,api_key', '']) {
+      expect((await summary(query)).statusCode, query).toBe(200);
+    }
   });
 });
