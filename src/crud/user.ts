@@ -144,7 +144,7 @@ const SUPERUSER_CHANGE_LOCK_KEY = 7_424_911_004;
 
 /**
  * Serializes the changes that could leave no active superuser (a demotion, a deactivation, a
- * delete): each takes this lock first, inside its transaction, and holds it until it ends, so the
+ * delete — a user's own delete whoever they were at authentication): each takes this lock first, inside its transaction, and holds it until it ends, so the
  * next one's last-superuser check counts what the one before committed. A transaction-scoped
  * advisory lock, not the superusers' rows: FOR UPDATE on them (what a delete would need) made every
  * superuser's model calls (KEY SHARE through their hold's and ledger entry's foreign keys) wait for

@@ -26,6 +26,7 @@ import type { Logger } from '../core/logger.js';
 import type { ModelMetrics } from '../core/metrics.js';
 
 import * as billingCrud from '../crud/billing.js';
+import * as userCrud from '../crud/user.js';
 import type { CostEstimate, TokenUsage, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
 import { costUnits, unitsCost, ZERO_USAGE } from '../modules/ai-models/index.js';
 import { isoFormatter } from '../utils/iso-time.js';
@@ -290,8 +291,17 @@ export class UsageMeterService implements UsageMeter {
     }
   }
 
-  private async notEnoughCredits(userId: string, estimate: CostEstimate): Promise<PaymentRequiredError> {
-    const credits = await billingCrud.getBalance(this.db, userId);
+  /**
+   * The refusal of a hold the account did not cover. The user may be gone instead: deleted after the
+   * call was authenticated and before its hold reached their account (whose row went with them). The
+   * call is then answered as one made with their deleted credentials (401), not with a balance of 0.
+   */
+  private async notEnoughCredits(userId: string, estimate: CostEstimate): Promise<PaymentRequiredError | UnauthorizedError> {
+    const [credits, user] = await Promise.all([billingCrud.getBalance(this.db, userId), userCrud.getById(this.db, userId)]);
+    if (!user) {
+      this.log.info({ userId, apiKeyId: estimate.context.api_key_id ?? null, model: estimate.model }, 'model call refused: its user was deleted before its hold');
+      return new UnauthorizedError();
+    }
     return new PaymentRequiredError(`${notEnoughCreditsMessage(credits)}; this call to ${estimate.model} needs up to ${formatMoney(estimate.cost)}`);
   }
 

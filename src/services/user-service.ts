@@ -88,9 +88,11 @@ export async function deleteMe(db: Db, user: User): Promise<void> {
     // Before any users row (see lockBillingRows): a hold or settlement of theirs in progress would deadlock with the cascade.
     await lockBillingRows(tx, { userId: user.id });
     // Superuser changes one at a time (see crud/user.ts); then their row FOR UPDATE, the delete's lock, as the first on it.
-    if (user.is_superuser) await userCrud.lockSuperusers(tx);
+    // Whoever they are: `user` is the row read when the request was authenticated, and a promotion
+    // committed since would leave a superuser's delete unserialized and unchecked.
+    await userCrud.lockSuperusers(tx);
     await userCrud.lockUserForDelete(tx, user.id);
-    if (await isLastSuperuser(tx, user)) throw new ForbiddenError('The last superuser cannot delete their account');
+    if (await isLastSuperuser(tx, await getById(tx, user.id))) throw new ForbiddenError('The last superuser cannot delete their account');
     if (await lockOwnerCountingBusy(tx, user.id)) throw new ConflictError('You have runs in progress: cancel them (POST /runs/{id}/cancel) or wait for them to end, then delete your account');
     await userCrud.remove(tx, user.id);
   });

@@ -123,3 +123,33 @@ describe('a budgeted API key deleted while its call is being held', () => {
     expect(logs.lines().filter((line) => line.msg === 'model call refused: its API key was deleted before its hold')).toMatchObject([{ apiKeyId: key.id }]);
   });
 });
+
+describe('a user deleted while their call is being held', () => {
+  it('the call answers 401 invalid_api_key, as one made with their deleted key, not 402 for the account that went with them; nothing sent upstream', async () => {
+    const user = await userWithCredits();
+    const key = await createKey(ctx.app, user, { name: 'plain' });
+    const upstreamCalls = fake.log.length;
+    logs.clear();
+    // The call authenticated (its key and user read) and metered: the user is deleted before its hold runs.
+    const meter = ctx.app.meter;
+    const reserve = meter.reserve.bind(meter);
+    meter.reserve = async (estimate) => {
+      meter.reserve = reserve;
+      const deleted = await api('DELETE', `/users/${user.user.id}`, admin);
+      expect(deleted.statusCode, deleted.body).toBe(200);
+      return reserve(estimate);
+    };
+    let answered: LightMyRequestResponse;
+    try {
+      answered = await chat(key.key);
+    } finally {
+      meter.reserve = reserve;
+    }
+    expectInvalidKey(answered);
+    expectInvalidKey(await chat(key.key));
+    expect(fake.log.length).toBe(upstreamCalls);
+    expect(await rowsOf(sql`select id from credit_reservations where user_id = ${user.user.id}`)).toEqual([]);
+    expect(logs.lines().filter((line) => Number(line.level) >= 40)).toEqual([]);
+    expect(logs.lines().filter((line) => line.msg === 'model call refused: its user was deleted before its hold')).toMatchObject([{ userId: user.user.id }]);
+  });
+});

@@ -45,6 +45,18 @@ async function waitingForLocks(): Promise<number> {
   return row?.n ?? 0;
 }
 
+/** Backends waiting for a lock that backend `pid` holds (not a count of every waiter: a usage flush may wait too). */
+async function blockedBy(pid: number): Promise<number> {
+  const [row] = await rowsOf<{ n: number }>(sql`select count(*)::int as n from pg_stat_activity where ${pid}::int = any(pg_blocking_pids(pid))`);
+  return row?.n ?? 0;
+}
+
+/** Backends waiting for an advisory lock: the superuser changes' (crud/user.ts lockSuperusers), the only one these tests take. */
+async function waitingForSuperuserLock(): Promise<number> {
+  const [row] = await rowsOf<{ n: number }>(sql`select count(*)::int as n from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock' and wait_event = 'advisory'`);
+  return row?.n ?? 0;
+}
+
 async function unlessItWaits<T>(work: Promise<T>): Promise<T | 'waited'> {
   let timer: NodeJS.Timeout | undefined;
   const waited = new Promise<'waited'>((resolve) => {
@@ -78,12 +90,14 @@ async function crossing(
   await ctx.database.withSession(async (session) => {
     await session.exec('begin');
     try {
+      const [row] = await session.query<{ pid: number }>('select pg_backend_pid() as pid');
+      const pid = row!.pid;
       await session.query(...pause);
       const one = first();
-      await eventually(async () => (await waitingForLocks()) === 1);
+      await eventually(async () => (await blockedBy(pid)) > 0);
       const two = second();
       // Unserialized, the second would not wait: its answer (and what is left) then tells.
-      await Promise.race([eventually(async () => (await waitingForLocks()) === 2), two]);
+      await Promise.race([eventually(async () => (await waitingForSuperuserLock()) > 0), two]);
       answers = Promise.all([one, two]);
     } finally {
       await session.exec('rollback');
@@ -130,6 +144,36 @@ describe.runIf(onServer)('the last-superuser check', () => {
     });
     const response = await deleted;
     expect(response.statusCode, response.body).toBe(200);
+  });
+
+  it("a user's own delete, paused before its check, of a user promoted meanwhile: checked as the superuser they now are, and refused as the last one", async () => {
+    const b = await createUser(ctx.app);
+    const granted = await api('POST', '/billing/credits', admin, { user_id: b.user.id, amount: '1', description: 'an account row to pause at' });
+    expect(granted.statusCode, granted.body).toBe(200);
+    const others = `{${(await activeSuperusers()).join(',')}}`;
+    let deleted!: Promise<LightMyRequestResponse>;
+    try {
+      await ctx.database.withSession(async (session) => {
+        await session.exec('begin');
+        try {
+          // b's delete locks b's billing rows first (lockBillingRows): it waits there, authenticated as a plain user.
+          await session.query('select user_id from credit_accounts where user_id = $1 for update', [b.user.id]);
+          deleted = api('DELETE', '/users/me', b.headers);
+          await eventually(async () => (await waitingForLocks()) > 0);
+          const promoted = await api('PATCH', `/users/${b.user.id}`, admin, { is_superuser: true });
+          expect(promoted.statusCode, promoted.body).toBe(200);
+          // The other superusers gone meanwhile (demoted here, as their own deletes would): b is the last one.
+          await rowsOf(sql`update users set is_superuser = false where id = any(${others}::uuid[])`);
+        } finally {
+          await session.exec('rollback');
+        }
+      });
+      const response = await deleted;
+      expect([response.statusCode, response.json<{ detail: string }>().detail]).toEqual([403, 'The last superuser cannot delete their account']);
+      expect(await activeSuperusers()).toEqual([b.user.id]);
+    } finally {
+      await rowsOf(sql`update users set is_superuser = true where id = any(${others}::uuid[])`);
+    }
   });
 
   describe('two superusers, the only active ones, crossing', () => {
