@@ -1,5 +1,6 @@
 import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
 import { ModelManager, type ModelManagerOptions, usageCallback, type UsageRecord } from '../../src/modules/ai-models/model-manager.js';
+import type { SdkLoader } from '../../src/modules/ai-models/provider-sdks.js';
 import { type ProviderRecord, ProviderRegistry } from '../../src/modules/ai-models/providers.js';
 import type { ModelInfo, ModelOverride } from '../../src/modules/ai-models/types.js';
 import type { FakeModelServer } from './fake-model-server.js';
@@ -15,6 +16,8 @@ export interface FakeManagerOptions {
   /** Provider records besides `fake`. */
   providers?: ProviderRecord[];
   overrides?: Partial<ModelManagerOptions>;
+  /** The SDK packages loaded on first use (default: the process's). */
+  sdks?: SdkLoader;
 }
 
 /**
@@ -29,6 +32,7 @@ export function fakeModelManager(server: FakeModelServer, options: FakeManagerOp
     providers: new ProviderRegistry(
       { OPENAI_API_KEY: options.openaiKey, OPENAI_BASE_URL: server.url, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined, MODEL_MAX_RESPONSE_BYTES: maxResponseBytes },
       [{ id: 'fake', kind: 'openai-compatible', base_url: server.url, api_key: 'fake-key', headers: { 'x-team': 'keel' } }, ...(options.providers ?? [])],
+      options.sdks,
     ),
     meter: usageCallback((record) => {
       options.records.push(record);

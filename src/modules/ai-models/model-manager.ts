@@ -7,7 +7,6 @@
  * with the exact usage and cost (also after a failure or an abort). The caller's AbortSignal
  * aborts the upstream request at every stage.
  */
-import { getModelCapabilities, supportsNativeStructuredOutputSchema } from '@ai-sdk/anthropic/internal';
 import {
   APICallError,
   asSchema,
@@ -66,6 +65,7 @@ import {
   UpstreamError,
 } from './errors.js';
 import { type AbortLike, allFinite, type ChoiceLogprobs, type OpenAIWire, rawLogprobs, rawRefusal, toolCallOf, type WireCall, type WireEmbeddingsCall, wireMessages, type WireTool, type WireToolChoice } from './openai-wire.js';
+import type { ProviderSdks } from './provider-sdks.js';
 import { type ProviderRecord, type ProviderRecords, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
 import { type Capability, type ModelInfo, type ModelOverride, type ProviderKind, STAND_IN_FOR, type TokenUsage, ZERO_USAGE } from './types.js';
@@ -752,9 +752,9 @@ const MIN_THINKING_BUDGET = 1024;
  * schema the SDK model asks for through its forced `json` tool (anthropicForcedJsonTool): under thinking
  * the model may answer prose, handed to the client as its JSON.
  */
-function anthropicThinkingRefused({ messages, toolChoice, responseFormat }: Partial<ChatRequest>, modelId: string): boolean {
+function anthropicThinkingRefused({ messages, toolChoice, responseFormat }: Partial<ChatRequest>, modelId: string, anthropic: ProviderSdks['anthropic']): boolean {
   if (toolChoice !== undefined && toolChoice !== 'auto' && toolChoice !== 'none') return true;
-  if (responseFormat !== undefined && anthropicForcedJsonTool(modelId, responseFormat.schema ?? ANY_JSON_OBJECT)) return true;
+  if (responseFormat !== undefined && anthropicForcedJsonTool(modelId, responseFormat.schema ?? ANY_JSON_OBJECT, anthropic)) return true;
   if (!messages) return false;
   // The conversation as it is sent: a blank last message left out is no prefill (one after an assistant message is refused: blankAfterAssistant).
   const sent = withoutBlanks(messages, BLANK.anthropic);
@@ -775,9 +775,9 @@ function anthropicThinkingRefused({ messages, toolChoice, responseFormat }: Part
  * `rejectsForcedToolUse`) gets the tool as `auto` with or without thinking, so thinking changes
  * nothing there and is kept.
  */
-function anthropicForcedJsonTool(modelId: string, schema: JSONSchema7): boolean {
-  const can = getModelCapabilities(modelId);
-  return (!can.supportsStructuredOutput || !supportsNativeStructuredOutputSchema(schema)) && !can.rejectsForcedToolUse;
+function anthropicForcedJsonTool(modelId: string, schema: JSONSchema7, anthropic: ProviderSdks['anthropic']): boolean {
+  const can = anthropic.getModelCapabilities(modelId);
+  return (!can.supportsStructuredOutput || !anthropic.supportsNativeStructuredOutputSchema(schema)) && !can.rejectsForcedToolUse;
 }
 
 /** OpenAI's JSON mode (`json_object`) as a schema: any JSON object (see jsonFormatFor). */
@@ -803,7 +803,7 @@ const jsonFormatFor = (kind: string | undefined, format: JsonResponseFormat | un
  * names past `minimal`). Its thinking counts within `max_tokens` as it is sent (the SDK model adds
  * no budget), so the call holds no more than its maximum.
  */
-const adaptiveThinkingOnly = (modelId: string): boolean => getModelCapabilities(modelId).rejectsBudgetThinking;
+const adaptiveThinkingOnly = (modelId: string, anthropic: ProviderSdks['anthropic']): boolean => anthropic.getModelCapabilities(modelId).rejectsBudgetThinking;
 
 /**
  * A call's text, reasoning, refusal and tool calls with the assistant message the SDK would return
@@ -1818,7 +1818,7 @@ export class ModelManager {
     const asked: Record<string, JSONValue> = {};
     if (kind === 'anthropic') {
       if (budget > 0) asked.thinking = { type: 'enabled', budgetTokens: budget };
-      else if (effort !== undefined && adaptiveThinkingOnly(model.id)) Object.assign(asked, { thinking: { type: 'adaptive' }, effort });
+      else if (effort !== undefined && adaptiveThinkingOnly(model.id, this.anthropic)) Object.assign(asked, { thinking: { type: 'adaptive' }, effort });
       if (request.parallelToolCalls === false && request.tools && Object.keys(request.tools).length > 0) asked.disableParallelToolUse = true;
     } else if (kind === 'google' && budget > 0) {
       asked.thinkingConfig = { thinkingBudget: budget, includeThoughts: true };
@@ -1836,8 +1836,13 @@ export class ModelManager {
     const effort = request.reasoningEffort;
     if (effort === undefined || !THINKING_BUDGETS.has(effort) || !model.capabilities.includes('reasoning')) return undefined;
     const kind = this.options.providers.kind(model.provider);
-    if (kind === 'anthropic' ? anthropicThinkingRefused(request, model.id) : kind !== 'google') return undefined;
+    if (kind === 'anthropic' ? anthropicThinkingRefused(request, model.id, this.anthropic) : kind !== 'google') return undefined;
     return effort;
+  }
+
+  /** Anthropic's SDK package, for what its models take: loaded before a call to one is made (run: ProviderRegistry.ready). */
+  private get anthropic(): ProviderSdks['anthropic'] {
+    return this.options.providers.sdks.get('anthropic');
   }
 
   /**
@@ -1850,7 +1855,7 @@ export class ModelManager {
    * answered 400. What is sent and what the call holds both read it, so they agree.
    */
   private thinkingBudget(request: Partial<ChatRequest>, model: ModelInfo, effort = this.thinkingEffort(request, model)): number {
-    if (effort === undefined || (this.options.providers.kind(model.provider) === 'anthropic' && adaptiveThinkingOnly(model.id))) return 0;
+    if (effort === undefined || (this.options.providers.kind(model.provider) === 'anthropic' && adaptiveThinkingOnly(model.id, this.anthropic))) return 0;
     const asked = THINKING_BUDGETS.get(effort) ?? 0;
     const cap = model.max_output_tokens;
     const budget = cap === null ? asked : Math.min(asked, cap - this.outputTokens(model, request.maxOutputTokens));
@@ -1972,6 +1977,18 @@ export class ModelManager {
     let lastError: Error | undefined;
     for (const model of chain) {
       if (signal?.aborted) throw abortedError(signal);
+      // An Anthropic or Google model's SDK package, on the first call to one (provider-sdks.ts). One
+      // that cannot be loaded makes its provider unavailable: the call fails on the model asked
+      // for, and a fallback is passed over, as one whose provider is not set up is (chainOf).
+      const loading = this.options.providers.ready(model.provider);
+      if (loading) {
+        try {
+          await loading;
+        } catch (error) {
+          if (model === primary) throw error;
+          continue;
+        }
+      }
       // The estimate's worst case: what the call sends upstream as its maximum (see outputTokens), the
       // thinking it asks for, and a prediction's tokens where they may be billed: by a provider it is
       // sent to (OpenAI-style ones: see providerOptions).

@@ -3,8 +3,6 @@
  * `anthropic`, `google`) and from provider records passed in as plain objects (decrypted by the
  * caller; the storage comes later). A record with a built-in id replaces the settings for it.
  */
-import { createAnthropic } from '@ai-sdk/anthropic';
-import { createGoogleGenerativeAI } from '@ai-sdk/google';
 import { createOpenAI } from '@ai-sdk/openai';
 import { createOpenAICompatible } from '@ai-sdk/openai-compatible';
 import type { EmbeddingModel, JSONValue, LanguageModel } from 'ai';
@@ -15,6 +13,7 @@ import { HttpError } from '../../core/errors.js';
 
 import { limitedFetch } from './answer-limit.js';
 import { OpenAIWire, wireDispatcher } from './openai-wire.js';
+import { loadedOnUse, providerSdks, type SdkLoader } from './provider-sdks.js';
 import type { ProviderKind } from './types.js';
 
 /** A provider as the DB layer will hand it over (secrets already decrypted). */
@@ -76,7 +75,8 @@ function isBuiltin(id: string): id is BuiltinId {
   return Object.hasOwn(BUILTIN_KEYS, id);
 }
 
-function create(record: ProviderRecord, fetch: typeof globalThis.fetch): SdkProvider {
+/** `sdks`: Anthropic's and Google's packages, loaded by then (ProviderRegistry.ready). */
+function create(record: ProviderRecord, fetch: typeof globalThis.fetch, sdks: SdkLoader): SdkProvider {
   const common = {
     apiKey: record.api_key ?? undefined,
     baseURL: record.base_url ?? undefined,
@@ -90,11 +90,11 @@ function create(record: ProviderRecord, fetch: typeof globalThis.fetch): SdkProv
       return { language: (id) => p.chat(id), embedding: (id) => p.embedding(id) };
     }
     case 'anthropic': {
-      const p = createAnthropic(common);
+      const p = sdks.get('anthropic').createAnthropic(common);
       return { language: (id) => p.languageModel(id), embedding: (id) => p.embeddingModel(id) };
     }
     case 'google': {
-      const p = createGoogleGenerativeAI(common);
+      const p = sdks.get('google').createGoogleGenerativeAI(common);
       return { language: (id) => p.chat(id), embedding: (id) => p.embedding(id) };
     }
     case 'openai-compatible': {
@@ -145,6 +145,8 @@ export class ProviderRegistry {
   constructor(
     private readonly settings: ProviderSettings,
     records: readonly ProviderRecord[] = [],
+    /** The SDK packages loaded on first use (provider-sdks.ts): the process's, unless a test gives its own. */
+    readonly sdks: SdkLoader = providerSdks,
   ) {
     this.fetch = limitedFetch(settings.MODEL_MAX_RESPONSE_BYTES);
     this.setRecords(records);
@@ -210,10 +212,26 @@ export class ProviderRegistry {
     if (!status.available) throw new ProviderUnavailableError(id, status.reason ?? 'unavailable', status.missing);
     let client = this.clients.get(id);
     if (!client) {
-      client = create(this.resolve(id) as ProviderRecord, this.fetch);
+      client = create(this.resolve(id) as ProviderRecord, this.fetch, this.sdks);
       this.clients.set(id, client);
     }
     return client;
+  }
+
+  /**
+   * Loads the SDK package of a provider whose kind has it loaded on first use (Anthropic, Google:
+   * provider-sdks.ts), which its models, and checks of its calls, need; undefined when there is
+   * nothing to wait for. A package that cannot be loaded makes the provider unavailable (503).
+   */
+  ready(providerId: string): Promise<void> | undefined {
+    const kind = this.resolve(providerId)?.kind;
+    if (!loadedOnUse(kind)) return undefined;
+    return this.sdks.load(kind)?.catch((error: unknown) => {
+      // The import's own words (paths of this machine) go to the log as the cause, not to the caller.
+      const unavailable = new ProviderUnavailableError(providerId, `Provider ${providerId} is unavailable: the SDK package of its kind (${kind}) could not be loaded`);
+      unavailable.cause = error;
+      throw unavailable;
+    });
   }
 
   languageModel(providerId: string, modelId: string): LanguageModel {
