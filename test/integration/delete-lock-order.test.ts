@@ -23,9 +23,10 @@ import { databaseError } from '../../src/core/errors.js';
 
 import { getBalance, hold, ledgerSum, releaseExpired } from '../../src/crud/billing.js';
 import { useTestApp } from '../helpers/app.js';
-import { createProject, createUser, type TestUser } from '../helpers/factories.js';
+import { createProject, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, eventually } from '../helpers/http.js';
+import { backendPid, creditedUser, lockWaits } from '../helpers/lock-waits.js';
 import { captureLogs } from '../helpers/logs.js';
 import { useFakeModels } from '../helpers/metered-models.js';
 
@@ -41,34 +42,10 @@ useFakeModels(ctx, (server, headers) => {
   admin = headers;
 });
 
+const { rowsOf, waitingForLocks, blockedBy, waitingForLock } = lockWaits(ctx);
+const userWithCredits = (options?: { superuser?: boolean }) => creditedUser(ctx, admin, options);
+
 type Statement = [text: string, params?: unknown[]];
-
-async function rowsOf<T>(query: ReturnType<typeof sql>): Promise<T[]> {
-  return ctx.database.db.execute(query).then((result) => (result as { rows: T[] }).rows);
-}
-
-/** Backends of this database waiting for a lock (the server's view; none embedded). */
-async function waitingForLocks(): Promise<number> {
-  const [row] = await rowsOf<{ n: number }>(sql`select count(*)::int as n from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'`);
-  return row?.n ?? 0;
-}
-
-async function backendPid(session: SqlSession): Promise<number> {
-  const [row] = await session.query<{ pid: number }>('select pg_backend_pid() as pid');
-  return row!.pid;
-}
-
-/** Backends waiting for a lock that backend `pid` holds. */
-async function blockedBy(pid: number): Promise<number> {
-  const [row] = await rowsOf<{ n: number }>(sql`select count(*)::int as n from pg_stat_activity where ${pid}::int = any(pg_blocking_pids(pid))`);
-  return row?.n ?? 0;
-}
-
-/** Whether backend `pid` waits for a lock. */
-async function waitingForLock(pid: number): Promise<boolean> {
-  const [row] = await rowsOf<{ n: number }>(sql`select count(*)::int as n from pg_stat_activity where pid = ${pid}::int and wait_event_type = 'Lock'`);
-  return (row?.n ?? 0) > 0;
-}
 
 /**
  * In one transaction on a connection of its own: `before`, then `racer` is started and (on the
@@ -145,14 +122,6 @@ async function racerLosesDeadlock<T>(held: Statement, gate: Statement, racer: ()
     }
   });
   return { raced: await raced, failed };
-}
-
-/** A user with 100 credits. */
-async function userWithCredits(options: { superuser?: boolean } = {}): Promise<TestUser> {
-  const user = await createUser(ctx.app, options);
-  const granted = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: '100', description: 'test credits' });
-  expect(granted.statusCode, granted.body).toBe(200);
-  return user;
 }
 
 /** A key of `user` with a budget, and a call of that key in flight: its hold of 10 from the account and the key's budget. */

@@ -17,9 +17,9 @@ import { describe, expect, it } from 'vitest';
 
 import { getBalance } from '../../src/crud/billing.js';
 import { useTestApp } from '../helpers/app.js';
-import { createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, eventually } from '../helpers/http.js';
+import { creditedUser, lockWaits } from '../helpers/lock-waits.js';
 import { captureLogs } from '../helpers/logs.js';
 import { useFakeModels } from '../helpers/metered-models.js';
 
@@ -35,21 +35,8 @@ useFakeModels(ctx, (server, headers) => {
   admin = headers;
 });
 
-async function rowsOf<T>(query: ReturnType<typeof sql>): Promise<T[]> {
-  return ctx.database.db.execute(query).then((result) => (result as { rows: T[] }).rows);
-}
-
-async function waitingForLocks(): Promise<number> {
-  const [row] = await rowsOf<{ n: number }>(sql`select count(*)::int as n from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'`);
-  return row?.n ?? 0;
-}
-
-async function userWithCredits(): Promise<TestUser> {
-  const user = await createUser(ctx.app);
-  const granted = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: '100', description: 'test credits' });
-  expect(granted.statusCode, granted.body).toBe(200);
-  return user;
-}
+const { rowsOf, waitingForLocks } = lockWaits(ctx);
+const userWithCredits = (options?: { superuser?: boolean }) => creditedUser(ctx, admin, options);
 
 const chat = (key: string) =>
   ctx.app.inject({

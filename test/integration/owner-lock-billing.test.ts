@@ -12,7 +12,6 @@
  * Embedded, PGlite runs one session at a time: nothing runs beside an open transaction, so these
  * run on the server only.
  */
-import { sql } from 'drizzle-orm';
 import type { LightMyRequestResponse } from 'fastify';
 import { describe, expect, it } from 'vitest';
 
@@ -21,9 +20,10 @@ import { transaction } from '../../src/core/db.js';
 import { getBalance } from '../../src/crud/billing.js';
 import * as userCrud from '../../src/crud/user.js';
 import { useTestApp } from '../helpers/app.js';
-import { createProject, createUser, type TestUser } from '../helpers/factories.js';
+import { createProject, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, eventually } from '../helpers/http.js';
+import { creditedUser, lockWaits, unlessItWaits } from '../helpers/lock-waits.js';
 import { useFakeModels } from '../helpers/metered-models.js';
 import { createAgent, createThread, waitForRun } from '../helpers/runs.js';
 
@@ -38,38 +38,8 @@ useFakeModels(ctx, (server, headers) => {
   admin = headers;
 });
 
-/** Longer than a call to the fake model takes, shorter than the test's timeout. */
-const PATIENCE_MS = 3_000;
-
-async function rowsOf<T>(query: ReturnType<typeof sql>): Promise<T[]> {
-  return ctx.database.db.execute(query).then((result) => (result as { rows: T[] }).rows);
-}
-
-/** Backends of this database waiting for a lock. */
-async function waitingForLocks(): Promise<number> {
-  const [row] = await rowsOf<{ n: number }>(sql`select count(*)::int as n from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'`);
-  return row?.n ?? 0;
-}
-
-/** `work`'s outcome, or 'waited' if it is not done within PATIENCE_MS. */
-async function unlessItWaits<T>(work: Promise<T>): Promise<T | 'waited'> {
-  let timer: NodeJS.Timeout | undefined;
-  const waited = new Promise<'waited'>((resolve) => {
-    timer = setTimeout(() => resolve('waited'), PATIENCE_MS);
-  });
-  try {
-    return await Promise.race([work, waited]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-async function userWithCredits(options: { superuser?: boolean } = {}): Promise<TestUser> {
-  const user = await createUser(ctx.app, options);
-  const granted = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: '100', description: 'test credits' });
-  expect(granted.statusCode, granted.body).toBe(200);
-  return user;
-}
+const { waitingForLocks } = lockWaits(ctx);
+const userWithCredits = (options?: { superuser?: boolean }) => creditedUser(ctx, admin, options);
 
 /**
  * A model call of `user` costing 4, made while their users row is locked: held and answered, then

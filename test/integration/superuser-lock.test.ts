@@ -19,6 +19,7 @@ import { useTestApp } from '../helpers/app.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, eventually } from '../helpers/http.js';
+import { creditedUser, lockWaits, unlessItWaits } from '../helpers/lock-waits.js';
 import { useFakeModels } from '../helpers/metered-models.js';
 import { createAgent, createThread, waitForRun } from '../helpers/runs.js';
 
@@ -33,48 +34,8 @@ useFakeModels(ctx, (server, headers) => {
   admin = headers;
 });
 
-/** Longer than a call to the fake model takes, shorter than the test's timeout. */
-const PATIENCE_MS = 3_000;
-
-async function rowsOf<T>(query: ReturnType<typeof sql>): Promise<T[]> {
-  return ctx.database.db.execute(query).then((result) => (result as { rows: T[] }).rows);
-}
-
-async function waitingForLocks(): Promise<number> {
-  const [row] = await rowsOf<{ n: number }>(sql`select count(*)::int as n from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock'`);
-  return row?.n ?? 0;
-}
-
-/** Backends waiting for a lock that backend `pid` holds (not a count of every waiter: a usage flush may wait too). */
-async function blockedBy(pid: number): Promise<number> {
-  const [row] = await rowsOf<{ n: number }>(sql`select count(*)::int as n from pg_stat_activity where ${pid}::int = any(pg_blocking_pids(pid))`);
-  return row?.n ?? 0;
-}
-
-/** Backends waiting for an advisory lock: the superuser changes' (crud/user.ts lockSuperusers), the only one these tests take. */
-async function waitingForSuperuserLock(): Promise<number> {
-  const [row] = await rowsOf<{ n: number }>(sql`select count(*)::int as n from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock' and wait_event = 'advisory'`);
-  return row?.n ?? 0;
-}
-
-async function unlessItWaits<T>(work: Promise<T>): Promise<T | 'waited'> {
-  let timer: NodeJS.Timeout | undefined;
-  const waited = new Promise<'waited'>((resolve) => {
-    timer = setTimeout(() => resolve('waited'), PATIENCE_MS);
-  });
-  try {
-    return await Promise.race([work, waited]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-async function superuserWithCredits(): Promise<TestUser> {
-  const user = await createUser(ctx.app, { superuser: true });
-  const granted = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: '100', description: 'test credits' });
-  expect(granted.statusCode, granted.body).toBe(200);
-  return user;
-}
+const { rowsOf, waitingForLocks, blockedBy, waitingForAdvisoryLock } = lockWaits(ctx);
+const superuserWithCredits = () => creditedUser(ctx, admin, { superuser: true });
 
 /**
  * `first` is sent while a connection of the test holds `pause` (a row it needs after its
@@ -97,7 +58,7 @@ async function crossing(
       await eventually(async () => (await blockedBy(pid)) > 0);
       const two = second();
       // Unserialized, the second would not wait: its answer (and what is left) then tells.
-      await Promise.race([eventually(async () => (await waitingForSuperuserLock()) > 0), two]);
+      await Promise.race([eventually(async () => (await waitingForAdvisoryLock()) > 0), two]);
       answers = Promise.all([one, two]);
     } finally {
       await session.exec('rollback');
