@@ -12,6 +12,7 @@ import type { Database, Db } from './core/db.js';
 import { registerErrorHandler, ShuttingDownError } from './core/errors.js';
 import { serverOptions, trackConnections } from './core/http-server.js';
 import { lazyRequestLogger, type Logger } from './core/logger.js';
+import { type EmbeddedMaintenance, startEmbeddedMaintenance } from './core/maintenance.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
 import { registerDocs, registerOpenApi } from './core/openapi.js';
 import { createQueue, type JobQueue } from './core/queue.js';
@@ -54,6 +55,8 @@ declare module 'fastify' {
     storage: (prefix: string) => StorageService;
     /** Agent runs: their event bus, queue and model manager (RunDeps), and this process's runner. */
     runs: RunDeps & { runner: AgentRunner };
+    /** Embedded maintenance (VACUUM, ANALYZE: core/maintenance.ts); null on a PostgreSQL server or with PGLITE_MAINTENANCE=false. */
+    maintenance: EmbeddedMaintenance | null;
   }
   interface FastifyRequest {
     principal: Principal;
@@ -168,6 +171,11 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     await agentRuns.close();
     if (redis) await redis.quit().catch(() => redis.disconnect());
   });
+  // Embedded: autovacuum's job (none on a PostgreSQL server). Its close hook, registered after the
+  // others, runs before them: maintenance stops first, the database closes last.
+  const maintenance = startEmbeddedMaintenance(database, settings, logger);
+  app.decorate('maintenance', maintenance);
+  if (maintenance) app.addHook('onClose', () => maintenance.stop());
 
   // ==================== Plugins ====================
 

@@ -61,6 +61,17 @@ export const SettingsSchema = z.object({
    * request's wake-ups, and it waits for as long as anything else keeps the cores busy.
    */
   PGLITE_THREAD_SCHED_IDLE: bool.default(false),
+  /**
+   * Embedded maintenance (core/maintenance.ts): PGlite has no autovacuum, so Keel VACUUMs and
+   * ANALYZEs the tables past autovacuum's thresholds itself, one at a time, every
+   * PGLITE_MAINTENANCE_INTERVAL_SECONDS, once the database has had nothing to do for
+   * PGLITE_MAINTENANCE_IDLE_MS; a table whose oldest unfrozen transaction is older than
+   * PGLITE_MAINTENANCE_FREEZE_AGE is vacuumed too (past twice that, whether idle or not).
+   */
+  PGLITE_MAINTENANCE: bool.default(true),
+  PGLITE_MAINTENANCE_INTERVAL_SECONDS: int(1, 86_400).default(300),
+  PGLITE_MAINTENANCE_IDLE_MS: int(0, 600_000).default(1_000),
+  PGLITE_MAINTENANCE_FREEZE_AGE: int(1_000, 1_000_000_000).default(200_000_000),
   DATABASE_URL: z.preprocess(
     emptyAsUndefined,
     z.url({ protocol: /^postgres(ql)?$/, error: 'must be a postgres:// or postgresql:// URL (only PostgreSQL is supported); leave it unset for the embedded database' }).optional(),

@@ -34,6 +34,11 @@ export interface Database {
   withSession<T>(work: (session: SqlSession) => Promise<T>): Promise<T>;
   ping(): Promise<void>;
   /**
+   * Embedded only: how long the one session has had nothing in flight, in ms (0 while a statement
+   * runs or waits); what embedded maintenance (maintenance.ts) waits for before a VACUUM.
+   */
+  idleMs?(): number;
+  /**
    * Hears NOTIFY on `channel` from every connection: `message` for each payload, and `status` as
    * delivery becomes reliable (true) or not (false: a lost server connection, until it is back).
    * Embedded, every write happens in this process, so there is nothing to hear and status is true.
@@ -203,9 +208,10 @@ async function openPglite(settings: Settings): Promise<Database> {
   }
   let client: PgliteStatementClient;
   const wal = new WalWriter();
+  const activity = new Activity();
   try {
     chooseWasmTiering(settings);
-    client = await PgliteStatementClient.open(wal.watch(await openPgliteLink(settings, dataDir)));
+    client = await PgliteStatementClient.open(activity.watch(wal.watch(await openPgliteLink(settings, dataDir))));
     wal.start(client);
   } catch (error) {
     unlock();
@@ -240,6 +246,7 @@ async function openPglite(settings: Settings): Promise<Database> {
       if (closed) throw new Error('database is closed');
       await client.query('select 1');
     },
+    idleMs: () => activity.idleMs(),
     listen: async (_channel, handlers) => {
       handlers.status(true);
     },
@@ -321,6 +328,37 @@ class WalWriter {
     this.timer = undefined;
     // Others sent besides this commit (its own is one exchange): their WAL is written at the next turn.
     if (this.sent > before + 1 && !this.stopped) this.timer = setTimeout(() => void this.write(), WAL_WRITE_MS).unref();
+  }
+}
+
+/**
+ * What the one session is doing: exchanges in flight, and when the last one ended. A statement
+ * waiting for the session (behind a transaction) is not sent yet, but the transaction holding it
+ * is: its statements keep the count above 0, or only between two of them does it drop, for less
+ * than a turn of the event loop.
+ */
+class Activity {
+  private inFlight = 0;
+  private lastEnded = performance.now();
+
+  watch(link: PgliteLink): PgliteLink {
+    const track = (reply: Promise<Uint8Array>): Promise<Uint8Array> => {
+      this.inFlight += 1;
+      return reply.finally(() => {
+        this.inFlight -= 1;
+        this.lastEnded = performance.now();
+      });
+    };
+    const sendHeld = link.sendHeld?.bind(link);
+    return {
+      send: (message) => track(link.send(message)),
+      sendHeld: sendHeld ? (message) => track(sendHeld(message)) : undefined,
+      close: () => link.close(),
+    };
+  }
+
+  idleMs(): number {
+    return this.inFlight > 0 ? 0 : performance.now() - this.lastEnded;
   }
 }
 
