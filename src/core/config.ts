@@ -39,6 +39,9 @@ export const SEARCH_LANGUAGES = [
   'spanish', 'swedish', 'tamil', 'turkish', 'yiddish',
 ] as const;
 
+/** The days a usage summary covers when the client names no `from`: BILLING_SUMMARY_MAX_DAYS may not be less. */
+export const DEFAULT_SUMMARY_DAYS = 30;
+
 /** The longest a credit window's block serves calls (services/credit-window.ts): part of what a reservation must outlast. */
 export const CREDIT_BLOCK_MAX_AGE_MS = 30_000;
 
@@ -217,7 +220,7 @@ export const SettingsSchema = z.object({
    * days × models × keys, and a range of years answered one per day (tens of MB for a busy account,
    * built while PGlite's one thread waits). A summary not grouped by day takes any range.
    */
-  BILLING_SUMMARY_MAX_DAYS: int(1, 36_500).default(366),
+  BILLING_SUMMARY_MAX_DAYS: int(DEFAULT_SUMMARY_DAYS, 36_500).default(366),
   /** Usage records are written in batches: at most this long after the call, or at USAGE_FLUSH_MAX_ROWS rows. */
   USAGE_FLUSH_INTERVAL_MS: int(10, 600_000).default(1_000),
   /**

@@ -1,4 +1,5 @@
 /** Credits and usage as the API shows them: balance, ledger, grants, usage summary. */
+import { DEFAULT_SUMMARY_DAYS } from '../core/config.js';
 import { ConflictError, NotFoundError, UnprocessableError } from '../core/errors.js';
 
 import type { CreditTransaction } from '../models/index.js';
@@ -15,7 +16,6 @@ import type { ServiceContext } from './context.js';
 import { formatMoney, nothingLeft } from './money.js';
 
 const DAY_MS = 86_400_000;
-const DEFAULT_RANGE_DAYS = 30;
 
 /**
  * Whose account a read is of: the caller's, or the user a superuser names (`user_id`). Anyone else
@@ -96,29 +96,27 @@ export interface SummaryQuery {
   group_by: billingCrud.GroupBy[];
 }
 
-/** How many UTC days [from, to) touches: the day groups a summary of it can have. */
-function daysTouched(from: Date, to: Date): number {
-  const firstDay = Math.floor(from.getTime() / DAY_MS);
-  const lastDay = Math.floor((to.getTime() - 1) / DAY_MS);
-  return lastDay - firstDay + 1;
-}
+/** A length in days as a client reads it: whole, or to two places. */
+const formatDays = (days: number): string => `${Number.isInteger(days) ? days : days.toFixed(2)} days`;
 
 /** Usage summed by model, day and/or API key; a scoped key sees its project's usage only. */
 export async function summary(ctx: ServiceContext, query: SummaryQuery) {
   const to = query.to ? new Date(query.to) : new Date();
   // A range ending early in the year 1 starts at its first instant, not in the year 0 (which PostgreSQL refuses).
-  const from = query.from ? new Date(query.from) : new Date(Math.max(to.getTime() - DEFAULT_RANGE_DAYS * DAY_MS, MIN_INSTANT_MS));
-  // Refused before any statement: a range of years by day answered one group per day, model and key.
-  const days = daysTouched(from, to);
+  const from = query.from ? new Date(query.from) : new Date(Math.max(to.getTime() - DEFAULT_SUMMARY_DAYS * DAY_MS, MIN_INSTANT_MS));
+  const reader = await readerOf(ctx, query.user_id);
+  // Refused before any statement: a range of years by day answered one group per day, model and
+  // key. The range's length is capped (so at most one day group more, a range's partial first and
+  // last days), wherever it starts: a year from any instant, in any offset, is taken.
   const maxDays = ctx.settings.BILLING_SUMMARY_MAX_DAYS;
-  if (query.group_by.includes('day') && days > maxDays) {
+  if (query.group_by.includes('day') && to.getTime() - from.getTime() > maxDays * DAY_MS) {
     throw new UnprocessableError({
       loc: ['query', 'from'],
-      msg: `A summary grouped by day spans at most ${maxDays} days (BILLING_SUMMARY_MAX_DAYS); [from, to) touches ${days}: narrow it, or group by model or api_key alone`,
+      msg: `A summary grouped by day spans at most ${maxDays} days (BILLING_SUMMARY_MAX_DAYS); [from, to) spans ${formatDays((to.getTime() - from.getTime()) / DAY_MS)}: narrow it, or group by model or api_key alone`,
       type: 'value_error',
     });
   }
-  const visible = billingCrud.usagePolicy.where(await readerOf(ctx, query.user_id), 'read');
+  const visible = billingCrud.usagePolicy.where(reader, 'read');
   const rows = await billingCrud.summarize(ctx.db, visible, from, to, query.group_by);
   const total = { calls: 0, input_tokens: 0, cached_input_tokens: 0, cache_write_tokens: 0, output_tokens: 0, reasoning_tokens: 0, cost: '0' };
   const data = rows.map((row) => {

@@ -118,8 +118,22 @@ describe('a usage summary by day', () => {
     }
   });
 
+  it("answers another user's summary with 403 before it judges the range", async () => {
+    const someone = await createUser(ctx.app);
+    const other = await api('GET', `/billing/summary?user_id=${someone.user.id}&from=2020-01-01&group_by=day`, user.headers);
+    expect(other.statusCode, other.body).toBe(403);
+  });
+
   it('takes a year by day (366 days: a leap year), and any range not grouped by day', async () => {
-    for (const query of ['from=2024-01-01&to=2025-01-01&group_by=day', 'from=2025-06-01T12:00:00Z&to=2026-06-01T12:00:00Z', 'from=0001-01-01&to=9999-12-31&group_by=model,api_key', '']) {
+    for (const query of [
+      'from=2024-01-01&to=2025-01-01&group_by=day',
+      'from=2025-06-01T12:00:00Z&to=2026-06-01T12:00:00Z',
+      // 366 days from an instant that is no UTC midnight: the range's length is what is capped, not the UTC days it touches (367).
+      'from=2025-06-01T12:00:00Z&to=2026-06-02T12:00:00Z&group_by=day',
+      'from=2024-01-01T00:00:00%2B02:00&to=2025-01-01T00:00:00%2B02:00&group_by=day',
+      'from=0001-01-01&to=9999-12-31&group_by=model,api_key',
+      '',
+    ]) {
       expect((await summary(query)).statusCode, query).toBe(200);
     }
   });

@@ -129,6 +129,11 @@ describe('loadSettings refuses bad values, naming the variable', () => {
   it('refuses a SECRET_KEY shorter than 32 characters, even in local', () => {
     expect(configError({ SECRET_KEY: 'short' }).message).toMatch(/SECRET_KEY/);
   });
+
+  it('refuses a BILLING_SUMMARY_MAX_DAYS shorter than the summary\'s default range (30 days), which would refuse a request naming no range', () => {
+    expect(configError({ SECRET_KEY: GOOD_KEY, BILLING_SUMMARY_MAX_DAYS: '7' }).message).toMatch(/^BILLING_SUMMARY_MAX_DAYS: /);
+    expect(loadSettings({ SECRET_KEY: GOOD_KEY, BILLING_SUMMARY_MAX_DAYS: '30' }).BILLING_SUMMARY_MAX_DAYS).toBe(30);
+  });
 });
 
 describe('knowledge-base settings', () => {
