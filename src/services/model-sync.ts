@@ -106,6 +106,7 @@ export async function loadModelManager(db: Db, settings: Settings, log: Logger, 
   const metering = {
     meter,
     onMeterError: (error: unknown, record: { model: string }) => log.error({ err: error, model: record.model }, 'usage meter failed to settle a call'),
+    onSdkLoadError: (error: unknown, provider: string, kind: string) => log.error({ err: error, provider, kind }, "a provider's SDK package could not be loaded: its calls answer 503 until it can"),
   };
   try {
     const { overrides, records } = await loadState(db, settings, log);

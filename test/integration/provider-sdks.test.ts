@@ -7,9 +7,10 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
 import type { UsageRecord } from '../../src/modules/ai-models/model-manager.js';
 import { SDK_IMPORTERS, type SdkImporters,SdkLoader } from '../../src/modules/ai-models/provider-sdks.js';
-import { ProviderUnavailableError } from '../../src/modules/ai-models/providers.js';
+import { type ProviderRecord, ProviderRegistry, ProviderUnavailableError } from '../../src/modules/ai-models/providers.js';
 import type { ModelOverride } from '../../src/modules/ai-models/types.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { eventually } from '../helpers/http.js';
 import { fakeModelManager } from '../helpers/model-manager.js';
 
 const pricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' };
@@ -19,6 +20,8 @@ const MODELS: ModelOverride[] = [
   { id: 'sdk-gemini-embed', provider: 'gem', capabilities: ['embedding'], pricing },
   // An OpenAI-compatible model that falls back to the Claude one.
   { id: 'sdk-first', provider: 'fake', capabilities: ['chat'], pricing, fallbacks: ['sdk-claude'] },
+  // On a provider whose kind a test changes while a call waits to try again.
+  { id: 'sdk-swing', provider: 'swing', capabilities: ['chat'], pricing },
 ];
 const hello = [{ role: 'user' as const, content: 'Hello' }];
 
@@ -39,16 +42,17 @@ function countedLoader(): { loader: SdkLoader; imports: Record<string, number>; 
   return { loader: new SdkLoader({ anthropic: wrap('anthropic'), google: wrap('google') }), imports, failing };
 }
 
-const managerWith = (loader: SdkLoader) =>
+const managerWith = (loader: SdkLoader, maxRetries = 0) =>
   fakeModelManager(server, {
     models: MODELS,
     records,
     providers: [
       { id: 'ant', kind: 'anthropic', base_url: server.url, api_key: 'sk-ant-test' },
       { id: 'gem', kind: 'google', base_url: server.url, api_key: 'g-key-test' },
+      { id: 'swing', kind: 'openai-compatible', base_url: server.url, api_key: 'swing-key' },
     ],
     sdks: loader,
-    overrides: { maxRetries: 0 },
+    overrides: { maxRetries },
   });
 
 beforeAll(async () => {
@@ -128,5 +132,32 @@ describe('SDK packages loaded on first use', () => {
     server.script('sdk-first', { status: 500 });
     const answered = await m.chat({ model: 'sdk-first', messages: hello });
     expect(answered).toMatchObject({ model: 'sdk-claude', text: 'Hello from the fake model.' });
+  });
+
+  it('a provider made an Anthropic one while a call to its model waits to try again: the try loads the package and is answered (not a 500)', async () => {
+    const { loader, imports } = countedLoader();
+    const m = managerWith(loader, 1);
+    const registry = (m as unknown as { options: { providers: ProviderRegistry } }).options.providers;
+    server.script('sdk-swing', { status: 503, headers: { 'retry-after-ms': '300' } }, { text: 'Answered as Claude.' });
+    const call = m.chat({ model: 'sdk-swing', messages: hello });
+    await eventually(async () => server.log.length === 1);
+    // A superuser's change of its kind, while the call waits for its next try.
+    registry.setRecords([...registry.current.values()].map((record): ProviderRecord => (record.id === 'swing' ? { ...record, kind: 'anthropic' } : record)));
+    expect((await call).text).toBe('Answered as Claude.');
+    expect(imports.anthropic).toBe(1);
+  });
+
+  it('says why a package could not be loaded to whoever the registry was given to tell (the log), once per failed load', async () => {
+    const { loader, failing } = countedLoader();
+    failing.add('google');
+    const told: [string, string, string][] = [];
+    const registry = new ProviderRegistry(
+      { OPENAI_API_KEY: undefined, OPENAI_BASE_URL: undefined, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined, MODEL_MAX_RESPONSE_BYTES: 1_000_000 },
+      [{ id: 'gem', kind: 'google', base_url: server.url, api_key: 'g-key-test' }],
+      loader,
+      (error, provider, kind) => told.push([String(error), provider, kind]),
+    );
+    await expect(registry.ready('gem')).rejects.toBeInstanceOf(ProviderUnavailableError);
+    expect(told).toEqual([[expect.stringMatching(/Cannot find package '@ai-sdk\/google'/), 'gem', 'google']]);
   });
 });

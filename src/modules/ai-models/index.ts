@@ -12,12 +12,14 @@ export interface CreateModelManagerOptions {
   providers?: readonly ProviderRecord[];
   overrides?: readonly ModelOverride[];
   onMeterError?: (error: unknown, record: UsageRecord) => void;
+  /** Why an Anthropic or Google SDK package could not be loaded on first use (provider-sdks.ts). */
+  onSdkLoadError?: (error: unknown, providerId: string, kind: string) => void;
 }
 
 export function createModelManager(settings: Settings, options: CreateModelManagerOptions = {}): ModelManager {
   return new ModelManager({
     catalog: new ModelCatalog(undefined, options.overrides),
-    providers: new ProviderRegistry(settings, options.providers),
+    providers: new ProviderRegistry(settings, options.providers, undefined, options.onSdkLoadError),
     meter: options.meter,
     onMeterError: options.onMeterError,
     timeoutMs: settings.MODEL_TIMEOUT_MS,

@@ -2072,6 +2072,10 @@ export class ModelManager {
         // The credentials this try is sent with: what its error may echo, even once they are changed meanwhile.
         const sentWith = this.options.providers.current;
         try {
+          // Its provider may have become one whose SDK package is loaded on first use since the chain
+          // began (a superuser's change of its kind, or of the record a built-in id stands for).
+          const loading = this.options.providers.ready(model.provider);
+          if (loading) await loading;
           const value = await runAttempt(model, attempt, state);
           finish('success', null);
           return value;

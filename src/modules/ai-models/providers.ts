@@ -147,6 +147,8 @@ export class ProviderRegistry {
     records: readonly ProviderRecord[] = [],
     /** The SDK packages loaded on first use (provider-sdks.ts): the process's, unless a test gives its own. */
     readonly sdks: SdkLoader = providerSdks,
+    /** Told why a package could not be loaded (the log): the caller is told only that its provider is unavailable. */
+    private readonly onSdkLoadError: (error: unknown, providerId: string, kind: string) => void = () => undefined,
   ) {
     this.fetch = limitedFetch(settings.MODEL_MAX_RESPONSE_BYTES);
     this.setRecords(records);
@@ -227,7 +229,8 @@ export class ProviderRegistry {
     const kind = this.resolve(providerId)?.kind;
     if (!loadedOnUse(kind)) return undefined;
     return this.sdks.load(kind)?.catch((error: unknown) => {
-      // The import's own words (paths of this machine) go to the log as the cause, not to the caller.
+      // The import's own words (paths of this machine) go to the log, not to the caller.
+      this.onSdkLoadError(error, providerId, kind);
       const unavailable = new ProviderUnavailableError(providerId, `Provider ${providerId} is unavailable: the SDK package of its kind (${kind}) could not be loaded`);
       unavailable.cause = error;
       throw unavailable;
