@@ -29,6 +29,7 @@ export async function startServer(settings: Settings, logger: Logger, options: S
   await checkListenAddress(settings);
   await checkRedis(settings);
   const database = await openCheckedDatabase(settings);
+  let app: FastifyInstance | undefined;
   try {
     if (options.migrate) await migrateUp(database, logger);
     else await requireMigrated(database);
@@ -47,11 +48,13 @@ export async function startServer(settings: Settings, logger: Logger, options: S
     const runJobs = options.migrate || !settings.REDIS_URL;
     // Imported here: `keel worker` shares this module and needs none of Fastify and the routes.
     const { buildApp } = await import('./app.js');
-    const app = await buildApp({ settings, database, logger, vectorSearch, runJobs, closeDatabase: true });
+    app = await buildApp({ settings, database, logger, vectorSearch, runJobs, closeDatabase: true });
     drainable(app);
     await app.listen({ host: settings.HOST, port: settings.PORT });
     return app;
   } catch (error) {
+    // The app's own work (embedded maintenance, runs) stops with it; it closes the database too.
+    if (app) await app.close().catch(() => undefined);
     await database.close();
     throw error;
   }

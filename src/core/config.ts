@@ -322,6 +322,11 @@ export function loadSettings(source: Record<string, string | undefined> = readEn
     throw new ConfigError(`EMAIL_BACKEND: console logs every email (reset links included) and is refused when ENVIRONMENT=${raw.ENVIRONMENT}`);
   }
 
+  if (raw.PGLITE_MAINTENANCE && raw.PGLITE_MAINTENANCE_IDLE_MS >= raw.PGLITE_MAINTENANCE_INTERVAL_SECONDS * 1000) {
+    // A round waits for the idle time until the next is due: it would never find it, and do nothing but the urgent.
+    throw new ConfigError('PGLITE_MAINTENANCE_IDLE_MS: must be less than PGLITE_MAINTENANCE_INTERVAL_SECONDS (in ms)');
+  }
+
   if (raw.PGLITE_THREAD_SCHED_IDLE && !raw.PGLITE_THREAD) {
     throw new ConfigError('PGLITE_THREAD_SCHED_IDLE: schedules the embedded database\'s own thread, so it needs PGLITE_THREAD=true');
   }

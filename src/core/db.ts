@@ -246,7 +246,8 @@ async function openPglite(settings: Settings): Promise<Database> {
       if (closed) throw new Error('database is closed');
       await client.query('select 1');
     },
-    idleMs: () => activity.idleMs(),
+    // A transaction or session held open is work in progress though nothing is in flight between its statements.
+    idleMs: () => (client.busy ? 0 : activity.idleMs()),
     listen: async (_channel, handlers) => {
       handlers.status(true);
     },

@@ -3,7 +3,10 @@
  * database never VACUUMs or ANALYZEs: the rows billing rewrites all day (a credit reservation
  * inserted and deleted per hold, the accounts and API keys every usage flush updates) leave dead
  * tuples and index bloat nothing reclaims, the planner never has statistics, and after ~2 billion
- * write transactions PostgreSQL refuses every write until a VACUUM freezes the old rows.
+ * write transactions the rows never frozen would read as written in the future (PostgreSQL's
+ * wraparound). The freeze covers this database's tables; the cluster's oldest transaction id stays
+ * that of template0 and template1 (frozen by initdb, never vacuumed here: PGlite's one session
+ * cannot connect to them), which only PostgreSQL's wraparound warnings and pg_xact's truncation read.
  *
  * Every PGLITE_MAINTENANCE_INTERVAL_SECONDS (an unref'd timer) a round reads each table's counters
  * (pg_stat_all_tables: PGlite keeps them while it runs, and loses them at every close, measured in

@@ -209,6 +209,11 @@ export class PgliteStatementClient {
 
   // ==================== The session's turns ====================
 
+  /** Whether the session is held (a transaction or a session open, between its statements too) or awaited. */
+  get busy(): boolean {
+    return this.held || this.waiters.length > 0;
+  }
+
   private shared(message: Uint8Array): Promise<Uint8Array> {
     if (!this.held && this.waiters.length === 0) return this.link.send(message);
     return new Promise((resolve, reject) => this.waiters.push({ message, resolve, reject }));

@@ -84,8 +84,8 @@ export async function openTestDatabase(overrides: Record<string, string> = {}): 
   };
 }
 
-/** What a test app is built with besides settings: the agents' tool implementations, a logger to read (helpers/logs.ts; silent by default). */
-export type TestAppOptions = Pick<AppOptions, 'tools'> & Partial<Pick<AppOptions, 'logger'>>;
+/** What a test app is built with besides settings: the agents' tool implementations, a logger to read (helpers/logs.ts; silent by default), whether its close closes the database. */
+export type TestAppOptions = Pick<AppOptions, 'tools' | 'closeDatabase'> & Partial<Pick<AppOptions, 'logger'>>;
 
 export async function buildTestApp(database: Database, overrides: Record<string, string> = {}, { logger = pino({ level: 'silent' }), ...options }: TestAppOptions = {}): Promise<FastifyInstance> {
   const settings = testSettings(overrides);

@@ -2,6 +2,7 @@
  * Embedded maintenance (core/maintenance.ts): PGlite has no autovacuum, so a round VACUUMs and
  * ANALYZEs the tables past autovacuum's thresholds itself, and does nothing on a PostgreSQL server.
  */
+import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
@@ -180,6 +181,17 @@ describe.runIf(embedded)('embedded maintenance on PGlite', () => {
       expect((await statsOf(database, 'credit_reservations')).dead).toBeGreaterThan(50);
       await maintenance.stop();
     });
+
+    it('a transaction open between its statements is no idle time (its VACUUM would hold up what follows its commit)', async () => {
+      const { database } = ctx;
+      let idleInside = -1;
+      await database.db.transaction(async (tx) => {
+        await tx.execute(sql`select 1`);
+        await new Promise((resolve) => setTimeout(resolve, 150));
+        idleInside = database.idleMs!();
+      });
+      expect(idleInside).toBe(0);
+    });
   });
 
   describe('at close', () => {
@@ -197,22 +209,46 @@ describe.runIf(embedded)('embedded maintenance on PGlite', () => {
   });
 
   describe('at close, a statement in flight', () => {
-    const ctx = useApp();
-
-    it('the close waits for it and then closes the database', async () => {
-      const { database, app, logs } = ctx;
-      await churn(database, 200);
-      let ended = false;
-      const running = app.maintenance!.round().then((report) => {
-        ended = true;
-        return report;
-      });
-      await app.close();
-      expect(ended).toBe(true);
-      const report = await running;
-      expect(report.failed).toEqual([]);
-      expect(report.vacuumed.length + report.analyzed.length + report.deferred.length).toBeGreaterThan(0);
-      expect(logs.lines().filter((l) => (l.level as number) >= LEVEL.error && l.component === 'embedded-maintenance')).toEqual([]);
+    it('the close waits for the VACUUM or ANALYZE in flight, sends no other, then closes the database', async () => {
+      const opened = await openTestDatabase();
+      const events: string[] = [];
+      let sent!: () => void;
+      const statementSent = new Promise<void>((resolve) => (sent = resolve));
+      // The database as the app sees it: its maintenance statements and its close, in order.
+      const watched: Database = {
+        ...opened.database,
+        withSession: (work) =>
+          opened.database.withSession((session) =>
+            work({
+              ...session,
+              exec: async (text) => {
+                if (!/^(vacuum|analyze)\b/i.test(text)) return session.exec(text);
+                events.push('sent');
+                sent();
+                const result = await session.exec(text);
+                events.push('done');
+                return result;
+              },
+            }),
+          ),
+        close: async () => {
+          events.push('close');
+          await opened.database.close();
+        },
+      };
+      try {
+        await churn(opened.database, 200);
+        const app = await buildTestApp(watched, { PGLITE_MAINTENANCE_INTERVAL_SECONDS: '3600', PGLITE_MAINTENANCE_IDLE_MS: '0' }, { closeDatabase: true });
+        const round = app.maintenance!.round();
+        await statementSent;
+        await app.close();
+        const report = await round;
+        expect(events).toEqual(['sent', 'done', 'close']);
+        expect(report.failed).toEqual([]);
+        expect(report.deferred.length).toBeGreaterThan(0);
+      } finally {
+        await opened.destroy();
+      }
     });
   });
 

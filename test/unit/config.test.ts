@@ -130,6 +130,11 @@ describe('loadSettings refuses bad values, naming the variable', () => {
     expect(configError({ SECRET_KEY: 'short' }).message).toMatch(/SECRET_KEY/);
   });
 
+  it('refuses a maintenance idle wait as long as its interval (a round would never find it)', () => {
+    expect(configError({ SECRET_KEY: GOOD_KEY, PGLITE_MAINTENANCE_INTERVAL_SECONDS: '2', PGLITE_MAINTENANCE_IDLE_MS: '2000' }).message).toBe('PGLITE_MAINTENANCE_IDLE_MS: must be less than PGLITE_MAINTENANCE_INTERVAL_SECONDS (in ms)');
+    expect(loadSettings({ SECRET_KEY: GOOD_KEY, PGLITE_MAINTENANCE: 'false', PGLITE_MAINTENANCE_INTERVAL_SECONDS: '2', PGLITE_MAINTENANCE_IDLE_MS: '2000' }).PGLITE_MAINTENANCE).toBe(false);
+  });
+
   it('refuses a BILLING_SUMMARY_MAX_DAYS shorter than the summary\'s default range (30 days), which would refuse a request naming no range', () => {
     expect(configError({ SECRET_KEY: GOOD_KEY, BILLING_SUMMARY_MAX_DAYS: '7' }).message).toMatch(/^BILLING_SUMMARY_MAX_DAYS: /);
     expect(loadSettings({ SECRET_KEY: GOOD_KEY, BILLING_SUMMARY_MAX_DAYS: '30' }).BILLING_SUMMARY_MAX_DAYS).toBe(30);
