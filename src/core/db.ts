@@ -34,8 +34,9 @@ export interface Database {
   withSession<T>(work: (session: SqlSession) => Promise<T>): Promise<T>;
   ping(): Promise<void>;
   /**
-   * Embedded only: how long the one session has had nothing in flight, in ms (0 while a statement
-   * runs or waits); what embedded maintenance (maintenance.ts) waits for before a VACUUM.
+   * Embedded only: how long the one session has had nothing to do, in ms (0 while a statement runs
+   * or waits, or a transaction or session is open); what embedded maintenance (maintenance.ts)
+   * waits for before a VACUUM.
    */
   idleMs?(): number;
   /**

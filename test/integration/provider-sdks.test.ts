@@ -147,7 +147,7 @@ describe('SDK packages loaded on first use', () => {
     expect(imports.anthropic).toBe(1);
   });
 
-  it('says why a package could not be loaded to whoever the registry was given to tell (the log), once per failed load', async () => {
+  it('says why a package could not be loaded to whoever the registry was given to tell (the log)', async () => {
     const { loader, failing } = countedLoader();
     failing.add('google');
     const told: [string, string, string][] = [];
