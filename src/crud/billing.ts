@@ -128,11 +128,8 @@ export async function ledgerSum(db: Db, userId: string): Promise<string> {
 
 /** A key's spend and what running calls hold of its budget. */
 export async function keySpend(db: Db, apiKeyId: string): Promise<{ spent: string; reserved: string }> {
-  const [row] = await rows<{ spent: string; reserved: string }>(
-    db,
-    sql`select spent::text as spent, budget_reserved::text as reserved from api_keys where id = ${apiKeyId}`,
-  );
-  return row ?? { spent: '0', reserved: '0' };
+  const budget = await keyBudget(db, apiKeyId);
+  return budget ? { spent: budget.spent, reserved: budget.reserved } : { spent: '0', reserved: '0' };
 }
 
 /** A key's budget, spend and what running calls hold of it; null when the key is gone (deleted). */
