@@ -5,7 +5,7 @@
  */
 import { randomUUID } from 'node:crypto';
 
-import { and, asc, count, desc, getTableColumns, gte, inArray, lt, type SQL, sql } from 'drizzle-orm';
+import { and, asc, count, desc, eq, getTableColumns, gte, inArray, lt, type SQL, sql } from 'drizzle-orm';
 import type { AnyPgColumn, PgDialect } from 'drizzle-orm/pg-core';
 
 import type { Db } from '../core/db.js';
@@ -16,7 +16,7 @@ import { creditAccounts, type CreditTransaction, creditTransactions, type NewCre
 import { definePolicy } from '../utils/access.js';
 import type { Principal } from '../utils/authentication.js';
 import { batchedById } from './batch.js';
-import { countWhere, ownedCrud, queryRows as rows } from './owned.js';
+import { ownedCrud, queryRows as rows } from './owned.js';
 import type { Page, PageOf } from './page.js';
 import { preparedAnywhere, preparedPerDb } from './prepared.js';
 
@@ -38,12 +38,17 @@ const NEWEST_FIRST = [desc(creditTransactions.created_at), desc(creditTransactio
  * and a sort on every page (0.5-0.9 s on PGlite, whose one thread every other request waits for).
  * The page's ids come from the index in the list's order (ix_credit_transactions_owner_id_created_at_id,
  * so a first page reads 20 entries, and an offset steps over index entries, not whole rows) and
- * only they are read whole; the total is a count of its own in the same statement.
+ * only they are read whole. The total comes in the same statement: a whole account's ledger's is the
+ * count its account keeps (`credit_accounts.entries`, by a trigger: migration 0016), so a page of a
+ * long history does not count it (300,000 entries: 0.4 s on PGlite); a project-scoped key's is counted.
  */
 export async function listTransactions(db: Db, principal: Principal, page: Page): Promise<PageOf<CreditTransaction>> {
   const visible = transactionPolicy.where(principal, 'read');
   const ids = db.select({ id: creditTransactions.id }).from(creditTransactions).where(visible).orderBy(...NEWEST_FIRST).limit(page.limit).offset(page.offset);
-  const total = db.select({ value: count() }).from(creditTransactions).where(visible);
+  const total =
+    principal.scopeProjectId === null
+      ? db.select({ value: sql`coalesce(max(${creditAccounts.entries}), 0)` }).from(creditAccounts).where(eq(creditAccounts.user_id, principal.user.id))
+      : db.select({ value: count() }).from(creditTransactions).where(visible);
   const found = await db
     .select({ ...getTableColumns(creditTransactions), total: sql<number>`(${total})`.mapWith(Number) })
     .from(creditTransactions)
@@ -51,7 +56,7 @@ export async function listTransactions(db: Db, principal: Principal, page: Page)
     .orderBy(...NEWEST_FIRST);
   const data = found.map(({ total: _total, ...row }) => row);
   // A page past the end has no row to carry the total: only then is it counted apart.
-  return { data, count: found[0]?.total ?? (page.offset > 0 ? await countWhere(db, creditTransactions, visible) : 0) };
+  return { data, count: found[0]?.total ?? (page.offset > 0 ? Number((await total)[0]?.value ?? 0) : 0) };
 }
 
 /** One entry by id: a superuser reads every user's (the grant a `POST /billing/credits` names in its Location). */

@@ -1,5 +1,5 @@
 import { sql } from 'drizzle-orm';
-import { boolean, check, index, integer, numeric, pgEnum, pgTable, text, timestamp, uniqueIndex, uuid, varchar } from 'drizzle-orm/pg-core';
+import { bigint, boolean, check, index, integer, numeric, pgEnum, pgTable, text, timestamp, uniqueIndex, uuid, varchar } from 'drizzle-orm/pg-core';
 
 import { apiKeys } from './api-key.js';
 import { baseColumns } from './columns.js';
@@ -69,6 +69,12 @@ export const creditAccounts = pgTable(
       .references(() => users.id, { onDelete: 'cascade' }),
     balance: money('balance').notNull().default('0'),
     reserved: money('reserved').notNull().default('0'),
+    /**
+     * How many ledger entries the account has: the ledger list's total. Every statement that
+     * writes an entry moves it in the update of this row it makes anyway (crud/billing.ts), so a
+     * page of a long history is not a count of it (300,000 entries: 0.4 s on PGlite).
+     */
+    entries: bigint('entries', { mode: 'number' }).notNull().default(0),
   },
   (t) => [check('ck_credit_accounts_reserved', sql`${t.reserved} >= 0`)],
 );

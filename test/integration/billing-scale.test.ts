@@ -95,6 +95,18 @@ describe('the ledger of a long history', () => {
     expect((await api('GET', `/billing/transactions?offset=${ENTRIES}`, user.headers)).json()).toEqual({ data: [], count: ENTRIES });
   });
 
+  it("takes a whole account's total from the count its account keeps: no page counts the history, past the end neither", async () => {
+    for (const url of ['/billing/transactions', `/billing/transactions?offset=${ENTRIES + 5}`]) {
+      const statements: string[] = [];
+      await intercepting(
+        ctx.database.db,
+        (text) => void statements.push(text),
+        async () => expect((await api('GET', url, user.headers)).json<{ count: number }>().count).toBe(ENTRIES),
+      );
+      expect(statements.filter((text) => /count\(/i.test(text)), url).toEqual([]);
+    }
+  });
+
   /** `url`'s statements read the ledger's page straight off its index, with no window over the whole history. */
   async function expectPageOffIndex(url: string) {
     const plans = await ledgerPlans(url);

@@ -13,6 +13,7 @@ import { PaymentRequiredError, TooManyRequestsError } from '../../src/core/error
 import { creditReservations, usageRecords } from '../../src/models/index.js';
 
 import { getBalance, hold, ledgerSum, settleMany } from '../../src/crud/billing.js';
+import { queryRows } from '../../src/crud/owned.js';
 import { ModelCallAbortedError } from '../../src/modules/ai-models/errors.js';
 import { addCosts, type ChatRequest, MEDIA_PART_TOKENS } from '../../src/modules/ai-models/index.js';
 import { releaseHoldsLeftBehind } from '../../src/services/usage-meter.js';
@@ -65,12 +66,18 @@ async function balanceOf(user: TestUser) {
   return (await api('GET', '/billing/balance', user.headers)).json<{ balance: string; reserved: string; available: string }>();
 }
 
-/** The invariant: the balance equals the sum of the ledger, and nothing stays held. */
+/** The invariants: the balance equals the sum of the ledger, the account's entry count (the ledger list's total) its length, and nothing stays held. */
 async function expectConsistent(user: TestUser) {
   await ctx.app.meter.idle();
   const account = await getBalance(ctx.database.db, user.user.id);
   expect(Number(account.reserved)).toBe(0);
   expect(await ledgerSum(ctx.database.db, user.user.id)).toBe(account.balance);
+  const [counts] = await queryRows<{ kept: number; entries: number }>(
+    ctx.database.db,
+    sql`select coalesce((select entries from credit_accounts where user_id = ${user.user.id}), 0)::int as kept,
+          (select count(*) from credit_transactions where owner_id = ${user.user.id})::int as entries`,
+  );
+  expect(counts!.kept).toBe(counts!.entries);
 }
 
 // `fake-billed`: 1 credit per output token, input free. maxOutputTokens 10 → reserves 10 credits.

@@ -414,3 +414,38 @@ describe('0014_credit_usage_entry_once', () => {
     });
   });
 });
+
+describe('0016_credit_accounts_entries', () => {
+  it("counts each account's existing ledger entries, then keeps counting every insert (an account made for entries without one); down drops the count", async () => {
+    await beforeMigration('0016_credit_accounts_entries', async (database, previous) => {
+      const [withAccount, withoutAccount, idle] = [randomUUID(), randomUUID(), randomUUID()];
+      for (const [id, email] of [
+        [withAccount, 'counted@example.com'],
+        [withoutAccount, 'unaccounted@example.com'],
+        [idle, 'idle@example.com'],
+      ] as const) {
+        await query(database, `insert into users (id, email, hashed_password) values ($1, $2, 'x')`, [id, email]);
+      }
+      await query(database, `insert into credit_accounts (user_id, balance) values ($1, 10), ($2, 0)`, [withAccount, idle]);
+      const entries = (owner: string, n: number) =>
+        query(database, `insert into credit_transactions (owner_id, type, amount, balance_after) select $1, 'grant', 1, i from generate_series(1, ${n}) i`, [owner]);
+      await entries(withAccount, 3);
+      await entries(withoutAccount, 2);
+      await migrateUp(database, logger);
+      const counts = async () =>
+        Object.fromEntries(
+          (await query<{ user_id: string; entries: string; balance: string }>(database, `select user_id, entries::text, balance::text from credit_accounts`)).map((row) => [
+            row.user_id,
+            [Number(row.entries), Number(row.balance)],
+          ]),
+        );
+      expect(await counts()).toEqual({ [withAccount]: [3, 10], [withoutAccount]: [2, 0], [idle]: [0, 0] });
+      await entries(withAccount, 4);
+      await entries(idle, 1);
+      expect(await counts()).toEqual({ [withAccount]: [7, 10], [withoutAccount]: [2, 0], [idle]: [1, 0] });
+      await migrateDown(database, logger, previous);
+      await entries(withAccount, 1);
+      expect(await query(database, `select column_name from information_schema.columns where table_name = 'credit_accounts' and column_name = 'entries'`)).toEqual([]);
+    });
+  });
+});
