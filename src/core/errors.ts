@@ -36,6 +36,21 @@ export class UnauthorizedError extends HttpError {
   }
 }
 
+/** What went away of a call's credentials between its authentication and its credit hold. */
+export type CredentialsGone = 'api_key_deleted' | 'api_key_revoked' | 'user_deleted' | 'user_deactivated';
+
+/**
+ * 401 for a metered call whose API key or user went away after the call was authenticated (the
+ * meter's hold found it so): the client is told what a call made with those credentials now is
+ * told (the generic 401, which says nothing of the key's state either). `reason` is for the
+ * work no client waits on, a run or an ingestion, whose owner reads why it stopped.
+ */
+export class CredentialsGoneError extends UnauthorizedError {
+  constructor(readonly reason: CredentialsGone) {
+    super();
+  }
+}
+
 /** 402: a metered call or a spend cap the balance (or the key's budget) cannot cover. */
 export class PaymentRequiredError extends HttpError {
   constructor(detail = 'Not enough credits') {

@@ -137,13 +137,25 @@ export async function keySpend(db: Db, apiKeyId: string): Promise<{ spent: strin
   return budget ? { spent: budget.spent, reserved: budget.reserved } : { spent: '0', reserved: '0' };
 }
 
-/** A key's budget, spend and what running calls hold of it; null when the key is gone (deleted). */
-export async function keyBudget(db: Db, apiKeyId: string): Promise<{ maxBudget: string | null; spent: string; reserved: string } | null> {
-  const [row] = await rows<{ max_budget: string | null; spent: string; reserved: string }>(
+export interface KeyBudget {
+  maxBudget: string | null;
+  spent: string;
+  reserved: string;
+  /** The key is revoked (a revoked key's budget holds nothing: see `holdKey`). */
+  revoked: boolean;
+  /** Its owner is deactivated. */
+  ownerInactive: boolean;
+}
+
+/** A key's budget, spend and what running calls hold of it, and whether it or its owner still works; null when the key is gone (deleted). */
+export async function keyBudget(db: Db, apiKeyId: string): Promise<KeyBudget | null> {
+  const [row] = await rows<{ max_budget: string | null; spent: string; reserved: string; revoked: boolean; owner_inactive: boolean }>(
     db,
-    sql`select max_budget::text as max_budget, spent::text as spent, budget_reserved::text as reserved from api_keys where id = ${apiKeyId}`,
+    sql`select k.max_budget::text as max_budget, k.spent::text as spent, k.budget_reserved::text as reserved,
+          k.status <> 'active' as revoked, not coalesce(u.is_active, false) as owner_inactive
+        from api_keys k left join users u on u.id = k.owner_id where k.id = ${apiKeyId}`,
   );
-  return row ? { maxBudget: row.max_budget, spent: row.spent, reserved: row.reserved } : null;
+  return row ? { maxBudget: row.max_budget, spent: row.spent, reserved: row.reserved, revoked: row.revoked, ownerInactive: row.owner_inactive } : null;
 }
 
 // ==================== Reservations ====================
@@ -190,13 +202,21 @@ const ASYNC_COMMIT = sql`s as (select set_config('synchronous_commit', 'off', tr
  */
 const DURABLE_COMMIT = sql`s as (select set_config('synchronous_commit', 'on', true) as setting)`;
 
+/**
+ * A user deactivated, or a key revoked, after its call was authenticated holds nothing: the call
+ * is refused as one made with those credentials now is (see `holdRefusal`). Checked in the hold's
+ * own statement (the user's row by its key, the key's on the row the hold updates anyway), so it
+ * costs no statement; a deleted user's account, or a deleted key's row, is gone and refuses alike.
+ */
 const holdAccount = (hold: Hold, amount: string) =>
   sql`update credit_accounts set reserved = reserved + ${amount}::numeric
-      where user_id = ${hold.userId} and balance - reserved >= ${hold.accountCover ?? amount}::numeric returning user_id`;
+      where user_id = ${hold.userId} and balance - reserved >= ${hold.accountCover ?? amount}::numeric
+        and exists (select 1 from users u where u.id = credit_accounts.user_id and u.is_active) returning user_id`;
 
 const holdKey = (hold: Hold, amount: string) =>
   sql`update api_keys set budget_reserved = budget_reserved + ${amount}::numeric
-      where id = ${hold.apiKeyId} and (max_budget is null or max_budget - spent - budget_reserved >= ${amount}::numeric) returning id`;
+      where id = ${hold.apiKeyId} and status = 'active' and (max_budget is null or max_budget - spent - budget_reserved >= ${amount}::numeric)
+        and exists (select 1 from users u where u.id = api_keys.owner_id and u.is_active) returning id`;
 
 const insertHold = (hold: Hold, from: SQL) =>
   sql`insert into credit_reservations (id, expires_at, user_id, api_key_id, account_amount, key_amount)

@@ -21,7 +21,7 @@ import type { Redis } from 'ioredis';
 
 import type { Settings } from '../core/config.js';
 import type { Database, Db } from '../core/db.js';
-import { databaseError, PaymentRequiredError, ShuttingDownError, TooManyRequestsError, UnauthorizedError } from '../core/errors.js';
+import { type CredentialsGone, CredentialsGoneError, databaseError, PaymentRequiredError, ShuttingDownError, TooManyRequestsError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import type { ModelMetrics } from '../core/metrics.js';
 
@@ -78,6 +78,13 @@ const WRITTEN_WAIT_MS = 2_000;
 const WINDOW_IDLE_MS = 2_000;
 
 const MAX_REFILLS_PER_CALL = 3;
+/** The log's words for a call refused because its credentials went away (`credentialsGone`). */
+const GONE_BEFORE_HOLD: Record<CredentialsGone, string> = {
+  api_key_deleted: 'its API key was deleted',
+  api_key_revoked: 'its API key was revoked',
+  user_deleted: 'its user was deleted',
+  user_deactivated: 'its user was deactivated',
+};
 /** A usage row's times as ISO strings (calls settled together often ended, or started, in the same millisecond). */
 const endTime = isoFormatter();
 const startTime = isoFormatter();
@@ -293,32 +300,37 @@ export class UsageMeterService implements UsageMeter {
 
   /**
    * The refusal of a hold the account did not cover. The user may be gone instead: deleted after the
-   * call was authenticated and before its hold reached their account (whose row went with them). The
-   * call is then answered as one made with their deleted credentials (401), not with a balance of 0.
+   * call was authenticated and before its hold reached their account (whose row went with them), or
+   * deactivated (the hold takes nothing of an inactive user's: `holdAccount`). The call is then
+   * answered as one made with their credentials now is (401), not with a balance of 0.
    */
-  private async notEnoughCredits(userId: string, estimate: CostEstimate): Promise<PaymentRequiredError | UnauthorizedError> {
+  private async notEnoughCredits(userId: string, estimate: CostEstimate): Promise<PaymentRequiredError | CredentialsGoneError> {
     const [credits, user] = await Promise.all([billingCrud.getBalance(this.db, userId), userCrud.getById(this.db, userId)]);
-    if (!user) {
-      this.log.info({ userId, apiKeyId: estimate.context.api_key_id ?? null, model: estimate.model }, 'model call refused: its user was deleted before its hold');
-      return new UnauthorizedError();
-    }
+    if (!user || !user.is_active) return this.credentialsGone(estimate, user ? 'user_deactivated' : 'user_deleted');
     return new PaymentRequiredError(`${notEnoughCreditsMessage(credits)}; this call to ${estimate.model} needs up to ${formatMoney(estimate.cost)}`);
   }
 
   /**
-   * The refusal of a hold the key's budget did not take. The key's row may be gone instead: deleted
-   * after the call was authenticated and before its hold reached the row (the hold's conditional
-   * UPDATE then finds none, as for a key over budget). The call is answered as one made with the
-   * deleted key (401), not with a budget the key no longer has; nothing was held (one transaction).
+   * The refusal of a hold the key's budget did not take. The key may be gone instead: deleted after
+   * the call was authenticated and before its hold reached the row (the hold's conditional UPDATE
+   * then finds none, as for a key over budget), or revoked, or its owner deactivated (the hold takes
+   * nothing of such a key's: `holdKey`). The call is answered as one made with the key now is (401),
+   * not with a budget the key no longer has; nothing was held (one transaction).
    */
-  private async overBudget(estimate: CostEstimate): Promise<PaymentRequiredError | UnauthorizedError> {
+  private async overBudget(estimate: CostEstimate): Promise<PaymentRequiredError | CredentialsGoneError> {
     const keyId = estimate.context.api_key_id!;
     const budget = await billingCrud.keyBudget(this.db, keyId);
-    if (!budget) {
-      this.log.info({ apiKeyId: keyId, userId: estimate.context.user_id ?? null, model: estimate.model }, 'model call refused: its API key was deleted before its hold');
-      return new UnauthorizedError();
-    }
+    if (!budget) return this.credentialsGone(estimate, 'api_key_deleted');
+    if (budget.revoked) return this.credentialsGone(estimate, 'api_key_revoked');
+    if (budget.ownerInactive) return this.credentialsGone(estimate, 'user_deactivated');
     return new PaymentRequiredError(`${overBudgetMessage(budget.maxBudget ?? '0', budget)}; this call to ${estimate.model} needs up to ${formatMoney(estimate.cost)}`);
+  }
+
+  /** Said once, at info: the client's credentials went away, nothing failed here. */
+  private credentialsGone(estimate: CostEstimate, reason: CredentialsGone): CredentialsGoneError {
+    const ids = { userId: estimate.context.user_id ?? null, apiKeyId: estimate.context.api_key_id ?? null, model: estimate.model };
+    this.log.info(ids, `model call refused: ${GONE_BEFORE_HOLD[reason]} before its hold`);
+    return new CredentialsGoneError(reason);
   }
 
   private reservation(held: Held): UsageReservation {

@@ -984,6 +984,47 @@ describe('knowledge-base ingestion through an API key', () => {
     await expectConsistent(user);
   });
 
+  it.each([
+    ['revoked', 'the API key that asked for this indexing was revoked', (user: TestUser, keyId: string) => api('PATCH', `/api-keys/${keyId}`, user.headers, { status: 'revoked' })],
+    // Deleted, the key has no limits when the call reads them (as the meter does for work no request carries): the account pays, by design.
+    ['deleted', null, (user: TestUser, keyId: string) => api('DELETE', `/api-keys/${keyId}`, user.headers)],
+    ['deactivated owner', "the owner's account was deactivated", (user: TestUser) => api('PATCH', `/users/${user.user.id}`, admin, { is_active: false })],
+  ] as const)(
+    'a budgeted key %s while its upload is embedded: the entry fails saying so, not "Could not validate credentials" (deleted: goes on, paid by the account); nothing held',
+    async (_way, words, takeAway) => {
+      const { user, folder, key } = await scopedSetup({ max_budget: '1' });
+      fake.reset();
+      // The first call goes through; the key (or its owner) goes away as the second reaches the meter.
+      const meter = ctx.app.meter;
+      const reserve = meter.reserve.bind(meter);
+      let calls = 0;
+      meter.reserve = async (estimate) => {
+        if (++calls === 2) {
+          meter.reserve = reserve;
+          const gone = await takeAway(user, key.id);
+          expect(gone.statusCode, gone.body).toBe(200);
+        }
+        return reserve(estimate);
+      };
+      let entry: EntryBody;
+      try {
+        const id = (await uploaded(ctx.app, xApiKey(key.key), folder.id, DOCUMENT)).id;
+        entry = await settled(ctx.app, admin, id);
+      } finally {
+        meter.reserve = reserve;
+      }
+      if (!withVectors()) return;
+      expect(calls).toBe(2);
+      if (words === null) {
+        expect(entry).toMatchObject({ status: 'ready', chunk_count: 5, error: null });
+      } else {
+        expect(entry).toMatchObject({ status: 'failed', chunk_count: 0, error: `Embedding stopped: ${words}; reindex the entry to index it again` });
+        expect(fake.requestsFor('fake-embed')).toHaveLength(1);
+      }
+      await expectConsistent(user);
+    },
+  );
+
   it('a reindex is paid by the key that asks for it (the signed-in user: no key), whoever uploaded', async () => {
     const { user, project, folder, key } = await scopedSetup({ max_budget: '1' });
     const other = await createKey(ctx.app, user, { name: 'reindexing', project_id: project.id, max_budget: '1' });

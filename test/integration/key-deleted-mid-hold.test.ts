@@ -1,6 +1,8 @@
 /**
- * A model call through an API key whose key is deleted after the call was authenticated and before
- * its credit hold reaches the key's row. With billing on and a key with a budget, the call holds
+ * A model call through an API key whose key is deleted or revoked (or whose user is deleted or
+ * deactivated) after the call was authenticated and before its credit hold reaches the key's row
+ * (the account's). A revoked key's row stays: the hold's conditional UPDATE checks its status (and
+ * the account's its user's is_active), so it refuses as it does for a deleted one. With billing on and a key with a budget, the call holds
  * per call, from the account and then from the key (one transaction): the key's conditional UPDATE
  * then finds no row, as a key over its budget does. The client must be told what a call made with
  * the deleted key is told (401 invalid_api_key), not that the key is over a budget it no longer
@@ -52,8 +54,14 @@ function expectInvalidKey(response: LightMyRequestResponse): void {
   expect(response.json<{ error: { type: string; code: string } }>().error).toMatchObject({ type: 'invalid_request_error', code: 'invalid_api_key' });
 }
 
-describe('a budgeted API key deleted while its call is being held', () => {
-  it('the call answers 401 invalid_api_key, as one made with the deleted key; nothing is held, nothing sent upstream', async () => {
+/** What takes the key away: its real DELETE, or its revocation (PATCH status revoked), which leaves the row. */
+const takeAway = {
+  deleted: (key: { id: string }, headers: Record<string, string>) => api('DELETE', `/api-keys/${key.id}`, headers),
+  revoked: (key: { id: string }, headers: Record<string, string>) => api('PATCH', `/api-keys/${key.id}`, headers, { status: 'revoked' }),
+};
+
+describe.each(['deleted', 'revoked'] as const)('a budgeted API key %s while its call is being held', (way) => {
+  it(`the call answers 401 invalid_api_key, as one made with the ${way} key; nothing is held, nothing sent upstream`, async () => {
     const user = await userWithCredits();
     const key = await createKey(ctx.app, user, { name: 'budgeted', max_budget: '50' });
     // One call first: the key is authenticated from the cache from then on (its last use recorded).
@@ -72,8 +80,8 @@ describe('a budgeted API key deleted while its call is being held', () => {
           await session.query('select user_id from credit_accounts where user_id = $1 for update', [user.user.id]);
           const call = chat(key.key);
           await eventually(async () => (await waitingForLocks()) > 0);
-          const deleted = await api('DELETE', `/api-keys/${key.id}`, user.headers);
-          expect(deleted.statusCode, deleted.body).toBe(200);
+          const gone = await takeAway[way](key, user.headers);
+          expect(gone.statusCode, gone.body).toBe(200);
           await session.exec('rollback');
           answered = await call;
         } catch (error) {
@@ -87,8 +95,8 @@ describe('a budgeted API key deleted while its call is being held', () => {
       const reserve = meter.reserve.bind(meter);
       meter.reserve = async (estimate) => {
         meter.reserve = reserve;
-        const deleted = await api('DELETE', `/api-keys/${key.id}`, user.headers);
-        expect(deleted.statusCode, deleted.body).toBe(200);
+        const gone = await takeAway[way](key, user.headers);
+        expect(gone.statusCode, gone.body).toBe(200);
         return reserve(estimate);
       };
       try {
@@ -107,12 +115,20 @@ describe('a budgeted API key deleted while its call is being held', () => {
     expect(await rowsOf(sql`select id from credit_reservations where user_id = ${user.user.id}`)).toEqual([]);
     // Said once, at info (no error: the client's key is gone, nothing failed here).
     expect(logs.lines().filter((line) => Number(line.level) >= 40)).toEqual([]);
-    expect(logs.lines().filter((line) => line.msg === 'model call refused: its API key was deleted before its hold')).toMatchObject([{ apiKeyId: key.id }]);
+    expect(logs.lines().filter((line) => line.msg === `model call refused: its API key was ${way} before its hold`)).toMatchObject([{ apiKeyId: key.id }]);
+    // The key's budget holds nothing either (a revoked key keeps its row).
+    expect(await rowsOf(sql`select budget_reserved::text as held from api_keys where id = ${key.id}`)).toEqual(way === 'deleted' ? [] : [{ held: '0.000000000000' }]);
   });
 });
 
-describe('a user deleted while their call is being held', () => {
-  it('the call answers 401 invalid_api_key, as one made with their deleted key, not 402 for the account that went with them; nothing sent upstream', async () => {
+/** What takes the user away: their real DELETE, or their deactivation (PATCH is_active false), which leaves the account. */
+const takeUserAway = {
+  deleted: (userId: string) => api('DELETE', `/users/${userId}`, admin),
+  deactivated: (userId: string) => api('PATCH', `/users/${userId}`, admin, { is_active: false }),
+};
+
+describe.each(['deleted', 'deactivated'] as const)('a user %s while their call is being held', (way) => {
+  it(`the call answers 401 invalid_api_key, as one made with their key now, not 402 for their account, nor a call that goes on; nothing sent upstream`, async () => {
     const user = await userWithCredits();
     const key = await createKey(ctx.app, user, { name: 'plain' });
     const upstreamCalls = fake.log.length;
@@ -122,8 +138,8 @@ describe('a user deleted while their call is being held', () => {
     const reserve = meter.reserve.bind(meter);
     meter.reserve = async (estimate) => {
       meter.reserve = reserve;
-      const deleted = await api('DELETE', `/users/${user.user.id}`, admin);
-      expect(deleted.statusCode, deleted.body).toBe(200);
+      const gone = await takeUserAway[way](user.user.id);
+      expect(gone.statusCode, gone.body).toBe(200);
       return reserve(estimate);
     };
     let answered: LightMyRequestResponse;
@@ -137,6 +153,11 @@ describe('a user deleted while their call is being held', () => {
     expect(fake.log.length).toBe(upstreamCalls);
     expect(await rowsOf(sql`select id from credit_reservations where user_id = ${user.user.id}`)).toEqual([]);
     expect(logs.lines().filter((line) => Number(line.level) >= 40)).toEqual([]);
-    expect(logs.lines().filter((line) => line.msg === 'model call refused: its user was deleted before its hold')).toMatchObject([{ userId: user.user.id }]);
+    expect(logs.lines().filter((line) => line.msg === `model call refused: its user was ${way} before its hold`)).toMatchObject([{ userId: user.user.id }]);
+    if (way === 'deactivated') {
+      // Their account is untouched: nothing held, nothing charged.
+      const account = await getBalance(ctx.database.db, user.user.id);
+      expect([Number(account.balance), Number(account.reserved)]).toEqual([100, 0]);
+    }
   });
 });

@@ -13,7 +13,7 @@ import { jsonSchema, type ModelMessage, tool, type ToolSet } from 'ai';
 import { asc, eq, sql } from 'drizzle-orm';
 
 import { commitWithNextStatement, type Db, transaction } from '../../core/db.js';
-import { HttpError, PaymentRequiredError, TooManyRequestsError } from '../../core/errors.js';
+import { type CredentialsGone, CredentialsGoneError, HttpError, PaymentRequiredError, TooManyRequestsError } from '../../core/errors.js';
 
 import { type AgentVersion, type Message, messages, type MessageToolCall, type Run, type RunUsage } from '../../models/index.js';
 
@@ -49,6 +49,18 @@ export const INTERNAL_RUN_ERROR = 'The run failed because of an internal error; 
 /** How the error of a run whose model call its owner's credits or key budget refused begins. */
 export const CREDITS_REFUSED = 'Not enough credits';
 
+/**
+ * A run whose model call was refused because its key or user went away after the call was
+ * authenticated: the words of the cancellation the revocation, deletion or deactivation sends the
+ * run (api-key-service, user-service), so the run reads the same whichever of the two came first.
+ */
+const RUN_CREDENTIALS_GONE: Record<CredentialsGone, string> = {
+  api_key_deleted: 'API key deleted',
+  api_key_revoked: 'API key revoked',
+  user_deleted: 'User deleted',
+  user_deactivated: 'User deactivated',
+};
+
 /** A run's error as its owner reads it: what happened and what to do about it. */
 export function describeRunError(error: unknown, run: Pick<Run, 'model'>): string {
   if (error instanceof RunFailure) return error.message;
@@ -56,6 +68,7 @@ export function describeRunError(error: unknown, run: Pick<Run, 'model'>): strin
   if (error instanceof ProviderUnavailableError) return `The provider of model ${run.model} is not set up: ${error.reason}`;
   if (error instanceof PaymentRequiredError) return error.detail.startsWith(CREDITS_REFUSED) ? error.detail : `${CREDITS_REFUSED}: ${error.detail}`;
   if (error instanceof TooManyRequestsError) return error.detail;
+  if (error instanceof CredentialsGoneError) return RUN_CREDENTIALS_GONE[error.reason];
   // Not "after retries": a call whose answer had begun is not retried (its text went out).
   if (error instanceof ModelTimeoutError) return `The provider of model ${run.model} could not be reached: no answer within ${error.timeoutMs} ms; try again later`;
   if (error instanceof UpstreamError) {

@@ -16,7 +16,7 @@ import { and, eq, lt, or, sql } from 'drizzle-orm';
 
 import type { Settings } from '../../core/config.js';
 import { type Db, transaction } from '../../core/db.js';
-import { HttpError, PaymentRequiredError } from '../../core/errors.js';
+import { type CredentialsGone, CredentialsGoneError, HttpError, PaymentRequiredError } from '../../core/errors.js';
 import type { Logger } from '../../core/logger.js';
 import type { JobQueue } from '../../core/queue.js';
 
@@ -313,12 +313,22 @@ async function* utf8Pieces(text: string): AsyncGenerator<Uint8Array> {
 
 // ==================== The job ====================
 
+/** Why an entry's embedding stopped, by what went away of its credentials (`CredentialsGoneError`). */
+const INGESTION_CREDENTIALS_GONE: Record<CredentialsGone, string> = {
+  api_key_deleted: 'the API key that asked for this indexing was deleted',
+  api_key_revoked: 'the API key that asked for this indexing was revoked',
+  user_deleted: "the owner's account was deleted",
+  user_deactivated: "the owner's account was deactivated",
+};
+
 /** How a failure ends: the entry `failed` with this message now, or (a passing fault) another try. */
 function outcomeOf(error: unknown, entry: KnowledgeEntry, maxAttempts: number): { fail: string } | { retry: string } {
   if (error instanceof DocumentRejectedError) return { fail: `The document could not be read: ${error.message}` };
   if (error instanceof StorageNotFoundError) return { fail: 'The stored file is missing (deleted from storage, or the storage settings changed); upload the document again' };
   // The meter's 402 (the key's max_budget, the account's credits) ends the entry: trying again changes nothing until the limit does.
   if (error instanceof PaymentRequiredError) return { fail: `Embedding stopped: ${error.detail}; reindex the entry once the budget or balance allows it` };
+  // The key or its owner went away midway (the generic 401 is the client's, who is not waiting here): the owner reads which.
+  if (error instanceof CredentialsGoneError) return { fail: `Embedding stopped: ${INGESTION_CREDENTIALS_GONE[error.reason]}; reindex the entry to index it again` };
   if (error instanceof HttpError && error.statusCode < 500) return { fail: error.detail };
   if (error instanceof HttpError) {
     const reason = error.detail;

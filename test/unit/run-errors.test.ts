@@ -1,0 +1,31 @@
+/**
+ * A run's error as its owner reads it (`describeRunError`), for the meter's refusals: the words
+ * that say what stopped the run, not the client's generic 401.
+ */
+import { describe, expect, it } from 'vitest';
+
+import { CredentialsGoneError, PaymentRequiredError, UnauthorizedError } from '../../src/core/errors.js';
+
+import { describeRunError } from '../../src/modules/agents/runner.js';
+
+const run = { model: 'fake-billed' };
+
+describe('describeRunError', () => {
+  it.each([
+    ['api_key_revoked', 'API key revoked'],
+    ['api_key_deleted', 'API key deleted'],
+    ['user_deactivated', 'User deactivated'],
+    ['user_deleted', 'User deleted'],
+  ] as const)('a call refused because its credentials went away (%s) reads as the cancellation that goes with it: %s', (reason, words) => {
+    const error = new CredentialsGoneError(reason);
+    // The client of a request is told the generic 401, as a call made with those credentials now is.
+    expect(error).toBeInstanceOf(UnauthorizedError);
+    expect([error.statusCode, error.detail]).toEqual([401, 'Could not validate credentials']);
+    expect(describeRunError(error, run)).toBe(words);
+  });
+
+  it('other refusals keep their own words', () => {
+    expect(describeRunError(new UnauthorizedError(), run)).toBe('Could not validate credentials');
+    expect(describeRunError(new PaymentRequiredError('Not enough credits: available 0'), run)).toBe('Not enough credits: available 0');
+  });
+});
