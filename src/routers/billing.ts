@@ -79,7 +79,7 @@ export const billingRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'add_credits',
         summary: 'Add Credits',
-        description: 'Superusers only: grant (default), refund, or adjust (may be negative) a user’s credits. The balance and its ledger entry change together. 404: no such user; 409: an adjustment that would take more than is available.',
+        description: 'Superusers only: grant (default), refund, or adjust (may be negative) a user’s credits. The balance and its ledger entry change together. 404: no such user; 409: an adjustment that would take more than is available, or an amount that would take the balance past the most an account holds (999999999999999999.999999999999).',
         tags,
         body: CreditGrant,
         response: { 200: CreditTransactionPublic, 404: ErrorBody, 409: ErrorBody, ...authErrors },

@@ -1,5 +1,6 @@
 /** Credits and usage as the API shows them: balance, ledger, grants, usage summary. */
 import { DEFAULT_SUMMARY_DAYS } from '../core/config.js';
+import { databaseError } from '../core/db-errors.js';
 import { ConflictError, NotFoundError, UnprocessableError } from '../core/errors.js';
 
 import type { CreditTransaction } from '../models/index.js';
@@ -67,17 +68,22 @@ export async function getTransaction(ctx: ServiceContext, id: string) {
   return present(billingCrud.transactionEntryPolicy.check(ctx.principal, await billingCrud.transactionCrud.getById(ctx.db, id), 'read'));
 }
 
+/** The largest balance `numeric(30, 12)` stores. */
+const MAX_BALANCE = `${'9'.repeat(18)}.${'9'.repeat(12)}`;
+
 /** A superuser's grant, refund or adjustment: the balance and its ledger entry change together. */
 export async function grant(ctx: ServiceContext, input: CreditGrant) {
   const user = await userCrud.getById(ctx.db, input.user_id);
   if (!user) throw new NotFoundError('User not found');
-  const id = await billingCrud.changeBalance(ctx.db, {
-    userId: user.id,
-    type: input.type,
-    amount: input.amount,
-    description: input.description,
-    createdBy: ctx.principal.user.id,
-  });
+  const id = await billingCrud
+    .changeBalance(ctx.db, { userId: user.id, type: input.type, amount: input.amount, description: input.description, createdBy: ctx.principal.user.id })
+    .catch(async (error: unknown) => {
+      // Past numeric(30, 12) (22003): every amount a body takes is storable, the sum may not be.
+      // Said as the adjustment below it is, with the limit, not as a 422 on a body that is valid.
+      if (databaseError(error)?.code !== '22003') throw error;
+      const { balance } = await billingCrud.getBalance(ctx.db, user.id);
+      throw new ConflictError(`The ${input.type} would take the balance past the most an account holds (${MAX_BALANCE}): balance ${formatMoney(balance)}, amount ${formatMoney(input.amount)}`);
+    });
   if (id === null) {
     const { balance, reserved } = await billingCrud.getBalance(ctx.db, user.id);
     // What calls in progress hold is named only when they hold something ("0 of it held" read as the reason).

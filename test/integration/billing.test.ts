@@ -12,7 +12,7 @@ import { PaymentRequiredError, TooManyRequestsError } from '../../src/core/error
 
 import { creditReservations, usageRecords } from '../../src/models/index.js';
 
-import { getBalance, hold, ledgerSum, settleMany } from '../../src/crud/billing.js';
+import { changeBalance, getBalance, hold, ledgerSum, settleMany } from '../../src/crud/billing.js';
 import { queryRows } from '../../src/crud/owned.js';
 import { ModelCallAbortedError } from '../../src/modules/ai-models/errors.js';
 import { addCosts, type ChatRequest, MEDIA_PART_TOKENS } from '../../src/modules/ai-models/index.js';
@@ -130,6 +130,24 @@ describe('POST /billing/credits', () => {
     expect(over.statusCode).toBe(409);
     // Nothing is in progress: the answer says nothing is held.
     expect(over.json()).toEqual({ detail: 'The adjustment would leave less than nothing: balance 3' });
+    await expectConsistent(user);
+  });
+
+  it('409 naming the limit for a grant past the largest balance an account holds (numeric(30, 12)), not a 422 "Value out of range" on the body; nothing changes', async () => {
+    const user = await createUser(ctx.app);
+    // A balance of 999,999,999,999,999,000 (18 digits) from 1,000 of the largest grants one body takes.
+    const biggest = '999999999999999';
+    for (let i = 0; i < 1000; i++) {
+      expect(await changeBalance(ctx.database.db, { userId: user.user.id, type: 'grant', amount: biggest, description: 'x', createdBy: user.user.id })).not.toBeNull();
+    }
+    const past = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: biggest, description: 'one more' });
+    expect(past.statusCode, past.body).toBe(409);
+    expect(past.json()).toEqual({
+      detail: `The grant would take the balance past the most an account holds (999999999999999999.999999999999): balance 999999999999999000, amount ${biggest}`,
+    });
+    // What still fits is taken.
+    expect((await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: '999.999999999999', description: 'fits' })).statusCode).toBe(200);
+    expect((await balanceOf(user)).balance).toBe('999999999999999999.999999999999');
     await expectConsistent(user);
   });
 
