@@ -204,9 +204,10 @@ const DURABLE_COMMIT = sql`s as (select set_config('synchronous_commit', 'on', t
 
 /**
  * A user deactivated, or a key revoked, after its call was authenticated holds nothing: the call
- * is refused as one made with those credentials now is (see `holdRefusal`). Checked in the hold's
- * own statement (the user's row by its key, the key's on the row the hold updates anyway), so it
- * costs no statement; a deleted user's account, or a deleted key's row, is gone and refuses alike.
+ * is refused as one made with those credentials now is (the usage meter's `notEnoughCredits` and
+ * `overBudget` tell it from a shortage). Checked in the hold's own statement (the user's row by its
+ * key, the key's on the row the hold updates anyway), so it costs no statement; a deleted user's
+ * account, or a deleted key's row, is gone and refuses alike.
  */
 const holdAccount = (hold: Hold, amount: string) =>
   sql`update credit_accounts set reserved = reserved + ${amount}::numeric
