@@ -174,7 +174,7 @@ export const ChatCompletionRequest = z
     model: z.string().min(1).max(200),
     messages: z.array(ChatMessage).min(1),
     stream: z.boolean().nullish(),
-    stream_options: z.object({ include_usage: z.boolean().optional() }).nullish(),
+    stream_options: z.object({ include_usage: z.boolean().nullish() }).nullish(),
     tools: z.array(FunctionTool).max(128).nullish(),
     tool_choice: ToolChoice.nullish(),
     parallel_tool_calls: z.boolean().nullish().describe('false: at most one tool call an answer. For OpenAI and OpenAI-compatible models, and Anthropic ones (with tools); dropped for Google models.'),
@@ -313,15 +313,17 @@ export const EmbeddingRequest = z
     model: z.string().min(1).max(200),
     // An empty text has no embedding: OpenAI refuses it too.
     input: z.union([z.string().min(1), z.array(z.string().min(1)).min(1).max(2048)], { error: 'input must be a text or a list of 1 to 2048 texts, none of them empty' }),
-    encoding_format: z.enum(['float', 'base64']).optional(),
+    // Null for each optional field is as good as leaving it out, as for a chat completion's: clients
+    // that serialize a request model with its unset fields (pydantic's `model_dump()`) send it.
+    encoding_format: z.enum(['float', 'base64']).nullish(),
     dimensions: z
       .number()
       .int()
       .min(1)
       .max(65_536)
-      .optional()
+      .nullish()
       .describe('The size of the vectors, for models that can shorten theirs (OpenAI\'s text-embedding-3, Google\'s, OpenAI-compatible servers that take it); an answer of another size is a 502.'),
-    user: z.string().max(256).optional(),
+    user: z.string().max(256).nullish(),
   })
   .meta({ id: 'EmbeddingRequest', description: 'Text input only (token arrays are not accepted).' });
 export type EmbeddingRequest = z.infer<typeof EmbeddingRequest>;
@@ -397,7 +399,7 @@ export function simpleChatRequest(data: unknown): ChatCompletionRequest | undefi
   if (streamOptions !== undefined && streamOptions !== null) {
     if (!isRecord(streamOptions)) return undefined;
     const includeUsage = streamOptions.include_usage;
-    if (includeUsage !== undefined && typeof includeUsage !== 'boolean') return undefined;
+    if (includeUsage !== undefined && includeUsage !== null && typeof includeUsage !== 'boolean') return undefined;
     out.stream_options = includeUsage === undefined ? {} : { include_usage: includeUsage };
   }
   if (n !== undefined && n !== null && n !== 1) return undefined;

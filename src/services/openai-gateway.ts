@@ -239,8 +239,15 @@ export function toChatRequest(body: ChatCompletionRequest, context: CallContext,
 
 export function toEmbedRequest(body: EmbeddingRequest, context: CallContext, signal: CallerSignal): EmbedRequest {
   refuseAgentModel(body.model);
-  const { dimensions, user } = body;
-  return { model: body.model, values: typeof body.input === 'string' ? [body.input] : body.input, dimensions, user, interactive: true, signal, context };
+  return {
+    model: body.model,
+    values: typeof body.input === 'string' ? [body.input] : body.input,
+    dimensions: orUndefined(body.dimensions),
+    user: orUndefined(body.user),
+    interactive: true,
+    signal,
+    context,
+  };
 }
 
 // ==================== Answers ====================
@@ -500,7 +507,7 @@ const EMBEDDINGS_PIECE_VALUES = 64 * 1024;
  * 3,072 dimensions are ~130 MB of JSON numbers (~2 s to write) or 34 MB of base64: written in one
  * go they held the event loop (every other request) that long, and the whole text in memory.
  */
-export function embeddingsAnswer(result: EmbedResult, format: 'float' | 'base64' | undefined): string | Readable {
+export function embeddingsAnswer(result: EmbedResult, format: 'float' | 'base64' | null | undefined): string | Readable {
   const values = result.embeddings.reduce((n, vector) => n + vector.length, 0);
   if (values <= EMBEDDINGS_PIECE_VALUES) return [...embeddingsJson(result, format, Infinity)].join('');
   // Readable.from asks for the next piece only once the socket has taken the last: a slow client holds nothing more.
@@ -516,7 +523,7 @@ export function embeddingsAnswer(result: EmbedResult, format: 'float' | 'base64'
 }
 
 /** The answer's JSON in pieces of about `pieceValues` values each. */
-function* embeddingsJson(result: EmbedResult, format: 'float' | 'base64' | undefined, pieceValues: number): Generator<string> {
+function* embeddingsJson(result: EmbedResult, format: 'float' | 'base64' | null | undefined, pieceValues: number): Generator<string> {
   let piece = '{"object":"list","data":[';
   let inPiece = 0;
   for (const [index, vector] of result.embeddings.entries()) {

@@ -349,6 +349,32 @@ describe('chat completions', () => {
     expect(fake.requestsFor('fake-chat')[1]?.body).toMatchObject({ tools: [{ type: 'function', function: { name: 'weather', parameters: { type: 'object', properties: {} } } }] });
   });
 
+  it('takes null for the optional fields of stream_options and of an embeddings request, as for chat\'s others', async () => {
+    fake.script('fake-chat', { text: 'ok' });
+    const streamed = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true, stream_options: { include_usage: null } } as never);
+    const chunks: OpenAI.ChatCompletionChunk[] = [];
+    for await (const chunk of streamed as unknown as AsyncIterable<OpenAI.ChatCompletionChunk>) chunks.push(chunk);
+    expect(chunks.map((c) => c.choices[0]?.delta.content ?? '').join('')).toBe('ok');
+    // null asks for no usage chunk, as false does
+    expect(chunks.every((c) => c.choices.length === 1 && !('usage' in c))).toBe(true);
+
+    // The SDK asks for base64 in place of a null format (and decodes it); the other nulls go as sent.
+    const viaSdk = await client.embeddings.create({ model: 'fake-embed', input: 'alpha', dimensions: null, user: null } as never);
+    viaSdk.data[0]!.embedding.forEach((value, d) => expect(value).toBeCloseTo(fakeEmbedding('alpha')[d]!, 6));
+    // A null format is no format, floats, as OpenAI answers it.
+    const response = await fetch(`${baseURL}/embeddings`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'fake-embed', input: 'alpha', encoding_format: null, dimensions: null, user: null }),
+    });
+    expect(response.status).toBe(200);
+    expect(((await response.json()) as { data: { embedding: unknown }[] }).data[0]!.embedding).toEqual(fakeEmbedding('alpha'));
+    for (const sent of fake.requestsFor('fake-embed')) {
+      expect(sent.body).not.toHaveProperty('dimensions');
+      expect(sent.body).not.toHaveProperty('user');
+    }
+  });
+
   it('refuses a tool_choice that asks for a call no tool can answer, and metadata past 16 pairs, with 400 naming the param', async () => {
     const messages = [{ role: 'user' as const, content: 'Hi' }];
     const weather = { type: 'function' as const, function: { name: 'weather', parameters: { type: 'object', properties: {} } } };

@@ -15,6 +15,7 @@ const taken = [
   { model: 'm', messages: [user], max_completion_tokens: 10_000_000, temperature: null, top_p: null, stop: 'x', stream: false, stream_options: null, n: null, max_tokens: null },
   { model: 'm', messages: [{ ...user, extra: 1 }], user: 'someone', seed: 3, frequency_penalty: 0, unknown_field: {} },
   { model: 'm', messages: [user], stream_options: { include_usage: false, other: 1 } },
+  { model: 'm', messages: [user], stream: true, stream_options: { include_usage: null } },
   { model: 'm', messages: [user], frequency_penalty: -2, presence_penalty: 2, seed: -7 },
   { model: 'm', messages: [user], frequency_penalty: null, presence_penalty: null, seed: null, user: null, reasoning_effort: null },
   { model: 'm', messages: [user], reasoning_effort: 'low', user: 'end-user' },
