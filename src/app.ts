@@ -27,7 +27,7 @@ import type { RunDeps } from './modules/agents/run-lifecycle.js';
 import type { AgentRunner } from './modules/agents/runner.js';
 import type { ToolImplementations } from './modules/agents/tools.js';
 import type { ModelManager } from './modules/ai-models/index.js';
-import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
+import { modelIdAsOneSegment, OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
 import { openAgentRuns } from './services/agent-runs.js';
 import { Mailer } from './services/email/mailer.js';
@@ -96,6 +96,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
       return typeof given === 'string' && REQUEST_ID.test(given) ? given : randomUUID();
     },
     routerOptions: { ignoreTrailingSlash: true, maxParamLength: 200 },
+    rewriteUrl: (req) => modelIdAsOneSegment(req.url ?? '/'),
     // URLs the router cannot read (bad percent-encoding, over-long parameters) never reach the
     // error handler: answer them in the API's `{detail}` shape too.
     frameworkErrors: (error, request, reply) => {

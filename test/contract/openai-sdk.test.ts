@@ -109,6 +109,25 @@ describe('models', () => {
       expect(error.type).toBe('invalid_request_error');
     }
   });
+
+  it('retrieves a model whose id has slashes (vLLM and OpenRouter name models so), its id written in the path as it is or escaped', async () => {
+    await addModel({ id: 'fake-org/fake-family/fake-8b', capabilities: ['chat'] });
+    // The SDK escapes the slashes; other clients (and curl) write the id into the path as it is.
+    expect(await client.models.retrieve('fake-org/fake-family/fake-8b')).toMatchObject({ id: 'fake-org/fake-family/fake-8b', object: 'model', owned_by: 'fake' });
+    for (const path of ['fake-org/fake-family/fake-8b', 'fake-org/fake-family/fake-8b/', 'fake-org/fake-family/fake-8b?x=a/b', 'fake-org%2Ffake-family/fake-8b']) {
+      const plain = await fetch(`${baseURL}/models/${path}`, { headers: { authorization: `Bearer ${client.apiKey}` } });
+      expect(plain.status, path).toBe(200);
+      expect(await plain.json()).toMatchObject({ id: 'fake-org/fake-family/fake-8b', object: 'model', owned_by: 'fake' });
+    }
+    for (const id of ['fake-org/no-such-model', `fake-org/${'x'.repeat(300)}`]) {
+      const missing = await fetch(`${baseURL}/models/${id}`, { headers: { authorization: `Bearer ${client.apiKey}` } });
+      expect(missing.status).toBe(404);
+      expect(((await missing.json()) as { error: { code: string } }).error.code).toBe('model_not_found');
+    }
+    // Under /v1/models as well as anywhere: a key is needed.
+    const anonymous = await fetch(`${baseURL}/models/fake-org/fake-family/fake-8b`);
+    expect(anonymous.status).toBe(401);
+  });
 });
 
 describe('chat completions', () => {
