@@ -194,6 +194,17 @@ export const ChatCompletionRequest = z
         'For models that reason: as it is for OpenAI and OpenAI-compatible models; for Anthropic and Google models with the `reasoning` capability a thinking budget (low 1,024 tokens, medium 2,048, high 4,096, xhigh 8,192, max 16,384; none and minimal: none asked), held and charged as output, or for a Claude model that thinks only adaptively the effort itself (within max_tokens); dropped for other models.',
       ),
     user: z.string().max(256).nullish(),
+    // What the openai package has in place of `user` (deprecated there): passed on as `user` is.
+    prompt_cache_key: z
+      .string()
+      .max(256)
+      .nullish()
+      .describe('For OpenAI and OpenAI-compatible models (their prompt cache buckets requests by it: cached input is billed at its lower price); dropped for others.'),
+    safety_identifier: z
+      .string()
+      .max(64)
+      .nullish()
+      .describe('Your end user\'s stable id (a hash), at most 64 characters, for OpenAI and OpenAI-compatible models (the provider\'s abuse checks tell your users apart by it); dropped for others.'),
     logprobs: z.boolean().nullish().describe('The answer\'s token log probabilities in `choices[].logprobs` (streamed with each chunk), for models of OpenAI and OpenAI-compatible providers; 400 for others.'),
     top_logprobs: z.number().int().min(0).max(20).nullish().describe('With `logprobs: true`: the likeliest tokens at each place, this many.'),
     logit_bias: z
@@ -350,12 +361,31 @@ const SIMPLE_ROLES = new Set(['system', 'developer', 'user', 'assistant']);
  * Keys `simpleChatRequest` checks itself; any other key of the schema (tools, response_format,
  * logit_bias with its canonical token ids, ...) sends the body to Zod.
  */
-const SIMPLE_KEYS = new Set(['model', 'messages', 'stream', 'stream_options', 'n', 'max_tokens', 'max_completion_tokens', 'temperature', 'top_p', 'frequency_penalty', 'presence_penalty', 'seed', 'stop', 'user', 'reasoning_effort']);
+const SIMPLE_KEYS = new Set([
+  'model',
+  'messages',
+  'stream',
+  'stream_options',
+  'n',
+  'max_tokens',
+  'max_completion_tokens',
+  'temperature',
+  'top_p',
+  'frequency_penalty',
+  'presence_penalty',
+  'seed',
+  'stop',
+  'user',
+  'prompt_cache_key',
+  'safety_identifier',
+  'reasoning_effort',
+]);
 const SCHEMA_KEYS = new Set(Object.keys(ChatCompletionRequest.shape));
 
 const isRecord = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
 const nullishNumber = (value: unknown, min: number, max: number, integer = false): boolean =>
   value === undefined || value === null || (typeof value === 'number' && value >= min && value <= max && (!integer || Number.isInteger(value)));
+const nullishString = (value: unknown, maxLength: number): boolean => value === undefined || value === null || (typeof value === 'string' && value.length <= maxLength);
 
 /**
  * The body as `ChatCompletionRequest.parse` returns it, for the shape nearly every call has (text
@@ -407,7 +437,7 @@ export function simpleChatRequest(data: unknown): ChatCompletionRequest | undefi
   if (!nullishNumber(out.temperature, 0, 2) || !nullishNumber(out.top_p, 0, 1)) return undefined;
   if (!nullishNumber(out.frequency_penalty, -2, 2) || !nullishNumber(out.presence_penalty, -2, 2)) return undefined;
   if (!nullishNumber(out.seed, Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER, true)) return undefined;
-  if (out.user !== undefined && out.user !== null && (typeof out.user !== 'string' || out.user.length > 256)) return undefined;
+  if (!nullishString(out.user, 256) || !nullishString(out.prompt_cache_key, 256) || !nullishString(out.safety_identifier, 64)) return undefined;
   if (out.reasoning_effort !== undefined && out.reasoning_effort !== null && !REASONING_EFFORT_SET.has(out.reasoning_effort)) return undefined;
   if (stop !== undefined && stop !== null && typeof stop !== 'string') {
     if (!Array.isArray(stop) || stop.length > 4 || !stop.every((s) => typeof s === 'string')) return undefined;

@@ -220,6 +220,8 @@ export function toChatRequest(body: ChatCompletionRequest, context: CallContext,
     reasoningEffort: orUndefined(body.reasoning_effort),
     parallelToolCalls: orUndefined(body.parallel_tool_calls),
     user: orUndefined(body.user),
+    promptCacheKey: orUndefined(body.prompt_cache_key),
+    safetyIdentifier: orUndefined(body.safety_identifier),
     logprobs: body.logprobs === true ? true : undefined,
     topLogprobs: orUndefined(body.top_logprobs),
     // An empty bias is none (as the agent path reads it): nothing to refuse for a provider without it.

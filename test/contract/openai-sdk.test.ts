@@ -1309,6 +1309,29 @@ describe('log probabilities, logit_bias and the other fields of OpenAI\'s reques
     }
   });
 
+  it('passes prompt_cache_key and safety_identifier (what the openai package has in place of the deprecated user) to OpenAI-style providers, on every path; not to an Anthropic model', async () => {
+    const fields = { prompt_cache_key: 'tenant-7/support-bot', safety_identifier: 'user-3f9a' };
+    for (const path of PATHS) {
+      fake.script(path.model, { text: 'Hello there.' });
+      await client.chat.completions.create({ ...path, ...fields });
+      expect(fake.log.at(-1)!.body, JSON.stringify(path)).toMatchObject(fields);
+      // The usual body (text messages, sampling settings) with them, streamed: the route's own check of it takes them too.
+      fake.script(path.model, { text: 'Hello there.' });
+      const stream = await client.chat.completions.create({ ...path, ...fields, stream: true, temperature: 0.5 });
+      for await (const chunk of stream) void chunk;
+      expect(fake.log.at(-1)!.body, JSON.stringify(path)).toMatchObject(fields);
+    }
+    // Hints: an Anthropic model answers without them (its API has no place for either).
+    fake.script('lp-claude', { text: 'Hello there.' });
+    expect((await client.chat.completions.create({ model: 'lp-claude', messages, ...fields })).choices[0]!.message.content).toBe('Hello there.');
+    const sent = fake.log.at(-1)!.body;
+    expect(sent).not.toHaveProperty('prompt_cache_key');
+    expect(sent).not.toHaveProperty('safety_identifier');
+    // Held to OpenAI's limits: a safety identifier of at most 64 characters.
+    expect(await apiError(client.chat.completions.create({ model: 'fake-chat', messages, safety_identifier: 'x'.repeat(65) }))).toMatchObject({ status: 400, param: 'safety_identifier' });
+    expect(await apiError(client.chat.completions.create({ model: 'fake-chat', messages, prompt_cache_key: 7 as never }))).toMatchObject({ status: 400, param: 'prompt_cache_key' });
+  });
+
   it('holds a logit_bias to 1,024 token ids of at most 10 digits, and takes an empty one as none (an Anthropic model answers)', async () => {
     const many = Object.fromEntries(Array.from({ length: 1025 }, (_, i) => [String(i), 1]));
     expect(await apiError(client.chat.completions.create({ model: 'fake-chat', messages, logit_bias: many }))).toMatchObject({ status: 400, param: 'logit_bias' });

@@ -19,6 +19,8 @@ const taken = [
   { model: 'm', messages: [user], frequency_penalty: -2, presence_penalty: 2, seed: -7 },
   { model: 'm', messages: [user], frequency_penalty: null, presence_penalty: null, seed: null, user: null, reasoning_effort: null },
   { model: 'm', messages: [user], reasoning_effort: 'low', user: 'end-user' },
+  { model: 'm', messages: [user], prompt_cache_key: 'support-bot', safety_identifier: 'x'.repeat(64), stream: true },
+  { model: 'm', messages: [user], prompt_cache_key: null, safety_identifier: null },
 ];
 const toZod = [
   // valid, but not the simple shape
@@ -64,6 +66,9 @@ const toZod = [
   { model: 'm', messages: [user], stop: ['a', 'b', 'c', 'd', 'e'] },
   { model: 'm', messages: [user], stop: [1] },
   { model: 'm', messages: [user], logit_bias: { '1': 1, '01': 2 } },
+  { model: 'm', messages: [user], safety_identifier: 'x'.repeat(65) },
+  { model: 'm', messages: [user], prompt_cache_key: 7 },
+  { model: 'm', messages: [user], user: 'x'.repeat(257) },
 ];
 
 describe('simpleChatRequest', () => {
