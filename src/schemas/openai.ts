@@ -323,7 +323,11 @@ export const EmbeddingRequest = z
   .object({
     model: z.string().min(1).max(200),
     // An empty text has no embedding: OpenAI refuses it too.
-    input: z.union([z.string().min(1), z.array(z.string().min(1)).min(1).max(2048)], { error: 'input must be a text or a list of 1 to 2048 texts, none of them empty' }),
+    // Token ids (OpenAI's other input) are a tokenizer's, which the catalog's models do not share;
+    // LangChain's OpenAIEmbeddings sends them unless told not to, so the refusal says what to send.
+    input: z.union([z.string().min(1), z.array(z.string().min(1)).min(1).max(2048)], {
+      error: 'input must be a text or a list of 1 to 2048 texts, none of them empty (token ids are not taken: send the text)',
+    }),
     // Null for each optional field is as good as leaving it out, as for a chat completion's: clients
     // that serialize a request model with its unset fields (pydantic's `model_dump()`) send it.
     encoding_format: z.enum(['float', 'base64']).nullish(),

@@ -481,6 +481,12 @@ describe('embeddings', () => {
       expect(error.status, JSON.stringify(input)).toBe(400);
       expect(error.message, JSON.stringify(input)).toContain('Too small');
     }
+    // Token ids (LangChain's OpenAIEmbeddings sends them unless told not to): what to send instead is said.
+    for (const input of [[15339, 1917], [[15339, 1917]]]) {
+      const error = await apiError(client.embeddings.create({ model: 'fake-embed', input }));
+      expect(error, JSON.stringify(input)).toMatchObject({ status: 400, param: 'input', type: 'invalid_request_error' });
+      expect(error.message).toContain('token ids are not taken: send the text');
+    }
     expect(fake.requestsFor('fake-embed')).toHaveLength(0);
   });
 
