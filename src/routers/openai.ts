@@ -146,7 +146,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'openai_retrieve_model',
         summary: 'Retrieve Model (OpenAI)',
-        description: 'By id or alias, or `agent:<id>` for an agent you may use; 404 `model_not_found` for a model the list leaves out (unknown, disabled, or its provider not configured) and another user\'s agent.',
+        description: 'By id or alias (an id\'s slashes escaped or not: `/v1/models/meta-llama/Llama-3.1-8B-Instruct`), or `agent:<id>` for an agent you may use; 404 `model_not_found` for a model the list leaves out (unknown, disabled, or its provider not configured) and another user\'s agent.',
         tags,
         params: OpenAIModelParams,
         response: { 200: OpenAIModel, ...openAIErrors },
