@@ -227,6 +227,22 @@ describe('ModelManager.chat', () => {
     }
   });
 
+  it("an upstream's error that echoes the credentials of a provider's Authorization header alone (without its scheme) carries them neither to the caller nor to the usage record", async () => {
+    const token = 'hdr-token-0123456789';
+    const m = fakeModelManager(server, {
+      models: [{ id: 'fake-bearer', provider: 'bearer', pricing: price('1', '2') }],
+      records,
+      providers: [{ id: 'bearer', kind: 'openai-compatible', base_url: server.url, headers: { Authorization: `Bearer ${token}` } }],
+    });
+    server.script('fake-bearer', { status: 400, body: { error: { message: `Invalid token ${token}` } } });
+    const failure = await m.chat({ model: 'fake-bearer', messages: hello }).catch((e: unknown) => e);
+    expect(server.log[0]?.headers.authorization).toBe(`Bearer ${token}`);
+    expect(failure).toBeInstanceOf(UpstreamError);
+    expect((failure as Error).message).toBe('Upstream 400 error: Invalid token [redacted]');
+    const [record] = await settled(1);
+    expect(record?.error).toBe('Upstream 400 error: Invalid token [redacted]');
+  });
+
   it('a provider refusing the model itself (401, 402, 403, 404) is not retried: the fallback answers', async () => {
     for (const status of [401, 402, 403, 404]) {
       server.reset();

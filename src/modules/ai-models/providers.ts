@@ -128,6 +128,9 @@ const OPENAI_BASE_URL = 'https://api.openai.com/v1';
 /** A header value shorter than this is taken for a word (`keel`, `v1`), not a credential. */
 const MIN_SECRET_LENGTH = 8;
 
+/** A header value as an HTTP authentication scheme and its credentials (`Bearer abc…`, `Basic dXNl…`): the credentials. */
+const AUTH_SCHEME_VALUE = /^[A-Za-z][\w.+-]*[ \t]+(\S+)[ \t]*$/;
+
 export class ProviderRegistry {
   private records: ProviderRecords = new Map<string, ProviderRecord>();
   private readonly clients = new Map<string, SdkProvider>();
@@ -183,13 +186,20 @@ export class ProviderRegistry {
 
   /**
    * What a provider is sent that no one else may read: its key and its headers' values (long
-   * enough to be credentials rather than words). A server may echo them in an error. `records`:
-   * as they were when a request was sent (`current`), for the credentials it went with.
+   * enough to be credentials rather than words), and of a value written `<scheme> <credentials>`
+   * (a custom `Authorization: Bearer …`) the credentials alone too: a server that refuses a token
+   * echoes the token, not the header. A server may echo them in an error. `records`: as they were
+   * when a request was sent (`current`), for the credentials it went with. Longest first, so that
+   * a value is redacted whole before the credentials inside it.
    */
   secrets(id: string, records?: ProviderRecords): string[] {
     const record = this.resolve(id, records);
     if (!record) return [];
-    return [record.api_key, ...Object.values(record.headers ?? {})].filter((value): value is string => typeof value === 'string' && value.length >= MIN_SECRET_LENGTH);
+    const values = Object.values(record.headers ?? {}).flatMap((value) => {
+      const credentials = AUTH_SCHEME_VALUE.exec(value)?.[1];
+      return credentials === undefined ? [value] : [value, credentials];
+    });
+    return [record.api_key, ...values].filter((value): value is string => typeof value === 'string' && value.length >= MIN_SECRET_LENGTH).sort((a, b) => b.length - a.length);
   }
 
   status(id: string): ProviderStatus {
