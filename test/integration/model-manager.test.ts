@@ -580,6 +580,31 @@ describe('ModelManager.stream limits', () => {
     expect(record.tokens.output).toBeGreaterThan(0);
   });
 
+  it("a retry-after the stream's deadline would pass is not waited out: the fallback is tried at once, else the provider's refusal (its wait passed on) ends the call", async () => {
+    const limited: ScriptedReply = { status: 429, headers: { 'retry-after': '3' } };
+    const models = manager({ streamTimeoutMs: 1_500, retryMaxWaitMs: 5_000 });
+    server.script('fake-chat', limited);
+    server.script('fake-backup', { text: 'from the backup' });
+    let started = Date.now();
+    const answered = await models.stream({ model: 'fake-chat', messages: hello }).result;
+    expect(answered).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
+    expect(Date.now() - started).toBeLessThan(1_000);
+    expect(server.log.map((r) => [r.model, r.reply])).toEqual([['fake-chat', 429], ['fake-backup', 200]]);
+
+    server.reset();
+    records = [];
+    server.script('fake-chat', limited);
+    server.script('fake-backup', limited);
+    started = Date.now();
+    const failure = await manager({ streamTimeoutMs: 1_500, retryMaxWaitMs: 5_000 }).stream({ model: 'fake-chat', messages: hello }).result.catch((e: unknown) => e);
+    expect(Date.now() - started).toBeLessThan(1_000);
+    expect(failure).toBeInstanceOf(UpstreamError);
+    expect(failure).toMatchObject({ upstreamStatus: 429, retryAfterMs: 3_000, waitPassedOn: true });
+    // Each model asked once: none was sent a try only to have it cut off at the deadline.
+    expect(server.log.map((r) => [r.model, r.reply])).toEqual([['fake-chat', 429], ['fake-backup', 429]]);
+    expect((await settled(2)).map((r) => [r.model, r.status, r.attempts])).toEqual([['fake-chat', 'error', 1], ['fake-backup', 'error', 1]]);
+  });
+
   it('the deadline also ends a stream that sends only empty chunks (each one resets the chunk timeout)', async () => {
     server.script('fake-chat', { chunks: Array.from({ length: 1_000 }, () => ''), chunkDelayMs: 50 });
     const { texts, failure } = await drain(manager({ streamTimeoutMs: 1_000 }));

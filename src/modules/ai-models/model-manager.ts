@@ -1988,6 +1988,8 @@ export class ModelManager {
     let lastError: Error | undefined;
     for (const model of chain) {
       if (signal?.aborted) throw abortedError(signal);
+      // A stream's deadline gone: a fallback would be sent its request only to have it cut off.
+      if (lastError && performance.now() >= deadline) throw lastError;
       // An Anthropic or Google model's SDK package, on the first call to one (provider-sdks.ts). One
       // that cannot be loaded makes its provider unavailable: the call fails on the model asked
       // for, and a fallback is passed over, as one whose provider is not set up is (chainOf).
@@ -2102,16 +2104,23 @@ export class ModelManager {
             finish('error', failure);
             throw failure;
           }
+          const retryAfter = outcome.kind === 'retryable' ? outcome.retryAfterMs : undefined;
+          const wait = this.backoff(attempts, retryAfter);
+          // A stream's deadline that the wait would reach leaves this model no try: its caller was
+          // held past the deadline for a try cut off at once, and told of a timeout, not of the
+          // provider's refusal. Its retries are exhausted, the fallbacks get what time is left.
+          const outOfTime = performance.now() + wait >= deadline;
           // A provider that asks to be left alone longer than a call waits between tries would
           // likely refuse the capped try too: a caller that backs off by itself is told at once
           // (after the fallbacks), not after every try's wait in vain (40 s for a 429 by default).
-          const passedOn = request.interactive && outcome.kind === 'retryable' && failure instanceof UpstreamError && (outcome.retryAfterMs ?? 0) > this.options.retryMaxWaitMs;
+          // A wait the deadline cut short is the caller's too.
+          const passedOn = (outOfTime || (request.interactive && (retryAfter ?? 0) > this.options.retryMaxWaitMs)) && failure instanceof UpstreamError && retryAfter !== undefined;
           if (passedOn) lastError = failure.passedOn();
-          if (passedOn || outcome.kind === 'next' || attempts > this.options.maxRetries) {
+          if (passedOn || outOfTime || outcome.kind === 'next' || attempts > this.options.maxRetries) {
             finish('error', failure);
             break; // next model in the chain
           }
-          await sleep(this.backoff(attempts, outcome.retryAfterMs), signal).catch((e: unknown) => {
+          await sleep(wait, signal).catch((e: unknown) => {
             finish('aborted', new ModelCallAbortedError());
             throw e;
           });
