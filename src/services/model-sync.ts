@@ -64,14 +64,19 @@ export function usableOverrides(rows: readonly overrideCrud.CatalogRow[], log: L
   });
 }
 
-/** A record with its secrets opened; one that cannot be opened (SECRET_KEY changed) is kept without them. */
+/**
+ * A record with its secrets opened; one that cannot be opened (SECRET_KEY changed) is kept
+ * without them, named `unreadable`: its provider is unavailable, saying why (ProviderRegistry.status).
+ */
 function toRecord(row: ProviderRow, secretKey: string, log: Logger): ProviderRecord {
+  const unreadable: SecretField[] = [];
   const open = (field: SecretField, sealed: string | null): unknown => {
     if (sealed === null) return null;
     try {
       return openSecret(secretKey, row.id, field, sealed);
     } catch {
       log.error({ provider: row.name, field }, 'Provider secret cannot be opened (was SECRET_KEY changed?); set it again');
+      unreadable.push(field);
       return null;
     }
   };
@@ -83,6 +88,7 @@ function toRecord(row: ProviderRow, secretKey: string, log: Logger): ProviderRec
     api_key: open('api_key', row.api_key_sealed) as string | null,
     headers: open('headers', row.headers_sealed) as Record<string, string> | null,
     enabled: row.enabled,
+    unreadable,
   };
 }
 

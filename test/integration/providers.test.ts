@@ -119,14 +119,29 @@ describe('/providers', () => {
     expect(stored).not.toContain(HEADER_VALUE);
     expect(row!.api_key_sealed).toMatch(/^v1\./);
 
-    // A sealed secret is bound to its row: copied onto another row it does not open.
+    // A sealed secret is bound to its row: copied onto another row it does not open. The record
+    // says it has a key: its models say that it cannot be opened, not that there is none, and
+    // none is called without it (nor without its headers: their Authorization, say).
     const other = await createProvider({ name: 'sealed-copy', kind: 'openai' });
     await ctx.database.db.update(providers).set({ api_key_sealed: row!.api_key_sealed }).where(eq(providers.id, other.id));
     const copied = await api('PATCH', `/providers/${other.id}`, admin, { enabled: false });
     expect(copied.json<ProviderBody>().has_api_key).toBe(true);
     await api('POST', '/models', admin, { id: 'copy-model', provider: 'sealed-copy', pricing: { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' } });
     await api('PATCH', `/providers/${other.id}`, admin, { enabled: true });
-    expect(ctx.app.models.getModel('copy-model')).toMatchObject({ available: false, unavailable_reason: 'Provider sealed-copy has no api_key' });
+    const keyUnopened = "Provider sealed-copy's api_key cannot be opened (was SECRET_KEY changed?): set it again";
+    expect(ctx.app.models.getModel('copy-model')).toMatchObject({ available: false, unavailable_reason: keyUnopened });
+    const call = await ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: admin, payload: { model: 'copy-model', messages: [{ role: 'user', content: 'Hi' }] } });
+    expect(call.statusCode).toBe(503);
+    expect(call.json()).toMatchObject({ error: { message: keyUnopened, code: 'provider_unavailable' } });
+
+    // Its headers alone (a keyless server behind an Authorization header): the same.
+    const keyless = await createProvider({ name: 'sealed-headers', kind: 'openai-compatible', base_url: 'http://127.0.0.1:9/v1' });
+    await ctx.database.db.update(providers).set({ headers_sealed: row!.headers_sealed }).where(eq(providers.id, keyless.id));
+    await api('POST', '/models', admin, { id: 'copy-headers-model', provider: 'sealed-headers', pricing: { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' } });
+    expect(ctx.app.models.getModel('copy-headers-model')).toMatchObject({
+      available: false,
+      unavailable_reason: "Provider sealed-headers's headers cannot be opened (was SECRET_KEY changed?): set them again",
+    });
   });
 
   it('answers 409 for a taken name, 404 for a missing id; null clears the key; delete removes', async () => {

@@ -26,6 +26,8 @@ export interface ProviderRecord {
   api_key?: string | null;
   headers?: Record<string, string> | null;
   enabled?: boolean;
+  /** Secrets the record holds that could not be opened (sealed under another SECRET_KEY, or for another row): left out above. */
+  unreadable?: readonly ('api_key' | 'headers')[];
 }
 
 export type ProviderCredentialSettings = Pick<
@@ -206,6 +208,12 @@ export class ProviderRegistry {
     const record = this.resolve(id);
     if (!record) return { available: false, reason: `Provider ${id} is not configured`, missing: 'provider' };
     if (record.enabled === false) return { available: false, reason: `Provider ${id} is disabled` };
+    // Not "has no api_key" (its record says it has one), nor called without headers it was given (their Authorization, say).
+    const [unreadable, ...more] = record.unreadable ?? [];
+    if (unreadable !== undefined) {
+      const fields = [unreadable, ...more].join(' and ');
+      return { available: false, reason: `Provider ${id}'s ${fields} cannot be opened (was SECRET_KEY changed?): set ${more.length || unreadable === 'headers' ? 'them' : 'it'} again`, missing: unreadable };
+    }
     const fromSettings = !this.records.has(id) && isBuiltin(id);
     if (record.kind === 'openai-compatible') {
       if (!record.base_url) return { available: false, reason: `Provider ${id} has no base_url`, missing: 'base_url' };
