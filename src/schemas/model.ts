@@ -7,8 +7,17 @@ import { booleanParam, Pagination } from './common.js';
 /** A price per million tokens: a decimal string (never a binary float), up to 12 decimal places. */
 const Price = z.string().regex(/^\d{1,9}(\.\d{1,12})?$/, { error: 'A price is a decimal string such as "2.5", up to 12 decimal places' });
 
-/** A model id as the provider knows it (`gpt-4.1`, `llama3.2:3b`, `meta-llama/llama-3-70b`). */
-export const ModelId = z.string().trim().min(1).max(200).regex(/^\S+$/, { error: 'A model id has no spaces' });
+/**
+ * A model id as the provider knows it (`gpt-4.1`, `llama3.2:3b`, `meta-llama/llama-3-70b`): no
+ * spaces, nor characters no provider's id holds that would show one name and be another (control
+ * and format characters: a right-to-left override, a zero-width space; half of a surrogate pair).
+ */
+export const ModelId = z
+  .string()
+  .trim()
+  .min(1)
+  .max(200)
+  .regex(/^[^\s\p{Cc}\p{Cf}\p{Cs}]+$/u, { error: 'A model id has no spaces, control or invisible formatting characters' });
 
 export const ModelPricingInput = z
   .strictObject({
@@ -21,7 +30,8 @@ export const ModelPricingInput = z
   .meta({ id: 'ModelPricingInput' });
 
 const ModelFields = {
-  name: z.string().trim().min(1).max(200),
+  /** One line of text: no control characters (a line break in a listing, a NUL the database refuses). */
+  name: z.string().trim().min(1).max(200).regex(/^[^\p{Cc}\p{Cs}]*$/u, { error: 'A name has no control characters' }),
   /** `openai`, `anthropic`, `google` or a provider record's name. */
   provider: z.string().min(1).max(64),
   aliases: z.array(ModelId).max(20).describe('Other names a call may give the model, each once: neither its own id nor another model\'s id or alias (422).'),

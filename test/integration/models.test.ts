@@ -141,6 +141,17 @@ describe('superuser changes', () => {
     expectValidationError(await api('POST', '/models', admin, { id: 'no-provider', pricing: CUSTOM.pricing }), ['body', 'provider']);
     expectValidationError(await api('POST', '/models', admin, { ...CUSTOM, pricing: { input_cost_per_million_tokens: 1.5, output_cost_per_million_tokens: '1' } }), ['body', 'pricing', 'input_cost_per_million_tokens']);
     expectValidationError(await api('POST', '/models', admin, { ...CUSTOM, id: 'has space' }), ['body', 'id']);
+    // Characters no provider's model id holds, which would show one name and be another: a control
+    // character, a right-to-left override, a zero-width space, half of a surrogate pair.
+    for (const id of ['ctl\u0001', 'ledom\u202e', 'zero\u200bwidth', 'half\ud800']) {
+      expectValidationError(await api('POST', '/models', admin, { ...CUSTOM, id }), ['body', 'id']);
+      expectValidationError(await api('POST', '/models', admin, { ...CUSTOM, aliases: [id] }), ['body', 'aliases', '0']);
+      expectValidationError(await api('PATCH', '/models/gpt-4.1-mini', admin, { fallbacks: [id] }), ['body', 'fallbacks', '0']);
+    }
+    expectValidationError(await api('PATCH', '/models/gpt-4.1-mini', admin, { name: 'two\nlines' }), ['body', 'name']);
+    // Letters of any script are names as any other.
+    expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'модель-7b', aliases: [] })).statusCode).toBe(200);
+    expect((await api('DELETE', `/models/${encodeURIComponent('модель-7b')}`, admin)).statusCode).toBe(200);
     expectValidationError(await api('PATCH', '/models/gpt-4.1-mini', admin, { capabilities: ['telepathy'] }), ['body', 'capabilities', '0']);
     expectValidationError(await api('PATCH', '/models/gpt-4.1-mini', admin, { id: 'renamed' }), ['body', 'id'], 'extra_forbidden');
     for (const bad of [0, -1, 1.5, '100']) expectValidationError(await api('PATCH', '/models/gpt-4.1-mini', admin, { max_output_tokens: bad }), ['body', 'max_output_tokens']);
