@@ -4,7 +4,7 @@ import { z } from 'zod';
 
 import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
 import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
-import { ModelAnswerError, ModelAnswerLimitError, ModelArgumentError, ModelCallAbortedError, ModelTimeoutError, UpstreamError } from '../../src/modules/ai-models/errors.js';
+import { ModelAnswerError, ModelAnswerLimitError, ModelArgumentError, ModelCallAbortedError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from '../../src/modules/ai-models/errors.js';
 import {
   type ChatRequest,
   type CostEstimate,
@@ -450,6 +450,19 @@ describe('ModelManager.chat', () => {
     const m = manager({ catalog: new ModelCatalog(builtins, [...CUSTOM_MODELS, { id: 'fake-backup', enabled: false }]) });
     expect(m.listAvailableModels().map((x) => x.id)).not.toContain('fake-backup');
     expect(m.listAvailableModels({ includeDisabled: true }).find((x) => x.id === 'fake-backup')).toMatchObject({ enabled: false, available: true });
+  });
+
+  it('an answer that broke the tool choice fails the call and is charged as the provider billed it, on every path (the SDK\'s generateText too)', async () => {
+    for (const [name, way] of NAMED.filter(([, way]) => way.tools)) {
+      server.reset();
+      records = [];
+      server.script('fake-chat', { text: 'No tool for you', usage: { prompt_tokens: 1000, completion_tokens: 500 } });
+      const failure = await manager().chat({ model: 'fake-chat', messages: hello, ...way, toolChoice: 'required' }).catch((e: unknown) => e);
+      expect(failure, name).toBeInstanceOf(ModelToolChoiceError);
+      expect(server.log, name).toHaveLength(1); // the request's fault: no retry, no fallback
+      // 1000 × 2 + 500 × 8 = 6000 / 10^6, as reported: not an estimate, not nothing.
+      expect((await settled(1))[0], name).toMatchObject({ status: 'error', estimated: false, tokens: { input: 1000, output: 500 }, cost: '0.006' });
+    }
   });
 
   it('refuses unknown and disabled models, and embeddings from chat models', async () => {

@@ -38,6 +38,7 @@ import {
   type ToolSet,
   TypeValidationError,
   UnsupportedFunctionalityError,
+  wrapLanguageModel,
 } from 'ai';
 import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings } from 'ai/internal';
 
@@ -466,6 +467,22 @@ type LanguageModelV3 = Extract<LanguageModel, { specificationVersion: 'v3' }>;
 const modelToolCall = (declared: boolean, part: { toolCallId: string; toolName: string; input: string }): ToolCall => toolCallOf(declared, part.toolCallId, part.toolName, part.input);
 
 type CallOptionsV3 = Parameters<LanguageModelV3['doGenerate']>[0];
+
+/** `model` telling `read` the usage of each answer it gives (`doGenerate`), before the SDK reads the answer. */
+function readingUsage(model: LanguageModel, read: (usage: Awaited<ReturnType<LanguageModelV3['doGenerate']>>['usage']) => void): LanguageModel {
+  if (typeof model !== 'object' || model.specificationVersion !== 'v3') return model;
+  return wrapLanguageModel({
+    model,
+    middleware: {
+      specificationVersion: 'v3',
+      wrapGenerate: async ({ doGenerate }) => {
+        const result = await doGenerate();
+        read(result.usage);
+        return result;
+      },
+    },
+  });
+}
 
 /** A call that goes to the provider model directly (directModel): the model, and the call's tools as declared to it. */
 interface DirectCall {
@@ -1401,8 +1418,13 @@ export class ModelManager {
       }
       const direct = this.directModel(model, tools);
       if (direct) return this.generate(request, direct, model, attempt, state, started, maxBytes);
+      const options = this.sdkOptions(request, model);
       const result = await generateText({
-        ...this.sdkOptions(request, model),
+        ...options,
+        // generateText refuses an answer that broke the tool choice without its usage: read as the
+        // provider model answers, so that such an answer is charged as its provider billed it, as
+        // the other paths charge it (usage set before enforceToolChoice), not recorded free.
+        model: readingUsage(options.model, (usage) => (state.usage = toTokenUsage(asLanguageModelUsage(usage)))),
         headers: this.answerHeaders(maxBytes),
         experimental_download: this.downloads(attempt.signal),
         abortSignal: attempt.signal,
