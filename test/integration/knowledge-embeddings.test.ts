@@ -154,6 +154,30 @@ describe('embeddings', () => {
     expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', error: null });
   });
 
+  it("never takes another model's vectors for EMBEDDING_MODEL's: its fallbacks are not tried for chunks or queries", async () => {
+    if (!withVectors()) return;
+    const admin = await superuserHeaders(ctx.app);
+    const created = await api('POST', '/models', admin, { id: 'fake-embed-other', provider: 'fake', capabilities: ['embedding'], pricing: { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: '0' } });
+    expect(created.statusCode, created.body).toBe(200);
+    expect((await api('PATCH', '/models/fake-embed', admin, { fallbacks: ['fake-embed-other'] })).statusCode).toBe(200);
+    try {
+      const other = await createUser(ctx.app);
+      const folder = await createFolder(ctx.app, other.headers);
+      await ingested(ctx.app, other.headers, folder.id, { filename: 'terns.txt', content: 'Arctic terns migrate from pole to pole.' });
+      // The query: full text alone, not a fallback's vector ranked against fake-embed's.
+      fake.script('fake-embed', { status: 500 });
+      const found = await search(ctx.app, other.headers, { query: 'terns migrate' });
+      expect(found.mode).toBe('full_text');
+      // The chunks: the entry fails (to be reindexed), rather than storing another model's vectors as fake-embed's.
+      fake.script('fake-embed', { status: 500 }, { status: 500 }, { status: 500 });
+      const entry = await settled(ctx.app, other.headers, (await uploaded(ctx.app, other.headers, folder.id, { filename: 'auks.txt', content: 'Little auks dive for plankton.' })).id);
+      expect(entry.status).toBe('failed');
+      expect(fake.requestsFor('fake-embed-other')).toEqual([]);
+    } finally {
+      expect((await api('PATCH', '/models/fake-embed', admin, { fallbacks: [] })).statusCode).toBe(200);
+    }
+  });
+
   it("meters an agent run's knowledge_search query embedding to the run and its agent", async () => {
     if (!withVectors()) return;
     const owner = await createUser(ctx.app);

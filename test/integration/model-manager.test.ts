@@ -822,6 +822,25 @@ describe('a conversation the SDK cannot convert, an error event in a stream', ()
 });
 
 describe('ModelManager.embed', () => {
+  it("a call whose vectors are compared with its model's own (sameModel) is not answered by a fallback: it fails with its model's error", async () => {
+    const models = fakeModelManager(server, {
+      models: [
+        { id: 'fake-embed-main', provider: 'fake', capabilities: ['embedding'], pricing: price('0.02', '0'), fallbacks: ['fake-embed-other'] },
+        { id: 'fake-embed-other', provider: 'fake', capabilities: ['embedding'], pricing: price('0.02', '0') },
+      ],
+      records,
+    });
+    const failing: ScriptedReply = { status: 500 };
+    server.script('fake-embed-main', failing, failing, failing);
+    const failure = await models.embed({ model: 'fake-embed-main', values: ['x'], sameModel: true }).catch((e: unknown) => e);
+    expect(failure).toBeInstanceOf(UpstreamError);
+    expect(server.log.map((r) => [r.model, r.reply])).toEqual([['fake-embed-main', 500], ['fake-embed-main', 500], ['fake-embed-main', 500]]);
+    // Without it, the fallback answers as for any call.
+    server.reset();
+    server.script('fake-embed-main', failing, failing, failing);
+    expect(await models.embed({ model: 'fake-embed-main', values: ['x'] })).toMatchObject({ model: 'fake-embed-other' });
+  });
+
   it('returns the deterministic embeddings with usage and cost', async () => {
     const result = await manager().embed({ model: 'fake-embed', values: ['hello world', 'keel'] });
     expect(vectorsOf(result)).toEqual([fakeEmbedding('hello world'), fakeEmbedding('keel')]);

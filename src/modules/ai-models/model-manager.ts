@@ -245,6 +245,12 @@ export interface EmbedRequest extends CallOptions {
   dimensions?: number;
   /** OpenAI's end-user id, for OpenAI and OpenAI-compatible providers. */
   user?: string;
+  /**
+   * The vectors are compared with vectors made by this model (a knowledge base's, stored under its
+   * id): its fallbacks are not tried. Another model's vectors are of another space (of another
+   * size, often), which a search would compare with these as if they were alike.
+   */
+  sameModel?: boolean;
 }
 
 export interface EmbedResult extends CallOutcome {
@@ -2001,7 +2007,7 @@ export class ModelManager {
     const primary = this.resolve(request.model, capability);
     const refused = this.refusal(request, primary);
     if (refused) throw refused;
-    const chain = this.chainOf(primary, capability, (fallback) => this.refusal(request, fallback) === undefined);
+    const chain = request.sameModel ? [primary] : this.chainOf(primary, capability, (fallback) => this.refusal(request, fallback) === undefined);
     const inputTokens =
       operation === 'embed'
         ? estimateTokens((request.values ?? []).join(''))

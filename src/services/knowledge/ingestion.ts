@@ -138,6 +138,8 @@ async function embed(deps: IngestionDeps, entry: KnowledgeEntry, model: string, 
       model,
       values: chunks.slice(start, start + batch).map((chunk) => chunk.text),
       context,
+      // Stored under this model's id and searched with its queries' vectors: no fallback's.
+      sameModel: true,
     });
     vectors.push(...result.embeddings);
     await renew(deps.db, deps.settings, entry);

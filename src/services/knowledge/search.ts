@@ -301,6 +301,8 @@ async function queryEmbedding(deps: KnowledgeSearchDeps, model: string, principa
     const result = await deps.models.embed({
       model,
       values: [query.query],
+      // Compared with the chunks' vectors by this model: a fallback's would rank by noise (full text answers instead).
+      sameModel: true,
       context: {
         user_id: principal.user.id,
         api_key_id: principal.apiKeyId,
