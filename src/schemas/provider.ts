@@ -10,9 +10,26 @@ const ProviderName = z.string().regex(/^[a-z0-9][a-z0-9._-]{0,63}$/, { error: 'U
 const BaseUrl = providerBaseUrl();
 /**
  * Headers the HTTP client writes itself, from the request it sends: one of these set here would
- * contradict them (a wrong length, another host), and every call to the provider would fail.
+ * contradict them (a wrong length, another host), and every call to the provider would fail. So
+ * would the body's encodings: the JSON it sends (`content-type`, `content-encoding`) and what it
+ * reads (`accept-encoding`: a compressed answer, which the direct path reads as it comes, failed
+ * every call there as "Invalid JSON response" while the SDK's fetch inflated it).
  */
-const FRAMING_HEADERS = new Set(['host', 'content-length', 'transfer-encoding', 'connection', 'keep-alive', 'upgrade', 'expect', 'te', 'trailer', 'proxy-connection']);
+const FRAMING_HEADERS = new Set([
+  'host',
+  'content-length',
+  'transfer-encoding',
+  'connection',
+  'keep-alive',
+  'upgrade',
+  'expect',
+  'te',
+  'trailer',
+  'proxy-connection',
+  'content-type',
+  'content-encoding',
+  'accept-encoding',
+]);
 const HeaderName = z
   .string()
   .regex(/^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$/, { error: 'Not an HTTP header name' })

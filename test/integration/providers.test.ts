@@ -73,7 +73,7 @@ describe('/providers', () => {
     for (const value of ['v\r\nX-Injected: 1', 'v\n', 'nul\u0000', 'snow ☃']) {
       expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'X-A': value } }), ['body', 'headers', 'X-A']);
     }
-    for (const name of ['Host', 'content-length', 'Transfer-Encoding', 'Connection']) {
+    for (const name of ['Host', 'content-length', 'Transfer-Encoding', 'Connection', 'Accept-Encoding', 'Content-Encoding', 'Content-Type']) {
       const { detail } = expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { [name]: '5' } }), ['body', 'headers', name]);
       // The header name's own rule is told, not Zod's "Invalid key in record".
       expect(detail).toEqual([{ loc: ['body', 'headers', name], msg: 'The HTTP client sets this header itself', type: 'value_error' }]);
