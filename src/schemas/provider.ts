@@ -41,7 +41,22 @@ const HeaderValue = z
   .string()
   .max(8192)
   .regex(/^[\t\x20-\x7e\x80-\xff]*$/, { error: 'A header value holds no line breaks, control characters or characters past Latin-1' });
-const Headers = z.record(HeaderName, HeaderValue).refine((headers) => Object.keys(headers).length <= 20, { error: 'At most 20 headers' });
+/** The first of `headers`' names that repeats an earlier one but for its case, if any. */
+function caseRepeated(headers: Record<string, string>): string | undefined {
+  const seen = new Set<string>();
+  return Object.keys(headers).find((name) => seen.size === seen.add(name.toLowerCase()).size);
+}
+/**
+ * Header names are case-insensitive: `Authorization` and `authorization` are one header, which the
+ * direct path sent with the last value and the SDK's fetch with both joined (`Bearer a, Bearer b`).
+ */
+const Headers = z
+  .record(HeaderName, HeaderValue)
+  .refine((headers) => Object.keys(headers).length <= 20, { error: 'At most 20 headers' })
+  .superRefine((headers, ctx) => {
+    const name = caseRepeated(headers);
+    if (name !== undefined) ctx.addIssue({ code: 'custom', path: [name], message: 'Header names are case-insensitive: this one is given twice' });
+  });
 
 const ProviderFields = {
   kind: z.enum(PROVIDER_KINDS),

@@ -79,6 +79,9 @@ describe('/providers', () => {
       expect(detail).toEqual([{ loc: ['body', 'headers', name], msg: 'The HTTP client sets this header itself', type: 'value_error' }]);
     }
     expect(expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'X Y': 'v' } }), ['body', 'headers', 'X Y']).detail[0]).toMatchObject({ msg: 'Not an HTTP header name', type: 'regex_parsing' });
+    // One header twice but for its case: sent as one with both values joined (`Bearer a, Bearer b`) by the SDK's fetch.
+    const twice = expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { Authorization: 'Bearer a', authorization: 'Bearer b' } }), ['body', 'headers', 'authorization']);
+    expect(twice.detail[0]!.msg).toBe('Header names are case-insensitive: this one is given twice');
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', api_key: 'sk-pasted\n' }), ['body', 'api_key']);
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', api_key: 'sk two' }), ['body', 'api_key']);
     const kept = await createProvider({ name: 'header-checks', kind: 'openai', headers: { 'X-Tab': 'a\tb', 'X-Latin': 'café' } });
