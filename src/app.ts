@@ -10,7 +10,7 @@ import type { Settings } from './core/config.js';
 import { registerCors } from './core/cors.js';
 import type { Database, Db } from './core/db.js';
 import { registerErrorHandler, ShuttingDownError } from './core/errors.js';
-import { serverOptions, trackConnections } from './core/http-server.js';
+import { serverOptions, slashesInLastSegment, trackConnections } from './core/http-server.js';
 import { lazyRequestLogger, type Logger } from './core/logger.js';
 import { type EmbeddedMaintenance, startEmbeddedMaintenance } from './core/maintenance.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
@@ -27,7 +27,7 @@ import type { RunDeps } from './modules/agents/run-lifecycle.js';
 import type { AgentRunner } from './modules/agents/runner.js';
 import type { ToolImplementations } from './modules/agents/tools.js';
 import type { ModelManager } from './modules/ai-models/index.js';
-import { modelIdAsOneSegment, OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
+import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
 import { openAgentRuns } from './services/agent-runs.js';
 import { Mailer } from './services/email/mailer.js';
@@ -79,6 +79,9 @@ export interface AppOptions {
 
 const REQUEST_ID = /^[\w.:-]{1,128}$/;
 
+/** The routes named by a model id, which may hold slashes (see slashesInLastSegment). */
+const modelIdPaths = slashesInLastSegment([`${OPENAI_PREFIX}/models/`, `${API_PREFIX}/models/`]);
+
 export async function buildApp({ settings, database, logger, vectorSearch, runJobs, closeDatabase = false, tools = {} }: AppOptions): Promise<FastifyInstance> {
   const trustProxy = settings.TRUST_PROXY;
   const app = Fastify({
@@ -96,7 +99,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
       return typeof given === 'string' && REQUEST_ID.test(given) ? given : randomUUID();
     },
     routerOptions: { ignoreTrailingSlash: true, maxParamLength: 200 },
-    rewriteUrl: (req) => modelIdAsOneSegment(req.url ?? '/'),
+    rewriteUrl: (req) => modelIdPaths(req.url ?? '/'),
     // URLs the router cannot read (bad percent-encoding, over-long parameters) never reach the
     // error handler: answer them in the API's `{detail}` shape too.
     frameworkErrors: (error, request, reply) => {

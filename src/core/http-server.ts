@@ -141,3 +141,24 @@ export function lingerOnUnreadBody(request: FastifyRequest, reply: FastifyReply)
     raw.resume();
   });
 }
+
+/**
+ * A `rewriteUrl` (before the router reads the URL) that escapes the slashes of the one segment
+ * after each of `prefixes`: model ids have slashes (`meta-llama/Llama-3.1-8B-Instruct` as vLLM
+ * serves it, OpenRouter's `openai/gpt-4o`), which the openai package escapes but other clients and
+ * curl write into the path as they are, where a one-segment route (`/v1/models/{id}`,
+ * `/api/v1/models/{model_id}`) answered 404. A trailing slash stays the router's to ignore. Any
+ * other URL is returned as it is, after a comparison per prefix.
+ */
+export function slashesInLastSegment(prefixes: readonly string[]): (url: string) => string {
+  return (url) => {
+    const prefix = prefixes.find((p) => url.startsWith(p));
+    if (prefix === undefined) return url;
+    const query = url.indexOf('?', prefix.length);
+    let end = query === -1 ? url.length : query;
+    if (end > prefix.length + 1 && url[end - 1] === '/') end--;
+    const segment = url.slice(prefix.length, end);
+    if (!segment.includes('/')) return url;
+    return `${prefix}${segment.replaceAll('/', '%2F')}${url.slice(end)}`;
+  };
+}

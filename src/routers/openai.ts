@@ -37,26 +37,6 @@ import { agentModelRoutes } from './openai-agents.js';
 /** Where the OpenAI-compatible surface lives: clients set `baseURL` to `<keel>/v1`. */
 export const OPENAI_PREFIX = '/v1';
 
-const MODEL_PATH = `${OPENAI_PREFIX}/models/`;
-
-/**
- * The URL with a model id's slashes escaped in `/v1/models/{id}` (the app's `rewriteUrl`, before
- * the router reads it): model ids have slashes (`meta-llama/Llama-3.1-8B-Instruct` as vLLM
- * serves it, OpenRouter's `openai/gpt-4o`), which the openai package escapes but other clients
- * and curl write into the path as they are, where the route, one segment, answered 404
- * `unknown_url`. A trailing slash stays the router's to ignore. Any other URL is returned as it is,
- * after one string comparison.
- */
-export function modelIdAsOneSegment(url: string): string {
-  if (!url.startsWith(MODEL_PATH)) return url;
-  const query = url.indexOf('?', MODEL_PATH.length);
-  let end = query === -1 ? url.length : query;
-  if (end > MODEL_PATH.length + 1 && url[end - 1] === '/') end--;
-  const id = url.slice(MODEL_PATH.length, end);
-  if (!id.includes('/')) return url;
-  return `${MODEL_PATH}${id.replaceAll('/', '%2F')}${url.slice(end)}`;
-}
-
 const tags = ['openai'];
 const JSON_TYPE = 'application/json; charset=utf-8';
 

@@ -184,14 +184,22 @@ describe('superuser changes', () => {
     expect((await api('DELETE', '/models/house-model', admin)).statusCode).toBe(404);
   });
 
-  it('serves an id holding a slash (OpenRouter style) when the slash is percent-encoded', async () => {
+  it('serves an id holding slashes (OpenRouter, vLLM style), the slashes percent-encoded or written as they are', async () => {
     const created = await api('POST', '/models', admin, { ...CUSTOM, id: 'meta-llama/llama-3-70b', aliases: [] });
     expect(created.statusCode, created.body).toBe(200);
     expect(created.headers.location).toBe('/api/v1/models/meta-llama%2Fllama-3-70b');
-    const got = await api('GET', '/models/meta-llama%2Fllama-3-70b', user.headers);
-    expect(got.statusCode, got.body).toBe(200);
-    expect(got.json<ModelBody>().id).toBe('meta-llama/llama-3-70b');
-    expect((await api('DELETE', '/models/meta-llama%2Fllama-3-70b', admin)).statusCode).toBe(200);
+    for (const path of ['meta-llama%2Fllama-3-70b', 'meta-llama/llama-3-70b', 'meta-llama/llama-3-70b/', 'meta-llama/llama-3-70b?x=a/b']) {
+      const got = await api('GET', `/models/${path}`, user.headers);
+      expect(got.statusCode, `${path}: ${got.body}`).toBe(200);
+      expect(got.json<ModelBody>().id).toBe('meta-llama/llama-3-70b');
+    }
+    const renamed = await api('PATCH', '/models/meta-llama/llama-3-70b', admin, { name: 'Llama 3 70B' });
+    expect(renamed.statusCode, renamed.body).toBe(200);
+    expect(renamed.json<ModelBody>().name).toBe('Llama 3 70B');
+    expect((await api('GET', '/models/meta-llama/no-such-model', user.headers)).statusCode).toBe(404);
+    expect((await api('PATCH', '/models/meta-llama/llama-3-70b', user.headers, { name: 'x' })).statusCode).toBe(403);
+    expect((await api('DELETE', '/models/meta-llama/llama-3-70b', admin)).statusCode).toBe(200);
+    expect((await api('GET', '/models/meta-llama%2Fllama-3-70b', user.headers)).statusCode).toBe(404);
   });
 
   it('refuses fallbacks that could not stand in (unknown, the model itself, another kind) with 422 naming each; takes one by alias', async () => {
