@@ -53,15 +53,23 @@ function fallbackFault(catalog: ModelCatalog, id: string, capabilities: readonly
 
 /**
  * Each fallback must be a model that can stand in for `id` when its calls fail: one the catalog
- * knows, not the model itself, able to do what the model does (chat, embeddings). The call path
+ * knows, not the model itself nor one named before, able to do what the model does (chat, embeddings). The call path
  * skips any other without a word; a mistake here would only show when the model fails. 422 naming
  * each. Two models may name each other: a call tries its model's own fallbacks, not theirs.
  */
 function checkFallbacks(catalog: ModelCatalog, id: string, capabilities: readonly Capability[], fallbacks: readonly string[] | undefined): void {
   const issues: ValidationIssue[] = [];
+  // The models named so far, by id: a model named twice (by id and alias, say) would be tried twice.
+  const named = new Map<string, string>();
   fallbacks?.forEach((name, i) => {
     const fault = fallbackFault(catalog, id, capabilities, name);
-    if (!fault) return;
+    if (!fault) {
+      const model = catalog.modelAsCalled(name)!.id;
+      const earlier = named.get(model);
+      if (earlier === undefined) named.set(model, name);
+      else issues.push({ loc: ['body', 'fallbacks', i], msg: `Model ${JSON.stringify(model)} is already a fallback (as ${JSON.stringify(earlier)})`, type: 'value_error' });
+      return;
+    }
     const msg =
       fault.kind === 'self'
         ? 'A model cannot be its own fallback'

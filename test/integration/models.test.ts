@@ -215,6 +215,12 @@ describe('superuser changes', () => {
     const taken = await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: ['gpt-4.1-mini-2025-04-14', 'gpt-4.1-2025-04-14'] });
     expect(taken.statusCode, taken.body).toBe(200);
     expect(taken.json<ModelBody>().fallbacks).toEqual(['gpt-4.1-mini-2025-04-14', 'gpt-4.1-2025-04-14']);
+    // One model named twice (by its other spelling, then by id again) would be tried twice.
+    const twice = await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: ['gpt-5.1', 'gpt-4.1-mini', 'gpt-5-1', 'gpt-5.1'] });
+    expect(expectValidationError(twice, ['body', 'fallbacks', 2]).detail.map((issue) => [issue.loc, issue.msg])).toEqual([
+      [['body', 'fallbacks', 2], 'Model "gpt-5.1" is already a fallback (as "gpt-5.1")'],
+      [['body', 'fallbacks', 3], 'Model "gpt-5.1" is already a fallback (as "gpt-5.1")'],
+    ]);
     // Capabilities changed alone are checked against the fallbacks kept.
     expectValidationError(await api('PATCH', '/models/gpt-4.1', admin, { capabilities: ['chat', 'embedding'] }), ['body', 'fallbacks', 0]);
     expect((await api('PATCH', '/models/gpt-4.1', admin, { fallbacks: [] })).statusCode).toBe(200);
