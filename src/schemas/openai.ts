@@ -197,14 +197,14 @@ export const ChatCompletionRequest = z
     // What the openai package has in place of `user` (deprecated there): passed on as `user` is.
     prompt_cache_key: z
       .string()
-      .max(256)
+      .max(64)
       .nullish()
-      .describe('For OpenAI and OpenAI-compatible models (their prompt cache buckets requests by it: cached input is billed at its lower price); dropped for others.'),
+      .describe('At most 64 characters, for models of `openai` providers (OpenAI\'s prompt cache buckets requests by it: cached input is billed at its lower price); dropped for others, whose servers may refuse it.'),
     safety_identifier: z
       .string()
       .max(64)
       .nullish()
-      .describe('Your end user\'s stable id (a hash), at most 64 characters, for OpenAI and OpenAI-compatible models (the provider\'s abuse checks tell your users apart by it); dropped for others.'),
+      .describe('Your end user\'s stable id (a hash), at most 64 characters, for models of `openai` providers (OpenAI\'s abuse checks tell your users apart by it); dropped for others, whose servers may refuse it.'),
     logprobs: z.boolean().nullish().describe('The answer\'s token log probabilities in `choices[].logprobs` (streamed with each chunk), for models of OpenAI and OpenAI-compatible providers; 400 for others.'),
     top_logprobs: z.number().int().min(0).max(20).nullish().describe('With `logprobs: true`: the likeliest tokens at each place, this many.'),
     logit_bias: z
@@ -441,7 +441,7 @@ export function simpleChatRequest(data: unknown): ChatCompletionRequest | undefi
   if (!nullishNumber(out.temperature, 0, 2) || !nullishNumber(out.top_p, 0, 1)) return undefined;
   if (!nullishNumber(out.frequency_penalty, -2, 2) || !nullishNumber(out.presence_penalty, -2, 2)) return undefined;
   if (!nullishNumber(out.seed, Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER, true)) return undefined;
-  if (!nullishString(out.user, 256) || !nullishString(out.prompt_cache_key, 256) || !nullishString(out.safety_identifier, 64)) return undefined;
+  if (!nullishString(out.user, 256) || !nullishString(out.prompt_cache_key, 64) || !nullishString(out.safety_identifier, 64)) return undefined;
   if (out.reasoning_effort !== undefined && out.reasoning_effort !== null && !REASONING_EFFORT_SET.has(out.reasoning_effort)) return undefined;
   if (stop !== undefined && stop !== null && typeof stop !== 'string') {
     if (!Array.isArray(stop) || stop.length > 4 || !stop.every((s) => typeof s === 'string')) return undefined;

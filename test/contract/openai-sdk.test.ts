@@ -1315,17 +1315,26 @@ describe('log probabilities, logit_bias and the other fields of OpenAI\'s reques
     }
   });
 
-  it('passes prompt_cache_key and safety_identifier (what the openai package has in place of the deprecated user) to OpenAI-style providers, on every path; not to an Anthropic model', async () => {
+  it('passes prompt_cache_key and safety_identifier (what the openai package has in place of the deprecated user) to OpenAI models; not to OpenAI-compatible servers (many refuse them) nor to an Anthropic model', async () => {
     const fields = { prompt_cache_key: 'tenant-7/support-bot', safety_identifier: 'user-3f9a' };
+    const sentTo = async (create: () => Promise<unknown>) => {
+      await create();
+      return fake.log.at(-1)!.body;
+    };
     for (const path of PATHS) {
+      const expectSent = (body: unknown) => {
+        if (path.model === 'lp-chat') expect(body, JSON.stringify(path)).toMatchObject(fields);
+        else for (const field of Object.keys(fields)) expect(body, `${JSON.stringify(path)}: ${field}`).not.toHaveProperty(field);
+      };
       fake.script(path.model, { text: 'Hello there.' });
-      await client.chat.completions.create({ ...path, ...fields });
-      expect(fake.log.at(-1)!.body, JSON.stringify(path)).toMatchObject(fields);
+      expectSent(await sentTo(() => client.chat.completions.create({ ...path, ...fields })));
       // The usual body (text messages, sampling settings) with them, streamed: the route's own check of it takes them too.
       fake.script(path.model, { text: 'Hello there.' });
-      const stream = await client.chat.completions.create({ ...path, ...fields, stream: true, temperature: 0.5 });
-      for await (const chunk of stream) void chunk;
-      expect(fake.log.at(-1)!.body, JSON.stringify(path)).toMatchObject(fields);
+      expectSent(
+        await sentTo(async () => {
+          for await (const chunk of await client.chat.completions.create({ ...path, ...fields, stream: true, temperature: 0.5 })) void chunk;
+        }),
+      );
     }
     // Hints: an Anthropic model answers without them (its API has no place for either).
     fake.script('lp-claude', { text: 'Hello there.' });
@@ -1333,8 +1342,9 @@ describe('log probabilities, logit_bias and the other fields of OpenAI\'s reques
     const sent = fake.log.at(-1)!.body;
     expect(sent).not.toHaveProperty('prompt_cache_key');
     expect(sent).not.toHaveProperty('safety_identifier');
-    // Held to OpenAI's limits: a safety identifier of at most 64 characters.
+    // Held to OpenAI's limits: each at most 64 characters.
     expect(await apiError(client.chat.completions.create({ model: 'fake-chat', messages, safety_identifier: 'x'.repeat(65) }))).toMatchObject({ status: 400, param: 'safety_identifier' });
+    expect(await apiError(client.chat.completions.create({ model: 'fake-chat', messages, prompt_cache_key: 'x'.repeat(65) }))).toMatchObject({ status: 400, param: 'prompt_cache_key' });
     expect(await apiError(client.chat.completions.create({ model: 'fake-chat', messages, prompt_cache_key: 7 as never }))).toMatchObject({ status: 400, param: 'prompt_cache_key' });
   });
 

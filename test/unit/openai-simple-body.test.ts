@@ -19,7 +19,7 @@ const taken = [
   { model: 'm', messages: [user], frequency_penalty: -2, presence_penalty: 2, seed: -7 },
   { model: 'm', messages: [user], frequency_penalty: null, presence_penalty: null, seed: null, user: null, reasoning_effort: null },
   { model: 'm', messages: [user], reasoning_effort: 'low', user: 'end-user' },
-  { model: 'm', messages: [user], prompt_cache_key: 'support-bot', safety_identifier: 'x'.repeat(64), stream: true },
+  { model: 'm', messages: [user], prompt_cache_key: 'x'.repeat(64), safety_identifier: 'x'.repeat(64), stream: true },
   { model: 'm', messages: [user], prompt_cache_key: null, safety_identifier: null },
 ];
 const toZod = [
@@ -67,6 +67,7 @@ const toZod = [
   { model: 'm', messages: [user], stop: [1] },
   { model: 'm', messages: [user], logit_bias: { '1': 1, '01': 2 } },
   { model: 'm', messages: [user], safety_identifier: 'x'.repeat(65) },
+  { model: 'm', messages: [user], prompt_cache_key: 'x'.repeat(65) },
   { model: 'm', messages: [user], prompt_cache_key: 7 },
   { model: 'm', messages: [user], user: 'x'.repeat(257) },
 ];

@@ -136,9 +136,9 @@ export interface ChatRequest extends CallOptions {
   parallelToolCalls?: boolean;
   /** OpenAI's `user` (the end user, for the provider's abuse checks), for openai and openai-compatible. */
   user?: string;
-  /** OpenAI's `prompt_cache_key` (what its prompt cache buckets requests by), for openai and openai-compatible. */
+  /** OpenAI's `prompt_cache_key` (what its prompt cache buckets requests by), for `openai` providers only. */
   promptCacheKey?: string;
-  /** OpenAI's `safety_identifier` (the end user, for the provider's abuse checks: `user`'s successor), for openai and openai-compatible. */
+  /** OpenAI's `safety_identifier` (the end user, for the provider's abuse checks: `user`'s successor), for `openai` providers only. */
   safetyIdentifier?: string;
   /**
    * OpenAI's `logprobs` (true: the answer's token log probabilities, `ChatResult.logprobs` and the
@@ -1469,8 +1469,6 @@ export class ModelManager {
         presence_penalty: settings.presencePenalty,
         seed: settings.seed,
         user: request.user,
-        prompt_cache_key: request.promptCacheKey,
-        safety_identifier: request.safetyIdentifier,
         parallel_tool_calls: request.parallelToolCalls,
         reasoning_effort: request.reasoningEffort,
         logprobs: request.logprobs,
@@ -1800,7 +1798,7 @@ export class ModelManager {
    * The call's provider options, with what the request asks of OpenAI-style providers told to the
    * provider the way its SDK model takes it: a response schema that need not be strict
    * (`strictJsonSchema: false`; the SDK's default is strict), `reasoningEffort`, `user`, its
-   * successors `prompt_cache_key` and `safety_identifier`, and
+   * successors `prompt_cache_key` and `safety_identifier` (OpenAI's own models only), and
    * `parallel_tool_calls` (`parallelToolCalls` for openai; an openai-compatible model sends keys it
    * does not know as they are). Anthropic and Google models take what they have a place for
    * (nativeOptions). The wire sends them itself.
@@ -1828,8 +1826,9 @@ export class ModelManager {
     if (responseFormat?.strict === false) asked.strictJsonSchema = false;
     if (reasoningEffort !== undefined) asked.reasoningEffort = reasoningEffort;
     if (user !== undefined) asked.user = user;
-    if (promptCacheKey !== undefined) asked[kind === 'openai' ? 'promptCacheKey' : 'prompt_cache_key'] = promptCacheKey;
-    if (safetyIdentifier !== undefined) asked[kind === 'openai' ? 'safetyIdentifier' : 'safety_identifier'] = safetyIdentifier;
+    // OpenAI's own: servers that speak its API refuse them as unknown fields (Groq, Cerebras, Mistral...), where a call without them works.
+    if (kind === 'openai' && promptCacheKey !== undefined) asked.promptCacheKey = promptCacheKey;
+    if (kind === 'openai' && safetyIdentifier !== undefined) asked.safetyIdentifier = safetyIdentifier;
     if (parallelToolCalls !== undefined) asked[kind === 'openai' ? 'parallelToolCalls' : 'parallel_tool_calls'] = parallelToolCalls;
     // The openai model's `logprobs` is true or the top count (it sends `logprobs` and `top_logprobs`).
     if (logprobs) Object.assign(asked, kind === 'openai' ? { logprobs: topLogprobs ?? true } : { logprobs: true, ...(topLogprobs !== undefined && { top_logprobs: topLogprobs }) });

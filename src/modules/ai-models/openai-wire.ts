@@ -58,8 +58,6 @@ export interface WireCall {
   presence_penalty?: number;
   seed?: number;
   user?: string;
-  prompt_cache_key?: string;
-  safety_identifier?: string;
   parallel_tool_calls?: boolean;
   reasoning_effort?: string;
   logprobs?: boolean;
