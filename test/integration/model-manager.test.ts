@@ -232,15 +232,16 @@ describe('ModelManager.chat', () => {
     const m = fakeModelManager(server, {
       models: [{ id: 'fake-bearer', provider: 'bearer', pricing: price('1', '2') }],
       records,
-      providers: [{ id: 'bearer', kind: 'openai-compatible', base_url: server.url, headers: { Authorization: `Bearer ${token}` } }],
+      // Another header's second word is no credential (it would be redacted wherever an error says it).
+      providers: [{ id: 'bearer', kind: 'openai-compatible', base_url: server.url, headers: { Authorization: `Bearer ${token}`, 'X-Title': 'Acme Assistant' } }],
     });
-    server.script('fake-bearer', { status: 400, body: { error: { message: `Invalid token ${token}` } } });
+    server.script('fake-bearer', { status: 400, body: { error: { message: `Invalid token ${token}: Assistant messages must alternate` } } });
     const failure = await m.chat({ model: 'fake-bearer', messages: hello }).catch((e: unknown) => e);
     expect(server.log[0]?.headers.authorization).toBe(`Bearer ${token}`);
     expect(failure).toBeInstanceOf(UpstreamError);
-    expect((failure as Error).message).toBe('Upstream 400 error: Invalid token [redacted]');
+    expect((failure as Error).message).toBe('Upstream 400 error: Invalid token [redacted]: Assistant messages must alternate');
     const [record] = await settled(1);
-    expect(record?.error).toBe('Upstream 400 error: Invalid token [redacted]');
+    expect(record?.error).toBe('Upstream 400 error: Invalid token [redacted]: Assistant messages must alternate');
   });
 
   it('a provider refusing the model itself (401, 402, 403, 404) is not retried: the fallback answers', async () => {

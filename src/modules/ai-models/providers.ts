@@ -133,6 +133,9 @@ const MIN_SECRET_LENGTH = 8;
 /** A header value as an HTTP authentication scheme and its credentials (`Bearer abc…`, `Basic dXNl…`): the credentials. */
 const AUTH_SCHEME_VALUE = /^[A-Za-z][\w.+-]*[ \t]+(\S+)[ \t]*$/;
 
+/** The headers whose value is `<scheme> <credentials>` (RFC 9110 §11.6). */
+const AUTHENTICATION_HEADERS = new Set(['authorization', 'proxy-authorization']);
+
 export class ProviderRegistry {
   private records: ProviderRecords = new Map<string, ProviderRecord>();
   private readonly clients = new Map<string, SdkProvider>();
@@ -189,7 +192,7 @@ export class ProviderRegistry {
   /**
    * What a provider is sent that no one else may read: its key and its headers' values (long
    * enough to be credentials rather than words), and of a value written `<scheme> <credentials>`
-   * (a custom `Authorization: Bearer …`) the credentials alone too: a server that refuses a token
+   * in an authentication header (a custom `Authorization: Bearer …`) the credentials alone too: a server that refuses a token
    * echoes the token, not the header. A server may echo them in an error. `records`: as they were
    * when a request was sent (`current`), for the credentials it went with. Longest first, so that
    * a value is redacted whole before the credentials inside it.
@@ -197,8 +200,10 @@ export class ProviderRegistry {
   secrets(id: string, records?: ProviderRecords): string[] {
     const record = this.resolve(id, records);
     if (!record) return [];
-    const values = Object.values(record.headers ?? {}).flatMap((value) => {
-      const credentials = AUTH_SCHEME_VALUE.exec(value)?.[1];
+    const values = Object.entries(record.headers ?? {}).flatMap(([name, value]) => {
+      // Only an authentication header's value is a scheme and credentials: the second word of any
+      // other (`X-Title: Acme Assistant`) would be redacted wherever an error said it.
+      const credentials = AUTHENTICATION_HEADERS.has(name.toLowerCase()) ? AUTH_SCHEME_VALUE.exec(value)?.[1] : undefined;
       return credentials === undefined ? [value] : [value, credentials];
     });
     return [record.api_key, ...values].filter((value): value is string => typeof value === 'string' && value.length >= MIN_SECRET_LENGTH).sort((a, b) => b.length - a.length);
