@@ -50,6 +50,18 @@ function caseRepeated(headers: Record<string, string>): string | undefined {
  * Header names are case-insensitive: `Authorization` and `authorization` are one header, which the
  * direct path sent with the last value and the SDK's fetch with both joined (`Bearer a, Bearer b`).
  */
+/**
+ * A stored record's headers as they may be sent: a record written before a check above (framing
+ * headers, a name given twice but for its case) would go on failing every call, or go with other
+ * credentials on each path, and its values are never shown to be mended one by one. Such headers
+ * are left out (of a name given twice, all but its last value); `dropped` names them, for the log.
+ */
+export function sendableHeaders(headers: Record<string, string>): { headers: Record<string, string>; dropped: string[] } {
+  const last = new Map(Object.keys(headers).map((name) => [name.toLowerCase(), name]));
+  const kept = Object.entries(headers).filter(([name]) => !FRAMING_HEADERS.has(name.toLowerCase()) && last.get(name.toLowerCase()) === name);
+  return { headers: Object.fromEntries(kept), dropped: Object.keys(headers).filter((name) => !kept.some(([k]) => k === name)) };
+}
+
 const Headers = z
   .record(HeaderName, HeaderValue)
   .refine((headers) => Object.keys(headers).length <= 20, { error: 'At most 20 headers' })

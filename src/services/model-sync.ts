@@ -11,6 +11,8 @@ import type { Logger } from '../core/logger.js';
 
 import type { ProviderRow } from '../models/index.js';
 
+import { sendableHeaders } from '../schemas/provider.js';
+
 import * as overrideCrud from '../crud/model-override.js';
 import * as providerCrud from '../crud/provider.js';
 import { isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
@@ -80,13 +82,19 @@ function toRecord(row: ProviderRow, secretKey: string, log: Logger): ProviderRec
       return null;
     }
   };
+  const sendable = (headers: Record<string, string> | null) => {
+    if (headers === null) return null;
+    const kept = sendableHeaders(headers);
+    if (kept.dropped.length) log.warn({ provider: row.name, dropped: kept.dropped }, 'Provider headers left out of its calls (framing headers, or a name given twice but for its case); set its headers again');
+    return kept.headers;
+  };
   return {
     id: row.name,
     kind: row.kind,
     name: row.name,
     base_url: row.base_url,
     api_key: open('api_key', row.api_key_sealed) as string | null,
-    headers: open('headers', row.headers_sealed) as Record<string, string> | null,
+    headers: sendable(open('headers', row.headers_sealed) as Record<string, string> | null),
     enabled: row.enabled,
     unreadable,
   };

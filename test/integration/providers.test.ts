@@ -3,6 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { providers } from '../../src/models/index.js';
 
+import { sealSecret } from '../../src/services/model-sync.js';
 import { useTestApp } from '../helpers/app.js';
 import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -145,6 +146,22 @@ describe('/providers', () => {
       available: false,
       unavailable_reason: "Provider sealed-headers's headers cannot be opened (was SECRET_KEY changed?): set them again",
     });
+  });
+
+  it('calls a record stored before the header checks without its framing headers, and with one value of a name given twice but for its case', async () => {
+    const provider = await createProvider({ name: 'old-headers', kind: 'openai-compatible', base_url: fake.url, headers: { 'X-Org': HEADER_VALUE } });
+    // As written before Accept-Encoding and case repeats were refused: sealed as the service seals them.
+    const headers = { 'Accept-Encoding': 'gzip', Authorization: 'Bearer old-token-0001', authorization: 'Bearer new-token-0002', 'X-Org': HEADER_VALUE };
+    const sealed = sealSecret(ctx.app.settings.SECRET_KEY, provider.id, 'headers', headers);
+    await ctx.database.db.update(providers).set({ headers_sealed: sealed }).where(eq(providers.id, provider.id));
+    await api('PATCH', `/providers/${provider.id}`, admin, { enabled: true }); // reloads the records
+    await api('POST', '/models', admin, { id: 'old-headers-model', provider: 'old-headers', pricing: { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' } });
+    fake.script('old-headers-model', { text: 'Hi' });
+    expect((await ctx.app.models.chat({ model: 'old-headers-model', messages: [{ role: 'user', content: 'hello' }] })).text).toBe('Hi');
+    const sent = fake.requestsFor('old-headers-model').at(-1)!.headers;
+    expect(sent.authorization).toBe('Bearer new-token-0002');
+    expect(sent['accept-encoding']).not.toBe('gzip');
+    expect(sent['x-org']).toBe(HEADER_VALUE);
   });
 
   it('answers 409 for a taken name, 404 for a missing id; null clears the key; delete removes', async () => {
