@@ -44,8 +44,6 @@ export interface UsageMeterOptions {
   log: Logger;
   metrics: ModelMetrics;
   redis: Redis | null;
-  /** Usage rows kept in memory while the database cannot take them (MAX_BUFFERED_ROWS); the oldest beyond go to disk (`spillOldest`). */
-  maxBufferedRows?: number;
 }
 
 const RPM_WINDOW_MS = 60_000;
@@ -71,7 +69,7 @@ const chargedAlready = (error: unknown): boolean => {
   const refusal = databaseError(error);
   return refusal?.code === '23505' && refusal.constraint === 'ux_credit_transactions_usage_record_id';
 };
-/** Rows kept in memory while the database cannot take them; beyond it the oldest are saved to disk (`spillOldest`). */
+/** Rows kept in memory while the database cannot take them; beyond it the oldest are dropped (logged). */
 const MAX_BUFFERED_ROWS = 1_000_000;
 const SWEEP_INTERVAL_MS = 60_000;
 /** The longest `written()` holds a read or a run's end. */
@@ -154,9 +152,6 @@ export class UsageMeterService implements UsageMeter {
   private lateFlush: NodeJS.Immediate | undefined;
   /** Files of unwritten usage this process took (`recoverUnwritten`) whose items are not yet written. */
   private recovered: string[] = [];
-  private readonly maxBufferedRows: number;
-  /** The last usage statement failed for the database, not its data: files are not taken back meanwhile (`recoverUnwritten`). */
-  private writesFailing = false;
 
   constructor(options: UsageMeterOptions) {
     this.db = options.db;
@@ -165,7 +160,6 @@ export class UsageMeterService implements UsageMeter {
     this.metrics = options.metrics;
     this.counters = counterStore(options.redis);
     this.rpmPrefix = options.redis ? `${options.settings.REDIS_KEY_PREFIX}rate-limit:api-key-rpm:` : 'api-key-rpm:';
-    this.maxBufferedRows = options.maxBufferedRows ?? MAX_BUFFERED_ROWS;
     if (options.settings.BILLING_ENABLED && options.settings.BILLING_CREDIT_WINDOW_CALLS > 0) {
       this.windows = new CreditWindows({
         blockCalls: options.settings.BILLING_CREDIT_WINDOW_CALLS,
@@ -502,28 +496,12 @@ export class UsageMeterService implements UsageMeter {
 
   private enqueue(row: string): void {
     this.buffer.push(row);
-    if (this.buffer.length > this.maxBufferedRows) this.spillOldest();
+    if (this.buffer.length > MAX_BUFFERED_ROWS) {
+      const dropped = this.buffer.splice(0, this.buffer.length - MAX_BUFFERED_ROWS);
+      this.log.error({ dropped: dropped.length }, 'usage records dropped: the database has not taken them for too long');
+    }
     if (this.buffer.length >= this.settings.USAGE_FLUSH_MAX_ROWS) this.track(this.flush());
     else this.schedule();
-  }
-
-  /**
-   * The database has not taken usage for so long that the buffer passed its bound: its oldest rows
-   * go to DATA_DIR/usage-unwritten, as what a shutdown could not write does, and a sweep writes
-   * them once the database takes writes again. They were dropped: a long outage with calls going on
-   * (billing off needs no statement per call) lost its oldest records. A tenth of the bound more
-   * than the excess goes, so the files are written once per that many calls, not at every call.
-   * Dropped (logged) only when they cannot be saved either.
-   */
-  private spillOldest(): void {
-    const oldest = this.buffer.splice(0, this.buffer.length - this.maxBufferedRows + Math.ceil(this.maxBufferedRows / 10));
-    const dir = unwrittenDir(this.settings.DATA_DIR);
-    try {
-      const files = saveUnwritten(dir, { usage: oldest, settlements: [], windowSettlements: [], blockReleases: [] });
-      this.log.error({ usageRecords: oldest.length, dir, files }, 'usage records saved to disk: the database has not taken them for too long');
-    } catch (error) {
-      this.log.error({ err: error, dropped: oldest.length }, 'usage records dropped: the database has not taken them for too long, and they could not be saved');
-    }
   }
 
   /**
@@ -603,7 +581,6 @@ export class UsageMeterService implements UsageMeter {
       this.blockReleases.unshift(...releases);
       return;
     }
-    this.writesFailing = false;
     await this.retryFailed();
     await this.releaseBlocks(releases);
   }
@@ -633,7 +610,6 @@ export class UsageMeterService implements UsageMeter {
         }
         this.buffer.unshift(...usage);
         this.failedSettlements.push(...settlements);
-        this.writesFailing = true;
         this.log.error({ err: cause(error), pending: this.buffer.length, settlements: settlements.length }, 'usage records not written; kept for a retry');
         this.retryLater();
         return false;
@@ -653,7 +629,6 @@ export class UsageMeterService implements UsageMeter {
           continue;
         }
         this.buffer.unshift(...rows.slice(i));
-        this.writesFailing = true;
         this.log.error({ err: cause(error), pending: this.buffer.length }, 'usage records not written; kept for a retry');
         this.retryLater();
         return false;
@@ -844,9 +819,6 @@ export class UsageMeterService implements UsageMeter {
 
   /** Queues what processes saved (saveUnwritten) to be written first; the files go once it is written (`flush`) or saved again. */
   private recoverUnwritten(): void {
-    // Taken back while the database does not take writes, they would only pass the buffer's bound
-    // and be saved again (`spillOldest`): every sweep would read and rewrite them all.
-    if (this.writesFailing) return;
     const onUnreadable = (file: string, error: unknown) => this.log.error({ err: error, file }, 'usage left unwritten by an earlier process could not be read; set aside');
     const { taken, parts } = takeUnwritten(unwrittenDir(this.settings.DATA_DIR), this.recovered, onUnreadable);
     if (!taken.length) return;

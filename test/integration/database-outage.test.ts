@@ -11,16 +11,13 @@ import { describe, expect, it } from 'vitest';
 
 import { type Database, openDatabase, transaction } from '../../src/core/db.js';
 import { DATABASE_RETRY_AFTER_SECONDS } from '../../src/core/db-errors.js';
-import { unservedModelMetrics } from '../../src/core/metrics.js';
 
 import { getBalance, ledgerSum } from '../../src/crud/billing.js';
-import { ZERO_USAGE } from '../../src/modules/ai-models/index.js';
 import { UNWRITTEN_DIR } from '../../src/services/unwritten-usage.js';
-import { UsageMeterService } from '../../src/services/usage-meter.js';
 import { buildTestApp, openTestDatabase, testSettings } from '../helpers/app.js';
 import { createUser, loginRequest, superuserHeaders } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
-import { call, eventually } from '../helpers/http.js';
+import { call } from '../helpers/http.js';
 import { captureLogs, LEVEL } from '../helpers/logs.js';
 import { addFakeModels, chatRequest } from '../helpers/metered-models.js';
 import { adminQuery } from '../helpers/postgres.js';
@@ -292,59 +289,6 @@ describe.skipIf(!adminUrl)('the database down when the app stops', () => {
       await first?.close().catch(() => undefined);
       await next?.close();
       await fake.close();
-      await opened.destroy();
-    }
-  });
-});
-
-describe.skipIf(!adminUrl)('the database down while calls go on (billing off: no statement per call)', () => {
-  it('usage past the buffer’s bound goes to DATA_DIR, not dropped, and is written once the database is back: every record once', async () => {
-    const opened = await openTestDatabase();
-    const name = new URL(opened.url!).pathname.slice(1);
-    const settings = testSettings({ DATA_DIR: mkdtempSync(join(tmpdir(), 'keel-spill-')), USAGE_FLUSH_INTERVAL_MS: '20', DATABASE_URL: opened.url! });
-    const saved = join(settings.DATA_DIR, UNWRITTEN_DIR);
-    const logs = captureLogs('info');
-    const meterOf = () => new UsageMeterService({ db: opened.database.db, settings, log: logs.logger, metrics: unservedModelMetrics(), redis: null, maxBufferedRows: 10 });
-    const model = `spill-${randomBytes(4).toString('hex')}`;
-    const oneCall = async (meter: UsageMeterService) => {
-      const estimate = { operation: 'chat', model, provider: 'fake', input_tokens: 1, max_output_tokens: 1, cost: '0', context: {} } as const;
-      const reservation = await meter.reserve(estimate);
-      const tokens = { ...ZERO_USAGE, input: 1, output: 1 };
-      await reservation.settle({ ...estimate, tokens, estimated: false, latency_ms: 1, time_to_first_token_ms: null, status: 'success', error: null, attempts: 1, started_at: new Date() });
-    };
-    const written = async () => {
-      const result = await opened.database.db.execute(sql`select count(*)::int as n, count(distinct id)::int as ids from usage_records where model = ${model}`);
-      return (result as { rows: { n: number; ids: number }[] }).rows[0];
-    };
-    let first: UsageMeterService | null = meterOf();
-    let next: UsageMeterService | null = null;
-    try {
-      first.start();
-      await adminQuery(adminUrl!, `alter database "${name}" allow_connections false`);
-      await adminQuery(adminUrl!, 'select pg_terminate_backend(pid) from pg_stat_activity where datname = $1', [name]);
-      // 35 calls with the database gone: the first flushes fail, and 10 rows at most stay in memory.
-      for (let i = 0; i < 35; i++) {
-        await oneCall(first);
-        await first.idle();
-      }
-      expect(readdirSync(saved).filter((file) => file.endsWith('.json')).length).toBeGreaterThan(0);
-      expect(logs.lines().filter((line) => /dropped/.test(String(line.msg)))).toEqual([]);
-      expect(logs.lines().filter((line) => line.msg === 'usage records saved to disk: the database has not taken them for too long').length).toBeGreaterThan(0);
-
-      await adminQuery(adminUrl!, `alter database "${name}" allow_connections true`);
-      await first.close();
-      first = null;
-      // The next start (or a running process's sweep) writes what was saved.
-      next = meterOf();
-      next.start();
-      await next.idle();
-      await eventually(async () => (await written())?.n === 35);
-      expect(await written()).toEqual({ n: 35, ids: 35 });
-      expect(readdirSync(saved)).toEqual([]);
-    } finally {
-      await adminQuery(adminUrl!, `alter database "${name}" allow_connections true`).catch(() => undefined);
-      await first?.close().catch(() => undefined);
-      await next?.close();
       await opened.destroy();
     }
   });
