@@ -17,7 +17,7 @@
  */
 import { eq } from 'drizzle-orm';
 
-import { ConflictError, NotFoundError } from '../core/errors.js';
+import { ConflictError, NotFoundError, UnauthorizedError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 
 import { type Agent, agents, type Run, type RunUsage } from '../models/index.js';
@@ -28,7 +28,7 @@ import type { ChatCompletionRequest, ChatMessage } from '../schemas/openai.js';
 import { agentCrud } from '../crud/agent.js';
 import type { RunEvent } from '../modules/agents/run-bus.js';
 import type { RunDeps, RunView } from '../modules/agents/run-lifecycle.js';
-import { CREDITS_REFUSED, INTERNAL_RUN_ERROR } from '../modules/agents/runner.js';
+import { credentialsWentAway, CREDITS_REFUSED, INTERNAL_RUN_ERROR } from '../modules/agents/runner.js';
 import { ModelNotFoundError } from '../modules/ai-models/index.js';
 import type { ServiceContext } from './context.js';
 import { AGENT_MODEL_PREFIX, CodedOpenAIError, InvalidRequestError, logStreamFailure, openAIErrorOf, openAIUsage } from './openai-gateway.js';
@@ -206,12 +206,14 @@ export async function* answerOf(events: AsyncIterable<RunEvent>, signal: AbortSi
 
 /**
  * A run whose model call a limit of its caller's refused, answered as the plain models answer the
- * same refusal (402 insufficient_quota; 429 with its retry-after), not as a failed run's 500: the
+ * same refusal (402 insufficient_quota; 429 with its retry-after; 401 for a key or user gone), not as a failed run's 500: the
  * run's error says which, in the meter's words. Neither is for the SDK to retry: the run was
  * written (its thread, the user's message, maybe paid steps), and a retry starts another one.
  */
 function refusalOf(error: string): CodedOpenAIError | undefined {
   if (error.startsWith(CREDITS_REFUSED)) return new CodedOpenAIError(402, error, 'insufficient_quota', NO_RETRY);
+  // The key was revoked or deleted (or its user) after the request was authenticated: what a call made with it now is answered.
+  if (credentialsWentAway(error)) return new CodedOpenAIError(401, new UnauthorizedError().detail, 'invalid_api_key', NO_RETRY);
   const wait = KEY_RATE_LIMITED.exec(error)?.[1];
   return wait === undefined ? undefined : new CodedOpenAIError(429, error, 'rate_limit_exceeded', { 'retry-after': wait, ...NO_RETRY });
 }

@@ -5,8 +5,11 @@
  */
 import type { AddressInfo } from 'node:net';
 
+import { eq } from 'drizzle-orm';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { apiKeys } from '../../src/models/index.js';
 
 import { runCrud } from '../../src/crud/run.js';
 import { useTestApp } from '../helpers/app.js';
@@ -455,6 +458,31 @@ describe('with billing on', () => {
       expect(error.message).toMatch(/API key budget exceeded: max_budget 5/);
     }
     expect(fake.log).toHaveLength(1);
+  });
+
+  it('answers 401 invalid_api_key, as a call made with the key now is, when the key is revoked between the request and its run\'s hold; not a failed run\'s 500', async () => {
+    const admin = await superuserHeaders(billed.app);
+    const payer = await createUser(billed.app);
+    expect((await billed.app.inject({ method: 'POST', url: '/api/v1/billing/credits', headers: admin, payload: { user_id: payer.user.id, amount: '1000', description: 'test' } })).statusCode).toBe(200);
+    const agent = await createAgent(billed.app, payer.headers, { model: 'fake-billed', max_output_tokens: 10 });
+    const key = await createKey(billed.app, payer, { name: 'budgeted', max_budget: '100' });
+    const meter = billed.app.meter;
+    const reserve = meter.reserve.bind(meter);
+    // The revocation's update committed; its cancellation of the key's runs not yet sent.
+    meter.reserve = async (estimate) => {
+      meter.reserve = reserve;
+      await billed.database.db.update(apiKeys).set({ status: 'revoked' }).where(eq(apiKeys.id, key.id));
+      return reserve(estimate);
+    };
+    try {
+      const error = await apiError(new OpenAI({ apiKey: key.key, baseURL: billedURL, maxRetries: 0 }).chat.completions.create({ model: `agent:${agent.id}`, messages: ask('Hi') }));
+      expect(error.status).toBe(401);
+      expect(error.error).toMatchObject({ code: 'invalid_api_key', message: 'Could not validate credentials' });
+      expect(error.headers?.get('x-should-retry')).toBe('false');
+    } finally {
+      meter.reserve = reserve;
+    }
+    expect(fake.log).toEqual([]);
   });
 });
 

@@ -61,6 +61,9 @@ const RUN_CREDENTIALS_GONE: Record<CredentialsGone, string> = {
   user_deactivated: 'User deactivated',
 };
 
+/** Whether a run's error says its model call was refused because its key or user went away (RUN_CREDENTIALS_GONE). */
+export const credentialsWentAway = (error: string): boolean => Object.values(RUN_CREDENTIALS_GONE).includes(error);
+
 /** A run's error as its owner reads it: what happened and what to do about it. */
 export function describeRunError(error: unknown, run: Pick<Run, 'model'>): string {
   if (error instanceof RunFailure) return error.message;
