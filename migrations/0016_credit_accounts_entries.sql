@@ -1,24 +1,5 @@
--- Each account's ledger entry count: the ledger list's total (GET /billing/transactions), so that a
--- page of a long history is one row read instead of a count of it (300,000 entries: 0.4 s on
--- PGlite, whose one thread every request waits for; 0.16 s on PostgreSQL). A trigger keeps it, not
--- the statements that write entries: so does every writer, a node still on the old code during an
--- upgrade included. The ledger is append-only (a balance is the sum of its entries), so inserts are
--- all it counts; entries go only with their user, whose account goes with them.
--- The trigger runs once per statement (a usage flush writes a batch's entries in one): it upserts
--- the count only, never `updated_at`, which is the time of the account's last entry.
-ALTER TABLE "credit_accounts" ADD COLUMN "entries" bigint DEFAULT 0 NOT NULL;--> statement-breakpoint
-CREATE FUNCTION "keel_count_ledger_entries"() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  INSERT INTO "credit_accounts" ("user_id", "entries")
-  SELECT "owner_id", count(*) FROM "new_entries" GROUP BY "owner_id"
-  ON CONFLICT ("user_id") DO UPDATE SET "entries" = "credit_accounts"."entries" + "excluded"."entries";
-  RETURN NULL;
-END;
-$$;--> statement-breakpoint
--- Locked against writes from here to the count, so no entry is counted twice or missed.
-LOCK TABLE "credit_transactions" IN SHARE ROW EXCLUSIVE MODE;--> statement-breakpoint
-CREATE TRIGGER "credit_transactions_count_entries" AFTER INSERT ON "credit_transactions"
-  REFERENCING NEW TABLE AS "new_entries" FOR EACH STATEMENT EXECUTE FUNCTION "keel_count_ledger_entries"();--> statement-breakpoint
-INSERT INTO "credit_accounts" ("user_id", "entries")
-SELECT "owner_id", count(*) FROM "credit_transactions" GROUP BY "owner_id"
-ON CONFLICT ("user_id") DO UPDATE SET "entries" = "excluded"."entries";
+-- Each account's ledger entry count (the ledger list's total), kept by 0017's trigger. In a
+-- migration of its own: ALTER TABLE locks credit_accounts whole, and a flush statement prepared on a
+-- node still running takes credit_transactions' lock before it; 0017's lock of credit_transactions
+-- taken in this transaction after it would close the cycle (a deadlock, one side aborted).
+ALTER TABLE "credit_accounts" ADD COLUMN "entries" bigint DEFAULT 0 NOT NULL;

@@ -70,9 +70,9 @@ export const creditAccounts = pgTable(
     balance: money('balance').notNull().default('0'),
     reserved: money('reserved').notNull().default('0'),
     /**
-     * How many ledger entries the account has: the ledger list's total. Every statement that
-     * writes an entry moves it in the update of this row it makes anyway (crud/billing.ts), so a
-     * page of a long history is not a count of it (300,000 entries: 0.4 s on PGlite).
+     * How many ledger entries the account has: the ledger list's total, kept by a trigger on every
+     * insert into credit_transactions (migrations 0016-0017), so a page of a long history is not a
+     * count of it (300,000 entries: 0.4 s on PGlite).
      */
     entries: bigint('entries', { mode: 'number' }).notNull().default(0),
   },

@@ -415,7 +415,7 @@ describe('0014_credit_usage_entry_once', () => {
   });
 });
 
-describe('0016_credit_accounts_entries', () => {
+describe('0016_credit_accounts_entries and 0017_credit_ledger_entry_count', () => {
   it("counts each account's existing ledger entries, then keeps counting every insert (an account made for entries without one); down drops the count", async () => {
     await beforeMigration('0016_credit_accounts_entries', async (database, previous) => {
       const [withAccount, withoutAccount, idle] = [randomUUID(), randomUUID(), randomUUID()];
