@@ -324,11 +324,13 @@ const INGESTION_CREDENTIALS_GONE: Record<CredentialsGone, string> = {
 };
 
 /** How a failure ends: the entry `failed` with this message now, or (a passing fault) another try. */
-function outcomeOf(error: unknown, entry: KnowledgeEntry, maxAttempts: number): { fail: string } | { retry: string } {
+export function outcomeOf(error: unknown, entry: Pick<KnowledgeEntry, 'attempts'>, maxAttempts: number): { fail: string } | { retry: string } {
   if (error instanceof DocumentRejectedError) return { fail: `The document could not be read: ${error.message}` };
   if (error instanceof StorageNotFoundError) return { fail: 'The stored file is missing (deleted from storage, or the storage settings changed); upload the document again' };
   // The meter's 402 (the key's max_budget, the account's credits) ends the entry: trying again changes nothing until the limit does.
   if (error instanceof PaymentRequiredError) return { fail: `Embedding stopped: ${error.detail}; reindex the entry once the budget or balance allows it` };
+  // A deleted key's indexing goes on paid by the account (docs/decisions.md): the next try finds no key, so its limits no longer apply.
+  if (error instanceof CredentialsGoneError && error.reason === 'api_key_deleted') return { retry: `Embedding paused: ${INGESTION_CREDENTIALS_GONE[error.reason]}` };
   // The key or its owner went away midway (the generic 401 is the client's, who is not waiting here): the owner reads which.
   if (error instanceof CredentialsGoneError) return { fail: `Embedding stopped: ${INGESTION_CREDENTIALS_GONE[error.reason]}; reindex the entry to index it again` };
   if (error instanceof HttpError && error.statusCode < 500) return { fail: error.detail };
