@@ -107,7 +107,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
       const answer = (reply as FastifyReply).code(status).header('x-request-id', request.id).type('application/json; charset=utf-8');
       // Under /v1, OpenAI's error object, as for every other refusal there.
       if (request.url === OPENAI_PREFIX || request.url.startsWith(`${OPENAI_PREFIX}/`)) {
-        const { status: openAIStatus, body } = openAIUnreadableUrl(request.url, status);
+        const { status: openAIStatus, body } = openAIUnreadableUrl(request.originalUrl, status);
         void answer.code(openAIStatus).send(body);
         return;
       }

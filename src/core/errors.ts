@@ -323,7 +323,8 @@ export function registerErrorHandler(app: FastifyInstance): void {
   const allowedMethods = trackAllowedMethods(app);
   app.decorate('routeNotFound', (request: FastifyRequest): never => {
     const allow = allowedMethods(request);
-    const path = request.url.split('?', 1)[0]!.slice(0, 200);
+    // As the client wrote it (a model id's slashes, escaped by the app's rewriteUrl, are its own).
+    const path = request.originalUrl.split('?', 1)[0]!.slice(0, 200);
     throw allow.length ? new MethodNotAllowedError(request.method, path, allow) : new RouteNotFoundError(request.method, path);
   });
   app.setNotFoundHandler((request) => app.routeNotFound(request));

@@ -197,6 +197,10 @@ describe('superuser changes', () => {
     expect(renamed.statusCode, renamed.body).toBe(200);
     expect(renamed.json<ModelBody>().name).toBe('Llama 3 70B');
     expect((await api('GET', '/models/meta-llama/no-such-model', user.headers)).statusCode).toBe(404);
+    // A refusal of the URL names it as the client wrote it, not as the rewrite escaped it.
+    const wrongMethod = await ctx.app.inject({ method: 'DELETE', url: '/v1/models/meta-llama/llama-3-70b', headers: user.headers });
+    expect(wrongMethod.statusCode).toBe(405);
+    expect(wrongMethod.json<{ error: { message: string } }>().error.message).toBe('Invalid method for URL: DELETE /v1/models/meta-llama/llama-3-70b (it takes GET, HEAD)');
     expect((await api('PATCH', '/models/meta-llama/llama-3-70b', user.headers, { name: 'x' })).statusCode).toBe(403);
     expect((await api('DELETE', '/models/meta-llama/llama-3-70b', admin)).statusCode).toBe(200);
     expect((await api('GET', '/models/meta-llama%2Fllama-3-70b', user.headers)).statusCode).toBe(404);
