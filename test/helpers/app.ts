@@ -25,12 +25,18 @@ export function testRedisPrefix(): string {
   return `${redisRunPrefix(inject('runPrefix'))}${randomBytes(6).toString('hex')}:`;
 }
 
+/**
+ * The test process's SECRET_KEY: every app of a test file is a node of one deployment, which shares
+ * it (a second app over the same database opens the provider records the first sealed).
+ */
+const TEST_SECRET_KEY = randomBytes(32).toString('hex');
+
 /** Settings for a test app: quiet logs, high rate limits, the run's Redis (when given) under its own prefix. */
 export function testSettings(overrides: Record<string, string> = {}): Settings {
   const dataDir = mkdtempSync(join(tmpdir(), 'keel-test-data-'));
   return loadSettings({
     ENVIRONMENT: 'local',
-    SECRET_KEY: randomBytes(32).toString('hex'),
+    SECRET_KEY: TEST_SECRET_KEY,
     DATA_DIR: dataDir,
     LOG_LEVEL: 'silent',
     LOG_FORMAT: 'json',
