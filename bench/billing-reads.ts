@@ -72,7 +72,8 @@ await queryRows(
 );
 await queryRows(
   db,
-  sql`insert into credit_accounts (user_id, balance) select owner_id, sum(amount) from credit_transactions group by owner_id`,
+  sql`insert into credit_accounts (user_id, balance) select owner_id, sum(amount) from credit_transactions group by owner_id
+      on conflict (user_id) do update set balance = excluded.balance`,
 );
 // PGlite has no autovacuum: NO_ANALYZE=1 leaves the tables as a PGlite deployment has them (never analyzed).
 if (!process.env.NO_ANALYZE) await queryRows(db, sql`analyze`);

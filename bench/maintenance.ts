@@ -50,7 +50,7 @@ if (!(await q(`select 1 from users where email = 'heavy@bench'`)).length) {
   }
   await q(`insert into credit_transactions (owner_id, type, amount, balance_after, description, usage_record_id, created_at, updated_at)
            select owner_id, 'usage', -cost, 1000, 'Chat', id, created_at, created_at from usage_records`);
-  await q(`insert into credit_accounts (user_id, balance) select id, 1000000 from users`);
+  await q(`insert into credit_accounts (user_id, balance) select id, 1000000 from users on conflict (user_id) do update set balance = excluded.balance`);
   await q(`insert into api_keys (owner_id, name, prefix, key_hash) select id, 'k', 'k', md5(id::text || g) || md5(g::text) from users, generate_series(1, 5) g`);
   console.log(`seeded in ${ms(performance.now() - seeded)}`);
 }
