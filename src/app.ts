@@ -98,7 +98,8 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
       const given = req.headers['x-request-id'];
       return typeof given === 'string' && REQUEST_ID.test(given) ? given : randomUUID();
     },
-    routerOptions: { ignoreTrailingSlash: true, maxParamLength: 200 },
+    // A client joining a base URL that ends in a slash with a path that starts with one (`/v1/` + `/chat/completions`) asks for the route all the same.
+    routerOptions: { ignoreTrailingSlash: true, ignoreDuplicateSlashes: true, maxParamLength: 200 },
     rewriteUrl: (req) => modelIdPaths(req.url ?? '/'),
     // URLs the router cannot read (bad percent-encoding, over-long parameters) never reach the
     // error handler: answer them in the API's `{detail}` shape too.
@@ -167,7 +168,8 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     reply.headers(headers);
     reply.header('x-request-id', request.id);
     // API answers may carry secrets (tokens, new API keys): no cache keeps them.
-    if (request.url.startsWith(API_PREFIX)) reply.header('cache-control', 'no-store');
+    // The route's path, not the URL's: a doubled slash (`//api/v1/...`) reaches the route too.
+    if ((request.routeOptions.url ?? request.url).startsWith(API_PREFIX)) reply.header('cache-control', 'no-store');
     done();
   });
   registerAccessLog(app, settings, logger);

@@ -101,6 +101,24 @@ describe('Cache-Control', () => {
   });
 });
 
+describe('paths with a doubled slash', () => {
+  it('reach their route (a base URL ending in a slash joined with a path starting with one), the OpenAI-compatible ones included', async () => {
+    const user = await createUser(ctx.app);
+    for (const url of ['/api/v1//users/me', '//api/v1/users/me', '/api//v1/users/me']) {
+      const answer = await ctx.app.inject({ method: 'GET', url, headers: user.headers });
+      expect(answer.statusCode, url).toBe(200);
+      expect(answer.json<{ email: string }>().email).toBe(user.user.email);
+      expect(answer.headers['cache-control'], url).toBe('no-store');
+    }
+    const models = await ctx.app.inject({ method: 'GET', url: '/v1//models', headers: user.headers });
+    expect(models.statusCode).toBe(200);
+    expect(models.json<{ object: string }>().object).toBe('list');
+    // Still refused without credentials, and unknown paths stay unknown.
+    expect((await ctx.app.inject({ method: 'GET', url: '/api/v1//users/me' })).statusCode).toBe(401);
+    expect((await ctx.app.inject({ method: 'GET', url: '/api/v1//no-such-thing', headers: user.headers })).statusCode).toBe(404);
+  });
+});
+
 // ==================== Over a real socket ====================
 
 describe('over a real socket', () => {
