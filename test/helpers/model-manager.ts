@@ -1,9 +1,11 @@
+import { afterAll, beforeAll, beforeEach } from 'vitest';
+
 import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
 import { ModelManager, type ModelManagerOptions, usageCallback, type UsageRecord } from '../../src/modules/ai-models/model-manager.js';
 import type { SdkLoader } from '../../src/modules/ai-models/provider-sdks.js';
 import { type ProviderRecord, ProviderRegistry } from '../../src/modules/ai-models/providers.js';
 import type { ModelInfo, ModelOverride } from '../../src/modules/ai-models/types.js';
-import type { FakeModelServer } from './fake-model-server.js';
+import { FakeModelServer } from './fake-model-server.js';
 
 export interface FakeManagerOptions {
   /** Built-in models (none by default) and the custom models on the fake provider. */
@@ -46,4 +48,26 @@ export function fakeModelManager(server: FakeModelServer, options: FakeManagerOp
     defaultMaxOutputTokens: 100,
     ...options.overrides,
   });
+}
+
+/** A test file's fake model server, and where its managers' usage records go (`fakeModelManager`'s `records`). */
+export interface FakeManagerServer {
+  server: FakeModelServer;
+  records: UsageRecord[];
+}
+
+/** Call at the top of a test file: the fake model server, started before its tests and closed after; before each test its script and log are reset and `records` is a new, empty array. */
+export function useFakeManagerServer(): FakeManagerServer {
+  const fake = { records: [] as UsageRecord[] } as FakeManagerServer;
+  beforeAll(async () => {
+    fake.server = await FakeModelServer.start();
+  });
+  afterAll(async () => {
+    await fake.server?.close();
+  });
+  beforeEach(() => {
+    fake.server.reset();
+    fake.records = [];
+  });
+  return fake;
 }

@@ -1,5 +1,5 @@
 import { jsonSchema, tool } from 'ai';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { z } from 'zod';
 
 import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
@@ -14,8 +14,8 @@ import {
 } from '../../src/modules/ai-models/model-manager.js';
 import { ProviderUnavailableError } from '../../src/modules/ai-models/providers.js';
 import type { ModelOverride } from '../../src/modules/ai-models/types.js';
-import { fakeEmbedding, FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
-import { fakeModelManager } from '../helpers/model-manager.js';
+import { fakeEmbedding, type ScriptedReply } from '../helpers/fake-model-server.js';
+import { fakeModelManager, useFakeManagerServer } from '../helpers/model-manager.js';
 
 const price = (input: string, output: string, cached?: string) => ({
   input_cost_per_million_tokens: input,
@@ -30,17 +30,16 @@ const CUSTOM_MODELS: ModelOverride[] = [
 ];
 
 const builtins = loadBuiltinModels();
-let server: FakeModelServer;
-let records: UsageRecord[];
+const fake = useFakeManagerServer();
 
 function manager(overrides: Partial<ModelManagerOptions> = {}, settings: { OPENAI_API_KEY?: string } = {}): ModelManager {
-  return fakeModelManager(server, { builtins, models: CUSTOM_MODELS, records, openaiKey: settings.OPENAI_API_KEY, overrides });
+  return fakeModelManager(fake.server, { builtins, models: CUSTOM_MODELS, records: fake.records, openaiKey: settings.OPENAI_API_KEY, overrides });
 }
 
 async function settled(count: number): Promise<UsageRecord[]> {
   const deadline = Date.now() + 5_000;
-  while (records.length < count && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
-  return records;
+  while (fake.records.length < count && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  return fake.records;
 }
 
 const hello = [{ role: 'user' as const, content: 'Hello' }];
@@ -75,20 +74,10 @@ async function streamFailure(stream: AsyncIterable<unknown>): Promise<unknown> {
   return undefined;
 }
 
-beforeAll(async () => {
-  server = await FakeModelServer.start();
-});
-afterAll(async () => {
-  await server.close();
-});
-beforeEach(() => {
-  server.reset();
-  records = [];
-});
 
 describe('ModelManager.chat', () => {
   it('answers, reports usage with cached and reasoning tokens, and prices it exactly', async () => {
-    server.script('fake-chat', { text: 'Hi there', usage: { prompt_tokens: 1200, completion_tokens: 300, cached_tokens: 1000, reasoning_tokens: 100 } });
+    fake.server.script('fake-chat', { text: 'Hi there', usage: { prompt_tokens: 1200, completion_tokens: 300, cached_tokens: 1000, reasoning_tokens: 100 } });
     const result = await manager().chat({ model: 'fake-chat', messages: hello, context: { user_id: 'u1', run_id: 'r1' } });
     expect(result).toMatchObject({ text: 'Hi there', model: 'fake-chat', provider: 'fake', finishReason: 'stop' });
     expect(result.usage).toEqual({ input: 1200, cached_input: 1000, cache_write: 0, output: 300, reasoning: 100 });
@@ -107,7 +96,7 @@ describe('ModelManager.chat', () => {
       context: { user_id: 'u1', run_id: 'r1' },
     });
     expect(record.latency_ms).toBeGreaterThanOrEqual(0);
-    const request = server.log[0]!;
+    const request = fake.server.log[0]!;
     expect(request.headers.authorization).toBe('Bearer fake-key');
     expect(request.headers['x-team']).toBe('keel');
   });
@@ -119,12 +108,12 @@ describe('ModelManager.chat', () => {
       meter: {
         reserve(e) {
           estimate = e;
-          events.push(`reserve:${server.log.length}`);
+          events.push(`reserve:${fake.server.log.length}`);
           return { settle: (r) => void events.push(`settle:${r.status}`) };
         },
       },
     });
-    server.script('fake-chat', { text: 'ok', usage: { prompt_tokens: 3, completion_tokens: 1 } });
+    fake.server.script('fake-chat', { text: 'ok', usage: { prompt_tokens: 3, completion_tokens: 1 } });
     await m.chat({ model: 'fake-chat', messages: hello, maxOutputTokens: 1000 });
     await new Promise((r) => setTimeout(r, 20));
     expect(events).toEqual(['reserve:0', 'settle:success']);
@@ -137,69 +126,69 @@ describe('ModelManager.chat', () => {
     const refusal = new Error('Insufficient credits');
     const m = manager({ meter: { reserve: () => Promise.reject(refusal) } });
     await expect(m.chat({ model: 'fake-chat', messages: hello })).rejects.toBe(refusal);
-    expect(server.log).toHaveLength(0);
+    expect(fake.server.log).toHaveLength(0);
   });
 
   it('retries an upstream 429 after its retry-after, then succeeds', async () => {
-    server.script('fake-chat', { status: 429, headers: { 'retry-after': '0.3' } }, { text: 'second time lucky', usage: { prompt_tokens: 1, completion_tokens: 1 } });
+    fake.server.script('fake-chat', { status: 429, headers: { 'retry-after': '0.3' } }, { text: 'second time lucky', usage: { prompt_tokens: 1, completion_tokens: 1 } });
     const started = Date.now();
     const result = await manager().chat({ model: 'fake-chat', messages: hello });
     expect(result.text).toBe('second time lucky');
     expect(Date.now() - started).toBeGreaterThanOrEqual(290);
-    expect(server.requestsFor('fake-chat').map((r) => r.reply)).toEqual([429, 200]);
+    expect(fake.server.requestsFor('fake-chat').map((r) => r.reply)).toEqual([429, 200]);
     expect((await settled(1))[0]).toMatchObject({ status: 'success', attempts: 2 });
   });
 
   it('caps a long retry-after at MODEL_RETRY_MAX_WAIT_MS and tries again (runs, ingestion)', async () => {
-    server.script('fake-chat', { status: 503, headers: { 'retry-after': '3600' } }, { text: 'ok' });
+    fake.server.script('fake-chat', { status: 503, headers: { 'retry-after': '3600' } }, { text: 'ok' });
     const started = Date.now();
     expect((await manager({ retryMaxWaitMs: 100 }).chat({ model: 'fake-chat', messages: hello })).text).toBe('ok');
     expect(Date.now() - started).toBeLessThan(2_000);
-    expect(server.log.map((r) => r.reply)).toEqual([503, 200]);
+    expect(fake.server.log.map((r) => r.reply)).toEqual([503, 200]);
   });
 
   it('a caller that backs off by itself is told a retry-after past MODEL_RETRY_MAX_WAIT_MS at once, after the fallbacks (chat and stream)', async () => {
     const models = () => manager({ retryMaxWaitMs: 1_000 });
     for (const [status, header] of [[503, '3600'], [429, '30']] as const) {
-      server.reset();
-      records = [];
-      server.script('fake-chat', { status, headers: { 'retry-after': header } }, { text: 'too soon' });
-      server.script('fake-backup', { text: 'from the backup' });
+      fake.server.reset();
+      fake.records = [];
+      fake.server.script('fake-chat', { status, headers: { 'retry-after': header } }, { text: 'too soon' });
+      fake.server.script('fake-backup', { text: 'from the backup' });
       const started = Date.now();
       expect(await models().chat({ model: 'fake-chat', messages: hello, interactive: true })).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
       expect(Date.now() - started).toBeLessThan(900);
-      expect(server.log.map((r) => [r.model, r.reply])).toEqual([['fake-chat', status], ['fake-backup', 200]]);
+      expect(fake.server.log.map((r) => [r.model, r.reply])).toEqual([['fake-chat', status], ['fake-backup', 200]]);
       expect((await settled(2)).map((r) => [r.model, r.status, r.attempts])).toEqual(expect.arrayContaining([['fake-chat', 'error', 1], ['fake-backup', 'success', 1]]));
     }
     // No fallback left: the provider's own wait reaches the caller.
     for (const operation of ['chat', 'stream'] as const) {
-      server.reset();
-      server.script('fake-backup', { status: 429, headers: { 'retry-after': '30' } }, { text: 'too soon' });
+      fake.server.reset();
+      fake.server.script('fake-backup', { status: 429, headers: { 'retry-after': '30' } }, { text: 'too soon' });
       const started = Date.now();
       const request = { model: 'fake-backup', messages: hello, interactive: true };
       const failed = operation === 'chat' ? models().chat(request) : models().stream(request).result;
       await expect(failed).rejects.toMatchObject({ upstreamStatus: 429, retryAfterMs: 30_000, waitPassedOn: true });
       expect(Date.now() - started).toBeLessThan(900);
-      expect(server.log).toHaveLength(1);
+      expect(fake.server.log).toHaveLength(1);
     }
     // A wait within the bound is still waited for.
-    server.reset();
-    server.script('fake-backup', { status: 429, headers: { 'retry-after': '0.2' } }, { text: 'waited' });
+    fake.server.reset();
+    fake.server.script('fake-backup', { status: 429, headers: { 'retry-after': '0.2' } }, { text: 'waited' });
     expect((await models().chat({ model: 'fake-backup', messages: hello, interactive: true })).text).toBe('waited');
-    expect(server.log.map((r) => r.reply)).toEqual([429, 200]);
+    expect(fake.server.log.map((r) => r.reply)).toEqual([429, 200]);
   });
 
   it('retries a 500 and a dropped connection', async () => {
-    server.script('fake-chat', { status: 500 }, { drop: 'immediately' }, { text: 'ok' });
+    fake.server.script('fake-chat', { status: 500 }, { drop: 'immediately' }, { text: 'ok' });
     const result = await manager().chat({ model: 'fake-chat', messages: hello });
     expect(result.text).toBe('ok');
-    expect(server.requestsFor('fake-chat').map((r) => r.reply)).toEqual([500, 'drop', 200]);
+    expect(fake.server.requestsFor('fake-chat').map((r) => r.reply)).toEqual([500, 'drop', 200]);
   });
 
   it('does not retry a 400: the error reaches the caller at once', async () => {
-    server.script('fake-chat', { status: 400, body: { error: { message: 'bad tool schema' } } });
+    fake.server.script('fake-chat', { status: 400, body: { error: { message: 'bad tool schema' } } });
     await expect(manager().chat({ model: 'fake-chat', messages: hello })).rejects.toThrow(UpstreamError);
-    expect(server.log).toHaveLength(1);
+    expect(fake.server.log).toHaveLength(1);
     expect((await settled(1))[0]?.error).toContain('bad tool schema');
   });
 
@@ -211,12 +200,12 @@ describe('ModelManager.chat', () => {
       ['stream', () => manager().stream({ model: 'fake-chat', messages: hello }).result],
       ['embeddings', () => manager().embed({ model: 'fake-embed', values: ['x'] })],
     ] as const) {
-      records = [];
-      server.reset();
+      fake.records = [];
+      fake.server.reset();
       // Embeddings: a 400 to base64 is asked again for numbers (see openai-wire.ts), refused alike.
       const refusal = { status: 400, body: echo };
-      if (what === 'embeddings') server.script('fake-embed', refusal, refusal);
-      else server.script('fake-chat', refusal);
+      if (what === 'embeddings') fake.server.script('fake-embed', refusal, refusal);
+      else fake.server.script('fake-chat', refusal);
       const failure = await (call as () => Promise<unknown>)().catch((e: unknown) => e);
       expect(failure, what).toBeInstanceOf(UpstreamError);
       const { message, detail, stack } = failure as UpstreamError;
@@ -229,15 +218,15 @@ describe('ModelManager.chat', () => {
 
   it("an upstream's error that echoes the credentials of a provider's Authorization header alone (without its scheme) carries them neither to the caller nor to the usage record", async () => {
     const token = 'hdr-token-0123456789';
-    const m = fakeModelManager(server, {
+    const m = fakeModelManager(fake.server, {
       models: [{ id: 'fake-bearer', provider: 'bearer', pricing: price('1', '2') }],
-      records,
+      records: fake.records,
       // Another header's second word is no credential (it would be redacted wherever an error says it).
-      providers: [{ id: 'bearer', kind: 'openai-compatible', base_url: server.url, headers: { Authorization: `Bearer ${token}`, 'X-Title': 'Acme Assistant' } }],
+      providers: [{ id: 'bearer', kind: 'openai-compatible', base_url: fake.server.url, headers: { Authorization: `Bearer ${token}`, 'X-Title': 'Acme Assistant' } }],
     });
-    server.script('fake-bearer', { status: 400, body: { error: { message: `Invalid token ${token}: Assistant messages must alternate` } } });
+    fake.server.script('fake-bearer', { status: 400, body: { error: { message: `Invalid token ${token}: Assistant messages must alternate` } } });
     const failure = await m.chat({ model: 'fake-bearer', messages: hello }).catch((e: unknown) => e);
-    expect(server.log[0]?.headers.authorization).toBe(`Bearer ${token}`);
+    expect(fake.server.log[0]?.headers.authorization).toBe(`Bearer ${token}`);
     expect(failure).toBeInstanceOf(UpstreamError);
     expect((failure as Error).message).toBe('Upstream 400 error: Invalid token [redacted]: Assistant messages must alternate');
     const [record] = await settled(1);
@@ -246,68 +235,68 @@ describe('ModelManager.chat', () => {
 
   it('a provider refusing the model itself (401, 402, 403, 404) is not retried: the fallback answers', async () => {
     for (const status of [401, 402, 403, 404]) {
-      server.reset();
-      server.script('fake-chat', { status, body: { error: { message: `refused ${status}` } } });
-      server.script('fake-backup', { text: 'from the backup' });
+      fake.server.reset();
+      fake.server.script('fake-chat', { status, body: { error: { message: `refused ${status}` } } });
+      fake.server.script('fake-backup', { text: 'from the backup' });
       const result = await manager().chat({ model: 'fake-chat', messages: hello });
       expect(result).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
-      expect(server.log.map((r) => [r.model, r.reply])).toEqual([['fake-chat', status], ['fake-backup', 200]]);
+      expect(fake.server.log.map((r) => [r.model, r.reply])).toEqual([['fake-chat', status], ['fake-backup', 200]]);
     }
     // With no fallback left, the refusal is the caller's error.
-    server.reset();
-    server.script('fake-backup', { status: 401, body: { error: { message: 'bad key' } } });
+    fake.server.reset();
+    fake.server.script('fake-backup', { status: 401, body: { error: { message: 'bad key' } } });
     await expect(manager().chat({ model: 'fake-backup', messages: hello })).rejects.toThrow(UpstreamError);
-    expect(server.log).toHaveLength(1);
+    expect(fake.server.log).toHaveLength(1);
   });
 
   it("two models that name each other as fallbacks: a call tries its model's own fallbacks, never theirs (no loop)", async () => {
-    const paired = fakeModelManager(server, { builtins, models: [CUSTOM_MODELS[0]!, { ...CUSTOM_MODELS[1]!, fallbacks: ['fake-chat'] }], records });
+    const paired = fakeModelManager(fake.server, { builtins, models: [CUSTOM_MODELS[0]!, { ...CUSTOM_MODELS[1]!, fallbacks: ['fake-chat'] }], records: fake.records });
     for (const [first, second] of [['fake-chat', 'fake-backup'], ['fake-backup', 'fake-chat']] as const) {
-      server.reset();
-      server.script('*', { status: 401, body: { error: { message: 'refused' } } }, { status: 401, body: { error: { message: 'refused' } } }, { status: 401, body: { error: { message: 'refused' } } });
+      fake.server.reset();
+      fake.server.script('*', { status: 401, body: { error: { message: 'refused' } } }, { status: 401, body: { error: { message: 'refused' } } }, { status: 401, body: { error: { message: 'refused' } } });
       await expect(paired.chat({ model: first, messages: hello })).rejects.toThrow(UpstreamError);
-      expect(server.log.map((r) => r.model)).toEqual([first, second]);
+      expect(fake.server.log.map((r) => r.model)).toEqual([first, second]);
     }
   });
 
   it('times out a hung upstream and aborts the request', async () => {
-    server.script('fake-chat', { hang: true });
-    server.script('fake-backup', { hang: true });
+    fake.server.script('fake-chat', { hang: true });
+    fake.server.script('fake-backup', { hang: true });
     const m = manager({ maxRetries: 0 });
     const started = Date.now();
     await expect(m.chat({ model: 'fake-chat', messages: hello, timeoutMs: 300 })).rejects.toThrow(ModelTimeoutError);
     expect(Date.now() - started).toBeLessThan(1_500);
-    await server.waitFor((log) => log.length === 2 && log.every((r) => r.aborted));
-    expect(server.log.map((r) => r.model)).toEqual(['fake-chat', 'fake-backup']);
+    await fake.server.waitFor((log) => log.length === 2 && log.every((r) => r.aborted));
+    expect(fake.server.log.map((r) => r.model)).toEqual(['fake-chat', 'fake-backup']);
     expect((await settled(2)).map((r) => r.status)).toEqual(['error', 'error']);
   });
 
   it('tries a timed-out attempt again for a run (SPEC §5), not for a waiting client (interactive): its fallbacks are, or it ends at once', async () => {
     const m = manager({ maxRetries: 1 });
-    server.script('fake-backup', { hang: true }, { text: 'second try' });
+    fake.server.script('fake-backup', { hang: true }, { text: 'second try' });
     expect((await m.chat({ model: 'fake-backup', messages: hello, timeoutMs: 300 })).text).toBe('second try');
-    expect(server.requestsFor('fake-backup')).toHaveLength(2);
+    expect(fake.server.requestsFor('fake-backup')).toHaveLength(2);
 
-    server.reset();
-    server.script('fake-backup', { hang: true }, { text: 'second try' });
+    fake.server.reset();
+    fake.server.script('fake-backup', { hang: true }, { text: 'second try' });
     const started = Date.now();
     await expect(m.chat({ model: 'fake-backup', messages: hello, timeoutMs: 300, interactive: true })).rejects.toThrow(ModelTimeoutError);
     expect(Date.now() - started).toBeLessThan(600);
-    await server.waitFor((log) => log.length === 1 && log[0]!.aborted);
+    await fake.server.waitFor((log) => log.length === 1 && log[0]!.aborted);
 
-    server.reset();
-    server.script('fake-chat', { hang: true }, { text: 'not asked again' });
-    server.script('fake-backup', { text: 'from the backup' });
+    fake.server.reset();
+    fake.server.script('fake-chat', { hang: true }, { text: 'not asked again' });
+    fake.server.script('fake-backup', { text: 'from the backup' });
     expect(await m.chat({ model: 'fake-chat', messages: hello, timeoutMs: 300, interactive: true })).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
-    expect(server.log.map((r) => r.model)).toEqual(['fake-chat', 'fake-backup']);
+    expect(fake.server.log.map((r) => r.model)).toEqual(['fake-chat', 'fake-backup']);
   });
 
   it('falls back to the next model when the first keeps failing, and meters both', async () => {
-    server.script('fake-chat', { status: 500 }, { status: 502 }, { status: 503 });
-    server.script('fake-backup', { text: 'from the backup', usage: { prompt_tokens: 10, completion_tokens: 5 } });
+    fake.server.script('fake-chat', { status: 500 }, { status: 502 }, { status: 503 });
+    fake.server.script('fake-backup', { text: 'from the backup', usage: { prompt_tokens: 10, completion_tokens: 5 } });
     const result = await manager().chat({ model: 'fake-chat', messages: hello });
     expect(result).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
-    expect(server.requestsFor('fake-chat')).toHaveLength(3); // 1 + MODEL_MAX_RETRIES
+    expect(fake.server.requestsFor('fake-chat')).toHaveLength(3); // 1 + MODEL_MAX_RETRIES
     const metered = await settled(2);
     expect(metered.map((r) => [r.model, r.status, r.attempts])).toEqual([
       ['fake-chat', 'error', 3],
@@ -318,7 +307,7 @@ describe('ModelManager.chat', () => {
   });
 
   it('returns tool calls for the caller to run', async () => {
-    server.script('fake-chat', { toolCalls: [{ id: 'call_1', name: 'get_weather', arguments: '{"city":"Oslo"}' }], usage: { prompt_tokens: 5, completion_tokens: 5 } });
+    fake.server.script('fake-chat', { toolCalls: [{ id: 'call_1', name: 'get_weather', arguments: '{"city":"Oslo"}' }], usage: { prompt_tokens: 5, completion_tokens: 5 } });
     const { jsonSchema, tool } = await import('ai');
     const result = await manager().chat({
       model: 'fake-chat',
@@ -327,28 +316,28 @@ describe('ModelManager.chat', () => {
     });
     expect(result.finishReason).toBe('tool-calls');
     expect(result.toolCalls).toEqual([{ toolCallId: 'call_1', toolName: 'get_weather', input: { city: 'Oslo' } }]);
-    const sent = server.log[0]!.body as { tools: { function: { name: string } }[] };
+    const sent = fake.server.log[0]!.body as { tools: { function: { name: string } }[] };
     expect(sent.tools[0]!.function.name).toBe('get_weather');
   });
 
   it('an aborted signal stops the call (even while waiting to retry) and records it as aborted', async () => {
-    server.script('fake-chat', { status: 429, headers: { 'retry-after': '10' } });
+    fake.server.script('fake-chat', { status: 429, headers: { 'retry-after': '10' } });
     const controller = new AbortController();
     const call = manager({ retryMaxWaitMs: 10_000 }).chat({ model: 'fake-chat', messages: hello, signal: controller.signal });
-    await server.waitFor((log) => log.length === 1 && log[0]!.completed);
+    await fake.server.waitFor((log) => log.length === 1 && log[0]!.completed);
     controller.abort();
     await expect(call).rejects.toThrow(ModelCallAbortedError);
-    expect(server.log).toHaveLength(1);
+    expect(fake.server.log).toHaveLength(1);
     expect((await settled(1))[0]!.status).toBe('aborted');
   });
 
   it('a caller gone while the call is being reserved: no upstream request, settled as aborted (chat and stream)', async () => {
     for (const operation of ['chat', 'stream'] as const) {
-      records = [];
+      fake.records = [];
       let release!: () => void;
       const gate = new Promise<void>((resolve) => (release = resolve));
       // A slow hold (a busy database): the caller leaves before it is granted.
-      const m = manager({ meter: { reserve: () => gate.then(() => ({ settle: (r) => void records.push(r) })) } });
+      const m = manager({ meter: { reserve: () => gate.then(() => ({ settle: (r) => void fake.records.push(r) })) } });
       const controller = new AbortController();
       const request = { model: 'fake-chat', messages: hello, signal: controller.signal };
       const call = operation === 'chat' ? m.chat(request) : m.stream(request).result;
@@ -357,7 +346,7 @@ describe('ModelManager.chat', () => {
       release();
       await expect(call, operation).rejects.toThrow(ModelCallAbortedError);
       await new Promise((r) => setTimeout(r, 100));
-      expect(server.log, operation).toHaveLength(0);
+      expect(fake.server.log, operation).toHaveLength(0);
       expect(await settled(1), operation).toMatchObject([{ status: 'aborted', attempts: 0, cost: '0', operation }]);
     }
   });
@@ -368,15 +357,15 @@ describe('ModelManager.chat', () => {
     await expect(m.chat({ model: 'gpt-4.1-mini', messages: hello })).rejects.toThrow('OPENAI_API_KEY is not set');
     expect(m.getModel('gpt-4.1-mini')).toMatchObject({ available: false, unavailable_reason: 'OPENAI_API_KEY is not set' });
     expect(m.getModel('fake-chat')).toMatchObject({ available: true, unavailable_reason: null });
-    expect(server.log).toHaveLength(0);
+    expect(fake.server.log).toHaveLength(0);
   });
 
   it('the built-in openai provider calls Chat Completions at OPENAI_BASE_URL with OPENAI_API_KEY', async () => {
-    server.script('gpt-4.1-mini', { text: 'via openai', usage: { prompt_tokens: 1000, completion_tokens: 1000, cached_tokens: 1000 } });
+    fake.server.script('gpt-4.1-mini', { text: 'via openai', usage: { prompt_tokens: 1000, completion_tokens: 1000, cached_tokens: 1000 } });
     const result = await manager({}, { OPENAI_API_KEY: 'sk-test' }).chat({ model: 'gpt-4.1-mini', messages: hello });
     expect(result).toMatchObject({ text: 'via openai', model: 'gpt-4.1-mini', provider: 'openai' });
-    expect(server.log[0]).toMatchObject({ path: '/v1/chat/completions', model: 'gpt-4.1-mini' });
-    expect(server.log[0]!.headers.authorization).toBe('Bearer sk-test');
+    expect(fake.server.log[0]).toMatchObject({ path: '/v1/chat/completions', model: 'gpt-4.1-mini' });
+    expect(fake.server.log[0]!.headers.authorization).toBe('Bearer sk-test');
     // Catalog prices: 1000 cached × 0.1 + 1000 output × 1.6 = 1700 / 10^6.
     expect(result.cost).toBe('0.0017');
   });
@@ -384,17 +373,17 @@ describe('ModelManager.chat', () => {
   it('calls a pinned snapshot or variant the catalog prices with its model as asked, at that price; another spelling calls the catalog id', async () => {
     const m = manager({}, { OPENAI_API_KEY: 'sk-test' });
     const usage = { prompt_tokens: 1000, completion_tokens: 1000, cached_tokens: 1000 };
-    server.script('gpt-4.1-mini-2025-04-14', { text: 'snapshot', usage });
+    fake.server.script('gpt-4.1-mini-2025-04-14', { text: 'snapshot', usage });
     const snapshot = await m.chat({ model: 'gpt-4.1-mini-2025-04-14', messages: hello });
     expect(snapshot).toMatchObject({ text: 'snapshot', model: 'gpt-4.1-mini-2025-04-14', provider: 'openai', cost: '0.0017' });
-    server.script('gpt-5-chat-latest', { text: 'variant' });
+    fake.server.script('gpt-5-chat-latest', { text: 'variant' });
     expect((await m.chat({ model: 'gpt-5-chat-latest', messages: hello })).model).toBe('gpt-5-chat-latest');
     // Another spelling, and a name that is no API model (o4-mini asked to reason hard): the entry's id.
-    server.script('gpt-5.1', { text: 'respelled' });
+    fake.server.script('gpt-5.1', { text: 'respelled' });
     expect((await m.chat({ model: 'gpt-5-1', messages: hello })).model).toBe('gpt-5.1');
-    server.script('o4-mini', { text: 'reasoned' });
+    fake.server.script('o4-mini', { text: 'reasoned' });
     expect((await m.chat({ model: 'o4-mini-high', messages: hello })).model).toBe('o4-mini');
-    expect(server.log.map((entry) => entry.model)).toEqual(['gpt-4.1-mini-2025-04-14', 'gpt-5-chat-latest', 'gpt-5.1', 'o4-mini']);
+    expect(fake.server.log.map((entry) => entry.model)).toEqual(['gpt-4.1-mini-2025-04-14', 'gpt-5-chat-latest', 'gpt-5.1', 'o4-mini']);
     // The catalog entry still answers for the snapshot's id (GET /models/{id}); the call's model is the snapshot, at the entry's price.
     expect(m.getModel('gpt-4.1-mini-2025-04-14')?.id).toBe('gpt-4.1-mini');
     expect(m.modelAsCalled('gpt-4.1-mini-2025-04-14')).toMatchObject({ id: 'gpt-4.1-mini-2025-04-14', pricing: m.getModel('gpt-4.1-mini')!.pricing });
@@ -404,26 +393,26 @@ describe('ModelManager.chat', () => {
   it('falls back to a pinned snapshot as it is named', async () => {
     const catalog = new ModelCatalog(builtins, [...CUSTOM_MODELS, { id: 'gpt-4.1', fallbacks: ['gpt-4.1-mini-2025-04-14'] }]);
     const m = manager({ catalog, maxRetries: 0 }, { OPENAI_API_KEY: 'sk-test' });
-    server.script('gpt-4.1', { status: 500 });
-    server.script('gpt-4.1-mini-2025-04-14', { text: 'fallback' });
+    fake.server.script('gpt-4.1', { status: 500 });
+    fake.server.script('gpt-4.1-mini-2025-04-14', { text: 'fallback' });
     expect(await m.chat({ model: 'gpt-4.1', messages: hello })).toMatchObject({ text: 'fallback', model: 'gpt-4.1-mini-2025-04-14' });
-    expect(server.log.map((entry) => entry.model)).toEqual(['gpt-4.1', 'gpt-4.1-mini-2025-04-14']);
+    expect(fake.server.log.map((entry) => entry.model)).toEqual(['gpt-4.1', 'gpt-4.1-mini-2025-04-14']);
   });
 
   it('skips a fallback whose provider has no credentials, says so in the model\'s view, and fails with its own model\'s error when no other answers', async () => {
     const catalog = new ModelCatalog(builtins, [...CUSTOM_MODELS, { id: 'fake-chat', fallbacks: ['gpt-4.1', 'fake-backup'] }]);
     const m = manager({ catalog, maxRetries: 0 });
     expect(m.publicView(m.getModel('fake-chat')!).unavailable_fallbacks).toEqual([{ name: 'gpt-4.1', reason: 'OPENAI_API_KEY is not set' }]);
-    server.script('fake-chat', { status: 500 }, { status: 500 });
-    server.script('fake-backup', { text: 'from the backup' }, { status: 500 });
+    fake.server.script('fake-chat', { status: 500 }, { status: 500 });
+    fake.server.script('fake-backup', { text: 'from the backup' }, { status: 500 });
     expect(await m.chat({ model: 'fake-chat', messages: hello })).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
     // None left that can answer: the caller gets its model's upstream error, not the skipped fallback's 503.
     await expect(m.chat({ model: 'fake-chat', messages: hello })).rejects.toMatchObject({ statusCode: 502, upstreamStatus: 500 });
-    expect(server.log.map((entry) => entry.model)).toEqual(['fake-chat', 'fake-backup', 'fake-chat', 'fake-backup']);
+    expect(fake.server.log.map((entry) => entry.model)).toEqual(['fake-chat', 'fake-backup', 'fake-chat', 'fake-backup']);
   });
 
   it("tells the openai provider what the request asks of it as its own options: a loose schema, reasoning effort, the end user, one tool call at a time", async () => {
-    server.script('gpt-4.1-mini', { text: '{}' });
+    fake.server.script('gpt-4.1-mini', { text: '{}' });
     await manager({}, { OPENAI_API_KEY: 'sk-test' }).chat({
       model: 'gpt-4.1-mini',
       messages: hello,
@@ -432,11 +421,11 @@ describe('ModelManager.chat', () => {
       user: 'end-user-7',
       parallelToolCalls: false,
     });
-    expect(server.log[0]!.body).toMatchObject({ reasoning_effort: 'low', user: 'end-user-7', parallel_tool_calls: false, response_format: { type: 'json_schema', json_schema: { strict: false } } });
+    expect(fake.server.log[0]!.body).toMatchObject({ reasoning_effort: 'low', user: 'end-user-7', parallel_tool_calls: false, response_format: { type: 'json_schema', json_schema: { strict: false } } });
     // One it does not take is the request's fault (400 in the SDK's words), not a 500; nothing goes upstream.
     const refused = await manager({}, { OPENAI_API_KEY: 'sk-test' }).chat({ model: 'gpt-4.1-mini', messages: hello, reasoningEffort: 'auto' }).catch((e: unknown) => e);
     expect(refused).toMatchObject({ statusCode: 400 });
-    expect(server.log).toHaveLength(1);
+    expect(fake.server.log).toHaveLength(1);
   });
 
   it('refuses a part its provider has no place for (a file of a type an openai-compatible model does not take) as the request\'s fault, 400, without calling it', async () => {
@@ -444,7 +433,7 @@ describe('ModelManager.chat', () => {
     const refused = await manager().chat({ model: 'fake-chat', messages: file }).catch((e: unknown) => e);
     expect(refused).toMatchObject({ statusCode: 400 });
     expect((refused as Error).message).toMatch(/media type/);
-    expect(server.log).toHaveLength(0);
+    expect(fake.server.log).toHaveLength(0);
   });
 
   it('lists models with availability; disabled ones only when asked', () => {
@@ -455,12 +444,12 @@ describe('ModelManager.chat', () => {
 
   it('an answer that broke the tool choice fails the call and is charged as the provider billed it, on every path (the SDK\'s generateText too)', async () => {
     for (const [name, way] of NAMED.filter(([, way]) => way.tools)) {
-      server.reset();
-      records = [];
-      server.script('fake-chat', { text: 'No tool for you', usage: { prompt_tokens: 1000, completion_tokens: 500 } });
+      fake.server.reset();
+      fake.records = [];
+      fake.server.script('fake-chat', { text: 'No tool for you', usage: { prompt_tokens: 1000, completion_tokens: 500 } });
       const failure = await manager().chat({ model: 'fake-chat', messages: hello, ...way, toolChoice: 'required' }).catch((e: unknown) => e);
       expect(failure, name).toBeInstanceOf(ModelToolChoiceError);
-      expect(server.log, name).toHaveLength(1); // the request's fault: no retry, no fallback
+      expect(fake.server.log, name).toHaveLength(1); // the request's fault: no retry, no fallback
       // 1000 × 2 + 500 × 8 = 6000 / 10^6, as reported: not an estimate, not nothing.
       expect((await settled(1))[0], name).toMatchObject({ status: 'error', estimated: false, tokens: { input: 1000, output: 500 }, cost: '0.006' });
     }
@@ -475,7 +464,7 @@ describe('ModelManager.chat', () => {
 
 describe('ModelManager.stream', () => {
   it('streams text with time to first token and usage', async () => {
-    server.script('fake-chat', { chunks: ['Hel', 'lo ', 'world'], chunkDelayMs: 20, usage: { prompt_tokens: 7, completion_tokens: 3, cached_tokens: 2, reasoning_tokens: 1 } });
+    fake.server.script('fake-chat', { chunks: ['Hel', 'lo ', 'world'], chunkDelayMs: 20, usage: { prompt_tokens: 7, completion_tokens: 3, cached_tokens: 2, reasoning_tokens: 1 } });
     const stream = manager().stream({ model: 'fake-chat', messages: hello });
     const deltas: string[] = [];
     let finish;
@@ -488,7 +477,7 @@ describe('ModelManager.stream', () => {
     expect(finish).toEqual(result);
     expect(result.usage).toEqual({ input: 7, cached_input: 2, cache_write: 0, output: 3, reasoning: 1 });
     expect(result.time_to_first_token_ms).toBeGreaterThanOrEqual(15);
-    expect(server.log[0]!.body.stream_options).toEqual({ include_usage: true });
+    expect(fake.server.log[0]!.body.stream_options).toEqual({ include_usage: true });
     const record = (await settled(1))[0]!;
     // 5 × 2 + 2 × 0.5 + 3 × 8 = 35 / 10^6
     expect(record).toMatchObject({ operation: 'stream', status: 'success', cost: '0.000035' });
@@ -496,7 +485,7 @@ describe('ModelManager.stream', () => {
   });
 
   it('streams tool calls', async () => {
-    server.script('fake-chat', { toolCalls: [{ id: 'call_9', name: 'lookup', arguments: '{"q":"keel"}' }], usage: { prompt_tokens: 1, completion_tokens: 1 } });
+    fake.server.script('fake-chat', { toolCalls: [{ id: 'call_9', name: 'lookup', arguments: '{"q":"keel"}' }], usage: { prompt_tokens: 1, completion_tokens: 1 } });
     const stream = manager().stream({ model: 'fake-chat', messages: hello });
     const calls = [];
     for await (const event of stream) if (event.type === 'tool-call') calls.push(event.toolCall);
@@ -504,7 +493,7 @@ describe('ModelManager.stream', () => {
   });
 
   it('aborting mid-stream aborts the upstream request', async () => {
-    server.script('fake-chat', { chunks: Array.from({ length: 50 }, (_, i) => `w${i} `), chunkDelayMs: 30 });
+    fake.server.script('fake-chat', { chunks: Array.from({ length: 50 }, (_, i) => `w${i} `), chunkDelayMs: 30 });
     const controller = new AbortController();
     const stream = manager().stream({ model: 'fake-chat', messages: hello, signal: controller.signal });
     const seen: string[] = [];
@@ -516,24 +505,24 @@ describe('ModelManager.stream', () => {
         }
       })(),
     ).rejects.toThrow(ModelCallAbortedError);
-    await server.waitFor((log) => log[0]?.aborted === true);
-    expect(server.log[0]!.completed).toBe(false);
-    expect(server.log[0]!.chunksSent).toBeLessThan(50);
+    await fake.server.waitFor((log) => log[0]?.aborted === true);
+    expect(fake.server.log[0]!.completed).toBe(false);
+    expect(fake.server.log[0]!.chunksSent).toBeLessThan(50);
     const record = (await settled(1))[0]!;
     expect(record).toMatchObject({ status: 'aborted', estimated: true });
     expect(record.tokens.output).toBeGreaterThan(0); // estimated from what was streamed
   });
 
   it('stopping the iteration (break) aborts the upstream request too', async () => {
-    server.script('fake-chat', { chunks: Array.from({ length: 50 }, (_, i) => `w${i} `), chunkDelayMs: 30 });
+    fake.server.script('fake-chat', { chunks: Array.from({ length: 50 }, (_, i) => `w${i} `), chunkDelayMs: 30 });
     const stream = manager().stream({ model: 'fake-chat', messages: hello });
     for await (const event of stream) if (event.type === 'text-delta') break;
-    await server.waitFor((log) => log[0]?.aborted === true);
+    await fake.server.waitFor((log) => log[0]?.aborted === true);
     await expect(stream.result).rejects.toThrow(ModelCallAbortedError);
   });
 
   it('retries before the first chunk; after it, a dropped connection ends the stream with an error', async () => {
-    server.script('fake-chat', { status: 429, headers: { 'retry-after': '0' } }, { chunks: ['a ', 'b ', 'c '], chunkDelayMs: 30, drop: { afterChunks: 2 } });
+    fake.server.script('fake-chat', { status: 429, headers: { 'retry-after': '0' } }, { chunks: ['a ', 'b ', 'c '], chunkDelayMs: 30, drop: { afterChunks: 2 } });
     const stream = manager().stream({ model: 'fake-chat', messages: hello });
     const seen: string[] = [];
     await expect(
@@ -542,12 +531,12 @@ describe('ModelManager.stream', () => {
       })(),
     ).rejects.toThrow();
     expect(seen.length).toBeGreaterThan(0);
-    expect(server.requestsFor('fake-chat')).toHaveLength(2); // no retry after output reached the caller
-    expect(server.requestsFor('fake-backup')).toHaveLength(0);
+    expect(fake.server.requestsFor('fake-chat')).toHaveLength(2); // no retry after output reached the caller
+    expect(fake.server.requestsFor('fake-backup')).toHaveLength(0);
   });
 
   it('times out a stream that stalls between chunks', async () => {
-    server.script('fake-chat', { chunks: ['a ', 'b '], stallAfterChunks: 1 });
+    fake.server.script('fake-chat', { chunks: ['a ', 'b '], stallAfterChunks: 1 });
     const stream = manager().stream({ model: 'fake-chat', messages: hello, timeoutMs: 200 });
     const started = Date.now();
     const seen: string[] = [];
@@ -558,8 +547,8 @@ describe('ModelManager.stream', () => {
     ).rejects.toThrow(ModelTimeoutError);
     expect(seen).toEqual(['a ']);
     expect(Date.now() - started).toBeLessThan(1_500);
-    await server.waitFor((log) => log[0]?.aborted === true);
-    expect(server.log).toHaveLength(1); // output had reached the caller: no retry, no fallback
+    await fake.server.waitFor((log) => log[0]?.aborted === true);
+    expect(fake.server.log).toHaveLength(1); // output had reached the caller: no retry, no fallback
   });
 });
 
@@ -580,15 +569,15 @@ describe('ModelManager.stream limits', () => {
 
   it('ends a stream at its total deadline however steadily it trickles: 504, upstream closed, metered, no fallback', async () => {
     // A chunk every 50 ms for 50 s: the chunk timeout (2 s) never fires.
-    server.script('fake-chat', { chunks: Array.from({ length: 1_000 }, () => 'x '), chunkDelayMs: 50 });
+    fake.server.script('fake-chat', { chunks: Array.from({ length: 1_000 }, () => 'x '), chunkDelayMs: 50 });
     const { texts, failure, ms } = await drain(manager({ streamTimeoutMs: 1_000 }));
     expect(failure).toBeInstanceOf(ModelAnswerLimitError);
     expect(failure).toMatchObject({ statusCode: 504, detail: "The model's answer did not finish within 1000 ms" });
     expect(ms).toBeGreaterThanOrEqual(950);
     expect(ms).toBeLessThan(2_000);
     expect(texts.length).toBeGreaterThan(5);
-    await server.waitFor((log) => log[0]?.aborted === true);
-    expect(server.log).toHaveLength(1); // fake-chat's fallback is not tried
+    await fake.server.waitFor((log) => log[0]?.aborted === true);
+    expect(fake.server.log).toHaveLength(1); // fake-chat's fallback is not tried
     const record = (await settled(1))[0]!;
     expect(record).toMatchObject({ status: 'error', estimated: true, error: "The model's answer did not finish within 1000 ms" });
     expect(record.tokens.output).toBeGreaterThan(0);
@@ -597,45 +586,45 @@ describe('ModelManager.stream limits', () => {
   it("a retry-after the stream's deadline would pass is not waited out: the fallback is tried at once, else the provider's refusal (its wait passed on) ends the call", async () => {
     const limited: ScriptedReply = { status: 429, headers: { 'retry-after': '3' } };
     const models = manager({ streamTimeoutMs: 1_500, retryMaxWaitMs: 5_000 });
-    server.script('fake-chat', limited);
-    server.script('fake-backup', { text: 'from the backup' });
+    fake.server.script('fake-chat', limited);
+    fake.server.script('fake-backup', { text: 'from the backup' });
     let started = Date.now();
     const answered = await models.stream({ model: 'fake-chat', messages: hello }).result;
     expect(answered).toMatchObject({ text: 'from the backup', model: 'fake-backup' });
     expect(Date.now() - started).toBeLessThan(1_000);
-    expect(server.log.map((r) => [r.model, r.reply])).toEqual([['fake-chat', 429], ['fake-backup', 200]]);
+    expect(fake.server.log.map((r) => [r.model, r.reply])).toEqual([['fake-chat', 429], ['fake-backup', 200]]);
 
-    server.reset();
-    records = [];
-    server.script('fake-chat', limited);
-    server.script('fake-backup', limited);
+    fake.server.reset();
+    fake.records = [];
+    fake.server.script('fake-chat', limited);
+    fake.server.script('fake-backup', limited);
     started = Date.now();
     const failure = await manager({ streamTimeoutMs: 1_500, retryMaxWaitMs: 5_000 }).stream({ model: 'fake-chat', messages: hello }).result.catch((e: unknown) => e);
     expect(Date.now() - started).toBeLessThan(1_000);
     expect(failure).toBeInstanceOf(UpstreamError);
     expect(failure).toMatchObject({ upstreamStatus: 429, retryAfterMs: 3_000, waitPassedOn: true });
     // Each model asked once: none was sent a try only to have it cut off at the deadline.
-    expect(server.log.map((r) => [r.model, r.reply])).toEqual([['fake-chat', 429], ['fake-backup', 429]]);
+    expect(fake.server.log.map((r) => [r.model, r.reply])).toEqual([['fake-chat', 429], ['fake-backup', 429]]);
     expect((await settled(2)).map((r) => [r.model, r.status, r.attempts])).toEqual([['fake-chat', 'error', 1], ['fake-backup', 'error', 1]]);
   });
 
   it('the deadline also ends a stream that sends only empty chunks (each one resets the chunk timeout)', async () => {
-    server.script('fake-chat', { chunks: Array.from({ length: 1_000 }, () => ''), chunkDelayMs: 50 });
+    fake.server.script('fake-chat', { chunks: Array.from({ length: 1_000 }, () => ''), chunkDelayMs: 50 });
     const { texts, failure } = await drain(manager({ streamTimeoutMs: 1_000 }));
     expect(failure).toBeInstanceOf(ModelAnswerLimitError);
     expect(texts).toEqual([]);
-    await server.waitFor((log) => log[0]?.aborted === true);
-    expect(server.log).toHaveLength(1); // not retried
+    await fake.server.waitFor((log) => log[0]?.aborted === true);
+    expect(fake.server.log).toHaveLength(1); // not retried
   });
 
   it('ends a stream whose answer passes the size limit: 502, upstream closed, metered', async () => {
-    server.script('fake-chat', { chunks: Array.from({ length: 200 }, () => 'x'.repeat(100)), chunkDelayMs: 5 });
+    fake.server.script('fake-chat', { chunks: Array.from({ length: 200 }, () => 'x'.repeat(100)), chunkDelayMs: 5 });
     const { texts, failure } = await drain(manager({ maxResponseBytes: 1_000 }));
     expect(failure).toBeInstanceOf(ModelAnswerLimitError);
     expect(failure).toMatchObject({ statusCode: 502 });
     expect(texts.join('').length).toBeLessThanOrEqual(1_000);
-    await server.waitFor((log) => log[0]?.aborted === true);
-    expect(server.log[0]!.chunksSent).toBeLessThan(200);
+    await fake.server.waitFor((log) => log[0]?.aborted === true);
+    expect(fake.server.log[0]!.chunksSent).toBeLessThan(200);
     const record = (await settled(1))[0]!;
     expect(record).toMatchObject({ status: 'error', estimated: true });
     expect(record.tokens.output).toBeGreaterThan(250);
@@ -651,84 +640,84 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
 
   it('a chat answer past the limit ends the call: 502 naming the limit, unretried, no fallback, its connection closed, metered as an error', async () => {
     for (const [path, extra] of NAMED) {
-      server.reset();
-      records = [];
-      server.script('fake-chat', { text: 'Hi', padBytes: PAD });
+      fake.server.reset();
+      fake.records = [];
+      fake.server.script('fake-chat', { text: 'Hi', padBytes: PAD });
       const failure = await failureOf(limited().chat({ model: 'fake-chat', messages: hello, ...extra }));
       expect(failure, path).toBeInstanceOf(ModelAnswerLimitError);
       expect(failure, path).toMatchObject({ statusCode: 502, detail: EXCEEDED });
-      await server.waitFor((log) => log[0]?.aborted === true, 2_000);
-      expect(server.log, path).toHaveLength(1); // fake-chat's fallback is not tried either
+      await fake.server.waitFor((log) => log[0]?.aborted === true, 2_000);
+      expect(fake.server.log, path).toHaveLength(1); // fake-chat's fallback is not tried either
       // Read no further than the limit: what was sent beyond it sits in the sockets' buffers at most.
-      expect(server.log[0]!.bodyBytesSent, path).toBeLessThan(PAD / 4);
+      expect(fake.server.log[0]!.bodyBytesSent, path).toBeLessThan(PAD / 4);
       expect(await settled(1), path).toMatchObject([{ operation: 'chat', model: 'fake-chat', status: 'error', error: EXCEEDED, attempts: 1 }]);
     }
   });
 
   it('an answer that announces its length past the limit is refused the same (SDK with tools)', async () => {
     const completion = JSON.stringify({ id: 'x', object: 'chat.completion', created: 1, model: 'fake-chat', choices: [{ index: 0, message: { role: 'assistant', content: 'x'.repeat(2 * LIMIT) }, finish_reason: 'stop' }] });
-    server.script('fake-chat', { rawBody: completion });
+    fake.server.script('fake-chat', { rawBody: completion });
     const failure = await failureOf(limited().chat({ model: 'fake-chat', messages: hello, ...SDK_TOOLS }));
     expect(failure).toMatchObject({ statusCode: 502, detail: EXCEEDED });
-    expect(server.log).toHaveLength(1);
+    expect(fake.server.log).toHaveLength(1);
   });
 
   /** An embeddings answer may carry the limit or 128 KiB a vector asked for, whichever is more. */
   const PER_VECTOR = 128 * 1024;
 
   it('an embeddings answer past what its batch may carry: the same, the message naming that size', async () => {
-    server.script('fake-embed', { padBytes: PAD });
+    fake.server.script('fake-embed', { padBytes: PAD });
     const failure = await failureOf(limited().embed({ model: 'fake-embed', values: ['hello'] }));
     expect(failure).toBeInstanceOf(ModelAnswerLimitError);
     expect(failure).toMatchObject({ statusCode: 502, detail: `The model's answer exceeded ${PER_VECTOR} bytes` });
-    await server.waitFor((log) => log[0]?.aborted === true, 2_000);
-    expect(server.log).toHaveLength(1);
-    expect(server.log[0]!.bodyBytesSent).toBeLessThan(PAD / 4);
+    await fake.server.waitFor((log) => log[0]?.aborted === true, 2_000);
+    expect(fake.server.log).toHaveLength(1);
+    expect(fake.server.log[0]!.bodyBytesSent).toBeLessThan(PAD / 4);
     expect(await settled(1)).toMatchObject([{ operation: 'embed', status: 'error', error: `The model's answer exceeded ${PER_VECTOR} bytes` }]);
   });
 
   it('an embeddings batch answers with more than the limit when its vectors need it (OpenAI takes 2,048 inputs of ~60 KB each as JSON), up to 128 KiB a vector', async () => {
     const values = ['a', 'b', 'c', 'd'];
-    server.script('fake-embed', { padBytes: 3 * PER_VECTOR });
+    fake.server.script('fake-embed', { padBytes: 3 * PER_VECTOR });
     expect(vectorsOf(await limited().embed({ model: 'fake-embed', values }))).toEqual(values.map((v) => fakeEmbedding(v)));
-    server.script('fake-embed', { padBytes: 5 * PER_VECTOR });
+    fake.server.script('fake-embed', { padBytes: 5 * PER_VECTOR });
     const failure = await failureOf(limited().embed({ model: 'fake-embed', values }));
     expect(failure).toMatchObject({ statusCode: 502, detail: `The model's answer exceeded ${4 * PER_VECTOR} bytes` });
   });
 
   it('answers within the limit come through whole on every path, embeddings too', async () => {
     for (const [path, extra] of NAMED) {
-      server.script('fake-chat', { text: 'Hi', padBytes: LIMIT / 2 });
+      fake.server.script('fake-chat', { text: 'Hi', padBytes: LIMIT / 2 });
       expect((await limited().chat({ model: 'fake-chat', messages: hello, ...extra })).text, path).toBe('Hi');
     }
-    server.script('fake-embed', { padBytes: LIMIT / 2 });
+    fake.server.script('fake-embed', { padBytes: LIMIT / 2 });
     expect(vectorsOf(await limited().embed({ model: 'fake-embed', values: ['hello'] }))).toEqual([fakeEmbedding('hello')]);
-    expect(server.log.every((r) => r.completed && !r.aborted)).toBe(true);
+    expect(fake.server.log.every((r) => r.completed && !r.aborted)).toBe(true);
   });
 
   it('a stream is not capped by its bytes (its framing is most of them): an answer whose text is within the limit comes through (SDK with tools)', async () => {
     const pieces = Array.from({ length: 400 }, (_, i) => `w${i % 10} `);
-    server.script('fake-chat', { chunks: pieces });
+    fake.server.script('fake-chat', { chunks: pieces });
     const small = 4_096;
     const texts: string[] = [];
     const stream = manager({ maxResponseBytes: small }).stream({ model: 'fake-chat', messages: hello, ...SDK_TOOLS });
     for await (const event of stream) if (event.type === 'text-delta') texts.push(event.text);
     expect(texts.join('')).toBe(pieces.join(''));
     expect(texts.join('').length).toBeLessThan(small);
-    expect(server.log[0]!.chunksSent * 100).toBeGreaterThan(small); // each event is far more than its text
+    expect(fake.server.log[0]!.chunksSent * 100).toBeGreaterThan(small); // each event is far more than its text
   });
 
   it("the manager's word to the limited fetch (what answer to expect) never reaches the upstream", async () => {
-    server.script('fake-chat', { chunks: ['a', 'b'] });
+    fake.server.script('fake-chat', { chunks: ['a', 'b'] });
     for await (const event of limited().stream({ model: 'fake-chat', messages: hello, ...SDK_TOOLS })) void event;
-    server.script('fake-embed', {});
+    fake.server.script('fake-embed', {});
     await limited().embed({ model: 'fake-embed', values: ['hello', 'world'] });
-    expect(server.log.length).toBeGreaterThanOrEqual(2);
-    for (const request of server.log) expect(Object.keys(request.headers).filter((name) => name.startsWith('x-keel'))).toEqual([]);
+    expect(fake.server.log.length).toBeGreaterThanOrEqual(2);
+    for (const request of fake.server.log) expect(Object.keys(request.headers).filter((name) => name.startsWith('x-keel'))).toEqual([]);
   });
 
   it('a stream event that does not end is not held past the limit (the SDK would assemble it): 502 at once, the connection closed', async () => {
-    server.script('fake-chat', { rawBody: `data: {"choices":[{"index":0,"delta":{"content":"${'x'.repeat(1024 * 1024)}`, holdOpen: true });
+    fake.server.script('fake-chat', { rawBody: `data: {"choices":[{"index":0,"delta":{"content":"${'x'.repeat(1024 * 1024)}`, holdOpen: true });
     const started = Date.now();
     const failure = await failureOf(
       (async () => {
@@ -738,17 +727,17 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
     expect(failure).toBeInstanceOf(ModelAnswerLimitError);
     expect(failure).toMatchObject({ statusCode: 502, detail: EXCEEDED });
     expect(Date.now() - started).toBeLessThan(1_000); // the attempt's timeout is 2 s
-    await server.waitFor((log) => log[0]?.aborted === true, 1_000);
-    expect(server.log).toHaveLength(1);
+    await fake.server.waitFor((log) => log[0]?.aborted === true, 1_000);
+    expect(fake.server.log).toHaveLength(1);
   });
 
   it('tool-call input the SDK assembles from a stream is not held past the limit either (provider model, SDK with tools)', async () => {
     const sse = (chunk: unknown) => `data: ${JSON.stringify(chunk)}\n\n`;
     const piece = (args: string) => sse({ choices: [{ index: 0, delta: { tool_calls: [{ index: 0, id: 'call_1', type: 'function', function: { name: 'lookup', arguments: args } }] }, finish_reason: null }] });
     for (const [path, extra] of NAMED.slice(1)) {
-      server.reset();
+      fake.server.reset();
       // Each event well within the limit, their input together four times past it, and no end.
-      server.script('fake-chat', { rawBody: piece('{"q":"') + piece('x'.repeat(16 * 1024)).repeat(16), holdOpen: true });
+      fake.server.script('fake-chat', { rawBody: piece('{"q":"') + piece('x'.repeat(16 * 1024)).repeat(16), holdOpen: true });
       const started = Date.now();
       const failure = await failureOf(
         (async () => {
@@ -758,22 +747,22 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
       expect(failure, path).toBeInstanceOf(ModelAnswerLimitError);
       expect(failure, path).toMatchObject({ statusCode: 502, detail: `The model's answer exceeded ${LIMIT} characters` });
       expect(Date.now() - started, path).toBeLessThan(1_000); // the attempt's timeout is 2 s
-      await server.waitFor((log) => log[0]?.aborted === true, 1_000);
-      expect(server.log, path).toHaveLength(1);
+      await fake.server.waitFor((log) => log[0]?.aborted === true, 1_000);
+      expect(fake.server.log, path).toHaveLength(1);
     }
   });
 
   it("the caller's abort still reaches the upstream through the limited fetch, before the answer and mid-stream (provider model, SDK with tools)", async () => {
     for (const [path, extra] of NAMED.slice(1)) {
-      server.reset();
-      server.script('fake-chat', { hang: true });
+      fake.server.reset();
+      fake.server.script('fake-chat', { hang: true });
       const controller = new AbortController();
       setTimeout(() => controller.abort(), 100);
       expect(await failureOf(limited().chat({ model: 'fake-chat', messages: hello, signal: controller.signal, ...extra })), path).toBeInstanceOf(ModelCallAbortedError);
-      await server.waitFor((log) => log[0]?.aborted === true, 1_000);
+      await fake.server.waitFor((log) => log[0]?.aborted === true, 1_000);
 
-      server.reset();
-      server.script('fake-chat', { chunks: Array.from({ length: 50 }, (_, i) => `w${i} `), chunkDelayMs: 30 });
+      fake.server.reset();
+      fake.server.script('fake-chat', { chunks: Array.from({ length: 50 }, (_, i) => `w${i} `), chunkDelayMs: 30 });
       const midway = new AbortController();
       let seen = 0;
       const failure = await failureOf(
@@ -784,8 +773,8 @@ describe("the answer size limit on the SDK's paths as on the wire's (MODEL_MAX_R
         })(),
       );
       expect(failure, path).toBeInstanceOf(ModelCallAbortedError);
-      await server.waitFor((log) => log[0]?.aborted === true, 1_000);
-      expect(server.log[0]!.chunksSent, path).toBeLessThan(50);
+      await fake.server.waitFor((log) => log[0]?.aborted === true, 1_000);
+      expect(fake.server.log[0]!.chunksSent, path).toBeLessThan(50);
     }
   });
 });
@@ -801,7 +790,7 @@ describe('a conversation the SDK cannot convert, an error event in a stream', ()
         expect((failure as ModelArgumentError).detail, path).toContain('c1');
       }
     }
-    expect(server.log).toEqual([]);
+    expect(fake.server.log).toEqual([]);
   });
 
   it('a stream that carries the provider\'s error event after its first text fails with the provider\'s 502 naming it, on every path', async () => {
@@ -810,13 +799,13 @@ describe('a conversation the SDK cannot convert, an error event in a stream', ()
     for (const message of ['overloaded mid stream', 'upstream socket terminated']) {
       const rawBody = `${chunk({ role: 'assistant', content: 'Hel' })}data: ${JSON.stringify({ error: { message, type: 'server_error' } })}\n\n`;
       for (const [path, extra] of NAMED) {
-        server.reset();
-        server.script('fake-chat', { rawBody });
+        fake.server.reset();
+        fake.server.script('fake-chat', { rawBody });
         const failure = await streamFailure(manager().stream({ model: 'fake-chat', messages: hello, ...extra }));
         expect(failure, path).toBeInstanceOf(UpstreamError);
         expect(failure, path).toMatchObject({ statusCode: 502 });
         expect((failure as Error).message, path).toBe(`Upstream error in the stream: ${message}`); // the same words on every path
-        expect(server.log, path).toHaveLength(1); // text reached the caller: no retry, no fallback
+        expect(fake.server.log, path).toHaveLength(1); // text reached the caller: no retry, no fallback
       }
     }
   });
@@ -824,21 +813,21 @@ describe('a conversation the SDK cannot convert, an error event in a stream', ()
 
 describe('ModelManager.embed', () => {
   it("a call whose vectors are compared with its model's own (sameModel) is not answered by a fallback: it fails with its model's error", async () => {
-    const models = fakeModelManager(server, {
+    const models = fakeModelManager(fake.server, {
       models: [
         { id: 'fake-embed-main', provider: 'fake', capabilities: ['embedding'], pricing: price('0.02', '0'), fallbacks: ['fake-embed-other'] },
         { id: 'fake-embed-other', provider: 'fake', capabilities: ['embedding'], pricing: price('0.02', '0') },
       ],
-      records,
+      records: fake.records,
     });
     const failing: ScriptedReply = { status: 500 };
-    server.script('fake-embed-main', failing, failing, failing);
+    fake.server.script('fake-embed-main', failing, failing, failing);
     const failure = await models.embed({ model: 'fake-embed-main', values: ['x'], sameModel: true }).catch((e: unknown) => e);
     expect(failure).toBeInstanceOf(UpstreamError);
-    expect(server.log.map((r) => [r.model, r.reply])).toEqual([['fake-embed-main', 500], ['fake-embed-main', 500], ['fake-embed-main', 500]]);
+    expect(fake.server.log.map((r) => [r.model, r.reply])).toEqual([['fake-embed-main', 500], ['fake-embed-main', 500], ['fake-embed-main', 500]]);
     // Without it, the fallback answers as for any call.
-    server.reset();
-    server.script('fake-embed-main', failing, failing, failing);
+    fake.server.reset();
+    fake.server.script('fake-embed-main', failing, failing, failing);
     expect(await models.embed({ model: 'fake-embed-main', values: ['x'] })).toMatchObject({ model: 'fake-embed-other' });
   });
 
@@ -852,30 +841,30 @@ describe('ModelManager.embed', () => {
 
   it('asks each kind of provider for shorter vectors as its API takes them, and refuses an answer of another size', async () => {
     const pricing = price('0.02', '0');
-    const m = fakeModelManager(server, {
+    const m = fakeModelManager(fake.server, {
       models: [...CUSTOM_MODELS, { id: 'oa-embed', provider: 'openai', capabilities: ['embedding'], pricing }, { id: 'gem-embed', provider: 'gem', capabilities: ['embedding'], pricing }],
-      records,
+      records: fake.records,
       openaiKey: 'sk-test',
-      providers: [{ id: 'gem', kind: 'google', base_url: server.url, api_key: 'g-key' }],
+      providers: [{ id: 'gem', kind: 'google', base_url: fake.server.url, api_key: 'g-key' }],
     });
     for (const model of ['fake-embed', 'oa-embed']) {
       expect(vectorsOf(await m.embed({ model, values: ['hello'], dimensions: 3, user: 'u-9' }))).toEqual([fakeEmbedding('hello').slice(0, 3)]);
     }
     // Both speak OpenAI's API: asked for base64, as OpenAI's SDKs ask (see openai-wire.ts).
-    expect(server.log.map((r) => [r.path, r.body.dimensions, r.body.user, r.body.encoding_format])).toEqual([
+    expect(fake.server.log.map((r) => [r.path, r.body.dimensions, r.body.user, r.body.encoding_format])).toEqual([
       ['/v1/embeddings', 3, 'u-9', 'base64'],
       ['/v1/embeddings', 3, 'u-9', 'base64'],
     ]);
     // Google's API (the fake does not speak it: only what was sent is looked at).
     await m.embed({ model: 'gem-embed', values: ['hello'], dimensions: 3 }).catch(() => undefined);
-    expect(server.log[2]).toMatchObject({ path: '/v1/models/gem-embed:embedContent', body: { outputDimensionality: 3 } });
+    expect(fake.server.log[2]).toMatchObject({ path: '/v1/models/gem-embed:embedContent', body: { outputDimensionality: 3 } });
 
     // A server that ignores `dimensions`: an error naming both sizes, not retried, and no vectors handed on.
-    server.reset();
+    fake.server.reset();
     const failure = await m.embed({ model: 'fake-embed', values: ['hello'], dimensions: 64 }).catch((e: unknown) => e);
     expect(failure).toBeInstanceOf(ModelAnswerError);
     expect((failure as ModelAnswerError).message).toBe('Model fake-embed answered vectors of 8 dimensions where 64 were asked for: it may not support dimensions');
-    expect(server.log).toHaveLength(1);
+    expect(fake.server.log).toHaveLength(1);
   });
 
   it('hands each input its own vector: an answer listed out of order is put back by its index; one that does not fit the inputs is a 502, not vectors', async () => {
@@ -885,10 +874,10 @@ describe('ModelManager.embed', () => {
     });
     const m = manager();
     const embed = () => m.embed({ model: 'fake-embed', values: ['a', 'b', 'c'] });
-    server.script('fake-embed', answer([2, 0, 1].map((index) => ({ index, embedding: vector(index) }))));
+    fake.server.script('fake-embed', answer([2, 0, 1].map((index) => ({ index, embedding: vector(index) }))));
     expect(vectorsOf(await embed())).toEqual([vector(0), vector(1), vector(2)]);
     // Without numbers (some servers leave them out): the order listed.
-    server.script('fake-embed', answer([5, 6, 7].map((i) => ({ embedding: vector(i) }))));
+    fake.server.script('fake-embed', answer([5, 6, 7].map((i) => ({ embedding: vector(i) }))));
     expect(vectorsOf(await embed())).toEqual([vector(5), vector(6), vector(7)]);
     const misfits: [string, { index?: number; embedding: number[] }[], RegExp][] = [
       ['too few', [{ index: 0, embedding: vector(0) }], /answered 1 vector for 3 inputs/],
@@ -898,7 +887,7 @@ describe('ModelManager.embed', () => {
       ['sizes that differ', [[0], [1, 1], [2, 2, 2]].map((embedding, index) => ({ index, embedding })), /vectors of 1 and 2 dimensions/],
     ];
     for (const [what, data, message] of misfits) {
-      server.script('fake-embed', answer(data));
+      fake.server.script('fake-embed', answer(data));
       const failure = await embed().catch((e: unknown) => e);
       expect(failure, what).toBeInstanceOf(ModelAnswerError);
       expect((failure as ModelAnswerError).message, what).toMatch(message);
@@ -911,14 +900,14 @@ describe('ModelManager.embed', () => {
     const base64 = await m.embed({ model: 'fake-embed', values });
     expect(base64.embeddings[0]).toBeInstanceOf(Float32Array);
     expect(vectorsOf(base64)).toEqual(values.map((v) => fakeEmbedding(v)));
-    server.script('fake-embed', { floatsAlways: true });
+    fake.server.script('fake-embed', { floatsAlways: true });
     expect(vectorsOf(await m.embed({ model: 'fake-embed', values }))).toEqual(values.map((v) => fakeEmbedding(v)));
-    expect(server.log.map((r) => r.body.encoding_format)).toEqual(['base64', 'base64']);
+    expect(fake.server.log.map((r) => r.body.encoding_format)).toEqual(['base64', 'base64']);
     const f32 = (...numbers: number[]) => Buffer.from(Float32Array.from(numbers).buffer).toString('base64');
     const answer = (embedding: unknown): ScriptedReply => ({ rawBody: JSON.stringify({ object: 'list', data: [{ object: 'embedding', index: 0, embedding }], usage: { prompt_tokens: 1 } }) });
     // Padded, unpadded, or wrapped over lines as MIME encoders write it: the same vector.
     for (const text of [f32(0.5, -0.25), f32(0.5, -0.25).replace(/=+$/, ''), `${f32(0.5, -0.25).slice(0, 4)}\r\n${f32(0.5, -0.25).slice(4)}`]) {
-      server.script('fake-embed', answer(text));
+      fake.server.script('fake-embed', answer(text));
       expect(vectorsOf(await m.embed({ model: 'fake-embed', values: ['x'] })), JSON.stringify(text)).toEqual([[0.5, -0.25]]);
     }
     const bad: [string, unknown][] = [
@@ -935,13 +924,13 @@ describe('ModelManager.embed', () => {
       ['an empty list', []],
     ];
     for (const [what, embedding] of bad) {
-      server.reset();
-      server.script('fake-embed', answer(embedding));
+      fake.server.reset();
+      fake.server.script('fake-embed', answer(embedding));
       const failure = await failureOf(m.embed({ model: 'fake-embed', values: ['x'] }));
       // An answer that cannot be read (UpstreamError) or that reads as no vectors (ModelAnswerError): 502 either way.
       expect(failure, what).toSatisfy((error) => error instanceof UpstreamError || error instanceof ModelAnswerError);
       expect(failure, what).toMatchObject({ statusCode: 502 });
-      expect(server.log, what).toHaveLength(1); // an answer, not retried
+      expect(fake.server.log, what).toHaveLength(1); // an answer, not retried
     }
   });
 
@@ -949,7 +938,7 @@ describe('ModelManager.embed', () => {
     const answer = (tokens: number): ScriptedReply => ({
       rawBody: JSON.stringify({ object: 'list', data: [0, 1].map((index) => ({ object: 'embedding', index, embedding: [0.5, 0.5] })), usage: { prompt_tokens: tokens } }),
     });
-    server.script('fake-embed', answer(1e15), answer(3));
+    fake.server.script('fake-embed', answer(1e15), answer(3));
     const m = manager();
     const values = ['hello', 'héllo']; // 5 and 6 bytes
     expect((await m.embed({ model: 'fake-embed', values })).usage.input).toBe(2 * (5 + 6) + 2 * 64);
@@ -958,33 +947,33 @@ describe('ModelManager.embed', () => {
 
   it('asks a server that refuses base64 (a 400) for numbers, at once and from then on', async () => {
     const m = manager();
-    server.script('fake-embed', { status: 400, body: { error: { message: 'base64 encoding is not currently supported', type: 'invalid_request_error' } } });
+    fake.server.script('fake-embed', { status: 400, body: { error: { message: 'base64 encoding is not currently supported', type: 'invalid_request_error' } } });
     expect(vectorsOf(await m.embed({ model: 'fake-embed', values: ['hello'] }))).toEqual([fakeEmbedding('hello')]);
     expect(vectorsOf(await m.embed({ model: 'fake-embed', values: ['keel'] }))).toEqual([fakeEmbedding('keel')]);
-    expect(server.log.map((r) => [r.reply, r.body.encoding_format])).toEqual([
+    expect(fake.server.log.map((r) => [r.reply, r.body.encoding_format])).toEqual([
       [400, 'base64'],
       [200, 'float'],
       [200, 'float'],
     ]);
     // Another refusal (a 401, a 429) is not taken for that: refused as before, and base64 stays.
-    server.reset();
+    fake.server.reset();
     const fresh = manager({ maxRetries: 0 });
-    server.script('fake-embed', { status: 401 });
+    fake.server.script('fake-embed', { status: 401 });
     expect(await failureOf(fresh.embed({ model: 'fake-embed', values: ['x'] }))).toMatchObject({ statusCode: 502 });
     await fresh.embed({ model: 'fake-embed', values: ['x'] });
-    expect(server.log.map((r) => r.body.encoding_format)).toEqual(['base64', 'base64']);
+    expect(fake.server.log.map((r) => r.body.encoding_format)).toEqual(['base64', 'base64']);
   });
 
   it('sends an `openai` provider record without a base URL where OPENAI_BASE_URL says, as the SDK does', async () => {
-    const m = fakeModelManager(server, {
+    const m = fakeModelManager(fake.server, {
       models: [...CUSTOM_MODELS, { id: 'rec-embed', provider: 'oa-record', capabilities: ['embedding'], pricing: price('0.02', '0') }],
-      records,
+      records: fake.records,
       providers: [{ id: 'oa-record', kind: 'openai', api_key: 'sk-record', headers: { Authorization: 'Bearer sk-from-header' } }],
     });
     expect(vectorsOf(await m.embed({ model: 'rec-embed', values: ['hello'] }))).toEqual([fakeEmbedding('hello')]);
-    expect(server.log[0]).toMatchObject({ path: '/v1/embeddings', body: { model: 'rec-embed', encoding_format: 'base64' } });
+    expect(fake.server.log[0]).toMatchObject({ path: '/v1/embeddings', body: { model: 'rec-embed', encoding_format: 'base64' } });
     // A record's own Authorization header replaces the key's (one header, as the SDK sends it).
-    expect(server.log[0]!.headers.authorization).toBe('Bearer sk-from-header');
+    expect(fake.server.log[0]!.headers.authorization).toBe('Bearer sk-from-header');
   });
 
   it('refuses a split answer whose requests miscount, though the total fits', async () => {
@@ -992,7 +981,7 @@ describe('ModelManager.embed', () => {
     const answer = (count: number): ScriptedReply => ({
       rawBody: JSON.stringify({ object: 'list', data: Array.from({ length: count }, (_, index) => ({ object: 'embedding', index, embedding: [index, 1] })), usage: { prompt_tokens: 1 } }),
     });
-    server.script('fake-embed', answer(2047), answer(2));
+    fake.server.script('fake-embed', answer(2047), answer(2));
     const failure = await failureOf(manager().embed({ model: 'fake-embed', values }));
     expect(failure).toBeInstanceOf(ModelAnswerError);
     expect((failure as ModelAnswerError).message).toBe('Model fake-embed answered 2047 vectors for 2048 inputs');
@@ -1001,16 +990,16 @@ describe('ModelManager.embed', () => {
   it('sends more than 2,048 inputs in requests of 2,048 at most, and hands back every vector in input order with the usage of all', async () => {
     const values = Array.from({ length: 2049 + 7 }, (_, i) => `text ${i}`);
     const result = await manager().embed({ model: 'fake-embed', values });
-    expect(server.log.map((r) => (r.body.input as string[]).length)).toEqual([2048, 8]);
+    expect(fake.server.log.map((r) => (r.body.input as string[]).length)).toEqual([2048, 8]);
     expect(vectorsOf(result)).toEqual(values.map((v) => fakeEmbedding(v)));
     expect(result.usage.input).toBe(values.reduce((n, v) => n + Math.ceil(v.length / 4), 0));
   });
 
   it('retries an embeddings 429', async () => {
-    server.script('fake-embed', { status: 429, headers: { 'retry-after': '0' } });
+    fake.server.script('fake-embed', { status: 429, headers: { 'retry-after': '0' } });
     const result = await manager().embed({ model: 'fake-embed', values: ['x'] });
     expect(result.embeddings).toHaveLength(1);
-    expect(server.requestsFor('fake-embed').map((r) => r.reply)).toEqual([429, 200]);
+    expect(fake.server.requestsFor('fake-embed').map((r) => r.reply)).toEqual([429, 200]);
   });
 });
 
@@ -1044,7 +1033,7 @@ describe('the output cap', () => {
       await m.chat({ model: 'fake-backup', messages: hello, ...extra });
       for await (const _ of m.stream({ model: 'fake-backup', messages: hello, ...extra }));
     }
-    expect(server.log.map((r) => r.body.max_tokens)).toEqual(Array(10).fill(100));
+    expect(fake.server.log.map((r) => r.body.max_tokens)).toEqual(Array(10).fill(100));
     expect(estimates.map((e) => e.max_output_tokens)).toEqual(Array(10).fill(100));
   });
 
@@ -1057,11 +1046,11 @@ describe('the output cap', () => {
     ]);
     const m = manager({ catalog, maxRetries: 0, meter: keeping(estimates) });
     for (const extra of PATHS) await m.chat({ model: 'fake-short', messages: hello, ...extra });
-    server.script('fake-long', { status: 500 });
+    fake.server.script('fake-long', { status: 500 });
     await m.chat({ model: 'fake-long', messages: hello });
     await m.chat({ model: 'fake-short', messages: hello, maxOutputTokens: 500 });
     for await (const _ of m.stream({ model: 'fake-short', messages: hello, tools, maxOutputTokens: 500 }));
-    expect(server.log.map((r) => [r.model, r.body.max_tokens])).toEqual([
+    expect(fake.server.log.map((r) => [r.model, r.body.max_tokens])).toEqual([
       ['fake-short', 40],
       ['fake-short', 40],
       ['fake-short', 40],
@@ -1084,13 +1073,13 @@ describe('usage the provider did not report', () => {
     const m = manager();
     const results = [];
     for (const extra of PATHS) {
-      server.script('fake-chat', { text: ANSWER, usage: null }, { text: ANSWER, usage: null });
+      fake.server.script('fake-chat', { text: ANSWER, usage: null }, { text: ANSWER, usage: null });
       results.push(await m.chat({ model: 'fake-chat', messages: hello, ...extra }));
       const stream = m.stream({ model: 'fake-chat', messages: hello, ...extra });
       for await (const _ of stream);
       results.push(await stream.result);
     }
-    expect(server.log).toHaveLength(10);
+    expect(fake.server.log).toHaveLength(10);
     const metered = await settled(10);
     for (const [i, result] of results.entries()) {
       expect(result.text, `call ${i}`).toBe(ANSWER);
@@ -1114,7 +1103,7 @@ describe('usage the provider did not report', () => {
     const results = [];
     for (const rawUsage of broken) {
       for (const extra of PATHS) {
-        server.script('fake-chat', { text: ANSWER, rawUsage }, { text: ANSWER, rawUsage });
+        fake.server.script('fake-chat', { text: ANSWER, rawUsage }, { text: ANSWER, rawUsage });
         results.push(await m.chat({ model: 'fake-chat', messages: hello, ...extra }));
         const stream = m.stream({ model: 'fake-chat', messages: hello, ...extra });
         for await (const _ of stream);
@@ -1134,7 +1123,7 @@ describe('usage the provider did not report', () => {
     const m = manager();
     const results = [];
     for (const extra of [PATHS[2]!, PATHS[3]!, PATHS[4]!]) {
-      server.script('fake-chat', { toolCalls: calls, usage: null }, { toolCalls: calls, usage: null });
+      fake.server.script('fake-chat', { toolCalls: calls, usage: null }, { toolCalls: calls, usage: null });
       results.push(await m.chat({ model: 'fake-chat', messages: hello, ...extra }));
       const stream = m.stream({ model: 'fake-chat', messages: hello, ...extra });
       for await (const _ of stream);
@@ -1148,7 +1137,7 @@ describe('usage the provider did not report', () => {
   it('a stream that keeps no answer (keepAnswer: false, as the gateway asks) returns none, and is still charged for what it streamed, on every path', async () => {
     const m = manager();
     for (const [i, extra] of PATHS.entries()) {
-      server.script('fake-chat', { chunks: [ANSWER.slice(0, 100), ANSWER.slice(100)], usage: null });
+      fake.server.script('fake-chat', { chunks: [ANSWER.slice(0, 100), ANSWER.slice(100)], usage: null });
       const stream = m.stream({ model: 'fake-chat', messages: hello, keepAnswer: false, ...extra });
       let streamed = '';
       for await (const event of stream) if (event.type === 'text-delta') streamed += event.text;
@@ -1165,7 +1154,7 @@ describe('usage the provider did not report', () => {
     const m = manager();
     const results = [];
     for (const extra of PATHS) {
-      server.script('fake-chat', { text: cjk, usage: null }, { chunks: ['数据库的回答', '数据库的回答'.repeat(9)], usage: null });
+      fake.server.script('fake-chat', { text: cjk, usage: null }, { chunks: ['数据库的回答', '数据库的回答'.repeat(9)], usage: null });
       results.push(await m.chat({ model: 'fake-chat', messages: hello, ...extra }));
       const stream = m.stream({ model: 'fake-chat', messages: hello, ...extra });
       for await (const _ of stream);
@@ -1176,7 +1165,7 @@ describe('usage the provider did not report', () => {
   });
 
   it('an embedding answer without usage is charged from the input\'s estimate, marked estimated', async () => {
-    server.script('fake-embed', { usage: null });
+    fake.server.script('fake-embed', { usage: null });
     const result = await manager().embed({ model: 'fake-embed', values: ['hello world', 'keel'] });
     expect(result.usage.input).toBe(4); // ceil(15 / 4)
     expect(result.cost).toBe('0.00000008');
@@ -1184,7 +1173,7 @@ describe('usage the provider did not report', () => {
   });
 
   it('usage the provider reported is not estimated, even when it is zero', async () => {
-    server.script('fake-chat', { text: ANSWER, usage: { prompt_tokens: 0, completion_tokens: 0 } });
+    fake.server.script('fake-chat', { text: ANSWER, usage: { prompt_tokens: 0, completion_tokens: 0 } });
     const result = await manager().chat({ model: 'fake-chat', messages: hello });
     expect(result).toMatchObject({ usage: { input: 0, output: 0 }, cost: '0' });
     expect((await settled(1))[0]).toMatchObject({ estimated: false, cost: '0' });

@@ -3,15 +3,13 @@
  * (provider-sdks.ts), not at start. Each test has a loader of its own, so that its first call is a
  * first call whatever other files in this worker loaded before it.
  */
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
-import type { UsageRecord } from '../../src/modules/ai-models/model-manager.js';
 import { SDK_IMPORTERS, type SdkImporters,SdkLoader } from '../../src/modules/ai-models/provider-sdks.js';
 import { type ProviderRecord, ProviderRegistry, ProviderUnavailableError } from '../../src/modules/ai-models/providers.js';
 import type { ModelOverride } from '../../src/modules/ai-models/types.js';
-import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { eventually } from '../helpers/http.js';
-import { fakeModelManager } from '../helpers/model-manager.js';
+import { fakeModelManager, useFakeManagerServer } from '../helpers/model-manager.js';
 
 const pricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' };
 const MODELS: ModelOverride[] = [
@@ -25,8 +23,7 @@ const MODELS: ModelOverride[] = [
 ];
 const hello = [{ role: 'user' as const, content: 'Hello' }];
 
-let server: FakeModelServer;
-let records: UsageRecord[];
+const fake = useFakeManagerServer();
 
 /** A loader whose imports are counted and, while `failing` holds a kind, fail as a missing package would. */
 function countedLoader(): { loader: SdkLoader; imports: Record<string, number>; failing: Set<string> } {
@@ -43,28 +40,18 @@ function countedLoader(): { loader: SdkLoader; imports: Record<string, number>; 
 }
 
 const managerWith = (loader: SdkLoader, maxRetries = 0) =>
-  fakeModelManager(server, {
+  fakeModelManager(fake.server, {
     models: MODELS,
-    records,
+    records: fake.records,
     providers: [
-      { id: 'ant', kind: 'anthropic', base_url: server.url, api_key: 'sk-ant-test' },
-      { id: 'gem', kind: 'google', base_url: server.url, api_key: 'g-key-test' },
-      { id: 'swing', kind: 'openai-compatible', base_url: server.url, api_key: 'swing-key' },
+      { id: 'ant', kind: 'anthropic', base_url: fake.server.url, api_key: 'sk-ant-test' },
+      { id: 'gem', kind: 'google', base_url: fake.server.url, api_key: 'g-key-test' },
+      { id: 'swing', kind: 'openai-compatible', base_url: fake.server.url, api_key: 'swing-key' },
     ],
     sdks: loader,
     overrides: { maxRetries },
   });
 
-beforeAll(async () => {
-  server = await FakeModelServer.start();
-});
-afterAll(async () => {
-  await server.close();
-});
-beforeEach(() => {
-  server.reset();
-  records = [];
-});
 
 describe('SDK packages loaded on first use', () => {
   it('a first call to an Anthropic or Google model loads its package once (calls meanwhile wait for that load) and answers as later calls do', async () => {
@@ -75,10 +62,10 @@ describe('SDK packages loaded on first use', () => {
     // Three first calls at once: one import, three answers through Anthropic's API.
     const answers = await Promise.all([0, 1, 2].map(() => m.chat({ model: 'sdk-claude', messages: hello })));
     expect(answers.map((a) => a.text)).toEqual(Array(3).fill('Hello from the fake model.'));
-    expect(server.log.map((r) => r.path)).toEqual(Array(3).fill('/v1/messages'));
+    expect(fake.server.log.map((r) => r.path)).toEqual(Array(3).fill('/v1/messages'));
     // Thinking asked of it: its capabilities are read from the package (thinkingBudget) before the call is held.
     expect((await m.chat({ model: 'sdk-claude', messages: hello, reasoningEffort: 'low' })).text).toBe('Hello from the fake model.');
-    expect(server.log.at(-1)!.body.thinking).toMatchObject({ type: 'enabled' });
+    expect(fake.server.log.at(-1)!.body.thinking).toMatchObject({ type: 'enabled' });
     expect(imports).toEqual({ anthropic: 1, google: 0 });
 
     // Google's first call a stream, then an embedding call (the fake does not speak embedContent: what was sent is looked at).
@@ -86,7 +73,7 @@ describe('SDK packages loaded on first use', () => {
     for await (const event of m.stream({ model: 'sdk-gemini', messages: hello })) if (event.type === 'text-delta') streamed += event.text;
     expect(streamed).toBe('Hello from the fake model.');
     await m.embed({ model: 'sdk-gemini-embed', values: ['hello'] }).catch(() => undefined);
-    expect(server.log.slice(-2).map((r) => r.path)).toEqual(['/v1/models/sdk-gemini:streamGenerateContent', '/v1/models/sdk-gemini-embed:embedContent']);
+    expect(fake.server.log.slice(-2).map((r) => r.path)).toEqual(['/v1/models/sdk-gemini:streamGenerateContent', '/v1/models/sdk-gemini-embed:embedContent']);
     expect(imports).toEqual({ anthropic: 1, google: 1 });
     expect(loader.load('anthropic')).toBeUndefined();
     expect(loader.load('google')).toBeUndefined();
@@ -108,8 +95,8 @@ describe('SDK packages loaded on first use', () => {
       streamFailure = error;
     }
     expect(streamFailure).toMatchObject({ statusCode: 503, detail: 'Provider gem is unavailable: the SDK package of its kind (google) could not be loaded' });
-    expect(server.log).toHaveLength(0);
-    expect(records).toHaveLength(0); // nothing held, nothing to settle
+    expect(fake.server.log).toHaveLength(0);
+    expect(fake.records).toHaveLength(0); // nothing held, nothing to settle
 
     // Not kept: once the package can be loaded, the next call loads it and answers.
     failing.clear();
@@ -121,15 +108,15 @@ describe('SDK packages loaded on first use', () => {
     const { loader, failing } = countedLoader();
     const m = managerWith(loader);
     failing.add('anthropic');
-    server.script('sdk-first', { status: 500 });
+    fake.server.script('sdk-first', { status: 500 });
     const failure = await m.chat({ model: 'sdk-first', messages: hello }).catch((e: unknown) => e);
     expect(failure).not.toBeInstanceOf(ProviderUnavailableError);
     expect(failure).toMatchObject({ statusCode: 502 });
-    expect(server.log.map((r) => r.model)).toEqual(['sdk-first']);
+    expect(fake.server.log.map((r) => r.model)).toEqual(['sdk-first']);
 
     // Loadable again: the same call falls back to Claude, which answers.
     failing.clear();
-    server.script('sdk-first', { status: 500 });
+    fake.server.script('sdk-first', { status: 500 });
     const answered = await m.chat({ model: 'sdk-first', messages: hello });
     expect(answered).toMatchObject({ model: 'sdk-claude', text: 'Hello from the fake model.' });
   });
@@ -138,9 +125,9 @@ describe('SDK packages loaded on first use', () => {
     const { loader, imports } = countedLoader();
     const m = managerWith(loader, 1);
     const registry = (m as unknown as { options: { providers: ProviderRegistry } }).options.providers;
-    server.script('sdk-swing', { status: 503, headers: { 'retry-after-ms': '300' } }, { text: 'Answered as Claude.' });
+    fake.server.script('sdk-swing', { status: 503, headers: { 'retry-after-ms': '300' } }, { text: 'Answered as Claude.' });
     const call = m.chat({ model: 'sdk-swing', messages: hello });
-    await eventually(async () => server.log.length === 1);
+    await eventually(async () => fake.server.log.length === 1);
     // A superuser's change of its kind, while the call waits for its next try.
     registry.setRecords([...registry.current.values()].map((record): ProviderRecord => (record.id === 'swing' ? { ...record, kind: 'anthropic' } : record)));
     expect((await call).text).toBe('Answered as Claude.');
@@ -153,7 +140,7 @@ describe('SDK packages loaded on first use', () => {
     const told: [string, string, string][] = [];
     const registry = new ProviderRegistry(
       { OPENAI_API_KEY: undefined, OPENAI_BASE_URL: undefined, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined, MODEL_MAX_RESPONSE_BYTES: 1_000_000 },
-      [{ id: 'gem', kind: 'google', base_url: server.url, api_key: 'g-key-test' }],
+      [{ id: 'gem', kind: 'google', base_url: fake.server.url, api_key: 'g-key-test' }],
       loader,
       (error, provider, kind) => told.push([String(error), provider, kind]),
     );
