@@ -39,7 +39,7 @@ const NEWEST_FIRST = [desc(creditTransactions.created_at), desc(creditTransactio
  * The page's ids come from the index in the list's order (ix_credit_transactions_owner_id_created_at_id,
  * so a first page reads 20 entries, and an offset steps over index entries, not whole rows) and
  * only they are read whole. The total comes in the same statement: a whole account's ledger's is the
- * count its account keeps (`credit_accounts.entries`, by a trigger: migration 0016), so a page of a
+ * count its account keeps (`credit_accounts.entries`, by a trigger: migrations 0016-0017), so a page of a
  * long history does not count it (300,000 entries: 0.4 s on PGlite); a project-scoped key's is counted.
  */
 export async function listTransactions(db: Db, principal: Principal, page: Page): Promise<PageOf<CreditTransaction>> {
