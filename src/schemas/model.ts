@@ -66,6 +66,15 @@ export type ModelCreate = z.infer<typeof ModelCreate>;
 export const ModelUpdate = z.strictObject(ModelFields).partial().meta({ id: 'ModelUpdate' });
 export type ModelUpdate = z.infer<typeof ModelUpdate>;
 
+/** Prices per million tokens as decimal strings: a model's, and each of its long-context tiers'. */
+const FlatPricesPublic = {
+  input_cost_per_million_tokens: z.string(),
+  output_cost_per_million_tokens: z.string(),
+  cached_input_cost_per_million_tokens: z.string().optional(),
+  cache_write_cost_per_million_tokens: z.string().optional(),
+  reasoning_cost_per_million_tokens: z.string().optional(),
+};
+
 export const ModelPublic = z
   .object({
     id: z.string(),
@@ -76,11 +85,14 @@ export const ModelPublic = z
     max_output_tokens: z.number().int().nullable(),
     capabilities: z.array(z.enum(CAPABILITIES)),
     pricing: z.object({
-      input_cost_per_million_tokens: z.string(),
-      output_cost_per_million_tokens: z.string(),
-      cached_input_cost_per_million_tokens: z.string().optional(),
-      cache_write_cost_per_million_tokens: z.string().optional(),
-      reasoning_cost_per_million_tokens: z.string().optional(),
+      ...FlatPricesPublic,
+      tiers: z
+        .array(z.object({ above_input_tokens: z.number().int(), ...FlatPricesPublic }))
+        .readonly()
+        .optional()
+        .describe(
+          "Long-context prices, ascending: a call whose input tokens exceed a tier's `above_input_tokens` is priced whole at that tier's prices (the provider's rule). Absent when the model has one price; a superuser's `pricing` replaces them.",
+        ),
     }),
     enabled: z.boolean(),
     recommended: z.boolean(),

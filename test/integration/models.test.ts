@@ -22,7 +22,7 @@ interface ModelBody {
   context_window: number | null;
   max_output_tokens: number | null;
   capabilities: string[];
-  pricing: Record<string, string>;
+  pricing: Record<string, string> & { tiers?: Record<string, string | number>[] };
   enabled: boolean;
   recommended: boolean;
   priority: number;
@@ -94,6 +94,23 @@ describe('GET /models', () => {
     expect(openai.available).toBe(false);
     expect(openai.unavailable_reason).toBe('OPENAI_API_KEY is not set');
     expect(data.find((m) => m.provider === 'anthropic')?.unavailable_reason).toBe('ANTHROPIC_API_KEY is not set');
+  });
+
+  it("shows a model's long-context prices as its calls are priced; a superuser's flat pricing replaces them", async () => {
+    const builtin = loadBuiltinModels().find((m) => m.id === 'claude-sonnet-4-5')!;
+    const shown = (await api('GET', '/models/claude-sonnet-4-5', user.headers)).json<ModelBody>();
+    expect(shown.pricing.tiers).toEqual(builtin.pricing.tiers);
+    expect(shown.pricing.tiers?.[0]).toMatchObject({ above_input_tokens: 200_000, input_cost_per_million_tokens: '6', output_cost_per_million_tokens: '22.5' });
+    expect((await allModels(user.headers)).data.find((m) => m.id === 'claude-sonnet-4-5')?.pricing).toEqual(shown.pricing);
+    expect(Object.keys((await api('GET', '/models/gpt-4.1-mini', user.headers)).json<ModelBody>().pricing)).not.toContain('tiers');
+
+    const flat = { input_cost_per_million_tokens: '2', output_cost_per_million_tokens: '10' };
+    const patched = await api('PATCH', '/models/claude-sonnet-4-5', admin, { pricing: flat });
+    expect(patched.statusCode, patched.body).toBe(200);
+    expect(patched.json<ModelBody>().pricing).toEqual(flat);
+    expect(ctx.app.models.getModel('claude-sonnet-4-5')?.pricing.tiers).toBeUndefined();
+    expect((await api('DELETE', '/models/claude-sonnet-4-5', admin)).statusCode).toBe(200);
+    expect((await api('POST', '/models', admin, { id: 'claude-sonnet-4-5' })).json<ModelBody>().pricing.tiers).toEqual(builtin.pricing.tiers);
   });
 
   it('resolves an alias, answers 404 for an unknown id, 401 without credentials', async () => {
