@@ -19,7 +19,7 @@ import { addCosts, type ChatRequest, MEDIA_PART_TOKENS } from '../../src/modules
 import { releaseHoldsLeftBehind } from '../../src/services/usage-meter.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
-import type { FakeModelServer } from '../helpers/fake-model-server.js';
+import { fakeEmbedding, type FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, eventually, expectValidationError, type ListBody, sleep, UUID, xApiKey } from '../helpers/http.js';
 import { createFolder, type EntryBody, ingested, multipartBody, settled, upload, uploaded } from '../helpers/knowledge.js';
 import { captureLogs, LEVEL } from '../helpers/logs.js';
@@ -1092,6 +1092,53 @@ describe('knowledge-base ingestion through an API key', () => {
     const rows = await embeddings(user);
     expect(rows.map((r) => [r.api_key_id, r.status])).toEqual(Array.from({ length: 3 }, () => [key.id, 'success']));
     expect(Number((await balanceOf(user)).balance)).toBe(Number(addCosts('0.00001', `-${costOf(rows)}`)));
+    await expectConsistent(user);
+  });
+
+  it('a retry after a passing fault midway embeds (and charges) only the batches not stored yet: each chunk is sent upstream and paid once, and ends with its vector', async () => {
+    // What a clean ingestion of the document costs: the same document for another account.
+    const clean = await createUser(ctx.app);
+    await grant(clean, '10');
+    await ingested(ctx.app, clean.headers, (await createFolder(ctx.app, clean.headers)).id, DOCUMENT);
+    const user = await createUser(ctx.app);
+    await grant(user, '10');
+    const folder = await createFolder(ctx.app, user.headers);
+    fake.reset();
+    // KB_EMBED_BATCH=2, 5 chunks: the first batch goes through, the second meets a 500 (a passing fault): the queue tries again.
+    fake.script('fake-embed', {}, { status: 500 });
+    const entry = await settled(ctx.app, user.headers, (await uploaded(ctx.app, user.headers, folder.id, DOCUMENT)).id);
+    expect(entry).toMatchObject({ status: 'ready', chunk_count: 5, error: null });
+    if (!withVectors()) return;
+    const chunks = await queryRows<{ chunk_index: number; text: string; vectors: number }>(
+      ctx.database.db,
+      sql`select c.chunk_index, c.text, count(e.chunk_id)::int as vectors
+          from knowledge_chunks c left join knowledge_chunk_embeddings e on e.chunk_id = c.id and e.model = 'fake-embed'
+          where c.entry_id = ${entry.id} group by c.id order by c.chunk_index`,
+    );
+    const texts = chunks.map((c) => c.text);
+    expect(texts).toHaveLength(5);
+    // Only what was missing went upstream again: the batch that failed and the one never sent.
+    expect(fake.requestsFor('fake-embed').map((r) => [r.reply, r.body.input])).toEqual([
+      [200, texts.slice(0, 2)],
+      [500, texts.slice(2, 4)],
+      [200, texts.slice(2, 4)],
+      [200, texts.slice(4)],
+    ]);
+    // Every chunk has one vector by the model, and it is its own text's.
+    for (const chunk of chunks) {
+      expect(chunk.vectors).toBe(1);
+      const [own] = await queryRows<{ d: number }>(
+        ctx.database.db,
+        sql`select e.embedding <=> ${`[${fakeEmbedding(chunk.text).join(',')}]`}::vector as d from knowledge_chunk_embeddings e join knowledge_chunks c on c.id = e.chunk_id
+            where c.entry_id = ${entry.id} and c.chunk_index = ${chunk.chunk_index}`,
+      );
+      expect(Number(own!.d)).toBeLessThan(1e-6);
+    }
+    // Charged once: what the clean ingestion cost, in the usage records and the ledger alike.
+    const rows = await embeddings(user);
+    expect(rows.filter((r) => r.status === 'success')).toHaveLength(3);
+    expect(costOf(rows)).toBe(costOf(await embeddings(clean)));
+    expect((await balanceOf(user)).balance).toBe((await balanceOf(clean)).balance);
     await expectConsistent(user);
   });
 });

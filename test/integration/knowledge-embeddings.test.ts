@@ -5,9 +5,10 @@ import { knowledgeChunks, usageRecords } from '../../src/models/index.js';
 
 import { queryRows } from '../../src/crud/owned.js';
 import { anyEmbedded } from '../../src/services/knowledge/embeddings.js';
+import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
-import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { fakeEmbedding, FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, eventually } from '../helpers/http.js';
 import { createFolder, ingested, search, settled, uploaded } from '../helpers/knowledge.js';
 import { addFakeModels } from '../helpers/metered-models.js';
@@ -197,5 +198,68 @@ describe('embeddings', () => {
         .where(and(eq(usageRecords.run_id, run.id), eq(usageRecords.operation, 'embed')));
       return rows.length === 1 && rows[0]!.agent_id === agent.id;
     });
+  });
+
+  it('a job taking over an indexing (a worker died, a retry) stores only the chunks missing or not as they are now, and embeds only those; a reindex embeds everything', async () => {
+    const other = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, other.headers);
+    const entry = await ingested(ctx.app, other.headers, folder.id, { filename: 'lights.md', content: SECTIONS.map((s, i) => `# Part ${i}\n\n${s}`).join('\n\n') });
+    const { db } = ctx.database;
+    const chunksOf = () =>
+      queryRows<{ id: string; chunk_index: number; text: string; tsv_current: boolean }>(
+        db,
+        sql`select id, chunk_index, text, tsv = to_tsvector('english', text) as tsv_current from knowledge_chunks where entry_id = ${entry.id} order by chunk_index`,
+      );
+    const before = await chunksOf();
+    const texts = before.map((c) => c.text);
+    expect(texts).toEqual(SECTIONS);
+    // As a worker killed midway leaves it: its claim's lease run out after one attempt, and of what it
+    // stored, chunk 1 with another text (cut with other settings), chunk 2 with another language's
+    // full-text vector, and a chunk past the document's end.
+    await db.execute(
+      sql`update knowledge_entries set status = 'processing', attempts = 1, lease_token = gen_random_uuid(), lease_expires_at = now() - interval '1 second' where id = ${entry.id}`,
+    );
+    await db.execute(sql`update knowledge_chunks set text = 'Stale text', tsv = to_tsvector('english', 'Stale text') where id = ${before[1]!.id}`);
+    await db.execute(sql`update knowledge_chunks set tsv = to_tsvector('simple', text) where id = ${before[2]!.id}`);
+    await db.execute(
+      sql`insert into knowledge_chunks (entry_id, owner_id, chunk_index, text, token_count, tsv) values (${entry.id}, ${other.user.id}, 7, 'Left over', 2, to_tsvector('english', 'Left over'))`,
+    );
+    // Chunk 3's embedding by another model (EMBEDDING_MODEL changed), chunk 4's missing.
+    if (withVectors()) {
+      await db.execute(sql`update knowledge_chunk_embeddings set model = 'another-embedding-model' where chunk_id = ${before[3]!.id}`);
+      await db.execute(sql`delete from knowledge_chunk_embeddings where chunk_id = ${before[4]!.id}`);
+    }
+    fake.reset();
+    expect(await sweepIngestion(db, ctx.app.queue, 60_000)).toBeGreaterThanOrEqual(1);
+    expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: SECTIONS.length, error: null });
+    const after = await chunksOf();
+    expect(after.map((c) => [c.chunk_index, c.text, c.tsv_current])).toEqual(SECTIONS.map((text, i) => [i, text, true]));
+    // Chunk 0 was kept as it was.
+    expect(after[0]!.id).toBe(before[0]!.id);
+    const embedded = () => fake.requestsFor('fake-embed').map((r) => r.body.input);
+    if (!withVectors()) {
+      expect(embedded()).toEqual([]);
+      return;
+    }
+    expect(embedded()).toEqual([texts.slice(1, 3), texts.slice(3, 5)]);
+    const vectors = await queryRows<{ chunk_index: number; model: string }>(
+      db,
+      sql`select c.chunk_index, e.model
+          from knowledge_chunks c join knowledge_chunk_embeddings e on e.chunk_id = c.id where c.entry_id = ${entry.id} order by c.chunk_index`,
+    );
+    expect(vectors.map((v) => [v.chunk_index, v.model])).toEqual(SECTIONS.map((_, i) => [i, 'fake-embed']));
+    for (const [i, text] of texts.entries()) {
+      const [own] = await queryRows<{ d: number }>(
+        db,
+        sql`select e.embedding <=> ${`[${fakeEmbedding(text).join(',')}]`}::vector as d from knowledge_chunk_embeddings e join knowledge_chunks c on c.id = e.chunk_id
+            where c.entry_id = ${entry.id} and c.chunk_index = ${i}`,
+      );
+      expect(Number(own!.d), text).toBeLessThan(1e-6);
+    }
+    // A reindex, asked for, embeds the whole document again.
+    fake.reset();
+    expect((await api('POST', `/knowledge-base/entries/${entry.id}/reindex`, other.headers)).statusCode).toBe(202);
+    expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: SECTIONS.length });
+    expect(embedded()).toEqual([texts.slice(0, 2), texts.slice(2, 4), texts.slice(4)]);
   });
 });

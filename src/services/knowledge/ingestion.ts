@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 
-import { and, eq, lt, or, sql } from 'drizzle-orm';
+import { and, eq, gte, inArray, lt, or, sql } from 'drizzle-orm';
 
 import type { Settings } from '../../core/config.js';
 import { type Db, transaction } from '../../core/db.js';
@@ -28,7 +28,7 @@ import type { ChunkCutter } from '../../modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
 import { type DocumentChunk, DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../modules/knowledge/types.js';
 import { StorageNotFoundError, type StorageService } from '../storage-service.js';
-import { ensureVectorIndex, hasVectorTable, writeEmbeddings } from './embeddings.js';
+import { embeddedChunks, ensureVectorIndex, hasVectorTable, writeEmbeddings } from './embeddings.js';
 import { knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
 import { refreshSearchStatistics } from './search.js';
 
@@ -46,9 +46,12 @@ class ClaimLostError extends Error {}
 
 /**
  * Takes the entry for this job: from `pending`, or from `processing` whose lease ran out. One
- * conditional update, so two jobs for one entry never both hold it; the entry's chunks (an earlier
- * ingestion's, or what a job that stopped midway stored) go in the same transaction, since this
- * job stores the document's chunks anew as it reads it. Null: nothing to do.
+ * conditional update, so two jobs for one entry never both hold it. The first claim of an indexing
+ * (an upload's, a reindex's: `attempts` back at 0) clears the entry's chunks in the same
+ * transaction, since this job stores the document's chunks anew as it reads it. A later claim (a
+ * retry after a passing fault, or after a worker died) keeps what the attempts before it stored of
+ * this same indexing: the job stores only the chunks that are missing or differ (`resuming`), so
+ * the embeddings already paid for are not asked for, and paid, again. Null: nothing to do.
  */
 async function claim(db: Db, settings: Settings, entryId: string): Promise<KnowledgeEntry | null> {
   return transaction(db, async (tx) => {
@@ -69,10 +72,13 @@ async function claim(db: Db, settings: Settings, entryId: string): Promise<Knowl
         ),
       )
       .returning();
-    if (entry) await deleteChunks(tx, entry.id);
+    if (entry && !resuming(entry)) await deleteChunks(tx, entry.id);
     return entry ?? null;
   });
 }
+
+/** Whether this claim follows an earlier attempt of the same indexing (whose chunks it keeps); a reindex sets `attempts` back to 0. */
+const resuming = (claimed: Pick<KnowledgeEntry, 'attempts'>) => claimed.attempts > 1;
 
 const held = (entry: KnowledgeEntry) => and(eq(knowledgeEntries.id, entry.id), eq(knowledgeEntries.lease_token, entry.lease_token!));
 
@@ -122,29 +128,23 @@ async function withLocalCopy<T>(storage: StorageService, key: string, work: (pat
 }
 
 /**
- * The chunks' embeddings, batch by batch (KB_EMBED_BATCH), metered to the entry's owner and to the
- * API key that asked for this indexing (its max_budget held and charged; a 402 fails the entry);
- * the claim is renewed after each batch.
+ * One batch's embeddings (at most KB_EMBED_BATCH chunks: one call), metered to the entry's owner
+ * and to the API key that asked for this indexing (its max_budget held and charged; a 402 fails
+ * the entry).
  */
 async function embed(deps: IngestionDeps, entry: KnowledgeEntry, model: string, chunks: DocumentChunk[]): Promise<Float32Array[]> {
-  const vectors: Float32Array[] = [];
-  const batch = deps.settings.KB_EMBED_BATCH;
   // Not the key's rpm: the client made one request, and a large document's dozens of batches
   // counted as model calls per minute would fail it for a pace the client cannot set. The budget
   // bounds what ingestion spends; see docs/decisions.md.
   const context = { user_id: entry.owner_id, api_key_id: entry.api_key_id, project_id: entry.project_id, rpm_exempt: true };
-  for (let start = 0; start < chunks.length; start += batch) {
-    const result = await deps.models.embed({
-      model,
-      values: chunks.slice(start, start + batch).map((chunk) => chunk.text),
-      context,
-      // Stored under this model's id and searched with its queries' vectors: no fallback's.
-      sameModel: true,
-    });
-    vectors.push(...result.embeddings);
-    await renew(deps.db, deps.settings, entry);
-  }
-  return vectors;
+  const result = await deps.models.embed({
+    model,
+    values: chunks.map((chunk) => chunk.text),
+    context,
+    // Stored under this model's id and searched with its queries' vectors: no fallback's.
+    sameModel: true,
+  });
+  return result.embeddings;
 }
 
 /**
@@ -162,8 +162,15 @@ const CUT_SLICE_MS = 20;
  * Indexes a document while it is read: sections come in (in document order) as the extraction
  * hands them over, are cut into chunks here, embedded where a model is set, and stored batch by
  * batch — each batch in a short transaction that first renews the job's claim, so a job that lost
- * it (a reindex, a deletion, the sweeper after a stall) stores nothing more. Search finds a batch
- * once it is stored. A failure stops the extraction (`signal`).
+ * it (a reindex, a deletion, the sweeper after a stall) stores nothing more. With a model, each
+ * embedding call's chunks are stored as soon as it answers, so what was paid for is kept even if a
+ * later call fails. Search finds a batch once it is stored. A failure stops the extraction (`signal`).
+ *
+ * Resuming (a retry of the same indexing, see `claim`), a chunk already stored as this run cuts
+ * it — same place, text, headings, token count and full-text vector, and an embedding by `model`
+ * where there is one — is kept as it is; the others are embedded and stored (replacing what was
+ * there), and chunks past the document's end go at the finish. Chunking is deterministic, so a
+ * retry with the same settings embeds exactly what the failed attempt did not store.
  */
 class ChunkWriter {
   private readonly queue: DocumentSection[] = [];
@@ -183,6 +190,7 @@ class ChunkWriter {
     private readonly entry: KnowledgeEntry,
     private readonly cutter: ChunkCutter,
     private readonly model: string | null,
+    private readonly resuming: boolean,
   ) {}
 
   add(sections: DocumentSection[]): void {
@@ -241,7 +249,45 @@ class ChunkWriter {
     const { deps, entry, model } = this;
     const batch = this.pending;
     this.pending = [];
-    const vectors = model ? await embed(deps, entry, model, batch) : null;
+    const missing = this.resuming ? await this.notStored(batch) : batch;
+    if (!missing.length) {
+      await renew(deps.db, deps.settings, entry);
+    } else if (!model) {
+      await this.store(missing, null);
+    } else {
+      const size = deps.settings.KB_EMBED_BATCH;
+      for (let start = 0; start < missing.length; start += size) {
+        const part = missing.slice(start, start + size);
+        await this.store(part, await embed(deps, entry, model, part));
+      }
+    }
+    this.chunkCount += batch.length;
+    this.tokenCount += batch.reduce((sum, chunk) => sum + chunk.tokenCount, 0);
+  }
+
+  /** Of `batch`, the chunks an earlier attempt did not store as they are now (see the class). */
+  private async notStored(batch: DocumentChunk[]): Promise<DocumentChunk[]> {
+    const { deps, entry, model } = this;
+    const stored = await storedChunks(deps.db, entry.id, batch[0]!.index, batch.at(-1)!.index, deps.settings.KB_SEARCH_LANGUAGE);
+    const embedded = model ? await embeddedChunks(deps.db, model, stored.map((row) => row.id)) : null;
+    const byIndex = new Map(stored.map((row) => [row.chunk_index, row]));
+    return batch.filter((chunk) => {
+      const row = byIndex.get(chunk.index);
+      const same =
+        row !== undefined &&
+        row.tsv_current &&
+        row.text === chunk.text &&
+        row.token_count === chunk.tokenCount &&
+        row.heading_path.length === chunk.headingPath.length &&
+        row.heading_path.every((heading, i) => heading === chunk.headingPath[i]) &&
+        (embedded === null || embedded.has(row.id));
+      return !same;
+    });
+  }
+
+  /** Stores `chunks` (with their `vectors`, in the same order), replacing what an earlier attempt stored in their places. */
+  private async store(chunks: DocumentChunk[], vectors: Float32Array[] | null): Promise<void> {
+    const { deps, entry, model } = this;
     if (vectors?.[0] && !this.indexed) {
       await ensureVectorIndex(deps.db, vectors[0].length);
       this.indexed = true;
@@ -249,15 +295,19 @@ class ChunkWriter {
     const language = deps.settings.KB_SEARCH_LANGUAGE;
     await transaction(deps.db, async (tx) => {
       // Committed without waiting for the WAL flush (this transaction only): a batch lost in a
-      // crash belongs to a job that is run again from the start (its claim clears the chunks);
-      // the end (`ready`) is durable. (A 20 MB Markdown file on PGlite: 20.7 s with a flush per
-      // batch, 19.4 s without.)
+      // crash is missing when the job runs again, which stores it then (commits are lost only
+      // from the last one backwards, each whole); the end (`ready`) is durable. (A 20 MB Markdown
+      // file on PGlite: 20.7 s with a flush per batch, 19.4 s without.)
       await tx.execute(sql`select set_config('synchronous_commit', 'off', true)`);
       await renew(tx, deps.settings, entry);
+      // An earlier attempt's chunk in the same place (another text, or no embedding by the model) goes, with its embedding.
+      if (this.resuming) {
+        await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), inArray(knowledgeChunks.chunk_index, chunks.map((chunk) => chunk.index))));
+      }
       const inserted = await tx
         .insert(knowledgeChunks)
         .values(
-          batch.map((chunk) => ({
+          chunks.map((chunk) => ({
             entry_id: entry.id,
             owner_id: entry.owner_id,
             chunk_index: chunk.index,
@@ -270,19 +320,35 @@ class ChunkWriter {
         .returning({ id: knowledgeChunks.id });
       if (vectors) await writeEmbeddings(tx, model!, inserted.map((row) => row.id), vectors);
     });
-    this.chunkCount += batch.length;
-    this.tokenCount += batch.reduce((sum, chunk) => sum + chunk.tokenCount, 0);
   }
+}
+
+/** The entry's stored chunks from `first` to `last` (places), and whether each one's full-text vector is what `language` makes of its text. */
+async function storedChunks(db: Db, entryId: string, first: number, last: number, language: string) {
+  return db
+    .select({
+      id: knowledgeChunks.id,
+      chunk_index: knowledgeChunks.chunk_index,
+      text: knowledgeChunks.text,
+      heading_path: knowledgeChunks.heading_path,
+      token_count: knowledgeChunks.token_count,
+      tsv_current: sql<boolean>`${knowledgeChunks.tsv} = to_tsvector(${language}::regconfig, ${knowledgeChunks.text})`,
+    })
+    .from(knowledgeChunks)
+    .where(and(eq(knowledgeChunks.entry_id, entryId), sql`${knowledgeChunks.chunk_index} between ${first} and ${last}`));
 }
 
 /**
  * Marks the entry `ready` with what this job stored, in one transaction that first locks the entry
  * under the job's claim: an entry deleted or reindexed meanwhile gets nothing (ClaimLostError).
+ * A resumed job's earlier attempt may have cut the document into more chunks (other settings
+ * then): those past its end go.
  */
 async function finishEntry(db: Db, entry: KnowledgeEntry, document: ExtractedDocument, written: ChunkWriter): Promise<void> {
   await transaction(db, async (tx) => {
     const [row] = await tx.select({ id: knowledgeEntries.id }).from(knowledgeEntries).where(held(entry)).for('update');
     if (!row) throw new ClaimLostError();
+    if (resuming(entry)) await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), gte(knowledgeChunks.chunk_index, written.chunkCount)));
     await tx
       .update(knowledgeEntries)
       .set({
@@ -359,7 +425,7 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
     // are large, and a worker that runs only agent runs or email never needs them.
     const { ChunkCutter, chunkOptionsFrom } = await import('../../modules/knowledge/chunk.js');
     const model = settings.EMBEDDING_MODEL && (await hasVectorTable(db)) ? settings.EMBEDDING_MODEL : null;
-    const chunks = new ChunkWriter(deps, entry, new ChunkCutter(chunkOptionsFrom(settings)), model);
+    const chunks = new ChunkWriter(deps, entry, new ChunkCutter(chunkOptionsFrom(settings)), model, resuming(entry));
     writer = chunks;
     // A long PDF is indexed while it is read: its sections come out of the reader's thread as
     // they are whole and are stored here meanwhile, so reading and indexing take the time of the
