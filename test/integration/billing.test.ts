@@ -1095,6 +1095,39 @@ describe('knowledge-base ingestion through an API key', () => {
     await expectConsistent(user);
   });
 
+  it.each([
+    ['revoked', (user: TestUser, keyId: string) => api('PATCH', `/api-keys/${keyId}`, user.headers, { status: 'revoked' })],
+    ['deleted', (user: TestUser, keyId: string) => api('DELETE', `/api-keys/${keyId}`, user.headers)],
+    ['owner deactivated', (user: TestUser) => api('PATCH', `/users/${user.user.id}`, admin, { is_active: false })],
+  ] as const)('a search through a key %s before its query embedding is held answers 401, not the passages full text found meanwhile', async (_way, takeAway) => {
+    const { user, folder, key } = await scopedSetup({ max_budget: '1' });
+    await ingested(ctx.app, xApiKey(key.key), folder.id, DOCUMENT);
+    const meter = ctx.app.meter;
+    const reserve = meter.reserve.bind(meter);
+    let calls = 0;
+    // The key (or its owner) goes away after the search was authenticated, as its query embedding reaches the meter.
+    meter.reserve = async (estimate) => {
+      if (++calls === 1) {
+        meter.reserve = reserve;
+        const gone = await takeAway(user, key.id);
+        expect(gone.statusCode, gone.body).toBe(200);
+      }
+      return reserve(estimate);
+    };
+    let response;
+    try {
+      response = await api('POST', '/knowledge-base/search', xApiKey(key.key), { query: 'lighthouses ships' });
+    } finally {
+      meter.reserve = reserve;
+    }
+    // Without pgvector the search embeds nothing: nothing happens between its authentication and its answer.
+    if (!withVectors()) return;
+    expect(calls).toBe(1);
+    expect(response.statusCode, response.body).toBe(401);
+    expect(response.json()).toEqual({ detail: 'Could not validate credentials' });
+    await expectConsistent(user);
+  });
+
   it('a retry after a passing fault midway embeds (and charges) only the batches not stored yet: each chunk is sent upstream and paid once, and ends with its vector', async () => {
     // What a clean ingestion of the document costs: the same document for another account.
     const clean = await createUser(ctx.app);

@@ -2,6 +2,7 @@ import { and, inArray, or, type SQL, sql } from 'drizzle-orm';
 
 import type { Settings } from '../../core/config.js';
 import { type Db, rootOf } from '../../core/db.js';
+import { CredentialsGoneError } from '../../core/errors.js';
 import type { Logger } from '../../core/logger.js';
 
 import { knowledgeChunks, knowledgeEntries } from '../../models/index.js';
@@ -313,6 +314,10 @@ async function queryEmbedding(deps: KnowledgeSearchDeps, model: string, principa
     });
     return result.embeddings[0] ?? null;
   } catch (error) {
+    // The caller's key or account went away after the request was authenticated (the meter's hold
+    // found it so): answered as a request with those credentials now is (401), not with the
+    // passages full text found meanwhile. Any other failure (the provider, the balance) leaves full text to answer.
+    if (error instanceof CredentialsGoneError) throw error;
     deps.log.warn({ err: error, model }, 'query embedding failed; knowledge search answers with full text alone');
     return null;
   }
