@@ -1,4 +1,4 @@
-import { and, eq, inArray, or, type SQL, sql } from 'drizzle-orm';
+import { and, eq, inArray, type SQL, sql } from 'drizzle-orm';
 import type { PgColumn } from 'drizzle-orm/pg-core';
 
 import { type Db, transaction } from '../core/db.js';
@@ -88,37 +88,49 @@ function splitExtension(name: string): [string, string] {
   return dot > 0 ? [name.slice(0, dot), name.slice(dot)] : [name, ''];
 }
 
-/** The `n`th variant of `name`: `report (n).pdf`, the stem shortened so that the whole fits `maxChars`. */
+/** The longest start of `text` of at most `units` UTF-16 units that cuts no surrogate pair in two. */
+function cutAt(text: string, units: number): string {
+  let end = Math.max(0, Math.min(text.length, units));
+  const last = text.charCodeAt(end - 1);
+  if (end < text.length && last >= 0xd800 && last <= 0xdbff) end--;
+  return text.slice(0, end);
+}
+
+/**
+ * The `n`th variant of `name`: `report (n).pdf`, fitting `maxChars` (UTF-16 units, as names are
+ * measured): the stem shortened first (to one character at least), then the extension's end;
+ * never inside a surrogate pair (a lone half is no name: it was stored as U+FFFD, so the name was
+ * never seen as taken again and a third clash ended in 409).
+ */
 export function numberedName(name: string, n: number, maxChars = 255): string {
   const [stem, extension] = splitExtension(name);
   const suffix = ` (${n})`;
-  const room = maxChars - suffix.length - extension.length;
-  // Shortened by code points, so no surrogate pair is cut in half.
-  const shortStem = [...stem].slice(0, Math.max(1, room)).join('');
-  return `${shortStem}${suffix}${extension}`.slice(0, maxChars);
+  const shortStem = cutAt(stem, maxChars - suffix.length - extension.length) || [...stem].slice(0, 1).join('');
+  const head = `${shortStem}${suffix}`;
+  return `${head}${cutAt(extension, maxChars - head.length)}`;
 }
 
-/** `name` if no row in `scope` has it (or only `self` does), else the first free `name (n)`. */
+/** Numbered names looked up per statement. */
+const NAME_CANDIDATES = 100;
+
+/**
+ * `name` if no row in `scope` has it (or only `self` does), else the first free `name (n)`. The
+ * names are asked for exactly, a hundred at a time: a long name's numbered forms are shortened, so
+ * no pattern on the name finds them all.
+ */
 async function freeName(db: Db, scope: NameScope, name: string, self?: string): Promise<string> {
-  const [stem, extension] = splitExtension(name);
-  const escape = (text: string) => text.replace(/[\\%_]/g, (c) => `\\${c}`);
   const table = scope.column.table;
   const idColumn = (table as unknown as { id: PgColumn }).id;
-  const rows = await db
-    .select({ name: scope.column })
-    .from(table)
-    .where(
-      and(
-        scope.within,
-        self ? sql`${idColumn} <> ${self}` : undefined,
-        or(eq(scope.column, name), sql`${scope.column} like ${`${escape(stem)} (%)${escape(extension)}`}`),
-      ),
-    );
-  const taken = new Set(rows.map((row) => row.name));
-  if (!taken.has(name)) return name;
-  for (let n = 1; ; n++) {
-    const candidate = numberedName(name, n);
-    if (!taken.has(candidate)) return candidate;
+  for (let first = 1; ; first += NAME_CANDIDATES) {
+    const candidates = Array.from({ length: NAME_CANDIDATES }, (_, i) => numberedName(name, first + i));
+    if (first === 1) candidates.unshift(name);
+    const rows = await db
+      .select({ name: scope.column })
+      .from(table)
+      .where(and(scope.within, self ? sql`${idColumn} <> ${self}` : undefined, inArray(scope.column, candidates)));
+    const taken = new Set(rows.map((row) => row.name));
+    const free = candidates.find((candidate) => !taken.has(candidate));
+    if (free !== undefined) return free;
   }
 }
 

@@ -69,6 +69,30 @@ describe('folders', () => {
     expect((await api('PATCH', `/knowledge-base/folders/${first.id}`, user.headers, { name: 'Reports (1)' })).json()).toMatchObject({ name: 'Reports (1) (1)' });
   });
 
+  it('numbers a long name within 255 characters without cutting a character in two, however long its extension', async () => {
+    const user = await createUser(ctx.app);
+    const loneHalf = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+    // 255 characters: the numbered names' stem is shortened; an "extension" of 126 emoji (252 UTF-16 units): they cut into it.
+    for (const [name, starts] of [
+      [`${'x'.repeat(251)}.txt`, [`${'x'.repeat(247)} (1).txt`, `${'x'.repeat(247)} (2).txt`]],
+      [`a.${'😀'.repeat(126)}`, ['a (1).😀', 'a (2).😀']],
+    ] as const) {
+      const names: string[] = [];
+      for (let i = 0; i < 3; i++) {
+        const created = await api('POST', '/knowledge-base/folders', user.headers, { name });
+        expect(created.statusCode, created.body).toBe(200);
+        names.push(created.json<{ name: string }>().name);
+      }
+      expect(names[0]).toBe(name);
+      expect(names.slice(1).map((n) => n.slice(0, starts[0].length))).toEqual(starts);
+      for (const numbered of names) {
+        expect(numbered.length).toBeLessThanOrEqual(255);
+        expect(numbered).not.toMatch(/\uFFFD/);
+        expect(numbered).not.toMatch(loneHalf);
+      }
+    }
+  });
+
   it('refuses names that are empty, dots, or carry separators, controls or invisible marks (422)', async () => {
     for (const name of ['', '   ', '.', '..', 'a/b', 'a\\b', 'a\u0000b', 'tab\there', 'exe\u202Etxt.pdf', 'a\u200Bb', 'n'.repeat(256)]) {
       expectValidationError(await api('POST', '/knowledge-base/folders', alice.headers, { name }), ['body', 'name']);
