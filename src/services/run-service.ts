@@ -164,8 +164,9 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     // marked busy with it (a refused start rolls it back). Then its runs, read under those locks.
     const thread = threadPolicy.check(principal, await runCrud.holdThreadBusy(tx, ownerId, threadId), 'write');
     const limit = settings.MAX_ACTIVE_RUNS_PER_USER;
-    const checkLimit = (owned: runCrud.OwnerActive) => {
-      if (owned.count < limit) return;
+    // An `interrupt` ends the thread's active run as it starts its own: that run is not counted.
+    const checkLimit = (owned: runCrud.OwnerActive, replaced = 0) => {
+      if (owned.count - replaced < limit) return;
       throw new TooManyRequestsError(5, `Too many active runs: at most ${limit} may be queued or running per user (MAX_ACTIVE_RUNS_PER_USER); wait for one to end or cancel one`);
     };
     const busy = (active: Pick<Run, 'id' | 'status'> | undefined) =>
@@ -189,9 +190,11 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
       await storeQueued(deps, tx, inserted);
       return { run: inserted, interrupted: undefined };
     }
-    const owned = await runCrud.ownerActive(tx, ownerId, thread.id, limit);
-    checkLimit(owned);
+    // One more read for an `interrupt` (the run it ends among them), so the others are counted up to the limit.
+    const interrupting = options.strategy === 'interrupt';
+    const owned = await runCrud.ownerActive(tx, ownerId, thread.id, interrupting ? limit + 1 : limit);
     const active = owned.onThread;
+    checkLimit(owned, interrupting && active ? 1 : 0);
     let waiting = false;
     let interrupted: Interrupted;
     if (active) {

@@ -908,6 +908,22 @@ describe('limits and access', () => {
     for (const run of started) await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
   });
 
+  it('MAX_ACTIVE_RUNS_PER_USER: at the limit, `interrupt` replaces the thread\'s active run (no more active than before); on an idle thread it is 429', async () => {
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { is_default: true });
+    fake.script(MODEL, ...Array.from({ length: 5 }, () => ({ chunks: ['slow ', 'one'], chunkDelayMs: 300 })));
+    const started: RunBody[] = [];
+    for (let i = 0; i < 4; i++) started.push(await startRun(ctx.app, owner.headers, (await createThread(ctx.app, owner.headers)).id, { input: 'x' }));
+    const replacing = await api('POST', `/threads/${started[0]!.thread_id}/runs`, owner.headers, { input: 'instead', multitask_strategy: 'interrupt' });
+    expect(replacing.statusCode, replacing.body).toBe(202);
+    expect((await getRun(ctx.app, owner.headers, started[0]!.id)).status).toBe('cancelled');
+    expect((await api('GET', '/runs/active', owner.headers)).json<{ count: number }>().count).toBe(4);
+    // Nothing to interrupt on an idle thread: the start is one more active run.
+    const idle = await createThread(ctx.app, owner.headers);
+    expect((await api('POST', `/threads/${idle.id}/runs`, owner.headers, { input: 'x', multitask_strategy: 'interrupt' })).statusCode).toBe(429);
+    for (const run of [...started.slice(1), replacing.json<RunBody>()]) await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+  });
+
   it('another user\'s run and thread answer 404 on every run route', async () => {
     const { owner, thread } = await setup();
     const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'mine' });
