@@ -82,14 +82,24 @@ export const appendedMessageValues = () => ({
 // A run's start and every step append one: prepared (the thread's last seq + 1, as appendMessages gives).
 const oneAppended = preparedAnywhere('messages_append_one', (db, name) => db.insert(messages).values(appendedMessageValues()).returning().prepare(name));
 
-/** Appends messages in this order in one statement, under the same lock as `appendMessage`. */
+/**
+ * Rows of one appendMessages INSERT: a statement takes at most 65535 parameters (about six a row
+ * here), and an agent completion's history may hold more turns than that.
+ */
+const APPEND_BATCH_ROWS = 1_000;
+
+/** Appends messages in this order, in one statement per APPEND_BATCH_ROWS, under the same lock as `appendMessage`. */
 export async function appendMessages(tx: Db, threadId: string, values: readonly Omit<NewMessage, 'seq' | 'thread_id'>[]): Promise<Message[]> {
-  if (!values.length) return [];
-  // Every row of one INSERT reads the same snapshot: the thread's last seq before any of them.
+  const written: Message[] = [];
+  // Every row of one INSERT reads the same snapshot: the thread's last seq before any of them (a
+  // later batch's statement sees the earlier ones').
   const last = sql`(select coalesce(max(${messages.seq}), 0) from ${messages} where ${messages.thread_id} = ${threadId})`;
-  const rows = values.map((row, i) => ({ ...row, thread_id: threadId, seq: sql`${last} + ${i + 1}` as unknown as number }));
-  const written = await tx.insert(messages).values(rows).returning();
-  return written.sort((a, b) => a.seq - b.seq);
+  for (let start = 0; start < values.length; start += APPEND_BATCH_ROWS) {
+    const rows = values.slice(start, start + APPEND_BATCH_ROWS).map((row, i) => ({ ...row, thread_id: threadId, seq: sql`${last} + ${i + 1}` as unknown as number }));
+    const batch = await tx.insert(messages).values(rows).returning();
+    written.push(...batch.sort((a, b) => a.seq - b.seq));
+  }
+  return written;
 }
 
 /**

@@ -222,6 +222,19 @@ describe('chat completions with an agent', () => {
     expect((await threadMessages(owner.headers, threadId)).map((m) => m.content)).toEqual(['My name is Ada.', 'Hello Ada.', 'What is my name?', 'Your name is Ada.', 'How long is my name?', 'Ada has 3 letters.']);
   });
 
+  it('starts a thread with a long history (more turns than one statement can take as parameters) in order', async () => {
+    fake.script('fake-precise', { text: 'Read it all.' });
+    const turns = 12_000;
+    const history: OpenAI.ChatCompletionMessageParam[] = Array.from({ length: turns }, (_, i) => ({ role: i % 2 ? 'assistant' : 'user', content: `turn ${i}` }));
+    const completion = await client.chat.completions.create({ model: agentModel, messages: [...history, ...ask('And now?')] });
+    expect(completion.choices[0]!.message.content).toBe('Read it all.');
+    const threadId = (completion as unknown as { metadata: { thread_id: string } }).metadata.thread_id;
+    const tail = await api('GET', `/threads/${threadId}/messages?limit=3&offset=${turns - 1}`, owner.headers);
+    expect(tail.json<{ count: number }>().count).toBe(turns + 2);
+    expect(tail.json<{ data: { content: string }[] }>().data.map((m) => m.content)).toEqual([`turn ${turns - 1}`, 'And now?', 'Read it all.']);
+    expect(sentMessages(fake.requestsFor('fake-precise')[0]).length).toBe(turns + 2);
+  });
+
   it('runs the agent\'s tool round and answers once: the streamed text equals the non-stream answer', async () => {
     const tooled = `agent:${(await createAgent(ctx.app, owner.headers, { name: 'Searcher', tools: ['knowledge_search'] })).id}`;
     const round = [
