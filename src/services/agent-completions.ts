@@ -147,8 +147,16 @@ export async function startAgentCompletion(ctx: ServiceContext, deps: RunDeps, b
     if (!thread.success) throw new InvalidRequestError('metadata.thread_id must be the id of one of your threads (a UUID)', 'metadata.thread_id');
     return runService.startOnThread(ctx, deps, thread.data, { agent_id: agent.id, input, multitask_strategy: 'reject' });
   }
-  const title = (history.find((turn) => turn.role === 'user')?.content ?? input).replace(/\s+/g, ' ').trim().slice(0, TITLE_CHARS);
+  const title = titleOf(history.find((turn) => turn.role === 'user')?.content ?? input);
   return runService.startWithThread(ctx, deps, { agent_id: agent.id, input, thread: { title } }, history);
+}
+
+/** A new thread's title: the text on one line, its first TITLE_CHARS characters (a character of two UTF-16 units, an emoji, kept whole). */
+function titleOf(text: string): string {
+  const line = text.replace(/\s+/g, ' ').trim();
+  // Cut inside a surrogate pair, its first half would be stored as U+FFFD.
+  const end = /[\ud800-\udbff]/.test(line.charAt(TITLE_CHARS - 1)) ? TITLE_CHARS + 1 : TITLE_CHARS;
+  return line.slice(0, end);
 }
 
 // ==================== Answering ====================

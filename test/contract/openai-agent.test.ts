@@ -235,6 +235,15 @@ describe('chat completions with an agent', () => {
     expect(sentMessages(fake.requestsFor('fake-precise')[0]).length).toBe(turns + 2);
   });
 
+  it('titles a new thread with the first user message cut at 80 characters, never inside an emoji', async () => {
+    fake.script('fake-precise', { text: 'Noted.' });
+    const first = `${'a'.repeat(79)}😀 and more`;
+    const completion = await client.chat.completions.create({ model: agentModel, messages: ask(first) });
+    const threadId = (completion as unknown as { metadata: { thread_id: string } }).metadata.thread_id;
+    const thread = await api('GET', `/threads/${threadId}`, owner.headers);
+    expect(thread.json<{ title: string }>().title).toBe(`${'a'.repeat(79)}😀`);
+  });
+
   it('runs the agent\'s tool round and answers once: the streamed text equals the non-stream answer', async () => {
     const tooled = `agent:${(await createAgent(ctx.app, owner.headers, { name: 'Searcher', tools: ['knowledge_search'] })).id}`;
     const round = [
