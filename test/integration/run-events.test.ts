@@ -99,6 +99,14 @@ describe('the database run event log', () => {
     expect(await fresh.lastSeq(runId)).toBe(1);
   });
 
+  it('a reader (of a process that holds none of the log) that starts past the end of an int4 seq reads nothing and ends', async () => {
+    const runId = await newRun();
+    await log.append(runId, [{ event: 'run.started', data: {} }, delta('a'), { event: 'run.completed', data: {} }]);
+    const fresh = new DatabaseRunEventLog(new EmbeddedRunEvents(ctx.app.db, pino({ level: 'silent' }), FLUSH_MS));
+    // `?after=` takes any safe integer, Last-Event-ID up to 15 digits.
+    for (const after of [2 ** 31, Number.MAX_SAFE_INTEGER]) expect(await collect(fresh.read(runId, after, new AbortController().signal))).toEqual([]);
+  });
+
   it('never waits for a slow reader: past its buffer it catches up from the log, still exactly once', async () => {
     const runId = await newRun();
     const controller = new AbortController();

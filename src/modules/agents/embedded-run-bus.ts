@@ -50,19 +50,23 @@ const lastStored = preparedAnywhere('run_events_last', (db, name) =>
     .limit(1)
     .prepare(name),
 );
-/** The rows that hold events after `after`: from the row that holds `after` + 1 (a row's seqs are contiguous, rows follow on). */
+/**
+ * The rows that hold events after `after`: from the row that holds `after` + 1 (a row's seqs are contiguous, rows follow on).
+ * `after` as bigint: a reader's `?after=`/Last-Event-ID may be past any int4 seq (then nothing is after it).
+ */
 const storedAfter = preparedAnywhere('run_events_after', (db, name) => {
+  const after = sql`${sql.placeholder('after')}::bigint`;
   const holding = db.$with('holding').as(
     db
       .select({ seq: sql<number>`coalesce(max(${runEvents.seq}), 0)`.as('seq') })
       .from(runEvents)
-      .where(and(eq(runEvents.run_id, slot<string>('run_id')), lte(runEvents.seq, sql`${sql.placeholder('after')}::integer + 1`))),
+      .where(and(eq(runEvents.run_id, slot<string>('run_id')), lte(runEvents.seq, sql`${after} + 1`))),
   );
   return db
     .with(holding)
     .select({ events: runEvents.events })
     .from(runEvents)
-    .where(and(eq(runEvents.run_id, slot<string>('run_id')), gte(runEvents.seq, sql`(select ${holding.seq} from ${holding})`), gt(runEvents.last_seq, slot<number>('after'))))
+    .where(and(eq(runEvents.run_id, slot<string>('run_id')), gte(runEvents.seq, sql`(select ${holding.seq} from ${holding})`), gt(runEvents.last_seq, after)))
     .orderBy(asc(runEvents.seq))
     .limit(REPLAY_PAGE)
     .prepare(name);
