@@ -77,18 +77,25 @@ const ToolCallIn = z.object({
   function: z.object({ name: z.string().min(1), arguments: z.string() }),
 });
 
-const SystemMessage = z.object({ role: z.enum(['system', 'developer']), content: TextContent, name: z.string().nullish() });
+/**
+ * A participant's name as OpenAI's API takes it (`messages[].name`): 1 to 64 letters, digits, _ or
+ * -. Sent on to OpenAI-compatible providers; the others have no such field (docs/decisions.md).
+ */
+export const PARTICIPANT_NAME = /^[\w-]{1,64}$/;
+const ParticipantName = z.string().regex(PARTICIPANT_NAME, { error: 'A name is 1 to 64 letters, digits, _ or -' }).nullish();
+
+const SystemMessage = z.object({ role: z.enum(['system', 'developer']), content: TextContent, name: ParticipantName });
 const UserMessage = z.object({
   role: z.literal('user'),
   content: z.union([z.string(), z.array(z.discriminatedUnion('type', [TextPart, ImagePart]))]),
-  name: z.string().nullish(),
+  name: ParticipantName,
 });
 const AssistantMessage = z.object({
   role: z.literal('assistant'),
   content: z.union([z.string(), z.array(z.discriminatedUnion('type', [TextPart, RefusalPart]))]).nullish(),
   tool_calls: z.array(ToolCallIn).nullish(),
   refusal: z.string().nullish(),
-  name: z.string().nullish(),
+  name: ParticipantName,
 });
 const ToolMessage = z.object({ role: z.literal('tool'), content: TextContent, tool_call_id: z.string().min(1) });
 
@@ -423,7 +430,7 @@ export function simpleChatRequest(data: unknown): ChatCompletionRequest | undefi
         continue;
       }
       if (name === undefined) continue;
-      if (typeof name !== 'string') return undefined;
+      if (typeof name !== 'string' || !PARTICIPANT_NAME.test(name)) return undefined;
       copy.name = name;
     }
     parsed.push(copy);

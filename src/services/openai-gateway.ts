@@ -113,6 +113,23 @@ const imagePart = ({ url, detail }: { url: string; detail?: 'auto' | 'low' | 'hi
   ...(detail ? { providerOptions: { openai: { imageDetail: detail } } } : {}),
 });
 
+/**
+ * A message's participant name (OpenAI's `name`), where the SDK's openai-compatible model reads a
+ * message's own fields (`providerOptions.openaiCompatible`, spread into the message it sends) and
+ * the wire reads it too (wireMessages). The SDK's openai model has no such slot, nor do Anthropic's
+ * and Google's APIs: for them it is dropped (docs/decisions.md).
+ */
+const participant = (name: string) => ({ openaiCompatible: { name } });
+
+/** A user message with its name: a single text is read from its part (the SDK's converter), parts from the message. */
+function namedUser(content: UserContent, name: string): ModelMessage {
+  const providerOptions = participant(name);
+  if (content.length === 1 && content[0]!.type === 'text') return { role: 'user', content: [{ ...content[0]!, providerOptions }], providerOptions };
+  return { role: 'user', content, providerOptions };
+}
+
+type UserContent = Exclude<Extract<ModelMessage, { role: 'user' }>['content'], string>;
+
 /** OpenAI's messages as the AI SDK's; a tool result names its tool through the assistant's earlier call. */
 function toModelMessages(messages: readonly ChatMessage[]): ModelMessage[] {
   const toolNames = new Map<string, string>();
@@ -120,24 +137,25 @@ function toModelMessages(messages: readonly ChatMessage[]): ModelMessage[] {
     switch (message.role) {
       case 'system':
       case 'developer':
+        if (message.name) return { role: 'system', content: textOf(message.content), providerOptions: participant(message.name) };
         return { role: 'system', content: textOf(message.content) };
-      case 'user':
-        if (typeof message.content === 'string') return { role: 'user', content: message.content };
-        return {
-          role: 'user',
-          content: message.content.map((part) =>
-            part.type === 'text' ? { type: 'text' as const, text: part.text } : imagePart(part.image_url),
-          ),
-        };
+      case 'user': {
+        const { content, name } = message;
+        if (typeof content === 'string') return name ? namedUser([{ type: 'text', text: content }], name) : { role: 'user', content };
+        const parts: UserContent = content.map((part) => (part.type === 'text' ? { type: 'text' as const, text: part.text } : imagePart(part.image_url)));
+        return name ? namedUser(parts, name) : { role: 'user', content: parts };
+      }
       case 'assistant': {
+        const named = message.name ? { providerOptions: participant(message.name) } : undefined;
         // A refusal echoed back as it was answered (content null, `refusal`) is what the assistant
         // said: the SDK's messages have no part for it, and dropped, the model would not know it refused.
         const text = !message.content ? (message.refusal ?? '') : typeof message.content === 'string' ? message.content : message.content.map((p) => (p.type === 'text' ? p.text : p.refusal)).join('');
         const calls = message.tool_calls ?? [];
-        if (!calls.length) return { role: 'assistant', content: text };
+        if (!calls.length) return { role: 'assistant', content: text, ...named };
         for (const call of calls) toolNames.set(call.id, call.function.name);
         return {
           role: 'assistant',
+          ...named,
           content: [
             ...(text ? [{ type: 'text' as const, text }] : []),
             ...calls.map((call, i) => ({

@@ -375,3 +375,24 @@ describe("max_tokens above the model's output cap", () => {
     await eventually(async () => (await reservedOf(owner)) === 0);
   });
 });
+
+describe('participant names (`messages[].name`)', () => {
+  it('are dropped for Anthropic and Google models, whose APIs have no such field: the conversation goes as it would without them', async () => {
+    const named: OpenAI.ChatCompletionMessageParam[] = [
+      { role: 'system', content: 'Be brief.', name: 'rules' },
+      { role: 'user', content: 'Hi, I am Ada.', name: 'ada' },
+      { role: 'assistant', content: 'Hello Ada.', name: 'bot' },
+      { role: 'user', content: [{ type: 'text', text: 'And Bob?' }], name: 'bob' },
+    ];
+    const plain = named.map(({ name: _name, ...message }) => message) as OpenAI.ChatCompletionMessageParam[];
+    for (const { kind, model, system, conversation } of PROVIDERS) {
+      for (const messages of [named, plain]) {
+        fake.script(model, { text: 'Hello.', usage: { prompt_tokens: 5, completion_tokens: 2 } });
+        expect((await client.chat.completions.create({ model, messages })).choices[0]!.message.content, kind).toBe('Hello.');
+      }
+      const [withNames, without] = fake.requestsFor(model);
+      expect(system(withNames!), kind).toEqual(system(without!));
+      expect(conversation(withNames!), kind).toEqual(conversation(without!));
+    }
+  });
+});

@@ -330,6 +330,47 @@ describe('chat completions', () => {
     expect(fake.requestsFor('dotted-chat')[0]!.body).toMatchObject({ user: 'end-user-7', response_format: { json_schema: { strict: false } } });
   });
 
+  it('forwards a message\'s participant `name` (system, user, assistant) over the wire and through the SDK, and refuses one OpenAI would', async () => {
+    const messages: OpenAI.ChatCompletionMessageParam[] = [
+      { role: 'system', content: 'Be brief.', name: 'house_rules' },
+      { role: 'user', content: 'Hi, I am Ada.', name: 'ada' },
+      { role: 'assistant', content: 'Hello Ada.', name: 'keel-bot' },
+      { role: 'user', content: 'And I am Bob.', name: 'bob_2' },
+    ];
+    // The hand-checked body (text only) and Zod's (`tools` sends the body to Zod), both over the wire.
+    fake.script('fake-chat', { text: 'ok' }, { text: 'ok' });
+    await client.chat.completions.create({ model: 'fake-chat', messages });
+    await client.chat.completions.create({ model: 'fake-chat', messages, tools: [{ type: 'function', function: { name: 'noop', parameters: { type: 'object', properties: {} } } }] });
+    const sent = [
+      { role: 'system', content: 'Be brief.', name: 'house_rules' },
+      { role: 'user', content: 'Hi, I am Ada.', name: 'ada' },
+      { role: 'assistant', content: 'Hello Ada.', name: 'keel-bot' },
+      { role: 'user', content: 'And I am Bob.', name: 'bob_2' },
+    ];
+    expect(fake.requestsFor('fake-chat').map((r) => r.body.messages)).toEqual([sent, sent]);
+    // Through the SDK's openai-compatible model (an image leaves the wire): a one-text message and one of parts.
+    await addModel({ id: 'named-vision', capabilities: ['chat', 'vision'] });
+    fake.script('named-vision', { text: 'ok' });
+    const pixel = 'data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==';
+    await client.chat.completions.create({
+      model: 'named-vision',
+      messages: [...messages, { role: 'user', content: [{ type: 'text', text: 'What is this?' }, { type: 'image_url', image_url: { url: pixel } }], name: 'carol' }],
+    });
+    const throughSdk = fake.requestsFor('named-vision')[0]!.body.messages as Record<string, unknown>[];
+    expect(throughSdk.map((m) => m.name)).toEqual(['house_rules', 'ada', 'keel-bot', 'bob_2', 'carol']);
+    expect(throughSdk[1]).toEqual(sent[1]);
+    expect((throughSdk[4]!.content as Record<string, unknown>[]).every((part) => !('name' in part))).toBe(true);
+    // OpenAI's pattern: 1 to 64 letters, digits, _ or -.
+    fake.reset();
+    for (const name of ['Ada Lovelace', '', 'x'.repeat(65), 'a/b']) {
+      for (const extra of [{}, { tools: [{ type: 'function' as const, function: { name: 'noop' } }] }]) {
+        const refused = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'system', content: 'Hi' }, { role: 'user', content: 'Hi', name }], ...extra }));
+        expect(refused, name).toMatchObject({ status: 400, type: 'invalid_request_error', param: 'messages[1].name' });
+      }
+    }
+    expect(fake.log).toEqual([]);
+  });
+
   it('refuses what it cannot serve with 400 invalid_request_error naming the param', async () => {
     const two = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], n: 2 }));
     expect(two.status).toBe(400);

@@ -19,6 +19,7 @@
  */
 import { StringDecoder } from 'node:string_decoder';
 
+import type { SharedV3ProviderOptions } from '@ai-sdk/provider';
 import { generateId, secureJsonParse, StreamingToolCallTracker } from '@ai-sdk/provider-utils';
 import { APICallError, type ModelMessage } from 'ai';
 import { Agent, type Dispatcher } from 'undici';
@@ -31,8 +32,8 @@ import type { TokenUsage } from './types.js';
 
 /** An OpenAI chat message as the wire carries it. */
 type WireMessage =
-  | { role: 'system' | 'user'; content: string | { type: 'text'; text: string }[] }
-  | { role: 'assistant'; content: string | null; tool_calls?: WireToolCall[] }
+  | { role: 'system' | 'user'; content: string | { type: 'text'; text: string }[]; name?: string }
+  | { role: 'assistant'; content: string | null; tool_calls?: WireToolCall[]; name?: string }
   | { role: 'tool'; tool_call_id: string; content: string };
 
 interface WireToolCall {
@@ -333,13 +334,14 @@ export function wireMessages(system: string | undefined, messages: readonly Mode
       continue;
     }
     if (message.role !== 'assistant' && unanswered?.size) return undefined;
+    const name = participantName(message.providerOptions);
     if (message.role === 'system') {
-      out.push({ role: 'system', content: message.content });
+      out.push(name === undefined ? { role: 'system', content: message.content } : { role: 'system', content: message.content, name });
       continue;
     }
     const { content } = message;
     if (typeof content === 'string') {
-      out.push({ role: message.role, content });
+      out.push(name === undefined ? { role: message.role, content } : { role: message.role, content, name });
       continue;
     }
     if (message.role === 'assistant') {
@@ -352,7 +354,9 @@ export function wireMessages(system: string | undefined, messages: readonly Mode
           (unanswered ??= new Set()).add(part.toolCallId);
         } else return undefined;
       }
-      out.push(calls.length ? { role: 'assistant', content: text || null, tool_calls: calls } : { role: 'assistant', content: text });
+      const said: WireMessage = calls.length ? { role: 'assistant', content: text || null, tool_calls: calls } : { role: 'assistant', content: text };
+      if (name !== undefined) said.name = name;
+      out.push(said);
       continue;
     }
     const texts: { type: 'text'; text: string }[] = [];
@@ -360,9 +364,21 @@ export function wireMessages(system: string | undefined, messages: readonly Mode
       if (part.type !== 'text') return undefined;
       if (part.text !== '') texts.push({ type: 'text', text: part.text }); // the SDK drops empty text parts
     }
-    out.push({ role: 'user', content: texts.length === 1 ? texts[0]!.text : texts });
+    const user: WireMessage = { role: 'user', content: texts.length === 1 ? texts[0]!.text : texts };
+    if (name !== undefined) user.name = name;
+    out.push(user);
   }
   return unanswered?.size ? undefined : out;
+}
+
+/**
+ * A message's participant name, where the SDK's openai-compatible model reads a message's own
+ * fields (`providerOptions.openaiCompatible`, spread into the message it sends): the gateway puts
+ * OpenAI's `name` there (services/openai-gateway.ts).
+ */
+function participantName(options: SharedV3ProviderOptions | undefined): string | undefined {
+  const name = options?.openaiCompatible?.name;
+  return typeof name === 'string' ? name : undefined;
 }
 
 /**
