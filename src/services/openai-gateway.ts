@@ -547,7 +547,7 @@ function* embeddingsJson(result: EmbedResult, format: 'float' | 'base64' | null 
   let piece = '{"object":"list","data":[';
   let inPiece = 0;
   for (const [index, vector] of result.embeddings.entries()) {
-    const embedding = format === 'base64' ? Buffer.from(vector.buffer, vector.byteOffset, vector.byteLength).toString('base64') : Array.from(vector);
+    const embedding = format === 'base64' ? Buffer.from(vector.buffer, vector.byteOffset, vector.byteLength).toString('base64') : shortestFloats(vector);
     piece += `${index ? ',' : ''}${JSON.stringify({ object: 'embedding', index, embedding })}`;
     inPiece += vector.length;
     if (inPiece >= pieceValues) {
@@ -558,6 +558,57 @@ function* embeddingsJson(result: EmbedResult, format: 'float' | 'base64' | null 
   }
   const usage = { prompt_tokens: result.usage.input, total_tokens: result.usage.input };
   yield `${piece}],"model":${JSON.stringify(result.model)},"usage":${JSON.stringify(usage)}}`;
+}
+
+/** Powers of ten that are exact doubles (10^22 is the last). */
+const EXACT_POWERS_OF_TEN = Array.from({ length: 23 }, (_, i) => 10 ** i);
+
+/**
+ * A vector's values as the doubles of the shortest decimals that read back to the same float32
+ * values, for JSON.stringify to write: what OpenAI's API writes (0.008608307), where the doubles
+ * of the float32 values were written with the 17 digits a double needs (0.008608306758105755),
+ * ~1.7 times the JSON. JSON.stringify of the whole array writes each double's own shortest form,
+ * which is then that decimal. Found with toPrecision value by value it cost ~10 times the array's
+ * JSON.stringify; rounded at a power of ten as here, 1.2 to 2.4 times (measured: the commit that
+ * made it), for JSON ~40 % shorter to send and for the client to parse.
+ */
+export function shortestFloats(vector: Float32Array): number[] {
+  const out = new Array<number>(vector.length);
+  for (let i = 0; i < vector.length; i++) out[i] = shortestFloat(vector[i]!);
+  return out;
+}
+
+/**
+ * The decimal of the fewest significant digits (1 to 9) that is nearest to `value` (a float32) and
+ * reads back to it, as a double. A model's values (|value| < 1) need 6 to 9 digits: 8 is tried
+ * first, then fewer while they still read back (more digits are nearer, so what 8 misses only 9
+ * can hit). Rounding at 10^s is exact for 0 ≤ s ≤ 22: the integer and the power are exact doubles,
+ * and one division rounds correctly; other magnitudes (below 1e-15, from 1e8 up) take toPrecision.
+ */
+function shortestFloat(value: number): number {
+  if (value === 0 || !Number.isFinite(value)) return value; // JSON.stringify writes 0 and null
+  const exponent = Math.floor(Math.log10(value < 0 ? -value : value));
+  let scale = 7 - exponent; // 8 significant digits
+  if (scale < 0 || scale > 21) return shortestByPrecision(value);
+  let best = Math.round(value * EXACT_POWERS_OF_TEN[scale]!) / EXACT_POWERS_OF_TEN[scale]!;
+  if (Math.fround(best) !== value) {
+    const nine = Math.round(value * EXACT_POWERS_OF_TEN[scale + 1]!) / EXACT_POWERS_OF_TEN[scale + 1]!;
+    return Math.fround(nine) === value ? nine : shortestByPrecision(value);
+  }
+  for (scale--; scale >= 0; scale--) {
+    const fewer = Math.round(value * EXACT_POWERS_OF_TEN[scale]!) / EXACT_POWERS_OF_TEN[scale]!;
+    if (Math.fround(fewer) !== value) return best;
+    best = fewer;
+  }
+  return best;
+}
+
+function shortestByPrecision(value: number): number {
+  for (let digits = 1; digits < 9; digits++) {
+    const decimal = Number(value.toPrecision(digits));
+    if (Math.fround(decimal) === value) return decimal;
+  }
+  return Number(value.toPrecision(9));
 }
 
 export function modelObject(id: string, provider: string) {

@@ -384,7 +384,7 @@ describe('participant names (`messages[].name`)', () => {
       { role: 'assistant', content: 'Hello Ada.', name: 'bot' },
       { role: 'user', content: [{ type: 'text', text: 'And Bob?' }], name: 'bob' },
     ];
-    const plain = named.map(({ name: _name, ...message }) => message) as OpenAI.ChatCompletionMessageParam[];
+    const plain = named.map((message) => ({ ...message, name: undefined })) as OpenAI.ChatCompletionMessageParam[];
     for (const { kind, model, system, conversation } of PROVIDERS) {
       for (const messages of [named, plain]) {
         fake.script(model, { text: 'Hello.', usage: { prompt_tokens: 5, completion_tokens: 2 } });

@@ -428,7 +428,7 @@ describe('chat completions', () => {
       body: JSON.stringify({ model: 'fake-embed', input: 'alpha', encoding_format: null, dimensions: null, user: null }),
     });
     expect(response.status).toBe(200);
-    expect(((await response.json()) as { data: { embedding: unknown }[] }).data[0]!.embedding).toEqual(fakeEmbedding('alpha'));
+    expect(Float32Array.from(((await response.json()) as { data: { embedding: number[] }[] }).data[0]!.embedding)).toEqual(Float32Array.from(fakeEmbedding('alpha')));
     for (const sent of fake.requestsFor('fake-embed')) {
       expect(sent.body).not.toHaveProperty('dimensions');
       expect(sent.body).not.toHaveProperty('user');
@@ -510,7 +510,38 @@ describe('embeddings', () => {
     expect(viaSdk.usage.prompt_tokens).toBeGreaterThan(0);
 
     const floats = await client.embeddings.create({ model: 'fake-embed', input: 'alpha', encoding_format: 'float' });
-    expect(floats.data[0]!.embedding).toEqual(fakeEmbedding('alpha'));
+    expect(Float32Array.from(floats.data[0]!.embedding)).toEqual(Float32Array.from(fakeEmbedding('alpha')));
+  });
+
+  it('writes float embeddings as float32 values in the shortest decimal that reads back to each (as OpenAI does), not as 17-digit doubles', async () => {
+    // Two unit vectors of 1536 dimensions as a model's (a fixed pseudo-random sequence), and values at float32's edges.
+    let seed = 7;
+    const random = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31) * 2 - 1;
+    const vectors = [0, 1].map(() => {
+      const vector = Float32Array.from({ length: 1536 }, random);
+      const norm = Math.hypot(...vector);
+      return vector.map((v) => v / norm);
+    });
+    vectors[1]!.set([0, 1, -1, 0.1, 1e-30, -3.4e38, 1.17549435e-38, 1e-45, 123456789, 16777216, 2.5e-7], 0);
+    const upstream = JSON.stringify({ object: 'list', data: vectors.map((v, index) => ({ object: 'embedding', index, embedding: Array.from(v) })), model: 'fake-embed', usage: { prompt_tokens: 2, total_tokens: 2 } });
+    fake.script('fake-embed', { rawBody: upstream });
+    const response = await fetch(`${baseURL}/embeddings`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'fake-embed', input: ['a', 'b'], encoding_format: 'float' }),
+    });
+    expect(response.status).toBe(200);
+    const text = await response.text();
+    const answer = JSON.parse(text) as { data: { embedding: number[] }[] };
+    answer.data.forEach(({ embedding }, i) => expect(Float32Array.from(embedding)).toEqual(vectors[i]));
+    // Each value as written: the fewest significant digits that read back to the same float32.
+    const shortest = (v: number) => {
+      for (let digits = 1; ; digits++) if (Math.fround(Number(v.toPrecision(digits))) === v) return JSON.stringify(Number(v.toPrecision(digits)));
+    };
+    const written = [...text.matchAll(/"embedding":\[([^\]]*)\]/g)].map((m) => m[1]!.split(','));
+    written.forEach((values, i) => expect(values).toEqual(Array.from(vectors[i]!, shortest)));
+    // As 17-digit doubles the answer was ~1.7 times as long.
+    expect(text.length).toBeLessThan(upstream.length * 0.65);
   });
 
   it('refuses an input it cannot take with a message that says what it takes', async () => {
@@ -563,9 +594,10 @@ describe('embeddings', () => {
     });
     expect(response.status).toBe(200);
     expect(response.headers.get('transfer-encoding')).toBe('chunked'); // written in pieces
-    expect(await response.json()).toEqual({
+    const floats = (await response.json()) as { data: { embedding: number[] }[] };
+    expect({ ...floats, data: floats.data.map((d) => ({ ...d, embedding: Float32Array.from(d.embedding) })) }).toEqual({
       object: 'list',
-      data: vectors.map((vector, index) => ({ object: 'embedding', index, embedding: Array.from(vector) })),
+      data: vectors.map((vector, index) => ({ object: 'embedding', index, embedding: vector })),
       model: 'fake-embed',
       usage: { prompt_tokens: 3, total_tokens: 3 },
     });
