@@ -203,6 +203,14 @@ export const SettingsSchema = z.object({
   MODEL_DEFAULT_MAX_OUTPUT_TOKENS: int(1, 10_000_000).default(4_096),
   /** Largest body of a /v1 chat or embeddings request (images travel inline as base64). */
   GATEWAY_BODY_LIMIT_BYTES: int(1024, 100 * 1024 * 1024).default(20 * 1024 * 1024),
+  /**
+   * A streamed /v1 chat completion whose model has sent nothing for this long (a model that thinks
+   * before its first token) gets an SSE comment (`: keep-alive`, which OpenAI's clients skip), and
+   * again after each such silence, so that a proxy's or load balancer's idle timeout (often 60 s)
+   * does not cut it. The first one commits the answer to 200: a failure before it still answers its
+   * own status, one after it is the stream's error event. 0: none.
+   */
+  GATEWAY_STREAM_HEARTBEAT_MS: int(0, 600_000).default(15_000),
 
   /** On: a model call reserves its worst-case cost from the user's credits first (402 when short). Off: usage is recorded, balances untouched. */
   BILLING_ENABLED: bool.default(false),

@@ -171,13 +171,13 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       if (isAgentModel(body.model)) return agents.complete(request, reply);
       const chat = toChatRequest(body, callContext(request.principal), disconnectSignal(reply, inFlight));
       if (body.stream) {
-        const { events, first, model } = await openStream(models.stream(chat), body.model);
-        const frames = new CompletionFrames(model, body.stream_options?.include_usage === true);
+        const opened = await openStream(models.stream(chat), body.model, app.settings.GATEWAY_STREAM_HEARTBEAT_MS);
+        const frames = new CompletionFrames(opened.model, body.stream_options?.include_usage === true);
         return reply
           .header('content-type', 'text/event-stream; charset=utf-8')
           .header('cache-control', 'no-cache')
           .header('x-accel-buffering', 'no')
-          .send(completionBody(events, first, frames, request.log, reply.raw) as never);
+          .send(completionBody(opened, frames, request.log, reply.raw) as never);
       }
       const result = await models.chat(chat);
       return reply.type(JSON_TYPE).send(completionJson(result));

@@ -355,16 +355,28 @@ export class CompletionFrames {
   private readonly id = completionId();
   private readonly created = now();
   private readonly usageField: string;
-  private readonly modelJson: string;
+  private modelJson: string;
   private toolIndex = 0;
   /** The role's chunk, until it goes out before the first event's. */
   private head: string;
 
   constructor(
-    readonly model: string,
+    private answering: string,
     private readonly includeUsage: boolean,
   ) {
     this.usageField = includeUsage ? ',"usage":null' : '';
+    this.modelJson = JSON.stringify(answering);
+    this.head = this.frame({ role: 'assistant', content: '', refusal: null });
+  }
+
+  get model(): string {
+    return this.answering;
+  }
+
+  /** The model the first event named, when the answer began before it (a late first event: see openStream). */
+  answeredBy(model: string): void {
+    if (model === this.answering || !this.head) return;
+    this.answering = model;
     this.modelJson = JSON.stringify(model);
     this.head = this.frame({ role: 'assistant', content: '', refusal: null });
   }
@@ -429,18 +441,20 @@ function isClientsDoing(error: unknown, status: number): boolean {
  * it in the same turn of the event loop (an upstream read usually carries several) go out together
  * in one write, since every write on a socket is a system call — on loopback the costliest part of
  * a streamed answer; with `response`, the last frames and the end of the body go out together too.
+ * A silence of the model's gets a keep-alive comment from the heartbeat, if any (late first event:
+ * the body starts with one); its timer is stopped however the body ends.
  * An error after the first chunk ends the body with an `error` event and is logged on `log` (the
  * request's): the 200 has been sent by then, so the app's error handler never sees it. Honours
  * backpressure; destroying the body (the client went away) returns the events' iterator, which
  * aborts the upstream request.
  */
 export function completionBody(
-  events: AsyncIterator<StreamEvent>,
-  first: IteratorResult<StreamEvent>,
+  opened: OpenedStream,
   frames: CompletionFrames,
   log: Logger,
   response?: { cork(): void; uncork(): void },
 ): Readable {
+  const { events, first, heartbeat } = opened;
   let pending = '';
   let scheduled = false;
   let started = false;
@@ -456,6 +470,7 @@ export function completionBody(
       }
     },
     destroy(error, callback) {
+      heartbeat?.stop();
       // Stops the call; a pump waiting for room goes on, to see that the body is gone.
       void events.return?.()?.catch(() => undefined);
       wanted?.();
@@ -467,19 +482,28 @@ export function completionBody(
     if (pending && !body.destroyed) body.push(pending);
     pending = '';
   };
-  const write = (frame: string) => {
-    pending += frame;
+  const send = (text: string) => {
+    pending += text;
     if (!scheduled) {
       scheduled = true;
       setImmediate(flush);
     }
   };
+  const write = (frame: string) => {
+    if (heartbeat) heartbeat.busy = true;
+    send(frame);
+  };
+  // Late, the answer begins with the comment its lateness is owed.
+  if (first instanceof Promise) body.push(KEEP_ALIVE);
+  heartbeat?.then(() => send(KEEP_ALIVE));
   async function pump(): Promise<void> {
     try {
-      for (let next = first; !next.done; next = await events.next()) {
+      let next = first instanceof Promise ? await first : first;
+      if (first instanceof Promise && !next.done) frames.answeredBy(answeringModel(opened.stream, next, frames.model));
+      for (const head = next; !next.done; next = await events.next()) {
         if (body.destroyed) break;
         const frame = frames.render(next.value);
-        if (next === first) body.push(frame);
+        if (next === head && !scheduled) body.push(frame);
         else write(frame);
         if (next.value.type === 'finish') break;
         // A slow reader: wait until it has taken what is buffered.
@@ -490,6 +514,7 @@ export function completionBody(
       logStreamFailure(log, error, status, frames.model);
       write(frames.error(errorBody));
     } finally {
+      heartbeat?.stop();
       await events.return?.();
     }
     if (body.destroyed) return;
@@ -504,15 +529,98 @@ export function completionBody(
 }
 
 /**
- * Starts a stream and waits for its first event: failures before any output throw here. `model`
- * is the one that answered (a fallback, maybe; an alias resolved), which every chunk names, as
- * the non-streamed answer does: retries and fallbacks end with the first event.
+ * Starts a stream and waits for its first event: failures before any output throw here, and are
+ * answered with their own status (a 429, a 502). `model` is the one that answered (a fallback,
+ * maybe; an alias resolved), which every chunk names, as the non-streamed answer does: retries and
+ * fallbacks end with the first event. With a heartbeat (GATEWAY_STREAM_HEARTBEAT_MS), it waits that
+ * long at most: a first event later than that is the body's to await, after a keep-alive has
+ * committed the answer to 200 (a proxy's idle timeout would cut a model that thinks long), and
+ * a failure then is the stream's error event. The heartbeat's one timer goes on to the body.
  */
-export async function openStream(stream: ModelStream, requestedModel: string): Promise<{ events: AsyncIterator<StreamEvent>; first: IteratorResult<StreamEvent>; model: string }> {
+export function openStream(stream: ModelStream, requestedModel: string, heartbeatMs = 0): Promise<OpenedStream> {
   const events = stream[Symbol.asyncIterator]();
-  const first = await events.next();
-  const model = !first.done && first.value.type === 'finish' ? first.value.result.model : (stream.model ?? requestedModel);
-  return { events, first, model };
+  const next = events.next();
+  if (!heartbeatMs) return next.then((first) => ({ stream, events, first, model: answeringModel(stream, first, requestedModel), heartbeat: undefined }));
+  return new Promise((resolve, reject) => {
+    let settled = false;
+    // Late: the answer begins with a keep-alive, and the first event (or failure) is the body's to await.
+    const heartbeat = new Heartbeat(heartbeatMs, () => {
+      if (settled) return;
+      settled = true;
+      resolve({ stream, events, first: next, model: stream.model ?? requestedModel, heartbeat });
+    });
+    next.then(
+      (first) => {
+        if (settled) return;
+        settled = true;
+        resolve({ stream, events, first, model: answeringModel(stream, first, requestedModel), heartbeat });
+      },
+      (error: Error) => {
+        if (settled) return; // the body's now: an error event
+        settled = true;
+        heartbeat.stop();
+        reject(error);
+      },
+    );
+  });
+}
+
+/** The model a stream's events name: its first event's (a finish: the result's), else the one asked for. */
+function answeringModel(stream: ModelStream, first: IteratorResult<StreamEvent>, requestedModel: string): string {
+  return !first.done && first.value.type === 'finish' ? first.value.result.model : (stream.model ?? requestedModel);
+}
+
+/** A streamed completion as openStream hands it to completionBody. */
+export interface OpenedStream {
+  stream: ModelStream;
+  events: AsyncIterator<StreamEvent>;
+  /**
+   * The first event; or, when it was later than the heartbeat's interval, the promise of it: the
+   * answer (200) then begins with a keep-alive, and a failure is its error event.
+   */
+  first: IteratorResult<StreamEvent> | Promise<IteratorResult<StreamEvent>>;
+  /** The model the first event names (see answeringModel); for a late one, the one asked for until it comes. */
+  model: string;
+  heartbeat: Heartbeat | undefined;
+}
+
+/** The SSE comment a silent stream sends (GATEWAY_STREAM_HEARTBEAT_MS); the openai package's parser skips comments. */
+export const KEEP_ALIVE = ': keep-alive\n\n';
+
+/**
+ * A streamed answer's one timer: it fires `ms` after the call began (the first event is late) and
+ * then every `ms`, calling its listener unless something went out since the last beat (`busy`,
+ * set per write: no timer work per event). A silence is so bridged within two intervals. Re-armed
+ * with refresh(), never recreated; stop() clears it, on every end of the stream.
+ */
+export class Heartbeat {
+  /** Something went out since the last beat: the next one is skipped. */
+  busy = false;
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    ms: number,
+    private listener: () => void,
+  ) {
+    this.timer = setTimeout(() => this.beat(), ms);
+  }
+
+  /** From now on, `listener` on each silent interval (the body's keep-alive), counted from now. */
+  then(listener: () => void): void {
+    this.listener = listener;
+    this.busy = false;
+    this.timer.refresh();
+  }
+
+  stop(): void {
+    clearTimeout(this.timer);
+  }
+
+  private beat(): void {
+    this.timer.refresh();
+    if (this.busy) this.busy = false;
+    else this.listener();
+  }
 }
 
 /**

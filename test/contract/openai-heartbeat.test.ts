@@ -1,0 +1,169 @@
+/**
+ * A streamed /v1/chat/completions keeps its connection busy while the model is silent
+ * (GATEWAY_STREAM_HEARTBEAT_MS): SSE comments (`: keep-alive`), which the official `openai`
+ * package's parser skips, so that a proxy's or a load balancer's idle timeout does not cut a model
+ * that thinks long before its first event. A failure before the first event within the interval
+ * still answers its own HTTP status; once a comment has gone out the answer is a 200, and a failure
+ * is the stream's error event. Each stream's one heartbeat timer is cleared however it ends.
+ */
+import { createHook } from 'node:async_hooks';
+import type { AddressInfo } from 'node:net';
+
+import OpenAI from 'openai';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { useTestApp } from '../helpers/app.js';
+import { createUser, superuserHeaders } from '../helpers/factories.js';
+import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { apiOf, createKey, eventually } from '../helpers/http.js';
+import { apiError } from '../helpers/openai.js';
+
+/** Short, and of a length no other timer of the process has: the heartbeat's timers are told apart by it. */
+const HEARTBEAT_MS = 173;
+/** Past the interval (twice: a comment goes out within two intervals of silence). */
+const LATE_MS = 3 * HEARTBEAT_MS;
+
+const ctx = useTestApp({ GATEWAY_STREAM_HEARTBEAT_MS: String(HEARTBEAT_MS), MODEL_MAX_RETRIES: '0' });
+const api = apiOf(ctx);
+
+let fake: FakeModelServer;
+let baseURL: string;
+let client: OpenAI;
+
+/** The heartbeat timers alive in this process (the app runs in it): Timeouts of HEARTBEAT_MS, from their creation to their clearing. */
+const heartbeats = new Set<number>();
+const hook = createHook({
+  init(asyncId, type, _trigger, resource) {
+    if (type === 'Timeout' && (resource as { _idleTimeout?: number })._idleTimeout === HEARTBEAT_MS) heartbeats.add(asyncId);
+  },
+  destroy(asyncId) {
+    heartbeats.delete(asyncId);
+  },
+});
+
+beforeAll(async () => {
+  hook.enable();
+  fake = await FakeModelServer.start();
+  await ctx.app.listen({ host: '127.0.0.1', port: 0 });
+  baseURL = `http://127.0.0.1:${(ctx.app.server.address() as AddressInfo).port}/v1`;
+  const admin = await superuserHeaders(ctx.app);
+  expect((await api('POST', '/providers', admin, { name: 'fake', kind: 'openai-compatible', base_url: fake.url, api_key: 'sk-upstream' })).statusCode).toBe(200);
+  expect((await api('POST', '/models', admin, { id: 'fake-chat', provider: 'fake', capabilities: ['chat'], pricing: { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' } })).statusCode).toBe(200);
+  client = new OpenAI({ apiKey: (await createKey(ctx.app, await createUser(ctx.app))).key, baseURL, maxRetries: 0 });
+});
+afterAll(async () => {
+  hook.disable();
+  await fake.close();
+});
+beforeEach(() => fake.reset());
+
+/** Every heartbeat timer is cleared soon after its stream ended (a leaked one would beat on forever). */
+async function noHeartbeatLeft(): Promise<void> {
+  await eventually(async () => heartbeats.size === 0, 2_000).catch(() => {
+    throw new Error(`${heartbeats.size} heartbeat timer(s) still alive`);
+  });
+}
+
+/** A streamed completion as raw HTTP: its status and its body's text. */
+async function rawStream(body: Record<string, unknown> = {}): Promise<{ status: number; text: string }> {
+  const response = await fetch(`${baseURL}/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true, ...body }),
+  });
+  return { status: response.status, text: await response.text() };
+}
+
+describe('a streamed chat completion whose model is silent', () => {
+  it('sends keep-alive comments before a late first event and between late events; the openai package reads the answer as sent', async () => {
+    fake.script('fake-chat', { text: 'Hello there friend', chunkDelayMs: LATE_MS, usage: { prompt_tokens: 3, completion_tokens: 3 } });
+    const { status, text } = await rawStream();
+    expect(status).toBe(200);
+    const firstData = text.indexOf('data: ');
+    expect(text.slice(0, firstData)).toMatch(/^(: keep-alive\n\n)+$/);
+    // Between the late chunks too.
+    expect(text.slice(firstData).split('\n\n').filter((event) => event === ': keep-alive').length).toBeGreaterThan(0);
+    expect(text.endsWith('data: [DONE]\n\n')).toBe(true);
+
+    fake.script('fake-chat', { text: 'Hello there friend', chunkDelayMs: LATE_MS, usage: { prompt_tokens: 3, completion_tokens: 3 } });
+    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true, stream_options: { include_usage: true } });
+    let said = '';
+    const chunks: OpenAI.ChatCompletionChunk[] = [];
+    for await (const chunk of stream) {
+      chunks.push(chunk);
+      said += chunk.choices[0]?.delta.content ?? '';
+    }
+    expect(said).toBe('Hello there friend');
+    expect(chunks.every((chunk) => chunk.model === 'fake-chat' && chunk.object === 'chat.completion.chunk')).toBe(true);
+    expect(chunks.at(-1)!.usage).toMatchObject({ prompt_tokens: 3, completion_tokens: 3 });
+    await noHeartbeatLeft();
+  });
+
+  it('sends none when the events come in time', async () => {
+    fake.script('fake-chat', { text: 'Quick answer here' });
+    const { status, text } = await rawStream();
+    expect(status).toBe(200);
+    expect(text.startsWith('data: ')).toBe(true);
+    expect(text).not.toContain(': keep-alive');
+    await noHeartbeatLeft();
+  });
+
+  it('answers a failure within the interval with its own status, as before any event', async () => {
+    fake.script('fake-chat', { status: 429, headers: { 'retry-after': '1' } });
+    const limited = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true }));
+    expect(limited).toMatchObject({ status: 429, type: 'requests' });
+    fake.script('fake-chat', { status: 500 });
+    const { status, text } = await rawStream();
+    expect(status).toBe(502);
+    expect(text).not.toContain('keep-alive');
+    expect(JSON.parse(text)).toMatchObject({ error: { type: 'server_error' } });
+    await noHeartbeatLeft();
+  });
+
+  it('ends with an error event in OpenAI\'s shape when it fails after a keep-alive went out (the 200 has been sent)', async () => {
+    fake.script('fake-chat', { status: 500, chunkDelayMs: LATE_MS });
+    const { status, text } = await rawStream();
+    expect(status).toBe(200);
+    expect(text.startsWith(': keep-alive\n\n')).toBe(true);
+    const events = text.split('\n\n').filter((event) => event.startsWith('data: '));
+    const last = JSON.parse(events.at(-1)!.slice(6)) as { error: Record<string, unknown> };
+    expect(last.error).toMatchObject({ type: 'server_error', code: 'upstream_error' });
+    expect(text).not.toContain('[DONE]');
+
+    fake.script('fake-chat', { status: 500, chunkDelayMs: LATE_MS });
+    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const failed = await apiError((async () => {
+      for await (const _chunk of stream) {
+        // read to the end
+      }
+    })());
+    expect(failed.error).toMatchObject({ type: 'server_error', code: 'upstream_error' });
+    await noHeartbeatLeft();
+  });
+
+  it('clears its timer when the client goes away, before the first event or after it, and closes the upstream request', async () => {
+    for (const reply of [{ text: 'never said', chunkDelayMs: 5_000 }, { text: 'one two three four', chunkDelayMs: LATE_MS }]) {
+      fake.reset();
+      fake.script('fake-chat', reply);
+      const controller = new AbortController();
+      const response = await fetch(`${baseURL}/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true }),
+        signal: controller.signal,
+      });
+      expect(response.status).toBe(200);
+      const reader = (response.body as ReadableStream<Uint8Array>).getReader();
+      let seen = '';
+      const awaited = reply.chunkDelayMs > LATE_MS ? ': keep-alive' : 'data: ';
+      while (!seen.includes(awaited)) {
+        const { done, value } = await reader.read();
+        if (done) throw new Error(`the stream ended before ${awaited}: ${seen}`);
+        seen += new TextDecoder().decode(value);
+      }
+      controller.abort();
+      await eventually(async () => fake.log[0]?.aborted === true);
+      await noHeartbeatLeft();
+    }
+  });
+});
