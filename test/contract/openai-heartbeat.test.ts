@@ -49,6 +49,9 @@ beforeAll(async () => {
   const admin = await superuserHeaders(ctx.app);
   expect((await api('POST', '/providers', admin, { name: 'fake', kind: 'openai-compatible', base_url: fake.url, api_key: 'sk-upstream' })).statusCode).toBe(200);
   expect((await api('POST', '/models', admin, { id: 'fake-chat', provider: 'fake', capabilities: ['chat'], pricing: { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' } })).statusCode).toBe(200);
+  for (const model of [{ id: 'fake-backup' }, { id: 'fake-primary', fallbacks: ['fake-backup'] }]) {
+    expect((await api('POST', '/models', admin, { ...model, provider: 'fake', capabilities: ['chat'], pricing: { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' } })).statusCode).toBe(200);
+  }
   client = new OpenAI({ apiKey: (await createKey(ctx.app, await createUser(ctx.app))).key, baseURL, maxRetries: 0 });
 });
 afterAll(async () => {
@@ -138,6 +141,18 @@ describe('a streamed chat completion whose model is silent', () => {
       }
     })());
     expect(failed.error).toMatchObject({ type: 'server_error', code: 'upstream_error' });
+    await noHeartbeatLeft();
+  });
+
+  it('names the model that answered in every chunk when the first event came late from a fallback', async () => {
+    fake.script('fake-primary', { status: 500, chunkDelayMs: LATE_MS });
+    fake.script('fake-backup', { text: 'From the backup' });
+    const { status, text } = await rawStream({ model: 'fake-primary' });
+    expect(status).toBe(200);
+    expect(text.startsWith(': keep-alive\n\n')).toBe(true);
+    const chunks = text.split('\n\n').filter((event) => event.startsWith('data: {')).map((event) => JSON.parse(event.slice(6)) as { model: string; choices: { delta: { content?: string } }[] });
+    expect(new Set(chunks.map((chunk) => chunk.model))).toEqual(new Set(['fake-backup']));
+    expect(chunks.map((chunk) => chunk.choices[0]?.delta.content ?? '').join('')).toBe('From the backup');
     await noHeartbeatLeft();
   });
 
