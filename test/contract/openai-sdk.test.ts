@@ -1194,6 +1194,43 @@ describe('refusals (structured outputs)', () => {
 
 describe('log probabilities, logit_bias and the other fields of OpenAI\'s request', () => {
   const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Hi' }];
+  it('serves a request as apps send it (streamed parallel tool calls, usage, seed, stop list, max_completion_tokens, user, metadata, store) through the stream helper', async () => {
+    fake.script('fake-chat', {
+      toolCalls: [
+        { id: 'call_a', name: 'weather', arguments: '{"city":"Paris"}' },
+        { id: 'call_b', name: 'weather', arguments: '{"city":"Oslo"}' },
+      ],
+      usage: { prompt_tokens: 30, completion_tokens: 12 },
+    });
+    const tools: OpenAI.ChatCompletionTool[] = [{ type: 'function', function: { name: 'weather', parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] } } }];
+    const final = await client.chat.completions
+      .stream({
+        model: 'fake-chat',
+        messages: [{ role: 'user', content: 'Weather in Paris and Oslo?' }],
+        tools,
+        parallel_tool_calls: true,
+        stream_options: { include_usage: true },
+        seed: 42,
+        stop: ['\nUser:', '###'],
+        max_completion_tokens: 64,
+        user: 'end-user-9',
+        metadata: { app: 'probe' },
+        store: true,
+      })
+      .finalChatCompletion();
+    expect(final.choices[0]!.finish_reason).toBe('tool_calls');
+    expect(final.choices[0]!.message.tool_calls!.map((call) => call.type === 'function' && [call.id, call.function.name, call.function.arguments])).toEqual([
+      ['call_a', 'weather', '{"city":"Paris"}'],
+      ['call_b', 'weather', '{"city":"Oslo"}'],
+    ]);
+    expect(final.usage).toMatchObject({ prompt_tokens: 30, completion_tokens: 12, total_tokens: 42 });
+    const sent = fake.requestsFor('fake-chat')[0]!.body;
+    expect(sent).toMatchObject({ parallel_tool_calls: true, seed: 42, stop: ['\nUser:', '###'], max_tokens: 64, user: 'end-user-9', stream: true });
+    // Keel's own: not sent to a provider (docs: `metadata`, `store`).
+    expect(sent).not.toHaveProperty('metadata');
+    expect(sent).not.toHaveProperty('store');
+  });
+
   /** Through the SDK's openai-compatible model: an image keeps the call off the wire. */
   const withImage: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: [{ type: 'image_url', image_url: { url: 'data:image/png;base64,iVBORw0KGgo=' } }, { type: 'text', text: 'Hi' }] }];
   /** `fake-chat` over the wire (openai-compatible), the same through the SDK's openai-compatible model, and `lp-chat` (an `openai` provider's) through the SDK's openai model. */
