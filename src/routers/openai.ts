@@ -103,7 +103,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'openai_list_models',
         summary: 'List Models (OpenAI)',
-        description: 'The enabled models whose provider is configured, as OpenAI lists models, then your agents as `agent:<id>` (`owned_by: keel-agent`).',
+        description: 'The enabled models a call answers (their provider configured, or a fallback of theirs that stands in while it is not), as OpenAI lists models, then your agents as `agent:<id>` (`owned_by: keel-agent`).',
         tags,
         response: { 200: OpenAIModelList, ...openAIErrors },
       },
@@ -113,7 +113,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       data: [
         ...models
           .listAvailableModels()
-          .filter((m) => m.available)
+          .filter((m) => models.answersFor(m) !== undefined)
           .map((m) => modelObject(m.id, m.provider)),
         ...(await agents.list(request)),
       ],
@@ -126,7 +126,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'openai_retrieve_model',
         summary: 'Retrieve Model (OpenAI)',
-        description: 'By id or alias (an id\'s slashes escaped or not: `/v1/models/meta-llama/Llama-3.1-8B-Instruct`), or `agent:<id>` for an agent you may use; 404 `model_not_found` for a model the list leaves out (unknown, disabled, or its provider not configured) and another user\'s agent.',
+        description: 'By id or alias (an id\'s slashes escaped or not: `/v1/models/meta-llama/Llama-3.1-8B-Instruct`), or `agent:<id>` for an agent you may use; 404 `model_not_found` for a model the list leaves out (unknown, disabled, or its provider not configured and no fallback standing in) and another user\'s agent.',
         tags,
         params: OpenAIModelParams,
         response: { 200: OpenAIModel, ...openAIErrors },
@@ -136,8 +136,8 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       const { model } = request.params;
       if (isAgentModel(model)) return agents.retrieve(request, model);
       const found = models.modelAsCalled(model);
-      // What the list leaves out is not found here either: a model whose provider is not configured cannot be called.
-      if (!found || !found.enabled || !found.available) throw new ModelNotFoundError(model);
+      // What the list leaves out is not found here either: a model whose provider is not configured, and none of whose fallbacks can answer for it, cannot be called.
+      if (!found || !found.enabled || models.answersFor(found) === undefined) throw new ModelNotFoundError(model);
       return modelObject(found.id, found.provider);
     },
   );

@@ -107,6 +107,12 @@ export const ModelPublic = z
      * does, a provider without credentials or disabled), each with why; empty when all can stand in.
      */
     unavailable_fallbacks: z.array(z.object({ name: z.string(), reason: z.string() })),
+    /**
+     * The model its calls go to as things stand: itself when available, else its first fallback
+     * that can take them (its provider disabled or without credentials), else null (they fail with
+     * `unavailable_reason`).
+     */
+    answered_by: z.string().nullable(),
   })
   .meta({ id: 'ModelPublic' });
 

@@ -1179,3 +1179,92 @@ describe('usage the provider did not report', () => {
     expect((await settled(1))[0]).toMatchObject({ estimated: false, cost: '0' });
   });
 });
+
+describe('a model whose provider cannot be called falls to its fallbacks', () => {
+  const pricing = price('1', '4');
+  /** `down-*` models on providers that cannot be called as things stand, each falling back to fake-backup. */
+  const catalog = () =>
+    new ModelCatalog(builtins, [
+      ...CUSTOM_MODELS,
+      { id: 'down-disabled', provider: 'down', capabilities: ['chat', 'tools'], pricing, fallbacks: ['down-unreadable', 'fake-backup'] },
+      { id: 'down-unreadable', provider: 'sealed', capabilities: ['chat', 'tools'], pricing, fallbacks: ['fake-backup'] },
+      { id: 'down-embed', provider: 'down', capabilities: ['embedding'], pricing, fallbacks: ['fake-embed'] },
+      { id: 'down-alone', provider: 'down', capabilities: ['chat'], pricing },
+      { id: 'down-no-usable', provider: 'down', capabilities: ['chat'], pricing, fallbacks: ['down-unreadable'] },
+      { id: 'gpt-4.1-mini', fallbacks: ['fake-backup'] },
+    ]);
+  const downManager = (overrides: Partial<ModelManagerOptions> = {}) =>
+    fakeModelManager(fake.server, {
+      builtins,
+      models: [],
+      records: fake.records,
+      providers: [
+        { id: 'down', kind: 'openai-compatible', base_url: fake.server.url, enabled: false },
+        { id: 'sealed', kind: 'openai-compatible', base_url: fake.server.url, unreadable: ['api_key'] },
+      ],
+      overrides: { catalog: catalog(), ...overrides },
+    });
+
+  it('chat and stream on every path (disabled provider, unreadable secret, no credentials): the first usable fallback answers, metered as it', async () => {
+    const m = downManager();
+    let calls = 0;
+    for (const model of ['down-disabled', 'down-unreadable', 'gpt-4.1-mini']) {
+      for (const [name, extra] of NAMED) {
+        fake.server.script('fake-backup', { text: 'backup here', usage: { prompt_tokens: 10, completion_tokens: 5 } }, { text: 'backup streamed', usage: { prompt_tokens: 10, completion_tokens: 5 } });
+        expect(await m.chat({ model, messages: hello, ...extra }), `${model} ${name}`).toMatchObject({ text: 'backup here', model: 'fake-backup' });
+        const stream = m.stream({ model, messages: hello, ...extra });
+        let text = '';
+        for await (const event of stream) if (event.type === 'text-delta') text += event.text;
+        expect(text, `${model} ${name}`).toBe('backup streamed');
+        expect((await stream.result).model).toBe('fake-backup');
+        calls += 2;
+      }
+    }
+    expect(fake.server.log.map((r) => r.model)).toEqual(Array(calls).fill('fake-backup'));
+    // One row per call, the model that answered, priced as it (10 × 1 + 5 × 4 per million).
+    const records = await settled(calls);
+    expect(records).toHaveLength(calls);
+    for (const record of records) expect(record).toMatchObject({ model: 'fake-backup', provider: 'fake', status: 'success', cost: '0.00003' });
+  });
+
+  it('embeddings too', async () => {
+    const result = await downManager().embed({ model: 'down-embed', values: ['x'] });
+    expect(result).toMatchObject({ model: 'fake-embed' });
+    expect((await settled(1))[0]).toMatchObject({ model: 'fake-embed', status: 'success' });
+  });
+
+  it('the first reservation of such a call counts against the key\'s rate (not as a fallback)', async () => {
+    const estimates: CostEstimate[] = [];
+    const m = downManager({ meter: { reserve: (estimate) => (estimates.push(estimate), { settle: () => {} }) } });
+    await m.chat({ model: 'down-disabled', messages: hello });
+    expect(estimates.map((e) => [e.model, e.fallback])).toEqual([['fake-backup', false]]);
+  });
+
+  it('with no fallback that can answer, the error names what is missing, as before; nothing is sent or metered', async () => {
+    const m = downManager();
+    for (const model of ['down-alone', 'down-no-usable']) {
+      const failure = await failureOf(m.chat({ model, messages: hello }));
+      expect(failure).toBeInstanceOf(ProviderUnavailableError);
+      expect(failure).toMatchObject({ statusCode: 503, message: 'Provider down is disabled' });
+      expect(await streamFailure(m.stream({ model, messages: hello }))).toMatchObject({ statusCode: 503, message: 'Provider down is disabled' });
+    }
+    await expect(m.chat({ model: 'down-unreadable', messages: hello })).resolves.toMatchObject({ model: 'fake-backup' });
+    await settled(1);
+    // An embedding that must be of its own model's space (sameModel) has no fallback.
+    await expect(m.embed({ model: 'down-embed', values: ['x'], sameModel: true })).rejects.toMatchObject({ statusCode: 503, message: 'Provider down is disabled' });
+    fake.server.reset();
+    fake.records.length = 0;
+    expect(fake.server.log).toHaveLength(0);
+    await new Promise((r) => setTimeout(r, 20));
+    expect(fake.records).toHaveLength(0);
+  });
+
+  it('its view says it is unavailable, and which fallback answers for it', () => {
+    const m = downManager();
+    expect(m.getModel('down-disabled')).toMatchObject({ available: false, unavailable_reason: 'Provider down is disabled' });
+    expect(m.answersFor(m.getModel('down-disabled')!)).toBe('fake-backup');
+    expect(m.answersFor(m.getModel('down-alone')!)).toBeUndefined();
+    expect(m.answersFor(m.getModel('down-no-usable')!)).toBeUndefined();
+    expect(m.answersFor(m.getModel('fake-backup')!)).toBe('fake-backup');
+  });
+});

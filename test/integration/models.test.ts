@@ -30,9 +30,10 @@ interface ModelBody {
   available: boolean;
   unavailable_reason: string | null;
   unavailable_fallbacks: { name: string; reason: string }[];
+  answered_by: string | null;
 }
 
-const MODEL_FIELDS = ['aliases', 'available', 'capabilities', 'context_window', 'enabled', 'fallbacks', 'id', 'max_output_tokens', 'name', 'pricing', 'priority', 'provider', 'recommended', 'unavailable_fallbacks', 'unavailable_reason'];
+const MODEL_FIELDS = ['aliases', 'answered_by', 'available', 'capabilities', 'context_window', 'enabled', 'fallbacks', 'id', 'max_output_tokens', 'name', 'pricing', 'priority', 'provider', 'recommended', 'unavailable_fallbacks', 'unavailable_reason'];
 const DECIMAL = /^\d+(\.\d+)?$/;
 const BUILTIN = loadBuiltinModels().find((m) => m.id === 'gpt-4.1-mini')!;
 const CUSTOM = {

@@ -1,7 +1,7 @@
 import { eq } from 'drizzle-orm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { providers } from '../../src/models/index.js';
+import { providers, usageRecords } from '../../src/models/index.js';
 
 import { sealSecret } from '../../src/services/model-sync.js';
 import { useTestApp } from '../helpers/app.js';
@@ -233,6 +233,47 @@ describe('/providers', () => {
     await api('PATCH', `/providers/${provider.id}`, admin, { enabled: false });
     expect(ctx.app.models.getModel('fake-chat')).toMatchObject({ available: false, unavailable_reason: 'Provider fake is disabled' });
     await expect(ctx.app.models.chat({ model: 'fake-chat', messages: [{ role: 'user', content: 'hello' }] })).rejects.toThrow('Provider fake is disabled');
+  });
+
+  it('a model whose provider is disabled is answered by its fallback on /v1 (stream or not), listed by /v1/models, and GET /models says which answers', async () => {
+    const pricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' };
+    const down = await createProvider({ name: 'off-for-now', kind: 'openai-compatible', base_url: fake.url });
+    await createProvider({ name: 'standing-in', kind: 'openai-compatible', base_url: fake.url });
+    expect((await api('POST', '/models', admin, { id: 'stand-in', provider: 'standing-in', pricing })).statusCode).toBe(200);
+    expect((await api('POST', '/models', admin, { id: 'off-model', provider: 'off-for-now', pricing, fallbacks: ['stand-in'] })).statusCode).toBe(200);
+    expect((await api('POST', '/models', admin, { id: 'off-alone', provider: 'off-for-now', pricing })).statusCode).toBe(200);
+    await api('PATCH', `/providers/${down.id}`, admin, { enabled: false });
+
+    const view = (await api('GET', '/models/off-model', admin)).json<Record<string, unknown>>();
+    expect(view).toMatchObject({ available: false, unavailable_reason: 'Provider off-for-now is disabled', answered_by: 'stand-in' });
+    expect((await api('GET', '/models/off-alone', admin)).json()).toMatchObject({ available: false, answered_by: null });
+    const listed = (await ctx.app.inject({ method: 'GET', url: '/v1/models', headers: admin })).json<{ data: { id: string }[] }>().data.map((m) => m.id);
+    expect(listed).toContain('off-model');
+    expect(listed).not.toContain('off-alone');
+    expect((await ctx.app.inject({ method: 'GET', url: '/v1/models/off-model', headers: admin })).statusCode).toBe(200);
+    expect((await ctx.app.inject({ method: 'GET', url: '/v1/models/off-alone', headers: admin })).statusCode).toBe(404);
+
+    fake.script('stand-in', { text: 'Standing in', usage: { prompt_tokens: 7, completion_tokens: 3 } }, { text: 'Standing in streamed', usage: { prompt_tokens: 7, completion_tokens: 3 } });
+    const payload = { model: 'off-model', messages: [{ role: 'user', content: 'Hi' }] };
+    const answer = await ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: admin, payload });
+    expect(answer.statusCode, answer.body).toBe(200);
+    expect(answer.json()).toMatchObject({ model: 'stand-in', choices: [{ message: { content: 'Standing in' } }] });
+    const streamed = await ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: admin, payload: { ...payload, stream: true } });
+    expect(streamed.statusCode).toBe(200);
+    expect(streamed.body).toContain('"model":"stand-in"');
+    expect(streamed.body).toContain('data: [DONE]');
+    // Without one standing in: the 503 that names why, as before.
+    const alone = await ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: admin, payload: { ...payload, model: 'off-alone' } });
+    expect(alone.statusCode).toBe(503);
+    expect(alone.json()).toMatchObject({ error: { message: 'Provider off-for-now is disabled', code: 'provider_unavailable' } });
+
+    await ctx.app.meter.idle();
+    const rows = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.provider, 'standing-in'));
+    expect(rows.map((row) => [row.model, row.status, row.input_tokens, row.output_tokens])).toEqual([
+      ['stand-in', 'success', 7, 3],
+      ['stand-in', 'success', 7, 3],
+    ]);
+    expect(await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.provider, 'off-for-now'))).toHaveLength(0);
   });
 
   it('refuses with 409 to delete a provider that models name (custom, or a built-in moved to it), and deletes it once none does', async () => {

@@ -348,6 +348,8 @@ export interface ModelView extends ModelInfo {
 export interface ModelPublicView extends ModelView {
   /** Each of its fallbacks that its calls skip as things stand, and why (see fallbackUnavailable). */
   unavailable_fallbacks: { name: string; reason: string }[];
+  /** The model its calls go to as things stand (see answersFor), null when none can take them. */
+  answered_by: string | null;
 }
 
 // ==================== Internals ====================
@@ -1368,7 +1370,7 @@ export class ModelManager {
       const reason = this.fallbackUnavailable(this.options.catalog.modelAsCalled(name), capabilities);
       return reason === undefined ? [] : [{ name, reason }];
     });
-    return { ...model, unavailable_fallbacks };
+    return { ...model, unavailable_fallbacks, answered_by: this.answersFor(model) ?? null };
   }
 
   /**
@@ -1386,13 +1388,27 @@ export class ModelManager {
     return status.available ? undefined : (status.reason ?? `Provider ${fallback.provider} is unavailable`);
   }
 
-  /** An enabled model that can do `capability`, or a typed error. */
+  /**
+   * The model that answers a call to `model` as things stand: the model itself when its provider
+   * can be called, else its first fallback that can take its calls (what `run` falls to), else
+   * undefined. `/v1/models` lists a model that something answers for.
+   */
+  answersFor(model: ModelView): string | undefined {
+    if (model.available) return model.id;
+    if (model.fallbacks.length === 0) return undefined;
+    const capabilities = STAND_IN_FOR.filter((can) => model.capabilities.includes(can));
+    for (const name of model.fallbacks) {
+      const fallback = this.options.catalog.modelAsCalled(name);
+      if (fallback && fallback.id !== model.id && this.fallbackUnavailable(fallback, capabilities) === undefined) return fallback.id;
+    }
+    return undefined;
+  }
+
+  /** An enabled model that can do `capability`, or a typed error; whether its provider can be called is the chain's to say (run). */
   private resolve(idOrAlias: string, capability: Capability): ModelInfo {
     const model = this.options.catalog.modelAsCalled(idOrAlias);
     if (!model || !model.enabled) throw new ModelNotFoundError(idOrAlias);
     if (!model.capabilities.includes(capability)) throw new ModelCapabilityError(model.id, capability);
-    const status = this.options.providers.status(model.provider);
-    if (!status.available) throw new ProviderUnavailableError(model.provider, status.reason ?? 'unavailable', status.missing);
     return model;
   }
 
@@ -2004,28 +2020,42 @@ export class ModelManager {
   ): Promise<T> {
     const deadline = operation === 'stream' ? performance.now() + this.options.streamTimeoutMs : Infinity;
     const primary = this.resolve(request.model, capability);
-    const refused = this.refusal(request, primary);
-    if (refused) throw refused;
-    const chain = request.sameModel ? [primary] : this.chainOf(primary, capability, (fallback) => this.refusal(request, fallback) === undefined);
+    const status = this.options.providers.status(primary.provider);
+    let chain: ModelInfo[];
+    /** The error the call ends with unless a model answers: the last tried's, or why the first could not be. */
+    let lastError: Error | undefined;
+    if (status.available) {
+      const refused = this.refusal(request, primary);
+      if (refused) throw refused;
+      chain = request.sameModel ? [primary] : this.chainOf(primary, capability, (fallback) => this.refusal(request, fallback) === undefined);
+    } else {
+      // Its provider disabled, without credentials, or its secrets unreadable: the call falls to its
+      // first usable fallback, as when its own tries fail; with none, it fails naming what is missing.
+      lastError = new ProviderUnavailableError(primary.provider, status.reason ?? 'unavailable', status.missing);
+      chain = request.sameModel ? [] : this.chainOf(primary, capability, (fallback) => this.refusal(request, fallback) === undefined).slice(1);
+      if (chain.length === 0) throw lastError;
+    }
+    /** Whether a model of the chain was reserved: the first is the call as the key's rate counts it, those after it its fallbacks. */
+    let reservedOne = false;
     const inputTokens =
       operation === 'embed'
         ? estimateTokens((request.values ?? []).join(''))
         : Math.max(0, estimateTokens([request.system ?? '', request.messages, toolsSent(request.tools), request.responseFormat ?? null]) + mediaAllowance(request.messages));
     const predicted = predictedTokens(request.prediction);
-    let lastError: Error | undefined;
     for (const model of chain) {
       if (signal?.aborted) throw abortedError(signal);
       // A stream's deadline gone: a fallback would be sent its request only to have it cut off.
       if (lastError && performance.now() >= deadline) throw lastError;
       // An Anthropic or Google model's SDK package, on the first call to one (provider-sdks.ts). One
-      // that cannot be loaded makes its provider unavailable: the call fails on the model asked
-      // for, and a fallback is passed over, as one whose provider is not set up is (chainOf).
+      // that cannot be loaded makes its provider unavailable: the model is passed over, as one whose
+      // provider is not set up is (chainOf); with no model after it, the call fails with that 503.
       const loading = this.options.providers.ready(model.provider);
       if (loading) {
         try {
           await loading;
         } catch (error) {
-          if (model === primary) throw error;
+          // The call's error unless a model after it is tried (whose own error then is).
+          lastError ??= error as Error;
           continue;
         }
       }
@@ -2044,8 +2074,9 @@ export class ModelManager {
         max_output_tokens: worst.outputTokens,
         cost: worst.cost,
         context: request.context ?? {},
-        fallback: model !== primary,
+        fallback: reservedOne,
       };
+      reservedOne = true;
       const reservation = this.options.meter
         ? await untilAborted(this.options.meter.reserve(estimate), signal, (late) => {
             // Made after its caller stopped waiting: ended at once, an aborted call that never went upstream (its hold released).
