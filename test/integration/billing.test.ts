@@ -467,6 +467,27 @@ describe('metered calls with BILLING_ENABLED', () => {
     await expectConsistent(user);
   });
 
+  it('a broken 200 (no JSON, or past MODEL_MAX_RESPONSE_BYTES) pays for its prompt (estimated): the provider billed it', async () => {
+    const priced = await api('POST', '/models', admin, { id: 'fake-billed-broken', provider: 'fake', pricing: { input_cost_per_million_tokens: '1000000', output_cost_per_million_tokens: '1000000' } });
+    expect(priced.statusCode, priced.body).toBe(200);
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    const prompt = 'word '.repeat(80); // 400 characters: ~100 tokens
+    const request = chatRequest('fake-billed-broken', { user_id: user.user.id }, { messages: [{ role: 'user', content: prompt }], maxOutputTokens: 10 });
+    fake.script('fake-billed-broken', { rawBody: '{"choices": [' }, { text: 'Hi', padBytes: ctx.app.settings.MODEL_MAX_RESPONSE_BYTES + 1024 });
+    await expect(ctx.app.models.chat(request)).rejects.toMatchObject({ statusCode: 502 });
+    await expect(ctx.app.models.chat(request)).rejects.toMatchObject({ statusCode: 502 });
+    await ctx.app.meter.idle();
+    const rows = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
+    expect(rows.map((r) => [r.status, r.estimated, r.output_tokens])).toEqual([['error', true, 0], ['error', true, 0]]);
+    for (const row of rows) expect(row.input_tokens).toBeGreaterThanOrEqual(100);
+    const charged = rows.reduce((sum, row) => sum + Number(row.cost), 0);
+    expect(1000 - Number((await balanceOf(user)).balance)).toBe(charged);
+    const list = (await api('GET', '/billing/transactions', user.headers)).json<ListBody<TransactionBody>>();
+    expect(list.data.map((t) => t.type).sort()).toEqual(['grant', 'usage', 'usage']);
+    await expectConsistent(user);
+  });
+
   it('a call whose provider reports no usage is charged from an estimate, its usage record marked estimated', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '100');

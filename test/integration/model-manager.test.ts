@@ -1268,3 +1268,62 @@ describe('a model whose provider cannot be called falls to its fallbacks', () =>
     expect(m.answersFor(m.getModel('fake-backup')!)).toBe('fake-backup');
   });
 });
+
+describe('a broken 200 is charged for its prompt (the provider billed it)', () => {
+  const LIMIT = 64 * 1024;
+  /** fake-chat's input price (2 per million) on the prompt's estimate, marked estimated. */
+  const expectPromptCharged = (record: UsageRecord | undefined, label: string, pricePerMillion = 2) => {
+    expect(record, label).toMatchObject({ status: 'error', estimated: true, tokens: { output: 0 } });
+    expect(record!.tokens.input, label).toBeGreaterThan(0);
+    expect(Number(record!.cost), label).toBeCloseTo((record!.tokens.input * pricePerMillion) / 1e6, 12);
+  };
+
+  it('a body that is no JSON (or no completion), chat on every path and stream', async () => {
+    for (const [path, extra] of NAMED) {
+      for (const rawBody of ['{"choices": [', '<html>Gateway</html>']) {
+        fake.server.reset();
+        fake.records = [];
+        fake.server.script('fake-chat', { rawBody });
+        const failure = await failureOf(manager().chat({ model: 'fake-chat', messages: hello, ...extra }));
+        expect(failure, path).toMatchObject({ statusCode: 502 });
+        expect(fake.server.log, path).toHaveLength(1);
+        expectPromptCharged((await settled(1))[0], `${path} ${rawBody}`);
+      }
+    }
+    for (const [path, extra] of NAMED) {
+      fake.server.reset();
+      fake.records = [];
+      fake.server.script('fake-chat', { rawBody: 'data: {"choices": [\n\n' });
+      expect(await streamFailure(manager().stream({ model: 'fake-chat', messages: hello, ...extra })), path).toMatchObject({ statusCode: 502 });
+      expectPromptCharged((await settled(1))[0], `stream ${path}`);
+    }
+  });
+
+  it('a body past MODEL_MAX_RESPONSE_BYTES, chat on every path and embeddings', async () => {
+    for (const [path, extra] of NAMED) {
+      fake.server.reset();
+      fake.records = [];
+      fake.server.script('fake-chat', { text: 'Hi', padBytes: 4 * LIMIT });
+      const failure = await failureOf(manager({ maxResponseBytes: LIMIT }).chat({ model: 'fake-chat', messages: hello, ...extra }));
+      expect(failure, path).toBeInstanceOf(ModelAnswerLimitError);
+      expectPromptCharged((await settled(1))[0], path);
+    }
+    fake.server.reset();
+    fake.records = [];
+    fake.server.script('fake-embed', { padBytes: 64 * LIMIT });
+    await failureOf(manager({ maxResponseBytes: LIMIT }).embed({ model: 'fake-embed', values: ['hello world, hello again'] }));
+    expectPromptCharged((await settled(1))[0], 'embed', 0.02);
+  });
+
+  it('an error status with a broken or huge body stays free: the provider refused the call', async () => {
+    fake.server.script('fake-chat', { status: 400, body: 'not json at all' });
+    await failureOf(manager({ maxRetries: 0 }).chat({ model: 'fake-chat', messages: hello }));
+    fake.server.script('fake-chat', { status: 400, padBytes: 4 * LIMIT });
+    await failureOf(manager({ maxRetries: 0, maxResponseBytes: LIMIT }).chat({ model: 'fake-chat', messages: hello }));
+    const records = await settled(2);
+    expect(records.map((r) => [r.status, r.estimated, r.cost])).toEqual([
+      ['error', false, '0'],
+      ['error', false, '0'],
+    ]);
+  });
+});

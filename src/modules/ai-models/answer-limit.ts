@@ -9,7 +9,8 @@
  */
 import { ModelAnswerLimitError } from './errors.js';
 
-export const answerTooLong = (maxBytes: number): ModelAnswerLimitError => new ModelAnswerLimitError(502, `The model's answer exceeded ${maxBytes} bytes`);
+/** `answered`: the body was a 2xx answer's (billed by the provider), not an error's. */
+export const answerTooLong = (maxBytes: number, answered = true): ModelAnswerLimitError => new ModelAnswerLimitError(502, `The model's answer exceeded ${maxBytes} bytes`, answered);
 
 /**
  * What the manager expects of an answer, told to this fetch in a request header that it takes off
@@ -73,7 +74,7 @@ export function logprobsAllowance(logprobs: boolean | undefined, topLogprobs: nu
 export const logprobsWeight = (entries: unknown[] | null | undefined): number => (entries ? JSON.stringify(entries).length : 0);
 
 /** A stream's log probabilities past their allowance (`chars`), on the wire and the SDK's paths alike. */
-export const logprobsTooLong = (chars: number): ModelAnswerLimitError => new ModelAnswerLimitError(502, `The log probabilities of the model's answer exceeded ${chars} characters`);
+export const logprobsTooLong = (chars: number): ModelAnswerLimitError => new ModelAnswerLimitError(502, `The log probabilities of the model's answer exceeded ${chars} characters`, true);
 
 /** The request without the manager's header, and what that header said (provider-utils sends headers as a record, lower-cased). */
 function takeExpectation(init: RequestInit | undefined): { init: RequestInit | undefined; expected: string | undefined } {
@@ -94,11 +95,11 @@ function takeExpectation(init: RequestInit | undefined): { init: RequestInit | u
  * A non-streamed body: it is read whole (the SDK's JSON handlers), so its total is what is held —
  * counted as decoded (fetch undoes gzip), so a small compressed body that inflates counts in full.
  */
-function totalLimit(maxBytes: number): TransformStream<Uint8Array, Uint8Array> {
+function totalLimit(maxBytes: number, answered: boolean): TransformStream<Uint8Array, Uint8Array> {
   let size = 0;
   return new TransformStream({
     transform(chunk, controller) {
-      if ((size += chunk.byteLength) > maxBytes) throw answerTooLong(maxBytes);
+      if ((size += chunk.byteLength) > maxBytes) throw answerTooLong(maxBytes, answered);
       controller.enqueue(chunk);
     },
   });
@@ -165,10 +166,10 @@ export function limitedFetch(maxBytes: number): typeof globalThis.fetch {
     if (!stream && Number(response.headers.get('content-length')) > total) {
       // Said up front: not a byte of it is read.
       await body.cancel().catch(() => {});
-      throw answerTooLong(total);
+      throw answerTooLong(total, response.ok);
     }
     // Erroring the transform cancels `body` (pipeThrough), which closes the upstream connection.
-    const limited = body.pipeThrough(stream ? eventLimit(maxBytes) : totalLimit(total));
+    const limited = body.pipeThrough(stream ? eventLimit(maxBytes) : totalLimit(total, response.ok));
     return new Response(limited, { status: response.status, statusText: response.statusText, headers: response.headers });
   };
 }

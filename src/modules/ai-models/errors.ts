@@ -130,7 +130,12 @@ export class ModelTimeoutError extends HttpError {
  * stream past its total time (504), an answer past its size (502).
  */
 export class ModelAnswerLimitError extends HttpError {
-  constructor(status: 502 | 504, detail: string) {
+  constructor(
+    status: 502 | 504,
+    detail: string,
+    /** The provider answered (a 2xx) before the limit cut it off: it billed the call (see `run`). */
+    readonly answered = false,
+  ) {
     super(status, detail);
   }
 }

@@ -436,6 +436,10 @@ function leavesCountOut(raw: unknown): boolean {
 }
 
 /** What a call is charged for when its provider reported no usage: the prompt's estimate and the output's (estimateTextTokens). */
+/** A provider's 2xx answer that could not be used (see `run`): the provider billed it. */
+const brokenAnswer = (error: Error): boolean =>
+  error instanceof ModelAnswerLimitError ? error.answered : error instanceof UpstreamError && error.upstreamStatus !== undefined && error.upstreamStatus >= 200 && error.upstreamStatus < 300;
+
 function estimatedUsage(state: AttemptState): TokenUsage {
   return { ...ZERO_USAGE, input: state.inputTokens, output: Math.ceil(state.outputTokens) };
 }
@@ -1625,7 +1629,7 @@ export class ModelManager {
         state.firstTokenAt ??= performance.now();
         state.outputTokens += estimateTextTokens(output);
         // Past the size limit: cut off like a stream past its deadline (metered from what came).
-        if ((state.outputChars += output.length) > maxChars) throw attempt.fail(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`));
+        if ((state.outputChars += output.length) > maxChars) throw attempt.fail(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`, true));
       };
       const source = await this.streamSource(request, model, attempt);
       for await (const part of source.parts) {
@@ -1653,7 +1657,7 @@ export class ModelManager {
           attempt.touch();
           // Input the SDK holds until its tool call is whole (which `seen` then counts as output):
           // limited on its own as it grows, as the wire limits what it assembles.
-          if ((toolInputChars += part.chars) > maxChars) throw attempt.fail(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`));
+          if ((toolInputChars += part.chars) > maxChars) throw attempt.fail(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`, true));
         } else if (part.type === 'finish') {
           finishReason = part.finishReason;
           state.usage = part.usage;
@@ -2158,6 +2162,9 @@ export class ModelManager {
           }
           const failure = this.withoutSecrets(outcome.error, model.provider, sentWith);
           lastError = failure;
+          // A 2xx the call could not use (no JSON, no completion, past its size): the provider billed
+          // it, so it is charged at least its prompt's estimate (and what a stream said), estimated.
+          if (outcome.kind === 'fatal' && brokenAnswer(failure)) state.estimated = true;
           if (outcome.kind === 'fatal' || state.streamed) {
             finish('error', failure);
             throw failure;

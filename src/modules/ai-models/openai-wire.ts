@@ -656,7 +656,7 @@ function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOption
       },
       onData(chunk) {
         if ((size += chunk.length) > maxBytes) {
-          abort?.(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxBytes} bytes`));
+          abort?.(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxBytes} bytes`, statusCode >= 200 && statusCode < 300));
           return false;
         }
         chunks.push(chunk);
@@ -896,7 +896,7 @@ class SseReader implements Dispatcher.DispatchHandlers {
       if (this.data === null ? this.dispatch(data, false) : ((this.data += `\n${data}`), false)) return;
     }
     this.rest = start === 0 ? this.rest + text : text.slice(start);
-    if (this.rest.length + (this.data?.length ?? 0) > this.maxChars) throw new ModelAnswerLimitError(502, `An event of the model's answer exceeded ${this.maxChars} characters`);
+    if (this.rest.length + (this.data?.length ?? 0) > this.maxChars) throw new ModelAnswerLimitError(502, `An event of the model's answer exceeded ${this.maxChars} characters`, true);
   }
 
   /**
@@ -974,7 +974,7 @@ class SseReader implements Dispatcher.DispatchHandlers {
 
   /** Counts output read; past the limit the read fails after the part that passed it, which is queued (so metered, as what came). */
   private output(chars: number): void {
-    if ((this.outputChars += chars) > this.maxChars) throw new ModelAnswerLimitError(502, `The model's answer exceeded ${this.maxChars} characters`);
+    if ((this.outputChars += chars) > this.maxChars) throw new ModelAnswerLimitError(502, `The model's answer exceeded ${this.maxChars} characters`, true);
   }
 
   /** The answer is whole: its tool calls, then `finish`. */
