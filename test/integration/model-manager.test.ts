@@ -608,6 +608,24 @@ describe('ModelManager.stream limits', () => {
     expect((await settled(2)).map((r) => [r.model, r.status, r.attempts])).toEqual([['fake-chat', 'error', 1], ['fake-backup', 'error', 1]]);
   });
 
+  it("a retry or fallback with less than a tenth of the stream's time left (at most 1 s) is not sent: it would be cut off at the deadline", async () => {
+    // The refusal comes ~1.85 s into a 2 s stream; its short wait leaves ~100 ms, under the floor (200 ms).
+    fake.server.script('fake-chat', { status: 503, chunkDelayMs: 1_850, headers: { 'retry-after-ms': '50' } });
+    fake.server.script('fake-backup', { text: 'from the backup' });
+    const started = Date.now();
+    const failure = await streamFailure(manager({ streamTimeoutMs: 2_000 }).stream({ model: 'fake-chat', messages: hello }));
+    expect(Date.now() - started).toBeLessThan(2_000);
+    expect(failure).toBeInstanceOf(UpstreamError);
+    expect(failure).toMatchObject({ upstreamStatus: 503, retryAfterMs: 50, waitPassedOn: true });
+    expect(fake.server.log.map((r) => [r.model, r.reply])).toEqual([['fake-chat', 503]]);
+    expect((await settled(1)).map((r) => [r.model, r.status, r.attempts])).toEqual([['fake-chat', 'error', 1]]);
+
+    // With the time for it, the same refusal is tried again.
+    fake.server.reset();
+    fake.server.script('fake-chat', { status: 503, chunkDelayMs: 1_000, headers: { 'retry-after-ms': '50' } }, { text: 'second try' });
+    expect((await manager({ streamTimeoutMs: 2_000 }).stream({ model: 'fake-chat', messages: hello }).result).text).toBe('second try');
+  });
+
   it('the deadline also ends a stream that sends only empty chunks (each one resets the chunk timeout)', async () => {
     fake.server.script('fake-chat', { chunks: Array.from({ length: 1_000 }, () => ''), chunkDelayMs: 50 });
     const { texts, failure } = await drain(manager({ streamTimeoutMs: 1_000 }));

@@ -436,6 +436,15 @@ function leavesCountOut(raw: unknown): boolean {
 }
 
 /** What a call is charged for when its provider reported no usage: the prompt's estimate and the output's (estimateTextTokens). */
+/**
+ * The least time left before a stream's deadline (MODEL_STREAM_TIMEOUT_MS) that a retry or a
+ * fallback is sent with: a tenth of the stream's time, at most a second. A try sent with a few ms
+ * left went upstream (billed for its prompt) only to be cut off at the deadline, its caller told
+ * of a timeout rather than of the provider's refusal; a second is less than most models take to a
+ * first token, and a tenth keeps a short deadline (1 s, the least it may be) usable.
+ */
+const streamTryFloorMs = (streamTimeoutMs: number): number => Math.min(1_000, streamTimeoutMs / 10);
+
 /** A provider's 2xx answer that could not be used (see `run`): the provider billed it. */
 const brokenAnswer = (error: Error): boolean =>
   error instanceof ModelAnswerLimitError ? error.answered : error instanceof UpstreamError && error.upstreamStatus !== undefined && error.upstreamStatus >= 200 && error.upstreamStatus < 300;
@@ -2023,6 +2032,8 @@ export class ModelManager {
     runAttempt: AttemptRunner<T>,
   ): Promise<T> {
     const deadline = operation === 'stream' ? performance.now() + this.options.streamTimeoutMs : Infinity;
+    /** The least time a retry or fallback of a stream is sent with (streamTryFloorMs); Infinity - x is Infinity for the rest. */
+    const lastTryAt = deadline - streamTryFloorMs(this.options.streamTimeoutMs);
     const primary = this.resolve(request.model, capability);
     const status = this.options.providers.status(primary.provider);
     let chain: ModelInfo[];
@@ -2048,8 +2059,8 @@ export class ModelManager {
     const predicted = predictedTokens(request.prediction);
     for (const model of chain) {
       if (signal?.aborted) throw abortedError(signal);
-      // A stream's deadline gone: a fallback would be sent its request only to have it cut off.
-      if (lastError && performance.now() >= deadline) throw lastError;
+      // A stream's deadline gone, or too near: a fallback would be sent its request only to have it cut off.
+      if (lastError && performance.now() >= lastTryAt) throw lastError;
       // An Anthropic or Google model's SDK package, on the first call to one (provider-sdks.ts). One
       // that cannot be loaded makes its provider unavailable: the model is passed over, as one whose
       // provider is not set up is (chainOf); with no model after it, the call fails with that 503.
@@ -2174,7 +2185,7 @@ export class ModelManager {
           // A stream's deadline that the wait would reach leaves this model no try: its caller was
           // held past the deadline for a try cut off at once, and told of a timeout, not of the
           // provider's refusal. Its retries are exhausted, the fallbacks get what time is left.
-          const outOfTime = performance.now() + wait >= deadline;
+          const outOfTime = performance.now() + wait >= lastTryAt;
           // A provider that asks to be left alone longer than a call waits between tries would
           // likely refuse the capped try too: a caller that backs off by itself is told at once
           // (after the fallbacks), not after every try's wait in vain (40 s for a 429 by default).
