@@ -941,6 +941,14 @@ describe('the call path behind /v1', () => {
       expect([asked.status, asked.headers?.get('retry-after'), asked.headers?.get('x-should-retry')]).toEqual([status === 429 ? 429 : 503, '30', null]);
       expect(fake.log).toHaveLength(1);
     }
+    // A provider's absurd wait (a broken or hostile upstream) is passed on as a Retry-After in
+    // seconds (digits, not `1e+300`), at most a day.
+    for (const [said, told] of [['1e300', '86400'], ['99999999999', '86400'], ['1.5', '2']] as const) {
+      fake.reset();
+      fake.script('fake-backup', { status: 429, headers: { 'retry-after': said } }, { status: 429, headers: { 'retry-after': said } }, { text: 'too soon' });
+      const asked = await apiError(client.chat.completions.create(hi));
+      expect([asked.status, asked.headers?.get('retry-after')], said).toEqual([429, told]);
+    }
     fake.reset();
     // Without a retry-after upstream, none is made up.
     fake.script('fake-backup', { status: 429 }, { status: 429 });

@@ -1077,14 +1077,23 @@ const PROVIDER_REFUSALS = new Set([401, 402, 403, 404]);
 function retryAfterMs(headers: Record<string, string> | undefined): number | undefined {
   if (!headers) return undefined;
   const ms = Number(headers['retry-after-ms']);
-  if (headers['retry-after-ms'] && Number.isFinite(ms)) return Math.max(0, ms);
+  if (headers['retry-after-ms'] && Number.isFinite(ms)) return waitOf(ms);
   const value = headers['retry-after'];
   if (!value) return undefined;
   const seconds = Number(value);
-  if (Number.isFinite(seconds)) return Math.max(0, seconds * 1000);
+  if (Number.isFinite(seconds)) return waitOf(seconds * 1000);
   const date = Date.parse(value);
-  return Number.isNaN(date) ? undefined : Math.max(0, date - Date.now());
+  return Number.isNaN(date) ? undefined : waitOf(date - Date.now());
 }
+
+/**
+ * The most of a provider's wait that is kept (a day): a caller that backs off by itself is told it
+ * (a Retry-After in whole seconds), and a broken or hostile upstream's `1e300` was passed on as
+ * `Retry-After: 1e+300`, no number of seconds a client reads.
+ */
+const MAX_RETRY_AFTER_MS = 86_400_000;
+
+const waitOf = (ms: number): number => Math.min(MAX_RETRY_AFTER_MS, Math.max(0, ms));
 
 /**
  * The `code` and `param` of an OpenAI error object (`{error: {code, param}}`), when the body is one
