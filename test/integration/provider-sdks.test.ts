@@ -18,6 +18,8 @@ const MODELS: ModelOverride[] = [
   { id: 'sdk-gemini-embed', provider: 'gem', capabilities: ['embedding'], pricing },
   // An OpenAI-compatible model that falls back to the Claude one.
   { id: 'sdk-first', provider: 'fake', capabilities: ['chat'], pricing, fallbacks: ['sdk-claude'] },
+  // A Claude model that falls back to an OpenAI-compatible one.
+  { id: 'sdk-claude-first', provider: 'ant', capabilities: ['chat'], pricing, fallbacks: ['sdk-first'] },
   // On a provider whose kind a test changes while a call waits to try again.
   { id: 'sdk-swing', provider: 'swing', capabilities: ['chat'], pricing },
 ];
@@ -119,6 +121,17 @@ describe('SDK packages loaded on first use', () => {
     fake.server.script('sdk-first', { status: 500 });
     const answered = await m.chat({ model: 'sdk-first', messages: hello });
     expect(answered).toMatchObject({ model: 'sdk-claude', text: 'Hello from the fake model.' });
+  });
+
+  it('a model whose package cannot be loaded falls to its fallback, which answers and is metered (chat and stream)', async () => {
+    const { loader, failing } = countedLoader();
+    const m = managerWith(loader);
+    failing.add('anthropic');
+    expect(await m.chat({ model: 'sdk-claude-first', messages: hello })).toMatchObject({ model: 'sdk-first', text: 'Hello from the fake model.' });
+    expect((await m.stream({ model: 'sdk-claude-first', messages: hello }).result).model).toBe('sdk-first');
+    expect(fake.server.log.map((r) => r.model)).toEqual(['sdk-first', 'sdk-first']);
+    await eventually(async () => fake.records.length === 2);
+    expect(fake.records.map((r) => [r.model, r.status])).toEqual([['sdk-first', 'success'], ['sdk-first', 'success']]);
   });
 
   it('a provider made an Anthropic one while a call to its model waits to try again: the try loads the package and is answered (not a 500)', async () => {
