@@ -1345,3 +1345,31 @@ describe('a broken 200 is charged for its prompt (the provider billed it)', () =
     ]);
   });
 });
+
+describe('a call timed out after its provider began answering is charged its prompt', () => {
+  const expectPromptCharged = (record: UsageRecord | undefined, label: string) => {
+    expect(record, label).toMatchObject({ model: 'fake-backup', status: 'error', estimated: true, tokens: { output: 0 } });
+    expect(record!.tokens.input, label).toBeGreaterThan(0);
+    expect(Number(record!.cost), label).toBeCloseTo((record!.tokens.input * 1) / 1e6, 12);
+  };
+
+  it('a 200 begun whose answer does not come in time (a body or stream trickling, then silent): estimated, the prompt priced as input (chat and stream, every path)', async () => {
+    for (const [path, extra] of NAMED) {
+      for (const stream of [false, true]) {
+        fake.server.reset();
+        fake.records = [];
+        fake.server.script('fake-backup', { rawBody: stream ? 'data: {"choices": [' : '{"id": "chatcmpl-1", ', holdOpen: true });
+        const request: ChatRequest = { model: 'fake-backup', messages: hello, timeoutMs: 300, interactive: true, ...extra };
+        const failure = stream ? await streamFailure(manager({ maxRetries: 0 }).stream(request)) : await failureOf(manager({ maxRetries: 0 }).chat(request));
+        expect(failure, `${path} ${stream}`).toBeInstanceOf(ModelTimeoutError);
+        expectPromptCharged((await settled(1))[0], `${path} stream: ${stream}`);
+      }
+    }
+  });
+
+  it('a try that times out before any answer began (no status yet) stays free, as before', async () => {
+    fake.server.script('fake-chat', { hang: true });
+    await failureOf(manager({ maxRetries: 0 }).chat({ model: 'fake-chat', messages: hello, timeoutMs: 300, interactive: true }));
+    expect((await settled(1))[0]).toMatchObject({ model: 'fake-chat', status: 'error', estimated: false, cost: '0' });
+  });
+});

@@ -149,6 +149,12 @@ function eventLimit(maxBytes: number): TransformStream<Uint8Array, Uint8Array> {
   });
 }
 
+/** The signals of requests whose provider began a 2xx answer (see `answeredOn`). */
+const ANSWERED = new WeakSet<AbortSignal>();
+
+/** Whether the request sent with `signal` through a limitedFetch got a 2xx status: the provider bills it from then on. */
+export const answeredOn = (signal: AbortSignal): boolean => ANSWERED.has(signal);
+
 /**
  * `fetch` with the answer limit on the response's body. The request, its AbortSignal included,
  * goes to the global fetch untouched; an abort errors the body as before (the limit's stream
@@ -158,6 +164,7 @@ export function limitedFetch(maxBytes: number): typeof globalThis.fetch {
   return async (input, asked) => {
     const { init, expected } = takeExpectation(asked);
     const response = await fetch(input, init);
+    if (response.ok && init?.signal) ANSWERED.add(init.signal);
     const { body } = response;
     if (!body) return response;
     // An error answer is read whole (the SDK's error handlers), whatever was asked.

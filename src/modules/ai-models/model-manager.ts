@@ -46,7 +46,7 @@ import { HttpError } from '../../core/errors.js';
 
 import { AsyncQueue } from '../../utils/async-queue.js';
 import { CallerAbort, type CallerSignal } from './abort.js';
-import { answerOfAtMost, embeddingsAnswerLimit, logprobsAllowance, logprobsTooLong, logprobsWeight, STREAM_ANSWER } from './answer-limit.js';
+import { answeredOn, answerOfAtMost, embeddingsAnswerLimit, logprobsAllowance, logprobsTooLong, logprobsWeight, STREAM_ANSWER } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
 import { chargeableUsage, computeCost, estimateCost } from './cost.js';
 import {
@@ -975,6 +975,8 @@ class Attempt implements AbortLike {
   private alive = 0;
   /** The caller has not taken what came yet, so the upstream is held back: no chunk timeout meanwhile. */
   private waitingForCaller = false;
+  /** The provider's 2xx answer began (on the wire; the SDK's fetch tells `answeredOn`). */
+  private began = false;
   private readonly onCallerAbort = () => this.abort(this.caller?.reason as Error | undefined);
   /**
    * `touch()` only notes the time (a stream's every part calls it): when the timer fires with
@@ -1030,6 +1032,15 @@ class Attempt implements AbortLike {
     this.reason = reason;
     this.controller?.abort(reason);
     for (const listener of this.listeners.splice(0)) listener();
+  }
+
+  answering(): void {
+    this.began = true;
+  }
+
+  /** Whether the provider began a 2xx answer to this try: it bills it, whatever comes of it. */
+  get answered(): boolean {
+    return this.began || (this.controller !== undefined && answeredOn(this.controller.signal));
   }
 
   touch(): void {
@@ -2126,6 +2137,8 @@ export class ModelManager {
       const started = performance.now();
       const startedAt = new Date();
       let attempts = 0;
+      /** A try of this model timed out once its provider had begun answering (it bills it): the record is charged its prompt at least, as an aborted one. */
+      let timedOutAnswering = false;
       /** `abortedUpstream`: the caller went away while the request was with the provider (charged for its prompt at least). */
       const finish = (status: CallStatus, error: Error | null, abortedUpstream = false) => {
         if (!reservation) return;
@@ -2201,8 +2214,9 @@ export class ModelManager {
           // A wait the deadline cut short is the caller's too.
           const passedOn = (outOfTime || (request.interactive && (retryAfter ?? 0) > this.options.retryMaxWaitMs)) && failure instanceof UpstreamError && retryAfter !== undefined;
           if (passedOn) lastError = failure.passedOn();
+          if (failure instanceof ModelTimeoutError && attempt.answered) timedOutAnswering = true;
           if (passedOn || outOfTime || outcome.kind === 'next' || attempts > this.options.maxRetries) {
-            finish('error', failure);
+            finish('error', failure, timedOutAnswering);
             break; // next model in the chain
           }
           await sleep(wait, signal).catch((e: unknown) => {

@@ -403,6 +403,8 @@ export interface AbortLike {
   readonly reason: Error | undefined;
   /** Calls `listener` once when aborted; returns what unsubscribes it. */
   onAbort(listener: () => void): () => void;
+  /** Told when the provider's 2xx answer began (its status came): from then on it bills the call. */
+  answering?(): void;
 }
 
 /** An endpoint of the provider's API: its URL, and that URL as undici's dispatch takes it. */
@@ -652,6 +654,7 @@ function dispatchText(dispatcher: Dispatcher, options: Dispatcher.DispatchOption
       onHeaders(status, headers) {
         statusCode = status;
         rawHeaders = headers;
+        if (status >= 200 && status < 300) signal.answering?.();
         return true;
       },
       onData(chunk) {
@@ -772,7 +775,10 @@ class SseReader implements Dispatcher.DispatchHandlers {
     this.statusCode = statusCode;
     this.rawHeaders = rawHeaders;
     this.resume = resume;
-    if (this.isAnswer()) this.open(undefined);
+    if (this.isAnswer()) {
+      this.signal.answering?.();
+      this.open(undefined);
+    }
     return true;
   }
 
