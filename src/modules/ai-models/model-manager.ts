@@ -435,7 +435,6 @@ function leavesCountOut(raw: unknown): boolean {
   return typeof input !== 'number' || typeof output !== 'number';
 }
 
-/** What a call is charged for when its provider reported no usage: the prompt's estimate and the output's (estimateTextTokens). */
 /**
  * The least time left before a stream's deadline (MODEL_STREAM_TIMEOUT_MS) that a retry or a
  * fallback is sent with: a tenth of the stream's time, at most a second. A try sent with a few ms
@@ -449,6 +448,7 @@ const streamTryFloorMs = (streamTimeoutMs: number): number => Math.min(1_000, st
 const brokenAnswer = (error: Error): boolean =>
   error instanceof ModelAnswerLimitError ? error.answered : error instanceof UpstreamError && error.upstreamStatus !== undefined && error.upstreamStatus >= 200 && error.upstreamStatus < 300;
 
+/** What a call is charged for when its provider reported no usage: the prompt's estimate and the output's (estimateTextTokens). */
 function estimatedUsage(state: AttemptState): TokenUsage {
   return { ...ZERO_USAGE, input: state.inputTokens, output: Math.ceil(state.outputTokens) };
 }
