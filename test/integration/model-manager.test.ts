@@ -1284,6 +1284,10 @@ describe('a model whose provider cannot be called falls to its fallbacks', () =>
     expect(m.answersFor(m.getModel('down-alone')!)).toBeUndefined();
     expect(m.answersFor(m.getModel('down-no-usable')!)).toBeUndefined();
     expect(m.answersFor(m.getModel('fake-backup')!)).toBe('fake-backup');
+    // A disabled model's calls are refused (404) whatever its provider: nothing answers for it.
+    const disabled = downManager({ catalog: new ModelCatalog(builtins, [...CUSTOM_MODELS, { id: 'fake-backup', enabled: false }, { id: 'fake-chat', enabled: false }]) });
+    expect(disabled.answersFor(disabled.getModel('fake-backup')!)).toBeUndefined();
+    expect(disabled.publicView(disabled.getModel('fake-chat')!).answered_by).toBeNull();
   });
 });
 

@@ -1422,11 +1422,12 @@ export class ModelManager {
   }
 
   /**
-   * The model that answers a call to `model` as things stand: the model itself when its provider
-   * can be called, else its first fallback that can take its calls (what `run` falls to), else
-   * undefined. `/v1/models` lists a model that something answers for.
+   * The model that answers a call to `model` as things stand: none when it is disabled, the model
+   * itself when its provider can be called, else its first fallback that can take its calls (what
+   * `run` falls to), else undefined. `/v1/models` lists a model that something answers for.
    */
   answersFor(model: ModelView): string | undefined {
+    if (!model.enabled) return undefined; // its calls are refused (404), whatever its provider
     if (model.available) return model.id;
     if (model.fallbacks.length === 0) return undefined;
     const capabilities = STAND_IN_FOR.filter((can) => model.capabilities.includes(can));
