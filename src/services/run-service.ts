@@ -101,8 +101,11 @@ async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, 
   // The caller's key's spend cap holds its calls too, billing on or off.
   const budget = keyBudgetOf(ctx);
   if (!ctx.settings.BILLING_ENABLED && budget === null) return;
-  const info = ctx.models.modelAsCalled(model);
-  if (!info) return; // the run fails with "unknown model", in words
+  const asked = ctx.models.modelAsCalled(model);
+  if (!asked) return; // the run fails with "unknown model", in words
+  // A model whose provider cannot be called is answered by its first usable fallback, which its calls reserve for.
+  const answering = asked.available ? undefined : ctx.models.answersFor(asked);
+  const info = (answering && ctx.models.modelAsCalled(answering)) || asked;
   // As the model manager estimates the call's prompt (estimateTextTokens).
   let promptTokens = history.reduce((sum, message) => sum + estimateTextTokens(message.content), estimateTextTokens(agent.system_prompt) + estimateTextTokens(input ?? ''));
   if (early.historySize) {

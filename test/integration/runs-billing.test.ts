@@ -50,6 +50,23 @@ describe('runs with billing on', () => {
     expect(fake.log).toHaveLength(0);
   });
 
+  it('an agent whose model\'s provider is switched off is checked at start against the fallback that will answer (and reserve)', async () => {
+    const offline = await api('POST', '/providers', admin, { name: 'offline-at-start', kind: 'openai-compatible', base_url: fake.url });
+    expect(offline.statusCode, offline.body).toBe(200);
+    // Free on its own provider; its fallback `fake-billed` costs 1 credit per output token (up to 10 here).
+    const free = await api('POST', '/models', admin, { id: 'offline-free', provider: 'offline-at-start', fallbacks: ['fake-billed'], pricing: { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: '0' } });
+    expect(free.statusCode, free.body).toBe(200);
+    expect((await api('PATCH', `/providers/${offline.json<{ id: string }>().id}`, admin, { enabled: false })).statusCode).toBe(200);
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { model: 'offline-free', max_output_tokens: 10, is_default: true });
+    const thread = await createThread(ctx.app, owner.headers);
+    await grant(owner, '9.5');
+    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hello' });
+    expect(refused.statusCode, refused.body).toBe(402);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/^Not enough credits to start this run: available 9.5; its first step with fake-billed needs up to 10$/);
+    expect(fake.log).toHaveLength(0);
+  });
+
   it("402 at start when what is left of the caller's key's max_budget cannot cover the first step; no run, no message", async () => {
     const owner = await createUser(ctx.app);
     await createAgent(ctx.app, owner.headers, { model: 'fake-billed', max_output_tokens: 10, is_default: true });
