@@ -495,7 +495,7 @@ export function completionBody(
   };
   // Late, the answer begins with the comment its lateness is owed.
   if (first instanceof Promise) body.push(KEEP_ALIVE);
-  heartbeat?.then(() => send(KEEP_ALIVE));
+  heartbeat?.onSilence(() => send(KEEP_ALIVE));
   async function pump(): Promise<void> {
     try {
       let next = first instanceof Promise ? await first : first;
@@ -606,7 +606,7 @@ export class Heartbeat {
   }
 
   /** From now on, `listener` on each silent interval (the body's keep-alive), counted from now. */
-  then(listener: () => void): void {
+  onSilence(listener: () => void): void {
     this.listener = listener;
     this.busy = false;
     this.timer.refresh();
