@@ -1371,6 +1371,34 @@ describe('a call timed out after its provider began answering is charged its pro
     }
   });
 
+  it('stays charged however the model\'s tries end after it: a retry refused (400), or the caller gone during the wait', async () => {
+    fake.server.script('fake-backup', { rawBody: '{"id": "chatcmpl-1", ', holdOpen: true }, { status: 400 });
+    expect(await failureOf(manager({ maxRetries: 1, retryBaseDelayMs: 1 }).chat({ model: 'fake-backup', messages: hello, timeoutMs: 300 }))).toBeInstanceOf(UpstreamError);
+    expect(fake.server.requestsFor('fake-backup')).toHaveLength(2);
+    expectPromptCharged((await settled(1))[0], 'then a 400');
+
+    fake.server.reset();
+    fake.records = [];
+    fake.server.script('fake-backup', { rawBody: '{"id": "chatcmpl-1", ', holdOpen: true });
+    const caller = new AbortController();
+    const call = failureOf(manager({ maxRetries: 1, retryBaseDelayMs: 2_000 }).chat({ model: 'fake-backup', messages: hello, timeoutMs: 300, signal: caller.signal }));
+    setTimeout(() => caller.abort(), 800);
+    await call;
+    expect((await settled(1))[0]).toMatchObject({ status: 'aborted', estimated: true });
+    expect(Number(fake.records[0]!.cost)).toBeGreaterThan(0);
+  });
+
+  it('a stream whose 2xx began and that reaches its total deadline (MODEL_STREAM_TIMEOUT_MS) is charged its prompt, as a silent chunk is (every path)', async () => {
+    for (const [path, extra] of NAMED) {
+      fake.server.reset();
+      fake.records = [];
+      fake.server.script('fake-backup', { rawBody: 'data: {"choices": [', holdOpen: true });
+      const failure = await streamFailure(manager({ maxRetries: 0, streamTimeoutMs: 1_000 }).stream({ model: 'fake-backup', messages: hello, timeoutMs: 5_000, ...extra }));
+      expect(failure, path).toBeInstanceOf(ModelAnswerLimitError);
+      expectPromptCharged((await settled(1))[0], path);
+    }
+  });
+
   it('a try that times out before any answer began (no status yet) stays free, as before', async () => {
     fake.server.script('fake-chat', { hang: true });
     await failureOf(manager({ maxRetries: 0 }).chat({ model: 'fake-chat', messages: hello, timeoutMs: 300, interactive: true }));

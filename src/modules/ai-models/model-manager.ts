@@ -2149,7 +2149,9 @@ export class ModelManager {
         // answer is charged for the prompt, not let off free.
         // Priced as the answer went out (price): its usage and cost as they are, not read again.
         const reported = state.priced ? state.priced.usage : chargeableUsage(state.usage);
-        const estimated = state.estimated || (reported === undefined && (state.streamed || abortedUpstream));
+        // A try of this model that timed out after its provider began answering is charged so too,
+        // however the model's tries ended after it (a retry's 400, the caller gone during the wait).
+        const estimated = state.estimated || (reported === undefined && (state.streamed || abortedUpstream || timedOutAnswering));
         const tokens = reported ?? (estimated ? estimatedUsage(state) : { ...ZERO_USAGE });
         const record: UsageRecord = {
           operation,
@@ -2199,6 +2201,9 @@ export class ModelManager {
           // A 2xx the call could not use (no JSON, no completion, past its size): the provider billed
           // it, so it is charged at least its prompt's estimate (and what a stream said), estimated.
           if (outcome.kind === 'fatal' && brokenAnswer(failure)) state.estimated = true;
+          // Cut off after the provider's 2xx began, by the try's silence or by the stream's deadline
+          // (a silent reasoning model runs up tokens upstream all the while): it billed the try.
+          if ((failure instanceof ModelTimeoutError || (failure instanceof ModelAnswerLimitError && failure.statusCode === 504)) && attempt.answered) timedOutAnswering = true;
           if (outcome.kind === 'fatal' || state.streamed) {
             finish('error', failure);
             throw failure;
@@ -2215,9 +2220,8 @@ export class ModelManager {
           // A wait the deadline cut short is the caller's too.
           const passedOn = (outOfTime || (request.interactive && (retryAfter ?? 0) > this.options.retryMaxWaitMs)) && failure instanceof UpstreamError && retryAfter !== undefined;
           if (passedOn) lastError = failure.passedOn();
-          if (failure instanceof ModelTimeoutError && attempt.answered) timedOutAnswering = true;
           if (passedOn || outOfTime || outcome.kind === 'next' || attempts > this.options.maxRetries) {
-            finish('error', failure, timedOutAnswering);
+            finish('error', failure);
             break; // next model in the chain
           }
           await sleep(wait, signal).catch((e: unknown) => {
