@@ -78,11 +78,13 @@ const ToolCallIn = z.object({
 });
 
 /**
- * A participant's name as OpenAI's API takes it (`messages[].name`): 1 to 64 letters, digits, _ or
- * -. Sent on to OpenAI-compatible providers; the others have no such field (docs/decisions.md).
+ * A participant's name as OpenAI's API takes it (`messages[].name`): no whitespace and none of
+ * `< | \\ / >` (the pattern its own 400 quotes; the older ASCII-only rule refused `José` and
+ * `alice@example.com`, which OpenAI takes), at most 256 characters (Keel's bound: OpenAI states
+ * none). Sent on to OpenAI-compatible providers; the others have no such field (docs/decisions.md).
  */
-export const PARTICIPANT_NAME = /^[\w-]{1,64}$/;
-const ParticipantName = z.string().regex(PARTICIPANT_NAME, { error: 'A name is 1 to 64 letters, digits, _ or -' }).nullish();
+export const PARTICIPANT_NAME = /^[^\s<|\\/>]{1,256}$/u;
+const ParticipantName = z.string().regex(PARTICIPANT_NAME, { error: 'A name is 1 to 256 characters without whitespace or any of < | \\ / >' }).nullish();
 
 const SystemMessage = z.object({ role: z.enum(['system', 'developer']), content: TextContent, name: ParticipantName });
 const UserMessage = z.object({

@@ -362,7 +362,7 @@ describe('chat completions', () => {
     expect((throughSdk[4]!.content as Record<string, unknown>[]).every((part) => !('name' in part))).toBe(true);
     // OpenAI's pattern: 1 to 64 letters, digits, _ or -.
     fake.reset();
-    for (const name of ['Ada Lovelace', '', 'x'.repeat(65), 'a/b']) {
+    for (const name of ['Ada Lovelace', '', 'x'.repeat(257), 'a/b', 'a|b']) {
       for (const extra of [{}, { tools: [{ type: 'function' as const, function: { name: 'noop' } }] }]) {
         const refused = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'system', content: 'Hi' }, { role: 'user', content: 'Hi', name }], ...extra }));
         expect(refused, name).toMatchObject({ status: 400, type: 'invalid_request_error', param: 'messages[1].name' });

@@ -21,7 +21,7 @@ const taken = [
   { model: 'm', messages: [user], reasoning_effort: 'low', user: 'end-user' },
   { model: 'm', messages: [user], prompt_cache_key: 'x'.repeat(64), safety_identifier: 'x'.repeat(64), stream: true },
   { model: 'm', messages: [user], prompt_cache_key: null, safety_identifier: null },
-  { model: 'm', messages: [{ role: 'user', content: 'x', name: 'Ada_Lovelace-2' }, { role: 'assistant', content: 'y', name: 'n'.repeat(64) }] },
+  { model: 'm', messages: [{ role: 'user', content: 'x', name: 'Ada_Lovelace-2' }, { role: 'user', content: 'x', name: 'José' }, { role: 'user', content: 'x', name: 'alice@example.com' }, { role: 'user', content: 'x', name: 'agent:planner' }, { role: 'assistant', content: 'y', name: 'n'.repeat(64) }] },
 ];
 const toZod = [
   // valid, but not the simple shape
@@ -48,11 +48,13 @@ const toZod = [
   { model: 'm', messages: [{ role: 'user' }] },
   { model: 'm', messages: [{ role: 'user', content: 3 }] },
   { model: 'm', messages: [{ role: 'user', content: 'x', name: 3 }] },
-  // A participant's name as OpenAI checks it: 1 to 64 letters, digits, _ or -.
+  // A participant's name as OpenAI checks it: no whitespace, none of < | \ / > (and at most 256 characters).
   { model: 'm', messages: [{ role: 'user', content: 'x', name: 'Ada Lovelace' }] },
   { model: 'm', messages: [{ role: 'system', content: 'x', name: '' }] },
-  { model: 'm', messages: [{ role: 'assistant', content: 'x', name: 'n'.repeat(65) }] },
+  { model: 'm', messages: [{ role: 'assistant', content: 'x', name: 'n'.repeat(257) }] },
   { model: 'm', messages: [{ role: 'user', content: 'x', name: 'a/b' }] },
+  { model: 'm', messages: [{ role: 'user', content: 'x', name: 'a<b' }] },
+  { model: 'm', messages: [{ role: 'user', content: 'x', name: 'tab\there' }] },
   { model: 'm', messages: [user], max_tokens: 0 },
   { model: 'm', messages: [user], max_tokens: 1.5 },
   { model: 'm', messages: [user], max_tokens: 10_000_001 },
