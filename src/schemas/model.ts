@@ -106,13 +106,15 @@ export const ModelPublic = z
      * The fallbacks its calls skip as things stand (no such model, disabled, lacking what the model
      * does, a provider without credentials or disabled), each with why; empty when all can stand in.
      */
-    unavailable_fallbacks: z.array(z.object({ name: z.string(), reason: z.string() })),
-    /**
-     * The model its calls go to as things stand: itself when available, else its first fallback
-     * that can take them (its provider disabled or without credentials), else null (they fail with
-     * `unavailable_reason`).
-     */
-    answered_by: z.string().nullable(),
+    unavailable_fallbacks: z
+      .array(z.object({ name: z.string(), reason: z.string() }))
+      .describe('The fallbacks its calls skip as things stand (no such model, disabled, lacking what the model does, a provider without credentials or disabled), each with why; empty when all can stand in.'),
+    answered_by: z
+      .string()
+      .nullable()
+      .describe(
+        'The model its calls go to as things stand: itself when available, else its first fallback that can take them (its provider disabled or without credentials), else null (they fail with `unavailable_reason`; a disabled model is refused with 404).',
+      ),
   })
   .meta({ id: 'ModelPublic' });
 
