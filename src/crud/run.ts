@@ -8,21 +8,26 @@ import { constraintAnswers } from '../core/error-mapping.js';
 import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, type Message, messages, type NewMessage, type NewRun, type Run, runs, type RunUsage, type Thread, threads, usageRecords, users } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
+import type { Principal } from '../utils/authentication.js';
 import { usageTotalColumns } from './billing.js';
-import { ownedCrud } from './owned.js';
+import { ownedCrud, pageOf } from './owned.js';
+import type { Page, PageOf } from './page.js';
 import { preparedAnywhere } from './prepared.js';
 import { appendedMessageValues } from './thread.js';
 
+const RUN_ACCESS = { noun: 'Run', owner: runs.owner_id, project: runs.project_id, scopedKey: 'write' } as const;
+
 /** Runs: their owner's (or any superuser's); a project-scoped key reads and starts its project's. */
-export const runPolicy = definePolicy<Run>({
-  noun: 'Run',
-  owner: runs.owner_id,
-  project: runs.project_id,
-  scopedKey: 'write',
-  superuserSeesAll: true,
-});
+export const runPolicy = definePolicy<Run>({ ...RUN_ACCESS, superuserSeesAll: true });
 
 export const runCrud = ownedCrud<Run, NewRun>(runs, runPolicy);
+
+/**
+ * The caller's own runs, a superuser's too: the personal view `GET /runs/active` ("your queued and
+ * running runs"), which otherwise listed every user's to an operator. A superuser still reads any
+ * run by id or by its thread (runPolicy).
+ */
+const ownRunPolicy = definePolicy<Run>({ ...RUN_ACCESS, superuserSeesAll: false });
 
 constraintAnswers({
   // Two starts raced past the thread's lock (which cannot happen through the service): the index decides.
@@ -105,8 +110,10 @@ const threadHeldBusy = preparedAnywhere('threads_hold_busy_after_owner', (db, na
     .prepare(name);
 });
 
-/** Runs of the caller that are queued or running (`where`: the access policy's condition). */
-export const activeFilter = active;
+/** The caller's own queued and running runs (a superuser's own too), newest first (ties by id), and their total. */
+export function listOwnActive(db: Db, principal: Principal, page: Page): Promise<PageOf<Run>> {
+  return pageOf<Run>(db, runs, and(ownRunPolicy.where(principal, 'read'), active), [desc(runs.created_at), desc(runs.id)], page);
+}
 
 /** What a start needs of the owner's active runs: how many (up to `upTo`), and the one that holds the thread. */
 export interface OwnerActive {

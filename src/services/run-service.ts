@@ -282,8 +282,9 @@ export async function listForThread(ctx: ServiceContext, threadId: string, query
   return runCrud.runCrud.list(ctx.db, ctx.principal, query, matching({ thread_id: runs.thread_id, status: runs.status }, { thread_id: thread.id, status: query.status }));
 }
 
+/** The caller's own queued and running runs: a superuser's own too, as the route says ("your"). */
 export function listActive(ctx: ServiceContext, query: RunListQuery) {
-  return runCrud.runCrud.list(ctx.db, ctx.principal, query, runCrud.activeFilter);
+  return runCrud.listOwnActive(ctx.db, ctx.principal, query);
 }
 
 // ==================== Changing ====================

@@ -924,6 +924,22 @@ describe('limits and access', () => {
     for (const run of [...started.slice(1), replacing.json<RunBody>()]) await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
   });
 
+  it("a superuser's GET /runs/active lists their own queued and running runs, as it says; another user's run they still read by id and by thread", async () => {
+    fake.script(MODEL, ...Array.from({ length: 2 }, () => ({ chunks: ['slow ', 'one'], chunkDelayMs: 300 })));
+    const { owner, thread } = await setup();
+    const theirs = await startRun(ctx.app, owner.headers, thread.id, { input: 'theirs' });
+    const admin = await createUser(ctx.app, { superuser: true });
+    await createAgent(ctx.app, admin.headers, { is_default: true });
+    const mine = await startRun(ctx.app, admin.headers, (await createThread(ctx.app, admin.headers)).id, { input: 'mine' });
+    const active = await api('GET', '/runs/active', admin.headers);
+    expect(active.statusCode, active.body).toBe(200);
+    expect(active.json<ListBody<RunBody>>()).toMatchObject({ count: 1, data: [{ id: mine.id }] });
+    // Their other views of runs still take in every user's (SPEC §2).
+    expect((await api('GET', `/runs/${theirs.id}`, admin.headers)).statusCode).toBe(200);
+    expect((await api('GET', `/threads/${thread.id}/runs`, admin.headers)).json<ListBody<RunBody>>().data.map((r) => r.id)).toEqual([theirs.id]);
+    for (const run of [theirs, mine]) await waitForRun(ctx.app, admin.headers, run.id, ['completed']);
+  });
+
   it('another user\'s run and thread answer 404 on every run route', async () => {
     const { owner, thread } = await setup();
     const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'mine' });
