@@ -19,9 +19,10 @@ export const threadsRouter: FastifyPluginAsyncZod = async (app) => {
     service: threadService,
     listQuery: ThreadListQuery,
     createErrors: [404, 409],
-    errors: { delete: [409] },
+    errors: { update: [409], delete: [409] },
     descriptions: {
       list: 'Newest first; `?project_id=` and `?status=` narrow the list.',
+      update: 'Title, project and metadata. Moving it to another project (`project_id`) is 409 while a run works on it.',
       delete: 'Deletes the thread and its messages; 409 while a run works on it.',
     },
   });

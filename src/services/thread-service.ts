@@ -11,7 +11,10 @@ import type { ServiceContext } from './context.js';
 import { createWithinLimit } from './limits.js';
 import { placeInProject } from './project-service.js';
 
-const busy = () => new ConflictError('Thread is busy: a run is working on it; wait for the run to end or cancel it');
+const BUSY = 'Thread is busy: a run is working on it';
+const busy = () => new ConflictError(`${BUSY}; wait for the run to end or cancel it`);
+/** A run keeps the project it started in: moved, the thread would be out of reach of its runs' project keys, and they of the new project's. */
+const busyMove = () => new ConflictError(`${BUSY}, and its runs would stay in the thread's old project; wait for them to end or cancel them, then move the thread`);
 
 // ==================== Threads ====================
 
@@ -31,13 +34,18 @@ export async function create(ctx: ServiceContext, input: ThreadCreate): Promise<
   return createWithinLimit(ctx.db, ownerId, limit, (tx) => threadCrud.create(tx, { ...input, project_id: projectId, owner_id: ownerId }));
 }
 
-/** Title, project and metadata; `status` belongs to runs. */
+/** Title, project and metadata; `status` belongs to runs. Not moved to another project while a run works on it (409), as for a delete. */
 export async function update(ctx: ServiceContext, id: string, input: ThreadUpdate): Promise<Thread> {
   const { principal } = ctx;
   if (input.project_id === undefined) return threadCrud.update(ctx.db, principal, id, input);
   const { owner_id } = await threadCrud.getVisible(ctx.db, principal, id, 'write');
   const projectId = await placeInProject(ctx, threadPolicy, owner_id, input.project_id);
-  return threadCrud.update(ctx.db, principal, id, { ...input, project_id: projectId });
+  // Locked as a run's start locks it (which marks it busy), so no run starts between the check and the move.
+  return transaction(ctx.db, async (tx) => {
+    const thread = await threadCrud.lockVisible(tx, principal, id, 'write', 'no key update');
+    if (thread.status === 'busy' && thread.project_id !== projectId) throw busyMove();
+    return threadCrud.update(tx, principal, id, { ...input, project_id: projectId });
+  });
 }
 
 /** A thread and its messages; not while a run works on it (409). */

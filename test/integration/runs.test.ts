@@ -416,6 +416,33 @@ describe('deleting what holds a running run', () => {
   });
 });
 
+describe('moving a thread that holds a running run', () => {
+  it("to another project (or none) is 409, as its delete is: the run would stay in the old project, out of reach of the new project's keys; renames go on, and once the run has ended it moves", async () => {
+    fake.script(MODEL, { chunks: Array.from({ length: 50 }, (_, i) => `t${i} `), chunkDelayMs: 100 });
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { is_default: true });
+    const [from, to] = await Promise.all(['from', 'to'].map(async (name) => (await api('POST', '/projects', owner.headers, { name })).json<{ id: string }>()));
+    const thread = (await api('POST', '/threads', owner.headers, { project_id: from!.id })).json<{ id: string }>();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'long' });
+    const queued = await startRun(ctx.app, owner.headers, thread.id, { input: 'next', multitask_strategy: 'enqueue' });
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 2));
+    for (const project_id of [to!.id, null]) {
+      const refused = await api('PATCH', `/threads/${thread.id}`, owner.headers, { project_id, title: 'moved' });
+      expect(refused.statusCode, refused.body).toBe(409);
+      expect(refused.json()).toEqual({ detail: 'Thread is busy: a run is working on it, and its runs would stay in the thread\'s old project; wait for them to end or cancel them, then move the thread' });
+    }
+    const renamed = await api('PATCH', `/threads/${thread.id}`, owner.headers, { title: 'renamed', project_id: from!.id });
+    expect(renamed.json(), renamed.body).toMatchObject({ title: 'renamed', project_id: from!.id, status: 'busy' });
+    // The old project's key still reaches its runs, and cancels them.
+    const fromKey = xApiKey((await createKey(ctx.app, owner, { name: 'from', project_id: from!.id })).key);
+    for (const active of [queued, run]) expect((await api('POST', `/runs/${active.id}/cancel`, fromKey)).statusCode).toBe(200);
+    await waitForRun(ctx.app, owner.headers, run.id, ['cancelled']);
+    const moved = await api('PATCH', `/threads/${thread.id}`, owner.headers, { project_id: to!.id });
+    expect(moved.statusCode, moved.body).toBe(200);
+    expect(moved.json()).toMatchObject({ project_id: to!.id, status: 'idle' });
+  });
+});
+
 describe('cancel', () => {
   /** A run whose model is streaming `chunks` slow pieces (two sent), and a reader of its events. */
   async function streamingRun(chunks: number) {
