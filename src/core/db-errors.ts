@@ -17,6 +17,8 @@ export interface DatabaseError {
   code: string;
   constraint?: string;
   message?: string;
+  /** PostgreSQL's DETAIL (pg and PGlite alike), e.g. "Unicode low surrogate must follow a high surrogate." */
+  detail?: string;
 }
 
 /** Drizzle wraps driver errors; the SQLSTATE sits on the error or its cause (pg and PGlite alike). */

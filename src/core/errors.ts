@@ -1,6 +1,7 @@
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } from 'fastify-type-provider-zod';
 
+import { UNPAIRED_SURROGATE_MESSAGE } from '../utils/text.js';
 import { DATABASE_RETRY_AFTER_SECONDS, databaseError, isDatabaseUnavailableCode } from './db-errors.js';
 import { integrityAnswer, unknownQueryMessage } from './error-mapping.js';
 import { drainingRequests, lingerOnUnreadBody } from './http-server.js';
@@ -348,6 +349,10 @@ export function registerErrorHandler(app: FastifyInstance): void {
     const db = databaseError(error);
     const integrity = db && integrityAnswer(db);
     if (integrity) return send(reply, integrity.status, { detail: integrity.detail });
+    // JSON (json, jsonb) holding half of a surrogate pair as an escape (`"\ud800"`): the DETAIL names the surrogate.
+    if (db?.code === '22P02' && db.detail?.includes('surrogate')) {
+      return send(reply, 422, { detail: [{ loc: ['body'], msg: UNPAIRED_SURROGATE_MESSAGE, type: 'value_error' }] });
+    }
     if (db?.code === '22P02' || db?.code === '22003' || db?.code === '22001') {
       return send(reply, 422, { detail: [{ loc: ['body'], msg: 'Value out of range', type: 'value_error' }] });
     }

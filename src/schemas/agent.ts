@@ -1,7 +1,7 @@
 import { z } from 'zod';
 
 import { TOOL_NAMES } from '../modules/agents/tools.js';
-import { Id, integerParam, Metadata, Pagination, Tags, Timestamp } from './common.js';
+import { Id, integerParam, Metadata, Pagination, Tags, Text, Timestamp } from './common.js';
 
 /** Longest system prompt, in characters. */
 export const SYSTEM_PROMPT_MAX_CHARS = 100_000;
@@ -34,7 +34,7 @@ const ToolName = z.enum(TOOL_NAMES, { error: (issue) => `Unknown tool ${JSON.str
 
 /** What the agent does: a change to any of these makes a new version. */
 const BehaviourFields = {
-  system_prompt: z.string().max(SYSTEM_PROMPT_MAX_CHARS),
+  system_prompt: Text.max(SYSTEM_PROMPT_MAX_CHARS),
   model: z.string().trim().min(1).max(255).describe('A catalog model id or alias (stored as the id); it must be enabled and able to chat.'),
   temperature: z.number().min(0).max(2).nullable(),
   max_output_tokens: z.number().int().min(1).max(1_000_000).nullable(),
@@ -43,8 +43,8 @@ const BehaviourFields = {
 };
 
 const AgentFields = {
-  name: z.string().trim().min(1).max(255),
-  description: z.string().max(10_000).nullable(),
+  name: Text.trim().min(1).max(255),
+  description: Text.max(10_000).nullable(),
   project_id: Id.nullable(),
   ...BehaviourFields,
   is_default: z.boolean().describe("The user's default agent (runs started without an agent use it); setting one unsets the previous."),

@@ -1,7 +1,7 @@
 import { z } from 'zod';
 
 import { PositiveMoneyInput } from './billing.js';
-import { Id, Timestamp } from './common.js';
+import { Id, Text, Timestamp } from './common.js';
 
 /** `expired`: an active key past its `expires_at` (shown, not stored: it no longer authenticates). */
 export const ApiKeyStatus = z.enum(['active', 'revoked', 'expired']);
@@ -16,7 +16,7 @@ const limits = {
 
 export const ApiKeyCreate = z
   .strictObject({
-    name: z.string().trim().min(1).max(255),
+    name: Text.trim().min(1).max(255),
     project_id: Id.nullable().optional(),
     expires_at: Timestamp.nullable().optional(),
     ...limits,
@@ -26,7 +26,7 @@ export type ApiKeyCreate = z.infer<typeof ApiKeyCreate>;
 
 export const ApiKeyUpdate = z
   .strictObject({
-    name: z.string().trim().min(1).max(255).optional(),
+    name: Text.trim().min(1).max(255).optional(),
     // Revocation is final: a revoked key cannot be made active again.
     status: z.literal('revoked').optional(),
     ...limits,

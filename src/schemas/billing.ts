@@ -1,6 +1,6 @@
 import { z } from 'zod';
 
-import { Id, Pagination, STORABLE_YEARS_ERROR, Timestamp, withinStorableYears } from './common.js';
+import { Id, Pagination, STORABLE_YEARS_ERROR, Text, Timestamp, withinStorableYears } from './common.js';
 
 /** A decimal string with up to 12 decimal places (credits), as accepted in bodies: never a JSON number. */
 export const MoneyInput = z
@@ -47,7 +47,7 @@ export const CreditGrant = z
     amount: MoneyInput.refine((v) => /[1-9]/.test(v), { error: 'Input should not be zero' }).meta({
       description: 'Credits to add (decimal string); negative only with type `adjustment`',
     }),
-    description: z.string().trim().min(1).max(1000),
+    description: Text.trim().min(1).max(1000),
     type: z.enum(['grant', 'refund', 'adjustment']).default('grant'),
   })
   .refine((body) => body.type === 'adjustment' || !body.amount.startsWith('-'), {

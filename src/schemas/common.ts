@@ -1,5 +1,7 @@
 import { z } from 'zod';
 
+import { hasUnpairedSurrogate, UNPAIRED_SURROGATE_MESSAGE, unpairedSurrogateAt } from '../utils/text.js';
+
 /**
  * The instants a timestamp may name: the years 1 to 9999 in UTC, what PostgreSQL's timestamptz
  * takes in ISO 8601 and what an ISO 8601 UTC string writes with four digits. An offset can carry a
@@ -87,6 +89,14 @@ export const Email = z.email().max(255);
 
 // ==================== Bounded client data ====================
 
+/**
+ * Text a client sends to be kept (titles, names, descriptions, messages, tags): a string without
+ * half of a UTF-16 surrogate pair (422 at the field, UNPAIRED_SURROGATE_MESSAGE). PostgreSQL's
+ * text kept one silently as U+FFFD and its json refused it as "Value out of range"; one rule
+ * refuses both. Chain the field's own bounds after it (`Text.trim().max(255)`).
+ */
+export const Text = z.string().refine((value) => !hasUnpairedSurrogate(value), { error: UNPAIRED_SURROGATE_MESSAGE });
+
 /** Bounds of a `metadata` object: its JSON size in bytes, how deep it nests, how long a key is. */
 export const METADATA_MAX_BYTES = 16_384;
 export const METADATA_MAX_DEPTH = 5;
@@ -118,6 +128,12 @@ export const Metadata = z
       ctx.addIssue({ code: 'custom', message: `Metadata nests deeper than ${METADATA_MAX_DEPTH} levels` });
       return;
     }
+    // Text's rule, for every string and key in it (a bounded walk: the depth is checked).
+    const unpaired = unpairedSurrogateAt(value);
+    if (unpaired) {
+      ctx.addIssue({ code: 'custom', message: UNPAIRED_SURROGATE_MESSAGE, path: unpaired });
+      return;
+    }
     const bytes = Buffer.byteLength(JSON.stringify(value));
     if (bytes > METADATA_MAX_BYTES) ctx.addIssue({ code: 'custom', message: `Metadata is ${bytes} bytes as JSON; at most ${METADATA_MAX_BYTES} are kept` });
   })
@@ -128,6 +144,6 @@ export const Metadata = z
 
 /** Labels: up to 32 of up to 64 characters each; repeats are dropped. */
 export const Tags = z
-  .array(z.string().trim().min(1).max(64))
+  .array(Text.trim().min(1).max(64))
   .max(32)
   .overwrite((tags) => [...new Set(tags)]);

@@ -1,7 +1,7 @@
 import { z } from 'zod';
 
 import { DOCUMENT_FORMATS } from '../modules/knowledge/types.js';
-import { Id, Pagination, Timestamp } from './common.js';
+import { Id, Pagination, Text, Timestamp } from './common.js';
 
 // ==================== Names ====================
 
@@ -47,14 +47,14 @@ export const Name = z
 export const KnowledgeFolderCreate = z
   .strictObject({
     name: Name,
-    description: z.string().max(10_000).default(''),
+    description: Text.max(10_000).default(''),
     project_id: Id.nullable().optional(),
   })
   .meta({ id: 'KnowledgeFolderCreate', description: 'A name taken by another of your folders gets a number: `Docs (1)`.' });
 export type KnowledgeFolderCreate = z.infer<typeof KnowledgeFolderCreate>;
 
 export const KnowledgeFolderUpdate = z
-  .strictObject({ name: Name, description: z.string().max(10_000), project_id: Id.nullable() })
+  .strictObject({ name: Name, description: Text.max(10_000), project_id: Id.nullable() })
   .partial()
   .meta({ id: 'KnowledgeFolderUpdate' });
 export type KnowledgeFolderUpdate = z.infer<typeof KnowledgeFolderUpdate>;

@@ -1,10 +1,10 @@
 import { z } from 'zod';
 
-import { Id, Timestamp } from './common.js';
+import { Id, Text, Timestamp } from './common.js';
 
 const ProjectFields = {
-  name: z.string().trim().min(1).max(255),
-  description: z.string().max(10_000).nullable().optional(),
+  name: Text.trim().min(1).max(255),
+  description: Text.max(10_000).nullable().optional(),
 };
 
 export const ProjectCreate = z.strictObject(ProjectFields).meta({ id: 'ProjectCreate' });

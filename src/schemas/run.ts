@@ -1,13 +1,13 @@
 import { z } from 'zod';
 
-import { Id, integerParam, Pagination, Timestamp } from './common.js';
+import { Id, integerParam, Pagination, Text, Timestamp } from './common.js';
 
 export const RunStatus = z.enum(['queued', 'running', 'completed', 'failed', 'cancelled']);
 export const MultitaskStrategy = z
   .enum(['reject', 'enqueue', 'interrupt'])
   .describe('When the thread already has an active run: `reject` answers 409, `enqueue` queues this run behind it, `interrupt` cancels it.');
 
-const Input = z.string().min(1).describe('The text of a user message, appended to the thread before the run (at most MAX_MESSAGE_CHARS characters).');
+const Input = Text.min(1).describe('The text of a user message, appended to the thread before the run (at most MAX_MESSAGE_CHARS characters).');
 
 export const RunCreate = z
   .strictObject({
@@ -24,7 +24,7 @@ export const RunCreateWithThread = z
     agent_id: Id.optional().describe('Default: the user\'s default agent.'),
     input: Input,
     model: z.string().min(1).max(255).optional(),
-    thread: z.strictObject({ title: z.string().trim().max(255).default(''), project_id: Id.nullable().optional() }).optional(),
+    thread: z.strictObject({ title: Text.trim().max(255).default(''), project_id: Id.nullable().optional() }).optional(),
   })
   .meta({ id: 'RunCreateWithThread' });
 export type RunCreateWithThread = z.infer<typeof RunCreateWithThread>;

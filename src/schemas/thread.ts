@@ -1,13 +1,13 @@
 import { z } from 'zod';
 
-import { Id, Metadata, Pagination, Timestamp } from './common.js';
+import { Id, Metadata, Pagination, Text, Timestamp } from './common.js';
 
 // ==================== Threads ====================
 
 export const ThreadStatus = z.enum(['idle', 'busy']).describe('`busy` while a run works on the thread; set by runs, read-only for clients.');
 
 const ThreadFields = {
-  title: z.string().trim().max(255),
+  title: Text.trim().max(255),
   project_id: Id.nullable(),
   metadata: Metadata,
 };
@@ -49,7 +49,7 @@ const CLIENT_ROLE = 'Clients post user messages; assistant and tool messages com
 
 const MessageFields = {
   // The length limit is the MAX_MESSAGE_CHARS setting, checked by the service (422 string_too_long).
-  content: z.string().min(1).describe('The text of the message; at most MAX_MESSAGE_CHARS characters (default 100000).'),
+  content: Text.min(1).describe('The text of the message; at most MAX_MESSAGE_CHARS characters (default 100000).'),
   metadata: Metadata,
 };
 

@@ -1,10 +1,10 @@
 import { z } from 'zod';
 
-import { Email, Id, Password, Timestamp } from './common.js';
+import { Email, Id, Password, Text, Timestamp } from './common.js';
 
 const UserFields = {
   email: Email,
-  full_name: z.string().max(255).nullable().optional(),
+  full_name: Text.max(255).nullable().optional(),
 };
 
 export const UserPublic = z

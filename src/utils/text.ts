@@ -1,6 +1,36 @@
 /** A high surrogate with no low one after it, or a low one with no high one before it. */
 const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g;
 
+/** The same, found by a `u` regex, which reads a whole pair as one character (not `Cs`) and half of one as `Cs`. */
+const UNPAIRED_SURROGATE = /\p{Cs}/u;
+
+/**
+ * Why text with half of a surrogate pair is refused. It is no character: PostgreSQL's text would
+ * keep it as U+FFFD (the driver encodes to UTF-8) and its json refuses it (22P02).
+ */
+export const UNPAIRED_SURROGATE_MESSAGE = 'Text holds an unpaired surrogate (half of a UTF-16 surrogate pair, which is no character): send whole characters';
+
+/** Whether `text` holds half of a UTF-16 surrogate pair standing alone (well-formed text holds none). */
+export function hasUnpairedSurrogate(text: string): boolean {
+  return UNPAIRED_SURROGATE.test(text);
+}
+
+/**
+ * Where in a JSON value a string or a key holds an unpaired surrogate (the path to it, a key's
+ * own path for a key), or undefined when none does. Recursive: for values whose depth is bounded.
+ */
+export function unpairedSurrogateAt(value: unknown): (string | number)[] | undefined {
+  if (typeof value === 'string') return hasUnpairedSurrogate(value) ? [] : undefined;
+  if (value === null || typeof value !== 'object') return undefined;
+  const entries: [string | number, unknown][] = Array.isArray(value) ? value.map((item, i) => [i, item]) : Object.entries(value);
+  for (const [key, item] of entries) {
+    if (typeof key === 'string' && hasUnpairedSurrogate(key)) return [key];
+    const inside = unpairedSurrogateAt(item);
+    if (inside) return [key, ...inside];
+  }
+  return undefined;
+}
+
 /**
  * Text from outside (an upstream's error message) as PostgreSQL can store it, cut to at most `max`
  * UTF-16 units: without NUL characters (text and json refuse them) and well-formed (a surrogate

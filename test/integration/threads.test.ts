@@ -1,9 +1,11 @@
 import { randomUUID } from 'node:crypto';
 
 import { eq, sql } from 'drizzle-orm';
+import Fastify from 'fastify';
 import { describe, expect, it } from 'vitest';
 
 import { transaction } from '../../src/core/db.js';
+import { databaseError, registerErrorHandler } from '../../src/core/errors.js';
 
 import { messages, threads } from '../../src/models/index.js';
 
@@ -84,6 +86,59 @@ describe('threads', () => {
       expect(response.statusCode, `${method} ${url} ${JSON.stringify(body)}: ${response.body}`).toBe(422);
       expect(response.json<{ detail: { msg: string }[] }>().detail[0]!.msg).toBe('Text contains a character that cannot be stored');
     }
+  });
+
+  it('text with an unpaired surrogate (half of a UTF-16 pair) is refused with 422 naming the field, not stored as U+FFFD (text) nor refused as "Value out of range" (JSON); a whole pair is kept', async () => {
+    const alice = await createUser(ctx.app);
+    const thread = await createThread(alice);
+    const message = (await api('POST', `/threads/${thread.id}/messages`, alice.headers, { content: 'hi' })).json<MessageBody>();
+    const agent = (await api('POST', '/agents', alice.headers, { name: 'lone', model: 'gpt-4.1-mini' })).json<{ id: string }>();
+    const [high, low] = ['\ud83d', '\ude00'];
+    const writes: ['POST' | 'PATCH', string, unknown, (string | number)[]][] = [
+      ['POST', `/threads/${thread.id}/messages`, { content: `a${high}b` }, ['body', 'content']],
+      ['PATCH', `/threads/${thread.id}/messages/${message.id}`, { content: `${low}` }, ['body', 'content']],
+      ['POST', '/threads', { title: `cut ${high}` }, ['body', 'title']],
+      ['PATCH', `/threads/${thread.id}`, { title: `${low}x` }, ['body', 'title']],
+      ['PATCH', `/threads/${thread.id}`, { metadata: { k: `a${high}` } }, ['body', 'metadata', 'k']],
+      ['PATCH', `/threads/${thread.id}`, { metadata: { k: { nested: ['ok', `${low}`] } } }, ['body', 'metadata', 'k', 'nested', '1']],
+      ['POST', `/threads/${thread.id}/messages`, { content: 'x', metadata: { [`key${high}`]: 1 } }, ['body', 'metadata', `key${high}`]],
+      ['POST', '/agents', { name: 'x', model: 'gpt-4.1-mini', description: `d${high}` }, ['body', 'description']],
+      ['PATCH', `/agents/${agent.id}`, { description: `${low}` }, ['body', 'description']],
+      ['PATCH', `/agents/${agent.id}`, { name: `n${high}` }, ['body', 'name']],
+      ['PATCH', `/agents/${agent.id}`, { system_prompt: `p${high}` }, ['body', 'system_prompt']],
+      ['PATCH', `/agents/${agent.id}`, { tags: ['fine', `t${low}`] }, ['body', 'tags', '1']],
+      ['POST', '/projects', { name: `p${high}` }, ['body', 'name']],
+      ['POST', `/threads/${thread.id}/runs`, { input: `i${high}` }, ['body', 'input']],
+      ['POST', '/runs', { input: 'i', thread: { title: `${low}` } }, ['body', 'thread', 'title']],
+    ];
+    for (const [method, url, body, loc] of writes) {
+      const response = await api(method, url, alice.headers, body);
+      expect(response.statusCode, `${method} ${url} ${JSON.stringify(body)}: ${response.body}`).toBe(422);
+      expect(response.json<{ detail: unknown[] }>().detail, `${method} ${url}`).toEqual([{ loc, msg: 'Text holds an unpaired surrogate (half of a UTF-16 surrogate pair, which is no character): send whole characters', type: 'value_error' }]);
+    }
+    expect((await page(alice, thread.id)).data.map((m) => m.content)).toEqual(['hi']);
+    // A whole pair (an emoji) is a character like any other.
+    const emoji = `${high}${low}`;
+    const kept = await api('PATCH', `/threads/${thread.id}`, alice.headers, { title: `smile ${emoji}`, metadata: { [emoji]: emoji } });
+    expect(kept.json(), kept.body).toMatchObject({ title: `smile ${emoji}`, metadata: { [emoji]: emoji } });
+    expect((await post(alice, thread.id, emoji)).content).toBe(emoji);
+  });
+
+  it('the database refusing a JSON value with an unpaired surrogate (22P02) is answered 422 saying so, not "Value out of range"', async () => {
+    const refused = await ctx.app.db.execute(sql`select ${JSON.stringify({ k: 'a\ud800' })}::jsonb`).then(
+      () => undefined,
+      (error: unknown) => error,
+    );
+    expect(databaseError(refused)).toMatchObject({ code: '22P02' });
+    const app = Fastify({ logger: false });
+    registerErrorHandler(app);
+    app.post('/', async () => {
+      throw refused;
+    });
+    const response = await app.inject({ method: 'POST', url: '/', payload: {} });
+    await app.close();
+    expect(response.statusCode).toBe(422);
+    expect(response.json()).toEqual({ detail: [{ loc: ['body'], msg: 'Text holds an unpaired surrogate (half of a UTF-16 surrogate pair, which is no character): send whole characters', type: 'value_error' }] });
   });
 
   it('list by project and by status', async () => {
