@@ -143,6 +143,12 @@ export const SettingsSchema = z.object({
   MAX_ACTIVE_RUNS_PER_USER: int(1, 1_000_000).default(10),
   /** Model calls a run may make (each answer or round of tool calls is one); beyond it the run fails. */
   MAX_RUN_STEPS: int(1, 1_000).default(10),
+  /**
+   * Tool calls one step runs (in parallel); the model's calls past it are not run and answer it with
+   * an error result, so a model (or a prompt injection) asking for hundreds cannot fan out that many
+   * searches, embedding calls and queries at once.
+   */
+  MAX_TOOL_CALLS_PER_STEP: int(1, 1_000).default(32),
   /** A run's deadline from its start, in seconds: past it the model call is aborted and the run fails. */
   RUN_TIMEOUT_SECONDS: int(1, 86_400).default(600),
   /** How long a worker's hold on a running run lasts unless renewed (renewed every third of it). */

@@ -273,6 +273,30 @@ describe('tools', () => {
     expect(second.filter((m) => m.role === 'tool').map((m) => m.tool_call_id).sort()).toEqual(['call_a', 'call_b', 'call_c']);
   });
 
+  it('runs at most MAX_TOOL_CALLS_PER_STEP (32) of the tool calls one step asks for; the rest answer the model with an error result, and the run goes on', async () => {
+    toolCalls.length = 0;
+    const asked = Array.from({ length: 40 }, (_, i) => ({ id: `call_${i}`, name: 'knowledge_search', arguments: JSON.stringify({ query: `q${i}` }) }));
+    fake.script(MODEL, { toolCalls: asked, usage: { prompt_tokens: 5, completion_tokens: 5 } }, { text: 'Done.', usage: { prompt_tokens: 9, completion_tokens: 2 } });
+    const { owner, thread } = await setup({ tools: ['knowledge_search'] });
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'search everything' });
+    const { events } = await readEvents(base, owner.headers, run.id);
+    expectContiguous(events);
+    expect(events.at(-1)!.event).toBe('run.completed');
+    expect(toolCalls.map((c) => c.query).sort()).toEqual(asked.slice(0, 32).map((_, i) => `q${i}`).sort());
+    const results = events.filter((e) => e.event === 'tool.result').map((e) => e.data);
+    expect(results).toHaveLength(40);
+    const refusal = 'Error: not run: this step asked for more than 32 tool calls (MAX_TOOL_CALLS_PER_STEP); ask for the rest in the next step';
+    const refused = results.filter((r) => r.is_error);
+    expect(refused.map((r) => r.tool_call_id).sort()).toEqual(asked.slice(32).map((c) => c.id).sort());
+    for (const result of refused) expect(result).toMatchObject({ name: 'knowledge_search', content: refusal });
+    // The model reads every call's result, the refusals included.
+    const second = fake.requestsFor(MODEL)[1]!.body.messages as { role: string; tool_call_id?: string; content?: string }[];
+    const toolResults = second.filter((m) => m.role === 'tool');
+    expect(toolResults).toHaveLength(40);
+    expect(toolResults.filter((m) => m.content === refusal).map((m) => m.tool_call_id).sort()).toEqual(asked.slice(32).map((c) => c.id).sort());
+    expect(await getRun(ctx.app, owner.headers, run.id)).toMatchObject({ status: 'completed', steps: 2 });
+  });
+
   it("tells the model a tool failed without the error's own text, which may be the database's", async () => {
     fake.script(MODEL, { toolCalls: [{ id: 'call_x', name: 'knowledge_search', arguments: '{"query":"explode"}' }], usage: { prompt_tokens: 5, completion_tokens: 5 } }, { text: 'Sorry.', usage: { prompt_tokens: 9, completion_tokens: 2 } });
     const { owner, thread } = await setup({ tools: ['knowledge_search'] });

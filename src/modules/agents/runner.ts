@@ -406,8 +406,8 @@ export class AgentRunner {
         } else if (part.type === 'tool-call') {
           const call = part.toolCall;
           appends.add([{ event: 'tool.call', data: { message_id: messageId, tool_call_id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input), step } }]);
-          // Started as soon as the model asks: several calls of one step run in parallel.
-          const outcome = this.callTool(call, version, toolContext, step, appends);
+          // Started as soon as the model asks: several calls of one step run in parallel, up to MAX_TOOL_CALLS_PER_STEP.
+          const outcome = this.callTool(call, version, toolContext, step, appends, outcomes.length);
           // Awaited below; until then a rejection (an abort) must not count as unhandled.
           outcome.catch(() => undefined);
           outcomes.push(outcome);
@@ -497,14 +497,21 @@ export class AgentRunner {
     return version;
   }
 
-  /** One tool call: its implementation's answer, or an error result the model reads (never a crashed run). */
-  private async callTool(call: ToolCall, version: AgentVersion, runContext: Omit<ToolCallContext, 'cite'>, step: number, appends: RunWriter): Promise<ToolOutcome> {
+  /**
+   * One tool call (the step's `index`th): its implementation's answer, or an error result the model
+   * reads (never a crashed run) — also for a call past MAX_TOOL_CALLS_PER_STEP, which is not run.
+   */
+  private async callTool(call: ToolCall, version: AgentVersion, runContext: Omit<ToolCallContext, 'cite'>, step: number, appends: RunWriter, index: number): Promise<ToolOutcome> {
     const name = call.toolName;
     const implementation = isToolName(name) && version.tools.includes(name) ? this.tools[name] : undefined;
     const sources: ToolSource[] = [];
     const context: ToolCallContext = { ...runContext, cite: (cited) => sources.push(...cited) };
+    const max = this.deps.settings.MAX_TOOL_CALLS_PER_STEP;
     let outcome: ToolOutcome;
-    if (!isToolName(name) || !version.tools.includes(name)) {
+    if (index >= max) {
+      if (index === max) this.deps.log.warn({ runId: context.run_id, step, max }, 'tool calls past MAX_TOOL_CALLS_PER_STEP not run');
+      outcome = { call, content: `Error: not run: this step asked for more than ${max} tool calls (MAX_TOOL_CALLS_PER_STEP); ask for the rest in the next step`, is_error: true, sources: [] };
+    } else if (!isToolName(name) || !version.tools.includes(name)) {
       outcome = { call, content: `Error: there is no tool named ${name} for this agent`, is_error: true, sources: [] };
     } else if (!implementation) {
       outcome = { call, content: `Error: the tool ${name} is not available on this server`, is_error: true, sources: [] };
