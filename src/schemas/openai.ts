@@ -178,12 +178,15 @@ function canonicalTokenIds(bias: Record<string, number>, ctx: z.RefinementCtx): 
 const REASONING_EFFORTS = ['none', 'minimal', 'low', 'medium', 'high', 'xhigh', 'max'] as const;
 const REASONING_EFFORT_SET: ReadonlySet<unknown> = new Set(REASONING_EFFORTS);
 
+/** OpenAI's words for `stream_options` without `stream: true`. */
+export const STREAM_OPTIONS_WITHOUT_STREAM = 'The \'stream_options\' parameter is only allowed when \'stream\' is enabled.';
+
 export const ChatCompletionRequest = z
   .object({
     model: z.string().min(1).max(200),
     messages: z.array(ChatMessage).min(1),
     stream: z.boolean().nullish(),
-    stream_options: z.object({ include_usage: z.boolean().nullish() }).nullish(),
+    stream_options: z.object({ include_usage: z.boolean().nullish() }).nullish().describe('Only with `stream: true` (400 otherwise, as OpenAI answers); null is no options.'),
     tools: z.array(FunctionTool).max(128).nullish(),
     tool_choice: ToolChoice.nullish(),
     parallel_tool_calls: z.boolean().nullish().describe('false: at most one tool call an answer. For OpenAI and OpenAI-compatible models, and Anthropic ones (with tools); dropped for Google models.'),
@@ -248,7 +251,10 @@ export const ChatCompletionRequest = z
       .nullish()
       .describe(`OpenAI's string pairs (at most ${MAX_METADATA_PAIRS}); not sent to providers (OpenAI keeps it only with a stored completion, and \`store\` is ignored). For an \`agent:<id>\` model, \`thread_id\` names the thread to run on (default: a new one).`),
   })
-  .superRefine(({ tools, tool_choice: choice, logprobs, top_logprobs: top }, ctx) => {
+  .superRefine(({ stream, stream_options: streamOptions, tools, tool_choice: choice, logprobs, top_logprobs: top }, ctx) => {
+    // As OpenAI refuses it: options of a stream on an answer that is not streamed (the client asked
+    // for a usage chunk it would never get). Null is no options: clients send it for an unset field.
+    if (streamOptions !== null && streamOptions !== undefined && stream !== true) ctx.addIssue({ code: 'custom', path: ['stream_options'], message: STREAM_OPTIONS_WITHOUT_STREAM });
     // As OpenAI refuses it: asked for the top tokens without the log probabilities, the client would get neither.
     if (top !== null && top !== undefined && logprobs !== true) ctx.addIssue({ code: 'custom', path: ['top_logprobs'], message: '`top_logprobs` needs `logprobs: true`' });
     // A choice that asks for a tool call needs tools to call (the SDK would drop it without a word
@@ -440,7 +446,8 @@ export function simpleChatRequest(data: unknown): ChatCompletionRequest | undefi
   out.messages = parsed;
   if (stream !== undefined && stream !== null && typeof stream !== 'boolean') return undefined;
   if (streamOptions !== undefined && streamOptions !== null) {
-    if (!isRecord(streamOptions)) return undefined;
+    // Not streamed: Zod's refusal (400 at stream_options).
+    if (stream !== true || !isRecord(streamOptions)) return undefined;
     const includeUsage = streamOptions.include_usage;
     if (includeUsage !== undefined && includeUsage !== null && typeof includeUsage !== 'boolean') return undefined;
     out.stream_options = includeUsage === undefined ? {} : { include_usage: includeUsage };

@@ -20,6 +20,7 @@ import { EMBEDDING_DIMENSIONS, fakeEmbedding, fakeLogprobs, FakeModelServer, typ
 import { apiOf, createKey } from '../helpers/http.js';
 import { captureLogs, LEVEL } from '../helpers/logs.js';
 import { apiError } from '../helpers/openai.js';
+import { createAgent } from '../helpers/runs.js';
 
 const TIMEOUT_MS = 1_000;
 const STREAM_TIMEOUT_MS = 2_000;
@@ -433,6 +434,28 @@ describe('chat completions', () => {
       expect(sent.body).not.toHaveProperty('dimensions');
       expect(sent.body).not.toHaveProperty('user');
     }
+  });
+
+  it('refuses stream_options without stream: true with 400 at stream_options, as OpenAI does (nothing is called); null options are none', async () => {
+    const messages = [{ role: 'user' as const, content: 'Hi' }];
+    const notStreamed = [{ stream_options: { include_usage: true } }, { stream: false, stream_options: { include_usage: true } }, { stream: null, stream_options: {} }];
+    for (const fields of notStreamed) {
+      const refused = await apiError(client.chat.completions.create({ model: 'fake-chat', messages, ...fields } as never));
+      expect(refused.status, JSON.stringify(fields)).toBe(400);
+      expect(refused.error, JSON.stringify(fields)).toEqual({
+        message: 'Invalid value for stream_options: The \'stream_options\' parameter is only allowed when \'stream\' is enabled.',
+        type: 'invalid_request_error',
+        param: 'stream_options',
+        code: null,
+      });
+    }
+    // An agent model's too: the body is refused before either path.
+    const agentModel = `agent:${(await createAgent(ctx.app, user.headers, { name: 'streamless', model: 'fake-chat' })).id}`;
+    expect(await apiError(client.chat.completions.create({ model: agentModel, messages, stream_options: { include_usage: true } } as never))).toMatchObject({ status: 400, param: 'stream_options' });
+    expect(fake.log).toEqual([]);
+    fake.script('fake-chat', { text: 'ok' });
+    const answer = await client.chat.completions.create({ model: 'fake-chat', messages, stream: false, stream_options: null });
+    expect(answer.choices[0]?.message.content).toBe('ok');
   });
 
   it('refuses a tool_choice that asks for a call no tool can answer, and metadata past 16 pairs, with 400 naming the param', async () => {

@@ -14,7 +14,8 @@ const taken = [
   { model: 'm', messages: [user], max_tokens: 16, temperature: 0.5, top_p: 1, n: 1, stop: ['a', 'b'], stream: true, stream_options: { include_usage: true } },
   { model: 'm', messages: [user], max_completion_tokens: 10_000_000, temperature: null, top_p: null, stop: 'x', stream: false, stream_options: null, n: null, max_tokens: null },
   { model: 'm', messages: [{ ...user, extra: 1 }], user: 'someone', seed: 3, frequency_penalty: 0, unknown_field: {} },
-  { model: 'm', messages: [user], stream_options: { include_usage: false, other: 1 } },
+  { model: 'm', messages: [user], stream: true, stream_options: { include_usage: false, other: 1 } },
+  { model: 'm', messages: [user], stream: null, stream_options: null },
   { model: 'm', messages: [user], stream: true, stream_options: { include_usage: null } },
   { model: 'm', messages: [user], frequency_penalty: -2, presence_penalty: 2, seed: -7 },
   { model: 'm', messages: [user], frequency_penalty: null, presence_penalty: null, seed: null, user: null, reasoning_effort: null },
@@ -22,6 +23,13 @@ const taken = [
   { model: 'm', messages: [user], prompt_cache_key: 'x'.repeat(64), safety_identifier: 'x'.repeat(64), stream: true },
   { model: 'm', messages: [user], prompt_cache_key: null, safety_identifier: null },
   { model: 'm', messages: [{ role: 'user', content: 'x', name: 'Ada_Lovelace-2' }, { role: 'user', content: 'x', name: 'José' }, { role: 'user', content: 'x', name: 'alice@example.com' }, { role: 'user', content: 'x', name: 'agent:planner' }, { role: 'assistant', content: 'y', name: 'n'.repeat(64) }] },
+];
+/** `stream_options` (not null) without `stream: true`. */
+const notStreamed = [
+  { model: 'm', messages: [user], stream_options: { include_usage: true } },
+  { model: 'm', messages: [user], stream: false, stream_options: { include_usage: true } },
+  { model: 'm', messages: [user], stream: null, stream_options: {} },
+  { model: 'm', messages: [user], stream: false, stream_options: { include_usage: null } },
 ];
 const toZod = [
   // valid, but not the simple shape
@@ -72,6 +80,8 @@ const toZod = [
   { model: 'm', messages: [user], stream: 'yes' },
   { model: 'm', messages: [user], stream_options: { include_usage: 'yes' } },
   { model: 'm', messages: [user], stream_options: 'x' },
+  // Options of a stream on an answer not streamed: OpenAI's 400.
+  ...notStreamed,
   { model: 'm', messages: [user], stop: ['a', 'b', 'c', 'd', 'e'] },
   { model: 'm', messages: [user], stop: [1] },
   { model: 'm', messages: [user], logit_bias: { '1': 1, '01': 2 } },
@@ -90,6 +100,12 @@ describe('simpleChatRequest', () => {
 
   it.each(toZod.map((body, i) => [i, body] as const))('leaves body %i to Zod', (_, body) => {
     expect(simpleChatRequest(body)).toBeUndefined();
+  });
+
+  it.each(notStreamed.map((body, i) => [i, body] as const))('stream_options without stream: true (body %i) is refused at stream_options in OpenAI\'s words', (_, body) => {
+    const parsed = ChatCompletionRequest.safeParse(body);
+    expect(parsed.success).toBe(false);
+    expect(parsed.error?.issues).toEqual([expect.objectContaining({ path: ['stream_options'], message: 'The \'stream_options\' parameter is only allowed when \'stream\' is enabled.' })]);
   });
 
   it('never takes a body Zod refuses', () => {
