@@ -13,11 +13,13 @@
  * - `tool` messages, assistant `tool_calls`, `tools`, `tool_choice` and a JSON `response_format`
  *   are refused (400): the agent calls its own tools and answers in text;
  * - sampling fields (`temperature`, `top_p`, `max_tokens`, `stop`) are ignored: the agent's own
- *   settings apply.
+ *   settings apply;
+ * - a message's text is held to the thread's rules: at most MAX_MESSAGE_CHARS characters, and no
+ *   half of a surrogate pair (400 at `messages[i].content`), which the thread would keep as U+FFFD.
  */
 import { eq } from 'drizzle-orm';
 
-import { ConflictError, NotFoundError, UnauthorizedError } from '../core/errors.js';
+import { ConflictError, NotFoundError, UnauthorizedError, UnprocessableError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 
 import { type Agent, agents, type Run, type RunUsage } from '../models/index.js';
@@ -30,6 +32,7 @@ import type { RunEvent } from '../modules/agents/run-bus.js';
 import type { RunDeps, RunView } from '../modules/agents/run-lifecycle.js';
 import { credentialsWentAway, CREDITS_REFUSED, INTERNAL_RUN_ERROR } from '../modules/agents/runner.js';
 import { ModelNotFoundError } from '../modules/ai-models/index.js';
+import { hasUnpairedSurrogate, UNPAIRED_SURROGATE_MESSAGE } from '../utils/text.js';
 import type { ServiceContext } from './context.js';
 import { AGENT_MODEL_PREFIX, CodedOpenAIError, InvalidRequestError, logStreamFailure, openAIErrorOf, openAIUsage } from './openai-gateway.js';
 import * as runService from './run-service.js';
@@ -108,7 +111,11 @@ function turnOf(ctx: ServiceContext, message: ChatMessage, index: number): runSe
     case 'user':
       turn = { role: 'user', content: userText(message.content, at) };
   }
-  checkContent(ctx, turn.content, ['body', 'messages', index, 'content']);
+  const loc = ['body', 'messages', index, 'content'];
+  checkContent(ctx, turn.content, loc);
+  // The Text rule of the thread's own routes (schemas/common.ts), which the OpenAI-shaped schema
+  // does not apply: half of a surrogate pair was stored as U+FFFD, in the thread and the run's input.
+  if (hasUnpairedSurrogate(turn.content)) throw new UnprocessableError({ loc, msg: UNPAIRED_SURROGATE_MESSAGE, type: 'value_error' });
   return turn;
 }
 

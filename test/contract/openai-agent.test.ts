@@ -322,6 +322,37 @@ describe('what an agent model refuses', () => {
     expect(fake.log).toEqual([]);
   });
 
+  it('refuses half of a surrogate pair in a message (the thread kept it as U+FFFD) with 400 at its content; nothing is written or run; a whole pair goes on', async () => {
+    const [high, low] = ['\ud83d', '\ude00'];
+    const threadCount = async () => (await api('GET', '/threads', owner.headers)).json<{ count: number }>().count;
+    const before = await threadCount();
+    const thread = await createThread(ctx.app, owner.headers);
+    const refused: [OpenAI.ChatCompletionCreateParamsNonStreaming, string][] = [
+      [{ model: agentModel, messages: ask(`hi ${high}`) }, 'messages[0].content'],
+      [{ model: agentModel, messages: [{ role: 'user', content: `${low}earlier` }, { role: 'assistant', content: 'Noted.' }, ...ask('Now?')] }, 'messages[0].content'],
+      [{ model: agentModel, messages: [...ask('Earlier.'), { role: 'assistant', content: `cut ${high}` }, ...ask('Now?')] }, 'messages[1].content'],
+      [{ model: agentModel, messages: [{ role: 'user', content: [{ type: 'text', text: 'in ' }, { type: 'text', text: `parts ${low}` }] }] }, 'messages[0].content'],
+      [{ model: agentModel, messages: ask(`on a thread ${high}`), metadata: { thread_id: thread.id } }, 'messages[0].content'],
+    ];
+    for (const [request, param] of refused) {
+      const error = await apiError(client.chat.completions.create(request));
+      expect(error.status, param).toBe(400);
+      expect(error.error, param).toEqual({
+        message: `Invalid value for ${param}: Text holds an unpaired surrogate (half of a UTF-16 surrogate pair, which is no character): send whole characters`,
+        type: 'invalid_request_error',
+        param,
+        code: null,
+      });
+    }
+    expect(await threadMessages(owner.headers, thread.id)).toEqual([]);
+    expect(await threadCount()).toBe(before + 1);
+    expect(fake.log).toEqual([]);
+    // A whole pair (an emoji) is a character like any other.
+    fake.script('fake-precise', { text: 'Nice.' });
+    await client.chat.completions.create({ model: agentModel, messages: ask(`smile ${high}${low}`), metadata: { thread_id: thread.id } });
+    expect((await threadMessages(owner.headers, thread.id)).map((m) => m.content)).toEqual([`smile ${high}${low}`, 'Nice.']);
+  });
+
   it('answers 409 while another run works on the named thread', async () => {
     fake.script('fake-precise', { chunks: ['slow ', 'answer'], chunkDelayMs: 400 });
     const thread = await createThread(ctx.app, owner.headers);
