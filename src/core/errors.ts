@@ -302,6 +302,16 @@ function loggable(error: FastifyError): { err: unknown; query?: string } {
 
 // ==================== The one handler ====================
 
+/** What the client is told of a value the database refused, by SQLSTATE. */
+const VALUE_REFUSALS = new Map([
+  // string_data_right_truncation: text past a varchar's length.
+  ['22001', 'Value too long for its field'],
+  // numeric_value_out_of_range: a number past its column's type (integer, numeric(p, s)).
+  ['22003', 'Number out of range for its field'],
+  // invalid_text_representation: text that is no value of its field's type (an integer, a UUID, JSON).
+  ['22P02', 'Invalid value for its field\'s type'],
+]);
+
 function send(reply: FastifyReply, status: number, body: unknown, headers: Record<string, string> = {}): FastifyReply {
   return reply.code(status).headers(headers).type('application/json; charset=utf-8').send(body);
 }
@@ -353,9 +363,10 @@ export function registerErrorHandler(app: FastifyInstance): void {
     if (db?.code === '22P02' && db.detail?.includes('surrogate')) {
       return send(reply, 422, { detail: [{ loc: ['body'], msg: UNPAIRED_SURROGATE_MESSAGE, type: 'value_error' }] });
     }
-    if (db?.code === '22P02' || db?.code === '22003' || db?.code === '22001') {
-      return send(reply, 422, { detail: [{ loc: ['body'], msg: 'Value out of range', type: 'value_error' }] });
-    }
+    // A value PostgreSQL would not take that no schema bounded, each in its own words (all three
+    // were "Value out of range", which a text too long or a malformed value is not).
+    const refusedValue = db && VALUE_REFUSALS.get(db.code);
+    if (refusedValue) return send(reply, 422, { detail: [{ loc: ['body'], msg: refusedValue, type: 'value_error' }] });
     // A NUL character (\u0000) in text (22021) or in JSON (22P05, the escape jsonb refuses): PostgreSQL cannot store it.
     if (db?.code === '22021' || db?.code === '22P05') {
       return send(reply, 422, { detail: [{ loc: ['body'], msg: 'Text contains a character that cannot be stored', type: 'value_error' }] });

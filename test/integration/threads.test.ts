@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 
-import { eq, sql } from 'drizzle-orm';
+import { eq, type SQL, sql } from 'drizzle-orm';
 import Fastify from 'fastify';
 import { describe, expect, it } from 'vitest';
 
@@ -139,6 +139,35 @@ describe('threads', () => {
     await app.close();
     expect(response.statusCode).toBe(422);
     expect(response.json()).toEqual({ detail: [{ loc: ['body'], msg: 'Text holds an unpaired surrogate (half of a UTF-16 surrogate pair, which is no character): send whole characters', type: 'value_error' }] });
+  });
+
+  it('a value the database refuses that no schema bounded (22001, 22003, 22P02) is answered 422 in its own words, not all "Value out of range"', async () => {
+    const refusalOf = (statement: SQL) =>
+      ctx.app.db.execute(statement).then(
+        () => undefined,
+        (error: unknown) => error,
+      );
+    const cases: [SQL, string, string][] = [
+      // Assigned, not cast (an explicit cast to varchar(n) cuts the text without a word).
+      [sql`do $$ declare v varchar(2); begin v := 'abc'; end $$`, '22001', 'Value too long for its field'],
+      [sql`select 2147483648::int4`, '22003', 'Number out of range for its field'],
+      [sql`select 'abc'::int4`, '22P02', 'Invalid value for its field\'s type'],
+    ];
+    const app = Fastify({ logger: false });
+    registerErrorHandler(app);
+    const thrown = new Map<string, unknown>();
+    app.post('/:code', async (request) => {
+      throw thrown.get((request.params as { code: string }).code);
+    });
+    for (const [statement, code, msg] of cases) {
+      const refused = await refusalOf(statement);
+      expect(databaseError(refused), code).toMatchObject({ code });
+      thrown.set(code, refused);
+      const response = await app.inject({ method: 'POST', url: `/${code}`, payload: {} });
+      expect(response.statusCode, code).toBe(422);
+      expect(response.json(), code).toEqual({ detail: [{ loc: ['body'], msg, type: 'value_error' }] });
+    }
+    await app.close();
   });
 
   it('list by project and by status', async () => {
