@@ -5,7 +5,7 @@ import { z } from 'zod';
 import type { Run } from '../models/index.js';
 
 import { authErrors, ErrorBody, listOf, Message } from '../schemas/common.js';
-import { RunCreate, RunCreateWithThread, RunEventsQuery, RunIdParams, RunListQuery, RunPublic, ThreadIdParams } from '../schemas/run.js';
+import { RunCreate, RunCreateWithThread, RunEventsQuery, RunIdParams, RunListQuery, RunPublic, RunRetryQuery, ThreadIdParams } from '../schemas/run.js';
 
 import { eventDataJson, type RunEvent } from '../modules/agents/run-bus.js';
 import { contextOf } from '../services/context.js';
@@ -156,14 +156,16 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'retry_run',
         summary: 'Retry Run',
-        description: 'A new run with the same agent, model and input, for a failed or cancelled run (409 otherwise): **202** with the new run.',
+        description:
+          'A new run with the same agent, model and input, for a failed or cancelled run (409 otherwise): **202** with the new run. A run active on the thread now is met by `?multitask_strategy=`, `reject` by default (409 naming it), never by the retried run\'s own strategy: a retry cancels an active run only when asked to (`interrupt`).',
         tags,
         params: RunIdParams,
+        querystring: RunRetryQuery,
         response: startAnswers,
       },
     },
     async (request, reply) => {
-      return accepted(reply, await runService.retry(contextOf(request), app.runs, request.params.run_id));
+      return accepted(reply, await runService.retry(contextOf(request), app.runs, request.params.run_id, request.query.multitask_strategy));
     },
   );
 

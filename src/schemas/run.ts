@@ -19,6 +19,17 @@ export const RunCreate = z
   .meta({ id: 'RunCreate' });
 export type RunCreate = z.infer<typeof RunCreate>;
 
+/**
+ * A retry's query: how it meets a run active on the thread now. Not the retried run's strategy: a
+ * retry of an old `interrupt` run cancelled whatever run the thread had then, one the user never named.
+ */
+export const RunRetryQuery = z.strictObject({
+  multitask_strategy: MultitaskStrategy.default('reject').describe(
+    'When the thread has an active run now: `reject` (default) answers 409 naming it, `enqueue` queues the retry behind it, `interrupt` cancels it. The retried run\'s own strategy is not reused.',
+  ),
+});
+export type RunRetryQuery = z.infer<typeof RunRetryQuery>;
+
 export const RunCreateWithThread = z
   .strictObject({
     agent_id: Id.optional().describe('Default: the user\'s default agent.'),

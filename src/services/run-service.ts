@@ -323,8 +323,12 @@ export async function cancelActiveOf(deps: RunDeps, of: Parameters<typeof runCru
   return cancelled;
 }
 
-/** A new run with the same agent, model and input, for a failed or cancelled run; the input is not appended twice. */
-export async function retry(ctx: ServiceContext, deps: RunDeps, id: string): Promise<Run> {
+/**
+ * A new run with the same agent, model and input, for a failed or cancelled run; the input is not
+ * appended twice. `strategy` meets the run active on the thread now (the request's, `reject` by
+ * default), not the retried run's: an old `interrupt` run's retry cancelled a run the user never named.
+ */
+export async function retry(ctx: ServiceContext, deps: RunDeps, id: string, strategy: RunCreate['multitask_strategy'] = 'reject'): Promise<Run> {
   const run = await runCrud.runCrud.getVisible(ctx.db, ctx.principal, id, 'write');
   if (run.status !== 'failed' && run.status !== 'cancelled') throw new ConflictError(`Run is ${run.status}: only a failed or cancelled run can be retried`);
   if (!run.agent_id) throw new ConflictError('The agent of this run was deleted; start a new run with another agent');
@@ -334,7 +338,7 @@ export async function retry(ctx: ServiceContext, deps: RunDeps, id: string): Pro
   // The thread's history is the prompt, the input in it unless that message is gone (then it is appended again, and counted apart).
   const unstoredInput = run.input_message_id ? undefined : (run.input ?? undefined);
   const planned = await plan(ctx, run.owner_id, run.agent_id, ownModel, unstoredInput, [], readEarly(ctx, run.agent_id, run.thread_id));
-  return start(ctx, deps, { id: run.thread_id, owner_id: run.owner_id }, planned, { strategy: run.multitask_strategy, input: run.input ?? undefined, inputMessageId: run.input_message_id });
+  return start(ctx, deps, { id: run.thread_id, owner_id: run.owner_id }, planned, { strategy, input: run.input ?? undefined, inputMessageId: run.input_message_id });
 }
 
 /** Deletes an ended run and its events; its messages stay in the thread. */

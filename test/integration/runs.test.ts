@@ -915,6 +915,40 @@ describe('failures in words', () => {
     expect((await threadMessages(owner, thread.id)).map((m) => [m.content, m.run_id])).toContainEqual(['a b', null]);
   });
 
+  it('a retry meets the thread\'s active run by its own ?multitask_strategy= (reject by default), never by the retried run\'s: an old interrupt run\'s retry cancels nothing unasked', async () => {
+    const { owner, thread } = await setup();
+    fake.script(MODEL, { status: 401 });
+    const old = await startRun(ctx.app, owner.headers, thread.id, { input: 'first', multitask_strategy: 'interrupt' });
+    await waitForRun(ctx.app, owner.headers, old.id, ['failed']);
+    const slow = { chunks: Array.from({ length: 10 }, () => 'x '), chunkDelayMs: 100 };
+    fake.script(MODEL, slow, { text: 'queued retry' }, slow, { text: 'interrupting retry' });
+    const active = await startRun(ctx.app, owner.headers, thread.id, { input: 'second' });
+
+    // No strategy named: 409 naming the active run, which goes on.
+    const refused = await api('POST', `/runs/${old.id}/retry`, owner.headers);
+    expect(refused.statusCode, refused.body).toBe(409);
+    expect(refused.json<{ detail: string }>().detail).toContain(active.id);
+    expect((await getRun(ctx.app, owner.headers, active.id)).status).not.toBe('cancelled');
+    const rejected = await api('POST', `/runs/${old.id}/retry?multitask_strategy=reject`, owner.headers);
+    expect(rejected.statusCode, rejected.body).toBe(409);
+    expect((await api('POST', `/runs/${old.id}/retry?multitask_strategy=later`, owner.headers)).statusCode).toBe(422);
+
+    // `enqueue`: behind the active run, which completes.
+    const queued = await api('POST', `/runs/${old.id}/retry?multitask_strategy=enqueue`, owner.headers);
+    expect(queued.statusCode, queued.body).toBe(202);
+    expect(queued.json<RunBody>()).toMatchObject({ status: 'queued', input: 'first', multitask_strategy: 'enqueue' });
+    expect((await waitForRun(ctx.app, owner.headers, active.id, ['completed', 'cancelled', 'failed'])).status).toBe('completed');
+    await waitForRun(ctx.app, owner.headers, queued.json<RunBody>().id, ['completed']);
+
+    // `interrupt`, asked for: the active run is cancelled.
+    const busy = await startRun(ctx.app, owner.headers, thread.id, { input: 'third' });
+    await waitForRun(ctx.app, owner.headers, busy.id, ['running']);
+    const interrupting = await api('POST', `/runs/${old.id}/retry?multitask_strategy=interrupt`, owner.headers);
+    expect(interrupting.statusCode, interrupting.body).toBe(202);
+    expect((await getRun(ctx.app, owner.headers, busy.id)).status).toBe('cancelled');
+    await waitForRun(ctx.app, owner.headers, interrupting.json<RunBody>().id, ['completed']);
+  });
+
   it('starts without an agent use the default one; none at all is a 422 naming agent_id', async () => {
     const owner = await createUser(ctx.app);
     const thread = await createThread(ctx.app, owner.headers);
