@@ -98,6 +98,13 @@ export class UnprocessableError extends HttpError {
   }
 }
 
+/**
+ * 422 for a form with a second file: an upload takes one (the multipart plugin's `files: 1`, whose
+ * FST_FILES_LIMIT the handler answers with this), and keeps none of them.
+ */
+export const oneFilePerUpload = () =>
+  new UnprocessableError({ loc: ['body', 'file'], msg: 'One file per upload: the form has more than one file; send each file in its own request', type: 'value_error' });
+
 /** 413: an upload (or body) over a size limit; the message gives the figures. */
 export class PayloadTooLargeError extends HttpError {
   constructor(detail = 'Request body too large') {
@@ -343,6 +350,10 @@ export function registerErrorHandler(app: FastifyInstance): void {
   app.setErrorHandler((error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
     if (error.code?.startsWith('FST_ERR_CTP_')) readTheRest(request, reply);
     if (error instanceof UnprocessableError) return send(reply, 422, { detail: error.issues });
+    // A multipart form past its `files` limit (the plugin's 413, but nothing in it is too large).
+    if (error.code === 'FST_FILES_LIMIT') return send(reply, 422, { detail: oneFilePerUpload().issues });
+    // Past its `fields` or `parts` limit: a form is one file and a few small fields (knowledge.ts).
+    if (error.code === 'FST_FIELDS_LIMIT' || error.code === 'FST_PARTS_LIMIT') return send(reply, 413, { detail: 'Form has too many fields: send the file with at most 10 other fields' });
     if (error instanceof HttpError) {
       if (error.message !== error.detail) request.log.warn({ err: error }, 'request failed; details withheld from the client');
       return send(reply, error.statusCode, { detail: error.detail }, error.headers);

@@ -1,9 +1,9 @@
-import multipart from '@fastify/multipart';
+import multipart, { type Multipart, type MultipartFile } from '@fastify/multipart';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 
-import { UnprocessableError } from '../core/errors.js';
+import { oneFilePerUpload, UnprocessableError } from '../core/errors.js';
 import { lingerOnUnreadBody } from '../core/http-server.js';
 
 import { authErrors, ErrorBody } from '../schemas/common.js';
@@ -59,6 +59,28 @@ const TextBody = { description: 'The extracted text', content: { 'text/plain': {
 
 const missingFile = () =>
   new UnprocessableError({ loc: ['body', 'file'], msg: 'Field required: send the document as multipart/form-data in a field named "file"', type: 'missing' });
+
+type FormParts = AsyncIterableIterator<Multipart>;
+
+/** The form's first file, past the fields before it (none: undefined). */
+async function firstFile(parts: FormParts): Promise<MultipartFile | undefined> {
+  for (let next = await parts.next(); !next.done; next = await parts.next()) {
+    if (next.value.type === 'file') return next.value;
+  }
+  return undefined;
+}
+
+/**
+ * Reads the form past its file to its end: fields are ignored, and a second file ends it with the
+ * plugin's FST_FILES_LIMIT (`files: 1`), which the error handler answers with 422. Awaited before
+ * the entry is written, so a refused form leaves nothing behind.
+ */
+async function restOfForm(parts: FormParts): Promise<void> {
+  for await (const part of parts) {
+    // Unreachable with `files: 1` (busboy skips the part and raises the limit), kept should the limit change.
+    if (part.type === 'file') throw oneFilePerUpload();
+  }
+}
 
 /** RFC 6266 / 5987: an ASCII fallback name, and the exact one percent-encoded in UTF-8. */
 export function contentDisposition(filename: string): string {
@@ -122,7 +144,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'upload_knowledge_entry',
         summary: 'Upload Knowledge Entry',
         description:
-          'A `multipart/form-data` body with the document in a field named `file` (txt, md, html, pdf, docx, csv, json). Answers **201** with the entry, `status: pending`; ingestion runs in the background. ' +
+          'A `multipart/form-data` body with the document in a field named `file` (txt, md, html, pdf, docx, csv, json). Answers **201** with the entry, `status: pending`; ingestion runs in the background. One file per upload: a form with a second file is refused with 422 and none of it is kept (other fields are ignored). ' +
           'A name taken in the folder gets a number (`report (1).pdf`). Over KB_MAX_FILE_BYTES, or over what is left of KB_MAX_BYTES_PER_USER: 413 with the figures, answered as soon as the size is known (from Content-Length, or while the file arrives). ' +
           'When EMBEDDING_MODEL is set and priced: 402 before the file is read if billing is on and the account has no credits available, or the API key\'s `max_budget` is used up (only that something is left is checked: a document\'s cost is known once it is chunked; a limit reached while it is embedded fails the entry).',
         tags,
@@ -141,9 +163,15 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         entryService.checkDeclaredSize(allowance, contentLengthOf(request), FORM_OVERHEAD_BYTES);
         if (!request.isMultipart()) throw missingFile();
         // busboy's own cap one byte past the allowance: the storage stream (maxBytes) refuses first, with the figures.
-        const part = await request.file({ limits: { fileSize: allowance.max + 1 } });
+        const parts = request.parts({ limits: { fileSize: allowance.max + 1 } });
+        const part = await firstFile(parts);
         if (!part || part.fieldname !== 'file') throw missingFile();
-        const entry = await entryService.upload(ctx, folder, { stream: part.file, filename: part.filename, declaredMime: part.mimetype }, allowance);
+        const entry = await entryService.upload(
+          ctx,
+          folder,
+          { stream: part.file, filename: part.filename, declaredMime: part.mimetype, restOfForm: () => restOfForm(parts) },
+          allowance,
+        );
         void reply.code(201).header('location', `${app.prefix}/knowledge-base/entries/${entry.id}`);
         return entry;
       } catch (error) {

@@ -5,7 +5,7 @@ import { connect } from 'node:net';
 import { join } from 'node:path';
 
 import { eq, sql } from 'drizzle-orm';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it, vi } from 'vitest';
 
 import { knowledgeChunks, knowledgeEntries } from '../../src/models/index.js';
 
@@ -17,7 +17,7 @@ import { fullTextQuery, questionLexemes, type Scope } from '../../src/services/k
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
-import { apiOf, createKey, expectValidationError, type ListBody, sleep, xApiKey } from '../helpers/http.js';
+import { apiOf, createKey, eventually, expectValidationError, type ListBody, sleep, xApiKey } from '../helpers/http.js';
 import { createFolder, type EntryBody, ingested, multipartBody, search, settled, upload, uploaded } from '../helpers/knowledge.js';
 
 const FILE_LIMIT = 100_000;
@@ -234,6 +234,57 @@ describe('upload', () => {
     expect(Object.keys(operation.responses as object).sort()).toEqual(['201', '401', '402', '403', '404', '413', '422']);
   });
 
+  it('refuses a form with a second file with 422 (one file per upload), keeping nothing: no entry, no stored file, no job', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const url = `/api/v1/knowledge-base/folders/${folder.id}/upload`;
+    const queued = vi.spyOn(ctx.app.queue, 'add');
+    try {
+      for (const second of [
+        { filename: 'b.txt', content: 'The second file.' },
+        { field: 'other', filename: 'c.txt', content: 'A file in another field.' },
+      ]) {
+        const form = multipartBody([{ field: 'note', value: 'before' }, { filename: 'a.txt', content: 'The first file.', type: 'text/plain' }, second, { field: 'tail', value: 'after' }]);
+        const response = await ctx.app.inject({ method: 'POST', url, headers: { ...user.headers, 'content-type': form.contentType }, payload: form.body });
+        expect(expectValidationError(response, ['body', 'file'], 'value_error').detail[0]!.msg).toContain('One file per upload');
+      }
+      expect(queued.mock.calls.filter(([name]) => name === 'ingest-entry')).toEqual([]);
+    } finally {
+      queued.mockRestore();
+    }
+    expect(await entryCount(user)).toBe(0);
+    expect(storedFiles(user.user.id)).toEqual([]);
+    expect((await api('GET', '/knowledge-base/stats', user.headers)).json()).toMatchObject({ size_bytes: 0, entry_count: 0 });
+  });
+
+  it('takes a file with text fields before and after it (201), as the one file it is; more than 10 fields: 413, nothing kept', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const form = multipartBody([{ field: 'note', value: 'before' }, { filename: 'a.txt', content: 'Only this file.', type: 'text/plain' }, { field: 'comment', value: 'after' }]);
+    const response = await ctx.app.inject({
+      method: 'POST',
+      url: `/api/v1/knowledge-base/folders/${folder.id}/upload`,
+      headers: { ...user.headers, 'content-type': form.contentType },
+      payload: form.body,
+    });
+    expect(response.statusCode, response.body).toBe(201);
+    expect(response.json<EntryBody>()).toMatchObject({ filename: 'a.txt', size_bytes: 15, format: 'text' });
+    expect(await entryCount(user)).toBe(1);
+    expect(storedFiles(user.user.id).filter((name) => !name.endsWith('.txt'))).toHaveLength(1);
+    // More fields than a form may carry (10), after the file: 413 with what to do, and the file is not kept.
+    const crowded = multipartBody([{ filename: 'b.txt', content: 'Crowded.', type: 'text/plain' }, ...Array.from({ length: 11 }, (_, i) => ({ field: `f${i}`, value: 'v' }))]);
+    const refused = await ctx.app.inject({
+      method: 'POST',
+      url: `/api/v1/knowledge-base/folders/${folder.id}/upload`,
+      headers: { ...user.headers, 'content-type': crowded.contentType },
+      payload: crowded.body,
+    });
+    expect(refused.statusCode).toBe(413);
+    expect(refused.json()).toEqual({ detail: 'Form has too many fields: send the file with at most 10 other fields' });
+    expect(await entryCount(user)).toBe(1);
+    expect(storedFiles(user.user.id).filter((name) => !name.endsWith('.txt'))).toHaveLength(1);
+  });
+
   it('answers 404 for another user\'s folder and a missing one, storing nothing', async () => {
     const folder = await createFolder(ctx.app, alice.headers);
     for (const id of [folder.id, randomUUID()]) {
@@ -305,6 +356,45 @@ describe('uploads over a real connection', () => {
     expect(streamed.answer).toMatch(/^HTTP\/1\.1 413/);
     expect(streamed.answer).toContain(`the limit is ${FILE_LIMIT} bytes`);
     expect(streamed.sent).toBeLessThan(streamed.total);
+    expect(await entryCount(user)).toBe(0);
+    expect(storedFiles(user.user.id)).toEqual([]);
+  });
+
+  it('refuses a second file arriving after the first was stored (422), deleting the first: no entry, no file', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const { body, contentType } = multipartBody([
+      { filename: 'first.txt', content: 'f'.repeat(90_000), type: 'text/plain' },
+      { filename: 'second.txt', content: 's'.repeat(1_000), type: 'text/plain' },
+    ]);
+    // Up to the second part's boundary: the first file is complete (its end is that boundary), the second not yet begun.
+    const boundary = contentType.slice(contentType.indexOf('boundary=') + 'boundary='.length);
+    const cut = body.indexOf(`\r\n--${boundary}\r\n`, 1) + `\r\n--${boundary}\r\n`.length;
+    const answer = await new Promise<string>((resolve, reject) => {
+      let received = '';
+      const socket = connect(port, '127.0.0.1', () => {
+        socket.write(requestHead(folder.id, user.headers, `Content-Type: ${contentType}\r\nContent-Length: ${body.length}\r\n`));
+        socket.write(body.subarray(0, cut));
+        void (async () => {
+          // The first file streamed to storage, and no entry for it while the form goes on.
+          await eventually(async () => storedFiles(user.user.id).length === 1);
+          await sleep(100);
+          expect(await entryCount(user)).toBe(0);
+          socket.write(body.subarray(cut));
+        })().catch(reject);
+      });
+      socket.on('data', (data) => {
+        received += data.toString();
+        const length = /content-length: (\d+)/i.exec(received);
+        if (length && received.includes('\r\n\r\n') && received.length >= received.indexOf('\r\n\r\n') + 4 + Number(length[1])) {
+          socket.destroy();
+          resolve(received);
+        }
+      });
+      socket.on('error', reject);
+    });
+    expect(answer).toMatch(/^HTTP\/1\.1 422/);
+    expect(answer).toContain('One file per upload');
     expect(await entryCount(user)).toBe(0);
     expect(storedFiles(user.user.id)).toEqual([]);
   });

@@ -113,6 +113,12 @@ export interface UploadedFile {
   filename: string;
   /** What the client said the type is; the bytes decide where they can. */
   declaredMime: string;
+  /**
+   * Reads what the request sends after the file (a form's other parts) and rejects what it cannot
+   * take (a second file): awaited once the file is stored and before the entry is written, so a
+   * refused request leaves neither.
+   */
+  restOfForm?: () => Promise<void>;
 }
 
 /** A client's file name, checked as a rename is (422 on the `file` field otherwise). */
@@ -167,8 +173,9 @@ const isTooLarge = (error: unknown) => error instanceof StorageTooLargeError || 
 /**
  * Stores an uploaded file in `folder` and records it as a `pending` entry, then queues its
  * ingestion. The bytes stream to storage under the allowance (413 as soon as they pass it); the row
- * is written only once the file is complete, under the owner's lock so that concurrent uploads
- * cannot overrun the quota together. Anything that fails leaves neither row nor file.
+ * is written only once the file is complete and the rest of the request read (`restOfForm`), under
+ * the owner's lock so that concurrent uploads cannot overrun the quota together. Anything that
+ * fails leaves neither row nor file (nor a queued job).
  */
 export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file: UploadedFile, allowance: UploadAllowance): Promise<KnowledgeEntry> {
   const filename = checkedFilename(file.filename);
@@ -185,6 +192,7 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
     throw error;
   }
   try {
+    await file.restOfForm?.();
     const type = await sniffed(Buffer.concat(head), filename, file.declaredMime);
     const entry = await transaction(ctx.db, async (tx) => {
       await userCrud.lockUser(tx, ownerId);
