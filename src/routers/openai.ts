@@ -103,7 +103,9 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'openai_list_models',
         summary: 'List Models (OpenAI)',
-        description: 'The enabled models a call answers (their provider configured, or a fallback of theirs that stands in while it is not), as OpenAI lists models, then your agents as `agent:<id>` (`owned_by: keel-agent`).',
+        description:
+          'The enabled models a call answers (their provider configured, or a fallback of theirs that stands in while it is not), as OpenAI lists models, then your agents as `agent:<id>` (`owned_by: keel-agent`). ' +
+          'A model\'s `owned_by` is its own provider, also while a fallback answers for it (the id is that model\'s; an answer names the model that gave it, and `GET /api/v1/models/{id}` says `answered_by`).',
         tags,
         response: { 200: OpenAIModelList, ...openAIErrors },
       },
@@ -138,6 +140,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       const found = models.modelAsCalled(model);
       // What the list leaves out is not found here either: a model whose provider is not configured, and none of whose fallbacks can answer for it, cannot be called.
       if (!found || !found.enabled || models.answersFor(found) === undefined) throw new ModelNotFoundError(model);
+      // Its own provider, as listed, whoever answers for it now: owned_by says whose model the id is.
       return modelObject(found.id, found.provider);
     },
   );

@@ -103,8 +103,9 @@ async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, 
   if (!ctx.settings.BILLING_ENABLED && budget === null) return;
   const asked = ctx.models.modelAsCalled(model);
   if (!asked) return; // the run fails with "unknown model", in words
-  // A model whose provider cannot be called is answered by its first usable fallback, which its calls reserve for.
-  const answering = asked.available ? undefined : ctx.models.answersFor(asked);
+  // A model whose provider cannot be called is answered by its first fallback that can chat, which its calls reserve for
+  // (the rule the call's chain follows; what the step's request may be refused for is not known yet).
+  const answering = asked.available ? undefined : ctx.models.answersFor(asked, { capability: 'chat' });
   const info = (answering && ctx.models.modelAsCalled(answering)) || asked;
   // As the model manager estimates the call's prompt (estimateTextTokens).
   let promptTokens = history.reduce((sum, message) => sum + estimateTextTokens(message.content), estimateTextTokens(agent.system_prompt) + estimateTextTokens(input ?? ''));

@@ -1210,6 +1210,11 @@ describe('a model whose provider cannot be called falls to its fallbacks', () =>
       { id: 'down-alone', provider: 'down', capabilities: ['chat'], pricing },
       { id: 'down-no-usable', provider: 'down', capabilities: ['chat'], pricing, fallbacks: ['down-unreadable'] },
       { id: 'gpt-4.1-mini', fallbacks: ['fake-backup'] },
+      // Chats and embeds: its chat calls fall to fake-backup, its embeddings to fake-embed (rows from before fallbacks were checked).
+      { id: 'down-both', provider: 'down', capabilities: ['chat', 'embedding'], pricing, fallbacks: ['fake-backup', 'fake-embed'] },
+      // Its first fallback is a Google model, which refuses some conversations (refusal): those fall to fake-backup.
+      { id: 'gem-chat', provider: 'gem', capabilities: ['chat', 'tools'], pricing: price('5', '5') },
+      { id: 'down-picky', provider: 'down', capabilities: ['chat', 'tools'], pricing, fallbacks: ['gem-chat', 'fake-backup'] },
     ]);
   const downManager = (overrides: Partial<ModelManagerOptions> = {}) =>
     fakeModelManager(fake.server, {
@@ -1219,6 +1224,7 @@ describe('a model whose provider cannot be called falls to its fallbacks', () =>
       providers: [
         { id: 'down', kind: 'openai-compatible', base_url: fake.server.url, enabled: false },
         { id: 'sealed', kind: 'openai-compatible', base_url: fake.server.url, unreadable: ['api_key'] },
+        { id: 'gem', kind: 'google', base_url: fake.server.url, api_key: 'gem-key' },
       ],
       overrides: { catalog: catalog(), ...overrides },
     });
@@ -1288,6 +1294,28 @@ describe('a model whose provider cannot be called falls to its fallbacks', () =>
     const disabled = downManager({ catalog: new ModelCatalog(builtins, [...CUSTOM_MODELS, { id: 'fake-backup', enabled: false }, { id: 'fake-chat', enabled: false }]) });
     expect(disabled.answersFor(disabled.getModel('fake-backup')!)).toBeUndefined();
     expect(disabled.publicView(disabled.getModel('fake-chat')!).answered_by).toBeNull();
+  });
+
+  it('says a call is answered by the model the call goes to: per operation, and skipping a fallback its request would be refused by', async () => {
+    const m = downManager();
+    const both = m.getModel('down-both')!;
+    // Each operation falls to a fallback that does it, as the call's chain does (not one that does both).
+    expect(m.answersFor(both, { capability: 'chat' })).toBe('fake-backup');
+    expect(m.answersFor(both, { capability: 'embedding' })).toBe('fake-embed');
+    expect(m.answersFor(both)).toBe('fake-backup'); // its chat calls first: listed by /v1/models
+    expect(m.publicView(both).answered_by).toBe('fake-backup');
+    fake.server.script('fake-backup', { text: 'backup here', usage: { prompt_tokens: 10, completion_tokens: 5 } });
+    expect(await m.chat({ model: 'down-both', messages: hello })).toMatchObject({ model: 'fake-backup' });
+    expect(await m.embed({ model: 'down-both', values: ['x'] })).toMatchObject({ model: 'fake-embed' });
+    // A conversation Google refuses (a system message after the first user message): the call skips gem-chat, and so does answersFor given the request.
+    const picky = m.getModel('down-picky')!;
+    const lateSystem: ChatRequest['messages'] = [...hello, { role: 'system', content: 'Answer briefly.' }];
+    expect(m.answersFor(picky, { capability: 'chat' })).toBe('gem-chat');
+    expect(m.answersFor(picky, { capability: 'chat', request: { messages: lateSystem } })).toBe('fake-backup');
+    fake.server.script('fake-backup', { text: 'backup here', usage: { prompt_tokens: 10, completion_tokens: 5 } });
+    expect(await m.chat({ model: 'down-picky', messages: lateSystem })).toMatchObject({ model: 'fake-backup' });
+    expect(fake.server.log.map((r) => r.model)).toEqual(['fake-backup', 'fake-embed', 'fake-backup']);
+    await settled(3);
   });
 });
 

@@ -1,9 +1,12 @@
 import type { AddressInfo } from 'node:net';
 
-import { sql } from 'drizzle-orm';
+import { eq, sql } from 'drizzle-orm';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
+import { modelOverrides } from '../../src/models/index.js';
+
 import { getBalance, ledgerSum } from '../../src/crud/billing.js';
+import { refreshModels } from '../../src/services/model-sync.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -65,6 +68,33 @@ describe('runs with billing on', () => {
     expect(refused.statusCode, refused.body).toBe(402);
     expect(refused.json<{ detail: string }>().detail).toMatch(/^Not enough credits to start this run: available 9.5; its first step with fake-billed needs up to 10$/);
     expect(fake.log).toHaveLength(0);
+  });
+
+  it('a model that chats and embeds, its provider off: checked against the fallback its chat calls go to, and listed by /v1/models as its own', async () => {
+    const offline = await api('POST', '/providers', admin, { name: 'offline-both', kind: 'openai-compatible', base_url: fake.url });
+    expect(offline.statusCode, offline.body).toBe(200);
+    const free = { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: '0' };
+    const created = await api('POST', '/models', admin, { id: 'offline-both-model', provider: 'offline-both', capabilities: ['chat', 'embedding'], pricing: free });
+    expect(created.statusCode, created.body).toBe(200);
+    // A row from before fallbacks were checked: its chat calls fall to fake-billed (chat only), its embeddings to fake-embed.
+    await ctx.database.db.update(modelOverrides).set({ fallbacks: ['fake-billed', 'fake-embed'] }).where(eq(modelOverrides.model_id, 'offline-both-model'));
+    expect((await api('PATCH', `/providers/${offline.json<{ id: string }>().id}`, admin, { enabled: false })).statusCode).toBe(200);
+    await refreshModels(ctx.app.models, ctx.app.db, ctx.app.settings, ctx.app.log);
+    expect((await api('GET', '/models/offline-both-model', admin)).json()).toMatchObject({ available: false, fallbacks: ['fake-billed', 'fake-embed'], answered_by: 'fake-billed' });
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { model: 'offline-both-model', max_output_tokens: 10, is_default: true });
+    const thread = await createThread(ctx.app, owner.headers);
+    await grant(owner, '9.5');
+    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hello' });
+    expect(refused.statusCode, refused.body).toBe(402);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/^Not enough credits to start this run: available 9.5; its first step with fake-billed needs up to 10$/);
+    expect(fake.log).toHaveLength(0);
+    // Callable, so listed and found; owned_by stays its own provider while fake-billed answers for it.
+    const listed = (await ctx.app.inject({ method: 'GET', url: '/v1/models', headers: owner.headers })).json<{ data: { id: string; owned_by: string }[] }>().data;
+    expect(listed.find((m) => m.id === 'offline-both-model')).toMatchObject({ owned_by: 'offline-both' });
+    const found = await ctx.app.inject({ method: 'GET', url: '/v1/models/offline-both-model', headers: owner.headers });
+    expect(found.statusCode, found.body).toBe(200);
+    expect(found.json()).toMatchObject({ id: 'offline-both-model', object: 'model', owned_by: 'offline-both' });
   });
 
   it("402 at start when what is left of the caller's key's max_budget cannot cover the first step; no run, no message", async () => {

@@ -348,8 +348,19 @@ export interface ModelView extends ModelInfo {
 export interface ModelPublicView extends ModelView {
   /** Each of its fallbacks that its calls skip as things stand, and why (see fallbackUnavailable). */
   unavailable_fallbacks: { name: string; reason: string }[];
-  /** The model its calls go to as things stand (see answersFor), null when none can take them. */
+  /**
+   * The model its calls go to as things stand (see answersFor), null when none can take them. For a
+   * model that both chats and embeds, whose calls of each kind may fall to different fallbacks: the
+   * one its chat calls go to, else its embeddings'.
+   */
   answered_by: string | null;
+}
+
+/** What is known of a call ahead of it, for answersFor: what it does, and where known its request (as `chat` would be given it). */
+export interface CallShape {
+  /** The operation (one of STAND_IN_FOR); unset: any the model does. */
+  capability?: Capability;
+  request?: Partial<ChatRequest>;
 }
 
 // ==================== Internals ====================
@@ -1422,18 +1433,20 @@ export class ModelManager {
   }
 
   /**
-   * The model that answers a call to `model` as things stand: none when it is disabled, the model
-   * itself when its provider can be called, else its first fallback that can take its calls (what
-   * `run` falls to), else undefined. `/v1/models` lists a model that something answers for.
+   * The model that answers a call to `model` (of `call.capability`, with `call.request` as far as it
+   * is known) as things stand: none when it is disabled, the model itself when its provider can be
+   * called, else the first of its fallbacks that `run` falls to (chainOf: the same rule, standsIn),
+   * else undefined. Without a capability, for the first of the model's operations (chat, then
+   * embeddings) that something answers: `/v1/models` lists a model any of whose calls can be made.
+   * What a request would be refused for by a fallback (refusal) is applied only with the request.
    */
-  answersFor(model: ModelView): string | undefined {
+  answersFor(model: ModelView, call: CallShape = {}): string | undefined {
     if (!model.enabled) return undefined; // its calls are refused (404), whatever its provider
     if (model.available) return model.id;
-    if (model.fallbacks.length === 0) return undefined;
-    const capabilities = STAND_IN_FOR.filter((can) => model.capabilities.includes(can));
-    for (const name of model.fallbacks) {
-      const fallback = this.options.catalog.modelAsCalled(name);
-      if (fallback && fallback.id !== model.id && this.fallbackUnavailable(fallback, capabilities) === undefined) return fallback.id;
+    const capabilities = call.capability ? [call.capability] : STAND_IN_FOR.filter((can) => model.capabilities.includes(can));
+    for (const capability of capabilities) {
+      const answering = this.chainOf(model, capability, call.request ?? {})[1];
+      if (answering) return answering.id;
     }
     return undefined;
   }
@@ -2063,12 +2076,12 @@ export class ModelManager {
     if (status.available) {
       const refused = this.refusal(request, primary);
       if (refused) throw refused;
-      chain = request.sameModel ? [primary] : this.chainOf(primary, capability, (fallback) => this.refusal(request, fallback) === undefined);
+      chain = request.sameModel ? [primary] : this.chainOf(primary, capability, request);
     } else {
       // Its provider disabled, without credentials, or its secrets unreadable: the call falls to its
       // first usable fallback, as when its own tries fail; with none, it fails naming what is missing.
       lastError = new ProviderUnavailableError(primary.provider, status.reason ?? 'unavailable', status.missing);
-      chain = request.sameModel ? [] : this.chainOf(primary, capability, (fallback) => this.refusal(request, fallback) === undefined).slice(1);
+      chain = request.sameModel ? [] : this.chainOf(primary, capability, request).slice(1);
       if (chain.length === 0) throw lastError;
     }
     /** Whether a model of the chain was reserved: the first is the call as the key's rate counts it, those after it its fallbacks. */
@@ -2330,16 +2343,23 @@ export class ModelManager {
       .catch((e: unknown) => this.options.onMeterError?.(e, record));
   }
 
-  /** The model, then its usable fallbacks (those that can take the call: `takes`). */
-  private chainOf(model: ModelInfo, capability: Capability, takes: (fallback: ModelInfo) => boolean): ModelInfo[] {
+  /**
+   * Whether `fallback` can stand in for a call of `capability` as things stand: enabled, able to do
+   * that one operation (a model that chats and embeds may fall to one model for each), its provider
+   * callable (fallbackUnavailable), and `request` nothing it would refuse (refusal). The one rule for
+   * what a call falls to (chainOf) and what is said to answer ahead of one (answersFor).
+   */
+  private standsIn(fallback: ModelInfo, capability: Capability, request: Partial<ChatRequest>): boolean {
+    return this.fallbackUnavailable(fallback, [capability]) === undefined && this.refusal(request, fallback) === undefined;
+  }
+
+  /** The model, then its fallbacks that can take the call (standsIn), each once. */
+  private chainOf(model: ModelInfo, capability: Capability, request: Partial<ChatRequest>): ModelInfo[] {
     const out: ModelInfo[] = [model];
-    if (model.fallbacks.length === 0) return out;
-    const needs = [capability];
     for (const id of model.fallbacks) {
       const fallback = this.options.catalog.modelAsCalled(id);
       if (!fallback || out.some((m) => m.id === fallback.id)) continue;
-      if (this.fallbackUnavailable(fallback, needs) !== undefined || !takes(fallback)) continue;
-      out.push(fallback);
+      if (this.standsIn(fallback, capability, request)) out.push(fallback);
     }
     return out;
   }
