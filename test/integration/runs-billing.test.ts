@@ -53,6 +53,19 @@ describe('runs with billing on', () => {
     expect(fake.log).toHaveLength(0);
   });
 
+  /** A user whose default agent runs `model` (10 output tokens at most) and who holds 9.5 credits: a run's start is refused (402), priced by fake-billed (1 credit an output token), and nothing reaches the model. */
+  async function expectStartPricedByFakeBilled(model: string) {
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { model, max_output_tokens: 10, is_default: true });
+    const thread = await createThread(ctx.app, owner.headers);
+    await grant(owner, '9.5');
+    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hello' });
+    expect(refused.statusCode, refused.body).toBe(402);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/^Not enough credits to start this run: available 9.5; its first step with fake-billed needs up to 10$/);
+    expect(fake.log).toHaveLength(0);
+    return owner;
+  }
+
   it('an agent whose model\'s provider is switched off is checked at start against the fallback that will answer (and reserve)', async () => {
     const offline = await api('POST', '/providers', admin, { name: 'offline-at-start', kind: 'openai-compatible', base_url: fake.url });
     expect(offline.statusCode, offline.body).toBe(200);
@@ -60,14 +73,7 @@ describe('runs with billing on', () => {
     const free = await api('POST', '/models', admin, { id: 'offline-free', provider: 'offline-at-start', fallbacks: ['fake-billed'], pricing: { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: '0' } });
     expect(free.statusCode, free.body).toBe(200);
     expect((await api('PATCH', `/providers/${offline.json<{ id: string }>().id}`, admin, { enabled: false })).statusCode).toBe(200);
-    const owner = await createUser(ctx.app);
-    await createAgent(ctx.app, owner.headers, { model: 'offline-free', max_output_tokens: 10, is_default: true });
-    const thread = await createThread(ctx.app, owner.headers);
-    await grant(owner, '9.5');
-    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hello' });
-    expect(refused.statusCode, refused.body).toBe(402);
-    expect(refused.json<{ detail: string }>().detail).toMatch(/^Not enough credits to start this run: available 9.5; its first step with fake-billed needs up to 10$/);
-    expect(fake.log).toHaveLength(0);
+    await expectStartPricedByFakeBilled('offline-free');
   });
 
   it('a model that chats and embeds, its provider off: checked against the fallback its chat calls go to, and listed by /v1/models as its own', async () => {
@@ -81,14 +87,7 @@ describe('runs with billing on', () => {
     expect((await api('PATCH', `/providers/${offline.json<{ id: string }>().id}`, admin, { enabled: false })).statusCode).toBe(200);
     await refreshModels(ctx.app.models, ctx.app.db, ctx.app.settings, ctx.app.log);
     expect((await api('GET', '/models/offline-both-model', admin)).json()).toMatchObject({ available: false, fallbacks: ['fake-billed', 'fake-embed'], answered_by: 'fake-billed' });
-    const owner = await createUser(ctx.app);
-    await createAgent(ctx.app, owner.headers, { model: 'offline-both-model', max_output_tokens: 10, is_default: true });
-    const thread = await createThread(ctx.app, owner.headers);
-    await grant(owner, '9.5');
-    const refused = await api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'hello' });
-    expect(refused.statusCode, refused.body).toBe(402);
-    expect(refused.json<{ detail: string }>().detail).toMatch(/^Not enough credits to start this run: available 9.5; its first step with fake-billed needs up to 10$/);
-    expect(fake.log).toHaveLength(0);
+    const owner = await expectStartPricedByFakeBilled('offline-both-model');
     // Callable, so listed and found; owned_by stays its own provider while fake-billed answers for it.
     const listed = (await ctx.app.inject({ method: 'GET', url: '/v1/models', headers: owner.headers })).json<{ data: { id: string; owned_by: string }[] }>().data;
     expect(listed.find((m) => m.id === 'offline-both-model')).toMatchObject({ owned_by: 'offline-both' });
