@@ -1,7 +1,8 @@
-/** A high surrogate with no low one after it, or a low one with no high one before it. */
-const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g;
-
-/** The same, found by a `u` regex, which reads a whole pair as one character (not `Cs`) and half of one as `Cs`. */
+/**
+ * Half of a UTF-16 surrogate pair standing alone: a `u` regex reads a whole pair as one character
+ * (not `Cs`) and only half of one as `Cs`. Global, for `replace`; `test` uses UNPAIRED_SURROGATE.
+ */
+const UNPAIRED_SURROGATES = /\p{Cs}/gu;
 const UNPAIRED_SURROGATE = /\p{Cs}/u;
 
 /**
@@ -39,7 +40,7 @@ export function unpairedSurrogateAt(value: unknown): (string | number)[] | undef
  */
 export function storableText(text: string, max: number): string {
   const cut = text.length > max ? text.slice(0, max) : text;
-  return cut.replaceAll('\u0000', '').replace(LONE_SURROGATE, '\ufffd');
+  return cut.replaceAll('\u0000', '').replace(UNPAIRED_SURROGATES, '\ufffd');
 }
 
 /**
