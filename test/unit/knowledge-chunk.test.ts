@@ -46,17 +46,22 @@ function checkChunks(chunks: DocumentChunk[], sections: DocumentSection[], chunk
     const covered = new Uint8Array(section.text.length);
     let searchFrom = 0;
     let previous: DocumentChunk | null = null;
+    let previousStart = 0;
     while (at < chunks.length && chunks[at]!.headingPath === section.headingPath) {
       const chunk = chunks[at]!;
       expect(chunk.tokenCount).toBe(countTokens(chunk.text));
       expect(chunk.tokenCount).toBeLessThanOrEqual(chunkTokens);
       expect(chunk.text).toBe(chunk.text.trim());
       expect(chunk.text).not.toMatch(/[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/);
-      const start = section.text.indexOf(chunk.text, searchFrom);
+      // Where the chunk is: its text's first place after the previous chunk's start that overlaps
+      // that chunk by at most the overlap (a short chunk's text, "it", may also occur inside the
+      // chunk before, "unwritten", where it is not; a place further on leaves text uncovered).
+      let start = section.text.indexOf(chunk.text, searchFrom);
+      const previousEnd = previous ? previousStart + previous.text.length : 0;
+      while (start >= 0 && start < previousEnd && countTokens(section.text.slice(start, previousEnd)) > overlapTokens) start = section.text.indexOf(chunk.text, start + 1);
       expect(start, `chunk ${chunk.index} is a piece of its section`).toBeGreaterThanOrEqual(0);
       covered.fill(1, start, start + chunk.text.length);
       if (previous) {
-        const previousEnd = section.text.indexOf(previous.text, searchFrom === 0 ? 0 : searchFrom - 1) + previous.text.length;
         if (start < previousEnd) {
           overlaps++;
           const overlap = section.text.slice(start, previousEnd);
@@ -65,6 +70,7 @@ function checkChunks(chunks: DocumentChunk[], sections: DocumentSection[], chunk
         }
       }
       searchFrom = start + 1;
+      previousStart = start;
       previous = chunk;
       at++;
     }
