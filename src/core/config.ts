@@ -242,6 +242,12 @@ export const SettingsSchema = z.object({
    * (PGlite): 128 rows cost about as little per row as 500 and hold the event loop a quarter as long.
    */
   USAGE_FLUSH_MAX_ROWS: int(1, 10_000).default(128),
+  /**
+   * The most usage records a process holds unwritten (the database not taking them) before it
+   * refuses model calls with 503 until the database takes them again: a call it could not record
+   * is not served, and no record is dropped. Each takes ~0.5–1 KB of memory.
+   */
+  USAGE_MAX_PENDING_ROWS: int(100, 10_000_000).default(1_000_000),
 
   /** Where stored files (knowledge-base uploads) live: `local` under DATA_DIR/storage, or `s3` in S3_BUCKET. */
   STORAGE_BACKEND: z.enum(['local', 's3']).default('local'),

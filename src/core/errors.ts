@@ -140,6 +140,16 @@ export class RateLimiterUnavailableError extends ServiceUnavailableError {
   }
 }
 
+/**
+ * A model call refused because this process already holds USAGE_MAX_PENDING_ROWS usage records the
+ * database has not taken: serving it would leave a call unrecorded, or memory without bound.
+ */
+export class UsageBacklogError extends ServiceUnavailableError {
+  constructor() {
+    super('Model calls are paused: usage records cannot be written to the database yet; try again later', { 'retry-after': String(DATABASE_RETRY_AFTER_SECONDS) });
+  }
+}
+
 /** A request that reaches the app once it is closing, or a model call still running near the shutdown deadline. */
 export class ShuttingDownError extends ServiceUnavailableError {
   constructor() {

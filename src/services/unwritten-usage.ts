@@ -68,17 +68,19 @@ export function saveUnwritten(dir: string, queues: UnwrittenUsage): number {
 
 /**
  * Takes the files of `dir` (those saved, and those a process that is gone left taken; not `held`,
- * this process's own): their paths as taken, to delete once what they held is written
- * (`forgetUnwritten`), and what they held, in the order it was queued.
+ * this process's own), in the order they were saved, until they hold `maxRows` usage rows: their
+ * paths as taken, to delete once what they held is written (`forgetUnwritten`), what they held, in
+ * the order it was queued, and whether files were left for a later take.
  */
-export function takeUnwritten(dir: string, held: readonly string[], onUnreadable: (file: string, error: unknown) => void): { taken: string[]; parts: UnwrittenUsage[] } {
+export function takeUnwritten(dir: string, held: readonly string[], maxRows: number, onUnreadable: (file: string, error: unknown) => void): { taken: string[]; parts: UnwrittenUsage[]; more: boolean } {
   const taken: string[] = [];
   const parts: UnwrittenUsage[] = [];
+  let rows = 0;
   let names: string[];
   try {
     names = readdirSync(dir);
   } catch {
-    return { taken, parts }; // none saved
+    return { taken, parts, more: false }; // none saved
   }
   for (const name of names) {
     const orphan = /^(.+\.json)\.(\d+)\.taken$/.exec(name);
@@ -90,7 +92,9 @@ export function takeUnwritten(dir: string, held: readonly string[], onUnreadable
       // another process took it back first
     }
   }
-  for (const name of [...new Set(names)].filter((n) => n.endsWith('.json')).sort()) {
+  const saved = [...new Set(names)].filter((n) => n.endsWith('.json')).sort();
+  for (const [i, name] of saved.entries()) {
+    if (rows >= maxRows) return { taken, parts, more: saved.length > i };
     const path = join(dir, `${name}.${process.pid}.taken`);
     try {
       renameSync(join(dir, name), path);
@@ -98,8 +102,10 @@ export function takeUnwritten(dir: string, held: readonly string[], onUnreadable
       continue; // another process took it
     }
     try {
-      parts.push(JSON.parse(readFileSync(path, 'utf8')) as UnwrittenUsage);
+      const part = JSON.parse(readFileSync(path, 'utf8')) as UnwrittenUsage;
+      parts.push(part);
       taken.push(path);
+      rows += part.usage.length;
     } catch (error) {
       onUnreadable(name, error);
       try {
@@ -109,7 +115,7 @@ export function takeUnwritten(dir: string, held: readonly string[], onUnreadable
       }
     }
   }
-  return { taken, parts };
+  return { taken, parts, more: false };
 }
 
 /** Deletes taken files whose contents are written, or saved again. */

@@ -13,6 +13,8 @@
  * failed batch or settlement is kept and retried, and `close()` (the app's close hook) refuses
  * calls from then on and writes what is left; what the database still does not take then (it is
  * down) is saved under DATA_DIR/usage-unwritten and written by the next start (`recoverUnwritten`).
+ * Past USAGE_MAX_PENDING_ROWS records the database has not taken, calls are refused (503), not
+ * records dropped.
  */
 import { randomUUID } from 'node:crypto';
 import { setImmediate as setImmediatePromise } from 'node:timers/promises';
@@ -21,7 +23,7 @@ import type { Redis } from 'ioredis';
 
 import type { Settings } from '../core/config.js';
 import type { Database, Db } from '../core/db.js';
-import { type CredentialsGone, CredentialsGoneError, databaseError, PaymentRequiredError, ShuttingDownError, TooManyRequestsError } from '../core/errors.js';
+import { type CredentialsGone, CredentialsGoneError, databaseError, PaymentRequiredError, ShuttingDownError, TooManyRequestsError, UsageBacklogError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import type { ModelMetrics } from '../core/metrics.js';
 
@@ -69,8 +71,6 @@ const chargedAlready = (error: unknown): boolean => {
   const refusal = databaseError(error);
   return refusal?.code === '23505' && refusal.constraint === 'ux_credit_transactions_usage_record_id';
 };
-/** Rows kept in memory while the database cannot take them; beyond it the oldest are dropped (logged). */
-const MAX_BUFFERED_ROWS = 1_000_000;
 const SWEEP_INTERVAL_MS = 60_000;
 /** The longest `written()` holds a read or a run's end. */
 const WRITTEN_WAIT_MS = 2_000;
@@ -150,6 +150,10 @@ export class UsageMeterService implements UsageMeter {
   /** close() has resolved: what a call still in flight then adds is written at once (`lateFlush`), no timer runs any more. */
   private closed = false;
   private lateFlush: NodeJS.Immediate | undefined;
+  /** Files of unwritten usage were left on disk for want of room in the queue (`recoverUnwritten`). */
+  private unwrittenLeft = false;
+  /** Calls are being refused for the backlog of unwritten usage (logged once, until a flush brings it under the limit). */
+  private backlogged = false;
   /** Files of unwritten usage this process took (`recoverUnwritten`) whose items are not yet written. */
   private recovered: string[] = [];
 
@@ -196,6 +200,7 @@ export class UsageMeterService implements UsageMeter {
 
   reserve(estimate: CostEstimate): UsageReservation | Promise<UsageReservation> {
     if (this.closing) throw new ShuttingDownError();
+    if (this.buffer.length >= this.settings.USAGE_MAX_PENDING_ROWS) this.refuseForBacklog();
     const keyId = estimate.context.api_key_id ?? null;
     if (keyId === null) return this.hold(estimate, null);
     const limits = estimate.context.api_key_limits;
@@ -494,12 +499,20 @@ export class UsageMeterService implements UsageMeter {
 
   // ==================== Batch writer ====================
 
+  /**
+   * Past USAGE_MAX_PENDING_ROWS unwritten records, calls are refused (`reserve`) rather than
+   * records dropped: the calls in flight then still add theirs, a bounded few past the limit.
+   */
+  private refuseForBacklog(): never {
+    if (!this.backlogged) {
+      this.backlogged = true;
+      this.log.error({ pending: this.buffer.length }, 'model calls refused: usage records are not being written to the database');
+    }
+    throw new UsageBacklogError();
+  }
+
   private enqueue(row: string): void {
     this.buffer.push(row);
-    if (this.buffer.length > MAX_BUFFERED_ROWS) {
-      const dropped = this.buffer.splice(0, this.buffer.length - MAX_BUFFERED_ROWS);
-      this.log.error({ dropped: dropped.length }, 'usage records dropped: the database has not taken them for too long');
-    }
     if (this.buffer.length >= this.settings.USAGE_FLUSH_MAX_ROWS) this.track(this.flush());
     else this.schedule();
   }
@@ -542,6 +555,11 @@ export class UsageMeterService implements UsageMeter {
       this.flushes += 1;
       // Nothing pending: what the files recovered from held is in the database.
       if (this.recovered.length && !this.hasPending()) this.forgetRecovered();
+      if (this.unwrittenLeft && !this.closing) this.recoverUnwritten();
+      if (this.backlogged && this.buffer.length < this.settings.USAGE_MAX_PENDING_ROWS) {
+        this.backlogged = false;
+        this.log.info({ pending: this.buffer.length }, 'usage records are being written again: model calls resume');
+      }
     });
     return this.flushing;
   }
@@ -817,10 +835,19 @@ export class UsageMeterService implements UsageMeter {
     }
   }
 
-  /** Queues what processes saved (saveUnwritten) to be written first; the files go once it is written (`flush`) or saved again. */
+  /**
+   * Queues what processes saved (saveUnwritten) to be written; the files go once it is written
+   * (`flush`) or saved again. Files are taken while the queue holds under half of
+   * USAGE_MAX_PENDING_ROWS, the rest after a flush brings it under again (or at the next sweep):
+   * a long outage's files never fill the queue to where calls are refused.
+   */
   private recoverUnwritten(): void {
+    const room = Math.floor(this.settings.USAGE_MAX_PENDING_ROWS / 2) - this.buffer.length;
+    this.unwrittenLeft = room <= 0;
+    if (this.unwrittenLeft) return;
     const onUnreadable = (file: string, error: unknown) => this.log.error({ err: error, file }, 'usage left unwritten by an earlier process could not be read; set aside');
-    const { taken, parts } = takeUnwritten(unwrittenDir(this.settings.DATA_DIR), this.recovered, onUnreadable);
+    const { taken, parts, more } = takeUnwritten(unwrittenDir(this.settings.DATA_DIR), this.recovered, room, onUnreadable);
+    this.unwrittenLeft = more;
     if (!taken.length) return;
     let usageRecords = 0;
     for (const part of parts) {

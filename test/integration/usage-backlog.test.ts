@@ -1,0 +1,153 @@
+import { randomUUID } from 'node:crypto';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { sql } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+
+import { UsageBacklogError } from '../../src/core/errors.js';
+
+import type { UsageRow } from '../../src/crud/billing.js';
+import { saveUnwritten, UNWRITTEN_DIR } from '../../src/services/unwritten-usage.js';
+import { buildTestApp, useTestApp } from '../helpers/app.js';
+import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { createKey } from '../helpers/http.js';
+import { captureLogs } from '../helpers/logs.js';
+import { addFakeModels, chatRequest } from '../helpers/metered-models.js';
+import { intercepting } from '../helpers/statements.js';
+
+// A limit of 100 unwritten records; a flush every 10 rows (none on a timer), so each try to write
+// is one the test sees fail.
+const LIMIT = 100;
+const settings = { USAGE_MAX_PENDING_ROWS: String(LIMIT), USAGE_FLUSH_MAX_ROWS: '10', USAGE_FLUSH_INTERVAL_MS: '600000', MODEL_MAX_RETRIES: '0' };
+const logs = captureLogs('info');
+const ctx = useTestApp(settings, { logger: logs.logger });
+
+let fake: FakeModelServer;
+let admin: Record<string, string>;
+
+beforeAll(async () => {
+  fake = await FakeModelServer.start();
+  admin = await superuserHeaders(ctx.app);
+  await addFakeModels(ctx.app, admin, fake.url);
+});
+afterAll(async () => {
+  await fake.close();
+});
+beforeEach(() => {
+  fake.reset();
+  logs.clear();
+});
+
+async function usageCount(db: typeof ctx.database.db, userId: string): Promise<number> {
+  const result = await db.execute(sql`select count(*)::int as n from usage_records where owner_id = ${userId}`);
+  return (result as { rows: { n: number }[] }).rows[0]!.n;
+}
+
+/** The database "loses its connection" on every usage write while `work` runs. */
+const usageWritesFail = (work: () => Promise<unknown>) =>
+  intercepting(
+    ctx.database.db,
+    (text) => {
+      if (/insert into usage_records/i.test(text)) throw new Error('Connection terminated unexpectedly');
+    },
+    work,
+  );
+
+describe('usage the database does not take', () => {
+  it(`past USAGE_MAX_PENDING_ROWS unwritten records model calls are refused with 503 (nothing dropped), and resume once the database takes them`, async () => {
+    const alice: TestUser = await createUser(ctx.app);
+    const key = await createKey(ctx.app, alice, { name: 'backlog' });
+    const context = { user_id: alice.user.id };
+    await usageWritesFail(async () => {
+      for (let i = 0; i < LIMIT; i++) await ctx.app.models.chat(chatRequest('fake-precise', context));
+      await ctx.app.meter.idle(); // every call's record queued; the flushes failed
+      await expect(ctx.app.models.chat(chatRequest('fake-precise', context))).rejects.toBeInstanceOf(UsageBacklogError);
+      const refused = await ctx.app.inject({
+        method: 'POST',
+        url: '/v1/chat/completions',
+        headers: { authorization: `Bearer ${key.key}` },
+        payload: { model: 'fake-precise', messages: [{ role: 'user', content: 'Hello' }] },
+      });
+      expect(refused.statusCode, refused.body).toBe(503);
+      expect(refused.headers['retry-after']).toBe('5');
+      expect(refused.json<{ error: { message: string } }>().error.message).toMatch(/usage records cannot be written/);
+    });
+    // The refused calls never reached the model.
+    expect(fake.log).toHaveLength(LIMIT);
+    const refusals = logs.lines().filter((line) => line.msg === 'model calls refused: usage records are not being written to the database');
+    expect(refusals).toHaveLength(1);
+
+    await ctx.app.meter.idle();
+    expect(await usageCount(ctx.database.db, alice.user.id)).toBe(LIMIT);
+    expect(logs.lines().filter((line) => line.msg === 'usage records are being written again: model calls resume')).toHaveLength(1);
+    await ctx.app.models.chat(chatRequest('fake-precise', context));
+    await ctx.app.meter.idle();
+    expect(await usageCount(ctx.database.db, alice.user.id)).toBe(LIMIT + 1);
+  });
+});
+
+describe('usage saved by earlier processes', () => {
+  let app: FastifyInstance | null = null;
+  let dataDir = '';
+  afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
+
+  it('is taken back a file at a time while the queue has room (under half of USAGE_MAX_PENDING_ROWS), all of it written', async () => {
+    const user = await createUser(ctx.app);
+    const row = (): string => {
+      const at = new Date().toISOString();
+      const fields: UsageRow = {
+        id: randomUUID(),
+        created_at: at,
+        started_at: at,
+        owner_id: user.user.id,
+        api_key_id: null,
+        project_id: null,
+        agent_id: null,
+        run_id: null,
+        model: 'm1',
+        provider: 'fake',
+        operation: 'chat',
+        input_tokens: 10,
+        cached_input_tokens: 0,
+        cache_write_tokens: 0,
+        output_tokens: 5,
+        reasoning_tokens: 0,
+        cost: '0.1',
+        latency_ms: 5,
+        time_to_first_token_ms: null,
+        status: 'success',
+        error: null,
+        estimated: false,
+        attempts: 1,
+        charge_key: true,
+      };
+      return JSON.stringify(fields);
+    };
+    dataDir = mkdtempSync(join(tmpdir(), 'keel-backlog-'));
+    const dir = join(dataDir, UNWRITTEN_DIR);
+    // Three files of 40 records, as three stopped processes left them; room for 50.
+    for (let i = 0; i < 3; i++) saveUnwritten(dir, { usage: Array.from({ length: 40 }, row), settlements: [], windowSettlements: [], blockReleases: [] });
+    expect(readdirSync(dir)).toHaveLength(3);
+
+    const taking = captureLogs('info');
+    app = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir }, { logger: taking.logger });
+    try {
+      await app.meter.idle();
+      await app.meter.idle();
+      const takes = taking.lines().filter((line) => line.msg === 'writing the usage earlier processes left unwritten');
+      // 40 + 40 reach the half (50) of the limit: the third file waits for the first flush.
+      expect(takes.map((line) => [line.files, line.usageRecords])).toEqual([
+        [2, 80],
+        [1, 40],
+      ]);
+      expect(await usageCount(ctx.database.db, user.user.id)).toBe(120);
+      expect(readdirSync(dir)).toEqual([]);
+    } finally {
+      await app.close();
+    }
+  });
+});
