@@ -1,5 +1,3 @@
-import { Readable } from 'node:stream';
-
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 
 import type { ChatCompletionRequest } from '../schemas/openai.js';
@@ -17,6 +15,7 @@ import {
   startAgentCompletion,
 } from '../services/agent-completions.js';
 import { contextOf } from '../services/context.js';
+import { firstEvent, keptAlive } from '../services/openai-gateway.js';
 
 /** Runs `listener` once `signal` aborts (now, if it already has). */
 function whenAborted(signal: AbortSignal, listener: () => void): void {
@@ -53,16 +52,18 @@ export function agentModelRoutes(app: FastifyInstance) {
     });
     void reply.header('x-keel-thread-id', run.thread_id).header('x-keel-run-id', run.id);
     const pieces = answerOf(app.runs.bus.events.read(run.id, 0, reader.signal), reader.signal)[Symbol.asyncIterator]();
-    // The first piece before any byte: a run that fails before its first text answers an HTTP error.
-    let next = await pieces.next();
     if (body.stream) {
-      const chunks = agentCompletionChunks(pieces, next, run, body.model, body.stream_options?.include_usage === true, request.log);
+      // The first piece before any byte (a run that fails before its first text answers an HTTP
+      // error), or, past GATEWAY_STREAM_HEARTBEAT_MS, a keep-alive first, as the catalog's streams.
+      const { first, heartbeat } = await firstEvent(pieces.next(), app.settings.GATEWAY_STREAM_HEARTBEAT_MS);
+      const chunks = agentCompletionChunks(pieces, first, run, body.model, body.stream_options?.include_usage === true, request.log);
       return reply
         .header('content-type', 'text/event-stream; charset=utf-8')
         .header('cache-control', 'no-cache')
         .header('x-accel-buffering', 'no')
-        .send(Readable.from(chunks, { objectMode: false }));
+        .send(keptAlive(chunks, heartbeat, first instanceof Promise));
     }
+    let next = await pieces.next();
     while (!next.done && next.value.type === 'text') next = await pieces.next();
     // answerOf's last piece is the answer, or it throws: it never just ends.
     if (next.done || next.value.type !== 'done') throw new Error('run events ended without an answer');

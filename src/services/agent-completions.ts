@@ -272,13 +272,15 @@ function alertsFromStream(error: unknown): boolean {
  * The SSE body of a streamed agent completion, in OpenAI's framing: the role chunk, the text
  * deltas, the finish chunk, the usage chunk (`choices: []`) when `includeUsage`, `data: [DONE]`.
  * The caller took `first` already (so a run that fails before any text answers a plain HTTP
- * error); a failure after that ends the stream with an `error` event, which OpenAI's SDKs raise,
+ * error), or, when it was later than the heartbeat's interval (firstEvent), the promise of it: the
+ * answer has begun then, a keep-alive committed it to 200. A failure after that ends the stream
+ * with an `error` event, which OpenAI's SDKs raise,
  * and is logged once on `log` (the request's) with the run's id, as the gateway's streams are
  * (logStreamFailure; alertsFromStream for the level).
  */
 export async function* agentCompletionChunks(
   pieces: AsyncIterator<AnswerPiece>,
-  first: IteratorResult<AnswerPiece>,
+  first: IteratorResult<AnswerPiece> | Promise<IteratorResult<AnswerPiece>>,
   run: Run,
   model: string,
   includeUsage: boolean,
@@ -290,7 +292,7 @@ export async function* agentCompletionChunks(
     `data: ${JSON.stringify({ ...base, choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }], ...usageField })}\n\n`;
   let head = frame({ role: 'assistant', content: '', refusal: null });
   try {
-    for (let next = first; !next.done; next = await pieces.next()) {
+    for (let next = await first; !next.done; next = await pieces.next()) {
       const piece = next.value;
       if (piece.type === 'text') {
         yield head + frame({ content: piece.text });

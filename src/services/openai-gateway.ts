@@ -537,23 +537,37 @@ export function completionBody(
  * committed the answer to 200 (a proxy's idle timeout would cut a model that thinks long), and
  * a failure then is the stream's error event. The heartbeat's one timer goes on to the body.
  */
-export function openStream(stream: ModelStream, requestedModel: string, heartbeatMs = 0): Promise<OpenedStream> {
+export async function openStream(stream: ModelStream, requestedModel: string, heartbeatMs = 0): Promise<OpenedStream> {
   const events = stream[Symbol.asyncIterator]();
-  const next = events.next();
-  if (!heartbeatMs) return next.then((first) => ({ stream, events, first, model: answeringModel(stream, first, requestedModel), heartbeat: undefined }));
+  const { first, heartbeat } = await firstEvent(events.next(), heartbeatMs);
+  const model = first instanceof Promise ? (stream.model ?? requestedModel) : answeringModel(stream, first, requestedModel);
+  return { stream, events, first, model, heartbeat };
+}
+
+/**
+ * A stream's first event (`next`, its iterator's first next()) as a stream's answer waits for it,
+ * for the catalog's streams (openStream) and the agents' (routers/openai-agents.ts) alike. Without
+ * a heartbeat (`heartbeatMs` 0): the event, or its failure thrown, before any byte. With one: the
+ * same within the interval (a fast 402, 429 or 502 keeps its own status, and the timer is stopped);
+ * later than that, `first` is the promise of it, the body's to await after the keep-alive that
+ * commits the answer to 200 (a failure then is the stream's error event), and the heartbeat's one
+ * timer goes on to the body, which stops it however it ends (keptAlive, completionBody).
+ */
+export function firstEvent<T>(next: Promise<T>, heartbeatMs: number): Promise<{ first: T | Promise<T>; heartbeat: Heartbeat | undefined }> {
+  if (!heartbeatMs) return next.then((first) => ({ first, heartbeat: undefined }));
   return new Promise((resolve, reject) => {
     let settled = false;
     // Late: the answer begins with a keep-alive, and the first event (or failure) is the body's to await.
     const heartbeat = new Heartbeat(heartbeatMs, () => {
       if (settled) return;
       settled = true;
-      resolve({ stream, events, first: next, model: stream.model ?? requestedModel, heartbeat });
+      resolve({ first: next, heartbeat });
     });
     next.then(
       (first) => {
         if (settled) return;
         settled = true;
-        resolve({ stream, events, first, model: answeringModel(stream, first, requestedModel), heartbeat });
+        resolve({ first, heartbeat });
       },
       (error: Error) => {
         if (settled) return; // the body's now: an error event
@@ -563,6 +577,53 @@ export function openStream(stream: ModelStream, requestedModel: string, heartbea
       },
     );
   });
+}
+
+/**
+ * An SSE body of `chunks` (each a whole number of events, pushed as it comes, honouring
+ * backpressure) kept busy by `heartbeat`: a `: keep-alive` comment on each silence (and first,
+ * when the first event was late: `late`). The heartbeat is stopped however the body ends (the
+ * chunks end, or the body is destroyed: the client went away, which returns `chunks`). The
+ * agents' streams' body; the catalog's has its own (completionBody), which renders and batches
+ * the model manager's events as it reads them.
+ */
+export function keptAlive(chunks: AsyncGenerator<string>, heartbeat: Heartbeat | undefined, late: boolean): Readable {
+  let reading = false;
+  const body = new Readable({
+    read() {
+      if (!reading) void pull();
+    },
+    destroy(error, callback) {
+      heartbeat?.stop();
+      void chunks.return(undefined).catch(() => undefined);
+      callback(error);
+    },
+  });
+  if (late) body.push(KEEP_ALIVE);
+  heartbeat?.onSilence(() => {
+    if (!body.destroyed) body.push(KEEP_ALIVE);
+  });
+  async function pull(): Promise<void> {
+    reading = true;
+    try {
+      for (;;) {
+        const next = await chunks.next();
+        if (body.destroyed) return;
+        if (next.done) {
+          heartbeat?.stop();
+          body.push(null);
+          return;
+        }
+        if (heartbeat) heartbeat.busy = true;
+        if (!body.push(next.value)) return;
+      }
+    } catch (error) {
+      body.destroy(error as Error);
+    } finally {
+      reading = false;
+    }
+  }
+  return body;
 }
 
 /** The model a stream's events name: its first event's (a finish: the result's), else the one asked for. */

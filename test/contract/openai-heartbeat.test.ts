@@ -4,7 +4,8 @@
  * package's parser skips, so that a proxy's or a load balancer's idle timeout does not cut a model
  * that thinks long before its first event. A failure before the first event within the interval
  * still answers its own HTTP status; once a comment has gone out the answer is a 200, and a failure
- * is the stream's error event. Each stream's one heartbeat timer is cleared however it ends.
+ * is the stream's error event. Each stream's one heartbeat timer is cleared however it ends. The
+ * same for `agent:<id>` models, whose run may think (or run a tool) long before its first text.
  */
 import { createHook } from 'node:async_hooks';
 import type { AddressInfo } from 'node:net';
@@ -13,15 +14,20 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
 import { useTestApp } from '../helpers/app.js';
-import { createUser, superuserHeaders } from '../helpers/factories.js';
+import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, eventually } from '../helpers/http.js';
 import { apiError } from '../helpers/openai.js';
+import { createAgent, waitForRun } from '../helpers/runs.js';
 
-/** Short, and of a length no other timer of the process has: the heartbeat's timers are told apart by it. */
-const HEARTBEAT_MS = 173;
-/** Past the interval (twice: a comment goes out within two intervals of silence). */
-const LATE_MS = 3 * HEARTBEAT_MS;
+/**
+ * Short, and of a length no other timer of the process has: the heartbeat's timers are told apart
+ * by it. Long enough that an agent's run (queued, run, its failure written and read back through
+ * the run bus) fails within it on PostgreSQL and Redis too.
+ */
+const HEARTBEAT_MS = 1_009;
+/** Past two intervals: a comment goes out within two intervals of silence. */
+const LATE_MS = 2 * HEARTBEAT_MS + 250;
 
 const ctx = useTestApp({ GATEWAY_STREAM_HEARTBEAT_MS: String(HEARTBEAT_MS), MODEL_MAX_RETRIES: '0' });
 const api = apiOf(ctx);
@@ -29,6 +35,9 @@ const api = apiOf(ctx);
 let fake: FakeModelServer;
 let baseURL: string;
 let client: OpenAI;
+let user: TestUser;
+/** An agent whose model is fake-chat, as `agent:<id>`. */
+let agentModel: string;
 
 /** The heartbeat timers alive in this process (the app runs in it): Timeouts of HEARTBEAT_MS, from their creation to their clearing. */
 const heartbeats = new Set<number>();
@@ -52,7 +61,9 @@ beforeAll(async () => {
   for (const model of [{ id: 'fake-backup' }, { id: 'fake-primary', fallbacks: ['fake-backup'] }]) {
     expect((await api('POST', '/models', admin, { ...model, provider: 'fake', capabilities: ['chat'], pricing: { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' } })).statusCode).toBe(200);
   }
-  client = new OpenAI({ apiKey: (await createKey(ctx.app, await createUser(ctx.app))).key, baseURL, maxRetries: 0 });
+  user = await createUser(ctx.app);
+  client = new OpenAI({ apiKey: (await createKey(ctx.app, user)).key, baseURL, maxRetries: 0 });
+  agentModel = `agent:${(await createAgent(ctx.app, user.headers, { model: 'fake-chat' })).id}`;
 });
 afterAll(async () => {
   hook.disable();
@@ -177,6 +188,112 @@ describe('a streamed chat completion whose model is silent', () => {
         seen += new TextDecoder().decode(value);
       }
       controller.abort();
+      await eventually(async () => fake.log[0]?.aborted === true);
+      await noHeartbeatLeft();
+    }
+  });
+});
+
+/** The data events of a raw stream's text, parsed (`[DONE]` as the string). */
+const dataEvents = (text: string) =>
+  text
+    .split('\n\n')
+    .filter((event) => event.startsWith('data: '))
+    .map((event) => (event === 'data: [DONE]' ? '[DONE]' : (JSON.parse(event.slice(6)) as Record<string, unknown>)));
+
+describe('a streamed agent completion whose run is silent', () => {
+  it('sends keep-alive comments before a late first text and between late texts; the openai package reads the answer as sent', async () => {
+    fake.script('fake-chat', { chunks: ['Hello ', 'friend'], chunkDelayMs: LATE_MS, usage: { prompt_tokens: 3, completion_tokens: 3 } });
+    const response = await fetch(`${baseURL}/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: agentModel, messages: [{ role: 'user', content: 'Hi' }], stream: true }),
+    });
+    const text = await response.text();
+    expect(response.status).toBe(200);
+    const firstData = text.indexOf('data: ');
+    expect(text.slice(0, firstData)).toMatch(/^(: keep-alive\n\n)+$/);
+    expect(text.slice(firstData).split('\n\n').filter((event) => event === ': keep-alive').length).toBeGreaterThan(0);
+    expect(text.endsWith('data: [DONE]\n\n')).toBe(true);
+    expect(
+      dataEvents(text)
+        .slice(0, -1)
+        .map((chunk) => (chunk as { choices: { delta: { content?: string } }[] }).choices[0]!.delta.content ?? '')
+        .join(''),
+    ).toBe('Hello friend');
+
+    fake.script('fake-chat', { chunks: ['Hello ', 'friend'], chunkDelayMs: LATE_MS, usage: { prompt_tokens: 3, completion_tokens: 3 } });
+    const stream = await client.chat.completions.create({ model: agentModel, messages: [{ role: 'user', content: 'Hi' }], stream: true, stream_options: { include_usage: true } });
+    let said = '';
+    const chunks: OpenAI.ChatCompletionChunk[] = [];
+    for await (const chunk of stream) {
+      chunks.push(chunk);
+      said += chunk.choices[0]?.delta.content ?? '';
+    }
+    expect(said).toBe('Hello friend');
+    expect(chunks.every((chunk) => chunk.model === agentModel && chunk.object === 'chat.completion.chunk')).toBe(true);
+    expect(chunks.at(-1)!.usage).toMatchObject({ prompt_tokens: 3, completion_tokens: 3 });
+    await noHeartbeatLeft();
+  });
+
+  it('sends none when the text comes in time, and answers a run that fails within the interval with its own status', async () => {
+    fake.script('fake-chat', { text: 'Quick answer here' });
+    const quick = await rawStream({ model: agentModel });
+    expect(quick.status).toBe(200);
+    expect(quick.text.startsWith('data: ')).toBe(true);
+    expect(quick.text).not.toContain(': keep-alive');
+
+    fake.script('fake-chat', { status: 401 });
+    const failed = await rawStream({ model: agentModel });
+    expect(failed.status).toBe(500);
+    expect(failed.text).not.toContain('keep-alive');
+    expect(JSON.parse(failed.text)).toMatchObject({ error: { type: 'server_error', code: 'agent_run_failed' } });
+    await noHeartbeatLeft();
+  });
+
+  it('ends with an error event in OpenAI\'s shape when its run fails after a keep-alive went out (the 200 has been sent)', async () => {
+    fake.script('fake-chat', { status: 401, chunkDelayMs: LATE_MS });
+    const { status, text } = await rawStream({ model: agentModel });
+    expect(status).toBe(200);
+    expect(text.startsWith(': keep-alive\n\n')).toBe(true);
+    const last = dataEvents(text).at(-1) as { error: Record<string, unknown> };
+    expect(last.error).toMatchObject({ type: 'server_error', code: 'agent_run_failed' });
+    expect(text).not.toContain('[DONE]');
+
+    fake.script('fake-chat', { status: 401, chunkDelayMs: LATE_MS });
+    const stream = await client.chat.completions.create({ model: agentModel, messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const failed = await apiError((async () => {
+      for await (const _chunk of stream) {
+        // read to the end
+      }
+    })());
+    expect(failed.error).toMatchObject({ type: 'server_error', code: 'agent_run_failed' });
+    await noHeartbeatLeft();
+  });
+
+  it('clears its timer when the client goes away, before the first text or after it, and cancels the run', async () => {
+    for (const reply of [{ text: 'never said', chunkDelayMs: 5_000 }, { chunks: ['one ', 'two ', 'three ', 'four'], chunkDelayMs: LATE_MS }]) {
+      fake.reset();
+      fake.script('fake-chat', reply);
+      const controller = new AbortController();
+      const response = await fetch(`${baseURL}/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ model: agentModel, messages: [{ role: 'user', content: 'Hi' }], stream: true }),
+        signal: controller.signal,
+      });
+      expect(response.status).toBe(200);
+      const runId = response.headers.get('x-keel-run-id')!;
+      const reader = (response.body as ReadableStream<Uint8Array>).getReader();
+      let seen = '';
+      const awaited = reply.chunkDelayMs > LATE_MS ? ': keep-alive' : 'data: ';
+      while (!seen.includes(awaited)) {
+        const { done, value } = await reader.read();
+        if (done) throw new Error(`the stream ended before ${awaited}: ${seen}`);
+        seen += new TextDecoder().decode(value);
+      }
+      controller.abort();
+      await waitForRun(ctx.app, user.headers, runId, ['cancelled']);
       await eventually(async () => fake.log[0]?.aborted === true);
       await noHeartbeatLeft();
     }
