@@ -45,6 +45,9 @@ export const DEFAULT_SUMMARY_DAYS = 30;
 /** The longest a credit window's block serves calls (services/credit-window.ts): part of what a reservation must outlast. */
 export const CREDIT_BLOCK_MAX_AGE_MS = 30_000;
 
+/** The shortest GATEWAY_STREAM_HEARTBEAT_MS but 0: the wait within which a stream's failure still answers its own status. */
+export const GATEWAY_HEARTBEAT_MIN_MS = 1_000;
+
 export const SettingsSchema = z.object({
   ENVIRONMENT: z.enum(['local', 'staging', 'production']).default('local'),
   PROJECT_NAME: z.string().min(1).default('Keel'),
@@ -214,9 +217,13 @@ export const SettingsSchema = z.object({
    * before its first token) gets an SSE comment (`: keep-alive`, which OpenAI's clients skip), and
    * again after each such silence, so that a proxy's or load balancer's idle timeout (often 60 s)
    * does not cut it. The first one commits the answer to 200: a failure before it still answers its
-   * own status, one after it is the stream's error event. 0: none.
+   * own status, one after it is the stream's error event. 0: none; otherwise at least 1000 ms
+   * (GATEWAY_HEARTBEAT_MIN_MS): a shorter wait sent even a fast 402, 429 or 502 down the 200 path,
+   * as an error event, for no proxy's sake (idle timeouts are tens of seconds).
    */
-  GATEWAY_STREAM_HEARTBEAT_MS: int(0, 600_000).default(15_000),
+  GATEWAY_STREAM_HEARTBEAT_MS: int(0, 600_000)
+    .refine((ms) => ms === 0 || ms >= GATEWAY_HEARTBEAT_MIN_MS, { error: `must be 0 (off) or at least ${GATEWAY_HEARTBEAT_MIN_MS} ms` })
+    .default(15_000),
 
   /** On: a model call reserves its worst-case cost from the user's credits first (402 when short). Off: usage is recorded, balances untouched. */
   BILLING_ENABLED: bool.default(false),

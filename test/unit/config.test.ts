@@ -135,6 +135,14 @@ describe('loadSettings refuses bad values, naming the variable', () => {
     expect(loadSettings({ SECRET_KEY: GOOD_KEY, PGLITE_MAINTENANCE: 'false', PGLITE_MAINTENANCE_INTERVAL_SECONDS: '2', PGLITE_MAINTENANCE_IDLE_MS: '2000' }).PGLITE_MAINTENANCE).toBe(false);
   });
 
+  it('takes GATEWAY_STREAM_HEARTBEAT_MS of 0 (off) or at least 1000 ms, and refuses a shorter one (it sent even a fast 402 as a 200 stream\'s error event)', () => {
+    expect(loadSettings({ SECRET_KEY: GOOD_KEY, GATEWAY_STREAM_HEARTBEAT_MS: '0' }).GATEWAY_STREAM_HEARTBEAT_MS).toBe(0);
+    expect(loadSettings({ SECRET_KEY: GOOD_KEY, GATEWAY_STREAM_HEARTBEAT_MS: '1000' }).GATEWAY_STREAM_HEARTBEAT_MS).toBe(1000);
+    for (const ms of ['1', '999']) {
+      expect(configError({ SECRET_KEY: GOOD_KEY, GATEWAY_STREAM_HEARTBEAT_MS: ms }).message).toBe('GATEWAY_STREAM_HEARTBEAT_MS: must be 0 (off) or at least 1000 ms');
+    }
+  });
+
   it('refuses a BILLING_SUMMARY_MAX_DAYS shorter than the summary\'s default range (30 days), which would refuse a request naming no range', () => {
     expect(configError({ SECRET_KEY: GOOD_KEY, BILLING_SUMMARY_MAX_DAYS: '7' }).message).toMatch(/^BILLING_SUMMARY_MAX_DAYS: /);
     expect(loadSettings({ SECRET_KEY: GOOD_KEY, BILLING_SUMMARY_MAX_DAYS: '30' }).BILLING_SUMMARY_MAX_DAYS).toBe(30);
