@@ -307,7 +307,8 @@ export async function* agentCompletionChunks(
   } catch (error) {
     const { status, body } = openAIErrorOf(error);
     logStreamFailure(log.child({ runId: run.id }), error, status, model, alertsFromStream(error));
-    yield `${head}data: ${JSON.stringify(body)}\n\n`;
+    // Alone when no chunk went out (a late first piece that failed): no role chunk for an answer that never came (CompletionFrames.error).
+    yield `data: ${JSON.stringify(body)}\n\n`;
   } finally {
     await pieces.return?.();
   }

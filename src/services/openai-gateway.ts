@@ -394,9 +394,14 @@ export class CompletionFrames {
     return `${out}data: [DONE]\n\n`;
   }
 
-  /** The `error` event that ends a body after a failure. */
+  /**
+   * The `error` event that ends a body after a failure; alone when no chunk went out (a first
+   * event that failed after a keep-alive): the role chunk opens an answer, and sent before the
+   * error the openai package yielded it (its ChatCompletionStream an empty assistant message)
+   * before raising, where a failure before any chunk raises on the first read, as an HTTP error does.
+   */
   error(body: OpenAIErrorBody): string {
-    return `${this.takeHead()}data: ${JSON.stringify(body)}\n\n`;
+    return `data: ${JSON.stringify(body)}\n\n`;
   }
 
   private takeHead(): string {

@@ -139,19 +139,22 @@ describe('a streamed chat completion whose model is silent', () => {
     const { status, text } = await rawStream();
     expect(status).toBe(200);
     expect(text.startsWith(': keep-alive\n\n')).toBe(true);
+    // The error event alone: no role chunk opens an answer that never came.
     const events = text.split('\n\n').filter((event) => event.startsWith('data: '));
-    const last = JSON.parse(events.at(-1)!.slice(6)) as { error: Record<string, unknown> };
+    expect(events).toHaveLength(1);
+    const last = JSON.parse(events[0]!.slice(6)) as { error: Record<string, unknown> };
     expect(last.error).toMatchObject({ type: 'server_error', code: 'upstream_error' });
     expect(text).not.toContain('[DONE]');
 
     fake.script('fake-chat', { status: 500, chunkDelayMs: LATE_MS });
     const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const read: OpenAI.ChatCompletionChunk[] = [];
     const failed = await apiError((async () => {
-      for await (const _chunk of stream) {
-        // read to the end
-      }
+      for await (const chunk of stream) read.push(chunk);
     })());
     expect(failed.error).toMatchObject({ type: 'server_error', code: 'upstream_error' });
+    // The openai package raises on its first read, as for an HTTP error: the loop never ran.
+    expect(read).toEqual([]);
     await noHeartbeatLeft();
   });
 
@@ -256,18 +259,20 @@ describe('a streamed agent completion whose run is silent', () => {
     const { status, text } = await rawStream({ model: agentModel });
     expect(status).toBe(200);
     expect(text.startsWith(': keep-alive\n\n')).toBe(true);
-    const last = dataEvents(text).at(-1) as { error: Record<string, unknown> };
-    expect(last.error).toMatchObject({ type: 'server_error', code: 'agent_run_failed' });
+    // The error event alone: no role chunk opens an answer that never came.
+    const events = dataEvents(text);
+    expect(events).toHaveLength(1);
+    expect((events[0] as { error: Record<string, unknown> }).error).toMatchObject({ type: 'server_error', code: 'agent_run_failed' });
     expect(text).not.toContain('[DONE]');
 
     fake.script('fake-chat', { status: 401, chunkDelayMs: LATE_MS });
     const stream = await client.chat.completions.create({ model: agentModel, messages: [{ role: 'user', content: 'Hi' }], stream: true });
+    const read: OpenAI.ChatCompletionChunk[] = [];
     const failed = await apiError((async () => {
-      for await (const _chunk of stream) {
-        // read to the end
-      }
+      for await (const chunk of stream) read.push(chunk);
     })());
     expect(failed.error).toMatchObject({ type: 'server_error', code: 'agent_run_failed' });
+    expect(read).toEqual([]);
     await noHeartbeatLeft();
   });
 
