@@ -1427,6 +1427,55 @@ describe('a call timed out after its provider began answering is charged its pro
     }
   });
 
+  it('each try that timed out after its 2xx began is charged its prompt: two such tries then an answer, chat and stream on every path', async () => {
+    for (const [path, extra] of NAMED) {
+      for (const stream of [false, true]) {
+        const label = `${path} stream: ${stream}`;
+        fake.server.reset();
+        fake.records = [];
+        const prompts: number[] = [];
+        const m = manager({
+          maxRetries: 2,
+          retryBaseDelayMs: 1,
+          meter: {
+            reserve: (estimate) => {
+              prompts.push(estimate.input_tokens);
+              return { settle: (record) => void fake.records.push(record) };
+            },
+          },
+        });
+        const silent: ScriptedReply = { rawBody: stream ? 'data: {"choices": [' : '{"id": "chatcmpl-1", ', holdOpen: true };
+        fake.server.script('fake-backup', silent, silent, { text: 'At last', usage: { prompt_tokens: 10, completion_tokens: 2 } });
+        const request: ChatRequest = { model: 'fake-backup', messages: hello, timeoutMs: 300, ...extra };
+        if (stream) expect(await streamFailure(m.stream(request)), label).toBeUndefined();
+        else expect((await m.chat(request)).text, label).toBe('At last');
+        expect(fake.server.requestsFor('fake-backup'), label).toHaveLength(3);
+        const record = (await settled(1))[0]!;
+        expect(prompts, label).toHaveLength(1);
+        const prompt = prompts[0]!;
+        expect(prompt, label).toBeGreaterThan(0);
+        // The answer's reported usage, and each silent try's prompt estimate.
+        expect(record, label).toMatchObject({ status: 'success', attempts: 3, estimated: true, tokens: { input: 10 + 2 * prompt, output: 2 } });
+        expect(Number(record.cost), label).toBeCloseTo(((10 + 2 * prompt) * 1 + 2 * 4) / 1e6, 12);
+      }
+    }
+    // Every try timed out so: each is charged, none answered.
+    fake.server.reset();
+    fake.records = [];
+    const silent: ScriptedReply = { rawBody: '{"id": "chatcmpl-1", ', holdOpen: true };
+    fake.server.script('fake-backup', silent, silent);
+    const failure = await failureOf(manager({ maxRetries: 1, retryBaseDelayMs: 1 }).chat({ model: 'fake-backup', messages: hello, timeoutMs: 300 }));
+    expect(failure).toBeInstanceOf(ModelTimeoutError);
+    const record = (await settled(1))[0]!;
+    expect(record).toMatchObject({ status: 'error', attempts: 2, estimated: true, tokens: { output: 0 } });
+    expect(Number(record.cost)).toBeCloseTo((record.tokens.input * 1) / 1e6, 12);
+    fake.server.reset();
+    fake.records = [];
+    fake.server.script('fake-backup', silent);
+    await failureOf(manager({ maxRetries: 0 }).chat({ model: 'fake-backup', messages: hello, timeoutMs: 300 }));
+    expect(record.tokens.input).toBe(2 * (await settled(1))[0]!.tokens.input);
+  });
+
   it('a try that times out before any answer began (no status yet) stays free, as before', async () => {
     fake.server.script('fake-chat', { hang: true });
     await failureOf(manager({ maxRetries: 0 }).chat({ model: 'fake-chat', messages: hello, timeoutMs: 300, interactive: true }));

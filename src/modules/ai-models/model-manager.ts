@@ -2151,8 +2151,14 @@ export class ModelManager {
       const started = performance.now();
       const startedAt = new Date();
       let attempts = 0;
-      /** A try of this model timed out once its provider had begun answering (it bills it): the record is charged its prompt at least, as an aborted one. */
-      let timedOutAnswering = false;
+      /**
+       * Tries of this model that timed out once their provider had begun answering, with no output
+       * seen (a stream's output makes its try estimated anyway): the provider bills each, so the
+       * model's one record is charged each one's prompt estimate on top of what its last try is
+       * charged (marked estimated), however its tries ended after them (a retry's answer or 400,
+       * the caller gone during the wait).
+       */
+      let timedOutAnswering = 0;
       /** `abortedUpstream`: the caller went away while the request was with the provider (charged for its prompt at least). */
       const finish = (status: CallStatus, error: Error | null, abortedUpstream = false) => {
         if (!reservation) return;
@@ -2162,16 +2168,16 @@ export class ModelManager {
         // answer is charged for the prompt, not let off free.
         // Priced as the answer went out (price): its usage and cost as they are, not read again.
         const reported = state.priced ? state.priced.usage : chargeableUsage(state.usage);
-        // A try of this model that timed out after its provider began answering is charged so too,
-        // however the model's tries ended after it (a retry's 400, the caller gone during the wait).
-        const estimated = state.estimated || (reported === undefined && (state.streamed || abortedUpstream || timedOutAnswering));
-        const tokens = reported ?? (estimated ? estimatedUsage(state) : { ...ZERO_USAGE });
+        const ownEstimate = state.estimated || (reported === undefined && (state.streamed || abortedUpstream));
+        let tokens = reported ?? (ownEstimate ? estimatedUsage(state) : { ...ZERO_USAGE });
+        // Each try that timed out after its provider began answering adds its prompt (0 on most calls: no copy).
+        if (timedOutAnswering > 0) tokens = { ...tokens, input: tokens.input + timedOutAnswering * state.inputTokens };
         const record: UsageRecord = {
           operation,
           model: model.id,
           provider: model.provider,
           tokens,
-          estimated,
+          estimated: ownEstimate || timedOutAnswering > 0,
           cost: state.priced?.usage === tokens ? state.priced.cost : computeCost(model.pricing, tokens),
           latency_ms: Math.round(performance.now() - started),
           time_to_first_token_ms: state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started),
@@ -2216,7 +2222,7 @@ export class ModelManager {
           if (outcome.kind === 'fatal' && brokenAnswer(failure)) state.estimated = true;
           // Cut off after the provider's 2xx began, by the try's silence or by the stream's deadline
           // (a silent reasoning model runs up tokens upstream all the while): it billed the try.
-          if ((failure instanceof ModelTimeoutError || (failure instanceof ModelAnswerLimitError && failure.statusCode === 504)) && attempt.answered) timedOutAnswering = true;
+          if ((failure instanceof ModelTimeoutError || (failure instanceof ModelAnswerLimitError && failure.statusCode === 504)) && !state.streamed && attempt.answered) timedOutAnswering += 1;
           if (outcome.kind === 'fatal' || state.streamed) {
             finish('error', failure);
             throw failure;
