@@ -4,7 +4,7 @@ import { z } from 'zod';
 
 import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
 import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
-import { ModelAnswerError, ModelAnswerLimitError, ModelArgumentError, ModelCallAbortedError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from '../../src/modules/ai-models/errors.js';
+import { ModelAnswerError, ModelAnswerLimitError, ModelArgumentError, ModelCallAbortedError, ModelOptionError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from '../../src/modules/ai-models/errors.js';
 import {
   type ChatRequest,
   type CostEstimate,
@@ -1215,6 +1215,8 @@ describe('a model whose provider cannot be called falls to its fallbacks', () =>
       // Its first fallback is a Google model, which refuses some conversations (refusal): those fall to fake-backup.
       { id: 'gem-chat', provider: 'gem', capabilities: ['chat', 'tools'], pricing: price('5', '5') },
       { id: 'down-picky', provider: 'down', capabilities: ['chat', 'tools'], pricing, fallbacks: ['gem-chat', 'fake-backup'] },
+      // Its only usable fallback is the Google model: a call with an option Google does not take has none.
+      { id: 'down-gem', provider: 'down', capabilities: ['chat', 'tools'], pricing, fallbacks: ['down-unreadable', 'gem-chat'] },
     ]);
   const downManager = (overrides: Partial<ModelManagerOptions> = {}) =>
     fakeModelManager(fake.server, {
@@ -1278,6 +1280,25 @@ describe('a model whose provider cannot be called falls to its fallbacks', () =>
     await expect(m.embed({ model: 'down-embed', values: ['x'], sameModel: true })).rejects.toMatchObject({ statusCode: 503, message: 'Provider down is disabled' });
     fake.server.reset();
     fake.records.length = 0;
+    expect(fake.server.log).toHaveLength(0);
+    await new Promise((r) => setTimeout(r, 20));
+    expect(fake.records).toHaveLength(0);
+  });
+
+  it('a request every usable fallback refuses (an option it does not take) gets the fallback\'s 400, not the primary\'s 503; nothing is sent or metered', async () => {
+    const m = downManager();
+    for (const option of [{ logprobs: true }, { logitBias: { '50256': -100 } }] as Partial<ChatRequest>[]) {
+      const label = JSON.stringify(option);
+      const failure = await failureOf(m.chat({ model: 'down-gem', messages: hello, ...option }));
+      expect(failure, label).toBeInstanceOf(ModelOptionError);
+      expect(failure, label).toMatchObject({ statusCode: 400, model: 'gem-chat' });
+      expect(await streamFailure(m.stream({ model: 'down-gem', messages: hello, ...option })), label).toMatchObject({ statusCode: 400, model: 'gem-chat' });
+    }
+    // A conversation the fallback refuses (Google: a system message after the first user message) too.
+    const lateSystem: ChatRequest['messages'] = [...hello, { role: 'system', content: 'Answer briefly.' }];
+    expect(await failureOf(m.chat({ model: 'down-gem', messages: lateSystem }))).toMatchObject({ statusCode: 400, model: 'gem-chat' });
+    // A fallback that is itself unavailable refuses nothing: 503 as before.
+    expect(await failureOf(m.chat({ model: 'down-no-usable', messages: hello, logprobs: true }))).toMatchObject({ statusCode: 503, message: 'Provider down is disabled' });
     expect(fake.server.log).toHaveLength(0);
     await new Promise((r) => setTimeout(r, 20));
     expect(fake.records).toHaveLength(0);

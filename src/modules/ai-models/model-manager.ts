@@ -2082,7 +2082,9 @@ export class ModelManager {
       // first usable fallback, as when its own tries fail; with none, it fails naming what is missing.
       lastError = new ProviderUnavailableError(primary.provider, status.reason ?? 'unavailable', status.missing);
       chain = request.sameModel ? [] : this.chainOf(primary, capability, request).slice(1);
-      if (chain.length === 0) throw lastError;
+      // With none, a fallback that could be called but refuses the request (an option it does not
+      // take) tells the caller what to change: its 400, not the 503 of a provider they cannot fix.
+      if (chain.length === 0) throw (request.sameModel ? undefined : this.fallbackRefusal(primary, capability, request)) ?? lastError;
     }
     /** Whether a model of the chain was reserved: the first is the call as the key's rate counts it, those after it its fallbacks. */
     let reservedOne = false;
@@ -2357,6 +2359,21 @@ export class ModelManager {
    */
   private standsIn(fallback: ModelInfo, capability: Capability, request: Partial<ChatRequest>): boolean {
     return this.fallbackUnavailable(fallback, [capability]) === undefined && this.refusal(request, fallback) === undefined;
+  }
+
+  /**
+   * The refusal (refusal) of the first of `model`'s fallbacks that could take a call of `capability`
+   * as things stand (fallbackUnavailable) but not `request` as it is, if any: what a call whose own
+   * model cannot be called, and that no fallback takes (chainOf), fails with. Only on that failure.
+   */
+  private fallbackRefusal(model: ModelInfo, capability: Capability, request: Partial<ChatRequest>): HttpError | undefined {
+    for (const id of model.fallbacks) {
+      const fallback = this.options.catalog.modelAsCalled(id);
+      if (!fallback || fallback.id === model.id || this.fallbackUnavailable(fallback, [capability]) !== undefined) continue;
+      const refused = this.refusal(request, fallback);
+      if (refused) return refused;
+    }
+    return undefined;
   }
 
   /** The model, then its fallbacks that can take the call (standsIn), each once. */
