@@ -209,6 +209,14 @@ export const SettingsSchema = z.object({
   MODEL_MAX_DOWNLOAD_BYTES: int(1_024, 1_073_741_824).default(20_971_520),
   MODEL_MAX_RETRIES: int(0, 10).default(2),
   MODEL_RETRY_MAX_WAIT_MS: int(0, 300_000).default(20_000),
+  /**
+   * The output maximum a call that sets none is held for (its credit reservation, a key budget's
+   * hold, a run's start check), and then sent upstream as its maximum, so it cannot cost more than
+   * was held. A call that holds nothing by it (billing off and no key budget, a free model) is sent
+   * none by an OpenAI-style provider, which lets the answer run to the model's own limit as OpenAI
+   * does; an Anthropic or Google model is sent it always (Anthropic requires one). A model's own
+   * smaller `max_output_tokens` wins.
+   */
   MODEL_DEFAULT_MAX_OUTPUT_TOKENS: int(1, 10_000_000).default(4_096),
   /** Largest body of a /v1 chat or embeddings request (images travel inline as base64). */
   GATEWAY_BODY_LIMIT_BYTES: int(1024, 100 * 1024 * 1024).default(20 * 1024 * 1024),

@@ -338,8 +338,9 @@ export class UsageMeterService implements UsageMeter {
     return new CredentialsGoneError(reason);
   }
 
+  /** `holdsOutput`: credit is held (the account's, a window's block, a key's budget), sized by the call's output maximum, which it must then send. */
   private reservation(held: Held): UsageReservation {
-    return { settle: (record) => this.defer(held, record) };
+    return { settle: (record) => this.defer(held, record), holdsOutput: held.reservationId !== null };
   }
 
   // ==================== settle ====================

@@ -167,13 +167,13 @@ describe('chat completions', () => {
     expect(sent!.headers.authorization).toBe('Bearer sk-upstream');
   });
 
-  it('sends upstream as max_tokens the output cap the call held when the client sets none, and the client\'s own when it does', async () => {
+  it('sends upstream no max_tokens when the client sets none and nothing is held by it (billing off, no key budget), as OpenAI lets an answer run; the client\'s own when it does', async () => {
+    expect(ctx.app.settings.BILLING_ENABLED).toBe(false);
     const hi = { model: 'fake-chat', messages: [{ role: 'user' as const, content: 'Hi' }] };
     await client.chat.completions.create(hi);
     for await (const _ of await client.chat.completions.create({ ...hi, stream: true }));
     await client.chat.completions.create({ ...hi, max_tokens: 7 });
-    const cap = ctx.app.settings.MODEL_DEFAULT_MAX_OUTPUT_TOKENS;
-    expect(fake.requestsFor('fake-chat').map((r) => r.body.max_tokens)).toEqual([cap, cap, 7]);
+    expect(fake.requestsFor('fake-chat').map((r) => r.body.max_tokens)).toEqual([undefined, undefined, 7]);
   });
 
   it('streams OpenAI chunks ending in [DONE], with the usage chunk when asked for', async () => {

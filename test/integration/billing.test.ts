@@ -233,6 +233,20 @@ describe('metered calls with BILLING_ENABLED', () => {
     await expectConsistent(user);
   });
 
+  it('a call without a maximum sends upstream the MODEL_DEFAULT_MAX_OUTPUT_TOKENS its hold assumed, so it cannot cost more than was held; one that holds nothing (no account to charge) sends none', async () => {
+    const user = await createUser(ctx.app);
+    const cap = ctx.app.settings.MODEL_DEFAULT_MAX_OUTPUT_TOKENS;
+    // 1 credit an output token: the hold is the default maximum's.
+    await grant(user, String(3 * cap));
+    await ctx.app.models.chat(chatRequest('fake-billed', { user_id: user.user.id }));
+    const stream = ctx.app.models.stream(chatRequest('fake-billed', { user_id: user.user.id }));
+    for await (const _ of stream);
+    await ctx.app.models.chat(chatRequest('fake-billed', {}));
+    expect(fake.log.map((r) => r.body.max_tokens)).toEqual([cap, cap, undefined]);
+    await ctx.app.meter.idle();
+    await expectConsistent(user);
+  });
+
   it('reserves for the whole prompt sent: tools (names, descriptions, schemas) and the response format count, not only the messages', async () => {
     const priced = await api('POST', '/models', admin, { id: 'fake-billed-input', provider: 'fake', pricing: { input_cost_per_million_tokens: '1000000', output_cost_per_million_tokens: '0' } });
     expect(priced.statusCode, priced.body).toBe(200);

@@ -1022,11 +1022,11 @@ describe('ModelManager.embed', () => {
 });
 
 describe('the output cap', () => {
-  /** A meter that keeps the estimates it is asked to reserve. */
-  const keeping = (estimates: CostEstimate[]): ModelManagerOptions['meter'] => ({
+  /** A meter that keeps the estimates it is asked to reserve; `holdsOutput`: its reservations hold credit by them (billing's, a key budget's). */
+  const keeping = (estimates: CostEstimate[], holdsOutput = true): ModelManagerOptions['meter'] => ({
     reserve(estimate) {
       estimates.push(estimate);
-      return { settle: () => {} };
+      return { settle: () => {}, holdsOutput };
     },
   });
 
@@ -1043,7 +1043,7 @@ describe('the output cap', () => {
     expect(estimates).toHaveLength(2);
   });
 
-  it('a call without a maximum sends upstream the output tokens its estimate assumed (chat and stream, every path)', async () => {
+  it('a call without a maximum whose reservation holds credit sends upstream the output tokens its estimate assumed (chat and stream, every path)', async () => {
     const estimates: CostEstimate[] = [];
     // defaultMaxOutputTokens: 100 (the test manager's).
     const m = manager({ meter: keeping(estimates) });
@@ -1053,6 +1053,34 @@ describe('the output cap', () => {
     }
     expect(fake.server.log.map((r) => r.body.max_tokens)).toEqual(Array(10).fill(100));
     expect(estimates.map((e) => e.max_output_tokens)).toEqual(Array(10).fill(100));
+  });
+
+  it('a call without a maximum whose reservation holds nothing (billing off, no key budget) sends none to an OpenAI-style provider, which answers as OpenAI does; its estimate still assumes the default (chat and stream, every path)', async () => {
+    for (const meter of [undefined, keeping([], false)]) {
+      fake.server.reset();
+      const estimates: CostEstimate[] = [];
+      const m = manager(meter ? { meter: { reserve: (e) => (estimates.push(e), meter.reserve(e)) } } : { meter: undefined });
+      for (const extra of PATHS) {
+        await m.chat({ model: 'fake-backup', messages: hello, ...extra });
+        for await (const _ of m.stream({ model: 'fake-backup', messages: hello, ...extra }));
+      }
+      // A maximum the caller set is sent as it is.
+      await m.chat({ model: 'fake-backup', messages: hello, maxOutputTokens: 7 });
+      expect(fake.server.log.map((r) => r.body.max_tokens)).toEqual([...Array<undefined>(10).fill(undefined), 7]);
+      for (const r of fake.server.log.slice(0, 10)) expect('max_tokens' in r.body).toBe(false);
+      if (meter) expect(estimates.map((e) => e.max_output_tokens)).toEqual([...Array<number>(10).fill(100), 7]);
+    }
+    // Google's maximum is where its thinking budget is made room in: it is sent one whatever the meter (Anthropic requires one).
+    fake.server.reset();
+    const m = fakeModelManager(fake.server, {
+      builtins,
+      models: [...CUSTOM_MODELS, { id: 'gem-chat', provider: 'gem', capabilities: ['chat'], pricing: price('1', '1') }],
+      records: fake.records,
+      providers: [{ id: 'gem', kind: 'google', base_url: fake.server.url, api_key: 'gem-key' }],
+      overrides: { meter: undefined },
+    });
+    await m.chat({ model: 'gem-chat', messages: hello });
+    expect((fake.server.log[0]!.body.generationConfig as { maxOutputTokens?: number }).maxOutputTokens).toBe(100);
   });
 
   it('a model\'s own smaller limit wins over the default, model by model along the fallbacks; a maximum the caller set is sent as it is', async () => {

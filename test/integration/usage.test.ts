@@ -243,6 +243,18 @@ describe('usage records', () => {
 });
 
 describe('keys with max_budget', () => {
+  it('with billing off, a call without a maximum through a key with a budget sends upstream the default maximum its hold assumed; through a key without one, none', async () => {
+    expect(ctx.app.settings.BILLING_ENABLED).toBe(false);
+    const erin = await createUser(ctx.app);
+    const budgeted = await createKey(ctx.app, erin, { name: 'budget, capped', max_budget: '100000' });
+    const open = await createKey(ctx.app, erin, { name: 'no budget' });
+    await ctx.app.models.chat(chatRequest('fake-billed', { user_id: erin.user.id, api_key_id: budgeted.id }));
+    await ctx.app.models.chat(chatRequest('fake-billed', { user_id: erin.user.id, api_key_id: open.id }));
+    expect(fake.log.map((r) => r.body.max_tokens)).toEqual([ctx.app.settings.MODEL_DEFAULT_MAX_OUTPUT_TOKENS, undefined]);
+    await ctx.app.meter.idle();
+    expect(Number((await keySpend(ctx.database.db, budgeted.id)).reserved)).toBe(0);
+  });
+
   it('a settlement that committed but whose reply was lost is retried without adding the call to the key\'s spend twice', async () => {
     // With billing off no ledger entry is written: what tells a retry that its settlement committed
     // is the call's usage row, written by the settlement itself.

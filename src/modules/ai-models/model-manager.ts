@@ -294,6 +294,14 @@ export interface UsageRecord {
 export interface UsageReservation {
   /** Called exactly once, after the call ended; never on the caller's path (not awaited). */
   settle(record: UsageRecord): void | Promise<void>;
+  /**
+   * The reservation holds credit (an account's, a key's budget) sized by the estimate's
+   * `max_output_tokens`: a call whose client set no maximum sends that one upstream, so that it
+   * cannot cost more than was held. Absent or false (nothing held: billing off and no key budget,
+   * a free model, a meter that only records), an OpenAI-style provider is sent none and answers as
+   * OpenAI does, up to the model's own limit (sentOutputTokens).
+   */
+  readonly holdsOutput?: boolean;
 }
 
 /**
@@ -1345,6 +1353,8 @@ interface AttemptState {
   outputChars: number;
   /** Its tokens as estimated (estimateTextTokens), for an estimated usage. */
   outputTokens: number;
+  /** The call's reservation holds its output maximum (UsageReservation.holdsOutput): it is sent upstream (sentOutputTokens). */
+  capped: boolean;
 }
 
 type AttemptRunner<T> = (model: ModelInfo, attempt: Attempt, state: AttemptState) => Promise<T>;
@@ -1463,7 +1473,7 @@ export class ModelManager {
 
   /**
    * A call's worst case on `model` as its reservation holds it: its output tokens (also sent
-   * upstream as its maximum), the output it may be billed for beyond them (`extraOutputTokens`: a
+   * upstream as its maximum when the reservation holds credit: sentOutputTokens), the output it may be billed for beyond them (`extraOutputTokens`: a
    * thinking budget, see thinkingBudget; a predicted output's tokens, see predictedTokens), and their
    * cost with `inputTokens` in. Public so that a check made ahead of a call (a run's start) asks for
    * exactly what the call's reservation will.
@@ -1477,8 +1487,8 @@ export class ModelManager {
     const started = performance.now();
     return this.run(request, request.signal, 'chat', 'chat', request.maxOutputTokens, async (model, attempt, state) => {
       const tools = request.tools && functionTools(request.tools);
-      const wired = this.wireCall(request, model, tools);
-      const maxBytes = this.options.maxResponseBytes + this.logprobsAllowance(request, model);
+      const wired = this.wireCall(request, model, tools, state.capped);
+      const maxBytes = this.options.maxResponseBytes + this.logprobsAllowance(request, model, state.capped);
       if (wired) {
         const reply = await wired.wire.generate(wired.call, attempt, maxBytes);
         state.usage = reply.usage;
@@ -1487,7 +1497,7 @@ export class ModelManager {
       }
       const direct = this.directModel(model, tools);
       if (direct) return this.generate(request, direct, model, attempt, state, started, maxBytes);
-      const options = this.sdkOptions(request, model);
+      const options = this.sdkOptions(request, model, state.capped);
       const result = await generateText({
         ...options,
         // generateText refuses an answer that broke the tool choice without its usage: read as the
@@ -1512,14 +1522,14 @@ export class ModelManager {
    * it needs the SDK: provider options, tools other than functions with a JSON schema at hand,
    * message parts the wire does not carry (wireMessages); providers other than `openai-compatible`.
    */
-  private wireCall(request: ChatRequest, model: ModelInfo, tools: FunctionTool[] | undefined | null): { wire: OpenAIWire; call: WireCall } | undefined {
+  private wireCall(request: ChatRequest, model: ModelInfo, tools: FunctionTool[] | undefined | null, capped: boolean): { wire: OpenAIWire; call: WireCall } | undefined {
     if (request.providerOptions || tools === null) return undefined;
     const wire = this.options.providers.chatWire(model.provider);
     if (!wire) return undefined;
     const messages = wireMessages(request.system, request.messages);
     if (!messages) return undefined;
     // The SDK's checks of the settings (integers, ranges), so both paths refuse the same input.
-    const settings = this.callSettings(request, model);
+    const settings = this.callSettings(request, model, capped);
     const format = request.responseFormat;
     return {
       wire,
@@ -1573,7 +1583,7 @@ export class ModelManager {
    * for tools with a plain JSON schema (toolCallOf), and its tool-choice check is made here.
    */
   private async generate(request: ChatRequest, direct: DirectCall, model: ModelInfo, attempt: Attempt, state: AttemptState, started: number, maxBytes: number): Promise<ChatResult> {
-    const result = await direct.languageModel.doGenerate(await this.callOptions(request, direct, model, attempt, this.answerHeaders(maxBytes)));
+    const result = await direct.languageModel.doGenerate(await this.callOptions(request, direct, model, attempt, state.capped, this.answerHeaders(maxBytes)));
     state.usage = toTokenUsage(asLanguageModelUsage(result.usage));
     const declared = direct.tools !== undefined;
     let text = '';
@@ -1595,7 +1605,15 @@ export class ModelManager {
    * `functionTools` declared them), with `headers` for limitedFetch (answerHeaders, STREAM_ANSWER)
    * and the stream's `includeRawChunks` built in: not spread onto them afterwards, a copy a call.
    */
-  private async callOptions(request: ChatRequest, { languageModel, tools }: DirectCall, model: ModelInfo, attempt: Attempt, headers: Record<string, string> | undefined, includeRawChunks?: boolean) {
+  private async callOptions(
+    request: ChatRequest,
+    { languageModel, tools }: DirectCall,
+    model: ModelInfo,
+    attempt: Attempt,
+    capped: boolean,
+    headers: Record<string, string> | undefined,
+    includeRawChunks?: boolean,
+  ) {
     const kind = this.options.providers.kind(model.provider);
     const prompt = await convertToLanguageModelPrompt({
       prompt: this.promptFor(request, kind),
@@ -1605,7 +1623,7 @@ export class ModelManager {
     });
     const format = jsonFormatFor(kind, request.responseFormat);
     return {
-      ...this.callSettings(request, model),
+      ...this.callSettings(request, model, capped),
       responseFormat: format && { type: 'json' as const, schema: format.schema, name: format.name, description: format.description },
       prompt,
       tools,
@@ -1658,7 +1676,7 @@ export class ModelManager {
       const toolCalls: ToolCall[] = [];
       let finishReason = 'unknown';
       let toolInputChars = 0;
-      const logprobsChars = this.logprobsAllowance(request, model);
+      const logprobsChars = this.logprobsAllowance(request, model, state.capped);
       let logprobsRead = 0;
       /** A piece's log probabilities: no output (`seen` does not count them), held to what the call asked for on their own (the SDK's paths: the wire holds them as it reads). */
       const weigh = (logprobs: unknown[] | undefined) => {
@@ -1674,7 +1692,7 @@ export class ModelManager {
         // Past the size limit: cut off like a stream past its deadline (metered from what came).
         if ((state.outputChars += output.length) > maxChars) throw attempt.fail(new ModelAnswerLimitError(502, `The model's answer exceeded ${maxChars} characters`, true));
       };
-      const source = await this.streamSource(request, model, attempt);
+      const source = await this.streamSource(request, model, attempt, state.capped);
       for await (const part of source.parts) {
         if (part.type === 'text-delta') {
           seen(part.text);
@@ -1803,11 +1821,11 @@ export class ModelManager {
    * A streamed call's parts, the same whether they come over the wire, straight from the provider
    * model or through the SDK's `streamText`; an upstream error or abort is thrown.
    */
-  private async streamSource(request: ChatRequest, model: ModelInfo, attempt: Attempt): Promise<StreamSource> {
+  private async streamSource(request: ChatRequest, model: ModelInfo, attempt: Attempt, capped: boolean): Promise<StreamSource> {
     const tools = request.tools && functionTools(request.tools);
-    const wired = this.wireCall(request, model, tools);
+    const wired = this.wireCall(request, model, tools, capped);
     if (wired) {
-      const parts = await wired.wire.stream(wired.call, attempt, this.options.maxResponseBytes, this.logprobsAllowance(request, model));
+      const parts = await wired.wire.stream(wired.call, attempt, this.options.maxResponseBytes, this.logprobsAllowance(request, model, capped));
       return { parts, responseMessages: directResponseMessages, noToolCalls: wired.call.tool_choice === 'none', logprobsHeld: true };
     }
     // OpenAI's SDK models hand a refusal on as text: the raw chunks tell it apart (see RefusalReader).
@@ -1816,7 +1834,7 @@ export class ModelManager {
     const direct = this.directModel(model, tools);
     if (direct) {
       const declared = direct.tools !== undefined;
-      const { stream } = await direct.languageModel.doStream(await this.callOptions(request, direct, model, attempt, STREAM_ANSWER, includeRawChunks));
+      const { stream } = await direct.languageModel.doStream(await this.callOptions(request, direct, model, attempt, capped, STREAM_ANSWER, includeRawChunks));
       return {
         parts: (async function* () {
           const refusals = new RefusalReader(request.logprobs === true);
@@ -1837,7 +1855,7 @@ export class ModelManager {
         noToolCalls: declared && request.toolChoice === 'none',
       };
     }
-    const sdk = streamText({ ...this.sdkOptions(request, model), experimental_download: this.downloads(attempt.signal), headers: STREAM_ANSWER, includeRawChunks, abortSignal: attempt.signal, onError: () => {} });
+    const sdk = streamText({ ...this.sdkOptions(request, model, capped), experimental_download: this.downloads(attempt.signal), headers: STREAM_ANSWER, includeRawChunks, abortSignal: attempt.signal, onError: () => {} });
     return {
       parts: (async function* () {
         const refusals = new RefusalReader(request.logprobs === true);
@@ -1976,10 +1994,10 @@ export class ModelManager {
    * within `maxOutputTokens`, so the caller's maximum alone left a thinking call's answer empty or
    * cut short (Anthropic's SDK model adds the budget to `max_tokens` itself).
    */
-  private callSettings(request: ChatRequest, model: ModelInfo) {
+  private callSettings(request: ChatRequest, model: ModelInfo, capped: boolean) {
     const { temperature, topP, frequencyPenalty, presencePenalty, seed, stopSequences } = request;
-    let maxOutputTokens = this.outputTokens(model, request.maxOutputTokens);
-    if (request.reasoningEffort !== undefined && this.options.providers.kind(model.provider) === 'google') maxOutputTokens += this.thinkingBudget(request, model);
+    let maxOutputTokens = this.sentOutputTokens(request, model, capped);
+    if (maxOutputTokens !== undefined && request.reasoningEffort !== undefined && this.options.providers.kind(model.provider) === 'google') maxOutputTokens += this.thinkingBudget(request, model);
     return prepareCallSettings({ maxOutputTokens, temperature, topP, frequencyPenalty, presencePenalty, seed, stopSequences });
   }
 
@@ -1996,7 +2014,7 @@ export class ModelManager {
     return { system: system !== undefined && SILENT_SYSTEM(system) ? undefined : system, messages: kind === 'anthropic' ? withAnthropicToolIds(sent) : sent };
   }
 
-  private sdkOptions(request: ChatRequest, model: ModelInfo) {
+  private sdkOptions(request: ChatRequest, model: ModelInfo, capped: boolean) {
     const kind = this.options.providers.kind(model.provider);
     const format = jsonFormatFor(kind, request.responseFormat);
     return {
@@ -2004,7 +2022,7 @@ export class ModelManager {
       ...this.promptFor(request, kind),
       tools: request.tools,
       toolChoice: request.toolChoice,
-      ...this.callSettings(request, model),
+      ...this.callSettings(request, model, capped),
       providerOptions: this.providerOptions(request, model),
       output: format && jsonOutput(format),
       maxRetries: 0,
@@ -2149,7 +2167,7 @@ export class ModelManager {
             this.settleOffPath(late, record);
           })
         : undefined;
-      const state: AttemptState = { estimated: false, inputTokens, streamed: false, firstTokenAt: null, outputChars: 0, outputTokens: 0 };
+      const state: AttemptState = { estimated: false, inputTokens, streamed: false, firstTokenAt: null, outputChars: 0, outputTokens: 0, capped: reservation?.holdsOutput === true };
       const started = performance.now();
       const startedAt = new Date();
       let attempts = 0;
@@ -2278,9 +2296,9 @@ export class ModelManager {
    * logprobsAllowance): a client's max_tokens past the model's own limit is not sent on as more it
    * may answer, so it buys no more room.
    */
-  private logprobsAllowance(request: ChatRequest, model: ModelInfo): number {
+  private logprobsAllowance(request: ChatRequest, model: ModelInfo, capped: boolean): number {
     if (!request.logprobs) return 0;
-    const tokens = Math.min(this.outputTokens(model, request.maxOutputTokens), model.max_output_tokens ?? Infinity);
+    const tokens = Math.min(this.sentOutputTokens(request, model, capped) ?? Infinity, model.max_output_tokens ?? Infinity);
     return logprobsAllowance(request.logprobs, request.topLogprobs, tokens, this.options.maxResponseBytes);
   }
 
@@ -2297,6 +2315,19 @@ export class ModelManager {
     const fallback = this.options.defaultMaxOutputTokens;
     return own !== null && own < fallback ? own : fallback;
   }
+  /**
+   * The output maximum a chat call sends upstream: outputTokens, but none when the client set none,
+   * its reservation holds nothing by it (`capped` false: UsageReservation.holdsOutput) and its
+   * provider is OpenAI-style — which answers as OpenAI does, up to the model's own limit, where
+   * MODEL_DEFAULT_MAX_OUTPUT_TOKENS sent would end a long answer with `length`. Anthropic requires a
+   * maximum, and Google's is where its thinking budget is made room in (callSettings): both are sent
+   * outputTokens. A call whose reservation holds credit is sent what it held, so it cannot cost more.
+   */
+  private sentOutputTokens(request: Partial<ChatRequest>, model: ModelInfo, capped: boolean): number | undefined {
+    if (request.maxOutputTokens === undefined && !capped && !ownApi(this.options.providers.kind(model.provider))) return undefined;
+    return this.outputTokens(model, request.maxOutputTokens);
+  }
+
 
   /**
    * Why `model` cannot take the call as it is, refused before anything is held or sent (a fallback

@@ -37,7 +37,7 @@ export interface ModelInfo {
   provider: string;
   aliases: string[];
   context_window: number | null;
-  /** The most output tokens the model writes in one answer, when known: a call without a maximum of its own sends the smaller of it and MODEL_DEFAULT_MAX_OUTPUT_TOKENS. */
+  /** The most output tokens the model writes in one answer, when known: a call without a maximum of its own is held for (and, when its hold holds credit, sent) the smaller of it and MODEL_DEFAULT_MAX_OUTPUT_TOKENS. */
   max_output_tokens: number | null;
   capabilities: Capability[];
   pricing: ModelPricing;
