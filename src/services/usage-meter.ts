@@ -128,6 +128,8 @@ export class UsageMeterService implements UsageMeter {
   /** Settlements waiting for the statement in flight (`settling`) to end. */
   private settlements: billingCrud.Settlement[] = [];
   private settling: Promise<void> | null = null;
+  /** The settlements the statement in flight (`settling`) writes. */
+  private settlingBatch: billingCrud.Settlement[] = [];
   /** Credit windows (BILLING_CREDIT_WINDOW_CALLS > 0): holds from memory, settled with the batch writer. */
   private readonly windows: CreditWindows | undefined;
   private windowSettlements: billingCrud.Settlement[] = [];
@@ -269,6 +271,13 @@ export class UsageMeterService implements UsageMeter {
           await this.flushQueued().catch(() => undefined);
           outcome = await this.holdOnce(held);
         }
+      }
+      // Refused while a call of the same user or key that has ended still holds its worst case here
+      // (its settlement waits for the next check phase, or is being written): a client that sends its
+      // next call as soon as the last answered would be refused for credit that call no longer needs.
+      if (outcome !== 'held' && this.owesHolds(held)) {
+        await this.settleOwed();
+        outcome = await this.holdOnce(held);
       }
       if (outcome === 'balance') throw await this.notEnoughCredits(userId!, estimate);
       if (outcome === 'budget') throw await this.overBudget(estimate);
@@ -467,6 +476,7 @@ export class UsageMeterService implements UsageMeter {
     try {
       while (this.settlements.length) {
         const batch = this.settlements.splice(0, this.settings.USAGE_FLUSH_MAX_ROWS);
+        this.settlingBatch = batch;
         try {
           await billingCrud.settleMany(this.db, batch);
         } catch (error) {
@@ -477,6 +487,7 @@ export class UsageMeterService implements UsageMeter {
       }
     } finally {
       this.settling = null;
+      this.settlingBatch = [];
     }
   }
 
@@ -572,6 +583,26 @@ export class UsageMeterService implements UsageMeter {
    */
   private mayOweAccount(windows: CreditWindows, userId: string, flushes: number): boolean {
     return this.owesAccount(userId) || (windows.hadBlock(userId) && (this.flushing !== null || this.flushes !== flushes));
+  }
+
+  /**
+   * Per-call holds of this process that ended and are not yet settled (waiting for the next check
+   * phase, queued, or being written) and that hold what `held` holds from: the user's account, or
+   * the key's budget.
+   */
+  private owesHolds(held: billingCrud.Hold): boolean {
+    const same = (userId: string | null, apiKeyId: string | null) => (held.accountAmount !== null && userId === held.userId) || (held.keyAmount !== null && apiKeyId === held.apiKeyId);
+    return (
+      this.deferred.some(({ held: h, record }) => h.reservationId !== null && !h.window && same(record.context.user_id ?? null, record.context.api_key_id ?? null)) ||
+      this.settlements.some((s) => same(s.userId, s.apiKeyId)) ||
+      this.settlingBatch.some((s) => same(s.userId, s.apiKeyId))
+    );
+  }
+
+  /** Settles the calls that have ended: those waiting for the next check phase, and every batch queued or being written. */
+  private async settleOwed(): Promise<void> {
+    this.settleDeferred();
+    while (this.settling) await this.settling;
   }
 
   /** Writes of this process that change the user's available credit: a retired block's release, its calls' charges. */

@@ -542,6 +542,29 @@ describe('metered calls with BILLING_ENABLED', () => {
     await expectConsistent(user);
   });
 
+  it('a call sent as soon as the last one answered is not refused for the hold of that call, whose settlement was still to be written', async () => {
+    // 15 credits: each call holds 10 and costs 5 (the fake's 5 completion tokens). The second
+    // reaches its hold before the first's settlement has run (it waits for the next check phase).
+    const user = await createUser(ctx.app);
+    await grant(user, '15');
+    await ctx.app.models.chat(billed(user));
+    await ctx.app.models.chat(billed(user));
+    expect(fake.log).toHaveLength(2);
+    expect(await balanceOf(user)).toMatchObject({ balance: '5', reserved: '0' });
+    await expectConsistent(user);
+    // And the same through a key's budget, which holds per call (no credit window).
+    const rich = await createUser(ctx.app);
+    await grant(rich, '1000');
+    const key = await createKey(ctx.app, rich, { name: 'budget', max_budget: '15' });
+    const context = { user_id: rich.user.id, api_key_id: key.id };
+    await ctx.app.models.chat(chatRequest('fake-billed', context, { maxOutputTokens: 10 }));
+    await ctx.app.models.chat(chatRequest('fake-billed', context, { maxOutputTokens: 10 }));
+    expect(fake.log).toHaveLength(4);
+    await ctx.app.meter.idle();
+    expect((await api('GET', `/api-keys/${key.id}`, rich.headers)).json()).toMatchObject({ spent: '10', max_budget: '15' });
+    await expectConsistent(rich);
+  });
+
   it('50 concurrent calls against a balance that covers 10 never overdraw', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '100');
