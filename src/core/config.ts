@@ -168,6 +168,14 @@ export const SettingsSchema = z.object({
   RUN_EVENTS_FLUSH_MS: int(1, 10_000).default(50),
   /** Longest `content` of a message a client posts or edits, in characters (UTF-16 code units). */
   MAX_MESSAGE_CHARS: int(1, 100_000_000).default(100_000),
+  /**
+   * Messages a thread may hold: a client message (posted, a run's input, an `agent:` completion's
+   * history) that would take it past this answers 409. A run's own messages count but are not
+   * refused (a run adds at most MAX_RUN_STEPS × (1 + MAX_TOOL_CALLS_PER_STEP)). The default is
+   * above the longest conversation a model's context takes (1M tokens at ~20 a short turn) and the
+   * history an `agent:` completion may resubmit, but bounds what every run step reads and sends.
+   */
+  MAX_MESSAGES_PER_THREAD: int(1, 10_000_000).default(50_000),
   SHUTDOWN_TIMEOUT_MS: int(0, 600_000).default(10_000),
   /** Unset: 5000 outside `local`, 0 in it (see drainMs in server.ts). */
   SHUTDOWN_DRAIN_MS: z.preprocess(emptyAsUndefined, int(0, 600_000).optional()),

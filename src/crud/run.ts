@@ -13,7 +13,7 @@ import { usageTotalColumns } from './billing.js';
 import { ownedCrud, pageOf } from './owned.js';
 import type { Page, PageOf } from './page.js';
 import { preparedAnywhere } from './prepared.js';
-import { appendedMessageValues } from './thread.js';
+import { appendedMessageValues, messagesHeldSql } from './thread.js';
 
 const RUN_ACCESS = { noun: 'Run', owner: runs.owner_id, project: runs.project_id, scopedKey: 'write' } as const;
 
@@ -89,7 +89,9 @@ const insertedIfFree = preparedAnywhere('runs_insert_started_with_input_if_free'
       .onConflictDoNothing({ target: runs.thread_id, where: HOLDS_THREAD })
       .returning(),
   );
-  const ownedRows = db.$with('owned_rows').as(db.select({ owned: sql<OwnedRow[]>`coalesce(json_agg(${sql.identifier('owned')}), '[]'::json)`.as('owned') }).from(owned));
+  // The thread's messages before the input (this statement's snapshot does not see its own insert), for MAX_MESSAGES_PER_THREAD.
+  const held = messagesHeldSql(sql.placeholder('thread_id'), sql.placeholder('messages_up_to')).as('held');
+  const ownedRows = db.$with('owned_rows').as(db.select({ owned: sql<OwnedRow[]>`coalesce(json_agg(${sql.identifier('owned')}), '[]'::json)`.as('owned'), held }).from(owned));
   return db.with(owned, input, inserted, ownedRows).select().from(ownedRows).leftJoin(inserted, sql`true`).prepare(name);
 });
 
@@ -138,11 +140,12 @@ function summarize(rows: readonly OwnedRow[], threadId: string): OwnerActive {
  * Inside a start's transaction, after holdThreadBusy, for a start that refuses a busy thread:
  * ownerActive and insertRunWithInput in one statement. `run` is undefined when the thread has an
  * active run (then `owned.onThread` is it); the caller refuses the start (rolling back what was
- * written) when `owned` says so, as after ownerActive.
+ * written) when `owned` says so, as after ownerActive, or when `held` (messagesHeld before the
+ * input, up to `messagesUpTo`) leaves no room for it.
  */
-export async function insertRunWithInputIfFree(tx: Db, values: Omit<NewStartedRun, 'input' | 'input_message_id' | 'waiting'> & { input: string }, upTo: number): Promise<{ run: Run | undefined; owned: OwnerActive }> {
-  const [row] = await insertedIfFree(tx).execute({ ...values, waiting: false, up_to: upTo, id: randomUUID(), role: 'user', content: values.input, tool_calls: null, tool_call_id: null, run_id: null, metadata: {} });
-  return { run: row!.inserted ?? undefined, owned: summarize(row!.owned_rows.owned, values.thread_id) };
+export async function insertRunWithInputIfFree(tx: Db, values: Omit<NewStartedRun, 'input' | 'input_message_id' | 'waiting'> & { input: string }, upTo: number, messagesUpTo: number): Promise<{ run: Run | undefined; owned: OwnerActive; held: number }> {
+  const [row] = await insertedIfFree(tx).execute({ ...values, waiting: false, up_to: upTo, messages_up_to: messagesUpTo, id: randomUUID(), role: 'user', content: values.input, tool_calls: null, tool_call_id: null, run_id: null, metadata: {} });
+  return { run: row!.inserted ?? undefined, owned: summarize(row!.owned_rows.owned, values.thread_id), held: Number(row!.owned_rows.held) };
 }
 
 export async function insertRun(tx: Db, values: NewStartedRun): Promise<Run> {

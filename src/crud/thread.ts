@@ -5,7 +5,7 @@ import { and, eq, sql } from 'drizzle-orm';
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
 
-import { type Message, messages, type NewMessage, type NewThread, type Thread, threads } from '../models/index.js';
+import { type Message, messages, type NewMessage, type NewThread, runs, type Thread, threads } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
 import { childCrud } from './child.js';
@@ -100,6 +100,26 @@ export async function appendMessages(tx: Db, threadId: string, values: readonly 
     written.push(...batch.sort((a, b) => a.seq - b.seq));
   }
   return written;
+}
+
+/**
+ * The messages a thread holds, counted up to `upTo`, and the inputs of its waiting runs (each
+ * becomes a message when the run takes the thread): what MAX_MESSAGES_PER_THREAD bounds. Read in a
+ * statement after the caller's transaction has locked the thread (as every append does), so two
+ * appends never both count the thread before the other's message. As an expression, for a
+ * statement that reads it with its own work (a run's start: crud/run.ts).
+ */
+export const messagesHeldSql = (threadId: unknown, upTo: unknown) =>
+  sql<number>`((select count(*) from (select 1 from ${messages} where ${messages.thread_id} = ${threadId} limit ${upTo}) as held)
+    + (select count(*) from ${runs} where ${runs.thread_id} = ${threadId} and ${runs.status} = 'queued' and ${runs.waiting} and ${runs.input} is not null and ${runs.input_message_id} is null))::int`;
+
+/** messagesHeldSql in a statement of its own. */
+export async function messagesHeld(tx: Db, threadId: string, upTo: number): Promise<number> {
+  const [row] = await tx
+    .select({ held: messagesHeldSql(threadId, upTo).mapWith(Number) })
+    .from(threads)
+    .where(eq(threads.id, threadId));
+  return row?.held ?? 0;
 }
 
 /**

@@ -188,9 +188,10 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     if (options.strategy === 'reject' && options.input !== undefined && !options.inputMessageId && !options.history?.length) {
       // The usual start (a refused busy thread, a new input): the owner's active runs are read by
       // the insert itself, one round trip fewer; a refusal rolls the insert back.
-      const { run: inserted, owned } = await runCrud.insertRunWithInputIfFree(tx, { ...values, input: options.input }, limit);
+      const { run: inserted, owned, held } = await runCrud.insertRunWithInputIfFree(tx, { ...values, input: options.input }, limit, settings.MAX_MESSAGES_PER_THREAD);
       checkLimit(owned);
       if (!inserted) throw busy(owned.onThread);
+      await threadService.checkThreadRoom(ctx, tx, thread.id, 1, held);
       await storeQueued(deps, tx, inserted);
       return { run: inserted, interrupted: undefined };
     }
@@ -206,6 +207,8 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
       if (options.strategy === 'enqueue') waiting = true;
       else interrupted = await runCrud.endRun(tx, active.id, { status: 'cancelled', error: null }, null);
     }
+    // The client's messages this start writes: its input (now, or when it takes the thread) and a new thread's history.
+    await threadService.checkThreadRoom(ctx, tx, thread.id, options.input !== undefined && !options.inputMessageId ? 1 + (options.history?.length ?? 0) : 0);
     const appendInput = !waiting && options.input !== undefined && !options.inputMessageId;
     if (appendInput && options.history?.length) await appendMessages(tx, thread.id, options.history.map((message) => ({ ...message, metadata: {} })));
     // The input becomes the thread's next user message in the run's own insert.

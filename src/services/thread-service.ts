@@ -6,7 +6,7 @@ import { type Message, type Thread, threads } from '../models/index.js';
 import type { MessageCreate, MessageListQuery, MessageUpdate, ThreadCreate, ThreadListQuery, ThreadUpdate } from '../schemas/thread.js';
 
 import { matching } from '../crud/owned.js';
-import { appendMessage, messageCrud, threadCrud, threadPolicy } from '../crud/thread.js';
+import { appendMessage, messageCrud, messagesHeld, threadCrud, threadPolicy } from '../crud/thread.js';
 import type { ServiceContext } from './context.js';
 import { createWithinLimit } from './limits.js';
 import { placeInProject } from './project-service.js';
@@ -72,6 +72,22 @@ export function checkContent(ctx: ServiceContext, content: string | undefined, l
 }
 
 /**
+ * Room in the thread for `adding` client messages: 409 when they would take it past
+ * MAX_MESSAGES_PER_THREAD (as the per-user count limits answer). Every path that appends a
+ * client's messages (a post, a run's input, an `agent:` completion's history) asks here, inside
+ * its transaction after it has locked the thread, so concurrent appends are counted one after
+ * another. `held`: what the thread holds (messagesHeld), when the caller's own statement read it.
+ */
+export async function checkThreadRoom(ctx: Pick<ServiceContext, 'settings'>, tx: Db, threadId: string, adding: number, held?: number): Promise<void> {
+  if (adding <= 0) return;
+  const max = ctx.settings.MAX_MESSAGES_PER_THREAD;
+  const holds = held ?? (await messagesHeld(tx, threadId, max));
+  if (holds + adding <= max) return;
+  const asked = adding === 1 ? 'one more' : `${adding} more`;
+  throw new ConflictError(`Thread message limit reached: a thread holds at most ${max} messages (MAX_MESSAGES_PER_THREAD); this one has ${holds >= max ? `${max} or more` : holds}, and ${asked} would pass it. Start a new thread`);
+}
+
+/**
  * Runs `work` on the thread, locked (`strength`) so that no run starts on it meanwhile, if the
  * caller may write to it (404 otherwise) and no run works on it now (409).
  */
@@ -97,7 +113,10 @@ export async function getMessage(ctx: ServiceContext, id: string, { thread_id }:
 export async function createMessage(ctx: ServiceContext, input: MessageCreate, { thread_id }: InThread): Promise<Message> {
   checkContent(ctx, input.content);
   // `no key update`: one writer appends at a time, so message numbers follow commit order.
-  return withIdleThread(ctx, thread_id, 'no key update', (tx, thread) => appendMessage(tx, { ...input, thread_id: thread.id }));
+  return withIdleThread(ctx, thread_id, 'no key update', async (tx, thread) => {
+    await checkThreadRoom(ctx, tx, thread.id, 1);
+    return appendMessage(tx, { ...input, thread_id: thread.id });
+  });
 }
 
 /** Metadata of any message; content of user messages only (the others are what a run recorded). */
