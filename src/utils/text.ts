@@ -45,18 +45,45 @@ export function storableText(text: string, max: number): string {
 
 /**
  * A model's text as a thread stores it: a NUL character (which text and json columns refuse, so
- * the answer was lost and its run failed) shown as U+FFFD, the character of what could not be kept.
+ * the answer was lost and its run failed) and half of a UTF-16 surrogate pair standing alone
+ * (which jsonb refuses, 22P02: a tool call with one in its arguments failed its step; text would
+ * keep it as U+FFFD) shown as U+FFFD, the character of what could not be kept.
  */
-export function withoutNul(text: string): string {
-  return text.includes('\u0000') ? text.replaceAll('\u0000', '\ufffd') : text;
+export function storableModelText(text: string): string {
+  const kept = text.includes('\u0000') ? text.replaceAll('\u0000', '\ufffd') : text;
+  return hasUnpairedSurrogate(kept) ? kept.replace(UNPAIRED_SURROGATES, '\ufffd') : kept;
 }
 
-/** `withoutNul` through a JSON value (a tool call's arguments, stored as jsonb): its strings and keys. */
-export function withoutNulDeep(value: unknown): unknown {
-  if (typeof value === 'string') return withoutNul(value);
-  if (Array.isArray(value)) return value.map(withoutNulDeep);
+/** `storableModelText` through a JSON value (a tool call's arguments, stored as jsonb): its strings and keys. */
+export function storableModelValue(value: unknown): unknown {
+  if (typeof value === 'string') return storableModelText(value);
+  if (Array.isArray(value)) return value.map(storableModelValue);
   if (value === null || typeof value !== 'object') return value;
-  return Object.fromEntries(Object.entries(value).map(([key, item]) => [withoutNul(key), withoutNulDeep(item)]));
+  return Object.fromEntries(Object.entries(value).map(([key, item]) => [storableModelText(key), storableModelValue(item)]));
+}
+
+const isHighSurrogate = (code: number) => code >= 0xd800 && code <= 0xdbff;
+
+/**
+ * `storableModelText` for text that comes in pieces (a model's streamed deltas): a piece that ends
+ * with the first half of a pair keeps it for the next piece, which may hold the other half (a
+ * provider may cut an emoji between two chunks), so the pieces joined are `storableModelText` of
+ * the text joined. `end()` gives what is left (U+FFFD for a half that no piece completed).
+ */
+export function storableModelPieces(): { next: (piece: string) => string; end: () => string } {
+  let held = '';
+  return {
+    next(piece: string): string {
+      const text = held + piece;
+      held = text.length && isHighSurrogate(text.charCodeAt(text.length - 1)) ? text.slice(-1) : '';
+      return storableModelText(held ? text.slice(0, -1) : text);
+    },
+    end(): string {
+      const rest = held;
+      held = '';
+      return storableModelText(rest);
+    },
+  };
 }
 
 /** Names for a message, the first ten of them: `a, b, c` or `a, ..., j and 5 more`. */

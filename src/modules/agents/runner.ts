@@ -21,7 +21,7 @@ import { versionCrud } from '../../crud/agent.js';
 import { preparedAnywhere } from '../../crud/prepared.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
-import { withoutNul, withoutNulDeep } from '../../utils/text.js';
+import { storableModelPieces, storableModelText, storableModelValue } from '../../utils/text.js';
 import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, RunWriter } from './run-bus.js';
@@ -132,11 +132,15 @@ function toolSetOf(version: AgentVersion): ToolSet | undefined {
   return Object.fromEntries(names.map((name) => [name, tool({ description: TOOL_DEFINITIONS[name].description, inputSchema: jsonSchema(TOOL_DEFINITIONS[name].parameters) })]));
 }
 
-/** A tool call's input as its message stores it (an object; NUL characters, which jsonb refuses, as U+FFFD). */
-const asArguments = (input: unknown): Record<string, unknown> => {
-  const storable = withoutNulDeep(input);
-  return typeof storable === 'object' && storable !== null && !Array.isArray(storable) ? (storable as Record<string, unknown>) : { input: storable };
-};
+/**
+ * A tool call of the model as the run keeps it (its id, tool name and input: storableModelText's
+ * U+FFFD for a NUL or half of a surrogate pair, which jsonb refuses), for its events, its tool's
+ * call and its messages alike.
+ */
+const storableCall = (call: ToolCall): ToolCall => ({ ...call, toolCallId: storableModelText(call.toolCallId), toolName: storableModelText(call.toolName), input: storableModelValue(call.input) });
+
+/** A (storable) tool call's input as its message stores it: an object. */
+const asArguments = (input: unknown): Record<string, unknown> => (typeof input === 'object' && input !== null && !Array.isArray(input) ? (input as Record<string, unknown>) : { input });
 
 interface ToolOutcome {
   call: ToolCall;
@@ -398,13 +402,16 @@ export class AgentRunner {
         context,
       });
       const outcomes: Promise<ToolOutcome>[] = [];
+      // The deltas as the thread will store the answer (storableModelText), a pair cut between two kept whole.
+      const pieces = storableModelPieces();
       for await (const part of stream) {
         appends.check();
         // A refusal is the assistant's answer here: a run's messages have no place of their own for it.
         if (part.type === 'text-delta' || part.type === 'refusal-delta') {
-          appends.add([{ event: 'message.delta', data: { message_id: messageId, delta: withoutNul(part.text), step } }]);
+          const delta = pieces.next(part.text);
+          if (delta) appends.add([{ event: 'message.delta', data: { message_id: messageId, delta, step } }]);
         } else if (part.type === 'tool-call') {
-          const call = part.toolCall;
+          const call = storableCall(part.toolCall);
           appends.add([{ event: 'tool.call', data: { message_id: messageId, tool_call_id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input), step } }]);
           // Started as soon as the model asks: several calls of one step run in parallel, up to MAX_TOOL_CALLS_PER_STEP.
           const outcome = this.callTool(call, version, toolContext, step, appends, outcomes.length);
@@ -413,6 +420,8 @@ export class AgentRunner {
           outcomes.push(outcome);
         }
       }
+      const rest = pieces.end();
+      if (rest) appends.add([{ event: 'message.delta', data: { message_id: messageId, delta: rest, step } }]);
       await appends.settle();
       const result = await stream.result;
       const results = await Promise.all(outcomes);
@@ -421,9 +430,9 @@ export class AgentRunner {
       usage = addUsage(usage, result.usage);
       cost = addCosts(cost, result.cost);
 
-      // The answer as its deltas went out (withoutNul), which the thread can store.
-      const text = withoutNul(result.refusal ? result.text + result.refusal : result.text);
-      const toolCalls: MessageToolCall[] = result.toolCalls.map((call) => ({ id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input) }));
+      // The answer as its deltas went out (storableModelText), which the thread can store.
+      const text = storableModelText(result.refusal ? result.text + result.refusal : result.text);
+      const toolCalls: MessageToolCall[] = result.toolCalls.map(storableCall).map((call) => ({ id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input) }));
       // The final answer cites what the run's knowledge searches found (the tool messages of earlier steps, in `history`).
       const citations = toolCalls.length ? {} : sourcesField(sourcesOfRun(history, run.id));
       // Where the log is in the database (embedded), the answer's events are stored by the step's
