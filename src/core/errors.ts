@@ -320,6 +320,9 @@ function loggable(error: FastifyError): { err: unknown; query?: string } {
 // ==================== The one handler ====================
 
 /** What the client is told of a value the database refused, by SQLSTATE. */
+/** Why text with a NUL character (\u0000) is refused: PostgreSQL's text and jsonb cannot store it. */
+export const UNSTORABLE_CHARACTER_MESSAGE = 'Text contains a character that cannot be stored';
+
 const VALUE_REFUSALS = new Map([
   // string_data_right_truncation: text past a varchar's length.
   ['22001', 'Value too long for its field'],
@@ -390,7 +393,7 @@ export function registerErrorHandler(app: FastifyInstance): void {
     if (refusedValue) return send(reply, 422, { detail: [{ loc: ['body'], msg: refusedValue, type: 'value_error' }] });
     // A NUL character (\u0000) in text (22021) or in JSON (22P05, the escape jsonb refuses): PostgreSQL cannot store it.
     if (db?.code === '22021' || db?.code === '22P05') {
-      return send(reply, 422, { detail: [{ loc: ['body'], msg: 'Text contains a character that cannot be stored', type: 'value_error' }] });
+      return send(reply, 422, { detail: [{ loc: ['body'], msg: UNSTORABLE_CHARACTER_MESSAGE, type: 'value_error' }] });
     }
     // Fastify's own client errors (415 media type, 413 body limit, 400 malformed) keep their status.
     if (!isResponseSerializationError(error) && error.statusCode && error.statusCode >= 400 && error.statusCode < 500) {

@@ -1,5 +1,5 @@
 import { type Db, transaction } from '../core/db.js';
-import { ConflictError, UnprocessableError } from '../core/errors.js';
+import { ConflictError, UnprocessableError,UNSTORABLE_CHARACTER_MESSAGE } from '../core/errors.js';
 
 import { type Message, type Thread, threads } from '../models/index.js';
 
@@ -63,12 +63,16 @@ interface InThread {
   thread_id: string;
 }
 
-/** The content a client sends: at most MAX_MESSAGE_CHARS characters (422, in the schema's words). */
+/**
+ * The content a client sends: at most MAX_MESSAGE_CHARS characters (422, in the schema's words),
+ * and no NUL character, which PostgreSQL's text refuses: refused here, at its field, before a
+ * start makes a thread for it (the database's refusal came after, and left that thread behind).
+ */
 export function checkContent(ctx: ServiceContext, content: string | undefined, loc: (string | number)[] = ['body', 'content']): void {
+  if (content === undefined) return;
   const max = ctx.settings.MAX_MESSAGE_CHARS;
-  if (content !== undefined && content.length > max) {
-    throw new UnprocessableError({ loc, msg: `String should have at most ${max} characters`, type: 'string_too_long' });
-  }
+  if (content.length > max) throw new UnprocessableError({ loc, msg: `String should have at most ${max} characters`, type: 'string_too_long' });
+  if (content.includes('\u0000')) throw new UnprocessableError({ loc, msg: UNSTORABLE_CHARACTER_MESSAGE, type: 'value_error' });
 }
 
 /**

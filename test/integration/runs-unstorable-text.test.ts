@@ -9,7 +9,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
 import { type FakeModelServer } from '../helpers/fake-model-server.js';
-import { apiOf, type ListBody } from '../helpers/http.js';
+import { apiOf, createKey, type ListBody } from '../helpers/http.js';
 import { createAgent, createThread, readEvents, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
 
 const MODEL = 'fake-precise';
@@ -21,6 +21,8 @@ const ctx = useTestApp(
     tools: {
       knowledge_search: async (input) => {
         searched.push(input);
+        // A tool's text as a document may hold it (a NUL, half of a pair).
+        if ((input as { query?: unknown }).query === 'odd result') return 'pass\u0000age \udc00';
         return { passages: [{ text: 'found', source: 'doc.md' }] };
       },
     },
@@ -96,5 +98,57 @@ describe('a model\'s unpaired surrogates', () => {
     expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['say half', answer]);
     expect(events.filter((e) => e.event === 'message.delta').map((e) => e.data.delta).join('')).toBe(answer);
     expect(events.find((e) => e.event === 'message.completed')!.data.message).toMatchObject({ content: answer });
+  });
+});
+
+describe('a tool\'s result', () => {
+  it('with a NUL or half of a surrogate pair is stored with U+FFFD, as its event says: the run completes', async () => {
+    fake.script(MODEL, { toolCalls: [{ id: 'call_odd', name: 'knowledge_search', arguments: '{"query":"odd result"}' }] }, { text: 'done' });
+    const { owner, thread } = await setup({ tools: ['knowledge_search'] });
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'odd result' });
+    const { events } = await readEvents(base, owner.headers, run.id);
+    expect(await waitForRun(ctx.app, owner.headers, run.id, ['completed', 'failed'])).toMatchObject({ status: 'completed', error: null });
+    const result = (await threadMessages(owner, thread.id)).find((m) => m.role === 'tool')!;
+    expect(result.content).toBe('pass\uFFFDage \uFFFD');
+    expect(events.find((e) => e.event === 'tool.result')!.data.content).toBe(result.content);
+  });
+});
+
+describe('a provider\'s words on a run', () => {
+  it('a refusal (400) whose message holds a NUL, half of a surrogate pair, and more than a run\'s error keeps is stored cleaned and cut: the run fails with it', async () => {
+    const words = `bad\u0000input \ud800 ${'x'.repeat(5_000)}`;
+    fake.script(MODEL, { status: 400, body: { error: { message: words, type: 'invalid_request_error', code: null, param: null } } });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'refused' });
+    const { events } = await readEvents(base, owner.headers, run.id);
+    const failed = await waitForRun(ctx.app, owner.headers, run.id, ['completed', 'failed']);
+    expect(failed.status).toBe('failed');
+    expect(failed.error).toMatch(/^The provider refused the request for model fake-precise \(400\): .*badinput \uFFFD x+$/s);
+    expect(failed.error!.length).toBeLessThanOrEqual(2_100);
+    expect(events.at(-1)).toMatchObject({ event: 'run.failed', data: { run: { error: failed.error } } });
+  });
+});
+
+describe('a client\'s NUL character', () => {
+  it('in a run\'s input or an agent: completion\'s history is refused (422, 400) before a thread is made for it: none is left behind', async () => {
+    const { owner } = await setup();
+    const agent = await createAgent(ctx.app, owner.headers, { name: 'Helper' });
+    const key = await createKey(ctx.app, owner);
+    const threads = async () => (await api('GET', '/threads', owner.headers)).json<ListBody<unknown>>().count;
+    const before = await threads();
+
+    const run = await api('POST', '/runs', owner.headers, { input: 'a\u0000b' });
+    expect(run.statusCode, run.body).toBe(422);
+    expect(run.json<{ detail: { loc: unknown[] }[] }>().detail[0]!.loc).toEqual(['body', 'input']);
+
+    const completion = await ctx.app.inject({
+      method: 'POST',
+      url: '/v1/chat/completions',
+      headers: { authorization: `Bearer ${key.key}` },
+      payload: { model: `agent:${agent.id}`, messages: [{ role: 'user', content: 'Hi' }, { role: 'assistant', content: 'x\u0000y' }, { role: 'user', content: 'And now?' }] },
+    });
+    expect(completion.statusCode, completion.body).toBe(400);
+    expect(completion.json<{ error: { param: string | null } }>().error.param).toBe('messages[1].content');
+    expect(await threads()).toBe(before);
   });
 });

@@ -21,7 +21,7 @@ import { versionCrud } from '../../crud/agent.js';
 import { preparedAnywhere } from '../../crud/prepared.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
-import { storableModelPieces, storableModelText, storableModelValue } from '../../utils/text.js';
+import { storableModelPieces, storableModelText, storableModelValue, storableText } from '../../utils/text.js';
 import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, RunWriter } from './run-bus.js';
@@ -63,6 +63,12 @@ const RUN_CREDENTIALS_GONE: Record<CredentialsGone, string> = {
 
 /** Whether a run's error says its model call was refused because its key or user went away (RUN_CREDENTIALS_GONE). */
 export const credentialsWentAway = (error: string): boolean => Object.values(RUN_CREDENTIALS_GONE).includes(error);
+
+/**
+ * The longest error a run keeps, in UTF-16 units (a usage record's, too): a provider's refusal is
+ * quoted in it, and a provider may say a lot.
+ */
+const RUN_ERROR_MAX_CHARS = 2_000;
 
 /** A run's error as its owner reads it: what happened and what to do about it. */
 export function describeRunError(error: unknown, run: Pick<Run, 'model'>): string {
@@ -284,7 +290,8 @@ export class AgentRunner {
         await this.afterLostRun(run.id);
         return;
       }
-      const message = stop?.kind === 'deadline' ? `The run passed its deadline of ${settings.RUN_TIMEOUT_SECONDS} s (RUN_TIMEOUT_SECONDS) and was stopped` : describeRunError(error, run);
+      // Storable (storableText): a provider's refusal quoted in it with a NUL failed the run's end, which stayed running until its lease ran out.
+      const message = stop?.kind === 'deadline' ? `The run passed its deadline of ${settings.RUN_TIMEOUT_SECONDS} s (RUN_TIMEOUT_SECONDS) and was stopped` : storableText(describeRunError(error, run), RUN_ERROR_MAX_CHARS);
       if (!(error instanceof HttpError) && !(error instanceof RunFailure) && !stop) log.error({ err: error, runId: run.id }, 'run failed');
       else log.info({ runId: run.id, reason: message, ...(error instanceof UpstreamError ? { upstream: error.message } : {}) }, 'run failed');
       await deps.charged?.();
@@ -527,7 +534,8 @@ export class AgentRunner {
     } else {
       try {
         const value = await implementation(call.input, context);
-        outcome = { call, content: typeof value === 'string' ? value : JSON.stringify(value), is_error: false, sources };
+        // A tool's text (a document's passage) as the thread can store it, alike in its event and its message.
+        outcome = { call, content: storableModelText(typeof value === 'string' ? value : JSON.stringify(value)), is_error: false, sources };
       } catch (error) {
         if (context.signal.aborted) throw context.signal.reason;
         this.deps.log.warn({ err: error, runId: context.run_id, tool: name }, 'tool call failed');
