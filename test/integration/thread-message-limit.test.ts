@@ -63,6 +63,22 @@ describe('MAX_MESSAGES_PER_THREAD', () => {
     expect(await countOf(user, id)).toBe(MAX + 1);
   });
 
+  it('refuses a retry that would append its input (an enqueued run cancelled before it took the thread) past it', async () => {
+    const user = await owner();
+    const { id } = await createThread(ctx.app, user.headers);
+    server.fake.script('fake-precise', { hang: true });
+    const active = await startRun(ctx.app, user.headers, id, { input: 'first' });
+    const queued = await startRun(ctx.app, user.headers, id, { input: 'never appended', multitask_strategy: 'enqueue' });
+    for (const run of [queued, active]) expect((await api('POST', `/runs/${run.id}/cancel`, user.headers)).statusCode).toBe(200);
+    await waitForRun(ctx.app, user.headers, active.id, ['cancelled']);
+    for (let i = 1; i < MAX; i++) expect((await post(user, id, `m${i}`)).statusCode).toBe(200);
+
+    const refused = await api('POST', `/runs/${queued.id}/retry`, user.headers);
+    expect(refused.statusCode, refused.body).toBe(409);
+    expect(refused.json<{ detail: string }>().detail).toMatch(LIMIT);
+    expect(await countOf(user, id)).toBe(MAX);
+  });
+
   it('counts the input of an enqueued run, which it appends when it takes the thread', async () => {
     const user = await owner();
     const { id } = await createThread(ctx.app, user.headers);
