@@ -49,6 +49,15 @@ export const messageCrud = childCrud<Message, NewMessage>(messages, {
 
 constraintAnswers({ threads_project_id_projects_id_fk: { status: 404, detail: 'Project not found' } });
 
+/** Whether the thread still holds the message (a client may delete any message of an idle thread). */
+export async function messageInThread(db: Db, threadId: string, messageId: string): Promise<boolean> {
+  const [row] = await db
+    .select({ id: messages.id })
+    .from(messages)
+    .where(and(eq(messages.thread_id, threadId), eq(messages.id, messageId)));
+  return row !== undefined;
+}
+
 /**
  * Appends a message to a thread whose row the caller's transaction has locked (`no key update`):
  * the lock makes `seq` the next number of the thread, so creation order is the list order and a

@@ -14,7 +14,7 @@ import { agentCrud, agentPolicy, getDefault, versionCrud } from '../crud/agent.j
 import * as billingCrud from '../crud/billing.js';
 import { matching } from '../crud/owned.js';
 import * as runCrud from '../crud/run.js';
-import { appendMessages, historySize, threadCrud, threadPolicy } from '../crud/thread.js';
+import { appendMessages, historySize, messageInThread, threadCrud, threadPolicy } from '../crud/thread.js';
 import { closePending, finishRun, queueRun, type RunDeps, runEvent, runView } from '../modules/agents/run-lifecycle.js';
 import { addCosts, estimateTextTokens, estimateTokensOfSize } from '../modules/ai-models/index.js';
 import { catalogModel } from './agent-service.js';
@@ -339,10 +339,12 @@ export async function retry(ctx: ServiceContext, deps: RunDeps, id: string, stra
   const pinned = await versionCrud.getIn(ctx.db, run.agent_id, run.agent_version).catch(() => null);
   // The model is kept when the run named one of its own; otherwise the agent's (maybe changed) model runs.
   const ownModel = pinned && pinned.model !== run.model ? run.model : undefined;
-  // The thread's history is the prompt, the input in it unless that message is gone (then it is appended again, and counted apart).
-  const unstoredInput = run.input_message_id ? undefined : (run.input ?? undefined);
+  // The thread's history is the prompt, the input in it unless that message was deleted since (or
+  // never written: an enqueued run cancelled while it waited): then it is appended again, and counted apart.
+  const inputMessageId = run.input_message_id && (await messageInThread(ctx.db, run.thread_id, run.input_message_id)) ? run.input_message_id : null;
+  const unstoredInput = inputMessageId ? undefined : (run.input ?? undefined);
   const planned = await plan(ctx, run.owner_id, run.agent_id, ownModel, unstoredInput, [], readEarly(ctx, run.agent_id, run.thread_id));
-  return start(ctx, deps, { id: run.thread_id, owner_id: run.owner_id }, planned, { strategy, input: run.input ?? undefined, inputMessageId: run.input_message_id });
+  return start(ctx, deps, { id: run.thread_id, owner_id: run.owner_id }, planned, { strategy, input: run.input ?? undefined, inputMessageId });
 }
 
 /** Deletes an ended run and its events; its messages stay in the thread. */

@@ -915,6 +915,22 @@ describe('failures in words', () => {
     expect((await threadMessages(owner, thread.id)).map((m) => [m.content, m.run_id])).toContainEqual(['a b', null]);
   });
 
+  it('retry of a run whose input message was deleted since appends the input again: the model gets it, the thread holds it once', async () => {
+    const { owner, thread } = await setup();
+    fake.script(MODEL, { status: 401 }, { text: 'answered' });
+    const failed = await startRun(ctx.app, owner.headers, thread.id, { input: 'the question' });
+    await waitForRun(ctx.app, owner.headers, failed.id, ['failed']);
+    const [input] = await threadMessages(owner, thread.id);
+    expect(input).toMatchObject({ content: 'the question' });
+    expect((await api('DELETE', `/threads/${thread.id}/messages/${input!.id}`, owner.headers)).statusCode).toBe(200);
+    const retried = await api('POST', `/runs/${failed.id}/retry`, owner.headers);
+    expect(retried.statusCode, retried.body).toBe(202);
+    await waitForRun(ctx.app, owner.headers, retried.json<RunBody>().id, ['completed']);
+    const sent = fake.log.at(-1)!.body.messages as { role: string; content: string }[];
+    expect(sent.filter((m) => m.role === 'user').map((m) => m.content)).toEqual(['the question']);
+    expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['the question', 'answered']);
+  });
+
   it('a retry meets the thread\'s active run by its own ?multitask_strategy= (reject by default), never by the retried run\'s: an old interrupt run\'s retry cancels nothing unasked', async () => {
     const { owner, thread } = await setup();
     fake.script(MODEL, { status: 401 });
