@@ -1060,6 +1060,51 @@ describe('knowledge-base ingestion through an API key', () => {
     await expectConsistent(user);
   });
 
+  it('credits running out mid-ingestion (402) fail the entry but keep what was embedded: once credits are granted, a reindex embeds and charges only the missing batches (the ledger as a clean ingestion\'s)', async () => {
+    if (!withVectors()) return;
+    // A clean ingestion of the same document: what each call costs, and the ledger it leaves.
+    const clean = await createUser(ctx.app);
+    await grant(clean, '10');
+    fake.reset();
+    await ingested(ctx.app, clean.headers, (await createFolder(ctx.app, clean.headers)).id, DOCUMENT);
+    const cleanCalls = fake.requestsFor('fake-embed').map((r) => r.body.input);
+    const cleanCosts = (await embeddings(clean)).map((r) => r.cost);
+    expect(cleanCosts).toHaveLength(3);
+    const usageOf = async (user: TestUser) =>
+      (await api('GET', '/billing/transactions?limit=100', user.headers)).json<ListBody<TransactionBody>>().data.filter((t) => t.type === 'usage').map((t) => t.amount).sort();
+
+    // Credits for the first call and half the second: the second call's hold is refused.
+    const user = await createUser(ctx.app);
+    await grant(user, addCosts(cleanCosts[0]!, String(Number(cleanCosts[1]) / 2)));
+    fake.reset();
+    const entry = await settled(ctx.app, user.headers, (await uploaded(ctx.app, user.headers, (await createFolder(ctx.app, user.headers)).id, DOCUMENT)).id);
+    expect(entry).toMatchObject({ status: 'failed', chunk_count: 0 });
+    expect(entry.error).toMatch(/^Embedding stopped: Not enough credits/);
+    expect(fake.requestsFor('fake-embed').map((r) => r.body.input)).toEqual([cleanCalls[0]]);
+    // The first call's chunks stay, with their embeddings, and are not searched while the entry is failed.
+    const kept = await queryRows<{ chunk_index: number; model: string }>(
+      ctx.database.db,
+      sql`select c.chunk_index, e.model from knowledge_chunks c join knowledge_chunk_embeddings e on e.chunk_id = c.id where c.entry_id = ${entry.id} order by c.chunk_index`,
+    );
+    expect(kept).toEqual([
+      { chunk_index: 0, model: 'fake-embed' },
+      { chunk_index: 1, model: 'fake-embed' },
+    ]);
+    await grant(user, '10');
+    const found = (await api('POST', '/knowledge-base/search', user.headers, { query: 'lighthouses ships keepers' })).json<{ data: unknown[] }>();
+    expect(found.data).toEqual([]);
+
+    // Credits granted, the reindex sends (and charges) only the two calls the failed attempt did not make.
+    fake.reset();
+    expect((await api('POST', `/knowledge-base/entries/${entry.id}/reindex`, user.headers)).statusCode).toBe(202);
+    expect(await settled(ctx.app, user.headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: 5, error: null });
+    expect(fake.requestsFor('fake-embed').map((r) => r.body.input)).toEqual(cleanCalls.slice(1));
+    expect((await embeddings(user)).filter((r) => r.status === 'success').map((r) => r.cost)).toEqual(cleanCosts);
+    expect(await usageOf(user)).toEqual(await usageOf(clean));
+    expect(Number((await balanceOf(user)).balance)).toBe(Number(addCosts((await balanceOf(clean)).balance, cleanCosts[0]!, String(Number(cleanCosts[1]) / 2))));
+    await expectConsistent(user);
+  });
+
   it.each([
     ['revoked', 'the API key that asked for this indexing was revoked', (user: TestUser, keyId: string) => api('PATCH', `/api-keys/${keyId}`, user.headers, { status: 'revoked' })],
     // Deleted, the key has no limits when the call reads them (as the meter does for work no request carries): the account pays, by design.

@@ -262,4 +262,46 @@ describe('embeddings', () => {
     expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: SECTIONS.length });
     expect(embedded()).toEqual([texts.slice(0, 2), texts.slice(2, 4), texts.slice(4)]);
   });
+  it("a failed entry keeps its chunks (and their embeddings) but search never shows them, whatever the mode; its reindex resumes from them", async () => {
+    const other = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, other.headers);
+    const entry = await ingested(ctx.app, other.headers, folder.id, { filename: 'lights.md', content: SECTIONS.map((s, i) => `# Part ${i}\n\n${s}`).join('\n\n') });
+    const { db } = ctx.database;
+    const query = { query: 'keepers trimmed lamp wicks' };
+    const found = await search(ctx.app, other.headers, query);
+    expect(found.data.map((hit) => hit.chunk_index)).toContain(1);
+    // Its last attempt's worker died: the claim after it fails the entry (out of attempts).
+    await db.execute(
+      sql`update knowledge_entries set status = 'processing', attempts = ${ctx.app.settings.KB_INGEST_MAX_ATTEMPTS}, lease_token = gen_random_uuid(), lease_expires_at = now() - interval '1 second' where id = ${entry.id}`,
+    );
+    fake.reset();
+    await sweepIngestion(db, ctx.app.queue, 60_000);
+    const failed = await settled(ctx.app, other.headers, entry.id);
+    expect(failed).toMatchObject({ status: 'failed', chunk_count: 0 });
+    const stored = await queryRows<{ n: number }>(db, sql`select count(*)::int as n from knowledge_chunks where entry_id = ${entry.id}`);
+    expect(stored[0]!.n).toBe(SECTIONS.length);
+    if (withVectors()) {
+      const vectors = await queryRows<{ n: number }>(db, sql`select count(*)::int as n from knowledge_chunk_embeddings e join knowledge_chunks c on c.id = e.chunk_id where c.entry_id = ${entry.id}`);
+      expect(vectors[0]!.n).toBe(SECTIONS.length);
+    }
+    // Not found by full text nor by vectors (another of the owner's entries embedded beside it: hybrid
+    // mode), searched everywhere, by its folder or by the entry itself.
+    const second = await ingested(ctx.app, other.headers, folder.id, { filename: 'more.md', content: 'Keepers trimmed lamp wicks in the old days.' });
+    for (const scope of [{}, { folder_ids: [folder.id] }, { entry_ids: [entry.id] }]) {
+      const hits = await search(ctx.app, other.headers, { ...query, ...scope });
+      expect(hits.data.map((hit) => hit.entry_id)).not.toContain(entry.id);
+    }
+    expect((await search(ctx.app, other.headers, query)).data.map((hit) => hit.entry_id)).toEqual([second.id]);
+    expect((await search(ctx.app, other.headers, { ...query, entry_ids: [entry.id] })).data).toEqual([]);
+    // Nor by the query only its vector finds (stop words: nothing for full text; the same embedding as chunk 4's).
+    const byVector = await search(ctx.app, other.headers, { query: SECTIONS[4] });
+    expect(byVector.mode).toBe(withVectors() ? 'hybrid' : 'full_text');
+    expect(byVector.data.map((hit) => hit.entry_id)).not.toContain(entry.id);
+    // The reindex embeds nothing again: every chunk is there as it is cut now, with its embedding.
+    fake.reset();
+    expect((await api('POST', `/knowledge-base/entries/${entry.id}/reindex`, other.headers)).statusCode).toBe(202);
+    expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: SECTIONS.length, error: null });
+    expect(fake.requestsFor('fake-embed')).toHaveLength(0);
+    expect((await search(ctx.app, other.headers, query)).data.map((hit) => hit.entry_id)).toContain(entry.id);
+  });
 });

@@ -46,14 +46,21 @@ class ClaimLostError extends Error {}
 
 /**
  * Takes the entry for this job: from `pending`, or from `processing` whose lease ran out. One
- * conditional update, so two jobs for one entry never both hold it. The first claim of an indexing
- * (an upload's, a reindex's: `attempts` back at 0) clears the entry's chunks in the same
- * transaction, since this job stores the document's chunks anew as it reads it. A later claim (a
- * retry after a passing fault, or after a worker died) keeps what the attempts before it stored of
- * this same indexing: the job stores only the chunks that are missing or differ (`resuming`), so
- * the embeddings already paid for are not asked for, and paid, again. Null: nothing to do.
+ * conditional update, so two jobs for one entry never both hold it. Null: nothing to do.
+ *
+ * What the claim does with the chunks already stored, in the same transaction:
+ * - The first claim of an indexing (an upload's, a reindex's: `attempts` back at 0) of an entry
+ *   that was `ready` (`chunk_count` > 0: its chunks are a finished indexing's) clears them: they
+ *   may be older code's, whose vectors could be a fallback model's stored under EMBEDDING_MODEL's
+ *   id (before `sameModel`), and a reindex of a ready entry is asked for to embed it anew.
+ * - Otherwise the chunks there are this code's, of an indexing that did not finish: an earlier
+ *   attempt of this one (a retry after a passing fault, or after a worker died), or a failed
+ *   indexing (`fail` keeps what was embedded and paid for, and sets `chunk_count` to 0; before it
+ *   did, failing deleted them, so no failed entry holds older code's chunks). The job resumes from
+ *   them (`resuming`): it stores only the chunks that are missing or differ, so the embeddings
+ *   already paid for are not asked for, and paid, again.
  */
-async function claim(db: Db, settings: Settings, entryId: string): Promise<KnowledgeEntry | null> {
+async function claim(db: Db, settings: Settings, entryId: string): Promise<Claim | null> {
   return transaction(db, async (tx) => {
     const [entry] = await tx
       .update(knowledgeEntries)
@@ -72,13 +79,22 @@ async function claim(db: Db, settings: Settings, entryId: string): Promise<Knowl
         ),
       )
       .returning();
-    if (entry && !resuming(entry)) await deleteChunks(tx, entry.id);
-    return entry ?? null;
+    if (!entry) return null;
+    if (entry.attempts === 1 && entry.chunk_count > 0) {
+      await deleteChunks(tx, entry.id);
+      return { entry, resuming: false };
+    }
+    // Nothing stored: nothing to compare (no read per batch).
+    const [stored] = await tx.select({ id: knowledgeChunks.id }).from(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entry.id)).limit(1);
+    return { entry, resuming: stored !== undefined };
   });
 }
 
-/** Whether this claim follows an earlier attempt of the same indexing (whose chunks it keeps); a reindex sets `attempts` back to 0. */
-const resuming = (claimed: Pick<KnowledgeEntry, 'attempts'>) => claimed.attempts > 1;
+/** A claimed entry, and whether its job resumes from chunks stored before it (see `claim`). */
+interface Claim {
+  entry: KnowledgeEntry;
+  resuming: boolean;
+}
 
 const held = (entry: KnowledgeEntry) => and(eq(knowledgeEntries.id, entry.id), eq(knowledgeEntries.lease_token, entry.lease_token!));
 
@@ -92,15 +108,21 @@ async function renew(db: Db, settings: Settings, entry: KnowledgeEntry): Promise
   if (!row) throw new ClaimLostError();
 }
 
-/** Ends the claim as `failed` with `error` (and no index: nothing half-made stays searchable). */
-async function fail(db: Db, entry: KnowledgeEntry, error: string): Promise<void> {
+/**
+ * Ends the claim as `failed` with `error`. The chunks stored so far stay (`keepChunks`) — their
+ * embeddings are paid for, and the entry's next indexing resumes from them (`claim`) — but search
+ * never shows a failed entry's chunks (`scopeOf` in search.ts), and `chunk_count` is 0 (nothing is
+ * indexed). A document that cannot be read as it is (rejected, its file gone) keeps none: no
+ * indexing of it resumes.
+ */
+async function fail(db: Db, entry: KnowledgeEntry, error: string, keepChunks = true): Promise<void> {
   await transaction(db, async (tx) => {
     const [row] = await tx
       .update(knowledgeEntries)
       .set({ status: 'failed', error, chunk_count: 0, token_count: 0, lease_token: null, lease_expires_at: null, processed_at: sql`now()` })
       .where(held(entry))
       .returning({ id: knowledgeEntries.id });
-    if (row) await deleteChunks(tx, entry.id);
+    if (row && !keepChunks) await deleteChunks(tx, entry.id);
   });
 }
 
@@ -166,7 +188,7 @@ const CUT_SLICE_MS = 20;
  * embedding call's chunks are stored as soon as it answers, so what was paid for is kept even if a
  * later call fails. Search finds a batch once it is stored. A failure stops the extraction (`signal`).
  *
- * Resuming (a retry of the same indexing, see `claim`), a chunk already stored as this run cuts
+ * Resuming (a retry of the same indexing, or a failed entry's reindex: see `claim`), a chunk already stored as this run cuts
  * it — same place, text, headings, token count and full-text vector, and an embedding by `model`
  * where there is one — is kept as it is; the others are embedded and stored (replacing what was
  * there), and chunks past the document's end go at the finish. Chunking is deterministic, so a
@@ -344,11 +366,11 @@ async function storedChunks(db: Db, entryId: string, first: number, last: number
  * A resumed job's earlier attempt may have cut the document into more chunks (other settings
  * then): those past its end go.
  */
-async function finishEntry(db: Db, entry: KnowledgeEntry, document: ExtractedDocument, written: ChunkWriter): Promise<void> {
+async function finishEntry(db: Db, entry: KnowledgeEntry, document: ExtractedDocument, written: ChunkWriter, resuming: boolean): Promise<void> {
   await transaction(db, async (tx) => {
     const [row] = await tx.select({ id: knowledgeEntries.id }).from(knowledgeEntries).where(held(entry)).for('update');
     if (!row) throw new ClaimLostError();
-    if (resuming(entry)) await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), gte(knowledgeChunks.chunk_index, written.chunkCount)));
+    if (resuming) await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), gte(knowledgeChunks.chunk_index, written.chunkCount)));
     await tx
       .update(knowledgeEntries)
       .set({
@@ -410,8 +432,9 @@ export function outcomeOf(error: unknown, entry: Pick<KnowledgeEntry, 'attempts'
 /** Ingests one entry; a no-op when it is gone, done, or another job holds it. Throws only to have the queue try again. */
 export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise<void> {
   const { db, settings, log } = deps;
-  const entry = await claim(db, settings, entryId);
-  if (!entry) return;
+  const claimed = await claim(db, settings, entryId);
+  if (!claimed) return;
+  const { entry, resuming } = claimed;
   const maxAttempts = settings.KB_INGEST_MAX_ATTEMPTS;
   if (entry.attempts > maxAttempts) {
     await fail(db, entry, `Ingestion did not finish in ${maxAttempts} attempts (the worker stopped or ran out of time); reindex the entry to try again`);
@@ -425,7 +448,7 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
     // are large, and a worker that runs only agent runs or email never needs them.
     const { ChunkCutter, chunkOptionsFrom } = await import('../../modules/knowledge/chunk.js');
     const model = settings.EMBEDDING_MODEL && (await hasVectorTable(db)) ? settings.EMBEDDING_MODEL : null;
-    const chunks = new ChunkWriter(deps, entry, new ChunkCutter(chunkOptionsFrom(settings)), model, resuming(entry));
+    const chunks = new ChunkWriter(deps, entry, new ChunkCutter(chunkOptionsFrom(settings)), model, resuming);
     writer = chunks;
     // A long PDF is indexed while it is read: its sections come out of the reader's thread as
     // they are whole and are stored here meanwhile, so reading and indexing take the time of the
@@ -438,7 +461,7 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
       storage.saveFile(utf8Pieces(document.text), `${entry.id}.txt`, 'text/plain; charset=utf-8', textPathOf(storage, entry.storage_key)),
       chunks.finish(),
     ]);
-    await finishEntry(db, entry, document, chunks);
+    await finishEntry(db, entry, document, chunks, resuming);
     await refreshSearchStatistics(db, chunks.chunkCount);
     log.info({ entryId, format: document.format, chunks: chunks.chunkCount, ms: Math.round(performance.now() - started) }, 'knowledge entry ingested');
   } catch (thrown) {
@@ -457,7 +480,7 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
       throw error;
     }
     if (!(error instanceof DocumentRejectedError || error instanceof HttpError)) log.error({ err: error, entryId }, 'ingestion failed');
-    await fail(db, entry, outcome.fail);
+    await fail(db, entry, outcome.fail, !(error instanceof DocumentRejectedError || error instanceof StorageNotFoundError));
   }
 }
 

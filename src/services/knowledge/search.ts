@@ -67,8 +67,20 @@ export interface Scope {
   readsEntries: boolean;
 }
 
+/**
+ * Not the chunks of the caller's failed entries: a failed indexing keeps what it embedded (paid
+ * for; the entry's next indexing resumes from it), but a failed entry is not indexed. The ids come
+ * from one look-up per statement (an InitPlan over the owner's entries), compared on the chunk's
+ * own column: no join to knowledge_entries in the statements that find candidates, and with an
+ * array the planner cannot see, `<> all` is estimated to keep nearly every row, so the plans stay
+ * those without it.
+ */
+function notFailed(ownerId: string): SQL {
+  return sql`${knowledgeChunks.entry_id} <> all (array(select failed.id from ${knowledgeEntries} as failed where failed.owner_id = ${ownerId} and failed.status = 'failed'))`;
+}
+
 function scopeOf(principal: Principal, query: KnowledgeQuery): Scope {
-  const own = ownRows(principal, knowledgeChunks.owner_id, knowledgeEntries.project_id);
+  const own = and(ownRows(principal, knowledgeChunks.owner_id, knowledgeEntries.project_id), notFailed(principal.user.id))!;
   const projectScoped = principal.scopeProjectId !== null;
   if (query.folderIds === undefined && query.entryIds === undefined) return { where: own, readsEntries: projectScoped };
   const folderIds = query.folderIds ?? [];
