@@ -5,6 +5,7 @@ import { connect } from 'node:net';
 import { join } from 'node:path';
 
 import { eq, sql } from 'drizzle-orm';
+import { PgDialect } from 'drizzle-orm/pg-core';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 
 import { knowledgeChunks, knowledgeEntries } from '../../src/models/index.js';
@@ -13,7 +14,7 @@ import { queryRows } from '../../src/crud/owned.js';
 import { contentDisposition } from '../../src/routers/knowledge.js';
 import { purgeDeletedFiles } from '../../src/services/knowledge/files.js';
 import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
-import { fullTextQuery, questionLexemes, type Scope } from '../../src/services/knowledge/search.js';
+import { boundedQuestion, fullTextQuery, fullTextStatement, MAX_QUESTION_WORD_TOKENS, MAX_QUESTION_WORDS, questionLexemes, type Scope } from '../../src/services/knowledge/search.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
@@ -683,6 +684,35 @@ describe('search', () => {
     // No chunk holds both words: the OR fallback answers, and takes the rare word's chunks first.
     const found = (await search(ctx.app, user.headers, { query: 'Do platypus and wombat dig burrows?' })).data;
     expect(found.map((hit) => hit.entry_id)).toContain(rare.id);
+  });
+
+  it('reads a question\'s first words only (MAX_QUESTION_WORDS distinct, MAX_QUESTION_WORD_TOKENS in all): a 2,000-character question still finds its passage', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const axolotl = await ingested(ctx.app, user.headers, folder.id, { filename: 'axolotl.txt', content: 'The axolotl regenerates its limbs within weeks.' });
+    await ingested(ctx.app, user.headers, folder.id, { filename: 'newt.txt', content: 'A newt loses its tail to escape.' });
+    const words = (text: string) => text.match(/[\p{L}\p{M}\p{N}_]+/gu) ?? [];
+    const question = 'How does the axolotl regenerate its limbs?';
+    // Repeated words (the statement ANDed and ranked each one): its first 64 are read.
+    const repeated = `${question} ${'axolotl limbs regenerate '.repeat(100)}`.slice(0, 2_000);
+    expect((await search(ctx.app, user.headers, { query: repeated })).data[0]?.entry_id).toBe(axolotl.id);
+    expect(words(boundedQuestion(repeated))).toHaveLength(MAX_QUESTION_WORD_TOKENS);
+    // Hundreds of distinct words after it: its first 32 distinct words are read, the question whole.
+    const hostile = `${question} ${Array.from({ length: 400 }, (_, i) => `zy${i.toString(36)}q`).join(' ')}`.slice(0, 2_000);
+    const bounded = boundedQuestion(hostile);
+    expect(bounded.startsWith(question)).toBe(true);
+    expect(new Set(words(bounded)).size).toBe(MAX_QUESTION_WORDS);
+    expect(new Set(words(boundedQuestion(hostile.toUpperCase()))).size).toBe(MAX_QUESTION_WORDS);
+    const db = ctx.database.db;
+    const { params } = new PgDialect().sqlToQuery(await fullTextStatement(db, 'english', hostile, { where: sql`knowledge_chunks.owner_id = ${user.user.id}`, readsEntries: false }, 5));
+    expect(params).toContain(bounded);
+    expect(params).not.toContain(hostile);
+    expect((await questionLexemes(db, 'english', bounded)).length).toBeLessThanOrEqual(MAX_QUESTION_WORDS);
+    // Without spaces (a comma between words): cut the same way.
+    expect(new Set(words(boundedQuestion(words(hostile).join(','))))).toEqual(new Set(words(bounded)));
+    // A normal question, quotes and exclusions included, is whole.
+    for (const normal of [question, '"regenerates its limbs" axolotl -newt', 'axolotl or newt']) expect(boundedQuestion(normal)).toBe(normal);
+    expect((await search(ctx.app, user.headers, { query: 'axolotl or newt' })).data).toHaveLength(2);
   });
 
   it('looks for the matches of a question of common words among the first rows in scope, and answers as the index does', async () => {

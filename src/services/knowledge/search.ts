@@ -264,9 +264,39 @@ export function fullTextQuery(language: string, text: string, lexemes: QuestionL
         limit ${limit}`;
 }
 
-/** The full-text search statement for a question, written after its lexemes are looked up (questionLexemes). */
+/**
+ * Words of a question that full text reads at most: distinct ones, and in all (repeats count). A
+ * question's cost grows with its words — `websearch_to_tsquery` ANDs them all (a GIN look-up
+ * each), and `ts_rank_cd` scores every candidate against every term (a 2,000-character question
+ * of ~200 lexemes: 0.15–0.45 s on PGlite at 5,000 chunks, most of it ranking 60 candidates) — while
+ * a question past a few dozen words finds its passages by them already. A word is a run of
+ * letters, marks, digits or `_` (the parser's lexemes are never more than ~1.5 a word: `a-b` is
+ * `a-b`, `a`, `b`), counted whatever the case; stop words count too.
+ */
+export const MAX_QUESTION_WORDS = 32;
+export const MAX_QUESTION_WORD_TOKENS = 64;
+
+/**
+ * The start of `text` that full text searches for: up to the first word past MAX_QUESTION_WORDS
+ * distinct words or MAX_QUESTION_WORD_TOKENS words in all (the rest is left out, its syntax — an
+ * open quote, a trailing `or` — as `websearch_to_tsquery` takes it). A normal question is whole.
+ */
+export function boundedQuestion(text: string): string {
+  const seen = new Set<string>();
+  let words = 0;
+  for (const match of text.matchAll(/[\p{L}\p{M}\p{N}_]+/gu)) {
+    const word = match[0].toLowerCase();
+    if ((!seen.has(word) && seen.size === MAX_QUESTION_WORDS) || words === MAX_QUESTION_WORD_TOKENS) return text.slice(0, match.index);
+    seen.add(word);
+    words++;
+  }
+  return text;
+}
+
+/** The full-text search statement for a question (its first words: boundedQuestion), written after its lexemes are looked up (questionLexemes). */
 export async function fullTextStatement(db: Db, language: string, text: string, scope: Scope, limit: number): Promise<SQL> {
-  return fullTextQuery(language, text, await questionLexemes(db, language, text), scope, limit);
+  const question = boundedQuestion(text);
+  return fullTextQuery(language, question, await questionLexemes(db, language, question), scope, limit);
 }
 
 async function fullText(db: Db, language: string, text: string, scope: Scope, limit: number): Promise<(Passage & { score: number })[]> {
