@@ -9,7 +9,7 @@ import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { fakeEmbedding, FakeModelServer } from '../helpers/fake-model-server.js';
-import { apiOf, eventually } from '../helpers/http.js';
+import { apiOf, eventually, sleep } from '../helpers/http.js';
 import { createFolder, ingested, search, settled, uploaded } from '../helpers/knowledge.js';
 import { addFakeModels } from '../helpers/metered-models.js';
 import { createAgent, createThread, startRun, waitForRun } from '../helpers/runs.js';
@@ -303,5 +303,38 @@ describe('embeddings', () => {
     expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: SECTIONS.length, error: null });
     expect(fake.requestsFor('fake-embed')).toHaveLength(0);
     expect((await search(ctx.app, other.headers, query)).data.map((hit) => hit.entry_id)).toContain(entry.id);
+  });
+  it('a retry after the chunking changed drops the earlier cutting\'s chunks from its first difference on, so old and new chunks never show side by side', async () => {
+    const other = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, other.headers);
+    const entry = await ingested(ctx.app, other.headers, folder.id, { filename: 'lights.md', content: SECTIONS.map((s, i) => `# Part ${i}\n\n${s}`).join('\n\n') });
+    const { db } = ctx.database;
+    const texts = () => queryRows<{ text: string }>(db, sql`select text from knowledge_chunks where entry_id = ${entry.id} order by chunk_index`).then((rows) => rows.map((r) => r.text));
+    // As an attempt with smaller chunks left it: section 1 in two chunks, every later one a place further on.
+    const [head, tail] = [SECTIONS[1]!.slice(0, 20), SECTIONS[1]!.slice(20)];
+    await db.execute(sql`update knowledge_chunks set chunk_index = chunk_index + 100 where entry_id = ${entry.id} and chunk_index >= 2`);
+    await db.execute(sql`update knowledge_chunks set chunk_index = chunk_index - 99 where entry_id = ${entry.id} and chunk_index >= 100`);
+    await db.execute(sql`update knowledge_chunks set text = ${head}, tsv = to_tsvector('english', ${head}) where entry_id = ${entry.id} and chunk_index = 1`);
+    await db.execute(
+      sql`insert into knowledge_chunks (entry_id, owner_id, chunk_index, text, heading_path, token_count, tsv) values (${entry.id}, ${other.user.id}, 2, ${tail}, '{Part 1}', 8, to_tsvector('english', ${tail}))`,
+    );
+    expect(await texts()).toEqual([SECTIONS[0], head, tail, ...SECTIONS.slice(2)]);
+    await db.execute(
+      sql`update knowledge_entries set status = 'processing', attempts = 1, lease_token = gen_random_uuid(), lease_expires_at = now() - interval '1 second' where id = ${entry.id}`,
+    );
+    fake.reset();
+    if (withVectors()) {
+      // The retry's second embedding call answers late: what is stored meanwhile is what search shows.
+      fake.script('fake-embed', {}, { chunkDelayMs: 1_500 });
+      await sweepIngestion(db, ctx.app.queue, 60_000);
+      await fake.waitFor((log) => log.filter((r) => r.model === 'fake-embed').length === 2);
+      await sleep(200);
+      expect(await texts()).toEqual(SECTIONS.slice(0, 3));
+    } else {
+      await sweepIngestion(db, ctx.app.queue, 60_000);
+    }
+    expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: SECTIONS.length });
+    expect(await texts()).toEqual(SECTIONS);
+    if (withVectors()) expect(fake.requestsFor('fake-embed').map((r) => r.body.input)).toEqual([SECTIONS.slice(1, 3), SECTIONS.slice(3, 5)]);
   });
 });

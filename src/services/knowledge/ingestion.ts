@@ -192,7 +192,13 @@ const CUT_SLICE_MS = 20;
  * it — same place, text, headings, token count and full-text vector, and an embedding by `model`
  * where there is one — is kept as it is; the others are embedded and stored (replacing what was
  * there), and chunks past the document's end go at the finish. Chunking is deterministic, so a
- * retry with the same settings embeds exactly what the failed attempt did not store.
+ * retry with the same settings embeds exactly what the failed attempt did not store. A stored
+ * chunk whose text differs from this run's in its place was cut otherwise (a chunking setting
+ * changed between attempts, another extraction): each chunk's bounds follow from the one before
+ * it, so every stored chunk from that place on is another cutting's, overlapping what this run
+ * stores. They all go in the transaction that stores the batch's first chunk (`dropFrom`), before
+ * any chunk of this run is there, and the rest of the document is stored as on a first attempt:
+ * search never shows old and new chunks of the same text side by side.
  */
 class ChunkWriter {
   private readonly queue: DocumentSection[] = [];
@@ -212,8 +218,11 @@ class ChunkWriter {
     private readonly entry: KnowledgeEntry,
     private readonly cutter: ChunkCutter,
     private readonly model: string | null,
-    private readonly resuming: boolean,
+    private resuming: boolean,
   ) {}
+
+  /** The place from which stored chunks are another cutting's, to delete with the next batch stored (see the class). */
+  private dropFrom: number | null = null;
 
   add(sections: DocumentSection[]): void {
     if (this.failure) return;
@@ -272,6 +281,8 @@ class ChunkWriter {
     const batch = this.pending;
     this.pending = [];
     const missing = this.resuming ? await this.notStored(batch) : batch;
+    // Past another cutting's chunks (all dropped with this batch), nothing stored is left to compare with.
+    const lastCompared = this.dropFrom !== null;
     if (!missing.length) {
       await renew(deps.db, deps.settings, entry);
     } else if (!model) {
@@ -283,6 +294,7 @@ class ChunkWriter {
         await this.store(part, await embed(deps, entry, model, part));
       }
     }
+    if (lastCompared) this.resuming = false;
     this.chunkCount += batch.length;
     this.tokenCount += batch.reduce((sum, chunk) => sum + chunk.tokenCount, 0);
   }
@@ -293,7 +305,14 @@ class ChunkWriter {
     const stored = await storedChunks(deps.db, entry.id, batch[0]!.index, batch.at(-1)!.index, deps.settings.KB_SEARCH_LANGUAGE);
     const embedded = model ? await embeddedChunks(deps.db, model, stored.map((row) => row.id)) : null;
     const byIndex = new Map(stored.map((row) => [row.chunk_index, row]));
+    const otherCut = batch.find((chunk) => {
+      const row = byIndex.get(chunk.index);
+      return row !== undefined && row.text !== chunk.text;
+    });
+    // From there on nothing stored is kept (see the class).
+    if (otherCut) this.dropFrom = otherCut.index;
     return batch.filter((chunk) => {
+      if (otherCut && chunk.index >= otherCut.index) return true;
       const row = byIndex.get(chunk.index);
       const same =
         row !== undefined &&
@@ -322,7 +341,12 @@ class ChunkWriter {
       // file on PGlite: 20.7 s with a flush per batch, 19.4 s without.)
       await tx.execute(sql`select set_config('synchronous_commit', 'off', true)`);
       await renew(tx, deps.settings, entry);
-      // An earlier attempt's chunk in the same place (another text, or no embedding by the model) goes, with its embedding.
+      // An earlier attempt's chunks from a place on where they were cut otherwise go, with their embeddings (see the class).
+      if (this.dropFrom !== null) {
+        await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), gte(knowledgeChunks.chunk_index, this.dropFrom)));
+        this.dropFrom = null;
+      }
+      // An earlier attempt's chunk in the same place (another full-text vector or headings, or no embedding by the model) goes, with its embedding.
       if (this.resuming) {
         await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), inArray(knowledgeChunks.chunk_index, chunks.map((chunk) => chunk.index))));
       }
