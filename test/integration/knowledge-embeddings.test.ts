@@ -13,6 +13,7 @@ import { apiOf, eventually, sleep } from '../helpers/http.js';
 import { createFolder, ingested, search, settled, uploaded } from '../helpers/knowledge.js';
 import { addFakeModels } from '../helpers/metered-models.js';
 import { createAgent, createThread, startRun, waitForRun } from '../helpers/runs.js';
+import { intercepting } from '../helpers/statements.js';
 
 // Embedded (PGlite) has pgvector: ingestion embeds and search is hybrid. The machine's PostgreSQL
 // has none: the same app embeds nothing and searches full text only.
@@ -230,8 +231,20 @@ describe('embeddings', () => {
       await db.execute(sql`delete from knowledge_chunk_embeddings where chunk_id = ${before[4]!.id}`);
     }
     fake.reset();
-    expect(await sweepIngestion(db, ctx.app.queue, 60_000)).toBeGreaterThanOrEqual(1);
-    expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: SECTIONS.length, error: null });
+    // The stored batch is read with its embeddings in one statement (they were two).
+    const reads: string[] = [];
+    await intercepting(
+      db,
+      (text, params) => {
+        if (/^\s*select/i.test(text) && (params.includes(entry.id) || text.includes('from knowledge_chunk_embeddings where model'))) reads.push(text);
+      },
+      async () => {
+        expect(await sweepIngestion(db, ctx.app.queue, 60_000)).toBeGreaterThanOrEqual(1);
+        expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: SECTIONS.length, error: null });
+      },
+    );
+    expect(reads.filter((text) => text.includes('between'))).toHaveLength(1);
+    expect(reads.filter((text) => text.includes('from knowledge_chunk_embeddings where model'))).toEqual([]);
     const after = await chunksOf();
     expect(after.map((c) => [c.chunk_index, c.text, c.tsv_current])).toEqual(SECTIONS.map((text, i) => [i, text, true]));
     // Chunk 0 was kept as it was.

@@ -93,17 +93,6 @@ export async function writeEmbeddings(db: Db, model: string, chunkIds: string[],
   );
 }
 
-/** Of the chunks `chunkIds`, those with an embedding by `model` (a resumed ingestion keeps them). */
-export async function embeddedChunks(db: Db, model: string, chunkIds: string[]): Promise<Set<string>> {
-  if (!chunkIds.length) return new Set();
-  const ids = sql.join(
-    chunkIds.map((id) => sql`${id}::uuid`),
-    sql`, `,
-  );
-  const rows = await queryRows<{ chunk_id: string }>(db, sql`select chunk_id from ${TABLE} where model = ${model} and chunk_id in (${ids})`);
-  return new Set(rows.map((row) => row.chunk_id));
-}
-
 /** A chunk near the query, with what search shows of it (so that no second statement fetches it). */
 export interface VectorMatch {
   chunk_id: string;

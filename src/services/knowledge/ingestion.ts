@@ -28,7 +28,7 @@ import type { ChunkCutter } from '../../modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
 import { type DocumentChunk, DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../modules/knowledge/types.js';
 import { StorageNotFoundError, type StorageService } from '../storage-service.js';
-import { embeddedChunks, ensureVectorIndex, hasVectorTable, writeEmbeddings } from './embeddings.js';
+import { ensureVectorIndex, hasVectorTable, writeEmbeddings } from './embeddings.js';
 import { knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
 import { refreshSearchStatistics } from './search.js';
 
@@ -302,8 +302,7 @@ class ChunkWriter {
   /** Of `batch`, the chunks an earlier attempt did not store as they are now (see the class). */
   private async notStored(batch: DocumentChunk[]): Promise<DocumentChunk[]> {
     const { deps, entry, model } = this;
-    const stored = await storedChunks(deps.db, entry.id, batch[0]!.index, batch.at(-1)!.index, deps.settings.KB_SEARCH_LANGUAGE);
-    const embedded = model ? await embeddedChunks(deps.db, model, stored.map((row) => row.id)) : null;
+    const stored = await storedChunks(deps.db, entry.id, batch[0]!.index, batch.at(-1)!.index, deps.settings.KB_SEARCH_LANGUAGE, model);
     const byIndex = new Map(stored.map((row) => [row.chunk_index, row]));
     const otherCut = batch.find((chunk) => {
       const row = byIndex.get(chunk.index);
@@ -321,7 +320,7 @@ class ChunkWriter {
         row.token_count === chunk.tokenCount &&
         row.heading_path.length === chunk.headingPath.length &&
         row.heading_path.every((heading, i) => heading === chunk.headingPath[i]) &&
-        (embedded === null || embedded.has(row.id));
+        (model === null || row.embedded);
       return !same;
     });
   }
@@ -369,8 +368,16 @@ class ChunkWriter {
   }
 }
 
-/** The entry's stored chunks from `first` to `last` (places), and whether each one's full-text vector is what `language` makes of its text. */
-async function storedChunks(db: Db, entryId: string, first: number, last: number, language: string) {
+/**
+ * The entry's stored chunks from `first` to `last` (places), whether each one's full-text vector is
+ * what `language` makes of its text, and (with `model`, which implies the embeddings table)
+ * whether it has an embedding by `model`: one statement.
+ */
+async function storedChunks(db: Db, entryId: string, first: number, last: number, language: string, model: string | null) {
+  const embedded = model
+    ? // Named in full: a one-table select writes its columns bare, and a bare "id" here is the embedding's.
+      sql<boolean>`exists (select 1 from knowledge_chunk_embeddings where knowledge_chunk_embeddings.chunk_id = knowledge_chunks.id and knowledge_chunk_embeddings.model = ${model})`
+    : sql<boolean>`false`;
   return db
     .select({
       id: knowledgeChunks.id,
@@ -379,6 +386,7 @@ async function storedChunks(db: Db, entryId: string, first: number, last: number
       heading_path: knowledgeChunks.heading_path,
       token_count: knowledgeChunks.token_count,
       tsv_current: sql<boolean>`${knowledgeChunks.tsv} = to_tsvector(${language}::regconfig, ${knowledgeChunks.text})`,
+      embedded,
     })
     .from(knowledgeChunks)
     .where(and(eq(knowledgeChunks.entry_id, entryId), sql`${knowledgeChunks.chunk_index} between ${first} and ${last}`));
