@@ -141,7 +141,7 @@ async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, 
 interface StartOptions {
   strategy: RunCreate['multitask_strategy'];
   input: string | undefined;
-  /** The user message the input already is (a retry): not appended again. */
+  /** The user message the input already is (a retry): not appended again, unless it was deleted. */
   inputMessageId?: string | null;
   /** Written before the input (a new thread only). */
   history?: readonly HistoryMessage[];
@@ -167,6 +167,9 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     // Lock order: the user (the active-run limit), then the thread, in one statement; the thread
     // marked busy with it (a refused start rolls it back). Then its runs, read under those locks.
     const thread = threadPolicy.check(principal, await runCrud.holdThreadBusy(tx, ownerId, threadId), 'write');
+    // A retry's input message, unless a client deleted it (an idle thread's messages can be): read
+    // under the thread's lock, which a message's delete waits for; gone, the input is appended again.
+    const inputMessageId = options.inputMessageId && (await messageInThread(tx, thread.id, options.inputMessageId)) ? options.inputMessageId : null;
     const limit = settings.MAX_ACTIVE_RUNS_PER_USER;
     // An `interrupt` ends the thread's active run as it starts its own: that run is not counted.
     const checkLimit = (owned: runCrud.OwnerActive, replaced = 0) => {
@@ -185,7 +188,7 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
       model,
       multitask_strategy: options.strategy,
     };
-    if (options.strategy === 'reject' && options.input !== undefined && !options.inputMessageId && !options.history?.length) {
+    if (options.strategy === 'reject' && options.input !== undefined && !inputMessageId && !options.history?.length) {
       // The usual start (a refused busy thread, a new input): the owner's active runs are read by
       // the insert itself, one round trip fewer; a refusal rolls the insert back.
       const { run: inserted, owned, held } = await runCrud.insertRunWithInputIfFree(tx, { ...values, input: options.input }, limit, settings.MAX_MESSAGES_PER_THREAD);
@@ -208,13 +211,13 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
       else interrupted = await runCrud.endRun(tx, active.id, { status: 'cancelled', error: null }, null);
     }
     // The client's messages this start writes: its input (now, or when it takes the thread) and a new thread's history.
-    await threadService.checkThreadRoom(ctx, tx, thread.id, options.input !== undefined && !options.inputMessageId ? 1 + (options.history?.length ?? 0) : 0);
-    const appendInput = !waiting && options.input !== undefined && !options.inputMessageId;
+    await threadService.checkThreadRoom(ctx, tx, thread.id, options.input !== undefined && !inputMessageId ? 1 + (options.history?.length ?? 0) : 0);
+    const appendInput = !waiting && options.input !== undefined && !inputMessageId;
     if (appendInput && options.history?.length) await appendMessages(tx, thread.id, options.history.map((message) => ({ ...message, metadata: {} })));
     // The input becomes the thread's next user message in the run's own insert.
     const inserted = appendInput
       ? await runCrud.insertRunWithInput(tx, { ...values, waiting, input: options.input! })
-      : await runCrud.insertRun(tx, { ...values, waiting, input: options.input ?? null, input_message_id: options.inputMessageId ?? null });
+      : await runCrud.insertRun(tx, { ...values, waiting, input: options.input ?? null, input_message_id: inputMessageId });
     await storeQueued(deps, tx, inserted);
     return { run: inserted, interrupted };
   });
@@ -340,11 +343,12 @@ export async function retry(ctx: ServiceContext, deps: RunDeps, id: string, stra
   // The model is kept when the run named one of its own; otherwise the agent's (maybe changed) model runs.
   const ownModel = pinned && pinned.model !== run.model ? run.model : undefined;
   // The thread's history is the prompt, the input in it unless that message was deleted since (or
-  // never written: an enqueued run cancelled while it waited): then it is appended again, and counted apart.
-  const inputMessageId = run.input_message_id && (await messageInThread(ctx.db, run.thread_id, run.input_message_id)) ? run.input_message_id : null;
-  const unstoredInput = inputMessageId ? undefined : (run.input ?? undefined);
+  // never written: an enqueued run cancelled while it waited): then it is appended again (start()
+  // decides under the thread's lock), and counted apart in the credit check.
+  const inputKept = run.input_message_id !== null && (await messageInThread(ctx.db, run.thread_id, run.input_message_id));
+  const unstoredInput = inputKept ? undefined : (run.input ?? undefined);
   const planned = await plan(ctx, run.owner_id, run.agent_id, ownModel, unstoredInput, [], readEarly(ctx, run.agent_id, run.thread_id));
-  return start(ctx, deps, { id: run.thread_id, owner_id: run.owner_id }, planned, { strategy, input: run.input ?? undefined, inputMessageId });
+  return start(ctx, deps, { id: run.thread_id, owner_id: run.owner_id }, planned, { strategy, input: run.input ?? undefined, inputMessageId: run.input_message_id });
 }
 
 /** Deletes an ended run and its events; its messages stay in the thread. */
