@@ -33,7 +33,8 @@ const TEST_SECRET_KEY = randomBytes(32).toString('hex');
 
 /** Settings for a test app: quiet logs, high rate limits, the run's Redis (when given) under its own prefix. */
 export function testSettings(overrides: Record<string, string> = {}): Settings {
-  const dataDir = mkdtempSync(join(tmpdir(), 'keel-test-data-'));
+  // Under the run's own directory, which the global teardown removes (every app makes one).
+  const dataDir = mkdtempSync(join(inject('dataDirRoot'), 'data-'));
   return loadSettings({
     ENVIRONMENT: 'local',
     SECRET_KEY: TEST_SECRET_KEY,

@@ -20,6 +20,8 @@ declare module 'vitest' {
     /** A migrated database every test file clones (server mode), or a migrated PGlite directory. */
     templateDatabase: string | null;
     templatePgliteDir: string | null;
+    /** The directory test apps' DATA_DIRs are made in (testSettings), removed with what is in it at the run's end. */
+    dataDirRoot: string;
   }
 }
 
@@ -32,8 +34,11 @@ const silent = pino({ level: 'silent' });
 export default async function setup(project: TestProject): Promise<() => Promise<void>> {
   const runPrefix = `keel_test_${randomBytes(4).toString('hex')}`;
   project.provide('runPrefix', runPrefix);
+  const dataDirRoot = mkdtempSync(join(tmpdir(), 'keel-test-run-'));
+  project.provide('dataDirRoot', dataDirRoot);
   const adminUrl = process.env.DATABASE_URL;
   const redisUrl = process.env.REDIS_URL;
+  const removeDataDirs = () => rmSync(dataDirRoot, { recursive: true, force: true });
 
   if (adminUrl) {
     const template = `${runPrefix}_template`;
@@ -50,6 +55,7 @@ export default async function setup(project: TestProject): Promise<() => Promise
         `${runPrefix}%`,
       ]);
       for (const { datname } of rows) await adminQuery(adminUrl, `drop database if exists "${datname}" with (force)`);
+      removeDataDirs();
     };
   }
 
@@ -63,5 +69,6 @@ export default async function setup(project: TestProject): Promise<() => Promise
   return async () => {
     if (redisUrl) await deleteRunKeys(redisUrl, runPrefix);
     rmSync(dir, { recursive: true, force: true });
+    removeDataDirs();
   };
 }
