@@ -52,25 +52,29 @@ export function saveUnwritten(dir: string, queues: UnwrittenUsage): number {
   split(queues.blockReleases, (part, slice) => (part.blockReleases = slice));
   const stamp = `${Date.now()}-${process.pid}-${randomUUID()}`;
   mkdirSync(dir, { recursive: true, mode: 0o700 });
-  for (const [i, part] of parts.entries()) {
-    const name = join(dir, `${stamp}-${String(i).padStart(6, '0')}`);
-    const fd = openSync(`${name}.tmp`, 'w', 0o600);
-    try {
-      writeSync(fd, JSON.stringify(part));
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
-    renameSync(`${name}.tmp`, `${name}.json`);
-  }
+  for (const [i, part] of parts.entries()) writeWhole(join(dir, `${stamp}-${String(i).padStart(6, '0')}.json`), part);
   return parts.length;
+}
+
+/** Writes `part` to `path` under a temporary name, fsynced, then renamed: a reader never sees half of it. */
+function writeWhole(path: string, part: UnwrittenUsage): void {
+  const temporary = `${path.replace(/\.json$/, '')}.tmp`;
+  const fd = openSync(temporary, 'w', 0o600);
+  try {
+    writeSync(fd, JSON.stringify(part));
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(temporary, path);
 }
 
 /**
  * Takes the files of `dir` (those saved, and those a process that is gone left taken; not `held`,
- * this process's own), in the order they were saved, until they hold `maxRows` usage rows: their
- * paths as taken, to delete once what they held is written (`forgetUnwritten`), what they held, in
- * the order it was queued, and whether files were left for a later take.
+ * this process's own), in the order they were saved, up to `maxRows` usage rows: their paths as
+ * taken, to delete once what they held is written (`forgetUnwritten`), what they held, in the
+ * order it was queued, and whether files were left for a later take. Of a file with more rows
+ * than fit, the rows past `maxRows` are saved back under its name for a later take.
  */
 export function takeUnwritten(dir: string, held: readonly string[], maxRows: number, onUnreadable: (file: string, error: unknown) => void): { taken: string[]; parts: UnwrittenUsage[]; more: boolean } {
   const taken: string[] = [];
@@ -101,11 +105,9 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
     } catch {
       continue; // another process took it
     }
+    let part: UnwrittenUsage;
     try {
-      const part = JSON.parse(readFileSync(path, 'utf8')) as UnwrittenUsage;
-      parts.push(part);
-      taken.push(path);
-      rows += part.usage.length;
+      part = JSON.parse(readFileSync(path, 'utf8')) as UnwrittenUsage;
     } catch (error) {
       onUnreadable(name, error);
       try {
@@ -113,7 +115,27 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
       } catch {
         // left taken: the next process takes it back, and sets it aside then
       }
+      continue;
     }
+    const room = maxRows - rows;
+    if (part.usage.length > room) {
+      // What does not fit goes back under the file's name (written whole first: every write in it
+      // is idempotent, so rows in both files after a crash here are written once); the rest is taken.
+      try {
+        writeWhole(join(dir, name), { usage: part.usage.slice(room), settlements: [], windowSettlements: [], blockReleases: [] });
+      } catch {
+        // Not written back (the file system refuses): the file is taken whole, past the room.
+        parts.push(part);
+        taken.push(path);
+        return { taken, parts, more: true };
+      }
+      parts.push({ ...part, usage: part.usage.slice(0, room) });
+      taken.push(path);
+      return { taken, parts, more: true };
+    }
+    parts.push(part);
+    taken.push(path);
+    rows += part.usage.length;
   }
   return { taken, parts, more: false };
 }

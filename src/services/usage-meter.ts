@@ -128,8 +128,9 @@ export class UsageMeterService implements UsageMeter {
   /** Settlements waiting for the statement in flight (`settling`) to end. */
   private settlements: billingCrud.Settlement[] = [];
   private settling: Promise<void> | null = null;
-  /** The settlements the statement in flight (`settling`) writes. */
+  /** The settlements the statement in flight (`settling`) writes, and that statement (settled either way). */
   private settlingBatch: billingCrud.Settlement[] = [];
+  private settlingStatement: Promise<void> | null = null;
   /** Credit windows (BILLING_CREDIT_WINDOW_CALLS > 0): holds from memory, settled with the batch writer. */
   private readonly windows: CreditWindows | undefined;
   private windowSettlements: billingCrud.Settlement[] = [];
@@ -276,7 +277,7 @@ export class UsageMeterService implements UsageMeter {
       // (its settlement waits for the next check phase, or is being written): a client that sends its
       // next call as soon as the last answered would be refused for credit that call no longer needs.
       if (outcome !== 'held' && this.owesHolds(held)) {
-        await this.settleOwed();
+        await this.settleOwed(held);
         outcome = await this.holdOnce(held);
       }
       if (outcome === 'balance') throw await this.notEnoughCredits(userId!, estimate);
@@ -477,8 +478,13 @@ export class UsageMeterService implements UsageMeter {
       while (this.settlements.length) {
         const batch = this.settlements.splice(0, this.settings.USAGE_FLUSH_MAX_ROWS);
         this.settlingBatch = batch;
+        const statement = billingCrud.settleMany(this.db, batch);
+        this.settlingStatement = statement.then(
+          () => undefined,
+          () => undefined,
+        );
         try {
-          await billingCrud.settleMany(this.db, batch);
+          await statement;
         } catch (error) {
           this.log.error({ err: cause(error), settlements: batch.length }, 'credit settlement failed; kept for a retry');
           this.failedSettlements.push(...batch);
@@ -488,6 +494,7 @@ export class UsageMeterService implements UsageMeter {
     } finally {
       this.settling = null;
       this.settlingBatch = [];
+      this.settlingStatement = null;
     }
   }
 
@@ -565,12 +572,16 @@ export class UsageMeterService implements UsageMeter {
     this.flushing = this.writeOnce().finally(() => {
       this.flushing = null;
       this.flushes += 1;
-      // Nothing pending: what the files recovered from held is in the database.
-      if (this.recovered.length && !this.hasPending()) this.forgetRecovered();
-      if (this.unwrittenLeft && !this.closing) this.recoverUnwritten();
       if (this.backlogged && this.buffer.length < this.settings.USAGE_MAX_PENDING_ROWS) {
         this.backlogged = false;
         this.log.info({ pending: this.buffer.length }, 'usage records are being written again: model calls resume');
+      }
+      try {
+        // Nothing pending: what the files recovered from held is in the database.
+        if (this.recovered.length && !this.hasPending()) this.forgetRecovered();
+        if (this.unwrittenLeft && !this.closing) this.recoverUnwritten();
+      } catch (error) {
+        this.log.error({ err: error }, 'usage saved by earlier processes: its files could not be handled');
       }
     });
     return this.flushing;
@@ -591,18 +602,25 @@ export class UsageMeterService implements UsageMeter {
    * the key's budget.
    */
   private owesHolds(held: billingCrud.Hold): boolean {
-    const same = (userId: string | null, apiKeyId: string | null) => (held.accountAmount !== null && userId === held.userId) || (held.keyAmount !== null && apiKeyId === held.apiKeyId);
+    // A per-call hold's settlement (a reservation id, not a window's) from the same account or key.
+    const same = (reservationId: string | null, charge: Pick<Held, 'chargeAccount' | 'chargeKey'>, userId: string | null | undefined, apiKeyId: string | null | undefined) =>
+      reservationId !== null && ((held.accountAmount !== null && charge.chargeAccount && userId === held.userId) || (held.keyAmount !== null && charge.chargeKey && apiKeyId === held.apiKeyId));
     return (
-      this.deferred.some(({ held: h, record }) => h.reservationId !== null && !h.window && same(record.context.user_id ?? null, record.context.api_key_id ?? null)) ||
-      this.settlements.some((s) => same(s.userId, s.apiKeyId)) ||
-      this.settlingBatch.some((s) => same(s.userId, s.apiKeyId))
+      this.deferred.some(({ held: h, record }) => !h.window && same(h.reservationId, h, record.context.user_id, record.context.api_key_id)) ||
+      this.settlements.some((s) => same(s.reservationId, s, s.userId, s.apiKeyId)) ||
+      this.settlingBatch.some((s) => same(s.reservationId, s, s.userId, s.apiKeyId))
     );
   }
 
-  /** Settles the calls that have ended: those waiting for the next check phase, and every batch queued or being written. */
-  private async settleOwed(): Promise<void> {
+  /**
+   * Settles the ended calls `held` waits for: those waiting for the next check phase go into the
+   * queue now, then statement by statement until none of them is left (a failed one is kept for a
+   * retry, and no longer waited for) — not until the queue is empty, which other accounts' calls
+   * ending meanwhile would put off without bound.
+   */
+  private async settleOwed(held: billingCrud.Hold): Promise<void> {
     this.settleDeferred();
-    while (this.settling) await this.settling;
+    while (this.settlingStatement && this.owesHolds(held)) await this.settlingStatement;
   }
 
   /** Writes of this process that change the user's available credit: a retired block's release, its calls' charges. */
@@ -788,7 +806,9 @@ export class UsageMeterService implements UsageMeter {
     if (!this.flushing) return this.flush();
     return (this.followingFlush ??= this.flushing.then(() => {
       this.followingFlush = null;
-      return this.flush();
+      // One begun meanwhile (the recovery of saved files starts one as a flush ends) took all that
+      // was queued before it: that one, not a chain "until nothing is pending".
+      return this.flushing ?? this.flush();
     }));
   }
 

@@ -15,7 +15,7 @@ import { creditReservations, usageRecords } from '../../src/models/index.js';
 import { changeBalance, getBalance, hold, ledgerSum, settleMany } from '../../src/crud/billing.js';
 import { queryRows } from '../../src/crud/owned.js';
 import { ModelCallAbortedError } from '../../src/modules/ai-models/errors.js';
-import { addCosts, type ChatRequest, MEDIA_PART_TOKENS } from '../../src/modules/ai-models/index.js';
+import { addCosts, type ChatRequest, type CostEstimate, MEDIA_PART_TOKENS, type UsageRecord, ZERO_USAGE } from '../../src/modules/ai-models/index.js';
 import { releaseHoldsLeftBehind } from '../../src/services/usage-meter.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
@@ -24,6 +24,7 @@ import { apiOf, createKey, eventually, expectValidationError, type ListBody, sle
 import { createFolder, type EntryBody, ingested, multipartBody, settled, upload, uploaded } from '../helpers/knowledge.js';
 import { captureLogs, LEVEL } from '../helpers/logs.js';
 import { chatRequest, useFakeModels } from '../helpers/metered-models.js';
+import { intercepting } from '../helpers/statements.js';
 
 // Knowledge-base ingestion embeds with `fake-embed`, 2 chunks a call (where pgvector exists: PGlite).
 const ctx = useTestApp({
@@ -563,6 +564,61 @@ describe('metered calls with BILLING_ENABLED', () => {
     await ctx.app.meter.idle();
     expect((await api('GET', `/api-keys/${key.id}`, rich.headers)).json()).toMatchObject({ spent: '10', max_budget: '15' });
     await expectConsistent(rich);
+  });
+
+  it("such a call waits only for the settlements it needs, not for other accounts' calls ending meanwhile", async () => {
+    // Per-call holds (no credit windows); each settlement statement slowed to 20 ms; another
+    // account's calls end without pause for 3 s. A's second call (sent as its first answered) must
+    // not wait until they stop: it waits for the statement that settles A's first.
+    const app = await buildTestApp(ctx.database, { BILLING_ENABLED: 'true', BILLING_CREDIT_WINDOW_CALLS: '0', USAGE_FLUSH_INTERVAL_MS: '20' });
+    try {
+      const [a, b] = [await createUser(app), await createUser(app)];
+      await grant(a, '15');
+      await grant(b, '1000000');
+      const estimate = (user: TestUser): CostEstimate => ({ operation: 'chat', model: 'm', provider: 'p', input_tokens: 0, max_output_tokens: 10, cost: '10', context: { user_id: user.user.id } });
+      const record = (user: TestUser, cost: string): UsageRecord => ({
+        ...estimate(user),
+        tokens: { ...ZERO_USAGE, output: 5 },
+        estimated: false,
+        cost,
+        latency_ms: 1,
+        time_to_first_token_ms: null,
+        status: 'success',
+        error: null,
+        attempts: 1,
+        started_at: new Date(),
+      });
+      let loadOver = false;
+      let answeredUnderLoad: boolean | undefined;
+      await intercepting(
+        ctx.database.db,
+        async (text) => {
+          if (/delete from credit_reservations/i.test(text)) await sleep(20);
+        },
+        async () => {
+          const others = Array.from({ length: 8 }, async () => {
+            while (!loadOver) {
+              void (await app.meter.reserve(estimate(b))).settle(record(b, '1'));
+              await sleep(5);
+            }
+          });
+          const over = sleep(3_000).then(() => (loadOver = true));
+          await sleep(200);
+          void (await app.meter.reserve(estimate(a))).settle(record(a, '5'));
+          const second = await app.meter.reserve(estimate(a));
+          answeredUnderLoad = !loadOver;
+          void second.settle(record(a, '5'));
+          await over;
+          await Promise.all(others);
+        },
+      );
+      expect(answeredUnderLoad).toBe(true);
+      await app.meter.idle();
+      await expectConsistent(a);
+      expect(Number((await getBalance(ctx.database.db, a.user.id)).balance)).toBe(5);
+    } finally {
+      await app.close();
+    }
   });
 
   it('50 concurrent calls against a balance that covers 10 never overdraw', async () => {

@@ -47,6 +47,40 @@ async function usageCount(db: typeof ctx.database.db, userId: string): Promise<n
   return (result as { rows: { n: number }[] }).rows[0]!.n;
 }
 
+/** A maker of usage rows of `ownerId` as the meter queues them (JSON). */
+const usageRow = (ownerId: string) => (): string => {
+  const at = new Date().toISOString();
+  const fields: UsageRow = {
+    id: randomUUID(),
+    created_at: at,
+    started_at: at,
+    owner_id: ownerId,
+    api_key_id: null,
+    project_id: null,
+    agent_id: null,
+    run_id: null,
+    model: 'm1',
+    provider: 'fake',
+    operation: 'chat',
+    input_tokens: 10,
+    cached_input_tokens: 0,
+    cache_write_tokens: 0,
+    output_tokens: 5,
+    reasoning_tokens: 0,
+    cost: '0.1',
+    latency_ms: 5,
+    time_to_first_token_ms: null,
+    status: 'success',
+    error: null,
+    estimated: false,
+    attempts: 1,
+    charge_key: true,
+  };
+  return JSON.stringify(fields);
+};
+
+const saved = (usage: string[]) => ({ usage, settlements: [], windowSettlements: [], blockReleases: [] });
+
 /** The database "loses its connection" on every usage write while `work` runs. */
 const usageWritesFail = (work: () => Promise<unknown>) =>
   intercepting(
@@ -95,42 +129,13 @@ describe('usage saved by earlier processes', () => {
   let dataDir = '';
   afterAll(() => rmSync(dataDir, { recursive: true, force: true }));
 
-  it('is taken back a file at a time while the queue has room (under half of USAGE_MAX_PENDING_ROWS), all of it written', async () => {
+  it('is taken back as the queue has room (up to half of USAGE_MAX_PENDING_ROWS), all of it written', async () => {
     const user = await createUser(ctx.app);
-    const row = (): string => {
-      const at = new Date().toISOString();
-      const fields: UsageRow = {
-        id: randomUUID(),
-        created_at: at,
-        started_at: at,
-        owner_id: user.user.id,
-        api_key_id: null,
-        project_id: null,
-        agent_id: null,
-        run_id: null,
-        model: 'm1',
-        provider: 'fake',
-        operation: 'chat',
-        input_tokens: 10,
-        cached_input_tokens: 0,
-        cache_write_tokens: 0,
-        output_tokens: 5,
-        reasoning_tokens: 0,
-        cost: '0.1',
-        latency_ms: 5,
-        time_to_first_token_ms: null,
-        status: 'success',
-        error: null,
-        estimated: false,
-        attempts: 1,
-        charge_key: true,
-      };
-      return JSON.stringify(fields);
-    };
+    const row = usageRow(user.user.id);
     dataDir = mkdtempSync(join(tmpdir(), 'keel-backlog-'));
     const dir = join(dataDir, UNWRITTEN_DIR);
     // Three files of 40 records, as three stopped processes left them; room for 50.
-    for (let i = 0; i < 3; i++) saveUnwritten(dir, { usage: Array.from({ length: 40 }, row), settlements: [], windowSettlements: [], blockReleases: [] });
+    for (let i = 0; i < 3; i++) saveUnwritten(dir, saved(Array.from({ length: 40 }, row)));
     expect(readdirSync(dir)).toHaveLength(3);
 
     const taking = captureLogs('info');
@@ -139,15 +144,61 @@ describe('usage saved by earlier processes', () => {
       await app.meter.idle();
       await app.meter.idle();
       const takes = taking.lines().filter((line) => line.msg === 'writing the usage earlier processes left unwritten');
-      // 40 + 40 reach the half (50) of the limit: the third file waits for the first flush.
-      expect(takes.map((line) => [line.files, line.usageRecords])).toEqual([
-        [2, 80],
-        [1, 40],
-      ]);
+      // At most the half (50) of the limit a take: 40 and 10 of the next file (its other 30 saved
+      // back), then as flushes make room.
+      expect(takes.map((line) => line.usageRecords as number)).toEqual([50, 50, 20]);
       expect(await usageCount(ctx.database.db, user.user.id)).toBe(120);
       expect(readdirSync(dir)).toEqual([]);
     } finally {
       await app.close();
+    }
+  });
+
+  it('a file larger than the room (saved under a larger limit) is taken in parts: with the database down, calls are not refused for it, and nothing is lost', async () => {
+    const user = await createUser(ctx.app);
+    const big = mkdtempSync(join(tmpdir(), 'keel-backlog-big-'));
+    try {
+      saveUnwritten(join(big, UNWRITTEN_DIR), saved(Array.from({ length: 500 }, usageRow(user.user.id))));
+      await usageWritesFail(async () => {
+        const down = await buildTestApp(ctx.database, { ...settings, DATA_DIR: big });
+        try {
+          await down.meter.idle();
+          // 50 of the 500 taken (half the limit): this process's own calls still go.
+          await down.models.chat(chatRequest('fake-precise', { user_id: user.user.id }));
+        } finally {
+          await down.close(); // what it holds is saved again
+        }
+      });
+      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: big });
+      try {
+        for (let i = 0; i < 20 && readdirSync(join(big, UNWRITTEN_DIR)).length; i++) await up.meter.idle();
+      } finally {
+        await up.close();
+      }
+      expect(await usageCount(ctx.database.db, user.user.id)).toBe(501);
+      expect(readdirSync(join(big, UNWRITTEN_DIR))).toEqual([]);
+    } finally {
+      rmSync(big, { recursive: true, force: true });
+    }
+  });
+
+  it("a flush's wait (flushQueued: the one running and one more) does not run on through every saved file the flushes take back", async () => {
+    const user = await createUser(ctx.app);
+    const many = mkdtempSync(join(tmpdir(), 'keel-backlog-many-'));
+    try {
+      for (let i = 0; i < 10; i++) saveUnwritten(join(many, UNWRITTEN_DIR), saved(Array.from({ length: 50 }, usageRow(user.user.id))));
+      const started = await buildTestApp(ctx.database, { ...settings, DATA_DIR: many });
+      try {
+        // start() took the first file (50 rows, the room) and began writing it. The wait a refused
+        // credit hold (and a balance read) makes is for that flush and one more.
+        await (started.meter as unknown as { flushQueued(): Promise<void> }).flushQueued();
+        expect(await usageCount(ctx.database.db, user.user.id)).toBeLessThanOrEqual(150);
+        await started.meter.idle();
+      } finally {
+        await started.close();
+      }
+    } finally {
+      rmSync(many, { recursive: true, force: true });
     }
   });
 });
