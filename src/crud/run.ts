@@ -89,8 +89,10 @@ const insertedIfFree = preparedAnywhere('runs_insert_started_with_input_if_free'
       .onConflictDoNothing({ target: runs.thread_id, where: HOLDS_THREAD })
       .returning(),
   );
-  // The thread's messages before the input (this statement's snapshot does not see its own insert), for MAX_MESSAGES_PER_THREAD.
-  const held = messagesHeldSql(sql.placeholder('thread_id'), sql.placeholder('messages_up_to')).as('held');
+  // The thread's messages before the input (this statement's snapshot does not see its own insert),
+  // for MAX_MESSAGES_PER_THREAD. Without waiting runs' inputs: the count matters only when the run
+  // is inserted, when the thread has no active run, and so no waiting run (messagesHeldSql).
+  const held = messagesHeldSql(sql.placeholder('thread_id'), sql.placeholder('messages_up_to'), { waiting: false }).as('held');
   const ownedRows = db.$with('owned_rows').as(db.select({ owned: sql<OwnedRow[]>`coalesce(json_agg(${sql.identifier('owned')}), '[]'::json)`.as('owned'), held }).from(owned));
   return db.with(owned, input, inserted, ownedRows).select().from(ownedRows).leftJoin(inserted, sql`true`).prepare(name);
 });
@@ -140,8 +142,9 @@ function summarize(rows: readonly OwnedRow[], threadId: string): OwnerActive {
  * Inside a start's transaction, after holdThreadBusy, for a start that refuses a busy thread:
  * ownerActive and insertRunWithInput in one statement. `run` is undefined when the thread has an
  * active run (then `owned.onThread` is it); the caller refuses the start (rolling back what was
- * written) when `owned` says so, as after ownerActive, or when `held` (messagesHeld before the
- * input, up to `messagesUpTo`) leaves no room for it.
+ * written) when `owned` says so, as after ownerActive, or when `held` (the thread's messages before
+ * the input, up to `messagesUpTo`) leaves no room for it. `held` leaves waiting runs' inputs out:
+ * it is for an inserted run only, and a thread free for one has no waiting runs.
  */
 export async function insertRunWithInputIfFree(tx: Db, values: Omit<NewStartedRun, 'input' | 'input_message_id' | 'waiting'> & { input: string }, upTo: number, messagesUpTo: number): Promise<{ run: Run | undefined; owned: OwnerActive; held: number }> {
   const [row] = await insertedIfFree(tx).execute({ ...values, waiting: false, up_to: upTo, messages_up_to: messagesUpTo, id: randomUUID(), role: 'user', content: values.input, tool_calls: null, tool_call_id: null, run_id: null, metadata: {} });

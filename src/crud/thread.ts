@@ -117,10 +117,18 @@ export async function appendMessages(tx: Db, threadId: string, values: readonly 
  * statement after the caller's transaction has locked the thread (as every append does), so two
  * appends never both count the thread before the other's message. As an expression, for a
  * statement that reads it with its own work (a run's start: crud/run.ts).
+ *
+ * `waiting: false` leaves the waiting runs out (no scan of the thread's runs), for a caller that
+ * only uses the count when the thread has no active run: waiting runs exist only behind an active
+ * run (an `enqueue` start makes one only then, and a run's end hands the thread to the oldest in
+ * its own transaction, under the thread's lock), so there they are none.
  */
-export const messagesHeldSql = (threadId: unknown, upTo: unknown) =>
-  sql<number>`((select count(*) from (select 1 from ${messages} where ${messages.thread_id} = ${threadId} limit ${upTo}) as held)
+export const messagesHeldSql = (threadId: unknown, upTo: unknown, { waiting = true }: { waiting?: boolean } = {}) => {
+  const held = sql`(select count(*) from (select 1 from ${messages} where ${messages.thread_id} = ${threadId} limit ${upTo}) as held)`;
+  if (!waiting) return sql<number>`${held}::int`;
+  return sql<number>`(${held}
     + (select count(*) from ${runs} where ${runs.thread_id} = ${threadId} and ${runs.status} = 'queued' and ${runs.waiting} and ${runs.input} is not null and ${runs.input_message_id} is null))::int`;
+};
 
 /** messagesHeldSql in a statement of its own. */
 export async function messagesHeld(tx: Db, threadId: string, upTo: number): Promise<number> {

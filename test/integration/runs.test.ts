@@ -565,6 +565,9 @@ describe('statements per run (embedded)', () => {
     expect(start).toHaveLength(3);
     expect(start[0]).toMatch(/^with "owner" as \(select "id" from "users" .* for no key update\) update "threads"/);
     expect(start[1]).toMatch(/^with "owned" as \(select .* from "runs" .*\), "input" as \(insert into "messages" .*\), "inserted" as \(insert into "runs" .* on conflict \("thread_id"\) where "status" in \('queued', 'running'\) and not "waiting" do nothing/);
+    // Its MAX_MESSAGES_PER_THREAD count reads the thread's messages only: a thread free for the run has no waiting runs.
+    expect(start[1]).toMatch(/\(select count\(\*\) from \(select 1 from "messages" where "messages"\."thread_id" = \$\d+ limit \$\d+\) as held\)::int as "held"/);
+    expect(start[1]).not.toMatch(/count\(\*\) from "runs"/);
     // The thread and run locks (the fence); the answer with the end and the hand-over; the events.
     expect(step).toHaveLength(3);
     expect(step[0]).toMatch(/^with "thread" as \(select "id" from "threads" .* for update\) select .* from "runs" .* for update of "runs"/);
