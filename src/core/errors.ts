@@ -319,10 +319,14 @@ function loggable(error: FastifyError): { err: unknown; query?: string } {
 
 // ==================== The one handler ====================
 
-/** What the client is told of a value the database refused, by SQLSTATE. */
-/** Why text with a NUL character (\u0000) is refused: PostgreSQL's text and jsonb cannot store it. */
+/**
+ * Why text with a NUL character (\u0000) is refused (422): PostgreSQL's text and jsonb cannot store
+ * it. Said alike by a service that checks a client's text first (thread-service checkContent) and by
+ * the handler below when the database refuses one (SQLSTATE 22021, 22P05).
+ */
 export const UNSTORABLE_CHARACTER_MESSAGE = 'Text contains a character that cannot be stored';
 
+/** What the client is told of a value the database refused, by SQLSTATE. */
 const VALUE_REFUSALS = new Map([
   // string_data_right_truncation: text past a varchar's length.
   ['22001', 'Value too long for its field'],

@@ -1,5 +1,5 @@
 import { type Db, transaction } from '../core/db.js';
-import { ConflictError, UnprocessableError,UNSTORABLE_CHARACTER_MESSAGE } from '../core/errors.js';
+import { ConflictError, UnprocessableError, UNSTORABLE_CHARACTER_MESSAGE } from '../core/errors.js';
 
 import { type Message, type Thread, threads } from '../models/index.js';
 
@@ -81,6 +81,8 @@ export function checkContent(ctx: ServiceContext, content: string | undefined, l
  * client's messages (a post, a run's input, an `agent:` completion's history) asks here, inside
  * its transaction after it has locked the thread, so concurrent appends are counted one after
  * another. `held`: what the thread holds (messagesHeld), when the caller's own statement read it.
+ * The count the 409 tells includes waiting runs' inputs (appended when each takes the thread), so
+ * it may pass what a client can list now: "holds or will hold".
  */
 export async function checkThreadRoom(ctx: Pick<ServiceContext, 'settings'>, tx: Db, threadId: string, adding: number, held?: number): Promise<void> {
   if (adding <= 0) return;
@@ -88,7 +90,7 @@ export async function checkThreadRoom(ctx: Pick<ServiceContext, 'settings'>, tx:
   const holds = held ?? (await messagesHeld(tx, threadId, max));
   if (holds + adding <= max) return;
   const asked = adding === 1 ? 'one more' : `${adding} more`;
-  throw new ConflictError(`Thread message limit reached: a thread holds at most ${max} messages (MAX_MESSAGES_PER_THREAD); this one has ${holds >= max ? `${max} or more` : holds}, and ${asked} would pass it. Start a new thread`);
+  throw new ConflictError(`Thread message limit reached: a thread holds at most ${max} messages (MAX_MESSAGES_PER_THREAD); this one holds or will hold ${holds >= max ? `${max} or more` : holds}, and ${asked} would pass it. Start a new thread`);
 }
 
 /**

@@ -39,6 +39,7 @@ describe('MAX_MESSAGES_PER_THREAD', () => {
     const refused = await post(user, id, 'one too many');
     expect(refused.statusCode, refused.body).toBe(409);
     expect(refused.json<{ detail: string }>().detail).toMatch(LIMIT);
+    expect(refused.json<{ detail: string }>().detail).toContain('this one holds or will hold 4 or more, and one more would pass it. Start a new thread');
     expect(await countOf(user, id)).toBe(MAX);
 
     expect((await api('DELETE', `/threads/${id}/messages/${ids[0]}`, user.headers)).statusCode).toBe(200);
@@ -89,9 +90,22 @@ describe('MAX_MESSAGES_PER_THREAD', () => {
     const queued2 = await startRun(ctx.app, user.headers, id, { input: 'fourth', multitask_strategy: 'enqueue' }); // 4
     const refused = await api('POST', `/threads/${id}/runs`, user.headers, { input: 'fifth', multitask_strategy: 'enqueue' });
     expect(refused.statusCode, refused.body).toBe(409);
+    // Two messages listed, two more to come: the count told is what the thread will hold.
     expect(refused.json<{ detail: string }>().detail).toMatch(LIMIT);
+    expect(refused.json<{ detail: string }>().detail).toContain('this one holds or will hold 4 or more, and one more would pass it');
+    expect(await countOf(user, id)).toBe(2);
+    // The usual start (`reject`) does not count waiting runs: the thread is busy, and it is refused as such.
+    const busy = await api('POST', `/threads/${id}/runs`, user.headers, { input: 'fifth' });
+    expect(busy.statusCode, busy.body).toBe(409);
+    expect(busy.json<{ detail: string }>().detail).toMatch(/^Thread is busy: run /);
+    // Cancelled while waiting, the enqueued runs never append their inputs; the thread keeps its two messages.
     for (const run of [queued2, queued, active]) expect((await api('POST', `/runs/${run.id}/cancel`, user.headers)).statusCode).toBe(200);
-    expect(await countOf(user, id)).toBeLessThanOrEqual(MAX);
+    await waitForRun(ctx.app, user.headers, active.id, ['cancelled']);
+    const left = (await api('GET', `/threads/${id}/messages`, user.headers)).json<ListBody<{ role: string; content: string }>>().data;
+    expect(left.map((m) => [m.role, m.content])).toEqual([
+      ['user', 'first'],
+      ['user', 'second'],
+    ]);
   });
 
   it('refuses a new thread whose history and input would pass it (an agent: completion), leaving no thread behind', async () => {
