@@ -219,8 +219,8 @@ export const SettingsSchema = z.object({
   MODEL_RETRY_MAX_WAIT_MS: int(0, 300_000).default(20_000),
   /**
    * The output maximum a call that sets none is held for (its credit reservation, a key budget's
-   * hold, a run's start check), and then sent upstream as its maximum, so it cannot cost more than
-   * was held. A call that holds nothing by it (billing off and no key budget, a free model) is sent
+   * hold, a run's start check), and then sent upstream as its maximum, so its output cannot cost
+   * more than was held. A call that holds nothing by it (billing off and no key budget, a free model) is sent
    * none by an OpenAI-style provider, which lets the answer run to the model's own limit as OpenAI
    * does; an Anthropic or Google model is sent it always (Anthropic requires one). A model's own
    * smaller `max_output_tokens` wins.
