@@ -691,7 +691,8 @@ describe('search', () => {
     const folder = await createFolder(ctx.app, user.headers);
     const axolotl = await ingested(ctx.app, user.headers, folder.id, { filename: 'axolotl.txt', content: 'The axolotl regenerates its limbs within weeks.' });
     await ingested(ctx.app, user.headers, folder.id, { filename: 'newt.txt', content: 'A newt loses its tail to escape.' });
-    const words = (text: string) => text.match(/[\p{L}\p{M}\p{N}_]+/gu) ?? [];
+    // Words as PostgreSQL's parser splits lexemes: `_` and numbers that are not digits (`½`) split them.
+    const words = (text: string) => text.match(/[\p{L}\p{M}\p{Nd}\p{Nl}]+/gu) ?? [];
     const question = 'How does the axolotl regenerate its limbs?';
     // Repeated words (the statement ANDed and ranked each one): its first 64 are read.
     const repeated = `${question} ${'axolotl limbs regenerate '.repeat(100)}`.slice(0, 2_000);
@@ -710,6 +711,18 @@ describe('search', () => {
     expect((await questionLexemes(db, 'english', bounded)).length).toBeLessThanOrEqual(MAX_QUESTION_WORDS);
     // Without spaces (a comma between words): cut the same way.
     expect(new Set(words(boundedQuestion(words(hostile).join(','))))).toEqual(new Set(words(bounded)));
+    // Joined by `_` or `½` (the parser splits lexemes there: `a_b_c` is a phrase of 3): cut the same
+    // way, not one word read whole (340 lexemes searched as a phrase).
+    for (const joiner of ['_', '½']) {
+      const joined = `${question} ${words(hostile.slice(question.length)).join(joiner)}`;
+      const cut = boundedQuestion(joined);
+      expect(cut.length, joiner).toBeLessThan(joined.length);
+      expect(new Set(words(cut)), joiner).toEqual(new Set(words(bounded)));
+      expect((await questionLexemes(db, 'english', cut)).length, joiner).toBeLessThanOrEqual(MAX_QUESTION_WORDS);
+    }
+    // Digits of any script and letter numbers stay inside a word, as in a lexeme: 40 such words, 32 read.
+    const kept = Array.from({ length: 40 }, (_, i) => `zy${i.toString(36)}٣q１Ⅻ`);
+    expect(boundedQuestion(kept.join(' ')).trim().split(' ')).toEqual(kept.slice(0, MAX_QUESTION_WORDS));
     // A normal question, quotes and exclusions included, is whole.
     for (const normal of [question, '"regenerates its limbs" axolotl -newt', 'axolotl or newt']) expect(boundedQuestion(normal)).toBe(normal);
     expect((await search(ctx.app, user.headers, { query: 'axolotl or newt' })).data).toHaveLength(2);

@@ -270,11 +270,18 @@ export function fullTextQuery(language: string, text: string, lexemes: QuestionL
  * each), and `ts_rank_cd` scores every candidate against every term (a 2,000-character question
  * of ~200 lexemes: 0.15–0.45 s on PGlite at 5,000 chunks, most of it ranking 60 candidates) — while
  * a question past a few dozen words finds its passages by them already. A word is a run of
- * letters, marks, digits or `_` (the parser's lexemes are never more than ~1.5 a word: `a-b` is
- * `a-b`, `a`, `b`), counted whatever the case; stop words count too.
+ * letters, marks, decimal digits (any script's: `٣`, `１`) and letter numbers (`Ⅻ`) — what
+ * PostgreSQL's text-search parser keeps together — counted whatever the case; stop words count
+ * too. `_` and other numbers (`½`, `²`, `①`) split words, as the parser splits lexemes there:
+ * `alpha_beta_gamma` is 3 words, as it is 3 lexemes (a phrase of them in `websearch_to_tsquery`),
+ * not one word that is never cut (a 2,000-character `w1_w2_…` searched 340 lexemes as a phrase).
+ * A word then gives at most ~1.5 lexemes (`a-b` is `a-b`, `a`, `b`).
  */
 export const MAX_QUESTION_WORDS = 32;
 export const MAX_QUESTION_WORD_TOKENS = 64;
+
+/** A word of a question as boundedQuestion counts it (above). */
+const QUESTION_WORD = /[\p{L}\p{M}\p{Nd}\p{Nl}]+/gu;
 
 /**
  * The start of `text` that full text searches for: up to the first word past MAX_QUESTION_WORDS
@@ -284,7 +291,7 @@ export const MAX_QUESTION_WORD_TOKENS = 64;
 export function boundedQuestion(text: string): string {
   const seen = new Set<string>();
   let words = 0;
-  for (const match of text.matchAll(/[\p{L}\p{M}\p{N}_]+/gu)) {
+  for (const match of text.matchAll(QUESTION_WORD)) {
     const word = match[0].toLowerCase();
     if ((!seen.has(word) && seen.size === MAX_QUESTION_WORDS) || words === MAX_QUESTION_WORD_TOKENS) return text.slice(0, match.index);
     seen.add(word);
