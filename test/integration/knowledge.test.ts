@@ -728,6 +728,23 @@ describe('search', () => {
     expect((await search(ctx.app, user.headers, { query: 'axolotl or newt' })).data).toHaveLength(2);
   });
 
+  it("looks up an owner's failed entries (whose chunks search leaves out) by the partial index, not by reading every entry the owner has", async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const db = ctx.database.db;
+    // 3,000 entries, 10 of them failed; the planner's statistics know them.
+    await db.execute(sql`insert into knowledge_entries (owner_id, folder_id, filename, mime_type, size_bytes, sha256, storage_key, status)
+      select ${user.user.id}, ${folder.id}, 'e' || i || '.txt', 'text/plain', 1, 'x', 'failed-index-' || i,
+        (case when i <= 10 then 'failed' else 'ready' end)::knowledge_entry_status from generate_series(1, 3000) as i`);
+    await db.execute(sql`analyze knowledge_entries`);
+    // The look-up as search.ts's notFailed writes it.
+    const plan = await queryRows<{ 'QUERY PLAN': string }>(
+      db,
+      sql`explain select array(select failed.id from knowledge_entries as failed where failed.owner_id = ${user.user.id} and failed.status = 'failed')`,
+    );
+    expect(plan.map((row) => row['QUERY PLAN']).join('\n')).toMatch(/Index (Only )?Scan using ix_knowledge_entries_owner_id_failed/);
+  });
+
   it('looks for the matches of a question of common words among the first rows in scope, and answers as the index does', async () => {
     const owner = await createUser(ctx.app);
     const other = await createUser(ctx.app);

@@ -69,27 +69,36 @@ export interface Scope {
 
 /**
  * Not the chunks of the caller's failed entries: a failed indexing keeps what it embedded (paid
- * for; the entry's next indexing resumes from it), but a failed entry is not indexed. The ids come
- * from one look-up per statement (an InitPlan over the owner's entries), compared on the chunk's
- * own column: no join to knowledge_entries in the statements that find candidates, and with an
- * array the planner cannot see, `<> all` is estimated to keep nearly every row, so the plans stay
- * those without it.
+ * for; the entry's next indexing resumes from it), but a failed entry is not indexed. Where the
+ * statements join knowledge_entries anyway (`readsEntries`), that is the joined entry's status.
+ * Otherwise the ids come from a look-up of the owner's failed entries (an InitPlan, read off the
+ * partial index ix_knowledge_entries_owner_id_failed: a few rows, not every entry the owner has),
+ * compared on the chunk's own column: no join to knowledge_entries in the statements that find
+ * candidates, and with an array the planner cannot see, `<> all` is estimated to keep nearly every
+ * row, so the plans stay those without it. The look-up runs once per place the scope appears in a
+ * statement (the probe, the AND query, each one-word query of the fallback; anyEmbedded and
+ * nearestChunks once each), not once per statement: without the index, each one read all of an
+ * owner's entries (50,000 of them: a search 10–60 ms slower).
  */
-function notFailed(ownerId: string): SQL {
+function notFailed(ownerId: string, readsEntries: boolean): SQL {
+  if (readsEntries) return sql`${knowledgeEntries.status} <> 'failed'`;
   return sql`${knowledgeChunks.entry_id} <> all (array(select failed.id from ${knowledgeEntries} as failed where failed.owner_id = ${ownerId} and failed.status = 'failed'))`;
 }
 
 function scopeOf(principal: Principal, query: KnowledgeQuery): Scope {
-  const own = and(ownRows(principal, knowledgeChunks.owner_id, knowledgeEntries.project_id), notFailed(principal.user.id))!;
   const projectScoped = principal.scopeProjectId !== null;
-  if (query.folderIds === undefined && query.entryIds === undefined) return { where: own, readsEntries: projectScoped };
+  const owned = ownRows(principal, knowledgeChunks.owner_id, knowledgeEntries.project_id);
+  if (query.folderIds === undefined && query.entryIds === undefined) {
+    return { where: and(owned, notFailed(principal.user.id, projectScoped))!, readsEntries: projectScoped };
+  }
   const folderIds = query.folderIds ?? [];
   const entryIds = query.entryIds ?? [];
   const named = or(
     folderIds.length ? inArray(knowledgeEntries.folder_id, folderIds) : undefined,
     entryIds.length ? inArray(knowledgeChunks.entry_id, entryIds) : undefined,
   );
-  return { where: and(own, named ?? sql`false`)!, readsEntries: projectScoped || folderIds.length > 0 };
+  const readsEntries = projectScoped || folderIds.length > 0;
+  return { where: and(owned, notFailed(principal.user.id, readsEntries), named ?? sql`false`)!, readsEntries };
 }
 
 interface Passage extends Omit<KnowledgeHit, 'score'> {
