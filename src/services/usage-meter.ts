@@ -38,7 +38,7 @@ import { fulfilledWithin } from '../utils/time-limit.js';
 import { type CreditBlock, CreditWindows } from './credit-window.js';
 import { type KeyLimits, loadKeyLimits } from './key-limits.js';
 import { formatMoney, notEnoughCreditsMessage, overBudgetMessage } from './money.js';
-import { forgetUnwritten, saveUnwritten, takeUnwritten, unwrittenDir } from './unwritten-usage.js';
+import { forgetUnwritten, saveUnwritten, takeUnwritten, unwrittenDir,type UnwrittenUsage } from './unwritten-usage.js';
 
 export interface UsageMeterOptions {
   db: Db;
@@ -153,6 +153,12 @@ export class UsageMeterService implements UsageMeter {
   /** close() has resolved: what a call still in flight then adds is written at once (`lateFlush`), no timer runs any more. */
   private closed = false;
   private lateFlush: NodeJS.Immediate | undefined;
+  /**
+   * What the flush's statement in flight holds, taken off the queues (its usage rows and window
+   * settlements, the failed settlements it retries, the block releases it ends with): saved with
+   * the queues by `saveUnwritten`, which the shutdown deadline may call while that statement hangs.
+   */
+  private writing: UnwrittenUsage = { usage: [], settlements: [], windowSettlements: [], blockReleases: [] };
   /** Files of unwritten usage were left on disk for want of room in the queue (`recoverUnwritten`). */
   private unwrittenLeft = false;
   /** Calls are being refused for the backlog of unwritten usage (logged once, until a flush brings it under the limit). */
@@ -645,12 +651,17 @@ export class UsageMeterService implements UsageMeter {
     // (`settle` queues a call's settlement, then tells its window), so this flush writes those first.
     const releases = this.blockReleases;
     this.blockReleases = [];
-    if (!(await this.writeQueued())) {
-      this.blockReleases.unshift(...releases);
-      return;
+    this.writing.blockReleases = releases;
+    try {
+      if (!(await this.writeQueued())) {
+        this.blockReleases.unshift(...releases);
+        return;
+      }
+      await this.retryFailed();
+      await this.releaseBlocks(releases);
+    } finally {
+      this.writing.blockReleases = [];
     }
-    await this.retryFailed();
-    await this.releaseBlocks(releases);
   }
 
   /** The usage records and window settlements queued when the flush began; false when a statement failed (what it held is kept). */
@@ -664,6 +675,8 @@ export class UsageMeterService implements UsageMeter {
       const settlements = this.windowSettlements.splice(0, Math.min(max, settles));
       rows -= usage.length;
       settles -= settlements.length;
+      this.writing.usage = usage;
+      this.writing.windowSettlements = settlements;
       try {
         await billingCrud.writeUsage(this.db, usage, settlements);
       } catch (error) {
@@ -681,6 +694,9 @@ export class UsageMeterService implements UsageMeter {
         this.log.error({ err: cause(error), pending: this.buffer.length, settlements: settlements.length }, 'usage records not written; kept for a retry');
         this.retryLater();
         return false;
+      } finally {
+        this.writing.usage = [];
+        this.writing.windowSettlements = [];
       }
     }
     return true;
@@ -713,6 +729,15 @@ export class UsageMeterService implements UsageMeter {
   private async retryFailed(): Promise<void> {
     const settlements = this.failedSettlements;
     this.failedSettlements = [];
+    this.writing.settlements = settlements;
+    try {
+      await this.retryEach(settlements);
+    } finally {
+      this.writing.settlements = [];
+    }
+  }
+
+  private async retryEach(settlements: billingCrud.Settlement[]): Promise<void> {
     for (const [i, settlement] of settlements.entries()) {
       try {
         await this.settleAgain(settlement);
@@ -870,17 +895,28 @@ export class UsageMeterService implements UsageMeter {
    * then, not at their expiry. Synchronous: the shutdown deadline calls it too.
    */
   saveUnwritten(): void {
-    if (!this.hasPending()) return;
-    const counts = { usageRecords: this.buffer.length, settlements: this.failedSettlements.length + this.windowSettlements.length, blockReleases: this.blockReleases.length };
+    // With what statements in flight hold (the shutdown deadline calls this while one may hang on
+    // the database): saved as well, since none may commit before the process exits; one that
+    // does is written once all the same (every write in the files is idempotent).
+    const writing = this.writing;
+    const queues: UnwrittenUsage = {
+      usage: writing.usage.concat(this.buffer),
+      settlements: writing.settlements.concat(this.failedSettlements, this.settlingBatch, this.settlements),
+      windowSettlements: writing.windowSettlements.concat(this.windowSettlements),
+      blockReleases: writing.blockReleases.concat(this.blockReleases),
+    };
+    const counts = { usageRecords: queues.usage.length, settlements: queues.settlements.length + queues.windowSettlements.length, blockReleases: queues.blockReleases.length };
+    if (!counts.usageRecords && !counts.settlements && !counts.blockReleases) return;
     const dir = unwrittenDir(this.settings.DATA_DIR);
     try {
-      const files = saveUnwritten(dir, { usage: this.buffer, settlements: this.failedSettlements, windowSettlements: this.windowSettlements, blockReleases: this.blockReleases });
+      const files = saveUnwritten(dir, queues);
       // Saved again with the rest: the files they were recovered from are done with.
       this.forgetRecovered();
       this.buffer = [];
       this.failedSettlements = [];
       this.windowSettlements = [];
       this.blockReleases = [];
+      this.settlements = [];
       this.log.error({ ...counts, dir, files }, 'usage not written at shutdown (database unavailable); saved for the next start to write');
     } catch (error) {
       this.log.error({ ...counts, err: error }, 'usage not written at shutdown, and could not be saved');

@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -14,7 +14,7 @@ import { saveUnwritten, UNWRITTEN_DIR } from '../../src/services/unwritten-usage
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
-import { createKey } from '../helpers/http.js';
+import { createKey, sleep } from '../helpers/http.js';
 import { captureLogs } from '../helpers/logs.js';
 import { addFakeModels, chatRequest } from '../helpers/metered-models.js';
 import { intercepting } from '../helpers/statements.js';
@@ -121,6 +121,40 @@ describe('usage the database does not take', () => {
     await ctx.app.models.chat(chatRequest('fake-precise', context));
     await ctx.app.meter.idle();
     expect(await usageCount(ctx.database.db, alice.user.id)).toBe(LIMIT + 1);
+  });
+});
+
+describe('usage saved at the shutdown deadline', () => {
+  it("holds what the flush's statement in flight holds: that statement may never commit before the process exits", async () => {
+    const user = await createUser(ctx.app);
+    const dataDir = mkdtempSync(join(tmpdir(), 'keel-backlog-deadline-'));
+    const app = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+    let fail!: (error: Error) => void;
+    const hanging = new Promise<never>((_, reject) => (fail = reject));
+    try {
+      await intercepting(
+        ctx.database.db,
+        async (text) => {
+          if (/insert into usage_records/i.test(text)) await hanging; // the database stops answering
+        },
+        async () => {
+          try {
+            for (let i = 0; i < 10; i++) await app.models.chat(chatRequest('fake-precise', { user_id: user.user.id }));
+            await sleep(100); // the flush of 10 rows (USAGE_FLUSH_MAX_ROWS) hangs in its statement
+            app.meter.saveUnwritten(); // as the deadline does
+            const files = readdirSync(join(dataDir, UNWRITTEN_DIR)).filter((name) => name.endsWith('.json'));
+            const rows = files.flatMap((name) => (JSON.parse(readFileSync(join(dataDir, UNWRITTEN_DIR, name), 'utf8')) as { usage: string[] }).usage);
+            expect(rows).toHaveLength(10);
+          } finally {
+            fail(new Error('Connection terminated unexpectedly'));
+            await app.meter.idle();
+          }
+        },
+      );
+    } finally {
+      await app.close();
+      rmSync(dataDir, { recursive: true, force: true });
+    }
   });
 });
 
