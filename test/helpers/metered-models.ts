@@ -1,6 +1,9 @@
+import { randomUUID } from 'node:crypto';
+
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, beforeEach, expect } from 'vitest';
 
+import type { UsageRow } from '../../src/crud/billing.js';
 import type { CallContext, ChatRequest } from '../../src/modules/ai-models/index.js';
 import type { TestContext } from './app.js';
 import { superuserHeaders } from './factories.js';
@@ -67,4 +70,35 @@ export function useFakeModels(ctx: TestContext, onReady: (fake: FakeModelServer,
     await fake?.close();
   });
   beforeEach(() => fake?.reset());
+}
+
+/** A usage record's row as the meter writes it (`created_at` also its start), `fields` over it. */
+export function usageRowOf(ownerId: string, createdAt: string, fields: Partial<UsageRow> = {}): UsageRow {
+  return {
+    id: randomUUID(),
+    created_at: createdAt,
+    owner_id: ownerId,
+    api_key_id: null,
+    project_id: null,
+    agent_id: null,
+    run_id: null,
+    model: 'm1',
+    provider: 'fake',
+    operation: 'chat',
+    input_tokens: 10,
+    cached_input_tokens: 0,
+    cache_write_tokens: 0,
+    output_tokens: 5,
+    reasoning_tokens: 0,
+    cost: '0.1',
+    latency_ms: 5,
+    time_to_first_token_ms: null,
+    status: 'success',
+    error: null,
+    estimated: false,
+    attempts: 1,
+    started_at: createdAt,
+    charge_key: true,
+    ...fields,
+  };
 }

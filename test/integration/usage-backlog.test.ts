@@ -1,4 +1,3 @@
-import { randomUUID } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -9,14 +8,13 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
 import { UsageBacklogError } from '../../src/core/errors.js';
 
-import type { UsageRow } from '../../src/crud/billing.js';
 import { saveUnwritten, UNWRITTEN_DIR } from '../../src/services/unwritten-usage.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { createKey, sleep } from '../helpers/http.js';
 import { captureLogs } from '../helpers/logs.js';
-import { addFakeModels, chatRequest } from '../helpers/metered-models.js';
+import { addFakeModels, chatRequest, usageRowOf } from '../helpers/metered-models.js';
 import { intercepting } from '../helpers/statements.js';
 
 // A limit of 100 unwritten records; a flush every 10 rows (none on a timer), so each try to write
@@ -48,36 +46,7 @@ async function usageCount(db: typeof ctx.database.db, userId: string): Promise<n
 }
 
 /** A maker of usage rows of `ownerId` as the meter queues them (JSON). */
-const usageRow = (ownerId: string) => (): string => {
-  const at = new Date().toISOString();
-  const fields: UsageRow = {
-    id: randomUUID(),
-    created_at: at,
-    started_at: at,
-    owner_id: ownerId,
-    api_key_id: null,
-    project_id: null,
-    agent_id: null,
-    run_id: null,
-    model: 'm1',
-    provider: 'fake',
-    operation: 'chat',
-    input_tokens: 10,
-    cached_input_tokens: 0,
-    cache_write_tokens: 0,
-    output_tokens: 5,
-    reasoning_tokens: 0,
-    cost: '0.1',
-    latency_ms: 5,
-    time_to_first_token_ms: null,
-    status: 'success',
-    error: null,
-    estimated: false,
-    attempts: 1,
-    charge_key: true,
-  };
-  return JSON.stringify(fields);
-};
+const usageRow = (ownerId: string) => (): string => JSON.stringify(usageRowOf(ownerId, new Date().toISOString()));
 
 const saved = (usage: string[]) => ({ usage, settlements: [], windowSettlements: [], blockReleases: [] });
 

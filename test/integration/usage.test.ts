@@ -14,14 +14,14 @@ import { ServiceUnavailableError } from '../../src/core/errors.js';
 
 import { usageRecords } from '../../src/models/index.js';
 
-import { insertUsage, keySpend, type UsageRow } from '../../src/crud/billing.js';
+import { insertUsage, keySpend } from '../../src/crud/billing.js';
 import { type CostEstimate, type UsageRecord, ZERO_USAGE } from '../../src/modules/ai-models/index.js';
 import { startServer } from '../../src/server.js';
 import { buildTestApp, openTestDatabase, testSettings, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, expectValidationError, xApiKey } from '../helpers/http.js';
-import { addFakeModels, chatRequest } from '../helpers/metered-models.js';
+import { addFakeModels, chatRequest, usageRowOf } from '../helpers/metered-models.js';
 import { intercepting } from '../helpers/statements.js';
 
 // Billing off (the default): usage is recorded, balances are never touched. Answers up to 48 MiB
@@ -51,35 +51,7 @@ async function recordsOf(userId: string) {
   return ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, userId)).orderBy(usageRecords.created_at);
 }
 
-function row(ownerId: string, createdAt: string, fields: Partial<UsageRow> = {}): UsageRow {
-  return {
-    id: randomUUID(),
-    created_at: createdAt,
-    owner_id: ownerId,
-    api_key_id: null,
-    project_id: null,
-    agent_id: null,
-    run_id: null,
-    model: 'm1',
-    provider: 'fake',
-    operation: 'chat',
-    input_tokens: 10,
-    cached_input_tokens: 0,
-    cache_write_tokens: 0,
-    output_tokens: 5,
-    reasoning_tokens: 0,
-    cost: '0.1',
-    latency_ms: 5,
-    time_to_first_token_ms: null,
-    status: 'success',
-    error: null,
-    estimated: false,
-    attempts: 1,
-    started_at: createdAt,
-    charge_key: true,
-    ...fields,
-  };
-}
+const row = usageRowOf;
 
 describe('usage records', () => {
   it('one row per call, after the answer, its cost the catalog price × tokens to the last decimal', async () => {
