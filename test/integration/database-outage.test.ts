@@ -1,6 +1,6 @@
 import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { copyFileSync, mkdtempSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -251,7 +251,8 @@ describe.skipIf(!adminUrl)('the database down when the app stops', () => {
       renameSync(join(saved, file!), join(saved, `${file}.${gone}.taken`));
       writeFileSync(join(saved, '0-1-broken.json'), '{"usage": [');
 
-      const copies = mkdtempSync(join(tmpdir(), 'keel-unwritten-copy-'));
+      const copies = join(settings.DATA_DIR, 'copies');
+      mkdirSync(copies);
       for (const saving of readdirSync(saved)) copyFileSync(join(saved, saving), join(copies, saving));
 
       await adminQuery(adminUrl!, `alter database "${name}" allow_connections true`);
@@ -290,6 +291,7 @@ describe.skipIf(!adminUrl)('the database down when the app stops', () => {
       await next?.close();
       await fake.close();
       await opened.destroy();
+      rmSync(settings.DATA_DIR, { recursive: true, force: true });
     }
   });
 });
