@@ -88,6 +88,32 @@ async function rawStream(body: Record<string, unknown> = {}): Promise<{ status: 
   return { status: response.status, text: await response.text() };
 }
 
+/**
+ * A late failure's answer: a 200 whose body, after a keep-alive, is the error event alone (no role
+ * chunk opens an answer that never came); and through the openai package (the model scripted to
+ * fail late again by `scriptFailure`), an error raised on its first read, as for an HTTP error.
+ */
+async function expectLateFailure(model: string, code: string, scriptFailure: () => void): Promise<void> {
+  scriptFailure();
+  const { status, text } = await rawStream({ model });
+  expect(status).toBe(200);
+  expect(text.startsWith(': keep-alive\n\n')).toBe(true);
+  const events = text.split('\n\n').filter((event) => event.startsWith('data: '));
+  expect(events).toHaveLength(1);
+  expect((JSON.parse(events[0]!.slice(6)) as { error: Record<string, unknown> }).error).toMatchObject({ type: 'server_error', code });
+  expect(text).not.toContain('[DONE]');
+
+  scriptFailure();
+  const stream = await client.chat.completions.create({ model, messages: [{ role: 'user', content: 'Hi' }], stream: true });
+  const read: OpenAI.ChatCompletionChunk[] = [];
+  const failed = await apiError((async () => {
+    for await (const chunk of stream) read.push(chunk);
+  })());
+  expect(failed.error).toMatchObject({ type: 'server_error', code });
+  expect(read).toEqual([]);
+  await noHeartbeatLeft();
+}
+
 describe('a streamed chat completion whose model is silent', () => {
   it('sends keep-alive comments before a late first event and between late events; the openai package reads the answer as sent', async () => {
     fake.script('fake-chat', { text: 'Hello there friend', chunkDelayMs: LATE_MS, usage: { prompt_tokens: 3, completion_tokens: 3 } });
@@ -135,27 +161,7 @@ describe('a streamed chat completion whose model is silent', () => {
   });
 
   it('ends with an error event in OpenAI\'s shape when it fails after a keep-alive went out (the 200 has been sent)', async () => {
-    fake.script('fake-chat', { status: 500, chunkDelayMs: LATE_MS });
-    const { status, text } = await rawStream();
-    expect(status).toBe(200);
-    expect(text.startsWith(': keep-alive\n\n')).toBe(true);
-    // The error event alone: no role chunk opens an answer that never came.
-    const events = text.split('\n\n').filter((event) => event.startsWith('data: '));
-    expect(events).toHaveLength(1);
-    const last = JSON.parse(events[0]!.slice(6)) as { error: Record<string, unknown> };
-    expect(last.error).toMatchObject({ type: 'server_error', code: 'upstream_error' });
-    expect(text).not.toContain('[DONE]');
-
-    fake.script('fake-chat', { status: 500, chunkDelayMs: LATE_MS });
-    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true });
-    const read: OpenAI.ChatCompletionChunk[] = [];
-    const failed = await apiError((async () => {
-      for await (const chunk of stream) read.push(chunk);
-    })());
-    expect(failed.error).toMatchObject({ type: 'server_error', code: 'upstream_error' });
-    // The openai package raises on its first read, as for an HTTP error: the loop never ran.
-    expect(read).toEqual([]);
-    await noHeartbeatLeft();
+    await expectLateFailure('fake-chat', 'upstream_error', () => fake.script('fake-chat', { status: 500, chunkDelayMs: LATE_MS }));
   });
 
   it('names the model that answered in every chunk when the first event came late from a fallback', async () => {
@@ -255,25 +261,7 @@ describe('a streamed agent completion whose run is silent', () => {
   });
 
   it('ends with an error event in OpenAI\'s shape when its run fails after a keep-alive went out (the 200 has been sent)', async () => {
-    fake.script('fake-chat', { status: 401, chunkDelayMs: LATE_MS });
-    const { status, text } = await rawStream({ model: agentModel });
-    expect(status).toBe(200);
-    expect(text.startsWith(': keep-alive\n\n')).toBe(true);
-    // The error event alone: no role chunk opens an answer that never came.
-    const events = dataEvents(text);
-    expect(events).toHaveLength(1);
-    expect((events[0] as { error: Record<string, unknown> }).error).toMatchObject({ type: 'server_error', code: 'agent_run_failed' });
-    expect(text).not.toContain('[DONE]');
-
-    fake.script('fake-chat', { status: 401, chunkDelayMs: LATE_MS });
-    const stream = await client.chat.completions.create({ model: agentModel, messages: [{ role: 'user', content: 'Hi' }], stream: true });
-    const read: OpenAI.ChatCompletionChunk[] = [];
-    const failed = await apiError((async () => {
-      for await (const chunk of stream) read.push(chunk);
-    })());
-    expect(failed.error).toMatchObject({ type: 'server_error', code: 'agent_run_failed' });
-    expect(read).toEqual([]);
-    await noHeartbeatLeft();
+    await expectLateFailure(agentModel, 'agent_run_failed', () => fake.script('fake-chat', { status: 401, chunkDelayMs: LATE_MS }));
   });
 
   it('clears its timer when the client goes away, before the first text or after it, and cancels the run', async () => {
