@@ -18,6 +18,7 @@ import {
 
 import { definePolicy } from '../utils/access.js';
 import type { Principal } from '../utils/authentication.js';
+import { pairSafeEnd } from '../utils/text.js';
 import { ownedCrud } from './owned.js';
 
 // ==================== Access ====================
@@ -90,10 +91,7 @@ function splitExtension(name: string): [string, string] {
 
 /** The longest start of `text` of at most `units` UTF-16 units that cuts no surrogate pair in two. */
 function cutAt(text: string, units: number): string {
-  let end = Math.max(0, Math.min(text.length, units));
-  const last = text.charCodeAt(end - 1);
-  if (end < text.length && last >= 0xd800 && last <= 0xdbff) end--;
-  return text.slice(0, end);
+  return text.slice(0, pairSafeEnd(text, Math.max(0, Math.min(text.length, units))));
 }
 
 /**

@@ -32,7 +32,7 @@ import type { RunEvent } from '../modules/agents/run-bus.js';
 import type { RunDeps, RunView } from '../modules/agents/run-lifecycle.js';
 import { credentialsWentAway, CREDITS_REFUSED, INTERNAL_RUN_ERROR } from '../modules/agents/runner.js';
 import { ModelNotFoundError } from '../modules/ai-models/index.js';
-import { hasUnpairedSurrogate, UNPAIRED_SURROGATE_MESSAGE } from '../utils/text.js';
+import { hasUnpairedSurrogate, isHighSurrogate, UNPAIRED_SURROGATE_MESSAGE } from '../utils/text.js';
 import type { ServiceContext } from './context.js';
 import { AGENT_MODEL_PREFIX, CodedOpenAIError, InvalidRequestError, logStreamFailure, openAIErrorOf, openAIUsage } from './openai-gateway.js';
 import * as runService from './run-service.js';
@@ -162,7 +162,7 @@ export async function startAgentCompletion(ctx: ServiceContext, deps: RunDeps, b
 function titleOf(text: string): string {
   const line = text.replace(/\s+/g, ' ').trim();
   // Cut inside a surrogate pair, its first half would be stored as U+FFFD.
-  const end = /[\ud800-\udbff]/.test(line.charAt(TITLE_CHARS - 1)) ? TITLE_CHARS + 1 : TITLE_CHARS;
+  const end = isHighSurrogate(line.charCodeAt(TITLE_CHARS - 1)) ? TITLE_CHARS + 1 : TITLE_CHARS;
   return line.slice(0, end);
 }
 

@@ -62,7 +62,13 @@ export function storableModelValue(value: unknown): unknown {
   return Object.fromEntries(Object.entries(value).map(([key, item]) => [storableModelText(key), storableModelValue(item)]));
 }
 
-const isHighSurrogate = (code: number) => code >= 0xd800 && code <= 0xdbff;
+/** Whether a UTF-16 unit is the first half of a surrogate pair. */
+export const isHighSurrogate = (code: number): boolean => code >= 0xd800 && code <= 0xdbff;
+
+/** `end`, or one less where a cut of `text` there would split a surrogate pair (its first half the last unit kept). */
+export function pairSafeEnd(text: string, end: number): number {
+  return end > 0 && end < text.length && isHighSurrogate(text.charCodeAt(end - 1)) ? end - 1 : end;
+}
 
 /**
  * `storableModelText` for text that comes in pieces (a model's streamed deltas): a piece that ends

@@ -1,5 +1,6 @@
 import type { Settings } from '../../core/config.js';
 
+import { pairSafeEnd } from '../../utils/text.js';
 import { countTokens, decode, encode } from './tokenizer.js';
 import type { DocumentChunk, DocumentSection, ExtractedDocument } from './types.js';
 
@@ -52,8 +53,7 @@ function* hardSplit(text: string, maxTokens: number): Generator<Unit> {
     let length = Math.min(text.length - start, maxTokens * 4);
     for (;;) {
       let end = start + length;
-      const code = text.charCodeAt(end - 1);
-      if (end < text.length && end - 1 > start && code >= 0xd800 && code <= 0xdbff) end--;
+      if (end - 1 > start) end = pairSafeEnd(text, end);
       const piece = text.slice(start, end);
       const tokens = countTokens(piece);
       if (tokens <= maxTokens || end - start <= 1) {

@@ -27,6 +27,7 @@ import type { ModelManager } from '../../modules/ai-models/index.js';
 import type { ChunkCutter } from '../../modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
 import { type DocumentChunk, DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../modules/knowledge/types.js';
+import { pairSafeEnd } from '../../utils/text.js';
 import { StorageNotFoundError, type StorageService } from '../storage-service.js';
 import { ensureVectorIndex, hasVectorTable, writeEmbeddings } from './embeddings.js';
 import { knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
@@ -425,9 +426,7 @@ const TEXT_PIECE_CHARS = 1 << 20;
 /** `text` as UTF-8 in pieces, never cut inside a surrogate pair. */
 async function* utf8Pieces(text: string): AsyncGenerator<Uint8Array> {
   for (let start = 0; start < text.length; ) {
-    let end = Math.min(text.length, start + TEXT_PIECE_CHARS);
-    const last = text.charCodeAt(end - 1);
-    if (end < text.length && last >= 0xd800 && last <= 0xdbff) end--;
+    const end = pairSafeEnd(text, Math.min(text.length, start + TEXT_PIECE_CHARS));
     yield Buffer.from(text.slice(start, end));
     start = end;
   }
