@@ -88,6 +88,16 @@ async function rawStream(body: Record<string, unknown> = {}): Promise<{ status: 
   return { status: response.status, text: await response.text() };
 }
 
+/** Reads a streamed body until it has shown `awaited` (a keep-alive, or the first event). */
+async function readUntil(reader: ReadableStreamDefaultReader<Uint8Array>, awaited: string): Promise<void> {
+  let seen = '';
+  while (!seen.includes(awaited)) {
+    const { done, value } = await reader.read();
+    if (done) throw new Error(`the stream ended before ${awaited}: ${seen}`);
+    seen += new TextDecoder().decode(value);
+  }
+}
+
 /**
  * A late failure's answer: a 200 whose body, after a keep-alive, is the error event alone (no role
  * chunk opens an answer that never came); and through the openai package (the model scripted to
@@ -189,13 +199,7 @@ describe('a streamed chat completion whose model is silent', () => {
       });
       expect(response.status).toBe(200);
       const reader = (response.body as ReadableStream<Uint8Array>).getReader();
-      let seen = '';
-      const awaited = reply.chunkDelayMs > LATE_MS ? ': keep-alive' : 'data: ';
-      while (!seen.includes(awaited)) {
-        const { done, value } = await reader.read();
-        if (done) throw new Error(`the stream ended before ${awaited}: ${seen}`);
-        seen += new TextDecoder().decode(value);
-      }
+      await readUntil(reader, reply.chunkDelayMs > LATE_MS ? ': keep-alive' : 'data: ');
       controller.abort();
       await eventually(async () => fake.log[0]?.aborted === true);
       await noHeartbeatLeft();
@@ -278,13 +282,7 @@ describe('a streamed agent completion whose run is silent', () => {
       expect(response.status).toBe(200);
       const runId = response.headers.get('x-keel-run-id')!;
       const reader = (response.body as ReadableStream<Uint8Array>).getReader();
-      let seen = '';
-      const awaited = reply.chunkDelayMs > LATE_MS ? ': keep-alive' : 'data: ';
-      while (!seen.includes(awaited)) {
-        const { done, value } = await reader.read();
-        if (done) throw new Error(`the stream ended before ${awaited}: ${seen}`);
-        seen += new TextDecoder().decode(value);
-      }
+      await readUntil(reader, reply.chunkDelayMs > LATE_MS ? ': keep-alive' : 'data: ');
       controller.abort();
       await waitForRun(ctx.app, user.headers, runId, ['cancelled']);
       await eventually(async () => fake.log[0]?.aborted === true);
