@@ -209,7 +209,7 @@ export class UsageMeterService implements UsageMeter {
 
   reserve(estimate: CostEstimate): UsageReservation | Promise<UsageReservation> {
     if (this.closing) throw new ShuttingDownError();
-    if (this.buffer.length >= this.settings.USAGE_MAX_PENDING_ROWS) this.refuseForBacklog();
+    if (this.unwrittenRows() >= this.settings.USAGE_MAX_PENDING_ROWS) this.refuseForBacklog();
     const keyId = estimate.context.api_key_id ?? null;
     if (keyId === null) return this.hold(estimate, null);
     const limits = estimate.context.api_key_limits;
@@ -531,7 +531,7 @@ export class UsageMeterService implements UsageMeter {
   private refuseForBacklog(): never {
     if (!this.backlogged) {
       this.backlogged = true;
-      this.log.error({ pending: this.buffer.length }, 'model calls refused: usage records are not being written to the database');
+      this.log.error({ pending: this.unwrittenRows() }, 'model calls refused: usage records are not being written to the database');
     }
     throw new UsageBacklogError();
   }
@@ -570,6 +570,15 @@ export class UsageMeterService implements UsageMeter {
   }
 
   /**
+   * Usage records not in the database yet: queued, and in the flush's statement in flight. Both
+   * count toward USAGE_MAX_PENDING_ROWS: with the buffer alone, every statement that took rows off
+   * it during an outage let that many more calls through.
+   */
+  private unwrittenRows(): number {
+    return this.buffer.length + this.writing.usage.length;
+  }
+
+  /**
    * Writes the buffered usage records and retries failed settlements; one flush at a time. What
    * fails stays for the next flush (logged), so a database outage loses nothing.
    */
@@ -578,9 +587,9 @@ export class UsageMeterService implements UsageMeter {
     this.flushing = this.writeOnce().finally(() => {
       this.flushing = null;
       this.flushes += 1;
-      if (this.backlogged && this.buffer.length < this.settings.USAGE_MAX_PENDING_ROWS) {
+      if (this.backlogged && this.unwrittenRows() < this.settings.USAGE_MAX_PENDING_ROWS) {
         this.backlogged = false;
-        this.log.info({ pending: this.buffer.length }, 'usage records are being written again: model calls resume');
+        this.log.info({ pending: this.unwrittenRows() }, 'usage records are being written again: model calls resume');
       }
       try {
         // Nothing pending: what the files recovered from held is in the database.
@@ -925,12 +934,12 @@ export class UsageMeterService implements UsageMeter {
 
   /**
    * Queues what processes saved (saveUnwritten) to be written; the files go once it is written
-   * (`flush`) or saved again. Files are taken while the queue holds under half of
-   * USAGE_MAX_PENDING_ROWS, the rest after a flush brings it under again (or at the next sweep):
+   * (`flush`) or saved again. Files are taken while the unwritten rows hold under half of
+   * USAGE_MAX_PENDING_ROWS, the rest after a flush brings them under again (or at the next sweep):
    * a long outage's files never fill the queue to where calls are refused.
    */
   private recoverUnwritten(): void {
-    const room = Math.floor(this.settings.USAGE_MAX_PENDING_ROWS / 2) - this.buffer.length;
+    const room = Math.floor(this.settings.USAGE_MAX_PENDING_ROWS / 2) - this.unwrittenRows();
     this.unwrittenLeft = room <= 0;
     if (this.unwrittenLeft) return;
     const onUnreadable = (file: string, error: unknown) => this.log.error({ err: error, file }, 'usage left unwritten by an earlier process could not be read; set aside');

@@ -50,6 +50,12 @@ const usageRow = (ownerId: string) => (): string => JSON.stringify(usageRowOf(ow
 
 const saved = (usage: string[]) => ({ usage, settlements: [], windowSettlements: [], blockReleases: [] });
 
+/** The usage rows in the files of `dir`: saved, or taken by a process. */
+const rowsOnDisk = (dir: string): string[] =>
+  readdirSync(dir)
+    .filter((name) => /\.json(\.\d+\.taken)?$/.test(name))
+    .flatMap((name) => (JSON.parse(readFileSync(join(dir, name), 'utf8')) as { usage: string[] }).usage);
+
 /** The database "loses its connection" on every usage write while `work` runs. */
 const usageWritesFail = (work: () => Promise<unknown>) =>
   intercepting(
@@ -59,6 +65,29 @@ const usageWritesFail = (work: () => Promise<unknown>) =>
     },
     work,
   );
+
+/**
+ * The database stops answering usage writes while `work` runs (they hang), and then fails them:
+ * the flush that hung keeps what it held for a retry.
+ */
+async function hangingUsageWrites(work: () => Promise<unknown>): Promise<void> {
+  let fail!: (error: Error) => void;
+  const hanging = new Promise<never>((_, reject) => (fail = reject));
+  hanging.catch(() => undefined); // when no statement waited on it
+  await intercepting(
+    ctx.database.db,
+    async (text) => {
+      if (/insert into usage_records/i.test(text)) await hanging;
+    },
+    async () => {
+      try {
+        await work();
+      } finally {
+        fail(new Error('Connection terminated unexpectedly'));
+      }
+    },
+  );
+}
 
 describe('usage the database does not take', () => {
   it(`past USAGE_MAX_PENDING_ROWS unwritten records model calls are refused with 503 (nothing dropped), and resume once the database takes them`, async () => {
@@ -91,6 +120,21 @@ describe('usage the database does not take', () => {
     await ctx.app.meter.idle();
     expect(await usageCount(ctx.database.db, alice.user.id)).toBe(LIMIT + 1);
   });
+
+  it("the limit counts the records in the flush's statement in flight too: a statement that hangs lets no more calls through", async () => {
+    const bob = await createUser(ctx.app);
+    const context = { user_id: bob.user.id };
+    await hangingUsageWrites(async () => {
+      for (let i = 0; i < LIMIT; i++) await ctx.app.models.chat(chatRequest('fake-precise', context));
+      await sleep(100); // every call's record queued: 10 in the flush's statement (USAGE_FLUSH_MAX_ROWS), which hangs, 90 in the buffer
+      await expect(ctx.app.models.chat(chatRequest('fake-precise', context))).rejects.toBeInstanceOf(UsageBacklogError);
+    });
+    expect(fake.log).toHaveLength(LIMIT);
+    await ctx.app.meter.idle();
+    expect(await usageCount(ctx.database.db, bob.user.id)).toBe(LIMIT);
+    // Under the limit again (none in flight): calls go.
+    await ctx.app.models.chat(chatRequest('fake-precise', context));
+  });
 });
 
 describe('usage saved at the shutdown deadline', () => {
@@ -98,28 +142,13 @@ describe('usage saved at the shutdown deadline', () => {
     const user = await createUser(ctx.app);
     const dataDir = mkdtempSync(join(tmpdir(), 'keel-backlog-deadline-'));
     const app = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
-    let fail!: (error: Error) => void;
-    const hanging = new Promise<never>((_, reject) => (fail = reject));
     try {
-      await intercepting(
-        ctx.database.db,
-        async (text) => {
-          if (/insert into usage_records/i.test(text)) await hanging; // the database stops answering
-        },
-        async () => {
-          try {
-            for (let i = 0; i < 10; i++) await app.models.chat(chatRequest('fake-precise', { user_id: user.user.id }));
-            await sleep(100); // the flush of 10 rows (USAGE_FLUSH_MAX_ROWS) hangs in its statement
-            app.meter.saveUnwritten(); // as the deadline does
-            const files = readdirSync(join(dataDir, UNWRITTEN_DIR)).filter((name) => name.endsWith('.json'));
-            const rows = files.flatMap((name) => (JSON.parse(readFileSync(join(dataDir, UNWRITTEN_DIR, name), 'utf8')) as { usage: string[] }).usage);
-            expect(rows).toHaveLength(10);
-          } finally {
-            fail(new Error('Connection terminated unexpectedly'));
-            await app.meter.idle();
-          }
-        },
-      );
+      await hangingUsageWrites(async () => {
+        for (let i = 0; i < 10; i++) await app.models.chat(chatRequest('fake-precise', { user_id: user.user.id }));
+        await sleep(100); // the flush of 10 rows (USAGE_FLUSH_MAX_ROWS) hangs in its statement
+        app.meter.saveUnwritten(); // as the deadline does
+        expect(rowsOnDisk(join(dataDir, UNWRITTEN_DIR))).toHaveLength(10);
+      });
     } finally {
       await app.close();
       rmSync(dataDir, { recursive: true, force: true });
