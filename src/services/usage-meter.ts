@@ -144,6 +144,10 @@ export class UsageMeterService implements UsageMeter {
   private flushing: Promise<void> | null = null;
   /** Flushes ended so far: a hold refused while one was being written tries again after it (see `hold`). */
   private flushes = 0;
+  /** Flushes begun so far: a file taken back is done with once a flush begun after its take writes all it took (see `flush`). */
+  private flushesBegun = 0;
+  /** Writes that failed (or were put off) and were kept for a retry (`retryLater`): a flush during which this did not move wrote all it took. */
+  private failures = 0;
   /** The flush `flushQueued` callers wait for while one runs. */
   private followingFlush: Promise<void> | null = null;
   private flushTimer: NodeJS.Timeout | undefined;
@@ -163,8 +167,11 @@ export class UsageMeterService implements UsageMeter {
   private unwrittenLeft = false;
   /** Calls are being refused for the backlog of unwritten usage (logged once, until a flush brings it under the limit). */
   private backlogged = false;
-  /** Files of unwritten usage this process took (`recoverUnwritten`) whose items are not yet written. */
-  private recovered: string[] = [];
+  /**
+   * Files of unwritten usage this process took (`recoverUnwritten`) whose items are not yet known to
+   * be written, each with the flushes begun before its take (`flushesBegun`).
+   */
+  private recovered: { file: string; takenAfter: number }[] = [];
 
   constructor(options: UsageMeterOptions) {
     this.db = options.db;
@@ -566,6 +573,7 @@ export class UsageMeterService implements UsageMeter {
 
   /** After a failure: the next flush retries what was kept (once closed, the next write of a late call does). */
   private retryLater(): void {
+    this.failures += 1;
     if (!this.closed) this.schedule();
   }
 
@@ -584,21 +592,34 @@ export class UsageMeterService implements UsageMeter {
    */
   flush(): Promise<void> {
     if (this.flushing) return this.flushing.then(() => (this.hasPending() ? this.flush() : undefined));
-    this.flushing = this.writeOnce().finally(() => {
-      this.flushing = null;
-      this.flushes += 1;
-      if (this.backlogged && this.unwrittenRows() < this.settings.USAGE_MAX_PENDING_ROWS) {
-        this.backlogged = false;
-        this.log.info({ pending: this.unwrittenRows() }, 'usage records are being written again: model calls resume');
-      }
-      try {
-        // Nothing pending: what the files recovered from held is in the database.
-        if (this.recovered.length && !this.hasPending()) this.forgetRecovered();
-        if (this.unwrittenLeft && !this.closing) this.recoverUnwritten();
-      } catch (error) {
-        this.log.error({ err: error }, 'usage saved by earlier processes: its files could not be handled');
-      }
-    });
+    const thisFlush = ++this.flushesBegun;
+    const failures = this.failures;
+    let wroteAll = false;
+    this.flushing = this.writeOnce()
+      .then(() => {
+        // Nothing it took was kept for a retry (nor anything else meanwhile, a per-call
+        // settlement's statement: that errs toward keeping files, never toward losing them).
+        wroteAll = this.failures === failures;
+      })
+      .finally(() => {
+        this.flushing = null;
+        this.flushes += 1;
+        if (this.backlogged && this.unwrittenRows() < this.settings.USAGE_MAX_PENDING_ROWS) {
+          this.backlogged = false;
+          this.log.info({ pending: this.unwrittenRows() }, 'usage records are being written again: model calls resume');
+        }
+        try {
+          // A flush takes everything queued when it began, what files taken before then held
+          // included: having written all it took, it wrote what those held, whether or not calls
+          // keep the queue from emptying (waiting for it to empty kept them on disk under steady
+          // load, for a kill -9 to have the next process write them again). With nothing left
+          // pending, every file taken is written.
+          if (wroteAll) this.forgetRecovered(this.hasPending() ? thisFlush : undefined);
+          if (this.unwrittenLeft && !this.closing) this.recoverUnwritten();
+        } catch (error) {
+          this.log.error({ err: error }, 'usage saved by earlier processes: its files could not be handled');
+        }
+      });
     return this.flushing;
   }
 
@@ -934,16 +955,18 @@ export class UsageMeterService implements UsageMeter {
 
   /**
    * Queues what processes saved (saveUnwritten) to be written; the files go once it is written
-   * (`flush`) or saved again. Files are taken while the unwritten rows hold under half of
-   * USAGE_MAX_PENDING_ROWS, the rest after a flush brings them under again (or at the next sweep):
-   * a long outage's files never fill the queue to where calls are refused.
+   * (the first flush begun after the take that writes all it took: `flush`) or saved again. Files
+   * are taken while the unwritten rows hold under half of USAGE_MAX_PENDING_ROWS, the rest after a
+   * flush brings them under again (or at the next sweep): a long outage's files never fill the
+   * queue to where calls are refused.
    */
   private recoverUnwritten(): void {
     const room = Math.floor(this.settings.USAGE_MAX_PENDING_ROWS / 2) - this.unwrittenRows();
     this.unwrittenLeft = room <= 0;
     if (this.unwrittenLeft) return;
     const onUnreadable = (file: string, error: unknown) => this.log.error({ err: error, file }, 'usage left unwritten by an earlier process could not be read; set aside');
-    const { taken, parts, more } = takeUnwritten(unwrittenDir(this.settings.DATA_DIR), this.recovered, room, onUnreadable);
+    const held = this.recovered.map((recovered) => recovered.file);
+    const { taken, parts, more } = takeUnwritten(unwrittenDir(this.settings.DATA_DIR), held, room, onUnreadable);
     this.unwrittenLeft = more;
     if (!taken.length) return;
     let usageRecords = 0;
@@ -955,14 +978,20 @@ export class UsageMeterService implements UsageMeter {
       for (const item of part.blockReleases) this.blockReleases.push(item);
       usageRecords += part.usage.length;
     }
-    this.recovered.push(...taken);
+    for (const file of taken) this.recovered.push({ file, takenAfter: this.flushesBegun });
     this.log.info({ files: taken.length, usageRecords }, 'writing the usage earlier processes left unwritten');
     this.track(this.flush());
   }
 
-  /** Deletes the files recovered from once what they held is written or saved again. */
-  private forgetRecovered(): void {
-    forgetUnwritten(this.recovered.splice(0));
+  /**
+   * Deletes the files recovered from once what they held is written or saved again: those taken
+   * before flush number `takenBefore` began, or all of them.
+   */
+  private forgetRecovered(takenBefore = Infinity): void {
+    const done = this.recovered.filter((recovered) => recovered.takenAfter < takenBefore);
+    if (!done.length) return;
+    this.recovered = this.recovered.filter((recovered) => recovered.takenAfter >= takenBefore);
+    forgetUnwritten(done.map((recovered) => recovered.file));
   }
 
   /** Nothing queued, waiting for the next check phase, or being written. */

@@ -12,7 +12,7 @@ import { saveUnwritten, UNWRITTEN_DIR } from '../../src/services/unwritten-usage
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
-import { createKey, sleep } from '../helpers/http.js';
+import { createKey, eventually, sleep } from '../helpers/http.js';
 import { captureLogs } from '../helpers/logs.js';
 import { addFakeModels, chatRequest, usageRowOf } from '../helpers/metered-models.js';
 import { intercepting } from '../helpers/statements.js';
@@ -55,6 +55,13 @@ const rowsOnDisk = (dir: string): string[] =>
   readdirSync(dir)
     .filter((name) => /\.json(\.\d+\.taken)?$/.test(name))
     .flatMap((name) => (JSON.parse(readFileSync(join(dir, name), 'utf8')) as { usage: string[] }).usage);
+
+const idOf = (row: string): string => (JSON.parse(row) as { id: string }).id;
+
+async function usageIds(db: typeof ctx.database.db, userId: string): Promise<Set<string>> {
+  const result = await db.execute(sql`select id::text as id from usage_records where owner_id = ${userId}`);
+  return new Set((result as { rows: { id: string }[] }).rows.map((row) => row.id));
+}
 
 /** The database "loses its connection" on every usage write while `work` runs. */
 const usageWritesFail = (work: () => Promise<unknown>) =>
@@ -211,6 +218,87 @@ describe('usage saved by earlier processes', () => {
       expect(readdirSync(join(big, UNWRITTEN_DIR))).toEqual([]);
     } finally {
       rmSync(big, { recursive: true, force: true });
+    }
+  });
+
+  it('a file taken back is deleted once what it held is written, though calls keep the queue from emptying; at every write, what is not in the database is on disk', async () => {
+    const user = await createUser(ctx.app);
+    const load = await createUser(ctx.app);
+    const loaded = mkdtempSync(join(tmpdir(), 'keel-backlog-load-'));
+    const dir = join(loaded, UNWRITTEN_DIR);
+    // 120 records in three files, taken as the room allows (the load's queued records count), written in statements of 10.
+    for (let i = 0; i < 3; i++) saveUnwritten(dir, saved(Array.from({ length: 40 }, usageRow(user.user.id))));
+    const savedIds = rowsOnDisk(dir).map(idOf);
+    // The app the load's calls go through: the start's flush writes before buildTestApp returns.
+    let built!: (app: FastifyInstance) => void;
+    const building = new Promise<FastifyInstance>((resolve) => (built = resolve));
+    let loading = true;
+    let calls = 0;
+    const lost: string[] = [];
+    try {
+      await intercepting(
+        ctx.database.db,
+        async (text) => {
+          if (!/insert into usage_records/i.test(text) || !loading) return;
+          // What a kill -9 now would leave: every saved record not in the database is in a file still.
+          const written = await usageIds(ctx.database.db, user.user.id);
+          const onDisk = new Set(rowsOnDisk(dir).map(idOf));
+          lost.push(...savedIds.filter((id) => !written.has(id) && !onDisk.has(id)));
+          // Steady load: a call ends while each write is in flight, so no flush ends with nothing queued.
+          await (await building).models.chat(chatRequest('fake-precise', { user_id: load.user.id }));
+          calls += 1;
+          await sleep(5); // its record queued (its settlement waits for the next check phase)
+        },
+        async () => {
+          const started = await buildTestApp(ctx.database, { ...settings, DATA_DIR: loaded });
+          built(started);
+          try {
+            await eventually(async () => !readdirSync(dir).length && (await usageCount(ctx.database.db, user.user.id)) === 120);
+            expect(lost).toEqual([]);
+            loading = false;
+            await started.meter.idle();
+            expect(await usageCount(ctx.database.db, load.user.id)).toBe(calls);
+          } finally {
+            await started.close();
+          }
+        },
+      );
+    } finally {
+      rmSync(loaded, { recursive: true, force: true });
+    }
+  });
+
+  it('a file is kept while part of what it held is not in the database (its flush failed midway), and deleted once the rest is written', async () => {
+    const user = await createUser(ctx.app);
+    const part = mkdtempSync(join(tmpdir(), 'keel-backlog-part-'));
+    const dir = join(part, UNWRITTEN_DIR);
+    saveUnwritten(dir, saved(Array.from({ length: 20 }, usageRow(user.user.id))));
+    let inserts = 0;
+    let down = true;
+    try {
+      await intercepting(
+        ctx.database.db,
+        (text) => {
+          // The database goes away after the first of the flush's two statements (10 records each).
+          if (down && /insert into usage_records/i.test(text) && ++inserts > 1) throw new Error('Connection terminated unexpectedly');
+        },
+        async () => {
+          const started = await buildTestApp(ctx.database, { ...settings, DATA_DIR: part });
+          try {
+            await started.meter.idle(); // the start's flush, and one more: both failed
+            expect(await usageCount(ctx.database.db, user.user.id)).toBe(10);
+            expect(rowsOnDisk(dir)).toHaveLength(20); // the file taken, which holds the 10 not written
+            down = false;
+            await started.meter.idle();
+            expect(await usageCount(ctx.database.db, user.user.id)).toBe(20);
+            expect(readdirSync(dir)).toEqual([]);
+          } finally {
+            await started.close();
+          }
+        },
+      );
+    } finally {
+      rmSync(part, { recursive: true, force: true });
     }
   });
 
