@@ -608,13 +608,16 @@ export class UsageMeterService implements UsageMeter {
           this.backlogged = false;
           this.log.info({ pending: this.unwrittenRows() }, 'usage records are being written again: model calls resume');
         }
+        // After a failure, saved files wait for the retry (USAGE_FLUSH_INTERVAL_MS: retryLater) to
+        // write: taken at once, an outage read file after file into flushes bound to fail.
+        if (!wroteAll) return;
         try {
           // A flush takes everything queued when it began, what files taken before then held
           // included: having written all it took, it wrote what those held, whether or not calls
           // keep the queue from emptying (waiting for it to empty kept them on disk under steady
           // load, for a kill -9 to have the next process write them again). With nothing left
           // pending, every file taken is written.
-          if (wroteAll) this.forgetRecovered(this.hasPending() ? thisFlush : undefined);
+          this.forgetRecovered(this.hasPending() ? thisFlush : undefined);
           if (this.unwrittenLeft && !this.closing) this.recoverUnwritten();
         } catch (error) {
           this.log.error({ err: error }, 'usage saved by earlier processes: its files could not be handled');
@@ -957,8 +960,8 @@ export class UsageMeterService implements UsageMeter {
    * Queues what processes saved (saveUnwritten) to be written; the files go once it is written
    * (the first flush begun after the take that writes all it took: `flush`) or saved again. Files
    * are taken while the unwritten rows hold under half of USAGE_MAX_PENDING_ROWS, the rest after a
-   * flush brings them under again (or at the next sweep): a long outage's files never fill the
-   * queue to where calls are refused.
+   * flush that writes brings them under again (or at the next sweep): a long outage's files never
+   * fill the queue to where calls are refused.
    */
   private recoverUnwritten(): void {
     const room = Math.floor(this.settings.USAGE_MAX_PENDING_ROWS / 2) - this.unwrittenRows();

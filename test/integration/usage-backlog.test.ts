@@ -302,6 +302,43 @@ describe('usage saved by earlier processes', () => {
     }
   });
 
+  it('after a failed flush, saved files wait for its retry (USAGE_FLUSH_INTERVAL_MS): an outage does not read them file after file', async () => {
+    const user = await createUser(ctx.app);
+    const retried = mkdtempSync(join(tmpdir(), 'keel-backlog-retry-'));
+    const dir = join(retried, UNWRITTEN_DIR);
+    // Two files of 50 records, the room: the start takes the first.
+    for (let i = 0; i < 2; i++) saveUnwritten(dir, saved(Array.from({ length: 50 }, usageRow(user.user.id))));
+    const taking = captureLogs('info');
+    const takes = () => taking.lines().filter((line) => line.msg === 'writing the usage earlier processes left unwritten').map((line) => line.usageRecords as number);
+    let inserts = 0;
+    let down = true;
+    try {
+      await intercepting(
+        ctx.database.db,
+        (text) => {
+          // The database goes away after two of the start's flush's statements: room for 20 records again.
+          if (down && /insert into usage_records/i.test(text) && ++inserts > 2) throw new Error('Connection terminated unexpectedly');
+        },
+        async () => {
+          const started = await buildTestApp(ctx.database, { ...settings, DATA_DIR: retried, USAGE_FLUSH_INTERVAL_MS: '100' }, { logger: taking.logger });
+          try {
+            await eventually(async () => inserts >= 5); // the failed flush, then two of its retries, all failed
+            expect(takes()).toEqual([50]);
+            expect(await usageCount(ctx.database.db, user.user.id)).toBe(20);
+            // The database answers again: the next retry writes what it kept, then takes the next file.
+            down = false;
+            await eventually(async () => !readdirSync(dir).length && (await usageCount(ctx.database.db, user.user.id)) === 100);
+            expect(takes()).toEqual([50, 50]);
+          } finally {
+            await started.close();
+          }
+        },
+      );
+    } finally {
+      rmSync(retried, { recursive: true, force: true });
+    }
+  });
+
   it("a flush's wait (flushQueued: the one running and one more) does not run on through every saved file the flushes take back", async () => {
     const user = await createUser(ctx.app);
     const many = mkdtempSync(join(tmpdir(), 'keel-backlog-many-'));
