@@ -4,7 +4,7 @@ import { z } from 'zod';
 
 import { loadBuiltinModels } from '../../src/modules/ai-models/builtin-models.js';
 import { ModelCatalog } from '../../src/modules/ai-models/catalog.js';
-import { ModelAnswerError, ModelAnswerLimitError, ModelArgumentError, ModelCallAbortedError, ModelOptionError, ModelTimeoutError, ModelToolChoiceError, UpstreamError } from '../../src/modules/ai-models/errors.js';
+import { ModelAnswerError, ModelAnswerLimitError, ModelArgumentError, ModelCallAbortedError, ModelOptionError, ModelTimeoutError, ModelToolChoiceError, ModelValueError, UpstreamError } from '../../src/modules/ai-models/errors.js';
 import {
   type ChatRequest,
   type CostEstimate,
@@ -1313,18 +1313,31 @@ describe('a model whose provider cannot be called falls to its fallbacks', () =>
     expect(fake.records).toHaveLength(0);
   });
 
-  it('a request every usable fallback refuses (an option it does not take) gets the fallback\'s 400, not the primary\'s 503; nothing is sent or metered', async () => {
+  it('a request every usable fallback refuses (an option it does not take) gets the fallback\'s 400, said of the model asked for, not the primary\'s 503; nothing is sent or metered', async () => {
     const m = downManager();
-    for (const option of [{ logprobs: true }, { logitBias: { '50256': -100 } }] as Partial<ChatRequest>[]) {
-      const label = JSON.stringify(option);
+    /** The refusal names the model the client asked for, why its own provider was passed over, and which fallback refused what. */
+    const refusedByFallback = (start: string, reason: string) =>
+      `${start} model down-gem: its provider cannot be called (Provider down is disabled), and every fallback that could answer refuses it (gem-chat: ${reason})`;
+    for (const [option, name] of [
+      [{ logprobs: true }, 'logprobs'],
+      [{ logitBias: { '50256': -100 } }, 'logit_bias'],
+    ] as [Partial<ChatRequest>, string][]) {
+      const refusal = { statusCode: 400, model: 'down-gem', option: name, detail: refusedByFallback(`${name} is not supported by`, 'its provider (google) does not take it') };
       const failure = await failureOf(m.chat({ model: 'down-gem', messages: hello, ...option }));
-      expect(failure, label).toBeInstanceOf(ModelOptionError);
-      expect(failure, label).toMatchObject({ statusCode: 400, model: 'gem-chat' });
-      expect(await streamFailure(m.stream({ model: 'down-gem', messages: hello, ...option })), label).toMatchObject({ statusCode: 400, model: 'gem-chat' });
+      expect(failure, name).toBeInstanceOf(ModelOptionError);
+      expect(failure, name).toMatchObject(refusal);
+      expect(await streamFailure(m.stream({ model: 'down-gem', messages: hello, ...option })), name).toMatchObject(refusal);
     }
     // A conversation the fallback refuses (Google: a system message after the first user message) too.
     const lateSystem: ChatRequest['messages'] = [...hello, { role: 'system', content: 'Answer briefly.' }];
-    expect(await failureOf(m.chat({ model: 'down-gem', messages: lateSystem }))).toMatchObject({ statusCode: 400, model: 'gem-chat' });
+    const valueRefused = await failureOf(m.chat({ model: 'down-gem', messages: lateSystem }));
+    expect(valueRefused).toBeInstanceOf(ModelValueError);
+    expect(valueRefused).toMatchObject({
+      statusCode: 400,
+      model: 'down-gem',
+      param: 'messages[1]',
+      detail: refusedByFallback('messages[1] cannot be sent to', 'its provider (google) takes system and developer messages only before the first user or assistant message'),
+    });
     // A fallback that is itself unavailable refuses nothing: 503 as before.
     expect(await failureOf(m.chat({ model: 'down-no-usable', messages: hello, logprobs: true }))).toMatchObject({ statusCode: 503, message: 'Provider down is disabled' });
     expect(fake.server.log).toHaveLength(0);

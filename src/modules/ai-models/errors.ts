@@ -77,9 +77,14 @@ export class ModelOptionError extends HttpError {
   constructor(
     readonly model: string,
     readonly option: string,
-    reason: string,
+    readonly reason: string,
   ) {
     super(400, `${option} is not supported by model ${model}: ${reason}`);
+  }
+
+  /** The same refusal said of `model`, for `reason` (a fallback's refusal as the model the client asked for's). */
+  asRefusalOf(model: string, reason: string): ModelOptionError {
+    return new ModelOptionError(model, this.option, reason);
   }
 }
 
@@ -94,9 +99,14 @@ export class ModelValueError extends HttpError {
   constructor(
     readonly model: string,
     readonly param: string,
-    reason: string,
+    readonly reason: string,
   ) {
     super(400, `${param} cannot be sent to model ${model}: ${reason}`);
+  }
+
+  /** The same refusal said of `model`, for `reason` (see ModelOptionError.asRefusalOf). */
+  asRefusalOf(model: string, reason: string): ModelValueError {
+    return new ModelValueError(model, this.param, reason);
   }
 }
 

@@ -2098,11 +2098,12 @@ export class ModelManager {
     } else {
       // Its provider disabled, without credentials, or its secrets unreadable: the call falls to its
       // first usable fallback, as when its own tries fail; with none, it fails naming what is missing.
-      lastError = new ProviderUnavailableError(primary.provider, status.reason ?? 'unavailable', status.missing);
+      const unavailable = new ProviderUnavailableError(primary.provider, status.reason ?? 'unavailable', status.missing);
+      lastError = unavailable;
       chain = request.sameModel ? [] : this.chainOf(primary, capability, request).slice(1);
       // With none, a fallback that could be called but refuses the request (an option it does not
       // take) tells the caller what to change: its 400, not the 503 of a provider they cannot fix.
-      if (chain.length === 0) throw (request.sameModel ? undefined : this.fallbackRefusal(primary, capability, request)) ?? lastError;
+      if (chain.length === 0) throw (request.sameModel ? undefined : this.fallbackRefusal(request.model, primary, capability, request, unavailable.detail)) ?? lastError;
     }
     /** Whether a model of the chain was reserved: the first is the call as the key's rate counts it, those after it its fallbacks. */
     let reservedOne = false;
@@ -2338,7 +2339,7 @@ export class ModelManager {
    * OpenAI-style models get them as they are, for the price of a kind's look-up. Blank text beside
    * what the conversation says is left out instead (promptFor).
    */
-  private refusal(request: Partial<ChatRequest>, model: ModelInfo): HttpError | undefined {
+  private refusal(request: Partial<ChatRequest>, model: ModelInfo): ModelOptionError | ModelValueError | undefined {
     const unheard = this.unheardOption(request, model);
     if (unheard) return new ModelOptionError(model.id, unheard.option, unheard.reason);
     const { messages } = request;
@@ -2395,14 +2396,17 @@ export class ModelManager {
   /**
    * The refusal (refusal) of the first of `model`'s fallbacks that could take a call of `capability`
    * as things stand (fallbackUnavailable) but not `request` as it is, if any: what a call whose own
-   * model cannot be called, and that no fallback takes (chainOf), fails with. Only on that failure.
+   * model cannot be called (`unavailable`: why), and that no fallback takes (chainOf), fails with.
+   * Only on that failure. Said of `asked`, the model the client named, with the fallback and its
+   * reason in the words: naming only the fallback, a model the client never asked for, it read as
+   * if the request had gone to the wrong model.
    */
-  private fallbackRefusal(model: ModelInfo, capability: Capability, request: Partial<ChatRequest>): HttpError | undefined {
+  private fallbackRefusal(asked: string, model: ModelInfo, capability: Capability, request: Partial<ChatRequest>, unavailable: string): HttpError | undefined {
     for (const id of model.fallbacks) {
       const fallback = this.options.catalog.modelAsCalled(id);
       if (!fallback || fallback.id === model.id || this.fallbackUnavailable(fallback, [capability]) !== undefined) continue;
       const refused = this.refusal(request, fallback);
-      if (refused) return refused;
+      if (refused) return refused.asRefusalOf(asked, `its provider cannot be called (${unavailable}), and every fallback that could answer refuses it (${fallback.id}: ${refused.reason})`);
     }
     return undefined;
   }
