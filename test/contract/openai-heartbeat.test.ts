@@ -6,31 +6,49 @@
  * still answers its own HTTP status; once a comment has gone out the answer is a 200, and a failure
  * is the stream's error event. Each stream's one heartbeat timer is cleared however it ends. The
  * same for `agent:<id>` models, whose run may think (or run a tool) long before its first text.
+ *
+ * The setting's floor (1,000 ms) is a check of the configuration only: the parts under it
+ * (openStream, firstEvent, Heartbeat, completionBody, keptAlive, agentCompletionChunks) take any
+ * interval, and are tested here built directly with a short one, against the fake model server
+ * through a real model manager. Through the app, at the floor, only what needs the app: the openai
+ * package reading late answers as sent, and an agent's late answer with its run's headers.
  */
 import { createHook } from 'node:async_hooks';
 import type { AddressInfo } from 'node:net';
+import type { Readable } from 'node:stream';
 
 import OpenAI from 'openai';
+import pino from 'pino';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
+import type { Logger } from '../../src/core/logger.js';
+
+import type { UsageRecord } from '../../src/modules/ai-models/index.js';
+import { completionBody, CompletionFrames, firstEvent, KEEP_ALIVE, keptAlive, openAIErrorOf, openStream } from '../../src/services/openai-gateway.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
-import { FakeModelServer } from '../helpers/fake-model-server.js';
-import { apiOf, createKey, eventually } from '../helpers/http.js';
+import { FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
+import { apiOf, createKey, eventually, sleep, UUID } from '../helpers/http.js';
+import { fakeModelManager } from '../helpers/model-manager.js';
 import { apiError } from '../helpers/openai.js';
-import { createAgent, waitForRun } from '../helpers/runs.js';
+import { createAgent } from '../helpers/runs.js';
 
 /**
- * Short, and of a length no other timer of the process has: the heartbeat's timers are told apart
- * by it. Long enough that an agent's run (queued, run, its failure written and read back through
- * the run bus) fails within it on PostgreSQL and Redis too.
+ * The app's interval: the floor, and of a length no other timer of the process has (the
+ * heartbeat's timers are told apart by it). Also the parts' "long" interval, for what must come
+ * within it (an answer in time, a failure before any byte): nothing waits for it then.
  */
 const HEARTBEAT_MS = 1_009;
-/** Past two intervals: a comment goes out within two intervals of silence. */
-const LATE_MS = 2 * HEARTBEAT_MS + 250;
+/** The parts' short interval, built directly (no other timer of the process has it either). */
+const SHORT_MS = 41;
+/** Past two short intervals: a comment goes out within two intervals of silence. */
+const SHORT_LATE_MS = 2 * SHORT_MS + 60;
+/** Past the app's interval: a first event this late comes after the first keep-alive. */
+const LATE_MS = HEARTBEAT_MS + 300;
 
 const ctx = useTestApp({ GATEWAY_STREAM_HEARTBEAT_MS: String(HEARTBEAT_MS), MODEL_MAX_RETRIES: '0' });
 const api = apiOf(ctx);
+const silent: Logger = pino({ level: 'silent' });
 
 let fake: FakeModelServer;
 let baseURL: string;
@@ -39,16 +57,19 @@ let user: TestUser;
 /** An agent whose model is fake-chat, as `agent:<id>`. */
 let agentModel: string;
 
-/** The heartbeat timers alive in this process (the app runs in it): Timeouts of HEARTBEAT_MS, from their creation to their clearing. */
+/** The heartbeat timers alive in this process (the app runs in it): Timeouts of either interval, from their creation to their clearing. */
 const heartbeats = new Set<number>();
+const HEARTBEAT_INTERVALS = new Set([HEARTBEAT_MS, SHORT_MS]);
 const hook = createHook({
   init(asyncId, type, _trigger, resource) {
-    if (type === 'Timeout' && (resource as { _idleTimeout?: number })._idleTimeout === HEARTBEAT_MS) heartbeats.add(asyncId);
+    if (type === 'Timeout' && HEARTBEAT_INTERVALS.has((resource as { _idleTimeout?: number })._idleTimeout ?? -1)) heartbeats.add(asyncId);
   },
   destroy(asyncId) {
     heartbeats.delete(asyncId);
   },
 });
+
+const pricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' };
 
 beforeAll(async () => {
   hook.enable();
@@ -57,9 +78,8 @@ beforeAll(async () => {
   baseURL = `http://127.0.0.1:${(ctx.app.server.address() as AddressInfo).port}/v1`;
   const admin = await superuserHeaders(ctx.app);
   expect((await api('POST', '/providers', admin, { name: 'fake', kind: 'openai-compatible', base_url: fake.url, api_key: 'sk-upstream' })).statusCode).toBe(200);
-  expect((await api('POST', '/models', admin, { id: 'fake-chat', provider: 'fake', capabilities: ['chat'], pricing: { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' } })).statusCode).toBe(200);
-  for (const model of [{ id: 'fake-backup' }, { id: 'fake-primary', fallbacks: ['fake-backup'] }]) {
-    expect((await api('POST', '/models', admin, { ...model, provider: 'fake', capabilities: ['chat'], pricing: { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' } })).statusCode).toBe(200);
+  for (const model of [{ id: 'fake-chat' }, { id: 'fake-backup' }]) {
+    expect((await api('POST', '/models', admin, { ...model, provider: 'fake', capabilities: ['chat'], pricing })).statusCode).toBe(200);
   }
   user = await createUser(ctx.app);
   client = new OpenAI({ apiKey: (await createKey(ctx.app, user)).key, baseURL, maxRetries: 0 });
@@ -78,215 +98,241 @@ async function noHeartbeatLeft(): Promise<void> {
   });
 }
 
-/** A streamed completion as raw HTTP: its status and its body's text. */
-async function rawStream(body: Record<string, unknown> = {}): Promise<{ status: number; text: string }> {
-  const response = await fetch(`${baseURL}/chat/completions`, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' },
-    body: JSON.stringify({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true, ...body }),
-  });
-  return { status: response.status, text: await response.text() };
+/** A body's whole text. */
+async function textOf(body: Readable): Promise<string> {
+  let text = '';
+  for await (const piece of body) text += String(piece);
+  return text;
 }
 
-/** Reads a streamed body until it has shown `awaited` (a keep-alive, or the first event). */
-async function readUntil(reader: ReadableStreamDefaultReader<Uint8Array>, awaited: string): Promise<void> {
-  let seen = '';
-  while (!seen.includes(awaited)) {
-    const { done, value } = await reader.read();
-    if (done) throw new Error(`the stream ended before ${awaited}: ${seen}`);
-    seen += new TextDecoder().decode(value);
-  }
-}
-
-/**
- * A late failure's answer: a 200 whose body, after a keep-alive, is the error event alone (no role
- * chunk opens an answer that never came); and through the openai package (the model scripted to
- * fail late again by `scriptFailure`), an error raised on its first read, as for an HTTP error.
- */
-async function expectLateFailure(model: string, code: string, scriptFailure: () => void): Promise<void> {
-  scriptFailure();
-  const { status, text } = await rawStream({ model });
-  expect(status).toBe(200);
-  expect(text.startsWith(': keep-alive\n\n')).toBe(true);
-  const events = text.split('\n\n').filter((event) => event.startsWith('data: '));
-  expect(events).toHaveLength(1);
-  expect((JSON.parse(events[0]!.slice(6)) as { error: Record<string, unknown> }).error).toMatchObject({ type: 'server_error', code });
-  expect(text).not.toContain('[DONE]');
-
-  scriptFailure();
-  const stream = await client.chat.completions.create({ model, messages: [{ role: 'user', content: 'Hi' }], stream: true });
-  const read: OpenAI.ChatCompletionChunk[] = [];
-  const failed = await apiError((async () => {
-    for await (const chunk of stream) read.push(chunk);
-  })());
-  expect(failed.error).toMatchObject({ type: 'server_error', code });
-  expect(read).toEqual([]);
-  await noHeartbeatLeft();
-}
-
-describe('a streamed chat completion whose model is silent', () => {
-  it('sends keep-alive comments before a late first event and between late events; the openai package reads the answer as sent', async () => {
-    fake.script('fake-chat', { text: 'Hello there friend', chunkDelayMs: LATE_MS, usage: { prompt_tokens: 3, completion_tokens: 3 } });
-    const { status, text } = await rawStream();
-    expect(status).toBe(200);
-    const firstData = text.indexOf('data: ');
-    expect(text.slice(0, firstData)).toMatch(/^(: keep-alive\n\n)+$/);
-    // Between the late chunks too.
-    expect(text.slice(firstData).split('\n\n').filter((event) => event === ': keep-alive').length).toBeGreaterThan(0);
-    expect(text.endsWith('data: [DONE]\n\n')).toBe(true);
-
-    fake.script('fake-chat', { text: 'Hello there friend', chunkDelayMs: LATE_MS, usage: { prompt_tokens: 3, completion_tokens: 3 } });
-    const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true, stream_options: { include_usage: true } });
-    let said = '';
-    const chunks: OpenAI.ChatCompletionChunk[] = [];
-    for await (const chunk of stream) {
-      chunks.push(chunk);
-      said += chunk.choices[0]?.delta.content ?? '';
-    }
-    expect(said).toBe('Hello there friend');
-    expect(chunks.every((chunk) => chunk.model === 'fake-chat' && chunk.object === 'chat.completion.chunk')).toBe(true);
-    expect(chunks.at(-1)!.usage).toMatchObject({ prompt_tokens: 3, completion_tokens: 3 });
-    await noHeartbeatLeft();
-  });
-
-  it('sends none when the events come in time', async () => {
-    fake.script('fake-chat', { text: 'Quick answer here' });
-    const { status, text } = await rawStream();
-    expect(status).toBe(200);
-    expect(text.startsWith('data: ')).toBe(true);
-    expect(text).not.toContain(': keep-alive');
-    await noHeartbeatLeft();
-  });
-
-  it('answers a failure within the interval with its own status, as before any event', async () => {
-    fake.script('fake-chat', { status: 429, headers: { 'retry-after': '1' } });
-    const limited = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true }));
-    expect(limited).toMatchObject({ status: 429, type: 'requests' });
-    fake.script('fake-chat', { status: 500 });
-    const { status, text } = await rawStream();
-    expect(status).toBe(502);
-    expect(text).not.toContain('keep-alive');
-    expect(JSON.parse(text)).toMatchObject({ error: { type: 'server_error' } });
-    await noHeartbeatLeft();
-  });
-
-  it('ends with an error event in OpenAI\'s shape when it fails after a keep-alive went out (the 200 has been sent)', async () => {
-    await expectLateFailure('fake-chat', 'upstream_error', () => fake.script('fake-chat', { status: 500, chunkDelayMs: LATE_MS }));
-  });
-
-  it('names the model that answered in every chunk when the first event came late from a fallback', async () => {
-    fake.script('fake-primary', { status: 500, chunkDelayMs: LATE_MS });
-    fake.script('fake-backup', { text: 'From the backup' });
-    const { status, text } = await rawStream({ model: 'fake-primary' });
-    expect(status).toBe(200);
-    expect(text.startsWith(': keep-alive\n\n')).toBe(true);
-    const chunks = text.split('\n\n').filter((event) => event.startsWith('data: {')).map((event) => JSON.parse(event.slice(6)) as { model: string; choices: { delta: { content?: string } }[] });
-    expect(new Set(chunks.map((chunk) => chunk.model))).toEqual(new Set(['fake-backup']));
-    expect(chunks.map((chunk) => chunk.choices[0]?.delta.content ?? '').join('')).toBe('From the backup');
-    await noHeartbeatLeft();
-  });
-
-  it('clears its timer when the client goes away, before the first event or after it, and closes the upstream request', async () => {
-    for (const reply of [{ text: 'never said', chunkDelayMs: 5_000 }, { text: 'one two three four', chunkDelayMs: LATE_MS }]) {
-      fake.reset();
-      fake.script('fake-chat', reply);
-      const controller = new AbortController();
-      const response = await fetch(`${baseURL}/chat/completions`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' },
-        body: JSON.stringify({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true }),
-        signal: controller.signal,
-      });
-      expect(response.status).toBe(200);
-      const reader = (response.body as ReadableStream<Uint8Array>).getReader();
-      await readUntil(reader, reply.chunkDelayMs > LATE_MS ? ': keep-alive' : 'data: ');
-      controller.abort();
-      await eventually(async () => fake.log[0]?.aborted === true);
-      await noHeartbeatLeft();
-    }
-  });
-});
-
-/** The data events of a raw stream's text, parsed (`[DONE]` as the string). */
+/** The data events of a stream's text, parsed (`[DONE]` as the string). */
 const dataEvents = (text: string) =>
   text
     .split('\n\n')
     .filter((event) => event.startsWith('data: '))
     .map((event) => (event === 'data: [DONE]' ? '[DONE]' : (JSON.parse(event.slice(6)) as Record<string, unknown>)));
 
-describe('a streamed agent completion whose run is silent', () => {
-  it('sends keep-alive comments before a late first text and between late texts; the openai package reads the answer as sent', async () => {
-    fake.script('fake-chat', { chunks: ['Hello ', 'friend'], chunkDelayMs: LATE_MS, usage: { prompt_tokens: 3, completion_tokens: 3 } });
-    const response = await fetch(`${baseURL}/chat/completions`, {
-      method: 'POST',
-      headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' },
-      body: JSON.stringify({ model: agentModel, messages: [{ role: 'user', content: 'Hi' }], stream: true }),
-    });
-    const text = await response.text();
-    expect(response.status).toBe(200);
-    const firstData = text.indexOf('data: ');
-    expect(text.slice(0, firstData)).toMatch(/^(: keep-alive\n\n)+$/);
-    expect(text.slice(firstData).split('\n\n').filter((event) => event === ': keep-alive').length).toBeGreaterThan(0);
-    expect(text.endsWith('data: [DONE]\n\n')).toBe(true);
-    expect(
-      dataEvents(text)
-        .slice(0, -1)
-        .map((chunk) => (chunk as { choices: { delta: { content?: string } }[] }).choices[0]!.delta.content ?? '')
-        .join(''),
-    ).toBe('Hello friend');
+type Chunk = { id: string; model: string; choices: { delta: { content?: string } }[]; usage?: unknown };
+const chunksOf = (text: string) => dataEvents(text).filter((event): event is Chunk => event !== '[DONE]');
+const contentOf = (text: string) => chunksOf(text).map((chunk) => chunk.choices[0]?.delta.content ?? '').join('');
 
-    fake.script('fake-chat', { chunks: ['Hello ', 'friend'], chunkDelayMs: LATE_MS, usage: { prompt_tokens: 3, completion_tokens: 3 } });
-    const stream = await client.chat.completions.create({ model: agentModel, messages: [{ role: 'user', content: 'Hi' }], stream: true, stream_options: { include_usage: true } });
-    let said = '';
-    const chunks: OpenAI.ChatCompletionChunk[] = [];
-    for await (const chunk of stream) {
-      chunks.push(chunk);
-      said += chunk.choices[0]?.delta.content ?? '';
-    }
-    expect(said).toBe('Hello friend');
-    expect(chunks.every((chunk) => chunk.model === agentModel && chunk.object === 'chat.completion.chunk')).toBe(true);
+/** A stream's text holds a keep-alive between two of its data events (not only before the first). */
+const keptAliveBetween = (text: string) => text.slice(text.indexOf('data: ')).split('\n\n').includes(': keep-alive');
+
+/** A late failure's body: keep-alive(s), then the error event alone (no role chunk opens an answer that never came), no `[DONE]`. */
+function expectLateError(text: string, code: string): void {
+  expect(text.startsWith(KEEP_ALIVE)).toBe(true);
+  const events = dataEvents(text);
+  expect(events).toHaveLength(1);
+  expect((events[0] as { error: Record<string, unknown> }).error).toMatchObject({ code });
+  expect(text).not.toContain('[DONE]');
+}
+
+describe('the catalog\'s streams, built with a short interval', () => {
+  const records: UsageRecord[] = [];
+  const manager = () =>
+    fakeModelManager(fake, {
+      models: [
+        { id: 'fake-chat', provider: 'fake', capabilities: ['chat'], pricing },
+        { id: 'fake-backup', provider: 'fake', capabilities: ['chat'], pricing },
+        { id: 'fake-primary', provider: 'fake', capabilities: ['chat'], pricing, fallbacks: ['fake-backup'] },
+      ],
+      records,
+      overrides: { maxRetries: 0 },
+    });
+
+  /** A stream of `model` as the /v1 route opens it (openStream), with a heartbeat of `heartbeatMs`. */
+  const opened = (model: string, heartbeatMs: number) => openStream(manager().stream({ model, messages: [{ role: 'user', content: 'Hi' }] }), model, heartbeatMs);
+
+  /** The body of a stream of `model` as the /v1 route sends it (completionBody), with the usage chunk. */
+  async function bodyOf(model: string, heartbeatMs = SHORT_MS): Promise<Readable> {
+    const stream = await opened(model, heartbeatMs);
+    return completionBody(stream, new CompletionFrames(stream.model, true), silent);
+  }
+
+  it('sends keep-alive comments before a late first event and between late events, then the answer as sent', async () => {
+    fake.script('fake-chat', { chunks: ['Hello ', 'friend'], chunkDelayMs: SHORT_LATE_MS, usage: { prompt_tokens: 3, completion_tokens: 3 } });
+    const stream = await opened('fake-chat', SHORT_MS);
+    expect(stream.first).toBeInstanceOf(Promise);
+    const text = await textOf(completionBody(stream, new CompletionFrames(stream.model, true), silent));
+    expect(text.slice(0, text.indexOf('data: '))).toMatch(/^(: keep-alive\n\n)+$/);
+    expect(keptAliveBetween(text)).toBe(true);
+    expect(text.endsWith('data: [DONE]\n\n')).toBe(true);
+    expect(contentOf(text)).toBe('Hello friend');
+    const chunks = chunksOf(text);
+    expect(chunks.every((chunk) => chunk.model === 'fake-chat')).toBe(true);
     expect(chunks.at(-1)!.usage).toMatchObject({ prompt_tokens: 3, completion_tokens: 3 });
     await noHeartbeatLeft();
   });
 
-  it('sends none when the text comes in time, and answers a run that fails within the interval with its own status', async () => {
+  it('sends none when the events come in time', async () => {
     fake.script('fake-chat', { text: 'Quick answer here' });
-    const quick = await rawStream({ model: agentModel });
-    expect(quick.status).toBe(200);
-    expect(quick.text.startsWith('data: ')).toBe(true);
-    expect(quick.text).not.toContain(': keep-alive');
-
-    fake.script('fake-chat', { status: 401 });
-    const failed = await rawStream({ model: agentModel });
-    expect(failed.status).toBe(500);
-    expect(failed.text).not.toContain('keep-alive');
-    expect(JSON.parse(failed.text)).toMatchObject({ error: { type: 'server_error', code: 'agent_run_failed' } });
+    const stream = await opened('fake-chat', HEARTBEAT_MS);
+    expect(stream.first).not.toBeInstanceOf(Promise);
+    const text = await textOf(completionBody(stream, new CompletionFrames(stream.model, false), silent));
+    expect(text.startsWith('data: ')).toBe(true);
+    expect(text).not.toContain(': keep-alive');
+    expect(contentOf(text)).toBe('Quick answer here');
     await noHeartbeatLeft();
   });
 
-  it('ends with an error event in OpenAI\'s shape when its run fails after a keep-alive went out (the 200 has been sent)', async () => {
-    await expectLateFailure(agentModel, 'agent_run_failed', () => fake.script('fake-chat', { status: 401, chunkDelayMs: LATE_MS }));
-  });
-
-  it('clears its timer when the client goes away, before the first text or after it, and cancels the run', async () => {
-    for (const reply of [{ text: 'never said', chunkDelayMs: 5_000 }, { chunks: ['one ', 'two ', 'three ', 'four'], chunkDelayMs: LATE_MS }]) {
+  it('throws a failure within the interval before any byte, to be answered with its own status, and stops the timer', async () => {
+    for (const [reply, status] of [
+      [{ status: 429, headers: { 'retry-after': '1' } }, 429],
+      [{ status: 500 }, 502],
+    ] as [ScriptedReply, number][]) {
       fake.reset();
       fake.script('fake-chat', reply);
-      const controller = new AbortController();
-      const response = await fetch(`${baseURL}/chat/completions`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' },
-        body: JSON.stringify({ model: agentModel, messages: [{ role: 'user', content: 'Hi' }], stream: true }),
-        signal: controller.signal,
-      });
-      expect(response.status).toBe(200);
-      const runId = response.headers.get('x-keel-run-id')!;
-      const reader = (response.body as ReadableStream<Uint8Array>).getReader();
-      await readUntil(reader, reply.chunkDelayMs > LATE_MS ? ': keep-alive' : 'data: ');
-      controller.abort();
-      await waitForRun(ctx.app, user.headers, runId, ['cancelled']);
+      const failure = await opened('fake-chat', HEARTBEAT_MS).then(
+        () => undefined,
+        (error: unknown) => error,
+      );
+      expect(openAIErrorOf(failure).status).toBe(status);
+      await noHeartbeatLeft();
+    }
+  });
+
+  it('ends with the error event alone when it fails after a keep-alive went out (the 200 has been sent)', async () => {
+    fake.script('fake-chat', { status: 500, chunkDelayMs: SHORT_LATE_MS });
+    expectLateError(await textOf(await bodyOf('fake-chat')), 'upstream_error');
+    await noHeartbeatLeft();
+  });
+
+  it('names the model that answered in every chunk when the first event came late from a fallback', async () => {
+    fake.script('fake-primary', { status: 500, chunkDelayMs: SHORT_LATE_MS });
+    fake.script('fake-backup', { text: 'From the backup' });
+    const text = await textOf(await bodyOf('fake-primary'));
+    expect(text.startsWith(KEEP_ALIVE)).toBe(true);
+    expect(new Set(chunksOf(text).map((chunk) => chunk.model))).toEqual(new Set(['fake-backup']));
+    expect(contentOf(text)).toBe('From the backup');
+    await noHeartbeatLeft();
+  });
+
+  it('clears its timer when the client goes away, before the first event or after it, and closes the upstream request', async () => {
+    for (const [reply, awaited] of [
+      [{ text: 'never said', chunkDelayMs: 5_000 }, ': keep-alive'],
+      [{ text: 'one two three four', chunkDelayMs: SHORT_LATE_MS }, 'data: '],
+    ] as [ScriptedReply, string][]) {
+      fake.reset();
+      fake.script('fake-chat', reply);
+      const body = await bodyOf('fake-chat');
+      let seen = '';
+      for await (const piece of body) {
+        seen += String(piece);
+        if (seen.includes(awaited)) break; // destroys the body, as a client's going away does
+      }
       await eventually(async () => fake.log[0]?.aborted === true);
       await noHeartbeatLeft();
     }
+  });
+});
+
+describe('the agents\' streams, built with a short interval', () => {
+  /** `chunks`, each after a silence of SHORT_LATE_MS; `ended` once returned (its `finally`). */
+  function slowly(chunks: string[]) {
+    const state = { ended: false };
+    const generator = (async function* () {
+      try {
+        for (const chunk of chunks) {
+          await sleep(SHORT_LATE_MS);
+          yield chunk;
+        }
+      } finally {
+        state.ended = true;
+      }
+    })();
+    return { generator, state };
+  }
+
+  /** A body as the agent route sends it: the first chunk awaited by firstEvent, the rest through keptAlive. */
+  async function keptAliveBody(chunks: AsyncGenerator<string>): Promise<Readable> {
+    const { first, heartbeat } = await firstEvent(chunks.next(), SHORT_MS);
+    async function* all() {
+      try {
+        for (let next = await first; !next.done; next = await chunks.next()) yield next.value;
+      } finally {
+        await chunks.return(undefined);
+      }
+    }
+    return keptAlive(all(), heartbeat, first instanceof Promise);
+  }
+
+  it('sends keep-alive comments before a late first chunk and between late chunks, and stops the timer at the end', async () => {
+    const text = await textOf(await keptAliveBody(slowly(['data: one\n\n', 'data: two\n\n']).generator));
+    expect(text.startsWith(KEEP_ALIVE)).toBe(true);
+    expect(keptAliveBetween(text)).toBe(true);
+    expect(text.replaceAll(KEEP_ALIVE, '')).toBe('data: one\n\ndata: two\n\n');
+    await noHeartbeatLeft();
+  });
+
+  it('stops the timer and returns the chunks when the client goes away', async () => {
+    const { generator, state } = slowly(['data: one\n\n', 'data: two\n\n', 'data: three\n\n']);
+    const body = await keptAliveBody(generator);
+    for await (const piece of body) if (String(piece).includes('data: one')) break;
+    await noHeartbeatLeft();
+    await eventually(async () => state.ended);
+  });
+});
+
+/** A streamed completion as raw HTTP: its status, its headers and its body's text. */
+async function rawStream(body: Record<string, unknown> = {}): Promise<{ status: number; headers: Headers; text: string }> {
+  const response = await fetch(`${baseURL}/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true, ...body }),
+  });
+  return { status: response.status, headers: response.headers, text: await response.text() };
+}
+
+/** A model silent for LATE_MS (its own comments, which the model manager does not pass on), then its answer at once. */
+const lateAnswer: ScriptedReply = { chunks: ['Hello ', 'friend'], comments: { everyMs: 250, forMs: LATE_MS }, usage: { prompt_tokens: 3, completion_tokens: 3 } };
+
+describe('through the app, at the floor', () => {
+  it('a late answer and a late failure: keep-alive comments, then what the openai package reads as sent', async () => {
+    fake.script('fake-chat', lateAnswer, lateAnswer);
+    fake.script('fake-backup', { status: 500, chunkDelayMs: LATE_MS });
+    const readAnswer = async () => {
+      const stream = await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], stream: true, stream_options: { include_usage: true } });
+      const chunks: OpenAI.ChatCompletionChunk[] = [];
+      for await (const chunk of stream) chunks.push(chunk);
+      return chunks;
+    };
+    const readFailure = async () => {
+      const stream = await client.chat.completions.create({ model: 'fake-backup', messages: [{ role: 'user', content: 'Hi' }], stream: true });
+      const read: OpenAI.ChatCompletionChunk[] = [];
+      const failed = await apiError((async () => {
+        for await (const chunk of stream) read.push(chunk);
+      })());
+      return { failed, read };
+    };
+    // At once: the three wait out the same silence.
+    const [raw, chunks, { failed, read }] = await Promise.all([rawStream(), readAnswer(), readFailure()]);
+
+    expect(raw.status).toBe(200);
+    expect(raw.text.slice(0, raw.text.indexOf('data: '))).toMatch(/^(: keep-alive\n\n)+$/);
+    expect(raw.text.endsWith('data: [DONE]\n\n')).toBe(true);
+    expect(contentOf(raw.text)).toBe('Hello friend');
+
+    expect(chunks.map((chunk) => chunk.choices[0]?.delta.content ?? '').join('')).toBe('Hello friend');
+    expect(chunks.every((chunk) => chunk.model === 'fake-chat' && chunk.object === 'chat.completion.chunk')).toBe(true);
+    expect(chunks.at(-1)!.usage).toMatchObject({ prompt_tokens: 3, completion_tokens: 3 });
+
+    // The error event alone raises on the first read, as an HTTP error does.
+    expect(failed.error).toMatchObject({ type: 'server_error', code: 'upstream_error' });
+    expect(read).toEqual([]);
+    await noHeartbeatLeft();
+  });
+
+  it('an agent stream whose run is silent: keep-alive comments after the run\'s headers, then its answer', async () => {
+    fake.script('fake-chat', lateAnswer);
+    const { status, headers, text } = await rawStream({ model: agentModel });
+    expect(status).toBe(200);
+    const runId = headers.get('x-keel-run-id');
+    expect(runId).toMatch(UUID);
+    expect(text.slice(0, text.indexOf('data: '))).toMatch(/^(: keep-alive\n\n)+$/);
+    expect(text.endsWith('data: [DONE]\n\n')).toBe(true);
+    expect(contentOf(text)).toBe('Hello friend');
+    expect(new Set(chunksOf(text).map((chunk) => `${chunk.id} ${chunk.model}`))).toEqual(new Set([`chatcmpl-${runId} ${agentModel}`]));
+    await noHeartbeatLeft();
   });
 });
