@@ -268,31 +268,38 @@ function alertsFromStream(error: unknown): boolean {
   return error.code !== 'service_unavailable';
 }
 
+/** A completion's run once started, and its answer's first piece (the run's first text, or its end), read from `pieces`. */
+export interface OpenedRun {
+  run: Run;
+  pieces: AsyncIterator<AnswerPiece>;
+  first: IteratorResult<AnswerPiece>;
+}
+
 /**
  * The SSE body of a streamed agent completion, in OpenAI's framing: the role chunk, the text
  * deltas, the finish chunk, the usage chunk (`choices: []`) when `includeUsage`, `data: [DONE]`.
- * The caller took `first` already (so a run that fails before any text answers a plain HTTP
- * error), or, when it was later than the heartbeat's interval (firstEvent), the promise of it: the
- * answer has begun then, a keep-alive committed it to 200. A failure after that ends the stream
- * with an `error` event, which OpenAI's SDKs raise,
- * and is logged once on `log` (the request's) with the run's id, as the gateway's streams are
- * (logStreamFailure; alertsFromStream for the level).
+ * The caller awaited `opened` already (so a run that fails to start, or fails before any text,
+ * answers a plain HTTP error), or, when the run's start and first piece together took longer than
+ * the heartbeat's interval (firstEvent), the promise of it: the answer has begun then, a keep-alive
+ * committed it to 200. A failure after that (the start's too) ends the stream with an `error`
+ * event, which OpenAI's SDKs raise, and is logged once on `log` (the request's) with the run's id
+ * when there is a run, as the gateway's streams are (logStreamFailure; alertsFromStream for the level).
  */
-export async function* agentCompletionChunks(
-  pieces: AsyncIterator<AnswerPiece>,
-  first: IteratorResult<AnswerPiece> | Promise<IteratorResult<AnswerPiece>>,
-  run: Run,
-  model: string,
-  includeUsage: boolean,
-  log: Logger,
-): AsyncGenerator<string> {
-  const base = { id: completionIdOf(run), object: 'chat.completion.chunk', created: createdOf(run), model };
-  const usageField = includeUsage ? { usage: null } : {};
-  const frame = (delta: Record<string, unknown>, finish: string | null = null) =>
-    `data: ${JSON.stringify({ ...base, choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }], ...usageField })}\n\n`;
-  let head = frame({ role: 'assistant', content: '', refusal: null });
+export async function* agentCompletionChunks(opened: OpenedRun | Promise<OpenedRun>, model: string, includeUsage: boolean, log: Logger): AsyncGenerator<string> {
+  let pieces: AsyncIterator<AnswerPiece> | undefined;
+  /** Undefined until the run exists (a start that failed has none to name). */
+  let runId: string | undefined;
   try {
-    for (let next = await first; !next.done; next = await pieces.next()) {
+    const started = await opened;
+    const { run } = started;
+    pieces = started.pieces;
+    runId = run.id;
+    const base = { id: completionIdOf(run), object: 'chat.completion.chunk', created: createdOf(run), model };
+    const usageField = includeUsage ? { usage: null } : {};
+    const frame = (delta: Record<string, unknown>, finish: string | null = null) =>
+      `data: ${JSON.stringify({ ...base, choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }], ...usageField })}\n\n`;
+    let head = frame({ role: 'assistant', content: '', refusal: null });
+    for (let next = started.first; !next.done; next = await pieces.next()) {
       const piece = next.value;
       if (piece.type === 'text') {
         yield head + frame({ content: piece.text });
@@ -306,11 +313,11 @@ export async function* agentCompletionChunks(
     }
   } catch (error) {
     const { status, body } = openAIErrorOf(error);
-    logStreamFailure(log.child({ runId: run.id }), error, status, model, alertsFromStream(error));
+    logStreamFailure(runId === undefined ? log : log.child({ runId }), error, status, model, alertsFromStream(error));
     // Alone when no chunk went out (a late first piece that failed): no role chunk for an answer that never came (CompletionFrames.error).
     yield `data: ${JSON.stringify(body)}\n\n`;
   } finally {
-    await pieces.return?.();
+    await pieces?.return?.();
   }
 }
 

@@ -551,7 +551,8 @@ export async function openStream(stream: ModelStream, requestedModel: string, he
 
 /**
  * A stream's first event (`next`, its iterator's first next()) as a stream's answer waits for it,
- * for the catalog's streams (openStream) and the agents' (routers/openai-agents.ts) alike. Without
+ * for the catalog's streams (openStream) and the agents' (routers/openai-agents.ts: the run's
+ * start and its first piece, one wait, so that a slow start is bridged as well) alike. Without
  * a heartbeat (`heartbeatMs` 0): the event, or its failure thrown, before any byte. With one: the
  * same within the interval (a fast 402, 429 or 502 keeps its own status, and the timer is stopped);
  * later than that, `first` is the promise of it, the body's to await after the keep-alive that

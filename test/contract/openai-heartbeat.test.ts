@@ -5,13 +5,14 @@
  * that thinks long before its first event. A failure before the first event within the interval
  * still answers its own HTTP status; once a comment has gone out the answer is a 200, and a failure
  * is the stream's error event. Each stream's one heartbeat timer is cleared however it ends. The
- * same for `agent:<id>` models, whose run may think (or run a tool) long before its first text.
+ * same for `agent:<id>` models, whose run may think (or run a tool) long before its first text, or
+ * wait to be inserted (a lock on its thread, a busy database).
  *
  * The setting's floor (1,000 ms) is a check of the configuration only: the parts under it
  * (openStream, firstEvent, Heartbeat, completionBody, keptAlive, agentCompletionChunks) take any
  * interval, and are tested here built directly with a short one, against the fake model server
  * through a real model manager. Through the app, at the floor, only what needs the app: the openai
- * package reading late answers as sent, and an agent's late answer with its run's headers.
+ * package reading late answers as sent, and an agent stream whose run's start waits on a lock.
  */
 import { createHook } from 'node:async_hooks';
 import type { AddressInfo } from 'node:net';
@@ -21,9 +22,12 @@ import OpenAI from 'openai';
 import pino from 'pino';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
+import type { SqlSession } from '../../src/core/db.js';
+import { NotFoundError } from '../../src/core/errors.js';
 import type { Logger } from '../../src/core/logger.js';
 
 import type { UsageRecord } from '../../src/modules/ai-models/index.js';
+import { agentCompletionChunks, type OpenedRun } from '../../src/services/agent-completions.js';
 import { completionBody, CompletionFrames, firstEvent, KEEP_ALIVE, keptAlive, openAIErrorOf, openStream } from '../../src/services/openai-gateway.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
@@ -31,7 +35,7 @@ import { FakeModelServer, type ScriptedReply } from '../helpers/fake-model-serve
 import { apiOf, createKey, eventually, sleep, UUID } from '../helpers/http.js';
 import { fakeModelManager } from '../helpers/model-manager.js';
 import { apiError } from '../helpers/openai.js';
-import { createAgent } from '../helpers/runs.js';
+import { createAgent, createThread, waitForRun } from '../helpers/runs.js';
 
 /**
  * The app's interval: the floor, and of a length no other timer of the process has (the
@@ -83,6 +87,10 @@ beforeAll(async () => {
   }
   user = await createUser(ctx.app);
   client = new OpenAI({ apiKey: (await createKey(ctx.app, user)).key, baseURL, maxRetries: 0 });
+  // The key's first use is written down (and drops it from the key cache), the second caches it as
+  // used: a request after them reads nothing of it from the database (which a test may hold).
+  await client.models.list();
+  await client.models.list();
   agentModel = `agent:${(await createAgent(ctx.app, user.headers, { model: 'fake-chat' })).id}`;
 });
 afterAll(async () => {
@@ -96,6 +104,40 @@ async function noHeartbeatLeft(): Promise<void> {
   await eventually(async () => heartbeats.size === 0, 2_000).catch(() => {
     throw new Error(`${heartbeats.size} heartbeat timer(s) still alive`);
   });
+}
+
+/** `work`, or a failure saying `what` did not happen within `ms`. */
+async function within<T>(work: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} within ${ms} ms`)), ms);
+  });
+  try {
+    return await Promise.race([work, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Reads a streamed body until it has shown `awaited` (a keep-alive, or the first event); all it read (after `seen`). */
+async function readUntil(reader: ReadableStreamDefaultReader<Uint8Array>, awaited: string, seen = ''): Promise<string> {
+  const decoder = new TextDecoder();
+  while (!seen.includes(awaited)) {
+    const { done, value } = await reader.read();
+    if (done) throw new Error(`the stream ended before ${awaited}: ${seen}`);
+    seen += decoder.decode(value, { stream: true });
+  }
+  return seen;
+}
+
+/** The rest of a streamed body, after `seen`. */
+async function readToEnd(reader: ReadableStreamDefaultReader<Uint8Array>, seen: string): Promise<string> {
+  const decoder = new TextDecoder();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) return seen;
+    seen += decoder.decode(value, { stream: true });
+  }
 }
 
 /** A body's whole text. */
@@ -272,6 +314,17 @@ describe('the agents\' streams, built with a short interval', () => {
     await noHeartbeatLeft();
     await eventually(async () => state.ended);
   });
+
+  it('ends with the error event alone when the run\'s start is refused after a keep-alive went out', async () => {
+    const refused = (async () => {
+      await sleep(SHORT_LATE_MS);
+      throw new NotFoundError('Thread not found');
+    })();
+    const { first, heartbeat } = await firstEvent<OpenedRun>(refused, SHORT_MS);
+    expect(first).toBeInstanceOf(Promise);
+    expectLateError(await textOf(keptAlive(agentCompletionChunks(first, 'agent:x', false, silent), heartbeat, true)), 'not_found');
+    await noHeartbeatLeft();
+  });
 });
 
 /** A streamed completion as raw HTTP: its status, its headers and its body's text. */
@@ -334,5 +387,84 @@ describe('through the app, at the floor', () => {
     expect(contentOf(text)).toBe('Hello friend');
     expect(new Set(chunksOf(text).map((chunk) => `${chunk.id} ${chunk.model}`))).toEqual(new Set([`chatcmpl-${runId} ${agentModel}`]));
     await noHeartbeatLeft();
+  });
+
+  describe('an agent stream whose run waits to be inserted', () => {
+    let threadId: string;
+    beforeEach(async () => {
+      threadId = (await createThread(ctx.app, user.headers)).id;
+    });
+
+    /**
+     * Sends a stream on the thread while a transaction of the test's holds the thread's row (on the
+     * server the start's `UPDATE threads` waits for it; embedded, PGlite runs one session at a
+     * time, so every statement of the start waits), and reads it up to its first keep-alive, which
+     * must come while the run cannot have been inserted; then `meanwhile` (in the transaction), and
+     * the commit that lets the start go on. The answer's response, its reader and what was read.
+     */
+    async function startWhileLocked(meanwhile: (session: SqlSession, abort: () => void) => Promise<void> = async () => {}) {
+      const controller = new AbortController();
+      return ctx.database.withSession(async (session) => {
+        await session.exec('begin');
+        try {
+          await session.query('select id from threads where id = $1 for update', [threadId]);
+          const sent = fetch(`${baseURL}/chat/completions`, {
+            method: 'POST',
+            headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' },
+            body: JSON.stringify({ model: agentModel, messages: [{ role: 'user', content: 'Hi' }], stream: true, metadata: { thread_id: threadId } }),
+            signal: controller.signal,
+          });
+          const waited = 3 * HEARTBEAT_MS;
+          const response = await within(sent, waited, 'no answer while the run waited to be inserted');
+          const reader = (response.body as ReadableStream<Uint8Array>).getReader();
+          const seen = await within(readUntil(reader, ': keep-alive'), waited, 'no keep-alive while the run waited to be inserted');
+          await meanwhile(session, () => controller.abort());
+          return { response, reader, seen };
+        } catch (error) {
+          controller.abort();
+          throw error;
+        } finally {
+          await session.exec('commit');
+        }
+      });
+    }
+
+    /** The thread's runs, newest first. */
+    const runsOfThread = async () => (await api('GET', `/threads/${threadId}/runs`, user.headers)).json<{ data: { id: string; status: string }[] }>().data;
+
+    it('sends keep-alive comments before the run exists, then its answer; the run\'s headers could not go out, its chunks name it', async () => {
+      fake.script('fake-chat', { text: 'Hello there friend' });
+      const { response, reader, seen } = await startWhileLocked();
+      const text = await readToEnd(reader, seen);
+      expect(response.status).toBe(200);
+      expect(text.slice(0, text.indexOf('data: '))).toMatch(/^(: keep-alive\n\n)+$/);
+      expect(text.endsWith('data: [DONE]\n\n')).toBe(true);
+      expect(contentOf(text)).toBe('Hello there friend');
+      expect(response.headers.get('x-keel-run-id')).toBeNull();
+      const [run] = await runsOfThread();
+      expect(new Set(chunksOf(text).map((chunk) => chunk.id))).toEqual(new Set([`chatcmpl-${run!.id}`]));
+      expect(new Set(chunksOf(text).map((chunk) => chunk.model))).toEqual(new Set([agentModel]));
+      await noHeartbeatLeft();
+    });
+
+    it('ends with the error event alone when the start is refused after a keep-alive went out (the thread deleted meanwhile)', async () => {
+      const { reader, seen } = await startWhileLocked(async (session) => {
+        await session.query('delete from threads where id = $1', [threadId]);
+      });
+      expectLateError(await readToEnd(reader, seen), 'not_found');
+      await noHeartbeatLeft();
+    });
+
+    it('stops its timer when the client goes away while the run waits, and cancels the run once it exists', async () => {
+      fake.script('fake-chat', { text: 'never read', chunkDelayMs: 5_000 });
+      await startWhileLocked(async (_session, abort) => {
+        abort();
+        // Stopped while the start still waits for the lock.
+        await noHeartbeatLeft();
+      });
+      await eventually(async () => (await runsOfThread()).length === 1);
+      const [run] = await runsOfThread();
+      await waitForRun(ctx.app, user.headers, run!.id, ['cancelled']);
+    });
   });
 });
