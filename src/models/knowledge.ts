@@ -1,5 +1,5 @@
 import { sql } from 'drizzle-orm';
-import { bigint, customType, index, integer, pgEnum, pgTable, text, timestamp, uniqueIndex, uuid, varchar } from 'drizzle-orm/pg-core';
+import { bigint, boolean, customType, index, integer, pgEnum, pgTable, text, timestamp, uniqueIndex, uuid, varchar } from 'drizzle-orm/pg-core';
 
 import type { DocumentFormat } from '../modules/knowledge/types.js';
 import { baseColumns } from './columns.js';
@@ -68,6 +68,14 @@ export const knowledgeEntries = pgTable(
      * foreign key, as in usage_records: a deleted key's id stays and limits nothing.
      */
     api_key_id: uuid('api_key_id'),
+    /**
+     * Whether search leaves the entry's chunks out: set when an indexing fails (its chunks stay,
+     * embedded and paid for, for the next indexing to resume from) and kept through the reindex,
+     * cleared only when an indexing ends `ready`. A failed entry's kept chunks are unchecked until
+     * then — another cutting's, or a document's that fails again — so they are not shown while the
+     * reindex is pending or processing either (services/knowledge/search.ts, hiddenChunks).
+     */
+    chunks_hidden: boolean('chunks_hidden').notNull().default(false),
     /** Ingestion attempts since the last upload or reindex: one that keeps dying is failed, not retried forever. */
     attempts: integer('attempts').notNull().default(0),
     /** The claim of the ingestion working on the entry: only its holder may write the result. */
@@ -83,9 +91,9 @@ export const knowledgeEntries = pgTable(
     index('ix_knowledge_entries_project_id_created_at').on(t.project_id, t.created_at),
     // What the sweeper looks for: entries not finished.
     index('ix_knowledge_entries_unfinished').on(t.status, t.lease_expires_at).where(sql`${t.status} in ('pending', 'processing')`),
-    // The owner's failed entries, whose chunks every search statement leaves out (services/knowledge/search.ts, notFailed):
+    // The owner's entries whose chunks every search statement leaves out (services/knowledge/search.ts, hiddenChunks):
     // a few rows read, not every entry the owner has.
-    index('ix_knowledge_entries_owner_id_failed').on(t.owner_id).where(sql`${t.status} = 'failed'`),
+    index('ix_knowledge_entries_owner_id_chunks_hidden').on(t.owner_id).where(sql`${t.chunks_hidden}`),
   ],
 );
 

@@ -310,6 +310,22 @@ describe('embeddings', () => {
     const byVector = await search(ctx.app, other.headers, { query: SECTIONS[4] });
     expect(byVector.mode).toBe(withVectors() ? 'hybrid' : 'full_text');
     expect(byVector.data.map((hit) => hit.entry_id)).not.toContain(entry.id);
+    // Nor once a reindex is asked for, before its job has checked them (they may be another
+    // cutting's, or the document may fail again): neither `pending` (as the reindex route leaves
+    // it) nor `processing` (as a worker's claim does), only once it is ready again.
+    const beforeReady = [
+      sql`status = 'pending', error = null, attempts = 0, lease_token = null, lease_expires_at = null, updated_at = now()`,
+      sql`status = 'processing', attempts = 1, lease_token = gen_random_uuid(), lease_expires_at = now() + interval '1 minute'`,
+    ];
+    for (const state of beforeReady) {
+      await db.execute(sql`update knowledge_entries set ${state} where id = ${entry.id}`);
+      for (const asked of [query, { query: SECTIONS[4] }]) {
+        for (const scope of [{}, { folder_ids: [folder.id] }, { entry_ids: [entry.id] }]) {
+          const hits = await search(ctx.app, other.headers, { ...asked, ...scope });
+          expect(hits.data.map((hit) => hit.entry_id)).not.toContain(entry.id);
+        }
+      }
+    }
     // The reindex embeds nothing again: every chunk is there as it is cut now, with its embedding.
     fake.reset();
     expect((await api('POST', `/knowledge-base/entries/${entry.id}/reindex`, other.headers)).statusCode).toBe(202);

@@ -728,21 +728,21 @@ describe('search', () => {
     expect((await search(ctx.app, user.headers, { query: 'axolotl or newt' })).data).toHaveLength(2);
   });
 
-  it("looks up an owner's failed entries (whose chunks search leaves out) by the partial index, not by reading every entry the owner has", async () => {
+  it("looks up an owner's entries whose chunks search leaves out (failed ones, reindexes of failed ones) by the partial index, not by reading every entry the owner has", async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
     const db = ctx.database.db;
-    // 3,000 entries, 10 of them failed; the planner's statistics know them.
-    await db.execute(sql`insert into knowledge_entries (owner_id, folder_id, filename, mime_type, size_bytes, sha256, storage_key, status)
-      select ${user.user.id}, ${folder.id}, 'e' || i || '.txt', 'text/plain', 1, 'x', 'failed-index-' || i,
-        (case when i <= 10 then 'failed' else 'ready' end)::knowledge_entry_status from generate_series(1, 3000) as i`);
+    // 3,000 entries, 10 of them with hidden chunks; the planner's statistics know them.
+    await db.execute(sql`insert into knowledge_entries (owner_id, folder_id, filename, mime_type, size_bytes, sha256, storage_key, status, chunks_hidden)
+      select ${user.user.id}, ${folder.id}, 'e' || i || '.txt', 'text/plain', 1, 'x', 'hidden-index-' || i,
+        (case when i <= 10 then 'failed' else 'ready' end)::knowledge_entry_status, i <= 10 from generate_series(1, 3000) as i`);
     await db.execute(sql`analyze knowledge_entries`);
-    // The look-up as search.ts's notFailed writes it.
+    // The look-up as search.ts's hiddenChunks writes it.
     const plan = await queryRows<{ 'QUERY PLAN': string }>(
       db,
-      sql`explain select array(select failed.id from knowledge_entries as failed where failed.owner_id = ${user.user.id} and failed.status = 'failed')`,
+      sql`explain select array(select hidden.id from knowledge_entries as hidden where hidden.owner_id = ${user.user.id} and hidden.chunks_hidden)`,
     );
-    expect(plan.map((row) => row['QUERY PLAN']).join('\n')).toMatch(/Index (Only )?Scan using ix_knowledge_entries_owner_id_failed/);
+    expect(plan.map((row) => row['QUERY PLAN']).join('\n')).toMatch(/Index (Only )?Scan using ix_knowledge_entries_owner_id_chunks_hidden/);
   });
 
   it('looks for the matches of a question of common words among the first rows in scope, and answers as the index does', async () => {

@@ -449,3 +449,53 @@ describe('0016_credit_accounts_entries and 0017_credit_ledger_entry_count', () =
     });
   });
 });
+
+describe('0019_knowledge_entries_chunks_hidden', () => {
+  it("hides the chunks of failed entries and of failed entries' reindexes not yet ready, looked up by a partial index; down brings back the failed-status index", async () => {
+    await beforeMigration('0019_knowledge_entries_chunks_hidden', async (database, previous) => {
+      const [owner, folder] = [randomUUID(), randomUUID()];
+      await query(database, `insert into users (id, email, hashed_password) values ($1, 'kb-hidden@example.com', 'x')`, [owner]);
+      await query(database, `insert into knowledge_folders (id, owner_id, name) values ($1, $2, 'Docs')`, [folder, owner]);
+      // [status, chunk_count, an indexing has ended (processed_at)]
+      const entries: Record<string, [string, number, boolean]> = {
+        failed: ['failed', 0, true],
+        'failed, reindex pending': ['pending', 0, true],
+        'failed, reindex processing': ['processing', 0, true],
+        'ready, reindex pending': ['pending', 5, true],
+        'ready, reindex processing': ['processing', 5, true],
+        'uploaded, pending': ['pending', 0, false],
+        'uploaded, processing': ['processing', 0, false],
+        ready: ['ready', 5, true],
+      };
+      for (const [name, [status, chunks, processed]] of Object.entries(entries)) {
+        await query(
+          database,
+          `insert into knowledge_entries (owner_id, folder_id, filename, mime_type, size_bytes, sha256, storage_key, status, chunk_count, processed_at)
+           values ($1, $2, $3::text, 'text/plain', 1, 'x', $3::text, $4::knowledge_entry_status, $5::int, case when $6::boolean then now() end)`,
+          [owner, folder, name, status, chunks, processed],
+        );
+      }
+      const indexes = async () =>
+        (await query<{ indexname: string }>(database, `select indexname from pg_indexes where tablename = 'knowledge_entries' and indexname like 'ix_knowledge_entries_owner_id_%' order by indexname`)).map(
+          (row) => row.indexname,
+        );
+      expect(await indexes()).toEqual(['ix_knowledge_entries_owner_id_created_at', 'ix_knowledge_entries_owner_id_failed']);
+      await migrateUp(database, logger);
+      const hidden = await query<{ filename: string; chunks_hidden: boolean }>(database, `select filename, chunks_hidden from knowledge_entries`);
+      expect(Object.fromEntries(hidden.map((row) => [row.filename, row.chunks_hidden]))).toEqual({
+        failed: true,
+        'failed, reindex pending': true,
+        'failed, reindex processing': true,
+        'ready, reindex pending': false,
+        'ready, reindex processing': false,
+        'uploaded, pending': false,
+        'uploaded, processing': false,
+        ready: false,
+      });
+      expect(await indexes()).toEqual(['ix_knowledge_entries_owner_id_chunks_hidden', 'ix_knowledge_entries_owner_id_created_at']);
+      await migrateDown(database, logger, previous);
+      expect(await query(database, `select column_name from information_schema.columns where table_name = 'knowledge_entries' and column_name = 'chunks_hidden'`)).toEqual([]);
+      expect(await indexes()).toEqual(['ix_knowledge_entries_owner_id_created_at', 'ix_knowledge_entries_owner_id_failed']);
+    });
+  });
+});

@@ -112,15 +112,16 @@ async function renew(db: Db, settings: Settings, entry: KnowledgeEntry): Promise
 /**
  * Ends the claim as `failed` with `error`. The chunks stored so far stay (`keepChunks`) — their
  * embeddings are paid for, and the entry's next indexing resumes from them (`claim`) — but search
- * never shows a failed entry's chunks (`scopeOf` in search.ts), and `chunk_count` is 0 (nothing is
- * indexed). A document that cannot be read as it is (rejected, its file gone) keeps none: no
- * indexing of it resumes.
+ * shows none of them (`chunks_hidden`) until an indexing of the entry ends `ready`: not while it
+ * is failed, nor while its reindex is pending or processing, when they are still unchecked. And
+ * `chunk_count` is 0 (nothing is indexed). A document that cannot be read as it is (rejected, its
+ * file gone) keeps none: no indexing of it resumes.
  */
 async function fail(db: Db, entry: KnowledgeEntry, error: string, keepChunks = true): Promise<void> {
   await transaction(db, async (tx) => {
     const [row] = await tx
       .update(knowledgeEntries)
-      .set({ status: 'failed', error, chunk_count: 0, token_count: 0, lease_token: null, lease_expires_at: null, processed_at: sql`now()` })
+      .set({ status: 'failed', error, chunk_count: 0, token_count: 0, chunks_hidden: true, lease_token: null, lease_expires_at: null, processed_at: sql`now()` })
       .where(held(entry))
       .returning({ id: knowledgeEntries.id });
     if (row && !keepChunks) await deleteChunks(tx, entry.id);
@@ -187,7 +188,8 @@ const CUT_SLICE_MS = 20;
  * batch — each batch in a short transaction that first renews the job's claim, so a job that lost
  * it (a reindex, a deletion, the sweeper after a stall) stores nothing more. With a model, each
  * embedding call's chunks are stored as soon as it answers, so what was paid for is kept even if a
- * later call fails. Search finds a batch once it is stored. A failure stops the extraction (`signal`).
+ * later call fails. Search finds a batch once it is stored (a failed entry's reindex: once the entry
+ * is `ready`, see `fail`). A failure stops the extraction (`signal`).
  *
  * Resuming (a retry of the same indexing, or a failed entry's reindex: see `claim`), a chunk already stored as this run cuts
  * it — same place, text, headings, token count and full-text vector, and an embedding by `model`
@@ -397,7 +399,8 @@ async function storedChunks(db: Db, entryId: string, first: number, last: number
  * Marks the entry `ready` with what this job stored, in one transaction that first locks the entry
  * under the job's claim: an entry deleted or reindexed meanwhile gets nothing (ClaimLostError).
  * A resumed job's earlier attempt may have cut the document into more chunks (other settings
- * then): those past its end go.
+ * then): those past its end go. Every chunk left is this job's or checked by it, so search shows
+ * them from here on, a failed indexing's kept chunks included (`chunks_hidden`, see `fail`).
  */
 async function finishEntry(db: Db, entry: KnowledgeEntry, document: ExtractedDocument, written: ChunkWriter, resuming: boolean): Promise<void> {
   await transaction(db, async (tx) => {
@@ -410,6 +413,7 @@ async function finishEntry(db: Db, entry: KnowledgeEntry, document: ExtractedDoc
         status: 'ready',
         format: document.format,
         error: null,
+        chunks_hidden: false,
         chunk_count: written.chunkCount,
         token_count: written.tokenCount,
         lease_token: null,

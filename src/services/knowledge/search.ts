@@ -68,11 +68,14 @@ export interface Scope {
 }
 
 /**
- * Not the chunks of the caller's failed entries: a failed indexing keeps what it embedded (paid
- * for; the entry's next indexing resumes from it), but a failed entry is not indexed. Where the
- * statements join knowledge_entries anyway (`readsEntries`), that is the joined entry's status.
- * Otherwise the ids come from a look-up of the owner's failed entries (an InitPlan, read off the
- * partial index ix_knowledge_entries_owner_id_failed: a few rows, not every entry the owner has),
+ * Not the chunks of the caller's entries marked `chunks_hidden`: a failed indexing keeps what it
+ * embedded (paid for; the entry's next indexing resumes from it), but those chunks are shown
+ * neither while the entry is failed nor while its reindex is pending or processing — until then
+ * nothing has checked them against the document as it is cut now (and it may fail again) — only
+ * once an indexing ends `ready` (ingestion.ts, `fail` and `finishEntry`). Where the statements join
+ * knowledge_entries anyway (`readsEntries`), that is the joined entry's flag. Otherwise the ids
+ * come from a look-up of the owner's entries with hidden chunks (an InitPlan, read off the partial
+ * index ix_knowledge_entries_owner_id_chunks_hidden: a few rows, not every entry the owner has),
  * compared on the chunk's own column: no join to knowledge_entries in the statements that find
  * candidates, and with an array the planner cannot see, `<> all` is estimated to keep nearly every
  * row, so the plans stay those without it. The look-up runs once per place the scope appears in a
@@ -80,16 +83,16 @@ export interface Scope {
  * nearestChunks once each), not once per statement: without the index, each one read all of an
  * owner's entries (50,000 of them: a search 10–60 ms slower).
  */
-function notFailed(ownerId: string, readsEntries: boolean): SQL {
-  if (readsEntries) return sql`${knowledgeEntries.status} <> 'failed'`;
-  return sql`${knowledgeChunks.entry_id} <> all (array(select failed.id from ${knowledgeEntries} as failed where failed.owner_id = ${ownerId} and failed.status = 'failed'))`;
+function hiddenChunks(ownerId: string, readsEntries: boolean): SQL {
+  if (readsEntries) return sql`not ${knowledgeEntries.chunks_hidden}`;
+  return sql`${knowledgeChunks.entry_id} <> all (array(select hidden.id from ${knowledgeEntries} as hidden where hidden.owner_id = ${ownerId} and hidden.chunks_hidden))`;
 }
 
 function scopeOf(principal: Principal, query: KnowledgeQuery): Scope {
   const projectScoped = principal.scopeProjectId !== null;
   const owned = ownRows(principal, knowledgeChunks.owner_id, knowledgeEntries.project_id);
   if (query.folderIds === undefined && query.entryIds === undefined) {
-    return { where: and(owned, notFailed(principal.user.id, projectScoped))!, readsEntries: projectScoped };
+    return { where: and(owned, hiddenChunks(principal.user.id, projectScoped))!, readsEntries: projectScoped };
   }
   const folderIds = query.folderIds ?? [];
   const entryIds = query.entryIds ?? [];
@@ -98,7 +101,7 @@ function scopeOf(principal: Principal, query: KnowledgeQuery): Scope {
     entryIds.length ? inArray(knowledgeChunks.entry_id, entryIds) : undefined,
   );
   const readsEntries = projectScoped || folderIds.length > 0;
-  return { where: and(owned, notFailed(principal.user.id, readsEntries), named ?? sql`false`)!, readsEntries };
+  return { where: and(owned, hiddenChunks(principal.user.id, readsEntries), named ?? sql`false`)!, readsEntries };
 }
 
 interface Passage extends Omit<KnowledgeHit, 'score'> {
