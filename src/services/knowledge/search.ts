@@ -296,20 +296,70 @@ export const MAX_QUESTION_WORD_TOKENS = 64;
 const QUESTION_WORD = /[\p{L}\p{M}\p{Nd}\p{Nl}]+/gu;
 
 /**
- * The start of `text` that full text searches for: up to the first word past MAX_QUESTION_WORDS
- * distinct words or MAX_QUESTION_WORD_TOKENS words in all (the rest is left out, its syntax — an
- * open quote, a trailing `or` — as `websearch_to_tsquery` takes it). A normal question is whole.
+ * Words of the exclusions (`-word`, `-"a phrase"`) past a question's first words that full text
+ * still honours, in all: an exclusion is the user's word that a passage must not hold, and left
+ * out with the rest of a long question it was silently ignored. Each is a GIN look-up and a term
+ * `ts_rank_cd` tests, so they are bounded too; an exclusion that would pass the cap is left out.
  */
-export function boundedQuestion(text: string): string {
+export const MAX_EXCLUDED_WORDS = 16;
+
+/**
+ * The parts of a question whose syntax boundedQuestion keeps, as `websearch_to_tsquery` reads
+ * them, left to right: a quoted part (to its closing quote, or the end: it is closed there), or an
+ * exclusion — a `-` at the start or after a space (not after `or`, where it is ORed: `x or -y` is
+ * `x | !y`), then a quoted phrase or an operand up to a space, a quote or an operator character
+ * (not `--word`, a double negation). A `-` inside quotes is never taken for an exclusion, as it
+ * is not one there. (A backslash escapes nothing there: `\"` opens a quote.)
+ */
+const QUESTION_SYNTAX = /"[^"]*"?|(?<=^|\s)(?<!(?:^|\s)or\s+)-(?:"[^"]*"?|[^\s"!&|()<-][^\s"!&|()<]*)/giu;
+
+/** Where boundedQuestion cuts `text`: before the first word past the caps (its length: nowhere). */
+function questionCut(text: string): number {
   const seen = new Set<string>();
   let words = 0;
   for (const match of text.matchAll(QUESTION_WORD)) {
     const word = match[0].toLowerCase();
-    if ((!seen.has(word) && seen.size === MAX_QUESTION_WORDS) || words === MAX_QUESTION_WORD_TOKENS) return text.slice(0, match.index);
+    if ((!seen.has(word) && seen.size === MAX_QUESTION_WORDS) || words === MAX_QUESTION_WORD_TOKENS) return match.index;
     seen.add(word);
     words++;
   }
-  return text;
+  return text.length;
+}
+
+/**
+ * The start of `text` that full text searches for: up to the first word past MAX_QUESTION_WORDS
+ * distinct words or MAX_QUESTION_WORD_TOKENS words in all (the rest is left out, its syntax — an
+ * open quote, a trailing `or` — as `websearch_to_tsquery` takes it), then the exclusions of the
+ * rest, whole, as long as their words stay within MAX_EXCLUDED_WORDS. An exclusion the cut falls in
+ * is left out of the start and added whole (or not at all); a quote the cut falls in is closed
+ * before them, or they would be words of its phrase. A normal question is whole.
+ */
+export function boundedQuestion(text: string): string {
+  const cut = questionCut(text);
+  if (cut === text.length) return text;
+  let end = cut;
+  let inQuote = false;
+  let words = 0;
+  const excluded: string[] = [];
+  for (const match of text.matchAll(QUESTION_SYNTAX)) {
+    const [part] = match;
+    const start = match.index;
+    if (start + part.length <= cut) continue;
+    if (part.startsWith('"')) {
+      if (start < cut) inQuote = true;
+      continue;
+    }
+    // An exclusion the cut falls in is left out of the start (added whole below, or not at all).
+    if (start < cut) end = start;
+    const count = part.match(QUESTION_WORD)?.length ?? 0;
+    if (count === 0 || words + count > MAX_EXCLUDED_WORDS) continue;
+    words += count;
+    // A phrase open to the end is closed: other exclusions follow it.
+    excluded.push(part.startsWith('-"') && !part.endsWith('"') ? `${part}"` : part);
+  }
+  const head = text.slice(0, end);
+  if (!excluded.length) return head;
+  return [`${head.trimEnd()}${inQuote ? '"' : ''}`, ...excluded].join(' ');
 }
 
 /** The full-text search statement for a question (its first words: boundedQuestion), written after its lexemes are looked up (questionLexemes). */
