@@ -14,7 +14,7 @@ import { queryRows } from '../../src/crud/owned.js';
 import { contentDisposition } from '../../src/routers/knowledge.js';
 import { purgeDeletedFiles } from '../../src/services/knowledge/files.js';
 import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
-import { boundedQuestion, fullTextQuery, fullTextStatement, MAX_EXCLUDED_WORDS, MAX_QUESTION_WORD_TOKENS, MAX_QUESTION_WORDS, questionLexemes, type Scope } from '../../src/services/knowledge/search.js';
+import { boundedQuestion, fallbackLexemes, fullTextQuery, fullTextStatement, MAX_EXCLUDED_WORDS, MAX_QUESTION_WORD_TOKENS, MAX_QUESTION_WORDS, questionLexemes, type Scope } from '../../src/services/knowledge/search.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
@@ -684,6 +684,30 @@ describe('search', () => {
     // No chunk holds both words: the OR fallback answers, and takes the rare word's chunks first.
     const found = (await search(ctx.app, user.headers, { query: 'Do platypus and wombat dig burrows?' })).data;
     expect(found.map((hit) => hit.entry_id)).toContain(rare.id);
+  });
+
+  it("takes the OR fallback's words among those a chunk in scope holds: nonsense words before them take none of its places", async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const quetzal = await ingested(ctx.app, user.headers, folder.id, { filename: 'quetzal.txt', content: 'The quetzal nests in cloud forests.' });
+    // Ten words no chunk holds, each before `quetzal` and `nest` in code-point order: the statistics
+    // do not list them, so they count as rarest (ties in that order) and took all 8 places.
+    const junk = Array.from({ length: 10 }, (_, i) => `aqz${i}x`);
+    const question = `${junk.join(' ')} where does the quetzal nest?`;
+    const db = ctx.database.db;
+    const lexemes = await questionLexemes(db, 'english', question);
+    expect(lexemes.slice(0, 8).map((lexeme) => lexeme.lexeme)).toEqual(junk.slice(0, 8));
+    const scope: Scope = { where: sql`knowledge_chunks.owner_id = ${user.user.id}`, readsEntries: false };
+    expect((await fallbackLexemes(db, lexemes, scope)).map((lexeme) => lexeme.lexeme).sort()).toEqual(['nest', 'quetzal']);
+    expect((await search(ctx.app, user.headers, { query: question })).data.map((hit) => hit.entry_id)).toEqual([quetzal.id]);
+    // In another user's scope the same words are held by no chunk: nothing to fall back on.
+    const other = await createUser(ctx.app);
+    expect(await fallbackLexemes(db, lexemes, { where: sql`knowledge_chunks.owner_id = ${other.user.id}`, readsEntries: false })).toEqual(
+      lexemes.filter((lexeme) => lexeme.frequency > 0).slice(0, 8),
+    );
+    // A question whose lexemes all fit is not asked about: its fallback takes them all.
+    const short = await questionLexemes(db, 'english', 'aqz0x quetzal');
+    expect(await fallbackLexemes(db, short, { where: sql`false`, readsEntries: false })).toEqual(short);
   });
 
   it('reads a question\'s first words only (MAX_QUESTION_WORDS distinct, MAX_QUESTION_WORD_TOKENS in all): a 2,000-character question still finds its passage', async () => {

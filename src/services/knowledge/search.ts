@@ -228,10 +228,11 @@ function allWordsMatching(allWords: SQL, lexemes: QuestionLexeme[], scope: Scope
  * lexemes, ranked below every AND match (their score is scaled under the lowest AND score, so
  * scores keep the order). The OR part runs in the same statement, only when the AND part fell
  * short (a one-time filter), and takes its candidates from the question's rarest lexemes first
- * (`lexemes`, from questionLexemes), so a rare word, the question's point, keeps its chunks however
- * many a common word matches.
+ * (`orLexemes`: the first OR_LEXEMES of `lexemes`, from questionLexemes, or those of them some
+ * chunk in scope may hold, from fallbackLexemes), so a rare word, the question's point, keeps its
+ * chunks however many a common word matches.
  */
-export function fullTextQuery(language: string, text: string, lexemes: QuestionLexeme[], scope: Scope, limit: number): SQL {
+export function fullTextQuery(language: string, text: string, lexemes: QuestionLexeme[], scope: Scope, limit: number, orLexemes = lexemes.slice(0, OR_LEXEMES)): SQL {
   // A query that excludes a word (`-word`) gets no fallback: an OR of lexemes cannot honour the
   // exclusion. Quotes are not honoured either, but the phrase matches come first (AND).
   // (`!` only appears in tsquery text as the NOT operator: the parser never puts it in a lexeme.)
@@ -243,11 +244,9 @@ export function fullTextQuery(language: string, text: string, lexemes: QuestionL
   // The rarest lexemes' matches one lexeme after the other (an Append runs its parts in order and
   // stops at the cap). A lexeme in a large share of the chunks is tested on the rows (ts_match_vq,
   // which the index cannot answer) instead of being looked up in the GIN index.
-  const perLexeme = lexemes
-    .slice(0, OR_LEXEMES)
-    .map(({ query, frequency }) =>
-      matching(frequency < COMMON ? sql`${chunk.tsv} @@ ${query}::tsquery` : sql`ts_match_vq(${chunk.tsv}, ${query}::tsquery)`, scope, ranked),
-    );
+  const perLexeme = orLexemes.map(({ query, frequency }) =>
+    matching(frequency < COMMON ? sql`${chunk.tsv} @@ ${query}::tsquery` : sql`ts_match_vq(${chunk.tsv}, ${query}::tsquery)`, scope, ranked),
+  );
   const orMatches = perLexeme.length ? sql.join(perLexeme.map((part) => sql`(${part})`), sql` union all `) : sql`select null::uuid as id where false`;
   const anyWords = lexemes.map(({ query }) => `(${query})`).join(' | ');
   return sql`with and_hits as (
@@ -362,10 +361,36 @@ export function boundedQuestion(text: string): string {
   return [`${head.trimEnd()}${inQuote ? '"' : ''}`, ...excluded].join(' ');
 }
 
-/** The full-text search statement for a question (its first words: boundedQuestion), written after its lexemes are looked up (questionLexemes). */
+/**
+ * The lexemes whose one-word queries feed the OR fallback: the first OR_LEXEMES of `lexemes`
+ * (rarest first) that some chunk in scope may hold. A word the statistics do not list counts as
+ * rarer than any they list, so a question's words that no chunk holds (typos, a pasted hash, a
+ * hostile run of nonsense) came first and could take every place, leaving out the real words
+ * behind them. Those words are asked whether a chunk in scope holds them, in one statement — an
+ * EXISTS each (the fallback's own one-word query with a limit of 1: a GIN look-up, which finds
+ * nothing at once for a word no chunk holds), in order, stopping at the OR_LEXEMES-th that one
+ * does (an Append runs its parts in order and stops at the limit). Asked only when the question
+ * has more lexemes than the fallback takes and its rarest is such a word; a word the statistics
+ * list is in some chunk, and is taken unasked.
+ */
+export async function fallbackLexemes(db: Db, lexemes: QuestionLexeme[], scope: Scope): Promise<QuestionLexeme[]> {
+  if (lexemes.length <= OR_LEXEMES || lexemes[0]!.frequency > 0) return lexemes.slice(0, OR_LEXEMES);
+  const asked = lexemes.flatMap(({ query, frequency }, i) =>
+    frequency > 0 ? [] : [sql`(select ${i}::int as i where exists (${matching(sql`${knowledgeChunks.tsv} @@ ${query}::tsquery`, scope, 1)}))`],
+  );
+  const held = await queryRows<{ i: number }>(db, sql`select i from (${sql.join(asked, sql` union all `)}) as held limit ${OR_LEXEMES}`);
+  const found = new Set(held.map((row) => row.i));
+  return lexemes.filter((lexeme, i) => lexeme.frequency > 0 || found.has(i)).slice(0, OR_LEXEMES);
+}
+
+/**
+ * The full-text search statement for a question (its first words: boundedQuestion), written after
+ * its lexemes are looked up (questionLexemes) and those feeding the OR fallback chosen (fallbackLexemes).
+ */
 export async function fullTextStatement(db: Db, language: string, text: string, scope: Scope, limit: number): Promise<SQL> {
   const question = boundedQuestion(text);
-  return fullTextQuery(language, question, await questionLexemes(db, language, question), scope, limit);
+  const lexemes = await questionLexemes(db, language, question);
+  return fullTextQuery(language, question, lexemes, scope, limit, await fallbackLexemes(db, lexemes, scope));
 }
 
 async function fullText(db: Db, language: string, text: string, scope: Scope, limit: number): Promise<(Passage & { score: number })[]> {
