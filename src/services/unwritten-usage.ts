@@ -11,7 +11,9 @@
  *   calls' charges).
  * - A reader renames a file to `<name>.<pid>.taken` before reading it, so two processes on one
  *   DATA_DIR never both take it, and deletes it only once what it held is written or saved again;
- *   one left taken by a process that is gone is taken back. A file that cannot be read is set
+ *   one left taken by a process that is gone is taken back under a name of its own (`…-r<pid>.json`,
+ *   sorting just before its old one, under which that process may have saved the rest of a split
+ *   file). A file that cannot be read is set
  *   aside as `<name>.unreadable`.
  */
 import { randomUUID } from 'node:crypto';
@@ -87,11 +89,14 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
     return { taken, parts, more: false }; // none saved
   }
   for (const name of names) {
-    const orphan = /^(.+\.json)\.(\d+)\.taken$/.exec(name);
+    const orphan = /^(.+)\.json\.(\d+)\.taken$/.exec(name);
     if (!orphan || held.includes(join(dir, name)) || processAlive(Number(orphan[2]))) continue;
+    // Back under a name of its own, not its old one: the process may have saved the rest of a
+    // split file back under that name, which a rename would replace. It sorts just before it.
+    const restored = `${orphan[1]}-r${orphan[2]}.json`;
     try {
-      renameSync(join(dir, name), join(dir, orphan[1]!));
-      names.push(orphan[1]!);
+      renameSync(join(dir, name), join(dir, restored));
+      names.push(restored);
     } catch {
       // another process took it back first
     }
@@ -100,6 +105,10 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
   for (const [i, name] of saved.entries()) {
     if (rows >= maxRows) return { taken, parts, more: saved.length > i };
     const path = join(dir, `${name}.${process.pid}.taken`);
+    // The rest of a file this process split and still holds the first part of: taking it now would
+    // rename it onto that part, whose rows may not be written yet. It waits (and, to keep the
+    // order they were queued in, the files after it too) until that part is written and deleted.
+    if (held.includes(path)) return { taken, parts, more: true };
     try {
       renameSync(join(dir, name), path);
     } catch {
