@@ -48,6 +48,11 @@ export interface ScriptedReply {
   /** The model refuses (OpenAI's structured outputs): `message.refusal` (content null unless `text`), streamed as `delta.refusal` pieces split after each space. */
   refusal?: string;
   /**
+   * A stream's answer and refusal pieces in this order (instead of `text`/`chunks` and `refusal`),
+   * each its own chunk's `delta.content` or `delta.refusal`: the two interleaved, as a provider may send them.
+   */
+  deltas?: ({ content: string } | { refusal: string })[];
+  /**
    * Before a stream's first chunk, an SSE comment (`: OPENROUTER PROCESSING`) every `everyMs` for
    * `forMs` (Infinity: comments only, until the client goes), as OpenRouter keeps a stream alive
    * while a reasoning model thinks.
@@ -436,15 +441,20 @@ export class FakeModelServer {
     const base = { id: 'chatcmpl-fake', object: 'chat.completion.chunk', created: Math.floor(Date.now() / 1000), model: entry.model };
     const chunks: unknown[] = [];
     if (reply.reasoning) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', reasoning_content: reply.reasoning }, finish_reason: null }] });
-    const pieces = reply.chunks ?? (reply.text ? reply.text.split(/(?<= )/) : []);
+    // The answer's pieces as they go out: the script's order, or the text's then the refusal's.
+    const deltas = reply.deltas ?? [...(reply.chunks ?? (reply.text ? reply.text.split(/(?<= )/) : [])).map((content) => ({ content })), ...(reply.refusal?.split(/(?<= )/) ?? []).map((refusal) => ({ refusal }))];
+    const pieces = deltas.flatMap((delta) => ('content' in delta ? [delta.content] : []));
+    const refusals = deltas.flatMap((delta) => ('refusal' in delta ? [delta.refusal] : []));
     // Asked for, each chunk's log probabilities are its piece's, as OpenAI streams them.
     const top = askedLogprobs(body) ?? (reply.logprobsUnasked ? 0 : undefined);
-    const refusals = reply.refusal?.split(/(?<= )/) ?? [];
     // Made once for the answer (each chunk's is one of them): thousands of pieces stream as fast as a few.
     const entries = top === undefined ? undefined : { content: fakeLogprobs(pieces, top), refusal: fakeLogprobs(refusals, top) };
     const logprobsOf = (kind: 'content' | 'refusal', i: number) => (entries ? { logprobs: { content: null, refusal: null, [kind]: [entries[kind][i]] } } : {});
-    pieces.forEach((content, i) => chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', content }, finish_reason: null, ...logprobsOf('content', i) }] }));
-    refusals.forEach((refusal, i) => chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', refusal }, finish_reason: null, ...logprobsOf('refusal', i) }] }));
+    const seen = { content: 0, refusal: 0 };
+    for (const delta of deltas) {
+      const kind = 'content' in delta ? 'content' : 'refusal';
+      chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', ...delta }, finish_reason: null, ...logprobsOf(kind, seen[kind]++) }] });
+    }
     const toolCalls = this.toolCallsOf(reply);
     if (toolCalls) chunks.push({ choices: [{ index: 0, delta: { role: 'assistant', tool_calls: toolCalls }, finish_reason: null }] });
     chunks.push({ choices: [{ index: 0, delta: {}, finish_reason: toolCalls?.length ? 'tool_calls' : 'stop' }] });

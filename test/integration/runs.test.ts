@@ -150,6 +150,21 @@ describe('a run streams its answer', () => {
     expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['something refused', no]);
   });
 
+  it('a model that interleaves its text and its refusal has the answer stored as it streamed: the thread reads as a replay of the stream', async () => {
+    fake.script(MODEL, { deltas: [{ content: 'Sure, ' }, { refusal: "I can't " }, { content: 'well, ' }, { refusal: 'do that.' }] });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'mixed' });
+    const { events, ended } = await readEvents(base, owner.headers, run.id);
+    expect(ended).toBe(true);
+    const streamed = events.filter((e) => e.event === 'message.delta').map((e) => e.data.delta);
+    expect(streamed).toEqual(['Sure, ', "I can't ", 'well, ', 'do that.']);
+    // Arrival order, not the text and then the refusal ("Sure, well, I can't do that.").
+    const answer = streamed.join('');
+    expect(events.find((e) => e.event === 'message.completed')!.data.message).toMatchObject({ role: 'assistant', content: answer });
+    expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['mixed', answer]);
+    expect(events.at(-1)!.data.run).toMatchObject({ status: 'completed' });
+  });
+
   it('a tool call whose arguments hold a NUL character is stored with U+FFFD in its place: the run completes', async () => {
     fake.script(MODEL, { toolCalls: [{ id: 'call_nul', name: 'knowledge_search', arguments: '{"query":"a\\u0000b","\\u0000":1}' }] }, { text: 'done' });
     const { owner, thread } = await setup({ tools: ['knowledge_search'] });

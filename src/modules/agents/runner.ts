@@ -411,11 +411,20 @@ export class AgentRunner {
       const outcomes: Promise<ToolOutcome>[] = [];
       // The deltas as the thread will store the answer (storableModelText), a pair cut between two kept whole.
       const pieces = storableModelPieces();
+      // The answer the step stores: its deltas joined as they went out, text and refusal in the
+      // order they came, so the thread reads as the stream did (and an `agent:` completion answers
+      // alike streamed or not). OpenAI's wire keeps the two in fields of their own with no order
+      // between them, and a message has one `content`: the result's text + refusal put a refusal
+      // that came between pieces of text after them, unlike the stream; holding a refusal's deltas
+      // back would delay what a client sees. A model call streams one attempt's parts (none is
+      // retried once one went out), so these are all of the result's.
+      let text = '';
       for await (const part of stream) {
         appends.check();
         // A refusal is the assistant's answer here: a run's messages have no place of their own for it.
         if (part.type === 'text-delta' || part.type === 'refusal-delta') {
           const delta = pieces.next(part.text);
+          text += delta;
           if (delta) appends.add([{ event: 'message.delta', data: { message_id: messageId, delta, step } }]);
         } else if (part.type === 'tool-call') {
           const call = storableCall(part.toolCall);
@@ -428,6 +437,7 @@ export class AgentRunner {
         }
       }
       const rest = pieces.end();
+      text += rest;
       if (rest) appends.add([{ event: 'message.delta', data: { message_id: messageId, delta: rest, step } }]);
       await appends.settle();
       const result = await stream.result;
@@ -437,8 +447,6 @@ export class AgentRunner {
       usage = addUsage(usage, result.usage);
       cost = addCosts(cost, result.cost);
 
-      // The answer as its deltas went out (storableModelText), which the thread can store.
-      const text = storableModelText(result.refusal ? result.text + result.refusal : result.text);
       const toolCalls: MessageToolCall[] = result.toolCalls.map(storableCall).map((call) => ({ id: call.toolCallId, name: call.toolName, arguments: asArguments(call.input) }));
       // The final answer cites what the run's knowledge searches found (the tool messages of earlier steps, in `history`).
       const citations = toolCalls.length ? {} : sourcesField(sourcesOfRun(history, run.id));
