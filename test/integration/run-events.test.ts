@@ -155,8 +155,8 @@ describe('the database run event log', () => {
     expect((await storedOnceAll([kept], 1)).map((r) => r.seq)).toEqual([1]);
     expect(await stored(gone)).toEqual([]);
     expect(await Promise.race([reading, sleep(3_000).then(() => 'still waiting')])).toEqual([1]);
-    // A failed store is retried every second while the log is open: not one of a run that is gone.
-    await sleep(2_500);
+    // A failed store is retried a second later while the log is open: not one of a run that is gone.
+    await sleep(1_500);
     expect(lines.filter((line) => line.level >= 50).map((line) => line.msg)).toEqual([]);
     expect(lines.map((line) => line.msg)).toContain('run deleted: its unstored events dropped');
     await own.close();

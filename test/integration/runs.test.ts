@@ -235,7 +235,9 @@ describe('a run streams its answer', () => {
   });
 
   it('sends keep-alive comments while the model is silent', async () => {
-    fake.script(MODEL, { chunks: ['slow ', 'answer'], chunkDelayMs: 1_300 });
+    // Two frames (the answer, the finish; no usage chunk), 1.3 s before each: 2.6 s of a run whose
+    // stream sends a keep-alive every second (four frames took 5.2 s for the same check).
+    fake.script(MODEL, { chunks: ['slow answer'], usage: null, chunkDelayMs: 1_300 });
     const { owner, thread } = await setup();
     const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'wait' });
     const { comments, ended } = await readEvents(base, owner.headers, run.id);
