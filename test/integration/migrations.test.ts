@@ -1,6 +1,5 @@
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { cpSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import pino from 'pino';
@@ -78,7 +77,8 @@ async function freshDatabase(): Promise<FreshDatabase> {
     };
   }
   // A copy of the run's empty directory: five initdbs (memory://) were most of this file's time.
-  const dir = mkdtempSync(join(tmpdir(), 'keel-test-migrations-'));
+  // Under the run's data root, which the global teardown removes, should this worker never reach `destroy`.
+  const dir = mkdtempSync(join(inject('dataDirRoot'), 'migrations-'));
   cpSync(inject('emptyPgliteDir')!, dir, { recursive: true });
   const database = await openDatabase(testSettings({ PGLITE_DATA_DIR: dir }));
   return {

@@ -407,6 +407,9 @@ export class AgentRunner {
         temperature: version.temperature ?? undefined,
         signal,
         context,
+        // The step stores its answer from the deltas it streams (text and refusal in the order
+        // they came): the result's own copy of the answer would be a second one, unread.
+        keepAnswer: false,
       });
       const outcomes: Promise<ToolOutcome>[] = [];
       // The deltas as the thread will store the answer (storableModelText), a pair cut between two kept whole.
