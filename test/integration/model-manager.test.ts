@@ -1244,7 +1244,7 @@ describe('a model whose provider cannot be called falls to its fallbacks', () =>
       { id: 'gem-chat', provider: 'gem', capabilities: ['chat', 'tools'], pricing: price('5', '5') },
       { id: 'down-picky', provider: 'down', capabilities: ['chat', 'tools'], pricing, fallbacks: ['gem-chat', 'fake-backup'] },
       // Its only usable fallback is the Google model: a call with an option Google does not take has none.
-      { id: 'down-gem', provider: 'down', capabilities: ['chat', 'tools'], pricing, fallbacks: ['down-unreadable', 'gem-chat'] },
+      { id: 'down-gem', provider: 'down', capabilities: ['chat', 'tools'], pricing, fallbacks: ['down-unreadable', 'gem-chat'], aliases: ['down-gem-latest'] },
     ]);
   const downManager = (overrides: Partial<ModelManagerOptions> = {}) =>
     fakeModelManager(fake.server, {
@@ -1315,9 +1315,9 @@ describe('a model whose provider cannot be called falls to its fallbacks', () =>
 
   it('a request every usable fallback refuses (an option it does not take) gets the fallback\'s 400, said of the model asked for, not the primary\'s 503; nothing is sent or metered', async () => {
     const m = downManager();
-    /** The refusal names the model the client asked for, why its own provider was passed over, and which fallback refused what. */
-    const refusedByFallback = (start: string, reason: string) =>
-      `${start} model down-gem: its provider cannot be called (Provider down is disabled), and every fallback that could answer refuses it (gem-chat: ${reason})`;
+    /** The refusal names the model the client asked for (`asked`), that its own provider was passed over (not why: the operator's), and which fallback refused what. */
+    const refusedByFallback = (start: string, reason: string, asked = 'down-gem') =>
+      `${start} model ${asked}: its provider cannot be called, and no fallback takes it (gem-chat, the first that could answer: ${reason})`;
     for (const [option, name] of [
       [{ logprobs: true }, 'logprobs'],
       [{ logitBias: { '50256': -100 } }, 'logit_bias'],
@@ -1337,6 +1337,12 @@ describe('a model whose provider cannot be called falls to its fallbacks', () =>
       model: 'down-gem',
       param: 'messages[1]',
       detail: refusedByFallback('messages[1] cannot be sent to', 'its provider (google) takes system and developer messages only before the first user or assistant message'),
+    });
+    // Asked by an alias: said of the alias, the name the client sent.
+    expect(await failureOf(m.chat({ model: 'down-gem-latest', messages: hello, logprobs: true }))).toMatchObject({
+      statusCode: 400,
+      model: 'down-gem-latest',
+      detail: refusedByFallback('logprobs is not supported by', 'its provider (google) does not take it', 'down-gem-latest'),
     });
     // A fallback that is itself unavailable refuses nothing: 503 as before.
     expect(await failureOf(m.chat({ model: 'down-no-usable', messages: hello, logprobs: true }))).toMatchObject({ statusCode: 503, message: 'Provider down is disabled' });

@@ -2098,12 +2098,11 @@ export class ModelManager {
     } else {
       // Its provider disabled, without credentials, or its secrets unreadable: the call falls to its
       // first usable fallback, as when its own tries fail; with none, it fails naming what is missing.
-      const unavailable = new ProviderUnavailableError(primary.provider, status.reason ?? 'unavailable', status.missing);
-      lastError = unavailable;
+      lastError = new ProviderUnavailableError(primary.provider, status.reason ?? 'unavailable', status.missing);
       chain = request.sameModel ? [] : this.chainOf(primary, capability, request).slice(1);
       // With none, a fallback that could be called but refuses the request (an option it does not
       // take) tells the caller what to change: its 400, not the 503 of a provider they cannot fix.
-      if (chain.length === 0) throw (request.sameModel ? undefined : this.fallbackRefusal(request.model, primary, capability, request, unavailable.detail)) ?? lastError;
+      if (chain.length === 0) throw (request.sameModel ? undefined : this.fallbackRefusal(request.model, primary, capability, request)) ?? lastError;
     }
     /** Whether a model of the chain was reserved: the first is the call as the key's rate counts it, those after it its fallbacks. */
     let reservedOne = false;
@@ -2396,17 +2395,19 @@ export class ModelManager {
   /**
    * The refusal (refusal) of the first of `model`'s fallbacks that could take a call of `capability`
    * as things stand (fallbackUnavailable) but not `request` as it is, if any: what a call whose own
-   * model cannot be called (`unavailable`: why), and that no fallback takes (chainOf), fails with.
-   * Only on that failure. Said of `asked`, the model the client named, with the fallback and its
-   * reason in the words: naming only the fallback, a model the client never asked for, it read as
-   * if the request had gone to the wrong model.
+   * model cannot be called, and that no fallback takes (chainOf), fails with. Only on that failure.
+   * Said of `asked`, the model (or alias) the client named, with the fallback and its reason in the
+   * words: naming only the fallback, a model the client never asked for, it read as if the request
+   * had gone to the wrong model. Only the first refusing fallback is named (the others may refuse
+   * for other reasons). Why the provider cannot be called (credentials not set, secrets
+   * unreadable) is the operator's, not for this 400: the 503 without a refusing fallback says it.
    */
-  private fallbackRefusal(asked: string, model: ModelInfo, capability: Capability, request: Partial<ChatRequest>, unavailable: string): HttpError | undefined {
+  private fallbackRefusal(asked: string, model: ModelInfo, capability: Capability, request: Partial<ChatRequest>): HttpError | undefined {
     for (const id of model.fallbacks) {
       const fallback = this.options.catalog.modelAsCalled(id);
       if (!fallback || fallback.id === model.id || this.fallbackUnavailable(fallback, [capability]) !== undefined) continue;
       const refused = this.refusal(request, fallback);
-      if (refused) return refused.asRefusalOf(asked, `its provider cannot be called (${unavailable}), and every fallback that could answer refuses it (${fallback.id}: ${refused.reason})`);
+      if (refused) return refused.asRefusalOf(asked, `its provider cannot be called, and no fallback takes it (${fallback.id}, the first that could answer: ${refused.reason})`);
     }
     return undefined;
   }
