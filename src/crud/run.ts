@@ -53,14 +53,18 @@ const activeOwnedQuery = (db: Db) =>
     .limit(slot<number>('up_to'));
 type OwnedRow = Pick<Run, 'id' | 'thread_id' | 'status' | 'waiting'>;
 const activeOwned = preparedAnywhere('runs_active_owned', (db, name) => activeOwnedQuery(db).prepare(name));
-/** The columns a start gives; the rest take their defaults. */
-const START_COLUMNS = ['owner_id', 'thread_id', 'project_id', 'api_key_id', 'agent_id', 'agent_version', 'model', 'multitask_strategy', 'waiting', 'input', 'input_message_id'] as const;
-export type NewStartedRun = Pick<NewRun, (typeof START_COLUMNS)[number]>;
+/**
+ * The columns a start gives; the rest take their defaults. The id too: chosen by the caller, it can
+ * be told before the insert (an `agent:` stream's head may go out while the start still waits).
+ */
+const START_COLUMNS = ['id', 'owner_id', 'thread_id', 'project_id', 'api_key_id', 'agent_id', 'agent_version', 'model', 'multitask_strategy', 'waiting', 'input', 'input_message_id'] as const;
+export type NewStartedRun = Pick<NewRun, (typeof START_COLUMNS)[number]> & Pick<Run, 'id'>;
 const startValues = () => Object.fromEntries(START_COLUMNS.map((column) => [column, sql.placeholder(column)])) as unknown as NewRun;
 const insertStarted = preparedAnywhere('runs_insert_started', (db, name) => db.insert(runs).values(startValues()).returning().prepare(name));
 /** The run's input appended to its thread as a user message (appendMessage's insert) and the run pointing at it: one statement. */
 const insertStartedWithInput = preparedAnywhere('runs_insert_started_with_input', (db, name) => {
-  const input = db.$with('input').as(db.insert(messages).values(appendedMessageValues()).returning({ id: messages.id }));
+  // The message's id is `input_message_id` here: `id` is the run's.
+  const input = db.$with('input').as(db.insert(messages).values(appendedMessageValues('input_message_id')).returning({ id: messages.id }));
   return db
     .with(input)
     .insert(runs)
@@ -81,7 +85,7 @@ const HOLDS_THREAD = sql`"status" in ('queued', 'running') and not "waiting"`;
  */
 const insertedIfFree = preparedAnywhere('runs_insert_started_with_input_if_free', (db, name) => {
   const owned = db.$with('owned').as(activeOwnedQuery(db));
-  const input = db.$with('input').as(db.insert(messages).values(appendedMessageValues()).returning({ id: messages.id }));
+  const input = db.$with('input').as(db.insert(messages).values(appendedMessageValues('input_message_id')).returning({ id: messages.id }));
   const inserted = db.$with('inserted').as(
     db
       .insert(runs)
@@ -147,7 +151,7 @@ function summarize(rows: readonly OwnedRow[], threadId: string): OwnerActive {
  * it is for an inserted run only, and a thread free for one has no waiting runs.
  */
 export async function insertRunWithInputIfFree(tx: Db, values: Omit<NewStartedRun, 'input' | 'input_message_id' | 'waiting'> & { input: string }, upTo: number, messagesUpTo: number): Promise<{ run: Run | undefined; owned: OwnerActive; held: number }> {
-  const [row] = await insertedIfFree(tx).execute({ ...values, waiting: false, up_to: upTo, messages_up_to: messagesUpTo, id: randomUUID(), role: 'user', content: values.input, tool_calls: null, tool_call_id: null, run_id: null, metadata: {} });
+  const [row] = await insertedIfFree(tx).execute({ ...values, waiting: false, up_to: upTo, messages_up_to: messagesUpTo, input_message_id: randomUUID(), role: 'user', content: values.input, tool_calls: null, tool_call_id: null, run_id: null, metadata: {} });
   return { run: row!.inserted ?? undefined, owned: summarize(row!.owned_rows.owned, values.thread_id), held: Number(row!.owned_rows.held) };
 }
 
@@ -161,7 +165,7 @@ export async function insertRun(tx: Db, values: NewStartedRun): Promise<Run> {
  * `input` to the thread as a user message and inserts the run with it as `input_message_id`.
  */
 export async function insertRunWithInput(tx: Db, values: Omit<NewStartedRun, 'input' | 'input_message_id'> & { input: string }): Promise<Run> {
-  const [row] = await insertStartedWithInput(tx).execute({ ...values, id: randomUUID(), role: 'user', content: values.input, tool_calls: null, tool_call_id: null, run_id: null, metadata: {} });
+  const [row] = await insertStartedWithInput(tx).execute({ ...values, input_message_id: randomUUID(), role: 'user', content: values.input, tool_calls: null, tool_call_id: null, run_id: null, metadata: {} });
   return row!;
 }
 

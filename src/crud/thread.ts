@@ -71,12 +71,13 @@ export async function appendMessage(tx: Db, values: Omit<NewMessage, 'seq'>): Pr
 
 const placeholder = <T>(name: string) => sql.placeholder(name) as unknown as T;
 /**
- * One message's values as parameters (`id`, `thread_id`, `role`, `content`, `tool_calls` as JSON
- * text or null, `tool_call_id`, `run_id`, `metadata`), its seq the thread's last + 1: what
- * appendMessage inserts, for statements that insert a message with something else.
+ * One message's values as parameters (`id`, or `idParam` where the statement's `id` is another
+ * row's; `thread_id`, `role`, `content`, `tool_calls` as JSON text or null, `tool_call_id`,
+ * `run_id`, `metadata`), its seq the thread's last + 1: what appendMessage inserts, for statements
+ * that insert a message with something else.
  */
-export const appendedMessageValues = () => ({
-  id: placeholder<string>('id'),
+export const appendedMessageValues = (idParam = 'id') => ({
+  id: placeholder<string>(idParam),
   thread_id: placeholder<string>('thread_id'),
   seq: sql`(select coalesce(max(${messages.seq}), 0) + 1 from ${messages} where ${messages.thread_id} = ${sql.placeholder('thread_id')})` as unknown as number,
   role: placeholder<Message['role']>('role'),

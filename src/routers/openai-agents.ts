@@ -9,6 +9,8 @@ import {
   answerOf,
   cancelAbandoned,
   CLIENT_LEFT,
+  type CompletionIds,
+  completionIds,
   listAgentModels,
   type OpenedRun,
   resolveAgentModel,
@@ -22,6 +24,11 @@ import { firstEvent, keptAlive } from '../services/openai-gateway.js';
 function whenAborted(signal: AbortSignal, listener: () => void): void {
   if (signal.aborted) listener();
   else signal.addEventListener('abort', listener, { once: true });
+}
+
+/** The headers that say which thread and run a completion's are. */
+function nameRun(reply: FastifyReply, { runId, threadId }: CompletionIds): void {
+  void reply.header('x-keel-thread-id', threadId).header('x-keel-run-id', runId);
 }
 
 /**
@@ -47,20 +54,26 @@ export function agentModelRoutes(app: FastifyInstance) {
       readers.delete(reader);
       if (!reply.raw.writableFinished) reader.abort(CLIENT_LEFT);
     });
+    // Chosen before the start: a stream's head may go out before the run's insert (below).
+    const ids = completionIds(body);
     // The run started and its first piece read, as one wait: a stream's heartbeat (firstEvent) runs
     // from before the run's insert, so a slow start (a lock wait, a busy database) is a silence the
     // client is kept from as a model's is.
-    const opening = openRun(ctx, body, reader.signal, reply);
+    const opening = openRun(ctx, body, ids, reader.signal, reply);
     if (body.stream) {
       // The first piece before any byte (a run that fails to start, or before its first text,
       // answers an HTTP error), or, past GATEWAY_STREAM_HEARTBEAT_MS, a keep-alive first, as the catalog's streams.
       const { first, heartbeat } = await firstEvent(opening, app.settings.GATEWAY_STREAM_HEARTBEAT_MS);
+      const late = first instanceof Promise;
+      // Late, the head goes out now, maybe before the run exists: with the ids it is being made
+      // with. A start refused after this is the stream's error event, under ids of no run.
+      if (late) nameRun(reply, ids);
       const chunks = agentCompletionChunks(first, body.model, body.stream_options?.include_usage === true, request.log);
       return reply
         .header('content-type', 'text/event-stream; charset=utf-8')
         .header('cache-control', 'no-cache')
         .header('x-accel-buffering', 'no')
-        .send(keptAlive(chunks, heartbeat, first instanceof Promise));
+        .send(keptAlive(chunks, heartbeat, late));
     }
     const { run, pieces, first } = await opening;
     let next = first;
@@ -71,17 +84,18 @@ export function agentModelRoutes(app: FastifyInstance) {
   }
 
   /**
-   * Starts the completion's run and reads its answer's first piece. A client that leaves, before
-   * the run exists or after, has it cancelled. The run's headers go out with the answer's head,
-   * unless a keep-alive sent that before the run existed (a stream whose start outlasted the
-   * heartbeat's interval): its chunks' id, `chatcmpl-<run id>`, names the run then.
+   * Starts the completion's run, with `ids`, and reads its answer's first piece. A client that
+   * leaves, before the run exists or after, has it cancelled. The run's headers are set once it
+   * exists (an error after the start carries them too), unless the head went out before (a stream
+   * whose start outlasted the heartbeat's interval, which set them from `ids`).
    */
-  async function openRun(ctx: ServiceContext, body: ChatCompletionRequest, signal: AbortSignal, reply: FastifyReply): Promise<OpenedRun> {
-    const run = await startAgentCompletion(ctx, app.runs, body);
+  async function openRun(ctx: ServiceContext, body: ChatCompletionRequest, ids: CompletionIds, signal: AbortSignal, reply: FastifyReply): Promise<OpenedRun> {
+    const run = await startAgentCompletion(ctx, app.runs, body, ids);
     whenAborted(signal, () => {
       if (signal.reason === CLIENT_LEFT) void cancelAbandoned(ctx, app.runs, run.id);
     });
-    void reply.header('x-keel-thread-id', run.thread_id).header('x-keel-run-id', run.id);
+    // reply.sent is only the end of the body: headersSent is the head's.
+    if (!reply.raw.headersSent) nameRun(reply, { runId: run.id, threadId: run.thread_id });
     const pieces = answerOf(app.runs.bus.events.read(run.id, 0, signal), signal)[Symbol.asyncIterator]();
     return { run, pieces, first: await pieces.next() };
   }

@@ -17,6 +17,8 @@
  * - a message's text is held to the thread's rules: at most MAX_MESSAGE_CHARS characters, and no
  *   half of a surrogate pair (400 at `messages[i].content`), which the thread would keep as U+FFFD.
  */
+import { randomUUID } from 'node:crypto';
+
 import { eq } from 'drizzle-orm';
 
 import { ConflictError, NotFoundError, UnauthorizedError, UnprocessableError } from '../core/errors.js';
@@ -139,23 +141,39 @@ function refuseAgentOverrides(body: ChatCompletionRequest): void {
   if (body.logit_bias && Object.keys(body.logit_bias).length) throw new InvalidRequestError('An agent model takes no logit_bias: the answer is its run\'s, over steps of its own. Remove logit_bias', 'logit_bias');
 }
 
+/** The ids of a completion's run and its thread, chosen before the start (completionIds). */
+export interface CompletionIds {
+  runId: string;
+  threadId: string;
+}
+
 /**
- * Starts the agent's run for a chat completion: on the thread `metadata.thread_id` names (404 when
- * the caller may not use it, 409 while another run works on it), or on a new thread the request's
- * earlier messages start. 402 (billing on) when the credits cannot cover the first step.
+ * The ids the completion's run will have, and its thread's (`metadata.thread_id`, or the new
+ * thread's): chosen before the start, so that a stream whose head goes out first (a start slower
+ * than the heartbeat's interval) still tells them in its headers. 400 for a thread_id that is no
+ * UUID, before anything is read.
  */
-export async function startAgentCompletion(ctx: ServiceContext, deps: RunDeps, body: ChatCompletionRequest): Promise<Run> {
+export function completionIds(body: ChatCompletionRequest): CompletionIds {
+  const named = body.metadata?.thread_id;
+  if (named === undefined) return { runId: randomUUID(), threadId: randomUUID() };
+  const thread = Id.safeParse(named);
+  if (!thread.success) throw new InvalidRequestError('metadata.thread_id must be the id of one of your threads (a UUID)', 'metadata.thread_id');
+  return { runId: randomUUID(), threadId: thread.data };
+}
+
+/**
+ * Starts the agent's run for a chat completion, with `ids` (completionIds): on the thread
+ * `metadata.thread_id` names (404 when the caller may not use it, 409 while another run works on
+ * it), or on a new thread the request's earlier messages start. 402 (billing on) when the credits
+ * cannot cover the first step.
+ */
+export async function startAgentCompletion(ctx: ServiceContext, deps: RunDeps, body: ChatCompletionRequest, ids: CompletionIds): Promise<Run> {
   const agent = await resolveAgentModel(ctx, body.model);
   refuseAgentOverrides(body);
   const { input, history } = conversationOf(ctx, body.messages);
-  const threadId = body.metadata?.thread_id;
-  if (threadId !== undefined) {
-    const thread = Id.safeParse(threadId);
-    if (!thread.success) throw new InvalidRequestError('metadata.thread_id must be the id of one of your threads (a UUID)', 'metadata.thread_id');
-    return runService.startOnThread(ctx, deps, thread.data, { agent_id: agent.id, input, multitask_strategy: 'reject' });
-  }
+  if (body.metadata?.thread_id !== undefined) return runService.startOnThread(ctx, deps, ids.threadId, { agent_id: agent.id, input, multitask_strategy: 'reject' }, ids.runId);
   const title = titleOf(history.find((turn) => turn.role === 'user')?.content ?? input);
-  return runService.startWithThread(ctx, deps, { agent_id: agent.id, input, thread: { title } }, history);
+  return runService.startWithThread(ctx, deps, { agent_id: agent.id, input, thread: { title } }, history, ids);
 }
 
 /** A new thread's title: the text on one line, its first TITLE_CHARS characters (a character of two UTF-16 units, an emoji, kept whole). */

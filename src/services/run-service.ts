@@ -3,6 +3,8 @@
  * delete. One active run per thread is the database's rule (ux_runs_thread_id_active); the thread's
  * row lock orders starts, ends and hand-overs, and every status change is conditional.
  */
+import { randomUUID } from 'node:crypto';
+
 import { commitWithNextStatement, type Db, transaction } from '../core/db.js';
 import { ConflictError, GoneError, HttpError, PaymentRequiredError, TooManyRequestsError, UnprocessableError } from '../core/errors.js';
 
@@ -145,6 +147,8 @@ interface StartOptions {
   inputMessageId?: string | null;
   /** Written before the input (a new thread only). */
   history?: readonly HistoryMessage[];
+  /** The run's id, when the caller told it before the start (an `agent:` completion's stream); otherwise a new one. */
+  runId?: string;
 }
 
 /** The run that holds the thread, ended by an `interrupt` (its worker is told after the commit). */
@@ -179,6 +183,7 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     const busy = (active: Pick<Run, 'id' | 'status'> | undefined) =>
       new ConflictError(active ? `Thread is busy: run ${active.id} is ${active.status} on it; wait for it, cancel it, or start with multitask_strategy enqueue or interrupt` : 'Thread is busy: another run is active on it');
     const values = {
+      id: options.runId ?? randomUUID(),
       owner_id: thread.owner_id,
       thread_id: thread.id,
       project_id: thread.project_id,
@@ -253,20 +258,21 @@ async function stopEnded(deps: RunDeps, run: Run): Promise<void> {
   await deps.bus.signals.cancel(run.id, 'cancelled').catch((error: unknown) => deps.log.warn({ err: error, runId: run.id }, 'cancel signal not sent; the worker stops at its next lease renewal'));
 }
 
-export async function startOnThread(ctx: ServiceContext, deps: RunDeps, threadId: string, input: RunCreate): Promise<Run> {
+/** A run on the thread (`runId`: its id, when the caller chose it; see StartOptions). */
+export async function startOnThread(ctx: ServiceContext, deps: RunDeps, threadId: string, input: RunCreate, runId?: string): Promise<Run> {
   const early = readEarly(ctx, input.agent_id, threadId);
   // 404 for another user's thread before anything else is told (the other reads are only awaited after it).
   const thread = await threadCrud.getVisible(ctx.db, ctx.principal, threadId, 'write');
   const planned = await plan(ctx, thread.owner_id, input.agent_id, input.model, input.input, [], early);
-  return start(ctx, deps, thread, planned, { strategy: input.multitask_strategy, input: input.input });
+  return start(ctx, deps, thread, planned, { strategy: input.multitask_strategy, input: input.input, runId });
 }
 
-/** A new thread with `history` (if any) then `input` as its messages, and a run on it. */
-export async function startWithThread(ctx: ServiceContext, deps: RunDeps, input: RunCreateWithThread, history: readonly HistoryMessage[] = []): Promise<Run> {
+/** A new thread with `history` (if any) then `input` as its messages, and a run on it (`ids`: theirs, when the caller chose them; see StartOptions). */
+export async function startWithThread(ctx: ServiceContext, deps: RunDeps, input: RunCreateWithThread, history: readonly HistoryMessage[] = [], ids: { runId?: string; threadId?: string } = {}): Promise<Run> {
   const planned = await plan(ctx, ctx.principal.user.id, input.agent_id, input.model, input.input, history);
-  const thread = await threadService.create(ctx, { title: input.thread?.title ?? '', project_id: input.thread?.project_id, metadata: {} });
+  const thread = await threadService.createWithId(ctx, { title: input.thread?.title ?? '', project_id: input.thread?.project_id, metadata: {} }, ids.threadId);
   try {
-    return await start(ctx, deps, thread, planned, { strategy: 'reject', input: input.input, history });
+    return await start(ctx, deps, thread, planned, { strategy: 'reject', input: input.input, history, runId: ids.runId });
   } catch (error) {
     // Only a refusal (an HttpError: the active-run limit, credits) is surely no run; a database error may be a COMMIT that took.
     if (!(error instanceof HttpError)) throw error;

@@ -26,12 +26,20 @@ export function list(ctx: ServiceContext, query: ThreadListQuery) {
   return threadCrud.list(ctx.db, ctx.principal, query, matching({ project_id: threads.project_id, status: threads.status }, query));
 }
 
-export async function create(ctx: ServiceContext, input: ThreadCreate): Promise<Thread> {
+export function create(ctx: ServiceContext, input: ThreadCreate): Promise<Thread> {
+  return createWithId(ctx, input, undefined);
+}
+
+/**
+ * create with the id the caller chose (an `agent:` completion's, told before its start); undefined:
+ * the database's default. Not a third argument of create: the owned routes pass it the path's parameters.
+ */
+export async function createWithId(ctx: ServiceContext, input: ThreadCreate, id: string | undefined): Promise<Thread> {
   const ownerId = ctx.principal.user.id;
   const projectId = await placeInProject(ctx, threadPolicy, ownerId, input.project_id);
   const max = ctx.settings.MAX_THREADS_PER_USER;
   const limit = { what: 'Thread', max, count: (tx: Db) => threadCrud.countOwnedBy(tx, ownerId, undefined, max) };
-  return createWithinLimit(ctx.db, ownerId, limit, (tx) => threadCrud.create(tx, { ...input, project_id: projectId, owner_id: ownerId }));
+  return createWithinLimit(ctx.db, ownerId, limit, (tx) => threadCrud.create(tx, { ...input, id, project_id: projectId, owner_id: ownerId }));
 }
 
 /** Title, project and metadata; `status` belongs to runs. Not moved to another project while a run works on it (409), as for a delete. */

@@ -439,7 +439,7 @@ describe('through the app, at the floor', () => {
     /** The thread's runs, newest first. */
     const runsOfThread = async () => (await api('GET', `/threads/${threadId}/runs`, user.headers)).json<{ data: { id: string; status: string }[] }>().data;
 
-    it('sends keep-alive comments before the run exists, then its answer; the run\'s headers could not go out, its chunks name it', async () => {
+    it('sends keep-alive comments before the run exists, then its answer; its headers, chosen before the insert, name the run and thread made', async () => {
       fake.script('fake-chat', { text: 'Hello there friend' });
       const { response, reader, seen } = await startWhileLocked();
       const text = await readToEnd(reader, seen);
@@ -447,18 +447,24 @@ describe('through the app, at the floor', () => {
       expect(text.slice(0, text.indexOf('data: '))).toMatch(/^(: keep-alive\n\n)+$/);
       expect(text.endsWith('data: [DONE]\n\n')).toBe(true);
       expect(contentOf(text)).toBe('Hello there friend');
-      expect(response.headers.get('x-keel-run-id')).toBeNull();
       const [run] = await runsOfThread();
+      expect(response.headers.get('x-keel-run-id')).toBe(run!.id);
+      expect(response.headers.get('x-keel-thread-id')).toBe(threadId);
+      expect((await api('GET', `/runs/${run!.id}`, user.headers)).json()).toMatchObject({ id: run!.id, thread_id: threadId });
       expect(new Set(chunksOf(text).map((chunk) => chunk.id))).toEqual(new Set([`chatcmpl-${run!.id}`]));
       expect(new Set(chunksOf(text).map((chunk) => chunk.model))).toEqual(new Set([agentModel]));
       await noHeartbeatLeft();
     });
 
-    it('ends with the error event alone when the start is refused after a keep-alive went out (the thread deleted meanwhile)', async () => {
-      const { reader, seen } = await startWhileLocked(async (session) => {
+    it('ends with the error event alone when the start is refused after a keep-alive went out (the thread deleted meanwhile), under the ids of a run never made', async () => {
+      const { response, reader, seen } = await startWhileLocked(async (session) => {
         await session.query('delete from threads where id = $1', [threadId]);
       });
       expectLateError(await readToEnd(reader, seen), 'not_found');
+      expect(response.headers.get('x-keel-thread-id')).toBe(threadId);
+      const runId = response.headers.get('x-keel-run-id');
+      expect(runId).toMatch(UUID);
+      expect((await api('GET', `/runs/${runId}`, user.headers)).statusCode).toBe(404);
       await noHeartbeatLeft();
     });
 
