@@ -389,6 +389,24 @@ describe('through the app, at the floor', () => {
     await noHeartbeatLeft();
   });
 
+  it('an agent stream answered within the interval has no keep-alive; one whose run fails before its first text answers its own HTTP status', async () => {
+    fake.script('fake-chat', { text: 'Quick answer here' });
+    const quick = await rawStream({ model: agentModel });
+    expect(quick.status).toBe(200);
+    expect(quick.text.startsWith('data: ')).toBe(true);
+    expect(quick.text).not.toContain(': keep-alive');
+    expect(contentOf(quick.text)).toBe('Quick answer here');
+
+    // The model refuses the run's key: the run fails at once.
+    fake.script('fake-chat', { status: 401 });
+    const failed = await rawStream({ model: agentModel });
+    expect(failed.status).toBe(500);
+    expect(failed.text).not.toContain('keep-alive');
+    expect(JSON.parse(failed.text)).toMatchObject({ error: { type: 'server_error', code: 'agent_run_failed' } });
+    expect(failed.headers.get('x-keel-run-id')).toMatch(UUID);
+    await noHeartbeatLeft();
+  });
+
   describe('an agent stream whose run waits to be inserted', () => {
     let threadId: string;
     beforeEach(async () => {
