@@ -464,7 +464,7 @@ describe('0016_credit_accounts_entries and 0017_credit_ledger_entry_count', () =
 });
 
 describe('0019_knowledge_entries_chunks_hidden', () => {
-  it("hides the chunks of failed entries and of failed entries' reindexes not yet ready, looked up by a partial index; down brings back the failed-status index", async () => {
+  it("hides the chunks of failed entries and of failed entries' reindexes not yet ready, looked up by a partial index, kept by the status an old node writes alone; down brings back the failed-status index", async () => {
     await beforeMigration('0019_knowledge_entries_chunks_hidden', async (database, previous) => {
       const [owner, folder] = [randomUUID(), randomUUID()];
       await query(database, `insert into users (id, email, hashed_password) values ($1, 'kb-hidden@example.com', 'x')`, [owner]);
@@ -506,6 +506,17 @@ describe('0019_knowledge_entries_chunks_hidden', () => {
         ready: false,
       });
       expect(await indexes()).toEqual(['ix_knowledge_entries_owner_id_chunks_hidden', 'ix_knowledge_entries_owner_id_created_at']);
+      // What a node still on the old code writes: the status alone. Its fail() hides the chunks, its
+      // end of a marked entry's reindex shows them; another status (a reindex, a claim) keeps the flag.
+      const oldNode = async (filename: string, status: string) => {
+        await query(database, `update knowledge_entries set status = $2::knowledge_entry_status where filename = $1`, [filename, status]);
+        const [row] = await query<{ chunks_hidden: boolean }>(database, `select chunks_hidden from knowledge_entries where filename = $1`, [filename]);
+        return row?.chunks_hidden;
+      };
+      expect(await oldNode('ready', 'failed')).toBe(true);
+      expect(await oldNode('ready', 'pending')).toBe(true);
+      expect(await oldNode('failed, reindex processing', 'ready')).toBe(false);
+      expect(await oldNode('failed, reindex processing', 'processing')).toBe(false);
       await migrateDown(database, logger, previous);
       expect(await query(database, `select column_name from information_schema.columns where table_name = 'knowledge_entries' and column_name = 'chunks_hidden'`)).toEqual([]);
       expect(await indexes()).toEqual(['ix_knowledge_entries_owner_id_created_at', 'ix_knowledge_entries_owner_id_failed']);
