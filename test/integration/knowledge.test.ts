@@ -789,6 +789,34 @@ describe('search', () => {
     expect(await excluded(`${long} -newt -${phrase}`)).toEqual({ words: MAX_QUESTION_WORD_TOKENS + 1, not: ["!'newt'"] });
   });
 
+  it('adds the exclusions past the cut after the start without the `or` or `-` it may end with, so that they stay exclusions', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const axolotl = await ingested(ctx.app, user.headers, folder.id, { filename: 'axolotl.txt', content: 'The axolotl regenerates its limbs within weeks.' });
+    await ingested(ctx.app, user.headers, folder.id, { filename: 'pasta.txt', content: 'Boil the pasta in salted water for nine minutes.' });
+    const found = async (query: string) => (await search(ctx.app, user.headers, { query })).data.map((hit) => hit.entry_id);
+    const words = (n: number) => Array.from({ length: n }, (_, i) => `w${i}a`).join(' ');
+    // `or` is the 32nd word: the cut falls right after it. Read as `(…) | !'newt'` it found every passage without newt.
+    expect(boundedQuestion(`${words(31)} or axolotl -newt`)).toBe(`${words(31)} -newt`);
+    expect(await found(`${words(31)} or axolotl -newt`)).toEqual([]);
+    expect(await found(`${words(29)} or axolotl -newt`)).toEqual([axolotl.id]);
+    // As PostgreSQL reads each bounded question: no OR, and `newt` excluded, not required (`!!'newt'`).
+    const db = ctx.database.db;
+    const reading = async (question: string) => {
+      const [row] = await queryRows<{ query: string }>(db, sql`select websearch_to_tsquery('english', ${boundedQuestion(question)})::text as query`);
+      return row!.query;
+    };
+    for (const dangling of ['or', 'OR', '-', '- ( ! &', 'or -', '"x" or', 'x)or', 'or\\', '<->']) {
+      // The cut right before zzz, the 33rd word.
+      const question = `${words(MAX_QUESTION_WORDS - (dangling.match(/\p{L}+/gu)?.length ?? 0))} ${dangling} zzz -newt`;
+      const query = await reading(question);
+      expect(query, question).not.toContain('|');
+      expect(query.match(/!+\(?[^&|]+/g)?.map((term) => term.trim()), question).toEqual(["!'newt'"]);
+    }
+    // A word that ends in `or` stays.
+    expect(await reading(`${words(31)} actor zzz -newt`)).toMatch(/'actor' & !'newt'$/);
+  });
+
   it("looks up an owner's entries whose chunks search leaves out (failed ones, reindexes of failed ones) by the partial index, not by reading every entry the owner has", async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);

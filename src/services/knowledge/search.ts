@@ -308,9 +308,21 @@ export const MAX_EXCLUDED_WORDS = 16;
  * exclusion — a `-` at the start or after a space (not after `or`, where it is ORed: `x or -y` is
  * `x | !y`), then a quoted phrase or an operand up to a space, a quote or an operator character
  * (not `--word`, a double negation). A `-` inside quotes is never taken for an exclusion, as it
- * is not one there. (A backslash escapes nothing there: `\"` opens a quote.)
+ * is not one there. (A backslash escapes nothing there: `\"` opens a quote.) PostgreSQL also
+ * reads a `-` right after `(`, `&`, `|`, `!`, `<` or a closing quote as a NOT (`x (-y`, `"x"-y`):
+ * those are not kept past the cut, they go with the rest.
  */
 const QUESTION_SYNTAX = /"[^"]*"?|(?<=^|\s)(?<!(?:^|\s)or\s+)-(?:"[^"]*"?|[^\s"!&|()<-][^\s"!&|()<]*)/giu;
+
+/**
+ * What may end the start of a cut question and would turn the exclusions added after it into
+ * something else, as `websearch_to_tsquery` reads them: an `or` outside quotes (a word of its own:
+ * at the start, or after a space, a quote or an operator character) ORs the next one (`x or -y` is
+ * `x | !y`, every passage without y), a `-` negates it (`x - -y` is `x & !!y`, y required), and
+ * the operator characters and a backslash between are skipped (`x - ( -y` is `x & !!y` too). None
+ * of it gives a lexeme, so it is dropped, from the end, until a word or a quote.
+ */
+const DANGLING_SYNTAX = /(?:[ \t\n\v\f\r!&|()<>\\-]|(?<=^|[ \t\n\v\f\r"!&|()<>])or)+$/iu;
 
 /** Where boundedQuestion cuts `text`: before the first word past the caps (its length: nowhere). */
 function questionCut(text: string): number {
@@ -331,7 +343,8 @@ function questionCut(text: string): number {
  * open quote, a trailing `or` — as `websearch_to_tsquery` takes it), then the exclusions of the
  * rest, whole, as long as their words stay within MAX_EXCLUDED_WORDS. An exclusion the cut falls in
  * is left out of the start and added whole (or not at all); a quote the cut falls in is closed
- * before them, or they would be words of its phrase. A normal question is whole.
+ * before them, or they would be words of its phrase; else the start loses the syntax it may end
+ * with that would change the first of them (DANGLING_SYNTAX). A normal question is whole.
  */
 export function boundedQuestion(text: string): string {
   const cut = questionCut(text);
@@ -358,7 +371,8 @@ export function boundedQuestion(text: string): string {
   }
   const head = text.slice(0, end);
   if (!excluded.length) return head;
-  return [`${head.trimEnd()}${inQuote ? '"' : ''}`, ...excluded].join(' ');
+  // A quote the cut falls in holds the end of the start, whatever it reads like: it is closed.
+  return [inQuote ? `${head.trimEnd()}"` : head.replace(DANGLING_SYNTAX, ''), ...excluded].join(' ');
 }
 
 /**
