@@ -815,6 +815,10 @@ describe('search', () => {
     }
     // A word that ends in `or` stays.
     expect(await reading(`${words(31)} actor zzz -newt`)).toMatch(/'actor' & !'newt'$/);
+    // A no-break space is no space to PostgreSQL: `foo\u00a0-newt` is the phrase `'foo' <-> 'newt'`, no exclusion to add.
+    const long = 'axolotl regenerates limbs '.repeat(30);
+    expect(boundedQuestion(`${long} foo\u00a0-newt`)).toBe(boundedQuestion(long));
+    expect(await reading(`${long} foo\u00a0-newt`)).not.toContain('!');
   });
 
   it("looks up an owner's entries whose chunks search leaves out (failed ones, reindexes of failed ones) by the partial index, not by reading every entry the owner has", async () => {

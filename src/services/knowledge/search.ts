@@ -310,9 +310,11 @@ export const MAX_EXCLUDED_WORDS = 16;
  * (not `--word`, a double negation). A `-` inside quotes is never taken for an exclusion, as it
  * is not one there. (A backslash escapes nothing there: `\"` opens a quote.) PostgreSQL also
  * reads a `-` right after `(`, `&`, `|`, `!`, `<` or a closing quote as a NOT (`x (-y`, `"x"-y`):
- * those are not kept past the cut, they go with the rest.
+ * those are not kept past the cut, they go with the rest. A space is an ASCII one, as the query
+ * parser takes it: `x\u00a0-y` is one operand there, the phrase `'x' <-> 'y'`, not `x` and an
+ * exclusion (JavaScript's `\s` would take the no-break space for one).
  */
-const QUESTION_SYNTAX = /"[^"]*"?|(?<=^|\s)(?<!(?:^|\s)or\s+)-(?:"[^"]*"?|[^\s"!&|()<-][^\s"!&|()<]*)/giu;
+const QUESTION_SYNTAX = /"[^"]*"?|(?<=^|[ \t\n\v\f\r])(?<!(?:^|[ \t\n\v\f\r])or[ \t\n\v\f\r]+)-(?:"[^"]*"?|[^ \t\n\v\f\r"!&|()<-][^ \t\n\v\f\r"!&|()<]*)/giu;
 
 /**
  * What may end the start of a cut question and would turn the exclusions added after it into
