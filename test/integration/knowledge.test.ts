@@ -14,7 +14,7 @@ import { queryRows } from '../../src/crud/owned.js';
 import { contentDisposition } from '../../src/routers/knowledge.js';
 import { purgeDeletedFiles } from '../../src/services/knowledge/files.js';
 import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
-import { boundedQuestion, fallbackLexemes, fullTextQuery, fullTextStatement, MAX_EXCLUDED_WORDS, MAX_QUESTION_WORD_TOKENS, MAX_QUESTION_WORDS, questionLexemes, type Scope } from '../../src/services/knowledge/search.js';
+import { boundedQuestion, fullTextQuery, fullTextStatement, MAX_EXCLUDED_WORDS, MAX_QUESTION_WORD_TOKENS, MAX_QUESTION_WORDS, questionLexemes, type Scope } from '../../src/services/knowledge/search.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
@@ -686,7 +686,7 @@ describe('search', () => {
     expect(found.map((hit) => hit.entry_id)).toContain(rare.id);
   });
 
-  it("takes the OR fallback's words among those a chunk in scope holds: nonsense words before them take none of its places", async () => {
+  it("takes the OR fallback's words among those a chunk in scope holds (nonsense words before them take none of its places), asked only when the fallback runs", async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
     const quetzal = await ingested(ctx.app, user.headers, folder.id, { filename: 'quetzal.txt', content: 'The quetzal nests in cloud forests.' });
@@ -697,17 +697,23 @@ describe('search', () => {
     const db = ctx.database.db;
     const lexemes = await questionLexemes(db, 'english', question);
     expect(lexemes.slice(0, 8).map((lexeme) => lexeme.lexeme)).toEqual(junk.slice(0, 8));
-    const scope: Scope = { where: sql`knowledge_chunks.owner_id = ${user.user.id}`, readsEntries: false };
-    expect((await fallbackLexemes(db, lexemes, scope)).map((lexeme) => lexeme.lexeme).sort()).toEqual(['nest', 'quetzal']);
     expect((await search(ctx.app, user.headers, { query: question })).data.map((hit) => hit.entry_id)).toEqual([quetzal.id]);
-    // In another user's scope the same words are held by no chunk: nothing to fall back on.
-    const other = await createUser(ctx.app);
-    expect(await fallbackLexemes(db, lexemes, { where: sql`knowledge_chunks.owner_id = ${other.user.id}`, readsEntries: false })).toEqual(
-      lexemes.filter((lexeme) => lexeme.frequency > 0).slice(0, 8),
-    );
-    // A question whose lexemes all fit is not asked about: its fallback takes them all.
-    const short = await questionLexemes(db, 'english', 'aqz0x quetzal');
-    expect(await fallbackLexemes(db, short, { where: sql`false`, readsEntries: false })).toEqual(short);
+    // The asks are part of the search statement, run where the fallback runs only: not when the
+    // AND part finds `limit` chunks, nor when the question excludes a word (no fallback then).
+    const scope: Scope = { where: sql`knowledge_chunks.owner_id = ${user.user.id}`, readsEntries: false };
+    const asked = async (text: string, limit: number) => {
+      const plan = (await queryRows<{ 'QUERY PLAN': string }>(db, sql`explain (analyze, costs off, timing off, summary off) ${await fullTextStatement(db, 'english', text, scope, limit)}`)).map(
+        (row) => row['QUERY PLAN'],
+      );
+      const held = plan.findIndex((line) => line.includes('CTE held'));
+      expect(held, plan.join('\n')).toBeGreaterThanOrEqual(0);
+      return !plan[held + 1]!.includes('never executed');
+    };
+    expect(await asked(question, 5)).toBe(true);
+    expect(await asked(`${question} -newt`, 5)).toBe(false);
+    await ingested(ctx.app, user.headers, folder.id, { filename: 'all.txt', content: `${junk.join(' ')} Where does the quetzal nest?` });
+    expect(await asked(question, 1)).toBe(false);
+    expect(await asked(question, 5)).toBe(true);
   });
 
   it('reads a question\'s first words only (MAX_QUESTION_WORDS distinct, MAX_QUESTION_WORD_TOKENS in all): a 2,000-character question still finds its passage', async () => {

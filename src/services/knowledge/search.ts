@@ -79,9 +79,9 @@ export interface Scope {
  * compared on the chunk's own column: no join to knowledge_entries in the statements that find
  * candidates, and with an array the planner cannot see, `<> all` is estimated to keep nearly every
  * row, so the plans stay those without it. The look-up runs once per place the scope appears in a
- * statement (the probe, the AND query, each one-word query of the fallback; anyEmbedded and
- * nearestChunks once each), not once per statement: without the index, each one read all of an
- * owner's entries (50,000 of them: a search 10–60 ms slower).
+ * statement (the probe, the AND query, each one-word query of the fallback and each ask choosing
+ * them; anyEmbedded and nearestChunks once each), not once per statement: without the index, each
+ * one read all of an owner's entries (50,000 of them: a search 10–60 ms slower).
  */
 function hiddenChunks(ownerId: string, readsEntries: boolean): SQL {
   if (readsEntries) return sql`not ${knowledgeEntries.chunks_hidden}`;
@@ -222,17 +222,48 @@ function allWordsMatching(allWords: SQL, lexemes: QuestionLexeme[], scope: Scope
 }
 
 /**
+ * Words the statistics do not list that the OR fallback asks about at most (fallbackLexemes): each
+ * is a GIN look-up, and a long question may have dozens of them (a run of nonsense, a pasted hash).
+ */
+const OR_ASKED = 16;
+
+/**
+ * The lexemes whose one-word queries may feed the OR fallback (`candidates`), and the query
+ * picking those that do, by their places there (`held`; none: they all do). The fallback takes the
+ * first OR_LEXEMES of the question's lexemes (rarest first) that some chunk in scope may hold. A
+ * word the statistics do not list counts as rarer than any they list, so a question's words that
+ * no chunk holds (typos, a pasted hash, a hostile run of nonsense) came first and could take every
+ * place, leaving out the real words behind them. The first OR_ASKED of those words are asked
+ * whether a chunk in scope holds them — an EXISTS each (the fallback's own one-word query with a
+ * limit of 1: a GIN look-up, which finds nothing at once for a word no chunk holds), in order,
+ * stopping at the OR_LEXEMES-th word held (an Append runs its parts in order and stops at the
+ * limit); a word the statistics list is in some chunk, and is taken unasked. Asked only when the
+ * question has more lexemes than the fallback takes and its rarest is such a word, and within the
+ * search statement, so only when the fallback runs (fullTextQuery): not when the AND part finds
+ * enough, as it does for most long questions, nor when the question excludes a word.
+ */
+function fallbackLexemes(lexemes: QuestionLexeme[], scope: Scope): { candidates: QuestionLexeme[]; held?: SQL } {
+  if (lexemes.length <= OR_LEXEMES || lexemes[0]!.frequency > 0) return { candidates: lexemes.slice(0, OR_LEXEMES) };
+  const listed = lexemes.filter((lexeme) => lexeme.frequency > 0);
+  const candidates = [...lexemes.filter((lexeme) => lexeme.frequency === 0).slice(0, OR_ASKED), ...listed.slice(0, OR_LEXEMES)];
+  const asked = candidates.map(({ query, frequency }, i) =>
+    frequency > 0 ? sql`(select ${i}::int as i)` : sql`(select ${i}::int as i where exists (${matching(sql`${knowledgeChunks.tsv} @@ ${query}::tsquery`, scope, 1)}))`,
+  );
+  return { candidates, held: sql`select i from (${sql.join(asked, sql` union all `)}) as held limit ${OR_LEXEMES}` };
+}
+
+/**
  * Full text in one statement: `websearch_to_tsquery` (quotes, `or`, `-word`) ranked by cover
  * density (`ts_rank_cd`). It ANDs every word, which a natural-language question rarely meets in one
  * chunk; when it yields fewer than `limit` chunks, the rest come from an OR of the question's
  * lexemes, ranked below every AND match (their score is scaled under the lowest AND score, so
  * scores keep the order). The OR part runs in the same statement, only when the AND part fell
  * short (a one-time filter), and takes its candidates from the question's rarest lexemes first
- * (`orLexemes`: the first OR_LEXEMES of `lexemes`, from questionLexemes, or those of them some
- * chunk in scope may hold, from fallbackLexemes), so a rare word, the question's point, keeps its
- * chunks however many a common word matches.
+ * (the first OR_LEXEMES of `lexemes`, from questionLexemes, that some chunk in scope may hold:
+ * fallbackLexemes), so a rare word, the question's point, keeps its chunks however many a common
+ * word matches.
  */
-export function fullTextQuery(language: string, text: string, lexemes: QuestionLexeme[], scope: Scope, limit: number, orLexemes = lexemes.slice(0, OR_LEXEMES)): SQL {
+export function fullTextQuery(language: string, text: string, lexemes: QuestionLexeme[], scope: Scope, limit: number): SQL {
   // A query that excludes a word (`-word`) gets no fallback: an OR of lexemes cannot honour the
   // exclusion. Quotes are not honoured either, but the phrase matches come first (AND).
   // (`!` only appears in tsquery text as the NOT operator: the parser never puts it in a lexeme.)
@@ -244,12 +275,16 @@ export function fullTextQuery(language: string, text: string, lexemes: QuestionL
   // The rarest lexemes' matches one lexeme after the other (an Append runs its parts in order and
   // stops at the cap). A lexeme in a large share of the chunks is tested on the rows (ts_match_vq,
   // which the index cannot answer) instead of being looked up in the GIN index.
-  const perLexeme = orLexemes.map(({ query, frequency }) =>
-    matching(frequency < COMMON ? sql`${chunk.tsv} @@ ${query}::tsquery` : sql`ts_match_vq(${chunk.tsv}, ${query}::tsquery)`, scope, ranked),
-  );
+  const { candidates, held } = fallbackLexemes(lexemes, scope);
+  const perLexeme = candidates.map(({ query, frequency }, i) => {
+    const match = frequency < COMMON ? sql`${chunk.tsv} @@ ${query}::tsquery` : sql`ts_match_vq(${chunk.tsv}, ${query}::tsquery)`;
+    // Only the words `held` picks: a one-time filter (no column in it), whose look-ups run, once,
+    // only when a part of the fallback does.
+    return matching(held ? sql`${match} and ${i}::int = any(array(select i from held))` : match, scope, ranked);
+  });
   const orMatches = perLexeme.length ? sql.join(perLexeme.map((part) => sql`(${part})`), sql` union all `) : sql`select null::uuid as id where false`;
   const anyWords = lexemes.map(({ query }) => `(${query})`).join(' | ');
-  return sql`with and_hits as (
+  return sql`with ${held ? sql`held as (${held}), ` : sql``}and_hits as (
           ${allWordsMatching(allWords, lexemes, scope, ranked)}
         ), or_hits as (
           select distinct id from (
@@ -377,36 +412,10 @@ export function boundedQuestion(text: string): string {
   return [inQuote ? `${head.trimEnd()}"` : head.replace(DANGLING_SYNTAX, ''), ...excluded].join(' ');
 }
 
-/**
- * The lexemes whose one-word queries feed the OR fallback: the first OR_LEXEMES of `lexemes`
- * (rarest first) that some chunk in scope may hold. A word the statistics do not list counts as
- * rarer than any they list, so a question's words that no chunk holds (typos, a pasted hash, a
- * hostile run of nonsense) came first and could take every place, leaving out the real words
- * behind them. Those words are asked whether a chunk in scope holds them, in one statement — an
- * EXISTS each (the fallback's own one-word query with a limit of 1: a GIN look-up, which finds
- * nothing at once for a word no chunk holds), in order, stopping at the OR_LEXEMES-th that one
- * does (an Append runs its parts in order and stops at the limit). Asked only when the question
- * has more lexemes than the fallback takes and its rarest is such a word; a word the statistics
- * list is in some chunk, and is taken unasked.
- */
-export async function fallbackLexemes(db: Db, lexemes: QuestionLexeme[], scope: Scope): Promise<QuestionLexeme[]> {
-  if (lexemes.length <= OR_LEXEMES || lexemes[0]!.frequency > 0) return lexemes.slice(0, OR_LEXEMES);
-  const asked = lexemes.flatMap(({ query, frequency }, i) =>
-    frequency > 0 ? [] : [sql`(select ${i}::int as i where exists (${matching(sql`${knowledgeChunks.tsv} @@ ${query}::tsquery`, scope, 1)}))`],
-  );
-  const held = await queryRows<{ i: number }>(db, sql`select i from (${sql.join(asked, sql` union all `)}) as held limit ${OR_LEXEMES}`);
-  const found = new Set(held.map((row) => row.i));
-  return lexemes.filter((lexeme, i) => lexeme.frequency > 0 || found.has(i)).slice(0, OR_LEXEMES);
-}
-
-/**
- * The full-text search statement for a question (its first words: boundedQuestion), written after
- * its lexemes are looked up (questionLexemes) and those feeding the OR fallback chosen (fallbackLexemes).
- */
+/** The full-text search statement for a question (its first words: boundedQuestion), written after its lexemes are looked up (questionLexemes). */
 export async function fullTextStatement(db: Db, language: string, text: string, scope: Scope, limit: number): Promise<SQL> {
   const question = boundedQuestion(text);
-  const lexemes = await questionLexemes(db, language, question);
-  return fullTextQuery(language, question, lexemes, scope, limit, await fallbackLexemes(db, lexemes, scope));
+  return fullTextQuery(language, question, await questionLexemes(db, language, question), scope, limit);
 }
 
 async function fullText(db: Db, language: string, text: string, scope: Scope, limit: number): Promise<(Passage & { score: number })[]> {
