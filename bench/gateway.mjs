@@ -22,7 +22,7 @@ import http from 'node:http';
 import { cpus, loadavg, totalmem } from 'node:os';
 import { resolve } from 'node:path';
 
-import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, mainThreadCpuMs, median, now, percentile, sleep, start, stop, waitUp } from './lib.mjs';
+import { addCredits, addUpstreamModel, cpuMs, createDatabase, fmt, keelEnv, keelNodeArgs, mainThreadCpuMs, median, now, percentile, settle, sleep, start, stop, waitUp } from './lib.mjs';
 
 const ROUNDS = Number(process.env.ROUNDS ?? 3);
 const N1 = Number(process.env.N1 ?? 2000);
@@ -272,12 +272,22 @@ for (let round = 1; round <= ROUNDS; round++) {
     for (const clients of [1, ...CLIENTS]) {
       // Direct first, then the servers in an order reversed every other round (each follows another alike).
       const [direct, ...servers] = inMode(mode);
-      for (const target of [direct, ...(round % 2 ? servers : servers.toReversed())]) rows.push({ round, ...(await measure(target, mode, clients)) });
+      for (const target of [direct, ...(round % 2 ? servers : servers.toReversed())]) {
+        // Each target on a quiet machine: what the one before left running (an embedded server's
+        // PGlite flushing a burst's usage rows, PostgreSQL's autovacuum) ran during the next one's
+        // measurement, and the order of the rounds put PostgreSQL's non-base server after it more
+        // often than its `-base` (a 14 % gap between two servers of the same build, stops 50-52).
+        await settle();
+        rows.push({ round, ...(await measure(target, mode, clients)) });
+      }
     }
     if (!INTERLEAVED) continue;
     // Alternate the targets' order round by round (this phase runs each target for a while).
     const others = inMode(mode).filter((t) => t.name !== 'direct');
-    for (const target of round % 2 ? others : others.toReversed()) interleaved.push({ round, ...(await measureInterleaved(target, targets[0], mode)) });
+    for (const target of round % 2 ? others : others.toReversed()) {
+      await settle();
+      interleaved.push({ round, ...(await measureInterleaved(target, targets[0], mode)) });
+    }
   }
 }
 load.push(loadavg());

@@ -200,6 +200,31 @@ export function cpuMs(pid, tid) {
   }
 }
 
+/** The machine's busy and total CPU time so far (all cores, /proc/stat's ticks). */
+function machineTicks() {
+  const [, ...fields] = readFileSync('/proc/stat', 'utf8').split('\n', 1)[0].trim().split(/\s+/).map(Number);
+  const idle = fields[3] + fields[4]; // idle + iowait
+  const total = fields.reduce((sum, n) => sum + n, 0);
+  return { busy: total - idle, total };
+}
+
+/**
+ * Waits until the machine is quiet: under `busyShare` of its CPU busy over `windowMs`, or
+ * `maxMs` passed. Between two measurements, what the last target left running (PGlite flushing
+ * the usage rows a 64-client burst queued, PostgreSQL's autovacuum after it) would otherwise run
+ * during the next target's measurement, against whichever target follows it. Returns the ms waited.
+ */
+export async function settle({ busyShare = 0.15, windowMs = 250, maxMs = 15_000 } = {}) {
+  const started = Date.now();
+  for (;;) {
+    const before = machineTicks();
+    await sleep(windowMs);
+    const after = machineTicks();
+    const share = (after.busy - before.busy) / Math.max(1, after.total - before.total);
+    if (share < busyShare || Date.now() - started >= maxMs) return Date.now() - started;
+  }
+}
+
 /** CPU ms so far of a process's main thread (its JavaScript; not V8's helpers nor worker threads). */
 export const mainThreadCpuMs = (pid) => cpuMs(pid, pid);
 
