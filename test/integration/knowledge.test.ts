@@ -14,7 +14,7 @@ import { queryRows } from '../../src/crud/owned.js';
 import { contentDisposition } from '../../src/routers/knowledge.js';
 import { purgeDeletedFiles } from '../../src/services/knowledge/files.js';
 import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
-import { boundedQuestion, fullTextQuery, fullTextStatement, MAX_EXCLUDED_WORDS, MAX_QUESTION_WORD_TOKENS, MAX_QUESTION_WORDS, questionLexemes, type Scope } from '../../src/services/knowledge/search.js';
+import { boundedQuestion, fullTextQuery, fullTextStatement, MAX_QUESTION_WORD_TOKENS, MAX_QUESTION_WORDS, questionLexemes, type Scope } from '../../src/services/knowledge/search.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
@@ -756,75 +756,6 @@ describe('search', () => {
     // A normal question, quotes and exclusions included, is whole.
     for (const normal of [question, '"regenerates its limbs" axolotl -newt', 'axolotl or newt']) expect(boundedQuestion(normal)).toBe(normal);
     expect((await search(ctx.app, user.headers, { query: 'axolotl or newt' })).data).toHaveLength(2);
-  });
-
-  it("honours a question's exclusions past its first words (up to MAX_EXCLUDED_WORDS of their words), and only its exclusions", async () => {
-    const user = await createUser(ctx.app);
-    const folder = await createFolder(ctx.app, user.headers);
-    const axolotl = await ingested(ctx.app, user.headers, folder.id, { filename: 'axolotl.txt', content: 'The axolotl regenerates its limbs within weeks.' });
-    const newt = await ingested(ctx.app, user.headers, folder.id, { filename: 'newt.txt', content: 'Unlike the axolotl, a newt regenerates its limbs slowly.' });
-    const found = async (query: string) => (await search(ctx.app, user.headers, { query })).data.map((hit) => hit.entry_id).sort();
-    // 90 words, past the 64 read: the exclusion after them is still the user's word.
-    const long = 'axolotl regenerates limbs '.repeat(30);
-    expect(await found(long)).toEqual([axolotl.id, newt.id].sort());
-    expect(await found(`${long} -newt`)).toEqual([axolotl.id]);
-    expect(await found(`${long} -"newt regenerates"`)).toEqual([axolotl.id]);
-    // As PostgreSQL reads each bounded question: the exclusions it finds there.
-    const db = ctx.database.db;
-    const excluded = async (question: string) => {
-      const bounded = boundedQuestion(question);
-      const [row] = await queryRows<{ query: string }>(db, sql`select websearch_to_tsquery('english', ${bounded})::text as query`);
-      return { words: (bounded.match(/[\p{L}\p{M}\p{Nd}\p{Nl}]+/gu) ?? []).length, not: row!.query.match(/!\(?[^&|]+/g)?.map((term) => term.trim()) ?? [] };
-    };
-    expect(await excluded(`${long} -newt`)).toEqual({ words: MAX_QUESTION_WORD_TOKENS + 1, not: ["!'newt'"] });
-    expect(await excluded(`${long} -"newt regenerates"`)).toEqual({ words: MAX_QUESTION_WORD_TOKENS + 2, not: ["!( 'newt' <-> 'regener' )"] });
-    // The cut inside an exclusion: added whole, not cut in two.
-    const sixtyThree = long.split(' ').slice(0, 63).join(' ');
-    expect(await excluded(`${sixtyThree} -"newt regenerates slowly" axolotl`)).toEqual({ words: 66, not: ["!( 'newt' <-> 'regener' <-> 'slowli' )"] });
-    // The cut inside a quote: closed there, so the exclusions after it are not words of its phrase.
-    const quoted = await excluded(`"${long}" -newt`);
-    expect(quoted.not).toEqual(["!'newt'"]);
-    // Not an exclusion where PostgreSQL reads none: inside quotes; nor after `or` (ORed), nor `--` (a double negation).
-    // (A backslash escapes nothing: the quote after it is one.)
-    for (const none of [`${long} "not -newt"`, `${long} or -newt`, `${long} --newt`, `${long} \\" -newt`]) expect((await excluded(none)).not, none).toEqual([]);
-    // Bounded: MAX_EXCLUDED_WORDS words of exclusions at most; one that would pass the cap is left out, later ones still fit.
-    const many = Array.from({ length: 20 }, (_, i) => `-zx${i.toString(36)}q`);
-    expect((await excluded(`${long} ${many.join(' ')}`)).not).toHaveLength(MAX_EXCLUDED_WORDS);
-    const phrase = Array.from({ length: MAX_EXCLUDED_WORDS + 1 }, (_, i) => `zx${i.toString(36)}q`).join('_');
-    expect(await excluded(`${long} -${phrase} -newt`)).toEqual({ words: MAX_QUESTION_WORD_TOKENS + 1, not: ["!'newt'"] });
-    expect(await excluded(`${long} -newt -${phrase}`)).toEqual({ words: MAX_QUESTION_WORD_TOKENS + 1, not: ["!'newt'"] });
-  });
-
-  it('adds the exclusions past the cut after the start without the `or` or `-` it may end with, so that they stay exclusions', async () => {
-    const user = await createUser(ctx.app);
-    const folder = await createFolder(ctx.app, user.headers);
-    const axolotl = await ingested(ctx.app, user.headers, folder.id, { filename: 'axolotl.txt', content: 'The axolotl regenerates its limbs within weeks.' });
-    await ingested(ctx.app, user.headers, folder.id, { filename: 'pasta.txt', content: 'Boil the pasta in salted water for nine minutes.' });
-    const found = async (query: string) => (await search(ctx.app, user.headers, { query })).data.map((hit) => hit.entry_id);
-    const words = (n: number) => Array.from({ length: n }, (_, i) => `w${i}a`).join(' ');
-    // `or` is the 32nd word: the cut falls right after it. Read as `(…) | !'newt'` it found every passage without newt.
-    expect(boundedQuestion(`${words(31)} or axolotl -newt`)).toBe(`${words(31)} -newt`);
-    expect(await found(`${words(31)} or axolotl -newt`)).toEqual([]);
-    expect(await found(`${words(29)} or axolotl -newt`)).toEqual([axolotl.id]);
-    // As PostgreSQL reads each bounded question: no OR, and `newt` excluded, not required (`!!'newt'`).
-    const db = ctx.database.db;
-    const reading = async (question: string) => {
-      const [row] = await queryRows<{ query: string }>(db, sql`select websearch_to_tsquery('english', ${boundedQuestion(question)})::text as query`);
-      return row!.query;
-    };
-    for (const dangling of ['or', 'OR', '-', '- ( ! &', 'or -', '"x" or', 'x)or', 'or\\', '<->']) {
-      // The cut right before zzz, the 33rd word.
-      const question = `${words(MAX_QUESTION_WORDS - (dangling.match(/\p{L}+/gu)?.length ?? 0))} ${dangling} zzz -newt`;
-      const query = await reading(question);
-      expect(query, question).not.toContain('|');
-      expect(query.match(/!+\(?[^&|]+/g)?.map((term) => term.trim()), question).toEqual(["!'newt'"]);
-    }
-    // A word that ends in `or` stays.
-    expect(await reading(`${words(31)} actor zzz -newt`)).toMatch(/'actor' & !'newt'$/);
-    // A no-break space is no space to PostgreSQL: `foo\u00a0-newt` is the phrase `'foo' <-> 'newt'`, no exclusion to add.
-    const long = 'axolotl regenerates limbs '.repeat(30);
-    expect(boundedQuestion(`${long} foo\u00a0-newt`)).toBe(boundedQuestion(long));
-    expect(await reading(`${long} foo\u00a0-newt`)).not.toContain('!');
   });
 
   it("looks up an owner's entries whose chunks search leaves out (failed ones, reindexes of failed ones) by the partial index, not by reading every entry the owner has", async () => {

@@ -330,86 +330,20 @@ export const MAX_QUESTION_WORD_TOKENS = 64;
 const QUESTION_WORD = /[\p{L}\p{M}\p{Nd}\p{Nl}]+/gu;
 
 /**
- * Words of the exclusions (`-word`, `-"a phrase"`) past a question's first words that full text
- * still honours, in all: an exclusion is the user's word that a passage must not hold, and left
- * out with the rest of a long question it was silently ignored. Each is a GIN look-up and a term
- * `ts_rank_cd` tests, so they are bounded too; an exclusion that would pass the cap is left out.
+ * The start of `text` that full text searches for: up to the first word past MAX_QUESTION_WORDS
+ * distinct words or MAX_QUESTION_WORD_TOKENS words in all (the rest is left out, its syntax — an
+ * open quote, a trailing `or` — as `websearch_to_tsquery` takes it). A normal question is whole.
  */
-export const MAX_EXCLUDED_WORDS = 16;
-
-/**
- * The parts of a question whose syntax boundedQuestion keeps, as `websearch_to_tsquery` reads
- * them, left to right: a quoted part (to its closing quote, or the end: it is closed there), or an
- * exclusion — a `-` at the start or after a space (not after `or`, where it is ORed: `x or -y` is
- * `x | !y`), then a quoted phrase or an operand up to a space, a quote or an operator character
- * (not `--word`, a double negation). A `-` inside quotes is never taken for an exclusion, as it
- * is not one there. (A backslash escapes nothing there: `\"` opens a quote.) PostgreSQL also
- * reads a `-` right after `(`, `&`, `|`, `!`, `<` or a closing quote as a NOT (`x (-y`, `"x"-y`):
- * those are not kept past the cut, they go with the rest. A space is an ASCII one, as the query
- * parser takes it: `x\u00a0-y` is one operand there, the phrase `'x' <-> 'y'`, not `x` and an
- * exclusion (JavaScript's `\s` would take the no-break space for one).
- */
-const QUESTION_SYNTAX = /"[^"]*"?|(?<=^|[ \t\n\v\f\r])(?<!(?:^|[ \t\n\v\f\r])or[ \t\n\v\f\r]+)-(?:"[^"]*"?|[^ \t\n\v\f\r"!&|()<-][^ \t\n\v\f\r"!&|()<]*)/giu;
-
-/**
- * What may end the start of a cut question and would turn the exclusions added after it into
- * something else, as `websearch_to_tsquery` reads them: an `or` outside quotes (a word of its own:
- * at the start, or after a space, a quote or an operator character) ORs the next one (`x or -y` is
- * `x | !y`, every passage without y), a `-` negates it (`x - -y` is `x & !!y`, y required), and
- * the operator characters and a backslash between are skipped (`x - ( -y` is `x & !!y` too). None
- * of it gives a lexeme, so it is dropped, from the end, until a word or a quote.
- */
-const DANGLING_SYNTAX = /(?:[ \t\n\v\f\r!&|()<>\\-]|(?<=^|[ \t\n\v\f\r"!&|()<>])or)+$/iu;
-
-/** Where boundedQuestion cuts `text`: before the first word past the caps (its length: nowhere). */
-function questionCut(text: string): number {
+export function boundedQuestion(text: string): string {
   const seen = new Set<string>();
   let words = 0;
   for (const match of text.matchAll(QUESTION_WORD)) {
     const word = match[0].toLowerCase();
-    if ((!seen.has(word) && seen.size === MAX_QUESTION_WORDS) || words === MAX_QUESTION_WORD_TOKENS) return match.index;
+    if ((!seen.has(word) && seen.size === MAX_QUESTION_WORDS) || words === MAX_QUESTION_WORD_TOKENS) return text.slice(0, match.index);
     seen.add(word);
     words++;
   }
-  return text.length;
-}
-
-/**
- * The start of `text` that full text searches for: up to the first word past MAX_QUESTION_WORDS
- * distinct words or MAX_QUESTION_WORD_TOKENS words in all (the rest is left out, its syntax — an
- * open quote, a trailing `or` — as `websearch_to_tsquery` takes it), then the exclusions of the
- * rest, whole, as long as their words stay within MAX_EXCLUDED_WORDS. An exclusion the cut falls in
- * is left out of the start and added whole (or not at all); a quote the cut falls in is closed
- * before them, or they would be words of its phrase; else the start loses the syntax it may end
- * with that would change the first of them (DANGLING_SYNTAX). A normal question is whole.
- */
-export function boundedQuestion(text: string): string {
-  const cut = questionCut(text);
-  if (cut === text.length) return text;
-  let end = cut;
-  let inQuote = false;
-  let words = 0;
-  const excluded: string[] = [];
-  for (const match of text.matchAll(QUESTION_SYNTAX)) {
-    const [part] = match;
-    const start = match.index;
-    if (start + part.length <= cut) continue;
-    if (part.startsWith('"')) {
-      if (start < cut) inQuote = true;
-      continue;
-    }
-    // An exclusion the cut falls in is left out of the start (added whole below, or not at all).
-    if (start < cut) end = start;
-    const count = part.match(QUESTION_WORD)?.length ?? 0;
-    if (count === 0 || words + count > MAX_EXCLUDED_WORDS) continue;
-    words += count;
-    // A phrase open to the end is closed: other exclusions follow it.
-    excluded.push(part.startsWith('-"') && !part.endsWith('"') ? `${part}"` : part);
-  }
-  const head = text.slice(0, end);
-  if (!excluded.length) return head;
-  // A quote the cut falls in holds the end of the start, whatever it reads like: it is closed.
-  return [inQuote ? `${head.trimEnd()}"` : head.replace(DANGLING_SYNTAX, ''), ...excluded].join(' ');
+  return text;
 }
 
 /** The full-text search statement for a question (its first words: boundedQuestion), written after its lexemes are looked up (questionLexemes). */
