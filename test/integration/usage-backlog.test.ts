@@ -362,21 +362,41 @@ describe('usage saved by earlier processes', () => {
 
   /** The meter's sweep of saved files (its timer's, every minute at most), run now. */
   const sweep = (running: FastifyInstance) => (running.meter as unknown as { recoverUnwritten(): void }).recoverUnwritten();
-  /** The saved records of `dir` (`savedIds`) in neither the database nor a file: what a kill -9 now would lose. */
-  const lostNow = async (dir: string, userId: string, savedIds: string[]) => {
-    const written = await usageIds(ctx.database.db, userId);
-    const onDisk = new Set(rowsOnDisk(dir).map(idOf));
-    return savedIds.filter((id) => !written.has(id) && !onDisk.has(id));
-  };
+
+  /**
+   * One saved file of 80 records (`rows`, their `ids`) in a DATA_DIR of its own, for `work`; then a
+   * process on it writes what is left, and all 80 must be in the database, no file left.
+   * `lostNow`: the saved records in neither the database nor a file, what a kill -9 now would lose.
+   */
+  async function withSplitFile(work: (file: { dataDir: string; dir: string; rows: string[]; lostNow: () => Promise<string[]> }) => Promise<void>): Promise<void> {
+    const user = await createUser(ctx.app);
+    const dataDir = mkdtempSync(join(tmpdir(), 'keel-backlog-split-'));
+    const dir = join(dataDir, UNWRITTEN_DIR);
+    try {
+      saveUnwritten(dir, saved(Array.from({ length: 80 }, usageRow(user.user.id))));
+      const rows = rowsOnDisk(dir);
+      const lostNow = async () => {
+        const written = await usageIds(ctx.database.db, user.user.id);
+        const onDisk = new Set(rowsOnDisk(dir).map(idOf));
+        return rows.map(idOf).filter((id) => !written.has(id) && !onDisk.has(id));
+      };
+      await work({ dataDir, dir, rows, lostNow });
+      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+      try {
+        for (let i = 0; i < 10 && readdirSync(dir).length; i++) await up.meter.idle();
+      } finally {
+        await up.close();
+      }
+      expect(await usageIds(ctx.database.db, user.user.id)).toEqual(new Set(rows.map(idOf)));
+      expect(readdirSync(dir)).toEqual([]);
+    } finally {
+      rmSync(dataDir, { recursive: true, force: true });
+    }
+  }
 
   it("the rest of a file split by a take is not taken while the first part's file is held: taken again, it went onto that file, whose rows were not yet written", async () => {
-    const user = await createUser(ctx.app);
-    const split = mkdtempSync(join(tmpdir(), 'keel-backlog-split-'));
-    const dir = join(split, UNWRITTEN_DIR);
-    try {
-      // 80 records in one file; room for 50: 50 taken, 30 saved back under its name.
-      saveUnwritten(dir, saved(Array.from({ length: 80 }, usageRow(user.user.id))));
-      const savedIds = rowsOnDisk(dir).map(idOf);
+    // Room for 50 of the file's 80 records: 50 taken, 30 saved back under its name.
+    await withSplitFile(async ({ dataDir, lostNow }) => {
       let inserts = 0;
       await intercepting(
         ctx.database.db,
@@ -385,37 +405,22 @@ describe('usage saved by earlier processes', () => {
           if (/insert into usage_records/i.test(text) && ++inserts > 2) throw new Error('Connection terminated unexpectedly');
         },
         async () => {
-          const down = await buildTestApp(ctx.database, { ...settings, DATA_DIR: split });
+          const down = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
           try {
             await down.meter.idle();
-            expect(await lostNow(dir, user.user.id, savedIds)).toEqual([]);
+            expect(await lostNow()).toEqual([]);
             sweep(down); // room for 20 more: the rest is the next file in order, and waits
-            expect(await lostNow(dir, user.user.id, savedIds)).toEqual([]);
+            expect(await lostNow()).toEqual([]);
           } finally {
             await down.close();
           }
         },
       );
-      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: split });
-      try {
-        for (let i = 0; i < 10 && readdirSync(dir).length; i++) await up.meter.idle();
-      } finally {
-        await up.close();
-      }
-      expect(await usageCount(ctx.database.db, user.user.id)).toBe(80);
-      expect(readdirSync(dir)).toEqual([]);
-    } finally {
-      rmSync(split, { recursive: true, force: true });
-    }
+    });
   });
 
   it("a file taken during a flush is not deleted by that flush's end, though it has the name of one taken before it", async () => {
-    const user = await createUser(ctx.app);
-    const split = mkdtempSync(join(tmpdir(), 'keel-backlog-split-flush-'));
-    const dir = join(split, UNWRITTEN_DIR);
-    try {
-      saveUnwritten(dir, saved(Array.from({ length: 80 }, usageRow(user.user.id))));
-      const savedIds = rowsOnDisk(dir).map(idOf);
+    await withSplitFile(async ({ dataDir, lostNow }) => {
       let inserts = 0;
       let failing = true;
       let open!: () => void;
@@ -434,7 +439,7 @@ describe('usage saved by earlier processes', () => {
           if (!failing && inserts >= 6) await later;
         },
         async () => {
-          const running = await buildTestApp(ctx.database, { ...settings, DATA_DIR: split });
+          const running = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
           try {
             await running.meter.idle(); // 20 written, 30 queued
             failing = false;
@@ -444,44 +449,24 @@ describe('usage saved by earlier processes', () => {
             sweep(running); // during the retry
             open();
             await retry;
-            expect(await lostNow(dir, user.user.id, savedIds)).toEqual([]);
-            release();
-            for (let i = 0; i < 10 && readdirSync(dir).length; i++) await running.meter.idle();
+            expect(await lostNow()).toEqual([]);
           } finally {
+            release();
             await running.close();
           }
         },
       );
-      expect(await usageCount(ctx.database.db, user.user.id)).toBe(80);
-      expect(readdirSync(dir)).toEqual([]);
-    } finally {
-      rmSync(split, { recursive: true, force: true });
-    }
+    });
   });
 
   it('a process that died holding the first part of a split file: that part is taken back beside the rest saved under its name, not onto it', async () => {
-    const user = await createUser(ctx.app);
-    const orphaned = mkdtempSync(join(tmpdir(), 'keel-backlog-orphan-'));
-    const dir = join(orphaned, UNWRITTEN_DIR);
-    try {
+    await withSplitFile(async ({ dir, rows }) => {
       // As a process leaves them that took 50 of a file's 80 records and died: its part renamed
       // `.<pid>.taken`, the other 30 saved back under the file's name.
-      saveUnwritten(dir, saved(Array.from({ length: 80 }, usageRow(user.user.id))));
       const [name] = readdirSync(dir);
-      const rows = rowsOnDisk(dir);
       const dead = spawnSync(process.execPath, ['-e', '']).pid;
       writeFileSync(join(dir, `${name}.${dead}.taken`), JSON.stringify(saved(rows.slice(0, 50))));
       writeFileSync(join(dir, name!), JSON.stringify(saved(rows.slice(50))));
-      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: orphaned });
-      try {
-        for (let i = 0; i < 10 && readdirSync(dir).length; i++) await up.meter.idle();
-      } finally {
-        await up.close();
-      }
-      expect(await usageIds(ctx.database.db, user.user.id)).toEqual(new Set(rows.map(idOf)));
-      expect(readdirSync(dir)).toEqual([]);
-    } finally {
-      rmSync(orphaned, { recursive: true, force: true });
-    }
+    });
   });
 });
