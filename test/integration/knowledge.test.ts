@@ -14,7 +14,7 @@ import { queryRows } from '../../src/crud/owned.js';
 import { contentDisposition } from '../../src/routers/knowledge.js';
 import { purgeDeletedFiles } from '../../src/services/knowledge/files.js';
 import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
-import { boundedQuestion, fullTextQuery, fullTextStatement, MAX_QUESTION_WORD_TOKENS, MAX_QUESTION_WORDS, questionLexemes, type Scope } from '../../src/services/knowledge/search.js';
+import { boundedQuestion, fullTextQuery, fullTextStatement, MAX_EXCLUDED_WORDS, MAX_QUESTION_WORD_TOKENS, MAX_QUESTION_WORDS, questionLexemes, questionQuery, type Scope } from '../../src/services/knowledge/search.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
@@ -727,35 +727,91 @@ describe('search', () => {
     // Repeated words (the statement ANDed and ranked each one): its first 64 are read.
     const repeated = `${question} ${'axolotl limbs regenerate '.repeat(100)}`.slice(0, 2_000);
     expect((await search(ctx.app, user.headers, { query: repeated })).data[0]?.entry_id).toBe(axolotl.id);
-    expect(words(boundedQuestion(repeated))).toHaveLength(MAX_QUESTION_WORD_TOKENS);
+    expect(words(boundedQuestion(repeated).start)).toHaveLength(MAX_QUESTION_WORD_TOKENS);
     // Hundreds of distinct words after it: its first 32 distinct words are read, the question whole.
     const hostile = `${question} ${Array.from({ length: 400 }, (_, i) => `zy${i.toString(36)}q`).join(' ')}`.slice(0, 2_000);
-    const bounded = boundedQuestion(hostile);
+    const bounded = boundedQuestion(hostile).start;
     expect(bounded.startsWith(question)).toBe(true);
     expect(new Set(words(bounded)).size).toBe(MAX_QUESTION_WORDS);
-    expect(new Set(words(boundedQuestion(hostile.toUpperCase()))).size).toBe(MAX_QUESTION_WORDS);
+    expect(new Set(words(boundedQuestion(hostile.toUpperCase()).start)).size).toBe(MAX_QUESTION_WORDS);
     const db = ctx.database.db;
     const { params } = new PgDialect().sqlToQuery(await fullTextStatement(db, 'english', hostile, { where: sql`knowledge_chunks.owner_id = ${user.user.id}`, readsEntries: false }, 5));
     expect(params).toContain(bounded);
     expect(params).not.toContain(hostile);
     expect((await questionLexemes(db, 'english', bounded)).length).toBeLessThanOrEqual(MAX_QUESTION_WORDS);
     // Without spaces (a comma between words): cut the same way.
-    expect(new Set(words(boundedQuestion(words(hostile).join(','))))).toEqual(new Set(words(bounded)));
+    expect(new Set(words(boundedQuestion(words(hostile).join(',')).start))).toEqual(new Set(words(bounded)));
     // Joined by `_` or `½` (the parser splits lexemes there: `a_b_c` is a phrase of 3): cut the same
     // way, not one word read whole (340 lexemes searched as a phrase).
     for (const joiner of ['_', '½']) {
       const joined = `${question} ${words(hostile.slice(question.length)).join(joiner)}`;
-      const cut = boundedQuestion(joined);
+      const cut = boundedQuestion(joined).start;
       expect(cut.length, joiner).toBeLessThan(joined.length);
       expect(new Set(words(cut)), joiner).toEqual(new Set(words(bounded)));
       expect((await questionLexemes(db, 'english', cut)).length, joiner).toBeLessThanOrEqual(MAX_QUESTION_WORDS);
     }
     // Digits of any script and letter numbers stay inside a word, as in a lexeme: 40 such words, 32 read.
     const kept = Array.from({ length: 40 }, (_, i) => `zy${i.toString(36)}٣q１Ⅻ`);
-    expect(boundedQuestion(kept.join(' ')).trim().split(' ')).toEqual(kept.slice(0, MAX_QUESTION_WORDS));
+    expect(boundedQuestion(kept.join(' ')).start.trim().split(' ')).toEqual(kept.slice(0, MAX_QUESTION_WORDS));
     // A normal question, quotes and exclusions included, is whole.
-    for (const normal of [question, '"regenerates its limbs" axolotl -newt', 'axolotl or newt']) expect(boundedQuestion(normal)).toBe(normal);
+    for (const normal of [question, '"regenerates its limbs" axolotl -newt', 'axolotl or newt']) expect(boundedQuestion(normal)).toEqual({ start: normal, exclusions: '' });
     expect((await search(ctx.app, user.headers, { query: 'axolotl or newt' })).data).toHaveLength(2);
+  });
+
+  it("honours a long question's exclusions past its cut (up to MAX_EXCLUDED_WORDS of their words), read apart from its start and ANDed onto it", async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const axolotl = await ingested(ctx.app, user.headers, folder.id, { filename: 'axolotl.txt', content: 'The axolotl regenerates its limbs within weeks.' });
+    const newt = await ingested(ctx.app, user.headers, folder.id, { filename: 'newt.txt', content: 'Unlike the axolotl, a newt regenerates its limbs slowly.' });
+    const found = async (query: string) => (await search(ctx.app, user.headers, { query })).data.map((hit) => hit.entry_id).sort();
+    // 90 words, past the 64 read: the exclusion after them is still the user's word.
+    const long = 'axolotl regenerates limbs '.repeat(30);
+    expect(await found(long)).toEqual([axolotl.id, newt.id].sort());
+    expect(await found(`${long} -newt`)).toEqual([axolotl.id]);
+    expect(await found(`${long} -"newt regenerates"`)).toEqual([axolotl.id]);
+    // As PostgreSQL reads the statement's query: its text, and the terms it excludes.
+    const db = ctx.database.db;
+    const reading = async (question: string) => {
+      const [row] = await queryRows<{ query: string }>(db, sql`select ${questionQuery('english', boundedQuestion(question))}::text as query`);
+      return row!.query;
+    };
+    const excluded = async (question: string) => (await reading(question)).match(/!\(?[^&|]+/g)?.map((term) => term.trim()) ?? [];
+    expect(await excluded(`${long} -"newt regenerates"`)).toEqual(["!( 'newt' <-> 'regener' )"]);
+    // The start ends in an `or` and what gives no lexeme (a stop word, a comma, a quote the cut falls
+    // in), the cut right before zzz, the 33rd word: appended to that start as text, `-newt` was read
+    // as `… | !'newt'`, every passage without newt.
+    const words = (n: number) => Array.from({ length: n }, (_, i) => `w${i}a`).join(' ');
+    for (const question of [`${words(30)} or the zzz -newt`, `${words(31)} or, zzz -newt`, `${words(31)} or "zzz yyy" -newt`]) {
+      expect(boundedQuestion(question).exclusions, question).toBe('-newt');
+      const query = await reading(question);
+      expect(query, question).not.toContain('|');
+      expect(query, question).toMatch(/^'w0a' & .* & !'newt'$/);
+    }
+    // The cut right after the `-` of an exclusion: taken whole.
+    expect(boundedQuestion(`${words(32)} -newt`).exclusions).toBe('-newt');
+    // Not an exclusion where PostgreSQL reads none (inside quotes, `--`: a double negation), nor
+    // after an `or` (ORed), nor a form that is more than a NOT on its own (`-newt:ab` is
+    // `!'newt' & 'ab'`, `-c|d` is `!'c' & 'd'`) or whose spaces depend on the server's locale
+    // (an em space is one to PostgreSQL in C.UTF-8, none to PGlite).
+    for (const none of [`${long} "x -newt"`, `${long} --newt`, `${long} or -newt`, `${long} or, -newt`, `${long} or "" -newt`, `${long} -newt:ab`, `${long} -newt|toad`, `${long} -newt\u2003or\u2003toad`]) {
+      expect(boundedQuestion(none).exclusions, none).toBe('');
+      expect(await excluded(none), none).toEqual([]);
+    }
+    // Exclusions that give no lexeme (stop words): `&&` with the empty tsquery is the start's query; the search runs as without them.
+    expect(boundedQuestion(`${long} -the -"a an"`).exclusions).toBe('-the -"a an"');
+    expect(await reading(`${long} -the -"a an"`)).toBe(await reading(long));
+    expect(await found(`${long} -the -"a an"`)).toEqual([axolotl.id, newt.id].sort());
+    // Bounded: MAX_EXCLUDED_WORDS words of exclusions at most; one that would pass the cap is left out, later ones still fit.
+    const many = Array.from({ length: 20 }, (_, i) => `-zx${i.toString(36)}q`);
+    expect(await excluded(`${long} ${many.join(' ')}`)).toHaveLength(MAX_EXCLUDED_WORDS);
+    const phrase = Array.from({ length: MAX_EXCLUDED_WORDS + 1 }, (_, i) => `zx${i.toString(36)}q`).join('_');
+    expect(boundedQuestion(`${long} -${phrase} -newt`).exclusions).toBe('-newt');
+    // A question within the caps is read as it always was: the same SQL, the same parameters.
+    const dialect = new PgDialect();
+    for (const normal of ['"regenerates its limbs" axolotl -newt', `${words(20)} or, zzz -newt`]) {
+      const { sql: text, params } = dialect.sqlToQuery(questionQuery('english', boundedQuestion(normal)));
+      expect({ text, params }).toEqual({ text: 'websearch_to_tsquery($1::regconfig, $2)', params: ['english', normal] });
+    }
   });
 
   it("looks up an owner's entries whose chunks search leaves out (failed ones, reindexes of failed ones) by the partial index, not by reading every entry the owner has", async () => {
@@ -804,7 +860,7 @@ describe('search', () => {
     for (const scope of scopes) {
       for (const question of ['muddy river water', 'Does a wombat swim in the muddy river?']) {
         const lexemes = await questionLexemes(db, 'english', question);
-        const answer = (frequency: number) => queryRows<{ id: string }>(db, fullTextQuery('english', question, lexemes.map((l) => ({ ...l, frequency })), scope, 5));
+        const answer = (frequency: number) => queryRows<{ id: string }>(db, fullTextQuery('english', { start: question, exclusions: '' }, lexemes.map((l) => ({ ...l, frequency })), scope, 5));
         const viaIndex = await answer(0);
         expect(viaIndex).toHaveLength(5);
         expect(await answer(0.5)).toEqual(viaIndex);

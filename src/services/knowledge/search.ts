@@ -253,7 +253,7 @@ function fallbackLexemes(lexemes: QuestionLexeme[], scope: Scope): { candidates:
 }
 
 /**
- * Full text in one statement: `websearch_to_tsquery` (quotes, `or`, `-word`) ranked by cover
+ * Full text in one statement: `websearch_to_tsquery` (quotes, `or`, `-word`; questionQuery) ranked by cover
  * density (`ts_rank_cd`). It ANDs every word, which a natural-language question rarely meets in one
  * chunk; when it yields fewer than `limit` chunks, the rest come from an OR of the question's
  * lexemes, ranked below every AND match (their score is scaled under the lowest AND score, so
@@ -263,7 +263,7 @@ function fallbackLexemes(lexemes: QuestionLexeme[], scope: Scope): { candidates:
  * fallbackLexemes), so a rare word, the question's point, keeps its chunks however many a common
  * word matches.
  */
-export function fullTextQuery(language: string, text: string, lexemes: QuestionLexeme[], scope: Scope, limit: number): SQL {
+export function fullTextQuery(language: string, question: BoundedQuestion, lexemes: QuestionLexeme[], scope: Scope, limit: number): SQL {
   // A query that excludes a word (`-word`) gets no fallback: an OR of lexemes cannot honour the
   // exclusion. Quotes are not honoured either, but the phrase matches come first (AND).
   // (`!` only appears in tsquery text as the NOT operator: the parser never puts it in a lexeme.)
@@ -271,7 +271,7 @@ export function fullTextQuery(language: string, text: string, lexemes: QuestionL
   const ranked = rankedFor(limit);
   // Written out where it is used (not a CTE's column): the planner estimates its matches from the
   // statistics and picks the GIN index or a scan that stops at the cap.
-  const allWords = sql`websearch_to_tsquery(${language}::regconfig, ${text})`;
+  const allWords = questionQuery(language, question);
   // The rarest lexemes' matches one lexeme after the other (an Append runs its parts in order and
   // stops at the cap). A lexeme in a large share of the chunks is tested on the rows (ts_match_vq,
   // which the index cannot answer) instead of being looked up in the GIN index.
@@ -330,26 +330,95 @@ export const MAX_QUESTION_WORD_TOKENS = 64;
 const QUESTION_WORD = /[\p{L}\p{M}\p{Nd}\p{Nl}]+/gu;
 
 /**
- * The start of `text` that full text searches for: up to the first word past MAX_QUESTION_WORDS
- * distinct words or MAX_QUESTION_WORD_TOKENS words in all (the rest is left out, its syntax — an
- * open quote, a trailing `or` — as `websearch_to_tsquery` takes it). A normal question is whole.
+ * Words of the exclusions past a question's cut that full text still honours, in all: a user's
+ * `-word` past the first words was silently ignored with the rest. Each is a GIN look-up and a
+ * term `ts_rank_cd` tests, so they are bounded too; an exclusion that would pass the cap is left out.
  */
-export function boundedQuestion(text: string): string {
+export const MAX_EXCLUDED_WORDS = 16;
+
+/**
+ * A character of an exclusion's word: a printed one (a letter, mark, number, punctuation or
+ * symbol: never a space, whatever the server's locale takes for one — C.UTF-8 reads an em space as
+ * one, PGlite does not) that is no syntax to the query or tsvector parser (`-newt:ab` is
+ * `!'newt' & 'ab'`, `-c|d` is `!'c' & 'd'`, `\` escapes).
+ */
+const EXCLUDED_CHAR = String.raw`(?:(?!["\\!&|()<>:*])[\p{L}\p{M}\p{N}\p{P}\p{S}])`;
+
+/**
+ * The parts of a question that boundedQuestion reads past its cut, left to right: a quoted part (to
+ * its closing quote or the end, as `websearch_to_tsquery` pairs them: a backslash escapes nothing
+ * there), whose `-` is no exclusion, or an exclusion of the simple forms only — `-word` or
+ * `-"a phrase"` (no backslash in it) after an ASCII space and before one or the end, not after an
+ * `or` with nothing but spaces and punctuation between (`x or, -y` is `x | !y`), nor `--word`.
+ * Anything else is left out with the rest.
+ */
+const QUESTION_PARTS = new RegExp(
+  String.raw`"[^"]*"?|(?<=[ \t\n\v\f\r])(?<!(?:^|[^\p{L}\p{M}\p{N}])or[^\p{L}\p{M}\p{N}]*)-(?:"[^"\\]*(?:"|$)|(?!-)${EXCLUDED_CHAR}+)(?=[ \t\n\v\f\r]|$)`,
+  'giu',
+);
+
+/**
+ * A question as full text reads it: its start, and the exclusions past the start ('' when there
+ * are none), to be read by `websearch_to_tsquery` apart from the start (questionQuery).
+ */
+export interface BoundedQuestion {
+  start: string;
+  exclusions: string;
+}
+
+/**
+ * The start of `text` that full text searches for — up to the first word past MAX_QUESTION_WORDS
+ * distinct words or MAX_QUESTION_WORD_TOKENS words in all (the rest is left out, its syntax — an
+ * open quote, a trailing `or` — as `websearch_to_tsquery` takes it) — and the exclusions of the
+ * rest (QUESTION_PARTS; one the cut falls in is taken whole) while their words stay within
+ * MAX_EXCLUDED_WORDS, joined by spaces. They are not added to the start's text: however that text
+ * ends (`… or the`, `… or,`, `… or ""`), the query parser may read an `or` in it as an OR with
+ * the first of them (every passage without the word). A normal question is whole.
+ */
+export function boundedQuestion(text: string): BoundedQuestion {
   const seen = new Set<string>();
   let words = 0;
+  let cut = text.length;
   for (const match of text.matchAll(QUESTION_WORD)) {
     const word = match[0].toLowerCase();
-    if ((!seen.has(word) && seen.size === MAX_QUESTION_WORDS) || words === MAX_QUESTION_WORD_TOKENS) return text.slice(0, match.index);
+    if ((!seen.has(word) && seen.size === MAX_QUESTION_WORDS) || words === MAX_QUESTION_WORD_TOKENS) {
+      cut = match.index;
+      break;
+    }
     seen.add(word);
     words++;
   }
-  return text;
+  if (cut === text.length) return { start: text, exclusions: '' };
+  const excluded: string[] = [];
+  let excludedWords = 0;
+  // Read from the start, not from the cut: a quote the cut falls in holds the `-`s after the cut up to its end.
+  for (const match of text.matchAll(QUESTION_PARTS)) {
+    const [part] = match;
+    // Quotes, and the exclusions the start holds whole (it reads them itself).
+    if (!part.startsWith('-') || match.index + part.length <= cut) continue;
+    const count = part.match(QUESTION_WORD)?.length ?? 0;
+    if (count === 0 || excludedWords + count > MAX_EXCLUDED_WORDS) continue;
+    excludedWords += count;
+    excluded.push(part);
+  }
+  return { start: text.slice(0, cut), exclusions: excluded.join(' ') };
 }
 
-/** The full-text search statement for a question (its first words: boundedQuestion), written after its lexemes are looked up (questionLexemes). */
+/**
+ * The tsquery of a bounded question: its start's, and — when exclusions past the cut were kept —
+ * theirs ANDed on with `&&`, whatever the start reads as. Read apart, the exclusions give NOTs
+ * only (or nothing: `&&` with an empty tsquery is the other one, on PostgreSQL and PGlite alike).
+ * A question with none is read as it always was: the same SQL, the same parameters.
+ */
+export function questionQuery(language: string, question: BoundedQuestion): SQL {
+  const start = sql`websearch_to_tsquery(${language}::regconfig, ${question.start})`;
+  return question.exclusions ? sql`(${start} && websearch_to_tsquery(${language}::regconfig, ${question.exclusions}))` : start;
+}
+
+/** The full-text search statement for a question (its first words and later exclusions: boundedQuestion), written after its start's lexemes are looked up (questionLexemes). */
 export async function fullTextStatement(db: Db, language: string, text: string, scope: Scope, limit: number): Promise<SQL> {
   const question = boundedQuestion(text);
-  return fullTextQuery(language, question, await questionLexemes(db, language, question), scope, limit);
+  return fullTextQuery(language, question, await questionLexemes(db, language, question.start), scope, limit);
 }
 
 async function fullText(db: Db, language: string, text: string, scope: Scope, limit: number): Promise<(Passage & { score: number })[]> {
