@@ -814,6 +814,29 @@ describe('search', () => {
     }
   });
 
+  it("keeps a long question's OR fallback when its exclusions past the cut are NOTs only, and filters the fallback's hits by them", async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const axolotl = await ingested(ctx.app, user.headers, folder.id, { filename: 'axolotl.txt', content: 'The axolotl regenerates its limbs within weeks.' });
+    const newt = await ingested(ctx.app, user.headers, folder.id, { filename: 'newt.txt', content: 'Unlike the axolotl, a newt regenerates its limbs slowly.' });
+    const flagged = await ingested(ctx.app, user.headers, folder.id, { filename: 'flag.txt', content: 'Install it with npm install -g and watch the axolotl regenerate limbs.' });
+    const found = async (query: string) => (await search(ctx.app, user.headers, { query })).data.map((hit) => hit.entry_id).sort();
+    // 120 words, past the 64 read, whose AND part finds nothing (no chunk holds zqxv): only the fallback answers.
+    const missed = 'axolotl regenerates limbs zqxv '.repeat(30);
+    expect(await found(missed)).toEqual([axolotl.id, newt.id, flagged.id].sort());
+    // A pasted command past the cut (`-g`, `-la`): the fallback still answers, without the chunks holding the excluded word.
+    expect(await found(`${missed} then run npm install -g keel`)).toEqual([axolotl.id, newt.id].sort());
+    expect(await found(`${missed} -newt`)).toEqual([axolotl.id, flagged.id].sort());
+    // And in the AND part (a start every chunk matches) too.
+    expect(await found(`${'axolotl regenerates limbs '.repeat(30)} -newt`)).toEqual([axolotl.id, flagged.id].sort());
+    // Exclusions of stop words only: the fallback as without them.
+    expect(await found(`${missed} -the`)).toEqual([axolotl.id, newt.id, flagged.id].sort());
+    // A `-` in the start still turns the fallback off: an OR of lexemes cannot honour it.
+    expect(await found(`-newt ${missed}`)).toEqual([]);
+    // A start of stop words: nothing, not every chunk without the excluded word.
+    expect(await found(`${'the '.repeat(70)} -newt`)).toEqual([]);
+  });
+
   it("looks up an owner's entries whose chunks search leaves out (failed ones, reindexes of failed ones) by the partial index, not by reading every entry the owner has", async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);

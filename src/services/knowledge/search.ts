@@ -240,7 +240,7 @@ const OR_ASKED = 16;
  * limit); a word the statistics list is in some chunk, and is taken unasked. Asked only when the
  * question has more lexemes than the fallback takes and its rarest is such a word, and within the
  * search statement, so only when the fallback runs (fullTextQuery): not when the AND part finds
- * enough, as it does for most long questions, nor when the question excludes a word.
+ * enough, as it does for most long questions, nor when the question's start excludes a word.
  */
 function fallbackLexemes(lexemes: QuestionLexeme[], scope: Scope): { candidates: QuestionLexeme[]; held?: SQL } {
   if (lexemes.length <= OR_LEXEMES || lexemes[0]!.frequency > 0) return { candidates: lexemes.slice(0, OR_LEXEMES) };
@@ -264,20 +264,27 @@ function fallbackLexemes(lexemes: QuestionLexeme[], scope: Scope): { candidates:
  * word matches.
  */
 export function fullTextQuery(language: string, question: BoundedQuestion, lexemes: QuestionLexeme[], scope: Scope, limit: number): SQL {
-  // A query that excludes a word (`-word`) gets no fallback: an OR of lexemes cannot honour the
-  // exclusion. Quotes are not honoured either, but the phrase matches come first (AND).
-  // (`!` only appears in tsquery text as the NOT operator: the parser never puts it in a lexeme.)
+  // A start with no lexemes (stop words) matches nothing: ANDed onto it, the exclusions would make
+  // it `!'word'`, every chunk without the word.
+  const read = lexemes.length ? question : { start: question.start, exclusions: '' };
+  // A start that excludes a word (`-word`) gets no fallback: an OR of its lexemes cannot honour
+  // the exclusion, which may sit anywhere in its tree. Quotes are not honoured either, but the
+  // phrase matches come first (AND). The exclusions past the cut are NOTs only, so the fallback
+  // keeps them as a filter on its hits instead (orKept): a long pasted text with `ls -la` past its
+  // cut kept its fallback. (`!` only appears in tsquery text as the NOT operator: the parser never
+  // puts it in a lexeme.)
   const chunk = knowledgeChunks;
   const ranked = rankedFor(limit);
   // Written out where it is used (not a CTE's column): the planner estimates its matches from the
   // statistics and picks the GIN index or a scan that stops at the cap.
-  const allWords = questionQuery(language, question);
+  const allWords = questionQuery(language, read);
+  const orKept = fallbackKept(language, read.exclusions);
   // The rarest lexemes' matches one lexeme after the other (an Append runs its parts in order and
   // stops at the cap). A lexeme in a large share of the chunks is tested on the rows (ts_match_vq,
   // which the index cannot answer) instead of being looked up in the GIN index.
   const { candidates, held } = fallbackLexemes(lexemes, scope);
   const perLexeme = candidates.map(({ query, frequency }, i) => {
-    const match = frequency < COMMON ? sql`${chunk.tsv} @@ ${query}::tsquery` : sql`ts_match_vq(${chunk.tsv}, ${query}::tsquery)`;
+    const match = orKept(frequency < COMMON ? sql`${chunk.tsv} @@ ${query}::tsquery` : sql`ts_match_vq(${chunk.tsv}, ${query}::tsquery)`);
     // Only the words `held` picks: a one-time filter (no column in it), whose look-ups run, once,
     // only when a part of the fallback does.
     return matching(held ? sql`${match} and ${i}::int = any(array(select i from held))` : match, scope, ranked);
@@ -289,7 +296,7 @@ export function fullTextQuery(language: string, question: BoundedQuestion, lexem
         ), or_hits as (
           select distinct id from (
             select matches.id from (${orMatches}) as matches
-            where (select count(*) from and_hits) < ${limit} and position('!' in ${allWords}::text) = 0
+            where (select count(*) from and_hits) < ${limit} and position('!' in ${websearchQuery(language, read.start)}::text) = 0
             limit ${ranked}
           ) as capped
           where id not in (select id from and_hits)
@@ -348,8 +355,9 @@ const EXCLUDED_CHAR = String.raw`(?:(?!["\\!&|()<>:*])[\p{L}\p{M}\p{N}\p{P}\p{S}
  * The parts of a question that boundedQuestion reads past its cut, left to right: a quoted part (to
  * its closing quote or the end, as `websearch_to_tsquery` pairs them: a backslash escapes nothing
  * there), whose `-` is no exclusion, or an exclusion of the simple forms only — `-word` or
- * `-"a phrase"` (no backslash in it) after an ASCII space and before one or the end, not after an
- * `or` with nothing but spaces and punctuation between (`x or, -y` is `x | !y`), nor `--word`.
+ * `-"a phrase"` (no backslash in it) after ASCII whitespace (a space, tab, newline, vertical tab,
+ * form feed or carriage return) and before it or the end, not after an `or` with nothing but
+ * spaces and punctuation between (`x or, -y` is `x | !y`), nor `--word`.
  * Anything else is left out with the rest.
  */
 const QUESTION_PARTS = new RegExp(
@@ -411,8 +419,25 @@ export function boundedQuestion(text: string): BoundedQuestion {
  * A question with none is read as it always was: the same SQL, the same parameters.
  */
 export function questionQuery(language: string, question: BoundedQuestion): SQL {
-  const start = sql`websearch_to_tsquery(${language}::regconfig, ${question.start})`;
-  return question.exclusions ? sql`(${start} && websearch_to_tsquery(${language}::regconfig, ${question.exclusions}))` : start;
+  const start = websearchQuery(language, question.start);
+  return question.exclusions ? sql`(${start} && ${websearchQuery(language, question.exclusions)})` : start;
+}
+
+function websearchQuery(language: string, text: string): SQL {
+  return sql`websearch_to_tsquery(${language}::regconfig, ${text})`;
+}
+
+/**
+ * What an OR fallback's match becomes with a bounded question's exclusions: that match, on chunks
+ * their NOTs let through (tested on the row, ts_match_vq: a NOT-only query is no GIN look-up, it
+ * would read the whole index). Exclusions of stop words give an empty tsquery, which matches no
+ * chunk: `numnode(…) = 0` lets every one through (both immutable, folded when the statement is
+ * planned). No exclusions: the match as it was, the same SQL.
+ */
+function fallbackKept(language: string, exclusions: string): (match: SQL) => SQL {
+  if (!exclusions) return (match) => match;
+  const excluded = websearchQuery(language, exclusions);
+  return (match) => sql`${match} and (numnode(${excluded}) = 0 or ts_match_vq(${knowledgeChunks.tsv}, ${excluded}))`;
 }
 
 /** The full-text search statement for a question (its first words and later exclusions: boundedQuestion), written after its start's lexemes are looked up (questionLexemes). */
