@@ -164,6 +164,44 @@ describe('usage saved at the shutdown deadline', () => {
   });
 });
 
+/** Of the saved records `ids` of `userId`, those in neither the database nor a file of `dir`: what a kill -9 now would lose. */
+async function lostNow(dir: string, userId: string, ids: string[]): Promise<string[]> {
+  const written = await usageIds(ctx.database.db, userId);
+  const onDisk = new Set(rowsOnDisk(dir).map(idOf));
+  return ids.filter((id) => !written.has(id) && !onDisk.has(id));
+}
+
+/**
+ * Saved files of usage (one per entry of `files`, that many records each, as stopped processes
+ * left them) of a new user, in a DATA_DIR of its own, for `work`; the DATA_DIR goes after.
+ */
+async function withSavedUsage(files: number[], work: (saved: { user: TestUser; dataDir: string; dir: string }) => Promise<void>): Promise<void> {
+  const user = await createUser(ctx.app);
+  const dataDir = mkdtempSync(join(tmpdir(), 'keel-backlog-'));
+  const dir = join(dataDir, UNWRITTEN_DIR);
+  try {
+    for (const rows of files) saveUnwritten(dir, saved(Array.from({ length: rows }, usageRow(user.user.id))));
+    await work({ user, dataDir, dir });
+  } finally {
+    rmSync(dataDir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * The database "loses its connection" on every usage write after the first `written` while
+ * `down` (for `intercepting`); `inserts` counts the writes tried meanwhile.
+ */
+function usageOutageAfter(written: number) {
+  const outage = {
+    down: true,
+    inserts: 0,
+    intercept: (text: string) => {
+      if (outage.down && /insert into usage_records/i.test(text) && ++outage.inserts > written) throw new Error('Connection terminated unexpectedly');
+    },
+  };
+  return outage;
+}
+
 describe('usage saved by earlier processes', () => {
   let app: FastifyInstance | null = null;
   let dataDir = '';
@@ -195,12 +233,9 @@ describe('usage saved by earlier processes', () => {
   });
 
   it('a file larger than the room (saved under a larger limit) is taken in parts: with the database down, calls are not refused for it, and nothing is lost', async () => {
-    const user = await createUser(ctx.app);
-    const big = mkdtempSync(join(tmpdir(), 'keel-backlog-big-'));
-    try {
-      saveUnwritten(join(big, UNWRITTEN_DIR), saved(Array.from({ length: 500 }, usageRow(user.user.id))));
+    await withSavedUsage([500], async ({ user, dataDir, dir }) => {
       await usageWritesFail(async () => {
-        const down = await buildTestApp(ctx.database, { ...settings, DATA_DIR: big });
+        const down = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
         try {
           await down.meter.idle();
           // 50 of the 500 taken (half the limit): this process's own calls still go.
@@ -209,49 +244,41 @@ describe('usage saved by earlier processes', () => {
           await down.close(); // what it holds is saved again
         }
       });
-      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: big });
+      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
       try {
-        for (let i = 0; i < 20 && readdirSync(join(big, UNWRITTEN_DIR)).length; i++) await up.meter.idle();
+        for (let i = 0; i < 20 && readdirSync(dir).length; i++) await up.meter.idle();
       } finally {
         await up.close();
       }
       expect(await usageCount(ctx.database.db, user.user.id)).toBe(501);
-      expect(readdirSync(join(big, UNWRITTEN_DIR))).toEqual([]);
-    } finally {
-      rmSync(big, { recursive: true, force: true });
-    }
+      expect(readdirSync(dir)).toEqual([]);
+    });
   });
 
   it('a file taken back is deleted once what it held is written, though calls keep the queue from emptying; at every write, what is not in the database is on disk', async () => {
-    const user = await createUser(ctx.app);
     const load = await createUser(ctx.app);
-    const loaded = mkdtempSync(join(tmpdir(), 'keel-backlog-load-'));
-    const dir = join(loaded, UNWRITTEN_DIR);
     // 120 records in three files, taken as the room allows (the load's queued records count), written in statements of 10.
-    for (let i = 0; i < 3; i++) saveUnwritten(dir, saved(Array.from({ length: 40 }, usageRow(user.user.id))));
-    const savedIds = rowsOnDisk(dir).map(idOf);
-    // The app the load's calls go through: the start's flush writes before buildTestApp returns.
-    let built!: (app: FastifyInstance) => void;
-    const building = new Promise<FastifyInstance>((resolve) => (built = resolve));
-    let loading = true;
-    let calls = 0;
-    const lost: string[] = [];
-    try {
+    await withSavedUsage([40, 40, 40], async ({ user, dataDir, dir }) => {
+      const savedIds = rowsOnDisk(dir).map(idOf);
+      // The app the load's calls go through: the start's flush writes before buildTestApp returns.
+      let built!: (app: FastifyInstance) => void;
+      const building = new Promise<FastifyInstance>((resolve) => (built = resolve));
+      let loading = true;
+      let calls = 0;
+      const lost: string[] = [];
       await intercepting(
         ctx.database.db,
         async (text) => {
           if (!/insert into usage_records/i.test(text) || !loading) return;
           // What a kill -9 now would leave: every saved record not in the database is in a file still.
-          const written = await usageIds(ctx.database.db, user.user.id);
-          const onDisk = new Set(rowsOnDisk(dir).map(idOf));
-          lost.push(...savedIds.filter((id) => !written.has(id) && !onDisk.has(id)));
+          lost.push(...(await lostNow(dir, user.user.id, savedIds)));
           // Steady load: a call ends while each write is in flight, so no flush ends with nothing queued.
           await (await building).models.chat(chatRequest('fake-precise', { user_id: load.user.id }));
           calls += 1;
           await sleep(5); // its record queued (its settlement waits for the next check phase)
         },
         async () => {
-          const started = await buildTestApp(ctx.database, { ...settings, DATA_DIR: loaded });
+          const started = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
           built(started);
           try {
             await eventually(async () => !readdirSync(dir).length && (await usageCount(ctx.database.db, user.user.id)) === 120);
@@ -264,32 +291,23 @@ describe('usage saved by earlier processes', () => {
           }
         },
       );
-    } finally {
-      rmSync(loaded, { recursive: true, force: true });
-    }
+    });
   });
 
   it('a file is kept while part of what it held is not in the database (its flush failed midway), and deleted once the rest is written', async () => {
-    const user = await createUser(ctx.app);
-    const part = mkdtempSync(join(tmpdir(), 'keel-backlog-part-'));
-    const dir = join(part, UNWRITTEN_DIR);
-    saveUnwritten(dir, saved(Array.from({ length: 20 }, usageRow(user.user.id))));
-    let inserts = 0;
-    let down = true;
-    try {
+    await withSavedUsage([20], async ({ user, dataDir, dir }) => {
+      // The database goes away after the first of the flush's two statements (10 records each).
+      const outage = usageOutageAfter(1);
       await intercepting(
         ctx.database.db,
-        (text) => {
-          // The database goes away after the first of the flush's two statements (10 records each).
-          if (down && /insert into usage_records/i.test(text) && ++inserts > 1) throw new Error('Connection terminated unexpectedly');
-        },
+        outage.intercept,
         async () => {
-          const started = await buildTestApp(ctx.database, { ...settings, DATA_DIR: part });
+          const started = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
           try {
             await started.meter.idle(); // the start's flush, and one more: both failed
             expect(await usageCount(ctx.database.db, user.user.id)).toBe(10);
             expect(rowsOnDisk(dir)).toHaveLength(20); // the file taken, which holds the 10 not written
-            down = false;
+            outage.down = false;
             await started.meter.idle();
             expect(await usageCount(ctx.database.db, user.user.id)).toBe(20);
             expect(readdirSync(dir)).toEqual([]);
@@ -298,36 +316,27 @@ describe('usage saved by earlier processes', () => {
           }
         },
       );
-    } finally {
-      rmSync(part, { recursive: true, force: true });
-    }
+    });
   });
 
   it('after a failed flush, saved files wait for its retry (USAGE_FLUSH_INTERVAL_MS): an outage does not read them file after file', async () => {
-    const user = await createUser(ctx.app);
-    const retried = mkdtempSync(join(tmpdir(), 'keel-backlog-retry-'));
-    const dir = join(retried, UNWRITTEN_DIR);
     // Two files of 50 records, the room: the start takes the first.
-    for (let i = 0; i < 2; i++) saveUnwritten(dir, saved(Array.from({ length: 50 }, usageRow(user.user.id))));
-    const taking = captureLogs('info');
-    const takes = () => taking.lines().filter((line) => line.msg === 'writing the usage earlier processes left unwritten').map((line) => line.usageRecords as number);
-    let inserts = 0;
-    let down = true;
-    try {
+    await withSavedUsage([50, 50], async ({ user, dataDir, dir }) => {
+      const taking = captureLogs('info');
+      const takes = () => taking.lines().filter((line) => line.msg === 'writing the usage earlier processes left unwritten').map((line) => line.usageRecords as number);
+      // The database goes away after two of the start's flush's statements: room for 20 records again.
+      const outage = usageOutageAfter(2);
       await intercepting(
         ctx.database.db,
-        (text) => {
-          // The database goes away after two of the start's flush's statements: room for 20 records again.
-          if (down && /insert into usage_records/i.test(text) && ++inserts > 2) throw new Error('Connection terminated unexpectedly');
-        },
+        outage.intercept,
         async () => {
-          const started = await buildTestApp(ctx.database, { ...settings, DATA_DIR: retried, USAGE_FLUSH_INTERVAL_MS: '100' }, { logger: taking.logger });
+          const started = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir, USAGE_FLUSH_INTERVAL_MS: '100' }, { logger: taking.logger });
           try {
-            await eventually(async () => inserts >= 5); // the failed flush, then two of its retries, all failed
+            await eventually(async () => outage.inserts >= 5); // the failed flush, then two of its retries, all failed
             expect(takes()).toEqual([50]);
             expect(await usageCount(ctx.database.db, user.user.id)).toBe(20);
             // The database answers again: the next retry writes what it kept, then takes the next file.
-            down = false;
+            outage.down = false;
             await eventually(async () => !readdirSync(dir).length && (await usageCount(ctx.database.db, user.user.id)) === 100);
             expect(takes()).toEqual([50, 50]);
           } finally {
@@ -335,17 +344,12 @@ describe('usage saved by earlier processes', () => {
           }
         },
       );
-    } finally {
-      rmSync(retried, { recursive: true, force: true });
-    }
+    });
   });
 
   it("a flush's wait (flushQueued: the one running and one more) does not run on through every saved file the flushes take back", async () => {
-    const user = await createUser(ctx.app);
-    const many = mkdtempSync(join(tmpdir(), 'keel-backlog-many-'));
-    try {
-      for (let i = 0; i < 10; i++) saveUnwritten(join(many, UNWRITTEN_DIR), saved(Array.from({ length: 50 }, usageRow(user.user.id))));
-      const started = await buildTestApp(ctx.database, { ...settings, DATA_DIR: many });
+    await withSavedUsage(Array.from({ length: 10 }, () => 50), async ({ user, dataDir }) => {
+      const started = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
       try {
         // start() took the first file (50 rows, the room) and began writing it. The wait a refused
         // credit hold (and a balance read) makes is for that flush and one more.
@@ -355,9 +359,7 @@ describe('usage saved by earlier processes', () => {
       } finally {
         await started.close();
       }
-    } finally {
-      rmSync(many, { recursive: true, force: true });
-    }
+    });
   });
 
   /** The meter's sweep of saved files (its timer's, every minute at most), run now. */
@@ -369,18 +371,9 @@ describe('usage saved by earlier processes', () => {
    * `lostNow`: the saved records in neither the database nor a file, what a kill -9 now would lose.
    */
   async function withSplitFile(work: (file: { dataDir: string; dir: string; rows: string[]; lostNow: () => Promise<string[]> }) => Promise<void>): Promise<void> {
-    const user = await createUser(ctx.app);
-    const dataDir = mkdtempSync(join(tmpdir(), 'keel-backlog-split-'));
-    const dir = join(dataDir, UNWRITTEN_DIR);
-    try {
-      saveUnwritten(dir, saved(Array.from({ length: 80 }, usageRow(user.user.id))));
+    await withSavedUsage([80], async ({ user, dataDir, dir }) => {
       const rows = rowsOnDisk(dir);
-      const lostNow = async () => {
-        const written = await usageIds(ctx.database.db, user.user.id);
-        const onDisk = new Set(rowsOnDisk(dir).map(idOf));
-        return rows.map(idOf).filter((id) => !written.has(id) && !onDisk.has(id));
-      };
-      await work({ dataDir, dir, rows, lostNow });
+      await work({ dataDir, dir, rows, lostNow: () => lostNow(dir, user.user.id, rows.map(idOf)) });
       const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
       try {
         for (let i = 0; i < 10 && readdirSync(dir).length; i++) await up.meter.idle();
@@ -389,21 +382,16 @@ describe('usage saved by earlier processes', () => {
       }
       expect(await usageIds(ctx.database.db, user.user.id)).toEqual(new Set(rows.map(idOf)));
       expect(readdirSync(dir)).toEqual([]);
-    } finally {
-      rmSync(dataDir, { recursive: true, force: true });
-    }
+    });
   }
 
   it("the rest of a file split by a take is not taken while the first part's file is held: taken again, it went onto that file, whose rows were not yet written", async () => {
     // Room for 50 of the file's 80 records: 50 taken, 30 saved back under its name.
     await withSplitFile(async ({ dataDir, lostNow }) => {
-      let inserts = 0;
+      // The database goes after two statements: 20 of the 50 written, 30 queued.
       await intercepting(
         ctx.database.db,
-        (text) => {
-          // The database goes after two statements: 20 of the 50 written, 30 queued.
-          if (/insert into usage_records/i.test(text) && ++inserts > 2) throw new Error('Connection terminated unexpectedly');
-        },
+        usageOutageAfter(2).intercept,
         async () => {
           const down = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
           try {
