@@ -68,7 +68,7 @@ export function agentModelRoutes(app: FastifyInstance) {
       // Late, the head goes out now, maybe before the run exists: with the ids it is being made
       // with. A start refused after this is the stream's error event, under ids of no run.
       if (late) nameRun(reply, ids);
-      const chunks = agentCompletionChunks(first, body.model, body.stream_options?.include_usage === true, request.log);
+      const chunks = agentCompletionChunks(first, ids, body.model, body.stream_options?.include_usage === true, request.log);
       return reply
         .header('content-type', 'text/event-stream; charset=utf-8')
         .header('cache-control', 'no-cache')

@@ -300,18 +300,16 @@ export interface OpenedRun {
  * answers a plain HTTP error), or, when the run's start and first piece together took longer than
  * the heartbeat's interval (firstEvent), the promise of it: the answer has begun then, a keep-alive
  * committed it to 200. A failure after that (the start's too) ends the stream with an `error`
- * event, which OpenAI's SDKs raise, and is logged once on `log` (the request's) with the run's id
- * when there is a run, as the gateway's streams are (logStreamFailure; alertsFromStream for the level).
+ * event, which OpenAI's SDKs raise, and is logged once on `log` (the request's) with `ids` (the
+ * run's, or for a start refused late those the head told, of a run never made: the client has only
+ * them to ask about), as the gateway's streams are (logStreamFailure; alertsFromStream for the level).
  */
-export async function* agentCompletionChunks(opened: OpenedRun | Promise<OpenedRun>, model: string, includeUsage: boolean, log: Logger): AsyncGenerator<string> {
+export async function* agentCompletionChunks(opened: OpenedRun | Promise<OpenedRun>, ids: CompletionIds, model: string, includeUsage: boolean, log: Logger): AsyncGenerator<string> {
   let pieces: AsyncIterator<AnswerPiece> | undefined;
-  /** Undefined until the run exists (a start that failed has none to name). */
-  let runId: string | undefined;
   try {
     const started = await opened;
     const { run } = started;
     pieces = started.pieces;
-    runId = run.id;
     const base = { id: completionIdOf(run), object: 'chat.completion.chunk', created: createdOf(run), model };
     const usageField = includeUsage ? { usage: null } : {};
     const frame = (delta: Record<string, unknown>, finish: string | null = null) =>
@@ -331,7 +329,7 @@ export async function* agentCompletionChunks(opened: OpenedRun | Promise<OpenedR
     }
   } catch (error) {
     const { status, body } = openAIErrorOf(error);
-    logStreamFailure(runId === undefined ? log : log.child({ runId }), error, status, model, alertsFromStream(error));
+    logStreamFailure(log, error, { model, status, runId: ids.runId, threadId: ids.threadId }, alertsFromStream(error));
     // Alone when no chunk went out (a late first piece that failed): no role chunk for an answer that never came (CompletionFrames.error).
     yield `data: ${JSON.stringify(body)}\n\n`;
   } finally {

@@ -416,17 +416,25 @@ export class CompletionFrames {
   }
 }
 
+/** What a stream's failure is logged with besides the error: the model, the status it answers, and an agent stream's run and thread. */
+export interface StreamFailure {
+  model: string;
+  status: number;
+  runId?: string;
+  threadId?: string;
+}
+
 /**
  * A stream's failure after its first chunk, once: `error` for ours or the provider's (an upstream
  * that failed or cut the answer off, a timeout, a bug), `warn` for the client's doing (a request the
  * provider refused as malformed, a client that went away), so an operator's error alerts do not
- * fire on disconnects. The model and the error only: never the messages. `alert: false` is a
+ * fire on disconnects. The error and `failure` only: never the messages. `alert: false` is a
  * caller's word that a failure of ours must not alert from this line (it has alerted elsewhere, or
  * is no fault: the agent streams, services/agent-completions.ts): then it too is a warning.
  */
-export function logStreamFailure(log: Logger, error: unknown, status: number, model: string, alert = true): void {
-  const fields = { err: error, model, status };
-  if (isClientsDoing(error, status)) log.warn(fields, 'chat completion stream ended early by the client or its request');
+export function logStreamFailure(log: Logger, error: unknown, failure: StreamFailure, alert = true): void {
+  const fields = { err: error, ...failure };
+  if (isClientsDoing(error, failure.status)) log.warn(fields, 'chat completion stream ended early by the client or its request');
   else if (alert) log.error(fields, 'chat completion stream failed after its first chunk');
   else log.warn(fields, 'chat completion stream failed after its first chunk');
 }
@@ -516,7 +524,7 @@ export function completionBody(
       }
     } catch (error) {
       const { status, body: errorBody } = openAIErrorOf(error);
-      logStreamFailure(log, error, status, frames.model);
+      logStreamFailure(log, error, { model: frames.model, status });
       write(frames.error(errorBody));
     } finally {
       heartbeat?.stop();

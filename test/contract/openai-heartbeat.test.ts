@@ -15,6 +15,7 @@
  * package reading late answers as sent, and an agent stream whose run's start waits on a lock.
  */
 import { createHook } from 'node:async_hooks';
+import { randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import type { Readable } from 'node:stream';
 
@@ -33,6 +34,7 @@ import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, eventually, sleep, UUID } from '../helpers/http.js';
+import { captureLogs, LEVEL } from '../helpers/logs.js';
 import { fakeModelManager } from '../helpers/model-manager.js';
 import { apiError } from '../helpers/openai.js';
 import { createAgent, createThread, waitForRun } from '../helpers/runs.js';
@@ -54,7 +56,9 @@ const SHORT_LATE_MS = 2 * SHORT_MS + 200;
 /** Past the app's interval: a first event this late comes after the first keep-alive. */
 const LATE_MS = HEARTBEAT_MS + 300;
 
-const ctx = useTestApp({ GATEWAY_STREAM_HEARTBEAT_MS: String(HEARTBEAT_MS), MODEL_MAX_RETRIES: '0' });
+/** The app's warnings and errors: a late stream's failure is one, and must name what its head named. */
+const logs = captureLogs('warn');
+const ctx = useTestApp({ GATEWAY_STREAM_HEARTBEAT_MS: String(HEARTBEAT_MS), MODEL_MAX_RETRIES: '0' }, { logger: logs.logger });
 const api = apiOf(ctx);
 const silent: Logger = pino({ level: 'silent' });
 
@@ -97,7 +101,10 @@ afterAll(async () => {
   hook.disable();
   await fake.close();
 });
-beforeEach(() => fake.reset());
+beforeEach(() => {
+  fake.reset();
+  logs.clear();
+});
 
 /** Every heartbeat timer is cleared soon after its stream ended (a leaked one would beat on forever). */
 async function noHeartbeatLeft(): Promise<void> {
@@ -322,7 +329,8 @@ describe('the agents\' streams, built with a short interval', () => {
     })();
     const { first, heartbeat } = await firstEvent<OpenedRun>(refused, SHORT_MS);
     expect(first).toBeInstanceOf(Promise);
-    expectLateError(await textOf(keptAlive(agentCompletionChunks(first, 'agent:x', false, silent), heartbeat, true)), 'not_found');
+    const ids = { runId: randomUUID(), threadId: randomUUID() };
+    expectLateError(await textOf(keptAlive(agentCompletionChunks(first, ids, 'agent:x', false, silent), heartbeat, true)), 'not_found');
     await noHeartbeatLeft();
   });
 });
@@ -457,6 +465,18 @@ describe('through the app, at the floor', () => {
     /** The thread's runs, newest first. */
     const runsOfThread = async () => (await api('GET', `/threads/${threadId}/runs`, user.headers)).json<{ data: { id: string; status: string }[] }>().data;
 
+    /**
+     * A late stream's failure is logged once for its request (x-request-id), at `level`, with the
+     * status it answered and the run and thread its head named (of a run never made, when its start
+     * was refused): what the client has to ask about it.
+     */
+    function expectLoggedUnderItsIds(response: Response, level: number, status: number): void {
+      const lines = logs.lines().filter((line) => line.reqId === response.headers.get('x-request-id'));
+      expect(lines).toEqual([
+        expect.objectContaining({ level, status, model: agentModel, runId: response.headers.get('x-keel-run-id'), threadId: response.headers.get('x-keel-thread-id') }),
+      ]);
+    }
+
     it('sends keep-alive comments before the run exists, then its answer; its headers, chosen before the insert, name the run and thread made', async () => {
       fake.script('fake-chat', { text: 'Hello there friend' });
       const { response, reader, seen } = await startWhileLocked();
@@ -474,7 +494,7 @@ describe('through the app, at the floor', () => {
       await noHeartbeatLeft();
     });
 
-    it('ends with the error event alone when the start is refused after a keep-alive went out (the thread deleted meanwhile), under the ids of a run never made', async () => {
+    it('ends with the error event alone when the start is refused after a keep-alive went out (the thread deleted meanwhile), under the ids of a run never made in its headers and its log line', async () => {
       const { response, reader, seen } = await startWhileLocked(async (session) => {
         await session.query('delete from threads where id = $1', [threadId]);
       });
@@ -483,6 +503,7 @@ describe('through the app, at the floor', () => {
       const runId = response.headers.get('x-keel-run-id');
       expect(runId).toMatch(UUID);
       expect((await api('GET', `/runs/${runId}`, user.headers)).statusCode).toBe(404);
+      expectLoggedUnderItsIds(response, LEVEL.warn, 404);
       await noHeartbeatLeft();
     });
 
