@@ -33,7 +33,7 @@ import { completionBody, CompletionFrames, firstEvent, KEEP_ALIVE, keptAlive, op
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
-import { apiOf, createKey, eventually, sleep, UUID } from '../helpers/http.js';
+import { apiOf, createKey, eventually, type ListBody, sleep, UUID } from '../helpers/http.js';
 import { captureLogs, LEVEL } from '../helpers/logs.js';
 import { fakeModelManager } from '../helpers/model-manager.js';
 import { apiError } from '../helpers/openai.js';
@@ -56,9 +56,15 @@ const SHORT_LATE_MS = 2 * SHORT_MS + 200;
 /** Past the app's interval: a first event this late comes after the first keep-alive. */
 const LATE_MS = HEARTBEAT_MS + 300;
 
+/** Low, so that a new thread's history can take it past: a start refused after its thread was made. */
+const MAX_MESSAGES = 6;
+
 /** The app's warnings and errors: a late stream's failure is one, and must name what its head named. */
 const logs = captureLogs('warn');
-const ctx = useTestApp({ GATEWAY_STREAM_HEARTBEAT_MS: String(HEARTBEAT_MS), MODEL_MAX_RETRIES: '0' }, { logger: logs.logger });
+const ctx = useTestApp(
+  { GATEWAY_STREAM_HEARTBEAT_MS: String(HEARTBEAT_MS), MODEL_MAX_RETRIES: '0', MAX_MESSAGES_PER_THREAD: String(MAX_MESSAGES) },
+  { logger: logs.logger },
+);
 const api = apiOf(ctx);
 const silent: Logger = pino({ level: 'silent' });
 
@@ -428,30 +434,46 @@ describe('through the app, at the floor', () => {
       await client.models.list();
     });
 
+    /** A stream's request (besides its model and `stream`), and the row whose lock holds its start back. */
+    interface HeldStart {
+      body: { messages: { role: string; content: string }[]; metadata?: Record<string, string> };
+      lock: { table: 'threads' | 'users'; id: string };
+    }
+
+    /** A start on the test's thread, held by the thread's row: on the server the start's `UPDATE threads` waits for it. */
+    const onThread = (): HeldStart => ({ body: { messages: [{ role: 'user', content: 'Hi' }], metadata: { thread_id: threadId } }, lock: { table: 'threads', id: threadId } });
+
     /**
-     * Sends a stream on the thread while a transaction of the test's holds the thread's row (on the
-     * server the start's `UPDATE threads` waits for it; embedded, PGlite runs one session at a
-     * time, so every statement of the start waits), and reads it up to its first keep-alive, which
-     * must come while the run cannot have been inserted; then `meanwhile` (in the transaction), and
-     * the commit that lets the start go on. The answer's response, its reader and what was read.
+     * A start on a new thread that `messages` begin, held by the caller's row: on the server the
+     * new thread's insert waits for it (the thread limit's lock), so nothing of the start is written
+     * before the commit.
      */
-    async function startWhileLocked(meanwhile: (session: SqlSession, abort: () => void) => Promise<void> = async () => {}) {
+    const onNewThread = (messages: HeldStart['body']['messages']): HeldStart => ({ body: { messages }, lock: { table: 'users', id: user.user.id } });
+
+    /**
+     * Sends `start`'s stream while a transaction of the test's holds its row (embedded, PGlite runs
+     * one session at a time, so every statement of the start waits), and reads it up to its first
+     * keep-alive, which must come while the run cannot have been inserted; then `meanwhile` (in the
+     * transaction, with the response whose head went out), and the commit that lets the start go on.
+     * The answer's response, its reader and what was read.
+     */
+    async function startWhileLocked(start: HeldStart, meanwhile: (session: SqlSession, abort: () => void, response: Response) => Promise<void> = async () => {}) {
       const controller = new AbortController();
       return ctx.database.withSession(async (session) => {
         await session.exec('begin');
         try {
-          await session.query('select id from threads where id = $1 for update', [threadId]);
+          await session.query(`select id from ${start.lock.table} where id = $1 for update`, [start.lock.id]);
           const sent = fetch(`${baseURL}/chat/completions`, {
             method: 'POST',
             headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' },
-            body: JSON.stringify({ model: agentModel, messages: [{ role: 'user', content: 'Hi' }], stream: true, metadata: { thread_id: threadId } }),
+            body: JSON.stringify({ model: agentModel, stream: true, ...start.body }),
             signal: controller.signal,
           });
           const waited = 3 * HEARTBEAT_MS;
           const response = await within(sent, waited, 'no answer while the run waited to be inserted');
           const reader = (response.body as ReadableStream<Uint8Array>).getReader();
           const seen = await within(readUntil(reader, ': keep-alive'), waited, 'no keep-alive while the run waited to be inserted');
-          await meanwhile(session, () => controller.abort());
+          await meanwhile(session, () => controller.abort(), response);
           return { response, reader, seen };
         } catch (error) {
           controller.abort();
@@ -463,7 +485,10 @@ describe('through the app, at the floor', () => {
     }
 
     /** The thread's runs, newest first. */
-    const runsOfThread = async () => (await api('GET', `/threads/${threadId}/runs`, user.headers)).json<{ data: { id: string; status: string }[] }>().data;
+    const runsOfThread = async (id = threadId) => (await api('GET', `/threads/${id}/runs`, user.headers)).json<{ data: { id: string; status: string }[] }>().data;
+
+    /** How many threads the caller has. */
+    const threadCount = async () => (await api('GET', '/threads', user.headers)).json<ListBody<unknown>>().count;
 
     /**
      * A late stream's failure is logged once for its request (x-request-id), at `level`, with the
@@ -479,7 +504,7 @@ describe('through the app, at the floor', () => {
 
     it('sends keep-alive comments before the run exists, then its answer; its headers, chosen before the insert, name the run and thread made', async () => {
       fake.script('fake-chat', { text: 'Hello there friend' });
-      const { response, reader, seen } = await startWhileLocked();
+      const { response, reader, seen } = await startWhileLocked(onThread());
       const text = await readToEnd(reader, seen);
       expect(response.status).toBe(200);
       expect(text.slice(0, text.indexOf('data: '))).toMatch(/^(: keep-alive\n\n)+$/);
@@ -495,7 +520,7 @@ describe('through the app, at the floor', () => {
     });
 
     it('ends with the error event alone when the start is refused after a keep-alive went out (the thread deleted meanwhile), under the ids of a run never made in its headers and its log line', async () => {
-      const { response, reader, seen } = await startWhileLocked(async (session) => {
+      const { response, reader, seen } = await startWhileLocked(onThread(), async (session) => {
         await session.query('delete from threads where id = $1', [threadId]);
       });
       expectLateError(await readToEnd(reader, seen), 'not_found');
@@ -507,9 +532,55 @@ describe('through the app, at the floor', () => {
       await noHeartbeatLeft();
     });
 
+    it('on a new thread: its headers, sent before the thread exists, name the caller\'s thread made, which holds the run and the messages', async () => {
+      fake.script('fake-chat', { text: 'Hello there friend' });
+      const messages = [
+        { role: 'user', content: 'Earlier' },
+        { role: 'assistant', content: 'Noted' },
+        { role: 'user', content: 'Hi' },
+      ];
+      const { response, reader, seen } = await startWhileLocked(onNewThread(messages), async (session, _abort, head) => {
+        // The head names the thread before its insert: the id is the one it will be made with.
+        expect(await session.query('select id from threads where id = $1', [head.headers.get('x-keel-thread-id')])).toEqual([]);
+      });
+      const text = await readToEnd(reader, seen);
+      expect(response.status).toBe(200);
+      expect(text.slice(0, text.indexOf('data: '))).toMatch(/^(: keep-alive\n\n)+$/);
+      expect(contentOf(text)).toBe('Hello there friend');
+      const newThreadId = response.headers.get('x-keel-thread-id')!;
+      const runId = response.headers.get('x-keel-run-id')!;
+      expect(newThreadId).toMatch(UUID);
+      expect(new Set(chunksOf(text).map((chunk) => chunk.id))).toEqual(new Set([`chatcmpl-${runId}`]));
+
+      const thread = await api('GET', `/threads/${newThreadId}`, user.headers);
+      expect(thread.statusCode).toBe(200);
+      expect(thread.json()).toMatchObject({ id: newThreadId, owner_id: user.user.id, title: 'Earlier' });
+      expect(await waitForRun(ctx.app, user.headers, runId, ['completed'])).toMatchObject({ thread_id: newThreadId });
+      expect((await runsOfThread(newThreadId)).map((run) => run.id)).toEqual([runId]);
+      const written = (await api('GET', `/threads/${newThreadId}/messages`, user.headers)).json<ListBody<{ role: string; content: string; run_id: string | null }>>().data;
+      expect(written.map(({ role, content }) => ({ role, content }))).toEqual([...messages, { role: 'assistant', content: 'Hello there friend' }]);
+      expect(written.at(-1)!.run_id).toBe(runId);
+      await noHeartbeatLeft();
+    });
+
+    it('on a new thread, a start refused after a keep-alive went out (the history past MAX_MESSAGES_PER_THREAD) leaves neither the thread nor the run its headers name', async () => {
+      const before = await threadCount();
+      const history = Array.from({ length: MAX_MESSAGES }, (_, i) => ({ role: i % 2 ? 'assistant' : 'user', content: `turn ${i}` }));
+      const { response, reader, seen } = await startWhileLocked(onNewThread([...history, { role: 'user', content: 'Hi' }]));
+      expectLateError(await readToEnd(reader, seen), 'conflict');
+      const newThreadId = response.headers.get('x-keel-thread-id');
+      expect(newThreadId).toMatch(UUID);
+      // Made for the run, then deleted with its refusal, before the error event went out.
+      expect((await api('GET', `/threads/${newThreadId}`, user.headers)).statusCode).toBe(404);
+      expect((await api('GET', `/runs/${response.headers.get('x-keel-run-id')}`, user.headers)).statusCode).toBe(404);
+      expect(await threadCount()).toBe(before);
+      expectLoggedUnderItsIds(response, LEVEL.warn, 409);
+      await noHeartbeatLeft();
+    });
+
     it('stops its timer when the client goes away while the run waits, and cancels the run once it exists', async () => {
       fake.script('fake-chat', { text: 'never read', chunkDelayMs: 5_000 });
-      await startWhileLocked(async (_session, abort) => {
+      await startWhileLocked(onThread(), async (_session, abort) => {
         abort();
         // Stopped while the start still waits for the lock.
         await noHeartbeatLeft();
