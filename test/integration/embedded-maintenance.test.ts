@@ -14,15 +14,44 @@ import { captureLogs, LEVEL } from '../helpers/logs.js';
 
 const embedded = !process.env.DATABASE_URL;
 
-/** An app of its own on a database of its own, with these settings (rounds run when a test asks: the interval is an hour). */
-function useApp(overrides: Record<string, string> = {}) {
-  const logs = captureLogs('info');
-  const ctx = { logs } as { app: FastifyInstance; database: Database; logs: typeof logs; destroy: () => Promise<void> };
+interface SharedDatabase {
+  database: Database;
+  destroy: () => Promise<void>;
+}
+
+/**
+ * One database for the blocks that need none of their own (each makes what its round needs, and
+ * asserts nothing of what it did not make), opened once: a PGlite directory's copy, open and close
+ * are most of such a block's time.
+ */
+function useSharedDatabase(): SharedDatabase {
+  const shared = {} as SharedDatabase;
   beforeAll(async () => {
-    const opened = await openTestDatabase();
-    ctx.database = opened.database;
-    ctx.destroy = opened.destroy;
-    ctx.app = await buildTestApp(opened.database, { PGLITE_MAINTENANCE_INTERVAL_SECONDS: '3600', PGLITE_MAINTENANCE_IDLE_MS: '0', ...overrides }, { logger: logs.logger });
+    Object.assign(shared, await openTestDatabase());
+  });
+  afterAll(async () => {
+    await shared.destroy?.();
+  });
+  return shared;
+}
+
+/**
+ * An app of its own with these settings (rounds run when a test asks: the interval is an hour), on
+ * `shared`'s database (its close leaves it open), or on a database of its own: a fresh data
+ * directory, no table vacuumed or analyzed yet.
+ */
+function useApp(overrides: Record<string, string> = {}, shared?: SharedDatabase) {
+  const logs = captureLogs('info');
+  const ctx = { logs } as { app: FastifyInstance; database: Database; logs: typeof logs; destroy?: () => Promise<void> };
+  beforeAll(async () => {
+    if (shared) {
+      ctx.database = shared.database;
+    } else {
+      const opened = await openTestDatabase();
+      ctx.database = opened.database;
+      ctx.destroy = opened.destroy;
+    }
+    ctx.app = await buildTestApp(ctx.database, { PGLITE_MAINTENANCE_INTERVAL_SECONDS: '3600', PGLITE_MAINTENANCE_IDLE_MS: '0', ...overrides }, { logger: logs.logger });
   });
   afterAll(async () => {
     await ctx.app?.close();
@@ -70,7 +99,10 @@ async function churn(database: Database, holds: number): Promise<void> {
 }
 
 describe.runIf(embedded)('embedded maintenance on PGlite', () => {
+  const shared = useSharedDatabase();
+
   describe('a round after churn', () => {
+    // A database of its own: its tables must never have been vacuumed or analyzed.
     const ctx = useApp();
 
     it('vacuums and analyzes the tables past the thresholds, logs each at info, and leaves the others alone', async () => {
@@ -112,7 +144,7 @@ describe.runIf(embedded)('embedded maintenance on PGlite', () => {
   });
 
   describe('transaction age', () => {
-    const ctx = useApp({ PGLITE_MAINTENANCE_FREEZE_AGE: '1000' });
+    const ctx = useApp({ PGLITE_MAINTENANCE_FREEZE_AGE: '1000' }, shared);
 
     it('freezes the tables whose oldest transaction is older than the freeze age, and the database age drops', async () => {
       const { database, app } = ctx;
@@ -138,7 +170,7 @@ describe.runIf(embedded)('embedded maintenance on PGlite', () => {
   });
 
   describe('failures and idleness', () => {
-    const ctx = useApp();
+    const ctx = useApp({}, shared);
 
     it('logs a failed statement at error and goes on with the other tables; the next round tries again', async () => {
       const { database, app, logs } = ctx;
@@ -195,7 +227,7 @@ describe.runIf(embedded)('embedded maintenance on PGlite', () => {
   });
 
   describe('at close', () => {
-    const ctx = useApp({ PGLITE_MAINTENANCE_IDLE_MS: '600000' });
+    const ctx = useApp({ PGLITE_MAINTENANCE_IDLE_MS: '600000' }, shared);
 
     it('a round waiting for idleness ends when the app closes, and no statement follows', async () => {
       const { database, app } = ctx;
@@ -209,6 +241,7 @@ describe.runIf(embedded)('embedded maintenance on PGlite', () => {
   });
 
   describe('at close, a statement in flight', () => {
+    // A database of its own: the app's close closes it.
     it('the close waits for the VACUUM or ANALYZE in flight, sends no other, then closes the database', async () => {
       const opened = await openTestDatabase();
       const events: string[] = [];
@@ -253,7 +286,7 @@ describe.runIf(embedded)('embedded maintenance on PGlite', () => {
   });
 
   describe('turned off', () => {
-    const ctx = useApp({ PGLITE_MAINTENANCE: 'false' });
+    const ctx = useApp({ PGLITE_MAINTENANCE: 'false' }, shared);
 
     it('PGLITE_MAINTENANCE=false starts nothing', () => {
       expect(ctx.app.maintenance).toBeNull();
