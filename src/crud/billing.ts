@@ -364,11 +364,12 @@ export async function settle(db: Db, s: Settlement, retried = false): Promise<vo
  * call whose `balance_after` is the balance after it and the entries before it (in `batch` order),
  * so the ledger still adds up entry by entry.
  */
-export async function settleMany(db: Db, batch: readonly Settlement[]): Promise<void> {
-  if (batch.length === 1) return settle(db, batch[0]!);
+export async function settleMany(db: Db, batch: readonly Settlement[], retried = false): Promise<void> {
+  if (batch.length === 1) return settle(db, batch[0]!, retried);
   const usage = batch.flatMap((s) => (s.usage === undefined ? [] : [s.usage]));
   const items = settlementItems(batch);
-  await (usage.length ? settleManyWithRows(db).execute({ usage: jsonArray(usage), items }) : settleManyOnly(db).execute({ items }));
+  const [withRows, only] = retried ? [settleManyWithRowsAgain, settleManyOnlyAgain] : [settleManyWithRows, settleManyOnly];
+  await (usage.length ? withRows(db).execute({ usage: jsonArray(usage), items }) : only(db).execute({ items }));
 }
 
 /**
@@ -395,6 +396,9 @@ const ITEMS = sql`${sql.placeholder('items')}`;
 
 const settleManyOnly = flushStatement('credit_settle_many', () => sql`with ${ASYNC_COMMIT}, ${settleCtes(ITEMS)} ${LEDGER_ENTRIES}`);
 const settleManyWithRows = flushStatement('credit_settle_many_rows', () => sql`with ${ASYNC_COMMIT}, ${usageRowCtes(USAGE)}, ${settleCtes(ITEMS, true)} ${LEDGER_ENTRIES}`);
+/** The same, retried (`settleMany(…, true)`): settlements already charged are left out (see `settleCtes`). */
+const settleManyOnlyAgain = flushStatement('credit_settle_many_again', () => sql`with ${ASYNC_COMMIT}, ${settleCtes(ITEMS, false, true)} ${LEDGER_ENTRIES}`);
+const settleManyWithRowsAgain = flushStatement('credit_settle_many_rows_again', () => sql`with ${ASYNC_COMMIT}, ${usageRowCtes(USAGE)}, ${settleCtes(ITEMS, true, true)} ${LEDGER_ENTRIES}`);
 
 /** The items as `settleMany`'s one JSON parameter. */
 const settlementItems = (batch: readonly Settlement[]): string => `[${batch.map((s) => s.json ?? settlementJson(s)).join(',')}]`;
@@ -403,13 +407,19 @@ const settlementItems = (batch: readonly Settlement[]): string => `[${batch.map(
  * `settleMany`'s work up to its ledger entries (`e`): reservations released, keys' spend and
  * accounts' balances moved, for the settlements `items` (`settlementItems`). `withRows`: some
  * settlements write their usage rows (`usageRowCtes` before these): such a call moves its key's
- * spend only when its row was inserted now (see `settle`).
+ * spend only when its row was inserted now (see `settle`). `retried`: the batch may have committed
+ * before (a reply lost, or saved at shutdown and taken back): as `settle`'s retry, a settlement
+ * whose call has its ledger entry already moves nothing (looked up through the index that keeps
+ * it one per call, ux_credit_transactions_usage_record_id; one committed after this statement began
+ * is refused by it, the whole statement with it); one that writes its usage row moves its key's
+ * spend only by a row inserted now, and a reservation is deleted once anyway.
  */
-const settleCtes = (items: SQL, withRows = false) =>
+const settleCtes = (items: SQL, withRows = false, retried = false) =>
   sql`i as (
           select x.* from rows from (json_to_recordset(${items}::json) as (entry_id uuid, rid uuid, part numeric, user_id uuid, api_key_id uuid,
               project_id uuid, cost numeric, charge_account boolean, charge_key boolean, usage_record_id uuid, description text)) with ordinality
             as x(entry_id, rid, part, user_id, api_key_id, project_id, cost, charge_account, charge_key, usage_record_id, description, ord)
+          ${retried ? sql`where not exists (select 1 from credit_transactions t where t.usage_record_id = x.usage_record_id and t.type = 'usage')` : sql``}
         ),
         r as (
           delete from credit_reservations where id in (select rid from i where rid is not null and part is null) and (select setting from s) is not null

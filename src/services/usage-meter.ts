@@ -65,11 +65,12 @@ const refusedForData = (error: unknown): boolean => /^2[23]/.test(databaseError(
 /**
  * A retried settlement whose first attempt committed after the retry had looked for it (a reply
  * lost while the statement still ran): the ledger's one usage entry per call refused the retry
- * whole, so the call is charged, once.
+ * whole, so the call is charged, once. A retried batch may be refused by its entry's id first
+ * (made ahead with the settlement, `Settlement.json`: the same in both attempts).
  */
 const chargedAlready = (error: unknown): boolean => {
   const refusal = databaseError(error);
-  return refusal?.code === '23505' && refusal.constraint === 'ux_credit_transactions_usage_record_id';
+  return refusal?.code === '23505' && (refusal.constraint === 'ux_credit_transactions_usage_record_id' || refusal.constraint === 'credit_transactions_pkey');
 };
 const SWEEP_INTERVAL_MS = 60_000;
 /** The longest `written()` holds a read or a run's end. */
@@ -163,6 +164,8 @@ export class UsageMeterService implements UsageMeter {
    * the queues by `saveUnwritten`, which the shutdown deadline may call while that statement hangs.
    */
   private writing: UnwrittenUsage = { usage: [], settlements: [], windowSettlements: [], blockReleases: [] };
+  /** How many of `writing.settlements` the retry (`retryFailed`) has written so far. */
+  private retriedUpTo = 0;
   /** Files of unwritten usage were left on disk for want of room in the queue (`recoverUnwritten`). */
   private unwrittenLeft = false;
   /** Calls are being refused for the backlog of unwritten usage (logged once, until a flush brings it under the limit). */
@@ -755,23 +758,53 @@ export class UsageMeterService implements UsageMeter {
   }
 
   /**
-   * Settlements that failed before, one by one: one the database cannot take now holds up only the
-   * ones after it; one it refuses for its data is set aside (logged with what it would have
-   * charged: the call goes uncharged rather than every later one).
+   * Settlements that failed before (or were taken back from saved files), in order, in statements
+   * of USAGE_FLUSH_MAX_ROWS (`settleMany`, retried: one that had committed moves nothing again),
+   * handing the event loop back between statements: thousands kept through an outage, all counted
+   * toward USAGE_MAX_PENDING_ROWS, are written in as many statements as a flush of their size, not
+   * one each (which kept calls refused, the database up, for as long as that took). A statement
+   * refused for what it holds goes again one by one (`retryEach`); one the database cannot take
+   * now keeps it and everything after it for the next flush.
    */
   private async retryFailed(): Promise<void> {
     const settlements = this.failedSettlements;
     this.failedSettlements = [];
     this.writing.settlements = settlements;
+    this.retriedUpTo = 0;
+    const keep = (from: number, error: unknown) => {
+      // Ahead of what failed meanwhile (settlePending's): queued before it.
+      this.failedSettlements = settlements.slice(from).concat(this.failedSettlements);
+      this.log.error({ err: cause(error), pending: this.failedSettlements.length }, 'credit settlements not written; kept for a retry');
+      this.retryLater();
+    };
     try {
-      await this.retryEach(settlements);
+      for (let at = 0; at < settlements.length; ) {
+        if (at > 0) await setImmediatePromise();
+        const batch = settlements.slice(at, at + this.settings.USAGE_FLUSH_MAX_ROWS);
+        try {
+          await billingCrud.settleMany(this.db, batch, true);
+        } catch (error) {
+          if (!refusedForData(error)) return keep(at, error);
+          if (chargedAlready(error)) this.log.info({ settlements: batch.length }, 'credit settlements retried while a first attempt committed; charged once (written one by one)');
+          const failed = await this.retryEach(batch);
+          if (failed) return keep(at + failed.index, failed.error);
+        }
+        at += batch.length;
+        this.retriedUpTo = at;
+      }
     } finally {
       this.writing.settlements = [];
+      this.retriedUpTo = 0;
     }
   }
 
-  private async retryEach(settlements: billingCrud.Settlement[]): Promise<void> {
-    for (const [i, settlement] of settlements.entries()) {
+  /**
+   * Settlements one by one: one the database refuses for its data is set aside (logged with what
+   * it would have charged: the call goes uncharged rather than every later one). Returns where
+   * the database failed otherwise, if it did (that one and those after it are not written).
+   */
+  private async retryEach(settlements: billingCrud.Settlement[]): Promise<{ index: number; error: unknown } | undefined> {
+    for (const [index, settlement] of settlements.entries()) {
       try {
         await this.settleAgain(settlement);
       } catch (error) {
@@ -784,12 +817,10 @@ export class UsageMeterService implements UsageMeter {
           this.log.error({ err: cause(error), settlement: { reservationId, userId, apiKeyId, cost, usageRecordId, description } }, 'credit settlement refused by the database; set aside');
           continue;
         }
-        this.failedSettlements.push(...settlements.slice(i));
-        this.log.error({ err: cause(error), pending: this.failedSettlements.length }, 'credit settlements not written; kept for a retry');
-        this.retryLater();
-        return;
+        return { index, error };
       }
     }
+    return undefined;
   }
 
   /**
@@ -934,7 +965,7 @@ export class UsageMeterService implements UsageMeter {
     const writing = this.writing;
     const queues: UnwrittenUsage = {
       usage: writing.usage.concat(this.buffer),
-      settlements: writing.settlements.concat(this.failedSettlements, this.settlingBatch, this.settlements),
+      settlements: writing.settlements.slice(this.retriedUpTo).concat(this.failedSettlements, this.settlingBatch, this.settlements),
       windowSettlements: writing.windowSettlements.concat(this.windowSettlements),
       blockReleases: writing.blockReleases.concat(this.blockReleases),
     };

@@ -506,15 +506,16 @@ describe('credit windows', () => {
   });
 
   it.skipIf(!process.env.DATABASE_URL)('a retry that runs while its first attempt is still committing is refused whole, and the meter counts the call as charged', async () => {
-    // The first attempt holds the account's row in an open transaction when the retry looks for its
-    // ledger entry: the retry finds none, waits for the row, then charges again — unless the
-    // ledger's one usage entry per call refuses it, undoing its balance change with it.
+    // The first attempt holds the account's row in an open transaction when the retry (the kept
+    // settlements' batch) looks for their ledger entries: the retry finds none, waits for the row,
+    // then charges again — unless the ledger's one usage entry per call refuses it, undoing its
+    // balance change with it (then one by one, each finds its entry).
     const user = await createUser(ctx.app);
     await grant(user, '1000');
     let stalled: { text: string; params: unknown[] } | undefined;
     let original: Promise<unknown> | undefined;
     const retryWaiting = async () =>
-      (await countOf(sql`select count(*)::int as n from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock' and query like '%seen as (select 1 from credit_transactions%'`)) > 0;
+      (await countOf(sql`select count(*)::int as n from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock' and query like '%not exists (select 1 from credit_transactions t where%'`)) > 0;
     logs.clear();
     await intercept(
       async (text, params) => {
@@ -522,7 +523,7 @@ describe('credit windows', () => {
           stalled = { text, params };
           throw new Error('Query read timeout');
         }
-        if (stalled && !original && /seen as \(select 1 from credit_transactions/.test(text)) {
+        if (stalled && !original && /not exists \(select 1 from credit_transactions t where/.test(text)) {
           // The first attempt reaches the server now, just before the retry, and commits once the retry waits for it.
           let ran!: () => void;
           const running = new Promise<void>((resolve) => (ran = resolve));

@@ -1,4 +1,5 @@
 import { spawnSync } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -9,6 +10,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
 import { UsageBacklogError } from '../../src/core/errors.js';
 
+import * as billingCrud from '../../src/crud/billing.js';
 import { saveUnwritten, UNWRITTEN_DIR } from '../../src/services/unwritten-usage.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
@@ -44,6 +46,15 @@ beforeEach(() => {
 async function usageCount(db: typeof ctx.database.db, userId: string): Promise<number> {
   const result = await db.execute(sql`select count(*)::int as n from usage_records where owner_id = ${userId}`);
   return (result as { rows: { n: number }[] }).rows[0]!.n;
+}
+
+/** Whether the key's spend is what its usage records add up to (and some), and what it still holds of its budget. */
+async function keyFigures(keyId: string): Promise<{ charged: boolean; spentAsRecorded: boolean; reserved: string }> {
+  const result = await ctx.database.db.execute(
+    sql`select k.spent > 0 as charged, k.spent = (select sum(cost) from usage_records where api_key_id = k.id) as "spentAsRecorded", trim_scale(k.budget_reserved)::text as reserved
+        from api_keys k where k.id = ${keyId}`,
+  );
+  return (result as { rows: { charged: boolean; spentAsRecorded: boolean; reserved: string }[] }).rows[0]!;
 }
 
 /** A maker of usage rows of `ownerId` as the meter queues them (JSON). */
@@ -200,6 +211,26 @@ function usageOutageAfter(written: number) {
     },
   };
   return outage;
+}
+
+/** A settlement as a meter queues one: `fields` over a call of `userId` charged 1 to the account, with nothing held. */
+const settlementOf = (userId: string, fields: Partial<billingCrud.Settlement> = {}): billingCrud.Settlement => ({
+  reservationId: null,
+  userId,
+  apiKeyId: null,
+  projectId: null,
+  cost: '1',
+  chargeAccount: true,
+  chargeKey: false,
+  usageRecordId: randomUUID(),
+  description: 'chat fake-precise',
+  ...fields,
+});
+
+/** The account's balance and what is held of it, as numbers. */
+async function account(userId: string): Promise<{ balance: number; reserved: number }> {
+  const { balance, reserved } = await billingCrud.getBalance(ctx.database.db, userId);
+  return { balance: Number(balance), reserved: Number(reserved) };
 }
 
 describe('usage saved by earlier processes', () => {
@@ -455,6 +486,45 @@ describe('usage saved by earlier processes', () => {
       const dead = spawnSync(process.execPath, ['-e', '']).pid;
       writeFileSync(join(dir, `${name}.${dead}.taken`), JSON.stringify(saved(rows.slice(0, 50))));
       writeFileSync(join(dir, name!), JSON.stringify(saved(rows.slice(50))));
+    });
+  });
+  it('settlements taken back are written in statements of USAGE_FLUSH_MAX_ROWS, each once: those that had committed move nothing again', async () => {
+    await withSavedUsage([], async ({ user, dataDir, dir }) => {
+      const userId = user.user.id;
+      const key = await createKey(ctx.app, user, { name: 'budgeted', max_budget: '1000' });
+      await billingCrud.changeBalance(ctx.database.db, { userId, type: 'grant', amount: '1000', description: null, createdBy: userId });
+      const now = new Date().toISOString();
+      // 200 calls charged to the account (billing on), 200 to the key alone (billing off: each carries its usage row).
+      const settlements = Array.from({ length: 400 }, (_, i) => {
+        if (i % 2) return settlementOf(userId, { cost: '0.5' });
+        const row = usageRowOf(userId, now, { api_key_id: key.id, cost: '0.25', charge_key: false });
+        return settlementOf(userId, { apiKeyId: key.id, cost: '0.25', chargeAccount: false, chargeKey: true, usageRecordId: row.id, usage: JSON.stringify(row) });
+      });
+      // The first 100 had committed before their process stopped (their reply lost): saved all the same.
+      await billingCrud.settleMany(ctx.database.db, settlements.slice(0, 100));
+      saveUnwritten(dir, { usage: [], settlements, windowSettlements: [], blockReleases: [] });
+      let statements = 0;
+      await intercepting(
+        ctx.database.db,
+        (text) => {
+          if (/insert into credit_transactions/i.test(text)) statements += 1;
+        },
+        async () => {
+          const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+          try {
+            await up.meter.idle();
+          } finally {
+            await up.close();
+          }
+        },
+      );
+      expect(statements).toBe(40); // 400 in statements of 10, not one each
+      expect(readdirSync(dir)).toEqual([]);
+      expect(await account(userId)).toEqual({ balance: 900, reserved: 0 });
+      const ledger = await ctx.database.db.execute(sql`select count(*)::int as n from credit_transactions where owner_id = ${userId} and type = 'usage'`);
+      expect((ledger as { rows: { n: number }[] }).rows[0]!.n).toBe(200);
+      expect(await usageCount(ctx.database.db, userId)).toBe(200);
+      expect(await keyFigures(key.id)).toEqual({ charged: true, spentAsRecorded: true, reserved: '0' });
     });
   });
 });
