@@ -71,17 +71,33 @@ function writeWhole(path: string, part: UnwrittenUsage): void {
   renameSync(temporary, path);
 }
 
+/** The save a file's name is of: without its number, a take-back's `-r<pid>`s and a taker's `.<pid>.taken`. */
+const saveOf = (name: string): string => name.replace(/-\d{6,}(?:-r\d+)*\.json(?:\.\d+\.taken)?$/, '');
+
+const records = (part: UnwrittenUsage): number => part.usage.length + part.settlements.length + part.windowSettlements.length + part.blockReleases.length;
+
 /**
  * Takes the files of `dir` (those saved, and those a process that is gone left taken; not `held`,
- * this process's own), in the order they were saved, up to `maxRows` usage rows: their paths as
+ * this process's own), in the order they were saved, up to `maxRows` records: their paths as
  * taken, to delete once what they held is written (`forgetUnwritten`), what they held, in the
- * order it was queued, and whether files were left for a later take. Of a file with more rows
- * than fit, the rows past `maxRows` are saved back under its name for a later take.
+ * order it was queued, and whether files were left for a later take. Of a file with more usage
+ * rows than fit, the rows past `maxRows` are saved back under its name for a later take.
+ *
+ * A save's settlements and the block releases after them (its files after its usage rows' files)
+ * go in one take, whole, past `maxRows` if need be, and not while another live process holds a
+ * file of that save: a block's release gives back what its row still holds, the part its calls'
+ * settlements are still to charge included, so written before them (by another process, or by
+ * this one after it saved part of them again under a later name) it showed that credit as free
+ * and the account was undercharged.
  */
 export function takeUnwritten(dir: string, held: readonly string[], maxRows: number, onUnreadable: (file: string, error: unknown) => void): { taken: string[]; parts: UnwrittenUsage[]; more: boolean } {
   const taken: string[] = [];
   const parts: UnwrittenUsage[] = [];
   let rows = 0;
+  /** The save whose settlements and releases this take has begun: its files are taken whatever the room. */
+  let settling: string | null = null;
+  /** Saves a file of which another live process holds (or took just now): none of their files is taken. */
+  const busy = new Set<string>();
   let names: string[];
   try {
     names = readdirSync(dir);
@@ -90,7 +106,11 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
   }
   for (const name of names) {
     const orphan = /^(.+)\.json\.(\d+)\.taken$/.exec(name);
-    if (!orphan || held.includes(join(dir, name)) || processAlive(Number(orphan[2]))) continue;
+    if (!orphan || held.includes(join(dir, name))) continue;
+    if (processAlive(Number(orphan[2]))) {
+      busy.add(saveOf(name));
+      continue;
+    }
     // Back under a name of its own, not its old one: the process may have saved the rest of a
     // split file back under that name, which a rename would replace. It sorts just before it.
     const restored = `${orphan[1]}-r${orphan[2]}.json`;
@@ -103,7 +123,9 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
   }
   const saved = [...new Set(names)].filter((n) => n.endsWith('.json')).sort();
   for (const [i, name] of saved.entries()) {
-    if (rows >= maxRows) return { taken, parts, more: saved.length > i };
+    const save = saveOf(name);
+    if (busy.has(save)) continue;
+    if (rows >= maxRows && save !== settling) return { taken, parts, more: saved.length > i };
     const path = join(dir, `${name}.${process.pid}.taken`);
     // The rest of a file this process split and still holds the first part of: taking it now would
     // rename it onto that part, whose rows may not be written yet. It waits (and, to keep the
@@ -112,7 +134,8 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
     try {
       renameSync(join(dir, name), path);
     } catch {
-      continue; // another process took it
+      busy.add(save); // another process took it
+      continue;
     }
     let part: UnwrittenUsage;
     try {
@@ -126,7 +149,8 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
       }
       continue;
     }
-    const room = maxRows - rows;
+    // None within a save whose settlements this take has begun (past the room): its files hold no usage rows.
+    const room = Math.max(0, maxRows - rows);
     if (part.usage.length > room) {
       // What does not fit goes back under the file's name (written whole first: every write in it
       // is idempotent, so rows in both files after a crash here are written once); the rest is taken.
@@ -144,8 +168,10 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
     }
     parts.push(part);
     taken.push(path);
-    rows += part.usage.length;
+    rows += records(part);
+    if (records(part) > part.usage.length) settling = save;
   }
+  // A busy save's files are its holder's to take (or, once it is gone, anyone's: its files taken back).
   return { taken, parts, more: false };
 }
 

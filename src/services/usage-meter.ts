@@ -990,9 +990,11 @@ export class UsageMeterService implements UsageMeter {
   /**
    * Queues what processes saved (saveUnwritten) to be written; the files go once it is written
    * (the first flush begun after the take that writes all it took: `flush`) or saved again. Files
-   * are taken while the unwritten rows hold under half of USAGE_MAX_PENDING_ROWS, the rest after a
-   * flush that writes brings them under again (or at the next sweep): a long outage's files never
-   * fill the queue to where calls are refused.
+   * are taken while the unwritten records hold under half of USAGE_MAX_PENDING_ROWS, the rest after
+   * a flush that writes brings them under again (or at the next sweep): a long outage's usage rows
+   * never fill the queue to where calls are refused. A save's settlements and the block releases
+   * after them are taken whole (`takeUnwritten`), past the room if need be: written in statements
+   * of USAGE_FLUSH_MAX_ROWS (`retryFailed`), they are soon off it.
    */
   private recoverUnwritten(): void {
     const room = Math.floor(this.settings.USAGE_MAX_PENDING_ROWS / 2) - this.unwrittenRows();
@@ -1003,17 +1005,19 @@ export class UsageMeterService implements UsageMeter {
     const { taken, parts, more } = takeUnwritten(unwrittenDir(this.settings.DATA_DIR), held, room, onUnreadable);
     this.unwrittenLeft = more;
     if (!taken.length) return;
-    let usageRecords = 0;
+    const counts = { usageRecords: 0, settlements: 0, blockReleases: 0 };
     for (const part of parts) {
       // Item by item: a spread of 100,000s of items passes the call stack's limit.
       for (const row of part.usage) this.buffer.push(row);
       for (const item of part.settlements) this.failedSettlements.push(item);
       for (const item of part.windowSettlements) this.windowSettlements.push(item);
       for (const item of part.blockReleases) this.blockReleases.push(item);
-      usageRecords += part.usage.length;
+      counts.usageRecords += part.usage.length;
+      counts.settlements += part.settlements.length + part.windowSettlements.length;
+      counts.blockReleases += part.blockReleases.length;
     }
     for (const file of taken) this.recovered.push({ file, takenAfter: this.flushesBegun });
-    this.log.info({ files: taken.length, usageRecords }, 'writing the usage earlier processes left unwritten');
+    this.log.info({ files: taken.length, ...counts }, 'writing the usage earlier processes left unwritten');
     this.track(this.flush());
   }
 

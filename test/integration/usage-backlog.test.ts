@@ -1,6 +1,7 @@
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { once } from 'node:events';
+import { mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -11,7 +12,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { UsageBacklogError } from '../../src/core/errors.js';
 
 import * as billingCrud from '../../src/crud/billing.js';
-import { saveUnwritten, UNWRITTEN_DIR } from '../../src/services/unwritten-usage.js';
+import { saveUnwritten, UNWRITTEN_DIR, type UnwrittenUsage } from '../../src/services/unwritten-usage.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -226,6 +227,22 @@ const settlementOf = (userId: string, fields: Partial<billingCrud.Settlement> = 
   description: 'chat fake-precise',
   ...fields,
 });
+
+/**
+ * A credit window's block of `userId` (10 of a grant of 100 held), the settlements of its `calls`
+ * calls (8 credits in all, each releasing its cost from the block) and the block's release, as a
+ * process keeps them: once all are written the account has 92, none of it held.
+ */
+async function creditBlock(userId: string, calls: number): Promise<Pick<UnwrittenUsage, 'windowSettlements' | 'blockReleases'>> {
+  await billingCrud.changeBalance(ctx.database.db, { userId, type: 'grant', amount: '100', description: null, createdBy: userId });
+  const block = randomUUID();
+  expect(await billingCrud.hold(ctx.database.db, { id: block, userId, apiKeyId: null, accountAmount: '10', keyAmount: null, ttlSeconds: 900 })).toBe('held');
+  const each = String(8 / calls);
+  return {
+    windowSettlements: Array.from({ length: calls }, () => settlementOf(userId, { reservationId: block, release: each, cost: each })),
+    blockReleases: [settlementOf(userId, { reservationId: block, cost: '0', description: 'credit window released' })],
+  };
+}
 
 /** The account's balance and what is held of it, as numbers. */
 async function account(userId: string): Promise<{ balance: number; reserved: number }> {
@@ -525,6 +542,57 @@ describe('usage saved by earlier processes', () => {
       expect((ledger as { rows: { n: number }[] }).rows[0]!.n).toBe(200);
       expect(await usageCount(ctx.database.db, userId)).toBe(200);
       expect(await keyFigures(key.id)).toEqual({ charged: true, spentAsRecorded: true, reserved: '0' });
+    });
+  });
+
+  it("a save's settlements and the block releases after them go in one take, whole, past the room", async () => {
+    await withSavedUsage([], async ({ user, dataDir, dir }) => {
+      // 50 usage rows (the room), then 80 settlements of a block and its release.
+      saveUnwritten(dir, { usage: Array.from({ length: 50 }, usageRow(user.user.id)), settlements: [], ...(await creditBlock(user.user.id, 80)) });
+      const taking = captureLogs('info');
+      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir }, { logger: taking.logger });
+      try {
+        for (let i = 0; i < 5 && readdirSync(dir).length; i++) await up.meter.idle();
+      } finally {
+        await up.close();
+      }
+      const takes = taking.lines().filter((line) => line.msg === 'writing the usage earlier processes left unwritten');
+      expect(takes.map(({ usageRecords, settlements, blockReleases }) => ({ usageRecords, settlements, blockReleases }))).toEqual([
+        { usageRecords: 50, settlements: 0, blockReleases: 0 },
+        { usageRecords: 0, settlements: 80, blockReleases: 1 },
+      ]);
+      expect(readdirSync(dir)).toEqual([]);
+      expect(await account(user.user.id)).toEqual({ balance: 92, reserved: 0 });
+    });
+  });
+
+  it("a save's block releases are not taken while another live process holds its settlements: written first, they showed the credit those still charge as free", async () => {
+    await withSavedUsage([], async ({ user, dataDir, dir }) => {
+      saveUnwritten(dir, { usage: [], settlements: [], ...(await creditBlock(user.user.id, 8)) });
+      const [settlementsFile, releasesFile] = readdirSync(dir).sort();
+      // A live process took the settlements' file, and has not written them yet.
+      const holder = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 60_000)']);
+      try {
+        renameSync(join(dir, settlementsFile!), join(dir, `${settlementsFile}.${holder.pid}.taken`));
+        const other = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+        try {
+          await other.meter.idle();
+          expect(readdirSync(dir)).toContain(releasesFile);
+          expect(await account(user.user.id)).toEqual({ balance: 100, reserved: 10 });
+          // The holder goes without writing them: its file is taken back, and the releases with it.
+          const exited = once(holder, 'exit');
+          holder.kill('SIGKILL');
+          await exited;
+          sweep(other);
+          await other.meter.idle();
+          expect(readdirSync(dir)).toEqual([]);
+        } finally {
+          await other.close();
+        }
+      } finally {
+        holder.kill('SIGKILL');
+      }
+      expect(await account(user.user.id)).toEqual({ balance: 92, reserved: 0 });
     });
   });
 });
