@@ -141,8 +141,9 @@ export class RateLimiterUnavailableError extends ServiceUnavailableError {
 }
 
 /**
- * A model call refused because this process already holds USAGE_MAX_PENDING_ROWS usage records the
- * database has not taken: serving it would leave a call unrecorded, or memory without bound.
+ * A model call refused because this process already holds USAGE_MAX_PENDING_ROWS records (usage
+ * records, credit settlements) the database has not taken: serving it would leave a call
+ * unrecorded, or memory without bound.
  */
 export class UsageBacklogError extends ServiceUnavailableError {
   constructor() {

@@ -503,6 +503,8 @@ export class UsageMeterService implements UsageMeter {
           await statement;
         } catch (error) {
           this.log.error({ err: cause(error), settlements: batch.length }, 'credit settlement failed; kept for a retry');
+          // Off the batch in flight first: counted once (unwrittenRows).
+          this.settlingBatch = [];
           this.failedSettlements.push(...batch);
           this.retryLater();
         }
@@ -581,12 +583,27 @@ export class UsageMeterService implements UsageMeter {
   }
 
   /**
-   * Usage records not in the database yet: queued, and in the flush's statement in flight. Both
-   * count toward USAGE_MAX_PENDING_ROWS: with the buffer alone, every statement that took rows off
-   * it during an outage let that many more calls through.
+   * Records not in the database yet, each toward USAGE_MAX_PENDING_ROWS: usage rows, settlements
+   * and block releases, queued, kept after a failure, or in a statement in flight. With the usage
+   * rows alone, every statement that took rows off the buffer during an outage let that many more
+   * calls through, and calls that leave only a settlement (a key with a budget, billing off: it
+   * carries the usage row; a per-call hold's) were never refused: memory without bound, and more
+   * than the limit lost to a kill -9.
    */
   private unwrittenRows(): number {
-    return this.buffer.length + this.writing.usage.length;
+    const writing = this.writing;
+    return (
+      this.buffer.length +
+      writing.usage.length +
+      this.settlements.length +
+      this.settlingBatch.length +
+      this.failedSettlements.length +
+      (writing.settlements.length - this.retriedUpTo) +
+      this.windowSettlements.length +
+      writing.windowSettlements.length +
+      this.blockReleases.length +
+      writing.blockReleases.length
+    );
   }
 
   /**

@@ -155,6 +155,27 @@ describe('usage the database does not take', () => {
     // Under the limit again (none in flight): calls go.
     await ctx.app.models.chat(chatRequest('fake-precise', context));
   });
+
+  it('calls that leave only a settlement (billing off, a key with a max_budget: it carries the usage row) count toward it too, and are written once after the outage', async () => {
+    const carol = await createUser(ctx.app);
+    const key = await createKey(ctx.app, carol, { name: 'budgeted', max_budget: '1000' });
+    const context = { user_id: carol.user.id, api_key_id: key.id };
+    const outage = usageOutageAfter(0);
+    await intercepting(ctx.database.db, outage.intercept, async () => {
+      for (let i = 0; i < LIMIT; i++) await ctx.app.models.chat(chatRequest('fake-precise', context));
+      await ctx.app.meter.idle(); // every call's settlement tried and kept
+      await expect(ctx.app.models.chat(chatRequest('fake-precise', context))).rejects.toBeInstanceOf(UsageBacklogError);
+      outage.down = false;
+      await ctx.app.meter.idle();
+      expect(logs.lines().filter((line) => line.msg === 'usage records are being written again: model calls resume')).toHaveLength(1);
+      await ctx.app.models.chat(chatRequest('fake-precise', context));
+      await ctx.app.meter.idle();
+    });
+    expect(fake.log).toHaveLength(LIMIT + 1);
+    expect(await usageCount(ctx.database.db, carol.user.id)).toBe(LIMIT + 1);
+    // Each call's spend moved once: the key's spend is what its records add up to.
+    expect(await keyFigures(key.id)).toEqual({ charged: true, spentAsRecorded: true, reserved: '0' });
+  });
 });
 
 describe('usage saved at the shutdown deadline', () => {
