@@ -21,7 +21,7 @@ import { randomUUID } from 'node:crypto';
 
 import { eq } from 'drizzle-orm';
 
-import { ConflictError, NotFoundError, UnauthorizedError, UnprocessableError } from '../core/errors.js';
+import { ConflictError, HttpError, NotFoundError, UnauthorizedError, UnprocessableError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 
 import { type Agent, agents, type Run, type RunUsage } from '../models/index.js';
@@ -301,13 +301,16 @@ export interface OpenedRun {
  * the heartbeat's interval (firstEvent), the promise of it: the answer has begun then, a keep-alive
  * committed it to 200. A failure after that (the start's too) ends the stream with an `error`
  * event, which OpenAI's SDKs raise, and is logged once on `log` (the request's) with `ids` (the
- * run's, or for a start refused late those the head told, of a run never made: the client has only
- * them to ask about), as the gateway's streams are (logStreamFailure; alertsFromStream for the level).
+ * run's; for a start refused late those the head told, of a run never made, `runMade: false`: the
+ * client has only them to ask about), as the gateway's streams are (logStreamFailure;
+ * alertsFromStream for the level).
  */
 export async function* agentCompletionChunks(opened: OpenedRun | Promise<OpenedRun>, ids: CompletionIds, model: string, includeUsage: boolean, log: Logger): AsyncGenerator<string> {
   let pieces: AsyncIterator<AnswerPiece> | undefined;
+  let made = false;
   try {
     const started = await opened;
+    made = true;
     const { run } = started;
     pieces = started.pieces;
     const base = { id: completionIdOf(run), object: 'chat.completion.chunk', created: createdOf(run), model };
@@ -329,7 +332,12 @@ export async function* agentCompletionChunks(opened: OpenedRun | Promise<OpenedR
     }
   } catch (error) {
     const { status, body } = openAIErrorOf(error);
-    logStreamFailure(log, error, { model, status, runId: ids.runId, threadId: ids.threadId }, alertsFromStream(error));
+    const failure = { model, status, runId: ids.runId, threadId: ids.threadId };
+    // A refusal (an HttpError) is thrown before anything is written, or after what was written is
+    // undone: its ids name nothing, and the line says so, for an operator who looks them up. Any
+    // other failure of the start may have been a commit that took: it is logged as a run's.
+    if (!made && error instanceof HttpError) log.warn({ err: error, ...failure, runMade: false }, 'agent run refused after its stream had begun: the run and thread its headers named were never made');
+    else logStreamFailure(log, error, failure, alertsFromStream(error));
     // Alone when no chunk went out (a late first piece that failed): no role chunk for an answer that never came (CompletionFrames.error).
     yield `data: ${JSON.stringify(body)}\n\n`;
   } finally {

@@ -409,6 +409,7 @@ describe('runs that do not end well', () => {
     const failure = expect.objectContaining({
       level: LEVEL.error,
       runId: response.headers.get('x-keel-run-id'),
+      threadId: response.headers.get('x-keel-thread-id'),
       model: agentModel,
       status: 500,
       err: expect.objectContaining({ type: 'CodedOpenAIError', message: expect.stringMatching(/could not be reached or failed/) as unknown }) as unknown,
@@ -436,7 +437,7 @@ describe('runs that do not end well', () => {
     expect(thread.json<{ status: string }>().status).toBe('idle');
     // A client going away is no fault of the server's: a warning an error alert does not count.
     expect(linesOf(response.headers.get('x-request-id'))).toEqual([
-      expect.objectContaining({ level: LEVEL.warn, runId: run.id, status: 499, err: expect.objectContaining({ type: 'CodedOpenAIError', code: 'client_closed_request' }) as unknown }),
+      expect.objectContaining({ level: LEVEL.warn, runId: run.id, threadId: run.thread_id, status: 499, err: expect.objectContaining({ type: 'CodedOpenAIError', code: 'client_closed_request' }) as unknown }),
     ]);
   });
 

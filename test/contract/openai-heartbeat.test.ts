@@ -491,14 +491,22 @@ describe('through the app, at the floor', () => {
     const threadCount = async () => (await api('GET', '/threads', user.headers)).json<ListBody<unknown>>().count;
 
     /**
-     * A late stream's failure is logged once for its request (x-request-id), at `level`, with the
-     * status it answered and the run and thread its head named (of a run never made, when its start
-     * was refused): what the client has to ask about it.
+     * A late start's refusal is logged once for its request (x-request-id), as a warning, with the
+     * status it answered and the run and thread its head named, saying that they were never made:
+     * what the client has to ask about it, and what an operator finds no row for.
      */
-    function expectLoggedUnderItsIds(response: Response, level: number, status: number): void {
+    function expectRefusalLogged(response: Response, status: number): void {
       const lines = logs.lines().filter((line) => line.reqId === response.headers.get('x-request-id'));
       expect(lines).toEqual([
-        expect.objectContaining({ level, status, model: agentModel, runId: response.headers.get('x-keel-run-id'), threadId: response.headers.get('x-keel-thread-id') }),
+        expect.objectContaining({
+          level: LEVEL.warn,
+          status,
+          model: agentModel,
+          runId: response.headers.get('x-keel-run-id'),
+          threadId: response.headers.get('x-keel-thread-id'),
+          runMade: false,
+          msg: expect.stringMatching(/never made/) as unknown,
+        }),
       ]);
     }
 
@@ -528,7 +536,7 @@ describe('through the app, at the floor', () => {
       const runId = response.headers.get('x-keel-run-id');
       expect(runId).toMatch(UUID);
       expect((await api('GET', `/runs/${runId}`, user.headers)).statusCode).toBe(404);
-      expectLoggedUnderItsIds(response, LEVEL.warn, 404);
+      expectRefusalLogged(response, 404);
       await noHeartbeatLeft();
     });
 
@@ -574,7 +582,7 @@ describe('through the app, at the floor', () => {
       expect((await api('GET', `/threads/${newThreadId}`, user.headers)).statusCode).toBe(404);
       expect((await api('GET', `/runs/${response.headers.get('x-keel-run-id')}`, user.headers)).statusCode).toBe(404);
       expect(await threadCount()).toBe(before);
-      expectLoggedUnderItsIds(response, LEVEL.warn, 409);
+      expectRefusalLogged(response, 409);
       await noHeartbeatLeft();
     });
 
