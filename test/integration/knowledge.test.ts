@@ -12,7 +12,7 @@ import { knowledgeChunks, knowledgeEntries } from '../../src/models/index.js';
 
 import { queryRows } from '../../src/crud/owned.js';
 import { contentDisposition } from '../../src/routers/knowledge.js';
-import { purgeDeletedFiles } from '../../src/services/knowledge/files.js';
+import { KNOWLEDGE_PREFIX, purgeDeletedFiles } from '../../src/services/knowledge/files.js';
 import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
 import { boundedQuestion, fullTextQuery, fullTextStatement, MAX_EXCLUDED_WORDS, MAX_QUESTION_WORD_TOKENS, MAX_QUESTION_WORDS, questionLexemes, questionQuery, type Scope } from '../../src/services/knowledge/search.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
@@ -20,10 +20,13 @@ import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/docume
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import { apiOf, createKey, eventually, expectValidationError, type ListBody, sleep, xApiKey } from '../helpers/http.js';
 import { createFolder, type EntryBody, ingested, multipartBody, search, settled, upload, uploaded } from '../helpers/knowledge.js';
+import { captureLogs, LEVEL } from '../helpers/logs.js';
 
 const FILE_LIMIT = 100_000;
 const USER_QUOTA = 250_000;
-const ctx = useTestApp({ KB_MAX_FILE_BYTES: String(FILE_LIMIT), KB_MAX_BYTES_PER_USER: String(USER_QUOTA), KB_CHUNK_TOKENS: '64', KB_CHUNK_OVERLAP_TOKENS: '8' });
+// The ingestion jobs' lines, for a test to see where a job ended.
+const logs = captureLogs('info');
+const ctx = useTestApp({ KB_MAX_FILE_BYTES: String(FILE_LIMIT), KB_MAX_BYTES_PER_USER: String(USER_QUOTA), KB_CHUNK_TOKENS: '64', KB_CHUNK_OVERLAP_TOKENS: '8' }, { logger: logs.logger });
 const api = apiOf(ctx);
 
 /** Files under the user's part of the knowledge-base storage (local backend). */
@@ -505,15 +508,42 @@ describe('entries', () => {
     expect((await search(ctx.app, user.headers, { query: 'invoices' })).data).toEqual([]);
   });
 
-  it('never lets an ingestion bring back the chunks of an entry deleted meanwhile', async () => {
+  it('never lets an ingestion bring back the chunks (or the text) of an entry deleted meanwhile', async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
     const text = Array.from({ length: 400 }, (_, i) => `Paragraph ${i} about capybaras and their habits.`).join('\n\n');
-    const entry = await uploaded(ctx.app, user.headers, folder.id, { filename: 'long.txt', content: text });
-    await api('DELETE', `/knowledge-base/entries/${entry.id}`, user.headers);
-    await sleep(1_500);
-    expect(await ctx.database.db.select().from(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entry.id))).toEqual([]);
-    expect(storedFiles(user.user.id)).toEqual([]);
+    const backend = ctx.app.storage(KNOWLEDGE_PREFIX).backend;
+    const open = backend.open.bind(backend);
+    const ofUser = (key: string) => key.startsWith(`${KNOWLEDGE_PREFIX}/${user.user.id}/`);
+    let uploading: Promise<EntryBody> | undefined;
+    let deleted: Promise<number> | undefined;
+    const dropped = (entryId: string) => logs.lines().some((line) => line.entryId === entryId && line.msg === 'ingestion dropped: the entry was deleted or reindexed meanwhile');
+    // The entry is deleted (through the API, its files purged) once its ingestion has claimed it
+    // and opened the stored file, before it reads it: the job then cuts, stores and finishes an
+    // entry that is gone, whatever the machine's load. (The upload opens no file: its job is the first.)
+    backend.open = async (key, range) => {
+      const opened = await open(key, range);
+      if (ofUser(key)) {
+        backend.open = open;
+        deleted = uploading!.then(async (entry) => (await api('DELETE', `/knowledge-base/entries/${entry.id}`, user.headers)).statusCode);
+        await deleted;
+      }
+      return opened;
+    };
+    logs.clear();
+    try {
+      uploading = uploaded(ctx.app, user.headers, folder.id, { filename: 'long.txt', content: text });
+      const entry = await uploading;
+      await eventually(async () => deleted !== undefined);
+      expect(await deleted).toBe(200);
+      // The job's end: it found its claim gone, and removes the text it may have written after the purge.
+      await eventually(async () => dropped(entry.id));
+      await eventually(async () => storedFiles(user.user.id).length === 0);
+      expect(await ctx.database.db.select().from(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entry.id))).toEqual([]);
+      expect(logs.lines().filter((line) => line.entryId === entry.id && Number(line.level) >= LEVEL.warn)).toEqual([]);
+    } finally {
+      backend.open = open;
+    }
   });
 
   it('reindexes: 202 pending, then ready again with the same chunks', async () => {
