@@ -513,10 +513,11 @@ describe('entries', () => {
     const folder = await createFolder(ctx.app, user.headers);
     const text = Array.from({ length: 400 }, (_, i) => `Paragraph ${i} about capybaras and their habits.`).join('\n\n');
     const backend = ctx.app.storage(KNOWLEDGE_PREFIX).backend;
-    const open = backend.open.bind(backend);
+    const { open, put } = { open: backend.open.bind(backend), put: backend.put.bind(backend) };
     const ofUser = (key: string) => key.startsWith(`${KNOWLEDGE_PREFIX}/${user.user.id}/`);
     let uploading: Promise<EntryBody> | undefined;
     let deleted: Promise<number> | undefined;
+    let textWritten: Promise<void> | undefined;
     const dropped = (entryId: string) => logs.lines().some((line) => line.entryId === entryId && line.msg === 'ingestion dropped: the entry was deleted or reindexed meanwhile');
     // The entry is deleted (through the API, its files purged) once its ingestion has claimed it
     // and opened the stored file, before it reads it: the job then cuts, stores and finishes an
@@ -530,19 +531,27 @@ describe('entries', () => {
       }
       return opened;
     };
+    // The extracted text lands only once the job has found its claim gone, as late as a busy
+    // event loop or a slow disk may make it: still, it must not stay.
+    backend.put = (key, body, mimeType) => {
+      if (!ofUser(key) || !key.endsWith('.txt')) return put(key, body, mimeType);
+      textWritten = uploading!.then((entry) => eventually(async () => dropped(entry.id))).then(() => put(key, body, mimeType));
+      return textWritten;
+    };
     logs.clear();
     try {
       uploading = uploaded(ctx.app, user.headers, folder.id, { filename: 'long.txt', content: text });
       const entry = await uploading;
       await eventually(async () => deleted !== undefined);
       expect(await deleted).toBe(200);
-      // The job's end: it found its claim gone, and removes the text it may have written after the purge.
+      // The job's end: it found its claim gone, and removes the text written after the purge.
       await eventually(async () => dropped(entry.id));
+      await textWritten;
       await eventually(async () => storedFiles(user.user.id).length === 0);
       expect(await ctx.database.db.select().from(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entry.id))).toEqual([]);
       expect(logs.lines().filter((line) => line.entryId === entry.id && Number(line.level) >= LEVEL.warn)).toEqual([]);
     } finally {
-      backend.open = open;
+      Object.assign(backend, { open, put });
     }
   });
 

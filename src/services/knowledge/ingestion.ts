@@ -478,6 +478,7 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
   const storage = knowledgeStorage(settings);
   const started = performance.now();
   let writer: ChunkWriter | null = null;
+  let textSaved: Promise<unknown> | undefined;
   try {
     // The chunker is loaded with the first document, not with the process: its tokenizer's tables
     // are large, and a worker that runs only agent runs or email never needs them.
@@ -492,10 +493,8 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
       extractDocument({ path, filename: entry.filename, declaredMime: entry.mime_type, signal: chunks.signal }, extractLimitsFrom(settings), (sections) => chunks.add(sections)),
     );
     chunks.add(document.sections);
-    await Promise.all([
-      storage.saveFile(utf8Pieces(document.text), `${entry.id}.txt`, 'text/plain; charset=utf-8', textPathOf(storage, entry.storage_key)),
-      chunks.finish(),
-    ]);
+    textSaved = storage.saveFile(utf8Pieces(document.text), `${entry.id}.txt`, 'text/plain; charset=utf-8', textPathOf(storage, entry.storage_key));
+    await Promise.all([textSaved, chunks.finish()]);
     await finishEntry(db, entry, document, chunks, resuming);
     await refreshSearchStatistics(db, chunks.chunkCount);
     log.info({ entryId, format: document.format, chunks: chunks.chunkCount, ms: Math.round(performance.now() - started) }, 'knowledge entry ingested');
@@ -505,6 +504,9 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
     const error = await writer?.finish().then(() => thrown, (cause: unknown) => cause) ?? thrown;
     if (error instanceof ClaimLostError) {
       log.info({ entryId }, 'ingestion dropped: the entry was deleted or reindexed meanwhile');
+      // The text's write may still be going (the claim's loss ended the Promise.all above without
+      // waiting for it): removed before it lands, it would stay, a file no deletion record names.
+      await textSaved?.catch(() => undefined);
       await removeTextOfDeleted(db, storage, entry);
       return;
     }
