@@ -4,7 +4,7 @@ import type { AddressInfo } from 'node:net';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 
-import { eq, sql } from 'drizzle-orm';
+import { eq, type SQL, sql } from 'drizzle-orm';
 import { PgDialect } from 'drizzle-orm/pg-core';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 
@@ -664,6 +664,29 @@ describe('formats', () => {
   });
 });
 
+/**
+ * `statement`'s plan (EXPLAIN ANALYZE, no costs) and rows as PostgreSQL runs it from a generic plan:
+ * prepared in a session with plan_cache_mode = force_generic_plan, its parameters as literals.
+ */
+async function underGenericPlan(statement: SQL): Promise<{ plan: string[]; rows: Record<string, unknown>[] }> {
+  const { sql: text, params } = new PgDialect().sqlToQuery(statement);
+  const literals = params.map((value) => (typeof value === 'number' ? String(value) : `'${String(value).replaceAll("'", "''")}'`)).join(', ');
+  return ctx.database.withSession(async (session) => {
+    let prepared = false;
+    try {
+      await session.exec('set plan_cache_mode = force_generic_plan');
+      await session.exec(`prepare generic_search as ${text}`);
+      prepared = true;
+      const plan = await session.query<{ 'QUERY PLAN': string }>(`explain (analyze, costs off, timing off, summary off) execute generic_search(${literals})`);
+      const rows = await session.query(`execute generic_search(${literals})`);
+      return { plan: plan.map((row) => row['QUERY PLAN']), rows };
+    } finally {
+      // The session goes back to the pool as it came.
+      await session.exec(`${prepared ? 'deallocate generic_search; ' : ''}reset plan_cache_mode`);
+    }
+  });
+}
+
 describe('search', () => {
   it('searches only the caller\'s documents, narrowed by folders and entries', async () => {
     const carol = await createUser(ctx.app);
@@ -926,6 +949,13 @@ describe('search', () => {
         const viaIndex = await answer(0);
         expect(viaIndex).toHaveLength(5);
         expect(await answer(0.5)).toEqual(viaIndex);
+        // Under a generic plan (PGlite's cached statements from their sixth run), the same answer,
+        // and the probe tests its rows against the question parsed once, not parsed again for each.
+        const generic = await underGenericPlan(fullTextQuery('english', { start: question, exclusions: '' }, lexemes.map((l) => ({ ...l, frequency: 0.5 })), scope, 5));
+        expect(generic.rows.map((row) => row.id)).toEqual(viaIndex.map((row) => row.id));
+        const probeFilter = generic.plan.find((line) => line.includes('ts_match_vq(probe.tsv'));
+        expect(probeFilter, generic.plan.join('\n')).toBeDefined();
+        expect(probeFilter).not.toContain('to_tsquery');
       }
     }
   });

@@ -205,6 +205,10 @@ function matching(match: SQL, scope: Scope, cap: number): SQL {
  * The chunks matching every word (`allWords`), at most `cap`: through the GIN index, or — when
  * every lexeme is common (PROBE_FROM) — among the first rows in scope first, the index only when
  * those hold fewer than `cap` (a one-time filter). Both take the matches in the table's order.
+ * The probe's query is a scalar subquery, parsed once: a custom plan folds it anyway, but a
+ * generic one (a named prepared statement, or plan_cache_mode = force_generic_plan) parsed the
+ * question for every row it tested (up to PROBE_MAX_ROWS). The index's look-up keeps the query
+ * written out: the planner estimates its matches from it, and an index condition is computed once.
  */
 function allWordsMatching(allWords: SQL, lexemes: QuestionLexeme[], scope: Scope, cap: number): SQL {
   const chunk = knowledgeChunks;
@@ -214,7 +218,7 @@ function allWordsMatching(allWords: SQL, lexemes: QuestionLexeme[], scope: Scope
   const rows = Math.min(PROBE_MAX_ROWS, Math.ceil((2 * cap) / rarest));
   return sql`with probed as (
       select probe.id from (select ${chunk.id}, ${chunk.tsv} from ${chunk} ${entriesOf(scope)} where ${scope.where} limit ${rows}) as probe
-      where ts_match_vq(probe.tsv, ${allWords}) limit ${cap}
+      where ts_match_vq(probe.tsv, (select ${allWords})) limit ${cap}
     )
     select id from probed where (select count(*) from probed) >= ${cap}
     union all
