@@ -899,6 +899,34 @@ describe('search', () => {
     expect(await found(`${'the '.repeat(70)} -newt`)).toEqual([]);
   });
 
+  it("asks whether a chunk in scope holds a word through the GIN index while the index's pending list is long, not by a scan of every owner's chunks", async () => {
+    const user = await createUser(ctx.app);
+    const other = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const quetzal = await ingested(ctx.app, user.headers, folder.id, { filename: 'quetzal.txt', content: 'The quetzal nests in cloud forests.' });
+    const theirs = await ingested(ctx.app, other.headers, (await createFolder(ctx.app, other.headers)).id, { filename: 'theirs.txt', content: 'Their note.' });
+    const db = ctx.database.db;
+    // 2,000 chunks of each owner written since the index's last VACUUM: its pending list holds
+    // some of them (up to 4 MB, gin_pending_list_limit), which its look-ups read and the planner counts.
+    for (const [entryId, ownerId] of [
+      [quetzal.id, user.user.id],
+      [theirs.id, other.user.id],
+    ]) {
+      await db.execute(sql`insert into knowledge_chunks (entry_id, owner_id, chunk_index, text, heading_path, token_count, tsv)
+        select ${entryId}, ${ownerId}, i, words.text, '{}', 80, to_tsvector('english', words.text) from generate_series(1, 2000) as i,
+          lateral (select string_agg('word' || ((i * 7919 + w * 104729) % 20000), ' ') as text from generate_series(1, 60) as w) as words`);
+    }
+    await db.execute(sql`analyze knowledge_chunks`);
+    // Ten words no chunk holds come first (rarest): the fallback asks about each.
+    const question = `${Array.from({ length: 10 }, (_, i) => `aqz${i}x`).join(' ')} where does the quetzal nest?`;
+    const statement = await fullTextStatement(db, 'english', question, { where: sql`knowledge_chunks.owner_id = ${user.user.id}`, readsEntries: false }, 5);
+    const plan = (await queryRows<{ 'QUERY PLAN': string }>(db, sql`explain (analyze, costs off, timing off, summary off) ${statement}`)).map((row) => row['QUERY PLAN']);
+    const asks = plan.slice(plan.findIndex((line) => line.includes('CTE held')), plan.findIndex((line) => line.includes('CTE and_hits'))).join('\n');
+    expect(asks, plan.join('\n')).not.toContain('Seq Scan on knowledge_chunks');
+    expect(asks).toContain('Index Scan');
+    expect((await queryRows<{ entry_id: string }>(db, statement)).map((row) => row.entry_id)).toEqual([quetzal.id]);
+  });
+
   it("looks up an owner's entries whose chunks search leaves out (failed ones, reindexes of failed ones) by the partial index, not by reading every entry the owner has", async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
