@@ -665,7 +665,7 @@ describe('formats', () => {
 });
 
 /**
- * `statement`'s plan (EXPLAIN ANALYZE, no costs) and rows as PostgreSQL runs it from a generic plan:
+ * `statement`'s plan (EXPLAIN ANALYZE VERBOSE, no costs: each node's output too) and rows as PostgreSQL runs it from a generic plan:
  * prepared in a session with plan_cache_mode = force_generic_plan, its parameters as literals.
  */
 async function underGenericPlan(statement: SQL): Promise<{ plan: string[]; rows: Record<string, unknown>[] }> {
@@ -677,7 +677,7 @@ async function underGenericPlan(statement: SQL): Promise<{ plan: string[]; rows:
       await session.exec('set plan_cache_mode = force_generic_plan');
       await session.exec(`prepare generic_search as ${text}`);
       prepared = true;
-      const plan = await session.query<{ 'QUERY PLAN': string }>(`explain (analyze, costs off, timing off, summary off) execute generic_search(${literals})`);
+      const plan = await session.query<{ 'QUERY PLAN': string }>(`explain (analyze, verbose, costs off, timing off, summary off) execute generic_search(${literals})`);
       const rows = await session.query(`execute generic_search(${literals})`);
       return { plan: plan.map((row) => row['QUERY PLAN']), rows };
     } finally {
@@ -984,6 +984,10 @@ describe('search', () => {
         const probeFilter = generic.plan.find((line) => line.includes('ts_match_vq(probe.tsv'));
         expect(probeFilter, generic.plan.join('\n')).toBeDefined();
         expect(probeFilter).not.toContain('to_tsquery');
+        // So does the score of each candidate (the question and the OR of its lexemes).
+        const score = generic.plan.find((line) => line.includes('ts_rank_cd('));
+        expect(score, generic.plan.join('\n')).toBeDefined();
+        expect(score).not.toMatch(/to_tsquery|::tsquery/);
       }
     }
   });

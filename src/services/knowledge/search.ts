@@ -302,6 +302,8 @@ export function fullTextQuery(language: string, question: BoundedQuestion, lexem
   });
   const orMatches = perLexeme.length ? sql.join(perLexeme.map((part) => sql`(${part})`), sql` union all `) : sql`select null::uuid as id where false`;
   const anyWords = lexemes.map(({ query }) => `(${query})`).join(' | ');
+  // The score's queries are scalar subqueries: parsed once for the statement, where a generic plan
+  // (PGlite's cached statements from their sixth run) parsed them again for every candidate.
   return sql`with ${held ? sql`held as (${held}), ` : sql``}and_hits as (
           ${allWordsMatching(allWords, lexemes, scope, ranked)}
         ), or_hits as (
@@ -319,7 +321,7 @@ export function fullTextQuery(language: string, question: BoundedQuestion, lexem
         select ${chunk.id} as id, ${chunk.entry_id} as entry_id, ${knowledgeEntries.filename} as filename,
           ${chunk.chunk_index} as chunk_index, ${chunk.text} as text, ${chunk.heading_path} as heading_path,
           candidates.all_words,
-          ts_rank_cd(${chunk.tsv}, case when candidates.all_words then ${allWords} else ${anyWords}::tsquery end) as score
+          ts_rank_cd(${chunk.tsv}, case when candidates.all_words then (select ${allWords}) else (select ${anyWords}::tsquery) end) as score
         from candidates
         join ${chunk} on ${chunk.id} = candidates.id
         join ${knowledgeEntries} on ${knowledgeEntries.id} = ${chunk.entry_id}
