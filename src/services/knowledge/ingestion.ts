@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 
-import { and, eq, gte, inArray, lt, or, sql } from 'drizzle-orm';
+import { and, eq, gte, inArray, lt, or, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
 
 import type { Settings } from '../../core/config.js';
 import { type Db, transaction } from '../../core/db.js';
@@ -53,7 +53,11 @@ class ClaimLostError extends Error {}
  * - The first claim of an indexing (an upload's, a reindex's: `attempts` back at 0) of an entry
  *   that was `ready` (`chunk_count` > 0: its chunks are a finished indexing's) clears them: they
  *   may be older code's, whose vectors could be a fallback model's stored under EMBEDDING_MODEL's
- *   id (before `sameModel`), and a reindex of a ready entry is asked for to embed it anew.
+ *   id (before `sameModel`), and a reindex of a ready entry is asked for to embed it anew. Except
+ *   when they were indexed under another KB_SEARCH_LANGUAGE (`indexedUnderOtherLanguage`): that
+ *   reindex is the one README asks for after changing the language, which changes none of the
+ *   embeddings, so the job resumes from them and redoes only the full-text vectors (see
+ *   `ChunkWriter`) rather than embedding, and charging, the whole document again.
  * - Otherwise the chunks there are this code's, of an indexing that did not finish: an earlier
  *   attempt of this one (a retry after a passing fault, or after a worker died), or a failed
  *   indexing (`fail` keeps what was embedded and paid for, and sets `chunk_count` to 0; before it
@@ -81,7 +85,7 @@ async function claim(db: Db, settings: Settings, entryId: string): Promise<Claim
       )
       .returning();
     if (!entry) return null;
-    if (entry.attempts === 1 && entry.chunk_count > 0) {
+    if (entry.attempts === 1 && entry.chunk_count > 0 && !(await indexedUnderOtherLanguage(tx, entry.id, settings.KB_SEARCH_LANGUAGE))) {
       await deleteChunks(tx, entry.id);
       return { entry, resuming: false };
     }
@@ -89,6 +93,33 @@ async function claim(db: Db, settings: Settings, entryId: string): Promise<Claim
     const [stored] = await tx.select({ id: knowledgeChunks.id }).from(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entry.id)).limit(1);
     return { entry, resuming: stored !== undefined };
   });
+}
+
+/**
+ * Whether a `tsv` column holds what `language` makes of the row's text: the one test of a chunk's
+ * full-text language (a tsvector does not record the configuration that made it).
+ */
+const fullTextIn = (language: string): SQL<boolean> => sql<boolean>`${knowledgeChunks.tsv} = ${fullTextOf(language, knowledgeChunks.text)}`;
+
+/** The full-text vector `language` makes of `text` (a value, or the row's own column): how every chunk's `tsv` is written. */
+const fullTextOf = (language: string, text: string | SQLWrapper): SQL => sql`to_tsvector(${language}::regconfig, ${text})`;
+
+/**
+ * Chunks of a ready entry `indexedUnderOtherLanguage` reads: its first ones, found by the unique
+ * index on (entry, place). A ready entry's chunks were all written under one language; a chunk
+ * whose words read alike in both (numbers, names) says nothing, and one among the first few that
+ * does not is enough — without reading every chunk of a long document on each reindex's claim.
+ */
+const LANGUAGE_PROBE_CHUNKS = 8;
+
+/** Whether the entry's chunks were indexed under a language other than `language` (see `claim`). */
+async function indexedUnderOtherLanguage(db: Db, entryId: string, language: string): Promise<boolean> {
+  const [row] = await db
+    .select({ id: knowledgeChunks.id })
+    .from(knowledgeChunks)
+    .where(and(eq(knowledgeChunks.entry_id, entryId), lt(knowledgeChunks.chunk_index, LANGUAGE_PROBE_CHUNKS), sql`not ${fullTextIn(language)}`))
+    .limit(1);
+  return row !== undefined;
 }
 
 /** A claimed entry, and whether its job resumes from chunks stored before it (see `claim`). */
@@ -191,9 +222,12 @@ const CUT_SLICE_MS = 20;
  * later call fails. Search finds a batch once it is stored (a failed entry's reindex: once the entry
  * is `ready`, see `fail`). A failure stops the extraction (`signal`).
  *
- * Resuming (a retry of the same indexing, or a failed entry's reindex: see `claim`), a chunk already stored as this run cuts
- * it — same place, text, headings, token count and full-text vector, and an embedding by `model`
- * where there is one — is kept as it is; the others are embedded and stored (replacing what was
+ * Resuming (a retry of the same indexing, a failed entry's reindex, a ready entry's after a change
+ * of language: see `claim`), a chunk already stored as this run cuts it — same place, text,
+ * headings, token count and full-text vector, and an embedding by `model` where there is one — is
+ * kept as it is. One that differs only by its full-text vector (made under another language) is
+ * kept with its embedding, and its vector is made anew in place (`refreshFullText`): embedding it
+ * again would pay for the vector it has. The others are embedded and stored (replacing what was
  * there), and chunks past the document's end go at the finish. Chunking is deterministic, so a
  * retry with the same settings embeds exactly what the failed attempt did not store. A stored
  * chunk whose text differs from this run's in its place was cut otherwise (a chunking setting
@@ -283,11 +317,12 @@ class ChunkWriter {
     const { deps, entry, model } = this;
     const batch = this.pending;
     this.pending = [];
-    const missing = this.resuming ? await this.notStored(batch) : batch;
+    const { missing, otherLanguage } = this.resuming ? await this.compare(batch) : { missing: batch, otherLanguage: [] };
     // Past another cutting's chunks (all dropped with this batch), nothing stored is left to compare with.
     const lastCompared = this.dropFrom !== null;
+    if (otherLanguage.length) await this.refreshFullText(otherLanguage);
     if (!missing.length) {
-      await renew(deps.db, deps.settings, entry);
+      if (!otherLanguage.length) await renew(deps.db, deps.settings, entry);
     } else if (!model) {
       await this.store(missing, null);
     } else {
@@ -302,8 +337,11 @@ class ChunkWriter {
     this.tokenCount += batch.reduce((sum, chunk) => sum + chunk.tokenCount, 0);
   }
 
-  /** Of `batch`, the chunks an earlier attempt did not store as they are now (see the class). */
-  private async notStored(batch: DocumentChunk[]): Promise<DocumentChunk[]> {
+  /**
+   * Of `batch`, the chunks an earlier attempt did not store as they are now (`missing`), and those it
+   * stored as they are now but for the full-text vector's language (`otherLanguage`; see the class).
+   */
+  private async compare(batch: DocumentChunk[]): Promise<{ missing: DocumentChunk[]; otherLanguage: DocumentChunk[] }> {
     const { deps, entry, model } = this;
     const stored = await storedChunks(deps.db, entry.id, batch[0]!.index, batch.at(-1)!.index, deps.settings.KB_SEARCH_LANGUAGE, model);
     const byIndex = new Map(stored.map((row) => [row.chunk_index, row]));
@@ -313,18 +351,48 @@ class ChunkWriter {
     });
     // From there on nothing stored is kept (see the class).
     if (otherCut) this.dropFrom = otherCut.index;
-    return batch.filter((chunk) => {
-      if (otherCut && chunk.index >= otherCut.index) return true;
-      const row = byIndex.get(chunk.index);
-      const same =
+    const missing: DocumentChunk[] = [];
+    const otherLanguage: DocumentChunk[] = [];
+    for (const chunk of batch) {
+      const row = otherCut && chunk.index >= otherCut.index ? undefined : byIndex.get(chunk.index);
+      const sameApartFromFullText =
         row !== undefined &&
-        row.tsv_current &&
         row.text === chunk.text &&
         row.token_count === chunk.tokenCount &&
         row.heading_path.length === chunk.headingPath.length &&
         row.heading_path.every((heading, i) => heading === chunk.headingPath[i]) &&
         (model === null || row.embedded);
-      return !same;
+      if (!sameApartFromFullText) missing.push(chunk);
+      else if (!row.tsv_current) otherLanguage.push(chunk);
+    }
+    return { missing, otherLanguage };
+  }
+
+  /**
+   * Writes the full-text vector KB_SEARCH_LANGUAGE makes of these stored chunks' text (the same as
+   * this run's: `compare`), in their rows: their embeddings stay, and nothing is embedded.
+   */
+  private async refreshFullText(chunks: DocumentChunk[]): Promise<void> {
+    const { deps, entry } = this;
+    await this.writeBatch(async (tx) => {
+      await tx
+        .update(knowledgeChunks)
+        .set({ tsv: fullTextOf(deps.settings.KB_SEARCH_LANGUAGE, knowledgeChunks.text) })
+        .where(and(eq(knowledgeChunks.entry_id, entry.id), inArray(knowledgeChunks.chunk_index, chunks.map((chunk) => chunk.index))));
+    });
+  }
+
+  /** Runs one batch's write in a short transaction that first renews the claim. */
+  private async writeBatch(work: (tx: Db) => Promise<void>): Promise<void> {
+    const { deps, entry } = this;
+    await transaction(deps.db, async (tx) => {
+      // Committed without waiting for the WAL flush (this transaction only): a batch lost in a
+      // crash is missing when the job runs again, which stores it then (commits are lost only
+      // from the last one backwards, each whole); the end (`ready`) is durable. (A 20 MB Markdown
+      // file on PGlite: 20.7 s with a flush per batch, 19.4 s without.)
+      await tx.execute(sql`select set_config('synchronous_commit', 'off', true)`);
+      await renew(tx, deps.settings, entry);
+      await work(tx);
     });
   }
 
@@ -336,19 +404,13 @@ class ChunkWriter {
       this.indexed = true;
     }
     const language = deps.settings.KB_SEARCH_LANGUAGE;
-    await transaction(deps.db, async (tx) => {
-      // Committed without waiting for the WAL flush (this transaction only): a batch lost in a
-      // crash is missing when the job runs again, which stores it then (commits are lost only
-      // from the last one backwards, each whole); the end (`ready`) is durable. (A 20 MB Markdown
-      // file on PGlite: 20.7 s with a flush per batch, 19.4 s without.)
-      await tx.execute(sql`select set_config('synchronous_commit', 'off', true)`);
-      await renew(tx, deps.settings, entry);
+    await this.writeBatch(async (tx) => {
       // An earlier attempt's chunks from a place on where they were cut otherwise go, with their embeddings (see the class).
       if (this.dropFrom !== null) {
         await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), gte(knowledgeChunks.chunk_index, this.dropFrom)));
         this.dropFrom = null;
       }
-      // An earlier attempt's chunk in the same place (another full-text vector or headings, or no embedding by the model) goes, with its embedding.
+      // An earlier attempt's chunk in the same place (other headings or token count, or no embedding by the model) goes, with its embedding.
       if (this.resuming) {
         await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), inArray(knowledgeChunks.chunk_index, chunks.map((chunk) => chunk.index))));
       }
@@ -362,7 +424,7 @@ class ChunkWriter {
             text: chunk.text,
             heading_path: chunk.headingPath,
             token_count: chunk.tokenCount,
-            tsv: sql`to_tsvector(${language}::regconfig, ${chunk.text})` as unknown as string,
+            tsv: fullTextOf(language, chunk.text) as unknown as string,
           })),
         )
         .returning({ id: knowledgeChunks.id });
@@ -388,7 +450,7 @@ async function storedChunks(db: Db, entryId: string, first: number, last: number
       text: knowledgeChunks.text,
       heading_path: knowledgeChunks.heading_path,
       token_count: knowledgeChunks.token_count,
-      tsv_current: sql<boolean>`${knowledgeChunks.tsv} = to_tsvector(${language}::regconfig, ${knowledgeChunks.text})`,
+      tsv_current: fullTextIn(language),
       embedded,
     })
     .from(knowledgeChunks)
