@@ -1,3 +1,6 @@
+import { existsSync, readdirSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { expect } from 'vitest';
 
@@ -5,6 +8,13 @@ import { call, eventually } from './http.js';
 import { type FormFile, multipartBody } from './multipart.js';
 
 export { type FormFile, multipartBody } from './multipart.js';
+
+/** Files under a user's part of the knowledge-base storage (the local backend under `dataDir`). */
+export function storedFiles(dataDir: string, ownerId: string): string[] {
+  const dir = join(dataDir, 'storage', 'knowledge-base', ownerId);
+  if (!existsSync(dir)) return [];
+  return readdirSync(dir, { recursive: true, encoding: 'utf8' }).filter((name) => statSync(join(dir, name)).isFile());
+}
 
 export interface EntryBody {
   id: string;

@@ -5,12 +5,13 @@ import { knowledgeChunks, usageRecords } from '../../src/models/index.js';
 
 import { queryRows } from '../../src/crud/owned.js';
 import { anyEmbedded } from '../../src/services/knowledge/embeddings.js';
+import { KNOWLEDGE_PREFIX } from '../../src/services/knowledge/files.js';
 import { sweepIngestion } from '../../src/services/knowledge/ingestion.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { fakeEmbedding, FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, eventually, sleep } from '../helpers/http.js';
-import { createFolder, ingested, search, settled, uploaded } from '../helpers/knowledge.js';
+import { createFolder, ingested, search, settled, storedFiles, uploaded } from '../helpers/knowledge.js';
 import { addFakeModels } from '../helpers/metered-models.js';
 import { createAgent, createThread, startRun, waitForRun } from '../helpers/runs.js';
 import { intercepting } from '../helpers/statements.js';
@@ -154,6 +155,37 @@ describe('embeddings', () => {
     // With the provider back, a reindex succeeds.
     expect((await api('POST', `/knowledge-base/entries/${entry.id}/reindex`, other.headers)).statusCode).toBe(202);
     expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', error: null });
+  });
+
+  it('a failed try waits for its text to be written before it lets the entry go: an entry deleted meanwhile leaves no file behind', async () => {
+    if (!withVectors()) return;
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    // The embedding fails (after a moment, so that the text's write has begun), and the text's
+    // write is held until the entry is deleted: the failure is handled while the write is going.
+    fake.script('fake-embed', { status: 500, chunkDelayMs: 200 }, { status: 500 }, { status: 500 });
+    const backend = ctx.app.storage(KNOWLEDGE_PREFIX).backend;
+    const put = backend.put.bind(backend);
+    let entryId: Promise<string> | undefined;
+    let deleted: Promise<number> | undefined;
+    let written: Promise<void> | undefined;
+    backend.put = (key, body, mimeType) => {
+      if (!key.startsWith(`${KNOWLEDGE_PREFIX}/${user.user.id}/`) || !key.endsWith('.txt')) return put(key, body, mimeType);
+      deleted = entryId!.then(async (id) => (await api('DELETE', `/knowledge-base/entries/${id}`, user.headers)).statusCode);
+      written = deleted.then(() => put(key, body, mimeType));
+      return written;
+    };
+    try {
+      entryId = uploaded(ctx.app, user.headers, folder.id, { filename: 'puffins.txt', content: 'Puffins nest in burrows on cliffs.' }).then((entry) => entry.id);
+      await entryId;
+      await eventually(async () => deleted !== undefined);
+      expect(await deleted).toBe(200);
+      // The text lands after the deletion's purge; the job's try, which waited for it, takes it away.
+      await written;
+      await eventually(async () => storedFiles(ctx.app.settings.dataDir, user.user.id).length === 0);
+    } finally {
+      backend.put = put;
+    }
   });
 
   it("never takes another model's vectors for EMBEDDING_MODEL's: its fallbacks are not tried for chunks or queries", async () => {

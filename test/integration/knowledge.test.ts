@@ -1,8 +1,6 @@
 import { randomUUID } from 'node:crypto';
-import { existsSync, readdirSync, statSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import { connect } from 'node:net';
-import { join } from 'node:path';
 
 import { eq, type SQL, sql } from 'drizzle-orm';
 import { PgDialect } from 'drizzle-orm/pg-core';
@@ -19,7 +17,7 @@ import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import { apiOf, createKey, eventually, expectValidationError, type ListBody, sleep, xApiKey } from '../helpers/http.js';
-import { createFolder, type EntryBody, ingested, multipartBody, search, settled, upload, uploaded } from '../helpers/knowledge.js';
+import { createFolder, type EntryBody, ingested, multipartBody, search, settled, storedFiles as storedFilesIn, upload, uploaded } from '../helpers/knowledge.js';
 import { captureLogs, LEVEL } from '../helpers/logs.js';
 
 const FILE_LIMIT = 100_000;
@@ -30,11 +28,7 @@ const ctx = useTestApp({ KB_MAX_FILE_BYTES: String(FILE_LIMIT), KB_MAX_BYTES_PER
 const api = apiOf(ctx);
 
 /** Files under the user's part of the knowledge-base storage (local backend). */
-function storedFiles(ownerId: string): string[] {
-  const dir = join(ctx.app.settings.dataDir, 'storage', 'knowledge-base', ownerId);
-  if (!existsSync(dir)) return [];
-  return readdirSync(dir, { recursive: true, encoding: 'utf8' }).filter((name) => statSync(join(dir, name)).isFile());
-}
+const storedFiles = (ownerId: string) => storedFilesIn(ctx.app.settings.dataDir, ownerId);
 
 async function entryCount(user: TestUser): Promise<number> {
   return (await api('GET', '/knowledge-base/entries', user.headers)).json<ListBody<EntryBody>>().count;
@@ -531,11 +525,11 @@ describe('entries', () => {
       }
       return opened;
     };
-    // The extracted text lands only once the job has found its claim gone, as late as a busy
-    // event loop or a slow disk may make it: still, it must not stay.
+    // The extracted text lands only after the deletion's purge, as late as a busy event loop or a
+    // slow disk may make it: still, it must not stay.
     backend.put = (key, body, mimeType) => {
       if (!ofUser(key) || !key.endsWith('.txt')) return put(key, body, mimeType);
-      textWritten = uploading!.then((entry) => eventually(async () => dropped(entry.id))).then(() => put(key, body, mimeType));
+      textWritten = deleted!.then(() => put(key, body, mimeType));
       return textWritten;
     };
     logs.clear();

@@ -564,12 +564,16 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
     // The writer's own failure stopped the extraction: its cause is the one to report.
     writer?.stop(thrown);
     const error = await writer?.finish().then(() => thrown, (cause: unknown) => cause) ?? thrown;
+    // The text's write may still be going (any failure ended the Promise.all above without waiting
+    // for it): it lands while the claim is held, and goes if the entry was deleted meanwhile. Left
+    // to land after the claim's release, a deletion in between would leave it, a file no deletion
+    // record names.
+    if (textSaved) {
+      await textSaved.catch(() => undefined);
+      await removeTextOfDeleted(db, storage, entry);
+    }
     if (error instanceof ClaimLostError) {
       log.info({ entryId }, 'ingestion dropped: the entry was deleted or reindexed meanwhile');
-      // The text's write may still be going (the claim's loss ended the Promise.all above without
-      // waiting for it): removed before it lands, it would stay, a file no deletion record names.
-      await textSaved?.catch(() => undefined);
-      await removeTextOfDeleted(db, storage, entry);
       return;
     }
     const outcome = outcomeOf(error, entry, maxAttempts);
