@@ -118,7 +118,10 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
       renameSync(join(dir, name), join(dir, restored));
       names.push(restored);
     } catch {
-      // another process took it back first
+      // Another process took it back first, between this one's listing and now: that one takes the
+      // save's other files after it, so none of them is taken here. Taken here, a release written
+      // before the settlements it follows showed the credit they still charge as free.
+      busy.add(saveOf(name));
     }
   }
   const saved = [...new Set(names)].filter((n) => n.endsWith('.json')).sort();
@@ -145,7 +148,9 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
       try {
         renameSync(path, join(dir, `${name}.unreadable`));
       } catch {
-        // left taken: the next process takes it back, and sets it aside then
+        // Left taken: the next process takes it back, and sets it aside then. Its save's other
+        // files wait with it, as for any file of a save not taken by this take's rename.
+        busy.add(save);
       }
       continue;
     }
