@@ -430,10 +430,14 @@ const settleCtes = (items: SQL, withRows = false, retried = false) =>
           from (select rid, sum(part) as part from i where rid is not null and part is not null group by rid) g
           where c.id = g.rid returning c.id
         ),
+        -- A deleted reservation's amounts go to the first of its items only: two releases of one
+        -- reservation in a batch (a release saved twice, or kept twice) released it twice, and
+        -- the account's reserved went below what its other holds still held.
+        rf as (select distinct on (rid) rid, ord from i where rid is not null and part is null order by rid, ord),
         ir as (
           select i.*, case when i.part is null then coalesce(r.account_amount, 0) when b.id is not null then i.part else 0 end as account_release,
             coalesce(r.key_amount, 0) as key_release
-          from i left join r on r.id = i.rid left join b on b.id = i.rid and i.part is not null
+          from i left join rf on rf.ord = i.ord left join r on r.id = rf.rid left join b on b.id = i.rid and i.part is not null
         ),
         k as (
           update api_keys t set spent = t.spent + g.cost, budget_reserved = greatest(t.budget_reserved - g.released, 0)

@@ -707,6 +707,7 @@ export class UsageMeterService implements UsageMeter {
     this.writing.blockReleases = releases;
     try {
       if (!(await this.writeQueued())) {
+        this.writing.blockReleases = []; // back on the queue: in one list at a time (see releaseBlocks)
         this.blockReleases.unshift(...releases);
         return;
       }
@@ -738,10 +739,15 @@ export class UsageMeterService implements UsageMeter {
           // came after it: the rows go one by one (what is refused is set aside, logged), the
           // settlements are retried one by one after this loop (retryFailed).
           this.log.error({ err: cause(error), rows: usage.length, settlements: settlements.length }, 'usage batch refused by the database; written one by one');
+          // Off the in-flight list before they are kept: still there while the rows go one by one,
+          // they were counted twice (unwrittenRows) and saved twice by a shutdown meanwhile.
+          this.writing.windowSettlements = [];
           this.failedSettlements.push(...settlements);
           if (await this.writeRowsApart(usage)) continue;
           return false;
         }
+        this.writing.usage = [];
+        this.writing.windowSettlements = [];
         this.buffer.unshift(...usage);
         this.failedSettlements.push(...settlements);
         this.log.error({ err: cause(error), pending: this.buffer.length, settlements: settlements.length }, 'usage records not written; kept for a retry');
@@ -765,6 +771,7 @@ export class UsageMeterService implements UsageMeter {
           this.log.error({ err: cause(error), usageRecord: (JSON.parse(row) as { id: string }).id }, 'usage record refused by the database; set aside');
           continue;
         }
+        this.writing.usage = []; // `rows`: off the in-flight list before they are kept (see writeQueued)
         this.buffer.unshift(...rows.slice(i));
         this.log.error({ err: cause(error), pending: this.buffer.length }, 'usage records not written; kept for a retry');
         this.retryLater();
@@ -789,6 +796,9 @@ export class UsageMeterService implements UsageMeter {
     this.writing.settlements = settlements;
     this.retriedUpTo = 0;
     const keep = (from: number, error: unknown) => {
+      // Off the in-flight list before they are kept (in one list at a time: see releaseBlocks).
+      this.writing.settlements = [];
+      this.retriedUpTo = 0;
       // Ahead of what failed meanwhile (settlePending's): queued before it.
       this.failedSettlements = settlements.slice(from).concat(this.failedSettlements);
       this.log.error({ err: cause(error), pending: this.failedSettlements.length }, 'credit settlements not written; kept for a retry');
@@ -870,6 +880,10 @@ export class UsageMeterService implements UsageMeter {
     const unwritten = new Set<string | null>();
     for (const queue of [this.failedSettlements, this.windowSettlements]) for (const s of queue) if (typeof s.release === 'string') unwritten.add(s.reservationId);
     const ready = releases.filter((r) => !unwritten.has(r.reservationId));
+    // What is put back goes off the flush's in-flight list first: a record in two of the meter's
+    // lists is counted twice (unwrittenRows) and, if the process stops during the statement below,
+    // saved twice (saveUnwritten), then released twice in one statement once taken back.
+    this.writing.blockReleases = ready;
     if (ready.length < releases.length) {
       this.blockReleases.unshift(...releases.filter((r) => unwritten.has(r.reservationId)));
       this.retryLater();
@@ -878,6 +892,7 @@ export class UsageMeterService implements UsageMeter {
     try {
       await billingCrud.settleMany(this.db, ready);
     } catch (error) {
+      this.writing.blockReleases = [];
       this.failedSettlements.push(...ready);
       this.log.error({ err: cause(error), pending: this.failedSettlements.length }, 'credit settlements not written; kept for a retry');
       this.retryLater();

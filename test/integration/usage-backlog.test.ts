@@ -195,6 +195,57 @@ describe('usage saved at the shutdown deadline', () => {
       rmSync(dataDir, { recursive: true, force: true });
     }
   });
+
+  it("window settlements kept while their batch's rows go one by one (refused for one row's data) are saved once by a shutdown then, not twice", async () => {
+    await withSavedUsage([], async ({ user, dataDir, dir }) => {
+      const userId = user.user.id;
+      const now = new Date().toISOString();
+      const good = usageRowOf(userId, now);
+      const bad = usageRowOf(userId, now, { cost: 'not a number' });
+      const block = await creditBlock(userId, 1);
+      saveUnwritten(dir, { usage: [JSON.stringify(good), JSON.stringify(bad)], settlements: [], ...block });
+      const charge = block.windowSettlements[0]!.usageRecordId;
+      let hung!: () => void;
+      const apart = new Promise<void>((resolve) => (hung = resolve));
+      let fail!: (error: Error) => void;
+      const hanging = new Promise<never>((_, reject) => (fail = reject));
+      hanging.catch(() => undefined);
+      let down = true;
+      await intercepting(
+        ctx.database.db,
+        async (_text, params) => {
+          // The good row's own statement (the batch refused, rows one by one) hangs.
+          if (down && params.some((p) => typeof p === 'string' && p.includes(good.id) && !p.includes(bad.id))) {
+            hung();
+            await hanging;
+          }
+        },
+        async () => {
+          const app = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+          try {
+            await apart;
+            app.meter.saveUnwritten(); // as the shutdown deadline does
+            const files = readdirSync(dir).filter((name) => name.endsWith('.json')).map((name) => JSON.parse(readFileSync(join(dir, name), 'utf8')) as UnwrittenUsage);
+            const charges = files.flatMap((file) => [...file.settlements, ...file.windowSettlements]).filter((s) => s.usageRecordId === charge);
+            expect(charges).toHaveLength(1);
+          } finally {
+            fail(new Error('Connection terminated unexpectedly'));
+            down = false;
+            await app.close();
+          }
+        },
+      );
+      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+      try {
+        for (let i = 0; i < 5 && readdirSync(dir).length; i++) await up.meter.idle();
+      } finally {
+        await up.close();
+      }
+      expect(readdirSync(dir)).toEqual([]);
+      expect(await account(userId)).toEqual({ balance: 92, reserved: 0 });
+      expect(await usageIds(ctx.database.db, userId)).toEqual(new Set([good.id]));
+    });
+  });
 });
 
 /** Of the saved records `ids` of `userId`, those in neither the database nor a file of `dir`: what a kill -9 now would lose. */
@@ -587,6 +638,59 @@ describe('usage saved by earlier processes', () => {
     });
   });
 
+  it("a block release put back (its block's settlement unwritten) while the flush writes another is saved once by a shutdown then, not twice", async () => {
+    await withSavedUsage([], async ({ user, dataDir, dir }) => {
+      const userId = user.user.id;
+      const { windowSettlements, blockReleases } = await creditBlock(userId, 1);
+      const other = randomUUID();
+      expect(await billingCrud.hold(ctx.database.db, { id: other, userId, apiKeyId: null, accountAmount: '10', keyAmount: null, ttlSeconds: 900 })).toBe('held');
+      const otherRelease = settlementOf(userId, { reservationId: other, cost: '0', description: 'credit window released' });
+      // The block's settlement kept after a failure, then its release and another block's.
+      saveUnwritten(dir, { usage: [], settlements: windowSettlements, windowSettlements: [], blockReleases: [...blockReleases, otherRelease] });
+      const [charge] = windowSettlements;
+      let hung!: () => void;
+      const releasing = new Promise<void>((resolve) => (hung = resolve));
+      let fail!: (error: Error) => void;
+      const hanging = new Promise<never>((_, reject) => (fail = reject));
+      hanging.catch(() => undefined);
+      let down = true;
+      await intercepting(
+        ctx.database.db,
+        async (text, params) => {
+          if (!down) return;
+          // The settlement's retry fails (so the block's release is put back); the other release hangs.
+          if (params.includes(charge!.usageRecordId) || text.includes(charge!.usageRecordId)) throw new Error('Connection terminated unexpectedly');
+          if (params.includes(other)) {
+            hung();
+            await hanging;
+          }
+        },
+        async () => {
+          const app = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+          try {
+            await releasing;
+            app.meter.saveUnwritten(); // as the shutdown deadline does
+            const saves = readdirSync(dir).filter((name) => name.endsWith('.json'));
+            const releases = saves.flatMap((name) => (JSON.parse(readFileSync(join(dir, name), 'utf8')) as UnwrittenUsage).blockReleases.map((r) => r.usageRecordId));
+            expect(releases.sort()).toEqual([blockReleases[0]!.usageRecordId, otherRelease.usageRecordId].sort());
+          } finally {
+            fail(new Error('Connection terminated unexpectedly'));
+            down = false;
+            await app.close();
+          }
+        },
+      );
+      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+      try {
+        for (let i = 0; i < 5 && readdirSync(dir).length; i++) await up.meter.idle();
+      } finally {
+        await up.close();
+      }
+      expect(readdirSync(dir)).toEqual([]);
+      expect(await account(userId)).toEqual({ balance: 92, reserved: 0 });
+    });
+  });
+
   it("a save's block releases are not taken while another live process holds its settlements: written first, they showed the credit those still charge as free", async () => {
     await withSavedUsage([], async ({ user, dataDir, dir }) => {
       saveUnwritten(dir, { usage: [], settlements: [], ...(await creditBlock(user.user.id, 8)) });
@@ -615,5 +719,29 @@ describe('usage saved by earlier processes', () => {
       }
       expect(await account(user.user.id)).toEqual({ balance: 92, reserved: 0 });
     });
+  });
+});
+
+describe('settleMany', () => {
+  it('releases a reservation once, though two items of the batch release it (a release kept or saved twice): the holds beside it stay held', async () => {
+    const user = await createUser(ctx.app);
+    const userId = user.user.id;
+    const key = await createKey(ctx.app, user, { name: 'budgeted', max_budget: '100' });
+    await billingCrud.changeBalance(ctx.database.db, { userId, type: 'grant', amount: '100', description: null, createdBy: userId });
+    const held = async (accountAmount: string, keyAmount: string) => {
+      const id = randomUUID();
+      expect(await billingCrud.hold(ctx.database.db, { id, userId, apiKeyId: key.id, accountAmount, keyAmount, ttlSeconds: 900 })).toBe('held');
+      return id;
+    };
+    for (const retried of [false, true]) {
+      const released = await held('50', '20');
+      const beside = await held('30', '10');
+      const release = settlementOf(userId, { reservationId: released, apiKeyId: key.id, chargeKey: true, cost: '0', description: 'credit window released' });
+      await billingCrud.settleMany(ctx.database.db, [release, { ...release, usageRecordId: randomUUID() }], retried);
+      expect(await account(userId)).toEqual({ balance: 100, reserved: 30 });
+      expect(Number((await billingCrud.keySpend(ctx.database.db, key.id)).reserved)).toBe(10);
+      await billingCrud.settleMany(ctx.database.db, [settlementOf(userId, { reservationId: beside, apiKeyId: key.id, chargeKey: true, cost: '0' })]);
+      expect(await account(userId)).toEqual({ balance: 100, reserved: 0 });
+    }
   });
 });
