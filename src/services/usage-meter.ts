@@ -175,6 +175,11 @@ export class UsageMeterService implements UsageMeter {
    * be written, each with the flushes begun before its take (`flushesBegun`).
    */
   private recovered: { file: string; takenAfter: number }[] = [];
+  /**
+   * The settlements and block releases taken back from saved files (`recoverUnwritten`) not yet
+   * written: counted toward the take's room, not toward refusing calls (`callRecords`).
+   */
+  private fromFiles = new Set<billingCrud.Settlement>();
 
   constructor(options: UsageMeterOptions) {
     this.db = options.db;
@@ -219,7 +224,7 @@ export class UsageMeterService implements UsageMeter {
 
   reserve(estimate: CostEstimate): UsageReservation | Promise<UsageReservation> {
     if (this.closing) throw new ShuttingDownError();
-    if (this.unwrittenRows() >= this.settings.USAGE_MAX_PENDING_ROWS) this.refuseForBacklog();
+    if (this.callRecords() >= this.settings.USAGE_MAX_PENDING_ROWS) this.refuseForBacklog();
     const keyId = estimate.context.api_key_id ?? null;
     if (keyId === null) return this.hold(estimate, null);
     const limits = estimate.context.api_key_limits;
@@ -543,7 +548,7 @@ export class UsageMeterService implements UsageMeter {
   private refuseForBacklog(): never {
     if (!this.backlogged) {
       this.backlogged = true;
-      this.log.error({ pending: this.unwrittenRows() }, 'model calls refused: usage records are not being written to the database');
+      this.log.error({ pending: this.callRecords() }, 'model calls refused: usage records are not being written to the database');
     }
     throw new UsageBacklogError();
   }
@@ -607,6 +612,23 @@ export class UsageMeterService implements UsageMeter {
   }
 
   /**
+   * The unwritten records that count toward refusing calls: all of them but the settlements and
+   * releases taken back from saved files. A save's are taken whole, past the take's room (see
+   * `recoverUnwritten`): counted, a process that saved about USAGE_MAX_PENDING_ROWS of them at
+   * shutdown had the next one refuse every call (503), the database up, until it had written them
+   * all. They count toward the take's room instead (`unwrittenRows`), which keeps the take bounded.
+   * Usage rows taken back still count: a take never goes past its room with them.
+   */
+  private callRecords(): number {
+    return this.unwrittenRows() - this.fromFiles.size;
+  }
+
+  /** `items` are written (or set aside): those taken back from files no longer wait. */
+  private wroteItems(items: readonly billingCrud.Settlement[]): void {
+    if (this.fromFiles.size) for (const item of items) this.fromFiles.delete(item);
+  }
+
+  /**
    * Writes the buffered usage records and retries failed settlements; one flush at a time. What
    * fails stays for the next flush (logged), so a database outage loses nothing.
    */
@@ -624,9 +646,9 @@ export class UsageMeterService implements UsageMeter {
       .finally(() => {
         this.flushing = null;
         this.flushes += 1;
-        if (this.backlogged && this.unwrittenRows() < this.settings.USAGE_MAX_PENDING_ROWS) {
+        if (this.backlogged && this.callRecords() < this.settings.USAGE_MAX_PENDING_ROWS) {
           this.backlogged = false;
-          this.log.info({ pending: this.unwrittenRows() }, 'usage records are being written again: model calls resume');
+          this.log.info({ pending: this.callRecords() }, 'usage records are being written again: model calls resume');
         }
         // After a failure, saved files wait for the retry (USAGE_FLUSH_INTERVAL_MS: retryLater) to
         // write: taken at once, an outage read file after file into flushes bound to fail.
@@ -733,6 +755,7 @@ export class UsageMeterService implements UsageMeter {
       this.writing.windowSettlements = settlements;
       try {
         await billingCrud.writeUsage(this.db, usage, settlements);
+        this.wroteItems(settlements);
       } catch (error) {
         if (refusedForData(error)) {
           // One row the database refuses would fail its batch at every retry and hold up all that
@@ -814,8 +837,12 @@ export class UsageMeterService implements UsageMeter {
           if (!refusedForData(error)) return keep(at, error);
           if (chargedAlready(error)) this.log.info({ settlements: batch.length }, 'credit settlements retried while a first attempt committed; charged once (written one by one)');
           const failed = await this.retryEach(batch);
-          if (failed) return keep(at + failed.index, failed.error);
+          if (failed) {
+            this.wroteItems(batch.slice(0, failed.index));
+            return keep(at + failed.index, failed.error);
+          }
         }
+        this.wroteItems(batch);
         at += batch.length;
         this.retriedUpTo = at;
       }
@@ -891,6 +918,7 @@ export class UsageMeterService implements UsageMeter {
     if (!ready.length) return;
     try {
       await billingCrud.settleMany(this.db, ready);
+      this.wroteItems(ready);
     } catch (error) {
       this.writing.blockReleases = [];
       this.failedSettlements.push(...ready);
@@ -1008,6 +1036,8 @@ export class UsageMeterService implements UsageMeter {
       const files = saveUnwritten(dir, queues);
       // Saved again with the rest: the files they were recovered from are done with.
       this.forgetRecovered();
+      // Saved again: what a statement still in flight holds and puts back after a failure counts as a call's.
+      this.fromFiles.clear();
       this.buffer = [];
       this.failedSettlements = [];
       this.windowSettlements = [];
@@ -1026,7 +1056,8 @@ export class UsageMeterService implements UsageMeter {
    * a flush that writes brings them under again (or at the next sweep): a long outage's usage rows
    * never fill the queue to where calls are refused. A save's settlements and the block releases
    * after them are taken whole (`takeUnwritten`), past the room if need be: written in statements
-   * of USAGE_FLUSH_MAX_ROWS (`retryFailed`), they are soon off it.
+   * of USAGE_FLUSH_MAX_ROWS (`retryFailed`), they are soon off it, and meanwhile they do not count
+   * toward refusing calls (`callRecords`), only toward the room of the next take.
    */
   private recoverUnwritten(): void {
     const room = Math.floor(this.settings.USAGE_MAX_PENDING_ROWS / 2) - this.unwrittenRows();
@@ -1041,9 +1072,18 @@ export class UsageMeterService implements UsageMeter {
     for (const part of parts) {
       // Item by item: a spread of 100,000s of items passes the call stack's limit.
       for (const row of part.usage) this.buffer.push(row);
-      for (const item of part.settlements) this.failedSettlements.push(item);
-      for (const item of part.windowSettlements) this.windowSettlements.push(item);
-      for (const item of part.blockReleases) this.blockReleases.push(item);
+      for (const item of part.settlements) {
+        this.failedSettlements.push(item);
+        this.fromFiles.add(item);
+      }
+      for (const item of part.windowSettlements) {
+        this.windowSettlements.push(item);
+        this.fromFiles.add(item);
+      }
+      for (const item of part.blockReleases) {
+        this.blockReleases.push(item);
+        this.fromFiles.add(item);
+      }
       counts.usageRecords += part.usage.length;
       counts.settlements += part.settlements.length + part.windowSettlements.length;
       counts.blockReleases += part.blockReleases.length;

@@ -691,6 +691,50 @@ describe('usage saved by earlier processes', () => {
     });
   });
 
+  it('a save of USAGE_MAX_PENDING_ROWS settlements taken back whole does not refuse calls (the database up) while it is written, each written once', async () => {
+    await withSavedUsage([], async ({ user, dataDir, dir }) => {
+      const userId = user.user.id;
+      await billingCrud.changeBalance(ctx.database.db, { userId, type: 'grant', amount: '100', description: null, createdBy: userId });
+      // A process stopped during an outage with the limit's worth of settlements unwritten.
+      saveUnwritten(dir, { usage: [], settlements: Array.from({ length: LIMIT }, () => settlementOf(userId, { cost: '0.5' })), windowSettlements: [], blockReleases: [] });
+      let writing!: () => void;
+      const retrying = new Promise<void>((resolve) => (writing = resolve));
+      let go!: () => void;
+      const going = new Promise<void>((resolve) => (go = resolve));
+      await intercepting(
+        ctx.database.db,
+        async (text) => {
+          // The first statement of the retried settlements waits until a call has been made.
+          if (/not exists \(select 1 from credit_transactions t where/.test(text)) {
+            writing();
+            await going;
+          }
+        },
+        async () => {
+          const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+          try {
+            await retrying;
+            const served = await up.models.chat(chatRequest('fake-precise', { user_id: userId })).then(
+              () => 'served',
+              (error: unknown) => (error instanceof UsageBacklogError ? 'refused (503)' : error),
+            );
+            expect(served).toBe('served');
+            go();
+            for (let i = 0; i < 5 && readdirSync(dir).length; i++) await up.meter.idle();
+          } finally {
+            go();
+            await up.close();
+          }
+        },
+      );
+      expect(readdirSync(dir)).toEqual([]);
+      const ledger = await ctx.database.db.execute(sql`select count(*)::int as n from credit_transactions where owner_id = ${userId} and type = 'usage'`);
+      expect((ledger as { rows: { n: number }[] }).rows[0]!.n).toBe(LIMIT);
+      expect(await account(userId)).toEqual({ balance: 50, reserved: 0 });
+      expect(await usageCount(ctx.database.db, userId)).toBe(1);
+    });
+  });
+
   it("a save's block releases are not taken while another live process holds its settlements: written first, they showed the credit those still charge as free", async () => {
     await withSavedUsage([], async ({ user, dataDir, dir }) => {
       saveUnwritten(dir, { usage: [], settlements: [], ...(await creditBlock(user.user.id, 8)) });
