@@ -76,6 +76,14 @@ export const knowledgeEntries = pgTable(
      * reindex is pending or processing either (services/knowledge/search.ts, hiddenChunks).
      */
     chunks_hidden: boolean('chunks_hidden').notNull().default(false),
+    /**
+     * The KB_SEARCH_LANGUAGE every chunk's full-text vector was made under: written only when an
+     * indexing ends `ready`, so through a reindex (and after one cut short) it still names the
+     * language the chunks were in before it. A reindex under another language keeps the chunks and
+     * their embeddings (services/knowledge/ingestion.ts, `claim`). Null: indexed by code older than
+     * the column (its embeddings may be a fallback model's), or never indexed.
+     */
+    search_language: text('search_language'),
     /** Ingestion attempts since the last upload or reindex: one that keeps dying is failed, not retried forever. */
     attempts: integer('attempts').notNull().default(0),
     /** The claim of the ingestion working on the entry: only its holder may write the result. */

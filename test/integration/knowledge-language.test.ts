@@ -2,7 +2,7 @@ import { and, eq, sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
-import { usageRecords } from '../../src/models/index.js';
+import { knowledgeEntries, usageRecords } from '../../src/models/index.js';
 
 import { queryRows } from '../../src/crud/owned.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
@@ -39,9 +39,25 @@ const SECTIONS = [
   'Die Fischer fahren früh am Morgen hinaus.',
   'Abends leuchten die Fenster der Dörfer.',
 ];
-const DOCUMENT = { filename: 'dorf.md', content: SECTIONS.map((s, i) => `# Teil ${i}\n\n${s}`).join('\n\n') };
+/** A Markdown document of one chunk per section (KB_CHUNK_TOKENS 32). */
+const markdown = (sections: string[]) => sections.map((s, i) => `# Teil ${i}\n\n${s}`).join('\n\n');
 /** Embedding calls for the document's chunks (KB_EMBED_BATCH 2). */
 const EMBED_CALLS = SECTIONS.length / 2;
+/** A longer document: more chunks than the 8 the claim once read for their language (SECTIONS first). */
+const LONG_SECTIONS = [
+  ...SECTIONS,
+  'Der Bäcker backt das Brot für die ganze Gemeinde.',
+  'Kinder spielen auf der Wiese hinter der Kirche.',
+  'Im Herbst sammeln die Bauern die Äpfel ein.',
+  'Der Zug nach der Stadt fährt zweimal am Tag.',
+  'Auf dem Markt verkaufen die Frauen frisches Gemüse.',
+  'Die Glocken läuten jeden Sonntag um zehn Uhr.',
+  'Im Frühling blühen die Kirschbäume am Hang.',
+  'Der Förster kennt jeden Weg im dunklen Wald.',
+];
+/** Chunks of figures alone (a table's opening rows), which every language indexes alike, before German text. */
+const NUMERIC_OPENING = 8;
+const NUMERIC_SECTIONS = [...Array.from({ length: NUMERIC_OPENING }, (_, i) => `${2010 + i} ${1000 + i * 37} ${i}.25 ${42 * (i + 1)}`), ...SECTIONS];
 /** A German stem of a word of the first chunk ("Häuser"): found by full text under `german` only. */
 const STEM_QUERY = 'Haus';
 
@@ -81,16 +97,25 @@ async function fullTextHits(app: FastifyInstance, entryId: string, query: string
   return found.data.map((hit) => hit.chunk_index);
 }
 
-/** An entry ingested under `english` and its chunks then; the embedding usage records are written before it returns. */
-async function ingestedInEnglish(filename: string) {
+/** The language the entry records its chunks were indexed under (null: older code's). */
+async function searchLanguageOf(entryId: string): Promise<string | null> {
+  const [row] = await ctx.database.db.select({ language: knowledgeEntries.search_language }).from(knowledgeEntries).where(eq(knowledgeEntries.id, entryId));
+  return row!.language;
+}
+
+/**
+ * An entry of `sections` ingested under `english` and its chunks then; the embedding usage records
+ * are written before it returns. Their full-text vectors are not German, but for `alike` (figures).
+ */
+async function ingestedInEnglish(filename: string, sections = SECTIONS, alike = 0) {
   const prior = await embedRecords();
   const folder = await createFolder(ctx.app, user.headers, { name: filename });
-  const entry = await ingested(ctx.app, user.headers, folder.id, { ...DOCUMENT, filename });
-  expect(entry.chunk_count).toBe(SECTIONS.length);
+  const entry = await ingested(ctx.app, user.headers, folder.id, { filename, content: markdown(sections) });
+  expect(entry.chunk_count).toBe(sections.length);
   // The ingestion's usage is written (USAGE_FLUSH_INTERVAL_MS): the counts compared below are after it.
-  if (withVectors()) await eventually(async () => (await embedRecords()) === prior + EMBED_CALLS);
+  if (withVectors()) await eventually(async () => (await embedRecords()) === prior + sections.length / 2);
   const before = await chunksOf(entry.id);
-  expect(before.map((c) => c.german)).toEqual(SECTIONS.map(() => false));
+  expect(before.map((c) => c.german)).toEqual(sections.map((_, i) => i < alike));
   return { entry, before };
 }
 
@@ -105,29 +130,58 @@ async function withApp(overrides: Record<string, string>, use: (app: FastifyInst
   }
 }
 
-async function reindexed(app: FastifyInstance, entryId: string): Promise<void> {
+async function reindexed(app: FastifyInstance, entryId: string, chunkCount = SECTIONS.length): Promise<void> {
   const response = await call(app, 'POST', `/knowledge-base/entries/${entryId}/reindex`, user.headers);
   expect(response.statusCode, response.body).toBe(202);
-  expect(await settled(app, user.headers, entryId)).toMatchObject({ status: 'ready', chunk_count: SECTIONS.length, error: null });
+  expect(await settled(app, user.headers, entryId)).toMatchObject({ status: 'ready', chunk_count: chunkCount, error: null });
 }
 
 /**
  * Reindexes the entry on a node set to `german`: no embedding asked for, the same rows and
- * embeddings (none deleted and stored again) with German full-text vectors, found by a German stem,
- * and no embedding charged.
+ * embeddings (none deleted and stored again) with German full-text vectors, found by a German stem
+ * (in the chunk `stemAt`), no embedding charged, and the entry records `german`.
  */
-async function expectReindexedInGermanWithoutEmbedding(entryId: string, before: StoredChunk[]): Promise<void> {
+async function expectReindexedInGermanWithoutEmbedding(entryId: string, before: StoredChunk[], stemAt = 0): Promise<void> {
   const records = await embedRecords();
   fake.reset();
   await withApp({ KB_SEARCH_LANGUAGE: 'german' }, async (german) => {
-    await reindexed(german, entryId);
+    await reindexed(german, entryId, before.length);
     expect(fake.requestsFor('fake-embed')).toEqual([]);
     const after = await chunksOf(entryId);
     expect(after).toEqual(before.map((chunk) => ({ ...chunk, german: true })));
     if (withVectors()) expect(after.every((chunk) => chunk.embedding_model === 'fake-embed' && chunk.embedding_id !== null)).toBe(true);
-    expect(await fullTextHits(german, entryId, STEM_QUERY)).toEqual([0]);
+    expect(await fullTextHits(german, entryId, STEM_QUERY)).toEqual([stemAt]);
   });
   expect(await embedRecords()).toBe(records);
+  expect(await searchLanguageOf(entryId)).toBe('german');
+}
+
+/**
+ * What a language reindex cut short after its first batch leaves, as ingestion writes it: the
+ * first `converted` chunks' full-text vectors redone under `german` in place (`refreshFullText`'s
+ * statement), the rest still English, and the entry as its claim left it (`chunk_count` kept, still
+ * recording `english`) and then `state`:
+ * - `processing`: its worker died (or still runs) with the lease not yet run out;
+ * - `pending`: a passing fault handed it back for the queue's next try (`release`);
+ * - `failed`: the job failed (`fail`: its chunks kept and hidden, nothing counted).
+ * No node's sweeper re-queues it before the reindex that follows (a lease an hour ahead; a pending
+ * entry's `updated_at` too, as the sweeper leaves one queued a moment ago): that reindex's claim is
+ * what is tested.
+ */
+async function interruptedInGerman(entryId: string, converted: number, state: 'processing' | 'pending' | 'failed'): Promise<void> {
+  const { db } = ctx.database;
+  await db.execute(sql`update knowledge_chunks set tsv = to_tsvector('german', text) where entry_id = ${entryId} and chunk_index < ${converted}`);
+  await db.execute(
+    sql`update knowledge_entries set status = 'processing', attempts = 1, lease_token = gen_random_uuid(), lease_expires_at = now() + interval '1 hour', processing_started_at = now() where id = ${entryId}`,
+  );
+  if (state === 'pending') {
+    await db.execute(sql`update knowledge_entries set status = 'pending', lease_token = null, lease_expires_at = null, updated_at = now() + interval '1 hour' where id = ${entryId}`);
+  } else if (state === 'failed') {
+    await db.execute(
+      sql`update knowledge_entries set status = 'failed', error = 'Embedding stopped', chunk_count = 0, token_count = 0, chunks_hidden = true, lease_token = null, lease_expires_at = null, processed_at = now() where id = ${entryId}`,
+    );
+  }
+  expect(await searchLanguageOf(entryId)).toBe('english');
 }
 
 describe('a change of KB_SEARCH_LANGUAGE', () => {
@@ -167,6 +221,47 @@ describe('a change of KB_SEARCH_LANGUAGE', () => {
       expect(after.map((chunk) => chunk.id).filter((id) => before.some((old) => old.id === id))).toEqual([]);
     });
     if (withVectors()) expect(await embedRecords()).toBe(records + EMBED_CALLS);
+  });
+
+  it.each(['processing', 'pending', 'failed'] as const)(
+    'is resumed, embedding nothing, by a reindex after one cut short (%s) with its first 8 chunks already converted',
+    async (state) => {
+      const { entry, before } = await ingestedInEnglish(`dorf-long-${state}.md`, LONG_SECTIONS);
+      // The first batch's chunks are German already; the entry records English until an indexing ends ready.
+      await interruptedInGerman(entry.id, 8, state);
+      await expectReindexedInGermanWithoutEmbedding(entry.id, before);
+    },
+  );
+
+  it('is indexed without embedding for a document whose opening chunks read alike in both languages (figures)', async () => {
+    // Their full-text vectors are German already: only the entry says the chunks were indexed under English.
+    const { entry, before } = await ingestedInEnglish('dorf-table.md', NUMERIC_SECTIONS, NUMERIC_OPENING);
+    await expectReindexedInGermanWithoutEmbedding(entry.id, before, NUMERIC_OPENING);
+  });
+
+  it("clears and embeds anew, once, an entry indexed by code older than the recorded language (its vectors may be a fallback's)", async () => {
+    const { entry, before } = await ingestedInEnglish('dorf-old.md');
+    expect(await searchLanguageOf(entry.id)).toBe('english');
+    // As migration 0020 leaves the entries there before it.
+    await ctx.database.db.execute(sql`update knowledge_entries set search_language = null where id = ${entry.id}`);
+    const records = await embedRecords();
+    fake.reset();
+    await withApp({ KB_SEARCH_LANGUAGE: 'german' }, async (german) => {
+      await reindexed(german, entry.id);
+      const after = await chunksOf(entry.id);
+      expect(after.map((chunk) => [chunk.chunk_index, chunk.german])).toEqual(SECTIONS.map((_, i) => [i, true]));
+      expect(after.map((chunk) => chunk.id).filter((id) => before.some((old) => old.id === id))).toEqual([]);
+      if (withVectors()) expect(fake.requestsFor('fake-embed').flatMap((request) => request.body.input as string[])).toEqual(SECTIONS);
+    });
+    if (withVectors()) await eventually(async () => (await embedRecords()) === records + EMBED_CALLS);
+    expect(await searchLanguageOf(entry.id)).toBe('german');
+    // Recorded now: the next change of language (back to English) embeds nothing.
+    const reembedded = await chunksOf(entry.id);
+    fake.reset();
+    await reindexed(ctx.app, entry.id);
+    expect(fake.requestsFor('fake-embed')).toEqual([]);
+    expect(await chunksOf(entry.id)).toEqual(reembedded.map((chunk) => ({ ...chunk, german: false })));
+    expect(await searchLanguageOf(entry.id)).toBe('english');
   });
 
   it('without a change of language, a reindex of a ready entry embeds it anew as before', async () => {

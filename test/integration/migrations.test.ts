@@ -523,3 +523,24 @@ describe('0019_knowledge_entries_chunks_hidden', () => {
     });
   });
 });
+
+describe('0020_knowledge_entries_search_language', () => {
+  it('adds the language an entry was indexed under, null for the entries there (older code: their next reindex embeds them anew); down drops it', async () => {
+    await beforeMigration('0020_knowledge_entries_search_language', async (database, previous) => {
+      const [owner, folder] = [randomUUID(), randomUUID()];
+      await query(database, `insert into users (id, email, hashed_password) values ($1, 'kb-language@example.com', 'x')`, [owner]);
+      await query(database, `insert into knowledge_folders (id, owner_id, name) values ($1, $2, 'Docs')`, [folder, owner]);
+      await query(
+        database,
+        `insert into knowledge_entries (owner_id, folder_id, filename, mime_type, size_bytes, sha256, storage_key, status, chunk_count, processed_at)
+         values ($1, $2, 'ready.md', 'text/markdown', 1, 'x', 'ready.md', 'ready', 5, now())`,
+        [owner, folder],
+      );
+      await migrateUp(database, logger);
+      expect(await query(database, `select filename, search_language from knowledge_entries`)).toEqual([{ filename: 'ready.md', search_language: null }]);
+      await query(database, `update knowledge_entries set search_language = 'german'`);
+      await migrateDown(database, logger, previous);
+      expect(await query(database, `select column_name from information_schema.columns where table_name = 'knowledge_entries' and column_name = 'search_language'`)).toEqual([]);
+    });
+  });
+});

@@ -54,10 +54,11 @@ class ClaimLostError extends Error {}
  *   that was `ready` (`chunk_count` > 0: its chunks are a finished indexing's) clears them: they
  *   may be older code's, whose vectors could be a fallback model's stored under EMBEDDING_MODEL's
  *   id (before `sameModel`), and a reindex of a ready entry is asked for to embed it anew. Except
- *   when they were indexed under another KB_SEARCH_LANGUAGE (`indexedUnderOtherLanguage`): that
- *   reindex is the one README asks for after changing the language, which changes none of the
- *   embeddings, so the job resumes from them and redoes only the full-text vectors (see
- *   `ChunkWriter`) rather than embedding, and charging, the whole document again.
+ *   when the entry records another KB_SEARCH_LANGUAGE than this one (`search_language`, see
+ *   `languageChanged`): that reindex is the one README asks for after changing the language,
+ *   which changes none of the embeddings, so the job resumes from them and redoes only the
+ *   full-text vectors (see `ChunkWriter`) rather than embedding, and charging, the whole document
+ *   again.
  * - Otherwise the chunks there are this code's, of an indexing that did not finish: an earlier
  *   attempt of this one (a retry after a passing fault, or after a worker died), or a failed
  *   indexing (`fail` keeps what was embedded and paid for, and sets `chunk_count` to 0; before it
@@ -85,7 +86,7 @@ async function claim(db: Db, settings: Settings, entryId: string): Promise<Claim
       )
       .returning();
     if (!entry) return null;
-    if (entry.attempts === 1 && entry.chunk_count > 0 && !(await indexedUnderOtherLanguage(tx, entry.id, settings.KB_SEARCH_LANGUAGE))) {
+    if (entry.attempts === 1 && entry.chunk_count > 0 && !languageChanged(entry, settings)) {
       await deleteChunks(tx, entry.id);
       return { entry, resuming: false };
     }
@@ -105,21 +106,18 @@ const fullTextIn = (language: string): SQL<boolean> => sql<boolean>`${knowledgeC
 const fullTextOf = (language: string, text: string | SQLWrapper): SQL => sql`to_tsvector(${language}::regconfig, ${text})`;
 
 /**
- * Chunks of a ready entry `indexedUnderOtherLanguage` reads: its first ones, found by the unique
- * index on (entry, place). A ready entry's chunks were all written under one language; a chunk
- * whose words read alike in both (numbers, names) says nothing, and one among the first few that
- * does not is enough — without reading every chunk of a long document on each reindex's claim.
+ * Whether the entry's chunks were indexed under another KB_SEARCH_LANGUAGE than this one, and only
+ * that calls for its reindex (see `claim`). The entry says so, not its chunks: `search_language` is
+ * written when an indexing ends `ready` (`finishEntry`), with every chunk in that language, and
+ * not before — so an indexing under the new language that was cut short (a batch's full-text
+ * vectors redone, then the job lost or failed, or reindexed again) still records the old one, and
+ * the next reindex under the new language resumes from the chunks too. The chunks cannot say it:
+ * a tsvector does not record its configuration, and a chunk of numbers or names (a table, a CSV)
+ * reads alike in every language. Null (indexed by older code, whose vectors may be a fallback
+ * model's under EMBEDDING_MODEL's id) is no change: those chunks are cleared and embedded anew.
  */
-const LANGUAGE_PROBE_CHUNKS = 8;
-
-/** Whether the entry's chunks were indexed under a language other than `language` (see `claim`). */
-async function indexedUnderOtherLanguage(db: Db, entryId: string, language: string): Promise<boolean> {
-  const [row] = await db
-    .select({ id: knowledgeChunks.id })
-    .from(knowledgeChunks)
-    .where(and(eq(knowledgeChunks.entry_id, entryId), lt(knowledgeChunks.chunk_index, LANGUAGE_PROBE_CHUNKS), sql`not ${fullTextIn(language)}`))
-    .limit(1);
-  return row !== undefined;
+function languageChanged(entry: KnowledgeEntry, settings: Settings): boolean {
+  return entry.search_language !== null && entry.search_language !== settings.KB_SEARCH_LANGUAGE;
 }
 
 /** A claimed entry, and whether its job resumes from chunks stored before it (see `claim`). */
@@ -462,9 +460,10 @@ async function storedChunks(db: Db, entryId: string, first: number, last: number
  * under the job's claim: an entry deleted or reindexed meanwhile gets nothing (ClaimLostError).
  * A resumed job's earlier attempt may have cut the document into more chunks (other settings
  * then): those past its end go. Every chunk left is this job's or checked by it, so search shows
- * them from here on, a failed indexing's kept chunks included (`chunks_hidden`, see `fail`).
+ * them from here on, a failed indexing's kept chunks included (`chunks_hidden`, see `fail`), and
+ * each one's full-text vector is KB_SEARCH_LANGUAGE's, which the entry records (`search_language`).
  */
-async function finishEntry(db: Db, entry: KnowledgeEntry, document: ExtractedDocument, written: ChunkWriter, resuming: boolean): Promise<void> {
+async function finishEntry(db: Db, settings: Settings, entry: KnowledgeEntry, document: ExtractedDocument, written: ChunkWriter, resuming: boolean): Promise<void> {
   await transaction(db, async (tx) => {
     const [row] = await tx.select({ id: knowledgeEntries.id }).from(knowledgeEntries).where(held(entry)).for('update');
     if (!row) throw new ClaimLostError();
@@ -476,6 +475,8 @@ async function finishEntry(db: Db, entry: KnowledgeEntry, document: ExtractedDoc
         format: document.format,
         error: null,
         chunks_hidden: false,
+        // Every chunk left is in this language now (stored by this job, or compared by it and kept or its vector redone): see `languageChanged`.
+        search_language: settings.KB_SEARCH_LANGUAGE,
         chunk_count: written.chunkCount,
         token_count: written.tokenCount,
         lease_token: null,
@@ -557,7 +558,7 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
     chunks.add(document.sections);
     textSaved = storage.saveFile(utf8Pieces(document.text), `${entry.id}.txt`, 'text/plain; charset=utf-8', textPathOf(storage, entry.storage_key));
     await Promise.all([textSaved, chunks.finish()]);
-    await finishEntry(db, entry, document, chunks, resuming);
+    await finishEntry(db, settings, entry, document, chunks, resuming);
     await refreshSearchStatistics(db, chunks.chunkCount);
     log.info({ entryId, format: document.format, chunks: chunks.chunkCount, ms: Math.round(performance.now() - started) }, 'knowledge entry ingested');
   } catch (thrown) {
