@@ -180,6 +180,12 @@ export class UsageMeterService implements UsageMeter {
    * written: counted toward the take's room, not toward refusing calls (`callRecords`).
    */
   private fromFiles = new Set<billingCrud.Settlement>();
+  /**
+   * A write failed and no flush has written all it took since: the records taken back from files
+   * count toward refusing calls again (`callRecords`), so an outage that lasts across restarts does
+   * not let each process serve its limit's worth on top of the save it took, and save both.
+   */
+  private writesFailing = false;
 
   constructor(options: UsageMeterOptions) {
     this.db = options.db;
@@ -584,6 +590,7 @@ export class UsageMeterService implements UsageMeter {
   /** After a failure: the next flush retries what was kept (once closed, the next write of a late call does). */
   private retryLater(): void {
     this.failures += 1;
+    this.writesFailing = true;
     if (!this.closed) this.schedule();
   }
 
@@ -617,10 +624,12 @@ export class UsageMeterService implements UsageMeter {
    * `recoverUnwritten`): counted, a process that saved about USAGE_MAX_PENDING_ROWS of them at
    * shutdown had the next one refuse every call (503), the database up, until it had written them
    * all. They count toward the take's room instead (`unwrittenRows`), which keeps the take bounded.
-   * Usage rows taken back still count: a take never goes past its room with them.
+   * Usage rows taken back still count: a take never goes past its room with them. While writes
+   * fail (`writesFailing`) they count too: the database down, calls are refused at the limit
+   * whatever was taken back.
    */
   private callRecords(): number {
-    return this.unwrittenRows() - this.fromFiles.size;
+    return this.unwrittenRows() - (this.writesFailing ? 0 : this.fromFiles.size);
   }
 
   /** `items` are written (or set aside): those taken back from files no longer wait. */
@@ -646,6 +655,7 @@ export class UsageMeterService implements UsageMeter {
       .finally(() => {
         this.flushing = null;
         this.flushes += 1;
+        if (wroteAll) this.writesFailing = false;
         if (this.backlogged && this.callRecords() < this.settings.USAGE_MAX_PENDING_ROWS) {
           this.backlogged = false;
           this.log.info({ pending: this.callRecords() }, 'usage records are being written again: model calls resume');

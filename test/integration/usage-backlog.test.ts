@@ -735,6 +735,39 @@ describe('usage saved by earlier processes', () => {
     });
   });
 
+  it('a save of settlements taken back while the database is down counts toward refusing calls once a write has failed: a process does not serve its limit on top of it, to save both', async () => {
+    await withSavedUsage([], async ({ user, dataDir, dir }) => {
+      const userId = user.user.id;
+      await billingCrud.changeBalance(ctx.database.db, { userId, type: 'grant', amount: '100', description: null, createdBy: userId });
+      saveUnwritten(dir, { usage: [], settlements: Array.from({ length: LIMIT }, () => settlementOf(userId, { cost: '0.5' })), windowSettlements: [], blockReleases: [] });
+      await intercepting(
+        ctx.database.db,
+        (text) => {
+          if (/insert into (usage_records|credit_transactions)/i.test(text)) throw new Error('Connection terminated unexpectedly');
+        },
+        async () => {
+          const down = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+          try {
+            await down.meter.idle();
+            const call = () =>
+              down.models.chat(chatRequest('fake-precise', { user_id: userId })).then(
+                () => 'served',
+                (error: unknown) => (error instanceof UsageBacklogError ? 'refused (503)' : error),
+              );
+            expect(await call()).toBe('refused (503)');
+          } finally {
+            await down.close();
+          }
+        },
+      );
+      // Saved again whole, nothing added: the next process takes the same save back.
+      const settlements = readdirSync(dir)
+        .filter((name) => name.endsWith('.json'))
+        .flatMap((name) => (JSON.parse(readFileSync(join(dir, name), 'utf8')) as UnwrittenUsage).settlements);
+      expect(settlements).toHaveLength(LIMIT);
+    });
+  });
+
   it("a save's block releases are not taken while another live process holds its settlements: written first, they showed the credit those still charge as free", async () => {
     await withSavedUsage([], async ({ user, dataDir, dir }) => {
       saveUnwritten(dir, { usage: [], settlements: [], ...(await creditBlock(user.user.id, 8)) });
