@@ -77,11 +77,11 @@ export const knowledgeEntries = pgTable(
      */
     chunks_hidden: boolean('chunks_hidden').notNull().default(false),
     /**
-     * The KB_SEARCH_LANGUAGE every chunk's full-text vector was made under: written only when an
-     * indexing ends `ready`, so through a reindex (and after one cut short) it still names the
-     * language the chunks were in before it. A reindex under another language keeps the chunks and
-     * their embeddings (services/knowledge/ingestion.ts, `claim`). Null: indexed by code older than
-     * the column (its embeddings may be a fallback model's), or never indexed.
+     * The KB_SEARCH_LANGUAGE every chunk's full-text vector was made under, written when an
+     * indexing ends `ready`; '' from a reindex's first claim until then (the chunks this code's, in
+     * either language). A reindex under another language, or while '', keeps the chunks and their
+     * embeddings (services/knowledge/ingestion.ts, `claim`). Null: indexed by code older than the
+     * column (its embeddings may be a fallback model's), or never indexed.
      */
     search_language: text('search_language'),
     /** Ingestion attempts since the last upload or reindex: one that keeps dying is failed, not retried forever. */

@@ -244,9 +244,9 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         description:
           'Ingests the stored file again (after a failure, or a change of EMBEDDING_MODEL or KB_SEARCH_LANGUAGE): **202**, `status: pending`. ' +
           'A ready entry\'s chunks are cleared when the job starts and stored again as the file is read, so until it is `ready` search finds only the part indexed so far. ' +
-          'Except when KB_SEARCH_LANGUAGE is not the one the entry was last indexed under (`ready`; a reindex under the new language cut short does not count): its chunks and their embeddings stay, and only their full-text index is redone, with nothing embedded or charged again ' +
+          'Except when KB_SEARCH_LANGUAGE is not the one the entry was last indexed under (`ready`), or a reindex of it was cut short (reindexed again before it ended): its chunks and their embeddings stay, and only their full-text index is redone, with nothing embedded or charged again ' +
           'but the chunks that a change of EMBEDDING_MODEL (all of them) or of a chunking setting (from the first chunk cut otherwise on) made with it leaves different, which are embedded and replaced as the file is read. ' +
-          'An entry last indexed before Keel recorded its language (migration 0020) is cleared and embedded anew, once. ' +
+          'An entry last indexed before Keel recorded its language (migration 0020) is cleared and embedded anew. ' +
           'A failed entry\'s chunks (kept: what was embedded before it failed is reused, not paid for again) are not searched until it is `ready`. ' +
           'Its embeddings count against the calling API key\'s `max_budget` and the owner\'s credits: 402 when EMBEDDING_MODEL is priced and nothing is left of either, as for an upload.',
         tags,

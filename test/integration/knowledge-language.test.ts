@@ -5,6 +5,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { knowledgeEntries, usageRecords } from '../../src/models/index.js';
 
 import { queryRows } from '../../src/crud/owned.js';
+import { KNOWLEDGE_PREFIX } from '../../src/services/knowledge/files.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -184,6 +185,33 @@ async function interruptedInGerman(entryId: string, converted: number, state: 'p
   expect(await searchLanguageOf(entryId)).toBe('english');
 }
 
+/**
+ * Reindexes the entry on `first`, whose job is then held midway (its extracted text's write waits)
+ * while `meanwhile` runs: a reindex asked for then takes the entry over, and the first job, let go
+ * after, finds its claim gone. A language reindex cut short as it happens, not as SQL would leave it.
+ */
+async function reindexTakenOver(first: FastifyInstance, entryId: string, meanwhile: () => Promise<void>): Promise<void> {
+  const backend = first.storage(KNOWLEDGE_PREFIX).backend;
+  const put = backend.put.bind(backend);
+  let held = false;
+  let letGo!: () => void;
+  const released = new Promise<void>((resolve) => (letGo = resolve));
+  backend.put = (key, body, mimeType) => {
+    if (held || !key.endsWith('.txt')) return put(key, body, mimeType);
+    held = true;
+    return released.then(() => put(key, body, mimeType));
+  };
+  try {
+    const response = await call(first, 'POST', `/knowledge-base/entries/${entryId}/reindex`, user.headers);
+    expect(response.statusCode, response.body).toBe(202);
+    await eventually(async () => held);
+    await meanwhile();
+  } finally {
+    letGo();
+    backend.put = put;
+  }
+}
+
 describe('a change of KB_SEARCH_LANGUAGE', () => {
   it('is indexed by a reindex that redoes the full-text vectors in place and embeds nothing: the embeddings are kept, nothing is charged', async () => {
     const { entry, before } = await ingestedInEnglish('dorf.md');
@@ -232,6 +260,32 @@ describe('a change of KB_SEARCH_LANGUAGE', () => {
       await expectReindexedInGermanWithoutEmbedding(entry.id, before);
     },
   );
+
+  it('is resumed, embedding nothing, by a reindex asked for while a language reindex runs (the first cut short by it)', async () => {
+    const { entry, before } = await ingestedInEnglish('dorf-again.md', LONG_SECTIONS);
+    const records = await embedRecords();
+    fake.reset();
+    await withApp({ KB_SEARCH_LANGUAGE: 'german' }, async (german) => {
+      await reindexTakenOver(german, entry.id, () => reindexed(german, entry.id, LONG_SECTIONS.length));
+    });
+    expect(fake.requestsFor('fake-embed')).toEqual([]);
+    expect(await chunksOf(entry.id)).toEqual(before.map((chunk) => ({ ...chunk, german: true })));
+    expect(await embedRecords()).toBe(records);
+    expect(await searchLanguageOf(entry.id)).toBe('german');
+  });
+
+  it('set back midway (a reindex under the old language while the new one runs) is resumed too, embedding nothing', async () => {
+    const { entry, before } = await ingestedInEnglish('dorf-back.md', LONG_SECTIONS);
+    const records = await embedRecords();
+    fake.reset();
+    await withApp({ KB_SEARCH_LANGUAGE: 'german' }, async (german) => {
+      await reindexTakenOver(german, entry.id, () => reindexed(ctx.app, entry.id, LONG_SECTIONS.length));
+    });
+    expect(fake.requestsFor('fake-embed')).toEqual([]);
+    expect(await chunksOf(entry.id)).toEqual(before);
+    expect(await embedRecords()).toBe(records);
+    expect(await searchLanguageOf(entry.id)).toBe('english');
+  });
 
   it('is indexed without embedding for a document whose opening chunks read alike in both languages (figures)', async () => {
     // Their full-text vectors are German already: only the entry says the chunks were indexed under English.

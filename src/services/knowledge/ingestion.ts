@@ -86,9 +86,16 @@ async function claim(db: Db, settings: Settings, entryId: string): Promise<Claim
       )
       .returning();
     if (!entry) return null;
-    if (entry.attempts === 1 && entry.chunk_count > 0 && !languageChanged(entry, settings)) {
-      await deleteChunks(tx, entry.id);
-      return { entry, resuming: false };
+    if (entry.attempts === 1 && entry.chunk_count > 0) {
+      const keep = languageChanged(entry, settings);
+      // Until this indexing ends ready, the chunks are this code's, each in this language or the
+      // one before: a reindex asked for meanwhile (under this language, or set back to the other)
+      // resumes from them, rather than clearing and embedding again what was paid for.
+      await tx.update(knowledgeEntries).set({ search_language: INDEXING_UNDER_WAY }).where(eq(knowledgeEntries.id, entry.id));
+      if (!keep) {
+        await deleteChunks(tx, entry.id);
+        return { entry, resuming: false };
+      }
     }
     // Nothing stored: nothing to compare (no read per batch).
     const [stored] = await tx.select({ id: knowledgeChunks.id }).from(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entry.id)).limit(1);
@@ -106,16 +113,24 @@ const fullTextIn = (language: string): SQL<boolean> => sql<boolean>`${knowledgeC
 const fullTextOf = (language: string, text: string | SQLWrapper): SQL => sql`to_tsvector(${language}::regconfig, ${text})`;
 
 /**
- * Whether the entry's chunks were indexed under another KB_SEARCH_LANGUAGE than this one, and only
- * that calls for its reindex (see `claim`). The entry says so, not its chunks: `search_language` is
- * written when an indexing ends `ready` (`finishEntry`), with every chunk in that language, and
- * not before — so an indexing under the new language that was cut short (a batch's full-text
- * vectors redone, then the job lost or failed, or reindexed again) still records the old one, and
- * the next reindex under the new language resumes from the chunks too. The chunks cannot say it:
+ * Whether the entry's chunks were indexed under another KB_SEARCH_LANGUAGE than this one (or are
+ * an unfinished reindex's, INDEXING_UNDER_WAY), and only that calls for its reindex (see `claim`).
+ * The entry says so, not its chunks: `search_language` is written when an indexing ends `ready`
+ * (`finishEntry`), with every chunk in that language, and set to INDEXING_UNDER_WAY by a reindex's
+ * first claim — so a reindex asked for while another was cut short (a batch's full-text vectors
+ * redone, then the job lost, failed, or reindexed again) resumes from the chunks too, whichever
+ * language it runs under. The chunks cannot say it:
  * a tsvector does not record its configuration, and a chunk of numbers or names (a table, a CSV)
  * reads alike in every language. Null (indexed by older code, whose vectors may be a fallback
  * model's under EMBEDDING_MODEL's id) is no change: those chunks are cleared and embedded anew.
  */
+/**
+ * `search_language` from a reindex's first claim until it ends ready (see `claim`): the chunks are
+ * this code's, their full-text vectors of either language. No language is named so: every
+ * KB_SEARCH_LANGUAGE reads it as a change, and the next reindex resumes from the chunks.
+ */
+const INDEXING_UNDER_WAY = '';
+
 function languageChanged(entry: KnowledgeEntry, settings: Settings): boolean {
   return entry.search_language !== null && entry.search_language !== settings.KB_SEARCH_LANGUAGE;
 }
