@@ -205,43 +205,17 @@ describe('usage saved at the shutdown deadline', () => {
       const block = await creditBlock(userId, 1);
       saveUnwritten(dir, { usage: [JSON.stringify(good), JSON.stringify(bad)], settlements: [], ...block });
       const charge = block.windowSettlements[0]!.usageRecordId;
-      let hung!: () => void;
-      const apart = new Promise<void>((resolve) => (hung = resolve));
-      let fail!: (error: Error) => void;
-      const hanging = new Promise<never>((_, reject) => (fail = reject));
-      hanging.catch(() => undefined);
-      let down = true;
-      await intercepting(
-        ctx.database.db,
-        async (_text, params) => {
-          // The good row's own statement (the batch refused, rows one by one) hangs.
-          if (down && params.some((p) => typeof p === 'string' && p.includes(good.id) && !p.includes(bad.id))) {
-            hung();
-            await hanging;
-          }
-        },
-        async () => {
-          const app = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
-          try {
-            await apart;
-            app.meter.saveUnwritten(); // as the shutdown deadline does
-            const files = readdirSync(dir).filter((name) => name.endsWith('.json')).map((name) => JSON.parse(readFileSync(join(dir, name), 'utf8')) as UnwrittenUsage);
-            const charges = files.flatMap((file) => [...file.settlements, ...file.windowSettlements]).filter((s) => s.usageRecordId === charge);
-            expect(charges).toHaveLength(1);
-          } finally {
-            fail(new Error('Connection terminated unexpectedly'));
-            down = false;
-            await app.close();
-          }
+      await savedWhileHeld(
+        dataDir,
+        dir,
+        // The good row's own statement (the batch refused, rows one by one) hangs.
+        (_text, params) => (params.some((p) => typeof p === 'string' && p.includes(good.id) && !p.includes(bad.id)) ? 'hang' : undefined),
+        (files) => {
+          const charges = files.flatMap((file) => [...file.settlements, ...file.windowSettlements]).filter((s) => s.usageRecordId === charge);
+          expect(charges).toHaveLength(1);
         },
       );
-      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
-      try {
-        for (let i = 0; i < 5 && readdirSync(dir).length; i++) await up.meter.idle();
-      } finally {
-        await up.close();
-      }
-      expect(readdirSync(dir)).toEqual([]);
+      await takeBackAll(dataDir, dir);
       expect(await account(userId)).toEqual({ balance: 92, reserved: 0 });
       expect(await usageIds(ctx.database.db, userId)).toEqual(new Set([good.id]));
     });
@@ -253,6 +227,64 @@ async function lostNow(dir: string, userId: string, ids: string[]): Promise<stri
   const written = await usageIds(ctx.database.db, userId);
   const onDisk = new Set(rowsOnDisk(dir).map(idOf));
   return ids.filter((id) => !written.has(id) && !onDisk.has(id));
+}
+
+/**
+ * A process started on `dataDir` takes back every saved file in `dir` (up to `rounds` flushes) and
+ * stops; the files are gone.
+ */
+async function takeBackAll(dataDir: string, dir: string, rounds = 5, options: Parameters<typeof buildTestApp>[2] = {}): Promise<void> {
+  const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir }, options);
+  try {
+    for (let i = 0; i < rounds && readdirSync(dir).length; i++) await up.meter.idle();
+  } finally {
+    await up.close();
+  }
+  expect(readdirSync(dir)).toEqual([]);
+}
+
+/** What the saved files in `dir` hold, each file's records apart. */
+const savedFilesIn = (dir: string): UnwrittenUsage[] =>
+  readdirSync(dir)
+    .filter((name) => name.endsWith('.json'))
+    .map((name) => JSON.parse(readFileSync(join(dir, name), 'utf8')) as UnwrittenUsage);
+
+/**
+ * A process on `dataDir` whose statements `statement` picks fail at once ('fail') or are held
+ * ('hang'); once one is held, the shutdown deadline's save runs and `check` reads what it saved.
+ * Then the held statement fails, the database is back, and the process stops.
+ */
+async function savedWhileHeld(dataDir: string, dir: string, statement: (text: string, params: unknown[]) => 'fail' | 'hang' | undefined, check: (saved: UnwrittenUsage[]) => void): Promise<void> {
+  let held!: () => void;
+  const holding = new Promise<void>((resolve) => (held = resolve));
+  let fail!: (error: Error) => void;
+  const hanging = new Promise<never>((_, reject) => (fail = reject));
+  hanging.catch(() => undefined);
+  let down = true;
+  await intercepting(
+    ctx.database.db,
+    async (text, params) => {
+      if (!down) return;
+      const what = statement(text, params);
+      if (what === 'fail') throw new Error('Connection terminated unexpectedly');
+      if (what === 'hang') {
+        held();
+        await hanging;
+      }
+    },
+    async () => {
+      const app = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+      try {
+        await holding;
+        app.meter.saveUnwritten(); // as the shutdown deadline does
+        check(savedFilesIn(dir));
+      } finally {
+        fail(new Error('Connection terminated unexpectedly'));
+        down = false;
+        await app.close();
+      }
+    },
+  );
 }
 
 /**
@@ -364,14 +396,8 @@ describe('usage saved by earlier processes', () => {
           await down.close(); // what it holds is saved again
         }
       });
-      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
-      try {
-        for (let i = 0; i < 20 && readdirSync(dir).length; i++) await up.meter.idle();
-      } finally {
-        await up.close();
-      }
+      await takeBackAll(dataDir, dir, 20);
       expect(await usageCount(ctx.database.db, user.user.id)).toBe(501);
-      expect(readdirSync(dir)).toEqual([]);
     });
   });
 
@@ -494,14 +520,8 @@ describe('usage saved by earlier processes', () => {
     await withSavedUsage([80], async ({ user, dataDir, dir }) => {
       const rows = rowsOnDisk(dir);
       await work({ dataDir, dir, rows, lostNow: () => lostNow(dir, user.user.id, rows.map(idOf)) });
-      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
-      try {
-        for (let i = 0; i < 10 && readdirSync(dir).length; i++) await up.meter.idle();
-      } finally {
-        await up.close();
-      }
+      await takeBackAll(dataDir, dir, 10);
       expect(await usageIds(ctx.database.db, user.user.id)).toEqual(new Set(rows.map(idOf)));
-      expect(readdirSync(dir)).toEqual([]);
     });
   }
 
@@ -622,12 +642,7 @@ describe('usage saved by earlier processes', () => {
       // 50 usage rows (the room), then 80 settlements of a block and its release.
       saveUnwritten(dir, { usage: Array.from({ length: 50 }, usageRow(user.user.id)), settlements: [], ...(await creditBlock(user.user.id, 80)) });
       const taking = captureLogs('info');
-      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir }, { logger: taking.logger });
-      try {
-        for (let i = 0; i < 5 && readdirSync(dir).length; i++) await up.meter.idle();
-      } finally {
-        await up.close();
-      }
+      await takeBackAll(dataDir, dir, 5, { logger: taking.logger });
       const takes = taking.lines().filter((line) => line.msg === 'writing the usage earlier processes left unwritten');
       expect(takes.map(({ usageRecords, settlements, blockReleases }) => ({ usageRecords, settlements, blockReleases }))).toEqual([
         { usageRecords: 50, settlements: 0, blockReleases: 0 },
@@ -648,45 +663,17 @@ describe('usage saved by earlier processes', () => {
       // The block's settlement kept after a failure, then its release and another block's.
       saveUnwritten(dir, { usage: [], settlements: windowSettlements, windowSettlements: [], blockReleases: [...blockReleases, otherRelease] });
       const [charge] = windowSettlements;
-      let hung!: () => void;
-      const releasing = new Promise<void>((resolve) => (hung = resolve));
-      let fail!: (error: Error) => void;
-      const hanging = new Promise<never>((_, reject) => (fail = reject));
-      hanging.catch(() => undefined);
-      let down = true;
-      await intercepting(
-        ctx.database.db,
-        async (text, params) => {
-          if (!down) return;
-          // The settlement's retry fails (so the block's release is put back); the other release hangs.
-          if (params.includes(charge!.usageRecordId) || text.includes(charge!.usageRecordId)) throw new Error('Connection terminated unexpectedly');
-          if (params.includes(other)) {
-            hung();
-            await hanging;
-          }
-        },
-        async () => {
-          const app = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
-          try {
-            await releasing;
-            app.meter.saveUnwritten(); // as the shutdown deadline does
-            const saves = readdirSync(dir).filter((name) => name.endsWith('.json'));
-            const releases = saves.flatMap((name) => (JSON.parse(readFileSync(join(dir, name), 'utf8')) as UnwrittenUsage).blockReleases.map((r) => r.usageRecordId));
-            expect(releases.sort()).toEqual([blockReleases[0]!.usageRecordId, otherRelease.usageRecordId].sort());
-          } finally {
-            fail(new Error('Connection terminated unexpectedly'));
-            down = false;
-            await app.close();
-          }
+      await savedWhileHeld(
+        dataDir,
+        dir,
+        // The settlement's retry fails (so the block's release is put back); the other release hangs.
+        (text, params) => (params.includes(charge!.usageRecordId) || text.includes(charge!.usageRecordId) ? 'fail' : params.includes(other) ? 'hang' : undefined),
+        (files) => {
+          const releases = files.flatMap((file) => file.blockReleases.map((r) => r.usageRecordId));
+          expect(releases.sort()).toEqual([blockReleases[0]!.usageRecordId, otherRelease.usageRecordId].sort());
         },
       );
-      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
-      try {
-        for (let i = 0; i < 5 && readdirSync(dir).length; i++) await up.meter.idle();
-      } finally {
-        await up.close();
-      }
-      expect(readdirSync(dir)).toEqual([]);
+      await takeBackAll(dataDir, dir);
       expect(await account(userId)).toEqual({ balance: 92, reserved: 0 });
     });
   });
@@ -761,9 +748,7 @@ describe('usage saved by earlier processes', () => {
         },
       );
       // Saved again whole, nothing added: the next process takes the same save back.
-      const settlements = readdirSync(dir)
-        .filter((name) => name.endsWith('.json'))
-        .flatMap((name) => (JSON.parse(readFileSync(join(dir, name), 'utf8')) as UnwrittenUsage).settlements);
+      const settlements = savedFilesIn(dir).flatMap((file) => file.settlements);
       expect(settlements).toHaveLength(LIMIT);
     });
   });
