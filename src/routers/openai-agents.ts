@@ -27,7 +27,7 @@ function whenAborted(signal: AbortSignal, listener: () => void): void {
 }
 
 /** The headers that say which thread and run a completion's are. */
-function nameRun(reply: FastifyReply, { runId, threadId }: CompletionIds): void {
+function nameRun(reply: FastifyReply, { runId, threadId }: Pick<CompletionIds, 'runId' | 'threadId'>): void {
   void reply.header('x-keel-thread-id', threadId).header('x-keel-run-id', runId);
 }
 
@@ -91,6 +91,7 @@ export function agentModelRoutes(app: FastifyInstance) {
    */
   async function openRun(ctx: ServiceContext, body: ChatCompletionRequest, ids: CompletionIds, signal: AbortSignal, reply: FastifyReply): Promise<OpenedRun> {
     const run = await startAgentCompletion(ctx, app.runs, body, ids);
+    ids.started = true;
     whenAborted(signal, () => {
       if (signal.reason === CLIENT_LEFT) void cancelAbandoned(ctx, app.runs, run.id);
     });

@@ -145,6 +145,8 @@ function refuseAgentOverrides(body: ChatCompletionRequest): void {
 export interface CompletionIds {
   runId: string;
   threadId: string;
+  /** Whether the run was made: set as its start returns (the router's openRun), before its first piece is read. */
+  started: boolean;
 }
 
 /**
@@ -155,10 +157,10 @@ export interface CompletionIds {
  */
 export function completionIds(body: ChatCompletionRequest): CompletionIds {
   const named = body.metadata?.thread_id;
-  if (named === undefined) return { runId: randomUUID(), threadId: randomUUID() };
+  if (named === undefined) return { runId: randomUUID(), threadId: randomUUID(), started: false };
   const thread = Id.safeParse(named);
   if (!thread.success) throw new InvalidRequestError('metadata.thread_id must be the id of one of your threads (a UUID)', 'metadata.thread_id');
-  return { runId: randomUUID(), threadId: thread.data };
+  return { runId: randomUUID(), threadId: thread.data, started: false };
 }
 
 /**
@@ -307,10 +309,8 @@ export interface OpenedRun {
  */
 export async function* agentCompletionChunks(opened: OpenedRun | Promise<OpenedRun>, ids: CompletionIds, model: string, includeUsage: boolean, log: Logger): AsyncGenerator<string> {
   let pieces: AsyncIterator<AnswerPiece> | undefined;
-  let made = false;
   try {
     const started = await opened;
-    made = true;
     const { run } = started;
     pieces = started.pieces;
     const base = { id: completionIdOf(run), object: 'chat.completion.chunk', created: createdOf(run), model };
@@ -333,10 +333,11 @@ export async function* agentCompletionChunks(opened: OpenedRun | Promise<OpenedR
   } catch (error) {
     const { status, body } = openAIErrorOf(error);
     const failure = { model, status, runId: ids.runId, threadId: ids.threadId };
-    // A refusal (an HttpError) is thrown before anything is written, or after what was written is
-    // undone: its ids name nothing, and the line says so, for an operator who looks them up. Any
-    // other failure of the start may have been a commit that took: it is logged as a run's.
-    if (!made && error instanceof HttpError) log.warn({ err: error, ...failure, runMade: false }, 'agent run refused after its stream had begun: the run and thread its headers named were never made');
+    // A refusal of the start (an HttpError) is thrown before anything is written, or after what was
+    // written is undone: its ids name nothing, and the line says so, for an operator who looks them
+    // up. Any other failure of the start may have been a commit that took, and a run made (whose
+    // answer failed, was cancelled, or left) is a run's failure: logged as the gateway's streams are.
+    if (!ids.started && error instanceof HttpError) log.warn({ err: error, ...failure, runMade: false }, 'agent run refused after its stream had begun: the run and thread its headers named were never made');
     else logStreamFailure(log, error, failure, alertsFromStream(error));
     // Alone when no chunk went out (a late first piece that failed): no role chunk for an answer that never came (CompletionFrames.error).
     yield `data: ${JSON.stringify(body)}\n\n`;

@@ -335,7 +335,7 @@ describe('the agents\' streams, built with a short interval', () => {
     })();
     const { first, heartbeat } = await firstEvent<OpenedRun>(refused, SHORT_MS);
     expect(first).toBeInstanceOf(Promise);
-    const ids = { runId: randomUUID(), threadId: randomUUID() };
+    const ids = { runId: randomUUID(), threadId: randomUUID(), started: false };
     expectLateError(await textOf(keptAlive(agentCompletionChunks(first, ids, 'agent:x', false, silent), heartbeat, true)), 'not_found');
     await noHeartbeatLeft();
   });
@@ -537,6 +537,23 @@ describe('through the app, at the floor', () => {
       expect(runId).toMatch(UUID);
       expect((await api('GET', `/runs/${runId}`, user.headers)).statusCode).toBe(404);
       expectRefusalLogged(response, 404);
+      await noHeartbeatLeft();
+    });
+
+    it('a run made after a keep-alive went out whose model call then fails is logged as that run\'s failure, not as a start refused', async () => {
+      fake.script('fake-chat', { status: 401 });
+      const { response, reader, seen } = await startWhileLocked(onThread());
+      const events = dataEvents(await readToEnd(reader, seen));
+      expect(events).toHaveLength(1);
+      expect(events[0]).toHaveProperty('error');
+      const runId = response.headers.get('x-keel-run-id');
+      const run = await api('GET', `/runs/${runId}`, user.headers);
+      expect(run.statusCode).toBe(200);
+      expect(run.json<{ status: string }>().status).toBe('failed');
+      const lines = logs.lines().filter((line) => line.reqId === response.headers.get('x-request-id'));
+      expect(lines).toEqual([expect.objectContaining({ runId, threadId: response.headers.get('x-keel-thread-id'), msg: expect.stringMatching(/stream/) as unknown })]);
+      expect(lines[0]).not.toHaveProperty('runMade');
+      expect(String(lines[0]!.msg)).not.toMatch(/never made/);
       await noHeartbeatLeft();
     });
 
