@@ -157,7 +157,7 @@ describe('embeddings', () => {
     expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', error: null });
   });
 
-  it('a failed try waits for its text to be written before it lets the entry go: an entry deleted meanwhile leaves no file behind', async () => {
+  it('a failed try whose text lands after its entry was deleted meanwhile removes it then: no file is left behind', async () => {
     if (!withVectors()) return;
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
@@ -180,7 +180,7 @@ describe('embeddings', () => {
       await entryId;
       await eventually(async () => deleted !== undefined);
       expect(await deleted).toBe(200);
-      // The text lands after the deletion's purge; the job's try, which waited for it, takes it away.
+      // The text lands after the deletion's purge; the failed try, watching its write, takes it away.
       await written;
       await eventually(async () => storedFiles(ctx.app.settings.dataDir, user.user.id).length === 0);
     } finally {

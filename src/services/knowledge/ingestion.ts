@@ -113,6 +113,13 @@ const fullTextIn = (language: string): SQL<boolean> => sql<boolean>`${knowledgeC
 const fullTextOf = (language: string, text: string | SQLWrapper): SQL => sql`to_tsvector(${language}::regconfig, ${text})`;
 
 /**
+ * `search_language` from a reindex's first claim until it ends ready (see `claim`): the chunks are
+ * this code's, their full-text vectors of either language. No language is named so: every
+ * KB_SEARCH_LANGUAGE reads it as a change, and the next reindex resumes from the chunks.
+ */
+const INDEXING_UNDER_WAY = '';
+
+/**
  * Whether the entry's chunks were indexed under another KB_SEARCH_LANGUAGE than this one (or are
  * an unfinished reindex's, INDEXING_UNDER_WAY), and only that calls for its reindex (see `claim`).
  * The entry says so, not its chunks: `search_language` is written when an indexing ends `ready`
@@ -124,13 +131,6 @@ const fullTextOf = (language: string, text: string | SQLWrapper): SQL => sql`to_
  * reads alike in every language. Null (indexed by older code, whose vectors may be a fallback
  * model's under EMBEDDING_MODEL's id) is no change: those chunks are cleared and embedded anew.
  */
-/**
- * `search_language` from a reindex's first claim until it ends ready (see `claim`): the chunks are
- * this code's, their full-text vectors of either language. No language is named so: every
- * KB_SEARCH_LANGUAGE reads it as a change, and the next reindex resumes from the chunks.
- */
-const INDEXING_UNDER_WAY = '';
-
 function languageChanged(entry: KnowledgeEntry, settings: Settings): boolean {
   return entry.search_language !== null && entry.search_language !== settings.KB_SEARCH_LANGUAGE;
 }
@@ -581,12 +581,14 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
     writer?.stop(thrown);
     const error = await writer?.finish().then(() => thrown, (cause: unknown) => cause) ?? thrown;
     // The text's write may still be going (any failure ended the Promise.all above without waiting
-    // for it): it lands while the claim is held, and goes if the entry was deleted meanwhile. Left
-    // to land after the claim's release, a deletion in between would leave it, a file no deletion
-    // record names.
+    // for it): once it has landed, it goes if the entry was deleted meanwhile — a deletion before
+    // it landed purged the files without it, and it would stay, a file no deletion record names.
+    // Not waited for: a storage write that never ends must not hold the job (its queue slot).
     if (textSaved) {
-      await textSaved.catch(() => undefined);
-      await removeTextOfDeleted(db, storage, entry);
+      void textSaved
+        .catch(() => undefined)
+        .then(() => removeTextOfDeleted(db, storage, entry))
+        .catch((cause: unknown) => log.warn({ err: cause, entryId }, 'the text of an entry deleted during its ingestion could not be removed'));
     }
     if (error instanceof ClaimLostError) {
       log.info({ entryId }, 'ingestion dropped: the entry was deleted or reindexed meanwhile');
