@@ -727,6 +727,11 @@ describe('usage saved by earlier processes', () => {
       const userId = user.user.id;
       await billingCrud.changeBalance(ctx.database.db, { userId, type: 'grant', amount: '100', description: null, createdBy: userId });
       saveUnwritten(dir, { usage: [], settlements: Array.from({ length: LIMIT }, () => settlementOf(userId, { cost: '0.5' })), windowSettlements: [], blockReleases: [] });
+      const call = (app: Awaited<ReturnType<typeof buildTestApp>>) =>
+        app.models.chat(chatRequest('fake-precise', { user_id: userId })).then(
+          () => 'served',
+          (error: unknown) => (error instanceof UsageBacklogError ? 'refused (503)' : error),
+        );
       await intercepting(
         ctx.database.db,
         (text) => {
@@ -736,20 +741,24 @@ describe('usage saved by earlier processes', () => {
           const down = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
           try {
             await down.meter.idle();
-            const call = () =>
-              down.models.chat(chatRequest('fake-precise', { user_id: userId })).then(
-                () => 'served',
-                (error: unknown) => (error instanceof UsageBacklogError ? 'refused (503)' : error),
-              );
-            expect(await call()).toBe('refused (503)');
+            expect(await call(down)).toBe('refused (503)');
           } finally {
             await down.close();
           }
         },
       );
       // Saved again whole, nothing added: the next process takes the same save back.
-      const settlements = savedFilesIn(dir).flatMap((file) => file.settlements);
-      expect(settlements).toHaveLength(LIMIT);
+      expect(savedFilesIn(dir).flatMap((file) => file.settlements)).toHaveLength(LIMIT);
+      // The database back, the save written, calls are served again.
+      const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+      try {
+        for (let i = 0; i < 5 && readdirSync(dir).length; i++) await up.meter.idle();
+        expect(await call(up)).toBe('served');
+      } finally {
+        await up.close();
+      }
+      expect(readdirSync(dir)).toEqual([]);
+      expect(await account(userId)).toEqual({ balance: 50, reserved: 0 });
     });
   });
 
