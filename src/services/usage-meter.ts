@@ -1082,18 +1082,9 @@ export class UsageMeterService implements UsageMeter {
     for (const part of parts) {
       // Item by item: a spread of 100,000s of items passes the call stack's limit.
       for (const row of part.usage) this.buffer.push(row);
-      for (const item of part.settlements) {
-        this.failedSettlements.push(item);
-        this.fromFiles.add(item);
-      }
-      for (const item of part.windowSettlements) {
-        this.windowSettlements.push(item);
-        this.fromFiles.add(item);
-      }
-      for (const item of part.blockReleases) {
-        this.blockReleases.push(item);
-        this.fromFiles.add(item);
-      }
+      this.takeBack(this.failedSettlements, part.settlements);
+      this.takeBack(this.windowSettlements, part.windowSettlements);
+      this.takeBack(this.blockReleases, part.blockReleases);
       counts.usageRecords += part.usage.length;
       counts.settlements += part.settlements.length + part.windowSettlements.length;
       counts.blockReleases += part.blockReleases.length;
@@ -1101,6 +1092,14 @@ export class UsageMeterService implements UsageMeter {
     for (const file of taken) this.recovered.push({ file, takenAfter: this.flushesBegun });
     this.log.info({ files: taken.length, ...counts }, 'writing the usage earlier processes left unwritten');
     this.track(this.flush());
+  }
+
+  /** Queues settlements or releases read from saved files, marked as such (`fromFiles`); item by item, as above. */
+  private takeBack(queue: billingCrud.Settlement[], items: readonly billingCrud.Settlement[]): void {
+    for (const item of items) {
+      queue.push(item);
+      this.fromFiles.add(item);
+    }
   }
 
   /**

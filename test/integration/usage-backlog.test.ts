@@ -495,16 +495,32 @@ describe('usage saved by earlier processes', () => {
 
   it("a flush's wait (flushQueued: the one running and one more) does not run on through every saved file the flushes take back", async () => {
     await withSavedUsage(Array.from({ length: 10 }, () => 50), async ({ user, dataDir }) => {
-      const started = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
-      try {
-        // start() took the first file (50 rows, the room) and began writing it. The wait a refused
-        // credit hold (and a balance read) makes is for that flush and one more.
-        await (started.meter as unknown as { flushQueued(): Promise<void> }).flushQueued();
-        expect(await usageCount(ctx.database.db, user.user.id)).toBeLessThanOrEqual(150);
-        await started.meter.idle();
-      } finally {
-        await started.close();
-      }
+      // Usage statements answered so far, read the moment the wait ends: the next take's flush goes
+      // on writing after it, so a count of the table then would race it.
+      let written = 0;
+      const countWritten = (text: string) => {
+        if (/insert into usage_records/i.test(text)) written += 1;
+      };
+      await intercepting(
+        ctx.database.db,
+        countWritten,
+        async () => {
+          const started = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+          try {
+            // start() took the first file (50 rows, the room) and began writing it. The wait a refused
+            // credit hold (and a balance read) makes is for that flush and one more: 100 rows, in
+            // statements of 10 (USAGE_FLUSH_MAX_ROWS); 500 if it ran on through every file.
+            const writtenWhenWaitEnded = await (started.meter as unknown as { flushQueued(): Promise<void> }).flushQueued().then(() => written);
+            expect(writtenWhenWaitEnded).toBeGreaterThanOrEqual(5);
+            expect(writtenWhenWaitEnded).toBeLessThanOrEqual(10);
+            await started.meter.idle();
+            expect(await usageCount(ctx.database.db, user.user.id)).toBe(500);
+          } finally {
+            await started.close();
+          }
+        },
+        true,
+      );
     });
   });
 
