@@ -1,12 +1,23 @@
 import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 
 import { ConfigError } from './config.js';
 import type { Database, SqlSession } from './db.js';
 import type { Logger } from './logger.js';
 
-export const MIGRATIONS_DIR = resolve(import.meta.dirname, '../../migrations');
+/**
+ * The package's migrations/, the nearest one above this module: two levels up from src/core/ (run
+ * as TypeScript), one from dist/ (bundled into one of its files).
+ */
+function migrationsDir(from: string): string {
+  for (let dir = from; ; dir = dirname(dir)) {
+    if (existsSync(join(dir, 'migrations', 'meta', '_journal.json'))) return join(dir, 'migrations');
+    if (dirname(dir) === dir) return resolve(from, '../../migrations');
+  }
+}
+
+export const MIGRATIONS_DIR = migrationsDir(import.meta.dirname);
 /** Any constant works, as long as every Keel process uses the same one. */
 const MIGRATION_LOCK_KEY = 7_424_911_002;
 const BREAKPOINT = '--> statement-breakpoint';

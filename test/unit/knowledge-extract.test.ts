@@ -1,13 +1,13 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 
-import ts from 'typescript';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
+import { bundle, ENTRY_POINTS } from '../../scripts/bundle.mjs';
 import { type DrainedText, PieceAssembler } from '../../src/modules/knowledge/document-builder.js';
 import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge/extract.js';
 import { pdfSpans } from '../../src/modules/knowledge/pdf.js';
@@ -371,29 +371,20 @@ describe('extractDocument: PDF and DOCX', () => {
 
 // ==================== The compiled build ====================
 
-describe('extractDocument from compiled JavaScript', () => {
-  it('starts its worker next to the compiled module (as in dist/)', async () => {
-    // The knowledge modules compiled as tsc compiles them for dist/, beside a node_modules link
-    // so their packages resolve; then a plain `node` (no TypeScript loader) extracts a PDF.
+describe('extractDocument from the bundled build', () => {
+  it('starts its worker from the file beside the bundle (as in dist/)', async () => {
+    // The knowledge modules bundled as `npm run build` bundles dist/ (its worker an entry of its
+    // own, shared modules in chunks beside it), beside a node_modules link so the packages left
+    // out of the bundle resolve; then a plain `node` (no TypeScript loader) extracts a PDF.
     const root = resolve(import.meta.dirname, '../..');
     const out = await mkdtemp(join(tmpdir(), 'keel-dist-'));
     try {
-      const source = join(root, 'src/modules/knowledge');
-      const target = join(out, 'modules/knowledge');
-      await mkdir(target, { recursive: true });
+      await bundle(root, out, { extract: 'src/modules/knowledge/extract.ts', 'extract-worker': ENTRY_POINTS['extract-worker']! });
       await symlink(join(root, 'node_modules'), join(out, 'node_modules'));
       await writeFile(join(out, 'package.json'), '{"type": "module"}');
-      const { options } = ts.parseJsonConfigFileContent(ts.readConfigFile(join(root, 'tsconfig.build.json'), (p) => ts.sys.readFile(p)).config, ts.sys, root);
-      // One file at a time, tsc cannot see package.json's "type": say ESM, as it emits for this package.
-      options.module = ts.ModuleKind.ESNext;
-      for (const name of await readdir(source)) {
-        if (!name.endsWith('.ts')) continue;
-        const { outputText } = ts.transpileModule(await readFile(join(source, name), 'utf8'), { compilerOptions: options, fileName: name });
-        await writeFile(join(target, name.replace(/\.ts$/, '.js')), outputText);
-      }
       const pdf = join(dir, 'compiled.pdf');
       await writePdf(pdf, HANDBOOK);
-      const script = `import { extractDocument } from ${JSON.stringify(join(target, 'extract.js'))};
+      const script = `import { extractDocument } from ${JSON.stringify(join(out, 'extract.js'))};
         const doc = await extractDocument({ path: ${JSON.stringify(pdf)}, filename: 'compiled.pdf' }, ${JSON.stringify(LIMITS)});
         console.log(JSON.stringify(doc.sections.map((s) => s.headingPath.join(' > '))));`;
       const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', script], { cwd: out });
