@@ -1,7 +1,9 @@
 /* global process */
-// Bench only: wraps the database clients Keel loads (pg, and Keel's PGlite client in dist/) so that
+// Bench only: wraps the database clients Keel loads (pg, and Keel's PGlite client) so that
 // a preload sees every statement. `observe(kind, text)` is called as a statement starts and returns
 // what to call when it ends (`failed` true on an error). Shared by trace-preload.mjs and tail-preload.mjs.
+import { tracingChannel } from 'node:diagnostics_channel';
+
 export async function hookStatements(require, observe) {
   try {
     const pg = require('pg');
@@ -18,6 +20,14 @@ export async function hookStatements(require, observe) {
   } catch {
     // not loaded here
   }
+  // Keel's PGlite client publishes its statements on a tracing channel (src/core/pglite-client.ts)…
+  const pglite = tracingChannel('keel:pglite:statement');
+  pglite.subscribe({
+    start: (context) => (context.ended = observe('pglite', context.text)),
+    error: (context) => (context.failed = true),
+    asyncEnd: (context) => context.ended?.(Boolean(context.failed)),
+  });
+  // …which builds from before stop 54 (compiled file by file to dist/, no channel) lack: there the class is patched.
   try {
     const { PgliteStatementClient } = await import(`${process.cwd()}/dist/core/pglite-client.js`);
     for (const method of ['run', 'simple']) {

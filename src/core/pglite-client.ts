@@ -1,3 +1,5 @@
+import { tracingChannel } from 'node:diagnostics_channel';
+
 import { type PGlite, type QueryOptions, type Results, type Transaction, types } from '@electric-sql/pglite';
 import { type DatabaseError, serialize } from 'pg-protocol';
 import type { BackendMessage, CommandCompleteMessage, DataRowMessage, ParameterDescriptionMessage, RowDescriptionMessage } from 'pg-protocol/dist/messages.js';
@@ -100,6 +102,14 @@ export type PgliteTransaction = Pick<Transaction, 'query' | 'exec' | 'closed'> &
  * wait for it; single exchanges between transactions go out at once, several in flight together
  * (each is a whole Bind…Sync, and the link answers in order).
  */
+/**
+ * Every statement the client runs, on a diagnostics tracing channel (`start` as it goes, then
+ * `asyncEnd` or `error`; the context is `{ text }`) while something subscribes — an APM agent, or
+ * the benchmarks' statement hooks, which cannot reach this class inside the bundle — and at the
+ * cost of one check otherwise.
+ */
+export const statementChannel = tracingChannel<unknown, { text: string }>('keel:pglite:statement');
+
 export class PgliteStatementClient {
   private readonly statements = new Map<string, Promise<Statement>>();
   /** The statements whose preparation has finished. */
@@ -244,7 +254,12 @@ export class PgliteStatementClient {
 
   // ==================== Queries ====================
 
-  private async run<T>(scope: Scope, text: string, params: unknown[] = [], options: QueryOptions = {}): Promise<Results<T>> {
+  private run<T>(scope: Scope, text: string, params: unknown[] = [], options: QueryOptions = {}): Promise<Results<T>> {
+    if (!statementChannel.hasSubscribers) return this.runStatement<T>(scope, text, params, options);
+    return statementChannel.tracePromise(() => this.runStatement<T>(scope, text, params, options), { text });
+  }
+
+  private async runStatement<T>(scope: Scope, text: string, params: unknown[], options: QueryOptions): Promise<Results<T>> {
     let statement = this.ready.get(text);
     if (!statement) {
       const preparing = this.statement(scope, text);
@@ -308,7 +323,12 @@ export class PgliteStatementClient {
     return Buffer.concat(parts);
   }
 
-  private async simple(scope: Scope, text: string, options: QueryOptions = {}): Promise<Results[]> {
+  private simple(scope: Scope, text: string, options: QueryOptions = {}): Promise<Results[]> {
+    if (!statementChannel.hasSubscribers) return this.runSimple(scope, text, options);
+    return statementChannel.tracePromise(() => this.runSimple(scope, text, options), { text });
+  }
+
+  private async runSimple(scope: Scope, text: string, options: QueryOptions): Promise<Results[]> {
     const results: Results[] = [];
     let fields: Statement['fields'] = [];
     let rows: unknown[] = [];

@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, inject, it, vi } from 'vitest';
 
 import { loadSettings } from '../../src/core/config.js';
 import { commitWithNextStatement, openDatabase, transaction } from '../../src/core/db.js';
-import { inProcessLink, type PgliteLink, PgliteStatementClient } from '../../src/core/pglite-client.js';
+import { inProcessLink, type PgliteLink, PgliteStatementClient, statementChannel } from '../../src/core/pglite-client.js';
 import { blockWhileWaiting, openPgliteThread } from '../../src/core/pglite-thread.js';
 
 import { eventually } from '../helpers/http.js';
@@ -114,6 +114,27 @@ describe.each(Object.keys(links))('PgliteStatementClient, PGlite on %s', (where)
     await expect(client.query('select * from no_such_table')).rejects.toMatchObject({ code: '42P01' });
     await expect(client.exec('select 1; select * from no_such_table')).rejects.toMatchObject({ code: '42P01' });
     expect((await client.query('select 1 as one')).rows).toEqual([{ one: 1 }]);
+  });
+
+  it('publishes each statement on its tracing channel while subscribed: its text as it starts, then its end or its error', async () => {
+    const seen: string[] = [];
+    const handlers = {
+      start: (context: { text: string }) => void seen.push(`start ${context.text}`),
+      end: () => undefined,
+      asyncStart: () => undefined,
+      error: (context: { text: string }) => void seen.push(`error ${context.text}`),
+      asyncEnd: (context: { text: string }) => void seen.push(`end ${context.text}`),
+    };
+    statementChannel.subscribe(handlers);
+    try {
+      await client.query('select 1 as one');
+      await expect(client.query('select * from no_such_table')).rejects.toMatchObject({ code: '42P01' });
+      await client.exec('select 2');
+    } finally {
+      statementChannel.unsubscribe(handlers);
+    }
+    await client.query('select 3');
+    expect(seen).toEqual(['start select 1 as one', 'end select 1 as one', 'start select * from no_such_table', 'error select * from no_such_table', 'end select * from no_such_table', 'start select 2', 'end select 2']);
   });
 
   it('answers exec with one result per statement, as PGlite', async () => {
