@@ -1,19 +1,19 @@
 #!/usr/bin/env node
 /* global process, console, setInterval, clearInterval, performance, Buffer */
-// Knowledge-base extraction + chunking throughput and memory, on the compiled code (dist/; run
-// `npm run build` first). Ingestion's target is >= 20 MB of text a minute end to end (excluding
+// Knowledge-base extraction + chunking throughput and memory, on the built code (bench/built.mjs). Ingestion's target is >= 20 MB of text a minute end to end (excluding
 // embedding latency); extraction and chunking are measured here without the database.
 //
 //   node bench/kb-extract.mjs          (TEXT_MB=20 BIG_TEXT_MB=50 PDF_PAGES=400 DOCX_PARAGRAPHS=8000)
 //
 // Each case runs in a fresh child process so its peak RSS is its own.
 import { spawnSync } from 'node:child_process';
-import { createWriteStream, existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createWriteStream, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 
+import { importBuilt } from './built.mjs';
+
 const root = resolve(import.meta.dirname, '..');
-const dist = join(root, 'dist/modules/knowledge');
 const settings = { chunkTokens: 400, overlapTokens: 60 };
 const limits = { maxTextChars: 200_000_000, timeoutMs: 600_000, maxMemoryMb: 256 };
 
@@ -21,8 +21,7 @@ const limits = { maxTextChars: 200_000_000, timeoutMs: 600_000, maxMemoryMb: 256
 
 if (process.argv[2] === '--case') {
   const [, , , path, filename] = process.argv;
-  const { extractDocument } = await import(join(dist, 'extract.js'));
-  const { chunkDocumentAsync } = await import(join(dist, 'chunk.js'));
+  const [{ extractDocument }, { chunkDocumentAsync }] = await importBuilt(root, 'modules/knowledge/extract', 'modules/knowledge/chunk');
   let peak = process.memoryUsage().rss;
   const sampler = setInterval(() => (peak = Math.max(peak, process.memoryUsage().rss)), 20);
   const began = performance.now();
@@ -43,10 +42,6 @@ if (process.argv[2] === '--case') {
 
 // ==================== Inputs ====================
 
-if (!existsSync(join(dist, 'extract.js'))) {
-  console.error('bench/kb-extract: dist/ has no knowledge modules; run `npm run build` first');
-  process.exit(1);
-}
 
 let seed = 7;
 const random = (n) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31), seed % n);

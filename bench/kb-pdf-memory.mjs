@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /* global process, console, setInterval, clearInterval, performance, Buffer */
-// Memory and speed of PDF extraction + chunking alone (no database, no HTTP), on a build's dist/:
+// Memory and speed of PDF extraction + chunking alone (no database, no HTTP), on a checkout's built code (bench/built.mjs):
 // extractDocument (its worker thread included) then the chunks cut one by one (documentChunks
 // where the build has it, else chunkDocument), RSS of this process sampled every 20 ms.
 //
@@ -8,16 +8,16 @@
 //
 // Make the PDF with `PARTS=rss npx tsx bench/kb.ts` (its writeBigPdf) or any PDF at hand.
 import { loadavg } from 'node:os';
-import { join, resolve } from 'node:path';
+import { resolve } from 'node:path';
+
+import { importBuilt } from './built.mjs';
 
 const [checkout = '.', path] = process.argv.slice(2);
 if (!path) {
   console.error('usage: node bench/kb-pdf-memory.mjs <checkout> <file.pdf>');
   process.exit(1);
 }
-const root = resolve(checkout);
-const { extractDocument } = await import(join(root, 'dist/modules/knowledge/extract.js'));
-const chunk = await import(join(root, 'dist/modules/knowledge/chunk.js'));
+const [{ extractDocument }, chunk] = await importBuilt(resolve(checkout), 'modules/knowledge/extract', 'modules/knowledge/chunk');
 const mb = (n) => Math.round(n / 1048576);
 const show = (label, m) => console.log(`${label.padEnd(10)} rss ${mb(m.rss)} heapUsed ${mb(m.heapUsed)} external ${mb(m.external)} arrayBuffers ${mb(m.arrayBuffers)}`);
 let peak = process.memoryUsage();

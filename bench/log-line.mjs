@@ -5,8 +5,10 @@
 // as a server does between requests, so SonicBoom's asynchronous writes complete in between.
 import { resolve } from 'node:path';
 
+import { importBuilt } from './built.mjs';
+
 const checkout = resolve(process.argv[2] ?? '.');
-const { createLogger } = await import(`${checkout}/dist/core/logger.js`);
+const [{ createLogger }] = await importBuilt(checkout, 'core/logger');
 // As core/access-log.ts logs: a child without redaction.
 const logger = createLogger({ LOG_LEVEL: 'info', LOG_FORMAT: 'json' }).child({}, { redact: [] });
 const N = Number(process.env.LINES ?? 200_000);

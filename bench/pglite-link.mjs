@@ -7,8 +7,9 @@ import { readdirSync, readFileSync } from 'node:fs';
 
 import { PGlite } from '@electric-sql/pglite';
 
-import { inProcessLink, PgliteStatementClient } from '../dist/core/pglite-client.js';
-import { openPgliteThread } from '../dist/core/pglite-thread.js';
+import { importBuilt } from './built.mjs';
+
+const [{ inProcessLink, PgliteStatementClient }, { openPgliteThread }] = await importBuilt('.', 'core/pglite-client', 'core/pglite-thread');
 
 const N = Number(process.env.N ?? 5000);
 const MODES = (process.env.MODES ?? 'thread inproc').split(/\s+/).filter(Boolean);
