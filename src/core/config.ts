@@ -285,6 +285,13 @@ export const SettingsSchema = z.object({
   S3_SECRET_ACCESS_KEY: optionalString,
   /** `bucket` in the path rather than the host name; most S3-compatible servers need it. */
   S3_FORCE_PATH_STYLE: bool.default(false),
+  /**
+   * A connection to the bucket that carries nothing for this long is given up, and its request
+   * fails (503): a server that stops answering holds no upload, download or ingestion job for
+   * ever. Also the longest a connection may take to open (at most 10 s). A download whose client
+   * reads nothing for this long is cut as well.
+   */
+  S3_TIMEOUT_SECONDS: int(1, 3600).default(60),
 
   /** Catalog id of the model that embeds knowledge-base chunks; unset: knowledge search is full-text only. */
   EMBEDDING_MODEL: optionalString,

@@ -146,6 +146,7 @@ export function createStorageBackend(settings: Settings): StorageBackend {
     accessKeyId: settings.S3_ACCESS_KEY_ID,
     secretAccessKey: settings.S3_SECRET_ACCESS_KEY,
     forcePathStyle: settings.S3_FORCE_PATH_STYLE,
+    timeoutMs: settings.S3_TIMEOUT_SECONDS * 1000,
   });
 }
 

@@ -27,6 +27,7 @@ import {
 import { StorageService as Service } from '../../src/services/storage-service.js';
 import { testSettings, useTestApp } from '../helpers/app.js';
 import { ROOT } from '../helpers/process.js';
+import { SilentProxy } from '../helpers/silent-proxy.js';
 import { BAD_PARTS } from '../helpers/storage.js';
 
 const temporary: string[] = [];
@@ -129,6 +130,7 @@ const backends: Backend[] = [
         secretAccessKey: 'S3RVER',
         forcePathStyle: true,
         partSize: 5 * 1024 * 1024,
+        timeoutMs: 60_000,
       });
       return {
         storage: new Service(s3backend, 'knowledge-base'),
@@ -417,7 +419,7 @@ describe('local storage on disk', () => {
 
 describe('s3 storage when the server is down', () => {
   it('answers StorageUnavailableError (503) for every operation, the S3 error kept as the cause', async () => {
-    const backend = new S3StorageBackend({ bucket: BUCKET, region: 'us-east-1', endpoint: 'http://127.0.0.1:1', accessKeyId: 'a', secretAccessKey: 'b', forcePathStyle: true });
+    const backend = new S3StorageBackend({ bucket: BUCKET, region: 'us-east-1', endpoint: 'http://127.0.0.1:1', accessKeyId: 'a', secretAccessKey: 'b', forcePathStyle: true, timeoutMs: 60_000 });
     const storage = new Service(backend, 'knowledge-base');
     try {
       const key = 'knowledge-base/a.txt';
@@ -441,6 +443,40 @@ describe('s3 storage when the server is down', () => {
       await backend.close();
     }
   }, 60_000);
+});
+
+describe('s3 storage when the server stops answering', () => {
+  it('gives each request up after S3_TIMEOUT_SECONDS of silence (503, after the SDK\'s retries), and works again once the server answers', async () => {
+    const server = new S3rver({ address: '127.0.0.1', port: 0, silent: true, directory: tempDir(), configureBuckets: [{ name: BUCKET }] });
+    const { port } = await server.run();
+    const proxy = await SilentProxy.start({ host: '127.0.0.1', port });
+    const endpoint = `http://127.0.0.1:${proxy.port}`;
+    const backend = new S3StorageBackend({ bucket: BUCKET, region: 'us-east-1', endpoint, accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER', forcePathStyle: true, timeoutMs: 1000 });
+    const storage = new Service(backend, 'knowledge-base');
+    try {
+      const { key } = await storage.saveFile('before', 'a.txt');
+      proxy.fallSilent();
+      // Without a timeout each of these waited for ever (the test's own timeout ended it).
+      const operations = [() => storage.saveFile('x', 'b.txt'), () => storage.readFile(key), () => storage.exists(key), () => storage.deleteFile(key)];
+      for (const operation of operations) {
+        const began = performance.now();
+        const error = await (operation() as Promise<unknown>).catch((e: unknown) => e);
+        expect(error).toBeInstanceOf(StorageUnavailableError);
+        expect(performance.now() - began).toBeLessThan(15_000);
+      }
+      proxy.speak();
+      expect((await storage.readFile(key)).toString()).toBe('before');
+    } finally {
+      await backend.close();
+      await proxy.close();
+      await new Promise((resolve) => server.close(resolve));
+    }
+  }, 120_000);
+
+  it('takes S3_TIMEOUT_SECONDS from the settings (default 60 s)', () => {
+    expect(testSettings({}).S3_TIMEOUT_SECONDS).toBe(60);
+    expect(() => testSettings({ S3_TIMEOUT_SECONDS: '0' })).toThrow(/S3_TIMEOUT_SECONDS/);
+  });
 });
 
 describe('storage settings', () => {

@@ -22,6 +22,8 @@ export interface S3Options {
   forcePathStyle: boolean;
   /** Size of each part of a multipart upload (S3's minimum is 5 MiB). */
   partSize?: number;
+  /** S3_TIMEOUT_SECONDS, in ms. */
+  timeoutMs: number;
 }
 
 /** The file store cannot be reached or refuses Keel: 503 for the client, the S3 error as the cause for the log. */
@@ -82,6 +84,9 @@ export class S3StorageBackend implements StorageBackend {
           : undefined,
       requestChecksumCalculation: 'WHEN_REQUIRED',
       responseChecksumValidation: 'WHEN_REQUIRED',
+      // The SDK waits for ever by default. An idle socket rather than a whole request's time: a
+      // part of a large upload on a slow link takes long and is not stuck.
+      requestHandler: { connectionTimeout: Math.min(options.timeoutMs, 10_000), socketTimeout: options.timeoutMs },
     });
   }
 
