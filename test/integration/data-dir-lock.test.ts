@@ -11,6 +11,8 @@ import { loadSettings } from '../../src/core/config.js';
 import { DataDirLockedError } from '../../src/core/data-dir-lock.js';
 import { openDatabase } from '../../src/core/db.js';
 
+import { bundle } from '../../scripts/bundle.mjs';
+
 const scratch = mkdtempSync(join(tmpdir(), 'keel-lock-test-'));
 afterAll(() => rmSync(scratch, { recursive: true, force: true }));
 
@@ -91,7 +93,10 @@ describe.skipIf(inject('templatePgliteDir') === null)('the embedded database loc
     mkdirSync(dir);
     // The lock a killed process left: its pid is no process's.
     writeFileSync(join(dir, 'keel.lock'), JSON.stringify({ pid: 2 ** 22 + 1, started: null, host: hostname() }));
-    const lockModule = pathToFileURL(join(import.meta.dirname, '../../dist/core/data-dir-lock.js')).href;
+    // The lock's module as the build bundles it (plain JavaScript: a dozen processes start at once).
+    const built = join(scratch, 'built');
+    await bundle(join(import.meta.dirname, '../..'), built, { 'data-dir-lock': 'src/core/data-dir-lock.ts' });
+    const lockModule = pathToFileURL(join(built, 'data-dir-lock.js')).href;
     const at = Date.now() + 1500;
     // Each waits for the same moment, tries and says what it got; a winner holds the lock until every
     // one has answered (its standard input ends), so a starter the machine made late cannot find it free.
