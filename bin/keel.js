@@ -1,11 +1,11 @@
 #!/usr/bin/env node
 /* global process */
-// Runs Keel in this process (so signals such as SIGTERM reach the server directly): the compiled
+// Runs Keel in this process (so signals such as SIGTERM reach the server directly): the bundled
 // JavaScript in dist/ when `npm run build` (run by `npm ci` / `npm install` as `prepare`) made it
-// from the src/ there is now, else the TypeScript in src/ through tsx, so an edit or a checkout
-// never runs stale code and `npx keel ...` needs no build step. The compiled start is the faster
-// and lighter one: tsx adds a loader thread and compiles every module at each start
-// (bench/RESULTS.md).
+// from the src/ and the packages there are now, else the TypeScript in src/ through tsx, so an
+// edit, a checkout or an upgraded package never runs stale code and `npx keel ...` needs no build
+// step. The bundled start is the faster and lighter one: tsx adds a loader thread and compiles
+// every module at each start (bench/RESULTS.md).
 import { readdirSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 
@@ -21,16 +21,28 @@ function newest(dir) {
   return time;
 }
 
-/** Whether dist/ was built from src/ as it is: its mark (the time the build began) is newer than every source. */
-function built() {
-  let mark;
+/**
+ * What the bundle is made of besides src/: the packages it holds copies of (npm rewrites
+ * node_modules/.package-lock.json at every install, `npm install <package>` too, which does not
+ * run `prepare`) and how it is bundled.
+ */
+const INPUTS = ['package.json', 'package-lock.json', 'node_modules/.package-lock.json', 'scripts/bundle.mjs'];
+
+/** The modification time of `path`, 0 when there is none. */
+function modified(path) {
   try {
-    mark = statSync(join(root, 'dist', '.built')).mtimeMs;
+    return statSync(path).mtimeMs;
   } catch {
-    return false;
+    return 0;
   }
-  if (newest(join(root, 'src')) < mark) return true;
-  if (process.stderr.isTTY) process.stderr.write('keel: src/ changed since the last build, running it through tsx (`npm run build` makes the start faster)\n');
+}
+
+/** Whether dist/ was built from src/ and the packages as they are: its mark (the time the build began) is newer than all of them. */
+function built() {
+  const mark = modified(join(root, 'dist', '.built'));
+  if (!mark) return false;
+  if (newest(join(root, 'src')) < mark && INPUTS.every((input) => modified(join(root, input)) < mark)) return true;
+  if (process.stderr.isTTY) process.stderr.write('keel: src/ or the installed packages changed since the last build, running src/ through tsx (`npm run build` makes the start faster)\n');
   return false;
 }
 

@@ -63,7 +63,7 @@ export function launch(command: string, args: string[], env: Record<string, stri
 
 /**
  * `node bin/keel.js ...args`, the way `npm run keel --` runs it: dist/ when it was built from the
- * src/ there is now (`npm ci` builds it; a compiled start is several times cheaper), else src/ through tsx.
+ * src/ there is now (`npm ci` builds it; a bundled start is several times cheaper), else src/ through tsx.
  */
 export function keel(args: string[], env: Record<string, string>, as: { uid: number; gid: number } | null = null): Child {
   return launch(process.execPath, [KEEL, ...args], env, as);

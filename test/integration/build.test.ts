@@ -1,0 +1,79 @@
+import { execFile } from 'node:child_process';
+import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { ROOT } from '../helpers/process.js';
+
+const run = promisify(execFile);
+
+/**
+ * A checkout of its own for `npm run build` and bin/keel.js: scripts, bin and the package files
+ * copied, src/ and migrations/ linked, and node_modules a directory of links to the packages with
+ * an install record (.package-lock.json) of its own, so a test can make it newer than the build
+ * without touching the repository's.
+ */
+function checkout(): string {
+  const dir = mkdtempSync(join(tmpdir(), 'keel-build-'));
+  for (const name of ['bin', 'scripts']) cpSync(join(ROOT, name), join(dir, name), { recursive: true });
+  for (const name of ['package.json', 'package-lock.json']) cpSync(join(ROOT, name), join(dir, name));
+  for (const name of ['src', 'migrations']) symlinkSync(join(ROOT, name), join(dir, name));
+  mkdirSync(join(dir, 'node_modules'));
+  for (const name of readdirSync(join(ROOT, 'node_modules'))) {
+    if (name !== '.package-lock.json') symlinkSync(join(ROOT, 'node_modules', name), join(dir, 'node_modules', name));
+  }
+  writeFileSync(join(dir, 'node_modules', '.package-lock.json'), '{}');
+  const past = new Date(Date.now() - 60_000);
+  for (const name of ['package.json', 'package-lock.json', 'node_modules/.package-lock.json']) utimesSync(join(dir, name), past, past);
+  return dir;
+}
+
+const build = (dir: string) => run(process.execPath, ['scripts/build.mjs'], { cwd: dir });
+const builds = (dir: string) => readdirSync(join(dir, 'dist', 'builds')).filter((name) => !name.startsWith('.'));
+const filesOf = (dir: string) => readdirSync(dir, { recursive: true }).map(String).sort();
+
+describe('npm run build', () => {
+  let dir: string;
+  beforeAll(() => {
+    dir = checkout();
+  });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it("keeps each build's files while three newer ones are not made: a server started from one still finds what it loads on first use after a rebuild", async () => {
+    await build(dir);
+    const [first] = builds(dir);
+    const firstFiles = filesOf(join(dir, 'dist', 'builds', first!));
+    expect(firstFiles).toEqual(expect.arrayContaining(['main.js', 'extract-worker.js']));
+    expect(readFileSync(join(dir, 'dist', 'main.js'), 'utf8')).toContain(`./builds/${first}/main.js`);
+    await build(dir);
+    await build(dir);
+    // Two rebuilds later (a `git pull && npm ci` under a running server, twice): the first build is whole.
+    expect(builds(dir)).toHaveLength(3);
+    expect(filesOf(join(dir, 'dist', 'builds', first!))).toEqual(firstFiles);
+    const newest = builds(dir).at(-1)!;
+    expect(readFileSync(join(dir, 'dist', 'main.js'), 'utf8')).toContain(`./builds/${newest}/main.js`);
+    await build(dir);
+    expect(builds(dir)).toHaveLength(3);
+    expect(builds(dir)).not.toContain(first);
+  }, 120_000);
+
+  it('is not run by bin/keel.js once src/ or the installed packages are newer than it: src/ is, through tsx', async () => {
+    await build(dir);
+    // A bundle that cannot run: bin/keel.js fails while it takes the bundle, and answers once it takes src/.
+    const newest = builds(dir).at(-1)!;
+    writeFileSync(join(dir, 'dist', 'builds', newest, 'main.js'), 'throw new Error("the bundle ran");\n');
+    const help = () => run(process.execPath, ['bin/keel.js', '--help'], { cwd: dir });
+    await expect(help()).rejects.toThrow('the bundle ran');
+    // A package installed since (`npm install <package>` does not rebuild): npm rewrites its install record.
+    writeFileSync(join(dir, 'node_modules', '.package-lock.json'), '{"installed": "since"}');
+    expect((await help()).stdout).toContain('Usage: keel');
+    // Built again: the bundle is taken again.
+    await build(dir);
+    expect((await help()).stdout).toContain('Usage: keel');
+    writeFileSync(join(dir, 'dist', 'builds', builds(dir).at(-1)!, 'main.js'), 'throw new Error("the bundle ran");\n');
+    await expect(help()).rejects.toThrow('the bundle ran');
+  }, 120_000);
+});
