@@ -8,6 +8,7 @@
 // restart and idle memory, bundled against compiled file by file).
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 
 /**
  * Each entry is a file of its own in the output: the server, and the document parser's worker
@@ -53,7 +54,7 @@ export const EXTERNAL = [
  */
 export async function bundle(root, outdir, entryPoints = ENTRY_POINTS) {
   // esbuild comes with tsx (a dependency), so it is there without devDependencies too.
-  const { build } = await import(createRequire(join(root, 'package.json')).resolve('esbuild'));
+  const { build } = await import(pathToFileURL(createRequire(join(root, 'package.json')).resolve('esbuild')).href);
   return build({
     absWorkingDir: root,
     entryPoints,
