@@ -6,8 +6,9 @@
 // edit, a checkout or an upgraded package never runs stale code and `npx keel ...` needs no build
 // step. The bundled start is the faster and lighter one: tsx adds a loader thread and compiles
 // every module at each start (bench/RESULTS.md).
-import { readdirSync, statSync } from 'node:fs';
+import { readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
 
 const root = resolve(import.meta.dirname, '..');
 
@@ -37,17 +38,35 @@ function modified(path) {
   }
 }
 
-/** Whether dist/ was built from src/ and the packages as they are: its mark (the time the build began) is newer than all of them. */
-function built() {
-  const mark = modified(join(root, 'dist', '.built'));
-  if (!mark) return false;
-  if (newest(join(root, 'src')) < mark && INPUTS.every((input) => modified(join(root, input)) < mark)) return true;
+/** The build dist/.built names (`<start time> <name>`, written by scripts/build.mjs) and when it began; null when there is none. */
+function publishedBuild() {
+  try {
+    const [time, name] = readFileSync(join(root, 'dist', '.built'), 'utf8').trim().split(' ');
+    return name ? { began: Date.parse(time), dir: join(root, 'dist', 'builds', name) } : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Whether `build` was made from src/ and the packages as they are: it began after the last change to any of them. */
+function fresh(build) {
+  if (newest(join(root, 'src')) < build.began && INPUTS.every((input) => modified(join(root, input)) < build.began)) return true;
   if (process.stderr.isTTY) process.stderr.write('keel: src/ or the installed packages changed since the last build, running src/ through tsx (`npm run build` makes the start faster)\n');
   return false;
 }
 
-if (built()) {
-  await import('../dist/main.js');
+const build = publishedBuild();
+if (build && fresh(build)) {
+  // Marked as in use while this process runs, so that a rebuild keeps the files it loads later
+  // (scripts/build.mjs); a dist/ this process cannot write to is left unmarked.
+  const marker = join(build.dir, `.running-${process.pid}`);
+  try {
+    writeFileSync(marker, '');
+    process.on('exit', () => rmSync(marker, { force: true }));
+  } catch {
+    // read-only
+  }
+  await import(pathToFileURL(join(build.dir, 'main.js')).href);
 } else {
   const { register } = await import('tsx/esm/api');
   register();

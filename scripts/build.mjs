@@ -2,20 +2,22 @@
 /* global process, console */
 // `npm run build` (and `prepare`, which npm runs after `npm ci` / `npm install` in a checkout):
 // bundles src/ with esbuild (scripts/bundle.mjs: what goes in, and why a bundle) into a directory
-// of its own, dist/builds/<time>-<pid>/, then points dist/main.js at it and writes dist/.built,
-// the mark bin/keel.js reads to run the bundled JavaScript instead of loading the TypeScript
-// through tsx (a faster, lighter start).
+// of its own, dist/builds/<time>-<pid>/, then writes dist/.built: the build's start time and name in
+// one file, replaced whole, which bin/keel.js reads to run that build's JavaScript instead of
+// loading the TypeScript through tsx (a faster, lighter start).
 //
 // Each build keeps its own directory because a server loads parts of its build after it started
 // (the chunks of modules loaded on first use, the document parser's worker file): a rebuild under a
 // running server (`git pull && npm ci`, then the restart) must not take them from it, nor hand it
-// those of another build. The newest KEEP builds are kept; older ones are removed.
+// those of another build. bin/keel.js marks the build each process runs from (`.running-<pid>` in
+// its directory); a build is removed once KEEP newer ones exist, it is not the one dist/.built
+// names, and no live process has marked it.
 //
 // A failed build (a syntax error) leaves dist/ as it was: nothing is pointed at or marked, and
 // bin/keel.js then runs src/ through tsx. Types are not checked here (esbuild only strips them;
 // with isolatedModules each file's JavaScript is the same either way): `npm run typecheck` checks
 // them, as CI does right after `npm ci`, and tsx runs src/ unchecked too.
-import { existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 
 import { bundle } from './bundle.mjs';
@@ -24,9 +26,11 @@ const KEEP = 3;
 const root = resolve(import.meta.dirname, '..');
 const dist = join(root, 'dist');
 const builds = join(dist, 'builds');
+const mark = join(dist, '.built');
 
 const began = new Date();
-const id = `${began.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z')}-${process.pid}`;
+// Names sort in the order the builds began (to the millisecond; the pid parts two begun together).
+const id = `${began.toISOString().replace(/[-:.]/g, '')}-${process.pid}`;
 const scratch = join(builds, `.building-${id}`);
 mkdirSync(builds, { recursive: true });
 try {
@@ -49,25 +53,47 @@ if (!existsSync(join(scratch, 'main.js'))) {
 }
 renameSync(scratch, join(builds, id));
 
-/** Writes `text` to `path` whole or not at all (a process starting meanwhile reads the old file or the new one). */
-function replace(path, text) {
-  const draft = `${path}.${process.pid}`;
-  writeFileSync(draft, text);
-  renameSync(draft, path);
+/** The build dist/.built names (`<start time> <name>`), and when it began; null before the first. */
+function published() {
+  try {
+    const [time, name] = readFileSync(mark, 'utf8').trim().split(' ');
+    return { time: Date.parse(time), name };
+  } catch {
+    return null;
+  }
 }
 
-// What an earlier layout left directly in dist/ (modules compiled file by file) goes.
-for (const name of readdirSync(dist)) if (!['builds', 'main.js', '.built'].includes(name)) rmSync(join(dist, name), { recursive: true, force: true });
-replace(join(dist, 'main.js'), `// Written by scripts/build.mjs: the newest build.\nimport './builds/${id}/main.js';\n`);
-// The mark holds when the build began reading src/: an edit made during the build counts as newer.
-replace(join(dist, '.built'), `${began.toISOString()} ${id}\n`);
-utimesSync(join(dist, '.built'), began, began);
+// Published unless a build begun later was meanwhile (two builds at once): the mark always names the
+// newest, and its time is when that build began reading src/, so an edit made during it counts as newer.
+if ((published()?.time ?? -Infinity) <= began.getTime()) {
+  const draft = join(builds, `.built-${id}`);
+  writeFileSync(draft, `${began.toISOString()} ${id}\n`);
+  utimesSync(draft, began, began);
+  renameSync(draft, mark);
+}
+// What the layout before builds/ left in dist/ (modules compiled file by file, then one bundle) goes.
+for (const name of readdirSync(dist)) if (name !== 'builds' && name !== '.built') rmSync(join(dist, name), { recursive: true, force: true });
 
+/** Whether a process that marked the build at `dir` as its own still runs. */
+function inUse(dir) {
+  return readdirSync(dir)
+    .filter((name) => name.startsWith('.running-'))
+    .some((name) => {
+      try {
+        process.kill(Number(name.slice('.running-'.length)), 0);
+        return true;
+      } catch (error) {
+        return error.code === 'EPERM'; // alive, another user's
+      }
+    });
+}
+
+const current = published()?.name;
 const done = readdirSync(builds)
   .filter((name) => !name.startsWith('.'))
   .sort();
-for (const name of done.slice(0, -KEEP)) rmSync(join(builds, name), { recursive: true, force: true });
-// Scratch directories of builds that died half-way (a kill), never pointed at; not one another build is writing now.
+for (const name of done.slice(0, -KEEP)) if (name !== current && !inUse(join(builds, name))) rmSync(join(builds, name), { recursive: true, force: true });
+// Scratch directories of builds that died half-way (a kill), never published; not one another build is writing now.
 for (const name of readdirSync(builds)) {
-  if (name.startsWith('.building-') && Date.now() - statSync(join(builds, name)).mtimeMs > 10 * 60_000) rmSync(join(builds, name), { recursive: true, force: true });
+  if (name.startsWith('.') && Date.now() - statSync(join(builds, name)).mtimeMs > 10 * 60_000) rmSync(join(builds, name), { recursive: true, force: true });
 }

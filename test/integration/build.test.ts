@@ -6,7 +6,7 @@ import { promisify } from 'node:util';
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { ROOT } from '../helpers/process.js';
+import { freePort, healthy, launch, ROOT } from '../helpers/process.js';
 
 const run = promisify(execFile);
 
@@ -42,23 +42,45 @@ describe('npm run build', () => {
   });
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-  it("keeps each build's files while three newer ones are not made: a server started from one still finds what it loads on first use after a rebuild", async () => {
+  it("keeps each build's files while it is among the three newest or a live process runs it, and names the newest in dist/.built", async () => {
     await build(dir);
     const [first] = builds(dir);
     const firstFiles = filesOf(join(dir, 'dist', 'builds', first!));
     expect(firstFiles).toEqual(expect.arrayContaining(['main.js', 'extract-worker.js']));
-    expect(readFileSync(join(dir, 'dist', 'main.js'), 'utf8')).toContain(`./builds/${first}/main.js`);
-    await build(dir);
-    await build(dir);
-    // Two rebuilds later (a `git pull && npm ci` under a running server, twice): the first build is whole.
-    expect(builds(dir)).toHaveLength(3);
-    expect(filesOf(join(dir, 'dist', 'builds', first!))).toEqual(firstFiles);
-    const newest = builds(dir).at(-1)!;
-    expect(readFileSync(join(dir, 'dist', 'main.js'), 'utf8')).toContain(`./builds/${newest}/main.js`);
+    expect(readFileSync(join(dir, 'dist', '.built'), 'utf8')).toMatch(new RegExp(`^\\S+ ${first}\\n$`));
+    // A process runs it (as bin/keel.js marks it): this test's own, alive.
+    writeFileSync(join(dir, 'dist', 'builds', first!, `.running-${process.pid}`), '');
+    for (let i = 0; i < 3; i++) await build(dir);
+    expect(builds(dir)).toHaveLength(4);
+    expect(filesOf(join(dir, 'dist', 'builds', first!))).toEqual([...firstFiles, `.running-${process.pid}`].sort());
+    expect(readFileSync(join(dir, 'dist', '.built'), 'utf8')).toContain(` ${builds(dir).at(-1)}`);
+    // Once no live process runs it (a killed one's mark left behind), the next build removes it.
+    rmSync(join(dir, 'dist', 'builds', first!, `.running-${process.pid}`));
+    writeFileSync(join(dir, 'dist', 'builds', first!, `.running-${2 ** 22 + 1}`), '');
     await build(dir);
     expect(builds(dir)).toHaveLength(3);
     expect(builds(dir)).not.toContain(first);
   }, 120_000);
+
+  it('lets a server started from a build serve what it loads on first use after three rebuilds, and unmarks the build when it exits', async () => {
+    await build(dir);
+    const running = builds(dir).at(-1)!;
+    const port = await freePort();
+    const base = `http://127.0.0.1:${port}`;
+    const server = launch(process.execPath, [join(dir, 'bin/keel.js'), 'start'], { DATA_DIR: join(dir, 'data'), PORT: String(port), LOG_LEVEL: 'warn' });
+    try {
+      await healthy(server, base);
+      expect(readdirSync(join(dir, 'dist', 'builds', running))).toContain(`.running-${server.pid}`);
+      for (let i = 0; i < 3; i++) await build(dir);
+      // /docs loads its page's modules on its first request: from the server's own build, still there.
+      expect(builds(dir)).toContain(running);
+      expect((await fetch(`${base}/docs/`)).status).toBe(200);
+    } finally {
+      server.process.kill('SIGTERM');
+      await server.ended;
+    }
+    expect(readdirSync(join(dir, 'dist', 'builds', running))).not.toContain(`.running-${server.pid}`);
+  }, 180_000);
 
   it('is not run by bin/keel.js once src/ or the installed packages are newer than it: src/ is, through tsx', async () => {
     await build(dir);
