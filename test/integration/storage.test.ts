@@ -1,7 +1,8 @@
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
-import type { IncomingMessage } from 'node:http';
+import { createServer, type IncomingMessage } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { PassThrough, Readable } from 'node:stream';
@@ -472,6 +473,33 @@ describe('s3 storage when the server stops answering', () => {
       await new Promise((resolve) => server.close(resolve));
     }
   }, 120_000);
+
+  it('reports a download whose server falls silent half-way as the server\'s failure (503) after S3_TIMEOUT_SECONDS', async () => {
+    const size = 1024 * 1024;
+    // Answers the size, then 64 KB of the object, then nothing.
+    const server = createServer((request, response) => {
+      if (request.method === 'HEAD') {
+        response.writeHead(200, { 'content-length': size, etag: '"x"' }).end();
+        return;
+      }
+      response.writeHead(206, { 'content-length': size, 'content-range': `bytes 0-${size - 1}/${size}` });
+      response.write(Buffer.alloc(64 * 1024));
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    const backend = new S3StorageBackend({ bucket: BUCKET, region: 'us-east-1', endpoint, accessKeyId: 'a', secretAccessKey: 'b', forcePathStyle: true, timeoutMs: 1000 });
+    try {
+      const began = performance.now();
+      const error = await new Service(backend, 'knowledge-base').readFile('knowledge-base/a.txt').catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(StorageUnavailableError);
+      expect((error as Error).cause).toMatchObject({ name: 'TimeoutError' });
+      expect(performance.now() - began).toBeLessThan(15_000);
+    } finally {
+      await backend.close();
+      server.closeAllConnections();
+      server.close();
+    }
+  }, 60_000);
 
   it('takes S3_TIMEOUT_SECONDS from the settings (default 60 s)', () => {
     expect(testSettings({}).S3_TIMEOUT_SECONDS).toBe(60);

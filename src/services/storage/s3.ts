@@ -59,6 +59,22 @@ async function* firstBytes(body: Readable, length: number): AsyncGenerator<Buffe
 }
 
 /**
+ * An object's bytes as they stream, a failure meanwhile (the connection cut, or silent past
+ * S3_TIMEOUT_SECONDS) reported as the server's (503), as a failure before them is: a reader such
+ * as ingestion then tries again rather than giving the file up as broken.
+ */
+function guarded(body: AsyncIterable<Uint8Array>): Readable {
+  async function* bytes(): AsyncGenerator<Uint8Array> {
+    try {
+      yield* body;
+    } catch (error) {
+      throw unavailable(error);
+    }
+  }
+  return Readable.from(bytes(), { objectMode: false });
+}
+
+/**
  * An S3-compatible bucket. Uploads go through lib-storage's Upload: one PutObject for a body
  * smaller than a part, a multipart upload otherwise (parts sent while the stream is still read, so
  * a large file is never held whole); the object exists only once the upload completes, and a
@@ -155,9 +171,9 @@ export class S3StorageBackend implements StorageBackend {
           body.destroy();
           throw new Error(`S3 answered range ${object.ContentRange ?? 'none'} for bytes=${start}-${end}`);
         }
-        return { body: Readable.from(firstBytes(body, length)), size, start, end };
+        return { body: guarded(firstBytes(body, length)), size, start, end };
       }
-      return { body, size, start, end };
+      return { body: guarded(body), size, start, end };
     } catch (error) {
       if (notFound(error)) return null;
       throw error;
