@@ -288,8 +288,9 @@ export const SettingsSchema = z.object({
   /**
    * A connection to the bucket that carries nothing for this long is given up, and its request
    * fails (503) after the SDK's three tries of it: a server that stops answering holds no upload,
-   * download or ingestion job for ever (a download cut half-way is not tried again). Also the longest a connection may take to open (at most 10 s). A download whose client
-   * reads nothing for this long is cut as well.
+   * download or ingestion job for ever (a download cut half-way is not tried again). Also the
+   * longest a connection may take to open (at most 10 s). A download whose client reads nothing
+   * for this long is cut as well.
    */
   S3_TIMEOUT_SECONDS: int(1, 3600).default(60),
 

@@ -89,6 +89,14 @@ const COMMIT = serialize.query('COMMIT');
 export type PgliteTransaction = Pick<Transaction, 'query' | 'exec' | 'closed'> & { commitWithNext(): void };
 
 /**
+ * Every statement the client runs, on a diagnostics tracing channel (`start` as it goes, then
+ * `asyncEnd` or `error`; the context is `{ text }`) while something subscribes — an APM agent, or
+ * the benchmarks' statement hooks, which cannot reach this class inside the bundle — and at the
+ * cost of one check otherwise.
+ */
+export const statementChannel = tracingChannel<unknown, { text: string }>('keel:pglite:statement');
+
+/**
  * PGlite's session, spoken to in the wire protocol, with a statement cache. PGlite's `query()` runs
  * Parse, Describe, Bind, Describe, Execute and Sync as six separate calls into WebAssembly and
  * re-plans every query (~230 µs for a primary-key lookup here); this prepares each distinct SQL text
@@ -102,14 +110,6 @@ export type PgliteTransaction = Pick<Transaction, 'query' | 'exec' | 'closed'> &
  * wait for it; single exchanges between transactions go out at once, several in flight together
  * (each is a whole Bind…Sync, and the link answers in order).
  */
-/**
- * Every statement the client runs, on a diagnostics tracing channel (`start` as it goes, then
- * `asyncEnd` or `error`; the context is `{ text }`) while something subscribes — an APM agent, or
- * the benchmarks' statement hooks, which cannot reach this class inside the bundle — and at the
- * cost of one check otherwise.
- */
-export const statementChannel = tracingChannel<unknown, { text: string }>('keel:pglite:statement');
-
 export class PgliteStatementClient {
   private readonly statements = new Map<string, Promise<Statement>>();
   /** The statements whose preparation has finished. */
