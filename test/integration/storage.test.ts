@@ -27,6 +27,7 @@ import {
 } from '../../src/services/storage-service.js';
 import { StorageService as Service } from '../../src/services/storage-service.js';
 import { testSettings, useTestApp } from '../helpers/app.js';
+import { eventually } from '../helpers/http.js';
 import { ROOT } from '../helpers/process.js';
 import { SilentProxy } from '../helpers/silent-proxy.js';
 import { BAD_PARTS } from '../helpers/storage.js';
@@ -474,26 +475,90 @@ describe('s3 storage when the server stops answering', () => {
     }
   }, 120_000);
 
-  it('reports a download whose server falls silent half-way as the server\'s failure (503) after S3_TIMEOUT_SECONDS', async () => {
+  /**
+   * An S3 server that answers an object's size (1 MB), then 64 KB of its bytes, then nothing; for
+   * `work`, with a service on it whose S3_TIMEOUT_SECONDS is `timeoutMs`, and a promise of the
+   * moment the download's connection closes.
+   */
+  async function withHalfSilentS3(timeoutMs: number, work: (storage: StorageService, downloadClosed: Promise<number>) => Promise<void>): Promise<void> {
     const size = 1024 * 1024;
-    // Answers the size, then 64 KB of the object, then nothing.
+    let closed!: (at: number) => void;
+    const downloadClosed = new Promise<number>((resolve) => (closed = resolve));
     const server = createServer((request, response) => {
       if (request.method === 'HEAD') {
         response.writeHead(200, { 'content-length': size, etag: '"x"' }).end();
         return;
       }
+      request.socket.once('close', () => closed(performance.now()));
       response.writeHead(206, { 'content-length': size, 'content-range': `bytes 0-${size - 1}/${size}` });
       response.write(Buffer.alloc(64 * 1024));
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-    const backend = new S3StorageBackend({ bucket: BUCKET, region: 'us-east-1', endpoint, accessKeyId: 'a', secretAccessKey: 'b', forcePathStyle: true, timeoutMs: 1000 });
+    const backend = new S3StorageBackend({ bucket: BUCKET, region: 'us-east-1', endpoint, accessKeyId: 'a', secretAccessKey: 'b', forcePathStyle: true, timeoutMs });
     try {
+      await work(new Service(backend, 'knowledge-base'), downloadClosed);
+    } finally {
+      await backend.close();
+      server.closeAllConnections();
+      server.close();
+    }
+  }
+
+  it("reports a download whose server falls silent half-way as the server's failure (503) after S3_TIMEOUT_SECONDS", async () => {
+    await withHalfSilentS3(1000, async (storage) => {
       const began = performance.now();
-      const error = await new Service(backend, 'knowledge-base').readFile('knowledge-base/a.txt').catch((e: unknown) => e);
+      const error = await storage.readFile('knowledge-base/a.txt').catch((e: unknown) => e);
       expect(error).toBeInstanceOf(StorageUnavailableError);
       expect((error as Error).cause).toMatchObject({ name: 'TimeoutError' });
       expect(performance.now() - began).toBeLessThan(15_000);
+    });
+  }, 60_000);
+
+  it('ends a download its reader has stopped reading with that failure once the connection has been silent that long (an HTTP response is then closed)', async () => {
+    await withHalfSilentS3(1000, async (storage) => {
+      const { body } = await storage.stream('knowledge-base/a.txt');
+      // Nothing reads it: the error still comes, and the stream is destroyed.
+      const error = await new Promise<unknown>((resolve) => body.once('error', resolve));
+      expect(error).toBeInstanceOf(StorageUnavailableError);
+      expect(body.destroyed).toBe(true);
+    });
+  }, 60_000);
+
+  it("closes the object's connection at once when the download is destroyed (its client gone), not when it times out", async () => {
+    await withHalfSilentS3(10_000, async (storage, downloadClosed) => {
+      const { body } = await storage.stream('knowledge-base/a.txt');
+      await new Promise((resolve) => body.once('data', resolve));
+      const destroyed = performance.now();
+      body.destroy();
+      expect((await downloadClosed) - destroyed).toBeLessThan(2_000);
+    });
+  }, 60_000);
+
+  it('holds a server that answers a range with the rest of the object to the range asked for, and closes its connection after it', async () => {
+    const object = Buffer.from('0123456789');
+    let closed = false;
+    // Answers every range from its start to the object's end, as some S3-compatible servers do.
+    const server = createServer((request, response) => {
+      if (request.method === 'HEAD') {
+        response.writeHead(200, { 'content-length': object.length, etag: '"x"' }).end();
+        return;
+      }
+      const start = Number(/bytes=(\d+)-/.exec(request.headers.range ?? '')?.[1] ?? 0);
+      request.socket.once('close', () => (closed = true));
+      response.writeHead(206, { 'content-length': object.length - start, 'content-range': `bytes ${start}-${object.length - 1}/${object.length}` });
+      response.write(object.subarray(start)); // and never ends it
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    const backend = new S3StorageBackend({ bucket: BUCKET, region: 'us-east-1', endpoint, accessKeyId: 'a', secretAccessKey: 'b', forcePathStyle: true, timeoutMs: 10_000 });
+    try {
+      const { body, start, end } = await new Service(backend, 'knowledge-base').stream('knowledge-base/digits.txt', { start: 2, end: 4 });
+      expect([start, end]).toEqual([2, 4]);
+      const chunks: Buffer[] = [];
+      for await (const chunk of body) chunks.push(chunk as Buffer);
+      expect(Buffer.concat(chunks).toString()).toBe('234');
+      await eventually(async () => closed);
     } finally {
       await backend.close();
       server.closeAllConnections();

@@ -1,4 +1,4 @@
-import { Readable } from 'node:stream';
+import { Readable, Transform } from 'node:stream';
 
 import type * as ClientS3 from '@aws-sdk/client-s3';
 import type * as LibStorage from '@aws-sdk/lib-storage';
@@ -43,35 +43,32 @@ function notFound(error: unknown): boolean {
   return e.name === 'NotFound' || e.name === 'NoSuchKey' || e.$metadata?.httpStatusCode === 404;
 }
 
-/** The first `length` bytes of `body`; the rest is not read. */
-async function* firstBytes(body: Readable, length: number): AsyncGenerator<Buffer> {
-  let left = length;
-  for await (const chunk of body) {
-    const bytes = Buffer.from(chunk as Uint8Array);
-    if (bytes.length >= left) {
-      yield bytes.subarray(0, left);
-      break;
-    }
-    left -= bytes.length;
-    yield bytes;
-  }
-  body.destroy();
-}
 
 /**
- * An object's bytes as they stream, a failure meanwhile (the connection cut, or silent past
- * S3_TIMEOUT_SECONDS) reported as the server's (503), as a failure before them is: a reader such
- * as ingestion then tries again rather than giving the file up as broken.
+ * An object's bytes as they stream (the first `length` of them; the rest is not read): a failure
+ * meanwhile (the connection cut, or silent past S3_TIMEOUT_SECONDS, a stalled reader's included)
+ * ends the stream as the server's failure (503), as one before them is, so that a reader such as
+ * ingestion tries again rather than giving the file up as broken and an HTTP response is closed;
+ * the stream destroyed (a client gone) closes the object's connection at once.
  */
-function guarded(body: AsyncIterable<Uint8Array>): Readable {
-  async function* bytes(): AsyncGenerator<Uint8Array> {
-    try {
-      yield* body;
-    } catch (error) {
-      throw unavailable(error);
-    }
-  }
-  return Readable.from(bytes(), { objectMode: false });
+function guarded(body: Readable, length = Infinity): Readable {
+  let left = length;
+  const out = new Transform({
+    transform(chunk: Buffer, _encoding, done) {
+      if (left <= 0) return done();
+      const bytes = chunk.length > left ? chunk.subarray(0, left) : chunk;
+      left -= bytes.length;
+      done(null, bytes);
+      if (left <= 0) {
+        body.unpipe(out);
+        body.destroy();
+        out.end();
+      }
+    },
+  });
+  body.on('error', (error) => out.destroy(unavailable(error) as Error));
+  out.on('close', () => body.destroy());
+  return body.pipe(out);
 }
 
 /**
@@ -171,7 +168,7 @@ export class S3StorageBackend implements StorageBackend {
           body.destroy();
           throw new Error(`S3 answered range ${object.ContentRange ?? 'none'} for bytes=${start}-${end}`);
         }
-        return { body: guarded(firstBytes(body, length)), size, start, end };
+        return { body: guarded(body, length), size, start, end };
       }
       return { body: guarded(body), size, start, end };
     } catch (error) {
