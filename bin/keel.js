@@ -7,6 +7,7 @@
 // step. The bundled start is the faster and lighter one: tsx adds a loader thread and compiles
 // every module at each start (bench/RESULTS.md).
 import { readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
@@ -48,8 +49,9 @@ function publishedBuild() {
   }
 }
 
-/** Whether `build` was made from src/ and the packages as they are: it began after the last change to any of them. */
+/** Whether `build` is there and was made from src/ and the packages as they are: it began after the last change to any of them. */
 function fresh(build) {
+  if (!modified(join(build.dir, 'main.js'))) return false;
   if (newest(join(root, 'src')) < build.began && INPUTS.every((input) => modified(join(root, input)) < build.began)) return true;
   if (process.stderr.isTTY) process.stderr.write('keel: src/ or the installed packages changed since the last build, running src/ through tsx (`npm run build` makes the start faster)\n');
   return false;
@@ -59,7 +61,7 @@ const build = publishedBuild();
 if (build && fresh(build)) {
   // Marked as in use while this process runs, so that a rebuild keeps the files it loads later
   // (scripts/build.mjs); a dist/ this process cannot write to is left unmarked.
-  const marker = join(build.dir, `.running-${process.pid}`);
+  const marker = join(build.dir, `.running-${hostname()}-${process.pid}`);
   try {
     writeFileSync(marker, '');
     process.on('exit', () => rmSync(marker, { force: true }));

@@ -9,15 +9,16 @@
 // Each build keeps its own directory because a server loads parts of its build after it started
 // (the chunks of modules loaded on first use, the document parser's worker file): a rebuild under a
 // running server (`git pull && npm ci`, then the restart) must not take them from it, nor hand it
-// those of another build. bin/keel.js marks the build each process runs from (`.running-<pid>` in
-// its directory); a build is removed once KEEP newer ones exist, it is not the one dist/.built
-// names, and no live process has marked it.
+// those of another build. bin/keel.js marks the build each process runs from (`.running-<host>-<pid>`
+// in its directory); a build is removed once KEEP newer ones exist, it is not the one dist/.built
+// names, and no live process has marked it (`inUse`).
 //
 // A failed build (a syntax error) leaves dist/ as it was: nothing is pointed at or marked, and
 // bin/keel.js then runs src/ through tsx. Types are not checked here (esbuild only strips them;
 // with isolatedModules each file's JavaScript is the same either way): `npm run typecheck` checks
 // them, as CI does right after `npm ci`, and tsx runs src/ unchecked too.
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 
 import { bundle } from './bundle.mjs';
@@ -74,13 +75,20 @@ if ((published()?.time ?? -Infinity) <= began.getTime()) {
 // What the layout before builds/ left in dist/ (modules compiled file by file, then one bundle) goes.
 for (const name of readdirSync(dist)) if (name !== 'builds' && name !== '.built') rmSync(join(dist, name), { recursive: true, force: true });
 
-/** Whether a process that marked the build at `dir` as its own still runs. */
+/**
+ * Whether a process that marked the build at `dir` as its own (`.running-<host>-<pid>`) may still
+ * run it: one of this host whose pid is alive, or one of another host (a dist/ shared between
+ * containers) whose mark is less than a week old, as its pid cannot be checked from here.
+ */
 function inUse(dir) {
+  const here = hostname();
   return readdirSync(dir)
     .filter((name) => name.startsWith('.running-'))
     .some((name) => {
+      const [host, pid] = [name.slice('.running-'.length, name.lastIndexOf('-')), Number(name.slice(name.lastIndexOf('-') + 1))];
+      if (host !== here) return Date.now() - statSync(join(dir, name)).mtimeMs < 7 * 24 * 3600_000;
       try {
-        process.kill(Number(name.slice('.running-'.length)), 0);
+        process.kill(pid, 0);
         return true;
       } catch (error) {
         return error.code === 'EPERM'; // alive, another user's
