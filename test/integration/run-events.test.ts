@@ -132,10 +132,14 @@ describe('the database run event log', () => {
 
   it('stores the deferred events of runs streaming at the same time in one statement per flush', async () => {
     const runIds = [await newRun(), await newRun(), await newRun()];
-    for (const runId of runIds) await log.append(runId, [{ event: 'run.started', data: {} }, delta('a')]);
-    for (const runId of runIds) await log.append(runId, [delta('b')]);
+    // A log of its own whose deferred flush comes a second after the first append: the six appends
+    // fall within it however slow the machine (at FLUSH_MS a busy CI split them between two flushes).
+    const slow = new DatabaseRunEventLog(new EmbeddedRunEvents(ctx.app.db, pino({ level: 'silent' }), 1_000));
+    for (const runId of runIds) await slow.append(runId, [{ event: 'run.started', data: {} }, delta('a')]);
+    for (const runId of runIds) await slow.append(runId, [delta('b')]);
     // A row per run, holding its three events.
     const rows = await storedOnceAll(runIds, 3);
+    await slow.close();
     expect(rows.map((r) => `${runIds.indexOf(r.run_id)}:${r.seq}-${r.last_seq}`).sort()).toEqual(['0:1-3', '1:1-3', '2:1-3']);
     // now() is its transaction's start: one value for the three rows, so one statement (and commit) wrote them.
     expect(new Set(rows.map((r) => r.created))).toHaveProperty('size', 1);
