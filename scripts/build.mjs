@@ -75,6 +75,16 @@ if ((published()?.time ?? -Infinity) <= began.getTime()) {
 // What the layout before builds/ left in dist/ (modules compiled file by file, then one bundle) goes.
 for (const name of readdirSync(dist)) if (name !== 'builds' && name !== '.built') rmSync(join(dist, name), { recursive: true, force: true });
 
+/** The modification time of `path`; 0 when it is gone meanwhile (a process's mark removed as it exits, another build's draft renamed). */
+function modified(path) {
+  try {
+    return statSync(path).mtimeMs;
+  } catch (error) {
+    if (error.code === 'ENOENT') return 0;
+    throw error;
+  }
+}
+
 /**
  * Whether a process that marked the build at `dir` as its own (`.running-<host>-<pid>`) may still
  * run it: one of this host whose pid is alive, or one of another host (a dist/ shared between
@@ -86,7 +96,7 @@ function inUse(dir) {
     .filter((name) => name.startsWith('.running-'))
     .some((name) => {
       const [host, pid] = [name.slice('.running-'.length, name.lastIndexOf('-')), Number(name.slice(name.lastIndexOf('-') + 1))];
-      if (host !== here) return Date.now() - statSync(join(dir, name)).mtimeMs < 7 * 24 * 3600_000;
+      if (host !== here) return Date.now() - modified(join(dir, name)) < 7 * 24 * 3600_000;
       try {
         process.kill(pid, 0);
         return true;
@@ -103,5 +113,5 @@ const done = readdirSync(builds)
 for (const name of done.slice(0, -KEEP)) if (name !== current && !inUse(join(builds, name))) rmSync(join(builds, name), { recursive: true, force: true });
 // Scratch directories of builds that died half-way (a kill), never published; not one another build is writing now.
 for (const name of readdirSync(builds)) {
-  if (name.startsWith('.') && Date.now() - statSync(join(builds, name)).mtimeMs > 10 * 60_000) rmSync(join(builds, name), { recursive: true, force: true });
+  if (name.startsWith('.') && Date.now() - modified(join(builds, name)) > 10 * 60_000) rmSync(join(builds, name), { recursive: true, force: true });
 }
