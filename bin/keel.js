@@ -6,10 +6,11 @@
 // edit, a checkout or an upgraded package never runs stale code and `npx keel ...` needs no build
 // step. The bundled start is the faster and lighter one: tsx adds a loader thread and compiles
 // every module at each start (bench/RESULTS.md).
-import { readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { hostname } from 'node:os';
+import { readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
+
+import { modified, readPublished, runningMark } from '../scripts/build-record.mjs';
 
 const root = resolve(import.meta.dirname, '..');
 
@@ -30,25 +31,6 @@ function newest(dir) {
  */
 const INPUTS = ['package.json', 'package-lock.json', 'node_modules/.package-lock.json', 'scripts/bundle.mjs'];
 
-/** The modification time of `path`, 0 when there is none. */
-function modified(path) {
-  try {
-    return statSync(path).mtimeMs;
-  } catch {
-    return 0;
-  }
-}
-
-/** The build dist/.built names (`<start time> <name>`, written by scripts/build.mjs) and when it began; null when there is none. */
-function publishedBuild() {
-  try {
-    const [time, name] = readFileSync(join(root, 'dist', '.built'), 'utf8').trim().split(' ');
-    return name ? { began: Date.parse(time), dir: join(root, 'dist', 'builds', name) } : null;
-  } catch {
-    return null;
-  }
-}
-
 /** Whether `build` is there and was made from src/ and the packages as they are: it began after the last change to any of them. */
 function fresh(build) {
   if (!modified(join(build.dir, 'main.js'))) return false;
@@ -57,11 +39,12 @@ function fresh(build) {
   return false;
 }
 
-const build = publishedBuild();
+const published = readPublished(join(root, 'dist'));
+const build = published && { began: published.began, dir: join(root, 'dist', 'builds', published.name) };
 if (build && fresh(build)) {
   // Marked as in use while this process runs, so that a rebuild keeps the files it loads later
   // (scripts/build.mjs); a dist/ this process cannot write to is left unmarked.
-  const marker = join(build.dir, `.running-${hostname()}-${process.pid}`);
+  const marker = join(build.dir, runningMark());
   try {
     writeFileSync(marker, '');
     process.on('exit', () => rmSync(marker, { force: true }));

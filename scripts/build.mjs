@@ -17,17 +17,17 @@
 // bin/keel.js then runs src/ through tsx. Types are not checked here (esbuild only strips them;
 // with isolatedModules each file's JavaScript is the same either way): `npm run typecheck` checks
 // them, as CI does right after `npm ci`, and tsx runs src/ unchecked too.
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 
+import { modified, parseRunningMark, publishedText, readPublished } from './build-record.mjs';
 import { bundle } from './bundle.mjs';
 
 const KEEP = 3;
 const root = resolve(import.meta.dirname, '..');
 const dist = join(root, 'dist');
 const builds = join(dist, 'builds');
-const mark = join(dist, '.built');
 
 const began = new Date();
 // Names sort in the order the builds began (to the millisecond; the pid parts two begun together).
@@ -54,36 +54,15 @@ if (!existsSync(join(scratch, 'main.js'))) {
 }
 renameSync(scratch, join(builds, id));
 
-/** The build dist/.built names (`<start time> <name>`), and when it began; null before the first. */
-function published() {
-  try {
-    const [time, name] = readFileSync(mark, 'utf8').trim().split(' ');
-    return { time: Date.parse(time), name };
-  } catch {
-    return null;
-  }
-}
-
 // Published unless a build begun later was meanwhile (two builds at once): the mark always names the
 // newest, and its time is when that build began reading src/, so an edit made during it counts as newer.
-if ((published()?.time ?? -Infinity) <= began.getTime()) {
+if ((readPublished(dist)?.began ?? -Infinity) <= began.getTime()) {
   const draft = join(builds, `.built-${id}`);
-  writeFileSync(draft, `${began.toISOString()} ${id}\n`);
-  utimesSync(draft, began, began);
-  renameSync(draft, mark);
+  writeFileSync(draft, publishedText(began, id));
+  renameSync(draft, join(dist, '.built'));
 }
 // What the layout before builds/ left in dist/ (modules compiled file by file, then one bundle) goes.
 for (const name of readdirSync(dist)) if (name !== 'builds' && name !== '.built') rmSync(join(dist, name), { recursive: true, force: true });
-
-/** The modification time of `path`; 0 when it is gone meanwhile (a process's mark removed as it exits, another build's draft renamed). */
-function modified(path) {
-  try {
-    return statSync(path).mtimeMs;
-  } catch (error) {
-    if (error.code === 'ENOENT') return 0;
-    throw error;
-  }
-}
 
 /**
  * Whether a process that marked the build at `dir` as its own (`.running-<host>-<pid>`) may still
@@ -92,21 +71,21 @@ function modified(path) {
  */
 function inUse(dir) {
   const here = hostname();
-  return readdirSync(dir)
-    .filter((name) => name.startsWith('.running-'))
-    .some((name) => {
-      const [host, pid] = [name.slice('.running-'.length, name.lastIndexOf('-')), Number(name.slice(name.lastIndexOf('-') + 1))];
-      if (host !== here) return Date.now() - modified(join(dir, name)) < 7 * 24 * 3600_000;
-      try {
-        process.kill(pid, 0);
-        return true;
-      } catch (error) {
-        return error.code === 'EPERM'; // alive, another user's
-      }
-    });
+  return readdirSync(dir).some((name) => {
+    const mark = parseRunningMark(name);
+    if (!mark) return false;
+    // A mark gone meanwhile (its process exiting) has no time: old, not in use.
+    if (mark.host !== here) return Date.now() - modified(join(dir, name)) < 7 * 24 * 3600_000;
+    try {
+      process.kill(mark.pid, 0);
+      return true;
+    } catch (error) {
+      return error.code === 'EPERM'; // alive, another user's
+    }
+  });
 }
 
-const current = published()?.name;
+const current = readPublished(dist)?.name;
 const done = readdirSync(builds)
   .filter((name) => !name.startsWith('.'))
   .sort();

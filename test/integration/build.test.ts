@@ -1,11 +1,12 @@
 import { execFile } from 'node:child_process';
 import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
-import { hostname, tmpdir } from 'node:os';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
+import { runningMark } from '../../scripts/build-record.mjs';
 import { freePort, healthy, launch, ROOT } from '../helpers/process.js';
 
 const run = promisify(execFile);
@@ -49,14 +50,14 @@ describe('npm run build', () => {
     expect(firstFiles).toEqual(expect.arrayContaining(['main.js', 'extract-worker.js']));
     expect(readFileSync(join(dir, 'dist', '.built'), 'utf8')).toMatch(new RegExp(`^\\S+ ${first}\\n$`));
     // A process runs it (as bin/keel.js marks it): this test's own, alive.
-    writeFileSync(join(dir, 'dist', 'builds', first!, `.running-${hostname()}-${process.pid}`), '');
+    writeFileSync(join(dir, 'dist', 'builds', first!, runningMark()), '');
     for (let i = 0; i < 3; i++) await build(dir);
     expect(builds(dir)).toHaveLength(4);
-    expect(filesOf(join(dir, 'dist', 'builds', first!))).toEqual([...firstFiles, `.running-${hostname()}-${process.pid}`].sort());
+    expect(filesOf(join(dir, 'dist', 'builds', first!))).toEqual([...firstFiles, runningMark()].sort());
     expect(readFileSync(join(dir, 'dist', '.built'), 'utf8')).toContain(` ${builds(dir).at(-1)}`);
     // Once no live process runs it (a killed one's mark left behind), the next build removes it.
-    rmSync(join(dir, 'dist', 'builds', first!, `.running-${hostname()}-${process.pid}`));
-    writeFileSync(join(dir, 'dist', 'builds', first!, `.running-${hostname()}-${2 ** 22 + 1}`), '');
+    rmSync(join(dir, 'dist', 'builds', first!, runningMark()));
+    writeFileSync(join(dir, 'dist', 'builds', first!, runningMark(2 ** 22 + 1)), '');
     await build(dir);
     expect(builds(dir)).toHaveLength(3);
     expect(builds(dir)).not.toContain(first);
@@ -70,7 +71,7 @@ describe('npm run build', () => {
     const server = launch(process.execPath, [join(dir, 'bin/keel.js'), 'start'], { DATA_DIR: join(dir, 'data'), PORT: String(port), LOG_LEVEL: 'warn' });
     try {
       await healthy(server, base);
-      expect(readdirSync(join(dir, 'dist', 'builds', running))).toContain(`.running-${hostname()}-${server.pid}`);
+      expect(readdirSync(join(dir, 'dist', 'builds', running))).toContain(runningMark(server.pid));
       for (let i = 0; i < 3; i++) await build(dir);
       // /docs loads its page's modules on its first request: from the server's own build, still there.
       expect(builds(dir)).toContain(running);
@@ -79,7 +80,7 @@ describe('npm run build', () => {
       server.process.kill('SIGTERM');
       await server.ended;
     }
-    expect(readdirSync(join(dir, 'dist', 'builds', running))).not.toContain(`.running-${hostname()}-${server.pid}`);
+    expect(readdirSync(join(dir, 'dist', 'builds', running))).not.toContain(runningMark(server.pid));
   }, 180_000);
 
   it('is not run by bin/keel.js once src/ or the installed packages are newer than it: src/ is, through tsx', async () => {
