@@ -1,7 +1,7 @@
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
-import { createServer, type IncomingMessage } from 'node:http';
+import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -476,33 +476,37 @@ describe('s3 storage when the server stops answering', () => {
   }, 120_000);
 
   /**
-   * An S3 server that answers an object's size (1 MB), then 64 KB of its bytes, then nothing; for
-   * `work`, with a service on it whose S3_TIMEOUT_SECONDS is `timeoutMs`, and a promise of the
-   * moment the download's connection closes.
+   * A fake S3 server for `work`: it answers an object's size (`size`) to HEAD and GET as `get`
+   * does; the service on it has `timeoutMs` as S3_TIMEOUT_SECONDS.
    */
-  async function withHalfSilentS3(timeoutMs: number, work: (storage: StorageService, downloadClosed: Promise<number>) => Promise<void>): Promise<void> {
-    const size = 1024 * 1024;
-    let closed!: (at: number) => void;
-    const downloadClosed = new Promise<number>((resolve) => (closed = resolve));
+  async function withFakeS3(size: number, get: (request: IncomingMessage, response: ServerResponse) => void, timeoutMs: number, work: (storage: StorageService) => Promise<void>): Promise<void> {
     const server = createServer((request, response) => {
-      if (request.method === 'HEAD') {
-        response.writeHead(200, { 'content-length': size, etag: '"x"' }).end();
-        return;
-      }
-      request.socket.once('close', () => closed(performance.now()));
-      response.writeHead(206, { 'content-length': size, 'content-range': `bytes 0-${size - 1}/${size}` });
-      response.write(Buffer.alloc(64 * 1024));
+      if (request.method === 'HEAD') response.writeHead(200, { 'content-length': size, etag: '"x"' }).end();
+      else get(request, response);
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
     const backend = new S3StorageBackend({ bucket: BUCKET, region: 'us-east-1', endpoint, accessKeyId: 'a', secretAccessKey: 'b', forcePathStyle: true, timeoutMs });
     try {
-      await work(new Service(backend, 'knowledge-base'), downloadClosed);
+      await work(new Service(backend, 'knowledge-base'));
     } finally {
       await backend.close();
       server.closeAllConnections();
       server.close();
     }
+  }
+
+  /** A fake S3 (`withFakeS3`) whose object of 1 MB comes 64 KB and then nothing; `downloadClosed`: when the download's connection closes. */
+  async function withHalfSilentS3(timeoutMs: number, work: (storage: StorageService, downloadClosed: Promise<number>) => Promise<void>): Promise<void> {
+    const size = 1024 * 1024;
+    let closed!: (at: number) => void;
+    const downloadClosed = new Promise<number>((resolve) => (closed = resolve));
+    const get = (request: IncomingMessage, response: ServerResponse) => {
+      request.socket.once('close', () => closed(performance.now()));
+      response.writeHead(206, { 'content-length': size, 'content-range': `bytes 0-${size - 1}/${size}` });
+      response.write(Buffer.alloc(64 * 1024));
+    };
+    await withFakeS3(size, get, timeoutMs, (storage) => work(storage, downloadClosed));
   }
 
   it("reports a download whose server falls silent half-way as the server's failure (503) after S3_TIMEOUT_SECONDS", async () => {
@@ -538,32 +542,21 @@ describe('s3 storage when the server stops answering', () => {
   it('holds a server that answers a range with the rest of the object to the range asked for, and closes its connection after it', async () => {
     const object = Buffer.from('0123456789');
     let closed = false;
-    // Answers every range from its start to the object's end, as some S3-compatible servers do.
-    const server = createServer((request, response) => {
-      if (request.method === 'HEAD') {
-        response.writeHead(200, { 'content-length': object.length, etag: '"x"' }).end();
-        return;
-      }
+    // Answers every range from its start to the object's end, as some S3-compatible servers do, and never ends it.
+    const get = (request: IncomingMessage, response: ServerResponse) => {
       const start = Number(/bytes=(\d+)-/.exec(request.headers.range ?? '')?.[1] ?? 0);
       request.socket.once('close', () => (closed = true));
       response.writeHead(206, { 'content-length': object.length - start, 'content-range': `bytes ${start}-${object.length - 1}/${object.length}` });
-      response.write(object.subarray(start)); // and never ends it
-    });
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-    const backend = new S3StorageBackend({ bucket: BUCKET, region: 'us-east-1', endpoint, accessKeyId: 'a', secretAccessKey: 'b', forcePathStyle: true, timeoutMs: 10_000 });
-    try {
-      const { body, start, end } = await new Service(backend, 'knowledge-base').stream('knowledge-base/digits.txt', { start: 2, end: 4 });
+      response.write(object.subarray(start));
+    };
+    await withFakeS3(object.length, get, 10_000, async (storage) => {
+      const { body, start, end } = await storage.stream('knowledge-base/digits.txt', { start: 2, end: 4 });
       expect([start, end]).toEqual([2, 4]);
       const chunks: Buffer[] = [];
       for await (const chunk of body) chunks.push(chunk as Buffer);
       expect(Buffer.concat(chunks).toString()).toBe('234');
       await eventually(async () => closed);
-    } finally {
-      await backend.close();
-      server.closeAllConnections();
-      server.close();
-    }
+    });
   }, 60_000);
 
   it('takes S3_TIMEOUT_SECONDS from the settings (default 60 s)', () => {
