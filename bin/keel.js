@@ -10,7 +10,7 @@ import { readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
-import { modified, readPublished, runningMark } from '../scripts/build-record.mjs';
+import { modified, processIdentity, readPublished, runningMark } from '../scripts/build-record.mjs';
 
 const root = resolve(import.meta.dirname, '..');
 
@@ -46,7 +46,7 @@ if (build && fresh(build)) {
   // (scripts/build.mjs); a dist/ this process cannot write to is left unmarked.
   const marker = join(build.dir, runningMark());
   try {
-    writeFileSync(marker, '');
+    writeFileSync(marker, processIdentity());
     process.on('exit', () => rmSync(marker, { force: true }));
   } catch {
     // read-only

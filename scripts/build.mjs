@@ -13,16 +13,15 @@
 // in its directory); a build is removed once KEEP newer ones exist, it is not the one dist/.built
 // names, and no live process has marked it (`inUse`).
 //
-// A failed build (a syntax error) leaves dist/ as it was: nothing is pointed at or marked, and
+// A failed build (a syntax error in any module under src/, imported or not) leaves dist/ as it was: nothing is pointed at or marked, and
 // bin/keel.js then runs src/ through tsx. Types are not checked here (esbuild only strips them;
 // with isolatedModules each file's JavaScript is the same either way): `npm run typecheck` checks
 // them, as CI does right after `npm ci`, and tsx runs src/ unchecked too.
 import { existsSync, mkdirSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
-import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 
-import { modified, parseRunningMark, publishedText, readPublished } from './build-record.mjs';
-import { bundle } from './bundle.mjs';
+import { markInUse, modified, publishedText, readPublished } from './build-record.mjs';
+import { bundle, checkSyntax } from './bundle.mjs';
 
 const KEEP = 3;
 const root = resolve(import.meta.dirname, '..');
@@ -35,6 +34,7 @@ const id = `${began.toISOString().replace(/[-:.]/g, '')}-${process.pid}`;
 const scratch = join(builds, `.building-${id}`);
 mkdirSync(builds, { recursive: true });
 try {
+  await checkSyntax(root);
   await bundle(root, scratch);
 } catch (error) {
   rmSync(scratch, { recursive: true, force: true });
@@ -64,26 +64,8 @@ if ((readPublished(dist)?.began ?? -Infinity) <= began.getTime()) {
 // What the layout before builds/ left in dist/ (modules compiled file by file, then one bundle) goes.
 for (const name of readdirSync(dist)) if (name !== 'builds' && name !== '.built') rmSync(join(dist, name), { recursive: true, force: true });
 
-/**
- * Whether a process that marked the build at `dir` as its own (`.running-<host>-<pid>`) may still
- * run it: one of this host whose pid is alive, or one of another host (a dist/ shared between
- * containers) whose mark is less than a week old, as its pid cannot be checked from here.
- */
-function inUse(dir) {
-  const here = hostname();
-  return readdirSync(dir).some((name) => {
-    const mark = parseRunningMark(name);
-    if (!mark) return false;
-    // A mark gone meanwhile (its process exiting) has no time: old, not in use.
-    if (mark.host !== here) return Date.now() - modified(join(dir, name)) < 7 * 24 * 3600_000;
-    try {
-      process.kill(mark.pid, 0);
-      return true;
-    } catch (error) {
-      return error.code === 'EPERM'; // alive, another user's
-    }
-  });
-}
+/** Whether a process that marked the build at `dir` as its own (`.running-<host>-<pid>`) may still run it (`markInUse`). */
+const inUse = (dir) => readdirSync(dir).some((name) => markInUse(dir, name));
 
 const current = readPublished(dist)?.name;
 const done = readdirSync(builds)

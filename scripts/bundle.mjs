@@ -6,6 +6,7 @@
 // and V8 keeps each module's source in memory for its lazy compilation, so whitespace and
 // comments left out are memory saved for as long as the process runs (bench/RESULTS.md, stop 54:
 // restart and idle memory, bundled against compiled file by file).
+import { readdirSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -53,8 +54,7 @@ export const EXTERNAL = [
  * failure (a syntax error) throws, with esbuild's messages printed.
  */
 export async function bundle(root, outdir, entryPoints = ENTRY_POINTS) {
-  // esbuild comes with tsx (a dependency), so it is there without devDependencies too.
-  const { build } = await import(pathToFileURL(createRequire(join(root, 'package.json')).resolve('esbuild')).href);
+  const { build } = await esbuild(root);
   return build({
     absWorkingDir: root,
     entryPoints,
@@ -76,3 +76,19 @@ export async function bundle(root, outdir, entryPoints = ENTRY_POINTS) {
     banner: { js: "import { createRequire as __keelCreateRequire } from 'node:module'; const require = __keelCreateRequire(import.meta.url);" },
   });
 }
+
+/**
+ * Parses every module under src/, whether an entry point imports it or not, and writes nothing: a
+ * bundle reads only what its entry points import, so a syntax error in a module nothing imports yet
+ * passed the build, where compiling src/ file by file failed it. Throws as `bundle` does.
+ */
+export async function checkSyntax(root) {
+  const { build } = await esbuild(root);
+  const modules = readdirSync(join(root, 'src'), { recursive: true })
+    .map(String)
+    .filter((name) => /\.[cm]?[jt]s$/.test(name) && !/\.d\.[cm]?ts$/.test(name));
+  await build({ absWorkingDir: root, entryPoints: modules.map((name) => join('src', name)), outdir: 'unwritten', write: false, platform: 'node', format: 'esm', logLevel: 'error' });
+}
+
+/** esbuild comes with tsx (a dependency), so it is there without devDependencies too. */
+const esbuild = (root) => import(pathToFileURL(createRequire(join(root, 'package.json')).resolve('esbuild')).href);

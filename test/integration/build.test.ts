@@ -6,22 +6,22 @@ import { promisify } from 'node:util';
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { runningMark } from '../../scripts/build-record.mjs';
+import { processIdentity, runningMark } from '../../scripts/build-record.mjs';
 import { freePort, healthy, launch, ROOT } from '../helpers/process.js';
 
 const run = promisify(execFile);
 
 /**
  * A checkout of its own for `npm run build` and bin/keel.js: scripts, bin and the package files
- * copied, src/ and migrations/ linked, and node_modules a directory of links to the packages with
+ * copied (`ownSrc`: src/ too), src/ and migrations/ linked, and node_modules a directory of links to the packages with
  * an install record (.package-lock.json) of its own, so a test can make it newer than the build
  * without touching the repository's.
  */
-function checkout(): string {
+function checkout({ ownSrc = false } = {}): string {
   const dir = mkdtempSync(join(tmpdir(), 'keel-build-'));
-  for (const name of ['bin', 'scripts']) cpSync(join(ROOT, name), join(dir, name), { recursive: true });
+  for (const name of ['bin', 'scripts', ...(ownSrc ? ['src'] : [])]) cpSync(join(ROOT, name), join(dir, name), { recursive: true });
   for (const name of ['package.json', 'package-lock.json']) cpSync(join(ROOT, name), join(dir, name));
-  for (const name of ['src', 'migrations']) symlinkSync(join(ROOT, name), join(dir, name));
+  for (const name of [...(ownSrc ? [] : ['src']), 'migrations']) symlinkSync(join(ROOT, name), join(dir, name));
   mkdirSync(join(dir, 'node_modules'));
   for (const name of readdirSync(join(ROOT, 'node_modules'))) {
     if (name !== '.package-lock.json') symlinkSync(join(ROOT, 'node_modules', name), join(dir, 'node_modules', name));
@@ -71,7 +71,8 @@ describe('npm run build', () => {
     const server = launch(process.execPath, [join(dir, 'bin/keel.js'), 'start'], { DATA_DIR: join(dir, 'data'), PORT: String(port), LOG_LEVEL: 'warn' });
     try {
       await healthy(server, base);
-      expect(readdirSync(join(dir, 'dist', 'builds', running))).toContain(runningMark(server.pid));
+      // The mark names the process beyond its pid (a reused pid is not it): scripts/build-record.mjs.
+      expect(readFileSync(join(dir, 'dist', 'builds', running, runningMark(server.pid)), 'utf8')).toBe(processIdentity(server.pid));
       for (let i = 0; i < 3; i++) await build(dir);
       // /docs loads its page's modules on its first request: from the server's own build, still there.
       expect(builds(dir)).toContain(running);
@@ -98,5 +99,20 @@ describe('npm run build', () => {
     expect((await help()).stdout).toContain('Usage: keel');
     writeFileSync(join(dir, 'dist', 'builds', builds(dir).at(-1)!, 'main.js'), 'throw new Error("the bundle ran");\n');
     await expect(help()).rejects.toThrow('the bundle ran');
+  }, 120_000);
+
+  it('fails on a syntax error in a module nothing imports, and leaves dist/ as it was', async () => {
+    const own = checkout({ ownSrc: true });
+    try {
+      await build(own);
+      const before = { built: readFileSync(join(own, 'dist', '.built'), 'utf8'), builds: builds(own) };
+      writeFileSync(join(own, 'src', 'modules', 'not-imported-yet.ts'), 'export const half = ;\n');
+      const failed: unknown = await build(own).catch((error: unknown) => error);
+      expect(String((failed as { stderr?: string }).stderr)).toContain('src/modules/not-imported-yet.ts');
+      expect({ built: readFileSync(join(own, 'dist', '.built'), 'utf8'), builds: builds(own) }).toEqual(before);
+      expect(readdirSync(join(own, 'dist', 'builds')).filter((name) => name.startsWith('.building-'))).toEqual([]);
+    } finally {
+      rmSync(own, { recursive: true, force: true });
+    }
   }, 120_000);
 });

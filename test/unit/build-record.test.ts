@@ -1,0 +1,65 @@
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+
+import { markInUse, processIdentity, runningMark, UNCHECKABLE_MARK_MS } from '../../scripts/build-record.mjs';
+
+// The marks bin/keel.js leaves in the build a process runs, as scripts/build.mjs reads them before it removes a build.
+describe.runIf(process.platform === 'linux')('a build mark', () => {
+  let dir: string;
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), 'keel-marks-'));
+  });
+  afterEach(() => rmSync(dir, { recursive: true, force: true }));
+
+  const mark = (pid: number, text: string, ageMs = 0) => {
+    const name = runningMark(pid);
+    writeFileSync(join(dir, name), text);
+    const at = new Date(Date.now() - ageMs);
+    utimesSync(join(dir, name), at, at);
+    return name;
+  };
+  const [boot, namespace, start] = processIdentity().split(' ');
+
+  it("names this process's boot, pid namespace and start, which keep it in use while it lives", () => {
+    expect(boot).toMatch(/^[0-9a-f-]{36}$/);
+    expect(namespace).toMatch(/^pid:\[\d+\]$/);
+    expect(Number(start)).toBeGreaterThan(0);
+    expect(markInUse(dir, mark(process.pid, processIdentity()))).toBe(true);
+  });
+
+  it('does not keep a build for a later process given the same pid (pid 1 of the next container)', () => {
+    expect(markInUse(dir, mark(process.pid, `${boot} ${namespace} ${Number(start) - 1}`))).toBe(false);
+  });
+
+  it('does not keep a build for a process that ended', async () => {
+    const child = spawn(process.execPath, ['-e', '']);
+    await new Promise((done) => child.on('exit', done));
+    const identity = `${boot} ${namespace} ${start}`;
+    expect(markInUse(dir, mark(child.pid!, identity))).toBe(false);
+  });
+
+  it('keeps a build a week for a process it cannot check: another pid namespace or boot (the same host name)', () => {
+    const otherNamespace = `${boot} pid:[1] ${start}`;
+    const otherBoot = `00000000-0000-0000-0000-000000000000 ${namespace} ${start}`;
+    // A dead pid here, so only the mark's age can decide.
+    for (const text of [otherNamespace, otherBoot]) {
+      expect(markInUse(dir, mark(2 ** 22 + 1, text))).toBe(true);
+      expect(markInUse(dir, mark(2 ** 22 + 1, text, UNCHECKABLE_MARK_MS + 60_000))).toBe(false);
+    }
+  });
+
+  it('reads a mark without an identity (older, or where /proc tells none) by its pid alone', () => {
+    expect(markInUse(dir, mark(process.pid, ''))).toBe(true);
+    expect(markInUse(dir, mark(2 ** 22 + 1, ''))).toBe(false);
+  });
+
+  it('is not in use once gone, and is no mark unless named as one', () => {
+    expect(markInUse(dir, runningMark(process.pid))).toBe(false);
+    writeFileSync(join(dir, 'main.js'), '');
+    expect(markInUse(dir, 'main.js')).toBe(false);
+  });
+});
