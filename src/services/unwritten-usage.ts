@@ -15,6 +15,11 @@
  *   sorting just before its old one, under which that process may have saved the rest of a split
  *   file). A file that cannot be read is set
  *   aside as `<name>.unreadable`.
+ * - A save marks itself in progress (`<save>.saving`, made before its first file and removed after
+ *   its last): a reader takes none of its files until then, or until its process is gone (killed
+ *   mid-save: what it wrote is all there will be). Its files appear one rename at a time, and a
+ *   reader listing the directory between two of them took a save's settlements without the block
+ *   releases after them (see takeUnwritten). Saves of earlier versions have no mark: taken as seen.
  */
 import { randomUUID } from 'node:crypto';
 import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
@@ -27,6 +32,12 @@ export const UNWRITTEN_DIR = 'usage-unwritten';
 
 /** The most usage rows (or settlements) one file holds. */
 const ROWS_PER_FILE = 10_000;
+
+/**
+ * A save marked in progress longer ago than this is taken though its process id runs: no save
+ * takes that long (a full queue's files are written in seconds), so that id is another process's now.
+ */
+const SAVE_MAX_MS = 10 * 60_000;
 
 /** A usage meter's queues: what one file holds a part of. */
 export interface UnwrittenUsage {
@@ -54,7 +65,16 @@ export function saveUnwritten(dir: string, queues: UnwrittenUsage): number {
   split(queues.blockReleases, (part, slice) => (part.blockReleases = slice));
   const stamp = `${Date.now()}-${process.pid}-${randomUUID()}`;
   mkdirSync(dir, { recursive: true, mode: 0o700 });
+  // In progress until its last file is in (see takeUnwritten); left by a save that throws, it
+  // holds the files written so far only until this process is gone.
+  const saving = join(dir, `${stamp}.saving`);
+  closeSync(openSync(saving, 'w', 0o600));
   for (const [i, part] of parts.entries()) writeWhole(join(dir, `${stamp}-${String(i).padStart(6, '0')}.json`), part);
+  try {
+    rmSync(saving);
+  } catch {
+    // The save is whole all the same: readers take it once this process is gone.
+  }
   return parts.length;
 }
 
@@ -88,7 +108,12 @@ const records = (part: UnwrittenUsage): number => part.usage.length + part.settl
  * file of that save: a block's release gives back what its row still holds, the part its calls'
  * settlements are still to charge included, so written before them (by another process, or by
  * this one after it saved part of them again under a later name) it showed that credit as free
- * and the account was undercharged.
+ * and the account was undercharged. A save still being written (its `.saving` mark there, its
+ * process alive) is not taken at all: listed between the renames of its files, its settlements
+ * were there and the releases after them not yet; taken then, the settlements went alone, and
+ * once this process saved them again under a save of its own (stopped before writing them), the
+ * releases, left under the older save, sorted first: a take (another process's, or one whose room
+ * ended before the settlements) wrote them before the settlements.
  */
 export function takeUnwritten(dir: string, held: readonly string[], maxRows: number, onUnreadable: (file: string, error: unknown) => void): { taken: string[]; parts: UnwrittenUsage[]; more: boolean } {
   const taken: string[] = [];
@@ -105,6 +130,19 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
     return { taken, parts, more: false }; // none saved
   }
   for (const name of names) {
+    const saving = /^((\d+)-(\d+)-.+)\.saving$/.exec(name);
+    if (saving) {
+      if (Date.now() - Number(saving[2]) < SAVE_MAX_MS && processAlive(Number(saving[3]))) busy.add(saving[1]!);
+      else {
+        // Cut short: its files are taken as they are.
+        try {
+          rmSync(join(dir, name), { force: true });
+        } catch {
+          // Left: judged so again by the next take.
+        }
+      }
+      continue;
+    }
     const orphan = /^(.+)\.json\.(\d+)\.taken$/.exec(name);
     if (!orphan || held.includes(join(dir, name))) continue;
     if (processAlive(Number(orphan[2]))) {

@@ -1,11 +1,12 @@
-import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
 import type { Settlement } from '../../src/crud/billing.js';
-import { takeUnwritten } from '../../src/services/unwritten-usage.js';
+import { forgetUnwritten, saveUnwritten, takeUnwritten, type UnwrittenUsage } from '../../src/services/unwritten-usage.js';
 
 const settlement = (fields: Partial<Settlement>): Settlement => ({
   reservationId: 'a-block',
@@ -21,9 +22,41 @@ const settlement = (fields: Partial<Settlement>): Settlement => ({
 });
 
 let dir = '';
+let staging = '';
 afterEach(() => {
-  if (dir) rmSync(dir, { recursive: true, force: true });
+  for (const made of [dir, staging]) if (made) rmSync(made, { recursive: true, force: true });
 });
+
+/** A save's queues: a usage row, a credit block's settlement, then its release. */
+const blockSave: UnwrittenUsage = {
+  usage: [JSON.stringify({ id: 'a-row' })],
+  settlements: [],
+  windowSettlements: [settlement({ release: '1' })],
+  blockReleases: [settlement({ cost: '0', usageRecordId: 'its-release' })],
+};
+
+/**
+ * The files `saveUnwritten` writes for `queues` (in the order it publishes them), as a save of
+ * process `saver` made at `at`: written by the module into a directory of their own, then renamed
+ * to that save's names, for a test to publish into `dir` one by one as the save does.
+ */
+function savedBy(saver: number, at: number, queues: UnwrittenUsage): { stamp: string; files: string[] } {
+  staging = mkdtempSync(join(tmpdir(), 'keel-unwritten-staging-'));
+  saveUnwritten(staging, queues);
+  const names = readdirSync(staging).sort();
+  const stamp = names[0]!.replace(/-\d{6}\.json$/, '').replace(/^\d+-\d+-/, `${at}-${saver}-`);
+  const files = names.map((name) => {
+    const renamed = name.replace(/^\d+-\d+-[^.]*?(-\d{6}\.json)$/, `${stamp}$1`);
+    renameSync(join(staging, name), join(staging, renamed));
+    return renamed;
+  });
+  return { stamp, files };
+}
+
+const publish = (file: string) => renameSync(join(staging, file), join(dir, file));
+
+/** What each part of a take holds: [usage rows, window settlements, block releases]. */
+const shapes = (parts: UnwrittenUsage[]) => parts.map((part) => [part.usage.length, part.windowSettlements.length, part.blockReleases.length]);
 
 describe('takeUnwritten', () => {
   it("a take whose restore of a dead taker's file fails takes none of that save's files: the settlements and the release after them go together, later", () => {
@@ -54,4 +87,68 @@ describe('takeUnwritten', () => {
     ]);
     expect(readdirSync(dir).filter((name) => name.endsWith('.json'))).toEqual([]);
   });
+
+  it("a take while another process's save is being written takes none of that save's files: its settlements go with the block release after them, once the save is whole", () => {
+    dir = mkdtempSync(join(tmpdir(), 'keel-unwritten-'));
+    // The saver is a live process other than this one: this test's parent.
+    const { stamp, files } = savedBy(process.ppid, Date.now(), blockSave);
+    expect(files.length).toBe(3); // usage rows, the block's settlement, its release
+    // The moment a concurrent save is at when its settlements' file is renamed in and its
+    // release's not yet: its mark of a save in progress, then its files so far.
+    writeFileSync(join(dir, `${stamp}.saving`), '');
+    publish(files[0]!);
+    publish(files[1]!);
+    const during = takeUnwritten(dir, [], 1_000, () => {});
+    // Taken now, the settlement went without its release: a later take (or another process, once
+    // this one saved the settlement again under a later save at its shutdown) wrote the release
+    // first, and the credit the settlement still charges showed as free.
+    expect(shapes(during.parts)).toEqual([]);
+    expect(during.taken).toEqual([]);
+
+    // The save ends: its release renamed in, its mark removed. Everything goes in one take.
+    publish(files[2]!);
+    rmSync(join(dir, `${stamp}.saving`));
+    const after = takeUnwritten(dir, [], 1_000, () => {});
+    expect(shapes(after.parts)).toEqual([
+      [1, 0, 0],
+      [0, 1, 0],
+      [0, 0, 1],
+    ]);
+    expect(readdirSync(dir).filter((name) => name.endsWith('.json'))).toEqual([]);
+  });
+
+  it('a save cut short (its process gone, or the save older than any save takes) is taken as far as it was written', () => {
+    dir = mkdtempSync(join(tmpdir(), 'keel-unwritten-'));
+    const gone = spawnSync(process.execPath, ['-e', '']).pid;
+    for (const [saver, at] of [
+      [gone, Date.now()], // killed mid-save
+      [process.ppid, 1_700_000_000_000], // its pid since reused by a live process
+    ] as const) {
+      const { stamp, files } = savedBy(saver, at, blockSave);
+      writeFileSync(join(dir, `${stamp}.saving`), '');
+      publish(files[0]!);
+      publish(files[1]!);
+      const taken = takeUnwritten(dir, [], 1_000, () => {});
+      expect(shapes(taken.parts)).toEqual([
+        [1, 0, 0],
+        [0, 1, 0],
+      ]);
+      // Its mark goes with it: the files the save wrote are all it will write.
+      forgetUnwritten(taken.taken);
+      expect(readdirSync(dir)).toEqual([]);
+      rmSync(staging, { recursive: true });
+    }
+  });
+
+  it('a save written before saves were marked (no mark) is taken as soon as it is seen', () => {
+    dir = mkdtempSync(join(tmpdir(), 'keel-unwritten-'));
+    const { files } = savedBy(process.ppid, Date.now(), blockSave);
+    for (const file of files) publish(file);
+    expect(shapes(takeUnwritten(dir, [], 1_000, () => {}).parts)).toEqual([
+      [1, 0, 0],
+      [0, 1, 0],
+      [0, 0, 1],
+    ]);
+  });
 });
+
