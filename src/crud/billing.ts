@@ -280,8 +280,9 @@ export interface Settlement {
   description: string;
   /**
    * The call's usage row (`usageRowJson`, id `usageRecordId`), when the settlement writes it: a
-   * settlement that charges the key but writes no ledger entry (billing off). The row goes in with
-   * the key's spend, once by its id, so a retried settlement that had committed moves nothing again.
+   * settlement that charges the key but may write no ledger entry (billing off; or nothing held, and
+   * the account may have no row). The row goes in with the key's spend, once by its id, so a retried
+   * settlement that had committed moves the key's spend nothing again.
    */
   usage?: string;
   /**
@@ -324,9 +325,10 @@ export async function settle(db: Db, s: Settlement, retried = false): Promise<vo
   // A retry after a failure the client could not tell from a lost reply (the statement may have
   // committed): nothing moves if the call's ledger entry is there already (looked up through the
   // index that keeps it one per call; a first attempt that commits only later is refused by it).
-  // A settlement that writes its call's usage row needs no look-up: the key's spend moves by the
-  // row it inserts, none when the row is there already (and the reservation is released once anyway).
-  const once = retried && s.usage === undefined && s.userId !== null;
+  // Only a settlement that charges an account can have an entry; one that writes its call's usage
+  // row moves the key's spend by the row it inserts, none when the row is there already (and the
+  // reservation is released once anyway): with no entry to find, that is what keeps the key's once.
+  const once = retried && s.chargeAccount && s.userId !== null;
   const seen = once ? sql`, seen as (select 1 from credit_transactions where usage_record_id = ${s.usageRecordId}::uuid and type = 'usage')` : sql``;
   const fresh = once ? sql` and not exists (select 1 from seen)` : sql``;
   const usage = s.usage === undefined ? sql`` : sql`, ${usageRowCtes(sql`${jsonArray([s.usage])}`)}`;

@@ -8,13 +8,13 @@
  *
  * settle (after the answer, never on the caller's path): Prometheus, a usage record into the
  * batch writer, and — when something was held — one statement that releases the hold, charges the
- * exact cost and writes the ledger entry (a key's budget charged without one, billing off: the
- * usage record, which makes a retry of that statement charge nothing twice). Nothing is lost: a
- * failed batch or settlement is kept and retried, and `close()` (the app's close hook) refuses
- * calls from then on and writes what is left; what the database still does not take then (it is
- * down) is saved under DATA_DIR/usage-unwritten and written by the next start (`recoverUnwritten`).
- * Past USAGE_MAX_PENDING_ROWS records the database has not taken, calls are refused (503), not
- * records dropped.
+ * exact cost and writes the ledger entry (a key's budget charged where there may be none — billing
+ * off, or nothing held — the usage record, which makes a retry of that statement charge nothing
+ * twice). Nothing is lost: a failed batch or settlement is kept and retried, and `close()` (the
+ * app's close hook) refuses calls from then on and writes what is left; what the database still
+ * does not take then (it is down) is saved under DATA_DIR/usage-unwritten and written by the next
+ * start (`recoverUnwritten`). Past USAGE_MAX_PENDING_ROWS records the database has not taken,
+ * calls are refused (503), not records dropped.
  */
 import { randomUUID } from 'node:crypto';
 import { setImmediate as setImmediatePromise } from 'node:timers/promises';
@@ -454,9 +454,11 @@ export class UsageMeterService implements UsageMeter {
       usageRecordId: id,
       description: `${record.operation} ${record.model}${record.status === 'success' ? '' : ` (${record.status})`}`,
     };
-    // A key charged with no ledger entry (billing off): the settlement writes the call's usage row,
-    // whose id tells a retried settlement that had committed to move nothing again (Settlement.usage).
-    if (held.chargeKey && !held.chargeAccount) settlement.usage = row;
+    // A key charged where the call may get no ledger entry — billing off, or nothing held (a free
+    // estimate: the account may have no row, never granted) — the settlement writes the call's usage
+    // row, whose id tells a retried settlement that had committed to move nothing again
+    // (Settlement.usage). A call that held its cost held it from an account: its entry tells.
+    if (held.chargeKey && (!held.chargeAccount || held.reservationId === null)) settlement.usage = row;
     else this.enqueue(row);
     if (held.window) {
       // Covered by the block in memory: written with the next batch (the block keeps the credit held meanwhile).

@@ -12,7 +12,7 @@ import { PaymentRequiredError, TooManyRequestsError } from '../../src/core/error
 
 import { creditReservations, usageRecords } from '../../src/models/index.js';
 
-import { changeBalance, getBalance, hold, ledgerSum, settleMany } from '../../src/crud/billing.js';
+import { changeBalance, getBalance, hold, keySpend, ledgerSum, settleMany } from '../../src/crud/billing.js';
 import { queryRows } from '../../src/crud/owned.js';
 import { ModelCallAbortedError } from '../../src/modules/ai-models/errors.js';
 import { addCosts, type ChatRequest, type CostEstimate, MEDIA_PART_TOKENS, type UsageRecord, ZERO_USAGE } from '../../src/modules/ai-models/index.js';
@@ -878,6 +878,85 @@ describe('per-API-key limits', () => {
     const [record] = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
     expect(record).toMatchObject({ api_key_id: key.id, cost: '5.000000000000', status: 'success' });
     await expectConsistent(user);
+  });
+
+  it.each([
+    { account: 'never granted (no ledger entry)', granted: null },
+    { account: 'granted 100', granted: '100' },
+  ])('a call that held nothing (a free estimate) and cost something, on a budgeted key, account $account: settlements retried after lost replies, alone and batched, move the key\'s spent and the balance once', async ({ granted }) => {
+    // The settlement charges the key and the account. An account never granted has no row: no
+    // ledger entry then tells a retry that the settlement committed, yet the key's spend must move
+    // once per call. With a row, the entry is there, and the balance moves once too.
+    const user = await createUser(ctx.app);
+    if (granted !== null) await grant(user, granted);
+    const key = await createKey(ctx.app, user, { name: 'budget, free estimate', max_budget: '1000' });
+    const context = { user_id: user.user.id, api_key_id: key.id };
+    const estimate: CostEstimate = { operation: 'chat', model: 'm', provider: 'p', input_tokens: 0, max_output_tokens: 10, cost: '0', context };
+    const record = (): UsageRecord => ({
+      ...estimate,
+      tokens: { ...ZERO_USAGE, output: 5 },
+      estimated: false,
+      cost: '5',
+      latency_ms: 1,
+      time_to_first_token_ms: null,
+      status: 'success',
+      error: null,
+      attempts: 1,
+      started_at: new Date(),
+    });
+    const calls = async (n: number) => {
+      const held = await Promise.all(Array.from({ length: n }, async () => ctx.app.meter.reserve(estimate)));
+      expect(held.map((r) => r.holdsOutput)).toEqual(held.map(() => false));
+      for (const reservation of held) void reservation.settle(record());
+    };
+    let losing = false;
+    let lost = 0;
+    let batched = 0;
+    const settledTwice = async (n: number) => {
+      losing = true;
+      await intercepting(
+        ctx.database.db,
+        (text, params) => {
+          // The key's settlements (they release its hold, if any): each commits and its reply is lost, retries too, while `losing`.
+          if (losing && /delete from credit_reservations/.test(text) && JSON.stringify(params).includes(key.id)) {
+            lost += 1;
+            if (/with ordinality/.test(text)) batched += 1;
+            throw new Error('connection lost after the commit');
+          }
+        },
+        async () => {
+          await calls(n);
+          await ctx.app.meter.idle(); // the retries are lost too
+          losing = false;
+          await ctx.app.meter.idle(); // the next retries go through
+        },
+        true,
+      );
+    };
+    const state = async () => {
+      const spend = await keySpend(ctx.database.db, key.id);
+      const [counts] = await queryRows<{ accounts: number; balance: string | null; usageEntries: number; records: number }>(
+        ctx.database.db,
+        sql`select (select count(*) from credit_accounts where user_id = ${user.user.id})::int as accounts,
+              (select balance::text from credit_accounts where user_id = ${user.user.id}) as balance,
+              (select count(*) from credit_transactions where owner_id = ${user.user.id} and type = 'usage')::int as "usageEntries",
+              (select count(distinct id) from usage_records where owner_id = ${user.user.id})::int as records`,
+      );
+      return { spent: Number(spend.spent), reserved: Number(spend.reserved), ...counts, balance: counts!.balance === null ? null : Number(counts!.balance) };
+    };
+    const expected = (calls: number) =>
+      granted === null
+        ? { spent: 5 * calls, reserved: 0, accounts: 0, balance: null, usageEntries: 0, records: calls }
+        : { spent: 5 * calls, reserved: 0, accounts: 1, balance: Number(granted) - 5 * calls, usageEntries: calls, records: calls };
+    await settledTwice(1); // alone: `settle`, and retried alone
+    expect(lost).toBeGreaterThanOrEqual(2);
+    expect(await state()).toEqual(expected(1));
+    lost = 0;
+    await settledTwice(5); // the first alone, the others together (`settleMany`), all retried together
+    expect(lost).toBeGreaterThanOrEqual(3);
+    expect(batched).toBeGreaterThanOrEqual(1);
+    expect(await state()).toEqual(expected(6));
+    if (granted !== null) await expectConsistent(user);
   });
 
   it('rpm: a call counts once, whatever fallbacks it tries', async () => {
