@@ -4,6 +4,5 @@ export declare function readPublished(dist: string): { began: number; name: stri
 export declare const runningMark: (pid?: number) => string;
 export declare function parseRunningMark(name: string): { host: string; pid: number } | null;
 export declare function modified(path: string): number;
-export declare function processIdentity(pid?: number): string;
 export declare const UNCHECKABLE_MARK_MS: number;
 export declare function markInUse(dir: string, name: string): boolean;

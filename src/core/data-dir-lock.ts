@@ -3,6 +3,7 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 
 import { ConfigError } from './config.js';
+import { startTime } from './process-identity.mjs';
 
 /** The lock file inside the directory it locks (PGlite's data directory). */
 export const LOCK_FILE = 'keel.lock';
@@ -36,17 +37,6 @@ interface Holder {
   /** Kernel start time of the process (Linux), so a pid reused after a crash is not taken for the holder. */
   started: string | null;
   host: string;
-}
-
-/** Field 22 of /proc/<pid>/stat (start time in clock ticks since boot); null where there is no /proc. */
-function startTime(pid: number): string | null {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? null;
-  } catch {
-    return null;
-  }
 }
 
 function alive(holder: Holder): boolean {

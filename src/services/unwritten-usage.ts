@@ -16,14 +16,18 @@
  *   file). A file that cannot be read is set
  *   aside as `<name>.unreadable`.
  * - A save marks itself in progress (`<save>.saving`, made before its first file and removed after
- *   its last): a reader takes none of its files until then, or until its process is gone (killed
- *   mid-save: what it wrote is all there will be). Its files appear one rename at a time, and a
+ *   its last, naming its process beyond its pid): a reader takes none of its files until then, or
+ *   until its process is gone (killed mid-save: what it wrote is all there will be) or, for one it
+ *   cannot check (another pid namespace sharing the directory), SAVE_MAX_MS after it began. Its files appear one rename at a time, and a
  *   reader listing the directory between two of them took a save's settlements without the block
  *   releases after them (see takeUnwritten). Saves of earlier versions have no mark: taken as seen.
  */
 import { randomUUID } from 'node:crypto';
-import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
+
+import { processIdentity, recordedProcess } from '../core/process-identity.mjs';
 
 import type { Settlement } from '../crud/billing.js';
 
@@ -65,15 +69,16 @@ export function saveUnwritten(dir: string, queues: UnwrittenUsage): number {
   split(queues.blockReleases, (part, slice) => (part.blockReleases = slice));
   const stamp = `${Date.now()}-${process.pid}-${randomUUID()}`;
   mkdirSync(dir, { recursive: true, mode: 0o700 });
-  // In progress until its last file is in (see takeUnwritten); left by a save that throws, it
-  // holds the files written so far only until this process is gone.
+  // In progress until its last file is in (see takeUnwritten): it names this process beyond its
+  // pid. Left by a save that throws, it holds the files written so far until this process is gone
+  // (SAVE_MAX_MS at most).
   const saving = join(dir, `${stamp}.saving`);
-  closeSync(openSync(saving, 'w', 0o600));
+  writeFileSync(saving, processIdentity(), { mode: 0o600 });
   for (const [i, part] of parts.entries()) writeWhole(join(dir, `${stamp}-${String(i).padStart(6, '0')}.json`), part);
   try {
     rmSync(saving);
   } catch {
-    // The save is whole all the same: readers take it once this process is gone.
+    // The save is whole all the same: readers take it once this process is gone (SAVE_MAX_MS at most).
   }
   return parts.length;
 }
@@ -121,7 +126,9 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
   let rows = 0;
   /** The save whose settlements and releases this take has begun: its files are taken whatever the room. */
   let settling: string | null = null;
-  /** Saves a file of which another live process holds (or took just now): none of their files is taken. */
+  /** The save whose mark was looked for last (its files sort together). */
+  let checked: string | null = null;
+  /** Saves a file of which another live process holds (or took just now), or still being written: none of their files is taken. */
   const busy = new Set<string>();
   let names: string[];
   try {
@@ -130,17 +137,9 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
     return { taken, parts, more: false }; // none saved
   }
   for (const name of names) {
-    const saving = /^((\d+)-(\d+)-.+)\.saving$/.exec(name);
+    const saving = /^(.+)\.saving$/.exec(name);
     if (saving) {
-      if (Date.now() - Number(saving[2]) < SAVE_MAX_MS && processAlive(Number(saving[3]))) busy.add(saving[1]!);
-      else {
-        // Cut short: its files are taken as they are.
-        try {
-          rmSync(join(dir, name), { force: true });
-        } catch {
-          // Left: judged so again by the next take.
-        }
-      }
+      if (saveInProgress(dir, saving[1]!)) busy.add(saving[1]!);
       continue;
     }
     const orphan = /^(.+)\.json\.(\d+)\.taken$/.exec(name);
@@ -166,6 +165,15 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
   for (const [i, name] of saved.entries()) {
     const save = saveOf(name);
     if (busy.has(save)) continue;
+    // A listing of many entries is not one snapshot: a save begun during it may show its first
+    // file and not its mark, made before that file. Asked again before the save's first file is taken.
+    if (save !== checked) {
+      checked = save;
+      if (saveInProgress(dir, save)) {
+        busy.add(save);
+        continue;
+      }
+    }
     if (rows >= maxRows && save !== settling) return { taken, parts, more: saved.length > i };
     const path = join(dir, `${name}.${process.pid}.taken`);
     // The rest of a file this process split and still holds the first part of: taking it now would
@@ -216,6 +224,30 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
   }
   // A busy save's files are its holder's to take (or, once it is gone, anyone's: its files taken back).
   return { taken, parts, more: false };
+}
+
+/**
+ * Whether the save `save` is still being written: its mark is there and its process alive, or not
+ * to be checked from here (another pid namespace, kernel or host) and the save younger than
+ * SAVE_MAX_MS. A mark whose process is gone (or older than that) was left by a save cut short:
+ * removed, and its files are taken as they are.
+ */
+function saveInProgress(dir: string, save: string): boolean {
+  const path = join(dir, `${save}.saving`);
+  let identity = '';
+  try {
+    identity = readFileSync(path, 'utf8');
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return false;
+  }
+  const [, began, pid] = /^(\d+)-(\d+)-/.exec(save) ?? [];
+  if (Date.now() - Number(began) < SAVE_MAX_MS && recordedProcess(hostname(), Number(pid), identity) !== 'gone') return true;
+  try {
+    rmSync(path, { force: true });
+  } catch {
+    // Left: judged so again by the next take.
+  }
+  return false;
 }
 
 /** Deletes taken files whose contents are written, or saved again. */

@@ -6,7 +6,9 @@ import { promisify } from 'node:util';
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { processIdentity, runningMark } from '../../scripts/build-record.mjs';
+import { processIdentity, startTime } from '../../src/core/process-identity.mjs';
+
+import { runningMark } from '../../scripts/build-record.mjs';
 import { freePort, healthy, launch, ROOT } from '../helpers/process.js';
 
 const run = promisify(execFile);
@@ -72,7 +74,8 @@ describe('npm run build', () => {
     try {
       await healthy(server, base);
       // The mark names the process beyond its pid (a reused pid is not it): scripts/build-record.mjs.
-      expect(readFileSync(join(dir, 'dist', 'builds', running, runningMark(server.pid)), 'utf8')).toBe(processIdentity(server.pid));
+      const [boot, namespace] = processIdentity().split(' ');
+      expect(readFileSync(join(dir, 'dist', 'builds', running, runningMark(server.pid)), 'utf8')).toBe(`${boot} ${namespace} ${startTime(server.pid)}`);
       for (let i = 0; i < 3; i++) await build(dir);
       // /docs loads its page's modules on its first request: from the server's own build, still there.
       expect(builds(dir)).toContain(running);

@@ -1,11 +1,13 @@
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
-import { markInUse, processIdentity, runningMark, UNCHECKABLE_MARK_MS } from '../../scripts/build-record.mjs';
+import { processIdentity } from '../../src/core/process-identity.mjs';
+
+import { markInUse, runningMark, UNCHECKABLE_MARK_MS } from '../../scripts/build-record.mjs';
 
 // The marks bin/keel.js leaves in the build a process runs, as scripts/build.mjs reads them before it removes a build.
 describe.runIf(process.platform === 'linux')('a build mark', () => {
@@ -52,9 +54,18 @@ describe.runIf(process.platform === 'linux')('a build mark', () => {
     }
   });
 
-  it('reads a mark without an identity (older, or where /proc tells none) by its pid alone', () => {
-    expect(markInUse(dir, mark(process.pid, ''))).toBe(true);
-    expect(markInUse(dir, mark(2 ** 22 + 1, ''))).toBe(false);
+  it('reads a mark without a whole identity (older, cut short, or where /proc tells none) by its pid alone', () => {
+    for (const text of ['', `${boot} ${namespace}`]) {
+      expect(markInUse(dir, mark(process.pid, text))).toBe(true);
+      expect(markInUse(dir, mark(2 ** 22 + 1, text))).toBe(false);
+    }
+  });
+
+  it("reads a mark it cannot read (another user's, a directory) by its pid alone, and does not fail", () => {
+    mkdirSync(join(dir, runningMark(process.pid)));
+    expect(markInUse(dir, runningMark(process.pid))).toBe(true);
+    mkdirSync(join(dir, runningMark(2 ** 22 + 1)));
+    expect(markInUse(dir, runningMark(2 ** 22 + 1))).toBe(false);
   });
 
   it('is not in use once gone, and is no mark unless named as one', () => {

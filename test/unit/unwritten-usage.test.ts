@@ -1,9 +1,12 @@
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, watch, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { setTimeout } from 'node:timers/promises';
 
 import { afterEach, describe, expect, it } from 'vitest';
+
+import { processIdentity } from '../../src/core/process-identity.mjs';
 
 import type { Settlement } from '../../src/crud/billing.js';
 import { forgetUnwritten, saveUnwritten, takeUnwritten, type UnwrittenUsage } from '../../src/services/unwritten-usage.js';
@@ -149,6 +152,50 @@ describe('takeUnwritten', () => {
       [0, 1, 0],
       [0, 0, 1],
     ]);
+  });
+
+  it.runIf(process.platform === 'linux')("judges a save's mark by the process it names beyond its pid: a later process given the pid is not it; one of another pid namespace holds the save while it is young", () => {
+    const [boot, namespace, start] = processIdentity().split(' ');
+    const dead = spawnSync(process.execPath, ['-e', '']).pid;
+    const cases = [
+      // This process's pid, another start: a later process given the pid of a saver killed mid-save.
+      { saver: process.pid, at: Date.now(), mark: `${boot} ${namespace} ${Number(start) - 1}`, busy: false },
+      // Another pid namespace (a container sharing the directory): its pid means nothing here.
+      { saver: dead, at: Date.now(), mark: `${boot} pid:[1] ${start}`, busy: true },
+      { saver: dead, at: 1_700_000_000_000, mark: `${boot} pid:[1] ${start}`, busy: false },
+    ];
+    for (const { saver, at, mark, busy } of cases) {
+      dir = mkdtempSync(join(tmpdir(), 'keel-unwritten-'));
+      const { stamp, files } = savedBy(saver, at, blockSave);
+      writeFileSync(join(dir, `${stamp}.saving`), mark);
+      for (const file of files.slice(0, 2)) publish(file);
+      const taken = takeUnwritten(dir, [], 1_000, () => {});
+      expect(shapes(taken.parts)).toEqual(busy ? [] : [[1, 0, 0], [0, 1, 0]]);
+      expect(readdirSync(dir).includes(`${stamp}.saving`)).toBe(busy);
+      rmSync(dir, { recursive: true, force: true });
+      rmSync(staging, { recursive: true, force: true });
+    }
+  });
+
+  it.runIf(process.platform === 'linux')('writes its mark before its first file, and removes it after its last', async () => {
+    dir = mkdtempSync(join(tmpdir(), 'keel-unwritten-'));
+    // The directory's changes in the order they happened (inotify keeps it): the mark made, the
+    // files (each written under a temporary name, then renamed), the mark removed.
+    const seen: string[] = [];
+    const watcher = watch(dir, (_event, name) => seen.push(String(name)));
+    try {
+      const saved = saveUnwritten(dir, blockSave);
+      expect(saved).toBe(3);
+      const stamp = readdirSync(dir)[0]!.replace(/-\d{6}\.json$/, '');
+      await setTimeout(200);
+      expect(seen[0]).toBe(`${stamp}.saving`);
+      expect(seen.at(-1)).toBe(`${stamp}.saving`);
+      expect(seen.filter((name) => name.endsWith('.json'))).toHaveLength(3);
+      expect(readdirSync(dir).filter((name) => name.endsWith('.saving'))).toEqual([]);
+      expect(stamp).toMatch(new RegExp(`^\\d+-${process.pid}-`));
+    } finally {
+      watcher.close();
+    }
   });
 });
 
