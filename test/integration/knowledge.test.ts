@@ -870,6 +870,39 @@ describe('search', () => {
     }
   });
 
+  it('drops from a long question\'s start a negated operand its cut falls in, rather than excluding a part of it (`-"newt regenerates` excluded every chunk holding newt)', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const axolotl = await ingested(ctx.app, user.headers, folder.id, { filename: 'axolotl.txt', content: 'The axolotl regenerates its limbs within weeks.' });
+    const newt = await ingested(ctx.app, user.headers, folder.id, { filename: 'newt.txt', content: 'Unlike the axolotl, a newt regenerates its limbs slowly.' });
+    const cousin = await ingested(ctx.app, user.headers, folder.id, { filename: 'cousin.txt', content: 'The axolotl regenerates limbs; the newt is its cousin.' });
+    const found = async (query: string) => (await search(ctx.app, user.headers, { query })).data.map((hit) => hit.entry_id).sort();
+    const db = ctx.database.db;
+    const reading = async (question: string) => {
+      const [row] = await queryRows<{ query: string }>(db, sql`select ${questionQuery('english', boundedQuestion(question))}::text as query`);
+      return row!.query;
+    };
+    // 63 words: the 64th (newt) is read, the 65th (regenerates) is past the cut — inside the negated operand.
+    const long = 'axolotl regenerates limbs '.repeat(21);
+    // A quoted phrase: taken whole past the cut (`!( 'newt' <-> 'regener' )`), and not also as `!'newt'` from the start.
+    const quoted = `${long}-"newt regenerates"`;
+    expect(await found(quoted)).toEqual([axolotl.id, cousin.id].sort());
+    expect(boundedQuestion(quoted)).toEqual({ start: long, exclusions: '-"newt regenerates"' });
+    expect(await reading(quoted)).not.toContain("!'newt'");
+    // A hyphenated word (`!( 'newt-regener' <-> 'newt' <-> 'regener' )`): the same.
+    expect(boundedQuestion(`${long}-newt-regenerates`)).toEqual({ start: long, exclusions: '-newt-regenerates' });
+    expect(await found(`${long}-newt-regenerates`)).toEqual([axolotl.id, newt.id, cousin.id].sort());
+    // Forms past the cut keeps no exclusion of (a parenthesis, a NOT after an operator): dropped, searched as without them.
+    for (const question of [`${long}-(newt-regenerates slowly)`, `${long}-("newt regenerates" slowly)`, `${long}&-"newt regenerates"`, `${long}--newt-regenerates`]) {
+      expect(boundedQuestion(question).start, question).not.toContain('newt');
+      expect(await reading(question), question).not.toContain('newt');
+    }
+    expect(await found(`${long}-(newt-regenerates slowly)`)).toEqual([axolotl.id, newt.id, cousin.id].sort());
+    // A negation whose operand ends before the cut is the start's, as the user wrote it.
+    expect(boundedQuestion(`${long}-newt regenerates`).start).toBe(`${long}-newt `);
+    expect(await found(`${long}-newt regenerates`)).toEqual([axolotl.id]);
+  });
+
   it("keeps a long question's OR fallback when its exclusions past the cut are NOTs only, and filters the fallback's hits by them", async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);

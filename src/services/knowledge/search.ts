@@ -378,6 +378,58 @@ const QUESTION_PARTS = new RegExp(
   'giu',
 );
 
+/** A space to the query parser: ASCII whitespace in any locale; any Unicode space too where the server's locale says so (C.UTF-8 does, PGlite does not). */
+const ASCII_SPACE = /[ \t\n\v\f\r]/;
+const ANY_SPACE = /\s/u;
+
+/**
+ * Where a question's start cut at `cut` ends once a negated operand the cut falls in is dropped:
+ * at the first `-` of the NOTs before that operand, or at `cut` when the cut falls in no such
+ * operand (or at an operand's start: a NOT with nothing after it is dropped by the parser). Kept,
+ * the operand's start was excluded in place of what the user wrote — `-"newt regenerates` or
+ * `-newt-regenerates` cut after newt was `!'newt'`, every chunk holding newt, not those holding
+ * both words as one — narrowing the results; dropped, it only widens them (a simple form is still
+ * taken whole past the cut: QUESTION_PARTS). The operands are found as `websearch_to_tsquery`
+ * reads them: waiting for an operand it takes `-` as a NOT, skips spaces and `!&|()<` (so
+ * `-(x-y z)` negates `x-y` alone), and reads a quoted phrase to its closing quote or the end, or
+ * a word up to a space, `!&|()<`, `"` or `:`; after an operand anything but a space (an `or`
+ * too) starts the next one. `isSpace` is what the server takes for a space.
+ */
+function negationCut(text: string, cut: number, isSpace: RegExp): number {
+  let waitingOperand = true;
+  let negatedFrom = -1;
+  let i = 0;
+  while (i < cut) {
+    const char = text[i]!;
+    if (!waitingOperand) {
+      if (isSpace.test(char)) i++;
+      else waitingOperand = true;
+      continue;
+    }
+    if (char === '-') {
+      if (negatedFrom < 0) negatedFrom = i;
+      i++;
+      continue;
+    }
+    if (isSpace.test(char) || '!&|()<'.includes(char)) {
+      i++;
+      continue;
+    }
+    let end = i + 1;
+    if (char === '"') {
+      const closing = text.indexOf('"', end);
+      end = closing < 0 ? text.length : closing + 1;
+    } else {
+      while (end < text.length && !isSpace.test(text[end]!) && !'!&|()<":'.includes(text[end]!)) end++;
+    }
+    if (end > cut) return negatedFrom < 0 ? cut : negatedFrom;
+    negatedFrom = -1;
+    waitingOperand = false;
+    i = end;
+  }
+  return cut;
+}
+
 /**
  * A question as full text reads it: its start, and the exclusions past the start ('' when there
  * are none), to be read by `websearch_to_tsquery` apart from the start (questionQuery).
@@ -390,7 +442,8 @@ export interface BoundedQuestion {
 /**
  * The start of `text` that full text searches for — up to the first word past MAX_QUESTION_WORDS
  * distinct words or MAX_QUESTION_WORD_TOKENS words in all (the rest is left out, its syntax — an
- * open quote, a trailing `or` — as `websearch_to_tsquery` takes it) — and the exclusions of the
+ * open quote, a trailing `or` — as `websearch_to_tsquery` takes it; a negated operand the cut
+ * falls in is dropped, not shortened: negationCut) — and the exclusions of the
  * rest (QUESTION_PARTS; one the cut falls in is taken whole) while their words stay within
  * MAX_EXCLUDED_WORDS, joined by spaces. They are not added to the start's text: however that text
  * ends (`… or the`, `… or,`, `… or ""`), the query parser may read an `or` in it as an OR with
@@ -422,7 +475,9 @@ export function boundedQuestion(text: string): BoundedQuestion {
     excludedWords += count;
     excluded.push(part);
   }
-  return { start: text.slice(0, cut), exclusions: excluded.join(' ') };
+  // A negated operand the cut falls in is dropped from the start (negationCut), as the server reads spaces or PGlite does.
+  const start = text.slice(0, Math.min(negationCut(text, cut, ASCII_SPACE), negationCut(text, cut, ANY_SPACE)));
+  return { start, exclusions: excluded.join(' ') };
 }
 
 /**
