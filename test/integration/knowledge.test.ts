@@ -928,30 +928,60 @@ describe('search', () => {
 
   it("asks whether a chunk in scope holds a word through the GIN index while the index's pending list is long, not by a scan of every owner's chunks", async () => {
     const user = await createUser(ctx.app);
-    const other = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
     const quetzal = await ingested(ctx.app, user.headers, folder.id, { filename: 'quetzal.txt', content: 'The quetzal nests in cloud forests.' });
-    const theirs = await ingested(ctx.app, other.headers, (await createFolder(ctx.app, other.headers)).id, { filename: 'theirs.txt', content: 'Their note.' });
-    const db = ctx.database.db;
-    // 2,000 chunks of each owner written since the index's last VACUUM: its pending list holds
-    // some of them (up to 4 MB, gin_pending_list_limit), which its look-ups read and the planner counts.
-    for (const [entryId, ownerId] of [
-      [quetzal.id, user.user.id],
-      [theirs.id, other.user.id],
-    ]) {
-      await db.execute(sql`insert into knowledge_chunks (entry_id, owner_id, chunk_index, text, heading_path, token_count, tsv)
-        select ${entryId}, ${ownerId}, i, words.text, '{}', 80, to_tsvector('english', words.text) from generate_series(1, 2000) as i,
-          lateral (select string_agg('word' || ((i * 7919 + w * 104729) % 20000), ' ') as text from generate_series(1, 60) as w) as words`);
+    // Two other owners: the chunks are theirs and the user's in turn, as uploads at the same time
+    // interleave them. Written as two runs of one owner's chunks each, the owner index's cost
+    // turned on which of their random ids sorted first (the column's correlation with the rows'
+    // order, +1 or -0.5): the asks took that index whatever their form, or scanned the table
+    // whatever their form, so run alone the test failed half its runs (on PGlite and PostgreSQL
+    // alike) and told the two forms apart in none.
+    const entries = [quetzal.id];
+    const owners = [user.user.id];
+    for (let i = 0; i < 2; i++) {
+      const other = await createUser(ctx.app);
+      entries.push((await ingested(ctx.app, other.headers, (await createFolder(ctx.app, other.headers)).id, { filename: 'theirs.txt', content: 'Their note.' })).id);
+      owners.push(other.user.id);
     }
-    await db.execute(sql`analyze knowledge_chunks`);
-    // Ten words no chunk holds come first (rarest): the fallback asks about each.
-    const question = `${Array.from({ length: 10 }, (_, i) => `aqz${i}x`).join(' ')} where does the quetzal nest?`;
-    const statement = await fullTextStatement(db, 'english', question, { where: sql`knowledge_chunks.owner_id = ${user.user.id}`, readsEntries: false }, 5);
-    const plan = (await queryRows<{ 'QUERY PLAN': string }>(db, sql`explain (analyze, costs off, timing off, summary off) ${statement}`)).map((row) => row['QUERY PLAN']);
-    const asks = plan.slice(plan.findIndex((line) => line.includes('CTE held')), plan.findIndex((line) => line.includes('CTE and_hits'))).join('\n');
-    expect(asks, plan.join('\n')).not.toContain('Seq Scan on knowledge_chunks');
-    expect(asks).toContain('Index Scan');
-    expect((await queryRows<{ entry_id: string }>(db, statement)).map((row) => row.entry_id)).toEqual([quetzal.id]);
+    const db = ctx.database.db;
+    // The i-th row's entry and owner: the user's, the others', in turn.
+    const nth = (ids: string[]) => sql`(array[${sql.join(ids.map((id) => sql`${id}::uuid`), sql`, `)}])[i % ${ids.length}::int + 1]`;
+    const write = (from: number, to: number) =>
+      db.execute(sql`insert into knowledge_chunks (entry_id, owner_id, chunk_index, text, heading_path, token_count, tsv)
+        select ${nth(entries)}, ${nth(owners)}, i, words.text, '{}', 80, to_tsvector('english', words.text) from generate_series(${from}::int, ${to}::int) as i,
+          lateral (select string_agg('word' || ((i * 7919 + w * 104729) % 20000), ' ') as text from generate_series(1, 60) as w) as words`);
+    // The pending list as this test writes it, on PostgreSQL as on PGlite: no autovacuum of the
+    // table (PostgreSQL's, due after these inserts; PGlite has none) merges it into the index
+    // before the plans are read — both forms then take the index, and the test guarded nothing.
+    await db.execute(sql`alter table knowledge_chunks set (autovacuum_enabled = false)`);
+    try {
+      // 8,000 chunks in the index, then 1,000 written since its last clean-up: the pending list
+      // holds them (under 4 MB, gin_pending_list_limit), which the index's look-ups read and the
+      // planner counts. The sizes leave each plan below about twice as cheap as the next one (the
+      // former ask's scan against the index, the asks' index against the scan), with the earlier
+      // tests' chunks in the table or without them.
+      await write(1, 8000);
+      await db.execute(sql`select gin_clean_pending_list('ix_knowledge_chunks_tsv'::regclass)`);
+      await write(8001, 9000);
+      await db.execute(sql`analyze knowledge_chunks`);
+      // What the fix is about holds here, on either database: an ask planned for its first row
+      // (the former form, `limit 1`) scans the table, so the asks' plan below tells the forms apart.
+      const firstRow = await queryRows<{ 'QUERY PLAN': string }>(
+        db,
+        sql`explain select id from knowledge_chunks where tsv @@ 'aqz0x'::tsquery and owner_id = ${user.user.id} limit 1`,
+      );
+      expect(firstRow.map((row) => row['QUERY PLAN']).join('\n')).toContain('Seq Scan on knowledge_chunks');
+      // Ten words no chunk holds come first (rarest): the fallback asks about each.
+      const question = `${Array.from({ length: 10 }, (_, i) => `aqz${i}x`).join(' ')} where does the quetzal nest?`;
+      const statement = await fullTextStatement(db, 'english', question, { where: sql`knowledge_chunks.owner_id = ${user.user.id}`, readsEntries: false }, 5);
+      const plan = (await queryRows<{ 'QUERY PLAN': string }>(db, sql`explain (analyze, costs off, timing off, summary off) ${statement}`)).map((row) => row['QUERY PLAN']);
+      const asks = plan.slice(plan.findIndex((line) => line.includes('CTE held')), plan.findIndex((line) => line.includes('CTE and_hits'))).join('\n');
+      expect(asks, plan.join('\n')).not.toContain('Seq Scan on knowledge_chunks');
+      expect(asks).toContain('Index Scan');
+      expect((await queryRows<{ entry_id: string }>(db, statement)).map((row) => row.entry_id)).toEqual([quetzal.id]);
+    } finally {
+      await db.execute(sql`alter table knowledge_chunks reset (autovacuum_enabled)`);
+    }
   });
 
   it("looks up an owner's entries whose chunks search leaves out (failed ones, reindexes of failed ones) by the partial index, not by reading every entry the owner has", async () => {
