@@ -4,7 +4,7 @@ import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, beforeEach, expect } from 'vitest';
 
 import type { UsageRow } from '../../src/crud/billing.js';
-import type { CallContext, ChatRequest } from '../../src/modules/ai-models/index.js';
+import { type CallContext, type ChatRequest, type CostEstimate, type UsageRecord, ZERO_USAGE } from '../../src/modules/ai-models/index.js';
 import type { TestContext } from './app.js';
 import { superuserHeaders } from './factories.js';
 import { FakeModelServer } from './fake-model-server.js';
@@ -100,5 +100,21 @@ export function usageRowOf(ownerId: string, createdAt: string, fields: Partial<U
     started_at: createdAt,
     charge_key: true,
     ...fields,
+  };
+}
+
+/** A successful call's usage record as the model manager settles it: `estimate`'s call, 5 output tokens, costing `cost`. */
+export function usageRecordOf(estimate: CostEstimate, cost: string): UsageRecord {
+  return {
+    ...estimate,
+    tokens: { ...ZERO_USAGE, output: 5 },
+    estimated: false,
+    cost,
+    latency_ms: 1,
+    time_to_first_token_ms: null,
+    status: 'success',
+    error: null,
+    attempts: 1,
+    started_at: new Date(),
   };
 }

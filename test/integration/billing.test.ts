@@ -15,7 +15,7 @@ import { creditReservations, usageRecords } from '../../src/models/index.js';
 import { changeBalance, getBalance, hold, keySpend, ledgerSum, settleMany } from '../../src/crud/billing.js';
 import { queryRows } from '../../src/crud/owned.js';
 import { ModelCallAbortedError } from '../../src/modules/ai-models/errors.js';
-import { addCosts, type ChatRequest, type CostEstimate, MEDIA_PART_TOKENS, type UsageRecord, ZERO_USAGE } from '../../src/modules/ai-models/index.js';
+import { addCosts, type ChatRequest, type CostEstimate, MEDIA_PART_TOKENS, type UsageRecord } from '../../src/modules/ai-models/index.js';
 import { releaseHoldsLeftBehind } from '../../src/services/usage-meter.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
@@ -23,7 +23,7 @@ import { fakeEmbedding, type FakeModelServer } from '../helpers/fake-model-serve
 import { apiOf, createKey, eventually, expectValidationError, type ListBody, sleep, UUID, xApiKey } from '../helpers/http.js';
 import { createFolder, type EntryBody, ingested, multipartBody, settled, upload, uploaded } from '../helpers/knowledge.js';
 import { captureLogs, LEVEL } from '../helpers/logs.js';
-import { chatRequest, useFakeModels } from '../helpers/metered-models.js';
+import { chatRequest, usageRecordOf, useFakeModels } from '../helpers/metered-models.js';
 import { intercepting } from '../helpers/statements.js';
 
 // Knowledge-base ingestion embeds with `fake-embed`, 2 chunks a call (where pgvector exists: PGlite).
@@ -576,18 +576,7 @@ describe('metered calls with BILLING_ENABLED', () => {
       await grant(a, '15');
       await grant(b, '1000000');
       const estimate = (user: TestUser): CostEstimate => ({ operation: 'chat', model: 'm', provider: 'p', input_tokens: 0, max_output_tokens: 10, cost: '10', context: { user_id: user.user.id } });
-      const record = (user: TestUser, cost: string): UsageRecord => ({
-        ...estimate(user),
-        tokens: { ...ZERO_USAGE, output: 5 },
-        estimated: false,
-        cost,
-        latency_ms: 1,
-        time_to_first_token_ms: null,
-        status: 'success',
-        error: null,
-        attempts: 1,
-        started_at: new Date(),
-      });
+      const record = (user: TestUser, cost: string): UsageRecord => usageRecordOf(estimate(user), cost);
       let loadOver = false;
       let answeredUnderLoad: boolean | undefined;
       await intercepting(
@@ -892,18 +881,7 @@ describe('per-API-key limits', () => {
     const key = await createKey(ctx.app, user, { name: 'budget, free estimate', max_budget: '1000' });
     const context = { user_id: user.user.id, api_key_id: key.id };
     const estimate: CostEstimate = { operation: 'chat', model: 'm', provider: 'p', input_tokens: 0, max_output_tokens: 10, cost: '0', context };
-    const record = (): UsageRecord => ({
-      ...estimate,
-      tokens: { ...ZERO_USAGE, output: 5 },
-      estimated: false,
-      cost: '5',
-      latency_ms: 1,
-      time_to_first_token_ms: null,
-      status: 'success',
-      error: null,
-      attempts: 1,
-      started_at: new Date(),
-    });
+    const record = (): UsageRecord => usageRecordOf(estimate, '5');
     const calls = async (n: number) => {
       const held = await Promise.all(Array.from({ length: n }, async () => ctx.app.meter.reserve(estimate)));
       expect(held.map((r) => r.holdsOutput)).toEqual(held.map(() => false));
