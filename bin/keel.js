@@ -1,18 +1,16 @@
 #!/usr/bin/env node
-/* global process, setInterval */
+/* global process */
 // Runs Keel in this process (so signals such as SIGTERM reach the server directly): the bundled
 // JavaScript in dist/ when `npm run build` (run by `npm ci` / `npm install` as `prepare`) made it
 // from the src/ and the packages there are now, else the TypeScript in src/ through tsx, so an
 // edit, a checkout or an upgraded package never runs stale code and `npx keel ...` needs no build
 // step. The bundled start is the faster and lighter one: tsx adds a loader thread and compiles
 // every module at each start (bench/RESULTS.md).
-import { readdirSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { readdirSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
-import { processIdentity } from '../src/core/process-identity.mjs';
-
-import { modified, readPublished, runningMark } from '../scripts/build-record.mjs';
+import { markRunning, modified, readPublished } from '../scripts/build-record.mjs';
 
 const root = resolve(import.meta.dirname, '..');
 
@@ -44,25 +42,8 @@ function fresh(build) {
 const published = readPublished(join(root, 'dist'));
 const build = published && { began: published.began, dir: join(root, 'dist', 'builds', published.name) };
 if (build && fresh(build)) {
-  // Marked as in use while this process runs, so that a rebuild keeps the files it loads later
-  // (scripts/build.mjs); a dist/ this process cannot write to is left unmarked.
-  // The mark holds this process's identity beyond its pid; one whose process cannot be checked
-  // (another pid namespace or host) holds the build a week from its last change: refreshed daily.
-  const marker = join(build.dir, runningMark());
-  process.on('exit', () => rmSync(marker, { force: true }));
-  try {
-    writeFileSync(marker, processIdentity());
-    setInterval(() => {
-      try {
-        const now = new Date();
-        utimesSync(marker, now, now);
-      } catch {
-        // Removed meanwhile, or the disk refuses: the next refresh tries again.
-      }
-    }, 24 * 3600_000).unref();
-  } catch {
-    // read-only
-  }
+  // Marked as in use while this process runs, so that a rebuild keeps the files it loads later.
+  markRunning(build.dir);
   await import(pathToFileURL(join(build.dir, 'main.js')).href);
 } else {
   const { register } = await import('tsx/esm/api');

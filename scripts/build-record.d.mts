@@ -6,3 +6,4 @@ export declare function parseRunningMark(name: string): { host: string; pid: num
 export declare function modified(path: string): number;
 export declare const UNCHECKABLE_MARK_MS: number;
 export declare function markInUse(dir: string, name: string): boolean;
+export declare function markRunning(dir: string): void;

@@ -1,11 +1,11 @@
-/* global process */
+/* global process, setInterval */
 // What scripts/build.mjs and bin/keel.js agree on about the builds in dist/builds/: the record of
 // the published one (dist/.built) and the marks of the processes that run one.
-import { readFileSync, statSync } from 'node:fs';
+import { linkSync, readFileSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 
-import { recordedProcess } from '../src/core/process-identity.mjs';
+import { processIdentity, recordedProcess } from '../src/core/process-identity.mjs';
 
 /** dist/.built's text for the build `name` begun at `began`: one line, replaced whole. */
 export const publishedText = (began, name) => `${began.toISOString()} ${name}\n`;
@@ -45,6 +45,50 @@ export function markInUse(dir, name) {
   }
   const state = recordedProcess(mark.host, mark.pid, identity);
   return state === 'unknown' ? Date.now() - modified(join(dir, name)) < UNCHECKABLE_MARK_MS : state === 'alive';
+}
+
+/**
+ * Marks the build at `dir` as run by this process until it exits, so that a rebuild keeps the
+ * files it loads later (see markInUse). The mark holds this process's identity and is whole when
+ * it appears (written aside, then linked in): a build never reads it empty. One of the same name
+ * already there is left as it is while its process may live (this host name and pid in another
+ * pid namespace, running this build: it holds the build for both, and is not this process's to
+ * remove at exit); one a process gone left behind (killed) is replaced. The mark's time is
+ * refreshed daily: a mark whose process cannot be checked holds its build a week from it. A dist/
+ * this process cannot write to is left unmarked.
+ */
+export function markRunning(dir) {
+  const name = runningMark();
+  const mark = join(dir, name);
+  const draft = join(dir, `.draft${name}`);
+  try {
+    writeFileSync(draft, processIdentity());
+    try {
+      linkSync(draft, mark);
+    } catch (error) {
+      if (error.code !== 'EEXIST' || markInUse(dir, name)) return;
+      renameSync(draft, mark);
+    }
+  } catch {
+    return; // read-only
+  } finally {
+    rmSync(draft, { force: true });
+  }
+  process.on('exit', () => {
+    try {
+      rmSync(mark, { force: true });
+    } catch {
+      // dist/ made read-only since: the mark is judged gone by its identity.
+    }
+  });
+  setInterval(() => {
+    try {
+      const now = new Date();
+      utimesSync(mark, now, now);
+    } catch {
+      // Removed meanwhile, or the disk refuses: the next refresh tries again.
+    }
+  }, 24 * 3600_000).unref();
 }
 
 /** The host and pid of a mark (`runningMark`), or null when `name` is none. */

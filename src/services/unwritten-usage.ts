@@ -72,8 +72,10 @@ export function saveUnwritten(dir: string, queues: UnwrittenUsage): number {
   // In progress until its last file is in (see takeUnwritten): it names this process beyond its
   // pid. Left by a save that throws, it holds the files written so far until this process is gone
   // (SAVE_MAX_MS at most).
+  // Written aside, then renamed: a reader never finds it empty (judged by its pid alone then).
   const saving = join(dir, `${stamp}.saving`);
-  writeFileSync(saving, processIdentity(), { mode: 0o600 });
+  writeFileSync(`${saving}-draft`, processIdentity(), { mode: 0o600 });
+  renameSync(`${saving}-draft`, saving);
   for (const [i, part] of parts.entries()) writeWhole(join(dir, `${stamp}-${String(i).padStart(6, '0')}.json`), part);
   try {
     rmSync(saving);

@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -7,7 +7,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
 import { processIdentity } from '../../src/core/process-identity.mjs';
 
-import { markInUse, runningMark, UNCHECKABLE_MARK_MS } from '../../scripts/build-record.mjs';
+import { markInUse, markRunning, runningMark, UNCHECKABLE_MARK_MS } from '../../scripts/build-record.mjs';
 
 // The marks bin/keel.js leaves in the build a process runs, as scripts/build.mjs reads them before it removes a build.
 describe.runIf(process.platform === 'linux')('a build mark', () => {
@@ -66,6 +66,23 @@ describe.runIf(process.platform === 'linux')('a build mark', () => {
     expect(markInUse(dir, runningMark(process.pid))).toBe(true);
     mkdirSync(join(dir, runningMark(2 ** 22 + 1)));
     expect(markInUse(dir, runningMark(2 ** 22 + 1))).toBe(false);
+  });
+
+  it("marks a build with this process's whole identity; leaves a mark of its name that another pid namespace's process holds, replaces one a process gone left", () => {
+    const name = runningMark();
+    markRunning(dir);
+    expect(readFileSync(join(dir, name), 'utf8')).toBe(processIdentity());
+    expect(readdirSync(dir)).toEqual([name]);
+    // A process of this host name and pid in another pid namespace marked this build first.
+    const theirs = `${boot} pid:[1] ${start}`;
+    writeFileSync(join(dir, name), theirs);
+    markRunning(dir);
+    expect(readFileSync(join(dir, name), 'utf8')).toBe(theirs);
+    // A process gone (killed) that had this pid left its mark: replaced.
+    writeFileSync(join(dir, name), `${boot} ${namespace} ${Number(start) - 1}`);
+    markRunning(dir);
+    expect(readFileSync(join(dir, name), 'utf8')).toBe(processIdentity());
+    expect(readdirSync(dir)).toEqual([name]);
   });
 
   it('is not in use once gone, and is no mark unless named as one', () => {

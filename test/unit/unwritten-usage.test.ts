@@ -188,7 +188,10 @@ describe('takeUnwritten', () => {
       expect(saved).toBe(3);
       const stamp = readdirSync(dir)[0]!.replace(/-\d{6}\.json$/, '');
       await setTimeout(200);
-      expect(seen[0]).toBe(`${stamp}.saving`);
+      // The mark is written aside (`.saving-draft`) and renamed in, whole, before any file.
+      const firstFile = seen.findIndex((name) => name.startsWith(`${stamp}-`));
+      expect(seen.indexOf(`${stamp}.saving`)).toBeGreaterThan(seen.lastIndexOf(`${stamp}.saving-draft`));
+      expect(seen.indexOf(`${stamp}.saving`)).toBeLessThan(firstFile);
       expect(seen.at(-1)).toBe(`${stamp}.saving`);
       expect(seen.filter((name) => name.endsWith('.json'))).toHaveLength(3);
       expect(readdirSync(dir).filter((name) => name.endsWith('.saving'))).toEqual([]);
