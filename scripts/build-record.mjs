@@ -66,7 +66,8 @@ export function markRunning(dir) {
     try {
       linkSync(draft, mark);
     } catch (error) {
-      if (error.code !== 'EEXIST' || markInUse(dir, name)) return;
+      if (error.code === 'EEXIST' && markInUse(dir, name)) return;
+      // A mark a process gone left, replaced; or a file system without hard links, marked all the same.
       renameSync(draft, mark);
     }
   } catch {
