@@ -17,10 +17,10 @@
  *   aside as `<name>.unreadable`.
  * - A save marks itself in progress (`<save>.saving`, made before its first file and removed after
  *   its last, naming its process beyond its pid): a reader takes none of its files until then, or
- *   until its process is gone (killed mid-save: what it wrote is all there will be) or, for one it
- *   cannot check (another pid namespace sharing the directory), SAVE_MAX_MS after it began. Its files appear one rename at a time, and a
- *   reader listing the directory between two of them took a save's settlements without the block
- *   releases after them (see takeUnwritten). Saves of earlier versions have no mark: taken as seen.
+ *   until its process is gone (killed mid-save: what it wrote is all there will be), or SAVE_MAX_MS
+ *   after it began. Its files appear one rename at a time, and a reader listing the directory
+ *   between two of them took a save's settlements without the block releases after them (see
+ *   takeUnwritten). Saves of earlier versions have no mark: taken as seen.
  */
 import { randomUUID } from 'node:crypto';
 import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync, writeSync } from 'node:fs';
@@ -38,8 +38,9 @@ export const UNWRITTEN_DIR = 'usage-unwritten';
 const ROWS_PER_FILE = 10_000;
 
 /**
- * A save marked in progress longer ago than this is taken though its process id runs: no save
- * takes that long (a full queue's files are written in seconds), so that id is another process's now.
+ * A save marked in progress longer ago than this is taken whatever its mark says: no save takes
+ * that long (a full queue's files are written in seconds), and a process that cannot be checked
+ * from here (another pid namespace) may be long gone.
  */
 const SAVE_MAX_MS = 10 * 60_000;
 
@@ -69,10 +70,10 @@ export function saveUnwritten(dir: string, queues: UnwrittenUsage): number {
   split(queues.blockReleases, (part, slice) => (part.blockReleases = slice));
   const stamp = `${Date.now()}-${process.pid}-${randomUUID()}`;
   mkdirSync(dir, { recursive: true, mode: 0o700 });
-  // In progress until its last file is in (see takeUnwritten): it names this process beyond its
-  // pid. Left by a save that throws, it holds the files written so far until this process is gone
+  // In progress until its last file is in (see takeUnwritten), naming this process beyond its pid;
+  // written aside and renamed in, so a reader never finds it empty (judged by its pid alone then).
+  // Left by a save that throws, it holds the files written so far until this process is gone
   // (SAVE_MAX_MS at most).
-  // Written aside, then renamed: a reader never finds it empty (judged by its pid alone then).
   const saving = join(dir, `${stamp}.saving`);
   writeFileSync(`${saving}-draft`, processIdentity(), { mode: 0o600 });
   renameSync(`${saving}-draft`, saving);
