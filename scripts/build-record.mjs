@@ -1,11 +1,11 @@
 /* global process, setInterval */
 // What scripts/build.mjs and bin/keel.js agree on about the builds in dist/builds/: the record of
 // the published one (dist/.built) and the marks of the processes that run one.
-import { linkSync, readFileSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
+import { readFileSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 
-import { processIdentity, recordedProcess } from '../src/core/process-identity.mjs';
+import { pidNamespace, processIdentity, recordedProcess } from '../src/core/process-identity.mjs';
 
 /** dist/.built's text for the build `name` begun at `began`: one line, replaced whole. */
 export const publishedText = (began, name) => `${began.toISOString()} ${name}\n`;
@@ -20,8 +20,16 @@ export function readPublished(dist) {
   }
 }
 
-/** The mark a process of this host leaves in the directory of the build it runs. */
-export const runningMark = (pid = process.pid) => `.running-${hostname()}-${pid}`;
+/**
+ * The mark a process of this host leaves in the directory of the build it runs: named by its host,
+ * pid and (Linux) pid namespace, so that processes of one host name and pid in two namespaces
+ * (containers sharing dist/) mark apart, and one of the same name is this process's or was left
+ * by an earlier one of its host, pid and namespace.
+ */
+export function runningMark(pid = process.pid) {
+  const namespace = /\[(\d+)\]/.exec(pidNamespace())?.[1];
+  return `.running-${hostname()}-${pid}${namespace ? `-ns${namespace}` : ''}`;
+}
 
 /** How long a mark whose process cannot be checked from here (another host, kernel or pid namespace) holds its build; its process refreshes it daily. */
 export const UNCHECKABLE_MARK_MS = 7 * 24 * 3600_000;
@@ -49,31 +57,28 @@ export function markInUse(dir, name) {
 
 /**
  * Marks the build at `dir` as run by this process until it exits, so that a rebuild keeps the
- * files it loads later (see markInUse). The mark holds this process's identity and is whole when
- * it appears (written aside, then linked in): a build never reads it empty. One of the same name
- * already there is left as it is while its process may live (this host name and pid in another
- * pid namespace, running this build: it holds the build for both, and is not this process's to
- * remove at exit); one a process gone left behind (killed) is replaced. The mark's time is
- * refreshed daily: a mark whose process cannot be checked holds its build a week from it. A dist/
- * this process cannot write to is left unmarked.
+ * files it loads later (see markInUse). The mark holds this process's identity and is whole when it
+ * appears (written aside, then renamed in): a build never reads it empty. One of its name already
+ * there was left by an earlier process of this host, pid and pid namespace (killed): replaced. The
+ * mark's time is refreshed daily (a mark whose process cannot be checked holds its build a week
+ * from it). A dist/ this process cannot write to is left unmarked.
  */
 export function markRunning(dir) {
   const name = runningMark();
   const mark = join(dir, name);
   const draft = join(dir, `.draft${name}`);
   try {
-    writeFileSync(draft, processIdentity());
-    try {
-      linkSync(draft, mark);
-    } catch (error) {
-      if (error.code === 'EEXIST' && markInUse(dir, name)) return;
-      // A mark a process gone left, replaced; or a file system without hard links, marked all the same.
-      renameSync(draft, mark);
-    }
-  } catch {
-    return; // read-only
-  } finally {
+    // A draft an earlier process left (killed) may be another name for its mark: not written through.
     rmSync(draft, { force: true });
+    writeFileSync(draft, processIdentity());
+    renameSync(draft, mark);
+  } catch {
+    try {
+      rmSync(draft, { force: true });
+    } catch {
+      // read-only: nothing was written
+    }
+    return;
   }
   process.on('exit', () => {
     try {
@@ -92,11 +97,12 @@ export function markRunning(dir) {
   }, 24 * 3600_000).unref();
 }
 
-/** The host and pid of a mark (`runningMark`), or null when `name` is none. */
+/** The host and pid of a mark (`runningMark`; its pid namespace left out: the mark's identity names it), or null when `name` is none. */
 export function parseRunningMark(name) {
   if (!name.startsWith('.running-')) return null;
-  const last = name.lastIndexOf('-');
-  return { host: name.slice('.running-'.length, last), pid: Number(name.slice(last + 1)) };
+  const unspaced = name.replace(/-ns\d+$/, '');
+  const last = unspaced.lastIndexOf('-');
+  return { host: unspaced.slice('.running-'.length, last), pid: Number(unspaced.slice(last + 1)) };
 }
 
 /** The modification time of `path`; 0 when there is none (or it went meanwhile). */

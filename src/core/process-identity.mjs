@@ -25,9 +25,19 @@ export function startTime(pid) {
  */
 export function processIdentity() {
   const start = startTime(process.pid);
-  if (start === null) return '';
+  const namespace = pidNamespace();
+  if (start === null || !namespace) return '';
   try {
-    return `${readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()} ${readlinkSync('/proc/self/ns/pid')} ${start}`;
+    return `${readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()} ${namespace} ${start}`;
+  } catch {
+    return '';
+  }
+}
+
+/** This process's pid namespace (`pid:[<inode>]`); '' where /proc does not tell. */
+export function pidNamespace() {
+  try {
+    return readlinkSync('/proc/self/ns/pid');
   } catch {
     return '';
   }

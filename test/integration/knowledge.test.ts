@@ -980,9 +980,11 @@ describe('search', () => {
       expect(asks).toContain('Index Scan');
       expect((await queryRows<{ entry_id: string }>(db, statement)).map((row) => row.entry_id)).toEqual([quetzal.id]);
     } finally {
-      // The 9,000 chunks go (the entries' own are at index 0), so that later plan tests plan the table they wrote.
-      await db.execute(sql`delete from knowledge_chunks where entry_id in (${sql.join(entries.map((id) => sql`${id}::uuid`), sql`, `)}) and chunk_index > 0`);
       await db.execute(sql`alter table knowledge_chunks reset (autovacuum_enabled)`);
+      // The 9,000 chunks go (the entries' own are at index 0), and the statistics with them, so
+      // that later plan tests plan the table they wrote.
+      await db.execute(sql`delete from knowledge_chunks where entry_id in (${sql.join(entries.map((id) => sql`${id}::uuid`), sql`, `)}) and chunk_index > 0`);
+      await db.execute(sql`analyze knowledge_chunks`);
     }
   });
 

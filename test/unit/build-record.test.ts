@@ -1,13 +1,13 @@
 import { spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
 import { processIdentity } from '../../src/core/process-identity.mjs';
 
-import { markInUse, markRunning, runningMark, UNCHECKABLE_MARK_MS } from '../../scripts/build-record.mjs';
+import { markInUse, markRunning, parseRunningMark, runningMark, UNCHECKABLE_MARK_MS } from '../../scripts/build-record.mjs';
 
 // The marks bin/keel.js leaves in the build a process runs, as scripts/build.mjs reads them before it removes a build.
 describe.runIf(process.platform === 'linux')('a build mark', () => {
@@ -68,21 +68,30 @@ describe.runIf(process.platform === 'linux')('a build mark', () => {
     expect(markInUse(dir, runningMark(2 ** 22 + 1))).toBe(false);
   });
 
-  it("marks a build with this process's whole identity; leaves a mark of its name that another pid namespace's process holds, replaces one a process gone left", () => {
+  it("marks a build with this process's whole identity, apart from a process of its host name and pid in another pid namespace, and replaces a mark of its own name a process gone left", () => {
     const name = runningMark();
+    expect(name).toMatch(new RegExp(`-${process.pid}-ns\\d+$`));
+    expect(parseRunningMark(name)).toEqual({ host: hostname(), pid: process.pid });
+    // A process of this host name and pid in another pid namespace (a container sharing dist/) marked the build.
+    const theirs = name.replace(/-ns\d+$/, '-ns1');
+    writeFileSync(join(dir, theirs), `${boot} pid:[1] ${start}`);
     markRunning(dir);
     expect(readFileSync(join(dir, name), 'utf8')).toBe(processIdentity());
-    expect(readdirSync(dir)).toEqual([name]);
-    // A process of this host name and pid in another pid namespace marked this build first.
-    const theirs = `${boot} pid:[1] ${start}`;
-    writeFileSync(join(dir, name), theirs);
-    markRunning(dir);
-    expect(readFileSync(join(dir, name), 'utf8')).toBe(theirs);
-    // A process gone (killed) that had this pid left its mark: replaced.
+    expect(readdirSync(dir).sort()).toEqual([name, theirs].sort());
+    expect(markInUse(dir, theirs)).toBe(true);
+    // A mark of this name an earlier process of this pid left (killed), and its draft, linked to it: replaced, not written through.
+    rmSync(join(dir, theirs));
     writeFileSync(join(dir, name), `${boot} ${namespace} ${Number(start) - 1}`);
+    linkSync(join(dir, name), join(dir, `.draft${name}`));
     markRunning(dir);
     expect(readFileSync(join(dir, name), 'utf8')).toBe(processIdentity());
     expect(readdirSync(dir)).toEqual([name]);
+  });
+
+  it('reads the names of older marks, without a pid namespace', () => {
+    expect(parseRunningMark('.running-web-ns1-12')).toEqual({ host: 'web-ns1', pid: 12 });
+    expect(parseRunningMark('.running-web-12-ns4026531836')).toEqual({ host: 'web', pid: 12 });
+    expect(parseRunningMark('.draft.running-web-12')).toBeNull();
   });
 
   it('is not in use once gone, and is no mark unless named as one', () => {

@@ -190,6 +190,7 @@ describe('takeUnwritten', () => {
       await setTimeout(200);
       // The mark is written aside (`.saving-draft`) and renamed in, whole, before any file.
       const firstFile = seen.findIndex((name) => name.startsWith(`${stamp}-`));
+      expect(seen).toContain(`${stamp}.saving-draft`);
       expect(seen.indexOf(`${stamp}.saving`)).toBeGreaterThan(seen.lastIndexOf(`${stamp}.saving-draft`));
       expect(seen.indexOf(`${stamp}.saving`)).toBeLessThan(firstFile);
       expect(seen.at(-1)).toBe(`${stamp}.saving`);
