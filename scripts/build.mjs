@@ -9,8 +9,8 @@
 // Each build keeps its own directory because a server loads parts of its build after it started
 // (the chunks of modules loaded on first use, the document parser's worker file): a rebuild under a
 // running server (`git pull && npm ci`, then the restart) must not take them from it, nor hand it
-// those of another build. bin/keel.js marks the build each process runs from (`.running-<host>-<pid>`
-// in its directory); a build is removed once KEEP newer ones exist, it is not the one dist/.built
+// those of another build. bin/keel.js marks the build each process runs from (`.running-<host>-<pid>-ns<pid
+// namespace>` in its directory, holding the process's identity: build-record.mjs); a build is removed once KEEP newer ones exist, it is not the one dist/.built
 // names, and no live process has marked it (`inUse`).
 //
 // A failed build (a syntax error in any module under src/, imported or not) leaves dist/ as it was: nothing is pointed at or marked, and
@@ -64,7 +64,7 @@ if ((readPublished(dist)?.began ?? -Infinity) <= began.getTime()) {
 // What the layout before builds/ left in dist/ (modules compiled file by file, then one bundle) goes.
 for (const name of readdirSync(dist)) if (name !== 'builds' && name !== '.built') rmSync(join(dist, name), { recursive: true, force: true });
 
-/** Whether a process that marked the build at `dir` as its own (`.running-<host>-<pid>`) may still run it (`markInUse`). */
+/** Whether a process that marked the build at `dir` as its own (`runningMark`) may still run it (`markInUse`). */
 const inUse = (dir) => readdirSync(dir).some((name) => markInUse(dir, name));
 
 const current = readPublished(dist)?.name;
