@@ -17,6 +17,9 @@ export function startTime(pid) {
   }
 }
 
+/** processIdentity's, read once: it does not change while the process lives, and marks are judged against it one by one. */
+let own;
+
 /**
  * This process beyond its pid: the kernel's boot, its pid namespace and when it started. A pid
  * alone is reused once its process ends (pid 1 in every container), and names another process in
@@ -24,6 +27,11 @@ export function startTime(pid) {
  * this process. '' where /proc does not tell (not Linux).
  */
 export function processIdentity() {
+  own ??= ownIdentity();
+  return own;
+}
+
+function ownIdentity() {
   const start = startTime(process.pid);
   const namespace = pidNamespace();
   if (start === null || !namespace) return '';

@@ -43,7 +43,6 @@ function notFound(error: unknown): boolean {
   return e.name === 'NotFound' || e.name === 'NoSuchKey' || e.$metadata?.httpStatusCode === 404;
 }
 
-
 /**
  * An object's bytes as they stream (the first `length` of them; the rest is not read): a failure
  * meanwhile (the connection cut, or silent past S3_TIMEOUT_SECONDS, a stalled reader's included)
