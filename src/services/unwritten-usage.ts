@@ -9,12 +9,14 @@
  *   can hold) and is written whole under a temporary name, fsynced and renamed: a reader never
  *   sees half of one. Names sort in the order the items were queued (a block's release after its
  *   calls' charges).
- * - A reader renames a file to `<name>.<pid>.taken` before reading it, so two processes on one
- *   DATA_DIR never both take it, and deletes it only once what it held is written or saved again;
- *   one left taken by a process that is gone is taken back under a name of its own (`…-r<pid>.json`,
- *   sorting just before its old one, under which that process may have saved the rest of a split
- *   file). A file that cannot be read is set
- *   aside as `<name>.unreadable`.
+ * - A reader renames a file to `<name>.<pid>_<boot id>_<pid namespace>_<start>.taken` before
+ *   reading it, so two processes on one DATA_DIR never both take it, and deletes it only once what
+ *   it held is written or saved again; one left taken by a process that is gone is taken back under
+ *   a name of its own (`…-r<pid>.json`, sorting just before its old one, under which that process
+ *   may have saved the rest of a split file). The name says who holds it beyond its pid (pid 1 in
+ *   every container sharing the directory): a holder that cannot be checked from here (another pid
+ *   namespace or kernel) touches its files at every sweep, and is judged gone once they go
+ *   TAKEN_STALE_MS untouched. A file that cannot be read is set aside as `<name>.unreadable`.
  * - A save marks itself in progress (`<save>.saving`, made before its first file and removed after
  *   its last, naming its process beyond its pid): a reader takes none of its files until then, or
  *   until its process is gone (killed mid-save: what it wrote is all there will be), or SAVE_MAX_MS
@@ -23,7 +25,7 @@
  *   takeUnwritten). Saves of earlier versions have no mark: taken as seen.
  */
 import { randomUUID } from 'node:crypto';
-import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 
@@ -43,6 +45,16 @@ const ROWS_PER_FILE = 10_000;
  * from here (another pid namespace) may be long gone.
  */
 const SAVE_MAX_MS = 10 * 60_000;
+
+/**
+ * A file taken by a process that cannot be checked from here (another pid namespace or kernel) and
+ * untouched this long is taken back: its holder touches the files it holds at every sweep (a
+ * minute at most, `refreshTaken`), so it is gone.
+ */
+const TAKEN_STALE_MS = 10 * 60_000;
+
+/** A file taken: its name, and the pid and identity (processIdentity; '' for a file taken before they were named) of its taker. */
+const TAKEN = /^(.+)\.json\.(\d+)(?:_([0-9a-f-]+)_(\d+)_(\d+))?\.taken$/;
 
 /** A usage meter's queues: what one file holds a part of. */
 export interface UnwrittenUsage {
@@ -99,8 +111,15 @@ function writeWhole(path: string, part: UnwrittenUsage): void {
   renameSync(temporary, path);
 }
 
-/** The save a file's name is of: without its number, a take-back's `-r<pid>`s and a taker's `.<pid>.taken`. */
-const saveOf = (name: string): string => name.replace(/-\d{6,}(?:-r\d+)*\.json(?:\.\d+\.taken)?$/, '');
+/** The save a file's name is of: without its number, a take-back's `-r<pid>`s and a taker's `.<pid>_<identity>.taken`. */
+const saveOf = (name: string): string => name.replace(/-\d{6,}(?:-r\d+)*\.json(?:\.\d+(?:_[0-9a-f-]+_\d+_\d+)?\.taken)?$/, '');
+
+/** The name this process takes file `name` under (TAKEN): its pid, and its identity where /proc tells it. */
+function takenName(name: string): string {
+  const [boot, namespace, start] = processIdentity().split(' ');
+  const inode = /^pid:\[(\d+)\]$/.exec(namespace ?? '')?.[1];
+  return `${name}.${process.pid}${boot && inode && start ? `_${boot}_${inode}_${start}` : ''}.taken`;
+}
 
 const records = (part: UnwrittenUsage): number => part.usage.length + part.settlements.length + part.windowSettlements.length + part.blockReleases.length;
 
@@ -145,9 +164,9 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
       if (saveInProgress(dir, saving[1]!)) busy.add(saving[1]!);
       continue;
     }
-    const orphan = /^(.+)\.json\.(\d+)\.taken$/.exec(name);
+    const orphan = TAKEN.exec(name);
     if (!orphan || held.includes(join(dir, name))) continue;
-    if (processAlive(Number(orphan[2]))) {
+    if (takerHolds(join(dir, name), orphan)) {
       busy.add(saveOf(name));
       continue;
     }
@@ -178,7 +197,7 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
       }
     }
     if (rows >= maxRows && save !== settling) return { taken, parts, more: saved.length > i };
-    const path = join(dir, `${name}.${process.pid}.taken`);
+    const path = join(dir, takenName(name));
     // The rest of a file this process split and still holds the first part of: taking it now would
     // rename it onto that part, whose rows may not be written yet. It waits (and, to keep the
     // order they were queued in, the files after it too) until that part is written and deleted.
@@ -258,9 +277,39 @@ export function forgetUnwritten(files: readonly string[]): void {
   for (const file of files) rmSync(file, { force: true });
 }
 
-/** Whether a process of this id runs (on this host). */
+/** Touches the taken files this process holds, so that a process that cannot check it (TAKEN_STALE_MS) leaves them to it. */
+export function refreshTaken(files: readonly string[]): void {
+  const now = new Date();
+  for (const file of files) {
+    try {
+      utimesSync(file, now, now);
+    } catch {
+      // Gone (written and deleted meanwhile), or the file system refuses: judged stale in time, then taken back and written again (idempotent).
+    }
+  }
+}
+
+/**
+ * Whether the process that took `path` (its name TAKEN's `match`) holds it still: alive by its
+ * identity, or by its pid alone for a name without one; not checkable from here (another pid
+ * namespace or kernel) and the file touched within TAKEN_STALE_MS. None of this process's own
+ * files not `held` is: an earlier process's with its pid, or its own left taken by a take that failed.
+ */
+function takerHolds(path: string, [, , pid, boot, inode, start]: RegExpExecArray): boolean {
+  if (!boot) return Number(pid) !== process.pid && processAlive(Number(pid));
+  const identity = `${boot} pid:[${inode}] ${start}`;
+  if (Number(pid) === process.pid && identity === processIdentity()) return false;
+  const taker = recordedProcess(hostname(), Number(pid), identity);
+  if (taker !== 'unknown') return taker === 'alive';
+  try {
+    return Date.now() - statSync(path).mtimeMs < TAKEN_STALE_MS;
+  } catch {
+    return true; // gone since the listing: taken back by another process, whose take has the save
+  }
+}
+
+/** Whether a process of this id runs (in this pid namespace). */
 function processAlive(pid: number): boolean {
-  if (pid === process.pid) return false; // an earlier process's id, reused: this one's own files are `held`
   try {
     process.kill(pid, 0);
     return true;

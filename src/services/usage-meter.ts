@@ -38,7 +38,7 @@ import { fulfilledWithin } from '../utils/time-limit.js';
 import { type CreditBlock, CreditWindows } from './credit-window.js';
 import { type KeyLimits, loadKeyLimits } from './key-limits.js';
 import { formatMoney, notEnoughCreditsMessage, overBudgetMessage } from './money.js';
-import { forgetUnwritten, saveUnwritten, takeUnwritten, unwrittenDir,type UnwrittenUsage } from './unwritten-usage.js';
+import { forgetUnwritten, refreshTaken, saveUnwritten, takeUnwritten, unwrittenDir, type UnwrittenUsage } from './unwritten-usage.js';
 
 export interface UsageMeterOptions {
   db: Db;
@@ -1072,6 +1072,8 @@ export class UsageMeterService implements UsageMeter {
    * toward refusing calls (`callRecords`), only toward the room of the next take.
    */
   private recoverUnwritten(): void {
+    // Held still, to a process of another pid namespace sharing DATA_DIR (it cannot check this one's pid).
+    refreshTaken(this.recovered.map((recovered) => recovered.file));
     const room = Math.floor(this.settings.USAGE_MAX_PENDING_ROWS / 2) - this.unwrittenRows();
     this.unwrittenLeft = room <= 0;
     if (this.unwrittenLeft) return;

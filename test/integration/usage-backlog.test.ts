@@ -66,7 +66,7 @@ const saved = (usage: string[]) => ({ usage, settlements: [], windowSettlements:
 /** The usage rows in the files of `dir`: saved, or taken by a process. */
 const rowsOnDisk = (dir: string): string[] =>
   readdirSync(dir)
-    .filter((name) => /\.json(\.\d+\.taken)?$/.test(name))
+    .filter((name) => /\.json(\.\d+(_[0-9a-f-]+_\d+_\d+)?\.taken)?$/.test(name))
     .flatMap((name) => (JSON.parse(readFileSync(join(dir, name), 'utf8')) as { usage: string[] }).usage);
 
 const idOf = (row: string): string => (JSON.parse(row) as { id: string }).id;

@@ -1,15 +1,15 @@
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, watch, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, renameSync, rmSync, statSync, utimesSync, watch, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout } from 'node:timers/promises';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { processIdentity } from '../../src/core/process-identity.mjs';
+import { processIdentity, startTime } from '../../src/core/process-identity.mjs';
 
 import type { Settlement } from '../../src/crud/billing.js';
-import { forgetUnwritten, saveUnwritten, takeUnwritten, type UnwrittenUsage } from '../../src/services/unwritten-usage.js';
+import { forgetUnwritten, refreshTaken, saveUnwritten, takeUnwritten, type UnwrittenUsage } from '../../src/services/unwritten-usage.js';
 
 const settlement = (fields: Partial<Settlement>): Settlement => ({
   reservationId: 'a-block',
@@ -175,6 +175,48 @@ describe('takeUnwritten', () => {
       rmSync(dir, { recursive: true, force: true });
       rmSync(staging, { recursive: true, force: true });
     }
+  });
+
+  it.runIf(process.platform === 'linux')('judges a taken file by the process its name gives beyond its pid: a later process given the pid is not it; one of another pid namespace holds it while it touches it', () => {
+    const [boot, namespace, start] = processIdentity().split(' ');
+    const inode = /\d+/.exec(namespace!)![0];
+    const parent = startTime(process.ppid)!;
+    const save = `1700000000000-4242-${'b'.repeat(8)}-bbbb-bbbb-bbbb-${'b'.repeat(12)}`;
+    const longAgo = new Date(Date.now() - 11 * 60_000);
+    const cases = [
+      // This process's pid (pid 1 of the next container), another start: an earlier process's file.
+      { taker: `${process.pid}_${boot}_${inode}_${Number(start) - 1}`, touched: new Date(), held: false },
+      // A live process here (this test's parent), by its start; and a later one given its pid.
+      { taker: `${process.ppid}_${boot}_${inode}_${parent}`, touched: longAgo, held: true },
+      { taker: `${process.ppid}_${boot}_${inode}_${Number(parent) + 1}`, touched: new Date(), held: false },
+      // Another pid namespace (a container sharing the directory): held while its holder touches it.
+      { taker: `${process.pid}_${boot}_1_${start}`, touched: new Date(), held: true },
+      { taker: `${process.pid}_${boot}_1_${start}`, touched: longAgo, held: false },
+      // This process's own, not held (a take that failed to set it aside): taken back.
+      { taker: `${process.pid}_${boot}_${inode}_${start}`, touched: new Date(), held: false },
+    ];
+    for (const { taker, touched, held } of cases) {
+      dir = mkdtempSync(join(tmpdir(), 'keel-unwritten-'));
+      const file = join(dir, `${save}-000000.json.${taker}.taken`);
+      writeFileSync(file, JSON.stringify(blockSave));
+      utimesSync(file, touched, touched);
+      const taken = takeUnwritten(dir, [], 1_000, () => {});
+      expect({ taker, taken: shapes(taken.parts) }).toEqual({ taker, taken: held ? [] : [[1, 1, 1]] });
+      if (!held) expect(taken.taken).toEqual([join(dir, `${save}-000000-r${taker.split('_')[0]}.json.${process.pid}_${boot}_${inode}_${start}.taken`)]);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('touches the taken files a process holds (refreshTaken), so another pid namespace leaves them to it', () => {
+    dir = mkdtempSync(join(tmpdir(), 'keel-unwritten-'));
+    const file = join(dir, `1700000000000-4242-${'c'.repeat(8)}-cccc-cccc-cccc-${'c'.repeat(12)}-000000.json.4242_${'0'.repeat(8)}-0000-0000-0000-${'0'.repeat(12)}_1_1.taken`);
+    writeFileSync(file, JSON.stringify(blockSave));
+    utimesSync(file, new Date(0), new Date(0));
+    expect(takeUnwritten(dir, [], 1_000, () => {}).parts).toHaveLength(1); // untouched: its holder is gone
+    const [taken] = readdirSync(dir);
+    utimesSync(join(dir, taken!), new Date(0), new Date(0));
+    refreshTaken([join(dir, taken!), join(dir, 'gone-since')]);
+    expect(Date.now() - statSync(join(dir, taken!)).mtimeMs).toBeLessThan(60_000);
   });
 
   it.runIf(process.platform === 'linux')('writes its mark before its first file, and removes it after its last', async () => {
