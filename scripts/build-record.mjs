@@ -22,13 +22,15 @@ export function readPublished(dist) {
 
 /**
  * The mark a process of this host leaves in the directory of the build it runs: named by its host,
- * pid and (Linux) pid namespace, so that processes of one host name and pid in two namespaces
- * (containers sharing dist/) mark apart, and one of the same name is this process's or was left
+ * pid and (Linux) pid namespace and boot, so that processes of one host name and pid in two
+ * namespaces or on two kernels (containers sharing dist/; a host's first pid namespace has the
+ * same number on every kernel) mark apart, and one of the same name is this process's or was left
  * by an earlier one of its host, pid and namespace.
  */
 export function runningMark(pid = process.pid) {
   const namespace = /\[(\d+)\]/.exec(pidNamespace())?.[1];
-  return `.running-${hostname()}-${pid}${namespace ? `-ns${namespace}` : ''}`;
+  const boot = processIdentity().split(' ')[0]?.slice(0, 8);
+  return `.running-${hostname()}-${pid}${namespace ? `-ns${namespace}${boot ? `-b${boot}` : ''}` : ''}`;
 }
 
 /** How long a mark whose process cannot be checked from here (another host, kernel or pid namespace) holds its build; its process refreshes it daily. */
@@ -51,7 +53,9 @@ export function markInUse(dir, name) {
   } catch (error) {
     if (error.code === 'ENOENT') return false;
   }
-  const state = recordedProcess(mark.host, mark.pid, identity);
+  // Unread, a mark's name still tells another pid namespace or kernel, where its pid means nothing.
+  const elsewhere = !identity && mark.namespace !== undefined && !namedHere(mark);
+  const state = elsewhere ? 'unknown' : recordedProcess(mark.host, mark.pid, identity);
   return state === 'unknown' ? Date.now() - modified(join(dir, name)) < UNCHECKABLE_MARK_MS : state === 'alive';
 }
 
@@ -97,12 +101,18 @@ export function markRunning(dir) {
   }, 24 * 3600_000).unref();
 }
 
-/** The host and pid of a mark (`runningMark`; its pid namespace left out: the mark's identity names it), or null when `name` is none. */
+/** The host, pid and (where its name has them) pid namespace and boot id's first characters of a mark (`runningMark`), or null when `name` is none. */
 export function parseRunningMark(name) {
-  if (!name.startsWith('.running-')) return null;
-  const unspaced = name.replace(/-ns\d+$/, '');
-  const last = unspaced.lastIndexOf('-');
-  return { host: unspaced.slice('.running-'.length, last), pid: Number(unspaced.slice(last + 1)) };
+  const parts = /^\.running-(.+)-(\d+)(?:-ns(\d+)(?:-b([0-9a-f]+))?)?$/.exec(name);
+  if (!parts) return null;
+  const [, host, pid, namespace, boot] = parts;
+  return { host, pid: Number(pid), ...(namespace && { namespace }), ...(boot && { boot }) };
+}
+
+/** Whether a mark's name (parseRunningMark) is of this host, pid namespace and boot (a name without a boot: either). */
+function namedHere({ host, namespace, boot }) {
+  const [ownBoot = '', ownNamespace = ''] = processIdentity().split(' ');
+  return host === hostname() && ownNamespace === `pid:[${namespace}]` && (!boot || ownBoot.startsWith(boot));
 }
 
 /** The modification time of `path`; 0 when there is none (or it went meanwhile). */

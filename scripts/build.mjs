@@ -10,7 +10,7 @@
 // (the chunks of modules loaded on first use, the document parser's worker file): a rebuild under a
 // running server (`git pull && npm ci`, then the restart) must not take them from it, nor hand it
 // those of another build. bin/keel.js marks the build each process runs from (`.running-<host>-<pid>-ns<pid
-// namespace>` in its directory, holding the process's identity: build-record.mjs); a build is removed once KEEP newer ones exist, it is not the one dist/.built
+// namespace>-b<boot id>` in its directory, holding the process's identity: build-record.mjs); a build is removed once KEEP newer ones exist, it is not the one dist/.built
 // names, and no live process has marked it (`inUse`).
 //
 // A failed build (a syntax error in any module under src/, imported or not) leaves dist/ as it was: nothing is pointed at or marked, and

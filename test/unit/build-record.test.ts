@@ -61,19 +61,27 @@ describe.runIf(process.platform === 'linux')('a build mark', () => {
     }
   });
 
-  it("reads a mark it cannot read (another user's, a directory) by its pid alone, and does not fail", () => {
+  it("reads a mark it cannot read (another user's, a directory) by its pid alone, and does not fail; by its name's pid namespace and boot, one of elsewhere as one it cannot check", () => {
     mkdirSync(join(dir, runningMark(process.pid)));
     expect(markInUse(dir, runningMark(process.pid))).toBe(true);
     mkdirSync(join(dir, runningMark(2 ** 22 + 1)));
     expect(markInUse(dir, runningMark(2 ** 22 + 1))).toBe(false);
+    // No process here has that pid; the name says the mark is another namespace's, or another kernel's: a week from its refresh.
+    const elsewhere = [runningMark(2 ** 22 + 1).replace(/-ns\d+/, '-ns1'), runningMark(2 ** 22 + 1).replace(/-b[0-9a-f]+$/, '-b00000000')];
+    for (const name of elsewhere) {
+      mkdirSync(join(dir, name));
+      expect(markInUse(dir, name)).toBe(true);
+      utimesSync(join(dir, name), new Date(Date.now() - UNCHECKABLE_MARK_MS - 60_000), new Date(Date.now() - UNCHECKABLE_MARK_MS - 60_000));
+      expect(markInUse(dir, name)).toBe(false);
+    }
   });
 
   it("marks a build with this process's whole identity, apart from a process of its host name and pid in another pid namespace, and replaces a mark of its own name a process gone left", () => {
     const name = runningMark();
-    expect(name).toMatch(new RegExp(`-${process.pid}-ns\\d+$`));
-    expect(parseRunningMark(name)).toEqual({ host: hostname(), pid: process.pid });
+    expect(name).toMatch(new RegExp(`-${process.pid}-ns\\d+-b${boot!.slice(0, 8)}$`));
+    expect(parseRunningMark(name)).toEqual({ host: hostname(), pid: process.pid, namespace: /\d+/.exec(namespace!)![0], boot: boot!.slice(0, 8) });
     // A process of this host name and pid in another pid namespace (a container sharing dist/) marked the build.
-    const theirs = name.replace(/-ns\d+$/, '-ns1');
+    const theirs = name.replace(/-ns\d+/, '-ns1');
     writeFileSync(join(dir, theirs), `${boot} pid:[1] ${start}`);
     markRunning(dir);
     expect(readFileSync(join(dir, name), 'utf8')).toBe(processIdentity());
@@ -90,7 +98,8 @@ describe.runIf(process.platform === 'linux')('a build mark', () => {
 
   it('reads the names of older marks, without a pid namespace', () => {
     expect(parseRunningMark('.running-web-ns1-12')).toEqual({ host: 'web-ns1', pid: 12 });
-    expect(parseRunningMark('.running-web-12-ns4026531836')).toEqual({ host: 'web', pid: 12 });
+    expect(parseRunningMark('.running-web-12-ns4026531836')).toEqual({ host: 'web', pid: 12, namespace: '4026531836' });
+    expect(parseRunningMark('.running-web-2-12-ns4026531836-b0a1b2c3d')).toEqual({ host: 'web-2', pid: 12, namespace: '4026531836', boot: '0a1b2c3d' });
     expect(parseRunningMark('.draft.running-web-12')).toBeNull();
   });
 
