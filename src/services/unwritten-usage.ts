@@ -152,12 +152,8 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
   let checked: string | null = null;
   /** Saves a file of which another live process holds (or took just now), or still being written: none of their files is taken. */
   const busy = new Set<string>();
-  let names: string[];
-  try {
-    names = readdirSync(dir);
-  } catch {
-    return { taken, parts, more: false }; // none saved
-  }
+  const names = listed(dir);
+  if (!names.length) return { taken, parts, more: false }; // none saved
   for (const name of names) {
     const saving = /^(.+)\.saving$/.exec(name);
     if (saving) {
@@ -183,8 +179,9 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
       busy.add(saveOf(name));
     }
   }
-  const saved = [...new Set(names)].filter((n) => n.endsWith('.json')).sort();
-  for (const [i, name] of saved.entries()) {
+  let saved = [...new Set(names)].filter((n) => n.endsWith('.json')).sort();
+  for (let i = 0; i < saved.length; i++) {
+    const name = saved[i]!;
     const save = saveOf(name);
     if (busy.has(save)) continue;
     // A listing of many entries is not one snapshot: a save begun during it may show its first
@@ -193,6 +190,14 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
       checked = save;
       if (saveInProgress(dir, save)) {
         busy.add(save);
+        continue;
+      }
+      // Nor, for a save that ended during it, all its files: listed again, now that they are all
+      // in (its mark, gone, was removed after the last), the save's are all there.
+      const missed = listed(dir).filter((n) => n.endsWith('.json') && saveOf(n) === save && !saved.includes(n));
+      if (missed.length) {
+        saved = [...saved.slice(0, i), ...[...saved.slice(i), ...missed].sort()];
+        i--;
         continue;
       }
     }
@@ -246,6 +251,15 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
   }
   // A busy save's files are its holder's to take (or, once it is gone, anyone's: its files taken back).
   return { taken, parts, more: false };
+}
+
+/** The names in `dir`; none when there is no such directory (nothing saved). */
+function listed(dir: string): string[] {
+  try {
+    return readdirSync(dir);
+  } catch {
+    return [];
+  }
 }
 
 /**
