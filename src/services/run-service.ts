@@ -374,12 +374,17 @@ export async function eventsFrom(ctx: ServiceContext, deps: RunDeps, id: string,
   const lastSeq = deps.bus.events.lastSeq(id);
   lastSeq.catch(() => undefined);
   const run = await get(ctx, id);
-  const last = await lastSeq;
+  let last = await lastSeq;
   if (!FINAL.has(run.status)) return { run, done: false };
-  // An ended run without events whose final event is still to be written — its lease is held until
-  // then (by its worker, or FINAL_EVENT_PENDING for the sweep) — and whose run.queued could not be
-  // appended (a scaled start logs that and goes on): the reader waits for that event.
-  if (last === 0 && run.lease_owner !== null) return { run, done: false };
+  // An ended run whose final event is still to be written — its lease is held until then (by its
+  // worker, or FINAL_EVENT_PENDING for the sweep), whatever the log holds so far (nothing at all
+  // when its run.queued could not be appended: a scaled start logs that and goes on): the reader
+  // waits for that event, which ends its stream. (Review: only `last === 0` waited, so a reader
+  // that had every event so far was answered an empty stream that ended without the final event.)
+  if (run.lease_owner !== null) return { run, done: false };
+  // The log's top was read alongside the run: it may predate the final event written (and the
+  // lease let go) just before the run was read. Nothing new to send is checked against the top now.
+  if (after >= last) last = await deps.bus.events.lastSeq(id);
   // Otherwise every run's log has events: an ended run without them had them expire
   // (RUN_EVENTS_TTL_SECONDS). Inventing its final event would need a seq the client may have
   // seen with another event; 410 says plainly that the stream is gone and where the run's state is.
