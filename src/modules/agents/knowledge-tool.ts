@@ -60,6 +60,8 @@ export function knowledgeSearchTool(deps: KnowledgeSearchDeps): ToolImplementati
       folderIds: folder_ids,
       entryIds: entry_ids,
       topK: parsed.data.top_k ?? DEFAULT_TOP_K,
+      // The run's cancel, deadline or shutdown aborts the query's embedding call too.
+      signal: context.signal,
       // The run's call context: the embedding is metered to the run and its agent, the key's limits read by the meter.
       context: { user_id: context.owner_id, api_key_id: context.api_key_id, api_key_limits: undefined, project_id: context.project_id, agent_id: context.agent.id, run_id: context.run_id },
     });

@@ -33,6 +33,8 @@ export interface KnowledgeQuery {
   topK?: number;
   /** Who the query's embedding call is for, beyond the principal (a run, an agent). */
   context?: CallContext;
+  /** Aborts the query's embedding call (a run's cancel, deadline or shutdown: the knowledge_search tool's). */
+  signal?: AbortSignal;
 }
 
 export interface KnowledgeHit {
@@ -563,6 +565,7 @@ async function queryEmbedding(deps: KnowledgeSearchDeps, model: string, principa
       values: [query.query],
       // Compared with the chunks' vectors by this model: a fallback's would rank by noise (full text answers instead).
       sameModel: true,
+      signal: query.signal,
       context: {
         user_id: principal.user.id,
         api_key_id: principal.apiKeyId,
@@ -577,6 +580,8 @@ async function queryEmbedding(deps: KnowledgeSearchDeps, model: string, principa
     // found it so): answered as a request with those credentials now is (401), not with the
     // passages full text found meanwhile. Any other failure (the provider, the balance) leaves full text to answer.
     if (error instanceof CredentialsGoneError) throw error;
+    // Stopped by its caller (a run cancelled): no full-text answer is wanted either.
+    if (query.signal?.aborted) throw query.signal.reason;
     deps.log.warn({ err: error, model }, 'query embedding failed; knowledge search answers with full text alone');
     return null;
   }
