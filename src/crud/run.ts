@@ -609,3 +609,16 @@ export async function raisePaidTotals(db: Db, runId: string, paid: PaidTotals, w
     .returning();
   return row;
 }
+
+/**
+ * Deletes an ended run whose final event is written (no lease left on it: see endRun); false when
+ * it is not such a run now. A run still held is ending: its worker (or the sweep) writes its final
+ * event once it has stopped, which a deleted run would never get, and its readers would wait for ever.
+ */
+export async function removeEnded(db: Db, runId: string): Promise<boolean> {
+  const rows = await db
+    .delete(runs)
+    .where(and(eq(runs.id, runId), inArray(runs.status, [...FINAL_RUN_STATUSES]), isNull(runs.lease_owner)))
+    .returning({ id: runs.id });
+  return rows.length === 1;
+}

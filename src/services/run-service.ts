@@ -361,7 +361,8 @@ export async function retry(ctx: ServiceContext, deps: RunDeps, id: string, stra
 export async function remove(ctx: ServiceContext, id: string): Promise<void> {
   const run = await runCrud.runCrud.getVisible(ctx.db, ctx.principal, id, 'write');
   if (!FINAL.has(run.status)) throw new ConflictError(`Run is ${run.status}: cancel it or wait for it to end before deleting it`);
-  await runCrud.runCrud.remove(ctx.db, ctx.principal, id);
+  // Not while its final event is still to be written (its readers wait for it): a moment after a cancel.
+  if (!(await runCrud.removeEnded(ctx.db, run.id))) throw new ConflictError(`Run ${run.id} is still ending (its final event is not written yet); try again in a moment`);
 }
 
 /**
