@@ -7,6 +7,7 @@ import type { Run } from '../models/index.js';
 import { authErrors, ErrorBody, listOf, Message } from '../schemas/common.js';
 import { RunCreate, RunCreateWithThread, RunEventsQuery, RunIdParams, RunListQuery, RunPublic, RunRetryQuery, ThreadIdParams } from '../schemas/run.js';
 
+import { runCrud } from '../crud/run.js';
 import { eventDataJson, type RunEvent } from '../modules/agents/run-bus.js';
 import { contextOf } from '../services/context.js';
 import * as runService from '../services/run-service.js';
@@ -237,10 +238,19 @@ function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: strin
   };
   corkOnce();
   raw.write(': connected\n\n');
-  const keepAlive = setInterval(() => raw.write(': keep-alive\n\n'), settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000);
+  // Whether an event went out since the last keep-alive: a stream that waits that long checks that
+  // its run still exists. A run deleted before its final event was written (with its thread, project
+  // or owner, a moment after a cancel) gets none: its stream ends rather than waiting for ever.
+  let quiet = true;
+  const keepAlive = setInterval(() => {
+    raw.write(': keep-alive\n\n');
+    if (quiet) void runCrud.getById(runs.db, runId).then((found) => found || controller.abort(), () => undefined);
+    quiet = true;
+  }, settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000);
   void (async () => {
     try {
       for await (const event of runs.bus.events.read(runId, after, controller.signal)) {
+        quiet = false;
         corkOnce();
         if (!raw.write(frame(event))) await drained(raw, controller.signal);
       }
