@@ -7,7 +7,6 @@ import type { Run } from '../models/index.js';
 import { authErrors, ErrorBody, listOf, Message } from '../schemas/common.js';
 import { RunCreate, RunCreateWithThread, RunEventsQuery, RunIdParams, RunListQuery, RunPublic, RunRetryQuery, ThreadIdParams } from '../schemas/run.js';
 
-import { runCrud } from '../crud/run.js';
 import { eventDataJson, type RunEvent } from '../modules/agents/run-bus.js';
 import { contextOf } from '../services/context.js';
 import * as runService from '../services/run-service.js';
@@ -244,7 +243,7 @@ function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: strin
   let quiet = true;
   const keepAlive = setInterval(() => {
     raw.write(': keep-alive\n\n');
-    if (quiet) void runCrud.getById(runs.db, runId).then((found) => found || controller.abort(), () => undefined);
+    if (quiet) void runService.stillStored(runs.db, runId).then((stored) => stored || controller.abort(), () => undefined);
     quiet = true;
   }, settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000);
   void (async () => {

@@ -370,6 +370,15 @@ export async function remove(ctx: ServiceContext, id: string): Promise<void> {
  * before the stream's headers are sent, so an event store that cannot be reached answers 503
  * (RunBusUnavailableError) rather than a stream that ends at once.
  */
+/**
+ * Whether run `id` is still stored, for its event stream's check while no event comes (its reader's
+ * access was checked when the stream opened): a run deleted before its final event was written
+ * (with its thread, project or owner) gets none, and its stream ends.
+ */
+export async function stillStored(db: Db, id: string): Promise<boolean> {
+  return (await runCrud.runCrud.getById(db, id)) !== undefined;
+}
+
 export async function eventsFrom(ctx: ServiceContext, deps: RunDeps, id: string, after: number): Promise<{ run: Run; done: boolean }> {
   // Both reads at once; the run's 404 (not the caller's) comes first, before anything of its log is told.
   const lastSeq = deps.bus.events.lastSeq(id);

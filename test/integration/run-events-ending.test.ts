@@ -1,0 +1,85 @@
+/**
+ * The moment between a run's end and its final event: a cancel commits the run `cancelled` at once,
+ * and its worker writes `run.cancelled` once it has stopped (a moment later through the cancel's
+ * signal, or at its next lease renewal when the signal is lost). A reader, or a delete, in that
+ * moment must not leave a stream without its final event, or waiting for one that never comes.
+ */
+import { beforeAll, describe, expect, it } from 'vitest';
+
+import { finishRun } from '../../src/modules/agents/run-lifecycle.js';
+import { useTestApp } from '../helpers/app.js';
+import { createUser } from '../helpers/factories.js';
+import { type FakeModelServer } from '../helpers/fake-model-server.js';
+import { apiOf } from '../helpers/http.js';
+import { createAgent, createThread, readEvents, type RunBody, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
+
+const MODEL = 'fake-precise';
+// A 6 s lease renewed every 2 s: the worker hears of a cancel whose signal it missed within 2 s.
+const ctx = useTestApp({ RUN_EVENTS_KEEPALIVE_SECONDS: '1', RUN_LEASE_SECONDS: '6' });
+const api = apiOf(ctx);
+const server = useRunServer(ctx);
+let fake: FakeModelServer;
+let base: string;
+beforeAll(() => {
+  ({ fake, base } = server);
+});
+
+/** A run that streamed two pieces and then went quiet (its model's connection open); its five events read. */
+async function quietRun() {
+  fake.script(MODEL, { chunks: ['a ', 'b ', 'c ', 'd'], stallAfterChunks: 2 });
+  const owner = await createUser(ctx.app);
+  await createAgent(ctx.app, owner.headers, { is_default: true });
+  const thread = await createThread(ctx.app, owner.headers);
+  const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
+  await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 2));
+  const seen = await readEvents(base, owner.headers, run.id, { limit: 5 });
+  expect(seen.events.map((e) => e.event)).toEqual(['run.queued', 'run.started', 'message.created', 'message.delta', 'message.delta']);
+  return { owner, thread, run };
+}
+
+/** Cancels `run` as POST /runs/{id}/cancel commits it, without the signal: its worker hears of it at its next renewal. */
+async function cancelQuietly({ owner, run }: Awaited<ReturnType<typeof quietRun>>) {
+  expect(await finishRun(ctx.app.runs, run, { status: 'cancelled' }, null)).toBeDefined();
+  expect((await api('GET', `/runs/${run.id}`, owner.headers)).json<RunBody>().status).toBe('cancelled');
+}
+
+async function endedBeforeItsFinalEvent() {
+  const quiet = await quietRun();
+  await cancelQuietly(quiet);
+  return quiet;
+}
+
+describe("a run's end before its final event is written", () => {
+  it('a reader reconnecting then gets the final event: its stream does not end empty', async () => {
+    const { owner, run } = await endedBeforeItsFinalEvent();
+    const rest = await readEvents(base, owner.headers, run.id, { lastEventId: 5, timeoutMs: 8_000 });
+    expect(rest.status).toBe(200);
+    expect(rest.events.map((e) => e.event)).toEqual(['run.cancelled']);
+    expect(rest.ended).toBe(true);
+  });
+
+  it('DELETE of the run answers 409 until its final event is written, then deletes it', async () => {
+    const { owner, run } = await endedBeforeItsFinalEvent();
+    const reading = readEvents(base, owner.headers, run.id, { lastEventId: 5, timeoutMs: 8_000 });
+    const early = await api('DELETE', `/runs/${run.id}`, owner.headers);
+    expect(early.statusCode).toBe(409);
+    expect(early.json<{ detail: string }>().detail).toMatch(/still ending/);
+    const { events, ended } = await reading;
+    expect(events.map((e) => e.event)).toEqual(['run.cancelled']);
+    expect(ended).toBe(true);
+    await waitForRun(ctx.app, owner.headers, run.id, ['cancelled']);
+    await expect.poll(async () => (await api('DELETE', `/runs/${run.id}`, owner.headers)).statusCode, { timeout: 5_000 }).toBe(200);
+    expect((await api('GET', `/runs/${run.id}`, owner.headers)).statusCode).toBe(404);
+  });
+
+  it('DELETE of its thread (the thread is idle at once) ends its readers, which no final event will reach', async () => {
+    const quiet = await quietRun();
+    const { owner, thread, run } = quiet;
+    const reading = readEvents(base, owner.headers, run.id, { lastEventId: 5, timeoutMs: 8_000 });
+    await cancelQuietly(quiet);
+    expect((await api('DELETE', `/threads/${thread.id}`, owner.headers)).statusCode).toBe(200);
+    const { events, ended } = await reading;
+    expect(events).toEqual([]);
+    expect(ended).toBe(true);
+  });
+});
