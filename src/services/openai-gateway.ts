@@ -301,7 +301,8 @@ export function openAIUsage(input: number, output: number, cached: number, reaso
 const toolCallOut = (call: ToolCall) => ({
   id: call.toolCallId,
   type: 'function' as const,
-  function: { name: call.toolName, arguments: typeof call.input === 'string' ? call.input : JSON.stringify(call.input ?? {}) },
+  // The model's own text where the provider gave it (OpenAI hands it on as it came): a parse's re-serialization changes integers past 2^53.
+  function: { name: call.toolName, arguments: call.text ?? (typeof call.input === 'string' ? call.input : JSON.stringify(call.input ?? {})) },
 });
 
 /** `chatcmpl-` and a random UUID's 32 hex digits (cut around its dashes: half the cost of replaceAll on every answer). */

@@ -182,6 +182,12 @@ export interface ToolCall {
   toolCallId: string;
   toolName: string;
   input: unknown;
+  /**
+   * The arguments as the model wrote them, where the provider gave them as text (OpenAI-style
+   * providers, streamed Anthropic input): what the OpenAI-compatible surface answers, as OpenAI
+   * does. `input` is their parse, whose numbers are doubles (an id past 2^53 comes out changed).
+   */
+  text?: string;
 }
 
 export interface CallOutcome {

@@ -147,7 +147,7 @@ function undeclaredToolCall(toolCallId: string, toolName: string, text: string):
  * otherwise as an undeclared call's (what is not JSON comes as its text).
  */
 export function toolCallOf(declared: boolean, toolCallId: string, toolName: string, text: string): ToolCall {
-  return declared && text.trim() === '' ? { toolCallId, toolName, input: {} } : undeclaredToolCall(toolCallId, toolName, text);
+  return declared && text.trim() === '' ? { toolCallId, toolName, input: {} } : { ...undeclaredToolCall(toolCallId, toolName, text), text };
 }
 
 /** An id for a tool call the upstream sent without one, as the SDK makes one: the caller answers the call by it. */
