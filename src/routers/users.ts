@@ -5,7 +5,7 @@ import { UpdatePassword, UserCreate, UserIdParams, UserPublic, UserRegister, Use
 
 import * as userService from '../services/user-service.js';
 import { ensureSuperuser, forbidApiKey, ownAccount, requireSuperuser, requireUser } from '../utils/authentication.js';
-import { bodyField, byAccount, byIp, rateLimit } from '../utils/rate-limit.js';
+import { bodyField, byAccount, byIp, rateLimit, refundOnSuccess } from '../utils/rate-limit.js';
 
 const tags = ['users'];
 
@@ -86,9 +86,13 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         description: 'Every token issued before the change stops working, this one included.',
         tags,
         body: UpdatePassword,
-        response: { 200: Message, 400: ErrorBody, ...authErrors },
+        response: { 200: Message, 400: ErrorBody, 429: ErrorBody, ...authErrors },
       },
       onRequest: requireUser,
+      // A wrong current password is a failed login by another door: limited per account as login is
+      // (RATE_LIMIT_LOGIN_PER_ACCOUNT), so a token holder cannot guess the password here at full speed.
+      preValidation: rateLimit(app, 'password-change-account', settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, (req) => req.principal.user.id, { failuresOnly: true }),
+      onSend: refundOnSuccess,
     },
     async (request) => {
       forbidApiKey(request.principal);
