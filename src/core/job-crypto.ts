@@ -1,6 +1,8 @@
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
 
 const VERSION = 'v1';
+/** AES-GCM's full tag: `open` refuses a shorter one. */
+const TAG_BYTES = 16;
 
 /**
  * Seals job data for Redis with AES-256-GCM under a key derived (HKDF-SHA256) from SECRET_KEY:
@@ -27,9 +29,12 @@ export class JobSealer {
   open(name: string, sealed: string): unknown {
     const [version, iv, data, tag] = sealed.split('.');
     if (version !== VERSION || iv === undefined || data === undefined || tag === undefined) throw new Error('not a sealed job payload');
-    const decipher = createDecipheriv('aes-256-gcm', this.key, Buffer.from(iv, 'base64url'))
+    const tagBytes = Buffer.from(tag, 'base64url');
+    if (tagBytes.length !== TAG_BYTES) throw new Error('not a sealed job payload');
+    // The tag's full 16 bytes: without authTagLength, Node checks only as many as the payload carries (4 would do).
+    const decipher = createDecipheriv('aes-256-gcm', this.key, Buffer.from(iv, 'base64url'), { authTagLength: TAG_BYTES })
       .setAAD(Buffer.from(name))
-      .setAuthTag(Buffer.from(tag, 'base64url'));
+      .setAuthTag(tagBytes);
     const plain = Buffer.concat([decipher.update(Buffer.from(data, 'base64url')), decipher.final()]);
     return JSON.parse(plain.toString('utf8')) as unknown;
   }
