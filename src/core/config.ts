@@ -215,6 +215,13 @@ export const SettingsSchema = z.object({
    * none by URL: past it the call is refused (400). The SDK's own limit is 2 GiB, held in memory.
    */
   MODEL_MAX_DOWNLOAD_BYTES: int(1_024, 1_073_741_824).default(20_971_520),
+  /**
+   * The most images and files one call downloads (distinct URLs; 0: none, a prompt naming one is
+   * refused), and their bytes together, each file within MODEL_MAX_DOWNLOAD_BYTES: a request of a
+   * few KB could name hundreds of URLs (downloads.ts). Past either, the call is refused (400).
+   */
+  MODEL_MAX_DOWNLOADS: int(0, 10_000).default(50),
+  MODEL_MAX_DOWNLOAD_TOTAL_BYTES: int(1_024, 10_737_418_240).default(52_428_800),
   MODEL_MAX_RETRIES: int(0, 10).default(2),
   MODEL_RETRY_MAX_WAIT_MS: int(0, 300_000).default(20_000),
   /**

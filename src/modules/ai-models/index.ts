@@ -26,6 +26,8 @@ export function createModelManager(settings: Settings, options: CreateModelManag
     streamTimeoutMs: settings.MODEL_STREAM_TIMEOUT_MS,
     maxResponseBytes: settings.MODEL_MAX_RESPONSE_BYTES,
     maxDownloadBytes: settings.MODEL_MAX_DOWNLOAD_BYTES,
+    maxDownloads: settings.MODEL_MAX_DOWNLOADS,
+    maxDownloadTotalBytes: settings.MODEL_MAX_DOWNLOAD_TOTAL_BYTES,
     maxRetries: settings.MODEL_MAX_RETRIES,
     retryMaxWaitMs: settings.MODEL_RETRY_MAX_WAIT_MS,
     defaultMaxOutputTokens: settings.MODEL_DEFAULT_MAX_OUTPUT_TOKENS,

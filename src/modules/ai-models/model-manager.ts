@@ -11,7 +11,6 @@ import {
   APICallError,
   asSchema,
   type AssistantContent,
-  createDownload,
   DownloadError,
   embedMany,
   type Experimental_DownloadFunction as DownloadFunction,
@@ -49,6 +48,7 @@ import { CallerAbort, type CallerSignal } from './abort.js';
 import { answeredOn, answerOfAtMost, embeddingsAnswerLimit, logprobsAllowance, logprobsTooLong, logprobsWeight, STREAM_ANSWER } from './answer-limit.js';
 import type { ModelCatalog } from './catalog.js';
 import { chargeableUsage, computeCost, estimateCost } from './cost.js';
+import { CallDownloads, type DownloadLimits } from './downloads.js';
 import {
   CLIENT_FAULT_UPSTREAM,
   ModelAnswerError,
@@ -339,6 +339,9 @@ export interface ModelManagerOptions {
   maxResponseBytes: number;
   /** The most downloaded of an image or file a prompt names by URL (MODEL_MAX_DOWNLOAD_BYTES; default 20 MiB). */
   maxDownloadBytes?: number;
+  /** The most images and files one call fetches (MODEL_MAX_DOWNLOADS; default 50), and their bytes together (MODEL_MAX_DOWNLOAD_TOTAL_BYTES; default 50 MiB): downloads.ts. */
+  maxDownloads?: number;
+  maxDownloadTotalBytes?: number;
   maxRetries: number;
   /** The longest wait between two attempts; a longer retry-after is capped to it (or passed on: `interactive`). */
   retryMaxWaitMs: number;
@@ -1018,6 +1021,8 @@ class Attempt implements AbortLike {
 
   constructor(
     private readonly caller: CallerSignal | undefined,
+    /** The call's downloads, shared by its tries. */
+    private readonly files: CallDownloads,
     private readonly timeoutMs: number,
     /** When (`performance.now()`) a streamed call must have ended, and its length for the error; Infinity: no deadline. */
     private readonly deadline = Infinity,
@@ -1027,6 +1032,11 @@ class Attempt implements AbortLike {
     if (caller?.aborted) this.abort(caller.reason as Error | undefined);
     else caller?.addEventListener('abort', this.onCallerAbort, { once: true });
     this.touch();
+  }
+
+  /** The SDK's download function for this try: the call's downloads (downloads.ts), awaited no longer than the try. */
+  download(): DownloadFunction {
+    return this.files.forTry(this.signal);
   }
 
   get signal(): AbortSignal {
@@ -1368,16 +1378,11 @@ type AttemptRunner<T> = (model: ModelInfo, attempt: Attempt, state: AttemptState
 // ==================== The manager ====================
 
 export class ModelManager {
-  /** Fetches one image or file a prompt names by URL: the SDK's download (its address checks), with Keel's size limit. */
-  private readonly fetchFile: ReturnType<typeof createDownload>;
+  /** What one call may fetch of the images and files its prompt names by URL (downloads.ts; the SDK's own limit is 2 GiB a file, and no count). */
+  private readonly downloadLimits: DownloadLimits;
 
   constructor(private readonly options: ModelManagerOptions) {
-    this.fetchFile = createDownload({ maxBytes: options.maxDownloadBytes ?? 20_971_520 });
-  }
-
-  /** A call's downloads of what its provider is not given by URL, as the SDK's default makes them (whose limit is 2 GiB), aborted with the attempt. */
-  private downloads(abortSignal: AbortSignal): DownloadFunction {
-    return (requested) => Promise.all(requested.map(({ url, isUrlSupportedByModel }) => (isUrlSupportedByModel ? Promise.resolve(null) : this.fetchFile({ url, abortSignal }))));
+    this.downloadLimits = { maxBytes: options.maxDownloadBytes ?? 20_971_520, maxFiles: options.maxDownloads ?? 50, maxTotalBytes: options.maxDownloadTotalBytes ?? 52_428_800 };
   }
 
   // ---------- Catalog ----------
@@ -1511,7 +1516,7 @@ export class ModelManager {
         // the other paths charge it (usage set before enforceToolChoice), not recorded free.
         model: readingUsage(options.model, (usage) => (state.usage = toTokenUsage(asLanguageModelUsage(usage)))),
         headers: this.answerHeaders(maxBytes),
-        experimental_download: this.downloads(attempt.signal),
+        experimental_download: attempt.download(),
         abortSignal: attempt.signal,
       });
       state.usage = toTokenUsage(result.totalUsage);
@@ -1624,7 +1629,7 @@ export class ModelManager {
     const prompt = await convertToLanguageModelPrompt({
       prompt: this.promptFor(request, kind),
       supportedUrls: await languageModel.supportedUrls,
-      download: this.downloads(attempt.signal),
+      download: attempt.download(),
       abortSignal: attempt.signal,
     });
     const format = jsonFormatFor(kind, request.responseFormat);
@@ -1861,7 +1866,7 @@ export class ModelManager {
         noToolCalls: declared && request.toolChoice === 'none',
       };
     }
-    const sdk = streamText({ ...this.sdkOptions(request, model, capped), experimental_download: this.downloads(attempt.signal), headers: STREAM_ANSWER, includeRawChunks, abortSignal: attempt.signal, onError: () => {} });
+    const sdk = streamText({ ...this.sdkOptions(request, model, capped), experimental_download: attempt.download(), headers: STREAM_ANSWER, includeRawChunks, abortSignal: attempt.signal, onError: () => {} });
     return {
       parts: (async function* () {
         const refusals = new RefusalReader(request.logprobs === true);
@@ -2117,6 +2122,8 @@ export class ModelManager {
         ? estimateTokens((request.values ?? []).join(''))
         : Math.max(0, estimateTokens([request.system ?? '', request.messages, toolsSent(request.tools), request.responseFormat ?? null]) + mediaAllowance(request.messages));
     const predicted = predictedTokens(request.prediction);
+    /** The images and files the prompt names by URL, fetched once for all the call's tries. */
+    const files = new CallDownloads(this.downloadLimits);
     for (const model of chain) {
       if (signal?.aborted) throw abortedError(signal);
       // A stream's deadline gone, or too near: a fallback would be sent its request only to have it cut off.
@@ -2224,7 +2231,7 @@ export class ModelManager {
       for (;;) {
         attempts += 1;
         const timeoutMs = request.timeoutMs ?? this.options.timeoutMs;
-        const attempt = new Attempt(signal, timeoutMs, deadline, this.options.streamTimeoutMs);
+        const attempt = new Attempt(signal, files, timeoutMs, deadline, this.options.streamTimeoutMs);
         // The credentials this try is sent with: what its error may echo, even once they are changed meanwhile.
         const sentWith = this.options.providers.current;
         try {
