@@ -236,6 +236,20 @@ describe('chat completions', () => {
     expect(orphan.param).toBe('messages[1].tool_call_id');
   });
 
+  it("hands a tool call's arguments on as the model wrote them, streamed or not: an integer past 2^53 keeps its digits", async () => {
+    const args = '{"order_id": 1234567890123456789, "amount": 10.50}';
+    const tools: OpenAI.ChatCompletionTool[] = [{ type: 'function', function: { name: 'refund', parameters: { type: 'object', properties: { order_id: { type: 'integer' }, amount: { type: 'number' } } } } }];
+    const request = { model: 'fake-chat', messages: [{ role: 'user' as const, content: 'Refund order 1234567890123456789' }], tools };
+    fake.script('fake-chat', { toolCalls: [{ id: 'call_1', name: 'refund', arguments: args }] }, { toolCalls: [{ id: 'call_2', name: 'refund', arguments: args }] });
+    const answered = await client.chat.completions.create(request);
+    const streamed = await client.chat.completions.stream(request).finalChatCompletion();
+    for (const completion of [answered, streamed]) {
+      const [call] = completion.choices[0]!.message.tool_calls!;
+      // Parsed and written again, it read {"order_id":1234567890123456800,"amount":10.5}: another order.
+      expect(call!.type === 'function' && call!.function.arguments).toBe(args);
+    }
+  });
+
   it('a model that breaks tool_choice is the provider\'s fault: 502 saying how, streamed or not', async () => {
     const tools = [tool('lookup')];
     const messages: OpenAI.ChatCompletionMessageParam[] = [{ role: 'user', content: 'Look it up' }];
@@ -886,6 +900,15 @@ describe('the call path behind /v1', () => {
     expect((await ask(pixel)).choices[0]!.message.content).toBe('A pixel.');
     const sent = (fake.log[0]!.body.messages as { content: unknown }[])[0]!.content;
     expect(sent).toEqual([{ type: 'text', text: 'What is this?' }, { type: 'image_url', image_url: { url: pixel } }]);
+  });
+
+  it('refuses a prompt naming more images by URL than one call fetches (MODEL_MAX_DOWNLOADS) with 400 invalid_image_url, before fetching any', async () => {
+    // Public names (.example never resolves): fetched, each would fail on its own, with another message.
+    const images = Array.from({ length: 51 }, (_, i) => ({ type: 'image_url' as const, image_url: { url: `https://images.example/${i}.png` } }));
+    const refused = await apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: [{ type: 'text', text: 'Compare these' }, ...images] }] }));
+    expect(refused).toMatchObject({ status: 400, type: 'invalid_request_error', code: 'invalid_image_url' });
+    expect(refused.message).toMatch(/names 51 images or files by URL for Keel to fetch for this model; at most 50 \(MODEL_MAX_DOWNLOADS\)/);
+    expect(fake.log).toEqual([]);
   });
 
   it('passes an image\'s detail on to an openai provider (low costs a fraction of the tokens), and none when the client set none', async () => {

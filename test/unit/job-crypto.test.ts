@@ -36,4 +36,15 @@ describe('job data sealing', () => {
     expect(() => sealer.open('provider:1:api_key', sealed)).toThrow();
     expect(() => providers.open('send-email', sealer.seal('send-email', data))).toThrow();
   });
+
+  it('refuses a payload whose GCM tag was cut short (Node checks only the tag bytes it is given unless told its length)', () => {
+    const secrets = new JobSealer('x'.repeat(40), 'keel:provider-secrets');
+    const sealed = secrets.seal('provider:p:api_key', 'sk-secret');
+    const [version, iv, body, tag] = sealed.split('.');
+    for (const bytes of [4, 8, 12, 15]) {
+      const cut = [version, iv, body, Buffer.from(tag!, 'base64url').subarray(0, bytes).toString('base64url')].join('.');
+      expect(() => secrets.open('provider:p:api_key', cut), `${bytes}-byte tag`).toThrow();
+    }
+    expect(secrets.open('provider:p:api_key', sealed)).toBe('sk-secret');
+  });
 });

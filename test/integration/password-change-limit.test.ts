@@ -1,0 +1,27 @@
+/**
+ * PATCH /users/me/password checks `current_password`: a failed login by another door. Without a
+ * limit, whoever holds an access token (a stolen one) could guess the account's password there at
+ * full speed while login refuses the same guesses. Wrong current passwords count per account as
+ * failed logins do (RATE_LIMIT_LOGIN_PER_ACCOUNT); a right one counts nothing (and ends every token, this one included).
+ */
+import { expect, it } from 'vitest';
+
+import { useTestApp } from '../helpers/app.js';
+import { createUser } from '../helpers/factories.js';
+import { call } from '../helpers/http.js';
+
+const ctx = useTestApp({ RATE_LIMIT_LOGIN_PER_ACCOUNT: '5', RATE_LIMIT_LOGIN_ACCOUNT_CEILING: '5' });
+
+it('answers 429 with Retry-After after RATE_LIMIT_LOGIN_PER_ACCOUNT wrong current passwords, the right one included then, per account', async () => {
+  const user = await createUser(ctx.app, { password: 'the-real-password' });
+  const other = await createUser(ctx.app, { password: 'the-other-password' });
+  const change = (who: typeof user, current: string) => call(ctx.app, 'PATCH', '/users/me/password', who.headers, { current_password: current, new_password: 'another-password' });
+  const guesses: number[] = [];
+  for (let i = 0; i < 7; i++) guesses.push((await change(user, `guess-${i}-password`)).statusCode);
+  expect(guesses).toEqual([400, 400, 400, 400, 400, 429, 429]);
+  const limited = await change(user, 'the-real-password');
+  expect(limited.statusCode).toBe(429);
+  expect(Number(limited.headers['retry-after'])).toBeGreaterThan(0);
+  // Another account is not held by it.
+  expect((await change(other, 'wrong-password-here')).statusCode).toBe(400);
+});
