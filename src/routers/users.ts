@@ -162,7 +162,8 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'update_user',
         summary: 'Update User',
-        description: "`is_active: false` signs the user out everywhere (tokens and API keys stop authenticating) and cancels the user's queued and running runs.",
+        description:
+          "`is_active: false` signs the user out everywhere (tokens and API keys stop authenticating) and cancels the user's queued and running runs. `is_active: true` again lets the user's API keys authenticate again (a suspension, not a revocation: revoke keys that may have leaked); the tokens issued before stay dead.",
         tags,
         params: UserIdParams,
         body: UserUpdate,
