@@ -50,11 +50,22 @@ export const messageCrud = childCrud<Message, NewMessage>(messages, {
 constraintAnswers({ threads_project_id_projects_id_fk: { status: 404, detail: 'Project not found' } });
 
 /** Whether the thread still holds the message (a client may delete any message of an idle thread). */
-export async function messageInThread(db: Db, threadId: string, messageId: string): Promise<boolean> {
+/**
+ * Whether message `messageId` is in the thread and still its last turn: nothing follows it but
+ * messages of run `runId` (a retried run's input, after which another run may have answered since:
+ * an `interrupt`, or a run started after a cancel).
+ */
+export async function isLastTurn(db: Db, threadId: string, messageId: string, runId: string): Promise<boolean> {
   const [row] = await db
     .select({ id: messages.id })
     .from(messages)
-    .where(and(eq(messages.thread_id, threadId), eq(messages.id, messageId)));
+    .where(
+      and(
+        eq(messages.thread_id, threadId),
+        eq(messages.id, messageId),
+        sql`not exists (select 1 from ${messages} later where later.thread_id = ${threadId} and later.seq > ${messages.seq} and later.run_id is distinct from ${runId})`,
+      ),
+    );
   return row !== undefined;
 }
 

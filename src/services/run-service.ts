@@ -16,7 +16,7 @@ import { agentCrud, agentPolicy, getDefault, versionCrud } from '../crud/agent.j
 import * as billingCrud from '../crud/billing.js';
 import { matching } from '../crud/owned.js';
 import * as runCrud from '../crud/run.js';
-import { appendMessages, historySize, messageInThread, threadCrud, threadPolicy } from '../crud/thread.js';
+import { appendMessages, historySize, isLastTurn, threadCrud, threadPolicy } from '../crud/thread.js';
 import { closePending, finishRun, queueRun, type RunDeps, runEvent, runView } from '../modules/agents/run-lifecycle.js';
 import { addCosts, estimateTextTokens, estimateTokensOfSize } from '../modules/ai-models/index.js';
 import { catalogModel } from './agent-service.js';
@@ -143,8 +143,8 @@ async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, 
 interface StartOptions {
   strategy: RunCreate['multitask_strategy'];
   input: string | undefined;
-  /** The user message the input already is (a retry): not appended again, unless it was deleted. */
-  inputMessageId?: string | null;
+  /** A retry's: the user message its input already is, not appended again while it is the thread's last turn, and the run retried. */
+  retried?: { inputMessageId: string | null; runId: string };
   /** Written before the input (a new thread only). */
   history?: readonly HistoryMessage[];
   /** The run's id, when the caller told it before the start (an `agent:` completion's stream); otherwise a new one. */
@@ -171,9 +171,12 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     // Lock order: the user (the active-run limit), then the thread, in one statement; the thread
     // marked busy with it (a refused start rolls it back). Then its runs, read under those locks.
     const thread = threadPolicy.check(principal, await runCrud.holdThreadBusy(tx, ownerId, threadId), 'write');
-    // A retry's input message, unless a client deleted it (an idle thread's messages can be): read
-    // under the thread's lock, which a message's delete waits for; gone, the input is appended again.
-    const inputMessageId = options.inputMessageId && (await messageInThread(tx, thread.id, options.inputMessageId)) ? options.inputMessageId : null;
+    // A retry's input message, unless a client deleted it (an idle thread's messages can be) or
+    // another run answered after it (the retry would answer the thread as it is, not its input):
+    // read under the thread's lock, which a message's delete and a run's start wait for. Otherwise
+    // the input is appended again.
+    const { retried } = options;
+    const inputMessageId = retried?.inputMessageId && (await isLastTurn(tx, thread.id, retried.inputMessageId, retried.runId)) ? retried.inputMessageId : null;
     const limit = settings.MAX_ACTIVE_RUNS_PER_USER;
     // An `interrupt` ends the thread's active run as it starts its own: that run is not counted.
     const checkLimit = (owned: runCrud.OwnerActive, replaced = 0) => {
@@ -349,12 +352,12 @@ export async function retry(ctx: ServiceContext, deps: RunDeps, id: string, stra
   // The model is kept when the run named one of its own; otherwise the agent's (maybe changed) model runs.
   const ownModel = pinned && pinned.model !== run.model ? run.model : undefined;
   // The thread's history is the prompt, the input in it unless that message was deleted since (or
-  // never written: an enqueued run cancelled while it waited): then it is appended again (start()
-  // decides under the thread's lock), and counted apart in the credit check.
-  const inputKept = run.input_message_id !== null && (await messageInThread(ctx.db, run.thread_id, run.input_message_id));
+  // never written: an enqueued run cancelled while it waited), or is no longer the thread's last
+  // turn: then it is appended again (start() decides under the thread's lock), and counted apart in the credit check.
+  const inputKept = run.input_message_id !== null && (await isLastTurn(ctx.db, run.thread_id, run.input_message_id, run.id));
   const unstoredInput = inputKept ? undefined : (run.input ?? undefined);
   const planned = await plan(ctx, run.owner_id, run.agent_id, ownModel, unstoredInput, [], readEarly(ctx, run.agent_id, run.thread_id));
-  return start(ctx, deps, { id: run.thread_id, owner_id: run.owner_id }, planned, { strategy, input: run.input ?? undefined, inputMessageId: run.input_message_id });
+  return start(ctx, deps, { id: run.thread_id, owner_id: run.owner_id }, planned, { strategy, input: run.input ?? undefined, retried: { inputMessageId: run.input_message_id, runId: run.id } });
 }
 
 /** Deletes an ended run and its events; its messages stay in the thread. */

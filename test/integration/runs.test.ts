@@ -951,6 +951,24 @@ describe('failures in words', () => {
     expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['the question', 'answered']);
   });
 
+  it("retry of a run another run answered after (an interrupt) asks the model its own input again, at the thread's end: it does not answer the thread's last answer", async () => {
+    const { owner, thread } = await setup();
+    fake.script(MODEL, { chunks: Array.from({ length: 50 }, (_, i) => `t${i} `), chunkDelayMs: 100 }, { text: 'answer to two' }, { text: 'answer to one' });
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'question one' });
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 2));
+    const second = await startRun(ctx.app, owner.headers, thread.id, { input: 'question two', multitask_strategy: 'interrupt' });
+    await waitForRun(ctx.app, owner.headers, second.id, ['completed']);
+    await waitForRun(ctx.app, owner.headers, first.id, ['cancelled']);
+    const retried = await api('POST', `/runs/${first.id}/retry`, owner.headers);
+    expect(retried.statusCode, retried.body).toBe(202);
+    await waitForRun(ctx.app, owner.headers, retried.json<RunBody>().id, ['completed']);
+    // Sent as the thread was, it ended with "answer to two": a prompt some providers refuse, others read as "continue".
+    const sent = fake.requestsFor(MODEL).at(-1)!.body.messages as { role: string; content: string }[];
+    expect(sent.at(-1)).toEqual({ role: 'user', content: 'question one' });
+    const contents = (await threadMessages(owner, thread.id)).map((m) => m.content);
+    expect(contents.slice(-4)).toEqual(['question two', 'answer to two', 'question one', 'answer to one']);
+  });
+
   it('a retry meets the thread\'s active run by its own ?multitask_strategy= (reject by default), never by the retried run\'s: an old interrupt run\'s retry cancels nothing unasked', async () => {
     const { owner, thread } = await setup();
     fake.script(MODEL, { status: 401 });
