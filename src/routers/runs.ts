@@ -194,7 +194,8 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
       // later one, so what the client has is not sent again.
       const after = Math.max(request.query.after ?? 0, lastEventId(request) ?? 0);
       const { run, done } = await runService.eventsFrom(contextOf(request), app.runs, request.params.run_id, after);
-      streamEvents(request, reply, run.id, after, done, streams);
+      // HEAD (Fastify's, from this GET) answers the stream's headers and ends: it would otherwise wait, bodiless, for the run's end.
+      streamEvents(request, reply, run.id, after, done || request.method === 'HEAD', streams);
     },
   );
 };

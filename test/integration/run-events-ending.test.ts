@@ -82,4 +82,13 @@ describe("a run's end before its final event is written", () => {
     expect(events).toEqual([]);
     expect(ended).toBe(true);
   });
+
+  it("HEAD on a running run's events answers the stream's headers at once", async () => {
+    const { owner, run } = await quietRun();
+    const head = await fetch(`${base}/api/v1/runs/${run.id}/events`, { method: 'HEAD', headers: owner.headers, signal: AbortSignal.timeout(3_000) });
+    expect(head.status).toBe(200);
+    expect(head.headers.get('content-type')).toMatch(/^text\/event-stream/);
+    expect((await api('GET', `/runs/${run.id}`, owner.headers)).json<RunBody>().status).toBe('running');
+    expect((await api('POST', `/runs/${run.id}/cancel`, owner.headers)).statusCode).toBe(200);
+  });
 });
