@@ -11,6 +11,8 @@ import { StorageConflictError, StoragePathError } from './keys.js';
 const TEMP_DIR = '.tmp';
 /** A temporary file untouched this long belongs to a write that died with its process. */
 const STALE_TEMPORARY_MS = 24 * 60 * 60 * 1000;
+/** Tries of a put's rename into place, when a concurrent remove pruned the directory it made (pruneEmptyParents). */
+const PUT_ATTEMPTS = 5;
 
 function code(error: unknown): string | undefined {
   return (error as NodeJS.ErrnoException | undefined)?.code;
@@ -93,14 +95,21 @@ export class LocalStorageBackend implements StorageBackend {
     const handle = await open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
     try {
       await pipeline(body, handle.createWriteStream());
-      const path = await this.pathOf(key);
-      await this.makeParent(path);
-      // The directories made just now: check again that none of them resolved outside the root.
-      await this.pathOf(key);
-      await rename(temp, path).catch((error: unknown) => {
-        if (['EISDIR', 'ENOTEMPTY', 'EEXIST'].includes(code(error) ?? '')) throw new StorageConflictError('A folder exists at that path');
-        throw error;
-      });
+      for (let attempt = 1; ; attempt++) {
+        const path = await this.pathOf(key);
+        await this.makeParent(path);
+        // The directories made just now: check again that none of them resolved outside the root.
+        await this.pathOf(key);
+        try {
+          await rename(temp, path);
+          break;
+        } catch (error) {
+          // A remove of the last file beside it pruned the directory between makeParent and here: make it again.
+          if (code(error) === 'ENOENT' && attempt < PUT_ATTEMPTS) continue;
+          if (['EISDIR', 'ENOTEMPTY', 'EEXIST'].includes(code(error) ?? '')) throw new StorageConflictError('A folder exists at that path');
+          throw error;
+        }
+      }
     } catch (error) {
       await handle.close().catch(() => undefined);
       await unlink(temp).catch(() => undefined);
