@@ -1,3 +1,4 @@
+import { pairSafeEnd } from '../../utils/text.js';
 import { type DocumentFormat, DocumentRejectedError, type DocumentSection, type ExtractedDocument } from './types.js';
 
 /**
@@ -90,12 +91,18 @@ export function tooMuchText(maxTextChars: number): DocumentRejectedError {
 }
 
 /** Keeps the open headings: a heading closes every heading of its level or deeper. */
+/** Characters of a heading kept in the heading path (the text keeps it whole). */
+export const MAX_HEADING_CHARS = 500;
+
 export class HeadingStack {
   private readonly open: { level: number; title: string }[] = [];
 
   enter(level: number, title: string): void {
     while (this.open.length > 0 && this.open.at(-1)!.level >= level) this.open.pop();
-    this.open.push({ level, title });
+    // Every chunk under a heading stores its path again (heading_path): a heading as long as the
+    // document would be stored once per chunk.
+    const kept = title.length > MAX_HEADING_CHARS ? `${title.slice(0, pairSafeEnd(title, MAX_HEADING_CHARS))}…` : title;
+    this.open.push({ level, title: kept });
   }
 
   /** Closes the headings deeper than `level` (0: all). */
