@@ -557,6 +557,15 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
   const started = performance.now();
   let writer: ChunkWriter | null = null;
   let textSaved: Promise<unknown> | undefined;
+  // The claim is renewed while the job waits too (an embedding call may outlast the lease: up to
+  // MODEL_TIMEOUT_MS x (MODEL_MAX_RETRIES + 1) and the waits between), not only when it stores a
+  // batch; a claim found lost stops the job at its next step.
+  const keepAlive = setInterval(() => {
+    renew(db, settings, entry).catch((error: unknown) => {
+      if (error instanceof ClaimLostError) writer?.stop(error);
+    });
+  }, Math.max(250, Math.floor(settings.KB_INGEST_LEASE_MS / 3)));
+  keepAlive.unref();
   try {
     // The chunker is loaded with the first document, not with the process: its tokenizer's tables
     // are large, and a worker that runs only agent runs or email never needs them.
@@ -602,6 +611,8 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
     }
     if (!(error instanceof DocumentRejectedError || error instanceof HttpError)) log.error({ err: error, entryId }, 'ingestion failed');
     await fail(db, entry, outcome.fail, !(error instanceof DocumentRejectedError || error instanceof StorageNotFoundError));
+  } finally {
+    clearInterval(keepAlive);
   }
 }
 
