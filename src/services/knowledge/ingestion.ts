@@ -205,14 +205,27 @@ async function embed(deps: IngestionDeps, entry: KnowledgeEntry, model: string, 
   // counted as model calls per minute would fail it for a pace the client cannot set. The budget
   // bounds what ingestion spends; see docs/decisions.md.
   const context = { user_id: entry.owner_id, api_key_id: entry.api_key_id, project_id: entry.project_id, rpm_exempt: true };
-  const result = await deps.models.embed({
-    model,
-    values: chunks.map((chunk) => chunk.text),
-    context,
-    // Stored under this model's id and searched with its queries' vectors: no fallback's.
-    sameModel: true,
-  });
-  return result.embeddings;
+  // The claim is renewed while the call runs: with its retries and their waits it may outlast
+  // KB_INGEST_LEASE_MS (by default up to 3 x 120 s + 2 x 20 s, against a 300 s lease), and the
+  // sweeper would hand the entry to another job that pays for the same batch again. A claim lost
+  // meanwhile is found by the batch's write (renew in writeBatch). The call itself is bounded by
+  // the model manager's timeouts, so a job cannot hold its claim for ever this way.
+  const keepAlive = setInterval(() => {
+    renew(deps.db, deps.settings, entry).catch(() => undefined);
+  }, Math.max(250, Math.floor(deps.settings.KB_INGEST_LEASE_MS / 3)));
+  keepAlive.unref();
+  try {
+    const result = await deps.models.embed({
+      model,
+      values: chunks.map((chunk) => chunk.text),
+      context,
+      // Stored under this model's id and searched with its queries' vectors: no fallback's.
+      sameModel: true,
+    });
+    return result.embeddings;
+  } finally {
+    clearInterval(keepAlive);
+  }
 }
 
 /**
@@ -557,15 +570,6 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
   const started = performance.now();
   let writer: ChunkWriter | null = null;
   let textSaved: Promise<unknown> | undefined;
-  // The claim is renewed while the job waits too (an embedding call may outlast the lease: up to
-  // MODEL_TIMEOUT_MS x (MODEL_MAX_RETRIES + 1) and the waits between), not only when it stores a
-  // batch; a claim found lost stops the job at its next step.
-  const keepAlive = setInterval(() => {
-    renew(db, settings, entry).catch((error: unknown) => {
-      if (error instanceof ClaimLostError) writer?.stop(error);
-    });
-  }, Math.max(250, Math.floor(settings.KB_INGEST_LEASE_MS / 3)));
-  keepAlive.unref();
   try {
     // The chunker is loaded with the first document, not with the process: its tokenizer's tables
     // are large, and a worker that runs only agent runs or email never needs them.
@@ -611,8 +615,6 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
     }
     if (!(error instanceof DocumentRejectedError || error instanceof HttpError)) log.error({ err: error, entryId }, 'ingestion failed');
     await fail(db, entry, outcome.fail, !(error instanceof DocumentRejectedError || error instanceof StorageNotFoundError));
-  } finally {
-    clearInterval(keepAlive);
   }
 }
 
