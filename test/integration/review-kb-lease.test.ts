@@ -5,7 +5,7 @@
  * for the same batch again; the first job's answer is then thrown away (ClaimLostError at its
  * write). With the defaults, one embedding call may last MODEL_TIMEOUT_MS x (MODEL_MAX_RETRIES + 1)
  * + MODEL_RETRY_MAX_WAIT_MS x MODEL_MAX_RETRIES = 400 s, past the 300 s lease, and config.ts checks
- * no relation between them. Scaled down here: a 1 s lease, embedding calls that answer in 1.5 s.
+ * no relation between them. Scaled down here: a 2 s lease, embedding calls that answer in 3 s.
  */
 import { beforeAll, describe, expect, it } from 'vitest';
 
@@ -22,7 +22,7 @@ const ctx = useTestApp({
   KB_CHUNK_OVERLAP_TOKENS: '0',
   MODEL_MAX_RETRIES: '0',
   MODEL_TIMEOUT_MS: '10000',
-  KB_INGEST_LEASE_MS: '1000',
+  KB_INGEST_LEASE_MS: '2000',
   KB_SWEEP_INTERVAL_MS: '1000',
   JOB_BACKOFF_MS: '10',
 });
@@ -39,7 +39,7 @@ beforeAll(async () => {
 describe('review: the ingestion lease during a slow embedding call', () => {
   it('is kept by the job that waits for the model: the document ends ready, each batch paid once', async () => {
     if (ctx.database.kind !== 'pglite') return; // embeddings need pgvector
-    fake.defaultReply = { ...fake.defaultReply, chunkDelayMs: 1_500 };
+    fake.defaultReply = { ...fake.defaultReply, chunkDelayMs: 3_000 };
     const folder = await createFolder(ctx.app, user.headers);
     const sections = ['Lighthouses guide ships.', 'Keepers trimmed wicks.', 'Lights run on solar power.', 'Fog horns warn vessels.'];
     const entry = await uploaded(ctx.app, user.headers, folder.id, { filename: 'lights.md', content: sections.map((s, i) => `# Part ${i}\n\n${s}`).join('\n\n') });
