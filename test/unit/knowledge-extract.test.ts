@@ -127,6 +127,19 @@ describe('extractDocument: text formats', () => {
     expect(sectionText(doc, 'Appendix').trim()).toBe('More.');
   });
 
+  it('reads a Markdown heading built against its link pattern in linear time, and keeps 500 characters of a heading in its path', async () => {
+    // Quadratic, 60,000 `[` held the event loop (Markdown is read on the main thread) for 4 s, and
+    // these 300,000 for well past the test's timeout; with links inside, each still read as its words.
+    for (const heading of ['['.repeat(300_000), '[a]('.repeat(75_000), `[Install](#install) ${'[x'.repeat(150_000)}`]) {
+      const doc = await extract(await file('slow.md', `# ${heading}\n\nbody\n`), 'slow.md');
+      const [path] = doc.sections.at(-1)!.headingPath;
+      expect(path!.length).toBeLessThanOrEqual(501);
+      expect(path!.endsWith('…')).toBe(true);
+    }
+    const doc = await extract(await file('links.md', '# [Install](#install) and ![logo](x.png) [a [b] c](d)\n\nbody\n'), 'links.md');
+    expect(paths(doc)).toEqual(['Install and logo [a [b] c](d)']);
+  });
+
   it('reads HTML as text: scripts, styles, the head and the site menu dropped, headings kept as sections, entities decoded', async () => {
     const html = `<!doctype html><html><head><title>Hidden title</title><style>p { color: red }</style>
       <script>alert("x")</script></head><body><nav><a href="/">Home</a> <a href="/shop">Shop</a></nav>

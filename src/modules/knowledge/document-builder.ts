@@ -90,10 +90,10 @@ export function tooMuchText(maxTextChars: number): DocumentRejectedError {
   );
 }
 
-/** Keeps the open headings: a heading closes every heading of its level or deeper. */
 /** Characters of a heading kept in the heading path (the text keeps it whole). */
 export const MAX_HEADING_CHARS = 500;
 
+/** Keeps the open headings: a heading closes every heading of its level or deeper. */
 export class HeadingStack {
   private readonly open: { level: number; title: string }[] = [];
 

@@ -1,8 +1,8 @@
 /**
- * Review (storage): LocalStorageBackend.remove prunes the directories a key made once they are
- * empty (local.ts pruneEmptyParents), while a put into the same directory may have made it
- * (makeParent) and not yet renamed its file in: the rename then fails with ENOENT. In Keel: the
- * upload of a file into a folder whose last entry is being deleted answers 500 and is lost.
+ * LocalStorageBackend.remove prunes the directories a key made once they are empty (local.ts
+ * pruneEmptyParents), while a put into the same directory may have made it (makeParent) and not
+ * yet renamed its file in: the put makes it again. It failed with ENOENT: the upload of a file
+ * into a folder whose last entry was being deleted answered 500.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -14,7 +14,7 @@ import { LocalStorageBackend } from '../../src/services/storage/local.js';
 
 let root: string;
 beforeAll(async () => {
-  root = await mkdtemp(join(tmpdir(), 'keel-review-local-'));
+  root = await mkdtemp(join(tmpdir(), 'keel-local-races-'));
 });
 afterAll(async () => {
   await rm(root, { recursive: true, force: true });
@@ -24,7 +24,7 @@ async function* bytes(text: string): AsyncGenerator<Uint8Array> {
   yield Buffer.from(text);
 }
 
-describe('review: local storage, a put beside a remove of the last file in its directory', () => {
+describe('local storage, a put beside a remove of the last file in its directory', () => {
   it('stores the new file every time', async () => {
     const backend = new LocalStorageBackend(root);
     const failures: string[] = [];

@@ -1,9 +1,8 @@
 /**
- * Review (knowledge base): a heading's text is not bounded (markdown.ts openSection,
- * document-builder.ts TextBuilder.heading), and every chunk under it stores it again as its
- * heading_path (ingestion.ts ChunkWriter.store). A document whose heading is as long as its body
- * makes the database hold its size times its chunk count: the per-user quota (which counts the
- * uploaded bytes only) does not bound what one upload costs the database.
+ * Every chunk under a heading stores it again as its heading_path (ingestion.ts ChunkWriter.store):
+ * a heading as long as its document made the database hold its size times its chunk count, which
+ * the per-user quota (the uploaded bytes) does not bound. A heading path keeps at most
+ * MAX_HEADING_CHARS of each heading (the document's text keeps it whole).
  */
 import { randomBytes } from 'node:crypto';
 
@@ -24,7 +23,7 @@ beforeAll(async () => {
 /** Words that do not compress away (TOAST would hide a repeated heading). */
 const words = (chars: number) => randomBytes(chars).toString('base64').replace(/[+/=]/g, 'x').match(/.{1,7}/g)!.join(' ').slice(0, chars);
 
-describe('review: heading paths', () => {
+describe('heading paths', () => {
   it('keep what the chunks store in proportion to the document', async () => {
     const folder = await createFolder(ctx.app, alice.headers);
     const markdown = `# ${words(40_000)}\n\n${Array.from({ length: 200 }, () => words(200)).join('\n\n')}\n`;

@@ -1,11 +1,9 @@
 /**
- * Review (knowledge base): an ingestion job renews its claim only when it stores a batch
- * (ingestion.ts ChunkWriter.writeBatch → renew), never while it waits for an embedding call. A
- * call that outlasts KB_INGEST_LEASE_MS lets the sweeper hand the entry to another job, which pays
- * for the same batch again; the first job's answer is then thrown away (ClaimLostError at its
- * write). With the defaults, one embedding call may last MODEL_TIMEOUT_MS x (MODEL_MAX_RETRIES + 1)
- * + MODEL_RETRY_MAX_WAIT_MS x MODEL_MAX_RETRIES = 400 s, past the 300 s lease, and config.ts checks
- * no relation between them. Scaled down here: a 2 s lease, embedding calls that answer in 3 s.
+ * An ingestion job renews its claim while it waits for an embedding call, not only when it stores
+ * a batch: with the defaults one call may last MODEL_TIMEOUT_MS x (MODEL_MAX_RETRIES + 1) +
+ * MODEL_RETRY_MAX_WAIT_MS x MODEL_MAX_RETRIES = 400 s, past the 300 s lease, and the sweeper handed
+ * the entry to another job, which paid for the same batch again (the first job's answer thrown away
+ * at its write). Scaled down here: a 2 s lease, embedding calls that answer in 3 s.
  */
 import { beforeAll, describe, expect, it } from 'vitest';
 
@@ -36,7 +34,7 @@ beforeAll(async () => {
   return () => fake.close();
 });
 
-describe('review: the ingestion lease during a slow embedding call', () => {
+describe('the ingestion lease during a slow embedding call', () => {
   it('is kept by the job that waits for the model: the document ends ready, each batch paid once', async () => {
     if (ctx.database.kind !== 'pglite') return; // embeddings need pgvector
     fake.defaultReply = { ...fake.defaultReply, chunkDelayMs: 3_000 };
