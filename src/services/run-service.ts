@@ -4,6 +4,7 @@
  * row lock orders starts, ends and hand-overs, and every status change is conditional.
  */
 import { randomUUID } from 'node:crypto';
+import { setTimeout as delay } from 'node:timers/promises';
 
 import { commitWithNextStatement, type Db, transaction } from '../core/db.js';
 import { ConflictError, GoneError, HttpError, PaymentRequiredError, TooManyRequestsError, UnprocessableError } from '../core/errors.js';
@@ -364,9 +365,19 @@ export async function retry(ctx: ServiceContext, deps: RunDeps, id: string, stra
 export async function remove(ctx: ServiceContext, id: string): Promise<void> {
   const run = await runCrud.runCrud.getVisible(ctx.db, ctx.principal, id, 'write');
   if (!FINAL.has(run.status)) throw new ConflictError(`Run is ${run.status}: cancel it or wait for it to end before deleting it`);
-  // Not while its final event is still to be written (its readers wait for it): a moment after a cancel.
-  if (!(await runCrud.removeEnded(ctx.db, run.id))) throw new ConflictError(`Run ${run.id} is still ending (its final event is not written yet); try again in a moment`);
+  // Not while its final event is still to be written (its readers wait for it, and would wait for
+  // ever): a moment after its end is committed (a cancel, or a scaled run's end before its event
+  // reaches Redis), which a client that polled the status and deletes at once meets. Waited for a
+  // while; a worker that has not written it by then (its cancel signal lost, say) is answered 409.
+  for (const deadline = Date.now() + DELETE_WAIT_MS; ; await delay(DELETE_POLL_MS)) {
+    if (await runCrud.removeEnded(ctx.db, run.id)) return;
+    if (Date.now() >= deadline) throw new ConflictError(`Run ${run.id} is still ending (its final event is not written yet); try again in a moment`);
+  }
 }
+
+/** How long a delete waits for an ended run's final event to be written, and how often it looks. */
+const DELETE_WAIT_MS = 2_000;
+const DELETE_POLL_MS = 100;
 
 /**
  * Where a reader of the run's events starts, and whether there is anything left to read; asked
