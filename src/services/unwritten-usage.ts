@@ -142,7 +142,14 @@ const records = (part: UnwrittenUsage): number => part.usage.length + part.settl
  * releases, left under the older save, sorted first: a take (another process's, or one whose room
  * ended before the settlements) wrote them before the settlements.
  */
-export function takeUnwritten(dir: string, held: readonly string[], maxRows: number, onUnreadable: (file: string, error: unknown) => void): { taken: string[]; parts: UnwrittenUsage[]; more: boolean } {
+export function takeUnwritten(
+  dir: string,
+  held: readonly string[],
+  maxRows: number,
+  onUnreadable: (file: string, error: unknown) => void,
+  /** Lists `dir` (the file system's listing: what it returns of entries made during it is the file system's choice). */
+  list: (dir: string) => string[] = listed,
+): { taken: string[]; parts: UnwrittenUsage[]; more: boolean } {
   const taken: string[] = [];
   const parts: UnwrittenUsage[] = [];
   let rows = 0;
@@ -152,7 +159,7 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
   let checked: string | null = null;
   /** Saves a file of which another live process holds (or took just now), or still being written: none of their files is taken. */
   const busy = new Set<string>();
-  const names = listed(dir);
+  const names = list(dir);
   if (!names.length) return { taken, parts, more: false }; // none saved
   for (const name of names) {
     const saving = /^(.+)\.saving$/.exec(name);
@@ -194,7 +201,7 @@ export function takeUnwritten(dir: string, held: readonly string[], maxRows: num
       }
       // Nor, for a save that ended during it, all its files: listed again, now that they are all
       // in (its mark, gone, was removed after the last), the save's are all there.
-      const missed = listed(dir).filter((n) => n.endsWith('.json') && saveOf(n) === save && !saved.includes(n));
+      const missed = list(dir).filter((n) => n.endsWith('.json') && saveOf(n) === save && !saved.includes(n));
       if (missed.length) {
         saved = [...saved.slice(0, i), ...[...saved.slice(i), ...missed].sort()];
         i--;

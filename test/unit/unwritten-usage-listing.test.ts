@@ -1,19 +1,11 @@
-import * as fs from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { afterEach, describe, expect, it, vi } from 'vitest';
+import { afterEach, describe, expect, it } from 'vitest';
 
 import type { Settlement } from '../../src/crud/billing.js';
 import { saveUnwritten, takeUnwritten } from '../../src/services/unwritten-usage.js';
-
-// The directory's listing is the file system's: what a listing returns of entries made during it
-// is up to the file system (readdir returns only the entries there throughout), so the test gives
-// the take the listing a concurrent save can produce.
-vi.mock('node:fs', async (importOriginal) => {
-  const actual = await importOriginal<typeof fs>();
-  return { ...actual, readdirSync: vi.fn(actual.readdirSync) };
-});
 
 const settlement = (fields: Partial<Settlement>): Settlement => ({
   reservationId: 'a-block',
@@ -30,8 +22,7 @@ const settlement = (fields: Partial<Settlement>): Settlement => ({
 
 let dir = '';
 afterEach(() => {
-  if (dir) fs.rmSync(dir, { recursive: true, force: true });
-  vi.mocked(fs.readdirSync).mockReset();
+  if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
 describe('takeUnwritten, listing while a save ends', () => {
@@ -39,25 +30,27 @@ describe('takeUnwritten, listing while a save ends', () => {
     ['its last (the release)', 2],
     ['its first (the usage rows)', 0],
   ])("takes a save's files a listing made during the save missed, %s (its mark gone once the take looks), in the order saved: the block release goes with the settlements before it", (_missed, missed) => {
-    dir = fs.mkdtempSync(join(tmpdir(), 'keel-unwritten-listing-'));
+    dir = mkdtempSync(join(tmpdir(), 'keel-unwritten-listing-'));
     saveUnwritten(dir, {
       usage: [JSON.stringify({ id: 'a-row' })],
       settlements: [],
       windowSettlements: [settlement({ release: '1' })],
       blockReleases: [settlement({ cost: '0', usageRecordId: 'its-release' })],
     });
-    const files = fs.readdirSync(dir).sort();
+    const files = readdirSync(dir).sort();
     expect(files).toHaveLength(3);
-    // The listing saw neither the save's mark nor one of its files: the save began and ended while it ran.
-    const listing = files.filter((name) => name !== files[missed]);
-    vi.mocked(fs.readdirSync).mockImplementationOnce((() => listing) as unknown as typeof fs.readdirSync);
+    // What a listing of a large directory can return while a save begins and ends during it (readdir
+    // returns only the entries there throughout): neither the save's mark nor one of its files. The
+    // file system's own listing after it.
+    let listings = 0;
+    const list = (path: string) => (listings++ === 0 ? files.filter((name) => name !== files[missed]) : readdirSync(path));
 
-    const taken = takeUnwritten(dir, [], 1_000, () => {});
+    const taken = takeUnwritten(dir, [], 1_000, () => {}, list);
     expect(taken.parts.map((part) => [part.usage.length, part.windowSettlements.length, part.blockReleases.length])).toEqual([
       [1, 0, 0],
       [0, 1, 0],
       [0, 0, 1],
     ]);
-    expect(fs.readdirSync(dir).filter((name) => name.endsWith('.json'))).toEqual([]);
+    expect(readdirSync(dir).filter((name) => name.endsWith('.json'))).toEqual([]);
   });
 });
