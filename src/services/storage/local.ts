@@ -96,15 +96,16 @@ export class LocalStorageBackend implements StorageBackend {
     try {
       await pipeline(body, handle.createWriteStream());
       for (let attempt = 1; ; attempt++) {
-        const path = await this.pathOf(key);
-        await this.makeParent(path);
-        // The directories made just now: check again that none of them resolved outside the root.
-        await this.pathOf(key);
         try {
+          const path = await this.pathOf(key);
+          await this.makeParent(path);
+          // The directories made just now: check again that none of them resolved outside the root.
+          await this.pathOf(key);
           await rename(temp, path);
           break;
         } catch (error) {
-          // A remove of the last file beside it pruned the directory between makeParent and here: make it again.
+          // A remove of the last file beside it pruned a directory while it was made, or before the
+          // rename (mkdir and rename both say ENOENT): made again.
           if (code(error) === 'ENOENT' && attempt < PUT_ATTEMPTS) continue;
           if (['EISDIR', 'ENOTEMPTY', 'EEXIST'].includes(code(error) ?? '')) throw new StorageConflictError('A folder exists at that path');
           throw error;
