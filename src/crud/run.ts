@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 
-import { and, asc, desc, eq, inArray, isNotNull, isNull, lt, ne, or, type SQL, sql } from 'drizzle-orm';
+import { and, asc, desc, eq, inArray, isNotNull, isNull, lt, lte, ne, or, type SQL, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
@@ -509,13 +509,36 @@ export function activeOf(db: Db, of: { api_key_id: string } | { owner_id: string
 // ==================== What the sweeper looks for ====================
 
 /** Queued runs holding their thread, created before `olderThanSeconds` ago: their job may be lost. */
-export function queuedWithoutWorker(db: Db, olderThanSeconds: number, limit: number): Promise<Pick<Run, 'id'>[]> {
-  return db
+/**
+ * The sweep's pick of queued runs to queue again: those queued longer than `olderThanSeconds`, and
+ * marked (`lease_expires_at`, which nothing reads on a queued run: lease_owner stays null, and the
+ * claim takes a queued run regardless) so that no sweep, on any worker, picks them again within
+ * `leaseSeconds`. Without the mark every sweep on every worker queued another job for each run of a
+ * backlog (runs only waiting their turn behind RUN_CONCURRENCY), and the copies piled up, each a
+ * claim statement when its turn came. One UPDATE over rows locked with SKIP LOCKED: two workers'
+ * sweeps never both pick a run. `ignoreMarks`: an embedded process's start-up sweep, whose queue
+ * lost every job, takes up its queued runs at once rather than after the last mark's lease.
+ */
+export function queuedWithoutWorker(db: Db, pick: { olderThanSeconds: number; leaseSeconds: number; ignoreMarks: boolean; limit: number }): Promise<Pick<Run, 'id'>[]> {
+  const picked = db
     .select({ id: runs.id })
     .from(runs)
-    .where(and(eq(runs.status, 'queued'), eq(runs.waiting, false), lt(runs.created_at, sql`now() - make_interval(secs => ${olderThanSeconds})`)))
+    .where(
+      and(
+        eq(runs.status, 'queued'),
+        eq(runs.waiting, false),
+        lt(runs.created_at, sql`now() - make_interval(secs => ${pick.olderThanSeconds})`),
+        pick.ignoreMarks ? undefined : or(isNull(runs.lease_expires_at), lte(runs.lease_expires_at, sql`now()`)),
+      ),
+    )
     .orderBy(asc(runs.created_at))
-    .limit(limit);
+    .limit(pick.limit)
+    .for('update', { skipLocked: true });
+  return db
+    .update(runs)
+    .set({ lease_expires_at: leaseSeconds(pick.leaseSeconds) })
+    .where(and(inArray(runs.id, picked), eq(runs.status, 'queued')))
+    .returning({ id: runs.id });
 }
 
 /** Running runs whose worker is gone: the lease expired, or it was handed back. */

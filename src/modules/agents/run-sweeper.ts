@@ -1,7 +1,8 @@
 /**
  * The sweep that keeps runs from being lost or stuck: the database is the truth, the queue only
  * carries ids. At start-up and every RUN_SWEEP_INTERVAL_SECONDS it queues again runs left `queued`
- * (an in-process queue forgets its jobs on restart), resumes running runs whose worker is gone (lease
+ * (an in-process queue forgets its jobs on restart; a job may be lost) — a run at most once a lease,
+ * whichever worker sweeps, as its job may only be waiting its turn in a backlog — resumes running runs whose worker is gone (lease
  * expired or handed back) or fails them after RUN_MAX_ATTEMPTS, writes the final event of runs
  * cancelled while their worker died, and forgets events older than RUN_EVENTS_TTL_SECONDS.
  */
@@ -49,10 +50,11 @@ export class RunSweeper {
   async sweep(): Promise<{ queued: number; resumed: number; failed: number; closed: number; expired: number }> {
     const { deps } = this;
     const { settings, log } = deps;
-    // At start-up every queued run lost its in-memory job; later only those waiting longer than a lease.
-    const olderThan = this.started ? settings.RUN_LEASE_SECONDS : 0;
+    // At start-up every queued run lost its in-memory job (whatever an earlier process's sweep
+    // marked); later only those waiting longer than a lease, and not queued again by a sweep within one.
+    const atStart = !this.started;
     this.started = true;
-    const queued = await runCrud.queuedWithoutWorker(deps.db, olderThan, BATCH);
+    const queued = await runCrud.queuedWithoutWorker(deps.db, { olderThanSeconds: atStart ? 0 : settings.RUN_LEASE_SECONDS, leaseSeconds: settings.RUN_LEASE_SECONDS, ignoreMarks: atStart, limit: BATCH });
     for (const run of queued) await queueRun(deps, run.id);
 
     let resumed = 0;
