@@ -50,7 +50,17 @@ export interface AgentRuns {
 export async function openAgentRuns({ settings, database, logger, redis, queue, metrics, tools = {} }: AgentRunsOptions): Promise<AgentRuns> {
   const runtime = await startModelRuntime({ database, db: database.db, settings, log: logger, metrics, redis });
   const bus = createRunBus({ settings, db: database.db, log: logger, redis });
-  const deps: RunDeps = { db: database.db, settings, log: logger, bus, queue, models: runtime.models, tools, charged: (userId) => runtime.meter.written(userId) };
+  const deps: RunDeps = {
+    db: database.db,
+    settings,
+    log: logger,
+    bus,
+    queue,
+    models: runtime.models,
+    tools,
+    charged: (userId) => runtime.meter.written(userId),
+    refuseSpentKeyRpm: (keyId, rpm) => runtime.meter.refuseSpentKeyRpm(keyId, rpm),
+  };
   const runner = new AgentRunner(deps);
   let sweeper: RunSweeper | null = null;
   let stopJobs = async (): Promise<void> => undefined;

@@ -79,6 +79,9 @@ const keyBudgetOf = (ctx: ServiceContext): string | null => (ctx.principal.apiKe
 /** The run's agent, model and first-step credit check; `ownerId` is whose thread it runs on (who pays). */
 async function plan(ctx: ServiceContext, ownerId: string, agentId: string | undefined, model: string | undefined, input: string | undefined, history: readonly HistoryMessage[] = [], early: EarlyReads = readEarly(ctx, agentId)): Promise<RunPlan> {
   threadService.checkContent(ctx, input, ['body', 'input']);
+  // A key past its rpm: refused before anything is written (its run's first call would be).
+  const rpm = ctx.principal.apiKeyId !== null ? ctx.principal.apiKeyLimits?.rpm : null;
+  if (rpm && ctx.runs.refuseSpentKeyRpm) await ctx.runs.refuseSpentKeyRpm(ctx.principal.apiKeyId!, rpm);
   const found = await early.agent;
   // The default agent too must be one the caller may use (a project-scoped key: its project's or an unassigned one).
   const agent = agentId ? found : found && agentPolicy.check(ctx.principal, found, 'read');

@@ -32,7 +32,7 @@ import * as userCrud from '../crud/user.js';
 import type { CostEstimate, TokenUsage, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
 import { costUnits, unitsCost, ZERO_USAGE } from '../modules/ai-models/index.js';
 import { isoFormatter } from '../utils/iso-time.js';
-import { type CounterStore, counterStore, countersUnavailable } from '../utils/rate-limit.js';
+import { type Count, type CounterStore, counterStore, countersUnavailable } from '../utils/rate-limit.js';
 import { storableText } from '../utils/text.js';
 import { fulfilledWithin } from '../utils/time-limit.js';
 import { type CreditBlock, CreditWindows } from './credit-window.js';
@@ -53,6 +53,7 @@ const RPM_WINDOW_MS = 60_000;
 /** A key's `rpm` refusal, and how to read its wait back from it (a run's error keeps only its words: agent-completions.ts). */
 const keyRateLimitMessage = (rpm: number, seconds: number) => `API key rate limit reached: rpm ${rpm} (model calls per minute); try again in ${seconds} s`;
 export const KEY_RATE_LIMITED = /^API key rate limit reached: rpm \d+ \(model calls per minute\); try again in (\d+) s$/;
+const rpmRefusal = (rpm: number, counted: Count) => new TooManyRequestsError(counted.ttlMs / 1000, keyRateLimitMessage(rpm, Math.max(1, Math.ceil(counted.ttlMs / 1000))));
 
 /** Drizzle's query errors carry the statement's parameters (here: whole batches); log the driver's error. */
 const cause = (error: unknown): unknown => (error as { cause?: unknown }).cause ?? error;
@@ -329,14 +330,27 @@ export class UsageMeterService implements UsageMeter {
 
   private async countRequest(estimate: CostEstimate, rpm: number): Promise<void> {
     const keyId = estimate.context.api_key_id!;
-    let counted;
+    const counted = await this.rpmCounter(keyId, (key) => this.counters.hit(key, RPM_WINDOW_MS));
+    if (counted.count > rpm) throw rpmRefusal(rpm, counted);
+  }
+
+  /**
+   * A run's start through a key with `rpm` (run-service.ts): 429 when the key has made its `rpm`
+   * calls this minute, so its first call would be refused — before the start writes a thread, its
+   * messages and a run that would only fail (one per refused call), as a catalog model's call writes
+   * nothing. A look, counting nothing: the run's model calls count as they are made (reserve), and
+   * starts at the same moment may all pass it, to be refused by their first call's count.
+   */
+  async refuseSpentKeyRpm(keyId: string, rpm: number): Promise<void> {
+    const counted = await this.rpmCounter(keyId, (key) => this.counters.peek(key));
+    if (counted.count >= rpm) throw rpmRefusal(rpm, counted);
+  }
+
+  private async rpmCounter(keyId: string, read: (key: string) => Promise<Count>): Promise<Count> {
     try {
-      counted = await this.counters.hit(`${this.rpmPrefix}${keyId}`, RPM_WINDOW_MS);
+      return await read(`${this.rpmPrefix}${keyId}`);
     } catch (error) {
       throw countersUnavailable(this.log, error, { apiKeyId: keyId });
-    }
-    if (counted.count > rpm) {
-      throw new TooManyRequestsError(counted.ttlMs / 1000, keyRateLimitMessage(rpm, Math.max(1, Math.ceil(counted.ttlMs / 1000))));
     }
   }
 

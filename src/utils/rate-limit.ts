@@ -23,6 +23,8 @@ export interface CounterStore {
   hit(key: string, windowMs: number): Promise<Count>;
   /** Takes one back: the hit turned out not to count (a successful login). */
   refund(key: string): Promise<void>;
+  /** Reads `key` without counting (count 0 when its window has ended or never began). */
+  peek(key: string): Promise<Count>;
 }
 
 // One round trip each; the key gets its expiry in the same step as its first increment.
@@ -33,6 +35,7 @@ return {c, t}`;
 const REFUND_SCRIPT = `local c = tonumber(redis.call('GET', KEYS[1]) or '0')
 if c > 0 then return redis.call('DECR', KEYS[1]) end
 return 0`;
+const PEEK_SCRIPT = `return {tonumber(redis.call('GET', KEYS[1]) or '0'), redis.call('PTTL', KEYS[1])}`;
 
 class RedisCounters implements CounterStore {
   constructor(private readonly redis: Redis) {}
@@ -44,6 +47,11 @@ class RedisCounters implements CounterStore {
 
   async refund(key: string): Promise<void> {
     await this.redis.eval(REFUND_SCRIPT, 1, key);
+  }
+
+  async peek(key: string): Promise<Count> {
+    const [count, ttlMs] = (await this.redis.eval(PEEK_SCRIPT, 1, key)) as [number, number];
+    return { count, ttlMs: Math.max(ttlMs, 0) };
   }
 }
 
@@ -69,6 +77,12 @@ export class MemoryCounters implements CounterStore {
   async refund(key: string): Promise<void> {
     const counter = this.counters.get(key);
     if (counter && counter.count > 0) counter.count -= 1;
+  }
+
+  async peek(key: string): Promise<Count> {
+    const now = Date.now();
+    const counter = this.counters.get(key);
+    return counter && counter.resetAt > now ? { count: counter.count, ttlMs: counter.resetAt - now } : { count: 0, ttlMs: 0 };
   }
 
   /** Drops expired counters, or the oldest one when none has expired (Map keeps insertion order). */

@@ -365,6 +365,34 @@ describe('what an agent model refuses', () => {
     expect((await busy).choices[0]!.message.content).toBe('slow answer');
     expect((await threadMessages(owner.headers, thread.id)).map((m) => m.content)).toEqual(['First', 'slow answer']);
   });
+
+  it("answers a key past its rpm with 429 before anything is written, as a catalog model does (no thread per refused call); a run's every model call counts", async () => {
+    const user = await createUser(ctx.app);
+    const tooled = `agent:${(await createAgent(ctx.app, user.headers, { name: 'Searcher', tools: ['knowledge_search'] })).id}`;
+    const paced = clientWith((await createKey(ctx.app, user, { name: 'paced', rpm: 1 })).key);
+    const threadCount = async () => (await api('GET', '/threads?limit=100', user.headers)).json<{ count: number }>().count;
+    // The start only looks at the count: the run's first call is the minute's one; its second is
+    // one too many, and fails the run that was written (so the SDK is told not to retry).
+    fake.script('fake-precise', { text: 'Let me check. ', toolCalls: [{ id: 'call_1', name: 'knowledge_search', arguments: '{"query":"pace"}' }] });
+    const failedRun = await apiError(paced.chat.completions.create({ model: tooled, messages: ask('First') }));
+    expect(failedRun.status).toBe(429);
+    expect(failedRun.message).toMatch(/API key rate limit reached: rpm 1/);
+    expect(failedRun.headers?.get('x-should-retry')).toBe('false');
+    expect(fake.requestsFor('fake-precise')).toHaveLength(1);
+    expect(await threadCount()).toBe(1);
+    // Past the limit, every call (stream or not) is refused before its start writes anything.
+    for (const stream of [false, true, false, true, false]) {
+      const error = await apiError(paced.chat.completions.create({ model: tooled, messages: ask('Over the limit'), stream }));
+      expect(error.status, `stream ${stream}`).toBe(429);
+      expect(error.error).toMatchObject({ type: 'requests', code: 'rate_limit_exceeded' });
+      expect(error.message).toMatch(/API key rate limit reached: rpm 1/);
+      expect(error.headers?.get('retry-after')).toMatch(/^\d+$/);
+      // Nothing was written or called: the SDK may retry it once the minute has passed.
+      expect(error.headers?.get('x-should-retry')).toBeNull();
+    }
+    expect(await threadCount()).toBe(1);
+    expect(fake.requestsFor('fake-precise')).toHaveLength(1);
+  });
 });
 
 describe('runs that do not end well', () => {
@@ -501,9 +529,10 @@ describe('with billing on', () => {
       expect(error.error).toMatchObject({ type: 'requests', code: 'rate_limit_exceeded' });
       expect(error.message).toMatch(/API key rate limit reached: rpm 1/);
       expect(error.headers?.get('retry-after')).toMatch(/^\d+$/);
-      // The run was written: a retry by the SDK would start (and pay for) another.
-      expect(error.headers?.get('x-should-retry')).toBe('false');
+      // Refused before its start wrote anything (the first call spent the minute): nothing to pay for again.
+      expect(error.headers?.get('x-should-retry')).toBeNull();
     }
+    expect((await billed.app.inject({ method: 'GET', url: '/api/v1/threads', headers: payer.headers })).json<{ count: number }>().count).toBe(1);
     const capped = await clientOf({ max_budget: '5' });
     for (const stream of [false, true]) {
       const error = await apiError(capped.chat.completions.create({ model: `agent:${agent.id}`, messages: ask('Hi'), stream }));

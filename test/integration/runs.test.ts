@@ -1063,6 +1063,32 @@ describe('limits and access', () => {
     for (const run of [...started.slice(1), replacing.json<RunBody>()]) await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
   });
 
+  it("a key's rpm: once its calls this minute are spent, a start answers 429 with retry-after before writing anything (POST /threads/{id}/runs, POST /runs); a run's model calls are what counts", async () => {
+    const { owner, thread } = await setup();
+    const headers = xApiKey((await createKey(ctx.app, owner, { name: 'paced', rpm: 1 })).key);
+    // The start looks at the count without adding to it: the run's one call is the minute's one.
+    fake.script(MODEL, { text: 'first' });
+    const first = await startRun(ctx.app, headers, thread.id, { input: 'one' });
+    expect(await waitForRun(ctx.app, headers, first.id, ['completed', 'failed'])).toMatchObject({ status: 'completed' });
+    const runsBefore = (await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<{ count: number }>().count;
+    const messagesBefore = (await threadMessages(owner, thread.id)).length;
+    const threadsBefore = (await api('GET', '/threads', owner.headers)).json<{ count: number }>().count;
+    for (const [url, body] of [
+      [`/threads/${thread.id}/runs`, { input: 'over the limit' }],
+      ['/runs', { input: 'over the limit', thread: { title: 'never' } }],
+    ] as const) {
+      const refused = await api('POST', url, headers, body);
+      expect(refused.statusCode, url).toBe(429);
+      expect(refused.json<{ detail: string }>().detail).toMatch(/^API key rate limit reached: rpm 1 \(model calls per minute\); try again in \d+ s$/);
+      expect(Number(refused.headers['retry-after'])).toBeGreaterThan(0);
+    }
+    // No run, no message, no thread; no model call.
+    expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<{ count: number }>().count).toBe(runsBefore);
+    expect(await threadMessages(owner, thread.id)).toHaveLength(messagesBefore);
+    expect((await api('GET', '/threads', owner.headers)).json<{ count: number }>().count).toBe(threadsBefore);
+    expect(fake.requestsFor(MODEL)).toHaveLength(1);
+  });
+
   it("a superuser's GET /runs/active lists their own queued and running runs, as it says; another user's run they still read by id and by thread", async () => {
     fake.script(MODEL, ...Array.from({ length: 2 }, () => ({ chunks: ['slow ', 'one'], chunkDelayMs: 300 })));
     const { owner, thread } = await setup();

@@ -33,6 +33,8 @@ export interface RunDeps {
    * after its calls' charges. With `userId`, that user's credit-window block no call is using goes back too.
    */
   charged?: (userId?: string) => Promise<void>;
+  /** Refuses (429) a run's start through a key that has made its `rpm` calls this minute (UsageMeterService.refuseSpentKeyRpm). */
+  refuseSpentKeyRpm?: (keyId: string, rpm: number) => Promise<void>;
 }
 
 /** A run as clients see it (GET /runs/{id} and the `run` of run.* events): no lease internals. */
