@@ -9,7 +9,8 @@ import { registerAccessLog } from './core/access-log.js';
 import type { Settings } from './core/config.js';
 import { registerCors } from './core/cors.js';
 import type { Database, Db } from './core/db.js';
-import { registerErrorHandler, ShuttingDownError } from './core/errors.js';
+import { registerErrorHandler, ShuttingDownError, UpstreamLoopError } from './core/errors.js';
+import { carriesHop, HOP_HEADER, hopMark } from './core/hop.js';
 import { serverOptions, slashesInLastSegment, trackConnections } from './core/http-server.js';
 import { lazyRequestLogger, type Logger } from './core/logger.js';
 import { type EmbeddedMaintenance, startEmbeddedMaintenance } from './core/maintenance.js';
@@ -194,6 +195,13 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.addHook('onRequest', (_request, _reply, done) => {
     if (!closing) return done();
     done(new ShuttingDownError());
+  });
+  // A request this deployment sent to one of its providers (core/hop.ts): a provider record points
+  // at Keel itself. Refused here, on every route, before authentication, metering or a model call.
+  const ownHop = hopMark(settings.SECRET_KEY);
+  app.addHook('onRequest', (request, _reply, done) => {
+    if (!carriesHop(request.headers[HOP_HEADER], ownHop)) return done();
+    done(new UpstreamLoopError());
   });
   await app.register(formbody, { bodyLimit: settings.BODY_LIMIT_BYTES });
   // An empty body sent as JSON is no body (as FastAPI reads it): a DELETE from a client that sets

@@ -158,6 +158,19 @@ export class ShuttingDownError extends ServiceUnavailableError {
   }
 }
 
+/**
+ * A request this deployment sent to a model provider that came back to it (its hop mark: hop.ts),
+ * so a provider record's base_url points at Keel itself. A 400, not 508 Loop Detected: the Keel
+ * that sent it tries a 5xx again (MODEL_MAX_RETRIES) and tells its client only "status 508", while
+ * an upstream 400 is not tried again, and its message and code reach the first caller as the
+ * provider's refusal. So one client call makes exactly one nested request.
+ */
+export class UpstreamLoopError extends HttpError {
+  constructor() {
+    super(400, 'Loop detected: this request was sent by this Keel deployment to one of its model providers, so a provider record\'s base_url points at Keel itself; point it at the model provider instead');
+  }
+}
+
 /** 404 for a URL no route answers (`path`: without the query string). */
 export class RouteNotFoundError extends HttpError {
   constructor(

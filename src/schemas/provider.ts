@@ -33,7 +33,8 @@ const FRAMING_HEADERS = new Set([
 const HeaderName = z
   .string()
   .regex(/^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$/, { error: 'Not an HTTP header name' })
-  // Keel's own: the model manager tells the SDK's fetch what answer to expect in one (answer-limit.ts).
+  // Keel's own: the model manager tells the SDK's fetch what answer to expect in one (answer-limit.ts),
+  // and every request carries the deployment's hop mark in another (core/hop.ts), which a record must not replace.
   .refine((name) => !name.toLowerCase().startsWith('x-keel-'), { error: 'Header names starting with x-keel- are reserved for Keel' })
   .refine((name) => !FRAMING_HEADERS.has(name.toLowerCase()), { error: 'The HTTP client sets this header itself' });
 /** What an HTTP header's value may hold: no line breaks or other control characters (the client refuses them), no characters past Latin-1. */

@@ -10,7 +10,8 @@ import { setImmediate as setImmediatePromise } from 'node:timers/promises';
 
 import { jsonSchema, type JSONSchema7, type ModelMessage, type ToolChoice, type ToolSet } from 'ai';
 
-import { HttpError, MethodNotAllowedError, RouteNotFoundError } from '../core/errors.js';
+import { HttpError, MethodNotAllowedError, RouteNotFoundError, UpstreamLoopError } from '../core/errors.js';
+import { UPSTREAM_LOOP_CODE } from '../core/hop.js';
 import type { Logger } from '../core/logger.js';
 
 import { nestsWithin } from '../schemas/common.js';
@@ -879,6 +880,7 @@ function isModelCallFailure(thrown: unknown): boolean {
 function describeError(status: number, detail: unknown, thrown: unknown): Described {
   if (thrown instanceof InvalidRequestError) return error(400, thrown.detail, thrown.param);
   if (thrown instanceof CodedOpenAIError) return error(thrown.statusCode, thrown.detail, null, thrown.code);
+  if (thrown instanceof UpstreamLoopError) return error(400, thrown.detail, null, UPSTREAM_LOOP_CODE);
   if (thrown instanceof RouteNotFoundError) return error(404, `Unknown request URL: ${thrown.method} ${thrown.path}`, null, 'unknown_url');
   if (thrown instanceof MethodNotAllowedError) return error(405, `Invalid method for URL: ${thrown.method} ${thrown.path} (it takes ${thrown.allow.join(', ')})`);
   if (thrown instanceof ModelNotFoundError) return error(404, `The model \`${thrown.model}\` does not exist or you do not have access to it.`, null, 'model_not_found');

@@ -22,6 +22,9 @@ export interface FakeManagerOptions {
   sdks?: SdkLoader;
 }
 
+/** The SECRET_KEY of a fakeModelManager's providers: what their hop mark is made of (core/hop.ts). */
+export const MANAGER_SECRET_KEY = 'model-manager-test-secret-key-0123456789';
+
 /**
  * A ModelManager whose provider `fake` (openai-compatible, key `fake-key`, header `x-team: keel`)
  * is the fake model server, metered into `records`, with short timeouts and retry waits for tests.
@@ -32,7 +35,7 @@ export function fakeModelManager(server: FakeModelServer, options: FakeManagerOp
   return new ModelManager({
     catalog: new ModelCatalog(options.builtins ?? [], options.models),
     providers: new ProviderRegistry(
-      { OPENAI_API_KEY: options.openaiKey, OPENAI_BASE_URL: server.url, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined, MODEL_MAX_RESPONSE_BYTES: maxResponseBytes },
+      { OPENAI_API_KEY: options.openaiKey, OPENAI_BASE_URL: server.url, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined, MODEL_MAX_RESPONSE_BYTES: maxResponseBytes, SECRET_KEY: MANAGER_SECRET_KEY },
       [{ id: 'fake', kind: 'openai-compatible', base_url: server.url, api_key: 'fake-key', headers: { 'x-team': 'keel' } }, ...(options.providers ?? [])],
       options.sdks,
     ),

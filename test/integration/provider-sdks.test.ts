@@ -152,7 +152,7 @@ describe('SDK packages loaded on first use', () => {
     failing.add('google');
     const told: [string, string, string][] = [];
     const registry = new ProviderRegistry(
-      { OPENAI_API_KEY: undefined, OPENAI_BASE_URL: undefined, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined, MODEL_MAX_RESPONSE_BYTES: 1_000_000 },
+      { OPENAI_API_KEY: undefined, OPENAI_BASE_URL: undefined, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined, MODEL_MAX_RESPONSE_BYTES: 1_000_000, SECRET_KEY: 'provider-test-secret-key-0123456789' },
       [{ id: 'gem', kind: 'google', base_url: fake.server.url, api_key: 'g-key-test' }],
       loader,
       (error, provider, kind) => told.push([String(error), provider, kind]),

@@ -70,6 +70,7 @@ describe('/providers', () => {
     }
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'bad header': 'v' } }), ['body', 'headers', 'bad header']);
     expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'X-Keel-Answer': 'stream' } }), ['body', 'headers', 'X-Keel-Answer']);
+    expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'x-keel-hop': 'another-mark' } }), ['body', 'headers', 'x-keel-hop']);
     // What would make every call to the provider fail: a value the HTTP client refuses, a header it writes itself, a key that cannot travel in a header.
     for (const value of ['v\r\nX-Injected: 1', 'v\n', 'nul\u0000', 'snow ☃']) {
       expectValidationError(await api('POST', '/providers', admin, { name: 'x', kind: 'openai', headers: { 'X-A': value } }), ['body', 'headers', 'X-A']);

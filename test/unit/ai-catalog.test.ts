@@ -82,7 +82,7 @@ describe('ModelCatalog with overrides', () => {
 });
 
 describe('ProviderRegistry credentials', () => {
-  const none = { OPENAI_API_KEY: undefined, OPENAI_BASE_URL: undefined, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined, MODEL_MAX_RESPONSE_BYTES: 16_777_216 };
+  const none = { OPENAI_API_KEY: undefined, OPENAI_BASE_URL: undefined, ANTHROPIC_API_KEY: undefined, GOOGLE_GENERATIVE_AI_API_KEY: undefined, MODEL_MAX_RESPONSE_BYTES: 16_777_216, SECRET_KEY: 'provider-test-secret-key-0123456789' };
 
   it('names the missing setting for each built-in provider, in the status and in the error', () => {
     const registry = new ProviderRegistry(none);

@@ -24,6 +24,8 @@ import { generateId, secureJsonParse, StreamingToolCallTracker } from '@ai-sdk/p
 import { APICallError, type ModelMessage } from 'ai';
 import { Agent, type Dispatcher } from 'undici';
 
+import { UPSTREAM_LOOP_CODE } from '../../core/hop.js';
+
 import { AsyncQueue } from '../../utils/async-queue.js';
 import { logprobsTooLong, logprobsWeight } from './answer-limit.js';
 import { ModelAnswerLimitError, StreamErrorEvent } from './errors.js';
@@ -528,7 +530,8 @@ export class OpenAIWire {
       return await this.embedAs('base64', call, signal, maxBytes);
     } catch (error) {
       // Some servers refuse base64 (older vLLM, proxies in front of OpenAI's API) rather than ignore it: ask them for numbers, from now on.
-      if (!(error instanceof APICallError) || !REFUSED_REQUEST.has(error.statusCode ?? 0)) throw error;
+      // Not Keel refusing its own request (core/hop.ts): that loop, asked again for numbers, would only be refused again.
+      if (!(error instanceof APICallError) || !REFUSED_REQUEST.has(error.statusCode ?? 0) || errorCode(error.responseBody) === UPSTREAM_LOOP_CODE) throw error;
       const answer = await this.embedAs('float', call, signal, maxBytes);
       this.floatsOnly = true;
       return answer;
@@ -562,6 +565,15 @@ export class OpenAIWire {
       // not OpenAI's error object: the status says it
     }
     return upstreamError(url, call, message, statusCode, headers, text);
+  }
+}
+
+/** The `code` of OpenAI's error object in an error answer's body, if it is one. */
+function errorCode(body: string | undefined): unknown {
+  try {
+    return (JSON.parse(body ?? '') as { error?: { code?: unknown } } | null)?.error?.code;
+  } catch {
+    return undefined; // not JSON: no code
   }
 }
 

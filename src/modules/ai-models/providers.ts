@@ -10,6 +10,7 @@ import type { Agent } from 'undici';
 
 import type { Settings } from '../../core/config.js';
 import { HttpError } from '../../core/errors.js';
+import { HOP_HEADER, hopMark } from '../../core/hop.js';
 
 import { limitedFetch } from './answer-limit.js';
 import { OpenAIWire, wireDispatcher } from './openai-wire.js';
@@ -35,8 +36,8 @@ export type ProviderCredentialSettings = Pick<
   'OPENAI_API_KEY' | 'OPENAI_BASE_URL' | 'ANTHROPIC_API_KEY' | 'GOOGLE_GENERATIVE_AI_API_KEY'
 >;
 
-/** The credentials, and the most of an answer the SDK's providers may read (see answer-limit.ts). */
-export type ProviderSettings = ProviderCredentialSettings & Pick<Settings, 'MODEL_MAX_RESPONSE_BYTES'>;
+/** The credentials, the most of an answer the SDK's providers may read (see answer-limit.ts), and the key of the hop mark every request carries (core/hop.ts). */
+export type ProviderSettings = ProviderCredentialSettings & Pick<Settings, 'MODEL_MAX_RESPONSE_BYTES' | 'SECRET_KEY'>;
 
 export interface ProviderStatus {
   available: boolean;
@@ -77,12 +78,12 @@ function isBuiltin(id: string): id is BuiltinId {
   return Object.hasOwn(BUILTIN_KEYS, id);
 }
 
-/** `sdks`: Anthropic's and Google's packages, loaded by then (ProviderRegistry.ready). */
-function create(record: ProviderRecord, fetch: typeof globalThis.fetch, sdks: SdkLoader): SdkProvider {
+/** `headers`: the record's and Keel's own (ProviderRegistry.sentHeaders); `sdks`: Anthropic's and Google's packages, loaded by then (ProviderRegistry.ready). */
+function create(record: ProviderRecord, headers: Record<string, string>, fetch: typeof globalThis.fetch, sdks: SdkLoader): SdkProvider {
   const common = {
     apiKey: record.api_key ?? undefined,
     baseURL: record.base_url ?? undefined,
-    headers: record.headers ?? undefined,
+    headers,
     fetch,
   };
   switch (record.kind) {
@@ -104,7 +105,7 @@ function create(record: ProviderRecord, fetch: typeof globalThis.fetch, sdks: Sd
         name: record.id,
         baseURL: record.base_url ?? '',
         apiKey: record.api_key ?? undefined,
-        headers: record.headers ?? undefined,
+        headers,
         fetch,
         includeUsage: true,
         // `response_format: json_schema` as OpenAI's API defines it (vLLM, Ollama, LiteLLM, OpenRouter speak it).
@@ -149,6 +150,8 @@ export class ProviderRegistry {
   private dispatcher: Agent | undefined;
   /** Every SDK provider's fetch: the answer limit on what it reads. */
   private readonly fetch: typeof globalThis.fetch;
+  /** What every request to a provider carries besides its record's headers: this deployment's hop mark (core/hop.ts). */
+  private readonly ownHeaders: Record<string, string>;
 
   constructor(
     private readonly settings: ProviderSettings,
@@ -159,6 +162,7 @@ export class ProviderRegistry {
     private readonly onSdkLoadError: (error: unknown, providerId: string, kind: string) => void = () => undefined,
   ) {
     this.fetch = limitedFetch(settings.MODEL_MAX_RESPONSE_BYTES);
+    this.ownHeaders = { [HOP_HEADER]: hopMark(settings.SECRET_KEY) };
     this.setRecords(records);
   }
 
@@ -232,12 +236,21 @@ export class ProviderRegistry {
     return { available: true };
   }
 
+  /**
+   * The headers a provider is sent, on the SDK's paths and the wire alike: its record's, then Keel's
+   * own, last so that nothing replaces them (a record cannot name them anyway: `x-keel-` is reserved).
+   */
+  private sentHeaders(record: ProviderRecord): Record<string, string> {
+    return { ...record.headers, ...this.ownHeaders };
+  }
+
   private client(id: string): SdkProvider {
     const status = this.status(id);
     if (!status.available) throw new ProviderUnavailableError(id, status.reason ?? 'unavailable', status.missing);
     let client = this.clients.get(id);
     if (!client) {
-      client = create(this.resolve(id) as ProviderRecord, this.fetch, this.sdks);
+      const record = this.resolve(id) as ProviderRecord;
+      client = create(record, this.sentHeaders(record), this.fetch, this.sdks);
       this.clients.set(id, client);
     }
     return client;
@@ -285,7 +298,7 @@ export class ProviderRegistry {
       this.client(providerId); // the same availability check as the SDK's path
       const record = this.resolve(providerId) as ProviderRecord;
       const baseUrl = record.kind === 'openai-compatible' ? (record.base_url ?? '') : record.kind === 'openai' ? (record.base_url ?? this.settings.OPENAI_BASE_URL ?? OPENAI_BASE_URL) : undefined;
-      const wire = baseUrl === undefined ? null : new OpenAIWire(baseUrl, record.api_key, record.headers, (this.dispatcher ??= wireDispatcher()));
+      const wire = baseUrl === undefined ? null : new OpenAIWire(baseUrl, record.api_key, this.sentHeaders(record), (this.dispatcher ??= wireDispatcher()));
       entry = { wire, chat: record.kind === 'openai-compatible' };
       this.wires.set(providerId, entry);
     }

@@ -1,0 +1,169 @@
+/**
+ * Keel as its own model provider (core/hop.ts): a provider record whose base_url is this
+ * deployment's /v1, with one of its API keys, made one call recurse without bound. Every request
+ * to a provider carries the deployment's hop mark, and a request that comes in with it is refused
+ * (400 `upstream_loop`) before authentication, metering or a model call: one call, one nested
+ * request. Another deployment's mark is served as any request is.
+ */
+import { count } from 'drizzle-orm';
+import { describe, expect, it } from 'vitest';
+
+import { UpstreamLoopError } from '../../src/core/errors.js';
+import { HOP_HEADER, hopMark } from '../../src/core/hop.js';
+
+import { usageRecords } from '../../src/models/index.js';
+
+import type { ModelOverride } from '../../src/modules/ai-models/types.js';
+import type { OpenAIErrorBody } from '../../src/services/openai-gateway.js';
+import { useTestApp } from '../helpers/app.js';
+import { listen } from '../helpers/browser.js';
+import { superuserHeaders } from '../helpers/factories.js';
+import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { call } from '../helpers/http.js';
+import { fakeModelManager, MANAGER_SECRET_KEY, useFakeManagerServer } from '../helpers/model-manager.js';
+
+const pricing = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' };
+const hello = [{ role: 'user' as const, content: 'Hello' }];
+const UpstreamLoopMessage = new UpstreamLoopError().detail;
+const errorOf = (body: string) => (JSON.parse(body) as OpenAIErrorBody).error;
+
+describe('requests to providers', () => {
+  const fake = useFakeManagerServer();
+  const MODELS: ModelOverride[] = [
+    { id: 'hop-wire', provider: 'fake', capabilities: ['chat'], pricing },
+    { id: 'hop-wire-embed', provider: 'fake', capabilities: ['embedding'], pricing },
+    { id: 'hop-openai', provider: 'oai', capabilities: ['chat'], pricing },
+    { id: 'hop-claude', provider: 'ant', capabilities: ['chat'], pricing },
+    { id: 'hop-gemini', provider: 'gem', capabilities: ['chat'], pricing },
+    { id: 'hop-gemini-embed', provider: 'gem', capabilities: ['embedding'], pricing },
+  ];
+
+  it('carry the deployment\'s hop mark on every path: the wire and the SDK\'s, chat, stream and embeddings, of every kind', async () => {
+    const m = fakeModelManager(fake.server, {
+      models: MODELS,
+      records: fake.records,
+      providers: [
+        // A record's own x-keel- header cannot be stored (schemas/provider.ts); were one there, the mark goes last all the same.
+        { id: 'oai', kind: 'openai', base_url: fake.server.url, api_key: 'sk-oai-test', headers: { [HOP_HEADER]: 'from-the-record' } },
+        { id: 'ant', kind: 'anthropic', base_url: fake.server.url, api_key: 'sk-ant-test' },
+        { id: 'gem', kind: 'google', base_url: fake.server.url, api_key: 'g-key-test' },
+      ],
+      overrides: { maxRetries: 0 },
+    });
+    try {
+      const streamed = async (model: string) => {
+        for await (const event of m.stream({ model, messages: hello })) void event;
+      };
+      for (const model of ['hop-wire', 'hop-openai', 'hop-claude', 'hop-gemini']) {
+        await m.chat({ model, messages: hello });
+        await streamed(model);
+      }
+      // Provider options take an openai-compatible call off the wire, to the SDK's provider.
+      await m.chat({ model: 'hop-wire', messages: hello, providerOptions: { fake: { user: 'someone' } } });
+      await m.embed({ model: 'hop-wire-embed', values: ['hello'] });
+      await m.embed({ model: 'hop-gemini-embed', values: ['hello'] }).catch(() => undefined); // the fake does not speak embedContent: what was sent is looked at
+    } finally {
+      await m.close();
+    }
+    const sent = fake.server.log.map((r) => [r.path, r.headers[HOP_HEADER]]);
+    expect(sent).toHaveLength(11);
+    expect(sent).toEqual(sent.map(([path]) => [path, hopMark(MANAGER_SECRET_KEY)]));
+    // A mark of 22 characters that says nothing of the key; another key, another deployment's mark.
+    expect(hopMark(MANAGER_SECRET_KEY)).toMatch(/^[\w-]{22}$/);
+    expect(hopMark(MANAGER_SECRET_KEY)).not.toContain(MANAGER_SECRET_KEY.slice(0, 8));
+    expect(hopMark(`${MANAGER_SECRET_KEY}-elsewhere`)).not.toBe(hopMark(MANAGER_SECRET_KEY));
+  });
+});
+
+describe('a provider record that points at Keel itself', () => {
+  // Retries on (the default): a refused hop must not be tried again.
+  const ctx = useTestApp({ MODEL_MAX_RETRIES: '2', MODEL_RETRY_MAX_WAIT_MS: '100' });
+  const v1Chat = (headers: Record<string, string>, payload: object) => ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers, payload });
+
+  /** Requests that reach the app's server, by path. */
+  function countRequests(): Map<string, number> {
+    const seen = new Map<string, number>();
+    ctx.app.server.on('request', (request: { url?: string }) => {
+      const path = (request.url ?? '').split('?', 1)[0]!;
+      seen.set(path, (seen.get(path) ?? 0) + 1);
+    });
+    return seen;
+  }
+
+  it('answers one call with the loop named after exactly one nested request: chat, stream, embeddings and an agent on such a model', async () => {
+    const origin = await listen(ctx.app);
+    const seen = countRequests();
+    const admin = await superuserHeaders(ctx.app);
+    const key = (await call(ctx.app, 'POST', '/api-keys', admin, { name: 'loop' })).json<{ key: string }>();
+    const provider = await call(ctx.app, 'POST', '/providers', admin, { name: 'self', kind: 'openai-compatible', base_url: `${origin}/v1`, api_key: key.key });
+    expect(provider.statusCode, provider.body).toBe(200);
+    for (const model of [
+      { id: 'loop', provider: 'self', pricing },
+      { id: 'loop-embed', provider: 'self', capabilities: ['embedding'], pricing },
+    ]) {
+      const created = await call(ctx.app, 'POST', '/models', admin, model);
+      expect(created.statusCode, created.body).toBe(200);
+    }
+    const post = async (path: string, body: unknown) => {
+      const response = await fetch(`${origin}${path}`, { method: 'POST', headers: { 'content-type': 'application/json', ...admin }, body: JSON.stringify(body), signal: AbortSignal.timeout(30_000) });
+      return { status: response.status, text: await response.text() };
+    };
+
+    const answered = await post('/v1/chat/completions', { model: 'loop', messages: hello });
+    expect(seen.get('/v1/chat/completions')).toBe(2);
+    expect(answered.status).toBe(400);
+    expect(errorOf(answered.text).code).toBe('upstream_loop');
+    expect(errorOf(answered.text).message).toContain('Loop detected');
+
+    const streamed = await post('/v1/chat/completions', { model: 'loop', messages: hello, stream: true });
+    expect(seen.get('/v1/chat/completions')).toBe(4);
+    expect(streamed.text).toContain('upstream_loop');
+
+    const embedded = await post('/v1/embeddings', { model: 'loop-embed', input: 'hello' });
+    expect(seen.get('/v1/embeddings')).toBe(2);
+    expect([embedded.status, errorOf(embedded.text).code]).toEqual([400, 'upstream_loop']);
+
+    // An agent on it: its run's model call is the nested request, refused; the run fails saying why.
+    const agent = await call(ctx.app, 'POST', '/agents', admin, { name: 'Loop agent', model: 'loop' });
+    expect(agent.statusCode, agent.body).toBe(200);
+    const run = await post('/v1/chat/completions', { model: `agent:${agent.json<{ id: string }>().id}`, messages: hello });
+    expect(seen.get('/v1/chat/completions')).toBe(6);
+    expect(run.status).toBeGreaterThanOrEqual(400);
+    expect(run.text).toContain('Loop detected');
+  }, 60_000);
+
+  it('refuses a request with this deployment\'s mark on any route, before authentication and metering; serves another deployment\'s', async () => {
+    const fake = await FakeModelServer.start();
+    try {
+      const admin = await superuserHeaders(ctx.app);
+      expect((await call(ctx.app, 'POST', '/providers', admin, { name: 'real', kind: 'openai-compatible', base_url: fake.url })).statusCode).toBe(200);
+      expect((await call(ctx.app, 'POST', '/models', admin, { id: 'real-model', provider: 'real', pricing })).statusCode).toBe(200);
+      const [before] = await ctx.database.db.select({ value: count() }).from(usageRecords);
+      const ownMark = { [HOP_HEADER]: hopMark(ctx.app.settings.SECRET_KEY) };
+      const chat = { model: 'real-model', messages: hello };
+
+      const refused = await v1Chat({ ...admin, ...ownMark }, chat);
+      expect(refused.statusCode).toBe(400);
+      expect(errorOf(refused.body)).toEqual({ message: UpstreamLoopMessage, type: 'invalid_request_error', param: null, code: 'upstream_loop' });
+      // Without credentials too: the mark is checked first.
+      expect((await v1Chat(ownMark, chat)).json()).toMatchObject({ error: { code: 'upstream_loop' } });
+      // Joined with another deployment's by a proxy: still this one's.
+      expect((await v1Chat({ ...admin, [HOP_HEADER]: `${hopMark('another-deployment-secret-key-000000')}, ${ownMark[HOP_HEADER]}` }, chat)).statusCode).toBe(400);
+      // The API's own routes (runs, threads: an agent's model could lead there) answer in their shape.
+      const api = await call(ctx.app, 'GET', '/users/me', { ...admin, ...ownMark });
+      expect([api.statusCode, api.json<{ detail: string }>().detail]).toEqual([400, expect.stringContaining('Loop detected')]);
+      expect(fake.log).toHaveLength(0);
+      const [after] = await ctx.database.db.select({ value: count() }).from(usageRecords);
+      expect(after).toEqual(before);
+
+      // What another deployment (another SECRET_KEY) sends its providers: served as any call is.
+      const served = await v1Chat({ ...admin, [HOP_HEADER]: hopMark('another-deployment-secret-key-000000') }, chat);
+      expect(served.statusCode, served.body).toBe(200);
+      expect(fake.log).toHaveLength(1);
+      // And this deployment's mark goes on to its provider, as on every request it sends one.
+      expect(fake.log[0]!.headers[HOP_HEADER]).toBe(ownMark[HOP_HEADER]);
+    } finally {
+      await fake.close();
+    }
+  });
+});
