@@ -20,6 +20,7 @@ export const providersRouter: FastifyPluginAsyncZod = async (app) => {
     errors: { delete: [409] },
     descriptions: {
       create: 'Superusers only. The API key and headers are stored encrypted and never returned; `name` is what models refer to as their provider. 409 when the name is taken.',
+      update: 'Superusers only. A change of `base_url` or `kind` does not keep the stored `api_key` and `headers`: give them again in the same request (or `null` to drop them), else 422 naming each one. Kept, they would go to the new host; refused rather than dropped, so that a record is never left without its key unnoticed.',
       delete: 'Superusers only. 409 while models name it as their provider (delete them or move them to another provider first); a record named `openai`, `anthropic` or `google` is deleted anyway, its models going back to the credentials from the settings.',
     },
   });

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 
 import { transaction } from '../core/db.js';
-import { ConflictError, NotFoundError, UnprocessableError } from '../core/errors.js';
+import { ConflictError, NotFoundError, UnprocessableError, type ValidationIssue } from '../core/errors.js';
 
 import type { ProviderRow } from '../models/index.js';
 
@@ -39,6 +39,23 @@ function sealed(ctx: ServiceContext, id: string, input: ProviderUpdate) {
   return { ...plain, api_key_sealed: seal('api_key', api_key), headers_sealed: seal('headers', headers) };
 }
 
+/**
+ * What a change that moves a record's calls elsewhere (another base_url, or another kind: another
+ * API, another default host) must give again: its stored key and headers, which would otherwise go
+ * to the new host, there to be read by whoever changed it (any superuser, who never saw them).
+ * Given again or given as null (dropped), they are the change's own. Refused rather than dropped:
+ * a record left without its key would fail every call with nothing but `has_api_key: false` to say
+ * why, and a mistaken PATCH would have lost a key no one can read back.
+ */
+function secretsToGiveAgain(current: ProviderRow, input: ProviderUpdate): ValidationIssue[] {
+  const moved = (input.base_url !== undefined && input.base_url !== current.base_url) || (input.kind !== undefined && input.kind !== current.kind);
+  if (!moved) return [];
+  const stored = { api_key: current.api_key_sealed, headers: current.headers_sealed };
+  return (['api_key', 'headers'] as const)
+    .filter((field) => stored[field] !== null && input[field] === undefined)
+    .map((field) => ({ loc: ['body', field], msg: `A change of base_url or kind does not keep the stored ${field} (it would go to the new host): send ${field} again in the same request, or null to drop it`, type: 'missing' }));
+}
+
 /** The `/providers` service: superusers only; every write reloads the app's model manager. */
 export function providerService(models: ModelManager) {
   const reload = (ctx: ServiceContext) => refreshModels(models, ctx.db, ctx.settings, ctx.log);
@@ -74,6 +91,8 @@ export function providerService(models: ModelManager) {
         if ((input.kind !== undefined || input.base_url !== undefined) && (input.kind ?? current.kind) === 'openai-compatible' && !baseUrl) {
           throw new UnprocessableError([{ loc: ['body', 'base_url'], msg: BASE_URL_NEEDED, type: 'value_error' }]);
         }
+        const giveAgain = secretsToGiveAgain(current, input);
+        if (giveAgain.length) throw new UnprocessableError(giveAgain);
         return providerCrud.update(tx, ctx.principal, id, sealed(ctx, id, input));
       });
       ctx.log.info({ provider: row.name, fields: Object.keys(input) }, 'Provider updated');

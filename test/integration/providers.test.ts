@@ -165,6 +165,49 @@ describe('/providers', () => {
     expect(sent['x-org']).toBe(HEADER_VALUE);
   });
 
+  it('a change of base_url or kind does not carry the stored key and headers to the new host: 422 naming them until given again (or null)', async () => {
+    const elsewhere = await FakeModelServer.start();
+    try {
+      const created = await createProvider({ name: 'moving', kind: 'openai-compatible', base_url: fake.url, api_key: API_KEY, headers: { 'X-Org': HEADER_VALUE } });
+      await api('POST', '/models', admin, { id: 'moving-model', provider: 'moving', pricing: { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' } });
+      const chat = () => ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: user.headers, payload: { model: 'moving-model', messages: [{ role: 'user', content: 'hi' }] } });
+      // Another superuser, who never saw the key, points the record at a server of theirs: refused, the record as it was.
+      const other = await createUser(ctx.app, { superuser: true });
+      for (const change of [{ base_url: elsewhere.url }, { base_url: elsewhere.url, enabled: true }, { kind: 'openai' }, { base_url: elsewhere.url, api_key: 'sk-theirs-0123456789' }]) {
+        const refused = await api('PATCH', `/providers/${created.id}`, other.headers, change);
+        expect(refused.statusCode, refused.body).toBe(422);
+        const named = refused.json<{ detail: { loc: string[]; msg: string; type: string }[] }>().detail;
+        expect(named.map((issue) => issue.loc)).toEqual([...('api_key' in change ? [] : [['body', 'api_key']]), ['body', 'headers']]);
+        expect(named.at(-1)).toMatchObject({ type: 'missing', msg: expect.stringContaining('send headers again in the same request, or null to drop it') as string });
+      }
+      expect((await api('GET', `/providers/${created.id}`, admin)).json<ProviderBody>()).toMatchObject({ kind: 'openai-compatible', base_url: fake.url, has_api_key: true, header_names: ['X-Org'] });
+      // The same base_url again moves nothing.
+      expect((await api('PATCH', `/providers/${created.id}`, other.headers, { base_url: fake.url })).statusCode).toBe(200);
+      expect((await chat()).statusCode).toBe(200);
+      expect(fake.requestsFor('moving-model').at(-1)!.headers.authorization).toBe(`Bearer ${API_KEY}`);
+      expect(elsewhere.log).toHaveLength(0);
+
+      // Moved with a key of its own (and its headers dropped): the new host gets that key, never the old secrets.
+      const moved = await api('PATCH', `/providers/${created.id}`, other.headers, { base_url: elsewhere.url, api_key: 'sk-theirs-0123456789', headers: null });
+      expect(moved.statusCode, moved.body).toBe(200);
+      expect(moved.json<ProviderBody>()).toMatchObject({ base_url: elsewhere.url, has_api_key: true, header_names: [] });
+      expect((await chat()).statusCode).toBe(200);
+      expect(elsewhere.log).toHaveLength(1);
+      expect(elsewhere.log[0]!.headers.authorization).toBe('Bearer sk-theirs-0123456789');
+      expect(JSON.stringify(elsewhere.log[0]!.headers)).not.toContain(API_KEY);
+      expect(JSON.stringify(elsewhere.log[0]!.headers)).not.toContain(HEADER_VALUE);
+
+      // Dropped rather than given (null): moved, and unavailable for want of a key, as a record without one is.
+      const dropped = await api('PATCH', `/providers/${created.id}`, other.headers, { kind: 'openai', base_url: null, api_key: null });
+      expect(dropped.statusCode, dropped.body).toBe(200);
+      expect(ctx.app.models.getModel('moving-model')).toMatchObject({ available: false, unavailable_reason: 'Provider moving has no api_key' });
+      expect((await api('DELETE', '/models/moving-model', admin)).statusCode).toBe(200);
+      expect((await api('DELETE', `/providers/${created.id}`, admin)).statusCode).toBe(200);
+    } finally {
+      await elsewhere.close();
+    }
+  });
+
   it('answers 409 for a taken name, 404 for a missing id; null clears the key; delete removes', async () => {
     const created = await createProvider({ name: 'dup', kind: 'anthropic', api_key: 'k' });
     expect((await api('POST', '/providers', admin, { name: 'dup', kind: 'openai' })).statusCode).toBe(409);
@@ -203,7 +246,7 @@ describe('/providers', () => {
     const held = await api('DELETE', `/providers/${local.id}`, admin);
     expect([held.statusCode, held.json<{ detail: string }>().detail]).toEqual([409, expect.stringContaining('used by model house-on-anthropic:')]);
     // Of Anthropic's own kind, the model goes on with the settings' key once the record is gone.
-    expect((await api('PATCH', `/providers/${local.id}`, admin, { kind: 'anthropic', base_url: null })).statusCode).toBe(200);
+    expect((await api('PATCH', `/providers/${local.id}`, admin, { kind: 'anthropic', base_url: null, api_key: null })).statusCode).toBe(200);
     const deleted = await api('DELETE', `/providers/${local.id}`, admin);
     expect(deleted.statusCode, deleted.body).toBe(200);
     expect(ctx.app.models.getModel('house-on-anthropic')).toMatchObject({ provider: 'anthropic', available: true });
