@@ -8,6 +8,8 @@ import {
   ChatCompletion,
   ChatCompletionEvents,
   ChatCompletionRequest,
+  ChatRequestBounds,
+  chatRequestBoundsIssue,
   EmbeddingList,
   EmbeddingRequest,
   openAIErrors,
@@ -149,11 +151,14 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
     '/chat/completions',
     {
       bodyLimit: app.settings.GATEWAY_BODY_LIMIT_BYTES,
-      // The usual body is checked by hand (simpleChatRequest); any other, and every invalid one, by Zod.
+      // The usual body is checked by hand (simpleChatRequest); any other, and every invalid one, by
+      // Zod. First its bounds, by counting: the work of either check grows with what it counts.
       validatorCompiler: (route) => {
         const zod = validatorCompiler(route as unknown as Parameters<typeof validatorCompiler>[0]);
         if (route.httpPart !== 'body') return zod;
+        const bounds = validatorCompiler({ ...route, schema: ChatRequestBounds });
         return (data: unknown) => {
+          if (chatRequestBoundsIssue(data)) return bounds(data);
           const simple = simpleChatRequest(data);
           return simple ? { value: simple } : zod(data);
         };

@@ -89,7 +89,8 @@ const ParticipantName = z.string().regex(PARTICIPANT_NAME, { error: 'A name is 1
 const SystemMessage = z.object({ role: z.enum(['system', 'developer']), content: TextContent, name: ParticipantName });
 const UserMessage = z.object({
   role: z.literal('user'),
-  content: z.union([z.string(), z.array(z.discriminatedUnion('type', [TextPart, ImagePart]))]),
+  // No parts is no message: sent on, OpenAI answers 400 (as it does here, at the same param).
+  content: z.union([z.string(), z.array(z.discriminatedUnion('type', [TextPart, ImagePart])).min(1)]),
   name: ParticipantName,
 });
 const AssistantMessage = z.object({
@@ -100,6 +101,88 @@ const AssistantMessage = z.object({
   name: ParticipantName,
 });
 const ToolMessage = z.object({ role: z.literal('tool'), content: TextContent, tool_call_id: z.string().min(1) });
+
+// Bounds on what a request may hold that no real client reaches, each checked before anything
+// else reads the body (chatRequestBoundsIssue): within the 20 MB body (GATEWAY_BODY_LIMIT_BYTES),
+// hundreds of thousands of messages or parts each cost the gateway CPU to check, convert and
+// estimate, and one such request held the event loop (every other request of the node) 1 to 3 s.
+// Not settings: no operator has a client that needs more.
+
+/**
+ * Azure OpenAI's documented limit on a Chat Completions request's `messages` (2,048), OpenAI's own
+ * for an embeddings request's inputs. Not for an `agent:<id>` model, whose messages start a thread:
+ * MAX_MESSAGES_PER_THREAD, the operator's, bounds those (409 from the thread's own check).
+ */
+export const MAX_MESSAGES = 2048;
+
+/** `agent:<id>` models are Keel's agents, run by services/agent-completions.ts; the model manager never sees them. */
+export const AGENT_MODEL_PREFIX = 'agent:';
+/** Whether a request's model is bounded by MAX_MESSAGES: every model but an agent. */
+const boundedModel = (model: unknown): boolean => typeof model !== 'string' || !model.startsWith(AGENT_MODEL_PREFIX);
+/** OpenAI's documented limit: "a max of 128 functions". */
+export const MAX_TOOLS = 128;
+/**
+ * Content parts and tool calls of all messages together (and a prediction's parts): four for each
+ * message a request may hold, where a conversation's message is a text, an image or two, a few tool
+ * calls; the 500 images OpenAI takes in a request fit. A bound on each message's alone would still
+ * let 2,048 messages carry millions of them.
+ */
+export const MAX_MESSAGE_PARTS = 4 * MAX_MESSAGES;
+
+const TOO_MANY_MESSAGES = `At most ${MAX_MESSAGES} messages in a request`;
+const TOO_MANY_TOOLS = `At most ${MAX_TOOLS} tools in a request`;
+const TOO_MANY_PARTS = `At most ${MAX_MESSAGE_PARTS} content parts and tool calls in a request, all messages together`;
+
+/** A bound a request passes: where, and the most it takes. */
+export interface BoundsIssue {
+  path: (string | number)[];
+  maximum: number;
+  message: string;
+}
+
+/**
+ * Where a request passes MAX_MESSAGE_PARTS: the array (a message's content or tool calls, the
+ * prediction's content) that takes the count past it.
+ */
+function partsIssue(messages: readonly unknown[], prediction: unknown): BoundsIssue | undefined {
+  let parts = 0;
+  const past = (array: unknown): boolean => Array.isArray(array) && (parts += array.length) > MAX_MESSAGE_PARTS;
+  const issue = (path: (string | number)[]): BoundsIssue => ({ path, maximum: MAX_MESSAGE_PARTS, message: TOO_MANY_PARTS });
+  for (let index = 0; index < messages.length; index++) {
+    const message = messages[index];
+    if (typeof message !== 'object' || message === null) continue;
+    const { content, tool_calls: calls } = message as { content?: unknown; tool_calls?: unknown };
+    if (past(content)) return issue(['messages', index, 'content']);
+    if (past(calls)) return issue(['messages', index, 'tool_calls']);
+  }
+  if (typeof prediction === 'object' && prediction !== null && past((prediction as { content?: unknown }).content)) return issue(['prediction', 'content']);
+  return undefined;
+}
+
+/**
+ * The first bound (MAX_TOOLS, MAX_MESSAGES, MAX_MESSAGE_PARTS) a chat request's body passes, by
+ * counting alone: the route checks it before the body is parsed by hand or by Zod, whose parse of
+ * every message came before its own array checks. What it finds is what the schema refuses, at
+ * the same path and in the same words, and in the order Zod reports them.
+ */
+export function chatRequestBoundsIssue(data: unknown): BoundsIssue | undefined {
+  if (typeof data !== 'object' || data === null) return undefined;
+  const { model, messages, tools, prediction } = data as { model?: unknown; messages?: unknown; tools?: unknown; prediction?: unknown };
+  // Tools first: Zod's array check of them comes before the schema's refinement, which counts the rest.
+  if (Array.isArray(tools) && tools.length > MAX_TOOLS) return { path: ['tools'], maximum: MAX_TOOLS, message: TOO_MANY_TOOLS };
+  if (Array.isArray(messages) && messages.length > MAX_MESSAGES && boundedModel(model)) return { path: ['messages'], maximum: MAX_MESSAGES, message: TOO_MANY_MESSAGES };
+  return partsIssue(Array.isArray(messages) ? messages : [], prediction);
+}
+
+/** A bound passed, as the schema's own array check reports it. */
+const addBoundsIssue = (ctx: z.RefinementCtx, { path, maximum, message }: BoundsIssue): void =>
+  ctx.addIssue({ code: 'too_big', origin: 'array', maximum, inclusive: true, path, message });
+
+/** chatRequestBoundsIssue as a schema, for the route to run first (its error then is Zod's, as for every other refusal). */
+export const ChatRequestBounds = z.unknown().superRefine((data, ctx) => {
+  const issue = chatRequestBoundsIssue(data);
+  if (issue) addBoundsIssue(ctx, issue);
+});
 
 export const ChatMessage = z.discriminatedUnion('role', [SystemMessage, UserMessage, AssistantMessage, ToolMessage]);
 export type ChatMessage = z.infer<typeof ChatMessage>;
@@ -184,10 +267,13 @@ export const STREAM_OPTIONS_WITHOUT_STREAM = 'The \'stream_options\' parameter i
 export const ChatCompletionRequest = z
   .object({
     model: z.string().min(1).max(200),
-    messages: z.array(ChatMessage).min(1),
+    messages: z
+      .array(ChatMessage)
+      .min(1)
+      .describe(`At most ${MAX_MESSAGES}, and ${MAX_MESSAGE_PARTS} content parts and tool calls in all of them together; for an \`agent:<id>\` model, as many as a thread holds (MAX_MESSAGES_PER_THREAD, 409 past it).`),
     stream: z.boolean().nullish(),
     stream_options: z.object({ include_usage: z.boolean().nullish() }).nullish().describe('Only with `stream: true` (400 otherwise, as OpenAI answers); null is no options.'),
-    tools: z.array(FunctionTool).max(128).nullish(),
+    tools: z.array(FunctionTool).max(MAX_TOOLS, { error: TOO_MANY_TOOLS }).nullish(),
     tool_choice: ToolChoice.nullish(),
     parallel_tool_calls: z.boolean().nullish().describe('false: at most one tool call an answer. For OpenAI and OpenAI-compatible models, and Anthropic ones (with tools); dropped for Google models.'),
     response_format: ResponseFormat.nullish(),
@@ -251,7 +337,10 @@ export const ChatCompletionRequest = z
       .nullish()
       .describe(`OpenAI's string pairs (at most ${MAX_METADATA_PAIRS}); not sent to providers (OpenAI keeps it only with a stored completion, and \`store\` is ignored). For an \`agent:<id>\` model, \`thread_id\` names the thread to run on (default: a new one).`),
   })
-  .superRefine(({ stream, stream_options: streamOptions, tools, tool_choice: choice, logprobs, top_logprobs: top }, ctx) => {
+  .superRefine(({ model, messages, prediction, stream, stream_options: streamOptions, tools, tool_choice: choice, logprobs, top_logprobs: top }, ctx) => {
+    if (messages.length > MAX_MESSAGES && boundedModel(model)) addBoundsIssue(ctx, { path: ['messages'], maximum: MAX_MESSAGES, message: TOO_MANY_MESSAGES });
+    const parts = partsIssue(messages, prediction);
+    if (parts) addBoundsIssue(ctx, parts);
     // As OpenAI refuses it: options of a stream on an answer that is not streamed (the client asked
     // for a usage chunk it would never get). Null is no options: clients send it for an unset field.
     if (streamOptions !== null && streamOptions !== undefined && stream !== true) ctx.addIssue({ code: 'custom', path: ['stream_options'], message: STREAM_OPTIONS_WITHOUT_STREAM });
@@ -423,7 +512,7 @@ export function simpleChatRequest(data: unknown): ChatCompletionRequest | undefi
   }
   const { model, messages, stream, stream_options: streamOptions, n, stop } = out;
   if (typeof model !== 'string' || model.length < 1 || model.length > 200) return undefined;
-  if (!Array.isArray(messages) || messages.length < 1) return undefined;
+  if (!Array.isArray(messages) || messages.length < 1 || (messages.length > MAX_MESSAGES && boundedModel(model))) return undefined;
   const parsed: Record<string, unknown>[] = [];
   for (const message of messages as unknown[]) {
     if (!isRecord(message)) return undefined;

@@ -15,7 +15,7 @@ import { UPSTREAM_LOOP_CODE } from '../core/hop.js';
 import type { Logger } from '../core/logger.js';
 
 import { nestsWithin } from '../schemas/common.js';
-import { type ChatCompletionRequest, type ChatMessage, type EmbeddingRequest, MAX_JSON_DEPTH } from '../schemas/openai.js';
+import { AGENT_MODEL_PREFIX, type ChatCompletionRequest, type ChatMessage, type EmbeddingRequest, MAX_JSON_DEPTH } from '../schemas/openai.js';
 
 import {
   type CallContext,
@@ -68,8 +68,8 @@ export class CodedOpenAIError extends HttpError {
   }
 }
 
-/** `agent:<id>` models are Keel's agents, run by services/agent-completions.ts; the model manager never sees them. */
-export const AGENT_MODEL_PREFIX = 'agent:';
+// Where agent-completions.ts has always found it; it lives beside the schema, which bounds agents' messages apart.
+export { AGENT_MODEL_PREFIX };
 
 function refuseAgentModel(model: string): void {
   if (model.startsWith(AGENT_MODEL_PREFIX)) throw new ModelNotFoundError(model);

@@ -493,6 +493,40 @@ describe('chat completions', () => {
     expect(fake.requestsFor('fake-chat')).toHaveLength(3);
   });
 
+  it('refuses a request past 2,048 messages, 128 tools or 8,192 content parts and tool calls with 400 naming the limit and the param, before calling upstream; one at them goes on', async () => {
+    const user = { role: 'user' as const, content: 'Hi' };
+    const text = { type: 'text' as const, text: 'x' };
+    const tool = (i: number) => ({ type: 'function' as const, function: { name: `f${i}` } });
+    const call = (i: number) => ({ id: `call_${i}`, type: 'function' as const, function: { name: 'f0', arguments: '{}' } });
+    const refusals: [OpenAI.ChatCompletionCreateParamsNonStreaming, string, string][] = [
+      [{ model: 'fake-chat', messages: Array.from({ length: 2049 }, () => user) }, 'messages', 'At most 2048 messages'],
+      // Counted before anything else reads the body: the first message's role is no role at all.
+      [{ model: 'fake-chat', messages: [{ role: 'robot' } as never, ...Array.from({ length: 2049 }, () => user)] }, 'messages', 'At most 2048 messages'],
+      [{ model: 'fake-chat', messages: [user], tools: Array.from({ length: 129 }, (_, i) => tool(i)) }, 'tools', 'At most 128 tools'],
+      [{ model: 'fake-chat', messages: [{ role: 'user', content: Array.from({ length: 8193 }, () => text) }] }, 'messages[0].content', 'At most 8192 content parts and tool calls'],
+      // All messages together: the assistant's calls take the count past it.
+      [{ model: 'fake-chat', tools: [tool(0)], messages: [{ role: 'user', content: Array.from({ length: 8000 }, () => text) }, { role: 'assistant', content: null, tool_calls: Array.from({ length: 193 }, (_, i) => call(i)) }] }, 'messages[1].tool_calls', 'At most 8192'],
+      [{ model: 'fake-chat', messages: [user], prediction: { type: 'content', content: Array.from({ length: 8193 }, () => text) } }, 'prediction.content', 'At most 8192'],
+      // No parts is no message: OpenAI refuses it too.
+      [{ model: 'fake-chat', messages: [{ role: 'user', content: [] }] }, 'messages[0].content', ''],
+    ];
+    for (const [body, param, words] of refusals) {
+      const refused = await apiError(client.chat.completions.create(body));
+      expect(refused, param).toMatchObject({ status: 400, type: 'invalid_request_error', param });
+      expect(refused.message).toContain(words);
+    }
+    expect(fake.log).toEqual([]);
+    // At the bounds: each goes upstream whole.
+    fake.script('fake-chat', { text: 'ok' }, { text: 'ok' }, { text: 'ok' });
+    await client.chat.completions.create({ model: 'fake-chat', messages: Array.from({ length: 2048 }, () => user) });
+    await client.chat.completions.create({ model: 'fake-chat', messages: [user], tools: Array.from({ length: 128 }, (_, i) => tool(i)) });
+    await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: Array.from({ length: 8192 }, () => text) }] });
+    const [messages, tools, parts] = fake.requestsFor('fake-chat').map((r) => r.body);
+    expect((messages!.messages as unknown[]).length).toBe(2048);
+    expect((tools!.tools as unknown[]).length).toBe(128);
+    expect(((parts!.messages as { content: unknown[] }[])[0]!.content).length).toBe(8192);
+  });
+
   it('refuses free-form JSON nested deeper than 64 levels with 400 naming the param, however deep (never a 500 the SDK would retry)', async () => {
     /** JSON text of `{"a":{"a":…1…}}`, `levels` objects deep (a text: the SDK's own JSON.stringify would overflow on the deepest). */
     const nested = (levels: number) => `${'{"a":'.repeat(levels - 1)}{}${'}'.repeat(levels - 1)}`;

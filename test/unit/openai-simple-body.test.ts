@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 
-import { ChatCompletionRequest, simpleChatRequest } from '../../src/schemas/openai.js';
+import { ChatCompletionRequest, ChatRequestBounds, chatRequestBoundsIssue, MAX_MESSAGE_PARTS, MAX_MESSAGES, MAX_TOOLS, simpleChatRequest } from '../../src/schemas/openai.js';
 
 const user = { role: 'user', content: 'Hello' };
 const taken = [
@@ -89,6 +89,8 @@ const toZod = [
   { model: 'm', messages: [user], prompt_cache_key: 'x'.repeat(65) },
   { model: 'm', messages: [user], prompt_cache_key: 7 },
   { model: 'm', messages: [user], user: 'x'.repeat(257) },
+  // Past MAX_MESSAGES: the simple shape, but refused (chatRequestBoundsIssue).
+  { model: 'm', messages: Array.from({ length: 2049 }, () => user) },
 ];
 
 describe('simpleChatRequest', () => {
@@ -110,5 +112,47 @@ describe('simpleChatRequest', () => {
 
   it('never takes a body Zod refuses', () => {
     for (const body of toZod) if (!ChatCompletionRequest.safeParse(body).success) expect(simpleChatRequest(body)).toBeUndefined();
+  });
+});
+
+describe('chatRequestBoundsIssue', () => {
+  const text = { type: 'text', text: 'x' };
+  const call = { id: 'c', type: 'function', function: { name: 'f', arguments: '{}' } };
+  const tools = (n: number) => Array.from({ length: n }, (_, i) => ({ type: 'function', function: { name: `f${i}` } }));
+  const partsOf = (n: number) => Array.from({ length: n }, () => text);
+  const past: [body: Record<string, unknown>, path: (string | number)[]][] = [
+    [{ model: 'm', messages: Array.from({ length: MAX_MESSAGES + 1 }, () => user) }, ['messages']],
+    [{ model: 'm', messages: [user], tools: tools(MAX_TOOLS + 1) }, ['tools']],
+    [{ model: 'm', messages: [{ role: 'user', content: partsOf(MAX_MESSAGE_PARTS + 1) }] }, ['messages', 0, 'content']],
+    [{ model: 'm', messages: [{ role: 'system', content: partsOf(MAX_MESSAGE_PARTS) }, { role: 'user', content: [text] }] }, ['messages', 1, 'content']],
+    [{ model: 'm', tools: tools(1), messages: [{ role: 'user', content: partsOf(MAX_MESSAGE_PARTS) }, { role: 'assistant', content: null, tool_calls: [call] }] }, ['messages', 1, 'tool_calls']],
+    [{ model: 'm', messages: [{ role: 'user', content: partsOf(MAX_MESSAGE_PARTS) }], prediction: { type: 'content', content: [text] } }, ['prediction', 'content']],
+  ];
+
+  it.each(past.map(([body, path]) => [path.join('.'), body] as const))('finds the bound passed at %s, where and as Zod refuses it (the route\'s bounds schema too)', (_, body) => {
+    const issue = chatRequestBoundsIssue(body)!;
+    expect(issue).toBeDefined();
+    const expected = [expect.objectContaining({ code: 'too_big', path: issue.path, message: issue.message, maximum: issue.maximum })];
+    expect(ChatCompletionRequest.safeParse(body).error?.issues).toEqual(expected);
+    expect(ChatRequestBounds.safeParse(body).error?.issues).toEqual(expected);
+    expect(simpleChatRequest(body)).toBeUndefined();
+  });
+
+  it('finds none at the bounds, nor in what is no request; Zod takes a body at them', () => {
+    const at = { model: 'm', tools: tools(MAX_TOOLS), messages: [...Array.from({ length: MAX_MESSAGES - 2 }, () => user), { role: 'user', content: partsOf(MAX_MESSAGE_PARTS - 1) }, { role: 'assistant', content: null, tool_calls: [call] }] };
+    expect(chatRequestBoundsIssue(at)).toBeUndefined();
+    expect(ChatCompletionRequest.safeParse(at).success).toBe(true);
+    for (const data of [null, 'x', [], {}, { messages: 'x', tools: 3 }, { messages: [null, 1, { content: 'x' }] }]) expect(chatRequestBoundsIssue(data)).toBeUndefined();
+  });
+
+  it('leaves an agent model\'s messages to the thread\'s own bound (MAX_MESSAGES_PER_THREAD), its parts not', () => {
+    const agent = { model: 'agent:00000000-0000-4000-8000-000000000000', messages: Array.from({ length: MAX_MESSAGES + 1 }, () => user) };
+    expect(chatRequestBoundsIssue(agent)).toBeUndefined();
+    expect(simpleChatRequest(agent)).toStrictEqual(ChatCompletionRequest.parse(agent));
+    expect(chatRequestBoundsIssue({ ...agent, messages: [{ role: 'user', content: partsOf(MAX_MESSAGE_PARTS + 1) }] })?.path).toEqual(['messages', 0, 'content']);
+  });
+
+  it('refuses a user message of no parts at its content, as OpenAI does', () => {
+    expect(ChatCompletionRequest.safeParse({ model: 'm', messages: [{ role: 'user', content: [] }] }).error?.issues).toEqual([expect.objectContaining({ path: ['messages', 0, 'content'] })]);
   });
 });
