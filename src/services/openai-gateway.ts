@@ -81,7 +81,14 @@ export function callContext(principal: Principal): CallContext {
   return { user_id: principal.user.id, api_key_id: principal.apiKeyId, api_key_limits: principal.apiKeyLimits, project_id: principal.scopeProjectId };
 }
 
-const textOf = (content: string | { text: string }[]): string => (typeof content === 'string' ? content : content.map((p) => p.text).join(''));
+/**
+ * A system, developer or tool message's text: the SDK's messages of those roles hold one text, so
+ * its parts are joined, a line apart. OpenAI does not document how it joins them; with nothing
+ * between, `["You are helpful.", "Answer briefly."]` read "helpful.Answer", one word to the model.
+ * A line break is what vLLM's OpenAI-compatible server puts between a message's text parts when its
+ * model takes text (chat_utils: `"\n".join(texts)`).
+ */
+const textOf = (content: string | { text: string }[]): string => (typeof content === 'string' ? content : content.map((p) => p.text).join('\n'));
 
 /**
  * A tool call's arguments as the call's input: parsed when they are JSON (at most MAX_JSON_DEPTH

@@ -527,6 +527,33 @@ describe('chat completions', () => {
     expect(((parts!.messages as { content: unknown[] }[])[0]!.content).length).toBe(8192);
   });
 
+  it('joins a system, developer or tool message\'s text parts a line apart, over the wire and through the SDK (a user message\'s go on as parts)', async () => {
+    const parts = (...texts: string[]) => texts.map((text) => ({ type: 'text' as const, text }));
+    const messages: OpenAI.ChatCompletionMessageParam[] = [
+      { role: 'system', content: parts('You are helpful.', 'Answer briefly.') },
+      { role: 'developer', content: parts('Use metric units.', 'No emoji.') },
+      { role: 'user', content: 'Weather?' },
+      { role: 'assistant', content: null, tool_calls: [{ id: 'call_1', type: 'function', function: { name: 'weather', arguments: '{}' } }] },
+      { role: 'tool', tool_call_id: 'call_1', content: parts('12 °C', 'rain') },
+    ];
+    const joined = ['You are helpful.\nAnswer briefly.', 'Use metric units.\nNo emoji.', '12 °C\nrain'];
+    const textsOf = (sent: Record<string, unknown>) => (sent.messages as { role: string; content: unknown }[]).filter((m) => m.role !== 'user' && m.role !== 'assistant').map((m) => m.content);
+    const tools = [{ type: 'function' as const, function: { name: 'weather' } }];
+    // Over the wire (openai-compatible, text only), and through the SDK's model (an image leaves the wire).
+    fake.script('fake-chat', { text: 'ok' });
+    await client.chat.completions.create({ model: 'fake-chat', messages, tools });
+    expect(textsOf(fake.requestsFor('fake-chat')[0]!.body)).toEqual(joined);
+    await addModel({ id: 'parts-vision', capabilities: ['chat', 'vision', 'tools'] });
+    fake.script('parts-vision', { text: 'ok' });
+    const pixel = 'data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==';
+    const withImage: OpenAI.ChatCompletionMessageParam[] = [...messages, { role: 'user', content: [...parts('And ', 'this?'), { type: 'image_url', image_url: { url: pixel } }] }];
+    await client.chat.completions.create({ model: 'parts-vision', messages: withImage, tools });
+    const throughSdk = fake.requestsFor('parts-vision')[0]!.body;
+    expect(textsOf(throughSdk)).toEqual(joined);
+    const lastUser = (throughSdk.messages as { content: { type: string; text?: string }[] }[]).at(-1)!;
+    expect(lastUser.content.filter((part) => part.type === 'text').map((part) => part.text)).toEqual(['And ', 'this?']);
+  });
+
   it('refuses free-form JSON nested deeper than 64 levels with 400 naming the param, however deep (never a 500 the SDK would retry)', async () => {
     /** JSON text of `{"a":{"a":…1…}}`, `levels` objects deep (a text: the SDK's own JSON.stringify would overflow on the deepest). */
     const nested = (levels: number) => `${'{"a":'.repeat(levels - 1)}{}${'}'.repeat(levels - 1)}`;
