@@ -157,6 +157,18 @@ describe('extractDocument: text formats', () => {
     expect(doc.text).not.toMatch(/alert|color|Hidden title|JavaScript|import|Home|Shop/);
   });
 
+  it('reads the body of HTML that leaves out the optional </head> and <body>, as a browser shows it', async () => {
+    const text = async (html: string) => (await extract(await file('page.html', html), 'page.html')).text;
+    // An element that cannot be in <head> ends it, and so does text that is not whitespace.
+    expect(await text('<!doctype html><html><head><meta charset=utf-8><title>T</title>\n  <link rel=stylesheet href=a.css>\n<p>Visible body text</p></html>')).toBe('Visible body text');
+    expect(await text('<html><head><title>T</title><style>p{}</style>Loose words<p>then a paragraph')).toBe('Loose words\n\nthen a paragraph');
+    // A <title> with no <head> written opens one (it is still not shown).
+    expect(await text('<title>T</title><h1>Guide</h1><p>Body.')).toBe('Guide\n\nBody.');
+    // A <head> after the body has begun is ignored (its content shown); <body> still ends the head.
+    expect(await text('<p>one</p><head><p>two</p>')).toBe('one\n\ntwo');
+    expect(await text('<head><title>T</title><body><p>Visible body text</p></body>')).toBe('Visible body text');
+  });
+
   it('reads CSV rows as "column: value" lines, one paragraph a row, quoted delimiters kept', async () => {
     const csv = 'sku;name;price\nK7;"Arm; 12 joints";4999\nK8;Gripper;\n';
     const doc = await extract(await file('parts.csv', csv), 'parts.csv');

@@ -3,12 +3,17 @@ import { Parser } from 'htmlparser2';
 import type { ExtractedSpans, TextBuilder } from './document-builder.js';
 
 /** Elements whose content is not text a reader sees, or (nav) is the site's menu rather than the page. */
-const HIDDEN = new Set(['script', 'style', 'noscript', 'template', 'head', 'svg', 'math', 'iframe', 'object', 'canvas', 'select', 'datalist', 'nav']);
+const HIDDEN = new Set(['script', 'style', 'noscript', 'template', 'svg', 'math', 'iframe', 'object', 'canvas', 'select', 'datalist', 'nav']);
 const BLOCKS = new Set([
   'p', 'div', 'section', 'article', 'header', 'footer', 'main', 'aside', 'blockquote', 'pre', 'ul', 'ol', 'dl', 'dd',
   'table', 'thead', 'tbody', 'tfoot', 'figure', 'figcaption', 'form', 'fieldset', 'address', 'details', 'summary', 'hr',
   'caption', 'body', 'html',
 ]);
+/**
+ * What HTML allows in <head> ("in head" insertion mode): any other element, or text that is not
+ * whitespace, ends the head, whose end tag (and <body>'s start tag) may be left out.
+ */
+const HEAD_CONTENT = new Set(['base', 'basefont', 'bgsound', 'link', 'meta', 'title', 'noscript', 'noframes', 'style', 'script', 'template']);
 const LINES = new Set(['li', 'tr', 'dt', 'br', 'option']);
 const CELLS = new Set(['td', 'th']);
 
@@ -21,6 +26,11 @@ const CELLS = new Set(['td', 'th']);
 export class HtmlTextReader {
   private readonly parser: Parser;
   private hiddenDepth = 0;
+  /**
+   * Where the parser is with respect to <head>, whose content is hidden. htmlparser2 ends it only
+   * at </head> or <body>, both optional: the head's end is followed here as a browser does.
+   */
+  private head: 'before' | 'in' | 'after' = 'before';
   private preDepth = 0;
   private heading: { level: number; text: string } | null = null;
   private cellsInRow = 0;
@@ -46,7 +56,18 @@ export class HtmlTextReader {
   }
 
   private open(name: string): void {
-    if (this.hiddenDepth > 0 || HIDDEN.has(name)) {
+    if (this.hiddenDepth > 0) {
+      this.hiddenDepth++;
+      return;
+    }
+    if (name === 'head') {
+      // A <head> once the head has ended is ignored (a browser shows what it holds).
+      if (this.head === 'before') this.head = 'in';
+      return;
+    }
+    // A <title> or <meta> before any <head> opens one implicitly, as in a browser.
+    if (this.head !== 'after' && name !== 'html') this.head = HEAD_CONTENT.has(name) ? 'in' : 'after';
+    if (HIDDEN.has(name) || (this.head === 'in' && HEAD_CONTENT.has(name))) {
       this.hiddenDepth++;
       return;
     }
@@ -76,6 +97,10 @@ export class HtmlTextReader {
       this.hiddenDepth--;
       return;
     }
+    if (name === 'head') {
+      this.head = 'after';
+      return;
+    }
     if (this.heading && /^h[1-6]$/.test(name)) {
       this.out.heading(this.heading.level, this.heading.text);
       this.heading = null;
@@ -88,6 +113,11 @@ export class HtmlTextReader {
 
   private text(raw: string): void {
     if (this.hiddenDepth > 0) return;
+    if (this.head !== 'after') {
+      // Whitespace may stand before and in the head; any other text is the body's.
+      if (!/[^ \t\n\r\f]/.test(raw)) return;
+      this.head = 'after';
+    }
     if (this.heading) {
       this.heading.text += raw;
       return;
