@@ -648,6 +648,19 @@ describe('formats', () => {
     }
   });
 
+  it("ingests UTF-16 text with its byte-order mark (Windows' \"Unicode\"), served as uploaded and its text as UTF-8", async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const text = 'Grey herons stand motionless in shallow water. Größe: 1 m 😀';
+    const bytes = Buffer.concat([Buffer.from([0xff, 0xfe]), Buffer.from(text, 'utf16le')]);
+    const entry = await ingested(ctx.app, user.headers, folder.id, { filename: 'herons.txt', content: bytes, type: 'text/plain' });
+    expect(entry).toMatchObject({ format: 'text', mime_type: 'text/plain', size_bytes: bytes.length });
+    expect((await api('GET', `/knowledge-base/entries/${entry.id}/content`, user.headers)).body).toBe(text);
+    expect((await api('GET', `/knowledge-base/entries/${entry.id}/download`, user.headers)).rawPayload.equals(bytes)).toBe(true);
+    const hits = await search(ctx.app, user.headers, { query: 'motionless shallow', entry_ids: [entry.id] });
+    expect(hits.data.map((hit) => hit.text)).toEqual([text]);
+  });
+
   it('fails an encrypted PDF with what to do, within the time limit', async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);

@@ -44,6 +44,12 @@ async function rejection(promise: Promise<unknown>): Promise<string> {
   return (error as Error).message;
 }
 
+/** `text` as UTF-16 with its byte-order mark, little-endian (Windows' "Unicode") or big-endian. */
+const utf16 = (text: string, endian: 'le' | 'be' = 'le') => {
+  const units = Buffer.from(text, 'utf16le');
+  return endian === 'le' ? Buffer.concat([Buffer.from([0xff, 0xfe]), units]) : Buffer.concat([Buffer.from([0xfe, 0xff]), units.swap16()]);
+};
+
 const paths = (doc: ExtractedDocument) => doc.sections.map((s) => s.headingPath.join(' > '));
 const sectionText = (doc: ExtractedDocument, path: string) => doc.sections.find((s) => s.headingPath.join(' > ') === path)?.text ?? '';
 
@@ -82,6 +88,18 @@ describe('sniffFormat', () => {
     expect(await sniffFormat(bytes('<?xml version="1.0"?><a/>'), 'feed.xml')).toBe('text');
   });
 
+  it('reads UTF-16 with its byte-order mark as text (file-type takes FF FE for an MP3 frame), and binary behind a mark as binary', async () => {
+    for (const endian of ['le', 'be'] as const) {
+      expect(await sniffFormat(utf16('hello world', endian), 'notes.txt', 'text/plain'), endian).toBe('text');
+      expect(await sniffFormat(utf16('# Title', endian), 'README.md'), endian).toBe('markdown');
+      expect(await sniffFormat(utf16('<!DOCTYPE html><p>hi</p>', endian), 'page'), endian).toBe('html');
+      expect(await sniffFormat(utf16('{"a": 1}', endian), 'data.json'), endian).toBe('json');
+    }
+    // A lone surrogate, and NUL characters: not UTF-16 text, whatever the mark says.
+    expect(await rejection(sniffFormat(Buffer.from([0xff, 0xfe, 0x00, 0xdc, 0x41, 0x00]), 'a.txt'))).toMatch(/^not a text file: a\.txt holds binary data \(it is not UTF-16 text\)/);
+    expect(await rejection(sniffFormat(Buffer.from([0xfe, 0xff, 0x00, 0x00, 0x00, 0x41]), 'a.txt'))).toMatch(/^not a text file: a\.txt holds binary data \(NUL bytes\)/);
+  });
+
   it('trusts the bytes over the name for binaries', async () => {
     expect(await sniffFormat(bytes('%PDF-1.7\n%âãÏÓ\n'), 'scan.txt')).toBe('pdf');
   });
@@ -106,6 +124,19 @@ describe('extractDocument: text formats', () => {
     expect(doc.format).toBe('text');
     expect(doc.text).toBe('First line.\n\nSecond paragraph, with ünïcödé.\n');
     expect(doc.sections).toEqual([{ headingPath: [], text: doc.text }]);
+  });
+
+  it('reads UTF-16 text with its byte-order mark (either byte order), as it streams: a pair cut by a read and markup too', async () => {
+    const text = 'Grüße, naïve café 😀\r\nSecond line.';
+    for (const endian of ['le', 'be'] as const) {
+      const doc = await extract(await file(`notes-${endian}.txt`, utf16(text, endian)), `notes-${endian}.txt`, {}, 'text/plain');
+      expect(doc, endian).toMatchObject({ format: 'text', text });
+      const html = await extract(await file(`page-${endian}.html`, utf16('<html><body><h1>Title</h1><p>Body text</p></body></html>', endian)), `page-${endian}.html`);
+      expect(html.sections.map((s) => [s.headingPath.join(' > '), s.text]), endian).toEqual([['Title', 'Body text']]);
+    }
+    // The file is read a MiB at a time: the emoji's two code units sit either side of the first read's end.
+    const long = `${'a'.repeat((1024 * 1024 - 2) / 2 - 1)}😀${'b'.repeat(10)}`;
+    expect((await extract(await file('long.txt', utf16(long)), 'long.txt')).text).toBe(long);
   });
 
   it('gives Markdown sections their heading paths (ATX and setext), not fooled by code blocks', async () => {
@@ -222,6 +253,15 @@ describe('extractDocument: what it refuses', () => {
   it('refuses text whose start is UTF-8 but whose body is not', async () => {
     const path = await file('late.txt', Buffer.concat([Buffer.from('a'.repeat(100_000)), Buffer.from([0xc3, 0x28]), Buffer.from('tail')]));
     expect(await rejection(extract(path, 'late.txt'))).toMatch(/^not a text file: late\.txt is not valid UTF-8 \(near byte 100,000\)/);
+  });
+
+  it('refuses UTF-16 text whose body is not UTF-16, saying where', async () => {
+    // A lone low surrogate at byte 2 + 2 × 50,000 (after the mark and 50,000 characters).
+    const lone = Buffer.concat([utf16('a'.repeat(50_000)), Buffer.from([0x00, 0xdc]), Buffer.from('tail', 'utf16le')]);
+    expect(await rejection(extract(await file('lone.txt', lone), 'lone.txt'))).toMatch(/^not a text file: lone\.txt is not valid UTF-16 \(near byte 100,002\)/);
+    // An odd number of bytes: the last is half a character.
+    const odd = Buffer.concat([utf16('a'.repeat(10)), Buffer.from([0x41])]);
+    expect(await rejection(extract(await file('odd.txt', odd), 'odd.txt'))).toMatch(/^not a text file: odd\.txt is not valid UTF-16 \(near byte 23\)/);
   });
 
   it('refuses text longer than the limit, saying the limit', async () => {

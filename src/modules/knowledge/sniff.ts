@@ -3,6 +3,7 @@ import { extname } from 'node:path';
 
 import { fileTypeFromBuffer, fileTypeFromFile } from 'file-type';
 
+import { byteOrderMark, strictDecoder, textEncodingOf } from './text-reader.js';
 import { type DocumentFormat, DocumentRejectedError } from './types.js';
 
 /** How much of the start of a file `sniffFormat` looks at (file-type needs ~4 KB; text checks like more). */
@@ -56,25 +57,26 @@ function mimeOf(declaredMime: string | undefined): string {
 }
 
 /**
- * Why the start of a file is not text, or null when it reads as UTF-8 text. Control characters
- * other than tab, line and page breaks are rare in text and common in binaries that happen to
- * decode (a file of zeros is valid UTF-8).
+ * The start of a file as text (UTF-8, or UTF-16 with its byte-order mark), or why it is not text.
+ * Control characters other than tab, line and page breaks are rare in text and common in binaries
+ * that happen to decode (a file of zeros is valid UTF-8).
  */
-function notTextReason(head: Uint8Array): string | null {
+function headText(head: Uint8Array): { text: string } | { reason: string } {
+  const encoding = textEncodingOf(head);
   let text: string;
   try {
     // stream: a character cut by the end of the head is not an error.
-    text = new TextDecoder('utf-8', { fatal: true }).decode(head, { stream: true });
+    text = strictDecoder(encoding).decode(head, { stream: true });
   } catch {
-    return 'holds binary data (it is not UTF-8 text)';
+    return { reason: `holds binary data (it is not ${encoding.label} text)` };
   }
-  if (text.includes('\0')) return 'holds binary data (NUL bytes)';
+  if (text.includes('\0')) return { reason: 'holds binary data (NUL bytes)' };
   let controls = 0;
   for (let i = 0; i < text.length; i++) {
     const code = text.charCodeAt(i);
     if ((code < 0x20 && code !== 0x09 && code !== 0x0a && code !== 0x0c && code !== 0x0d) || code === 0x7f) controls++;
   }
-  return controls > text.length / 50 ? 'holds binary data (control characters)' : null;
+  return controls > text.length / 50 ? { reason: 'holds binary data (control characters)' } : { text };
 }
 
 /** Whether the start of a text file looks like its claimed format (a `.json` that starts with prose does not). */
@@ -87,14 +89,17 @@ function looksLike(format: DocumentFormat, head: string): boolean {
 
 /**
  * The document's format, from its bytes first: binaries by their signature (file-type), text only
- * when the start is UTF-8; the name and the client's type only choose between text formats.
- * Throws DocumentRejectedError with what to do for anything Keel cannot read.
+ * when the start is UTF-8 (or UTF-16 with its byte-order mark); the name and the client's type
+ * only choose between text formats. Throws DocumentRejectedError with what to do for anything
+ * Keel cannot read.
  */
 export async function sniffFormat(head: Uint8Array, filename: string, declaredMime?: string): Promise<DocumentFormat> {
   if (head.length === 0) throw new DocumentRejectedError('the file is empty');
   const extension = extname(filename).toLowerCase();
   const mime = mimeOf(declaredMime);
-  const detected = await fileTypeFromBuffer(head);
+  // A byte-order mark says text, which the decoding below checks: file-type takes UTF-16's FF FE
+  // followed by ASCII for an MP3 frame.
+  const detected = byteOrderMark(head) ? undefined : await fileTypeFromBuffer(head);
   if (detected) {
     if (detected.ext === 'pdf') return 'pdf';
     if (detected.ext === 'docx') return 'docx';
@@ -111,13 +116,13 @@ export async function sniffFormat(head: Uint8Array, filename: string, declaredMi
       throw unsupported(`${filename} is of type ${detected.mime}, which`);
     }
   }
-  const reason = notTextReason(head);
-  if (reason) {
+  const decoded = headText(head);
+  if ('reason' in decoded) {
     if (extension === '.pdf' || extension === '.docx') throw new DocumentRejectedError(`${filename} is not a ${extension === '.pdf' ? 'PDF' : 'Word document'}: its content does not match its name`);
-    throw new DocumentRejectedError(`not a text file: ${filename} ${reason}; accepted formats: ${ACCEPTED_FORMATS}`);
+    throw new DocumentRejectedError(`not a text file: ${filename} ${decoded.reason}; accepted formats: ${ACCEPTED_FORMATS}`);
   }
   const claimed = TEXT_EXTENSIONS[extension] ?? TEXT_MIMES[mime];
-  const start = new TextDecoder().decode(head.subarray(0, 1024));
+  const start = decoded.text.slice(0, 1024);
   if (claimed && looksLike(claimed, start)) return claimed;
   if (claimed === 'json') throw new DocumentRejectedError(`${filename} is not valid JSON: it does not start with a JSON value`);
   // A page saved without an .html name is still a page.
