@@ -162,13 +162,28 @@ export async function usedBytes(db: Db, ownerId: string): Promise<number> {
   return Number(row?.total ?? 0);
 }
 
+export interface FileDeletion {
+  id: string;
+  storage_key: string;
+}
+
+const fileDeletionColumns = { id: knowledgeFileDeletions.id, storage_key: knowledgeFileDeletions.storage_key };
+
 /** Keys of deleted entries' files still to delete, oldest first. */
-export async function pendingFileDeletions(db: Db, limit: number): Promise<{ id: string; storage_key: string }[]> {
-  return db
-    .select({ id: knowledgeFileDeletions.id, storage_key: knowledgeFileDeletions.storage_key })
-    .from(knowledgeFileDeletions)
-    .orderBy(knowledgeFileDeletions.created_at)
-    .limit(limit);
+export async function pendingFileDeletions(db: Db, limit: number): Promise<FileDeletion[]> {
+  return db.select(fileDeletionColumns).from(knowledgeFileDeletions).orderBy(knowledgeFileDeletions.created_at).limit(limit);
+}
+
+/** The deletions recorded for these keys (a key is an entry's for its life: recorded once it is deleted). */
+export async function fileDeletionsOf(db: Db, storageKeys: string[]): Promise<FileDeletion[]> {
+  if (!storageKeys.length) return [];
+  return db.select(fileDeletionColumns).from(knowledgeFileDeletions).where(inArray(knowledgeFileDeletions.storage_key, storageKeys));
+}
+
+/** Storage keys of up to `limit` of the folder's entries. */
+export async function entryKeysIn(db: Db, folderId: string, limit: number): Promise<string[]> {
+  const rows = await db.select({ storage_key: knowledgeEntries.storage_key }).from(knowledgeEntries).where(eq(knowledgeEntries.folder_id, folderId)).limit(limit);
+  return rows.map((row) => row.storage_key);
 }
 
 export async function forgetFileDeletions(db: Db, ids: string[]): Promise<void> {

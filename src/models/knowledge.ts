@@ -136,13 +136,22 @@ export const knowledgeChunks = pgTable(
 /**
  * Stored files whose entry is gone and that are still to be deleted. A trigger writes one row per
  * deleted entry, whatever deleted it (the entry's route, its folder's, a project or user deleted
- * with everything in it), in the deleting transaction; the files go afterwards (at once after a
- * deletion through the API, else by the sweeper), so a crash in between leaves nothing for good.
+ * with everything in it), in the deleting transaction; the files go afterwards (a deletion through
+ * the API deletes its own at once, up to a bound; the sweeper the rest), so a crash in between
+ * leaves nothing for good.
  */
-export const knowledgeFileDeletions = pgTable('knowledge_file_deletions', {
-  ...baseColumns,
-  storage_key: text('storage_key').notNull(),
-});
+export const knowledgeFileDeletions = pgTable(
+  'knowledge_file_deletions',
+  {
+    ...baseColumns,
+    storage_key: text('storage_key').notNull(),
+  },
+  (t) => [
+    // A deleting request finds the rows its own deletion wrote by their keys, however many other
+    // deletions wait for the sweeper (services/knowledge/files.ts, purgeFilesOf).
+    index('ix_knowledge_file_deletions_storage_key').on(t.storage_key),
+  ],
+);
 
 export type KnowledgeFolder = typeof knowledgeFolders.$inferSelect;
 export type NewKnowledgeFolder = typeof knowledgeFolders.$inferInsert;

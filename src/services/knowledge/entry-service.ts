@@ -21,7 +21,7 @@ import { loadKeyLimits } from '../key-limits.js';
 import { availableCredits, budgetLeft, notEnoughCreditsMessage, nothingLeft, overBudgetMessage } from '../money.js';
 import { type OpenedFile, StorageTooLargeError } from '../storage-service.js';
 import { hasVectorTable } from './embeddings.js';
-import { deleteStoredFiles, entryKey, knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
+import { deleteStoredFiles, entryKey, knowledgeStorage, purgeFilesOf, textKeyOf } from './files.js';
 
 // ==================== Limits ====================
 
@@ -248,10 +248,12 @@ export async function update(ctx: ServiceContext, id: string, input: KnowledgeEn
 
 /** The entry, its chunks and embeddings (cascade), then its file and extracted text. */
 export async function remove(ctx: ServiceContext, id: string): Promise<void> {
+  // The key is the entry's for its life: read before, it is the one the deletion records.
+  const { storage_key: key } = await entryCrud.getVisible(ctx.db, ctx.principal, id, 'write');
   // One statement: it waits for an ingestion's transaction holding the row, which then commits
   // first, or finds no row and writes nothing (see ingestion.ts).
   await entryCrud.remove(ctx.db, ctx.principal, id);
-  await purgeDeletedFiles(ctx);
+  await purgeFilesOf(ctx, [key]);
 }
 
 /** Into another of the owner's folders (404 for any other); a name taken there gets a number. */

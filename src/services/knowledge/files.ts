@@ -2,7 +2,7 @@ import type { Settings } from '../../core/config.js';
 import type { Db } from '../../core/db.js';
 import type { Logger } from '../../core/logger.js';
 
-import { forgetFileDeletions, pendingFileDeletions } from '../../crud/knowledge.js';
+import { type FileDeletion, fileDeletionsOf, forgetFileDeletions, pendingFileDeletions } from '../../crud/knowledge.js';
 import { getStorageService, type StorageService } from '../storage-service.js';
 
 /** Where knowledge-base files live (SPEC §7: prefix `knowledge-base`, path `owner/folder/entry`). */
@@ -47,26 +47,44 @@ export async function deleteStoredFiles(ctx: { settings: Settings; log: Logger }
   return failed;
 }
 
-/** Keys handled per round of `purgeDeletedFiles`. */
-const PURGE_BATCH = 500;
+/** Keys handled per round of `purgeDeletedFiles`, and at most by a deleting request (`purgeFilesOf`). */
+export const PURGE_BATCH = 500;
+
+/** Deletes the files of these recorded deletions and forgets those done; a failed one stays recorded. Returns the rows done. */
+async function purge(ctx: { db: Db; settings: Settings; log: Logger }, recorded: FileDeletion[]): Promise<number> {
+  const failed = await deleteStoredFiles(ctx, [...new Set(recorded.map((row) => row.storage_key))]);
+  const deleted = recorded.filter((row) => !failed.has(row.storage_key));
+  await forgetFileDeletions(
+    ctx.db,
+    deleted.map((row) => row.id),
+  );
+  return deleted.length;
+}
 
 /**
  * Deletes the files of deleted entries (the rows a trigger leaves in knowledge_file_deletions),
- * round after round until none is left or storage fails; a key whose deletion failed stays for
- * the next purge. Run after a deletion through the API and by the sweeper. Returns the keys done.
+ * everyone's, round after round until none is left or storage fails; a key whose deletion failed
+ * stays for the next purge. The sweeper's work: a request purges only its own (`purgeFilesOf`).
+ * Returns the keys done.
  */
 export async function purgeDeletedFiles(ctx: { db: Db; settings: Settings; log: Logger }): Promise<number> {
   let done = 0;
   for (;;) {
     const pending = await pendingFileDeletions(ctx.db, PURGE_BATCH);
     if (!pending.length) return done;
-    const failed = await deleteStoredFiles(ctx, [...new Set(pending.map((row) => row.storage_key))]);
-    const deleted = pending.filter((row) => !failed.has(row.storage_key));
-    await forgetFileDeletions(
-      ctx.db,
-      deleted.map((row) => row.id),
-    );
-    done += deleted.length;
-    if (failed.size || pending.length < PURGE_BATCH) return done;
+    const deleted = await purge(ctx, pending);
+    done += deleted;
+    if (deleted < pending.length || pending.length < PURGE_BATCH) return done;
   }
+}
+
+/**
+ * After a deletion through the API: deletes the files of the entries it deleted, given their keys
+ * (up to PURGE_BATCH of them), so that the request's time does not depend on other deletions
+ * waiting for the sweeper, which takes what is left or failed. Only keys with a recorded deletion
+ * are touched: a key read before the deletion whose entry lives on (moved out of a folder
+ * meanwhile) keeps its file. Returns the keys done.
+ */
+export async function purgeFilesOf(ctx: { db: Db; settings: Settings; log: Logger }, storageKeys: string[]): Promise<number> {
+  return purge(ctx, await fileDeletionsOf(ctx.db, storageKeys.slice(0, PURGE_BATCH)));
 }

@@ -2,11 +2,11 @@ import { type KnowledgeFolder, knowledgeFolders } from '../../models/index.js';
 
 import type { KnowledgeFolderCreate, KnowledgeFolderListQuery, KnowledgeFolderUpdate } from '../../schemas/knowledge.js';
 
-import { folderCrud, folderNames, folderPolicy, setEntriesProject, writeUniquelyNamed } from '../../crud/knowledge.js';
+import { entryKeysIn, folderCrud, folderNames, folderPolicy, setEntriesProject, writeUniquelyNamed } from '../../crud/knowledge.js';
 import { matching } from '../../crud/owned.js';
 import type { ServiceContext } from '../context.js';
 import { placeInProject } from '../project-service.js';
-import { purgeDeletedFiles } from './files.js';
+import { PURGE_BATCH, purgeFilesOf } from './files.js';
 
 export function get(ctx: ServiceContext, id: string): Promise<KnowledgeFolder> {
   return folderCrud.getVisible(ctx.db, ctx.principal, id);
@@ -44,8 +44,13 @@ export async function update(ctx: ServiceContext, id: string, input: KnowledgeFo
   );
 }
 
-/** The folder, its entries and their index; then their stored files. */
+/**
+ * The folder, its entries and their index; then their stored files, up to PURGE_BATCH of them
+ * (the sweeper deletes a larger folder's other files).
+ */
 export async function remove(ctx: ServiceContext, id: string): Promise<void> {
+  // Read before: the cascade leaves no way to tell which entries it took.
+  const keys = await entryKeysIn(ctx.db, id, PURGE_BATCH);
   await folderCrud.remove(ctx.db, ctx.principal, id);
-  await purgeDeletedFiles(ctx);
+  await purgeFilesOf(ctx, keys);
 }

@@ -1,0 +1,90 @@
+/**
+ * The files of deleted knowledge entries: a DELETE through the API deletes those its own deletion
+ * recorded, and leaves every other recorded deletion (another user's backlog, a failed delete) to
+ * the sweeper.
+ */
+import { randomUUID } from 'node:crypto';
+
+import { eq, inArray } from 'drizzle-orm';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+
+import { knowledgeEntries, knowledgeFileDeletions } from '../../src/models/index.js';
+
+import { knowledgeStorage, purgeDeletedFiles, purgeFilesOf } from '../../src/services/knowledge/files.js';
+import { useTestApp } from '../helpers/app.js';
+import { createUser, type TestUser } from '../helpers/factories.js';
+import { apiOf } from '../helpers/http.js';
+import { createFolder, ingested, storedFiles as storedFilesIn } from '../helpers/knowledge.js';
+
+// The sweeper's periodic round must not run while a test counts what a request left to it.
+const ctx = useTestApp({ KB_SWEEP_INTERVAL_MS: '3600000' });
+const api = apiOf(ctx);
+const storedFiles = (ownerId: string) => storedFilesIn(ctx.app.settings.dataDir, ownerId);
+const deps = () => ({ db: ctx.app.db, settings: ctx.app.settings, log: ctx.app.log });
+const recorded = () => ctx.database.db.$count(knowledgeFileDeletions);
+
+// A user of each test's own: the files a test counts are its own.
+let user: TestUser;
+beforeEach(async () => {
+  user = await createUser(ctx.app);
+});
+afterEach(async () => {
+  vi.restoreAllMocks();
+  await purgeDeletedFiles(deps());
+});
+
+/** Deletions recorded for another user's entries (as a cascade leaves them), files never stored. */
+async function backlog(count: number): Promise<void> {
+  const other = randomUUID();
+  const rows = Array.from({ length: count }, () => ({ storage_key: `knowledge-base/${other}/${other}/${randomUUID()}` }));
+  for (let i = 0; i < rows.length; i += 1_000) await ctx.database.db.insert(knowledgeFileDeletions).values(rows.slice(i, i + 1_000));
+}
+
+const keyOf = async (entryId: string) =>
+  (await ctx.database.db.select({ key: knowledgeEntries.storage_key }).from(knowledgeEntries).where(eq(knowledgeEntries.id, entryId)))[0]!.key;
+
+describe('deleting through the API', () => {
+  it("deletes an entry's and a folder's files, and none of the deletions waiting for the sweeper", async () => {
+    const folder = await createFolder(ctx.app, user.headers);
+    const other = await createFolder(ctx.app, user.headers);
+    const entry = await ingested(ctx.app, user.headers, folder.id, { filename: 'a.txt', content: 'Zebras graze at dawn.' });
+    await ingested(ctx.app, user.headers, other.id, { filename: 'b.txt', content: 'Herons stand still.' });
+    await ingested(ctx.app, user.headers, other.id, { filename: 'c.txt', content: 'Kingfishers dive.' });
+    expect(storedFiles(user.user.id)).toHaveLength(6); // each file and its extracted text
+    await backlog(2_000);
+    expect((await api('DELETE', `/knowledge-base/entries/${entry.id}`, user.headers)).statusCode).toBe(200);
+    expect(storedFiles(user.user.id)).toHaveLength(4);
+    expect(await recorded()).toBe(2_000);
+    expect((await api('DELETE', `/knowledge-base/folders/${other.id}`, user.headers)).statusCode).toBe(200);
+    expect(storedFiles(user.user.id)).toEqual([]);
+    expect(await recorded()).toBe(2_000);
+    // The sweeper's purge works the backlog off.
+    expect(await purgeDeletedFiles(deps())).toBe(2_000);
+    expect(await recorded()).toBe(0);
+  });
+
+  it('keeps a deletion whose file could not be deleted recorded, for the sweeper', async () => {
+    const folder = await createFolder(ctx.app, user.headers);
+    const entry = await ingested(ctx.app, user.headers, folder.id, { filename: 'keep.txt', content: 'Storage is down for a moment.' });
+    const key = await keyOf(entry.id);
+    // The backend is the one every knowledge storage service of these settings shares.
+    const { backend } = knowledgeStorage(ctx.app.settings);
+    const remove = backend.remove.bind(backend);
+    vi.spyOn(backend, 'remove').mockImplementation((k) => (k === key ? Promise.reject(new Error('storage unavailable')) : remove(k)));
+    expect((await api('DELETE', `/knowledge-base/entries/${entry.id}`, user.headers)).statusCode).toBe(200);
+    expect(await ctx.database.db.select({ key: knowledgeFileDeletions.storage_key }).from(knowledgeFileDeletions)).toEqual([{ key }]);
+    expect(storedFiles(user.user.id)).toHaveLength(1); // the extracted text went; the file waits
+    vi.restoreAllMocks();
+    expect(await purgeDeletedFiles(deps())).toBe(1);
+    expect(storedFiles(user.user.id)).toEqual([]);
+  });
+
+  it("touches only keys whose deletion is recorded: a live entry's file stays", async () => {
+    const folder = await createFolder(ctx.app, user.headers);
+    const entry = await ingested(ctx.app, user.headers, folder.id, { filename: 'live.txt', content: 'Still here.' });
+    const key = await keyOf(entry.id);
+    expect(await purgeFilesOf(deps(), [key])).toBe(0);
+    expect(storedFiles(user.user.id)).toHaveLength(2);
+    expect(await ctx.database.db.select().from(knowledgeEntries).where(inArray(knowledgeEntries.id, [entry.id]))).toHaveLength(1);
+  });
+});
