@@ -15,7 +15,7 @@ import { importBuilt } from './built.mjs';
 
 const root = resolve(import.meta.dirname, '..');
 const settings = { chunkTokens: 400, overlapTokens: 60 };
-const limits = { maxTextChars: 200_000_000, timeoutMs: 600_000, maxMemoryMb: 256 };
+const limits = { maxTextChars: 200_000_000, timeoutMs: 600_000, maxMemoryMb: 256, maxTotalMemoryMb: 1024 };
 
 // ==================== One case (child process) ====================
 

@@ -27,7 +27,7 @@ const sampler = setInterval(() => {
 }, 20);
 show('before', process.memoryUsage());
 const began = performance.now();
-const doc = await extractDocument({ path, filename: 'big.pdf' }, { maxTextChars: 200_000_000, timeoutMs: 1_200_000, maxMemoryMb: 256 });
+const doc = await extractDocument({ path, filename: 'big.pdf' }, { maxTextChars: 200_000_000, timeoutMs: 1_200_000, maxMemoryMb: 256, maxTotalMemoryMb: 1024 });
 const extracted = performance.now();
 const options = { chunkTokens: 400, overlapTokens: 60 };
 let chunks = 0;

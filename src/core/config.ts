@@ -325,6 +325,11 @@ export const SettingsSchema = z.object({
   KB_EXTRACT_TIMEOUT_SECONDS: int(1, 3600).default(120),
   /** Heap of the thread that parses one PDF, DOCX, HTML, CSV or JSON document. */
   KB_EXTRACT_MAX_MEMORY_MB: int(32, 16_384).default(256),
+  /**
+   * All the memory reading one document may add to the process: the parsing thread's heap and what
+   * the parsers unpack outside it (typed arrays, which the heap limit does not cover).
+   */
+  KB_EXTRACT_MAX_TOTAL_MEMORY_MB: int(64, 65_536).default(512),
   /** Most characters of text extracted from one document; a longer one fails with a message saying so. */
   KB_MAX_TEXT_CHARS: int(1_000, 1_000_000_000).default(20_000_000),
 });
@@ -400,6 +405,9 @@ export function loadSettings(source: Record<string, string | undefined> = readEn
 
   if (raw.KB_CHUNK_OVERLAP_TOKENS * 2 > raw.KB_CHUNK_TOKENS) {
     throw new ConfigError(`KB_CHUNK_OVERLAP_TOKENS: at most half of KB_CHUNK_TOKENS (${raw.KB_CHUNK_TOKENS}), got ${raw.KB_CHUNK_OVERLAP_TOKENS}`);
+  }
+  if (raw.KB_EXTRACT_MAX_TOTAL_MEMORY_MB <= raw.KB_EXTRACT_MAX_MEMORY_MB) {
+    throw new ConfigError(`KB_EXTRACT_MAX_TOTAL_MEMORY_MB: must exceed KB_EXTRACT_MAX_MEMORY_MB (${raw.KB_EXTRACT_MAX_MEMORY_MB}), the heap alone, got ${raw.KB_EXTRACT_MAX_TOTAL_MEMORY_MB}`);
   }
   if (raw.KB_MAX_FILE_BYTES > raw.KB_MAX_BYTES_PER_USER) {
     throw new ConfigError('KB_MAX_FILE_BYTES: must not exceed KB_MAX_BYTES_PER_USER');

@@ -99,11 +99,11 @@ export async function writeZipBomb(path: string, bytes: number, declare?: number
 }
 
 /**
- * A one-page PDF written by hand around a Flate-compressed content stream (what PDF libraries
- * never let you write: a page that unpacks to hundreds of megabytes).
+ * A one-page PDF written by hand whose page is the stream `stream` with the dictionary entries
+ * `dictionary` besides its /Length (what PDF libraries never let you write: a page that unpacks to
+ * hundreds of megabytes, filters they do not offer, dictionaries that hide what they hold).
  */
-export async function writePdfWithContent(path: string, content: Buffer): Promise<void> {
-  const stream = deflateSync(content, { level: 9 });
+export function pdfWithStream(dictionary: string, stream: Buffer): Buffer {
   const parts: Buffer[] = [Buffer.from('%PDF-1.4\n')];
   const offsets: number[] = [];
   let length = parts[0]!.length;
@@ -118,12 +118,17 @@ export async function writePdfWithContent(path: string, content: Buffer): Promis
   object(1, Buffer.from('<< /Type /Catalog /Pages 2 0 R >>'));
   object(2, Buffer.from('<< /Type /Pages /Kids [3 0 R] /Count 1 >>'));
   object(3, Buffer.from('<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>'));
-  object(4, Buffer.concat([Buffer.from(`<< /Length ${stream.length} /Filter /FlateDecode >>\nstream\n`), stream, Buffer.from('\nendstream')]));
+  object(4, Buffer.concat([Buffer.from(`<< /Length ${stream.length} ${dictionary} >>\nstream\n`), stream, Buffer.from('\nendstream')]));
   object(5, Buffer.from('<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>'));
   const xref = length;
   const entries = offsets.slice(1).map((offset) => `${String(offset).padStart(10, '0')} 00000 n \n`).join('');
   add(Buffer.from(`xref\n0 6\n0000000000 65535 f \n${entries}trailer\n<< /Size 6 /Root 1 0 R >>\nstartxref\n${xref}\n%%EOF\n`));
-  await writeFile(path, Buffer.concat(parts));
+  return Buffer.concat(parts);
+}
+
+/** A one-page PDF whose page is `content`, Flate-compressed. */
+export async function writePdfWithContent(path: string, content: Buffer): Promise<void> {
+  await writeFile(path, pdfWithStream('/Filter /FlateDecode', deflateSync(content, { level: 9 })));
 }
 
 /** The bytes of a file `write` makes (in a temporary directory, removed after). */

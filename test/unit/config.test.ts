@@ -165,6 +165,11 @@ describe('knowledge-base settings', () => {
   it('refuses a per-file limit over the per-user total', () => {
     expect(configError({ ...base, KB_MAX_FILE_BYTES: '2000', KB_MAX_BYTES_PER_USER: '1000' }).message).toBe('KB_MAX_FILE_BYTES: must not exceed KB_MAX_BYTES_PER_USER');
   });
+
+  it('bounds all the memory one document may take, above its parsing heap', () => {
+    expect(loadSettings(base).KB_EXTRACT_MAX_TOTAL_MEMORY_MB).toBe(512);
+    expect(configError({ ...base, KB_EXTRACT_MAX_MEMORY_MB: '512' }).message).toBe('KB_EXTRACT_MAX_TOTAL_MEMORY_MB: must exceed KB_EXTRACT_MAX_MEMORY_MB (512), the heap alone, got 512');
+  });
 });
 
 describe('PGLITE_THREAD_SCHED_IDLE', () => {

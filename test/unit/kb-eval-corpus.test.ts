@@ -21,7 +21,7 @@ describe('knowledge-base evaluation corpus', () => {
     documents = await prepareCorpus(dir);
     questions = await loadQuestions();
     for (const { filename, path } of documents) {
-      const doc = await extractDocument({ path, filename }, { maxTextChars: 1_000_000, timeoutMs: 30_000, maxMemoryMb: 128 });
+      const doc = await extractDocument({ path, filename }, { maxTextChars: 1_000_000, timeoutMs: 30_000, maxMemoryMb: 128, maxTotalMemoryMb: 512 });
       extracted.set(filename, { doc, chunks: chunkDocument(doc, { chunkTokens: 400, overlapTokens: 60 }) });
     }
   }, 120_000);

@@ -13,9 +13,9 @@ import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge
 import { pdfSpans } from '../../src/modules/knowledge/pdf.js';
 import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
 import { DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
-import { type Block, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
+import { type Block, pdfWithStream, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
 
-const LIMITS: ExtractLimits = { maxTextChars: 1_000_000, timeoutMs: 20_000, maxMemoryMb: 128 };
+const LIMITS: ExtractLimits = { maxTextChars: 1_000_000, timeoutMs: 20_000, maxMemoryMb: 128, maxTotalMemoryMb: 512 };
 let dir: string;
 
 beforeAll(async () => {
@@ -294,6 +294,21 @@ describe('extractDocument: what it refuses', () => {
     const small = join(dir, 'small-stream.pdf');
     await writePdfWithContent(small, Buffer.concat([Buffer.alloc(1024 * 1024, 0x20), text]));
     expect((await extract(small, 'small-stream.pdf', { maxMemoryMb: 64 })).text).toBe('Hello from a bomb');
+  });
+
+  it('stops a parse whose unpacked parts outgrow the memory allowance, whatever the checks before pdf.js miss', async () => {
+    // RunLengthDecode, which the PDF check does not unpack: 300 MB of page in 5 MB. pdf.js holds
+    // the decoded page in typed arrays, outside the 64 MB heap limit.
+    const spaces = Buffer.alloc((300 * 1024 * 1024) / 64, Buffer.from([257 - 128, 0x20])); // runs of 128 spaces
+    const text = Buffer.from('BT /F1 12 Tf 72 712 Td (Hello from a bomb) Tj ET');
+    const runLength = Buffer.concat([spaces, Buffer.from([text.length - 1]), text, Buffer.from([128])]);
+    const path = await file('run-length.pdf', pdfWithStream('/Filter /RunLengthDecode', runLength));
+    expect(await rejection(extract(path, 'run-length.pdf', { maxMemoryMb: 64, maxTotalMemoryMb: 200 }))).toBe(
+      'reading the document needed more than 200 MB of memory in all (the limit); it may be damaged or built to exhaust the reader — split it or re-save it and upload again',
+    );
+    // The same page, short, is read within the same limits.
+    const small = await file('run-length-small.pdf', pdfWithStream('/Filter /RunLengthDecode', Buffer.concat([spaces.subarray(0, 1024), runLength.subarray(spaces.length)])));
+    expect((await extract(small, 'run-length-small.pdf', { maxMemoryMb: 64, maxTotalMemoryMb: 200 })).text).toBe('Hello from a bomb');
   });
 
   it('refuses a PDF without a text layer', async () => {

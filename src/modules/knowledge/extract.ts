@@ -27,6 +27,67 @@ export interface ExtractLimits {
   timeoutMs: number;
   /** Heap of the parsing thread (KB_EXTRACT_MAX_MEMORY_MB). */
   maxMemoryMb: number;
+  /** All the memory one document's reading may add to the process, heap and typed arrays (KB_EXTRACT_MAX_TOTAL_MEMORY_MB). */
+  maxTotalMemoryMb: number;
+}
+
+// ==================== Memory outside the heap ====================
+
+/**
+ * How often the process's memory is sampled while a parsing thread runs: pdf.js and JSZip unpack
+ * at hundreds of MB a second, so a bomb is stopped within a few dozen MB of the limit.
+ */
+const MEMORY_SAMPLE_MS = 25;
+
+interface Watched {
+  /** The process's resident memory when the thread started. */
+  baseline: number;
+  limit: number;
+  /** Started after every watched thread with a smaller `order`. */
+  order: number;
+  /** Called once, when the process has grown past `limit` since `baseline`. */
+  onExceeded: () => void;
+  exceeded: boolean;
+}
+
+const watched = new Set<Watched>();
+let sampler: NodeJS.Timeout | null = null;
+let started = 0;
+
+/**
+ * Whether a thread holds more memory than it may is told from outside it: what the parsers unpack
+ * goes into typed arrays, outside the heap that resourceLimits caps, in long synchronous stretches
+ * during which the thread itself runs nothing else; Node 20 has no way to read another thread's
+ * memory, so the process's resident memory is what is sampled, against its value when the thread
+ * started. When parsing threads run side by side, the growth each sees includes the others': the
+ * one stopped is the newest of those past their limit (a thread that started earlier sees the same
+ * growth and more), and none more until its memory is gone (its thread has exited).
+ */
+function sampleMemory(): void {
+  for (const each of watched) if (each.exceeded) return;
+  const rss = process.memoryUsage.rss();
+  let culprit: Watched | null = null;
+  for (const each of watched) {
+    if (rss - each.baseline > each.limit && (!culprit || each.order > culprit.order)) culprit = each;
+  }
+  if (!culprit) return;
+  culprit.exceeded = true;
+  culprit.onExceeded();
+}
+
+/** Calls `onExceeded` if the process grows by more than `limit` bytes before the returned function is called (when the thread has exited). */
+function watchMemory(limit: number, onExceeded: () => void): () => void {
+  const entry: Watched = { baseline: process.memoryUsage.rss(), limit, order: started++, onExceeded, exceeded: false };
+  watched.add(entry);
+  // One timer for all the threads; it does not keep the process alive (the threads do).
+  sampler ??= setInterval(sampleMemory, MEMORY_SAMPLE_MS).unref();
+  return () => {
+    watched.delete(entry);
+    if (watched.size === 0 && sampler) {
+      clearInterval(sampler);
+      sampler = null;
+    }
+  };
 }
 
 // ==================== The parsing thread ====================
@@ -89,6 +150,10 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, onPiece: (piece:
     const timer = setTimeout(() => {
       settle(() => reject(new DocumentRejectedError(`reading the document took longer than ${duration(limits.timeoutMs)} (the limit); it may be damaged or too complex — split it or re-save it and upload again`)));
     }, limits.timeoutMs);
+    // Released when the thread has exited: until then its memory is still the process's.
+    const unwatch = watchMemory(limits.maxTotalMemoryMb * 1024 * 1024, () => {
+      settle(() => reject(new DocumentRejectedError(`reading the document needed more than ${limits.maxTotalMemoryMb} MB of memory in all (the limit); it may be damaged or built to exhaust the reader — split it or re-save it and upload again`)));
+    });
     const onAbort = () => settle(() => reject(signal!.reason instanceof Error ? signal!.reason : new Error('the extraction was aborted')));
     signal?.addEventListener('abort', onAbort, { once: true });
 
@@ -115,6 +180,7 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, onPiece: (piece:
       );
     });
     worker.on('exit', (code) => {
+      unwatch();
       const output: WorkerOutput | null = outcome;
       settle(() => {
         if (!output || 'piece' in output) reject(new DocumentRejectedError(`could not read the document: the reader stopped (exit code ${code})`));
@@ -169,6 +235,11 @@ export async function extractDocument(input: ExtractInput, limits: ExtractLimits
 }
 
 /** The extraction limits a deployment configured. */
-export function extractLimitsFrom(settings: Pick<Settings, 'KB_MAX_TEXT_CHARS' | 'KB_EXTRACT_TIMEOUT_SECONDS' | 'KB_EXTRACT_MAX_MEMORY_MB'>): ExtractLimits {
-  return { maxTextChars: settings.KB_MAX_TEXT_CHARS, timeoutMs: settings.KB_EXTRACT_TIMEOUT_SECONDS * 1000, maxMemoryMb: settings.KB_EXTRACT_MAX_MEMORY_MB };
+export function extractLimitsFrom(settings: Pick<Settings, 'KB_MAX_TEXT_CHARS' | 'KB_EXTRACT_TIMEOUT_SECONDS' | 'KB_EXTRACT_MAX_MEMORY_MB' | 'KB_EXTRACT_MAX_TOTAL_MEMORY_MB'>): ExtractLimits {
+  return {
+    maxTextChars: settings.KB_MAX_TEXT_CHARS,
+    timeoutMs: settings.KB_EXTRACT_TIMEOUT_SECONDS * 1000,
+    maxMemoryMb: settings.KB_EXTRACT_MAX_MEMORY_MB,
+    maxTotalMemoryMb: settings.KB_EXTRACT_MAX_TOTAL_MEMORY_MB,
+  };
 }
