@@ -35,6 +35,19 @@ function extract(path: string, filename: string, limits: Partial<ExtractLimits> 
   return extractDocument({ path, filename, ...(declaredMime ? { declaredMime } : {}) }, { ...LIMITS, ...limits });
 }
 
+const WORD_MAIN = 'http://schemas.openxmlformats.org/wordprocessingml/2006/main';
+
+/** A DOCX whose package relationships name `main` as its main document (a decoy word/document.xml beside it). */
+function docxWithMainPart(main: string, body: Buffer | string): Record<string, Buffer | string> {
+  return {
+    '[Content_Types].xml':
+      '<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"><Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/><Default Extension="bin" ContentType="application/vnd.openxmlformats-officedocument.wordprocessingml.document.main+xml"/></Types>',
+    '_rels/.rels': `<?xml version="1.0"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships"><Relationship Id="rId1" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/officeDocument" Target="${main}"/></Relationships>`,
+    'word/document.xml': `<w:document xmlns:w="${WORD_MAIN}"><w:body><w:p><w:r><w:t>decoy</w:t></w:r></w:p></w:body></w:document>`,
+    [main]: body,
+  };
+}
+
 async function rejection(promise: Promise<unknown>): Promise<string> {
   const error = await promise.then(
     () => expect.unreachable('the document was accepted'),
@@ -330,6 +343,20 @@ describe('extractDocument: what it refuses', () => {
     await writeZipBomb(path, 40 * 1024 * 1024);
     expect((await readFile(path)).length).toBeLessThan(100 * 1024);
     expect(await rejection(extract(path, 'honest-bomb.docx', { maxTextChars: 100_000 }))).toMatch(/^the document expands to more than 16 MB when unpacked \(word\/document\.xml: 40 MB\)/);
+  });
+
+  it('refuses a DOCX whose relationships make a part not named .xml its main document, a bomb', async () => {
+    const body = Buffer.alloc(40 * 1024 * 1024, 0x20);
+    body.write(`<w:document xmlns:w="${WORD_MAIN}"><w:body><w:p><w:r><w:t>hi</w:t></w:r></w:p></w:body>`, 0);
+    body.write('</w:document>', body.length - 13);
+    const path = join(dir, 'renamed-bomb.docx');
+    await writeZip(path, docxWithMainPart('word/main.bin', body));
+    expect((await readFile(path)).length).toBeLessThan(100 * 1024);
+    expect(await rejection(extract(path, 'renamed-bomb.docx', { maxTextChars: 100_000 }))).toMatch(/^the document expands to more than 16 MB when unpacked \(word\/main\.bin: 40 MB\)/);
+    // The same part, small, is read: the main document is where the relationships say.
+    const small = join(dir, 'renamed.docx');
+    await writeZip(small, docxWithMainPart('word/main.bin', `<w:document xmlns:w="${WORD_MAIN}"><w:body><w:p><w:r><w:t>Read from main.bin</w:t></w:r></w:p></w:body></w:document>`));
+    expect((await extract(small, 'renamed.docx', { maxTextChars: 100_000 })).text).toBe('Read from main.bin');
   });
 
   it('refuses a DOCX whose zip directory understates what an entry unpacks to', async () => {
