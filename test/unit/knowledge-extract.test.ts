@@ -4,6 +4,7 @@ import { mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
+import { deflateSync } from 'node:zlib';
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
@@ -307,6 +308,30 @@ describe('extractDocument: what it refuses', () => {
     const small = join(dir, 'small-stream.pdf');
     await writePdfWithContent(small, Buffer.concat([Buffer.alloc(1024 * 1024, 0x20), text]));
     expect((await extract(small, 'small-stream.pdf', { maxMemoryMb: 64 })).text).toBe('Hello from a bomb');
+  });
+
+  describe('refuses a Flate page past the allowance however its dictionary is written', () => {
+    const page = Buffer.concat([Buffer.alloc(40 * 1024 * 1024, 0x20), Buffer.from('BT /F1 12 Tf 72 712 Td (Hello from a bomb) Tj ET')]);
+    let bomb: Buffer;
+    beforeAll(() => {
+      bomb = deflateSync(page, { level: 9 });
+    });
+    const refused = 'the PDF expands to more than 16 MB when one of its parts is unpacked (the limit per part); it is damaged or built to exhaust the reader';
+    it.each([
+      ['a filter name with a #xx escape (the same name to pdf.js)', () => pdfWithStream('/Filter /Flate#44ecode', bomb)],
+      ['behind ASCIIHexDecode in a filter chain', () => pdfWithStream('/Filter [/ASCIIHexDecode /FlateDecode]', Buffer.from(`${bomb.toString('hex')}>`))],
+      ['with a comment saying it is an image', () => pdfWithStream('/Filter /FlateDecode %/Subtype /Image\n', bomb)],
+      ['with a string saying it is an image', () => pdfWithStream('/Filter /FlateDecode /Note (a (nested) /Subtype /Image)', bomb)],
+      ['in a dictionary padded past a few KB', () => pdfWithStream(`/Filter /FlateDecode /Pad (${'x'.repeat(3_000)})`, bomb)],
+    ])('%s', async (name, pdf) => {
+      const path = await file(`${name.replaceAll(/\W+/g, '-')}.pdf`, pdf());
+      expect(await rejection(extract(path, 'bomb.pdf', { maxMemoryMb: 64 }))).toBe(refused);
+    });
+
+    it('but not a stream its own dictionary calls an image (text extraction never decodes pictures)', async () => {
+      const path = await file('picture.pdf', pdfWithStream('/Subtype /Image /Filter /FlateDecode', deflateSync(page.subarray(page.length - 20 * 1024 * 1024))));
+      expect((await extract(path, 'picture.pdf', { maxMemoryMb: 64 })).text).toBe('Hello from a bomb');
+    });
   });
 
   it('stops a parse whose unpacked parts outgrow the memory allowance, whatever the checks before pdf.js miss', async () => {

@@ -60,27 +60,88 @@ function inflatedSize(data: Uint8Array, limit: number): Promise<number> {
   });
 }
 
+/** The longest stream dictionary read: a real one is a few hundred bytes; past this, nothing in it is trusted. */
+const MAX_DICTIONARY_CHARS = 64 * 1024;
+
 /**
- * Refuses a PDF whose Flate streams unpack past the bounds, before pdf.js sees it: pdf.js decodes
- * a content stream whole into typed arrays, memory outside the V8 heap that the worker's limit
- * does not cover (a 300 KB PDF whose page unpacks to 300 MB took the process to 1.1 GB). Images
- * are skipped: text extraction never decodes them.
+ * The entries of a stream's own dictionary as pdf.js reads them (`text` runs from its object's
+ * `obj` to `stream`): comments, strings and nested dictionaries blanked (what they say is not the
+ * stream's), names with #xx escapes decoded (`/Flate#44ecode` is /FlateDecode).
+ */
+function streamDictionary(text: string): string {
+  let out = '';
+  let depth = 0;
+  for (let at = 0; at < text.length; at++) {
+    const c = text[at]!;
+    if (c === '%') {
+      while (at + 1 < text.length && text[at + 1] !== '\n' && text[at + 1] !== '\r') at++;
+    } else if (c === '(') {
+      // Literal strings nest balanced parentheses; a backslash escapes the next character.
+      for (let open = 1; open > 0 && at + 1 < text.length; ) {
+        const d = text[++at];
+        if (d === '\\') at++;
+        else if (d === '(') open++;
+        else if (d === ')') open--;
+      }
+    } else if (c === '<' && text[at + 1] === '<') {
+      depth++;
+      at++;
+    } else if (c === '>' && text[at + 1] === '>') {
+      depth--;
+      at++;
+    } else if (c === '<') {
+      const end = text.indexOf('>', at);
+      at = end < 0 ? text.length : end;
+    } else if (depth === 1) {
+      out += c;
+      continue;
+    }
+    out += ' ';
+  }
+  return out.replace(/#([0-9A-Fa-f]{2})/g, (_, hex: string) => String.fromCharCode(parseInt(hex, 16)));
+}
+
+/**
+ * The bytes a Flate filter would get: ASCIIHexDecode's output when the data is hex digits (the
+ * chain [/ASCIIHexDecode /FlateDecode]), else the data itself.
+ */
+function beforeFlate(data: Buffer): Buffer {
+  if (!/^[\s0-9A-Fa-f]+(>|$)/.test(data.toString('latin1', 0, 64))) return data;
+  const end = data.indexOf('>');
+  return Buffer.from(data.toString('latin1', 0, end < 0 ? data.length : end).replace(/\s+/g, ''), 'hex');
+}
+
+/**
+ * Refuses a PDF whose compressed streams unpack past the bounds, before pdf.js sees it: pdf.js
+ * decodes a content stream whole into typed arrays, memory outside the V8 heap that the worker's
+ * limit does not cover (a 300 KB PDF whose page unpacks to 300 MB took the process to 1.1 GB).
+ * Every stream is unpacked as Flate whatever its dictionary declares (data that is not zlib fails
+ * at its first bytes), so no spelling of the filter hides one; only images are skipped (text
+ * extraction never decodes them), when their own dictionary says so outside comments and strings.
+ * A page compressed otherwise (LZW, run-length) is left to the memory watch of extract.ts.
  */
 export async function checkPdfStreams(data: Uint8Array, maxStreamBytes: number): Promise<void> {
   const bytes = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
   let total = 0;
-  for (let at = bytes.indexOf('stream'); at >= 0; at = bytes.indexOf('stream', at + 6)) {
+  // Where the last stream's data ended: neither its bytes nor its dictionary are searched again,
+  // so a file of `stream` keywords costs one pass.
+  let searched = 0;
+  for (let at = bytes.indexOf('stream'); at >= 0; at = bytes.indexOf('stream', Math.max(at + 6, searched))) {
     // `endstream` contains `stream`; a stream's data starts after `stream` and its end of line.
     if (at >= 3 && bytes.toString('latin1', at - 3, at) === 'end') continue;
     let start = at + 6;
     if (bytes[start] === 0x0d) start++;
     if (bytes[start] !== 0x0a) continue;
     start++;
-    const before = bytes.toString('latin1', Math.max(0, at - 2048), at);
-    const dictionary = before.slice(before.lastIndexOf(' obj') + 1);
-    if (!dictionary.includes('/FlateDecode') || /\/Subtype\s*\/Image/.test(dictionary)) continue;
     const end = bytes.indexOf('endstream', start);
-    const size = await inflatedSize(bytes.subarray(start, end < 0 ? bytes.length : end), Math.min(maxStreamBytes, MAX_TOTAL_INFLATED_BYTES - total));
+    const from = Math.max(searched, at - MAX_DICTIONARY_CHARS);
+    searched = end < 0 ? bytes.length : end + 9;
+    // The dictionary runs from its object's `obj` (a string could say `obj` too, or `/Subtype
+    // /Image`: a page may as well declare itself an image, which pdf.js ignores; the memory watch
+    // of extract.ts bounds what these checks let through).
+    const objectAt = bytes.subarray(from, at).lastIndexOf('obj');
+    if (objectAt >= 0 && /\/Subtype\s*\/Image(?![^\s/<>[\]()%{}])/.test(streamDictionary(bytes.toString('latin1', from + objectAt + 3, at)))) continue;
+    const size = await inflatedSize(beforeFlate(bytes.subarray(start, end < 0 ? bytes.length : end)), Math.min(maxStreamBytes, MAX_TOTAL_INFLATED_BYTES - total));
     if (size > maxStreamBytes) {
       throw new DocumentRejectedError(`the PDF expands to more than ${megabytes(maxStreamBytes)} when one of its parts is unpacked (the limit per part); it is damaged or built to exhaust the reader`);
     }
