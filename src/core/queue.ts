@@ -54,6 +54,20 @@ function backoffMs(settings: Settings, attempt: number): number {
 
 // ==================== In-process (embedded) ====================
 
+/** A job the in-process queue has not begun: before its handlers, or past its lane's number at once. */
+interface PendingJob {
+  name: string;
+  data: unknown;
+  attempt: number;
+}
+
+/** The jobs of a lane (or all the others) the in-process queue runs at once, and those waiting their turn, first in first out. */
+interface Slots {
+  limit: number;
+  active: number;
+  pending: PendingJob[];
+}
+
 class InProcessQueue<R extends JobRegistry> implements JobQueue<R> {
   readonly kind = 'in-process';
   private handlers: JobHandlers<R> | null = null;
@@ -61,12 +75,26 @@ class InProcessQueue<R extends JobRegistry> implements JobQueue<R> {
   private readonly running = new Set<Promise<void>>();
   private readonly retries = new Map<NodeJS.Timeout, { name: string; data: unknown }>();
   private closing = false;
+  /**
+   * JOB_CONCURRENCY for most jobs, a lane's number for its own (RUN_CONCURRENCY: agent runs), as a
+   * BullMQ worker runs them: without it every job queued ran at once (an embedded process took 50
+   * uploads at once into 50 parsing threads, each with its own heap).
+   */
+  private readonly slots = new Map<string, Slots>();
 
   constructor(
     private readonly settings: Settings,
     private readonly logger: Logger,
     private readonly registry: R,
-  ) {}
+    lanes: readonly JobLane[],
+  ) {
+    const others: Slots = { limit: settings.JOB_CONCURRENCY, active: 0, pending: [] };
+    for (const name of Object.keys(registry)) this.slots.set(name, others);
+    for (const lane of lanes) {
+      const own: Slots = { limit: lane.concurrency(settings), active: 0, pending: [] };
+      for (const name of lane.jobs) this.slots.set(name, own);
+    }
+  }
 
   async add<N extends keyof R & string>(name: N, input: z.input<R[N]>): Promise<void> {
     const data: unknown = schemaOf(this.registry, name).parse(input);
@@ -85,7 +113,18 @@ class InProcessQueue<R extends JobRegistry> implements JobQueue<R> {
   }
 
   private start(name: string, data: unknown, attempt: number, later = false): void {
-    const run = (later ? nextTurn().then(() => this.attempt(name, data, attempt)) : this.attempt(name, data, attempt)).finally(() => this.running.delete(run));
+    const slots = this.slots.get(name)!;
+    if (slots.active >= slots.limit) {
+      slots.pending.push({ name, data, attempt });
+      return;
+    }
+    slots.active += 1;
+    const run = (later ? nextTurn().then(() => this.attempt(name, data, attempt)) : this.attempt(name, data, attempt)).finally(() => {
+      this.running.delete(run);
+      slots.active -= 1;
+      const next = slots.pending.shift();
+      if (next) this.start(next.name, next.data, next.attempt);
+    });
     this.running.add(run);
   }
 
@@ -264,5 +303,5 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
 
 /** The queue of `registry`'s jobs (default: the application's, tasks/registry.ts, with its lanes). */
 export function createQueue<R extends JobRegistry = Jobs>(settings: Settings, logger: Logger, registry: R = JOBS as JobRegistry as R, lanes: readonly JobLane[] = JOB_LANES, options: QueueOptions = {}): JobQueue<R> {
-  return settings.REDIS_URL ? new RedisQueue(settings, logger, registry, settings.REDIS_URL, lanes, options.laneProducer ?? null) : new InProcessQueue(settings, logger, registry);
+  return settings.REDIS_URL ? new RedisQueue(settings, logger, registry, settings.REDIS_URL, lanes, options.laneProducer ?? null) : new InProcessQueue(settings, logger, registry, lanes);
 }

@@ -166,10 +166,10 @@ describe.skipIf(!process.env.REDIS_URL)('job data in Redis', () => {
   });
 });
 
-describe.skipIf(!process.env.REDIS_URL)('job lanes in Redis', () => {
+describe.each(kinds)('job lanes (%s)', (kind, env) => {
   it('works a lane\'s jobs on a queue of their own, with its own number at once, beside the others', async () => {
     const prefix = `keel-test-q:${randomBytes(4).toString('hex')}:`;
-    const settings = testSettings({ REDIS_URL: process.env.REDIS_URL!, REDIS_KEY_PREFIX: prefix, JOB_CONCURRENCY: '1' });
+    const settings = testSettings({ REDIS_URL: '', ...env, REDIS_KEY_PREFIX: prefix, JOB_CONCURRENCY: '1' });
     const lanes = [{ queue: 'test-lane', jobs: ['slow'], concurrency: () => 3 }];
     const queue = createAppQueue(settings, silent, TEST_JOBS, lanes);
     let running = 0;
@@ -192,15 +192,43 @@ describe.skipIf(!process.env.REDIS_URL)('job lanes in Redis', () => {
     await queue.add('greet', { name: 'Grace' });
     // Three slow jobs at once (the lane's number, not JOB_CONCURRENCY), and the other jobs not behind them.
     await eventually(() => running === 3 && greeted.length === 2);
-    const connection = new Redis(settings.REDIS_URL!, { maxRetriesPerRequest: null });
-    expect(await connection.llen(`${prefix}jobs:test-lane:wait`)).toBe(2);
+    const connection = kind === 'redis' ? new Redis(settings.REDIS_URL!, { maxRetriesPerRequest: null }) : null;
+    if (connection) expect(await connection.llen(`${prefix}jobs:test-lane:wait`)).toBe(2);
     open();
     await eventually(() => slowDone.length === 5);
     expect(most).toBe(3);
     await queue.close();
-    const keys = await connection.keys(`${prefix}*`);
-    if (keys.length) await connection.del(...keys);
-    await connection.quit();
+    if (connection) {
+      const keys = await connection.keys(`${prefix}*`);
+      if (keys.length) await connection.del(...keys);
+      await connection.quit();
+    }
+  });
+
+  it('runs JOB_CONCURRENCY jobs at once, the others in the order queued as those end', async () => {
+    const queue = createQueue(testSettings({ REDIS_URL: '', ...env, REDIS_KEY_PREFIX: testRedisPrefix(), JOB_CONCURRENCY: '2' }), silent);
+    let running = 0;
+    let most = 0;
+    const done: number[] = [];
+    let open!: () => void;
+    const released = new Promise<void>((resolve) => (open = resolve));
+    queue.work({
+      later: async ({ n }) => {
+        most = Math.max(most, ++running);
+        await released;
+        running--;
+        done.push(n);
+      },
+    });
+    for (let n = 0; n < 6; n++) await queue.add('later', { n });
+    await eventually(() => running === 2);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    expect(running).toBe(2);
+    open();
+    await eventually(() => done.length === 6);
+    expect(most).toBe(2);
+    if (kind === 'in-process') expect(done).toEqual([0, 1, 2, 3, 4, 5]);
+    await queue.close();
   });
 });
 
