@@ -35,10 +35,11 @@ export async function deleteStoredFiles(ctx: { settings: Settings; log: Logger }
   for (let i = 0; i < storageKeys.length; i += 16) {
     await Promise.all(
       storageKeys.slice(i, i + 16).map(async (key) => {
-        try {
-          await Promise.all([storage.deleteFile(key), storage.deleteFile(textKeyOf(key))]);
-        } catch (error) {
-          ctx.log.warn({ err: error, key }, 'knowledge file could not be deleted; will try again');
+        // Both tried, and both awaited: one failing does not leave the other's delete running on past the answer.
+        const outcomes = await Promise.allSettled([storage.deleteFile(key), storage.deleteFile(textKeyOf(key))]);
+        const refused = outcomes.find((outcome) => outcome.status === 'rejected');
+        if (refused) {
+          ctx.log.warn({ err: refused.reason, key }, 'knowledge file could not be deleted; will try again');
           failed.add(key);
         }
       }),
