@@ -8,6 +8,8 @@ import { deflateSync } from 'node:zlib';
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
+import { ServiceUnavailableError } from '../../src/core/errors.js';
+
 import { bundle, ENTRY_POINTS } from '../../scripts/bundle.mjs';
 import { type DrainedText, PieceAssembler } from '../../src/modules/knowledge/document-builder.js';
 import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge/extract.js';
@@ -347,6 +349,12 @@ describe('extractDocument: what it refuses', () => {
     // The same page, short, is read within the same limits.
     const small = await file('run-length-small.pdf', pdfWithStream('/Filter /RunLengthDecode', Buffer.concat([spaces.subarray(0, 1024), runLength.subarray(spaces.length)])));
     expect((await extract(small, 'run-length-small.pdf', { maxMemoryMb: 64, maxTotalMemoryMb: 200 })).text).toBe('Hello from a bomb');
+    // Read beside another parse, the growth measured may be the other's: stopped, but to be tried
+    // again (a 503, which ingestion retries), not refused for good.
+    const both = await Promise.allSettled([extract(path, 'run-length.pdf', { maxMemoryMb: 64, maxTotalMemoryMb: 200 }), extract(path, 'run-length.pdf', { maxMemoryMb: 64, maxTotalMemoryMb: 200 })]);
+    const reasons = both.map((outcome) => (outcome.status === 'rejected' ? (outcome.reason as Error) : null));
+    expect(reasons.some((reason) => reason instanceof ServiceUnavailableError && /while other documents were read beside it; it is tried again/.test(reason.message))).toBe(true);
+    expect(reasons.some((reason) => reason instanceof DocumentRejectedError)).toBe(false);
   });
 
   it('refuses a PDF without a text layer', async () => {

@@ -2,6 +2,7 @@ import { stat } from 'node:fs/promises';
 import { Worker } from 'node:worker_threads';
 
 import type { Settings } from '../../core/config.js';
+import { ServiceUnavailableError } from '../../core/errors.js';
 
 import { type DrainedText, type ExtractedSpans, materialize, PieceAssembler } from './document-builder.js';
 import type { WorkerInput, WorkerOutput } from './extract-worker.js';
@@ -45,8 +46,10 @@ interface Watched {
   limit: number;
   /** Started after every watched thread with a smaller `order`. */
   order: number;
-  /** Called once, when the process has grown past `limit` since `baseline`. */
-  onExceeded: () => void;
+  /** Called once, when the process has grown past `limit` since `baseline`; `alone`: no other parsing thread ran meanwhile, so the growth was this one's. */
+  onExceeded: (alone: boolean) => void;
+  /** Another parsing thread was watched at some moment while this one was (its growth may be in this one's). */
+  shared: boolean;
   exceeded: boolean;
 }
 
@@ -72,12 +75,13 @@ function sampleMemory(): void {
   }
   if (!culprit) return;
   culprit.exceeded = true;
-  culprit.onExceeded();
+  culprit.onExceeded(!culprit.shared);
 }
 
 /** Calls `onExceeded` if the process grows by more than `limit` bytes before the returned function is called (when the thread has exited). */
-function watchMemory(limit: number, onExceeded: () => void): () => void {
-  const entry: Watched = { baseline: process.memoryUsage.rss(), limit, order: started++, onExceeded, exceeded: false };
+function watchMemory(limit: number, onExceeded: (alone: boolean) => void): () => void {
+  const entry: Watched = { baseline: process.memoryUsage.rss(), limit, order: started++, onExceeded, exceeded: false, shared: watched.size > 0 };
+  for (const each of watched) each.shared = true;
   watched.add(entry);
   // One timer for all the threads; it does not keep the process alive (the threads do).
   sampler ??= setInterval(sampleMemory, MEMORY_SAMPLE_MS).unref();
@@ -151,8 +155,13 @@ function runInWorker(input: WorkerInput, limits: ExtractLimits, onPiece: (piece:
       settle(() => reject(new DocumentRejectedError(`reading the document took longer than ${duration(limits.timeoutMs)} (the limit); it may be damaged or too complex — split it or re-save it and upload again`)));
     }, limits.timeoutMs);
     // Released when the thread has exited: until then its memory is still the process's.
-    const unwatch = watchMemory(limits.maxTotalMemoryMb * 1024 * 1024, () => {
-      settle(() => reject(new DocumentRejectedError(`reading the document needed more than ${limits.maxTotalMemoryMb} MB of memory in all (the limit); it may be damaged or built to exhaust the reader — split it or re-save it and upload again`)));
+    const unwatch = watchMemory(limits.maxTotalMemoryMb * 1024 * 1024, (alone) => {
+      // Read beside other documents, the growth may be theirs (the process's memory is all that
+      // can be measured): tried again later (a 503 is retried, KB_INGEST_MAX_ATTEMPTS), not failed for good.
+      const error = alone
+        ? new DocumentRejectedError(`reading the document needed more than ${limits.maxTotalMemoryMb} MB of memory in all (the limit); it may be damaged or built to exhaust the reader — split it or re-save it and upload again`)
+        : new ServiceUnavailableError(`reading the document was stopped when the process passed ${limits.maxTotalMemoryMb} MB more memory while other documents were read beside it; it is tried again`);
+      settle(() => reject(error));
     });
     const onAbort = () => settle(() => reject(signal!.reason instanceof Error ? signal!.reason : new Error('the extraction was aborted')));
     signal?.addEventListener('abort', onAbort, { once: true });
