@@ -5,7 +5,7 @@ import type { Queue, Worker } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { z } from 'zod';
 
-import { JOB_LANES, type JobLane, JOBS, type Jobs } from '../tasks/registry.js';
+import { JOB_LANES, type JobLane, JOBS, type Jobs, RECOVERED_JOBS } from '../tasks/registry.js';
 import type { Settings } from './config.js';
 import { JobSealer } from './job-crypto.js';
 import { lazyRequire } from './lazy.js';
@@ -59,6 +59,8 @@ interface PendingJob {
   name: string;
   data: unknown;
   attempt: number;
+  /** Its data as JSON: a copy of a recovered job already waiting is not queued again. */
+  key: string;
 }
 
 /** The jobs of a lane (or all the others) the in-process queue runs at once, and those waiting their turn, first in first out. */
@@ -87,6 +89,8 @@ class InProcessQueue<R extends JobRegistry> implements JobQueue<R> {
     private readonly logger: Logger,
     private readonly registry: R,
     lanes: readonly JobLane[],
+    /** RECOVERED_JOBS: dropped rather than begun once the queue closes. */
+    private readonly recovered: ReadonlySet<string>,
   ) {
     const others: Slots = { limit: settings.JOB_CONCURRENCY, active: 0, pending: [] };
     for (const name of Object.keys(registry)) this.slots.set(name, others);
@@ -114,18 +118,29 @@ class InProcessQueue<R extends JobRegistry> implements JobQueue<R> {
 
   private start(name: string, data: unknown, attempt: number, later = false): void {
     const slots = this.slots.get(name)!;
+    if (this.closing && this.recovered.has(name)) {
+      this.logger.info({ job: name }, 'job not begun: the process is stopping (its sweeper queues it again at the next start)');
+      return this.startNext(slots);
+    }
     if (slots.active >= slots.limit) {
-      slots.pending.push({ name, data, attempt });
+      // One waiting copy of a job a sweeper queues again is enough: the sweeper queued it again
+      // while it only waited its turn (a run, an entry), every sweep.
+      const key = JSON.stringify(data);
+      if (!this.recovered.has(name) || !slots.pending.some((job) => job.name === name && job.key === key)) slots.pending.push({ name, data, attempt, key });
       return;
     }
     slots.active += 1;
     const run = (later ? nextTurn().then(() => this.attempt(name, data, attempt)) : this.attempt(name, data, attempt)).finally(() => {
       this.running.delete(run);
       slots.active -= 1;
-      const next = slots.pending.shift();
-      if (next) this.start(next.name, next.data, next.attempt);
+      this.startNext(slots);
     });
     this.running.add(run);
+  }
+
+  private startNext(slots: Slots): void {
+    const next = slots.pending.shift();
+    if (next) this.start(next.name, next.data, next.attempt);
   }
 
   private async attempt(name: string, data: unknown, attempt: number): Promise<void> {
@@ -183,6 +198,8 @@ export interface QueueOptions {
    * services/run-service.ts). Other jobs keep the queue's connection.
    */
   laneProducer?: Redis | null;
+  /** The jobs a sweeper queues again (default RECOVERED_JOBS): in-process, not queued twice while one waits, and dropped rather than begun once the queue closes. */
+  recovered?: readonly string[];
 }
 
 class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
@@ -303,5 +320,5 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
 
 /** The queue of `registry`'s jobs (default: the application's, tasks/registry.ts, with its lanes). */
 export function createQueue<R extends JobRegistry = Jobs>(settings: Settings, logger: Logger, registry: R = JOBS as JobRegistry as R, lanes: readonly JobLane[] = JOB_LANES, options: QueueOptions = {}): JobQueue<R> {
-  return settings.REDIS_URL ? new RedisQueue(settings, logger, registry, settings.REDIS_URL, lanes, options.laneProducer ?? null) : new InProcessQueue(settings, logger, registry, lanes);
+  return settings.REDIS_URL ? new RedisQueue(settings, logger, registry, settings.REDIS_URL, lanes, options.laneProducer ?? null) : new InProcessQueue(settings, logger, registry, lanes, new Set(options.recovered ?? RECOVERED_JOBS));
 }

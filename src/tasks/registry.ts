@@ -25,6 +25,13 @@ export const JOBS = {
   'ingest-entry': IngestEntryJob,
 } as const;
 
+/**
+ * Jobs whose state the database keeps (a run, an entry): their sweepers queue them again, at a
+ * process's start among other times. An embedded process that stops drops those it has not begun
+ * rather than beginning them past its shutdown deadline (a claimed entry would wait out its lease).
+ */
+export const RECOVERED_JOBS: readonly JobName[] = ['run-agent', 'ingest-entry'];
+
 export type Jobs = typeof JOBS;
 export type JobName = keyof Jobs;
 

@@ -232,6 +232,48 @@ describe.each(kinds)('job lanes (%s)', (kind, env) => {
   });
 });
 
+describe('in-process queue: jobs a sweeper queues again', () => {
+  it('keeps one waiting copy of such a job, and drops those not begun when it closes (the others run)', async () => {
+    const queue = createAppQueue(testSettings({ REDIS_URL: '', JOB_CONCURRENCY: '1' }), silent, TEST_JOBS, [], { recovered: ['later'] });
+    const ran: string[] = [];
+    let open!: () => void;
+    const released = new Promise<void>((resolve) => (open = resolve));
+    queue.work({
+      slow: async () => {
+        ran.push('slow');
+        await released;
+      },
+      later: async ({ n }) => void ran.push(`later ${n}`),
+      greet: async ({ name }) => void ran.push(`greet ${name}`),
+    });
+    await queue.add('slow', {});
+    await eventually(() => ran.length === 1);
+    // Waiting behind it: a sweeper's copies of one job, another job, and one of another kind.
+    for (let i = 0; i < 3; i++) await queue.add('later', { n: 1 });
+    await queue.add('later', { n: 2 });
+    await queue.add('greet', { name: 'Ada' });
+    const closing = queue.close();
+    open();
+    await closing;
+    // The sweeper's jobs were not begun once the queue closed; the email-like one ran.
+    expect(ran).toEqual(['slow', 'greet Ada']);
+
+    const again = createAppQueue(testSettings({ REDIS_URL: '', JOB_CONCURRENCY: '1' }), silent, TEST_JOBS, [], { recovered: ['later'] });
+    const later: number[] = [];
+    let go!: () => void;
+    const gate = new Promise<void>((resolve) => (go = resolve));
+    again.work({ slow: () => gate, later: async ({ n }) => void later.push(n) });
+    await again.add('slow', {});
+    for (let i = 0; i < 3; i++) await again.add('later', { n: 1 });
+    await again.add('later', { n: 2 });
+    go();
+    await eventually(() => later.length === 2);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    expect(later).toEqual([1, 2]);
+    await again.close();
+  });
+});
+
 describe('in-process queue shutdown', () => {
   it('gives a job waiting for its retry one last try when closing, instead of dropping it', async () => {
     const queue = createQueue(testSettings({ REDIS_URL: '', JOB_ATTEMPTS: '5', JOB_BACKOFF_MS: '60000' }), silent);
