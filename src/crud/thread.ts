@@ -52,10 +52,11 @@ constraintAnswers({ threads_project_id_projects_id_fk: { status: 404, detail: 'P
 /** Whether the thread still holds the message (a client may delete any message of an idle thread). */
 /**
  * Whether message `messageId` is in the thread and still its last turn: nothing follows it but
- * messages of run `runId` (a retried run's input, after which another run may have answered since:
- * an `interrupt`, or a run started after a cancel).
+ * messages of runs that answer it (its run, and retries of it, which keep it as their input) —
+ * a retried run's input, after which another run may have answered since (an `interrupt`, or a
+ * run started after a cancel).
  */
-export async function isLastTurn(db: Db, threadId: string, messageId: string, runId: string): Promise<boolean> {
+export async function isLastTurn(db: Db, threadId: string, messageId: string): Promise<boolean> {
   const [row] = await db
     .select({ id: messages.id })
     .from(messages)
@@ -63,7 +64,8 @@ export async function isLastTurn(db: Db, threadId: string, messageId: string, ru
       and(
         eq(messages.thread_id, threadId),
         eq(messages.id, messageId),
-        sql`not exists (select 1 from ${messages} later where later.thread_id = ${threadId} and later.seq > ${messages.seq} and later.run_id is distinct from ${runId})`,
+        sql`not exists (select 1 from ${messages} later where later.thread_id = ${threadId} and later.seq > ${messages.seq}
+          and (later.run_id is null or later.run_id not in (select r.id from runs r where r.thread_id = ${threadId} and r.input_message_id = ${messageId})))`,
       ),
     );
   return row !== undefined;

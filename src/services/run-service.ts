@@ -147,8 +147,8 @@ async function checkCredits(ctx: ServiceContext, ownerId: string, agent: Agent, 
 interface StartOptions {
   strategy: RunCreate['multitask_strategy'];
   input: string | undefined;
-  /** A retry's: the user message its input already is, not appended again while it is the thread's last turn, and the run retried. */
-  retried?: { inputMessageId: string | null; runId: string };
+  /** A retry's: the user message its input already is, not appended again while it is the thread's last turn. */
+  retried?: { inputMessageId: string | null };
   /** Written before the input (a new thread only). */
   history?: readonly HistoryMessage[];
   /** The run's id, when the caller told it before the start (an `agent:` completion's stream); otherwise a new one. */
@@ -180,7 +180,7 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     // read under the thread's lock, which a message's delete and a run's start wait for. Otherwise
     // the input is appended again.
     const { retried } = options;
-    const inputMessageId = retried?.inputMessageId && (await isLastTurn(tx, thread.id, retried.inputMessageId, retried.runId)) ? retried.inputMessageId : null;
+    const inputMessageId = retried?.inputMessageId && (await isLastTurn(tx, thread.id, retried.inputMessageId)) ? retried.inputMessageId : null;
     const limit = settings.MAX_ACTIVE_RUNS_PER_USER;
     // An `interrupt` ends the thread's active run as it starts its own: that run is not counted.
     const checkLimit = (owned: runCrud.OwnerActive, replaced = 0) => {
@@ -358,10 +358,10 @@ export async function retry(ctx: ServiceContext, deps: RunDeps, id: string, stra
   // The thread's history is the prompt, the input in it unless that message was deleted since (or
   // never written: an enqueued run cancelled while it waited), or is no longer the thread's last
   // turn: then it is appended again (start() decides under the thread's lock), and counted apart in the credit check.
-  const inputKept = run.input_message_id !== null && (await isLastTurn(ctx.db, run.thread_id, run.input_message_id, run.id));
+  const inputKept = run.input_message_id !== null && (await isLastTurn(ctx.db, run.thread_id, run.input_message_id));
   const unstoredInput = inputKept ? undefined : (run.input ?? undefined);
   const planned = await plan(ctx, run.owner_id, run.agent_id, ownModel, unstoredInput, [], readEarly(ctx, run.agent_id, run.thread_id));
-  return start(ctx, deps, { id: run.thread_id, owner_id: run.owner_id }, planned, { strategy, input: run.input ?? undefined, retried: { inputMessageId: run.input_message_id, runId: run.id } });
+  return start(ctx, deps, { id: run.thread_id, owner_id: run.owner_id }, planned, { strategy, input: run.input ?? undefined, retried: { inputMessageId: run.input_message_id } });
 }
 
 /** Deletes an ended run and its events; its messages stay in the thread. */

@@ -969,6 +969,22 @@ describe('failures in words', () => {
     expect(contents.slice(-4)).toEqual(['question two', 'answer to two', 'question one', 'answer to one']);
   });
 
+  it('retry of a retry whose first run wrote a step before failing keeps the input where it is: the retries answer it, the thread holds it once', async () => {
+    const { owner, thread } = await setup({ tools: ['knowledge_search'] });
+    fake.script(MODEL, { toolCalls: [{ id: 'call_r', name: 'knowledge_search', arguments: '{"query":"tides"}' }] }, { status: 401 }, { status: 401 }, { text: 'answered' });
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'the question' });
+    await waitForRun(ctx.app, owner.headers, first.id, ['failed']);
+    const second = (await api('POST', `/runs/${first.id}/retry`, owner.headers)).json<RunBody>();
+    await waitForRun(ctx.app, owner.headers, second.id, ['failed']);
+    const third = await api('POST', `/runs/${second.id}/retry`, owner.headers);
+    expect(third.statusCode, third.body).toBe(202);
+    await waitForRun(ctx.app, owner.headers, third.json<RunBody>().id, ['completed']);
+    const sent = fake.requestsFor(MODEL).at(-1)!.body.messages as { role: string; content: string }[];
+    expect(sent.filter((m) => m.role === 'user').map((m) => m.content)).toEqual(['the question']);
+    const contents = (await threadMessages(owner, thread.id)).filter((m) => m.role === 'user').map((m) => m.content);
+    expect(contents).toEqual(['the question']);
+  });
+
   it('a retry meets the thread\'s active run by its own ?multitask_strategy= (reject by default), never by the retried run\'s: an old interrupt run\'s retry cancels nothing unasked', async () => {
     const { owner, thread } = await setup();
     fake.script(MODEL, { status: 401 });
