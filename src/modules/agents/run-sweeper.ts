@@ -54,7 +54,9 @@ export class RunSweeper {
     // marked); later only those waiting longer than a lease, and not queued again by a sweep within one.
     const atStart = !this.started;
     this.started = true;
-    const queued = await runCrud.queuedWithoutWorker(deps.db, { olderThanSeconds: atStart ? 0 : settings.RUN_LEASE_SECONDS, leaseSeconds: settings.RUN_LEASE_SECONDS, ignoreMarks: atStart, limit: BATCH });
+    // An in-process queue lost its jobs with the process; BullMQ's survive a restart (a rolling one would queue every run again once per worker).
+    const lostJobs = atStart && deps.queue.kind === 'in-process';
+    const queued = await runCrud.queuedWithoutWorker(deps.db, { olderThanSeconds: atStart ? 0 : settings.RUN_LEASE_SECONDS, leaseSeconds: settings.RUN_LEASE_SECONDS, ignoreMarks: lostJobs, limit: BATCH });
     for (const run of queued) await queueRun(deps, run.id);
 
     let resumed = 0;
