@@ -71,6 +71,23 @@ describe('CallDownloads', () => {
     expect(served.asked.filter(({ url: asked }) => asked === url('slow').href)).toHaveLength(2);
   });
 
+  it('does not hand a try a fetch that an ended try began and its abort has not reached yet', async () => {
+    const served = servedFiles({}, url('slow').href);
+    const downloads = new CallDownloads(limits, served.fetcher);
+    const first = new AbortController();
+    const trying = downloads.forTry(first.signal)(wanted('slow'));
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    // The try times out, and a fallback asks for the same file at once, before the fetch has failed.
+    first.abort(new Error('the try timed out'));
+    const next = new AbortController();
+    const fallback = downloads.forTry(next.signal)(wanted('slow'));
+    await expect(trying).rejects.toThrow(/timed out/);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    next.abort(new Error('the fallback was cancelled'));
+    await expect(fallback).rejects.toThrow(/fallback was cancelled/);
+    expect(served.asked.map(({ url: asked }) => asked)).toEqual([url('slow').href, url('slow').href]);
+  });
+
   it('begins none of the fetches queued after one that fails', async () => {
     const served = servedFiles({ [url('a').href]: 500, [url('b').href]: 10 });
     const downloads = new CallDownloads(limits, served.fetcher);

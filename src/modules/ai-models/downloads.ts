@@ -34,8 +34,8 @@ const sdkFetcher: FileFetcher = (url, maxBytes, abortSignal) => createDownload({
 
 /** One call's downloads (see the module's comment); `forTry` gives each try its download function. */
 export class CallDownloads {
-  /** By URL: fetched, or being fetched (removed again when the fetch fails). */
-  private readonly files = new Map<string, Promise<FetchedFile>>();
+  /** By URL: fetched, or being fetched (removed again when the fetch fails), with what ends the try that began it. */
+  private readonly files = new Map<string, { fetching: Promise<FetchedFile>; stop: AbortSignal; fetched: boolean }>();
   /** Bytes of the files fetched so far. */
   private spent = 0;
   /** The last fetch queued: fetches run one after another. */
@@ -75,15 +75,22 @@ export class CallDownloads {
   /** `url` fetched for a try that `stop` ends: a failure ends it, before the next fetch queued begins. */
   private fetch(url: URL, stop: AbortController): Promise<FetchedFile> {
     const known = this.files.get(url.href);
-    if (known) return known;
+    // A fetch still running for a try that has ended is not taken: its abort may not have reached
+    // it yet (a fallback begins at once), and the new try would fail with the old one's reason.
+    if (known && (known.fetched || !known.stop.aborted)) return known.fetching;
     const fetching = this.queue.then(() => {
       stop.signal.throwIfAborted();
       return this.fetchWithin(url, stop.signal);
     });
-    this.files.set(url.href, fetching);
+    const entry = { fetching, stop: stop.signal, fetched: false };
+    void fetching.then(
+      () => (entry.fetched = true),
+      () => undefined,
+    );
+    this.files.set(url.href, entry);
     this.queue = fetching.catch((error: unknown) => {
       // Fetched again by a later try (a retry after a timeout); those after it in this try's queue are not begun.
-      this.files.delete(url.href);
+      if (this.files.get(url.href) === entry) this.files.delete(url.href);
       stop.abort(error);
     });
     return fetching;
