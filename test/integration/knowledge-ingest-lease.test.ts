@@ -8,7 +8,7 @@
 import { beforeAll, describe, expect, it } from 'vitest';
 
 import { useTestApp } from '../helpers/app.js';
-import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { createUser, superuserHeaders } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { createFolder, settled, uploaded } from '../helpers/knowledge.js';
 import { addFakeModels } from '../helpers/metered-models.js';
@@ -26,11 +26,9 @@ const ctx = useTestApp({
 });
 
 let fake: FakeModelServer;
-let user: TestUser;
 beforeAll(async () => {
   fake = await FakeModelServer.start();
   await addFakeModels(ctx.app, await superuserHeaders(ctx.app), fake.url);
-  user = await createUser(ctx.app);
   return () => fake.close();
 });
 
@@ -38,6 +36,7 @@ describe('the ingestion lease during a slow embedding call', () => {
   it('is kept by the job that waits for the model: the document ends ready, each batch paid once', async () => {
     if (ctx.database.kind !== 'pglite') return; // embeddings need pgvector
     fake.defaultReply = { ...fake.defaultReply, chunkDelayMs: 3_000 };
+    const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
     const sections = ['Lighthouses guide ships.', 'Keepers trimmed wicks.', 'Lights run on solar power.', 'Fog horns warn vessels.'];
     const entry = await uploaded(ctx.app, user.headers, folder.id, { filename: 'lights.md', content: sections.map((s, i) => `# Part ${i}\n\n${s}`).join('\n\n') });

@@ -4,12 +4,11 @@
  * signal, or at its next lease renewal when the signal is lost). A reader, or a delete, in that
  * moment must not leave a stream without its final event, or waiting for one that never comes.
  */
-import { beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { finishRun } from '../../src/modules/agents/run-lifecycle.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser } from '../helpers/factories.js';
-import { type FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf } from '../helpers/http.js';
 import { createAgent, createThread, readEvents, type RunBody, startRun, useRunServer } from '../helpers/runs.js';
 
@@ -18,21 +17,16 @@ const MODEL = 'fake-precise';
 const ctx = useTestApp({ RUN_EVENTS_KEEPALIVE_SECONDS: '1', RUN_LEASE_SECONDS: '6' });
 const api = apiOf(ctx);
 const server = useRunServer(ctx);
-let fake: FakeModelServer;
-let base: string;
-beforeAll(() => {
-  ({ fake, base } = server);
-});
 
 /** A run that streamed two pieces and then went quiet (its model's connection open); its five events read. */
 async function quietRun() {
-  fake.script(MODEL, { chunks: ['a ', 'b ', 'c ', 'd'], stallAfterChunks: 2 });
+  server.fake.script(MODEL, { chunks: ['a ', 'b ', 'c ', 'd'], stallAfterChunks: 2 });
   const owner = await createUser(ctx.app);
   await createAgent(ctx.app, owner.headers, { is_default: true });
   const thread = await createThread(ctx.app, owner.headers);
   const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
-  await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 2));
-  const seen = await readEvents(base, owner.headers, run.id, { limit: 5 });
+  await server.fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 2));
+  const seen = await readEvents(server.base, owner.headers, run.id, { limit: 5 });
   expect(seen.events.map((e) => e.event)).toEqual(['run.queued', 'run.started', 'message.created', 'message.delta', 'message.delta']);
   return { owner, thread, run };
 }
@@ -52,7 +46,7 @@ async function endedBeforeItsFinalEvent() {
 describe("a run's end before its final event is written", () => {
   it('a reader reconnecting then gets the final event: its stream does not end empty', async () => {
     const { owner, run } = await endedBeforeItsFinalEvent();
-    const rest = await readEvents(base, owner.headers, run.id, { lastEventId: 5, timeoutMs: 8_000 });
+    const rest = await readEvents(server.base, owner.headers, run.id, { lastEventId: 5, timeoutMs: 8_000 });
     expect(rest.status).toBe(200);
     expect(rest.events.map((e) => e.event)).toEqual(['run.cancelled']);
     expect(rest.ended).toBe(true);
@@ -60,7 +54,7 @@ describe("a run's end before its final event is written", () => {
 
   it('DELETE of the run waits for its final event (2 s at most, then 409), so its readers get it, then deletes it', async () => {
     const { owner, run } = await endedBeforeItsFinalEvent();
-    const reading = readEvents(base, owner.headers, run.id, { lastEventId: 5, timeoutMs: 8_000 });
+    const reading = readEvents(server.base, owner.headers, run.id, { lastEventId: 5, timeoutMs: 8_000 });
     const early = await api('DELETE', `/runs/${run.id}`, owner.headers);
     // The worker hears of the cancel at its next renewal, within 2 s: the delete has waited for it, or says why not yet.
     expect([200, 409]).toContain(early.statusCode);
@@ -75,7 +69,7 @@ describe("a run's end before its final event is written", () => {
   it('DELETE of its thread (the thread is idle at once) ends its readers, which no final event will reach', async () => {
     const quiet = await quietRun();
     const { owner, thread, run } = quiet;
-    const reading = readEvents(base, owner.headers, run.id, { lastEventId: 5, timeoutMs: 8_000 });
+    const reading = readEvents(server.base, owner.headers, run.id, { lastEventId: 5, timeoutMs: 8_000 });
     await cancelQuietly(quiet);
     expect((await api('DELETE', `/threads/${thread.id}`, owner.headers)).statusCode).toBe(200);
     const { events, ended } = await reading;
@@ -85,7 +79,7 @@ describe("a run's end before its final event is written", () => {
 
   it("HEAD on a running run's events answers the stream's headers at once", async () => {
     const { owner, run } = await quietRun();
-    const head = await fetch(`${base}/api/v1/runs/${run.id}/events`, { method: 'HEAD', headers: owner.headers, signal: AbortSignal.timeout(3_000) });
+    const head = await fetch(`${server.base}/api/v1/runs/${run.id}/events`, { method: 'HEAD', headers: owner.headers, signal: AbortSignal.timeout(3_000) });
     expect(head.status).toBe(200);
     expect(head.headers.get('content-type')).toMatch(/^text\/event-stream/);
     expect((await api('GET', `/runs/${run.id}`, owner.headers)).json<RunBody>().status).toBe('running');
