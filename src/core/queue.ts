@@ -59,8 +59,8 @@ interface PendingJob {
   name: string;
   data: unknown;
   attempt: number;
-  /** Its data as JSON: a copy of a recovered job already waiting is not queued again. */
-  key: string;
+  /** A recovered job's data as JSON (null for the others): a copy of one already waiting is not queued again. */
+  key: string | null;
 }
 
 /** The jobs of a lane (or all the others) the in-process queue runs at once, and those waiting their turn, first in first out. */
@@ -125,8 +125,8 @@ class InProcessQueue<R extends JobRegistry> implements JobQueue<R> {
     if (slots.active >= slots.limit) {
       // One waiting copy of a job a sweeper queues again is enough: the sweeper queued it again
       // while it only waited its turn (a run, an entry), every sweep.
-      const key = JSON.stringify(data);
-      if (!this.recovered.has(name) || !slots.pending.some((job) => job.name === name && job.key === key)) slots.pending.push({ name, data, attempt, key });
+      const key = this.recovered.has(name) ? JSON.stringify(data) : null;
+      if (key === null || !slots.pending.some((job) => job.key === key && job.name === name)) slots.pending.push({ name, data, attempt, key });
       return;
     }
     slots.active += 1;

@@ -508,7 +508,6 @@ export function activeOf(db: Db, of: { api_key_id: string } | { owner_id: string
 
 // ==================== What the sweeper looks for ====================
 
-/** Queued runs holding their thread, created before `olderThanSeconds` ago: their job may be lost. */
 /**
  * The sweep's pick of queued runs to queue again: those queued longer than `olderThanSeconds`, and
  * marked (`lease_expires_at`, which nothing reads on a queued run: lease_owner stays null, and the

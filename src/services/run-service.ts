@@ -383,11 +383,6 @@ const DELETE_WAIT_MS = 2_000;
 const DELETE_POLL_MS = 100;
 
 /**
- * Where a reader of the run's events starts, and whether there is anything left to read; asked
- * before the stream's headers are sent, so an event store that cannot be reached answers 503
- * (RunBusUnavailableError) rather than a stream that ends at once.
- */
-/**
  * Whether run `id` is still stored, for its event stream's check while no event comes (its reader's
  * access was checked when the stream opened): a run deleted before its final event was written
  * (with its thread, project or owner) gets none, and its stream ends.
@@ -396,6 +391,11 @@ export async function stillStored(db: Db, id: string): Promise<boolean> {
   return (await runCrud.runCrud.getById(db, id)) !== undefined;
 }
 
+/**
+ * Where a reader of the run's events starts, and whether there is anything left to read; asked
+ * before the stream's headers are sent, so an event store that cannot be reached answers 503
+ * (RunBusUnavailableError) rather than a stream that ends at once.
+ */
 export async function eventsFrom(ctx: ServiceContext, deps: RunDeps, id: string, after: number): Promise<{ run: Run; done: boolean }> {
   // Both reads at once; the run's 404 (not the caller's) comes first, before anything of its log is told.
   const lastSeq = deps.bus.events.lastSeq(id);
@@ -406,8 +406,8 @@ export async function eventsFrom(ctx: ServiceContext, deps: RunDeps, id: string,
   // An ended run whose final event is still to be written — its lease is held until then (by its
   // worker, or FINAL_EVENT_PENDING for the sweep), whatever the log holds so far (nothing at all
   // when its run.queued could not be appended: a scaled start logs that and goes on): the reader
-  // waits for that event, which ends its stream. (Review: only `last === 0` waited, so a reader
-  // that had every event so far was answered an empty stream that ended without the final event.)
+  // waits for that event, which ends its stream (a reader that had every event so far was answered
+  // an empty stream that ended without it).
   if (run.lease_owner !== null) return { run, done: false };
   // The log's top was read alongside the run: it may predate the final event written (and the
   // lease let go) just before the run was read. Nothing new to send is checked against the top now.

@@ -65,7 +65,7 @@ import {
   StreamErrorEvent,
   UpstreamError,
 } from './errors.js';
-import { type AbortLike, allFinite, type ChoiceLogprobs, type OpenAIWire, rawLogprobs, rawRefusal, toolCallOf, type WireCall, type WireEmbeddingsCall, wireMessages, type WireTool, type WireToolChoice } from './openai-wire.js';
+import { type AbortLike, allFinite, type ChoiceLogprobs, openAIErrorFields, type OpenAIWire, rawLogprobs, rawRefusal, toolCallOf, type WireCall, type WireEmbeddingsCall, wireMessages, type WireTool, type WireToolChoice } from './openai-wire.js';
 import type { ProviderSdks } from './provider-sdks.js';
 import { type ProviderRecord, type ProviderRecords, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
@@ -1140,26 +1140,6 @@ function retryAfterMs(headers: Record<string, string> | undefined): number | und
 const MAX_RETRY_AFTER_MS = 86_400_000;
 
 const waitOf = (ms: number): number => Math.min(MAX_RETRY_AFTER_MS, Math.max(0, ms));
-
-/**
- * The `code` and `param` of an OpenAI error object (`{error: {code, param}}`), when the body is one
- * and they are short identifiers: what a client acts on (`context_length_exceeded`), passed on with
- * the provider's words for a refusal that was the request's fault.
- */
-function openAIErrorFields(body: string | undefined): { code: string | null; param: string | null } | undefined {
-  if (!body?.startsWith('{')) return undefined;
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(body);
-  } catch {
-    return undefined;
-  }
-  const fields = (parsed as { error?: { code?: unknown; param?: unknown } } | null)?.error;
-  const identifier = (value: unknown) => (typeof value === 'string' && /^[\w.[\]-]{1,100}$/.test(value) ? value : null);
-  const code = identifier(fields?.code);
-  const param = identifier(fields?.param);
-  return code || param ? { code, param } : undefined;
-}
 
 /** The first error of `error`'s chain (itself, then the SDK's `lastError`s and causes) that `is` accepts. */
 function findInChain<E>(error: unknown, is: (e: unknown) => e is E): E | undefined {

@@ -531,7 +531,7 @@ export class OpenAIWire {
     } catch (error) {
       // Some servers refuse base64 (older vLLM, proxies in front of OpenAI's API) rather than ignore it: ask them for numbers, from now on.
       // Not Keel refusing its own request (core/hop.ts): that loop, asked again for numbers, would only be refused again.
-      if (!(error instanceof APICallError) || !REFUSED_REQUEST.has(error.statusCode ?? 0) || errorCode(error.responseBody) === UPSTREAM_LOOP_CODE) throw error;
+      if (!(error instanceof APICallError) || !REFUSED_REQUEST.has(error.statusCode ?? 0) || openAIErrorFields(error.responseBody)?.code === UPSTREAM_LOOP_CODE) throw error;
       const answer = await this.embedAs('float', call, signal, maxBytes);
       this.floatsOnly = true;
       return answer;
@@ -568,13 +568,24 @@ export class OpenAIWire {
   }
 }
 
-/** The `code` of OpenAI's error object in an error answer's body, if it is one. */
-function errorCode(body: string | undefined): unknown {
+/**
+ * The `code` and `param` of an OpenAI error object (`{error: {code, param}}`), when the body is one
+ * and they are short identifiers: what a client acts on (`context_length_exceeded`), passed on with
+ * the provider's words for a refusal that was the request's fault.
+ */
+export function openAIErrorFields(body: string | undefined): { code: string | null; param: string | null } | undefined {
+  if (!body?.startsWith('{')) return undefined;
+  let parsed: unknown;
   try {
-    return (JSON.parse(body ?? '') as { error?: { code?: unknown } } | null)?.error?.code;
+    parsed = JSON.parse(body);
   } catch {
-    return undefined; // not JSON: no code
+    return undefined;
   }
+  const fields = (parsed as { error?: { code?: unknown; param?: unknown } } | null)?.error;
+  const identifier = (value: unknown) => (typeof value === 'string' && /^[\w.[\]-]{1,100}$/.test(value) ? value : null);
+  const code = identifier(fields?.code);
+  const param = identifier(fields?.param);
+  return code || param ? { code, param } : undefined;
 }
 
 /** An embeddings list's vectors, indexes and tokens, or undefined when `value` is none (see `embed`). */
