@@ -10,7 +10,7 @@ import type { Settings } from './core/config.js';
 import { registerCors } from './core/cors.js';
 import type { Database, Db } from './core/db.js';
 import { registerErrorHandler, ShuttingDownError, UpstreamLoopError } from './core/errors.js';
-import { carriesHop, HOP_HEADER, hopMark } from './core/hop.js';
+import { HOP_HEADER, hopMark, hopsOf } from './core/hop.js';
 import { serverOptions, slashesInLastSegment, trackConnections } from './core/http-server.js';
 import { lazyRequestLogger, type Logger } from './core/logger.js';
 import { type EmbeddedMaintenance, startEmbeddedMaintenance } from './core/maintenance.js';
@@ -61,6 +61,8 @@ declare module 'fastify' {
   }
   interface FastifyRequest {
     principal: Principal;
+    /** Other Keel deployments' hop marks the request came with (core/hop.ts), sent on with this one's by its model calls; undefined: none. */
+    hops: readonly string[] | undefined;
   }
 }
 
@@ -157,6 +159,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   // With Redis, `keel api` only queues runs (and other jobs): `keel worker` nodes run and sweep them.
   if (runJobs) agentRuns.work();
   app.decorateRequest('principal', null as unknown as Principal);
+  app.decorateRequest('hops', undefined);
 
   registerErrorHandler(app);
   // Hashed on the thread pool while the routes are set up below.
@@ -197,11 +200,15 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     done(new ShuttingDownError());
   });
   // A request this deployment sent to one of its providers (core/hop.ts): a provider record points
-  // at Keel itself. Refused here, on every route, before authentication, metering or a model call.
+  // at Keel itself, or at a deployment whose provider leads back here. Refused here, on every route,
+  // before authentication, metering or a model call; other deployments' marks are kept to send on.
   const ownHop = hopMark(settings.SECRET_KEY);
   app.addHook('onRequest', (request, _reply, done) => {
-    if (!carriesHop(request.headers[HOP_HEADER], ownHop)) return done();
-    done(new UpstreamLoopError());
+    const marks = hopsOf(request.headers[HOP_HEADER], ownHop);
+    if (!marks) return done();
+    if (marks.loop) return done(new UpstreamLoopError(marks.loop));
+    request.hops = marks.hops;
+    done();
   });
   await app.register(formbody, { bodyLimit: settings.BODY_LIMIT_BYTES });
   // An empty body sent as JSON is no body (as FastAPI reads it): a DELETE from a client that sets

@@ -4,6 +4,7 @@ import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } fro
 import { UNPAIRED_SURROGATE_MESSAGE } from '../utils/text.js';
 import { DATABASE_RETRY_AFTER_SECONDS, databaseError, isDatabaseUnavailableCode } from './db-errors.js';
 import { integrityAnswer, unknownQueryMessage } from './error-mapping.js';
+import { MAX_HOPS } from './hop.js';
 import { drainingRequests, lingerOnUnreadBody } from './http-server.js';
 import { RepeatedLine } from './logger.js';
 import { trackAllowedMethods } from './method-not-allowed.js';
@@ -166,8 +167,14 @@ export class ShuttingDownError extends ServiceUnavailableError {
  * provider's refusal. So one client call makes exactly one nested request.
  */
 export class UpstreamLoopError extends HttpError {
-  constructor() {
-    super(400, 'Loop detected: this request was sent by this Keel deployment to one of its model providers, so a provider record\'s base_url points at Keel itself; point it at the model provider instead');
+  /** `chain`: the request came through other Keel deployments that led back here, or through too many of them. */
+  constructor(through: 'self' | 'chain' = 'self') {
+    super(
+      400,
+      through === 'self'
+        ? 'Loop detected: this request was sent by this Keel deployment to one of its model providers, so a provider record\'s base_url points at Keel itself; point it at the model provider instead'
+        : `Loop detected: this request came back through Keel deployments that use each other as model providers (or through ${MAX_HOPS} of them); point their provider records at the model providers instead`,
+    );
   }
 }
 

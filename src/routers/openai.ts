@@ -177,7 +177,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
     async (request, reply) => {
       const { body } = request;
       if (isAgentModel(body.model)) return agents.complete(request, reply);
-      const chat = toChatRequest(body, callContext(request.principal), disconnectSignal(reply, inFlight));
+      const chat = toChatRequest(body, callContext(request.principal), disconnectSignal(reply, inFlight), request.hops);
       if (body.stream) {
         const opened = await openStream(models.stream(chat), body.model, app.settings.GATEWAY_STREAM_HEARTBEAT_MS);
         const frames = new CompletionFrames(opened.model, body.stream_options?.include_usage === true);
@@ -207,7 +207,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
     },
     async (request, reply) => {
       const { body } = request;
-      const result = await models.embed(toEmbedRequest(body, callContext(request.principal), disconnectSignal(reply, inFlight)));
+      const result = await models.embed(toEmbedRequest(body, callContext(request.principal), disconnectSignal(reply, inFlight), request.hops));
       return reply.type(JSON_TYPE).send(embeddingsAnswer(result, body.encoding_format) as never);
     },
   );

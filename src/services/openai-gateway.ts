@@ -228,7 +228,7 @@ function toResponseFormat(format: ChatCompletionRequest['response_format']): Jso
 
 const orUndefined = <T>(value: T | null | undefined): T | undefined => value ?? undefined;
 
-export function toChatRequest(body: ChatCompletionRequest, context: CallContext, signal: CallerSignal): ChatRequest {
+export function toChatRequest(body: ChatCompletionRequest, context: CallContext, signal: CallerSignal, hops?: readonly string[]): ChatRequest {
   refuseAgentModel(body.model);
   const tools = toTools(body.tools);
   const stop = body.stop;
@@ -262,10 +262,11 @@ export function toChatRequest(body: ChatCompletionRequest, context: CallContext,
     interactive: true,
     signal,
     context,
+    hops,
   };
 }
 
-export function toEmbedRequest(body: EmbeddingRequest, context: CallContext, signal: CallerSignal): EmbedRequest {
+export function toEmbedRequest(body: EmbeddingRequest, context: CallContext, signal: CallerSignal, hops?: readonly string[]): EmbedRequest {
   refuseAgentModel(body.model);
   return {
     model: body.model,
@@ -275,6 +276,7 @@ export function toEmbedRequest(body: EmbeddingRequest, context: CallContext, sig
     interactive: true,
     signal,
     context,
+    hops,
   };
 }
 

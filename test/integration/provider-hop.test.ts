@@ -5,11 +5,14 @@
  * (400 `upstream_loop`) before authentication, metering or a model call: one call, one nested
  * request. Another deployment's mark is served as any request is.
  */
+import { randomBytes } from 'node:crypto';
+
 import { count } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
 import { describe, expect, it } from 'vitest';
 
 import { UpstreamLoopError } from '../../src/core/errors.js';
-import { HOP_HEADER, hopMark } from '../../src/core/hop.js';
+import { HOP_HEADER, hopMark, MAX_HOPS } from '../../src/core/hop.js';
 
 import { usageRecords } from '../../src/models/index.js';
 
@@ -38,7 +41,10 @@ describe('requests to providers', () => {
     { id: 'hop-gemini-embed', provider: 'gem', capabilities: ['embedding'], pricing },
   ];
 
-  it('carry the deployment\'s hop mark on every path: the wire and the SDK\'s, chat, stream and embeddings, of every kind', async () => {
+  it.each([
+    ['the deployment\'s hop mark', undefined],
+    ['the marks the call came with, then the deployment\'s', ['another-deployment-mark', 'and-a-third']],
+  ])('carry %s on every path: the wire and the SDK\'s, chat, stream and embeddings, of every kind', async (_, hops) => {
     const m = fakeModelManager(fake.server, {
       models: MODELS,
       records: fake.records,
@@ -52,22 +58,22 @@ describe('requests to providers', () => {
     });
     try {
       const streamed = async (model: string) => {
-        for await (const event of m.stream({ model, messages: hello })) void event;
+        for await (const event of m.stream({ model, messages: hello, hops })) void event;
       };
       for (const model of ['hop-wire', 'hop-openai', 'hop-claude', 'hop-gemini']) {
-        await m.chat({ model, messages: hello });
+        await m.chat({ model, messages: hello, hops });
         await streamed(model);
       }
       // Provider options take an openai-compatible call off the wire, to the SDK's provider.
-      await m.chat({ model: 'hop-wire', messages: hello, providerOptions: { fake: { user: 'someone' } } });
-      await m.embed({ model: 'hop-wire-embed', values: ['hello'] });
-      await m.embed({ model: 'hop-gemini-embed', values: ['hello'] }).catch(() => undefined); // the fake does not speak embedContent: what was sent is looked at
+      await m.chat({ model: 'hop-wire', messages: hello, providerOptions: { fake: { user: 'someone' } }, hops });
+      await m.embed({ model: 'hop-wire-embed', values: ['hello'], hops });
+      await m.embed({ model: 'hop-gemini-embed', values: ['hello'], hops }).catch(() => undefined); // the fake does not speak embedContent: what was sent is looked at
     } finally {
       await m.close();
     }
     const sent = fake.server.log.map((r) => [r.path, r.headers[HOP_HEADER]]);
     expect(sent).toHaveLength(11);
-    expect(sent).toEqual(sent.map(([path]) => [path, hopMark(MANAGER_SECRET_KEY)]));
+    expect(sent).toEqual(sent.map(([path]) => [path, [...(hops ?? []), hopMark(MANAGER_SECRET_KEY)].join(',')]));
     // A mark of 22 characters that says nothing of the key; another key, another deployment's mark.
     expect(hopMark(MANAGER_SECRET_KEY)).toMatch(/^[\w-]{22}$/);
     expect(hopMark(MANAGER_SECRET_KEY)).not.toContain(MANAGER_SECRET_KEY.slice(0, 8));
@@ -160,8 +166,87 @@ describe('a provider record that points at Keel itself', () => {
       const served = await v1Chat({ ...admin, [HOP_HEADER]: hopMark('another-deployment-secret-key-000000') }, chat);
       expect(served.statusCode, served.body).toBe(200);
       expect(fake.log).toHaveLength(1);
-      // And this deployment's mark goes on to its provider, as on every request it sends one.
-      expect(fake.log[0]!.headers[HOP_HEADER]).toBe(ownMark[HOP_HEADER]);
+      // And this deployment's mark goes on to its provider after the other's, as on every request it sends one.
+      expect(fake.log[0]!.headers[HOP_HEADER]).toBe(`${hopMark('another-deployment-secret-key-000000')},${ownMark[HOP_HEADER]}`);
+    } finally {
+      await fake.close();
+    }
+  });
+});
+
+describe('two deployments that are each other\'s provider', () => {
+  // Two SECRET_KEYs, two deployments; retries on, as above: a refused hop is not tried again.
+  const settings = { MODEL_MAX_RETRIES: '2', MODEL_RETRY_MAX_WAIT_MS: '100' };
+  const a = useTestApp({ ...settings, SECRET_KEY: randomBytes(32).toString('hex') });
+  const b = useTestApp({ ...settings, SECRET_KEY: randomBytes(32).toString('hex') });
+
+  /** Requests that reach `app`'s server, by path. */
+  function countRequests(app: FastifyInstance): Map<string, number> {
+    const seen = new Map<string, number>();
+    app.server.on('request', (request: { url?: string }) => {
+      const path = (request.url ?? '').split('?', 1)[0]!;
+      seen.set(path, (seen.get(path) ?? 0) + 1);
+    });
+    return seen;
+  }
+
+  /** In `app`, a provider at `target` (its /v1, with one of its keys) and a chat and an embedding model on it. */
+  async function pointAt(app: FastifyInstance, target: FastifyInstance, targetOrigin: string): Promise<Record<string, string>> {
+    const admin = await superuserHeaders(app);
+    const key = (await call(target, 'POST', '/api-keys', await superuserHeaders(target), { name: 'peer' })).json<{ key: string }>();
+    expect((await call(app, 'POST', '/providers', admin, { name: 'peer', kind: 'openai-compatible', base_url: `${targetOrigin}/v1`, api_key: key.key })).statusCode).toBe(200);
+    expect((await call(app, 'POST', '/models', admin, { id: 'ping', provider: 'peer', pricing })).statusCode).toBe(200);
+    expect((await call(app, 'POST', '/models', admin, { id: 'ping-embed', provider: 'peer', capabilities: ['embedding'], pricing })).statusCode).toBe(200);
+    return admin;
+  }
+
+  it('answer one call with the loop named after one request each way: chat, stream and embeddings', async () => {
+    const [originA, originB] = [await listen(a.app), await listen(b.app)];
+    const [seenA, seenB] = [countRequests(a.app), countRequests(b.app)];
+    const admin = await pointAt(a.app, b.app, originB);
+    await pointAt(b.app, a.app, originA);
+    const post = async (path: string, body: unknown) => {
+      const response = await fetch(`${originA}${path}`, { method: 'POST', headers: { 'content-type': 'application/json', ...admin }, body: JSON.stringify(body), signal: AbortSignal.timeout(30_000) });
+      return { status: response.status, text: await response.text() };
+    };
+
+    // A → B (A's mark) → A (A's and B's): refused there; B hands the refusal back, not tried again.
+    const answered = await post('/v1/chat/completions', { model: 'ping', messages: hello });
+    expect([seenA.get('/v1/chat/completions'), seenB.get('/v1/chat/completions')]).toEqual([2, 1]);
+    expect(answered.status).toBe(400);
+    expect(errorOf(answered.text).code).toBe('upstream_loop');
+    expect(errorOf(answered.text).message).toContain('Keel deployments that use each other');
+
+    const streamed = await post('/v1/chat/completions', { model: 'ping', messages: hello, stream: true });
+    expect([seenA.get('/v1/chat/completions'), seenB.get('/v1/chat/completions')]).toEqual([4, 2]);
+    expect(streamed.text).toContain('upstream_loop');
+
+    const embedded = await post('/v1/embeddings', { model: 'ping-embed', input: 'hello' });
+    expect([seenA.get('/v1/embeddings'), seenB.get('/v1/embeddings')]).toEqual([2, 1]);
+    expect([embedded.status, errorOf(embedded.text).code]).toEqual([400, 'upstream_loop']);
+  }, 60_000);
+
+  it('sends on the marks a request came with, before its own; refuses a chain of MAX_HOPS', async () => {
+    const fake = await FakeModelServer.start();
+    try {
+      const admin = await superuserHeaders(a.app);
+      expect((await call(a.app, 'POST', '/providers', admin, { name: 'real', kind: 'openai-compatible', base_url: fake.url })).statusCode).toBe(200);
+      expect((await call(a.app, 'POST', '/models', admin, { id: 'real-model', provider: 'real', pricing })).statusCode).toBe(200);
+      const own = hopMark(a.app.settings.SECRET_KEY);
+      const others = Array.from({ length: MAX_HOPS }, (_, i) => hopMark(`another-deployment-${i}-secret-key-00000000`));
+      const chat = (marks: string) => a.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: { ...admin, [HOP_HEADER]: marks }, payload: { model: 'real-model', messages: hello } });
+
+      // Seven others (one repeated, and what is not a mark, dropped): served, sent on with this one's last.
+      const served = await chat(`${others.slice(0, 7).join(', ')}, ${others[0]}, not a mark!, ${'x'.repeat(65)}`);
+      expect(served.statusCode, served.body).toBe(200);
+      expect(fake.log.at(-1)!.headers[HOP_HEADER]).toBe([...others.slice(0, 7), own].join(','));
+
+      // Eight: the chain is too long, whoever is in it.
+      const refused = await chat(others.join(','));
+      expect(refused.statusCode).toBe(400);
+      expect(errorOf(refused.body).code).toBe('upstream_loop');
+      expect(errorOf(refused.body).message).toContain(`${MAX_HOPS} of them`);
+      expect(fake.log).toHaveLength(1);
     } finally {
       await fake.close();
     }

@@ -110,6 +110,8 @@ interface CallOptions {
    */
   interactive?: boolean;
   context?: CallContext;
+  /** Other Keel deployments' hop marks the call's request came with (core/hop.ts): sent on with this deployment's. */
+  hops?: readonly string[];
 }
 
 export type { ChoiceLogprobs } from './openai-wire.js';
@@ -1481,7 +1483,7 @@ export class ModelManager {
       const wired = this.wireCall(request, model, tools, state.capped);
       const maxBytes = this.options.maxResponseBytes + this.logprobsAllowance(request, model, state.capped);
       if (wired) {
-        const reply = await wired.wire.generate(wired.call, attempt, maxBytes);
+        const reply = await wired.wire.generate(wired.call, attempt, maxBytes, this.options.providers.hopHeaders(request.hops));
         state.usage = reply.usage;
         if (wired.call.tools) enforceToolChoice(request.toolChoice, reply.toolCalls, reply.finishReason, model);
         return this.chatResult(model, state, started, answer(reply.text, reply.reasoning, reply.toolCalls, reply.refusal, reply.logprobs), reply.finishReason, null);
@@ -1495,7 +1497,7 @@ export class ModelManager {
         // provider model answers, so that such an answer is charged as its provider billed it, as
         // the other paths charge it (usage set before enforceToolChoice), not recorded free.
         model: readingUsage(options.model, (usage) => (state.usage = toTokenUsage(asLanguageModelUsage(usage)))),
-        headers: this.answerHeaders(maxBytes),
+        headers: this.withHops(request, this.answerHeaders(maxBytes)),
         experimental_download: attempt.download(),
         abortSignal: attempt.signal,
       });
@@ -1574,7 +1576,7 @@ export class ModelManager {
    * for tools with a plain JSON schema (toolCallOf), and its tool-choice check is made here.
    */
   private async generate(request: ChatRequest, direct: DirectCall, model: ModelInfo, attempt: Attempt, state: AttemptState, started: number, maxBytes: number): Promise<ChatResult> {
-    const result = await direct.languageModel.doGenerate(await this.callOptions(request, direct, model, attempt, state.capped, this.answerHeaders(maxBytes)));
+    const result = await direct.languageModel.doGenerate(await this.callOptions(request, direct, model, attempt, state.capped, this.withHops(request, this.answerHeaders(maxBytes))));
     state.usage = toTokenUsage(asLanguageModelUsage(result.usage));
     const declared = direct.tools !== undefined;
     let text = '';
@@ -1633,6 +1635,12 @@ export class ModelManager {
    */
   private answerHeaders(maxBytes: number): Record<string, string> | undefined {
     return maxBytes > this.options.maxResponseBytes ? answerOfAtMost(maxBytes) : undefined;
+  }
+
+  /** A call's `headers` with its hop header (ProviderRegistry.hopHeaders) when its request came through other deployments. */
+  private withHops(request: CallOptions, headers: Record<string, string> | undefined): Record<string, string> | undefined {
+    const hops = this.options.providers.hopHeaders(request.hops);
+    return hops ? { ...headers, ...hops } : headers;
   }
 
   /**
@@ -1773,7 +1781,7 @@ export class ModelManager {
       const call: WireEmbeddingsCall = { model: model.id, input };
       if (request.dimensions !== undefined) call.dimensions = request.dimensions;
       if (request.user !== undefined) call.user = request.user;
-      const answer = await wire.embed(call, attempt, embeddingsAnswerLimit(this.options.maxResponseBytes, input.length));
+      const answer = await wire.embed(call, attempt, embeddingsAnswerLimit(this.options.maxResponseBytes, input.length), this.options.providers.hopHeaders(request.hops));
       // Each request's own count: one short and the next one long would otherwise pass as a whole, every vector on another input.
       checkVectorCount(model.id, input.length, answer.vectors.length);
       vectors.push(...answer.vectors);
@@ -1790,7 +1798,7 @@ export class ModelManager {
       model: this.options.providers.embeddingModel(model.provider, model.id),
       values: request.values,
       maxRetries: 0,
-      headers: this.answerHeaders(embeddingsAnswerLimit(this.options.maxResponseBytes, request.values.length)),
+      headers: this.withHops(request, this.answerHeaders(embeddingsAnswerLimit(this.options.maxResponseBytes, request.values.length))),
       providerOptions: this.embedOptions(request, model),
       abortSignal: signal,
     });
@@ -1816,7 +1824,7 @@ export class ModelManager {
     const tools = request.tools && functionTools(request.tools);
     const wired = this.wireCall(request, model, tools, capped);
     if (wired) {
-      const parts = await wired.wire.stream(wired.call, attempt, this.options.maxResponseBytes, this.logprobsAllowance(request, model, capped));
+      const parts = await wired.wire.stream(wired.call, attempt, this.options.maxResponseBytes, this.logprobsAllowance(request, model, capped), this.options.providers.hopHeaders(request.hops));
       return { parts, responseMessages: directResponseMessages, noToolCalls: wired.call.tool_choice === 'none', logprobsHeld: true };
     }
     // OpenAI's SDK models hand a refusal on as text: the raw chunks tell it apart (see RefusalReader).
@@ -1825,7 +1833,7 @@ export class ModelManager {
     const direct = this.directModel(model, tools);
     if (direct) {
       const declared = direct.tools !== undefined;
-      const { stream } = await direct.languageModel.doStream(await this.callOptions(request, direct, model, attempt, capped, STREAM_ANSWER, includeRawChunks));
+      const { stream } = await direct.languageModel.doStream(await this.callOptions(request, direct, model, attempt, capped, this.withHops(request, STREAM_ANSWER), includeRawChunks));
       return {
         parts: (async function* () {
           const refusals = new RefusalReader(request.logprobs === true);
@@ -1846,7 +1854,7 @@ export class ModelManager {
         noToolCalls: declared && request.toolChoice === 'none',
       };
     }
-    const sdk = streamText({ ...this.sdkOptions(request, model, capped), experimental_download: attempt.download(), headers: STREAM_ANSWER, includeRawChunks, abortSignal: attempt.signal, onError: () => {} });
+    const sdk = streamText({ ...this.sdkOptions(request, model, capped), experimental_download: attempt.download(), headers: this.withHops(request, STREAM_ANSWER), includeRawChunks, abortSignal: attempt.signal, onError: () => {} });
     return {
       parts: (async function* () {
         const refusals = new RefusalReader(request.logprobs === true);

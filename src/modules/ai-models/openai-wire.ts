@@ -465,10 +465,10 @@ export class OpenAIWire {
   }
 
   /** A non-streamed call; an answer longer than `maxBytes` is not read further (ModelAnswerLimitError). */
-  async generate(call: WireCall, signal: AbortLike, maxBytes: number): Promise<WireAnswer> {
+  async generate(call: WireCall, signal: AbortLike, maxBytes: number, callHeaders?: Record<string, string>): Promise<WireAnswer> {
     let answer: TextAnswer;
     try {
-      answer = await dispatchText(this.dispatcher, { origin: this.chat.origin, path: this.chat.path, method: 'POST', headers: this.headers, body: JSON.stringify(call) }, signal, maxBytes);
+      answer = await dispatchText(this.dispatcher, { origin: this.chat.origin, path: this.chat.path, method: 'POST', headers: this.headersWith(callHeaders), body: JSON.stringify(call) }, signal, maxBytes);
     } catch (error) {
       if (signal.aborted || error instanceof ModelAnswerLimitError) throw error;
       throw connectionError(this.chat.url, call, error);
@@ -508,11 +508,11 @@ export class OpenAIWire {
    * A refusal (non-2xx) throws here, with the start of its body. Stopping the iteration closes the
    * upstream request, unless its response is complete.
    */
-  async stream(call: WireCall, signal: AbortLike, maxChars: number, logprobsChars: number): Promise<AsyncIterable<WirePart>> {
+  async stream(call: WireCall, signal: AbortLike, maxChars: number, logprobsChars: number, callHeaders?: Record<string, string>): Promise<AsyncIterable<WirePart>> {
     const streamCall = { ...call, stream: true as const, stream_options: { include_usage: true as const } };
     if (signal.aborted) throw signal.reason ?? new Error('aborted');
     const reader = new SseReader(this.chat.url, streamCall, signal, maxChars, logprobsChars);
-    this.dispatcher.dispatch({ origin: this.chat.origin, path: this.chat.path, method: 'POST', headers: this.headers, body: JSON.stringify(streamCall) }, reader);
+    this.dispatcher.dispatch({ origin: this.chat.origin, path: this.chat.path, method: 'POST', headers: this.headersWith(callHeaders), body: JSON.stringify(streamCall) }, reader);
     const refusal = await reader.opened;
     if (refusal) throw this.refused(this.chat.url, streamCall, refusal.statusCode, rawHeaderRecord(refusal.rawHeaders), refusal.text);
     return reader.parts;
@@ -524,26 +524,26 @@ export class OpenAIWire {
    * list, or holds a vector that is neither float32 base64 nor numbers (or a value that is not a
    * finite number), is an invalid answer, as the SDK's response schema would find it.
    */
-  async embed(call: WireEmbeddingsCall, signal: AbortLike, maxBytes: number): Promise<WireEmbeddings> {
-    if (this.floatsOnly) return this.embedAs('float', call, signal, maxBytes);
+  async embed(call: WireEmbeddingsCall, signal: AbortLike, maxBytes: number, callHeaders?: Record<string, string>): Promise<WireEmbeddings> {
+    if (this.floatsOnly) return this.embedAs('float', call, signal, maxBytes, callHeaders);
     try {
-      return await this.embedAs('base64', call, signal, maxBytes);
+      return await this.embedAs('base64', call, signal, maxBytes, callHeaders);
     } catch (error) {
       // Some servers refuse base64 (older vLLM, proxies in front of OpenAI's API) rather than ignore it: ask them for numbers, from now on.
       // Not Keel refusing its own request (core/hop.ts): that loop, asked again for numbers, would only be refused again.
       if (!(error instanceof APICallError) || !REFUSED_REQUEST.has(error.statusCode ?? 0) || openAIErrorFields(error.responseBody)?.code === UPSTREAM_LOOP_CODE) throw error;
-      const answer = await this.embedAs('float', call, signal, maxBytes);
+      const answer = await this.embedAs('float', call, signal, maxBytes, callHeaders);
       this.floatsOnly = true;
       return answer;
     }
   }
 
-  private async embedAs(encoding: 'base64' | 'float', call: WireEmbeddingsCall, signal: AbortLike, maxBytes: number): Promise<WireEmbeddings> {
+  private async embedAs(encoding: 'base64' | 'float', call: WireEmbeddingsCall, signal: AbortLike, maxBytes: number, callHeaders?: Record<string, string>): Promise<WireEmbeddings> {
     const { url, origin, path } = this.embeddings;
     const body = { ...call, encoding_format: encoding };
     let answer: TextAnswer;
     try {
-      answer = await dispatchText(this.dispatcher, { origin, path, method: 'POST', headers: this.headers, body: JSON.stringify(body) }, signal, maxBytes);
+      answer = await dispatchText(this.dispatcher, { origin, path, method: 'POST', headers: this.headersWith(callHeaders), body: JSON.stringify(body) }, signal, maxBytes);
     } catch (error) {
       if (signal.aborted || error instanceof ModelAnswerLimitError) throw error;
       throw connectionError(url, body, error);
@@ -553,6 +553,11 @@ export class OpenAIWire {
     const embeddings = embeddingsOf(jsonOf(text));
     if (!embeddings) throw invalidAnswer(url, body, statusCode, text, rawHeaderRecord(answer.rawHeaders));
     return embeddings;
+  }
+
+  /** The provider's headers, with a call's own (its hop header: ProviderRegistry.hopHeaders) over them; most calls have none. */
+  private headersWith(callHeaders: Record<string, string> | undefined): Record<string, string> {
+    return callHeaders ? { ...this.headers, ...callHeaders } : this.headers;
   }
 
   /** A non-2xx answer as `APICallError`, with OpenAI's error message when the body is its error object. */

@@ -244,6 +244,14 @@ export class ProviderRegistry {
     return { ...record.headers, ...this.ownHeaders };
   }
 
+  /**
+   * A call's hop header when its request came with other deployments' marks (`hops`: core/hop.ts):
+   * theirs, then this deployment's. Given with the call, it replaces the one every request carries.
+   */
+  hopHeaders(hops: readonly string[] | undefined): Record<string, string> | undefined {
+    return hops?.length ? { [HOP_HEADER]: `${hops.join(',')},${this.ownHeaders[HOP_HEADER]}` } : undefined;
+  }
+
   private client(id: string): SdkProvider {
     const status = this.status(id);
     if (!status.available) throw new ProviderUnavailableError(id, status.reason ?? 'unavailable', status.missing);
