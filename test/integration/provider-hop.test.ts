@@ -30,6 +30,29 @@ const hello = [{ role: 'user' as const, content: 'Hello' }];
 const UpstreamLoopMessage = new UpstreamLoopError().detail;
 const errorOf = (body: string) => (JSON.parse(body) as OpenAIErrorBody).error;
 
+/** Runs `test` with `real-model` in `app` on a provider record at a fake model server of its own. */
+async function withRealModel(app: FastifyInstance, test: (fake: FakeModelServer, admin: Record<string, string>) => Promise<void>): Promise<void> {
+  const fake = await FakeModelServer.start();
+  try {
+    const admin = await superuserHeaders(app);
+    expect((await call(app, 'POST', '/providers', admin, { name: 'real', kind: 'openai-compatible', base_url: fake.url })).statusCode).toBe(200);
+    expect((await call(app, 'POST', '/models', admin, { id: 'real-model', provider: 'real', pricing })).statusCode).toBe(200);
+    await test(fake, admin);
+  } finally {
+    await fake.close();
+  }
+}
+
+/** Requests that reach `app`'s server, by path. */
+function countRequests(app: FastifyInstance): Map<string, number> {
+  const seen = new Map<string, number>();
+  app.server.on('request', (request: { url?: string }) => {
+    const path = (request.url ?? '').split('?', 1)[0]!;
+    seen.set(path, (seen.get(path) ?? 0) + 1);
+  });
+  return seen;
+}
+
 describe('requests to providers', () => {
   const fake = useFakeManagerServer();
   const MODELS: ModelOverride[] = [
@@ -86,19 +109,9 @@ describe('a provider record that points at Keel itself', () => {
   const ctx = useTestApp({ MODEL_MAX_RETRIES: '2', MODEL_RETRY_MAX_WAIT_MS: '100' });
   const v1Chat = (headers: Record<string, string>, payload: object) => ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers, payload });
 
-  /** Requests that reach the app's server, by path. */
-  function countRequests(): Map<string, number> {
-    const seen = new Map<string, number>();
-    ctx.app.server.on('request', (request: { url?: string }) => {
-      const path = (request.url ?? '').split('?', 1)[0]!;
-      seen.set(path, (seen.get(path) ?? 0) + 1);
-    });
-    return seen;
-  }
-
   it('answers one call with the loop named after exactly one nested request: chat, stream, embeddings and an agent on such a model', async () => {
     const origin = await listen(ctx.app);
-    const seen = countRequests();
+    const seen = countRequests(ctx.app);
     const admin = await superuserHeaders(ctx.app);
     const key = (await call(ctx.app, 'POST', '/api-keys', admin, { name: 'loop' })).json<{ key: string }>();
     const provider = await call(ctx.app, 'POST', '/providers', admin, { name: 'self', kind: 'openai-compatible', base_url: `${origin}/v1`, api_key: key.key });
@@ -139,11 +152,7 @@ describe('a provider record that points at Keel itself', () => {
   }, 60_000);
 
   it('refuses a request with this deployment\'s mark on any route, before authentication and metering; serves another deployment\'s', async () => {
-    const fake = await FakeModelServer.start();
-    try {
-      const admin = await superuserHeaders(ctx.app);
-      expect((await call(ctx.app, 'POST', '/providers', admin, { name: 'real', kind: 'openai-compatible', base_url: fake.url })).statusCode).toBe(200);
-      expect((await call(ctx.app, 'POST', '/models', admin, { id: 'real-model', provider: 'real', pricing })).statusCode).toBe(200);
+    await withRealModel(ctx.app, async (fake, admin) => {
       const [before] = await ctx.database.db.select({ value: count() }).from(usageRecords);
       const ownMark = { [HOP_HEADER]: hopMark(ctx.app.settings.SECRET_KEY) };
       const chat = { model: 'real-model', messages: hello };
@@ -168,9 +177,7 @@ describe('a provider record that points at Keel itself', () => {
       expect(fake.log).toHaveLength(1);
       // And this deployment's mark goes on to its provider after the other's, as on every request it sends one.
       expect(fake.log[0]!.headers[HOP_HEADER]).toBe(`${hopMark('another-deployment-secret-key-000000')},${ownMark[HOP_HEADER]}`);
-    } finally {
-      await fake.close();
-    }
+    });
   });
 });
 
@@ -179,16 +186,6 @@ describe('two deployments that are each other\'s provider', () => {
   const settings = { MODEL_MAX_RETRIES: '2', MODEL_RETRY_MAX_WAIT_MS: '100' };
   const a = useTestApp({ ...settings, SECRET_KEY: randomBytes(32).toString('hex') });
   const b = useTestApp({ ...settings, SECRET_KEY: randomBytes(32).toString('hex') });
-
-  /** Requests that reach `app`'s server, by path. */
-  function countRequests(app: FastifyInstance): Map<string, number> {
-    const seen = new Map<string, number>();
-    app.server.on('request', (request: { url?: string }) => {
-      const path = (request.url ?? '').split('?', 1)[0]!;
-      seen.set(path, (seen.get(path) ?? 0) + 1);
-    });
-    return seen;
-  }
 
   /** In `app`, a provider at `target` (its /v1, with one of its keys) and a chat and an embedding model on it. */
   async function pointAt(app: FastifyInstance, target: FastifyInstance, targetOrigin: string): Promise<Record<string, string>> {
@@ -227,11 +224,7 @@ describe('two deployments that are each other\'s provider', () => {
   }, 60_000);
 
   it('sends on the marks a request came with, before its own; refuses a chain of MAX_HOPS', async () => {
-    const fake = await FakeModelServer.start();
-    try {
-      const admin = await superuserHeaders(a.app);
-      expect((await call(a.app, 'POST', '/providers', admin, { name: 'real', kind: 'openai-compatible', base_url: fake.url })).statusCode).toBe(200);
-      expect((await call(a.app, 'POST', '/models', admin, { id: 'real-model', provider: 'real', pricing })).statusCode).toBe(200);
+    await withRealModel(a.app, async (fake, admin) => {
       const own = hopMark(a.app.settings.SECRET_KEY);
       const others = Array.from({ length: MAX_HOPS }, (_, i) => hopMark(`another-deployment-${i}-secret-key-00000000`));
       const chat = (marks: string) => a.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: { ...admin, [HOP_HEADER]: marks }, payload: { model: 'real-model', messages: hello } });
@@ -247,8 +240,6 @@ describe('two deployments that are each other\'s provider', () => {
       expect(errorOf(refused.body).code).toBe('upstream_loop');
       expect(errorOf(refused.body).message).toContain(`${MAX_HOPS} of them`);
       expect(fake.log).toHaveLength(1);
-    } finally {
-      await fake.close();
-    }
+    });
   });
 });
