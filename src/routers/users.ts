@@ -1,3 +1,4 @@
+import type { FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 
 import { authErrors, ErrorBody, listOf, Message, Pagination, ValidationError } from '../schemas/common.js';
@@ -8,6 +9,12 @@ import { ensureSuperuser, forbidApiKey, ownAccount, requireSuperuser, requireUse
 import { bodyField, byAccount, byIp, rateLimit, refundOnSuccess } from '../utils/rate-limit.js';
 
 const tags = ['users'];
+
+/** The per-account counter of wrong current passwords, shared by the routes that check one. */
+const CURRENT_PASSWORD_LIMIT = 'password-change-account';
+
+/** Whether a PATCH /users/me may check the current password (it carries an email or the password). */
+const checksPassword = (request: FastifyRequest) => bodyField(request, 'email') !== null || bodyField(request, 'current_password') !== null;
 
 export const usersRouter: FastifyPluginAsyncZod = async (app) => {
   const { db, settings } = app;
@@ -66,10 +73,19 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'update_user_me',
         summary: 'Update User Me',
         tags,
+        description:
+          'A change of `email` needs `current_password` (422 without it, 400 when wrong): a token alone does not move the account to another mailbox. Wrong current passwords count as on `PATCH /users/me/password`.',
         body: UserUpdateMe,
-        response: { 200: UserPublic, 409: ErrorBody, ...authErrors },
+        response: { 200: UserPublic, 400: ErrorBody, 409: ErrorBody, 429: ErrorBody, ...authErrors },
       },
       onRequest: requireUser,
+      // The password check is the same door as the password change's: the same counter, so a token
+      // holder gets RATE_LIMIT_LOGIN_PER_ACCOUNT guesses per window over both routes, not twice that.
+      // A request with neither email nor current_password checks nothing and counts nothing.
+      preValidation: rateLimit(app, CURRENT_PASSWORD_LIMIT, settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, (req) => (checksPassword(req) ? req.principal.user.id : null), {
+        failuresOnly: true,
+      }),
+      onSend: refundOnSuccess,
     },
     async (request) => {
       forbidApiKey(request.principal);
@@ -91,7 +107,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       onRequest: requireUser,
       // A wrong current password is a failed login by another door: limited per account as login is
       // (RATE_LIMIT_LOGIN_PER_ACCOUNT), so a token holder cannot guess the password here at full speed.
-      preValidation: rateLimit(app, 'password-change-account', settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, (req) => req.principal.user.id, { failuresOnly: true }),
+      preValidation: rateLimit(app, CURRENT_PASSWORD_LIMIT, settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, (req) => req.principal.user.id, { failuresOnly: true }),
       onSend: refundOnSuccess,
     },
     async (request) => {

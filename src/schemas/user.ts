@@ -44,11 +44,22 @@ export const UserUpdate = z
   .meta({ id: 'UserUpdate' });
 export type UserUpdate = z.infer<typeof UserUpdate>;
 
-export const UserUpdateMe = z.strictObject({ email: Email.optional(), full_name: UserFields.full_name }).meta({ id: 'UserUpdateMe' });
+/** The account's current password, as a check (never stored, never echoed). */
+const CurrentPassword = z.string().min(1).max(128);
+
+export const UserUpdateMe = z
+  .strictObject({
+    email: Email.optional(),
+    full_name: UserFields.full_name,
+    // An access token alone must not move the account to another mailbox (whose owner would then take
+    // it through password recovery): a change of email needs the password too. Checked when given.
+    current_password: CurrentPassword.optional().describe('The current password: required with a change of `email`'),
+  })
+  .meta({ id: 'UserUpdateMe' });
 export type UserUpdateMe = z.infer<typeof UserUpdateMe>;
 
 export const UpdatePassword = z
-  .strictObject({ current_password: z.string().min(1).max(128), new_password: Password })
+  .strictObject({ current_password: CurrentPassword, new_password: Password })
   .meta({ id: 'UpdatePassword' });
 
 export const UserIdParams = z.object({ user_id: Id });

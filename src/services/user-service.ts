@@ -1,6 +1,6 @@
 import type { Settings } from '../core/config.js';
 import { type Db, deadlockRetried, transaction } from '../core/db.js';
-import { BadRequestError, ConflictError, ForbiddenError, NotFoundError } from '../core/errors.js';
+import { BadRequestError, ConflictError, ForbiddenError, NotFoundError, UnprocessableError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
 import { emailBinding, hashPassword, type TokenService, verifyPassword } from '../core/security.js';
 
@@ -67,9 +67,20 @@ export async function getById(db: Db, id: string): Promise<User> {
   return user;
 }
 
+/**
+ * The caller's own profile. A change of email (other than of its case, which accounts ignore) needs
+ * the current password: otherwise a stolen access token could move the account to the thief's mailbox,
+ * and password recovery would then hand them the account. A given `current_password` is always checked.
+ */
 export async function updateMe(db: Db, user: User, input: UserUpdateMe): Promise<User> {
-  if (input.email !== undefined) await ensureEmailFree(db, input.email, user.id);
-  return (await userCrud.update(db, user.id, input)) ?? user;
+  const { current_password: current, ...fields } = input;
+  const movesEmail = fields.email !== undefined && fields.email.trim().toLowerCase() !== user.email.trim().toLowerCase();
+  if (movesEmail && current === undefined) {
+    throw new UnprocessableError({ loc: ['body', 'current_password'], msg: 'Field required: a change of email needs the current password', type: 'missing' });
+  }
+  if (current !== undefined && !(await verifyPassword(current, user.hashed_password))) throw new BadRequestError('Incorrect password');
+  if (fields.email !== undefined) await ensureEmailFree(db, fields.email, user.id);
+  return (await userCrud.update(db, user.id, fields)) ?? user;
 }
 
 export async function changePassword(db: Db, user: User, current: string, next: string): Promise<void> {

@@ -3,6 +3,7 @@
  * limit, whoever holds an access token (a stolen one) could guess the account's password there at
  * full speed while login refuses the same guesses. Wrong current passwords count per account as
  * failed logins do (RATE_LIMIT_LOGIN_PER_ACCOUNT); a right one counts nothing (and ends every token, this one included).
+ * PATCH /users/me checks it too (for a change of email), on the same counter: two doors give no more guesses than one.
  */
 import { expect, it } from 'vitest';
 
@@ -24,4 +25,20 @@ it('answers 429 with Retry-After after RATE_LIMIT_LOGIN_PER_ACCOUNT wrong curren
   expect(Number(limited.headers['retry-after'])).toBeGreaterThan(0);
   // Another account is not held by it.
   expect((await change(other, 'wrong-password-here')).statusCode).toBe(400);
+});
+
+it('counts wrong current passwords of PATCH /users/me (a change of email) on the same counter, and nothing for other updates', async () => {
+  const user = await createUser(ctx.app, { password: 'the-real-password' });
+  const moveEmail = (current: string) => call(ctx.app, 'PATCH', '/users/me', user.headers, { email: 'elsewhere@keel.test', current_password: current });
+  const changePassword = (current: string) => call(ctx.app, 'PATCH', '/users/me/password', user.headers, { current_password: current, new_password: 'another-password' });
+  // Updates that check no password count nothing, however many.
+  for (let i = 0; i < 7; i++) expect((await call(ctx.app, 'PATCH', '/users/me', user.headers, { full_name: `Name ${i}` })).statusCode).toBe(200);
+  const guesses: number[] = [];
+  for (let i = 0; i < 3; i++) guesses.push((await moveEmail(`guess-${i}-password`)).statusCode);
+  for (let i = 3; i < 5; i++) guesses.push((await changePassword(`guess-${i}-password`)).statusCode);
+  guesses.push((await moveEmail('guess-5-password')).statusCode, (await changePassword('guess-6-password')).statusCode);
+  expect(guesses).toEqual([400, 400, 400, 400, 400, 429, 429]);
+  const limited = await moveEmail('the-real-password');
+  expect(limited.statusCode).toBe(429);
+  expect(Number(limited.headers['retry-after'])).toBeGreaterThan(0);
 });

@@ -288,7 +288,7 @@ describe('POST /reset-password/', () => {
     const alice = await createUser(app);
     expect((await recover(app, alice.email)).statusCode).toBe(200);
     const token = tokenIn(await capture.waitFor(alice.email));
-    const change = await app.inject({ method: 'PATCH', url: '/api/v1/users/me', headers: alice.headers, payload: { email: randomEmail('moved') } });
+    const change = await app.inject({ method: 'PATCH', url: '/api/v1/users/me', headers: alice.headers, payload: { email: randomEmail('moved'), current_password: alice.password } });
     expect(change.statusCode).toBe(200);
     const response = await reset(app, { token, new_password: 'the-new-password' });
     expect(response.statusCode).toBe(400);

@@ -266,13 +266,37 @@ describe('PATCH /users/me', () => {
     expectUserPublic(response, { id: alice.user.id, email: alice.email, full_name: null });
   });
 
-  it('changes the email: the new one logs in, the old one no longer does; the token survives', async () => {
+  it('changes the email, given the current password: the new one logs in, the old one no longer does; the token survives', async () => {
     const alice = await createUser(app);
     const email = randomEmail('moved');
-    expectUserPublic(await call('PATCH', '/users/me', { headers: alice.headers, payload: { email } }), { email });
+    expectUserPublic(await call('PATCH', '/users/me', { headers: alice.headers, payload: { email, current_password: alice.password } }), { email });
     expect(await loginStatus(app, email, alice.password)).toBe(200);
     expect(await loginStatus(app, alice.email, alice.password)).toBe(400);
     expect((await call('GET', '/users/me', { headers: alice.headers })).json<UserBody>().email).toBe(email);
+  });
+
+  it('answers 422 for a change of email without the current password, 400 with a wrong one, changing nothing', async () => {
+    // A stolen access token alone must not move the account to the thief's mailbox (and password recovery then hand it over).
+    const alice = await createUser(app);
+    const email = randomEmail('thief');
+    const missing = await call('PATCH', '/users/me', { headers: alice.headers, payload: { email, full_name: 'Thief' } });
+    expect422(missing, [[['body', 'current_password'], 'missing']]);
+    const wrong = await call('PATCH', '/users/me', { headers: alice.headers, payload: { email, current_password: 'not-the-password' } });
+    expectError(wrong, 400, { detail: 'Incorrect password' });
+    expect((await call('GET', '/users/me', { headers: alice.headers })).json()).toMatchObject({ email: alice.email, full_name: null });
+    expect(await loginStatus(app, email, alice.password)).toBe(400);
+  });
+
+  it('answers 400 for a wrong current password given with other fields, changing nothing', async () => {
+    const alice = await createUser(app);
+    const wrong = await call('PATCH', '/users/me', { headers: alice.headers, payload: { full_name: 'Alice', current_password: 'not-the-password' } });
+    expectError(wrong, 400, { detail: 'Incorrect password' });
+    expect((await call('GET', '/users/me', { headers: alice.headers })).json()).toMatchObject({ full_name: null });
+  });
+
+  it('needs no password to send the email unchanged with the profile (a form sending every field)', async () => {
+    const alice = await createUser(app);
+    expectUserPublic(await call('PATCH', '/users/me', { headers: alice.headers, payload: { email: alice.email, full_name: 'Alice' } }), { email: alice.email, full_name: 'Alice' });
   });
 
   it('lets a user re-case their own email', async () => {
@@ -285,7 +309,7 @@ describe('PATCH /users/me', () => {
     const alice = await createUser(app);
     const bob = await createUser(app);
     for (const email of [bob.email, bob.email.toUpperCase()]) {
-      expectError(await call('PATCH', '/users/me', { headers: alice.headers, payload: { email } }), 409, DUPLICATE);
+      expectError(await call('PATCH', '/users/me', { headers: alice.headers, payload: { email, current_password: alice.password } }), 409, DUPLICATE);
     }
     expect((await call('GET', '/users/me', { headers: alice.headers })).json<UserBody>().email).toBe(alice.email);
   });
@@ -305,7 +329,7 @@ describe('PATCH /users/me', () => {
 
   it('answers 422 for an invalid email', async () => {
     const alice = await createUser(app);
-    expect422(await call('PATCH', '/users/me', { headers: alice.headers, payload: { email: 'nope' } }), [[['body', 'email'], 'email_parsing']]);
+    expect422(await call('PATCH', '/users/me', { headers: alice.headers, payload: { email: 'nope', current_password: alice.password } }), [[['body', 'email'], 'email_parsing']]);
   });
 });
 
