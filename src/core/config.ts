@@ -140,6 +140,12 @@ export const SettingsSchema = z.object({
   RATE_LIMIT_WINDOW_SECONDS: int(1, 86_400).default(60),
   MAX_PROJECTS_PER_USER: int(1, 1_000_000).default(100),
   MAX_API_KEYS_PER_USER: int(1, 1_000_000).default(100),
+  /**
+   * API keys a user may keep, revoked and expired ones included (MAX_API_KEYS_PER_USER counts only
+   * working ones): beyond it creating a key answers 409 until the user deletes some. Without it,
+   * creating and revoking keys added rows without bound.
+   */
+  MAX_API_KEYS_KEPT_PER_USER: int(1, 10_000_000).default(1_000),
   MAX_AGENTS_PER_USER: int(1, 1_000_000).default(100),
   MAX_THREADS_PER_USER: int(1, 10_000_000).default(10_000),
   /** Runs queued or running at once per user; one more answers 429. */

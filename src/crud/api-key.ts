@@ -46,6 +46,14 @@ export function countActiveByOwner(db: Db, ownerId: string): Promise<number> {
   return apiKeyCrud.countOwnedBy(db, ownerId, activeKey);
 }
 
+/**
+ * The owner's key rows, revoked and expired ones included, counted up to `upTo`: what
+ * MAX_API_KEYS_KEPT_PER_USER bounds (otherwise creating and revoking keys would add rows without end).
+ */
+export function countKeptByOwner(db: Db, ownerId: string, upTo: number): Promise<number> {
+  return apiKeyCrud.countOwnedBy(db, ownerId, undefined, upTo);
+}
+
 /** Records use at most once a minute per key, so authentication rarely writes. */
 export async function touchLastUsed(db: Db, key: Pick<ApiKey, 'id' | 'key_hash'>): Promise<void> {
   await db

@@ -6,7 +6,7 @@ import type { ApiKey } from '../models/index.js';
 
 import type { ApiKeyCreate, ApiKeyUpdate } from '../schemas/api-key.js';
 
-import { apiKeyCrud, apiKeyPolicy, countActiveByOwner } from '../crud/api-key.js';
+import { apiKeyCrud, apiKeyPolicy, countActiveByOwner, countKeptByOwner } from '../crud/api-key.js';
 import { lockBillingRows } from '../crud/billing.js';
 import type { Page } from '../crud/page.js';
 import { requireOwnProject } from '../crud/project.js';
@@ -49,8 +49,18 @@ export async function create(ctx: ServiceContext, input: ApiKeyCreate): Promise<
     throw new BadRequestError('expires_at must be in the future');
   }
   const secret = generateApiKey();
-  const limit = { what: 'API key', max: settings.MAX_API_KEYS_PER_USER, count: (tx: Db) => countActiveByOwner(tx, ownerId) };
-  const created = await createWithinLimit(ctx.db, ownerId, limit, (tx) =>
+  const working = { what: 'API key', max: settings.MAX_API_KEYS_PER_USER, count: (tx: Db) => countActiveByOwner(tx, ownerId) };
+  // Revoking or letting a key expire frees its place among the working keys (a rotation at the limit
+  // works), but its row stays (its usage and spend stay attributed, its status shown): all of them
+  // are bounded too, and deleting the ones no longer needed makes room.
+  const maxKept = settings.MAX_API_KEYS_KEPT_PER_USER;
+  const kept = {
+    what: 'API key',
+    max: maxKept,
+    count: (tx: Db) => countKeptByOwner(tx, ownerId, maxKept),
+    detail: `API key limit reached (${maxKept} kept per user, revoked and expired keys included): delete keys you no longer use (DELETE /api-keys/{id})`,
+  };
+  const created = await createWithinLimit(ctx.db, ownerId, [working, kept], (tx) =>
     apiKeyCrud.create(tx, {
       owner_id: ownerId,
       project_id: input.project_id ?? null,

@@ -778,6 +778,44 @@ describe('MAX_API_KEYS_PER_USER', () => {
     expect(await keyCount(alice.user.id)).toBe(LIMIT + 2);
   });
 
+  it('bounds the keys kept, revoked and expired ones included (MAX_API_KEYS_KEPT_PER_USER): 409 until the user deletes some', async () => {
+    // Revoked keys free their place among the working ones, but their rows stay: without this bound
+    // creating and revoking keys added rows without end.
+    const kept = await buildTestApp(ctx.database, { MAX_API_KEYS_PER_USER: '2', MAX_API_KEYS_KEPT_PER_USER: '4' });
+    try {
+      const alice = await createUser(kept);
+      const create = (name: string) => call(kept, 'POST', '/api-keys', alice.headers, { name });
+      const revoke = (id: string) => call(kept, 'PATCH', `/api-keys/${id}`, alice.headers, { status: 'revoked' });
+      const ids: string[] = [];
+      // A rotation at the working limit: revoke one, create one, as long as the kept bound allows.
+      for (const name of ['a', 'b']) ids.push((await create(name)).json<KeyBody>().id);
+      for (const name of ['c', 'd']) {
+        expect((await revoke(ids.shift()!)).statusCode).toBe(200);
+        const response = await create(name);
+        expect(response.statusCode).toBe(200);
+        ids.push(response.json<KeyBody>().id);
+      }
+      expect(await keyCount(alice.user.id)).toBe(4);
+      expect((await revoke(ids.shift()!)).statusCode).toBe(200);
+      // One working key now, under MAX_API_KEYS_PER_USER, but four kept.
+      const over = await create('e');
+      expect(over.statusCode).toBe(409);
+      expect(over.json()).toEqual({ detail: 'API key limit reached (4 kept per user, revoked and expired keys included): delete keys you no longer use (DELETE /api-keys/{id})' });
+      expect(await keyCount(alice.user.id)).toBe(4);
+      // Another user is not held by it.
+      const bob = await createUser(kept);
+      expect((await call(kept, 'POST', '/api-keys', bob.headers, { name: 'bob' })).statusCode).toBe(200);
+      // Deleting a revoked key makes room; the working key still works.
+      const revoked = (await call(kept, 'GET', '/api-keys', alice.headers)).json<{ data: KeyBody[] }>().data.find((key) => key.status === 'revoked')!;
+      expect((await call(kept, 'DELETE', `/api-keys/${revoked.id}`, alice.headers)).statusCode).toBe(200);
+      const made = await create('f');
+      expect(made.statusCode).toBe(200);
+      expect((await call(kept, 'GET', '/users/me', bearer(made.json<CreatedKey>().key))).statusCode).toBe(200);
+    } finally {
+      await kept.close();
+    }
+  });
+
   it('holds under concurrent creation', async () => {
     const alice = await createUser(limited);
     // Warm the connection pool, so that the creations really run side by side (server mode).
