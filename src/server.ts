@@ -77,7 +77,7 @@ export async function startWorker(settings: Settings, logger: pino.Logger): Prom
     const redis = createRedis(settings)!;
     const agentRuns = await openAgentRuns({ settings, database, logger, redis, queue: createQueue(settings, logger, undefined, undefined, { laneProducer: redis }), metrics: unservedModelMetrics() });
     agentRuns.work();
-    logger.info({ concurrency: settings.JOB_CONCURRENCY, runConcurrency: settings.RUN_CONCURRENCY }, 'worker started');
+    logger.info({ concurrency: settings.JOB_CONCURRENCY, runConcurrency: settings.RUN_CONCURRENCY, emailConcurrency: settings.EMAIL_CONCURRENCY }, 'worker started');
     return {
       saveUnwritten: () => agentRuns.meter.saveUnwritten(),
       close: async () => {

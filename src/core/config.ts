@@ -190,6 +190,11 @@ export const SettingsSchema = z.object({
   JOB_CONCURRENCY: int(1, 1_000).default(4),
   /** Agent runs one `keel worker` executes at once (their own queue: runs mostly wait on a model). */
   RUN_CONCURRENCY: int(1, 10_000).default(32),
+  /**
+   * Emails one worker sends at once (their own queue: a password-recovery email does not wait behind
+   * document ingestions, which keep JOB_CONCURRENCY).
+   */
+  EMAIL_CONCURRENCY: int(1, 1_000).default(4),
   /** `smtp` sends through SMTP_* (off while they are unset); `console` logs each email instead (local only). */
   EMAIL_BACKEND: z.enum(['smtp', 'console']).default('smtp'),
   SMTP_HOST: optionalString,

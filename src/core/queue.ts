@@ -78,7 +78,7 @@ class InProcessQueue<R extends JobRegistry> implements JobQueue<R> {
   private readonly retries = new Map<NodeJS.Timeout, { name: string; data: unknown }>();
   private closing = false;
   /**
-   * JOB_CONCURRENCY for most jobs, a lane's number for its own (RUN_CONCURRENCY: agent runs), as a
+   * JOB_CONCURRENCY for most jobs, a lane's number for its own (RUN_CONCURRENCY: agent runs; EMAIL_CONCURRENCY: emails), as a
    * BullMQ worker runs them: without it every job queued ran at once (an embedded process took 50
    * uploads at once into 50 parsing threads, each with its own heap).
    */

@@ -36,11 +36,16 @@ export type Jobs = typeof JOBS;
 export type JobName = keyof Jobs;
 
 /**
- * Jobs with a queue of their own in Redis, worked with their own number at once per worker: agent
- * runs mostly wait on a model (a worker runs RUN_CONCURRENCY of them), while email and ingestion
- * keep JOB_CONCURRENCY, and neither kind waits behind the other.
+ * Jobs with a queue of their own (in Redis, and in the in-process queue), worked with their own
+ * number at once per worker: agent runs mostly wait on a model (a worker runs RUN_CONCURRENCY of
+ * them); emails (EMAIL_CONCURRENCY) are short and someone waits on them (a password-recovery link),
+ * so a backlog of slow document ingestions, which keep JOB_CONCURRENCY, must not hold them. No kind
+ * waits behind another.
  */
-export const JOB_LANES = [{ queue: 'keel-runs', jobs: ['run-agent'], concurrency: (settings: Settings) => settings.RUN_CONCURRENCY }] as const satisfies readonly JobLane[];
+export const JOB_LANES = [
+  { queue: 'keel-runs', jobs: ['run-agent'], concurrency: (settings: Settings) => settings.RUN_CONCURRENCY },
+  { queue: 'keel-emails', jobs: ['send-email'], concurrency: (settings: Settings) => settings.EMAIL_CONCURRENCY },
+] as const satisfies readonly JobLane[];
 
 /** A queue of its own for some jobs (JOB_LANES). */
 export interface JobLane {

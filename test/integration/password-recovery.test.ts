@@ -465,9 +465,9 @@ describe.skipIf(!process.env.REDIS_URL)('recovery emails at rest in Redis', () =
     const token = await requestResetToken(alice.email);
     const redis = app.redis!;
     // The finished job is deleted (only BullMQ's bookkeeping remains).
-    await until(async () => (await redis.keys(`${prefix}jobs:keel-jobs:[0-9]*`)).length === 0);
+    await until(async () => (await redis.keys(`${prefix}jobs:keel-emails:[0-9]*`)).length === 0);
     const dump = await redisDump(redis, prefix);
-    expect(dump).toContain('keel-jobs'); // the queue was there
+    expect(dump).toContain('keel-emails'); // the queue was there
     expect(dump).not.toContain(token);
     expect(dump).not.toContain(token.split('.')[2]!); // not even the signature
     expect(dump.toLowerCase()).not.toContain(alice.email.toLowerCase());
@@ -490,9 +490,9 @@ describe.skipIf(!process.env.REDIS_URL)('recovery emails at rest in Redis', () =
       const alice = await createUser(failing.app);
       expect((await recover(failing.app, alice.email)).statusCode).toBe(200);
       const redis = failing.app.redis!;
-      await until(async () => (await redis.zcard(`${prefix}jobs:keel-jobs:failed`)) === 1);
-      const [id] = await redis.zrange(`${prefix}jobs:keel-jobs:failed`, '0', '-1');
-      const job = await redis.hgetall(`${prefix}jobs:keel-jobs:${id}`);
+      await until(async () => (await redis.zcard(`${prefix}jobs:keel-emails:failed`)) === 1);
+      const [id] = await redis.zrange(`${prefix}jobs:keel-emails:failed`, '0', '-1');
+      const job = await redis.hgetall(`${prefix}jobs:keel-emails:${id}`);
       expect(job.name).toBe('send-email');
       expect(job.failedReason).toMatch(/^job send-email failed/);
       expect(Object.keys(JSON.parse(job.data!) as object)).toEqual(['sealed']);

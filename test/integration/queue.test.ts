@@ -1,4 +1,4 @@
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 
 import { Queue } from 'bullmq';
 import { Redis } from 'ioredis';
@@ -199,6 +199,39 @@ describe.each(kinds)('job lanes (%s)', (kind, env) => {
     expect(most).toBe(3);
     await queue.close();
     if (connection) {
+      const keys = await connection.keys(`${prefix}*`);
+      if (keys.length) await connection.del(...keys);
+      await connection.quit();
+    }
+  });
+
+  it("sends an email while document ingestions hold every JOB_CONCURRENCY slot (the application's lanes)", async () => {
+    // The application's registry and lanes: an email used to wait behind the ingestions it shared JOB_CONCURRENCY with.
+    const prefix = testRedisPrefix();
+    const settings = testSettings({ REDIS_URL: '', ...env, REDIS_KEY_PREFIX: prefix, JOB_CONCURRENCY: '2', EMAIL_CONCURRENCY: '1' });
+    const queue = createAppQueue(settings, silent);
+    let ingesting = 0;
+    const sent: string[] = [];
+    let open!: () => void;
+    const released = new Promise<void>((resolve) => (open = resolve));
+    queue.work({
+      'ingest-entry': async () => {
+        ingesting++;
+        await released;
+        ingesting--;
+      },
+      'send-email': async ({ to }) => void sent.push(to),
+    });
+    for (let i = 0; i < 3; i++) await queue.add('ingest-entry', { entry_id: randomUUID() });
+    await eventually(() => ingesting === 2);
+    await queue.add('send-email', { to: 'recover@keel.test', subject: 'Password recovery', html: '<p>link</p>', text: 'link' });
+    await eventually(() => sent.length === 1);
+    expect(ingesting).toBe(2);
+    open();
+    await eventually(() => ingesting === 0);
+    await queue.close();
+    if (kind === 'redis') {
+      const connection = new Redis(settings.REDIS_URL!, { maxRetriesPerRequest: null });
       const keys = await connection.keys(`${prefix}*`);
       if (keys.length) await connection.del(...keys);
       await connection.quit();
