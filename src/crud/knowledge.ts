@@ -1,4 +1,4 @@
-import { and, eq, inArray, type SQL, sql } from 'drizzle-orm';
+import { and, eq, inArray, isNull, lt, lte, or, type SQL, sql } from 'drizzle-orm';
 import type { PgColumn } from 'drizzle-orm/pg-core';
 
 import { type Db, transaction } from '../core/db.js';
@@ -231,6 +231,48 @@ export async function counts(db: Db, folders: SQL | undefined, entries: SQL | un
 }
 
 // ==================== Chunks ====================
+
+// ==================== What the sweeper looks for ====================
+
+/**
+ * The mark of a pending entry whose job was queued (at its upload or reindex, or by a sweep):
+ * `lease_expires_at`, which nothing else reads on a pending entry (the claim takes a pending entry
+ * whatever it says), set `markMs` ahead. No sweep queues the entry again before it passes.
+ */
+export const jobQueuedMark = (markMs: number): SQL => sql`now() + ${markMs} * interval '1 millisecond'`;
+
+/** Drops a pending entry's mark: the job it was set for could not be queued. */
+export async function clearJobQueuedMark(db: Db, entryId: string): Promise<void> {
+  const e = knowledgeEntries;
+  await db.update(e).set({ lease_expires_at: null, updated_at: sql`${e.updated_at}` }).where(and(eq(e.id, entryId), eq(e.status, 'pending')));
+}
+
+/**
+ * The sweep's pick of entries to queue again, marked as picked (`jobQueuedMark`) in the same
+ * statement: pending ones older than `pendingAgeMs` whose mark has passed (or that have none), and
+ * processing ones whose lease ran out (their worker died), handed back as pending with the mark.
+ * Without the mark every sweep queued another job for each entry of a backlog (entries only waiting
+ * their turn behind JOB_CONCURRENCY in Redis), and the copies piled up. Rows locked with SKIP
+ * LOCKED: two workers' sweeps never both pick an entry. `ignoreMarks`: an in-process queue's
+ * start-up sweep (its jobs died with the process) takes every pending entry at once.
+ */
+export function unfinishedWithoutJob(db: Db, pick: { pendingAgeMs: number; markMs: number; ignoreMarks: boolean; limit: number }): Promise<Pick<KnowledgeEntry, 'id'>[]> {
+  const e = knowledgeEntries;
+  const unmarked = pick.ignoreMarks ? undefined : or(isNull(e.lease_expires_at), lte(e.lease_expires_at, sql`now()`));
+  const leaseRunOut = and(eq(e.status, 'processing'), lt(e.lease_expires_at, sql`now()`));
+  const picked = db
+    .select({ id: e.id })
+    .from(e)
+    .where(or(and(eq(e.status, 'pending'), lt(e.updated_at, sql`now() - ${pick.pendingAgeMs} * interval '1 millisecond'`), unmarked), leaseRunOut))
+    .limit(pick.limit)
+    .for('update', { skipLocked: true });
+  return db
+    .update(e)
+    // updated_at stays: the sweep's bookkeeping is no change of the entry's.
+    .set({ status: 'pending', lease_token: null, lease_expires_at: jobQueuedMark(pick.markMs), updated_at: sql`${e.updated_at}` })
+    .where(and(inArray(e.id, picked), or(eq(e.status, 'pending'), leaseRunOut)))
+    .returning({ id: e.id });
+}
 
 export async function deleteChunks(db: Db, entryId: string): Promise<void> {
   await db.delete(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entryId));

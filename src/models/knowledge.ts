@@ -88,6 +88,7 @@ export const knowledgeEntries = pgTable(
     attempts: integer('attempts').notNull().default(0),
     /** The claim of the ingestion working on the entry: only its holder may write the result. */
     lease_token: uuid('lease_token'),
+    /** Processing: when the claim runs out. Pending: until when no sweep queues the entry again (its job was queued; crud/knowledge.ts jobQueuedMark). */
     lease_expires_at: timestamp('lease_expires_at', { withTimezone: true }),
     processing_started_at: timestamp('processing_started_at', { withTimezone: true }),
     processed_at: timestamp('processed_at', { withTimezone: true }),

@@ -4,10 +4,14 @@ import { join } from 'node:path';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { expect } from 'vitest';
 
+import type { SweepPick } from '../../src/services/knowledge/ingestion.js';
 import { call, eventually } from './http.js';
 import { type FormFile, multipartBody } from './multipart.js';
 
 export { type FormFile, multipartBody } from './multipart.js';
+
+/** A sweep as a worker's later ones pick (sweepIngestion): entries left pending a minute, entries not marked in the last five. */
+export const SWEEP: SweepPick = { pendingAgeMs: 60_000, markMs: 300_000, ignoreMarks: false };
 
 /** Files under a user's part of the knowledge-base storage (the local backend under `dataDir`). */
 export function storedFiles(dataDir: string, ownerId: string): string[] {

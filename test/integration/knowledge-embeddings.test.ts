@@ -11,7 +11,7 @@ import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { fakeEmbedding, FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, eventually, sleep } from '../helpers/http.js';
-import { createFolder, ingested, search, settled, storedFiles, uploaded } from '../helpers/knowledge.js';
+import { createFolder, ingested, search, settled, storedFiles, SWEEP,uploaded } from '../helpers/knowledge.js';
 import { addFakeModels } from '../helpers/metered-models.js';
 import { createAgent, createThread, startRun, waitForRun } from '../helpers/runs.js';
 import { intercepting } from '../helpers/statements.js';
@@ -271,7 +271,7 @@ describe('embeddings', () => {
         if (/^\s*select/i.test(text) && (params.includes(entry.id) || text.includes('from knowledge_chunk_embeddings where model'))) reads.push(text);
       },
       async () => {
-        expect(await sweepIngestion(db, ctx.app.queue, 60_000)).toBeGreaterThanOrEqual(1);
+        expect(await sweepIngestion(db, ctx.app.queue, SWEEP)).toBeGreaterThanOrEqual(1);
         expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: SECTIONS.length, error: null });
       },
     );
@@ -320,7 +320,7 @@ describe('embeddings', () => {
       sql`update knowledge_entries set status = 'processing', attempts = ${ctx.app.settings.KB_INGEST_MAX_ATTEMPTS}, lease_token = gen_random_uuid(), lease_expires_at = now() - interval '1 second' where id = ${entry.id}`,
     );
     fake.reset();
-    await sweepIngestion(db, ctx.app.queue, 60_000);
+    await sweepIngestion(db, ctx.app.queue, SWEEP);
     const failed = await settled(ctx.app, other.headers, entry.id);
     expect(failed).toMatchObject({ status: 'failed', chunk_count: 0 });
     const stored = await queryRows<{ n: number }>(db, sql`select count(*)::int as n from knowledge_chunks where entry_id = ${entry.id}`);
@@ -387,12 +387,12 @@ describe('embeddings', () => {
     if (withVectors()) {
       // The retry's second embedding call answers late: what is stored meanwhile is what search shows.
       fake.script('fake-embed', {}, { chunkDelayMs: 1_500 });
-      await sweepIngestion(db, ctx.app.queue, 60_000);
+      await sweepIngestion(db, ctx.app.queue, SWEEP);
       await fake.waitFor((log) => log.filter((r) => r.model === 'fake-embed').length === 2);
       await sleep(200);
       expect(await texts()).toEqual(SECTIONS.slice(0, 3));
     } else {
-      await sweepIngestion(db, ctx.app.queue, 60_000);
+      await sweepIngestion(db, ctx.app.queue, SWEEP);
     }
     expect(await settled(ctx.app, other.headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: SECTIONS.length });
     expect(await texts()).toEqual(SECTIONS);

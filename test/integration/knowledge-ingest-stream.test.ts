@@ -15,7 +15,7 @@ import { useTestApp } from '../helpers/app.js';
 import { type Block, madeFile, writePdf } from '../helpers/documents.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
 import { apiOf, eventually } from '../helpers/http.js';
-import { createFolder, type EntryBody, ingested, search, settled, uploaded } from '../helpers/knowledge.js';
+import { createFolder, type EntryBody, ingested, search, settled, SWEEP,uploaded } from '../helpers/knowledge.js';
 
 /** Text past which the reader hands text on as it reads is 250,000 characters (pdf.ts); this test app's limit per document: */
 const TEXT_LIMIT = 300_000;
@@ -147,7 +147,7 @@ describe('a PDF indexed while it is read', () => {
       tsv: sql`to_tsvector('english', 'Half-stored zebra passage.')`,
     });
     await db.update(knowledgeEntries).set({ status: 'processing', lease_token: randomUUID(), lease_expires_at: sql`now() - interval '1 second'` }).where(eq(knowledgeEntries.id, entry.id));
-    expect(await sweepIngestion(db, ctx.app.queue, 60_000)).toBeGreaterThanOrEqual(1);
+    expect(await sweepIngestion(db, ctx.app.queue, SWEEP)).toBeGreaterThanOrEqual(1);
     expect(await settled(ctx.app, user.headers, entry.id)).toMatchObject({ status: 'ready', chunk_count: 1 });
     expect(await chunkIndexes(entry.id)).toEqual([0]);
     expect((await search(ctx.app, user.headers, { query: 'zebra' })).data).toEqual([]);

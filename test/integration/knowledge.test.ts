@@ -17,7 +17,7 @@ import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import { apiOf, createKey, eventually, expectValidationError, type ListBody, sleep, xApiKey } from '../helpers/http.js';
-import { createFolder, type EntryBody, ingested, multipartBody, search, settled, storedFiles as storedFilesIn, upload, uploaded } from '../helpers/knowledge.js';
+import { createFolder, type EntryBody, ingested, multipartBody, search, settled, storedFiles as storedFilesIn, SWEEP,upload, uploaded } from '../helpers/knowledge.js';
 import { captureLogs, LEVEL } from '../helpers/logs.js';
 
 const FILE_LIMIT = 100_000;
@@ -603,7 +603,7 @@ describe('ingestion', () => {
       .update(knowledgeEntries)
       .set({ status: 'processing', attempts: ctx.app.settings.KB_INGEST_MAX_ATTEMPTS, lease_token: randomUUID(), lease_expires_at: sql`now() - interval '1 second'` })
       .where(eq(knowledgeEntries.id, dying!.id));
-    expect(await sweepIngestion(db, ctx.app.queue, 60_000)).toBeGreaterThanOrEqual(3);
+    expect(await sweepIngestion(db, ctx.app.queue, SWEEP)).toBeGreaterThanOrEqual(3);
     expect(await settled(ctx.app, user.headers, left!.id)).toMatchObject({ status: 'ready' });
     expect(await settled(ctx.app, user.headers, stalled!.id)).toMatchObject({ status: 'ready' });
     const failed = await settled(ctx.app, user.headers, dying!.id);
@@ -620,7 +620,7 @@ describe('ingestion', () => {
     }
     // A claim still running is left alone.
     await db.update(knowledgeEntries).set({ status: 'processing', lease_token: randomUUID(), lease_expires_at: sql`now() + interval '1 hour'` }).where(eq(knowledgeEntries.id, left!.id));
-    expect(await sweepIngestion(db, ctx.app.queue, 60_000)).toBe(0);
+    expect(await sweepIngestion(db, ctx.app.queue, SWEEP)).toBe(0);
   });
 });
 

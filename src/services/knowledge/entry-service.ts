@@ -11,7 +11,7 @@ import { knowledgeEntries, type KnowledgeEntry, type KnowledgeFolder, knowledgeF
 import { type KnowledgeEntryListQuery, type KnowledgeEntryUpdate, nameProblem, normalizeName } from '../../schemas/knowledge.js';
 
 import * as billingCrud from '../../crud/billing.js';
-import { counts, entryCrud, entryNames, folderCrud, folderPolicy, ownRows, usedBytes, writeUniquelyNamed } from '../../crud/knowledge.js';
+import { clearJobQueuedMark, counts, entryCrud, entryNames, folderCrud, folderPolicy, jobQueuedMark, ownRows, usedBytes, writeUniquelyNamed } from '../../crud/knowledge.js';
 import { matching } from '../../crud/owned.js';
 import * as userCrud from '../../crud/user.js';
 import { SNIFF_HEAD_BYTES,sniffFormat } from '../../modules/knowledge/sniff.js';
@@ -210,6 +210,8 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
           storage_key: stored.key,
           // The requester pays: a key's upload is embedded against that key's max_budget.
           api_key_id: ctx.principal.apiKeyId,
+          // Its job is queued below: no sweep queues another while that one may be waiting its turn.
+          lease_expires_at: jobQueuedMark(ctx.settings.KB_INGEST_LEASE_MS) as unknown as Date,
         }),
       );
     });
@@ -223,8 +225,10 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
 
 async function queueIngestion(ctx: ServiceContext, entryId: string): Promise<void> {
   // A job lost here (the queue down) is not lost for good: the sweeper finds the pending entry.
-  await ctx.queue.add('ingest-entry', { entry_id: entryId }).catch((error: unknown) => {
+  await ctx.queue.add('ingest-entry', { entry_id: entryId }).catch(async (error: unknown) => {
     ctx.log.warn({ err: error, entryId }, 'ingestion could not be queued; the sweeper will pick the entry up');
+    // No job waits for it: the next sweep may queue it (not only once the mark has passed).
+    await clearJobQueuedMark(ctx.db, entryId).catch(() => undefined);
   });
 }
 
@@ -281,7 +285,7 @@ export async function reindex(ctx: ServiceContext, id: string): Promise<Knowledg
     error: null,
     attempts: 0,
     lease_token: null,
-    lease_expires_at: null,
+    lease_expires_at: jobQueuedMark(ctx.settings.KB_INGEST_LEASE_MS) as unknown as Date,
   });
   await queueIngestion(ctx, entry.id);
   return entry;

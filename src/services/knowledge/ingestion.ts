@@ -22,7 +22,7 @@ import type { JobQueue } from '../../core/queue.js';
 
 import { knowledgeChunks, knowledgeEntries,type KnowledgeEntry } from '../../models/index.js';
 
-import { deleteChunks } from '../../crud/knowledge.js';
+import { deleteChunks, unfinishedWithoutJob } from '../../crud/knowledge.js';
 import type { ModelManager } from '../../modules/ai-models/index.js';
 import type { ChunkCutter } from '../../modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
@@ -634,22 +634,24 @@ async function removeTextOfDeleted(db: Db, storage: StorageService, entry: Knowl
 /** Entries re-queued per sweep at most; the next sweep takes the rest. */
 const SWEEP_BATCH = 1_000;
 
+/** How a sweep picks (see unfinishedWithoutJob). */
+export interface SweepPick {
+  /** Spares entries queued a moment ago. */
+  pendingAgeMs: number;
+  /** How long an entry queued (by a sweep, an upload or a reindex) is not queued again: KB_INGEST_LEASE_MS. */
+  markMs: number;
+  /** An in-process queue's start-up sweep: its jobs died with the process, whatever the marks say. */
+  ignoreMarks: boolean;
+}
+
 /**
  * Queues ingestion for entries left `pending` (their job lost: an in-process queue does not
- * survive a restart) and `processing` ones whose lease ran out (their worker died). `pendingAgeMs`
- * spares entries queued a moment ago. A duplicate job is harmless: only one can claim the entry.
+ * survive a restart) and `processing` ones whose lease ran out (their worker died) — an entry at
+ * most once a mark, whichever worker sweeps, as its job may only be waiting its turn in a backlog.
+ * A duplicate job is harmless (only one can claim the entry), but they piled up: one per sweep.
  */
-export async function sweepIngestion(db: Db, queue: JobQueue, pendingAgeMs: number): Promise<number> {
-  const stale = await db
-    .select({ id: knowledgeEntries.id })
-    .from(knowledgeEntries)
-    .where(
-      or(
-        and(eq(knowledgeEntries.status, 'pending'), lt(knowledgeEntries.updated_at, sql`now() - ${pendingAgeMs} * interval '1 millisecond'`)),
-        and(eq(knowledgeEntries.status, 'processing'), lt(knowledgeEntries.lease_expires_at, sql`now()`)),
-      ),
-    )
-    .limit(SWEEP_BATCH);
+export async function sweepIngestion(db: Db, queue: JobQueue, pick: SweepPick): Promise<number> {
+  const stale = await unfinishedWithoutJob(db, { ...pick, limit: SWEEP_BATCH });
   for (const { id } of stale) await queue.add('ingest-entry', { entry_id: id });
   return stale.length;
 }
@@ -662,8 +664,9 @@ export async function sweepIngestion(db: Db, queue: JobQueue, pendingAgeMs: numb
 export function startIngestionSweeper(deps: { db: Db; settings: Settings; log: Logger }, queue: JobQueue): () => Promise<void> {
   const { db, settings, log } = deps;
   let running: Promise<unknown> = Promise.resolve();
-  const sweep = (pendingAgeMs: number) => {
-    running = Promise.all([sweepIngestion(db, queue, pendingAgeMs), purgeDeletedFiles(deps)]).then(
+  const markMs = settings.KB_INGEST_LEASE_MS;
+  const sweep = (pendingAgeMs: number, ignoreMarks: boolean) => {
+    running = Promise.all([sweepIngestion(db, queue, { pendingAgeMs, markMs, ignoreMarks }), purgeDeletedFiles(deps)]).then(
       ([requeued, purged]) => {
         if (requeued) log.info({ count: requeued }, 'knowledge entries re-queued for ingestion');
         if (purged) log.info({ count: purged }, 'files of deleted knowledge entries removed');
@@ -671,8 +674,9 @@ export function startIngestionSweeper(deps: { db: Db; settings: Settings; log: L
       (error: unknown) => log.warn({ err: error }, 'knowledge sweep failed; will try again'),
     );
   };
-  sweep(0);
-  const timer = setInterval(() => sweep(settings.KB_SWEEP_INTERVAL_MS), settings.KB_SWEEP_INTERVAL_MS);
+  // An in-process queue lost its jobs with the process; BullMQ's survive a restart (a rolling one would queue every entry again once per worker).
+  sweep(0, queue.kind === 'in-process');
+  const timer = setInterval(() => sweep(settings.KB_SWEEP_INTERVAL_MS, false), settings.KB_SWEEP_INTERVAL_MS);
   timer.unref();
   return async () => {
     clearInterval(timer);
