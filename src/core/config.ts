@@ -143,9 +143,9 @@ export const SettingsSchema = z.object({
   /**
    * API keys a user may keep, revoked and expired ones included (MAX_API_KEYS_PER_USER counts only
    * working ones): beyond it creating a key answers 409 until the user deletes some. Without it,
-   * creating and revoking keys added rows without bound.
+   * creating and revoking keys added rows without bound. Unset: ten times MAX_API_KEYS_PER_USER.
    */
-  MAX_API_KEYS_KEPT_PER_USER: int(1, 10_000_000).default(1_000),
+  MAX_API_KEYS_KEPT_PER_USER: z.preprocess(emptyAsUndefined, int(1, 10_000_000).optional()),
   MAX_AGENTS_PER_USER: int(1, 1_000_000).default(100),
   MAX_THREADS_PER_USER: int(1, 10_000_000).default(10_000),
   /** Runs queued or running at once per user; one more answers 429. */
@@ -347,9 +347,10 @@ export const SettingsSchema = z.object({
 
 export type RawSettings = z.infer<typeof SettingsSchema>;
 export type Settings = Readonly<
-  Omit<RawSettings, 'SECRET_KEY' | 'LOG_FORMAT'> & {
+  Omit<RawSettings, 'SECRET_KEY' | 'LOG_FORMAT' | 'MAX_API_KEYS_KEPT_PER_USER'> & {
     SECRET_KEY: string;
     LOG_FORMAT: 'pretty' | 'json';
+    MAX_API_KEYS_KEPT_PER_USER: number;
     /** Absolute data directory. */
     dataDir: string;
     emailsEnabled: boolean;
@@ -420,6 +421,9 @@ export function loadSettings(source: Record<string, string | undefined> = readEn
   if (raw.KB_EXTRACT_MAX_TOTAL_MEMORY_MB <= raw.KB_EXTRACT_MAX_MEMORY_MB) {
     throw new ConfigError(`KB_EXTRACT_MAX_TOTAL_MEMORY_MB: must exceed KB_EXTRACT_MAX_MEMORY_MB (${raw.KB_EXTRACT_MAX_MEMORY_MB}), the heap alone, got ${raw.KB_EXTRACT_MAX_TOTAL_MEMORY_MB}`);
   }
+  if (raw.MAX_API_KEYS_KEPT_PER_USER !== undefined && raw.MAX_API_KEYS_KEPT_PER_USER < raw.MAX_API_KEYS_PER_USER) {
+    throw new ConfigError(`MAX_API_KEYS_KEPT_PER_USER: must be at least MAX_API_KEYS_PER_USER (${raw.MAX_API_KEYS_PER_USER}): revoked and expired keys count toward it too; got ${raw.MAX_API_KEYS_KEPT_PER_USER}`);
+  }
   if (raw.KB_MAX_FILE_BYTES > raw.KB_MAX_BYTES_PER_USER) {
     throw new ConfigError('KB_MAX_FILE_BYTES: must not exceed KB_MAX_BYTES_PER_USER');
   }
@@ -444,6 +448,7 @@ export function loadSettings(source: Record<string, string | undefined> = readEn
     ...raw,
     SECRET_KEY: raw.SECRET_KEY ?? localSecretKey(dataDir),
     LOG_FORMAT: raw.LOG_FORMAT ?? (local ? 'pretty' : 'json'),
+    MAX_API_KEYS_KEPT_PER_USER: raw.MAX_API_KEYS_KEPT_PER_USER ?? 10 * raw.MAX_API_KEYS_PER_USER,
     dataDir,
     emailsEnabled: raw.EMAIL_BACKEND === 'console' || Boolean(raw.SMTP_HOST && raw.EMAILS_FROM_EMAIL),
   });

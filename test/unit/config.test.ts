@@ -143,6 +143,13 @@ describe('loadSettings refuses bad values, naming the variable', () => {
     }
   });
 
+  it('keeps ten times MAX_API_KEYS_PER_USER keys by default, and refuses a MAX_API_KEYS_KEPT_PER_USER below it', () => {
+    expect(loadSettings({ SECRET_KEY: GOOD_KEY }).MAX_API_KEYS_KEPT_PER_USER).toBe(1_000);
+    expect(loadSettings({ SECRET_KEY: GOOD_KEY, MAX_API_KEYS_PER_USER: '7' }).MAX_API_KEYS_KEPT_PER_USER).toBe(70);
+    expect(loadSettings({ SECRET_KEY: GOOD_KEY, MAX_API_KEYS_PER_USER: '7', MAX_API_KEYS_KEPT_PER_USER: '7' }).MAX_API_KEYS_KEPT_PER_USER).toBe(7);
+    expect(configError({ SECRET_KEY: GOOD_KEY, MAX_API_KEYS_PER_USER: '7', MAX_API_KEYS_KEPT_PER_USER: '6' }).message).toMatch(/^MAX_API_KEYS_KEPT_PER_USER: must be at least MAX_API_KEYS_PER_USER \(7\)/);
+  });
+
   it('refuses a BILLING_SUMMARY_MAX_DAYS shorter than the summary\'s default range (30 days), which would refuse a request naming no range', () => {
     expect(configError({ SECRET_KEY: GOOD_KEY, BILLING_SUMMARY_MAX_DAYS: '7' }).message).toMatch(/^BILLING_SUMMARY_MAX_DAYS: /);
     expect(loadSettings({ SECRET_KEY: GOOD_KEY, BILLING_SUMMARY_MAX_DAYS: '30' }).BILLING_SUMMARY_MAX_DAYS).toBe(30);
