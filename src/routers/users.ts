@@ -13,6 +13,13 @@ const tags = ['users'];
 /** The per-account counter of wrong current passwords, shared by the routes that check one. */
 const CURRENT_PASSWORD_LIMIT = 'password-change-account';
 
+/**
+ * Whose current password the request may check: the signed-in user's. An API key is refused (403)
+ * before any check, so it counts nothing: a leaked key must not spend its owner's tries and lock
+ * them out of changing their password or email.
+ */
+const passwordCheckOf = (request: FastifyRequest) => (request.principal.apiKeyId === null ? request.principal.user.id : null);
+
 /** Whether a PATCH /users/me may check the current password (it carries an email or the password). */
 const checksPassword = (request: FastifyRequest) => bodyField(request, 'email') !== null || bodyField(request, 'current_password') !== null;
 
@@ -82,7 +89,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       // The password check is the same door as the password change's: the same counter, so a token
       // holder gets RATE_LIMIT_LOGIN_PER_ACCOUNT guesses per window over both routes, not twice that.
       // A request with neither email nor current_password checks nothing and counts nothing.
-      preValidation: rateLimit(app, CURRENT_PASSWORD_LIMIT, settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, (req) => (checksPassword(req) ? req.principal.user.id : null), {
+      preValidation: rateLimit(app, CURRENT_PASSWORD_LIMIT, settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, (req) => (checksPassword(req) ? passwordCheckOf(req) : null), {
         failuresOnly: true,
       }),
       onSend: refundOnSuccess,
@@ -107,7 +114,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       onRequest: requireUser,
       // A wrong current password is a failed login by another door: limited per account as login is
       // (RATE_LIMIT_LOGIN_PER_ACCOUNT), so a token holder cannot guess the password here at full speed.
-      preValidation: rateLimit(app, CURRENT_PASSWORD_LIMIT, settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, (req) => req.principal.user.id, { failuresOnly: true }),
+      preValidation: rateLimit(app, CURRENT_PASSWORD_LIMIT, settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, passwordCheckOf, { failuresOnly: true }),
       onSend: refundOnSuccess,
     },
     async (request) => {

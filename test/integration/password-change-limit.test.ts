@@ -8,8 +8,8 @@
 import { expect, it } from 'vitest';
 
 import { useTestApp } from '../helpers/app.js';
-import { createUser } from '../helpers/factories.js';
-import { call } from '../helpers/http.js';
+import { bearer, createUser } from '../helpers/factories.js';
+import { call, createKey } from '../helpers/http.js';
 
 const ctx = useTestApp({ RATE_LIMIT_LOGIN_PER_ACCOUNT: '5', RATE_LIMIT_LOGIN_ACCOUNT_CEILING: '5' });
 
@@ -41,4 +41,16 @@ it('counts wrong current passwords of PATCH /users/me (a change of email) on the
   const limited = await moveEmail('the-real-password');
   expect(limited.statusCode).toBe(429);
   expect(Number(limited.headers['retry-after'])).toBeGreaterThan(0);
+});
+
+it("counts nothing for an API key, which is refused before any check: a leaked key cannot spend its owner's tries", async () => {
+  const user = await createUser(ctx.app, { password: 'the-real-password' });
+  const { key } = await createKey(ctx.app, user, { name: 'leaked' });
+  for (let i = 0; i < 7; i++) {
+    expect((await call(ctx.app, 'PATCH', '/users/me/password', bearer(key), { current_password: `guess-${i}-password`, new_password: 'another-password' })).statusCode).toBe(403);
+    expect((await call(ctx.app, 'PATCH', '/users/me', bearer(key), { email: 'thief@keel.test', current_password: `guess-${i}-password` })).statusCode).toBe(403);
+  }
+  // The owner still has every try.
+  expect((await call(ctx.app, 'PATCH', '/users/me/password', user.headers, { current_password: 'a-wrong-password', new_password: 'another-password' })).statusCode).toBe(400);
+  expect((await call(ctx.app, 'PATCH', '/users/me', user.headers, { email: 'moved@keel.test', current_password: 'the-real-password' })).statusCode).toBe(200);
 });
