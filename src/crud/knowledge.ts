@@ -230,8 +230,6 @@ export async function counts(db: Db, folders: SQL | undefined, entries: SQL | un
   return { folder_count: folderRow?.n ?? 0, entries_by_status: byStatus, size_bytes: bytes, chunk_count: chunks, token_count: tokens };
 }
 
-// ==================== Chunks ====================
-
 // ==================== What the sweeper looks for ====================
 
 /**
@@ -241,10 +239,10 @@ export async function counts(db: Db, folders: SQL | undefined, entries: SQL | un
  */
 export const jobQueuedMark = (markMs: number): SQL => sql`now() + ${markMs} * interval '1 millisecond'`;
 
-/** Drops a pending entry's mark: the job it was set for could not be queued. */
-export async function clearJobQueuedMark(db: Db, entryId: string): Promise<void> {
+/** Drops pending entries' marks: the jobs they were set for could not be queued. */
+export async function clearJobQueuedMarks(db: Db, entryIds: string[]): Promise<void> {
   const e = knowledgeEntries;
-  await db.update(e).set({ lease_expires_at: null, updated_at: sql`${e.updated_at}` }).where(and(eq(e.id, entryId), eq(e.status, 'pending')));
+  await db.update(e).set({ lease_expires_at: null, updated_at: sql`${e.updated_at}` }).where(and(inArray(e.id, entryIds), eq(e.status, 'pending')));
 }
 
 /**
@@ -273,6 +271,8 @@ export function unfinishedWithoutJob(db: Db, pick: { pendingAgeMs: number; markM
     .where(and(inArray(e.id, picked), or(eq(e.status, 'pending'), leaseRunOut)))
     .returning({ id: e.id });
 }
+
+// ==================== Chunks ====================
 
 export async function deleteChunks(db: Db, entryId: string): Promise<void> {
   await db.delete(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entryId));

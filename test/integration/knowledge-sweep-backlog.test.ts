@@ -89,6 +89,16 @@ describe('the ingestion sweep and a backlog', () => {
     await ctx.app.db.update(knowledgeEntries).set({ status: 'ready', lease_token: null, lease_expires_at: null }).where(inArray(knowledgeEntries.id, [dead!, alive!]));
   });
 
+  it('leaves unmarked the entries a sweep could not queue (the queue down), so that the next sweep queues them', async () => {
+    const ids = await leftPending(2);
+    const down: JobQueue = { ...counting().queue, add: () => Promise.reject(new Error('queue down')) };
+    await expect(sweepIngestion(ctx.app.db, down, pick)).rejects.toThrow('queue down');
+    const counted = counting();
+    await sweepIngestion(ctx.app.db, counted.queue, pick);
+    expect(counted.of(ids)).toEqual([1, 1]);
+    await ctx.app.db.update(knowledgeEntries).set({ status: 'ready', lease_expires_at: null }).where(inArray(knowledgeEntries.id, ids));
+  });
+
   it('does not queue an entry an upload has just queued, however long its job waits its turn', async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);

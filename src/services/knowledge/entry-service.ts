@@ -11,7 +11,7 @@ import { knowledgeEntries, type KnowledgeEntry, type KnowledgeFolder, knowledgeF
 import { type KnowledgeEntryListQuery, type KnowledgeEntryUpdate, nameProblem, normalizeName } from '../../schemas/knowledge.js';
 
 import * as billingCrud from '../../crud/billing.js';
-import { clearJobQueuedMark, counts, entryCrud, entryNames, folderCrud, folderPolicy, jobQueuedMark, ownRows, usedBytes, writeUniquelyNamed } from '../../crud/knowledge.js';
+import { clearJobQueuedMarks, counts, entryCrud, entryNames, folderCrud, folderPolicy, jobQueuedMark, ownRows, usedBytes, writeUniquelyNamed } from '../../crud/knowledge.js';
 import { matching } from '../../crud/owned.js';
 import * as userCrud from '../../crud/user.js';
 import { SNIFF_HEAD_BYTES,sniffFormat } from '../../modules/knowledge/sniff.js';
@@ -228,7 +228,7 @@ async function queueIngestion(ctx: ServiceContext, entryId: string): Promise<voi
   await ctx.queue.add('ingest-entry', { entry_id: entryId }).catch(async (error: unknown) => {
     ctx.log.warn({ err: error, entryId }, 'ingestion could not be queued; the sweeper will pick the entry up');
     // No job waits for it: the next sweep may queue it (not only once the mark has passed).
-    await clearJobQueuedMark(ctx.db, entryId).catch(() => undefined);
+    await clearJobQueuedMarks(ctx.db, [entryId]).catch(() => undefined);
   });
 }
 

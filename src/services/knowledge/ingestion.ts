@@ -22,7 +22,7 @@ import type { JobQueue } from '../../core/queue.js';
 
 import { knowledgeChunks, knowledgeEntries,type KnowledgeEntry } from '../../models/index.js';
 
-import { deleteChunks, unfinishedWithoutJob } from '../../crud/knowledge.js';
+import { clearJobQueuedMarks, deleteChunks, unfinishedWithoutJob } from '../../crud/knowledge.js';
 import type { ModelManager } from '../../modules/ai-models/index.js';
 import type { ChunkCutter } from '../../modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
@@ -651,8 +651,16 @@ export interface SweepPick {
  * A duplicate job is harmless (only one can claim the entry), but they piled up: one per sweep.
  */
 export async function sweepIngestion(db: Db, queue: JobQueue, pick: SweepPick): Promise<number> {
-  const stale = await unfinishedWithoutJob(db, { ...pick, limit: SWEEP_BATCH });
-  for (const { id } of stale) await queue.add('ingest-entry', { entry_id: id });
+  const stale = (await unfinishedWithoutJob(db, { ...pick, limit: SWEEP_BATCH })).map((entry) => entry.id);
+  for (const [i, id] of stale.entries()) {
+    try {
+      await queue.add('ingest-entry', { entry_id: id });
+    } catch (error) {
+      // The queue is down: those not queued lose their marks, so the next sweep tries them again.
+      await clearJobQueuedMarks(db, stale.slice(i)).catch(() => undefined);
+      throw error;
+    }
+  }
   return stale.length;
 }
 
