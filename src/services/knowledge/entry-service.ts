@@ -14,7 +14,7 @@ import * as billingCrud from '../../crud/billing.js';
 import { clearJobQueuedMarks, counts, entryCrud, entryNames, folderCrud, folderPolicy, jobQueuedMark, ownRows, usedBytes, writeUniquelyNamed } from '../../crud/knowledge.js';
 import { matching } from '../../crud/owned.js';
 import * as userCrud from '../../crud/user.js';
-import { SNIFF_HEAD_BYTES,sniffFormat } from '../../modules/knowledge/sniff.js';
+import { SNIFF_HEAD_BYTES, sniffFormat } from '../../modules/knowledge/sniff.js';
 import { type DocumentFormat, DocumentRejectedError } from '../../modules/knowledge/types.js';
 import type { ServiceContext } from '../context.js';
 import { loadKeyLimits } from '../key-limits.js';

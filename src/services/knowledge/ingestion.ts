@@ -20,7 +20,7 @@ import { type CredentialsGone, CredentialsGoneError, HttpError, PaymentRequiredE
 import type { Logger } from '../../core/logger.js';
 import type { JobQueue } from '../../core/queue.js';
 
-import { knowledgeChunks, knowledgeEntries,type KnowledgeEntry } from '../../models/index.js';
+import { knowledgeChunks, knowledgeEntries, type KnowledgeEntry } from '../../models/index.js';
 
 import { clearJobQueuedMarks, deleteChunks, unfinishedWithoutJob } from '../../crud/knowledge.js';
 import type { ModelManager } from '../../modules/ai-models/index.js';
