@@ -1,4 +1,4 @@
-import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { type FastifyPluginAsyncZod, validatorCompiler } from 'fastify-type-provider-zod';
 
 import { noteRefusal } from '../core/access-log.js';
@@ -23,6 +23,7 @@ import { CallerAbort, ModelNotFoundError } from '../modules/ai-models/index.js';
 import { isAgentModel } from '../services/agent-completions.js';
 import {
   callContext,
+  CodedOpenAIError,
   completionBody,
   CompletionFrames,
   completionJson,
@@ -95,6 +96,10 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
   const { models } = app;
   const inFlight = new Set<CallerAbort>();
   app.addHook('onRequest', requireUser);
+  // OpenAI's routes take JSON only: the app's text and form parsers (kept for the rest of the API)
+  // read `curl -d` and `text/plain` bodies as a string or a form, which the schema then refused
+  // as "expected object" or "model: missing" instead of naming the content type (415 below).
+  app.removeContentTypeParser(['text/plain', 'application/x-www-form-urlencoded']);
   registerOpenAIErrors(app);
   cutOffAtShutdown(app, inFlight);
   const agents = agentModelRoutes(app);
@@ -213,6 +218,12 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
   );
 };
 
+/** OpenAI's refusal of a body that is not JSON (415, `unsupported_content_type`), naming what was sent. */
+function unsupportedContentType(contentType: string | undefined): CodedOpenAIError {
+  const sent = contentType?.trim() ? `you specified the header 'Content-Type: ${contentType.trim().slice(0, 100)}'` : 'you sent no Content-Type header';
+  return new CodedOpenAIError(415, `Unsupported content type. This API method only accepts 'application/json' requests, but ${sent}. Send the body as JSON with 'Content-Type: application/json'.`, 'unsupported_content_type');
+}
+
 /**
  * Errors under /v1 in OpenAI's shape, unknown URLs and wrong methods included: this context's error
  * handler notes what was thrown and hands it on to the app's handler (which logs it and picks the
@@ -222,7 +233,8 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
  */
 function registerOpenAIErrors(app: FastifyInstance): void {
   app.setErrorHandler((error, request) => {
-    thrownErrors.set(request, error);
+    // The app's handler answers it (and reads the rest of the body); the client is told in OpenAI's words.
+    thrownErrors.set(request, (error as FastifyError).code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE' ? unsupportedContentType(request.headers['content-type']) : error);
     throw error;
   });
   // Unknown URLs and wrong methods under /v1 too: the app's not-found handler throws, this context's error handler notes it.

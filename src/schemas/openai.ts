@@ -29,6 +29,7 @@ export const openAIErrors = {
   403: OpenAIError,
   404: OpenAIError,
   409: OpenAIError,
+  415: OpenAIError,
   429: OpenAIError,
   500: OpenAIError,
   502: OpenAIError,

@@ -736,6 +736,29 @@ describe('embeddings', () => {
 });
 
 describe('authentication and errors', () => {
+  it('answers a body that is not sent as JSON with 415 unsupported_content_type, naming the header (as OpenAI does), and calls no model', async () => {
+    const body = JSON.stringify({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] });
+    const cases: [contentType: string | undefined, says: string][] = [
+      ['text/plain', 'you specified the header \'Content-Type: text/plain\''],
+      ['text/plain; charset=utf-8', 'you specified the header \'Content-Type: text/plain; charset=utf-8\''],
+      // curl -d without -H: the body read as a form made "model: missing".
+      ['application/x-www-form-urlencoded', 'you specified the header \'Content-Type: application/x-www-form-urlencoded\''],
+      [undefined, 'you sent no Content-Type header'],
+    ];
+    for (const [contentType, says] of cases) {
+      const response = await fetch(`${baseURL}/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${client.apiKey}`, ...(contentType ? { 'content-type': contentType } : {}) },
+        body: contentType ? body : new Blob([body]),
+      });
+      expect(response.status, contentType).toBe(415);
+      const answer = (await response.json()) as { error: { message: string } };
+      expect(answer, contentType).toEqual({ error: { message: expect.stringContaining('only accepts \'application/json\' requests') as string, type: 'invalid_request_error', param: null, code: 'unsupported_content_type' } });
+      expect(answer.error.message, contentType).toContain(says);
+    }
+    expect(fake.log).toHaveLength(0);
+  });
+
   it('answers a bad or missing key with 401 invalid_api_key', async () => {
     for (const key of ['keel_not-a-real-key', 'nonsense']) {
       const error = await apiError(clientWith(key).models.list());
