@@ -21,13 +21,19 @@ export interface Principal {
 
 const API_KEY_TOUCH_INTERVAL_MS = 60_000;
 
-/** The credential of a request: a bearer token (JWT or API key) or an `X-API-Key` header. */
+/**
+ * The credential of a request: a bearer token (JWT or API key), else an `X-API-Key` header. An
+ * Authorization header without a bearer credential (empty, `Bearer` alone, another scheme such as a
+ * proxy's `Basic`) names no credential of Keel's, so it does not hide an X-API-Key sent with it (it
+ * did: the key's request was answered 401 as if it had none). A bearer credential is the one
+ * checked, valid or not: a bad one is refused, never passed over for the other header.
+ */
 function credentialOf(request: FastifyRequest): string | null {
   const header = request.headers.authorization;
   if (header !== undefined) {
     const space = header.indexOf(' ');
-    if (space < 0 || header.slice(0, space).toLowerCase() !== 'bearer') return null;
-    return header.slice(space + 1).trim() || null;
+    const token = space < 0 || header.slice(0, space).toLowerCase() !== 'bearer' ? '' : header.slice(space + 1).trim();
+    if (token) return token;
   }
   const apiKey = request.headers['x-api-key'];
   return typeof apiKey === 'string' && apiKey ? apiKey : null;

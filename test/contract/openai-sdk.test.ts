@@ -759,6 +759,16 @@ describe('authentication and errors', () => {
     expect(fake.log).toHaveLength(0);
   });
 
+  it('takes the key from X-API-Key beside an empty Authorization header (clients that always send one)', async () => {
+    const response = await fetch(`${baseURL}/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: '', 'x-api-key': String(client.apiKey), 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] }),
+    });
+    expect(response.status, await response.clone().text()).toBe(200);
+    expect(((await response.json()) as { object: string }).object).toBe('chat.completion');
+  });
+
   it('answers a bad or missing key with 401 invalid_api_key', async () => {
     for (const key of ['keel_not-a-real-key', 'nonsense']) {
       const error = await apiError(clientWith(key).models.list());

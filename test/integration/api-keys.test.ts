@@ -332,6 +332,23 @@ describe('authenticating with a key', () => {
     expect(await statusWith(bearer(key))).toBe(200);
   });
 
+  it('reads X-API-Key beside an Authorization header that holds no bearer credential, and never in place of a bad one', async () => {
+    const alice = await createUser(ctx.app);
+    const { key } = await createKey(ctx.app, alice);
+    // Empty (clients that always set the header), a bare scheme, or a proxy's own Basic credential: the key is the credential.
+    for (const authorization of ['', ' ', 'Bearer', 'Bearer ', 'Basic dXNlcjpwYXNz']) {
+      const response = await api('GET', '/users/me', { authorization, ...xApiKey(key) });
+      expect(response.statusCode, JSON.stringify(authorization)).toBe(200);
+      expect(response.json<UserBody>().id).toBe(alice.user.id);
+    }
+    // A bearer credential is the one checked: a bad one is refused, not passed over for the key.
+    const bad = await api('GET', '/users/me', { ...bearer('keel_forged'), ...xApiKey(key) });
+    expect(bad.statusCode).toBe(401);
+    expect(bad.json()).toEqual(INVALID);
+    // Neither header with a credential: 401, as without any.
+    expect((await api('GET', '/users/me', { authorization: '', 'x-api-key': '' })).statusCode).toBe(401);
+  });
+
   it('refuses the key of a deactivated user with 401', async () => {
     const admin = await createUser(ctx.app, { superuser: true });
     const alice = await createUser(ctx.app);
