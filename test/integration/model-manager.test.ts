@@ -438,6 +438,33 @@ describe('ModelManager.chat', () => {
     expect(fake.server.log).toHaveLength(0);
   });
 
+  it('refuses an image for a built-in model without vision (400 at the image, as OpenAI does), passes it to one with vision and to a custom model, whose capability is the operator\'s to know, and skips a fallback without vision', async () => {
+    const image = { type: 'image' as const, image: 'data:image/png;base64,iVBORw0KGgo=' };
+    const withImage = [{ role: 'user' as const, content: 'Hello' }, { role: 'user' as const, content: [{ type: 'text' as const, text: 'What is this?' }, image] }];
+    const openai = manager({}, { OPENAI_API_KEY: 'sk-test' });
+    expect(builtins.find((m) => m.id === 'o3-mini')?.capabilities).not.toContain('vision');
+    for (const refused of [await failureOf(openai.chat({ model: 'o3-mini', messages: withImage })), await streamFailure(openai.stream({ model: 'o3-mini', messages: withImage }))]) {
+      expect(refused).toBeInstanceOf(ModelValueError);
+      expect(refused).toMatchObject({ statusCode: 400, param: 'messages[1].content[1].type' });
+      expect((refused as Error).message).toContain('does not take image input');
+    }
+    // Text alone still goes to it.
+    fake.server.script('o3-mini', { text: 'ok' });
+    await openai.chat({ model: 'o3-mini', messages: hello });
+    expect(fake.server.log.map((r) => r.model)).toEqual(['o3-mini']);
+    fake.server.reset();
+    // gpt-4.1-mini reads images; fake-chat (custom, capabilities chat and tools) is not known not to.
+    await openai.chat({ model: 'gpt-4.1-mini', messages: withImage });
+    await openai.chat({ model: 'fake-chat', messages: withImage });
+    expect(fake.server.log.map((r) => r.model)).toEqual(['gpt-4.1-mini', 'fake-chat']);
+    // A fallback without vision does not take an image call: the primary's failure is the call's.
+    fake.server.reset();
+    const falling = fakeModelManager(fake.server, { builtins, models: [{ ...CUSTOM_MODELS[0]!, fallbacks: ['o3-mini'] }], records: fake.records, openaiKey: 'sk-test', overrides: { maxRetries: 0 } });
+    fake.server.script('fake-chat', { status: 500 });
+    expect(await failureOf(falling.chat({ model: 'fake-chat', messages: withImage }))).toBeInstanceOf(UpstreamError);
+    expect(fake.server.log.map((r) => r.model)).toEqual(['fake-chat']);
+  });
+
   it('lists models with availability; disabled ones only when asked', () => {
     const m = manager({ catalog: new ModelCatalog(builtins, [...CUSTOM_MODELS, { id: 'fake-backup', enabled: false }]) });
     expect(m.listAvailableModels().map((x) => x.id)).not.toContain('fake-backup');

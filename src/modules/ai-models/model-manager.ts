@@ -46,6 +46,7 @@ import { HttpError } from '../../core/errors.js';
 import { AsyncQueue } from '../../utils/async-queue.js';
 import { CallerAbort, type CallerSignal } from './abort.js';
 import { answeredOn, answerOfAtMost, embeddingsAnswerLimit, logprobsAllowance, logprobsTooLong, logprobsWeight, STREAM_ANSWER } from './answer-limit.js';
+import { isBuiltinModel } from './builtin-ids.js';
 import type { ModelCatalog } from './catalog.js';
 import { chargeableUsage, computeCost, estimateCost } from './cost.js';
 import { CallDownloads, type DownloadLimits } from './downloads.js';
@@ -435,6 +436,24 @@ function mediaAllowance(messages: ModelMessage[] | undefined): number {
     }
   }
   return tokens;
+}
+
+/**
+ * Whether `model` is known not to read images: a built-in model (the catalog data's, or as a
+ * superuser changed it) without `vision`. A custom model's capabilities are the operator's, who may
+ * not have said (the default is `chat` alone): its images are sent, for its server to take or refuse.
+ */
+const withoutVision = (model: ModelInfo): boolean => !model.capabilities.includes('vision') && isBuiltinModel(model.id);
+
+/** Where a prompt's first image is, as OpenAI names it in its refusal (`messages[1].content[0].type`); undefined without one. */
+function firstImageAt(messages: readonly ModelMessage[]): string | undefined {
+  for (let index = 0; index < messages.length; index++) {
+    const { role, content } = messages[index]!;
+    if (role !== 'user' || typeof content === 'string') continue;
+    const part = content.findIndex((p) => p.type === 'image' || (p.type === 'file' && p.mediaType.startsWith('image/')));
+    if (part >= 0) return `messages[${index}].content[${part}].type`;
+  }
+  return undefined;
 }
 
 /**
@@ -2332,7 +2351,8 @@ export class ModelManager {
 
   /**
    * Why `model` cannot take the call as it is, refused before anything is held or sent (a fallback
-   * that cannot is skipped): an option its provider would not hear (unheardOption), a conversation
+   * that cannot is skipped): an option its provider would not hear (unheardOption), an image for a
+   * model known not to read one (withoutVision: OpenAI's 400 for such a model), a conversation
    * an Anthropic or Google model has nothing to answer in (answerable), one whose blank last message
    * left out would leave an assistant message to continue (blankAfterAssistant), or what else Google
    * refuses (untakenByGoogle); blank as the provider reads it (BLANK). OpenAI takes them all, so
@@ -2344,6 +2364,8 @@ export class ModelManager {
     if (unheard) return new ModelOptionError(model.id, unheard.option, unheard.reason);
     const { messages } = request;
     if (messages === undefined) return undefined;
+    const image = withoutVision(model) ? firstImageAt(messages) : undefined;
+    if (image !== undefined) return new ModelValueError(model.id, image, 'it does not take image input (its catalog entry has no `vision` capability)');
     const kind = this.options.providers.kind(model.provider);
     if (!ownApi(kind)) return undefined;
     const blank = BLANK[kind];
