@@ -130,9 +130,30 @@ export const MAX_TOOLS = 128;
  */
 export const MAX_MESSAGE_PARTS = 4 * MAX_MESSAGES;
 
+/**
+ * How deep a client's free-form JSON (a tool's parameters, a response schema, a tool call's
+ * arguments) may nest: past any real schema (each level of a JSON Schema object is two), far short
+ * of what would exhaust the call stack of the code that serializes it on the way upstream.
+ */
+export const MAX_JSON_DEPTH = 64;
+
+/** OpenAI's limits on a request's `metadata`: 16 pairs, keys of at most 64 characters, values of at most 512. */
+export const MAX_METADATA_PAIRS = 16;
+/** OpenAI's limit on a `logit_bias`'s tokens (its 400 past 300): each is a line of the provider's sampler. */
+export const MAX_LOGIT_BIAS_TOKENS = 300;
+/**
+ * JSON values (every object, array, string, number... at any depth) in all of a request's free-form
+ * JSON Schemas together (the tools' `parameters`, `response_format.json_schema.schema`): each is
+ * walked for its depth, estimated and serialized upstream. OpenAI states a size only for strict
+ * schemas (5,000 properties, a few values each); 128 such tools still fit.
+ */
+export const MAX_SCHEMA_VALUES = 100_000;
 const TOO_MANY_MESSAGES = `At most ${MAX_MESSAGES} messages in a request`;
 const TOO_MANY_TOOLS = `At most ${MAX_TOOLS} tools in a request`;
 const TOO_MANY_PARTS = `At most ${MAX_MESSAGE_PARTS} content parts and tool calls in a request, all messages together`;
+const TOO_MANY_BIASES = `At most ${MAX_LOGIT_BIAS_TOKENS} tokens`;
+const TOO_MANY_PAIRS = `At most ${MAX_METADATA_PAIRS} pairs`;
+const TOO_MANY_SCHEMA_VALUES = `At most ${MAX_SCHEMA_VALUES} values in the tools' parameters and the response format's schema, all together`;
 
 /** A bound a request passes: where, and the most it takes. */
 export interface BoundsIssue {
@@ -161,18 +182,55 @@ function partsIssue(messages: readonly unknown[], prediction: unknown): BoundsIs
 }
 
 /**
- * The first bound (MAX_TOOLS, MAX_MESSAGES, MAX_MESSAGE_PARTS) a chat request's body passes, by
+ * The values of a free-form schema, counted into `budget` (what is left of MAX_SCHEMA_VALUES):
+ * what remains after it, below 0 once the budget is spent (the walk stops there). Not below
+ * MAX_JSON_DEPTH levels, which the schema refuses anyway (FreeFormObject).
+ */
+function schemaValuesLeft(value: unknown, budget: number, depth = 0): number {
+  budget -= 1;
+  if (budget < 0 || value === null || typeof value !== 'object' || depth >= MAX_JSON_DEPTH) return budget;
+  if (Array.isArray(value)) {
+    for (const item of value) if ((budget = schemaValuesLeft(item, budget, depth + 1)) < 0) return budget;
+    return budget;
+  }
+  for (const key in value) if ((budget = schemaValuesLeft((value as Record<string, unknown>)[key], budget, depth + 1)) < 0) return budget;
+  return budget;
+}
+
+/** Where a request's free-form schemas pass MAX_SCHEMA_VALUES, all together: the schema that takes the count past it. */
+function schemaValuesIssue(tools: unknown, responseFormat: unknown): BoundsIssue | undefined {
+  let budget = MAX_SCHEMA_VALUES;
+  const issue = (path: (string | number)[]): BoundsIssue => ({ path, maximum: MAX_SCHEMA_VALUES, message: TOO_MANY_SCHEMA_VALUES });
+  if (Array.isArray(tools)) {
+    for (let index = 0; index < tools.length; index++) {
+      const parameters = (tools[index] as { function?: { parameters?: unknown } } | null)?.function?.parameters;
+      if (parameters !== undefined && (budget = schemaValuesLeft(parameters, budget)) < 0) return issue(['tools', index, 'function', 'parameters']);
+    }
+  }
+  const schema = (responseFormat as { json_schema?: { schema?: unknown } } | null)?.json_schema?.schema;
+  if (schema !== undefined && schemaValuesLeft(schema, budget) < 0) return issue(['response_format', 'json_schema', 'schema']);
+  return undefined;
+}
+
+/** Whether a plain object has more than `max` keys. */
+const moreKeysThan = (value: unknown, max: number): boolean => isRecord(value) && Object.keys(value).length > max;
+
+/**
+ * The first bound (MAX_TOOLS, MAX_LOGIT_BIAS_TOKENS, MAX_METADATA_PAIRS, MAX_MESSAGES,
+ * MAX_MESSAGE_PARTS, MAX_SCHEMA_VALUES) a chat request's body passes, by
  * counting alone: the route checks it before the body is parsed by hand or by Zod, whose parse of
  * every message came before its own array checks. What it finds is what the schema refuses, at
  * the same path and in the same words, and in the order Zod reports them.
  */
 export function chatRequestBoundsIssue(data: unknown): BoundsIssue | undefined {
   if (typeof data !== 'object' || data === null) return undefined;
-  const { model, messages, tools, prediction } = data as { model?: unknown; messages?: unknown; tools?: unknown; prediction?: unknown };
-  // Tools first: Zod's array check of them comes before the schema's refinement, which counts the rest.
+  const { model, messages, tools, prediction, logit_bias: bias, metadata, response_format: responseFormat } = data as Record<string, unknown>;
+  // The fields' own checks first (tools, logit_bias, metadata: Zod's, in the schema's order), then its refinement's counts.
   if (Array.isArray(tools) && tools.length > MAX_TOOLS) return { path: ['tools'], maximum: MAX_TOOLS, message: TOO_MANY_TOOLS };
+  if (moreKeysThan(bias, MAX_LOGIT_BIAS_TOKENS)) return { path: ['logit_bias'], maximum: MAX_LOGIT_BIAS_TOKENS, message: TOO_MANY_BIASES };
+  if (moreKeysThan(metadata, MAX_METADATA_PAIRS)) return { path: ['metadata'], maximum: MAX_METADATA_PAIRS, message: TOO_MANY_PAIRS };
   if (Array.isArray(messages) && messages.length > MAX_MESSAGES && boundedModel(model)) return { path: ['messages'], maximum: MAX_MESSAGES, message: TOO_MANY_MESSAGES };
-  return partsIssue(Array.isArray(messages) ? messages : [], prediction);
+  return partsIssue(Array.isArray(messages) ? messages : [], prediction) ?? schemaValuesIssue(tools, responseFormat);
 }
 
 /** A bound passed, as the schema's own array check reports it. */
@@ -188,12 +246,6 @@ export const ChatRequestBounds = z.unknown().superRefine((data, ctx) => {
 export const ChatMessage = z.discriminatedUnion('role', [SystemMessage, UserMessage, AssistantMessage, ToolMessage]);
 export type ChatMessage = z.infer<typeof ChatMessage>;
 
-/**
- * How deep a client's free-form JSON (a tool's parameters, a response schema, a tool call's
- * arguments) may nest: past any real schema (each level of a JSON Schema object is two), far short
- * of what would exhaust the call stack of the code that serializes it on the way upstream.
- */
-export const MAX_JSON_DEPTH = 64;
 
 /** A JSON object of the client's (a JSON Schema), at most MAX_JSON_DEPTH levels deep. */
 const FreeFormObject = z.record(z.string(), z.unknown()).refine((value) => nestsWithin(value, MAX_JSON_DEPTH), { error: `Nested deeper than ${MAX_JSON_DEPTH} levels` });
@@ -227,10 +279,6 @@ const ResponseFormat = z.discriminatedUnion('type', [
   }),
 ]);
 
-/** OpenAI's limit on a request's `metadata` pairs. */
-const MAX_METADATA_PAIRS = 16;
-/** A `logit_bias`'s most tokens: each is a line of the provider's sampler, and the body's limit alone would let through a million. */
-const MAX_LOGIT_BIAS_TOKENS = 1024;
 
 const MaxTokens = z.number().int().min(1).max(10_000_000).nullish();
 
@@ -308,7 +356,7 @@ export const ChatCompletionRequest = z
     top_logprobs: z.number().int().min(0).max(20).nullish().describe('With `logprobs: true`: the likeliest tokens at each place, this many.'),
     logit_bias: z
       .record(z.string().regex(/^\d{1,10}$/, { error: 'A key is a token id' }), z.number().min(-100).max(100))
-      .refine((bias) => Object.keys(bias).length <= MAX_LOGIT_BIAS_TOKENS, { error: `At most ${MAX_LOGIT_BIAS_TOKENS} tokens` })
+      .refine((bias) => Object.keys(bias).length <= MAX_LOGIT_BIAS_TOKENS, { error: TOO_MANY_BIASES })
       .transform(canonicalTokenIds)
       .nullish()
       .describe(`Token id → bias (-100 to 100), at most ${MAX_LOGIT_BIAS_TOKENS} tokens, for models of OpenAI and OpenAI-compatible providers; 400 for others. Ids are sent in their integer form (\`"007"\` as \`"7"\`); two keys naming one id are 400.`),
@@ -334,14 +382,16 @@ export const ChatCompletionRequest = z
     function_call: z.null({ error: 'The deprecated `function_call` is not served: send `tool_choice`' }).optional(),
     metadata: z
       .record(z.string().max(64), z.string().max(512))
-      .refine((pairs) => Object.keys(pairs).length <= MAX_METADATA_PAIRS, { error: `At most ${MAX_METADATA_PAIRS} pairs` })
+      .refine((pairs) => Object.keys(pairs).length <= MAX_METADATA_PAIRS, { error: TOO_MANY_PAIRS })
       .nullish()
-      .describe(`OpenAI's string pairs (at most ${MAX_METADATA_PAIRS}); not sent to providers (OpenAI keeps it only with a stored completion, and \`store\` is ignored). For an \`agent:<id>\` model, \`thread_id\` names the thread to run on (default: a new one).`),
+      .describe(`OpenAI's string pairs (at most ${MAX_METADATA_PAIRS}, keys of at most 64 characters, values of at most 512); not sent to providers (OpenAI keeps it only with a stored completion, and \`store\` is ignored). For an \`agent:<id>\` model, \`thread_id\` names the thread to run on (default: a new one).`),
   })
-  .superRefine(({ model, messages, prediction, stream, stream_options: streamOptions, tools, tool_choice: choice, logprobs, top_logprobs: top }, ctx) => {
+  .superRefine(({ model, messages, prediction, stream, stream_options: streamOptions, tools, tool_choice: choice, logprobs, top_logprobs: top, response_format: responseFormat }, ctx) => {
     if (messages.length > MAX_MESSAGES && boundedModel(model)) addBoundsIssue(ctx, { path: ['messages'], maximum: MAX_MESSAGES, message: TOO_MANY_MESSAGES });
     const parts = partsIssue(messages, prediction);
     if (parts) addBoundsIssue(ctx, parts);
+    const schemaValues = schemaValuesIssue(tools, responseFormat);
+    if (schemaValues) addBoundsIssue(ctx, schemaValues);
     // As OpenAI refuses it: options of a stream on an answer that is not streamed (the client asked
     // for a usage chunk it would never get). Null is no options: clients send it for an unset field.
     if (streamOptions !== null && streamOptions !== undefined && stream !== true) ctx.addIssue({ code: 'custom', path: ['stream_options'], message: STREAM_OPTIONS_WITHOUT_STREAM });

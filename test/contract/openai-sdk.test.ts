@@ -498,6 +498,11 @@ describe('chat completions', () => {
     const text = { type: 'text' as const, text: 'x' };
     const tool = (i: number) => ({ type: 'function' as const, function: { name: `f${i}` } });
     const call = (i: number) => ({ id: `call_${i}`, type: 'function' as const, function: { name: 'f0', arguments: '{}' } });
+    /** A tool whose parameters hold 2 × properties + 3 values (an object, its type and properties; each property an object and its type). */
+    const schemaTool = (i: number, properties: number) => ({
+      type: 'function' as const,
+      function: { name: `s${i}`, parameters: { type: 'object', properties: Object.fromEntries(Array.from({ length: properties }, (_, p) => [`p${p}`, { type: 'string' }])) } },
+    });
     const refusals: [OpenAI.ChatCompletionCreateParamsNonStreaming, string, string][] = [
       [{ model: 'fake-chat', messages: Array.from({ length: 2049 }, () => user) }, 'messages', 'At most 2048 messages'],
       // Counted before anything else reads the body: the first message's role is no role at all.
@@ -509,6 +514,11 @@ describe('chat completions', () => {
       [{ model: 'fake-chat', messages: [user], prediction: { type: 'content', content: Array.from({ length: 8193 }, () => text) } }, 'prediction.content', 'At most 8192'],
       // No parts is no message: OpenAI refuses it too.
       [{ model: 'fake-chat', messages: [{ role: 'user', content: [] }] }, 'messages[0].content', ''],
+      // OpenAI's own bounds: 300 token biases, 16 metadata pairs.
+      [{ model: 'fake-chat', messages: [user], logit_bias: Object.fromEntries(Array.from({ length: 301 }, (_, i) => [String(i), 1])) }, 'logit_bias', 'At most 300 tokens'],
+      [{ model: 'fake-chat', messages: [user], metadata: Object.fromEntries(Array.from({ length: 17 }, (_, i) => [`k${i}`, 'v'])) }, 'metadata', 'At most 16 pairs'],
+      // The tools' and response format's schemas, 100,000 values in all: the second tool's takes the count past it.
+      [{ model: 'fake-chat', messages: [user], tools: [schemaTool(0, 25_000), schemaTool(1, 25_000)] }, 'tools[1].function.parameters', 'At most 100000 values in the tools\' parameters and the response format\'s schema'],
     ];
     for (const [body, param, words] of refusals) {
       const refused = await apiError(client.chat.completions.create(body));
@@ -525,6 +535,12 @@ describe('chat completions', () => {
     expect((messages!.messages as unknown[]).length).toBe(2048);
     expect((tools!.tools as unknown[]).length).toBe(128);
     expect(((parts!.messages as { content: unknown[] }[])[0]!.content).length).toBe(8192);
+    // 300 biases, 16 pairs and schemas of 100,000 values in all go on.
+    fake.reset();
+    const biases = Object.fromEntries(Array.from({ length: 300 }, (_, i) => [String(i), 1]));
+    await client.chat.completions.create({ model: 'fake-chat', messages: [user], logit_bias: biases, metadata: Object.fromEntries(Array.from({ length: 16 }, (_, i) => [`k${i}`, 'v'])), tools: [schemaTool(0, 24_998), schemaTool(1, 24_999)] });
+    expect(fake.log[0]!.body).toMatchObject({ logit_bias: biases });
+    expect((fake.log[0]!.body.tools as unknown[]).length).toBe(2);
   });
 
   it('joins a system, developer or tool message\'s text parts a line apart, over the wire and through the SDK (a user message\'s go on as parts)', async () => {

@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 
-import { ChatCompletionRequest, ChatRequestBounds, chatRequestBoundsIssue, MAX_MESSAGE_PARTS, MAX_MESSAGES, MAX_TOOLS, simpleChatRequest } from '../../src/schemas/openai.js';
+import { ChatCompletionRequest, ChatRequestBounds, chatRequestBoundsIssue, MAX_LOGIT_BIAS_TOKENS, MAX_MESSAGE_PARTS, MAX_MESSAGES, MAX_METADATA_PAIRS, MAX_SCHEMA_VALUES, MAX_TOOLS, simpleChatRequest } from '../../src/schemas/openai.js';
 
 const user = { role: 'user', content: 'Hello' };
 const taken = [
@@ -120,6 +120,10 @@ describe('chatRequestBoundsIssue', () => {
   const call = { id: 'c', type: 'function', function: { name: 'f', arguments: '{}' } };
   const tools = (n: number) => Array.from({ length: n }, (_, i) => ({ type: 'function', function: { name: `f${i}` } }));
   const partsOf = (n: number) => Array.from({ length: n }, () => text);
+  /** A JSON Schema of about `values` values: an object, its `type` and `properties`, two for each property. */
+  const schemaOf = (values: number) => ({ type: 'object', properties: Object.fromEntries(Array.from({ length: Math.floor(values / 2) }, (_, i) => [`p${i}`, { type: 'string' }])) });
+  const schemaTool = (i: number, values: number) => ({ type: 'function', function: { name: `f${i}`, parameters: schemaOf(values) } });
+  const keys = (n: number, value: unknown) => Object.fromEntries(Array.from({ length: n }, (_, i) => [String(i), value]));
   const past: [body: Record<string, unknown>, path: (string | number)[]][] = [
     [{ model: 'm', messages: Array.from({ length: MAX_MESSAGES + 1 }, () => user) }, ['messages']],
     [{ model: 'm', messages: [user], tools: tools(MAX_TOOLS + 1) }, ['tools']],
@@ -127,6 +131,9 @@ describe('chatRequestBoundsIssue', () => {
     [{ model: 'm', messages: [{ role: 'system', content: partsOf(MAX_MESSAGE_PARTS) }, { role: 'user', content: [text] }] }, ['messages', 1, 'content']],
     [{ model: 'm', tools: tools(1), messages: [{ role: 'user', content: partsOf(MAX_MESSAGE_PARTS) }, { role: 'assistant', content: null, tool_calls: [call] }] }, ['messages', 1, 'tool_calls']],
     [{ model: 'm', messages: [{ role: 'user', content: partsOf(MAX_MESSAGE_PARTS) }], prediction: { type: 'content', content: [text] } }, ['prediction', 'content']],
+    // The schemas' values all together: the second tool's takes the count past it.
+    [{ model: 'm', messages: [user], tools: [schemaTool(0, MAX_SCHEMA_VALUES / 2), schemaTool(1, MAX_SCHEMA_VALUES / 2)] }, ['tools', 1, 'function', 'parameters']],
+    [{ model: 'm', messages: [user], tools: [schemaTool(0, MAX_SCHEMA_VALUES / 2)], response_format: { type: 'json_schema', json_schema: { name: 'r', schema: schemaOf(MAX_SCHEMA_VALUES / 2) } } }, ['response_format', 'json_schema', 'schema']],
   ];
 
   it.each(past.map(([body, path]) => [path.join('.'), body] as const))('finds the bound passed at %s, where and as Zod refuses it (the route\'s bounds schema too)', (_, body) => {
@@ -138,10 +145,25 @@ describe('chatRequestBoundsIssue', () => {
     expect(simpleChatRequest(body)).toBeUndefined();
   });
 
+  it('finds logit_bias past OpenAI\'s 300 tokens and metadata past its 16 pairs, where and in the words Zod refuses them', () => {
+    for (const [body, path, message] of [
+      [{ model: 'm', messages: [user], logit_bias: keys(MAX_LOGIT_BIAS_TOKENS + 1, 1) }, ['logit_bias'], 'At most 300 tokens'],
+      [{ model: 'm', messages: [user], metadata: keys(MAX_METADATA_PAIRS + 1, 'v') }, ['metadata'], 'At most 16 pairs'],
+    ] as const) {
+      expect(chatRequestBoundsIssue(body)).toMatchObject({ path, message });
+      expect(ChatCompletionRequest.safeParse(body).error?.issues).toEqual([expect.objectContaining({ path, message })]);
+      expect(ChatRequestBounds.safeParse(body).error?.issues).toEqual([expect.objectContaining({ path, message })]);
+    }
+  });
+
   it('finds none at the bounds, nor in what is no request; Zod takes a body at them', () => {
     const at = { model: 'm', tools: tools(MAX_TOOLS), messages: [...Array.from({ length: MAX_MESSAGES - 2 }, () => user), { role: 'user', content: partsOf(MAX_MESSAGE_PARTS - 1) }, { role: 'assistant', content: null, tool_calls: [call] }] };
     expect(chatRequestBoundsIssue(at)).toBeUndefined();
     expect(ChatCompletionRequest.safeParse(at).success).toBe(true);
+    // 300 token biases, 16 pairs, schemas of 100,000 values in all (an object, its type and properties, then two a property).
+    const fields = { model: 'm', messages: [user], logit_bias: keys(MAX_LOGIT_BIAS_TOKENS, 1), metadata: keys(MAX_METADATA_PAIRS, 'v'), tools: [schemaTool(0, MAX_SCHEMA_VALUES / 2 - 4)], response_format: { type: 'json_schema', json_schema: { name: 'r', schema: schemaOf(MAX_SCHEMA_VALUES / 2 - 2) } } };
+    expect(chatRequestBoundsIssue(fields)).toBeUndefined();
+    expect(ChatCompletionRequest.safeParse(fields).success).toBe(true);
     for (const data of [null, 'x', [], {}, { messages: 'x', tools: 3 }, { messages: [null, 1, { content: 'x' }] }]) expect(chatRequestBoundsIssue(data)).toBeUndefined();
   });
 
