@@ -1,4 +1,4 @@
-import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyBodyParser, FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { type FastifyPluginAsyncZod, validatorCompiler } from 'fastify-type-provider-zod';
 
 import { noteRefusal } from '../core/access-log.js';
@@ -12,10 +12,14 @@ import {
   chatRequestBoundsIssue,
   EmbeddingList,
   EmbeddingRequest,
+  MAX_BODY_DEPTH,
+  MAX_BODY_VALUES,
+  MAX_JSON_DEPTH,
   openAIErrors,
   OpenAIModel,
   OpenAIModelList,
   OpenAIModelParams,
+  SHAPE_CHECKED_FROM_BYTES,
   simpleChatRequest,
 } from '../schemas/openai.js';
 
@@ -28,13 +32,16 @@ import {
   CompletionFrames,
   completionJson,
   embeddingsAnswer,
+  InvalidRequestError,
   modelObject,
   openAIErrorFrom,
   openStream,
+  paramOf,
   toChatRequest,
   toEmbedRequest,
 } from '../services/openai-gateway.js';
 import { requireUser } from '../utils/authentication.js';
+import { jsonShapeIssue } from '../utils/json-shape.js';
 import { agentModelRoutes } from './openai-agents.js';
 
 /** Where the OpenAI-compatible surface lives: clients set `baseURL` to `<keel>/v1`. */
@@ -99,7 +106,9 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
   // OpenAI's routes take JSON only: the app's text and form parsers (kept for the rest of the API)
   // read `curl -d` and `text/plain` bodies as a string or a form, which the schema then refused
   // as "expected object" or "model: missing" instead of naming the content type (415 below).
-  app.removeContentTypeParser(['text/plain', 'application/x-www-form-urlencoded']);
+  // JSON is read as the app reads it, its shape first (shapeCheckedJson).
+  app.removeContentTypeParser(['text/plain', 'application/x-www-form-urlencoded', 'application/json']);
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, shapeCheckedJson(app));
   registerOpenAIErrors(app);
   cutOffAtShutdown(app, inFlight);
   const agents = agentModelRoutes(app);
@@ -217,6 +226,39 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
     },
   );
 };
+
+/**
+ * The app's JSON parser (an empty body is none; `__proto__` and `constructor` keys refused) for a
+ * body whose shape is read first when it is long enough for its parse to cost (utils/json-shape.ts):
+ * one nesting past MAX_BODY_DEPTH or holding more than MAX_BODY_VALUES values is a 400 naming the
+ * bound and where it was passed, before JSON.parse spends seconds of the event loop on it. A
+ * compressed body is left to the parse, whose failure says to send it uncompressed (415).
+ */
+function shapeCheckedJson(app: FastifyInstance): FastifyBodyParser<string> {
+  const parseJson = app.getDefaultJsonParser('error', 'error');
+  return (request: FastifyRequest, text: string, done: (error: Error | null, body?: unknown) => void) => {
+    if (text === '') return done(null, undefined);
+    const encoding = request.headers['content-encoding']?.trim().toLowerCase();
+    const issue = text.length > SHAPE_CHECKED_FROM_BYTES && (!encoding || encoding === 'identity') ? jsonShapeIssue(text, MAX_BODY_DEPTH, MAX_BODY_VALUES) : undefined;
+    if (!issue) return parseJson(request, text, done);
+    if (issue.kind === 'depth') {
+      const message = `The request body nests deeper than ${MAX_BODY_DEPTH} levels of arrays and objects; a JSON Schema (a tool's parameters, a response format's schema) nests no deeper than ${MAX_JSON_DEPTH} levels`;
+      return done(new InvalidRequestError(message, paramOf(['body', ...deepField(issue.path)])), undefined);
+    }
+    return done(new InvalidRequestError(`The request body holds more than ${MAX_BODY_VALUES} JSON values (array items and object members, at any depth): no request of this API needs as many`, paramOf(['body', ...issue.path.slice(0, 1)])), undefined);
+  };
+}
+
+/**
+ * The field a body nested too deeply is refused at: a schema where the schema's own check names it
+ * (`tools[0].function.parameters`, `response_format.json_schema.schema`), else the first four steps
+ * of the path (`metadata.a[0][0]`), not every level down to the bound.
+ */
+function deepField(path: readonly (string | number)[]): readonly (string | number)[] {
+  if (path[0] === 'tools' && path[2] === 'function' && path[3] === 'parameters') return path.slice(0, 4);
+  if (path[0] === 'response_format' && path[1] === 'json_schema' && path[2] === 'schema') return path.slice(0, 3);
+  return path.slice(0, 4);
+}
 
 /** OpenAI's refusal of a body that is not JSON (415, `unsupported_content_type`), naming what was sent. */
 function unsupportedContentType(contentType: string | undefined): CodedOpenAIError {

@@ -148,6 +148,16 @@ export const MAX_LOGIT_BIAS_TOKENS = 300;
  * schemas (5,000 properties, a few values each); 128 such tools still fit.
  */
 export const MAX_SCHEMA_VALUES = 100_000;
+/**
+ * The nesting and the values a /v1 body may have, read before it is parsed (utils/json-shape.ts,
+ * routers/openai.ts), past the bounds above with room: a schema's MAX_JSON_DEPTH levels below the
+ * request's own four; MAX_SCHEMA_VALUES, the messages' and parts' few values each, and the rest.
+ */
+export const MAX_BODY_DEPTH = 72;
+export const MAX_BODY_VALUES = 250_000;
+/** Bodies this long or shorter are parsed without their shape read first: their parse costs a few milliseconds at most. */
+export const SHAPE_CHECKED_FROM_BYTES = 64 * 1024;
+
 const TOO_MANY_MESSAGES = `At most ${MAX_MESSAGES} messages in a request`;
 const TOO_MANY_TOOLS = `At most ${MAX_TOOLS} tools in a request`;
 const TOO_MANY_PARTS = `At most ${MAX_MESSAGE_PARTS} content parts and tool calls in a request, all messages together`;

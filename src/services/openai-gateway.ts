@@ -856,7 +856,7 @@ export function openAIUnreadableUrl(url: string, status: 400 | 414): Described {
 }
 
 /** A validation issue's location as OpenAI writes a param: `messages[0].content`. */
-function paramOf(loc: readonly (string | number)[]): string | null {
+export function paramOf(loc: readonly (string | number)[]): string | null {
   const path = loc.slice(1);
   if (!path.length) return null;
   return path.map((part, i) => (typeof part === 'number' || /^\d+$/.test(part) ? `[${part}]` : i === 0 ? part : `.${part}`)).join('');

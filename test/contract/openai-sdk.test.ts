@@ -543,6 +543,39 @@ describe('chat completions', () => {
     expect((fake.log[0]!.body.tools as unknown[]).length).toBe(2);
   });
 
+  it('refuses a body past 64 KiB that nests deeper than 72 levels or holds more than 250,000 values with 400 naming the bound and the field, before parsing it; large bodies of real shape go on', async () => {
+    const nested = (depth: number) => '['.repeat(depth) + ']'.repeat(depth);
+    const messages = '"messages":[{"role":"user","content":"Hi"}]';
+    const send = (body: string) => fetch(`${baseURL}/chat/completions`, { method: 'POST', headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' }, body });
+    const deep = nested(100_000);
+    const refusals: [body: string, param: string, words: string][] = [
+      [`{"model":"fake-chat",${messages},"metadata":{"a":${deep}}}`, 'metadata.a[0][0]', 'nests deeper than 72 levels'],
+      [`{"model":"fake-chat",${messages},"tools":[{"type":"function","function":{"name":"f","parameters":{"a":${deep}}}}]}`, 'tools[0].function.parameters', 'nests deeper than 72 levels'],
+      [`{"model":"fake-chat",${messages},"response_format":{"type":"json_schema","json_schema":{"name":"r","schema":{"a":${deep}}}}}`, 'response_format.json_schema.schema', 'nests deeper than 72 levels'],
+      // A field the gateway ignores is parsed all the same.
+      [`{"model":"fake-chat",${messages},"extra":${deep}}`, 'extra[0][0][0]', 'nests deeper than 72 levels'],
+      [`{"model":"fake-chat","messages":[{"role":"user","content":${deep}}]}`, 'messages[0].content[0]', 'nests deeper than 72 levels'],
+      [`{"model":"fake-chat",${messages},"extra":[${'[],'.repeat(300_000)}[]]}`, 'extra', 'more than 250000 JSON values'],
+      [`{"model":"fake-chat",${messages},"logit_bias":{${Array.from({ length: 300_000 }, (_, i) => `"${i}":1`).join(',')}}}`, 'logit_bias', 'more than 250000 JSON values'],
+    ];
+    for (const [body, param, words] of refusals) {
+      const response = await send(body);
+      expect(response.status, param).toBe(400);
+      const { error } = (await response.json()) as { error: { message: string; param: string; type: string } };
+      expect(error, param).toMatchObject({ type: 'invalid_request_error', param });
+      expect(error.message, param).toContain(words);
+    }
+    // Within 64 KiB the body is parsed as it is: the schema's own bound (64 levels) names a schema nested too deeply.
+    const small = await send(`{"model":"fake-chat",${messages},"tools":[{"type":"function","function":{"name":"f","parameters":{"a":${nested(1000)}}}}]}`);
+    expect(await small.json()).toMatchObject({ error: { param: 'tools[0].function.parameters', message: expect.stringContaining('Nested deeper than 64 levels') as string } });
+    expect(fake.log).toEqual([]);
+    // 2,048 messages of text beside a 1 MB image: past 64 KiB, of the shape real requests have.
+    const image = `data:image/png;base64,${'A'.repeat(1024 * 1024)}`;
+    const big = await send(JSON.stringify({ model: 'fake-chat', messages: [...Array.from({ length: 2047 }, () => ({ role: 'user', content: 'Hi, "you", [there]: {x}' })), { role: 'user', content: [{ type: 'image_url', image_url: { url: image } }] }] }));
+    expect(big.status, await big.clone().text()).toBe(200);
+    expect(fake.log).toHaveLength(1);
+  });
+
   it('joins a system, developer or tool message\'s text parts a line apart, over the wire and through the SDK (a user message\'s go on as parts)', async () => {
     const parts = (...texts: string[]) => texts.map((text) => ({ type: 'text' as const, text }));
     const messages: OpenAI.ChatCompletionMessageParam[] = [
