@@ -915,6 +915,12 @@ function describeError(status: number, detail: unknown, thrown: unknown): Descri
   if (status === 422 && Array.isArray(detail)) {
     const [issue] = detail as { loc: (string | number)[]; msg: string; type: string }[];
     if (issue?.type === 'json_invalid') return error(400, 'We could not parse the JSON body of your request.');
+    // The body itself, not a field of it: "Invalid value for body: Field required" said neither.
+    if (issue?.loc.length === 1) {
+      if (issue.type === 'missing') return error(400, 'The request has no body: send a JSON object with the request\'s fields (`model`, ...).', null, 'missing_required_parameter');
+      const received = /received (\w+)$/.exec(issue.msg)?.[1];
+      return error(400, `The request body must be a JSON object with the request's fields${received ? `, not ${received === 'array' ? 'an array' : `a ${received}`}` : ''}.`);
+    }
     const param = issue ? paramOf(issue.loc) : null;
     const message = issue ? `Invalid value for ${param ?? issue.loc.join('.')}: ${issue.msg}` : 'Invalid request';
     return error(400, message, param, issue?.type === 'missing' ? 'missing_required_parameter' : null);

@@ -641,6 +641,22 @@ describe('chat completions', () => {
     expect(response.status).toBe(400);
     expect(await response.json()).toEqual({ error: { message: 'We could not parse the JSON body of your request.', type: 'invalid_request_error', param: null, code: null } });
   });
+
+  it('says that a body is missing, or is JSON but no object, rather than "Invalid value for body: Field required" (raw HTTP)', async () => {
+    const post = async (path: string, body: string) => {
+      const response = await fetch(`${baseURL}${path}`, { method: 'POST', headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' }, body });
+      expect(response.status, body).toBe(400);
+      return ((await response.json()) as { error: unknown }).error;
+    };
+    for (const path of ['/chat/completions', '/embeddings']) {
+      for (const body of ['', 'null']) {
+        expect(await post(path, body), `${path} ${body}`).toEqual({ message: 'The request has no body: send a JSON object with the request\'s fields (`model`, ...).', type: 'invalid_request_error', param: null, code: 'missing_required_parameter' });
+      }
+      expect(await post(path, '[]')).toMatchObject({ message: 'The request body must be a JSON object with the request\'s fields, not an array.', param: null });
+      expect(await post(path, '"hi"')).toMatchObject({ message: 'The request body must be a JSON object with the request\'s fields, not a string.', param: null });
+    }
+    expect(fake.log).toEqual([]);
+  });
 });
 
 describe('embeddings', () => {
