@@ -28,6 +28,15 @@ function escaped(text: string, at: number): boolean {
   return (at - 1 - before) % 2 === 1;
 }
 
+/** A key's text unescaped; as written when its escapes are not JSON's (the parse, never reached, would have refused it). */
+function keyOf(raw: string): string {
+  try {
+    return JSON.parse(`"${raw}"`) as string;
+  } catch {
+    return raw;
+  }
+}
+
 /**
  * The first place `text` nests past `maxDepth` arrays and objects, or holds more than `maxValues`
  * values (array items and object members, counted as they are separated or opened); undefined
@@ -48,7 +57,7 @@ export function jsonShapeIssue(text: string, maxDepth: number, maxValues: number
     const path: (string | number)[] = [];
     for (let level = 0; level < levels; level++) {
       if (isArray[level]) path.push(index[level]!);
-      else if (keyStart[level]! >= 0) path.push(JSON.parse(`"${text.slice(keyStart[level], keyEnd[level])}"`) as string);
+      else if (keyStart[level]! >= 0) path.push(keyOf(text.slice(keyStart[level], keyEnd[level])));
     }
     return path;
   };

@@ -31,5 +31,7 @@ describe('jsonShapeIssue', () => {
 
   it('leaves what is not JSON to the parse', () => {
     for (const text of ['{"a":"unterminated', ']]]]', '', 'null', '{"a":[1,2}']) expect(jsonShapeIssue(text, 2, 5)).toBeUndefined();
+    // A key whose escapes are not JSON's, on the way to the bound: named as written, not thrown at.
+    expect(jsonShapeIssue(`{"a\\q\\u12":${nested(3)}}`, 2, 100)).toEqual({ kind: 'depth', path: ['a\\q\\u12', 0] });
   });
 });
