@@ -217,7 +217,8 @@ export async function* answerOf(events: AsyncIterable<RunEvent>, signal: AbortSi
       }
       case 'message.completed': {
         const message = data.message as { role: string; content: string };
-        if (message.role === 'assistant' && message.content) written.push(message.content);
+        // An incomplete message (its step stopped: the run was resumed) is not in the thread, nor in the answer.
+        if (message.role === 'assistant' && message.content && data.status !== 'incomplete') written.push(message.content);
         break;
       }
       case 'run.completed':

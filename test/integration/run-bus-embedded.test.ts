@@ -53,6 +53,7 @@ function node(): RunEventLog {
   return {
     append: (runId, batch) => ensureRun(runId).then(() => log.append(runId, batch)),
     read: (runId, after, signal) => log.read(runId, after, signal),
+    stored: (runId) => log.stored(runId),
     lastSeq: (runId) => log.lastSeq(runId),
     close: () => log.close(),
   };

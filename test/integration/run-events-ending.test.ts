@@ -48,7 +48,9 @@ describe("a run's end before its final event is written", () => {
     const { owner, run } = await endedBeforeItsFinalEvent();
     const rest = await readEvents(server.base, owner.headers, run.id, { lastEventId: 5, timeoutMs: 8_000 });
     expect(rest.status).toBe(200);
-    expect(rest.events.map((e) => e.event)).toEqual(['run.cancelled']);
+    // The message the run was streaming ends first (incomplete, with what it streamed), then the run.
+    expect(rest.events.map((e) => e.event)).toEqual(['message.completed', 'run.cancelled']);
+    expect(rest.events[0]!.data).toMatchObject({ status: 'incomplete', reason: 'cancelled', message: { content: 'a b ' } });
     expect(rest.ended).toBe(true);
   });
 
@@ -60,7 +62,7 @@ describe("a run's end before its final event is written", () => {
     expect([200, 409]).toContain(early.statusCode);
     if (early.statusCode === 409) expect(early.json<{ detail: string }>().detail).toMatch(/still ending/);
     const { events, ended } = await reading;
-    expect(events.map((e) => e.event)).toEqual(['run.cancelled']);
+    expect(events.map((e) => e.event)).toEqual(['message.completed', 'run.cancelled']);
     expect(ended).toBe(true);
     if (early.statusCode === 409) await expect.poll(async () => (await api('DELETE', `/runs/${run.id}`, owner.headers)).statusCode, { timeout: 5_000 }).toBe(200);
     expect((await api('GET', `/runs/${run.id}`, owner.headers)).statusCode).toBe(404);

@@ -1352,7 +1352,10 @@ describe('durability', () => {
     expectContiguous(events);
     // The old worker's events, its late delta included, then every event of the new attempt, in order.
     expect(events.slice(0, 5).map((e) => [e.event, e.data.delta])).toEqual([['run.queued', undefined], ['run.started', undefined], ['message.created', undefined], ['message.delta', 'old '], ['message.delta', 'stale ']]);
-    const attempt = events.slice(5);
+    // The new attempt first ends the old worker's message (incomplete: it is not in the thread), with all it streamed.
+    expect(events[5]!.data).toMatchObject({ status: 'incomplete', reason: 'interrupted', message: { id: oldMessage, content: 'old stale ' } });
+    const attempt = events.slice(6);
+    expect(events[5]!.event).toBe('message.completed');
     expect(attempt.map((e) => e.event)).toEqual(['message.created', 'message.delta', 'message.delta', 'message.completed', 'run.completed']);
     const messageId = (attempt[0]!.data.message as { id: string }).id;
     expect(messageId).not.toBe(oldMessage);

@@ -551,6 +551,26 @@ export class EmbeddedRunEvents {
     }
   }
 
+  /** Every event of the run stored or given a seq here (RunEventLog.stored). */
+  async eventsOf(runId: string): Promise<RunEvent[]> {
+    // The pending ones first: one stored meanwhile is in the database by the time it is read.
+    const pending = this.states.get(runId)?.pending.slice() ?? [];
+    const events: RunEvent[] = [];
+    let last = 0;
+    const take = (event: RunEvent) => {
+      if (event.seq <= last) return;
+      events.push(event);
+      last = event.seq;
+    };
+    for (;;) {
+      const page = await storedAfter(this.db).execute({ run_id: runId, after: last });
+      for (const row of page) for (const event of row.events as RunEvent[]) take(event);
+      if (page.length < REPLAY_PAGE) break;
+    }
+    for (const event of pending) take(event);
+    return events;
+  }
+
   /** Whether the run's final event has a seq of at most `seq`. */
   private async endedBy(runId: string, state: RunLogState, seq: number): Promise<boolean> {
     if (state.nextSeq !== null) return state.ended && state.nextSeq - 1 <= seq;
@@ -624,6 +644,10 @@ export class DatabaseRunEventLog implements RunEventLog {
 
   read(runId: string, after: number, signal: AbortSignal): AsyncIterable<RunEvent> {
     return this.events.read(runId, after, signal);
+  }
+
+  stored(runId: string): Promise<RunEvent[]> {
+    return this.events.eventsOf(runId);
   }
 
   async lastSeq(runId: string): Promise<number> {

@@ -268,6 +268,15 @@ export class RedisRunEventLog implements RunEventLog {
     return entries.map(parseEntry);
   }
 
+  async stored(runId: string): Promise<RunEvent[]> {
+    const events: RunEvent[] = [];
+    for (;;) {
+      const page = await this.page(runId, events.at(-1)?.seq ?? 0);
+      events.push(...page);
+      if (page.length < PAGE_SIZE) return events;
+    }
+  }
+
   async *read(runId: string, after: number, signal: AbortSignal): AsyncGenerator<RunEvent> {
     if (signal.aborted || this.closed) return;
     const reader: TailReader = { cursor: Math.max(0, Math.floor(after)) || 0 };

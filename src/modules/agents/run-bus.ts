@@ -68,6 +68,12 @@ export interface RunEventLog {
    * appended; ends after a final event, or when `signal` aborts. A slow reader never blocks writers.
    */
   read(runId: string, after: number, signal: AbortSignal): AsyncIterable<RunEvent>;
+  /**
+   * Every event of the run the log holds now, in order, without waiting for more (and without
+   * moving this log's writer cursor): what an end or a resumed writer reads to close the messages
+   * an earlier writer opened (run-lifecycle's openMessagesClosed).
+   */
+  stored(runId: string): Promise<RunEvent[]>;
   /** The highest seq of the run (0 when it has none): where a resumed writer continues. */
   lastSeq(runId: string): Promise<number>;
   /**

@@ -15,7 +15,7 @@ import { type Message, type Run, runs, threads } from '../../models/index.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
 import { addCosts, type ModelManager } from '../ai-models/index.js';
-import type { NewRunEvent, RunBus, RunEventName } from './run-bus.js';
+import type { NewRunEvent, RunBus, RunEventLog, RunEventName } from './run-bus.js';
 import { RunEventsRefusedError } from './run-bus-errors.js';
 import type { ToolImplementations } from './tools.js';
 
@@ -157,6 +157,42 @@ export function completedEvents(stepMessages: readonly Message[], step: number):
   });
 }
 
+/**
+ * Why a message a run opened ends incomplete: the run ended (cancelled, failed — its deadline
+ * among the reasons) before the step that opened it was written, or its worker stopped (died, or
+ * handed it back at shutdown) and the run goes on with a new step.
+ */
+export type IncompleteReason = 'cancelled' | 'failed' | 'interrupted';
+
+/**
+ * The `message.completed` of every message the run's log opened (`message.created`) and never
+ * completed, but those in `except` (their completion is on its way): the message with the text its
+ * deltas streamed and the tool calls it asked for, and `status: 'incomplete'` with `reason`. Such a
+ * message's step was never written, so it is not in the thread; without its end, a client building
+ * messages from the events was left with one open for good.
+ */
+export async function openMessagesClosed(events: RunEventLog, runId: string, reason: IncompleteReason, except: ReadonlySet<unknown> = new Set()): Promise<NewRunEvent[]> {
+  const open = new Map<unknown, { message: Record<string, unknown>; step: unknown; content: string; toolCalls: Record<string, unknown>[] }>();
+  for (const { event, data } of await events.stored(runId)) {
+    if (event === 'message.created' || event === 'message.completed') {
+      if (typeof data.message !== 'object' || data.message === null) continue;
+      const message = data.message as Record<string, unknown>;
+      if (event === 'message.completed') open.delete(message.id);
+      else if (!except.has(message.id)) open.set(message.id, { message, step: data.step, content: typeof message.content === 'string' ? message.content : '', toolCalls: [] });
+    } else if (event === 'message.delta') {
+      const opened = open.get(data.message_id);
+      if (opened && typeof data.delta === 'string') opened.content += data.delta;
+    } else if (event === 'tool.call') {
+      open.get(data.message_id)?.toolCalls.push({ id: data.tool_call_id, name: data.name, arguments: data.arguments });
+    }
+  }
+  const now = new Date();
+  return [...open.values()].map(({ message, step, content, toolCalls }) => ({
+    event: 'message.completed',
+    data: { message: { ...message, content, tool_calls: toolCalls.length ? toolCalls : null, updated_at: now }, step, status: 'incomplete', reason },
+  }));
+}
+
 /** Writes the final event of a run ended with FINAL_EVENT_PENDING, then clears the mark; left for the sweep when the write fails. */
 export async function closePending(deps: RunDeps, run: Run): Promise<boolean> {
   if (!(await appendFinalEvent(deps, run))) return false;
@@ -166,19 +202,22 @@ export async function closePending(deps: RunDeps, run: Run): Promise<boolean> {
 
 /**
  * Appends a run's final event (after `before`, events of the run not yet appended) unless its log
- * already ended (another writer got there first). The database decided the run's end, so a writer
+ * already ended (another writer got there first); a run that did not complete first ends the
+ * messages its log left open (openMessagesClosed: a cancel, a failure, its deadline). The database decided the run's end, so a writer
  * that is behind the log (another node appended since: `stale`) catches up with `lastSeq` and
  * appends them after what is there. True when the log now ends with a final event; false when the
  * event store failed (the run's lease then stays for the sweep to try again: see endRun).
  */
 export async function appendFinalEvent(deps: RunDeps, run: Run, before: readonly NewRunEvent[] = []): Promise<boolean> {
   const { events } = deps.bus;
-  const final = [...before, runEvent(run)];
+  // A run that did not complete ends the messages it left open first (a completed run's step completed its own).
+  const completing = new Set(before.filter((e) => e.event === 'message.completed').map((e) => (e.data.message as { id?: unknown } | undefined)?.id));
+  const final = async () => [...(run.status === 'completed' ? [] : await openMessagesClosed(events, run.id, run.status as 'cancelled' | 'failed', completing)), ...before, runEvent(run)];
   try {
-    await events.append(run.id, final).catch(async (error: unknown) => {
+    await events.append(run.id, await final()).catch(async (error: unknown) => {
       if (!(error instanceof RunEventsRefusedError) || error.reason !== 'stale') throw error;
       await events.lastSeq(run.id);
-      await events.append(run.id, final);
+      await events.append(run.id, await final());
     });
     return true;
   } catch (error) {

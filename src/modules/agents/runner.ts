@@ -25,7 +25,7 @@ import { storableModelPieces, storableModelText, storableModelValue, storableTex
 import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, RunWriter } from './run-bus.js';
-import { appendFinalEvent, completedEvents, type EndedRun, endInTransaction, endWithAnswer, finishRun, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
+import { appendFinalEvent, completedEvents, type EndedRun, endInTransaction, endWithAnswer, finishRun, openMessagesClosed, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
 import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, type ToolImplementations, type ToolSource } from './tools.js';
 
 // ==================== Why a run stops ====================
@@ -270,6 +270,8 @@ export class AgentRunner {
     try {
       await this.loop(claimed, signal, announcement, appends);
     } catch (error) {
+      // The step's events sent without waiting land before whatever ends the run (the open message's end reads them).
+      await appends.settle().catch(() => undefined);
       const stop = signal.aborted && signal.reason instanceof RunStop ? signal.reason : null;
       if (stop?.kind === 'shutdown') {
         const handedBack = await runCrud.releaseLease(deps.db, run.id, this.workerId, true).catch((e: unknown) => {
@@ -369,6 +371,8 @@ export class AgentRunner {
     const top = expectFirst ? 1 : earlier ? bus.events.resumeSeq!(run.id) : bus.events.lastSeq(run.id);
     const [version, lastSeq] = await Promise.all([this.versionOf(run.agent_id, run.agent_version), top]);
     if (lastSeq <= 1) announcement.push(runEvent(run));
+    // A resumed run: the message its last worker was streaming when it stopped never completed; it ends first, incomplete.
+    else announcement.push(...(await openMessagesClosed(bus.events, run.id, 'interrupted')));
     let firstHistory: Message[] | null = claimedHistory;
     const tools = toolSetOf(version);
     const toolContext: Omit<ToolCallContext, 'cite'> = {

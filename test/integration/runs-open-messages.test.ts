@@ -1,0 +1,132 @@
+/**
+ * Every message a run's events open (`message.created`) ends in its stream: a run cancelled, past
+ * its deadline, or resumed after its worker died mid-message sends the message's `message.completed`
+ * with what it streamed and `status: 'incomplete'` (it is not in the thread).
+ */
+import { eq } from 'drizzle-orm';
+import { describe, expect, it } from 'vitest';
+
+import { messages, runs, threads } from '../../src/models/index.js';
+
+import { RunSweeper } from '../../src/modules/agents/run-sweeper.js';
+import { useTestApp } from '../helpers/app.js';
+import { createUser } from '../helpers/factories.js';
+import { apiOf, sleep } from '../helpers/http.js';
+import { createAgent, createThread, expectContiguous, readEvents, type SseEvent, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
+
+const MODEL = 'fake-precise';
+
+// A deadline of 3 s; a lease of 30 s (no renewal or sweep interferes).
+const ctx = useTestApp({ RUN_TIMEOUT_SECONDS: '3', RUN_LEASE_SECONDS: '30', MODEL_MAX_RETRIES: '0' });
+const api = apiOf(ctx);
+const server = useRunServer(ctx);
+
+async function setup(body: Record<string, unknown> = {}) {
+  const owner = await createUser(ctx.app);
+  const agent = await createAgent(ctx.app, owner.headers, { is_default: true, ...body });
+  const thread = await createThread(ctx.app, owner.headers);
+  return { owner, agent, thread };
+}
+
+/** Each message the events opened, with the events that ended it. */
+function endsOf(events: SseEvent[]): Map<string, SseEvent[]> {
+  const ends = new Map<string, SseEvent[]>();
+  for (const e of events) {
+    const message = e.data.message as { id: string } | undefined;
+    if (e.event === 'message.created') ends.set(message!.id, []);
+    else if (e.event === 'message.completed') ends.get(message!.id)!.push(e);
+  }
+  return ends;
+}
+
+/** Every opened message ended once; the one ended incomplete, returned. */
+function expectEveryMessageEnded(events: SseEvent[]): SseEvent[] {
+  const ends = endsOf(events);
+  expect(ends.size).toBeGreaterThan(0);
+  for (const [, ended] of ends) expect(ended).toHaveLength(1);
+  return [...ends.values()].map((ended) => ended[0]!).filter((e) => e.data.status === 'incomplete');
+}
+
+describe("a run's open message ends in its stream", () => {
+  it('cancelled mid-message: message.completed with the text streamed so far, incomplete, then run.cancelled', async () => {
+    const { fake, base } = server;
+    fake.script(MODEL, { chunks: ['Hel', 'lo ', 'wor', 'ld'], stallAfterChunks: 2 });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
+    const reading = readEvents(base, owner.headers, run.id);
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 2));
+    await sleep(100);
+    expect((await api('POST', `/runs/${run.id}/cancel`, owner.headers)).statusCode).toBe(200);
+    const { events } = await reading;
+    expectContiguous(events);
+    expect(events.map((e) => e.event)).toEqual(['run.queued', 'run.started', 'message.created', 'message.delta', 'message.delta', 'message.completed', 'run.cancelled']);
+    const [incomplete] = expectEveryMessageEnded(events);
+    expect(incomplete!.data).toMatchObject({ status: 'incomplete', reason: 'cancelled', step: 1, message: { id: (events[2]!.data.message as { id: string }).id, role: 'assistant', content: 'Hello ', tool_calls: null } });
+    // Not in the thread: its step was never written.
+    expect((await ctx.app.db.select().from(messages).where(eq(messages.run_id, run.id))).filter((m) => m.role === 'assistant')).toEqual([]);
+  });
+
+  it('past its deadline mid-message: message.completed incomplete (reason failed), then run.failed', async () => {
+    const { fake, base } = server;
+    fake.script(MODEL, { chunks: ['Par', 'tial ', 'never'], stallAfterChunks: 2 });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
+    const { events } = await readEvents(base, owner.headers, run.id, { timeoutMs: 15_000 });
+    expect(events.at(-1)!.event).toBe('run.failed');
+    expect((events.at(-1)!.data.run as { error: string }).error).toMatch(/deadline/);
+    const [incomplete] = expectEveryMessageEnded(events);
+    expect(incomplete!.data).toMatchObject({ status: 'incomplete', reason: 'failed', message: { content: 'Partial ' } });
+    expect(events.at(-2)).toBe(incomplete);
+  });
+
+  it('resumed after its worker died mid-message: the old message ends incomplete (interrupted) before the new step, which completes', async () => {
+    const { fake, base } = server;
+    const { owner, thread, agent } = await setup();
+    const [orphan] = await ctx.app.db
+      .insert(runs)
+      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 1, started_at: new Date() })
+      .returning();
+    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
+    const dead = { id: '00000000-0000-4000-8000-000000000001', thread_id: thread.id, role: 'assistant', content: '', tool_calls: null, tool_call_id: null, run_id: orphan!.id, metadata: {} };
+    await ctx.app.runs.bus.events.append(orphan!.id, [
+      { event: 'run.queued', data: {} },
+      { event: 'run.started', data: {} },
+      { event: 'message.created', data: { message: dead, step: 1 } },
+      { event: 'message.delta', data: { message_id: dead.id, delta: 'half an ', step: 1 } },
+      { event: 'message.delta', data: { message_id: dead.id, delta: 'answer', step: 1 } },
+    ]);
+    fake.script(MODEL, { text: 'whole answer' });
+    const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);
+    expect((await sweeper.sweep()).resumed).toBe(1);
+    await waitForRun(ctx.app, owner.headers, orphan!.id, ['completed', 'failed']);
+    const { events } = await readEvents(base, owner.headers, orphan!.id);
+    expect(events.at(-1)!.event).toBe('run.completed');
+    const [incomplete] = expectEveryMessageEnded(events);
+    expect(incomplete!.data).toMatchObject({ status: 'incomplete', reason: 'interrupted', step: 1, message: { id: dead.id, content: 'half an answer' } });
+    // It ends before the new attempt's message opens.
+    const at = events.indexOf(incomplete!);
+    expect(events[at + 1]!.event).toBe('message.created');
+    expect((events.at(-2)!.data.message as { content: string }).content).toBe('whole answer');
+    expect(events.at(-2)!.data.status).toBeUndefined();
+  });
+
+  it('the sweep giving up a run its dead worker left mid-message ends the message too', async () => {
+    const { base } = server;
+    const { owner, thread, agent } = await setup();
+    const [hopeless] = await ctx.app.db
+      .insert(runs)
+      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 3, started_at: new Date() })
+      .returning();
+    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
+    const dead = { id: '00000000-0000-4000-8000-000000000002', role: 'assistant', content: '' };
+    await ctx.app.runs.bus.events.append(hopeless!.id, [
+      { event: 'run.queued', data: {} },
+      { event: 'message.created', data: { message: dead, step: 1 } },
+      { event: 'message.delta', data: { message_id: dead.id, delta: 'cut', step: 1 } },
+    ]);
+    expect((await new RunSweeper(ctx.app.runs, ctx.app.runs.runner).sweep()).failed).toBe(1);
+    const { events } = await readEvents(base, owner.headers, hopeless!.id);
+    expect(events.map((e) => e.event)).toEqual(['run.queued', 'message.created', 'message.delta', 'message.completed', 'run.failed']);
+    expect(events[3]!.data).toMatchObject({ status: 'incomplete', reason: 'failed', message: { id: dead.id, content: 'cut' } });
+  });
+});
