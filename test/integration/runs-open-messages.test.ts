@@ -1,7 +1,8 @@
 /**
  * Every message a run's events open (`message.created`) ends in its stream: a run cancelled, past
  * its deadline, or resumed after its worker died mid-message sends the message's `message.completed`
- * with what it streamed and `status: 'incomplete'` (it is not in the thread).
+ * with what it streamed and `status: 'incomplete'` (it is not in the thread). And a tool that does
+ * not stop on the run's signal no longer holds up a cancel or the deadline: the run ends at once.
  */
 import { eq } from 'drizzle-orm';
 import { describe, expect, it } from 'vitest';
@@ -15,9 +16,21 @@ import { apiOf, sleep } from '../helpers/http.js';
 import { createAgent, createThread, expectContiguous, readEvents, type SseEvent, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
 
 const MODEL = 'fake-precise';
+/** knowledge_search as a test installs it: takes this long and never looks at the run's signal. */
+const SLOW_TOOL_MS = 8_000;
 
-// A deadline of 3 s; a lease of 30 s (no renewal or sweep interferes).
-const ctx = useTestApp({ RUN_TIMEOUT_SECONDS: '3', RUN_LEASE_SECONDS: '30', MODEL_MAX_RETRIES: '0' });
+const ctx = useTestApp(
+  // A deadline of 3 s; a lease of 30 s (no renewal or sweep interferes).
+  { RUN_TIMEOUT_SECONDS: '3', RUN_LEASE_SECONDS: '30', MODEL_MAX_RETRIES: '0' },
+  {
+    tools: {
+      knowledge_search: async () => {
+        await sleep(SLOW_TOOL_MS);
+        return { passages: [] };
+      },
+    },
+  },
+);
 const api = apiOf(ctx);
 const server = useRunServer(ctx);
 
@@ -46,6 +59,8 @@ function expectEveryMessageEnded(events: SseEvent[]): SseEvent[] {
   for (const [, ended] of ends) expect(ended).toHaveLength(1);
   return [...ends.values()].map((ended) => ended[0]!).filter((e) => e.data.status === 'incomplete');
 }
+
+const toolCall = { id: 'call_0', name: 'knowledge_search', arguments: JSON.stringify({ query: 'invoices' }) };
 
 describe("a run's open message ends in its stream", () => {
   it('cancelled mid-message: message.completed with the text streamed so far, incomplete, then run.cancelled', async () => {
@@ -129,4 +144,44 @@ describe("a run's open message ends in its stream", () => {
     expect(events.map((e) => e.event)).toEqual(['run.queued', 'message.created', 'message.delta', 'message.completed', 'run.failed']);
     expect(events[3]!.data).toMatchObject({ status: 'incomplete', reason: 'failed', message: { id: dead.id, content: 'cut' } });
   });
+});
+
+describe('a tool that does not stop on the run\'s signal', () => {
+  it('a cancel during the tool call ends the run at once, not when the tool returns; its message ends with the call it asked for', async () => {
+    const { fake, base } = server;
+    fake.script(MODEL, { text: 'Looking. ', toolCalls: [toolCall] }, { text: 'never asked' });
+    const { owner, thread } = await setup({ tools: ['knowledge_search'] });
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
+    let called = 0;
+    const reading = readEvents(base, owner.headers, run.id, { timeoutMs: 20_000, onEvent: (e) => void (e.event === 'tool.call' && (called = Date.now())) });
+    await waitForRun(ctx.app, owner.headers, run.id, ['running']);
+    for (let i = 0; i < 100 && !called; i++) await sleep(20);
+    expect(called).toBeGreaterThan(0);
+    await sleep(200);
+    const sent = Date.now();
+    expect((await api('POST', `/runs/${run.id}/cancel`, owner.headers)).statusCode).toBe(200);
+    const { events } = await reading;
+    const took = Date.now() - sent;
+    expect(events.at(-1)!.event).toBe('run.cancelled');
+    // Well under the tool's 8 s.
+    expect(took).toBeLessThan(1_500);
+    expect(events.some((e) => e.event === 'tool.result')).toBe(false);
+    const [incomplete] = expectEveryMessageEnded(events);
+    expect(incomplete!.data).toMatchObject({ status: 'incomplete', reason: 'cancelled', message: { content: 'Looking. ', tool_calls: [{ id: 'call_0', name: 'knowledge_search', arguments: { query: 'invoices' } }] } });
+    expect(fake.log.filter((r) => r.model === MODEL)).toHaveLength(1);
+  }, 30_000);
+
+  it('the deadline during the tool call fails the run at the deadline, not when the tool returns', async () => {
+    const { fake, base } = server;
+    fake.script(MODEL, { toolCalls: [toolCall] }, { text: 'never asked' });
+    const { owner, thread } = await setup({ tools: ['knowledge_search'] });
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
+    const started = Date.now();
+    const { events } = await readEvents(base, owner.headers, run.id, { timeoutMs: 20_000 });
+    // The 3 s deadline (from the run's start), well before the tool's 8 s.
+    expect(Date.now() - started).toBeLessThan(5_000);
+    expect(events.at(-1)!.event).toBe('run.failed');
+    expect((events.at(-1)!.data.run as { error: string }).error).toMatch(/deadline/);
+    expectEveryMessageEnded(events);
+  }, 30_000);
 });

@@ -50,6 +50,10 @@ it('a run cancelled while its worker shuts down gets its final event, and its le
   expect(ended).toBe(true);
   expect(events.at(-1)!.event).toBe('run.cancelled');
   const [row] = await ctx.app.db.select().from(runs).where(eq(runs.id, run.id));
-  expect(row).toMatchObject({ status: 'cancelled', lease_owner: null, attempts: 1 });
+  expect(row).toMatchObject({ status: 'cancelled', lease_owner: null });
+  // The shutdown no longer waits for the tool (its call is raced with the run's signal): the cancel
+  // may come before the hand-back (the worker, still holding it, writes the final event) or after
+  // it (the cancel of a run nobody holds writes it, and the hand-back gave its attempt back).
+  expect([0, 1]).toContain(row!.attempts);
   expect(fake.requestsFor(MODEL)).toHaveLength(1);
 });

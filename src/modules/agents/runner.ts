@@ -548,7 +548,8 @@ export class AgentRunner {
       outcome = { call, content: `Error: the tool ${name} is not available on this server`, is_error: true, sources: [] };
     } else {
       try {
-        const value = await implementation(call.input, context);
+        // Raced with the run's signal: a cancel or the deadline ends the run at once, whether or not the tool listens to it.
+        const value = await untilAborted(implementation(call.input, context), context.signal);
         // A tool's text (a document's passage) as the thread can store it, alike in its event and its message.
         outcome = { call, content: storableModelText(typeof value === 'string' ? value : JSON.stringify(value)), is_error: false, sources };
       } catch (error) {
@@ -560,6 +561,20 @@ export class AgentRunner {
     await appends.append([{ event: 'tool.result', data: { tool_call_id: call.toolCallId, name, content: outcome.content, is_error: outcome.is_error, step } }]);
     return outcome;
   }
+}
+
+/**
+ * `work`'s outcome, or a rejection with the signal's reason as soon as it aborts: a tool that does
+ * not stop on the run's signal (or not at once) no longer holds the run's cancel or deadline up;
+ * its late outcome is dropped.
+ */
+function untilAborted<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason instanceof Error ? signal.reason : new Error('run stopped'));
+    if (signal.aborted) onAbort();
+    else signal.addEventListener('abort', onAbort, { once: true });
+    work.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
+  });
 }
 
 /**
