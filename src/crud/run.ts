@@ -245,11 +245,19 @@ export async function claim(db: Db, runId: string, workerId: string, lease: numb
   return { run: row.taken, firstStart: row.reads.first_start, history };
 }
 
-/** Extends the worker's hold; false when the run is no longer its own (cancelled, ended, taken over). */
-export async function renewLease(db: Db, runId: string, workerId: string, lease: number): Promise<boolean> {
+/**
+ * A lease `lease` seconds from now, until the run's `deadline`: from then on it is left as it is.
+ * The deadline ends a run; one its worker cannot end (stuck past it) must not stay held by the
+ * worker's renewals for good: its lease runs out, and the sweep takes the run up (its next worker
+ * fails it at once, its deadline passed).
+ */
+export const renewedLease = (lease: number, deadline: Date): SQL => sql`case when now() < ${deadline.toISOString()}::timestamptz then ${leaseSeconds(lease)} else ${runs.lease_expires_at} end`;
+
+/** Extends the worker's hold (until the run's deadline: renewedLease); false when the run is no longer its own (cancelled, ended, taken over). */
+export async function renewLease(db: Db, runId: string, workerId: string, lease: number, deadline: Date): Promise<boolean> {
   const rows = await db
     .update(runs)
-    .set({ lease_expires_at: leaseSeconds(lease) })
+    .set({ lease_expires_at: renewedLease(lease, deadline) })
     .where(and(eq(runs.id, runId), eq(runs.status, 'running'), eq(runs.lease_owner, workerId)))
     .returning({ id: runs.id });
   return rows.length === 1;

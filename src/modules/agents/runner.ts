@@ -175,6 +175,9 @@ const sourcesField = (sources: ToolSource[]) => (sources.length ? { sources } : 
 
 // ==================== The runner ====================
 
+/** When a run's deadline passes (RUN_TIMEOUT_SECONDS from its first start). */
+const deadlineOf = (run: Run, timeoutSeconds: number): Date => new Date(run.started_at!.getTime() + timeoutSeconds * 1000);
+
 /** Agent versions a runner keeps (they never change). */
 const VERSION_CACHE_SIZE = 1_000;
 
@@ -247,10 +250,10 @@ export class AgentRunner {
     const { deps } = this;
     const { settings, log } = deps;
     const signal = controller.signal;
-    const deadline = run.started_at!.getTime() + settings.RUN_TIMEOUT_SECONDS * 1000;
-    const deadlineTimer = setTimeout(() => controller.abort(new RunStop('deadline')), Math.max(0, deadline - Date.now()));
+    const deadlineAt = deadlineOf(run, settings.RUN_TIMEOUT_SECONDS);
+    const deadlineTimer = setTimeout(() => controller.abort(new RunStop('deadline')), Math.max(0, deadlineAt.getTime() - Date.now()));
     const renewal = setInterval(() => {
-      runCrud.renewLease(deps.db, run.id, this.workerId, settings.RUN_LEASE_SECONDS).then(
+      runCrud.renewLease(deps.db, run.id, this.workerId, settings.RUN_LEASE_SECONDS, deadlineAt).then(
         (held) => held || controller.abort(new RunStop('lease')),
         (error: unknown) => log.warn({ err: error, runId: run.id }, 'run lease not renewed'),
       );
@@ -258,7 +261,7 @@ export class AgentRunner {
     // Every event of the run goes through one writer, which the log refusing it as `stale` sends to
     // the database: a run still held goes on after the other writer's events, one no longer held stops.
     const appends = new RunWriter(deps.bus.events, run.id, async () => {
-      const held = await runCrud.renewLease(deps.db, run.id, this.workerId, settings.RUN_LEASE_SECONDS);
+      const held = await runCrud.renewLease(deps.db, run.id, this.workerId, settings.RUN_LEASE_SECONDS, deadlineAt);
       if (!held) controller.abort(new RunStop('lease'));
       else log.warn({ runId: run.id }, 'run events appended by another writer (a worker whose lease expired); going on after them');
       return held;
@@ -483,7 +486,7 @@ export class AgentRunner {
             }
             stepMessages = [assistant, ...toolMessages];
             if (toolCalls.length) {
-              await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: new Date(Date.now() + settings.RUN_LEASE_SECONDS * 1000) });
+              await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: runCrud.renewedLease(settings.RUN_LEASE_SECONDS, deadlineOf(run, settings.RUN_TIMEOUT_SECONDS)) as unknown as Date });
               return { stepMessages, ended: undefined };
             }
             // The answer: the run ends with it (the lock above is the fence, so the end cannot miss).
