@@ -125,6 +125,30 @@ describe("a run's open message ends in its stream", () => {
     expect(events.at(-2)!.data.status).toBeUndefined();
   });
 
+  it('resumed after its deadline passed (its worker stuck, its lease run out): failed at once, its old message ended, no new step begun', async () => {
+    const { fake, base } = server;
+    const { owner, thread, agent } = await setup();
+    const [late] = await ctx.app.db
+      .insert(runs)
+      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'stuck-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 1, started_at: new Date(Date.now() - 60_000) })
+      .returning();
+    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
+    const dead = { id: '00000000-0000-4000-8000-000000000003', role: 'assistant', content: '' };
+    await ctx.app.runs.bus.events.append(late!.id, [
+      { event: 'run.queued', data: {} },
+      { event: 'run.started', data: {} },
+      { event: 'message.created', data: { message: dead, step: 1 } },
+    ]);
+    fake.script(MODEL, { text: 'too late' });
+    expect((await new RunSweeper(ctx.app.runs, ctx.app.runs.runner).sweep()).resumed).toBe(1);
+    const ended = await waitForRun(ctx.app, owner.headers, late!.id, ['completed', 'failed']);
+    expect(ended.error).toMatch(/deadline/);
+    const { events } = await readEvents(base, owner.headers, late!.id);
+    expect(events.map((e) => e.event)).toEqual(['run.queued', 'run.started', 'message.created', 'message.completed', 'run.failed']);
+    expect(events[3]!.data).toMatchObject({ status: 'incomplete', reason: 'interrupted', message: { id: dead.id } });
+    expect(fake.requestsFor(MODEL)).toHaveLength(0);
+  });
+
   it('the sweep giving up a run its dead worker left mid-message ends the message too', async () => {
     const { base } = server;
     const { owner, thread, agent } = await setup();

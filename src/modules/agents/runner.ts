@@ -251,7 +251,10 @@ export class AgentRunner {
     const { settings, log } = deps;
     const signal = controller.signal;
     const deadlineAt = deadlineOf(run, settings.RUN_TIMEOUT_SECONDS);
-    const deadlineTimer = setTimeout(() => controller.abort(new RunStop('deadline')), Math.max(0, deadlineAt.getTime() - Date.now()));
+    const untilDeadline = deadlineAt.getTime() - Date.now();
+    // A run taken up past its deadline (resumed after its worker was stuck) stops before its first step.
+    if (untilDeadline <= 0) controller.abort(new RunStop('deadline'));
+    const deadlineTimer = setTimeout(() => controller.abort(new RunStop('deadline')), Math.max(0, untilDeadline));
     const renewal = setInterval(() => {
       runCrud.renewLease(deps.db, run.id, this.workerId, settings.RUN_LEASE_SECONDS, deadlineAt).then(
         (held) => held || controller.abort(new RunStop('lease')),
@@ -391,6 +394,8 @@ export class AgentRunner {
     let { steps, usage, cost } = run;
 
     for (;;) {
+      // Stopped already (a run resumed past its deadline, a cancel between steps): no step begins, no message opens.
+      signal.throwIfAborted();
       if (steps >= settings.MAX_RUN_STEPS) {
         throw new RunFailure(`The agent used all ${settings.MAX_RUN_STEPS} steps (MAX_RUN_STEPS) without a final answer`);
       }
