@@ -252,7 +252,13 @@ function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: strin
       for await (const event of runs.bus.events.read(runId, after, controller.signal)) {
         quiet = false;
         corkOnce();
-        if (!raw.write(frame(event))) await drained(raw, controller.signal);
+        if (!raw.write(frame(event)) && !(await drained(raw, controller.signal, settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000 * STALLED_READER_KEEPALIVES))) {
+          // A reader that takes nothing for that long is gone or holding the connection: it is cut
+          // off (it may reconnect with its Last-Event-ID), not kept with its socket, reader and timer for good.
+          log.info({ runId }, 'run event stream cut off: its reader took nothing');
+          raw.destroy();
+          return;
+        }
       }
     } catch (error) {
       if (!controller.signal.aborted) log.error({ err: error, runId }, 'run event stream failed');
@@ -265,15 +271,21 @@ function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: strin
   })();
 }
 
-/** Resolves when the socket can take more, or the stream is over. */
-function drained(raw: NodeJS.WritableStream, signal: AbortSignal): Promise<void> {
+/** Keep-alive intervals a reader's socket may take nothing (stay full) before its stream is cut off. */
+const STALLED_READER_KEEPALIVES = 4;
+
+/** Resolves true when the socket can take more or the stream is over; false when it took nothing for `stallMs`. */
+function drained(raw: NodeJS.WritableStream, signal: AbortSignal, stallMs: number): Promise<boolean> {
   return new Promise((resolve) => {
-    const finish = () => {
-      raw.off('drain', finish);
-      signal.removeEventListener('abort', finish);
-      resolve();
+    const finish = (drainedOrOver: boolean) => {
+      clearTimeout(timer);
+      raw.off('drain', onDrain);
+      signal.removeEventListener('abort', onDrain);
+      resolve(drainedOrOver);
     };
-    raw.once('drain', finish);
-    signal.addEventListener('abort', finish, { once: true });
+    const onDrain = () => finish(true);
+    const timer = setTimeout(() => finish(false), stallMs);
+    raw.once('drain', onDrain);
+    signal.addEventListener('abort', onDrain, { once: true });
   });
 }
