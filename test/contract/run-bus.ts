@@ -125,6 +125,22 @@ export function runEventLogContract(name: string, makeLog: Factory<RunEventLog>)
       expect(await log.lastSeq(runId)).toBe(5);
     });
 
+    it('gives every event it holds with stored (none for an unknown run), without waiting for more; another node\'s too', async () => {
+      const log = await node();
+      const other = await node();
+      const runId = randomUUID();
+      expect(await log.stored(runId)).toEqual([]);
+      // More than a page of either log's replay, each append answered before the next.
+      for (let i = 0; i < 5; i++) await log.append(runId, deltas(100));
+      const held = await log.stored(runId);
+      expect(held.map((e) => e.seq)).toEqual(Array.from({ length: 500 }, (_, i) => i + 1));
+      expect((await other.stored(runId)).map((e) => e.seq)).toEqual(held.map((e) => e.seq));
+      // The writer goes on after its reads.
+      const next = await log.append(runId, [completed]);
+      expect(next[0]!.seq).toBe(501);
+      expect((await log.stored(runId)).at(-1)).toMatchObject({ seq: 501, event: 'run.completed' });
+    });
+
     it('replays every event after N exactly once, in order, and ends after the final one', async () => {
       const log = await node();
       const runId = randomUUID();
