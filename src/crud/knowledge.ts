@@ -169,9 +169,36 @@ export interface FileDeletion {
 
 const fileDeletionColumns = { id: knowledgeFileDeletions.id, storage_key: knowledgeFileDeletions.storage_key };
 
-/** Keys of deleted entries' files still to delete, oldest first. */
+/** Keys of deleted entries' files still to delete, oldest first (an upload's only once its `not_before` has passed). */
 export async function pendingFileDeletions(db: Db, limit: number): Promise<FileDeletion[]> {
-  return db.select(fileDeletionColumns).from(knowledgeFileDeletions).orderBy(knowledgeFileDeletions.created_at).limit(limit);
+  return db
+    .select(fileDeletionColumns)
+    .from(knowledgeFileDeletions)
+    .where(or(isNull(knowledgeFileDeletions.not_before), lte(knowledgeFileDeletions.not_before, sql`now()`)))
+    .orderBy(knowledgeFileDeletions.created_at)
+    .limit(limit);
+}
+
+/**
+ * Records the key an upload is about to store its file under, to be deleted unless the upload's
+ * entry is written (`claimUploadedFile`) before `graceMs` from now: what finds the file of an
+ * upload whose process died between storing it and recording its entry. Returns the row's id.
+ */
+export async function recordUploadedFile(db: Db, storageKey: string, graceMs: number): Promise<string> {
+  const [row] = await db
+    .insert(knowledgeFileDeletions)
+    .values({ storage_key: storageKey, not_before: sql`now() + ${graceMs} * interval '1 millisecond'` })
+    .returning({ id: knowledgeFileDeletions.id });
+  return row!.id;
+}
+
+/**
+ * In the transaction that writes an upload's entry: takes its file off the list of files to delete.
+ * False when the row is gone (the sweeper took it, the file with it: the upload outlived its grace).
+ */
+export async function claimUploadedFile(db: Db, id: string): Promise<boolean> {
+  const rows = await db.delete(knowledgeFileDeletions).where(eq(knowledgeFileDeletions.id, id)).returning({ id: knowledgeFileDeletions.id });
+  return rows.length > 0;
 }
 
 /** The deletions recorded for these keys (a key is an entry's for its life: recorded once it is deleted). */

@@ -140,12 +140,19 @@ export const knowledgeChunks = pgTable(
  * with everything in it), in the deleting transaction; the files go afterwards (a deletion through
  * the API deletes its own at once, up to a bound; the sweeper the rest), so a crash in between
  * leaves nothing for good.
+ *
+ * An upload records its file's key here too, before a byte is stored, with `not_before` set past
+ * the longest the upload can take; the transaction that writes the entry deletes that row. A
+ * process killed between storing the file and that commit leaves the row, and the sweeper deletes
+ * the file once `not_before` has passed (services/knowledge/entry-service.ts, upload).
  */
 export const knowledgeFileDeletions = pgTable(
   'knowledge_file_deletions',
   {
     ...baseColumns,
     storage_key: text('storage_key').notNull(),
+    /** An upload's file, still being stored and recorded: not to be deleted before this (null: at once). */
+    not_before: timestamp('not_before', { withTimezone: true }),
   },
   (t) => [
     // A deleting request finds the rows its own deletion wrote by their keys, however many other

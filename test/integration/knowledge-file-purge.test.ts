@@ -4,17 +4,19 @@
  * the sweeper.
  */
 import { randomUUID } from 'node:crypto';
+import { PassThrough } from 'node:stream';
 
-import { eq, inArray } from 'drizzle-orm';
+import { eq, inArray, sql } from 'drizzle-orm';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 
 import { knowledgeEntries, knowledgeFileDeletions } from '../../src/models/index.js';
 
+import { uploadGraceMs } from '../../src/services/knowledge/entry-service.js';
 import { knowledgeStorage, purgeDeletedFiles, purgeFilesOf } from '../../src/services/knowledge/files.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
-import { apiOf } from '../helpers/http.js';
-import { createFolder, ingested, storedFiles as storedFilesIn } from '../helpers/knowledge.js';
+import { apiOf, eventually } from '../helpers/http.js';
+import { createFolder, ingested, storedFiles as storedFilesIn, upload } from '../helpers/knowledge.js';
 
 // The sweeper's periodic round must not run while a test counts what a request left to it.
 const ctx = useTestApp({ KB_SWEEP_INTERVAL_MS: '3600000' });
@@ -86,5 +88,61 @@ describe('deleting through the API', () => {
     expect(await purgeFilesOf(deps(), [key])).toBe(0);
     expect(storedFiles(user.user.id)).toHaveLength(2);
     expect(await ctx.database.db.select().from(knowledgeEntries).where(inArray(knowledgeEntries.id, [entry.id]))).toHaveLength(1);
+  });
+});
+
+describe("an upload's file before its entry is written", () => {
+  /** An upload whose file part has arrived whole and whose form the client has not finished yet: the server has stored the file and waits. */
+  async function uploadHeldOpen(folderId: string) {
+    const boundary = '----keelheld';
+    const body = new PassThrough();
+    const response = ctx.app.inject({
+      method: 'POST',
+      url: `/api/v1/knowledge-base/folders/${folderId}/upload`,
+      headers: { ...user.headers, 'content-type': `multipart/form-data; boundary=${boundary}` },
+      payload: body,
+    });
+    body.write(`--${boundary}\r\nContent-Disposition: form-data; name="file"; filename="held.txt"\r\nContent-Type: text/plain\r\n\r\nHeld open.\r\n--${boundary}\r\n`);
+    await eventually(async () => storedFiles(user.user.id).length === 1);
+    return { response, finish: () => body.end(`Content-Disposition: form-data; name="note"\r\n\r\nx\r\n--${boundary}--\r\n`) };
+  }
+
+  it('is recorded, due only after its grace: the sweeper leaves a running upload alone, and a written entry takes the record away', async () => {
+    const folder = await createFolder(ctx.app, user.headers);
+    const held = await uploadHeldOpen(folder.id);
+    const [row] = await ctx.database.db
+      .select({ key: knowledgeFileDeletions.storage_key, graceMs: sql<number>`extract(epoch from ${knowledgeFileDeletions.not_before} - now()) * 1000`.mapWith(Number) })
+      .from(knowledgeFileDeletions);
+    expect(row!.key).toBe(`knowledge-base/${user.user.id}/${folder.id}/${storedFiles(user.user.id)[0]!.split('/').pop()}`);
+    expect(row!.graceMs).toBeGreaterThan(uploadGraceMs(ctx.app.settings) - 60_000);
+    expect(await purgeDeletedFiles(deps())).toBe(0);
+    expect(storedFiles(user.user.id)).toHaveLength(1);
+    held.finish();
+    const response = await held.response;
+    expect(response.statusCode, response.body).toBe(201);
+    expect(await recorded()).toBe(0);
+    expect(await keyOf(response.json<{ id: string }>().id)).toBe(row!.key);
+  });
+
+  it('outliving its grace, the upload fails and leaves neither entry nor file (the sweeper took the file)', async () => {
+    const folder = await createFolder(ctx.app, user.headers);
+    const held = await uploadHeldOpen(folder.id);
+    await ctx.database.db.update(knowledgeFileDeletions).set({ not_before: sql`now() - interval '1 second'` });
+    expect(await purgeDeletedFiles(deps())).toBe(1);
+    expect(storedFiles(user.user.id)).toEqual([]);
+    held.finish();
+    const response = await held.response;
+    expect(response.statusCode, response.body).toBe(503);
+    expect(await ctx.database.db.$count(knowledgeEntries, eq(knowledgeEntries.folder_id, folder.id))).toBe(0);
+    expect(storedFiles(user.user.id)).toEqual([]);
+    expect(await recorded()).toBe(0);
+  });
+
+  it('a refused upload (too large) leaves no record behind', async () => {
+    const folder = await createFolder(ctx.app, user.headers);
+    const response = await upload(ctx.app, user.headers, folder.id, { filename: 'big.txt', content: 'x'.repeat(ctx.app.settings.KB_MAX_FILE_BYTES + 1) });
+    expect(response.statusCode).toBe(413);
+    expect(await recorded()).toBe(0);
+    expect(storedFiles(user.user.id)).toEqual([]);
   });
 });

@@ -4,14 +4,28 @@ import type { Readable } from 'node:stream';
 import { sql } from 'drizzle-orm';
 
 import { transaction } from '../../core/db.js';
-import { ConflictError, PayloadTooLargeError, PaymentRequiredError, UnprocessableError } from '../../core/errors.js';
+import { ConflictError, PayloadTooLargeError, PaymentRequiredError, ServiceUnavailableError, UnprocessableError } from '../../core/errors.js';
 
 import { knowledgeEntries, type KnowledgeEntry, type KnowledgeFolder, knowledgeFolders } from '../../models/index.js';
 
 import { type KnowledgeEntryListQuery, type KnowledgeEntryUpdate, nameProblem, normalizeName } from '../../schemas/knowledge.js';
 
 import * as billingCrud from '../../crud/billing.js';
-import { clearJobQueuedMarks, counts, entryCrud, entryNames, folderCrud, folderPolicy, jobQueuedMark, ownRows, usedBytes, writeUniquelyNamed } from '../../crud/knowledge.js';
+import {
+  claimUploadedFile,
+  clearJobQueuedMarks,
+  counts,
+  entryCrud,
+  entryNames,
+  folderCrud,
+  folderPolicy,
+  forgetFileDeletions,
+  jobQueuedMark,
+  ownRows,
+  recordUploadedFile,
+  usedBytes,
+  writeUniquelyNamed,
+} from '../../crud/knowledge.js';
 import { matching } from '../../crud/owned.js';
 import * as userCrud from '../../crud/user.js';
 import { SNIFF_HEAD_BYTES, sniffFormat } from '../../modules/knowledge/sniff.js';
@@ -184,10 +198,14 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
   const storage = knowledgeStorage(ctx.settings);
   const placed = { id, owner_id: ownerId, folder_id: folder.id };
   const head: Buffer[] = [];
+  // Recorded before a byte is stored: a process killed between storing the file and writing the
+  // entry leaves this row, and the sweeper deletes the file once the upload cannot be running.
+  const recorded = await recordUploadedFile(ctx.db, entryKey(storage, placed), uploadGraceMs(ctx.settings));
   let stored;
   try {
     stored = await storage.saveFile(keepingHead(file.stream, head), id, undefined, [ownerId, folder.id], { maxBytes: allowance.max });
   } catch (error) {
+    await forgetFileDeletions(ctx.db, [recorded]);
     if (isTooLarge(error)) throw tooLarge(allowance, allowance.max, true);
     throw error;
   }
@@ -195,6 +213,9 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
     await file.restOfForm?.();
     const type = await sniffed(Buffer.concat(head), filename, file.declaredMime);
     const entry = await transaction(ctx.db, async (tx) => {
+      if (!(await claimUploadedFile(tx, recorded))) {
+        throw new ServiceUnavailableError('The upload took too long to complete and its file was discarded; upload it again');
+      }
       await userCrud.lockUser(tx, ownerId);
       const used = await usedBytes(tx, ownerId);
       if (used + stored.size > allowance.quota) throw tooLarge({ ...allowance, used }, stored.size);
@@ -218,10 +239,24 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
     await queueIngestion(ctx, entry.id);
     return entry;
   } catch (error) {
-    await deleteStoredFiles(ctx, [entryKey(storage, placed)]);
+    // The file goes now; if storage refuses, the recorded row stays (when not already claimed)
+    // and the sweeper retries once its grace has passed.
+    const key = entryKey(storage, placed);
+    if (!(await deleteStoredFiles(ctx, [key])).has(key)) await forgetFileDeletions(ctx.db, [recorded]);
     throw error;
   }
 }
+
+/**
+ * How long an upload's recorded file is safe from the sweeper: the request's own bound (its body
+ * must arrive within HTTP_REQUEST_TIMEOUT_MS) and a margin for what follows the last byte (the
+ * storage write's completion, the entry's transaction).
+ */
+export function uploadGraceMs(settings: { HTTP_REQUEST_TIMEOUT_MS: number }): number {
+  return settings.HTTP_REQUEST_TIMEOUT_MS + UPLOAD_GRACE_MARGIN_MS;
+}
+
+const UPLOAD_GRACE_MARGIN_MS = 15 * 60 * 1000;
 
 async function queueIngestion(ctx: ServiceContext, entryId: string): Promise<void> {
   // A job lost here (the queue down) is not lost for good: the sweeper finds the pending entry.
