@@ -103,7 +103,7 @@ export async function writeZipBomb(path: string, bytes: number, declare?: number
  * `dictionary` besides its /Length (what PDF libraries never let you write: a page that unpacks to
  * hundreds of megabytes, filters they do not offer, dictionaries that hide what they hold).
  */
-export function pdfWithStream(dictionary: string, stream: Buffer): Buffer {
+export function pdfWithStream(dictionary: string, stream: Buffer, object6?: string): Buffer {
   const parts: Buffer[] = [Buffer.from('%PDF-1.4\n')];
   const offsets: number[] = [];
   let length = parts[0]!.length;
@@ -120,9 +120,11 @@ export function pdfWithStream(dictionary: string, stream: Buffer): Buffer {
   object(3, Buffer.from('<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>'));
   object(4, Buffer.concat([Buffer.from(`<< /Length ${stream.length} ${dictionary} >>\nstream\n`), stream, Buffer.from('\nendstream')]));
   object(5, Buffer.from('<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>'));
+  if (object6 !== undefined) object(6, Buffer.from(object6));
   const xref = length;
   const entries = offsets.slice(1).map((offset) => `${String(offset).padStart(10, '0')} 00000 n \n`).join('');
-  add(Buffer.from(`xref\n0 6\n0000000000 65535 f \n${entries}trailer\n<< /Size 6 /Root 1 0 R >>\nstartxref\n${xref}\n%%EOF\n`));
+  const size = offsets.length;
+  add(Buffer.from(`xref\n0 ${size}\n0000000000 65535 f \n${entries}trailer\n<< /Size ${size} /Root 1 0 R >>\nstartxref\n${xref}\n%%EOF\n`));
   return Buffer.concat(parts);
 }
 
@@ -140,4 +142,74 @@ export async function madeFile(name: string, write: (path: string) => Promise<vo
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
+}
+
+/** `data` LZW-encoded as PDF's LZWDecode reads it (9- to 12-bit codes, a clear code before the table fills, 257 at the end). */
+export function lzwEncode(data: Buffer, earlyChange = 1): Buffer {
+  const out: number[] = [];
+  let bits = 0;
+  let bitCount = 0;
+  let emitted = 0;
+  const write = (code: number) => {
+    // The width the decoder reads this code with: from its table's size after the previous code.
+    const decoderNext = 258 + Math.max(0, emitted - 1);
+    const width = Math.min(12, Math.floor(Math.log2(decoderNext + earlyChange)) + 1);
+    bits = (bits << width) | code;
+    bitCount += width;
+    while (bitCount >= 8) {
+      bitCount -= 8;
+      out.push((bits >>> bitCount) & 255);
+    }
+    bits &= (1 << bitCount) - 1;
+    emitted++;
+  };
+  let table = new Map<number, number>();
+  let next = 258;
+  let prefix = -1;
+  for (const byte of data) {
+    if (prefix < 0) {
+      prefix = byte;
+      continue;
+    }
+    const known = table.get(prefix * 256 + byte);
+    if (known !== undefined) {
+      prefix = known;
+      continue;
+    }
+    write(prefix);
+    table.set(prefix * 256 + byte, next++);
+    prefix = byte;
+    if (next >= 4000) {
+      write(256);
+      emitted = 0;
+      table = new Map();
+      next = 258;
+    }
+  }
+  if (prefix >= 0) write(prefix);
+  write(257);
+  if (bitCount > 0) out.push((bits << (8 - bitCount)) & 255);
+  return Buffer.from(out);
+}
+
+/** `data` in ASCII85 (`z` for four zero bytes), ended with `~>`. */
+export function ascii85Encode(data: Buffer): Buffer {
+  let out = '';
+  for (let at = 0; at < data.length; at += 4) {
+    const group = Buffer.alloc(4);
+    data.copy(group, 0, at, at + 4);
+    const count = Math.min(4, data.length - at);
+    let value = group.readUInt32BE(0);
+    if (value === 0 && count === 4) {
+      out += 'z';
+      continue;
+    }
+    const chars: string[] = [];
+    for (let i = 0; i < 5; i++) {
+      chars.unshift(String.fromCharCode((value % 85) + 33));
+      value = Math.floor(value / 85);
+    }
+    out += chars.slice(0, count + 1).join('');
+  }
+  return Buffer.from(`${out}~>`);
 }

@@ -16,7 +16,7 @@ import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge
 import { pdfSpans } from '../../src/modules/knowledge/pdf.js';
 import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
 import { DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
-import { type Block, pdfWithStream, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
+import { ascii85Encode, type Block, lzwEncode, pdfWithStream, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
 
 const LIMITS: ExtractLimits = { maxTextChars: 1_000_000, timeoutMs: 20_000, maxMemoryMb: 128, maxTotalMemoryMb: 512 };
 let dir: string;
@@ -333,6 +333,46 @@ describe('extractDocument: what it refuses', () => {
     it('but not a stream its own dictionary calls an image (text extraction never decodes pictures)', async () => {
       const path = await file('picture.pdf', pdfWithStream('/Subtype /Image /Filter /FlateDecode', deflateSync(page.subarray(page.length - 20 * 1024 * 1024))));
       expect((await extract(path, 'picture.pdf', { maxMemoryMb: 64 })).text).toBe('Hello from a bomb');
+    });
+  });
+
+  describe('refuses an LZW or ASCII85 page past the allowance up front, as a Flate one', () => {
+    const text = Buffer.from('BT /F1 12 Tf 72 712 Td (Hello from a bomb) Tj ET');
+    const page = Buffer.concat([Buffer.alloc(20 * 1024 * 1024, 0x20), text]);
+    const refused = 'the PDF expands to more than 16 MB when one of its parts is unpacked (the limit per part); it is damaged or built to exhaust the reader';
+    let lzwBomb: Buffer;
+    let lzwBombEarly0: Buffer;
+    let flateBomb: Buffer;
+    beforeAll(() => {
+      lzwBomb = lzwEncode(page);
+      lzwBombEarly0 = lzwEncode(page, 0);
+      flateBomb = deflateSync(page, { level: 9 });
+    });
+    it.each([
+      ['LZWDecode', () => pdfWithStream('/Filter /LZWDecode', lzwBomb)],
+      ['LZWDecode with EarlyChange 0', () => pdfWithStream('/Filter /LZWDecode /DecodeParms << /EarlyChange 0 >>', lzwBombEarly0)],
+      ['LZW behind ASCII85', () => pdfWithStream('/Filter [/A85 /LZW]', ascii85Encode(lzwBomb))],
+      ['Flate behind ASCII85', () => pdfWithStream('/Filter [/ASCII85Decode /FlateDecode]', ascii85Encode(flateBomb))],
+      ['Flate behind LZW', () => pdfWithStream('/Filter [/LZWDecode /FlateDecode]', lzwEncode(flateBomb))],
+      ['filters behind a reference (pdf.js follows it)', () => pdfWithStream('/Filter 6 0 R', lzwBomb, '[/LZWDecode]')],
+      ['a decoy /F name before the real key', () => pdfWithStream('/Name /F /Filter /LZWDecode', lzwBomb)],
+    ])('%s', async (name, pdf) => {
+      const bytes = pdf();
+      expect(bytes.length).toBeLessThan(200 * 1024);
+      const path = await file(`${name.replaceAll(/\W+/g, '-')}.pdf`, bytes);
+      expect(await rejection(extract(path, 'bomb.pdf', { maxMemoryMb: 64 }))).toBe(refused);
+    });
+
+    it('reads the same pages within the allowance (the check decodes as pdf.js does)', async () => {
+      const small = Buffer.concat([Buffer.alloc(1024 * 1024, 0x20), text]);
+      for (const [name, pdf] of [
+        ['lzw', pdfWithStream('/Filter /LZWDecode', lzwEncode(small))],
+        ['lzw-early0', pdfWithStream('/Filter /LZWDecode /DecodeParms << /EarlyChange 0 >>', lzwEncode(small, 0))],
+        ['a85-flate', pdfWithStream('/Filter [/ASCII85Decode /FlateDecode]', ascii85Encode(deflateSync(small)))],
+        ['a85-lzw', pdfWithStream('/Filter [/A85 /LZW]', ascii85Encode(lzwEncode(small)))],
+      ] as const) {
+        expect((await extract(await file(`${name}-small.pdf`, pdf), `${name}.pdf`, { maxMemoryMb: 64 })).text, name).toBe('Hello from a bomb');
+      }
     });
   });
 

@@ -1,4 +1,6 @@
-import { createInflate } from 'node:zlib';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { constants, createInflate } from 'node:zlib';
 
 import { getDocumentProxy } from 'unpdf';
 
@@ -111,6 +113,359 @@ function beforeFlate(data: Buffer): Buffer {
   return Buffer.from(data.toString('latin1', 0, end < 0 ? data.length : end).replace(/\s+/g, ''), 'hex');
 }
 
+// ==================== Declared filter chains (LZW, ASCII85) ====================
+
+/** A filter of a declared chain, as pdf.js names them (abbreviations included). */
+type Filter = 'flate' | 'lzw' | 'a85' | 'ahx';
+
+const FILTERS: Record<string, Filter> = {
+  FlateDecode: 'flate',
+  Fl: 'flate',
+  LZWDecode: 'lzw',
+  LZW: 'lzw',
+  ASCII85Decode: 'a85',
+  A85: 'a85',
+  ASCIIHexDecode: 'ahx',
+  AHx: 'ahx',
+};
+
+/**
+ * The chains tried when a stream's filters cannot be read from the file as written (an indirect
+ * array inside a compressed object stream): every way LZW and ASCII85 can lead to a large output.
+ */
+const GUESSED_CHAINS: Filter[][] = [['lzw'], ['lzw', 'flate'], ['a85', 'flate'], ['a85', 'lzw'], ['a85', 'lzw', 'flate'], ['ahx', 'lzw']];
+
+/** Bytes handed from one stage of a chain to the next. */
+const CHUNK_BYTES = 64 * 1024;
+
+type Stage = (input: AsyncIterable<Buffer>) => AsyncGenerator<Buffer>;
+
+async function* chunksOf(data: Buffer): AsyncGenerator<Buffer> {
+  for (let at = 0; at < data.length; at += CHUNK_BYTES) yield data.subarray(at, at + CHUNK_BYTES);
+}
+
+/** Collects output bytes and hands them on in chunks of CHUNK_BYTES. */
+class Output {
+  private buffer = Buffer.allocUnsafe(CHUNK_BYTES);
+  private length = 0;
+
+  /** Adds a byte; a full chunk when one is ready. */
+  push(byte: number): Buffer | null {
+    this.buffer[this.length++] = byte;
+    return this.length === CHUNK_BYTES ? this.take() : null;
+  }
+
+  take(): Buffer {
+    const full = this.buffer.subarray(0, this.length);
+    this.buffer = Buffer.allocUnsafe(CHUNK_BYTES);
+    this.length = 0;
+    return full;
+  }
+
+  get pending(): boolean {
+    return this.length > 0;
+  }
+}
+
+/** pdf.js's ASCII85Decode: whitespace skipped, `z` four zeros, `~` (or the end) ends it, a short last group padded with `u`. */
+async function* ascii85(input: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
+  const out = new Output();
+  const group: number[] = [];
+  const emit = function* (count: number) {
+    let value = 0;
+    for (let i = 0; i < 5; i++) value = value * 85 + ((group[i] ?? 117) - 33);
+    for (let i = 0; i < count; i++) {
+      const full = out.push(Math.floor(value / 256 ** (3 - i)) & 255);
+      if (full) yield full;
+    }
+    group.length = 0;
+  };
+  ending: for await (const chunk of input) {
+    for (const byte of chunk) {
+      if (byte === 32 || byte === 9 || byte === 13 || byte === 10) continue;
+      if (byte === 126) break ending;
+      if (byte === 122 && group.length === 0) {
+        for (let i = 0; i < 4; i++) {
+          const full = out.push(0);
+          if (full) yield full;
+        }
+        continue;
+      }
+      group.push(byte);
+      if (group.length === 5) yield* emit(4);
+    }
+  }
+  if (group.length > 0) yield* emit(group.length - 1);
+  if (out.pending) yield out.take();
+}
+
+/** pdf.js's ASCIIHexDecode: hex digits read in pairs, anything else skipped, `>` ends it. */
+async function* asciiHex(input: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
+  const out = new Output();
+  let first = -1;
+  ending: for await (const chunk of input) {
+    for (const byte of chunk) {
+      let digit;
+      if (byte >= 48 && byte <= 57) digit = byte & 15;
+      else if ((byte >= 65 && byte <= 70) || (byte >= 97 && byte <= 102)) digit = (byte & 15) + 9;
+      else if (byte === 62) break ending;
+      else continue;
+      if (first < 0) first = digit;
+      else {
+        const full = out.push((first << 4) | digit);
+        first = -1;
+        if (full) yield full;
+      }
+    }
+  }
+  if (first >= 0) out.push(first << 4);
+  if (out.pending) yield out.take();
+}
+
+/**
+ * pdf.js's LZWDecode, step for step (its output is what pdf.js would hold): 9- to 12-bit codes,
+ * 256 clears the table, 257 ends, a code past the table repeats the sequence's first byte.
+ */
+function lzw(earlyChange: number): Stage {
+  return async function* (input) {
+    const size = 4096;
+    const values = new Uint8Array(size);
+    const lengths = new Uint16Array(size);
+    const prevCodes = new Uint16Array(size);
+    const sequence = new Uint8Array(size);
+    for (let i = 0; i < 256; i++) [values[i], lengths[i]] = [i, 1];
+    let nextCode = 258;
+    let codeLength = 9;
+    let prevCode = 0;
+    let sequenceLength = 0;
+    let cached = 0;
+    let bitsCached = 0;
+    const out = new Output();
+    for await (const chunk of input) {
+      for (const byte of chunk) {
+        cached = ((cached << 8) | byte) & 0xffffff;
+        bitsCached += 8;
+        while (bitsCached >= codeLength) {
+          bitsCached -= codeLength;
+          const code = (cached >>> bitsCached) & ((1 << codeLength) - 1);
+          const had = sequenceLength > 0;
+          if (code < 256) {
+            sequence[0] = code;
+            sequenceLength = 1;
+          } else if (code >= 258) {
+            if (code < nextCode) {
+              sequenceLength = lengths[code]!;
+              for (let at = sequenceLength - 1, c = code; at >= 0; at--) {
+                sequence[at] = values[c]!;
+                c = prevCodes[c]!;
+              }
+            } else {
+              sequence[sequenceLength++] = sequence[0]!;
+            }
+          } else if (code === 256) {
+            codeLength = 9;
+            nextCode = 258;
+            sequenceLength = 0;
+            continue;
+          } else {
+            if (out.pending) yield out.take();
+            return;
+          }
+          if (had) {
+            prevCodes[nextCode] = prevCode;
+            lengths[nextCode] = lengths[prevCode]! + 1;
+            values[nextCode] = sequence[0]!;
+            nextCode++;
+            const n = nextCode + earlyChange;
+            codeLength = n & (n - 1) ? codeLength : Math.min(Math.log(n) / Math.LN2 + 1, 12) | 0;
+          }
+          prevCode = code;
+          for (let at = 0; at < sequenceLength; at++) {
+            const full = out.push(sequence[at] ?? 0);
+            if (full) yield full;
+          }
+        }
+      }
+    }
+    if (out.pending) yield out.take();
+  };
+}
+
+/** FlateDecode as a stage: what inflates before the data ends or stops being zlib. */
+async function* flate(input: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
+  const inflate = createInflate({ finishFlush: constants.Z_SYNC_FLUSH });
+  // A damaged stream is pdf.js's to judge: what inflated before the damage counts.
+  const fed = pipeline(Readable.from(input), inflate).catch(() => undefined);
+  try {
+    for await (const chunk of inflate) yield chunk as Buffer;
+  } catch {
+    // the damage: counted up to it
+  } finally {
+    inflate.destroy();
+    await fed;
+  }
+}
+
+const STAGES: Record<Filter, (earlyChange: number) => Stage> = { flate: () => flate, lzw, a85: () => ascii85, ahx: () => asciiHex };
+
+/** Counts each stage's output into `sizes[index]`; stops passing bytes on once one is past `limit`. */
+async function* counted(input: AsyncIterable<Buffer>, sizes: number[], index: number, limit: number): AsyncGenerator<Buffer> {
+  for await (const chunk of input) {
+    sizes[index]! += chunk.length;
+    yield chunk;
+    if (sizes[index]! > limit) return;
+  }
+}
+
+/**
+ * The most bytes any stage of `chain` produces from `data` (pdf.js holds each stage's output
+ * whole), stopping past `limit`: decoded as it goes, nothing kept.
+ */
+async function chainSize(data: Buffer, chain: Filter[], earlyChange: number, limit: number): Promise<number> {
+  const sizes = chain.map(() => 0);
+  let stream: AsyncIterable<Buffer> = chunksOf(data);
+  chain.forEach((filter, index) => {
+    stream = counted(STAGES[filter](earlyChange)(stream), sizes, index, limit);
+  });
+  for await (const chunk of stream) void chunk;
+  return Math.max(0, ...sizes);
+}
+
+/** A PDF object as far as the check reads one: names, arrays, dictionaries, references; the rest is `other`. */
+type PdfValue = { name: string } | { array: PdfValue[] } | { dict: Map<string, PdfValue> } | { ref: string } | { number: number } | { other: true };
+
+const DELIMITER = /[\s/<>[\]()%{}]/;
+
+/** Reads PDF objects from `text` the way pdf.js's parser does, enough for a stream's filters: strings and comments skipped, #xx escapes decoded. */
+class ObjectReader {
+  at = 0;
+  constructor(private readonly text: string) {}
+
+  private skipSpace(): void {
+    for (;;) {
+      while (this.at < this.text.length && /\s/.test(this.text[this.at]!)) this.at++;
+      if (this.text[this.at] !== '%') return;
+      while (this.at < this.text.length && this.text[this.at] !== '\n' && this.text[this.at] !== '\r') this.at++;
+    }
+  }
+
+  private word(): string {
+    const from = this.at;
+    while (this.at < this.text.length && !DELIMITER.test(this.text[this.at]!)) this.at++;
+    return this.text.slice(from, this.at);
+  }
+
+  /** The next value; null at the end, or at a `]` or `>>` (which it leaves unread). */
+  value(depth = 0): PdfValue | null {
+    this.skipSpace();
+    const c = this.text[this.at];
+    if (c === undefined || c === ']' || (c === '>' && this.text[this.at + 1] === '>')) return null;
+    if (depth > 32) return null;
+    if (c === '/') {
+      this.at++;
+      return { name: this.word().replace(/#([0-9A-Fa-f]{2})/g, (_, hex: string) => String.fromCharCode(parseInt(hex, 16))) };
+    }
+    if (c === '<' && this.text[this.at + 1] === '<') {
+      this.at += 2;
+      const dict = new Map<string, PdfValue>();
+      for (;;) {
+        const key = this.value(depth + 1);
+        if (key === null) break;
+        const value = this.value(depth + 1);
+        if ('name' in key && value !== null) dict.set(key.name, value);
+        if (value === null) break;
+      }
+      this.skipSpace();
+      if (this.text.startsWith('>>', this.at)) this.at += 2;
+      return { dict };
+    }
+    if (c === '[') {
+      this.at++;
+      const array: PdfValue[] = [];
+      for (let item = this.value(depth + 1); item !== null; item = this.value(depth + 1)) array.push(item);
+      this.skipSpace();
+      if (this.text[this.at] === ']') this.at++;
+      return { array };
+    }
+    if (c === '(') {
+      for (let open = 1; open > 0 && this.at + 1 < this.text.length; ) {
+        const d = this.text[++this.at];
+        if (d === '\\') this.at++;
+        else if (d === '(') open++;
+        else if (d === ')') open--;
+      }
+      this.at++;
+      return { other: true };
+    }
+    if (c === '<') {
+      const end = this.text.indexOf('>', this.at);
+      this.at = end < 0 ? this.text.length : end + 1;
+      return { other: true };
+    }
+    if (DELIMITER.test(c)) {
+      this.at++;
+      return { other: true };
+    }
+    const word = this.word();
+    if (/^\d+$/.test(word)) {
+      // `n g R`: a reference.
+      const reference = /^\s+(\d+)\s+R(?![^\s/<>[\]()%{}])/.exec(this.text.slice(this.at, this.at + 32));
+      if (reference) {
+        this.at += reference[0].length;
+        return { ref: `${word} ${reference[1]}` };
+      }
+    }
+    return /^[+-]?(\d+\.?\d*|\.\d+)$/.test(word) ? { number: Number(word) } : { other: true };
+  }
+}
+
+/** Object `ref` (`n g`) as written in the file, the last one written (an update's); null when it is not there as such (in a compressed object stream). */
+function objectIn(file: string, ref: string): PdfValue | null {
+  const [number, generation] = ref.split(' ');
+  const found = [...file.matchAll(new RegExp(`(?<![0-9])${number}\\s+${generation}\\s+obj`, 'g'))].pop();
+  return found ? new ObjectReader(file.slice(found.index + found[0].length, found.index + found[0].length + 64 * 1024)).value() : null;
+}
+
+/** The value itself, or the object it refers to (null: not found). */
+function resolved(value: PdfValue | undefined, file: () => string): PdfValue | null | undefined {
+  return value && 'ref' in value ? objectIn(file(), value.ref) : value;
+}
+
+/**
+ * The chains to decode a stream with, from its dictionary (`text` from its object's `obj` to
+ * `stream`), as pdf.js reads its filters (/F before /Filter, references followed): null when they
+ * involve neither LZW nor ASCII85 (the Flate check covers the rest). Filters it cannot read (a
+ * reference to an object in a compressed object stream) get every chain LZW and ASCII85 can start.
+ */
+function declaredChains(text: string, file: () => string): { chains: Filter[][]; earlyChanges: number[] } | null {
+  const start = text.indexOf('<<');
+  if (start < 0) return null;
+  const reader = new ObjectReader(text.slice(start));
+  const dictionary = reader.value();
+  if (!dictionary || !('dict' in dictionary)) return null;
+  const dict = dictionary.dict;
+  const filter = resolved(dict.get('F') ?? dict.get('Filter'), file);
+  if (filter === undefined) return null;
+  let names: string[] | null = null;
+  if (filter && 'name' in filter) names = [filter.name];
+  else if (filter && 'array' in filter) {
+    const items = filter.array.map((item) => resolved(item, file));
+    names = items.every((item) => item && 'name' in item) ? items.map((item) => (item as { name: string }).name) : null;
+  }
+  const parms = resolved(dict.get('DP') ?? dict.get('DecodeParms'), file);
+  const early = parms && 'dict' in parms ? resolved(parms.dict.get('EarlyChange'), file) : undefined;
+  const earlyChanges = parms === undefined || (parms && 'dict' in parms && early === undefined) ? [1] : early && 'number' in early ? [early.number] : [0, 1];
+  if (names === null) return { chains: GUESSED_CHAINS, earlyChanges: [0, 1] };
+  const chain: Filter[] = [];
+  for (const name of names) {
+    const known = FILTERS[name];
+    // A filter the check does not decode (an image codec, run-length) ends what it checks.
+    if (!known) break;
+    chain.push(known);
+  }
+  return chain.includes('lzw') || chain.includes('a85') ? { chains: [chain], earlyChanges } : null;
+}
+
 /**
  * Refuses a PDF whose compressed streams unpack past the bounds, before pdf.js sees it: pdf.js
  * decodes a content stream whole into typed arrays, memory outside the V8 heap that the worker's
@@ -118,7 +473,9 @@ function beforeFlate(data: Buffer): Buffer {
  * Every stream is unpacked as Flate whatever its dictionary declares (data that is not zlib fails
  * at its first bytes), so no spelling of the filter hides one; only images are skipped (text
  * extraction never decodes them), when their own dictionary says so outside comments and strings.
- * A page compressed otherwise (LZW, run-length) is left to the memory watch of extract.ts.
+ * A stream whose filters (as pdf.js reads them: references followed) include LZWDecode or
+ * ASCII85Decode is also decoded along that chain, pdf.js's way, each stage counted and bounded
+ * alike. A page compressed otherwise (run-length) is left to the memory watch of extract.ts.
  */
 export async function checkPdfStreams(data: Uint8Array, maxStreamBytes: number): Promise<void> {
   const bytes = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
@@ -126,6 +483,8 @@ export async function checkPdfStreams(data: Uint8Array, maxStreamBytes: number):
   // Where the last stream's data ended: neither its bytes nor its dictionary are searched again,
   // so a file of `stream` keywords costs one pass.
   let searched = 0;
+  // The file as text, made only when a stream's filters refer to another object.
+  let whole: string | undefined;
   for (let at = bytes.indexOf('stream'); at >= 0; at = bytes.indexOf('stream', Math.max(at + 6, searched))) {
     // `endstream` contains `stream`; a stream's data starts after `stream` and its end of line.
     if (at >= 3 && bytes.toString('latin1', at - 3, at) === 'end') continue;
@@ -140,8 +499,16 @@ export async function checkPdfStreams(data: Uint8Array, maxStreamBytes: number):
     // /Image`: a page may as well declare itself an image, which pdf.js ignores; the memory watch
     // of extract.ts bounds what these checks let through).
     const objectAt = bytes.subarray(from, at).lastIndexOf('obj');
-    if (objectAt >= 0 && /\/Subtype\s*\/Image(?![^\s/<>[\]()%{}])/.test(streamDictionary(bytes.toString('latin1', from + objectAt + 3, at)))) continue;
-    const size = await inflatedSize(beforeFlate(bytes.subarray(start, end < 0 ? bytes.length : end)), Math.min(maxStreamBytes, MAX_TOTAL_INFLATED_BYTES - total));
+    const dictionary = objectAt >= 0 ? bytes.toString('latin1', from + objectAt + 3, at) : '';
+    if (/\/Subtype\s*\/Image(?![^\s/<>[\]()%{}])/.test(streamDictionary(dictionary))) continue;
+    const data = bytes.subarray(start, end < 0 ? bytes.length : end);
+    const limit = Math.min(maxStreamBytes, MAX_TOTAL_INFLATED_BYTES - total);
+    let size = await inflatedSize(beforeFlate(data), limit);
+    // Streams declared LZW or ASCII85 (alone or before Flate) are decoded along their chain too.
+    const declared = size > limit ? null : declaredChains(dictionary, () => (whole ??= bytes.toString('latin1')));
+    for (const chain of declared?.chains ?? []) {
+      for (const earlyChange of declared!.earlyChanges) if (size <= limit) size = Math.max(size, await chainSize(data, chain, earlyChange, limit));
+    }
     if (size > maxStreamBytes) {
       throw new DocumentRejectedError(`the PDF expands to more than ${megabytes(maxStreamBytes)} when one of its parts is unpacked (the limit per part); it is damaged or built to exhaust the reader`);
     }
