@@ -9,14 +9,14 @@ import { PassThrough } from 'node:stream';
 import { eq, inArray, sql } from 'drizzle-orm';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 
-import { knowledgeEntries, knowledgeFileDeletions } from '../../src/models/index.js';
+import { knowledgeChunks, knowledgeEntries, knowledgeFileDeletions } from '../../src/models/index.js';
 
 import { uploadGraceMs } from '../../src/services/knowledge/entry-service.js';
-import { knowledgeStorage, purgeDeletedFiles, purgeFilesOf } from '../../src/services/knowledge/files.js';
+import { knowledgeStorage, PURGE_BATCH, purgeDeletedFiles, purgeFilesOf } from '../../src/services/knowledge/files.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
 import { apiOf, eventually } from '../helpers/http.js';
-import { createFolder, ingested, storedFiles as storedFilesIn, upload } from '../helpers/knowledge.js';
+import { createFolder, ingested, search, storedFiles as storedFilesIn, upload } from '../helpers/knowledge.js';
 
 // The sweeper's periodic round must not run while a test counts what a request left to it.
 const ctx = useTestApp({ KB_SWEEP_INTERVAL_MS: '3600000' });
@@ -144,5 +144,54 @@ describe("an upload's file before its entry is written", () => {
     expect(response.statusCode).toBe(413);
     expect(await recorded()).toBe(0);
     expect(storedFiles(user.user.id)).toEqual([]);
+  });
+});
+
+describe('deleting a folder of more entries than a request purges', () => {
+  it('takes every entry out of listings and search at once; the sweeper deletes the files past the first batch', async () => {
+    const folder = await createFolder(ctx.app, user.headers);
+    const kept = await createFolder(ctx.app, user.headers);
+    // One entry ingested for real (its file, text and chunks), the others written directly: as many as a few uploads would leave.
+    const real = await ingested(ctx.app, user.headers, folder.id, { filename: 'real.txt', content: 'Quokkas smile at sunrise.' });
+    const storage = knowledgeStorage(ctx.app.settings);
+    const extra = PURGE_BATCH + 20;
+    const rows = Array.from({ length: extra }, (_, i) => {
+      const id = randomUUID();
+      return {
+        id,
+        owner_id: user.user.id,
+        folder_id: folder.id,
+        filename: `f${i}.txt`,
+        mime_type: 'text/plain',
+        format: 'text' as const,
+        size_bytes: 20,
+        sha256: '0'.repeat(64),
+        storage_key: storage.keyFor(id, [user.user.id, folder.id]),
+        status: 'ready' as const,
+        chunk_count: 1,
+      };
+    });
+    for (const row of rows) await storage.saveFile(`Quokkas number ${row.filename}`, row.id, undefined, [user.user.id, folder.id]);
+    await ctx.database.db.insert(knowledgeEntries).values(rows);
+    await ctx.database.db.insert(knowledgeChunks).values(
+      rows.map((row) => ({ entry_id: row.id, owner_id: user.user.id, chunk_index: 0, text: `Quokkas number ${row.filename}`, token_count: 4, tsv: sql`to_tsvector('english', ${`Quokkas number ${row.filename}`})` as unknown as string })),
+    );
+    const other = await ingested(ctx.app, user.headers, kept.id, { filename: 'other.txt', content: 'Quokkas elsewhere too.' });
+    expect((await search(ctx.app, user.headers, { query: 'quokkas', top_k: 50 })).data.length).toBeGreaterThan(2);
+
+    expect((await api('DELETE', `/knowledge-base/folders/${folder.id}`, user.headers)).statusCode).toBe(200);
+    // Gone for the user the moment the DELETE answers: the folder, its entries, their chunks.
+    expect((await api('GET', `/knowledge-base/folders/${folder.id}`, user.headers)).statusCode).toBe(404);
+    expect((await api('GET', `/knowledge-base/entries/${real.id}`, user.headers)).statusCode).toBe(404);
+    expect((await api('GET', `/knowledge-base/entries/${rows.at(-1)!.id}/download`, user.headers)).statusCode).toBe(404);
+    const listed = (await api('GET', '/knowledge-base/entries?limit=100', user.headers)).json<{ data: { id: string }[]; count: number }>();
+    expect([listed.count, listed.data.map((e) => e.id)]).toEqual([1, [other.id]]);
+    expect((await api('GET', `/knowledge-base/entries?folder_id=${folder.id}`, user.headers)).json<{ count: number }>().count).toBe(0);
+    expect((await search(ctx.app, user.headers, { query: 'quokkas', top_k: 50 })).data.map((hit) => hit.entry_id)).toEqual([other.id]);
+    expect((await api('GET', '/knowledge-base/stats', user.headers)).json<{ entry_count: number; folder_count: number }>()).toMatchObject({ entry_count: 1, folder_count: 1 });
+    // Files: the request purged a batch; the rest waits for the sweeper, which deletes it.
+    expect(await recorded()).toBeGreaterThan(0);
+    await purgeDeletedFiles(deps());
+    expect(storedFiles(user.user.id).filter((name) => name.startsWith(folder.id))).toEqual([]);
   });
 });
