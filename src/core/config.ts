@@ -318,6 +318,12 @@ export const SettingsSchema = z.object({
   KB_MAX_FILE_BYTES: int(1, 10 * 1024 ** 3).default(20 * 1024 * 1024),
   /** Total size of one user's uploaded files (the guide's 50 MB). */
   KB_MAX_BYTES_PER_USER: int(1, 1024 ** 4).default(50 * 1024 * 1024),
+  /**
+   * Uploads one user may have in progress at once (one more: 429). Each may write up to
+   * KB_MAX_FILE_BYTES to storage before the quota is counted again at its end, so this bounds the
+   * disk one user's concurrent uploads can fill meanwhile.
+   */
+  KB_MAX_UPLOADS_IN_FLIGHT_PER_USER: int(1, 10_000).default(8),
   /** PostgreSQL text-search configuration chunks are indexed and queries parsed with. Changing it needs a reindex. */
   KB_SEARCH_LANGUAGE: z.enum(SEARCH_LANGUAGES).default('english'),
   /** Chunks per embeddings request. */

@@ -180,6 +180,17 @@ export async function pendingFileDeletions(db: Db, limit: number): Promise<FileD
 }
 
 /**
+ * Uploads of the owner whose key starts with `ownerPrefix` still in progress: recorded and within
+ * their grace (a dead process's count until their grace has passed).
+ */
+export async function uploadsInFlight(db: Db, ownerPrefix: string): Promise<number> {
+  return db.$count(
+    knowledgeFileDeletions,
+    and(sql`${knowledgeFileDeletions.not_before} > now()`, sql`starts_with(${knowledgeFileDeletions.storage_key}, ${ownerPrefix})`),
+  );
+}
+
+/**
  * Records the key an upload is about to store its file under, to be deleted unless the upload's
  * entry is written (`claimUploadedFile`) before `graceMs` from now: what finds the file of an
  * upload whose process died between storing it and recording its entry. Returns the row's id.

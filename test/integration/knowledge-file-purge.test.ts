@@ -19,7 +19,7 @@ import { apiOf, eventually } from '../helpers/http.js';
 import { createFolder, ingested, search, storedFiles as storedFilesIn, upload } from '../helpers/knowledge.js';
 
 // The sweeper's periodic round must not run while a test counts what a request left to it.
-const ctx = useTestApp({ KB_SWEEP_INTERVAL_MS: '3600000' });
+const ctx = useTestApp({ KB_SWEEP_INTERVAL_MS: '3600000', KB_MAX_UPLOADS_IN_FLIGHT_PER_USER: '2' });
 const api = apiOf(ctx);
 const storedFiles = (ownerId: string) => storedFilesIn(ctx.app.settings.dataDir, ownerId);
 const deps = () => ({ db: ctx.app.db, settings: ctx.app.settings, log: ctx.app.log });
@@ -93,7 +93,8 @@ describe('deleting through the API', () => {
 
 describe("an upload's file before its entry is written", () => {
   /** An upload whose file part has arrived whole and whose form the client has not finished yet: the server has stored the file and waits. */
-  async function uploadHeldOpen(folderId: string) {
+  async function uploadHeldOpen(folderId: string, filename = 'held.txt') {
+    const storedBefore = storedFiles(user.user.id).length;
     const boundary = '----keelheld';
     const body = new PassThrough();
     const response = ctx.app.inject({
@@ -102,8 +103,8 @@ describe("an upload's file before its entry is written", () => {
       headers: { ...user.headers, 'content-type': `multipart/form-data; boundary=${boundary}` },
       payload: body,
     });
-    body.write(`--${boundary}\r\nContent-Disposition: form-data; name="file"; filename="held.txt"\r\nContent-Type: text/plain\r\n\r\nHeld open.\r\n--${boundary}\r\n`);
-    await eventually(async () => storedFiles(user.user.id).length === 1);
+    body.write(`--${boundary}\r\nContent-Disposition: form-data; name="file"; filename="${filename}"\r\nContent-Type: text/plain\r\n\r\nHeld open.\r\n--${boundary}\r\n`);
+    await eventually(async () => storedFiles(user.user.id).length === storedBefore + 1);
     return { response, finish: () => body.end(`Content-Disposition: form-data; name="note"\r\n\r\nx\r\n--${boundary}--\r\n`) };
   }
 
@@ -136,6 +137,31 @@ describe("an upload's file before its entry is written", () => {
     expect(await ctx.database.db.$count(knowledgeEntries, eq(knowledgeEntries.folder_id, folder.id))).toBe(0);
     expect(storedFiles(user.user.id)).toEqual([]);
     expect(await recorded()).toBe(0);
+  });
+
+  it('at most KB_MAX_UPLOADS_IN_FLIGHT_PER_USER of a user at once: one more is refused (429) before a byte is stored', async () => {
+    const folder = await createFolder(ctx.app, user.headers);
+    const first = await uploadHeldOpen(folder.id, 'one.txt');
+    const second = await uploadHeldOpen(folder.id, 'two.txt');
+    const refused = await upload(ctx.app, user.headers, folder.id, { filename: 'three.txt', content: 'Three.' });
+    expect(refused.statusCode, refused.body).toBe(429);
+    expect(refused.json<{ detail: string }>().detail).toMatch(/^Too many uploads in progress: at most 2 at once per user/);
+    expect(refused.headers['retry-after']).toBe('5');
+    expect(storedFiles(user.user.id)).toHaveLength(2);
+    // Another user's uploads are their own.
+    const other = await createUser(ctx.app);
+    const theirs = await createFolder(ctx.app, other.headers);
+    expect((await upload(ctx.app, other.headers, theirs.id, { filename: 'x.txt', content: 'Theirs.' })).statusCode).toBe(201);
+    // A dead process's upload counts only until its grace has passed.
+    await ctx.database.db.update(knowledgeFileDeletions).set({ not_before: sql`now() - interval '1 second'` }).where(sql`starts_with(${knowledgeFileDeletions.storage_key}, ${`knowledge-base/${user.user.id}/${folder.id}/`})`);
+    expect((await upload(ctx.app, user.headers, folder.id, { filename: 'four.txt', content: 'Four.' })).statusCode).toBe(201);
+    await ctx.database.db.update(knowledgeFileDeletions).set({ not_before: sql`now() + interval '1 hour'` }).where(sql`starts_with(${knowledgeFileDeletions.storage_key}, ${`knowledge-base/${user.user.id}/${folder.id}/`})`);
+    first.finish();
+    second.finish();
+    expect((await first.response).statusCode).toBe(201);
+    expect((await second.response).statusCode).toBe(201);
+    // Done: the next one goes through.
+    expect((await upload(ctx.app, user.headers, folder.id, { filename: 'five.txt', content: 'Five.' })).statusCode).toBe(201);
   });
 
   it('a refused upload (too large) leaves no record behind', async () => {

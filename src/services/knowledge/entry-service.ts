@@ -4,7 +4,7 @@ import type { Readable } from 'node:stream';
 import { sql } from 'drizzle-orm';
 
 import { transaction } from '../../core/db.js';
-import { ConflictError, PayloadTooLargeError, PaymentRequiredError, ServiceUnavailableError, UnprocessableError } from '../../core/errors.js';
+import { ConflictError, PayloadTooLargeError, PaymentRequiredError, ServiceUnavailableError, TooManyRequestsError, UnprocessableError } from '../../core/errors.js';
 
 import { knowledgeEntries, type KnowledgeEntry, type KnowledgeFolder, knowledgeFolders } from '../../models/index.js';
 
@@ -23,6 +23,7 @@ import {
   jobQueuedMark,
   ownRows,
   recordUploadedFile,
+  uploadsInFlight,
   usedBytes,
   writeUniquelyNamed,
 } from '../../crud/knowledge.js';
@@ -199,8 +200,16 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
   const placed = { id, owner_id: ownerId, folder_id: folder.id };
   const head: Buffer[] = [];
   // Recorded before a byte is stored: a process killed between storing the file and writing the
-  // entry leaves this row, and the sweeper deletes the file once the upload cannot be running.
-  const recorded = await recordUploadedFile(ctx.db, entryKey(storage, placed), uploadGraceMs(ctx.settings));
+  // entry leaves this row, and the sweeper deletes the file once the upload cannot be running. The
+  // rows of the owner's uploads in progress are counted under the owner's lock: a bound on them.
+  const recorded = await transaction(ctx.db, async (tx) => {
+    await userCrud.lockUser(tx, ownerId);
+    const limit = ctx.settings.KB_MAX_UPLOADS_IN_FLIGHT_PER_USER;
+    if ((await uploadsInFlight(tx, `${storage.keyFor(ownerId)}/`)) >= limit) {
+      throw new TooManyRequestsError(5, `Too many uploads in progress: at most ${limit} at once per user (KB_MAX_UPLOADS_IN_FLIGHT_PER_USER); wait for one to finish`);
+    }
+    return recordUploadedFile(tx, entryKey(storage, placed), uploadGraceMs(ctx.settings));
+  });
   let stored;
   try {
     stored = await storage.saveFile(keepingHead(file.stream, head), id, undefined, [ownerId, folder.id], { maxBytes: allowance.max });
