@@ -6,7 +6,7 @@ import { eq, type SQL, sql } from 'drizzle-orm';
 import { PgDialect } from 'drizzle-orm/pg-core';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 
-import { knowledgeChunks, knowledgeEntries } from '../../src/models/index.js';
+import { knowledgeChunks, knowledgeEntries, knowledgeFileDeletions } from '../../src/models/index.js';
 
 import { queryRows } from '../../src/crud/owned.js';
 import { contentDisposition } from '../../src/routers/knowledge.js';
@@ -394,6 +394,7 @@ describe('uploads over a real connection', () => {
     expect(answer).toMatch(/^HTTP\/1\.1 422/);
     expect(answer).toContain('One file per upload');
     expect(await entryCount(user)).toBe(0);
+    expect(await ctx.database.db.$count(knowledgeFileDeletions, sql`starts_with(${knowledgeFileDeletions.storage_key}, ${`${KNOWLEDGE_PREFIX}/${user.user.id}/`})`)).toBe(0);
     expect(storedFiles(user.user.id)).toEqual([]);
   });
 
@@ -412,6 +413,8 @@ describe('uploads over a real connection', () => {
     await sleep(300);
     expect(await entryCount(user)).toBe(0);
     expect(storedFiles(user.user.id)).toEqual([]);
+    // Nor the record of its key (an upload's mark, which would count it in progress until its grace passed).
+    expect(await ctx.database.db.$count(knowledgeFileDeletions, sql`starts_with(${knowledgeFileDeletions.storage_key}, ${`${KNOWLEDGE_PREFIX}/${user.user.id}/`})`)).toBe(0);
     // The connection's end left the server fine.
     expect((await upload(ctx.app, user.headers, folder.id, { filename: 'ok.txt', content: 'fine' })).statusCode).toBe(201);
   });
