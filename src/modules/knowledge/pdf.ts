@@ -318,6 +318,27 @@ async function* counted(input: AsyncIterable<Buffer>, sizes: number[], index: nu
 }
 
 /**
+ * The most bytes any stage of `chain` could produce from `bytes` of input, whatever they are: a
+ * chain that cannot reach the limit is not decoded (most streams are small).
+ */
+function chainBound(bytes: number, chain: Filter[]): number {
+  let size = bytes;
+  let most = 0;
+  for (const filter of chain) {
+    if (filter === 'a85') size *= 4; // `z`: four bytes per character
+    else if (filter === 'ahx') size = Math.ceil(size / 2);
+    else if (filter === 'flate') size *= 1032; // zlib's largest ratio
+    else {
+      // A code's output is at most one byte longer than any before it (65,535 at most).
+      const codes = Math.ceil((size * 8) / 9);
+      size = codes <= 65_535 ? (codes * (codes + 1)) / 2 : codes * 65_535;
+    }
+    most = Math.max(most, size);
+  }
+  return most;
+}
+
+/**
  * The most bytes any stage of `chain` produces from `data` (pdf.js holds each stage's output
  * whole), stopping past `limit`: decoded as it goes, nothing kept.
  */
@@ -419,16 +440,28 @@ class ObjectReader {
   }
 }
 
-/** Object `ref` (`n g`) as written in the file, the last one written (an update's); null when it is not there as such (in a compressed object stream). */
-function objectIn(file: string, ref: string): PdfValue | null {
-  const [number, generation] = ref.split(' ');
-  const found = [...file.matchAll(new RegExp(`(?<![0-9])${number}\\s+${generation}\\s+obj`, 'g'))].pop();
-  return found ? new ObjectReader(file.slice(found.index + found[0].length, found.index + found[0].length + 64 * 1024)).value() : null;
+/** The objects of a PDF as written in it, found by their `n g obj` (the last one written: an update's), read once. */
+class WrittenObjects {
+  private starts: Map<string, number> | undefined;
+  private text: string | undefined;
+
+  constructor(private readonly bytes: Buffer) {}
+
+  /** Object `ref` (`n g`); null when it is not written as such (it is in a compressed object stream). */
+  get(ref: string): PdfValue | null {
+    if (!this.starts) {
+      this.text = this.bytes.toString('latin1');
+      this.starts = new Map();
+      for (const found of this.text.matchAll(/(?<![0-9])(\d+)\s+(\d+)\s+obj/g)) this.starts.set(`${Number(found[1])} ${Number(found[2])}`, found.index + found[0].length);
+    }
+    const at = this.starts.get(ref.split(' ').map(Number).join(' '));
+    return at === undefined ? null : new ObjectReader(this.text!.slice(at, at + MAX_DICTIONARY_CHARS)).value();
+  }
 }
 
 /** The value itself, or the object it refers to (null: not found). */
-function resolved(value: PdfValue | undefined, file: () => string): PdfValue | null | undefined {
-  return value && 'ref' in value ? objectIn(file(), value.ref) : value;
+function resolved(value: PdfValue | undefined, objects: WrittenObjects): PdfValue | null | undefined {
+  return value && 'ref' in value ? objects.get(value.ref) : value;
 }
 
 /**
@@ -437,7 +470,7 @@ function resolved(value: PdfValue | undefined, file: () => string): PdfValue | n
  * involve neither LZW nor ASCII85 (the Flate check covers the rest). Filters it cannot read (a
  * reference to an object in a compressed object stream) get every chain LZW and ASCII85 can start.
  */
-function declaredChains(text: string, file: () => string): { chains: Filter[][]; earlyChanges: number[] } | null {
+function declaredChains(text: string, file: WrittenObjects): { chains: Filter[][]; earlyChanges: number[] } | null {
   const start = text.indexOf('<<');
   if (start < 0) return null;
   const reader = new ObjectReader(text.slice(start));
@@ -455,7 +488,7 @@ function declaredChains(text: string, file: () => string): { chains: Filter[][];
   const parms = resolved(dict.get('DP') ?? dict.get('DecodeParms'), file);
   const early = parms && 'dict' in parms ? resolved(parms.dict.get('EarlyChange'), file) : undefined;
   const earlyChanges = parms === undefined || (parms && 'dict' in parms && early === undefined) ? [1] : early && 'number' in early ? [early.number] : [0, 1];
-  if (names === null) return { chains: GUESSED_CHAINS, earlyChanges: [0, 1] };
+  if (names === null) return { chains: GUESSED_CHAINS, earlyChanges };
   const chain: Filter[] = [];
   for (const name of names) {
     const known = FILTERS[name];
@@ -483,8 +516,8 @@ export async function checkPdfStreams(data: Uint8Array, maxStreamBytes: number):
   // Where the last stream's data ended: neither its bytes nor its dictionary are searched again,
   // so a file of `stream` keywords costs one pass.
   let searched = 0;
-  // The file as text, made only when a stream's filters refer to another object.
-  let whole: string | undefined;
+  // Read only when a stream's filters refer to another object.
+  const objects = new WrittenObjects(bytes);
   for (let at = bytes.indexOf('stream'); at >= 0; at = bytes.indexOf('stream', Math.max(at + 6, searched))) {
     // `endstream` contains `stream`; a stream's data starts after `stream` and its end of line.
     if (at >= 3 && bytes.toString('latin1', at - 3, at) === 'end') continue;
@@ -502,17 +535,26 @@ export async function checkPdfStreams(data: Uint8Array, maxStreamBytes: number):
     const dictionary = objectAt >= 0 ? bytes.toString('latin1', from + objectAt + 3, at) : '';
     if (/\/Subtype\s*\/Image(?![^\s/<>[\]()%{}])/.test(streamDictionary(dictionary))) continue;
     const data = bytes.subarray(start, end < 0 ? bytes.length : end);
-    const limit = Math.min(maxStreamBytes, MAX_TOTAL_INFLATED_BYTES - total);
-    let size = await inflatedSize(beforeFlate(data), limit);
-    // Streams declared LZW or ASCII85 (alone or before Flate) are decoded along their chain too.
-    const declared = size > limit ? null : declaredChains(dictionary, () => (whole ??= bytes.toString('latin1')));
+    const limit = () => Math.min(maxStreamBytes, MAX_TOTAL_INFLATED_BYTES - total - work);
+    let work = 0;
+    let size = await inflatedSize(beforeFlate(data), limit());
+    work += size;
+    // Streams declared LZW or ASCII85 (alone or before Flate) are decoded along their chain too;
+    // every decoding counts toward the total (it bounds the time the check takes).
+    const declared = size > limit() ? null : declaredChains(dictionary, objects);
     for (const chain of declared?.chains ?? []) {
-      for (const earlyChange of declared!.earlyChanges) if (size <= limit) size = Math.max(size, await chainSize(data, chain, earlyChange, limit));
+      for (const earlyChange of declared!.earlyChanges) {
+        if (size > maxStreamBytes || total + work >= MAX_TOTAL_INFLATED_BYTES) break;
+        if (chainBound(data.length, chain) <= limit()) break;
+        const decoded = await chainSize(data, chain, earlyChange, limit());
+        size = Math.max(size, decoded);
+        work += decoded;
+      }
     }
     if (size > maxStreamBytes) {
       throw new DocumentRejectedError(`the PDF expands to more than ${megabytes(maxStreamBytes)} when one of its parts is unpacked (the limit per part); it is damaged or built to exhaust the reader`);
     }
-    total += size;
+    total += work;
     if (total >= MAX_TOTAL_INFLATED_BYTES) {
       throw new DocumentRejectedError(`the PDF expands to more than ${megabytes(MAX_TOTAL_INFLATED_BYTES)} when unpacked; split it into smaller files`);
     }
