@@ -153,10 +153,20 @@ export async function writeUniquelyNamed<T>(db: Db, scope: NameScope, name: stri
 
 // ==================== Usage ====================
 
-/** Bytes of the user's uploaded files: what KB_MAX_BYTES_PER_USER bounds. */
+/**
+ * The least an entry counts for against KB_MAX_BYTES_PER_USER, however small its file: a stored
+ * file takes a disk block (and a row, an index entry, an ingestion), so a quota of bytes would
+ * otherwise let a user hold millions of empty or one-byte entries.
+ */
+export const MIN_CHARGED_BYTES = 4096;
+
+/** What an entry of `size` bytes counts for against the quota. */
+export const chargedBytes = (size: number) => Math.max(size, MIN_CHARGED_BYTES);
+
+/** Bytes of the user's uploaded files as the quota counts them (each at least MIN_CHARGED_BYTES): what KB_MAX_BYTES_PER_USER bounds. */
 export async function usedBytes(db: Db, ownerId: string): Promise<number> {
   const [row] = await db
-    .select({ total: sql<string>`coalesce(sum(${knowledgeEntries.size_bytes}), 0)` })
+    .select({ total: sql<string>`coalesce(sum(greatest(${knowledgeEntries.size_bytes}, ${MIN_CHARGED_BYTES})), 0)` })
     .from(knowledgeEntries)
     .where(eq(knowledgeEntries.owner_id, ownerId));
   return Number(row?.total ?? 0);

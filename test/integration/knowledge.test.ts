@@ -211,6 +211,32 @@ describe('upload', () => {
     expect((await upload(ctx.app, user.headers, folder.id, { filename: 'c.txt', content: 'z'.repeat(90_000) })).statusCode).toBe(201);
   });
 
+  it('counts each entry for at least 4 KiB against the total: tiny files cannot pile up without bound', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const fits = Math.floor(USER_QUOTA / 4096); // 61
+    const rows = Array.from({ length: fits - 1 }, (_, i) => ({
+      owner_id: user.user.id,
+      folder_id: folder.id,
+      filename: `tiny-${i}.txt`,
+      mime_type: 'text/plain',
+      size_bytes: 1,
+      sha256: '0'.repeat(64),
+      storage_key: `${KNOWLEDGE_PREFIX}/${user.user.id}/${folder.id}/${randomUUID()}`,
+      status: 'failed' as const,
+    }));
+    await ctx.database.db.insert(knowledgeEntries).values(rows);
+    expect((await upload(ctx.app, user.headers, folder.id, { filename: 'last.txt', content: 'x' })).statusCode).toBe(201);
+    const refused = await upload(ctx.app, user.headers, folder.id, { filename: 'one-more.txt', content: 'x' });
+    expect(refused.statusCode).toBe(413);
+    expect(refused.json<{ detail: string }>().detail).toBe(
+      `Storage quota exceeded: the file is 1 bytes (0.0 MiB) (each file counts for at least 4096 bytes (0.0 MiB)) but only ${USER_QUOTA - fits * 4096} bytes (0.0 MiB) of your ${USER_QUOTA} bytes (0.2 MiB) are left (${fits * 4096} bytes (0.2 MiB) used); delete entries to make room`,
+    );
+    expect(storedFiles(user.user.id).filter((name) => name.startsWith(folder.id) && !name.endsWith('.txt'))).toHaveLength(1);
+    // The stats still say what the files hold.
+    expect((await api('GET', '/knowledge-base/stats', user.headers)).json<{ size_bytes: number }>().size_bytes).toBe(fits);
+  });
+
   it('never lets concurrent uploads overrun the per-user total together', async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);

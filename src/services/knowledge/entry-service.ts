@@ -12,6 +12,7 @@ import { type KnowledgeEntryListQuery, type KnowledgeEntryUpdate, nameProblem, n
 
 import * as billingCrud from '../../crud/billing.js';
 import {
+  chargedBytes,
   claimUploadedFile,
   clearJobQueuedMarks,
   counts,
@@ -21,6 +22,7 @@ import {
   folderPolicy,
   forgetFileDeletions,
   jobQueuedMark,
+  MIN_CHARGED_BYTES,
   ownRows,
   recordUploadedFile,
   uploadsInFlight,
@@ -63,8 +65,9 @@ export function tooLarge(allowance: UploadAllowance, size: number, atLeast = fal
   const what = atLeast ? `more than ${bytes(size)}` : bytes(size);
   if (atLeast ? size >= allowance.fileLimit : size > allowance.fileLimit) return new PayloadTooLargeError(`File too large: ${what}; the limit is ${bytes(allowance.fileLimit)} per file`);
   const left = Math.max(0, allowance.quota - allowance.used);
+  const least = !atLeast && size < MIN_CHARGED_BYTES ? ` (each file counts for at least ${bytes(MIN_CHARGED_BYTES)})` : '';
   return new PayloadTooLargeError(
-    `Storage quota exceeded: the file is ${what} but only ${bytes(left)} of your ${bytes(allowance.quota)} are left (${bytes(allowance.used)} used); delete entries to make room`,
+    `Storage quota exceeded: the file is ${what}${least} but only ${bytes(left)} of your ${bytes(allowance.quota)} are left (${bytes(allowance.used)} used); delete entries to make room`,
   );
 }
 
@@ -227,7 +230,7 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
       }
       await userCrud.lockUser(tx, ownerId);
       const used = await usedBytes(tx, ownerId);
-      if (used + stored.size > allowance.quota) throw tooLarge({ ...allowance, used }, stored.size);
+      if (used + chargedBytes(stored.size) > allowance.quota) throw tooLarge({ ...allowance, used }, stored.size);
       return writeUniquelyNamed(tx, entryNames(folder.id), filename, (inner, name) =>
         entryCrud.create(inner, {
           ...placed,
