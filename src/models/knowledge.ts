@@ -158,6 +158,9 @@ export const knowledgeFileDeletions = pgTable(
     // A deleting request finds the rows its own deletion wrote by their keys, however many other
     // deletions wait for the sweeper (services/knowledge/files.ts, purgeFilesOf).
     index('ix_knowledge_file_deletions_storage_key').on(t.storage_key),
+    // Every upload counts its owner's uploads in flight (rows whose not_before is to come): only
+    // uploads' rows are in it, not the deletion backlog's (crud/knowledge.ts, uploadsInFlight).
+    index('ix_knowledge_file_deletions_not_before').on(t.not_before).where(sql`${t.not_before} is not null`),
   ],
 );
 
