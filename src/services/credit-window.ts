@@ -82,7 +82,11 @@ const BLOCK_MIN_LIFE_MS = 1_000;
 export class CreditWindows {
   private readonly current = new Map<string, CreditBlock>();
   private readonly taking = new Map<string, Promise<boolean>>();
-  /** Calls held from a block (current or retired) that have not settled, by user. */
+  /**
+   * Calls held from a block (current or retired) that have not settled, by user. An entry stays, at
+   * 0, once the user's last call has settled (retireIdle drops it): deleted then, the Map re-made
+   * its table at every call of a user calling one at a time (~150 bytes a call).
+   */
   private readonly inFlight = new Map<string, number>();
   /** The user's latest block, current or retired by its successor (not when retired idle): its pace sizes the next. */
   private readonly latest = new Map<string, CreditBlock>();
@@ -187,9 +191,8 @@ export class CreditWindows {
    */
   settled(block: CreditBlock, held: bigint, used: bigint): void {
     block.outstanding -= 1;
-    const calls = (this.inFlight.get(block.userId) ?? 1) - 1;
-    if (calls > 0) this.inFlight.set(block.userId, calls);
-    else this.inFlight.delete(block.userId);
+    const calls = (this.inFlight.get(block.userId) ?? 0) - 1;
+    this.inFlight.set(block.userId, calls > 0 ? calls : 0);
     if (!block.retired) block.available += held - used;
     else if (block.outstanding === 0) this.options.onRetired(block);
   }
@@ -200,6 +203,7 @@ export class CreditWindows {
     for (const block of this.current.values()) if (all || block.lastUsedAt < cutoff) this.retire(block);
     // An idle user's next block starts from the usual size again (and the map keeps only active users).
     for (const [userId, block] of this.latest) if (block.retired && (all || block.lastUsedAt < cutoff)) this.latest.delete(userId);
+    for (const [userId, calls] of this.inFlight) if (calls === 0) this.inFlight.delete(userId);
   }
 
   /** The user has had a block lately (current, or retired and perhaps not yet given back). */

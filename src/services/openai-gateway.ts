@@ -140,7 +140,8 @@ type UserContent = Exclude<Extract<ModelMessage, { role: 'user' }>['content'], s
 
 /** OpenAI's messages as the AI SDK's; a tool result names its tool through the assistant's earlier call. */
 function toModelMessages(messages: readonly ChatMessage[]): ModelMessage[] {
-  const toolNames = new Map<string, string>();
+  // Made by the first tool call: most requests have none, and an empty Map is ~200 bytes a call.
+  let toolNames: Map<string, string> | undefined;
   return messages.map((message, index): ModelMessage => {
     switch (message.role) {
       case 'system':
@@ -160,6 +161,7 @@ function toModelMessages(messages: readonly ChatMessage[]): ModelMessage[] {
         const text = !message.content ? (message.refusal ?? '') : typeof message.content === 'string' ? message.content : message.content.map((p) => (p.type === 'text' ? p.text : p.refusal)).join('');
         const calls = message.tool_calls ?? [];
         if (!calls.length) return { role: 'assistant', content: text, ...named };
+        toolNames ??= new Map();
         for (const call of calls) toolNames.set(call.id, call.function.name);
         return {
           role: 'assistant',
@@ -176,7 +178,7 @@ function toModelMessages(messages: readonly ChatMessage[]): ModelMessage[] {
         };
       }
       case 'tool': {
-        const toolName = toolNames.get(message.tool_call_id);
+        const toolName = toolNames?.get(message.tool_call_id);
         if (toolName === undefined) {
           throw new InvalidRequestError(`No assistant tool call with id ${message.tool_call_id} precedes this tool message`, `messages[${index}].tool_call_id`);
         }

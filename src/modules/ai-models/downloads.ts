@@ -32,10 +32,17 @@ export type FileFetcher = (url: URL, maxBytes: number, abortSignal: AbortSignal)
 
 const sdkFetcher: FileFetcher = (url, maxBytes, abortSignal) => createDownload({ maxBytes })({ url, abortSignal });
 
+/** A URL's fetch, with what ends the try that began it. */
+interface Download {
+  fetching: Promise<FetchedFile>;
+  stop: AbortSignal;
+  fetched: boolean;
+}
+
 /** One call's downloads (see the module's comment); `forTry` gives each try its download function. */
 export class CallDownloads {
-  /** By URL: fetched, or being fetched (removed again when the fetch fails), with what ends the try that began it. */
-  private readonly files = new Map<string, { fetching: Promise<FetchedFile>; stop: AbortSignal; fetched: boolean }>();
+  /** `files`, made by its first use: most calls download nothing (every call on the OpenAI wire), and an empty Map is ~200 bytes a call. */
+  private byUrl: Map<string, Download> | undefined;
   /** Bytes of the files fetched so far. */
   private spent = 0;
   /** The last fetch queued: fetches run one after another. */
@@ -45,6 +52,11 @@ export class CallDownloads {
     private readonly limits: DownloadLimits,
     private readonly fetchFile: FileFetcher = sdkFetcher,
   ) {}
+
+  /** By URL: fetched, or being fetched (removed again when the fetch fails), with what ends the try that began it. */
+  private get files(): Map<string, Download> {
+    return (this.byUrl ??= new Map());
+  }
 
   /** The download function (the SDK's `experimental_download`) of a try that `signal` aborts. */
   forTry(signal: AbortSignal): DownloadFunction {
