@@ -62,7 +62,8 @@ const thrownErrors = new WeakMap<FastifyRequest, unknown>();
 function disconnectSignal(reply: FastifyReply, inFlight: Set<CallerAbort>): CallerAbort {
   const abort = new CallerAbort();
   inFlight.add(abort);
-  reply.raw.once('close', () => {
+  // A response closes once: `on`, not `once`, whose wrapper (a bound function and its state) is ~100 bytes a call.
+  reply.raw.on('close', () => {
     inFlight.delete(abort);
     if (!reply.raw.writableFinished) abort.abort();
   });
