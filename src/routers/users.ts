@@ -20,8 +20,14 @@ const CURRENT_PASSWORD_LIMIT = 'password-change-account';
  */
 const passwordCheckOf = (request: FastifyRequest) => (request.principal.apiKeyId === null ? request.principal.user.id : null);
 
-/** Whether a PATCH /users/me may check the current password (it carries an email or the password). */
-const checksPassword = (request: FastifyRequest) => bodyField(request, 'email') !== null || bodyField(request, 'current_password') !== null;
+/** Whether a PATCH /users/me checks the current password: it carries one (a change of email without it is a 422, no guess). */
+const checksPassword = (request: FastifyRequest) => bodyField(request, 'current_password') !== null;
+
+/**
+ * Only a wrong current password (400) keeps its hit on the counter: a 422 answered before the check
+ * or a 409 (the email taken) after a right password is no guess, and must not lock the owner out.
+ */
+const WRONG_PASSWORD = { failuresOnly: true, failureStatus: 400 };
 
 export const usersRouter: FastifyPluginAsyncZod = async (app) => {
   const { db, settings } = app;
@@ -88,10 +94,8 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       onRequest: requireUser,
       // The password check is the same door as the password change's: the same counter, so a token
       // holder gets RATE_LIMIT_LOGIN_PER_ACCOUNT guesses per window over both routes, not twice that.
-      // A request with neither email nor current_password checks nothing and counts nothing.
-      preValidation: rateLimit(app, CURRENT_PASSWORD_LIMIT, settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, (req) => (checksPassword(req) ? passwordCheckOf(req) : null), {
-        failuresOnly: true,
-      }),
+      // A request without current_password checks nothing and counts nothing.
+      preValidation: rateLimit(app, CURRENT_PASSWORD_LIMIT, settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, (req) => (checksPassword(req) ? passwordCheckOf(req) : null), WRONG_PASSWORD),
       onSend: refundOnSuccess,
     },
     async (request) => {
@@ -114,7 +118,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       onRequest: requireUser,
       // A wrong current password is a failed login by another door: limited per account as login is
       // (RATE_LIMIT_LOGIN_PER_ACCOUNT), so a token holder cannot guess the password here at full speed.
-      preValidation: rateLimit(app, CURRENT_PASSWORD_LIMIT, settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, passwordCheckOf, { failuresOnly: true }),
+      preValidation: rateLimit(app, CURRENT_PASSWORD_LIMIT, settings.RATE_LIMIT_LOGIN_PER_ACCOUNT, passwordCheckOf, WRONG_PASSWORD),
       onSend: refundOnSuccess,
     },
     async (request) => {

@@ -127,8 +127,8 @@ function limiterOf(app: FastifyInstance): Limiter {
   return limiter;
 }
 
-/** Hits that are taken back when the request succeeds (see refundOnSuccess). */
-const refundable = new WeakMap<FastifyRequest, string[]>();
+/** Hits that are taken back when the request succeeds (see refundOnSuccess), each with the one failure that keeps it, if only one does. */
+const refundable = new WeakMap<FastifyRequest, { key: string; keptBy: number | undefined }[]>();
 
 /** Written once per window while the counters are down (per process: the request limits and the keys' rpm alike). */
 const limiterUnavailable = new RepeatedLine();
@@ -141,12 +141,12 @@ export function countersUnavailable(log: Logger, error: unknown, fields: Record<
 }
 
 /** Counts one hit on `name:subject`; throws 429 beyond `max`, 503 when the counters cannot be reached. */
-async function count(request: FastifyRequest, name: string, subject: string, refund: boolean): Promise<Count> {
+async function count(request: FastifyRequest, name: string, subject: string, options: RateLimitOptions): Promise<Count> {
   const limiter = limiterOf(request.server);
   const key = limiter.key(name, subject);
   try {
     const counted = await limiter.store.hit(key, limiter.windowMs);
-    if (refund) refundable.set(request, [...(refundable.get(request) ?? []), key]);
+    if (options.failuresOnly) refundable.set(request, [...(refundable.get(request) ?? []), { key, keptBy: options.failureStatus }]);
     return counted;
   } catch (error) {
     // Failing open would switch brute-force protection off whenever Redis is down.
@@ -165,6 +165,11 @@ export type LimitHook = (request: FastifyRequest, reply: FastifyReply) => Promis
 export interface RateLimitOptions {
   /** Count only requests that fail: a 2xx/3xx answer takes its hit back (needs `refundOnSuccess` as onSend). */
   failuresOnly?: boolean;
+  /**
+   * With `failuresOnly`: the one failure that keeps its hit (a wrong password's 400); any other
+   * answer takes it back too (a 422 before the check, a 409 after a right password).
+   */
+  failureStatus?: number;
 }
 
 /**
@@ -184,18 +189,20 @@ export function rateLimit(
   return async (request) => {
     const subject = keyOf(request);
     if (subject === null) return;
-    const counted = await count(request, name, subject, options.failuresOnly ?? false);
+    const counted = await count(request, name, subject, options);
     if (counted.count > max) refuse(request, name, max, counted);
   };
 }
 
-/** onSend hook of routes with `failuresOnly` limits: a successful answer takes the request's hits back. */
+/** onSend hook of routes with `failuresOnly` limits: a successful answer (or a failure other than `failureStatus`) takes the request's hits back. */
 export async function refundOnSuccess(request: FastifyRequest, reply: FastifyReply, payload: unknown): Promise<unknown> {
-  const keys = refundable.get(request);
-  if (keys && reply.statusCode < 400) {
+  const hits = refundable.get(request);
+  const status = reply.statusCode;
+  const refunded = hits?.filter(({ keptBy }) => status < 400 || (keptBy !== undefined && status !== keptBy));
+  if (refunded?.length) {
     refundable.delete(request);
     const { store } = limiterOf(request.server);
-    await Promise.all(keys.map((key) => store.refund(key))).catch((error: unknown) =>
+    await Promise.all(refunded.map(({ key }) => store.refund(key))).catch((error: unknown) =>
       request.log.error({ err: error }, 'rate limiter refund failed'),
     );
   }
@@ -216,9 +223,9 @@ export function loginLockout(app: FastifyInstance, perAddress: number, ceiling: 
   return async (request) => {
     const account = byAccount(bodyField(request, 'username'));
     if (account === null) return; // validation answers 422; the per-address limit has counted it
-    const pair = await count(request, 'login-account-address', `${account}\n${byIp(request)}`, true);
+    const pair = await count(request, 'login-account-address', `${account}\n${byIp(request)}`, { failuresOnly: true });
     if (pair.count > perAddress) refuse(request, 'login-account-address', perAddress, pair);
-    const total = await count(request, 'login-account', account, true);
+    const total = await count(request, 'login-account', account, { failuresOnly: true });
     if (total.count > ceiling && pair.count > 1) refuse(request, 'login-account', ceiling, total);
   };
 }

@@ -54,3 +54,19 @@ it("counts nothing for an API key, which is refused before any check: a leaked k
   expect((await call(ctx.app, 'PATCH', '/users/me/password', user.headers, { current_password: 'a-wrong-password', new_password: 'another-password' })).statusCode).toBe(400);
   expect((await call(ctx.app, 'PATCH', '/users/me', user.headers, { email: 'moved@keel.test', current_password: 'the-real-password' })).statusCode).toBe(200);
 });
+
+it('counts only wrong current passwords: a 422 before the check or a 409 after a right one spends no try', async () => {
+  const user = await createUser(ctx.app, { password: 'the-real-password' });
+  const taken = await createUser(ctx.app, { password: 'the-other-password' });
+  for (let i = 0; i < 7; i++) {
+    // An older client's email change without the password, a malformed one, a too-short new password, an email taken.
+    expect((await call(ctx.app, 'PATCH', '/users/me', user.headers, { email: `moved-${i}@keel.test` })).statusCode).toBe(422);
+    expect((await call(ctx.app, 'PATCH', '/users/me', user.headers, { email: 'not-an-email', current_password: 'the-real-password' })).statusCode).toBe(422);
+    expect((await call(ctx.app, 'PATCH', '/users/me/password', user.headers, { current_password: 'the-real-password', new_password: 'x' })).statusCode).toBe(422);
+    expect((await call(ctx.app, 'PATCH', '/users/me', user.headers, { email: taken.email, current_password: 'the-real-password' })).statusCode).toBe(409);
+  }
+  // Every try is still there: five wrong ones, then the limit.
+  const guesses: number[] = [];
+  for (let i = 0; i < 6; i++) guesses.push((await call(ctx.app, 'PATCH', '/users/me/password', user.headers, { current_password: `guess-${i}-password`, new_password: 'another-password' })).statusCode);
+  expect(guesses).toEqual([400, 400, 400, 400, 400, 429]);
+});
