@@ -3,6 +3,7 @@ import { z } from 'zod';
 import { isBuiltinModel } from '../modules/ai-models/builtin-ids.js';
 import { CAPABILITIES } from '../modules/ai-models/types.js';
 import { booleanParam, Pagination } from './common.js';
+import { AGENT_MODEL_PREFIX } from './openai.js';
 
 /** A price per million tokens: a decimal string (never a binary float), up to 12 decimal places. */
 const Price = z.string().regex(/^\d{1,9}(\.\d{1,12})?$/, { error: 'A price is a decimal string such as "2.5", up to 12 decimal places' });
@@ -17,7 +18,12 @@ export const ModelId = z
   .trim()
   .min(1)
   .max(200)
-  .regex(/^[^\s\p{Cc}\p{Cf}\p{Cs}]+$/u, { error: 'A model id has no spaces, control or invisible formatting characters' });
+  .regex(/^[^\s\p{Cc}\p{Cf}\p{Cs}]+$/u, { error: 'A model id has no spaces, control or invisible formatting characters' })
+  // `agent:` names a Keel agent on /v1: such a model could not be called here (the name is this
+  // deployment's agents'), and sent to another Keel it would start that deployment's agent run, whose
+  // own model calls do not carry the request's hop marks (core/hop.ts): two deployments whose
+  // catalogs named each other's agents looped without end.
+  .refine((id) => !id.startsWith(AGENT_MODEL_PREFIX), { error: `A model id cannot begin with "${AGENT_MODEL_PREFIX}": that names a Keel agent` });
 
 export const ModelPricingInput = z
   .strictObject({

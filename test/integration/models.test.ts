@@ -166,6 +166,9 @@ describe('superuser changes', () => {
       expectValidationError(await api('POST', '/models', admin, { ...CUSTOM, aliases: [id] }), ['body', 'aliases', '0']);
       expectValidationError(await api('PATCH', '/models/gpt-4.1-mini', admin, { fallbacks: [id] }), ['body', 'fallbacks', '0']);
     }
+    // `agent:` names a Keel agent (on /v1, here or on another Keel whose agent run would not carry the hop marks).
+    expectValidationError(await api('POST', '/models', admin, { ...CUSTOM, id: 'agent:0b7a8d9e-3c1f-4e55-9a21-5d2c1e0f7a44' }), ['body', 'id']);
+    expectValidationError(await api('POST', '/models', admin, { ...CUSTOM, aliases: ['agent:helper'] }), ['body', 'aliases', '0']);
     expectValidationError(await api('PATCH', '/models/gpt-4.1-mini', admin, { name: 'two\nlines' }), ['body', 'name']);
     // Letters of any script are names as any other.
     expect((await api('POST', '/models', admin, { ...CUSTOM, id: 'модель-7b', aliases: [] })).statusCode).toBe(200);
