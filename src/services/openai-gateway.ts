@@ -925,8 +925,9 @@ function describeError(status: number, detail: unknown, thrown: unknown): Descri
   if (status === 422 && Array.isArray(detail)) {
     const [issue] = detail as { loc: (string | number)[]; msg: string; type: string }[];
     if (issue?.type === 'json_invalid') return error(400, 'We could not parse the JSON body of your request.');
-    // The body itself, not a field of it: "Invalid value for body: Field required" said neither.
-    if (issue?.loc.length === 1) {
+    // The body itself missing or not an object: "Invalid value for body: Field required" said neither.
+    // Other issues of the whole body (a value the database refused) keep their own words below.
+    if (issue?.loc.length === 1 && (issue.type === 'missing' || issue.type === 'object_type')) {
       if (issue.type === 'missing') return error(400, 'The request has no body: send a JSON object with the request\'s fields (`model`, ...).', null, 'missing_required_parameter');
       const received = /received (\w+)$/.exec(issue.msg)?.[1];
       return error(400, `The request body must be a JSON object with the request's fields${received ? `, not ${received === 'array' ? 'an array' : `a ${received}`}` : ''}.`);

@@ -62,6 +62,13 @@ describe('OpenAI error objects', () => {
       status: 400,
       body: { error: { message: 'Invalid value for messages[3].content: Input should be a string', type: 'invalid_request_error', param: 'messages[3].content', code: null } },
     });
+    // An issue of the whole body that is not its shape (a value the database refused) says what it is.
+    expect(openAIErrorFrom(422, [{ loc: ['body'], msg: 'Text contains a character that cannot be stored', type: 'value_error' }], undefined).body.error.message).toBe(
+      'Invalid value for body: Text contains a character that cannot be stored',
+    );
+    expect(openAIErrorFrom(422, [{ loc: ['body'], msg: 'Input should be an object', type: 'object_type' }], undefined).body.error.message).toBe(
+      "The request body must be a JSON object with the request's fields.",
+    );
     expect(openAIErrorOf(new Error('secret internals'))).toEqual({ status: 500, body: { error: { message: 'Internal server error', type: 'server_error', param: null, code: null } } });
     expect(openAIErrorOf(new ModelCallAbortedError()).status).toBe(499);
   });
