@@ -195,7 +195,8 @@ export interface QueueOptions {
    * the run bus writes a run's events. A run's start appends its `run.queued` and queues its job
    * without waiting in between; on one connection Redis takes them in that order, so the job cannot
    * be taken before its run's first event is in the log, and both are one round trip (see
-   * services/run-service.ts). Other jobs keep the queue's connection.
+   * services/run-service.ts). Every lane's jobs go on it (emails too: nothing is lost by the order);
+   * jobs without a lane keep the queue's connection.
    */
   laneProducer?: Redis | null;
   /** The jobs a sweeper queues again (default RECOVERED_JOBS): in-process, not queued twice while one waits, and dropped rather than begun once the queue closes. */

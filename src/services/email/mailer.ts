@@ -33,9 +33,18 @@ export class Mailer {
   }
 }
 
-/** The job that talks SMTP; run by whichever process works the queue. */
+/**
+ * The job that talks SMTP; run by whichever process works the queue. A worker without email
+ * settings still takes the job, and fails it saying why: without a handler it would not work the
+ * emails' queue at all (a lane of its own), and messages an API node with SMTP queued would wait
+ * there unseen.
+ */
 export function emailJobs(settings: Settings, logger: Logger): JobHandlers {
-  if (!settings.emailsEnabled) return {};
+  if (!settings.emailsEnabled) {
+    return {
+      'send-email': () => Promise.reject(new Error('email is off on this worker (SMTP_HOST or EMAILS_FROM_EMAIL unset): give it the same email settings as the API nodes')),
+    };
+  }
   const transport = settings.EMAIL_BACKEND === 'console' ? consoleTransport(logger) : smtpTransport(settings);
   const address = settings.EMAILS_FROM_EMAIL ?? 'keel@localhost';
   const from = settings.EMAILS_FROM_NAME ? { name: settings.EMAILS_FROM_NAME, address } : address;
