@@ -12,6 +12,7 @@ import type { Database, Db } from './core/db.js';
 import { registerErrorHandler, ShuttingDownError, UpstreamLoopError } from './core/errors.js';
 import { HOP_HEADER, hopMark, hopsOf } from './core/hop.js';
 import { serverOptions, slashesInLastSegment, trackConnections } from './core/http-server.js';
+import { jsonBodyParser } from './core/json-body.js';
 import { lazyRequestLogger, type Logger } from './core/logger.js';
 import { type EmbeddedMaintenance, startEmbeddedMaintenance } from './core/maintenance.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
@@ -211,14 +212,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     done();
   });
   await app.register(formbody, { bodyLimit: settings.BODY_LIMIT_BYTES });
-  // An empty body sent as JSON is no body (as FastAPI reads it): a DELETE from a client that sets
-  // `content-type: application/json` on every request works, and a route that needs a body
-  // answers 422 `missing`, the same list shape as malformed JSON.
-  const parseJson = app.getDefaultJsonParser('error', 'error');
-  app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body, done) => {
-    if (body === '') return done(null, undefined);
-    return parseJson(request, body as string, done);
-  });
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, jsonBodyParser(app));
   await registerOpenApi(app, settings);
 
   // ==================== Routes ====================

@@ -1,8 +1,9 @@
-import type { FastifyBodyParser, FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { type FastifyPluginAsyncZod, validatorCompiler } from 'fastify-type-provider-zod';
 
 import { noteRefusal } from '../core/access-log.js';
 import { ShuttingDownError } from '../core/errors.js';
+import { type JsonBodyCheck,jsonBodyParser } from '../core/json-body.js';
 
 import {
   ChatCompletion,
@@ -107,9 +108,9 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
   // OpenAI's routes take JSON only: the app's text and form parsers (kept for the rest of the API)
   // read `curl -d` and `text/plain` bodies as a string or a form, which the schema then refused
   // as "expected object" or "model: missing" instead of naming the content type (415 below).
-  // JSON is read as the app reads it, its shape first (shapeCheckedJson).
+  // JSON is read as the app reads it, its shape first (shapeRefusal).
   app.removeContentTypeParser(['text/plain', 'application/x-www-form-urlencoded', 'application/json']);
-  app.addContentTypeParser('application/json', { parseAs: 'string' }, shapeCheckedJson(app));
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, jsonBodyParser(app, shapeRefusal));
   registerOpenAIErrors(app);
   cutOffAtShutdown(app, inFlight);
   const agents = agentModelRoutes(app);
@@ -229,26 +230,23 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
 };
 
 /**
- * The app's JSON parser (an empty body is none; `__proto__` and `constructor` keys refused) for a
- * body whose shape is read first when it is long enough for its parse to cost (utils/json-shape.ts):
- * one nesting past MAX_BODY_DEPTH or holding more than MAX_BODY_VALUES values is a 400 naming the
- * bound and where it was passed, before JSON.parse spends seconds of the event loop on it. A
- * compressed body is left to the parse, whose failure says to send it uncompressed (415).
+ * A body's shape, read before it is parsed when it is long enough for its parse to cost
+ * (utils/json-shape.ts): one nesting past MAX_BODY_DEPTH or holding more than MAX_BODY_VALUES
+ * values is a 400 naming the bound and where it was passed, before JSON.parse spends seconds of the
+ * event loop on it. A compressed body is left to the parse, whose failure says to send it
+ * uncompressed (415).
  */
-function shapeCheckedJson(app: FastifyInstance): FastifyBodyParser<string> {
-  const parseJson = app.getDefaultJsonParser('error', 'error');
-  return (request: FastifyRequest, text: string, done: (error: Error | null, body?: unknown) => void) => {
-    if (text === '') return done(null, undefined);
-    const encoding = request.headers['content-encoding']?.trim().toLowerCase();
-    const issue = text.length > SHAPE_CHECKED_FROM_BYTES && (!encoding || encoding === 'identity') ? jsonShapeIssue(text, MAX_BODY_DEPTH, MAX_BODY_VALUES) : undefined;
-    if (!issue) return parseJson(request, text, done);
-    if (issue.kind === 'depth') {
-      const message = `The request body nests deeper than ${MAX_BODY_DEPTH} levels of arrays and objects; a JSON Schema (a tool's parameters, a response format's schema) nests no deeper than ${MAX_JSON_DEPTH} levels`;
-      return done(new InvalidRequestError(message, paramOf(['body', ...deepField(issue.path)])), undefined);
-    }
-    return done(new InvalidRequestError(`The request body holds more than ${MAX_BODY_VALUES} JSON values (array items and object members, at any depth): no request of this API needs as many`, paramOf(['body', ...issue.path.slice(0, 1)])), undefined);
-  };
-}
+const shapeRefusal: JsonBodyCheck = (request, text) => {
+  if (text.length <= SHAPE_CHECKED_FROM_BYTES) return undefined;
+  const encoding = request.headers['content-encoding']?.trim().toLowerCase();
+  const issue = !encoding || encoding === 'identity' ? jsonShapeIssue(text, MAX_BODY_DEPTH, MAX_BODY_VALUES) : undefined;
+  if (!issue) return undefined;
+  if (issue.kind === 'depth') {
+    const message = `The request body nests deeper than ${MAX_BODY_DEPTH} levels of arrays and objects; a JSON Schema (a tool's parameters, a response format's schema) nests no deeper than ${MAX_JSON_DEPTH} levels`;
+    return new InvalidRequestError(message, paramOf(['body', ...deepField(issue.path)]));
+  }
+  return new InvalidRequestError(`The request body holds more than ${MAX_BODY_VALUES} JSON values (array items and object members, at any depth): no request of this API needs as many`, paramOf(['body', ...issue.path.slice(0, 1)]));
+};
 
 /**
  * The field a body nested too deeply is refused at: a schema where the schema's own check names it
