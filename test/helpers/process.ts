@@ -93,6 +93,14 @@ export async function healthy(child: Child, base: string, timeoutMs = 150_000): 
   }
 }
 
+/** `keel start` of a local deployment on `dataDir` at `port` (JSON logs, warnings up), once it answers /health; `env` adds or overrides settings. */
+export async function startLocalKeel(dataDir: string, port: number, env: Record<string, string>): Promise<{ child: Child; base: string }> {
+  const child = keel(['start'], { ENVIRONMENT: 'local', DATA_DIR: dataDir, HOST: '127.0.0.1', PORT: String(port), LOG_FORMAT: 'json', LOG_LEVEL: 'warn', ...env });
+  const base = `http://127.0.0.1:${port}`;
+  await healthy(child, base);
+  return { child, base };
+}
+
 /** Whether a process with this pid exists. */
 export function exists(pid: number): boolean {
   try {

@@ -11,7 +11,7 @@ import { openDatabase } from '../../src/core/db.js';
 
 import { eventually } from '../helpers/http.js';
 import { storedFiles } from '../helpers/knowledge.js';
-import { freePort, healthy, keel, killLeftovers, migratedDataDir } from '../helpers/process.js';
+import { freePort, killLeftovers, migratedDataDir, startLocalKeel } from '../helpers/process.js';
 import { json } from '../helpers/runs.js';
 
 // The real CLI (`keel start`, embedded) killed with SIGKILL while an upload's file is in storage
@@ -23,21 +23,7 @@ const PROCESS_TEST_TIMEOUT_MS = 120_000;
 afterEach(killLeftovers);
 afterAll(() => rmSync(scratch, { recursive: true, force: true }));
 
-async function start(dataDir: string, port: number) {
-  const child = keel(['start'], {
-    ENVIRONMENT: 'local',
-    DATA_DIR: dataDir,
-    HOST: '127.0.0.1',
-    PORT: String(port),
-    LOG_FORMAT: 'json',
-    LOG_LEVEL: 'warn',
-    FIRST_SUPERUSER: 'admin@upload-crash.test',
-    FIRST_SUPERUSER_PASSWORD: PASSWORD,
-  });
-  const base = `http://127.0.0.1:${port}`;
-  await healthy(child, base);
-  return { child, base };
-}
+const start = (dataDir: string, port: number) => startLocalKeel(dataDir, port, { FIRST_SUPERUSER: 'admin@upload-crash.test', FIRST_SUPERUSER_PASSWORD: PASSWORD });
 
 /** Runs `statement` on the embedded database of `dataDir` (no process has it open). */
 async function onDatabase<T>(dataDir: string, statement: SQL): Promise<T[]> {

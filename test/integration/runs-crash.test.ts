@@ -6,7 +6,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { eventually } from '../helpers/http.js';
-import { freePort, healthy, keel, killLeftovers, migratedDataDir } from '../helpers/process.js';
+import { freePort, killLeftovers, migratedDataDir, startLocalKeel } from '../helpers/process.js';
 import { FINAL_EVENTS, json, messagesOf, readEvents, type RunBody, type SseEvent, startRunWithThread, userWithAgent } from '../helpers/runs.js';
 
 // The real CLI (`keel start`, embedded) killed with SIGKILL or stopped with SIGTERM mid-run, then
@@ -29,14 +29,8 @@ afterAll(async () => {
   rmSync(scratch, { recursive: true, force: true });
 });
 
-async function start(dataDir: string, port: number, env: Record<string, string> = {}) {
-  const child = keel(['start'], {
-    ENVIRONMENT: 'local',
-    DATA_DIR: dataDir,
-    HOST: '127.0.0.1',
-    PORT: String(port),
-    LOG_FORMAT: 'json',
-    LOG_LEVEL: 'warn',
+function start(dataDir: string, port: number, env: Record<string, string> = {}) {
+  return startLocalKeel(dataDir, port, {
     FIRST_SUPERUSER: 'admin@crash.test',
     FIRST_SUPERUSER_PASSWORD: PASSWORD,
     OPENAI_API_KEY: 'sk-fake',
@@ -45,9 +39,6 @@ async function start(dataDir: string, port: number, env: Record<string, string> 
     RUN_SWEEP_INTERVAL_SECONDS: '1',
     ...env,
   });
-  const base = `http://127.0.0.1:${port}`;
-  await healthy(child, base);
-  return { child, base };
 }
 
 /** A user with a default agent on MODEL and a run started on a new thread. */
