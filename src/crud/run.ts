@@ -577,6 +577,11 @@ export async function lastAnswer(db: Db, runId: string): Promise<Message | undef
   return row;
 }
 
+/** The run's messages in the thread, in order (a step's assistant message, then its tool messages). */
+export function messagesOfRun(db: Db, runId: string): Promise<Message[]> {
+  return db.select().from(messages).where(eq(messages.run_id, runId)).orderBy(asc(messages.seq));
+}
+
 /** Clears the hold of an ended run (its final event is written): any hold, or only `owner`'s. */
 export async function clearEndedLease(db: Db, runId: string, owner?: string): Promise<void> {
   await db

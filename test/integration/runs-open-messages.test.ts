@@ -9,7 +9,10 @@ import { describe, expect, it } from 'vitest';
 
 import { messages, runs, threads } from '../../src/models/index.js';
 
+import { appendMessage } from '../../src/crud/thread.js';
+import { messageView } from '../../src/modules/agents/run-lifecycle.js';
 import { RunSweeper } from '../../src/modules/agents/run-sweeper.js';
+import { answerOf } from '../../src/services/agent-completions.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser } from '../helpers/factories.js';
 import { apiOf, sleep } from '../helpers/http.js';
@@ -123,6 +126,52 @@ describe("a run's open message ends in its stream", () => {
     expect(events[at + 1]!.event).toBe('message.created');
     expect((events.at(-2)!.data.message as { content: string }).content).toBe('whole answer');
     expect(events.at(-2)!.data.status).toBeUndefined();
+  });
+
+  it('resumed after its worker died between writing a tool step and appending its events: the step\'s messages end as written, not incomplete, and count in the answer', async () => {
+    const { fake, base } = server;
+    const { owner, thread, agent } = await setup({ tools: ['knowledge_search'] });
+    const [orphan] = await ctx.app.db
+      .insert(runs)
+      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 1, steps: 1, started_at: new Date() })
+      .returning();
+    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
+    // Step 1 as its worker committed it: the assistant's message with its tool call, and the tool's answer.
+    const call = { id: 'call_0', name: 'knowledge_search', arguments: { query: 'invoices' } };
+    const assistant = await appendMessage(ctx.app.db, { id: '00000000-0000-4000-8000-000000000004', thread_id: thread.id, role: 'assistant', content: 'Looking. ', tool_calls: [call], run_id: orphan!.id, metadata: { step: 1, model: MODEL } });
+    const result = await appendMessage(ctx.app.db, { thread_id: thread.id, role: 'tool', content: '{"passages":[]}', tool_call_id: call.id, run_id: orphan!.id, metadata: { step: 1, name: call.name, is_error: false } });
+    // Its events up to the commit: the step's own append (the message completed, the tool message created and completed) never made it.
+    const draft = { ...messageView(assistant), content: '', tool_calls: null };
+    await ctx.app.runs.bus.events.append(orphan!.id, [
+      { event: 'run.queued', data: {} },
+      { event: 'run.started', data: {} },
+      { event: 'message.created', data: { message: draft, step: 1 } },
+      { event: 'message.delta', data: { message_id: assistant.id, delta: 'Looking. ', step: 1 } },
+      { event: 'tool.call', data: { message_id: assistant.id, tool_call_id: call.id, name: call.name, arguments: call.arguments, step: 1 } },
+      { event: 'tool.result', data: { tool_call_id: call.id, name: call.name, content: result.content, is_error: false, step: 1 } },
+    ]);
+    fake.script(MODEL, { text: 'None found.' });
+    expect((await new RunSweeper(ctx.app.runs, ctx.app.runs.runner).sweep()).resumed).toBe(1);
+    expect((await waitForRun(ctx.app, owner.headers, orphan!.id, ['completed', 'failed'])).status).toBe('completed');
+    const { events } = await readEvents(base, owner.headers, orphan!.id);
+    expectContiguous(events);
+    expect(expectEveryMessageEnded(events)).toEqual([]);
+    const at = events.findIndex((e) => e.event === 'message.completed');
+    expect(events.slice(at, at + 4).map((e) => [e.event, (e.data.message as { id: string }).id])).toEqual([
+      ['message.completed', assistant.id],
+      ['message.created', result.id],
+      ['message.completed', result.id],
+      ['message.created', expect.any(String)],
+    ]);
+    expect(events[at]!.data).toMatchObject({ step: 1, message: { content: 'Looking. ', tool_calls: [call] } });
+    // The events' messages are the thread's.
+    const thread_ = (await ctx.app.db.select().from(messages).where(eq(messages.run_id, orphan!.id))).sort((a, b) => a.seq - b.seq);
+    const ended = events.filter((e) => e.event === 'message.completed').map((e) => e.data.message as { id: string; content: string });
+    expect(ended.map((m) => [m.id, m.content])).toEqual(thread_.map((m) => [m.id, m.content]));
+    // An agent completion's answer has both steps' text.
+    let answer = '';
+    for await (const piece of answerOf(ctx.app.runs.bus.events.read(orphan!.id, 0, AbortSignal.timeout(10_000)), AbortSignal.timeout(10_000))) if (piece.type === 'done') answer = piece.content;
+    expect(answer).toBe('Looking. \n\nNone found.');
   });
 
   it('resumed after its deadline passed (its worker stuck, its lease run out): failed at once, its old message ended, no new step begun', async () => {

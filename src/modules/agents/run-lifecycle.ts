@@ -15,7 +15,7 @@ import { type Message, type Run, runs, threads } from '../../models/index.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
 import { addCosts, type ModelManager } from '../ai-models/index.js';
-import type { NewRunEvent, RunBus, RunEventLog, RunEventName } from './run-bus.js';
+import type { NewRunEvent, RunBus, RunEventName } from './run-bus.js';
 import { RunEventsRefusedError } from './run-bus-errors.js';
 import type { ToolImplementations } from './tools.js';
 
@@ -166,19 +166,29 @@ export type IncompleteReason = 'cancelled' | 'failed' | 'interrupted';
 
 /**
  * The `message.completed` of every message the run's log opened (`message.created`) and never
- * completed, but those in `except` (their completion is on its way): the message with the text its
- * deltas streamed and the tool calls it asked for, and `status: 'incomplete'` with `reason`. Such a
- * message's step was never written, so it is not in the thread; without its end, a client building
- * messages from the events was left with one open for good.
+ * completed, but those in `except` (their completion is on its way). Without its end, a client
+ * building messages from the events was left with one open for good.
+ *
+ * A message whose step was never written is not in the thread: it ends with the text its deltas
+ * streamed and the tool calls it asked for, and `status: 'incomplete'` with `reason`. A message
+ * whose step was written (committed) but whose events were not (its worker's append failed, or it
+ * died between the commit and the append) is in the thread: it ends as its step would have ended it
+ * (completedEvents: the message as written, its step's tool messages created and completed), so
+ * the events say what the thread holds and an agent completion's answer (answerOf) includes it.
  */
-export async function openMessagesClosed(events: RunEventLog, runId: string, reason: IncompleteReason, except: ReadonlySet<unknown> = new Set()): Promise<NewRunEvent[]> {
+export async function openMessagesClosed(deps: Pick<RunDeps, 'db' | 'bus'>, runId: string, reason: IncompleteReason, except: ReadonlySet<unknown> = new Set()): Promise<NewRunEvent[]> {
   const open = new Map<unknown, { message: Record<string, unknown>; step: unknown; content: string; toolCalls: Record<string, unknown>[] }>();
-  for (const { event, data } of await events.stored(runId)) {
+  // Every message the log created (open or not): a written step's tool message it created already is not created again.
+  const created = new Set<unknown>();
+  for (const { event, data } of await deps.bus.events.stored(runId)) {
     if (event === 'message.created' || event === 'message.completed') {
       if (typeof data.message !== 'object' || data.message === null) continue;
       const message = data.message as Record<string, unknown>;
       if (event === 'message.completed') open.delete(message.id);
-      else if (!except.has(message.id)) open.set(message.id, { message, step: data.step, content: typeof message.content === 'string' ? message.content : '', toolCalls: [] });
+      else {
+        created.add(message.id);
+        if (!except.has(message.id)) open.set(message.id, { message, step: data.step, content: typeof message.content === 'string' ? message.content : '', toolCalls: [] });
+      }
     } else if (event === 'message.delta') {
       const opened = open.get(data.message_id);
       if (opened && typeof data.delta === 'string') opened.content += data.delta;
@@ -186,11 +196,27 @@ export async function openMessagesClosed(events: RunEventLog, runId: string, rea
       open.get(data.message_id)?.toolCalls.push({ id: data.tool_call_id, name: data.name, arguments: data.arguments });
     }
   }
+  if (!open.size) return [];
+  const written = await runCrud.messagesOfRun(deps.db, runId);
   const now = new Date();
-  return [...open.values()].map(({ message, step, content, toolCalls }) => ({
-    event: 'message.completed',
-    data: { message: { ...message, content, tool_calls: toolCalls.length ? toolCalls : null, updated_at: now }, step, status: 'incomplete', reason },
-  }));
+  const closed: NewRunEvent[] = [];
+  for (const [id, { message, step, content, toolCalls }] of open) {
+    const at = written.findIndex((row) => row.id === id);
+    if (at < 0) {
+      closed.push({ event: 'message.completed', data: { message: { ...message, content, tool_calls: toolCalls.length ? toolCalls : null, updated_at: now }, step, status: 'incomplete', reason } });
+      continue;
+    }
+    const row = written[at]!;
+    // Its step's tool messages follow it in the thread (the step's one transaction wrote them).
+    const toolMessages: Message[] = [];
+    for (const next of written.slice(at + 1)) {
+      if (next.role !== 'tool') break;
+      if (!created.has(next.id)) toolMessages.push(next);
+      created.add(next.id);
+    }
+    closed.push(...completedEvents([row, ...toolMessages], typeof step === 'number' ? step : Number(row.metadata.step)));
+  }
+  return closed;
 }
 
 /** Writes the final event of a run ended with FINAL_EVENT_PENDING, then clears the mark; left for the sweep when the write fails. */
@@ -212,7 +238,7 @@ export async function appendFinalEvent(deps: RunDeps, run: Run, before: readonly
   const { events } = deps.bus;
   // A run that did not complete ends the messages it left open first (a completed run's step completed its own).
   const completing = new Set(before.filter((e) => e.event === 'message.completed').map((e) => (e.data.message as { id?: unknown } | undefined)?.id));
-  const final = async () => [...(run.status === 'completed' ? [] : await openMessagesClosed(events, run.id, run.status as 'cancelled' | 'failed', completing)), ...before, runEvent(run)];
+  const final = async () => [...(run.status === 'completed' ? [] : await openMessagesClosed(deps, run.id, run.status as 'cancelled' | 'failed', completing)), ...before, runEvent(run)];
   try {
     await events.append(run.id, await final()).catch(async (error: unknown) => {
       if (!(error instanceof RunEventsRefusedError) || error.reason !== 'stale') throw error;

@@ -377,8 +377,9 @@ export class AgentRunner {
     const top = expectFirst ? 1 : earlier ? bus.events.resumeSeq!(run.id) : bus.events.lastSeq(run.id);
     const [version, lastSeq] = await Promise.all([this.versionOf(run.agent_id, run.agent_version), top]);
     if (lastSeq <= 1) announcement.push(runEvent(run));
-    // A resumed run: the message its last worker was streaming when it stopped never completed; it ends first, incomplete.
-    else announcement.push(...(await openMessagesClosed(bus.events, run.id, 'interrupted')));
+    // A resumed run: the message its last worker opened and never completed ends first: incomplete
+    // when its step was not written, as written (with its tool messages) when only its events were not.
+    else announcement.push(...(await openMessagesClosed(deps, run.id, 'interrupted')));
     let firstHistory: Message[] | null = claimedHistory;
     const tools = toolSetOf(version);
     const toolContext: Omit<ToolCallContext, 'cite'> = {
