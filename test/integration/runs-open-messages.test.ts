@@ -216,6 +216,20 @@ describe("a run's open message ends in its stream", () => {
     const { events } = await readEvents(base, owner.headers, hopeless!.id);
     expect(events.map((e) => e.event)).toEqual(['run.queued', 'message.created', 'message.delta', 'message.completed', 'run.failed']);
     expect(events[3]!.data).toMatchObject({ status: 'incomplete', reason: 'failed', message: { id: dead.id, content: 'cut' } });
+    expect((events[4]!.data.run as { error: string }).error).toMatch(/^The run was interrupted 3 times/);
+  });
+
+  it('the sweep giving up a run past its deadline says the deadline passed, not that it was interrupted', async () => {
+    const { owner, thread, agent } = await setup();
+    const [stuck] = await ctx.app.db
+      .insert(runs)
+      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'stuck-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 3, started_at: new Date(Date.now() - 60_000) })
+      .returning();
+    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
+    expect((await new RunSweeper(ctx.app.runs, ctx.app.runs.runner).sweep()).failed).toBe(1);
+    const [ended] = await ctx.app.db.select().from(runs).where(eq(runs.id, stuck!.id));
+    expect(ended!.status).toBe('failed');
+    expect(ended!.error).toBe(`The run passed its deadline of 3 s (RUN_TIMEOUT_SECONDS) and was stopped; start it again with POST /runs/${stuck!.id}/retry`);
   });
 });
 

@@ -37,6 +37,9 @@ export interface RunDeps {
   refuseSpentKeyRpm?: (keyId: string, rpm: number) => Promise<void>;
 }
 
+/** When a run's deadline passes (RUN_TIMEOUT_SECONDS from its first start, kept across resumes). */
+export const deadlineOf = (run: Pick<Run, 'started_at'>, timeoutSeconds: number): Date => new Date(run.started_at!.getTime() + timeoutSeconds * 1000);
+
 /** A run as clients see it (GET /runs/{id} and the `run` of run.* events): no lease internals. */
 export function runView(run: Run) {
   const { lease_owner: _owner, lease_expires_at: _expires, waiting: _waiting, input_message_id: _input, api_key_id: _key, ...view } = run;

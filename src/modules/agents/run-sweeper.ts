@@ -3,13 +3,13 @@
  * carries ids. At start-up and every RUN_SWEEP_INTERVAL_SECONDS it queues again runs left `queued`
  * (an in-process queue forgets its jobs on restart; a job may be lost) — a run at most once a lease,
  * whichever worker sweeps, as its job may only be waiting its turn in a backlog — resumes running runs whose worker is gone (lease
- * expired or handed back) or fails them after RUN_MAX_ATTEMPTS, writes the final event of runs
+ * expired or handed back) or fails them after RUN_MAX_ATTEMPTS (saying so, or that their deadline passed), writes the final event of runs
  * cancelled while their worker died, and forgets events older than RUN_EVENTS_TTL_SECONDS.
  */
 import type { Message, Run } from '../../models/index.js';
 
 import * as runCrud from '../../crud/run.js';
-import { appendFinalEvent, closePending, completedEvents, finishRun, queueRun, type RunDeps } from './run-lifecycle.js';
+import { appendFinalEvent, closePending, completedEvents, deadlineOf, finishRun, queueRun, type RunDeps } from './run-lifecycle.js';
 import type { AgentRunner } from './runner.js';
 
 const BATCH = 500;
@@ -63,7 +63,11 @@ export class RunSweeper {
     let failed = 0;
     for (const run of await runCrud.orphanedRunning(deps.db, BATCH)) {
       if (run.attempts >= settings.RUN_MAX_ATTEMPTS) {
-        const error = `The run was interrupted ${run.attempts} times (its worker stopped before finishing) and was given up; start it again with POST /runs/${run.id}/retry`;
+        // Past its deadline, that is why it stopped (its worker was stuck, so its lease ran out): said as the runner says it.
+        const pastDeadline = run.started_at !== null && deadlineOf(run, settings.RUN_TIMEOUT_SECONDS).getTime() <= Date.now();
+        const error = pastDeadline
+          ? `The run passed its deadline of ${settings.RUN_TIMEOUT_SECONDS} s (RUN_TIMEOUT_SECONDS) and was stopped; start it again with POST /runs/${run.id}/retry`
+          : `The run was interrupted ${run.attempts} times (its worker stopped before finishing) and was given up; start it again with POST /runs/${run.id}/retry`;
         const ended = await finishRun(deps, run, { status: 'failed', error }, { leaseExpired: true });
         if (ended) {
           await closePending(deps, ended.run);

@@ -25,7 +25,7 @@ import { storableModelPieces, storableModelText, storableModelValue, storableTex
 import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, RunWriter } from './run-bus.js';
-import { appendFinalEvent, completedEvents, type EndedRun, endInTransaction, endWithAnswer, finishRun, openMessagesClosed, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
+import { appendFinalEvent, completedEvents, deadlineOf, type EndedRun, endInTransaction, endWithAnswer, finishRun, openMessagesClosed, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
 import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, type ToolImplementations, type ToolSource } from './tools.js';
 
 // ==================== Why a run stops ====================
@@ -174,9 +174,6 @@ export function sourcesOfRun(history: readonly Message[], runId: string): ToolSo
 const sourcesField = (sources: ToolSource[]) => (sources.length ? { sources } : {});
 
 // ==================== The runner ====================
-
-/** When a run's deadline passes (RUN_TIMEOUT_SECONDS from its first start). */
-const deadlineOf = (run: Run, timeoutSeconds: number): Date => new Date(run.started_at!.getTime() + timeoutSeconds * 1000);
 
 /** Agent versions a runner keeps (they never change). */
 const VERSION_CACHE_SIZE = 1_000;
