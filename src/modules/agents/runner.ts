@@ -271,7 +271,7 @@ export class AgentRunner {
     // announces itself, with the first event of its work (one write, not two).
     const announcement: NewRunEvent[] = [];
     try {
-      await this.loop(claimed, signal, announcement, appends);
+      await this.loop(claimed, deadlineAt, signal, announcement, appends);
     } catch (error) {
       // The step's events sent without waiting land before whatever ends the run (the open message's end reads them).
       await appends.settle().catch(() => undefined);
@@ -355,9 +355,10 @@ export class AgentRunner {
   /**
    * The steps, until the model answers: the step that answers writes its messages and ends the run
    * in one transaction, and appends its `message.completed` with `run.completed`. `announcement`
-   * (run.started, on a run's first start) goes out with the first event.
+   * (run.started, on a run's first start) goes out with the first event. `deadlineAt`: when the
+   * run's deadline passes (a tool step's lease renewal stops there).
    */
-  private async loop({ run, firstStart, history: claimedHistory }: runCrud.Claimed, signal: AbortSignal, announcement: NewRunEvent[], appends: RunWriter): Promise<void> {
+  private async loop({ run, firstStart, history: claimedHistory }: runCrud.Claimed, deadlineAt: Date, signal: AbortSignal, announcement: NewRunEvent[], appends: RunWriter): Promise<void> {
     const { deps } = this;
     const { settings, bus } = deps;
     if (!run.agent_id) throw new RunFailure('The agent of this run was deleted; start a new run with another agent');
@@ -489,7 +490,7 @@ export class AgentRunner {
             }
             stepMessages = [assistant, ...toolMessages];
             if (toolCalls.length) {
-              await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: runCrud.renewedLease(settings.RUN_LEASE_SECONDS, deadlineOf(run, settings.RUN_TIMEOUT_SECONDS)) as unknown as Date });
+              await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: runCrud.renewedLease(settings.RUN_LEASE_SECONDS, deadlineAt) as unknown as Date });
               return { stepMessages, ended: undefined };
             }
             // The answer: the run ends with it (the lock above is the fence, so the end cannot miss).
