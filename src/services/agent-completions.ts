@@ -198,8 +198,10 @@ export const SERVER_CLOSING = 'server closing';
 /**
  * Reads a run's events (`read` of the run bus, from the start) as answer pieces. Every step's
  * `message.delta` text streams (a step after one that wrote text starts with a blank line); the
- * answer is the run's assistant messages as written (`message.completed`), joined the same way, so
- * it equals the streamed text. A failed or cancelled run throws its error; so does a read that
+ * answer is the run's assistant messages as written (`message.completed`), joined the same way:
+ * the streamed text, but for a message that ends incomplete (a run resumed after its worker stopped
+ * mid-message: its deltas streamed, its step was never written), which is left out — the answer is
+ * what the thread holds. A failed or cancelled run throws its error; so does a read that
  * `signal` (reason CLIENT_LEFT or SERVER_CLOSING) ended first.
  */
 export async function* answerOf(events: AsyncIterable<RunEvent>, signal: AbortSignal): AsyncGenerator<AnswerPiece> {
