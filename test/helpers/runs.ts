@@ -1,8 +1,13 @@
 /** Agents, threads and runs through the API, and a real-HTTP SSE reader for run events. */
 import type { AddressInfo } from 'node:net';
 
+import { eq } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, beforeAll, beforeEach, expect } from 'vitest';
+
+import type { Db } from '../../src/core/db.js';
+
+import { type NewRun, type Run, runs, threads } from '../../src/models/index.js';
 
 import type { TestContext } from './app.js';
 import { superuserHeaders } from './factories.js';
@@ -187,4 +192,17 @@ export async function startRunWithThread(base: string, headers: Record<string, s
 /** The thread's messages, oldest first. */
 export async function messagesOf(base: string, headers: Record<string, string>, threadId: string) {
   return (await json<{ data: { role: string; content: string; run_id: string | null }[] }>(base, 'GET', `/threads/${threadId}/messages?limit=100`, headers)).body.data;
+}
+
+/**
+ * A run some dead worker held on `thread_id` (running, its lease run out a second ago, `more` on top:
+ * its attempts, steps), the thread busy with it: what a sweep or a resume finds after a crash.
+ */
+export async function orphanRun(db: Db, run: Pick<NewRun, 'owner_id' | 'thread_id' | 'agent_id' | 'model'> & Partial<NewRun>): Promise<Run> {
+  const [orphan] = await db
+    .insert(runs)
+    .values({ agent_version: 1, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 1, started_at: new Date(), ...run })
+    .returning();
+  await db.update(threads).set({ status: 'busy' }).where(eq(threads.id, run.thread_id));
+  return orphan!;
 }

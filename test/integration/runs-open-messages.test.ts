@@ -16,7 +16,7 @@ import { answerOf } from '../../src/services/agent-completions.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser } from '../helpers/factories.js';
 import { apiOf, sleep } from '../helpers/http.js';
-import { createAgent, createThread, expectContiguous, readEvents, type SseEvent, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
+import { createAgent, createThread, expectContiguous, orphanRun, readEvents, type SseEvent, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
 
 const MODEL = 'fake-precise';
 /** knowledge_search as a test installs it: takes this long and never looks at the run's signal. */
@@ -100,13 +100,9 @@ describe("a run's open message ends in its stream", () => {
   it('resumed after its worker died mid-message: the old message ends incomplete (interrupted) before the new step, which completes', async () => {
     const { fake, base } = server;
     const { owner, thread, agent } = await setup();
-    const [orphan] = await ctx.app.db
-      .insert(runs)
-      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 1, started_at: new Date() })
-      .returning();
-    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
-    const dead = { id: '00000000-0000-4000-8000-000000000001', thread_id: thread.id, role: 'assistant', content: '', tool_calls: null, tool_call_id: null, run_id: orphan!.id, metadata: {} };
-    await ctx.app.runs.bus.events.append(orphan!.id, [
+    const orphan = await orphanRun(ctx.app.db, { owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, model: MODEL });
+    const dead = { id: '00000000-0000-4000-8000-000000000001', thread_id: thread.id, role: 'assistant', content: '', tool_calls: null, tool_call_id: null, run_id: orphan.id, metadata: {} };
+    await ctx.app.runs.bus.events.append(orphan.id, [
       { event: 'run.queued', data: {} },
       { event: 'run.started', data: {} },
       { event: 'message.created', data: { message: dead, step: 1 } },
@@ -116,8 +112,8 @@ describe("a run's open message ends in its stream", () => {
     fake.script(MODEL, { text: 'whole answer' });
     const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);
     expect((await sweeper.sweep()).resumed).toBe(1);
-    await waitForRun(ctx.app, owner.headers, orphan!.id, ['completed', 'failed']);
-    const { events } = await readEvents(base, owner.headers, orphan!.id);
+    await waitForRun(ctx.app, owner.headers, orphan.id, ['completed', 'failed']);
+    const { events } = await readEvents(base, owner.headers, orphan.id);
     expect(events.at(-1)!.event).toBe('run.completed');
     const [incomplete] = expectEveryMessageEnded(events);
     expect(incomplete!.data).toMatchObject({ status: 'incomplete', reason: 'interrupted', step: 1, message: { id: dead.id, content: 'half an answer' } });
@@ -131,18 +127,14 @@ describe("a run's open message ends in its stream", () => {
   it('resumed after its worker died between writing a tool step and appending its events: the step\'s messages end as written, not incomplete, and count in the answer', async () => {
     const { fake, base } = server;
     const { owner, thread, agent } = await setup({ tools: ['knowledge_search'] });
-    const [orphan] = await ctx.app.db
-      .insert(runs)
-      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 1, steps: 1, started_at: new Date() })
-      .returning();
-    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
+    const orphan = await orphanRun(ctx.app.db, { owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, model: MODEL, steps: 1 });
     // Step 1 as its worker committed it: the assistant's message with its tool call, and the tool's answer.
     const call = { id: 'call_0', name: 'knowledge_search', arguments: { query: 'invoices' } };
-    const assistant = await appendMessage(ctx.app.db, { id: '00000000-0000-4000-8000-000000000004', thread_id: thread.id, role: 'assistant', content: 'Looking. ', tool_calls: [call], run_id: orphan!.id, metadata: { step: 1, model: MODEL } });
-    const result = await appendMessage(ctx.app.db, { thread_id: thread.id, role: 'tool', content: '{"passages":[]}', tool_call_id: call.id, run_id: orphan!.id, metadata: { step: 1, name: call.name, is_error: false } });
+    const assistant = await appendMessage(ctx.app.db, { id: '00000000-0000-4000-8000-000000000004', thread_id: thread.id, role: 'assistant', content: 'Looking. ', tool_calls: [call], run_id: orphan.id, metadata: { step: 1, model: MODEL } });
+    const result = await appendMessage(ctx.app.db, { thread_id: thread.id, role: 'tool', content: '{"passages":[]}', tool_call_id: call.id, run_id: orphan.id, metadata: { step: 1, name: call.name, is_error: false } });
     // Its events up to the commit: the step's own append (the message completed, the tool message created and completed) never made it.
     const draft = { ...messageView(assistant), content: '', tool_calls: null };
-    await ctx.app.runs.bus.events.append(orphan!.id, [
+    await ctx.app.runs.bus.events.append(orphan.id, [
       { event: 'run.queued', data: {} },
       { event: 'run.started', data: {} },
       { event: 'message.created', data: { message: draft, step: 1 } },
@@ -152,8 +144,8 @@ describe("a run's open message ends in its stream", () => {
     ]);
     fake.script(MODEL, { text: 'None found.' });
     expect((await new RunSweeper(ctx.app.runs, ctx.app.runs.runner).sweep()).resumed).toBe(1);
-    expect((await waitForRun(ctx.app, owner.headers, orphan!.id, ['completed', 'failed'])).status).toBe('completed');
-    const { events } = await readEvents(base, owner.headers, orphan!.id);
+    expect((await waitForRun(ctx.app, owner.headers, orphan.id, ['completed', 'failed'])).status).toBe('completed');
+    const { events } = await readEvents(base, owner.headers, orphan.id);
     expectContiguous(events);
     expect(expectEveryMessageEnded(events)).toEqual([]);
     const at = events.findIndex((e) => e.event === 'message.completed');
@@ -165,12 +157,12 @@ describe("a run's open message ends in its stream", () => {
     ]);
     expect(events[at]!.data).toMatchObject({ step: 1, message: { content: 'Looking. ', tool_calls: [call] } });
     // The events' messages are the thread's.
-    const thread_ = (await ctx.app.db.select().from(messages).where(eq(messages.run_id, orphan!.id))).sort((a, b) => a.seq - b.seq);
+    const thread_ = (await ctx.app.db.select().from(messages).where(eq(messages.run_id, orphan.id))).sort((a, b) => a.seq - b.seq);
     const ended = events.filter((e) => e.event === 'message.completed').map((e) => e.data.message as { id: string; content: string });
     expect(ended.map((m) => [m.id, m.content])).toEqual(thread_.map((m) => [m.id, m.content]));
     // An agent completion's answer has both steps' text.
     let answer = '';
-    for await (const piece of answerOf(ctx.app.runs.bus.events.read(orphan!.id, 0, AbortSignal.timeout(10_000)), AbortSignal.timeout(10_000))) if (piece.type === 'done') answer = piece.content;
+    for await (const piece of answerOf(ctx.app.runs.bus.events.read(orphan.id, 0, AbortSignal.timeout(10_000)), AbortSignal.timeout(10_000))) if (piece.type === 'done') answer = piece.content;
     expect(answer).toBe('Looking. \n\nNone found.');
   });
 
@@ -201,19 +193,15 @@ describe("a run's open message ends in its stream", () => {
   it('the sweep giving up a run its dead worker left mid-message ends the message too', async () => {
     const { base } = server;
     const { owner, thread, agent } = await setup();
-    const [hopeless] = await ctx.app.db
-      .insert(runs)
-      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 3, started_at: new Date() })
-      .returning();
-    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
+    const hopeless = await orphanRun(ctx.app.db, { owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, model: MODEL, attempts: 3 });
     const dead = { id: '00000000-0000-4000-8000-000000000002', role: 'assistant', content: '' };
-    await ctx.app.runs.bus.events.append(hopeless!.id, [
+    await ctx.app.runs.bus.events.append(hopeless.id, [
       { event: 'run.queued', data: {} },
       { event: 'message.created', data: { message: dead, step: 1 } },
       { event: 'message.delta', data: { message_id: dead.id, delta: 'cut', step: 1 } },
     ]);
     expect((await new RunSweeper(ctx.app.runs, ctx.app.runs.runner).sweep()).failed).toBe(1);
-    const { events } = await readEvents(base, owner.headers, hopeless!.id);
+    const { events } = await readEvents(base, owner.headers, hopeless.id);
     expect(events.map((e) => e.event)).toEqual(['run.queued', 'message.created', 'message.delta', 'message.completed', 'run.failed']);
     expect(events[3]!.data).toMatchObject({ status: 'incomplete', reason: 'failed', message: { id: dead.id, content: 'cut' } });
     expect((events[4]!.data.run as { error: string }).error).toMatch(/^The run was interrupted 3 times/);

@@ -22,7 +22,7 @@ import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { type FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, type ListBody, sleep, xApiKey } from '../helpers/http.js';
-import { createAgent, createThread, expectContiguous, FINAL_EVENTS, getRun, readEvents, type RunBody, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
+import { createAgent, createThread, expectContiguous, FINAL_EVENTS, getRun, orphanRun, readEvents, type RunBody, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
 
 const MODEL = 'fake-precise';
 
@@ -1253,35 +1253,27 @@ describe('durability', () => {
     const done = await startRun(ctx.app, owner.headers, thread.id, { input: 'before' });
     await waitForRun(ctx.app, owner.headers, done.id, ['completed']);
     // A run some dead worker held: running, lease expired, one step not written.
-    const [orphan] = await ctx.app.db
-      .insert(runs)
-      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: done.agent_id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 1, started_at: new Date() })
-      .returning();
-    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
-    await ctx.app.runs.bus.events.append(orphan!.id, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }, { event: 'message.created', data: {} }]);
+    const orphan = await orphanRun(ctx.app.db, { owner_id: owner.user.id, thread_id: thread.id, agent_id: done.agent_id, model: MODEL });
+    await ctx.app.runs.bus.events.append(orphan.id, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }, { event: 'message.created', data: {} }]);
     fake.script(MODEL, { text: 'resumed answer' });
     expect((await sweeper.sweep()).resumed).toBe(1);
-    const resumed = await waitForRun(ctx.app, owner.headers, orphan!.id, ['completed', 'failed']);
+    const resumed = await waitForRun(ctx.app, owner.headers, orphan.id, ['completed', 'failed']);
     expect(resumed).toMatchObject({ status: 'completed', attempts: 2 });
-    const assistants = (await ctx.app.db.select().from(messages).where(eq(messages.run_id, orphan!.id))).filter((m) => m.role === 'assistant');
+    const assistants = (await ctx.app.db.select().from(messages).where(eq(messages.run_id, orphan.id))).filter((m) => m.role === 'assistant');
     expect(assistants.map((m) => m.content)).toEqual(['resumed answer']);
     // Its log went on from where it was.
-    const { events } = await readEvents(base, owner.headers, orphan!.id);
+    const { events } = await readEvents(base, owner.headers, orphan.id);
     expectContiguous(events);
     expect(events.slice(0, 3).map((e) => e.event)).toEqual(['run.queued', 'run.started', 'message.created']);
     expect(events.at(-1)!.event).toBe('run.completed');
 
     // One that died too often is failed, in words, and its thread is free again.
-    const [hopeless] = await ctx.app.db
-      .insert(runs)
-      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: done.agent_id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 3, started_at: new Date() })
-      .returning();
-    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
+    const hopeless = await orphanRun(ctx.app.db, { owner_id: owner.user.id, thread_id: thread.id, agent_id: done.agent_id, model: MODEL, attempts: 3 });
     expect((await sweeper.sweep()).failed).toBe(1);
-    const failed = await getRun(ctx.app, owner.headers, hopeless!.id);
+    const failed = await getRun(ctx.app, owner.headers, hopeless.id);
     expect(failed.status).toBe('failed');
     expect(failed.error).toMatch(/interrupted 3 times.*retry/);
-    expect((await readEvents(base, owner.headers, hopeless!.id)).events.at(-1)!.event).toBe('run.failed');
+    expect((await readEvents(base, owner.headers, hopeless.id)).events.at(-1)!.event).toBe('run.failed');
     expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
   });
 
@@ -1386,26 +1378,22 @@ describe('durability', () => {
     const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
     const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);
     const { owner, thread, agent } = await setup();
-    const [hopeless] = await ctx.app.db
-      .insert(runs)
-      .values({ owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, agent_version: 1, model: MODEL, status: 'running', lease_owner: 'dead-worker', lease_expires_at: new Date(Date.now() - 1_000), attempts: 3, started_at: new Date() })
-      .returning();
-    await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
-    await ctx.app.runs.bus.events.append(hopeless!.id, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }]);
+    const hopeless = await orphanRun(ctx.app.db, { owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, model: MODEL, attempts: 3 });
+    await ctx.app.runs.bus.events.append(hopeless.id, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }]);
     await refusing(
       'run.failed',
       async (refused) => {
         await sweeper.sweep();
         expect(refused()).toBeGreaterThanOrEqual(1);
-        expect(await getRun(ctx.app, owner.headers, hopeless!.id)).toMatchObject({ status: 'failed' });
-        expect(await leaseOf(hopeless!.id)).toBe(runCrud.FINAL_EVENT_PENDING);
+        expect(await getRun(ctx.app, owner.headers, hopeless.id)).toMatchObject({ status: 'failed' });
+        expect(await leaseOf(hopeless.id)).toBe(runCrud.FINAL_EVENT_PENDING);
       },
       Infinity,
     );
     await sweeper.sweep();
-    const { events, ended } = await readEvents(base, owner.headers, hopeless!.id);
+    const { events, ended } = await readEvents(base, owner.headers, hopeless.id);
     expect(ended).toBe(true);
     expect(events.map((e) => e.event)).toEqual(['run.queued', 'run.started', 'run.failed']);
-    expect(await leaseOf(hopeless!.id)).toBeNull();
+    expect(await leaseOf(hopeless.id)).toBeNull();
   });
 });
