@@ -1,4 +1,4 @@
-import { and, eq, inArray, isNull, lt, lte, or, type SQL, sql } from 'drizzle-orm';
+import { and, eq, inArray, isNotNull, isNull, lt, lte, or, type SQL, sql } from 'drizzle-orm';
 import type { PgColumn } from 'drizzle-orm/pg-core';
 
 import { type Db, transaction } from '../core/db.js';
@@ -179,10 +179,15 @@ export interface FileDeletion {
 
 const fileDeletionColumns = { id: knowledgeFileDeletions.id, storage_key: knowledgeFileDeletions.storage_key };
 
+/** A recorded deletion that is due: a deleted entry's, or an upload's whose grace has passed (`of_upload`: to take first, `takeUploadedFiles`). */
+export interface DueFileDeletion extends FileDeletion {
+  of_upload: boolean;
+}
+
 /** Keys of deleted entries' files still to delete, oldest first (an upload's only once its `not_before` has passed). */
-export async function pendingFileDeletions(db: Db, limit: number): Promise<FileDeletion[]> {
+export async function pendingFileDeletions(db: Db, limit: number): Promise<DueFileDeletion[]> {
   return db
-    .select(fileDeletionColumns)
+    .select({ ...fileDeletionColumns, of_upload: sql<boolean>`${knowledgeFileDeletions.not_before} is not null` })
     .from(knowledgeFileDeletions)
     .where(or(isNull(knowledgeFileDeletions.not_before), lte(knowledgeFileDeletions.not_before, sql`now()`)))
     .orderBy(knowledgeFileDeletions.created_at)
@@ -215,17 +220,48 @@ export async function recordUploadedFile(db: Db, storageKey: string, graceMs: nu
 
 /**
  * In the transaction that writes an upload's entry: takes its file off the list of files to delete.
- * False when the row is gone (the sweeper took it, the file with it: the upload outlived its grace).
+ * False when the row is gone or the sweeper has taken it (`takeUploadedFiles`; the upload outlived
+ * its grace): its file is being deleted, or is gone. The row's lock orders this against the
+ * sweeper's take: whichever writes first wins, the other finds the row no longer its own.
  */
 export async function claimUploadedFile(db: Db, id: string): Promise<boolean> {
-  const rows = await db.delete(knowledgeFileDeletions).where(eq(knowledgeFileDeletions.id, id)).returning({ id: knowledgeFileDeletions.id });
+  const rows = await db
+    .delete(knowledgeFileDeletions)
+    .where(and(eq(knowledgeFileDeletions.id, id), isNotNull(knowledgeFileDeletions.not_before)))
+    .returning({ id: knowledgeFileDeletions.id });
   return rows.length > 0;
 }
 
-/** The deletions recorded for these keys (a key is an entry's for its life: recorded once it is deleted). */
+/**
+ * The sweeper's take of uploads' records whose grace has passed, before it deletes their files:
+ * each becomes a plain deletion record (`not_before` null, as a deleted entry's), which the upload
+ * can no longer claim (`claimUploadedFile`), and which stays until its file is deleted (a crash
+ * or storage refusing in between: the next sweep deletes it). A conditional write, not a read: a
+ * record its upload claimed meanwhile (the entry written, or being written: the take waits for its
+ * commit) is not taken, and its file stays. Returns the ids taken.
+ */
+export async function takeUploadedFiles(db: Db, ids: string[]): Promise<Set<string>> {
+  if (!ids.length) return new Set();
+  const f = knowledgeFileDeletions;
+  const rows = await db
+    .update(f)
+    .set({ not_before: null })
+    .where(and(inArray(f.id, ids), isNotNull(f.not_before), lte(f.not_before, sql`now()`)))
+    .returning({ id: f.id });
+  return new Set(rows.map((row) => row.id));
+}
+
+/**
+ * The deletions recorded for these keys (a key is an entry's for its life: recorded once it is
+ * deleted). Deleted entries' records only: an upload's (`not_before` set) is its upload's to claim
+ * until the sweeper takes it.
+ */
 export async function fileDeletionsOf(db: Db, storageKeys: string[]): Promise<FileDeletion[]> {
   if (!storageKeys.length) return [];
-  return db.select(fileDeletionColumns).from(knowledgeFileDeletions).where(inArray(knowledgeFileDeletions.storage_key, storageKeys));
+  return db
+    .select(fileDeletionColumns)
+    .from(knowledgeFileDeletions)
+    .where(and(inArray(knowledgeFileDeletions.storage_key, storageKeys), isNull(knowledgeFileDeletions.not_before)));
 }
 
 /** Storage keys of up to `limit` of the folder's entries. */

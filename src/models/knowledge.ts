@@ -144,14 +144,15 @@ export const knowledgeChunks = pgTable(
  * An upload records its file's key here too, before a byte is stored, with `not_before` set past
  * the longest the upload can take; the transaction that writes the entry deletes that row. A
  * process killed between storing the file and that commit leaves the row, and the sweeper deletes
- * the file once `not_before` has passed (services/knowledge/entry-service.ts, upload).
+ * the file once `not_before` has passed (services/knowledge/entry-service.ts, upload), having first
+ * taken the row from the upload (`not_before` set to null: crud/knowledge.ts takeUploadedFiles).
  */
 export const knowledgeFileDeletions = pgTable(
   'knowledge_file_deletions',
   {
     ...baseColumns,
     storage_key: text('storage_key').notNull(),
-    /** An upload's file, still being stored and recorded: not to be deleted before this (null: at once). */
+    /** An upload's file, still being stored and recorded: not to be deleted before this (null: at once, a deleted entry's or a taken upload's). */
     not_before: timestamp('not_before', { withTimezone: true }),
   },
   (t) => [

@@ -7,16 +7,21 @@ import { randomUUID } from 'node:crypto';
 import { PassThrough } from 'node:stream';
 
 import { eq, inArray, sql } from 'drizzle-orm';
+import type { LightMyRequestResponse } from 'fastify';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+
+import { transaction } from '../../src/core/db.js';
 
 import { knowledgeChunks, knowledgeEntries, knowledgeFileDeletions } from '../../src/models/index.js';
 
+import { claimUploadedFile, recordUploadedFile } from '../../src/crud/knowledge.js';
 import { uploadGraceMs } from '../../src/services/knowledge/entry-service.js';
 import { knowledgeStorage, PURGE_BATCH, purgeDeletedFiles, purgeFilesOf } from '../../src/services/knowledge/files.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
 import { apiOf, eventually } from '../helpers/http.js';
 import { createFolder, ingested, search, storedFiles as storedFilesIn, upload } from '../helpers/knowledge.js';
+import { lockWaits } from '../helpers/lock-waits.js';
 
 // The sweeper's periodic round must not run while a test counts what a request left to it.
 const ctx = useTestApp({ KB_SWEEP_INTERVAL_MS: '3600000', KB_MAX_UPLOADS_IN_FLIGHT_PER_USER: '2' });
@@ -135,6 +140,88 @@ describe("an upload's file before its entry is written", () => {
     const response = await held.response;
     expect(response.statusCode, response.body).toBe(503);
     expect(await ctx.database.db.$count(knowledgeEntries, eq(knowledgeEntries.folder_id, folder.id))).toBe(0);
+    expect(storedFiles(user.user.id)).toEqual([]);
+    expect(await recorded()).toBe(0);
+  });
+
+  it("finishing just as its grace passes, between the sweeper's read and its deletion of the file, the upload fails (503) rather than leave an entry without a file", async () => {
+    const folder = await createFolder(ctx.app, user.headers);
+    const held = await uploadHeldOpen(folder.id);
+    const [{ key }] = (await ctx.database.db.select({ key: knowledgeFileDeletions.storage_key }).from(knowledgeFileDeletions)) as [{ key: string }];
+    await ctx.database.db.update(knowledgeFileDeletions).set({ not_before: sql`now() - interval '1 second'` });
+    // The sweeper has read the record as due; before it deletes the file the upload's last part
+    // arrives and the upload goes on to write its entry.
+    const { backend } = knowledgeStorage(ctx.app.settings);
+    const remove = backend.remove.bind(backend);
+    let finished: Promise<LightMyRequestResponse> | undefined;
+    let recordMeanwhile: unknown;
+    vi.spyOn(backend, 'remove').mockImplementation(async (k) => {
+      if (k === key && !finished) {
+        // Still recorded while its file is deleted (a crash here leaves it to the next sweep), as a deleted entry's now.
+        recordMeanwhile = await ctx.database.db.select({ not_before: knowledgeFileDeletions.not_before }).from(knowledgeFileDeletions);
+        held.finish();
+        finished = held.response;
+        await finished;
+      }
+      return remove(k);
+    });
+    expect(await purgeDeletedFiles(deps())).toBe(1);
+    const response = await finished!;
+    expect(response.statusCode, response.body).toBe(503);
+    expect(recordMeanwhile).toEqual([{ not_before: null }]);
+    expect(await ctx.database.db.$count(knowledgeEntries, eq(knowledgeEntries.folder_id, folder.id))).toBe(0);
+    expect(storedFiles(user.user.id)).toEqual([]);
+    expect(await recorded()).toBe(0);
+  });
+
+  // Two sessions at once: PGlite runs one at a time, so nothing waits there.
+  it.runIf(Boolean(process.env.DATABASE_URL))("claimed by its entry's transaction as its grace passes, keeps its file: the sweeper's take waits for the commit and finds nothing to take", async () => {
+    const folder = await createFolder(ctx.app, user.headers);
+    const storage = knowledgeStorage(ctx.app.settings);
+    const id = randomUUID();
+    const key = storage.keyFor(id, [user.user.id, folder.id]);
+    const record = await recordUploadedFile(ctx.app.db, key, -1_000);
+    await storage.saveFile('Claimed in time.', id, undefined, [user.user.id, folder.id]);
+    let commit!: () => void;
+    const committing = new Promise<void>((resolve) => (commit = resolve));
+    let claimed!: () => void;
+    const claimHeld = new Promise<void>((resolve) => (claimed = resolve));
+    const entryWritten = transaction(ctx.app.db, async (tx) => {
+      const won = await claimUploadedFile(tx, record);
+      claimed();
+      await committing;
+      return won;
+    });
+    await claimHeld;
+    const purged = purgeDeletedFiles(deps());
+    try {
+      await eventually(async () => (await lockWaits(ctx).waitingForLocks()) > 0);
+      expect(storedFiles(user.user.id)).toHaveLength(1);
+    } finally {
+      commit();
+    }
+    expect(await entryWritten).toBe(true);
+    expect(await purged).toBe(0);
+    expect(storedFiles(user.user.id)).toHaveLength(1);
+    expect(await recorded()).toBe(0);
+  });
+
+  it("whose file storage refused to delete once its grace passed, stays recorded for the next sweep, and the upload can no longer claim it", async () => {
+    const folder = await createFolder(ctx.app, user.headers);
+    const held = await uploadHeldOpen(folder.id);
+    await ctx.database.db.update(knowledgeFileDeletions).set({ not_before: sql`now() - interval '1 second'` });
+    const { backend } = knowledgeStorage(ctx.app.settings);
+    const remove = backend.remove.bind(backend);
+    const refusing = vi.spyOn(backend, 'remove').mockRejectedValue(new Error('storage unavailable'));
+    expect(await purgeDeletedFiles(deps())).toBe(0);
+    expect(await ctx.database.db.select({ not_before: knowledgeFileDeletions.not_before }).from(knowledgeFileDeletions)).toEqual([{ not_before: null }]);
+    held.finish();
+    const response = await held.response;
+    expect(response.statusCode, response.body).toBe(503);
+    expect(await ctx.database.db.$count(knowledgeEntries, eq(knowledgeEntries.folder_id, folder.id))).toBe(0);
+    expect(storedFiles(user.user.id)).toHaveLength(1);
+    refusing.mockImplementation(remove);
+    expect(await purgeDeletedFiles(deps())).toBe(1);
     expect(storedFiles(user.user.id)).toEqual([]);
     expect(await recorded()).toBe(0);
   });

@@ -2,7 +2,7 @@ import type { Settings } from '../../core/config.js';
 import type { Db } from '../../core/db.js';
 import type { Logger } from '../../core/logger.js';
 
-import { type FileDeletion, fileDeletionsOf, forgetFileDeletions, pendingFileDeletions } from '../../crud/knowledge.js';
+import { type FileDeletion, fileDeletionsOf, forgetFileDeletions, pendingFileDeletions, takeUploadedFiles } from '../../crud/knowledge.js';
 import { getStorageService, type StorageService } from '../storage-service.js';
 
 /** Where knowledge-base files live (SPEC §7: prefix `knowledge-base`, path `owner/folder/entry`). */
@@ -64,18 +64,25 @@ async function purge(ctx: { db: Db; settings: Settings; log: Logger }, recorded:
 
 /**
  * Deletes the files of deleted entries (the rows a trigger leaves in knowledge_file_deletions),
- * everyone's, round after round until none is left or storage fails; a key whose deletion failed
- * stays for the next purge. The sweeper's work: a request purges only its own (`purgeFilesOf`).
- * Returns the keys done.
+ * everyone's, and of uploads whose grace has passed, round after round until none is left or
+ * storage fails; a key whose deletion failed stays for the next purge. An upload's record is taken
+ * from its upload first (`takeUploadedFiles`): one its upload claimed after this read (the entry
+ * written just as its grace passed) is left, with its file. The sweeper's work: a request purges
+ * only its own (`purgeFilesOf`). Returns the keys done.
  */
 export async function purgeDeletedFiles(ctx: { db: Db; settings: Settings; log: Logger }): Promise<number> {
   let done = 0;
   for (;;) {
-    const pending = await pendingFileDeletions(ctx.db, PURGE_BATCH);
-    if (!pending.length) return done;
+    const due = await pendingFileDeletions(ctx.db, PURGE_BATCH);
+    if (!due.length) return done;
+    const taken = await takeUploadedFiles(
+      ctx.db,
+      due.filter((row) => row.of_upload).map((row) => row.id),
+    );
+    const pending = due.filter((row) => !row.of_upload || taken.has(row.id));
     const deleted = await purge(ctx, pending);
     done += deleted;
-    if (deleted < pending.length || pending.length < PURGE_BATCH) return done;
+    if (deleted < pending.length || due.length < PURGE_BATCH) return done;
   }
 }
 
@@ -83,8 +90,8 @@ export async function purgeDeletedFiles(ctx: { db: Db; settings: Settings; log: 
  * After a deletion through the API: deletes the files of the entries it deleted, given their keys
  * (up to PURGE_BATCH of them), so that the request's time does not depend on other deletions
  * waiting for the sweeper, which takes what is left or failed. Only keys with a recorded deletion
- * are touched: a key read before the deletion whose entry lives on (moved out of a folder
- * meanwhile) keeps its file. Returns the keys done.
+ * of an entry are touched: a key read before the deletion whose entry lives on (moved out of a
+ * folder meanwhile) keeps its file, and so does an upload's (`fileDeletionsOf`). Returns the keys done.
  */
 export async function purgeFilesOf(ctx: { db: Db; settings: Settings; log: Logger }, storageKeys: string[]): Promise<number> {
   return purge(ctx, await fileDeletionsOf(ctx.db, storageKeys.slice(0, PURGE_BATCH)));
