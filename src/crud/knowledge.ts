@@ -195,13 +195,20 @@ export async function pendingFileDeletions(db: Db, limit: number): Promise<DueFi
 }
 
 /**
- * Uploads of the owner whose key starts with `ownerPrefix` still in progress: recorded and within
- * their grace (a dead process's count until their grace has passed).
+ * Uploads of the owner whose key starts with `ownerPrefix` still in progress: recorded within the
+ * last `inFlightMs` (the longest a live upload can take: a dead process's count no longer than
+ * that, though their files wait out their grace) and not claimed or taken. `not_before > now()`
+ * (true of every such row: its grace is longer) is there for the partial index on it.
  */
-export async function uploadsInFlight(db: Db, ownerPrefix: string): Promise<number> {
+export async function uploadsInFlight(db: Db, ownerPrefix: string, inFlightMs: number): Promise<number> {
+  const f = knowledgeFileDeletions;
   return db.$count(
-    knowledgeFileDeletions,
-    and(sql`${knowledgeFileDeletions.not_before} > now()`, sql`starts_with(${knowledgeFileDeletions.storage_key}, ${ownerPrefix})`),
+    f,
+    and(
+      sql`${f.not_before} > now()`,
+      sql`${f.created_at} > now() - ${inFlightMs} * interval '1 millisecond'`,
+      sql`starts_with(${f.storage_key}, ${ownerPrefix})`,
+    ),
   );
 }
 

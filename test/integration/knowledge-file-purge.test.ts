@@ -15,7 +15,7 @@ import { transaction } from '../../src/core/db.js';
 import { knowledgeChunks, knowledgeEntries, knowledgeFileDeletions } from '../../src/models/index.js';
 
 import { claimUploadedFile, recordUploadedFile } from '../../src/crud/knowledge.js';
-import { uploadGraceMs } from '../../src/services/knowledge/entry-service.js';
+import { uploadGraceMs, uploadInFlightMs } from '../../src/services/knowledge/entry-service.js';
 import { knowledgeStorage, PURGE_BATCH, purgeDeletedFiles, purgeFilesOf } from '../../src/services/knowledge/files.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
@@ -243,6 +243,16 @@ describe("an upload's file before its entry is written", () => {
     await ctx.database.db.update(knowledgeFileDeletions).set({ not_before: sql`now() - interval '1 second'` }).where(sql`starts_with(${knowledgeFileDeletions.storage_key}, ${`knowledge-base/${user.user.id}/${folder.id}/`})`);
     expect((await upload(ctx.app, user.headers, folder.id, { filename: 'four.txt', content: 'Four.' })).statusCode).toBe(201);
     await ctx.database.db.update(knowledgeFileDeletions).set({ not_before: sql`now() + interval '1 hour'` }).where(sql`starts_with(${knowledgeFileDeletions.storage_key}, ${`knowledge-base/${user.user.id}/${folder.id}/`})`);
+    // Its grace still to run, one recorded longer ago than a live upload can take (its process killed
+    // mid-upload) no longer counts either; the sweeper leaves its file until the grace has passed.
+    await ctx.database.db
+      .update(knowledgeFileDeletions)
+      .set({ created_at: sql`now() - ${uploadInFlightMs(ctx.app.settings) + 1_000} * interval '1 millisecond'` })
+      .where(sql`starts_with(${knowledgeFileDeletions.storage_key}, ${`knowledge-base/${user.user.id}/${folder.id}/`})`);
+    const six = await upload(ctx.app, user.headers, folder.id, { filename: 'six.txt', content: 'Six.' });
+    expect(six.statusCode, six.body).toBe(201);
+    expect(await purgeDeletedFiles(deps())).toBe(0);
+    expect(await recorded()).toBe(2);
     first.finish();
     second.finish();
     expect((await first.response).statusCode).toBe(201);

@@ -208,7 +208,7 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
   const recorded = await transaction(ctx.db, async (tx) => {
     await userCrud.lockUser(tx, ownerId);
     const limit = ctx.settings.KB_MAX_UPLOADS_IN_FLIGHT_PER_USER;
-    if ((await uploadsInFlight(tx, `${storage.keyFor(ownerId)}/`)) >= limit) {
+    if ((await uploadsInFlight(tx, `${storage.keyFor(ownerId)}/`, uploadInFlightMs(ctx.settings))) >= limit) {
       throw new TooManyRequestsError(5, `Too many uploads in progress: at most ${limit} at once per user (KB_MAX_UPLOADS_IN_FLIGHT_PER_USER); wait for one to finish`);
     }
     return recordUploadedFile(tx, entryKey(storage, placed), uploadGraceMs(ctx.settings));
@@ -269,6 +269,19 @@ export function uploadGraceMs(settings: { HTTP_REQUEST_TIMEOUT_MS: number }): nu
 }
 
 const UPLOAD_GRACE_MARGIN_MS = 15 * 60 * 1000;
+
+/**
+ * How long an upload's record counts against KB_MAX_UPLOADS_IN_FLIGHT_PER_USER: the body's own
+ * bound (HTTP_REQUEST_TIMEOUT_MS, which began before the record was written) and a minute for what
+ * follows the last byte. Past it no byte of that upload can arrive (the server has cut the request
+ * off), so it fills no more disk, and a process killed mid-upload no longer keeps its user at 429:
+ * its file waits out the longer grace (uploadGraceMs) for the sweeper, uncounted.
+ */
+export function uploadInFlightMs(settings: { HTTP_REQUEST_TIMEOUT_MS: number }): number {
+  return settings.HTTP_REQUEST_TIMEOUT_MS + UPLOAD_IN_FLIGHT_MARGIN_MS;
+}
+
+const UPLOAD_IN_FLIGHT_MARGIN_MS = 60 * 1000;
 
 async function queueIngestion(ctx: ServiceContext, entryId: string): Promise<void> {
   // A job lost here (the queue down) is not lost for good: the sweeper finds the pending entry.
