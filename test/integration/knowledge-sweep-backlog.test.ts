@@ -8,14 +8,16 @@ import { randomUUID } from 'node:crypto';
 
 import { Queue } from 'bullmq';
 import { eq, inArray, sql } from 'drizzle-orm';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 
 import { JobSealer } from '../../src/core/job-crypto.js';
 import { createQueue, type JobQueue } from '../../src/core/queue.js';
 
 import { knowledgeEntries } from '../../src/models/index.js';
 
-import { sweepIngestion, type SweepPick } from '../../src/services/knowledge/ingestion.js';
+import { knowledgeStorage } from '../../src/services/knowledge/files.js';
+import { ingestEntry, sweepIngestion, type SweepPick } from '../../src/services/knowledge/ingestion.js';
+import { StorageUnavailableError } from '../../src/services/storage-service.js';
 import { testRedisPrefix, useTestApp } from '../helpers/app.js';
 import { createUser } from '../helpers/factories.js';
 import { sleep } from '../helpers/http.js';
@@ -108,6 +110,26 @@ describe('the ingestion sweep and a backlog', () => {
     await ctx.app.db.update(knowledgeEntries).set({ status: 'pending', updated_at: sql`now() - interval '1 hour'` }).where(eq(knowledgeEntries.id, entry.id));
     await sweepIngestion(ctx.app.db, counted.queue, pick);
     expect(counted.of([entry.id])).toEqual([0]);
+  });
+
+  it('does not queue an entry whose ingestion failed for a passing fault: the queue has its retry, however long it waits its turn', async () => {
+    const [id] = await leftPending(1);
+    await ctx.app.db.update(knowledgeEntries).set({ attempts: 0 }).where(eq(knowledgeEntries.id, id!));
+    // Storage unavailable for a moment: the try fails with 503, to be tried again.
+    const { backend } = knowledgeStorage(ctx.app.settings);
+    vi.spyOn(backend, 'open').mockRejectedValueOnce(new StorageUnavailableError(new Error('connection reset')));
+    const deps = { db: ctx.app.db, settings: ctx.app.settings, log: ctx.app.log, models: ctx.app.models };
+    await expect(ingestEntry(deps, id!)).rejects.toThrow(StorageUnavailableError);
+    const [row] = await ctx.app.db.select().from(knowledgeEntries).where(eq(knowledgeEntries.id, id!));
+    expect([row!.status, row!.lease_token, row!.attempts]).toEqual(['pending', null, 1]);
+    // Its retry waits behind a backlog (as if for an hour): no sweep queues another.
+    await ctx.app.db.update(knowledgeEntries).set({ updated_at: sql`now() - interval '1 hour'` }).where(eq(knowledgeEntries.id, id!));
+    const counted = counting();
+    for (let i = 0; i < 3; i++) await sweepIngestion(ctx.app.db, counted.queue, pick);
+    expect(counted.of([id!])).toEqual([0]);
+    // The retry's job takes it up.
+    await ingestEntry(deps, id!);
+    expect((await ctx.app.db.select({ status: knowledgeEntries.status }).from(knowledgeEntries).where(eq(knowledgeEntries.id, id!)))[0]!.status).toBe('ready');
   });
 
   // A real BullMQ queue with no worker: the backlog, as Redis keeps it.

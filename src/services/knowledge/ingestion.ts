@@ -22,7 +22,7 @@ import type { JobQueue } from '../../core/queue.js';
 
 import { knowledgeChunks, knowledgeEntries, type KnowledgeEntry } from '../../models/index.js';
 
-import { clearJobQueuedMarks, deleteChunks, unfinishedWithoutJob } from '../../crud/knowledge.js';
+import { clearJobQueuedMarks, deleteChunks, jobQueuedMark, unfinishedWithoutJob } from '../../crud/knowledge.js';
 import type { ModelManager } from '../../modules/ai-models/index.js';
 import type { ChunkCutter } from '../../modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
@@ -172,9 +172,18 @@ async function fail(db: Db, entry: KnowledgeEntry, error: string, keepChunks = t
   });
 }
 
-/** Hands the entry back (`pending`) for the queue's next try. */
-async function release(db: Db, entry: KnowledgeEntry): Promise<void> {
-  await db.update(knowledgeEntries).set({ status: 'pending', lease_token: null, lease_expires_at: null }).where(held(entry));
+/**
+ * Hands the entry back (`pending`) for the queue's next try, which the job's throw schedules: with
+ * the job-queued mark (`jobQueuedMark`), as its upload or a sweep leaves it, so that no sweep
+ * queues a second job while the retry waits its backoff (2 s, doubling, by default: well within
+ * the mark) and its turn. Should the queue have no try left, the sweep takes the entry up once the
+ * mark has passed.
+ */
+async function release(db: Db, settings: Settings, entry: KnowledgeEntry): Promise<void> {
+  await db
+    .update(knowledgeEntries)
+    .set({ status: 'pending', lease_token: null, lease_expires_at: jobQueuedMark(settings.KB_INGEST_LEASE_MS) })
+    .where(held(entry));
 }
 
 // ==================== Steps ====================
@@ -610,7 +619,7 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
     const outcome = outcomeOf(error, entry, maxAttempts);
     if ('retry' in outcome) {
       log.warn({ err: error, entryId, attempt: entry.attempts }, 'ingestion failed; will try again');
-      await release(db, entry);
+      await release(db, settings, entry);
       throw error;
     }
     if (!(error instanceof DocumentRejectedError || error instanceof HttpError)) log.error({ err: error, entryId }, 'ingestion failed');
