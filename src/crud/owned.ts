@@ -12,6 +12,14 @@ import { preparedPerDb } from './prepared.js';
 /** A table of owned rows: a UUID `id` and a `created_at` (the list order), as `baseColumns` gives. */
 export type OwnedTable = PgTable & { id: AnyPgColumn; created_at: AnyPgColumn };
 
+/**
+ * A row's values for an insert or an update, any of which may be an SQL expression the database
+ * computes instead (`now() + …`, a subquery), as Drizzle's `values()` and `set()` take them: what
+ * the crud functions that write a caller's values accept, so that no such value is cast to its
+ * column's type.
+ */
+export type SqlValued<T> = { [K in keyof T]: T[K] | SQL };
+
 /** An empty change (PATCH {}) changes nothing; Drizzle refuses an UPDATE without columns. */
 export function isEmptyChange(values: object): boolean {
   return Object.values(values).every((value) => value === undefined);
@@ -93,9 +101,9 @@ export interface OwnedCrud<Row extends { id: string }, New> {
   count: (db: Db, where?: SQL) => Promise<number>;
   /** The user's rows (narrowed by `where`): what a per-user limit counts; with `upTo`, no further than that. */
   countOwnedBy: (db: Db, ownerId: string, where?: SQL, upTo?: number) => Promise<number>;
-  create: (db: Db, values: New) => Promise<Row>;
+  create: (db: Db, values: SqlValued<New>) => Promise<Row>;
   /** One `UPDATE … WHERE id AND <visible> RETURNING *`: no row (missing, not the caller's, deleted meanwhile) → 404. */
-  update: (db: Db, principal: Principal, id: string, values: Partial<New>) => Promise<Row>;
+  update: (db: Db, principal: Principal, id: string, values: SqlValued<Partial<New>>) => Promise<Row>;
   /** One `DELETE … WHERE id AND <visible>`: no row → 404. */
   remove: (db: Db, principal: Principal, id: string) => Promise<void>;
 }

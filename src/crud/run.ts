@@ -10,7 +10,7 @@ import { ACTIVE_RUN_STATUSES, FINAL_RUN_STATUSES, type Message, messages, type N
 import { definePolicy } from '../utils/access.js';
 import type { Principal } from '../utils/authentication.js';
 import { usageTotalColumns } from './billing.js';
-import { ownedCrud, pageOf } from './owned.js';
+import { ownedCrud, pageOf, type SqlValued } from './owned.js';
 import type { Page, PageOf } from './page.js';
 import { preparedAnywhere } from './prepared.js';
 import { appendedMessageValues, messagesHeldSql } from './thread.js';
@@ -283,7 +283,7 @@ export async function lockHeld(tx: Db, run: Pick<Run, 'id' | 'thread_id'>, worke
   return row;
 }
 
-export async function updateRun(tx: Db, runId: string, values: Partial<NewRun>): Promise<Run> {
+export async function updateRun(tx: Db, runId: string, values: SqlValued<Partial<NewRun>>): Promise<Run> {
   const [row] = await tx.update(runs).set(values).where(eq(runs.id, runId)).returning();
   return row!;
 }

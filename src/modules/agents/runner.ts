@@ -490,7 +490,7 @@ export class AgentRunner {
             }
             stepMessages = [assistant, ...toolMessages];
             if (toolCalls.length) {
-              await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: runCrud.renewedLease(settings.RUN_LEASE_SECONDS, deadlineAt) as unknown as Date });
+              await runCrud.updateRun(tx, run.id, { steps, usage, cost, lease_expires_at: runCrud.renewedLease(settings.RUN_LEASE_SECONDS, deadlineAt) });
               return { stepMessages, ended: undefined };
             }
             // The answer: the run ends with it (the lock above is the fence, so the end cannot miss).

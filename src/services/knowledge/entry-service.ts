@@ -235,7 +235,7 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
         entryCrud.create(inner, {
           ...placed,
           // The folder's project as it is now (it may have moved while the bytes arrived).
-          project_id: sql`(select ${knowledgeFolders.project_id} from ${knowledgeFolders} where ${knowledgeFolders.id} = ${folder.id})` as unknown as string,
+          project_id: sql`(select ${knowledgeFolders.project_id} from ${knowledgeFolders} where ${knowledgeFolders.id} = ${folder.id})`,
           filename: name,
           ...type,
           size_bytes: stored.size,
@@ -244,7 +244,7 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
           // The requester pays: a key's upload is embedded against that key's max_budget.
           api_key_id: ctx.principal.apiKeyId,
           // Its job is queued below: no sweep queues another while that one may be waiting its turn.
-          lease_expires_at: jobQueuedMark(ctx.settings.KB_INGEST_LEASE_MS) as unknown as Date,
+          lease_expires_at: jobQueuedMark(ctx.settings.KB_INGEST_LEASE_MS),
         }),
       );
     });
@@ -345,7 +345,7 @@ export async function reindex(ctx: ServiceContext, id: string): Promise<Knowledg
     error: null,
     attempts: 0,
     lease_token: null,
-    lease_expires_at: jobQueuedMark(ctx.settings.KB_INGEST_LEASE_MS) as unknown as Date,
+    lease_expires_at: jobQueuedMark(ctx.settings.KB_INGEST_LEASE_MS),
   });
   await queueIngestion(ctx, entry.id);
   return entry;
