@@ -269,7 +269,8 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'get_knowledge_base_stats',
         summary: 'Get Knowledge Base Stats',
-        description: 'Your folders, entries by status, bytes used against the limits, and the index (a project-scoped key: its project).',
+        description:
+          "Your folders, entries by status, bytes and the index (a project-scoped key: its project's), and the limits. `size_bytes` sums the files' own sizes; `quota_bytes_used` is what counts against `max_bytes_per_user` (the account's), each entry at least 4 KiB.",
         tags,
         response: { 200: KnowledgeStats, ...authErrors },
       },

@@ -126,7 +126,13 @@ export const KnowledgeStats = z
     folder_count: z.number().int(),
     entry_count: z.number().int(),
     entries_by_status: z.object({ pending: z.number().int(), processing: z.number().int(), ready: z.number().int(), failed: z.number().int() }),
-    size_bytes: z.number().int().describe('Bytes of the uploaded files counted here.'),
+    size_bytes: z.number().int().describe("Bytes of the uploaded files counted here, each at its own size (not what the quota counts: see quota_bytes_used)."),
+    quota_bytes_used: z
+      .number()
+      .int()
+      .describe(
+        "Bytes your entries count for against max_bytes_per_user: each entry at least 4096 (4 KiB), however small its file. An upload is refused with 413 once this and the file's own count would pass the limit. The account's, also for a project-scoped key.",
+      ),
     max_bytes_per_user: z.number().int(),
     max_file_bytes: z.number().int(),
     chunk_count: z.number().int(),

@@ -204,7 +204,7 @@ describe('upload', () => {
     expect(detail).toContain(`of your ${USER_QUOTA} bytes`);
     expect(detail).toContain('(180000 bytes');
     const stats = (await api('GET', '/knowledge-base/stats', user.headers)).json<Record<string, unknown>>();
-    expect(stats).toMatchObject({ size_bytes: 180_000, max_bytes_per_user: USER_QUOTA, max_file_bytes: FILE_LIMIT, folder_count: 1, entry_count: 2 });
+    expect(stats).toMatchObject({ size_bytes: 180_000, quota_bytes_used: 180_000, max_bytes_per_user: USER_QUOTA, max_file_bytes: FILE_LIMIT, folder_count: 1, entry_count: 2 });
     // Freeing space makes room again.
     const [first] = (await api('GET', '/knowledge-base/entries', user.headers)).json<ListBody<EntryBody>>().data;
     await api('DELETE', `/knowledge-base/entries/${first!.id}`, user.headers);
@@ -233,8 +233,8 @@ describe('upload', () => {
       `Storage quota exceeded: the file is 1 bytes (0.0 MiB) (each file counts for at least 4096 bytes (0.0 MiB)) but only ${USER_QUOTA - fits * 4096} bytes (0.0 MiB) of your ${USER_QUOTA} bytes (0.2 MiB) are left (${fits * 4096} bytes (0.2 MiB) used); delete entries to make room`,
     );
     expect(storedFiles(user.user.id).filter((name) => name.startsWith(folder.id) && !name.endsWith('.txt'))).toHaveLength(1);
-    // The stats still say what the files hold.
-    expect((await api('GET', '/knowledge-base/stats', user.headers)).json<{ size_bytes: number }>().size_bytes).toBe(fits);
+    // The stats say what the files hold, and what they count for against the quota.
+    expect((await api('GET', '/knowledge-base/stats', user.headers)).json()).toMatchObject({ size_bytes: fits, quota_bytes_used: fits * 4096, max_bytes_per_user: USER_QUOTA });
   });
 
   it('never lets concurrent uploads overrun the per-user total together', async () => {
@@ -1111,7 +1111,8 @@ describe('search', () => {
     expect((await api('POST', '/knowledge-base/folders', key, { name: 'Elsewhere', project_id: null })).statusCode).toBe(403);
     const made = await api('POST', '/knowledge-base/folders', key, { name: 'Made by key' });
     expect(made.json()).toMatchObject({ project_id: project.id });
-    expect((await api('GET', '/knowledge-base/stats', key)).json()).toMatchObject({ folder_count: 2, entry_count: 2 });
+    // The project's entries and bytes; the quota is the account's, as the key's 413 would say.
+    expect((await api('GET', '/knowledge-base/stats', key)).json()).toMatchObject({ folder_count: 2, entry_count: 2, size_bytes: 25, quota_bytes_used: 3 * 4096 });
   });
 
   it('gets the same answer for the same question: a sequential scan starts at the table\'s start, not where another one is', async () => {

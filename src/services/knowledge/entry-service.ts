@@ -372,7 +372,12 @@ export async function content(ctx: ServiceContext, id: string): Promise<Download
   return { entry, file: await knowledgeStorage(ctx.settings).stream(textKeyOf(entry.storage_key)) };
 }
 
-/** The caller's folders, entries, bytes and index (a scoped key: its project's). */
+/**
+ * The caller's folders, entries, bytes and index (a scoped key: its project's), and what the
+ * account's entries count for against its quota (`quota_bytes_used`, each at least
+ * MIN_CHARGED_BYTES: the figure an upload's 413 compares with KB_MAX_BYTES_PER_USER, the account's
+ * for a scoped key too, as its 413 says).
+ */
 export async function stats(ctx: ServiceContext) {
   const { principal, settings } = ctx;
   const found = await counts(
@@ -384,6 +389,7 @@ export async function stats(ctx: ServiceContext) {
   return {
     ...found,
     entry_count: entryCount,
+    quota_bytes_used: await usedBytes(ctx.db, principal.user.id),
     max_bytes_per_user: settings.KB_MAX_BYTES_PER_USER,
     max_file_bytes: settings.KB_MAX_FILE_BYTES,
     vector_search: Boolean(settings.EMBEDDING_MODEL) && (await hasVectorTable(ctx.db)),
