@@ -33,6 +33,7 @@ import { OPENAI_PREFIX, openaiRouter } from './routers/openai.js';
 import { opsRouter } from './routers/ops.js';
 import { openAgentRuns } from './services/agent-runs.js';
 import { Mailer } from './services/email/mailer.js';
+import { EventStreamSlots } from './services/event-streams.js';
 import { openAIUnreadableUrl } from './services/openai-gateway.js';
 import { closeStorage, getStorageService, type StorageService } from './services/storage-service.js';
 import type { UsageMeterService } from './services/usage-meter.js';
@@ -59,6 +60,8 @@ declare module 'fastify' {
     runs: RunDeps & { runner: AgentRunner };
     /** Embedded maintenance (VACUUM, ANALYZE: core/maintenance.ts); null on a PostgreSQL server or with PGLITE_MAINTENANCE=false. */
     maintenance: EmbeddedMaintenance | null;
+    /** The run-event streams each user holds open on this process (RUN_EVENTS_MAX_STREAMS_PER_USER). */
+    eventStreams: EventStreamSlots;
   }
   interface FastifyRequest {
     principal: Principal;
@@ -157,6 +160,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.decorate('meter', agentRuns.meter);
   app.decorate('models', agentRuns.runs.models);
   app.decorate('runs', agentRuns.runs);
+  app.decorate('eventStreams', new EventStreamSlots(settings.RUN_EVENTS_MAX_STREAMS_PER_USER));
   // With Redis, `keel api` only queues runs (and other jobs): `keel worker` nodes run and sweep them.
   if (runJobs) agentRuns.work();
   app.decorateRequest('principal', null as unknown as Principal);

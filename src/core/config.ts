@@ -172,6 +172,13 @@ export const SettingsSchema = z.object({
   RUN_EVENTS_KEEPALIVE_SECONDS: int(1, 15).default(15),
   /** Streamed text (`message.delta`) is written to the embedded event log at most this often (live readers get it at once). */
   RUN_EVENTS_FLUSH_MS: int(1, 10_000).default(50),
+  /**
+   * Run-event streams one user may hold open at once on each process (`GET /runs/{id}/events` and
+   * streamed `agent:` completions on /v1; one more answers 429 naming this setting). Each holds a
+   * socket, a keep-alive timer and a reader of the run's log (buffering up to ~2,000 events).
+   * Counted per node, not across a cluster: behind a load balancer a user may hold this many on each.
+   */
+  RUN_EVENTS_MAX_STREAMS_PER_USER: int(1, 100_000).default(32),
   /** Longest `content` of a message a client posts or edits, in characters (UTF-16 code units). */
   MAX_MESSAGE_CHARS: int(1, 100_000_000).default(100_000),
   /**

@@ -46,6 +46,11 @@ export function agentModelRoutes(app: FastifyInstance) {
 
   async function complete(request: FastifyRequest<{ Body: ChatCompletionRequest }>, reply: FastifyReply): Promise<FastifyReply> {
     const { body } = request;
+    // A stream holds its run's reader and its socket for as long as its client keeps it, the run's
+    // end included: counted with the user's run-event streams until the socket closes, refused (429)
+    // before the run starts. A non-stream answer reads only while its run is active
+    // (MAX_ACTIVE_RUNS_PER_USER bounds those) and is sent whole at its end.
+    if (body.stream) app.eventStreams.hold(request.principal.user.id, reply.raw);
     const ctx = contextOf(request);
     // Listening from the start: a client that leaves while the run is being queued still cancels it.
     const reader = new AbortController();

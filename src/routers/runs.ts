@@ -178,7 +178,7 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'stream_run_events',
         summary: 'Stream Run Events',
         description:
-          'Server-Sent Events: `id:` the event\'s seq (from 1), `event:` its name, `data:` JSON with `run_id` and `seq`. With `Last-Event-ID: N` or `?after=N` (both: the later one) every event after N comes exactly once, then the live ones; the stream ends after the final event (`run.completed`, `run.failed`, `run.cancelled`). Every `message.created` ends in a `message.completed`: one whose step never reached the thread (the run was cancelled or failed mid-message, or resumed after its worker stopped) has `status: "incomplete"`, `reason` (`cancelled`, `failed`, `interrupted`) and the text and tool calls streamed so far, and is not in the thread (`GET /threads/{id}/messages`). Keep-alive comments at least every RUN_EVENTS_KEEPALIVE_SECONDS. A reader that takes nothing for four keep-alive intervals (its connection full) is disconnected: reconnect with `Last-Event-ID` for the rest. **410** when the run ended more than RUN_EVENTS_TTL_SECONDS ago and its events are gone (`GET /runs/{id}` has its final state); **503** when the event store (Redis) cannot be reached.',
+          'Server-Sent Events: `id:` the event\'s seq (from 1), `event:` its name, `data:` JSON with `run_id` and `seq`. With `Last-Event-ID: N` or `?after=N` (both: the later one) every event after N comes exactly once, then the live ones; the stream ends after the final event (`run.completed`, `run.failed`, `run.cancelled`). Every `message.created` ends in a `message.completed`: one whose step never reached the thread (the run was cancelled or failed mid-message, or resumed after its worker stopped) has `status: "incomplete"`, `reason` (`cancelled`, `failed`, `interrupted`) and the text and tool calls streamed so far, and is not in the thread (`GET /threads/{id}/messages`). Keep-alive comments at least every RUN_EVENTS_KEEPALIVE_SECONDS. A reader that takes nothing for four keep-alive intervals (its connection full) is disconnected: reconnect with `Last-Event-ID` for the rest. **410** when the run ended more than RUN_EVENTS_TTL_SECONDS ago and its events are gone (`GET /runs/{id}` has its final state); **429** (with `retry-after`) when you hold RUN_EVENTS_MAX_STREAMS_PER_USER event streams open on this server already (streamed `agent:` completions count too): close one first; **503** when the event store (Redis) cannot be reached.',
         tags,
         params: RunIdParams,
         querystring: RunEventsQuery,
@@ -186,12 +186,16 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
           200: { description: 'The run\'s events', content: { 'text/event-stream': { schema: z.string().describe('Server-Sent Events').meta({ id: 'RunEventStream' }) } } },
           404: ErrorBody,
           410: ErrorBody,
+          429: ErrorBody,
           503: ErrorBody,
           ...authErrors,
         },
       },
     },
     async (request, reply) => {
+      // Counted from here until the socket closes, whatever the answer (the stream, a 404, a HEAD):
+      // before the run is looked up, so a user at the limit costs no query.
+      app.eventStreams.hold(request.principal.user.id, reply.raw);
       // Both: an EventSource opened with ?after=N reconnects to that URL with Last-Event-ID: M. The
       // later one, so what the client has is not sent again.
       const after = Math.max(request.query.after ?? 0, lastEventId(request) ?? 0);

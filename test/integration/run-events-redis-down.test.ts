@@ -25,5 +25,7 @@ describe('run events with Redis down', () => {
       expect(response.json<{ detail: string }>().detail).toBe('Run events are unavailable, try again later');
       expect(Date.now() - started).toBeLessThan(5_000);
     }
+    // The refused streams gave their places back (RUN_EVENTS_MAX_STREAMS_PER_USER).
+    await expect.poll(() => ctx.app.eventStreams.heldBy(owner.user.id)).toBe(0);
   });
 });

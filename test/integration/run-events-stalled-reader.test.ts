@@ -49,6 +49,8 @@ it('a reader that takes nothing is cut off a few keep-alives later; a reconnect 
   socket.destroy();
   // Cut off: the connection closed by the server, without the end of the stream.
   expect(closed).toBe(true);
+  // Its place among the owner's streams (RUN_EVENTS_MAX_STREAMS_PER_USER) is given back.
+  await expect.poll(() => ctx.app.eventStreams.heldBy(owner.user.id)).toBe(0);
   expect(received).toContain('event: message.delta');
   expect(received).not.toContain('event: run.completed');
   // A reconnect after the last event it got has the rest, to the end.
