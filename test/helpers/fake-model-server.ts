@@ -37,7 +37,11 @@ export interface ScriptedReply {
   hang?: boolean;
   /** Send `103 Early Hints` first (an interim answer a client must skip), then the reply. */
   earlyHints?: boolean;
-  /** Destroy the connection: before any byte (of the final answer), or after this many stream chunks. */
+  /**
+   * Destroy the connection: before any byte (of the final answer), or after this many stream chunks
+   * (the 200's headers and those chunks reach the client first: 0 drops it right after the headers;
+   * a non-streamed chat answer is dropped after its headers, whatever the count).
+   */
   drop?: 'immediately' | { afterChunks: number };
   /** Stop sending (but keep the connection open) after this many stream chunks. */
   stallAfterChunks?: number;
@@ -119,6 +123,17 @@ function writeAsRead(res: ServerResponse, data: string): Promise<void> | undefin
     res.on('drain', go);
     res.on('close', go);
   });
+}
+
+/**
+ * Destroys the connection once what was written has gone out, as a server that sent it and then
+ * failed: Node holds a response's writes (corked) until the next tick, and a destroy in this one
+ * discarded the headers and the chunks with them (the client saw a connection fail before any answer).
+ */
+async function dropWhenSent(res: ServerResponse): Promise<void> {
+  res.flushHeaders();
+  await new Promise<void>((resolve) => setImmediate(resolve));
+  res.socket?.destroy();
 }
 
 export const EMBEDDING_DIMENSIONS = 8;
@@ -335,6 +350,7 @@ export class FakeModelServer {
     if (path === '/v1/messages') return entry.stream ? this.frames(res, entry, reply, anthropicEvents(entry.model, reply), '') : this.json(res, entry, 200, anthropicMessage(entry.model, reply));
     if (google) return entry.stream ? this.frames(res, entry, reply, googleChunks(reply), '') : this.json(res, entry, 200, googleResponse(reply, reply.chunks ?? (reply.text ? [reply.text] : [])));
     if (entry.stream) return this.streamChat(res, entry, body, reply);
+    if (typeof reply.drop === 'object') return this.dropAfterHeaders(res, entry);
     if (reply.padBytes) return this.padded(res, entry, this.completion(entry.model, reply, body), reply.padBytes);
     return this.json(res, entry, 200, this.completion(entry.model, reply, body));
   }
@@ -480,6 +496,13 @@ export class FakeModelServer {
     );
   }
 
+  /** A 200 whose body never comes: the connection is destroyed once its headers have gone out. */
+  private async dropAfterHeaders(res: ServerResponse, entry: LoggedRequest): Promise<void> {
+    entry.reply = 'drop';
+    res.writeHead(200, { 'content-type': 'application/json' });
+    await dropWhenSent(res);
+  }
+
   /** An event stream's frames, as the script's faults (drop, stall, delay) let them go, then `last`. */
   private async frames(res: ServerResponse, entry: LoggedRequest, reply: ScriptedReply, frames: string[], last: string): Promise<void> {
     if (!res.headersSent) {
@@ -490,8 +513,7 @@ export class FakeModelServer {
       if (entry.aborted) return;
       if (typeof reply.drop === 'object' && entry.chunksSent >= reply.drop.afterChunks) {
         entry.reply = 'drop';
-        res.socket?.destroy();
-        return;
+        return dropWhenSent(res);
       }
       if (reply.stallAfterChunks !== undefined && entry.chunksSent >= reply.stallAfterChunks) return;
       if (reply.chunkDelayMs) await sleep(reply.chunkDelayMs);
