@@ -155,6 +155,23 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     expect(record!.tokens.output).toBeGreaterThan(0);
   });
 
+  it('an upstream that closes after its 200 and a chunk that said nothing: retried, the dropped try charged its prompt (estimated)', async () => {
+    const dropped: ScriptedReply = { deltas: [{ content: '' }, { content: 'lost' }], drop: { afterChunks: 1 } };
+    const request: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello there, how are you?' }] };
+    server.script('wire-chat', dropped, { chunks: ['fine'], usage: { prompt_tokens: 9, completion_tokens: 1 } }, dropped, dropped);
+    const { texts } = await streamed(request);
+    expect(texts).toEqual(['fine']);
+    expect(server.log.map((r) => r.reply)).toEqual(['drop', 200]);
+    const [answered] = await settled(1);
+    expect(answered!.tokens.input).toBeGreaterThan(9); // the answer's 9, and the dropped try's prompt
+    expect(answered).toMatchObject({ status: 'success', estimated: true, attempts: 2, tokens: { output: 1 } });
+    // Both tries dropped: each one's prompt, no output.
+    records.length = 0;
+    await expect(streamed(request)).rejects.toThrow(UpstreamError);
+    const [failed] = await settled(1);
+    expect(failed).toMatchObject({ status: 'error', estimated: true, attempts: 2, tokens: { input: 2 * (answered!.tokens.input - 9), output: 0 } });
+  });
+
   it('a caller that goes away aborts the upstream request (the fake server sees the disconnect)', async () => {
     server.script('wire-chat', { chunks: Array.from({ length: 40 }, (_, i) => `w${i} `), chunkDelayMs: 20 });
     const controller = new AbortController();

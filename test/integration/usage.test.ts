@@ -21,7 +21,7 @@ import { buildTestApp, openTestDatabase, testSettings, useTestApp } from '../hel
 import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, expectValidationError, xApiKey } from '../helpers/http.js';
-import { addFakeModels, chatRequest, usageRowOf } from '../helpers/metered-models.js';
+import { addFakeModels, chatRequest, FAKE_MODELS, usageRowOf } from '../helpers/metered-models.js';
 import { intercepting } from '../helpers/statements.js';
 
 // Billing off (the default): usage is recorded, balances are never touched. Answers up to 48 MiB
@@ -136,6 +136,38 @@ describe('usage records', () => {
     expect(chunks.at(-1)!.usage).toMatchObject({ completion_tokens: 95 });
     const [record] = await recordsOf(dave.user.id);
     expect(record).toMatchObject({ operation: 'stream', status: 'success', estimated: true, output_tokens: 95 });
+  });
+
+  it('a /v1 call whose provider answered 200 and dropped the connection before any output is recorded with its prompt estimated, wire and SDK, stream and not', async () => {
+    const erin = await createUser(ctx.app);
+    const key = await createKey(ctx.app, erin, { name: 'drops' });
+    // The same fake behind an `openai` provider: its chat goes through the AI SDK, not the wire.
+    expect((await api('POST', '/providers', admin, { name: 'oa-drops', kind: 'openai', base_url: fake.url, api_key: 'sk-oa' })).statusCode).toBe(200);
+    const precise = FAKE_MODELS.precise;
+    const added = await api('POST', '/models', admin, { id: 'oa-precise', provider: 'oa-drops', pricing: { input_cost_per_million_tokens: precise.input, output_cost_per_million_tokens: precise.output } });
+    expect(added.statusCode, added.body).toBe(200);
+    const calls: [string, boolean][] = [
+      ['fake-precise', true],
+      ['oa-precise', true],
+      ['fake-precise', false],
+      ['oa-precise', false],
+    ];
+    for (const [model, stream] of calls) {
+      // The 200's headers, a first chunk that says nothing (its role, empty content, as OpenAI's first one), the drop.
+      fake.script(model, { deltas: [{ content: '' }, { content: 'never sent' }], drop: { afterChunks: 1 } });
+      const response = await ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: xApiKey(key.key), payload: { model, messages: [{ role: 'user', content: 'Tell me something long' }], stream } });
+      expect(response.statusCode, `${model} ${stream}`).toBe(502);
+    }
+    expect(fake.log.map((r) => [r.model, r.reply])).toEqual(calls.map(([model]) => [model, 'drop']));
+    const records = await recordsOf(erin.user.id);
+    // Not free and exact: the provider began its answer, so it billed the prompt (estimated), and the output nothing said.
+    expect(records.map((r) => [r.model, r.operation, r.status, r.estimated, r.output_tokens])).toEqual(calls.map(([model, stream]) => [model, stream ? 'stream' : 'chat', 'error', true, 0]));
+    for (const record of records) {
+      expect(record.input_tokens).toBeGreaterThan(0);
+      expect(Number(record.cost)).toBeGreaterThan(0);
+    }
+    // One estimate of one prompt: the wire's record and the SDK's agree.
+    expect(new Set(records.map((r) => r.input_tokens)).size).toBe(1);
   });
 
   it('a streaming client that stops reading holds the upstream back; reading on, it gets the whole answer, recorded once', async () => {

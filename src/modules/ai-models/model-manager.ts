@@ -497,6 +497,9 @@ const streamTryFloorMs = (streamTimeoutMs: number): number => Math.min(1_000, st
 const brokenAnswer = (error: Error): boolean =>
   error instanceof ModelAnswerLimitError ? error.answered : error instanceof UpstreamError && error.upstreamStatus !== undefined && error.upstreamStatus >= 200 && error.upstreamStatus < 300;
 
+/** The usage its provider reported for the call (as priced when the answer went out), undefined when none. */
+const reportedUsage = (state: AttemptState): TokenUsage | undefined => (state.priced ? state.priced.usage : chargeableUsage(state.usage));
+
 /** What a call is charged for when its provider reported no usage: the prompt's estimate and the output's (estimateTextTokens). */
 function estimatedUsage(state: AttemptState): TokenUsage {
   return { ...ZERO_USAGE, input: state.inputTokens, output: Math.ceil(state.outputTokens) };
@@ -2192,13 +2195,14 @@ export class ModelManager {
       const startedAt = new Date();
       let attempts = 0;
       /**
-       * Tries of this model that timed out once their provider had begun answering, with no output
-       * seen (a stream's output makes its try estimated anyway): the provider bills each, so the
-       * model's one record is charged each one's prompt estimate on top of what its last try is
-       * charged (marked estimated), however its tries ended after them (a retry's answer or 400,
-       * the caller gone during the wait).
+       * Tries of this model that failed once their provider had begun answering (its 2xx came), with
+       * no output seen (a stream's output makes its try estimated anyway): timed out, or cut off by a
+       * dropped connection before or after a first chunk that said nothing (a role-only delta). The
+       * provider bills each, so the model's one record is charged each one's prompt estimate on top
+       * of what its last try is charged (marked estimated), however its tries ended after them (a
+       * retry's answer or 400, the caller gone during the wait).
        */
-      let timedOutAnswering = 0;
+      let failedAnswering = 0;
       /** `abortedUpstream`: the caller went away while the request was with the provider (charged for its prompt at least). */
       const finish = (status: CallStatus, error: Error | null, abortedUpstream = false) => {
         if (!reservation) return;
@@ -2207,17 +2211,17 @@ export class ModelManager {
         // (and may go on answering a non-streamed call), so a caller that goes away before the
         // answer is charged for the prompt, not let off free.
         // Priced as the answer went out (price): its usage and cost as they are, not read again.
-        const reported = state.priced ? state.priced.usage : chargeableUsage(state.usage);
+        const reported = reportedUsage(state);
         const ownEstimate = state.estimated || (reported === undefined && (state.streamed || abortedUpstream));
         let tokens = reported ?? (ownEstimate ? estimatedUsage(state) : { ...ZERO_USAGE });
-        // Each try that timed out after its provider began answering adds its prompt (0 on most calls: no copy).
-        if (timedOutAnswering > 0) tokens = { ...tokens, input: tokens.input + timedOutAnswering * state.inputTokens };
+        // Each try that failed after its provider began answering adds its prompt (0 on most calls: no copy).
+        if (failedAnswering > 0) tokens = { ...tokens, input: tokens.input + failedAnswering * state.inputTokens };
         const record: UsageRecord = {
           operation,
           model: model.id,
           provider: model.provider,
           tokens,
-          estimated: ownEstimate || timedOutAnswering > 0,
+          estimated: ownEstimate || failedAnswering > 0,
           cost: state.priced?.usage === tokens ? state.priced.cost : computeCost(model.pricing, tokens),
           latency_ms: Math.round(performance.now() - started),
           time_to_first_token_ms: state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started),
@@ -2260,9 +2264,11 @@ export class ModelManager {
           // A 2xx the call could not use (no JSON, no completion, past its size): the provider billed
           // it, so it is charged at least its prompt's estimate (and what a stream said), estimated.
           if (outcome.kind === 'fatal' && brokenAnswer(failure)) state.estimated = true;
-          // Cut off after the provider's 2xx began, by the try's silence or by the stream's deadline
-          // (a silent reasoning model runs up tokens upstream all the while): it billed the try.
-          if ((failure instanceof ModelTimeoutError || (failure instanceof ModelAnswerLimitError && failure.statusCode === 504)) && !state.streamed && attempt.answered) timedOutAnswering += 1;
+          // Cut off after the provider's 2xx began, by the try's silence, by the stream's deadline (a
+          // silent reasoning model runs up tokens upstream all the while) or by a dropped connection
+          // before any output: it billed the try, which was recorded free and exact, and retried. Not
+          // one whose usage came (a broken tool choice's answer): that usage is what it is charged.
+          else if (!state.streamed && attempt.answered && reportedUsage(state) === undefined) failedAnswering += 1;
           if (outcome.kind === 'fatal' || state.streamed) {
             finish('error', failure);
             throw failure;
