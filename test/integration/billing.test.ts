@@ -503,6 +503,29 @@ describe('metered calls with BILLING_ENABLED', () => {
     await expectConsistent(user);
   });
 
+  it('a /v1 call whose provider answered 200 and dropped the connection before any output pays for its prompt (estimated), streamed or not', async () => {
+    const priced = await api('POST', '/models', admin, { id: 'fake-billed-dropped', provider: 'fake', pricing: { input_cost_per_million_tokens: '1000000', output_cost_per_million_tokens: '1000000' } });
+    expect(priced.statusCode, priced.body).toBe(200);
+    const user = await createUser(ctx.app);
+    await grant(user, '1000');
+    const key = await createKey(ctx.app, user);
+    const prompt = 'word '.repeat(80); // 400 characters: ~100 tokens
+    for (const stream of [true, false]) {
+      // The 200's headers and a first chunk that says nothing (its role, empty content), then the drop.
+      fake.script('fake-billed-dropped', { deltas: [{ content: '' }, { content: 'lost' }], drop: { afterChunks: 1 } });
+      const response = await ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers: xApiKey(key.key), payload: { model: 'fake-billed-dropped', messages: [{ role: 'user', content: prompt }], max_tokens: 10, stream } });
+      expect(response.statusCode, response.body).toBe(502);
+    }
+    await ctx.app.meter.idle();
+    const rows = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
+    expect(rows.map((r) => [r.status, r.estimated, r.output_tokens]).sort()).toEqual([['error', true, 0], ['error', true, 0]]);
+    for (const row of rows) expect(row.input_tokens).toBeGreaterThanOrEqual(100);
+    const charged = rows.reduce((sum, row) => sum + Number(row.cost), 0);
+    expect(charged).toBeGreaterThanOrEqual(200);
+    expect(1000 - Number((await balanceOf(user)).balance)).toBe(charged);
+    await expectConsistent(user);
+  });
+
   it('a call whose provider reports no usage is charged from an estimate, its usage record marked estimated', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '100');
