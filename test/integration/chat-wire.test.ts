@@ -172,6 +172,15 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     expect(failed).toMatchObject({ status: 'error', estimated: true, attempts: 2, tokens: { input: 2 * (answered!.tokens.input - 9), output: 0 } });
   });
 
+  it('a 200 stream whose first event is the provider\'s error: retried, that try not charged (the provider said it failed)', async () => {
+    const failed: ScriptedReply = { rawBody: `data: ${JSON.stringify({ error: { message: 'overloaded', type: 'server_error' } })}\n\n` };
+    server.script('wire-chat', failed, { chunks: ['fine'], usage: { prompt_tokens: 9, completion_tokens: 1 } });
+    const { texts } = await streamed({ model: 'wire-chat', messages: [{ role: 'user', content: 'Hello there, how are you?' }] });
+    expect(texts).toEqual(['fine']);
+    expect(server.log).toHaveLength(2);
+    expect((await settled(1))[0]).toMatchObject({ status: 'success', estimated: false, attempts: 2, tokens: { input: 9, output: 1 } });
+  });
+
   it('a caller that goes away aborts the upstream request (the fake server sees the disconnect)', async () => {
     server.script('wire-chat', { chunks: Array.from({ length: 40 }, (_, i) => `w${i} `), chunkDelayMs: 20 });
     const controller = new AbortController();

@@ -2267,8 +2267,9 @@ export class ModelManager {
           // Cut off after the provider's 2xx began, by the try's silence, by the stream's deadline (a
           // silent reasoning model runs up tokens upstream all the while) or by a dropped connection
           // before any output: it billed the try, which was recorded free and exact, and retried. Not
-          // one whose usage came (a broken tool choice's answer): that usage is what it is charged.
-          else if (!state.streamed && attempt.answered && reportedUsage(state) === undefined) failedAnswering += 1;
+          // one whose usage came (a broken tool choice's answer): that usage is what it is charged;
+          // nor one the provider ended with its own error event (it said the try failed, as a 5xx does).
+          else if (!state.streamed && attempt.answered && reportedUsage(state) === undefined && !(error instanceof StreamErrorEvent)) failedAnswering += 1;
           if (outcome.kind === 'fatal' || state.streamed) {
             finish('error', failure);
             throw failure;
