@@ -62,6 +62,8 @@ export class CallDownloads {
   forTry(signal: AbortSignal): DownloadFunction {
     return async (requested) => {
       const wanted = requested.filter((file) => !file.isUrlSupportedByModel).map((file) => file.url);
+      // The SDK asks on every call, most with nothing to fetch: no map, controller or listener for those.
+      if (!wanted.length) return requested.map(() => null);
       const names = new Set([...this.files.keys(), ...wanted.map((url) => url.href)]);
       if (names.size > this.limits.maxFiles) {
         throw new DownloadError({
