@@ -146,12 +146,13 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         description:
           'A `multipart/form-data` body with the document in a field named `file` (txt, md, html, pdf, docx, csv, json). Answers **201** with the entry, `status: pending`; ingestion runs in the background. One file per upload: a form with a second file is refused with 422 and none of it is kept (other fields are ignored). ' +
           'A name taken in the folder gets a number (`report (1).pdf`). Over KB_MAX_FILE_BYTES, or over what is left of KB_MAX_BYTES_PER_USER: 413 with the figures, answered as soon as the size is known (from Content-Length, or while the file arrives). 429 beyond KB_MAX_UPLOADS_IN_FLIGHT_PER_USER uploads in progress at once. ' +
-          'When EMBEDDING_MODEL is set and priced: 402 before the file is read if billing is on and the account has no credits available, or the API key\'s `max_budget` is used up (only that something is left is checked: a document\'s cost is known once it is chunked; a limit reached while it is embedded fails the entry).',
+          'When EMBEDDING_MODEL is set and priced: 402 before the file is read if billing is on and the account has no credits available, or the API key\'s `max_budget` is used up (only that something is left is checked: a document\'s cost is known once it is chunked; a limit reached while it is embedded fails the entry). ' +
+          '503 when the upload took so long (past HTTP_REQUEST_TIMEOUT_MS + 15 minutes) that its stored file was already swept: nothing is kept; upload it again.',
         tags,
         consumes: ['multipart/form-data'],
         form: { file: 'The document: plain text, Markdown, HTML, PDF, DOCX, CSV or JSON.' },
         params: KnowledgeFolderIdParams,
-        response: { 201: KnowledgeEntryPublic, 402: ErrorBody, 404: ErrorBody, 413: ErrorBody, 429: ErrorBody, ...authErrors },
+        response: { 201: KnowledgeEntryPublic, 402: ErrorBody, 404: ErrorBody, 413: ErrorBody, 429: ErrorBody, 503: ErrorBody, ...authErrors },
       },
     },
     async (request, reply) => {

@@ -255,7 +255,7 @@ describe('upload', () => {
     expect(operation.requestBody).toMatchObject({
       content: { 'multipart/form-data': { schema: { type: 'object', required: ['file'], properties: { file: { type: 'string', format: 'binary' } } } } },
     });
-    expect(Object.keys(operation.responses as object).sort()).toEqual(['201', '401', '402', '403', '404', '413', '422', '429']);
+    expect(Object.keys(operation.responses as object).sort()).toEqual(['201', '401', '402', '403', '404', '413', '422', '429', '503']);
   });
 
   it('refuses a form with a second file with 422 (one file per upload), keeping nothing: no entry, no stored file, no job', async () => {
