@@ -48,10 +48,6 @@ function caseRepeated(headers: Record<string, string>): string | undefined {
   return Object.keys(headers).find((name) => seen.size === seen.add(name.toLowerCase()).size);
 }
 /**
- * Header names are case-insensitive: `Authorization` and `authorization` are one header, which the
- * direct path sent with the last value and the SDK's fetch with both joined (`Bearer a, Bearer b`).
- */
-/**
  * A stored record's headers as they may be sent: a record written before a check above (framing
  * headers, a name given twice but for its case) would go on failing every call, or go with other
  * credentials on each path, and its values are never shown to be mended one by one. Such headers
@@ -63,6 +59,10 @@ export function sendableHeaders(headers: Record<string, string>): { headers: Rec
   return { headers: Object.fromEntries(kept), dropped: Object.keys(headers).filter((name) => !kept.some(([k]) => k === name)) };
 }
 
+/**
+ * Header names are case-insensitive: `Authorization` and `authorization` are one header, which the
+ * direct path sent with the last value and the SDK's fetch with both joined (`Bearer a, Bearer b`).
+ */
 const Headers = z
   .record(HeaderName, HeaderValue)
   .refine((headers) => Object.keys(headers).length <= 20, { error: 'At most 20 headers' })
