@@ -3,7 +3,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 
-import { oneFilePerUpload, UnprocessableError } from '../core/errors.js';
+import { BadRequestError, HttpError, oneFilePerUpload, UnprocessableError } from '../core/errors.js';
 import { lingerOnUnreadBody } from '../core/http-server.js';
 
 import { authErrors, ErrorBody } from '../schemas/common.js';
@@ -82,6 +82,21 @@ async function restOfForm(parts: FormParts): Promise<void> {
   }
 }
 
+/**
+ * What busboy says of a form it cannot read (no boundary, an empty one, a body that ends inside a
+ * part): plain errors with no status, which went out as 500s and error-level log lines any client
+ * could set off. Matched by their words, busboy's only mark of them (@fastify/busboy 3).
+ */
+const MALFORMED_FORM = /^(?:Multipart: Boundary not found|Boundary required|The needle cannot .*|.*unexpected end of multipart data)$/i;
+
+/** A 400 naming what was wrong with the form, when `error` (or what caused it) is busboy's complaint about it. */
+function malformedForm(error: unknown): BadRequestError | undefined {
+  for (let at = error, depth = 0; at instanceof Error && depth < 4; at = at.cause, depth++) {
+    if (!(at instanceof HttpError) && MALFORMED_FORM.test(at.message)) return new BadRequestError(`Malformed multipart/form-data body: ${at.message}`);
+  }
+  return undefined;
+}
+
 /** RFC 6266 / 5987: an ASCII fallback name, and the exact one percent-encoded in UTF-8. */
 export function contentDisposition(filename: string): string {
   const fallback = filename.replace(/[^\x20-\x7e]|["\\%]/g, '_');
@@ -144,7 +159,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'upload_knowledge_entry',
         summary: 'Upload Knowledge Entry',
         description:
-          'A `multipart/form-data` body with the document in a field named `file` (txt, md, html, pdf, docx, csv, json). Answers **201** with the entry, `status: pending`; ingestion runs in the background. One file per upload: a form with a second file is refused with 422 and none of it is kept (other fields are ignored). ' +
+          'A `multipart/form-data` body with the document in a field named `file` (txt, md, html, pdf, docx, csv, json). Answers **201** with the entry, `status: pending`; ingestion runs in the background. One file per upload: a form with a second file is refused with 422 and none of it is kept (other fields are ignored); a form busboy cannot read (no boundary, a body ending inside a part) with 400. ' +
           'A name taken in the folder gets a number (`report (1).pdf`). Over KB_MAX_FILE_BYTES, or over what is left of KB_MAX_BYTES_PER_USER: 413 with the figures, answered as soon as the size is known (from Content-Length, or while the file arrives). 429 beyond KB_MAX_UPLOADS_IN_FLIGHT_PER_USER uploads in progress at once. ' +
           'When EMBEDDING_MODEL is set and priced: 402 before the file is read if billing is on and the account has no credits available, or the API key\'s `max_budget` is used up (only that something is left is checked: a document\'s cost is known once it is chunked; a limit reached while it is embedded fails the entry). ' +
           '503 when the upload took so long (past HTTP_REQUEST_TIMEOUT_MS + 15 minutes) that its stored file was already swept: nothing is kept; upload it again.',
@@ -152,7 +167,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         consumes: ['multipart/form-data'],
         form: { file: 'The document: plain text, Markdown, HTML, PDF, DOCX, CSV or JSON.' },
         params: KnowledgeFolderIdParams,
-        response: { 201: KnowledgeEntryPublic, 402: ErrorBody, 404: ErrorBody, 413: ErrorBody, 429: ErrorBody, 503: ErrorBody, ...authErrors },
+        response: { 201: KnowledgeEntryPublic, 400: ErrorBody, 402: ErrorBody, 404: ErrorBody, 413: ErrorBody, 429: ErrorBody, 503: ErrorBody, ...authErrors },
       },
     },
     async (request, reply) => {
@@ -177,7 +192,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         return entry;
       } catch (error) {
         lingerOnUnreadBody(request, reply);
-        throw error;
+        throw malformedForm(error) ?? error;
       }
     },
   );

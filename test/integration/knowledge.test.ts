@@ -175,6 +175,29 @@ describe('upload', () => {
     expect((await api('GET', `/knowledge-base/entries?folder_id=${folder.id}`, alice.headers)).json<ListBody<EntryBody>>().count).toBe(0);
   });
 
+  it('answers 400 for a malformed form (no closing boundary, no boundary, garbage) and logs no error', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const url = `/api/v1/knowledge-base/folders/${folder.id}/upload`;
+    const head = '--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.md"\r\nContent-Type: text/markdown\r\n\r\n';
+    const forms: [string, string][] = [
+      ['multipart/form-data; boundary=xyz', `${head}hello`], // the file's part never ends
+      ['multipart/form-data; boundary=xyz', `${head}hello\r\n--xyz\r\nContent-Disp`], // a second part cut in its header
+      ['multipart/form-data; boundary=xyz', 'garbage'],
+      ['multipart/form-data', `${head}hello\r\n--xyz--\r\n`],
+      ['multipart/form-data; boundary=', `${head}hello\r\n--xyz--\r\n`],
+    ];
+    const from = logs.lines().length;
+    for (const [contentType, payload] of forms) {
+      const response = await ctx.app.inject({ method: 'POST', url, headers: { ...user.headers, 'content-type': contentType }, payload });
+      expect(response.statusCode, `${contentType}: ${payload}`).toBe(400);
+      expect(response.json<{ detail: string }>().detail).toMatch(/^Malformed multipart\/form-data body: /);
+    }
+    expect(logs.lines().slice(from).filter((line) => (line.level as number) >= LEVEL.error)).toEqual([]);
+    expect(await entryCount(user)).toBe(0);
+    expect(storedFiles(user.user.id)).toEqual([]);
+  });
+
   it('refuses a file over the per-file limit with 413 and the figures, storing nothing', async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
@@ -255,7 +278,7 @@ describe('upload', () => {
     expect(operation.requestBody).toMatchObject({
       content: { 'multipart/form-data': { schema: { type: 'object', required: ['file'], properties: { file: { type: 'string', format: 'binary' } } } } },
     });
-    expect(Object.keys(operation.responses as object).sort()).toEqual(['201', '401', '402', '403', '404', '413', '422', '429', '503']);
+    expect(Object.keys(operation.responses as object).sort()).toEqual(['201', '400', '401', '402', '403', '404', '413', '422', '429', '503']);
   });
 
   it('refuses a form with a second file with 422 (one file per upload), keeping nothing: no entry, no stored file, no job', async () => {
