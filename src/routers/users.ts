@@ -87,7 +87,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Update User Me',
         tags,
         description:
-          'A change of `email` needs `current_password` (422 without it, 400 when wrong): a token alone does not move the account to another mailbox. Wrong current passwords count as on `PATCH /users/me/password`.',
+          'A change of `email` needs `current_password` (422 without it, 400 when wrong): a token alone does not move the account to another mailbox. Wrong current passwords count as on `PATCH /users/me/password`. A change of email signs the user out everywhere, as a password change does: every token issued before it stops working, this one included (sign in again with the new email); API keys go on working. Re-casing the email changes nothing of that.',
         body: UserUpdateMe,
         response: { 200: UserPublic, 400: ErrorBody, 409: ErrorBody, 429: ErrorBody, ...authErrors },
       },

@@ -71,6 +71,8 @@ export async function getById(db: Db, id: string): Promise<User> {
  * The caller's own profile. A change of email (other than of its case, which accounts ignore) needs
  * the current password: otherwise a stolen access token could move the account to the thief's mailbox,
  * and password recovery would then hand them the account. A given `current_password` is always checked.
+ * The change ends every session, as a password change does: sessions signed in under the old address
+ * (one of them possibly a thief's) must not outlive the identity they were granted for.
  */
 export async function updateMe(db: Db, user: User, input: UserUpdateMe): Promise<User> {
   const { current_password: current, ...fields } = input;
@@ -80,7 +82,8 @@ export async function updateMe(db: Db, user: User, input: UserUpdateMe): Promise
   }
   if (current !== undefined && !(await verifyPassword(current, user.hashed_password))) throw new BadRequestError('Incorrect password');
   if (fields.email !== undefined) await ensureEmailFree(db, fields.email, user.id);
-  return (await userCrud.update(db, user.id, fields)) ?? user;
+  const updated = movesEmail ? await userCrud.updateRevokingTokens(db, user.id, fields) : await userCrud.update(db, user.id, fields);
+  return updated ?? user;
 }
 
 export async function changePassword(db: Db, user: User, current: string, next: string): Promise<void> {

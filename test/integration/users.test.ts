@@ -266,13 +266,35 @@ describe('PATCH /users/me', () => {
     expectUserPublic(response, { id: alice.user.id, email: alice.email, full_name: null });
   });
 
-  it('changes the email, given the current password: the new one logs in, the old one no longer does; the token survives', async () => {
+  it('changes the email, given the current password: the new one logs in, the old one no longer does', async () => {
     const alice = await createUser(app);
     const email = randomEmail('moved');
     expectUserPublic(await call('PATCH', '/users/me', { headers: alice.headers, payload: { email, current_password: alice.password } }), { email });
     expect(await loginStatus(app, email, alice.password)).toBe(200);
     expect(await loginStatus(app, alice.email, alice.password)).toBe(400);
-    expect((await call('GET', '/users/me', { headers: alice.headers })).json<UserBody>().email).toBe(email);
+    const fresh = bearer(await login(app, email, alice.password));
+    expect((await call('GET', '/users/me', { headers: fresh })).json<UserBody>().email).toBe(email);
+  });
+
+  it('ends every session on a change of email, as a password change does: earlier tokens (this one too) are 401, API keys work on', async () => {
+    const alice = await createUser(app);
+    // Another session of the same account (a second device, or whoever stole a token).
+    const elsewhere = bearer(await login(app, alice.email, alice.password));
+    const created = await call('POST', '/api-keys', { headers: alice.headers, payload: { name: 'ci' } });
+    const apiKey = bearer(created.json<{ key: string }>().key);
+    const email = randomEmail('moved');
+    expectUserPublic(await call('PATCH', '/users/me', { headers: alice.headers, payload: { email, current_password: alice.password } }), { email });
+    expectUnauthorized(await call('GET', '/users/me', { headers: elsewhere }));
+    expectUnauthorized(await call('GET', '/users/me', { headers: alice.headers }));
+    expect((await call('GET', '/api-keys', { headers: apiKey })).statusCode).toBe(200);
+    expect((await call('GET', '/users/me', { headers: bearer(await login(app, email, alice.password)) })).statusCode).toBe(200);
+  });
+
+  it('ends no session for a change of the profile alone, nor a re-cased email', async () => {
+    const alice = await createUser(app);
+    const payload = { email: alice.email.toUpperCase(), full_name: 'Alice', current_password: alice.password };
+    expectUserPublic(await call('PATCH', '/users/me', { headers: alice.headers, payload }), { email: payload.email, full_name: 'Alice' });
+    expect((await call('GET', '/users/me', { headers: alice.headers })).statusCode).toBe(200);
   });
 
   it('answers 422 for a change of email without the current password, 400 with a wrong one, changing nothing', async () => {
