@@ -615,6 +615,28 @@ export interface UsageRow extends UsageTotals {
 export const usageRowJson = (row: UsageRow): string => JSON.stringify(row);
 
 /**
+ * A usage row the database refused for its data (`usageRowJson`), kept to what settling its call
+ * needs: its id, whose row tells a retried settlement that had committed to move the key's spend
+ * nothing again (without any row a retry after a lost reply charged the key twice), who and what it
+ * was for, and its cost, which the key's spend takes anyway. What the provider reported (tokens,
+ * times) and the error's text, where a refused value comes from, go; the error says so.
+ */
+export function usageRowStripped(json: string): string {
+  const row = JSON.parse(json) as UsageRow;
+  return usageRowJson({
+    ...row,
+    input_tokens: 0,
+    cached_input_tokens: 0,
+    cache_write_tokens: 0,
+    output_tokens: 0,
+    reasoning_tokens: 0,
+    latency_ms: 0,
+    time_to_first_token_ms: null,
+    error: 'usage record refused by the database: its tokens and times were not recorded',
+  });
+}
+
+/**
  * Writes a batch in one statement with one parameter (the rows as JSON, so the text never varies);
  * rows may come as objects or already as `usageRowJson`.
  * A row whose id is already stored is skipped (a retried batch is not doubled, nor is the key's

@@ -905,16 +905,18 @@ export class UsageMeterService implements UsageMeter {
 
   /**
    * A failed settlement, again. One that writes its call's usage row and that the database refuses
-   * for its data goes once more without the row (the row may be what it refuses): the row is set
-   * aside (logged), the hold is still released and the key still charged.
+   * for its data goes once more with the row stripped of what the provider reported (the row may
+   * be what it refuses; logged): the hold is still released and the key still charged, and the
+   * row's id still makes a retry of that statement, after a lost reply, charge the key nothing
+   * again. A stripped row refused too sets the settlement aside (`retryEach`): uncharged, never twice.
    */
   private async settleAgain(settlement: billingCrud.Settlement): Promise<void> {
     try {
       await billingCrud.settle(this.db, settlement, true);
     } catch (error) {
       if (settlement.usage === undefined || !refusedForData(error)) throw error;
-      this.log.error({ err: cause(error), usageRecord: settlement.usageRecordId }, 'usage record refused by the database; set aside, its settlement goes without it');
-      await billingCrud.settle(this.db, { ...settlement, usage: undefined }, true);
+      this.log.error({ err: cause(error), usageRecord: settlement.usageRecordId }, 'usage record refused by the database; its settlement goes with the row stripped to its id and cost');
+      await billingCrud.settle(this.db, { ...settlement, usage: billingCrud.usageRowStripped(settlement.usage) }, true);
     }
   }
 

@@ -52,6 +52,8 @@ async function recordsOf(userId: string) {
 }
 
 const row = usageRowOf;
+/** The error a usage row the database refused goes in with, stripped to what its settlement needs. */
+const STRIPPED = 'usage record refused by the database: its tokens and times were not recorded';
 
 describe('usage records', () => {
   it('one row per call, after the answer, its cost the catalog price × tokens to the last decimal', async () => {
@@ -302,7 +304,7 @@ describe('keys with max_budget', () => {
     expect(new Set(records.map((r) => r.id)).size).toBe(6);
   });
 
-  it('a usage row the database refuses is set aside; its settlement still releases the key\'s hold, and later calls are charged', async () => {
+  it('a usage row the database refuses goes in stripped to its id and cost; its settlement still releases the key\'s hold, and later calls are charged', async () => {
     const dora = await createUser(ctx.app);
     const key = await createKey(ctx.app, dora, { name: 'budget, refused row', max_budget: '1000' });
     const context = { user_id: dora.user.id, api_key_id: key.id };
@@ -326,7 +328,44 @@ describe('keys with max_budget', () => {
     );
     const spend = await keySpend(ctx.database.db, key.id);
     expect([Number(spend.spent), Number(spend.reserved)]).toEqual([2 * 4, 0]);
-    expect(await recordsOf(dora.user.id)).toHaveLength(2);
+    const records = await recordsOf(dora.user.id);
+    expect(records.map((r) => r.error)).toEqual([STRIPPED, null, null]);
+  });
+
+  it("a usage row the database refuses, whose settlement then goes through and loses its reply, adds the call to the key's spend once", async () => {
+    const gail = await createUser(ctx.app);
+    const key = await createKey(ctx.app, gail, { name: 'budget, refused row, lost reply', max_budget: '1000' });
+    const context = { user_id: gail.user.id, api_key_id: key.id };
+    // The row is marked by its input tokens (free on this model): the call costs its 4 output tokens.
+    fake.script('fake-billed', { text: 'four', usage: { prompt_tokens: 31_337, completion_tokens: 4 } });
+    const marked = (params: unknown[]) => params.some((p) => typeof p === 'string' && p.includes('"input_tokens":31337'));
+    // As a value PostgreSQL refuses would (22P02): every statement carrying the marked row fails.
+    const refused = Object.assign(new Error('invalid input syntax for type json'), { code: '22P02' });
+    let lost = 0;
+    const refuseRow = (_text: string, params: unknown[]) => {
+      if (marked(params)) throw refused;
+    };
+    // The key's settlement that goes through (the row stripped) commits, and its reply is lost, once.
+    const loseReply = (text: string, params: unknown[]) => {
+      if (lost === 0 && /delete from credit_reservations/.test(text) && JSON.stringify(params).includes(key.id)) {
+        lost += 1;
+        throw new Error('connection lost after the commit');
+      }
+    };
+    const work = async () => {
+      await ctx.app.models.chat(chatRequest('fake-billed', context, { maxOutputTokens: 10 }));
+      await ctx.app.meter.idle(); // refused, then retried one by one: with the row stripped it commits, its reply lost
+      await ctx.app.meter.idle(); // retried again
+    };
+    await intercepting(ctx.database.db, refuseRow, () => intercepting(ctx.database.db, loseReply, work, true));
+    expect(lost).toBe(1);
+    const spend = await keySpend(ctx.database.db, key.id);
+    expect([Number(spend.spent), Number(spend.reserved)]).toEqual([4, 0]);
+    // The row that went in with the settlement: its id and cost (what the key's spend adds up), no tokens.
+    const [record, ...more] = await recordsOf(gail.user.id);
+    expect(more).toHaveLength(0);
+    expect(record).toMatchObject({ api_key_id: key.id, model: 'fake-billed', status: 'success', input_tokens: 0, output_tokens: 0, error: STRIPPED });
+    expect(Number(record!.cost)).toBe(4);
   });
 });
 
