@@ -143,7 +143,7 @@ export class RateLimiterUnavailableError extends ServiceUnavailableError {
 
 /**
  * A model call refused because this process already holds USAGE_MAX_PENDING_ROWS records (usage
- * records, credit settlements) the database has not taken: serving it would leave a call
+ * records, credit settlements; a billed call's two as one) the database has not taken: serving it would leave a call
  * unrecorded, or memory without bound.
  */
 export class UsageBacklogError extends ServiceUnavailableError {

@@ -187,6 +187,15 @@ export class UsageMeterService implements UsageMeter {
    * not let each process serve its limit's worth on top of the save it took, and save both.
    */
   private writesFailing = false;
+  /**
+   * Billed calls whose usage row (queued apart, `buffer`) and settlement are both unwritten, by row
+   * and by settlement: such a call counts once toward USAGE_MAX_PENDING_ROWS (`unwrittenRows`), as
+   * one that leaves a row alone or a settlement carrying its row does. Counted once per record, a
+   * billed call counted twice, and calls were refused at half the limit. A pair is forgotten once
+   * either of the two is written or set aside: the other then counts alone.
+   */
+  private readonly pairedByRow = new Map<string, billingCrud.Settlement>();
+  private readonly pairedBySettlement = new Map<billingCrud.Settlement, string>();
 
   constructor(options: UsageMeterOptions) {
     this.db = options.db;
@@ -472,8 +481,13 @@ export class UsageMeterService implements UsageMeter {
     // estimate: the account may have no row, never granted) — the settlement writes the call's usage
     // row, whose id tells a retried settlement that had committed to move nothing again
     // (Settlement.usage). A call that held its cost held it from an account: its entry tells.
-    if (held.chargeKey && (!held.chargeAccount || held.reservationId === null)) settlement.usage = row;
-    else this.enqueue(row);
+    if (held.chargeKey && (!held.chargeAccount || held.reservationId === null)) {
+      settlement.usage = row;
+    } else {
+      this.pairedByRow.set(row, settlement);
+      this.pairedBySettlement.set(settlement, row);
+      this.enqueue(row);
+    }
     if (held.window) {
       // Covered by the block in memory: written with the next batch (the block keeps the credit held meanwhile).
       const { block, units } = held.window;
@@ -528,6 +542,7 @@ export class UsageMeterService implements UsageMeter {
         );
         try {
           await statement;
+          this.wroteItems(batch);
         } catch (error) {
           this.log.error({ err: cause(error), settlements: batch.length }, 'credit settlement failed; kept for a retry');
           // Off the batch in flight first: counted once (unwrittenRows).
@@ -612,7 +627,8 @@ export class UsageMeterService implements UsageMeter {
 
   /**
    * Records not in the database yet, each toward USAGE_MAX_PENDING_ROWS: usage rows, settlements
-   * and block releases, queued, kept after a failure, or in a statement in flight. With the usage
+   * and block releases, queued, kept after a failure, or in a statement in flight; a billed call's
+   * usage row and settlement, both unwritten, as one (`pairedByRow`). With the usage
    * rows alone, every statement that took rows off the buffer during an outage let that many more
    * calls through, and calls that leave only a settlement (a key with a budget, billing off: it
    * carries the usage row; a per-call hold's) were never refused: memory without bound, and more
@@ -630,7 +646,8 @@ export class UsageMeterService implements UsageMeter {
       this.windowSettlements.length +
       writing.windowSettlements.length +
       this.blockReleases.length +
-      writing.blockReleases.length
+      writing.blockReleases.length -
+      this.pairedByRow.size
     );
   }
 
@@ -648,9 +665,21 @@ export class UsageMeterService implements UsageMeter {
     return this.unwrittenRows() - (this.writesFailing ? 0 : this.fromFiles.size);
   }
 
-  /** `items` are written (or set aside): those taken back from files no longer wait. */
+  /** `items` are written (or set aside): those taken back from files no longer wait, and a billed call's row counts alone. */
   private wroteItems(items: readonly billingCrud.Settlement[]): void {
     if (this.fromFiles.size) for (const item of items) this.fromFiles.delete(item);
+    if (this.pairedBySettlement.size) for (const item of items) this.unpair(this.pairedBySettlement.get(item), item);
+  }
+
+  /** Usage `rows` are written (or set aside): a billed call's settlement counts alone. */
+  private wroteRows(rows: readonly string[]): void {
+    if (this.pairedByRow.size) for (const row of rows) this.unpair(row, this.pairedByRow.get(row));
+  }
+
+  private unpair(row: string | undefined, settlement: billingCrud.Settlement | undefined): void {
+    if (row === undefined || settlement === undefined) return;
+    this.pairedByRow.delete(row);
+    this.pairedBySettlement.delete(settlement);
   }
 
   /**
@@ -781,6 +810,7 @@ export class UsageMeterService implements UsageMeter {
       this.writing.windowSettlements = settlements;
       try {
         await billingCrud.writeUsage(this.db, usage, settlements);
+        this.wroteRows(usage);
         this.wroteItems(settlements);
       } catch (error) {
         if (refusedForData(error)) {
@@ -815,9 +845,11 @@ export class UsageMeterService implements UsageMeter {
     for (const [i, row] of rows.entries()) {
       try {
         await billingCrud.insertUsage(this.db, [row]);
+        this.wroteRows([row]);
       } catch (error) {
         if (refusedForData(error)) {
           this.log.error({ err: cause(error), usageRecord: (JSON.parse(row) as { id: string }).id }, 'usage record refused by the database; set aside');
+          this.wroteRows([row]);
           continue;
         }
         this.writing.usage = []; // `rows`: off the in-flight list before they are kept (see writeQueued)
@@ -1066,6 +1098,8 @@ export class UsageMeterService implements UsageMeter {
       this.forgetRecovered();
       // Saved again: what a statement still in flight holds and puts back after a failure counts as a call's.
       this.fromFiles.clear();
+      this.pairedByRow.clear();
+      this.pairedBySettlement.clear();
       this.buffer = [];
       this.failedSettlements = [];
       this.windowSettlements = [];

@@ -176,6 +176,36 @@ describe('usage the database does not take', () => {
     // Each call's spend moved once: the key's spend is what its records add up to.
     expect(await keyFigures(key.id)).toEqual({ charged: true, spentAsRecorded: true, reserved: '0' });
   });
+
+  it('a billed call counts once toward it, its usage row and its settlement together: calls are refused past USAGE_MAX_PENDING_ROWS calls, not half of them', async () => {
+    // Per-call holds: each call leaves its usage row (the batch's) and its settlement (a statement of its own).
+    const app = await buildTestApp(ctx.database, { ...settings, BILLING_ENABLED: 'true', BILLING_CREDIT_WINDOW_CALLS: '0' });
+    try {
+      const dana = await createUser(app);
+      await billingCrud.changeBalance(ctx.database.db, { userId: dana.user.id, type: 'grant', amount: '100000', description: 'test credits', createdBy: dana.user.id });
+      const call = () => app.models.chat(chatRequest('fake-billed', { user_id: dana.user.id }, { maxOutputTokens: 10 }));
+      const outage = { down: true };
+      const writesFail = (text: string) => {
+        if (outage.down && /insert into (usage_records|credit_transactions)/i.test(text)) throw new Error('Connection terminated unexpectedly');
+      };
+      await intercepting(ctx.database.db, writesFail, async () => {
+        for (let i = 0; i < LIMIT; i++) await call();
+        await app.meter.idle(); // every call's row and settlement tried and kept
+        await expect(call()).rejects.toBeInstanceOf(UsageBacklogError);
+        outage.down = false;
+        await app.meter.idle();
+        await call();
+        await app.meter.idle();
+      });
+      expect(fake.log).toHaveLength(LIMIT + 1);
+      expect(await usageCount(ctx.database.db, dana.user.id)).toBe(LIMIT + 1);
+      const entries = await ctx.database.db.execute(sql`select count(*)::int as n from credit_transactions where owner_id = ${dana.user.id} and type = 'usage'`);
+      expect((entries as { rows: { n: number }[] }).rows[0]!.n).toBe(LIMIT + 1);
+      expect(await billingCrud.getBalance(ctx.database.db, dana.user.id)).toMatchObject({ reserved: '0.000000000000' });
+    } finally {
+      await app.close();
+    }
+  });
 });
 
 describe('usage saved at the shutdown deadline', () => {
