@@ -190,7 +190,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'update_user',
         summary: 'Update User',
         description:
-          "`is_active: false` signs the user out everywhere (tokens and API keys stop authenticating) and cancels the user's queued and running runs. `is_active: true` again lets the user's API keys authenticate again (a suspension, not a revocation: revoke keys that may have leaked); the tokens issued before stay dead.",
+          "`is_active: false` signs the user out everywhere (tokens and API keys stop authenticating) and cancels the user's queued and running runs. `is_active: true` again lets the user's API keys authenticate again (a suspension, not a revocation: revoke keys that may have leaked); the tokens issued before stay dead. A new `password`, or an `email` other than the current one but for its case, ends the user's sessions too (their API keys work on).",
         tags,
         params: UserIdParams,
         body: UserUpdate,

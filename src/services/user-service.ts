@@ -76,7 +76,7 @@ export async function getById(db: Db, id: string): Promise<User> {
  */
 export async function updateMe(db: Db, user: User, input: UserUpdateMe): Promise<User> {
   const { current_password: current, ...fields } = input;
-  const movesEmail = fields.email !== undefined && fields.email.trim().toLowerCase() !== user.email.trim().toLowerCase();
+  const movesEmail = emailMoves(user, fields.email);
   if (movesEmail && current === undefined) {
     throw new UnprocessableError({ loc: ['body', 'current_password'], msg: 'Field required: a change of email needs the current password', type: 'missing' });
   }
@@ -84,6 +84,11 @@ export async function updateMe(db: Db, user: User, input: UserUpdateMe): Promise
   if (fields.email !== undefined) await ensureEmailFree(db, fields.email, user.id);
   const updated = movesEmail ? await userCrud.updateRevokingTokens(db, user.id, fields) : await userCrud.update(db, user.id, fields);
   return updated ?? user;
+}
+
+/** Whether `email` (if given) moves `user` to another address: a change of case alone does not (accounts ignore it). */
+function emailMoves(user: User, email: string | undefined): boolean {
+  return email !== undefined && email.trim().toLowerCase() !== user.email.trim().toLowerCase();
 }
 
 export async function changePassword(db: Db, user: User, current: string, next: string): Promise<void> {
@@ -127,7 +132,8 @@ export async function updateByAdmin(db: Db, runs: RunDeps, id: string, input: Us
     if (losesSuperuser && (await isLastSuperuser(tx, target))) {
       throw new ForbiddenError('The last superuser cannot be demoted or deactivated');
     }
-    const revokes = password !== undefined || input.is_active === false;
+    // An email moved by a superuser ends the user's sessions too, as the user's own change does (updateMe).
+    const revokes = password !== undefined || input.is_active === false || emailMoves(target, input.email);
     const updated = revokes ? await userCrud.updateRevokingTokens(tx, id, values) : await userCrud.update(tx, id, values);
     if (!updated) throw new NotFoundError('User not found');
     return updated;

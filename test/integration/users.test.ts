@@ -593,7 +593,15 @@ describe('PATCH /users/{user_id}', () => {
     const email = randomEmail('renamed');
     const response = await call('PATCH', `/users/${alice.user.id}`, { headers: admin, payload: { full_name: 'Renamed', email } });
     expectUserPublic(response, { id: alice.user.id, full_name: 'Renamed', email, is_superuser: false });
-    // Not a credential change: the user's token keeps working.
+    // The email moved: the user's sessions end, as their own change of email ends them.
+    expectUnauthorized(await call('GET', '/users/me', { headers: alice.headers }));
+    expect(await loginStatus(app, email, alice.password)).toBe(200);
+  });
+
+  it("keeps a user's sessions on a change of name or of the email's case alone", async () => {
+    const alice = await createUser(app);
+    const payload = { full_name: 'Renamed', email: alice.email.toUpperCase() };
+    expectUserPublic(await call('PATCH', `/users/${alice.user.id}`, { headers: admin, payload }), { id: alice.user.id, full_name: 'Renamed' });
     expect((await call('GET', '/users/me', { headers: alice.headers })).statusCode).toBe(200);
   });
 
