@@ -128,6 +128,15 @@ export class StorageService {
     return this.backend.remove(this.checked(key));
   }
 
+  /**
+   * Discards this prefix's writes begun more than `graceMs` ago and never finished (a process
+   * killed mid-write: on S3, a multipart upload's parts); returns how many. `graceMs` must outlast
+   * any write still going, which would otherwise fail at its end.
+   */
+  async abandonStaleWrites(graceMs: number): Promise<number> {
+    return this.backend.abandonWritesBefore(`${this.prefix}/`, new Date(Date.now() - graceMs));
+  }
+
   /** Moves a file to `filename` under `pathParts`; returns the new key. 404 when absent, 409 when the target exists. */
   async moveFile(key: string, filename: string, pathParts: readonly string[] = []): Promise<string> {
     const target = this.keyFor(filename, pathParts);

@@ -15,7 +15,8 @@ import { transaction } from '../../src/core/db.js';
 import { knowledgeChunks, knowledgeEntries, knowledgeFileDeletions } from '../../src/models/index.js';
 
 import { claimUploadedFile, recordUploadedFile } from '../../src/crud/knowledge.js';
-import { uploadGraceMs, uploadInFlightMs } from '../../src/services/knowledge/entry-service.js';
+import { uploadInFlightMs } from '../../src/services/knowledge/entry-service.js';
+import { uploadGraceMs } from '../../src/services/knowledge/files.js';
 import { knowledgeStorage, PURGE_BATCH, purgeDeletedFiles, purgeFilesOf } from '../../src/services/knowledge/files.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';

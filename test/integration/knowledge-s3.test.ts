@@ -8,8 +8,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { buildTestApp, openTestDatabase } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
-import { call } from '../helpers/http.js';
+import { call, eventually } from '../helpers/http.js';
 import { createFolder, ingested, search, upload } from '../helpers/knowledge.js';
+import { captureLogs } from '../helpers/logs.js';
 
 const BUCKET = 'keel-kb-test';
 const s3dir = mkdtempSync(join(tmpdir(), 'keel-kb-s3-'));
@@ -17,6 +18,7 @@ let s3: S3rver;
 let app: FastifyInstance;
 let destroy: () => Promise<void>;
 let user: TestUser;
+const logs = captureLogs('warn');
 
 /** The objects s3rver holds under the user's part of the bucket (it keeps each as `<key>._S3rver_object`). */
 function objectsOf(ownerId: string): string[] {
@@ -38,7 +40,7 @@ beforeAll(async () => {
     S3_SECRET_ACCESS_KEY: 'S3RVER',
     S3_FORCE_PATH_STYLE: 'true',
     KB_MAX_FILE_BYTES: '100000',
-  });
+  }, { logger: logs.logger });
   user = await createUser(app);
 });
 afterAll(async () => {
@@ -49,6 +51,14 @@ afterAll(async () => {
 });
 
 describe('knowledge base on S3 storage', () => {
+  it('goes on when the bucket cannot list unfinished multipart uploads (s3rver: NotImplemented): the sweep logs it', async () => {
+    await eventually(async () => logs.lines().some((line) => line.msg === 'unfinished knowledge file writes could not be swept; will try again'));
+    const line = logs.lines().find((l) => l.msg === 'unfinished knowledge file writes could not be swept; will try again')!;
+    expect(line.err).toMatchObject({ message: expect.stringMatching(/^File storage is unavailable.*not implemented/) as unknown });
+    // Nothing else the sweep does, nor the app, stopped with it (the tests below).
+    expect(logs.lines().filter((l) => l.msg === 'knowledge sweep failed; will try again')).toEqual([]);
+  });
+
   it('uploads, ingests from a temporary copy, downloads, searches and deletes every object', async () => {
     const folder = await createFolder(app, user.headers);
     const text = '# Tides\n\nSpring tides follow the full and new moon.\n';

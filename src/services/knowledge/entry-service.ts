@@ -38,7 +38,7 @@ import { loadKeyLimits } from '../key-limits.js';
 import { availableCredits, budgetLeft, notEnoughCreditsMessage, nothingLeft, overBudgetMessage } from '../money.js';
 import { type OpenedFile, StorageTooLargeError } from '../storage-service.js';
 import { hasVectorTable } from './embeddings.js';
-import { deleteStoredFiles, entryKey, knowledgeStorage, purgeFilesOf, textKeyOf } from './files.js';
+import { deleteStoredFiles, entryKey, knowledgeStorage, purgeFilesOf, textKeyOf, uploadGraceMs } from './files.js';
 
 // ==================== Limits ====================
 
@@ -258,17 +258,6 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
     throw error;
   }
 }
-
-/**
- * How long an upload's recorded file is safe from the sweeper: the request's own bound (its body
- * must arrive within HTTP_REQUEST_TIMEOUT_MS) and a margin for what follows the last byte (the
- * storage write's completion, the entry's transaction).
- */
-export function uploadGraceMs(settings: { HTTP_REQUEST_TIMEOUT_MS: number }): number {
-  return settings.HTTP_REQUEST_TIMEOUT_MS + UPLOAD_GRACE_MARGIN_MS;
-}
-
-const UPLOAD_GRACE_MARGIN_MS = 15 * 60 * 1000;
 
 /**
  * How long an upload's record counts against KB_MAX_UPLOADS_IN_FLIGHT_PER_USER: the body's own

@@ -25,6 +25,29 @@ export function entryKey(storage: StorageService, entry: { id: string; owner_id:
 export const textKeyOf = (storageKey: string) => `${storageKey}.txt`;
 
 /**
+ * How long an upload's recorded file is safe from the sweeper: the request's own bound (its body
+ * must arrive within HTTP_REQUEST_TIMEOUT_MS) and a margin for what follows the last byte (the
+ * storage write's completion, the entry's transaction). The same grace spares a write still going
+ * from `abandonStaleWrites`: an upload's, and an ingestion's extracted text (up to
+ * KB_MAX_TEXT_CHARS, written at once from memory: 15 minutes is ~90 KB/s for the largest; one
+ * slower fails and its ingestion is tried again).
+ */
+export function uploadGraceMs(settings: { HTTP_REQUEST_TIMEOUT_MS: number }): number {
+  return settings.HTTP_REQUEST_TIMEOUT_MS + UPLOAD_GRACE_MARGIN_MS;
+}
+
+const UPLOAD_GRACE_MARGIN_MS = 15 * 60 * 1000;
+
+/**
+ * Discards the knowledge base's writes that a killed process left unfinished (on S3 a multipart
+ * upload's parts, billed and listed nowhere else until aborted), once past `uploadGraceMs`: the
+ * sweeper's work. Returns how many.
+ */
+export function abandonStaleWrites(settings: Settings): Promise<number> {
+  return knowledgeStorage(settings).abandonStaleWrites(uploadGraceMs(settings));
+}
+
+/**
  * Deletes stored files and their extracted text; returns the keys whose deletion failed (logged).
  * A file already gone is no failure.
  */

@@ -30,7 +30,7 @@ import { type DocumentChunk, DocumentRejectedError, type DocumentSection, type E
 import { pairSafeEnd } from '../../utils/text.js';
 import { StorageNotFoundError, type StorageService } from '../storage-service.js';
 import { ensureVectorIndex, hasVectorTable, writeEmbeddings } from './embeddings.js';
-import { knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
+import { abandonStaleWrites, knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
 import { refreshSearchStatistics } from './search.js';
 
 export interface IngestionDeps {
@@ -675,21 +675,30 @@ export async function sweepIngestion(db: Db, queue: JobQueue, pick: SweepPick): 
 
 /**
  * Sweeps at once (a restart's leftovers) and then every KB_SWEEP_INTERVAL_MS, in a process that
- * runs jobs: re-queues unfinished ingestion and deletes the files of entries deleted without
- * them (cascades, a crash between commit and file deletion). Returns the function that stops it.
+ * runs jobs: re-queues unfinished ingestion, deletes the files of entries deleted without them
+ * (cascades, a crash between commit and file deletion) and discards the unfinished writes of a
+ * killed process (abandonStaleWrites). Returns the function that stops it.
  */
 export function startIngestionSweeper(deps: { db: Db; settings: Settings; log: Logger }, queue: JobQueue): () => Promise<void> {
   const { db, settings, log } = deps;
   let running: Promise<unknown> = Promise.resolve();
   const markMs = settings.KB_INGEST_LEASE_MS;
   const sweep = (pendingAgeMs: number, ignoreMarks: boolean) => {
-    running = Promise.all([sweepIngestion(db, queue, { pendingAgeMs, markMs, ignoreMarks }), purgeDeletedFiles(deps)]).then(
+    const swept = Promise.all([sweepIngestion(db, queue, { pendingAgeMs, markMs, ignoreMarks }), purgeDeletedFiles(deps)]).then(
       ([requeued, purged]) => {
         if (requeued) log.info({ count: requeued }, 'knowledge entries re-queued for ingestion');
         if (purged) log.info({ count: purged }, 'files of deleted knowledge entries removed');
       },
       (error: unknown) => log.warn({ err: error }, 'knowledge sweep failed; will try again'),
     );
+    // Apart: a bucket that refuses to list uploads (some S3-compatible servers cannot) stops nothing else.
+    const abandoned = abandonStaleWrites(settings).then(
+      (count) => {
+        if (count) log.info({ count }, 'unfinished knowledge file writes discarded');
+      },
+      (error: unknown) => log.warn({ err: error }, 'unfinished knowledge file writes could not be swept; will try again'),
+    );
+    running = Promise.all([swept, abandoned]);
   };
   // An in-process queue lost its jobs with the process; BullMQ's survive a restart (a rolling one would queue every entry again once per worker).
   sweep(0, queue.kind === 'in-process');

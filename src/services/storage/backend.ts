@@ -17,6 +17,12 @@ export interface StorageBackend {
   remove(key: string): Promise<boolean>;
   /** False when there was no file at `from`; throws StorageConflictError when `to` holds one. */
   move(from: string, to: string): Promise<boolean>;
+  /**
+   * Discards writes under `prefix` begun before `initiatedBefore` and never finished (a process
+   * killed mid-write); returns how many. Such writes are invisible yet take room: on S3 the parts
+   * of a multipart upload are stored, and billed, until the upload is aborted.
+   */
+  abandonWritesBefore(prefix: string, initiatedBefore: Date): Promise<number>;
   close(): Promise<void>;
 }
 

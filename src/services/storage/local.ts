@@ -80,6 +80,11 @@ export class LocalStorageBackend implements StorageBackend {
     }
   }
 
+  /** A killed write leaves a temporary file, outside any prefix: those go when the backend opens (sweepTemporary). */
+  async abandonWritesBefore(): Promise<number> {
+    return 0;
+  }
+
   private async makeParent(path: string): Promise<void> {
     try {
       await mkdir(dirname(path), { recursive: true, mode: 0o700 });

@@ -40,7 +40,7 @@ function unavailable(error: unknown): unknown {
 
 function notFound(error: unknown): boolean {
   const e = error as { name?: string; $metadata?: { httpStatusCode?: number } };
-  return e.name === 'NotFound' || e.name === 'NoSuchKey' || e.$metadata?.httpStatusCode === 404;
+  return e.name === 'NotFound' || e.name === 'NoSuchKey' || e.name === 'NoSuchUpload' || e.$metadata?.httpStatusCode === 404;
 }
 
 /**
@@ -205,6 +205,39 @@ export class S3StorageBackend implements StorageBackend {
     }
     await this.client.send(new DeleteObjectCommand({ Bucket: this.options.bucket, Key: from }));
     return true;
+  }
+
+  /**
+   * Aborts the multipart uploads under `prefix` initiated before `initiatedBefore`: an upload whose
+   * process was killed (no `leavePartsOnError` abort ran) keeps its parts, stored and billed but
+   * listed nowhere else, until aborted. Listed a page (up to 1000) at a time, each page aborted
+   * before the next is asked for. An upload that ended meanwhile (completed, or aborted by another
+   * process's sweep) is no failure; any other failure is thrown (503) and the next sweep tries again.
+   */
+  async abandonWritesBefore(prefix: string, initiatedBefore: Date): Promise<number> {
+    const { AbortMultipartUploadCommand, ListMultipartUploadsCommand } = clientS3();
+    const bucket = this.options.bucket;
+    let aborted = 0;
+    let keyMarker: string | undefined;
+    let uploadIdMarker: string | undefined;
+    do {
+      const page = await this.guard(() =>
+        this.client.send(new ListMultipartUploadsCommand({ Bucket: bucket, Prefix: prefix, KeyMarker: keyMarker, UploadIdMarker: uploadIdMarker })),
+      );
+      const stale = (page.Uploads ?? []).filter((upload) => upload.Key && upload.UploadId && upload.Initiated && upload.Initiated < initiatedBefore);
+      for (const upload of stale) {
+        try {
+          await this.client.send(new AbortMultipartUploadCommand({ Bucket: bucket, Key: upload.Key, UploadId: upload.UploadId }));
+          aborted++;
+        } catch (error) {
+          if (!notFound(error)) throw unavailable(error);
+        }
+      }
+      // A truncated page names where the next begins; a server that gives no marker has nothing more to give.
+      keyMarker = page.IsTruncated ? page.NextKeyMarker : undefined;
+      uploadIdMarker = page.IsTruncated ? page.NextUploadIdMarker : undefined;
+    } while (keyMarker);
+    return aborted;
   }
 
   /** S3 errors other than a missing object are the server's (down, refusing our credentials): 503, cause kept for the log. */

@@ -1,0 +1,112 @@
+/**
+ * A process killed during a multipart upload (kill -9: lib-storage's abort never runs) leaves the
+ * upload's parts in the bucket, stored and billed, and listed by nothing but ListMultipartUploads.
+ * The knowledge sweeper aborts those under the knowledge base's prefix once past the uploads'
+ * grace. Against moto (test/helpers/moto.ts): s3rver cannot list multipart uploads.
+ */
+import {
+  AbortMultipartUploadCommand,
+  CreateBucketCommand,
+  CreateMultipartUploadCommand,
+  ListMultipartUploadsCommand,
+  ListPartsCommand,
+  S3Client,
+  UploadPartCommand,
+} from '@aws-sdk/client-s3';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { knowledgeStorage, uploadGraceMs } from '../../src/services/knowledge/files.js';
+import { closeStorage } from '../../src/services/storage-service.js';
+import { buildTestApp, openTestDatabase, testSettings } from '../helpers/app.js';
+import { eventually } from '../helpers/http.js';
+import { captureLogs, LEVEL } from '../helpers/logs.js';
+import { type Moto, motoInstalled, startMoto } from '../helpers/moto.js';
+
+const BUCKET = 'keel-abandoned-uploads';
+/** The date moto gives every upload it lists. */
+const MOTO_INITIATED = Date.parse('2010-11-10T20:48:33.000Z');
+
+let moto: Moto;
+let client: S3Client;
+
+const s3Settings = () => ({
+  STORAGE_BACKEND: 's3',
+  S3_BUCKET: BUCKET,
+  S3_ENDPOINT: moto.endpoint,
+  S3_ACCESS_KEY_ID: 'testing',
+  S3_SECRET_ACCESS_KEY: 'testing',
+  S3_FORCE_PATH_STYLE: 'true',
+});
+
+/** What a killed upload leaves: an upload begun, a part sent, never completed nor aborted. */
+async function leaveUpload(key: string): Promise<string> {
+  const { UploadId } = await client.send(new CreateMultipartUploadCommand({ Bucket: BUCKET, Key: key }));
+  await client.send(new UploadPartCommand({ Bucket: BUCKET, Key: key, UploadId, PartNumber: 1, Body: Buffer.alloc(1024, 'x') }));
+  return UploadId!;
+}
+
+async function uploadsLeft(): Promise<string[]> {
+  const { Uploads = [] } = await client.send(new ListMultipartUploadsCommand({ Bucket: BUCKET }));
+  return Uploads.map((upload) => upload.Key!).sort();
+}
+
+async function clearUploads(): Promise<void> {
+  const { Uploads = [] } = await client.send(new ListMultipartUploadsCommand({ Bucket: BUCKET }));
+  for (const { Key, UploadId } of Uploads) await client.send(new AbortMultipartUploadCommand({ Bucket: BUCKET, Key, UploadId }));
+}
+
+describe.skipIf(!motoInstalled)('unfinished multipart uploads a killed process left (moto)', () => {
+  beforeAll(async () => {
+    moto = await startMoto();
+    client = new S3Client({ region: 'us-east-1', endpoint: moto.endpoint, forcePathStyle: true, credentials: { accessKeyId: 'testing', secretAccessKey: 'testing' } });
+    await client.send(new CreateBucketCommand({ Bucket: BUCKET }));
+  }, 60_000);
+  afterAll(async () => {
+    client?.destroy();
+    await moto?.stop();
+  });
+
+  it('are aborted once older than the grace, under the prefix only; a younger one is spared', async () => {
+    const settings = testSettings(s3Settings());
+    try {
+      await clearUploads();
+      const mine = 'knowledge-base/owner/folder/entry';
+      const uploadId = await leaveUpload(mine);
+      // The prefix is a folder: a key that merely begins with its name is not under it.
+      await leaveUpload('knowledge-base-other/entry');
+      await leaveUpload('elsewhere/entry');
+      const storage = knowledgeStorage(settings);
+
+      // A grace reaching back past moto's date makes them all young.
+      expect(await storage.abandonStaleWrites(Date.now() - MOTO_INITIATED + 24 * 3600_000)).toBe(0);
+      expect(await uploadsLeft()).toEqual(['elsewhere/entry', 'knowledge-base-other/entry', mine]);
+
+      expect(await storage.abandonStaleWrites(uploadGraceMs(settings))).toBe(1);
+      expect(await uploadsLeft()).toEqual(['elsewhere/entry', 'knowledge-base-other/entry']);
+      // Its parts are gone with it.
+      await expect(client.send(new ListPartsCommand({ Bucket: BUCKET, Key: mine, UploadId: uploadId }))).rejects.toMatchObject({ name: 'NoSuchUpload' });
+      expect(await storage.abandonStaleWrites(uploadGraceMs(settings))).toBe(0);
+    } finally {
+      await closeStorage(settings);
+    }
+  });
+
+  it("are aborted by the app's knowledge sweeper, which logs how many", async () => {
+    await clearUploads();
+    await leaveUpload('knowledge-base/owner/folder/killed');
+    await leaveUpload('elsewhere/kept');
+    const logs = captureLogs('info');
+    const opened = await openTestDatabase();
+    const app = await buildTestApp(opened.database, s3Settings(), { logger: logs.logger });
+    try {
+      // The sweeper's first round runs as the app starts.
+      await eventually(async () => !(await uploadsLeft()).includes('knowledge-base/owner/folder/killed'));
+      expect(await uploadsLeft()).toEqual(['elsewhere/kept']);
+      await eventually(async () => logs.lines().some((line) => line.msg === 'unfinished knowledge file writes discarded' && line.count === 1));
+      expect(logs.lines().filter((line) => (line.level as number) >= LEVEL.warn)).toEqual([]);
+    } finally {
+      await app.close();
+      await opened.destroy();
+    }
+  });
+});
