@@ -213,3 +213,28 @@ export function ascii85Encode(data: Buffer): Buffer {
   }
   return Buffer.from(`${out}~>`);
 }
+
+/** `data` as PDF's RunLengthDecode reads it: runs of 2 to 128 equal bytes repeated, the rest copied 128 at most at a time, 128 at the end. */
+export function runLengthEncode(data: Buffer): Buffer {
+  const out: Buffer[] = [];
+  let literal: number[] = [];
+  const flush = () => {
+    if (literal.length) out.push(Buffer.from([literal.length - 1, ...literal]));
+    literal = [];
+  };
+  for (let at = 0; at < data.length; ) {
+    let run = 1;
+    while (run < 128 && at + run < data.length && data[at + run] === data[at]) run++;
+    if (run > 1) {
+      flush();
+      out.push(Buffer.from([257 - run, data[at]!]));
+    } else {
+      literal.push(data[at]!);
+      if (literal.length === 128) flush();
+    }
+    at += run;
+  }
+  flush();
+  out.push(Buffer.from([128]));
+  return Buffer.concat(out);
+}

@@ -4,7 +4,7 @@ import { mkdtemp, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
-import { deflateSync } from 'node:zlib';
+import { brotliCompressSync, deflateSync } from 'node:zlib';
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
@@ -16,7 +16,7 @@ import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge
 import { pdfSpans } from '../../src/modules/knowledge/pdf.js';
 import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
 import { DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
-import { ascii85Encode, type Block, lzwEncode, pdfWithStream, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
+import { ascii85Encode, type Block, lzwEncode, pdfWithStream, runLengthEncode, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
 
 const LIMITS: ExtractLimits = { maxTextChars: 1_000_000, timeoutMs: 20_000, maxMemoryMb: 128, maxTotalMemoryMb: 512 };
 let dir: string;
@@ -336,7 +336,7 @@ describe('extractDocument: what it refuses', () => {
     });
   });
 
-  describe('refuses an LZW or ASCII85 page past the allowance up front, as a Flate one', () => {
+  describe('refuses an LZW, ASCII85, run-length or Brotli page past the allowance up front, as a Flate one', () => {
     const text = Buffer.from('BT /F1 12 Tf 72 712 Td (Hello from a bomb) Tj ET');
     const page = Buffer.concat([Buffer.alloc(20 * 1024 * 1024, 0x20), text]);
     const refused = 'the PDF expands to more than 16 MB when one of its parts is unpacked (the limit per part); it is damaged or built to exhaust the reader';
@@ -356,9 +356,15 @@ describe('extractDocument: what it refuses', () => {
       ['Flate behind LZW', () => pdfWithStream('/Filter [/LZWDecode /FlateDecode]', lzwEncode(flateBomb))],
       ['filters behind a reference (pdf.js follows it)', () => pdfWithStream('/Filter 6 0 R', lzwBomb, '[/LZWDecode]')],
       ['a decoy /F name before the real key', () => pdfWithStream('/Name /F /Filter /LZWDecode', lzwBomb)],
+      ['RunLengthDecode', () => pdfWithStream('/Filter /RunLengthDecode', runLengthEncode(page))],
+      ['run-length behind Flate', () => pdfWithStream('/Filter [/Fl /RL]', deflateSync(runLengthEncode(page), { level: 9 }))],
+      ['run-length behind ASCII85', () => pdfWithStream('/Filter [/A85 /RL]', ascii85Encode(runLengthEncode(page)))],
+      ['run-length behind a reference', () => pdfWithStream('/Filter 6 0 R', runLengthEncode(page), '[/RunLengthDecode]')],
+      ['BrotliDecode', () => pdfWithStream('/Filter /BrotliDecode', brotliCompressSync(page))],
     ])('%s', async (name, pdf) => {
       const bytes = pdf();
-      expect(bytes.length).toBeLessThan(200 * 1024);
+      // Run-length packs at most 64 to 1: its 20 MB page takes 320 KB.
+      expect(bytes.length).toBeLessThan(800 * 1024);
       const path = await file(`${name.replaceAll(/\W+/g, '-')}.pdf`, bytes);
       expect(await rejection(extract(path, 'bomb.pdf', { maxMemoryMb: 64 }))).toBe(refused);
     });
@@ -370,6 +376,9 @@ describe('extractDocument: what it refuses', () => {
         ['lzw-early0', pdfWithStream('/Filter /LZWDecode /DecodeParms << /EarlyChange 0 >>', lzwEncode(small, 0))],
         ['a85-flate', pdfWithStream('/Filter [/ASCII85Decode /FlateDecode]', ascii85Encode(deflateSync(small)))],
         ['a85-lzw', pdfWithStream('/Filter [/A85 /LZW]', ascii85Encode(lzwEncode(small)))],
+        ['rl', pdfWithStream('/Filter /RunLengthDecode', runLengthEncode(small))],
+        ['flate-rl', pdfWithStream('/Filter [/Fl /RL]', deflateSync(runLengthEncode(small)))],
+        ['brotli', pdfWithStream('/Filter /BrotliDecode', brotliCompressSync(small))],
       ] as const) {
         expect((await extract(await file(`${name}-small.pdf`, pdf), `${name}.pdf`, { maxMemoryMb: 64 })).text, name).toBe('Hello from a bomb');
       }
@@ -377,17 +386,18 @@ describe('extractDocument: what it refuses', () => {
   });
 
   it('stops a parse whose unpacked parts outgrow the memory allowance, whatever the checks before pdf.js miss', async () => {
-    // RunLengthDecode, which the PDF check does not unpack: 300 MB of page in 5 MB. pdf.js holds
-    // the decoded page in typed arrays, outside the 64 MB heap limit.
+    // A run-length page that calls itself an image, which the PDF check does not unpack (pdf.js
+    // ignores the claim): 300 MB of page in 5 MB. pdf.js holds the decoded page in typed arrays,
+    // outside the 64 MB heap limit.
     const spaces = Buffer.alloc((300 * 1024 * 1024) / 64, Buffer.from([257 - 128, 0x20])); // runs of 128 spaces
     const text = Buffer.from('BT /F1 12 Tf 72 712 Td (Hello from a bomb) Tj ET');
     const runLength = Buffer.concat([spaces, Buffer.from([text.length - 1]), text, Buffer.from([128])]);
-    const path = await file('run-length.pdf', pdfWithStream('/Filter /RunLengthDecode', runLength));
+    const path = await file('run-length.pdf', pdfWithStream('/Subtype /Image /Filter /RunLengthDecode', runLength));
     expect(await rejection(extract(path, 'run-length.pdf', { maxMemoryMb: 64, maxTotalMemoryMb: 200 }))).toBe(
       'reading the document needed more than 200 MB of memory in all (the limit); it may be damaged or built to exhaust the reader — split it or re-save it and upload again',
     );
     // The same page, short, is read within the same limits.
-    const small = await file('run-length-small.pdf', pdfWithStream('/Filter /RunLengthDecode', Buffer.concat([spaces.subarray(0, 1024), runLength.subarray(spaces.length)])));
+    const small = await file('run-length-small.pdf', pdfWithStream('/Subtype /Image /Filter /RunLengthDecode', Buffer.concat([spaces.subarray(0, 1024), runLength.subarray(spaces.length)])));
     expect((await extract(small, 'run-length-small.pdf', { maxMemoryMb: 64, maxTotalMemoryMb: 200 })).text).toBe('Hello from a bomb');
     // Read beside another parse, the growth measured may be the other's: stopped, but to be tried
     // again (a 503, which ingestion retries), not refused for good.

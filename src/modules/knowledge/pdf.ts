@@ -1,6 +1,6 @@
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { constants, createInflate } from 'node:zlib';
+import { constants, createBrotliDecompress, createInflate } from 'node:zlib';
 
 import { getDocumentProxy } from 'unpdf';
 
@@ -113,10 +113,10 @@ function beforeFlate(data: Buffer): Buffer {
   return Buffer.from(data.toString('latin1', 0, end < 0 ? data.length : end).replace(/\s+/g, ''), 'hex');
 }
 
-// ==================== Declared filter chains (LZW, ASCII85) ====================
+// ==================== Declared filter chains (LZW, ASCII85, run-length, Brotli) ====================
 
 /** A filter of a declared chain, as pdf.js names them (abbreviations included). */
-type Filter = 'flate' | 'lzw' | 'a85' | 'ahx';
+type Filter = 'flate' | 'lzw' | 'a85' | 'ahx' | 'rl' | 'brotli';
 
 const FILTERS: Record<string, Filter> = {
   FlateDecode: 'flate',
@@ -127,13 +127,32 @@ const FILTERS: Record<string, Filter> = {
   A85: 'a85',
   ASCIIHexDecode: 'ahx',
   AHx: 'ahx',
+  RunLengthDecode: 'rl',
+  RL: 'rl',
+  BrotliDecode: 'brotli',
 };
+
+/** The filters whose output the Flate pass alone does not bound: a chain with one is decoded along it. */
+const DECODED: ReadonlySet<Filter> = new Set(['lzw', 'a85', 'rl', 'brotli']);
 
 /**
  * The chains tried when a stream's filters cannot be read from the file as written (an indirect
- * array inside a compressed object stream): every way LZW and ASCII85 can lead to a large output.
+ * array inside a compressed object stream): every way LZW, ASCII85, run-length and Brotli can lead
+ * to a large output.
  */
-const GUESSED_CHAINS: Filter[][] = [['lzw'], ['lzw', 'flate'], ['a85', 'flate'], ['a85', 'lzw'], ['a85', 'lzw', 'flate'], ['ahx', 'lzw']];
+const GUESSED_CHAINS: Filter[][] = [
+  ['lzw'],
+  ['lzw', 'flate'],
+  ['a85', 'flate'],
+  ['a85', 'lzw'],
+  ['a85', 'lzw', 'flate'],
+  ['ahx', 'lzw'],
+  ['rl'],
+  ['flate', 'rl'],
+  ['a85', 'rl'],
+  ['brotli'],
+  ['a85', 'brotli'],
+];
 
 /** Bytes handed from one stage of a chain to the next. */
 const CHUNK_BYTES = 64 * 1024;
@@ -291,22 +310,69 @@ function lzw(earlyChange: number): Stage {
   };
 }
 
-/** FlateDecode as a stage: what inflates before the data ends or stops being zlib. */
-async function* flate(input: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
-  const inflate = createInflate({ finishFlush: constants.Z_SYNC_FLUSH });
-  // A damaged stream is pdf.js's to judge: what inflated before the damage counts.
-  const fed = pipeline(Readable.from(input), inflate).catch(() => undefined);
-  try {
-    for await (const chunk of inflate) yield chunk as Buffer;
-  } catch {
-    // the damage: counted up to it
-  } finally {
-    inflate.destroy();
-    await fed;
+/**
+ * pdf.js's RunLengthDecode: a length byte, then 1 + length bytes copied (below 128) or the next
+ * byte repeated 257 - length times (above); 128, or a length byte with nothing after it, ends it.
+ */
+async function* runLength(input: AsyncIterable<Buffer>): AsyncGenerator<Buffer> {
+  const out = new Output();
+  let length = -1;
+  let copying = 0;
+  ending: for await (const chunk of input) {
+    for (const byte of chunk) {
+      let full: Buffer | null = null;
+      if (copying > 0) {
+        copying--;
+        full = out.push(byte);
+      } else if (length < 0) {
+        if (byte === 128) break ending;
+        length = byte;
+      } else if (length < 128) {
+        copying = length;
+        length = -1;
+        full = out.push(byte);
+      } else {
+        for (let i = 257 - length; i > 0; i--) {
+          const made = out.push(byte);
+          if (made) yield made;
+        }
+        length = -1;
+      }
+      if (full) yield full;
+    }
   }
+  if (out.pending) yield out.take();
 }
 
-const STAGES: Record<Filter, (earlyChange: number) => Stage> = { flate: () => flate, lzw, a85: () => ascii85, ahx: () => asciiHex };
+/** A zlib-module decompressor as a stage: what it unpacks before the data ends or is damaged (pdf.js's to judge). */
+function decompressing(create: () => NodeJS.ReadWriteStream & { destroy(): void }): Stage {
+  return async function* (input) {
+    const decompress = create();
+    const fed = pipeline(Readable.from(input), decompress).catch(() => undefined);
+    try {
+      for await (const chunk of decompress) yield chunk as Buffer;
+    } catch {
+      // the damage: counted up to it
+    } finally {
+      decompress.destroy();
+      await fed;
+    }
+  };
+}
+
+/** FlateDecode: what inflates before the data ends or stops being zlib. */
+const flate = decompressing(() => createInflate({ finishFlush: constants.Z_SYNC_FLUSH }));
+/** BrotliDecode (pdf.js decodes it in JavaScript, whole): a few KB can unpack to gigabytes. */
+const brotli = decompressing(() => createBrotliDecompress({ finishFlush: constants.BROTLI_OPERATION_FLUSH }));
+
+const STAGES: Record<Filter, (earlyChange: number) => Stage> = {
+  flate: () => flate,
+  lzw,
+  a85: () => ascii85,
+  ahx: () => asciiHex,
+  rl: () => runLength,
+  brotli: () => brotli,
+};
 
 /** Counts each stage's output into `sizes[index]`; stops passing bytes on once one is past `limit`. */
 async function* counted(input: AsyncIterable<Buffer>, sizes: number[], index: number, limit: number): AsyncGenerator<Buffer> {
@@ -328,6 +394,8 @@ function chainBound(bytes: number, chain: Filter[]): number {
     if (filter === 'a85') size *= 4; // `z`: four bytes per character
     else if (filter === 'ahx') size = Math.ceil(size / 2);
     else if (filter === 'flate') size *= 1032; // zlib's largest ratio
+    else if (filter === 'rl') size *= 64; // two bytes: a run of 128
+    else if (filter === 'brotli') size = Infinity; // no useful bound: always decoded
     else {
       // A code's output is at most one byte longer than any before it (65,535 at most).
       const codes = Math.ceil((size * 8) / 9);
@@ -467,8 +535,8 @@ function resolved(value: PdfValue | undefined, objects: WrittenObjects): PdfValu
 /**
  * The chains to decode a stream with, from its dictionary (`text` from its object's `obj` to
  * `stream`), as pdf.js reads its filters (/F before /Filter, references followed): null when they
- * involve neither LZW nor ASCII85 (the Flate check covers the rest). Filters it cannot read (a
- * reference to an object in a compressed object stream) get every chain LZW and ASCII85 can start.
+ * involve none of LZW, ASCII85, run-length and Brotli (the Flate check covers the rest). Filters it
+ * cannot read (a reference to an object in a compressed object stream) get every chain those can start.
  */
 function declaredChains(text: string, file: WrittenObjects): { chains: Filter[][]; earlyChanges: number[] } | null {
   const start = text.indexOf('<<');
@@ -492,11 +560,11 @@ function declaredChains(text: string, file: WrittenObjects): { chains: Filter[][
   const chain: Filter[] = [];
   for (const name of names) {
     const known = FILTERS[name];
-    // A filter the check does not decode (an image codec, run-length) ends what it checks.
+    // A filter the check does not decode (an image codec) ends what it checks.
     if (!known) break;
     chain.push(known);
   }
-  return chain.includes('lzw') || chain.includes('a85') ? { chains: [chain], earlyChanges } : null;
+  return chain.some((filter) => DECODED.has(filter)) ? { chains: [chain], earlyChanges } : null;
 }
 
 /**
@@ -506,9 +574,10 @@ function declaredChains(text: string, file: WrittenObjects): { chains: Filter[][
  * Every stream is unpacked as Flate whatever its dictionary declares (data that is not zlib fails
  * at its first bytes), so no spelling of the filter hides one; only images are skipped (text
  * extraction never decodes them), when their own dictionary says so outside comments and strings.
- * A stream whose filters (as pdf.js reads them: references followed) include LZWDecode or
- * ASCII85Decode is also decoded along that chain, pdf.js's way, each stage counted and bounded
- * alike. A page compressed otherwise (run-length) is left to the memory watch of extract.ts.
+ * A stream whose filters (as pdf.js reads them: references followed) include LZWDecode,
+ * ASCII85Decode, RunLengthDecode or BrotliDecode is also decoded along that chain, pdf.js's way,
+ * each stage counted and bounded alike. What these checks let through (a page that calls itself an
+ * image) is left to the memory watch of extract.ts.
  */
 export async function checkPdfStreams(data: Uint8Array, maxStreamBytes: number): Promise<void> {
   const bytes = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
@@ -539,11 +608,12 @@ export async function checkPdfStreams(data: Uint8Array, maxStreamBytes: number):
     let work = 0;
     let size = await inflatedSize(beforeFlate(data), limit());
     work += size;
-    // Streams declared LZW or ASCII85 (alone or before Flate) are decoded along their chain too;
+    // Streams declared LZW, ASCII85, run-length or Brotli are decoded along their chain too;
     // every decoding counts toward the total (it bounds the time the check takes).
     const declared = size > limit() ? null : declaredChains(dictionary, objects);
     for (const chain of declared?.chains ?? []) {
-      for (const earlyChange of declared!.earlyChanges) {
+      // EarlyChange is LZW's: another chain is decoded once.
+      for (const earlyChange of chain.includes('lzw') ? declared!.earlyChanges : [1]) {
         if (size > maxStreamBytes || total + work >= MAX_TOTAL_INFLATED_BYTES) break;
         if (chainBound(data.length, chain) <= limit()) break;
         const decoded = await chainSize(data, chain, earlyChange, limit());
