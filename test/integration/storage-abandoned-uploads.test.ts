@@ -55,7 +55,8 @@ async function clearUploads(): Promise<void> {
   for (const { Key, UploadId } of Uploads) await client.send(new AbortMultipartUploadCommand({ Bucket: BUCKET, Key, UploadId }));
 }
 
-describe.skipIf(!motoInstalled)('unfinished multipart uploads a killed process left (moto)', () => {
+// Skipped on a machine without moto, but not in CI, where a missing moto would hide these tests for good.
+describe.skipIf(!motoInstalled && process.env.CI !== 'true')('unfinished multipart uploads a killed process left (moto)', () => {
   beforeAll(async () => {
     moto = await startMoto();
     client = new S3Client({ region: 'us-east-1', endpoint: moto.endpoint, forcePathStyle: true, credentials: { accessKeyId: 'testing', secretAccessKey: 'testing' } });
