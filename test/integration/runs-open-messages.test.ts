@@ -14,20 +14,23 @@ import { messageView } from '../../src/modules/agents/run-lifecycle.js';
 import { RunSweeper } from '../../src/modules/agents/run-sweeper.js';
 import { answerOf } from '../../src/services/agent-completions.js';
 import { useTestApp } from '../helpers/app.js';
-import { createUser } from '../helpers/factories.js';
+import { createUser, superuserHeaders } from '../helpers/factories.js';
 import { apiOf, sleep } from '../helpers/http.js';
 import { createAgent, createThread, expectContiguous, orphanRun, readEvents, type SseEvent, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
 
 const MODEL = 'fake-precise';
 /** knowledge_search as a test installs it: takes this long and never looks at the run's signal. */
 const SLOW_TOOL_MS = 8_000;
+/** The run signal each call of the tool was given. */
+const toolSignals: AbortSignal[] = [];
 
 const ctx = useTestApp(
   // A deadline of 3 s; a lease of 30 s (no renewal or sweep interferes).
   { RUN_TIMEOUT_SECONDS: '3', RUN_LEASE_SECONDS: '30', MODEL_MAX_RETRIES: '0' },
   {
     tools: {
-      knowledge_search: async () => {
+      knowledge_search: async (_input, context) => {
+        toolSignals.push(context.signal);
         await sleep(SLOW_TOOL_MS);
         return { passages: [] };
       },
@@ -55,13 +58,24 @@ function endsOf(events: SseEvent[]): Map<string, SseEvent[]> {
   return ends;
 }
 
-/** Every opened message ended once; the one ended incomplete, returned. */
+/** Every opened message ended once, every tool call answered once (before its message ended); the messages ended incomplete, returned. */
 function expectEveryMessageEnded(events: SseEvent[]): SseEvent[] {
   const ends = endsOf(events);
   expect(ends.size).toBeGreaterThan(0);
   for (const [, ended] of ends) expect(ended).toHaveLength(1);
+  const calls = events.filter((e) => e.event === 'tool.call');
+  for (const call of calls) {
+    const results = events.filter((e) => e.event === 'tool.result' && e.data.tool_call_id === call.data.tool_call_id && e.data.step === call.data.step);
+    expect(results, `tool.result of ${String(call.data.tool_call_id)}`).toHaveLength(1);
+    const end = ends.get(call.data.message_id as string)![0]!;
+    expect(results[0]!.id).toBeGreaterThan(call.id);
+    expect(results[0]!.id).toBeLessThan(end.id);
+  }
   return [...ends.values()].map((ended) => ended[0]!).filter((e) => e.data.status === 'incomplete');
 }
+
+/** The tool.result events that say their call did not complete. */
+const unanswered = (events: SseEvent[]) => events.filter((e) => e.event === 'tool.result' && e.data.status === 'incomplete');
 
 const toolCall = { id: 'call_0', name: 'knowledge_search', arguments: JSON.stringify({ query: 'invoices' }) };
 
@@ -122,6 +136,37 @@ describe("a run's open message ends in its stream", () => {
     expect(events[at + 1]!.event).toBe('message.created');
     expect((events.at(-2)!.data.message as { content: string }).content).toBe('whole answer');
     expect(events.at(-2)!.data.status).toBeUndefined();
+  });
+
+  it('resumed after its worker died during a tool call: the call is answered (interrupted) before its message ends, then the new step runs', async () => {
+    const { fake, base } = server;
+    const { owner, thread, agent } = await setup({ tools: ['knowledge_search'] });
+    const orphan = await orphanRun(ctx.app.db, { owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, model: MODEL });
+    const dead = { id: '00000000-0000-4000-8000-000000000005', thread_id: thread.id, role: 'assistant', content: '', tool_calls: null, tool_call_id: null, run_id: orphan.id, metadata: {} };
+    const call = (id: string) => ({ event: 'tool.call' as const, data: { message_id: dead.id, tool_call_id: id, name: 'knowledge_search', arguments: { query: id }, step: 1 } });
+    // Two calls: the first answered before the worker died, the second still running.
+    await ctx.app.runs.bus.events.append(orphan.id, [
+      { event: 'run.queued', data: {} },
+      { event: 'run.started', data: {} },
+      { event: 'message.created', data: { message: dead, step: 1 } },
+      call('call_0'),
+      call('call_1'),
+      { event: 'tool.result', data: { tool_call_id: 'call_0', name: 'knowledge_search', content: '{"passages":[]}', is_error: false, step: 1 } },
+    ]);
+    fake.script(MODEL, { text: 'whole answer' });
+    expect((await new RunSweeper(ctx.app.runs, ctx.app.runs.runner).sweep()).resumed).toBe(1);
+    expect((await waitForRun(ctx.app, owner.headers, orphan.id, ['completed', 'failed'])).status).toBe('completed');
+    const { events } = await readEvents(base, owner.headers, orphan.id);
+    expectContiguous(events);
+    const [incomplete] = expectEveryMessageEnded(events);
+    expect(incomplete!.data).toMatchObject({ reason: 'interrupted', message: { id: dead.id } });
+    const at = events.indexOf(incomplete!);
+    expect(events[at - 1]!.data).toMatchObject({ tool_call_id: 'call_1', name: 'knowledge_search', content: "Error: the tool call did not complete: the run's worker stopped", is_error: true, step: 1, status: 'incomplete', reason: 'interrupted' });
+    expect(unanswered(events)).toHaveLength(1);
+    // The thread has none of the interrupted step: the new step's model call has no call without its result.
+    const sent = fake.requestsFor(MODEL)[0]!.body.messages as { role: string }[];
+    expect(sent.map((m) => m.role)).not.toContain('tool');
+    expect(sent.map((m) => m.role)).not.toContain('assistant');
   });
 
   it('resumed after its worker died between writing a tool step and appending its events: the step\'s messages end as written, not incomplete, and count in the answer', async () => {
@@ -240,10 +285,41 @@ describe('a tool that does not stop on the run\'s signal', () => {
     expect(events.at(-1)!.event).toBe('run.cancelled');
     // Well under the tool's 8 s.
     expect(took).toBeLessThan(1_500);
-    expect(events.some((e) => e.event === 'tool.result')).toBe(false);
     const [incomplete] = expectEveryMessageEnded(events);
     expect(incomplete!.data).toMatchObject({ status: 'incomplete', reason: 'cancelled', message: { content: 'Looking. ', tool_calls: [{ id: 'call_0', name: 'knowledge_search', arguments: { query: 'invoices' } }] } });
+    // The call it was running is answered: not completed, as a failed tool's result reads.
+    expect(unanswered(events).map((e) => e.data)).toEqual([expect.objectContaining({ tool_call_id: 'call_0', name: 'knowledge_search', content: 'Error: the tool call did not complete: the run was cancelled', is_error: true, step: 1, status: 'incomplete', reason: 'cancelled' })]);
+    expect(events.slice(-3).map((e) => e.event)).toEqual(['tool.result', 'message.completed', 'run.cancelled']);
     expect(fake.log.filter((r) => r.model === MODEL)).toHaveLength(1);
+
+    // The thread goes on: the cancelled step is not in it, so the next run's model call has no call without its result.
+    fake.script(MODEL, { text: 'Hello again.' });
+    const next = await startRun(ctx.app, owner.headers, thread.id, { input: 'again' });
+    expect((await waitForRun(ctx.app, owner.headers, next.id, ['completed', 'failed'])).status).toBe('completed');
+    const asked = fake.requestsFor(MODEL).at(-1)!.body.messages as { role: string }[];
+    expect(asked.map((m) => m.role)).toEqual(['system', 'user', 'user']);
+  }, 30_000);
+
+  it('the model call failing while a tool runs (an Anthropic stream cut after its tool_use block) fails the run, stops the tool and answers its call', async () => {
+    const { fake, base } = server;
+    const admin = await superuserHeaders(ctx.app);
+    // Once per file (the catalog outlives a test).
+    if ((await api('GET', '/models/cut-claude', admin)).statusCode === 404) {
+      expect((await api('POST', '/providers', admin, { name: 'cut-anthropic', kind: 'anthropic', base_url: fake.url, api_key: 'sk-cut' })).statusCode).toBe(200);
+      expect((await api('POST', '/models', admin, { id: 'cut-claude', provider: 'cut-anthropic', pricing: { input_cost_per_million_tokens: '0', output_cost_per_million_tokens: '0' } })).statusCode).toBe(200);
+    }
+    // message_start, then the tool_use block's start, input and stop: the SDK has the call; then the connection drops.
+    fake.script('cut-claude', { toolCalls: [{ ...toolCall, id: 'toolu_0' }], drop: { afterChunks: 4 } });
+    const { owner, thread } = await setup({ tools: ['knowledge_search'], model: 'cut-claude' });
+    toolSignals.length = 0;
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
+    const { events } = await readEvents(base, owner.headers, run.id, { timeoutMs: 20_000 });
+    expect(events.at(-1)!.event).toBe('run.failed');
+    expect(toolSignals).toHaveLength(1);
+    // The tool is told to stop: the run it worked for has ended, and a result it gave later would come after the call's end.
+    expect(toolSignals[0]!.aborted).toBe(true);
+    expectEveryMessageEnded(events);
+    expect(unanswered(events).map((e) => e.data)).toEqual([expect.objectContaining({ tool_call_id: 'toolu_0', content: 'Error: the tool call did not complete: the run failed', reason: 'failed' })]);
   }, 30_000);
 
   it('the deadline during the tool call fails the run at the deadline, not when the tool returns', async () => {
@@ -258,5 +334,7 @@ describe('a tool that does not stop on the run\'s signal', () => {
     expect(events.at(-1)!.event).toBe('run.failed');
     expect((events.at(-1)!.data.run as { error: string }).error).toMatch(/deadline/);
     expectEveryMessageEnded(events);
+    expect(unanswered(events).map((e) => e.data)).toEqual([expect.objectContaining({ tool_call_id: 'call_0', content: 'Error: the tool call did not complete: the run failed', is_error: true, reason: 'failed' })]);
   }, 30_000);
+
 });

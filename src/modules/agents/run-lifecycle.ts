@@ -167,20 +167,30 @@ export function completedEvents(stepMessages: readonly Message[], step: number):
  */
 export type IncompleteReason = 'cancelled' | 'failed' | 'interrupted';
 
+/** The content of the `tool.result` of a call whose tool had not answered when its run stopped, as a failed tool's reads. */
+const UNANSWERED_CALL: Record<IncompleteReason, string> = {
+  cancelled: 'Error: the tool call did not complete: the run was cancelled',
+  failed: 'Error: the tool call did not complete: the run failed',
+  interrupted: "Error: the tool call did not complete: the run's worker stopped",
+};
+
 /**
  * The `message.completed` of every message the run's log opened (`message.created`) and never
  * completed, but those in `except` (their completion is on its way). Without its end, a client
  * building messages from the events was left with one open for good.
  *
  * A message whose step was never written is not in the thread: it ends with the text its deltas
- * streamed and the tool calls it asked for, and `status: 'incomplete'` with `reason`. A message
+ * streamed and the tool calls it asked for, and `status: 'incomplete'` with `reason`; before it,
+ * each of those calls whose `tool.result` the log lacks (its tool was still running) gets one, an
+ * error result as a failed tool's reads (`is_error: true`), `status: 'incomplete'` with `reason`
+ * too, so a client pairing calls with results is not left with one open for good. A message
  * whose step was written (committed) but whose events were not (its worker's append failed, or it
  * died between the commit and the append) is in the thread: it ends as its step would have ended it
  * (completedEvents: the message as written, its step's tool messages created and completed), so
  * the events say what the thread holds and an agent completion's answer (answerOf) includes it.
  */
 export async function openMessagesClosed(deps: Pick<RunDeps, 'db' | 'bus'>, runId: string, reason: IncompleteReason, except: ReadonlySet<unknown> = new Set()): Promise<NewRunEvent[]> {
-  const open = new Map<unknown, { message: Record<string, unknown>; step: unknown; content: string; toolCalls: Record<string, unknown>[] }>();
+  const open = new Map<unknown, { message: Record<string, unknown>; step: unknown; content: string; toolCalls: Record<string, unknown>[]; unanswered: { id: unknown; name: unknown }[] }>();
   // Every message the log created (open or not): a written step's tool message it created already is not created again.
   const created = new Set<unknown>();
   for (const { event, data } of await deps.bus.events.stored(runId)) {
@@ -190,22 +200,36 @@ export async function openMessagesClosed(deps: Pick<RunDeps, 'db' | 'bus'>, runI
       if (event === 'message.completed') open.delete(message.id);
       else {
         created.add(message.id);
-        if (!except.has(message.id)) open.set(message.id, { message, step: data.step, content: typeof message.content === 'string' ? message.content : '', toolCalls: [] });
+        if (!except.has(message.id)) open.set(message.id, { message, step: data.step, content: typeof message.content === 'string' ? message.content : '', toolCalls: [], unanswered: [] });
       }
     } else if (event === 'message.delta') {
       const opened = open.get(data.message_id);
       if (opened && typeof data.delta === 'string') opened.content += data.delta;
     } else if (event === 'tool.call') {
-      open.get(data.message_id)?.toolCalls.push({ id: data.tool_call_id, name: data.name, arguments: data.arguments });
+      const opened = open.get(data.message_id);
+      opened?.toolCalls.push({ id: data.tool_call_id, name: data.name, arguments: data.arguments });
+      opened?.unanswered.push({ id: data.tool_call_id, name: data.name });
+    } else if (event === 'tool.result') {
+      // A result names its call, not its message: it answers the latest open message's first
+      // unanswered call with that id (some models number their calls call_0, call_1… every step).
+      for (const { unanswered } of [...open.values()].reverse()) {
+        const at = unanswered.findIndex((call) => call.id === data.tool_call_id);
+        if (at < 0) continue;
+        unanswered.splice(at, 1);
+        break;
+      }
     }
   }
   if (!open.size) return [];
   const written = await runCrud.messagesOfRun(deps.db, runId);
   const now = new Date();
   const closed: NewRunEvent[] = [];
-  for (const [id, { message, step, content, toolCalls }] of open) {
+  for (const [id, { message, step, content, toolCalls, unanswered }] of open) {
     const at = written.findIndex((row) => row.id === id);
     if (at < 0) {
+      for (const call of unanswered) {
+        closed.push({ event: 'tool.result', data: { tool_call_id: call.id, name: call.name, content: UNANSWERED_CALL[reason], is_error: true, step, status: 'incomplete', reason } });
+      }
       closed.push({ event: 'message.completed', data: { message: { ...message, content, tool_calls: toolCalls.length ? toolCalls : null, updated_at: now }, step, status: 'incomplete', reason } });
       continue;
     }

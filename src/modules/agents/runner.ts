@@ -273,6 +273,9 @@ export class AgentRunner {
     try {
       await this.loop(claimed, deadlineAt, signal, announcement, appends);
     } catch (error) {
+      // The run stops here, whatever stopped it: a tool still running (the model call failed while
+      // it ran) is stopped too, or its result could land after the end of its call read from the log.
+      controller.abort(error);
       // The step's events sent without waiting land before whatever ends the run (the open message's end reads them).
       await appends.settle().catch(() => undefined);
       const stop = signal.aborted && signal.reason instanceof RunStop ? signal.reason : null;
