@@ -41,7 +41,7 @@ export const threadsRouter: FastifyPluginAsyncZod = async (app) => {
       list: 'Oldest first (creation order). `?after=<message id>` continues after that message; `count` is the total after the cursor.',
       create: 'Appends a `user` message (clients post user messages only; assistant and tool messages come from runs). 409 while a run works on the thread, and when the thread is full: it holds, or its `enqueue` runs\' inputs will take it to, MAX_MESSAGES_PER_THREAD messages (start a new thread).',
       update: 'Any message\'s metadata; the content of user messages only. 409 while a run works on the thread.',
-      delete: '409 while a run works on the thread.',
+      delete: "409 while a run works on the thread. Deleting a `tool` message, or the `assistant` message whose tool call it answers, leaves the other in the thread: later runs tell the model such a call's result is missing and leave out a result whose call is gone (providers refuse either).",
     },
   });
 };

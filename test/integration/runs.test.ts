@@ -18,6 +18,7 @@ import { RedisRunEventLog } from '../../src/modules/agents/redis-run-events.js';
 import type { RunEventLog } from '../../src/modules/agents/run-bus.js';
 import { RunBusUnavailableError } from '../../src/modules/agents/run-bus-errors.js';
 import { finishRun } from '../../src/modules/agents/run-lifecycle.js';
+import { MISSING_TOOL_RESULT } from '../../src/modules/agents/runner.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { type FakeModelServer } from '../helpers/fake-model-server.js';
@@ -949,6 +950,42 @@ describe('failures in words', () => {
     const sent = fake.log.at(-1)!.body.messages as { role: string; content: string }[];
     expect(sent.filter((m) => m.role === 'user').map((m) => m.content)).toEqual(['the question']);
     expect((await threadMessages(owner, thread.id)).map((m) => m.content)).toEqual(['the question', 'answered']);
+  });
+
+  it("a thread whose tool message (or the assistant message that asked for it) was deleted goes on: the model reads the call answered as missing, and no result without its call", async () => {
+    const { owner, thread } = await setup({ tools: ['knowledge_search'] });
+    const call = (id: string, query: string) => ({ id, name: 'knowledge_search', arguments: JSON.stringify({ query }) });
+    fake.script(MODEL, { toolCalls: [call('call_a', 'one'), call('call_b', 'two')] }, { text: 'first answer' });
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'q1' });
+    expect((await waitForRun(ctx.app, owner.headers, first.id, ['completed', 'failed'])).status).toBe('completed');
+    const written = await threadMessages(owner, thread.id);
+    const resultA = written.find((m) => m.role === 'tool' && m.tool_call_id === 'call_a')!;
+    expect((await api('DELETE', `/threads/${thread.id}/messages/${resultA.id}`, owner.headers)).statusCode).toBe(200);
+    // It failed with "Tool result is missing for tool call call_a.", every later run of the thread alike.
+    fake.script(MODEL, { text: 'second answer' });
+    const second = await startRun(ctx.app, owner.headers, thread.id, { input: 'q2' });
+    expect(await waitForRun(ctx.app, owner.headers, second.id, ['completed', 'failed'])).toMatchObject({ status: 'completed', error: null });
+    type Sent = { role: string; content: string | null; tool_calls?: { id: string }[]; tool_call_id?: string };
+    const sent = fake.requestsFor(MODEL).at(-1)!.body.messages as Sent[];
+    expect(sent.map((m) => [m.role, m.tool_call_id ?? m.tool_calls?.map((c) => c.id) ?? m.content])).toEqual([
+      ['system', 'Be brief.'],
+      ['user', 'q1'],
+      ['assistant', ['call_a', 'call_b']],
+      ['tool', 'call_b'],
+      ['tool', 'call_a'],
+      ['assistant', 'first answer'],
+      ['user', 'q2'],
+    ]);
+    expect(sent[4]!.content).toBe(MISSING_TOOL_RESULT);
+    expect(sent[3]!.content).toContain('about two');
+    // The assistant message deleted: its remaining result is left out (a provider refuses a result without its call).
+    const asked = written.find((m) => m.role === 'assistant' && m.content === '')!;
+    expect((await api('DELETE', `/threads/${thread.id}/messages/${asked.id}`, owner.headers)).statusCode).toBe(200);
+    fake.script(MODEL, { text: 'third answer' });
+    const third = await startRun(ctx.app, owner.headers, thread.id, { input: 'q3' });
+    expect(await waitForRun(ctx.app, owner.headers, third.id, ['completed', 'failed'])).toMatchObject({ status: 'completed', error: null });
+    const roles = (fake.requestsFor(MODEL).at(-1)!.body.messages as Sent[]).map((m) => m.role);
+    expect(roles).toEqual(['system', 'user', 'assistant', 'user', 'assistant', 'user']);
   });
 
   it("retry of a run another run answered after (an interrupt) asks the model its own input again, at the thread's end: it does not answer the thread's last answer", async () => {

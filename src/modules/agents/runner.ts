@@ -108,15 +108,38 @@ function addUsage(total: RunUsage, call: TokenUsage): RunUsage {
   return Object.fromEntries(TOKEN_KINDS.map(([run, tokens]) => [run, total[run] + call[tokens]])) as unknown as RunUsage;
 }
 
-/** The thread's messages as the model reads them (tool results carry the name of the tool they answer). */
+/** What the model reads for a tool call of the thread whose tool message is not in it. */
+export const MISSING_TOOL_RESULT = 'Error: the result of this tool call is not in the thread (its message was deleted)';
+
+/**
+ * The thread's messages as the model reads them: each assistant message's tool calls followed by
+ * their results (tool results carry the name of the tool they answer). A run writes a step's
+ * messages together, but a client may delete one of them (DELETE /threads/{id}/messages/{id}), and
+ * providers (and the SDK, MissingToolResultsError) refuse a call without its result or a result
+ * without its call, which failed every later run of the thread: a call whose result is gone reads
+ * MISSING_TOOL_RESULT, and a result whose call is gone is left out.
+ */
 export function toModelMessages(rows: readonly Message[]): ModelMessage[] {
-  const toolNames = new Map<string, string>();
   const out: ModelMessage[] = [];
+  /** The latest assistant message's calls not yet answered, in order. */
+  let unanswered: MessageToolCall[] = [];
+  const result = (call: MessageToolCall, value: string): ModelMessage => ({ role: 'tool', content: [{ type: 'tool-result', toolCallId: call.id, toolName: call.name, output: { type: 'text', value } }] });
+  const answerTheRest = () => {
+    for (const call of unanswered) out.push(result(call, MISSING_TOOL_RESULT));
+    unanswered = [];
+  };
   for (const row of rows) {
+    if (row.role === 'tool') {
+      const at = unanswered.findIndex((call) => call.id === row.tool_call_id);
+      if (at < 0) continue;
+      out.push(result(unanswered.splice(at, 1)[0]!, row.content));
+      continue;
+    }
+    answerTheRest();
     if (row.role === 'user' || row.role === 'system') out.push({ role: row.role, content: row.content });
-    else if (row.role === 'assistant') {
+    else {
       const calls = row.tool_calls ?? [];
-      for (const call of calls) toolNames.set(call.id, call.name);
+      unanswered = [...calls];
       if (!calls.length) out.push({ role: 'assistant', content: row.content });
       else {
         out.push({
@@ -124,11 +147,9 @@ export function toModelMessages(rows: readonly Message[]): ModelMessage[] {
           content: [...(row.content ? [{ type: 'text' as const, text: row.content }] : []), ...calls.map((call) => ({ type: 'tool-call' as const, toolCallId: call.id, toolName: call.name, input: call.arguments }))],
         });
       }
-    } else {
-      const toolCallId = row.tool_call_id ?? '';
-      out.push({ role: 'tool', content: [{ type: 'tool-result', toolCallId, toolName: toolNames.get(toolCallId) ?? 'unknown', output: { type: 'text', value: row.content } }] });
     }
   }
+  answerTheRest();
   return out;
 }
 
