@@ -15,7 +15,7 @@ import { appendMessages } from '../../src/crud/thread.js';
 import { DatabaseRunEventLog, type EmbeddedRunEvents } from '../../src/modules/agents/embedded-run-bus.js';
 import { createRedisRunBus } from '../../src/modules/agents/redis-run-bus.js';
 import { RedisRunEventLog } from '../../src/modules/agents/redis-run-events.js';
-import type { RunEventLog } from '../../src/modules/agents/run-bus.js';
+import type { NewRunEvent, RunEventLog } from '../../src/modules/agents/run-bus.js';
 import { RunBusUnavailableError } from '../../src/modules/agents/run-bus-errors.js';
 import { finishRun } from '../../src/modules/agents/run-lifecycle.js';
 import { MISSING_TOOL_RESULT } from '../../src/modules/agents/runner.js';
@@ -1330,15 +1330,18 @@ describe('durability', () => {
 
   /**
    * A run an old worker held until its lease expired (its renewals failed for longer than the
-   * lease), with that worker's events in the log, taken over by the app's runner. The old worker has
-   * not noticed: it appends a delta right after the runner read the log's top (`lastSeq`), before
-   * the runner's first append; then `meanwhile` runs. Resolves once the runner is done with it.
+   * lease), with that worker's events in the log (a message with its text, and `early` events),
+   * taken over by the app's runner. The old worker has not noticed: it appends a delta (and `late`
+   * events) right after the runner read the log — its top (`lastSeq`), or (`at: 'stored'`) its
+   * events, to end the messages the old worker left open — before the runner's first append; then
+   * `meanwhile` runs. Resolves once the runner is done with it.
    */
-  async function takenOverFromOldWorker(meanwhile: (runId: string) => Promise<void> = async () => undefined) {
+  async function takenOverFromOldWorker({ meanwhile = async () => undefined, at = 'lastSeq', early = [], late = [] }: { meanwhile?: (runId: string) => Promise<void>; at?: 'lastSeq' | 'stored'; early?: NewRunEvent[]; late?: NewRunEvent[] } = {}) {
     const { owner, thread, agent } = await setup();
     const old = otherWriter();
     const log = ctx.app.runs.bus.events;
-    const lastSeq = log.lastSeq.bind(log);
+    const patched = log as unknown as Record<typeof at, (runId: string) => Promise<unknown>>;
+    const read = patched[at].bind(log);
     try {
       // Its lease not yet expired: no sweep takes the run before the test hands it over.
       const [run] = await ctx.app.db
@@ -1348,16 +1351,17 @@ describe('durability', () => {
       await ctx.app.db.update(threads).set({ status: 'busy' }).where(eq(threads.id, thread.id));
       const oldMessage = randomUUID();
       const delta = (text: string) => ({ event: 'message.delta' as const, data: { message_id: oldMessage, delta: text, step: 1 } });
-      await old.events.append(run!.id, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }, { event: 'message.created', data: { message: { id: oldMessage, role: 'assistant' }, step: 1 } }, delta('old ')]);
+      const ofOldMessage = (events: NewRunEvent[]) => events.map((e) => (e.event === 'tool.call' ? { ...e, data: { ...e.data, message_id: oldMessage } } : e));
+      await old.events.append(run!.id, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }, { event: 'message.created', data: { message: { id: oldMessage, role: 'assistant' }, step: 1 } }, delta('old '), ...ofOldMessage(early)]);
       let interleaved = false;
-      log.lastSeq = async (runId) => {
-        const seq = await lastSeq(runId);
+      patched[at] = async (runId) => {
+        const seen = await read(runId);
         if (runId === run!.id && !interleaved) {
           interleaved = true;
-          await old.events.append(runId, [delta('stale ')]);
+          await old.events.append(runId, [delta('stale '), ...ofOldMessage(late)]);
           await meanwhile(runId);
         }
-        return seq;
+        return seen;
       };
       await ctx.app.db.update(runs).set({ lease_expires_at: new Date(Date.now() - 1_000) }).where(eq(runs.id, run!.id));
       await ctx.app.runs.runner.execute(run!.id);
@@ -1366,7 +1370,7 @@ describe('durability', () => {
       expect(interleaved).toBe(true);
       return { owner, thread, run: run!, oldMessage };
     } finally {
-      log.lastSeq = lastSeq;
+      patched[at] = read;
       await old.close();
     }
   }
@@ -1395,11 +1399,29 @@ describe('durability', () => {
     expect((await threadMessages(owner, thread.id)).map((m) => [m.role, m.content])).toEqual([['assistant', 'new answer']]);
   });
 
+  it("a run taken over while its old worker still appends, after the new owner read the log to end the old worker's message: that end has all the old worker wrote, and its tool call's own result", async () => {
+    fake.script(MODEL, { chunks: ['new ', 'answer'], chunkDelayMs: 20 });
+    const call = { event: 'tool.call' as const, data: { tool_call_id: 'call_0', name: 'knowledge_search', arguments: { query: 'q' }, step: 1 } };
+    const result = { event: 'tool.result' as const, data: { tool_call_id: 'call_0', name: 'knowledge_search', content: 'found', is_error: false, step: 1 } };
+    const { owner, run, oldMessage } = await takenOverFromOldWorker({ at: 'stored', early: [call], late: [result] });
+    expect(await getRun(ctx.app, owner.headers, run.id)).toMatchObject({ status: 'completed', error: null, attempts: 2 });
+    const { events, ended } = await readEvents(base, owner.headers, run.id);
+    expect(ended).toBe(true);
+    expectContiguous(events);
+    expect(events.slice(0, 8).map((e) => e.event)).toEqual(['run.queued', 'run.started', 'message.created', 'message.delta', 'tool.call', 'message.delta', 'tool.result', 'message.completed']);
+    // Its text as the log has it (the late delta too), and its call answered once: by the old worker's result, not also as unanswered.
+    expect(events[7]!.data).toMatchObject({ status: 'incomplete', reason: 'interrupted', message: { id: oldMessage, content: 'old stale ', tool_calls: [{ id: 'call_0' }] } });
+    expect(events.filter((e) => e.event === 'tool.result').map((e) => e.data.content)).toEqual(['found']);
+    expect(events.slice(8).map((e) => e.event)).toEqual(['message.created', 'message.delta', 'message.delta', 'message.completed', 'run.completed']);
+  });
+
   it('a run taken over while its old worker still appends, and then taken from the new owner too: it stops without a word, as on a lost lease', async () => {
     fake.script(MODEL, { chunks: Array.from({ length: 50 }, (_, i) => `w${i} `), chunkDelayMs: 50 });
     // Before the refusal reaches the runner, a third worker holds the run.
-    const { owner, run } = await takenOverFromOldWorker(async (runId) => {
-      await ctx.app.db.update(runs).set({ lease_owner: 'newest-worker', lease_expires_at: new Date(Date.now() + 60_000) }).where(eq(runs.id, runId));
+    const { owner, run } = await takenOverFromOldWorker({
+      meanwhile: async (runId) => {
+        await ctx.app.db.update(runs).set({ lease_owner: 'newest-worker', lease_expires_at: new Date(Date.now() + 60_000) }).where(eq(runs.id, runId));
+      },
     });
     // Not failed by the refusal: the run is the newest worker's, and the log has nothing of the app's runner.
     expect(await getRun(ctx.app, owner.headers, run.id)).toMatchObject({ status: 'running', error: null, attempts: 2 });

@@ -164,6 +164,8 @@ export class RunWriter {
   /** The refusal that stands: the run is no longer this writer's. */
   private lost: RunEventsRefusedError | null = null;
   private failure: { error: unknown } | null = null;
+  /** Catch-ups so far: events made from the log before the latest one may miss what the other writer appended. */
+  private catchUps = 0;
 
   constructor(
     private readonly log: RunEventLog,
@@ -173,12 +175,26 @@ export class RunWriter {
   ) {}
 
   /** Appends without the caller waiting; a failure is kept for `check` and `settle`. */
-  add(events: readonly NewRunEvent[]): void {
-    this.append(events).catch((error: unknown) => void (this.failure ??= { error }));
+  add(events: readonly NewRunEvent[], again?: () => Promise<readonly NewRunEvent[]>): void {
+    this.append(events, again).catch((error: unknown) => void (this.failure ??= { error }));
   }
 
-  append(events: readonly NewRunEvent[]): Promise<RunEvent[]> {
-    return this.write(() => this.log.append(this.runId, events));
+  /**
+   * `again`, for events made from what the log held (the end of the messages an earlier writer
+   * left open): makes them anew when they go out after a catch-up. The other writer appended in
+   * between, after they were made, and they are appended after that: made before, they would say
+   * the log ended where it did not (a message's end without its last text, a tool call answered twice).
+   */
+  append(events: readonly NewRunEvent[], again?: () => Promise<readonly NewRunEvent[]>): Promise<RunEvent[]> {
+    let batch = events;
+    let madeAt = this.catchUps;
+    return this.write(async () => {
+      if (again && madeAt !== this.catchUps) {
+        madeAt = this.catchUps;
+        batch = await again();
+      }
+      return this.log.append(this.runId, batch);
+    });
   }
 
   /** `appendWithin` (where the log has it): `work` runs again after a catch-up (its transaction rolled back). */
@@ -242,6 +258,7 @@ export class RunWriter {
       throw refusal;
     }
     await this.log.lastSeq(this.runId);
+    this.catchUps++;
     this.behind = null;
   }
 }

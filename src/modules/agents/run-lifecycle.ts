@@ -253,6 +253,9 @@ export async function closePending(deps: RunDeps, run: Run): Promise<boolean> {
   return true;
 }
 
+/** Events of a run not yet appended that go out before its final event, or how to make them from the log as it is when they go out (they are made again after a catch-up). */
+export type FinalEventsBefore = readonly NewRunEvent[] | (() => Promise<readonly NewRunEvent[]>);
+
 /**
  * Appends a run's final event (after `before`, events of the run not yet appended) unless its log
  * already ended (another writer got there first); a run that did not complete first ends the
@@ -261,11 +264,14 @@ export async function closePending(deps: RunDeps, run: Run): Promise<boolean> {
  * appends them after what is there. True when the log now ends with a final event; false when the
  * event store failed (the run's lease then stays for the sweep to try again: see endRun).
  */
-export async function appendFinalEvent(deps: RunDeps, run: Run, before: readonly NewRunEvent[] = []): Promise<boolean> {
+export async function appendFinalEvent(deps: RunDeps, run: Run, before: FinalEventsBefore = []): Promise<boolean> {
   const { events } = deps.bus;
-  // A run that did not complete ends the messages it left open first (a completed run's step completed its own).
-  const completing = new Set(before.filter((e) => e.event === 'message.completed').map((e) => (e.data.message as { id?: unknown } | undefined)?.id));
-  const final = async () => [...(run.status === 'completed' ? [] : await openMessagesClosed(deps, run.id, run.status as 'cancelled' | 'failed', completing)), ...before, runEvent(run)];
+  const final = async () => {
+    const first = typeof before === 'function' ? await before() : before;
+    // A run that did not complete ends the messages it left open first (a completed run's step completed its own).
+    const completing = new Set(first.filter((e) => e.event === 'message.completed').map((e) => (e.data.message as { id?: unknown } | undefined)?.id));
+    return [...(run.status === 'completed' ? [] : await openMessagesClosed(deps, run.id, run.status as 'cancelled' | 'failed', completing)), ...first, runEvent(run)];
+  };
   try {
     await events.append(run.id, await final()).catch(async (error: unknown) => {
       if (!(error instanceof RunEventsRefusedError) || error.reason !== 'stale') throw error;

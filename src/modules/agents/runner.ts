@@ -25,7 +25,7 @@ import { storableModelPieces, storableModelText, storableModelValue, storableTex
 import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, RunWriter } from './run-bus.js';
-import { appendFinalEvent, completedEvents, deadlineOf, type EndedRun, endInTransaction, endWithAnswer, finishRun, openMessagesClosed, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
+import { appendFinalEvent, completedEvents, deadlineOf, type EndedRun, endInTransaction, endWithAnswer, type FinalEventsBefore, finishRun, openMessagesClosed, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
 import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, type ToolImplementations, type ToolSource } from './tools.js';
 
 // ==================== Why a run stops ====================
@@ -290,7 +290,7 @@ export class AgentRunner {
     log.info({ runId: run.id, attempt: run.attempts, model: run.model }, run.attempts === 1 ? 'run started' : 'run resumed');
     // A resumed run's log goes on from its last event; only the first start (after run.queued)
     // announces itself, with the first event of its work (one write, not two).
-    const announcement: NewRunEvent[] = [];
+    const announcement = new Announcement();
     try {
       await this.loop(claimed, deadlineAt, signal, announcement, appends);
     } catch (error) {
@@ -326,7 +326,7 @@ export class AgentRunner {
       await deps.charged?.();
       // Its totals as charged come with the failure, in one update: a reader never sees it failed without them.
       const ended = await finishRun(deps, run, { status: 'failed', error: message, paid: await this.paidTotals(run) }, { leaseOwner: this.workerId });
-      if (ended) await this.closeEnded(ended.run, announcement.splice(0));
+      if (ended) await this.closeEnded(ended.run, announcement.take().again);
       else await this.afterLostRun(run.id);
     } finally {
       clearTimeout(deadlineTimer);
@@ -335,7 +335,7 @@ export class AgentRunner {
   }
 
   /** Writes the final event of a run this worker ended, then lets go of its lease (see endRun). */
-  private async closeEnded(run: Run, before: readonly NewRunEvent[]): Promise<void> {
+  private async closeEnded(run: Run, before: FinalEventsBefore): Promise<void> {
     if (await appendFinalEvent(this.deps, run, before)) await runCrud.releaseLease(this.deps.db, run.id, this.workerId, false);
   }
 
@@ -382,7 +382,7 @@ export class AgentRunner {
    * (run.started, on a run's first start) goes out with the first event. `deadlineAt`: when the
    * run's deadline passes (a tool step's lease renewal stops there).
    */
-  private async loop({ run, firstStart, history: claimedHistory }: runCrud.Claimed, deadlineAt: Date, signal: AbortSignal, announcement: NewRunEvent[], appends: RunWriter): Promise<void> {
+  private async loop({ run, firstStart, history: claimedHistory }: runCrud.Claimed, deadlineAt: Date, signal: AbortSignal, announcement: Announcement, appends: RunWriter): Promise<void> {
     const { deps } = this;
     const { settings, bus } = deps;
     if (!run.agent_id) throw new RunFailure('The agent of this run was deleted; start a new run with another agent');
@@ -398,10 +398,9 @@ export class AgentRunner {
     const earlier = run.created_at < this.startedAt && bus.events.resumeSeq !== undefined;
     const top = expectFirst ? 1 : earlier ? bus.events.resumeSeq!(run.id) : bus.events.lastSeq(run.id);
     const [version, lastSeq] = await Promise.all([this.versionOf(run.agent_id, run.agent_version), top]);
-    if (lastSeq <= 1) announcement.push(runEvent(run));
     // A resumed run: the message its last worker opened and never completed ends first: incomplete
     // when its step was not written, as written (with its tool messages) when only its events were not.
-    else announcement.push(...(await openMessagesClosed(deps, run.id, 'interrupted')));
+    await announcement.set(lastSeq <= 1 ? () => Promise.resolve([runEvent(run)]) : () => openMessagesClosed(deps, run.id, 'interrupted'));
     let firstHistory: Message[] | null = claimedHistory;
     const tools = toolSetOf(version);
     const toolContext: Omit<ToolCallContext, 'cite'> = {
@@ -431,7 +430,9 @@ export class AgentRunner {
       const draft = { id: messageId, thread_id: run.thread_id, role: 'assistant', content: '', tool_calls: null, tool_call_id: null, run_id: run.id, metadata: {}, created_at: now, updated_at: now };
       // The step's events are not waited for one by one (the model call starts while message.created
       // is written, deltas go out batched); a failed append stops the step at the model's next part.
-      appends.add([...announcement.splice(0), { event: 'message.created', data: { message: draft, step } }]);
+      const created: NewRunEvent = { event: 'message.created', data: { message: draft, step } };
+      const opening = announcement.take();
+      appends.add([...opening.events, created], async () => [...(await opening.again()), created]);
 
       const stream = deps.models.stream({
         model: run.model,
@@ -591,6 +592,31 @@ export class AgentRunner {
     }
     await appends.append([{ event: 'tool.result', data: { tool_call_id: call.toolCallId, name, content: outcome.content, is_error: outcome.is_error, step } }]);
     return outcome;
+  }
+}
+
+/**
+ * What a run's first append opens with (see loop): run.started on its first start; on a resume,
+ * the end of the messages its last worker left open, read from the log (openMessagesClosed). That
+ * worker, stalled rather than dead, may append until this one's first append lands (RunWriter's
+ * catch-up), so they are made again whenever they go out after it did (RunWriter.append's `again`).
+ */
+class Announcement {
+  private events: NewRunEvent[] = [];
+  private again: () => Promise<NewRunEvent[]> = () => Promise.resolve([]);
+
+  /** Makes the events now, and keeps how to make them again. */
+  async set(make: () => Promise<NewRunEvent[]>): Promise<void> {
+    this.events = await make();
+    this.again = make;
+  }
+
+  /** The events as made, and how to make them again; the appends after the first open with nothing. */
+  take(): { events: NewRunEvent[]; again: () => Promise<NewRunEvent[]> } {
+    const taken = { events: this.events, again: this.again };
+    this.events = [];
+    this.again = () => Promise.resolve([]);
+    return taken;
   }
 }
 
