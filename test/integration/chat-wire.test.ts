@@ -172,6 +172,57 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
     expect(failed).toMatchObject({ status: 'error', estimated: true, attempts: 2, tokens: { input: 2 * (answered!.tokens.input - 9), output: 0 } });
   });
 
+  it('a 200 whose connection drops before any output is retried alike on the wire and through the SDK, streamed or not, each cut-off try charged its prompt', async () => {
+    const request: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello there, how are you?' }] };
+    const fine: ScriptedReply = { text: 'fine', chunks: ['fine'], usage: { prompt_tokens: 9, completion_tokens: 1 } };
+    // Right after the 200's headers, and (streamed) after a first chunk that said nothing.
+    const drops: ScriptedReply[] = [{ text: 'lost', drop: { afterChunks: 0 } }, { deltas: [{ content: '' }, { content: 'lost' }], drop: { afterChunks: 1 } }];
+    const calls = (['wire', 'sdk'] as const).flatMap((path) => [false, true].map((stream) => ({ path, stream, call: path === 'sdk' ? viaSdk(request) : request })));
+    let estimate: number | undefined;
+    for (const { path, stream, call } of calls) {
+      for (const dropped of stream ? drops : drops.slice(0, 1)) {
+        const what = `${path} ${stream ? 'stream' : 'chat'} ${JSON.stringify(dropped.drop)}`;
+        server.reset();
+        records.length = 0;
+        server.script('wire-chat', dropped, fine);
+        const text = stream ? (await streamed(call)).texts.join('') : (await models.chat(call)).text;
+        expect(text, what).toBe('fine');
+        expect(server.log.map((r) => r.reply), what).toEqual(['drop', 200]);
+        const [answered] = await settled(1);
+        expect(answered, what).toMatchObject({ status: 'success', estimated: true, attempts: 2, tokens: { output: 1 } });
+        // The answer's 9, and the dropped try's prompt: one estimate, the same on every path.
+        estimate ??= answered!.tokens.input - 9;
+        expect(estimate, what).toBeGreaterThan(0);
+        expect(answered!.tokens.input, what).toBe(9 + estimate);
+        // Every try dropped (the retry budget: one retry): the error, each try's prompt charged.
+        records.length = 0;
+        server.script('wire-chat', dropped, dropped);
+        await expect(stream ? streamed(call) : models.chat(call), what).rejects.toThrow(/Upstream connection error/);
+        expect((await settled(1))[0], what).toMatchObject({ status: 'error', estimated: true, attempts: 2, tokens: { input: 2 * estimate, output: 0 } });
+      }
+    }
+  });
+
+  it('a 200 stream whose connection drops once output reached the caller is not retried, on the wire or through the SDK', async () => {
+    const request: ChatRequest = { model: 'wire-chat', messages: [{ role: 'user', content: 'Hello' }] };
+    for (const call of [request, viaSdk(request)]) {
+      server.reset();
+      records.length = 0;
+      server.script('wire-chat', { chunks: ['a ', 'b ', 'c '], chunkDelayMs: 20, drop: { afterChunks: 2 } });
+      const seen: string[] = [];
+      await expect(
+        (async () => {
+          for await (const event of models.stream(call)) if (event.type === 'text-delta') seen.push(event.text);
+        })(),
+      ).rejects.toThrow(UpstreamError);
+      expect(seen[0]).toBe('a ');
+      expect(server.log).toHaveLength(1);
+      const [record] = await settled(1);
+      expect(record).toMatchObject({ status: 'error', estimated: true, attempts: 1 });
+      expect(record!.tokens.output).toBeGreaterThan(0);
+    }
+  });
+
   it('a 200 stream whose first event is the provider\'s error: retried, that try not charged (the provider said it failed)', async () => {
     const failed: ScriptedReply = { rawBody: `data: ${JSON.stringify({ error: { message: 'overloaded', type: 'server_error' } })}\n\n` };
     server.script('wire-chat', failed, { chunks: ['fine'], usage: { prompt_tokens: 9, completion_tokens: 1 } });

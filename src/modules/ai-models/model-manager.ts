@@ -1237,6 +1237,12 @@ function inInputOrder(modelId: string, inputs: number, vectors: Float32Array[], 
   return ordered;
 }
 
+/**
+ * A connection that could not be made or was cut off, by what undici says of it. Its words, not
+ * any TypeError: one a response handler throws over an odd answer would be retried as a drop.
+ */
+const isConnectionFailure = (error: unknown): error is Error => error instanceof Error && /ECONNRESET|ECONNREFUSED|socket|terminated|fetch failed/i.test(`${error.message} ${String(error.cause)}`);
+
 function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undefined, timeoutMs: number, interactive: boolean): Classified {
   if (caller?.aborted) return { kind: 'aborted' };
   if (attempt.aborted && attempt.reason instanceof AttemptTimeout) {
@@ -1260,6 +1266,13 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   const apiError = findInChain(error, isApiCallError);
   if (apiError) {
     const status = apiError.statusCode;
+    // A 2xx whose body a dropped connection cut off: the SDK reports the read's failure with the
+    // answer's status, where the wire reports a dropped connection (no status). Retried on both:
+    // the manager tries again only while no output has reached the caller (`state.streamed`), and
+    // each cut-off try is charged its prompt's estimate (`failedAnswering`).
+    if (status !== undefined && status >= 200 && status < 300 && isConnectionFailure(apiError.cause)) {
+      return { kind: 'retryable', error: new UpstreamError(`Upstream connection error: ${apiError.message}: ${apiError.cause.message}`) };
+    }
     const message = `Upstream ${status ?? 'connection'} error: ${apiError.message}`;
     const wait = retryAfterMs(apiError.responseHeaders);
     const upstream = new UpstreamError(message, status, wait, status !== undefined && CLIENT_FAULT_UPSTREAM.has(status) ? openAIErrorFields(apiError.responseBody) : undefined);
@@ -1276,7 +1289,7 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   }
   // A stream's error event (the provider's words, however they read: before the connection errors' pattern).
   if (error instanceof StreamErrorEvent) return { kind: 'retryable', error: new UpstreamError(`Upstream error in the stream: ${error.message}`) };
-  if (error instanceof Error && (error.name === 'TypeError' || /ECONNRESET|ECONNREFUSED|socket|terminated|fetch failed/i.test(`${error.message} ${String(error.cause)}`))) {
+  if (error instanceof Error && (error.name === 'TypeError' || isConnectionFailure(error))) {
     return { kind: 'retryable', error: new UpstreamError(`Upstream connection error: ${error.message}`) };
   }
   return { kind: 'fatal', error: error instanceof Error ? error : new Error(String(error)) };
