@@ -160,7 +160,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   app.decorate('meter', agentRuns.meter);
   app.decorate('models', agentRuns.runs.models);
   app.decorate('runs', agentRuns.runs);
-  app.decorate('eventStreams', new EventStreamSlots(settings.RUN_EVENTS_MAX_STREAMS_PER_USER));
+  app.decorate('eventStreams', new EventStreamSlots(settings.RUN_EVENTS_MAX_STREAMS_PER_USER, metrics.eventStreams));
   // With Redis, `keel api` only queues runs (and other jobs): `keel worker` nodes run and sweep them.
   if (runJobs) agentRuns.work();
   app.decorateRequest('principal', null as unknown as Principal);

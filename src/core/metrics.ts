@@ -1,4 +1,4 @@
-import { collectDefaultMetrics, Counter, Histogram, type LabelValues, Registry } from 'prom-client';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, type LabelValues, Registry } from 'prom-client';
 
 // ==================== Series cached by key ====================
 
@@ -128,6 +128,13 @@ export interface ModelMetrics {
   timeToFirstToken: KeyedHistogram<'model' | 'provider'>;
 }
 
+/** The run-event streams of this process (services/event-streams.ts): what they hold, and the cap's and the stall cut-off's effect. */
+export interface EventStreamMetrics {
+  open: Gauge;
+  refused: Counter;
+  stalled: Counter;
+}
+
 export interface Metrics {
   /** This app's metrics. */
   registry: Registry;
@@ -135,6 +142,7 @@ export interface Metrics {
   served: () => Registry;
   httpDuration: KeyedHistogram<'method' | 'route' | 'status_code'>;
   models: ModelMetrics;
+  eventStreams: EventStreamMetrics;
 }
 
 const MODEL_SECONDS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
@@ -177,6 +185,27 @@ function createModelMetrics(registry: Registry): ModelMetrics {
   };
 }
 
+function createEventStreamMetrics(registry: Registry): EventStreamMetrics {
+  const registers = [registry];
+  return {
+    open: new Gauge({
+      name: 'keel_run_event_streams_open',
+      help: 'Run event streams (GET /runs/{id}/events, streamed agent: completions on /v1) open on this process, as RUN_EVENTS_MAX_STREAMS_PER_USER counts them',
+      registers,
+    }),
+    refused: new Counter({
+      name: 'keel_run_event_streams_refused_total',
+      help: 'Run event streams refused (429) because their user held RUN_EVENTS_MAX_STREAMS_PER_USER on this process',
+      registers,
+    }),
+    stalled: new Counter({
+      name: 'keel_run_event_streams_stalled_total',
+      help: 'Run event streams cut off because their reader took nothing for four keep-alive intervals',
+      registers,
+    }),
+  };
+}
+
 /**
  * The model metrics of a process that serves no `/metrics` (`keel worker`): counted into a registry
  * of their own, without the default process metrics, whose event-loop delay monitor (prom-client's,
@@ -214,5 +243,5 @@ export function createMetrics(): Metrics {
     registers: [registry],
   });
   // At each scrape: a merged registry holds the metrics registered when it was made.
-  return { registry, served: () => Registry.merge([registry, processMetrics()]), httpDuration, models: createModelMetrics(registry) };
+  return { registry, served: () => Registry.merge([registry, processMetrics()]), httpDuration, models: createModelMetrics(registry), eventStreams: createEventStreamMetrics(registry) };
 }

@@ -212,7 +212,7 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
  * slower one catches up from the log (its socket's backpressure only slows this loop).
  */
 function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: string, after: number, done: boolean, streams: Set<AbortController>): void {
-  const { settings, runs, log } = request.server;
+  const { settings, runs, log, eventStreams } = request.server;
   void reply.hijack();
   const raw = reply.raw;
   raw.writeHead(200, {
@@ -262,6 +262,7 @@ function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: strin
           // A reader that takes nothing for that long is gone or holding the connection: it is cut
           // off (it may reconnect with its Last-Event-ID), not kept with its socket, reader and timer for good.
           log.info({ runId }, 'run event stream cut off: its reader took nothing');
+          eventStreams.cutOffStalled();
           raw.destroy();
           return;
         }

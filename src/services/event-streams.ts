@@ -1,6 +1,7 @@
 import type { ServerResponse } from 'node:http';
 
 import { TooManyRequestsError } from '../core/errors.js';
+import type { EventStreamMetrics } from '../core/metrics.js';
 
 /** What a client refused a stream is told to wait before it tries again. */
 const STREAM_REFUSED_RETRY_AFTER_SECONDS = 5;
@@ -16,7 +17,10 @@ const STREAM_REFUSED_RETRY_AFTER_SECONDS = 5;
 export class EventStreamSlots {
   private readonly open = new Map<string, number>();
 
-  constructor(private readonly max: number) {}
+  constructor(
+    private readonly max: number,
+    private readonly metrics: EventStreamMetrics,
+  ) {}
 
   /**
    * Counts a stream of `userId`'s on `raw` from now until its socket closes, whichever way it
@@ -27,16 +31,19 @@ export class EventStreamSlots {
   hold(userId: string, raw: ServerResponse): void {
     const held = this.open.get(userId) ?? 0;
     if (held >= this.max) {
+      this.metrics.refused.inc();
       throw new TooManyRequestsError(
         STREAM_REFUSED_RETRY_AFTER_SECONDS,
         `Too many run event streams open: at most ${this.max} at once per user on this server (RUN_EVENTS_MAX_STREAMS_PER_USER); close one before opening another`,
       );
     }
     this.open.set(userId, held + 1);
+    this.metrics.open.inc();
     let released = false;
     const release = () => {
       if (released) return;
       released = true;
+      this.metrics.open.dec();
       const left = (this.open.get(userId) ?? 1) - 1;
       if (left > 0) this.open.set(userId, left);
       else this.open.delete(userId);
@@ -44,6 +51,11 @@ export class EventStreamSlots {
     // A client gone before its stream was counted (while it was authenticated) closed its socket already: no 'close' comes again.
     if (raw.closed) release();
     else raw.once('close', release);
+  }
+
+  /** A stream whose reader took nothing for too long was cut off (its place is given back when its socket closes). */
+  cutOffStalled(): void {
+    this.metrics.stalled.inc();
   }
 
   /** The streams `userId` holds open on this process now. */

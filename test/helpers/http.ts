@@ -60,6 +60,15 @@ export function apiOf(ctx: TestContext) {
 
 export const xApiKey = (key: string) => ({ 'x-api-key': key });
 
+/** The value of an unlabelled series as GET /metrics shows it (the app's METRICS_TOKEN unset). */
+export async function metricValue(app: FastifyInstance, name: string): Promise<number> {
+  const response = await app.inject({ method: 'GET', url: '/metrics' });
+  expect(response.statusCode).toBe(200);
+  const line = new RegExp(`^${name} (\\S+)$`, 'm').exec(response.body);
+  expect(line, `${name} in /metrics`).not.toBeNull();
+  return Number(line![1]);
+}
+
 /** Creates an API key through the API for `owner` (expects 200). */
 export async function createKey(app: FastifyInstance, owner: { headers: Record<string, string> }, payload: Record<string, unknown> = { name: 'key' }): Promise<CreatedKey> {
   const response = await call(app, 'POST', '/api-keys', owner.headers, payload);

@@ -11,7 +11,7 @@ import { expect, it } from 'vitest';
 
 import { useTestApp } from '../helpers/app.js';
 import { createUser } from '../helpers/factories.js';
-import { sleep } from '../helpers/http.js';
+import { metricValue, sleep } from '../helpers/http.js';
 import { createAgent, createThread, readEvents, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
 
 const MODEL = 'fake-precise';
@@ -29,6 +29,7 @@ it('a reader that takes nothing is cut off a few keep-alives later; a reconnect 
   const thread = await createThread(ctx.app, owner.headers);
   const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
 
+  const stalledBefore = await metricValue(ctx.app, 'keel_run_event_streams_stalled_total');
   const { port, hostname } = new URL(base);
   const socket = connect(Number(port), hostname);
   await new Promise<void>((resolve) => socket.once('connect', resolve));
@@ -51,6 +52,9 @@ it('a reader that takes nothing is cut off a few keep-alives later; a reconnect 
   expect(closed).toBe(true);
   // Its place among the owner's streams (RUN_EVENTS_MAX_STREAMS_PER_USER) is given back.
   await expect.poll(() => ctx.app.eventStreams.heldBy(owner.user.id)).toBe(0);
+  // Counted on /metrics: one stream cut off, none left open.
+  expect(await metricValue(ctx.app, 'keel_run_event_streams_stalled_total')).toBe(stalledBefore + 1);
+  expect(await metricValue(ctx.app, 'keel_run_event_streams_open')).toBe(0);
   expect(received).toContain('event: message.delta');
   expect(received).not.toContain('event: run.completed');
   // A reconnect after the last event it got has the rest, to the end.
@@ -68,6 +72,7 @@ it('a reader that takes one large event slowly but steadily is not cut off, howe
   const thread = await createThread(ctx.app, owner.headers);
   const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'x' });
   await waitForRun(ctx.app, owner.headers, run.id, ['completed'], 30_000);
+  const stalledBefore = await metricValue(ctx.app, 'keel_run_event_streams_stalled_total');
 
   const { port, hostname } = new URL(base);
   const socket = connect(Number(port), hostname);
@@ -99,4 +104,5 @@ it('a reader that takes one large event slowly but steadily is not cut off, howe
   expect(tail).toContain('event: run.completed');
   // And it took well past a stalled reader's 4 s (so the wait was restarted while it read).
   expect(took).toBeGreaterThan(5_000);
+  expect(await metricValue(ctx.app, 'keel_run_event_streams_stalled_total')).toBe(stalledBefore);
 }, 90_000);

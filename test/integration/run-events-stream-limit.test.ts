@@ -14,7 +14,7 @@ import { describe, expect, it } from 'vitest';
 
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
-import { apiOf, createKey } from '../helpers/http.js';
+import { apiOf, createKey, metricValue } from '../helpers/http.js';
 import { apiError } from '../helpers/openai.js';
 import { createAgent, createThread, readEvents, type RunBody, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
 
@@ -48,12 +48,20 @@ async function openStream(headers: Record<string, string>, runId: string, base =
 describe('run event streams per user', () => {
   it('one past the limit answers 429 with a retry-after naming the limit and the setting; a client that leaves frees its place; the run\'s end frees the rest', async () => {
     const { owner, run } = await quietRun();
+    // The process's gauge and counter on /metrics (other tests' streams are closed, but counted from here).
+    const open = () => metricValue(ctx.app, 'keel_run_event_streams_open');
+    const refusedSoFar = await metricValue(ctx.app, 'keel_run_event_streams_refused_total');
+    const openBefore = await open();
     const streams = [await openStream(owner.headers, run.id), await openStream(owner.headers, run.id)];
     for (const stream of streams) expect(stream.response.status).toBe(200);
     expect(held(owner)).toBe(LIMIT);
+    expect(await open()).toBe(openBefore + LIMIT);
 
     const refused = await fetch(`${server.base}/api/v1/runs/${run.id}/events`, { headers: owner.headers });
     expect(refused.status).toBe(429);
+    expect(await metricValue(ctx.app, 'keel_run_event_streams_refused_total')).toBe(refusedSoFar + 1);
+    // A refused stream is not an open one.
+    expect(await open()).toBe(openBefore + LIMIT);
     expect(refused.headers.get('retry-after')).toBe('5');
     const { detail } = (await refused.json()) as { detail: string };
     expect(detail).toContain(`at most ${LIMIT}`);
@@ -78,6 +86,7 @@ describe('run event streams per user', () => {
     expect(events.at(-1)!.event).toBe('run.cancelled');
     await streams[1]!.response.text();
     await expect.poll(() => held(owner)).toBe(0);
+    await expect.poll(open).toBe(openBefore);
   });
 
   it('streams that end at once (a finished run read to its end, HEAD) and refusals (404) give their place back: many in a row are all answered', async () => {

@@ -8,6 +8,8 @@ import type { AddressInfo } from 'node:net';
 
 import { expect, it } from 'vitest';
 
+import { createMetrics } from '../../src/core/metrics.js';
+
 import { EventStreamSlots } from '../../src/services/event-streams.js';
 
 /** A real server response whose client has left (its socket closed) by the time it is handed over. */
@@ -28,7 +30,7 @@ async function responseOfAGoneClient(): Promise<{ response: ServerResponse; clos
 }
 
 it('gives back at once a response whose client left before it was counted', async () => {
-  const slots = new EventStreamSlots(1);
+  const slots = new EventStreamSlots(1, createMetrics().eventStreams);
   const { response, close } = await responseOfAGoneClient();
   try {
     expect(response.closed).toBe(true);
