@@ -224,8 +224,41 @@ const LOCATION_NAMES: Record<string, string> = {
   headers: 'header',
 };
 
-/** A FastAPI-style issue: Zod issue codes in the vocabulary (and wording) FastAPI clients already know. */
-function describeIssue(code: string, params: Record<string, unknown>, message: string): { type: string; msg: string } {
+/** Zod's own words for a union no option took (when the schema gives none). */
+const ZOD_UNION_MESSAGE = 'Invalid input';
+
+/** A Zod issue as a union's `errors` hold it (each option's issues, their paths from the union's value). */
+type InnerIssue = { code: string; message: string; path?: (string | number)[] } & Record<string, unknown>;
+
+/**
+ * Of a union's options (their issues each), the first issue of the option the value was meant for:
+ * not one that refused its type outright (a text where a list of parts came), and of the others the
+ * one whose issue lies deepest in the value. None when every option refused the value as a whole.
+ */
+function meantOption(options: unknown): InnerIssue | undefined {
+  if (!Array.isArray(options)) return undefined;
+  let meant: InnerIssue | undefined;
+  for (const issues of options as InnerIssue[][]) {
+    const [first] = issues;
+    if (!first || (first.code === 'invalid_type' && !first.path?.length)) continue;
+    if (!meant || (first.path?.length ?? 0) > (meant.path?.length ?? 0)) meant = first;
+  }
+  return meant;
+}
+
+/** What a union's options expected when each refused the value's type outright ("a string or an array"), undefined otherwise. */
+function typesExpected(options: unknown): string | undefined {
+  if (!Array.isArray(options)) return undefined;
+  const expected = (options as InnerIssue[][]).map(([first]) => (first?.code === 'invalid_type' && !first.path?.length && typeof first.expected === 'string' ? first.expected : undefined));
+  if (expected.length === 0 || expected.includes(undefined)) return undefined;
+  return `Invalid input: expected ${[...new Set(expected)].join(' or ')}`;
+}
+
+/**
+ * A FastAPI-style issue: Zod issue codes in the vocabulary (and wording) FastAPI clients already
+ * know; `at`, where a nested issue lies below the one Zod reported.
+ */
+function describeIssue(code: string, params: Record<string, unknown>, message: string): { type: string; msg: string; at?: (string | number)[] } {
   const own = { msg: message };
   if (code === 'invalid_type') {
     // Zod 4 issues carry no input; its message says what was received.
@@ -264,6 +297,17 @@ function describeIssue(code: string, params: Record<string, unknown>, message: s
       const [inner] = Array.isArray(params.issues) ? (params.issues as ({ code: string; message: string } & Record<string, unknown>)[]) : [];
       return inner ? describeIssue(inner.code, inner, inner.message) : { type: code, ...own };
     }
+    // A union none of whose options took the value: Zod says only "Invalid input" (a content part
+    // of a type not served, a tool_choice of a shape not taken) and holds each option's issues. The
+    // option the value was meant for says what is wrong, and where. A union the schema gave words of
+    // its own (embeddings' `input`) keeps them.
+    case 'invalid_union': {
+      if (message !== ZOD_UNION_MESSAGE) return { type: code, ...own };
+      const inner = meantOption(params.errors);
+      if (!inner) return { type: code, msg: typesExpected(params.errors) ?? message };
+      const described = describeIssue(inner.code, inner, inner.message);
+      return { ...described, at: [...(inner.path ?? []), ...(described.at ?? [])] };
+    }
     default:
       return { type: code, ...own };
   }
@@ -293,11 +337,11 @@ function validationIssues(error: FastifyError, request: FastifyRequest): Validat
       where === 'body' && path.length === 0 && (request.body === null || request.body === undefined)
         ? { type: 'missing', msg: 'Field required' }
         : describeIssue(issue.keyword, params, issue.message ?? 'Invalid value');
-    const { type } = described;
+    const { type, at = [] } = described;
     // An unknown query parameter's message names the accepted ones.
     const msg = keys && where === 'query' ? unknownQueryMessage(request) : described.msg;
     for (const extra of extras.slice(0, room)) {
-      issues.push({ loc: [where, ...path, ...(extra === null ? [] : [extra])], msg, type });
+      issues.push({ loc: [where, ...path, ...at, ...(extra === null ? [] : [extra])], msg, type });
     }
   }
   if (total > issues.length) {

@@ -401,6 +401,27 @@ describe('chat completions', () => {
     expect(fake.log).toEqual([]);
   });
 
+  it('says what is wrong with a value of a union and where, not Zod\'s bare "Invalid input": a content part of a type not served, a tool_choice of a shape not taken, a bad part in a list', async () => {
+    const refused = (body: Record<string, unknown>) => apiError(client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }], ...body } as never));
+    const file = await refused({ messages: [{ role: 'user', content: [{ type: 'text', text: 'Read this' }, { type: 'file', file: { file_data: 'data:application/pdf;base64,JVBERi0=', filename: 'a.pdf' } }] }] });
+    expect(file).toMatchObject({ status: 400, type: 'invalid_request_error', param: 'messages[0].content[1].type' });
+    expect(file.message).toContain("Expected 'text' | 'image_url'");
+    const audio = await refused({ messages: [{ role: 'user', content: [{ type: 'input_audio', input_audio: { data: 'AAAA', format: 'wav' } }] }] });
+    expect(audio).toMatchObject({ status: 400, param: 'messages[0].content[0].type' });
+    const allowed = await refused({ tools: [{ type: 'function', function: { name: 'f' } }], tool_choice: { type: 'allowed_tools', allowed_tools: { mode: 'auto', tools: [] } } });
+    expect(allowed).toMatchObject({ status: 400, param: 'tool_choice.type' });
+    expect(allowed.message).toContain('expected "function"');
+    // A text part without its text: the field that is missing.
+    const textless = await refused({ messages: [{ role: 'system', content: [{ type: 'text' }] }] });
+    expect(textless).toMatchObject({ status: 400, param: 'messages[0].content[0].text', code: 'missing_required_parameter' });
+    // A value no option takes as a whole keeps the union's own word, at the field.
+    const number = await refused({ messages: [{ role: 'user', content: 5 }] });
+    expect(number).toMatchObject({ status: 400, param: 'messages[0].content' });
+    expect(number.message).toContain('expected string or array');
+    for (const error of [file, audio, allowed, textless, number]) expect(error.message).not.toMatch(/: Invalid input$/);
+    expect(fake.log).toEqual([]);
+  });
+
   it('takes null for every optional field, as clients that echo an earlier answer (tool_calls: null) send it', async () => {
     fake.script('fake-chat', { text: 'ok' });
     const body = {
