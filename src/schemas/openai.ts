@@ -357,6 +357,10 @@ export const ChatCompletionRequest = z
       .max(64)
       .nullish()
       .describe('At most 64 characters, for models of `openai` providers (OpenAI\'s prompt cache buckets requests by it: cached input is billed at its lower price); dropped for others, whose servers may refuse it.'),
+    prompt_cache_retention: z
+      .enum(['in_memory', '24h'])
+      .nullish()
+      .describe('How long OpenAI keeps the prompt\'s cache (`24h`: extended caching), for models of `openai` providers; dropped for others, whose servers may refuse it.'),
     safety_identifier: z
       .string()
       .max(64)

@@ -1659,8 +1659,8 @@ describe('log probabilities, logit_bias and the other fields of OpenAI\'s reques
     }
   });
 
-  it('passes prompt_cache_key and safety_identifier (what the openai package has in place of the deprecated user) to OpenAI models; not to OpenAI-compatible servers (many refuse them) nor to an Anthropic model', async () => {
-    const fields = { prompt_cache_key: 'tenant-7/support-bot', safety_identifier: 'user-3f9a' };
+  it('passes prompt_cache_key, prompt_cache_retention and safety_identifier (what the openai package has in place of the deprecated user) to OpenAI models; not to OpenAI-compatible servers (many refuse them) nor to an Anthropic model', async () => {
+    const fields = { prompt_cache_key: 'tenant-7/support-bot', prompt_cache_retention: '24h' as const, safety_identifier: 'user-3f9a' };
     const sentTo = async (create: () => Promise<unknown>) => {
       await create();
       return fake.log.at(-1)!.body;
@@ -1684,12 +1684,12 @@ describe('log probabilities, logit_bias and the other fields of OpenAI\'s reques
     fake.script('lp-claude', { text: 'Hello there.' });
     expect((await client.chat.completions.create({ model: 'lp-claude', messages, ...fields })).choices[0]!.message.content).toBe('Hello there.');
     const sent = fake.log.at(-1)!.body;
-    expect(sent).not.toHaveProperty('prompt_cache_key');
-    expect(sent).not.toHaveProperty('safety_identifier');
+    for (const field of Object.keys(fields)) expect(sent).not.toHaveProperty(field);
     // Held to OpenAI's limits: each at most 64 characters.
     expect(await apiError(client.chat.completions.create({ model: 'fake-chat', messages, safety_identifier: 'x'.repeat(65) }))).toMatchObject({ status: 400, param: 'safety_identifier' });
     expect(await apiError(client.chat.completions.create({ model: 'fake-chat', messages, prompt_cache_key: 'x'.repeat(65) }))).toMatchObject({ status: 400, param: 'prompt_cache_key' });
     expect(await apiError(client.chat.completions.create({ model: 'fake-chat', messages, prompt_cache_key: 7 as never }))).toMatchObject({ status: 400, param: 'prompt_cache_key' });
+    expect(await apiError(client.chat.completions.create({ model: 'fake-chat', messages, prompt_cache_retention: '1h' as never }))).toMatchObject({ status: 400, param: 'prompt_cache_retention' });
   });
 
   it('holds a logit_bias to 1,024 token ids of at most 10 digits, and takes an empty one as none (an Anthropic model answers)', async () => {

@@ -141,6 +141,8 @@ export interface ChatRequest extends CallOptions {
   user?: string;
   /** OpenAI's `prompt_cache_key` (what its prompt cache buckets requests by), for `openai` providers only. */
   promptCacheKey?: string;
+  /** OpenAI's `prompt_cache_retention` (how long its prompt cache keeps the prompt), for `openai` providers only, as `promptCacheKey`. */
+  promptCacheRetention?: 'in_memory' | '24h';
   /** OpenAI's `safety_identifier` (the end user, for the provider's abuse checks: `user`'s successor), for `openai` providers only. */
   safetyIdentifier?: string;
   /**
@@ -1913,18 +1915,19 @@ export class ModelManager {
    * The call's provider options, with what the request asks of OpenAI-style providers told to the
    * provider the way its SDK model takes it: a response schema that need not be strict
    * (`strictJsonSchema: false`; the SDK's default is strict), `reasoningEffort`, `user`, its
-   * successors `prompt_cache_key` and `safety_identifier` (OpenAI's own models only), and
+   * successors `prompt_cache_key` (with its `prompt_cache_retention`) and `safety_identifier` (OpenAI's own models only), and
    * `parallel_tool_calls` (`parallelToolCalls` for openai; an openai-compatible model sends keys it
    * does not know as they are). Anthropic and Google models take what they have a place for
    * (nativeOptions). The wire sends them itself.
    */
   private providerOptions(request: ChatRequest, model: ModelInfo): ChatRequest['providerOptions'] {
-    const { responseFormat, reasoningEffort, user, promptCacheKey, safetyIdentifier, parallelToolCalls, logprobs, topLogprobs, logitBias, verbosity, prediction } = request;
+    const { responseFormat, reasoningEffort, user, promptCacheKey, promptCacheRetention, safetyIdentifier, parallelToolCalls, logprobs, topLogprobs, logitBias, verbosity, prediction } = request;
     if (
       responseFormat?.strict !== false &&
       reasoningEffort === undefined &&
       user === undefined &&
       promptCacheKey === undefined &&
+      promptCacheRetention === undefined &&
       safetyIdentifier === undefined &&
       parallelToolCalls === undefined &&
       !logprobs &&
@@ -1943,6 +1946,7 @@ export class ModelManager {
     if (user !== undefined) asked.user = user;
     // OpenAI's own: servers that speak its API refuse them as unknown fields (Groq, Cerebras, Mistral...), where a call without them works.
     if (kind === 'openai' && promptCacheKey !== undefined) asked.promptCacheKey = promptCacheKey;
+    if (kind === 'openai' && promptCacheRetention !== undefined) asked.promptCacheRetention = promptCacheRetention;
     if (kind === 'openai' && safetyIdentifier !== undefined) asked.safetyIdentifier = safetyIdentifier;
     if (parallelToolCalls !== undefined) asked[kind === 'openai' ? 'parallelToolCalls' : 'parallel_tool_calls'] = parallelToolCalls;
     // The openai model's `logprobs` is true or the top count (it sends `logprobs` and `top_logprobs`).
