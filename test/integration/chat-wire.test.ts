@@ -21,7 +21,11 @@ const pricing = { input_cost_per_million_tokens: '2', output_cost_per_million_to
 beforeAll(async () => {
   server = await FakeModelServer.start();
   models = fakeModelManager(server, {
-    models: [{ id: 'wire-chat', provider: 'fake', capabilities: ['chat'], pricing }],
+    models: [
+      { id: 'wire-chat', provider: 'fake', capabilities: ['chat'], pricing },
+      { id: 'ant-chat', provider: 'ant', capabilities: ['chat'], pricing },
+    ],
+    providers: [{ id: 'ant', kind: 'anthropic', base_url: server.url, api_key: 'sk-ant-test' }],
     records,
     overrides: { maxRetries: 1, retryMaxWaitMs: 100 },
   });
@@ -201,6 +205,19 @@ describe('chat over the wire (openai-compatible, no tools)', () => {
         expect((await settled(1))[0], what).toMatchObject({ status: 'error', estimated: true, attempts: 2, tokens: { input: 2 * estimate, output: 0 } });
       }
     }
+  });
+
+  it('an Anthropic stream whose connection drops after its message_start (no output yet) is retried too: the SDK\'s error is classified whatever its provider', async () => {
+    server.script('ant-chat', { chunks: ['lost'], drop: { afterChunks: 1 } }, { chunks: ['fine'], usage: { prompt_tokens: 9, completion_tokens: 1 } });
+    const { texts } = await streamed({ model: 'ant-chat', messages: [{ role: 'user', content: 'Hello there, how are you?' }] });
+    expect(texts).toEqual(['fine']);
+    expect(server.log.map((r) => [r.path, r.reply])).toEqual([
+      ['/v1/messages', 'drop'],
+      ['/v1/messages', 200],
+    ]);
+    const [answered] = await settled(1);
+    expect(answered).toMatchObject({ status: 'success', estimated: true, attempts: 2, tokens: { output: 1 } });
+    expect(answered!.tokens.input).toBeGreaterThan(9);
   });
 
   it('a 200 stream whose connection drops once output reached the caller is not retried, on the wire or through the SDK', async () => {
