@@ -145,6 +145,8 @@ export function listenProblem(error: unknown, { HOST, PORT }: Pick<Settings, 'HO
   }
 }
 
+const REDIS_CHECK_TIMEOUT_MS = 3_000;
+
 /**
  * With REDIS_URL set, Redis carries the rate-limit counters and the job queue: without it logins
  * and `/ready` answer 503 and no email goes out, so a process that cannot reach it refuses to start.
@@ -154,7 +156,10 @@ export async function checkRedis(settings: Pick<Settings, 'REDIS_URL'>): Promise
   const target = where(settings.REDIS_URL, 6379);
   const client = new (ioredis().Redis)(settings.REDIS_URL, {
     lazyConnect: true,
-    connectTimeout: 3_000,
+    connectTimeout: REDIS_CHECK_TIMEOUT_MS,
+    // The connect timeout covers only the TCP handshake: a server (or proxy) that accepts and
+    // never answers would hold the connection's SELECT and ready check, and the start, for ever.
+    commandTimeout: REDIS_CHECK_TIMEOUT_MS,
     maxRetriesPerRequest: 0,
     enableOfflineQueue: false,
     retryStrategy: () => null,
@@ -166,7 +171,9 @@ export async function checkRedis(settings: Pick<Settings, 'REDIS_URL'>): Promise
     await client.ping();
   } catch (error) {
     const cause = lastError ?? error;
-    const reason = networkProblem(errorCode(cause), target) ?? `${target}: ${messageOf(cause)}`;
+    const reason =
+      networkProblem(errorCode(cause), target) ??
+      (messageOf(cause) === 'Command timed out' ? `no answer from ${target} within ${REDIS_CHECK_TIMEOUT_MS} ms: is Redis running there (not paused), and is the port right?` : `${target}: ${messageOf(cause)}`);
     throw new ConfigError(`REDIS_URL: ${reason}; start Redis, fix REDIS_URL, or unset it to run without Redis`);
   } finally {
     client.disconnect();

@@ -10,6 +10,7 @@ import { readMigrations } from '../../src/core/migrate.js';
 
 import { ADMIN_EMAIL, ADMIN_PASSWORD, cliOn, isSuperuser, jsonLines, login, type Server, stop, token } from '../helpers/cli.js';
 import { freePort, migratedDataDir, ROOT } from '../helpers/process.js';
+import { SilentProxy } from '../helpers/silent-proxy.js';
 
 // The `keel` command line where it meets the runtime, so CI runs this file on every Node it
 // supports: a start, signals, prompts at a terminal, standard input that is not one, start-up
@@ -228,6 +229,29 @@ describe('start-up problems stop the process with one line naming the setting', 
       busy.close();
     }
   }, 240_000);
+});
+
+describe('a Redis that accepts connections and never answers (a paused server or proxy)', () => {
+  let proxy: SilentProxy;
+
+  beforeAll(async () => {
+    // Silent from the first byte: the target is never spoken to, so no Redis need run there.
+    proxy = await SilentProxy.start({ host: '127.0.0.1', port: 6379 });
+    proxy.fallSilent();
+  });
+
+  afterAll(() => proxy.close());
+
+  it.concurrent.each([['api'], ['worker']])('keel %s exits 1 within seconds, naming REDIS_URL', async (command) => {
+    const started = Date.now();
+    const exited = await run([command], { PORT: String(await freePort()), REDIS_URL: proxy.url('redis://127.0.0.1:6379/15') });
+    expect(exited.code, exited.stderr).toBe(1);
+    expect(exited.stderr.trim()).toBe(
+      `keel: REDIS_URL: no answer from 127.0.0.1:${proxy.port} within 3000 ms: is Redis running there (not paused), and is the port right?; start Redis, fix REDIS_URL, or unset it to run without Redis`,
+    );
+    // The check's own bound (3 s) and a process start, not the test's timeout.
+    expect(Date.now() - started).toBeLessThan(20_000);
+  }, 40_000);
 });
 
 describe('the command line', () => {
