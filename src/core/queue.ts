@@ -10,7 +10,7 @@ import type { Settings } from './config.js';
 import { JobSealer } from './job-crypto.js';
 import { lazyRequire } from './lazy.js';
 import type { Logger } from './logger.js';
-import { ioredis } from './redis.js';
+import { blockingRedis, failFastRedis } from './redis.js';
 
 /** BullMQ, loaded only when REDIS_URL is set. */
 const bullmq = lazyRequire<typeof BullMQ>('bullmq');
@@ -217,18 +217,21 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
     private readonly settings: Settings,
     private readonly logger: Logger,
     private readonly registry: R,
-    url: string,
+    private readonly url: string,
     private readonly lanes: readonly JobLane[],
     laneProducer: Redis | null,
   ) {
     this.sealer = new JobSealer(settings.SECRET_KEY);
-    // BullMQ's blocking commands need a client that retries forever rather than failing a request.
-    this.connection = new (ioredis().Redis)(url, { maxRetriesPerRequest: null, connectTimeout: 2_000 });
-    this.connection.on('error', () => undefined);
+    // Only queues' commands go on it (the workers have their own): a job that cannot be handed to
+    // Redis fails its `add` within seconds, so an upload or a sweep is not held while Redis is down.
+    this.connection = failFastRedis(url);
     for (const lane of lanes) for (const job of lane.jobs) this.laneOf.set(job, lane.queue);
     for (const name of [QUEUE_NAME, ...lanes.map((lane) => lane.queue)]) {
       const connection = name !== QUEUE_NAME && laneProducer ? laneProducer : this.connection;
-      const queue = new (bullmq().Queue)(name, { connection, prefix: this.prefix });
+      // BullMQ would otherwise hold every `add` until the connection was first ready (and ask the
+      // server's version first): for ever, in a process that started while Redis refused. The
+      // workers, on connections of their own, still check the version.
+      const queue = new (bullmq().Queue)(name, { connection, prefix: this.prefix, skipWaitingForReady: true, skipVersionCheck: true });
       queue.on('error', () => undefined);
       this.queues.set(name, queue);
     }
@@ -261,7 +264,7 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
     const queues = [{ queue: QUEUE_NAME, concurrency: this.settings.JOB_CONCURRENCY }];
     for (const lane of this.lanes) if (lane.jobs.some((job) => handlers[job])) queues.push({ queue: lane.queue, concurrency: lane.concurrency(this.settings) });
     for (const { queue, concurrency } of queues) {
-      const connection = this.connection.duplicate();
+      const connection = blockingRedis(this.url);
       const worker = new (bullmq().Worker)(queue, processor, { connection, prefix: this.prefix, concurrency });
       worker.on('error', (error) => this.logger.error({ err: error }, 'job worker error'));
       worker.on('failed', (job, error) => {

@@ -24,6 +24,12 @@ export class SilentProxy {
     return proxy;
   }
 
+  /** A proxy to the server a URL names (REDIS_URL, DATABASE_URL), on its scheme's port when it names none. */
+  static async to(url: string, defaultPort: number): Promise<SilentProxy> {
+    const target = new URL(url);
+    return SilentProxy.start({ host: target.hostname, port: Number(target.port || defaultPort) });
+  }
+
   /** The same URL, through this proxy. */
   url(of: string): string {
     const url = new URL(of);

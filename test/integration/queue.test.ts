@@ -12,6 +12,8 @@ import { createQueue as createAppQueue, type JobQueue } from '../../src/core/que
 
 import { startWorker } from '../../src/server.js';
 import { testRedisPrefix, testSettings } from '../helpers/app.js';
+import { freePort } from '../helpers/process.js';
+import { SilentProxy } from '../helpers/silent-proxy.js';
 
 const silent = pino({ level: 'silent' });
 
@@ -164,6 +166,46 @@ describe.skipIf(!process.env.REDIS_URL)('job data in Redis', () => {
     if (keys.length) await connection.del(...keys);
     await connection.quit();
   });
+});
+
+describe.skipIf(!process.env.REDIS_URL)('queueing while Redis is out of reach', () => {
+  /** Rejects within the app's Redis command timeout (2 s) and a margin, never waits for Redis to come back. */
+  async function failsFast(adding: Promise<void>): Promise<void> {
+    const started = Date.now();
+    await expect(adding).rejects.toThrow();
+    expect(Date.now() - started).toBeLessThan(4_000);
+  }
+
+  const settingsFor = (url: string) => testSettings({ REDIS_URL: url, REDIS_KEY_PREFIX: testRedisPrefix() });
+  const ingest = () => ({ entry_id: randomUUID() });
+
+  it('fails a job, and the lanes\' jobs, within seconds when Redis stops answering, then when it refuses connections', async () => {
+    const proxy = await SilentProxy.to(process.env.REDIS_URL!, 6379);
+    // No lane producer (a process's sweepers may have none): every queue is on the queue's own client.
+    const queue = createAppQueue(settingsFor(proxy.url(process.env.REDIS_URL!)), silent);
+    try {
+      await queue.add('ingest-entry', ingest());
+      proxy.fallSilent();
+      await failsFast(queue.add('ingest-entry', ingest()));
+      await failsFast(queue.add('run-agent', { run_id: randomUUID() }));
+      proxy.speak();
+      await queue.add('ingest-entry', ingest());
+      await proxy.close();
+      await failsFast(queue.add('ingest-entry', ingest()));
+    } finally {
+      await proxy.close();
+      await queue.close();
+    }
+  }, 30_000);
+
+  it('fails a job within seconds when Redis has refused every connection since the queue was made', async () => {
+    const queue = createAppQueue(settingsFor(`redis://127.0.0.1:${await freePort()}`), silent);
+    try {
+      await failsFast(queue.add('ingest-entry', ingest()));
+    } finally {
+      await queue.close();
+    }
+  }, 30_000);
 });
 
 describe.each(kinds)('job lanes (%s)', (kind, env) => {
