@@ -6,7 +6,7 @@ import {
   agentCompletionChunks,
   agentCompletionJson,
   agentModelObject,
-  answerOf,
+  answerOfRun,
   cancelAbandoned,
   CLIENT_LEFT,
   type CompletionIds,
@@ -102,7 +102,7 @@ export function agentModelRoutes(app: FastifyInstance) {
     });
     // reply.sent is only the end of the body: headersSent is the head's.
     if (!reply.raw.headersSent) nameRun(reply, { runId: run.id, threadId: run.thread_id });
-    const pieces = answerOf(app.runs.bus.events.read(run.id, 0, signal), signal)[Symbol.asyncIterator]();
+    const pieces = answerOfRun(ctx, app.runs, run.id, signal)[Symbol.asyncIterator]();
     return { run, pieces, first: await pieces.next() };
   }
 

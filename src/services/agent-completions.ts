@@ -31,6 +31,7 @@ import type { ChatCompletionRequest, ChatMessage } from '../schemas/openai.js';
 
 import { agentCrud } from '../crud/agent.js';
 import type { RunEvent } from '../modules/agents/run-bus.js';
+import { RunBusUnavailableError } from '../modules/agents/run-bus-errors.js';
 import type { RunDeps, RunView } from '../modules/agents/run-lifecycle.js';
 import { credentialsWentAway, CREDITS_REFUSED, INTERNAL_RUN_ERROR } from '../modules/agents/runner.js';
 import { ModelNotFoundError } from '../modules/ai-models/index.js';
@@ -173,6 +174,10 @@ export async function startAgentCompletion(ctx: ServiceContext, deps: RunDeps, b
   const agent = await resolveAgentModel(ctx, body.model);
   refuseAgentOverrides(body);
   const { input, history } = conversationOf(ctx, body.messages);
+  // The answer comes from the run's events: where they cannot be read now (Redis down), a run
+  // started would run (and be charged) unseen, behind a 503 the SDKs retry with a run each. 503
+  // before anything is written instead; answerOfRun cancels a run whose events fail after this.
+  await deps.bus.events.reachable?.();
   if (body.metadata?.thread_id !== undefined) return runService.startOnThread(ctx, deps, ids.threadId, { agent_id: agent.id, input, multitask_strategy: 'reject' }, ids.runId);
   const title = titleOf(history.find((turn) => turn.role === 'user')?.content ?? input);
   return runService.startWithThread(ctx, deps, { agent_id: agent.id, input, thread: { title } }, history, ids);
@@ -240,6 +245,21 @@ export async function* answerOf(events: AsyncIterable<RunEvent>, signal: AbortSi
   }
   // Nobody reads this answer: the client closed the request.
   throw new CodedOpenAIError(499, 'The client closed the request', 'client_closed_request', NO_RETRY);
+}
+
+/**
+ * The answer of the completion's run `runId`, read from its events (answerOf). Events that cannot
+ * be read (the run bus unreachable: RunBusUnavailableError, a 503 the OpenAI SDKs retry) cancel the
+ * run before the error is answered: nobody would get its answer, yet it would run on and be
+ * charged, and each retry would start another one.
+ */
+export async function* answerOfRun(ctx: ServiceContext, deps: RunDeps, runId: string, signal: AbortSignal): AsyncGenerator<AnswerPiece> {
+  try {
+    yield* answerOf(deps.bus.events.read(runId, 0, signal), signal);
+  } catch (error) {
+    if (error instanceof RunBusUnavailableError) await cancelUnanswered(ctx, deps, runId, 'its events could not be read (run bus unreachable)');
+    throw error;
+  }
 }
 
 /**
@@ -349,12 +369,18 @@ export async function* agentCompletionChunks(opened: OpenedRun | Promise<OpenedR
   }
 }
 
-/** Cancels the run of a completion nobody waits for any more (its model call is aborted); one that has ended stays as it is. */
-export async function cancelAbandoned(ctx: ServiceContext, deps: RunDeps, runId: string): Promise<void> {
+/**
+ * Cancels the run of a completion whose answer nobody will get (its model call is aborted), saying
+ * `why`; one that has ended stays as it is.
+ */
+async function cancelUnanswered(ctx: ServiceContext, deps: RunDeps, runId: string, why: string): Promise<void> {
   try {
     await runService.cancel(ctx, deps, runId);
-    ctx.log.info({ runId }, 'agent completion abandoned by its client: run cancelled');
+    ctx.log.info({ runId, why }, 'agent completion not answered: run cancelled');
   } catch (error) {
-    if (!(error instanceof ConflictError)) ctx.log.warn({ err: error, runId }, 'abandoned agent completion: run not cancelled');
+    if (!(error instanceof ConflictError)) ctx.log.warn({ err: error, runId, why }, 'agent completion not answered: run not cancelled');
   }
 }
+
+/** Cancels the run of a completion its client left. */
+export const cancelAbandoned = (ctx: ServiceContext, deps: RunDeps, runId: string): Promise<void> => cancelUnanswered(ctx, deps, runId, 'abandoned by its client');

@@ -9,9 +9,10 @@ import { eq } from 'drizzle-orm';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 
-import { apiKeys } from '../../src/models/index.js';
+import { apiKeys, runs } from '../../src/models/index.js';
 
 import { runCrud } from '../../src/crud/run.js';
+import { RunBusUnavailableError } from '../../src/modules/agents/run-bus-errors.js';
 import { useTestApp } from '../helpers/app.js';
 import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -485,6 +486,76 @@ describe('runs that do not end well', () => {
       if (run?.status !== 'cancelled') await sleep(50);
     }
     expect(run!.status).toBe('cancelled');
+  });
+});
+
+describe('run events that cannot be read (the run bus unreachable)', () => {
+  const unreachable = () => new RunBusUnavailableError({ cause: new Error('connect ECONNREFUSED') });
+
+  /**
+   * While `work` runs, the app's run event log fails as an unreachable Redis does: its `reachable`
+   * check (before a start) when `beforeStart`, and the first `reads` reads of a run's events.
+   */
+  async function outage<T>({ beforeStart = false, reads = 0 }, work: () => Promise<T>): Promise<T> {
+    const events = ctx.app.runs.bus.events;
+    const read = events.read.bind(events);
+    let failedReads = 0;
+    if (beforeStart) events.reachable = () => Promise.reject(unreachable());
+    events.read = (runId, after, signal) => {
+      if (failedReads >= reads) return read(runId, after, signal);
+      failedReads += 1;
+      // eslint-disable-next-line require-yield
+      return (async function* () {
+        throw unreachable();
+      })();
+    };
+    try {
+      return await work();
+    } finally {
+      // Both are the log's own methods again (a log without `reachable`, embedded, has none again).
+      for (const patched of ['read', 'reachable']) Reflect.deleteProperty(events, patched);
+    }
+  }
+
+  it('answers 503 before anything is written when the events cannot be reached: no thread, no run, no model call, however often the SDK retries', async () => {
+    const user = await createUser(ctx.app);
+    const sdk = clientWith((await createKey(ctx.app, user)).key, 2);
+    const model = `agent:${(await createAgent(ctx.app, user.headers)).id}`;
+    fake.script('fake-precise', { text: 'never' });
+    for (const stream of [false, true]) {
+      const error = await outage({ beforeStart: true }, () => apiError(sdk.chat.completions.create({ model, messages: ask('Hi'), stream })));
+      expect(error, `stream: ${stream}`).toMatchObject({ status: 503, code: 'service_unavailable' });
+      expect(error.headers!.get('x-keel-run-id')).toBeNull();
+    }
+    expect((await api('GET', '/threads', user.headers)).json<{ count: number }>().count).toBe(0);
+    expect(fake.log).toEqual([]);
+  });
+
+  it('cancels the run it started when its events then fail to be read, before answering 503: the SDK\'s retry is the one run that goes on', async () => {
+    const user = await createUser(ctx.app);
+    const sdk = clientWith((await createKey(ctx.app, user)).key, 2);
+    const model = `agent:${(await createAgent(ctx.app, user.headers)).id}`;
+    const runsOf = async () => ctx.app.db.select().from(runs).where(eq(runs.owner_id, user.user.id));
+    for (const stream of [false, true]) {
+      const before = new Set((await runsOf()).map((run) => run.id));
+      fake.reset();
+      // The cancelled run's worker may have called the model before the cancel: a reply for it too.
+      fake.script('fake-precise', { text: 'answered once' }, { text: 'answered once' });
+      const { content, response } = await outage({ reads: 1 }, async () => {
+        if (!stream) {
+          const { data, response } = await sdk.chat.completions.create({ model, messages: ask('Hi') }).withResponse();
+          return { content: data.choices[0]!.message.content, response };
+        }
+        const { data, response } = await sdk.chat.completions.create({ model, messages: ask('Hi'), stream: true }).withResponse();
+        return { content: textOf(await collect(data)), response };
+      });
+      expect(content, `stream: ${stream}`).toBe('answered once');
+      const answeredId = response.headers.get('x-keel-run-id')!;
+      await waitForRun(ctx.app, user.headers, answeredId, ['completed']);
+      // The attempt that could not read its events: its run cancelled, not left to run (and be charged) unseen.
+      const others = (await runsOf()).filter((run) => run.id !== answeredId && !before.has(run.id));
+      expect(others.map((run) => run.status)).toEqual(['cancelled']);
+    }
   });
 });
 

@@ -252,6 +252,14 @@ export class RedisRunEventLog implements RunEventLog {
     }
   }
 
+  async reachable(): Promise<void> {
+    try {
+      await this.redis.ping();
+    } catch (error) {
+      throw asRunBusError(error);
+    }
+  }
+
   // ==================== Reading ====================
 
   /** The stream's last event's seq (0 when none) and whether it is a final event. */

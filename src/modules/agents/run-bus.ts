@@ -91,6 +91,12 @@ export interface RunEventLog {
    * stale. Later appends are fenced as after `lastSeq`. Absent where `lastSeq` costs nothing.
    */
   expect?(runId: string, seq: number): void;
+  /**
+   * Resolves when the log's store answers, throws RunBusUnavailableError when it cannot be reached:
+   * asked before work that is only worth starting if its events can be read (an `agent:` completion,
+   * which answers from them). Absent where the log is in the run's database (nothing to start without it).
+   */
+  reachable?(): Promise<void>;
   /** Forgets events of runs that ended more than `ttlSeconds` ago (RUN_EVENTS_TTL_SECONDS). */
   expire?(ttlSeconds: number): Promise<number>;
   /**
