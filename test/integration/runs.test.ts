@@ -664,8 +664,6 @@ describe.runIf(Boolean(process.env.REDIS_URL))('a start on Redis', () => {
     expect(log.slice(0, 3)).toEqual(['send event', 'send job', 'reply event']);
   });
 
-  // Redis unreachable for the append, as the run bus reports it.
-  const unreachable = () => new RunBusUnavailableError({ cause: new Error('connect ECONNREFUSED') });
 
   it('a start whose run.queued cannot be appended answers 202 with the run it committed; the run runs, and its stream starts with its worker\'s first event', async () => {
     fake.script(MODEL, { chunks: ['still ', 'ran'] });
@@ -678,7 +676,7 @@ describe.runIf(Boolean(process.env.REDIS_URL))('a start on Redis', () => {
         return started;
       },
       1,
-      unreachable,
+      unreachableBus,
     );
     expect(response.statusCode, response.body).toBe(202);
     const run = response.json<RunBody>();
@@ -696,7 +694,7 @@ describe.runIf(Boolean(process.env.REDIS_URL))('a start on Redis', () => {
     fake.script(MODEL, { chunks: ['a ', 'b ', 'c'], chunkDelayMs: 150 });
     const { owner, thread } = await setup();
     const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'one' });
-    const response = await refusing('run.queued', () => api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'two', multitask_strategy: 'enqueue' }), 1, unreachable);
+    const response = await refusing('run.queued', () => api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'two', multitask_strategy: 'enqueue' }), 1, unreachableBus);
     expect(response.statusCode, response.body).toBe(202);
     const second = response.json<RunBody>();
     expect(second.status).toBe('queued');
@@ -722,7 +720,7 @@ describe.runIf(Boolean(process.env.REDIS_URL))('a start on Redis', () => {
     fake.script(MODEL, { chunks: ['a ', 'b ', 'c'], chunkDelayMs: 150 });
     const { owner, thread } = await setup();
     const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'one' });
-    const response = await refusing('run.queued', () => api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'two', multitask_strategy: 'enqueue' }), 1, unreachable);
+    const response = await refusing('run.queued', () => api('POST', `/threads/${thread.id}/runs`, owner.headers, { input: 'two', multitask_strategy: 'enqueue' }), 1, unreachableBus);
     const second = response.json<RunBody>();
     const reading = await refusing(
       'run.cancelled',
@@ -735,7 +733,7 @@ describe.runIf(Boolean(process.env.REDIS_URL))('a start on Redis', () => {
         return { reader };
       },
       Infinity,
-      unreachable,
+      unreachableBus,
     );
     await sweeper.sweep();
     const { events, ended, status } = await reading.reader;
@@ -1183,6 +1181,9 @@ describe('limits and access', () => {
   });
 });
 
+/** Redis unreachable for an append, as the run bus reports it. */
+const unreachableBus = () => new RunBusUnavailableError({ cause: new Error('connect ECONNREFUSED') });
+
 /** The event store refuses the first `times` appends that carry `event` (as when it is unreachable) while `work` runs. */
 /** `error`: what the store fails with (Redis down: RunBusUnavailableError, 503). */
 async function refusing<T>(event: string, work: (refused: () => number) => Promise<T>, times = 1, error: () => Error = () => new Error('event store unreachable')): Promise<T> {
@@ -1280,6 +1281,33 @@ describe('durability', () => {
     expect((await api('POST', `/runs/${second.id}/cancel`, owner.headers)).statusCode).toBe(200);
     expect(await leaseOf(second.id)).toBeNull();
     await waitForRun(ctx.app, owner.headers, first.id, ['completed']);
+  });
+
+  it('a run whose events cannot be stored mid-step (the run bus unreachable) is handed back, not failed; the sweep resumes it to its answer', async () => {
+    const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
+    const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);
+    const { owner, thread } = await setup();
+    fake.script(MODEL, { chunks: ['one ', 'two ', 'three ', 'four '], chunkDelayMs: 100 }, { text: 'resumed answer' });
+    const run = await refusing(
+      'message.delta',
+      async (refused) => {
+        const started = await startRun(ctx.app, owner.headers, thread.id, { input: 'hello' });
+        await vi.waitFor(() => expect(refused()).toBe(1));
+        // Handed back: still running, no worker's, its attempt not counted (the outage was not the run's).
+        await vi.waitFor(async () => expect(await getRun(ctx.app, owner.headers, started.id)).toMatchObject({ status: 'running', attempts: 0 }));
+        expect(await leaseOf(started.id)).toBeNull();
+        return started;
+      },
+      1,
+      unreachableBus,
+    );
+    expect((await sweeper.sweep()).resumed).toBe(1);
+    const resumed = await waitForRun(ctx.app, owner.headers, run.id, ['completed', 'failed']);
+    expect(resumed).toMatchObject({ status: 'completed', error: null, attempts: 1 });
+    expect((await threadMessages(owner, thread.id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['resumed answer']);
+    const { events } = await readEvents(base, owner.headers, run.id);
+    expectContiguous(events);
+    expect(events.at(-1)!.event).toBe('run.completed');
   });
 
   it('a run whose worker died is resumed by the sweep without duplicating its messages, or failed after RUN_MAX_ATTEMPTS', async () => {

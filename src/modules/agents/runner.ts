@@ -25,14 +25,20 @@ import { storableModelPieces, storableModelText, storableModelValue, storableTex
 import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, RunWriter } from './run-bus.js';
+import { RunBusUnavailableError } from './run-bus-errors.js';
 import { appendFinalEvent, completedEvents, deadlineOf, type EndedRun, endInTransaction, endWithAnswer, type FinalEventsBefore, finishRun, openMessagesClosed, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
 import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, type ToolImplementations, type ToolSource } from './tools.js';
 
 // ==================== Why a run stops ====================
 
-/** The reason the run's signal aborted with. */
+/**
+ * The reason the run's signal aborted with. `outage`: its events could not be stored (the run bus
+ * unreachable, maybe for a second), the infrastructure's fault, not the run's: it is handed back as
+ * at a shutdown (its attempt not counted) and the sweep resumes it, as it resumes a run whose worker
+ * died, instead of failing it for good with a 503's "try again later" its owner paid for.
+ */
 export class RunStop extends Error {
-  constructor(readonly kind: 'cancel' | 'deadline' | 'lease' | 'shutdown') {
+  constructor(readonly kind: 'cancel' | 'deadline' | 'lease' | 'shutdown' | 'outage') {
     super(`run stopped: ${kind}`);
   }
 }
@@ -296,16 +302,18 @@ export class AgentRunner {
     } catch (error) {
       // The run stops here, whatever stopped it: a tool still running (the model call failed while
       // it ran) is stopped too, or its result could land after the end of its call read from the log.
-      controller.abort(error);
+      // A step whose events cannot be stored goes nowhere: the run is handed back (RunStop 'outage').
+      controller.abort(error instanceof RunBusUnavailableError ? new RunStop('outage') : error);
       // The step's events sent without waiting land before whatever ends the run (the open message's end reads them).
       await appends.settle().catch(() => undefined);
       const stop = signal.aborted && signal.reason instanceof RunStop ? signal.reason : null;
-      if (stop?.kind === 'shutdown') {
+      if (stop?.kind === 'shutdown' || stop?.kind === 'outage') {
         const handedBack = await runCrud.releaseLease(deps.db, run.id, this.workerId, true).catch((e: unknown) => {
           log.error({ err: e, runId: run.id }, 'run not handed back; its lease will expire');
           return undefined;
         });
-        if (handedBack) log.info({ runId: run.id }, 'run handed back at shutdown');
+        if (handedBack && stop.kind === 'outage') log.warn({ err: error, runId: run.id }, 'run handed back: its events could not be stored (run bus unreachable); the sweep resumes it');
+        else if (handedBack) log.info({ runId: run.id }, 'run handed back at shutdown');
         // Cancelled while it stopped: the cancel left the final event to this worker, which still holds it.
         else if (handedBack === false) await this.afterLostRun(run.id);
         return;
