@@ -82,7 +82,8 @@ export function agentModelRoutes(app: FastifyInstance) {
     }
     const { run, pieces, first } = await opening;
     let next = first;
-    while (!next.done && next.value.type === 'text') next = await pieces.next();
+    // The text as it streams (and whether it diverged) is a stream's concern: the answer is the run's as written.
+    while (!next.done && next.value.type !== 'done') next = await pieces.next();
     // answerOf's last piece is the answer, or it throws: it never just ends.
     if (next.done || next.value.type !== 'done') throw new Error('run events ended without an answer');
     return reply.type('application/json; charset=utf-8').send(agentCompletionJson(run, body.model, next.value));

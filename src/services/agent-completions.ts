@@ -193,12 +193,73 @@ function titleOf(text: string): string {
 
 // ==================== Answering ====================
 
-/** What a run's events mean to a chat completion: text as it streams, then the answer and its usage. */
-export type AnswerPiece = { type: 'text'; text: string } | { type: 'done'; content: string; usage: RunUsage };
+/**
+ * What a run's events mean to a chat completion: text as it streams, then the answer and its usage;
+ * `diverged` when text already streamed is not what the run goes on to write (answerOf).
+ */
+export type AnswerPiece = { type: 'text'; text: string } | { type: 'done'; content: string; usage: RunUsage } | { type: 'diverged' };
 
 /** Why a reader of a run's events stopped before the run ended. */
 export const CLIENT_LEFT = 'client left';
 export const SERVER_CLOSING = 'server closing';
+
+/**
+ * What a stream ends with when its run's answer diverged from the text it streamed: a client of
+ * OpenAI's chunks can only append, and what it holds is not what the thread will. Not to retry:
+ * the run goes on (a retry would start another); its answer is read where the run is.
+ */
+const answerDiverged = () =>
+  new CodedOpenAIError(
+    500,
+    'The agent run was interrupted mid-answer and resumed, and its answer no longer continues the text streamed so far; the run goes on: read its answer with GET /api/v1/runs/{run_id} (x-keel-run-id) or its thread',
+    'agent_run_resumed',
+    NO_RETRY,
+  );
+
+/**
+ * The text a stream showed of the message being answered, and, once that step's message ended
+ * incomplete (its worker stopped; the run resumed elsewhere and redoes the step), how much of it the
+ * redo has repeated so far: that text is not sent twice.
+ */
+class StepText {
+  private message: unknown = null;
+  private shown = '';
+  /** While the redo has not yet repeated all the text shown: what it has repeated. */
+  private repeated: string | null = null;
+
+  /** The part of `delta` (of message `id`) that is new to the client, or null when the redo says something else than it was shown. */
+  next(id: unknown, delta: string): string | null {
+    if (this.repeated === null) {
+      const separator = this.message !== null && this.message !== id ? STEP_SEPARATOR : '';
+      if (this.message !== id) this.shown = '';
+      this.message = id;
+      this.shown += delta;
+      return separator + delta;
+    }
+    // The redo goes on from the text shown: no separator, and it is the message whose text is shown now.
+    this.message = id;
+    const redone = this.repeated + delta;
+    if (this.shown.startsWith(redone)) {
+      this.repeated = redone.length === this.shown.length ? null : redone;
+      return '';
+    }
+    if (!redone.startsWith(this.shown)) return null;
+    const fresh = redone.slice(this.shown.length);
+    this.shown = redone;
+    this.repeated = null;
+    return fresh;
+  }
+
+  /**
+   * Message `id` ended, `incomplete` or written; false when a written one ends a redo that did not
+   * repeat all the text shown (the client holds text the thread does not).
+   */
+  completed(id: unknown, incomplete: boolean): boolean {
+    // Its text was shown (or, for a redo that had not caught up, the earlier attempt's): the next attempt owes all of it.
+    if (incomplete && id === this.message && this.shown) this.repeated = '';
+    return incomplete || this.repeated === null;
+  }
+}
 
 /**
  * Reads a run's events (`read` of the run bus, from the start) as answer pieces. Every step's
@@ -206,26 +267,36 @@ export const SERVER_CLOSING = 'server closing';
  * answer is the run's assistant messages as written (`message.completed`), joined the same way:
  * the streamed text, but for a message that ends incomplete (a run resumed after its worker stopped
  * mid-message: its deltas streamed, its step was never written), which is left out — the answer is
- * what the thread holds. A failed or cancelled run throws its error; so does a read that
- * `signal` (reason CLIENT_LEFT or SERVER_CLOSING) ended first.
+ * what the thread holds. The resumed step's text then streams only past what was shown already
+ * (StepText); a redo that says something else ends the text with `diverged` (a stream cannot take
+ * text back), and the answer still follows. A failed or cancelled run throws its error; so does a
+ * read that `signal` (reason CLIENT_LEFT or SERVER_CLOSING) ended first.
  */
 export async function* answerOf(events: AsyncIterable<RunEvent>, signal: AbortSignal): AsyncGenerator<AnswerPiece> {
-  let streamingMessage: unknown = null;
+  const step = new StepText();
+  let diverged = false;
   const written: string[] = [];
   for await (const { event, data } of events) {
     switch (event) {
       case 'message.delta': {
         const delta = typeof data.delta === 'string' ? data.delta : '';
-        if (!delta) break;
-        const separator = streamingMessage !== null && streamingMessage !== data.message_id ? STEP_SEPARATOR : '';
-        streamingMessage = data.message_id;
-        yield { type: 'text', text: separator + delta };
+        if (!delta || diverged) break;
+        const text = step.next(data.message_id, delta);
+        diverged = text === null;
+        if (diverged) yield { type: 'diverged' };
+        else if (text) yield { type: 'text', text };
         break;
       }
       case 'message.completed': {
-        const message = data.message as { role: string; content: string };
+        const message = data.message as { id: unknown; role: string; content: string };
+        if (message.role !== 'assistant') break;
+        const incomplete = data.status === 'incomplete';
+        if (!diverged && !step.completed(message.id, incomplete)) {
+          diverged = true;
+          yield { type: 'diverged' };
+        }
         // An incomplete message (its step stopped: the run was resumed) is not in the thread, nor in the answer.
-        if (message.role === 'assistant' && message.content && data.status !== 'incomplete') written.push(message.content);
+        if (message.content && !incomplete) written.push(message.content);
         break;
       }
       case 'run.completed':
@@ -308,7 +379,8 @@ export function agentCompletionJson(run: Run, model: string, answer: Extract<Ans
 function alertsFromStream(error: unknown): boolean {
   if (!(error instanceof CodedOpenAIError)) return true;
   if (error.code === 'agent_run_failed') return error.detail !== INTERNAL_RUN_ERROR;
-  return error.code !== 'service_unavailable';
+  // A resumed run: its worker's end was logged where it happened, and the run goes on.
+  return error.code !== 'service_unavailable' && error.code !== 'agent_run_resumed';
 }
 
 /** A completion's run once started, and its answer's first piece (the run's first text, or its end), read from `pieces`. */
@@ -343,6 +415,7 @@ export async function* agentCompletionChunks(opened: OpenedRun | Promise<OpenedR
     let head = frame({ role: 'assistant', content: '', refusal: null });
     for (let next = started.first; !next.done; next = await pieces.next()) {
       const piece = next.value;
+      if (piece.type === 'diverged') throw answerDiverged();
       if (piece.type === 'text') {
         yield head + frame({ content: piece.text });
         head = '';

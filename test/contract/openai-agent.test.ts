@@ -7,7 +7,7 @@ import type { AddressInfo } from 'node:net';
 
 import { eq } from 'drizzle-orm';
 import OpenAI from 'openai';
-import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 
 import { apiKeys, runs } from '../../src/models/index.js';
 
@@ -556,6 +556,62 @@ describe('run events that cannot be read (the run bus unreachable)', () => {
       const others = (await runsOf()).filter((run) => run.id !== answeredId && !before.has(run.id));
       expect(others.map((run) => run.status)).toEqual(['cancelled']);
     }
+  });
+});
+
+describe('a streamed answer whose run is resumed mid-step', () => {
+  /**
+   * Streams a completion whose run loses its events' store for one append of its first step's
+   * deltas (as a Redis blip): the worker hands it back, the sweep resumes it, and the step is redone
+   * with the model's second reply. Resolves with what the SDK read (or its error) and the run.
+   */
+  async function resumedMidStream(redo: string[]) {
+    const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
+    fake.script('fake-precise', { chunks: ['one ', 'two ', 'three ', 'four ', 'five '], chunkDelayMs: 150 }, { chunks: redo, chunkDelayMs: 20 });
+    const events = ctx.app.runs.bus.events;
+    const append = events.append.bind(events);
+    let deltaAppends = 0;
+    events.append = (runId, batch) => {
+      if (batch.some((e) => e.event === 'message.delta') && ++deltaAppends === 3) return Promise.reject(new RunBusUnavailableError({ cause: new Error('connect ECONNREFUSED') }));
+      return append(runId, batch);
+    };
+    try {
+      const { data, response } = await client.chat.completions.create({ model: agentModel, messages: ask('Count'), stream: true }).withResponse();
+      const runId = response.headers.get('x-keel-run-id')!;
+      const chunks: OpenAI.ChatCompletionChunk[] = [];
+      const read = (async () => {
+        for await (const chunk of data) chunks.push(chunk);
+      })().then(
+        () => undefined,
+        (error: unknown) => error,
+      );
+      // Handed back (#2), then resumed by the sweep on this app's runner.
+      await vi.waitFor(async () => expect(await runCrud.getById(ctx.app.db, runId)).toMatchObject({ status: 'running', lease_owner: null }), { timeout: 5_000 });
+      Reflect.deleteProperty(events, 'append');
+      expect((await new RunSweeper(ctx.app.runs, ctx.app.runs.runner).sweep()).resumed).toBe(1);
+      const error = await read;
+      return { text: textOf(chunks), error, run: await waitForRun(ctx.app, owner.headers, runId, ['completed', 'failed']) };
+    } finally {
+      Reflect.deleteProperty(events, 'append');
+    }
+  }
+
+  it('does not send the text it sent already again: the client reads the thread\'s answer once', async () => {
+    const { text, error, run } = await resumedMidStream(['one two ', 'three four five ', 'six']);
+    expect(error).toBeUndefined();
+    expect(run.status).toBe('completed');
+    expect(text).toBe('one two three four five six');
+    const assistants = (await threadMessages(owner.headers, run.thread_id)).filter((m) => m.role === 'assistant');
+    expect(assistants.map((m) => m.content)).toEqual(['one two three four five six']);
+  });
+
+  it('ends the stream with agent_run_resumed when the resumed step says something else; the run goes on to its answer', async () => {
+    const { text, error, run } = await resumedMidStream(['uno dos tres']);
+    expect(error).toBeInstanceOf(OpenAI.APIError);
+    expect((error as InstanceType<typeof OpenAI.APIError>).error).toMatchObject({ code: 'agent_run_resumed' });
+    expect(text).toBe('one two ');
+    expect(run.status).toBe('completed');
+    expect((await threadMessages(owner.headers, run.thread_id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['uno dos tres']);
   });
 });
 
