@@ -200,9 +200,11 @@ describe.skipIf(!redisUrl)('run bus on Redis', () => {
       expect(Date.now() - started).toBeLessThan(3_000);
     }
 
-    it('rejects append, lastSeq, read and cancel quickly with RunBusUnavailableError (503)', async () => {
+    it('rejects reachable, append, lastSeq, read and cancel quickly with RunBusUnavailableError (503)', async () => {
       const { events, signals } = down();
       const runId = randomUUID();
+      // What an agent completion asks before it starts a run (services/agent-completions.ts).
+      await failsFast(() => events.reachable());
       await failsFast(() => events.append(runId, [{ event: 'run.queued', data: {} }]));
       await failsFast(() => events.lastSeq(runId));
       await failsFast(async () => {
