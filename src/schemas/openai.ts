@@ -319,6 +319,8 @@ function canonicalTokenIds(bias: Record<string, number>, ctx: z.RefinementCtx): 
 /** OpenAI's reasoning efforts (those its SDK model takes). */
 const REASONING_EFFORTS = ['none', 'minimal', 'low', 'medium', 'high', 'xhigh', 'max'] as const;
 const REASONING_EFFORT_SET: ReadonlySet<unknown> = new Set(REASONING_EFFORTS);
+const PROMPT_CACHE_RETENTION = ['in_memory', '24h'] as const;
+const PROMPT_CACHE_RETENTIONS: ReadonlySet<unknown> = new Set(PROMPT_CACHE_RETENTION);
 
 /** OpenAI's words for `stream_options` without `stream: true`. */
 export const STREAM_OPTIONS_WITHOUT_STREAM = 'The \'stream_options\' parameter is only allowed when \'stream\' is enabled.';
@@ -358,7 +360,7 @@ export const ChatCompletionRequest = z
       .nullish()
       .describe('At most 64 characters, for models of `openai` providers (OpenAI\'s prompt cache buckets requests by it: cached input is billed at its lower price); dropped for others, whose servers may refuse it.'),
     prompt_cache_retention: z
-      .enum(['in_memory', '24h'])
+      .enum(PROMPT_CACHE_RETENTION)
       .nullish()
       .describe('How long OpenAI keeps the prompt\'s cache (`24h`: extended caching), for models of `openai` providers; dropped for others, whose servers may refuse it.'),
     safety_identifier: z
@@ -550,6 +552,7 @@ const SIMPLE_KEYS = new Set([
   'stop',
   'user',
   'prompt_cache_key',
+  'prompt_cache_retention',
   'safety_identifier',
   'reasoning_effort',
 ]);
@@ -613,6 +616,7 @@ export function simpleChatRequest(data: unknown): ChatCompletionRequest | undefi
   if (!nullishNumber(out.seed, Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER, true)) return undefined;
   if (!nullishString(out.user, 256) || !nullishString(out.prompt_cache_key, 64) || !nullishString(out.safety_identifier, 64)) return undefined;
   if (out.reasoning_effort !== undefined && out.reasoning_effort !== null && !REASONING_EFFORT_SET.has(out.reasoning_effort)) return undefined;
+  if (out.prompt_cache_retention !== undefined && out.prompt_cache_retention !== null && !PROMPT_CACHE_RETENTIONS.has(out.prompt_cache_retention)) return undefined;
   if (stop !== undefined && stop !== null && typeof stop !== 'string') {
     if (!Array.isArray(stop) || stop.length > 4 || !stop.every((s) => typeof s === 'string')) return undefined;
     out.stop = [...(stop)];

@@ -22,6 +22,9 @@ const taken = [
   { model: 'm', messages: [user], reasoning_effort: 'low', user: 'end-user' },
   { model: 'm', messages: [user], prompt_cache_key: 'x'.repeat(64), safety_identifier: 'x'.repeat(64), stream: true },
   { model: 'm', messages: [user], prompt_cache_key: null, safety_identifier: null },
+  { model: 'm', messages: [user], prompt_cache_key: 'k', prompt_cache_retention: '24h' },
+  { model: 'm', messages: [user], prompt_cache_retention: 'in_memory' },
+  { model: 'm', messages: [user], prompt_cache_retention: null },
   { model: 'm', messages: [{ role: 'user', content: 'x', name: 'Ada_Lovelace-2' }, { role: 'user', content: 'x', name: 'José' }, { role: 'user', content: 'x', name: 'alice@example.com' }, { role: 'user', content: 'x', name: 'agent:planner' }, { role: 'assistant', content: 'y', name: 'n'.repeat(64) }] },
 ];
 /** `stream_options` (not null) without `stream: true`. */
@@ -88,6 +91,8 @@ const toZod = [
   { model: 'm', messages: [user], safety_identifier: 'x'.repeat(65) },
   { model: 'm', messages: [user], prompt_cache_key: 'x'.repeat(65) },
   { model: 'm', messages: [user], prompt_cache_key: 7 },
+  { model: 'm', messages: [user], prompt_cache_retention: '1h' },
+  { model: 'm', messages: [user], prompt_cache_retention: 24 },
   { model: 'm', messages: [user], user: 'x'.repeat(257) },
   // Past MAX_MESSAGES: the simple shape, but refused (chatRequestBoundsIssue).
   { model: 'm', messages: Array.from({ length: 2049 }, () => user) },
