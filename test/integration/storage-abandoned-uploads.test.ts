@@ -4,6 +4,9 @@
  * The knowledge sweeper aborts those under the knowledge base's prefix once past the uploads'
  * grace. Against moto (test/helpers/moto.ts): s3rver cannot list multipart uploads.
  */
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
+
 import {
   AbortMultipartUploadCommand,
   CreateBucketCommand,
@@ -29,14 +32,8 @@ const MOTO_INITIATED = Date.parse('2010-11-10T20:48:33.000Z');
 let moto: Moto;
 let client: S3Client;
 
-const s3Settings = () => ({
-  STORAGE_BACKEND: 's3',
-  S3_BUCKET: BUCKET,
-  S3_ENDPOINT: moto.endpoint,
-  S3_ACCESS_KEY_ID: 'testing',
-  S3_SECRET_ACCESS_KEY: 'testing',
-  S3_FORCE_PATH_STYLE: 'true',
-});
+const S3_CREDENTIALS = { S3_ACCESS_KEY_ID: 'testing', S3_SECRET_ACCESS_KEY: 'testing', S3_FORCE_PATH_STYLE: 'true' };
+const s3Settings = () => ({ ...S3_CREDENTIALS, STORAGE_BACKEND: 's3', S3_BUCKET: BUCKET, S3_ENDPOINT: moto.endpoint });
 
 /** What a killed upload leaves: an upload begun, a part sent, never completed nor aborted. */
 async function leaveUpload(key: string): Promise<string> {
@@ -108,6 +105,30 @@ describe.skipIf(!motoInstalled && process.env.CI !== 'true')('unfinished multipa
     } finally {
       await app.close();
       await opened.destroy();
+    }
+  });
+});
+
+describe('a listing of uploads that does not move on', () => {
+  it('is read once, not for ever, when a truncated page names the marker it was asked from', async () => {
+    // An S3-compatible server that answers every ListMultipartUploads "truncated, next at k/u".
+    const asked: string[] = [];
+    const server = createServer((request, response) => {
+      asked.push(request.url ?? '');
+      response.writeHead(200, { 'content-type': 'application/xml' });
+      response.end(
+        '<?xml version="1.0" encoding="UTF-8"?><ListMultipartUploadsResult><Bucket>b</Bucket><NextKeyMarker>k</NextKeyMarker><NextUploadIdMarker>u</NextUploadIdMarker><IsTruncated>true</IsTruncated></ListMultipartUploadsResult>',
+      );
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const settings = testSettings({ ...S3_CREDENTIALS, STORAGE_BACKEND: 's3', S3_BUCKET: 'b', S3_ENDPOINT: `http://127.0.0.1:${(server.address() as AddressInfo).port}` });
+    try {
+      expect(await knowledgeStorage(settings).abandonStaleWrites(uploadGraceMs(settings))).toBe(0);
+      // The first page, then the one it named, which named itself again.
+      expect(asked).toHaveLength(2);
+    } finally {
+      await closeStorage(settings);
+      server.close();
     }
   });
 });

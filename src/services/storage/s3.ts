@@ -233,9 +233,13 @@ export class S3StorageBackend implements StorageBackend {
           if (!notFound(error)) throw unavailable(error);
         }
       }
-      // A truncated page names where the next begins; a server that gives no marker has nothing more to give.
-      keyMarker = page.IsTruncated ? page.NextKeyMarker : undefined;
-      uploadIdMarker = page.IsTruncated ? page.NextUploadIdMarker : undefined;
+      // A truncated page names where the next begins; a server that gives no marker, or the one it
+      // was asked from (it would list that page for ever), has nothing more to give.
+      const nextKey = page.IsTruncated ? page.NextKeyMarker : undefined;
+      const nextUploadId = page.IsTruncated ? page.NextUploadIdMarker : undefined;
+      if (nextKey === keyMarker && nextUploadId === uploadIdMarker) break;
+      keyMarker = nextKey;
+      uploadIdMarker = nextUploadId;
     } while (keyMarker);
     return aborted;
   }
