@@ -682,8 +682,13 @@ export async function sweepIngestion(db: Db, queue: JobQueue, pick: SweepPick): 
 export function startIngestionSweeper(deps: { db: Db; settings: Settings; log: Logger }, queue: JobQueue): () => Promise<void> {
   const { db, settings, log } = deps;
   let running: Promise<unknown> = Promise.resolve();
+  let busy = false;
   const markMs = settings.KB_INGEST_LEASE_MS;
   const sweep = (pendingAgeMs: number, ignoreMarks: boolean) => {
+    // One sweep at a time: a slow one (a long listing of uploads, a database that answers late) is
+    // not joined by the next, which would queue the same entries and abort the same uploads again.
+    if (busy) return;
+    busy = true;
     const swept = Promise.all([sweepIngestion(db, queue, { pendingAgeMs, markMs, ignoreMarks }), purgeDeletedFiles(deps)]).then(
       ([requeued, purged]) => {
         if (requeued) log.info({ count: requeued }, 'knowledge entries re-queued for ingestion');
@@ -698,7 +703,9 @@ export function startIngestionSweeper(deps: { db: Db; settings: Settings; log: L
       },
       (error: unknown) => log.warn({ err: error }, 'unfinished knowledge file writes could not be swept; will try again'),
     );
-    running = Promise.all([swept, abandoned]);
+    running = Promise.all([swept, abandoned]).finally(() => {
+      busy = false;
+    });
   };
   // An in-process queue lost its jobs with the process; BullMQ's survive a restart (a rolling one would queue every entry again once per worker).
   sweep(0, queue.kind === 'in-process');
