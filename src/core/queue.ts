@@ -302,17 +302,29 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
 
   async close(): Promise<void> {
     const queues = [...this.queues.values()];
-    if (this.connection.status !== 'ready') {
-      // Redis is out of reach: nothing can be finished or handed back, so drop the connections
-      // rather than wait for it.
-      for (const { worker, connection } of this.workers) {
-        connection.disconnect();
-        void worker.close(true).catch(() => undefined);
+    // Redis is out of reach: nothing can be finished or handed back, so drop the connections rather than wait for it.
+    if (this.connection.status !== 'ready') return this.drop(queues);
+    // Redis may go away during the graceful close (a moment before it, or silent with the
+    // connection still `ready`): the workers' connections have no command timeout, so their
+    // jobs' last writes and their QUIT would then wait for ever, and the shutdown steps after the
+    // queue (the usage meter's flush) would never run. A PING on the queue's connection (whose
+    // commands time out) watches it while it lasts; the first unanswered one drops the connections.
+    const watch = watchRedis(this.connection);
+    try {
+      const graceful = this.closeGracefully(queues);
+      const closed = await Promise.race([graceful.then(() => true), watch.lost.then(() => false)]);
+      if (!closed) {
+        // What the graceful close was waiting on fails once its connections are dropped.
+        graceful.catch(() => undefined);
+        this.logger.warn('Redis stopped answering while the job queue closed: its connections were dropped');
+        this.drop(queues);
       }
-      this.connection.disconnect();
-      for (const queue of queues) void queue.close().catch(() => undefined);
-      return;
+    } finally {
+      watch.stop();
     }
+  }
+
+  private async closeGracefully(queues: Queue[]): Promise<void> {
     // Worker.close waits for the jobs it is running.
     await Promise.all(this.workers.map(({ worker }) => worker.close()));
     await Promise.all(queues.map((queue) => queue.close()));
@@ -320,6 +332,44 @@ class RedisQueue<R extends JobRegistry> implements JobQueue<R> {
     for (const { connection } of this.workers) await connection.quit().catch(() => connection.disconnect());
     await this.connection.quit().catch(() => this.connection.disconnect());
   }
+
+  private drop(queues: Queue[]): void {
+    for (const { worker, connection } of this.workers) {
+      connection.disconnect();
+      void worker.close(true).catch(() => undefined);
+    }
+    this.connection.disconnect();
+    for (const queue of queues) void queue.close().catch(() => undefined);
+  }
+}
+
+/** How often Redis is asked whether it still answers while the queue closes (each PING has REDIS_COMMAND_TIMEOUT_MS). */
+const CLOSE_WATCH_INTERVAL_MS = 500;
+
+/** `lost` resolves once a PING on `connection` fails (Redis gone or silent), until `stop()`. */
+function watchRedis(connection: Redis): { lost: Promise<void>; stop: () => void } {
+  let stopped = false;
+  let timer: NodeJS.Timeout | undefined;
+  const lost = new Promise<void>((resolve) => {
+    const ping = () => {
+      connection.ping().then(
+        () => {
+          if (!stopped) timer = setTimeout(ping, CLOSE_WATCH_INTERVAL_MS);
+        },
+        () => {
+          if (!stopped) resolve();
+        },
+      );
+    };
+    ping();
+  });
+  return {
+    lost,
+    stop: () => {
+      stopped = true;
+      clearTimeout(timer);
+    },
+  };
 }
 
 /** The queue of `registry`'s jobs (default: the application's, tasks/registry.ts, with its lanes). */
