@@ -101,10 +101,12 @@ export async function writeZipBomb(path: string, bytes: number, declare?: number
 /**
  * A one-page PDF written by hand whose page is the stream `stream` with the dictionary entries
  * `dictionary` besides its /Length (what PDF libraries never let you write: a page that unpacks to
- * hundreds of megabytes, filters they do not offer, dictionaries that hide what they hold).
+ * hundreds of megabytes, filters they do not offer, dictionaries that hide what they hold), and
+ * object 6 when given. `compressed`: object 6 is written inside a compressed object stream (7),
+ * indexed by a cross-reference stream (8), as PDF 1.5 writers do: nothing in the file reads `6 0 obj`.
  */
-export function pdfWithStream(dictionary: string, stream: Buffer, object6?: string): Buffer {
-  const parts: Buffer[] = [Buffer.from('%PDF-1.4\n')];
+export function pdfWithStream(dictionary: string, stream: Buffer, object6?: string, { compressed = false } = {}): Buffer {
+  const parts: Buffer[] = [Buffer.from(compressed ? '%PDF-1.5\n' : '%PDF-1.4\n')];
   const offsets: number[] = [];
   let length = parts[0]!.length;
   const add = (part: Buffer) => {
@@ -115,16 +117,35 @@ export function pdfWithStream(dictionary: string, stream: Buffer, object6?: stri
     offsets[number] = length;
     add(Buffer.concat([Buffer.from(`${number} 0 obj\n`), body, Buffer.from('\nendobj\n')]));
   };
+  const streamObject = (number: number, entries: string, data: Buffer) =>
+    object(number, Buffer.concat([Buffer.from(`<< /Length ${data.length} ${entries} >>\nstream\n`), data, Buffer.from('\nendstream')]));
   object(1, Buffer.from('<< /Type /Catalog /Pages 2 0 R >>'));
   object(2, Buffer.from('<< /Type /Pages /Kids [3 0 R] /Count 1 >>'));
   object(3, Buffer.from('<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>'));
-  object(4, Buffer.concat([Buffer.from(`<< /Length ${stream.length} ${dictionary} >>\nstream\n`), stream, Buffer.from('\nendstream')]));
+  streamObject(4, dictionary, stream);
   object(5, Buffer.from('<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>'));
-  if (object6 !== undefined) object(6, Buffer.from(object6));
-  const xref = length;
-  const entries = offsets.slice(1).map((offset) => `${String(offset).padStart(10, '0')} 00000 n \n`).join('');
-  const size = offsets.length;
-  add(Buffer.from(`xref\n0 ${size}\n0000000000 65535 f \n${entries}trailer\n<< /Size ${size} /Root 1 0 R >>\nstartxref\n${xref}\n%%EOF\n`));
+  if (!compressed) {
+    if (object6 !== undefined) object(6, Buffer.from(object6));
+    const xref = length;
+    const entries = offsets.slice(1).map((offset) => `${String(offset).padStart(10, '0')} 00000 n \n`).join('');
+    const size = offsets.length;
+    add(Buffer.from(`xref\n0 ${size}\n0000000000 65535 f \n${entries}trailer\n<< /Size ${size} /Root 1 0 R >>\nstartxref\n${xref}\n%%EOF\n`));
+    return Buffer.concat(parts);
+  }
+  const header = '6 0 ';
+  streamObject(7, `/Type /ObjStm /N 1 /First ${header.length}`, Buffer.from(header + (object6 ?? 'null')));
+  offsets[8] = length;
+  // Rows of [type, offset or object stream, generation or index] in 1 + 4 + 2 bytes (/W [1 4 2]).
+  const rows = Buffer.alloc(9 * 7);
+  for (let number = 1; number < 9; number++) {
+    const row = number * 7;
+    const inObjectStream = number === 6;
+    rows.writeUInt8(inObjectStream ? 2 : 1, row);
+    rows.writeUInt32BE(inObjectStream ? 7 : offsets[number]!, row + 1);
+  }
+  rows.writeUInt16BE(65535, 5); // object 0: free
+  streamObject(8, '/Type /XRef /Size 9 /W [1 4 2] /Root 1 0 R', rows);
+  add(Buffer.from(`startxref\n${offsets[8]}\n%%EOF\n`));
   return Buffer.concat(parts);
 }
 
