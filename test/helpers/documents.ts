@@ -7,7 +7,7 @@ import { createWriteStream } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { deflateSync } from 'node:zlib';
+import { deflateRawSync, deflateSync } from 'node:zlib';
 
 import { Document, HeadingLevel, Packer, Paragraph } from 'docx';
 import PDFDocument from 'pdfkit';
@@ -147,6 +147,24 @@ export function pdfWithStream(dictionary: string, stream: Buffer, object6?: stri
   streamObject(8, '/Type /XRef /Size 9 /W [1 4 2] /Root 1 0 R', rows);
   add(Buffer.from(`startxref\n${offsets[8]}\n%%EOF\n`));
   return Buffer.concat(parts);
+}
+
+/**
+ * zlib data of `data` whose first `stored` bytes are written as they are (a stored block), the rest
+ * compressed: what a stream's data holds can be chosen (the bytes `endstream`, say).
+ */
+export function deflateStoringFirst(data: Buffer, stored: number): Buffer {
+  // A stored block that is not the last: its header, then its length and that length's complement.
+  const block = Buffer.from([0, stored & 0xff, stored >> 8, ~stored & 0xff, (~stored >> 8) & 0xff]);
+  let a = 1;
+  let b = 0;
+  for (const byte of data) {
+    a = (a + byte) % 65521;
+    b = (b + a) % 65521;
+  }
+  const adler32 = Buffer.alloc(4);
+  adler32.writeUInt32BE(((b << 16) | a) >>> 0);
+  return Buffer.concat([Buffer.from([0x78, 0x9c]), block, data.subarray(0, stored), deflateRawSync(data.subarray(stored), { level: 9 }), adler32]);
 }
 
 /** A one-page PDF whose page is `content`, Flate-compressed. */

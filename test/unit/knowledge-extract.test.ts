@@ -16,7 +16,7 @@ import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge
 import { pdfSpans } from '../../src/modules/knowledge/pdf.js';
 import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
 import { DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
-import { ascii85Encode, type Block, lzwEncode, pdfWithStream, runLengthEncode, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
+import { ascii85Encode, type Block, deflateStoringFirst, lzwEncode, pdfWithStream, runLengthEncode, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
 
 const LIMITS: ExtractLimits = { maxTextChars: 1_000_000, timeoutMs: 20_000, maxMemoryMb: 128, maxTotalMemoryMb: 512 };
 let dir: string;
@@ -325,6 +325,8 @@ describe('extractDocument: what it refuses', () => {
       ['with a comment saying it is an image', () => pdfWithStream('/Filter /FlateDecode %/Subtype /Image\n', bomb)],
       ['with a string saying it is an image', () => pdfWithStream('/Filter /FlateDecode /Note (a (nested) /Subtype /Image)', bomb)],
       ['in a dictionary padded past a few KB', () => pdfWithStream(`/Filter /FlateDecode /Pad (${'x'.repeat(3_000)})`, bomb)],
+      // pdf.js reads the data to its /Length when `endstream` follows there; the first `endstream` ended it for the check.
+      ['with the bytes `endstream` in its data before its /Length ends', () => pdfWithStream('/Filter /FlateDecode', deflateStoringFirst(Buffer.concat([Buffer.from('% endstream\n'), page]), 12))],
     ])('%s', async (name, pdf) => {
       const path = await file(`${name.replaceAll(/\W+/g, '-')}.pdf`, pdf());
       expect(await rejection(extract(path, 'bomb.pdf', { maxMemoryMb: 64 }))).toBe(refused);

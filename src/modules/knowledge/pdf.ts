@@ -532,6 +532,28 @@ function resolved(value: PdfValue | undefined, objects: WrittenObjects): PdfValu
   return value && 'ref' in value ? objects.get(value.ref) : value;
 }
 
+/** A stream's dictionary, from the text between its object's `obj` and `stream`; null when there is none. */
+function dictionaryOf(text: string): Map<string, PdfValue> | null {
+  const start = text.indexOf('<<');
+  if (start < 0) return null;
+  const dictionary = new ObjectReader(text.slice(start)).value();
+  return dictionary && 'dict' in dictionary ? dictionary.dict : null;
+}
+
+/**
+ * Where pdf.js ends a stream's data (from `start`): at its /Length (references followed) when
+ * `endstream` comes next there, past white space and comments; else at the first `endstream`
+ * (`firstEnd`). The data may hold those bytes itself: cut there, the check saw a page's first
+ * bytes and pdf.js unpacked the whole (a 20 KB file, 20 MB of page, not refused).
+ */
+function streamEnd(bytes: Buffer, start: number, firstEnd: number, text: string, file: WrittenObjects): number {
+  const length = resolved(dictionaryOf(text)?.get('Length'), file);
+  if (!length || !('number' in length) || !Number.isInteger(length.number) || length.number < 0) return firstEnd;
+  const end = start + length.number;
+  if (end > bytes.length) return firstEnd;
+  return /^(?:\s|%[^\r\n]*)*endstream/.test(bytes.toString('latin1', end, end + 1024)) ? end : firstEnd;
+}
+
 /**
  * The chains to decode a stream with, from its dictionary (`text` from its object's `obj` to
  * `stream`), as pdf.js reads its filters (/F before /Filter, references followed): null when they
@@ -539,12 +561,8 @@ function resolved(value: PdfValue | undefined, objects: WrittenObjects): PdfValu
  * cannot read (a reference to an object in a compressed object stream) get every chain those can start.
  */
 function declaredChains(text: string, file: WrittenObjects): { chains: Filter[][]; earlyChanges: number[] } | null {
-  const start = text.indexOf('<<');
-  if (start < 0) return null;
-  const reader = new ObjectReader(text.slice(start));
-  const dictionary = reader.value();
-  if (!dictionary || !('dict' in dictionary)) return null;
-  const dict = dictionary.dict;
+  const dict = dictionaryOf(text);
+  if (!dict) return null;
   const filter = resolved(dict.get('F') ?? dict.get('Filter'), file);
   if (filter === undefined) return null;
   let names: string[] | null = null;
@@ -603,7 +621,8 @@ export async function checkPdfStreams(data: Uint8Array, maxStreamBytes: number):
     const objectAt = bytes.subarray(from, at).lastIndexOf('obj');
     const dictionary = objectAt >= 0 ? bytes.toString('latin1', from + objectAt + 3, at) : '';
     if (/\/Subtype\s*\/Image(?![^\s/<>[\]()%{}])/.test(streamDictionary(dictionary))) continue;
-    const data = bytes.subarray(start, end < 0 ? bytes.length : end);
+    // `searched` stays at the first `endstream`: a stream a longer /Length spans is checked on its own too (pdf.js may read it by its own offset).
+    const data = bytes.subarray(start, streamEnd(bytes, start, end < 0 ? bytes.length : end, dictionary, objects));
     const limit = () => Math.min(maxStreamBytes, MAX_TOTAL_INFLATED_BYTES - total - work);
     let work = 0;
     let size = await inflatedSize(beforeFlate(data), limit());
