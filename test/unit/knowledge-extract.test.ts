@@ -364,6 +364,8 @@ describe('extractDocument: what it refuses', () => {
       ['run-length behind a reference', () => pdfWithStream('/Filter 6 0 R', runLengthEncode(page), '[/RunLengthDecode]')],
       // pdf.js reads the filter from the object stream; the check cannot, and tries the guessed chains.
       ['run-length behind a reference into a compressed object stream', () => pdfWithStream('/Filter 6 0 R', runLengthEncode(page), '[/RunLengthDecode]', { compressed: true })],
+      // Run-length around a Flate bomb: literal runs, which neither pass alone sees grow.
+      ['Flate inside run-length behind a reference into a compressed object stream', () => pdfWithStream('/Filter 6 0 R', runLengthEncode(deflateSync(page, { level: 9 })), '[/RunLengthDecode /FlateDecode]', { compressed: true })],
       ['BrotliDecode', () => pdfWithStream('/Filter /BrotliDecode', brotliCompressSync(page))],
     ])('%s', async (name, pdf) => {
       const bytes = pdf();

@@ -152,6 +152,10 @@ const GUESSED_CHAINS: Filter[][] = [
   ['rl'],
   ['flate', 'rl'],
   ['a85', 'rl'],
+  // Run-length around a Flate stream: its literal runs hide the Flate data from the Flate pass.
+  ['rl', 'flate'],
+  ['a85', 'rl', 'flate'],
+  ['ahx', 'rl'],
 ];
 
 /** Bytes handed from one stage of a chain to the next. */
