@@ -19,6 +19,7 @@ import {
 } from '../services/agent-completions.js';
 import { contextOf, type ServiceContext } from '../services/context.js';
 import { firstEvent, keptAlive } from '../services/openai-gateway.js';
+import { cutOffStalledReader } from '../services/stalled-readers.js';
 
 /** Runs `listener` once `signal` aborts (now, if it already has). */
 function whenAborted(signal: AbortSignal, listener: () => void): void {
@@ -74,6 +75,8 @@ export function agentModelRoutes(app: FastifyInstance) {
       // with. A start refused after this is the stream's error event, under ids of no run.
       if (late) nameRun(reply, ids);
       const chunks = agentCompletionChunks(first, ids, body.model, body.stream_options?.include_usage === true, request.log);
+      // Counted with the run-event streams it is held among (hold, above): its run is cancelled, as for a client that left.
+      cutOffStalledReader(request, reply.raw, { model: body.model, runId: ids.runId }, 'agent completion stream', () => app.eventStreams.cutOffStalled());
       return reply
         .header('content-type', 'text/event-stream; charset=utf-8')
         .header('cache-control', 'no-cache')

@@ -12,6 +12,7 @@ import { RunCreate, RunCreateWithThread, RunEventsQuery, RunIdParams, RunListQue
 import { eventDataJson, type RunEvent } from '../modules/agents/run-bus.js';
 import { contextOf } from '../services/context.js';
 import * as runService from '../services/run-service.js';
+import { cutOffStalledReader } from '../services/stalled-readers.js';
 import { requireUser } from '../utils/authentication.js';
 
 const tags = ['runs'];
@@ -253,23 +254,20 @@ function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: strin
     if (quiet) void runService.stillStored(runs.db, runId).then((stored) => stored || controller.abort(), () => undefined);
     quiet = true;
   }, settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000);
+  // A reader that takes nothing for that long is gone or holding the connection: it is cut off (it
+  // may reconnect with its Last-Event-ID), not kept with its socket, reader and timer for good.
+  const stopWatching = cutOffStalledReader(request, raw, { runId }, 'run event stream', () => eventStreams.cutOffStalled());
   void (async () => {
     try {
       for await (const event of runs.bus.events.read(runId, after, controller.signal)) {
         quiet = false;
         corkOnce();
-        if (!(await writeFrame(raw, frame(event), controller.signal, settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000 * STALLED_READER_KEEPALIVES))) {
-          // A reader that takes nothing for that long is gone or holding the connection: it is cut
-          // off (it may reconnect with its Last-Event-ID), not kept with its socket, reader and timer for good.
-          log.info({ runId }, 'run event stream cut off: its reader took nothing');
-          eventStreams.cutOffStalled();
-          raw.destroy();
-          return;
-        }
+        await writeFrame(raw, frame(event), controller.signal);
       }
     } catch (error) {
       if (!controller.signal.aborted) log.error({ err: error, runId }, 'run event stream failed');
     } finally {
+      stopWatching();
       clearInterval(keepAlive);
       streams.delete(controller);
       raw.off('close', leave);
@@ -278,52 +276,34 @@ function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: strin
   })();
 }
 
-/** Keep-alive intervals a reader's socket may take nothing (stay full) before its stream is cut off. */
-const STALLED_READER_KEEPALIVES = 4;
-
 /**
  * Bytes of a large event's frame written at a time. A write counts in the socket's buffered length
  * until all of it is out: a reader taking one large event (megabytes of text) slowly would show no
- * progress (see drained) until the end of it; slice by slice it does.
+ * progress (see watchStalledReader) until the end of it; slice by slice it does.
  */
 const FRAME_SLICE_BYTES = 64 * 1024;
 
-/** Writes one event's frame, waiting for the reader to take it (drained); false when it took nothing for `stallMs`. */
-async function writeFrame(raw: ServerResponse, text: string, signal: AbortSignal, stallMs: number): Promise<boolean> {
-  if (text.length <= FRAME_SLICE_BYTES) return raw.write(text) || drained(raw, signal, stallMs);
+/** Writes one event's frame, waiting for the reader to take it (a reader that takes nothing is cut off by watchStalledReader, which ends the wait). */
+async function writeFrame(raw: ServerResponse, text: string, signal: AbortSignal): Promise<void> {
+  if (text.length <= FRAME_SLICE_BYTES) {
+    if (!raw.write(text)) await drained(raw, signal);
+    return;
+  }
   const bytes = Buffer.from(text);
   for (let at = 0; at < bytes.length && !signal.aborted; at += FRAME_SLICE_BYTES) {
-    if (!raw.write(bytes.subarray(at, at + FRAME_SLICE_BYTES)) && !(await drained(raw, signal, stallMs))) return false;
+    if (!raw.write(bytes.subarray(at, at + FRAME_SLICE_BYTES))) await drained(raw, signal);
   }
-  return true;
 }
 
-/**
- * Resolves true when the socket can take more or the stream is over; false when it took nothing
- * for `stallMs`. A reader that took some of what waits (its buffered length went down: a slice of
- * writeFrame's went out) in that time is waited for again: a slow but live reader may take longer
- * than `stallMs` to empty its socket's buffer, and cutting it off would cut it off again on every
- * reconnect (the same event comes first).
- */
-function drained(raw: ServerResponse, signal: AbortSignal, stallMs: number): Promise<boolean> {
+/** Resolves when the socket can take more or the stream is over. */
+function drained(raw: ServerResponse, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
-    let waiting = raw.writableLength;
-    let timer: NodeJS.Timeout;
-    const finish = (drainedOrOver: boolean) => {
-      clearTimeout(timer);
-      raw.off('drain', onDrain);
-      signal.removeEventListener('abort', onDrain);
-      resolve(drainedOrOver);
+    const finish = () => {
+      raw.off('drain', finish);
+      signal.removeEventListener('abort', finish);
+      resolve();
     };
-    const onDrain = () => finish(true);
-    const check = () => {
-      const left = raw.writableLength;
-      if (left >= waiting) return finish(false);
-      waiting = left;
-      timer = setTimeout(check, stallMs);
-    };
-    timer = setTimeout(check, stallMs);
-    raw.once('drain', onDrain);
-    signal.addEventListener('abort', onDrain, { once: true });
+    raw.once('drain', finish);
+    signal.addEventListener('abort', finish, { once: true });
   });
 }

@@ -1,0 +1,62 @@
+import type { ServerResponse } from 'node:http';
+
+import type { FastifyRequest } from 'fastify';
+
+/** Keep-alive intervals a reader's socket may take nothing (stay full) before its stream is cut off. */
+export const STALLED_READER_KEEPALIVES = 4;
+
+/**
+ * Watches a long-lived streamed answer (run events, /v1 completions) for a reader that takes
+ * nothing: one whose response stays full (`writableNeedDrain`) with no less waiting in it, look
+ * after look, every `intervalMs` (the stream's keep-alive interval), STALLED_READER_KEEPALIVES
+ * looks in a row, is handed to `onStalled` once (which cuts it off). Without it such a reader keeps
+ * its socket, its timers and whatever its stream holds (a reader of the run's log, a model call
+ * held back for it) for as long as it likes. A reader that took something (a `drain`, or less
+ * waiting than at the last look) starts the count again: a slow but live reader may take far
+ * longer than the cut-off to empty its socket's buffer, and cutting it off would cut it off again
+ * on every reconnect. Writers keep their backpressure (write until full, then wait for `drain`),
+ * so what waits only grows by their keep-alive comments while a reader takes nothing. Stops by
+ * itself when the response closes; returns what stops it sooner.
+ */
+export function watchStalledReader(raw: ServerResponse, intervalMs: number, onStalled: () => void): () => void {
+  let looks = 0;
+  let waiting: number | undefined;
+  const took = () => {
+    looks = 0;
+    waiting = undefined;
+  };
+  const timer = setInterval(() => {
+    const left = raw.writableLength;
+    if (!raw.writableNeedDrain || waiting === undefined || left < waiting) {
+      looks = 0;
+      waiting = raw.writableNeedDrain ? left : undefined;
+      return;
+    }
+    if (++looks < STALLED_READER_KEEPALIVES) return;
+    stop();
+    onStalled();
+  }, intervalMs);
+  const stop = () => {
+    clearInterval(timer);
+    raw.off('drain', took);
+    raw.off('close', stop);
+  };
+  raw.on('drain', took);
+  raw.once('close', stop);
+  return stop;
+}
+
+/**
+ * Cuts off `raw`'s stream once its reader has taken nothing for STALLED_READER_KEEPALIVES
+ * intervals of RUN_EVENTS_KEEPALIVE_SECONDS (watchStalledReader): the same for every long-lived
+ * stream of the API, run events and /v1 completions alike. Destroying the response is what a
+ * client leaving does: a model call held back for it is aborted (and metered as aborted), a run's
+ * reader stops. `onCutOff` counts it where the stream is counted.
+ */
+export function cutOffStalledReader(request: FastifyRequest, raw: ServerResponse, fields: Record<string, unknown>, what: string, onCutOff?: () => void): () => void {
+  return watchStalledReader(raw, request.server.settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000, () => {
+    request.log.info(fields, `${what} cut off: its reader took nothing`);
+    onCutOff?.();
+    raw.destroy();
+  });
+}
