@@ -527,6 +527,10 @@ export function completionBody(
   const write = (frame: string) => {
     if (heartbeat) heartbeat.busy = true;
     send(frame);
+    // A batch is pushed once it fills the body: the check below for room sees it, so a reader that
+    // takes nothing does not have every event its queues hold (hundreds of parts, up to megabytes)
+    // rendered and sent to its socket in one turn.
+    if (pending.length >= body.readableHighWaterMark) flush();
   };
   // Late, the answer begins with the comment its lateness is owed.
   if (first instanceof Promise) body.push(KEEP_ALIVE);

@@ -78,6 +78,7 @@ describe.each([
     // loopback's socket buffers, which the kernel grows to megabytes).
     expect(stalled).toMatchObject({ completed: false, aborted: false });
     expect(stalled.chunksSent).toBeLessThan(chunks.length);
+    expect(replies[0]!.writableLength).toBeLessThan(512 * 1024);
 
     // Past four keep-alives of taking nothing: cut off, the upstream request aborted.
     await fake.waitFor((log) => log[0]!.aborted, 15_000);
@@ -120,6 +121,9 @@ it('a client that takes the answer slowly but steadily is not cut off, however l
   }
   expect(tail).toContain('data: [DONE]');
   expect(bytes).toBeGreaterThan(ANSWER_BYTES);
+  // What waited in Keel's response for the reader never went far past a highWaterMark: the
+  // answer is rendered only as fast as it is taken, not a queue's worth at a time.
+  expect(mostWaiting).toBeLessThan(256 * 1024);
   // Well past a stalled reader's 4 s: its socket was full all along, and it was still not cut off.
   expect(Date.now() - started).toBeGreaterThan(5_000);
   expect(fake.log[0]).toMatchObject({ completed: true, aborted: false });
