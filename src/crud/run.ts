@@ -486,15 +486,17 @@ const leaseReleased = preparedAnywhere('runs_release_lease', (db, name) =>
 );
 
 /**
- * Clears a worker's hold. `handBack` (a shutdown, not a crash): of a run still running only, and
- * returns the attempt; false when the run ended meanwhile (a cancel while the worker stopped), whose
- * final event the worker then still owes.
+ * Clears a worker's hold. `handBack` (a shutdown or an outage, not a crash): of a run still running
+ * only; false when the run ended meanwhile (a cancel while the worker stopped), whose final event the
+ * worker then still owes. A shutdown returns the attempt; an outage's hand-back keeps it counted:
+ * each one redoes (and charges again) the step it cut, so a run bus that keeps failing ends the run
+ * at RUN_MAX_ATTEMPTS rather than at its deadline.
  */
-export async function releaseLease(db: Db, runId: string, workerId: string, handBack: boolean): Promise<boolean> {
+export async function releaseLease(db: Db, runId: string, workerId: string, handBack: false | 'shutdown' | 'outage'): Promise<boolean> {
   if (!handBack) return (await leaseReleased(db).execute({ run_id: runId, worker_id: workerId })).length === 1;
   const rows = await db
     .update(runs)
-    .set({ lease_owner: null, lease_expires_at: null, attempts: sql`greatest(${runs.attempts} - 1, 0)` })
+    .set({ lease_owner: null, lease_expires_at: null, attempts: handBack === 'shutdown' ? sql`greatest(${runs.attempts} - 1, 0)` : runs.attempts })
     .where(and(eq(runs.id, runId), eq(runs.lease_owner, workerId), eq(runs.status, 'running')))
     .returning({ id: runs.id });
   return rows.length === 1;

@@ -615,7 +615,7 @@ describe('a worker\'s claim', () => {
     expect(first!.history).toEqual(history);
     expect(await runCrud.claim(ctx.app.db, run.id, 'test-worker-b', 60)).toBeUndefined();
     // Handed back (a shutdown): the next claim resumes it, and is not a first start.
-    expect(await runCrud.releaseLease(ctx.app.db, run.id, 'test-worker-a', true)).toBe(true);
+    expect(await runCrud.releaseLease(ctx.app.db, run.id, 'test-worker-a', 'shutdown')).toBe(true);
     const resumed = await runCrud.claim(ctx.app.db, run.id, 'test-worker-b', 60);
     expect(resumed).toMatchObject({ firstStart: false, run: { lease_owner: 'test-worker-b', attempts: 1, started_at: first!.run.started_at } });
     await runCrud.endRun(ctx.app.db, run.id, { status: 'cancelled', error: null }, null, true);
@@ -1293,9 +1293,9 @@ describe('durability', () => {
       async (refused) => {
         const started = await startRun(ctx.app, owner.headers, thread.id, { input: 'hello' });
         await vi.waitFor(() => expect(refused()).toBe(1));
-        // Handed back: still running, no worker's, its attempt not counted (the outage was not the run's).
-        await vi.waitFor(async () => expect(await getRun(ctx.app, owner.headers, started.id)).toMatchObject({ status: 'running', attempts: 0 }));
-        expect(await leaseOf(started.id)).toBeNull();
+        // Handed back: still running, no worker's, its attempt counted (each hand-back redoes the step: RUN_MAX_ATTEMPTS bounds them).
+        await vi.waitFor(async () => expect(await leaseOf(started.id)).toBeNull());
+        expect(await getRun(ctx.app, owner.headers, started.id)).toMatchObject({ status: 'running', attempts: 1 });
         return started;
       },
       1,
@@ -1303,7 +1303,7 @@ describe('durability', () => {
     );
     expect((await sweeper.sweep()).resumed).toBe(1);
     const resumed = await waitForRun(ctx.app, owner.headers, run.id, ['completed', 'failed']);
-    expect(resumed).toMatchObject({ status: 'completed', error: null, attempts: 1 });
+    expect(resumed).toMatchObject({ status: 'completed', error: null, attempts: 2 });
     expect((await threadMessages(owner, thread.id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['resumed answer']);
     const { events } = await readEvents(base, owner.headers, run.id);
     expectContiguous(events);

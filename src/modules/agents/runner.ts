@@ -308,7 +308,7 @@ export class AgentRunner {
       await appends.settle().catch(() => undefined);
       const stop = signal.aborted && signal.reason instanceof RunStop ? signal.reason : null;
       if (stop?.kind === 'shutdown' || stop?.kind === 'outage') {
-        const handedBack = await runCrud.releaseLease(deps.db, run.id, this.workerId, true).catch((e: unknown) => {
+        const handedBack = await runCrud.releaseLease(deps.db, run.id, this.workerId, stop.kind).catch((e: unknown) => {
           log.error({ err: e, runId: run.id }, 'run not handed back; its lease will expire');
           return undefined;
         });
