@@ -969,13 +969,14 @@ describe('failures in words', () => {
       ['system', 'Be brief.'],
       ['user', 'q1'],
       ['assistant', ['call_a', 'call_b']],
-      ['tool', 'call_b'],
+      // In the calls' order, the missing one where its result was.
       ['tool', 'call_a'],
+      ['tool', 'call_b'],
       ['assistant', 'first answer'],
       ['user', 'q2'],
     ]);
-    expect(sent[4]!.content).toBe(MISSING_TOOL_RESULT);
-    expect(sent[3]!.content).toContain('about two');
+    expect(sent[3]!.content).toBe(MISSING_TOOL_RESULT);
+    expect(sent[4]!.content).toContain('about two');
     // The assistant message deleted: its remaining result is left out (a provider refuses a result without its call).
     const asked = written.find((m) => m.role === 'assistant' && m.content === '')!;
     expect((await api('DELETE', `/threads/${thread.id}/messages/${asked.id}`, owner.headers)).statusCode).toBe(200);

@@ -119,33 +119,36 @@ export const MISSING_TOOL_RESULT = 'Error: the result of this tool call is not i
 
 /**
  * The thread's messages as the model reads them: each assistant message's tool calls followed by
- * their results (tool results carry the name of the tool they answer). A run writes a step's
- * messages together, but a client may delete one of them (DELETE /threads/{id}/messages/{id}), and
- * providers (and the SDK, MissingToolResultsError) refuse a call without its result or a result
- * without its call, which failed every later run of the thread: a call whose result is gone reads
- * MISSING_TOOL_RESULT, and a result whose call is gone is left out.
+ * their results in the calls' order (tool results carry the name of the tool they answer; some
+ * providers match parallel results by position). A run writes a step's messages together, but a
+ * client may delete one of them (DELETE /threads/{id}/messages/{id}), and providers (and the SDK,
+ * MissingToolResultsError) refuse a call without its result or a result without its call, which
+ * failed every later run of the thread: a call whose result is gone reads MISSING_TOOL_RESULT, and
+ * a result whose call is gone is left out.
  */
 export function toModelMessages(rows: readonly Message[]): ModelMessage[] {
   const out: ModelMessage[] = [];
-  /** The latest assistant message's calls not yet answered, in order. */
-  let unanswered: MessageToolCall[] = [];
-  const result = (call: MessageToolCall, value: string): ModelMessage => ({ role: 'tool', content: [{ type: 'tool-result', toolCallId: call.id, toolName: call.name, output: { type: 'text', value } }] });
-  const answerTheRest = () => {
-    for (const call of unanswered) out.push(result(call, MISSING_TOOL_RESULT));
-    unanswered = [];
+  /** The latest assistant message's calls, and the results of them that followed it (the first for each). */
+  let calls: readonly MessageToolCall[] = [];
+  const results = new Map<string, string>();
+  const answerCalls = () => {
+    for (const call of calls) {
+      const value = results.get(call.id) ?? MISSING_TOOL_RESULT;
+      out.push({ role: 'tool', content: [{ type: 'tool-result', toolCallId: call.id, toolName: call.name, output: { type: 'text', value } }] });
+    }
+    calls = [];
+    results.clear();
   };
   for (const row of rows) {
     if (row.role === 'tool') {
-      const at = unanswered.findIndex((call) => call.id === row.tool_call_id);
-      if (at < 0) continue;
-      out.push(result(unanswered.splice(at, 1)[0]!, row.content));
+      const id = row.tool_call_id;
+      if (id !== null && !results.has(id) && calls.some((call) => call.id === id)) results.set(id, row.content);
       continue;
     }
-    answerTheRest();
+    answerCalls();
     if (row.role === 'user' || row.role === 'system') out.push({ role: row.role, content: row.content });
     else {
-      const calls = row.tool_calls ?? [];
-      unanswered = [...calls];
+      calls = row.tool_calls ?? [];
       if (!calls.length) out.push({ role: 'assistant', content: row.content });
       else {
         out.push({
@@ -155,7 +158,7 @@ export function toModelMessages(rows: readonly Message[]): ModelMessage[] {
       }
     }
   }
-  answerTheRest();
+  answerCalls();
   return out;
 }
 
