@@ -18,11 +18,13 @@
  *   half of a surrogate pair (400 at `messages[i].content`), which the thread would keep as U+FFFD.
  */
 import { randomUUID } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 import { eq } from 'drizzle-orm';
 
 import { ConflictError, HttpError, NotFoundError, UnauthorizedError, UnprocessableError } from '../core/errors.js';
 import type { Logger } from '../core/logger.js';
+import { REDIS_COMMAND_TIMEOUT_MS } from '../core/redis.js';
 
 import { type Agent, agents, type Run, type RunUsage } from '../models/index.js';
 
@@ -319,14 +321,45 @@ export async function* answerOf(events: AsyncIterable<RunEvent>, signal: AbortSi
 }
 
 /**
- * The answer of the completion's run `runId`, read from its events (answerOf). Events that cannot
- * be read (the run bus unreachable: RunBusUnavailableError, a 503 the OpenAI SDKs retry) cancel the
+ * How long a completion's reader goes on trying to read its run's events through a run-bus outage
+ * before giving up: a Redis failover or blip of a few seconds (each try waits up to
+ * REDIS_COMMAND_TIMEOUT_MS) does not cost the client an answer it was being streamed. The runner
+ * hands its run back meanwhile (an outage), and the sweep resumes it.
+ */
+export const READ_OUTAGE_GRACE_MS = 3 * REDIS_COMMAND_TIMEOUT_MS;
+const READ_RETRY_MS = 500;
+
+/** The run's events from the start, read again after the last one seen when the run bus fails, for up to READ_OUTAGE_GRACE_MS of failures in a row. */
+async function* eventsThroughOutages(deps: RunDeps, runId: string, signal: AbortSignal): AsyncGenerator<RunEvent> {
+  let after = 0;
+  let failingSince: number | undefined;
+  for (;;) {
+    try {
+      for await (const event of deps.bus.events.read(runId, after, signal)) {
+        after = event.seq;
+        failingSince = undefined;
+        yield event;
+      }
+      return;
+    } catch (error) {
+      if (!(error instanceof RunBusUnavailableError) || signal.aborted) throw error;
+      failingSince ??= Date.now();
+      if (Date.now() - failingSince >= READ_OUTAGE_GRACE_MS) throw error;
+      await sleep(READ_RETRY_MS, undefined, { signal }).catch(() => undefined);
+    }
+  }
+}
+
+/**
+ * The answer of the completion's run `runId`, read from its events (answerOf), through a short
+ * outage of the run bus (eventsThroughOutages). Events that cannot be read for longer
+ * (RunBusUnavailableError, a 503 the OpenAI SDKs retry before a stream's first chunk) cancel the
  * run before the error is answered: nobody would get its answer, yet it would run on and be
  * charged, and each retry would start another one.
  */
 export async function* answerOfRun(ctx: ServiceContext, deps: RunDeps, runId: string, signal: AbortSignal): AsyncGenerator<AnswerPiece> {
   try {
-    yield* answerOf(deps.bus.events.read(runId, 0, signal), signal);
+    yield* answerOf(eventsThroughOutages(deps, runId, signal), signal);
   } catch (error) {
     if (error instanceof RunBusUnavailableError) await cancelUnanswered(ctx, deps, runId, 'its events could not be read (run bus unreachable)');
     throw error;
