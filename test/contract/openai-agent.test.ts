@@ -532,13 +532,23 @@ describe('run events that cannot be read (the run bus unreachable)', () => {
     expect(fake.log).toEqual([]);
   });
 
-  it('reads on through a short outage: a read that failed is made again after the last event seen, and the run it started answers', async () => {
+  /** A new user's SDK client (no retries) and agent model; `runsSince()` gives what lists the runs started after it was asked. */
+  async function agentCaller() {
     const user = await createUser(ctx.app);
     const sdk = clientWith((await createKey(ctx.app, user)).key, 0);
     const model = `agent:${(await createAgent(ctx.app, user.headers)).id}`;
     const runsOf = async () => ctx.app.db.select().from(runs).where(eq(runs.owner_id, user.user.id));
-    for (const stream of [false, true]) {
+    const runsSince = async () => {
       const before = new Set((await runsOf()).map((run) => run.id));
+      return async () => (await runsOf()).filter((run) => !before.has(run.id));
+    };
+    return { sdk, model, runsSince };
+  }
+
+  it('reads on through a short outage: a read that failed is made again after the last event seen, and the run it started answers', async () => {
+    const { sdk, model, runsSince } = await agentCaller();
+    for (const stream of [false, true]) {
+      const started = await runsSince();
       fake.reset();
       fake.script('fake-precise', { text: 'answered once' });
       const { content, response } = await outage({ reads: 1 }, async () => {
@@ -550,18 +560,14 @@ describe('run events that cannot be read (the run bus unreachable)', () => {
         return { content: textOf(await collect(data)), response };
       });
       expect(content, `stream: ${stream}`).toBe('answered once');
-      const started = (await runsOf()).filter((run) => !before.has(run.id));
-      expect(started.map((run) => [run.id, run.status])).toEqual([[response.headers.get('x-keel-run-id'), 'completed']]);
+      expect((await started()).map((run) => [run.id, run.status])).toEqual([[response.headers.get('x-keel-run-id'), 'completed']]);
     }
   });
 
   it('cancels the run it started when its events cannot be read for READ_OUTAGE_GRACE_MS, before answering 503: it does not run on unseen', async () => {
-    const user = await createUser(ctx.app);
-    const sdk = clientWith((await createKey(ctx.app, user)).key, 0);
-    const model = `agent:${(await createAgent(ctx.app, user.headers)).id}`;
-    const runsOf = async () => ctx.app.db.select().from(runs).where(eq(runs.owner_id, user.user.id));
+    const { sdk, model, runsSince } = await agentCaller();
     for (const stream of [false, true]) {
-      const before = new Set((await runsOf()).map((run) => run.id));
+      const started = await runsSince();
       fake.reset();
       // Still answering when the reader gives up (as a run whose events cannot be stored would still be going).
       fake.script('fake-precise', { chunks: Array.from({ length: 40 }, (_, i) => `t${i} `), chunkDelayMs: 250 });
@@ -569,8 +575,7 @@ describe('run events that cannot be read (the run bus unreachable)', () => {
       const error = await outage({ reads: Number.POSITIVE_INFINITY }, () => apiError(sdk.chat.completions.create({ model, messages: ask('Hi'), stream })));
       expect(error, `stream: ${stream}`).toMatchObject({ status: 503, code: 'service_unavailable' });
       expect(Date.now() - began).toBeGreaterThanOrEqual(READ_OUTAGE_GRACE_MS);
-      const started = (await runsOf()).filter((run) => !before.has(run.id));
-      expect(started.map((run) => run.status)).toEqual(['cancelled']);
+      expect((await started()).map((run) => run.status)).toEqual(['cancelled']);
     }
   }, 60_000);
 });
