@@ -1,3 +1,5 @@
+import { findInCauses } from '../utils/error-chain.js';
+
 /** Seconds a client is told to wait (Retry-After) when the database cannot be reached. */
 export const DATABASE_RETRY_AFTER_SECONDS = 5;
 
@@ -23,9 +25,9 @@ export interface DatabaseError {
 
 /** Drizzle wraps driver errors; the SQLSTATE sits on the error or its cause (pg and PGlite alike). */
 export function databaseError(error: unknown): DatabaseError | null {
-  for (let e: unknown = error, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
+  const found = findInCauses(error, (e) => {
     const code = (e as { code?: unknown }).code;
-    if (typeof code === 'string' && /^[0-9A-Z]{5}$/.test(code)) return e as DatabaseError;
-  }
-  return null;
+    return typeof code === 'string' && /^[0-9A-Z]{5}$/.test(code);
+  });
+  return (found as DatabaseError | undefined) ?? null;
 }

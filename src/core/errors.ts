@@ -1,6 +1,7 @@
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } from 'fastify-type-provider-zod';
 
+import { findInCauses } from '../utils/error-chain.js';
 import { UNPAIRED_SURROGATE_MESSAGE } from '../utils/text.js';
 import { DATABASE_RETRY_AFTER_SECONDS, databaseError, isDatabaseUnavailableCode } from './db-errors.js';
 import { integrityAnswer, unknownQueryMessage } from './error-mapping.js';
@@ -363,13 +364,12 @@ const CONNECTION_MESSAGES = /Connection terminated|Query read timeout|timeout ex
 const databaseUnavailable = new RepeatedLine();
 
 function connectionError(error: unknown): boolean {
-  for (let e: unknown = error, depth = 0; e && depth < 4; e = (e as { cause?: unknown }).cause, depth++) {
-    const code = (e as { code?: unknown }).code;
-    if (typeof code === 'string' && CONNECTION_ERRORS.has(code)) return true;
-    const message = (e as { message?: unknown }).message;
-    if (typeof message === 'string' && CONNECTION_MESSAGES.test(message)) return true;
-  }
-  return false;
+  return (
+    findInCauses(error, (e) => {
+      const { code, message } = e as { code?: unknown; message?: unknown };
+      return (typeof code === 'string' && CONNECTION_ERRORS.has(code)) || (typeof message === 'string' && CONNECTION_MESSAGES.test(message));
+    }) !== undefined
+  );
 }
 
 /**

@@ -30,6 +30,7 @@ import * as folderService from '../services/knowledge/folder-service.js';
 import { searchKnowledge } from '../services/knowledge/search.js';
 import type { OpenedFile } from '../services/storage-service.js';
 import { requireUser } from '../utils/authentication.js';
+import { findInCauses } from '../utils/error-chain.js';
 import { registerOwnedRoutes } from './owned-routes.js';
 
 const tags = ['knowledge-base'];
@@ -91,10 +92,8 @@ const MALFORMED_FORM = /^(?:Multipart: Boundary not found|Boundary required|The 
 
 /** A 400 naming what was wrong with the form, when `error` (or what caused it) is busboy's complaint about it. */
 function malformedForm(error: unknown): BadRequestError | undefined {
-  for (let at = error, depth = 0; at instanceof Error && depth < 4; at = at.cause, depth++) {
-    if (!(at instanceof HttpError) && MALFORMED_FORM.test(at.message)) return new BadRequestError(`Malformed multipart/form-data body: ${at.message}`);
-  }
-  return undefined;
+  const complaint = findInCauses(error, (e): e is Error => e instanceof Error && !(e instanceof HttpError) && MALFORMED_FORM.test(e.message));
+  return complaint && new BadRequestError(`Malformed multipart/form-data body: ${complaint.message}`);
 }
 
 /** RFC 6266 / 5987: an ASCII fallback name, and the exact one percent-encoded in UTF-8. */
