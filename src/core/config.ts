@@ -48,6 +48,9 @@ export const CREDIT_BLOCK_MAX_AGE_MS = 30_000;
 /** The shortest GATEWAY_STREAM_HEARTBEAT_MS but 0: the wait within which a stream's failure still answers its own status. */
 export const GATEWAY_HEARTBEAT_MIN_MS = 1_000;
 
+/** The most HTTP_REQUEST_TIMEOUT_MS can be: what a node may give a request, whatever this node's own setting. */
+export const HTTP_REQUEST_TIMEOUT_MAX_MS = 3_600_000;
+
 export const SettingsSchema = z.object({
   ENVIRONMENT: z.enum(['local', 'staging', 'production']).default('local'),
   PROJECT_NAME: z.string().min(1).default('Keel'),
@@ -124,7 +127,7 @@ export const SettingsSchema = z.object({
     }),
   BODY_LIMIT_BYTES: int(1024, 100 * 1024 * 1024).default(1024 * 1024),
   HTTP_HEADERS_TIMEOUT_MS: int(1_000, 600_000).default(20_000),
-  HTTP_REQUEST_TIMEOUT_MS: int(1_000, 3_600_000).default(30_000),
+  HTTP_REQUEST_TIMEOUT_MS: int(1_000, HTTP_REQUEST_TIMEOUT_MAX_MS).default(30_000),
   HTTP_KEEP_ALIVE_TIMEOUT_MS: int(1_000, 3_600_000).default(72_000),
   /** When set, `/metrics` needs `Authorization: Bearer <METRICS_TOKEN>`. */
   METRICS_TOKEN: z.preprocess(emptyAsUndefined, z.string().min(16).max(512).optional()),

@@ -18,6 +18,7 @@ let s3: S3rver;
 let app: FastifyInstance;
 let destroy: () => Promise<void>;
 let user: TestUser;
+const SWEEP_FAILED = 'unfinished knowledge file writes could not be swept; will try again (not warned again until a sweep works)';
 const logs = captureLogs('warn');
 
 /** The objects s3rver holds under the user's part of the bucket (it keeps each as `<key>._S3rver_object`). */
@@ -52,8 +53,8 @@ afterAll(async () => {
 
 describe('knowledge base on S3 storage', () => {
   it('goes on when the bucket cannot list unfinished multipart uploads (s3rver: NotImplemented): the sweep logs it', async () => {
-    await eventually(async () => logs.lines().some((line) => line.msg === 'unfinished knowledge file writes could not be swept; will try again'));
-    const line = logs.lines().find((l) => l.msg === 'unfinished knowledge file writes could not be swept; will try again')!;
+    await eventually(async () => logs.lines().some((line) => line.msg === SWEEP_FAILED));
+    const line = logs.lines().find((l) => l.msg === SWEEP_FAILED)!;
     expect(line.err).toMatchObject({ message: expect.stringMatching(/^File storage is unavailable.*not implemented/) as unknown });
     // Nothing else the sweep does, nor the app, stopped with it (the tests below).
     expect(logs.lines().filter((l) => l.msg === 'knowledge sweep failed; will try again')).toEqual([]);

@@ -4,7 +4,7 @@
  * The knowledge sweeper aborts those under the knowledge base's prefix once past the uploads'
  * grace. Against moto (test/helpers/moto.ts): s3rver cannot list multipart uploads.
  */
-import { createServer } from 'node:http';
+import { createServer, type IncomingMessage } from 'node:http';
 import type { AddressInfo } from 'node:net';
 
 import {
@@ -18,7 +18,7 @@ import {
 } from '@aws-sdk/client-s3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { knowledgeStorage, uploadGraceMs } from '../../src/services/knowledge/files.js';
+import { ABANDONED_WRITE_GRACE_MS, abandonStaleWrites, knowledgeStorage, uploadGraceMs } from '../../src/services/knowledge/files.js';
 import { closeStorage } from '../../src/services/storage-service.js';
 import { buildTestApp, openTestDatabase, testSettings } from '../helpers/app.js';
 import { eventually } from '../helpers/http.js';
@@ -26,6 +26,7 @@ import { captureLogs, LEVEL } from '../helpers/logs.js';
 import { type Moto, motoInstalled, startMoto } from '../helpers/moto.js';
 
 const BUCKET = 'keel-abandoned-uploads';
+const SWEEP_FAILED = 'unfinished knowledge file writes could not be swept; will try again (not warned again until a sweep works)';
 /** The date moto gives every upload it lists. */
 const MOTO_INITIATED = Date.parse('2010-11-10T20:48:33.000Z');
 
@@ -109,26 +110,88 @@ describe.skipIf(!motoInstalled && process.env.CI !== 'true')('unfinished multipa
   });
 });
 
+/** An S3-compatible server that answers every request with `answer` (an XML body, or a status and body), and the requests it had. */
+async function fakeS3(answer: (request: IncomingMessage) => string | { status: number; body: string }) {
+  const asked: string[] = [];
+  const server = createServer((request, response) => {
+    asked.push(`${request.method} ${request.url ?? ''}`);
+    const reply = answer(request);
+    const { status, body } = typeof reply === 'string' ? { status: 200, body: reply } : reply;
+    response.writeHead(status, { 'content-type': 'application/xml' });
+    response.end(body);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  return { asked, settings: { ...S3_CREDENTIALS, STORAGE_BACKEND: 's3', S3_BUCKET: 'b', S3_ENDPOINT: endpoint }, close: () => server.close() };
+}
+
+const listing = (uploads: string) =>
+  `<?xml version="1.0" encoding="UTF-8"?><ListMultipartUploadsResult><Bucket>b</Bucket><IsTruncated>false</IsTruncated>${uploads}</ListMultipartUploadsResult>`;
+
 describe('a listing of uploads that does not move on', () => {
   it('is read once, not for ever, when a truncated page names the marker it was asked from', async () => {
     // An S3-compatible server that answers every ListMultipartUploads "truncated, next at k/u".
-    const asked: string[] = [];
-    const server = createServer((request, response) => {
-      asked.push(request.url ?? '');
-      response.writeHead(200, { 'content-type': 'application/xml' });
-      response.end(
+    const s3 = await fakeS3(
+      () =>
         '<?xml version="1.0" encoding="UTF-8"?><ListMultipartUploadsResult><Bucket>b</Bucket><NextKeyMarker>k</NextKeyMarker><NextUploadIdMarker>u</NextUploadIdMarker><IsTruncated>true</IsTruncated></ListMultipartUploadsResult>',
-      );
-    });
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    const settings = testSettings({ ...S3_CREDENTIALS, STORAGE_BACKEND: 's3', S3_BUCKET: 'b', S3_ENDPOINT: `http://127.0.0.1:${(server.address() as AddressInfo).port}` });
+    );
+    const settings = testSettings(s3.settings);
     try {
       expect(await knowledgeStorage(settings).abandonStaleWrites(uploadGraceMs(settings))).toBe(0);
       // The first page, then the one it named, which named itself again.
-      expect(asked).toHaveLength(2);
+      expect(s3.asked).toHaveLength(2);
     } finally {
       await closeStorage(settings);
-      server.close();
+      s3.close();
+    }
+  });
+});
+
+describe("the sweeper's grace for unfinished writes", () => {
+  it("spares an upload that an API node with a longer HTTP_REQUEST_TIMEOUT_MS may still be sending, whatever the sweeping node's own setting", async () => {
+    // Begun 20 minutes ago: past this worker's own grace (1 s + 15 min), within an API node's that gives requests up to an hour.
+    const initiated = new Date(Date.now() - 20 * 60_000).toISOString();
+    const old = new Date(Date.now() - ABANDONED_WRITE_GRACE_MS - 60_000).toISOString();
+    const s3 = await fakeS3((request) =>
+      request.method === 'DELETE'
+        ? { status: 204, body: '' }
+        : listing(
+            `<Upload><Key>knowledge-base/o/f/young</Key><UploadId>u1</UploadId><Initiated>${initiated}</Initiated></Upload>` +
+              `<Upload><Key>knowledge-base/o/f/killed</Key><UploadId>u2</UploadId><Initiated>${old}</Initiated></Upload>`,
+          ),
+    );
+    const settings = testSettings({ ...s3.settings, HTTP_REQUEST_TIMEOUT_MS: '1000' });
+    try {
+      expect(await abandonStaleWrites(settings)).toBe(1);
+      expect(s3.asked.filter((line) => line.startsWith('DELETE'))).toEqual([expect.stringMatching(/^DELETE \/b\/knowledge-base\/o\/f\/killed\?uploadId=u2/)]);
+    } finally {
+      await closeStorage(settings);
+      s3.close();
+    }
+  });
+
+  it('warns once while the bucket cannot list uploads, says when it can again, and warns again when it next cannot', async () => {
+    let listable = false;
+    const s3 = await fakeS3(() =>
+      listable ? listing('') : { status: 501, body: '<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code><Message>not implemented</Message></Error>' },
+    );
+    const logs = captureLogs('info');
+    const opened = await openTestDatabase();
+    const app = await buildTestApp(opened.database, { ...s3.settings, KB_SWEEP_INTERVAL_MS: '1000' }, { logger: logs.logger });
+    const warned = () => logs.lines().filter((line) => line.msg === SWEEP_FAILED).length;
+    const listed = () => s3.asked.filter((line) => line.includes('uploads')).length;
+    try {
+      await eventually(async () => listed() >= 3, 10_000);
+      expect(warned()).toBe(1);
+      listable = true;
+      await eventually(async () => logs.lines().some((line) => line.msg === 'unfinished knowledge file writes can be swept again'), 10_000);
+      listable = false;
+      await eventually(async () => warned() === 2, 10_000);
+    } finally {
+      await app.close();
+      await opened.destroy();
+      await closeStorage(testSettings(s3.settings));
+      s3.close();
     }
   });
 });

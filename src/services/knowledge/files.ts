@@ -1,4 +1,4 @@
-import type { Settings } from '../../core/config.js';
+import { HTTP_REQUEST_TIMEOUT_MAX_MS, type Settings } from '../../core/config.js';
 import type { Db } from '../../core/db.js';
 import type { Logger } from '../../core/logger.js';
 
@@ -39,12 +39,21 @@ export function uploadGraceMs(settings: { HTTP_REQUEST_TIMEOUT_MS: number }): nu
 const UPLOAD_GRACE_MARGIN_MS = 15 * 60 * 1000;
 
 /**
+ * How long an unfinished write is spared by `abandonStaleWrites`: the grace of an upload on a node
+ * with the longest HTTP_REQUEST_TIMEOUT_MS there can be. A write in the bucket does not say which
+ * node began it, and the sweeping worker's own setting may be shorter than an API node's (an upload
+ * still arriving there had its parts aborted and failed with 503). A killed write's parts wait an
+ * hour longer at most.
+ */
+export const ABANDONED_WRITE_GRACE_MS = uploadGraceMs({ HTTP_REQUEST_TIMEOUT_MS: HTTP_REQUEST_TIMEOUT_MAX_MS });
+
+/**
  * Discards the knowledge base's writes that a killed process left unfinished (on S3 a multipart
- * upload's parts, billed and listed nowhere else until aborted), once past `uploadGraceMs`: the
- * sweeper's work. Returns how many.
+ * upload's parts, billed and listed nowhere else until aborted), once past ABANDONED_WRITE_GRACE_MS:
+ * the sweeper's work. Returns how many.
  */
 export function abandonStaleWrites(settings: Settings): Promise<number> {
-  return knowledgeStorage(settings).abandonStaleWrites(uploadGraceMs(settings));
+  return knowledgeStorage(settings).abandonStaleWrites(ABANDONED_WRITE_GRACE_MS);
 }
 
 /**

@@ -683,6 +683,7 @@ export function startIngestionSweeper(deps: { db: Db; settings: Settings; log: L
   const { db, settings, log } = deps;
   let running: Promise<unknown> = Promise.resolve();
   let busy = false;
+  let abandonFailing = false;
   const markMs = settings.KB_INGEST_LEASE_MS;
   const sweep = (pendingAgeMs: number, ignoreMarks: boolean) => {
     // One sweep at a time: a slow one (a long listing of uploads, a database that answers late) is
@@ -699,9 +700,18 @@ export function startIngestionSweeper(deps: { db: Db; settings: Settings; log: L
     // Apart: a bucket that refuses to list uploads (some S3-compatible servers cannot) stops nothing else.
     const abandoned = abandonStaleWrites(settings).then(
       (count) => {
+        if (abandonFailing) log.info('unfinished knowledge file writes can be swept again');
+        abandonFailing = false;
         if (count) log.info({ count }, 'unfinished knowledge file writes discarded');
       },
-      (error: unknown) => log.warn({ err: error }, 'unfinished knowledge file writes could not be swept; will try again'),
+      (error: unknown) => {
+        // Warned once until a sweep works again: a bucket that can never list uploads (a server
+        // without the call, credentials without s3:ListBucketMultipartUploads) warned every
+        // KB_SWEEP_INTERVAL_MS for good, burying the warnings that need someone.
+        if (abandonFailing) log.debug({ err: error }, 'unfinished knowledge file writes could not be swept again');
+        else log.warn({ err: error }, 'unfinished knowledge file writes could not be swept; will try again (not warned again until a sweep works)');
+        abandonFailing = true;
+      },
     );
     running = Promise.all([swept, abandoned]).finally(() => {
       busy = false;
