@@ -961,6 +961,35 @@ describe('the call path behind /v1', () => {
     expect(fake.requestsFor('fake-chat').map((r) => r.reply)).toEqual([429, 200]);
   });
 
+  it("retries an embeddings 200 whose connection drops after its headers, over the wire and through the SDK (Google's): the client gets the next answer, the cut-off try charged its inputs' estimate", async () => {
+    expect((await api('POST', '/providers', admin, { name: 'gem', kind: 'google', base_url: fake.url, api_key: 'sk-gem' })).statusCode).toBe(200);
+    await addModel({ id: 'gem-embed', provider: 'gem', capabilities: ['embedding'] });
+    const owner = await createUser(ctx.app);
+    const own = clientWith((await createKey(ctx.app, owner)).key);
+    const input = ['alpha', 'beta'];
+    for (const model of ['fake-embed', 'gem-embed']) {
+      fake.reset();
+      fake.script(model, { drop: { afterChunks: 0 } });
+      const answer = await own.embeddings.create({ model, input, encoding_format: 'float' });
+      expect(answer.data.map((d) => Float32Array.from(d.embedding)), model).toEqual(input.map((text) => Float32Array.from(fakeEmbedding(text))));
+      expect(fake.log.map((r) => r.reply), model).toEqual(['drop', 200]);
+    }
+    await ctx.app.meter.idle();
+    const rows = await ctx.app.db
+      .select({ model: usageRecords.model, status: usageRecords.status, estimated: usageRecords.estimated, attempts: usageRecords.attempts, input: usageRecords.input_tokens })
+      .from(usageRecords)
+      .where(eq(usageRecords.owner_id, owner.user.id));
+    const byModel = (model: string) => rows.find((r) => r.model === model);
+    // Google's answer reports no usage: its inputs' estimate, twice (the dropped try's and its own).
+    const estimate = byModel('gem-embed')!.input / 2;
+    expect(estimate).toBeGreaterThan(0);
+    // The wire's answer reports 3 tokens (the fake's: ceil(5/4) + ceil(4/4)), the dropped try adds its estimate.
+    expect([byModel('fake-embed'), byModel('gem-embed')]).toEqual([
+      { model: 'fake-embed', status: 'success', estimated: true, attempts: 2, input: 3 + estimate },
+      { model: 'gem-embed', status: 'success', estimated: true, attempts: 2, input: 2 * estimate },
+    ]);
+  });
+
   it('times out a hung upstream after MODEL_TIMEOUT_MS: 504 timeout, its request aborted, not tried again (the client waits; a run would retry)', async () => {
     fake.script('fake-backup', { hang: true }, { text: 'too late' });
     const started = Date.now();

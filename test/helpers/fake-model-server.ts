@@ -1,10 +1,10 @@
 /**
  * A fake OpenAI-compatible model server on 127.0.0.1 for tests: `/v1/chat/completions` (plain and
  * SSE), `/v1/embeddings`, `/v1/models`; and, as far as the AI SDK's Anthropic and Google models
- * read them, Anthropic's `/v1/messages` and Google's `/v1/models/{id}:generateContent` and
- * `:streamGenerateContent` (a provider of that kind whose base URL is `url`), which answer the
- * same scripts in their own shapes. Replies are scripted per model (a queue; when it is empty the
- * default reply answers). Faults: any status (429 with retry-after, 500...), hangs, dropped
+ * read them, Anthropic's `/v1/messages` and Google's `/v1/models/{id}:generateContent`,
+ * `:streamGenerateContent`, `:embedContent` and `:batchEmbedContents` (a provider of that kind
+ * whose base URL is `url`), which answer the same scripts in their own shapes. Replies are scripted
+ * per model (a queue; when it is empty the default reply answers). Faults: any status (429 with retry-after, 500...), hangs, dropped
  * connections (before or during a stream), bodies sent as they are, huge answers (`padBytes`),
  * connections held open after the answer. Every request is logged with its body and whether the client aborted it.
  */
@@ -40,7 +40,7 @@ export interface ScriptedReply {
   /**
    * Destroy the connection: before any byte (of the final answer), or after this many stream chunks
    * (the 200's headers and those chunks reach the client first: 0 drops it right after the headers;
-   * a non-streamed chat answer is dropped after its headers, whatever the count).
+   * a non-streamed chat or embeddings answer is dropped after its headers, whatever the count).
    */
   drop?: 'immediately' | { afterChunks: number };
   /** Stop sending (but keep the connection open) after this many stream chunks. */
@@ -346,7 +346,7 @@ export class FakeModelServer {
     if (reply.chunkDelayMs && !entry.stream) await sleep(reply.chunkDelayMs);
     if (path !== '/v1/chat/completions' && path !== '/v1/embeddings' && path !== '/v1/messages' && !google) return this.json(res, entry, 404, { error: { message: 'not found' } });
     if (reply.rawBody !== undefined) return this.raw(res, entry, reply);
-    if (path === '/v1/embeddings') return this.embeddings(res, entry, body, reply);
+    if (path === '/v1/embeddings' || google?.[2] === 'embedContent' || google?.[2] === 'batchEmbedContents') return this.embeddings(res, entry, body, reply, google?.[2]);
     if (path === '/v1/messages') return entry.stream ? this.frames(res, entry, reply, anthropicEvents(entry.model, reply), '') : this.json(res, entry, 200, anthropicMessage(entry.model, reply));
     if (google) return entry.stream ? this.frames(res, entry, reply, googleChunks(reply), '') : this.json(res, entry, 200, googleResponse(reply, reply.chunks ?? (reply.text ? [reply.text] : [])));
     if (entry.stream) return this.streamChat(res, entry, body, reply);
@@ -530,7 +530,16 @@ export class FakeModelServer {
     this.end(res, entry, reply, last);
   }
 
-  private embeddings(res: ServerResponse, entry: LoggedRequest, body: Record<string, unknown>, reply: ScriptedReply): void {
+  /** OpenAI's embeddings answer, or Google's (`google`: the method its path names). */
+  private embeddings(res: ServerResponse, entry: LoggedRequest, body: Record<string, unknown>, reply: ScriptedReply, google?: string): void {
+    if (typeof reply.drop === 'object') return void this.dropAfterHeaders(res, entry);
+    const vectorFor = (text: string, dimensions: unknown) => shortened(entry.model === LEXICAL_EMBEDDING_MODEL ? lexicalEmbedding(text) : fakeEmbedding(text), dimensions);
+    if (google) {
+      // One request's content (`:embedContent`), or a batch of them; Google reports no usage.
+      const requests = (google === 'embedContent' ? [body] : body.requests) as GoogleEmbedRequest[];
+      const vectors = requests.map((r) => vectorFor(r.content.parts.map((part) => part.text ?? '').join(''), r.outputDimensionality));
+      return this.json(res, entry, 200, google === 'embedContent' ? { embedding: { values: vectors[0] } } : { embeddings: vectors.map((values) => ({ values })) });
+    }
     const input = Array.isArray(body.input) ? (body.input as string[]) : [String(body.input)];
     const tokens = input.reduce((n, text) => n + Math.ceil(text.length / 4), 0);
     // base64 when asked (float32, little-endian), as OpenAI answers.
@@ -539,7 +548,7 @@ export class FakeModelServer {
     const payload = {
       object: 'list',
       model: entry.model,
-      data: input.map((text, index) => ({ object: 'embedding', index, embedding: encoded(shortened(entry.model === LEXICAL_EMBEDDING_MODEL ? lexicalEmbedding(text) : fakeEmbedding(text), body.dimensions)) })),
+      data: input.map((text, index) => ({ object: 'embedding', index, embedding: encoded(vectorFor(text, body.dimensions)) })),
       usage: reply.usage === null ? undefined : { prompt_tokens: tokens, total_tokens: tokens },
     };
     if (reply.padBytes) return void this.padded(res, entry, payload, reply.padBytes);
@@ -547,7 +556,13 @@ export class FakeModelServer {
   }
 }
 
-const GOOGLE_PATH = /^\/v1\/models\/([^/:]+):(generateContent|streamGenerateContent)$/;
+const GOOGLE_PATH = /^\/v1\/models\/([^/:]+):(generateContent|streamGenerateContent|embedContent|batchEmbedContents)$/;
+
+/** One text's request to Google's embeddings API, as its SDK sends it. */
+interface GoogleEmbedRequest {
+  content: { parts: { text?: string }[] };
+  outputDimensionality?: number;
+}
 
 /** A script's usage in Anthropic's terms: `output_tokens` counts the thinking, as Anthropic's do. */
 function anthropicUsage(reply: ScriptedReply) {

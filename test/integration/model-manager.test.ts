@@ -904,8 +904,8 @@ describe('ModelManager.embed', () => {
       ['/v1/embeddings', 3, 'u-9', 'base64'],
       ['/v1/embeddings', 3, 'u-9', 'base64'],
     ]);
-    // Google's API (the fake does not speak it: only what was sent is looked at).
-    await m.embed({ model: 'gem-embed', values: ['hello'], dimensions: 3 }).catch(() => undefined);
+    // Google's API, as its outputDimensionality.
+    expect(vectorsOf(await m.embed({ model: 'gem-embed', values: ['hello'], dimensions: 3 }))).toEqual([fakeEmbedding('hello').slice(0, 3)]);
     expect(fake.server.log[2]).toMatchObject({ path: '/v1/models/gem-embed:embedContent', body: { outputDimensionality: 3 } });
 
     // A server that ignores `dimensions`: an error naming both sizes, not retried, and no vectors handed on.
@@ -1042,6 +1042,48 @@ describe('ModelManager.embed', () => {
     expect(fake.server.log.map((r) => (r.body.input as string[]).length)).toEqual([2048, 8]);
     expect(vectorsOf(result)).toEqual(values.map((v) => fakeEmbedding(v)));
     expect(result.usage.input).toBe(values.reduce((n, v) => n + Math.ceil(v.length / 4), 0));
+  });
+
+  it("a 200 whose connection drops after its headers is retried alike over the wire and through the SDK (Google's), each cut-off try charged its inputs' estimate", async () => {
+    const pricing = price('0.02', '0');
+    const m = fakeModelManager(fake.server, {
+      models: [...CUSTOM_MODELS, { id: 'gem-embed', provider: 'gem', capabilities: ['embedding'], pricing }],
+      records: fake.records,
+      providers: [{ id: 'gem', kind: 'google', base_url: fake.server.url, api_key: 'g-key' }],
+      overrides: { maxRetries: 1 },
+    });
+    const values = ['hello world', 'keel'];
+    const dropped: ScriptedReply = { drop: { afterChunks: 0 } };
+    let estimate: number | undefined;
+    for (const model of ['fake-embed', 'gem-embed']) {
+      fake.server.reset();
+      fake.records.length = 0;
+      fake.server.script(model, dropped);
+      expect(vectorsOf(await m.embed({ model, values })), model).toEqual(values.map((v) => fakeEmbedding(v)));
+      expect(fake.server.log.map((r) => r.reply), model).toEqual(['drop', 200]);
+      // Every try dropped (the retry budget: one retry): the error, each try's inputs charged.
+      fake.records.length = 0;
+      fake.server.script(model, dropped, dropped);
+      await expect(m.embed({ model, values }), model).rejects.toThrow(/Upstream connection error/);
+      const [failed] = await settled(1);
+      expect(failed, model).toMatchObject({ operation: 'embed', status: 'error', estimated: true, attempts: 2, tokens: { output: 0 } });
+      estimate ??= failed!.tokens.input / 2;
+      expect(estimate, model).toBeGreaterThan(0);
+      expect(failed!.tokens.input, model).toBe(2 * estimate);
+    }
+    // The answered calls: the answer's usage (the wire's reports 4 tokens; Google's none: its inputs'
+    // estimate) and the dropped try's estimate.
+    fake.server.reset();
+    fake.records.length = 0;
+    for (const model of ['fake-embed', 'gem-embed']) {
+      fake.server.script(model, dropped);
+      await m.embed({ model, values });
+    }
+    const answered = await settled(2);
+    expect(answered.map((r) => [r.model, r.status, r.estimated, r.attempts, r.tokens.input])).toEqual([
+      ['fake-embed', 'success', true, 2, 4 + estimate!],
+      ['gem-embed', 'success', true, 2, 2 * estimate!],
+    ]);
   });
 
   it('retries an embeddings 429', async () => {
