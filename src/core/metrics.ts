@@ -135,6 +135,11 @@ export interface EventStreamMetrics {
   stalled: Counter;
 }
 
+/** The streamed /v1 chat completions of catalog models (an `agent:` one is a run event stream): the stall cut-off's effect. */
+export interface ChatCompletionStreamMetrics {
+  stalled: Counter;
+}
+
 export interface Metrics {
   /** This app's metrics. */
   registry: Registry;
@@ -143,6 +148,7 @@ export interface Metrics {
   httpDuration: KeyedHistogram<'method' | 'route' | 'status_code'>;
   models: ModelMetrics;
   eventStreams: EventStreamMetrics;
+  chatCompletionStreams: ChatCompletionStreamMetrics;
 }
 
 const MODEL_SECONDS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
@@ -206,6 +212,16 @@ function createEventStreamMetrics(registry: Registry): EventStreamMetrics {
   };
 }
 
+function createChatCompletionStreamMetrics(registry: Registry): ChatCompletionStreamMetrics {
+  return {
+    stalled: new Counter({
+      name: 'keel_chat_completion_streams_stalled_total',
+      help: 'Streamed /v1 chat completions of catalog models cut off because their reader took nothing for four keep-alive intervals (an agent: completion counts as a run event stream)',
+      registers: [registry],
+    }),
+  };
+}
+
 /**
  * The model metrics of a process that serves no `/metrics` (`keel worker`): counted into a registry
  * of their own, without the default process metrics, whose event-loop delay monitor (prom-client's,
@@ -243,5 +259,5 @@ export function createMetrics(): Metrics {
     registers: [registry],
   });
   // At each scrape: a merged registry holds the metrics registered when it was made.
-  return { registry, served: () => Registry.merge([registry, processMetrics()]), httpDuration, models: createModelMetrics(registry), eventStreams: createEventStreamMetrics(registry) };
+  return { registry, served: () => Registry.merge([registry, processMetrics()]), httpDuration, models: createModelMetrics(registry), eventStreams: createEventStreamMetrics(registry), chatCompletionStreams: createChatCompletionStreamMetrics(registry) };
 }

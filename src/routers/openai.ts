@@ -198,7 +198,7 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
       if (body.stream) {
         const opened = await openStream(models.stream(chat), body.model, app.settings.GATEWAY_STREAM_HEARTBEAT_MS);
         const frames = new CompletionFrames(opened.model, body.stream_options?.include_usage === true);
-        cutOffStalledReader(request, reply.raw, { model: body.model }, 'chat completion stream');
+        cutOffStalledReader(request, reply.raw, { model: body.model }, 'chat completion stream', () => app.metrics.chatCompletionStreams.stalled.inc());
         return reply
           .header('content-type', 'text/event-stream; charset=utf-8')
           .header('cache-control', 'no-cache')

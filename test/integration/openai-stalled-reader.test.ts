@@ -3,7 +3,7 @@
  * wire and through the AI SDK alike: Keel reads no more of the answer than its response's buffer
  * and the model manager's queues hold, rather than buffering the whole answer for it. And it is cut
  * off as a stalled reader of run events is, after four keep-alive intervals of taking nothing: its
- * upstream call aborted and metered as aborted. A reader that takes the answer slowly but steadily
+ * upstream call aborted and metered as aborted, the cut-off counted in /metrics. A reader that takes the answer slowly but steadily
  * is not cut off, however long it takes.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
@@ -27,6 +27,9 @@ const server = useRunServer(ctx);
 const CHUNK = 2_000;
 const chunks = Array.from({ length: 6_000 }, (_, i) => `${String(i).padStart(5, '0')}${'x'.repeat(CHUNK - 6)} `);
 const ANSWER_BYTES = chunks.length * CHUNK;
+
+/** The /v1 chat completions of catalog models cut off for taking nothing. */
+const STALLED_COMPLETIONS = 'keel_chat_completion_streams_stalled_total';
 
 /** The server side of each /v1 completion, to see what waits in it for its client. */
 const replies: ServerResponse[] = [];
@@ -66,11 +69,12 @@ describe.each([
   ['the wire', 'fake-precise'],
   ['the SDK', 'fake-claude'],
 ])('a streamed completion whose client stops reading, through %s', (_path, model) => {
-  it('holds the upstream back, buffers little, and is cut off a few keep-alives later: the call aborted and metered', async () => {
+  it('holds the upstream back, buffers little, and is cut off a few keep-alives later: the call aborted, metered and counted in /metrics', async () => {
     const { fake } = server;
     fake.script(model, { chunks });
     const owner = await createUser(ctx.app);
     replies.length = 0;
+    const stalledBefore = await metricValue(ctx.app, STALLED_COMPLETIONS);
     const socket = await completionSocket(owner, model);
     const stalled = await fake.stalled(0, 300, 30_000);
     // Held back: the upstream has not got its answer out, and what waits in Keel's response is a
@@ -92,6 +96,7 @@ describe.each([
     expect(received).not.toContain('data: [DONE]');
     expect(received.length).toBeLessThan(ANSWER_BYTES);
     await expect.poll(() => usageStatuses(owner), { timeout: 5_000 }).toEqual(['aborted']);
+    expect(await metricValue(ctx.app, STALLED_COMPLETIONS)).toBe(stalledBefore + 1);
   }, 60_000);
 });
 
@@ -100,6 +105,7 @@ it('a client that takes the answer slowly but steadily is not cut off, however l
   fake.script('fake-precise', { chunks });
   const owner = await createUser(ctx.app);
   replies.length = 0;
+  const stalledBefore = await metricValue(ctx.app, STALLED_COMPLETIONS);
   const socket = await completionSocket(owner, 'fake-precise');
   // Reads what the socket holds (at most its buffer) every 50 ms: a steady reader on a slow link.
   let bytes = 0;
@@ -128,17 +134,20 @@ it('a client that takes the answer slowly but steadily is not cut off, however l
   expect(Date.now() - started).toBeGreaterThan(5_000);
   expect(fake.log[0]).toMatchObject({ completed: true, aborted: false });
   await expect.poll(() => usageStatuses(owner), { timeout: 5_000 }).toEqual(['success']);
+  expect(await metricValue(ctx.app, STALLED_COMPLETIONS)).toBe(stalledBefore);
 }, 90_000);
 
-it('a streamed agent completion whose client stops reading is cut off too, and counted as a stalled run-event stream', async () => {
+it('a streamed agent completion whose client stops reading is cut off too, and counted as a stalled run-event stream (not as a chat completion)', async () => {
   const { fake } = server;
   fake.script('fake-precise', { chunks });
   const owner = await createUser(ctx.app);
   const agent = await createAgent(ctx.app, owner.headers);
+  const completionsBefore = await metricValue(ctx.app, STALLED_COMPLETIONS);
   const stalledBefore = await metricValue(ctx.app, 'keel_run_event_streams_stalled_total');
   const socket = await completionSocket(owner, `agent:${agent.id}`);
   await expect.poll(() => metricValue(ctx.app, 'keel_run_event_streams_stalled_total'), { timeout: 30_000, interval: 500 }).toBe(stalledBefore + 1);
   socket.resume();
   await expect.poll(() => socket.closed, { timeout: 5_000 }).toBe(true);
   await expect.poll(() => ctx.app.eventStreams.heldBy(owner.user.id)).toBe(0);
+  expect(await metricValue(ctx.app, STALLED_COMPLETIONS)).toBe(completionsBefore);
 }, 60_000);
