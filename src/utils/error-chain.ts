@@ -1,12 +1,25 @@
-/** How far down an error's `cause`s a search goes (Drizzle, pg and the SDKs wrap an error two or three deep). */
-const MAX_CAUSES = 4;
+/**
+ * How many errors behind an error a search looks at (Drizzle, pg and the SDKs wrap an error two or
+ * three deep; an AI SDK RetryError puts one more in front).
+ */
+const MAX_LINKS = 4;
 
-/** The first of `error` and its causes that `is` accepts, within MAX_CAUSES. */
+/** The error behind `error`: the AI SDK RetryError's `lastError` (its last try's, which it keeps there, not as its `cause`), else its `cause`. */
+function behind(error: unknown): unknown {
+  const { lastError, cause } = error as { lastError?: unknown; cause?: unknown };
+  return lastError ?? cause;
+}
+
+/** The first of `error` and the errors behind it (`lastError` or `cause`, MAX_LINKS of them at most) that `is` accepts. */
 export function findInCauses<E>(error: unknown, is: (e: unknown) => e is E): E | undefined;
 export function findInCauses(error: unknown, is: (e: unknown) => boolean): unknown;
 export function findInCauses(error: unknown, is: (e: unknown) => boolean): unknown {
-  for (let e: unknown = error, depth = 0; e && depth < MAX_CAUSES; e = (e as { cause?: unknown }).cause, depth++) {
+  for (let e: unknown = error, links = 0; e && links <= MAX_LINKS; links++) {
     if (is(e)) return e;
+    const next = behind(e);
+    // Its own cause: nothing further to find.
+    if (next === e) break;
+    e = next;
   }
   return undefined;
 }

@@ -44,6 +44,7 @@ import { asLanguageModelUsage, convertToLanguageModelPrompt, prepareCallSettings
 import { HttpError } from '../../core/errors.js';
 
 import { AsyncQueue } from '../../utils/async-queue.js';
+import { findInCauses } from '../../utils/error-chain.js';
 import { CallerAbort, type CallerSignal } from './abort.js';
 import { answeredOn, answerOfAtMost, embeddingsAnswerLimit, logprobsAllowance, logprobsTooLong, logprobsWeight, STREAM_ANSWER } from './answer-limit.js';
 import { isBuiltinModel } from './builtin-ids.js';
@@ -1167,17 +1168,6 @@ const MAX_RETRY_AFTER_MS = 86_400_000;
 
 const waitOf = (ms: number): number => Math.min(MAX_RETRY_AFTER_MS, Math.max(0, ms));
 
-/** The first error of `error`'s chain (itself, then the SDK's `lastError`s and causes) that `is` accepts. */
-function findInChain<E>(error: unknown, is: (e: unknown) => e is E): E | undefined {
-  for (let e: unknown = error, depth = 0; e && depth < 5; depth += 1) {
-    if (is(e)) return e;
-    const next = (e as { lastError?: unknown; cause?: unknown }).lastError ?? (e as { cause?: unknown }).cause;
-    if (next === e) break;
-    e = next;
-  }
-  return undefined;
-}
-
 const isApiCallError = (e: unknown): e is APICallError => APICallError.isInstance(e);
 const isAnswerLimit = (e: unknown): e is ModelAnswerLimitError => e instanceof ModelAnswerLimitError;
 
@@ -1252,7 +1242,7 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   }
   // The stream's deadline or the answer's size: the call ends here. On the SDK's path the size
   // limit (answer-limit.ts) errors the response body, which the SDK wraps in an APICallError.
-  const limit = findInChain(error, isAnswerLimit);
+  const limit = findInCauses(error, isAnswerLimit);
   if (limit) return { kind: 'fatal', error: limit };
   if (attempt.aborted && attempt.reason instanceof ModelAnswerLimitError) return { kind: 'fatal', error: attempt.reason };
   if (ToolChoiceViolationError.isInstance(error)) return { kind: 'fatal', error: new ModelToolChoiceError(error.message) };
@@ -1263,9 +1253,9 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
   // content out of place): the request's fault too, never the 500 of an unknown error.
   if (isPromptError(error)) return { kind: 'fatal', error: new ModelArgumentError(error.message) };
   // Before the connection errors: a download that failed to connect says "fetch failed" too.
-  const download = findInChain(error, (e): e is DownloadError => DownloadError.isInstance(e));
+  const download = findInCauses(error, (e): e is DownloadError => DownloadError.isInstance(e));
   if (download) return { kind: 'fatal', error: new ModelDownloadError(download.message) };
-  const apiError = findInChain(error, isApiCallError);
+  const apiError = findInCauses(error, isApiCallError);
   if (apiError) {
     const status = apiError.statusCode;
     // A 2xx whose body a dropped connection cut off: the SDK reports the read's failure with the
