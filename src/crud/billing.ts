@@ -15,6 +15,7 @@ import { creditAccounts, type CreditTransaction, creditTransactions, type NewCre
 
 import { definePolicy } from '../utils/access.js';
 import type { Principal } from '../utils/authentication.js';
+import { storableText } from '../utils/text.js';
 import { batchedById } from './batch.js';
 import { ownedCrud, queryRows as rows } from './owned.js';
 import type { Page, PageOf } from './page.js';
@@ -614,17 +615,32 @@ export interface UsageRow extends UsageTotals {
 /** A usage row as JSON, as `insertUsage` takes it ready-made (see Settlement.json for why). */
 export const usageRowJson = (row: UsageRow): string => JSON.stringify(row);
 
+const ID_FIRST = '{"id":"';
+/** The id of a usage row as JSON: read off its start where `usageRowJson` put it (first), without parsing the row. */
+export const usageRowId = (json: string): string => (json.startsWith(ID_FIRST) ? json.slice(ID_FIRST.length, ID_FIRST.length + 36) : (JSON.parse(json) as { id: string }).id);
+
+/** The error a stripped usage row (`usageRowStripped`) carries: a note on the record, not the call's error. */
+export const STRIPPED_USAGE_NOTE = 'usage record refused by the database: its tokens and times were not recorded';
+
 /**
- * A usage row the database refused for its data (`usageRowJson`), kept to what settling its call
- * needs: its id, whose row tells a retried settlement that had committed to move the key's spend
- * nothing again (without any row a retry after a lost reply charged the key twice), who and what it
- * was for, and its cost, which the key's spend takes anyway. What the provider reported (tokens,
- * times) and the error's text, where a refused value comes from, go; the error says so.
+ * A usage row the database refused for its data (`usageRowJson`), kept to what settling and
+ * summing its call needs: its id, whose row tells a retried settlement that had committed to move
+ * the key's spend nothing again (without any row a retry after a lost reply charged the key twice),
+ * who and what it was for (its model and provider as text can store them), and its cost, which
+ * the key's spend takes anyway. What the provider reported (tokens, times) and the error's text,
+ * where a refused value comes from, go; the error says so.
+ *
+ * Its status stays the call's (success, error or aborted: the statuses a call has): the note in
+ * `error` is about the record, not the call. `error` would say a call that was answered and
+ * charged failed, unlike its metrics and its ledger entry's description, and count it among a
+ * model's failures.
  */
 export function usageRowStripped(json: string): string {
   const row = JSON.parse(json) as UsageRow;
   return usageRowJson({
     ...row,
+    model: storableText(row.model, row.model.length),
+    provider: storableText(row.provider, row.provider.length),
     input_tokens: 0,
     cached_input_tokens: 0,
     cache_write_tokens: 0,
@@ -632,7 +648,7 @@ export function usageRowStripped(json: string): string {
     reasoning_tokens: 0,
     latency_ms: 0,
     time_to_first_token_ms: null,
-    error: 'usage record refused by the database: its tokens and times were not recorded',
+    error: STRIPPED_USAGE_NOTE,
   });
 }
 

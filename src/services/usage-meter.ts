@@ -840,15 +840,19 @@ export class UsageMeterService implements UsageMeter {
     return true;
   }
 
-  /** Usage rows one statement each; one the database refuses is set aside (logged). False when the database failed otherwise (the rest kept). */
+  /**
+   * Usage rows one statement each; one the database refuses goes in stripped (`withRowStripped`),
+   * and one refused stripped too is set aside (logged). False when the database failed otherwise
+   * (the rest kept).
+   */
   private async writeRowsApart(rows: string[]): Promise<boolean> {
     for (const [i, row] of rows.entries()) {
       try {
-        await billingCrud.insertUsage(this.db, [row]);
+        await this.withRowStripped(row, (usage) => billingCrud.insertUsage(this.db, [usage]));
         this.wroteRows([row]);
       } catch (error) {
         if (refusedForData(error)) {
-          this.log.error({ err: cause(error), usageRecord: (JSON.parse(row) as { id: string }).id }, 'usage record refused by the database; set aside');
+          this.log.error({ err: cause(error), usageRecord: billingCrud.usageRowId(row) }, 'usage record refused by the database, stripped too; set aside');
           this.wroteRows([row]);
           continue;
         }
@@ -860,6 +864,24 @@ export class UsageMeterService implements UsageMeter {
       }
     }
     return true;
+  }
+
+  /**
+   * `write` with a call's usage row, and, when the database refuses it for its data, once more with
+   * the row stripped of what the provider reported (`usageRowStripped`; logged): a call that
+   * happened stays in the usage summary, and its cost in its key's `spent` (a row with
+   * `charge_key`, or the settlement that carries it), so the key's budget is held to it. For both
+   * a row of its own (`writeRowsApart`) and one its settlement carries (`settleAgain`). What the
+   * stripped row's write throws is the caller's: refused too, the row is set aside.
+   */
+  private async withRowStripped(row: string, write: (row: string) => Promise<unknown>): Promise<void> {
+    try {
+      await write(row);
+    } catch (error) {
+      if (!refusedForData(error)) throw error;
+      this.log.error({ err: cause(error), usageRecord: billingCrud.usageRowId(row) }, 'usage record refused by the database; written again stripped to its id and cost');
+      await write(billingCrud.usageRowStripped(row));
+    }
   }
 
   /**
@@ -936,20 +958,15 @@ export class UsageMeterService implements UsageMeter {
   }
 
   /**
-   * A failed settlement, again. One that writes its call's usage row and that the database refuses
-   * for its data goes once more with the row stripped of what the provider reported (the row may
-   * be what it refuses; logged): the hold is still released and the key still charged, and the
-   * row's id still makes a retry of that statement, after a lost reply, charge the key nothing
-   * again. A stripped row refused too sets the settlement aside (`retryEach`): uncharged, never twice.
+   * A failed settlement, again. One that writes its call's usage row goes with the row stripped
+   * when the database refuses it for its data (`withRowStripped`: the row may be what it refuses):
+   * the hold is still released and the key still charged, and the row's id still makes a retry of
+   * that statement, after a lost reply, charge the key nothing again. A stripped row refused too
+   * sets the settlement aside (`retryEach`): uncharged, never twice.
    */
   private async settleAgain(settlement: billingCrud.Settlement): Promise<void> {
-    try {
-      await billingCrud.settle(this.db, settlement, true);
-    } catch (error) {
-      if (settlement.usage === undefined || !refusedForData(error)) throw error;
-      this.log.error({ err: cause(error), usageRecord: settlement.usageRecordId }, 'usage record refused by the database; its settlement goes with the row stripped to its id and cost');
-      await billingCrud.settle(this.db, { ...settlement, usage: billingCrud.usageRowStripped(settlement.usage) }, true);
-    }
+    if (settlement.usage === undefined) return billingCrud.settle(this.db, settlement, true);
+    await this.withRowStripped(settlement.usage, (usage) => billingCrud.settle(this.db, { ...settlement, usage }, true));
   }
 
   /**

@@ -10,7 +10,7 @@ import { beforeEach, describe, expect, it } from 'vitest';
 
 import { PaymentRequiredError } from '../../src/core/errors.js';
 
-import { changeBalance, getBalance, ledgerSum } from '../../src/crud/billing.js';
+import { changeBalance, getBalance, ledgerSum, STRIPPED_USAGE_NOTE } from '../../src/crud/billing.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -365,7 +365,7 @@ describe('credit windows', () => {
     expect(texts.some((text) => text.includes('bad:  byte'))).toBe(true);
   });
 
-  it('a usage row the database refuses is set aside, and the rows and charges around it are written', async () => {
+  it('a usage row the database refuses goes in stripped, and the rows and charges around it are written', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '1000');
     // As a value PostgreSQL refuses would (22P02): every statement carrying the marked row fails.
@@ -393,7 +393,9 @@ describe('credit windows', () => {
     expect(refusals).toBeGreaterThanOrEqual(2); // its batch, then the row alone
     await expectSettled(user, 1000 - 6 * 4);
     expect(await usageEntries(user)).toBe(6);
-    expect(await usageRows(user)).toBe(6);
+    // The refused row too, stripped (its error, where the refused value was, replaced by the note).
+    expect(await usageRows(user)).toBe(7);
+    expect(await countOf(sql`select count(*)::int as n from usage_records where owner_id = ${user.user.id} and error = ${STRIPPED_USAGE_NOTE}`)).toBe(1);
   });
 
   it('usage a provider reports in counts that are not token counts is charged as whole tokens (a fraction) or from an estimate (a negative: no count)', async () => {

@@ -14,14 +14,14 @@ import { ServiceUnavailableError } from '../../src/core/errors.js';
 
 import { usageRecords } from '../../src/models/index.js';
 
-import { insertUsage, keySpend } from '../../src/crud/billing.js';
+import { insertUsage, keySpend, STRIPPED_USAGE_NOTE as STRIPPED } from '../../src/crud/billing.js';
 import { type CostEstimate, type UsageRecord, ZERO_USAGE } from '../../src/modules/ai-models/index.js';
 import { startServer } from '../../src/server.js';
 import { buildTestApp, openTestDatabase, testSettings, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, expectValidationError, xApiKey } from '../helpers/http.js';
-import { addFakeModels, chatRequest, FAKE_MODELS, usageRowOf } from '../helpers/metered-models.js';
+import { addFakeModels, chatRequest, FAKE_MODELS, usageRecordOf, usageRowOf } from '../helpers/metered-models.js';
 import { intercepting } from '../helpers/statements.js';
 
 // Billing off (the default): usage is recorded, balances are never touched. Answers up to 48 MiB
@@ -52,8 +52,6 @@ async function recordsOf(userId: string) {
 }
 
 const row = usageRowOf;
-/** The error a usage row the database refused goes in with, stripped to what its settlement needs. */
-const STRIPPED = 'usage record refused by the database: its tokens and times were not recorded';
 
 describe('usage records', () => {
   it('one row per call, after the answer, its cost the catalog price × tokens to the last decimal', async () => {
@@ -219,6 +217,54 @@ describe('usage records', () => {
     };
     expect(ctx.app.meter.reserve(estimate)).not.toBeInstanceOf(Promise);
     expect(ctx.app.meter.reserve({ ...estimate, context: { user_id: alice.user.id } })).not.toBeInstanceOf(Promise);
+  });
+
+  /** Calls of `user` through `key` (no limits) settled together, through the meter: each its cost, `fields` over its record, `context` over its call's. */
+  async function meteredCalls(user: TestUser, keyId: string, calls: { cost: string; fields?: Partial<UsageRecord>; context?: Partial<CostEstimate['context']> }[]): Promise<void> {
+    for (const { cost, fields, context } of calls) {
+      const estimate: CostEstimate = {
+        operation: 'chat',
+        model: 'fake-precise',
+        provider: 'fake',
+        input_tokens: 1,
+        max_output_tokens: 5,
+        cost,
+        context: { user_id: user.user.id, api_key_id: keyId, api_key_limits: { max_budget: null, rpm: null }, ...context },
+      };
+      void (await ctx.app.meter.reserve(estimate)).settle({ ...usageRecordOf(estimate, cost), ...fields });
+    }
+    await ctx.app.meter.idle();
+  }
+
+  const summaryTotal = async (user: TestUser) => (await api('GET', '/billing/summary', user.headers)).json<{ total: { calls: number; cost: string } }>().total;
+
+  it("a usage row the database refuses for its data, with no settlement to carry it, goes in stripped: the call stays in the summary, and its cost in its key's spent", async () => {
+    const hana = await createUser(ctx.app);
+    const key = await createKey(ctx.app, hana, { name: 'refused rows' });
+    // What both PGlite and PostgreSQL refuse in a row: a NUL in text (22P05), a count past int4 (22003). One batch, refused, then row by row.
+    await meteredCalls(hana, key.id, [
+      { cost: '0.1' },
+      { cost: '0.2', fields: { model: 'fake\u0000precise' } },
+      { cost: '0.4', fields: { tokens: { ...ZERO_USAGE, input: 2 ** 31 } } },
+    ]);
+    const records = (await recordsOf(hana.user.id)).sort((a, b) => Number(a.cost) - Number(b.cost));
+    expect(records.map((r) => [r.model, r.status, r.input_tokens, r.output_tokens, Number(r.cost), r.error])).toEqual([
+      ['fake-precise', 'success', 0, 5, 0.1, null],
+      ['fakeprecise', 'success', 0, 0, 0.2, STRIPPED],
+      ['fake-precise', 'success', 0, 0, 0.4, STRIPPED],
+    ]);
+    // The key's spend (its max_budget's measure) has every call's cost; the summary every call.
+    expect(Number((await keySpend(ctx.database.db, key.id)).spent)).toBeCloseTo(0.7, 12);
+    expect(await summaryTotal(hana)).toMatchObject({ calls: 3, cost: '0.7' });
+  });
+
+  it('a usage row refused stripped too (an id that is no uuid) is set aside; the rows around it, and later ones, are written', async () => {
+    const ivan = await createUser(ctx.app);
+    const key = await createKey(ctx.app, ivan, { name: 'refused twice' });
+    await meteredCalls(ivan, key.id, [{ cost: '0.1' }, { cost: '0.2', context: { project_id: 'not-a-uuid' } }, { cost: '0.4' }]);
+    await meteredCalls(ivan, key.id, [{ cost: '0.8' }]);
+    expect((await recordsOf(ivan.user.id)).map((r) => Number(r.cost)).sort()).toEqual([0.1, 0.4, 0.8]);
+    expect(Number((await keySpend(ctx.database.db, key.id)).spent)).toBeCloseTo(1.3, 12);
   });
 
   it('a failing flush keeps the records and writes them once the database takes them again', async () => {
