@@ -93,6 +93,14 @@ const startTime = isoFormatter();
 /** TokenUsage's kinds, in its order (the order their series first appear in /metrics, as before). */
 const TOKEN_KINDS = Object.keys(ZERO_USAGE) as (keyof TokenUsage)[];
 
+/**
+ * On a billed call's settlement whose usage row is queued apart (`buffer`): that row, in
+ * `pairedRows` while both are unwritten. A symbol, so that JSON (the files of `saveUnwritten`)
+ * leaves it out: a saved settlement does not carry its row a second time.
+ */
+const PAIRED_ROW = Symbol('paired usage row');
+type PairedSettlement = billingCrud.Settlement & { [PAIRED_ROW]?: string };
+
 /** What a call holds: nothing (null ids), a reservation row, or part of a credit window's block. */
 interface Held {
   reservationId: string | null;
@@ -188,14 +196,14 @@ export class UsageMeterService implements UsageMeter {
    */
   private writesFailing = false;
   /**
-   * Billed calls whose usage row (queued apart, `buffer`) and settlement are both unwritten, by row
-   * and by settlement: such a call counts once toward USAGE_MAX_PENDING_ROWS (`unwrittenRows`), as
-   * one that leaves a row alone or a settlement carrying its row does. Counted once per record, a
-   * billed call counted twice, and calls were refused at half the limit. A pair is forgotten once
-   * either of the two is written or set aside: the other then counts alone.
+   * The usage rows (queued apart, `buffer`) of billed calls whose settlement is unwritten too: such
+   * a call counts once toward USAGE_MAX_PENDING_ROWS (`unwrittenRows`), as one that leaves a row
+   * alone or a settlement carrying its row does. Counted once per record, a billed call counted
+   * twice, and calls were refused at half the limit. A row leaves once it or its settlement (which
+   * names it: PAIRED_ROW) is written or set aside: the other then counts alone. One set, deleted
+   * from by either side, where a map each way cost a billed call two writes and two deletes.
    */
-  private readonly pairedByRow = new Map<string, billingCrud.Settlement>();
-  private readonly pairedBySettlement = new Map<billingCrud.Settlement, string>();
+  private readonly pairedRows = new Set<string>();
 
   constructor(options: UsageMeterOptions) {
     this.db = options.db;
@@ -466,7 +474,7 @@ export class UsageMeterService implements UsageMeter {
       this.enqueue(row);
       return;
     }
-    const settlement: billingCrud.Settlement = {
+    const settlement: PairedSettlement = {
       reservationId: held.reservationId,
       userId: ctx.user_id ?? null,
       apiKeyId: ctx.api_key_id ?? null,
@@ -484,8 +492,8 @@ export class UsageMeterService implements UsageMeter {
     if (held.chargeKey && (!held.chargeAccount || held.reservationId === null)) {
       settlement.usage = row;
     } else {
-      this.pairedByRow.set(row, settlement);
-      this.pairedBySettlement.set(settlement, row);
+      settlement[PAIRED_ROW] = row;
+      this.pairedRows.add(row);
       this.enqueue(row);
     }
     if (held.window) {
@@ -628,7 +636,7 @@ export class UsageMeterService implements UsageMeter {
   /**
    * Records not in the database yet, each toward USAGE_MAX_PENDING_ROWS: usage rows, settlements
    * and block releases, queued, kept after a failure, or in a statement in flight; a billed call's
-   * usage row and settlement, both unwritten, as one (`pairedByRow`). With the usage
+   * usage row and settlement, both unwritten, as one (`pairedRows`). With the usage
    * rows alone, every statement that took rows off the buffer during an outage let that many more
    * calls through, and calls that leave only a settlement (a key with a budget, billing off: it
    * carries the usage row; a per-call hold's) were never refused: memory without bound, and more
@@ -647,7 +655,7 @@ export class UsageMeterService implements UsageMeter {
       writing.windowSettlements.length +
       this.blockReleases.length +
       writing.blockReleases.length -
-      this.pairedByRow.size
+      this.pairedRows.size
     );
   }
 
@@ -668,18 +676,16 @@ export class UsageMeterService implements UsageMeter {
   /** `items` are written (or set aside): those taken back from files no longer wait, and a billed call's row counts alone. */
   private wroteItems(items: readonly billingCrud.Settlement[]): void {
     if (this.fromFiles.size) for (const item of items) this.fromFiles.delete(item);
-    if (this.pairedBySettlement.size) for (const item of items) this.unpair(this.pairedBySettlement.get(item), item);
+    if (!this.pairedRows.size) return;
+    for (const item of items) {
+      const row = (item as PairedSettlement)[PAIRED_ROW];
+      if (row !== undefined) this.pairedRows.delete(row);
+    }
   }
 
   /** Usage `rows` are written (or set aside): a billed call's settlement counts alone. */
   private wroteRows(rows: readonly string[]): void {
-    if (this.pairedByRow.size) for (const row of rows) this.unpair(row, this.pairedByRow.get(row));
-  }
-
-  private unpair(row: string | undefined, settlement: billingCrud.Settlement | undefined): void {
-    if (row === undefined || settlement === undefined) return;
-    this.pairedByRow.delete(row);
-    this.pairedBySettlement.delete(settlement);
+    if (this.pairedRows.size) for (const row of rows) this.pairedRows.delete(row);
   }
 
   /**
@@ -1115,8 +1121,7 @@ export class UsageMeterService implements UsageMeter {
       this.forgetRecovered();
       // Saved again: what a statement still in flight holds and puts back after a failure counts as a call's.
       this.fromFiles.clear();
-      this.pairedByRow.clear();
-      this.pairedBySettlement.clear();
+      this.pairedRows.clear();
       this.buffer = [];
       this.failedSettlements = [];
       this.windowSettlements = [];
