@@ -186,7 +186,8 @@ export class UsageMeterService implements UsageMeter {
   private recovered: { file: string; takenAfter: number }[] = [];
   /**
    * The settlements and block releases taken back from saved files (`recoverUnwritten`) not yet
-   * written: counted toward the take's room, not toward refusing calls (`callRecords`).
+   * written: counted toward the take's room, not toward refusing calls (`callRecords`). Not a
+   * settlement taken with its call's usage row: paired again (`takeBack`), the row counts for both.
    */
   private fromFiles = new Set<billingCrud.Settlement>();
   /**
@@ -1155,11 +1156,15 @@ export class UsageMeterService implements UsageMeter {
     this.unwrittenLeft = more;
     if (!taken.length) return;
     const counts = { usageRecords: 0, settlements: 0, blockReleases: 0 };
+    // A billed call saved with its usage row and its settlement apart is paired again (`pairedRows`)
+    // when both are taken: counted apart, it counted twice toward refusing calls while writes fail.
+    const rowsById = parts.some((part) => part.settlements.length || part.windowSettlements.length) ? new Map<string, string>() : undefined;
+    if (rowsById) for (const part of parts) for (const row of part.usage) rowsById.set(billingCrud.usageRowId(row), row);
     for (const part of parts) {
       // Item by item: a spread of 100,000s of items passes the call stack's limit.
       for (const row of part.usage) this.buffer.push(row);
-      this.takeBack(this.failedSettlements, part.settlements);
-      this.takeBack(this.windowSettlements, part.windowSettlements);
+      this.takeBack(this.failedSettlements, part.settlements, rowsById);
+      this.takeBack(this.windowSettlements, part.windowSettlements, rowsById);
       this.takeBack(this.blockReleases, part.blockReleases);
       counts.usageRecords += part.usage.length;
       counts.settlements += part.settlements.length + part.windowSettlements.length;
@@ -1170,10 +1175,21 @@ export class UsageMeterService implements UsageMeter {
     this.track(this.flush());
   }
 
-  /** Queues settlements or releases read from saved files, marked as such (`fromFiles`); item by item, as above. */
-  private takeBack(queue: billingCrud.Settlement[], items: readonly billingCrud.Settlement[]): void {
+  /**
+   * Queues settlements or releases read from saved files, item by item, as above: one whose call's
+   * usage row was taken with it (`rowsById`) paired with it, as the call's settlement was before it
+   * was saved (the row counts for both, toward refusing calls too); the others marked as taken
+   * from files (`fromFiles`).
+   */
+  private takeBack(queue: billingCrud.Settlement[], items: readonly PairedSettlement[], rowsById?: ReadonlyMap<string, string>): void {
     for (const item of items) {
       queue.push(item);
+      const row = item.usage === undefined ? rowsById?.get(item.usageRecordId) : undefined;
+      if (row !== undefined) {
+        item[PAIRED_ROW] = row;
+        this.pairedRows.add(row);
+        continue;
+      }
       this.fromFiles.add(item);
     }
   }

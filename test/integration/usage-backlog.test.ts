@@ -76,12 +76,12 @@ async function usageIds(db: typeof ctx.database.db, userId: string): Promise<Set
   return new Set((result as { rows: { id: string }[] }).rows.map((row) => row.id));
 }
 
-/** The database "loses its connection" on every usage write while `work` runs. */
-const usageWritesFail = (work: () => Promise<unknown>) =>
+/** The database "loses its connection" on every usage write (every charge too, with `charges`) while `work` runs. */
+const usageWritesFail = (work: () => Promise<unknown>, charges = false) =>
   intercepting(
     ctx.database.db,
     (text) => {
-      if (/insert into usage_records/i.test(text)) throw new Error('Connection terminated unexpectedly');
+      if ((charges ? /insert into (usage_records|credit_transactions)/i : /insert into usage_records/i).test(text)) throw new Error('Connection terminated unexpectedly');
     },
     work,
   );
@@ -347,6 +347,13 @@ function usageOutageAfter(written: number) {
   };
   return outage;
 }
+
+/** A call of `userId` through `app`: 'served', 'refused (503)' for the backlog, or the error it failed with. */
+const servedOrRefused = (app: FastifyInstance, userId: string): Promise<unknown> =>
+  app.models.chat(chatRequest('fake-precise', { user_id: userId })).then(
+    () => 'served',
+    (error: unknown) => (error instanceof UsageBacklogError ? 'refused (503)' : error),
+  );
 
 /** A settlement as a meter queues one: `fields` over a call of `userId` charged 1 to the account, with nothing held. */
 const settlementOf = (userId: string, fields: Partial<billingCrud.Settlement> = {}): billingCrud.Settlement => ({
@@ -752,11 +759,7 @@ describe('usage saved by earlier processes', () => {
           const up = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
           try {
             await retrying;
-            const served = await up.models.chat(chatRequest('fake-precise', { user_id: userId })).then(
-              () => 'served',
-              (error: unknown) => (error instanceof UsageBacklogError ? 'refused (503)' : error),
-            );
-            expect(served).toBe('served');
+            expect(await servedOrRefused(up, userId)).toBe('served');
             go();
             for (let i = 0; i < 5 && readdirSync(dir).length; i++) await up.meter.idle();
           } finally {
@@ -778,11 +781,7 @@ describe('usage saved by earlier processes', () => {
       const userId = user.user.id;
       await billingCrud.changeBalance(ctx.database.db, { userId, type: 'grant', amount: '100', description: null, createdBy: userId });
       saveUnwritten(dir, { usage: [], settlements: Array.from({ length: LIMIT }, () => settlementOf(userId, { cost: '0.5' })), windowSettlements: [], blockReleases: [] });
-      const call = (app: Awaited<ReturnType<typeof buildTestApp>>) =>
-        app.models.chat(chatRequest('fake-precise', { user_id: userId })).then(
-          () => 'served',
-          (error: unknown) => (error instanceof UsageBacklogError ? 'refused (503)' : error),
-        );
+      const call = (app: FastifyInstance) => servedOrRefused(app, userId);
       await intercepting(
         ctx.database.db,
         (text) => {
@@ -810,6 +809,35 @@ describe('usage saved by earlier processes', () => {
       }
       expect(readdirSync(dir)).toEqual([]);
       expect(await account(userId)).toEqual({ balance: 50, reserved: 0 });
+    });
+  });
+
+  it("a save's billed calls, each a usage row and a settlement, count once each toward refusing calls while writes fail, as before they were saved", async () => {
+    await withSavedUsage([], async ({ user, dataDir, dir }) => {
+      const userId = user.user.id;
+      await billingCrud.changeBalance(ctx.database.db, { userId, type: 'grant', amount: '100', description: null, createdBy: userId });
+      // 40 billed calls, as a process with per-call holds saved them: each call's row, and its settlement apart.
+      const saves = 40;
+      const rows = Array.from({ length: saves }, usageRow(userId));
+      saveUnwritten(dir, { usage: rows, settlements: rows.map((row) => settlementOf(userId, { usageRecordId: idOf(row) })), windowSettlements: [], blockReleases: [] });
+      const served: unknown[] = [];
+      await usageWritesFail(async () => {
+        const down = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+        try {
+          await down.meter.idle(); // the save taken back (40 calls: under half the limit), its flush failed
+          for (let i = 0; i <= LIMIT - saves; i++) {
+            served.push(await servedOrRefused(down, userId));
+            await down.meter.idle();
+          }
+        } finally {
+          await down.close(); // saved again
+        }
+      }, true);
+      // The limit's 100 calls held: the save's 40 and 60 of this process's; the next refused.
+      expect(served).toEqual([...Array.from({ length: LIMIT - saves }, () => 'served'), 'refused (503)']);
+      await takeBackAll(dataDir, dir);
+      expect(await usageCount(ctx.database.db, userId)).toBe(LIMIT);
+      expect(await account(userId)).toEqual({ balance: 100 - saves, reserved: 0 });
     });
   });
 
