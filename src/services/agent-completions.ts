@@ -58,10 +58,11 @@ const TITLE_CHARS = 80;
 
 /** The caller's agent named by `agent:<id>`; 404 `model_not_found` for anything else (another user's too). */
 export async function resolveAgentModel(ctx: ServiceContext, model: string): Promise<Agent> {
-  const id = model.slice(AGENT_MODEL_PREFIX.length);
-  if (!isAgentModel(model) || !Id.safeParse(id).success) throw new ModelNotFoundError(model);
+  // Parsed as a path's id is (lower case): the lookup by id matches its rows by the database's spelling.
+  const id = Id.safeParse(model.slice(AGENT_MODEL_PREFIX.length));
+  if (!isAgentModel(model) || !id.success) throw new ModelNotFoundError(model);
   try {
-    return await agentCrud.getVisible(ctx.db, ctx.principal, id);
+    return await agentCrud.getVisible(ctx.db, ctx.principal, id.data);
   } catch (error) {
     if (error instanceof NotFoundError) throw new ModelNotFoundError(model);
     throw error;

@@ -111,6 +111,13 @@ describe('agents as models', () => {
       expect(error.code).toBe('model_not_found');
     }
   });
+
+  it('takes the agent id in capitals, as every other route takes a UUID: the same agent, named in lower case', async () => {
+    const shouted = `agent:${agentModel.slice('agent:'.length).toUpperCase()}`;
+    expect(await client.models.retrieve(shouted)).toMatchObject({ id: agentModel, owned_by: 'keel-agent' });
+    const completion = await client.chat.completions.create({ model: shouted, messages: ask('Hi') });
+    expect(completion.choices[0]!.message.content).toBe('Hello from the fake model.');
+  });
 });
 
 describe('a project-scoped key', () => {
