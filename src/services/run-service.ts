@@ -7,7 +7,7 @@ import { randomUUID } from 'node:crypto';
 import { setTimeout as delay } from 'node:timers/promises';
 
 import { commitWithNextStatement, type Db, transaction } from '../core/db.js';
-import { ConflictError, GoneError, HttpError, PaymentRequiredError, TooManyRequestsError, UnprocessableError } from '../core/errors.js';
+import { ConflictError, GoneError, HttpError, NotFoundError, PaymentRequiredError, TooManyRequestsError, UnprocessableError } from '../core/errors.js';
 
 import { type Agent, type Run, runs, type Thread } from '../models/index.js';
 
@@ -83,14 +83,26 @@ async function plan(ctx: ServiceContext, ownerId: string, agentId: string | unde
   const rpm = ctx.principal.apiKeyId !== null ? ctx.principal.apiKeyLimits?.rpm : null;
   if (rpm && ctx.runs.refuseSpentKeyRpm) await ctx.runs.refuseSpentKeyRpm(ctx.principal.apiKeyId!, rpm);
   const found = await early.agent;
-  // The default agent too must be one the caller may use (a project-scoped key: its project's or an unassigned one).
-  const agent = agentId ? found : found && agentPolicy.check(ctx.principal, found, 'read');
-  if (!agent) {
-    throw new UnprocessableError({ loc: ['body', 'agent_id'], msg: 'No agent_id given and you have no default agent; name an agent or make one the default (is_default: true)', type: 'missing' });
-  }
+  const agent = agentId ? found! : usableDefault(ctx, found);
   const runModel = model === undefined ? agent.model : catalogModel(ctx.models, model);
   await checkCredits(ctx, ownerId, agent, runModel, input, history, early);
   return { agent, model: runModel };
+}
+
+/**
+ * The caller's default agent, if the caller may use it (a project-scoped key: its project's or an
+ * unassigned one); 422 naming agent_id otherwise. One in another project is no agent the client
+ * named: a 404 said that the thread it named was not found.
+ */
+function usableDefault(ctx: ServiceContext, found: Agent | undefined): Agent {
+  const missing = (msg: string) => new UnprocessableError({ loc: ['body', 'agent_id'], msg, type: 'missing' });
+  if (!found) throw missing('No agent_id given and you have no default agent; name an agent or make one the default (is_default: true)');
+  try {
+    return agentPolicy.check(ctx.principal, found, 'read');
+  } catch (error) {
+    if (!(error instanceof NotFoundError)) throw error;
+    throw missing("No agent_id given and your default agent is in another project than this API key's; name an agent of this project");
+  }
 }
 
 /**

@@ -1067,6 +1067,21 @@ describe('failures in words', () => {
     await waitForRun(ctx.app, owner.headers, named.id, ['completed']);
   });
 
+  it("a project-scoped key whose account's default agent is in another project gets the 422 naming agent_id, not a 404 for a thread it named rightly", async () => {
+    const owner = await createUser(ctx.app);
+    const [mine, other] = [(await api('POST', '/projects', owner.headers, { name: 'mine' })).json<{ id: string }>(), (await api('POST', '/projects', owner.headers, { name: 'other' })).json<{ id: string }>()];
+    await createAgent(ctx.app, owner.headers, { is_default: true, project_id: other.id });
+    const key = xApiKey((await createKey(ctx.app, owner, { name: 'mine', project_id: mine.id })).key);
+    const thread = await createThread(ctx.app, key);
+    for (const [path, body] of [[`/threads/${thread.id}/runs`, { input: 'hi' }], ['/runs', { input: 'hi' }]] as const) {
+      const refused = await api('POST', path, key, body);
+      expect(refused.statusCode, refused.body).toBe(422);
+      expect(refused.json()).toMatchObject({ detail: [{ loc: ['body', 'agent_id'] }] });
+    }
+    // The owner (no key) still runs it: it is their default.
+    await waitForRun(ctx.app, owner.headers, (await startRun(ctx.app, owner.headers, thread.id, { input: 'hi' })).id, ['completed']);
+  });
+
   it('POST /runs makes a thread with the input as its first message', async () => {
     const owner = await createUser(ctx.app);
     await createAgent(ctx.app, owner.headers, { is_default: true });
