@@ -3,8 +3,11 @@
  * tool in real runs (real ingestion, real search, a fake model that calls the tool), and the
  * citations a run's final message keeps in `metadata.sources`.
  */
+import { randomUUID } from 'node:crypto';
+
 import { beforeAll, describe, expect, it } from 'vitest';
 
+import { knowledgeSearchTool } from '../../src/modules/agents/knowledge-tool.js';
 import { useTestApp } from '../helpers/app.js';
 import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
@@ -276,6 +279,31 @@ describe('the knowledge_search tool in a run', () => {
     scriptSearches(['invoices']);
     const scoped = await runToEnd({ headers: key }, agent.id);
     expect(passagesOf(scoped.events).map((p) => p.entry_id)).toEqual([projectEntry.id]);
+  });
+
+  it("a search for a run whose project-scoped key is gone (deleted while its run was in a step) is refused, not widened to the whole account", async () => {
+    const dave = await createUser(ctx.app);
+    const project = await createProject(ctx.app, dave.headers);
+    const accountFolder = await createFolder(ctx.app, dave.headers, { name: 'Account' });
+    await ingested(ctx.app, dave.headers, accountFolder.id, { filename: 'account.md', content: '# Account\n\nInvoices: the account copy.', type: 'text/markdown' });
+    const agent = await createAgent(ctx.app, dave.headers, { tools: ['knowledge_search'], knowledge: { folder_ids: [accountFolder.id] } });
+    const key = await createKey(ctx.app, dave, { name: 'scoped', project_id: project.id });
+    expect((await api('DELETE', `/api-keys/${key.id}`, dave.headers)).statusCode).toBe(200);
+
+    // The tool as the run's worker holds it: the run's row was read while the key existed.
+    const { db, settings, models, log } = ctx.app;
+    const search = knowledgeSearchTool({ db, settings, models, log });
+    const context = {
+      run_id: randomUUID(),
+      thread_id: randomUUID(),
+      owner_id: dave.user.id,
+      project_id: project.id,
+      api_key_id: key.id,
+      agent: { id: agent.id, version: 1, knowledge: { folder_ids: [accountFolder.id], entry_ids: [] } },
+      signal: new AbortController().signal,
+      cite: () => undefined,
+    };
+    await expect(search({ query: 'invoices' }, context)).rejects.toThrow(/API key/);
   });
 
   it('answers the model with an error result for bad input, and the run goes on', async () => {

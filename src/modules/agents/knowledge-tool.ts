@@ -28,6 +28,9 @@ async function principalOf(deps: KnowledgeSearchDeps, context: ToolCallContext):
   const user = await userCrud.getByIdCached(deps.db, context.owner_id);
   if (!user) throw new NotFoundError('the owner of this run no longer exists');
   const key = context.api_key_id ? await apiKeyCrud.getById(deps.db, context.api_key_id) : undefined;
+  // A key deleted since the run read its row (its cancel still on the way to this worker) has no
+  // project left to narrow to: the search is refused, not made as the whole account.
+  if (context.api_key_id && !key) throw new NotFoundError('the API key that started this run no longer exists');
   return { user, apiKeyId: context.api_key_id, apiKeyLimits: null, scopeProjectId: key?.project_id ?? null };
 }
 
