@@ -987,6 +987,19 @@ describe('failures in words', () => {
     expect(roles).toEqual(['system', 'user', 'assistant', 'user', 'assistant', 'user']);
   });
 
+  it('an empty answer stays in the thread but is not sent back to the model: a provider that refuses empty text blocks (Anthropic) failed every later run of the thread', async () => {
+    const { owner, thread } = await setup();
+    fake.script(MODEL, { text: '', chunks: [] });
+    const first = await startRun(ctx.app, owner.headers, thread.id, { input: 'q1' });
+    expect((await waitForRun(ctx.app, owner.headers, first.id, ['completed', 'failed'])).status).toBe('completed');
+    expect((await threadMessages(owner, thread.id)).map((m) => [m.role, m.content])).toEqual([['user', 'q1'], ['assistant', '']]);
+    fake.script(MODEL, { text: 'second answer' });
+    const second = await startRun(ctx.app, owner.headers, thread.id, { input: 'q2' });
+    expect((await waitForRun(ctx.app, owner.headers, second.id, ['completed', 'failed'])).status).toBe('completed');
+    const sent = fake.requestsFor(MODEL).at(-1)!.body.messages as { role: string; content: string }[];
+    expect(sent.map((m) => [m.role, m.content])).toEqual([['system', 'Be brief.'], ['user', 'q1'], ['user', 'q2']]);
+  });
+
   it("retry of a run another run answered after (an interrupt) asks the model its own input again, at the thread's end: it does not answer the thread's last answer", async () => {
     const { owner, thread } = await setup();
     fake.script(MODEL, { chunks: Array.from({ length: 50 }, (_, i) => `t${i} `), chunkDelayMs: 100 }, { text: 'answer to two' }, { text: 'answer to one' });

@@ -124,7 +124,7 @@ export const MISSING_TOOL_RESULT = 'Error: the result of this tool call is not i
  * client may delete one of them (DELETE /threads/{id}/messages/{id}), and providers (and the SDK,
  * MissingToolResultsError) refuse a call without its result or a result without its call, which
  * failed every later run of the thread: a call whose result is gone reads MISSING_TOOL_RESULT, and
- * a result whose call is gone is left out.
+ * a result whose call is gone is left out. An assistant message with neither text nor calls is left out too.
  */
 export function toModelMessages(rows: readonly Message[]): ModelMessage[] {
   const out: ModelMessage[] = [];
@@ -149,8 +149,11 @@ export function toModelMessages(rows: readonly Message[]): ModelMessage[] {
     if (row.role === 'user' || row.role === 'system') out.push({ role: row.role, content: row.content });
     else {
       calls = row.tool_calls ?? [];
-      if (!calls.length) out.push({ role: 'assistant', content: row.content });
-      else {
+      // An empty answer (a model that said nothing, an agent completion's empty assistant turn) says
+      // nothing to the model, and Anthropic refuses an empty text block: every later run failed.
+      if (!calls.length) {
+        if (row.content) out.push({ role: 'assistant', content: row.content });
+      } else {
         out.push({
           role: 'assistant',
           content: [...(row.content ? [{ type: 'text' as const, text: row.content }] : []), ...calls.map((call) => ({ type: 'tool-call' as const, toolCallId: call.id, toolName: call.name, input: call.arguments }))],
