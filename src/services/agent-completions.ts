@@ -118,7 +118,7 @@ function turnOf(ctx: ServiceContext, message: ChatMessage, index: number): runSe
       turn = { role: 'user', content: userText(message.content, at) };
   }
   const loc = ['body', 'messages', index, 'content'];
-  checkContent(ctx, turn.content, loc);
+  checkContent(ctx, turn.content, loc, { blank: turn.role === 'assistant' });
   // The Text rule of the thread's own routes (schemas/common.ts), which the OpenAI-shaped schema
   // does not apply: half of a surrogate pair was stored as U+FFFD, in the thread and the run's input.
   if (hasUnpairedSurrogate(turn.content)) throw new UnprocessableError({ loc, msg: UNPAIRED_SURROGATE_MESSAGE, type: 'value_error' });
@@ -131,7 +131,6 @@ function conversationOf(ctx: ServiceContext, messages: readonly ChatMessage[]): 
   const last = turns.length - 1;
   const input = turns[last]!;
   if (input.role !== 'user') throw new InvalidRequestError('The last message must be a user message: it is what the agent answers', `messages[${last}].role`);
-  if (!input.content.trim()) throw new InvalidRequestError('The last user message is empty: it is what the agent answers', `messages[${last}].content`);
   return { input: input.content, history: turns.slice(0, last) };
 }
 

@@ -75,12 +75,16 @@ interface InThread {
  * The content a client sends: at most MAX_MESSAGE_CHARS characters (422, in the schema's words),
  * and no NUL character, which PostgreSQL's text refuses: refused here, at its field, before a
  * start makes a thread for it (the database's refusal came after, and left that thread behind).
+ * A user's text holds more than white space: every later run sends it to the model, and Anthropic
+ * refuses a blank text block (each run of the thread failed); `blank: true` lets it through (an
+ * agent completion's earlier assistant turn, which runs leave out when empty).
  */
-export function checkContent(ctx: ServiceContext, content: string | undefined, loc: (string | number)[] = ['body', 'content']): void {
+export function checkContent(ctx: ServiceContext, content: string | undefined, loc: (string | number)[] = ['body', 'content'], { blank = false } = {}): void {
   if (content === undefined) return;
   const max = ctx.settings.MAX_MESSAGE_CHARS;
   if (content.length > max) throw new UnprocessableError({ loc, msg: `String should have at most ${max} characters`, type: 'string_too_long' });
   if (content.includes('\u0000')) throw new UnprocessableError({ loc, msg: UNSTORABLE_CHARACTER_MESSAGE, type: 'value_error' });
+  if (!blank && !/\S/.test(content)) throw new UnprocessableError({ loc, msg: 'Text should hold more than white space: it is sent to the model as a message', type: 'value_error' });
 }
 
 /**

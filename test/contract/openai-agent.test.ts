@@ -306,6 +306,8 @@ describe('what an agent model refuses', () => {
       [{ model: agentModel, messages: ask('Hi'), response_format: { type: 'json_object' } }, 'response_format'],
       [{ model: agentModel, messages: [...ask('Hi'), { role: 'assistant', content: 'Hello.' }] }, 'messages[1].role'],
       [{ model: agentModel, messages: ask('   ') }, 'messages[0].content'],
+      // An earlier user turn too: the thread would keep it, and every later run send it.
+      [{ model: agentModel, messages: [...ask(' '), ...ask('Hi')] }, 'messages[0].content'],
       [
         {
           model: agentModel,

@@ -257,6 +257,18 @@ describe('messages', () => {
     expect((await page(alice, thread.id)).data.map((m) => m.content)).toEqual(['é'.repeat(MAX_CHARS)]);
   });
 
+  it('hold more than white space (422): the model is sent each message, and a provider that refuses a blank one (Anthropic) failed every later run of the thread', async () => {
+    const alice = await createUser(ctx.app);
+    const thread = await createThread(alice);
+    const message = await post(alice, thread.id, 'hi');
+    for (const [method, url] of [['POST', `/threads/${thread.id}/messages`], ['PATCH', `/threads/${thread.id}/messages/${message.id}`]] as const) {
+      expectValidationError(await api(method, url, alice.headers, { content: ' \n\t ' }), ['body', 'content'], 'value_error');
+    }
+    expectValidationError(await api('POST', `/threads/${thread.id}/runs`, alice.headers, { input: '  ' }), ['body', 'input'], 'value_error');
+    expectValidationError(await api('POST', '/runs', alice.headers, { input: '\n' }), ['body', 'input'], 'value_error');
+    expect((await page(alice, thread.id)).data.map((m) => m.content)).toEqual(['hi']);
+  });
+
   it('change: metadata of any message, content of user messages only', async () => {
     const alice = await createUser(ctx.app);
     const thread = await createThread(alice);
