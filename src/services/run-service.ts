@@ -82,7 +82,8 @@ async function plan(ctx: ServiceContext, ownerId: string, agentId: string | unde
   // A key past its rpm: refused before anything is written (its run's first call would be).
   const rpm = ctx.principal.apiKeyId !== null ? ctx.principal.apiKeyLimits?.rpm : null;
   if (rpm && ctx.runs.refuseSpentKeyRpm) await ctx.runs.refuseSpentKeyRpm(ctx.principal.apiKeyId!, rpm);
-  const found = await early.agent;
+  // Without agent_id, the thread's owner's default agent: read early as the caller's, which it nearly always is (a superuser's start on a user's thread is not).
+  const found = agentId || ownerId === ctx.principal.user.id ? await early.agent : await getDefault(ctx.db, ownerId);
   const agent = agentId ? found! : usableDefault(ctx, found);
   const runModel = model === undefined ? agent.model : catalogModel(ctx.models, model);
   await checkCredits(ctx, ownerId, agent, runModel, input, history, early);

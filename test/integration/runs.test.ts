@@ -1095,6 +1095,17 @@ describe('failures in words', () => {
     await waitForRun(ctx.app, owner.headers, (await startRun(ctx.app, owner.headers, thread.id, { input: 'hi' })).id, ['completed']);
   });
 
+  it("a superuser's start without agent_id on a user's thread runs the thread owner's default agent, not the superuser's (which the user pays for and cannot read)", async () => {
+    const owner = await createUser(ctx.app);
+    const theirs = await createAgent(ctx.app, owner.headers, { is_default: true });
+    const thread = await createThread(ctx.app, owner.headers);
+    const admin = await createUser(ctx.app, { superuser: true });
+    await createAgent(ctx.app, admin.headers, { is_default: true, system_prompt: 'The admin speaks.' });
+    const run = await startRun(ctx.app, admin.headers, thread.id, { input: 'hi' });
+    expect(run).toMatchObject({ owner_id: owner.user.id, agent_id: theirs.id });
+    await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+  });
+
   it('POST /runs makes a thread with the input as its first message', async () => {
     const owner = await createUser(ctx.app);
     await createAgent(ctx.app, owner.headers, { is_default: true });
