@@ -328,7 +328,11 @@ export const SettingsSchema = z.object({
   EMBEDDING_MODEL: optionalString,
   /** Largest file one upload may hold (413 beyond it, answered before the rest is read). */
   KB_MAX_FILE_BYTES: int(1, 10 * 1024 ** 3).default(20 * 1024 * 1024),
-  /** Total size of one user's uploaded files (the guide's 50 MB). */
+  /**
+   * Total one user's entries may count for (the guide's 50 MB): each the larger of its file and the
+   * text its chunks hold, at least 4 KiB (crud/knowledge.ts chargedBytes). An upload past it is
+   * refused (413); an ingestion whose text would pass it fails the entry.
+   */
   KB_MAX_BYTES_PER_USER: int(1, 1024 ** 4).default(50 * 1024 * 1024),
   /**
    * Uploads one user may have in progress at once (one more: 429). Each may write up to

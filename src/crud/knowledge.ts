@@ -160,13 +160,21 @@ export async function writeUniquelyNamed<T>(db: Db, scope: NameScope, name: stri
  */
 export const MIN_CHARGED_BYTES = 4096;
 
-/** What an entry of `size` bytes counts for against the quota. */
-export const chargedBytes = (size: number) => Math.max(size, MIN_CHARGED_BYTES);
+/**
+ * What an entry counts for against the quota: the larger of its file and the text its chunks
+ * hold (`text_bytes`), at least MIN_CHARGED_BYTES. The text because that is what the database
+ * keeps of it, and a compressed PDF or DOCX extracts to ~100× its file; not their sum, as the
+ * file's size already bounds a document that extracts to no more than itself (plain text).
+ */
+export const chargedBytes = (size: number, textBytes = 0) => Math.max(size, textBytes, MIN_CHARGED_BYTES);
 
-/** Bytes of the user's uploaded files as the quota counts them (each at least MIN_CHARGED_BYTES): what KB_MAX_BYTES_PER_USER bounds. */
+/** `chargedBytes` in SQL, of each row. */
+const chargedBytesOf = sql`greatest(${knowledgeEntries.size_bytes}, ${knowledgeEntries.text_bytes}, ${MIN_CHARGED_BYTES})`;
+
+/** What the user's entries count for together (`chargedBytes` each): what KB_MAX_BYTES_PER_USER bounds. */
 export async function usedBytes(db: Db, ownerId: string): Promise<number> {
   const [row] = await db
-    .select({ total: sql<string>`coalesce(sum(greatest(${knowledgeEntries.size_bytes}, ${MIN_CHARGED_BYTES})), 0)` })
+    .select({ total: sql<string>`coalesce(sum(${chargedBytesOf}), 0)` })
     .from(knowledgeEntries)
     .where(eq(knowledgeEntries.owner_id, ownerId));
   return Number(row?.total ?? 0);

@@ -159,7 +159,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Upload Knowledge Entry',
         description:
           'A `multipart/form-data` body with the document in a field named `file` (txt, md, html, pdf, docx, csv, json). Answers **201** with the entry, `status: pending`; ingestion runs in the background. One file per upload: a form with a second file is refused with 422 and none of it is kept (other fields are ignored); a form busboy cannot read (no boundary, a body ending inside a part) with 400. ' +
-          'A name taken in the folder gets a number (`report (1).pdf`). Over KB_MAX_FILE_BYTES, or over what is left of KB_MAX_BYTES_PER_USER: 413 with the figures, answered as soon as the size is known (from Content-Length, or while the file arrives). 429 beyond KB_MAX_UPLOADS_IN_FLIGHT_PER_USER uploads in progress at once. ' +
+          'A name taken in the folder gets a number (`report (1).pdf`). Over KB_MAX_FILE_BYTES, or over what is left of KB_MAX_BYTES_PER_USER: 413 with the figures, answered as soon as the size is known (from Content-Length, or while the file arrives). Once indexed, an entry counts for its extracted text when that is larger than the file (a compressed PDF or DOCX): ingestion fails the entry, keeping none of its text, when the text would pass what is left. 429 beyond KB_MAX_UPLOADS_IN_FLIGHT_PER_USER uploads in progress at once. ' +
           'When EMBEDDING_MODEL is set and priced: 402 before the file is read if billing is on and the account has no credits available, or the API key\'s `max_budget` is used up (only that something is left is checked: a document\'s cost is known once it is chunked; a limit reached while it is embedded fails the entry). ' +
           '503 when the upload took so long (past HTTP_REQUEST_TIMEOUT_MS + 15 minutes) that its stored file was already swept: nothing is kept; upload it again.',
         tags,
@@ -263,6 +263,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
           'but the chunks that a change of EMBEDDING_MODEL (all of them) or of a chunking setting (from the first chunk cut otherwise on) made with it leaves different, which are embedded and replaced as the file is read. ' +
           'An entry last indexed before Keel recorded its language (migration 0020) is cleared and embedded anew. ' +
           'A failed entry\'s chunks (kept: what was embedded before it failed is reused, not paid for again) are not searched until it is `ready`. ' +
+          'The entry\'s text is counted against the quota anew (`text_bytes`): one whose text no longer fits fails, keeping none of it. ' +
           'Its embeddings count against the calling API key\'s `max_budget` and the owner\'s credits: 402 when EMBEDDING_MODEL is priced and nothing is left of either, as for an upload.',
         tags,
         params: KnowledgeEntryIdParams,
@@ -285,7 +286,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'get_knowledge_base_stats',
         summary: 'Get Knowledge Base Stats',
         description:
-          "Your folders, entries by status, bytes and the index (a project-scoped key: its project's), and the limits. `size_bytes` sums the files' own sizes; `quota_bytes_used` is what counts against `max_bytes_per_user` (the account's), each entry at least 4 KiB.",
+          "Your folders, entries by status, bytes and the index (a project-scoped key: its project's), and the limits. `size_bytes` sums the files' own sizes; `quota_bytes_used` is what counts against `max_bytes_per_user` (the account's): each entry the larger of its file and its extracted text as stored (`text_bytes`), at least 4 KiB.",
         tags,
         response: { 200: KnowledgeStats, ...authErrors },
       },

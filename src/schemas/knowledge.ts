@@ -95,6 +95,12 @@ export const KnowledgeEntryPublic = z
     error: z.string().nullable(),
     chunk_count: z.number().int(),
     token_count: z.number().int(),
+    text_bytes: z
+      .number()
+      .int()
+      .describe(
+        'UTF-8 bytes of the text the entry holds in its chunks (the overlap each repeats from the one before included). The entry counts against your quota for the larger of this and `size_bytes` (at least 4096): a compressed PDF or DOCX can extract to ~100× its file. 0 until indexed, after a failure that kept no text, and for an entry last indexed before Keel counted text (until reindexed).',
+      ),
     processed_at: Timestamp.nullable(),
     created_at: Timestamp,
     updated_at: Timestamp,
@@ -131,7 +137,7 @@ export const KnowledgeStats = z
       .number()
       .int()
       .describe(
-        "Bytes your entries count for against max_bytes_per_user: each entry at least 4096 (4 KiB), however small its file. An upload is refused with 413 once this and the file's own count would pass the limit. The account's, also for a project-scoped key.",
+        "Bytes your entries count for against max_bytes_per_user: each entry the larger of its file (`size_bytes`) and the text its chunks hold (`text_bytes`), at least 4096 (4 KiB). An upload is refused with 413 once this and the file's own count would pass the limit; an entry whose text would take this past it fails (its `error` says so) and keeps none of it. The account's, also for a project-scoped key.",
       ),
     max_bytes_per_user: z.number().int(),
     max_file_bytes: z.number().int(),

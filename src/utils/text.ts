@@ -96,3 +96,8 @@ export function storableModelPieces(): { next: (piece: string) => string; end: (
 export function firstNames(names: readonly string[]): string {
   return names.slice(0, 10).join(', ') + (names.length > 10 ? ` and ${names.length - 10} more` : '');
 }
+
+const MIB = 1024 * 1024;
+
+/** A size for a message that quotes a limit: `1048576 bytes (1.0 MiB)` (exact, and readable at a glance). */
+export const bytesWithMiB = (n: number): string => `${n} bytes (${(n / MIB).toFixed(1)} MiB)`;

@@ -172,6 +172,20 @@ export async function writePdfWithContent(path: string, content: Buffer): Promis
   await writeFile(path, pdfWithStream('/Filter /FlateDecode', deflateSync(content, { level: 9 })));
 }
 
+/**
+ * A one-page PDF showing `lines` of text, Flate-compressed as writers store a page: text that
+ * repeats itself unpacks to ~100× the file, as real documents' can. Fifty lines to a text object,
+ * each from the top of the page (the reader drops lines past its foot), drawn over one another.
+ */
+export async function writeTextPdf(path: string, lines: string[]): Promise<void> {
+  const objects: string[] = [];
+  for (let first = 0; first < lines.length; first += 50) {
+    const shown = lines.slice(first, first + 50).map((line) => `(${line.replace(/[\\()]/g, (c) => `\\${c}`)}) Tj T*`);
+    objects.push(['BT /F1 10 Tf 12 TL 72 720 Td', ...shown, 'ET'].join('\n'));
+  }
+  await writePdfWithContent(path, Buffer.from(objects.join('\n')));
+}
+
 /** The bytes of a file `write` makes (in a temporary directory, removed after). */
 export async function madeFile(name: string, write: (path: string) => Promise<void>): Promise<Buffer> {
   const dir = await mkdtemp(join(tmpdir(), 'keel-kb-doc-'));

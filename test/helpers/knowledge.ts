@@ -34,6 +34,7 @@ export interface EntryBody {
   error: string | null;
   chunk_count: number;
   token_count: number;
+  text_bytes: number;
 }
 
 export async function createFolder(app: FastifyInstance, headers: Record<string, string>, body: Record<string, unknown> = { name: 'Docs' }): Promise<{ id: string; name: string; project_id: string | null }> {

@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { type Database, openDatabase } from '../../src/core/db.js';
 import { migrateDown, migrateUp, type Migration, MigrationError, pendingMigrations, readMigrations } from '../../src/core/migrate.js';
 
+import { usedBytes } from '../../src/crud/knowledge.js';
 import { testSettings } from '../helpers/app.js';
 import { adminQuery, databaseUrl } from '../helpers/postgres.js';
 
@@ -541,6 +542,32 @@ describe('0020_knowledge_entries_search_language', () => {
       await query(database, `update knowledge_entries set search_language = 'german'`);
       await migrateDown(database, logger, previous);
       expect(await query(database, `select column_name from information_schema.columns where table_name = 'knowledge_entries' and column_name = 'search_language'`)).toEqual([]);
+    });
+  });
+});
+
+describe('0023_knowledge_entries_text_bytes', () => {
+  it("adds what an entry's text takes, 0 for the entries there (each counts for its file, at least 4 KiB, until reindexed); down drops it", async () => {
+    await beforeMigration('0023_knowledge_entries_text_bytes', async (database, previous) => {
+      const [owner, folder] = [randomUUID(), randomUUID()];
+      await query(database, `insert into users (id, email, hashed_password) values ($1, 'kb-text-bytes@example.com', 'x')`, [owner]);
+      await query(database, `insert into knowledge_folders (id, owner_id, name) values ($1, $2, 'Docs')`, [folder, owner]);
+      for (const [filename, size] of [['large.pdf', 10_000], ['tiny.txt', 10]] as const) {
+        await query(
+          database,
+          `insert into knowledge_entries (owner_id, folder_id, filename, mime_type, size_bytes, sha256, storage_key, status, chunk_count, processed_at)
+           values ($1, $2, $3::text, 'application/pdf', $4::bigint, 'x', $3::text, 'ready', 5, now())`,
+          [owner, folder, filename, size],
+        );
+      }
+      await migrateUp(database, logger);
+      expect(await query(database, `select filename, text_bytes::int from knowledge_entries order by filename`)).toEqual([
+        { filename: 'large.pdf', text_bytes: 0 },
+        { filename: 'tiny.txt', text_bytes: 0 },
+      ]);
+      expect(await usedBytes(database.db, owner)).toBe(10_000 + 4096);
+      await migrateDown(database, logger, previous);
+      expect(await query(database, `select column_name from information_schema.columns where table_name = 'knowledge_entries' and column_name = 'text_bytes'`)).toEqual([]);
     });
   });
 });

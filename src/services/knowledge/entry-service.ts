@@ -33,6 +33,7 @@ import { matching } from '../../crud/owned.js';
 import * as userCrud from '../../crud/user.js';
 import { SNIFF_HEAD_BYTES, sniffFormat } from '../../modules/knowledge/sniff.js';
 import { type DocumentFormat, DocumentRejectedError } from '../../modules/knowledge/types.js';
+import { bytesWithMiB as bytes } from '../../utils/text.js';
 import type { ServiceContext } from '../context.js';
 import { loadKeyLimits } from '../key-limits.js';
 import { availableCredits, budgetLeft, notEnoughCreditsMessage, nothingLeft, overBudgetMessage } from '../money.js';
@@ -42,10 +43,10 @@ import { deleteStoredFiles, entryKey, knowledgeStorage, purgeFilesOf, textKeyOf,
 
 // ==================== Limits ====================
 
-const MIB = 1024 * 1024;
-const bytes = (n: number) => `${n} bytes (${(n / MIB).toFixed(1)} MiB)`;
-
-/** What one upload of a user may hold now: the per-file limit, or what is left of the quota if less. */
+/**
+ * What one upload of a user may hold now: the per-file limit, or what is left of the quota if less
+ * (the user's entries counted as chargedBytes counts them: their text too, where larger).
+ */
 export interface UploadAllowance {
   fileLimit: number;
   quota: number;
@@ -363,9 +364,10 @@ export async function content(ctx: ServiceContext, id: string): Promise<Download
 
 /**
  * The caller's folders, entries, bytes and index (a scoped key: its project's), and what the
- * account's entries count for against its quota (`quota_bytes_used`, each at least
- * MIN_CHARGED_BYTES: the figure an upload's 413 compares with KB_MAX_BYTES_PER_USER, the account's
- * for a scoped key too, as its 413 says).
+ * account's entries count for against its quota (`quota_bytes_used`, each the larger of its file
+ * and its text, at least MIN_CHARGED_BYTES: crud/knowledge.ts chargedBytes; the figure an upload's
+ * 413 and an ingestion's quota check compare with KB_MAX_BYTES_PER_USER, the account's for a scoped
+ * key too, as its 413 says).
  */
 export async function stats(ctx: ServiceContext) {
   const { principal, settings } = ctx;

@@ -22,12 +22,13 @@ import type { JobQueue } from '../../core/queue.js';
 
 import { knowledgeChunks, knowledgeEntries, type KnowledgeEntry } from '../../models/index.js';
 
-import { clearJobQueuedMarks, deleteChunks, jobQueuedMark, unfinishedWithoutJob } from '../../crud/knowledge.js';
+import { chargedBytes, clearJobQueuedMarks, deleteChunks, jobQueuedMark, unfinishedWithoutJob, usedBytes } from '../../crud/knowledge.js';
+import { lockUser } from '../../crud/user.js';
 import type { ModelManager } from '../../modules/ai-models/index.js';
 import type { ChunkCutter } from '../../modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
 import { type DocumentChunk, DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../modules/knowledge/types.js';
-import { pairSafeEnd } from '../../utils/text.js';
+import { bytesWithMiB, pairSafeEnd } from '../../utils/text.js';
 import { StorageNotFoundError, type StorageService } from '../storage-service.js';
 import { ensureVectorIndex, hasVectorTable, writeEmbeddings } from './embeddings.js';
 import { abandonStaleWrites, knowledgeStorage, purgeDeletedFiles, textKeyOf } from './files.js';
@@ -42,6 +43,23 @@ export interface IngestionDeps {
 
 /** The job's claim was taken over (a reindex, the sweeper after a stall) or its entry deleted: its work is dropped. */
 class ClaimLostError extends Error {}
+
+/**
+ * The entry's text would take its owner past KB_MAX_BYTES_PER_USER (ChunkWriter.reserve). The
+ * entry fails at once, keeping none of its text: trying again stores the same text, which fits
+ * only once the owner has made room (a reindex then).
+ */
+export class TextOverQuotaError extends Error {
+  constructor(figures: { textBytes: number; fileBytes: number; quota: number; usedByOthers: number }) {
+    const { textBytes, fileBytes, quota, usedByOthers } = figures;
+    const left = Math.max(0, quota - usedByOthers);
+    super(
+      `Storage quota exceeded by the extracted text: the document's text takes at least ${bytesWithMiB(textBytes)} (its file ${bytesWithMiB(fileBytes)}; ` +
+        `an entry counts for the larger) but only ${bytesWithMiB(left)} of your ${bytesWithMiB(quota)} are left for it (${bytesWithMiB(usedByOthers)} used by your other entries); ` +
+        'delete entries to make room and reindex this one, or upload a shorter document',
+    );
+  }
+}
 
 // ==================== Claims ====================
 
@@ -94,7 +112,9 @@ async function claim(db: Db, settings: Settings, entryId: string): Promise<Claim
       await tx.update(knowledgeEntries).set({ search_language: INDEXING_UNDER_WAY }).where(eq(knowledgeEntries.id, entry.id));
       if (!keep) {
         await deleteChunks(tx, entry.id);
-        return { entry, resuming: false };
+        // Nothing of the text is stored any more: the entry counts for its file until this indexing's text is reserved.
+        await tx.update(knowledgeEntries).set({ text_bytes: 0 }).where(eq(knowledgeEntries.id, entry.id));
+        return { entry: { ...entry, text_bytes: 0 }, resuming: false };
       }
     }
     // Nothing stored: nothing to compare (no read per batch).
@@ -143,11 +163,11 @@ interface Claim {
 
 const held = (entry: KnowledgeEntry) => and(eq(knowledgeEntries.id, entry.id), eq(knowledgeEntries.lease_token, entry.lease_token!));
 
-/** Extends the claim; ClaimLostError when it is no longer this job's. */
-async function renew(db: Db, settings: Settings, entry: KnowledgeEntry): Promise<void> {
+/** Extends the claim (writing `also` with it); ClaimLostError when it is no longer this job's. */
+async function renew(db: Db, settings: Settings, entry: KnowledgeEntry, also: Partial<Pick<KnowledgeEntry, 'text_bytes'>> = {}): Promise<void> {
   const [row] = await db
     .update(knowledgeEntries)
-    .set({ lease_expires_at: sql`now() + ${settings.KB_INGEST_LEASE_MS} * interval '1 millisecond'` })
+    .set({ ...also, lease_expires_at: sql`now() + ${settings.KB_INGEST_LEASE_MS} * interval '1 millisecond'` })
     .where(held(entry))
     .returning({ id: knowledgeEntries.id });
   if (!row) throw new ClaimLostError();
@@ -158,14 +178,25 @@ async function renew(db: Db, settings: Settings, entry: KnowledgeEntry): Promise
  * embeddings are paid for, and the entry's next indexing resumes from them (`claim`) — but search
  * shows none of them (`chunks_hidden`) until an indexing of the entry ends `ready`: not while it
  * is failed, nor while its reindex is pending or processing, when they are still unchecked. And
- * `chunk_count` is 0 (nothing is indexed). A document that cannot be read as it is (rejected, its
- * file gone) keeps none: no indexing of it resumes.
+ * `chunk_count` is 0 (nothing is indexed); the kept chunks still count against the quota
+ * (`text_bytes` stays). A document that cannot be read as it is (rejected, its file gone) or whose
+ * text is over the quota keeps none: no indexing of it resumes, and it counts for its file alone.
  */
 async function fail(db: Db, entry: KnowledgeEntry, error: string, keepChunks = true): Promise<void> {
   await transaction(db, async (tx) => {
     const [row] = await tx
       .update(knowledgeEntries)
-      .set({ status: 'failed', error, chunk_count: 0, token_count: 0, chunks_hidden: true, lease_token: null, lease_expires_at: null, processed_at: sql`now()` })
+      .set({
+        status: 'failed',
+        error,
+        chunk_count: 0,
+        token_count: 0,
+        chunks_hidden: true,
+        ...(keepChunks ? {} : { text_bytes: 0 }),
+        lease_token: null,
+        lease_expires_at: null,
+        processed_at: sql`now()`,
+      })
       .where(held(entry))
       .returning({ id: knowledgeEntries.id });
     if (row && !keepChunks) await deleteChunks(tx, entry.id);
@@ -271,6 +302,11 @@ const CUT_SLICE_MS = 20;
  * stores. They all go in the transaction that stores the batch's first chunk (`dropFrom`), before
  * any chunk of this run is there, and the rest of the document is stored as on a first attempt:
  * search never shows old and new chunks of the same text side by side.
+ *
+ * The text counts against the owner's quota (`text_bytes`; crud/knowledge.ts, chargedBytes): each
+ * batch's text is reserved before it is embedded or stored (`reserve`), so a document that extracts
+ * to more than the owner has left stops there (TextOverQuotaError), its reading with it, having
+ * stored and paid for no more than fits.
  */
 class ChunkWriter {
   private readonly queue: DocumentSection[] = [];
@@ -284,6 +320,10 @@ class ChunkWriter {
   readonly signal = this.controller.signal;
   chunkCount = 0;
   tokenCount = 0;
+  /** UTF-8 bytes of the text of the chunks written so far (stored, or found stored as they are). */
+  textBytes = 0;
+  /** What the entry counts for against the quota as far as the database knows: more text than this is reserved first. */
+  private charged: number;
 
   constructor(
     private readonly deps: IngestionDeps,
@@ -291,7 +331,9 @@ class ChunkWriter {
     private readonly cutter: ChunkCutter,
     private readonly model: string | null,
     private resuming: boolean,
-  ) {}
+  ) {
+    this.charged = chargedBytes(entry.size_bytes, entry.text_bytes);
+  }
 
   /** The place from which stored chunks are another cutting's, to delete with the next batch stored (see the class). */
   private dropFrom: number | null = null;
@@ -352,6 +394,10 @@ class ChunkWriter {
     const { deps, entry, model } = this;
     const batch = this.pending;
     this.pending = [];
+    let textBytes = this.textBytes;
+    for (const chunk of batch) textBytes += Buffer.byteLength(chunk.text);
+    // Before anything of the batch is embedded (paid for) or stored.
+    if (textBytes > this.charged) await this.reserve(textBytes);
     const { missing, otherLanguage } = this.resuming ? await this.compare(batch) : { missing: batch, otherLanguage: [] };
     // Past another cutting's chunks (all dropped with this batch), nothing stored is left to compare with.
     const lastCompared = this.dropFrom !== null;
@@ -370,6 +416,30 @@ class ChunkWriter {
     if (lastCompared) this.resuming = false;
     this.chunkCount += batch.length;
     this.tokenCount += batch.reduce((sum, chunk) => sum + chunk.tokenCount, 0);
+    this.textBytes = textBytes;
+  }
+
+  /**
+   * Records that the entry's text takes `textBytes` (more than it counted for), where the owner's
+   * quota allows it: under the owner's lock, which an upload's check takes too, so that neither two
+   * indexings nor an indexing and an upload of one user pass the quota together, each reading the
+   * other's count from before. Taken before the entry's row (which the claim's renewal writes), in
+   * the order an upload and a user's deletion take them. TextOverQuotaError, recording nothing,
+   * when the owner's entries would then count for more than KB_MAX_BYTES_PER_USER.
+   */
+  private async reserve(textBytes: number): Promise<void> {
+    const { deps, entry } = this;
+    const quota = deps.settings.KB_MAX_BYTES_PER_USER;
+    await transaction(deps.db, async (tx) => {
+      await lockUser(tx, entry.owner_id);
+      await renew(tx, deps.settings, entry, { text_bytes: textBytes });
+      const used = await usedBytes(tx, entry.owner_id);
+      if (used > quota) {
+        const usedByOthers = used - chargedBytes(entry.size_bytes, textBytes);
+        throw new TextOverQuotaError({ textBytes, fileBytes: entry.size_bytes, quota, usedByOthers });
+      }
+    });
+    this.charged = chargedBytes(entry.size_bytes, textBytes);
   }
 
   /**
@@ -516,6 +586,8 @@ async function finishEntry(db: Db, settings: Settings, entry: KnowledgeEntry, do
         search_language: settings.KB_SEARCH_LANGUAGE,
         chunk_count: written.chunkCount,
         token_count: written.tokenCount,
+        // Exact now (every chunk left is one written): no more than was reserved, so no check.
+        text_bytes: written.textBytes,
         lease_token: null,
         lease_expires_at: null,
         processed_at: sql`now()`,
@@ -549,6 +621,7 @@ const INGESTION_CREDENTIALS_GONE: Record<CredentialsGone, string> = {
 /** How a failure ends: the entry `failed` with this message now, or (a passing fault) another try. */
 export function outcomeOf(error: unknown, entry: Pick<KnowledgeEntry, 'attempts'>, maxAttempts: number): { fail: string } | { retry: string } {
   if (error instanceof DocumentRejectedError) return { fail: `The document could not be read: ${error.message}` };
+  if (error instanceof TextOverQuotaError) return { fail: error.message };
   if (error instanceof StorageNotFoundError) return { fail: 'The stored file is missing (deleted from storage, or the storage settings changed); upload the document again' };
   // The meter's 402 (the key's max_budget, the account's credits) ends the entry: trying again changes nothing until the limit does.
   if (error instanceof PaymentRequiredError) return { fail: `Embedding stopped: ${error.detail}; reindex the entry once the budget or balance allows it` };
@@ -602,14 +675,16 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
     // The writer's own failure stopped the extraction: its cause is the one to report.
     writer?.stop(thrown);
     const error = await writer?.finish().then(() => thrown, (cause: unknown) => cause) ?? thrown;
+    const overQuota = error instanceof TextOverQuotaError;
     // The text's write may still be going (any failure ended the Promise.all above without waiting
     // for it): once it has landed, it goes if the entry was deleted meanwhile — a deletion before
     // it landed purged the files without it, and it would stay, a file no deletion record names.
     // Not waited for: a storage write that never ends must not hold the job (its queue slot).
-    if (textSaved) {
+    // Text over the quota: below, once the entry is failed.
+    if (textSaved && !overQuota) {
       void textSaved
         .catch(() => undefined)
-        .then(() => removeTextOfDeleted(db, storage, entry))
+        .then(() => removeTextUnlessKept(db, storage, entry, false))
         .catch((cause: unknown) => log.warn({ err: cause, entryId }, 'the text of an entry deleted during its ingestion could not be removed'));
     }
     if (error instanceof ClaimLostError) {
@@ -622,8 +697,16 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
       await release(db, settings, entry);
       throw error;
     }
-    if (!(error instanceof DocumentRejectedError || error instanceof HttpError)) log.error({ err: error, entryId }, 'ingestion failed');
-    await fail(db, entry, outcome.fail, !(error instanceof DocumentRejectedError || error instanceof StorageNotFoundError));
+    if (overQuota) log.info({ entryId, ownerId: entry.owner_id }, "knowledge entry failed: its text is over its owner's storage quota");
+    else if (!(error instanceof DocumentRejectedError || error instanceof HttpError)) log.error({ err: error, entryId }, 'ingestion failed');
+    await fail(db, entry, outcome.fail, !(error instanceof DocumentRejectedError || error instanceof StorageNotFoundError || overQuota));
+    if (overQuota) {
+      // None of its text is kept: neither the copy this job may be writing nor an earlier indexing's.
+      void Promise.resolve(textSaved)
+        .catch(() => undefined)
+        .then(() => removeTextUnlessKept(db, storage, entry, true))
+        .catch((cause: unknown) => log.warn({ err: cause, entryId }, 'the text of an entry over its quota could not be removed'));
+    }
   }
 }
 
@@ -632,10 +715,15 @@ function textPathOf(storage: StorageService, storageKey: string): string[] {
   return storageKey.slice(storage.prefix.length + 1).split('/').slice(0, -1);
 }
 
-/** An entry deleted while its text was being written: the deletion may have missed the text, so it goes now. */
-async function removeTextOfDeleted(db: Db, storage: StorageService, entry: KnowledgeEntry): Promise<void> {
-  const [row] = await db.select({ id: knowledgeEntries.id }).from(knowledgeEntries).where(eq(knowledgeEntries.id, entry.id));
-  if (!row) await storage.deleteFile(textKeyOf(entry.storage_key)).catch(() => false);
+/**
+ * Deletes the entry's extracted text when no indexing keeps it: the entry deleted while its text
+ * was being written (the deletion may have missed the text), or, with `ifFailed`, failed (its text
+ * over the quota). A failed entry's text is read by nothing; one indexed again meanwhile (pending,
+ * processing, ready) keeps it, as its own ingestion writes it anew.
+ */
+async function removeTextUnlessKept(db: Db, storage: StorageService, entry: KnowledgeEntry, ifFailed: boolean): Promise<void> {
+  const [row] = await db.select({ status: knowledgeEntries.status }).from(knowledgeEntries).where(eq(knowledgeEntries.id, entry.id));
+  if (!row || (ifFailed && row.status === 'failed')) await storage.deleteFile(textKeyOf(entry.storage_key)).catch(() => false);
 }
 
 // ==================== Sweeper ====================
