@@ -6,7 +6,7 @@
  * at once take the owner's lock to count, as uploads do, so they never pass it together.
  */
 import { eq, sql } from 'drizzle-orm';
-import { describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 
 import type { SqlSession } from '../../src/core/db.js';
 
@@ -15,16 +15,27 @@ import { knowledgeChunks, knowledgeEntries } from '../../src/models/index.js';
 import { ingestEntry } from '../../src/services/knowledge/ingestion.js';
 import { useTestApp } from '../helpers/app.js';
 import { madeFile, writeTextPdf } from '../helpers/documents.js';
-import { createUser, type TestUser } from '../helpers/factories.js';
+import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, eventually } from '../helpers/http.js';
 import { createFolder, type EntryBody, ingested, settled, storedFiles, upload, uploaded } from '../helpers/knowledge.js';
 import { lockWaits } from '../helpers/lock-waits.js';
+import { addFakeModels } from '../helpers/metered-models.js';
 
 const QUOTA = 200_000;
-const ctx = useTestApp({ KB_MAX_BYTES_PER_USER: String(QUOTA), KB_MAX_FILE_BYTES: String(QUOTA / 2) });
+// Embedded where pgvector is (PGlite): text over the quota is refused before it is embedded, and paid for.
+const ctx = useTestApp({ KB_MAX_BYTES_PER_USER: String(QUOTA), KB_MAX_FILE_BYTES: String(QUOTA / 2), EMBEDDING_MODEL: 'fake-embed', MODEL_MAX_RETRIES: '0' });
 const api = apiOf(ctx);
 const { waitingForLocks } = lockWaits(ctx);
 const onServer = !!process.env.DATABASE_URL;
+
+let fake: FakeModelServer;
+beforeAll(async () => {
+  fake = await FakeModelServer.start();
+  await addFakeModels(ctx.app, await superuserHeaders(ctx.app), fake.url);
+  return () => fake.close();
+});
+const embeddingCalls = () => fake.requestsFor('fake-embed').length;
 
 const LINE = 'The refund policy applies to every order placed through the online shop, whatever the currency';
 
@@ -55,8 +66,11 @@ describe('the storage quota counts extracted text', () => {
     const folder = await createFolder(ctx.app, user.headers);
     const pdf = await textPdf(2_500);
     expect(pdf.length).toBeLessThan(4096);
+    const calls = embeddingCalls();
     const entry = await settled(ctx.app, user.headers, (await uploaded(ctx.app, user.headers, folder.id, { filename: 'refunds.pdf', content: pdf })).id);
     expect(entry.status).toBe('failed');
+    // Refused before any of it was embedded.
+    expect(embeddingCalls()).toBe(calls);
     const textAtLeast = /at least (\d+ bytes \(\d+\.\d MiB\))/.exec(entry.error ?? '')?.[1];
     expect(Number.parseInt(textAtLeast ?? '0')).toBeGreaterThan(QUOTA);
     expect(entry.error).toBe(overQuota(textAtLeast!, pdf.length, QUOTA, 0));
@@ -72,7 +86,10 @@ describe('the storage quota counts extracted text', () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
     const pdf = await textPdf(1_000);
+    const calls = embeddingCalls();
     const entry = await ingested(ctx.app, user.headers, folder.id, { filename: 'refunds.pdf', content: pdf });
+    // Embedded where pgvector is: the path the refusal above did not take.
+    if (ctx.database.kind === 'pglite') expect(embeddingCalls()).toBeGreaterThan(calls);
     // The UTF-8 bytes of its chunks' text as stored, overlap included.
     const held = await heldText(entry.id);
     expect(held.chunkBytes).toBeGreaterThan(50 * pdf.length);
