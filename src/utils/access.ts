@@ -23,7 +23,7 @@ export interface AccessPolicy<Row> {
   /** The column holding the project the row belongs to (for projects: `id`); null when none. */
   readonly projectColumn: PgColumn | null;
   readonly scopedKey: ScopedKeyAccess;
-  /** A scoped key also reads the account's rows that have no project (agents). */
+  /** A scoped key also reads its account's rows that have no project (agents): its user's, a superuser's too. */
   readonly scopedKeyReadsUnassigned: boolean;
   /** Superusers see and change every user's rows (projects); false keeps rows personal (API keys). */
   readonly superuserSeesAll: boolean;
@@ -100,7 +100,9 @@ export function definePolicy<Row>(options: PolicyOptions<Row>): AccessPolicy<Row
       if (scope === null) return byOwner;
       // A resource without a project column is outside every project: a scoped key sees none of it.
       if (project === null) return sql`false`;
-      const inScope = readsUnassigned && action === 'read' ? or(eq(project, scope), isNull(project)) : eq(project, scope);
+      // The unassigned rows are the key's account's own, a superuser's key's too (not every user's).
+      const unassigned = byOwner ? isNull(project) : and(isNull(project), eq(owner, user.id));
+      const inScope = readsUnassigned && action === 'read' ? or(eq(project, scope), unassigned) : eq(project, scope);
       return and(byOwner, inScope);
     },
 
@@ -111,7 +113,7 @@ export function definePolicy<Row>(options: PolicyOptions<Row>): AccessPolicy<Row
       if (!(superuserSeesAll && user.is_superuser) && ownerOf(row) !== user.id) throw notFound();
       if (scope !== null) {
         const rowProject = project === null ? undefined : projectOf(row);
-        const inScope = rowProject === scope || (readsUnassigned && action === 'read' && rowProject === null);
+        const inScope = rowProject === scope || (readsUnassigned && action === 'read' && rowProject === null && ownerOf(row) === user.id);
         if (!inScope) throw notFound();
       }
       return row;

@@ -306,4 +306,23 @@ describe('projects and scoped keys', () => {
     expect((await api('PATCH', `/agents/${created.id}`, key, { system_prompt: 'mine', is_default: false })).json()).toMatchObject({ version: 2, is_default: false });
     expect(await defaults(alice)).toEqual([unassigned.id]);
   });
+
+  it('gives a superuser’s scoped key the superuser’s own agents without a project, not every user’s', async () => {
+    const alice = await createUser(ctx.app);
+    const admin = await createUser(ctx.app, { superuser: true });
+    const project = await createProject(ctx.app, admin.headers, 'Scope');
+    const alices = await createAgent(alice);
+    const own = await createAgent(admin);
+    const key = bearer((await createKey(ctx.app, admin, { name: 'scoped', project_id: project.id })).key);
+
+    // Outside a project (SPEC §3: "the account's agents that have no project"): the key's account is the superuser's.
+    for (const path of [`/agents/${alices.id}`, `/agents/${alices.id}/versions`]) {
+      const response = await api('GET', path, key);
+      expect(response.statusCode, path).toBe(404);
+      expect(response.json()).toEqual({ detail: 'Agent not found' });
+    }
+    expect((await api('GET', '/agents?limit=100', key)).json<ListBody<AgentBody>>().data.map((x) => x.id)).toEqual([own.id]);
+    // The superuser's own token still sees every user's agents.
+    expect((await api('GET', `/agents/${alices.id}`, admin.headers)).statusCode).toBe(200);
+  });
 });
