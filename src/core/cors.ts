@@ -15,6 +15,8 @@ export const CORS_ALLOWED_HEADERS = [
   'x-api-key',
   'content-type',
   'x-request-id',
+  // A run's event stream resumes after it (a fetch-based reader sends it itself; EventSource's own needs no preflight).
+  'last-event-id',
   'x-stainless-arch',
   'x-stainless-lang',
   'x-stainless-os',
@@ -27,8 +29,11 @@ export const CORS_ALLOWED_HEADERS = [
   'openai-organization',
   'openai-project',
 ];
-/** The response headers a browser script may read (`x-should-retry`, `retry-after`: what the openai client's retries go by). */
-export const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after', 'x-should-retry'];
+/**
+ * The response headers a browser script may read: `x-should-retry`, `retry-after` (what the openai
+ * client's retries go by), a creation's `location` and a download's `content-disposition` (its file's name).
+ */
+export const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after', 'x-should-retry', 'location', 'content-disposition'];
 
 /**
  * CORS for the origins in `BACKEND_CORS_ORIGINS` (none: no CORS headers at all). Any other origin

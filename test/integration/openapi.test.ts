@@ -297,6 +297,20 @@ describe('CORS preflight', () => {
     expect(CORS_EXPOSED_HEADERS).toEqual(expect.arrayContaining(['x-request-id', 'retry-after', 'x-should-retry']));
   });
 
+  it('lets a page resume a run\'s events with Last-Event-ID, and read where a creation went and a download\'s name', async () => {
+    // A fetch-based SSE reader sends Last-Event-ID itself (SPEC §5), so its preflight names it.
+    const preflight = await app.inject({
+      method: 'OPTIONS',
+      url: '/api/v1/runs/00000000-0000-4000-8000-000000000000/events',
+      headers: { origin, 'access-control-request-method': 'GET', 'access-control-request-headers': 'authorization,last-event-id' },
+    });
+    expect(preflight.statusCode).toBe(204);
+    expect(String(preflight.headers['access-control-allow-headers']).split(', ')).toEqual(expect.arrayContaining(['authorization', 'last-event-id']));
+    // Creations carry Location (SPEC §2), downloads their file's name.
+    const answer = await app.inject({ method: 'GET', url: '/health', headers: { origin } });
+    expect(String(answer.headers['access-control-expose-headers']).split(', ')).toEqual(expect.arrayContaining(['location', 'content-disposition']));
+  });
+
   it('gives a refused origin no CORS headers (a plain 405)', async () => {
     const response = await app.inject({
       method: 'OPTIONS',
