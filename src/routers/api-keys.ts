@@ -23,7 +23,7 @@ export const apiKeysRouter: FastifyPluginAsyncZod = async (app) => {
     tags: ['api-keys'],
     schemas: { create: ApiKeyCreate, update: ApiKeyUpdate, public: ApiKeyPublic, created: ApiKeyCreated },
     service: apiKeyService,
-    createErrors: [400, 404, 409],
+    createErrors: [404, 409],
     descriptions: {
       create: 'The answer holds the secret `key`; it is shown this once and stored only as a hash.',
       update: 'Rename, or revoke with `{"status": "revoked"}`; revocation is final, and cancels the runs the key started that are still queued or running.',

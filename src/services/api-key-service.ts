@@ -1,5 +1,5 @@
 import { type Db, deadlockRetried } from '../core/db.js';
-import { BadRequestError } from '../core/errors.js';
+import { UnprocessableError } from '../core/errors.js';
 import { generateApiKey } from '../core/security.js';
 
 import type { ApiKey } from '../models/index.js';
@@ -46,7 +46,7 @@ export async function create(ctx: ServiceContext, input: ApiKeyCreate): Promise<
   // Keys are personal: only a project of the caller's own, even for a superuser.
   if (input.project_id) await requireOwnProject(ctx.db, ownerId, input.project_id);
   if (input.expires_at && input.expires_at.getTime() <= Date.now()) {
-    throw new BadRequestError('expires_at must be in the future');
+    throw new UnprocessableError({ loc: ['body', 'expires_at'], msg: 'expires_at must be in the future', type: 'value_error' });
   }
   const secret = generateApiKey();
   const working = { what: 'API key', max: settings.MAX_API_KEYS_PER_USER, count: (tx: Db) => countActiveByOwner(tx, ownerId) };

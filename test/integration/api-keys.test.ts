@@ -109,12 +109,12 @@ describe('POST /api-keys', () => {
     expect(withOffset.expires_at).toBe('2999-01-01T00:00:00.000Z');
   });
 
-  it('answers 400 for an expiry in the past (or now) and stores nothing', async () => {
+  it('answers 422 at expires_at for an expiry in the past (or now), as any invalid field (SPEC §2), and stores nothing', async () => {
     const alice = await createUser(ctx.app);
     for (const expires of [new Date(Date.now() - 60_000).toISOString(), '2000-01-01T00:00:00Z']) {
       const response = await api('POST', '/api-keys', alice.headers, { name: 'late', expires_at: expires });
-      expect(response.statusCode).toBe(400);
-      expect(response.json()).toEqual({ detail: 'expires_at must be in the future' });
+      const { detail } = expectValidationError(response, ['body', 'expires_at'], 'value_error');
+      expect(detail).toEqual([{ loc: ['body', 'expires_at'], msg: 'expires_at must be in the future', type: 'value_error' }]);
     }
     expect(await keyCount(alice.user.id)).toBe(0);
   });
