@@ -10,13 +10,16 @@ import { definePolicy } from '../utils/access.js';
 import { ownedCrud } from './owned.js';
 import { preparedPerDb } from './prepared.js';
 
-/** Keys are personal (a superuser sees only their own) and an account resource: scoped keys get 403. */
+/**
+ * Keys: their owner's, or any superuser's (SPEC §2), who may revoke a leaked one (the secret is a
+ * hash: never shown again). An account resource: scoped keys get 403.
+ */
 export const apiKeyPolicy = definePolicy<ApiKey>({
   noun: 'API key',
   owner: apiKeys.owner_id,
   project: apiKeys.project_id,
   scopedKey: 'none',
-  superuserSeesAll: false,
+  superuserSeesAll: true,
 });
 
 const baseCrud = ownedCrud<ApiKey, NewApiKey>(apiKeys, apiKeyPolicy);

@@ -30,7 +30,8 @@ ownedResourceContract(ctx, {
   update: { name: 'Renamed key' },
   invalidCreates: [{}, { name: 'k', status: 'active' }, { name: 'k', expires_at: 'tomorrow' }],
   invalidUpdates: [{ status: 'active' }, { name: '' }],
-  superuserSeesAll: false,
+  // SPEC §2: superusers see and change everything (a leaked key of any user is theirs to revoke).
+  superuserSeesAll: true,
   scopedKey: 'none',
 });
 

@@ -551,24 +551,28 @@ describe('ownership', () => {
     expect(await statusWith(bearer(created.key))).toBe(200);
   });
 
-  it("a superuser sees only their own keys, and gets 404 for another user's", async () => {
+  it("a superuser sees every user's keys (SPEC §2), and revokes and deletes another user's", async () => {
     const admin = await createUser(ctx.app, { superuser: true });
     const alice = await createUser(ctx.app);
     const alices = await createKey(ctx.app, alice, { name: 'alice key' });
+    const spare = await createKey(ctx.app, alice, { name: 'alice spare' });
     const own = await createKey(ctx.app, admin, { name: 'admin key' });
 
-    const list = (await api('GET', '/api-keys?limit=100', admin.headers)).json<KeyList>();
-    expect(list.count).toBe(1);
-    expect(list.data.map((k) => k.id)).toEqual([own.id]);
+    const listed = (await api('GET', '/api-keys?limit=100', admin.headers)).json<KeyList>().data.map((k) => k.id);
+    expect(listed).toEqual(expect.arrayContaining([own.id, alices.id, spare.id]));
+    // Never the secret again, to anyone.
+    const read = await api('GET', `/api-keys/${alices.id}`, admin.headers);
+    expect(read.statusCode).toBe(200);
+    expect(read.json()).not.toHaveProperty('key');
 
-    for (const [method, payload] of [['GET', undefined], ['PATCH', { status: 'revoked' }], ['DELETE', undefined]] as const) {
-      const response = await api(method, `/api-keys/${alices.id}`, admin.headers, payload);
-      expect(response.statusCode, method).toBe(404);
-      expect(response.json()).toEqual(KEY_NOT_FOUND);
-    }
-    expect((await api('GET', `/api-keys/${alices.id}`, alice.headers)).json()).toMatchObject({ status: 'active' });
-    expect(await statusWith(bearer(alices.key))).toBe(200);
-    expect((await api('GET', `/api-keys/${own.id}`, admin.headers)).statusCode).toBe(200);
+    const revoked = await api('PATCH', `/api-keys/${alices.id}`, admin.headers, { status: 'revoked' });
+    expect(revoked.statusCode).toBe(200);
+    expect(revoked.json()).toMatchObject({ status: 'revoked' });
+    expect(await statusWith(bearer(alices.key))).toBe(401);
+    expect((await api('DELETE', `/api-keys/${spare.id}`, admin.headers)).statusCode).toBe(200);
+    expect(await statusWith(bearer(spare.key))).toBe(401);
+    // The owner's own list is still theirs alone.
+    expect((await api('GET', '/api-keys?limit=100', alice.headers)).json<KeyList>().data.map((k) => k.id)).toEqual([alices.id]);
   });
 });
 
