@@ -31,9 +31,10 @@ export const CORS_ALLOWED_HEADERS = [
 ];
 /**
  * The response headers a browser script may read: `x-should-retry`, `retry-after` (what the openai
- * client's retries go by), a creation's `location` and a download's `content-disposition` (its file's name).
+ * client's retries go by), a creation's `location`, a download's `content-disposition` (its file's
+ * name), and the thread and run an `agent:` completion ran on (to go on in that thread).
  */
-export const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after', 'x-should-retry', 'location', 'content-disposition'];
+export const CORS_EXPOSED_HEADERS = ['x-request-id', 'retry-after', 'x-should-retry', 'location', 'content-disposition', 'x-keel-thread-id', 'x-keel-run-id'];
 
 /**
  * CORS for the origins in `BACKEND_CORS_ORIGINS` (none: no CORS headers at all). Any other origin

@@ -306,9 +306,10 @@ describe('CORS preflight', () => {
     });
     expect(preflight.statusCode).toBe(204);
     expect(String(preflight.headers['access-control-allow-headers']).split(', ')).toEqual(expect.arrayContaining(['authorization', 'last-event-id']));
-    // Creations carry Location (SPEC §2), downloads their file's name.
+    // Creations carry Location (SPEC §2), downloads their file's name, `agent:` completions their thread and run.
     const answer = await app.inject({ method: 'GET', url: '/health', headers: { origin } });
-    expect(String(answer.headers['access-control-expose-headers']).split(', ')).toEqual(expect.arrayContaining(['location', 'content-disposition']));
+    const exposed = String(answer.headers['access-control-expose-headers']).split(', ');
+    expect(exposed).toEqual(expect.arrayContaining(['location', 'content-disposition', 'x-keel-thread-id', 'x-keel-run-id']));
   });
 
   it('gives a refused origin no CORS headers (a plain 405)', async () => {
