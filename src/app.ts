@@ -1,6 +1,5 @@
 import { randomUUID } from 'node:crypto';
 
-import formbody from '@fastify/formbody';
 import Fastify, { type FastifyInstance, type FastifyReply, LogController } from 'fastify';
 import { serializerCompiler, validatorCompiler, type ZodTypeProvider } from 'fastify-type-provider-zod';
 import type { Redis } from 'ioredis';
@@ -215,7 +214,6 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     request.hops = marks.hops;
     done();
   });
-  await app.register(formbody, { bodyLimit: settings.BODY_LIMIT_BYTES });
   app.addContentTypeParser('application/json', { parseAs: 'string' }, jsonBodyParser(app));
   await registerOpenApi(app, settings);
 

@@ -1,3 +1,4 @@
+import formbody from '@fastify/formbody';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 
 import { LoginForm, NewPassword, RecoveryParams, Token } from '../schemas/auth.js';
@@ -13,6 +14,8 @@ const RECOVERY_MESSAGE = 'If that account exists, a password recovery email has 
 
 export const loginRouter: FastifyPluginAsyncZod = async (app) => {
   const { settings } = app;
+  // The OAuth2 password form, for this router's routes only: everywhere else a body is JSON (415 otherwise).
+  await app.register(formbody, { bodyLimit: settings.BODY_LIMIT_BYTES });
 
   // ==================== Tokens ====================
 

@@ -68,6 +68,15 @@ describe('422 answers', () => {
     expect(response.json()).toEqual({ detail: 'Content-Encoding gzip is not supported: send the body uncompressed' });
   });
 
+  it('takes a form body on the login route alone: elsewhere it is 415, as any body that is not JSON (SPEC §2: JSON in)', async () => {
+    const headers = { ...(await superuserHeaders(ctx.app)), 'content-type': 'application/x-www-form-urlencoded' };
+    const response = await ctx.app.inject({ method: 'POST', url: '/api/v1/projects', headers, payload: 'name=from-a-form' });
+    expect(response.statusCode).toBe(415);
+    expect(response.json()).toEqual({ detail: 'Unsupported Media Type' });
+    const listed = await ctx.app.inject({ method: 'GET', url: '/api/v1/projects?limit=100', headers: await superuserHeaders(ctx.app) });
+    expect(listed.json<{ data: { name: string }[] }>().data.map((p) => p.name)).not.toContain('from-a-form');
+  });
+
   it('takes an empty JSON body on a route without a body (a client that always sends content-type)', async () => {
     const headers = { ...(await superuserHeaders(ctx.app)), 'content-type': 'application/json' };
     const created = await ctx.app.inject({ method: 'POST', url: '/api/v1/projects', headers, payload: { name: 'empty-body' } });
