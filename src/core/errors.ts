@@ -127,6 +127,26 @@ export class ServiceUnavailableError extends HttpError {
 }
 
 /**
+ * 507: the server's disk is full (the files' under DATA_DIR, a quota, the database's): the write
+ * failed whole, and the same request may succeed once an operator frees space.
+ */
+export class InsufficientStorageError extends HttpError {
+  constructor() {
+    super(507, 'The server is out of storage space; try again later');
+  }
+}
+
+/** Out of space: the file system's ENOSPC or EDQUOT, or the database's disk_full (53100), on the error or a cause. */
+export function isOutOfSpace(error: unknown): boolean {
+  return (
+    findInCauses(error, (e) => {
+      const code = (e as { code?: unknown }).code;
+      return code === 'ENOSPC' || code === 'EDQUOT' || code === '53100';
+    }) !== undefined
+  );
+}
+
+/**
  * Seconds a client is told to wait (Retry-After) when the rate limiter's counters (Redis) cannot be
  * reached. Short: an outage of Redis is mostly a restart or failover of seconds, and the limiter
  * fails closed, so every request of a client that does not wait would fail too; a client told
@@ -363,6 +383,9 @@ const CONNECTION_MESSAGES = /Connection terminated|Query read timeout|timeout ex
 /** Written once per window while the database is down (per process). */
 const databaseUnavailable = new RepeatedLine();
 
+/** Written once per window while the disk is full (per process). */
+const outOfSpace = new RepeatedLine();
+
 function connectionError(error: unknown): boolean {
   return (
     findInCauses(error, (e) => {
@@ -481,6 +504,12 @@ export function registerErrorHandler(app: FastifyInstance): void {
       const line = db?.code === '57014' || db?.code === '55P03' ? {} : databaseUnavailable.take();
       if (line) request.log.error({ ...loggable(error), ...line }, 'database unavailable');
       return send(reply, 503, { detail: 'Service unavailable' }, { 'retry-after': String(DATABASE_RETRY_AFTER_SECONDS) });
+    }
+    if (isOutOfSpace(error)) {
+      // A full disk is one fact every write repeats until space is freed: written once a window.
+      const line = outOfSpace.take();
+      if (line) request.log.error({ ...loggable(error), ...line }, 'out of storage space');
+      return send(reply, 507, { detail: new InsufficientStorageError().detail });
     }
     request.log.error(loggable(error), 'unhandled error');
     return send(reply, 500, { detail: 'Internal server error' });

@@ -16,7 +16,7 @@ import { and, eq, gte, inArray, lt, or, type SQL, sql, type SQLWrapper } from 'd
 
 import type { Settings } from '../../core/config.js';
 import { type Db, transaction } from '../../core/db.js';
-import { type CredentialsGone, CredentialsGoneError, HttpError, PaymentRequiredError } from '../../core/errors.js';
+import { type CredentialsGone, CredentialsGoneError, HttpError, InsufficientStorageError, isOutOfSpace, PaymentRequiredError } from '../../core/errors.js';
 import type { Logger } from '../../core/logger.js';
 import type { JobQueue } from '../../core/queue.js';
 
@@ -619,7 +619,9 @@ const INGESTION_CREDENTIALS_GONE: Record<CredentialsGone, string> = {
 };
 
 /** How a failure ends: the entry `failed` with this message now, or (a passing fault) another try. */
-export function outcomeOf(error: unknown, entry: Pick<KnowledgeEntry, 'attempts'>, maxAttempts: number): { fail: string } | { retry: string } {
+export function outcomeOf(thrown: unknown, entry: Pick<KnowledgeEntry, 'attempts'>, maxAttempts: number): { fail: string } | { retry: string } {
+  // A full disk (the text's file, the chunks' rows) passes once space is freed: tried again, as a 5xx.
+  const error = isOutOfSpace(thrown) ? new InsufficientStorageError() : thrown;
   if (error instanceof DocumentRejectedError) return { fail: `The document could not be read: ${error.message}` };
   if (error instanceof TextOverQuotaError) return { fail: error.message };
   if (error instanceof StorageNotFoundError) return { fail: 'The stored file is missing (deleted from storage, or the storage settings changed); upload the document again' };

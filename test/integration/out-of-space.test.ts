@@ -1,0 +1,97 @@
+/**
+ * A DATA_DIR whose disk fills up (an upload's file, the extracted text an ingestion writes) and a
+ * database out of disk (SQLSTATE 53100): the client is told 507 with a `{detail}` saying so, not a
+ * 500; nothing half-written stays; an ingestion is tried again rather than failed at once; and all
+ * works again once space is freed, without a restart. The disk is a small tmpfs (mounting one needs root).
+ */
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { eq, sql } from 'drizzle-orm';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { knowledgeEntries } from '../../src/models/index.js';
+
+import { useTestApp } from '../helpers/app.js';
+import { createUser } from '../helpers/factories.js';
+import { apiOf, eventually } from '../helpers/http.js';
+import { createFolder, settled, storedFiles, upload, uploaded } from '../helpers/knowledge.js';
+
+const OUT_OF_SPACE = { detail: 'The server is out of storage space; try again later' };
+
+const root = process.getuid?.() === 0;
+const scratch = mkdtempSync(join(tmpdir(), 'keel-out-of-space-'));
+const disk = join(scratch, 'disk');
+const filler = join(disk, 'filler');
+
+/** Takes all of the disk's free space but `leaveBytes`. */
+function fill(leaveBytes: number): void {
+  const free = Number(execFileSync('df', ['--output=avail', '-B1', disk], { encoding: 'utf8' }).split('\n')[1]);
+  execFileSync('fallocate', ['-l', String(free - leaveBytes), filler]);
+}
+
+describe.skipIf(!root)('out of disk space', () => {
+  beforeAll(() => {
+    mkdirSync(disk);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', disk]);
+  });
+  afterAll(() => {
+    execFileSync('umount', [disk]);
+    rmSync(scratch, { recursive: true, force: true });
+  });
+  // Job retries a second apart: the entry's next try comes soon after the space is freed.
+  const ctx = useTestApp({ DATA_DIR: disk, JOB_BACKOFF_MS: '1000', KB_SWEEP_INTERVAL_MS: '3600000' });
+  const api = apiOf(ctx);
+
+  it('answers an upload the disk cannot hold with 507, keeps no part of it, and takes it once space is freed', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const content = 'All work and no play. '.repeat(150_000); // 3.3 MB on a 2 MB disk
+    const refused = await upload(ctx.app, user.headers, folder.id, { filename: 'big.txt', content, type: 'text/plain' });
+    expect(refused.statusCode).toBe(507);
+    expect(refused.json()).toEqual(OUT_OF_SPACE);
+    expect(readdirSync(join(disk, 'storage', '.tmp'))).toEqual([]);
+    expect(storedFiles(disk, user.user.id)).toEqual([]);
+    expect((await api('GET', '/knowledge-base/entries', user.headers)).json()).toMatchObject({ count: 0 });
+
+    const entry = await uploaded(ctx.app, user.headers, folder.id, { filename: 'small.txt', content: content.slice(0, 100_000), type: 'text/plain' });
+    expect((await settled(ctx.app, user.headers, entry.id)).status).toBe('ready');
+  });
+
+  it('tries an ingestion whose text the disk cannot hold again, and indexes it once space is freed', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    // Room for the file, not for its extracted text beside it.
+    fill(500_000);
+    try {
+      const entry = await uploaded(ctx.app, user.headers, folder.id, { filename: 'a.txt', content: 'Herons stand still in the shallows. '.repeat(10_000), type: 'text/plain' });
+      const row = async () => (await ctx.database.db.select().from(knowledgeEntries).where(eq(knowledgeEntries.id, entry.id)))[0]!;
+      await eventually(async () => (await row()).attempts >= 1 && (await row()).status !== 'processing', 10_000);
+      expect(await row()).toMatchObject({ status: 'pending', error: null });
+    } finally {
+      rmSync(filler);
+    }
+    const [entry] = (await api('GET', '/knowledge-base/entries', user.headers)).json<{ data: { id: string }[] }>().data;
+    expect(await settled(ctx.app, user.headers, entry!.id)).toMatchObject({ status: 'ready', error: null });
+  });
+
+  it('answers a write the database has no disk for (53100) with 507', async () => {
+    const user = await createUser(ctx.app);
+    // What PostgreSQL raises when it cannot extend a table's file.
+    await ctx.database.db.execute(
+      sql.raw(`create function keel_test_disk_full() returns trigger language plpgsql as $$ begin raise exception 'could not extend file "base/5/16941": No space left on device' using errcode = 'disk_full'; end $$`),
+    );
+    await ctx.database.db.execute(sql.raw('create trigger keel_test_disk_full before insert on projects for each row execute function keel_test_disk_full()'));
+    try {
+      const refused = await api('POST', '/projects', user.headers, { name: 'Full' });
+      expect(refused.statusCode).toBe(507);
+      expect(refused.json()).toEqual(OUT_OF_SPACE);
+    } finally {
+      await ctx.database.db.execute(sql.raw('drop trigger keel_test_disk_full on projects'));
+      await ctx.database.db.execute(sql.raw('drop function keel_test_disk_full()'));
+    }
+    expect((await api('POST', '/projects', user.headers, { name: 'Room again' })).statusCode).toBe(200);
+  });
+});
