@@ -55,6 +55,11 @@ const codeOf = (error: unknown): string | undefined => (error as NodeJS.ErrnoExc
 
 const whoAmI = (): string => (typeof process.getuid === 'function' ? `this user (uid ${process.getuid()})` : 'this user');
 
+/** What the operator does about a file that could not be made in `directory`: a full disk (or quota) is no permission to grant. */
+export function remedyIn(directory: string, code: string | undefined): string {
+  return code === 'ENOSPC' || code === 'EDQUOT' ? `free space on the disk holding ${directory}` : `make ${directory} writable by ${whoAmI()}`;
+}
+
 /**
  * The lock's holder; null when nobody holds it (half-written by a process killed between create and
  * write). Throws ENOENT when there is no lock (released meanwhile), and DataDirLockError when this
@@ -132,7 +137,7 @@ export function lockDirectory(directory: string): () => void {
   } catch (error) {
     if (!(error instanceof CannotCreate)) throw error;
     throw new DataDirLockError(
-      `cannot take the lock file ${inside} (${error.reason.code ?? error.reason.message}): make ${directory} writable by ${whoAmI()}`,
+      `cannot take the lock file ${inside} (${error.reason.code ?? error.reason.message}): ${remedyIn(directory, error.reason.code)}`,
     );
   }
   try {

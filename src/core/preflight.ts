@@ -1,3 +1,4 @@
+import { statfsSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 
@@ -79,7 +80,26 @@ export function databaseProblem(error: unknown, settings: Settings): ConfigError
 }
 
 /** Emscripten's numbers (PGlite's file system) for the errors an operator can fix. */
-const WASM_ERRNO: Record<number, string> = { 2: 'EACCES', 44: 'ENOENT', 54: 'ENOTDIR', 63: 'EPERM', 69: 'EROFS' };
+const WASM_ERRNO: Record<number, string> = { 2: 'EACCES', 19: 'EDQUOT', 44: 'ENOENT', 51: 'ENOSPC', 54: 'ENOTDIR', 63: 'EPERM', 69: 'EROFS' };
+
+/**
+ * The free space PGlite may need to open a data directory: PostgreSQL writes a whole WAL segment
+ * (pg_wal/xlogtemp.*, 16 MB) as it starts unless it can recycle one, and PGlite says only that it
+ * "failed to initialize".
+ */
+const PGLITE_START_BYTES = 16 << 20;
+
+/** Bytes free (to this user) on the disk holding `dir`, or null when it cannot be told. */
+function freeBytes(dir: string): number | null {
+  try {
+    const { bavail, bsize } = statfsSync(dir);
+    return bavail * bsize;
+  } catch {
+    return null;
+  }
+}
+
+const megabytes = (bytes: number) => `${(bytes / (1 << 20)).toFixed(1)} MB`;
 
 /** The embedded database could not be opened: name the directory and the setting that chose it. */
 function pgliteProblem(error: unknown, settings: Settings): ConfigError {
@@ -88,7 +108,13 @@ function pgliteProblem(error: unknown, settings: Settings): ConfigError {
   // Its lock says which file and why.
   if (error instanceof DataDirLockError) return new ConfigError(`${setting}: ${error.message}`);
   const errno = (error as Failure | undefined)?.errno;
-  const reason = errorCode(error) ?? (typeof errno === 'number' ? (WASM_ERRNO[errno] ?? `errno ${errno}`) : messageOf(error));
+  const code = errorCode(error) ?? (typeof errno === 'number' ? WASM_ERRNO[errno] : undefined);
+  const free = freeBytes(dir);
+  if (code === 'ENOSPC' || code === 'EDQUOT' || (code === undefined && free !== null && free < PGLITE_START_BYTES)) {
+    const room = free === null ? '' : ` (${megabytes(free)} free; opening it may write a ${PGLITE_START_BYTES >> 20} MB WAL segment)`;
+    return new ConfigError(`${setting}: cannot open the embedded database in ${dir}: the disk holding it is full${room}: free space there`);
+  }
+  const reason = code ?? (typeof errno === 'number' ? `errno ${errno}` : messageOf(error));
   return new ConfigError(`${setting}: cannot open the embedded database in ${dir} (${reason}): check that it is a directory this user can write, or set ${setting}`);
 }
 

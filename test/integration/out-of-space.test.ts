@@ -18,6 +18,7 @@ import { useTestApp } from '../helpers/app.js';
 import { createUser } from '../helpers/factories.js';
 import { apiOf, eventually } from '../helpers/http.js';
 import { createFolder, settled, storedFiles, upload, uploaded } from '../helpers/knowledge.js';
+import { freePort, keel, killLeftovers, migratedDataDir, startLocalKeel } from '../helpers/process.js';
 
 const OUT_OF_SPACE = { detail: 'The server is out of storage space; try again later' };
 
@@ -26,10 +27,10 @@ const scratch = mkdtempSync(join(tmpdir(), 'keel-out-of-space-'));
 const disk = join(scratch, 'disk');
 const filler = join(disk, 'filler');
 
-/** Takes all of the disk's free space but `leaveBytes`. */
-function fill(leaveBytes: number): void {
-  const free = Number(execFileSync('df', ['--output=avail', '-B1', disk], { encoding: 'utf8' }).split('\n')[1]);
-  execFileSync('fallocate', ['-l', String(free - leaveBytes), filler]);
+/** Takes all of the free space of the disk at `at` but `leaveBytes`, with the file `at`/filler. */
+function fill(leaveBytes: number, at = disk): void {
+  const free = Number(execFileSync('df', ['--output=avail', '-B1', at], { encoding: 'utf8' }).split('\n')[1]);
+  execFileSync('fallocate', ['-l', String(free - leaveBytes), join(at, 'filler')]);
 }
 
 describe.skipIf(!root)('out of disk space', () => {
@@ -93,5 +94,41 @@ describe.skipIf(!root)('out of disk space', () => {
       await ctx.database.db.execute(sql.raw('drop function keel_test_disk_full()'));
     }
     expect((await api('POST', '/projects', user.headers, { name: 'Room again' })).statusCode).toBe(200);
+  });
+});
+
+describe.skipIf(!root)('starting on a full disk', () => {
+  const volume = join(scratch, 'volume');
+  beforeAll(() => {
+    mkdirSync(volume);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', volume]);
+  });
+  afterAll(() => {
+    killLeftovers();
+    execFileSync('umount', [volume]);
+  });
+
+  it('stops naming the full disk, not a permission, for the database and for its lock; starts once space is freed', { timeout: 120_000 }, async () => {
+    const dataDir = await migratedDataDir(join(volume, 'data'));
+    const env = { ENVIRONMENT: 'local', DATA_DIR: dataDir, PORT: String(await freePort()), LOG_LEVEL: 'warn' };
+    const pglite = join(dataDir, 'pglite');
+    // Room for the locks (a page each), not for what the database writes as it opens.
+    fill(8192, volume);
+    const opening = keel(['start'], env);
+    expect((await opening.ended).code).toBe(1);
+    expect(opening.err().trim()).toMatch(
+      new RegExp(`^keel: DATA_DIR: cannot open the embedded database in ${pglite}: the disk holding it is full \\(0\\.\\d MB free; opening it may write a 16 MB WAL segment\\): free space there$`),
+    );
+    // No room at all: the lock file is the first write.
+    rmSync(join(volume, 'filler'));
+    fill(0, volume);
+    const locking = keel(['start'], env);
+    expect((await locking.ended).code).toBe(1);
+    expect(locking.err().trim()).toBe(`keel: DATA_DIR: cannot take the lock file ${join(pglite, 'keel.lock')} (ENOSPC): free space on the disk holding ${pglite}`);
+
+    rmSync(join(volume, 'filler'));
+    const { child } = await startLocalKeel(dataDir, Number(env.PORT), {});
+    child.process.kill('SIGTERM');
+    expect((await child.ended).code).toBe(0);
   });
 });
