@@ -12,6 +12,11 @@ export const REDACTED_PATHS = [
   'req.headers.cookie',
   'headers.authorization',
   'headers["x-api-key"]',
+  'headers.cookie',
+  // A plugin's options holding the request's headers: @fastify/multipart logs `busboyOptions` at trace.
+  '*.headers.authorization',
+  '*.headers["x-api-key"]',
+  '*.headers.cookie',
   'authorization',
   'password',
   'new_password',

@@ -14,7 +14,7 @@ export interface CapturedLogs {
 /** pino's numeric levels, for filtering `lines()`. */
 export const LEVEL = { debug: 20, info: 30, warn: 40, error: 50 } as const;
 
-export function captureLogs(level: 'debug' | 'info' | 'warn' | 'error' = 'info'): CapturedLogs {
+export function captureLogs(level: 'trace' | 'debug' | 'info' | 'warn' | 'error' = 'info'): CapturedLogs {
   let text = '';
   // The app's own options (redaction included), so a test sees what production would write.
   const logger = pino(loggerOptions({ LOG_LEVEL: level, LOG_FORMAT: 'json' }), {
