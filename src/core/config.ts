@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { parseEnv } from 'node:util';
 
@@ -490,12 +490,15 @@ function localSecretKey(dataDir: string): string {
     } catch (error) {
       // Another process created it first: use theirs.
       if ((error as NodeJS.ErrnoException).code === 'EEXIST') return checkedKeyFile(file);
+      // Created and not written (a full disk): an empty key file would stop every later start.
+      rmSync(file, { force: true });
       throw error;
     }
   } catch (error) {
     if (error instanceof ConfigError) throw error;
     const code = (error as NodeJS.ErrnoException).code ?? 'error';
-    throw new ConfigError(`DATA_DIR: cannot keep the local secret key in ${file} (${code}); make ${dataDir} writable by this user or set DATA_DIR`);
+    const remedy = code === 'ENOSPC' || code === 'EDQUOT' ? `free space on the disk holding ${dataDir}` : `make ${dataDir} writable by this user or set DATA_DIR`;
+    throw new ConfigError(`DATA_DIR: cannot keep the local secret key in ${file} (${code}); ${remedy}`);
   }
 }
 

@@ -5,7 +5,7 @@
  * works again once space is freed, without a restart. The disk is a small tmpfs (mounting one needs root).
  */
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -130,5 +130,19 @@ describe.skipIf(!root)('starting on a full disk', () => {
     const { child } = await startLocalKeel(dataDir, Number(env.PORT), {});
     child.process.kill('SIGTERM');
     expect((await child.ended).code).toBe(0);
+  });
+
+  it('a first start that cannot write the local secret key says the disk is full and leaves no empty key file behind', async () => {
+    const fresh = join(volume, 'fresh');
+    fill(0, volume);
+    try {
+      const first = keel(['start'], { ENVIRONMENT: 'local', DATA_DIR: fresh, PORT: String(await freePort()), LOG_LEVEL: 'warn' });
+      expect((await first.ended).code).toBe(1);
+      expect(first.err().trim()).toBe(`keel: DATA_DIR: cannot keep the local secret key in ${join(fresh, '.secret_key')} (ENOSPC); free space on the disk holding ${fresh}`);
+      // An empty one stopped every later start, space freed or not, until removed by hand.
+      expect(existsSync(join(fresh, '.secret_key'))).toBe(false);
+    } finally {
+      rmSync(join(volume, 'filler'));
+    }
   });
 });
