@@ -25,7 +25,7 @@
  *   takeUnwritten). Saves of earlier versions have no mark: taken as seen.
  */
 import { randomUUID } from 'node:crypto';
-import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 
@@ -87,8 +87,10 @@ export function saveUnwritten(dir: string, queues: UnwrittenUsage): number {
   // Left by a save that throws, it holds the files written so far until this process is gone
   // (SAVE_MAX_MS at most).
   const saving = join(dir, `${stamp}.saving`);
-  writeFileSync(`${saving}-draft`, processIdentity(), { mode: 0o600 });
-  renameSync(`${saving}-draft`, saving);
+  removedOnFailure(`${saving}-draft`, () => {
+    writeFileSync(`${saving}-draft`, processIdentity(), { mode: 0o600 });
+    renameSync(`${saving}-draft`, saving);
+  });
   for (const [i, part] of parts.entries()) writeWhole(join(dir, `${stamp}-${String(i).padStart(6, '0')}.json`), part);
   try {
     rmSync(saving);
@@ -98,17 +100,31 @@ export function saveUnwritten(dir: string, queues: UnwrittenUsage): number {
   return parts.length;
 }
 
+/** Runs `write`, which makes `temporary`; removes it if `write` fails (a full disk): no reader takes it, so it stayed for good. */
+function removedOnFailure(temporary: string, write: () => void): void {
+  try {
+    write();
+  } catch (error) {
+    rmSync(temporary, { force: true });
+    throw error;
+  }
+}
+
 /** Writes `part` to `path` under a temporary name, fsynced, then renamed: a reader never sees half of it. */
 function writeWhole(path: string, part: UnwrittenUsage): void {
   const temporary = `${path.replace(/\.json$/, '')}.tmp`;
-  const fd = openSync(temporary, 'w', 0o600);
-  try {
-    writeSync(fd, JSON.stringify(part));
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-  renameSync(temporary, path);
+  removedOnFailure(temporary, () => {
+    const fd = openSync(temporary, 'w', 0o600);
+    try {
+      // writeFileSync writes on until all of it is written (or throws): one writeSync may write only
+      // part of it on a disk that is filling up, without an error, and half a file went in as whole.
+      writeFileSync(fd, JSON.stringify(part));
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(temporary, path);
+  });
 }
 
 /** The save a file's name is of: without its number, a take-back's `-r<pid>`s and a taker's `.<pid>_<identity>.taken`. */

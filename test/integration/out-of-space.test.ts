@@ -14,6 +14,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { knowledgeEntries } from '../../src/models/index.js';
 
+import { saveUnwritten } from '../../src/services/unwritten-usage.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser } from '../helpers/factories.js';
 import { apiOf, eventually } from '../helpers/http.js';
@@ -143,6 +144,33 @@ describe.skipIf(!root)('starting on a full disk', () => {
       expect(existsSync(join(fresh, '.secret_key'))).toBe(false);
     } finally {
       rmSync(join(volume, 'filler'));
+    }
+  });
+});
+
+describe.skipIf(!root)('saving unwritten usage on a full disk', () => {
+  const volume = join(scratch, 'usage-volume');
+  beforeAll(() => {
+    mkdirSync(volume);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', volume]);
+  });
+  afterAll(() => execFileSync('umount', [volume]));
+
+  it.each([
+    ['no room at all', 0],
+    ['room for part of a file', 64 * 1024],
+  ])('with %s, throws and leaves no file that is not whole (but its in-progress mark)', (_, leave) => {
+    const dir = join(volume, 'usage-unwritten');
+    mkdirSync(dir, { recursive: true });
+    fill(leave, volume);
+    try {
+      const usage = Array.from({ length: 2_000 }, (_, i) => `${String(i).padStart(6, '0')}${'x'.repeat(500)}`);
+      expect(() => saveUnwritten(dir, { usage, settlements: [], windowSettlements: [], blockReleases: [] })).toThrow(/ENOSPC/);
+      // A half-written file under its final name would be read as all there is; a temporary one stays for good.
+      expect(readdirSync(dir).filter((name) => !name.endsWith('.saving'))).toEqual([]);
+    } finally {
+      rmSync(join(volume, 'filler'));
+      rmSync(dir, { recursive: true });
     }
   });
 });
