@@ -13,7 +13,7 @@ import { jsonSchema, type ModelMessage, tool, type ToolSet } from 'ai';
 import { asc, eq, sql } from 'drizzle-orm';
 
 import { commitWithNextStatement, type Db, transaction } from '../../core/db.js';
-import { type CredentialsGone, CredentialsGoneError, HttpError, PaymentRequiredError, TooManyRequestsError } from '../../core/errors.js';
+import { type CredentialsGone, CredentialsGoneError, HttpError, InsufficientStorageError, isOutOfSpace, PaymentRequiredError, TooManyRequestsError } from '../../core/errors.js';
 
 import { type AgentVersion, type Message, messages, type MessageToolCall, type Run, type RunUsage } from '../../models/index.js';
 
@@ -98,6 +98,8 @@ export function describeRunError(error: unknown, run: Pick<Run, 'model'>): strin
     return `The provider refused the request for model ${run.model} (${status})`;
   }
   if (error instanceof HttpError) return error.detail;
+  // The run's messages or events could not be written (the disk full): not a fault to report.
+  if (isOutOfSpace(error)) return new InsufficientStorageError().detail;
   return INTERNAL_RUN_ERROR;
 }
 
