@@ -1,3 +1,4 @@
+import { writeFileSync } from 'node:fs';
 import { Writable } from 'node:stream';
 
 import Fastify from 'fastify';
@@ -63,5 +64,21 @@ describe('the error handler on a stack overflow', () => {
 
   it('keeps other range errors a 500', async () => {
     expect((await answerTo(new RangeError('Invalid array length'))).response.statusCode).toBe(500);
+  });
+});
+
+describe('the error handler on a full disk', () => {
+  it('answers 507 saying so (logged once a window: another test may have had this one)', async () => {
+    const full = (() => {
+      try {
+        writeFileSync('/dev/full', 'x');
+      } catch (error) {
+        return error;
+      }
+    })();
+    expect(full).toMatchObject({ code: 'ENOSPC' });
+    const { response } = await answerTo(full);
+    expect(response.statusCode).toBe(507);
+    expect(response.json()).toEqual({ detail: 'The server is out of storage space; try again later' });
   });
 });
