@@ -27,6 +27,8 @@ const root = process.getuid?.() === 0;
 const scratch = mkdtempSync(join(tmpdir(), 'keel-out-of-space-'));
 const disk = join(scratch, 'disk');
 const filler = join(disk, 'filler');
+// After every describe's own unmount (vitest runs file-level afterAll hooks last).
+afterAll(() => rmSync(scratch, { recursive: true, force: true }));
 
 /** Takes all of the free space of the disk at `at` but `leaveBytes`, with the file `at`/filler. */
 function fill(leaveBytes: number, at = disk): void {
@@ -39,10 +41,7 @@ describe.skipIf(!root)('out of disk space', () => {
     mkdirSync(disk);
     execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', disk]);
   });
-  afterAll(() => {
-    execFileSync('umount', [disk]);
-    rmSync(scratch, { recursive: true, force: true });
-  });
+  afterAll(() => execFileSync('umount', [disk]));
   // Job retries a second apart: the entry's next try comes soon after the space is freed.
   const ctx = useTestApp({ DATA_DIR: disk, JOB_BACKOFF_MS: '1000', KB_SWEEP_INTERVAL_MS: '3600000' });
   const api = apiOf(ctx);
