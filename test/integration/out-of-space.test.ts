@@ -108,7 +108,7 @@ describe.skipIf(!root)('starting on a full disk', () => {
     execFileSync('umount', [volume]);
   });
 
-  it('stops naming the full disk, not a permission, for the database and for its lock; starts once space is freed', { timeout: 120_000 }, async () => {
+  it('stops naming the full disk, not a permission, for the database and for its lock; starts once space is freed', { timeout: 300_000 }, async () => {
     const dataDir = await migratedDataDir(join(volume, 'data'));
     const env = { ENVIRONMENT: 'local', DATA_DIR: dataDir, PORT: String(await freePort()), LOG_LEVEL: 'warn' };
     const pglite = join(dataDir, 'pglite');
