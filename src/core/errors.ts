@@ -380,12 +380,6 @@ const CONNECTION_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'ETIMEDOUT', 'E
 /** What node-postgres says, without a code, when it loses or cannot get a connection. */
 const CONNECTION_MESSAGES = /Connection terminated|Query read timeout|timeout exceeded when trying to connect|not queryable|Cannot use a pool after calling end/;
 
-/** Written once per window while the database is down (per process). */
-const databaseUnavailable = new RepeatedLine();
-
-/** Written once per window while the disk is full (per process). */
-const outOfSpace = new RepeatedLine();
-
 function connectionError(error: unknown): boolean {
   return (
     findInCauses(error, (e) => {
@@ -444,6 +438,10 @@ function readTheRest(request: FastifyRequest, reply: FastifyReply): void {
 
 export function registerErrorHandler(app: FastifyInstance): void {
   const allowedMethods = trackAllowedMethods(app);
+  // Written once per window while the database is down, or the disk full: per app (one a process
+  // in service), so that apps built one after the other (tests) each write their first line.
+  const databaseUnavailable = new RepeatedLine();
+  const outOfSpace = new RepeatedLine();
   app.decorate('routeNotFound', (request: FastifyRequest): never => {
     const allow = allowedMethods(request);
     // As the client wrote it (a model id's slashes, escaped by the app's rewriteUrl, are its own).
