@@ -171,8 +171,12 @@ export const SettingsSchema = z.object({
   RUN_SWEEP_INTERVAL_SECONDS: int(1, 3_600).default(10),
   /** How long a finished run's events stay replayable (GET /runs/{id}/events). */
   RUN_EVENTS_TTL_SECONDS: int(60, 31_536_000).default(3_600),
-  /** Longest silence on a run's event stream before a keep-alive comment. */
-  RUN_EVENTS_KEEPALIVE_SECONDS: int(1, 15).default(15),
+  /**
+   * Longest silence on a run's event stream before a keep-alive comment. 10, not SPEC §5's 15: a
+   * timer set to 15 s fires a little after it, and a proxy or client that gives up at 15 s of
+   * silence would see one gap too long now and then.
+   */
+  RUN_EVENTS_KEEPALIVE_SECONDS: int(1, 15).default(10),
   /** Streamed text (`message.delta`) is written to the embedded event log at most this often (live readers get it at once). */
   RUN_EVENTS_FLUSH_MS: int(1, 10_000).default(50),
   /**

@@ -51,6 +51,8 @@ describe('loadSettings defaults', () => {
     expect(settings.DATABASE_URL).toBeUndefined();
     expect(settings.REDIS_URL).toBeUndefined();
     expect(settings.dataDir).toBe(resolve('data'));
+    // SPEC §5: keep-alive comments at least every 15 s; a 15 s timer fires a little after 15 s.
+    expect(settings.RUN_EVENTS_KEEPALIVE_SECONDS).toBeLessThanOrEqual(10);
   });
 
   it('treats empty values as unset and ignores unknown variables', () => {
