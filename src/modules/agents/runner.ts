@@ -119,6 +119,9 @@ function addUsage(total: RunUsage, call: TokenUsage): RunUsage {
 /** What the model reads for a tool call of the thread whose tool message is not in it. */
 export const MISSING_TOOL_RESULT = 'Error: the result of this tool call is not in the thread (its message was deleted)';
 
+/** Text with no character but white space (or none). */
+const BLANK = /^\s*$/;
+
 /**
  * The thread's messages as the model reads them: each assistant message's tool calls followed by
  * their results in the calls' order (tool results carry the name of the tool they answer; some
@@ -126,7 +129,7 @@ export const MISSING_TOOL_RESULT = 'Error: the result of this tool call is not i
  * client may delete one of them (DELETE /threads/{id}/messages/{id}), and providers (and the SDK,
  * MissingToolResultsError) refuse a call without its result or a result without its call, which
  * failed every later run of the thread: a call whose result is gone reads MISSING_TOOL_RESULT, and
- * a result whose call is gone is left out. An assistant message with neither text nor calls is left out too.
+ * a result whose call is gone is left out. A message with neither text nor calls is left out too.
  */
 export function toModelMessages(rows: readonly Message[]): ModelMessage[] {
   const out: ModelMessage[] = [];
@@ -148,17 +151,21 @@ export function toModelMessages(rows: readonly Message[]): ModelMessage[] {
       continue;
     }
     answerCalls();
-    if (row.role === 'user' || row.role === 'system') out.push({ role: row.role, content: row.content });
-    else {
+    // Blank text (a model that said nothing or only white space, an agent completion's blank
+    // assistant turn, a user message stored before blank ones were refused) says nothing to the
+    // model, and Anthropic refuses a text block without a non-white-space character: every later
+    // run of the thread failed. It is left out, the message with it when it has nothing else.
+    const said = BLANK.test(row.content) ? null : row.content;
+    if (row.role === 'user' || row.role === 'system') {
+      if (said !== null) out.push({ role: row.role, content: said });
+    } else {
       calls = row.tool_calls ?? [];
-      // An empty answer (a model that said nothing, an agent completion's empty assistant turn) says
-      // nothing to the model, and Anthropic refuses an empty text block: every later run failed.
       if (!calls.length) {
-        if (row.content) out.push({ role: 'assistant', content: row.content });
+        if (said !== null) out.push({ role: 'assistant', content: said });
       } else {
         out.push({
           role: 'assistant',
-          content: [...(row.content ? [{ type: 'text' as const, text: row.content }] : []), ...calls.map((call) => ({ type: 'tool-call' as const, toolCallId: call.id, toolName: call.name, input: call.arguments }))],
+          content: [...(said !== null ? [{ type: 'text' as const, text: said }] : []), ...calls.map((call) => ({ type: 'tool-call' as const, toolCallId: call.id, toolName: call.name, input: call.arguments }))],
         });
       }
     }
