@@ -11,7 +11,7 @@ import type { Database, Db } from './core/db.js';
 import { registerErrorHandler, ShuttingDownError, UpstreamLoopError } from './core/errors.js';
 import { HOP_HEADER, hopMark, hopsOf } from './core/hop.js';
 import { serverOptions, slashesInLastSegment, trackConnections } from './core/http-server.js';
-import { jsonBodyParser } from './core/json-body.js';
+import { FORM_CONTENT_TYPE, formBodyRefused, jsonBodyParser } from './core/json-body.js';
 import { lazyRequestLogger, type Logger } from './core/logger.js';
 import { type EmbeddedMaintenance, startEmbeddedMaintenance } from './core/maintenance.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
@@ -215,6 +215,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     done();
   });
   app.addContentTypeParser('application/json', { parseAs: 'string' }, jsonBodyParser(app));
+  app.addContentTypeParser(FORM_CONTENT_TYPE, { parseAs: 'string', bodyLimit: settings.BODY_LIMIT_BYTES }, formBodyRefused);
   await registerOpenApi(app, settings);
 
   // ==================== Routes ====================

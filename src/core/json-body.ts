@@ -1,4 +1,4 @@
-import type { FastifyBodyParser, FastifyInstance, FastifyRequest } from 'fastify';
+import { errorCodes, type FastifyBodyParser, type FastifyInstance, type FastifyRequest } from 'fastify';
 
 /** What refuses a body before it is parsed (an Error to answer with), or lets it through (undefined). */
 export type JsonBodyCheck = (request: FastifyRequest, text: string) => Error | undefined;
@@ -19,3 +19,14 @@ export function jsonBodyParser(app: FastifyInstance, check?: JsonBodyCheck): Fas
     return parseJson(request, text, done);
   };
 }
+
+export const FORM_CONTENT_TYPE = 'application/x-www-form-urlencoded';
+
+/**
+ * A form body outside the login routes (which parse the OAuth2 password form: routers/login.ts):
+ * an empty one is no body, as an empty JSON body is (a `curl -d ''` or a `$.post(url)` to cancel a
+ * run, which sends the form's content type with nothing in it), and any other is 415, as every
+ * body that is not JSON (SPEC §2: JSON in).
+ */
+export const formBodyRefused: FastifyBodyParser<string> = (_request, text, done) =>
+  text === '' ? done(null, undefined) : done(new errorCodes.FST_ERR_CTP_INVALID_MEDIA_TYPE(), undefined);

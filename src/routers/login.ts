@@ -1,6 +1,8 @@
 import formbody from '@fastify/formbody';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 
+import { FORM_CONTENT_TYPE } from '../core/json-body.js';
+
 import { LoginForm, NewPassword, RecoveryParams, Token } from '../schemas/auth.js';
 import { authErrors, ErrorBody, Message, ValidationError } from '../schemas/common.js';
 import { UserPublic } from '../schemas/user.js';
@@ -15,6 +17,7 @@ const RECOVERY_MESSAGE = 'If that account exists, a password recovery email has 
 export const loginRouter: FastifyPluginAsyncZod = async (app) => {
   const { settings } = app;
   // The OAuth2 password form, for this router's routes only: everywhere else a body is JSON (415 otherwise).
+  app.removeContentTypeParser(FORM_CONTENT_TYPE);
   await app.register(formbody, { bodyLimit: settings.BODY_LIMIT_BYTES });
 
   // ==================== Tokens ====================

@@ -85,6 +85,21 @@ describe('422 answers', () => {
     expect(deleted.statusCode).toBe(200);
   });
 
+  it("takes an empty form body on a route without a body (curl -d '', jQuery's $.post(url)), and the login form still", async () => {
+    const admin = await superuserHeaders(ctx.app);
+    const created = await ctx.app.inject({ method: 'POST', url: '/api/v1/projects', headers: admin, payload: { name: 'empty-form' } });
+    const id = created.json<{ id: string }>().id;
+    const form = { ...admin, 'content-type': 'application/x-www-form-urlencoded' };
+    expect((await ctx.app.inject({ method: 'DELETE', url: `/api/v1/projects/${id}`, headers: form, payload: '' })).statusCode).toBe(200);
+    const login = await ctx.app.inject({
+      method: 'POST',
+      url: '/api/v1/login/access-token',
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      payload: `username=${encodeURIComponent(ctx.app.settings.FIRST_SUPERUSER)}&password=${encodeURIComponent(ctx.app.settings.FIRST_SUPERUSER_PASSWORD)}`,
+    });
+    expect(login.statusCode, login.body).toBe(200);
+  });
+
   it.each([
     ['limit=0', 'greater_than_equal', 'Input should be greater than or equal to 1'],
     ['limit=101', 'less_than_equal', 'Input should be less than or equal to 100'],
