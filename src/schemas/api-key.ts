@@ -37,6 +37,7 @@ export type ApiKeyUpdate = z.infer<typeof ApiKeyUpdate>;
 export const ApiKeyPublic = z
   .object({
     id: Id,
+    owner_id: Id.meta({ description: "The key's user: a superuser lists and manages every user's keys" }),
     name: z.string(),
     prefix: z.string(),
     project_id: Id.nullable(),

@@ -21,7 +21,7 @@ interface UserBody {
   email: string;
 }
 
-const PUBLIC_FIELDS = ['created_at', 'expires_at', 'id', 'last_used_at', 'max_budget', 'name', 'prefix', 'project_id', 'rpm', 'spent', 'status', 'updated_at'];
+const PUBLIC_FIELDS = ['created_at', 'expires_at', 'id', 'last_used_at', 'max_budget', 'name', 'owner_id', 'prefix', 'project_id', 'rpm', 'spent', 'status', 'updated_at'];
 const CREATED_FIELDS = [...PUBLIC_FIELDS, 'key'].sort();
 const KEY_NOT_FOUND = { detail: 'API key not found' };
 const PROJECT_NOT_FOUND = { detail: 'Project not found' };
@@ -564,6 +564,10 @@ describe('ownership', () => {
     const read = await api('GET', `/api-keys/${alices.id}`, admin.headers);
     expect(read.statusCode).toBe(200);
     expect(read.json()).not.toHaveProperty('key');
+    // Whose each key is, so that an operator's clean-up of "my" keys can tell them apart.
+    expect(read.json()).toMatchObject({ owner_id: alice.user.id });
+    const owners = new Map((await api('GET', '/api-keys?limit=100', admin.headers)).json<{ data: { id: string; owner_id: string }[] }>().data.map((k) => [k.id, k.owner_id]));
+    expect([owners.get(own.id), owners.get(spare.id)]).toEqual([admin.user.id, alice.user.id]);
 
     const revoked = await api('PATCH', `/api-keys/${alices.id}`, admin.headers, { status: 'revoked' });
     expect(revoked.statusCode).toBe(200);
