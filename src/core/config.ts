@@ -489,8 +489,6 @@ function localSecretKey(dataDir: string): string {
     const key = randomBytes(48).toString('base64url');
     try {
       writeFileSync(file, key, { mode: 0o600, flag: 'wx' });
-      chmodSync(file, 0o600);
-      return key;
     } catch (error) {
       // Another process created it first: use theirs.
       if ((error as NodeJS.ErrnoException).code === 'EEXIST') return checkedKeyFile(file);
@@ -498,6 +496,9 @@ function localSecretKey(dataDir: string): string {
       rmSync(file, { force: true });
       throw error;
     }
+    // Apart: a key written whole stays, even where the mode cannot be set (some network mounts).
+    chmodSync(file, 0o600);
+    return key;
   } catch (error) {
     if (error instanceof ConfigError) throw error;
     const code = (error as NodeJS.ErrnoException).code ?? 'error';

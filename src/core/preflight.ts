@@ -110,11 +110,16 @@ function pgliteProblem(error: unknown, settings: Settings): ConfigError {
   const errno = (error as Failure | undefined)?.errno;
   const code = errorCode(error) ?? (typeof errno === 'number' ? WASM_ERRNO[errno] : undefined);
   const free = freeBytes(dir);
-  if (code === 'ENOSPC' || code === 'EDQUOT' || (code === undefined && free !== null && free < PGLITE_START_BYTES)) {
-    const room = free === null ? '' : ` (${megabytes(free)} free; opening it may write a ${PGLITE_START_BYTES >> 20} MB WAL segment)`;
+  const room = free === null ? '' : ` (${megabytes(free)} free; opening it may write a ${PGLITE_START_BYTES >> 20} MB WAL segment)`;
+  if (code === 'ENOSPC' || code === 'EDQUOT') {
     return new ConfigError(`${setting}: cannot open the embedded database in ${dir}: the disk holding it is full${room}: free space there`);
   }
   const reason = code ?? (typeof errno === 'number' ? `errno ${errno}` : messageOf(error));
+  // PGlite says only "failed to initialize" when the disk is full as it starts: too little room is
+  // named as the likely cause, beside its own words (a damaged directory on a small disk is not a full one).
+  if (code === undefined && free !== null && free < PGLITE_START_BYTES) {
+    return new ConfigError(`${setting}: cannot open the embedded database in ${dir} (${reason}): the disk holding it may be full${room}: free space there, or check the directory`);
+  }
   return new ConfigError(`${setting}: cannot open the embedded database in ${dir} (${reason}): check that it is a directory this user can write, or set ${setting}`);
 }
 
