@@ -5,6 +5,8 @@ import { parseEnv } from 'node:util';
 
 import { z } from 'zod';
 
+import { isDiskFullCode } from '../utils/error-chain.js';
+
 // ==================== Schema ====================
 
 export const DEFAULT_SUPERUSER_PASSWORD = 'changethis';
@@ -502,7 +504,7 @@ function localSecretKey(dataDir: string): string {
   } catch (error) {
     if (error instanceof ConfigError) throw error;
     const code = (error as NodeJS.ErrnoException).code ?? 'error';
-    const remedy = code === 'ENOSPC' || code === 'EDQUOT' ? `free space on the disk holding ${dataDir}` : `make ${dataDir} writable by this user or set DATA_DIR`;
+    const remedy = isDiskFullCode(code) ? `free space on the disk holding ${dataDir}` : `make ${dataDir} writable by this user or set DATA_DIR`;
     throw new ConfigError(`DATA_DIR: cannot keep the local secret key in ${file} (${code}); ${remedy}`);
   }
 }

@@ -2,6 +2,7 @@ import { closeSync, linkSync, openSync, readFileSync, renameSync, unlinkSync, wr
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 
+import { isDiskFullCode } from '../utils/error-chain.js';
 import { ConfigError } from './config.js';
 import { startTime } from './process-identity.mjs';
 
@@ -57,7 +58,7 @@ const whoAmI = (): string => (typeof process.getuid === 'function' ? `this user 
 
 /** What the operator does about a file that could not be made in `directory`: a full disk (or quota) is no permission to grant. */
 export function remedyIn(directory: string, code: string | undefined): string {
-  return code === 'ENOSPC' || code === 'EDQUOT' ? `free space on the disk holding ${directory}` : `make ${directory} writable by ${whoAmI()}`;
+  return isDiskFullCode(code) ? `free space on the disk holding ${directory}` : `make ${directory} writable by ${whoAmI()}`;
 }
 
 /**

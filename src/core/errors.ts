@@ -1,7 +1,7 @@
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { hasZodFastifySchemaValidationErrors, isResponseSerializationError } from 'fastify-type-provider-zod';
 
-import { findInCauses } from '../utils/error-chain.js';
+import { findInCauses, isDiskFullCode } from '../utils/error-chain.js';
 import { UNPAIRED_SURROGATE_MESSAGE } from '../utils/text.js';
 import { DATABASE_RETRY_AFTER_SECONDS, databaseError, isDatabaseUnavailableCode } from './db-errors.js';
 import { integrityAnswer, unknownQueryMessage } from './error-mapping.js';
@@ -141,7 +141,7 @@ export function isOutOfSpace(error: unknown): boolean {
   return (
     findInCauses(error, (e) => {
       const code = (e as { code?: unknown }).code;
-      return code === 'ENOSPC' || code === 'EDQUOT' || code === '53100';
+      return isDiskFullCode(code) || code === '53100';
     }) !== undefined
   );
 }

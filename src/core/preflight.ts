@@ -2,6 +2,7 @@ import { statfsSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 
+import { isDiskFullCode } from '../utils/error-chain.js';
 import { ConfigError, type Settings } from './config.js';
 import { DataDirLockedError, DataDirLockError } from './data-dir-lock.js';
 import type { Database } from './db.js';
@@ -111,7 +112,7 @@ function pgliteProblem(error: unknown, settings: Settings): ConfigError {
   const code = errorCode(error) ?? (typeof errno === 'number' ? WASM_ERRNO[errno] : undefined);
   const free = freeBytes(dir);
   const room = free === null ? '' : ` (${megabytes(free)} free; opening it may write a ${PGLITE_START_BYTES >> 20} MB WAL segment)`;
-  if (code === 'ENOSPC' || code === 'EDQUOT') {
+  if (isDiskFullCode(code)) {
     return new ConfigError(`${setting}: cannot open the embedded database in ${dir}: the disk holding it is full${room}: free space there`);
   }
   const reason = code ?? (typeof errno === 'number' ? `errno ${errno}` : messageOf(error));

@@ -23,3 +23,6 @@ export function findInCauses(error: unknown, is: (e: unknown) => boolean): unkno
   }
   return undefined;
 }
+
+/** A file system's "no space left" (ENOSPC) or "over quota" (EDQUOT): a full disk, whatever asked for the room. */
+export const isDiskFullCode = (code: unknown): boolean => code === 'ENOSPC' || code === 'EDQUOT';
