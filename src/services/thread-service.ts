@@ -7,6 +7,7 @@ import type { MessageCreate, MessageListQuery, MessageUpdate, ThreadCreate, Thre
 
 import { matching } from '../crud/owned.js';
 import { appendMessage, messageCrud, messagesHeld, threadCrud, threadPolicy } from '../crud/thread.js';
+import { isBlank } from '../utils/text.js';
 import type { ServiceContext } from './context.js';
 import { createWithinLimit } from './limits.js';
 import { placeInProject } from './project-service.js';
@@ -77,14 +78,14 @@ interface InThread {
  * start makes a thread for it (the database's refusal came after, and left that thread behind).
  * A user's text holds more than white space: every later run sends it to the model, and Anthropic
  * refuses a blank text block (each run of the thread failed); `blank: true` lets it through (an
- * agent completion's earlier assistant turn, which runs leave out when empty).
+ * agent completion's earlier assistant turn, which runs leave out when blank).
  */
 export function checkContent(ctx: ServiceContext, content: string | undefined, loc: (string | number)[] = ['body', 'content'], { blank = false } = {}): void {
   if (content === undefined) return;
   const max = ctx.settings.MAX_MESSAGE_CHARS;
   if (content.length > max) throw new UnprocessableError({ loc, msg: `String should have at most ${max} characters`, type: 'string_too_long' });
   if (content.includes('\u0000')) throw new UnprocessableError({ loc, msg: UNSTORABLE_CHARACTER_MESSAGE, type: 'value_error' });
-  if (!blank && !/\S/.test(content)) throw new UnprocessableError({ loc, msg: 'Text should hold more than white space: it is sent to the model as a message', type: 'value_error' });
+  if (!blank && isBlank(content)) throw new UnprocessableError({ loc, msg: 'Text should hold more than white space: it is sent to the model as a message', type: 'value_error' });
 }
 
 /**

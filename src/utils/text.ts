@@ -101,3 +101,6 @@ const MIB = 1024 * 1024;
 
 /** A size for a message that quotes a limit: `1048576 bytes (1.0 MiB)` (exact, and readable at a glance). */
 export const bytesWithMiB = (n: number): string => `${n} bytes (${(n / MIB).toFixed(1)} MiB)`;
+
+/** Text with no character but white space, or none: what Anthropic refuses as a text block. */
+export const isBlank = (text: string): boolean => !/\S/.test(text);

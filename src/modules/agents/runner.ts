@@ -21,7 +21,7 @@ import { versionCrud } from '../../crud/agent.js';
 import { preparedAnywhere } from '../../crud/prepared.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
-import { storableModelPieces, storableModelText, storableModelValue, storableText } from '../../utils/text.js';
+import { isBlank, storableModelPieces, storableModelText, storableModelValue, storableText } from '../../utils/text.js';
 import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, RunWriter } from './run-bus.js';
@@ -119,9 +119,6 @@ function addUsage(total: RunUsage, call: TokenUsage): RunUsage {
 /** What the model reads for a tool call of the thread whose tool message is not in it. */
 export const MISSING_TOOL_RESULT = 'Error: the result of this tool call is not in the thread (its message was deleted)';
 
-/** Text with no character but white space (or none). */
-const BLANK = /^\s*$/;
-
 /**
  * The thread's messages as the model reads them: each assistant message's tool calls followed by
  * their results in the calls' order (tool results carry the name of the tool they answer; some
@@ -153,9 +150,9 @@ export function toModelMessages(rows: readonly Message[]): ModelMessage[] {
     answerCalls();
     // Blank text (a model that said nothing or only white space, an agent completion's blank
     // assistant turn, a user message stored before blank ones were refused) says nothing to the
-    // model, and Anthropic refuses a text block without a non-white-space character: every later
-    // run of the thread failed. It is left out, the message with it when it has nothing else.
-    const said = BLANK.test(row.content) ? null : row.content;
+    // model: it is left out for every provider, the message with it when it has nothing else (the
+    // model manager leaves out what Anthropic and Google refuse besides: withoutBlanks).
+    const said = isBlank(row.content) ? null : row.content;
     if (row.role === 'user' || row.role === 'system') {
       if (said !== null) out.push({ role: row.role, content: said });
     } else {

@@ -45,6 +45,7 @@ import { HttpError } from '../../core/errors.js';
 
 import { AsyncQueue } from '../../utils/async-queue.js';
 import { findInCauses } from '../../utils/error-chain.js';
+import { isBlank } from '../../utils/text.js';
 import { CallerAbort, type CallerSignal } from './abort.js';
 import { answeredOn, answerOfAtMost, embeddingsAnswerLimit, logprobsAllowance, logprobsTooLong, logprobsWeight, STREAM_ANSWER } from './answer-limit.js';
 import { isBuiltinModel } from './builtin-ids.js';
@@ -692,7 +693,7 @@ type Blank = (text: string) => boolean;
  * sends as it is, and Gemini answers it, so only empty text is none there.
  */
 const BLANK: Readonly<Record<'anthropic' | 'google', Blank>> = {
-  anthropic: (text) => !/\S/.test(text),
+  anthropic: isBlank,
   google: (text) => text.length === 0,
 };
 
