@@ -63,13 +63,15 @@ export const knowledgeEntries = pgTable(
     chunk_count: integer('chunk_count').notNull().default(0),
     token_count: integer('token_count').notNull().default(0),
     /**
-     * UTF-8 bytes of the text the entry holds in its chunks, each chunk's whole text (the overlap
-     * it repeats from the one before included: every row stores it, and its full-text vector and
-     * embedding are of it). What KB_MAX_BYTES_PER_USER counts for the entry when more than its file
+     * UTF-8 bytes of the text the entry holds in its chunks, counted once: each chunk's own text,
+     * the overlap it repeats from the one before left out (modules/knowledge/chunk.ts,
+     * ownTextBytes), so that a plain-text file counts for its size and not ~15 % more; the overlap
+     * is at most half a chunk, so what the rows store stays within twice the count. What
+     * KB_MAX_BYTES_PER_USER counts for the entry when more than its file
      * (crud/knowledge.ts, usedBytes): a compressed PDF or DOCX extracts to ~100× its size. Grown
      * batch by batch under the owner's lock while an indexing stores its chunks, before it stores
-     * them (services/knowledge/ingestion.ts, ChunkWriter.reserve), so it is never less than what
-     * the chunks hold; exact once the indexing ends `ready`; 0 once an indexing drops them. 0 for
+     * them (services/knowledge/ingestion.ts, ChunkWriter.reserve), so it is never less than the text
+     * of the chunks stored; exact once the indexing ends `ready`; 0 once an indexing drops them. 0 for
      * entries indexed before the column (migration 0023): they count for their file until reindexed.
      */
     text_bytes: bigint('text_bytes', { mode: 'number' }).notNull().default(0),

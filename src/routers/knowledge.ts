@@ -286,7 +286,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'get_knowledge_base_stats',
         summary: 'Get Knowledge Base Stats',
         description:
-          "Your folders, entries by status, bytes and the index (a project-scoped key: its project's), and the limits. `size_bytes` sums the files' own sizes; `quota_bytes_used` is what counts against `max_bytes_per_user` (the account's): each entry the larger of its file and its extracted text as stored (`text_bytes`), at least 4 KiB.",
+          "Your folders, entries by status, bytes and the index (a project-scoped key: its project's), and the limits. `size_bytes` sums the files' own sizes; `quota_bytes_used` is what counts against `max_bytes_per_user` (the account's): each entry the larger of its file and its extracted text (`text_bytes`, counted once: the chunks' overlap is not), at least 4 KiB.",
         tags,
         response: { 200: KnowledgeStats, ...authErrors },
       },

@@ -99,7 +99,7 @@ export const KnowledgeEntryPublic = z
       .number()
       .int()
       .describe(
-        'UTF-8 bytes of the text the entry holds in its chunks (the overlap each repeats from the one before included). The entry counts against your quota for the larger of this and `size_bytes` (at least 4096): a compressed PDF or DOCX can extract to ~100× its file. 0 until indexed, after a failure that kept no text, and for an entry last indexed before Keel counted text (until reindexed).',
+        'UTF-8 bytes of the entry\'s extracted text as its chunks hold it, counted once (the overlap each chunk repeats from the one before is not counted again): a plain-text file\'s is about its size. The entry counts against your quota for the larger of this and `size_bytes` (at least 4096): a compressed PDF or DOCX can extract to ~100× its file. 0 until indexed, after a failure that kept no text, and for an entry last indexed before Keel counted text (until reindexed).',
       ),
     processed_at: Timestamp.nullable(),
     created_at: Timestamp,

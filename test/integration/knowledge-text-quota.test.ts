@@ -1,6 +1,6 @@
 /**
- * KB_MAX_BYTES_PER_USER counts each entry for the larger of its file and the text its chunks hold
- * (`text_bytes`, at least 4 KiB): a Flate-compressed PDF of a few KiB extracts to ~100× its size,
+ * KB_MAX_BYTES_PER_USER counts each entry for the larger of its file and the text its chunks hold,
+ * counted once (`text_bytes`, the chunks' overlap left out; at least 4 KiB): a Flate-compressed PDF of a few KiB extracts to ~100× its size,
  * and the quota of uploaded bytes alone let one user store ~5 GB of text under 50 MB. An ingestion
  * whose text would pass what is left fails the entry and keeps none of the text; two of one user's
  * at once take the owner's lock to count, as uploads do, so they never pass it together.
@@ -39,7 +39,7 @@ const embeddingCalls = () => fake.requestsFor('fake-embed').length;
 
 const LINE = 'The refund policy applies to every order placed through the online shop, whatever the currency';
 
-/** A Flate PDF of ~1 KiB per thousand lines whose text is ~100 KB per thousand (~115 KB in chunks, overlap included): one batch of chunks up to ~2,000. */
+/** A Flate PDF of ~1 KiB per thousand lines whose text is ~100 KB per thousand (~115 KB in chunks, which repeat an overlap each): one batch of chunks up to ~2,000. */
 const textPdf = (lines: number) => madeFile('doc.pdf', (path) => writeTextPdf(path, Array.from({ length: lines }, (_, i) => `${LINE} (${i % 7}).`)));
 
 /** What the database holds of the entry's text: its chunks and their UTF-8 bytes; its row's count and attempts. */
@@ -50,6 +50,13 @@ async function heldText(entryId: string) {
     .where(eq(knowledgeChunks.entry_id, entryId));
   const [row] = await ctx.app.db.select({ text_bytes: knowledgeEntries.text_bytes, attempts: knowledgeEntries.attempts }).from(knowledgeEntries).where(eq(knowledgeEntries.id, entryId));
   return { chunks: chunks!.n, chunkBytes: chunks!.bytes, ...row! };
+}
+
+/** The entry's extracted text (`GET …/content`): `text_bytes` counts it once, from its UTF-8 bytes without white space (trimmed between chunks) up to all of them. */
+async function expectTextCountedOnce(user: TestUser, entryId: string, textBytes: number) {
+  const content = (await api('GET', `/knowledge-base/entries/${entryId}/content`, user.headers)).body;
+  expect(textBytes).toBeLessThanOrEqual(Buffer.byteLength(content));
+  expect(textBytes).toBeGreaterThanOrEqual(Buffer.byteLength(content.replace(/\s+/g, '')));
 }
 
 async function quotaUsed(user: TestUser): Promise<number> {
@@ -85,22 +92,23 @@ describe('the storage quota counts extracted text', () => {
   it('counts a ready entry for its text where more than its file: in the stats and at the next upload; deleting it frees that', async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
-    const pdf = await textPdf(1_000);
+    const pdf = await textPdf(1_200);
     const calls = embeddingCalls();
     const entry = await ingested(ctx.app, user.headers, folder.id, { filename: 'refunds.pdf', content: pdf });
     // Embedded where pgvector is: the path the refusal above did not take.
     if (ctx.database.kind === 'pglite') expect(embeddingCalls()).toBeGreaterThan(calls);
-    // The UTF-8 bytes of its chunks' text as stored, overlap included.
+    // The UTF-8 bytes of its text, once: less than its chunks hold, which repeat an overlap each.
     const held = await heldText(entry.id);
-    expect(held.chunkBytes).toBeGreaterThan(50 * pdf.length);
-    expect(held.text_bytes).toBe(held.chunkBytes);
-    expect(entry.text_bytes).toBe(held.chunkBytes);
-    expect(await quotaUsed(user)).toBe(held.chunkBytes);
+    expect(held.text_bytes).toBeGreaterThan(50 * pdf.length);
+    expect(held.text_bytes).toBeLessThan(held.chunkBytes);
+    await expectTextCountedOnce(user, entry.id, held.text_bytes);
+    expect(entry.text_bytes).toBe(held.text_bytes);
+    expect(await quotaUsed(user)).toBe(held.text_bytes);
     // An upload past what the text leaves is refused, the text counted as used.
-    const left = QUOTA - held.chunkBytes;
+    const left = QUOTA - held.text_bytes;
     const refused = await upload(ctx.app, user.headers, folder.id, { filename: 'more.txt', content: 'x'.repeat(left + 1) });
     expect(refused.statusCode).toBe(413);
-    expect(refused.json<{ detail: string }>().detail).toContain(`only ${left} bytes (0.1 MiB) of your ${QUOTA} bytes (0.2 MiB) are left (${held.chunkBytes} bytes`);
+    expect(refused.json<{ detail: string }>().detail).toContain(`only ${left} bytes (0.1 MiB) of your ${QUOTA} bytes (0.2 MiB) are left (${held.text_bytes} bytes`);
     await api('DELETE', `/knowledge-base/entries/${entry.id}`, user.headers);
     expect(await quotaUsed(user)).toBe(0);
   });
@@ -115,15 +123,28 @@ describe('the storage quota counts extracted text', () => {
     expect((await api('POST', `/knowledge-base/entries/${entry.id}/reindex`, user.headers)).statusCode).toBe(202);
     expect((await settled(ctx.app, user.headers, entry.id)).status).toBe('ready');
     const held = await heldText(entry.id);
-    expect(held.text_bytes).toBe(held.chunkBytes);
-    expect(await quotaUsed(user)).toBe(held.chunkBytes);
+    await expectTextCountedOnce(user, entry.id, held.text_bytes);
+    expect(await quotaUsed(user)).toBe(held.text_bytes);
+  });
+
+  it('counts a plain-text file for its size: its text once, not the overlap its chunks repeat', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const text = Array.from({ length: 400 }, (_, i) => `${LINE} (${i}).`).join('\n');
+    const entry = await ingested(ctx.app, user.headers, folder.id, { filename: 'refunds.txt', content: text });
+    const held = await heldText(entry.id);
+    expect(entry.chunk_count).toBeGreaterThan(5);
+    // The chunks hold more (each repeats the end of the one before); the entry counts its text once.
+    expect(held.chunkBytes).toBeGreaterThan(Buffer.byteLength(text) * 1.05);
+    await expectTextCountedOnce(user, entry.id, held.text_bytes);
+    expect(await quotaUsed(user)).toBe(Buffer.byteLength(text));
   });
 
   it("never lets two ingestions of one user pass the quota together: each counts under the owner's lock", async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
-    // Each text fits alone (~115 KB of 200 KB), not both.
-    const pdf = await textPdf(1_000);
+    // Each text fits alone (~120 KB of 200 KB), not both.
+    const pdf = await textPdf(1_200);
     const entries = await Promise.all(['a.pdf', 'b.pdf'].map((filename) => uploaded(ctx.app, user.headers, folder.id, { filename, content: pdf })));
     const expectOneOverQuota = async () => {
       const ended = await Promise.all(entries.map((entry) => settled(ctx.app, user.headers, entry.id)));
@@ -131,8 +152,8 @@ describe('the storage quota counts extracted text', () => {
       expect([ready.length, failed.length]).toEqual([1, 1]);
       expect(failed[0]!.error).toContain('Storage quota exceeded by the extracted text');
       expect(await heldText(failed[0]!.id)).toMatchObject({ chunks: 0, text_bytes: 0 });
-      const { chunkBytes } = await heldText(ready[0]!.id);
-      expect(await quotaUsed(user)).toBe(chunkBytes + 4096);
+      const { text_bytes } = await heldText(ready[0]!.id);
+      expect(await quotaUsed(user)).toBe(text_bytes + 4096);
     };
     // As their jobs run them, at once.
     await expectOneOverQuota();

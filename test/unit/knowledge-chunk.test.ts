@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest';
 
 import { ConfigError, loadSettings } from '../../src/core/config.js';
 
-import { chunkDocument, chunkDocumentAsync, chunkOptionsFrom } from '../../src/modules/knowledge/chunk.js';
+import { chunkDocument, chunkDocumentAsync, chunkOptionsFrom, ownTextBytes } from '../../src/modules/knowledge/chunk.js';
 import type { DocumentChunk, DocumentSection, ExtractedDocument } from '../../src/modules/knowledge/types.js';
 
 /** Deterministic prose: sentences of varied length in paragraphs of varied length. */
@@ -128,6 +128,26 @@ describe('chunkDocument', () => {
     const { overlaps } = checkChunks(chunks, sections, 100, 0);
     expect(overlaps).toBe(0);
     expect(chunks.map((c) => c.text).join(' ').split(/\s+/)).toEqual(sections[0]!.text.split(/\s+/));
+  });
+
+  it("marks each chunk's lead: the chunks' own texts are the section's text once, the overlap left out", () => {
+    for (const [text, chunkTokens, overlapTokens] of [
+      [prose(10, 60), 100, 30],
+      [prose(11, 40), 64, 32],
+      // No white space to cut at: pieces of words, without a lead.
+      ['x'.repeat(3_000), 50, 20],
+      ['日本語のテキスト。'.repeat(300), 60, 20],
+    ] as const) {
+      const sections = [{ headingPath: [], text }];
+      const chunks = chunkDocument(doc(sections), { chunkTokens, overlapTokens });
+      // Text without white space has no word to start an overlap at (see `tail`).
+      if (/\s/.test(text)) expect(chunks.filter((chunk) => chunk.leadLength > 0).length).toBeGreaterThan(chunks.length / 2);
+      expect(chunks[0]!.leadLength).toBe(0);
+      for (const chunk of chunks) expect(chunk.text.slice(0, chunk.leadLength)).toBe(chunk.text.slice(0, chunk.leadLength).trimStart());
+      const own = chunks.map((chunk) => chunk.text.slice(chunk.leadLength)).join('');
+      expect(own.replace(/\s+/g, '')).toBe(text.replace(/\s+/g, ''));
+      expect(chunks.reduce((sum, chunk) => sum + ownTextBytes(chunk), 0)).toBeLessThanOrEqual(Buffer.byteLength(text));
+    }
   });
 
   it('keeps the overlap within half a chunk and drops it where the next piece fills the chunk', () => {

@@ -138,7 +138,9 @@ function* sectionChunks(section: DocumentSection, chunkTokens: number, overlapTo
       else {
         previous = raw.trimEnd();
         previousGap = raw.slice(previous.length);
-        return text.length > 0 ? { text, headingPath: section.headingPath, tokenCount } : null;
+        const trimmedFromStart = raw.length - raw.trimStart().length;
+        const leadLength = Math.min(text.length, Math.max(0, lead.length - trimmedFromStart));
+        return text.length > 0 ? { text, headingPath: section.headingPath, tokenCount, leadLength } : null;
       }
     }
   };
@@ -225,3 +227,9 @@ export async function chunkDocumentAsync(doc: ExtractedDocument, opts: ChunkOpti
 export function chunkOptionsFrom(settings: Pick<Settings, 'KB_CHUNK_TOKENS' | 'KB_CHUNK_OVERLAP_TOKENS'>): ChunkOptions {
   return { chunkTokens: settings.KB_CHUNK_TOKENS, overlapTokens: settings.KB_CHUNK_OVERLAP_TOKENS };
 }
+
+/**
+ * The UTF-8 bytes of a chunk's own text, its lead (the overlap with the chunk before) left out: what
+ * the chunks of a document add up to is its text once, as the quota counts it (KB_MAX_BYTES_PER_USER).
+ */
+export const ownTextBytes = (chunk: Pick<DocumentChunk, 'text' | 'leadLength'>): number => Buffer.byteLength(chunk.text.slice(chunk.leadLength));

@@ -28,6 +28,8 @@ export interface DocumentChunk {
   text: string;
   headingPath: string[];
   tokenCount: number;
+  /** How much of `text`'s start (UTF-16 units) repeats the end of the chunk before (the overlap); the rest is this chunk's own. */
+  leadLength: number;
 }
 
 /** Thrown for a document that cannot be ingested; `message` is shown to the user as the entry's `error`. */

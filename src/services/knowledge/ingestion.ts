@@ -25,7 +25,7 @@ import { knowledgeChunks, knowledgeEntries, type KnowledgeEntry } from '../../mo
 import { chargedBytes, clearJobQueuedMarks, deleteChunks, jobQueuedMark, unfinishedWithoutJob, usedBytes } from '../../crud/knowledge.js';
 import { lockUser } from '../../crud/user.js';
 import type { ModelManager } from '../../modules/ai-models/index.js';
-import type { ChunkCutter } from '../../modules/knowledge/chunk.js';
+import { type ChunkCutter, ownTextBytes } from '../../modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
 import { type DocumentChunk, DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../modules/knowledge/types.js';
 import { bytesWithMiB, pairSafeEnd } from '../../utils/text.js';
@@ -320,7 +320,7 @@ class ChunkWriter {
   readonly signal = this.controller.signal;
   chunkCount = 0;
   tokenCount = 0;
-  /** UTF-8 bytes of the text of the chunks written so far (stored, or found stored as they are). */
+  /** UTF-8 bytes of the document's text in the chunks written so far (stored, or found stored as they are), each chunk's lead (the overlap) left out. */
   textBytes = 0;
   /** What the entry counts for against the quota as far as the database knows: more text than this is reserved first. */
   private charged: number;
@@ -395,7 +395,7 @@ class ChunkWriter {
     const batch = this.pending;
     this.pending = [];
     let textBytes = this.textBytes;
-    for (const chunk of batch) textBytes += Buffer.byteLength(chunk.text);
+    for (const chunk of batch) textBytes += ownTextBytes(chunk);
     // Before anything of the batch is embedded (paid for) or stored.
     if (textBytes > this.charged) await this.reserve(textBytes);
     const { missing, otherLanguage } = this.resuming ? await this.compare(batch) : { missing: batch, otherLanguage: [] };
