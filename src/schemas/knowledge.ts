@@ -9,12 +9,13 @@ import { Id, Pagination, Text, Timestamp } from './common.js';
 export const MAX_NAME_CHARS = 255;
 
 /**
- * Characters a name may not hold: controls (C0, DEL, C1), path separators, and the invisible
- * formatting marks that make `exe\u202Etxt.pdf` show as `exetxt.pdf` (bidi overrides and isolates,
- * zero-width characters, the byte-order mark).
+ * Characters a name may not hold: path separators, controls (Cc: C0, DEL, C1), line and paragraph
+ * separators, and every invisible format character (Cf), such as those that make `exe\u202Etxt.pdf`
+ * show as `exetxt.pdf`. By category, not by a list: a list of bidi overrides and zero-width spaces
+ * let the Arabic letter mark, the word joiner, the soft hyphen and tag characters through, each a
+ * way to give two names that look the same on screen.
  */
-// eslint-disable-next-line no-control-regex
-const FORBIDDEN_IN_NAME = /[\u0000-\u001f\u007f-\u009f/\\\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]/u;
+const FORBIDDEN_IN_NAME = /[/\\\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/u;
 
 /**
  * Why `name` is refused as a folder or file name, or null when it is fine. Names are compared

@@ -30,6 +30,13 @@ const api = apiOf(ctx);
 /** Files under the user's part of the knowledge-base storage (local backend). */
 const storedFiles = (ownerId: string) => storedFilesIn(ctx.app.settings.dataDir, ownerId);
 
+/**
+ * Invisible format characters beyond the bidi overrides and zero-width spaces: the Arabic letter
+ * mark (a bidi mark like U+200F), the word joiner, the soft hyphen, a tag character, a line
+ * separator. Each lets two names that look the same on screen be different files.
+ */
+const INVISIBLE_IN_NAMES = ['a\u061Cb.pdf', 'a\u2060b.pdf', 'in\u00ADvoice.pdf', 'a\u{E0041}b.pdf', 'a\u2028b.pdf'];
+
 async function entryCount(user: TestUser): Promise<number> {
   return (await api('GET', '/knowledge-base/entries', user.headers)).json<ListBody<EntryBody>>().count;
 }
@@ -92,7 +99,7 @@ describe('folders', () => {
   });
 
   it('refuses names that are empty, dots, or carry separators, controls or invisible marks (422)', async () => {
-    for (const name of ['', '   ', '.', '..', 'a/b', 'a\\b', 'a\u0000b', 'tab\there', 'exe\u202Etxt.pdf', 'a\u200Bb', 'n'.repeat(256)]) {
+    for (const name of ['', '   ', '.', '..', 'a/b', 'a\\b', 'a\u0000b', 'tab\there', 'exe\u202Etxt.pdf', 'a\u200Bb', 'n'.repeat(256), ...INVISIBLE_IN_NAMES]) {
       expectValidationError(await api('POST', '/knowledge-base/folders', alice.headers, { name }), ['body', 'name']);
     }
   });
@@ -168,7 +175,7 @@ describe('upload', () => {
     expect(expectValidationError(noFile, ['body', 'file'], 'missing').detail[0]!.msg).toContain('"file"');
     expectValidationError(await api('POST', `/knowledge-base/folders/${folder.id}/upload`, alice.headers, { file: 'x' }), ['body', 'file'], 'missing');
     expectValidationError(await upload(ctx.app, alice.headers, folder.id, { field: 'document', filename: 'a.txt', content: 'x' }), ['body', 'file'], 'missing');
-    for (const filename of ['..', 'a\u0001b.txt', 'exe\u202Etxt.pdf', `${'n'.repeat(256)}.txt`, '   ']) {
+    for (const filename of ['..', 'a\u0001b.txt', 'exe\u202Etxt.pdf', `${'n'.repeat(256)}.txt`, '   ', ...INVISIBLE_IN_NAMES]) {
       expectValidationError(await upload(ctx.app, alice.headers, folder.id, { filename, content: 'x' }), ['body', 'file']);
     }
     expect(await entryCount(alice)).toBeGreaterThanOrEqual(0);
