@@ -13,6 +13,7 @@ import { ServiceUnavailableError } from '../../src/core/errors.js';
 import { bundle, ENTRY_POINTS } from '../../scripts/bundle.mjs';
 import { type DrainedText, PieceAssembler } from '../../src/modules/knowledge/document-builder.js';
 import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge/extract.js';
+import { MAX_HTML_DEPTH } from '../../src/modules/knowledge/html.js';
 import { pdfSpans } from '../../src/modules/knowledge/pdf.js';
 import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
 import { DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
@@ -285,6 +286,20 @@ describe('extractDocument: what it refuses', () => {
     expect(await rejection(extract(path, 'long.txt', { maxTextChars: 10_000 }))).toBe('the document holds more than 10,000 characters of text (the limit per document); split it into smaller files');
     const html = await file('long.html', `<p>${'word '.repeat(3_000)}</p>`);
     expect(await rejection(extract(html, 'long.html', { maxTextChars: 10_000 }))).toMatch(/more than 10,000 characters/);
+  });
+
+  it('refuses HTML nesting elements past MAX_HTML_DEPTH at once (the parser slows quadratically with depth), and reads a page nested up to it', async () => {
+    // 1 MB of nested <div>s: parsed, htmlparser2's stack made this take minutes of a thread (the
+    // extraction's whole time limit) for one small upload. Here 10 s, half the limit, is ample.
+    const started = Date.now();
+    const deep = await file('deep.html', `<html><body>${'<div>'.repeat(200_000)}deep${'</div>'.repeat(200_000)}</body></html>`);
+    expect(await rejection(extract(deep, 'deep.html'))).toBe('the HTML nests elements more than 1,024 deep (browsers stop at 512); it is damaged or built to exhaust the reader');
+    expect(Date.now() - started).toBeLessThan(10_000);
+    // Unclosed elements count as open (a void one, <br>, does not).
+    const unclosed = await file('unclosed.html', `<html><body>${'<span>'.repeat(MAX_HTML_DEPTH)}${'<br>'.repeat(5_000)}`);
+    expect(await rejection(extract(unclosed, 'unclosed.html'))).toMatch(/nests elements more than/);
+    const atLimit = await file('nested.html', `<html><body>${'<div>'.repeat(MAX_HTML_DEPTH - 2)}inner words${'</div>'.repeat(MAX_HTML_DEPTH - 2)}${'<br>'.repeat(5_000)}</body></html>`);
+    expect((await extract(atLimit, 'nested.html')).text).toBe('inner words');
   });
 
   it('refuses a malformed PDF with pdf.js\'s reason', async () => {

@@ -1,6 +1,7 @@
 import { Parser } from 'htmlparser2';
 
 import type { ExtractedSpans, TextBuilder } from './document-builder.js';
+import { DocumentRejectedError } from './types.js';
 
 /** Elements whose content is not text a reader sees, or (nav) is the site's menu rather than the page. */
 const HIDDEN = new Set(['script', 'style', 'noscript', 'template', 'svg', 'math', 'iframe', 'object', 'canvas', 'select', 'datalist', 'nav']);
@@ -14,6 +15,16 @@ const BLOCKS = new Set([
  * whitespace, ends the head, whose end tag (and <body>'s start tag) may be left out.
  */
 const HEAD_CONTENT = new Set(['base', 'basefont', 'bgsound', 'link', 'meta', 'title', 'noscript', 'noframes', 'style', 'script', 'template']);
+/**
+ * How many elements may be open at once. htmlparser2 keeps the open elements in an array it
+ * unshifts and searches from the front at every tag, so its work grows with the square of the
+ * depth: 200,000 nested `<div>`s (1 MB) kept an extraction thread busy for its whole time limit
+ * (KB_EXTRACT_TIMEOUT_SECONDS), to fail then. Browsers stop nesting at 512; real pages stay far
+ * below. At this depth a 20 MB page of stray end tags (each searched for down the stack) parses in
+ * seconds.
+ */
+export const MAX_HTML_DEPTH = 1024;
+
 const LINES = new Set(['li', 'tr', 'dt', 'br', 'option']);
 const CELLS = new Set(['td', 'th']);
 
@@ -34,6 +45,8 @@ export class HtmlTextReader {
   private preDepth = 0;
   private heading: { level: number; text: string } | null = null;
   private cellsInRow = 0;
+  /** Elements open in the parser: it reports every one it closes, void and implied ones too. */
+  private depth = 0;
 
   constructor(private readonly out: TextBuilder) {
     this.parser = new Parser(
@@ -56,6 +69,9 @@ export class HtmlTextReader {
   }
 
   private open(name: string): void {
+    if (++this.depth > MAX_HTML_DEPTH) {
+      throw new DocumentRejectedError(`the HTML nests elements more than ${MAX_HTML_DEPTH.toLocaleString('en-US')} deep (browsers stop at 512); it is damaged or built to exhaust the reader`);
+    }
     if (this.hiddenDepth > 0) {
       this.hiddenDepth++;
       return;
@@ -93,6 +109,7 @@ export class HtmlTextReader {
   }
 
   private close(name: string): void {
+    this.depth--;
     if (this.hiddenDepth > 0) {
       this.hiddenDepth--;
       return;
