@@ -149,6 +149,37 @@ export function pdfWithStream(dictionary: string, stream: Buffer, object6?: stri
   return Buffer.concat(parts);
 }
 
+
+/**
+ * A PDF of `fan ** levels` pages from a few hundred bytes: a page tree whose every node lists one
+ * child `fan` times, down to one page (with a line of text) that every leaf slot names.
+ */
+export function pdfPageTree(levels: number, fan: number): Buffer {
+  const objects: string[] = ['<< /Type /Catalog /Pages 2 0 R >>'];
+  for (let level = 0; level < levels; level++) {
+    const id = level + 2;
+    const parent = level > 0 ? ` /Parent ${id - 1} 0 R` : '';
+    objects.push(`<< /Type /Pages /Kids [${Array<string>(fan).fill(`${id + 1} 0 R`).join(' ')}] /Count ${fan ** (levels - level)}${parent} >>`);
+  }
+  const page = levels + 2;
+  const content = 'BT /F1 12 Tf 72 712 Td (Hello page) Tj ET';
+  objects.push(
+    `<< /Type /Page /Parent ${page - 1} 0 R /MediaBox [0 0 612 792] /Contents ${page + 1} 0 R /Resources << /Font << /F1 ${page + 2} 0 R >> >> >>`,
+    `<< /Length ${content.length} >>\nstream\n${content}\nendstream`,
+    '<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>',
+  );
+  let pdf = '%PDF-1.4\n';
+  const offsets = objects.map((body, index) => {
+    const offset = pdf.length;
+    pdf += `${index + 1} 0 obj\n${body}\nendobj\n`;
+    return offset;
+  });
+  const xref = pdf.length;
+  const size = objects.length + 1;
+  pdf += `xref\n0 ${size}\n0000000000 65535 f \n${offsets.map((offset) => `${String(offset).padStart(10, '0')} 00000 n \n`).join('')}`;
+  pdf += `trailer\n<< /Size ${size} /Root 1 0 R >>\nstartxref\n${xref}\n%%EOF\n`;
+  return Buffer.from(pdf);
+}
 /**
  * zlib data of `data` whose first `stored` bytes are written as they are (a stored block), the rest
  * compressed: what a stream's data holds can be chosen (the bytes `endstream`, say).

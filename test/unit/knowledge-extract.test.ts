@@ -14,10 +14,10 @@ import { bundle, ENTRY_POINTS } from '../../scripts/bundle.mjs';
 import { type DrainedText, PieceAssembler } from '../../src/modules/knowledge/document-builder.js';
 import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge/extract.js';
 import { MAX_HTML_DEPTH } from '../../src/modules/knowledge/html.js';
-import { pdfSpans } from '../../src/modules/knowledge/pdf.js';
+import { MAX_PDF_PAGES, pdfSpans } from '../../src/modules/knowledge/pdf.js';
 import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
 import { DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
-import { ascii85Encode, type Block, deflateStoringFirst, lzwEncode, pdfWithStream, runLengthEncode, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
+import { ascii85Encode, type Block, deflateStoringFirst, lzwEncode, pdfPageTree, pdfWithStream, runLengthEncode, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
 
 const LIMITS: ExtractLimits = { maxTextChars: 1_000_000, timeoutMs: 20_000, maxMemoryMb: 128, maxTotalMemoryMb: 512 };
 let dir: string;
@@ -428,6 +428,16 @@ describe('extractDocument: what it refuses', () => {
     expect(reasons.some((reason) => reason instanceof ServiceUnavailableError && /while other documents were read beside it; it is tried again/.test(reason.message))).toBe(true);
     expect(reasons.some((reason) => reason instanceof DocumentRejectedError)).toBe(false);
   });
+
+  it('refuses a PDF of more than MAX_PDF_PAGES pages at once, however small the file (a page tree naming one page a million times), and reads one at the limit', async () => {
+    const started = Date.now();
+    // 1.4 KB, 10^6 pages: read, it took a thread past the time limit (~0.5 ms a page).
+    const million = await file('million.pdf', pdfPageTree(6, 10));
+    expect(await rejection(extract(million, 'million.pdf'))).toBe('the PDF has 1,000,000 pages (at most 10,000 are read); split it into smaller files');
+    expect(Date.now() - started).toBeLessThan(10_000);
+    const atLimit = await extract(await file('ten-thousand.pdf', pdfPageTree(4, 10)), 'ten-thousand.pdf');
+    expect(atLimit.text.split('Hello page').length - 1).toBe(MAX_PDF_PAGES);
+  }, 30_000);
 
   it('refuses a PDF without a text layer', async () => {
     const path = join(dir, 'scan.pdf');

@@ -767,6 +767,13 @@ class PdfTextWriter {
 }
 
 /**
+ * The most pages a PDF may have. A page tree may name one page object any number of times, so a
+ * file of 1.4 KB declares a million pages, and reading them (~0.5 ms each, text or not) held a
+ * thread for the whole KB_EXTRACT_TIMEOUT_SECONDS before failing. Asked before any page is read.
+ */
+export const MAX_PDF_PAGES = 10_000;
+
+/**
  * The text of a PDF page by page (pdf.js through unpdf), in lines rebuilt from the positioned
  * text items. PDFs have no headings as such: a short line set clearly larger than the body text
  * is taken as one, its level by the rank of its size, which is how the documents people upload
@@ -786,6 +793,10 @@ export async function pdfSpans(data: Uint8Array, maxTextChars: number, maxStream
     pdf = await getDocumentProxy(data, { isEvalSupported: false, useSystemFonts: false, disableFontFace: true, verbosity: 0 });
   } catch (error) {
     throw pdfError(error);
+  }
+  if (pdf.numPages > MAX_PDF_PAGES) {
+    await pdf.destroy();
+    throw new DocumentRejectedError(`the PDF has ${pdf.numPages.toLocaleString('en-US')} pages (at most ${MAX_PDF_PAGES.toLocaleString('en-US')} are read); split it into smaller files`);
   }
   const out = new PdfTextWriter(maxTextChars);
   let chars = 0;
