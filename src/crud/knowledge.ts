@@ -289,6 +289,19 @@ export async function forgetFileDeletions(db: Db, ids: string[]): Promise<void> 
   if (ids.length) await db.delete(knowledgeFileDeletions).where(inArray(knowledgeFileDeletions.id, ids));
 }
 
+/**
+ * The project of the folder an entry is written into, the folder's row share-locked to the end of
+ * the transaction: a change of its project (which moves its entries with it, setEntriesProject)
+ * waits for the entry to be written and then moves it too, and one committed first is the project
+ * read here. Read before the transaction, or in a subquery that does not wait, the old project was
+ * written while the change moved only the entries it saw. 404 for a folder gone meanwhile.
+ */
+export async function lockedFolderProject(tx: Db, folderId: string): Promise<string | null> {
+  const [row] = await tx.select({ project_id: knowledgeFolders.project_id }).from(knowledgeFolders).where(eq(knowledgeFolders.id, folderId)).for('share');
+  if (!row) throw folderPolicy.notFound();
+  return row.project_id;
+}
+
 /** Keeps the entries' project equal to their folder's (what the scoped-key rule reads). */
 export async function setEntriesProject(db: Db, folderId: string, projectId: string | null): Promise<void> {
   await db.update(knowledgeEntries).set({ project_id: projectId }).where(eq(knowledgeEntries.folder_id, folderId));

@@ -1,8 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import type { Readable } from 'node:stream';
 
-import { sql } from 'drizzle-orm';
-
 import { transaction } from '../../core/db.js';
 import { ConflictError, PayloadTooLargeError, PaymentRequiredError, ServiceUnavailableError, TooManyRequestsError, UnprocessableError } from '../../core/errors.js';
 
@@ -22,6 +20,7 @@ import {
   folderPolicy,
   forgetFileDeletions,
   jobQueuedMark,
+  lockedFolderProject,
   MIN_CHARGED_BYTES,
   ownRows,
   recordUploadedFile,
@@ -232,11 +231,11 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
       await userCrud.lockUser(tx, ownerId);
       const used = await usedBytes(tx, ownerId);
       if (used + chargedBytes(stored.size) > allowance.quota) throw tooLarge({ ...allowance, used }, stored.size);
-      return writeUniquelyNamed(tx, entryNames(folder.id), filename, (inner, name) =>
+      return writeUniquelyNamed(tx, entryNames(folder.id), filename, async (inner, name) =>
         entryCrud.create(inner, {
           ...placed,
           // The folder's project as it is now (it may have moved while the bytes arrived).
-          project_id: sql`(select ${knowledgeFolders.project_id} from ${knowledgeFolders} where ${knowledgeFolders.id} = ${folder.id})`,
+          project_id: await lockedFolderProject(inner, folder.id),
           filename: name,
           ...type,
           size_bytes: stored.size,
@@ -316,8 +315,8 @@ export async function move(ctx: ServiceContext, id: string, folderId: string): P
   const target = await folderCrud.getVisible(ctx.db, ctx.principal, folderId, 'write');
   if (target.owner_id !== entry.owner_id) throw folderPolicy.notFound();
   if (target.id === entry.folder_id) return entry;
-  return writeUniquelyNamed(ctx.db, entryNames(target.id), entry.filename, (tx, filename) =>
-    entryCrud.update(tx, ctx.principal, id, { folder_id: target.id, project_id: target.project_id, filename }),
+  return writeUniquelyNamed(ctx.db, entryNames(target.id), entry.filename, async (tx, filename) =>
+    entryCrud.update(tx, ctx.principal, id, { folder_id: target.id, project_id: await lockedFolderProject(tx, target.id), filename }),
   );
 }
 
