@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import { connect } from 'node:net';
+import { PassThrough } from 'node:stream';
 
 import { eq, type SQL, sql } from 'drizzle-orm';
 import { PgDialect } from 'drizzle-orm/pg-core';
@@ -599,6 +600,55 @@ describe('entries', () => {
     const entry = await settled(ctx.app, alice.headers, arrived.json<EntryBody>().id);
     expect(entry).toMatchObject({ folder_id: folder.id, project_id: second.id });
     expect((await api('GET', `/knowledge-base/entries/${entry.id}`, firstKey)).statusCode).toBe(404);
+  });
+
+  // An upload checks its folder at its start and writes its entry once the bytes have come: a key
+  // scoped to the folder's project put its entry in the folder's new project, outside its own,
+  // when the owner moved the folder to another project while the bytes arrived.
+  it("refuses a scoped key's upload (404) whose folder moved to another project while its bytes arrived, keeping no file", async () => {
+    const user = await createUser(ctx.app);
+    const [first, second] = [await createProject(ctx.app, user.headers, 'First'), await createProject(ctx.app, user.headers, 'Second')];
+    const folder = await createFolder(ctx.app, user.headers, { name: 'Moving', project_id: first.id });
+    const firstKey = xApiKey((await createKey(ctx.app, user, { name: 'first', project_id: first.id })).key);
+    const { body, contentType } = multipartBody([{ filename: 'arriving.md', content: MARKDOWN }]);
+    const payload = new PassThrough();
+    const uploading = ctx.app.inject({ method: 'POST', url: `/api/v1/knowledge-base/folders/${folder.id}/upload`, headers: { ...firstKey, 'content-type': contentType }, payload });
+    payload.write(body.subarray(0, 200));
+    // The upload has begun (its file recorded, to be stored) before the folder moves.
+    const recorded = async () => (await ctx.app.db.select({ key: knowledgeFileDeletions.storage_key }).from(knowledgeFileDeletions)).filter((row) => row.key.includes(user.user.id));
+    await eventually(async () => (await recorded()).length > 0);
+    expect((await api('PATCH', `/knowledge-base/folders/${folder.id}`, user.headers, { project_id: second.id })).statusCode).toBe(200);
+    payload.end(body.subarray(200));
+    const refused = await uploading;
+    expect(refused.statusCode, refused.body).toBe(404);
+    expect(refused.json()).toEqual({ detail: 'Folder not found' });
+    expect((await api('GET', `/knowledge-base/entries?folder_id=${folder.id}`, user.headers)).json<ListBody<EntryBody>>().count).toBe(0);
+    await eventually(async () => storedFiles(user.user.id).length === 0 && (await recorded()).length === 0);
+  });
+
+  // The same for a move into a folder that left the key's project after the move checked it.
+  it.skipIf(!process.env.DATABASE_URL)("refuses a scoped key's move (404) into a folder that moved to another project during the move", async () => {
+    const [first, second] = [await createProject(ctx.app, alice.headers, 'First'), await createProject(ctx.app, alice.headers, 'Second')];
+    const [from, to] = [await createFolder(ctx.app, alice.headers, { name: 'From', project_id: first.id }), await createFolder(ctx.app, alice.headers, { name: 'To', project_id: first.id })];
+    const entry = await ingested(ctx.app, alice.headers, from.id, { filename: 'staying.md', content: MARKDOWN });
+    const firstKey = xApiKey((await createKey(ctx.app, alice, { name: 'first', project_id: first.id })).key);
+    const { blockedBy } = lockWaits(ctx);
+    let moved!: Promise<LightMyRequestResponse>;
+    await ctx.database.withSession(async (side) => {
+      await side.exec('begin');
+      try {
+        // Holds the move at its read of the target folder's project, after its checks; the folder changes project meanwhile.
+        await side.query('select id from knowledge_folders where id = $1 for update', [to.id]);
+        const sidePid = await backendPid(side);
+        moved = api('PUT', `/knowledge-base/entries/${entry.id}/move`, firstKey, { folder_id: to.id });
+        await eventually(async () => (await blockedBy(sidePid)) > 0);
+        await side.query('update knowledge_folders set project_id = $1 where id = $2', [second.id, to.id]);
+      } finally {
+        await side.exec('commit');
+      }
+    });
+    expect((await moved).statusCode, (await moved).body).toBe(404);
+    expect((await api('GET', `/knowledge-base/entries/${entry.id}`, firstKey)).json<EntryBody>()).toMatchObject({ folder_id: from.id, project_id: first.id });
   });
 
   it('answers another user\'s entry exactly as a missing one (404) on every route', async () => {

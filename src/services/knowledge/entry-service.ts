@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Readable } from 'node:stream';
 
-import { transaction } from '../../core/db.js';
+import { type Db, transaction } from '../../core/db.js';
 import { ConflictError, PayloadTooLargeError, PaymentRequiredError, ServiceUnavailableError, TooManyRequestsError, UnprocessableError } from '../../core/errors.js';
 
 import { knowledgeEntries, type KnowledgeEntry, type KnowledgeFolder, knowledgeFolders } from '../../models/index.js';
@@ -32,6 +32,7 @@ import { matching } from '../../crud/owned.js';
 import * as userCrud from '../../crud/user.js';
 import { SNIFF_HEAD_BYTES, sniffFormat } from '../../modules/knowledge/sniff.js';
 import { type DocumentFormat, DocumentRejectedError } from '../../modules/knowledge/types.js';
+import type { Principal } from '../../utils/authentication.js';
 import { bytesWithMiB as bytes } from '../../utils/text.js';
 import type { ServiceContext } from '../context.js';
 import { loadKeyLimits } from '../key-limits.js';
@@ -235,7 +236,7 @@ export async function upload(ctx: ServiceContext, folder: KnowledgeFolder, file:
         entryCrud.create(inner, {
           ...placed,
           // The folder's project as it is now (it may have moved while the bytes arrived).
-          project_id: await lockedFolderProject(inner, folder.id),
+          project_id: await writableFolderProject(inner, ctx.principal, folder.id),
           filename: name,
           ...type,
           size_bytes: stored.size,
@@ -316,8 +317,20 @@ export async function move(ctx: ServiceContext, id: string, folderId: string): P
   if (target.owner_id !== entry.owner_id) throw folderPolicy.notFound();
   if (target.id === entry.folder_id) return entry;
   return writeUniquelyNamed(ctx.db, entryNames(target.id), entry.filename, async (tx, filename) =>
-    entryCrud.update(tx, ctx.principal, id, { folder_id: target.id, project_id: await lockedFolderProject(tx, target.id), filename }),
+    entryCrud.update(tx, ctx.principal, id, { folder_id: target.id, project_id: await writableFolderProject(tx, ctx.principal, target.id), filename }),
   );
+}
+
+/**
+ * The project of the folder an entry is written into, read with the folder's row share-locked
+ * (lockedFolderProject), as the caller may still write there: the folder was checked before (at
+ * an upload's start, before its bytes arrived), and a key scoped to a project whose folder has
+ * moved to another since would put the entry outside its project. It gets 404, as for the folder now.
+ */
+async function writableFolderProject(tx: Db, principal: Principal, folderId: string): Promise<string | null> {
+  const projectId = await lockedFolderProject(tx, folderId);
+  if (principal.scopeProjectId !== null && projectId !== principal.scopeProjectId) throw folderPolicy.notFound();
+  return projectId;
 }
 
 /**
