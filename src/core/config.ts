@@ -300,10 +300,11 @@ export const SettingsSchema = z.object({
    */
   USAGE_FLUSH_MAX_ROWS: int(1, 10_000).default(128),
   /**
-   * The most unwritten records (usage records, credit settlements and credit-block releases, a
+   * The most unwritten records (usage records and credit settlements, a
    * billed call's usage record and settlement counting as one, so that the limit counts calls, not
    * how many statements a call needs: queued, kept for a retry, or in the statement being written;
-   * settlements and releases taken back from saved files aside while writes succeed) a process
+   * settlements taken back from saved files aside while writes succeed; credit releases, which
+   * carry no usage and no charge, never counted) a process
    * holds while the database does not take them; at this many it refuses model calls with 503 until
    * the database takes them again: a call it could not record is not served, and no record is
    * dropped. Each takes ~0.5–1 KB of memory (a billed call's two, ~1 KB).

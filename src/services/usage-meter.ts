@@ -185,8 +185,8 @@ export class UsageMeterService implements UsageMeter {
    */
   private recovered: { file: string; takenAfter: number }[] = [];
   /**
-   * The settlements and block releases taken back from saved files (`recoverUnwritten`) not yet
-   * written: counted toward the take's room, not toward refusing calls (`callRecords`). Not a
+   * The settlements taken back from saved files (`recoverUnwritten`) not yet written (their block
+   * releases are `releases`): counted toward the take's room, not toward refusing calls (`callRecords`). Not a
    * settlement taken with its call's usage row: paired again (`takeBack`), the row counts for both.
    */
   private fromFiles = new Set<billingCrud.Settlement>();
@@ -205,6 +205,15 @@ export class UsageMeterService implements UsageMeter {
    * from by either side, where a map each way cost a billed call two writes and two deletes.
    */
   private readonly pairedRows = new Set<string>();
+  /**
+   * The credit releases not yet written (a retired block's, a failed hold's: `releaseReservation`,
+   * or taken back from saved files): in the queues like the records, but not toward refusing calls
+   * (`callRecords`). They carry no usage and no charge; a lost one only leaves its credit held until
+   * the reservation expires (or, embedded, the next start). While the database is down every call
+   * whose hold statement fails leaves one, and counted, a few failed calls brought the 503 that many
+   * calls nearer for records there were none of.
+   */
+  private readonly releases = new Set<billingCrud.Settlement>();
 
   constructor(options: UsageMeterOptions) {
     this.db = options.db;
@@ -531,7 +540,9 @@ export class UsageMeterService implements UsageMeter {
 
   /** Deletes a reservation's row with the next flush (after the settlements queued before it), giving back what it holds; charges nothing. */
   private releaseReservation(release: Pick<billingCrud.Settlement, 'reservationId' | 'userId' | 'apiKeyId' | 'chargeAccount' | 'chargeKey' | 'description'>): void {
-    this.blockReleases.push({ ...release, projectId: null, cost: '0', usageRecordId: randomUUID() });
+    const item: billingCrud.Settlement = { ...release, projectId: null, cost: '0', usageRecordId: randomUUID() };
+    this.blockReleases.push(item);
+    this.releases.add(item);
     this.schedule();
   }
 
@@ -661,8 +672,10 @@ export class UsageMeterService implements UsageMeter {
   }
 
   /**
-   * The unwritten records that count toward refusing calls: all of them but the settlements and
-   * releases taken back from saved files. A save's are taken whole, past the take's room (see
+   * The unwritten records that count toward refusing calls: what USAGE_MAX_PENDING_ROWS bounds is
+   * the calls' usage records and charges this process holds unwritten (what a kill -9 would lose),
+   * so not the credit releases (`releases`: no usage, no charge), nor the settlements taken back
+   * from saved files while writes succeed. A save's are taken whole, past the take's room (see
    * `recoverUnwritten`): counted, a process that saved about USAGE_MAX_PENDING_ROWS of them at
    * shutdown had the next one refuse every call (503), the database up, until it had written them
    * all. They count toward the take's room instead (`unwrittenRows`), which keeps the take bounded.
@@ -671,12 +684,13 @@ export class UsageMeterService implements UsageMeter {
    * whatever was taken back.
    */
   private callRecords(): number {
-    return this.unwrittenRows() - (this.writesFailing ? 0 : this.fromFiles.size);
+    return this.unwrittenRows() - this.releases.size - (this.writesFailing ? 0 : this.fromFiles.size);
   }
 
   /** `items` are written (or set aside): those taken back from files no longer wait, and a billed call's row counts alone. */
   private wroteItems(items: readonly billingCrud.Settlement[]): void {
     if (this.fromFiles.size) for (const item of items) this.fromFiles.delete(item);
+    if (this.releases.size) for (const item of items) this.releases.delete(item);
     if (!this.pairedRows.size) return;
     for (const item of items) {
       const row = (item as PairedSettlement)[PAIRED_ROW];
@@ -1122,6 +1136,7 @@ export class UsageMeterService implements UsageMeter {
       this.forgetRecovered();
       // Saved again: what a statement still in flight holds and puts back after a failure counts as a call's.
       this.fromFiles.clear();
+      this.releases.clear();
       this.pairedRows.clear();
       this.buffer = [];
       this.failedSettlements = [];
@@ -1165,7 +1180,10 @@ export class UsageMeterService implements UsageMeter {
       for (const row of part.usage) this.buffer.push(row);
       this.takeBack(this.failedSettlements, part.settlements, rowsById);
       this.takeBack(this.windowSettlements, part.windowSettlements, rowsById);
-      this.takeBack(this.blockReleases, part.blockReleases);
+      for (const release of part.blockReleases) {
+        this.blockReleases.push(release);
+        this.releases.add(release);
+      }
       counts.usageRecords += part.usage.length;
       counts.settlements += part.settlements.length + part.windowSettlements.length;
       counts.blockReleases += part.blockReleases.length;
@@ -1176,7 +1194,7 @@ export class UsageMeterService implements UsageMeter {
   }
 
   /**
-   * Queues settlements or releases read from saved files, item by item, as above: one whose call's
+   * Queues settlements read from saved files, item by item, as above: one whose call's
    * usage row was taken with it (`rowsById`) paired with it, as the call's settlement was before it
    * was saved (the row counts for both, toward refusing calls too); the others marked as taken
    * from files (`fromFiles`).

@@ -206,6 +206,50 @@ describe('usage the database does not take', () => {
       await app.close();
     }
   });
+  it('the credit releases of holds that failed (the database down) do not count toward it: they carry no usage, so calls are refused at USAGE_MAX_PENDING_ROWS records, not that many releases sooner', async () => {
+    const app = await buildTestApp(ctx.database, { ...settings, BILLING_ENABLED: 'true', BILLING_CREDIT_WINDOW_CALLS: '0' });
+    try {
+      const erin = await createUser(app);
+      await billingCrud.changeBalance(ctx.database.db, { userId: erin.user.id, type: 'grant', amount: '100000', description: 'test credits', createdBy: erin.user.id });
+      const since = new Date();
+      // Without a user nothing is held: each call leaves its usage row only.
+      const unbilled = () => app.models.chat(chatRequest('fake-precise', {}));
+      const billed = () => app.models.chat(chatRequest('fake-billed', { user_id: erin.user.id }, { maxOutputTokens: 10 }));
+      const outage = { down: true };
+      const writesFail = (text: string) => {
+        if (outage.down && /insert into (usage_records|credit_transactions|credit_reservations)/i.test(text)) throw new Error('Connection terminated unexpectedly');
+      };
+      const failedHolds = 5;
+      await intercepting(ctx.database.db, writesFail, async () => {
+        for (let i = 0; i < LIMIT - 1; i++) await unbilled();
+        await app.meter.idle();
+        // Each hold's statement fails: the call fails, and its release (the hold may have committed) is queued.
+        for (let i = 0; i < failedHolds; i++) {
+          const failure = await billed().then(
+            () => 'served',
+            (error: unknown) => error,
+          );
+          expect(failure).toBeInstanceOf(Error);
+          expect(failure).not.toBeInstanceOf(UsageBacklogError);
+        }
+        await app.meter.idle();
+        // 99 usage records and 5 releases: the 100th record's call is served, the next one refused.
+        await unbilled();
+        await app.meter.idle();
+        await expect(unbilled()).rejects.toBeInstanceOf(UsageBacklogError);
+        outage.down = false;
+        await app.meter.idle();
+      });
+      // The billed calls never went upstream.
+      expect(fake.log).toHaveLength(LIMIT);
+      const written = await ctx.database.db.execute(sql`select count(*)::int as n from usage_records where owner_id is null and model = 'fake-precise' and created_at >= ${since.toISOString()}`);
+      expect((written as { rows: { n: number }[] }).rows[0]!.n).toBe(LIMIT);
+      // The releases were written too: nothing held, nothing charged.
+      expect(await billingCrud.getBalance(ctx.database.db, erin.user.id)).toMatchObject({ balance: '100000.000000000000', reserved: '0.000000000000' });
+    } finally {
+      await app.close();
+    }
+  });
 });
 
 describe('usage saved at the shutdown deadline', () => {
