@@ -1174,7 +1174,17 @@ export class UsageMeterService implements UsageMeter {
     // A billed call saved with its usage row and its settlement apart is paired again (`pairedRows`)
     // when both are taken: counted apart, it counted twice toward refusing calls while writes fail.
     const rowsById = parts.some((part) => part.settlements.length || part.windowSettlements.length) ? new Map<string, string>() : undefined;
-    if (rowsById) for (const part of parts) for (const row of part.usage) rowsById.set(billingCrud.usageRowId(row), row);
+    if (rowsById) {
+      // And with a row an earlier take queued, still unwritten: a save's settlements come after its
+      // rows, so a file of rows split by the room has some calls' rows taken a take before their
+      // settlements. Left apart, each of those calls counted twice while writes failed.
+      const earlier = (rows: readonly string[]) => {
+        for (const row of rows) if (!this.pairedRows.has(row)) rowsById.set(billingCrud.usageRowId(row), row);
+      };
+      earlier(this.writing.usage);
+      earlier(this.buffer);
+      for (const part of parts) for (const row of part.usage) rowsById.set(billingCrud.usageRowId(row), row);
+    }
     for (const part of parts) {
       // Item by item: a spread of 100,000s of items passes the call stack's limit.
       for (const row of part.usage) this.buffer.push(row);

@@ -885,6 +885,45 @@ describe('usage saved by earlier processes', () => {
     });
   });
 
+  it("a save's billed calls whose settlements come a take after their rows (the rows filled the room) count once each too, as when taken together", async () => {
+    await withSavedUsage([], async ({ user, dataDir, dir }) => {
+      const userId = user.user.id;
+      await billingCrud.changeBalance(ctx.database.db, { userId, type: 'grant', amount: '100', description: null, createdBy: userId });
+      // 50 billed calls, as a process with per-call holds saved them: their rows (a file: the room), and their settlements apart (the next file).
+      const billed = 50;
+      const rows = Array.from({ length: billed }, usageRow(userId));
+      saveUnwritten(dir, { usage: rows, settlements: rows.map((row) => settlementOf(userId, { usageRecordId: idOf(row) })), windowSettlements: [], blockReleases: [] });
+      // Two statements of rows are written (20 rows), then no write is.
+      let rowWrites = 0;
+      const writesFail = (text: string) => {
+        if (/insert into credit_transactions/i.test(text) || (/insert into usage_records/i.test(text) && ++rowWrites > 2)) throw new Error('Connection terminated unexpectedly');
+      };
+      const served: unknown[] = [];
+      await intercepting(ctx.database.db, writesFail, async () => {
+        const down = await buildTestApp(ctx.database, { ...settings, DATA_DIR: dataDir });
+        try {
+          await down.meter.idle(); // the first take: the 50 rows, 20 of them written
+          expect(await usageCount(ctx.database.db, userId)).toBe(20);
+          // The next take (room for 20): the 50 settlements, 30 of them of rows the first took, still unwritten.
+          sweep(down);
+          await down.meter.idle();
+          expect(savedFilesIn(dir)).toEqual([]);
+          // 50 calls unwritten (20 settlements alone, 30 rows with their settlements): 50 of this process's own are served, the next refused.
+          for (let i = 0; i <= LIMIT - billed; i++) {
+            served.push(await servedOrRefused(down, userId));
+            await down.meter.idle();
+          }
+        } finally {
+          await down.close(); // saved again
+        }
+      });
+      expect(served).toEqual([...Array.from({ length: LIMIT - billed }, () => 'served'), 'refused (503)']);
+      await takeBackAll(dataDir, dir);
+      expect(await usageCount(ctx.database.db, userId)).toBe(LIMIT);
+      expect(await account(userId)).toEqual({ balance: 100 - billed, reserved: 0 });
+    });
+  });
+
   it("a save's block releases are not taken while another live process holds its settlements: written first, they showed the credit those still charge as free", async () => {
     await withSavedUsage([], async ({ user, dataDir, dir }) => {
       saveUnwritten(dir, { usage: [], settlements: [], ...(await creditBlock(user.user.id, 8)) });
