@@ -16,6 +16,7 @@ import { changeBalance, getBalance, hold, keySpend, ledgerSum, settleMany } from
 import { queryRows } from '../../src/crud/owned.js';
 import { ModelCallAbortedError } from '../../src/modules/ai-models/errors.js';
 import { addCosts, type ChatRequest, type CostEstimate, MEDIA_PART_TOKENS, type UsageRecord } from '../../src/modules/ai-models/index.js';
+import { estimateTextTokens } from '../../src/modules/ai-models/token-estimate.js';
 import { releaseHoldsLeftBehind } from '../../src/services/usage-meter.js';
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
@@ -523,6 +524,27 @@ describe('metered calls with BILLING_ENABLED', () => {
     const charged = rows.reduce((sum, row) => sum + Number(row.cost), 0);
     expect(charged).toBeGreaterThanOrEqual(200);
     expect(1000 - Number((await balanceOf(user)).balance)).toBe(charged);
+    await expectConsistent(user);
+  });
+
+  it('an embeddings call sent in several requests whose connection drops midway pays for the requests the provider billed, not the estimate of every input', async () => {
+    const priced = await api('POST', '/models', admin, { id: 'fake-embed-billed', provider: 'fake', capabilities: ['embedding'], pricing: { input_cost_per_million_tokens: '1000000', output_cost_per_million_tokens: '0' } });
+    expect(priced.statusCode, priced.body).toBe(200);
+    const user = await createUser(ctx.app);
+    await grant(user, '100000');
+    // Four requests (2,048 inputs at most each): the first answered, the second cut off after its 200's headers, the others never sent.
+    const values = Array.from({ length: 3 * 2048 + 5 }, (_, i) => `input number ${i}`);
+    const [first, second] = [values.slice(0, 2048), values.slice(2048, 4096)];
+    fake.script('fake-embed-billed', {}, { drop: { afterChunks: 0 } });
+    await expect(ctx.app.models.embed({ model: 'fake-embed-billed', values, context: { user_id: user.user.id } })).rejects.toThrow(/Upstream connection error/);
+    expect(fake.log.map((r) => r.reply)).toEqual([200, 'drop']);
+    await ctx.app.meter.idle();
+    const [row, ...others] = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
+    expect(others).toEqual([]);
+    // The first as the fake server reported it (a token each 4 characters of an input), the second its prompt's estimate, as a call of its own cut off there.
+    const billedTokens = first.reduce((n, v) => n + Math.ceil(v.length / 4), 0) + Math.ceil(estimateTextTokens(second.join('')));
+    expect(row).toMatchObject({ operation: 'embed', status: 'error', estimated: true, input_tokens: billedTokens });
+    expect(100000 - Number((await balanceOf(user)).balance)).toBe(billedTokens);
     await expectConsistent(user);
   });
 

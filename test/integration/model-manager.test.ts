@@ -15,6 +15,7 @@ import {
   type UsageRecord,
 } from '../../src/modules/ai-models/model-manager.js';
 import { ProviderUnavailableError } from '../../src/modules/ai-models/providers.js';
+import { estimateTextTokens } from '../../src/modules/ai-models/token-estimate.js';
 import type { ModelOverride } from '../../src/modules/ai-models/types.js';
 import { fakeEmbedding, type ScriptedReply } from '../helpers/fake-model-server.js';
 import { fakeModelManager, useFakeManagerServer } from '../helpers/model-manager.js';
@@ -1084,6 +1085,44 @@ describe('ModelManager.embed', () => {
       ['fake-embed', 'success', true, 2, 4 + estimate!],
       ['gem-embed', 'success', true, 2, 2 * estimate!],
     ]);
+  });
+
+  it('an embeddings call sent in several requests that fails midway is charged what its requests were billed: those before as reported, the one that failed as a call of its own, not every input', async () => {
+    const m = manager({ maxRetries: 0 });
+    // Four requests: 2,048 inputs, 2,048, 2,048 and 5.
+    const values = Array.from({ length: 3 * 2048 + 5 }, (_, i) => `input number ${i}`);
+    const [first, second] = [values.slice(0, 2048), values.slice(2048, 4096)];
+    /** What the fake server reports for `inputs`. */
+    const reported = (inputs: string[]) => inputs.reduce((n, v) => n + Math.ceil(v.length / 4), 0);
+    const dropped: ScriptedReply = { drop: { afterChunks: 0 } };
+    // The second request's inputs in a call of their own, cut off after the 200's headers: charged their estimate.
+    fake.server.script('fake-embed', dropped);
+    await expect(m.embed({ model: 'fake-embed', values: second })).rejects.toThrow(/Upstream connection error/);
+    const [alone] = await settled(1);
+    expect(alone).toMatchObject({ status: 'error', estimated: true });
+
+    // The first request answered, the second dropped after its headers, the others never sent.
+    fake.server.reset();
+    fake.records.length = 0;
+    fake.server.script('fake-embed', {}, dropped);
+    await expect(m.embed({ model: 'fake-embed', values })).rejects.toThrow(/Upstream connection error/);
+    expect(fake.server.log.map((r) => [(r.body.input as string[]).length, r.reply])).toEqual([
+      [2048, 200],
+      [2048, 'drop'],
+    ]);
+    const [cutOff] = await settled(1);
+    expect(cutOff).toMatchObject({ operation: 'embed', status: 'error', estimated: true, attempts: 1, tokens: { output: 0 } });
+    expect(cutOff!.tokens.input).toBe(reported(first) + alone!.tokens.input);
+    // Not the estimate of every input (the call's hold), as it was.
+    expect(cutOff!.tokens.input).toBeLessThan(Math.ceil(estimateTextTokens(values.join(''))));
+
+    // The second refused (a 500: not billed): the first as reported, nothing estimated.
+    fake.server.reset();
+    fake.records.length = 0;
+    fake.server.script('fake-embed', {}, { status: 500 });
+    await expect(m.embed({ model: 'fake-embed', values })).rejects.toThrow(/Upstream 500 error/);
+    const [refused] = await settled(1);
+    expect(refused).toMatchObject({ status: 'error', estimated: false, tokens: { input: reported(first) } });
   });
 
   it('retries an embeddings 429', async () => {

@@ -1262,7 +1262,7 @@ function classify(error: unknown, attempt: Attempt, caller: CallerSignal | undef
     // A 2xx whose body a dropped connection cut off: the SDK reports the read's failure with the
     // answer's status, where the wire reports a dropped connection (no status). Retried on both:
     // the manager tries again only while no output has reached the caller (`state.streamed`), and
-    // each cut-off try is charged its prompt's estimate (`failedAnswering`).
+    // each cut-off try is charged its prompt's estimate (`failedTries`).
     if (status !== undefined && status >= 200 && status < 300 && isConnectionFailure(apiError.cause)) {
       return { kind: 'retryable', error: new UpstreamError(`Upstream connection error: ${apiError.message}: ${apiError.cause.message}`) };
     }
@@ -1381,6 +1381,35 @@ interface AttemptState {
   outputTokens: number;
   /** The call's reservation holds its output maximum (UsageReservation.holdsOutput): it is sent upstream (sentOutputTokens). */
   capped: boolean;
+  /** A try sent in several requests, while it runs (`embedOverWire`): what a failure midway was billed for (`billedBeforeFailing`). */
+  split?: SplitTry;
+}
+
+/**
+ * A try whose inputs go upstream in several requests, one after another (embeddings past
+ * OPENAI_EMBEDDING_INPUTS): the provider bills each request on its own. One that fails midway was
+ * billed for the requests that completed, and for the one in flight as a call of its own is
+ * (`billedBeforeFailing`) — not for every input.
+ */
+interface SplitTry {
+  /** The input tokens of the requests that completed: as reported, or estimated where a provider reported none. */
+  completedTokens: number;
+  completedEstimated: boolean;
+  /** The estimate of the request in flight, and whether its provider's 2xx began. */
+  inFlightTokens: number;
+  inFlightAnswered: boolean;
+}
+
+/**
+ * What a split try that failed midway was billed for (see SplitTry), and whether any of it is an
+ * estimate. The request in flight as `run` charges a call of one request: its prompt's estimate once
+ * its 2xx began, or when the caller went away while it was upstream (`aborted`), else nothing.
+ */
+function billedBeforeFailing(split: SplitTry, aborted: boolean): { tokens: number; estimated: boolean } {
+  const inFlightBilled = split.inFlightTokens > 0 && (split.inFlightAnswered || aborted);
+  return inFlightBilled
+    ? { tokens: split.completedTokens + split.inFlightTokens, estimated: true }
+    : { tokens: split.completedTokens, estimated: split.completedEstimated };
 }
 
 type AttemptRunner<T> = (model: ModelInfo, attempt: Attempt, state: AttemptState) => Promise<T>;
@@ -1785,7 +1814,7 @@ export class ModelManager {
     const started = performance.now();
     return this.run(request, request.signal, 'embed', 'embedding', 0, async (model, attempt, state) => {
       const wire = this.options.providers.embeddingsWire(model.provider);
-      const answer = wire ? await this.embedOverWire(wire, request, model, attempt) : await this.embedThroughSdk(request, model, attempt.signal);
+      const answer = wire ? await this.embedOverWire(wire, request, model, attempt, state) : await this.embedThroughSdk(request, model, attempt.signal);
       state.usage = answer.tokens === undefined ? undefined : { ...ZERO_USAGE, input: Math.min(answer.tokens, embeddingTokensBound(request.values)) };
       const embeddings = inInputOrder(model.id, request.values.length, answer.vectors, answer.numbering);
       const { dimensions } = request;
@@ -1799,24 +1828,57 @@ export class ModelManager {
     });
   }
 
-  /** Embeddings over the wire (openai-wire.ts), OPENAI_EMBEDDING_INPUTS inputs a request, one request after another. */
-  private async embedOverWire(wire: OpenAIWire, request: EmbedRequest, model: ModelInfo, attempt: AbortLike): Promise<VectorsAnswer> {
+  /**
+   * Embeddings over the wire (openai-wire.ts), OPENAI_EMBEDDING_INPUTS inputs a request, one request
+   * after another; with more than one, what each has been billed is kept on `state.split` while the
+   * try runs, for a failure midway to be charged by (`billedBeforeFailing`).
+   */
+  private async embedOverWire(wire: OpenAIWire, request: EmbedRequest, model: ModelInfo, attempt: AbortLike, state: AttemptState): Promise<VectorsAnswer> {
     const vectors: Float32Array[] = [];
     const numbering: unknown[][] = [];
     let tokens: number | undefined = 0;
+    const split: SplitTry | undefined = request.values.length > OPENAI_EMBEDDING_INPUTS ? { completedTokens: 0, completedEstimated: false, inFlightTokens: 0, inFlightAnswered: false } : undefined;
+    // The attempt as one request sees it: its 2xx noted for that request alone (the attempt's `answered` stays the try's).
+    const requestSignal: AbortLike = split
+      ? {
+          get aborted() {
+            return attempt.aborted;
+          },
+          get reason() {
+            return attempt.reason;
+          },
+          onAbort: (listener) => attempt.onAbort(listener),
+          answering: () => {
+            split.inFlightAnswered = true;
+            attempt.answering?.();
+          },
+        }
+      : attempt;
+    state.split = split;
     for (let start = 0; start < request.values.length; start += OPENAI_EMBEDDING_INPUTS) {
       const input = request.values.slice(start, start + OPENAI_EMBEDDING_INPUTS);
       const call: WireEmbeddingsCall = { model: model.id, input };
       if (request.dimensions !== undefined) call.dimensions = request.dimensions;
       if (request.user !== undefined) call.user = request.user;
-      const answer = await wire.embed(call, attempt, embeddingsAnswerLimit(this.options.maxResponseBytes, input.length), this.options.providers.hopHeaders(request.hops));
+      if (split) {
+        split.inFlightTokens = estimateTokens(input.join(''));
+        split.inFlightAnswered = false;
+      }
+      const answer = await wire.embed(call, requestSignal, embeddingsAnswerLimit(this.options.maxResponseBytes, input.length), this.options.providers.hopHeaders(request.hops));
       // Each request's own count: one short and the next one long would otherwise pass as a whole, every vector on another input.
       checkVectorCount(model.id, input.length, answer.vectors.length);
       vectors.push(...answer.vectors);
       numbering.push(answer.indexes);
       // One request without usage makes the call's unknown (estimated, see `price`), as the SDK's sum does.
       tokens = tokens === undefined || answer.tokens === undefined ? undefined : tokens + answer.tokens;
+      if (split) {
+        split.completedTokens += answer.tokens === undefined ? split.inFlightTokens : Math.min(answer.tokens, embeddingTokensBound(input));
+        split.completedEstimated ||= answer.tokens === undefined;
+        split.inFlightTokens = 0;
+        split.inFlightAnswered = false;
+      }
     }
+    state.split = undefined;
     return { vectors, numbering, tokens };
   }
 
@@ -2208,9 +2270,14 @@ export class ModelManager {
        * dropped connection before or after a first chunk that said nothing (a role-only delta). The
        * provider bills each, so the model's one record is charged each one's prompt estimate on top
        * of what its last try is charged (marked estimated), however its tries ended after them (a
-       * retry's answer or 400, the caller gone during the wait).
+       * retry's answer or 400, the caller gone during the wait). A try sent in several requests adds
+       * what it was billed for instead (`billedBeforeFailing`), however it failed.
        */
-      let failedAnswering = 0;
+      const failedTries = { tokens: 0, estimated: false };
+      const addFailedTry = (billed: { tokens: number; estimated: boolean }) => {
+        failedTries.tokens += billed.tokens;
+        failedTries.estimated ||= billed.estimated;
+      };
       /** `abortedUpstream`: the caller went away while the request was with the provider (charged for its prompt at least). */
       const finish = (status: CallStatus, error: Error | null, abortedUpstream = false) => {
         if (!reservation) return;
@@ -2223,13 +2290,13 @@ export class ModelManager {
         const ownEstimate = state.estimated || (reported === undefined && (state.streamed || abortedUpstream));
         let tokens = reported ?? (ownEstimate ? estimatedUsage(state) : { ...ZERO_USAGE });
         // Each try that failed after its provider began answering adds its prompt (0 on most calls: no copy).
-        if (failedAnswering > 0) tokens = { ...tokens, input: tokens.input + failedAnswering * state.inputTokens };
+        if (failedTries.tokens > 0) tokens = { ...tokens, input: tokens.input + failedTries.tokens };
         const record: UsageRecord = {
           operation,
           model: model.id,
           provider: model.provider,
           tokens,
-          estimated: ownEstimate || failedAnswering > 0,
+          estimated: ownEstimate || failedTries.estimated,
           cost: state.priced?.usage === tokens ? state.priced.cost : computeCost(model.pricing, tokens),
           latency_ms: Math.round(performance.now() - started),
           time_to_first_token_ms: state.firstTokenAt === null ? null : Math.round(state.firstTokenAt - started),
@@ -2263,21 +2330,26 @@ export class ModelManager {
           return value;
         } catch (error) {
           const outcome = classify(error, attempt, signal, timeoutMs, request.interactive === true);
+          // A try sent in several requests that failed midway: charged what its requests were billed
+          // (each as a call of its own would be), not its whole prompt's estimate, however it failed.
+          const split = state.split;
+          state.split = undefined;
+          if (split) addFailedTry(billedBeforeFailing(split, outcome.kind === 'aborted'));
           if (outcome.kind === 'aborted') {
-            finish('aborted', new ModelCallAbortedError(), true);
+            finish('aborted', new ModelCallAbortedError(), !split);
             throw abortedError(signal);
           }
           const failure = this.withoutSecrets(outcome.error, model.provider, sentWith);
           lastError = failure;
           // A 2xx the call could not use (no JSON, no completion, past its size): the provider billed
           // it, so it is charged at least its prompt's estimate (and what a stream said), estimated.
-          if (outcome.kind === 'fatal' && brokenAnswer(failure)) state.estimated = true;
+          if (!split && outcome.kind === 'fatal' && brokenAnswer(failure)) state.estimated = true;
           // Cut off after the provider's 2xx began, by the try's silence, by the stream's deadline (a
           // silent reasoning model runs up tokens upstream all the while) or by a dropped connection
           // before any output: it billed the try, which was recorded free and exact, and retried. Not
           // one whose usage came (a broken tool choice's answer): that usage is what it is charged;
           // nor one the provider ended with its own error event (it said the try failed, as a 5xx does).
-          else if (!state.streamed && attempt.answered && reportedUsage(state) === undefined && !(error instanceof StreamErrorEvent)) failedAnswering += 1;
+          else if (!split && !state.streamed && attempt.answered && reportedUsage(state) === undefined && !(error instanceof StreamErrorEvent)) addFailedTry({ tokens: state.inputTokens, estimated: true });
           if (outcome.kind === 'fatal' || state.streamed) {
             finish('error', failure);
             throw failure;
