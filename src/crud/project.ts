@@ -1,8 +1,9 @@
-import { count, eq, sql } from 'drizzle-orm';
+import { eq, inArray, type SQL, sql } from 'drizzle-orm';
+import type { AnyPgColumn, AnyPgTable } from 'drizzle-orm/pg-core';
 
 import type { Db } from '../core/db.js';
 
-import { apiKeys, type NewProject, type Project, projects } from '../models/index.js';
+import { ACTIVE_RUN_STATUSES, agents, apiKeys, knowledgeEntries, knowledgeFolders, type NewProject, type Project, projects, runs, threads } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
 import { activeKey } from './api-key.js';
@@ -25,15 +26,41 @@ export const getById = projectCrud.getById;
 /** Plain insert, for seeding (the API creates through the service, under the per-user limit). */
 export const create = projectCrud.create;
 
-export async function stats(db: Db, id: string): Promise<{ api_keys: number; active_api_keys: number }> {
+/** What a project holds, counted by `stats` (`api_keys` all of its keys, `active_api_keys` those that authenticate). */
+export interface ProjectCounts {
+  threads: number;
+  agents: number;
+  runs: number;
+  active_runs: number;
+  knowledge_folders: number;
+  knowledge_entries: number;
+  api_keys: number;
+  active_api_keys: number;
+}
+
+/** Rows of `table` in the project, as a scalar subquery: every figure of the stats comes from one statement. */
+function countInProject(table: AnyPgTable, projectColumn: AnyPgColumn, condition?: SQL) {
+  const where = condition ? sql`${projectColumn} = ${projects.id} and ${condition}` : sql`${projectColumn} = ${projects.id}`;
+  return sql<number>`(select count(*) from ${table} where ${where})`.mapWith(Number);
+}
+
+export async function stats(db: Db, id: string): Promise<ProjectCounts> {
   const [row] = await db
     .select({
-      api_keys: count(),
-      active_api_keys: sql<number>`count(*) filter (where ${activeKey})`.mapWith(Number),
+      threads: countInProject(threads, threads.project_id),
+      agents: countInProject(agents, agents.project_id),
+      runs: countInProject(runs, runs.project_id),
+      active_runs: countInProject(runs, runs.project_id, inArray(runs.status, [...ACTIVE_RUN_STATUSES])),
+      knowledge_folders: countInProject(knowledgeFolders, knowledgeFolders.project_id),
+      knowledge_entries: countInProject(knowledgeEntries, knowledgeEntries.project_id),
+      api_keys: countInProject(apiKeys, apiKeys.project_id),
+      active_api_keys: countInProject(apiKeys, apiKeys.project_id, activeKey),
     })
-    .from(apiKeys)
-    .where(eq(apiKeys.project_id, id));
-  return { api_keys: row?.api_keys ?? 0, active_api_keys: row?.active_api_keys ?? 0 };
+    .from(projects)
+    .where(eq(projects.id, id));
+  // Deleted since its caller read it: as missing as it is now.
+  if (!row) throw projectPolicy.notFound();
+  return row;
 }
 
 /**

@@ -27,8 +27,14 @@ export const ProjectPublic = z
 export const ProjectStats = z
   .object({
     project_id: Id,
-    api_keys: z.number().int(),
-    active_api_keys: z.number().int(),
+    threads: z.number().int(),
+    agents: z.number().int(),
+    runs: z.number().int().describe('Runs on the project\'s threads, finished ones included'),
+    active_runs: z.number().int().describe('Runs queued or running'),
+    knowledge_folders: z.number().int(),
+    knowledge_entries: z.number().int(),
+    api_keys: z.number().int().describe('Keys scoped to the project, revoked and expired ones included'),
+    active_api_keys: z.number().int().describe('Keys that authenticate: neither revoked nor expired'),
   })
   .meta({ id: 'ProjectStats' });
 

@@ -603,7 +603,7 @@ describe('a project-scoped key', () => {
     expect((await api('GET', `/projects/${project.id}`, xApiKey(scoped.key))).statusCode).toBe(200);
     const stats = await api('GET', `/projects/${project.id}/stats`, headers);
     expect(stats.statusCode).toBe(200);
-    expect(stats.json()).toEqual({ project_id: project.id, api_keys: 1, active_api_keys: 1 });
+    expect(stats.json()).toMatchObject({ project_id: project.id, api_keys: 1, active_api_keys: 1 });
   });
 
   it("of a superuser reads no user through the user routes (403), not even its own", async () => {

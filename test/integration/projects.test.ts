@@ -6,11 +6,12 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { TokenService } from '../../src/core/security.js';
 
-import { apiKeys, projects } from '../../src/models/index.js';
+import { apiKeys, projects, runs } from '../../src/models/index.js';
 
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { bearer, createProject, createUser, type TestUser } from '../helpers/factories.js';
 import { apiOf, call, createKey, expectValidationError, ISO_UTC, type ListBody, sleep, UUID } from '../helpers/http.js';
+import { createFolder, uploaded } from '../helpers/knowledge.js';
 
 const ctx = useTestApp();
 
@@ -29,6 +30,8 @@ type ProjectList = ListBody<ProjectBody>;
 
 const PROJECT_FIELDS = ['created_at', 'description', 'id', 'name', 'owner_id', 'updated_at'];
 const NOT_FOUND = { detail: 'Project not found' };
+/** The stats of a project that holds nothing. */
+const NOTHING_HELD = { threads: 0, agents: 0, runs: 0, active_runs: 0, knowledge_folders: 0, knowledge_entries: 0, api_keys: 0, active_api_keys: 0 };
 const api = apiOf(ctx);
 
 function expectProjectShape(body: ProjectBody): void {
@@ -387,12 +390,50 @@ describe('DELETE /projects/{id}', () => {
 // ==================== Stats ====================
 
 describe('GET /projects/{id}/stats', () => {
+
   it('answers zero counts for a new project', async () => {
     const alice = await createUser(ctx.app);
     const project = await createProject(ctx.app, alice.headers);
     const response = await api('GET', `/projects/${project.id}/stats`, alice.headers);
     expect(response.statusCode).toBe(200);
-    expect(response.json()).toEqual({ project_id: project.id, api_keys: 0, active_api_keys: 0 });
+    expect(response.json()).toEqual({ project_id: project.id, ...NOTHING_HELD });
+  });
+
+  it('counts every kind of row the project groups: threads, agents, runs, knowledge folders and entries, keys', async () => {
+    const alice = await createUser(ctx.app);
+    const project = await createProject(ctx.app, alice.headers, 'Busy');
+    const other = await createProject(ctx.app, alice.headers, 'Elsewhere');
+    const inProject = { project_id: project.id };
+
+    const agent = (await api('POST', '/agents', alice.headers, { name: 'Helper', model: 'gpt-4.1', ...inProject })).json<{ id: string; version: number }>();
+    await api('POST', '/agents', alice.headers, { name: 'Unassigned', model: 'gpt-4.1' });
+    const thread = (await api('POST', '/threads', alice.headers, { title: 'counted', ...inProject })).json<{ id: string }>();
+    await api('POST', '/threads', alice.headers, { title: 'counted too', ...inProject });
+    await api('POST', '/threads', alice.headers, { title: 'other project', project_id: other.id });
+    await api('POST', '/threads', alice.headers, { title: 'no project' });
+    const folder = await createFolder(ctx.app, alice.headers, { name: 'Docs', ...inProject });
+    await createFolder(ctx.app, alice.headers, { name: 'Unassigned docs' });
+    await uploaded(ctx.app, alice.headers, folder.id, { filename: 'a.txt', content: 'alpha' });
+    await uploaded(ctx.app, alice.headers, folder.id, { filename: 'b.txt', content: 'beta' });
+    await createKey(ctx.app, alice, { name: 'scoped', ...inProject });
+    // Runs straight into the table: what they count is independent of a model answering them.
+    const run = { owner_id: alice.user.id, thread_id: thread.id, agent_id: agent.id, agent_version: agent.version, model: 'gpt-4.1', ...inProject };
+    await ctx.app.db.insert(runs).values([{ ...run, status: 'completed' }, { ...run, status: 'queued' }]);
+
+    const response = await api('GET', `/projects/${project.id}/stats`, alice.headers);
+    expect(response.statusCode, response.body).toBe(200);
+    expect(response.json()).toEqual({
+      project_id: project.id,
+      threads: 2,
+      agents: 1,
+      runs: 2,
+      active_runs: 1,
+      knowledge_folders: 1,
+      knowledge_entries: 2,
+      api_keys: 1,
+      active_api_keys: 1,
+    });
+    expect((await api('GET', `/projects/${other.id}/stats`, alice.headers)).json()).toEqual({ project_id: other.id, ...NOTHING_HELD, threads: 1 });
   });
 
   it("counts the project's keys and its active keys, not other projects' or unscoped ones", async () => {
@@ -406,20 +447,21 @@ describe('GET /projects/{id}/stats', () => {
     await createKey(ctx.app, alice, { name: 'unscoped' });
 
     const stats = async () => (await api('GET', `/projects/${project.id}/stats`, alice.headers)).json<unknown>();
-    expect(await stats()).toEqual({ project_id: project.id, api_keys: 3, active_api_keys: 3 });
+    expect(await stats()).toEqual({ project_id: project.id, ...NOTHING_HELD, api_keys: 3, active_api_keys: 3 });
 
     expect((await api('PATCH', `/api-keys/${k1.id}`, alice.headers, { status: 'revoked' })).statusCode).toBe(200);
-    expect(await stats()).toEqual({ project_id: project.id, api_keys: 3, active_api_keys: 2 });
+    expect(await stats()).toEqual({ project_id: project.id, ...NOTHING_HELD, api_keys: 3, active_api_keys: 2 });
 
     // An expired key is not active either.
     await ctx.app.db.update(apiKeys).set({ expires_at: new Date(Date.now() - 1_000) }).where(eq(apiKeys.id, k2.id));
-    expect(await stats()).toEqual({ project_id: project.id, api_keys: 3, active_api_keys: 1 });
+    expect(await stats()).toEqual({ project_id: project.id, ...NOTHING_HELD, api_keys: 3, active_api_keys: 1 });
 
     expect((await api('DELETE', `/api-keys/${k1.id}`, alice.headers)).statusCode).toBe(200);
-    expect(await stats()).toEqual({ project_id: project.id, api_keys: 2, active_api_keys: 1 });
+    expect(await stats()).toEqual({ project_id: project.id, ...NOTHING_HELD, api_keys: 2, active_api_keys: 1 });
 
     expect((await api('GET', `/projects/${other.id}/stats`, alice.headers)).json()).toEqual({
       project_id: other.id,
+      ...NOTHING_HELD,
       api_keys: 1,
       active_api_keys: 1,
     });
@@ -503,7 +545,7 @@ describe('superuser', () => {
 
     const stats = await api('GET', `/projects/${b.id}/stats`, admin.headers);
     expect(stats.statusCode).toBe(200);
-    expect(stats.json()).toEqual({ project_id: b.id, api_keys: 0, active_api_keys: 0 });
+    expect(stats.json()).toEqual({ project_id: b.id, ...NOTHING_HELD });
 
     const deleted = await api('DELETE', `/projects/${a.id}`, admin.headers);
     expect(deleted.statusCode).toBe(200);
