@@ -1,6 +1,6 @@
 import { z } from 'zod';
 
-import { Id, Pagination, STORABLE_YEARS_ERROR, Text, Timestamp, withinStorableYears } from './common.js';
+import { Id, MAX_INSTANT_MS, Pagination, STORABLE_YEARS_ERROR, Text, Timestamp, withinStorableYears } from './common.js';
 
 /** A decimal string with up to 12 decimal places (credits), as accepted in bodies: never a JSON number. */
 export const MoneyInput = z
@@ -77,11 +77,26 @@ const RangeBound = () =>
     .union([z.iso.datetime({ offset: true }), z.iso.date()], { error: 'Input should be an ISO 8601 date (2026-03-01) or date-time with an offset (2026-03-01T00:00:00Z)' })
     .refine(withinStorableYears, { error: STORABLE_YEARS_ERROR });
 
-/** `?from=&to=&group_by=`: a time range (ISO 8601; a bare date is midnight UTC) and groups, comma-separated. */
+const BARE_DATE = /^\d{4}-\d{2}-\d{2}$/;
+export const DAY_MS = 86_400_000;
+
+/**
+ * The instant a summary's range ends before (exclusive). A bare date names a whole day, so
+ * `to=2026-03-31` takes in the 31st: the range ends at the next midnight UTC — at the last
+ * storable instant for 9999-12-31, whose next midnight PostgreSQL's ISO 8601 does not write.
+ * A date-time is the end itself.
+ */
+export function summaryEnd(to: string): Date {
+  return BARE_DATE.test(to) ? new Date(Math.min(Date.parse(to) + DAY_MS, MAX_INSTANT_MS)) : new Date(to);
+}
+
+/** `?from=&to=&group_by=`: a time range (ISO 8601; a bare date is a whole day UTC) and groups, comma-separated. */
 export const SummaryQuery = z.strictObject({
   ...OfUser,
   from: RangeBound().optional().meta({ description: 'Start (inclusive); default: 30 days before `to` (at the earliest 0001-01-01)' }),
-  to: RangeBound().optional().meta({ description: 'End (exclusive); default: now' }),
+  to: RangeBound()
+    .optional()
+    .meta({ description: 'End: a date-time is exclusive; a bare date includes that whole day (`to=2026-03-31` ends at 2026-04-01T00:00:00Z). Default: now' }),
   group_by: z
     .string()
     .default('model,day')
@@ -95,7 +110,7 @@ export const SummaryQuery = z.strictObject({
       return [...new Set(parts)] as (typeof GROUPS)[number][];
     })
     .meta({ description: 'model, day, api_key, or several comma-separated (default: model,day)' }),
-}).refine((q) => !q.from || new Date(q.from) < (q.to ? new Date(q.to) : new Date()), { error: 'Input should be before `to` (default: now)', path: ['from'] });
+}).refine((q) => !q.from || new Date(q.from) < (q.to ? summaryEnd(q.to) : new Date()), { error: 'Input should be before `to` (default: now)', path: ['from'] });
 
 const Totals = {
   calls: z.number().int(),
@@ -110,7 +125,7 @@ const Totals = {
 export const UsageSummary = z
   .object({
     from: Timestamp,
-    to: Timestamp,
+    to: Timestamp.describe('The exclusive end the summary covers (a bare date given: the next midnight UTC)'),
     group_by: z.array(z.enum(GROUPS)),
     data: z.array(
       z.object({

@@ -5,7 +5,7 @@ import { ConflictError, NotFoundError, UnprocessableError } from '../core/errors
 
 import type { CreditTransaction } from '../models/index.js';
 
-import type { CreditGrant } from '../schemas/billing.js';
+import { type CreditGrant, DAY_MS, summaryEnd } from '../schemas/billing.js';
 import { MIN_INSTANT_MS } from '../schemas/common.js';
 
 import * as billingCrud from '../crud/billing.js';
@@ -16,7 +16,6 @@ import { ensureSuperuser, type Principal } from '../utils/authentication.js';
 import type { ServiceContext } from './context.js';
 import { formatMoney, nothingLeft } from './money.js';
 
-const DAY_MS = 86_400_000;
 
 /**
  * Whose account a read is of: the caller's, or the user a superuser names (`user_id`). Anyone else
@@ -107,7 +106,7 @@ const formatDays = (days: number): string => `${Number.isInteger(days) ? days : 
 
 /** Usage summed by model, day and/or API key; a scoped key sees its project's usage only. */
 export async function summary(ctx: ServiceContext, query: SummaryQuery) {
-  const to = query.to ? new Date(query.to) : new Date();
+  const to = query.to ? summaryEnd(query.to) : new Date();
   // A range ending early in the year 1 starts at its first instant, not in the year 0 (which PostgreSQL refuses).
   const from = query.from ? new Date(query.from) : new Date(Math.max(to.getTime() - DEFAULT_SUMMARY_DAYS * DAY_MS, MIN_INSTANT_MS));
   const reader = await readerOf(ctx, query.user_id);

@@ -124,7 +124,7 @@ describe('a usage summary by day', () => {
   const summary = (query: string) => api('GET', `/billing/summary?${query}`, user.headers);
 
   it('spans at most BILLING_SUMMARY_MAX_DAYS (366) days: a longer range is refused on `from`, saying why', async () => {
-    for (const query of ['from=2024-01-01&to=2025-01-02&group_by=day', 'from=0001-01-01&to=9999-12-31', 'from=2020-01-01&group_by=model,api_key,day']) {
+    for (const query of ['from=2024-01-01&to=2025-01-01&group_by=day', 'from=0001-01-01&to=9999-12-31', 'from=2020-01-01&group_by=model,api_key,day']) {
       const body = expectValidationError(await summary(query), ['query', 'from'], 'value_error');
       expect(body.detail[0]!.msg, query).toMatch(/grouped by day spans at most 366 days \(BILLING_SUMMARY_MAX_DAYS\)/);
     }
@@ -138,7 +138,8 @@ describe('a usage summary by day', () => {
 
   it('takes a year by day (366 days: a leap year), and any range not grouped by day', async () => {
     for (const query of [
-      'from=2024-01-01&to=2025-01-01&group_by=day',
+      // A bare-date `to` takes in its whole day: 2024 through its last day.
+      'from=2024-01-01&to=2024-12-31&group_by=day',
       'from=2025-06-01T12:00:00Z&to=2026-06-01T12:00:00Z',
       // 366 days from an instant that is no UTC midnight: the range's length is what is capped, not the UTC days it touches (367).
       'from=2025-06-01T12:00:00Z&to=2026-06-02T12:00:00Z&group_by=day',

@@ -435,7 +435,7 @@ describe('GET /billing/summary', () => {
 
   const summary = (query: string, headers = frank.headers) => api('GET', `/billing/summary?${query}`, headers);
 
-  it('groups by model and day by default, within [from, to), to the last decimal', async () => {
+  it('groups by model and day by default, from `from` through the whole day `to` names, to the last decimal', async () => {
     const response = await summary('from=2026-03-01&to=2026-03-03');
     expect(response.statusCode, response.body).toBe(200);
     const body = response.json<{ group_by: string[]; data: Record<string, unknown>[]; total: Record<string, unknown> }>();
@@ -454,13 +454,13 @@ describe('GET /billing/summary', () => {
       ['m2', '1.25'],
     ]);
     const byDay = (await summary('from=2026-03-01&to=2026-03-02&group_by=day')).json<{ data: { day: string; calls: number }[] }>();
-    expect(byDay.data).toEqual([expect.objectContaining({ day: '2026-03-01', calls: 2 })]);
+    expect(byDay.data).toEqual([expect.objectContaining({ day: '2026-03-01', calls: 2 }), expect.objectContaining({ day: '2026-03-02', calls: 1 })]);
     const byKey = (await summary('from=2026-03-01&to=2026-03-10&group_by=api_key')).json<{ data: { api_key_id: string | null; cost: string }[] }>();
     expect(byKey.data.map((d) => [d.api_key_id, d.cost]).sort()).toEqual([
       [keyId, '1.75'],
       [null, '2.000000000001'],
     ].sort());
-    // `to` is exclusive, `from` inclusive.
+    // A date-time `to` is exclusive, `from` inclusive.
     const edge = (await summary('from=2026-03-02T00:00:00Z&to=2026-03-05T12:00:00Z&group_by=model')).json<{ total: { calls: number } }>();
     expect(edge.total.calls).toBe(1);
     // The default range is the last 30 days: none of these rows.
@@ -477,6 +477,20 @@ describe('GET /billing/summary', () => {
     expect((await summary('from=2026-03-01&to=2026-03-10', admin)).json<{ total: { calls: number } }>().total.calls).toBe(0);
   });
 
+  it('takes a bare-date `to` as that whole day (UTC), its last millisecond in and the next midnight out; a date-time `to` as the exclusive end', async () => {
+    const oneDay = await summary('from=2026-03-01&to=2026-03-01&group_by=day');
+    expect(oneDay.statusCode, oneDay.body).toBe(200);
+    expect(oneDay.json()).toMatchObject({ from: '2026-03-01T00:00:00.000Z', to: '2026-03-02T00:00:00.000Z', data: [{ day: '2026-03-01', calls: 2 }], total: { calls: 2 } });
+    // The same range written as instants.
+    expect((await summary('from=2026-03-01T00:00:00Z&to=2026-03-02T00:00:00Z&group_by=day')).json()).toEqual(oneDay.json());
+    const toTheLastMillisecond = await summary('from=2026-03-01&to=2026-03-01T23:59:59.999Z&group_by=day');
+    expect(toTheLastMillisecond.json()).toMatchObject({ to: '2026-03-01T23:59:59.999Z', total: { calls: 1 } });
+    // A range ending on the year 9999's last day ends at its last storable instant.
+    const last = await summary('from=2026-03-01&to=9999-12-31&group_by=model');
+    expect(last.statusCode, last.body).toBe(200);
+    expect(last.json()).toMatchObject({ to: '9999-12-31T23:59:59.999Z', total: { calls: 4 } });
+  });
+
   it('refuses bad queries with 422 and answers 401 without credentials', async () => {
     expectValidationError(await summary('group_by=user'), ['query', 'group_by']);
     // The refusal names the forms a bound takes.
@@ -486,6 +500,8 @@ describe('GET /billing/summary', () => {
       expect(expectValidationError(await summary(query), ['query', name!]).detail).toContainEqual(expect.objectContaining({ msg: dateMessage }));
     }
     expectValidationError(await summary('from=2026-03-05&to=2026-03-01'), ['query', 'from']);
+    expectValidationError(await summary('from=2026-03-02&to=2026-03-01'), ['query', 'from']);
+    expectValidationError(await summary('from=2026-03-02T00:00:00Z&to=2026-03-01T23:59:59Z'), ['query', 'from']);
     // Without `to` the range ends now: one starting later is as empty a range as the above.
     expectValidationError(await summary(`from=${new Date(Date.now() + 60_000).toISOString()}`), ['query', 'from']);
     expect((await summary(`from=${new Date(Date.now() - 60_000).toISOString()}`)).statusCode).toBe(200);
@@ -508,7 +524,7 @@ describe('GET /billing/summary', () => {
     }
     const early = await summary('to=0001-01-15');
     expect(early.statusCode, early.body).toBe(200);
-    expect(early.json()).toMatchObject({ from: '0001-01-01T00:00:00.000Z', to: '0001-01-15T00:00:00.000Z', data: [] });
+    expect(early.json()).toMatchObject({ from: '0001-01-01T00:00:00.000Z', to: '0001-01-16T00:00:00.000Z', data: [] });
     const late = await summary('from=2026-03-01&to=9999-12-31T23:59:59.999Z&group_by=model');
     expect(late.statusCode, late.body).toBe(200);
     expect(late.json<{ total: { calls: number } }>().total.calls).toBe(4);
