@@ -87,7 +87,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Update User Me',
         tags,
         description:
-          'A change of `email` needs `current_password` (422 without it, 400 when wrong): a token alone does not move the account to another mailbox. Wrong current passwords count as on `PATCH /users/me/password`. A change of email signs the user out everywhere, as a password change does: every token issued before it stops working, this one included (sign in again with the new email); API keys go on working. Re-casing the email changes nothing of that.',
+          'A change of `email` needs `current_password` (422 without it, 400 when wrong) and a signed-in user (403 for an API key, which may change `full_name` only; a project-scoped key nothing): a token alone does not move the account to another mailbox. Wrong current passwords count as on `PATCH /users/me/password`. A change of email signs the user out everywhere, as a password change does: every token issued before it stops working, this one included (sign in again with the new email); API keys go on working. Re-casing the email changes nothing of that.',
         body: UserUpdateMe,
         response: { 200: UserPublic, 400: ErrorBody, 409: ErrorBody, 429: ErrorBody, ...authErrors },
       },
@@ -99,8 +99,10 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       onSend: refundOnSuccess,
     },
     async (request) => {
-      forbidApiKey(request.principal);
-      return userService.updateMe(db, request.principal.user, request.body);
+      // The name is no credential: a program's key may change it (SPEC §3: every authenticated route
+      // takes a key), as it reads the profile. The email, and the password that goes with its change, only a signed-in user.
+      if (request.body.email !== undefined || request.body.current_password !== undefined) forbidApiKey(request.principal);
+      return userService.updateMe(db, ownAccount(request.principal), request.body);
     },
   );
 

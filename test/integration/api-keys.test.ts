@@ -246,8 +246,29 @@ describe('an unscoped key and the account itself', () => {
       expect(response.json()).toEqual(expected);
     }
     expect((await api('GET', '/users/me', headers)).json()).toMatchObject({ email: alice.email });
+    // Naming the email at all, or the password that a change of it needs, is refused the same way.
+    for (const payload of [{ email: alice.email, full_name: 'Eve' }, { full_name: 'Eve', current_password: alice.password }]) {
+      const response = await api('PATCH', '/users/me', headers, payload);
+      expect(response.statusCode, JSON.stringify(payload)).toBe(403);
+      expect(response.json()).toEqual(expected);
+    }
+    expect((await api('GET', '/users/me', headers)).json()).toMatchObject({ email: alice.email, full_name: null });
     // The same changes work for the signed-in user.
     expect((await api('PATCH', '/users/me', alice.headers, { full_name: 'Alice' })).statusCode).toBe(200);
+  });
+
+  it('changes the profile\'s name, which is no credential (SPEC §3: every authenticated route takes a key); a project-scoped key not even that', async () => {
+    const alice = await createUser(ctx.app);
+    const project = await createProject(ctx.app, alice.headers);
+    const unscoped = await createKey(ctx.app, alice, { name: 'program' });
+    const scoped = await createKey(ctx.app, alice, { name: 'project program', project_id: project.id });
+    const renamed = await api('PATCH', '/users/me', bearer(unscoped.key), { full_name: 'Ada by program' });
+    expect(renamed.statusCode, renamed.body).toBe(200);
+    expect(renamed.json()).toMatchObject({ id: alice.user.id, email: alice.email, full_name: 'Ada by program' });
+    const refused = await api('PATCH', '/users/me', bearer(scoped.key), { full_name: 'Ada by project' });
+    expect(refused.statusCode).toBe(403);
+    expect(refused.json()).toEqual({ detail: 'This API key is limited to one project' });
+    expect((await api('GET', '/users/me', alice.headers)).json()).toMatchObject({ full_name: 'Ada by program' });
   });
 
   it('cannot create, change or delete keys (403): a capped key would lift its own limits or mint keys that outlive its revocation', async () => {
