@@ -124,6 +124,16 @@ export function ownedCrud<Row extends { id: string }, New>(table: OwnedTable, po
   );
   const getById = batchedById<Row>(async (db, ids) => (await byIds(db).execute({ ids })) as unknown as Row[]);
 
+  /**
+   * A statement limited to the rows the caller may `action` on found no row `id`. A scoped key that
+   * reads the row all the same (its account's agents with no project) is refused (403), as the
+   * policy's check of the loaded row says; anything else is not found (404).
+   */
+  async function missed(db: Db, principal: Principal, id: string, action: Action): Promise<never> {
+    if (action === 'write' && policy.scopedKeyReadsUnassigned) policy.check(principal, await getById(db, id), action);
+    throw policy.notFound();
+  }
+
   return {
     table,
     policy,
@@ -139,7 +149,7 @@ export function ownedCrud<Row extends { id: string }, New>(table: OwnedTable, po
         .from(t)
         .where(and(eq(t.id, id), policy.where(principal, action)))
         .for(strength);
-      if (!row) throw policy.notFound();
+      if (!row) return missed(db, principal, id, action);
       return row as unknown as Row;
     },
 
@@ -163,7 +173,7 @@ export function ownedCrud<Row extends { id: string }, New>(table: OwnedTable, po
         .set(values as never)
         .where(and(eq(t.id, id), policy.where(principal, 'write')))
         .returning();
-      if (!row) throw policy.notFound();
+      if (!row) return missed(db, principal, id, 'write');
       return row as unknown as Row;
     },
 
@@ -172,7 +182,7 @@ export function ownedCrud<Row extends { id: string }, New>(table: OwnedTable, po
         .delete(t)
         .where(and(eq(t.id, id), policy.where(principal, 'write')))
         .returning({ id: t.id });
-      if (!row) throw policy.notFound();
+      if (!row) await missed(db, principal, id, 'write');
     },
   };
 }

@@ -35,7 +35,7 @@ export interface AccessPolicy<Row> {
    * 403 when a scoped key may not `action` on this resource at all.
    */
   where(principal: Principal, action: Action): SQL | undefined;
-  /** The same rule for a loaded row: the row, or 404 when the caller may not `action` on it. */
+  /** The same rule for a loaded row: the row; 403 when the caller reads it but may not change it (`write`); else 404. */
   check(principal: Principal, row: Row | undefined, action: Action): Row;
   /** Refuses (403) a scoped key that may not create here, or whose project is not `projectId`. */
   checkCreate(principal: Principal, projectId: string | null): void;
@@ -113,8 +113,13 @@ export function definePolicy<Row>(options: PolicyOptions<Row>): AccessPolicy<Row
       if (!(superuserSeesAll && user.is_superuser) && ownerOf(row) !== user.id) throw notFound();
       if (scope !== null) {
         const rowProject = project === null ? undefined : projectOf(row);
-        const inScope = rowProject === scope || (readsUnassigned && action === 'read' && rowProject === null && ownerOf(row) === user.id);
-        if (!inScope) throw notFound();
+        if (rowProject === scope) return row;
+        // The account's row outside every project, which the key reads: refused, not "not found" (SPEC §2: 403).
+        if (readsUnassigned && rowProject === null && ownerOf(row) === user.id) {
+          if (action === 'write') refuseScopedKey(principal);
+          return row;
+        }
+        throw notFound();
       }
       return row;
     },

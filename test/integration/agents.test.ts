@@ -285,9 +285,24 @@ describe('projects and scoped keys', () => {
     expect((await api('GET', `/agents/${unassigned.id}`, key)).statusCode).toBe(200);
     expect((await api('GET', `/agents/${unassigned.id}/versions/1`, key)).statusCode).toBe(200);
     expect((await api('GET', `/agents/${elsewhere.id}/versions`, key)).statusCode).toBe(404);
+    // It reads them but may not change them: refused (403, SPEC §2: allowed to see, not to change), not "not found".
+    for (const [method, path, body] of [
+      ['PATCH', '', { name: 'x' }],
+      ['PATCH', '', { system_prompt: 'taken over' }],
+      ['PATCH', '', {}],
+      ['DELETE', '', undefined],
+      ['PUT', '/knowledge', { folder_ids: [], entry_ids: [] }],
+    ] as const) {
+      const response = await api(method, `/agents/${unassigned.id}${path}`, key, body);
+      expect(response.statusCode, `${method} ${path} ${JSON.stringify(body)}`).toBe(403);
+      expect(response.json()).toEqual({ detail: 'This API key is limited to one project' });
+    }
+    expect((await api('GET', `/agents/${unassigned.id}`, alice.headers)).json()).toMatchObject({ name: unassigned.name, system_prompt: unassigned.system_prompt, version: 1 });
+    // Another project's agent it cannot see at all: 404, as a missing one.
     for (const [method, body] of [['PATCH', { name: 'x' }], ['DELETE', undefined]] as const) {
-      const response = await api(method, `/agents/${unassigned.id}`, key, body);
+      const response = await api(method, `/agents/${elsewhere.id}`, key, body);
       expect(response.statusCode, method).toBe(404);
+      expect(response.json()).toEqual({ detail: 'Agent not found' });
     }
     // Left out, the project is the key's own; another one, or none, is refused.
     const created = await createAgent(alice, {}, key);

@@ -65,7 +65,10 @@ describe('an access policy', () => {
     expect(render(p.where(principal('p1'), 'read'))?.sql).toBe('("agents"."owner_id" = $1 and ("agents"."project_id" = $2 or "agents"."project_id" is null))');
     expect(render(p.where(principal('p1'), 'write'))?.sql).toBe('("agents"."owner_id" = $1 and "agents"."project_id" = $2)');
     expect(p.check(principal('p1'), row(null), 'read')).toEqual(row(null));
-    expect(() => p.check(principal('p1'), row(null), 'write')).toThrow('Agent not found');
+    // Read but not changed: refused (403), not "not found"; another project's row it cannot see at all.
+    expect(() => p.check(principal('p1'), row(null), 'write')).toThrow('This API key is limited to one project');
+    expect(() => p.check(principal('p1'), row('p2'), 'write')).toThrow('Agent not found');
+    expect(() => p.check(principal('p1'), row('p2'), 'read')).toThrow('Agent not found');
   });
 
   it('refuses (403) what a read-only or refused scoped key may not do', () => {
