@@ -338,6 +338,29 @@ describe('tools', () => {
   });
 });
 
+describe('an agent whose model is disabled after it was made', () => {
+  it('is still read and renamed, is refused (422) a change naming the model, and its run fails in words, recording the version it ran', async () => {
+    const admin = await superuserHeaders(ctx.app);
+    const retired = { id: `fake-retired-${randomUUID().slice(0, 8)}`, provider: 'fake', pricing: { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '1' } };
+    expect((await api('POST', '/models', admin, retired)).statusCode).toBe(200);
+    const { owner, agent, thread } = await setup({ model: retired.id, system_prompt: 'First.' });
+    expect((await api('PATCH', `/agents/${agent.id}`, owner.headers, { system_prompt: 'Second.' })).json()).toMatchObject({ version: 2 });
+    expect((await api('PATCH', `/models/${retired.id}`, admin, { enabled: false })).statusCode).toBe(200);
+
+    expect((await api('GET', `/agents/${agent.id}`, owner.headers)).json()).toMatchObject({ model: retired.id, version: 2 });
+    expect((await api('PATCH', `/agents/${agent.id}`, owner.headers, { name: 'Renamed' })).json()).toMatchObject({ name: 'Renamed', version: 2 });
+    const refused = await api('PATCH', `/agents/${agent.id}`, owner.headers, { model: retired.id });
+    expect(refused.statusCode).toBe(422);
+    expect(refused.json()).toEqual({ detail: [expect.objectContaining({ loc: ['body', 'model'], msg: `Model "${retired.id}" is disabled` })] });
+
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'hello' });
+    expect(run.agent_version).toBe(2);
+    const failed = await waitForRun(ctx.app, owner.headers, run.id, ['failed']);
+    expect(failed.error).toMatch(/not in the model catalog or is disabled/);
+    expect(failed.agent_version).toBe(2);
+  });
+});
+
 describe("a key's max_budget, billing off", () => {
   it('a start whose first step the budget left cannot cover is 402 before anything is written, the thread\'s history counted', async () => {
     // fake-precise: 1.23 in, 4.56 out per million; 10 output tokens at most: 45.6 millionths, plus the prompt.
