@@ -105,7 +105,7 @@ export const billingRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'get_usage_summary',
         summary: 'Get Usage Summary',
         description:
-          'Model calls, tokens and cost in [from, to), grouped by model and day unless `group_by` says otherwise (a superuser: any user’s, with `user_id`). A project-scoped key sees its project’s usage. Grouped by `day`, the range may span at most BILLING_SUMMARY_MAX_DAYS days (366 by default; 422 on `from` past it); otherwise any range.',
+          'Model calls, tokens and cost from `from` (inclusive) to `to`: a date-time `to` is exclusive, a bare-date `to` includes that whole day (UTC); grouped by model and day unless `group_by` says otherwise (a superuser: any user’s, with `user_id`). A project-scoped key sees its project’s usage. Grouped by `day`, the range may span at most BILLING_SUMMARY_MAX_DAYS days (366 by default; 422 on `from` past it); otherwise any range.',
         tags,
         querystring: SummaryQuery,
         response: { 200: UsageSummary, 404: ErrorBody, ...authErrors },
