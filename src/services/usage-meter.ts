@@ -258,7 +258,7 @@ export class UsageMeterService implements UsageMeter {
 
   reserve(estimate: CostEstimate): UsageReservation | Promise<UsageReservation> {
     if (this.closing) throw new ShuttingDownError();
-    if (this.callRecords() >= this.settings.USAGE_MAX_PENDING_ROWS) this.refuseForBacklog();
+    if (this.backlogFull()) this.refuseForBacklog();
     const keyId = estimate.context.api_key_id ?? null;
     if (keyId === null) return this.hold(estimate, null);
     const limits = estimate.context.api_key_limits;
@@ -683,6 +683,18 @@ export class UsageMeterService implements UsageMeter {
    * fail (`writesFailing`) they count too: the database down, calls are refused at the limit
    * whatever was taken back.
    */
+  /**
+   * Whether calls are refused for what waits unwritten: USAGE_MAX_PENDING_ROWS of the calls' records
+   * (`callRecords`), or as many credit releases. Releases have their own bound, not a share of the
+   * records': while the database is down every call whose hold statement fails leaves one, so
+   * without it an outage under load grew memory without end; past it such calls would fail at
+   * their hold anyway.
+   */
+  private backlogFull(): boolean {
+    const limit = this.settings.USAGE_MAX_PENDING_ROWS;
+    return this.callRecords() >= limit || this.releases.size >= limit;
+  }
+
   private callRecords(): number {
     return this.unwrittenRows() - this.releases.size - (this.writesFailing ? 0 : this.fromFiles.size);
   }
@@ -722,7 +734,7 @@ export class UsageMeterService implements UsageMeter {
         this.flushing = null;
         this.flushes += 1;
         if (wroteAll) this.writesFailing = false;
-        if (this.backlogged && this.callRecords() < this.settings.USAGE_MAX_PENDING_ROWS) {
+        if (this.backlogged && !this.backlogFull()) {
           this.backlogged = false;
           this.log.info({ pending: this.callRecords() }, 'usage records are being written again: model calls resume');
         }

@@ -250,6 +250,37 @@ describe('usage the database does not take', () => {
       await app.close();
     }
   });
+  it('bounds the credit releases of failed holds apart, at as many: an outage under load no longer grows them without end', async () => {
+    const app = await buildTestApp(ctx.database, { ...settings, BILLING_ENABLED: 'true', BILLING_CREDIT_WINDOW_CALLS: '0' });
+    try {
+      const erin = await createUser(app);
+      await billingCrud.changeBalance(ctx.database.db, { userId: erin.user.id, type: 'grant', amount: '100000', description: 'test credits', createdBy: erin.user.id });
+      const billed = () => app.models.chat(chatRequest('fake-billed', { user_id: erin.user.id }, { maxOutputTokens: 10 }));
+      const outage = { down: true };
+      const writesFail = (text: string) => {
+        if (outage.down && /insert into (usage_records|credit_transactions|credit_reservations)/i.test(text)) throw new Error('Connection terminated unexpectedly');
+      };
+      await intercepting(ctx.database.db, writesFail, async () => {
+        // Each hold's statement fails and queues its release, up to as many as the records' limit.
+        for (let i = 0; i < LIMIT; i++) {
+          const failure = await billed().then(
+            () => 'served',
+            (error: unknown) => error,
+          );
+          expect(failure).not.toBeInstanceOf(UsageBacklogError);
+        }
+        await app.meter.idle();
+        await expect(billed()).rejects.toBeInstanceOf(UsageBacklogError);
+        outage.down = false;
+        await app.meter.idle();
+      });
+      // Written once the database takes them: calls resume, nothing held.
+      expect(await billingCrud.getBalance(ctx.database.db, erin.user.id)).toMatchObject({ balance: '100000.000000000000', reserved: '0.000000000000' });
+      await billed();
+    } finally {
+      await app.close();
+    }
+  });
 });
 
 describe('usage saved at the shutdown deadline', () => {
