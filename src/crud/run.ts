@@ -57,7 +57,7 @@ const activeOwned = preparedAnywhere('runs_active_owned', (db, name) => activeOw
  * The columns a start gives; the rest take their defaults. The id too: chosen by the caller, it can
  * be told before the insert (an `agent:` stream's head may go out while the start still waits).
  */
-const START_COLUMNS = ['id', 'owner_id', 'thread_id', 'project_id', 'api_key_id', 'agent_id', 'agent_version', 'model', 'multitask_strategy', 'waiting', 'input', 'input_message_id'] as const;
+const START_COLUMNS = ['id', 'owner_id', 'thread_id', 'project_id', 'api_key_id', 'scope_project_id', 'agent_id', 'agent_version', 'model', 'multitask_strategy', 'waiting', 'input', 'input_message_id'] as const;
 export type NewStartedRun = Pick<NewRun, (typeof START_COLUMNS)[number]> & Pick<Run, 'id'>;
 const startValues = () => Object.fromEntries(START_COLUMNS.map((column) => [column, sql.placeholder(column)])) as unknown as NewRun;
 const insertStarted = preparedAnywhere('runs_insert_started', (db, name) => db.insert(runs).values(startValues()).returning().prepare(name));

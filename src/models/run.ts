@@ -39,6 +39,13 @@ export const runs = pgTable(
     project_id: uuid('project_id').references(() => projects.id, { onDelete: 'set null' }),
     /** The API key that started the run (its budget and limits apply to the run's model calls). */
     api_key_id: uuid('api_key_id').references(() => apiKeys.id, { onDelete: 'set null' }),
+    /**
+     * The project a project-scoped key that started the run was limited to (null: the whole
+     * account's caller): what the run reads on the caller's behalf (its knowledge searches) stays in
+     * it. Recorded at the start, not read from the key, whose row may be gone (api_key_id set null)
+     * while the run still works; the run goes with the project, never outliving its scope.
+     */
+    scope_project_id: uuid('scope_project_id').references(() => projects.id, { onDelete: 'cascade' }),
     agent_id: uuid('agent_id').references(() => agents.id, { onDelete: 'set null' }),
     /** The agent version the run runs (pinned when it was queued). */
     agent_version: integer('agent_version').notNull(),
@@ -73,6 +80,7 @@ export const runs = pgTable(
     index('ix_runs_agent_id').on(t.agent_id),
     index('ix_runs_project_id').on(t.project_id),
     index('ix_runs_api_key_id').on(t.api_key_id),
+    index('ix_runs_scope_project_id').on(t.scope_project_id),
     // One active run per thread, whatever the code does: a second start meets this index (409).
     uniqueIndex('ux_runs_thread_id_active')
       .on(t.thread_id)

@@ -208,6 +208,7 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
       thread_id: thread.id,
       project_id: thread.project_id,
       api_key_id: principal.apiKeyId,
+      scope_project_id: principal.scopeProjectId,
       agent_id: agent.id,
       agent_version: agent.version,
       model,

@@ -3,11 +3,11 @@
  * tool in real runs (real ingestion, real search, a fake model that calls the tool), and the
  * citations a run's final message keeps in `metadata.sources`.
  */
-import { randomUUID } from 'node:crypto';
-
+import { eq } from 'drizzle-orm';
 import { beforeAll, describe, expect, it } from 'vitest';
 
-import { knowledgeSearchTool } from '../../src/modules/agents/knowledge-tool.js';
+import { apiKeys } from '../../src/models/index.js';
+
 import { useTestApp } from '../helpers/app.js';
 import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
@@ -281,29 +281,40 @@ describe('the knowledge_search tool in a run', () => {
     expect(passagesOf(scoped.events).map((p) => p.entry_id)).toEqual([projectEntry.id]);
   });
 
-  it("a search for a run whose project-scoped key is gone (deleted while its run was in a step) is refused, not widened to the whole account", async () => {
+  it("a run whose project-scoped key is deleted mid-run (its cancel still on the way) still searches only the key's project", async () => {
     const dave = await createUser(ctx.app);
     const project = await createProject(ctx.app, dave.headers);
-    const accountFolder = await createFolder(ctx.app, dave.headers, { name: 'Account' });
-    await ingested(ctx.app, dave.headers, accountFolder.id, { filename: 'account.md', content: '# Account\n\nInvoices: the account copy.', type: 'text/markdown' });
-    const agent = await createAgent(ctx.app, dave.headers, { tools: ['knowledge_search'], knowledge: { folder_ids: [accountFolder.id] } });
-    const key = await createKey(ctx.app, dave, { name: 'scoped', project_id: project.id });
-    expect((await api('DELETE', `/api-keys/${key.id}`, dave.headers)).statusCode).toBe(200);
-
-    // The tool as the run's worker holds it: the run's row was read while the key existed.
-    const { db, settings, models, log } = ctx.app;
-    const search = knowledgeSearchTool({ db, settings, models, log });
-    const context = {
-      run_id: randomUUID(),
-      thread_id: randomUUID(),
-      owner_id: dave.user.id,
-      project_id: project.id,
-      api_key_id: key.id,
-      agent: { id: agent.id, version: 1, knowledge: { folder_ids: [accountFolder.id], entry_ids: [] } },
-      signal: new AbortController().signal,
-      cite: () => undefined,
+    const otherProject = await createProject(ctx.app, dave.headers);
+    const folderIn = async (name: string, projectId?: string) => {
+      const folder = await createFolder(ctx.app, dave.headers, { name, ...(projectId ? { project_id: projectId } : {}) });
+      const entry = await ingested(ctx.app, dave.headers, folder.id, { filename: `${name}.md`, content: `# ${name}\n\nInvoices: the ${name} copy.`, type: 'text/markdown' });
+      return { folder, entry };
     };
-    await expect(search({ query: 'invoices' }, context)).rejects.toThrow(/API key/);
+    const own = await folderIn('own', project.id);
+    const other = await folderIn('other', otherProject.id);
+    const account = await folderIn('account');
+    // The account's agent (a scoped key may run it) names knowledge of every project.
+    const agent = await createAgent(ctx.app, dave.headers, { tools: ['knowledge_search'], knowledge: { folder_ids: [own.folder.id, other.folder.id, account.folder.id] } });
+    const created = await createKey(ctx.app, dave, { name: 'scoped', project_id: project.id });
+    const key = xApiKey(created.key);
+    const thread = await createThread(ctx.app, key);
+
+    // The step that asks for the search is held back until the key is gone.
+    server.fake.script(
+      MODEL,
+      { toolCalls: [{ id: 'call_0', name: 'knowledge_search', arguments: JSON.stringify({ query: 'invoices' }) }], chunkDelayMs: 500, usage: { prompt_tokens: 5, completion_tokens: 5 } },
+      { text: 'Here is what I found.', usage: { prompt_tokens: 20, completion_tokens: 5 } },
+    );
+    const asked = server.fake.requestsFor(MODEL).length;
+    const run = await startRun(ctx.app, key, thread.id, { agent_id: agent.id, input: 'question' });
+    await server.fake.waitFor(() => server.fake.requestsFor(MODEL).length > asked);
+    // The key's row goes as a delete on another node takes it, before its cancel reaches this worker
+    // (the run's api_key_id set null by the foreign key).
+    await ctx.app.db.delete(apiKeys).where(eq(apiKeys.id, created.id));
+
+    const { events } = await readEvents(server.base, dave.headers, run.id);
+    expect(events.at(-1)!.event, JSON.stringify(events.at(-1))).toBe('run.completed');
+    expect(passagesOf(events).map((p) => p.entry_id)).toEqual([own.entry.id]);
   });
 
   it('answers the model with an error result for bad input, and the run goes on', async () => {

@@ -1,13 +1,12 @@
 /**
  * The built-in `knowledge_search` tool: searches only the folders and entries assigned to the
  * run's agent version, as the run's owner (and, when a project-scoped key started the run, within
- * that key's project), and answers the model with compact passages and their sources.
+ * the project the run recorded as its scope), and answers the model with compact passages and their sources.
  */
 import { z } from 'zod';
 
 import { BadRequestError, NotFoundError } from '../../core/errors.js';
 
-import { apiKeyCrud } from '../../crud/api-key.js';
 import * as userCrud from '../../crud/user.js';
 import { type KnowledgeHit, type KnowledgeSearchDeps, searchKnowledge } from '../../services/knowledge/search.js';
 import type { Principal } from '../../utils/authentication.js';
@@ -23,15 +22,15 @@ const KnowledgeSearchInput = z.object({
   top_k: z.number().int().min(1).max(20).optional(),
 });
 
-/** The run's owner as a principal: the owner's documents, narrowed to a project-scoped key's project. */
+/**
+ * The run's owner as a principal: the owner's documents, narrowed to the project the run's
+ * project-scoped key was limited to. That scope is the run's own (recorded at its start), not read
+ * from the key, whose row a delete may have taken (its cancel still on the way to this worker).
+ */
 async function principalOf(deps: KnowledgeSearchDeps, context: ToolCallContext): Promise<Principal> {
   const user = await userCrud.getByIdCached(deps.db, context.owner_id);
   if (!user) throw new NotFoundError('the owner of this run no longer exists');
-  const key = context.api_key_id ? await apiKeyCrud.getById(deps.db, context.api_key_id) : undefined;
-  // A key deleted since the run read its row (its cancel still on the way to this worker) has no
-  // project left to narrow to: the search is refused, not made as the whole account.
-  if (context.api_key_id && !key) throw new NotFoundError('the API key that started this run no longer exists');
-  return { user, apiKeyId: context.api_key_id, apiKeyLimits: null, scopeProjectId: key?.project_id ?? null };
+  return { user, apiKeyId: context.api_key_id, apiKeyLimits: null, scopeProjectId: context.scope_project_id };
 }
 
 export interface KnowledgePassage extends ToolSource {

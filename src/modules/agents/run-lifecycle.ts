@@ -42,7 +42,7 @@ export const deadlineOf = (run: Pick<Run, 'started_at'>, timeoutSeconds: number)
 
 /** A run as clients see it (GET /runs/{id} and the `run` of run.* events): no lease internals. */
 export function runView(run: Run) {
-  const { lease_owner: _owner, lease_expires_at: _expires, waiting: _waiting, input_message_id: _input, api_key_id: _key, ...view } = run;
+  const { lease_owner: _owner, lease_expires_at: _expires, waiting: _waiting, input_message_id: _input, api_key_id: _key, scope_project_id: _scope, ...view } = run;
   // Money as every answer shows it: the stored numeric's `"11.000000000000"` is `"11"` (events and GET /runs/{id} alike).
   return { ...view, cost: addCosts(view.cost) };
 }

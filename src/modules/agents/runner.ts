@@ -429,6 +429,7 @@ export class AgentRunner {
       owner_id: run.owner_id,
       project_id: run.project_id,
       api_key_id: run.api_key_id,
+      scope_project_id: run.scope_project_id,
       agent: { id: run.agent_id, version: version.version, knowledge: version.knowledge },
       signal,
     };

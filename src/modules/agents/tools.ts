@@ -50,8 +50,10 @@ export interface ToolCallContext {
   owner_id: string;
   /** The thread's project (what the run's usage is booked to). */
   project_id: string | null;
-  /** The API key that started the run, if one did (a project-scoped key narrows what tools may read). */
+  /** The API key that started the run, if one did (its budget and limits meter the tools' model calls). */
   api_key_id: string | null;
+  /** The project a project-scoped key that started the run was limited to: what tools read stays in it (null: the owner's whole account). */
+  scope_project_id: string | null;
   agent: { id: string; version: number; knowledge: { folder_ids: string[]; entry_ids: string[] } };
   /** Aborts with the run (cancel, deadline, shutdown): stop work and return. */
   signal: AbortSignal;
