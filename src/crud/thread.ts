@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 
-import { and, eq, sql } from 'drizzle-orm';
+import { and, eq, isNotNull, or, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
@@ -151,6 +151,20 @@ export async function messagesHeld(tx: Db, threadId: string, upTo: number): Prom
     .from(threads)
     .where(eq(threads.id, threadId));
   return row?.held ?? 0;
+}
+
+/**
+ * Whether the thread holds a message the model would read: text that is more than white space
+ * (isBlank's rule, which the runner leaves out) or tool calls. Without one, a run with no input
+ * has nothing to send: providers refuse a call without messages.
+ */
+export async function hasModelMessages(db: Db, threadId: string): Promise<boolean> {
+  const [row] = await db
+    .select({ id: messages.id })
+    .from(messages)
+    .where(and(eq(messages.thread_id, threadId), or(sql`${messages.content} ~ '\\S'`, isNotNull(messages.tool_calls))))
+    .limit(1);
+  return row !== undefined;
 }
 
 /**

@@ -12,7 +12,7 @@ const Input = Text.min(1).describe('The text of a user message, appended to the 
 export const RunCreate = z
   .strictObject({
     agent_id: Id.optional().describe('Default: the user\'s default agent.'),
-    input: Input.optional(),
+    input: Input.optional().describe('The text of a user message, appended to the thread before the run (at most MAX_MESSAGE_CHARS characters). Without it the run answers the thread as it is: a thread with no message for the model to read answers 422.'),
     model: z.string().min(1).max(255).optional().describe('A catalog model (id or alias) instead of the agent\'s.'),
     multitask_strategy: MultitaskStrategy.default('reject'),
   })

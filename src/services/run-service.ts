@@ -17,7 +17,7 @@ import { agentCrud, agentPolicy, getDefault, versionCrud } from '../crud/agent.j
 import * as billingCrud from '../crud/billing.js';
 import { matching } from '../crud/owned.js';
 import * as runCrud from '../crud/run.js';
-import { appendMessages, historySize, isLastTurn, threadCrud, threadPolicy } from '../crud/thread.js';
+import { appendMessages, hasModelMessages, historySize, isLastTurn, threadCrud, threadPolicy } from '../crud/thread.js';
 import { closePending, finishRun, queueRun, type RunDeps, runEvent, runView } from '../modules/agents/run-lifecycle.js';
 import { addCosts, estimateTextTokens, estimateTokensOfSize } from '../modules/ai-models/index.js';
 import { catalogModel } from './agent-service.js';
@@ -188,6 +188,11 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     // Lock order: the user (the active-run limit), then the thread, in one statement; the thread
     // marked busy with it (a refused start rolls it back). Then its runs, read under those locks.
     const thread = threadPolicy.check(principal, await runCrud.holdThreadBusy(tx, ownerId, threadId), 'write');
+    // Nothing for the model to answer: refused here, under the thread's lock (which a message's
+    // delete waits for), before anything is queued or charged; the provider's 400 failed the run.
+    if (options.input === undefined && !(await hasModelMessages(tx, thread.id))) {
+      throw new UnprocessableError({ loc: ['body', 'input'], msg: 'The thread has no messages for the model to answer: give input, or post a message to the thread first', type: 'missing' });
+    }
     // A retry's input message, unless a client deleted it (an idle thread's messages can be) or
     // another run answered after it (the retry would answer the thread as it is, not its input):
     // read under the thread's lock, which a message's delete and a run's start wait for. Otherwise

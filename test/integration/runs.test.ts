@@ -922,6 +922,28 @@ describe('failures in words', () => {
     expect(unknown.statusCode).toBe(422);
   });
 
+  it('a start without input on a thread with nothing for the model to read is a 422 naming input, before anything is queued; with a message it runs', async () => {
+    const { owner, thread } = await setup();
+    const calls = fake.requestsFor(MODEL).length;
+    const refuse = async (path: string) => {
+      const refused = await api('POST', path, owner.headers, {});
+      expect(refused.statusCode, refused.body).toBe(422);
+      expect(refused.json()).toMatchObject({ detail: [{ loc: ['body', 'input'], type: 'missing' }] });
+    };
+    await refuse(`/threads/${thread.id}/runs`);
+    // A blank answer a run left (the runner does not send it) is nothing to answer either.
+    await appendMessages(ctx.app.db, thread.id, [{ role: 'assistant', content: ' \n', metadata: {} }]);
+    await refuse(`/threads/${thread.id}/runs`);
+    // Nothing was queued or called, and the thread is left idle.
+    expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<ListBody<unknown>>().count).toBe(0);
+    expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
+    expect(fake.requestsFor(MODEL)).toHaveLength(calls);
+
+    expect((await api('POST', `/threads/${thread.id}/messages`, owner.headers, { role: 'user', content: 'hello' })).statusCode).toBe(200);
+    const run = await startRun(ctx.app, owner.headers, thread.id, {});
+    expect((await waitForRun(ctx.app, owner.headers, run.id, ['completed', 'failed'])).status).toBe('completed');
+  });
+
   it('a provider\'s own words reach the run\'s error only when the request was at fault', async () => {
     const { owner, thread } = await setup();
     fake.script(MODEL, { status: 404, body: { error: { message: 'no deployment fake-precise at http://10.1.2.3:8000 (key sk-secr****1234)' } } });
