@@ -13,7 +13,7 @@ import { eventDataJson, type RunEvent } from '../modules/agents/run-bus.js';
 import { contextOf } from '../services/context.js';
 import * as runService from '../services/run-service.js';
 import { cutOffStalledReader } from '../services/stalled-readers.js';
-import { requireUser } from '../utils/authentication.js';
+import { requireUser, stillAuthenticated } from '../utils/authentication.js';
 
 const tags = ['runs'];
 /** What a route that queues a run answers. */
@@ -179,7 +179,7 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'stream_run_events',
         summary: 'Stream Run Events',
         description:
-          'Server-Sent Events: `id:` the event\'s seq (from 1), `event:` its name, `data:` JSON with `run_id` and `seq`. With `Last-Event-ID: N` or `?after=N` (both: the later one) every event after N comes exactly once, then the live ones; the stream ends after the final event (`run.completed`, `run.failed`, `run.cancelled`). Every `message.created` ends in a `message.completed`: one whose step never reached the thread (the run was cancelled or failed mid-message, or resumed after its worker stopped) has `status: "incomplete"`, `reason` (`cancelled`, `failed`, `interrupted`) and the text and tool calls streamed so far, and is not in the thread (`GET /threads/{id}/messages`). Every `tool.call` gets its `tool.result` (`tool_call_id`, `name`, `content`, `is_error`, `step`) before its message\'s `message.completed`: one whose tool was still running when the run stopped is an error result (`content` "Error: the tool call did not complete: …", `is_error: true`) with `status: "incomplete"` and the same `reason`. Keep-alive comments at least every RUN_EVENTS_KEEPALIVE_SECONDS. A reader that takes nothing for four keep-alive intervals (its connection full) is disconnected: reconnect with `Last-Event-ID` for the rest. **410** when the run ended more than RUN_EVENTS_TTL_SECONDS ago and its events are gone (`GET /runs/{id}` has its final state); **429** (with `retry-after`) when you hold RUN_EVENTS_MAX_STREAMS_PER_USER event streams open on this server already (streamed `agent:` completions count too): close one first; **503** when the event store (Redis) cannot be reached.',
+          'Server-Sent Events: `id:` the event\'s seq (from 1), `event:` its name, `data:` JSON with `run_id` and `seq`. With `Last-Event-ID: N` or `?after=N` (both: the later one) every event after N comes exactly once, then the live ones; the stream ends after the final event (`run.completed`, `run.failed`, `run.cancelled`). Every `message.created` ends in a `message.completed`: one whose step never reached the thread (the run was cancelled or failed mid-message, or resumed after its worker stopped) has `status: "incomplete"`, `reason` (`cancelled`, `failed`, `interrupted`) and the text and tool calls streamed so far, and is not in the thread (`GET /threads/{id}/messages`). Every `tool.call` gets its `tool.result` (`tool_call_id`, `name`, `content`, `is_error`, `step`) before its message\'s `message.completed`: one whose tool was still running when the run stopped is an error result (`content` "Error: the tool call did not complete: …", `is_error: true`) with `status: "incomplete"` and the same `reason`. Keep-alive comments at least every RUN_EVENTS_KEEPALIVE_SECONDS; at one of them a stream whose credential no longer works (its API key revoked, deleted or expired, its token outdated, its user deactivated) ends, and a reconnect answers 401. A reader that takes nothing for four keep-alive intervals (its connection full) is disconnected: reconnect with `Last-Event-ID` for the rest. **410** when the run ended more than RUN_EVENTS_TTL_SECONDS ago and its events are gone (`GET /runs/{id}` has its final state); **429** (with `retry-after`) when you hold RUN_EVENTS_MAX_STREAMS_PER_USER event streams open on this server already (streamed `agent:` completions count too): close one first; **503** when the event store (Redis) cannot be reached.',
         tags,
         params: RunIdParams,
         querystring: RunEventsQuery,
@@ -252,6 +252,11 @@ function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: strin
   const keepAlive = setInterval(() => {
     raw.write(': keep-alive\n\n');
     if (quiet) void runService.stillStored(runs.db, runId).then((stored) => stored || controller.abort(), () => undefined);
+    // The stream outlives its request's authentication: once its API key is revoked, deleted or
+    // expired (or its token outdated, its user deactivated), it ends here rather than with the run,
+    // which goes on when the key did not start it; a reconnect answers 401. A check that fails
+    // (the database down) ends nothing.
+    void stillAuthenticated(request).then((authenticated) => authenticated || controller.abort(), () => undefined);
     quiet = true;
   }, settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000);
   // A reader that takes nothing for that long is gone or holding the connection: it is cut off (it

@@ -65,16 +65,29 @@ async function principalFromToken(request: FastifyRequest, token: string): Promi
   return { user, apiKeyId: null, apiKeyLimits: null, scopeProjectId: null };
 }
 
+function principalOf(request: FastifyRequest, credential: string): Promise<Principal | null> {
+  // A JWT can never start with the key prefix (its first segment is base64url JSON, "eyJ").
+  return looksLikeApiKey(credential) ? principalFromApiKey(request, credential) : principalFromToken(request, credential);
+}
+
 /** onRequest hook: the caller must be an active user (by access token or API key). */
 export async function requireUser(request: FastifyRequest, _reply: FastifyReply): Promise<void> {
   const credential = credentialOf(request);
   if (credential === null) throw new UnauthorizedError('Not authenticated');
-  // A JWT can never start with the key prefix (its first segment is base64url JSON, "eyJ").
-  const principal = looksLikeApiKey(credential)
-    ? await principalFromApiKey(request, credential)
-    : await principalFromToken(request, credential);
+  const principal = await principalOf(request, credential);
   if (!principal) throw new UnauthorizedError();
   request.principal = principal;
+}
+
+/**
+ * Whether the request's credential still authenticates the caller it did (its key not revoked,
+ * deleted or expired, its token not outdated, its user active), through the same caches as every
+ * request: what an answer that outlives its request's check (an event stream) asks now and then.
+ */
+export async function stillAuthenticated(request: FastifyRequest): Promise<boolean> {
+  const credential = credentialOf(request);
+  const now = credential === null ? null : await principalOf(request, credential);
+  return now !== null && now.user.id === request.principal.user.id && now.apiKeyId === request.principal.apiKeyId;
 }
 
 /** The caller must be a superuser acting for the whole account (administration refuses scoped keys). */

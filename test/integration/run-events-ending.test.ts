@@ -9,7 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { finishRun } from '../../src/modules/agents/run-lifecycle.js';
 import { useTestApp } from '../helpers/app.js';
 import { createUser } from '../helpers/factories.js';
-import { apiOf } from '../helpers/http.js';
+import { apiOf, createKey, sleep, xApiKey } from '../helpers/http.js';
 import { createAgent, createThread, readEvents, type RunBody, startRun, useRunServer } from '../helpers/runs.js';
 
 const MODEL = 'fake-precise';
@@ -85,6 +85,34 @@ describe("a run's end before its final event is written", () => {
     expect(head.status).toBe(200);
     expect(head.headers.get('content-type')).toMatch(/^text\/event-stream/);
     expect((await api('GET', `/runs/${run.id}`, owner.headers)).json<RunBody>().status).toBe('running');
+    expect((await api('POST', `/runs/${run.id}/cancel`, owner.headers)).statusCode).toBe(200);
+  });
+});
+
+describe('a stream whose credential stops working', () => {
+  it("ends at the next keep-alive once its API key is revoked or deleted, while the run (not the key's) goes on; the owner's own stream stays open", async () => {
+    const { owner, run } = await quietRun();
+    const revoked = await createKey(ctx.app, owner, { name: 'revoked' });
+    const deleted = await createKey(ctx.app, owner, { name: 'deleted' });
+    const reading = [revoked, deleted].map((key) => readEvents(server.base, xApiKey(key.key), run.id, { lastEventId: 5, timeoutMs: 8_000 }));
+    const ownStream = readEvents(server.base, owner.headers, run.id, { lastEventId: 5, timeoutMs: 5_000 });
+    // Both key streams are open (each has had a keep-alive) before their keys stop working.
+    await sleep(1_500);
+    expect((await api('PATCH', `/api-keys/${revoked.id}`, owner.headers, { status: 'revoked' })).statusCode).toBe(200);
+    expect((await api('DELETE', `/api-keys/${deleted.id}`, owner.headers)).statusCode).toBe(200);
+    const started = Date.now();
+    for (const { events, ended, comments } of await Promise.all(reading)) {
+      expect(comments).toContain('keep-alive');
+      expect(events).toEqual([]);
+      // Ended by the server (the reader's own 8 s timeout would leave `ended` false), within about a keep-alive.
+      expect(ended).toBe(true);
+    }
+    expect(Date.now() - started).toBeLessThan(3_000);
+    expect((await api('GET', `/runs/${run.id}`, owner.headers)).json<RunBody>().status).toBe('running');
+    // A reconnect with either key is refused.
+    for (const key of [revoked, deleted]) expect((await readEvents(server.base, xApiKey(key.key), run.id, { lastEventId: 5 })).status).toBe(401);
+    // The owner's token still works: that stream stays open until its reader gives up.
+    expect((await ownStream).ended).toBe(false);
     expect((await api('POST', `/runs/${run.id}/cancel`, owner.headers)).statusCode).toBe(200);
   });
 });
