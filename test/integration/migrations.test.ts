@@ -571,3 +571,31 @@ describe('0023_knowledge_entries_text_bytes', () => {
     });
   });
 });
+
+describe('0024_run_scope_project', () => {
+  it("records the project of each run's scoped key (none for an account key or a token), a run going with that project; down drops it", async () => {
+    await beforeMigration('0024_run_scope_project', async (database, previous) => {
+      const [owner, project, thread, scopedKey, accountKey] = [randomUUID(), randomUUID(), randomUUID(), randomUUID(), randomUUID()];
+      await query(database, `insert into users (id, email, hashed_password) values ($1, 'run-scope@example.com', 'x')`, [owner]);
+      await query(database, `insert into projects (id, owner_id, name) values ($1, $2, 'P')`, [project, owner]);
+      await query(database, `insert into threads (id, owner_id) values ($1, $2)`, [thread, owner]);
+      for (const [id, projectId] of [[scopedKey, project], [accountKey, null]] as const) {
+        await query(database, `insert into api_keys (id, owner_id, project_id, name, prefix, key_hash) values ($1::uuid, $2, $3, 'k', 'k', $4)`, [id, owner, projectId, id]);
+      }
+      for (const [input, keyId] of [['scoped', scopedKey], ['account', accountKey], ['token', null]] as const) {
+        await query(database, `insert into runs (owner_id, thread_id, api_key_id, agent_version, model, status, input) values ($1, $2, $3, 1, 'm', 'completed', $4)`, [owner, thread, keyId, input]);
+      }
+      await migrateUp(database, logger);
+      expect(await query(database, `select input, scope_project_id from runs order by input`)).toEqual([
+        { input: 'account', scope_project_id: null },
+        { input: 'scoped', scope_project_id: project },
+        { input: 'token', scope_project_id: null },
+      ]);
+      // The project goes (its scoped key with it): the run limited to it too, never left unscoped.
+      await query(database, `delete from projects where id = $1`, [project]);
+      expect(await query(database, `select input from runs order by input`)).toEqual([{ input: 'account' }, { input: 'token' }]);
+      await migrateDown(database, logger, previous);
+      expect(await query(database, `select column_name from information_schema.columns where table_name = 'runs' and column_name = 'scope_project_id'`)).toEqual([]);
+    });
+  });
+});
