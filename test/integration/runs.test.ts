@@ -785,6 +785,40 @@ describe.skipIf(Boolean(process.env.REDIS_URL))('a start, embedded', () => {
   });
 });
 
+describe("a project-scoped key's runs stay in its project", () => {
+  it("cannot run another project's agent, run on or post to another project's thread, make a thread there, or retry or cancel a run there; nothing is queued", async () => {
+    const { owner, thread: accountThread } = await setup();
+    const [mine, other] = [(await api('POST', '/projects', owner.headers, { name: 'mine' })).json<{ id: string }>(), (await api('POST', '/projects', owner.headers, { name: 'other' })).json<{ id: string }>()];
+    const otherAgent = await createAgent(ctx.app, owner.headers, { project_id: other.id });
+    const otherThread = (await api('POST', '/threads', owner.headers, { title: 'other', project_id: other.id })).json<{ id: string }>();
+    const otherRun = await startRun(ctx.app, owner.headers, otherThread.id, { input: 'theirs' });
+    await waitForRun(ctx.app, owner.headers, otherRun.id, ['completed']);
+    const key = xApiKey((await createKey(ctx.app, owner, { name: 'mine', project_id: mine.id })).key);
+    const myThread = await createThread(ctx.app, key);
+    const calls = fake.requestsFor(MODEL).length;
+
+    const expectStatus = async (method: 'POST' | 'GET', path: string, status: number, body?: Record<string, unknown>) => {
+      const response = await api(method, path, key, body);
+      expect(response.statusCode, `${method} ${path}: ${response.body}`).toBe(status);
+    };
+    await expectStatus('POST', `/threads/${myThread.id}/runs`, 404, { agent_id: otherAgent.id, input: 'x' });
+    await expectStatus('POST', '/runs', 404, { agent_id: otherAgent.id, input: 'x' });
+    for (const thread of [otherThread, accountThread]) {
+      await expectStatus('POST', `/threads/${thread.id}/runs`, 404, { input: 'x' });
+      await expectStatus('POST', `/threads/${thread.id}/messages`, 404, { role: 'user', content: 'x' });
+    }
+    await expectStatus('POST', '/runs', 403, { input: 'x', thread: { project_id: other.id } });
+    await expectStatus('POST', `/runs/${otherRun.id}/retry`, 404);
+    await expectStatus('POST', `/runs/${otherRun.id}/cancel`, 404);
+    await expectStatus('GET', `/runs/${otherRun.id}/events`, 404);
+
+    // Nothing was written or called: the other thread holds its one run and two messages.
+    expect((await api('GET', `/threads/${otherThread.id}/runs`, owner.headers)).json<ListBody<unknown>>().count).toBe(1);
+    expect((await api('GET', `/threads/${otherThread.id}/messages`, owner.headers)).json<ListBody<unknown>>().count).toBe(2);
+    expect(fake.requestsFor(MODEL)).toHaveLength(calls);
+  });
+});
+
 describe('one active run per thread', () => {
   it('reject (default) answers 409; enqueue runs after the first; the thread is busy, then idle', async () => {
     fake.script(MODEL, { chunks: ['first ', 'answer'], chunkDelayMs: 100 }, { text: 'second answer' });
