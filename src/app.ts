@@ -61,6 +61,12 @@ declare module 'fastify' {
     maintenance: EmbeddedMaintenance | null;
     /** The run-event streams each user holds open on this process (RUN_EVENTS_MAX_STREAMS_PER_USER). */
     eventStreams: EventStreamSlots;
+    /**
+     * Aborted (with a ShuttingDownError) when closing starts: what waits on a client's pace, such
+     * as an upload whose body trickles in, ends then rather than hold the close up for as long as
+     * HTTP_REQUEST_TIMEOUT_MS.
+     */
+    closingSignal: AbortSignal;
   }
   interface FastifyRequest {
     principal: Principal;
@@ -130,9 +136,10 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   if (closeDatabase) app.addHook('onClose', () => database.close());
   // Connections without a request in flight end when closing starts (see trackConnections).
   const closeUnusedConnections = trackConnections(app.server);
-  let closing = false;
+  const closing = new AbortController();
+  app.decorate('closingSignal', closing.signal);
   app.addHook('preClose', (done) => {
-    closing = true;
+    closing.abort(new ShuttingDownError());
     closeUnusedConnections();
     done();
   });
@@ -200,7 +207,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   // node). After the bookkeeping and CORS hooks, so the 503 carries their headers too. Callback
   // style: it runs on every request.
   app.addHook('onRequest', (_request, _reply, done) => {
-    if (!closing) return done();
+    if (!closing.signal.aborted) return done();
     done(new ShuttingDownError());
   });
   // A request this deployment sent to one of its providers (core/hop.ts): a provider record points

@@ -1,3 +1,5 @@
+import { addAbortSignal } from 'node:stream';
+
 import multipart, { type Multipart, type MultipartFile } from '@fastify/multipart';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
@@ -31,6 +33,7 @@ import { searchKnowledge } from '../services/knowledge/search.js';
 import type { OpenedFile } from '../services/storage-service.js';
 import { requireUser } from '../utils/authentication.js';
 import { findInCauses } from '../utils/error-chain.js';
+import { untilAborted } from '../utils/time-limit.js';
 import { registerOwnedRoutes } from './owned-routes.js';
 
 const tags = ['knowledge-base'];
@@ -94,6 +97,11 @@ const MALFORMED_FORM = /^(?:Multipart: Boundary not found|Boundary required|The 
 function malformedForm(error: unknown): BadRequestError | undefined {
   const complaint = findInCauses(error, (e): e is Error => e instanceof Error && !(e instanceof HttpError) && MALFORMED_FORM.test(e.message));
   return complaint && new BadRequestError(`Malformed multipart/form-data body: ${complaint.message}`);
+}
+
+/** The shutdown's 503 for an upload it ended (the file stream's AbortError carries it as its cause). */
+function shutDown(error: unknown, closing: AbortSignal): unknown {
+  return closing.aborted ? findInCauses(error, (e) => e === closing.reason) : undefined;
 }
 
 /** RFC 6266 / 5987: an ASCII fallback name, and the exact one percent-encoded in UTF-8. */
@@ -161,7 +169,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
           'A `multipart/form-data` body with the document in a field named `file` (txt, md, html, pdf, docx, csv, json). Answers **201** with the entry, `status: pending`; ingestion runs in the background. One file per upload: a form with a second file is refused with 422 and none of it is kept (other fields are ignored); a form busboy cannot read (no boundary, a body ending inside a part) with 400. ' +
           'A name taken in the folder gets a number (`report (1).pdf`). Over KB_MAX_FILE_BYTES, or over what is left of KB_MAX_BYTES_PER_USER: 413 with the figures, answered as soon as the size is known (from Content-Length, or while the file arrives). Once indexed, an entry counts for its extracted text when that is larger than the file (a compressed PDF or DOCX): ingestion fails the entry, keeping none of its text, when the text would pass what is left. 429 beyond KB_MAX_UPLOADS_IN_FLIGHT_PER_USER uploads in progress at once. ' +
           'When EMBEDDING_MODEL is set and priced: 402 before the file is read if billing is on and the account has no credits available, or the API key\'s `max_budget` is used up (only that something is left is checked: a document\'s cost is known once it is chunked; a limit reached while it is embedded fails the entry). ' +
-          '503 when the upload took so long (past HTTP_REQUEST_TIMEOUT_MS + 15 minutes) that its stored file was already swept: nothing is kept; upload it again.',
+          '503 when the upload took so long (past HTTP_REQUEST_TIMEOUT_MS + 15 minutes) that its stored file was already swept, or when the server shut down while it arrived: nothing is kept; upload it again.',
         tags,
         consumes: ['multipart/form-data'],
         form: { file: 'The document: plain text, Markdown, HTML, PDF, DOCX, CSV or JSON.' },
@@ -179,19 +187,22 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         if (!request.isMultipart()) throw missingFile();
         // busboy's own cap one byte past the allowance: the storage stream (maxBytes) refuses first, with the figures.
         const parts = request.parts({ limits: { fileSize: allowance.max + 1 } });
-        const part = await firstFile(parts);
+        // A shutdown ends an upload still arriving (a slow client's may take HTTP_REQUEST_TIMEOUT_MS):
+        // the file read so far is removed, and the client answered 503, at once.
+        const closing = app.closingSignal;
+        const part = await untilAborted(firstFile(parts), closing);
         if (!part || part.fieldname !== 'file') throw missingFile();
         const entry = await entryService.upload(
           ctx,
           folder,
-          { stream: part.file, filename: part.filename, declaredMime: part.mimetype, restOfForm: () => restOfForm(parts) },
+          { stream: addAbortSignal(closing, part.file), filename: part.filename, declaredMime: part.mimetype, restOfForm: () => untilAborted(restOfForm(parts), closing) },
           allowance,
         );
         void reply.code(201).header('location', `${app.prefix}/knowledge-base/entries/${entry.id}`);
         return entry;
       } catch (error) {
         lingerOnUnreadBody(request, reply);
-        throw malformedForm(error) ?? error;
+        throw shutDown(error, app.closingSignal) ?? malformedForm(error) ?? error;
       }
     },
   );

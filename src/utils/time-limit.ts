@@ -15,3 +15,17 @@ export async function fulfilledWithin(ms: number, work: Promise<unknown>): Promi
     clearTimeout(timer);
   }
 }
+
+/**
+ * `work`'s outcome, or a rejection with the signal's reason as soon as it aborts: work that does
+ * not stop on the signal (or not at once) no longer holds up what aborted it; its late outcome is
+ * dropped.
+ */
+export function untilAborted<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason instanceof Error ? signal.reason : new Error('aborted'));
+    if (signal.aborted) onAbort();
+    else signal.addEventListener('abort', onAbort, { once: true });
+    work.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
+  });
+}

@@ -22,6 +22,7 @@ import { preparedAnywhere } from '../../crud/prepared.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
 import { isBlank, storableModelPieces, storableModelText, storableModelValue, storableText } from '../../utils/text.js';
+import { untilAborted } from '../../utils/time-limit.js';
 import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
 import { type NewRunEvent, RunWriter } from './run-bus.js';
@@ -639,20 +640,6 @@ class Announcement {
     this.again = () => Promise.resolve([]);
     return taken;
   }
-}
-
-/**
- * `work`'s outcome, or a rejection with the signal's reason as soon as it aborts: a tool that does
- * not stop on the run's signal (or not at once) no longer holds the run's cancel or deadline up;
- * its late outcome is dropped.
- */
-function untilAborted<T>(work: Promise<T>, signal: AbortSignal): Promise<T> {
-  return new Promise<T>((resolve, reject) => {
-    const onAbort = () => reject(signal.reason instanceof Error ? signal.reason : new Error('run stopped'));
-    if (signal.aborted) onAbort();
-    else signal.addEventListener('abort', onAbort, { once: true });
-    work.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
-  });
 }
 
 /**
