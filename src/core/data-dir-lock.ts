@@ -1,4 +1,4 @@
-import { closeSync, linkSync, openSync, readFileSync, renameSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, linkSync, openSync, readFileSync, renameSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 
@@ -239,10 +239,16 @@ function createLock(path: string, mine: Holder): boolean {
     throw new CannotCreate(error as NodeJS.ErrnoException);
   }
   try {
-    writeSync(fd, text);
-  } finally {
+    // writeFileSync writes on until all of it is in (one writeSync may write part of it on a disk
+    // filling up, without an error: a half lock reads as nobody's and is taken over).
+    writeFileSync(fd, text);
+  } catch (error) {
+    // Not left empty or half-written: every later start would find it in its way.
     closeSync(fd);
+    rmSync(path, { force: true });
+    throw new CannotCreate(error as NodeJS.ErrnoException);
   }
+  closeSync(fd);
   return true;
 }
 
