@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { parseEnv } from 'node:util';
 
@@ -411,6 +411,10 @@ export function loadSettings(source: Record<string, string | undefined> = readEn
   }
   const raw = parsed.data;
   const dataDir = resolve(raw.DATA_DIR);
+  // Named here, before anything opens a file under it: what fails later says "EEXIST" or "ENOTDIR" of a path inside it.
+  if (isFile(dataDir)) {
+    throw new ConfigError(`DATA_DIR: ${dataDir} is a file, not a directory: set DATA_DIR to a directory (it is created if missing), or move the file away`);
+  }
   const local = raw.ENVIRONMENT === 'local';
 
   if (!local) {
@@ -481,6 +485,15 @@ export function loadSettings(source: Record<string, string | undefined> = readEn
     dataDir,
     emailsEnabled: raw.EMAIL_BACKEND === 'console' || Boolean(raw.SMTP_HOST && raw.EMAILS_FROM_EMAIL),
   });
+}
+
+/** Whether `path` exists and is something other than a directory (a path through a file is left to what opens it). */
+function isFile(path: string): boolean {
+  try {
+    return statSync(path, { throwIfNoEntry: false })?.isDirectory() === false;
+  } catch {
+    return false;
+  }
 }
 
 /** In `local`, a random key kept beside the data, so tokens survive restarts without configuration. */

@@ -69,6 +69,12 @@ export function databaseProblem(error: unknown, settings: Settings): ConfigError
       `DATABASE_URL: no answer from ${target} within DATABASE_CONNECT_TIMEOUT_MS (${settings.DATABASE_CONNECT_TIMEOUT_MS} ms): check the host, the port and the firewall`,
     );
   }
+  // node-postgres's words when the URL asks for TLS (sslmode=require, ssl=true) and the server answers that it has none.
+  if (/server does not support SSL connections/i.test(messageOf(error))) {
+    return new ConfigError(
+      `DATABASE_URL: the URL asks for TLS (sslmode or ssl) but PostgreSQL at ${target} does not support SSL connections: enable SSL on the server, or remove sslmode (or set sslmode=disable) in DATABASE_URL`,
+    );
+  }
   const fixes: Record<string, string> = {
     '3D000': 'create it (createdb) or fix the database name in the URL',
     '28000': 'create the role or fix the user name in the URL',

@@ -216,6 +216,34 @@ describe('start-up problems stop the process with one line naming the setting', 
     await expect(fetch(`http://127.0.0.1:${port}/health`)).rejects.toThrow();
   }, 240_000);
 
+  it.concurrent.each([
+    ['local', {}],
+    ['SECRET_KEY given', key],
+  ])('DATA_DIR naming a file (%s): the line says it is a file', async (_label, env) => {
+    const file = fileDir();
+    const exited = await run(['start'], { PORT: String(await freePort()), DATA_DIR: file, ...env });
+    expect(exited.code, exited.stderr).toBe(1);
+    expect(exited.stderr.trim()).toBe(`keel: DATA_DIR: ${file} is a file, not a directory: set DATA_DIR to a directory (it is created if missing), or move the file away`);
+  }, 240_000);
+
+  it('DATABASE_URL asking for TLS (sslmode=require) of a server without it: one line naming the setting and the fix', async () => {
+    // What a PostgreSQL server without TLS answers to the client's SSLRequest: "N".
+    const plain = createServer((socket) => socket.once('data', () => socket.write('N')));
+    await new Promise<void>((done) => plain.listen(0, '127.0.0.1', done));
+    const { port } = plain.address() as AddressInfo;
+    try {
+      const exited = await run(['start'], { PORT: String(await freePort()), DATABASE_URL: `postgres://postgres@127.0.0.1:${port}/keel?sslmode=require` });
+      expect(exited.code, exited.stderr).toBe(1);
+      // node-postgres's own warning about sslmode's meaning may come before it: the last line is Keel's, and no stack.
+      expect(exited.stderr.trim().split('\n').at(-1)).toBe(
+        `keel: DATABASE_URL: the URL asks for TLS (sslmode or ssl) but PostgreSQL at 127.0.0.1:${port} does not support SSL connections: enable SSL on the server, or remove sslmode (or set sslmode=disable) in DATABASE_URL`,
+      );
+      expect(exited.stderr).not.toMatch(/^\s+at /m);
+    } finally {
+      plain.close();
+    }
+  }, 240_000);
+
   it('a port in use is found before any migration runs', async () => {
     const busy = createServer();
     await new Promise<void>((done) => busy.listen(0, '127.0.0.1', done));
