@@ -128,7 +128,7 @@ async function serveCommand(spec: CommandSpec, args: string[]): Promise<number> 
   const { closeOnSignals, startServer } = await server();
   try {
     const app = await startServer(settings, logger, { migrate: spec.name === 'start' });
-    closeOnSignals(app, settings, logger, () => app.meter.saveUnwritten());
+    closeOnSignals(app, settings, logger, app.meter);
   } catch (error) {
     throw listenProblem(error, settings) ?? error;
   }
@@ -142,7 +142,7 @@ async function workerCommand(args: string[]): Promise<number> {
   await checkRedis(settings);
   const { closeOnSignals, startWorker } = await server();
   const worker = await startWorker(settings, logger);
-  closeOnSignals(worker, settings, logger, () => worker.saveUnwritten());
+  closeOnSignals(worker, settings, logger, worker.usage);
   return 0;
 }
 

@@ -66,7 +66,7 @@ export async function startServer(settings: Settings, logger: Logger, options: S
  * run events and cancels travel) and the database (the truth about runs); embedded, `keel start`
  * does all of it itself.
  */
-export async function startWorker(settings: Settings, logger: pino.Logger): Promise<{ close: () => Promise<void>; saveUnwritten: () => void }> {
+export async function startWorker(settings: Settings, logger: pino.Logger): Promise<{ close: () => Promise<void>; usage: UnwrittenUsageKeeper }> {
   if (!settings.REDIS_URL) {
     throw new ConfigError('REDIS_URL: `keel worker` takes jobs from Redis; without it, `keel start` or `keel api` runs them');
   }
@@ -79,7 +79,7 @@ export async function startWorker(settings: Settings, logger: pino.Logger): Prom
     agentRuns.work();
     logger.info({ concurrency: settings.JOB_CONCURRENCY, runConcurrency: settings.RUN_CONCURRENCY, emailConcurrency: settings.EMAIL_CONCURRENCY }, 'worker started');
     return {
-      saveUnwritten: () => agentRuns.meter.saveUnwritten(),
+      usage: agentRuns.meter,
       close: async () => {
         await agentRuns.close();
         await closeStorage(settings);
@@ -124,32 +124,53 @@ export function drainMs(settings: Settings): number {
   return settings.SHUTDOWN_DRAIN_MS ?? (settings.ENVIRONMENT === 'local' ? 0 : 5_000);
 }
 
+/** The usage meter's part in a shutdown: what must outlive the process, and what could not. */
+export interface UnwrittenUsageKeeper {
+  /** Saves the usage not yet written under DATA_DIR (synchronous: the deadline calls it before exiting). */
+  saveUnwritten(): void;
+  /** What could be neither written nor saved, in words; null when nothing was lost. */
+  lostAtShutdown(): string | null;
+}
+
 /**
  * On SIGTERM/SIGINT: a server first drains for SHUTDOWN_DRAIN_MS (a second signal cuts that
  * short), then stops accepting and lets in-flight requests finish; a worker lets its running jobs
- * finish (up to SHUTDOWN_TIMEOUT_MS after the drain); then everything is closed.
+ * finish (up to SHUTDOWN_TIMEOUT_MS after the drain); then everything is closed. Usage that could
+ * be neither written nor saved makes the exit status 1, its count and cause the last line logged.
  */
-export function closeOnSignals(app: { close(): PromiseLike<unknown> }, settings: Settings, logger: pino.Logger, atDeadline?: () => void): void {
+export function closeOnSignals(app: { close(): PromiseLike<unknown> }, settings: Settings, logger: pino.Logger, usage?: UnwrittenUsageKeeper): void {
   let closing = false;
   let endDrain: (() => void) | null = null;
+  /** Logs what was lost last; whether anything was. */
+  const reportLost = (): boolean => {
+    const lost = usage?.lostAtShutdown();
+    if (lost) logger.error(`shutdown lost usage: ${lost}`);
+    return Boolean(lost);
+  };
   const close = () => {
     endDrain = null;
     const deadline = setTimeout(() => {
       logger.error('shutdown deadline passed; exiting with work still running');
       // What must outlive the process (the usage not yet written), saved before it goes.
-      atDeadline?.();
+      usage?.saveUnwritten();
+      reportLost();
       logger.flush();
       process.exit(1);
     }, settings.SHUTDOWN_TIMEOUT_MS);
     deadline.unref();
     app.close().then(
       () => {
-        logger.info('shut down cleanly');
+        if (reportLost()) {
+          process.exitCode = 1;
+        } else {
+          logger.info('shut down cleanly');
+          process.exitCode = 0;
+        }
         logger.flush();
-        process.exitCode = 0;
       },
       (error: unknown) => {
         logger.error({ err: error }, 'error while shutting down');
+        reportLost();
         logger.flush();
         process.exitCode = 1;
       },

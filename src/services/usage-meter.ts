@@ -31,6 +31,7 @@ import * as billingCrud from '../crud/billing.js';
 import * as userCrud from '../crud/user.js';
 import type { CostEstimate, TokenUsage, UsageMeter, UsageRecord, UsageReservation } from '../modules/ai-models/index.js';
 import { costUnits, unitsCost, ZERO_USAGE } from '../modules/ai-models/index.js';
+import { isDiskFullCode } from '../utils/error-chain.js';
 import { isoFormatter } from '../utils/iso-time.js';
 import { type Count, type CounterStore, counterStore, countersUnavailable } from '../utils/rate-limit.js';
 import { storableText } from '../utils/text.js';
@@ -175,6 +176,8 @@ export class UsageMeterService implements UsageMeter {
   private writing: UnwrittenUsage = { usage: [], settlements: [], windowSettlements: [], blockReleases: [] };
   /** How many of `writing.settlements` the retry (`retryFailed`) has written so far. */
   private retriedUpTo = 0;
+  /** What the last save of unwritten usage could not keep (saveUnwritten failed): said by `lostAtShutdown`. */
+  private lost: string | null = null;
   /** Files of unwritten usage were left on disk for want of room in the queue (`recoverUnwritten`). */
   private unwrittenLeft = false;
   /** Calls are being refused for the backlog of unwritten usage (logged once, until a flush brings it under the limit). */
@@ -1155,10 +1158,25 @@ export class UsageMeterService implements UsageMeter {
       this.windowSettlements = [];
       this.blockReleases = [];
       this.settlements = [];
+      this.lost = null;
       this.log.error({ ...counts, dir, files }, 'usage not written at shutdown (database unavailable); saved for the next start to write');
     } catch (error) {
+      const code = (error as NodeJS.ErrnoException).code;
+      const why = isDiskFullCode(code) ? `the disk holding it is full (${code})` : (code ?? (error as Error).message);
+      this.lost =
+        `${counts.usageRecords} usage records, ${counts.settlements} charges and ${counts.blockReleases} credit block releases are lost: ` +
+        `the database would not take them and they could not be saved under ${dir}: ${why}`;
       this.log.error({ ...counts, err: error }, 'usage not written at shutdown, and could not be saved');
     }
+  }
+
+  /**
+   * What the last shutdown save could not keep, in words (how many records, where, why); null when
+   * nothing was lost. The process says it last and exits non-zero: records and charges of calls
+   * already answered are gone, which a clean exit would hide.
+   */
+  lostAtShutdown(): string | null {
+    return this.lost;
   }
 
   /**
