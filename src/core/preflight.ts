@@ -202,11 +202,14 @@ export async function checkRedis(settings: Pick<Settings, 'REDIS_URL'>): Promise
     enableOfflineQueue: false,
     retryStrategy: () => null,
   });
-  let lastError: unknown;
+  let lastError: Error | undefined;
   client.on('error', (error) => (lastError = error));
   try {
     await client.connect();
     await client.ping();
+    // ioredis reports a refused SELECT (a database number past the server's `databases`) as an
+    // 'error' event and goes on with database 0, where every node's keys would then mix.
+    if (lastError) throw lastError;
   } catch (error) {
     const cause = lastError ?? error;
     const reason =

@@ -200,6 +200,8 @@ describe('start-up problems stop the process with one line naming the setting', 
     ['DATABASE_URL unknown role', () => ({ DATABASE_URL: 'postgres://no_such_role_keel@127.0.0.1:5432/postgres' }), 'DATABASE_URL'],
     ['DATABASE_URL missing database', () => ({ DATABASE_URL: 'postgres://postgres@127.0.0.1:5432/no_such_database_keel' }), 'DATABASE_URL'],
     ['REDIS_URL unreachable', () => ({ REDIS_URL: 'redis://127.0.0.1:1' }), 'REDIS_URL'],
+    // Past the server's `databases` (16 by default): ioredis went on with database 0.
+    ['REDIS_URL database number out of range', () => ({ REDIS_URL: 'redis://127.0.0.1:6379/99' }), 'REDIS_URL'],
     ['STORAGE_BACKEND=s3 without S3_BUCKET', () => ({ STORAGE_BACKEND: 's3' }), 'S3_BUCKET'],
   ];
 
