@@ -10,7 +10,7 @@ import { registerCors } from './core/cors.js';
 import type { Database, Db } from './core/db.js';
 import { registerErrorHandler, ShuttingDownError, UpstreamLoopError } from './core/errors.js';
 import { HOP_HEADER, hopMark, hopsOf } from './core/hop.js';
-import { serverOptions, slashesInLastSegment, trackConnections } from './core/http-server.js';
+import { serverOptions, shutdownCutAtMs, slashesInLastSegment, trackConnections } from './core/http-server.js';
 import { FORM_CONTENT_TYPE, formBodyRefused, jsonBodyParser } from './core/json-body.js';
 import { lazyRequestLogger, type Logger } from './core/logger.js';
 import { type EmbeddedMaintenance, startEmbeddedMaintenance } from './core/maintenance.js';
@@ -135,12 +135,15 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   // onClose hooks run last-registered first: registered before all others, this one runs last.
   if (closeDatabase) app.addHook('onClose', () => database.close());
   // Connections without a request in flight end when closing starts (see trackConnections).
-  const closeUnusedConnections = trackConnections(app.server);
+  const connections = trackConnections(app.server);
   const closing = new AbortController();
   app.decorate('closingSignal', closing.signal);
   app.addHook('preClose', (done) => {
     closing.abort(new ShuttingDownError());
-    closeUnusedConnections();
+    connections.startClosing();
+    // Not cleared on close: Fastify waits for the connections after its onClose hooks, and a
+    // connection it cuts is gone by then anyway.
+    setTimeout(connections.cutUnreceivedBodies, shutdownCutAtMs(settings)).unref();
     done();
   });
   app.setValidatorCompiler(validatorCompiler);

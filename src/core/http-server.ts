@@ -68,7 +68,10 @@ export function serverOptions(settings: Settings) {
  * keep arriving until then. Returns what to call when closing starts; costs nothing per request
  * (the answer a socket is busy with is Node's `_httpMessage`, set once a request's headers are parsed).
  */
-export function trackConnections(server: { on(event: 'connection', listener: (socket: Socket) => void): unknown }): () => void {
+export function trackConnections(server: { on(event: 'connection', listener: (socket: Socket) => void): unknown }): {
+  startClosing: () => void;
+  cutUnreceivedBodies: () => void;
+} {
   const sockets = new Set<Socket>();
   let closing = false;
   server.on('connection', (socket) => {
@@ -79,14 +82,36 @@ export function trackConnections(server: { on(event: 'connection', listener: (so
     sockets.add(socket);
     socket.once('close', () => sockets.delete(socket));
   });
-  return () => {
-    closing = true;
-    for (const socket of sockets) {
-      if (!busyWith(socket)) socket.destroy();
-      else endOnceAnswered(socket);
-    }
+  return {
+    startClosing: () => {
+      closing = true;
+      for (const socket of sockets) {
+        if (!busyWith(socket)) socket.destroy();
+        else endOnceAnswered(socket);
+      }
+    },
+    /**
+     * Closes the connections whose request's body is still arriving (see shutdownCutAtMs): a client
+     * trickling one held `server.close()` until HTTP_REQUEST_TIMEOUT_MS, and the deadline then
+     * exited 1. Nothing of such a request has run but the reading of its body.
+     */
+    cutUnreceivedBodies: () => {
+      for (const socket of sockets) if (busyWith(socket)?.req.complete === false) socket.destroy();
+    },
   };
 }
+
+/**
+ * When, after closing starts, what still waits on a client (a model stream, a request body still
+ * arriving) is cut: 2 s before the shutdown deadline (SHUTDOWN_TIMEOUT_MS), a quarter of it at
+ * most, so the process ends cleanly (metered, exit 0) before the deadline's exit 1.
+ */
+export function shutdownCutAtMs(settings: Pick<Settings, 'SHUTDOWN_TIMEOUT_MS'>): number {
+  const timeout = settings.SHUTDOWN_TIMEOUT_MS;
+  return timeout - Math.min(SHUTDOWN_CUT_BEFORE_MS, timeout / 4);
+}
+
+const SHUTDOWN_CUT_BEFORE_MS = 2_000;
 
 /** The answer a socket is busy with (Node's `_httpMessage`, set once a request's headers are parsed). */
 const busyWith = (socket: Socket): ServerResponse | undefined => (socket as Socket & { _httpMessage?: ServerResponse | null })._httpMessage ?? undefined;

@@ -3,6 +3,7 @@ import { type FastifyPluginAsyncZod, validatorCompiler } from 'fastify-type-prov
 
 import { noteRefusal } from '../core/access-log.js';
 import { ShuttingDownError } from '../core/errors.js';
+import { shutdownCutAtMs } from '../core/http-server.js';
 import { type JsonBodyCheck,jsonBodyParser } from '../core/json-body.js';
 
 import {
@@ -73,21 +74,18 @@ function disconnectSignal(reply: FastifyReply, inFlight: Set<CallerAbort>): Call
 }
 
 /**
- * Once closing, the model calls still in flight (long streams) are aborted this long before the
- * shutdown deadline (SHUTDOWN_TIMEOUT_MS), a quarter of it at most: a stream then ends with an
- * error event and its call is metered and its hold released, where the deadline's exit had cut it
- * off silently, unmetered, its credit held until the reservation expired.
+ * Once closing, the model calls still in flight (long streams) are aborted shortly before the
+ * shutdown deadline (shutdownCutAtMs): a stream then ends with an error event and its call is
+ * metered and its hold released, where the deadline's exit had cut it off silently, unmetered,
+ * its credit held until the reservation expired.
  */
-const SHUTDOWN_CUT_BEFORE_MS = 2_000;
-
 function cutOffAtShutdown(app: FastifyInstance, inFlight: Set<CallerAbort>): void {
   let timer: NodeJS.Timeout | undefined;
   app.addHook('preClose', (done) => {
-    const timeout = app.settings.SHUTDOWN_TIMEOUT_MS;
     timer = setTimeout(() => {
       const reason = new ShuttingDownError();
       for (const call of inFlight) call.abort(reason);
-    }, timeout - Math.min(SHUTDOWN_CUT_BEFORE_MS, timeout / 4));
+    }, shutdownCutAtMs(app.settings));
     timer.unref();
     done();
   });

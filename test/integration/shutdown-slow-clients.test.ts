@@ -1,9 +1,14 @@
 /**
- * SIGTERM while a slow client's knowledge upload is still arriving (`keel start`, embedded): the
+ * SIGTERM while slow clients' request bodies are still arriving (`keel start`, embedded).
+ *
+ * A knowledge upload: the
  * upload is ended at once — the client answered 503 — its file removed
  * (the temporary one mid-file, the stored one once the file is in and the form still open), and
  * the process exits 0 well within SHUTDOWN_TIMEOUT_MS. It waited for HTTP_REQUEST_TIMEOUT_MS, was
  * cut off at the shutdown deadline with exit 1, and left the temporary file for 24 h.
+ *
+ * Any other body (JSON): its connection is closed shortly before the deadline (nothing of the
+ * request has run but the reading of its body), where it held the close up to the deadline's exit 1.
  */
 import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
@@ -84,4 +89,26 @@ it.each([
   expect(answer).toMatch(/^HTTP\/1\.1 503 [^]*"detail":"The server is shutting down"/);
   expect(temporaryFiles(dataDir)).toEqual([]);
   expect(storedFiles(dataDir, me.body.id)).toEqual([]);
+});
+
+it('SIGTERM while a JSON body trickles in: its connection is closed before the deadline, exit 0', { timeout: 120_000 }, async () => {
+  const dataDir = await migratedDataDir(join(scratch, 'json'));
+  const port = await freePort();
+  const { child } = await startLocalKeel(dataDir, port, { HTTP_REQUEST_TIMEOUT_MS: '300000', SHUTDOWN_TIMEOUT_MS: String(SHUTDOWN_TIMEOUT_MS) });
+  const socket: Socket = connect(port, '127.0.0.1');
+  socket.on('error', () => {});
+  const closed = new Promise<number>((done) => socket.once('close', () => done(Date.now())));
+  socket.write('POST /api/v1/login/access-token HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"username":');
+  const trickle = setInterval(() => socket.writable && socket.write(' '), 100);
+  await new Promise((done) => setTimeout(done, 500));
+
+  const signalled = Date.now();
+  child.process.kill('SIGTERM');
+  const { code } = await child.ended;
+  const exited = Date.now();
+  clearInterval(trickle);
+  socket.destroy();
+  // Cut 2 s before the deadline: nothing of the request had run but the reading of its body.
+  expect({ code, beforeDeadline: exited - signalled < SHUTDOWN_TIMEOUT_MS }, `${exited - signalled} ms\n${child.out()}\n${child.err()}`).toEqual({ code: 0, beforeDeadline: true });
+  expect((await closed) - signalled).toBeLessThan(SHUTDOWN_TIMEOUT_MS);
 });
