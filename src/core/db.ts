@@ -1,5 +1,5 @@
 import { chmodSync, existsSync, lstatSync, mkdirSync, readdirSync, realpathSync } from 'node:fs';
-import { join, sep } from 'node:path';
+import { dirname, join, sep } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 
 import { PGlite } from '@electric-sql/pglite';
@@ -138,7 +138,14 @@ export function afterCommit(db: Db, callback: () => void): void {
  */
 function makePrivate(dataDir: string): void {
   process.umask(0o077);
-  mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  try {
+    mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  } catch (error) {
+    // Node's recursive mkdir says ENOENT of a directory it could not make on a read-only file
+    // system: made once more, plainly, the real reason (EROFS) is the one thrown.
+    if ((error as NodeJS.ErrnoException).code !== 'ENOENT' || !existsSync(dirname(dataDir))) throw error;
+    mkdirSync(dataDir, { mode: 0o700 });
+  }
 }
 
 function tighten(path: string): void {

@@ -121,6 +121,7 @@ function pgliteProblem(error: unknown, settings: Settings): ConfigError {
   if (isDiskFullCode(code)) {
     return new ConfigError(`${setting}: cannot open the embedded database in ${dir}: the disk holding it is full${room}: free space there`);
   }
+  if (code === 'EROFS') return new ConfigError(`${setting}: cannot open the embedded database in ${dir}: its file system is read-only: mount it read-write, or set ${setting} to a writable directory`);
   const reason = code ?? (typeof errno === 'number' ? `errno ${errno}` : messageOf(error));
   // PGlite says only "failed to initialize" when the disk is full as it starts: too little room is
   // named as the likely cause, beside its own words (a damaged directory on a small disk is not a full one).

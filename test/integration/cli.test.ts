@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
 import { type AddressInfo, createServer } from 'node:net';
@@ -259,6 +260,22 @@ describe('start-up problems stop the process with one line naming the setting', 
       busy.close();
     }
   }, 240_000);
+});
+
+// Mounting a file system needs root.
+describe.skipIf(process.getuid?.() !== 0)('a DATA_DIR on a read-only file system', () => {
+  const mounted = join(dataDir, 'read-only');
+  beforeAll(() => {
+    mkdirSync(mounted);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m,ro', 'tmpfs', mounted]);
+  });
+  afterAll(() => execFileSync('umount', [mounted]));
+
+  it('says the file system is read-only, naming DATA_DIR (Node\'s mkdir said ENOENT)', async () => {
+    const exited = await run(['start'], { PORT: String(await freePort()), DATA_DIR: mounted, SECRET_KEY: 's'.repeat(48) });
+    expect(exited.code, exited.stderr).toBe(1);
+    expect(exited.stderr.trim()).toBe(`keel: DATA_DIR: cannot open the embedded database in ${join(mounted, 'pglite')}: its file system is read-only: mount it read-write, or set DATA_DIR to a writable directory`);
+  }, 60_000);
 });
 
 describe('a Redis that accepts connections and never answers (a paused server or proxy)', () => {
