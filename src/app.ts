@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import { setMaxListeners } from 'node:events';
 
 import Fastify, { type FastifyInstance, type FastifyReply, LogController } from 'fastify';
 import { serializerCompiler, validatorCompiler, type ZodTypeProvider } from 'fastify-type-provider-zod';
@@ -137,6 +138,8 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
   // Connections without a request in flight end when closing starts (see trackConnections).
   const connections = trackConnections(app.server);
   const closing = new AbortController();
+  // One listener per upload in flight (routers/knowledge.ts): many at once are not a leak.
+  setMaxListeners(0, closing.signal);
   app.decorate('closingSignal', closing.signal);
   app.addHook('preClose', (done) => {
     closing.abort(new ShuttingDownError());

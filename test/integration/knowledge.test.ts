@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import { connect } from 'node:net';
-import { PassThrough } from 'node:stream';
+import { addAbortSignal, PassThrough } from 'node:stream';
 
 import { eq, type SQL, sql } from 'drizzle-orm';
 import { PgDialect } from 'drizzle-orm/pg-core';
@@ -1285,4 +1285,20 @@ describe('search', () => {
     expect((await api('POST', '/knowledge-base/search', {}, { query: 'x' })).statusCode).toBe(401);
     expect((await api('GET', '/knowledge-base/stats', {})).statusCode).toBe(401);
   });
+});
+
+it('many uploads in flight at once (each listens for the shutdown) raise no listener-leak warning', async () => {
+  const warnings: string[] = [];
+  const onWarning = (warning: Error) => warnings.push(warning.name);
+  process.on('warning', onWarning);
+  const files = Array.from({ length: 24 }, () => new PassThrough());
+  try {
+    // As the upload route takes each file: the file's stream ends with the app's close.
+    for (const file of files) addAbortSignal(ctx.app.closingSignal, file);
+    await new Promise((done) => setImmediate(done));
+    expect(warnings).not.toContain('MaxListenersExceededWarning');
+  } finally {
+    for (const file of files) file.destroy();
+    process.off('warning', onWarning);
+  }
 });
