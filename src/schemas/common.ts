@@ -84,7 +84,6 @@ export function listOf<T extends z.ZodType>(item: T) {
 /** Responses every authenticated route may give, besides its own. */
 export const authErrors = { 401: ErrorBody, 403: ErrorBody, 422: ValidationError } as const;
 
-export const Password = z.string().min(8).max(128);
 export const Email = z.email().max(255);
 
 // ==================== Bounded client data ====================
@@ -96,6 +95,12 @@ export const Email = z.email().max(255);
  * refuses both. Chain the field's own bounds after it (`Text.trim().max(255)`).
  */
 export const Text = z.string().refine((value) => !hasUnpairedSurrogate(value), { error: UNPAIRED_SURROGATE_MESSAGE });
+
+/**
+ * A new password: Text's rule too, as hashing encodes it to UTF-8 with half of a surrogate pair
+ * as U+FFFD, so two different strings ("pw\uD800…", "pw\uFFFD…") were one password.
+ */
+export const Password = Text.min(8).max(128);
 
 /** Bounds of a `metadata` object: its JSON size in bytes, how deep it nests, how long a key is. */
 export const METADATA_MAX_BYTES = 16_384;

@@ -339,6 +339,7 @@ describe('POST /reset-password/', () => {
   it.each([
     ['a new password too short', { new_password: 'x'.repeat(7) }, ['body', 'new_password'], 'string_too_short'],
     ['a new password too long', { new_password: 'x'.repeat(129) }, ['body', 'new_password'], 'string_too_long'],
+    ['a new password with an unpaired surrogate', { new_password: 'pw\uD800xxxxxx' }, ['body', 'new_password'], 'value_error'],
     ['no new password', { new_password: undefined }, ['body', 'new_password'], 'missing'],
     ['no token', { token: undefined }, ['body', 'token'], 'missing'],
     ['an empty token', { token: '' }, ['body', 'token'], 'string_too_short'],

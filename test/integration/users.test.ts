@@ -137,9 +137,19 @@ describe('POST /users/signup', () => {
     }
   });
 
+  it('accepts a password with a whole surrogate pair (an emoji), which only itself opens', async () => {
+    const email = randomEmail('emoji');
+    const password = 'pw\uD83D\uDE00xxxxxx';
+    expect((await signup({ email, password })).statusCode).toBe(200);
+    expect(await loginStatus(app, email, password)).toBe(200);
+    expect(await loginStatus(app, email, 'pw\uFFFDxxxxxx')).toBe(400);
+  });
+
   it.each([
     ['a password too short', { password: 'p'.repeat(7) }, [[['body', 'password'], 'string_too_short']]],
     ['a password too long', { password: 'p'.repeat(129) }, [[['body', 'password'], 'string_too_long']]],
+    // Hashed, it was "pw\uFFFDxxxxxx": two strings, one password.
+    ['a password with an unpaired surrogate', { password: 'pw\uD800xxxxxx' }, [[['body', 'password'], 'value_error']]],
     ['no password', { password: undefined }, [[['body', 'password'], 'missing']]],
     ['no email', { email: undefined }, [[['body', 'email'], 'missing']]],
     ['an invalid email', { email: 'not-an-email' }, [[['body', 'email'], 'email_parsing']]],
@@ -388,6 +398,7 @@ describe('PATCH /users/me/password', () => {
   it.each([
     ['a new password too short', { new_password: 'p'.repeat(7) }, [[['body', 'new_password'], 'string_too_short']]],
     ['a new password too long', { new_password: 'p'.repeat(129) }, [[['body', 'new_password'], 'string_too_long']]],
+    ['a new password with an unpaired surrogate', { new_password: 'pw\uD800xxxxxx' }, [[['body', 'new_password'], 'value_error']]],
     ['no current password', { current_password: undefined }, [[['body', 'current_password'], 'missing']]],
     ['no new password', { new_password: undefined }, [[['body', 'new_password'], 'missing']]],
     ['an unknown field', { token_version: 0 }, [[['body', 'token_version'], 'extra_forbidden']]],
@@ -555,6 +566,7 @@ describe('POST /users', () => {
     ['an id', { id: randomUUID() }, [[['body', 'id'], 'extra_forbidden']]],
     ['created_at', { created_at: '2020-01-01T00:00:00Z' }, [[['body', 'created_at'], 'extra_forbidden']]],
     ['a short password', { password: 'short' }, [[['body', 'password'], 'string_too_short']]],
+    ['a password with an unpaired surrogate', { password: 'pw\uD800xxxxxx' }, [[['body', 'password'], 'value_error']]],
     ['an invalid email', { email: 'nope' }, [[['body', 'email'], 'email_parsing']]],
   ] as [string, Record<string, unknown>, [string[], string][]][])('answers 422 for %s', async (_label, change, issues) => {
     const payload = { email: randomEmail('invalid'), password: 'initial-password', ...change };
@@ -654,6 +666,10 @@ describe('PATCH /users/{user_id}', () => {
     expect422(await call('PATCH', `/users/${alice.user.id}`, { headers: admin, payload: { password: 'short' } }), [
       [['body', 'password'], 'string_too_short'],
     ]);
+    expect422(await call('PATCH', `/users/${alice.user.id}`, { headers: admin, payload: { password: 'pw\uD800xxxxxx' } }), [
+      [['body', 'password'], 'value_error'],
+    ]);
+    expect(await loginStatus(app, alice.email, alice.password)).toBe(200);
   });
 });
 
