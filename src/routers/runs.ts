@@ -160,7 +160,7 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'retry_run',
         summary: 'Retry Run',
         description:
-          'A new run with the same agent, model and input, for a failed or cancelled run (409 otherwise): **202** with the new run. A run active on the thread now is met by `?multitask_strategy=`, `reject` by default (409 naming it), never by the retried run\'s own strategy: a retry cancels an active run only when asked to (`interrupt`). A retry whose input is not in the thread (its message deleted, or an `enqueue` run cancelled before it took the thread) appends it: 409 when that would take the thread past MAX_MESSAGES_PER_THREAD messages.',
+          'A new run with the same agent, model and input, for a failed or cancelled run (409 otherwise): **202** with the new run. A run active on the thread now is met by `?multitask_strategy=`, `reject` by default (409 naming it), never by the retried run\'s own strategy: a retry cancels an active run only when asked to (`interrupt`). A retry whose input is not in the thread (its message deleted, or an `enqueue` run cancelled before it took the thread) appends it: 409 when that would take the thread past MAX_MESSAGES_PER_THREAD messages. 409 too for a run that had no input, on a thread whose messages were deleted since: the model would have nothing to answer.',
         tags,
         params: RunIdParams,
         querystring: RunRetryQuery,

@@ -181,6 +181,16 @@ async function storeQueued(deps: RunDeps, tx: Db, run: Run): Promise<void> {
   await deps.bus.events.appendFirst(tx, run.id, [runEvent(run)]);
 }
 
+/**
+ * The refusal of a run without input on a thread with nothing for the model to read. A start is
+ * told at its `input` field; a retry has no such field (it reruns a run that had no input, on a
+ * thread whose messages were deleted since), so it is told plainly, 409 as its other refusals.
+ */
+function nothingToAnswer(retry: boolean): HttpError {
+  if (retry) return new ConflictError('The thread has no messages for the model to answer: the run had no input and the thread\'s messages were deleted since; post a message to the thread, then retry');
+  return new UnprocessableError({ loc: ['body', 'input'], msg: 'The thread has no messages for the model to answer: give input, or post a message to the thread first', type: 'missing' });
+}
+
 /** Queues a run on the thread (`owner_id`: the thread's owner, whose run it is). */
 async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_id: ownerId }: Pick<Thread, 'id' | 'owner_id'>, { agent, model }: RunPlan, options: StartOptions): Promise<Run> {
   const { principal, settings } = ctx;
@@ -190,9 +200,7 @@ async function start(ctx: ServiceContext, deps: RunDeps, { id: threadId, owner_i
     const thread = threadPolicy.check(principal, await runCrud.holdThreadBusy(tx, ownerId, threadId), 'write');
     // Nothing for the model to answer: refused here, under the thread's lock (which a message's
     // delete waits for), before anything is queued or charged; the provider's 400 failed the run.
-    if (options.input === undefined && !(await hasModelMessages(tx, thread.id))) {
-      throw new UnprocessableError({ loc: ['body', 'input'], msg: 'The thread has no messages for the model to answer: give input, or post a message to the thread first', type: 'missing' });
-    }
+    if (options.input === undefined && !(await hasModelMessages(tx, thread.id))) throw nothingToAnswer(options.retried !== undefined);
     // A retry's input message, unless a client deleted it (an idle thread's messages can be) or
     // another run answered after it (the retry would answer the thread as it is, not its input):
     // read under the thread's lock, which a message's delete and a run's start wait for. Otherwise

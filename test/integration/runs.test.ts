@@ -978,6 +978,31 @@ describe('failures in words', () => {
     expect((await waitForRun(ctx.app, owner.headers, run.id, ['completed', 'failed'])).status).toBe('completed');
   });
 
+  it('a retry of a run without input, on a thread emptied of messages since, is a 409 in plain words (a retry has no `input` field), before anything is queued', async () => {
+    const { owner, thread } = await setup();
+    const posted = await api('POST', `/threads/${thread.id}/messages`, owner.headers, { role: 'user', content: 'hello' });
+    fake.script(MODEL, { status: 401 });
+    const failed = await startRun(ctx.app, owner.headers, thread.id, {});
+    await waitForRun(ctx.app, owner.headers, failed.id, ['failed']);
+    expect((await api('DELETE', `/threads/${thread.id}/messages/${posted.json<{ id: string }>().id}`, owner.headers)).statusCode).toBe(200);
+    expect(await threadMessages(owner, thread.id)).toEqual([]);
+    const calls = fake.requestsFor(MODEL).length;
+
+    const refused = await api('POST', `/runs/${failed.id}/retry`, owner.headers);
+    expect(refused.statusCode, refused.body).toBe(409);
+    expect(refused.json()).toEqual({ detail: "The thread has no messages for the model to answer: the run had no input and the thread's messages were deleted since; post a message to the thread, then retry" });
+    // Nothing was queued or called, and the thread is left idle.
+    expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<ListBody<unknown>>().count).toBe(1);
+    expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
+    expect(fake.requestsFor(MODEL)).toHaveLength(calls);
+
+    // With a message to answer again, the retry runs.
+    expect((await api('POST', `/threads/${thread.id}/messages`, owner.headers, { role: 'user', content: 'hello again' })).statusCode).toBe(200);
+    const retried = await api('POST', `/runs/${failed.id}/retry`, owner.headers);
+    expect(retried.statusCode, retried.body).toBe(202);
+    expect((await waitForRun(ctx.app, owner.headers, retried.json<RunBody>().id, ['completed', 'failed'])).status).toBe('completed');
+  });
+
   it('a provider\'s own words reach the run\'s error only when the request was at fault', async () => {
     const { owner, thread } = await setup();
     fake.script(MODEL, { status: 404, body: { error: { message: 'no deployment fake-precise at http://10.1.2.3:8000 (key sk-secr****1234)' } } });
