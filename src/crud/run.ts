@@ -648,6 +648,16 @@ export async function raisePaidTotals(db: Db, runId: string, paid: PaidTotals, w
 }
 
 /**
+ * Keeps the thread's runs in the thread's project (runs.project_id, what a project-scoped key's
+ * access to a run reads), in the transaction that moves the thread and after it has locked the
+ * thread's row: a run's step locks the thread, then the run, and so does this. `scope_project_id`
+ * stays: it is the limit the run's starter had, a record of the past.
+ */
+export async function setThreadRunsProject(tx: Db, threadId: string, projectId: string | null): Promise<void> {
+  await tx.update(runs).set({ project_id: projectId }).where(eq(runs.thread_id, threadId));
+}
+
+/**
  * Deletes an ended run whose final event is written (no lease left on it: see endRun); false when
  * it is not such a run now. A run still held is ending: its worker (or the sweep) writes its final
  * event once it has stopped, which a deleted run would never get, and its readers would wait for ever.

@@ -35,7 +35,10 @@ export const runs = pgTable(
     thread_id: uuid('thread_id')
       .notNull()
       .references(() => threads.id, { onDelete: 'cascade' }),
-    /** The thread's project when the run started: what its usage is booked to. */
+    /**
+     * The thread's project: what its usage is booked to (read at the start) and what a project-scoped
+     * key's access to the run reads. An idle thread's move takes its runs along (setThreadRunsProject).
+     */
     project_id: uuid('project_id').references(() => projects.id, { onDelete: 'set null' }),
     /** The API key that started the run (its budget and limits apply to the run's model calls). */
     api_key_id: uuid('api_key_id').references(() => apiKeys.id, { onDelete: 'set null' }),

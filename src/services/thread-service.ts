@@ -6,6 +6,7 @@ import { type Message, type Thread, threads } from '../models/index.js';
 import type { MessageCreate, MessageListQuery, MessageUpdate, ThreadCreate, ThreadListQuery, ThreadUpdate } from '../schemas/thread.js';
 
 import { matching } from '../crud/owned.js';
+import { setThreadRunsProject } from '../crud/run.js';
 import { appendMessage, messageCrud, messagesHeld, threadCrud, threadPolicy } from '../crud/thread.js';
 import { isBlank } from '../utils/text.js';
 import type { ServiceContext } from './context.js';
@@ -14,7 +15,7 @@ import { placeInProject } from './project-service.js';
 
 const BUSY = 'Thread is busy: a run is working on it';
 const busy = () => new ConflictError(`${BUSY}; wait for the run to end or cancel it`);
-/** A run keeps the project it started in: moved, the thread would be out of reach of its runs' project keys, and they of the new project's. */
+/** A working run's worker books its usage to the project the run started in: the thread moves once its runs have ended, and they move with it. */
 const busyMove = () => new ConflictError(`${BUSY}, and its runs would stay in the thread's old project; wait for them to end or cancel them, then move the thread`);
 
 // ==================== Threads ====================
@@ -43,7 +44,10 @@ export async function createWithId(ctx: ServiceContext, input: ThreadCreate, id:
   return createWithinLimit(ctx.db, ownerId, limit, (tx) => threadCrud.create(tx, { ...input, id, project_id: projectId, owner_id: ownerId }));
 }
 
-/** Title, project and metadata; `status` belongs to runs. Not moved to another project while a run works on it (409), as for a delete. */
+/**
+ * Title, project and metadata; `status` belongs to runs. Moved to another project with its runs;
+ * not while a run works on it (409), as for a delete.
+ */
 export async function update(ctx: ServiceContext, id: string, input: ThreadUpdate): Promise<Thread> {
   const { principal } = ctx;
   if (input.project_id === undefined) return threadCrud.update(ctx.db, principal, id, input);
@@ -52,8 +56,13 @@ export async function update(ctx: ServiceContext, id: string, input: ThreadUpdat
   // Locked as a run's start locks it (which marks it busy), so no run starts between the check and the move.
   return transaction(ctx.db, async (tx) => {
     const thread = await threadCrud.lockVisible(tx, principal, id, 'write', 'no key update');
-    if (thread.status === 'busy' && thread.project_id !== projectId) throw busyMove();
-    return threadCrud.update(tx, principal, id, { ...input, project_id: projectId });
+    const moving = thread.project_id !== projectId;
+    if (moving && thread.status === 'busy') throw busyMove();
+    const updated = await threadCrud.update(tx, principal, id, { ...input, project_id: projectId });
+    // Its ended runs go with it: left in the old project, that project's keys still read them (and
+    // their events), and the new project's did not.
+    if (moving) await setThreadRunsProject(tx, id, projectId);
+    return updated;
   });
 }
 

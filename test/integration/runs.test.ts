@@ -508,6 +508,38 @@ describe('moving a thread that holds a running run', () => {
   });
 });
 
+describe('moving an idle thread', () => {
+  it("takes its runs to the new project: the old project's keys no longer read them or their events, the new project's do; the run keeps the scope its starter had", async () => {
+    const owner = await createUser(ctx.app);
+    await createAgent(ctx.app, owner.headers, { is_default: true });
+    const [from, to] = await Promise.all(['from', 'to'].map(async (name) => (await api('POST', '/projects', owner.headers, { name })).json<{ id: string }>()));
+    const fromKey = xApiKey((await createKey(ctx.app, owner, { name: 'from', project_id: from!.id })).key);
+    const toKey = xApiKey((await createKey(ctx.app, owner, { name: 'to', project_id: to!.id })).key);
+    const thread = await createThread(ctx.app, fromKey);
+    fake.script(MODEL, { text: 'answered' });
+    const run = await startRun(ctx.app, fromKey, thread.id, { input: 'question' });
+    await waitForRun(ctx.app, owner.headers, run.id, ['completed']);
+    const reads = (headers: Record<string, string>) =>
+      Promise.all([`/runs/${run.id}`, `/runs/${run.id}/events`, `/threads/${thread.id}/runs`].map(async (path) => (await api('GET', path, headers)).statusCode));
+    expect(await reads(fromKey)).toEqual([200, 200, 200]);
+    expect(await reads(toKey)).toEqual([404, 404, 404]);
+
+    const moved = await api('PATCH', `/threads/${thread.id}`, owner.headers, { project_id: to!.id });
+    expect(moved.statusCode, moved.body).toBe(200);
+    expect(await reads(fromKey)).toEqual([404, 404, 404]);
+    expect(await reads(toKey)).toEqual([200, 200, 200]);
+    expect((await api('GET', `/runs/${run.id}`, toKey)).json()).toMatchObject({ id: run.id, project_id: to!.id });
+    expect((await api('GET', `/threads/${thread.id}/runs`, toKey)).json<ListBody<{ id: string }>>().data.map((r) => r.id)).toEqual([run.id]);
+    const [stored] = await ctx.app.db.select({ project_id: runs.project_id, scope_project_id: runs.scope_project_id }).from(runs).where(eq(runs.id, run.id));
+    expect(stored).toEqual({ project_id: to!.id, scope_project_id: from!.id });
+
+    // Out of every project (the account's): neither project's key reads them; the owner does.
+    expect((await api('PATCH', `/threads/${thread.id}`, owner.headers, { project_id: null })).statusCode).toBe(200);
+    expect(await reads(toKey)).toEqual([404, 404, 404]);
+    expect((await api('GET', `/runs/${run.id}`, owner.headers)).json()).toMatchObject({ project_id: null });
+  });
+});
+
 describe('cancel', () => {
   /** A run whose model is streaming `chunks` slow pieces (two sent), and a reader of its events. */
   async function streamingRun(chunks: number) {
