@@ -599,3 +599,28 @@ describe('0024_run_scope_project', () => {
     });
   });
 });
+
+describe('0025_runs_follow_thread_project', () => {
+  it("puts the runs of a thread moved before runs followed it into the thread's project (none too), keeps their scope; down leaves them", async () => {
+    await beforeMigration('0025_runs_follow_thread_project', async (database, previous) => {
+      const [owner, from, to, moved, toAccount, stayed] = [randomUUID(), randomUUID(), randomUUID(), randomUUID(), randomUUID(), randomUUID()];
+      await query(database, `insert into users (id, email, hashed_password) values ($1, 'run-follow@example.com', 'x')`, [owner]);
+      for (const [id, name] of [[from, 'from'], [to, 'to']]) await query(database, `insert into projects (id, owner_id, name) values ($1, $2, $3)`, [id, owner, name]);
+      // Where each thread is now; its run was started in `from` (by a key scoped to it) before the move.
+      for (const [id, projectId] of [[moved, to], [toAccount, null], [stayed, from]]) await query(database, `insert into threads (id, owner_id, project_id) values ($1, $2, $3)`, [id, owner, projectId]);
+      for (const [input, thread] of [['moved', moved], ['to account', toAccount], ['stayed', stayed]]) {
+        await query(database, `insert into runs (owner_id, thread_id, project_id, scope_project_id, agent_version, model, status, input) values ($1, $2, $3, $3, 1, 'm', 'completed', $4)`, [owner, thread, from, input]);
+      }
+      await migrateUp(database, logger);
+      const expected = [
+        { input: 'moved', project_id: to, scope_project_id: from },
+        { input: 'stayed', project_id: from, scope_project_id: from },
+        { input: 'to account', project_id: null, scope_project_id: from },
+      ];
+      expect(await query(database, `select input, project_id, scope_project_id from runs order by input`)).toEqual(expected);
+      await migrateDown(database, logger, previous);
+      expect(await query(database, `select input, project_id, scope_project_id from runs order by input`)).toEqual(expected);
+      expect(await pendingMigrations(database)).toEqual(['0025_runs_follow_thread_project']);
+    });
+  });
+});
