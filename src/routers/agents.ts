@@ -39,7 +39,8 @@ export const agentsRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'get_agent_knowledge',
         summary: 'Get Agent Knowledge',
-        description: 'The folders and entries the agent\'s `knowledge_search` tool searches, with their names.',
+        description:
+          'The folders and entries the agent\'s `knowledge_search` tool searches, with their names. A project-scoped key is shown only its project\'s (ids too), as in every agent and version it reads: an account\'s agent may name other projects\' knowledge.',
         tags,
         params: AgentIdParams,
         response: { 200: AgentKnowledgePublic, 404: ErrorBody, ...authErrors },

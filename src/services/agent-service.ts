@@ -69,6 +69,33 @@ async function checkKnowledge(ctx: ServiceContext, db: Db, ownerId: string, know
   if (issues.length) throw new UnprocessableError(issues);
 }
 
+/**
+ * Agents (or versions) as the caller may see them: a project-scoped key sees in their `knowledge`
+ * only the ids of its project's folders and entries, the only knowledge it may read (an account's
+ * agent it reads may name every project's); the others see every id. The agents a scoped key
+ * reads are its own account's, as is the knowledge it may read: one query for all the rows.
+ */
+async function withSeenKnowledge<T extends { knowledge: Knowledge }>(ctx: ServiceContext, rows: T[]): Promise<T[]> {
+  const { scopeProjectId: scope, user } = ctx.principal;
+  if (scope === null || rows.length === 0) return rows;
+  const named = { folder_ids: [...new Set(rows.flatMap((row) => row.knowledge.folder_ids))], entry_ids: [...new Set(rows.flatMap((row) => row.knowledge.entry_ids))] };
+  const seen = await usableKnowledge(ctx.db, user.id, scope, named);
+  return rows.map((row) => ({ ...row, knowledge: seenIds(row.knowledge, seen) }));
+}
+
+/** Of the assignment `knowledge`, the ids of what `seen` holds, in the assignment's order. */
+function seenIds(knowledge: Knowledge, seen: KnowledgeRefs): Knowledge {
+  const folders = new Set(seen.folders.map((folder) => folder.id));
+  const entries = new Set(seen.entries.map((entry) => entry.id));
+  return { folder_ids: knowledge.folder_ids.filter((id) => folders.has(id)), entry_ids: knowledge.entry_ids.filter((id) => entries.has(id)) };
+}
+
+/** withSeenKnowledge for one agent (or version). */
+async function seenOne<T extends { knowledge: Knowledge }>(ctx: ServiceContext, row: T): Promise<T> {
+  const [seen] = await withSeenKnowledge(ctx, [row]);
+  return seen!;
+}
+
 /** The default agent is the account's: a project-scoped key may not change which agent it is (403). */
 function checkDefaultChange(ctx: ServiceContext, from: boolean, to: boolean | undefined): void {
   if (to !== undefined && to !== from) refuseScopedKey(ctx.principal);
@@ -76,12 +103,19 @@ function checkDefaultChange(ctx: ServiceContext, from: boolean, to: boolean | un
 
 // ==================== Agents ====================
 
-export function get(ctx: ServiceContext, id: string): Promise<Agent> {
+/** The agent, if the caller may read it (404 otherwise); its knowledge as seenOne shows it. */
+export async function get(ctx: ServiceContext, id: string): Promise<Agent> {
+  return seenOne(ctx, await visible(ctx, id));
+}
+
+/** The agent, if the caller may read it, with every knowledge id: what reads of its own parts check first. */
+function visible(ctx: ServiceContext, id: string): Promise<Agent> {
   return agentCrud.getVisible(ctx.db, ctx.principal, id);
 }
 
-export function list(ctx: ServiceContext, query: AgentListQuery) {
-  return agentCrud.list(ctx.db, ctx.principal, query, matching({ project_id: agents.project_id }, query));
+export async function list(ctx: ServiceContext, query: AgentListQuery) {
+  const page = await agentCrud.list(ctx.db, ctx.principal, query, matching({ project_id: agents.project_id }, query));
+  return { ...page, data: await withSeenKnowledge(ctx, page.data) };
 }
 
 /** A new agent and its version 1, in one transaction; `is_default` takes the default from the previous one. */
@@ -100,7 +134,7 @@ export async function create(ctx: ServiceContext, input: AgentCreate): Promise<A
     return row;
   });
   ctx.log.info({ agentId: agent.id, projectId, model }, 'agent created');
-  return agent;
+  return seenOne(ctx, agent);
 }
 
 /**
@@ -109,8 +143,8 @@ export async function create(ctx: ServiceContext, input: AgentCreate): Promise<A
  * default unsets the previous default. The owner's row is locked first when the default changes,
  * so concurrent changes of one user's default run one after the other and the last one wins.
  */
-export function update(ctx: ServiceContext, id: string, input: AgentUpdate): Promise<Agent> {
-  return change(ctx, id, input, ['body', 'knowledge']);
+export async function update(ctx: ServiceContext, id: string, input: AgentUpdate): Promise<Agent> {
+  return seenOne(ctx, await change(ctx, id, input, ['body', 'knowledge']));
 }
 
 /** `update`, with where the request named the knowledge (for its 422s). */
@@ -145,20 +179,24 @@ export function remove(ctx: ServiceContext, id: string): Promise<void> {
 
 // ==================== Knowledge ====================
 
-/** The agent's knowledge with the names of what it names (gone ones, or ones a project-scoped key may not see, are left out of `folders` and `entries`). */
+/**
+ * The agent's knowledge with the names of what it names (gone ones, or ones a project-scoped key
+ * may not see, are left out of `folders` and `entries`; of a scoped key's ids too).
+ */
 export interface KnowledgeView extends Knowledge, KnowledgeRefs {
   agent_id: string;
   version: number;
 }
 
+/** `agent` as stored (every id): a project-scoped key is shown the ids of what it may see, the refs (as withSeenKnowledge shows them). */
 async function knowledgeView(ctx: ServiceContext, agent: Agent): Promise<KnowledgeView> {
-  const { folder_ids, entry_ids } = agent.knowledge;
   const refs = await usableKnowledge(ctx.db, agent.owner_id, ctx.principal.scopeProjectId, agent.knowledge);
+  const { folder_ids, entry_ids } = ctx.principal.scopeProjectId === null ? agent.knowledge : seenIds(agent.knowledge, refs);
   return { agent_id: agent.id, version: agent.version, folder_ids, entry_ids, ...refs };
 }
 
 export async function getKnowledge(ctx: ServiceContext, id: string): Promise<KnowledgeView> {
-  return knowledgeView(ctx, await get(ctx, id));
+  return knowledgeView(ctx, await visible(ctx, id));
 }
 
 /** Replaces what the agent searches: a change is a change of behaviour, so it makes a new version (as PATCH does). */
@@ -169,11 +207,12 @@ export async function setKnowledge(ctx: ServiceContext, id: string, knowledge: A
 // ==================== Versions ====================
 
 export async function listVersions(ctx: ServiceContext, agentId: string, page: CursorPage) {
-  const agent = await get(ctx, agentId);
-  return versionCrud.list(ctx.db, agent.id, page);
+  const agent = await visible(ctx, agentId);
+  const versions = await versionCrud.list(ctx.db, agent.id, page);
+  return { ...versions, data: await withSeenKnowledge(ctx, versions.data) };
 }
 
 export async function getVersion(ctx: ServiceContext, agentId: string, version: number): Promise<AgentVersion> {
-  const agent = await get(ctx, agentId);
-  return versionCrud.getIn(ctx.db, agent.id, version);
+  const agent = await visible(ctx, agentId);
+  return seenOne(ctx, await versionCrud.getIn(ctx.db, agent.id, version));
 }

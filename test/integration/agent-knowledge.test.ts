@@ -140,6 +140,54 @@ describe('GET and PUT /agents/{id}/knowledge', () => {
     expect(put.statusCode, put.body).toBe(200);
     expect(put.json()).toMatchObject({ version: 2, folders: [{ id: projectFolder.id, name: 'Project' }] });
   });
+
+  it("a project-scoped key is shown only the ids of its project's knowledge in an agent (its knowledge, its reads, its list, its versions, its changes); the owner and an account key see every id", async () => {
+    const alice = await createUser(ctx.app);
+    const [mine, other] = [await createProject(ctx.app, alice.headers), await createProject(ctx.app, alice.headers)];
+    const folderIn = async (name: string, projectId?: string) => {
+      const folder = await createFolder(ctx.app, alice.headers, { name, ...(projectId ? { project_id: projectId } : {}) });
+      const entry = await uploaded(ctx.app, alice.headers, folder.id, { filename: `${name}.md`, content: `# ${name}`, type: 'text/markdown' });
+      return { folder, entry };
+    };
+    const [account, ours, theirs] = [await folderIn('Account'), await folderIn('Ours', mine.id), await folderIn('Theirs', other.id)];
+    const assigned = { folder_ids: [account.folder.id, ours.folder.id, theirs.folder.id], entry_ids: [theirs.entry.id, ours.entry.id, account.entry.id] };
+    const shown = { folder_ids: [ours.folder.id], entry_ids: [ours.entry.id] };
+    // The account's agent (a scoped key reads it) and the project's (it may change it), named every project's knowledge by the owner.
+    const accountAgent = await createAgent(ctx.app, alice.headers, { knowledge: assigned });
+    const projectAgent = await createAgent(ctx.app, alice.headers, { project_id: mine.id, knowledge: assigned });
+    const scoped = xApiKey((await createKey(ctx.app, alice, { name: 'scoped', project_id: mine.id })).key);
+    const unscoped = xApiKey((await createKey(ctx.app, alice, { name: 'account' })).key);
+
+    const knowledgeOf = async (headers: Record<string, string>, agentId: string) => {
+      const read = await api('GET', `/agents/${agentId}/knowledge`, headers);
+      expect(read.statusCode, read.body).toBe(200);
+      return read.json<KnowledgeBody>();
+    };
+    const agentsSeen = async (headers: Record<string, string>) => {
+      const listed = (await api('GET', '/agents?limit=100', headers)).json<ListBody<{ id: string; knowledge: unknown }>>().data;
+      return Promise.all(
+        [accountAgent, projectAgent].map(async (agent) => [
+          (await api('GET', `/agents/${agent.id}`, headers)).json<{ knowledge: unknown }>().knowledge,
+          listed.find((a) => a.id === agent.id)?.knowledge,
+          (await api('GET', `/agents/${agent.id}/versions`, headers)).json<ListBody<{ knowledge: unknown }>>().data[0]?.knowledge,
+          (await api('GET', `/agents/${agent.id}/versions/1`, headers)).json<{ knowledge: unknown }>().knowledge,
+          (({ folder_ids, entry_ids }) => ({ folder_ids, entry_ids }))(await knowledgeOf(headers, agent.id)),
+        ]),
+      );
+    };
+    expect(await agentsSeen(scoped)).toEqual([Array(5).fill(shown), Array(5).fill(shown)]);
+    const ourRefs = { folders: [{ id: ours.folder.id, name: 'Ours' }], entries: [expect.objectContaining({ id: ours.entry.id })] };
+    expect(await knowledgeOf(scoped, accountAgent.id)).toMatchObject(ourRefs);
+    for (const headers of [alice.headers, unscoped]) {
+      expect(await agentsSeen(headers)).toEqual([Array(5).fill(assigned), Array(5).fill(assigned)]);
+      expect((await knowledgeOf(headers, accountAgent.id)).folders.map((f) => f.name)).toEqual(['Account', 'Ours', 'Theirs']);
+    }
+    // The project's agent changed by the key (not its knowledge): the answer shows its project's ids; every id stays assigned.
+    const renamed = await api('PATCH', `/agents/${projectAgent.id}`, scoped, { name: 'renamed' });
+    expect(renamed.statusCode, renamed.body).toBe(200);
+    expect(renamed.json()).toMatchObject({ name: 'renamed', version: 1, knowledge: shown });
+    expect((await api('GET', `/agents/${projectAgent.id}`, alice.headers)).json()).toMatchObject({ knowledge: assigned });
+  });
 });
 
 // ==================== Runs ====================
