@@ -650,11 +650,13 @@ export async function raisePaidTotals(db: Db, runId: string, paid: PaidTotals, w
 /**
  * Keeps the thread's runs in the thread's project (runs.project_id, what a project-scoped key's
  * access to a run reads), in the transaction that moves the thread and after it has locked the
- * thread's row: a run's step locks the thread, then the run, and so does this. `scope_project_id`
- * stays: it is the limit the run's starter had, a record of the past.
+ * thread's row: a run's step locks the thread, then the run, and so does this. Only an idle
+ * thread moves, so its runs have ended: their `scope_project_id` (what limited a working run's
+ * reads) goes too, as kept it made the old project's delete take the runs (cascade) from a thread
+ * now elsewhere.
  */
 export async function setThreadRunsProject(tx: Db, threadId: string, projectId: string | null): Promise<void> {
-  await tx.update(runs).set({ project_id: projectId }).where(eq(runs.thread_id, threadId));
+  await tx.update(runs).set({ project_id: projectId, scope_project_id: null }).where(eq(runs.thread_id, threadId));
 }
 
 /**

@@ -46,7 +46,10 @@ export const runs = pgTable(
      * The project a project-scoped key that started the run was limited to (null: the whole
      * account's caller): what the run reads on the caller's behalf (its knowledge searches) stays in
      * it. Recorded at the start, not read from the key, whose row may be gone (api_key_id set null)
-     * while the run still works; the run goes with the project, never outliving its scope.
+     * while the run still works; a working run goes with the project, never outliving its scope.
+     * Cleared once the run has ended and its thread moves (crud/run.ts, setThreadRunsProject), so
+     * that the old project's delete does not take it; set only on runs that had not ended when
+     * migration 0024 added it.
      */
     scope_project_id: uuid('scope_project_id').references(() => projects.id, { onDelete: 'cascade' }),
     agent_id: uuid('agent_id').references(() => agents.id, { onDelete: 'set null' }),

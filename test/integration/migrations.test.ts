@@ -573,27 +573,29 @@ describe('0023_knowledge_entries_text_bytes', () => {
 });
 
 describe('0024_run_scope_project', () => {
-  it("records the project of each run's scoped key (none for an account key or a token), a run going with that project; down drops it", async () => {
+  it("records the project of each working run's scoped key (none for an account key, a token or an ended run), a working run going with that project; down drops it", async () => {
     await beforeMigration('0024_run_scope_project', async (database, previous) => {
-      const [owner, project, thread, scopedKey, accountKey] = [randomUUID(), randomUUID(), randomUUID(), randomUUID(), randomUUID()];
+      const [owner, project, scopedKey, accountKey] = [randomUUID(), randomUUID(), randomUUID(), randomUUID()];
       await query(database, `insert into users (id, email, hashed_password) values ($1, 'run-scope@example.com', 'x')`, [owner]);
       await query(database, `insert into projects (id, owner_id, name) values ($1, $2, 'P')`, [project, owner]);
-      await query(database, `insert into threads (id, owner_id) values ($1, $2)`, [thread, owner]);
       for (const [id, projectId] of [[scopedKey, project], [accountKey, null]] as const) {
         await query(database, `insert into api_keys (id, owner_id, project_id, name, prefix, key_hash) values ($1::uuid, $2, $3, 'k', 'k', $4)`, [id, owner, projectId, id]);
       }
-      for (const [input, keyId] of [['scoped', scopedKey], ['account', accountKey], ['token', null]] as const) {
-        await query(database, `insert into runs (owner_id, thread_id, api_key_id, agent_version, model, status, input) values ($1, $2, $3, 1, 'm', 'completed', $4)`, [owner, thread, keyId, input]);
+      for (const [input, keyId, status] of [['scoped', scopedKey, 'running'], ['scoped ended', scopedKey, 'completed'], ['account', accountKey, 'queued'], ['token', null, 'queued']] as const) {
+        const thread = randomUUID();
+        await query(database, `insert into threads (id, owner_id) values ($1, $2)`, [thread, owner]);
+        await query(database, `insert into runs (owner_id, thread_id, api_key_id, agent_version, model, status, input) values ($1, $2, $3, 1, 'm', $4, $5)`, [owner, thread, keyId, status, input]);
       }
       await migrateUp(database, logger);
       expect(await query(database, `select input, scope_project_id from runs order by input`)).toEqual([
         { input: 'account', scope_project_id: null },
         { input: 'scoped', scope_project_id: project },
+        { input: 'scoped ended', scope_project_id: null },
         { input: 'token', scope_project_id: null },
       ]);
-      // The project goes (its scoped key with it): the run limited to it too, never left unscoped.
+      // The project goes (its scoped key with it): the working run limited to it too, never left unscoped; the ended one stays.
       await query(database, `delete from projects where id = $1`, [project]);
-      expect(await query(database, `select input from runs order by input`)).toEqual([{ input: 'account' }, { input: 'token' }]);
+      expect(await query(database, `select input from runs order by input`)).toEqual([{ input: 'account' }, { input: 'scoped ended' }, { input: 'token' }]);
       await migrateDown(database, logger, previous);
       expect(await query(database, `select column_name from information_schema.columns where table_name = 'runs' and column_name = 'scope_project_id'`)).toEqual([]);
     });
@@ -601,7 +603,7 @@ describe('0024_run_scope_project', () => {
 });
 
 describe('0025_runs_follow_thread_project', () => {
-  it("puts the runs of a thread moved before runs followed it into the thread's project (none too), keeps their scope; down leaves them", async () => {
+  it("puts the runs of a thread moved before runs followed it into the thread's project (none too), their scope cleared as a move clears it; down leaves them", async () => {
     await beforeMigration('0025_runs_follow_thread_project', async (database, previous) => {
       const [owner, from, to, moved, toAccount, stayed] = [randomUUID(), randomUUID(), randomUUID(), randomUUID(), randomUUID(), randomUUID()];
       await query(database, `insert into users (id, email, hashed_password) values ($1, 'run-follow@example.com', 'x')`, [owner]);
@@ -613,9 +615,9 @@ describe('0025_runs_follow_thread_project', () => {
       }
       await migrateUp(database, logger);
       const expected = [
-        { input: 'moved', project_id: to, scope_project_id: from },
+        { input: 'moved', project_id: to, scope_project_id: null },
         { input: 'stayed', project_id: from, scope_project_id: from },
-        { input: 'to account', project_id: null, scope_project_id: from },
+        { input: 'to account', project_id: null, scope_project_id: null },
       ];
       expect(await query(database, `select input, project_id, scope_project_id from runs order by input`)).toEqual(expected);
       await migrateDown(database, logger, previous);

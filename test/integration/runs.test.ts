@@ -509,7 +509,7 @@ describe('moving a thread that holds a running run', () => {
 });
 
 describe('moving an idle thread', () => {
-  it("takes its runs to the new project: the old project's keys no longer read them or their events, the new project's do; the run keeps the scope its starter had", async () => {
+  it("takes its runs to the new project: the old project's keys no longer read them or their events, the new project's do; deleting the old project keeps them", async () => {
     const owner = await createUser(ctx.app);
     await createAgent(ctx.app, owner.headers, { is_default: true });
     const [from, to] = await Promise.all(['from', 'to'].map(async (name) => (await api('POST', '/projects', owner.headers, { name })).json<{ id: string }>()));
@@ -530,8 +530,11 @@ describe('moving an idle thread', () => {
     expect(await reads(toKey)).toEqual([200, 200, 200]);
     expect((await api('GET', `/runs/${run.id}`, toKey)).json()).toMatchObject({ id: run.id, project_id: to!.id });
     expect((await api('GET', `/threads/${thread.id}/runs`, toKey)).json<ListBody<{ id: string }>>().data.map((r) => r.id)).toEqual([run.id]);
+    // The scope limited the run while it worked; kept on the ended run, the old project's delete took the run (cascade) from a thread now elsewhere.
     const [stored] = await ctx.app.db.select({ project_id: runs.project_id, scope_project_id: runs.scope_project_id }).from(runs).where(eq(runs.id, run.id));
-    expect(stored).toEqual({ project_id: to!.id, scope_project_id: from!.id });
+    expect(stored).toEqual({ project_id: to!.id, scope_project_id: null });
+    expect((await api('DELETE', `/projects/${from!.id}`, owner.headers)).statusCode).toBe(200);
+    expect((await api('GET', `/threads/${thread.id}/runs`, toKey)).json<ListBody<{ id: string }>>().data.map((r) => r.id)).toEqual([run.id]);
 
     // Out of every project (the account's): neither project's key reads them; the owner does.
     expect((await api('PATCH', `/threads/${thread.id}`, owner.headers, { project_id: null })).statusCode).toBe(200);
