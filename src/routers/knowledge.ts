@@ -1,5 +1,3 @@
-import { addAbortSignal } from 'node:stream';
-
 import multipart, { type Multipart, type MultipartFile } from '@fastify/multipart';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
@@ -33,7 +31,7 @@ import { searchKnowledge } from '../services/knowledge/search.js';
 import type { OpenedFile } from '../services/storage-service.js';
 import { requireUser } from '../utils/authentication.js';
 import { findInCauses } from '../utils/error-chain.js';
-import { untilAborted } from '../utils/time-limit.js';
+import { abortingWith, untilAborted } from '../utils/time-limit.js';
 import { registerOwnedRoutes } from './owned-routes.js';
 
 const tags = ['knowledge-base'];
@@ -192,11 +190,10 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         const closing = app.closingSignal;
         const part = await untilAborted(firstFile(parts), closing);
         if (!part || part.fieldname !== 'file') throw missingFile();
-        const entry = await entryService.upload(
-          ctx,
-          folder,
-          { stream: addAbortSignal(closing, part.file), filename: part.filename, declaredMime: part.mimetype, restOfForm: () => untilAborted(restOfForm(parts), closing) },
-          allowance,
+        // The listener goes with the upload, whether or not its file was read (a refusal before it is leaves the stream unread).
+        const endFile = () => part.file.destroy(closing.reason instanceof Error ? closing.reason : new Error('closing'));
+        const entry = await abortingWith(closing, endFile, () =>
+          entryService.upload(ctx, folder, { stream: part.file, filename: part.filename, declaredMime: part.mimetype, restOfForm: () => untilAborted(restOfForm(parts), closing) }, allowance),
         );
         void reply.code(201).header('location', `${app.prefix}/knowledge-base/entries/${entry.id}`);
         return entry;

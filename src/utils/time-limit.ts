@@ -29,3 +29,18 @@ export function untilAborted<T>(work: Promise<T>, signal: AbortSignal): Promise<
     work.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
   });
 }
+
+/**
+ * `work()`'s outcome, with `onAbort` called should `signal` abort while it runs (at once if it has
+ * already); the listener is removed once the work settles, however it ends, so a signal that
+ * outlives many such works (the app's closing signal) holds none of them.
+ */
+export async function abortingWith<T>(signal: AbortSignal, onAbort: () => void, work: () => Promise<T>): Promise<T> {
+  if (signal.aborted) onAbort();
+  else signal.addEventListener('abort', onAbort, { once: true });
+  try {
+    return await work();
+  } finally {
+    signal.removeEventListener('abort', onAbort);
+  }
+}
