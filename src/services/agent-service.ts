@@ -90,6 +90,22 @@ function seenIds(knowledge: Knowledge, seen: KnowledgeRefs): Knowledge {
   return { folder_ids: knowledge.folder_ids.filter((id) => folders.has(id)), entry_ids: knowledge.entry_ids.filter((id) => entries.has(id)) };
 }
 
+/**
+ * The knowledge a change by the caller sets: what it sent, and — for a project-scoped key — the ids
+ * of the agent's knowledge it is not shown (other projects', which the owner assigned): it reads
+ * the assignment without them (withSeenKnowledge), and writing back what it read dropped them.
+ */
+async function keepingUnseen(ctx: ServiceContext, tx: Db, current: Agent, sent: Knowledge): Promise<Knowledge> {
+  const scope = ctx.principal.scopeProjectId;
+  if (scope === null) return sent;
+  const seen = seenIds(current.knowledge, await usableKnowledge(tx, current.owner_id, scope, current.knowledge));
+  const kept = (ids: string[], shown: string[], sentIds: string[]) => {
+    const skip = new Set([...shown, ...sentIds]);
+    return [...sentIds, ...ids.filter((id) => !skip.has(id))];
+  };
+  return { folder_ids: kept(current.knowledge.folder_ids, seen.folder_ids, sent.folder_ids), entry_ids: kept(current.knowledge.entry_ids, seen.entry_ids, sent.entry_ids) };
+}
+
 /** withSeenKnowledge for one agent (or version). */
 async function seenOne<T extends { knowledge: Knowledge }>(ctx: ServiceContext, row: T): Promise<T> {
   const [seen] = await withSeenKnowledge(ctx, [row]);
@@ -158,7 +174,10 @@ async function change(ctx: ServiceContext, id: string, input: AgentUpdate, knowl
     if (input.is_default) await userCrud.lockUser(tx, ownerId!);
     const current = await agentCrud.lockVisible(tx, principal, id, 'write', 'update');
     checkDefaultChange(ctx, current.is_default, input.is_default);
-    if (input.knowledge) await checkKnowledge(ctx, tx, current.owner_id, input.knowledge, knowledgeLoc);
+    if (input.knowledge) {
+      await checkKnowledge(ctx, tx, current.owner_id, input.knowledge, knowledgeLoc);
+      input = { ...input, knowledge: await keepingUnseen(ctx, tx, current, input.knowledge) };
+    }
     const next = { ...behaviourOf(current), ...behaviourChanges(input), ...(model === undefined ? {} : { model }) };
     const changed = !sameBehaviour(current, next);
     if (input.is_default && !current.is_default) await clearDefault(tx, current.owner_id, current.id);

@@ -187,6 +187,21 @@ describe('GET and PUT /agents/{id}/knowledge', () => {
     expect(renamed.statusCode, renamed.body).toBe(200);
     expect(renamed.json()).toMatchObject({ name: 'renamed', version: 1, knowledge: shown });
     expect((await api('GET', `/agents/${projectAgent.id}`, alice.headers)).json()).toMatchObject({ knowledge: assigned });
+
+    // The key writes back the knowledge it reads, with one more of its project's: what it is not shown stays assigned.
+    const more = await folderIn('More', mine.id);
+    const put = await api('PUT', `/agents/${projectAgent.id}/knowledge`, scoped, { folder_ids: [ours.folder.id, more.folder.id], entry_ids: [ours.entry.id] });
+    expect(put.statusCode, put.body).toBe(200);
+    expect(put.json()).toMatchObject({ version: 2, folder_ids: [ours.folder.id, more.folder.id], entry_ids: [ours.entry.id] });
+    expect((await api('GET', `/agents/${projectAgent.id}`, alice.headers)).json()).toMatchObject({
+      knowledge: { folder_ids: [ours.folder.id, more.folder.id, account.folder.id, theirs.folder.id], entry_ids: [ours.entry.id, theirs.entry.id, account.entry.id] },
+    });
+    // Its own project's knowledge it may take out; PATCH keeps the unseen ids as PUT does.
+    const patched = await api('PATCH', `/agents/${projectAgent.id}`, scoped, { knowledge: { folder_ids: [], entry_ids: [] } });
+    expect(patched.json()).toMatchObject({ version: 3, knowledge: { folder_ids: [], entry_ids: [] } });
+    expect((await api('GET', `/agents/${projectAgent.id}`, alice.headers)).json()).toMatchObject({
+      knowledge: { folder_ids: [account.folder.id, theirs.folder.id], entry_ids: [theirs.entry.id, account.entry.id] },
+    });
   });
 });
 
