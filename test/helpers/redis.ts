@@ -6,11 +6,16 @@ export function redisRunPrefix(runPrefix: string): string {
 }
 
 /** Deletes the run's keys (BullMQ keeps completed jobs and its metadata without expiry). */
-export async function deleteRunKeys(url: string, runPrefix: string): Promise<number> {
+export function deleteRunKeys(url: string, runPrefix: string): Promise<number> {
+  return deleteKeysUnder(url, redisRunPrefix(runPrefix));
+}
+
+/** Deletes every key under `prefix`: one deployment's FLUSHDB (or a Redis restarted without persistence), leaving the other tests' keys alone. */
+export async function deleteKeysUnder(url: string, prefix: string): Promise<number> {
   const client = new Redis(url, { maxRetriesPerRequest: 1 });
   let deleted = 0;
   try {
-    const stream = client.scanStream({ match: `${redisRunPrefix(runPrefix)}*`, count: 500 });
+    const stream = client.scanStream({ match: `${prefix}*`, count: 500 });
     for await (const keys of stream as AsyncIterable<string[]>) {
       if (keys.length) deleted += await client.unlink(...keys);
     }

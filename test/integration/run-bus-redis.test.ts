@@ -191,6 +191,37 @@ describe.skipIf(!redisUrl)('run bus on Redis', () => {
     expect(reasons).toEqual(['while away']);
   });
 
+  it('a stream that lost its events (Redis flushed, or restarted without them): the writer goes on after its own seq, and readers from before the loss get what is left, to the end', async () => {
+    const [writer, reader] = [node(), node()];
+    const runId = randomUUID();
+    const key = writer.events.streamKey(runId);
+    await writer.events.append(runId, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }]);
+    const live: RunEvent[] = [];
+    const reading = (async () => {
+      for await (const event of reader.events.read(runId, 0, new AbortController().signal)) live.push(event);
+    })();
+    await until(() => live.length === 2, 2_000, 'the first events');
+
+    // Lost with the stream, and its message with the subscriber connection: the reader's catch-up finds a hole.
+    for (const id of await subscriberClients()) await admin.client('KILL', 'ID', id);
+    await writer.events.append(runId, [{ event: 'message.delta', data: { delta: 'lost' } }]);
+    await admin.del(key);
+    // Numbered on from the writer's seq, not from 1 again: a seq a reader saw never names another event.
+    expect((await writer.events.append(runId, [{ event: 'message.delta', data: { delta: 'kept' } }])).map((event) => event.seq)).toEqual([4]);
+    expect((await admin.xrange(key, '-', '+')).map(([id]) => id)).toEqual(['0-4']);
+    const replay: RunEvent[] = [];
+    const replaying = (async () => {
+      for await (const event of reader.events.read(runId, 1, new AbortController().signal)) replay.push(event);
+    })();
+    await writer.events.append(runId, [{ event: 'run.completed', data: {} }]);
+
+    await withinMs(reading, 5_000, 'the live reader to end');
+    await withinMs(replaying, 5_000, 'the reader from before the loss to end');
+    // (Event 3 reaches the live reader only were its subscriber back and caught up between that append and the loss.)
+    expect(live.map((event) => [event.seq, event.data.delta]).filter(([seq]) => seq !== 3)).toEqual([[1, undefined], [2, undefined], [4, 'kept'], [5, undefined]]);
+    expect(replay.map((event) => event.seq)).toEqual([4, 5]);
+  });
+
   describe('with Redis down', () => {
     const down = () => node({ REDIS_URL: 'redis://127.0.0.1:1' });
 

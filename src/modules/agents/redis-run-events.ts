@@ -55,8 +55,12 @@ type StreamEntry = [id: string, fields: string[]];
 
 /**
  * Appends atomically, refusing when the run has ended or when the stream's top is not where this
- * writer left it (another writer appended). KEYS[1] the stream; ARGV: the writer's last seq, the
- * TTL to set, the channel, the message to publish, then (seq, event, data) per event.
+ * writer left it (another writer appended). A top below where the writer left it means the stream
+ * lost its latest events (Redis flushed, or restarted without them): a writer sure of its cursor
+ * (ARGV[5] = '1') goes on after it, since numbering from the top again would give seqs that readers
+ * have seen to other events (an open stream skips them as seen, a resumed one waits past the run's
+ * end). KEYS[1] the stream; ARGV: the writer's last seq, the TTL to set, the channel, the message to
+ * publish, whether the writer is sure of its cursor, then (seq, event, data) per event.
  */
 const APPEND_SCRIPT = `
 local FINAL = {${[...FINAL_RUN_EVENTS].map((name) => `['${name}'] = true`).join(', ')}}
@@ -66,8 +70,9 @@ if top[1] then
   last = tonumber(string.sub(top[1][1], 3))
   if FINAL[top[1][2][2]] then return {'ended', last} end
 end
-if last ~= tonumber(ARGV[1]) then return {'stale', last} end
-for i = 5, #ARGV, 3 do
+local after = tonumber(ARGV[1])
+if last > after or (last < after and ARGV[5] ~= '1') then return {'stale', last} end
+for i = 6, #ARGV, 3 do
   redis.call('XADD', KEYS[1], '0-' .. ARGV[i], 'event', ARGV[i + 1], 'data', ARGV[i + 2])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
@@ -192,6 +197,8 @@ export class RedisRunEventLog implements RunEventLog {
         ended ? this.options.endedTtlSeconds : LIVE_RUN_EVENTS_TTL_SECONDS,
         this.channel(runId),
         message,
+        // A guess (`expect`) is not sure: where it is wrong, the log's top is where to go on.
+        expected ? 0 : 1,
         ...stored.flatMap((event, i) => [event.seq, event.event, data[i]!]),
       ];
       const [outcome, last] = await this.runAppendScript(this.streamKey(runId), args);
@@ -306,8 +313,10 @@ export class RedisRunEventLog implements RunEventLog {
         // Empty while the top is beyond the cursor: the stream expired under the reader.
         if (batch.length === 0) return;
         for (const event of batch) {
-          // IDs 0-<seq> and the append script keep a stream gapless: anything else is corruption.
-          if (event.seq !== reader.cursor + 1) throw new Error(`Run ${runId}: event ${event.seq} follows ${reader.cursor}`);
+          // IDs 0-<seq> keep a stream in order: anything else is corruption. A gap is events the
+          // stream lost (Redis flushed or restarted without them; see APPEND_SCRIPT): they are gone,
+          // and the reader goes on with what is there.
+          if (event.seq <= reader.cursor) throw new Error(`Run ${runId}: event ${event.seq} follows ${reader.cursor}`);
           reader.cursor = event.seq;
           yield event;
           if (isFinal(event.event) || signal.aborted) return;
@@ -443,16 +452,20 @@ class RunTail {
     else this.add(events);
   }
 
-  /** Takes events that continue the window; a gap (missed messages) fetches from the stream instead. */
-  private add(events: readonly RunEvent[]): void {
+  /**
+   * Takes events that continue the window; a gap in messages (missed ones) fetches from the stream
+   * instead. A gap in what the stream holds (`fromStream`) is events it lost: the window starts again after it.
+   */
+  private add(events: readonly RunEvent[], fromStream = false): void {
     if (this.ended || this.closed) return;
     let advanced = false;
     for (const event of events) {
       if (event.seq <= this.last) continue;
-      if (event.seq !== this.last + 1) {
+      if (event.seq !== this.last + 1 && !fromStream) {
         this.catchUp();
         break;
       }
+      if (event.seq !== this.last + 1) this.window = [];
       this.window.push(event);
       this.last = event.seq;
       if (isFinal(event.event)) this.ended = true;
@@ -505,7 +518,7 @@ class RunTail {
         let page: RunEvent[];
         do {
           page = await this.log.range(this.runId, this.last, PAGE_SIZE);
-          this.add(page);
+          this.add(page, true);
         } while (page.length === PAGE_SIZE && !this.ended);
       } while (this.catchUpAgain && !this.ended);
     })()

@@ -1,0 +1,139 @@
+/**
+ * Scaled mode as an operator meets it, beyond runs-scaled.test.ts: the deployment's Redis keys
+ * wiped mid-run and mid-stream (what FLUSHDB or a Redis restart without persistence does). Real
+ * processes on this file's own PostgreSQL database and Redis key prefix (its keys alone are wiped:
+ * other tests share the Redis database).
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+
+import { testRedisPrefix } from '../helpers/app.js';
+import { FakeModelServer } from '../helpers/fake-model-server.js';
+import { eventually } from '../helpers/http.js';
+import { adminQuery, databaseUrl } from '../helpers/postgres.js';
+import { type Child, freePort, healthy, keel, killLeftovers } from '../helpers/process.js';
+import { deleteKeysUnder } from '../helpers/redis.js';
+import { expectContiguous, FINAL_EVENTS, json, readEvents, type RunBody, type SseEvent, startRunWithThread, userWithAgent } from '../helpers/runs.js';
+
+const adminUrl = process.env.DATABASE_URL;
+const redisUrl = process.env.REDIS_URL;
+const PASSWORD = 'scaled-operator-password';
+const MODEL = 'gpt-4.1';
+
+describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated', () => {
+  const scratch = mkdtempSync(join(tmpdir(), 'keel-scaled-operator-'));
+  let fake: FakeModelServer;
+  let dbName: string;
+  let dbUrl: string;
+  let keyPrefix: string;
+  let env: Record<string, string>;
+  const apis: { child: Child; base: string }[] = [];
+  let workers: Child[] = [];
+  let headers: Record<string, string>;
+  let runs = 0;
+
+  async function startApi(): Promise<{ child: Child; base: string }> {
+    const port = await freePort();
+    const child = keel(['api'], { ...env, PORT: String(port) });
+    const base = `http://127.0.0.1:${port}`;
+    await healthy(child, base, 60_000);
+    return { child, base };
+  }
+
+  async function startWorker(): Promise<Child> {
+    const child = keel(['worker'], env);
+    await eventually(async () => {
+      if (child.done()) throw new Error(`worker exited:\n${child.out()}\n${child.err()}`);
+      return child.out().includes('worker started');
+    }, 60_000);
+    return child;
+  }
+
+  async function stop(child: Child, signal: NodeJS.Signals) {
+    child.process.kill(signal);
+    return child.ended;
+  }
+
+  const getRun = async (base: string, runId: string) => (await json<RunBody>(base, 'GET', `/runs/${runId}`, headers)).body;
+  const finals = (events: SseEvent[]) => events.filter((e) => FINAL_EVENTS.has(e.event)).map((e) => e.event);
+
+  beforeAll(async () => {
+    fake = await FakeModelServer.start();
+    dbName = `${inject('runPrefix')}_operator_${randomBytes(4).toString('hex')}`;
+    await adminQuery(adminUrl!, `create database "${dbName}" template "${inject('templateDatabase')!}"`);
+    dbUrl = databaseUrl(adminUrl!, dbName);
+    keyPrefix = testRedisPrefix();
+    env = {
+      ENVIRONMENT: 'local',
+      DATA_DIR: scratch,
+      DATABASE_URL: dbUrl,
+      REDIS_URL: redisUrl!,
+      REDIS_KEY_PREFIX: keyPrefix,
+      SECRET_KEY: randomBytes(32).toString('hex'),
+      HOST: '127.0.0.1',
+      LOG_FORMAT: 'json',
+      LOG_LEVEL: 'info',
+      FIRST_SUPERUSER: 'admin@operator.test',
+      FIRST_SUPERUSER_PASSWORD: PASSWORD,
+      OPENAI_API_KEY: 'sk-fake',
+      OPENAI_BASE_URL: fake.url,
+      RUN_LEASE_SECONDS: '2',
+      RUN_SWEEP_INTERVAL_SECONDS: '1',
+      RUN_EVENTS_KEEPALIVE_SECONDS: '1',
+      SHUTDOWN_TIMEOUT_MS: '10000',
+    };
+    apis.push(await startApi());
+    const [b, ...started] = await Promise.all([startApi(), startWorker(), startWorker()]);
+    apis.push(b);
+    workers = started;
+    headers = await userWithAgent(apis[0]!.base, 'user@operator.test', PASSWORD, MODEL);
+  }, 120_000);
+
+  afterAll(async () => {
+    await Promise.all([...apis.map((api) => api.child), ...workers].filter((child) => !child.done()).map((child) => stop(child, 'SIGTERM')));
+    killLeftovers();
+    await fake?.close();
+    if (dbName) await adminQuery(adminUrl!, `drop database if exists "${dbName}" with (force)`);
+    rmSync(scratch, { recursive: true, force: true });
+  }, 60_000);
+
+  it("the deployment's Redis keys wiped mid-run under an open stream: the stream goes on without a gap, and a seq seen before never names another event", async () => {
+    fake.reset();
+    const pieces = Array.from({ length: 100 }, (_, i) => `f${i} `);
+    fake.script(MODEL, { chunks: pieces, chunkDelayMs: 30 });
+    const [a, b] = apis as [(typeof apis)[0], (typeof apis)[0]];
+    const run = await startRunWithThread(a.base, headers, `wiped ${++runs}`);
+    let seen = 0;
+    const reading = readEvents(b.base, headers, run.id, { timeoutMs: 25_000, onEvent: () => seen++ });
+    await eventually(async () => seen >= 20, 15_000);
+    const seenBeforeWipe = seen;
+    await deleteKeysUnder(redisUrl!, keyPrefix);
+    // The open stream: every event once, in order, to the final one; no text lost.
+    const { events, ended } = await reading;
+    expect(ended).toBe(true);
+    expectContiguous(events);
+    expect(finals(events)).toEqual(['run.completed']);
+    expect(events.filter((e) => e.event === 'message.delta').map((e) => e.data.delta).join('')).toBe(pieces.join(''));
+    expect((await getRun(a.base, run.id)).status).toBe('completed');
+    // Readers after the wipe get what Redis still holds (what came before the wipe is gone): the
+    // same events under the same seqs, in order, ending with the final one — never another event
+    // under a seq a client saw, nor a stream that ends without the final event.
+    const sameAsSeen = (later: SseEvent[]) => {
+      expect(later.length).toBeGreaterThan(0);
+      expect(later.map((e) => e.id)).toEqual([...later.map((e) => e.id)].sort((x, y) => x - y));
+      for (const event of later) expect(event).toEqual(events[event.id - 1]);
+      expect(later.at(-1)).toEqual(events.at(-1));
+    };
+    const resumed = await readEvents(a.base, headers, run.id, { lastEventId: seenBeforeWipe, timeoutMs: 10_000 });
+    expect(resumed.ended).toBe(true);
+    expect(resumed.events[0]!.id).toBeGreaterThan(seenBeforeWipe);
+    sameAsSeen(resumed.events);
+    const replay = await readEvents(a.base, headers, run.id, { timeoutMs: 10_000 });
+    expect(replay.ended).toBe(true);
+    sameAsSeen(replay.events);
+  }, 60_000);
+});
