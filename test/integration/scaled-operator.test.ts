@@ -1,8 +1,8 @@
 /**
  * Scaled mode as an operator meets it, beyond runs-scaled.test.ts: the deployment's Redis keys
- * wiped mid-run and mid-stream (what FLUSHDB or a Redis restart without persistence does). Real
- * processes on this file's own PostgreSQL database and Redis key prefix (its keys alone are wiped:
- * other tests share the Redis database).
+ * wiped mid-run and mid-stream (what FLUSHDB or a Redis restart without persistence does), a worker
+ * stopped with SIGTERM mid-run beside another, and an API node stopped with SIGTERM under an open
+ * run event stream. Real processes on this file's own PostgreSQL database and Redis key prefix.
  */
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -17,24 +17,29 @@ import { eventually } from '../helpers/http.js';
 import { adminQuery, databaseUrl } from '../helpers/postgres.js';
 import { type Child, freePort, healthy, keel, killLeftovers } from '../helpers/process.js';
 import { deleteKeysUnder } from '../helpers/redis.js';
-import { expectContiguous, FINAL_EVENTS, json, readEvents, type RunBody, type SseEvent, startRunWithThread, userWithAgent } from '../helpers/runs.js';
+import { expectContiguous, FINAL_EVENTS, json, messagesOf, readEvents, type RunBody, type SseEvent, startRunWithThread, userWithAgent } from '../helpers/runs.js';
 
 const adminUrl = process.env.DATABASE_URL;
 const redisUrl = process.env.REDIS_URL;
 const PASSWORD = 'scaled-operator-password';
 const MODEL = 'gpt-4.1';
 
-describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated', () => {
+describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wiped, nodes stopped with SIGTERM', () => {
   const scratch = mkdtempSync(join(tmpdir(), 'keel-scaled-operator-'));
   let fake: FakeModelServer;
   let dbName: string;
   let dbUrl: string;
   let keyPrefix: string;
   let env: Record<string, string>;
-  const apis: { child: Child; base: string }[] = [];
+  let apis: { child: Child; base: string }[] = [];
   let workers: Child[] = [];
   let headers: Record<string, string>;
   let runs = 0;
+
+  async function runRow(runId: string) {
+    const [row] = await adminQuery<{ status: string; lease_owner: string | null; attempts: number }>(dbUrl, 'select status, lease_owner, attempts from runs where id = $1', [runId]);
+    return row!;
+  }
 
   async function startApi(): Promise<{ child: Child; base: string }> {
     const port = await freePort();
@@ -135,5 +140,59 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated', () => {
     const replay = await readEvents(a.base, headers, run.id, { timeoutMs: 10_000 });
     expect(replay.ended).toBe(true);
     sameAsSeen(replay.events);
+  }, 60_000);
+
+  it('a queued run whose job the wipe took is still picked up', async () => {
+    fake.reset();
+    await Promise.all(workers.map((worker) => stop(worker, 'SIGTERM')));
+    workers = [];
+    const run = await startRunWithThread(apis[0]!.base, headers, `lost job ${++runs}`);
+    await deleteKeysUnder(redisUrl!, keyPrefix);
+    workers = [await startWorker(), await startWorker()];
+    await eventually(async () => (await getRun(apis[1]!.base, run.id)).status === 'completed', 20_000);
+    expect(fake.log).toHaveLength(1);
+  }, 60_000);
+
+  it('SIGTERM of a worker mid-run: the run is handed back and finished by the other worker', async () => {
+    fake.reset();
+    fake.script(MODEL, { chunks: Array.from({ length: 200 }, (_, i) => `s${i} `), chunkDelayMs: 50 }, { text: 'finished elsewhere' });
+    const run = await startRunWithThread(apis[0]!.base, headers, `sigterm ${++runs}`);
+    await fake.waitFor((log) => log.some((r) => r.chunksSent >= 3), 15_000);
+    const holder = (await runRow(run.id)).lease_owner!;
+    const victim = workers.find((worker) => holder.includes(`:${worker.pid}:`))!;
+    expect(victim, `no worker holds ${holder}`).toBeDefined();
+    const { code } = await stop(victim, 'SIGTERM');
+    expect(code, victim.out()).toBe(0);
+    workers = workers.filter((worker) => worker !== victim);
+    // Handed back, not left for its lease to run out: the other worker takes it up at its next sweep.
+    await eventually(async () => (await getRun(apis[1]!.base, run.id)).status === 'completed', 20_000);
+    expect((await runRow(run.id)).lease_owner).toBeNull();
+    expect((await messagesOf(apis[0]!.base, headers, run.thread_id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['finished elsewhere']);
+    const { events } = await readEvents(apis[1]!.base, headers, run.id);
+    expectContiguous(events);
+    expect(fake.log).toHaveLength(2);
+    expect(fake.log[0]!.aborted).toBe(true);
+    expect(finals(events)).toEqual(['run.completed']);
+    workers.push(await startWorker());
+  }, 60_000);
+
+  it('SIGTERM of an API node under an open stream: the stream ends cleanly and resumes on the other node', async () => {
+    fake.reset();
+    fake.script(MODEL, { chunks: Array.from({ length: 80 }, (_, i) => `n${i} `), chunkDelayMs: 50 });
+    const [a, b] = apis as [(typeof apis)[0], (typeof apis)[0]];
+    const run = await startRunWithThread(a.base, headers, `api stop ${++runs}`);
+    let seen = 0;
+    const reading = readEvents(b.base, headers, run.id, { timeoutMs: 25_000, onEvent: () => seen++ });
+    await eventually(async () => seen >= 5, 15_000);
+    const exited = stop(b.child, 'SIGTERM');
+    // A clean end of the response (not a reset connection), well before the run's end.
+    const first = await reading;
+    expect(first.ended).toBe(true);
+    expect(finals(first.events)).toEqual([]);
+    expect((await exited).code, b.child.out()).toBe(0);
+    const rest = await readEvents(a.base, headers, run.id, { lastEventId: first.events.at(-1)!.id, timeoutMs: 25_000 });
+    expectContiguous([...first.events, ...rest.events]);
+    expect(finals(rest.events)).toEqual(['run.completed']);
+    apis = [a, await startApi()];
   }, 60_000);
 });
