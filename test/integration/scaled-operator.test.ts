@@ -196,3 +196,31 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
     apis = [a, await startApi()];
   }, 60_000);
 });
+
+describe.runIf(Boolean(adminUrl))('a node whose PostgreSQL has no connection to give it', () => {
+  // A role allowed no connection: what a server at max_connections (or a role, or database, at its
+  // CONNECTION LIMIT) answers, 53300. Roles belong to the whole server: this file drops its own.
+  const role = `${inject('runPrefix')}_full_${randomBytes(4).toString('hex')}`;
+  const scratch = mkdtempSync(join(tmpdir(), 'keel-operator-full-'));
+
+  beforeAll(() => adminQuery(adminUrl!, `create role "${role}" login connection limit 0`));
+  afterAll(async () => {
+    killLeftovers();
+    await adminQuery(adminUrl!, `drop role if exists "${role}"`);
+    rmSync(scratch, { recursive: true, force: true });
+  });
+
+  it.each([['api'], ['worker'], ['migrate']])('`keel %s` stops with one line naming DATABASE_URL and what to do, exit 1', async (command) => {
+    const url = new URL(adminUrl!);
+    url.username = role;
+    const child = keel([command], { ENVIRONMENT: 'local', DATA_DIR: scratch, DATABASE_URL: url.toString(), REDIS_URL: redisUrl ?? '', LOG_FORMAT: 'json', PORT: String(await freePort()) });
+    const { code } = await child.ended;
+    expect(code, child.out()).toBe(1);
+    const lines = child.err().trim().split('\n');
+    expect(lines, child.err()).toHaveLength(1);
+    expect(lines[0]).toMatch(/^keel: DATABASE_URL: .*too many connections/);
+    // What to do about it: the server's or role's limit, or this deployment's share of it.
+    expect(lines[0]).toContain('max_connections');
+    expect(lines[0]).toContain('DATABASE_POOL_SIZE');
+  }, 60_000);
+});
