@@ -1,14 +1,18 @@
 /**
  * Scaled mode as an operator meets it, beyond runs-scaled.test.ts: the deployment's Redis keys
- * wiped mid-run and mid-stream (what FLUSHDB or a Redis restart without persistence does), a worker
- * stopped with SIGTERM mid-run beside another, and an API node stopped with SIGTERM under an open
- * run event stream. Real processes on this file's own PostgreSQL database and Redis key prefix.
+ * wiped mid-run and mid-stream (what FLUSHDB or a Redis restart without persistence does; its keys
+ * alone: other tests share the Redis database), every Redis connection dropped (a restart), the
+ * only worker killed and replaced, a worker and an API node stopped with SIGTERM mid-run, and
+ * nodes whose PostgreSQL has no connection left. Real processes on this file's own PostgreSQL
+ * database and Redis key prefix.
  */
+import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
+import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 
 import { testRedisPrefix } from '../helpers/app.js';
@@ -61,6 +65,23 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
   async function stop(child: Child, signal: NodeJS.Signals) {
     child.process.kill(signal);
     return child.ended;
+  }
+
+  /** Closes, from the server's side, every Redis connection these processes hold; how many. */
+  async function dropRedisConnections(pids: number[]): Promise<number> {
+    const port = new URL(redisUrl!).port || '6379';
+    const sockets = execFileSync('ss', ['-tnpH', 'state', 'established', `( dport = :${port} )`], { encoding: 'utf8' });
+    const addresses = sockets
+      .split('\n')
+      .filter((line) => pids.some((pid) => line.includes(`pid=${pid},`)))
+      .map((line) => line.trim().split(/\s+/)[2]!);
+    const admin = new Redis(redisUrl!, { maxRetriesPerRequest: 1 });
+    try {
+      for (const address of addresses) await admin.client('KILL', 'ADDR', address).catch(() => undefined);
+    } finally {
+      admin.disconnect();
+    }
+    return addresses.length;
   }
 
   const getRun = async (base: string, runId: string) => (await json<RunBody>(base, 'GET', `/runs/${runId}`, headers)).body;
@@ -140,6 +161,29 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
     const replay = await readEvents(a.base, headers, run.id, { timeoutMs: 10_000 });
     expect(replay.ended).toBe(true);
     sameAsSeen(replay.events);
+    // The workers that ran through the wipe take new runs (BullMQ's keys made anew).
+    const next = await startRunWithThread(b.base, headers, `after the wipe ${++runs}`);
+    await eventually(async () => (await getRun(a.base, next.id)).status === 'completed', 20_000);
+  }, 60_000);
+
+  it('every Redis connection of every node dropped mid-run (a Redis restart): the run completes, the open stream ends with it, the queue takes new runs', async () => {
+    fake.reset();
+    const pieces = Array.from({ length: 60 }, (_, i) => `r${i} `);
+    fake.script(MODEL, { chunks: pieces, chunkDelayMs: 30 }, { text: 'after the restart' });
+    const [a, b] = apis as [(typeof apis)[0], (typeof apis)[0]];
+    const run = await startRunWithThread(a.base, headers, `restart ${++runs}`);
+    let seen = 0;
+    const reading = readEvents(b.base, headers, run.id, { timeoutMs: 25_000, onEvent: () => seen++ });
+    await eventually(async () => seen >= 10, 15_000);
+    const dropped = await dropRedisConnections([...apis.map((api) => api.child.pid), ...workers.map((worker) => worker.pid)]);
+    expect(dropped).toBeGreaterThan(0);
+    const { events, ended } = await reading;
+    expect(ended).toBe(true);
+    expectContiguous(events);
+    expect(finals(events)).toEqual(['run.completed']);
+    expect(events.filter((e) => e.event === 'message.delta').map((e) => e.data.delta).join('')).toBe(pieces.join(''));
+    const next = await startRunWithThread(b.base, headers, `after restart ${++runs}`);
+    await eventually(async () => (await getRun(a.base, next.id)).status === 'completed', 20_000);
   }, 60_000);
 
   it('a queued run whose job the wipe took is still picked up', async () => {
@@ -173,6 +217,26 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
     expect(fake.log).toHaveLength(2);
     expect(fake.log[0]!.aborted).toBe(true);
     expect(finals(events)).toEqual(['run.completed']);
+    workers.push(await startWorker());
+  }, 60_000);
+
+  it('the only worker killed with SIGKILL mid-run, then a new one: the run is resumed after its lease, and a client resuming on the other node misses nothing and sees nothing twice', async () => {
+    fake.reset();
+    fake.script(MODEL, { chunks: Array.from({ length: 200 }, (_, i) => `k${i} `), chunkDelayMs: 50 }, { text: 'the second attempt' });
+    const [spare, ...rest] = workers;
+    await stop(spare!, 'SIGTERM');
+    workers = rest;
+    const [a, b] = apis as [(typeof apis)[0], (typeof apis)[0]];
+    const run = await startRunWithThread(a.base, headers, `kill ${++runs}`);
+    const before = await readEvents(a.base, headers, run.id, { limit: 6 });
+    await stop(workers[0]!, 'SIGKILL');
+    workers = [await startWorker()];
+    const after = await readEvents(b.base, headers, run.id, { lastEventId: before.events.at(-1)!.id, timeoutMs: 25_000 });
+    expect(after.ended).toBe(true);
+    expectContiguous([...before.events, ...after.events]);
+    expect(finals(after.events)).toEqual(['run.completed']);
+    expect(await getRun(b.base, run.id)).toMatchObject({ status: 'completed', attempts: 2 });
+    expect((await messagesOf(a.base, headers, run.thread_id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['the second attempt']);
     workers.push(await startWorker());
   }, 60_000);
 
