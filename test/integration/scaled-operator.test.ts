@@ -130,7 +130,7 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
   it("the deployment's Redis keys wiped mid-run under an open stream: the stream goes on without a gap, and a seq seen before never names another event", async () => {
     fake.reset();
     const pieces = Array.from({ length: 100 }, (_, i) => `f${i} `);
-    fake.script(MODEL, { chunks: pieces, chunkDelayMs: 30 });
+    fake.script(MODEL, { chunks: pieces, chunkDelayMs: 40 });
     const [a, b] = apis as [(typeof apis)[0], (typeof apis)[0]];
     const run = await startRunWithThread(a.base, headers, `wiped ${++runs}`);
     let seen = 0;
@@ -164,6 +164,8 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
     // The workers that ran through the wipe take new runs (BullMQ's keys made anew).
     const next = await startRunWithThread(b.base, headers, `after the wipe ${++runs}`);
     await eventually(async () => (await getRun(a.base, next.id)).status === 'completed', 20_000);
+    // Each run called the model once: the wipe left no job to run again.
+    expect(fake.log).toHaveLength(2);
   }, 60_000);
 
   it('every Redis connection of every node dropped mid-run (a Redis restart): the run completes, the open stream ends with it, the queue takes new runs', async () => {
