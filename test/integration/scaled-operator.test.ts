@@ -2,8 +2,8 @@
  * Scaled mode as an operator meets it, beyond runs-scaled.test.ts: the deployment's Redis keys
  * wiped mid-run and mid-stream (what FLUSHDB or a Redis restart without persistence does; its keys
  * alone: other tests share the Redis database), every Redis connection dropped (a restart), the
- * only worker killed and replaced, a worker and an API node stopped with SIGTERM mid-run, and
- * nodes whose PostgreSQL has no connection left. Real processes on this file's own PostgreSQL
+ * only worker killed and replaced, a worker paused past its lease (SIGSTOP) and woken, a worker
+ * and an API node stopped with SIGTERM mid-run, and nodes whose PostgreSQL has no connection left. Real processes on this file's own PostgreSQL
  * database and Redis key prefix.
  */
 import { execFileSync } from 'node:child_process';
@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { Redis } from 'ioredis';
-import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, inject, it } from 'vitest';
 
 import { testRedisPrefix } from '../helpers/app.js';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
@@ -119,6 +119,13 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
     headers = await userWithAgent(apis[0]!.base, 'user@operator.test', PASSWORD, MODEL);
   }, 120_000);
 
+  // Each test starts with two API nodes and two workers, whatever the one before left (a failed one too).
+  afterEach(async () => {
+    apis = await Promise.all(apis.map(async (api) => (api.child.done() ? startApi() : api)));
+    workers = workers.filter((worker) => !worker.done());
+    while (workers.length < 2) workers.push(await startWorker());
+  }, 120_000);
+
   afterAll(async () => {
     await Promise.all([...apis.map((api) => api.child), ...workers].filter((child) => !child.done()).map((child) => stop(child, 'SIGTERM')));
     killLeftovers();
@@ -212,14 +219,14 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
     workers = workers.filter((worker) => worker !== victim);
     // Handed back, not left for its lease to run out: the other worker takes it up at its next sweep.
     await eventually(async () => (await getRun(apis[1]!.base, run.id)).status === 'completed', 20_000);
-    expect((await runRow(run.id)).lease_owner).toBeNull();
+    // The lease goes once the final event is out, just after the run's row says completed.
+    await eventually(async () => (await runRow(run.id)).lease_owner === null);
     expect((await messagesOf(apis[0]!.base, headers, run.thread_id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['finished elsewhere']);
     const { events } = await readEvents(apis[1]!.base, headers, run.id);
     expectContiguous(events);
     expect(fake.log).toHaveLength(2);
     expect(fake.log[0]!.aborted).toBe(true);
     expect(finals(events)).toEqual(['run.completed']);
-    workers.push(await startWorker());
   }, 60_000);
 
   it('the only worker killed with SIGKILL mid-run, then a new one: the run is resumed after its lease, and a client resuming on the other node misses nothing and sees nothing twice', async () => {
@@ -239,7 +246,33 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
     expect(finals(after.events)).toEqual(['run.completed']);
     expect(await getRun(b.base, run.id)).toMatchObject({ status: 'completed', attempts: 2 });
     expect((await messagesOf(a.base, headers, run.thread_id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['the second attempt']);
-    workers.push(await startWorker());
+  }, 60_000);
+
+  it('a worker paused mid-run (SIGSTOP: a frozen VM) loses its run to the other after the lease; woken, it stops: one answer, each event once', async () => {
+    fake.reset();
+    fake.script(MODEL, { chunks: Array.from({ length: 200 }, (_, i) => `z${i} `), chunkDelayMs: 50 }, { text: 'taken over' });
+    const [a, b] = apis as [(typeof apis)[0], (typeof apis)[0]];
+    const run = await startRunWithThread(a.base, headers, `paused ${++runs}`);
+    await fake.waitFor((log) => log.some((r) => r.chunksSent >= 3), 15_000);
+    const holder = (await runRow(run.id)).lease_owner!;
+    const paused = workers.find((worker) => holder.includes(`:${worker.pid}:`))!;
+    paused.process.kill('SIGSTOP');
+    try {
+      await eventually(async () => (await getRun(b.base, run.id)).status === 'completed', 25_000);
+    } finally {
+      paused.process.kill('SIGCONT');
+    }
+    // Woken, the paused worker finds its lease gone and stops its run: nothing of it lands after the run's end.
+    const stopped = () => paused.out().split('\n').find((line) => line.includes(run.id) && line.includes('"stop"'));
+    await eventually(async () => stopped() !== undefined, 15_000);
+    expect(JSON.parse(stopped()!)).toMatchObject({ stop: 'lease' });
+    await eventually(async () => fake.log[0]!.aborted, 5_000);
+    const { events } = await readEvents(b.base, headers, run.id);
+    expectContiguous(events);
+    expect(finals(events)).toEqual(['run.completed']);
+    expect(await getRun(a.base, run.id)).toMatchObject({ status: 'completed', attempts: 2 });
+    expect((await messagesOf(a.base, headers, run.thread_id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['taken over']);
+    expect(paused.done()).toBe(false);
   }, 60_000);
 
   it('SIGTERM of an API node under an open stream: the stream ends cleanly and resumes on the other node', async () => {
@@ -259,7 +292,6 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
     const rest = await readEvents(a.base, headers, run.id, { lastEventId: first.events.at(-1)!.id, timeoutMs: 25_000 });
     expectContiguous([...first.events, ...rest.events]);
     expect(finals(rest.events)).toEqual(['run.completed']);
-    apis = [a, await startApi()];
   }, 60_000);
 });
 
