@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 
-import { and, eq, isNotNull, or, sql } from 'drizzle-orm';
+import { and, eq, isNotNull, ne, or, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
@@ -154,15 +154,23 @@ export async function messagesHeld(tx: Db, threadId: string, upTo: number): Prom
 }
 
 /**
- * Whether the thread holds a message the model would read: text that is more than white space
- * (isBlank's rule, which the runner leaves out) or tool calls. Without one, a run with no input
- * has nothing to send: providers refuse a call without messages.
+ * A character that is not white space as JavaScript's `\s` has it (isBlank, which the runner
+ * applies): PostgreSQL's `\s` leaves out the no-break and other Unicode spaces, so text of them
+ * alone passed for something to read and the run failed at the provider.
+ */
+const NOT_JS_WHITE_SPACE = '[^\\s\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff]';
+
+/**
+ * Whether the thread holds a message the model would read (toModelMessages' rule): one not a tool
+ * result (a result is sent only after its call) with text that is more than white space or with
+ * tool calls. Without one, a run with no input has nothing to send: providers refuse a call
+ * without messages.
  */
 export async function hasModelMessages(db: Db, threadId: string): Promise<boolean> {
   const [row] = await db
     .select({ id: messages.id })
     .from(messages)
-    .where(and(eq(messages.thread_id, threadId), or(sql`${messages.content} ~ '\\S'`, isNotNull(messages.tool_calls))))
+    .where(and(eq(messages.thread_id, threadId), ne(messages.role, 'tool'), or(sql`${messages.content} ~ ${NOT_JS_WHITE_SPACE}`, isNotNull(messages.tool_calls))))
     .limit(1);
   return row !== undefined;
 }

@@ -1003,6 +1003,11 @@ describe('failures in words', () => {
     // A blank answer a run left (the runner does not send it) is nothing to answer either.
     await appendMessages(ctx.app.db, thread.id, [{ role: 'assistant', content: ' \n', metadata: {} }]);
     await refuse(`/threads/${thread.id}/runs`);
+    // Nor is one of Unicode spaces only (blank to the runner, not to PostgreSQL's \s), nor a tool result whose call is gone (never sent).
+    await appendMessages(ctx.app.db, thread.id, [{ role: 'assistant', content: '\u00a0\u3000\u2003', metadata: {} }]);
+    await refuse(`/threads/${thread.id}/runs`);
+    await appendMessages(ctx.app.db, thread.id, [{ role: 'tool', content: 'a result', tool_call_id: 'call_gone', metadata: {} }]);
+    await refuse(`/threads/${thread.id}/runs`);
     // Nothing was queued or called, and the thread is left idle.
     expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<ListBody<unknown>>().count).toBe(0);
     expect((await api('GET', `/threads/${thread.id}`, owner.headers)).json<{ status: string }>().status).toBe('idle');
