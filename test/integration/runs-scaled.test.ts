@@ -5,19 +5,13 @@
  * it, a cancel sent to the other node stops the model, a worker killed mid-run leaves its run to
  * the other one, and queued runs outlive a restart of every worker.
  */
-import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
-
-import { testRedisPrefix } from '../helpers/app.js';
-import { FakeModelServer } from '../helpers/fake-model-server.js';
+import type { FakeModelServer } from '../helpers/fake-model-server.js';
 import { eventually, sleep } from '../helpers/http.js';
-import { adminQuery, databaseUrl } from '../helpers/postgres.js';
-import { type Child, freePort, healthy, keel, killLeftovers } from '../helpers/process.js';
+import type { Child } from '../helpers/process.js';
 import { expectContiguous, FINAL_EVENTS, json, messagesOf, readEvents, type RunBody, startRunWithThread, userWithAgent } from '../helpers/runs.js';
+import { type ApiNode, type ScaledDeployment, scaledDeployment, stopNode } from '../helpers/scaled.js';
 
 const adminUrl = process.env.DATABASE_URL;
 const redisUrl = process.env.REDIS_URL;
@@ -25,87 +19,30 @@ const PASSWORD = 'scaled-test-password';
 const MODEL = 'gpt-4.1';
 
 describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode: two API nodes and two workers on PostgreSQL and Redis', () => {
-  const scratch = mkdtempSync(join(tmpdir(), 'keel-runs-scaled-'));
+  let deployment: ScaledDeployment;
   let fake: FakeModelServer;
-  let dbName: string;
-  let dbUrl: string;
-  let env: Record<string, string>;
-  const apis: { child: Child; base: string }[] = [];
+  const apis: ApiNode[] = [];
   let workers: Child[] = [];
   let headers: Record<string, string>;
   let users = 0;
-
-  /** A run's row as the database has it (who holds it). */
-  async function runRow(runId: string) {
-    const [row] = await adminQuery<{ status: string; lease_owner: string | null; attempts: number }>(dbUrl, 'select status, lease_owner, attempts from runs where id = $1', [runId]);
-    return row!;
-  }
-
-  async function startApi(): Promise<{ child: Child; base: string }> {
-    const port = await freePort();
-    const child = keel(['api'], { ...env, PORT: String(port) });
-    const base = `http://127.0.0.1:${port}`;
-    await healthy(child, base, 60_000);
-    return { child, base };
-  }
-
-  /** A `keel worker`, once it takes jobs. */
-  async function startWorker(): Promise<Child> {
-    const child = keel(['worker'], env);
-    await eventually(async () => {
-      if (child.done()) throw new Error(`worker exited:\n${child.out()}\n${child.err()}`);
-      return child.out().includes('worker started');
-    }, 60_000);
-    return child;
-  }
-
-  async function stop(child: Child, signal: NodeJS.Signals): Promise<void> {
-    child.process.kill(signal);
-    await child.ended;
-  }
+  const runRow = (runId: string) => deployment.runRow(runId);
+  const startWorker = () => deployment.startWorker();
+  const stop = stopNode;
 
   const getRun = async (base: string, runId: string) => (await json<RunBody>(base, 'GET', `/runs/${runId}`, headers)).body;
 
   beforeAll(async () => {
-    fake = await FakeModelServer.start();
-    dbName = `${inject('runPrefix')}_scaled_${randomBytes(4).toString('hex')}`;
-    await adminQuery(adminUrl!, `create database "${dbName}" template "${inject('templateDatabase')!}"`);
-    dbUrl = databaseUrl(adminUrl!, dbName);
-    env = {
-      ENVIRONMENT: 'local',
-      DATA_DIR: scratch,
-      DATABASE_URL: dbUrl,
-      REDIS_URL: redisUrl!,
-      REDIS_KEY_PREFIX: testRedisPrefix(),
-      // Every node seals and opens the same jobs.
-      SECRET_KEY: randomBytes(32).toString('hex'),
-      HOST: '127.0.0.1',
-      LOG_FORMAT: 'json',
-      LOG_LEVEL: 'info',
-      FIRST_SUPERUSER: 'admin@scaled.test',
-      FIRST_SUPERUSER_PASSWORD: PASSWORD,
-      OPENAI_API_KEY: 'sk-fake',
-      OPENAI_BASE_URL: fake.url,
-      // A dead worker's run is taken up within seconds: a 2 s lease, swept every second.
-      RUN_LEASE_SECONDS: '2',
-      RUN_SWEEP_INTERVAL_SECONDS: '1',
-      SHUTDOWN_TIMEOUT_MS: '10000',
-    };
+    deployment = await scaledDeployment(adminUrl!, redisUrl!, 'scaled', { FIRST_SUPERUSER: 'admin@scaled.test', FIRST_SUPERUSER_PASSWORD: PASSWORD });
+    fake = deployment.fake;
     // The first API node creates the first superuser; then the others start side by side.
-    apis.push(await startApi());
-    const [b, ...started] = await Promise.all([startApi(), startWorker(), startWorker()]);
+    apis.push(await deployment.startApi());
+    const [b, ...started] = await Promise.all([deployment.startApi(), startWorker(), startWorker()]);
     apis.push(b);
     workers = started;
     headers = await userWithAgent(apis[0]!.base, 'user@scaled.test', PASSWORD, MODEL);
   }, 120_000);
 
-  afterAll(async () => {
-    await Promise.all([...apis.map((api) => api.child), ...workers].filter((child) => !child.done()).map((child) => stop(child, 'SIGTERM')));
-    killLeftovers();
-    await fake?.close();
-    if (dbName) await adminQuery(adminUrl!, `drop database if exists "${dbName}" with (force)`);
-    rmSync(scratch, { recursive: true, force: true });
-  }, 60_000);
+  afterAll(() => deployment?.close([...apis.map((api) => api.child), ...workers]), 60_000);
 
   it('streams a run started on node A through node B: every delta once, in order, ending after the final event', async () => {
     fake.reset();

@@ -15,13 +15,13 @@ import { join } from 'node:path';
 import { Redis } from 'ioredis';
 import { afterAll, afterEach, beforeAll, describe, expect, inject, it } from 'vitest';
 
-import { testRedisPrefix } from '../helpers/app.js';
-import { FakeModelServer } from '../helpers/fake-model-server.js';
+import type { FakeModelServer } from '../helpers/fake-model-server.js';
 import { eventually } from '../helpers/http.js';
-import { adminQuery, databaseUrl } from '../helpers/postgres.js';
-import { type Child, freePort, healthy, keel, killLeftovers } from '../helpers/process.js';
+import { adminQuery } from '../helpers/postgres.js';
+import { type Child, freePort, keel, killLeftovers } from '../helpers/process.js';
 import { deleteKeysUnder } from '../helpers/redis.js';
 import { expectContiguous, FINAL_EVENTS, json, messagesOf, readEvents, type RunBody, type SseEvent, startRunWithThread, userWithAgent } from '../helpers/runs.js';
+import { type ApiNode, type ScaledDeployment, scaledDeployment, stopNode } from '../helpers/scaled.js';
 
 const adminUrl = process.env.DATABASE_URL;
 const redisUrl = process.env.REDIS_URL;
@@ -29,43 +29,17 @@ const PASSWORD = 'scaled-operator-password';
 const MODEL = 'gpt-4.1';
 
 describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wiped, nodes stopped with SIGTERM', () => {
-  const scratch = mkdtempSync(join(tmpdir(), 'keel-scaled-operator-'));
+  let deployment: ScaledDeployment;
   let fake: FakeModelServer;
-  let dbName: string;
-  let dbUrl: string;
   let keyPrefix: string;
-  let env: Record<string, string>;
-  let apis: { child: Child; base: string }[] = [];
+  let apis: ApiNode[] = [];
   let workers: Child[] = [];
   let headers: Record<string, string>;
   let runs = 0;
-
-  async function runRow(runId: string) {
-    const [row] = await adminQuery<{ status: string; lease_owner: string | null; attempts: number }>(dbUrl, 'select status, lease_owner, attempts from runs where id = $1', [runId]);
-    return row!;
-  }
-
-  async function startApi(): Promise<{ child: Child; base: string }> {
-    const port = await freePort();
-    const child = keel(['api'], { ...env, PORT: String(port) });
-    const base = `http://127.0.0.1:${port}`;
-    await healthy(child, base, 60_000);
-    return { child, base };
-  }
-
-  async function startWorker(): Promise<Child> {
-    const child = keel(['worker'], env);
-    await eventually(async () => {
-      if (child.done()) throw new Error(`worker exited:\n${child.out()}\n${child.err()}`);
-      return child.out().includes('worker started');
-    }, 60_000);
-    return child;
-  }
-
-  async function stop(child: Child, signal: NodeJS.Signals) {
-    child.process.kill(signal);
-    return child.ended;
-  }
+  const runRow = (runId: string) => deployment.runRow(runId);
+  const startApi = () => deployment.startApi();
+  const startWorker = () => deployment.startWorker();
+  const stop = stopNode;
 
   /** Closes, from the server's side, every Redis connection these processes hold; how many. */
   async function dropRedisConnections(pids: number[]): Promise<number> {
@@ -88,30 +62,8 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
   const finals = (events: SseEvent[]) => events.filter((e) => FINAL_EVENTS.has(e.event)).map((e) => e.event);
 
   beforeAll(async () => {
-    fake = await FakeModelServer.start();
-    dbName = `${inject('runPrefix')}_operator_${randomBytes(4).toString('hex')}`;
-    await adminQuery(adminUrl!, `create database "${dbName}" template "${inject('templateDatabase')!}"`);
-    dbUrl = databaseUrl(adminUrl!, dbName);
-    keyPrefix = testRedisPrefix();
-    env = {
-      ENVIRONMENT: 'local',
-      DATA_DIR: scratch,
-      DATABASE_URL: dbUrl,
-      REDIS_URL: redisUrl!,
-      REDIS_KEY_PREFIX: keyPrefix,
-      SECRET_KEY: randomBytes(32).toString('hex'),
-      HOST: '127.0.0.1',
-      LOG_FORMAT: 'json',
-      LOG_LEVEL: 'info',
-      FIRST_SUPERUSER: 'admin@operator.test',
-      FIRST_SUPERUSER_PASSWORD: PASSWORD,
-      OPENAI_API_KEY: 'sk-fake',
-      OPENAI_BASE_URL: fake.url,
-      RUN_LEASE_SECONDS: '2',
-      RUN_SWEEP_INTERVAL_SECONDS: '1',
-      RUN_EVENTS_KEEPALIVE_SECONDS: '1',
-      SHUTDOWN_TIMEOUT_MS: '10000',
-    };
+    deployment = await scaledDeployment(adminUrl!, redisUrl!, 'operator', { FIRST_SUPERUSER: 'admin@operator.test', FIRST_SUPERUSER_PASSWORD: PASSWORD, RUN_EVENTS_KEEPALIVE_SECONDS: '1' });
+    ({ fake, keyPrefix } = deployment);
     apis.push(await startApi());
     const [b, ...started] = await Promise.all([startApi(), startWorker(), startWorker()]);
     apis.push(b);
@@ -126,13 +78,7 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
     while (workers.length < 2) workers.push(await startWorker());
   }, 120_000);
 
-  afterAll(async () => {
-    await Promise.all([...apis.map((api) => api.child), ...workers].filter((child) => !child.done()).map((child) => stop(child, 'SIGTERM')));
-    killLeftovers();
-    await fake?.close();
-    if (dbName) await adminQuery(adminUrl!, `drop database if exists "${dbName}" with (force)`);
-    rmSync(scratch, { recursive: true, force: true });
-  }, 60_000);
+  afterAll(() => deployment?.close([...apis.map((api) => api.child), ...workers]), 60_000);
 
   it("the deployment's Redis keys wiped mid-run under an open stream: the stream goes on without a gap, and a seq seen before never names another event", async () => {
     fake.reset();
