@@ -138,7 +138,7 @@ export const KnowledgeStats = z
       .number()
       .int()
       .describe(
-        "Bytes your entries count for against max_bytes_per_user: each entry the larger of its file (`size_bytes`) and the text its chunks hold (`text_bytes`), at least 4096 (4 KiB). An upload is refused with 413 once this and the file's own count would pass the limit; an entry whose text would take this past it fails (its `error` says so) and keeps none of it. The account's, also for a project-scoped key.",
+        "Bytes your entries count for against max_bytes_per_user: each entry the larger of its file (`size_bytes`) and the text its chunks hold, counted once without the chunks' overlap (`text_bytes`), at least 4096 (4 KiB). An upload is refused with 413 once this and the file's own count would pass the limit; an entry whose text would take this past it fails (its `error` says so) and keeps none of it. The account's, also for a project-scoped key.",
       ),
     max_bytes_per_user: z.number().int(),
     max_file_bytes: z.number().int(),
