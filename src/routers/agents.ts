@@ -56,7 +56,7 @@ export const agentsRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'set_agent_knowledge',
         summary: 'Set Agent Knowledge',
         description:
-          'Replaces the folders and entries the agent searches. Each must be a folder or entry of the agent\'s owner (with a project-scoped key: of its project), 422 naming it otherwise. A change makes a new agent version.',
+          'Replaces the folders and entries the agent searches. Each must be a folder or entry of the agent\'s owner (with a project-scoped key: of its project), 422 naming it otherwise; a project-scoped key replaces only what it is shown, and the ids of other projects\' knowledge the agent names stay. A change makes a new agent version.',
         tags,
         params: AgentIdParams,
         body: AgentKnowledge,
