@@ -22,7 +22,7 @@ export const threadsRouter: FastifyPluginAsyncZod = async (app) => {
     errors: { update: [409], delete: [409] },
     descriptions: {
       list: 'Newest first; `?project_id=` and `?status=` narrow the list.',
-      update: 'Title, project and metadata. Moving it to another project (`project_id`) is 409 while a run works on it.',
+      update: 'Title, project and metadata. Moving it to another project (`project_id`) takes its runs along (their `project_id`; their usage stays booked where it was spent); 409 while a run works on it.',
       delete: 'Deletes the thread and its messages; 409 while a run works on it.',
     },
   });
