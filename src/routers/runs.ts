@@ -52,7 +52,7 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'create_thread_run',
         summary: 'Create Run',
         description:
-          'Queues a run of an agent (default: your default agent) on the thread: **202** with the run. `input` becomes the thread\'s next user message first. One run is active on a thread at a time: under `multitask_strategy` `reject` (default) a busy thread answers 409, `enqueue` queues the run behind the active one, `interrupt` cancels it. 402 when billing is on and the balance cannot cover the first step; 429 beyond MAX_ACTIVE_RUNS_PER_USER. 409 too when `input` would take the thread past MAX_MESSAGES_PER_THREAD messages (an `enqueue` run\'s input counts from its start): start a new thread.',
+          'Queues a run of an agent (default: your default agent) on the thread: **202** with the run. `input` becomes the thread\'s next user message first; without it the run answers the thread as it is, 422 at `input` when the thread has no message for the model to read (none, blank ones, tool results alone). One run is active on a thread at a time: under `multitask_strategy` `reject` (default) a busy thread answers 409, `enqueue` queues the run behind the active one, `interrupt` cancels it. 402 when billing is on and the balance cannot cover the first step; 429 beyond MAX_ACTIVE_RUNS_PER_USER. 409 too when `input` would take the thread past MAX_MESSAGES_PER_THREAD messages (an `enqueue` run\'s input counts from its start): start a new thread.',
         tags,
         params: ThreadIdParams,
         body: RunCreate,
@@ -160,7 +160,7 @@ export const runsRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'retry_run',
         summary: 'Retry Run',
         description:
-          'A new run with the same agent, model and input, for a failed or cancelled run (409 otherwise): **202** with the new run. A run active on the thread now is met by `?multitask_strategy=`, `reject` by default (409 naming it), never by the retried run\'s own strategy: a retry cancels an active run only when asked to (`interrupt`). A retry whose input is not in the thread (its message deleted, or an `enqueue` run cancelled before it took the thread) appends it: 409 when that would take the thread past MAX_MESSAGES_PER_THREAD messages. 409 too for a run that had no input, on a thread whose messages were deleted since: the model would have nothing to answer.',
+          'A new run with the same agent, model and input, for a failed or cancelled run (409 otherwise): **202** with the new run. A run active on the thread now is met by `?multitask_strategy=`, `reject` by default (409 naming it), never by the retried run\'s own strategy: a retry cancels an active run only when asked to (`interrupt`). A retry whose input is not in the thread (its message deleted, or an `enqueue` run cancelled before it took the thread) appends it: 409 when that would take the thread past MAX_MESSAGES_PER_THREAD messages. 409 too for a run that had no input, on a thread left with no message for the model to read (its messages deleted since): the model would have nothing to answer.',
         tags,
         params: RunIdParams,
         querystring: RunRetryQuery,
