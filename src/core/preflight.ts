@@ -80,9 +80,9 @@ export function databaseProblem(error: unknown, settings: Settings): ConfigError
     '28000': 'create the role or fix the user name in the URL',
     '28P01': 'fix the password in the URL',
     '57P03': 'the server is starting up or shutting down: try again shortly',
-    // Each Keel process holds up to DATABASE_POOL_SIZE connections: N api and M worker nodes need (N + M) times that.
+    // Each Keel process holds up to DATABASE_POOL_SIZE connections and three that listen for changes (db-postgres.ts, Listener): N api and M worker nodes need (N + M) times that.
     '53300':
-      "every connection it allows is taken (the server's max_connections, or the role's or database's CONNECTION LIMIT): raise that limit, stop what holds connections, or lower DATABASE_POOL_SIZE (each Keel process holds up to that many)",
+      "every connection it allows is taken (the server's max_connections, or the role's or database's CONNECTION LIMIT): raise that limit, stop what holds connections, or lower DATABASE_POOL_SIZE (each Keel process holds up to that many, and three more that listen for changes)",
   };
   if (code && fixes[code]) return new ConfigError(`DATABASE_URL: PostgreSQL at ${target} says: ${messageOf(error)}; ${fixes[code]}`);
   if (code && /^(08|28|3D)/.test(code)) return new ConfigError(`DATABASE_URL: PostgreSQL at ${target} refused the connection: ${messageOf(error)}`);

@@ -26,7 +26,7 @@ export function nameProblem(name: string): string | null {
   if (name.length > MAX_NAME_CHARS) return `Name must have at most ${MAX_NAME_CHARS} characters`;
   if (name === '.' || name === '..') return 'Name must not be "." or ".."';
   if (LONE_SURROGATE.test(name)) return 'Name contains an unpaired surrogate';
-  if (FORBIDDEN_IN_NAME.test(name)) return 'Name must not contain "/", "\\", control characters or invisible formatting characters';
+  if (FORBIDDEN_IN_NAME.test(name)) return 'Name must not contain "/", "\\", control characters, line or paragraph separators or invisible formatting characters';
   return null;
 }
 
