@@ -300,6 +300,9 @@ describe('extractDocument: what it refuses', () => {
     expect(await rejection(extract(unclosed, 'unclosed.html'))).toMatch(/nests elements more than/);
     const atLimit = await file('nested.html', `<html><body>${'<div>'.repeat(MAX_HTML_DEPTH - 2)}inner words${'</div>'.repeat(MAX_HTML_DEPTH - 2)}${'<br>'.repeat(5_000)}</body></html>`);
     expect((await extract(atLimit, 'nested.html')).text).toBe('inner words');
+    // Self-closed tags (XHTML written as HTML) open nothing, however many.
+    const selfClosed = await file('xhtml.html', `<html><body><p>${'<span class="x"/>'.repeat(MAX_HTML_DEPTH + 100)}flat words</p></body></html>`);
+    expect((await extract(selfClosed, 'xhtml.html')).text).toBe('flat words');
   });
 
   it('refuses a malformed PDF with pdf.js\'s reason', async () => {

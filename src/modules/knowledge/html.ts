@@ -55,7 +55,9 @@ export class HtmlTextReader {
         onclosetag: (name) => this.close(name),
         ontext: (text) => this.text(text),
       },
-      { decodeEntities: true, lowerCaseTags: true },
+      // `<span/>` closes itself: pages written as XHTML repeat such tags by the thousand in one
+      // element, and read as opening tags they nested past MAX_HTML_DEPTH and were refused.
+      { decodeEntities: true, lowerCaseTags: true, recognizeSelfClosing: true },
     );
   }
 
