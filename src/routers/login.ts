@@ -74,7 +74,7 @@ export const loginRouter: FastifyPluginAsyncZod = async (app) => {
         tags,
         security: [],
         params: RecoveryParams,
-        response: { 200: Message, 422: ValidationError, 429: ErrorBody },
+        response: { 200: Message, 429: ErrorBody },
       },
       // Before validation, so that invalid requests count too.
       onRequest: [

@@ -6,6 +6,7 @@ import { emailBinding, hashPassword, type TokenService, verifyPassword } from '.
 
 import type { NewUser, User } from '../models/index.js';
 
+import { Email } from '../schemas/common.js';
 import type { UserCreate, UserRegister, UserUpdate, UserUpdateMe } from '../schemas/user.js';
 
 import { lockBillingRows } from '../crud/billing.js';
@@ -171,6 +172,8 @@ export async function requestPasswordRecovery(
   logger: Logger,
   email: string,
 ): Promise<void> {
+  // Not an address, so no account's: the same answer as for an unknown one, and nothing looked up.
+  if (!Email.safeParse(email).success) return;
   const user = await userCrud.getByEmail(db, email);
   if (!user || !user.is_active) return;
   // Signed and mailed after the answer has gone, so that it takes as long as for an unknown email.
