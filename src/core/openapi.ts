@@ -36,7 +36,7 @@ export async function registerOpenApi(app: FastifyInstance, settings: Settings):
       components: {
         securitySchemes: {
           bearer: { type: 'http', scheme: 'bearer', description: 'An access token or an API key' },
-          apiKey: { type: 'apiKey', in: 'header', name: 'X-API-Key' },
+          apiKey: { type: 'apiKey', in: 'header', name: 'X-API-Key', description: 'An API key only (an access token goes in Authorization: Bearer)' },
           metricsToken: { type: 'http', scheme: 'bearer', description: 'METRICS_TOKEN (GET /metrics, when it is set)' },
         },
       },

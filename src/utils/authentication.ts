@@ -21,6 +21,12 @@ export interface Principal {
 
 const API_KEY_TOUCH_INTERVAL_MS = 60_000;
 
+/** A request's credential, and whether its header takes API keys only (X-API-Key, SPEC §3). */
+interface Credential {
+  secret: string;
+  apiKeyOnly: boolean;
+}
+
 /**
  * The credential of a request: a bearer token (JWT or API key), else an `X-API-Key` header. An
  * Authorization header without a bearer credential (empty, `Bearer` alone, another scheme such as a
@@ -28,15 +34,15 @@ const API_KEY_TOUCH_INTERVAL_MS = 60_000;
  * did: the key's request was answered 401 as if it had none). A bearer credential is the one
  * checked, valid or not: a bad one is refused, never passed over for the other header.
  */
-function credentialOf(request: FastifyRequest): string | null {
+function credentialOf(request: FastifyRequest): Credential | null {
   const header = request.headers.authorization;
   if (header !== undefined) {
     const space = header.indexOf(' ');
     const token = space < 0 || header.slice(0, space).toLowerCase() !== 'bearer' ? '' : header.slice(space + 1).trim();
-    if (token) return token;
+    if (token) return { secret: token, apiKeyOnly: false };
   }
   const apiKey = request.headers['x-api-key'];
-  return typeof apiKey === 'string' && apiKey ? apiKey : null;
+  return typeof apiKey === 'string' && apiKey ? { secret: apiKey, apiKeyOnly: true } : null;
 }
 
 /** The key and its owner from the in-memory caches (exact: see cacheApiKeys and cacheUsers). */
@@ -65,9 +71,12 @@ async function principalFromToken(request: FastifyRequest, token: string): Promi
   return { user, apiKeyId: null, apiKeyLimits: null, scopeProjectId: null };
 }
 
-function principalOf(request: FastifyRequest, credential: string): Promise<Principal | null> {
+function principalOf(request: FastifyRequest, { secret, apiKeyOnly }: Credential): Promise<Principal | null> {
   // A JWT can never start with the key prefix (its first segment is base64url JSON, "eyJ").
-  return looksLikeApiKey(credential) ? principalFromApiKey(request, credential) : principalFromToken(request, credential);
+  if (looksLikeApiKey(secret)) return principalFromApiKey(request, secret);
+  // X-API-Key takes API keys only: an access token sent there is refused as any bad key is (the
+  // same 401, which does not say it was a token), not read; it belongs in Authorization.
+  return apiKeyOnly ? Promise.resolve(null) : principalFromToken(request, secret);
 }
 
 /** onRequest hook: the caller must be an active user (by access token or API key). */

@@ -873,6 +873,21 @@ describe('authentication and errors', () => {
     expect(completion.choices[0]!.message.content).toBe('Hello from the fake model.');
   });
 
+  it('refuses an access token in X-API-Key (API keys only there) with the 401 a wrong key gets, and calls no model', async () => {
+    const sent = fake.log.length;
+    for (const credential of [user.token, 'keel_not-a-real-key']) {
+      const response = await fetch(`${baseURL}/chat/completions`, {
+        method: 'POST',
+        headers: { 'x-api-key': credential, 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'fake-chat', messages: [{ role: 'user', content: 'Hi' }] }),
+      });
+      expect(response.status).toBe(401);
+      expect(response.headers.get('www-authenticate')).toBe('Bearer');
+      expect(await response.json()).toEqual({ error: { message: 'Incorrect API key provided.', type: 'invalid_request_error', param: null, code: 'invalid_api_key' } });
+    }
+    expect(fake.log).toHaveLength(sent);
+  });
+
   it('answers an unknown model with 404 model_not_found before calling upstream', async () => {
     const error = await apiError(client.chat.completions.create({ model: 'gpt-nonexistent', messages: [{ role: 'user', content: 'Hi' }] }));
     expect(error).toBeInstanceOf(OpenAI.NotFoundError);

@@ -370,6 +370,20 @@ describe('authenticating with a key', () => {
     expect((await api('GET', '/users/me', { authorization: '', 'x-api-key': '' })).statusCode).toBe(401);
   });
 
+  it('takes API keys only in X-API-Key: an access token there answers 401 exactly as a wrong key does (SPEC §3: tokens go in Authorization)', async () => {
+    const alice = await createUser(ctx.app);
+    const wrongKey = await api('GET', '/users/me', xApiKey('keel_forged'));
+    for (const headers of [xApiKey(alice.token), { authorization: '', ...xApiKey(alice.token) }]) {
+      const response = await api('GET', '/users/me', headers);
+      expect(response.statusCode).toBe(401);
+      expect(response.json()).toEqual(INVALID);
+      expect(response.json()).toEqual(wrongKey.json());
+      expect(response.headers['www-authenticate']).toBe('Bearer');
+    }
+    // The same token as a bearer credential is the caller's.
+    expect((await api('GET', '/users/me', alice.headers)).json<UserBody>().id).toBe(alice.user.id);
+  });
+
   it('refuses the key of a deactivated user with 401', async () => {
     const admin = await createUser(ctx.app, { superuser: true });
     const alice = await createUser(ctx.app);
