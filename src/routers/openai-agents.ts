@@ -76,7 +76,7 @@ export function agentModelRoutes(app: FastifyInstance) {
       if (late) nameRun(reply, ids);
       const chunks = agentCompletionChunks(first, ids, body.model, body.stream_options?.include_usage === true, request.log);
       // Counted with the run-event streams it is held among (hold, above): its run is cancelled, as for a client that left.
-      cutOffStalledReader(request, reply.raw, { model: body.model, runId: ids.runId }, 'agent completion stream', () => app.eventStreams.cutOffStalled());
+      cutOffStalledReader(request, reply.raw, { model: body.model, runId: ids.runId }, 'agent completion stream', { onCutOff: () => app.eventStreams.cutOffStalled() });
       return reply
         .header('content-type', 'text/event-stream; charset=utf-8')
         .header('cache-control', 'no-cache')

@@ -2,7 +2,7 @@ import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from
 import { type FastifyPluginAsyncZod, validatorCompiler } from 'fastify-type-provider-zod';
 
 import { noteRefusal } from '../core/access-log.js';
-import { ShuttingDownError } from '../core/errors.js';
+import { ShuttingDownError, UnauthorizedError } from '../core/errors.js';
 import { shutdownCutAtMs } from '../core/http-server.js';
 import { type JsonBodyCheck,jsonBodyParser } from '../core/json-body.js';
 
@@ -192,11 +192,18 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
     async (request, reply) => {
       const { body } = request;
       if (isAgentModel(body.model)) return agents.complete(request, reply);
-      const chat = toChatRequest(body, callContext(request.principal), disconnectSignal(reply, inFlight), request.hops);
+      const caller = disconnectSignal(reply, inFlight);
+      const chat = toChatRequest(body, callContext(request.principal), caller, request.hops);
       if (body.stream) {
         const opened = await openStream(models.stream(chat), body.model, app.settings.GATEWAY_STREAM_HEARTBEAT_MS);
         const frames = new CompletionFrames(opened.model, body.stream_options?.include_usage === true);
-        cutOffStalledReader(request, reply.raw, { model: body.model }, 'chat completion stream', () => app.metrics.chatCompletionStreams.stalled.inc());
+        cutOffStalledReader(request, reply.raw, { model: body.model }, 'chat completion stream', {
+          onCutOff: () => app.metrics.chatCompletionStreams.stalled.inc(),
+          // A stream outlives its request's authentication: once its key is revoked or deleted (its
+          // token outdated, its user deactivated or deleted) it ends with a 401 error event, its
+          // upstream call aborted and metered for what it streamed, rather than at the model's end.
+          onCredentialLost: () => caller.abort(new UnauthorizedError()),
+        });
         return reply
           .header('content-type', 'text/event-stream; charset=utf-8')
           .header('cache-control', 'no-cache')

@@ -13,7 +13,7 @@ import { eventDataJson, type RunEvent } from '../modules/agents/run-bus.js';
 import { contextOf } from '../services/context.js';
 import * as runService from '../services/run-service.js';
 import { cutOffStalledReader } from '../services/stalled-readers.js';
-import { requireUser, stillAuthenticated } from '../utils/authentication.js';
+import { requireUser } from '../utils/authentication.js';
 
 const tags = ['runs'];
 /** What a route that queues a run answers. */
@@ -252,16 +252,17 @@ function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: strin
   const keepAlive = setInterval(() => {
     raw.write(': keep-alive\n\n');
     if (quiet) void runService.stillStored(runs.db, runId).then((stored) => stored || controller.abort(), () => undefined);
-    // The stream outlives its request's authentication: once its API key is revoked, deleted or
-    // expired (or its token outdated, its user deactivated), it ends here rather than with the run,
-    // which goes on when the key did not start it; a reconnect answers 401. A check that fails
-    // (the database down) ends nothing.
-    void stillAuthenticated(request).then((authenticated) => authenticated || controller.abort(), () => undefined);
     quiet = true;
   }, settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000);
   // A reader that takes nothing for that long is gone or holding the connection: it is cut off (it
   // may reconnect with its Last-Event-ID), not kept with its socket, reader and timer for good.
-  const stopWatching = cutOffStalledReader(request, raw, { runId }, 'run event stream', () => eventStreams.cutOffStalled());
+  // The stream outlives its request's authentication: once its API key is revoked, deleted or
+  // expired (or its token outdated, its user deactivated), it ends at the next look rather than
+  // with the run, which goes on when the key did not start it; a reconnect answers 401.
+  const stopWatching = cutOffStalledReader(request, raw, { runId }, 'run event stream', {
+    onCutOff: () => eventStreams.cutOffStalled(),
+    onCredentialLost: () => controller.abort(),
+  });
   void (async () => {
     try {
       for await (const event of runs.bus.events.read(runId, after, controller.signal)) {

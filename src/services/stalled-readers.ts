@@ -2,6 +2,8 @@ import type { ServerResponse } from 'node:http';
 
 import type { FastifyRequest } from 'fastify';
 
+import { stillAuthenticated } from '../utils/authentication.js';
+
 /** Keep-alive intervals a reader's socket may take nothing (stay full) before its stream is cut off. */
 export const STALLED_READER_KEEPALIVES = 4;
 
@@ -16,9 +18,10 @@ export const STALLED_READER_KEEPALIVES = 4;
  * longer than the cut-off to empty its socket's buffer, and cutting it off would cut it off again
  * on every reconnect. Writers keep their backpressure (write until full, then wait for `drain`),
  * so what waits only grows by their keep-alive comments while a reader takes nothing. Stops by
- * itself when the response closes; returns what stops it sooner.
+ * itself when the response closes; returns what stops it sooner. `onLook`, if given, is called at
+ * every look too: what else a stream checks at that pace shares its timer.
  */
-export function watchStalledReader(raw: ServerResponse, intervalMs: number, onStalled: () => void): () => void {
+export function watchStalledReader(raw: ServerResponse, intervalMs: number, onStalled: () => void, onLook?: () => void): () => void {
   let looks = 0;
   let waiting: number | undefined;
   const took = () => {
@@ -26,6 +29,7 @@ export function watchStalledReader(raw: ServerResponse, intervalMs: number, onSt
     waiting = undefined;
   };
   const timer = setInterval(() => {
+    onLook?.();
     const left = raw.writableLength;
     if (!raw.writableNeedDrain || waiting === undefined || left < waiting) {
       looks = 0;
@@ -46,17 +50,48 @@ export function watchStalledReader(raw: ServerResponse, intervalMs: number, onSt
   return stop;
 }
 
+/** What a watched stream does besides being cut off when its reader stalls (cutOffStalledReader). */
+export interface StreamWatch {
+  /** Counts a cut-off where the stream is counted. */
+  onCutOff?: () => void;
+  /**
+   * Ends the stream: its credential no longer authenticates its caller (its API key revoked,
+   * deleted or expired, its token outdated, its user deactivated or deleted). Asked at each look
+   * through the key and user caches (stillAuthenticated), so a stream costs no database read per
+   * chunk; called once. A check that fails (the database down) ends nothing.
+   */
+  onCredentialLost?: () => void;
+}
+
 /**
  * Cuts off `raw`'s stream once its reader has taken nothing for STALLED_READER_KEEPALIVES
  * intervals of RUN_EVENTS_KEEPALIVE_SECONDS (watchStalledReader): the same for every long-lived
  * stream of the API, run events and /v1 completions alike. Destroying the response is what a
  * client leaving does: a model call held back for it is aborted (and metered as aborted), a run's
- * reader stops. `onCutOff` counts it where the stream is counted.
+ * reader stops. With `onCredentialLost` (run-event streams, streamed /v1 completions), the
+ * stream's credential is checked again at the same pace, on the same timer.
  */
-export function cutOffStalledReader(request: FastifyRequest, raw: ServerResponse, fields: Record<string, unknown>, what: string, onCutOff?: () => void): () => void {
-  return watchStalledReader(raw, request.server.settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000, () => {
-    request.log.info(fields, `${what} cut off: its reader took nothing`);
-    onCutOff?.();
-    raw.destroy();
-  });
+export function cutOffStalledReader(request: FastifyRequest, raw: ServerResponse, fields: Record<string, unknown>, what: string, watch: StreamWatch = {}): () => void {
+  const { onCutOff, onCredentialLost } = watch;
+  const stop = watchStalledReader(
+    raw,
+    request.server.settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000,
+    () => {
+      request.log.info(fields, `${what} cut off: its reader took nothing`);
+      onCutOff?.();
+      raw.destroy();
+    },
+    onCredentialLost &&
+      (() =>
+        void stillAuthenticated(request).then(
+          (authenticated) => {
+            if (authenticated || raw.destroyed || raw.writableEnded) return;
+            stop();
+            request.log.info(fields, `${what} ended: its credential no longer authenticates`);
+            onCredentialLost();
+          },
+          () => undefined,
+        )),
+  );
+  return stop;
 }

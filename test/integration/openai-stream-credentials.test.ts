@@ -1,0 +1,149 @@
+/**
+ * A streamed /v1 chat completion outlives its request's authentication: once its API key is revoked
+ * or deleted, or its user deactivated or deleted, it ends at the next look of its watcher
+ * (RUN_EVENTS_KEEPALIVE_SECONDS, as a run-event stream does) with a 401 error event, its upstream
+ * request aborted, and its call metered and charged for what it streamed, rather than running on to
+ * the model's end. Real HTTP, a slow fake model.
+ */
+import { and, eq } from 'drizzle-orm';
+import { describe, expect, it } from 'vitest';
+
+import { creditTransactions, usageRecords } from '../../src/models/index.js';
+
+import { getBalance, ledgerSum } from '../../src/crud/billing.js';
+import { useTestApp } from '../helpers/app.js';
+import { bearer, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
+import { apiOf, createKey, xApiKey } from '../helpers/http.js';
+import { useRunServer } from '../helpers/runs.js';
+
+// A look every second: a stream whose credential stops working ends within about two.
+const ctx = useTestApp({ RUN_EVENTS_KEEPALIVE_SECONDS: '1', BILLING_ENABLED: 'true', USAGE_FLUSH_INTERVAL_MS: '20', MODEL_MAX_RETRIES: '0' });
+const server = useRunServer(ctx);
+const api = apiOf(ctx);
+
+const MODEL = 'fake-precise';
+// 100 chunks 200 ms apart: a 20 s answer, far longer than any stream here is let run.
+const SLOW = { chunks: Array.from({ length: 100 }, (_, i) => `w${i} `), chunkDelayMs: 200, usage: { prompt_tokens: 5, completion_tokens: 100 } };
+/** Where a stream that ends on its own must have ended by (its credential checked some 8 times meanwhile). */
+const ENDED_WITHIN_MS = 6_000;
+const GRANT = 100;
+const INVALID_API_KEY = { message: 'Incorrect API key provided.', type: 'invalid_request_error', param: null, code: 'invalid_api_key' };
+
+interface ReadStream {
+  status: number;
+  text: string;
+  endedAt: number;
+}
+
+/** A streamed completion over real HTTP, read to its end (or 40 s, whichever comes first). */
+async function readCompletion(headers: Record<string, string>): Promise<ReadStream> {
+  const response = await fetch(`${server.base}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { ...headers, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: MODEL, stream: true, messages: [{ role: 'user', content: 'Count' }] }),
+    signal: AbortSignal.timeout(40_000),
+  });
+  let text = '';
+  const decoder = new TextDecoder();
+  for await (const piece of response.body!) text += decoder.decode(piece as Uint8Array, { stream: true });
+  return { status: response.status, text, endedAt: Date.now() };
+}
+
+async function fundedUser(admin: Record<string, string>): Promise<TestUser> {
+  const user = await createUser(ctx.app);
+  const granted = await api('POST', '/billing/credits', admin, { user_id: user.user.id, amount: String(GRANT), description: 'test credits' });
+  expect(granted.statusCode, granted.body).toBe(200);
+  return user;
+}
+
+/** The user's one usage record, written; the ledger's charge for it; nothing held; the balance the ledger's sum and the grant less the cost. */
+async function expectSettled(userId: string): Promise<{ status: string; output_tokens: number; cost: string }> {
+  await ctx.app.meter.idle();
+  const records = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, userId));
+  expect(records).toHaveLength(1);
+  const record = records[0]!;
+  const charges = await ctx.database.db
+    .select({ amount: creditTransactions.amount })
+    .from(creditTransactions)
+    .where(and(eq(creditTransactions.owner_id, userId), eq(creditTransactions.usage_record_id, record.id)));
+  expect(charges.map((c) => Number(c.amount))).toEqual([-Number(record.cost)]);
+  const account = await getBalance(ctx.database.db, userId);
+  expect(Number(account.reserved)).toBe(0);
+  expect(await ledgerSum(ctx.database.db, userId)).toBe(account.balance);
+  expect(Number(account.balance)).toBeCloseTo(GRANT - Number(record.cost), 9);
+  return record;
+}
+
+describe('a streamed /v1 chat completion whose credential stops working mid-stream', () => {
+  it.each([
+    ['its API key revoked', 'key', (user: TestUser, keyId: string) => api('PATCH', `/api-keys/${keyId}`, user.headers, { status: 'revoked' })],
+    ['its API key deleted', 'key', (user: TestUser, keyId: string) => api('DELETE', `/api-keys/${keyId}`, user.headers)],
+    ['its user deactivated (an API key)', 'key', (user: TestUser, _keyId: string, admin: Record<string, string>) => api('PATCH', `/users/${user.user.id}`, admin, { is_active: false })],
+    ['its user deactivated (an access token)', 'token', (user: TestUser, _keyId: string, admin: Record<string, string>) => api('PATCH', `/users/${user.user.id}`, admin, { is_active: false })],
+  ] as const)(
+    'ends within a few looks once %s: a 401 error event, no [DONE], the upstream request aborted, the call recorded and charged for what it streamed',
+    async (_label, credential, stopWorking) => {
+      const { fake } = server;
+      const admin = await superuserHeaders(ctx.app);
+      const user = await fundedUser(admin);
+      const key = await createKey(ctx.app, user);
+      fake.script(MODEL, SLOW);
+      const reading = readCompletion(credential === 'key' ? xApiKey(key.key) : bearer(user.token));
+      // Well into the answer before the credential stops working.
+      await fake.waitFor((log) => (log[0]?.chunksSent ?? 0) >= 5, 10_000);
+      const stoppedAt = Date.now();
+      expect((await stopWorking(user, key.id, admin)).statusCode).toBe(200);
+      const { status, text, endedAt } = await reading;
+      expect(status).toBe(200);
+      expect(endedAt - stoppedAt).toBeLessThan(ENDED_WITHIN_MS);
+      expect(text).toContain('data: {"id"');
+      // Its last event is the 401 any call with that credential now gets, in OpenAI's shape.
+      expect(text.trimEnd().split('\n\n').at(-1)).toBe(`data: ${JSON.stringify({ error: INVALID_API_KEY })}`);
+      expect(text).not.toContain('data: [DONE]');
+      await fake.waitFor((log) => log[0]!.aborted, 5_000);
+      expect(fake.log[0]).toMatchObject({ completed: false, aborted: true });
+      expect(fake.log[0]!.chunksSent).toBeLessThan(SLOW.chunks.length);
+      const record = await expectSettled(user.user.id);
+      expect(record.status).toBe('aborted');
+      // Charged for the chunks it streamed (estimated: the usage would have come at the end).
+      expect(record.output_tokens).toBeGreaterThan(0);
+      expect(Number(record.cost)).toBeGreaterThan(0);
+    },
+    30_000,
+  );
+
+  it('ends once its user is deleted: the upstream request aborted, nothing left held', async () => {
+    const { fake } = server;
+    const admin = await superuserHeaders(ctx.app);
+    const user = await fundedUser(admin);
+    fake.script(MODEL, SLOW);
+    const reading = readCompletion(user.headers);
+    await fake.waitFor((log) => (log[0]?.chunksSent ?? 0) >= 5, 10_000);
+    const stoppedAt = Date.now();
+    expect((await api('DELETE', `/users/${user.user.id}`, admin)).statusCode).toBe(200);
+    const { text, endedAt } = await reading;
+    expect(endedAt - stoppedAt).toBeLessThan(ENDED_WITHIN_MS);
+    expect(text).not.toContain('data: [DONE]');
+    await fake.waitFor((log) => log[0]!.aborted, 5_000);
+    await ctx.app.meter.idle();
+    // The deleted user's record goes with the user (admin-in-flight.test.ts); its hold does not stay.
+    expect(await getBalance(ctx.database.db, user.user.id)).toEqual({ balance: '0', reserved: '0' });
+  }, 30_000);
+
+  it("runs to its end while its credential works, another key of the user's revoked meanwhile", async () => {
+    const { fake } = server;
+    const admin = await superuserHeaders(ctx.app);
+    const user = await fundedUser(admin);
+    const [used, other] = [await createKey(ctx.app, user, { name: 'used' }), await createKey(ctx.app, user, { name: 'other' })];
+    // 20 chunks 200 ms apart: 4 s, some four looks.
+    fake.script(MODEL, { ...SLOW, chunks: SLOW.chunks.slice(0, 20) });
+    const reading = readCompletion(xApiKey(used.key));
+    await fake.waitFor((log) => (log[0]?.chunksSent ?? 0) >= 2, 10_000);
+    expect((await api('PATCH', `/api-keys/${other.id}`, user.headers, { status: 'revoked' })).statusCode).toBe(200);
+    const { text } = await reading;
+    expect(text).toContain('data: [DONE]');
+    expect(text).not.toContain('"error"');
+    expect(fake.log[0]).toMatchObject({ completed: true, aborted: false });
+    expect((await expectSettled(user.user.id)).status).toBe('success');
+  }, 30_000);
+});
