@@ -548,6 +548,42 @@ describe('metered calls with BILLING_ENABLED', () => {
     await expectConsistent(user);
   });
 
+  /** `units` ten-millionths of a credit (a price of 3.7 a million tokens is 37 a token) as a decimal: with a usage row's 12 places, or trimmed as the API gives it. */
+  const tenMillionths = (units: number, places?: number) => {
+    const text = `${Math.floor(units / 1e7)}.${String(units % 1e7).padStart(7, '0')}`;
+    return places === undefined ? text.replace(/\.?0+$/, '') : text.padEnd(text.indexOf('.') + 1 + places, '0');
+  };
+
+  /** `user`'s one usage row, and the one usage entry of its ledger, each charging `units` ten-millionths; its balance 1 less that. */
+  async function expectChargedOnce(user: TestUser, units: number) {
+    await ctx.app.meter.idle();
+    const [row, ...others] = await ctx.database.db.select().from(usageRecords).where(eq(usageRecords.owner_id, user.user.id));
+    expect(others).toEqual([]);
+    expect(row!.cost).toBe(tenMillionths(units, 12));
+    const usage = (await api('GET', '/billing/transactions', user.headers)).json<ListBody<TransactionBody>>().data.filter((t) => t.type === 'usage');
+    expect(usage.map((t) => [t.amount, t.usage_record_id])).toEqual([[`-${tenMillionths(units)}`, row!.id]]);
+    expect((await balanceOf(user)).balance).toBe(tenMillionths(1e7 - units));
+    await expectConsistent(user);
+    return row!;
+  }
+
+  it('an embeddings call sent in several requests, one answering another number of vectors than its inputs, pays for the usage each request reported: a 502 naming its inputs', async () => {
+    const priced = await api('POST', '/models', admin, { id: 'fake-embed-miscounted', provider: 'fake', capabilities: ['embedding'], pricing: { input_cost_per_million_tokens: '3.7', output_cost_per_million_tokens: '0' } });
+    expect(priced.statusCode, priced.body).toBe(200);
+    const user = await createUser(ctx.app);
+    await grant(user, '1');
+    const answer = (count: number, tokens: number) => ({
+      rawBody: JSON.stringify({ object: 'list', data: Array.from({ length: count }, (_, index) => ({ object: 'embedding', index, embedding: [index, 1] })), usage: { prompt_tokens: tokens } }),
+    });
+    // Two requests (2,048 inputs and 3): the second answered with two vectors.
+    fake.script('fake-embed-miscounted', answer(2048, 5), answer(2, 1));
+    const values = Array.from({ length: 2051 }, (_, i) => `t${i}`);
+    const failure = ctx.app.models.embed({ model: 'fake-embed-miscounted', values, context: { user_id: user.user.id } });
+    await expect(failure).rejects.toMatchObject({ statusCode: 502, message: "Model fake-embed-miscounted answered 2 vectors for 3 inputs (inputs 2049 to 2051 of the call's 2051, sent in several requests)" });
+    const row = await expectChargedOnce(user, (5 + 1) * 37);
+    expect(row).toMatchObject({ operation: 'embed', status: 'error', estimated: false, input_tokens: 5 + 1 });
+  });
+
   it('a call whose provider reports no usage is charged from an estimate, its usage record marked estimated', async () => {
     const user = await createUser(ctx.app);
     await grant(user, '100');

@@ -1026,15 +1026,28 @@ describe('ModelManager.embed', () => {
     expect(fake.server.log[0]!.headers.authorization).toBe('Bearer sk-from-header');
   });
 
-  it('refuses a split answer whose requests miscount, though the total fits', async () => {
-    const values = Array.from({ length: 2049 }, (_, i) => `t${i}`);
-    const answer = (count: number): ScriptedReply => ({
-      rawBody: JSON.stringify({ object: 'list', data: Array.from({ length: count }, (_, index) => ({ object: 'embedding', index, embedding: [index, 1] })), usage: { prompt_tokens: 1 } }),
+  it('refuses a split answer whose requests miscount, though the total fits, naming the inputs; each request sent is charged the usage it reported, as a call of its own', async () => {
+    const m = manager({ maxRetries: 0 });
+    const values = Array.from({ length: 2051 }, (_, i) => `t${i}`);
+    const answer = (count: number, tokens: number): ScriptedReply => ({
+      rawBody: JSON.stringify({ object: 'list', data: Array.from({ length: count }, (_, index) => ({ object: 'embedding', index, embedding: [index, 1] })), usage: { prompt_tokens: tokens } }),
     });
-    fake.server.script('fake-embed', answer(2047), answer(2));
-    const failure = await failureOf(manager().embed({ model: 'fake-embed', values }));
-    expect(failure).toBeInstanceOf(ModelAnswerError);
-    expect((failure as ModelAnswerError).message).toBe('Model fake-embed answered 2047 vectors for 2048 inputs');
+    // The first of the two requests miscounts: the second is never sent.
+    fake.server.script('fake-embed', answer(2047, 5), answer(3, 1));
+    const first = await failureOf(m.embed({ model: 'fake-embed', values }));
+    expect(first).toBeInstanceOf(ModelAnswerError);
+    expect((first as ModelAnswerError).message).toBe("Model fake-embed answered 2047 vectors for 2048 inputs (inputs 1 to 2048 of the call's 2051, sent in several requests)");
+    expect(fake.server.log).toHaveLength(1);
+    // What its provider reported, not its inputs' estimate: it answered, and billed that.
+    expect(await settled(1)).toMatchObject([{ status: 'error', estimated: false, attempts: 1, tokens: { input: 5, output: 0 } }]);
+
+    // The second miscounts: both requests as reported.
+    fake.server.reset();
+    fake.records.length = 0;
+    fake.server.script('fake-embed', answer(2048, 5), answer(2, 1));
+    const second = await failureOf(m.embed({ model: 'fake-embed', values }));
+    expect((second as ModelAnswerError).message).toBe("Model fake-embed answered 2 vectors for 3 inputs (inputs 2049 to 2051 of the call's 2051, sent in several requests)");
+    expect(await settled(1)).toMatchObject([{ status: 'error', estimated: false, attempts: 1, tokens: { input: 5 + 1, output: 0 } }]);
   });
 
   it('sends more than 2,048 inputs in requests of 2,048 at most, and hands back every vector in input order with the usage of all', async () => {

@@ -1185,9 +1185,35 @@ function embeddingTokensBound(values: readonly string[]): number {
   return values.reduce((tokens, value) => tokens + 2 * Buffer.byteLength(value, 'utf8') + EMBEDDING_INPUT_EXTRA_TOKENS, 0);
 }
 
-/** An answer with another number of vectors than the inputs it was asked for is the provider's fault (502). */
-function checkVectorCount(modelId: string, inputs: number, vectors: number): void {
-  if (vectors !== inputs) throw new ModelAnswerError(`Model ${modelId} answered ${vectors} vector${vectors === 1 ? '' : 's'} for ${inputs} inputs`);
+/** Input tokens a provider reported for `values`, as far as they are believed (embeddingTokensBound); undefined when it reported none. */
+const boundedTokens = (reported: number | undefined, values: readonly string[]): number | undefined => (reported === undefined ? undefined : Math.min(reported, embeddingTokensBound(values)));
+
+/**
+ * An answer with another number of vectors than the inputs it was asked for is the provider's
+ * fault (502). One of a call sent in several requests (`part`: where its inputs start among the
+ * call's) says which of the call's inputs that request held: the caller sent more than it names.
+ */
+function checkVectorCount(modelId: string, inputs: number, vectors: number, part?: { start: number; of: number }): void {
+  if (vectors === inputs) return;
+  const which = part ? ` (inputs ${part.start + 1} to ${part.start + inputs} of the call's ${part.of}, sent in several requests)` : '';
+  throw new ModelAnswerError(`Model ${modelId} answered ${vectors} vector${vectors === 1 ? '' : 's'} for ${inputs} input${inputs === 1 ? '' : 's'}${which}`);
+}
+
+/** `attempt` as one request of a split try on the wire sees it: its 2xx told to `answering` as well (the attempt's `answered` stays the try's). */
+function requestSignal(attempt: AbortLike, answering: () => void): AbortLike {
+  return {
+    get aborted() {
+      return attempt.aborted;
+    },
+    get reason() {
+      return attempt.reason;
+    },
+    onAbort: (listener) => attempt.onAbort(listener),
+    answering: () => {
+      answering();
+      attempt.answering?.();
+    },
+  };
 }
 
 /** An embeddings call's answer before it is checked: vectors as listed, each request's `index` values (see `inInputOrder`), tokens reported. */
@@ -1381,35 +1407,77 @@ interface AttemptState {
   outputTokens: number;
   /** The call's reservation holds its output maximum (UsageReservation.holdsOutput): it is sent upstream (sentOutputTokens). */
   capped: boolean;
-  /** A try sent in several requests, while it runs (`embedOverWire`): what a failure midway was billed for (`billedBeforeFailing`). */
+  /** A try sent in several requests, while it runs (`embedOverWire`): what a failure midway was billed for (`SplitTry.billed`). */
   split?: SplitTry;
 }
 
-/**
- * A try whose inputs go upstream in several requests, one after another (embeddings past
- * OPENAI_EMBEDDING_INPUTS): the provider bills each request on its own. One that fails midway was
- * billed for the requests that completed, and for the one in flight as a call of its own is
- * (`billedBeforeFailing`) — not for every input.
- */
-interface SplitTry {
-  /** The input tokens of the requests that completed: as reported, or estimated where a provider reported none. */
-  completedTokens: number;
-  completedEstimated: boolean;
-  /** The estimate of the request in flight, and whether its provider's 2xx began. */
-  inFlightTokens: number;
-  inFlightAnswered: boolean;
+/** One request of a split try (SplitTry): its inputs' estimate, and whether its provider's 2xx began. */
+interface SplitRequest {
+  readonly estimate: number;
+  answered: boolean;
 }
 
 /**
- * What a split try that failed midway was billed for (see SplitTry), and whether any of it is an
- * estimate. The request in flight as `run` charges a call of one request: its prompt's estimate once
- * its 2xx began, or when the caller went away while it was upstream (`aborted`), else nothing.
+ * A try whose inputs go upstream in several requests (embeddings past what one request takes:
+ * OPENAI_EMBEDDING_INPUTS on the wire), one after another: the provider bills each request on its
+ * own. One that fails midway is charged what each request sent was billed, as a call of its own
+ * would be — not every input's estimate.
  */
-function billedBeforeFailing(split: SplitTry, aborted: boolean): { tokens: number; estimated: boolean } {
-  const inFlightBilled = split.inFlightTokens > 0 && (split.inFlightAnswered || aborted);
-  return inFlightBilled
-    ? { tokens: split.completedTokens + split.inFlightTokens, estimated: true }
-    : { tokens: split.completedTokens, estimated: split.completedEstimated };
+class SplitTry {
+  /** The input tokens of the requests that ended: as reported, or estimated (none reported, or a 2xx that failed). */
+  private endedTokens = 0;
+  private endedEstimated = false;
+  /** The estimates of the requests upstream (sent, not ended), and of those of them whose 2xx began. */
+  private upstreamTokens = 0;
+  private answeredTokens = 0;
+
+  /**
+   * `send(request)`: one request of `inputs`, the provider's answer as `reported` reads its input
+   * tokens (undefined: none reported, its estimate counts). One that fails on its own is billed as
+   * a call of its own failing so would be: its estimate once its 2xx began, else nothing (a 5xx,
+   * a 400). One that fails with its try (`attempt` aborted: the caller gone, the try's time up)
+   * stays upstream, for the try's end to bill (`billed`).
+   */
+  async request<T>(inputs: readonly string[], attempt: AbortLike, send: (request: SplitRequest) => Promise<T>, reported: (answer: T) => number | undefined): Promise<T> {
+    const request: SplitRequest = { estimate: estimateTokens(inputs.join('')), answered: false };
+    this.upstreamTokens += request.estimate;
+    let answer: T;
+    try {
+      answer = await send(request);
+    } catch (error) {
+      if (!attempt.aborted) this.ended(request, request.answered ? request.estimate : 0, request.answered);
+      throw error;
+    }
+    // Answered (and billed), whatever comes of its answer after: a count of vectors that does not fit is checked after this.
+    const tokens = reported(answer);
+    this.ended(request, tokens ?? request.estimate, tokens === undefined);
+    return answer;
+  }
+
+  /** `request`'s provider began its 2xx: from then on it bills the request. */
+  answering(request: SplitRequest): void {
+    if (request.answered) return;
+    request.answered = true;
+    this.answeredTokens += request.estimate;
+  }
+
+  private ended(request: SplitRequest, tokens: number, estimated: boolean): void {
+    this.upstreamTokens -= request.estimate;
+    if (request.answered) this.answeredTokens -= request.estimate;
+    this.endedTokens += tokens;
+    this.endedEstimated ||= estimated;
+  }
+
+  /**
+   * What the try was billed for once it failed, and whether any of it is an estimate: the requests
+   * that ended, and each still upstream as `run` charges a call of one request cut off there — its
+   * estimate once its 2xx began, or when the caller went away while it was upstream (`aborted`),
+   * else nothing. The requests never sent, nothing.
+   */
+  billed(aborted: boolean): { tokens: number; estimated: boolean } {
+    const upstream = aborted ? this.upstreamTokens : this.answeredTokens;
+    return upstream > 0 ? { tokens: this.endedTokens + upstream, estimated: true } : { tokens: this.endedTokens, estimated: this.endedEstimated };
+  }
 }
 
 type AttemptRunner<T> = (model: ModelInfo, attempt: Attempt, state: AttemptState) => Promise<T>;
@@ -1815,7 +1883,8 @@ export class ModelManager {
     return this.run(request, request.signal, 'embed', 'embedding', 0, async (model, attempt, state) => {
       const wire = this.options.providers.embeddingsWire(model.provider);
       const answer = wire ? await this.embedOverWire(wire, request, model, attempt, state) : await this.embedThroughSdk(request, model, attempt.signal);
-      state.usage = answer.tokens === undefined ? undefined : { ...ZERO_USAGE, input: Math.min(answer.tokens, embeddingTokensBound(request.values)) };
+      const tokens = boundedTokens(answer.tokens, request.values);
+      state.usage = tokens === undefined ? undefined : { ...ZERO_USAGE, input: tokens };
       const embeddings = inInputOrder(model.id, request.values.length, answer.vectors, answer.numbering);
       const { dimensions } = request;
       const size = dimensions ?? embeddings[0]?.length;
@@ -1831,52 +1900,27 @@ export class ModelManager {
   /**
    * Embeddings over the wire (openai-wire.ts), OPENAI_EMBEDDING_INPUTS inputs a request, one request
    * after another; with more than one, what each has been billed is kept on `state.split` while the
-   * try runs, for a failure midway to be charged by (`billedBeforeFailing`).
+   * try runs, for a failure midway to be charged by (`SplitTry.billed`).
    */
   private async embedOverWire(wire: OpenAIWire, request: EmbedRequest, model: ModelInfo, attempt: AbortLike, state: AttemptState): Promise<VectorsAnswer> {
     const vectors: Float32Array[] = [];
     const numbering: unknown[][] = [];
     let tokens: number | undefined = 0;
-    const split: SplitTry | undefined = request.values.length > OPENAI_EMBEDDING_INPUTS ? { completedTokens: 0, completedEstimated: false, inFlightTokens: 0, inFlightAnswered: false } : undefined;
-    // The attempt as one request sees it: its 2xx noted for that request alone (the attempt's `answered` stays the try's).
-    const requestSignal: AbortLike = split
-      ? {
-          get aborted() {
-            return attempt.aborted;
-          },
-          get reason() {
-            return attempt.reason;
-          },
-          onAbort: (listener) => attempt.onAbort(listener),
-          answering: () => {
-            split.inFlightAnswered = true;
-            attempt.answering?.();
-          },
-        }
-      : attempt;
+    const split = request.values.length > OPENAI_EMBEDDING_INPUTS ? new SplitTry() : undefined;
     state.split = split;
     for (let start = 0; start < request.values.length; start += OPENAI_EMBEDDING_INPUTS) {
       const input = request.values.slice(start, start + OPENAI_EMBEDDING_INPUTS);
       const call: WireEmbeddingsCall = { model: model.id, input };
       if (request.dimensions !== undefined) call.dimensions = request.dimensions;
       if (request.user !== undefined) call.user = request.user;
-      if (split) {
-        split.inFlightTokens = estimateTokens(input.join(''));
-        split.inFlightAnswered = false;
-      }
-      const answer = await wire.embed(call, requestSignal, embeddingsAnswerLimit(this.options.maxResponseBytes, input.length), this.options.providers.hopHeaders(request.hops));
+      const send = (signal: AbortLike) => wire.embed(call, signal, embeddingsAnswerLimit(this.options.maxResponseBytes, input.length), this.options.providers.hopHeaders(request.hops));
+      const answer = split ? await split.request(input, attempt, (one) => send(requestSignal(attempt, () => split.answering(one))), (sent) => boundedTokens(sent.tokens, input)) : await send(attempt);
       // Each request's own count: one short and the next one long would otherwise pass as a whole, every vector on another input.
-      checkVectorCount(model.id, input.length, answer.vectors.length);
+      checkVectorCount(model.id, input.length, answer.vectors.length, split && { start, of: request.values.length });
       vectors.push(...answer.vectors);
       numbering.push(answer.indexes);
       // One request without usage makes the call's unknown (estimated, see `price`), as the SDK's sum does.
       tokens = tokens === undefined || answer.tokens === undefined ? undefined : tokens + answer.tokens;
-      if (split) {
-        split.completedTokens += answer.tokens === undefined ? split.inFlightTokens : Math.min(answer.tokens, embeddingTokensBound(input));
-        split.completedEstimated ||= answer.tokens === undefined;
-        split.inFlightTokens = 0;
-        split.inFlightAnswered = false;
-      }
     }
     state.split = undefined;
     return { vectors, numbering, tokens };
@@ -2271,7 +2315,7 @@ export class ModelManager {
        * provider bills each, so the model's one record is charged each one's prompt estimate on top
        * of what its last try is charged (marked estimated), however its tries ended after them (a
        * retry's answer or 400, the caller gone during the wait). A try sent in several requests adds
-       * what it was billed for instead (`billedBeforeFailing`), however it failed.
+       * what it was billed for instead (`SplitTry.billed`), however it failed.
        */
       const failedTries = { tokens: 0, estimated: false };
       const addFailedTry = (billed: { tokens: number; estimated: boolean }) => {
@@ -2334,7 +2378,7 @@ export class ModelManager {
           // (each as a call of its own would be), not its whole prompt's estimate, however it failed.
           const split = state.split;
           state.split = undefined;
-          if (split) addFailedTry(billedBeforeFailing(split, outcome.kind === 'aborted'));
+          if (split) addFailedTry(split.billed(outcome.kind === 'aborted'));
           if (outcome.kind === 'aborted') {
             finish('aborted', new ModelCallAbortedError(), !split);
             throw abortedError(signal);
