@@ -567,6 +567,25 @@ describe('metered calls with BILLING_ENABLED', () => {
     return row!;
   }
 
+  it("a Google embeddings call sent in several requests, one refused midway (a 500), pays for the others' inputs, estimated as Google reports no usage, not for every input", async () => {
+    const provider = await api('POST', '/providers', admin, { name: 'gem-billed', kind: 'google', base_url: fake.url, api_key: 'g-key-billed' });
+    expect(provider.statusCode, provider.body).toBe(200);
+    const priced = await api('POST', '/models', admin, { id: 'gem-embed-billed', provider: 'gem-billed', capabilities: ['embedding'], pricing: { input_cost_per_million_tokens: '3.7', output_cost_per_million_tokens: '0' } });
+    expect(priced.statusCode, priced.body).toBe(200);
+    const user = await createUser(ctx.app);
+    await grant(user, '1');
+    // Three requests side by side (100, 100 and 50 inputs): the one the server takes second refused.
+    const values = Array.from({ length: 250 }, (_, i) => `input number ${i}`);
+    fake.script('gem-embed-billed', {}, { status: 500 }, {});
+    await expect(ctx.app.models.embed({ model: 'gem-embed-billed', values, context: { user_id: user.user.id } })).rejects.toThrow(/Upstream 500 error/);
+    expect(fake.log.map((r) => r.reply).sort()).toEqual([200, 200, 500]);
+    const answeredTokens = fake.log
+      .filter((r) => r.reply === 200)
+      .reduce((n, r) => n + Math.ceil(estimateTextTokens((r.body.requests as { content: { parts: { text: string }[] } }[]).map((one) => one.content.parts[0]!.text).join(''))), 0);
+    const row = await expectChargedOnce(user, answeredTokens * 37);
+    expect(row).toMatchObject({ operation: 'embed', status: 'error', estimated: true, input_tokens: answeredTokens });
+  });
+
   it('an embeddings call sent in several requests, one answering another number of vectors than its inputs, pays for the usage each request reported: a 502 naming its inputs', async () => {
     const priced = await api('POST', '/models', admin, { id: 'fake-embed-miscounted', provider: 'fake', capabilities: ['embedding'], pricing: { input_cost_per_million_tokens: '3.7', output_cost_per_million_tokens: '0' } });
     expect(priced.statusCode, priced.body).toBe(200);

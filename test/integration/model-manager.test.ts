@@ -17,7 +17,7 @@ import {
 import { ProviderUnavailableError } from '../../src/modules/ai-models/providers.js';
 import { estimateTextTokens } from '../../src/modules/ai-models/token-estimate.js';
 import type { ModelOverride } from '../../src/modules/ai-models/types.js';
-import { fakeEmbedding, type ScriptedReply } from '../helpers/fake-model-server.js';
+import { fakeEmbedding, type LoggedRequest, type ScriptedReply } from '../helpers/fake-model-server.js';
 import { fakeModelManager, useFakeManagerServer } from '../helpers/model-manager.js';
 
 const price = (input: string, output: string, cached?: string) => ({
@@ -1136,6 +1136,50 @@ describe('ModelManager.embed', () => {
     await expect(m.embed({ model: 'fake-embed', values })).rejects.toThrow(/Upstream 500 error/);
     const [refused] = await settled(1);
     expect(refused).toMatchObject({ status: 'error', estimated: false, tokens: { input: reported(first) } });
+  });
+
+  it("sends a Google model's inputs past 100 in requests of 100 side by side; one refused midway is charged what the others were billed, each waited for; the caller gone, each one sent", async () => {
+    const m = fakeModelManager(fake.server, {
+      models: [...CUSTOM_MODELS, { id: 'gem-embed', provider: 'gem', capabilities: ['embedding'], pricing: price('0.02', '0') }],
+      records: fake.records,
+      providers: [{ id: 'gem', kind: 'google', base_url: fake.server.url, api_key: 'g-key' }],
+      overrides: { maxRetries: 0 },
+    });
+    const values = Array.from({ length: 250 }, (_, i) => `input number ${i}`);
+    /** A request's inputs as the fake server logged it, and their estimate (Google reports no usage). */
+    const inputsOf = (r: LoggedRequest) => (r.body.requests as { content: { parts: { text: string }[] } }[]).map((one) => one.content.parts[0]!.text);
+    const estimate = (inputs: string[]) => Math.ceil(estimateTextTokens(inputs.join('')));
+    expect(vectorsOf(await m.embed({ model: 'gem-embed', values }))).toEqual(values.map((v) => fakeEmbedding(v)));
+    expect(fake.server.log.map((r) => [r.path, inputsOf(r).length]).sort()).toEqual([
+      ['/v1/models/gem-embed:batchEmbedContents', 100],
+      ['/v1/models/gem-embed:batchEmbedContents', 100],
+      ['/v1/models/gem-embed:batchEmbedContents', 50],
+    ]);
+
+    // One of the three refused (a 500: not billed), whichever reaches the server second: the other two answered, charged their inputs' estimate.
+    fake.server.reset();
+    fake.records.length = 0;
+    fake.server.script('gem-embed', {}, { status: 500 }, {});
+    await expect(m.embed({ model: 'gem-embed', values })).rejects.toThrow(/Upstream 500 error/);
+    expect(fake.server.log.map((r) => [r.reply, r.completed, r.aborted]).sort()).toEqual([
+      [200, true, false],
+      [200, true, false],
+      [500, true, false],
+    ]);
+    const answered = fake.server.log.filter((r) => r.reply === 200).map((r) => estimate(inputsOf(r)));
+    expect(await settled(1)).toMatchObject([{ operation: 'embed', status: 'error', estimated: true, attempts: 1, tokens: { input: answered[0]! + answered[1]!, output: 0 } }]);
+
+    // The caller gone while one hangs upstream, the others answered: each charged its estimate, the one cut off as a call of its own then is.
+    fake.server.reset();
+    fake.records.length = 0;
+    fake.server.script('gem-embed', {}, { hang: true }, {});
+    const controller = new AbortController();
+    const gone = m.embed({ model: 'gem-embed', values, signal: controller.signal });
+    await fake.server.waitFor((log) => log.length === 3 && log.filter((r) => r.completed).length === 2);
+    controller.abort();
+    expect(await failureOf(gone)).toBeInstanceOf(ModelCallAbortedError);
+    const sent = fake.server.log.reduce((n, r) => n + estimate(inputsOf(r)), 0);
+    expect(await settled(1)).toMatchObject([{ operation: 'embed', status: 'aborted', estimated: true, attempts: 1, tokens: { input: sent, output: 0 } }]);
   });
 
   it('retries an embeddings 429', async () => {

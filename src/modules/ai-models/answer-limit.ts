@@ -29,7 +29,7 @@ export const answerOfAtMost = (bytes: number): Record<string, string> => ({ [ANS
  * come as JSON numbers (~20 bytes a dimension), so a batch the client may legitimately ask for
  * (OpenAI takes 2,048 inputs; 3,072 dimensions are usual) answers with far more than one chat
  * answer's limit. 128 KiB holds 4,096 dimensions at 32 bytes each; the answer stays bounded by what
- * the request asked for (an embeddings call the SDK splits is allowed its whole count per request).
+ * the request asked for (each request of a call sent in several, by its own count).
  */
 const EMBEDDING_ANSWER_BYTES = 128 * 1024;
 

@@ -13,6 +13,7 @@ import {
   type AssistantContent,
   DownloadError,
   embedMany,
+  type EmbedManyResult,
   type Experimental_DownloadFunction as DownloadFunction,
   type FinishReason,
   generateText,
@@ -1199,6 +1200,9 @@ function checkVectorCount(modelId: string, inputs: number, vectors: number, part
   throw new ModelAnswerError(`Model ${modelId} answered ${vectors} vector${vectors === 1 ? '' : 's'} for ${inputs} input${inputs === 1 ? '' : 's'}${which}`);
 }
 
+/** The tokens an `embedMany` reported; it reports NaN when the provider sent no usage: unknown, estimated (see `price`). */
+const sdkTokens = (result: EmbedManyResult): number | undefined => (Number.isFinite(result.usage.tokens) ? result.usage.tokens : undefined);
+
 /** `attempt` as one request of a split try on the wire sees it: its 2xx told to `answering` as well (the attempt's `answered` stays the try's). */
 function requestSignal(attempt: AbortLike, answering: () => void): AbortLike {
   return {
@@ -1215,6 +1219,33 @@ function requestSignal(attempt: AbortLike, answering: () => void): AbortLike {
     },
   };
 }
+
+/**
+ * One SDK request of a split try, with an AbortSignal of its own that `attempt`'s end aborts: the
+ * SDK's fetch marks the signal of a request whose 2xx began (`answeredOn`), which tells that request
+ * apart from the others sent beside it on the attempt's signal. `answering` is told it once it ends.
+ */
+async function sentApart<T>(attempt: Attempt, send: (signal: AbortSignal) => Promise<T>, answering: () => void): Promise<T> {
+  const controller = new AbortController();
+  if (attempt.aborted) controller.abort(attempt.reason);
+  const stop = attempt.onAbort(() => controller.abort(attempt.reason));
+  try {
+    return await send(controller.signal);
+  } finally {
+    stop();
+    if (answeredOn(controller.signal)) {
+      answering();
+      attempt.answering();
+    }
+  }
+}
+
+/** `promise` settled, as Promise.allSettled gives each of its promises. */
+const settledOf = <T>(promise: Promise<T>): Promise<PromiseSettledResult<T>> =>
+  promise.then(
+    (value) => ({ status: 'fulfilled', value }),
+    (reason: unknown) => ({ status: 'rejected', reason }),
+  );
 
 /** An embeddings call's answer before it is checked: vectors as listed, each request's `index` values (see `inInputOrder`), tokens reported. */
 interface VectorsAnswer {
@@ -1407,7 +1438,7 @@ interface AttemptState {
   outputTokens: number;
   /** The call's reservation holds its output maximum (UsageReservation.holdsOutput): it is sent upstream (sentOutputTokens). */
   capped: boolean;
-  /** A try sent in several requests, while it runs (`embedOverWire`): what a failure midway was billed for (`SplitTry.billed`). */
+  /** A try sent in several requests, while it runs (`embedOverWire`, `embedThroughSdk`): what a failure midway was billed for (`SplitTry.billed`). */
   split?: SplitTry;
 }
 
@@ -1419,9 +1450,10 @@ interface SplitRequest {
 
 /**
  * A try whose inputs go upstream in several requests (embeddings past what one request takes:
- * OPENAI_EMBEDDING_INPUTS on the wire), one after another: the provider bills each request on its
- * own. One that fails midway is charged what each request sent was billed, as a call of its own
- * would be — not every input's estimate.
+ * OPENAI_EMBEDDING_INPUTS on the wire, the SDK model's `maxEmbeddingsPerCall` through it), one
+ * after another or side by side: the provider bills each request on its own. One that fails
+ * midway is charged what each request sent was billed, as a call of its own would be — not every
+ * input's estimate.
  */
 class SplitTry {
   /** The input tokens of the requests that ended: as reported, or estimated (none reported, or a 2xx that failed). */
@@ -1882,7 +1914,7 @@ export class ModelManager {
     const started = performance.now();
     return this.run(request, request.signal, 'embed', 'embedding', 0, async (model, attempt, state) => {
       const wire = this.options.providers.embeddingsWire(model.provider);
-      const answer = wire ? await this.embedOverWire(wire, request, model, attempt, state) : await this.embedThroughSdk(request, model, attempt.signal);
+      const answer = wire ? await this.embedOverWire(wire, request, model, attempt, state) : await this.embedThroughSdk(request, model, attempt, state);
       const tokens = boundedTokens(answer.tokens, request.values);
       state.usage = tokens === undefined ? undefined : { ...ZERO_USAGE, input: tokens };
       const embeddings = inInputOrder(model.id, request.values.length, answer.vectors, answer.numbering);
@@ -1926,28 +1958,66 @@ export class ModelManager {
     return { vectors, numbering, tokens };
   }
 
-  /** Embeddings through the AI SDK's model of the provider (Google's, Anthropic's none). */
-  private async embedThroughSdk(request: EmbedRequest, model: ModelInfo, signal: AbortSignal): Promise<VectorsAnswer> {
-    const result = await embedMany({
-      model: this.options.providers.embeddingModel(model.provider, model.id),
-      values: request.values,
-      maxRetries: 0,
-      headers: this.withHops(request, this.answerHeaders(embeddingsAnswerLimit(this.options.maxResponseBytes, request.values.length))),
-      providerOptions: this.embedOptions(request, model),
-      abortSignal: signal,
-    });
-    const answers = (result.responses ?? []).map((response) => (response?.body as { data?: unknown } | undefined)?.data);
+  /**
+   * Embeddings through the AI SDK's model of the provider (Google's, Anthropic's none). Inputs past
+   * what the model takes in one request (its `maxEmbeddingsPerCall`: Google's 100) go in requests
+   * of that many, side by side where the model takes that, as `embedMany` would send them — but one
+   * `embedMany` each, what each was billed kept on `state.split` (`SplitTry.billed`): one
+   * `embedMany` of them all reports the first failure alone, not what the others were billed, and
+   * leaves them running unseen. A failure is thrown once every request sent has ended.
+   */
+  private async embedThroughSdk(request: EmbedRequest, model: ModelInfo, attempt: Attempt, state: AttemptState): Promise<VectorsAnswer> {
+    const sdkModel = this.options.providers.embeddingModel(model.provider, model.id);
+    const providerOptions = this.embedOptions(request, model);
+    const send = (inputs: string[], abortSignal: AbortSignal) =>
+      embedMany({
+        model: sdkModel,
+        values: inputs,
+        maxRetries: 0,
+        headers: this.withHops(request, this.answerHeaders(embeddingsAnswerLimit(this.options.maxResponseBytes, inputs.length))),
+        providerOptions,
+        abortSignal,
+      });
+    const { values } = request;
+    const perRequest = typeof sdkModel === 'string' ? undefined : await sdkModel.maxEmbeddingsPerCall;
+    let results: EmbedManyResult[];
+    if (perRequest === undefined || values.length <= perRequest) {
+      results = [await send(values, attempt.signal)];
+    } else {
+      const split = new SplitTry();
+      state.split = split;
+      const sendPart = async (start: number): Promise<EmbedManyResult> => {
+        const inputs = values.slice(start, start + perRequest);
+        const result = await split.request(inputs, attempt, (one) => sentApart(attempt, (signal) => send(inputs, signal), () => split.answering(one)), (sent) => boundedTokens(sdkTokens(sent), inputs));
+        checkVectorCount(model.id, inputs.length, result.embeddings.length, { start, of: values.length });
+        return result;
+      };
+      const starts = Array.from({ length: Math.ceil(values.length / perRequest) }, (_, i) => i * perRequest);
+      let ended: PromiseSettledResult<EmbedManyResult>[];
+      if (typeof sdkModel !== 'string' && (await sdkModel.supportsParallelCalls)) {
+        ended = await Promise.allSettled(starts.map(sendPart));
+      } else {
+        // One after another: none is sent after one failed.
+        ended = [];
+        for (const start of starts) {
+          const one = await settledOf(sendPart(start));
+          ended.push(one);
+          if (one.status === 'rejected') break;
+        }
+      }
+      const failed = ended.find((one) => one.status === 'rejected');
+      if (failed) throw failed.reason;
+      state.split = undefined;
+      results = ended.map((one) => (one as PromiseFulfilledResult<EmbedManyResult>).value);
+    }
+    const answers = results.flatMap((result) => result.responses ?? []).map((response) => (response?.body as { data?: unknown } | undefined)?.data);
     // OpenAI's shape numbers its vectors; Google's does not (taken as listed).
     const numbering = answers.length && answers.every((data): data is unknown[] => Array.isArray(data)) ? answers.map((data) => data.map((item) => (item as { index?: unknown } | null)?.index)) : undefined;
-    const vectors = result.embeddings.map((vector) => Float32Array.from(vector));
+    const vectors = results.flatMap((result) => result.embeddings.map((vector) => Float32Array.from(vector)));
     // A number past float32's range becomes an infinity, which no JSON answer or pgvector column holds.
     if (!vectors.every(allFinite)) throw new ModelAnswerError(`Model ${model.id} answered a vector with a value that is not a finite float32`);
-    return {
-      vectors,
-      numbering,
-      // embedMany reports NaN tokens when the provider sent no usage: unknown, estimated (see `price`).
-      tokens: Number.isFinite(result.usage.tokens) ? result.usage.tokens : undefined,
-    };
+    const counts = results.map(sdkTokens);
+    return { vectors, numbering, tokens: counts.includes(undefined) ? undefined : counts.reduce((sum: number, n) => sum + n!, 0) };
   }
 
   /**
