@@ -187,6 +187,8 @@ export interface Claimed {
   firstStart: boolean;
   /** The thread's messages in order, as the run's first step reads them. */
   history: Message[];
+  /** The run's event_seq_ceiling before this claim raised it: how far its earlier writers may have numbered its events. */
+  seqFloor: number;
 }
 
 /** A message as json_agg writes it: its timestamps as text. */
@@ -202,7 +204,7 @@ type MessageJson = Omit<Message, 'created_at' | 'updated_at'> & { created_at: st
  * the claim is undone and the run's lease recovers it like a dead worker's (docs/decisions.md).
  */
 const claimed = preparedAnywhere('runs_claim_with_history', (db, name) => {
-  const before = db.$with('before').as(db.select({ started_at: runs.started_at }).from(runs).where(eq(runs.id, slot<string>('run_id'))));
+  const before = db.$with('before').as(db.select({ started_at: runs.started_at, event_seq_ceiling: runs.event_seq_ceiling }).from(runs).where(eq(runs.id, slot<string>('run_id'))));
   const taken = db.$with('taken').as(
     db
       .update(runs)
@@ -212,6 +214,8 @@ const claimed = preparedAnywhere('runs_claim_with_history', (db, name) => {
         lease_expires_at: leaseSeconds(sql.placeholder('lease')),
         attempts: sql`${runs.attempts} + 1`,
         started_at: sql`coalesce(${runs.started_at}, now())`,
+        // The new writer's room (RUN_EVENT_SEQ_ROOM; 0 where the log is in this database), given with the take.
+        event_seq_ceiling: sql`${runs.event_seq_ceiling} + ${sql.placeholder('seq_room')}::integer`,
       })
       .where(
         and(
@@ -228,6 +232,7 @@ const claimed = preparedAnywhere('runs_claim_with_history', (db, name) => {
     db
       .select({
         first_start: sql<boolean>`(select ${before.started_at} from ${before}) is null`.as('first_start'),
+        seq_floor: sql<number>`(select ${before.event_seq_ceiling} from ${before})`.as('seq_floor'),
         // Qualified by hand: inside the subquery, Drizzle's bare "thread_id" would be the message's own.
         history: sql<MessageJson[]>`(select coalesce(json_agg(m order by m.seq), '[]'::json) from ${messages} m where m.thread_id = ${sql.identifier('taken')}.${sql.identifier('thread_id')})`.as('history'),
         // set_config(..., true) is SET LOCAL: it holds until this statement's own transaction commits.
@@ -238,11 +243,25 @@ const claimed = preparedAnywhere('runs_claim_with_history', (db, name) => {
   return db.with(before, taken, reads).select().from(taken).innerJoin(reads, sql`true`).prepare(name);
 });
 
-export async function claim(db: Db, runId: string, workerId: string, lease: number): Promise<Claimed | undefined> {
-  const [row] = await claimed(db).execute({ run_id: runId, worker_id: workerId, lease });
+/** `seqRoom`: how far past the run's event_seq_ceiling the claim lets its worker number (raised with the take). */
+export async function claim(db: Db, runId: string, workerId: string, lease: number, seqRoom = 0): Promise<Claimed | undefined> {
+  const [row] = await claimed(db).execute({ run_id: runId, worker_id: workerId, lease, seq_room: seqRoom });
   if (!row) return undefined;
   const history = row.reads.history.map((message) => ({ ...message, created_at: new Date(message.created_at), updated_at: new Date(message.updated_at) }));
-  return { run: row.taken, firstStart: row.reads.first_start, history };
+  return { run: row.taken, firstStart: row.reads.first_start, history, seqFloor: Number(row.reads.seq_floor) };
+}
+
+/**
+ * Raises the run's event_seq_ceiling to `to` (never lowers it) while `workerId` holds it running:
+ * before the worker appends past it. False when the run is no longer the worker's.
+ */
+export async function raiseEventSeqCeiling(db: Db, runId: string, workerId: string, to: number): Promise<boolean> {
+  const rows = await db
+    .update(runs)
+    .set({ event_seq_ceiling: sql`greatest(${runs.event_seq_ceiling}, ${to}::integer)` })
+    .where(and(eq(runs.id, runId), eq(runs.status, 'running'), eq(runs.lease_owner, workerId)))
+    .returning({ id: runs.id });
+  return rows.length === 1;
 }
 
 /**
@@ -490,13 +509,20 @@ const leaseReleased = preparedAnywhere('runs_release_lease', (db, name) =>
  * only; false when the run ended meanwhile (a cancel while the worker stopped), whose final event the
  * worker then still owes. A shutdown returns the attempt; an outage's hand-back keeps it counted:
  * each one redoes (and charges again) the step it cut, so a run bus that keeps failing ends the run
- * at RUN_MAX_ATTEMPTS rather than at its deadline.
+ * at RUN_MAX_ATTEMPTS rather than at its deadline. `lastSeq`: the seq of the run's last event, where the
+ * worker knows it (all its appends answered): the run's event_seq_ceiling comes down to it.
  */
-export async function releaseLease(db: Db, runId: string, workerId: string, handBack: false | 'shutdown' | 'outage'): Promise<boolean> {
+export async function releaseLease(db: Db, runId: string, workerId: string, handBack: false | 'shutdown' | 'outage', lastSeq?: number): Promise<boolean> {
   if (!handBack) return (await leaseReleased(db).execute({ run_id: runId, worker_id: workerId })).length === 1;
   const rows = await db
     .update(runs)
-    .set({ lease_owner: null, lease_expires_at: null, attempts: handBack === 'shutdown' ? sql`greatest(${runs.attempts} - 1, 0)` : runs.attempts })
+    .set({
+      lease_owner: null,
+      lease_expires_at: null,
+      attempts: handBack === 'shutdown' ? sql`greatest(${runs.attempts} - 1, 0)` : runs.attempts,
+      // Where the worker knows its log's exact end, the next one goes on right after it, without a gap.
+      ...(lastSeq !== undefined ? { event_seq_ceiling: lastSeq } : {}),
+    })
     .where(and(eq(runs.id, runId), eq(runs.lease_owner, workerId), eq(runs.status, 'running')))
     .returning({ id: runs.id });
   return rows.length === 1;

@@ -77,6 +77,15 @@ export const runs = pgTable(
     lease_expires_at: timestamp('lease_expires_at', { withTimezone: true }),
     /** How many times a worker took the run (a resumed run after a crash counts again). */
     attempts: integer('attempts').notNull().default(0),
+    /**
+     * Scaled mode: no event of the run's log (its Redis stream) is numbered past this. A worker
+     * raises it here before it appends past it (its claim gives it room: RUN_EVENT_SEQ_ROOM); one
+     * handing the run back sets it to its exact last seq. A writer taking the run up numbers after
+     * it and after the stream's top, so a stream that Redis lost with the worker (FLUSHDB, a restart
+     * without persistence) never has a seq a client saw name another event. 1: the start's
+     * run.queued. Embedded mode keeps its log in this database and leaves it at 1.
+     */
+    event_seq_ceiling: integer('event_seq_ceiling').notNull().default(1),
     started_at: timestamp('started_at', { withTimezone: true }),
     ended_at: timestamp('ended_at', { withTimezone: true }),
   },

@@ -165,6 +165,17 @@ export function expectContiguous(events: SseEvent[], after = 0): void {
   for (const event of events) expect(event.data.seq).toBe(event.id);
 }
 
+/**
+ * Seqs rise with no repeat, each event's data carrying its own: a run taken up after its worker died
+ * goes on after a gap (embedded: UNSTORED_SEQS; scaled: up to its seq ceiling, RUN_EVENT_SEQ_ROOM).
+ */
+export function expectIncreasing(events: SseEvent[]): void {
+  for (const [i, event] of events.entries()) {
+    expect(event.data.seq).toBe(event.id);
+    if (i > 0) expect(event.id).toBeGreaterThan(events[i - 1]!.id);
+  }
+}
+
 // ==================== Over real HTTP (spawned processes) ====================
 
 /** A JSON request to `base`/api/v1`path`; the status and the parsed body. */

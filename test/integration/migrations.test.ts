@@ -622,7 +622,23 @@ describe('0025_runs_follow_thread_project', () => {
       expect(await query(database, `select input, project_id, scope_project_id from runs order by input`)).toEqual(expected);
       await migrateDown(database, logger, previous);
       expect(await query(database, `select input, project_id, scope_project_id from runs order by input`)).toEqual(expected);
-      expect(await pendingMigrations(database)).toEqual(['0025_runs_follow_thread_project']);
+      expect(await pendingMigrations(database)).toEqual(TAGS.slice(TAGS.indexOf('0025_runs_follow_thread_project')));
+    });
+  });
+});
+
+describe('0026_run_event_seq_ceiling', () => {
+  it("gives every existing run a seq ceiling of 1, which promises nothing past run.queued (a working one is taken up after its stream's top, as before); down drops it", async () => {
+    await beforeMigration('0026_run_event_seq_ceiling', async (database, previous) => {
+      const [owner, thread] = [randomUUID(), randomUUID()];
+      await query(database, `insert into users (id, email, hashed_password) values ($1, 'run-ceiling@example.com', 'x')`, [owner]);
+      await query(database, `insert into threads (id, owner_id) values ($1, $2)`, [thread, owner]);
+      await query(database, `insert into runs (owner_id, thread_id, agent_version, model, status, input) values ($1, $2, 1, 'm', 'running', 'working')`, [owner, thread]);
+      await migrateUp(database, logger);
+      expect(await query(database, `select input, event_seq_ceiling from runs`)).toEqual([{ input: 'working', event_seq_ceiling: 1 }]);
+      await migrateDown(database, logger, previous);
+      expect(await query(database, `select column_name from information_schema.columns where table_name = 'runs' and column_name = 'event_seq_ceiling'`)).toEqual([]);
+      expect(await pendingMigrations(database)).toEqual(TAGS.slice(TAGS.indexOf('0026_run_event_seq_ceiling')));
     });
   });
 });

@@ -118,7 +118,7 @@ describe.skipIf(!redisUrl)('run bus on Redis', () => {
     expect((await admin.xrange(api.events.streamKey(runId), '-', '+')).map(([id, fields]) => [id, fields[3]])).toEqual([['0-1', JSON.stringify({ by: 'other', run_id: runId, seq: 1 })]]);
   });
 
-  it('a first start\'s writer appends after run.queued without reading the stream, or from its real top when run.queued is missing', async () => {
+  it('a first start\'s writer appends after run.queued without reading the stream, past it when run.queued is missing (or lost), from the real top when another writer went on', async () => {
     const [api, worker] = [node(), node()];
     const reads: string[] = [];
     const redis = (worker.events as unknown as { redis: Redis }).redis;
@@ -135,17 +135,51 @@ describe.skipIf(!redisUrl)('run bus on Redis', () => {
     expect(first.map((event) => event.seq)).toEqual([2]);
     expect(reads).toEqual(['evalsha']);
 
-    // run.queued was never written: the guess is wrong once, and the append continues from the top.
+    // run.queued never written, or lost with the stream (Redis wiped while the run was queued): a
+    // client may have seen it as seq 1, so run.started goes after it, never under its seq.
     const lost = randomUUID();
+    await api.events.append(lost, [{ event: 'run.queued', data: {} }]);
+    await admin.del(worker.events.streamKey(lost));
     worker.events.expect(lost, 1);
-    expect((await worker.events.append(lost, [{ event: 'run.started', data: {} }])).map((event) => event.seq)).toEqual([1]);
-    expect((await worker.events.append(lost, [{ event: 'message.created', data: {} }])).map((event) => event.seq)).toEqual([2]);
+    expect((await worker.events.append(lost, [{ event: 'run.started', data: {} }])).map((event) => event.seq)).toEqual([2]);
+    expect((await worker.events.append(lost, [{ event: 'message.created', data: {} }])).map((event) => event.seq)).toEqual([3]);
     // Only the append right after expect is lenient: a writer behind another one is refused again.
     await api.events.lastSeq(lost);
     await api.events.append(lost, [{ event: 'message.delta', data: {} }]);
     const error = await worker.events.append(lost, [{ event: 'message.delta', data: {} }]).catch((thrown: unknown) => thrown);
     expect((error as RunEventsRefusedError).reason).toBe('stale');
-    expect((await admin.xrange(worker.events.streamKey(lost), '-', '+')).map(([id]) => id)).toEqual(['0-1', '0-2', '0-3']);
+    expect((await admin.xrange(worker.events.streamKey(lost), '-', '+')).map(([id]) => id)).toEqual(['0-2', '0-3', '0-4']);
+
+    // Another writer went on past run.queued before the guess was used: the append follows it.
+    const ahead = randomUUID();
+    await api.events.append(ahead, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }]);
+    worker.events.expect(ahead, 1);
+    expect((await worker.events.append(ahead, [{ event: 'message.created', data: {} }])).map((event) => event.seq)).toEqual([3]);
+  });
+
+  it('a writer taking a run up numbers after the floor it is given (runs.event_seq_ceiling) and after the top: past what a lost stream held, contiguous where the top is above it', async () => {
+    const [dead, taker] = [node(), node()];
+    const runId = randomUUID();
+    await dead.events.append(runId, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }, { event: 'message.delta', data: { delta: 'seen' } }]);
+    // The dead writer's stream is lost before the taker reads it: its top is 0, below the floor.
+    await admin.del(taker.events.streamKey(runId));
+    taker.events.numberAfter(runId, 10);
+    expect(await taker.events.lastSeq(runId)).toBe(0);
+    expect((await taker.events.append(runId, [{ event: 'run.started', data: {} }])).map((event) => event.seq)).toEqual([11]);
+    // The floor holds for one append; the next goes on after it.
+    expect((await taker.events.append(runId, [{ event: 'message.delta', data: {} }])).map((event) => event.seq)).toEqual([12]);
+    // A top above the floor (an old run's ceiling, from before it was kept): after the top.
+    const older = randomUUID();
+    await dead.events.append(older, [{ event: 'run.queued', data: {} }, { event: 'run.started', data: {} }]);
+    taker.events.numberAfter(older, 1);
+    await taker.events.lastSeq(older);
+    expect((await taker.events.append(older, [{ event: 'message.created', data: {} }])).map((event) => event.seq)).toEqual([3]);
+    // A writer that takes up a log without reading its top (the end of a run no worker held) also numbers past the floor.
+    const cancelled = randomUUID();
+    await dead.events.append(cancelled, [{ event: 'run.queued', data: {} }]);
+    await admin.del(taker.events.streamKey(cancelled));
+    taker.events.numberAfter(cancelled, 1);
+    expect((await taker.events.append(cancelled, [{ event: 'run.cancelled', data: {} }])).map((event) => event.seq)).toEqual([2]);
   });
 
   it('serves 400 readers of 100 runs over one subscriber connection per node', async () => {

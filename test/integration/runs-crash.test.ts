@@ -7,7 +7,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { FakeModelServer } from '../helpers/fake-model-server.js';
 import { eventually } from '../helpers/http.js';
 import { freePort, killLeftovers, migratedDataDir, startLocalKeel } from '../helpers/process.js';
-import { FINAL_EVENTS, json, messagesOf, readEvents, type RunBody, type SseEvent, startRunWithThread, userWithAgent } from '../helpers/runs.js';
+import { expectIncreasing, FINAL_EVENTS, json, messagesOf, readEvents, type RunBody, startRunWithThread, userWithAgent } from '../helpers/runs.js';
 
 // The real CLI (`keel start`, embedded) killed with SIGKILL or stopped with SIGTERM mid-run, then
 // started again on the same data directory: the run is taken up again, never left running.
@@ -61,14 +61,6 @@ async function runMidStream(name: string, then: string, chunksBefore: number, en
   const { headers, run } = await userWithRun(first.base, `${name}@crash.test`);
   await fake.waitFor((log) => log.some((r) => r.chunksSent >= chunksBefore), 10_000);
   return { first, headers, run, restart: () => start(dataDir, port) };
-}
-
-/** Seqs rise with no repeat (a resumed run's continue after a gap: see UNSTORED_SEQS), each event's data carrying its own. */
-function expectIncreasing(events: SseEvent[]): void {
-  for (const [i, event] of events.entries()) {
-    expect(event.data.seq).toBe(event.id);
-    if (i > 0) expect(event.id).toBeGreaterThan(events[i - 1]!.id);
-  }
 }
 
 describe('embedded process stopped mid-run', () => {

@@ -23,7 +23,7 @@ import { useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { type FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, type ListBody, sleep, xApiKey } from '../helpers/http.js';
-import { createAgent, createThread, expectContiguous, FINAL_EVENTS, getRun, orphanRun, readEvents, type RunBody, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
+import { createAgent, createThread, expectContiguous, expectIncreasing, FINAL_EVENTS, getRun, orphanRun, readEvents, type RunBody, startRun, useRunServer, waitForRun } from '../helpers/runs.js';
 
 const MODEL = 'fake-precise';
 
@@ -742,7 +742,8 @@ describe.runIf(Boolean(process.env.REDIS_URL))('a start on Redis', () => {
     expect(response.headers.location).toContain(run.id);
     const { events, ended } = await readEvents(base, owner.headers, run.id);
     expect(ended).toBe(true);
-    expectContiguous(events);
+    // Seq 1 stays run.queued's, which a client may have seen before it was lost (here: it never was).
+    expectContiguous(events, 1);
     expect(events.map((e) => e.event)).toEqual(['run.started', 'message.created', 'message.delta', 'message.delta', 'message.completed', 'run.completed']);
     expect((await getRun(ctx.app, owner.headers, run.id)).status).toBe('completed');
     expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<ListBody<RunBody>>().count).toBe(1);
@@ -762,7 +763,7 @@ describe.runIf(Boolean(process.env.REDIS_URL))('a start on Redis', () => {
     expect((await api('POST', `/runs/${second.id}/cancel`, owner.headers)).statusCode).toBe(200);
     const { events, ended } = await reading;
     expect(ended).toBe(true);
-    expect(events.map((e) => [e.id, e.event])).toEqual([[1, 'run.cancelled']]);
+    expect(events.map((e) => [e.id, e.event])).toEqual([[2, 'run.cancelled']]);
     await waitForRun(ctx.app, owner.headers, first.id, ['completed']);
     expect((await api('GET', `/threads/${thread.id}/runs`, owner.headers)).json<ListBody<RunBody>>().data.map((r) => [r.id, r.status]).sort()).toEqual(
       [
@@ -797,7 +798,7 @@ describe.runIf(Boolean(process.env.REDIS_URL))('a start on Redis', () => {
     const { events, ended, status } = await reading.reader;
     expect(status).toBe(200);
     expect(ended).toBe(true);
-    expect(events.map((e) => [e.id, e.event])).toEqual([[1, 'run.cancelled']]);
+    expect(events.map((e) => [e.id, e.event])).toEqual([[2, 'run.cancelled']]);
     await waitForRun(ctx.app, owner.headers, first.id, ['completed']);
   });
 });
@@ -1417,7 +1418,8 @@ describe('durability', () => {
         expect((await sweeper.sweep()).closed).toBe(1);
         const { events, ended } = await readEvents(base, owner.headers, run.id);
         expect(ended).toBe(true);
-        expectContiguous(events);
+        // Scaled, the sweep goes on past the run's seq ceiling (a gap): it cannot tell how far the worker's append went.
+        expectIncreasing(events);
         expect(events.filter((e) => e.event === 'run.completed')).toHaveLength(1);
         // The answer's `message.completed` went with the final event (readers, the /v1 agent answer too, take the answer from it).
         expect(events.slice(-2).map((e) => e.event)).toEqual(['message.completed', 'run.completed']);
@@ -1490,7 +1492,8 @@ describe('durability', () => {
     expect(resumed).toMatchObject({ status: 'completed', error: null, attempts: 2 });
     expect((await threadMessages(owner, thread.id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['resumed answer']);
     const { events } = await readEvents(base, owner.headers, run.id);
-    expectContiguous(events);
+    // Scaled, the resumed run goes on past the seq ceiling (a gap): whether the failed append was stored is unknown.
+    expectIncreasing(events);
     expect(events.at(-1)!.event).toBe('run.completed');
   });
 

@@ -2,7 +2,7 @@
  * Scaled mode as an operator meets it, beyond runs-scaled.test.ts: the deployment's Redis keys
  * wiped mid-run and mid-stream (what FLUSHDB or a Redis restart without persistence does; its keys
  * alone: other tests share the Redis database), every Redis connection dropped (a restart), the
- * only worker killed and replaced, a worker paused past its lease (SIGSTOP) and woken, a worker
+ * only worker killed and replaced, a worker killed and the keys wiped before its run is taken up, a worker paused past its lease (SIGSTOP) and woken, a worker
  * and an API node stopped with SIGTERM mid-run, and nodes whose PostgreSQL has no connection left. Real processes on this file's own PostgreSQL
  * database and Redis key prefix.
  */
@@ -20,7 +20,7 @@ import { eventually } from '../helpers/http.js';
 import { adminQuery } from '../helpers/postgres.js';
 import { type Child, freePort, keel, killLeftovers } from '../helpers/process.js';
 import { deleteKeysUnder } from '../helpers/redis.js';
-import { expectContiguous, FINAL_EVENTS, json, messagesOf, readEvents, type RunBody, type SseEvent, startRunWithThread, userWithAgent } from '../helpers/runs.js';
+import { expectContiguous, expectIncreasing, FINAL_EVENTS, json, messagesOf, readEvents, type RunBody, type SseEvent, startRunWithThread, userWithAgent } from '../helpers/runs.js';
 import { type ApiNode, type ScaledDeployment, scaledDeployment, stopNode } from '../helpers/scaled.js';
 
 const adminUrl = process.env.DATABASE_URL;
@@ -141,14 +141,33 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
     await eventually(async () => (await getRun(a.base, next.id)).status === 'completed', 20_000);
   }, 60_000);
 
-  it('a queued run whose job the wipe took is still picked up', async () => {
+  it('queued runs whose job and run.queued the wipe took: one is still picked up, one is cancelled, and a client that saw run.queued (seq 1) gets what follows under later seqs', async () => {
     fake.reset();
     await Promise.all(workers.map((worker) => stop(worker, 'SIGTERM')));
     workers = [];
-    const run = await startRunWithThread(apis[0]!.base, headers, `lost job ${++runs}`);
+    const [a, b] = apis as [(typeof apis)[0], (typeof apis)[0]];
+    const run = await startRunWithThread(a.base, headers, `lost job ${++runs}`);
+    const cancelled = await startRunWithThread(a.base, headers, `lost job, cancelled ${++runs}`);
+    const queuedSeen = { [run.id]: false, [cancelled.id]: false };
+    const readers = [run, cancelled].map((queued) => readEvents(a.base, headers, queued.id, { timeoutMs: 30_000, onEvent: (e) => (queuedSeen[queued.id] ||= e.event === 'run.queued' && e.id === 1) }));
+    await eventually(async () => Object.values(queuedSeen).every(Boolean), 10_000);
     await deleteKeysUnder(redisUrl!, keyPrefix);
+    // Cancelled through the node that neither started it nor reads it (it has no cursor of the run's
+    // log, and reads the emptied stream's top): its run.cancelled is not seq 1 again.
+    expect((await json<RunBody>(b.base, 'POST', `/runs/${cancelled.id}/cancel`, headers)).status).toBe(200);
+    const cancelledEvents = await readers[1]!;
+    expect(cancelledEvents.ended).toBe(true);
+    expect(cancelledEvents.events.map((e) => [e.id, e.event])).toEqual([
+      [1, 'run.queued'],
+      [2, 'run.cancelled'],
+    ]);
     workers = [await startWorker(), await startWorker()];
-    await eventually(async () => (await getRun(apis[1]!.base, run.id)).status === 'completed', 20_000);
+    await eventually(async () => (await getRun(b.base, run.id)).status === 'completed', 20_000);
+    const { events, ended } = await readers[0]!;
+    expect(ended).toBe(true);
+    expectContiguous(events);
+    expect(events.slice(0, 2).map((e) => e.event)).toEqual(['run.queued', 'run.started']);
+    expect(finals(events)).toEqual(['run.completed']);
     expect(fake.log).toHaveLength(1);
   }, 60_000);
 
@@ -188,10 +207,55 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
     workers = [await startWorker()];
     const after = await readEvents(b.base, headers, run.id, { lastEventId: before.events.at(-1)!.id, timeoutMs: 25_000 });
     expect(after.ended).toBe(true);
-    expectContiguous([...before.events, ...after.events]);
+    // The new worker goes on past the run's seq ceiling (a gap: the dead one may have numbered up to it).
+    expectIncreasing([...before.events, ...after.events]);
     expect(finals(after.events)).toEqual(['run.completed']);
     expect(await getRun(b.base, run.id)).toMatchObject({ status: 'completed', attempts: 2 });
     expect((await messagesOf(a.base, headers, run.thread_id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['the second attempt']);
+  }, 60_000);
+
+  // Past 1,200 events the worker has numbered beyond the room its claim gave it (RUN_EVENT_SEQ_ROOM):
+  // only the ceiling it raised in PostgreSQL on the way says how far it went.
+  it.each([
+    { seen: 10, chunks: 200, chunkDelayMs: 50 },
+    { seen: 1_200, chunks: 1_600, chunkDelayMs: 3 },
+  ])("a worker killed with SIGKILL mid-run, after $seen events, and the deployment's Redis keys wiped before another takes the run up: an open stream and a resume from where it was get the rest, numbered past it, to the end", async ({ seen, chunks, chunkDelayMs }) => {
+    fake.reset();
+    fake.script(MODEL, { chunks: Array.from({ length: chunks }, (_, i) => `d${i} `), chunkDelayMs }, { text: 'after the wipe' });
+    const [a, b] = apis as [(typeof apis)[0], (typeof apis)[0]];
+    const run = await startRunWithThread(a.base, headers, `kill and wipe ${++runs}`);
+    let lastSeen = 0;
+    const reading = readEvents(b.base, headers, run.id, { timeoutMs: 30_000, onEvent: (event) => (lastSeen = event.id) });
+    await eventually(async () => lastSeen >= seen, 15_000);
+    const holder = (await runRow(run.id)).lease_owner!;
+    const victim = workers.find((worker) => holder.includes(`:${worker.pid}:`))!;
+    expect(victim, `no worker holds ${holder}`).toBeDefined();
+    await stop(victim, 'SIGKILL');
+    workers = workers.filter((worker) => worker !== victim);
+    // Lost before the other worker takes the run up (its lease has 2 s to run): nothing in Redis says how far the log went.
+    await deleteKeysUnder(redisUrl!, keyPrefix);
+    const seenBeforeWipe = lastSeen;
+    // The open stream: the second attempt's events, numbered past what it saw, to the final one.
+    const { events, ended } = await reading;
+    expect(ended).toBe(true);
+    expectIncreasing(events);
+    expect(finals(events)).toEqual(['run.completed']);
+    const continuation = (seen: SseEvent[]) => {
+      const created = seen.find((e) => e.event === 'message.created' && e.id > seenBeforeWipe);
+      expect(created, JSON.stringify(seen.map((e) => [e.id, e.event]))).toBeDefined();
+      const messageId = (created!.data.message as { id: string }).id;
+      expect(seen.filter((e) => e.event === 'message.delta' && e.data.message_id === messageId).map((e) => e.data.delta).join('')).toBe('after the wipe');
+      expect(seen.at(-1)!.event).toBe('run.completed');
+    };
+    continuation(events);
+    // A client resuming where it was (Last-Event-ID) on the other node: the same, every event past it.
+    const resumed = await readEvents(a.base, headers, run.id, { lastEventId: seenBeforeWipe, timeoutMs: 10_000 });
+    expect(resumed.ended).toBe(true);
+    expect(resumed.events[0]!.id).toBeGreaterThan(seenBeforeWipe);
+    expectIncreasing(resumed.events);
+    continuation(resumed.events);
+    expect(await getRun(a.base, run.id)).toMatchObject({ status: 'completed', attempts: 2 });
+    expect((await messagesOf(a.base, headers, run.thread_id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['after the wipe']);
   }, 60_000);
 
   it('a worker paused mid-run (SIGSTOP: a frozen VM) loses its run to the other after the lease; woken, it stops: one answer, each event once', async () => {
@@ -214,7 +278,7 @@ describe.runIf(Boolean(adminUrl && redisUrl))('scaled mode, operated: Redis wipe
     expect(JSON.parse(stopped()!)).toMatchObject({ stop: 'lease' });
     await eventually(async () => fake.log[0]!.aborted, 5_000);
     const { events } = await readEvents(b.base, headers, run.id);
-    expectContiguous(events);
+    expectIncreasing(events);
     expect(finals(events)).toEqual(['run.completed']);
     expect(await getRun(a.base, run.id)).toMatchObject({ status: 'completed', attempts: 2 });
     expect((await messagesOf(a.base, headers, run.thread_id)).filter((m) => m.role === 'assistant').map((m) => m.content)).toEqual(['taken over']);

@@ -54,13 +54,13 @@ export interface RedisRunEventLogOptions {
 type StreamEntry = [id: string, fields: string[]];
 
 /**
- * Appends atomically, refusing when the run has ended or when the stream's top is not where this
- * writer left it (another writer appended). A top below where the writer left it means the stream
- * lost its latest events (Redis flushed, or restarted without them): a writer sure of its cursor
- * (ARGV[5] = '1') goes on after it, since numbering from the top again would give seqs that readers
- * have seen to other events (an open stream skips them as seen, a resumed one waits past the run's
- * end). KEYS[1] the stream; ARGV: the writer's last seq, the TTL to set, the channel, the message to
- * publish, whether the writer is sure of its cursor, then (seq, event, data) per event.
+ * Appends atomically, refusing when the run has ended or when the stream's top is above where this
+ * writer left it (another writer appended). A top below it means the stream lost its latest events
+ * (Redis flushed, or restarted without them): the writer goes on after its own seq (the events'
+ * seqs are the writer's), since numbering from the top again would give seqs that readers have seen
+ * to other events (an open stream skips them as seen, a resumed one waits past the run's end).
+ * KEYS[1] the stream; ARGV: the writer's last seq, the TTL to set, the channel, the message to
+ * publish, then (seq, event, data) per event, seqs above the writer's.
  */
 const APPEND_SCRIPT = `
 local FINAL = {${[...FINAL_RUN_EVENTS].map((name) => `['${name}'] = true`).join(', ')}}
@@ -71,8 +71,8 @@ if top[1] then
   if FINAL[top[1][2][2]] then return {'ended', last} end
 end
 local after = tonumber(ARGV[1])
-if last > after or (last < after and ARGV[5] ~= '1') then return {'stale', last} end
-for i = 6, #ARGV, 3 do
+if last > after then return {'stale', last} end
+for i = 5, #ARGV, 3 do
   redis.call('XADD', KEYS[1], '0-' .. ARGV[i], 'event', ARGV[i + 1], 'data', ARGV[i + 2])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
@@ -100,6 +100,11 @@ function parseEntry([id, fields]: StreamEntry): RunEvent {
 export class RedisRunEventLog implements RunEventLog {
   /** Per run, the seq this log last appended or read with lastSeq: where its next append must continue. */
   private readonly cursors = new Map<string, number>();
+  /**
+   * Per run taken up with numberAfter, until an append of it lands: the seq its events are numbered
+   * after at least (the run's ceiling, recorded in the database), whatever the stream's top.
+   */
+  private readonly floors = new Map<string, number>();
   /** Runs whose cursor a writer set with `expect`, until their next append: that one continues from the real top if the guess is wrong. */
   private readonly expected = new Set<string>();
   /** Per run with an append in flight: the appends made since, which go out together after it. */
@@ -184,8 +189,10 @@ export class RedisRunEventLog implements RunEventLog {
       // A run's first event (its start writes run.queued) needs no look-up: the script refuses it
       // ('stale') were the stream not empty.
       const after = this.cursors.get(runId) ?? (events[0]!.event === 'run.queued' ? 0 : (await this.top(runId)).seq);
+      // Past the stream's top (checked by the script) and past what the run's earlier writers may have numbered.
+      const from = Math.max(after, this.floors.get(runId) ?? 0);
       const stored: RunEvent[] = events.map((event, index) => {
-        const seq = after + index + 1;
+        const seq = from + index + 1;
         return { seq, event: event.event, data: { ...event.data, run_id: runId, seq } };
       });
       const ended = isFinal(stored.at(-1)!.event);
@@ -197,8 +204,6 @@ export class RedisRunEventLog implements RunEventLog {
         ended ? this.options.endedTtlSeconds : LIVE_RUN_EVENTS_TTL_SECONDS,
         this.channel(runId),
         message,
-        // A guess (`expect`) is not sure: where it is wrong, the log's top is where to go on.
-        expected ? 0 : 1,
         ...stored.flatMap((event, i) => [event.seq, event.event, data[i]!]),
       ];
       const [outcome, last] = await this.runAppendScript(this.streamKey(runId), args);
@@ -207,12 +212,15 @@ export class RedisRunEventLog implements RunEventLog {
         throw new RunEventsRefusedError(runId, 'ended', last);
       }
       if (outcome === 'stale' && expected) {
-        // The writer's `expect` was wrong (its run.queued is missing): the script told where the log is.
+        // The writer's `expect` was wrong (another writer appended past run.queued): the script told
+        // where the log is. A top below the guess (run.queued missing, or lost with the stream) is
+        // not refused: the guess is numbered past, as a client may have seen run.queued as seq 1.
         this.remember(runId, last);
         return await this.appendNow(runId, events);
       }
       // A stale writer keeps its cursor: it stays refused until it reads lastSeq (resumes the run).
       if (outcome === 'stale') throw new RunEventsRefusedError(runId, 'stale', last);
+      this.floors.delete(runId);
       if (ended) this.cursors.delete(runId);
       else this.remember(runId, stored.at(-1)!.seq);
       return stored;
@@ -246,6 +254,16 @@ export class RedisRunEventLog implements RunEventLog {
       this.expected.delete(oldest);
       this.cursors.delete(oldest);
     }
+  }
+
+  /**
+   * A writer taking up a run (its worker, or the end of one no worker holds) whose earlier writers
+   * may have numbered up to `floor` (runs.event_seq_ceiling): the next append of the run numbers its
+   * events after it too, not only after the stream's top, which is below it when Redis lost the
+   * stream with them (then their seqs may be known to clients) and at most it otherwise.
+   */
+  numberAfter(runId: string, floor: number): void {
+    rememberCursor(this.floors, runId, floor);
   }
 
   /** The highest seq (0 when none); also where this log's next append continues (a writer resuming a run). */

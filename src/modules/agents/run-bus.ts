@@ -87,10 +87,20 @@ export interface RunEventLog {
   /**
    * A writer that knows where the run's log should be without reading it (a run's first start:
    * after its run.queued, seq 1): its next append continues after `seq` — and, should the log be
-   * elsewhere (run.queued was never written), from the log's real top rather than being refused as
-   * stale. Later appends are fenced as after `lastSeq`. Absent where `lastSeq` costs nothing.
+   * further (another writer appended), from the log's real top rather than being refused as stale;
+   * a log below `seq` (run.queued never written, or lost) is numbered past `seq` all the same, a
+   * seq a client may have seen. Later appends are fenced as after `lastSeq`. Absent where `lastSeq`
+   * costs nothing.
    */
   expect?(runId: string, seq: number): void;
+  /**
+   * Where the log is kept apart from the runs' database and can lose its latest events on its own
+   * (Redis flushed, or restarted without them; absent elsewhere): a writer taking up a run whose
+   * earlier writers numbered up to `floor` at most (runs.event_seq_ceiling) has its next append
+   * numbered after `floor` as well as after the log's top, so that no seq a client saw names
+   * another event. Its presence is what makes the runner keep the ceiling.
+   */
+  numberAfter?(runId: string, floor: number): void;
   /**
    * Resolves when the log's store answers, throws RunBusUnavailableError when it cannot be reached:
    * asked before work that is only worth starting if its events can be read (an `agent:` completion,
@@ -138,6 +148,25 @@ export interface RunBus {
 
 const ignore = (): void => undefined;
 
+/**
+ * Seqs a worker may number past its run's ceiling (runs.event_seq_ceiling) before raising it again:
+ * its claim raises the ceiling by this much, and a raise goes out ahead, in the background, once
+ * half of it is used. So a step's events cost no database write until a run has used 500 of them
+ * (then one, not waited for, per 500), and a run taken up after its worker died and its stream
+ * was lost goes on at most this far past its last event.
+ */
+export const RUN_EVENT_SEQ_ROOM = 1_000;
+
+/** A worker's hold on its run's seq ceiling, where the log keeps it (RunEventLog.numberAfter). */
+export interface RunSeqCeiling {
+  /** What this writer's events are numbered after at most: the run's ceiling before it took the run up. */
+  after: number;
+  /** The run's ceiling as the database has it (the claim's). */
+  at: number;
+  /** Raises it in the database to `to`; throws when the run is no longer this worker's (having stopped it). */
+  raise(to: number): Promise<void>;
+}
+
 /** Catch-ups in a row one append may take (each means another writer appended again in between) before its refusal stands. */
 const MAX_CATCH_UPS = 10;
 
@@ -172,13 +201,41 @@ export class RunWriter {
   private failure: { error: unknown } | null = null;
   /** Catch-ups so far: events made from the log before the latest one may miss what the other writer appended. */
   private catchUps = 0;
+  /** A seq at or above every one the log holds of the run as far as this writer knows (its answers, its catch-ups). */
+  private high: number;
+  /** Events sent to the log and not answered: numbered after `high` at most. */
+  private unanswered = 0;
+  /** Appends waiting for the ceiling to be raised: later ones wait behind them, so none overtakes. */
+  private roomTurn: Promise<void> | null = null;
+  private raising: Promise<void> | null = null;
+  /** The seq of the last event this writer stored; undefined once an append failed without an answer (its events may be there). */
+  private last: number | undefined;
 
   constructor(
     private readonly log: RunEventLog,
     private readonly runId: string,
     /** Whether this worker still holds the run, as the database says (and, when it does not, stops the run). */
     private readonly stillHolds: () => Promise<boolean>,
-  ) {}
+    /** Where the log can lose events on its own: the ceiling the writer stays under, raising it first. */
+    private readonly ceiling?: RunSeqCeiling,
+  ) {
+    this.high = ceiling?.after ?? 0;
+    this.last = ceiling?.after;
+  }
+
+  /** The log's top as the writer read it on taking the run up: its events are numbered after it. */
+  followsTop(seq: number): void {
+    this.high = Math.max(this.high, seq);
+    this.last = Math.max(this.last ?? 0, seq);
+  }
+
+  /**
+   * After `settle`: the seq of the run's last event, where this writer is sure of it (every append
+   * it sent was answered, and it stored or was refused); what a hand-back leaves as the ceiling.
+   */
+  lastSeq(): number | undefined {
+    return this.ceiling && this.unanswered === 0 ? this.last : undefined;
+  }
 
   /** Appends without the caller waiting; a failure is kept for `check` and `settle`. */
   add(events: readonly NewRunEvent[], again?: () => Promise<readonly NewRunEvent[]>): void {
@@ -199,8 +256,64 @@ export class RunWriter {
         madeAt = this.catchUps;
         batch = await again();
       }
-      return this.log.append(this.runId, batch);
+      const room = this.room(batch.length);
+      if (room) await room;
+      return this.sendToLog(batch);
     });
+  }
+
+  /**
+   * Counts `count` events about to be sent against the ceiling: raises it ahead (in the background)
+   * once half its room is used, and returns what to wait for when they would pass it (or when an
+   * earlier append waits: none overtakes another).
+   */
+  private room(count: number): Promise<void> | undefined {
+    const ceiling = this.ceiling;
+    if (!ceiling) return undefined;
+    this.unanswered += count;
+    const needed = this.high + this.unanswered;
+    if (needed > ceiling.at - RUN_EVENT_SEQ_ROOM / 2) this.raise().catch(ignore);
+    if (needed <= ceiling.at && !this.roomTurn) return undefined;
+    const turn = (this.roomTurn ?? Promise.resolve()).then(async () => {
+      while (needed > ceiling.at) await this.raise();
+    });
+    this.roomTurn = turn;
+    const done = () => {
+      if (this.roomTurn === turn) this.roomTurn = null;
+    };
+    turn.then(done, done);
+    return turn;
+  }
+
+  /** One raise at a time, to the room past every event sent so far. */
+  private raise(): Promise<void> {
+    const ceiling = this.ceiling!;
+    this.raising ??= (async () => {
+      const to = this.high + this.unanswered + RUN_EVENT_SEQ_ROOM;
+      await ceiling.raise(to);
+      ceiling.at = Math.max(ceiling.at, to);
+    })().finally(() => (this.raising = null));
+    return this.raising;
+  }
+
+  private async sendToLog(batch: readonly NewRunEvent[]): Promise<RunEvent[]> {
+    let stored: RunEvent[];
+    try {
+      stored = await this.log.append(this.runId, batch);
+    } catch (error) {
+      // A refusal stored nothing; any other failure may have stored the events: they stay counted.
+      const refused = error instanceof RunEventsRefusedError;
+      if (refused && this.ceiling) this.unanswered -= batch.length;
+      if (!refused) this.last = undefined;
+      throw error;
+    }
+    if (this.ceiling) this.unanswered -= batch.length;
+    const last = stored.at(-1)?.seq;
+    if (last !== undefined) {
+      this.high = Math.max(this.high, last);
+      if (this.last !== undefined) this.last = last;
+    }
+    return stored;
   }
 
   /** `appendWithin` (where the log has it): `work` runs again after a catch-up (its transaction rolled back). */
@@ -263,7 +376,7 @@ export class RunWriter {
       this.lost = refusal;
       throw refusal;
     }
-    await this.log.lastSeq(this.runId);
+    this.high = Math.max(this.high, await this.log.lastSeq(this.runId));
     this.catchUps++;
     this.behind = null;
   }

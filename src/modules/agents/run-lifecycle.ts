@@ -42,7 +42,7 @@ export const deadlineOf = (run: Pick<Run, 'started_at'>, timeoutSeconds: number)
 
 /** A run as clients see it (GET /runs/{id} and the `run` of run.* events): no lease internals. */
 export function runView(run: Run) {
-  const { lease_owner: _owner, lease_expires_at: _expires, waiting: _waiting, input_message_id: _input, api_key_id: _key, scope_project_id: _scope, ...view } = run;
+  const { lease_owner: _owner, lease_expires_at: _expires, waiting: _waiting, input_message_id: _input, api_key_id: _key, scope_project_id: _scope, event_seq_ceiling: _ceiling, ...view } = run;
   // Money as every answer shows it: the stored numeric's `"11.000000000000"` is `"11"` (events and GET /runs/{id} alike).
   return { ...view, cost: addCosts(view.cost) };
 }
@@ -246,8 +246,18 @@ export async function openMessagesClosed(deps: Pick<RunDeps, 'db' | 'bus'>, runI
   return closed;
 }
 
+/**
+ * Before a writer that did not write the run's log appends to it (a cancel of a run no worker held,
+ * the sweep): its events are numbered past whatever the run's writers may have numbered
+ * (runs.event_seq_ceiling), should the log have lost its latest events (RunEventLog.numberAfter).
+ */
+export function takeUpLog(deps: Pick<RunDeps, 'bus'>, run: Pick<Run, 'id' | 'event_seq_ceiling'>): void {
+  deps.bus.events.numberAfter?.(run.id, run.event_seq_ceiling);
+}
+
 /** Writes the final event of a run ended with FINAL_EVENT_PENDING, then clears the mark; left for the sweep when the write fails. */
 export async function closePending(deps: RunDeps, run: Run): Promise<boolean> {
+  takeUpLog(deps, run);
   if (!(await appendFinalEvent(deps, run))) return false;
   await runCrud.clearEndedLease(deps.db, run.id, runCrud.FINAL_EVENT_PENDING);
   return true;

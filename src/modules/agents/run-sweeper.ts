@@ -9,7 +9,7 @@
 import type { Message, Run } from '../../models/index.js';
 
 import * as runCrud from '../../crud/run.js';
-import { appendFinalEvent, closePending, completedEvents, deadlineOf, finishRun, queueRun, type RunDeps } from './run-lifecycle.js';
+import { appendFinalEvent, closePending, completedEvents, deadlineOf, finishRun, queueRun, type RunDeps, takeUpLog } from './run-lifecycle.js';
 import type { AgentRunner } from './runner.js';
 
 const BATCH = 500;
@@ -86,6 +86,7 @@ export class RunSweeper {
       // append): both are missing, and readers (the /v1 agent answer too) take the answer from it.
       const answer = run.status === 'completed' ? await runCrud.lastAnswer(deps.db, run.id) : undefined;
       const before = answer ? completedEvents([answer], answerStep(answer, run)) : [];
+      takeUpLog(deps, run);
       if (!(await appendFinalEvent(deps, run, before))) continue;
       await runCrud.clearEndedLease(deps.db, run.id);
       closed += 1;

@@ -25,7 +25,7 @@ import { isBlank, storableModelPieces, storableModelText, storableModelValue, st
 import { untilAborted } from '../../utils/time-limit.js';
 import { addCosts, CLIENT_FAULT_UPSTREAM, ModelNotFoundError, ModelTimeoutError, ProviderUnavailableError, type TokenUsage, type ToolCall, UpstreamError } from '../ai-models/index.js';
 import { builtinTools } from './knowledge-tool.js';
-import { type NewRunEvent, RunWriter } from './run-bus.js';
+import { type NewRunEvent, RUN_EVENT_SEQ_ROOM, RunWriter } from './run-bus.js';
 import { RunBusUnavailableError } from './run-bus-errors.js';
 import { appendFinalEvent, completedEvents, deadlineOf, type EndedRun, endInTransaction, endWithAnswer, type FinalEventsBefore, finishRun, openMessagesClosed, queuePromoted, type RunDeps, runEvent } from './run-lifecycle.js';
 import { isToolName, TOOL_DEFINITIONS, type ToolCallContext, type ToolImplementations, type ToolSource } from './tools.js';
@@ -259,7 +259,9 @@ export class AgentRunner {
     const execution: Execution = { controller, done: new Promise<void>((resolve) => (finished = resolve)) };
     this.executions.set(runId, execution);
     try {
-      const claimed = await runCrud.claim(this.deps.db, runId, this.workerId, this.deps.settings.RUN_LEASE_SECONDS);
+      // Where the log can lose events on its own (Redis), the claim gives the worker room to number them in.
+      const seqRoom = this.deps.bus.events.numberAfter ? RUN_EVENT_SEQ_ROOM : 0;
+      const claimed = await runCrud.claim(this.deps.db, runId, this.workerId, this.deps.settings.RUN_LEASE_SECONDS, seqRoom);
       if (!claimed) return;
       await this.drive(claimed, controller);
     } finally {
@@ -300,12 +302,31 @@ export class AgentRunner {
     }, (settings.RUN_LEASE_SECONDS * 1000) / 3);
     // Every event of the run goes through one writer, which the log refusing it as `stale` sends to
     // the database: a run still held goes on after the other writer's events, one no longer held stops.
-    const appends = new RunWriter(deps.bus.events, run.id, async () => {
-      const held = await runCrud.renewLease(deps.db, run.id, this.workerId, settings.RUN_LEASE_SECONDS, deadlineAt);
-      if (!held) controller.abort(new RunStop('lease'));
-      else log.warn({ runId: run.id }, 'run events appended by another writer (a worker whose lease expired); going on after them');
-      return held;
-    });
+    // Where the log can lose events on its own (Redis), the writer stays under the run's seq ceiling,
+    // raising it in the database first: a worker taking the run up after this one died, from a
+    // stream Redis lost meanwhile, numbers past anything a client can have seen.
+    const ceiling = deps.bus.events.numberAfter
+      ? {
+          after: claimed.seqFloor,
+          at: run.event_seq_ceiling,
+          raise: async (to: number) => {
+            if (await runCrud.raiseEventSeqCeiling(deps.db, run.id, this.workerId, to)) return;
+            controller.abort(new RunStop('lease'));
+            throw new RunStop('lease');
+          },
+        }
+      : undefined;
+    const appends = new RunWriter(
+      deps.bus.events,
+      run.id,
+      async () => {
+        const held = await runCrud.renewLease(deps.db, run.id, this.workerId, settings.RUN_LEASE_SECONDS, deadlineAt);
+        if (!held) controller.abort(new RunStop('lease'));
+        else log.warn({ runId: run.id }, 'run events appended by another writer (a worker whose lease expired); going on after them');
+        return held;
+      },
+      ceiling,
+    );
     log.info({ runId: run.id, attempt: run.attempts, model: run.model }, run.attempts === 1 ? 'run started' : 'run resumed');
     // A resumed run's log goes on from its last event; only the first start (after run.queued)
     // announces itself, with the first event of its work (one write, not two).
@@ -321,7 +342,7 @@ export class AgentRunner {
       await appends.settle().catch(() => undefined);
       const stop = signal.aborted && signal.reason instanceof RunStop ? signal.reason : null;
       if (stop?.kind === 'shutdown' || stop?.kind === 'outage') {
-        const handedBack = await runCrud.releaseLease(deps.db, run.id, this.workerId, stop.kind).catch((e: unknown) => {
+        const handedBack = await runCrud.releaseLease(deps.db, run.id, this.workerId, stop.kind, appends.lastSeq()).catch((e: unknown) => {
           log.error({ err: e, runId: run.id }, 'run not handed back; its lease will expire');
           return undefined;
         });
@@ -403,7 +424,7 @@ export class AgentRunner {
    * (run.started, on a run's first start) goes out with the first event. `deadlineAt`: when the
    * run's deadline passes (a tool step's lease renewal stops there).
    */
-  private async loop({ run, firstStart, history: claimedHistory }: runCrud.Claimed, deadlineAt: Date, signal: AbortSignal, announcement: Announcement, appends: RunWriter): Promise<void> {
+  private async loop({ run, firstStart, history: claimedHistory, seqFloor }: runCrud.Claimed, deadlineAt: Date, signal: AbortSignal, announcement: Announcement, appends: RunWriter): Promise<void> {
     const { deps } = this;
     const { settings, bus } = deps;
     if (!run.agent_id) throw new RunFailure('The agent of this run was deleted; start a new run with another agent');
@@ -413,12 +434,16 @@ export class AgentRunner {
     // Only a run whose log has nothing of a worker's yet announces its start.
     const expectFirst = firstStart && bus.events.expect !== undefined;
     if (expectFirst) bus.events.expect!(run.id, 1);
+    // Taken up from another worker: numbered past what that one may have numbered too, not only past
+    // the log's top (below it when Redis lost the stream with the worker).
+    else bus.events.numberAfter?.(run.id, seqFloor);
     // A run from before this process started may have been running in one that died (its claim,
     // committed without waiting for the disk, lost with it: so even a first start here): its log
     // may have handed readers events it never stored, and goes on after them (resumeSeq).
     const earlier = run.created_at < this.startedAt && bus.events.resumeSeq !== undefined;
     const top = expectFirst ? 1 : earlier ? bus.events.resumeSeq!(run.id) : bus.events.lastSeq(run.id);
     const [version, lastSeq] = await Promise.all([this.versionOf(run.agent_id, run.agent_version), top]);
+    appends.followsTop(lastSeq);
     // A resumed run: the message its last worker opened and never completed ends first: incomplete
     // when its step was not written, as written (with its tool messages) when only its events were not.
     await announcement.set(lastSeq <= 1 ? () => Promise.resolve([runEvent(run)]) : () => openMessagesClosed(deps, run.id, 'interrupted'));
