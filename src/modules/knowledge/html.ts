@@ -27,6 +27,26 @@ export const MAX_HTML_DEPTH = 1024;
 
 const LINES = new Set(['li', 'tr', 'dt', 'br', 'option']);
 const CELLS = new Set(['td', 'th']);
+const HEADINGS = new Set(['h1', 'h2', 'h3', 'h4', 'h5', 'h6']);
+/** The elements whose end the reader acts on; only these are kept open in the parser. */
+const STRUCTURE = new Set([...HIDDEN, ...BLOCKS, ...HEAD_CONTENT, ...LINES, ...CELLS, ...HEADINGS, 'head']);
+
+/**
+ * htmlparser2's parser, keeping open only the elements the reader acts on. Every other one (<b>,
+ * <font>, <a>, <span>, an unknown element) changes no text, so it opens and closes at its start
+ * tag, and its end tag does nothing. Without this, old pages that leave <font> unclosed by the
+ * thousand nested past MAX_HTML_DEPTH and were refused, though the HTML spec nests them too (its
+ * "Noah's Ark" clause bounds only the formatting elements re-opened in each new block, at three
+ * alike; Blink shows elements past 512 deep beside the 512th). And htmlparser2 lets a <p> close
+ * an open <p>, an <li> an <li>, a <td> a <td>, only when that sibling is the innermost element:
+ * an inline one left open in it nested every paragraph in the one before. The HTML spec closes
+ * the sibling through such elements (and re-opens formatting ones inside the new sibling).
+ */
+class TextParser extends Parser {
+  protected override isVoidElement(name: string): boolean {
+    return !STRUCTURE.has(name) || super.isVoidElement(name);
+  }
+}
 
 /**
  * Reads HTML as text a person would read: scripts, styles and hidden parts dropped, whitespace
@@ -49,7 +69,7 @@ export class HtmlTextReader {
   private depth = 0;
 
   constructor(private readonly out: TextBuilder) {
-    this.parser = new Parser(
+    this.parser = new TextParser(
       {
         onopentag: (name) => this.open(name),
         onclosetag: (name) => this.close(name),
@@ -89,7 +109,7 @@ export class HtmlTextReader {
       this.hiddenDepth++;
       return;
     }
-    const level = /^h([1-6])$/.exec(name)?.[1];
+    const level = HEADINGS.has(name) ? name[1] : undefined;
     if (level) this.heading = { level: Number(level), text: '' };
     else if (name === 'pre') this.preDepth++;
     if (name === 'tr') this.cellsInRow = 0;
@@ -120,7 +140,7 @@ export class HtmlTextReader {
       this.head = 'after';
       return;
     }
-    if (this.heading && /^h[1-6]$/.test(name)) {
+    if (this.heading && HEADINGS.has(name)) {
       this.out.heading(this.heading.level, this.heading.text);
       this.heading = null;
       return;
