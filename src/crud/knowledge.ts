@@ -14,6 +14,7 @@ import {
   knowledgeFolders,
   type NewKnowledgeEntry,
   type NewKnowledgeFolder,
+  users,
 } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
@@ -385,6 +386,16 @@ export function unfinishedWithoutJob(db: Db, pick: { pendingAgeMs: number; markM
 }
 
 // ==================== Chunks ====================
+
+/**
+ * The entry's owner's row FOR KEY SHARE (crud/user.ts lockUserKeyShare), found from the entry's id:
+ * for a transaction that has only that id, before it locks the entry's row. Nothing when the
+ * entry or its owner is gone (a delete committed while this waited).
+ */
+export async function lockEntryOwnerKeyShare(db: Db, entryId: string): Promise<void> {
+  const owner = db.select({ id: knowledgeEntries.owner_id }).from(knowledgeEntries).where(eq(knowledgeEntries.id, entryId));
+  await db.select({ id: users.id }).from(users).where(inArray(users.id, owner)).for('key share');
+}
 
 export async function deleteChunks(db: Db, entryId: string): Promise<void> {
   await db.delete(knowledgeChunks).where(eq(knowledgeChunks.entry_id, entryId));

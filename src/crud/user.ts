@@ -173,6 +173,16 @@ export async function lockUser(db: Db, id: string): Promise<void> {
   await userLocked(db).execute({ id });
 }
 
+/**
+ * The KEY SHARE lock that inserting a row which references the user takes at the insert's end (its
+ * foreign key's check), taken earlier: before the rows the transaction locks first otherwise, so
+ * that it waits for a delete of the user (which holds the users row FOR UPDATE, then locks what
+ * references it) before it holds any of those, rather than hold them and wait for the delete.
+ */
+export async function lockUserKeyShare(db: Db, id: string): Promise<void> {
+  await db.select({ id: users.id }).from(users).where(eq(users.id, id)).for('key share');
+}
+
 /** The lock of a transaction that deletes the user (FOR UPDATE, above): taken before any weaker lock on the row. */
 export async function lockUserForDelete(db: Db, id: string): Promise<void> {
   await db.select({ id: users.id }).from(users).where(eq(users.id, id)).for('update');

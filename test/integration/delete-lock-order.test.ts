@@ -10,22 +10,29 @@
  * in its order, with a pause where its statement would reach the users row: the delete is sent in
  * the pause and waits (on the server: the test waits until it does), then the other side goes on.
  * Embedded, PGlite runs one session at a time: the delete simply waits for the other side's commit.
- * Also the sweep of expired holds against a hold of the same account and key. Last, the real
+ * Also the sweep of expired holds against a hold of the same account and key, and a knowledge
+ * entry's batch of chunks stored as its owner is deleted. Last, the real
  * meter's settlement made to lose such a deadlock: it is retried, charged once.
  */
 import { randomUUID } from 'node:crypto';
 
-import { sql } from 'drizzle-orm';
+import { eq, sql } from 'drizzle-orm';
 import { describe, expect, it } from 'vitest';
 
 import type { SqlSession } from '../../src/core/db.js';
 import { databaseError } from '../../src/core/errors.js';
 
+import { knowledgeEntries } from '../../src/models/index.js';
+
 import { getBalance, hold, ledgerSum, releaseExpired } from '../../src/crud/billing.js';
+import { jobQueuedMark } from '../../src/crud/knowledge.js';
+import { ingestEntry } from '../../src/services/knowledge/ingestion.js';
 import { useTestApp } from '../helpers/app.js';
-import { createProject, type TestUser } from '../helpers/factories.js';
+import { madeFile, writeTextPdf } from '../helpers/documents.js';
+import { createProject, createUser, type TestUser } from '../helpers/factories.js';
 import type { FakeModelServer } from '../helpers/fake-model-server.js';
 import { apiOf, createKey, eventually } from '../helpers/http.js';
+import { createFolder, ingested } from '../helpers/knowledge.js';
 import { backendPid, creditedUser, lockWaits } from '../helpers/lock-waits.js';
 import { captureLogs } from '../helpers/logs.js';
 import { useFakeModels } from '../helpers/metered-models.js';
@@ -243,6 +250,91 @@ describe('an API key or its project deleted while a settlement of its call holds
       expect(Number(await ledgerSum(ctx.database.db, user.user.id))).toBe(96);
     });
   }
+});
+
+describe('a user deleted while their knowledge entry is being indexed', () => {
+  const deps = () => ({ db: ctx.app.db, settings: ctx.app.settings, log: ctx.app.log, models: ctx.app.models });
+  /** `ingestEntry`'s outcome: 'returned', or what it threw. */
+  const ingest = (entryId: string) => ingestEntry(deps(), entryId).then(() => 'returned', (error: unknown) => error);
+
+  const linesOf = (entryId: string) => logs.lines().filter((line) => line.entryId === entryId).map((line) => line.msg);
+
+  /** A user's entry, indexed, then handed back as a reindex leaves it: its job clears its chunks and stores them anew. */
+  async function entryToReindex(file: { filename: string; content: string | Buffer }): Promise<{ user: TestUser; entryId: string }> {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const entry = await ingested(ctx.app, user.headers, folder.id, file);
+    // Its upload's job logs after the entry shows ready: its line is not the one looked for.
+    await eventually(async () => linesOf(entry.id).includes('knowledge entry ingested'));
+    // Marked as queued (its job is this test's call), so that no sweep queues a job of its own.
+    const queued = jobQueuedMark(ctx.app.settings.KB_INGEST_LEASE_MS);
+    await ctx.app.db.update(knowledgeEntries).set({ status: 'pending', attempts: 0, lease_token: null, lease_expires_at: queued }).where(eq(knowledgeEntries.id, entry.id));
+    logs.clear();
+    return { user, entryId: entry.id };
+  }
+
+  // The claim updates the entry's row twice (its status, then what a reindex resets): the second
+  // update of a row version this transaction wrote checks its foreign keys again, KEY SHARE on the
+  // users row, while the claim holds the entry's row. A delete of the user holds that row FOR
+  // UPDATE, then its cascade wants the entry's: on the server each waited for the other until one
+  // was aborted (40P01), the claim's loss failing the job's try. Played here: the delete's two steps by
+  // hand, the real job between them.
+  it('a claim waits for the delete, which commits; the job finds nothing to do', async () => {
+    const { user, entryId } = await entryToReindex({ filename: 'lights.md', content: '# Lights\n\nLighthouses guide ships.' });
+    const { raced: ingestion, failed } = await interleave(
+      [['select id from users where id = $1 for update', [user.user.id]]],
+      () => ingest(entryId),
+      [['delete from users where id = $1', [user.user.id]]],
+    );
+    expect(failed).toBeNull();
+    expect(ingestion).toBe('returned');
+    expect(await rowsOf(sql`select id from knowledge_entries where id = ${entryId}`)).toEqual([]);
+    expect(linesOf(entryId)).toEqual([]);
+  });
+
+  // A batch's write (ChunkWriter.writeBatch) renewed the claim, locking the entry's row, then
+  // inserted its chunks, whose owner_id takes KEY SHARE on the users row at the insert's end: the
+  // same cycle with a delete. Made to meet on the server: the job is held at its text's count (the
+  // owner's lock, ChunkWriter.reserve) until the delete's first lock waits behind it, so the delete
+  // holds the users row as the batch begins.
+  it('a batch of chunks waits for the delete, which commits; the job is dropped, the entry not failed', async () => {
+    if (!onServer) return; // PGlite runs one session at a time: nothing waits
+    // Text past its file's size and 4 KiB: counted (reserved) before its batch is stored.
+    const pdf = await madeFile('lights.pdf', (path) => writeTextPdf(path, Array.from({ length: 300 }, (_, i) => `Lighthouses guide ships past the rocks at night (${i % 7}).`)));
+    const { user, entryId } = await entryToReindex({ filename: 'lights.pdf', content: pdf });
+    let ingestion: Promise<unknown> | undefined;
+    let failed: string | null = null;
+    await ctx.database.withSession(async (gate: SqlSession) => {
+      await gate.exec('begin');
+      const gatePid = await backendPid(gate);
+      await gate.query('select id from users where id = $1 for no key update', [user.user.id]);
+      ingestion = ingest(entryId);
+      await eventually(async () => (await blockedBy(gatePid)) > 0, 20_000);
+      await ctx.database.withSession(async (side: SqlSession) => {
+        await side.exec('begin');
+        try {
+          const sidePid = await backendPid(side);
+          // The delete's first lock on the row, queued behind the job's count.
+          const locked = side.query('select id from users where id = $1 for update', [user.user.id]);
+          locked.catch(() => undefined);
+          await eventually(async () => await waitingForLock(sidePid));
+          await gate.exec('commit');
+          await locked;
+          // The batch that follows the count waits for the delete.
+          await eventually(async () => (await blockedBy(sidePid)) > 0);
+          await side.query('delete from users where id = $1', [user.user.id]);
+          await side.exec('commit');
+        } catch (error) {
+          failed = databaseError(error)?.code ?? String(error);
+          await side.exec('rollback');
+        }
+      });
+    });
+    expect(failed).toBeNull();
+    expect(await ingestion).toBe('returned');
+    expect(await rowsOf(sql`select id from knowledge_entries where id = ${entryId}`)).toEqual([]);
+    expect(linesOf(entryId)).toEqual(['ingestion dropped: the entry was deleted or reindexed meanwhile']);
+  }, 30_000);
 });
 
 describe('a delete that loses a deadlock', () => {

@@ -22,8 +22,8 @@ import type { JobQueue } from '../../core/queue.js';
 
 import { knowledgeChunks, knowledgeEntries, type KnowledgeEntry } from '../../models/index.js';
 
-import { chargedBytes, clearJobQueuedMarks, deleteChunks, jobQueuedMark, unfinishedWithoutJob, usedBytes } from '../../crud/knowledge.js';
-import { lockUser } from '../../crud/user.js';
+import { chargedBytes, clearJobQueuedMarks, deleteChunks, jobQueuedMark, lockEntryOwnerKeyShare, unfinishedWithoutJob, usedBytes } from '../../crud/knowledge.js';
+import { lockUser, lockUserKeyShare } from '../../crud/user.js';
 import type { ModelManager } from '../../modules/ai-models/index.js';
 import { type ChunkCutter, ownTextBytes } from '../../modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
@@ -86,6 +86,11 @@ export class TextOverQuotaError extends Error {
  */
 async function claim(db: Db, settings: Settings, entryId: string): Promise<Claim | null> {
   return transaction(db, async (tx) => {
+    // The owner's row first, as a batch's write (ChunkWriter.writeBatch): a second update of the
+    // entry's row in one transaction checks its foreign keys again (its row version is this
+    // transaction's), taking KEY SHARE on the users row while holding the entry's, which a
+    // deletion of the owner (users row, then the entry's through the cascade) waited for in turn.
+    await lockEntryOwnerKeyShare(tx, entryId);
     const [entry] = await tx
       .update(knowledgeEntries)
       .set({
@@ -487,7 +492,14 @@ class ChunkWriter {
     });
   }
 
-  /** Runs one batch's write in a short transaction that first renews the claim. */
+  /**
+   * Runs one batch's write in a short transaction that first renews the claim. The owner's row
+   * first (KEY SHARE, which the chunks' inserts take anyway for their foreign key, at their end):
+   * a deletion of the owner locks that row, then the entry's through its cascade; taken after the
+   * entry's (renew), the two waited for each other on PostgreSQL until one was aborted (40P01),
+   * the batch's ending the entry failed with an internal error. In the deletion's order, the batch
+   * waits for it to commit, and then finds its claim gone (ClaimLostError).
+   */
   private async writeBatch(work: (tx: Db) => Promise<void>): Promise<void> {
     const { deps, entry } = this;
     await transaction(deps.db, async (tx) => {
@@ -496,6 +508,7 @@ class ChunkWriter {
       // from the last one backwards, each whole); the end (`ready`) is durable. (A 20 MB Markdown
       // file on PGlite: 20.7 s with a flush per batch, 19.4 s without.)
       await tx.execute(sql`select set_config('synchronous_commit', 'off', true)`);
+      await lockUserKeyShare(tx, entry.owner_id);
       await renew(tx, deps.settings, entry);
       await work(tx);
     });
