@@ -5,6 +5,10 @@
  * whose text would pass what is left fails the entry and keeps none of the text; two of one user's
  * at once take the owner's lock to count, as uploads do, so they never pass it together.
  */
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
 import { eq, sql } from 'drizzle-orm';
 import { beforeAll, describe, expect, it } from 'vitest';
 
@@ -12,6 +16,9 @@ import type { SqlSession } from '../../src/core/db.js';
 
 import { knowledgeChunks, knowledgeEntries } from '../../src/models/index.js';
 
+import { ChunkCutter, chunkOptionsFrom, ownTextBytes } from '../../src/modules/knowledge/chunk.js';
+import { extractDocument, extractLimitsFrom } from '../../src/modules/knowledge/extract.js';
+import type { DocumentChunk } from '../../src/modules/knowledge/types.js';
 import { ingestEntry } from '../../src/services/knowledge/ingestion.js';
 import { useTestApp } from '../helpers/app.js';
 import { madeFile, writeTextPdf } from '../helpers/documents.js';
@@ -26,7 +33,7 @@ const QUOTA = 200_000;
 // Embedded where pgvector is (PGlite): text over the quota is refused before it is embedded, and paid for.
 const ctx = useTestApp({ KB_MAX_BYTES_PER_USER: String(QUOTA), KB_MAX_FILE_BYTES: String(QUOTA / 2), EMBEDDING_MODEL: 'fake-embed', MODEL_MAX_RETRIES: '0' });
 const api = apiOf(ctx);
-const { waitingForLocks } = lockWaits(ctx);
+const { rowsOf, waitingForLocks } = lockWaits(ctx);
 const onServer = !!process.env.DATABASE_URL;
 
 let fake: FakeModelServer;
@@ -50,6 +57,19 @@ async function heldText(entryId: string) {
     .where(eq(knowledgeChunks.entry_id, entryId));
   const [row] = await ctx.app.db.select({ text_bytes: knowledgeEntries.text_bytes, attempts: knowledgeEntries.attempts }).from(knowledgeEntries).where(eq(knowledgeEntries.id, entryId));
   return { chunks: chunks!.n, chunkBytes: chunks!.bytes, ...row! };
+}
+
+/** The chunks ingestion cuts of `file` (a PDF), with this app's settings. */
+async function documentOf(file: Buffer): Promise<DocumentChunk[]> {
+  const dir = await mkdtemp(join(tmpdir(), 'keel-quota-'));
+  try {
+    const path = join(dir, 'doc.pdf');
+    await writeFile(path, file);
+    const document = await extractDocument({ path, filename: 'doc.pdf' }, extractLimitsFrom(ctx.app.settings));
+    return [...new ChunkCutter(chunkOptionsFrom(ctx.app.settings)).cut(document.sections)];
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 }
 
 /** The entry's extracted text (`GET …/content`): `text_bytes` counts it once, from its UTF-8 bytes without white space (trimmed between chunks) up to all of them. */
@@ -138,6 +158,34 @@ describe('the storage quota counts extracted text', () => {
     expect(held.chunkBytes).toBeGreaterThan(Buffer.byteLength(text) * 1.05);
     await expectTextCountedOnce(user, entry.id, held.text_bytes);
     expect(await quotaUsed(user)).toBe(Buffer.byteLength(text));
+  });
+
+  it('counts a failed entry for the text of the chunks it keeps, not for the batch it failed in', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    // The chunk holding the last line cannot be stored. The batch's text (~130 KB, past its file and
+    // 4 KiB; one batch) is reserved, counted, whole before it is embedded and stored; then, where
+    // pgvector is (PGlite), its first embedding call's chunks (KB_EMBED_BATCH) are stored and the
+    // call with that chunk fails to, kept as after a 402; without, the batch's one write fails.
+    await ctx.app.db.execute(sql.raw(`create function test_poisoned_chunk() returns trigger language plpgsql as $$ begin raise exception 'poisoned chunk'; end $$`));
+    await ctx.app.db.execute(sql.raw(`create trigger test_poisoned_chunk before insert on knowledge_chunks for each row when (new.text like '%POISON%') execute function test_poisoned_chunk()`));
+    try {
+      const pdf = await madeFile('doc.pdf', (path) => writeTextPdf(path, [...Array.from({ length: 1_300 }, (_, i) => `${LINE} (${i % 7}).`), 'POISON']));
+      const entry = await settled(ctx.app, user.headers, (await uploaded(ctx.app, user.headers, folder.id, { filename: 'refunds.pdf', content: pdf })).id);
+      expect(entry.status).toBe('failed');
+      expect(entry.error).toContain('internal error');
+      const kept = await rowsOf<{ text: string }>(sql`select text from knowledge_chunks where entry_id = ${entry.id} order by chunk_index`);
+      expect(kept.length).toBe(ctx.database.kind === 'pglite' ? ctx.app.settings.KB_EMBED_BATCH : 0);
+      // What those chunks hold, each chunk's lead (the overlap) left out: the document cut as the job cuts it.
+      const cut = (await documentOf(pdf)).slice(0, kept.length);
+      expect(cut.map((chunk) => chunk.text)).toEqual(kept.map((row) => row.text));
+      const keptBytes = cut.reduce((sum, chunk) => sum + ownTextBytes(chunk), 0);
+      expect((await heldText(entry.id)).text_bytes).toBe(keptBytes);
+      expect(await quotaUsed(user)).toBe(Math.max(4096, keptBytes));
+    } finally {
+      await ctx.app.db.execute(sql.raw('drop trigger test_poisoned_chunk on knowledge_chunks'));
+      await ctx.app.db.execute(sql.raw('drop function test_poisoned_chunk()'));
+    }
   });
 
   it("never lets two ingestions of one user pass the quota together: each counts under the owner's lock", async () => {

@@ -183,11 +183,12 @@ async function renew(db: Db, settings: Settings, entry: KnowledgeEntry, also: Pa
  * embeddings are paid for, and the entry's next indexing resumes from them (`claim`) — but search
  * shows none of them (`chunks_hidden`) until an indexing of the entry ends `ready`: not while it
  * is failed, nor while its reindex is pending or processing, when they are still unchecked. And
- * `chunk_count` is 0 (nothing is indexed); the kept chunks still count against the quota
- * (`text_bytes` stays). A document that cannot be read as it is (rejected, its file gone) or whose
+ * `chunk_count` is 0 (nothing is indexed); the kept chunks still count against the quota:
+ * `keptTextBytes` where the job's writer says what they hold (ChunkWriter.keptTextBytes; else
+ * `text_bytes` stays). A document that cannot be read as it is (rejected, its file gone) or whose
  * text is over the quota keeps none: no indexing of it resumes, and it counts for its file alone.
  */
-async function fail(db: Db, entry: KnowledgeEntry, error: string, keepChunks = true): Promise<void> {
+async function fail(db: Db, entry: KnowledgeEntry, error: string, keepChunks = true, keptTextBytes?: number): Promise<void> {
   await transaction(db, async (tx) => {
     const [row] = await tx
       .update(knowledgeEntries)
@@ -197,7 +198,7 @@ async function fail(db: Db, entry: KnowledgeEntry, error: string, keepChunks = t
         chunk_count: 0,
         token_count: 0,
         chunks_hidden: true,
-        ...(keepChunks ? {} : { text_bytes: 0 }),
+        ...(keepChunks ? (keptTextBytes === undefined ? {} : { text_bytes: keptTextBytes }) : { text_bytes: 0 }),
         lease_token: null,
         lease_expires_at: null,
         processed_at: sql`now()`,
@@ -215,10 +216,16 @@ async function fail(db: Db, entry: KnowledgeEntry, error: string, keepChunks = t
  * the mark) and its turn. Should the queue have no try left, the sweep takes the entry up once the
  * mark has passed.
  */
-async function release(db: Db, settings: Settings, entry: KnowledgeEntry): Promise<void> {
+async function release(db: Db, settings: Settings, entry: KnowledgeEntry, keptTextBytes?: number): Promise<void> {
   await db
     .update(knowledgeEntries)
-    .set({ status: 'pending', lease_token: null, lease_expires_at: jobQueuedMark(settings.KB_INGEST_LEASE_MS) })
+    .set({
+      status: 'pending',
+      // What the chunks kept for the retry hold (see `fail`).
+      ...(keptTextBytes === undefined ? {} : { text_bytes: keptTextBytes }),
+      lease_token: null,
+      lease_expires_at: jobQueuedMark(settings.KB_INGEST_LEASE_MS),
+    })
     .where(held(entry));
 }
 
@@ -311,7 +318,9 @@ const CUT_SLICE_MS = 20;
  * The text counts against the owner's quota (`text_bytes`; crud/knowledge.ts, chargedBytes): each
  * batch's text is reserved before it is embedded or stored (`reserve`), so a document that extracts
  * to more than the owner has left stops there (TextOverQuotaError), its reading with it, having
- * stored and paid for no more than fits.
+ * stored and paid for no more than fits. A failure that keeps the chunks stored so far records what
+ * they hold (`keptTextBytes`), not what was reserved: the batch it stopped in, reserved whole, may
+ * be partly stored or not at all.
  */
 class ChunkWriter {
   private readonly queue: DocumentSection[] = [];
@@ -329,6 +338,14 @@ class ChunkWriter {
   textBytes = 0;
   /** What the entry counts for against the quota as far as the database knows: more text than this is reserved first. */
   private charged: number;
+  /** `textBytes` of the chunks stored by an earlier attempt, which this job resumes from (see `keptTextBytes`). */
+  private readonly countedBefore: number;
+  /** UTF-8 bytes (`ownTextBytes`) of this job's chunks that are in the database as it cut them: stored by it, or found stored with the same text. */
+  private storedTextBytes = 0;
+  /** Whether an earlier attempt's chunks past a place were deleted (`dropFrom`): from there on only this job's are kept. */
+  private dropped = false;
+  /** Places in the batch being written whose chunk's text is stored already (counted in `storedTextBytes` by `compare`). */
+  private readonly storedText = new Set<number>();
 
   constructor(
     private readonly deps: IngestionDeps,
@@ -338,6 +355,18 @@ class ChunkWriter {
     private resuming: boolean,
   ) {
     this.charged = chargedBytes(entry.size_bytes, entry.text_bytes);
+    this.countedBefore = resuming ? entry.text_bytes : 0;
+  }
+
+  /**
+   * The UTF-8 bytes of text (`ownTextBytes`) the entry's chunks hold now, for a failure that keeps
+   * them: this job's stored so far, and an earlier attempt's it has not reached. Those count for
+   * what that attempt recorded (`countedBefore`): chunking is deterministic, so the stored chunks
+   * this job has compared hold the same text as its own (the first that differ goes with all after
+   * it, `dropped`), and an earlier attempt's chunks are a prefix of the document as these are.
+   */
+  keptTextBytes(): number {
+    return this.dropped ? this.storedTextBytes : Math.max(this.countedBefore, this.storedTextBytes);
   }
 
   /** The place from which stored chunks are another cutting's, to delete with the next batch stored (see the class). */
@@ -463,8 +492,14 @@ class ChunkWriter {
     if (otherCut) this.dropFrom = otherCut.index;
     const missing: DocumentChunk[] = [];
     const otherLanguage: DocumentChunk[] = [];
+    this.storedText.clear();
     for (const chunk of batch) {
       const row = otherCut && chunk.index >= otherCut.index ? undefined : byIndex.get(chunk.index);
+      // Its text is kept whatever is redone of the row (headings, embedding, full-text vector).
+      if (row !== undefined && row.text === chunk.text) {
+        this.storedText.add(chunk.index);
+        this.storedTextBytes += ownTextBytes(chunk);
+      }
       const sameApartFromFullText =
         row !== undefined &&
         row.text === chunk.text &&
@@ -522,6 +557,7 @@ class ChunkWriter {
       this.indexed = true;
     }
     const language = deps.settings.KB_SEARCH_LANGUAGE;
+    const dropping = this.dropFrom !== null;
     await this.writeBatch(async (tx) => {
       // An earlier attempt's chunks from a place on where they were cut otherwise go, with their embeddings (see the class).
       if (this.dropFrom !== null) {
@@ -548,6 +584,9 @@ class ChunkWriter {
         .returning({ id: knowledgeChunks.id });
       if (vectors) await writeEmbeddings(tx, model!, inserted.map((row) => row.id), vectors);
     });
+    // Committed: what the kept chunks hold (see keptTextBytes).
+    if (dropping) this.dropped = true;
+    for (const chunk of chunks) if (!this.storedText.has(chunk.index)) this.storedTextBytes += ownTextBytes(chunk);
   }
 }
 
@@ -709,12 +748,12 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
     const outcome = outcomeOf(error, entry, maxAttempts);
     if ('retry' in outcome) {
       log.warn({ err: error, entryId, attempt: entry.attempts }, 'ingestion failed; will try again');
-      await release(db, settings, entry);
+      await release(db, settings, entry, writer?.keptTextBytes());
       throw error;
     }
     if (overQuota) log.info({ entryId, ownerId: entry.owner_id }, "knowledge entry failed: its text is over its owner's storage quota");
     else if (!(error instanceof DocumentRejectedError || error instanceof HttpError)) log.error({ err: error, entryId }, 'ingestion failed');
-    await fail(db, entry, outcome.fail, !(error instanceof DocumentRejectedError || error instanceof StorageNotFoundError || overQuota));
+    await fail(db, entry, outcome.fail, !(error instanceof DocumentRejectedError || error instanceof StorageNotFoundError || overQuota), writer?.keptTextBytes());
     if (overQuota) {
       // None of its text is kept: neither the copy this job may be writing nor an earlier indexing's.
       void Promise.resolve(textSaved)
