@@ -214,5 +214,14 @@ export async function pendingMigrations(database: Database, migrations = readMig
 /** Commands other than `start` and `migrate` leave migrating to `keel migrate`: they refuse an unmigrated database. */
 export async function requireMigrated(database: Database): Promise<void> {
   const pending = await pendingMigrations(database);
-  if (pending.length) throw new ConfigError(`the database is not migrated (pending: ${pending.join(', ')}): run \`keel migrate\` first`);
+  if (pending.length) throw new ConfigError(`the database is not migrated: ${describePending(pending)}: run \`keel migrate\` first`);
+}
+
+/**
+ * Pending migrations in a few words: how many, and the first and last by name. Every tag of a new
+ * database made one line of hundreds of characters; `keel migrate status` lists them all.
+ */
+export function describePending(pending: readonly string[]): string {
+  if (pending.length === 1) return `1 migration pending (${pending[0]})`;
+  return `${pending.length} migrations pending (${pending[0]} to ${pending.at(-1)})`;
 }

@@ -103,14 +103,15 @@ describe('keel migrate', () => {
 
     const create = await run(['create-superuser', '--email', 'early@keel.test'], { KEEL_SUPERUSER_PASSWORD: 'early-password-1' });
     expect(create.code).toBe(1);
-    expect(create.stderr.trim()).toMatch(/^keel: the database is not migrated \(pending: .*\): run `keel migrate` first$/);
+    // The count, the first and the last, not every tag on one line.
+    const notMigrated = `keel: the database is not migrated: ${TAGS.length} migrations pending (${TAGS[0]} to ${TAGS.at(-1)}): run \`keel migrate\` first`;
+    expect(create.stderr.trim()).toBe(notMigrated);
 
     // A start-up problem: one line, nothing served.
     const port = await freePort();
     const api = await run(['api'], { PORT: String(port) });
     expect(api.code, api.stderr).toBe(1);
-    expect(api.stderr).toMatch(/\bkeel migrate\b/);
-    expect(api.stderr.trim().split('\n'), api.stderr).toHaveLength(1);
+    expect(api.stderr.trim()).toBe(notMigrated);
     expect(api.stderr).not.toContain('[object Object]');
     await expect(fetch(`http://127.0.0.1:${port}/health`)).rejects.toThrow();
 
