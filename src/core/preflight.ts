@@ -190,6 +190,19 @@ export function listenProblem(error: unknown, { HOST, PORT }: Pick<Settings, 'HO
 const REDIS_CHECK_TIMEOUT_MS = 3_000;
 
 /**
+ * A server at REDIS_URL that is not Redis (PostgreSQL's 5432, an HTTP server): it closes the
+ * connection on Redis's first command, or answers in another protocol and hangs up, and ioredis
+ * says only "Connection is closed.", "Unknown RESP type ... Please report this." or, writing its
+ * next command first, EPIPE (which of these comes first varies); null for other errors.
+ */
+function notRedis(cause: unknown, target: string): string | null {
+  const closed = /^Connection is closed\.?$|Unknown RESP type|Protocol error/i.test(messageOf(cause)) || ['EPIPE', 'ECONNRESET'].includes(errorCode(cause) ?? '');
+  return closed
+    ? `${target} is not answering as Redis (it hung up, or answered in another protocol): check that the port is Redis's (6379 by default) and not another service's, and whether the server wants TLS (rediss://)`
+    : null;
+}
+
+/**
  * With REDIS_URL set, Redis carries the rate-limit counters and the job queue: without it logins
  * and `/ready` answer 503 and no email goes out, so a process that cannot reach it refuses to start.
  */
@@ -206,19 +219,23 @@ export async function checkRedis(settings: Pick<Settings, 'REDIS_URL'>): Promise
     enableOfflineQueue: false,
     retryStrategy: () => null,
   });
-  let lastError: Error | undefined;
-  client.on('error', (error) => (lastError = error));
+  // The first error says what went wrong: after a server that is not Redis answered in another
+  // protocol and hung up, ioredis's next write fails too (EPIPE), which says nothing.
+  let firstError: Error | undefined;
+  client.on('error', (error) => (firstError ??= error));
   try {
     await client.connect();
     await client.ping();
     // ioredis reports a refused SELECT (a database number past the server's `databases`) as an
     // 'error' event and goes on with database 0, where every node's keys would then mix.
-    if (lastError) throw lastError;
+    if (firstError) throw firstError;
   } catch (error) {
-    const cause = lastError ?? error;
+    const cause = firstError ?? error;
     const reason =
       networkProblem(errorCode(cause), target) ??
-      (messageOf(cause) === 'Command timed out' ? `no answer from ${target} within ${REDIS_CHECK_TIMEOUT_MS} ms: is Redis running there (not paused), and is the port right?` : `${target}: ${messageOf(cause)}`);
+      (messageOf(cause) === 'Command timed out'
+        ? `no answer from ${target} within ${REDIS_CHECK_TIMEOUT_MS} ms: is Redis running there (not paused), and is the port right?`
+        : notRedis(cause, target) ?? `${target}: ${messageOf(cause)}`);
     throw new ConfigError(`REDIS_URL: ${reason}; start Redis, fix REDIS_URL, or unset it to run without Redis`);
   } finally {
     client.disconnect();

@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { request as httpRequest } from 'node:http';
+import { createServer as createHttpServer, request as httpRequest } from 'node:http';
 import { type AddressInfo, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -299,6 +299,28 @@ describe('a Redis that accepts connections and never answers (a paused server or
     // The check's own bound (3 s) and a process start, not the test's timeout.
     expect(Date.now() - started).toBeLessThan(20_000);
   }, 40_000);
+});
+
+describe('a REDIS_URL whose port is not Redis (an HTTP server, PostgreSQL)', () => {
+  const fix = "check that the port is Redis's (6379 by default) and not another service's, and whether the server wants TLS (rediss://); start Redis, fix REDIS_URL, or unset it to run without Redis";
+  // ioredis said only "Connection is closed." (PostgreSQL drops a connection whose first bytes are
+  // not its start-up message), "Unknown RESP type 72 "H". Please report this." for an HTTP answer, or EPIPE.
+  it.concurrent.each([
+    ['an HTTP server', () => createHttpServer((_request, response) => response.end('hello'))],
+    ['a server that closes the connection at the first bytes', () => createServer((socket) => socket.once('data', () => socket.end()))],
+  ])('%s: one line naming host:port, without the password', async (_label, make) => {
+    const other = make();
+    await new Promise<void>((done) => other.listen(0, '127.0.0.1', done));
+    const { port } = other.address() as AddressInfo;
+    try {
+      const exited = await run(['api'], { PORT: String(await freePort()), SECRET_KEY: 's'.repeat(48), REDIS_URL: `redis://:not-redis-secret@127.0.0.1:${port}/10` });
+      expect(exited.code, exited.stderr).toBe(1);
+      expect(exited.stderr.trim()).toBe(`keel: REDIS_URL: 127.0.0.1:${port} is not answering as Redis (it hung up, or answered in another protocol): ${fix}`);
+      expect(exited.stdout + exited.stderr).not.toContain('not-redis-secret');
+    } finally {
+      other.close();
+    }
+  }, 60_000);
 });
 
 describe('the command line', () => {
