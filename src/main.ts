@@ -6,6 +6,7 @@ import { DataDirLockedError } from './core/data-dir-lock.js';
 import type { Database } from './core/db.js';
 import { createLogger } from './core/logger.js';
 import { type DownTarget, migrateDown, migrateUp, MigrationError, pendingMigrations, planDown, readMigrations, requireMigrated } from './core/migrate.js';
+import { sslModeWarning } from './core/pg-sslmode.js';
 import { checkRedis, databaseProblem, listenProblem, openCheckedDatabase } from './core/preflight.js';
 
 import { Email, Password } from './schemas/common.js';
@@ -102,6 +103,8 @@ function settingsFor(overrides: Record<string, string | undefined> = {}): Settin
 function startLogger(settings: Settings): ReturnType<typeof createLogger> {
   const logger = createLogger(settings);
   for (const warning of envFileWarnings()) logger.warn(warning);
+  const sslMode = sslModeWarning(settings.DATABASE_URL);
+  if (sslMode) logger.warn(sslMode);
   activeLogger = logger;
   return logger;
 }

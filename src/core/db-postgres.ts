@@ -8,6 +8,7 @@ import pg from 'pg';
 
 import type { Settings } from './config.js';
 import { type Database, type Db, type ListenHandlers, pooledTransactions, SAME_SCAN_START } from './db.js';
+import { pgConnectionString } from './pg-sslmode.js';
 
 const DRIZZLE_OPTIONS = { casing: 'snake_case' } as const;
 
@@ -35,7 +36,9 @@ async function pooledTransaction<T>(pool: pg.Pool, work: (tx: Db) => Promise<T>)
   }
 }
 
-export function openPostgres(settings: Settings, url: string): Database {
+export function openPostgres(settings: Settings, databaseUrl: string): Database {
+  // Without node-postgres's own multi-line warning about sslmode on stderr; Keel logs its own (pg-sslmode.ts).
+  const url = pgConnectionString(databaseUrl);
   const pool = new pg.Pool({
     connectionString: url,
     max: settings.DATABASE_POOL_SIZE,
