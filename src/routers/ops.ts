@@ -8,6 +8,7 @@ import { UnauthorizedError } from '../core/errors.js';
 
 import { ErrorBody } from '../schemas/common.js';
 
+import { storageReachable } from '../services/storage-service.js';
 import { fulfilledWithin } from '../utils/time-limit.js';
 
 const tags = ['ops'];
@@ -53,7 +54,7 @@ export const opsRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'ready',
         summary: 'Readiness',
-        description: 'Whether the database (and Redis, when configured) answer; 503 otherwise.',
+        description: 'Whether the database (and Redis, when configured, and the S3 bucket with STORAGE_BACKEND=s3) answer; 503 otherwise.',
         tags,
         security: [],
         response: { 200: Readiness, 503: Readiness },
@@ -67,6 +68,9 @@ export const opsRouter: FastifyPluginAsyncZod = async (app) => {
         const redis = app.redis;
         checks.redis = await within(CHECK_TIMEOUT_MS, () => redis.ping());
       }
+      // STORAGE_BACKEND=s3: uploads and downloads need the bucket (checked at most every few seconds).
+      const storage = storageReachable(app.settings, CHECK_TIMEOUT_MS);
+      if (storage) checks.storage = (await storage) ? 'ok' : 'unavailable';
       const ready = Object.values(checks).every((c) => c === 'ok');
       return reply.code(ready ? 200 : 503).send({
         status: ready ? 'ready' : 'unavailable',

@@ -163,12 +163,43 @@ const backends = new WeakMap<Settings, StorageBackend>();
 
 /** The guide's `get_storage_service(prefix=…)`: one backend per settings object, shared by every prefix. */
 export function getStorageService(settings: Settings, { prefix }: { prefix: string }): StorageService {
+  return new StorageService(sharedBackend(settings), prefix);
+}
+
+function sharedBackend(settings: Settings): StorageBackend {
   let backend = backends.get(settings);
   if (!backend) {
     backend = createStorageBackend(settings);
     backends.set(settings, backend);
   }
-  return new StorageService(backend, prefix);
+  return backend;
+}
+
+/**
+ * How long a readiness answer about the bucket stands: a load balancer may ask `/ready` every
+ * second on every node, and each answer would otherwise be a request to S3 (billed, and slower
+ * than the database's `select 1`).
+ */
+export const STORAGE_CHECK_CACHE_MS = 5_000;
+const storageChecks = new WeakMap<StorageBackend, { at: number; reachable: Promise<boolean> }>();
+
+/**
+ * Whether the bucket answers (S3Backend.reachable within `timeoutMs`); null when STORAGE_BACKEND is
+ * local (a directory beside the data, not a dependency of its own). The answer is kept for
+ * STORAGE_CHECK_CACHE_MS, and callers that ask while a check runs share it.
+ */
+export function storageReachable(settings: Settings, timeoutMs: number): Promise<boolean> | null {
+  if (settings.STORAGE_BACKEND !== 's3') return null;
+  const backend = sharedBackend(settings);
+  if (!(backend instanceof S3StorageBackend)) return null;
+  const cached = storageChecks.get(backend);
+  if (cached && Date.now() - cached.at < STORAGE_CHECK_CACHE_MS) return cached.reachable;
+  const reachable = backend.reachable(timeoutMs).then(
+    () => true,
+    () => false,
+  );
+  storageChecks.set(backend, { at: Date.now(), reachable });
+  return reachable;
 }
 
 /** Releases the backend `getStorageService` made for `settings` (the S3 client's sockets). */

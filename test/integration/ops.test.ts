@@ -1,17 +1,23 @@
 import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { request as httpRequest } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
 import pino from 'pino';
+import S3rver from 's3rver';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { openDatabase } from '../../src/core/db.js';
 
 import { buildApp } from '../../src/app.js';
+import { STORAGE_CHECK_CACHE_MS } from '../../src/services/storage-service.js';
 import { buildTestApp, openTestDatabase, SUPERUSER_EMAIL, SUPERUSER_PASSWORD, testSettings, useTestApp } from '../helpers/app.js';
 import { bearer, createUser, login } from '../helpers/factories.js';
+import { eventually } from '../helpers/http.js';
 import { captureLogs } from '../helpers/logs.js';
 import { routePath, servedRoutes } from '../helpers/routes.js';
 
@@ -115,6 +121,65 @@ describe('health and readiness', () => {
       expect(response.json()).toMatchObject({ status: 'unavailable', checks: { database: 'ok', redis: 'unavailable' } });
     } finally {
       await app.close();
+    }
+  });
+});
+
+describe('readiness with STORAGE_BACKEND=s3', () => {
+  /** An app whose files go to a bucket of an s3rver of the test's own, which the test stops. */
+  async function s3App(bucket: string) {
+    const dir = mkdtempSync(join(tmpdir(), 'keel-ready-s3-'));
+    const s3 = new S3rver({ address: '127.0.0.1', port: 0, silent: true, directory: dir, configureBuckets: [{ name: 'keel-ready' }] });
+    const { port } = await s3.run();
+    let running = true;
+    const stopS3 = async () => {
+      if (running) await new Promise<void>((done) => s3.close(() => done()));
+      running = false;
+    };
+    const app = await buildTestApp(ctx.database, {
+      STORAGE_BACKEND: 's3',
+      S3_BUCKET: bucket,
+      S3_ENDPOINT: `http://127.0.0.1:${port}`,
+      S3_ACCESS_KEY_ID: 'S3RVER',
+      S3_SECRET_ACCESS_KEY: 'S3RVER',
+      S3_FORCE_PATH_STYLE: 'true',
+    });
+    const ready = async () => {
+      const response = await app.inject({ method: 'GET', url: '/ready' });
+      return { status: response.statusCode, body: response.json<{ status: string; checks: Record<string, string> }>() };
+    };
+    const close = async () => {
+      await app.close();
+      await stopS3();
+      rmSync(dir, { recursive: true, force: true });
+    };
+    return { ready, stopS3, close };
+  }
+
+  it('reports the bucket beside the database, and answers 503 naming storage once the S3 server stops', async () => {
+    const s3 = await s3App('keel-ready');
+    try {
+      const up = await s3.ready();
+      expect(up.status).toBe(200);
+      expect(up.body).toMatchObject({ status: 'ready', checks: { database: 'ok', storage: 'ok' } });
+      await s3.stopS3();
+      // The answer stands a few seconds (STORAGE_CHECK_CACHE_MS), so /ready stays cheap: then 503.
+      let down = up;
+      await eventually(async () => (down = await s3.ready()).status === 503, STORAGE_CHECK_CACHE_MS + 10_000);
+      expect(down.body).toMatchObject({ status: 'unavailable', checks: { database: 'ok', storage: 'unavailable' } });
+    } finally {
+      await s3.close();
+    }
+  }, 30_000);
+
+  it('answers 503 naming storage when the bucket does not exist', async () => {
+    const s3 = await s3App('no-such-bucket');
+    try {
+      const missing = await s3.ready();
+      expect(missing.status).toBe(503);
+      expect(missing.body).toMatchObject({ status: 'unavailable', checks: { database: 'ok', storage: 'unavailable' } });
+    } finally {
+      await s3.close();
     }
   });
 });

@@ -244,6 +244,16 @@ export class S3StorageBackend implements StorageBackend {
     return aborted;
   }
 
+  /**
+   * Throws unless the bucket answers HeadBucket within `timeoutMs` (the request is aborted then):
+   * the server down or silent, the bucket gone, or the credentials refused (HeadBucket needs
+   * s3:ListBucket on the bucket). One small request, for readiness (storage-service.ts caches it).
+   */
+  async reachable(timeoutMs: number): Promise<void> {
+    const { HeadBucketCommand } = clientS3();
+    await this.guard(() => this.client.send(new HeadBucketCommand({ Bucket: this.options.bucket }), { abortSignal: AbortSignal.timeout(timeoutMs) }));
+  }
+
   /** S3 errors other than a missing object are the server's (down, refusing our credentials): 503, cause kept for the log. */
   private async guard<T>(operation: () => Promise<T>): Promise<T> {
     try {
