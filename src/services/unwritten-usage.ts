@@ -30,6 +30,7 @@ import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 
 import { processIdentity, recordedProcess } from '../core/process-identity.mjs';
+import { processTag } from '../core/process-tag.js';
 
 import type { Settlement } from '../crud/billing.js';
 
@@ -132,9 +133,7 @@ const saveOf = (name: string): string => name.replace(/-\d{6,}(?:-r\d+)*\.json(?
 
 /** The name this process takes file `name` under (TAKEN): its pid, and its identity where /proc tells it. */
 function takenName(name: string): string {
-  const [boot, namespace, start] = processIdentity().split(' ');
-  const inode = /^pid:\[(\d+)\]$/.exec(namespace ?? '')?.[1];
-  return `${name}.${process.pid}${boot && inode && start ? `_${boot}_${inode}_${start}` : ''}.taken`;
+  return `${name}.${processTag()}.taken`;
 }
 
 const records = (part: UnwrittenUsage): number => part.usage.length + part.settlements.length + part.windowSettlements.length + part.blockReleases.length;

@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -35,32 +35,43 @@ async function onDatabase<T>(dataDir: string, statement: SQL): Promise<T[]> {
   }
 }
 
+/** A user with a folder on a started Keel, and how to begin an upload to it over a raw socket (its body never finished). */
+async function userWithFolder(base: string, port: number) {
+  expect((await json(base, 'POST', '/users/signup', {}, { email: 'u@upload-crash.test', password: PASSWORD })).status).toBe(200);
+  const login = await fetch(`${base}/api/v1/login/access-token`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+    body: new URLSearchParams({ username: 'u@upload-crash.test', password: PASSWORD }),
+  });
+  const headers = { authorization: `Bearer ${((await login.json()) as { access_token: string }).access_token}` };
+  const me = await json<{ id: string }>(base, 'GET', '/users/me', headers);
+  const folder = await json<{ id: string }>(base, 'POST', '/knowledge-base/folders', headers, { name: 'Docs' });
+  expect(folder.status).toBe(200);
+  const boundary = '----keelcrash';
+  /** Sends the request's head and, as one chunk, `body`: the rest never comes. */
+  const uploadBegun = (body: string) => {
+    const head =
+      `POST /api/v1/knowledge-base/folders/${folder.body.id}/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: ${headers.authorization}\r\n` +
+      `Content-Type: multipart/form-data; boundary=${boundary}\r\nTransfer-Encoding: chunked\r\n\r\n`;
+    const socket = connect(port, '127.0.0.1');
+    socket.on('error', () => {});
+    socket.write(head + `${Buffer.byteLength(body).toString(16)}\r\n${body}\r\n`);
+    return socket;
+  };
+  const filePartHead = `--${boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n`;
+  return { headers, me, folder, boundary, uploadBegun, filePartHead };
+}
+
 describe('an upload whose process is killed after its file is stored', () => {
   it('leaves no file for good: the next start deletes it once the upload cannot be running', { timeout: PROCESS_TEST_TIMEOUT_MS }, async () => {
     const dataDir = await migratedDataDir(join(scratch, 'kill'));
     const port = await freePort();
     const first = await start(dataDir, port);
-    expect((await json(first.base, 'POST', '/users/signup', {}, { email: 'u@upload-crash.test', password: PASSWORD })).status).toBe(200);
-    const login = await fetch(`${first.base}/api/v1/login/access-token`, {
-      method: 'POST',
-      headers: { 'content-type': 'application/x-www-form-urlencoded' },
-      body: new URLSearchParams({ username: 'u@upload-crash.test', password: PASSWORD }),
-    });
-    const headers = { authorization: `Bearer ${((await login.json()) as { access_token: string }).access_token}` };
-    const me = await json<{ id: string }>(first.base, 'GET', '/users/me', headers);
-    const folder = await json<{ id: string }>(first.base, 'POST', '/knowledge-base/folders', headers, { name: 'Docs' });
-    expect(folder.status).toBe(200);
+    const { headers, me, folder, boundary, uploadBegun, filePartHead } = await userWithFolder(first.base, port);
 
     // The file part whole, then the form left open: the server stores the file and waits for the
     // rest of the form (another part may be a second file) before it writes the entry.
-    const boundary = '----keelcrash';
-    const head =
-      `POST /api/v1/knowledge-base/folders/${folder.body.id}/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: ${headers.authorization}\r\n` +
-      `Content-Type: multipart/form-data; boundary=${boundary}\r\nTransfer-Encoding: chunked\r\n\r\n`;
-    const part = `--${boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n${'Orphans must not stay. '.repeat(100)}\r\n--${boundary}\r\n`;
-    const socket = connect(port, '127.0.0.1');
-    socket.on('error', () => {});
-    socket.write(head + `${Buffer.byteLength(part).toString(16)}\r\n${part}\r\n`);
+    const socket = uploadBegun(`${filePartHead}${'Orphans must not stay. '.repeat(100)}\r\n--${boundary}\r\n`);
     await eventually(async () => storedFiles(dataDir, me.body.id).length === 1, 15_000);
 
     first.child.process.kill('SIGKILL');
@@ -81,5 +92,30 @@ describe('an upload whose process is killed after its file is stored', () => {
     // And no entry was ever written.
     const listed = await json<{ data: unknown[] }>(third.base, 'GET', `/knowledge-base/entries?folder_id=${folder.body.id}`, headers);
     expect(listed.body.data).toEqual([]);
+  });
+});
+
+describe('an upload whose process is killed while its file is still arriving', () => {
+  it('leaves no temporary file for the 24 h sweep: the next start removes it, its process being gone', { timeout: PROCESS_TEST_TIMEOUT_MS }, async () => {
+    const dataDir = await migratedDataDir(join(scratch, 'kill-mid-file'));
+    const temporary = join(dataDir, 'storage', '.tmp');
+    const port = await freePort();
+    const first = await start(dataDir, port);
+    const { me, uploadBegun, filePartHead } = await userWithFolder(first.base, port);
+
+    // Part of the file, and no more (a slow client): it is being written to a temporary file.
+    const socket = uploadBegun(`${filePartHead}${'Half a file. '.repeat(100)}`);
+    await eventually(async () => existsSync(temporary) && readdirSync(temporary).length === 1, 15_000);
+    // What a hard kill at the shutdown deadline does.
+    first.child.process.kill('SIGKILL');
+    await first.child.ended;
+    socket.destroy();
+    expect(readdirSync(temporary)).toHaveLength(1);
+    expect(storedFiles(dataDir, me.body.id)).toEqual([]);
+
+    const second = await start(dataDir, port);
+    await eventually(async () => readdirSync(temporary).length === 0, 15_000);
+    // The new process serves as usual.
+    expect((await fetch(`${second.base}/ready`)).status).toBe(200);
   });
 });

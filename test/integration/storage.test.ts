@@ -410,6 +410,21 @@ describe('local storage on disk', () => {
     expect(readdirSync(temp)).toEqual(['fresh']);
   });
 
+  it('sweeps at once the temporary files named for a process that is gone, not those of a live one', async () => {
+    const dataDir = tempDir();
+    const temp = join(dataDir, 'storage', '.tmp');
+    mkdirSync(temp, { recursive: true });
+    // A process that has ended (its pid not reused within the test), and one that runs: this test's parent.
+    const ended = await promisify(execFile)(process.execPath, ['-e', 'process.stdout.write(String(process.pid))']);
+    const uuid = '0b7e4a9c-1f2d-4c3b-9a8e-7d6c5b4a3f21';
+    writeFileSync(join(temp, `${ended.stdout}.${uuid}`), 'left by a kill -9');
+    writeFileSync(join(temp, `${process.ppid}.${uuid}`), 'being written by another process');
+    const storage = getStorageService(testSettings({ DATA_DIR: dataDir }), { prefix: 'knowledge-base' });
+    // The knowledge sweeper's call, as at every start: it says how many went.
+    expect(await storage.abandonStaleWrites(0)).toBe(1);
+    expect(readdirSync(temp)).toEqual([`${process.ppid}.${uuid}`]);
+  });
+
   it('tightens a storage directory left group/world-readable', async () => {
     const dataDir = tempDir();
     mkdirSync(join(dataDir, 'storage'), { mode: 0o755 });

@@ -5,12 +5,20 @@ import { dirname, join, sep } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 
+import { PROCESS_TAG, processTag, taggedProcessGone } from '../../core/process-tag.js';
+
 import { type ByteRange, type OpenedFile, resolveRange, type StorageBackend } from './backend.js';
 import { StorageConflictError, StoragePathError } from './keys.js';
 
 const TEMP_DIR = '.tmp';
-/** A temporary file untouched this long belongs to a write that died with its process. */
+/**
+ * A temporary file untouched this long belongs to a write that died with its process: one whose
+ * process cannot be told from its name (another kernel or pid namespace, or named before names
+ * said whose it is).
+ */
 const STALE_TEMPORARY_MS = 24 * 60 * 60 * 1000;
+/** A temporary file's name: the writing process's tag (processTag) and a UUID. */
+const TEMPORARY_NAME = new RegExp(`^(${PROCESS_TAG})\\.[0-9a-f-]{36}$`);
 /** Tries of a put's rename into place, when a concurrent remove pruned the directory it made (pruneEmptyParents). */
 const PUT_ATTEMPTS = 5;
 
@@ -29,6 +37,8 @@ function code(error: unknown): string | undefined {
 export class LocalStorageBackend implements StorageBackend {
   readonly name = 'local';
   private rootReal: Promise<string> | undefined;
+  /** Removed by the sweep as the backend opened, not yet counted by abandonWritesBefore. */
+  private sweptAtOpen = 0;
 
   constructor(private readonly root: string) {}
 
@@ -37,7 +47,7 @@ export class LocalStorageBackend implements StorageBackend {
       await mkdir(join(this.root, TEMP_DIR), { recursive: true, mode: 0o700 });
       const info = await stat(this.root);
       if (info.mode & 0o077) await chmod(this.root, info.mode & 0o700);
-      await this.sweepTemporary();
+      this.sweptAtOpen = await this.sweepTemporary();
       return realpath(this.root);
     })();
     try {
@@ -49,17 +59,25 @@ export class LocalStorageBackend implements StorageBackend {
   }
 
   /**
-   * Removes temporary files a killed process left (a write in progress is never this old; another
-   * process sharing DATA_DIR may be writing its own, so only stale ones go).
+   * Removes temporary files a killed process left (kill -9 at the shutdown deadline, mid-upload):
+   * those whose name says their process is gone, at once, and any untouched for
+   * STALE_TEMPORARY_MS. Another live process sharing DATA_DIR (scaled mode on one host: with a
+   * PostgreSQL server nothing locks DATA_DIR) may be writing its own, which are kept. Returns how
+   * many went.
    */
-  private async sweepTemporary(): Promise<void> {
+  private async sweepTemporary(): Promise<number> {
     const dir = join(this.root, TEMP_DIR);
     const cutoff = Date.now() - STALE_TEMPORARY_MS;
+    let removed = 0;
     for (const name of await readdir(dir)) {
       const path = join(dir, name);
       const info = await lstat(path).catch(() => null);
-      if (info?.isFile() && info.mtimeMs < cutoff) await unlink(path).catch(() => undefined);
+      if (!info?.isFile()) continue;
+      const writer = TEMPORARY_NAME.exec(name)?.[1];
+      if (info.mtimeMs >= cutoff && !(writer && taggedProcessGone(writer))) continue;
+      if (await unlink(path).then(() => true, () => false)) removed++;
     }
+    return removed;
   }
 
   /** The file's path, after checking that its directory (as far as it exists) resolves inside the root. */
@@ -80,9 +98,16 @@ export class LocalStorageBackend implements StorageBackend {
     }
   }
 
-  /** A killed write leaves a temporary file, outside any prefix: those go when the backend opens (sweepTemporary). */
+  /**
+   * A killed write leaves a temporary file, outside any prefix: those go when the backend opens and
+   * at each sweep of the knowledge sweeper, which calls this (sweepTemporary), so that a process of
+   * this DATA_DIR that died meanwhile leaves nothing either.
+   */
   async abandonWritesBefore(): Promise<number> {
-    return 0;
+    await this.realRoot();
+    const swept = this.sweptAtOpen + (await this.sweepTemporary());
+    this.sweptAtOpen = 0;
+    return swept;
   }
 
   private async makeParent(path: string): Promise<void> {
@@ -96,7 +121,8 @@ export class LocalStorageBackend implements StorageBackend {
 
   async put(key: string, body: AsyncIterable<Uint8Array>): Promise<void> {
     const root = await this.realRoot();
-    const temp = join(root, TEMP_DIR, randomUUID());
+    // Named for this process, so that once it is gone the next sweep knows the file is nobody's.
+    const temp = join(root, TEMP_DIR, `${processTag()}.${randomUUID()}`);
     const handle = await open(temp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
     try {
       await pipeline(body, handle.createWriteStream());
