@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
-import { request as httpRequest } from 'node:http';
+import { createServer, request as httpRequest } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -171,6 +171,37 @@ describe('readiness with STORAGE_BACKEND=s3', () => {
       await s3.close();
     }
   }, 30_000);
+
+  // s3rver checks no credentials: these S3 answers come from a server that gives only them.
+  it.each([
+    ['AccessDenied, S3\'s answer for a missing key to credentials without s3:ListBucket', 200, 'ok', 403, 'AccessDenied'],
+    ['SignatureDoesNotMatch (a wrong secret)', 503, 'unavailable', 403, 'SignatureDoesNotMatch'],
+    ['InvalidAccessKeyId (a wrong key)', 503, 'unavailable', 403, 'InvalidAccessKeyId'],
+    ['a server error', 503, 'unavailable', 500, 'InternalError'],
+  ])('reads %s: /ready %i, storage %s', async (_label, readyStatus, storage, status, code) => {
+    const server = createServer((_request, response) => {
+      response.writeHead(status, { 'content-type': 'application/xml' });
+      response.end(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>${code}</Code><Message>${code}</Message></Error>`);
+    });
+    await new Promise<void>((listening) => server.listen(0, '127.0.0.1', listening));
+    const app = await buildTestApp(ctx.database, {
+      STORAGE_BACKEND: 's3',
+      S3_BUCKET: 'keel-ready',
+      S3_ENDPOINT: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+      S3_ACCESS_KEY_ID: 'key',
+      S3_SECRET_ACCESS_KEY: 'secret',
+      S3_FORCE_PATH_STYLE: 'true',
+    });
+    try {
+      const response = await app.inject({ method: 'GET', url: '/ready' });
+      expect(response.statusCode).toBe(readyStatus);
+      expect(response.json()).toMatchObject({ checks: { database: 'ok', storage } });
+    } finally {
+      await app.close();
+      server.closeAllConnections();
+      await new Promise((closed) => server.close(closed));
+    }
+  });
 
   it('answers 503 naming storage when the bucket does not exist', async () => {
     const s3 = await s3App('no-such-bucket');
@@ -389,7 +420,6 @@ describe('client errors', () => {
       { method: 'POST', path: '/api/v1/users/signup', headers: JSON_HEADERS, body: JSON.stringify({ email: `${'a'.repeat(300)}@keel.test`, password: 'p'.repeat(8) }) },
       { method: 'POST', path: '/api/v1/login/access-token', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: '%%%=&&&' },
       { method: 'POST', path: '/api/v1/login/access-token', headers: { 'content-type': 'application/x-www-form-urlencoded' }, body: 'username=a@b.co&username=c@d.co&password=12345678' },
-      { method: 'POST', path: '/api/v1/password-recovery/not-an-email' },
       { path: '/api/v1/users/%E0%A4%A' },
       { path: `/api/v1/users/${'a'.repeat(300)}`, headers: alice.headers },
       { path: '/api/v1/users/not-a-uuid', headers: alice.headers },

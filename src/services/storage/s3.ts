@@ -38,6 +38,9 @@ function unavailable(error: unknown): unknown {
   return error instanceof HttpError ? error : new StorageUnavailableError(error);
 }
 
+/** The object `reachable` asks for: no one writes it, so S3's answer says the bucket works. */
+const READINESS_PROBE_KEY = '.keel-readiness-probe';
+
 function notFound(error: unknown): boolean {
   const e = error as { name?: string; $metadata?: { httpStatusCode?: number } };
   return e.name === 'NotFound' || e.name === 'NoSuchKey' || e.name === 'NoSuchUpload' || e.$metadata?.httpStatusCode === 404;
@@ -245,13 +248,27 @@ export class S3StorageBackend implements StorageBackend {
   }
 
   /**
-   * Throws unless the bucket answers HeadBucket within `timeoutMs` (the request is aborted then):
-   * the server down or silent, the bucket gone, or the credentials refused (HeadBucket needs
-   * s3:ListBucket on the bucket). One small request, for readiness (storage-service.ts caches it).
+   * Throws unless the bucket answers within `timeoutMs` (the request is aborted then): the server
+   * down or silent, the bucket gone, or our credentials refused. It asks for an object no one
+   * writes, with s3:GetObject, which Keel needs anyway: "no such key" is the answer of a bucket
+   * that works, and so is AccessDenied, S3's answer for a missing key to credentials without
+   * s3:ListBucket (the signature was accepted; a wrong key or secret is InvalidAccessKeyId or
+   * SignatureDoesNotMatch). HeadBucket would need s3:ListBucket, and without it every node of a
+   * deployment upgraded onto this check would have left its load balancer. For readiness
+   * (storage-service.ts caches it).
    */
   async reachable(timeoutMs: number): Promise<void> {
-    const { HeadBucketCommand } = clientS3();
-    await this.guard(() => this.client.send(new HeadBucketCommand({ Bucket: this.options.bucket }), { abortSignal: AbortSignal.timeout(timeoutMs) }));
+    const { GetObjectCommand } = clientS3();
+    try {
+      const probe = await this.client.send(new GetObjectCommand({ Bucket: this.options.bucket, Key: READINESS_PROBE_KEY, Range: 'bytes=0-0' }), {
+        abortSignal: AbortSignal.timeout(timeoutMs),
+      });
+      (probe.Body as Readable | undefined)?.destroy();
+    } catch (error) {
+      const name = (error as { name?: string }).name;
+      if (name !== 'NoSuchBucket' && (notFound(error) || name === 'AccessDenied')) return;
+      throw unavailable(error);
+    }
   }
 
   /** S3 errors other than a missing object are the server's (down, refusing our credentials): 503, cause kept for the log. */
