@@ -15,6 +15,7 @@ import { serverOptions, shutdownCutAtMs, slashesInLastSegment, trackConnections 
 import { FORM_CONTENT_TYPE, formBodyRefused, jsonBodyParser } from './core/json-body.js';
 import { lazyRequestLogger, type Logger } from './core/logger.js';
 import { type EmbeddedMaintenance, startEmbeddedMaintenance } from './core/maintenance.js';
+import { MAX_PARAM_LENGTH } from './core/method-not-allowed.js';
 import { createMetrics, type Metrics } from './core/metrics.js';
 import { registerDocs, registerOpenApi } from './core/openapi.js';
 import { createQueue, type JobQueue } from './core/queue.js';
@@ -112,7 +113,7 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
       return typeof given === 'string' && REQUEST_ID.test(given) ? given : randomUUID();
     },
     // A client joining a base URL that ends in a slash with a path that starts with one (`/v1/` + `/chat/completions`) asks for the route all the same.
-    routerOptions: { ignoreTrailingSlash: true, ignoreDuplicateSlashes: true, maxParamLength: 200 },
+    routerOptions: { ignoreTrailingSlash: true, ignoreDuplicateSlashes: true, maxParamLength: MAX_PARAM_LENGTH },
     rewriteUrl: (req) => modelIdPaths(req.url ?? '/'),
     // URLs the router cannot read (bad percent-encoding, over-long parameters) never reach the
     // error handler: answer them in the API's `{detail}` shape too.

@@ -20,6 +20,7 @@ export const NewPassword = z.strictObject({ token: z.string().min(1).max(2048), 
 
 /**
  * Any string: SPEC §3 answers recovery with 200 and the same message whatever is asked, so a
- * malformed address gets the answer an unknown one does (and no mail); the router caps its length.
+ * malformed address gets the answer an unknown one does (and no mail). The router caps its length
+ * (MAX_PARAM_LENGTH, room for any address an account can have).
  */
 export const RecoveryParams = z.object({ email: z.string() });

@@ -139,6 +139,17 @@ describe('POST /password-recovery/{email}', () => {
     expect(mailsTo(alice.email)).toEqual([]);
   });
 
+  it('answers 200 and mails the account whose address is as long as an address may be', async () => {
+    const local = randomEmail().replace(/@.*/, '').padEnd(64, 'a');
+    const long = `${local}@${'b'.repeat(60)}.${'c'.repeat(60)}.${'d'.repeat(60)}.test`;
+    expect(long.length).toBeGreaterThan(250);
+    const owner = await createUser(app, { email: long });
+    const response = await recover(app, owner.email);
+    expect(response.statusCode).toBe(200);
+    expect(response.json()).toEqual(RECOVERY_BODY);
+    await waitForMails(owner.email, 1);
+  });
+
   // SPEC §3: always 200 with the same message; a malformed address is nobody's account, so it gets
   // the unknown address's answer and no mail (an existing user's address with a NUL in it included,
   // which must not reach the database as text).
