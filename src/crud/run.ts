@@ -204,7 +204,7 @@ type MessageJson = Omit<Message, 'created_at' | 'updated_at'> & { created_at: st
  * the claim is undone and the run's lease recovers it like a dead worker's (docs/decisions.md).
  */
 const claimed = preparedAnywhere('runs_claim_with_history', (db, name) => {
-  const before = db.$with('before').as(db.select({ started_at: runs.started_at, event_seq_ceiling: runs.event_seq_ceiling }).from(runs).where(eq(runs.id, slot<string>('run_id'))));
+  const before = db.$with('before').as(db.select({ started_at: runs.started_at }).from(runs).where(eq(runs.id, slot<string>('run_id'))));
   const taken = db.$with('taken').as(
     db
       .update(runs)
@@ -232,7 +232,9 @@ const claimed = preparedAnywhere('runs_claim_with_history', (db, name) => {
     db
       .select({
         first_start: sql<boolean>`(select ${before.started_at} from ${before}) is null`.as('first_start'),
-        seq_floor: sql<number>`(select ${before.event_seq_ceiling} from ${before})`.as('seq_floor'),
+        // From the row the update took, not `before`: that reads the statement's snapshot, and a
+        // worker whose lease lapsed may have raised the ceiling since (the update re-reads the row).
+        seq_floor: sql<number>`${sql.identifier('taken')}.${sql.identifier('event_seq_ceiling')} - ${sql.placeholder('seq_room')}::integer`.as('seq_floor'),
         // Qualified by hand: inside the subquery, Drizzle's bare "thread_id" would be the message's own.
         history: sql<MessageJson[]>`(select coalesce(json_agg(m order by m.seq), '[]'::json) from ${messages} m where m.thread_id = ${sql.identifier('taken')}.${sql.identifier('thread_id')})`.as('history'),
         // set_config(..., true) is SET LOCAL: it holds until this statement's own transaction commits.

@@ -209,6 +209,7 @@ export class RedisRunEventLog implements RunEventLog {
       const [outcome, last] = await this.runAppendScript(this.streamKey(runId), args);
       if (outcome === 'ended') {
         this.cursors.delete(runId);
+        this.floors.delete(runId);
         throw new RunEventsRefusedError(runId, 'ended', last);
       }
       if (outcome === 'stale' && expected) {

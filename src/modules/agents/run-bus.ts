@@ -376,7 +376,10 @@ export class RunWriter {
       this.lost = refusal;
       throw refusal;
     }
-    this.high = Math.max(this.high, await this.log.lastSeq(this.runId));
+    const top = await this.log.lastSeq(this.runId);
+    this.high = Math.max(this.high, top);
+    // The other writer's events are the run's last too: a hand-back's ceiling (lastSeq) stays above them.
+    if (this.last !== undefined) this.last = Math.max(this.last, top);
     this.catchUps++;
     this.behind = null;
   }
