@@ -78,21 +78,42 @@ export async function transaction<T>(db: Db, work: (tx: Db) => Promise<T>): Prom
 /** How many times `deadlockRetried` runs a transaction in all. */
 const DEADLOCK_ATTEMPTS = 3;
 
+/** The wait before `deadlockRetried`'s second run, in ms (doubled before each further one, jittered). */
+const DEADLOCK_BACKOFF_MS = 20;
+
+/**
+ * The SQLSTATEs of a transaction PostgreSQL rolled back whole for colliding with another, which
+ * running it again may pass: a deadlock broken (40P01), a serialization failure (40001, where a
+ * session or the server runs at REPEATABLE READ or SERIALIZABLE).
+ */
+const TRANSIENT_CONFLICTS = new Set(['40P01', '40001']);
+
+/** Whether `error` is such a conflict (`TRANSIENT_CONFLICTS`): nothing of the transaction was kept, and running it again may pass. */
+export function isTransientConflict(error: unknown): boolean {
+  const code = databaseError(error)?.code;
+  return code !== undefined && TRANSIENT_CONFLICTS.has(code);
+}
+
 /**
  * `transaction(db, work)`, run again when PostgreSQL aborted it to break a deadlock (40P01: rolled
- * back whole, nothing of it kept). For the rare deletes that cascade to rows the per-call
- * statements lock in an order a plan picks (several of one user's reservations or keys in one
- * batch): their lock order (crud/billing.ts lockBillingRows) cannot match it row for row, and the
- * side the server aborts is the one that waited first, often the delete. An outermost transaction
- * only: inside another (a savepoint) the outer one keeps the locks it took, and running the inner
- * part again would meet the same wait.
+ * back whole, nothing of it kept) or for a serialization failure (40001). For the rare deletes that
+ * cascade to rows the per-call statements lock in an order a plan picks (several of one user's
+ * reservations or keys in one batch): their lock order (crud/billing.ts lockBillingRows) cannot
+ * match it row for row, and the side the server aborts is the one that waited first, often the
+ * delete; and for ingestion's writes (services/knowledge/ingestion.ts), which meet every other
+ * writer of an owner's rows. `work` runs again from the start, so it must keep what it changes
+ * outside the database until the transaction has committed. After a short jittered wait, so that
+ * the side that won commits first. An outermost transaction only: inside another (a savepoint) the
+ * outer one keeps the locks it took, and running the inner part again would meet the same wait.
  */
 export async function deadlockRetried<T>(db: Db, work: (tx: Db) => Promise<T>): Promise<T> {
   for (let attempt = 1; ; attempt++) {
     try {
       return await transaction(db, work);
     } catch (error) {
-      if (attempt >= DEADLOCK_ATTEMPTS || openTransactions.has(db) || databaseError(error)?.code !== '40P01') throw error;
+      if (attempt >= DEADLOCK_ATTEMPTS || openTransactions.has(db) || !isTransientConflict(error)) throw error;
+      const backoff = DEADLOCK_BACKOFF_MS * 2 ** (attempt - 1);
+      await new Promise((resolve) => setTimeout(resolve, backoff / 2 + Math.random() * backoff));
     }
   }
 }

@@ -11,8 +11,9 @@
  * the pause and waits (on the server: the test waits until it does), then the other side goes on.
  * Embedded, PGlite runs one session at a time: the delete simply waits for the other side's commit.
  * Also the sweep of expired holds against a hold of the same account and key, and a knowledge
- * entry's batch of chunks stored as its owner is deleted. Last, the real
- * meter's settlement made to lose such a deadlock: it is retried, charged once.
+ * entry's batch of chunks stored as its owner is deleted, and each of an indexing's writes made to
+ * lose a deadlock: run again, the entry ready. Last, the real meter's settlement made to lose such a
+ * deadlock: it is retried, charged once.
  */
 import { randomUUID } from 'node:crypto';
 
@@ -334,6 +335,61 @@ describe('a user deleted while their knowledge entry is being indexed', () => {
     expect(await ingestion).toBe('returned');
     expect(await rowsOf(sql`select id from knowledge_entries where id = ${entryId}`)).toEqual([]);
     expect(linesOf(entryId)).toEqual(['ingestion dropped: the entry was deleted or reindexed meanwhile']);
+  }, 30_000);
+
+  // Other transactions still meet an indexing's writes in another order (a move of the entry, a
+  // folder's deletion, an upload's quota check, a reindex): PostgreSQL aborts one side (40P01), and
+  // an indexing that lost ended failed, to be reindexed by hand. Forced here: a test trigger makes
+  // the write wait, after its first locks, for advisory locks the test holds (the gate, then the
+  // one held), while the test's side wants a row the write holds. Each write is run again, and
+  // counts its chunks and text once: the entry ends ready as its first indexing left it.
+  const GATE = 4201;
+  const HELD = 4202;
+  it.each([
+    // The claim holds the owner's row (KEY SHARE) and the entry's.
+    ['the claim', 'after update', "new.status = 'processing' and old.status = 'pending'", 'users'],
+    // The text's count (ChunkWriter.reserve) holds the owner's row (NO KEY UPDATE) and the entry's.
+    ["the text's count", 'after update', "new.status = 'processing' and new.text_bytes > old.text_bytes", 'users'],
+    // A batch's write holds the owner's row (KEY SHARE) and the entry's.
+    ['a batch of chunks', 'after insert', 'true', 'users'],
+    // The end (finishEntry) holds the entry's row (FOR UPDATE).
+    ['the end', 'after update', "new.status = 'ready'", 'knowledge_entries'],
+  ] as const)('%s, aborted by a deadlock, is run again: the entry ends ready with its chunks and text counted once', async (_, event, when, wanted) => {
+    if (!onServer) return; // PGlite runs one session at a time: nothing deadlocks
+    // Text past its file's size and 4 KiB: counted (reserved) before its batch is stored.
+    const pdf = await madeFile('beacons.pdf', (path) => writeTextPdf(path, Array.from({ length: 300 }, (_, i) => `Beacons warn ships off the shoals at dusk (${i % 7}).`)));
+    const { user, entryId } = await entryToReindex({ filename: 'beacons.pdf', content: pdf });
+    const [first] = await rowsOf<{ chunk_count: number; text_bytes: number }>(sql`select chunk_count, text_bytes::int from knowledge_entries where id = ${entryId}`);
+    expect(first!.chunk_count).toBeGreaterThan(0);
+    const table = event === 'after insert' ? 'knowledge_chunks' : 'knowledge_entries';
+    await rowsOf(
+      sql.raw(`create function test_ingestion_gate() returns trigger language plpgsql as $$ begin perform pg_advisory_xact_lock(${GATE}); perform pg_advisory_xact_lock(${HELD}); return null; end $$`),
+    );
+    await rowsOf(sql.raw(`create trigger test_ingestion_gate ${event} on ${table} for each row when (${when}) execute function test_ingestion_gate()`));
+    try {
+      const row = wanted === 'users' ? user.user.id : entryId;
+      const { raced: ingestion, failed } = await racerLosesDeadlock(
+        ['select pg_advisory_xact_lock($1)', [HELD]],
+        ['select pg_advisory_xact_lock($1)', [GATE]],
+        () => ingest(entryId),
+        [`select id from ${wanted} where id = $1 for update`, [row]],
+      );
+      // The test's side got the row the write held: the write was aborted (it waited for HELD, which the side kept till its commit).
+      expect(failed).toBeNull();
+      expect(ingestion).toBe('returned');
+    } finally {
+      await rowsOf(sql.raw(`drop trigger test_ingestion_gate on ${table}`));
+      await rowsOf(sql.raw('drop function test_ingestion_gate()'));
+    }
+    const [entry] = await rowsOf<{ status: string; error: string | null; chunk_count: number; text_bytes: number; attempts: number }>(
+      sql`select status, error, chunk_count, text_bytes::int, attempts from knowledge_entries where id = ${entryId}`,
+    );
+    // One attempt: the write was run again within it, not handed to the queue's next try.
+    expect(entry).toEqual({ status: 'ready', error: null, chunk_count: first!.chunk_count, text_bytes: first!.text_bytes, attempts: 1 });
+    expect(await rowsOf(sql`select count(*)::int as n, count(distinct chunk_index)::int as places from knowledge_chunks where entry_id = ${entryId}`)).toEqual([
+      { n: first!.chunk_count, places: first!.chunk_count },
+    ]);
+    expect(linesOf(entryId)).toEqual(['knowledge entry ingested']);
   }, 30_000);
 });
 

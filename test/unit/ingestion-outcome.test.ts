@@ -1,7 +1,8 @@
 /**
  * How an entry's failed embedding ends (`outcomeOf`) when its credentials went away midway: the
  * entry fails saying which, but for a deleted key, whose indexing goes on paid by the account
- * (docs/decisions.md): another try, which finds no key and so no key's limits.
+ * (docs/decisions.md): another try, which finds no key and so no key's limits. And when a write
+ * kept losing to a database conflict (a deadlock, a serialization failure): another try.
  */
 import { describe, expect, it } from 'vitest';
 
@@ -20,5 +21,22 @@ describe('outcomeOf, credentials gone', () => {
     ['user_deleted', "the owner's account was deleted"],
   ] as const)('fails the entry when %s, saying so', (reason, words) => {
     expect(outcomeOf(new CredentialsGoneError(reason), { attempts: 1 }, 3)).toEqual({ fail: `Embedding stopped: ${words}; reindex the entry to index it again` });
+  });
+});
+
+describe('outcomeOf, a write that kept losing to a conflict', () => {
+  // deadlockRetried gave up (each of its runs aborted): nothing of the write was kept, and the queue's next try resumes from what is stored.
+  const conflict = (code: string) => new Error('Failed query', { cause: Object.assign(new Error('conflict'), { code }) });
+
+  it.each(['40P01', '40001'])('tries the entry again (%s)', (code) => {
+    expect(outcomeOf(conflict(code), { attempts: 1 }, 3)).toEqual({ retry: 'a database write kept conflicting with another' });
+  });
+
+  it('fails it as any internal error once its attempts are spent', () => {
+    expect(outcomeOf(conflict('40P01'), { attempts: 3 }, 3)).toEqual({ fail: 'Ingestion failed because of an internal error (it is in the server log); reindex the entry to try again' });
+  });
+
+  it('fails it at once for another database error', () => {
+    expect(outcomeOf(conflict('23505'), { attempts: 1 }, 3)).toEqual({ fail: 'Ingestion failed because of an internal error (it is in the server log); reindex the entry to try again' });
   });
 });

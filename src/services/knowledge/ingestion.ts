@@ -15,7 +15,7 @@ import { pipeline } from 'node:stream/promises';
 import { and, eq, gte, inArray, lt, or, type SQL, sql, type SQLWrapper } from 'drizzle-orm';
 
 import type { Settings } from '../../core/config.js';
-import { type Db, transaction } from '../../core/db.js';
+import { type Db, deadlockRetried, isTransientConflict } from '../../core/db.js';
 import { type CredentialsGone, CredentialsGoneError, HttpError, InsufficientStorageError, isOutOfSpace, PaymentRequiredError } from '../../core/errors.js';
 import type { Logger } from '../../core/logger.js';
 import type { JobQueue } from '../../core/queue.js';
@@ -85,7 +85,10 @@ export class TextOverQuotaError extends Error {
  *   already paid for are not asked for, and paid, again.
  */
 async function claim(db: Db, settings: Settings, entryId: string): Promise<Claim | null> {
-  return transaction(db, async (tx) => {
+  // Each of the job's writes is run again if PostgreSQL aborts it for a deadlock or serialization
+  // failure (deadlockRetried): an owner's rows meet many writers (a move, a folder's deletion, an
+  // upload's quota check, a reindex), and a passing conflict is no reason to fail the entry.
+  return deadlockRetried(db, async (tx) => {
     // The owner's row first, as a batch's write (ChunkWriter.writeBatch): a second update of the
     // entry's row in one transaction checks its foreign keys again (its row version is this
     // transaction's), taking KEY SHARE on the users row while holding the entry's, which a
@@ -189,7 +192,7 @@ async function renew(db: Db, settings: Settings, entry: KnowledgeEntry, also: Pa
  * text is over the quota keeps none: no indexing of it resumes, and it counts for its file alone.
  */
 async function fail(db: Db, entry: KnowledgeEntry, error: string, keepChunks = true, keptTextBytes?: number): Promise<void> {
-  await transaction(db, async (tx) => {
+  await deadlockRetried(db, async (tx) => {
     const [row] = await tx
       .update(knowledgeEntries)
       .set({
@@ -217,16 +220,18 @@ async function fail(db: Db, entry: KnowledgeEntry, error: string, keepChunks = t
  * mark has passed.
  */
 async function release(db: Db, settings: Settings, entry: KnowledgeEntry, keptTextBytes?: number): Promise<void> {
-  await db
-    .update(knowledgeEntries)
-    .set({
-      status: 'pending',
-      // What the chunks kept for the retry hold (see `fail`).
-      ...(keptTextBytes === undefined ? {} : { text_bytes: keptTextBytes }),
-      lease_token: null,
-      lease_expires_at: jobQueuedMark(settings.KB_INGEST_LEASE_MS),
-    })
-    .where(held(entry));
+  await deadlockRetried(db, (tx) =>
+    tx
+      .update(knowledgeEntries)
+      .set({
+        status: 'pending',
+        // What the chunks kept for the retry hold (see `fail`).
+        ...(keptTextBytes === undefined ? {} : { text_bytes: keptTextBytes }),
+        lease_token: null,
+        lease_expires_at: jobQueuedMark(settings.KB_INGEST_LEASE_MS),
+      })
+      .where(held(entry)),
+  );
 }
 
 // ==================== Steps ====================
@@ -464,7 +469,9 @@ class ChunkWriter {
   private async reserve(textBytes: number): Promise<void> {
     const { deps, entry } = this;
     const quota = deps.settings.KB_MAX_BYTES_PER_USER;
-    await transaction(deps.db, async (tx) => {
+    // Run again whole after a deadlock: it writes the total (`textBytes`), not an increment, so a
+    // second run counts nothing twice; `charged` moves only once it has committed.
+    await deadlockRetried(deps.db, async (tx) => {
       await lockUser(tx, entry.owner_id);
       await renew(tx, deps.settings, entry, { text_bytes: textBytes });
       const used = await usedBytes(tx, entry.owner_id);
@@ -537,7 +544,9 @@ class ChunkWriter {
    */
   private async writeBatch(work: (tx: Db) => Promise<void>): Promise<void> {
     const { deps, entry } = this;
-    await transaction(deps.db, async (tx) => {
+    // Run again whole after a deadlock (see claim): `work` changes nothing of the writer, whose counts
+    // (chunkCount, textBytes, storedTextBytes) move once the write has committed.
+    await deadlockRetried(deps.db, async (tx) => {
       // Committed without waiting for the WAL flush (this transaction only): a batch lost in a
       // crash is missing when the job runs again, which stores it then (commits are lost only
       // from the last one backwards, each whole); the end (`ready`) is durable. (A 20 MB Markdown
@@ -557,13 +566,11 @@ class ChunkWriter {
       this.indexed = true;
     }
     const language = deps.settings.KB_SEARCH_LANGUAGE;
-    const dropping = this.dropFrom !== null;
+    // Read once, cleared once committed: a write run again after a deadlock deletes them again.
+    const dropFrom = this.dropFrom;
     await this.writeBatch(async (tx) => {
       // An earlier attempt's chunks from a place on where they were cut otherwise go, with their embeddings (see the class).
-      if (this.dropFrom !== null) {
-        await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), gte(knowledgeChunks.chunk_index, this.dropFrom)));
-        this.dropFrom = null;
-      }
+      if (dropFrom !== null) await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), gte(knowledgeChunks.chunk_index, dropFrom)));
       // An earlier attempt's chunk in the same place (other headings or token count, or no embedding by the model) goes, with its embedding.
       if (this.resuming) {
         await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), inArray(knowledgeChunks.chunk_index, chunks.map((chunk) => chunk.index))));
@@ -585,7 +592,10 @@ class ChunkWriter {
       if (vectors) await writeEmbeddings(tx, model!, inserted.map((row) => row.id), vectors);
     });
     // Committed: what the kept chunks hold (see keptTextBytes).
-    if (dropping) this.dropped = true;
+    if (dropFrom !== null) {
+      this.dropFrom = null;
+      this.dropped = true;
+    }
     for (const chunk of chunks) if (!this.storedText.has(chunk.index)) this.storedTextBytes += ownTextBytes(chunk);
   }
 }
@@ -623,7 +633,7 @@ async function storedChunks(db: Db, entryId: string, first: number, last: number
  * each one's full-text vector is KB_SEARCH_LANGUAGE's, which the entry records (`search_language`).
  */
 async function finishEntry(db: Db, settings: Settings, entry: KnowledgeEntry, document: ExtractedDocument, written: ChunkWriter, resuming: boolean): Promise<void> {
-  await transaction(db, async (tx) => {
+  await deadlockRetried(db, async (tx) => {
     const [row] = await tx.select({ id: knowledgeEntries.id }).from(knowledgeEntries).where(held(entry)).for('update');
     if (!row) throw new ClaimLostError();
     if (resuming) await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), gte(knowledgeChunks.chunk_index, written.chunkCount)));
@@ -688,6 +698,8 @@ export function outcomeOf(thrown: unknown, entry: Pick<KnowledgeEntry, 'attempts
     const reason = error.detail;
     return entry.attempts >= maxAttempts ? { fail: `${reason} (after ${entry.attempts} attempts); reindex the entry to try again` } : { retry: reason };
   }
+  // A write that lost deadlockRetried's every run (a conflict kept meeting it): the queue's next try, later, resumes from what is stored.
+  if (isTransientConflict(error) && entry.attempts < maxAttempts) return { retry: 'a database write kept conflicting with another' };
   return { fail: 'Ingestion failed because of an internal error (it is in the server log); reindex the entry to try again' };
 }
 
