@@ -14,13 +14,13 @@ import {
   knowledgeFolders,
   type NewKnowledgeEntry,
   type NewKnowledgeFolder,
-  users,
 } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
 import type { Principal } from '../utils/authentication.js';
 import { pairSafeEnd } from '../utils/text.js';
 import { ownedCrud } from './owned.js';
+import { lockUserKeyShare } from './user.js';
 
 // ==================== Access ====================
 
@@ -393,8 +393,7 @@ export function unfinishedWithoutJob(db: Db, pick: { pendingAgeMs: number; markM
  * entry or its owner is gone (a delete committed while this waited).
  */
 export async function lockEntryOwnerKeyShare(db: Db, entryId: string): Promise<void> {
-  const owner = db.select({ id: knowledgeEntries.owner_id }).from(knowledgeEntries).where(eq(knowledgeEntries.id, entryId));
-  await db.select({ id: users.id }).from(users).where(inArray(users.id, owner)).for('key share');
+  await lockUserKeyShare(db, db.select({ id: knowledgeEntries.owner_id }).from(knowledgeEntries).where(eq(knowledgeEntries.id, entryId)));
 }
 
 export async function deleteChunks(db: Db, entryId: string): Promise<void> {

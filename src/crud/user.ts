@@ -1,4 +1,4 @@
-import { and, count, desc, eq, sql } from 'drizzle-orm';
+import { and, count, desc, eq, inArray, sql, type SQLWrapper } from 'drizzle-orm';
 
 import { afterCommit, type Database, type Db, rootOf } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
@@ -179,8 +179,9 @@ export async function lockUser(db: Db, id: string): Promise<void> {
  * that it waits for a delete of the user (which holds the users row FOR UPDATE, then locks what
  * references it) before it holds any of those, rather than hold them and wait for the delete.
  */
-export async function lockUserKeyShare(db: Db, id: string): Promise<void> {
-  await db.select({ id: users.id }).from(users).where(eq(users.id, id)).for('key share');
+export async function lockUserKeyShare(db: Db, id: string | SQLWrapper): Promise<void> {
+  // `id` may be a subquery (knowledge.ts lockEntryOwnerKeyShare): nothing is locked when it finds no row.
+  await db.select({ id: users.id }).from(users).where(typeof id === 'string' ? eq(users.id, id) : inArray(users.id, id)).for('key share');
 }
 
 /** The lock of a transaction that deletes the user (FOR UPDATE, above): taken before any weaker lock on the row. */
