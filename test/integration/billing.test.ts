@@ -586,21 +586,28 @@ describe('metered calls with BILLING_ENABLED', () => {
     expect(row).toMatchObject({ operation: 'embed', status: 'error', estimated: true, input_tokens: answeredTokens });
   });
 
-  it('an embeddings call sent in several requests, one answering another number of vectors than its inputs, pays for the usage each request reported: a 502 naming its inputs', async () => {
+  it('an embeddings call, in one request or several, one answering another number of vectors than its inputs, pays for the usage each request reported: a 502 naming its inputs', async () => {
     const priced = await api('POST', '/models', admin, { id: 'fake-embed-miscounted', provider: 'fake', capabilities: ['embedding'], pricing: { input_cost_per_million_tokens: '3.7', output_cost_per_million_tokens: '0' } });
     expect(priced.statusCode, priced.body).toBe(200);
-    const user = await createUser(ctx.app);
-    await grant(user, '1');
     const answer = (count: number, tokens: number) => ({
       rawBody: JSON.stringify({ object: 'list', data: Array.from({ length: count }, (_, index) => ({ object: 'embedding', index, embedding: [index, 1] })), usage: { prompt_tokens: tokens } }),
     });
-    // Two requests (2,048 inputs and 3): the second answered with two vectors.
-    fake.script('fake-embed-miscounted', answer(2048, 5), answer(2, 1));
-    const values = Array.from({ length: 2051 }, (_, i) => `t${i}`);
-    const failure = ctx.app.models.embed({ model: 'fake-embed-miscounted', values, context: { user_id: user.user.id } });
-    await expect(failure).rejects.toMatchObject({ statusCode: 502, message: "Model fake-embed-miscounted answered 2 vectors for 3 inputs (inputs 2049 to 2051 of the call's 2051, sent in several requests)" });
-    const row = await expectChargedOnce(user, (5 + 1) * 37);
-    expect(row).toMatchObject({ operation: 'embed', status: 'error', estimated: false, input_tokens: 5 + 1 });
+    const calls = [
+      // One request of its own (3 inputs) answered with two vectors: charged what it reported, as one answered in full is.
+      { inputs: 3, replies: [answer(2, 7)], tokens: 7, message: 'Model fake-embed-miscounted answered 2 vectors for 3 inputs' },
+      // Two requests (2,048 inputs and 3): the second answered with two vectors.
+      { inputs: 2051, replies: [answer(2048, 5), answer(2, 1)], tokens: 5 + 1, message: "Model fake-embed-miscounted answered 2 vectors for 3 inputs (inputs 2049 to 2051 of the call's 2051, sent in several requests)" },
+    ];
+    for (const { inputs, replies, tokens, message } of calls) {
+      const user = await createUser(ctx.app);
+      await grant(user, '1');
+      fake.script('fake-embed-miscounted', ...replies);
+      const values = Array.from({ length: inputs }, (_, i) => `t${i}`);
+      const failure = ctx.app.models.embed({ model: 'fake-embed-miscounted', values, context: { user_id: user.user.id } });
+      await expect(failure).rejects.toMatchObject({ statusCode: 502, message });
+      const row = await expectChargedOnce(user, tokens * 37);
+      expect(row).toMatchObject({ operation: 'embed', status: 'error', estimated: false, input_tokens: tokens });
+    }
   });
 
   it('a call whose provider reports no usage is charged from an estimate, its usage record marked estimated', async () => {

@@ -1026,7 +1026,7 @@ describe('ModelManager.embed', () => {
     expect(fake.server.log[0]!.headers.authorization).toBe('Bearer sk-from-header');
   });
 
-  it('refuses a split answer whose requests miscount, though the total fits, naming the inputs; each request sent is charged the usage it reported, as a call of its own', async () => {
+  it('refuses a split answer whose requests miscount, though the total fits, naming the inputs; each request sent is charged the usage it reported, as a call of its own is', async () => {
     const m = manager({ maxRetries: 0 });
     const values = Array.from({ length: 2051 }, (_, i) => `t${i}`);
     const answer = (count: number, tokens: number): ScriptedReply => ({
@@ -1048,6 +1048,20 @@ describe('ModelManager.embed', () => {
     const second = await failureOf(m.embed({ model: 'fake-embed', values }));
     expect((second as ModelAnswerError).message).toBe("Model fake-embed answered 2 vectors for 3 inputs (inputs 2049 to 2051 of the call's 2051, sent in several requests)");
     expect(await settled(1)).toMatchObject([{ status: 'error', estimated: false, attempts: 1, tokens: { input: 5 + 1, output: 0 } }]);
+
+    // A call of one request that miscounts: what it reported too (as far as its inputs can hold: 3 × (2 × 2 bytes + 64)), not its estimate.
+    const ownCalls: [reported: number, charged: number][] = [
+      [7, 7],
+      [1e15, 3 * (2 * 2 + 64)],
+    ];
+    for (const [reported, charged] of ownCalls) {
+      fake.server.reset();
+      fake.records.length = 0;
+      fake.server.script('fake-embed', answer(2, reported));
+      const own = await failureOf(m.embed({ model: 'fake-embed', values: values.slice(0, 3) }));
+      expect((own as ModelAnswerError).message).toBe('Model fake-embed answered 2 vectors for 3 inputs');
+      expect(await settled(1)).toMatchObject([{ status: 'error', estimated: false, attempts: 1, tokens: { input: charged, output: 0 } }]);
+    }
   });
 
   it('sends more than 2,048 inputs in requests of 2,048 at most, and hands back every vector in input order with the usage of all', async () => {
@@ -1180,6 +1194,15 @@ describe('ModelManager.embed', () => {
     expect(await failureOf(gone)).toBeInstanceOf(ModelCallAbortedError);
     const sent = fake.server.log.reduce((n, r) => n + estimate(inputsOf(r)), 0);
     expect(await settled(1)).toMatchObject([{ operation: 'embed', status: 'aborted', estimated: true, attempts: 1, tokens: { input: sent, output: 0 } }]);
+
+    // A call of one request (3 inputs) answered with two vectors: a 502, charged as one answered in full is (its estimate: no usage reported).
+    fake.server.reset();
+    fake.records.length = 0;
+    fake.server.script('gem-embed', { rawBody: JSON.stringify({ embeddings: [{ values: [0, 1] }, { values: [1, 1] }] }) });
+    const own = await failureOf(m.embed({ model: 'gem-embed', values: values.slice(0, 3) }));
+    expect(own).toMatchObject({ statusCode: 502, message: 'Model gem-embed answered 2 vectors for 3 inputs' });
+    expect(fake.server.log.map((r) => [r.path, inputsOf(r).length])).toEqual([['/v1/models/gem-embed:batchEmbedContents', 3]]);
+    expect(await settled(1)).toMatchObject([{ operation: 'embed', status: 'error', estimated: true, attempts: 1, tokens: { input: estimate(values.slice(0, 3)), output: 0 } }]);
   });
 
   it('retries an embeddings 429', async () => {

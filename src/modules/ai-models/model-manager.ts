@@ -1916,6 +1916,7 @@ export class ModelManager {
       const wire = this.options.providers.embeddingsWire(model.provider);
       const answer = wire ? await this.embedOverWire(wire, request, model, attempt, state) : await this.embedThroughSdk(request, model, attempt, state);
       const tokens = boundedTokens(answer.tokens, request.values);
+      // Before the answer is checked: one that does not fit its inputs was billed all the same, for what it reported.
       state.usage = tokens === undefined ? undefined : { ...ZERO_USAGE, input: tokens };
       const embeddings = inInputOrder(model.id, request.values.length, answer.vectors, answer.numbering);
       const { dimensions } = request;
@@ -1947,8 +1948,11 @@ export class ModelManager {
       if (request.user !== undefined) call.user = request.user;
       const send = (signal: AbortLike) => wire.embed(call, signal, embeddingsAnswerLimit(this.options.maxResponseBytes, input.length), this.options.providers.hopHeaders(request.hops));
       const answer = split ? await split.request(input, attempt, (one) => send(requestSignal(attempt, () => split.answering(one))), (sent) => boundedTokens(sent.tokens, input)) : await send(attempt);
-      // Each request's own count: one short and the next one long would otherwise pass as a whole, every vector on another input.
-      checkVectorCount(model.id, input.length, answer.vectors.length, split && { start, of: request.values.length });
+      // Each request's own count: one short and the next one long would otherwise pass as a whole, every
+      // vector on another input (its usage is on `split` by now). A call of one request is checked as a
+      // whole (`inInputOrder`), once `embed` has put the usage it reported on `state`: checked here, it
+      // would fail with no usage there yet, charged its prompt's estimate rather than what it was billed.
+      if (split) checkVectorCount(model.id, input.length, answer.vectors.length, { start, of: request.values.length });
       vectors.push(...answer.vectors);
       numbering.push(answer.indexes);
       // One request without usage makes the call's unknown (estimated, see `price`), as the SDK's sum does.
