@@ -7,10 +7,11 @@ import {
   agentCompletionJson,
   agentModelObject,
   answerOfRun,
-  cancelAbandoned,
+  cancelUnread,
   CLIENT_LEFT,
   type CompletionIds,
   completionIds,
+  CREDENTIAL_LOST,
   listAgentModels,
   type OpenedRun,
   resolveAgentModel,
@@ -35,8 +36,9 @@ function nameRun(reply: FastifyReply, { runId, threadId }: Pick<CompletionIds, '
 /**
  * The `agent:<id>` models of /v1 (services/agent-completions.ts), for the OpenAI router: called in
  * its context, so errors are OpenAI's error objects. Each completion reads its run's events until
- * the run ends; a client that leaves first cancels the run, and a server that closes ends the read
- * (the run is handed back and resumes, as any run does).
+ * the run ends; a client that leaves first cancels the run (so does a stream's credential that
+ * stops working), and a server that closes ends the read (the run is handed back and resumes, as
+ * any run does).
  */
 export function agentModelRoutes(app: FastifyInstance) {
   const readers = new Set<AbortController>();
@@ -75,8 +77,15 @@ export function agentModelRoutes(app: FastifyInstance) {
       // with. A start refused after this is the stream's error event, under ids of no run.
       if (late) nameRun(reply, ids);
       const chunks = agentCompletionChunks(first, ids, body.model, body.stream_options?.include_usage === true, request.log);
-      // Counted with the run-event streams it is held among (hold, above): its run is cancelled, as for a client that left.
-      cutOffStalledReader(request, reply.raw, { model: body.model, runId: ids.runId }, 'agent completion stream', { onCutOff: () => app.eventStreams.cutOffStalled() });
+      cutOffStalledReader(request, reply.raw, { model: body.model, runId: ids.runId }, 'agent completion stream', {
+        // Counted with the run-event streams it is held among (hold, above): its run is cancelled, as for a client that left.
+        onCutOff: () => app.eventStreams.cutOffStalled(),
+        // The stream outlives its request's authentication: once its credential stops working (a key
+        // expired, a token outdated, which cancel no run by themselves; a revocation or deactivation,
+        // which do) the run it started is cancelled as for a client that left, not left running and
+        // charged for nobody, and the stream ends with the 401 that credential now gets.
+        onCredentialLost: () => reader.abort(CREDENTIAL_LOST),
+      });
       return reply
         .header('content-type', 'text/event-stream; charset=utf-8')
         .header('cache-control', 'no-cache')
@@ -101,9 +110,7 @@ export function agentModelRoutes(app: FastifyInstance) {
   async function openRun(ctx: ServiceContext, body: ChatCompletionRequest, ids: CompletionIds, signal: AbortSignal, reply: FastifyReply): Promise<OpenedRun> {
     const run = await startAgentCompletion(ctx, app.runs, body, ids);
     ids.started = true;
-    whenAborted(signal, () => {
-      if (signal.reason === CLIENT_LEFT) void cancelAbandoned(ctx, app.runs, run.id);
-    });
+    whenAborted(signal, () => void cancelUnread(ctx, app.runs, run.id, signal.reason));
     // reply.sent is only the end of the body: headersSent is the head's.
     if (!reply.raw.headersSent) nameRun(reply, { runId: run.id, threadId: run.thread_id });
     const pieces = answerOfRun(ctx, app.runs, run.id, signal)[Symbol.asyncIterator]();

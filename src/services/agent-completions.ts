@@ -204,6 +204,14 @@ export type AnswerPiece = { type: 'text'; text: string } | { type: 'done'; conte
 /** Why a reader of a run's events stopped before the run ended. */
 export const CLIENT_LEFT = 'client left';
 export const SERVER_CLOSING = 'server closing';
+/** The stream's credential no longer authenticates its caller (its key revoked, deleted or expired, its token outdated, its user deactivated). */
+export const CREDENTIAL_LOST = 'credential lost';
+
+/**
+ * What a completion whose caller's credential went away ends with: a 401, OpenAI's invalid_api_key,
+ * as a call made with that credential now gets. Not to retry: the run was written.
+ */
+const unauthenticated = () => new CodedOpenAIError(401, new UnauthorizedError().detail, 'invalid_api_key', NO_RETRY);
 
 /**
  * What a stream ends with when its run's answer diverged from the text it streamed: a client of
@@ -272,7 +280,7 @@ class StepText {
  * what the thread holds. The resumed step's text then streams only past what was shown already
  * (StepText); a redo that says something else ends the text with `diverged` (a stream cannot take
  * text back), and the answer still follows. A failed or cancelled run throws its error; so does a
- * read that `signal` (reason CLIENT_LEFT or SERVER_CLOSING) ended first.
+ * read that `signal` (reason CLIENT_LEFT, CREDENTIAL_LOST or SERVER_CLOSING) ended first.
  */
 export async function* answerOf(events: AsyncIterable<RunEvent>, signal: AbortSignal): AsyncGenerator<AnswerPiece> {
   const step = new StepText();
@@ -308,11 +316,18 @@ export async function* answerOf(events: AsyncIterable<RunEvent>, signal: AbortSi
         const error = (data.run as RunView).error ?? 'The agent run failed';
         throw refusalOf(error) ?? new CodedOpenAIError(500, error, 'agent_run_failed', NO_RETRY);
       }
-      case 'run.cancelled':
+      case 'run.cancelled': {
+        // Cancelled because its key or user went away (api-key-service, user-service), or by this
+        // stream for its credential (the event may come before the read sees the abort): the 401
+        // of that credential, whichever came first, not a cancellation's 409.
+        const error = (data.run as RunView).error;
+        if (signal.reason === CREDENTIAL_LOST || (error !== null && credentialsWentAway(error))) throw unauthenticated();
         throw new CodedOpenAIError(409, 'The agent run was cancelled before it answered', 'agent_run_cancelled', NO_RETRY);
+      }
       default:
     }
   }
+  if (signal.reason === CREDENTIAL_LOST) throw unauthenticated();
   if (signal.reason === SERVER_CLOSING) {
     throw new CodedOpenAIError(503, 'The server is shutting down; the agent run goes on: read it with GET /api/v1/runs/{run_id} (x-keel-run-id)', 'service_unavailable', NO_RETRY);
   }
@@ -375,7 +390,7 @@ export async function* answerOfRun(ctx: ServiceContext, deps: RunDeps, runId: st
 function refusalOf(error: string): CodedOpenAIError | undefined {
   if (error.startsWith(CREDITS_REFUSED)) return new CodedOpenAIError(402, error, 'insufficient_quota', NO_RETRY);
   // The key was revoked or deleted (or its user) after the request was authenticated: what a call made with it now is answered.
-  if (credentialsWentAway(error)) return new CodedOpenAIError(401, new UnauthorizedError().detail, 'invalid_api_key', NO_RETRY);
+  if (credentialsWentAway(error)) return unauthenticated();
   const wait = KEY_RATE_LIMITED.exec(error)?.[1];
   return wait === undefined ? undefined : new CodedOpenAIError(429, error, 'rate_limit_exceeded', { 'retry-after': wait, ...NO_RETRY });
 }
@@ -488,5 +503,18 @@ async function cancelUnanswered(ctx: ServiceContext, deps: RunDeps, runId: strin
   }
 }
 
-/** Cancels the run of a completion its client left. */
-export const cancelAbandoned = (ctx: ServiceContext, deps: RunDeps, runId: string): Promise<void> => cancelUnanswered(ctx, deps, runId, 'abandoned by its client');
+/** Why a completion's run is left with nobody to answer when its reader stops for a reason: a server closing hands the run back instead. */
+const UNREAD: ReadonlyMap<unknown, string> = new Map([
+  [CLIENT_LEFT, 'abandoned by its client'],
+  [CREDENTIAL_LOST, 'its credential no longer authenticates'],
+]);
+
+/**
+ * Cancels the run of a completion whose reader stopped for `reason` (its signal's): its client
+ * left, or its credential stopped working, so nothing runs (and is charged) for nobody. A server
+ * closing cancels nothing: the run is handed back and resumes.
+ */
+export async function cancelUnread(ctx: ServiceContext, deps: RunDeps, runId: string, reason: unknown): Promise<void> {
+  const why = UNREAD.get(reason);
+  if (why !== undefined) await cancelUnanswered(ctx, deps, runId, why);
+}

@@ -3,18 +3,19 @@
  * or deleted, or its user deactivated or deleted, it ends at the next look of its watcher
  * (RUN_EVENTS_KEEPALIVE_SECONDS, as a run-event stream does) with a 401 error event, its upstream
  * request aborted, and its call metered and charged for what it streamed, rather than running on to
- * the model's end. Real HTTP, a slow fake model.
+ * the model's end. A streamed `agent:` completion likewise, its run cancelled as a client's leaving
+ * cancels it. Real HTTP, a slow fake model.
  */
 import { and, eq } from 'drizzle-orm';
 import { describe, expect, it } from 'vitest';
 
-import { creditTransactions, usageRecords } from '../../src/models/index.js';
+import { creditTransactions, runs, usageRecords } from '../../src/models/index.js';
 
 import { getBalance, ledgerSum } from '../../src/crud/billing.js';
 import { useTestApp } from '../helpers/app.js';
 import { bearer, createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
-import { apiOf, createKey, xApiKey } from '../helpers/http.js';
-import { useRunServer } from '../helpers/runs.js';
+import { apiOf, createKey, sleep, xApiKey } from '../helpers/http.js';
+import { createAgent, useRunServer } from '../helpers/runs.js';
 
 // A look every second: a stream whose credential stops working ends within about two.
 const ctx = useTestApp({ RUN_EVENTS_KEEPALIVE_SECONDS: '1', BILLING_ENABLED: 'true', USAGE_FLUSH_INTERVAL_MS: '20', MODEL_MAX_RETRIES: '0' });
@@ -28,25 +29,36 @@ const SLOW = { chunks: Array.from({ length: 100 }, (_, i) => `w${i} `), chunkDel
 const ENDED_WITHIN_MS = 6_000;
 const GRANT = 100;
 const INVALID_API_KEY = { message: 'Incorrect API key provided.', type: 'invalid_request_error', param: null, code: 'invalid_api_key' };
+/** The agent path's 401, as for a run whose model call was refused for its key gone (openai-agent.test.ts). */
+const AGENT_INVALID_API_KEY = { ...INVALID_API_KEY, message: 'Could not validate credentials' };
 
 interface ReadStream {
   status: number;
   text: string;
   endedAt: number;
+  /** An agent completion's run (x-keel-run-id). */
+  runId: string | null;
 }
 
-/** A streamed completion over real HTTP, read to its end (or 40 s, whichever comes first). */
-async function readCompletion(headers: Record<string, string>): Promise<ReadStream> {
+/** A streamed completion of `model` over real HTTP, read to its end (or 40 s, whichever comes first). */
+async function readCompletion(headers: Record<string, string>, model = MODEL): Promise<ReadStream> {
   const response = await fetch(`${server.base}/v1/chat/completions`, {
     method: 'POST',
     headers: { ...headers, 'content-type': 'application/json' },
-    body: JSON.stringify({ model: MODEL, stream: true, messages: [{ role: 'user', content: 'Count' }] }),
+    body: JSON.stringify({ model, stream: true, messages: [{ role: 'user', content: 'Count' }] }),
     signal: AbortSignal.timeout(40_000),
   });
   let text = '';
   const decoder = new TextDecoder();
   for await (const piece of response.body!) text += decoder.decode(piece as Uint8Array, { stream: true });
-  return { status: response.status, text, endedAt: Date.now() };
+  return { status: response.status, text, endedAt: Date.now(), runId: response.headers.get('x-keel-run-id') };
+}
+
+/** The stream's last event is the 401 any call with its credential now gets, in OpenAI's shape; no [DONE]. */
+function expectEndedUnauthenticated(text: string, error = INVALID_API_KEY): void {
+  expect(text).toContain('data: {"id"');
+  expect(text.trimEnd().split('\n\n').at(-1)).toBe(`data: ${JSON.stringify({ error })}`);
+  expect(text).not.toContain('data: [DONE]');
 }
 
 async function fundedUser(admin: Record<string, string>): Promise<TestUser> {
@@ -96,10 +108,7 @@ describe('a streamed /v1 chat completion whose credential stops working mid-stre
       const { status, text, endedAt } = await reading;
       expect(status).toBe(200);
       expect(endedAt - stoppedAt).toBeLessThan(ENDED_WITHIN_MS);
-      expect(text).toContain('data: {"id"');
-      // Its last event is the 401 any call with that credential now gets, in OpenAI's shape.
-      expect(text.trimEnd().split('\n\n').at(-1)).toBe(`data: ${JSON.stringify({ error: INVALID_API_KEY })}`);
-      expect(text).not.toContain('data: [DONE]');
+      expectEndedUnauthenticated(text);
       await fake.waitFor((log) => log[0]!.aborted, 5_000);
       expect(fake.log[0]).toMatchObject({ completed: false, aborted: true });
       expect(fake.log[0]!.chunksSent).toBeLessThan(SLOW.chunks.length);
@@ -144,6 +153,95 @@ describe('a streamed /v1 chat completion whose credential stops working mid-stre
     expect(text).toContain('data: [DONE]');
     expect(text).not.toContain('"error"');
     expect(fake.log[0]).toMatchObject({ completed: true, aborted: false });
+    expect((await expectSettled(user.user.id)).status).toBe('success');
+  }, 30_000);
+});
+
+/** How long an agent test's key lives when its expiry is what stops it: past the stream's first few chunks. */
+const KEY_LIFETIME_MS = 3_000;
+
+describe('a streamed agent: completion whose credential stops working mid-run', () => {
+  it.each([
+    ['its API key revoked', 'key', (user: TestUser, keyId: string) => api('PATCH', `/api-keys/${keyId}`, user.headers, { status: 'revoked' })],
+    ['its API key deleted', 'key', (user: TestUser, keyId: string) => api('DELETE', `/api-keys/${keyId}`, user.headers)],
+    ['its user deactivated (an API key)', 'key', (user: TestUser, _keyId: string, admin: Record<string, string>) => api('PATCH', `/users/${user.user.id}`, admin, { is_active: false })],
+    ['its user deactivated (an access token)', 'token', (user: TestUser, _keyId: string, admin: Record<string, string>) => api('PATCH', `/users/${user.user.id}`, admin, { is_active: false })],
+    // Neither cancels the user's runs by itself: only the stream's watcher sees them.
+    ['its access token outdated (the password changed)', 'token', (user: TestUser) => api('PATCH', '/users/me/password', user.headers, { current_password: user.password, new_password: 'another-password-1' })],
+    ['its API key expired', 'expiring key', async () => {
+      await sleep(KEY_LIFETIME_MS);
+      return { statusCode: 200 };
+    }],
+  ] as const)(
+    'ends within a few looks once %s: a 401 error event, no [DONE], its run cancelled, its model call aborted and charged for what it streamed',
+    async (_label, credential, stopWorking) => {
+      const { fake } = server;
+      const admin = await superuserHeaders(ctx.app);
+      const user = await fundedUser(admin);
+      const agent = await createAgent(ctx.app, user.headers);
+      const key = await createKey(ctx.app, user, credential === 'expiring key' ? { name: 'brief', expires_at: new Date(Date.now() + KEY_LIFETIME_MS).toISOString() } : { name: 'key' });
+      fake.script(MODEL, SLOW);
+      const reading = readCompletion(credential === 'token' ? bearer(user.token) : xApiKey(key.key), `agent:${agent.id}`);
+      await fake.waitFor((log) => (log[0]?.chunksSent ?? 0) >= 5, 10_000);
+      const stoppedAt = Date.now();
+      expect((await stopWorking(user, key.id, admin)).statusCode).toBe(200);
+      const { status, text, endedAt, runId } = await reading;
+      expect(status).toBe(200);
+      expect(endedAt - stoppedAt).toBeLessThan(ENDED_WITHIN_MS);
+      expectEndedUnauthenticated(text, AGENT_INVALID_API_KEY);
+      // Nothing left running for nobody: the run is cancelled, its model call aborted.
+      await fake.waitFor((log) => log[0]!.aborted, 5_000);
+      expect(fake.log[0]).toMatchObject({ completed: false, aborted: true });
+      const [run] = await ctx.database.db.select().from(runs).where(eq(runs.id, runId!));
+      expect(run!.status).toBe('cancelled');
+      const record = await expectSettled(user.user.id);
+      expect(record.status).toBe('aborted');
+      expect(Number(record.cost)).toBeGreaterThan(0);
+    },
+    30_000,
+  );
+
+  it('not streamed, answers the same 401 (not a cancelled run\'s 409) once its key is revoked mid-run, its run cancelled', async () => {
+    const { fake } = server;
+    const admin = await superuserHeaders(ctx.app);
+    const user = await fundedUser(admin);
+    const agent = await createAgent(ctx.app, user.headers);
+    const key = await createKey(ctx.app, user);
+    fake.script(MODEL, SLOW);
+    const answering = fetch(`${server.base}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { ...xApiKey(key.key), 'content-type': 'application/json' },
+      body: JSON.stringify({ model: `agent:${agent.id}`, messages: [{ role: 'user', content: 'Count' }] }),
+      signal: AbortSignal.timeout(40_000),
+    });
+    await fake.waitFor((log) => (log[0]?.chunksSent ?? 0) >= 5, 10_000);
+    expect((await api('PATCH', `/api-keys/${key.id}`, user.headers, { status: 'revoked' })).statusCode).toBe(200);
+    const response = await answering;
+    expect(response.status).toBe(401);
+    expect(response.headers.get('x-should-retry')).toBe('false');
+    expect(await response.json()).toEqual({ error: AGENT_INVALID_API_KEY });
+    const [run] = await ctx.database.db.select().from(runs).where(eq(runs.id, response.headers.get('x-keel-run-id')!));
+    expect(run).toMatchObject({ status: 'cancelled', error: 'API key revoked' });
+  }, 30_000);
+
+  it("runs to its end while its credential works: another key of the user's revoked, the user's deletion refused (409) meanwhile", async () => {
+    const { fake } = server;
+    const admin = await superuserHeaders(ctx.app);
+    const user = await fundedUser(admin);
+    const agent = await createAgent(ctx.app, user.headers);
+    const [used, other] = [await createKey(ctx.app, user, { name: 'used' }), await createKey(ctx.app, user, { name: 'other' })];
+    fake.script(MODEL, { ...SLOW, chunks: SLOW.chunks.slice(0, 20) });
+    const reading = readCompletion(xApiKey(used.key), `agent:${agent.id}`);
+    await fake.waitFor((log) => (log[0]?.chunksSent ?? 0) >= 2, 10_000);
+    expect((await api('PATCH', `/api-keys/${other.id}`, user.headers, { status: 'revoked' })).statusCode).toBe(200);
+    // A user is not deleted under a running run (deactivating them is what cancels it): the stream's credential still works.
+    expect((await api('DELETE', `/users/${user.user.id}`, admin)).statusCode).toBe(409);
+    const { text, runId } = await reading;
+    expect(text).toContain('data: [DONE]');
+    expect(text).not.toContain('"error"');
+    expect(fake.log[0]).toMatchObject({ completed: true, aborted: false });
+    const [run] = await ctx.database.db.select().from(runs).where(eq(runs.id, runId!));
+    expect(run!.status).toBe('completed');
     expect((await expectSettled(user.user.id)).status).toBe('success');
   }, 30_000);
 });
