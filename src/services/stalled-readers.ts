@@ -73,7 +73,11 @@ export interface StreamWatch {
  */
 export function cutOffStalledReader(request: FastifyRequest, raw: ServerResponse, fields: Record<string, unknown>, what: string, watch: StreamWatch = {}): () => void {
   const { onCutOff, onCredentialLost } = watch;
-  const stop = watchStalledReader(
+  // One check at a time (a slow one is not overtaken by the next look's), and one end: the stall
+  // watcher itself goes on, so a reader that takes nothing after the end is still cut off.
+  let checking = false;
+  let lost = false;
+  return watchStalledReader(
     raw,
     request.server.settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000,
     () => {
@@ -82,16 +86,19 @@ export function cutOffStalledReader(request: FastifyRequest, raw: ServerResponse
       raw.destroy();
     },
     onCredentialLost &&
-      (() =>
+      (() => {
+        if (checking || lost) return;
+        checking = true;
         void stillAuthenticated(request).then(
           (authenticated) => {
-            if (authenticated || raw.destroyed || raw.writableEnded) return;
-            stop();
+            checking = false;
+            if (authenticated || lost || raw.destroyed || raw.writableEnded) return;
+            lost = true;
             request.log.info(fields, `${what} ended: its credential no longer authenticates`);
             onCredentialLost();
           },
-          () => undefined,
-        )),
+          () => (checking = false),
+        );
+      }),
   );
-  return stop;
 }
