@@ -204,7 +204,6 @@ type MessageJson = Omit<Message, 'created_at' | 'updated_at'> & { created_at: st
  * the claim is undone and the run's lease recovers it like a dead worker's (docs/decisions.md).
  */
 const claimed = preparedAnywhere('runs_claim_with_history', (db, name) => {
-  const before = db.$with('before').as(db.select({ started_at: runs.started_at }).from(runs).where(eq(runs.id, slot<string>('run_id'))));
   const taken = db.$with('taken').as(
     db
       .update(runs)
@@ -231,9 +230,11 @@ const claimed = preparedAnywhere('runs_claim_with_history', (db, name) => {
   const reads = db.$with('reads').as(
     db
       .select({
-        first_start: sql<boolean>`(select ${before.started_at} from ${before}) is null`.as('first_start'),
-        // From the row the update took, not `before`: that reads the statement's snapshot, and a
-        // worker whose lease lapsed may have raised the ceiling since (the update re-reads the row).
+        // Both from the row the update took, not from a read beside it: that would see the statement's
+        // snapshot, and another claim (and hand-back) or a worker whose lease lapsed may have changed
+        // the row since (the update re-reads it). A first start is one whose started_at this
+        // statement set: now() is its transaction's time, which no earlier claim's can be.
+        first_start: sql<boolean>`${sql.identifier('taken')}.${sql.identifier('started_at')} = now()`.as('first_start'),
         seq_floor: sql<number>`${sql.identifier('taken')}.${sql.identifier('event_seq_ceiling')} - ${sql.placeholder('seq_room')}::integer`.as('seq_floor'),
         // Qualified by hand: inside the subquery, Drizzle's bare "thread_id" would be the message's own.
         history: sql<MessageJson[]>`(select coalesce(json_agg(m order by m.seq), '[]'::json) from ${messages} m where m.thread_id = ${sql.identifier('taken')}.${sql.identifier('thread_id')})`.as('history'),
@@ -242,7 +243,7 @@ const claimed = preparedAnywhere('runs_claim_with_history', (db, name) => {
       })
       .from(taken),
   );
-  return db.with(before, taken, reads).select().from(taken).innerJoin(reads, sql`true`).prepare(name);
+  return db.with(taken, reads).select().from(taken).innerJoin(reads, sql`true`).prepare(name);
 });
 
 /** `seqRoom`: how far past the run's event_seq_ceiling the claim lets its worker number (raised with the take). */

@@ -259,7 +259,7 @@ function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: strin
   // The stream outlives its request's authentication: once its API key is revoked, deleted or
   // expired (or its token outdated, its user deactivated), it ends at the next look rather than
   // with the run, which goes on when the key did not start it; a reconnect answers 401.
-  const stopWatching = cutOffStalledReader(request, raw, { runId }, 'run event stream', {
+  cutOffStalledReader(request, raw, { runId }, 'run event stream', {
     onCutOff: () => eventStreams.cutOffStalled(),
     onCredentialLost: () => controller.abort(),
   });
@@ -273,7 +273,8 @@ function streamEvents(request: FastifyRequest, reply: FastifyReply, runId: strin
     } catch (error) {
       if (!controller.signal.aborted) log.error({ err: error, runId }, 'run event stream failed');
     } finally {
-      stopWatching();
+      // The stall watcher is left to stop itself at the close: a reader that takes nothing of the
+      // end is still cut off rather than holding its socket until TCP gives up.
       clearInterval(keepAlive);
       streams.delete(controller);
       raw.off('close', leave);
