@@ -28,8 +28,11 @@ function aliasedSslMode(url: string): string | null {
 /** DATABASE_URL as node-postgres should get it: an aliased sslmode written as the verify-full it means. */
 export function pgConnectionString(url: string): string {
   if (aliasedSslMode(url) === null) return url;
-  // Only the parameter is rewritten: the rest of the URL (its percent-encoded password) stays as given.
-  return url.replace(/([?&])sslmode=[^&#]*/g, '$1sslmode=verify-full');
+  // Only the query's parameter is rewritten: the rest of the URL stays as given, its password
+  // included, which may hold `&sslmode=` itself. The query starts at the first `?`, as the URL
+  // parser reads it (a `?` in a password must be percent-encoded); aliasedSslMode found one.
+  const query = url.indexOf('?');
+  return url.slice(0, query) + url.slice(query).replace(/([?&])sslmode=[^&#]*/g, '$1sslmode=verify-full');
 }
 
 /** What node-postgres would have warned about, in one line for Keel's log; null when it would not. */
@@ -38,6 +41,6 @@ export function sslModeWarning(url: string | undefined): string | null {
   if (mode === null) return null;
   return (
     `DATABASE_URL: sslmode=${mode} is taken as verify-full by node-postgres (TLS required, the server's certificate checked against trusted CAs and the host name), ` +
-    `not with libpq's meaning; write sslmode=verify-full to say so, or add uselibpqcompat=true for libpq's meaning (node-postgres 9 makes that the default)`
+    `not with libpq's meaning (it never falls back to plain text either); write sslmode=verify-full to say so, or sslmode=disable for a server without TLS`
   );
 }

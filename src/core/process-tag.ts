@@ -17,12 +17,15 @@ export function processTag(): string {
 export const PROCESS_TAG = '\\d+(?:_[0-9a-f-]+_\\d+_\\d+)?';
 
 /**
- * Whether the process `tag` (processTag) names is known to be gone: by its identity, or by its pid
- * alone for a tag without one. Never this process, nor one that cannot be checked from here
- * (another kernel or pid namespace: a container sharing the directory).
+ * Whether the process `tag` (processTag) names is known to be gone, by its identity. Never this
+ * process, nor one that cannot be checked from here (a tag without identity; another kernel or pid
+ * namespace: a container sharing the directory, or this container before a restart).
  */
 export function taggedProcessGone(tag: string): boolean {
   if (tag === processTag()) return false;
   const [pid, boot, inode, start] = tag.split('_');
-  return recordedProcess(hostname(), Number(pid), boot ? `${boot} pid:[${inode}] ${start}` : '') === 'gone';
+  // A pid alone (no /proc where it was written) may be another host's or container's live process
+  // sharing the directory, whatever kill(pid, 0) says here: never gone by its name.
+  if (!boot) return false;
+  return recordedProcess(hostname(), Number(pid), `${boot} pid:[${inode}] ${start}`) === 'gone';
 }

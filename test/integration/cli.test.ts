@@ -246,7 +246,7 @@ describe('start-up problems stop the process with one line naming the setting', 
       expect(warnings.map((line) => [line.level, line.msg])).toEqual([
         [
           40,
-          "DATABASE_URL: sslmode=require is taken as verify-full by node-postgres (TLS required, the server's certificate checked against trusted CAs and the host name), not with libpq's meaning; write sslmode=verify-full to say so, or add uselibpqcompat=true for libpq's meaning (node-postgres 9 makes that the default)",
+          "DATABASE_URL: sslmode=require is taken as verify-full by node-postgres (TLS required, the server's certificate checked against trusted CAs and the host name), not with libpq's meaning (it never falls back to plain text either); write sslmode=verify-full to say so, or sslmode=disable for a server without TLS",
         ],
       ]);
     } finally {

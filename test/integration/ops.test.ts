@@ -178,8 +178,14 @@ describe('readiness with STORAGE_BACKEND=s3', () => {
     ['SignatureDoesNotMatch (a wrong secret)', 503, 'unavailable', 403, 'SignatureDoesNotMatch'],
     ['InvalidAccessKeyId (a wrong key)', 503, 'unavailable', 403, 'InvalidAccessKeyId'],
     ['a server error', 503, 'unavailable', 500, 'InternalError'],
+    ['a bare 404 (S3_ENDPOINT a web server that is not S3)', 503, 'unavailable', 404, null],
   ])('reads %s: /ready %i, storage %s', async (_label, readyStatus, storage, status, code) => {
     const server = createServer((_request, response) => {
+      if (code === null) {
+        response.writeHead(status, { 'content-type': 'text/html' });
+        response.end('<html><body>Not Found</body></html>');
+        return;
+      }
       response.writeHead(status, { 'content-type': 'application/xml' });
       response.end(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>${code}</Code><Message>${code}</Message></Error>`);
     });

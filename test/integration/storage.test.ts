@@ -1,4 +1,4 @@
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
@@ -410,20 +410,33 @@ describe('local storage on disk', () => {
     expect(readdirSync(temp)).toEqual(['fresh']);
   });
 
-  it('sweeps at once the temporary files named for a process that is gone, not those of a live one', async () => {
+  it('sweeps at once the temporary files named for a process that is gone, not those of a live one, nor one named by pid alone', async () => {
     const dataDir = tempDir();
     const temp = join(dataDir, 'storage', '.tmp');
     mkdirSync(temp, { recursive: true });
-    // A process that has ended (its pid not reused within the test), and one that runs: this test's parent.
-    const ended = await promisify(execFile)(process.execPath, ['-e', 'process.stdout.write(String(process.pid))']);
-    const uuid = '0b7e4a9c-1f2d-4c3b-9a8e-7d6c5b4a3f21';
-    writeFileSync(join(temp, `${ended.stdout}.${uuid}`), 'left by a kill -9');
-    writeFileSync(join(temp, `${process.ppid}.${uuid}`), 'being written by another process');
-    const storage = getStorageService(testSettings({ DATA_DIR: dataDir }), { prefix: 'knowledge-base' });
-    // The knowledge sweeper's call, as at every start: it says how many went.
-    expect(await storage.abandonStaleWrites(0)).toBe(1);
-    expect(readdirSync(temp)).toEqual([`${process.ppid}.${uuid}`]);
-  });
+    // Tags (processTag) of a process that has ended and of one that runs, each told by itself.
+    const tagging = `import { processTag } from './src/core/process-tag.ts'; process.stdout.write(processTag());`;
+    const node = (script: string) => ['--import', 'tsx', '--input-type=module', '-e', `${tagging} ${script}`];
+    const ended = (await promisify(execFile)(process.execPath, node(''), { cwd: ROOT })).stdout;
+    const running = spawn(process.execPath, node('setInterval(() => undefined, 1000);'), { cwd: ROOT, stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      const live = await new Promise<string>((told) => running.stdout.once('data', (chunk: Buffer) => told(chunk.toString())));
+      expect(ended).toMatch(/^\d+_/);
+      const uuid = '0b7e4a9c-1f2d-4c3b-9a8e-7d6c5b4a3f21';
+      writeFileSync(join(temp, `${ended}.${uuid}`), 'left by a kill -9');
+      writeFileSync(join(temp, `${live}.${uuid}`), 'being written by another process');
+      // A pid alone (written where /proc told nothing) may be a live process of another host or
+      // container sharing the directory: it waits for the 24 h rule, even though no such pid runs here.
+      const pidAlone = `${ended.split('_')[0]}.${uuid}`;
+      writeFileSync(join(temp, pidAlone), 'written where /proc told nothing');
+      const storage = getStorageService(testSettings({ DATA_DIR: dataDir }), { prefix: 'knowledge-base' });
+      // The knowledge sweeper's call, as at every start: it says how many went.
+      expect(await storage.abandonStaleWrites(0)).toBe(1);
+      expect(readdirSync(temp).sort()).toEqual([`${live}.${uuid}`, pidAlone].sort());
+    } finally {
+      running.kill();
+    }
+  }, 60_000);
 
   it('tightens a storage directory left group/world-readable', async () => {
     const dataDir = tempDir();

@@ -24,6 +24,12 @@ describe('DATABASE_URL sslmode as node-postgres reads it', () => {
     expect(sslModeWarning(url)).toBeNull();
   });
 
+  it('rewrites the query alone: a password that holds `&sslmode=` (legal before the @) stays as given', () => {
+    const url = 'postgres://u:a&sslmode=x@db.example/keel?sslmode=require';
+    expect(pgConnectionString(url)).toBe('postgres://u:a&sslmode=x@db.example/keel?sslmode=verify-full');
+    expect(decodeURIComponent(new URL(pgConnectionString(url)).password)).toBe('a&sslmode=x');
+  });
+
   it('no DATABASE_URL: no warning', () => {
     expect(sslModeWarning(undefined)).toBeNull();
   });

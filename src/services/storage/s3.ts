@@ -248,12 +248,14 @@ export class S3StorageBackend implements StorageBackend {
   }
 
   /**
-   * Throws unless the bucket answers within `timeoutMs` (the request is aborted then): the server
-   * down or silent, the bucket gone, or our credentials refused. It asks for an object no one
-   * writes, with s3:GetObject, which Keel needs anyway: "no such key" is the answer of a bucket
-   * that works, and so is AccessDenied, S3's answer for a missing key to credentials without
-   * s3:ListBucket (the signature was accepted; a wrong key or secret is InvalidAccessKeyId or
-   * SignatureDoesNotMatch). HeadBucket would need s3:ListBucket, and without it every node of a
+   * Throws unless S3 answers at the bucket within `timeoutMs` (the request is aborted then): the
+   * server down or silent, the endpoint not S3, the bucket gone, or our key or secret refused. It
+   * asks for an object no one writes: "no such key" is the answer of a bucket that works, and so
+   * is AccessDenied, S3's answer for a missing key to credentials without s3:ListBucket (the
+   * signature was accepted; a wrong key or secret is InvalidAccessKeyId or SignatureDoesNotMatch).
+   * So it checks that S3 is there and takes our credentials, not what they may do: credentials
+   * with no rights at all read as working too (uploads then answer 503). HeadBucket would tell
+   * more but needs s3:ListBucket, which Keel needs nowhere else: without it every node of a
    * deployment upgraded onto this check would have left its load balancer. For readiness
    * (storage-service.ts caches it).
    */
@@ -265,8 +267,9 @@ export class S3StorageBackend implements StorageBackend {
       });
       (probe.Body as Readable | undefined)?.destroy();
     } catch (error) {
+      // S3's own codes only: a bare 404 is a web server that is not S3 (S3_ENDPOINT wrong).
       const name = (error as { name?: string }).name;
-      if (name !== 'NoSuchBucket' && (notFound(error) || name === 'AccessDenied')) return;
+      if (name === 'NoSuchKey' || name === 'AccessDenied') return;
       throw unavailable(error);
     }
   }
