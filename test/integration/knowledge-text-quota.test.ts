@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { eq, sql } from 'drizzle-orm';
 import { beforeAll, describe, expect, it } from 'vitest';
 
+import type { Settings } from '../../src/core/config.js';
 import type { SqlSession } from '../../src/core/db.js';
 
 import { knowledgeChunks, knowledgeEntries } from '../../src/models/index.js';
@@ -59,17 +60,72 @@ async function heldText(entryId: string) {
   return { chunks: chunks!.n, chunkBytes: chunks!.bytes, ...row! };
 }
 
-/** The chunks ingestion cuts of `file` (a PDF), with this app's settings. */
-async function documentOf(file: Buffer): Promise<DocumentChunk[]> {
+/** The chunks ingestion cuts of `file` (a PDF), with `settings` (this app's unless given). */
+async function documentOf(file: Buffer, settings: Settings = ctx.app.settings): Promise<DocumentChunk[]> {
   const dir = await mkdtemp(join(tmpdir(), 'keel-quota-'));
   try {
     const path = join(dir, 'doc.pdf');
     await writeFile(path, file);
-    const document = await extractDocument({ path, filename: 'doc.pdf' }, extractLimitsFrom(ctx.app.settings));
-    return [...new ChunkCutter(chunkOptionsFrom(ctx.app.settings)).cut(document.sections)];
+    const document = await extractDocument({ path, filename: 'doc.pdf' }, extractLimitsFrom(settings));
+    return [...new ChunkCutter(chunkOptionsFrom(settings)).cut(document.sections)];
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
+}
+
+/**
+ * What the entry's stored chunks hold, each chunk's lead (the overlap) left out: they are the first
+ * of `file` as `settings` cut it (checked), and `bytes` is what its text_bytes should say.
+ */
+async function storedTextOf(entryId: string, file: Buffer, settings: Settings = ctx.app.settings): Promise<{ chunks: number; bytes: number }> {
+  const kept = await rowsOf<{ text: string }>(sql`select text from knowledge_chunks where entry_id = ${entryId} order by chunk_index`);
+  const cut = (await documentOf(file, settings)).slice(0, kept.length);
+  expect(cut.map((chunk) => chunk.text)).toEqual(kept.map((row) => row.text));
+  return { chunks: kept.length, bytes: cut.reduce((sum, chunk) => sum + ownTextBytes(chunk), 0) };
+}
+
+/** The text of all of `file`'s chunks as `settings` cut it, counted once: a ready entry's text_bytes. */
+const wholeTextOf = async (file: Buffer, settings: Settings = ctx.app.settings) => (await documentOf(file, settings)).reduce((sum, chunk) => sum + ownTextBytes(chunk), 0);
+
+/** Ingestion's dependencies as the app's worker has them, with `settings` (this app's unless given): for a job run by the test. */
+const ingestionDeps = (settings: Settings = ctx.app.settings) => ({ db: ctx.app.db, settings, log: ctx.app.log, models: ctx.app.models });
+
+/**
+ * Runs `work` with a test trigger that raises `raise` (a plpgsql RAISE's arguments) before each
+ * row of `table` it is `on` (e.g. insert) whose `when` holds; dropped after, whatever happens.
+ */
+async function withFault<T>(fault: { table: string; on: string; when: string; raise: string }, work: () => Promise<T>): Promise<T> {
+  await ctx.app.db.execute(sql.raw(`create function test_fault() returns trigger language plpgsql as $$ begin raise ${fault.raise}; end $$`));
+  await ctx.app.db.execute(sql.raw(`create trigger test_fault before ${fault.on} on ${fault.table} for each row when (${fault.when}) execute function test_fault()`));
+  try {
+    return await work();
+  } finally {
+    await dropFault(fault.table);
+  }
+}
+
+/** Drops withFault's trigger (if still there) before its work ends: the fault passes. */
+async function dropFault(table: string): Promise<void> {
+  await ctx.app.db.execute(sql.raw(`drop trigger if exists test_fault on ${table}`));
+  await ctx.app.db.execute(sql.raw('drop function if exists test_fault()'));
+}
+
+/** A PDF of `lines` lines, ~100 KB of text per thousand, then one line with POISON (which a fault can refuse to store); its chunk is the last. */
+const poisonedPdf = (lines: number) => madeFile('doc.pdf', (path) => writeTextPdf(path, [...Array.from({ length: lines }, (_, i) => `${LINE} (${i % 7}).`), 'POISON']));
+
+/** Refuses to store the chunk holding POISON: with `raise` (by default an internal error, failing the entry for good). */
+const poisonedChunk = (raise = `exception 'poisoned chunk'`) => ({ table: 'knowledge_chunks', on: 'insert', when: `new.text like '%POISON%'`, raise });
+
+/** A serialization failure (40001): a transient conflict, which the job's write runs again, then hands to the queue's next try. */
+const CONFLICT = `exception 'test conflict' using errcode = '40001'`;
+
+/** Waits until the entry's `attempts`-th try has handed it back for the next one (pending, its count written). */
+async function releasedAfter(entryId: string, attempts: number): Promise<void> {
+  await eventually(async () => {
+    const [row] = await ctx.app.db.select({ status: knowledgeEntries.status, attempts: knowledgeEntries.attempts }).from(knowledgeEntries).where(eq(knowledgeEntries.id, entryId));
+    expect(row!.attempts).toBeLessThanOrEqual(attempts);
+    return row!.status === 'pending' && row!.attempts === attempts;
+  }, 15_000);
 }
 
 /** The entry's extracted text (`GET …/content`): `text_bytes` counts it once, from its UTF-8 bytes without white space (trimmed between chunks) up to all of them. */
@@ -167,26 +223,128 @@ describe('the storage quota counts extracted text', () => {
     // 4 KiB; one batch) is reserved, counted, whole before it is embedded and stored; then, where
     // pgvector is (PGlite), its first embedding call's chunks (KB_EMBED_BATCH) are stored and the
     // call with that chunk fails to, kept as after a 402; without, the batch's one write fails.
-    await ctx.app.db.execute(sql.raw(`create function test_poisoned_chunk() returns trigger language plpgsql as $$ begin raise exception 'poisoned chunk'; end $$`));
-    await ctx.app.db.execute(sql.raw(`create trigger test_poisoned_chunk before insert on knowledge_chunks for each row when (new.text like '%POISON%') execute function test_poisoned_chunk()`));
-    try {
-      const pdf = await madeFile('doc.pdf', (path) => writeTextPdf(path, [...Array.from({ length: 1_300 }, (_, i) => `${LINE} (${i % 7}).`), 'POISON']));
+    await withFault(poisonedChunk(), async () => {
+      const pdf = await poisonedPdf(1_300);
       const entry = await settled(ctx.app, user.headers, (await uploaded(ctx.app, user.headers, folder.id, { filename: 'refunds.pdf', content: pdf })).id);
       expect(entry.status).toBe('failed');
       expect(entry.error).toContain('internal error');
-      const kept = await rowsOf<{ text: string }>(sql`select text from knowledge_chunks where entry_id = ${entry.id} order by chunk_index`);
-      expect(kept.length).toBe(ctx.database.kind === 'pglite' ? ctx.app.settings.KB_EMBED_BATCH : 0);
-      // What those chunks hold, each chunk's lead (the overlap) left out: the document cut as the job cuts it.
-      const cut = (await documentOf(pdf)).slice(0, kept.length);
-      expect(cut.map((chunk) => chunk.text)).toEqual(kept.map((row) => row.text));
-      const keptBytes = cut.reduce((sum, chunk) => sum + ownTextBytes(chunk), 0);
-      expect((await heldText(entry.id)).text_bytes).toBe(keptBytes);
-      expect(await quotaUsed(user)).toBe(Math.max(4096, keptBytes));
-    } finally {
-      await ctx.app.db.execute(sql.raw('drop trigger test_poisoned_chunk on knowledge_chunks'));
-      await ctx.app.db.execute(sql.raw('drop function test_poisoned_chunk()'));
-    }
+      const kept = await storedTextOf(entry.id, pdf);
+      expect(kept.chunks).toBe(ctx.database.kind === 'pglite' ? ctx.app.settings.KB_EMBED_BATCH : 0);
+      expect((await heldText(entry.id)).text_bytes).toBe(kept.bytes);
+      expect(await quotaUsed(user)).toBe(Math.max(4096, kept.bytes));
+    });
   });
+
+  it('counts an entry retried after a passing fault for the chunks each try keeps, and once ready for its whole text once', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const pdf = await poisonedPdf(1_300);
+    let entryId = '';
+    await withFault(poisonedChunk(CONFLICT), async () => {
+      entryId = (await uploaded(ctx.app, user.headers, folder.id, { filename: 'refunds.pdf', content: pdf })).id;
+      // The first try's chunks up to the poisoned one's write (where pgvector is: its embedding
+      // call's; without, the whole batch's one write, so none) are kept for the retry, and count for
+      // what they hold, not for the batch reserved whole.
+      await releasedAfter(entryId, 1);
+      const kept = await storedTextOf(entryId, pdf);
+      expect(kept.chunks).toBe(ctx.database.kind === 'pglite' ? ctx.app.settings.KB_EMBED_BATCH : 0);
+      expect((await heldText(entryId)).text_bytes).toBe(kept.bytes);
+      expect(await quotaUsed(user)).toBe(Math.max(4096, kept.bytes));
+      // The conflict passes before the queue's retry (JOB_BACKOFF_MS, 2 s).
+      await dropFault('knowledge_chunks');
+    });
+    const entry = await settled(ctx.app, user.headers, entryId);
+    expect(entry.status, entry.error ?? '').toBe('ready');
+    // The retry resumed from the kept chunks and stored the rest: every chunk once, its text counted once.
+    const whole = await wholeTextOf(pdf);
+    const held = await heldText(entryId);
+    expect(held).toMatchObject({ attempts: 2, text_bytes: whole, chunks: (await documentOf(pdf)).length });
+    expect((await storedTextOf(entryId, pdf)).bytes).toBe(whole);
+    expect(entry.text_bytes).toBe(whole);
+    await expectTextCountedOnce(user, entryId, whole);
+    expect(await quotaUsed(user)).toBe(whole);
+  }, 60_000);
+
+  it('counts an entry retried and then failed for good for the chunks it keeps, at each try', async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const pdf = await poisonedPdf(1_300);
+    await withFault(poisonedChunk(CONFLICT), async () => {
+      const entryId = (await uploaded(ctx.app, user.headers, folder.id, { filename: 'refunds.pdf', content: pdf })).id;
+      const expectKeptCounted = async () => {
+        const kept = await storedTextOf(entryId, pdf);
+        expect(kept.chunks).toBe(ctx.database.kind === 'pglite' ? ctx.app.settings.KB_EMBED_BATCH : 0);
+        expect((await heldText(entryId)).text_bytes).toBe(kept.bytes);
+        expect(await quotaUsed(user)).toBe(Math.max(4096, kept.bytes));
+      };
+      await releasedAfter(entryId, 1);
+      await expectKeptCounted();
+      // The second try resumes from those chunks (found stored, not stored again) and stops where the first did.
+      await releasedAfter(entryId, 2);
+      await expectKeptCounted();
+      // The third, the last KB_INGEST_MAX_ATTEMPTS allows, fails the entry keeping them (no try is left: an internal error).
+      const entry = await settled(ctx.app, user.headers, entryId);
+      expect(entry).toMatchObject({ status: 'failed', chunk_count: 0 });
+      expect(entry.error).toContain('internal error');
+      expect((await heldText(entryId)).attempts).toBe(3);
+      await expectKeptCounted();
+    });
+  }, 60_000);
+
+  it("counts a resumed entry whose chunk settings changed for this cutting's chunks alone once the earlier one's are dropped", async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const pdf = await poisonedPdf(1_300);
+    // Smaller chunks: each chunk's text differs from the first cutting's from the first on.
+    const recut = { ...ctx.app.settings, KB_CHUNK_TOKENS: 250 };
+    const reindexWith = async (settings: Settings) => {
+      // As a reindex leaves a failed entry (its queued job run here, with these settings).
+      await ctx.app.db.update(knowledgeEntries).set({ status: 'pending', attempts: 0, lease_token: null, lease_expires_at: null }).where(eq(knowledgeEntries.id, entryId));
+      await ingestEntry(ingestionDeps(settings), entryId);
+      return heldText(entryId);
+    };
+    // 1. Every chunk stored, the end refused: failed, keeping them all (on both databases), counted for all of the text.
+    const entryId = await withFault({ table: 'knowledge_entries', on: 'update', when: `new.status = 'ready'`, raise: `exception 'refused end'` }, async () => {
+      const entry = await settled(ctx.app, user.headers, (await uploaded(ctx.app, user.headers, folder.id, { filename: 'refunds.pdf', content: pdf })).id);
+      expect(entry.status).toBe('failed');
+      return entry.id;
+    });
+    const first = await wholeTextOf(pdf);
+    expect(await storedTextOf(entryId, pdf)).toEqual({ chunks: (await documentOf(pdf)).length, bytes: first });
+    expect((await heldText(entryId)).text_bytes).toBe(first);
+    expect(await quotaUsed(user)).toBe(first);
+
+    // 2. Resumed under the new settings, failing at the poisoned chunk again. Where pgvector is, its
+    // first embedding call's chunks are stored, the first cutting's dropped with them: the entry
+    // holds, and counts for, those alone. Without, the one batch's write failed whole, so the first
+    // cutting's chunks are all still there, and still count.
+    await withFault(poisonedChunk(), async () => {
+      const held = await reindexWith(recut);
+      if (ctx.database.kind === 'pglite') {
+        const kept = await storedTextOf(entryId, pdf, recut);
+        // The embedding calls' before the poisoned (last) chunk's.
+        const batch = ctx.app.settings.KB_EMBED_BATCH;
+        expect(kept.chunks).toBe(Math.floor(((await documentOf(pdf, recut)).length - 1) / batch) * batch);
+        expect(kept.chunks).toBeGreaterThan(0);
+        expect(held.text_bytes).toBe(kept.bytes);
+        expect(kept.bytes).toBeLessThan(first);
+      } else {
+        expect(await storedTextOf(entryId, pdf)).toEqual({ chunks: (await documentOf(pdf)).length, bytes: first });
+        expect(held.text_bytes).toBe(first);
+      }
+      expect((await api('GET', `/knowledge-base/entries/${entryId}`, user.headers)).json<EntryBody>().status).toBe('failed');
+      expect(await quotaUsed(user)).toBe(Math.max(4096, held.text_bytes));
+    });
+
+    // 3. Resumed again, the fault gone: ready, every chunk the new cutting's, its text counted once.
+    const held = await reindexWith(recut);
+    const whole = await wholeTextOf(pdf, recut);
+    expect(await storedTextOf(entryId, pdf, recut)).toEqual({ chunks: (await documentOf(pdf, recut)).length, bytes: whole });
+    expect(held.text_bytes).toBe(whole);
+    expect((await api('GET', `/knowledge-base/entries/${entryId}`, user.headers)).json<EntryBody>().status).toBe('ready');
+    await expectTextCountedOnce(user, entryId, whole);
+    expect(await quotaUsed(user)).toBe(whole);
+  }, 60_000);
 
   it("never lets two ingestions of one user pass the quota together: each counts under the owner's lock", async () => {
     const user = await createUser(ctx.app);
@@ -209,8 +367,7 @@ describe('the storage quota counts extracted text', () => {
     // Both again (as a reindex leaves them: the ready one's chunks cleared at its claim), their
     // counts made to meet: on the server the owner's lock is held until both wait for it.
     await ctx.app.db.update(knowledgeEntries).set({ status: 'pending', attempts: 0, lease_token: null, lease_expires_at: null }).where(eq(knowledgeEntries.folder_id, folder.id));
-    const deps = { db: ctx.app.db, settings: ctx.app.settings, log: ctx.app.log, models: ctx.app.models };
-    const ingest = () => Promise.all(entries.map((entry) => ingestEntry(deps, entry.id)));
+    const ingest = () => Promise.all(entries.map((entry) => ingestEntry(ingestionDeps(), entry.id)));
     if (!onServer) await ingest();
     else {
       let ingesting: Promise<unknown> | undefined;
