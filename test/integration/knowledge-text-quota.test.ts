@@ -32,7 +32,9 @@ import { addFakeModels } from '../helpers/metered-models.js';
 
 const QUOTA = 200_000;
 // Embedded where pgvector is (PGlite): text over the quota is refused before it is embedded, and paid for.
-const ctx = useTestApp({ KB_MAX_BYTES_PER_USER: String(QUOTA), KB_MAX_FILE_BYTES: String(QUOTA / 2), EMBEDDING_MODEL: 'fake-embed', MODEL_MAX_RETRIES: '0' });
+// A retry waits 6 s (JOB_BACKOFF_MS; 2 s by default): the retry tests read what a try kept, and lift
+// the fault, before the next try starts, which a loaded CI machine must have time for.
+const ctx = useTestApp({ KB_MAX_BYTES_PER_USER: String(QUOTA), KB_MAX_FILE_BYTES: String(QUOTA / 2), EMBEDDING_MODEL: 'fake-embed', MODEL_MAX_RETRIES: '0', JOB_BACKOFF_MS: '6000' });
 const api = apiOf(ctx);
 const { rowsOf, waitingForLocks } = lockWaits(ctx);
 const onServer = !!process.env.DATABASE_URL;
@@ -250,7 +252,7 @@ describe('the storage quota counts extracted text', () => {
       expect(kept.chunks).toBe(ctx.database.kind === 'pglite' ? ctx.app.settings.KB_EMBED_BATCH : 0);
       expect((await heldText(entryId)).text_bytes).toBe(kept.bytes);
       expect(await quotaUsed(user)).toBe(Math.max(4096, kept.bytes));
-      // The conflict passes before the queue's retry (JOB_BACKOFF_MS, 2 s).
+      // The conflict passes before the queue's retry (JOB_BACKOFF_MS).
       await dropFault('knowledge_chunks');
     });
     const entry = await settled(ctx.app, user.headers, entryId);
