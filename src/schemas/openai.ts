@@ -50,7 +50,11 @@ export const OpenAIModel = z
 
 export const OpenAIModelList = z.object({ object: z.literal('list'), data: z.array(OpenAIModel) }).meta({ id: 'OpenAIModelList' });
 
-export const OpenAIModelParams = z.object({ model: z.string().min(1).max(200) });
+/**
+ * Any length the router takes (MAX_PARAM_LENGTH): an id longer than any model's is a model that
+ * does not exist, 404 model_not_found as OpenAI answers it, not a 400 about its length.
+ */
+export const OpenAIModelParams = z.object({ model: z.string().min(1) });
 
 // ==================== Chat completions ====================
 
