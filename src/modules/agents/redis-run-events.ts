@@ -271,7 +271,10 @@ export class RedisRunEventLog implements RunEventLog {
   async lastSeq(runId: string): Promise<number> {
     try {
       const { seq } = await this.top(runId);
-      this.remember(runId, seq);
+      // A reader of the run in this process asks too: it must not lower a first start's expected
+      // cursor (expect: past run.queued's seq 1, which a client may have seen though the stream lost
+      // it), or that writer's first event would be numbered 1 again.
+      this.remember(runId, this.expected.has(runId) ? Math.max(seq, this.cursors.get(runId) ?? 0) : seq);
       return seq;
     } catch (error) {
       throw asRunBusError(error);
