@@ -71,13 +71,14 @@ export interface StreamWatch {
  * reader stops. With `onCredentialLost` (run-event streams, streamed /v1 completions), the
  * stream's credential is checked again at the same pace, on the same timer.
  */
-export function cutOffStalledReader(request: FastifyRequest, raw: ServerResponse, fields: Record<string, unknown>, what: string, watch: StreamWatch = {}): () => void {
+export function cutOffStalledReader(request: FastifyRequest, raw: ServerResponse, fields: Record<string, unknown>, what: string, watch: StreamWatch = {}): void {
   const { onCutOff, onCredentialLost } = watch;
   // One check at a time (a slow one is not overtaken by the next look's), and one end: the stall
   // watcher itself goes on, so a reader that takes nothing after the end is still cut off.
   let checking = false;
   let lost = false;
-  return watchStalledReader(
+  // It stops by itself when the response closes, which every stream's end does.
+  watchStalledReader(
     raw,
     request.server.settings.RUN_EVENTS_KEEPALIVE_SECONDS * 1000,
     () => {
