@@ -242,11 +242,19 @@ export class RedisRunEventLog implements RunEventLog {
     }
   }
 
+  /**
+   * Sets where the run's next append continues. A cursor a writer set with `expect` is never lowered
+   * until that writer's append (a reader's lastSeq in this process asks too): a first start expects
+   * past run.queued's seq 1, which a client may have seen though the stream lost it, so its first
+   * event must not be numbered 1 again.
+   */
   private remember(runId: string, seq: number): void {
-    rememberCursor(this.cursors, runId, seq);
+    const expected = this.expected.has(runId) ? this.cursors.get(runId) : undefined;
+    rememberCursor(this.cursors, runId, expected === undefined ? seq : Math.max(seq, expected));
   }
 
   expect(runId: string, seq: number): void {
+    this.expected.delete(runId);
     this.remember(runId, seq);
     this.expected.add(runId);
     // A writer appends right after it expects; this only bounds what a writer that never did leaves.
@@ -271,10 +279,7 @@ export class RedisRunEventLog implements RunEventLog {
   async lastSeq(runId: string): Promise<number> {
     try {
       const { seq } = await this.top(runId);
-      // A reader of the run in this process asks too: it must not lower a first start's expected
-      // cursor (expect: past run.queued's seq 1, which a client may have seen though the stream lost
-      // it), or that writer's first event would be numbered 1 again.
-      this.remember(runId, this.expected.has(runId) ? Math.max(seq, this.cursors.get(runId) ?? 0) : seq);
+      this.remember(runId, seq);
       return seq;
     } catch (error) {
       throw asRunBusError(error);
