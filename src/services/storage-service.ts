@@ -189,7 +189,6 @@ const storageChecks = new WeakMap<StorageBackend, { at: number; reachable: Promi
  * STORAGE_CHECK_CACHE_MS, and callers that ask while a check runs share it.
  */
 export function storageReachable(settings: Settings, timeoutMs: number): Promise<boolean> | null {
-  if (settings.STORAGE_BACKEND !== 's3') return null;
   const backend = sharedBackend(settings);
   if (!(backend instanceof S3StorageBackend)) return null;
   const cached = storageChecks.get(backend);
