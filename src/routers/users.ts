@@ -56,6 +56,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'create_user',
         summary: 'Create User',
+        description: 'Through an API key, only regular users are created: `is_superuser: true` needs a signed-in superuser (403).',
         tags,
         body: UserCreate,
         response: { 200: UserPublic, 409: ErrorBody, ...authErrors },
@@ -63,7 +64,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       onRequest: requireSuperuser,
     },
     async (request, reply) => {
-      const user = await userService.createByAdmin(db, settings, app.mailer, request.log, request.body);
+      const user = await userService.createByAdmin(db, settings, app.mailer, request.log, request.principal, request.body);
       return reply.header('location', userLocation(user.id)).send(user);
     },
   );
@@ -192,7 +193,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'update_user',
         summary: 'Update User',
         description:
-          "`is_active: false` signs the user out everywhere (tokens and API keys stop authenticating) and cancels the user's queued and running runs. `is_active: true` again lets the user's API keys authenticate again (a suspension, not a revocation: revoke keys that may have leaked); the tokens issued before stay dead. A new `password`, or an `email` other than the current one but for its case, ends the user's sessions too (their API keys work on).",
+          "`is_active: false` signs the user out everywhere (tokens and API keys stop authenticating) and cancels the user's queued and running runs. `is_active: true` again lets the user's API keys authenticate again (a suspension, not a revocation: revoke keys that may have leaked); the tokens issued before stay dead. A new `password`, or an `email` other than the current one but for its case, ends the user's sessions too (their API keys work on). Through an API key, superusers are not changed nor made (403): a leaked key must not be a way to set a superuser's password; sign in for that.",
         tags,
         params: UserIdParams,
         body: UserUpdate,
@@ -200,7 +201,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       },
       onRequest: requireSuperuser,
     },
-    async (request) => userService.updateByAdmin(db, app.runs, request.params.user_id, request.body),
+    async (request) => userService.updateByAdmin(db, app.runs, request.principal, request.params.user_id, request.body),
   );
 
   app.delete(
@@ -209,6 +210,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       schema: {
         operationId: 'delete_user',
         summary: 'Delete User',
+        description: 'Through an API key, only regular users are deleted: a superuser needs a signed-in superuser (403).',
         tags,
         params: UserIdParams,
         response: { 200: Message, 404: ErrorBody, 409: ErrorBody, ...authErrors },
@@ -216,7 +218,7 @@ export const usersRouter: FastifyPluginAsyncZod = async (app) => {
       onRequest: requireSuperuser,
     },
     async (request) => {
-      await userService.deleteByAdmin(db, request.principal.user, request.params.user_id);
+      await userService.deleteByAdmin(db, request.principal, request.params.user_id);
       return { message: 'User deleted successfully' };
     },
   );

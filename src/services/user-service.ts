@@ -13,6 +13,7 @@ import { lockBillingRows } from '../crud/billing.js';
 import { lockOwnerCountingBusy } from '../crud/thread.js';
 import * as userCrud from '../crud/user.js';
 import type { RunDeps } from '../modules/agents/run-lifecycle.js';
+import { forbidApiKeyOnSuperuser, type Principal } from '../utils/authentication.js';
 import type { Mailer } from './email/mailer.js';
 import { newAccountEmail, resetPasswordEmail } from './email/templates.js';
 import * as runService from './run-service.js';
@@ -55,7 +56,8 @@ export async function signup(db: Db, settings: Settings, input: UserRegister): P
 }
 
 /** An administrator's new account; the user is told by email when SMTP is set. */
-export async function createByAdmin(db: Db, settings: Settings, mailer: Mailer, logger: Logger, input: UserCreate): Promise<User> {
+export async function createByAdmin(db: Db, settings: Settings, mailer: Mailer, logger: Logger, principal: Principal, input: UserCreate): Promise<User> {
+  forbidApiKeyOnSuperuser(principal, null, input.is_superuser === true);
   const user = await createUser(db, input);
   const email = newAccountEmail({ projectName: settings.PROJECT_NAME, email: user.email, link: settings.FRONTEND_HOST });
   mailer.send(user.email, email, logger);
@@ -119,7 +121,7 @@ export async function deleteMe(db: Db, user: User): Promise<void> {
 }
 
 /** `runs`: a deactivated user's queued and running runs are cancelled (their model calls aborted). */
-export async function updateByAdmin(db: Db, runs: RunDeps, id: string, input: UserUpdate): Promise<User> {
+export async function updateByAdmin(db: Db, runs: RunDeps, principal: Principal, id: string, input: UserUpdate): Promise<User> {
   const losesSuperuser = input.is_superuser === false || input.is_active === false;
   const { password, ...fields } = input;
   const values: Partial<NewUser> = { ...fields };
@@ -129,6 +131,7 @@ export async function updateByAdmin(db: Db, runs: RunDeps, id: string, input: Us
     // row is locked: their model calls and run starts go on meanwhile; see crud/user.ts).
     if (losesSuperuser) await userCrud.lockSuperusers(tx);
     const target = await getById(tx, id);
+    forbidApiKeyOnSuperuser(principal, target, input.is_superuser === true);
     if (input.email !== undefined) await ensureEmailFree(tx, input.email, target.id);
     if (losesSuperuser && (await isLastSuperuser(tx, target))) {
       throw new ForbiddenError('The last superuser cannot be demoted or deactivated');
@@ -144,8 +147,8 @@ export async function updateByAdmin(db: Db, runs: RunDeps, id: string, input: Us
   return user;
 }
 
-export async function deleteByAdmin(db: Db, actor: User, id: string): Promise<void> {
-  if (actor.id === id) throw new ForbiddenError('Super users are not allowed to delete themselves');
+export async function deleteByAdmin(db: Db, principal: Principal, id: string): Promise<void> {
+  if (principal.user.id === id) throw new ForbiddenError('Super users are not allowed to delete themselves');
   await deadlockRetried(db, async (tx) => {
     // Before any users row, the target's among the superusers (see lockBillingRows).
     await lockBillingRows(tx, { userId: id });
@@ -154,6 +157,7 @@ export async function deleteByAdmin(db: Db, actor: User, id: string): Promise<vo
     await userCrud.lockSuperusers(tx);
     await userCrud.lockUserForDelete(tx, id);
     const target = await getById(tx, id);
+    forbidApiKeyOnSuperuser(principal, target, false);
     if (await isLastSuperuser(tx, target)) throw new ForbiddenError('The last superuser cannot be deleted');
     // The user's runs would go on with their rows gone (see lockOwnerCountingBusy); deactivating cancels them.
     if (await lockOwnerCountingBusy(tx, id)) throw new ConflictError('The user has runs in progress: deactivate the user (which cancels them) or wait for them to end, then delete');

@@ -118,6 +118,20 @@ export function ownAccount(principal: Principal): User {
 }
 
 /**
+ * Through an API key, a superuser administers regular users only: creating a superuser, making one,
+ * or changing, deactivating or deleting one needs a signed-in superuser. Otherwise a leaked key of
+ * a superuser would be a way round forbidApiKey: it could set another superuser's password (or its
+ * own account's, through /users/{id}), or create a superuser with a password of its choosing, and
+ * sign in as it. `target` is the user changed (none for a creation); `makesSuperuser`, whether the
+ * write sets `is_superuser: true`.
+ */
+export function forbidApiKeyOnSuperuser(principal: Principal, target: Pick<User, 'is_superuser'> | null, makesSuperuser: boolean): void {
+  if (principal.apiKeyId !== null && (makesSuperuser || target?.is_superuser)) {
+    throw new ForbiddenError('API keys cannot administer superusers; sign in instead');
+  }
+}
+
+/**
  * The account's own credentials (email, password, the account itself, its API keys) change only
  * for a signed-in user: a leaked API key must not be enough to take the account over — nor to lift
  * its own limits, or mint keys that outlive its revocation. `what` names the change refused.

@@ -707,6 +707,51 @@ describe('DELETE /users/{user_id}', () => {
   });
 });
 
+// ==================== Through a superuser's API key ====================
+
+describe("user administration through a superuser's API key", () => {
+  const SIGN_IN = { detail: 'API keys cannot administer superusers; sign in instead' };
+  let boss: Awaited<ReturnType<typeof createUser>>;
+  let key: Record<string, string>;
+
+  beforeAll(async () => {
+    boss = await createUser(app, { superuser: true });
+    const created = await call('POST', '/api-keys', { headers: boss.headers, payload: { name: 'automation' } });
+    expect(created.statusCode).toBe(200);
+    key = bearer(created.json<{ key: string }>().key);
+  });
+
+  it("cannot change, deactivate or delete a superuser, its own account included: a leaked key must not become a superuser's sign-in", async () => {
+    const other = await createUser(app, { superuser: true });
+    for (const target of [boss, other]) {
+      for (const payload of [{ password: 'taken-over-1234' }, { email: randomEmail('thief') }, { full_name: 'X' }, { is_active: false }]) {
+        expectError(await call('PATCH', `/users/${target.user.id}`, { headers: key, payload }), 403, SIGN_IN);
+      }
+      expect(await loginStatus(app, target.email, target.password)).toBe(200);
+    }
+    expectError(await call('DELETE', `/users/${other.user.id}`, { headers: key }), 403, SIGN_IN);
+    expect((await call('GET', `/users/${other.user.id}`, { headers: boss.headers })).json<UserBody>()).toMatchObject({ email: other.email, is_active: true, full_name: null });
+  });
+
+  it('cannot create a superuser or make one', async () => {
+    const email = randomEmail('minted');
+    expectError(await call('POST', '/users', { headers: key, payload: { email, password: 'minted-pass-1234', is_superuser: true } }), 403, SIGN_IN);
+    expect(await loginStatus(app, email, 'minted-pass-1234')).toBe(400);
+    const plain = await createUser(app);
+    expectError(await call('PATCH', `/users/${plain.user.id}`, { headers: key, payload: { is_superuser: true, password: 'minted-pass-1234' } }), 403, SIGN_IN);
+    expect((await call('GET', `/users/${plain.user.id}`, { headers: boss.headers })).json<UserBody>().is_superuser).toBe(false);
+    expect(await loginStatus(app, plain.email, plain.password)).toBe(200);
+  });
+
+  it('administers regular users as a signed-in superuser does', async () => {
+    const email = randomEmail('provisioned');
+    const created = expectUserPublic(await call('POST', '/users', { headers: key, payload: { email, password: 'provisioned-1234' } }), { email, is_superuser: false });
+    expectUserPublic(await call('PATCH', `/users/${created.id}`, { headers: key, payload: { full_name: 'P', password: 'reset-pass-1234' } }), { full_name: 'P' });
+    expect(await loginStatus(app, email, 'reset-pass-1234')).toBe(200);
+    expect(await call('DELETE', `/users/${created.id}`, { headers: key })).toMatchObject({ statusCode: 200 });
+  });
+});
+
 // ==================== The last superuser ====================
 
 describe('the last superuser', () => {
