@@ -1205,6 +1205,98 @@ describe('ModelManager.embed', () => {
     expect(await settled(1)).toMatchObject([{ operation: 'embed', status: 'error', estimated: true, attempts: 1, tokens: { input: estimate(values.slice(0, 3)), output: 0 } }]);
   });
 
+  it("a Google model's split call with a vector past float32's range in one request is charged each request's estimate, as a split call's other failures are, not the whole call's", async () => {
+    const m = fakeModelManager(fake.server, {
+      models: [...CUSTOM_MODELS, { id: 'gem-embed', provider: 'gem', capabilities: ['embedding'], pricing: price('0.02', '0') }],
+      records: fake.records,
+      providers: [{ id: 'gem', kind: 'google', base_url: fake.server.url, api_key: 'g-key' }],
+      overrides: { maxRetries: 0 },
+    });
+    // Two requests of 100 inputs, each of 397 characters: 99.25 tokens, charged 100 as a call of its
+    // own would be (200 in all), where the call's one estimate is 198.5, charged 199.
+    const values = Array.from({ length: 200 }, (_, i) => (i % 100 === 0 ? 'a' : 'abcd'));
+    const estimate = (inputs: string[]) => Math.ceil(estimateTextTokens(inputs.join('')));
+    expect([estimate(values.slice(0, 100)) + estimate(values.slice(100)), estimate(values)]).toEqual([200, 199]);
+    // One of the two answers 1e39 (a float32 infinity); Google reports no usage.
+    const vectors = Array.from({ length: 100 }, (_, i) => ({ values: [i === 7 ? 1e39 : 0.5, 1] }));
+    fake.server.script('gem-embed', {}, { rawBody: JSON.stringify({ embeddings: vectors }) });
+    const failure = await failureOf(m.embed({ model: 'gem-embed', values }));
+    expect(failure).toBeInstanceOf(ModelAnswerError);
+    expect(failure).toMatchObject({ statusCode: 502 });
+    expect(fake.server.log.map((r) => r.reply)).toEqual([200, 200]);
+    expect(await settled(1)).toMatchObject([{ operation: 'embed', status: 'error', estimated: true, attempts: 1, tokens: { input: 200, output: 0 } }]);
+    // The request at fault named, as a count that does not fit is.
+    expect((failure as Error).message).toMatch(/^Model gem-embed answered a vector with a value that is not a finite float32 \(inputs (1 to 100|101 to 200) of the call's 200, sent in several requests\)$/);
+  });
+
+  it('a retried split call sends only the requests that did not answer, keeps the vectors of those that did, and charges each once (the wire and a Google model)', async () => {
+    const m = fakeModelManager(fake.server, {
+      models: [...CUSTOM_MODELS, { id: 'gem-embed', provider: 'gem', capabilities: ['embedding'], pricing: price('0.02', '0') }],
+      records: fake.records,
+      providers: [{ id: 'gem', kind: 'google', base_url: fake.server.url, api_key: 'g-key' }],
+      overrides: { maxRetries: 1 },
+    });
+    const refused: ScriptedReply = { status: 500, headers: { 'retry-after': '0' } };
+    // The wire: four requests (2,048 inputs, 2,048, 2,048 and 5), one after another; the second refused, then retried with those after it.
+    const values = Array.from({ length: 3 * 2048 + 5 }, (_, i) => `input number ${i}`);
+    /** What the fake server reports for `inputs`. */
+    const reported = (inputs: string[]) => inputs.reduce((n, v) => n + Math.ceil(v.length / 4), 0);
+    fake.server.script('fake-embed', {}, refused);
+    const wired = await m.embed({ model: 'fake-embed', values });
+    expect(vectorsOf(wired)).toEqual(values.map((v) => fakeEmbedding(v)));
+    const firstInputs = (r: LoggedRequest) => [(r.body.input as string[])[0], (r.body.input as string[]).length, r.reply];
+    expect(fake.server.log.map(firstInputs)).toEqual([
+      ['input number 0', 2048, 200],
+      ['input number 2048', 2048, 500],
+      ['input number 2048', 2048, 200],
+      ['input number 4096', 2048, 200],
+      ['input number 6144', 5, 200],
+    ]);
+    // Every input once, as reported: the first request with the try it answered in, the others with the answer.
+    expect(await settled(1)).toMatchObject([{ operation: 'embed', status: 'success', estimated: false, attempts: 2, tokens: { input: reported(values), output: 0 } }]);
+    expect(wired.usage.input).toBe(reported(values.slice(2048)));
+
+    // Google: three requests side by side (100, 100, 50), one refused; the retry sends it alone.
+    fake.server.reset();
+    fake.records.length = 0;
+    const inputsOf = (r: LoggedRequest) => (r.body.requests as { content: { parts: { text: string }[] } }[]).map((one) => one.content.parts[0]!.text);
+    const estimate = (inputs: string[]) => Math.ceil(estimateTextTokens(inputs.join('')));
+    const few = values.slice(0, 250);
+    fake.server.script('gem-embed', {}, refused, {});
+    expect(vectorsOf(await m.embed({ model: 'gem-embed', values: few }))).toEqual(few.map((v) => fakeEmbedding(v)));
+    expect(fake.server.log).toHaveLength(4);
+    const [again] = fake.server.log.slice(3);
+    expect(inputsOf(again!)).toEqual(inputsOf(fake.server.log.find((r) => r.reply === 500)!));
+    const charged = fake.server.log.filter((r) => r.reply === 200).reduce((n, r) => n + estimate(inputsOf(r)), 0);
+    expect(charged).toBe(estimate(few.slice(0, 100)) + estimate(few.slice(100, 200)) + estimate(few.slice(200)));
+    expect(await settled(1)).toMatchObject([{ operation: 'embed', status: 'success', estimated: true, attempts: 2, tokens: { input: charged, output: 0 } }]);
+  });
+
+  it('a 2xx whose vectors cannot be read is charged the usage it reported, exact, alone or as one request of a split call', async () => {
+    const m = manager({ maxRetries: 0 });
+    const unreadable = (tokens: number): ScriptedReply => ({ rawBody: JSON.stringify({ object: 'list', data: [{ object: 'embedding', index: 0, embedding: 'not base64!' }], usage: { prompt_tokens: tokens } }) });
+    fake.server.script('fake-embed', unreadable(3));
+    const alone = await failureOf(m.embed({ model: 'fake-embed', values: ['x'] }));
+    expect(alone).toMatchObject({ statusCode: 502 });
+    expect(await settled(1)).toMatchObject([{ operation: 'embed', status: 'error', estimated: false, attempts: 1, tokens: { input: 3, output: 0 } }]);
+    // Without usage: its estimate, as before.
+    fake.server.reset();
+    fake.records.length = 0;
+    fake.server.script('fake-embed', { rawBody: JSON.stringify({ object: 'list', data: [{ object: 'embedding', index: 0, embedding: 'not base64!' }] }) });
+    await failureOf(m.embed({ model: 'fake-embed', values: ['x'.repeat(400)] }));
+    expect(await settled(1)).toMatchObject([{ status: 'error', estimated: true, tokens: { input: 100 } }]);
+
+    // The second of four requests: the first as reported, the second at what it reported.
+    fake.server.reset();
+    fake.records.length = 0;
+    const values = Array.from({ length: 3 * 2048 + 5 }, (_, i) => `input number ${i}`);
+    const reported = (inputs: string[]) => inputs.reduce((n, v) => n + Math.ceil(v.length / 4), 0);
+    fake.server.script('fake-embed', {}, unreadable(1234));
+    expect(await failureOf(m.embed({ model: 'fake-embed', values }))).toMatchObject({ statusCode: 502 });
+    expect(fake.server.log.map((r) => r.reply)).toEqual([200, 200]);
+    expect(await settled(1)).toMatchObject([{ status: 'error', estimated: false, tokens: { input: reported(values.slice(0, 2048)) + 1234 } }]);
+  });
+
   it('retries an embeddings 429', async () => {
     fake.server.script('fake-embed', { status: 429, headers: { 'retry-after': '0' } });
     const result = await manager().embed({ model: 'fake-embed', values: ['x'] });

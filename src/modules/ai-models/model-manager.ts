@@ -69,7 +69,23 @@ import {
   StreamErrorEvent,
   UpstreamError,
 } from './errors.js';
-import { type AbortLike, allFinite, type ChoiceLogprobs, openAIErrorFields, type OpenAIWire, rawLogprobs, rawRefusal, toolCallOf, type WireCall, type WireEmbeddingsCall, wireMessages, type WireTool, type WireToolChoice } from './openai-wire.js';
+import {
+  type AbortLike,
+  allFinite,
+  type ChoiceLogprobs,
+  openAIErrorFields,
+  type OpenAIWire,
+  rawLogprobs,
+  rawRefusal,
+  reportedTokensOf,
+  toolCallOf,
+  type WireCall,
+  type WireEmbeddings,
+  type WireEmbeddingsCall,
+  wireMessages,
+  type WireTool,
+  type WireToolChoice,
+} from './openai-wire.js';
 import type { ProviderSdks } from './provider-sdks.js';
 import { type ProviderRecord, type ProviderRecords, type ProviderRegistry, ProviderUnavailableError } from './providers.js';
 import { estimateTextTokens } from './token-estimate.js';
@@ -1196,8 +1212,19 @@ const boundedTokens = (reported: number | undefined, values: readonly string[]):
  */
 function checkVectorCount(modelId: string, inputs: number, vectors: number, part?: { start: number; of: number }): void {
   if (vectors === inputs) return;
-  const which = part ? ` (inputs ${part.start + 1} to ${part.start + inputs} of the call's ${part.of}, sent in several requests)` : '';
-  throw new ModelAnswerError(`Model ${modelId} answered ${vectors} vector${vectors === 1 ? '' : 's'} for ${inputs} input${inputs === 1 ? '' : 's'}${which}`);
+  throw new ModelAnswerError(`Model ${modelId} answered ${vectors} vector${vectors === 1 ? '' : 's'} for ${inputs} input${inputs === 1 ? '' : 's'}${whichInputs(inputs, part)}`);
+}
+
+/** Which of a call's inputs one of its requests held (`part`: where they start among the call's `of`), for its errors; nothing for a call of one request. */
+const whichInputs = (inputs: number, part: { start: number; of: number } | undefined): string => (part ? ` (inputs ${part.start + 1} to ${part.start + inputs} of the call's ${part.of}, sent in several requests)` : '');
+
+/**
+ * A number past float32's range becomes an infinity, which no JSON answer or pgvector column holds:
+ * the provider's fault (502). Checked for each request of a split call as it answers (`part`), as
+ * its count is: the call is then charged what each request was billed (`SplitTry`), not every input.
+ */
+function checkFinite(modelId: string, vectors: readonly Float32Array[], part?: { start: number; of: number }): void {
+  if (!vectors.every(allFinite)) throw new ModelAnswerError(`Model ${modelId} answered a vector with a value that is not a finite float32${whichInputs(vectors.length, part)}`);
 }
 
 /** The tokens an `embedMany` reported; it reports NaN when the provider sent no usage: unknown, estimated (see `price`). */
@@ -1252,6 +1279,31 @@ interface VectorsAnswer {
   vectors: Float32Array[];
   numbering: (readonly unknown[])[] | undefined;
   tokens: number | undefined;
+}
+
+/** One request's answer of a split try, and whether it was `kept` from an earlier try of the model (AttemptState.answeredParts) rather than sent in this one. */
+interface SplitPart {
+  answer: VectorsAnswer;
+  kept: boolean;
+}
+
+/**
+ * A split try's answer: its requests' answers joined in the order of their inputs, numbered when
+ * each is. Its tokens are those of the requests sent in this try (one without usage makes them
+ * unknown, as the SDK's sum does): a kept one was charged with the try it answered in (`failedTries`).
+ */
+function joinedParts(parts: readonly SplitPart[]): VectorsAnswer {
+  let tokens: number | undefined = 0;
+  for (const { answer, kept } of parts) if (!kept) tokens = tokens === undefined || answer.tokens === undefined ? undefined : tokens + answer.tokens;
+  const numbered = parts.every(({ answer }) => answer.numbering !== undefined);
+  return { vectors: parts.flatMap(({ answer }) => answer.vectors), numbering: numbered ? parts.flatMap(({ answer }) => answer.numbering!) : undefined, tokens };
+}
+
+/** What one `embedMany` answered, as a VectorsAnswer: OpenAI's shape numbers its vectors; Google's does not (taken as listed). */
+function sdkAnswer(result: EmbedManyResult): VectorsAnswer {
+  const answers = (result.responses ?? []).map((response) => (response?.body as { data?: unknown } | undefined)?.data);
+  const numbering = answers.length && answers.every((data): data is unknown[] => Array.isArray(data)) ? answers.map((data) => data.map((item) => (item as { index?: unknown } | null)?.index)) : undefined;
+  return { vectors: result.embeddings.map((vector) => Float32Array.from(vector)), numbering, tokens: sdkTokens(result) };
 }
 
 /** The most inputs OpenAI's embeddings endpoint takes in one request (the SDK's `maxEmbeddingsPerCall` for OpenAI-style providers). */
@@ -1426,7 +1478,7 @@ interface AttemptState {
   usage?: TokenUsage;
   /** `usage` is an estimate (the provider reported none). */
   estimated: boolean;
-  /** The prompt's estimate, for an estimated usage. */
+  /** The prompt's estimate, for an estimated usage (of the requests a split retry sends: `SplitTry.answer`). */
   inputTokens: number;
   /** The cost the answer reported, for the usage record of the same usage (computed once). */
   priced?: { usage: TokenUsage; cost: string };
@@ -1440,6 +1492,12 @@ interface AttemptState {
   capped: boolean;
   /** A try sent in several requests, while it runs (`embedOverWire`, `embedThroughSdk`): what a failure midway was billed for (`SplitTry.billed`). */
   split?: SplitTry;
+  /**
+   * The requests of the model's split tries that answered (and passed their checks), by where their
+   * inputs start: a retry sends only the others, rather than have the provider bill (and count
+   * against its quota) what it answered already. Each was charged with the try it answered in.
+   */
+  answeredParts?: Map<number, VectorsAnswer>;
 }
 
 /** One request of a split try (SplitTry): its inputs' estimate, and whether its provider's 2xx began. */
@@ -1462,28 +1520,52 @@ class SplitTry {
   /** The estimates of the requests upstream (sent, not ended), and of those of them whose 2xx began. */
   private upstreamTokens = 0;
   private answeredTokens = 0;
+  /** The estimates of every request sent. */
+  private sentTokens = 0;
 
   /**
    * `send(request)`: one request of `inputs`, the provider's answer as `reported` reads its input
    * tokens (undefined: none reported, its estimate counts). One that fails on its own is billed as
    * a call of its own failing so would be: its estimate once its 2xx began, else nothing (a 5xx,
-   * a 400). One that fails with its try (`attempt` aborted: the caller gone, the try's time up)
-   * stays upstream, for the try's end to bill (`billed`).
+   * a 400); a 2xx whose answer could not be read, at the tokens it reported (`failed` reads them
+   * off its error) when it did. One that fails with its try (`attempt` aborted: the caller gone,
+   * the try's time up) stays upstream, for the try's end to bill (`billed`).
    */
-  async request<T>(inputs: readonly string[], attempt: AbortLike, send: (request: SplitRequest) => Promise<T>, reported: (answer: T) => number | undefined): Promise<T> {
+  async request<T>(
+    inputs: readonly string[],
+    attempt: AbortLike,
+    send: (request: SplitRequest) => Promise<T>,
+    reported: (answer: T) => number | undefined,
+    failed: (error: unknown) => number | undefined = () => undefined,
+  ): Promise<T> {
     const request: SplitRequest = { estimate: estimateTokens(inputs.join('')), answered: false };
     this.upstreamTokens += request.estimate;
+    this.sentTokens += request.estimate;
     let answer: T;
     try {
       answer = await send(request);
     } catch (error) {
-      if (!attempt.aborted) this.ended(request, request.answered ? request.estimate : 0, request.answered);
+      if (!attempt.aborted) {
+        const tokens = request.answered ? failed(error) : undefined;
+        this.ended(request, tokens ?? (request.answered ? request.estimate : 0), request.answered && tokens === undefined);
+      }
       throw error;
     }
     // Answered (and billed), whatever comes of its answer after: a count of vectors that does not fit is checked after this.
     const tokens = reported(answer);
     this.ended(request, tokens ?? request.estimate, tokens === undefined);
     return answer;
+  }
+
+  /**
+   * The try's answer, once each request answered (`joinedParts`). With requests kept from an
+   * earlier try, the model's prompt estimate becomes that of those it sent (what an answer without
+   * usage is charged: see `price`): the kept ones were charged with the try they answered in.
+   */
+  answer(parts: readonly SplitPart[], state: AttemptState): VectorsAnswer {
+    state.split = undefined;
+    if (parts.some(({ kept }) => kept)) state.inputTokens = this.sentTokens;
+    return joinedParts(parts);
   }
 
   /** `request`'s provider began its 2xx: from then on it bills the request. */
@@ -1933,33 +2015,59 @@ export class ModelManager {
   /**
    * Embeddings over the wire (openai-wire.ts), OPENAI_EMBEDDING_INPUTS inputs a request, one request
    * after another; with more than one, what each has been billed is kept on `state.split` while the
-   * try runs, for a failure midway to be charged by (`SplitTry.billed`).
+   * try runs, for a failure midway to be charged by (`SplitTry.billed`), and each answer on
+   * `state.answeredParts`, for a retry to send only the requests that did not answer.
    */
   private async embedOverWire(wire: OpenAIWire, request: EmbedRequest, model: ModelInfo, attempt: AbortLike, state: AttemptState): Promise<VectorsAnswer> {
-    const vectors: Float32Array[] = [];
-    const numbering: unknown[][] = [];
-    let tokens: number | undefined = 0;
-    const split = request.values.length > OPENAI_EMBEDDING_INPUTS ? new SplitTry() : undefined;
-    state.split = split;
-    for (let start = 0; start < request.values.length; start += OPENAI_EMBEDDING_INPUTS) {
-      const input = request.values.slice(start, start + OPENAI_EMBEDDING_INPUTS);
+    const { values } = request;
+    const send = (input: string[], signal: AbortLike) => {
       const call: WireEmbeddingsCall = { model: model.id, input };
       if (request.dimensions !== undefined) call.dimensions = request.dimensions;
       if (request.user !== undefined) call.user = request.user;
-      const send = (signal: AbortLike) => wire.embed(call, signal, embeddingsAnswerLimit(this.options.maxResponseBytes, input.length), this.options.providers.hopHeaders(request.hops));
-      const answer = split ? await split.request(input, attempt, (one) => send(requestSignal(attempt, () => split.answering(one))), (sent) => boundedTokens(sent.tokens, input)) : await send(attempt);
-      // Each request's own count: one short and the next one long would otherwise pass as a whole, every
-      // vector on another input (its usage is on `split` by now). A call of one request is checked as a
-      // whole (`inInputOrder`), once `embed` has put the usage it reported on `state`: checked here, it
-      // would fail with no usage there yet, charged its prompt's estimate rather than what it was billed.
-      if (split) checkVectorCount(model.id, input.length, answer.vectors.length, { start, of: request.values.length });
-      vectors.push(...answer.vectors);
-      numbering.push(answer.indexes);
-      // One request without usage makes the call's unknown (estimated, see `price`), as the SDK's sum does.
-      tokens = tokens === undefined || answer.tokens === undefined ? undefined : tokens + answer.tokens;
+      return wire.embed(call, signal, embeddingsAnswerLimit(this.options.maxResponseBytes, input.length), this.options.providers.hopHeaders(request.hops));
+    };
+    /** The tokens a 2xx whose vectors could not be read reported (openai-wire's `embed` puts them on its error). */
+    const failedTokens = (error: unknown, input: readonly string[]) => boundedTokens(reportedTokensOf(error), input);
+    if (values.length <= OPENAI_EMBEDDING_INPUTS) {
+      let answer: WireEmbeddings;
+      try {
+        answer = await send(values, attempt);
+      } catch (error) {
+        // Charged what it reported (see `run`), not its prompt's estimate.
+        const tokens = failedTokens(error, values);
+        if (tokens !== undefined) state.usage = { ...ZERO_USAGE, input: tokens };
+        throw error;
+      }
+      // Checked as a whole (`inInputOrder`), once `embed` has put the usage it reported on `state`:
+      // checked here, it would fail with no usage there yet, charged its prompt's estimate rather than what it was billed.
+      return { vectors: answer.vectors, numbering: [answer.indexes], tokens: answer.tokens };
     }
-    state.split = undefined;
-    return { vectors, numbering, tokens };
+    const split = new SplitTry();
+    state.split = split;
+    const answered = (state.answeredParts ??= new Map<number, VectorsAnswer>());
+    const parts: SplitPart[] = [];
+    for (let start = 0; start < values.length; start += OPENAI_EMBEDDING_INPUTS) {
+      const input = values.slice(start, start + OPENAI_EMBEDDING_INPUTS);
+      const kept = answered.get(start);
+      if (kept?.vectors.length === input.length) {
+        parts.push({ answer: kept, kept: true });
+        continue;
+      }
+      const sent = await split.request(
+        input,
+        attempt,
+        (one) => send(input, requestSignal(attempt, () => split.answering(one))),
+        (reply) => boundedTokens(reply.tokens, input),
+        (error) => failedTokens(error, input),
+      );
+      // Each request's own count: one short and the next one long would otherwise pass as a whole,
+      // every vector on another input (its usage is on `split` by now).
+      checkVectorCount(model.id, input.length, sent.vectors.length, { start, of: values.length });
+      const answer = { vectors: sent.vectors, numbering: [sent.indexes], tokens: sent.tokens };
+      answered.set(start, answer);
+      parts.push({ answer, kept: false });
+    }
+    return split.answer(parts, state);
   }
 
   /**
@@ -1968,7 +2076,8 @@ export class ModelManager {
    * of that many, side by side where the model takes that, as `embedMany` would send them — but one
    * `embedMany` each, what each was billed kept on `state.split` (`SplitTry.billed`): one
    * `embedMany` of them all reports the first failure alone, not what the others were billed, and
-   * leaves them running unseen. A failure is thrown once every request sent has ended.
+   * leaves them running unseen. A failure is thrown once every request sent has ended. Each answer
+   * is kept on `state.answeredParts`, for a retry to send only the requests that did not answer.
    */
   private async embedThroughSdk(request: EmbedRequest, model: ModelInfo, attempt: Attempt, state: AttemptState): Promise<VectorsAnswer> {
     const sdkModel = this.options.providers.embeddingModel(model.provider, model.id);
@@ -1984,44 +2093,46 @@ export class ModelManager {
       });
     const { values } = request;
     const perRequest = typeof sdkModel === 'string' ? undefined : await sdkModel.maxEmbeddingsPerCall;
-    let results: EmbedManyResult[];
     if (perRequest === undefined || values.length <= perRequest) {
-      results = [await send(values, attempt.signal)];
-    } else {
-      const split = new SplitTry();
-      state.split = split;
-      const sendPart = async (start: number): Promise<EmbedManyResult> => {
-        const inputs = values.slice(start, start + perRequest);
-        const result = await split.request(inputs, attempt, (one) => sentApart(attempt, (signal) => send(inputs, signal), () => split.answering(one)), (sent) => boundedTokens(sdkTokens(sent), inputs));
-        checkVectorCount(model.id, inputs.length, result.embeddings.length, { start, of: values.length });
-        return result;
-      };
-      const starts = Array.from({ length: Math.ceil(values.length / perRequest) }, (_, i) => i * perRequest);
-      let ended: PromiseSettledResult<EmbedManyResult>[];
-      if (typeof sdkModel !== 'string' && (await sdkModel.supportsParallelCalls)) {
-        ended = await Promise.allSettled(starts.map(sendPart));
-      } else {
-        // One after another: none is sent after one failed.
-        ended = [];
-        for (const start of starts) {
-          const one = await settledOf(sendPart(start));
-          ended.push(one);
-          if (one.status === 'rejected') break;
-        }
-      }
-      const failed = ended.find((one) => one.status === 'rejected');
-      if (failed) throw failed.reason;
-      state.split = undefined;
-      results = ended.map((one) => (one as PromiseFulfilledResult<EmbedManyResult>).value);
+      const answer = sdkAnswer(await send(values, attempt.signal));
+      checkFinite(model.id, answer.vectors);
+      return answer;
     }
-    const answers = results.flatMap((result) => result.responses ?? []).map((response) => (response?.body as { data?: unknown } | undefined)?.data);
-    // OpenAI's shape numbers its vectors; Google's does not (taken as listed).
-    const numbering = answers.length && answers.every((data): data is unknown[] => Array.isArray(data)) ? answers.map((data) => data.map((item) => (item as { index?: unknown } | null)?.index)) : undefined;
-    const vectors = results.flatMap((result) => result.embeddings.map((vector) => Float32Array.from(vector)));
-    // A number past float32's range becomes an infinity, which no JSON answer or pgvector column holds.
-    if (!vectors.every(allFinite)) throw new ModelAnswerError(`Model ${model.id} answered a vector with a value that is not a finite float32`);
-    const counts = results.map(sdkTokens);
-    return { vectors, numbering, tokens: counts.includes(undefined) ? undefined : counts.reduce((sum: number, n) => sum + n!, 0) };
+    const split = new SplitTry();
+    state.split = split;
+    const answered = (state.answeredParts ??= new Map<number, VectorsAnswer>());
+    const sendPart = async (start: number): Promise<SplitPart> => {
+      const inputs = values.slice(start, start + perRequest);
+      const kept = answered.get(start);
+      if (kept?.vectors.length === inputs.length) return { answer: kept, kept: true };
+      const result = await split.request(inputs, attempt, (one) => sentApart(attempt, (signal) => send(inputs, signal), () => split.answering(one)), (sent) => boundedTokens(sdkTokens(sent), inputs));
+      // Billed by now (`split`): a request that fails its checks is charged as one that answered.
+      const part = { start, of: values.length };
+      checkVectorCount(model.id, inputs.length, result.embeddings.length, part);
+      const answer = sdkAnswer(result);
+      checkFinite(model.id, answer.vectors, part);
+      answered.set(start, answer);
+      return { answer, kept: false };
+    };
+    const starts = Array.from({ length: Math.ceil(values.length / perRequest) }, (_, i) => i * perRequest);
+    let ended: PromiseSettledResult<SplitPart>[];
+    if (typeof sdkModel !== 'string' && (await sdkModel.supportsParallelCalls)) {
+      ended = await Promise.allSettled(starts.map(sendPart));
+    } else {
+      // One after another: none is sent after one failed.
+      ended = [];
+      for (const start of starts) {
+        const one = await settledOf(sendPart(start));
+        ended.push(one);
+        if (one.status === 'rejected') break;
+      }
+    }
+    const failed = ended.find((one) => one.status === 'rejected');
+    if (failed) throw failed.reason;
+    return split.answer(
+      ended.map((one) => (one as PromiseFulfilledResult<SplitPart>).value),
+      state,
+    );
   }
 
   /**
@@ -2461,7 +2572,9 @@ export class ModelManager {
           lastError = failure;
           // A 2xx the call could not use (no JSON, no completion, past its size): the provider billed
           // it, so it is charged at least its prompt's estimate (and what a stream said), estimated.
-          if (!split && outcome.kind === 'fatal' && brokenAnswer(failure)) state.estimated = true;
+          // An embeddings answer whose vectors could not be read but that reported its usage is charged that, exact
+          // (`embedOverWire`); a chat answer's usage before it broke (a stream's) may not be all it was billed.
+          if (!split && outcome.kind === 'fatal' && brokenAnswer(failure)) state.estimated ||= operation !== 'embed' || reportedUsage(state) === undefined;
           // Cut off after the provider's 2xx began, by the try's silence, by the stream's deadline (a
           // silent reasoning model runs up tokens upstream all the while) or by a dropped connection
           // before any output: it billed the try, which was recorded free and exact, and retried. Not

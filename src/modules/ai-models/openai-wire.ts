@@ -550,9 +550,12 @@ export class OpenAIWire {
     }
     const { statusCode, text } = answer;
     if (statusCode < 200 || statusCode >= 300) throw this.refused(url, body, statusCode, rawHeaderRecord(answer.rawHeaders), text);
-    const embeddings = embeddingsOf(jsonOf(text));
-    if (!embeddings) throw invalidAnswer(url, body, statusCode, text, rawHeaderRecord(answer.rawHeaders));
-    return embeddings;
+    const json = jsonOf(text);
+    const embeddings = embeddingsOf(json);
+    if (embeddings) return embeddings;
+    // Billed all the same: the usage it reported (when it did) goes with the error, for the call to be charged it (`reportedTokensOf`).
+    const tokens = promptTokensOf(json);
+    throw invalidAnswer(url, body, statusCode, text, rawHeaderRecord(answer.rawHeaders), tokens === undefined ? undefined : ({ tokens } satisfies ReportedTokens));
   }
 
   /** The provider's headers, with a call's own (its hop header: ProviderRegistry.hopHeaders) over them; most calls have none. */
@@ -593,10 +596,28 @@ export function openAIErrorFields(body: string | undefined): { code: string | nu
   return code || param ? { code, param } : undefined;
 }
 
+/** What an embeddings answer whose vectors could not be read carries on its error (`APICallError.data`): the input tokens it reported. */
+interface ReportedTokens {
+  tokens: number;
+}
+
+/** The input tokens an embeddings answer reported (`usage.prompt_tokens`), whether or not its vectors can be read; undefined when none. */
+function promptTokensOf(value: unknown): number | undefined {
+  const tokens = (value as { usage?: { prompt_tokens?: unknown } | null } | null | undefined)?.usage?.prompt_tokens;
+  return typeof tokens === 'number' && Number.isFinite(tokens) ? tokens : undefined;
+}
+
+/** The input tokens a 2xx embeddings answer reported although its vectors could not be read (`embed` threw it); undefined for any other error. */
+export function reportedTokensOf(error: unknown): number | undefined {
+  if (!APICallError.isInstance(error)) return undefined;
+  const tokens = (error.data as Partial<ReportedTokens> | undefined)?.tokens;
+  return typeof tokens === 'number' ? tokens : undefined;
+}
+
 /** An embeddings list's vectors, indexes and tokens, or undefined when `value` is none (see `embed`). */
 function embeddingsOf(value: unknown): WireEmbeddings | undefined {
   if (typeof value !== 'object' || value === null) return undefined;
-  const { data, usage } = value as { data?: unknown; usage?: { prompt_tokens?: unknown } | null };
+  const { data } = value as { data?: unknown };
   if (!Array.isArray(data)) return undefined;
   const vectors: Float32Array[] = [];
   const indexes: unknown[] = [];
@@ -608,8 +629,7 @@ function embeddingsOf(value: unknown): WireEmbeddings | undefined {
     vectors.push(vector);
     indexes.push(index);
   }
-  const tokens = usage?.prompt_tokens;
-  return { vectors, indexes, tokens: typeof tokens === 'number' && Number.isFinite(tokens) ? tokens : undefined };
+  return { vectors, indexes, tokens: promptTokensOf(value) };
 }
 
 /** Whether every value of `vector` is a finite number (a loop: `every` calls a function per value, 6 million in a large answer). */
@@ -1105,8 +1125,8 @@ const optional = (value: unknown, type: 'string' | 'number'): boolean => value =
  * An answer that is no chat completion, as the SDK reports one (its JSON response handler): an
  * APICallError with the answer's 2xx status, so not retried, and a 502 for the caller.
  */
-function invalidAnswer(url: string, call: unknown, statusCode: number, text: string, responseHeaders?: Record<string, string>): APICallError {
-  return new APICallError({ message: 'Invalid JSON response', url, requestBodyValues: call, statusCode, responseHeaders, responseBody: text, isRetryable: false });
+function invalidAnswer(url: string, call: unknown, statusCode: number, text: string, responseHeaders?: Record<string, string>, data?: unknown): APICallError {
+  return new APICallError({ message: 'Invalid JSON response', url, requestBodyValues: call, statusCode, responseHeaders, responseBody: text, isRetryable: false, data });
 }
 
 /** How long a stream's response may take to end after its [DONE] before its connection is closed. */
