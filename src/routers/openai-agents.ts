@@ -20,7 +20,7 @@ import {
 } from '../services/agent-completions.js';
 import { contextOf, type ServiceContext } from '../services/context.js';
 import { firstEvent, keptAlive } from '../services/openai-gateway.js';
-import { cutOffStalledReader } from '../services/stalled-readers.js';
+import { cutOffStalledReader, watchCredential } from '../services/stalled-readers.js';
 
 /** Runs `listener` once `signal` aborts (now, if it already has). */
 function whenAborted(signal: AbortSignal, listener: () => void): void {
@@ -36,8 +36,8 @@ function nameRun(reply: FastifyReply, { runId, threadId }: Pick<CompletionIds, '
 /**
  * The `agent:<id>` models of /v1 (services/agent-completions.ts), for the OpenAI router: called in
  * its context, so errors are OpenAI's error objects. Each completion reads its run's events until
- * the run ends; a client that leaves first cancels the run (so does a stream's credential that
- * stops working), and a server that closes ends the read (the run is handed back and resumes, as
+ * the run ends; a client that leaves first cancels the run (so does a credential that stops
+ * working, streamed or not), and a server that closes ends the read (the run is handed back and resumes, as
  * any run does).
  */
 export function agentModelRoutes(app: FastifyInstance) {
@@ -64,6 +64,12 @@ export function agentModelRoutes(app: FastifyInstance) {
     });
     // Chosen before the start: a stream's head may go out before the run's insert (below).
     const ids = completionIds(body);
+    // The answer outlives its request's authentication: once its credential stops working (a key
+    // expired, a token outdated, which cancel no run by themselves; a revocation or deactivation,
+    // which do) the run it started is cancelled as for a client that left, not left running and
+    // charged for nobody, and the answer is the 401 that credential now gets (answerOf).
+    const onCredentialLost = () => reader.abort(CREDENTIAL_LOST);
+    const watched = { model: body.model, runId: ids.runId };
     // The run started and its first piece read, as one wait: a stream's heartbeat (firstEvent) runs
     // from before the run's insert, so a slow start (a lock wait, a busy database) is a silence the
     // client is kept from as a model's is.
@@ -77,14 +83,10 @@ export function agentModelRoutes(app: FastifyInstance) {
       // with. A start refused after this is the stream's error event, under ids of no run.
       if (late) nameRun(reply, ids);
       const chunks = agentCompletionChunks(first, ids, body.model, body.stream_options?.include_usage === true, request.log);
-      cutOffStalledReader(request, reply.raw, { model: body.model, runId: ids.runId }, 'agent completion stream', {
+      cutOffStalledReader(request, reply.raw, watched, 'agent completion stream', {
         // Counted with the run-event streams it is held among (hold, above): its run is cancelled, as for a client that left.
         onCutOff: () => app.eventStreams.cutOffStalled(),
-        // The stream outlives its request's authentication: once its credential stops working (a key
-        // expired, a token outdated, which cancel no run by themselves; a revocation or deactivation,
-        // which do) the run it started is cancelled as for a client that left, not left running and
-        // charged for nobody, and the stream ends with the 401 that credential now gets.
-        onCredentialLost: () => reader.abort(CREDENTIAL_LOST),
+        onCredentialLost,
       });
       return reply
         .header('content-type', 'text/event-stream; charset=utf-8')
@@ -92,6 +94,8 @@ export function agentModelRoutes(app: FastifyInstance) {
         .header('x-accel-buffering', 'no')
         .send(keptAlive(chunks, heartbeat, late));
     }
+    // Nothing is written before the answer: only the credential is watched, at a stream's pace.
+    watchCredential(request, reply.raw, watched, 'agent completion', onCredentialLost);
     const { run, pieces, first } = await opening;
     let next = first;
     // The text as it streams (and whether it diverged) is a stream's concern: the answer is the run's as written.

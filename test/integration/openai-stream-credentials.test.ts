@@ -38,20 +38,21 @@ interface ReadStream {
   endedAt: number;
   /** An agent completion's run (x-keel-run-id). */
   runId: string | null;
+  headers: Headers;
 }
 
-/** A streamed completion of `model` over real HTTP, read to its end (or 40 s, whichever comes first). */
-async function readCompletion(headers: Record<string, string>, model = MODEL): Promise<ReadStream> {
+/** A completion of `model` (streamed unless told) over real HTTP, read to its end (or 40 s, whichever comes first). */
+async function readCompletion(headers: Record<string, string>, model = MODEL, stream = true): Promise<ReadStream> {
   const response = await fetch(`${server.base}/v1/chat/completions`, {
     method: 'POST',
     headers: { ...headers, 'content-type': 'application/json' },
-    body: JSON.stringify({ model, stream: true, messages: [{ role: 'user', content: 'Count' }] }),
+    body: JSON.stringify({ model, stream, messages: [{ role: 'user', content: 'Count' }] }),
     signal: AbortSignal.timeout(40_000),
   });
   let text = '';
   const decoder = new TextDecoder();
   for await (const piece of response.body!) text += decoder.decode(piece as Uint8Array, { stream: true });
-  return { status: response.status, text, endedAt: Date.now(), runId: response.headers.get('x-keel-run-id') };
+  return { status: response.status, text, endedAt: Date.now(), runId: response.headers.get('x-keel-run-id'), headers: response.headers };
 }
 
 /** The stream's last event is the 401 any call with its credential now gets, in OpenAI's shape; no [DONE]. */
@@ -160,69 +161,74 @@ describe('a streamed /v1 chat completion whose credential stops working mid-stre
 /** How long an agent test's key lives when its expiry is what stops it: past the stream's first few chunks. */
 const KEY_LIFETIME_MS = 3_000;
 
-describe('a streamed agent: completion whose credential stops working mid-run', () => {
-  it.each([
-    ['its API key revoked', 'key', (user: TestUser, keyId: string) => api('PATCH', `/api-keys/${keyId}`, user.headers, { status: 'revoked' })],
-    ['its API key deleted', 'key', (user: TestUser, keyId: string) => api('DELETE', `/api-keys/${keyId}`, user.headers)],
-    ['its user deactivated (an API key)', 'key', (user: TestUser, _keyId: string, admin: Record<string, string>) => api('PATCH', `/users/${user.user.id}`, admin, { is_active: false })],
-    ['its user deactivated (an access token)', 'token', (user: TestUser, _keyId: string, admin: Record<string, string>) => api('PATCH', `/users/${user.user.id}`, admin, { is_active: false })],
-    // Neither cancels the user's runs by itself: only the stream's watcher sees them.
-    ['its access token outdated (the password changed)', 'token', (user: TestUser) => api('PATCH', '/users/me/password', user.headers, { current_password: user.password, new_password: 'another-password-1' })],
-    ['its API key expired', 'expiring key', async () => {
-      await sleep(KEY_LIFETIME_MS);
-      return { statusCode: 200 };
-    }],
-  ] as const)(
-    'ends within a few looks once %s: a 401 error event, no [DONE], its run cancelled, its model call aborted and charged for what it streamed',
-    async (_label, credential, stopWorking) => {
-      const { fake } = server;
-      const admin = await superuserHeaders(ctx.app);
-      const user = await fundedUser(admin);
-      const agent = await createAgent(ctx.app, user.headers);
-      const key = await createKey(ctx.app, user, credential === 'expiring key' ? { name: 'brief', expires_at: new Date(Date.now() + KEY_LIFETIME_MS).toISOString() } : { name: 'key' });
-      fake.script(MODEL, SLOW);
-      const reading = readCompletion(credential === 'token' ? bearer(user.token) : xApiKey(key.key), `agent:${agent.id}`);
-      await fake.waitFor((log) => (log[0]?.chunksSent ?? 0) >= 5, 10_000);
-      const stoppedAt = Date.now();
-      expect((await stopWorking(user, key.id, admin)).statusCode).toBe(200);
-      const { status, text, endedAt, runId } = await reading;
+/** What stops a credential working (the user's, their key's id, a superuser's headers). */
+type StopWorking = (user: TestUser, keyId: string, admin: Record<string, string>) => Promise<{ statusCode: number }>;
+type CredentialLoss = readonly [label: string, credential: 'key' | 'token' | 'expiring key', stopWorking: StopWorking];
+
+/** Ways an agent completion's credential stops working mid-run, and the credential each is tried with. */
+const AGENT_CREDENTIAL_LOSSES: readonly CredentialLoss[] = [
+  ['its API key revoked', 'key', (user: TestUser, keyId: string) => api('PATCH', `/api-keys/${keyId}`, user.headers, { status: 'revoked' })],
+  ['its API key deleted', 'key', (user: TestUser, keyId: string) => api('DELETE', `/api-keys/${keyId}`, user.headers)],
+  ['its user deactivated (an API key)', 'key', (user: TestUser, _keyId: string, admin: Record<string, string>) => api('PATCH', `/users/${user.user.id}`, admin, { is_active: false })],
+  ['its user deactivated (an access token)', 'token', (user: TestUser, _keyId: string, admin: Record<string, string>) => api('PATCH', `/users/${user.user.id}`, admin, { is_active: false })],
+  // Neither cancels the user's runs by itself: only the completion's watcher sees them.
+  ['its access token outdated (the password changed)', 'token', (user: TestUser) => api('PATCH', '/users/me/password', user.headers, { current_password: user.password, new_password: 'another-password-1' })],
+  ['its API key expired', 'expiring key', async () => {
+    await sleep(KEY_LIFETIME_MS);
+    return { statusCode: 200 };
+  }],
+];
+
+/**
+ * An agent completion, streamed or not, whose credential `stopWorking` stops well into its run's
+ * slow answer, read to its end: which comes within a few looks, its run cancelled, its model call
+ * aborted and charged for what it streamed (nothing left running for nobody).
+ */
+async function agentCompletionLosing([, credential, stopWorking]: CredentialLoss, stream: boolean): Promise<ReadStream> {
+  const { fake } = server;
+  const admin = await superuserHeaders(ctx.app);
+  const user = await fundedUser(admin);
+  const agent = await createAgent(ctx.app, user.headers);
+  const key = await createKey(ctx.app, user, credential === 'expiring key' ? { name: 'brief', expires_at: new Date(Date.now() + KEY_LIFETIME_MS).toISOString() } : { name: 'key' });
+  fake.script(MODEL, SLOW);
+  const reading = readCompletion(credential === 'token' ? bearer(user.token) : xApiKey(key.key), `agent:${agent.id}`, stream);
+  await fake.waitFor((log) => (log[0]?.chunksSent ?? 0) >= 5, 10_000);
+  const stoppedAt = Date.now();
+  expect((await stopWorking(user, key.id, admin)).statusCode).toBe(200);
+  const read = await reading;
+  expect(read.endedAt - stoppedAt).toBeLessThan(ENDED_WITHIN_MS);
+  await fake.waitFor((log) => log[0]!.aborted, 5_000);
+  expect(fake.log[0]).toMatchObject({ completed: false, aborted: true });
+  const [run] = await ctx.database.db.select().from(runs).where(eq(runs.id, read.runId!));
+  expect(run!.status).toBe('cancelled');
+  const record = await expectSettled(user.user.id);
+  expect(record.status).toBe('aborted');
+  expect(Number(record.cost)).toBeGreaterThan(0);
+  return read;
+}
+
+describe('an agent: completion whose credential stops working mid-run', () => {
+  it.each(AGENT_CREDENTIAL_LOSSES)(
+    'streamed, ends within a few looks once %s: a 401 error event, no [DONE], its run cancelled, its model call aborted and charged for what it streamed',
+    async (...loss) => {
+      const { status, text } = await agentCompletionLosing(loss, true);
       expect(status).toBe(200);
-      expect(endedAt - stoppedAt).toBeLessThan(ENDED_WITHIN_MS);
       expectEndedUnauthenticated(text, AGENT_INVALID_API_KEY);
-      // Nothing left running for nobody: the run is cancelled, its model call aborted.
-      await fake.waitFor((log) => log[0]!.aborted, 5_000);
-      expect(fake.log[0]).toMatchObject({ completed: false, aborted: true });
-      const [run] = await ctx.database.db.select().from(runs).where(eq(runs.id, runId!));
-      expect(run!.status).toBe('cancelled');
-      const record = await expectSettled(user.user.id);
-      expect(record.status).toBe('aborted');
-      expect(Number(record.cost)).toBeGreaterThan(0);
     },
     30_000,
   );
 
-  it('not streamed, answers the same 401 (not a cancelled run\'s 409) once its key is revoked mid-run, its run cancelled', async () => {
-    const { fake } = server;
-    const admin = await superuserHeaders(ctx.app);
-    const user = await fundedUser(admin);
-    const agent = await createAgent(ctx.app, user.headers);
-    const key = await createKey(ctx.app, user);
-    fake.script(MODEL, SLOW);
-    const answering = fetch(`${server.base}/v1/chat/completions`, {
-      method: 'POST',
-      headers: { ...xApiKey(key.key), 'content-type': 'application/json' },
-      body: JSON.stringify({ model: `agent:${agent.id}`, messages: [{ role: 'user', content: 'Count' }] }),
-      signal: AbortSignal.timeout(40_000),
-    });
-    await fake.waitFor((log) => (log[0]?.chunksSent ?? 0) >= 5, 10_000);
-    expect((await api('PATCH', `/api-keys/${key.id}`, user.headers, { status: 'revoked' })).statusCode).toBe(200);
-    const response = await answering;
-    expect(response.status).toBe(401);
-    expect(response.headers.get('x-should-retry')).toBe('false');
-    expect(await response.json()).toEqual({ error: AGENT_INVALID_API_KEY });
-    const [run] = await ctx.database.db.select().from(runs).where(eq(runs.id, response.headers.get('x-keel-run-id')!));
-    expect(run).toMatchObject({ status: 'cancelled', error: 'API key revoked' });
-  }, 30_000);
+  // Its socket takes nothing before the answer: only the credential is watched, at the same pace.
+  it.each(AGENT_CREDENTIAL_LOSSES)(
+    'not streamed, answers within a few looks once %s: the same 401 (not a cancelled run\'s 409, nor the run\'s end), its run cancelled, its model call aborted and charged',
+    async (...loss) => {
+      const { status, text, headers } = await agentCompletionLosing(loss, false);
+      expect(status).toBe(401);
+      expect(headers.get('x-should-retry')).toBe('false');
+      expect(JSON.parse(text)).toEqual({ error: AGENT_INVALID_API_KEY });
+    },
+    30_000,
+  );
 
   it("runs to its end while its credential works: another key of the user's revoked, the user's deletion refused (409) meanwhile", async () => {
     const { fake } = server;
