@@ -34,8 +34,8 @@ export class BadRequestError extends HttpError {
 }
 
 export class UnauthorizedError extends HttpError {
-  constructor(detail = 'Could not validate credentials') {
-    super(401, detail, { 'www-authenticate': 'Bearer' });
+  constructor(detail = 'Could not validate credentials', headers: Record<string, string> = {}) {
+    super(401, detail, { 'www-authenticate': 'Bearer', ...headers });
   }
 }
 

@@ -208,10 +208,11 @@ export const SERVER_CLOSING = 'server closing';
 export const CREDENTIAL_LOST = 'credential lost';
 
 /**
- * What a completion whose caller's credential went away ends with: a 401, OpenAI's invalid_api_key,
- * as a call made with that credential now gets. Not to retry: the run was written.
+ * What a completion whose caller's credential went away ends with: the 401 a call made with that
+ * credential now gets (the same error, so the same words and headers under /v1: openAIErrorFrom).
+ * Not to retry: the run was written.
  */
-const unauthenticated = () => new CodedOpenAIError(401, new UnauthorizedError().detail, 'invalid_api_key', NO_RETRY);
+const unauthenticated = () => new UnauthorizedError(undefined, NO_RETRY);
 
 /**
  * What a stream ends with when its run's answer diverged from the text it streamed: a client of
@@ -387,7 +388,7 @@ export async function* answerOfRun(ctx: ServiceContext, deps: RunDeps, runId: st
  * run's error says which, in the meter's words. Neither is for the SDK to retry: the run was
  * written (its thread, the user's message, maybe paid steps), and a retry starts another one.
  */
-function refusalOf(error: string): CodedOpenAIError | undefined {
+function refusalOf(error: string): HttpError | undefined {
   if (error.startsWith(CREDITS_REFUSED)) return new CodedOpenAIError(402, error, 'insufficient_quota', NO_RETRY);
   // The key was revoked or deleted (or its user) after the request was authenticated: what a call made with it now is answered.
   if (credentialsWentAway(error)) return unauthenticated();

@@ -902,6 +902,10 @@ function isModelCallFailure(thrown: unknown): boolean {
 }
 
 function describeError(status: number, detail: unknown, thrown: unknown): Described {
+  // OpenAI's words for its two causes, whoever answered the 401 (the authentication hook, a meter's
+  // hold that found the key gone, a completion whose credential stopped working mid-answer): a
+  // client that tells a missing key from a bad one reads the same thing on every path.
+  if (status === 401) return error(401, detail === 'Not authenticated' ? "You didn't provide an API key. Send it as `Authorization: Bearer <key>`." : 'Incorrect API key provided.');
   if (thrown instanceof InvalidRequestError) return error(400, thrown.detail, thrown.param);
   if (thrown instanceof CodedOpenAIError) return error(thrown.statusCode, thrown.detail, null, thrown.code);
   if (thrown instanceof UpstreamLoopError) return error(400, thrown.detail, null, UPSTREAM_LOOP_CODE);
@@ -942,7 +946,6 @@ function describeError(status: number, detail: unknown, thrown: unknown): Descri
     return error(400, message, param, issue?.type === 'missing' ? 'missing_required_parameter' : null);
   }
   const message = typeof detail === 'string' ? detail : 'Invalid request';
-  if (status === 401) return error(401, message === 'Not authenticated' ? "You didn't provide an API key. Send it as `Authorization: Bearer <key>`." : 'Incorrect API key provided.');
   if (status === 404) return error(404, message, null, 'not_found');
   return error(status, message);
 }

@@ -717,8 +717,10 @@ describe('with billing on', () => {
     try {
       const error = await apiError(new OpenAI({ apiKey: key.key, baseURL: billedURL, maxRetries: 0 }).chat.completions.create({ model: `agent:${agent.id}`, messages: ask('Hi') }));
       expect(error.status).toBe(401);
-      expect(error.error).toMatchObject({ code: 'invalid_api_key', message: 'Could not validate credentials' });
+      // OpenAI's words, as the plain models' 401 for a key that no longer works (openai-sdk.test.ts).
+      expect(error.error).toMatchObject({ code: 'invalid_api_key', message: 'Incorrect API key provided.' });
       expect(error.headers?.get('x-should-retry')).toBe('false');
+      expect(error.headers?.get('www-authenticate')).toBe('Bearer');
     } finally {
       meter.reserve = reserve;
     }

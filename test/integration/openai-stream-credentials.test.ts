@@ -29,8 +29,6 @@ const SLOW = { chunks: Array.from({ length: 100 }, (_, i) => `w${i} `), chunkDel
 const ENDED_WITHIN_MS = 6_000;
 const GRANT = 100;
 const INVALID_API_KEY = { message: 'Incorrect API key provided.', type: 'invalid_request_error', param: null, code: 'invalid_api_key' };
-/** The agent path's 401, as for a run whose model call was refused for its key gone (openai-agent.test.ts). */
-const AGENT_INVALID_API_KEY = { ...INVALID_API_KEY, message: 'Could not validate credentials' };
 
 interface ReadStream {
   status: number;
@@ -184,14 +182,15 @@ const AGENT_CREDENTIAL_LOSSES: readonly CredentialLoss[] = [
  * slow answer, read to its end: which comes within a few looks, its run cancelled, its model call
  * aborted and charged for what it streamed (nothing left running for nobody).
  */
-async function agentCompletionLosing([, credential, stopWorking]: CredentialLoss, stream: boolean): Promise<ReadStream> {
+async function agentCompletionLosing([, credential, stopWorking]: CredentialLoss, stream: boolean): Promise<ReadStream & { credential: Record<string, string> }> {
   const { fake } = server;
   const admin = await superuserHeaders(ctx.app);
   const user = await fundedUser(admin);
   const agent = await createAgent(ctx.app, user.headers);
   const key = await createKey(ctx.app, user, credential === 'expiring key' ? { name: 'brief', expires_at: new Date(Date.now() + KEY_LIFETIME_MS).toISOString() } : { name: 'key' });
   fake.script(MODEL, SLOW);
-  const reading = readCompletion(credential === 'token' ? bearer(user.token) : xApiKey(key.key), `agent:${agent.id}`, stream);
+  const headers = credential === 'token' ? bearer(user.token) : xApiKey(key.key);
+  const reading = readCompletion(headers, `agent:${agent.id}`, stream);
   await fake.waitFor((log) => (log[0]?.chunksSent ?? 0) >= 5, 10_000);
   const stoppedAt = Date.now();
   expect((await stopWorking(user, key.id, admin)).statusCode).toBe(200);
@@ -204,7 +203,7 @@ async function agentCompletionLosing([, credential, stopWorking]: CredentialLoss
   const record = await expectSettled(user.user.id);
   expect(record.status).toBe('aborted');
   expect(Number(record.cost)).toBeGreaterThan(0);
-  return read;
+  return { ...read, credential: headers };
 }
 
 describe('an agent: completion whose credential stops working mid-run', () => {
@@ -213,7 +212,7 @@ describe('an agent: completion whose credential stops working mid-run', () => {
     async (...loss) => {
       const { status, text } = await agentCompletionLosing(loss, true);
       expect(status).toBe(200);
-      expectEndedUnauthenticated(text, AGENT_INVALID_API_KEY);
+      expectEndedUnauthenticated(text, INVALID_API_KEY);
     },
     30_000,
   );
@@ -222,10 +221,15 @@ describe('an agent: completion whose credential stops working mid-run', () => {
   it.each(AGENT_CREDENTIAL_LOSSES)(
     'not streamed, answers within a few looks once %s: the same 401 (not a cancelled run\'s 409, nor the run\'s end), its run cancelled, its model call aborted and charged',
     async (...loss) => {
-      const { status, text, headers } = await agentCompletionLosing(loss, false);
+      const { status, text, headers, credential } = await agentCompletionLosing(loss, false);
       expect(status).toBe(401);
       expect(headers.get('x-should-retry')).toBe('false');
-      expect(JSON.parse(text)).toEqual({ error: AGENT_INVALID_API_KEY });
+      expect(JSON.parse(text)).toEqual({ error: INVALID_API_KEY });
+      // Word for word and header for header what a plain model's call with that credential now gets.
+      const plain = await readCompletion(credential, MODEL, false);
+      expect([plain.status, JSON.parse(plain.text)]).toEqual([401, { error: INVALID_API_KEY }]);
+      expect(headers.get('www-authenticate')).toBe(plain.headers.get('www-authenticate'));
+      expect(headers.get('www-authenticate')).toBe('Bearer');
     },
     30_000,
   );
