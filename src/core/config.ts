@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, linkSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { parseEnv } from 'node:util';
 
@@ -503,14 +503,18 @@ function localSecretKey(dataDir: string): string {
     if (existsSync(file)) return checkedKeyFile(file);
     mkdirSync(dataDir, { recursive: true, mode: 0o700 });
     const key = randomBytes(48).toString('base64url');
+    // Written whole under a name of its own, then linked in place. A link never replaces a file, so
+    // of processes starting together on a fresh data dir exactly one key wins, and none can read a
+    // key file half written: created and then written in place, a second process read it empty and
+    // stopped ("holds 0 characters"). A file not written (a full disk) is a draft, never the key.
+    const draft = `${file}.${process.pid}-${randomBytes(6).toString('hex')}.tmp`;
     try {
-      writeFileSync(file, key, { mode: 0o600, flag: 'wx' });
-    } catch (error) {
-      // Another process created it first: use theirs.
-      if ((error as NodeJS.ErrnoException).code === 'EEXIST') return checkedKeyFile(file);
-      // Created and not written (a full disk): an empty key file would stop every later start.
-      rmSync(file, { force: true });
-      throw error;
+      // A Buffer: `flush` (fsync before the link, so a power cut cannot leave the key empty) is
+      // skipped by Node 20's fast path for strings.
+      writeFileSync(draft, Buffer.from(key), { mode: 0o600, flag: 'wx', flush: true });
+      if (!linkedExclusively(draft, file)) return checkedKeyFile(file);
+    } finally {
+      rmSync(draft, { force: true });
     }
     // Apart: a key written whole stays, even where the mode cannot be set (some network mounts).
     chmodSync(file, 0o600);
@@ -520,6 +524,17 @@ function localSecretKey(dataDir: string): string {
     const code = (error as NodeJS.ErrnoException).code ?? 'error';
     const remedy = isDiskFullCode(code) ? `free space on the disk holding ${dataDir}` : `make ${dataDir} writable by this user or set DATA_DIR`;
     throw new ConfigError(`DATA_DIR: cannot keep the local secret key in ${file} (${code}); ${remedy}`);
+  }
+}
+
+/** Links `from` at `to` unless something is there already (then false: another process's file won). */
+function linkedExclusively(from: string, to: string): boolean {
+  try {
+    linkSync(from, to);
+    return true;
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'EEXIST') return false;
+    throw error;
   }
 }
 
