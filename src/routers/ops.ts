@@ -1,6 +1,6 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 
-import type { FastifyRequest } from 'fastify';
+import type { FastifyBaseLogger, FastifyRequest } from 'fastify';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 
@@ -9,7 +9,8 @@ import { UnauthorizedError } from '../core/errors.js';
 import { ErrorBody } from '../schemas/common.js';
 
 import { storageReachable } from '../services/storage-service.js';
-import { fulfilledWithin } from '../utils/time-limit.js';
+import { errorReason } from '../utils/error-chain.js';
+import { type Outcome, settledWithin } from '../utils/time-limit.js';
 
 const tags = ['ops'];
 const CHECK_TIMEOUT_MS = 2_000;
@@ -24,8 +25,23 @@ const Readiness = z
   })
   .meta({ id: 'Readiness' });
 
-async function within(ms: number, work: () => Promise<unknown>): Promise<'ok' | 'unavailable'> {
-  return (await fulfilledWithin(ms, work())) ? 'ok' : 'unavailable';
+type CheckState = 'ok' | 'unavailable';
+
+/**
+ * Logs each check's changes of state: why it became unavailable (warn), and that it is back (info),
+ * once per change. A load balancer asks every few seconds on every node; each failed answer
+ * logged would bury the cause under repeats, and none logged left an operator only "unavailable".
+ */
+function stateChangeLogger() {
+  const last = new Map<string, CheckState>();
+  return (log: FastifyBaseLogger, check: string, outcome: Outcome): CheckState => {
+    const state: CheckState = outcome.ok ? 'ok' : 'unavailable';
+    const before = last.get(check);
+    last.set(check, state);
+    if (!outcome.ok && before !== 'unavailable') log.warn({ check, reason: errorReason(outcome.error) }, `readiness: ${check} unavailable`);
+    if (outcome.ok && before === 'unavailable') log.info({ check }, `readiness: ${check} available again`);
+    return state;
+  };
 }
 
 const digest = (value: string) => createHash('sha256').update(value).digest();
@@ -42,6 +58,7 @@ function requireMetricsToken(token: string) {
 
 /** Liveness, readiness and metrics: outside /api/v1, as load balancers and Prometheus expect. */
 export const opsRouter: FastifyPluginAsyncZod = async (app) => {
+  const noted = stateChangeLogger();
   app.get(
     '/health',
     { schema: { operationId: 'health', summary: 'Liveness', tags, security: [], response: { 200: Health } } },
@@ -60,17 +77,14 @@ export const opsRouter: FastifyPluginAsyncZod = async (app) => {
         response: { 200: Readiness, 503: Readiness },
       },
     },
-    async (_request, reply) => {
-      const checks: Record<string, 'ok' | 'unavailable'> = {
-        database: await within(CHECK_TIMEOUT_MS, () => app.database.ping()),
+    async (request, reply) => {
+      const checks: Record<string, CheckState> = {
+        database: noted(request.log, 'database', await settledWithin(CHECK_TIMEOUT_MS, app.database.ping())),
       };
-      if (app.redis) {
-        const redis = app.redis;
-        checks.redis = await within(CHECK_TIMEOUT_MS, () => redis.ping());
-      }
+      if (app.redis) checks.redis = noted(request.log, 'redis', await settledWithin(CHECK_TIMEOUT_MS, app.redis.ping()));
       // STORAGE_BACKEND=s3: uploads and downloads need the bucket (checked at most every few seconds).
       const storage = storageReachable(app.settings, CHECK_TIMEOUT_MS);
-      if (storage) checks.storage = (await storage) ? 'ok' : 'unavailable';
+      if (storage) checks.storage = noted(request.log, 'storage', await storage);
       const ready = Object.values(checks).every((c) => c === 'ok');
       return reply.code(ready ? 200 : 503).send({
         status: ready ? 'ready' : 'unavailable',

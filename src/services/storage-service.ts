@@ -5,6 +5,7 @@ import type { Readable } from 'node:stream';
 import type { Settings } from '../core/config.js';
 import { HttpError } from '../core/errors.js';
 
+import type { Outcome } from '../utils/time-limit.js';
 import type { ByteRange, OpenedFile, StorageBackend } from './storage/backend.js';
 import { buildKey, checkPrefix, splitKey, StorageNotFoundError } from './storage/keys.js';
 import { LocalStorageBackend } from './storage/local.js';
@@ -181,21 +182,21 @@ function sharedBackend(settings: Settings): StorageBackend {
  * than the database's `select 1`).
  */
 export const STORAGE_CHECK_CACHE_MS = 5_000;
-const storageChecks = new WeakMap<StorageBackend, { at: number; reachable: Promise<boolean> }>();
+const storageChecks = new WeakMap<StorageBackend, { at: number; reachable: Promise<Outcome> }>();
 
 /**
- * Whether the bucket answers (S3Backend.reachable within `timeoutMs`); null when STORAGE_BACKEND is
+ * Whether the bucket answers (S3Backend.reachable within `timeoutMs`), or why not; null when STORAGE_BACKEND is
  * local (a directory beside the data, not a dependency of its own). The answer is kept for
  * STORAGE_CHECK_CACHE_MS, and callers that ask while a check runs share it.
  */
-export function storageReachable(settings: Settings, timeoutMs: number): Promise<boolean> | null {
+export function storageReachable(settings: Settings, timeoutMs: number): Promise<Outcome> | null {
   const backend = sharedBackend(settings);
   if (!(backend instanceof S3StorageBackend)) return null;
   const cached = storageChecks.get(backend);
   if (cached && Date.now() - cached.at < STORAGE_CHECK_CACHE_MS) return cached.reachable;
   const reachable = backend.reachable(timeoutMs).then(
-    () => true,
-    () => false,
+    (): Outcome => ({ ok: true }),
+    (error: unknown): Outcome => ({ ok: false, error }),
   );
   storageChecks.set(backend, { at: Date.now(), reachable });
   return reachable;

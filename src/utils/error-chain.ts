@@ -26,3 +26,25 @@ export function findInCauses(error: unknown, is: (e: unknown) => boolean): unkno
 
 /** A file system's "no space left" (ENOSPC) or "over quota" (EDQUOT): a full disk, whatever asked for the room. */
 export const isDiskFullCode = (code: unknown): boolean => code === 'ENOSPC' || code === 'EDQUOT';
+
+/** `user:password@` in a URL (a connection string an error may quote): the password is masked. */
+const URL_CREDENTIALS = /(\/\/[^/\s:@]*:)[^/\s@]*@/g;
+
+/**
+ * One line saying why `error` happened, for an operator's log: the message of it and of each error
+ * behind it (with its code where the message does not say it: a connection refused on every address
+ * is an AggregateError with no message), without stacks, and any password in a URL masked.
+ */
+export function errorReason(error: unknown): string {
+  const parts: string[] = [];
+  for (let e: unknown = error, links = 0; e && links <= MAX_LINKS; links++) {
+    const { message, name, code } = e as { message?: unknown; name?: unknown; code?: unknown };
+    let part = typeof message === 'string' && message ? message : typeof name === 'string' && name ? name : typeof e === 'string' ? e : 'no message';
+    if ((typeof code === 'string' || typeof code === 'number') && !part.includes(String(code))) part += ` (${code})`;
+    if (!parts.includes(part)) parts.push(part);
+    const next = behind(e);
+    if (next === e) break;
+    e = next;
+  }
+  return (parts.join(': ') || 'no reason given').replace(URL_CREDENTIALS, '$1[redacted]@');
+}

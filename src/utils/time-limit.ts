@@ -1,19 +1,33 @@
+/** How work ended: done, or why not (its rejection, or a TimedOutError). */
+export type Outcome = { ok: true } | { ok: false; error: unknown };
+
+/** Work still running when the caller stopped waiting for it. */
+export class TimedOutError extends Error {
+  constructor(ms: number) {
+    super(`no answer within ${ms} ms`);
+    this.name = 'TimedOutError';
+  }
+}
+
 /**
- * Whether `work` fulfils within `ms`: false when it rejects or is still running then (it is not
- * cancelled: it goes on, unwatched).
+ * How `work` ended within `ms`: its rejection, or a TimedOutError when it is still running then (it
+ * is not cancelled: it goes on, unwatched).
  */
-export async function fulfilledWithin(ms: number, work: Promise<unknown>): Promise<boolean> {
+export async function settledWithin(ms: number, work: Promise<unknown>): Promise<Outcome> {
   let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<false>((resolve) => {
-    timer = setTimeout(() => resolve(false), ms);
+  const late = new Promise<Outcome>((resolve) => {
+    timer = setTimeout(() => resolve({ ok: false, error: new TimedOutError(ms) }), ms);
   });
   try {
-    return await Promise.race([work.then(() => true), late]);
-  } catch {
-    return false;
+    return await Promise.race([work.then((): Outcome => ({ ok: true }), (error: unknown): Outcome => ({ ok: false, error })), late]);
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** Whether `work` fulfils within `ms` (settledWithin, when why not does not matter). */
+export async function fulfilledWithin(ms: number, work: Promise<unknown>): Promise<boolean> {
+  return (await settledWithin(ms, work)).ok;
 }
 
 /**

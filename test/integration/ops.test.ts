@@ -7,7 +7,6 @@ import { join } from 'node:path';
 
 import { sql } from 'drizzle-orm';
 import type { FastifyInstance } from 'fastify';
-import pino from 'pino';
 import S3rver from 's3rver';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
@@ -18,7 +17,7 @@ import { STORAGE_CHECK_CACHE_MS } from '../../src/services/storage-service.js';
 import { buildTestApp, openTestDatabase, SUPERUSER_EMAIL, SUPERUSER_PASSWORD, testSettings, useTestApp } from '../helpers/app.js';
 import { bearer, createUser, login } from '../helpers/factories.js';
 import { eventually } from '../helpers/http.js';
-import { captureLogs } from '../helpers/logs.js';
+import { type CapturedLogs, captureLogs, LEVEL } from '../helpers/logs.js';
 import { routePath, servedRoutes } from '../helpers/routes.js';
 
 const ctx = useTestApp();
@@ -52,6 +51,9 @@ beforeAll(async () => {
   await ctx.app.listen({ host: '127.0.0.1', port: 0 });
 });
 
+/** What /ready logged about its checks. */
+const readinessLines = (logs: CapturedLogs) => logs.lines().filter((line) => String(line.msg).startsWith('readiness: '));
+
 describe('health and readiness', () => {
   it('GET /health answers ok', async () => {
     const response = await ctx.app.inject({ method: 'GET', url: '/health' });
@@ -71,15 +73,22 @@ describe('health and readiness', () => {
     });
   });
 
-  it('GET /ready answers 503 once the database is gone', async () => {
+  it('GET /ready answers 503 once the database is gone, and logs why once, not at every poll', async () => {
     const opened = await openTestDatabase();
-    const app = await buildTestApp(opened.database);
+    const logs = captureLogs('info');
+    const app = await buildTestApp(opened.database, {}, { logger: logs.logger });
     try {
       expect((await app.inject({ method: 'GET', url: '/ready' })).statusCode).toBe(200);
+      expect(readinessLines(logs)).toEqual([]);
       await opened.database.close();
       const response = await app.inject({ method: 'GET', url: '/ready' });
       expect(response.statusCode).toBe(503);
       expect(response.json()).toMatchObject({ status: 'unavailable', checks: { database: 'unavailable' }, database: opened.database.kind });
+      for (let poll = 0; poll < 3; poll++) expect((await app.inject({ method: 'GET', url: '/ready' })).statusCode).toBe(503);
+      const [warned, ...more] = readinessLines(logs);
+      expect(more).toEqual([]);
+      expect(warned).toMatchObject({ level: LEVEL.warn, check: 'database', msg: 'readiness: database unavailable', reason: expect.any(String) as string });
+      expect((warned!.reason as string).length).toBeGreaterThan(0);
       // Liveness does not depend on the database.
       expect((await app.inject({ method: 'GET', url: '/health' })).statusCode).toBe(200);
     } finally {
@@ -88,14 +97,17 @@ describe('health and readiness', () => {
     }
   });
 
-  it('GET /ready answers 503 when the database server cannot be reached, and API calls answer 503', async () => {
-    const settings = testSettings({ DATABASE_URL: 'postgres://postgres@127.0.0.1:1/x', REDIS_URL: '' });
+  it('GET /ready answers 503 when the database server cannot be reached, logging the refusal without the password, and API calls answer 503', async () => {
+    const settings = testSettings({ DATABASE_URL: 'postgres://postgres:a-db-password@127.0.0.1:1/x', REDIS_URL: '' });
     const database = await openDatabase(settings);
-    const app = await buildApp({ settings, database, logger: pino({ level: 'silent' }), vectorSearch: false, runJobs: true });
+    const logs = captureLogs('info');
+    const app = await buildApp({ settings, database, logger: logs.logger, vectorSearch: false, runJobs: true });
     try {
       const ready = await app.inject({ method: 'GET', url: '/ready' });
       expect(ready.statusCode).toBe(503);
       expect(ready.json()).toMatchObject({ status: 'unavailable', checks: { database: 'unavailable' }, database: 'postgres' });
+      expect(readinessLines(logs)).toEqual([expect.objectContaining({ level: LEVEL.warn, check: 'database', reason: expect.stringContaining('ECONNREFUSED') as string })]);
+      expect(JSON.stringify(logs.lines())).not.toContain('a-db-password');
       // The model catalog still starts (built-ins; the database's rows are read again later).
       expect(app.models.getModel('gpt-4.1')?.id).toBe('gpt-4.1');
 
@@ -113,12 +125,15 @@ describe('health and readiness', () => {
     }
   });
 
-  it('GET /ready answers 503 when Redis cannot be reached', async () => {
-    const app = await buildTestApp(ctx.database, { REDIS_URL: 'redis://127.0.0.1:1' });
+  it('GET /ready answers 503 when Redis cannot be reached, logging why without the password', async () => {
+    const logs = captureLogs('info');
+    const app = await buildTestApp(ctx.database, { REDIS_URL: 'redis://:a-redis-password@127.0.0.1:1' }, { logger: logs.logger });
     try {
       const response = await app.inject({ method: 'GET', url: '/ready' });
       expect(response.statusCode).toBe(503);
       expect(response.json()).toMatchObject({ status: 'unavailable', checks: { database: 'ok', redis: 'unavailable' } });
+      expect(readinessLines(logs)).toEqual([expect.objectContaining({ level: LEVEL.warn, check: 'redis', reason: expect.any(String) as string })]);
+      expect(JSON.stringify(logs.lines())).not.toContain('a-redis-password');
     } finally {
       await app.close();
     }
@@ -208,6 +223,44 @@ describe('readiness with STORAGE_BACKEND=s3', () => {
       await new Promise((closed) => server.close(closed));
     }
   });
+
+  it('logs why the bucket became unavailable once, however often /ready is asked, and that it is back once it answers again', async () => {
+    let failing = true;
+    const server = createServer((_request, response) => {
+      response.writeHead(failing ? 500 : 404, { 'content-type': 'application/xml' });
+      const code = failing ? 'InternalError' : 'NoSuchKey';
+      response.end(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>${code}</Code><Message>${code} from the test's S3</Message></Error>`);
+    });
+    await new Promise<void>((listening) => server.listen(0, '127.0.0.1', listening));
+    const logs = captureLogs('info');
+    const app = await buildTestApp(
+      ctx.database,
+      {
+        STORAGE_BACKEND: 's3',
+        S3_BUCKET: 'keel-ready',
+        S3_ENDPOINT: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+        S3_ACCESS_KEY_ID: 'key',
+        S3_SECRET_ACCESS_KEY: 'a-storage-secret',
+        S3_FORCE_PATH_STYLE: 'true',
+      },
+      { logger: logs.logger },
+    );
+    try {
+      for (let poll = 0; poll < 3; poll++) expect((await app.inject({ method: 'GET', url: '/ready' })).statusCode).toBe(503);
+      expect(readinessLines(logs)).toEqual([
+        expect.objectContaining({ level: LEVEL.warn, check: 'storage', msg: 'readiness: storage unavailable', reason: expect.stringContaining("InternalError from the test's S3") as string }),
+      ]);
+      failing = false;
+      await eventually(async () => (await app.inject({ method: 'GET', url: '/ready' })).statusCode === 200, STORAGE_CHECK_CACHE_MS + 10_000);
+      expect((await app.inject({ method: 'GET', url: '/ready' })).statusCode).toBe(200);
+      expect(readinessLines(logs).slice(1)).toEqual([expect.objectContaining({ level: LEVEL.info, check: 'storage', msg: 'readiness: storage available again' })]);
+      expect(JSON.stringify(logs.lines())).not.toContain('a-storage-secret');
+    } finally {
+      await app.close();
+      server.closeAllConnections();
+      await new Promise((closed) => server.close(closed));
+    }
+  }, 30_000);
 
   it('answers 503 naming storage when the bucket does not exist', async () => {
     const s3 = await s3App('no-such-bucket');
