@@ -85,7 +85,7 @@ describe('keel migrate', () => {
     expect(down.stderr.trim().split('\n')).toHaveLength(1);
   }, 240_000);
 
-  it('down --yes reverts only the newest migration', async () => {
+  it('down --yes reverts only the newest migration; `keel api` then refuses naming that one migration', async () => {
     const down = await run(['migrate', 'down', '--yes']);
     expect(down.code, down.stderr).toBe(0);
     expect(down.stdout).toContain(`reverted ${TAGS.at(-1)}`);
@@ -93,6 +93,13 @@ describe('keel migrate', () => {
     const after = await status();
     expect(after).toMatch(new RegExp(`^pending\\s+${TAGS.at(-1)}$`, 'm'));
     for (const tag of TAGS.slice(0, -1)) expect(after).toMatch(new RegExp(`^applied\\s+${tag}$`, 'm'));
+
+    // One pending: named alone, in the singular (the next test sees the count, first and last of many).
+    const port = await freePort();
+    const api = await run(['api'], { PORT: String(port) });
+    expect(api.code, api.stderr).toBe(1);
+    expect(api.stderr.trim()).toBe(`keel: the database is not migrated: 1 migration pending (${TAGS.at(-1)}): run \`keel migrate\` first`);
+    await expect(fetch(`http://127.0.0.1:${port}/health`)).rejects.toThrow();
   }, 240_000);
 
   it('down --all --yes reverts every migration; create-superuser and `keel api` then ask for `keel migrate`', async () => {
