@@ -12,7 +12,7 @@ import type { Database, Db } from './core/db.js';
 import { registerErrorHandler, ShuttingDownError, UpstreamLoopError } from './core/errors.js';
 import { HOP_HEADER, hopMark, hopsOf } from './core/hop.js';
 import { serverOptions, shutdownCutAtMs, slashesInLastSegment, trackConnections } from './core/http-server.js';
-import { FORM_CONTENT_TYPE, formBodyRefused, jsonBodyParser } from './core/json-body.js';
+import { codedBodyRefused, FORM_CONTENT_TYPE, jsonBodyParser, nonJsonBodyRefused } from './core/json-body.js';
 import { lazyRequestLogger, type Logger } from './core/logger.js';
 import { type EmbeddedMaintenance, startEmbeddedMaintenance } from './core/maintenance.js';
 import { MAX_PARAM_LENGTH } from './core/method-not-allowed.js';
@@ -229,7 +229,10 @@ export async function buildApp({ settings, database, logger, vectorSearch, runJo
     done();
   });
   app.addContentTypeParser('application/json', { parseAs: 'string' }, jsonBodyParser(app));
-  app.addContentTypeParser(FORM_CONTENT_TYPE, { parseAs: 'string', bodyLimit: settings.BODY_LIMIT_BYTES }, formBodyRefused);
+  app.addHook('preParsing', codedBodyRefused);
+  app.addContentTypeParser(FORM_CONTENT_TYPE, { parseAs: 'string', bodyLimit: settings.BODY_LIMIT_BYTES }, nonJsonBodyRefused);
+  app.removeContentTypeParser('text/plain');
+  app.addContentTypeParser('text/plain', { parseAs: 'string', bodyLimit: settings.BODY_LIMIT_BYTES }, nonJsonBodyRefused);
   await registerOpenApi(app, settings);
 
   // ==================== Routes ====================

@@ -108,6 +108,13 @@ export const oneFilePerUpload = () =>
   new UnprocessableError({ loc: ['body', 'file'], msg: 'One file per upload: the form has more than one file; send each file in its own request', type: 'value_error' });
 
 /** 413: an upload (or body) over a size limit; the message gives the figures. */
+/** A body sent with a content coding (gzip, br, ...): no parser here inflates one. */
+export class UnsupportedContentEncodingError extends HttpError {
+  constructor(encoding: string) {
+    super(415, `Content-Encoding ${encoding.slice(0, 40)} is not supported: send the body uncompressed`);
+  }
+}
+
 export class PayloadTooLargeError extends HttpError {
   constructor(detail = 'Request body too large') {
     super(413, detail);
@@ -451,7 +458,7 @@ export function registerErrorHandler(app: FastifyInstance): void {
   app.setNotFoundHandler((request) => app.routeNotFound(request));
 
   app.setErrorHandler((error: FastifyError, request: FastifyRequest, reply: FastifyReply) => {
-    if (error.code?.startsWith('FST_ERR_CTP_')) readTheRest(request, reply);
+    if (error.code?.startsWith('FST_ERR_CTP_') || error instanceof UnsupportedContentEncodingError) readTheRest(request, reply);
     if (error instanceof UnprocessableError) return send(reply, 422, { detail: error.issues });
     // A multipart form past its `files` limit (the plugin's 413, but nothing in it is too large).
     if (error.code === 'FST_FILES_LIMIT') return send(reply, 422, { detail: oneFilePerUpload().issues });
@@ -465,9 +472,6 @@ export function registerErrorHandler(app: FastifyInstance): void {
       return send(reply, 422, { detail: validationIssues(error, request) });
     }
     if (error.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || (error instanceof SyntaxError && error.statusCode === 400)) {
-      // A compressed body (no parser here inflates one) is not malformed JSON: it was never JSON to read.
-      const encoding = request.headers['content-encoding']?.trim().toLowerCase();
-      if (encoding && encoding !== 'identity') return send(reply, 415, { detail: `Content-Encoding ${encoding.slice(0, 40)} is not supported: send the body uncompressed` });
       return send(reply, 422, { detail: [{ loc: ['body'], msg: 'JSON decode error', type: 'json_invalid' }] });
     }
     const db = databaseError(error);

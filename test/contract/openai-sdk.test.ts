@@ -754,6 +754,15 @@ describe('embeddings', () => {
     });
     expect(response.status).toBe(415);
     expect(await response.json()).toEqual({ error: { message: 'Content-Encoding gzip is not supported: send the body uncompressed', type: 'invalid_request_error', param: null, code: null } });
+    // Labelled gzip, sent plain: the same answer, and no model called (it was read as JSON and answered).
+    const labelled = await fetch(`${baseURL}/embeddings`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json', 'content-encoding': 'gzip' },
+      body: JSON.stringify({ model: 'fake-embed', input: 'labelled gzip' }),
+    });
+    expect(labelled.status).toBe(415);
+    expect(await labelled.json()).toEqual({ error: { message: 'Content-Encoding gzip is not supported: send the body uncompressed', type: 'invalid_request_error', param: null, code: null } });
+    expect(fake.requestsFor('fake-embed').filter((r) => JSON.stringify(r).includes('labelled gzip'))).toEqual([]);
   });
 
   it('answers a large batch in pieces that make the same JSON, in either format (the SDK reads it whole)', async () => {

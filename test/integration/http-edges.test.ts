@@ -68,6 +68,36 @@ describe('422 answers', () => {
     expect(response.json()).toEqual({ detail: 'Content-Encoding gzip is not supported: send the body uncompressed' });
   });
 
+  it('answers 415 to a body labelled gzip (or any coding) that is plain JSON, as to a compressed one, and creates nothing; identity is no coding', async () => {
+    const admin = await superuserHeaders(ctx.app);
+    for (const encoding of ['gzip', 'br', 'deflate', 'GZIP ', 'gzip, identity']) {
+      const response = await ctx.app.inject({ method: 'POST', url: '/api/v1/projects', headers: { ...admin, 'content-type': 'application/json', 'content-encoding': encoding }, payload: { name: 'labelled-gzip' } });
+      expect(response.statusCode, encoding).toBe(415);
+      expect(response.json()).toEqual({ detail: `Content-Encoding ${encoding.trim().toLowerCase()} is not supported: send the body uncompressed` });
+    }
+    // Plain text labelled gzip, under any content type: 415 for the coding, never a parse error.
+    const text = await ctx.app.inject({ method: 'POST', url: '/api/v1/projects', headers: { ...admin, 'content-type': 'text/plain', 'content-encoding': 'gzip' }, payload: 'hello' });
+    expect(text.statusCode).toBe(415);
+    const listed = await ctx.app.inject({ method: 'GET', url: '/api/v1/projects?limit=100', headers: admin });
+    expect(listed.json<{ data: { name: string }[] }>().data.map((p) => p.name)).not.toContain('labelled-gzip');
+    const identity = await ctx.app.inject({ method: 'POST', url: '/api/v1/projects', headers: { ...admin, 'content-type': 'application/json', 'content-encoding': 'identity' }, payload: { name: 'identity-coded' } });
+    expect(identity.statusCode).toBe(200);
+  });
+
+  it('answers 415 to JSON sent as text/plain (what a browser sends cross-origin without a preflight), and creates nothing; an empty text body is no body', async () => {
+    const admin = await superuserHeaders(ctx.app);
+    for (const type of ['text/plain', 'text/plain;charset=UTF-8']) {
+      const response = await ctx.app.inject({ method: 'POST', url: '/api/v1/projects', headers: { ...admin, 'content-type': type }, payload: JSON.stringify({ name: 'from-text' }) });
+      expect(response.statusCode, type).toBe(415);
+      expect(response.json()).toEqual({ detail: 'Unsupported Media Type' });
+    }
+    const listed = await ctx.app.inject({ method: 'GET', url: '/api/v1/projects?limit=100', headers: admin });
+    expect(listed.json<{ data: { name: string }[] }>().data.map((p) => p.name)).not.toContain('from-text');
+    const created = await ctx.app.inject({ method: 'POST', url: '/api/v1/projects', headers: admin, payload: { name: 'empty-text' } });
+    const id = created.json<{ id: string }>().id;
+    expect((await ctx.app.inject({ method: 'DELETE', url: `/api/v1/projects/${id}`, headers: { ...admin, 'content-type': 'text/plain' }, payload: '' })).statusCode).toBe(200);
+  });
+
   it('takes a form body on the login route alone: elsewhere it is 415, as any body that is not JSON (SPEC §2: JSON in)', async () => {
     const headers = { ...(await superuserHeaders(ctx.app)), 'content-type': 'application/x-www-form-urlencoded' };
     const response = await ctx.app.inject({ method: 'POST', url: '/api/v1/projects', headers, payload: 'name=from-a-form' });
