@@ -323,6 +323,23 @@ describe('extractDocument: what it refuses', () => {
     expect(items.split('\n')).toEqual([...Array.from({ length: count }, (_, i) => `- item ${i}`), '', 'after']);
     const cells = await text('cells.html', `<table><tr>${'<td><em>a<td><small>b<tr>'.repeat(count)}</table>`);
     expect(cells.split('\n')).toEqual(Array(count).fill('a | b'));
+    // An <li> closes the open <li> through the <p> or <div> left open in it, a <dd>/<dt> the open
+    // one, a cell the open cell and a row the open row through anything (the <li> start tag's loop,
+    // "close the cell"): htmlparser2 alone nested each in the one before, refused past the depth.
+    const blockItems = await text('block-items.html', `<ul>${Array.from({ length: count }, (_, i) => `<li><${i % 2 ? 'div' : 'p'}>item ${i}`).join('')}</ul><p>after`);
+    expect(blockItems.split('\n\n')).toEqual([...Array.from({ length: count }, (_, i) => `-\n\nitem ${i}`).join('\n\n').split('\n\n'), 'after']);
+    const terms = await text('terms.html', `<dl>${'<dt><p>term<dd><div>meaning'.repeat(count)}</dl>`);
+    expect(terms.split('\n\n')).toEqual(Array(count).fill(['term', 'meaning']).flat());
+    const blockCells = await text('block-cells.html', `<table>${'<tr><td><div><p>a<th><p>b'.repeat(count)}</table>`);
+    // (A browser shows a row's cells side by side whatever blocks they hold.)
+    expect(blockCells.split('\n')).toEqual(Array(count).fill('a | b'));
+    // Only the nearest sibling of the same list or table: an <li> in a nested list, or a cell in a
+    // table within a cell, leaves the outer one open (so lists nested past the depth still nest).
+    expect(await text('nested.html', '<ul><li>a<ul><li>b<li>c</ul><li>d</ul>')).toBe('- a\n\n- b\n- c\n\n- d');
+    expect(await text('nested-table.html', '<table><tr><td>a<table><tr><td>b<td>c</table><td>d</table>')).toBe('a b | c | d');
+    expect(await text('cell-list.html', '<ul><li>a<table><tr><td><li>b</table><li>c</ul>')).toBe('- a\n\n- b\n\n- c');
+    expect(await rejection(extract(await file('nested-lists.html', '<ul><li><p>x'.repeat(MAX_HTML_DEPTH / 2)), 'nested-lists.html'))).toMatch(/nests elements more than 1,024 deep/);
+    expect(await rejection(extract(await file('nested-tables.html', '<table><tr><td><div>x'.repeat(MAX_HTML_DEPTH / 3)), 'nested-tables.html'))).toMatch(/nests elements more than 1,024 deep/);
     // Many inline tags in a 1 MB page cost the parser no depth either.
     expect(await text('many.html', `${'<b>'.repeat(300_000)}end`)).toBe('end');
   });

@@ -1,4 +1,4 @@
-import { Parser } from 'htmlparser2';
+import { type Handler, Parser, type ParserOptions } from 'htmlparser2';
 
 import type { ExtractedSpans, TextBuilder } from './document-builder.js';
 import { DocumentRejectedError } from './types.js';
@@ -32,19 +32,115 @@ const HEADINGS = new Set(['h1', 'h2', 'h3', 'h4', 'h5', 'h6']);
 const STRUCTURE = new Set([...HIDDEN, ...BLOCKS, ...HEAD_CONTENT, ...LINES, ...CELLS, ...HEADINGS, 'head']);
 
 /**
+ * HTML's "special" elements among those the reader keeps open: an <li>, <dd> or <dt> start tag
+ * looks for the item to close through none of them but <address>, <div> and <p> (the <li> start
+ * tag's loop in the tree construction).
+ */
+const SPECIAL = new Set([...BLOCKS, ...HEAD_CONTENT, ...LINES, ...CELLS, ...HEADINGS, 'head', 'script', 'style', 'noscript', 'template', 'iframe', 'object', 'select', 'nav']);
+for (const through of ['address', 'div', 'p', 'option']) SPECIAL.delete(through);
+/** What ends a cell's or a row's search: its table (or a template), or (for a cell) its row. */
+const TABLE_SCOPE = ['html', 'table', 'template', 'tbody', 'thead', 'tfoot'];
+
+/**
+ * A start tag that closes an open sibling (with everything open in it) unless an element at
+ * which the search stops is open nearer. The open ones of each kind are kept as their depths, so
+ * the test costs the same at any depth (a walk down the parser's stack at every such tag let a
+ * 20 MB page of `<li></li>` under 1,000 open <div>s hold a thread for minutes).
+ */
+class SiblingClose {
+  private readonly siblings: number[] = [];
+  private readonly stops: number[] = [];
+
+  constructor(
+    private readonly closes: ReadonlySet<string>,
+    private readonly stopsAt: ReadonlySet<string>,
+  ) {}
+
+  opened(name: string, depth: number): void {
+    if (this.closes.has(name)) this.siblings.push(depth);
+    else if (this.stopsAt.has(name)) this.stops.push(depth);
+  }
+
+  closed(depth: number): void {
+    if (this.siblings.at(-1) === depth) this.siblings.pop();
+    else if (this.stops.at(-1) === depth) this.stops.pop();
+  }
+
+  /** The depth of the sibling to close, if any. */
+  sibling(): number | undefined {
+    const sibling = this.siblings.at(-1);
+    return sibling !== undefined && sibling > (this.stops.at(-1) ?? 0) ? sibling : undefined;
+  }
+}
+
+/** What TextParser uses of htmlparser2's parser that its types keep private. */
+interface ParserInternals {
+  readTagName(start: number, endIndex: number): string;
+  popElement(implied: boolean): void;
+}
+
+/**
  * htmlparser2's parser, keeping open only the elements the reader acts on. Every other one (<b>,
  * <font>, <a>, <span>, an unknown element) changes no text, so it opens and closes at its start
  * tag, and its end tag does nothing. Without this, old pages that leave <font> unclosed by the
  * thousand nested past MAX_HTML_DEPTH and were refused, though the HTML spec nests them too (its
  * "Noah's Ark" clause bounds only the formatting elements re-opened in each new block, at three
- * alike; Blink shows elements past 512 deep beside the 512th). And htmlparser2 lets a <p> close
- * an open <p>, an <li> an <li>, a <td> a <td>, only when that sibling is the innermost element:
- * an inline one left open in it nested every paragraph in the one before. The HTML spec closes
- * the sibling through such elements (and re-opens formatting ones inside the new sibling).
+ * alike; Blink shows elements past 512 deep beside the 512th).
+ *
+ * And htmlparser2 lets an <li> close an open <li>, a <dd> a <dd>, a <td> a <td>, a <tr> a <tr>,
+ * only when that sibling is the innermost element: `<li><p>x<li>y` nested each item in the one
+ * before, past MAX_HTML_DEPTH in a long list (refused). The HTML spec closes the sibling through
+ * the blocks left open in it (<p>, <div>; a cell or row through anything in it), so this parser
+ * does that before opening such an element.
  */
 class TextParser extends Parser {
+  private readonly rules: Map<string, SiblingClose>;
+  /** Elements open in the parser (its stack is private), as the depths SiblingClose records. */
+  private open = 0;
+
+  constructor(handler: Partial<Handler>, options: ParserOptions) {
+    const { onopentagname, onclosetag } = handler;
+    super(
+      {
+        ...handler,
+        // The parser reports each element it puts on its stack by name, and each it takes off.
+        onopentagname: (name) => {
+          if (!this.isVoidElement(name)) {
+            this.open++;
+            for (const rule of this.rules.values()) rule.opened(name, this.open);
+          }
+          onopentagname?.(name);
+        },
+        onclosetag: (name, implied) => {
+          if (!this.isVoidElement(name)) {
+            for (const rule of this.rules.values()) rule.closed(this.open);
+            this.open--;
+          }
+          onclosetag?.(name, implied);
+        },
+      },
+      options,
+    );
+    const item = new SiblingClose(new Set(['li']), new Set([...SPECIAL].filter((name) => name !== 'li')));
+    const definition = new SiblingClose(new Set(['dd', 'dt']), new Set([...SPECIAL].filter((name) => name !== 'dd' && name !== 'dt')));
+    const cell = new SiblingClose(CELLS, new Set([...TABLE_SCOPE, 'tr']));
+    this.rules = new Map([['li', item], ['dd', definition], ['dt', definition], ['td', cell], ['th', cell], ['tr', new SiblingClose(new Set(['tr']), new Set(TABLE_SCOPE))]]);
+  }
+
   protected override isVoidElement(name: string): boolean {
     return !STRUCTURE.has(name) || super.isVoidElement(name);
+  }
+
+  override onopentagname(start: number, endIndex: number): void {
+    // readTagName and popElement are private to htmlparser2 (pinned in package.json); a change
+    // there fails the tests of `<li><p>` lists.
+    const parser = this as unknown as ParserInternals;
+    const sibling = this.rules.get(parser.readTagName(start, endIndex))?.sibling();
+    if (sibling !== undefined) {
+      // Elements above the sibling close first (the parser reports each), then the sibling.
+      for (let depth = this.open; depth >= sibling; depth--) parser.popElement(true);
+    }
+    super.onopentagname(start, endIndex);
   }
 }
 
@@ -65,6 +161,12 @@ export class HtmlTextReader {
   private preDepth = 0;
   private heading: { level: number; text: string } | null = null;
   private cellsInRow = 0;
+  /**
+   * Table cells open: a browser shows a row's cells side by side whatever blocks they hold, so in
+   * a cell a block or line break reads as a space (`<td><p>a</p><td><p>b` as "a | b", as DOCX
+   * tables come from mammoth) rather than splitting the row across paragraphs.
+   */
+  private openCells = 0;
   /** Elements open in the parser: it reports every one it closes, void and implied ones too. */
   private depth = 0;
 
@@ -114,12 +216,12 @@ export class HtmlTextReader {
     else if (name === 'pre') this.preDepth++;
     if (name === 'tr') this.cellsInRow = 0;
     if (CELLS.has(name)) {
+      this.openCells++;
       if (this.cellsInRow++ > 0) {
         this.out.separate('space');
         this.bullet('|');
       }
-    } else if (BLOCKS.has(name)) this.out.separate('paragraph');
-    else if (LINES.has(name)) this.out.separate('line');
+    } else this.breakFor(name);
     if (name === 'li') this.bullet('-');
     if (name === 'img') this.out.separate('space');
   }
@@ -146,8 +248,14 @@ export class HtmlTextReader {
       return;
     }
     if (name === 'pre') this.preDepth = Math.max(0, this.preDepth - 1);
-    if (BLOCKS.has(name)) this.out.separate('paragraph');
-    else if (LINES.has(name)) this.out.separate('line');
+    if (CELLS.has(name)) this.openCells = Math.max(0, this.openCells - 1);
+    else this.breakFor(name);
+  }
+
+  /** The break a block or line element's edge makes (a space in a table cell). */
+  private breakFor(name: string): void {
+    const gap = BLOCKS.has(name) ? 'paragraph' : LINES.has(name) ? 'line' : undefined;
+    if (gap) this.out.separate(this.openCells > 0 ? 'space' : gap);
   }
 
   private text(raw: string): void {
