@@ -2,7 +2,8 @@
  * How an entry's failed embedding ends (`outcomeOf`) when its credentials went away midway: the
  * entry fails saying which, but for a deleted key, whose indexing goes on paid by the account
  * (docs/decisions.md): another try, which finds no key and so no key's limits. And when a write
- * kept losing to a database conflict (a deadlock, a serialization failure): another try.
+ * kept losing to a database conflict (a deadlock, a serialization failure): another try, and on
+ * the last one the entry fails saying so.
  */
 import { describe, expect, it } from 'vitest';
 
@@ -32,8 +33,10 @@ describe('outcomeOf, a write that kept losing to a conflict', () => {
     expect(outcomeOf(conflict(code), { attempts: 1 }, 3)).toEqual({ retry: 'a database write kept conflicting with another' });
   });
 
-  it('fails it as any internal error once its attempts are spent', () => {
-    expect(outcomeOf(conflict('40P01'), { attempts: 3 }, 3)).toEqual({ fail: 'Ingestion failed because of an internal error (it is in the server log); reindex the entry to try again' });
+  it.each(['40P01', '40001'])('fails it once its attempts are spent, saying the database kept conflicting and to try again (%s)', (code) => {
+    expect(outcomeOf(conflict(code), { attempts: 3 }, 3)).toEqual({
+      fail: 'Ingestion stopped: a database write kept conflicting with another (after 3 attempts; the database was busy with other changes to the same rows); reindex the entry to try again',
+    });
   });
 
   it('fails it at once for another database error', () => {

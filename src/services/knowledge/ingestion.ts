@@ -699,7 +699,11 @@ export function outcomeOf(thrown: unknown, entry: Pick<KnowledgeEntry, 'attempts
     return entry.attempts >= maxAttempts ? { fail: `${reason} (after ${entry.attempts} attempts); reindex the entry to try again` } : { retry: reason };
   }
   // A write that lost deadlockRetried's every run (a conflict kept meeting it): the queue's next try, later, resumes from what is stored.
-  if (isTransientConflict(error) && entry.attempts < maxAttempts) return { retry: 'a database write kept conflicting with another' };
+  // On the last one the owner reads what happened (nothing is wrong with the document), not an internal error.
+  if (isTransientConflict(error)) {
+    const reason = 'a database write kept conflicting with another';
+    return entry.attempts < maxAttempts ? { retry: reason } : { fail: `Ingestion stopped: ${reason} (after ${entry.attempts} attempts; the database was busy with other changes to the same rows); reindex the entry to try again` };
+  }
   return { fail: 'Ingestion failed because of an internal error (it is in the server log); reindex the entry to try again' };
 }
 
