@@ -284,10 +284,10 @@ describe('the storage quota counts extracted text', () => {
       // The second try resumes from those chunks (found stored, not stored again) and stops where the first did.
       await releasedAfter(entryId, 2);
       await expectKeptCounted();
-      // The third, the last KB_INGEST_MAX_ATTEMPTS allows, fails the entry keeping them (no try is left: an internal error).
+      // The third, the last KB_INGEST_MAX_ATTEMPTS allows, fails the entry keeping them (no try is left), saying why.
       const entry = await settled(ctx.app, user.headers, entryId);
       expect(entry).toMatchObject({ status: 'failed', chunk_count: 0 });
-      expect(entry.error).toContain('internal error');
+      expect(entry.error).toBe('Ingestion stopped: a database write kept conflicting with another (after 3 attempts; the database was busy with other changes to the same rows); reindex the entry to try again');
       expect((await heldText(entryId)).attempts).toBe(3);
       await expectKeptCounted();
     });
@@ -345,6 +345,31 @@ describe('the storage quota counts extracted text', () => {
     expect(held.text_bytes).toBe(whole);
     expect((await api('GET', `/knowledge-base/entries/${entryId}`, user.headers)).json<EntryBody>().status).toBe('ready');
     await expectTextCountedOnce(user, entryId, whole);
+    expect(await quotaUsed(user)).toBe(whole);
+  }, 60_000);
+
+  it("counts a resumed entry that fails before reaching the earlier attempt's chunks for those chunks, which it keeps", async () => {
+    const user = await createUser(ctx.app);
+    const folder = await createFolder(ctx.app, user.headers);
+    const pdf = await textPdf(1_300);
+    // Every chunk stored, the end refused: failed, keeping them all, counted for all of the text.
+    const entryId = await withFault({ table: 'knowledge_entries', on: 'update', when: `new.status = 'ready'`, raise: `exception 'refused end'` }, async () => {
+      const entry = await settled(ctx.app, user.headers, (await uploaded(ctx.app, user.headers, folder.id, { filename: 'refunds.pdf', content: pdf })).id);
+      expect(entry.status).toBe('failed');
+      return entry.id;
+    });
+    const whole = await wholeTextOf(pdf);
+    expect((await heldText(entryId)).text_bytes).toBe(whole);
+    // Its reindex resumes from them and fails at its first batch's comparison with them (a full-text
+    // configuration the database does not have), having checked none: the chunks stay, and count
+    // for what the earlier attempt recorded (ChunkWriter.keptTextBytes), not for the none it reached.
+    await ctx.app.db.update(knowledgeEntries).set({ status: 'pending', attempts: 0, lease_token: null, lease_expires_at: null }).where(eq(knowledgeEntries.id, entryId));
+    await ingestEntry(ingestionDeps({ ...ctx.app.settings, KB_SEARCH_LANGUAGE: 'no_such_language' as Settings['KB_SEARCH_LANGUAGE'] }), entryId);
+    const entry = (await api('GET', `/knowledge-base/entries/${entryId}`, user.headers)).json<EntryBody>();
+    expect(entry).toMatchObject({ status: 'failed', chunk_count: 0 });
+    expect(entry.error).toContain('internal error');
+    expect(await storedTextOf(entryId, pdf)).toEqual({ chunks: (await documentOf(pdf)).length, bytes: whole });
+    expect(await heldText(entryId)).toMatchObject({ text_bytes: whole, attempts: 1 });
     expect(await quotaUsed(user)).toBe(whole);
   }, 60_000);
 
