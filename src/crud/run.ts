@@ -255,14 +255,16 @@ export async function claim(db: Db, runId: string, workerId: string, lease: numb
 }
 
 /**
- * Raises the run's event_seq_ceiling to `to` (never lowers it) while `workerId` holds it running:
- * before the worker appends past it. False when the run is no longer the worker's.
+ * Raises the run's event_seq_ceiling to `to` (never lowers it) while `workerId` holds it: before the
+ * worker appends past it. Held, not only running: a run its worker ended (or a cancel ended under
+ * it) keeps the worker's lease until its final batch is appended, which may need a raise too.
+ * False when the run is no longer the worker's.
  */
 export async function raiseEventSeqCeiling(db: Db, runId: string, workerId: string, to: number): Promise<boolean> {
   const rows = await db
     .update(runs)
     .set({ event_seq_ceiling: sql`greatest(${runs.event_seq_ceiling}, ${to}::integer)` })
-    .where(and(eq(runs.id, runId), eq(runs.status, 'running'), eq(runs.lease_owner, workerId)))
+    .where(and(eq(runs.id, runId), eq(runs.lease_owner, workerId)))
     .returning({ id: runs.id });
   return rows.length === 1;
 }

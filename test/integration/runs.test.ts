@@ -694,6 +694,22 @@ describe('a worker\'s claim', () => {
     expect(await setting(ctx.app.db)).toBe('on');
     await runCrud.endRun(ctx.app.db, run.id, { status: 'cancelled', error: null }, null, true);
   });
+
+  it("raises the seq ceiling for its worker while it holds the run, ended too (its final batch is still to be appended); not once the run is another's or let go", async () => {
+    const { run } = await queuedRun();
+    await runCrud.claim(ctx.app.db, run.id, 'test-worker-a', 60, 1_000);
+    const ceiling = async () => (await ctx.app.db.select({ at: runs.event_seq_ceiling }).from(runs).where(eq(runs.id, run.id)))[0]!.at;
+    expect(await runCrud.raiseEventSeqCeiling(ctx.app.db, run.id, 'test-worker-a', 1_500)).toBe(true);
+    expect(await runCrud.raiseEventSeqCeiling(ctx.app.db, run.id, 'test-worker-b', 2_000)).toBe(false);
+    expect(await ceiling()).toBe(1_500);
+    // Cancelled under its worker: the lease stays on it until the worker's final batch is out.
+    await runCrud.endRun(ctx.app.db, run.id, { status: 'cancelled', error: null }, null);
+    expect(await runCrud.raiseEventSeqCeiling(ctx.app.db, run.id, 'test-worker-a', 2_500)).toBe(true);
+    expect(await ceiling()).toBe(2_500);
+    expect(await runCrud.releaseLease(ctx.app.db, run.id, 'test-worker-a', false)).toBe(true);
+    expect(await runCrud.raiseEventSeqCeiling(ctx.app.db, run.id, 'test-worker-a', 3_000)).toBe(false);
+    expect(await ceiling()).toBe(2_500);
+  });
 });
 
 describe.runIf(Boolean(process.env.REDIS_URL))('a start on Redis', () => {

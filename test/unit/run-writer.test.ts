@@ -1,7 +1,11 @@
+import pino from 'pino';
 import { describe, expect, it } from 'vitest';
+
+import type { Run } from '../../src/models/index.js';
 
 import { type NewRunEvent, type RunEvent, type RunEventLog, RunWriter } from '../../src/modules/agents/run-bus.js';
 import { RunEventsRefusedError } from '../../src/modules/agents/run-bus-errors.js';
+import { appendFinalEvent, type RunDeps } from '../../src/modules/agents/run-lifecycle.js';
 
 /**
  * A log another writer keeps appending to: every append of ours is refused as stale, and the top
@@ -19,10 +23,59 @@ function logRacedByAnotherWriter(): RunEventLog & { top: number } {
   return log as unknown as RunEventLog & { top: number };
 }
 
+/** A log that numbers each event after the last, as a stream does, and notes each append's seqs in `said`. */
+function numberingLog(said: string[]): RunEventLog & { top: number } {
+  const log = {
+    top: 1,
+    append(_runId: string, events: readonly NewRunEvent[]): Promise<RunEvent[]> {
+      const stored = events.map((event) => ({ ...event, seq: ++log.top }) as RunEvent);
+      said.push(`append ${stored[0]!.seq}-${log.top}`);
+      return Promise.resolve(stored);
+    },
+    lastSeq: () => Promise.resolve(log.top),
+  };
+  return log as unknown as RunEventLog & { top: number };
+}
+
+const deltas = (count: number): NewRunEvent[] => Array.from({ length: count }, (_, i) => ({ event: 'message.delta', data: { delta: `d${i}` } }));
+
 describe('RunWriter', () => {
+  it("counts a run's final batch (appended by appendFinalEvent) against the run's seq ceiling: raised first, waited for, where the batch passes it; not appended when the raise is refused", async () => {
+    const said: string[] = [];
+    const log = numberingLog(said);
+    const deps = { bus: { events: log }, log: pino({ level: 'silent' }) } as unknown as RunDeps;
+    const completed = { id: 'run-1', status: 'completed', cost: '0' } as Run;
+    let refuse = false;
+    const ceiling = {
+      after: 1,
+      at: 11,
+      room: 10,
+      raise: async (to: number) => {
+        if (refuse) throw new Error('the run is no longer this worker\'s');
+        said.push(`raise ${to}`);
+      },
+    };
+    const writer = new RunWriter(log, 'run-1', () => Promise.resolve(true), ceiling);
+    // Seqs 2-5: under half the room used, no raise.
+    await writer.append(deltas(4));
+    expect(said).toEqual(['append 2-5']);
+
+    // The final batch, 8 events and run.completed (seqs 6-14), would pass the ceiling (11): the raise
+    // (to the room past them) is committed before they go out.
+    expect(await appendFinalEvent(deps, completed, deltas(8), writer)).toBe(true);
+    expect(said).toEqual(['append 2-5', 'raise 24', 'append 6-14']);
+    expect(ceiling.at).toBe(24);
+
+    // A raise refused (the run taken up by another worker): its final batch is not appended past the ceiling.
+    const other = new RunWriter(log, 'run-1', () => Promise.resolve(true), { ...ceiling, after: 14, at: 15 });
+    refuse = true;
+    expect(await appendFinalEvent(deps, completed, deltas(2), other)).toBe(false);
+    expect(log.top).toBe(14);
+  });
+
   it('hands back a ceiling at or above what another writer stored, after catch-ups whose appends were all refused', async () => {
     const log = logRacedByAnotherWriter();
-    const ceiling = { after: 5, at: 1_005, raise: () => Promise.resolve() };
+    const ceiling = { after: 5, at: 1_005, room: 1_000, raise: () => Promise.resolve() };
     const writer = new RunWriter(log, 'run-1', () => Promise.resolve(true), ceiling);
 
     const refused = await writer.append([{ event: 'message.delta', data: { delta: 'x' } }]).catch((error: unknown) => error);

@@ -163,6 +163,8 @@ export interface RunSeqCeiling {
   after: number;
   /** The run's ceiling as the database has it (the claim's). */
   at: number;
+  /** How far past the seqs sent each raise puts the ceiling: the room the claim gave (RUN_EVENT_SEQ_ROOM). */
+  room: number;
   /** Raises it in the database to `to`; throws when the run is no longer this worker's (having stopped it). */
   raise(to: number): Promise<void>;
 }
@@ -272,7 +274,7 @@ export class RunWriter {
     if (!ceiling) return undefined;
     this.unanswered += count;
     const needed = this.high + this.unanswered;
-    if (needed > ceiling.at - RUN_EVENT_SEQ_ROOM / 2) this.raise().catch(ignore);
+    if (needed > ceiling.at - ceiling.room / 2) this.raise().catch(ignore);
     if (needed <= ceiling.at && !this.roomTurn) return undefined;
     const turn = (this.roomTurn ?? Promise.resolve()).then(async () => {
       while (needed > ceiling.at) await this.raise();
@@ -285,11 +287,30 @@ export class RunWriter {
     return turn;
   }
 
+  /**
+   * Room under the ceiling for `count` events appended right after this writer's by the one who
+   * sends them itself (a run's final batch: appendFinalEvent), numbered after `top` where it read the
+   * log's top: raises the ceiling first, waited for, when they would pass it. Uncounted, a final
+   * batch of a few hundred events (the results of a step's unanswered tool calls) could pass it, and
+   * the sweep writing the final event again after a lost stream would number over what clients saw.
+   */
+  async reserve(count: number, top = 0): Promise<void> {
+    const ceiling = this.ceiling;
+    if (!ceiling) return;
+    this.high = Math.max(this.high, top);
+    this.unanswered += count;
+    try {
+      while (this.high + this.unanswered > ceiling.at) await this.raise();
+    } finally {
+      this.unanswered -= count;
+    }
+  }
+
   /** One raise at a time, to the room past every event sent so far. */
   private raise(): Promise<void> {
     const ceiling = this.ceiling!;
     this.raising ??= (async () => {
-      const to = this.high + this.unanswered + RUN_EVENT_SEQ_ROOM;
+      const to = this.high + this.unanswered + ceiling.room;
       await ceiling.raise(to);
       ceiling.at = Math.max(ceiling.at, to);
     })().finally(() => (this.raising = null));

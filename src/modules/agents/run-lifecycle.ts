@@ -15,7 +15,7 @@ import { type Message, type Run, runs, threads } from '../../models/index.js';
 import * as runCrud from '../../crud/run.js';
 import { appendMessage } from '../../crud/thread.js';
 import { addCosts, type ModelManager } from '../ai-models/index.js';
-import type { NewRunEvent, RunBus, RunEventName } from './run-bus.js';
+import type { NewRunEvent, RunBus, RunEventName, RunWriter } from './run-bus.js';
 import { RunEventsRefusedError } from './run-bus-errors.js';
 import type { ToolImplementations } from './tools.js';
 
@@ -272,21 +272,24 @@ export type FinalEventsBefore = readonly NewRunEvent[] | (() => Promise<readonly
  * messages its log left open (openMessagesClosed: a cancel, a failure, its deadline). The database decided the run's end, so a writer
  * that is behind the log (another node appended since: `stale`) catches up with `lastSeq` and
  * appends them after what is there. True when the log now ends with a final event; false when the
- * event store failed (the run's lease then stays for the sweep to try again: see endRun).
+ * event store failed (the run's lease then stays for the sweep to try again: see endRun). `writer`:
+ * the run's worker's (RunWriter), which raises the run's seq ceiling first where the batch would pass it.
  */
-export async function appendFinalEvent(deps: RunDeps, run: Run, before: FinalEventsBefore = []): Promise<boolean> {
+export async function appendFinalEvent(deps: RunDeps, run: Run, before: FinalEventsBefore = [], writer?: Pick<RunWriter, 'reserve'>): Promise<boolean> {
   const { events } = deps.bus;
-  const final = async () => {
+  const final = async (top?: number) => {
     const first = typeof before === 'function' ? await before() : before;
     // A run that did not complete ends the messages it left open first (a completed run's step completed its own).
     const completing = new Set(first.filter((e) => e.event === 'message.completed').map((e) => (e.data.message as { id?: unknown } | undefined)?.id));
-    return [...(run.status === 'completed' ? [] : await openMessagesClosed(deps, run.id, run.status as 'cancelled' | 'failed', completing)), ...first, runEvent(run)];
+    const batch = [...(run.status === 'completed' ? [] : await openMessagesClosed(deps, run.id, run.status as 'cancelled' | 'failed', completing)), ...first, runEvent(run)];
+    // The run's worker counts its last batch against the run's seq ceiling like every other it appends.
+    await writer?.reserve(batch.length, top);
+    return batch;
   };
   try {
     await events.append(run.id, await final()).catch(async (error: unknown) => {
       if (!(error instanceof RunEventsRefusedError) || error.reason !== 'stale') throw error;
-      await events.lastSeq(run.id);
-      await events.append(run.id, await final());
+      await events.append(run.id, await final(await events.lastSeq(run.id)));
     });
     return true;
   } catch (error) {

@@ -309,6 +309,7 @@ export class AgentRunner {
       ? {
           after: claimed.seqFloor,
           at: run.event_seq_ceiling,
+          room: RUN_EVENT_SEQ_ROOM,
           raise: async (to: number) => {
             if (await runCrud.raiseEventSeqCeiling(deps.db, run.id, this.workerId, to)) return;
             controller.abort(new RunStop('lease'));
@@ -349,7 +350,7 @@ export class AgentRunner {
         if (handedBack && stop.kind === 'outage') log.warn({ err: error, runId: run.id }, 'run handed back: its events could not be stored (run bus unreachable); the sweep resumes it');
         else if (handedBack) log.info({ runId: run.id }, 'run handed back at shutdown');
         // Cancelled while it stopped: the cancel left the final event to this worker, which still holds it.
-        else if (handedBack === false) await this.afterLostRun(run.id);
+        else if (handedBack === false) await this.afterLostRun(run.id, appends);
         return;
       }
       if (stop?.kind === 'cancel' || stop?.kind === 'lease') {
@@ -358,7 +359,7 @@ export class AgentRunner {
         // The final event (a cancel leaves it to this worker) comes after what the stopped calls cost
         // is written, with the run's totals (the stopped call's included: see withPaidTotals).
         await deps.charged?.();
-        await this.afterLostRun(run.id);
+        await this.afterLostRun(run.id, appends);
         return;
       }
       // Storable (storableText): a provider's refusal quoted in it with a NUL failed the run's end, which stayed running until its lease ran out.
@@ -368,8 +369,8 @@ export class AgentRunner {
       await deps.charged?.();
       // Its totals as charged come with the failure, in one update: a reader never sees it failed without them.
       const ended = await finishRun(deps, run, { status: 'failed', error: message, paid: await this.paidTotals(run) }, { leaseOwner: this.workerId });
-      if (ended) await this.closeEnded(ended.run, announcement.take().again);
-      else await this.afterLostRun(run.id);
+      if (ended) await this.closeEnded(ended.run, announcement.take().again, appends);
+      else await this.afterLostRun(run.id, appends);
     } finally {
       clearTimeout(deadlineTimer);
       clearInterval(renewal);
@@ -377,22 +378,22 @@ export class AgentRunner {
   }
 
   /** Writes the final event of a run this worker ended, then lets go of its lease (see endRun). */
-  private async closeEnded(run: Run, before: FinalEventsBefore): Promise<void> {
-    if (await appendFinalEvent(this.deps, run, before)) await runCrud.releaseLease(this.deps.db, run.id, this.workerId, false);
+  private async closeEnded(run: Run, before: FinalEventsBefore, appends: RunWriter): Promise<void> {
+    if (await appendFinalEvent(this.deps, run, before, appends)) await runCrud.releaseLease(this.deps.db, run.id, this.workerId, false);
   }
 
   /**
    * The run is no longer this worker's to end: cancelled meanwhile (then this worker writes its
    * final event and lets go), or taken over by another worker (then it stops without a word).
    */
-  private async afterLostRun(runId: string): Promise<void> {
+  private async afterLostRun(runId: string, appends: RunWriter): Promise<void> {
     const run = await runCrud.runCrud.getById(this.deps.db, runId);
     if (!run || run.lease_owner !== this.workerId) return;
     if (run.status === 'running') {
       // Our lease is still on it: a lost renewal (database trouble). Let it expire; the sweep resumes it.
       return;
     }
-    await appendFinalEvent(this.deps, await this.withPaidTotals(run));
+    await appendFinalEvent(this.deps, await this.withPaidTotals(run), [], appends);
     await runCrud.releaseLease(this.deps.db, runId, this.workerId, false);
   }
 
@@ -585,7 +586,7 @@ export class AgentRunner {
       }
       await queuePromoted(deps, written.ended);
       if (within) return;
-      await this.closeEnded(written.ended.run, completed);
+      await this.closeEnded(written.ended.run, completed, appends);
       return;
     }
   }
