@@ -305,7 +305,7 @@ const WAL_FLUSH = "select pg_logical_emit_message(false, 'keel-wal-write', '', t
 
 /**
  * PostgreSQL's WAL writer, which PGlite has not: a commit made without waiting for the WAL
- * (`synchronous_commit = off`: credit holds and settlements, usage batches, a run's claim, knowledge
+ * (`synchronous_commit = off`: credit holds and settlements, usage batches, a run's claim (embedded), knowledge
  * batches) stays in PGlite's memory until a later commit waits for the WAL, and in a quiet process
  * none came: a kill -9 lost every such commit since the last durable one, however old (answered
  * calls' charges and usage records). So WAL_WRITE_MS after statements were sent, a flush of its own

@@ -199,9 +199,10 @@ type MessageJson = Omit<Message, 'created_at' | 'updated_at'> & { created_at: st
  * (lease expired, or handed back). One conditional UPDATE, so two workers never both get it. The
  * same statement reads what the first step needs — the thread's messages, and whether the run had
  * been started before (`before`: the row as the statement's snapshot saw it) — so a run's first
- * statement is its only round trip before the model call. Its commit does not wait for the WAL to
- * reach the disk (synchronous_commit off, for this transaction only): lost in a database crash,
- * the claim is undone and the run's lease recovers it like a dead worker's (docs/decisions.md).
+ * statement is its only round trip before the model call. Where the run's log is in this database
+ * (`seqRoom` 0), its commit does not wait for the WAL to reach the disk (synchronous_commit off, for
+ * this transaction only): lost in a database crash, the claim is undone and the run's lease recovers
+ * it like a dead worker's (docs/decisions.md). One that raises the run's seq ceiling commits durably.
  */
 const claimed = preparedAnywhere('runs_claim_with_history', (db, name) => {
   const taken = db.$with('taken').as(
@@ -239,7 +240,10 @@ const claimed = preparedAnywhere('runs_claim_with_history', (db, name) => {
         // Qualified by hand: inside the subquery, Drizzle's bare "thread_id" would be the message's own.
         history: sql<MessageJson[]>`(select coalesce(json_agg(m order by m.seq), '[]'::json) from ${messages} m where m.thread_id = ${sql.identifier('taken')}.${sql.identifier('thread_id')})`.as('history'),
         // set_config(..., true) is SET LOCAL: it holds until this statement's own transaction commits.
-        commit_mode: sql<string>`set_config('synchronous_commit', 'off', true)`.as('commit_mode'),
+        // A claim that raises the seq ceiling (seq_room > 0: the log is in Redis) keeps the session's
+        // durable commit: lost in a database crash, the raise would let the next writer number over
+        // seqs clients saw, should Redis lose the stream too.
+        commit_mode: sql<string>`set_config('synchronous_commit', case when ${sql.placeholder('seq_room')}::integer = 0 then 'off' else current_setting('synchronous_commit') end, true)`.as('commit_mode'),
       })
       .from(taken),
   );

@@ -679,20 +679,31 @@ describe('a worker\'s claim', () => {
     await runCrud.endRun(ctx.app.db, run.id, { status: 'cancelled', error: null }, null, true);
   });
 
-  it('commits without waiting for the WAL (synchronous_commit off for its own transaction only)', async () => {
+  const commitSetting = async (db: Db) => {
+    const result: unknown = await db.execute(sql`select current_setting('synchronous_commit') as value`);
+    return (result as { rows: { value: string }[] }).rows[0]!.value;
+  };
+
+  it('commits without waiting for the WAL (synchronous_commit off for its own transaction only) where it raises no seq ceiling; durably where it does', async () => {
     const { run } = await queuedRun();
-    const setting = async (db: Db) => {
-      const result: unknown = await db.execute(sql`select current_setting('synchronous_commit') as value`);
-      return (result as { rows: { value: string }[] }).rows[0]!.value;
-    };
     const seen = await transaction(ctx.app.db, async (tx) => {
-      const before = await setting(tx);
+      const before = await commitSetting(tx);
       await runCrud.claim(tx, run.id, 'test-worker-a', 60);
-      return { before, after: await setting(tx) };
+      return { before, after: await commitSetting(tx) };
     });
     expect(seen).toEqual({ before: 'on', after: 'off' });
-    expect(await setting(ctx.app.db)).toBe('on');
+    expect(await commitSetting(ctx.app.db)).toBe('on');
     await runCrud.endRun(ctx.app.db, run.id, { status: 'cancelled', error: null }, null, true);
+
+    // The log in Redis: the claim raises the seq ceiling, and a raise lost in a database crash would
+    // let the next writer number over seqs clients saw (should Redis lose the stream too).
+    const { run: scaled } = await queuedRun();
+    const durable = await transaction(ctx.app.db, async (tx) => {
+      const claimed = await runCrud.claim(tx, scaled.id, 'test-worker-a', 60, 1_000);
+      return { ceiling: claimed!.run.event_seq_ceiling, after: await commitSetting(tx) };
+    });
+    expect(durable).toEqual({ ceiling: 1_001, after: 'on' });
+    await runCrud.endRun(ctx.app.db, scaled.id, { status: 'cancelled', error: null }, null, true);
   });
 
   it("raises the seq ceiling for its worker while it holds the run, ended too (its final batch is still to be appended); not once the run is another's or let go", async () => {
