@@ -61,6 +61,27 @@ describe('422 answers', () => {
     }
   });
 
+  it('refuses a number past a double\'s range (1e400: Infinity to JSON.parse, null once stored) anywhere in a body with 422 naming where, under /v1 too', async () => {
+    const headers = { ...(await superuserHeaders(ctx.app)), 'content-type': 'application/json' };
+    for (const [url, payload, loc] of [
+      ['/api/v1/threads', '{"metadata":{"a":1e400}}', ['body', 'metadata', 'a']],
+      ['/api/v1/threads', `{"title":"t","metadata":{"list":[1,{"b":-${'9'.repeat(400)}}]}}`, ['body', 'metadata', 'list', '1', 'b']],
+      ['/api/v1/projects', '{"name":"p","x":1E+999}', ['body', 'x']],
+    ] as const) {
+      const response = await ctx.app.inject({ method: 'POST', url, headers, payload });
+      expect(response.statusCode, payload.slice(0, 80)).toBe(422);
+      expect(response.json<{ detail: Issue[] }>().detail).toEqual([{ loc, msg: 'Number is too large to be stored (past ±1.8e308)', type: 'finite_number' }]);
+    }
+    const openai = await ctx.app.inject({ method: 'POST', url: '/v1/chat/completions', headers, payload: '{"model":"m","messages":[{"role":"user","content":"hi"}],"metadata":{},"temperature":1e400}' });
+    expect(openai.statusCode).toBeGreaterThanOrEqual(400);
+    expect(openai.statusCode).toBeLessThan(500);
+    expect(openai.json<{ error: { message: string } }>().error.message).toContain('Number is too large');
+    // Large finite numbers, and exponents, are numbers as before.
+    const kept = await ctx.app.inject({ method: 'POST', url: '/api/v1/threads', headers, payload: '{"metadata":{"a":1e300,"b":2.5E-3,"c":"1e400"}}' });
+    expect(kept.statusCode, kept.body).toBe(200);
+    expect(kept.json<{ metadata: unknown }>().metadata).toEqual({ a: 1e300, b: 0.0025, c: '1e400' });
+  });
+
   it('answers a compressed body with 415 that says to send it uncompressed (not as malformed JSON)', async () => {
     const payload = gzipSync(JSON.stringify({ email: 'gz@example.test', password: 'a-long-password' }));
     const response = await ctx.app.inject({ method: 'POST', url: '/api/v1/users/signup', payload, headers: { 'content-type': 'application/json', 'content-encoding': 'gzip' }, remoteAddress: '10.22.0.2' });
