@@ -153,6 +153,8 @@ export const SettingsSchema = z.object({
   MAX_API_KEYS_KEPT_PER_USER: z.preprocess(emptyAsUndefined, int(1, 10_000_000).optional()),
   MAX_AGENTS_PER_USER: int(1, 1_000_000).default(100),
   MAX_THREADS_PER_USER: int(1, 10_000_000).default(10_000),
+  /** Knowledge folders a user may have (one more: 409): ten a project at MAX_PROJECTS_PER_USER's default. */
+  MAX_KNOWLEDGE_FOLDERS_PER_USER: int(1, 1_000_000).default(1_000),
   /** Runs queued or running at once per user; one more answers 429. */
   MAX_ACTIVE_RUNS_PER_USER: int(1, 1_000_000).default(10),
   /** Model calls a run may make (each answer or round of tool calls is one); beyond it the run fails. */

@@ -4,12 +4,12 @@ import type { AddressInfo } from 'node:net';
 import { connect } from 'node:net';
 import { PassThrough } from 'node:stream';
 
-import { eq, type SQL, sql } from 'drizzle-orm';
+import { count, eq, type SQL, sql } from 'drizzle-orm';
 import { PgDialect } from 'drizzle-orm/pg-core';
 import type { LightMyRequestResponse } from 'fastify';
 import { beforeAll, describe, expect, it, vi } from 'vitest';
 
-import { knowledgeChunks, knowledgeEntries, knowledgeFileDeletions } from '../../src/models/index.js';
+import { knowledgeChunks, knowledgeEntries, knowledgeFileDeletions, knowledgeFolders } from '../../src/models/index.js';
 
 import { queryRows } from '../../src/crud/owned.js';
 import { contentDisposition } from '../../src/routers/knowledge.js';
@@ -19,7 +19,7 @@ import { boundedQuestion, fullTextQuery, fullTextStatement, MAX_EXCLUDED_WORDS, 
 import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { madeFile, markdownBlocks, writeDocx, writePdf } from '../helpers/documents.js';
 import { createProject, createUser, type TestUser } from '../helpers/factories.js';
-import { apiOf, createKey, eventually, expectValidationError, type ListBody, sleep, xApiKey } from '../helpers/http.js';
+import { apiOf, call, createKey, eventually, expectValidationError, type ListBody, sleep, xApiKey } from '../helpers/http.js';
 import { createFolder, type EntryBody, ingested, multipartBody, search, settled, storedFiles as storedFilesIn, SWEEP,upload, uploaded } from '../helpers/knowledge.js';
 import { backendPid, lockWaits } from '../helpers/lock-waits.js';
 import { captureLogs, LEVEL } from '../helpers/logs.js';
@@ -134,6 +134,35 @@ describe('folders', () => {
     expect(await purge()).toBe(1);
     expect(storedFiles(user.user.id)).toEqual([]);
     expect(await purge()).toBe(0);
+  });
+});
+
+describe('MAX_KNOWLEDGE_FOLDERS_PER_USER', () => {
+  const LIMIT = 2;
+  const detail = `Knowledge folder limit reached (${LIMIT} per user)`;
+
+  it('answers 409 beyond the limit, per user, concurrent creations (same name: numbered) included; deleting one makes room', async () => {
+    const limited = await buildTestApp(ctx.database, { MAX_KNOWLEDGE_FOLDERS_PER_USER: String(LIMIT) });
+    try {
+      const [user, other] = [await createUser(limited), await createUser(limited)];
+      const create = (headers: Record<string, string>, name: string) => call(limited, 'POST', '/knowledge-base/folders', headers, { name });
+      // Side by side, half of them under one name: the name's retries take the owner's lock again.
+      const responses = await Promise.all(Array.from({ length: 6 }, (_, i) => create(user.headers, i % 2 ? 'Same' : `F${i}`)));
+      expect(responses.filter((r) => r.statusCode === 200)).toHaveLength(LIMIT);
+      for (const refused of responses.filter((r) => r.statusCode !== 200)) {
+        expect(refused.statusCode).toBe(409);
+        expect(refused.json()).toEqual({ detail });
+      }
+      const [row] = await limited.db.select({ value: count() }).from(knowledgeFolders).where(eq(knowledgeFolders.owner_id, user.user.id));
+      expect(row?.value).toBe(LIMIT);
+      expect((await create(other.headers, 'Theirs')).statusCode).toBe(200);
+      const first = responses.find((r) => r.statusCode === 200)!.json<{ id: string }>();
+      expect((await call(limited, 'DELETE', `/knowledge-base/folders/${first.id}`, user.headers)).statusCode).toBe(200);
+      expect((await create(user.headers, 'Again')).statusCode).toBe(200);
+      expect((await create(user.headers, 'Over')).json()).toEqual({ detail });
+    } finally {
+      await limited.close();
+    }
   });
 });
 

@@ -1,3 +1,5 @@
+import type { Db } from '../../core/db.js';
+
 import { type KnowledgeFolder, knowledgeFolders } from '../../models/index.js';
 
 import type { KnowledgeFolderCreate, KnowledgeFolderListQuery, KnowledgeFolderUpdate } from '../../schemas/knowledge.js';
@@ -5,6 +7,7 @@ import type { KnowledgeFolderCreate, KnowledgeFolderListQuery, KnowledgeFolderUp
 import { entryKeysIn, folderCrud, folderNames, folderPolicy, setEntriesProject, writeUniquelyNamed } from '../../crud/knowledge.js';
 import { matching } from '../../crud/owned.js';
 import type { ServiceContext } from '../context.js';
+import { createWithinLimit } from '../limits.js';
 import { placeInProject } from '../project-service.js';
 import { PURGE_BATCH, purgeFilesOf } from './files.js';
 
@@ -16,12 +19,17 @@ export function list(ctx: ServiceContext, query: KnowledgeFolderListQuery) {
   return folderCrud.list(ctx.db, ctx.principal, query, matching({ project_id: knowledgeFolders.project_id }, query));
 }
 
-/** A name another of the owner's folders has gets a number: `Docs (1)`. */
+/**
+ * A name another of the owner's folders has gets a number: `Docs (1)`. Up to
+ * MAX_KNOWLEDGE_FOLDERS_PER_USER folders (409 beyond), counted under the owner's lock in the
+ * transaction that inserts (a name clash retried takes the lock again).
+ */
 export async function create(ctx: ServiceContext, input: KnowledgeFolderCreate): Promise<KnowledgeFolder> {
   const ownerId = ctx.principal.user.id;
   const projectId = await placeInProject(ctx, folderPolicy, ownerId, input.project_id);
+  const limit = { what: 'Knowledge folder', max: ctx.settings.MAX_KNOWLEDGE_FOLDERS_PER_USER, count: (tx: Db) => folderCrud.countOwnedBy(tx, ownerId) };
   return writeUniquelyNamed(ctx.db, folderNames(ownerId), input.name, (tx, name) =>
-    folderCrud.create(tx, { ...input, name, project_id: projectId, owner_id: ownerId }),
+    createWithinLimit(tx, ownerId, limit, (locked) => folderCrud.create(locked, { ...input, name, project_id: projectId, owner_id: ownerId })),
   );
 }
 
