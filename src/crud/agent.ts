@@ -1,9 +1,9 @@
-import { and, eq, ne } from 'drizzle-orm';
+import { and, eq, ne, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
 
-import { type Agent, agents, type AgentVersion, agentVersions, type NewAgent, type NewAgentVersion } from '../models/index.js';
+import { type Agent, agents, type AgentVersion, agentVersions, knowledgeEntries, knowledgeFolders, type NewAgent, type NewAgentVersion } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
 import { childCrud } from './child.js';
@@ -49,6 +49,27 @@ export async function clearDefault(db: Db, ownerId: string, exceptId: string | n
     .where(and(eq(agents.owner_id, ownerId), eq(agents.is_default, true), others));
 }
 
+/** Of the assignment's `field` ids (kept in order), those `table` still has a row for: SQL over the agents row being updated. */
+function stillThere(field: 'folder_ids' | 'entry_ids', table: typeof knowledgeFolders | typeof knowledgeEntries) {
+  return sql`coalesce((select jsonb_agg(ref.id order by ref.n) from jsonb_array_elements_text(${agents.knowledge} -> ${field}) with ordinality as ref(id, n)
+    where exists (select 1 from ${table} where ${table.id} = ref.id::uuid)), '[]'::jsonb)`;
+}
+
+/**
+ * Takes the folders and entries that no longer exist out of the owner's agents' knowledge, in the
+ * transaction that deleted them (a folder, an entry, a project's): an agent read and written back
+ * as read (a fetch-edit-save client) was otherwise refused with 422 for an id it never chose to
+ * keep. The current assignment only: versions keep what the agent searched then (a gone id finds
+ * nothing). Ids stored were validated UUIDs, hence the casts; an agent whose knowledge all still
+ * exists is left alone (no row written).
+ */
+export async function forgetDeletedKnowledge(db: Db, ownerId: string): Promise<void> {
+  const kept = sql`jsonb_build_object('folder_ids', ${stillThere('folder_ids', knowledgeFolders)}, 'entry_ids', ${stillThere('entry_ids', knowledgeEntries)})`;
+  await db
+    .update(agents)
+    .set({ knowledge: sql`${kept}` })
+    .where(and(eq(agents.owner_id, ownerId), sql`${agents.knowledge} is distinct from ${kept}`));
+}
 
 /** The user's default agent, if they have one. */
 export async function getDefault(db: Db, ownerId: string): Promise<Agent | undefined> {

@@ -5,6 +5,7 @@ import type { Project } from '../models/index.js';
 
 import type { ProjectCreate, ProjectUpdate } from '../schemas/project.js';
 
+import { forgetDeletedKnowledge } from '../crud/agent.js';
 import { forgetApiKeys } from '../crud/api-key.js';
 import { lockBillingRows } from '../crud/billing.js';
 import type { Page } from '../crud/page.js';
@@ -46,6 +47,8 @@ export async function remove(ctx: ServiceContext, id: string): Promise<void> {
     const busy = await lockOwnerCountingBusy(tx, project.owner_id, id);
     if (busy) throw new ConflictError(`Project has runs in progress on ${busy === 1 ? 'one of its threads' : `${busy} of its threads`}: cancel them or wait for them to end, then delete it`);
     await projectCrud.remove(tx, ctx.principal, id);
+    // Its folders and entries went with it: the owner's other agents no longer name them.
+    await forgetDeletedKnowledge(tx, project.owner_id);
   });
   forgetApiKeys(ctx.db);
 }

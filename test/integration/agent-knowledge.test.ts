@@ -95,9 +95,39 @@ describe('GET and PUT /agents/{id}/knowledge', () => {
     const cleared = (await putKnowledge(alice, agent.id, { folder_ids: [folder.id] })).json<KnowledgeBody>();
     expect(cleared).toMatchObject({ version: 3, entry_ids: [], entries: [] });
 
-    // A deleted folder stays among the ids (the version names it) but has no name to show.
+    // A deleted folder leaves the assignment (no new version: the version still names it, as what the agent searched then).
     expect((await api('DELETE', `/knowledge-base/folders/${folder.id}`, alice.headers)).statusCode).toBe(200);
-    expect((await api('GET', `/agents/${agent.id}/knowledge`, alice.headers)).json()).toMatchObject({ folder_ids: [folder.id], folders: [] });
+    expect((await api('GET', `/agents/${agent.id}/knowledge`, alice.headers)).json()).toMatchObject({ version: 3, folder_ids: [], folders: [] });
+    expect((await api('GET', `/agents/${agent.id}/versions/3`, alice.headers)).json()).toMatchObject({ knowledge: { folder_ids: [folder.id] } });
+  });
+
+  it('a deleted folder, entry or project leaves the agents that had it, so an agent read and written back as read is taken; an id never the owner\'s is still 422', async () => {
+    const alice = await createUser(ctx.app);
+    const bob = await createUser(ctx.app);
+    const project = await createProject(ctx.app, alice.headers);
+    const [f1, f2, f3] = [await createFolder(ctx.app, alice.headers, { name: 'F1' }), await createFolder(ctx.app, alice.headers, { name: 'F2' }), await createFolder(ctx.app, alice.headers, { name: 'F3', project_id: project.id })];
+    const [inF1, inF2, inF3] = await Promise.all([f1, f2, f3].map((folder, i) => uploaded(ctx.app, alice.headers, folder.id, { filename: `e${i}.md`, content: '# E\n\nText.', type: 'text/markdown' })));
+    const knowledge = { folder_ids: [f1.id, f2.id, f3.id], entry_ids: [inF1!.id, inF2!.id, inF3!.id] };
+    const agent = await createAgent(ctx.app, alice.headers, { knowledge });
+    const untouched = await createAgent(ctx.app, alice.headers, { knowledge: { folder_ids: [f2.id], entry_ids: [] } });
+    const bobFolder = await createFolder(ctx.app, bob.headers);
+    const bobAgent = await createAgent(ctx.app, bob.headers, { knowledge: { folder_ids: [bobFolder.id], entry_ids: [] } });
+
+    expect((await api('DELETE', `/knowledge-base/folders/${f1.id}`, alice.headers)).statusCode).toBe(200); // its entry with it
+    expect((await api('DELETE', `/knowledge-base/entries/${inF2!.id}`, alice.headers)).statusCode).toBe(200);
+    expect((await api('DELETE', `/projects/${project.id}`, alice.headers)).statusCode).toBe(200); // F3 and its entry with it
+    const read = (await api('GET', `/agents/${agent.id}`, alice.headers)).json<{ version: number; knowledge: typeof knowledge }>();
+    expect(read).toMatchObject({ version: 1, knowledge: { folder_ids: [f2.id], entry_ids: [] } });
+    // Fetch, edit, save: the knowledge as read goes back.
+    const saved = await api('PATCH', `/agents/${agent.id}`, alice.headers, { name: 'renamed', knowledge: read.knowledge });
+    expect(saved.statusCode, saved.body).toBe(200);
+    expect(saved.json()).toMatchObject({ version: 1, knowledge: { folder_ids: [f2.id], entry_ids: [] } });
+    expect((await putKnowledge(alice, agent.id, read.knowledge)).statusCode).toBe(200);
+    expect((await api('GET', `/agents/${untouched.id}`, alice.headers)).json()).toMatchObject({ knowledge: { folder_ids: [f2.id] } });
+    expect((await api('GET', `/agents/${bobAgent.id}`, bob.headers)).json()).toMatchObject({ knowledge: { folder_ids: [bobFolder.id] } });
+    // Sent again, the deleted folder is as unknown as any other id.
+    expectValidationError(await putKnowledge(alice, agent.id, { folder_ids: [f2.id, f1.id] }), ['body', 'folder_ids', '1'], 'value_error');
+    expectValidationError(await putKnowledge(alice, agent.id, { folder_ids: [bobFolder.id] }), ['body', 'folder_ids', '0'], 'value_error');
   });
 
   it("answers 404 for another user's agent, 422 naming each folder or entry the owner may not use", async () => {

@@ -8,6 +8,7 @@ import { knowledgeEntries, type KnowledgeEntry, type KnowledgeFolder, knowledgeF
 
 import { type KnowledgeEntryListQuery, type KnowledgeEntryUpdate, nameProblem, normalizeName } from '../../schemas/knowledge.js';
 
+import { forgetDeletedKnowledge } from '../../crud/agent.js';
 import * as billingCrud from '../../crud/billing.js';
 import {
   chargedBytes,
@@ -300,13 +301,16 @@ export async function update(ctx: ServiceContext, id: string, input: KnowledgeEn
   return writeUniquelyNamed(ctx.db, entryNames(entry.folder_id), input.filename, (tx, filename) => entryCrud.update(tx, ctx.principal, id, { filename }), id);
 }
 
-/** The entry, its chunks and embeddings (cascade), then its file and extracted text. */
+/** The entry, its chunks and embeddings (cascade), its id in the owner's agents' knowledge, then its file and extracted text. */
 export async function remove(ctx: ServiceContext, id: string): Promise<void> {
   // The key is the entry's for its life: read before, it is the one the deletion records.
-  const { storage_key: key } = await entryCrud.getVisible(ctx.db, ctx.principal, id, 'write');
-  // One statement: it waits for an ingestion's transaction holding the row, which then commits
-  // first, or finds no row and writes nothing (see ingestion.ts).
-  await entryCrud.remove(ctx.db, ctx.principal, id);
+  const { storage_key: key, owner_id: ownerId } = await entryCrud.getVisible(ctx.db, ctx.principal, id, 'write');
+  await transaction(ctx.db, async (tx) => {
+    // Its first statement: it waits for an ingestion's transaction holding the row, which then
+    // commits first, or finds no row and writes nothing (see ingestion.ts).
+    await entryCrud.remove(tx, ctx.principal, id);
+    await forgetDeletedKnowledge(tx, ownerId);
+  });
   await purgeFilesOf(ctx, [key]);
 }
 

@@ -1,9 +1,10 @@
-import type { Db } from '../../core/db.js';
+import { type Db, transaction } from '../../core/db.js';
 
 import { type KnowledgeFolder, knowledgeFolders } from '../../models/index.js';
 
 import type { KnowledgeFolderCreate, KnowledgeFolderListQuery, KnowledgeFolderUpdate } from '../../schemas/knowledge.js';
 
+import { forgetDeletedKnowledge } from '../../crud/agent.js';
 import { entryKeysIn, folderCrud, folderNames, folderPolicy, setEntriesProject, writeUniquelyNamed } from '../../crud/knowledge.js';
 import { matching } from '../../crud/owned.js';
 import type { ServiceContext } from '../context.js';
@@ -53,12 +54,16 @@ export async function update(ctx: ServiceContext, id: string, input: KnowledgeFo
 }
 
 /**
- * The folder, its entries and their index; then their stored files, up to PURGE_BATCH of them
+ * The folder, its entries and their index, and their ids in the owner's agents' knowledge; then their stored files, up to PURGE_BATCH of them
  * (the sweeper deletes a larger folder's other files).
  */
 export async function remove(ctx: ServiceContext, id: string): Promise<void> {
+  const { owner_id: ownerId } = await folderCrud.getVisible(ctx.db, ctx.principal, id, 'write');
   // Read before: the cascade leaves no way to tell which entries it took.
   const keys = await entryKeysIn(ctx.db, id, PURGE_BATCH);
-  await folderCrud.remove(ctx.db, ctx.principal, id);
+  await transaction(ctx.db, async (tx) => {
+    await folderCrud.remove(tx, ctx.principal, id);
+    await forgetDeletedKnowledge(tx, ownerId);
+  });
   await purgeFilesOf(ctx, keys);
 }
