@@ -152,6 +152,12 @@ export const SettingsSchema = z.object({
    */
   MAX_API_KEYS_KEPT_PER_USER: z.preprocess(emptyAsUndefined, int(1, 10_000_000).optional()),
   MAX_AGENTS_PER_USER: int(1, 1_000_000).default(100),
+  /**
+   * An agent's newest versions kept: a change that makes one more deletes the oldest past it that
+   * no run names (a run's version stays readable). Without it every change of a 100,000-character
+   * prompt added a row for good.
+   */
+  AGENT_VERSIONS_KEPT: int(1, 1_000_000).default(100),
   MAX_THREADS_PER_USER: int(1, 10_000_000).default(10_000),
   /** Knowledge folders a user may have (one more: 409): ten a project at MAX_PROJECTS_PER_USER's default. */
   MAX_KNOWLEDGE_FOLDERS_PER_USER: int(1, 1_000_000).default(1_000),

@@ -1,9 +1,9 @@
-import { and, eq, ne, sql } from 'drizzle-orm';
+import { and, eq, lte, ne, sql } from 'drizzle-orm';
 
 import type { Db } from '../core/db.js';
 import { constraintAnswers } from '../core/error-mapping.js';
 
-import { type Agent, agents, type AgentVersion, agentVersions, knowledgeEntries, knowledgeFolders, type NewAgent, type NewAgentVersion } from '../models/index.js';
+import { type Agent, agents, type AgentVersion, agentVersions, knowledgeEntries, knowledgeFolders, type NewAgent, type NewAgentVersion, runs } from '../models/index.js';
 
 import { definePolicy } from '../utils/access.js';
 import { childCrud } from './child.js';
@@ -47,6 +47,23 @@ export async function clearDefault(db: Db, ownerId: string, exceptId: string | n
     .update(agents)
     .set({ is_default: false })
     .where(and(eq(agents.owner_id, ownerId), eq(agents.is_default, true), others));
+}
+
+/**
+ * Deletes the agent's versions older than its newest `kept` (up to `current`) that no run names: a
+ * run's `agent_version` stays readable (GET /agents/{id}/versions/{n}, a retry's model), and the
+ * version a run about to start pins is the current one, never deleted.
+ */
+export async function pruneVersions(db: Db, agentId: string, current: number, kept: number): Promise<void> {
+  await db
+    .delete(agentVersions)
+    .where(
+      and(
+        eq(agentVersions.agent_id, agentId),
+        lte(agentVersions.version, current - kept),
+        sql`not exists (select 1 from ${runs} where ${runs.agent_id} = ${agentId} and ${runs.agent_version} = ${agentVersions.version})`,
+      ),
+    );
 }
 
 /** Of the assignment's `field` ids (kept in order), those `table` still has a row for: SQL over the agents row being updated. */

@@ -5,7 +5,7 @@ import { type Agent, agents, type AgentVersion } from '../models/index.js';
 
 import type { AgentCreate, AgentKnowledge, AgentListQuery, AgentUpdate } from '../schemas/agent.js';
 
-import { agentCrud, agentPolicy, clearDefault, versionCrud } from '../crud/agent.js';
+import { agentCrud, agentPolicy, clearDefault, pruneVersions, versionCrud } from '../crud/agent.js';
 import type { CursorPage } from '../crud/child.js';
 import { type KnowledgeRefs, usableKnowledge } from '../crud/knowledge.js';
 import { matching } from '../crud/owned.js';
@@ -155,7 +155,8 @@ export async function create(ctx: ServiceContext, input: AgentCreate): Promise<A
 
 /**
  * A change in one transaction: a change to what the agent does (prompt, model, parameters, tools,
- * knowledge — values that differ, not fields merely sent) makes the next version; becoming the
+ * knowledge — values that differ, not fields merely sent) makes the next version (the oldest
+ * past AGENT_VERSIONS_KEPT that no run names are deleted); becoming the
  * default unsets the previous default. The owner's row is locked first when the default changes,
  * so concurrent changes of one user's default run one after the other and the last one wins.
  */
@@ -187,7 +188,10 @@ async function change(ctx: ServiceContext, id: string, input: AgentUpdate, knowl
       ...(projectId === undefined ? {} : { project_id: projectId }),
       ...(changed ? { version: current.version + 1 } : {}),
     });
-    if (changed) await versionCrud.create(tx, versionOf(row));
+    if (changed) {
+      await versionCrud.create(tx, versionOf(row));
+      await pruneVersions(tx, row.id, row.version, ctx.settings.AGENT_VERSIONS_KEPT);
+    }
     return row;
   });
 }

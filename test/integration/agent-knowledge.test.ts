@@ -16,7 +16,8 @@ import { createFolder, type EntryBody, ingested, uploaded } from '../helpers/kno
 import { createAgent, createThread, readEvents, type SseEvent, startRun, useRunServer } from '../helpers/runs.js';
 
 const MODEL = 'fake-precise';
-const ctx = useTestApp({ MAX_RUN_STEPS: '4' });
+// AGENT_VERSIONS_KEPT: small, for 'keeps the newest versions' (the other tests make fewer).
+const ctx = useTestApp({ MAX_RUN_STEPS: '4', AGENT_VERSIONS_KEPT: '3' });
 const api = apiOf(ctx);
 const server = useRunServer(ctx);
 
@@ -261,6 +262,24 @@ const passagesOf = (events: SseEvent[]): Passage[] =>
     expect(e.data.is_error, String(e.data.content)).toBe(false);
     return (JSON.parse(e.data.content as string) as { passages: Passage[] }).passages;
   });
+
+describe('AGENT_VERSIONS_KEPT', () => {
+  it('keeps the newest versions and those a run names; editing goes on past it', async () => {
+    const alice = await createUser(ctx.app);
+    const agent = await createAgent(ctx.app, alice.headers);
+    const thread = await createThread(ctx.app, alice.headers);
+    const run = await startRun(ctx.app, alice.headers, thread.id, { agent_id: agent.id, input: 'hi' });
+    expect(run.agent_version).toBe(1);
+    for (let i = 2; i <= 7; i++) {
+      const patched = await api('PATCH', `/agents/${agent.id}`, alice.headers, { system_prompt: `Prompt ${i}. ${'x'.repeat(10_000)}` });
+      expect(patched.json()).toMatchObject({ version: i });
+    }
+    const versions = (await api('GET', `/agents/${agent.id}/versions`, alice.headers)).json<ListBody<{ version: number }>>();
+    expect(versions.data.map((v) => v.version)).toEqual([7, 6, 5, 1]);
+    expect((await api('GET', `/agents/${agent.id}/versions/1`, alice.headers)).statusCode).toBe(200); // the run's
+    expect((await api('GET', `/agents/${agent.id}/versions/4`, alice.headers)).statusCode).toBe(404);
+  });
+});
 
 describe('the knowledge_search tool in a run', () => {
   let alice: TestUser;
