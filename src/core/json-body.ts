@@ -1,8 +1,6 @@
 import { errorCodes, type FastifyBodyParser, type FastifyInstance, type FastifyRequest, type preParsingHookHandler } from 'fastify';
 
-import { UnsupportedContentEncodingError } from './errors.js';
-
-import { UnprocessableError } from './errors.js';
+import { UnprocessableError, UnsupportedContentEncodingError } from './errors.js';
 
 /** What refuses a body before it is parsed (an Error to answer with), or lets it through (undefined). */
 export type JsonBodyCheck = (request: FastifyRequest, text: string) => Error | undefined;
@@ -39,7 +37,7 @@ const mayOverflow = (text: string) => /\d[eE]|\d{309}/.test(text);
 interface Step {
   value: unknown;
   parent?: Step;
-  key?: string;
+  key?: string | number;
 }
 
 /**
@@ -47,16 +45,18 @@ interface Step {
  * Iterative, and each value holds its parent rather than a copy of its path: a body may nest
  * deeper than the stack goes, and copies would cost the depth's square.
  */
-function nonFiniteAt(value: unknown): string[] | undefined {
+function nonFiniteAt(value: unknown): (string | number)[] | undefined {
   const pending: Step[] = [{ value }];
   for (let step = pending.pop(); step; step = pending.pop()) {
     const item = step.value;
     if (typeof item === 'number' && !Number.isFinite(item)) {
-      const path: string[] = [];
+      const path: (string | number)[] = [];
       for (let at: Step | undefined = step; at?.key !== undefined; at = at.parent) path.unshift(at.key);
       return path;
     }
-    if (item !== null && typeof item === 'object') {
+    // An array's items by their index as a number, as in every other 422's `loc`.
+    if (Array.isArray(item)) item.forEach((child: unknown, key) => pending.push({ value: child, parent: step, key }));
+    else if (item !== null && typeof item === 'object') {
       for (const [key, child] of Object.entries(item)) pending.push({ value: child, parent: step, key });
     }
   }
