@@ -393,8 +393,9 @@ export class AgentRunner {
       // Our lease is still on it: a lost renewal (database trouble). Let it expire; the sweep resumes it.
       return;
     }
-    await appendFinalEvent(this.deps, await this.withPaidTotals(run), [], appends);
-    await runCrud.releaseLease(this.deps.db, runId, this.workerId, false);
+    // As closeEnded: a final event not appended keeps the lease, which tells the sweep one is owed
+    // (let go, the run's readers would wait for an end that never comes).
+    if (await appendFinalEvent(this.deps, await this.withPaidTotals(run), [], appends)) await runCrud.releaseLease(this.deps.db, runId, this.workerId, false);
   }
 
   /**
