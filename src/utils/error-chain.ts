@@ -27,8 +27,8 @@ export function findInCauses(error: unknown, is: (e: unknown) => boolean): unkno
 /** A file system's "no space left" (ENOSPC) or "over quota" (EDQUOT): a full disk, whatever asked for the room. */
 export const isDiskFullCode = (code: unknown): boolean => code === 'ENOSPC' || code === 'EDQUOT';
 
-/** `user:password@` in a URL (a connection string an error may quote): the password is masked. */
-const URL_CREDENTIALS = /(\/\/[^/\s:@]*:)[^/\s@]*@/g;
+/** `user:password@` in a URL (a connection string an error may quote): the password is masked, up to the last `@` of the authority (a raw `@` in a password). */
+const URL_CREDENTIALS = /(\/\/[^/\s:@]*:)[^/\s]*@/g;
 
 /**
  * One line saying why `error` happened, for an operator's log: the message of it and of each error

@@ -53,6 +53,8 @@ describe('errorReason', () => {
       'cannot reach postgres://keel:[redacted]@db.internal:5432/keel or redis://:[redacted]@cache:6379/0',
     );
     expect(errorReason(new Error('see https://example.com/a:b/c'))).toBe('see https://example.com/a:b/c');
+    // A raw `@` in the password (not percent-encoded): masked up to the authority's last `@`.
+    expect(errorReason(new Error('cannot reach postgres://keel:p@ss@w0rd@db:5432/keel'))).toBe('cannot reach postgres://keel:[redacted]@db:5432/keel');
   });
 
   it('says how long work went unanswered (settledWithin)', async () => {
