@@ -107,7 +107,6 @@ export class UnprocessableError extends HttpError {
 export const oneFilePerUpload = () =>
   new UnprocessableError({ loc: ['body', 'file'], msg: 'One file per upload: the form has more than one file; send each file in its own request', type: 'value_error' });
 
-/** 413: an upload (or body) over a size limit; the message gives the figures. */
 /** A body sent with a content coding (gzip, br, ...): no parser here inflates one. */
 export class UnsupportedContentEncodingError extends HttpError {
   constructor(encoding: string) {
@@ -115,6 +114,7 @@ export class UnsupportedContentEncodingError extends HttpError {
   }
 }
 
+/** 413: an upload (or body) over a size limit; the message gives the figures. */
 export class PayloadTooLargeError extends HttpError {
   constructor(detail = 'Request body too large') {
     super(413, detail);

@@ -240,13 +240,11 @@ export const openaiRouter: FastifyPluginAsyncZod = async (app) => {
  * A body's shape, read before it is parsed when it is long enough for its parse to cost
  * (utils/json-shape.ts): one nesting past MAX_BODY_DEPTH or holding more than MAX_BODY_VALUES
  * values is a 400 naming the bound and where it was passed, before JSON.parse spends seconds of the
- * event loop on it. A compressed body is left to the parse, whose failure says to send it
- * uncompressed (415).
+ * event loop on it. (A compressed body never comes here: it is refused with 415 before parsing.)
  */
-const shapeRefusal: JsonBodyCheck = (request, text) => {
+const shapeRefusal: JsonBodyCheck = (_request, text) => {
   if (text.length <= SHAPE_CHECKED_FROM_BYTES) return undefined;
-  const encoding = request.headers['content-encoding']?.trim().toLowerCase();
-  const issue = !encoding || encoding === 'identity' ? jsonShapeIssue(text, MAX_BODY_DEPTH, MAX_BODY_VALUES) : undefined;
+  const issue = jsonShapeIssue(text, MAX_BODY_DEPTH, MAX_BODY_VALUES);
   if (!issue) return undefined;
   if (issue.kind === 'depth') {
     const message = `The request body nests deeper than ${MAX_BODY_DEPTH} levels of arrays and objects; a JSON Schema (a tool's parameters, a response format's schema) nests no deeper than ${MAX_JSON_DEPTH} levels`;

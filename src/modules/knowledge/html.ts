@@ -94,7 +94,10 @@ interface ParserInternals {
  * does that before opening such an element.
  */
 class TextParser extends Parser {
+  /** Each rule by the elements it closes a sibling of. */
   private readonly rules: Map<string, SiblingClose>;
+  /** Each rule once (two names may share one), to tell of every element opened and closed. */
+  private readonly closers: SiblingClose[];
   /** Elements open in the parser (its stack is private), as the depths SiblingClose records. */
   private open = 0;
 
@@ -107,13 +110,13 @@ class TextParser extends Parser {
         onopentagname: (name) => {
           if (!this.isVoidElement(name)) {
             this.open++;
-            for (const rule of this.rules.values()) rule.opened(name, this.open);
+            for (const rule of this.closers) rule.opened(name, this.open);
           }
           onopentagname?.(name);
         },
         onclosetag: (name, implied) => {
           if (!this.isVoidElement(name)) {
-            for (const rule of this.rules.values()) rule.closed(this.open);
+            for (const rule of this.closers) rule.closed(this.open);
             this.open--;
           }
           onclosetag?.(name, implied);
@@ -124,7 +127,9 @@ class TextParser extends Parser {
     const item = new SiblingClose(new Set(['li']), new Set([...SPECIAL].filter((name) => name !== 'li')));
     const definition = new SiblingClose(new Set(['dd', 'dt']), new Set([...SPECIAL].filter((name) => name !== 'dd' && name !== 'dt')));
     const cell = new SiblingClose(CELLS, new Set([...TABLE_SCOPE, 'tr']));
-    this.rules = new Map([['li', item], ['dd', definition], ['dt', definition], ['td', cell], ['th', cell], ['tr', new SiblingClose(new Set(['tr']), new Set(TABLE_SCOPE))]]);
+    const row = new SiblingClose(new Set(['tr']), new Set(TABLE_SCOPE));
+    this.rules = new Map([['li', item], ['dd', definition], ['dt', definition], ['td', cell], ['th', cell], ['tr', row]]);
+    this.closers = [item, definition, cell, row];
   }
 
   protected override isVoidElement(name: string): boolean {
