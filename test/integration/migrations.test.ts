@@ -114,6 +114,12 @@ async function appliedTags(database: Database): Promise<string[]> {
 }
 
 /**
+ * For tests that migrate a fresh database through (nearly) every migration, up and down: on a
+ * loaded 2-core CI machine PGlite took ~23 s for one migrateUp alone, past the suite's 30 s.
+ */
+const MIGRATING = { timeout: 120_000 };
+
+/**
  * Runs `work` on a fresh database migrated up to just before `tag`: data in the old shape for that
  * migration to carry across; `previous` is the tag before it, to go back down to.
  */
@@ -284,7 +290,7 @@ describe('migrations on a fresh database', () => {
     expect(await pendingMigrations(database)).toEqual([]);
   });
 
-  it('migrateDown reverts everything and leaves no Keel tables or types; migrateUp then works again', async () => {
+  it('migrateDown reverts everything and leaves no Keel tables or types; migrateUp then works again', MIGRATING, async () => {
     const { database } = fresh;
     await query(database, `insert into users (email, hashed_password) values ('before-down@keel.test', 'x')`);
 
@@ -365,7 +371,7 @@ describe('concurrency and failures', () => {
 });
 
 describe('0010_run_event_batches', () => {
-  it('keeps every stored run event across up (a row per event becomes a batch of one) and down (each event a row again)', async () => {
+  it('keeps every stored run event across up (a row per event becomes a batch of one) and down (each event a row again)', MIGRATING, async () => {
     await beforeMigration('0010_run_event_batches', async (database, previous) => {
       const [user, thread, run] = [randomUUID(), randomUUID(), randomUUID()];
       await query(database, `insert into users (id, email, hashed_password) values ($1, 'events@example.com', 'x')`, [user]);
@@ -395,7 +401,7 @@ describe('0010_run_event_batches', () => {
 });
 
 describe('0014_credit_usage_entry_once', () => {
-  it("keeps a call's first usage entry linked and unlinks a second one (saying which call), then refuses a third", async () => {
+  it("keeps a call's first usage entry linked and unlinks a second one (saying which call), then refuses a third", MIGRATING, async () => {
     await beforeMigration('0014_credit_usage_entry_once', async (database, previous) => {
       const [user, call, other] = [randomUUID(), randomUUID(), randomUUID()];
       await query(database, `insert into users (id, email, hashed_password) values ($1, 'ledger@example.com', 'x')`, [user]);
@@ -430,7 +436,7 @@ describe('0014_credit_usage_entry_once', () => {
 });
 
 describe('0016_credit_accounts_entries and 0017_credit_ledger_entry_count', () => {
-  it("counts each account's existing ledger entries, then keeps counting every insert (an account made for entries without one); down drops the count", async () => {
+  it("counts each account's existing ledger entries, then keeps counting every insert (an account made for entries without one); down drops the count", MIGRATING, async () => {
     await beforeMigration('0016_credit_accounts_entries', async (database, previous) => {
       const [withAccount, withoutAccount, idle] = [randomUUID(), randomUUID(), randomUUID()];
       for (const [id, email] of [
@@ -465,7 +471,7 @@ describe('0016_credit_accounts_entries and 0017_credit_ledger_entry_count', () =
 });
 
 describe('0019_knowledge_entries_chunks_hidden', () => {
-  it("hides the chunks of failed entries and of failed entries' reindexes not yet ready, looked up by a partial index, kept by the status an old node writes alone; down brings back the failed-status index", async () => {
+  it("hides the chunks of failed entries and of failed entries' reindexes not yet ready, looked up by a partial index, kept by the status an old node writes alone; down brings back the failed-status index", MIGRATING, async () => {
     await beforeMigration('0019_knowledge_entries_chunks_hidden', async (database, previous) => {
       const [owner, folder] = [randomUUID(), randomUUID()];
       await query(database, `insert into users (id, email, hashed_password) values ($1, 'kb-hidden@example.com', 'x')`, [owner]);
@@ -526,7 +532,7 @@ describe('0019_knowledge_entries_chunks_hidden', () => {
 });
 
 describe('0020_knowledge_entries_search_language', () => {
-  it('adds the language an entry was indexed under, null for the entries there (older code: their next reindex embeds them anew); down drops it', async () => {
+  it('adds the language an entry was indexed under, null for the entries there (older code: their next reindex embeds them anew); down drops it', MIGRATING, async () => {
     await beforeMigration('0020_knowledge_entries_search_language', async (database, previous) => {
       const [owner, folder] = [randomUUID(), randomUUID()];
       await query(database, `insert into users (id, email, hashed_password) values ($1, 'kb-language@example.com', 'x')`, [owner]);
@@ -547,7 +553,7 @@ describe('0020_knowledge_entries_search_language', () => {
 });
 
 describe('0023_knowledge_entries_text_bytes', () => {
-  it("adds what an entry's text takes, 0 for the entries there (each counts for its file, at least 4 KiB, until reindexed); down drops it", async () => {
+  it("adds what an entry's text takes, 0 for the entries there (each counts for its file, at least 4 KiB, until reindexed); down drops it", MIGRATING, async () => {
     await beforeMigration('0023_knowledge_entries_text_bytes', async (database, previous) => {
       const [owner, folder] = [randomUUID(), randomUUID()];
       await query(database, `insert into users (id, email, hashed_password) values ($1, 'kb-text-bytes@example.com', 'x')`, [owner]);
@@ -573,7 +579,7 @@ describe('0023_knowledge_entries_text_bytes', () => {
 });
 
 describe('0024_run_scope_project', () => {
-  it("records the project of each working run's scoped key (none for an account key, a token or an ended run), a working run going with that project; down drops it", async () => {
+  it("records the project of each working run's scoped key (none for an account key, a token or an ended run), a working run going with that project; down drops it", MIGRATING, async () => {
     await beforeMigration('0024_run_scope_project', async (database, previous) => {
       const [owner, project, scopedKey, accountKey] = [randomUUID(), randomUUID(), randomUUID(), randomUUID()];
       await query(database, `insert into users (id, email, hashed_password) values ($1, 'run-scope@example.com', 'x')`, [owner]);
@@ -603,7 +609,7 @@ describe('0024_run_scope_project', () => {
 });
 
 describe('0025_runs_follow_thread_project', () => {
-  it("puts the runs of a thread moved before runs followed it into the thread's project (none too), their scope cleared as a move clears it; down leaves them", async () => {
+  it("puts the runs of a thread moved before runs followed it into the thread's project (none too), their scope cleared as a move clears it; down leaves them", MIGRATING, async () => {
     await beforeMigration('0025_runs_follow_thread_project', async (database, previous) => {
       const [owner, from, to, moved, toAccount, stayed] = [randomUUID(), randomUUID(), randomUUID(), randomUUID(), randomUUID(), randomUUID()];
       await query(database, `insert into users (id, email, hashed_password) values ($1, 'run-follow@example.com', 'x')`, [owner]);
@@ -628,7 +634,7 @@ describe('0025_runs_follow_thread_project', () => {
 });
 
 describe('0026_run_event_seq_ceiling', () => {
-  it("gives every existing run a seq ceiling of 1, which promises nothing past run.queued (a working one is taken up after its stream's top, as before); down drops it", async () => {
+  it("gives every existing run a seq ceiling of 1, which promises nothing past run.queued (a working one is taken up after its stream's top, as before); down drops it", MIGRATING, async () => {
     await beforeMigration('0026_run_event_seq_ceiling', async (database, previous) => {
       const [owner, thread] = [randomUUID(), randomUUID()];
       await query(database, `insert into users (id, email, hashed_password) values ($1, 'run-ceiling@example.com', 'x')`, [owner]);
