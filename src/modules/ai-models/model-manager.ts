@@ -1288,6 +1288,20 @@ interface SplitPart {
 }
 
 /**
+ * One request of a split try, the inputs from `start` on: the answer an earlier try of the model
+ * kept for them (AttemptState.answeredParts: a retry sends only the requests that did not answer),
+ * or else `sendAndCheck`'s, kept for the next try once it passed its checks.
+ */
+async function keptOrSent(state: Pick<AttemptState, 'answeredParts'>, start: number, inputs: number, sendAndCheck: () => Promise<VectorsAnswer>): Promise<SplitPart> {
+  const answered = (state.answeredParts ??= new Map<number, VectorsAnswer>());
+  const kept = answered.get(start);
+  if (kept?.vectors.length === inputs) return { answer: kept, kept: true };
+  const answer = await sendAndCheck();
+  answered.set(start, answer);
+  return { answer, kept: false };
+}
+
+/**
  * A split try's answer: its requests' answers joined in the order of their inputs, numbered when
  * each is. Its tokens are those of the requests sent in this try (one without usage makes them
  * unknown, as the SDK's sum does): a kept one was charged with the try it answered in (`failedTries`).
@@ -2044,28 +2058,24 @@ export class ModelManager {
     }
     const split = new SplitTry();
     state.split = split;
-    const answered = (state.answeredParts ??= new Map<number, VectorsAnswer>());
     const parts: SplitPart[] = [];
     for (let start = 0; start < values.length; start += OPENAI_EMBEDDING_INPUTS) {
       const input = values.slice(start, start + OPENAI_EMBEDDING_INPUTS);
-      const kept = answered.get(start);
-      if (kept?.vectors.length === input.length) {
-        parts.push({ answer: kept, kept: true });
-        continue;
-      }
-      const sent = await split.request(
-        input,
-        attempt,
-        (one) => send(input, requestSignal(attempt, () => split.answering(one))),
-        (reply) => boundedTokens(reply.tokens, input),
-        (error) => failedTokens(error, input),
+      parts.push(
+        await keptOrSent(state, start, input.length, async () => {
+          const sent = await split.request(
+            input,
+            attempt,
+            (one) => send(input, requestSignal(attempt, () => split.answering(one))),
+            (reply) => boundedTokens(reply.tokens, input),
+            (error) => failedTokens(error, input),
+          );
+          // Each request's own count: one short and the next one long would otherwise pass as a whole,
+          // every vector on another input (its usage is on `split` by now).
+          checkVectorCount(model.id, input.length, sent.vectors.length, { start, of: values.length });
+          return { vectors: sent.vectors, numbering: [sent.indexes], tokens: sent.tokens };
+        }),
       );
-      // Each request's own count: one short and the next one long would otherwise pass as a whole,
-      // every vector on another input (its usage is on `split` by now).
-      checkVectorCount(model.id, input.length, sent.vectors.length, { start, of: values.length });
-      const answer = { vectors: sent.vectors, numbering: [sent.indexes], tokens: sent.tokens };
-      answered.set(start, answer);
-      parts.push({ answer, kept: false });
     }
     return split.answer(parts, state);
   }
@@ -2100,19 +2110,17 @@ export class ModelManager {
     }
     const split = new SplitTry();
     state.split = split;
-    const answered = (state.answeredParts ??= new Map<number, VectorsAnswer>());
-    const sendPart = async (start: number): Promise<SplitPart> => {
+    const sendPart = (start: number): Promise<SplitPart> => {
       const inputs = values.slice(start, start + perRequest);
-      const kept = answered.get(start);
-      if (kept?.vectors.length === inputs.length) return { answer: kept, kept: true };
-      const result = await split.request(inputs, attempt, (one) => sentApart(attempt, (signal) => send(inputs, signal), () => split.answering(one)), (sent) => boundedTokens(sdkTokens(sent), inputs));
-      // Billed by now (`split`): a request that fails its checks is charged as one that answered.
-      const part = { start, of: values.length };
-      checkVectorCount(model.id, inputs.length, result.embeddings.length, part);
-      const answer = sdkAnswer(result);
-      checkFinite(model.id, answer.vectors, part);
-      answered.set(start, answer);
-      return { answer, kept: false };
+      return keptOrSent(state, start, inputs.length, async () => {
+        const result = await split.request(inputs, attempt, (one) => sentApart(attempt, (signal) => send(inputs, signal), () => split.answering(one)), (sent) => boundedTokens(sdkTokens(sent), inputs));
+        // Billed by now (`split`): a request that fails its checks is charged as one that answered.
+        const part = { start, of: values.length };
+        checkVectorCount(model.id, inputs.length, result.embeddings.length, part);
+        const answer = sdkAnswer(result);
+        checkFinite(model.id, answer.vectors, part);
+        return answer;
+      });
     };
     const starts = Array.from({ length: Math.ceil(values.length / perRequest) }, (_, i) => i * perRequest);
     let ended: PromiseSettledResult<SplitPart>[];
