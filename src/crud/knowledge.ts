@@ -365,7 +365,11 @@ export async function clearJobQueuedMarks(db: Db, entryIds: string[]): Promise<v
  * Without the mark every sweep queued another job for each entry of a backlog (entries only waiting
  * their turn behind JOB_CONCURRENCY in Redis), and the copies piled up. Rows locked with SKIP
  * LOCKED: two workers' sweeps never both pick an entry. `ignoreMarks`: an in-process queue's
- * start-up sweep (its jobs died with the process) takes every pending entry at once.
+ * start-up sweep (its jobs died with the process) takes every pending entry at once. An entry
+ * handed back counts again for the text its chunks hold (`text_bytes_stored`), not for a dead
+ * worker's last reservation, while its job waits its turn (as the claim does: services/knowledge/
+ * ingestion.ts). No job holds an entry picked here (a pending one has no claim; an expired one's is
+ * taken), so no reservation is live.
  */
 export function unfinishedWithoutJob(db: Db, pick: { pendingAgeMs: number; markMs: number; ignoreMarks: boolean; limit: number }): Promise<Pick<KnowledgeEntry, 'id'>[]> {
   const e = knowledgeEntries;
@@ -380,7 +384,7 @@ export function unfinishedWithoutJob(db: Db, pick: { pendingAgeMs: number; markM
   return db
     .update(e)
     // updated_at stays: the sweep's bookkeeping is no change of the entry's.
-    .set({ status: 'pending', lease_token: null, lease_expires_at: jobQueuedMark(pick.markMs), updated_at: sql`${e.updated_at}` })
+    .set({ status: 'pending', lease_token: null, lease_expires_at: jobQueuedMark(pick.markMs), text_bytes: sql`${e.text_bytes_stored}`, updated_at: sql`${e.updated_at}` })
     .where(and(inArray(e.id, picked), or(eq(e.status, 'pending'), leaseRunOut)))
     .returning({ id: e.id });
 }

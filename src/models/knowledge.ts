@@ -71,10 +71,20 @@ export const knowledgeEntries = pgTable(
      * (crud/knowledge.ts, usedBytes): a compressed PDF or DOCX extracts to ~100× its size. Grown
      * batch by batch under the owner's lock while an indexing stores its chunks, before it stores
      * them (services/knowledge/ingestion.ts, ChunkWriter.reserve), so it is never less than the text
-     * of the chunks stored; exact once the indexing ends `ready`; 0 once an indexing drops them. 0 for
+     * of the chunks stored; exact (`text_bytes_stored`) once the indexing ends (ready, failed, handed
+     * back for a retry) or the entry is claimed again; 0 once an indexing drops them. 0 for
      * entries indexed before the column (migration 0023): they count for their file until reindexed.
      */
     text_bytes: bigint('text_bytes', { mode: 'number' }).notNull().default(0),
+    /**
+     * What `text_bytes` counts of the chunks actually stored (the same measure, `ownTextBytes`),
+     * without the reservation of a batch not stored yet: written in the transaction of each batch
+     * an indexing stores. A worker killed between its reservation and its write leaves `text_bytes`
+     * a batch over the chunks there; the next claim of the entry, and the sweep that hands it on,
+     * set `text_bytes` back to this (services/knowledge/ingestion.ts, `claim`). Not recomputable
+     * from the rows: they do not record how much of each chunk is the overlap left out of the count.
+     */
+    text_bytes_stored: bigint('text_bytes_stored', { mode: 'number' }).notNull().default(0),
     /**
      * The API key whose request asked for the current indexing (the upload, or the last reindex):
      * its embedding calls are charged to that key's max_budget. Null for a signed-in user. No

@@ -13,10 +13,11 @@ import { eq, sql } from 'drizzle-orm';
 import { beforeAll, describe, expect, it } from 'vitest';
 
 import type { Settings } from '../../src/core/config.js';
-import type { SqlSession } from '../../src/core/db.js';
+import { type Db, type SqlSession, transaction } from '../../src/core/db.js';
 
 import { knowledgeChunks, knowledgeEntries } from '../../src/models/index.js';
 
+import { unfinishedWithoutJob } from '../../src/crud/knowledge.js';
 import { ChunkCutter, chunkOptionsFrom, ownTextBytes } from '../../src/modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../src/modules/knowledge/extract.js';
 import type { DocumentChunk } from '../../src/modules/knowledge/types.js';
@@ -33,8 +34,16 @@ import { addFakeModels } from '../helpers/metered-models.js';
 const QUOTA = 200_000;
 // Embedded where pgvector is (PGlite): text over the quota is refused before it is embedded, and paid for.
 // A retry waits 6 s (JOB_BACKOFF_MS; 2 s by default): the retry tests read what a try kept, and lift
-// the fault, before the next try starts, which a loaded CI machine must have time for.
-const ctx = useTestApp({ KB_MAX_BYTES_PER_USER: String(QUOTA), KB_MAX_FILE_BYTES: String(QUOTA / 2), EMBEDDING_MODEL: 'fake-embed', MODEL_MAX_RETRIES: '0', JOB_BACKOFF_MS: '6000' });
+// the fault, before the next try starts, which a loaded CI machine must have time for. No sweep
+// but the start's: the tests of a dead worker hand its entry on themselves.
+const ctx = useTestApp({
+  KB_MAX_BYTES_PER_USER: String(QUOTA),
+  KB_MAX_FILE_BYTES: String(QUOTA / 2),
+  EMBEDDING_MODEL: 'fake-embed',
+  MODEL_MAX_RETRIES: '0',
+  JOB_BACKOFF_MS: '6000',
+  KB_SWEEP_INTERVAL_MS: '3600000',
+});
 const api = apiOf(ctx);
 const { rowsOf, waitingForLocks } = lockWaits(ctx);
 const onServer = !!process.env.DATABASE_URL;
@@ -416,4 +425,123 @@ describe('the storage quota counts extracted text', () => {
     }
     await expectOneOverQuota();
   }, 60_000);
+});
+
+// ==================== A worker that dies mid-indexing ====================
+
+/** Stands for anything a dead process would have done next: every call on it, and what it returns, never settles. */
+const stalled: unknown = new Proxy(() => undefined, { get: (_target, key) => (key === 'then' ? () => undefined : stalled), apply: () => stalled });
+
+/**
+ * `db` for a job that dies (as under `kill -9`) once a transaction it committed makes `diesNow`
+ * true: from then on it never reaches the database again — no write, no renewal of its claim, no
+ * failure recorded — and its lease runs out. `died` resolves then.
+ */
+function dyingDb(db: Db, diesNow: () => Promise<boolean>): { db: Db; died: Promise<void> } {
+  let dead = false;
+  let die = () => {};
+  const died = new Promise<void>((resolve) => (die = resolve));
+  const dying: Db = new Proxy(db, {
+    get(target, key) {
+      if (dead) return stalled;
+      if (key === 'transaction') {
+        return async (work: (tx: Db) => Promise<unknown>) => {
+          const result = await transaction(target, work);
+          if (await diesNow()) {
+            dead = true;
+            die();
+          }
+          return result;
+        };
+      }
+      const value: unknown = Reflect.get(target, key, target);
+      return typeof value === 'function' ? (value as (...args: unknown[]) => unknown).bind(target) : value;
+    },
+  });
+  return { db: dying, died };
+}
+
+/** Chunks small enough that the document below takes several batches (250 chunks each), and a lease that runs out in a second. */
+const smallChunks = (): Settings => ({ ...ctx.app.settings, KB_CHUNK_TOKENS: 32, KB_CHUNK_OVERLAP_TOKENS: 8, KB_INGEST_LEASE_MS: 1_000 });
+
+async function entryRow(entryId: string) {
+  const [row] = await ctx.app.db
+    .select({ status: knowledgeEntries.status, attempts: knowledgeEntries.attempts, text_bytes: knowledgeEntries.text_bytes, lease_expires_at: knowledgeEntries.lease_expires_at })
+    .from(knowledgeEntries)
+    .where(eq(knowledgeEntries.id, entryId));
+  return row!;
+}
+
+/** The reservation after which the job below dies: enough text stored and reserved that the reservation alone keeps out an upload that fits beside what is stored. */
+const DIES_AT_BATCH = 5;
+
+/**
+ * A user's PDF whose indexing (with `smallChunks`) was killed just after its job reserved the text
+ * of batch DIES_AT_BATCH: the batches before it stored, that one counted but never written, the
+ * lease run out.
+ */
+async function killedAfterReservation() {
+  const user = await createUser(ctx.app);
+  const folder = await createFolder(ctx.app, user.headers);
+  const pdf = await textPdf(1_500);
+  const settings = smallChunks();
+  const cut = await documentOf(pdf, settings);
+  expect(cut.length).toBeGreaterThan(DIES_AT_BATCH * 250);
+  // Indexed once as the app does; then reindexed (as the route leaves it) by a job that dies.
+  const { id: entryId } = await ingested(ctx.app, user.headers, folder.id, { filename: 'refunds.pdf', content: pdf });
+  await ctx.app.db.update(knowledgeEntries).set({ status: 'pending', attempts: 0, lease_token: null, lease_expires_at: null }).where(eq(knowledgeEntries.id, entryId));
+  let counted = 0;
+  let reservations = 0;
+  const dying = dyingDb(ctx.app.db, async () => {
+    const { text_bytes } = await entryRow(entryId);
+    if (text_bytes > counted) reservations++;
+    counted = text_bytes;
+    return reservations === DIES_AT_BATCH;
+  });
+  void ingestEntry({ ...ingestionDeps(settings), db: dying.db }, entryId);
+  await dying.died;
+  const stored = await storedTextOf(entryId, pdf, settings);
+  expect(stored.chunks).toBe((DIES_AT_BATCH - 1) * 250);
+  const reserved = cut.slice(0, DIES_AT_BATCH * 250).reduce((sum, chunk) => sum + ownTextBytes(chunk), 0);
+  // The dead job's count: up to its last batch, which it never stored.
+  expect(await entryRow(entryId)).toMatchObject({ status: 'processing', attempts: 1, text_bytes: reserved });
+  expect(await quotaUsed(user)).toBe(reserved);
+  await eventually(async () => (await entryRow(entryId)).lease_expires_at! < new Date(Date.now() - 100), 10_000);
+  return { user, folder, entryId, pdf, settings, stored: stored.bytes, reserved };
+}
+
+describe('a worker killed mid-indexing', () => {
+  it("counts the entry for the text it stored, not for the dead job's reservation, once another job claims it: an upload that fits is accepted", async () => {
+    const { user, folder, entryId, pdf, settings, stored, reserved } = await killedAfterReservation();
+    // An upload that fits beside the stored text, and not beside the reservation.
+    const fits = Math.min(QUOTA - stored, ctx.app.settings.KB_MAX_FILE_BYTES);
+    expect(reserved + fits).toBeGreaterThan(QUOTA);
+
+    // Another job claims the entry (its lease ran out) and dies too, at once: the claim alone counts the entry anew.
+    const claimed = dyingDb(ctx.app.db, async () => true);
+    void ingestEntry({ ...ingestionDeps(settings), db: claimed.db }, entryId);
+    await claimed.died;
+    expect(await entryRow(entryId)).toMatchObject({ status: 'processing', attempts: 2, text_bytes: stored });
+    expect(await quotaUsed(user)).toBe(stored);
+    const fitted = await uploaded(ctx.app, user.headers, folder.id, { filename: 'fits.txt', content: 'x'.repeat(fits) });
+    expect(await quotaUsed(user)).toBe(stored + fits);
+    await api('DELETE', `/knowledge-base/entries/${fitted.id}`, user.headers);
+
+    // A third job resumes from the stored chunks and ends ready, counting the whole text once.
+    await eventually(async () => (await entryRow(entryId)).lease_expires_at! < new Date(Date.now() - 100), 10_000);
+    await ingestEntry(ingestionDeps(settings), entryId);
+    const whole = await wholeTextOf(pdf, settings);
+    expect(await entryRow(entryId)).toMatchObject({ status: 'ready', attempts: 3, text_bytes: whole });
+    expect(await quotaUsed(user)).toBe(whole);
+  }, 90_000);
+
+  it("counts the entry for the text it stored once the sweep hands it back, while its job waits its turn", async () => {
+    const { user, entryId, pdf, settings, stored } = await killedAfterReservation();
+    expect((await unfinishedWithoutJob(ctx.app.db, { pendingAgeMs: 0, markMs: 300_000, ignoreMarks: false, limit: 100 })).map((entry) => entry.id)).toContain(entryId);
+    expect(await entryRow(entryId)).toMatchObject({ status: 'pending', text_bytes: stored });
+    expect(await quotaUsed(user)).toBe(stored);
+    // Its job (run here) resumes from the stored chunks and ends ready.
+    await ingestEntry(ingestionDeps(settings), entryId);
+    expect(await entryRow(entryId)).toMatchObject({ status: 'ready', attempts: 2, text_bytes: await wholeTextOf(pdf, settings) });
+  }, 90_000);
 });

@@ -83,6 +83,12 @@ export class TextOverQuotaError extends Error {
  *   did, failing deleted them, so no failed entry holds older code's chunks). The job resumes from
  *   them (`resuming`): it stores only the chunks that are missing or differ, so the embeddings
  *   already paid for are not asked for, and paid, again.
+ *
+ * And the entry counts again for the text its chunks hold (`text_bytes_stored`), not for what an
+ * earlier job reserved ahead: a worker killed between a batch's reservation and its write (or whose
+ * claim was taken by a reindex meanwhile) left `text_bytes` up to a batch over the chunks stored,
+ * counted against the owner's quota. The claim takes the entry from any job that held it, so no
+ * reservation is left to keep; this job reserves anew what it stores past them.
  */
 async function claim(db: Db, settings: Settings, entryId: string): Promise<Claim | null> {
   // Each of the job's writes is run again if PostgreSQL aborts it for a deadlock or serialization
@@ -103,6 +109,7 @@ async function claim(db: Db, settings: Settings, entryId: string): Promise<Claim
         processing_started_at: sql`now()`,
         attempts: sql`${knowledgeEntries.attempts} + 1`,
         error: null,
+        text_bytes: sql`${knowledgeEntries.text_bytes_stored}`,
       })
       .where(
         and(
@@ -121,8 +128,8 @@ async function claim(db: Db, settings: Settings, entryId: string): Promise<Claim
       if (!keep) {
         await deleteChunks(tx, entry.id);
         // Nothing of the text is stored any more: the entry counts for its file until this indexing's text is reserved.
-        await tx.update(knowledgeEntries).set({ text_bytes: 0 }).where(eq(knowledgeEntries.id, entry.id));
-        return { entry: { ...entry, text_bytes: 0 }, resuming: false };
+        await tx.update(knowledgeEntries).set({ text_bytes: 0, text_bytes_stored: 0 }).where(eq(knowledgeEntries.id, entry.id));
+        return { entry: { ...entry, text_bytes: 0, text_bytes_stored: 0 }, resuming: false };
       }
     }
     // Nothing stored: nothing to compare (no read per batch).
@@ -172,7 +179,7 @@ interface Claim {
 const held = (entry: KnowledgeEntry) => and(eq(knowledgeEntries.id, entry.id), eq(knowledgeEntries.lease_token, entry.lease_token!));
 
 /** Extends the claim (writing `also` with it); ClaimLostError when it is no longer this job's. */
-async function renew(db: Db, settings: Settings, entry: KnowledgeEntry, also: Partial<Pick<KnowledgeEntry, 'text_bytes'>> = {}): Promise<void> {
+async function renew(db: Db, settings: Settings, entry: KnowledgeEntry, also: Partial<Pick<KnowledgeEntry, 'text_bytes' | 'text_bytes_stored'>> = {}): Promise<void> {
   const [row] = await db
     .update(knowledgeEntries)
     .set({ ...also, lease_expires_at: sql`now() + ${settings.KB_INGEST_LEASE_MS} * interval '1 millisecond'` })
@@ -186,12 +193,12 @@ async function renew(db: Db, settings: Settings, entry: KnowledgeEntry, also: Pa
  * embeddings are paid for, and the entry's next indexing resumes from them (`claim`) — but search
  * shows none of them (`chunks_hidden`) until an indexing of the entry ends `ready`: not while it
  * is failed, nor while its reindex is pending or processing, when they are still unchecked. And
- * `chunk_count` is 0 (nothing is indexed); the kept chunks still count against the quota:
- * `keptTextBytes` where the job's writer says what they hold (ChunkWriter.keptTextBytes; else
- * `text_bytes` stays). A document that cannot be read as it is (rejected, its file gone) or whose
- * text is over the quota keeps none: no indexing of it resumes, and it counts for its file alone.
+ * `chunk_count` is 0 (nothing is indexed); the kept chunks still count against the quota, for what
+ * they hold (`text_bytes_stored`, which each batch's write records), not for the batch reserved
+ * whole that the job stopped in. A document that cannot be read as it is (rejected, its file gone)
+ * or whose text is over the quota keeps none: no indexing of it resumes, and it counts for its file alone.
  */
-async function fail(db: Db, entry: KnowledgeEntry, error: string, keepChunks = true, keptTextBytes?: number): Promise<void> {
+async function fail(db: Db, entry: KnowledgeEntry, error: string, keepChunks = true): Promise<void> {
   await deadlockRetried(db, async (tx) => {
     const [row] = await tx
       .update(knowledgeEntries)
@@ -201,7 +208,7 @@ async function fail(db: Db, entry: KnowledgeEntry, error: string, keepChunks = t
         chunk_count: 0,
         token_count: 0,
         chunks_hidden: true,
-        ...(keepChunks ? (keptTextBytes === undefined ? {} : { text_bytes: keptTextBytes }) : { text_bytes: 0 }),
+        ...(keepChunks ? { text_bytes: sql`${knowledgeEntries.text_bytes_stored}` } : { text_bytes: 0, text_bytes_stored: 0 }),
         lease_token: null,
         lease_expires_at: null,
         processed_at: sql`now()`,
@@ -219,14 +226,14 @@ async function fail(db: Db, entry: KnowledgeEntry, error: string, keepChunks = t
  * the mark) and its turn. Should the queue have no try left, the sweep takes the entry up once the
  * mark has passed.
  */
-async function release(db: Db, settings: Settings, entry: KnowledgeEntry, keptTextBytes?: number): Promise<void> {
+async function release(db: Db, settings: Settings, entry: KnowledgeEntry): Promise<void> {
   await deadlockRetried(db, (tx) =>
     tx
       .update(knowledgeEntries)
       .set({
         status: 'pending',
         // What the chunks kept for the retry hold (see `fail`).
-        ...(keptTextBytes === undefined ? {} : { text_bytes: keptTextBytes }),
+        text_bytes: sql`${knowledgeEntries.text_bytes_stored}`,
         lease_token: null,
         lease_expires_at: jobQueuedMark(settings.KB_INGEST_LEASE_MS),
       })
@@ -323,9 +330,10 @@ const CUT_SLICE_MS = 20;
  * The text counts against the owner's quota (`text_bytes`; crud/knowledge.ts, chargedBytes): each
  * batch's text is reserved before it is embedded or stored (`reserve`), so a document that extracts
  * to more than the owner has left stops there (TextOverQuotaError), its reading with it, having
- * stored and paid for no more than fits. A failure that keeps the chunks stored so far records what
- * they hold (`keptTextBytes`), not what was reserved: the batch it stopped in, reserved whole, may
- * be partly stored or not at all.
+ * stored and paid for no more than fits. Each batch's write records, in its transaction, what the
+ * entry's chunks hold then (`text_bytes_stored`, see `keptTextBytes`): a failure that keeps them,
+ * and the next claim after a worker died, count that rather than what was reserved, as the batch
+ * the job stopped in, reserved whole, may be partly stored or not at all.
  */
 class ChunkWriter {
   private readonly queue: DocumentSection[] = [];
@@ -343,7 +351,7 @@ class ChunkWriter {
   textBytes = 0;
   /** What the entry counts for against the quota as far as the database knows: more text than this is reserved first. */
   private charged: number;
-  /** `textBytes` of the chunks stored by an earlier attempt, which this job resumes from (see `keptTextBytes`). */
+  /** What the chunks stored by an earlier attempt hold, which this job resumes from (`text_bytes_stored` at the claim; see `keptTextBytes`). */
   private readonly countedBefore: number;
   /** UTF-8 bytes (`ownTextBytes`) of this job's chunks that are in the database as it cut them: stored by it, or found stored with the same text. */
   private storedTextBytes = 0;
@@ -360,18 +368,21 @@ class ChunkWriter {
     private resuming: boolean,
   ) {
     this.charged = chargedBytes(entry.size_bytes, entry.text_bytes);
-    this.countedBefore = resuming ? entry.text_bytes : 0;
+    this.countedBefore = resuming ? entry.text_bytes_stored : 0;
   }
 
   /**
-   * The UTF-8 bytes of text (`ownTextBytes`) the entry's chunks hold now, for a failure that keeps
-   * them: this job's stored so far, and an earlier attempt's it has not reached. Those count for
-   * what that attempt recorded (`countedBefore`): chunking is deterministic, so the stored chunks
-   * this job has compared hold the same text as its own (the first that differ goes with all after
-   * it, `dropped`), and an earlier attempt's chunks are a prefix of the document as these are.
+   * The UTF-8 bytes of text (`ownTextBytes`) the entry's chunks hold once a write has stored `added`
+   * more of this job's (and, `dropping`, deleted an earlier attempt's from a place on): what each
+   * batch's write records (`text_bytes_stored`). This job's stored so far, and an earlier attempt's
+   * it has not reached. Those count for what that attempt recorded (`countedBefore`): chunking is
+   * deterministic, so the stored chunks this job has compared hold the same text as its own (the
+   * first that differ goes with all after it, `dropped`), and an earlier attempt's chunks are a
+   * prefix of the document as these are.
    */
-  keptTextBytes(): number {
-    return this.dropped ? this.storedTextBytes : Math.max(this.countedBefore, this.storedTextBytes);
+  private keptTextBytes(added = 0, dropping = false): number {
+    const stored = this.storedTextBytes + added;
+    return this.dropped || dropping ? stored : Math.max(this.countedBefore, stored);
   }
 
   /** The place from which stored chunks are another cutting's, to delete with the next batch stored (see the class). */
@@ -442,7 +453,8 @@ class ChunkWriter {
     const lastCompared = this.dropFrom !== null;
     if (otherLanguage.length) await this.refreshFullText(otherLanguage);
     if (!missing.length) {
-      if (!otherLanguage.length) await renew(deps.db, deps.settings, entry);
+      // The chunks found stored may tell more than the earlier attempt recorded (one indexed before text was counted).
+      if (!otherLanguage.length) await renew(deps.db, deps.settings, entry, { text_bytes_stored: this.keptTextBytes() });
     } else if (!model) {
       await this.store(missing, null);
     } else {
@@ -526,7 +538,7 @@ class ChunkWriter {
    */
   private async refreshFullText(chunks: DocumentChunk[]): Promise<void> {
     const { deps, entry } = this;
-    await this.writeBatch(async (tx) => {
+    await this.writeBatch(this.keptTextBytes(), async (tx) => {
       await tx
         .update(knowledgeChunks)
         .set({ tsv: fullTextOf(deps.settings.KB_SEARCH_LANGUAGE, knowledgeChunks.text) })
@@ -535,14 +547,15 @@ class ChunkWriter {
   }
 
   /**
-   * Runs one batch's write in a short transaction that first renews the claim. The owner's row
+   * Runs one batch's write in a short transaction that first renews the claim, recording what the
+   * entry's chunks hold once it commits (`storedTextBytes`: see `keptTextBytes`). The owner's row
    * first (KEY SHARE, which the chunks' inserts take anyway for their foreign key, at their end):
    * a deletion of the owner locks that row, then the entry's through its cascade; taken after the
    * entry's (renew), the two waited for each other on PostgreSQL until one was aborted (40P01),
    * the batch's ending the entry failed with an internal error. In the deletion's order, the batch
    * waits for it to commit, and then finds its claim gone (ClaimLostError).
    */
-  private async writeBatch(work: (tx: Db) => Promise<void>): Promise<void> {
+  private async writeBatch(storedTextBytes: number, work: (tx: Db) => Promise<void>): Promise<void> {
     const { deps, entry } = this;
     // Run again whole after a deadlock (see claim): `work` changes nothing of the writer, whose counts
     // (chunkCount, textBytes, storedTextBytes) move once the write has committed.
@@ -553,7 +566,7 @@ class ChunkWriter {
       // file on PGlite: 20.7 s with a flush per batch, 19.4 s without.)
       await tx.execute(sql`select set_config('synchronous_commit', 'off', true)`);
       await lockUserKeyShare(tx, entry.owner_id);
-      await renew(tx, deps.settings, entry);
+      await renew(tx, deps.settings, entry, { text_bytes_stored: storedTextBytes });
       await work(tx);
     });
   }
@@ -568,7 +581,9 @@ class ChunkWriter {
     const language = deps.settings.KB_SEARCH_LANGUAGE;
     // Read once, cleared once committed: a write run again after a deadlock deletes them again.
     const dropFrom = this.dropFrom;
-    await this.writeBatch(async (tx) => {
+    // Chunks whose text was stored already (compare) are counted; a place whose text differs is past dropFrom.
+    const added = chunks.reduce((sum, chunk) => (this.storedText.has(chunk.index) ? sum : sum + ownTextBytes(chunk)), 0);
+    await this.writeBatch(this.keptTextBytes(added, dropFrom !== null), async (tx) => {
       // An earlier attempt's chunks from a place on where they were cut otherwise go, with their embeddings (see the class).
       if (dropFrom !== null) await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), gte(knowledgeChunks.chunk_index, dropFrom)));
       // An earlier attempt's chunk in the same place (other headings or token count, or no embedding by the model) goes, with its embedding.
@@ -596,7 +611,7 @@ class ChunkWriter {
       this.dropFrom = null;
       this.dropped = true;
     }
-    for (const chunk of chunks) if (!this.storedText.has(chunk.index)) this.storedTextBytes += ownTextBytes(chunk);
+    this.storedTextBytes += added;
   }
 }
 
@@ -650,6 +665,7 @@ async function finishEntry(db: Db, settings: Settings, entry: KnowledgeEntry, do
         token_count: written.tokenCount,
         // Exact now (every chunk left is one written): no more than was reserved, so no check.
         text_bytes: written.textBytes,
+        text_bytes_stored: written.textBytes,
         lease_token: null,
         lease_expires_at: null,
         processed_at: sql`now()`,
@@ -764,12 +780,12 @@ export async function ingestEntry(deps: IngestionDeps, entryId: string): Promise
     const outcome = outcomeOf(error, entry, maxAttempts);
     if ('retry' in outcome) {
       log.warn({ err: error, entryId, attempt: entry.attempts }, 'ingestion failed; will try again');
-      await release(db, settings, entry, writer?.keptTextBytes());
+      await release(db, settings, entry);
       throw error;
     }
     if (overQuota) log.info({ entryId, ownerId: entry.owner_id }, "knowledge entry failed: its text is over its owner's storage quota");
     else if (!(error instanceof DocumentRejectedError || error instanceof HttpError)) log.error({ err: error, entryId }, 'ingestion failed');
-    await fail(db, entry, outcome.fail, !(error instanceof DocumentRejectedError || error instanceof StorageNotFoundError || overQuota), writer?.keptTextBytes());
+    await fail(db, entry, outcome.fail, !(error instanceof DocumentRejectedError || error instanceof StorageNotFoundError || overQuota));
     if (overQuota) {
       // None of its text is kept: neither the copy this job may be writing nor an earlier indexing's.
       void Promise.resolve(textSaved)
