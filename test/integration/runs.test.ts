@@ -1496,6 +1496,37 @@ describe('durability', () => {
     await waitForRun(ctx.app, owner.headers, first.id, ['completed']);
   });
 
+  it("a run cancelled under its worker, whose final event the worker could not store: the worker keeps its lease, and the sweep writes run.cancelled once it expires (the run's reader does not wait for good)", async () => {
+    const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
+    const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);
+    fake.script(MODEL, { chunks: Array.from({ length: 50 }, (_, i) => `t${i} `), chunkDelayMs: 100 });
+    const { owner, thread } = await setup();
+    const run = await startRun(ctx.app, owner.headers, thread.id, { input: 'long' });
+    const reading = readEvents(base, owner.headers, run.id);
+    await fake.waitFor((log) => log.some((r) => r.model === MODEL && r.chunksSent >= 2));
+    await refusing('run.cancelled', async (refused) => {
+      // The cancel leaves the final event to the worker, which holds the run: the worker's append fails once.
+      expect((await api('POST', `/runs/${run.id}/cancel`, owner.headers)).json<RunBody>().status).toBe('cancelled');
+      await vi.waitFor(() => expect(refused()).toBe(1), 5_000);
+      await vi.waitFor(() => expect(ctx.app.runs.runner.running).toBe(0), 5_000);
+    });
+    // The worker is done with it, and its lease stays on the run: it tells the sweep a final event is owed.
+    expect(await leaseOf(run.id)).toBe(ctx.app.runs.runner.workerId);
+    // Not before the lease expires (the worker may still be writing it)...
+    expect((await sweeper.sweep()).closed).toBe(0);
+    await ctx.app.db.update(runs).set({ lease_expires_at: new Date(Date.now() - 1_000) }).where(eq(runs.id, run.id));
+    // ...then once, and the stream ends with it.
+    expect((await sweeper.sweep()).closed).toBe(1);
+    const { events, ended } = await reading;
+    expect(ended).toBe(true);
+    expectIncreasing(events);
+    expect(events.filter((e) => FINAL_EVENTS.has(e.event)).map((e) => e.event)).toEqual(['run.cancelled']);
+    // The message the worker opened ends first, incomplete: the run was cancelled.
+    expect(events.slice(-2).map((e) => e.event)).toEqual(['message.completed', 'run.cancelled']);
+    expect(events.at(-2)!.data).toMatchObject({ status: 'incomplete', reason: 'cancelled' });
+    expect(await leaseOf(run.id)).toBeNull();
+  });
+
   it('a run whose events cannot be stored mid-step (the run bus unreachable) is handed back, not failed; the sweep resumes it to its answer', async () => {
     const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
     const sweeper = new RunSweeper(ctx.app.runs, ctx.app.runs.runner);
