@@ -261,8 +261,10 @@ export async function claim(db: Db, runId: string, workerId: string, lease: numb
 /**
  * Raises the run's event_seq_ceiling to `to` (never lowers it) while `workerId` holds it: before the
  * worker appends past it. Held, not only running: a run its worker ended (or a cancel ended under
- * it) keeps the worker's lease until its final batch is appended, which may need a raise too.
- * False when the run is no longer the worker's.
+ * it) keeps the worker's lease until its final batch is appended, which may need a raise too. The
+ * sweep and a cancel of a run nobody held raise it under the hold they settle (a dead worker's
+ * lease, FINAL_EVENT_PENDING) before their final batch (takeUpLog). False when the run is no longer
+ * the worker's (or that hold's).
  */
 export async function raiseEventSeqCeiling(db: Db, runId: string, workerId: string, to: number): Promise<boolean> {
   const rows = await db

@@ -825,7 +825,9 @@ describe.runIf(Boolean(process.env.REDIS_URL))('a start on Redis', () => {
     const { events, ended, status } = await reading.reader;
     expect(status).toBe(200);
     expect(ended).toBe(true);
-    expect(events.map((e) => [e.id, e.event])).toEqual([[2, 'run.cancelled']]);
+    // Past seq 2: the cancel's append failed without an answer (it may have stored run.cancelled as 2,
+    // which a reader then saw), and raised the run's seq ceiling over it first.
+    expect(events.map((e) => [e.id, e.event])).toEqual([[3, 'run.cancelled']]);
     await waitForRun(ctx.app, owner.headers, first.id, ['completed']);
   });
 });
@@ -1727,5 +1729,79 @@ describe('durability', () => {
     expect(ended).toBe(true);
     expect(events.map((e) => e.event)).toEqual(['run.queued', 'run.started', 'run.failed']);
     expect(await leaseOf(hopeless.id)).toBeNull();
+  });
+});
+
+describe.runIf(Boolean(process.env.REDIS_URL))('a final batch the sweep writes again after Redis lost it', () => {
+  /**
+   * While `work` runs, `log` stores the run's first final batch but its answer is lost (Redis went
+   * down right after the script ran: readers got the events, the writer an error), and stays down
+   * for the run's final appends after it.
+   */
+  async function storedUnanswered<T>(log: RunEventLog, runId: string, work: () => Promise<T>): Promise<T> {
+    const append = log.append.bind(log);
+    let stored = false;
+    log.append = async (id, events) => {
+      if (id !== runId || !events.some((e) => FINAL_EVENTS.has(e.event))) return append(id, events);
+      if (!stored) {
+        stored = true;
+        await append(id, events);
+      }
+      throw unreachableBus();
+    };
+    try {
+      return await work();
+    } finally {
+      log.append = append;
+    }
+  }
+
+  it.each([
+    ['a cancel of a run whose worker died (the sweep writes its final batch)', 'cancelled'],
+    ['a run the sweep gives up (its end writes the final batch: closePending)', 'failed'],
+  ] as const)("%s: written again after the stream was lost, it is numbered past every seq a client saw, and a client resuming from one gets the run's end", async (_, end) => {
+    const { RunSweeper } = await import('../../src/modules/agents/run-sweeper.js');
+    // The sweep of another node (every worker sweeps): its log knows the run only from Redis and the
+    // database, not from this node's readers (whose cursors this node's log keeps).
+    const node = createRedisRunBus(ctx.app.redis!, ctx.app.settings, pino({ level: 'silent' }));
+    const sweeper = new RunSweeper({ ...ctx.app.runs, bus: node }, ctx.app.runs.runner);
+    try {
+      const { owner, thread, agent } = await setup();
+      // Its worker died with a message open, the ceiling as its claim left it; the lease runs out once its events are in the log.
+      const run = await orphanRun(ctx.app.db, { owner_id: owner.user.id, thread_id: thread.id, agent_id: agent.id, model: MODEL, attempts: end === 'failed' ? 3 : 1, lease_expires_at: new Date(Date.now() + 60_000), event_seq_ceiling: 1_001 });
+      const message = { id: randomUUID(), role: 'assistant', content: '' };
+      await node.events.append(run.id, [
+        { event: 'run.queued', data: {} },
+        { event: 'run.started', data: {} },
+        { event: 'message.created', data: { message, step: 1 } },
+        { event: 'message.delta', data: { message_id: message.id, delta: 'half', step: 1 } },
+      ]);
+      const seen = await storedUnanswered(node.events, run.id, async () => {
+        // POST /cancel's end of a run whose worker is gone: the final event is left to the sweep.
+        if (end === 'cancelled') expect(await finishRun(ctx.app.runs, run, { status: 'cancelled' }, null)).toBeDefined();
+        await ctx.app.db.update(runs).set({ lease_expires_at: new Date(Date.now() - 1_000) }).where(eq(runs.id, run.id));
+        await sweeper.sweep();
+        // A client read the batch (the log publishes what it stores); the sweep never heard it was stored: the run still owes it.
+        const { events, ended } = await readEvents(base, owner.headers, run.id);
+        expect(ended).toBe(true);
+        expect(await leaseOf(run.id)).not.toBeNull();
+        return events;
+      });
+      expect(seen.map((e) => e.event)).toEqual(['run.queued', 'run.started', 'message.created', 'message.delta', 'message.completed', `run.${end}`]);
+      // Redis then lost the stream (restarted without it); the next sweep writes the final event again.
+      await forgetEvents(run.id);
+      await sweeper.sweep();
+      expect(await leaseOf(run.id)).toBeNull();
+      const last = seen.at(-1)!.id;
+      // A client that saw the batch's first event (the open message's end), and resumes after it, gets the run's end...
+      const resumed = await readEvents(base, owner.headers, run.id, { lastEventId: seen.at(-2)!.id });
+      expect(resumed.events.map((e) => e.event)).toEqual([`run.${end}`]);
+      // ...numbered past every seq a client saw: none of them names another event.
+      const again = await readEvents(base, owner.headers, run.id);
+      expect(again.events.map((e) => [e.event, e.id > last])).toEqual([[`run.${end}`, true]]);
+    } finally {
+      await node.events.close();
+      await node.signals.close();
+    }
   });
 });

@@ -247,18 +247,34 @@ export async function openMessagesClosed(deps: Pick<RunDeps, 'db' | 'bus'>, runI
 }
 
 /**
- * Before a writer that did not write the run's log appends to it (a cancel of a run no worker held,
- * the sweep): its events are numbered past whatever the run's writers may have numbered
- * (runs.event_seq_ceiling), should the log have lost its latest events (RunEventLog.numberAfter).
+ * Before a writer that did not write the run's log appends its final batch to it (a cancel of a run
+ * no worker held, the sweep): its events are numbered past whatever the run's writers may have
+ * numbered (runs.event_seq_ceiling), should the log have lost its latest events
+ * (RunEventLog.numberAfter). Returns, where the log keeps the ceiling, what raises the ceiling over
+ * that batch before it goes out (appendFinalEvent's `writer`), as a worker's RunWriter.reserve does:
+ * left where it was, an append whose answer was lost (it landed, or not) is written again by the
+ * sweep after the same ceiling, and should the stream have been lost meanwhile, its seqs, which
+ * clients saw (the log publishes what it stores), name other events (what closed the open
+ * messages, which a lost stream no longer shows open), and a client resuming after one of them
+ * never gets the final event.
  */
-export function takeUpLog(deps: Pick<RunDeps, 'bus'>, run: Pick<Run, 'id' | 'event_seq_ceiling'>): void {
-  deps.bus.events.numberAfter?.(run.id, run.event_seq_ceiling);
+export function takeUpLog(deps: Pick<RunDeps, 'bus' | 'db'>, run: Pick<Run, 'id' | 'event_seq_ceiling' | 'lease_owner'>): Pick<RunWriter, 'reserve'> | undefined {
+  const { events } = deps.bus;
+  if (!events.numberAfter) return undefined;
+  events.numberAfter(run.id, run.event_seq_ceiling);
+  return {
+    reserve: async (count, top = 0) => {
+      // Fenced by the hold this writer settles (a dead worker's lease, FINAL_EVENT_PENDING): an ended
+      // run's hold is only let go once its final event is stored, so gone, the final event is there.
+      const raised = run.lease_owner !== null && (await runCrud.raiseEventSeqCeiling(deps.db, run.id, run.lease_owner, Math.max(run.event_seq_ceiling, top) + count));
+      if (!raised) throw new RunEventsRefusedError(run.id, 'ended', top);
+    },
+  };
 }
 
 /** Writes the final event of a run ended with FINAL_EVENT_PENDING, then clears the mark; left for the sweep when the write fails. */
 export async function closePending(deps: RunDeps, run: Run): Promise<boolean> {
-  takeUpLog(deps, run);
-  if (!(await appendFinalEvent(deps, run))) return false;
+  if (!(await appendFinalEvent(deps, run, [], takeUpLog(deps, run)))) return false;
   await runCrud.clearEndedLease(deps.db, run.id, runCrud.FINAL_EVENT_PENDING);
   return true;
 }
@@ -273,7 +289,8 @@ export type FinalEventsBefore = readonly NewRunEvent[] | (() => Promise<readonly
  * that is behind the log (another node appended since: `stale`) catches up with `lastSeq` and
  * appends them after what is there. True when the log now ends with a final event; false when the
  * event store failed (the run's lease then stays for the sweep to try again: see endRun). `writer`:
- * the run's worker's (RunWriter), which raises the run's seq ceiling first where the batch would pass it.
+ * the run's worker's (RunWriter), which raises the run's seq ceiling first where the batch would pass
+ * it, or takeUpLog's for a writer that took the log up (it raises the ceiling over every batch).
  */
 export async function appendFinalEvent(deps: RunDeps, run: Run, before: FinalEventsBefore = [], writer?: Pick<RunWriter, 'reserve'>): Promise<boolean> {
   const { events } = deps.bus;

@@ -86,8 +86,7 @@ export class RunSweeper {
       // append): both are missing, and readers (the /v1 agent answer too) take the answer from it.
       const answer = run.status === 'completed' ? await runCrud.lastAnswer(deps.db, run.id) : undefined;
       const before = answer ? completedEvents([answer], answerStep(answer, run)) : [];
-      takeUpLog(deps, run);
-      if (!(await appendFinalEvent(deps, run, before))) continue;
+      if (!(await appendFinalEvent(deps, run, before, takeUpLog(deps, run)))) continue;
       await runCrud.clearEndedLease(deps.db, run.id);
       closed += 1;
     }
