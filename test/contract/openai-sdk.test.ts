@@ -7,6 +7,7 @@ import type { AddressInfo } from 'node:net';
 import { gzipSync } from 'node:zlib';
 
 import { eq } from 'drizzle-orm';
+import type { FastifyInstance } from 'fastify';
 import OpenAI from 'openai';
 import { zodResponseFormat } from 'openai/helpers/zod';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
@@ -14,7 +15,7 @@ import { z } from 'zod';
 
 import { usageRecords } from '../../src/models/index.js';
 
-import { useTestApp } from '../helpers/app.js';
+import { buildTestApp, useTestApp } from '../helpers/app.js';
 import { createUser, superuserHeaders, type TestUser } from '../helpers/factories.js';
 import { EMBEDDING_DIMENSIONS, fakeEmbedding, fakeLogprobs, FakeModelServer, type ScriptedReply } from '../helpers/fake-model-server.js';
 import { apiOf, createKey } from '../helpers/http.js';
@@ -39,11 +40,16 @@ const STREAM_TIMEOUT_MS = 6_000;
  * embeddings (the fake's floats) no longer fits.
  */
 const MAX_ANSWER_BYTES = 512 * 1024;
+/**
+ * The attempt's time of the second node that serves the large-but-allowed calls (thousands of
+ * messages or parts, a 1 MB image, 90,000 dimensions of embeddings): written, parsed and answered
+ * in this one process, one of them took past TIMEOUT_MS on a loaded 2-core machine and was a 504.
+ * Their tests are about sizes, not time; the tests of the timeout keep the first node's 1 s.
+ */
+const LARGE_CALL_TIMEOUT_MS = 30_000;
+const SETTINGS = { MODEL_TIMEOUT_MS: String(TIMEOUT_MS), MODEL_STREAM_TIMEOUT_MS: String(STREAM_TIMEOUT_MS), MODEL_MAX_RETRIES: '1', MODEL_RETRY_MAX_WAIT_MS: '50', MODEL_MAX_RESPONSE_BYTES: String(MAX_ANSWER_BYTES) };
 const logs = captureLogs('warn');
-const ctx = useTestApp(
-  { MODEL_TIMEOUT_MS: String(TIMEOUT_MS), MODEL_STREAM_TIMEOUT_MS: String(STREAM_TIMEOUT_MS), MODEL_MAX_RETRIES: '1', MODEL_RETRY_MAX_WAIT_MS: '50', MODEL_MAX_RESPONSE_BYTES: String(MAX_ANSWER_BYTES) },
-  { logger: logs.logger },
-);
+const ctx = useTestApp(SETTINGS, { logger: logs.logger });
 const api = apiOf(ctx);
 
 const PRICING = { input_cost_per_million_tokens: '1', output_cost_per_million_tokens: '2' };
@@ -53,6 +59,10 @@ let admin: Record<string, string>;
 let user: TestUser;
 let baseURL: string;
 let client: OpenAI;
+/** The node for large calls (LARGE_CALL_TIMEOUT_MS) over the same database, and the user's key on it. */
+let large: FastifyInstance | undefined;
+let largeURL: string;
+let largeClient: OpenAI;
 
 /** A client with no retries of its own: what the gateway retries is what the fake's log shows. */
 const clientWith = (apiKey: string) => new OpenAI({ apiKey, baseURL, maxRetries: 0 });
@@ -76,8 +86,15 @@ beforeAll(async () => {
   await addModel({ id: 'fake-off', capabilities: ['chat'], enabled: false });
   user = await createUser(ctx.app);
   client = clientWith((await createKey(ctx.app, user)).key);
+  // Built after the models above exist: a node reads the model list when it starts, and the large
+  // calls use no model a test adds later.
+  large = await buildTestApp(ctx.database, { ...SETTINGS, MODEL_TIMEOUT_MS: String(LARGE_CALL_TIMEOUT_MS) }, { logger: logs.logger });
+  await large.listen({ host: '127.0.0.1', port: 0 });
+  largeURL = `http://127.0.0.1:${(large.server.address() as AddressInfo).port}/v1`;
+  largeClient = new OpenAI({ apiKey: client.apiKey, baseURL: largeURL, maxRetries: 0 });
 });
 afterAll(async () => {
+  await large?.close();
   await fake.close();
 });
 beforeEach(() => {
@@ -550,17 +567,18 @@ describe('chat completions', () => {
       // The tools' and response format's schemas, 100,000 values in all: the second tool's takes the count past it.
       [{ model: 'fake-chat', messages: [user], tools: [schemaTool(0, 25_000), schemaTool(1, 25_000)] }, 'tools[1].function.parameters', 'At most 100000 values in the tools\' parameters and the response format\'s schema'],
     ];
+    // On the large calls' node (LARGE_CALL_TIMEOUT_MS): the calls at the bounds below are thousands of messages and parts.
     for (const [body, param, words] of refusals) {
-      const refused = await apiError(client.chat.completions.create(body));
+      const refused = await apiError(largeClient.chat.completions.create(body));
       expect(refused, param).toMatchObject({ status: 400, type: 'invalid_request_error', param });
       expect(refused.message).toContain(words);
     }
     expect(fake.log).toEqual([]);
     // At the bounds: each goes upstream whole.
     fake.script('fake-chat', { text: 'ok' }, { text: 'ok' }, { text: 'ok' });
-    await client.chat.completions.create({ model: 'fake-chat', messages: Array.from({ length: 2048 }, () => user) });
-    await client.chat.completions.create({ model: 'fake-chat', messages: [user], tools: Array.from({ length: 128 }, (_, i) => tool(i)) });
-    await client.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: Array.from({ length: 8192 }, () => text) }] });
+    await largeClient.chat.completions.create({ model: 'fake-chat', messages: Array.from({ length: 2048 }, () => user) });
+    await largeClient.chat.completions.create({ model: 'fake-chat', messages: [user], tools: Array.from({ length: 128 }, (_, i) => tool(i)) });
+    await largeClient.chat.completions.create({ model: 'fake-chat', messages: [{ role: 'user', content: Array.from({ length: 8192 }, () => text) }] });
     const [messages, tools, parts] = fake.requestsFor('fake-chat').map((r) => r.body);
     expect((messages!.messages as unknown[]).length).toBe(2048);
     expect((tools!.tools as unknown[]).length).toBe(128);
@@ -568,7 +586,7 @@ describe('chat completions', () => {
     // 300 biases, 16 pairs and schemas of 100,000 values in all go on.
     fake.reset();
     const biases = Object.fromEntries(Array.from({ length: 300 }, (_, i) => [String(i), 1]));
-    await client.chat.completions.create({ model: 'fake-chat', messages: [user], logit_bias: biases, metadata: Object.fromEntries(Array.from({ length: 16 }, (_, i) => [`k${i}`, 'v'])), tools: [schemaTool(0, 24_998), schemaTool(1, 24_999)] });
+    await largeClient.chat.completions.create({ model: 'fake-chat', messages: [user], logit_bias: biases, metadata: Object.fromEntries(Array.from({ length: 16 }, (_, i) => [`k${i}`, 'v'])), tools: [schemaTool(0, 24_998), schemaTool(1, 24_999)] });
     expect(fake.log[0]!.body).toMatchObject({ logit_bias: biases });
     expect((fake.log[0]!.body.tools as unknown[]).length).toBe(2);
   });
@@ -576,7 +594,8 @@ describe('chat completions', () => {
   it('refuses a body past 64 KiB that nests deeper than 72 levels or holds more than 250,000 values with 400 naming the bound and the field, before parsing it; large bodies of real shape go on', async () => {
     const nested = (depth: number) => '['.repeat(depth) + ']'.repeat(depth);
     const messages = '"messages":[{"role":"user","content":"Hi"}]';
-    const send = (body: string) => fetch(`${baseURL}/chat/completions`, { method: 'POST', headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' }, body });
+    // On the large calls' node (LARGE_CALL_TIMEOUT_MS): the last request carries a 1 MB image.
+    const send = (body: string) => fetch(`${largeURL}/chat/completions`, { method: 'POST', headers: { authorization: `Bearer ${largeClient.apiKey}`, 'content-type': 'application/json' }, body });
     const deep = nested(100_000);
     const refusals: [body: string, param: string, words: string][] = [
       [`{"model":"fake-chat",${messages},"metadata":{"a":${deep}}}`, 'metadata.a[0][0]', 'nests deeper than 72 levels'],
@@ -787,12 +806,13 @@ describe('embeddings', () => {
     });
     fake.script('fake-embed', answer(), answer());
     const input = ['a', 'b', 'c'];
-    const viaSdk = await client.embeddings.create({ model: 'fake-embed', input });
+    // On the large calls' node (LARGE_CALL_TIMEOUT_MS).
+    const viaSdk = await largeClient.embeddings.create({ model: 'fake-embed', input });
     expect(viaSdk.data.map((d) => d.embedding)).toEqual(vectors.map((vector) => Array.from(vector)));
     expect(viaSdk).toMatchObject({ object: 'list', model: 'fake-embed', usage: { prompt_tokens: 3, total_tokens: 3 } });
-    const response = await fetch(`${baseURL}/embeddings`, {
+    const response = await fetch(`${largeURL}/embeddings`, {
       method: 'POST',
-      headers: { authorization: `Bearer ${client.apiKey}`, 'content-type': 'application/json' }, body: JSON.stringify({ model: 'fake-embed', input, encoding_format: 'float' }),
+      headers: { authorization: `Bearer ${largeClient.apiKey}`, 'content-type': 'application/json' }, body: JSON.stringify({ model: 'fake-embed', input, encoding_format: 'float' }),
     });
     expect(response.status).toBe(200);
     expect(response.headers.get('transfer-encoding')).toBe('chunked'); // written in pieces
