@@ -87,4 +87,31 @@ describe('RunWriter', () => {
     const readTop = log.top - 3;
     expect(writer.lastSeq()).toBeGreaterThanOrEqual(readTop);
   });
+
+  it('asks the database whether it still holds the run when the log refuses an append as ended (the run ended by another), once, before the refusal reaches the run: a worker that lost its run stops as a lost lease does rather than failing it', async () => {
+    // A worker woken after a pause past its lease, its stream's buffered parts read at once: the
+    // worker that took the run over has completed it, so the log ends with run.completed.
+    const log = {
+      append: (runId: string) => Promise.reject(new RunEventsRefusedError(runId, 'ended', 9)),
+      lastSeq: () => Promise.resolve(9),
+    } as unknown as RunEventLog;
+    const asked: RunEventsRefusedError[] = [];
+    let answer!: (held: boolean) => void;
+    const held = new Promise<boolean>((resolve) => (answer = resolve));
+    const writer = new RunWriter(log, 'run-1', (refusal) => {
+      asked.push(refusal);
+      return held;
+    });
+    writer.add(deltas(1));
+    writer.add(deltas(2));
+    const waited = writer.append(deltas(1)).catch((error: unknown) => error);
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(asked.map((refusal) => refusal.reason)).toEqual(['ended']);
+    // Not through to the run before the answer (the runner's stillHolds stops the run first when it lost it).
+    expect(() => writer.check()).not.toThrow();
+    answer(false);
+    expect(await waited).toMatchObject({ reason: 'ended' });
+    await expect(writer.settle()).rejects.toMatchObject({ reason: 'ended' });
+    expect(asked).toHaveLength(1);
+  });
 });

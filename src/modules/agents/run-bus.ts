@@ -173,6 +173,7 @@ export interface RunSeqCeiling {
 const MAX_CATCH_UPS = 10;
 
 const isStale = (error: unknown): error is RunEventsRefusedError => error instanceof RunEventsRefusedError && error.reason === 'stale';
+const isEnded = (error: unknown): error is RunEventsRefusedError => error instanceof RunEventsRefusedError && error.reason === 'ended';
 
 /**
  * The appends of the worker that holds a run's lease: every event it writes goes through here, in
@@ -188,6 +189,12 @@ const isStale = (error: unknown): error is RunEventsRefusedError => error instan
  * refused events and every later one, in order, after what is there; when it no longer does, the
  * refusal stands (and `stillHolds` has stopped the run, as a lost lease does) — which is how the
  * old worker stops at its next append once the new owner has appended.
+ *
+ * An `ended` refusal (the log holds the run's final event) stands too, but the database is asked
+ * all the same, before the refusal reaches the run: a worker woken from a pause past its lease may
+ * append its stream's buffered parts before its next renewal, after the new owner completed the
+ * run, and without the question it failed the run with the refusal ("run failed: The run has
+ * ended") rather than stopping as one that lost it.
  */
 export class RunWriter {
   /** The latest append's outcome (after any catch-up): outcomes settle in the order the appends were made. */
@@ -201,6 +208,8 @@ export class RunWriter {
   /** The refusal that stands: the run is no longer this writer's. */
   private lost: RunEventsRefusedError | null = null;
   private failure: { error: unknown } | null = null;
+  /** The question an `ended` refusal asked (`stillHolds`): every append refused so waits for its answer. */
+  private endedAsked: Promise<unknown> | null = null;
   /** Catch-ups so far: events made from the log before the latest one may miss what the other writer appended. */
   private catchUps = 0;
   /** A seq at or above every one the log holds of the run as far as this writer knows (its answers, its catch-ups). */
@@ -216,8 +225,8 @@ export class RunWriter {
   constructor(
     private readonly log: RunEventLog,
     private readonly runId: string,
-    /** Whether this worker still holds the run, as the database says (and, when it does not, stops the run). */
-    private readonly stillHolds: () => Promise<boolean>,
+    /** Whether this worker still holds the run, as the database says (and, when it does not, stops the run); asked on the refusal given. */
+    private readonly stillHolds: (refusal: RunEventsRefusedError) => Promise<boolean>,
     /** Where the log can lose events on its own: the ceiling the writer stays under, raising it first. */
     private readonly ceiling?: RunSeqCeiling,
   ) {
@@ -364,6 +373,7 @@ export class RunWriter {
       const sent = send();
       this.sent = sent;
       outcome = sent.catch((error: unknown) => {
+        if (isEnded(error)) return this.refusedAsEnded(error);
         if (!isStale(error)) throw error;
         // Every append sent after this one is refused too (this writer's cursor stays behind until
         // it catches up); from now on appends wait their turn, so none lands before the refused ones.
@@ -384,16 +394,25 @@ export class RunWriter {
       try {
         return await send();
       } catch (error) {
+        if (isEnded(error)) return this.refusedAsEnded(error);
         if (!isStale(error) || catchUps >= MAX_CATCH_UPS) throw error;
         this.behind = error;
       }
     }
   }
 
+  /** Throws the refusal once the database has been asked (once for all of them) whether this writer still holds the run. */
+  private async refusedAsEnded(refusal: RunEventsRefusedError): Promise<never> {
+    // Its failure leaves the refusal to stand as it would have.
+    this.endedAsked ??= this.stillHolds(refusal).catch(ignore);
+    await this.endedAsked;
+    throw refusal;
+  }
+
   private async catchUp(refusal: RunEventsRefusedError): Promise<void> {
     // Every append sent straight to the log has been answered (refused): none can land after the catch-up.
     await this.sent.then(ignore, ignore);
-    if (!(await this.stillHolds())) {
+    if (!(await this.stillHolds(refusal))) {
       this.lost = refusal;
       throw refusal;
     }

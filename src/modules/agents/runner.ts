@@ -320,10 +320,10 @@ export class AgentRunner {
     const appends = new RunWriter(
       deps.bus.events,
       run.id,
-      async () => {
+      async (refusal) => {
         const held = await runCrud.renewLease(deps.db, run.id, this.workerId, settings.RUN_LEASE_SECONDS, deadlineAt);
         if (!held) controller.abort(new RunStop('lease'));
-        else log.warn({ runId: run.id }, 'run events appended by another writer (a worker whose lease expired); going on after them');
+        else if (refusal.reason === 'stale') log.warn({ runId: run.id }, 'run events appended by another writer (a worker whose lease expired); going on after them');
         return held;
       },
       ceiling,
