@@ -406,6 +406,18 @@ function loggable(error: FastifyError): { err: unknown; query?: string } {
   return { err: error };
 }
 
+/**
+ * Whether `error` is (or was caused by) the request's own body stream failing: the client closed
+ * the connection before its body was read (Node destroys the request with ECONNRESET, "aborted").
+ * Matched by identity with the error the request stream holds, so a dependency's ECONNRESET is
+ * still the dependency's. Read as a database's, it wrote an error line any client could set off
+ * by hanging up mid-upload, and used up the window's one line from a real outage.
+ */
+function requestBodyAborted(error: unknown, request: FastifyRequest): boolean {
+  const own = request.raw.errored;
+  return own !== null && findInCauses(error, (e) => e === own) !== undefined;
+}
+
 // ==================== The one handler ====================
 
 /**
@@ -474,6 +486,8 @@ export function registerErrorHandler(app: FastifyInstance): void {
     if (error.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || (error instanceof SyntaxError && error.statusCode === 400)) {
       return send(reply, 422, { detail: [{ loc: ['body'], msg: 'JSON decode error', type: 'json_invalid' }] });
     }
+    // As Fastify answers a JSON body cut off (400), to a client no longer there to read it.
+    if (requestBodyAborted(error, request)) return send(reply, 400, { detail: 'Request body incomplete: the client closed the connection' });
     const db = databaseError(error);
     const integrity = db && integrityAnswer(db);
     if (integrity) return send(reply, integrity.status, { detail: integrity.detail });

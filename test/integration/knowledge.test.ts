@@ -507,6 +507,33 @@ describe('uploads over a real connection', () => {
     // The connection's end left the server fine.
     expect((await upload(ctx.app, user.headers, folder.id, { filename: 'ok.txt', content: 'fine' })).statusCode).toBe(201);
   });
+
+  it("reads a client gone midway as the client's doing, not as the database out of reach (no error logged)", async () => {
+    // A fresh app: the database-unavailable line is written once in a window, which an earlier test may have used.
+    const appLogs = captureLogs('info');
+    const app = await buildTestApp(ctx.database, {}, { logger: appLogs.logger, closeDatabase: false });
+    try {
+      await app.listen({ port: 0, host: '127.0.0.1' });
+      const user = await createUser(app);
+      const folder = await createFolder(app, user.headers);
+      const { body, contentType } = multipartBody([{ filename: 'cut.txt', content: 'c'.repeat(90_000) }]);
+      await new Promise<void>((resolve) => {
+        const socket = connect((app.server.address() as AddressInfo).port, '127.0.0.1', () => {
+          socket.write(requestHead(folder.id, user.headers, `Content-Type: ${contentType}\r\nContent-Length: ${body.length}\r\n`));
+          socket.write(body.subarray(0, 50_000), () => setTimeout(() => socket.destroy(), 100));
+        });
+        socket.on('close', () => resolve());
+        socket.on('error', () => undefined);
+      });
+      await sleep(500);
+      // Its ECONNRESET ("aborted") was taken for the database's: an error line any client could write,
+      // which also used up the window's one line from a real outage.
+      expect(appLogs.lines().filter((line) => line.msg === 'database unavailable')).toEqual([]);
+      expect(appLogs.lines().filter((line) => (line.level as number) >= LEVEL.error)).toEqual([]);
+    } finally {
+      await app.close();
+    }
+  });
 });
 
 describe('entries', () => {
