@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest';
 
 import { ConfigError, loadSettings } from '../../src/core/config.js';
 
-import { chunkDocument, chunkDocumentAsync, chunkOptionsFrom, ownTextBytes } from '../../src/modules/knowledge/chunk.js';
+import { chunkDocument, chunkDocumentAsync, chunkOptionsFrom, documentChunks, ownTextBytes } from '../../src/modules/knowledge/chunk.js';
 import type { DocumentChunk, DocumentSection, ExtractedDocument } from '../../src/modules/knowledge/types.js';
 
 /** Deterministic prose: sentences of varied length in paragraphs of varied length. */
@@ -180,6 +180,29 @@ describe('chunkDocument', () => {
       clearInterval(ticking);
     }
     expect(ticks).toBeGreaterThan(0);
+  });
+
+  it('cuts a section of short words lazily: its first chunk comes without the section split into all its words at once', () => {
+    // 4 MB with no line or sentence break (a list on one line, a minified file): cut at words only.
+    // Split whole, it was an array of 2 million strings (~110 MB; ~530 MB and 3 s of blocked event
+    // loop for a 20 MB upload, the default KB_MAX_FILE_BYTES) before the first chunk came.
+    const text = '- '.repeat(2_000_000);
+    const chunks = documentChunks(doc([{ headingPath: [], text }]), { chunkTokens: 100, overlapTokens: 10 });
+    const before = process.memoryUsage().heapUsed;
+    const first = chunks.next();
+    const grown = process.memoryUsage().heapUsed - before;
+    expect(first.done).toBe(false);
+    const head = first.value as DocumentChunk;
+    expect(text.startsWith(head.text)).toBe(true);
+    expect(grown).toBeLessThan(32 * 1024 * 1024);
+    // And the rest as before: every chunk in the budget, their own texts (the overlap left out) every word once.
+    const dashes = (chunk: DocumentChunk) => chunk.text.slice(chunk.leadLength).split('-').length - 1;
+    let words = dashes(head);
+    for (const chunk of chunks) {
+      expect(chunk.tokenCount).toBeLessThanOrEqual(100);
+      words += dashes(chunk);
+    }
+    expect(words).toBe(2_000_000);
   });
 
   it('chunks text that names special tokens (`<|endoftext|>`) like any other text', () => {

@@ -29,21 +29,22 @@ const SEPARATORS = [/\n[ \t\r]*\n\s*/g, /\n\s*/g, /(?<=[.!?;:。！？])["'”�
 /** Pieces far longer than a chunk are split without being counted (counting is the costly part). */
 const CHARS_PER_TOKEN_CEILING = 8;
 
-function splitAt(text: string, separator: RegExp): string[] {
-  const pieces: string[] = [];
+/**
+ * The pieces of `text`, each ending after a match of `separator`, found as they are asked for: a
+ * long section of short pieces (megabytes of words on one line) was split whole into an array of
+ * millions of strings, hundreds of MB and seconds of blocked event loop before its first chunk.
+ * matchAll runs a copy of the pattern: the generators of nested levels interleave, and would
+ * otherwise move each other's `lastIndex`.
+ */
+function* splitAt(text: string, separator: RegExp): Generator<string> {
   let start = 0;
-  separator.lastIndex = 0;
-  for (let match = separator.exec(text); match; match = separator.exec(text)) {
+  for (const match of text.matchAll(separator)) {
+    if (match[0].length === 0) continue;
     const end = match.index + match[0].length;
-    if (match[0].length === 0) {
-      separator.lastIndex++;
-      continue;
-    }
-    if (end > start) pieces.push(text.slice(start, end));
+    if (end > start) yield text.slice(start, end);
     start = end;
   }
-  if (start < text.length) pieces.push(text.slice(start));
-  return pieces;
+  if (start < text.length) yield text.slice(start);
 }
 
 /** The last resort for text with no separators (a long URL, base64): cut by characters, never inside a surrogate pair. */
@@ -77,10 +78,12 @@ function* units(text: string, maxTokens: number, level: number): Generator<Unit>
   }
   for (let next = level; next < SEPARATORS.length; next++) {
     const pieces = splitAt(text, SEPARATORS[next]!);
-    if (pieces.length > 1) {
-      for (const piece of pieces) yield* units(piece, maxTokens, next);
-      return;
-    }
+    const first = pieces.next();
+    // The whole text in one piece: this separator does not cut it; a finer one may.
+    if (first.done || first.value.length === text.length) continue;
+    yield* units(first.value, maxTokens, next);
+    for (const piece of pieces) yield* units(piece, maxTokens, next);
+    return;
   }
   yield* hardSplit(text, maxTokens);
 }
