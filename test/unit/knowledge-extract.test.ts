@@ -14,6 +14,7 @@ import { bundle, ENTRY_POINTS } from '../../scripts/bundle.mjs';
 import { type DrainedText, PieceAssembler } from '../../src/modules/knowledge/document-builder.js';
 import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge/extract.js';
 import { MAX_HTML_DEPTH } from '../../src/modules/knowledge/html.js';
+import { markdownSpans } from '../../src/modules/knowledge/markdown.js';
 import { MAX_PDF_PAGES, pdfSpans } from '../../src/modules/knowledge/pdf.js';
 import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
 import { DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
@@ -154,6 +155,21 @@ describe('extractDocument: text formats', () => {
     // The file is read a MiB at a time: the emoji's two code units sit either side of the first read's end.
     const long = `${'a'.repeat((1024 * 1024 - 2) / 2 - 1)}😀${'b'.repeat(10)}`;
     expect((await extract(await file('long.txt', utf16(long)), 'long.txt')).text).toBe(long);
+  });
+
+  it('reads Markdown in slices, letting the event loop run between them (it reads on the main thread)', async () => {
+    // Short headings cost the most a byte: ~200 ms a MB held the event loop in one go.
+    const text = Array.from({ length: 50_000 }, (_, i) => `## Heading ${i}\nBody ${i}.\n`).join('');
+    let ticks = 0;
+    const ticking = setInterval(() => ticks++, 0);
+    try {
+      const { spans } = await markdownSpans(text, 1);
+      expect(spans).toHaveLength(50_000);
+      expect(spans[49_999]).toEqual([['Heading 49999'], text.length - 'Body 49999.\n'.length, text.length]);
+    } finally {
+      clearInterval(ticking);
+    }
+    expect(ticks).toBeGreaterThan(0);
   });
 
   it('gives Markdown sections their heading paths (ATX and setext), not fooled by code blocks', async () => {

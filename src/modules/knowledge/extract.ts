@@ -223,7 +223,7 @@ export async function extractDocument(input: ExtractInput, limits: ExtractLimits
     const text = await readText(path, filename, limits.maxTextChars);
     document = materialize({ format, text, spans: [[[], 0, text.length]] });
   } else if (format === 'markdown') {
-    document = materialize(markdownSpans(await readText(path, filename, limits.maxTextChars)));
+    document = materialize(await markdownSpans(await readText(path, filename, limits.maxTextChars)));
   } else {
     // pdf.js and JSZip (DOCX) unpack into typed arrays, outside the heap limit: a quarter of the
     // thread's memory per compressed part keeps the thread near its allowance.

@@ -17,13 +17,20 @@ function headingTitle(raw: string): string {
     .trim();
 }
 
+/** Lines read between looks at the clock: a look costs more than a line. */
+const LINES_PER_CLOCK_LOOK = 1024;
+
 /**
  * Sections of a Markdown text under its headings (ATX `#` and setext underlines), by one pass over
  * the lines: no syntax tree, so a 50 MB file costs its string and the spans. Fenced code is body
  * (a `# comment` in a shell block is not a heading), and so is a leading YAML front matter.
  * The text stays the Markdown as written; sections are the spans between heading lines.
+ *
+ * Read in slices of `sliceMs` with the event loop let in between: it runs on the main thread, and
+ * a file of short headings took ~200 ms a MB in one go (a 20 MB upload, the default
+ * KB_MAX_FILE_BYTES, held every request and run stream for seconds).
  */
-export function markdownSpans(text: string): ExtractedSpans {
+export async function markdownSpans(text: string, sliceMs = 20): Promise<ExtractedSpans> {
   const headings = new HeadingStack();
   const spans: SectionSpan[] = [];
   let path: string[] = [];
@@ -46,7 +53,12 @@ export function markdownSpans(text: string): ExtractedSpans {
   const frontMatter = /^---\r?\n[\s\S]*?\r?\n(---|\.\.\.)[ \t]*(\r?\n|$)/.exec(text);
   if (frontMatter) position = frontMatter[0].length;
 
-  while (position < text.length) {
+  let sliceEnd = performance.now() + sliceMs;
+  for (let lines = 1; position < text.length; lines++) {
+    if (lines % LINES_PER_CLOCK_LOOK === 0 && performance.now() >= sliceEnd) {
+      await new Promise((resolve) => setImmediate(resolve));
+      sliceEnd = performance.now() + sliceMs;
+    }
     const newline = text.indexOf('\n', position);
     const lineEnd = newline < 0 ? text.length : newline;
     const next = newline < 0 ? text.length : newline + 1;
