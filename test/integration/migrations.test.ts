@@ -648,3 +648,44 @@ describe('0026_run_event_seq_ceiling', () => {
     });
   });
 });
+
+describe('0027_knowledge_entries_text_bytes_stored', () => {
+  it("copies each entry's counted text as what its chunks store, kept in step with what a node still on the old code writes (an indexing's end, a claim dropping the chunks); down drops it", MIGRATING, async () => {
+    await beforeMigration('0027_knowledge_entries_text_bytes_stored', async (database, previous) => {
+      const [owner, folder] = [randomUUID(), randomUUID()];
+      await query(database, `insert into users (id, email, hashed_password) values ($1, 'kb-text-stored@example.com', 'x')`, [owner]);
+      await query(database, `insert into knowledge_folders (id, owner_id, name) values ($1, $2, 'Docs')`, [folder, owner]);
+      for (const [filename, status, textBytes] of [
+        ['ready.md', 'ready', 5_000],
+        ['uploaded.md', 'pending', 0],
+      ] as const) {
+        await query(
+          database,
+          `insert into knowledge_entries (owner_id, folder_id, filename, mime_type, size_bytes, sha256, storage_key, status, text_bytes)
+           values ($1, $2, $3::text, 'text/markdown', 10, 'x', $3::text, $4::knowledge_entry_status, $5::bigint)`,
+          [owner, folder, filename, status, textBytes],
+        );
+      }
+      await migrateUp(database, logger);
+      const stored = async (filename: string) =>
+        (await query<{ text_bytes_stored: number }>(database, `select text_bytes_stored::int from knowledge_entries where filename = $1`, [filename]))[0]?.text_bytes_stored;
+      expect(await stored('ready.md')).toBe(5_000);
+      expect(await stored('uploaded.md')).toBe(0);
+      // What the old code writes: `text_bytes` alone.
+      const write = (filename: string, status: string, textBytes: number) =>
+        query(database, `update knowledge_entries set status = $2::knowledge_entry_status, text_bytes = $3::bigint where filename = $1`, [filename, status, textBytes]);
+      await write('uploaded.md', 'processing', 3_000); // a reservation: not stored yet
+      expect(await stored('uploaded.md')).toBe(0);
+      await write('uploaded.md', 'ready', 2_500); // its indexing ends: exact
+      expect(await stored('uploaded.md')).toBe(2_500);
+      await write('ready.md', 'processing', 0); // a claim that drops the chunks
+      expect(await stored('ready.md')).toBe(0);
+      await write('ready.md', 'processing', 4_000);
+      await write('ready.md', 'failed', 1_200); // failed, keeping what it stored
+      expect(await stored('ready.md')).toBe(1_200);
+      await migrateDown(database, logger, previous);
+      expect(await query(database, `select column_name from information_schema.columns where table_name = 'knowledge_entries' and column_name = 'text_bytes_stored'`)).toEqual([]);
+      expect(await query(database, `select tgname from pg_trigger where tgname = 'knowledge_entries_text_bytes_stored'`)).toEqual([]);
+    });
+  });
+});
