@@ -13,8 +13,8 @@ import { Document, HeadingLevel, Packer, Paragraph } from 'docx';
 import PDFDocument from 'pdfkit';
 import yazl from 'yazl';
 
-/** A heading (level 1–6) or a paragraph of body text. */
-export type Block = { heading: number; text: string } | { text: string };
+/** A heading (level 1–6), a paragraph of body text, or (Word only) a bulleted item at a level from 0. */
+export type Block = { heading: number; text: string } | { text: string; bullet?: number };
 
 /** Blocks from a Markdown source: `#` lines are headings, blank-line separated runs are paragraphs. */
 export function markdownBlocks(markdown: string): Block[] {
@@ -62,7 +62,10 @@ const DOCX_HEADINGS = [HeadingLevel.HEADING_1, HeadingLevel.HEADING_2, HeadingLe
 
 /** A Word document with real heading styles (Heading 1…6). */
 export async function writeDocx(path: string, blocks: Block[]): Promise<void> {
-  const children = blocks.map((block) => new Paragraph('heading' in block ? { text: block.text, heading: DOCX_HEADINGS[block.heading - 1]! } : { text: block.text }));
+  const children = blocks.map(
+    (block) =>
+      new Paragraph('heading' in block ? { text: block.text, heading: DOCX_HEADINGS[block.heading - 1]! } : { text: block.text, ...(block.bullet === undefined ? {} : { bullet: { level: block.bullet } }) }),
+  );
   await writeFile(path, await Packer.toBuffer(new Document({ sections: [{ children }] })));
 }
 

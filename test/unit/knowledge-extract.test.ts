@@ -221,6 +221,34 @@ describe('extractDocument: text formats', () => {
     expect(doc.text).not.toMatch(/alert|color|Hidden title|JavaScript|import|Home|Shop/);
   });
 
+  it('reads a list item whose first content is a block (<li><p>, as Markdown renderers and CMSs write) as one without it: "- first"', async () => {
+    const text = async (html: string) => (await extract(await file('list.html', html), 'list.html')).text;
+    // The bullet stays on the line of the item's first words, whatever blocks open before them;
+    // the item ends at a line, as an item of bare text does.
+    expect(await text('<ul><li><p>first</p></li><li><p>second</p></li></ul>')).toBe('- first\n- second');
+    for (const [loose, tight] of [
+      ['<ul><li><p>first</p></li><li><p>second</p></li></ul><p>after</p>', '<ul><li>first</li><li>second</li></ul><p>after</p>'],
+      ['<ol><li><div><p>deep</p></div></li><li><blockquote>quoted</blockquote></li></ol>', '<ol><li>deep</li><li>quoted</li></ol>'],
+      // A second paragraph of an item reads as one after an item's bare text does: its own paragraph.
+      ['<ul><li><p>first</p><p>more of it</p></li><li><p>second</p></li></ul>', '<ul><li>first<p>more of it</p></li><li>second</li></ul>'],
+      // Nested lists (a loose Markdown list nests <p>s at every level).
+      ['<ul><li><p>a</p><ul><li><p>b</p></li><li><p>c</p></li></ul></li><li><p>d</p></li></ul>', '<ul><li>a<ul><li>b<li>c</ul><li>d</ul>'],
+      ['<ul><li><p></p><p>x</p></li><li><p><br>y</p></li></ul>', '<ul><li>x<li>y</ul>'],
+      ['<ul><li><table><tr><td>a<td>b</table></li></ul>', '<ul><li><span>a</span> | b</li></ul>'],
+    ]) {
+      expect(await text(loose!)).toBe(await text(tight!));
+    }
+    expect(await text('<ul><li><p>a</p><ul><li><p>b</p></li><li><p>c</p></li></ul></li><li><p>d</p></li></ul>')).toBe('- a\n\n- b\n- c\n\n- d');
+    expect(await text('<ul><li><pre>code\n  line</pre></li></ul>')).toBe('- code\n  line');
+    // A heading as an item's first content keeps the bullet on its line and still heads a section.
+    const steps = await extract(await file('steps.html', '<ol><li><h3>Step one</h3><p>Open the lid.</p></li><li><h3>Step two</h3><p>Close it.</p></li></ol>'), 'steps.html');
+    expect(steps.text).toBe('- Step one\n\nOpen the lid.\n\n- Step two\n\nClose it.');
+    expect(steps.sections).toEqual([
+      { headingPath: ['Step one'], text: 'Open the lid.' },
+      { headingPath: ['Step two'], text: 'Close it.' },
+    ]);
+  });
+
   it('reads the body of HTML that leaves out the optional </head> and <body>, as a browser shows it', async () => {
     const text = async (html: string) => (await extract(await file('page.html', html), 'page.html')).text;
     // An element that cannot be in <head> ends it, and so does text that is not whitespace.
@@ -343,7 +371,7 @@ describe('extractDocument: what it refuses', () => {
     // one, a cell the open cell and a row the open row through anything (the <li> start tag's loop,
     // "close the cell"): htmlparser2 alone nested each in the one before, refused past the depth.
     const blockItems = await text('block-items.html', `<ul>${Array.from({ length: count }, (_, i) => `<li><${i % 2 ? 'div' : 'p'}>item ${i}`).join('')}</ul><p>after`);
-    expect(blockItems.split('\n\n')).toEqual([...Array.from({ length: count }, (_, i) => `-\n\nitem ${i}`).join('\n\n').split('\n\n'), 'after']);
+    expect(blockItems.split('\n')).toEqual([...Array.from({ length: count }, (_, i) => `- item ${i}`), '', 'after']);
     const terms = await text('terms.html', `<dl>${'<dt><p>term<dd><div>meaning'.repeat(count)}</dl>`);
     expect(terms.split('\n\n')).toEqual(Array(count).fill(['term', 'meaning']).flat());
     const blockCells = await text('block-cells.html', `<table>${'<tr><td><div><p>a<th><p>b'.repeat(count)}</table>`);
@@ -646,6 +674,12 @@ describe('extractDocument: PDF and DOCX', () => {
     // Known by its content, not its name.
     expect((await extract(path, 'handbook', {}, 'application/octet-stream')).format).toBe('docx');
     expect(sectionText(doc, 'Keel Robotics Handbook > Safety > Emergency stop')).toBe('The emergency stop cuts power to all twelve joints within 40 milliseconds.');
+  });
+
+  it('reads a DOCX list with each bullet on its item\'s line (mammoth writes an item\'s text straight into its <li>)', async () => {
+    const path = join(dir, 'list.docx');
+    await writeDocx(path, [{ text: 'Bring:' }, { text: 'goggles', bullet: 0 }, { text: 'tinted', bullet: 1 }, { text: 'gloves', bullet: 0 }, { text: 'Then start.' }]);
+    expect((await extract(path, 'list.docx')).text).toBe('Bring:\n\n- goggles\n\n- tinted\n\n- gloves\n\nThen start.');
   });
 });
 

@@ -156,18 +156,23 @@ export class TextBuilder {
     this.push(text);
   }
 
-  heading(level: number, title: string): void {
+  /**
+   * A heading on its own paragraph, after `marker` (a list item's bullet) if given; false if the
+   * title is blank and nothing was written.
+   */
+  heading(level: number, title: string, marker?: string): boolean {
     const clean = title.replace(/\s+/g, ' ').trim();
-    if (clean.length === 0) return;
+    if (clean.length === 0) return false;
     this.closeSection();
     this.headings.enter(level, clean);
     this.separate('paragraph');
     // The heading belongs to the text (what a reader sees) but not to a section's body: its words
-    // travel with every chunk below it as the heading path.
+    // travel with every chunk below it as the heading path (without the marker).
     if (this.length > 0) this.push(GAP_TEXT[this.gap]);
-    this.push(clean);
+    this.push(marker === undefined ? clean : `${marker} ${clean}`);
     this.gap = 'paragraph';
     this.sectionPath = this.headings.path();
+    return true;
   }
 
   /** What follows belongs under the headings of `level` and above only (0: under none). */

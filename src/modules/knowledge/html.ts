@@ -28,6 +28,8 @@ export const MAX_HTML_DEPTH = 1024;
 const LINES = new Set(['li', 'tr', 'dt', 'br', 'option']);
 const CELLS = new Set(['td', 'th']);
 const HEADINGS = new Set(['h1', 'h2', 'h3', 'h4', 'h5', 'h6']);
+/** Whether an element's edges break the text (a paragraph or a line). */
+const breaks = (name: string) => BLOCKS.has(name) || LINES.has(name);
 /** The elements whose end the reader acts on; only these are kept open in the parser. */
 const STRUCTURE = new Set([...HIDDEN, ...BLOCKS, ...HEAD_CONTENT, ...LINES, ...CELLS, ...HEADINGS, 'head']);
 
@@ -174,6 +176,18 @@ export class HtmlTextReader {
   private openCells = 0;
   /** Elements open in the parser: it reports every one it closes, void and implied ones too. */
   private depth = 0;
+  /**
+   * The open list item's bullet, until the item's first text: it is written with that text, so
+   * the blocks an item opens before its words (`<li><p>`, as Markdown renderers and CMSs write
+   * lists) leave the bullet on their line ("- first") rather than alone above it. An item with no
+   * text shows no bullet.
+   */
+  private marker: string | null = null;
+  /**
+   * The depths of the blocks (and line breaks) the open item opened before its first text: they
+   * break neither from the bullet nor, at their end, more than the item's own line does.
+   */
+  private leads: number[] = [];
 
   constructor(private readonly out: TextBuilder) {
     this.parser = new TextParser(
@@ -220,25 +234,42 @@ export class HtmlTextReader {
     if (level) this.heading = { level: Number(level), text: '' };
     else if (name === 'pre') this.preDepth++;
     if (name === 'tr') this.cellsInRow = 0;
+    if (name === 'li') {
+      // An outer item with no text yet (`<li><ul><li>`) keeps no bullet of its own.
+      this.marker = null;
+      this.leads = [];
+    }
     if (CELLS.has(name)) {
       this.openCells++;
       if (this.cellsInRow++ > 0) {
         this.out.separate('space');
         this.bullet('|');
       }
-    } else this.breakFor(name);
-    if (name === 'li') this.bullet('-');
+    } else if (this.marker !== null && breaks(name)) this.leads.push(this.depth);
+    else this.breakFor(name);
+    if (name === 'li') this.marker = '-';
     if (name === 'img') this.out.separate('space');
   }
 
   /** A marker with a space either side that text around it does not double. */
   private bullet(marker: string): void {
-    this.out.write(marker);
+    this.emit(marker);
     this.out.separate('space');
   }
 
+  /** Text as it reads, after the open list item's bullet if this is the item's first. */
+  private emit(text: string): void {
+    if (text.length === 0) return;
+    if (this.marker !== null) {
+      this.out.write(this.marker);
+      this.out.separate('space');
+      this.marker = null;
+    }
+    this.out.write(text);
+  }
+
   private close(name: string): void {
-    this.depth--;
+    const depth = this.depth--;
     if (this.hiddenDepth > 0) {
       this.hiddenDepth--;
       return;
@@ -248,13 +279,22 @@ export class HtmlTextReader {
       return;
     }
     if (this.heading && HEADINGS.has(name)) {
-      this.out.heading(this.heading.level, this.heading.text);
+      // A heading that is an item's first content carries the item's bullet on its line.
+      if (this.out.heading(this.heading.level, this.heading.text, this.marker ?? undefined)) this.marker = null;
       this.heading = null;
       return;
     }
     if (name === 'pre') this.preDepth = Math.max(0, this.preDepth - 1);
     if (CELLS.has(name)) this.openCells = Math.max(0, this.openCells - 1);
-    else this.breakFor(name);
+    else if (this.leads.at(-1) === depth) {
+      this.leads.pop();
+      // The item's first block ends as the item's bare text would: at a line, before anything else in it.
+      if (this.marker === null) this.out.separate(this.openCells > 0 ? 'space' : 'line');
+    } else this.breakFor(name);
+    if (name === 'li') {
+      this.marker = null;
+      this.leads = [];
+    }
   }
 
   /** The break a block or line element's edge makes (a space in a table cell). */
@@ -278,7 +318,7 @@ export class HtmlTextReader {
       const lines = raw.split('\n');
       lines.forEach((line, i) => {
         if (i > 0) this.out.separate('line');
-        this.out.write(line);
+        this.emit(line);
       });
       return;
     }
@@ -286,7 +326,7 @@ export class HtmlTextReader {
     // (HTML's whitespace is these five characters: a no-break space is text.)
     if (/^[ \t\n\r\f]/.test(raw)) this.out.separate('space');
     const words = raw.replace(/[ \t\n\r\f]+/g, ' ').replace(/^ | $/g, '');
-    this.out.write(words);
+    this.emit(words);
     if (words.length > 0 && /[ \t\n\r\f]$/.test(raw)) this.out.separate('space');
   }
 }
