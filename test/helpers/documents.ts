@@ -154,6 +154,62 @@ export function pdfWithStream(dictionary: string, stream: Buffer, object6?: stri
 
 
 /**
+ * A one-page PDF 1.5 written by hand whose page's content (object 4) is a stream with the
+ * dictionary entries `entries` (its /Length among them: it may be a reference) and the data
+ * `data`; `extra` are objects 6 and on. The objects numbered in `inObjectStream` are written inside
+ * one Flate-compressed object stream, indexed by a cross-reference stream, as PDF 1.5 writers do
+ * (a stream among them too, which the standard forbids and pdf.js reads): nothing in the file shows
+ * them as written.
+ */
+export function pdfWithObjectStream(entries: string, data: Buffer, { extra = [], inObjectStream = [] }: { extra?: string[]; inObjectStream?: number[] }): Buffer {
+  const bodies: Buffer[] = [
+    Buffer.from('<< /Type /Catalog /Pages 2 0 R >>'),
+    Buffer.from('<< /Type /Pages /Kids [3 0 R] /Count 1 >>'),
+    Buffer.from('<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>'),
+    Buffer.concat([Buffer.from(`<< ${entries} >>\nstream\n`), data, Buffer.from('\nendstream')]),
+    Buffer.from('<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>'),
+    ...extra.map((body) => Buffer.from(body)),
+  ];
+  const objectStream = bodies.length + 1;
+  const xrefStream = objectStream + 1;
+  const parts: Buffer[] = [Buffer.from('%PDF-1.5\n')];
+  let length = parts[0]!.length;
+  const offsets: number[] = [];
+  const write = (number: number, body: Buffer) => {
+    offsets[number] = length;
+    const part = Buffer.concat([Buffer.from(`${number} 0 obj\n`), body, Buffer.from('\nendobj\n')]);
+    parts.push(part);
+    length += part.length;
+  };
+  const packed: number[] = [];
+  bodies.forEach((body, i) => {
+    if (inObjectStream.includes(i + 1)) packed.push(i + 1);
+    else write(i + 1, body);
+  });
+  let header = '';
+  let at = 0;
+  for (const number of packed) {
+    header += `${number} ${at} `;
+    at += bodies[number - 1]!.length + 1;
+  }
+  const content = deflateSync(Buffer.concat([Buffer.from(header), ...packed.map((number) => Buffer.concat([bodies[number - 1]!, Buffer.from('\n')]))]));
+  write(objectStream, Buffer.concat([Buffer.from(`<< /Type /ObjStm /N ${packed.length} /First ${header.length} /Filter /FlateDecode /Length ${content.length} >>\nstream\n`), content, Buffer.from('\nendstream')]));
+  offsets[xrefStream] = length;
+  // Rows of [type, offset or object stream, generation or index] in 1 + 4 + 2 bytes (/W [1 4 2]).
+  const rows = Buffer.alloc((xrefStream + 1) * 7);
+  rows.writeUInt16BE(65535, 5); // object 0: free
+  for (let number = 1; number <= xrefStream; number++) {
+    const index = packed.indexOf(number);
+    rows.writeUInt8(index >= 0 ? 2 : 1, number * 7);
+    rows.writeUInt32BE(index >= 0 ? objectStream : offsets[number]!, number * 7 + 1);
+    if (index >= 0) rows.writeUInt16BE(index, number * 7 + 5);
+  }
+  const xref = Buffer.concat([Buffer.from(`${xrefStream} 0 obj\n<< /Type /XRef /Size ${xrefStream + 1} /W [1 4 2] /Root 1 0 R /Length ${rows.length} >>\nstream\n`), rows, Buffer.from('\nendstream\nendobj\n')]);
+  parts.push(xref, Buffer.from(`startxref\n${offsets[xrefStream]}\n%%EOF\n`));
+  return Buffer.concat(parts);
+}
+
+/**
  * A PDF of `fan ** levels` pages from a few hundred bytes: a page tree whose every node lists one
  * child `fan` times, down to one page (with a line of text) that every leaf slot names.
  */

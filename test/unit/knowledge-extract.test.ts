@@ -18,7 +18,7 @@ import { markdownSpans } from '../../src/modules/knowledge/markdown.js';
 import { MAX_PDF_PAGES, pdfSpans } from '../../src/modules/knowledge/pdf.js';
 import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
 import { DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
-import { ascii85Encode, type Block, deflateStoringFirst, lzwEncode, pdfPageTree, pdfWithStream, runLengthEncode, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
+import { ascii85Encode, type Block, deflateStoringFirst, lzwEncode, pdfPageTree, pdfWithObjectStream, pdfWithStream, runLengthEncode, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
 
 const LIMITS: ExtractLimits = { maxTextChars: 1_000_000, timeoutMs: 20_000, maxMemoryMb: 128, maxTotalMemoryMb: 512 };
 let dir: string;
@@ -428,6 +428,13 @@ describe('extractDocument: what it refuses', () => {
       ['in a dictionary padded past a few KB', () => pdfWithStream(`/Filter /FlateDecode /Pad (${'x'.repeat(3_000)})`, bomb)],
       // pdf.js reads the data to its /Length when `endstream` follows there; the first `endstream` ended it for the check.
       ['with the bytes `endstream` in its data before its /Length ends', () => pdfWithStream('/Filter /FlateDecode', deflateStoringFirst(Buffer.concat([Buffer.from('% endstream\n'), page]), 12))],
+      // pdf.js follows the /Length into the object stream; the check, not unpacking it, ended the data at the first `endstream`.
+      ['with those bytes and its /Length packed in a compressed object stream', () => {
+        const data = deflateStoringFirst(Buffer.concat([Buffer.from('% endstream\n'), page]), 12);
+        return pdfWithObjectStream('/Length 6 0 R /Filter /FlateDecode', data, { extra: [String(data.length)], inObjectStream: [6] });
+      }],
+      // The standard forbids a stream in an object stream; pdf.js reads it there, where the check never looked: a 1 KB file.
+      ['packed itself in a compressed object stream', () => pdfWithObjectStream(`/Length ${bomb.length} /Filter /FlateDecode`, bomb, { inObjectStream: [4] })],
     ])('%s', async (name, pdf) => {
       const path = await file(`${name.replaceAll(/\W+/g, '-')}.pdf`, pdf());
       expect(await rejection(extract(path, 'bomb.pdf', { maxMemoryMb: 64 }))).toBe(refused);
@@ -468,12 +475,18 @@ describe('extractDocument: what it refuses', () => {
       // Run-length around a Flate bomb: literal runs, which neither pass alone sees grow.
       ['Flate inside run-length behind a reference into a compressed object stream', () => pdfWithStream('/Filter 6 0 R', runLengthEncode(deflateSync(page, { level: 9 })), '[/RunLengthDecode /FlateDecode]', { compressed: true })],
       ['BrotliDecode', () => pdfWithStream('/Filter /BrotliDecode', brotliCompressSync(page))],
+      ['LZW packed in a compressed object stream with its filter', () => pdfWithObjectStream(`/Length ${lzwBomb.length} /Filter 6 0 R`, lzwBomb, { extra: ['/LZWDecode'], inObjectStream: [4, 6] })],
     ])('%s', async (name, pdf) => {
       const bytes = pdf();
       // Run-length packs at most 64 to 1: its 20 MB page takes 320 KB.
       expect(bytes.length).toBeLessThan(800 * 1024);
       const path = await file(`${name.replaceAll(/\W+/g, '-')}.pdf`, bytes);
       expect(await rejection(extract(path, 'bomb.pdf', { maxMemoryMb: 64 }))).toBe(refused);
+    });
+
+    it('refuses an object stream packed in another, which pdf.js would unpack and the check does not look into', async () => {
+      const pdf = pdfWithObjectStream('/Length 1', Buffer.from(' '), { extra: ['<< /N 1 /First 4 /Length 14 >>\nstream\n9 0 (not read)\nendstream'], inObjectStream: [6] });
+      expect(await rejection(extract(await file('nested-object-streams.pdf', pdf), 'nested.pdf'))).toBe('the PDF packs an object stream inside another (the standard forbids it); it is damaged or built to exhaust the reader');
     });
 
     it('reads the same pages within the allowance (the check decodes as pdf.js does)', async () => {
@@ -487,6 +500,7 @@ describe('extractDocument: what it refuses', () => {
         ['flate-rl', pdfWithStream('/Filter [/Fl /RL]', deflateSync(runLengthEncode(small)))],
         ['rl-object-stream', pdfWithStream('/Filter 6 0 R', runLengthEncode(small), '[/RunLengthDecode]', { compressed: true })],
         ['brotli', pdfWithStream('/Filter /BrotliDecode', brotliCompressSync(small))],
+        ['packed', pdfWithObjectStream('/Length 6 0 R /Filter 7 0 R', lzwEncode(small), { extra: [String(lzwEncode(small).length), '/LZWDecode'], inObjectStream: [1, 2, 3, 4, 5, 6, 7] })],
       ] as const) {
         expect((await extract(await file(`${name}-small.pdf`, pdf), `${name}.pdf`, { maxMemoryMb: 64 })).text, name).toBe('Hello from a bomb');
       }

@@ -512,27 +512,62 @@ class ObjectReader {
   }
 }
 
-/** The objects of a PDF as written in it, found by their `n g obj` (the last one written: an update's), read once. */
-class WrittenObjects {
+/** The longest object of an object stream whose value is kept: what a stream's entries refer to (a length, filters, parameters) is a few bytes. */
+const MAX_PACKED_OBJECT_CHARS = 1024;
+
+/**
+ * The objects of a PDF as the check can read them: those written in it, found by their `n g obj`
+ * (the last one written: an update's), read once; and the small ones of the object streams it has
+ * unpacked (`pack`), which nothing in the file shows as written.
+ */
+class PdfObjects {
   private starts: Map<string, number> | undefined;
   private text: string | undefined;
+  /** Objects read from object streams (always generation 0), by `n g`. */
+  private readonly packed = new Map<string, PdfValue>();
+  /** Whether an object was asked for that neither holds (one in an object stream not yet unpacked may be it). */
+  missed = false;
 
   constructor(private readonly bytes: Buffer) {}
 
-  /** Object `ref` (`n g`); null when it is not written as such (it is in a compressed object stream). */
+  /** Object `ref` (`n g`) as written, else as packed; null when the check has neither. */
   get(ref: string): PdfValue | null {
+    const value = this.written(ref) ?? this.packed.get(key(ref)) ?? null;
+    if (value === null) this.missed = true;
+    return value;
+  }
+
+  /**
+   * Every value the file gives object `ref`: pdf.js takes the one its cross-reference points to,
+   * which the check does not read (a file may write an object and pack another of that number).
+   */
+  all(ref: string): PdfValue[] {
+    const values = [this.written(ref), this.packed.get(key(ref))].filter((value) => value !== null && value !== undefined);
+    if (values.length === 0) this.missed = true;
+    return values;
+  }
+
+  /** An object read from an object stream. */
+  pack(number: number, value: PdfValue): void {
+    this.packed.set(`${number} 0`, value);
+  }
+
+  private written(ref: string): PdfValue | null {
     if (!this.starts) {
       this.text = this.bytes.toString('latin1');
       this.starts = new Map();
       for (const found of this.text.matchAll(/(?<![0-9])(\d+)\s+(\d+)\s+obj/g)) this.starts.set(`${Number(found[1])} ${Number(found[2])}`, found.index + found[0].length);
     }
-    const at = this.starts.get(ref.split(' ').map(Number).join(' '));
+    const at = this.starts.get(key(ref));
     return at === undefined ? null : new ObjectReader(this.text!.slice(at, at + MAX_DICTIONARY_CHARS)).value();
   }
 }
 
+/** `n g` as numbers write it (`007 0` is object 7). */
+const key = (ref: string) => ref.split(' ').map(Number).join(' ');
+
 /** The value itself, or the object it refers to (null: not found). */
-function resolved(value: PdfValue | undefined, objects: WrittenObjects): PdfValue | null | undefined {
+function resolved(value: PdfValue | undefined, objects: PdfObjects): PdfValue | null | undefined {
   return value && 'ref' in value ? objects.get(value.ref) : value;
 }
 
@@ -550,12 +585,18 @@ function dictionaryOf(text: string): Map<string, PdfValue> | null {
  * (`firstEnd`). The data may hold those bytes itself: cut there, the check saw a page's first
  * bytes and pdf.js unpacked the whole (a 20 KB file, 20 MB of page, not refused).
  */
-function streamEnd(bytes: Buffer, start: number, firstEnd: number, text: string, file: WrittenObjects): number {
-  const length = resolved(dictionaryOf(text)?.get('Length'), file);
-  if (!length || !('number' in length) || !Number.isInteger(length.number) || length.number < 0) return firstEnd;
-  const end = start + length.number;
-  if (end > bytes.length) return firstEnd;
-  return /^(?:\s|%[^\r\n]*)*endstream/.test(bytes.toString('latin1', end, end + 1024)) ? end : firstEnd;
+function streamEnd(bytes: Buffer, start: number, firstEnd: number, text: string, file: PdfObjects): number {
+  const declared = dictionaryOf(text)?.get('Length');
+  // A reference the file answers twice (written, and packed in an object stream): the longer data
+  // that ends where a /Length says is checked, which counts at least what the shorter holds.
+  const lengths = declared && 'ref' in declared ? file.all(declared.ref) : declared ? [declared] : [];
+  let found = -1;
+  for (const length of lengths) {
+    if (!('number' in length) || !Number.isInteger(length.number) || length.number < 0) continue;
+    const end = start + length.number;
+    if (end <= bytes.length && end > found && /^(?:\s|%[^\r\n]*)*endstream/.test(bytes.toString('latin1', end, end + 1024))) found = end;
+  }
+  return found >= 0 ? found : firstEnd;
 }
 
 /**
@@ -564,7 +605,7 @@ function streamEnd(bytes: Buffer, start: number, firstEnd: number, text: string,
  * involve none of LZW, ASCII85, run-length and Brotli (the Flate check covers the rest). Filters it
  * cannot read (a reference to an object in a compressed object stream) get every chain those can start.
  */
-function declaredChains(text: string, file: WrittenObjects): { chains: Filter[][]; earlyChanges: number[] } | null {
+function declaredChains(text: string, file: PdfObjects): { chains: Filter[][]; earlyChanges: number[] } | null {
   const dict = dictionaryOf(text);
   if (!dict) return null;
   const filter = resolved(dict.get('F') ?? dict.get('Filter'), file);
@@ -589,6 +630,150 @@ function declaredChains(text: string, file: WrittenObjects): { chains: Filter[][
   return chain.some((filter) => DECODED.has(filter)) ? { chains: [chain], earlyChanges } : null;
 }
 
+/** An object stream found in the file: its data as written and its dictionary's text. */
+interface ObjectStream {
+  data: Buffer;
+  dictionary: string;
+}
+
+/** What a pass over the streams found: the object streams, and where the streams are whose references the check could not follow. */
+interface StreamsFound {
+  objectStreams: ObjectStream[];
+  missed: Set<number>;
+}
+
+const tooLarge = (maxStreamBytes: number) =>
+  new DocumentRejectedError(`the PDF expands to more than ${megabytes(maxStreamBytes)} when one of its parts is unpacked (the limit per part); it is damaged or built to exhaust the reader`);
+
+/** The data of every stream of a PDF (or of an unpacked object stream), checked one by one against the bounds; what the streams unpacked counts in `total`. */
+class StreamCheck {
+  total = 0;
+
+  constructor(
+    readonly objects: PdfObjects,
+    private readonly maxStreamBytes: number,
+  ) {}
+
+  /**
+   * Checks every stream in `bytes` (with `only`, those at these offsets) and tells what it found.
+   * `objectStart` tells where the object holding a `stream` keyword at `at` starts, not before
+   * `from` (-1: none there): its dictionary is read from there.
+   */
+  async streams(bytes: Buffer, objectStart: (from: number, at: number) => number, only?: Set<number>): Promise<StreamsFound> {
+    const found: StreamsFound = { objectStreams: [], missed: new Set() };
+    // Where the last stream's data ended: neither its bytes nor its dictionary are searched again,
+    // so a file of `stream` keywords costs one pass.
+    let searched = 0;
+    for (let at = bytes.indexOf('stream'); at >= 0; at = bytes.indexOf('stream', Math.max(at + 6, searched))) {
+      // `endstream` contains `stream`; a stream's data starts after `stream` and its end of line.
+      if (at >= 3 && bytes.toString('latin1', at - 3, at) === 'end') continue;
+      let start = at + 6;
+      if (bytes[start] === 0x0d) start++;
+      if (bytes[start] !== 0x0a) continue;
+      start++;
+      const end = bytes.indexOf('endstream', start);
+      const from = objectStart(searched, at);
+      searched = end < 0 ? bytes.length : end + 9;
+      if (only && !only.has(at)) continue;
+      const dictionary = from >= 0 ? bytes.toString('latin1', from, at) : '';
+      if (/\/Subtype\s*\/Image(?![^\s/<>[\]()%{}])/.test(streamDictionary(dictionary))) continue;
+      this.objects.missed = false;
+      // `searched` stays at the first `endstream`: a stream a longer /Length spans is checked on its own too (pdf.js may read it by its own offset).
+      const data = bytes.subarray(start, streamEnd(bytes, start, end < 0 ? bytes.length : end, dictionary, this.objects));
+      await this.check(data, dictionary);
+      if (this.objects.missed) found.missed.add(at);
+      // pdf.js reads an object stream by its /N and /First alone (no /Type needed).
+      const entries = dictionaryOf(dictionary);
+      if (entries?.has('N') && entries.has('First')) found.objectStreams.push({ data, dictionary });
+    }
+    return found;
+  }
+
+  /**
+   * An object stream's content, unpacked along its filters as pdf.js reads them (Flate when they
+   * cannot be read, as nearly every writer packs them). A filter the check does not decode (an image
+   * codec, a predictor) leaves what it unpacked, in which the objects are then not found.
+   */
+  async unpack({ data, dictionary }: ObjectStream): Promise<Buffer> {
+    const dict = dictionaryOf(dictionary);
+    const filter = resolved(dict?.get('F') ?? dict?.get('Filter'), this.objects);
+    const names = filter === undefined ? [] : filter && 'name' in filter ? [filter.name] : filter && 'array' in filter ? filter.array.map((item) => resolved(item, this.objects)) : [null];
+    const chain: Filter[] = [];
+    for (const name of names) {
+      const known = name === null ? 'flate' : typeof name === 'string' ? FILTERS[name] : name && 'name' in name ? FILTERS[name.name] : 'flate';
+      if (!known) break;
+      chain.push(known);
+    }
+    let stream: AsyncIterable<Buffer> = chunksOf(data);
+    for (const each of chain) stream = STAGES[each](1)(stream);
+    const chunks: Buffer[] = [];
+    let size = 0;
+    for await (const chunk of stream) {
+      size += chunk.length;
+      this.total += chunk.length;
+      // Checked already as a stream: only a decoding the check did not make could pass here.
+      if (size > this.maxStreamBytes) throw tooLarge(this.maxStreamBytes);
+      chunks.push(chunk);
+    }
+    this.checkTotal();
+    return Buffer.concat(chunks);
+  }
+
+  private async check(data: Buffer, dictionary: string): Promise<void> {
+    const { maxStreamBytes } = this;
+    const limit = () => Math.min(maxStreamBytes, MAX_TOTAL_INFLATED_BYTES - this.total - work);
+    let work = 0;
+    let size = await inflatedSize(beforeFlate(data), limit());
+    work += size;
+    // Streams declared LZW, ASCII85, run-length or Brotli are decoded along their chain too;
+    // every decoding counts toward the total (it bounds the time the check takes).
+    const declared = size > limit() ? null : declaredChains(dictionary, this.objects);
+    for (const chain of declared?.chains ?? []) {
+      // EarlyChange is LZW's: another chain is decoded once.
+      for (const earlyChange of chain.includes('lzw') ? declared!.earlyChanges : [1]) {
+        if (size > maxStreamBytes || this.total + work >= MAX_TOTAL_INFLATED_BYTES) break;
+        if (chainBound(data.length, chain) <= limit()) break;
+        const decoded = await chainSize(data, chain, earlyChange, limit());
+        size = Math.max(size, decoded);
+        work += decoded;
+      }
+    }
+    if (size > maxStreamBytes) throw tooLarge(maxStreamBytes);
+    this.total += work;
+    this.checkTotal();
+  }
+
+  private checkTotal(): void {
+    if (this.total >= MAX_TOTAL_INFLATED_BYTES) {
+      throw new DocumentRejectedError(`the PDF expands to more than ${megabytes(MAX_TOTAL_INFLATED_BYTES)} when unpacked; split it into smaller files`);
+    }
+  }
+}
+
+/**
+ * The objects packed in an object stream's unpacked `content`, as pdf.js reads them: /N pairs of
+ * object number and offset from the start, then each object from /First plus its offset to the
+ * next one's.
+ */
+function packedObjects(content: Buffer, dictionary: string, objects: PdfObjects): { number: number; start: number; end: number }[] {
+  const dict = dictionaryOf(dictionary);
+  const count = resolved(dict?.get('N'), objects);
+  const first = resolved(dict?.get('First'), objects);
+  if (!count || !first || !('number' in count) || !('number' in first) || !Number.isInteger(count.number) || !Number.isInteger(first.number) || first.number < 0) return [];
+  const header = new ObjectReader(content.toString('latin1', 0, Math.min(content.length, first.number)));
+  const found: { number: number; start: number; end: number }[] = [];
+  for (let i = 0; i < count.number; i++) {
+    const number = header.value();
+    const offset = header.value();
+    if (!number || !offset || !('number' in number) || !('number' in offset)) break;
+    found.push({ number: number.number, start: first.number + offset.number, end: content.length });
+  }
+  found.forEach((object, i) => {
+    if (i + 1 < found.length) object.end = Math.max(object.start, found[i + 1]!.start);
+  });
+  return found;
+}
+
 /**
  * Refuses a PDF whose compressed streams unpack past the bounds, before pdf.js sees it: pdf.js
  * decodes a content stream whole into typed arrays, memory outside the V8 heap that the worker's
@@ -598,58 +783,60 @@ function declaredChains(text: string, file: WrittenObjects): { chains: Filter[][
  * extraction never decodes them), when their own dictionary says so outside comments and strings.
  * A stream whose filters (as pdf.js reads them: references followed) include LZWDecode,
  * ASCII85Decode, RunLengthDecode or BrotliDecode is also decoded along that chain, pdf.js's way,
- * each stage counted and bounded alike. What these checks let through (a page that calls itself an
- * image, Brotli behind an unreadable reference) is left to the memory watch of extract.ts.
+ * each stage counted and bounded alike.
+ *
+ * Object streams (PDF 1.5) are unpacked too, and what they hold is read as the file's own: their
+ * small objects answer the references of other streams' /Length and filters (pdf.js follows them
+ * there; unanswered, a page whose data holds the bytes `endstream` was checked only up to them),
+ * and the streams packed in them (the standard forbids it; pdf.js reads them: a 1 KB file's page
+ * packed there unpacked to 40 MB past every check) are checked as any other. An object stream
+ * inside another is refused. What these checks let through (a page that calls itself an image,
+ * Brotli behind an unreadable reference, an object stream behind a predictor) is left to the
+ * memory watch of extract.ts.
  */
 export async function checkPdfStreams(data: Uint8Array, maxStreamBytes: number): Promise<void> {
   const bytes = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
-  let total = 0;
-  // Where the last stream's data ended: neither its bytes nor its dictionary are searched again,
-  // so a file of `stream` keywords costs one pass.
-  let searched = 0;
-  // Read only when a stream's filters refer to another object.
-  const objects = new WrittenObjects(bytes);
-  for (let at = bytes.indexOf('stream'); at >= 0; at = bytes.indexOf('stream', Math.max(at + 6, searched))) {
-    // `endstream` contains `stream`; a stream's data starts after `stream` and its end of line.
-    if (at >= 3 && bytes.toString('latin1', at - 3, at) === 'end') continue;
-    let start = at + 6;
-    if (bytes[start] === 0x0d) start++;
-    if (bytes[start] !== 0x0a) continue;
-    start++;
-    const end = bytes.indexOf('endstream', start);
+  const check = new StreamCheck(new PdfObjects(bytes), maxStreamBytes);
+  // A stream's dictionary runs from its object's `obj` (a string could say `obj` too, or
+  // `/Subtype /Image`: a page may as well declare itself an image, which pdf.js ignores; the
+  // memory watch of extract.ts bounds what these checks let through).
+  const written = (searched: number, at: number) => {
     const from = Math.max(searched, at - MAX_DICTIONARY_CHARS);
-    searched = end < 0 ? bytes.length : end + 9;
-    // The dictionary runs from its object's `obj` (a string could say `obj` too, or `/Subtype
-    // /Image`: a page may as well declare itself an image, which pdf.js ignores; the memory watch
-    // of extract.ts bounds what these checks let through).
     const objectAt = bytes.subarray(from, at).lastIndexOf('obj');
-    const dictionary = objectAt >= 0 ? bytes.toString('latin1', from + objectAt + 3, at) : '';
-    if (/\/Subtype\s*\/Image(?![^\s/<>[\]()%{}])/.test(streamDictionary(dictionary))) continue;
-    // `searched` stays at the first `endstream`: a stream a longer /Length spans is checked on its own too (pdf.js may read it by its own offset).
-    const data = bytes.subarray(start, streamEnd(bytes, start, end < 0 ? bytes.length : end, dictionary, objects));
-    const limit = () => Math.min(maxStreamBytes, MAX_TOTAL_INFLATED_BYTES - total - work);
-    let work = 0;
-    let size = await inflatedSize(beforeFlate(data), limit());
-    work += size;
-    // Streams declared LZW, ASCII85, run-length or Brotli are decoded along their chain too;
-    // every decoding counts toward the total (it bounds the time the check takes).
-    const declared = size > limit() ? null : declaredChains(dictionary, objects);
-    for (const chain of declared?.chains ?? []) {
-      // EarlyChange is LZW's: another chain is decoded once.
-      for (const earlyChange of chain.includes('lzw') ? declared!.earlyChanges : [1]) {
-        if (size > maxStreamBytes || total + work >= MAX_TOTAL_INFLATED_BYTES) break;
-        if (chainBound(data.length, chain) <= limit()) break;
-        const decoded = await chainSize(data, chain, earlyChange, limit());
-        size = Math.max(size, decoded);
-        work += decoded;
+    return objectAt >= 0 ? from + objectAt + 3 : -1;
+  };
+  const { objectStreams, missed } = await check.streams(bytes, written);
+  if (objectStreams.length === 0) return;
+  for (const objectStream of objectStreams) {
+    const content = await check.unpack(objectStream);
+    for (const { number, start, end } of packedObjects(content, objectStream.dictionary, check.objects)) {
+      if (end - start > MAX_PACKED_OBJECT_CHARS) continue;
+      const value = new ObjectReader(content.toString('latin1', start, end)).value();
+      if (value && !('other' in value)) check.objects.pack(number, value);
+    }
+  }
+  // The streams whose references no written object answered, again: the packed ones may.
+  if (missed.size > 0) await check.streams(bytes, written, missed);
+  for (const objectStream of objectStreams) {
+    // One object stream's content at a time: unpacked again rather than kept.
+    const content = await check.unpack(objectStream);
+    const starts = packedObjects(content, objectStream.dictionary, check.objects)
+      .map((object) => object.start)
+      .sort((a, b) => a - b);
+    /** The start of the packed object holding `at` (the last to start before it), unless before `searched`. */
+    const packed = (searched: number, at: number) => {
+      let low = 0;
+      let high = starts.length;
+      while (low < high) {
+        const middle = (low + high) >> 1;
+        if (starts[middle]! <= at) low = middle + 1;
+        else high = middle;
       }
-    }
-    if (size > maxStreamBytes) {
-      throw new DocumentRejectedError(`the PDF expands to more than ${megabytes(maxStreamBytes)} when one of its parts is unpacked (the limit per part); it is damaged or built to exhaust the reader`);
-    }
-    total += work;
-    if (total >= MAX_TOTAL_INFLATED_BYTES) {
-      throw new DocumentRejectedError(`the PDF expands to more than ${megabytes(MAX_TOTAL_INFLATED_BYTES)} when unpacked; split it into smaller files`);
+      const start = low > 0 ? starts[low - 1]! : -1;
+      return start >= searched ? start : -1;
+    };
+    if ((await check.streams(content, packed)).objectStreams.length > 0) {
+      throw new DocumentRejectedError('the PDF packs an object stream inside another (the standard forbids it); it is damaged or built to exhaust the reader');
     }
   }
 }
