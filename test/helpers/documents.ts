@@ -159,9 +159,10 @@ export function pdfWithStream(dictionary: string, stream: Buffer, object6?: stri
  * `data`; `extra` are objects 6 and on. The objects numbered in `inObjectStream` are written inside
  * one Flate-compressed object stream, indexed by a cross-reference stream, as PDF 1.5 writers do
  * (a stream among them too, which the standard forbids and pdf.js reads): nothing in the file shows
- * them as written.
+ * them as written. `columns`: the object stream's content goes through PNG's Up predictor in rows
+ * of that many bytes before Flate (/Predictor 12), as cross-reference streams usually are.
  */
-export function pdfWithObjectStream(entries: string, data: Buffer, { extra = [], inObjectStream = [] }: { extra?: string[]; inObjectStream?: number[] }): Buffer {
+export function pdfWithObjectStream(entries: string, data: Buffer, { extra = [], inObjectStream = [], columns }: { extra?: string[]; inObjectStream?: number[]; columns?: number }): Buffer {
   const bodies: Buffer[] = [
     Buffer.from('<< /Type /Catalog /Pages 2 0 R >>'),
     Buffer.from('<< /Type /Pages /Kids [3 0 R] /Count 1 >>'),
@@ -192,8 +193,22 @@ export function pdfWithObjectStream(entries: string, data: Buffer, { extra = [],
     header += `${number} ${at} `;
     at += bodies[number - 1]!.length + 1;
   }
-  const content = deflateSync(Buffer.concat([Buffer.from(header), ...packed.map((number) => Buffer.concat([bodies[number - 1]!, Buffer.from('\n')]))]));
-  write(objectStream, Buffer.concat([Buffer.from(`<< /Type /ObjStm /N ${packed.length} /First ${header.length} /Filter /FlateDecode /Length ${content.length} >>\nstream\n`), content, Buffer.from('\nendstream')]));
+  let plain = Buffer.concat([Buffer.from(header), ...packed.map((number) => Buffer.concat([bodies[number - 1]!, Buffer.from('\n')]))]);
+  let parms = '';
+  if (columns) {
+    // Each row: the tag 2 (Up), then each byte less the one above it.
+    const rows: Buffer[] = [];
+    for (let at = 0; at < plain.length; at += columns) {
+      const row = Buffer.alloc(columns + 1);
+      row[0] = 2;
+      for (let i = 0; i < columns; i++) row[i + 1] = ((plain[at + i] ?? 0) - (at > 0 ? plain[at - columns + i]! : 0)) & 0xff;
+      rows.push(row);
+    }
+    plain = Buffer.concat(rows);
+    parms = ` /DecodeParms << /Predictor 12 /Columns ${columns} >>`;
+  }
+  const content = deflateSync(plain);
+  write(objectStream, Buffer.concat([Buffer.from(`<< /Type /ObjStm /N ${packed.length} /First ${header.length} /Filter /FlateDecode${parms} /Length ${content.length} >>\nstream\n`), content, Buffer.from('\nendstream')]));
   offsets[xrefStream] = length;
   // Rows of [type, offset or object stream, generation or index] in 1 + 4 + 2 bytes (/W [1 4 2]).
   const rows = Buffer.alloc((xrefStream + 1) * 7);

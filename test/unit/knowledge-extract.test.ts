@@ -435,6 +435,8 @@ describe('extractDocument: what it refuses', () => {
       }],
       // The standard forbids a stream in an object stream; pdf.js reads it there, where the check never looked: a 1 KB file.
       ['packed itself in a compressed object stream', () => pdfWithObjectStream(`/Length ${bomb.length} /Filter /FlateDecode`, bomb, { inObjectStream: [4] })],
+      // A predictor (pdf.js applies it after Flate) leaves the content unreadable unless applied too.
+      ['packed in an object stream behind a PNG predictor', () => pdfWithObjectStream(`/Length ${bomb.length} /Filter /FlateDecode`, bomb, { inObjectStream: [4], columns: 7 })],
     ])('%s', async (name, pdf) => {
       const path = await file(`${name.replaceAll(/\W+/g, '-')}.pdf`, pdf());
       expect(await rejection(extract(path, 'bomb.pdf', { maxMemoryMb: 64 }))).toBe(refused);
@@ -501,6 +503,7 @@ describe('extractDocument: what it refuses', () => {
         ['rl-object-stream', pdfWithStream('/Filter 6 0 R', runLengthEncode(small), '[/RunLengthDecode]', { compressed: true })],
         ['brotli', pdfWithStream('/Filter /BrotliDecode', brotliCompressSync(small))],
         ['packed', pdfWithObjectStream('/Length 6 0 R /Filter 7 0 R', lzwEncode(small), { extra: [String(lzwEncode(small).length), '/LZWDecode'], inObjectStream: [1, 2, 3, 4, 5, 6, 7] })],
+        ['packed-predictor', pdfWithObjectStream('/Length 6 0 R /Filter 7 0 R', lzwEncode(small), { extra: [String(lzwEncode(small).length), '/LZWDecode'], inObjectStream: [4, 6, 7], columns: 5 })],
       ] as const) {
         expect((await extract(await file(`${name}-small.pdf`, pdf), `${name}.pdf`, { maxMemoryMb: 64 })).text, name).toBe('Hello from a bomb');
       }

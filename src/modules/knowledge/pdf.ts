@@ -690,22 +690,28 @@ class StreamCheck {
   }
 
   /**
-   * An object stream's content, unpacked along its filters as pdf.js reads them (Flate when they
-   * cannot be read, as nearly every writer packs them). A filter the check does not decode (an image
-   * codec, a predictor) leaves what it unpacked, in which the objects are then not found.
+   * An object stream's content, unpacked along its filters as pdf.js reads them, with the
+   * predictors of their parameters (Flate when the filters cannot be read, as nearly every writer
+   * packs them). A filter the check does not decode (an image codec) leaves what it unpacked, in
+   * which the objects are then not found.
    */
   async unpack({ data, dictionary }: ObjectStream): Promise<Buffer> {
     const dict = dictionaryOf(dictionary);
     const filter = resolved(dict?.get('F') ?? dict?.get('Filter'), this.objects);
-    const names = filter === undefined ? [] : filter && 'name' in filter ? [filter.name] : filter && 'array' in filter ? filter.array.map((item) => resolved(item, this.objects)) : [null];
-    const chain: Filter[] = [];
-    for (const name of names) {
-      const known = name === null ? 'flate' : typeof name === 'string' ? FILTERS[name] : name && 'name' in name ? FILTERS[name.name] : 'flate';
-      if (!known) break;
-      chain.push(known);
-    }
+    const names = filter === undefined ? [] : filter && 'name' in filter ? [filter] : filter && 'array' in filter ? filter.array.map((item) => resolved(item, this.objects)) : [null];
+    const parms = resolved(dict?.get('DP') ?? dict?.get('DecodeParms'), this.objects);
     let stream: AsyncIterable<Buffer> = chunksOf(data);
-    for (const each of chain) stream = STAGES[each](1)(stream);
+    for (const [index, name] of names.entries()) {
+      const known = name && 'name' in name ? FILTERS[name.name] : 'flate';
+      if (!known) break;
+      // pdf.js reads one dictionary of parameters for a lone filter, an array of them for a chain.
+      const each = filter && 'array' in filter ? (parms && 'array' in parms ? resolved(parms.array[index], this.objects) : null) : parms;
+      const params = each && 'dict' in each ? each.dict : null;
+      const early = params ? resolved(params.get('EarlyChange'), this.objects) : null;
+      stream = STAGES[known](early && 'number' in early ? early.number : 1)(stream);
+      const predicted = params && (known === 'flate' || known === 'lzw') ? predictor(params, this.objects) : null;
+      if (predicted) stream = predicted(stream);
+    }
     const chunks: Buffer[] = [];
     let size = 0;
     for await (const chunk of stream) {
@@ -751,6 +757,63 @@ class StreamCheck {
 }
 
 /**
+ * pdf.js's predictors after Flate or LZW (their /DecodeParms): PNG's (10-15; each row tells its own
+ * by its first byte) and TIFF's (2) at 8 bits a component; null for none. A predictor it rejects,
+ * or TIFF's at other depths, passes the bytes on as they are.
+ */
+function predictor(params: Map<string, PdfValue>, objects: PdfObjects): Stage | null {
+  const number = (name: string, fallback: number) => {
+    const value = resolved(params.get(name), objects);
+    return value && 'number' in value && Number.isInteger(value.number) && value.number > 0 ? value.number : fallback;
+  };
+  const kind = number('Predictor', 1);
+  const colors = number('Colors', 1);
+  const bits = number('BitsPerComponent', 8);
+  const pixelBytes = (colors * bits + 7) >> 3;
+  const rowBytes = (number('Columns', 1) * colors * bits + 7) >> 3;
+  if (!(kind >= 10 && kind <= 15) && !(kind === 2 && bits === 8)) return null;
+  const png = kind >= 10;
+  return async function* (input) {
+    let prior = Buffer.alloc(rowBytes);
+    let pending: Buffer = Buffer.alloc(0);
+    /** One row from its raw bytes (a last one may be short), as pdf.js's readBlockPng and readBlockTiff make it. */
+    const decode = (raw: Buffer): Buffer => {
+      const body = png ? raw.subarray(1) : raw;
+      const row = Buffer.alloc(rowBytes);
+      const type = png ? raw[0] : -1;
+      for (let i = 0; i < body.length; i++) {
+        const left = i >= pixelBytes ? row[i - pixelBytes]! : 0;
+        const up = prior[i]!;
+        const upLeft = i >= pixelBytes ? prior[i - pixelBytes]! : 0;
+        let add = 0;
+        if (type === -1) add = i >= colors ? row[i - colors]! : 0;
+        else if (type === 1) add = left;
+        else if (type === 2) add = up;
+        else if (type === 3) add = (left + up) >> 1;
+        else if (type === 4) {
+          const p = left + up - upLeft;
+          const [pa, pb, pc] = [Math.abs(p - left), Math.abs(p - up), Math.abs(p - upLeft)];
+          add = pa <= pb && pa <= pc ? left : pb <= pc ? up : upLeft;
+        }
+        row[i] = (body[i]! + add) & 0xff;
+      }
+      prior = row;
+      return row.subarray(0, body.length);
+    };
+    const size = png ? rowBytes + 1 : rowBytes;
+    for await (const chunk of input) {
+      pending = pending.length > 0 ? Buffer.concat([pending, chunk]) : chunk;
+      const rows: Buffer[] = [];
+      let at = 0;
+      for (; at + size <= pending.length; at += size) rows.push(decode(pending.subarray(at, at + size)));
+      pending = pending.subarray(at);
+      if (rows.length > 0) yield Buffer.concat(rows);
+    }
+    if (pending.length > (png ? 1 : 0)) yield decode(pending);
+  };
+}
+
+/**
  * The objects packed in an object stream's unpacked `content`, as pdf.js reads them: /N pairs of
  * object number and offset from the start, then each object from /First plus its offset to the
  * next one's.
@@ -791,8 +854,8 @@ function packedObjects(content: Buffer, dictionary: string, objects: PdfObjects)
  * and the streams packed in them (the standard forbids it; pdf.js reads them: a 1 KB file's page
  * packed there unpacked to 40 MB past every check) are checked as any other. An object stream
  * inside another is refused. What these checks let through (a page that calls itself an image,
- * Brotli behind an unreadable reference, an object stream behind a predictor) is left to the
- * memory watch of extract.ts.
+ * Brotli behind an unreadable reference, an object stream behind a filter it does not decode) is
+ * left to the memory watch of extract.ts.
  */
 export async function checkPdfStreams(data: Uint8Array, maxStreamBytes: number): Promise<void> {
   const bytes = Buffer.from(data.buffer, data.byteOffset, data.byteLength);
