@@ -436,6 +436,8 @@ describe('extractDocument: what it refuses', () => {
       // The standard forbids a stream in an object stream; pdf.js reads it there, where the check never looked: a 1 KB file.
       ['packed itself in a compressed object stream', () => pdfWithObjectStream(`/Length ${bomb.length} /Filter /FlateDecode`, bomb, { inObjectStream: [4] })],
       // A predictor (pdf.js applies it after Flate) leaves the content unreadable unless applied too.
+      // The Flate pass counts a chain's first Flate only.
+      ['Flate inside Flate (a chain of two)', () => pdfWithStream('/Filter [/FlateDecode /Fl]', deflateSync(bomb))],
       ['packed in an object stream behind a PNG predictor', () => pdfWithObjectStream(`/Length ${bomb.length} /Filter /FlateDecode`, bomb, { inObjectStream: [4], columns: 7 })],
     ])('%s', async (name, pdf) => {
       const path = await file(`${name.replaceAll(/\W+/g, '-')}.pdf`, pdf());

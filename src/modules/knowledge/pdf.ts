@@ -132,7 +132,7 @@ const FILTERS: Record<string, Filter> = {
   BrotliDecode: 'brotli',
 };
 
-/** The filters whose output the Flate pass alone does not bound: a chain with one is decoded along it. */
+/** The filters whose output the Flate pass alone does not bound: a chain with one (or with two Flates) is decoded along it. */
 const DECODED: ReadonlySet<Filter> = new Set(['lzw', 'a85', 'rl', 'brotli']);
 
 /**
@@ -602,8 +602,9 @@ function streamEnd(bytes: Buffer, start: number, firstEnd: number, text: string,
 /**
  * The chains to decode a stream with, from its dictionary (`text` from its object's `obj` to
  * `stream`), as pdf.js reads its filters (/F before /Filter, references followed): null when they
- * involve none of LZW, ASCII85, run-length and Brotli (the Flate check covers the rest). Filters it
- * cannot read (a reference to an object in a compressed object stream) get every chain those can start.
+ * involve none of LZW, ASCII85, run-length and Brotli, nor Flate twice (the Flate check covers the
+ * rest). Filters it cannot read (a reference to an object the check has not found) get every chain
+ * those can start.
  */
 function declaredChains(text: string, file: PdfObjects): { chains: Filter[][]; earlyChanges: number[] } | null {
   const dict = dictionaryOf(text);
@@ -627,7 +628,9 @@ function declaredChains(text: string, file: PdfObjects): { chains: Filter[][]; e
     if (!known) break;
     chain.push(known);
   }
-  return chain.some((filter) => DECODED.has(filter)) ? { chains: [chain], earlyChanges } : null;
+  // Flate after Flate: the Flate pass counts the first only (1.8 KB unpacked to 1 MB, then 1 GB).
+  const flates = chain.filter((filter) => filter === 'flate').length;
+  return flates > 1 || chain.some((filter) => DECODED.has(filter)) ? { chains: [chain], earlyChanges } : null;
 }
 
 /** An object stream found in the file: its data as written and its dictionary's text. */
