@@ -23,8 +23,11 @@ const server = useRunServer(ctx);
 const api = apiOf(ctx);
 
 const MODEL = 'fake-precise';
-// 100 chunks 200 ms apart: a 20 s answer, far longer than any stream here is let run.
-const SLOW = { chunks: Array.from({ length: 100 }, (_, i) => `w${i} `), chunkDelayMs: 200, usage: { prompt_tokens: 5, completion_tokens: 100 } };
+// 100 chunks 100 ms apart: a 10 s answer, longer than any stream here is let run (ENDED_WITHIN_MS
+// after its 5th chunk), which is well into it half a second in.
+const SLOW = { chunks: Array.from({ length: 100 }, (_, i) => `w${i} `), chunkDelayMs: 100, usage: { prompt_tokens: 5, completion_tokens: 100 } };
+/** 20 chunks 200 ms apart: a 4 s answer, some four looks, for the streams that run to their end. */
+const WHOLE = { ...SLOW, chunks: SLOW.chunks.slice(0, 20), chunkDelayMs: 200 };
 /** Where a stream that ends on its own must have ended by (its credential checked some 8 times meanwhile). */
 const ENDED_WITHIN_MS = 6_000;
 const GRANT = 100;
@@ -143,8 +146,7 @@ describe('a streamed /v1 chat completion whose credential stops working mid-stre
     const admin = await superuserHeaders(ctx.app);
     const user = await fundedUser(admin);
     const [used, other] = [await createKey(ctx.app, user, { name: 'used' }), await createKey(ctx.app, user, { name: 'other' })];
-    // 20 chunks 200 ms apart: 4 s, some four looks.
-    fake.script(MODEL, { ...SLOW, chunks: SLOW.chunks.slice(0, 20) });
+    fake.script(MODEL, WHOLE);
     const reading = readCompletion(xApiKey(used.key));
     await fake.waitFor((log) => (log[0]?.chunksSent ?? 0) >= 2, 10_000);
     expect((await api('PATCH', `/api-keys/${other.id}`, user.headers, { status: 'revoked' })).statusCode).toBe(200);
@@ -240,7 +242,7 @@ describe('an agent: completion whose credential stops working mid-run', () => {
     const user = await fundedUser(admin);
     const agent = await createAgent(ctx.app, user.headers);
     const [used, other] = [await createKey(ctx.app, user, { name: 'used' }), await createKey(ctx.app, user, { name: 'other' })];
-    fake.script(MODEL, { ...SLOW, chunks: SLOW.chunks.slice(0, 20) });
+    fake.script(MODEL, WHOLE);
     const reading = readCompletion(xApiKey(used.key), `agent:${agent.id}`);
     await fake.waitFor((log) => (log[0]?.chunksSent ?? 0) >= 2, 10_000);
     expect((await api('PATCH', `/api-keys/${other.id}`, user.headers, { status: 'revoked' })).statusCode).toBe(200);
