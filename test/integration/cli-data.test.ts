@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readMigrations } from '../../src/core/migrate.js';
 
 import { ADMIN_EMAIL, ADMIN_PASSWORD, cliOn, isSuperuser, jsonLines, login, stop, token } from '../helpers/cli.js';
+import { eventually } from '../helpers/http.js';
 import { freePort, migratedDataDir } from '../helpers/process.js';
 
 // What the `keel` commands do to the data: restarts, migrate down/up/status, create-superuser's
@@ -149,7 +150,8 @@ describe('create-superuser, account checks and console email', () => {
       body: JSON.stringify({ current_password: 'changethis', new_password: ADMIN_PASSWORD }),
     });
     expect(change.status).toBe(200);
-    await new Promise((done) => setTimeout(done, 1_000));
+    // The recovery email is logged once its sending (after the answer) gets there: waited for, not slept on.
+    await eventually(() => Promise.resolve(server.output().stdout.includes('email not sent (EMAIL_BACKEND=console)')), 30_000);
     const first = await stop(server);
     expect(defaultPasswordWarning(first.stdout)).toBe(true);
     const lines = jsonLines(first.stdout);
