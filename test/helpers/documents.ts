@@ -156,13 +156,13 @@ export function pdfWithStream(dictionary: string, stream: Buffer, object6?: stri
 /**
  * A one-page PDF 1.5 written by hand whose page's content (object 4) is a stream with the
  * dictionary entries `entries` (its /Length among them: it may be a reference) and the data
- * `data`; `extra` are objects 6 and on. The objects numbered in `inObjectStream` are written inside
+ * `data`; `extra` are objects 6 and on (a Buffer's bytes as they are). The objects numbered in `inObjectStream` are written inside
  * one Flate-compressed object stream, indexed by a cross-reference stream, as PDF 1.5 writers do
  * (a stream among them too, which the standard forbids and pdf.js reads): nothing in the file shows
  * them as written. `columns`: the object stream's content goes through PNG's Up predictor in rows
  * of that many bytes before Flate (/Predictor 12), as cross-reference streams usually are.
  */
-export function pdfWithObjectStream(entries: string, data: Buffer, { extra = [], inObjectStream = [], columns }: { extra?: string[]; inObjectStream?: number[]; columns?: number }): Buffer {
+export function pdfWithObjectStream(entries: string, data: Buffer, { extra = [], inObjectStream = [], columns }: { extra?: (string | Buffer)[]; inObjectStream?: number[]; columns?: number }): Buffer {
   const bodies: Buffer[] = [
     Buffer.from('<< /Type /Catalog /Pages 2 0 R >>'),
     Buffer.from('<< /Type /Pages /Kids [3 0 R] /Count 1 >>'),

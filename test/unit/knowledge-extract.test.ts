@@ -496,6 +496,21 @@ describe('extractDocument: what it refuses', () => {
       expect(await rejection(extract(await file('nested-object-streams.pdf', pdf), 'nested.pdf'))).toBe('the PDF packs an object stream inside another (the standard forbids it); it is damaged or built to exhaust the reader');
     });
 
+    /** An object stream (object 6) beside a plain page: `dictionary` its entries, `content` what it unpacks to (Flate). */
+    const besideObjectStream = (dictionary: string, content: Buffer) => {
+      const data = deflateSync(content);
+      const objectStream = Buffer.concat([Buffer.from(`<< /N 1 /First 4 /Filter /FlateDecode ${dictionary} /Length ${data.length} >>\nstream\n`), data, Buffer.from('\nendstream')]);
+      return pdfWithObjectStream(`/Length ${text.length}`, text, { extra: [objectStream] });
+    };
+
+    it('applies a predictor with rows of any width in one pass', async () => {
+      // Rows of 30 MB over 60 MB: the check took 34 s (rows joined anew at every 64 KB) and hundreds of MB.
+      const pdf = besideObjectStream('/DecodeParms << /Predictor 12 /Columns 30000000 >>', Buffer.alloc(60 * 1024 * 1024));
+      const started = Date.now();
+      expect((await extract(await file('wide-predictor.pdf', pdf), 'wide.pdf', { maxMemoryMb: 256, timeoutMs: 60_000 })).text).toBe('Hello from a bomb');
+      expect(Date.now() - started).toBeLessThan(10_000);
+    }, 70_000);
+
     it('reads the same pages within the allowance (the check decodes as pdf.js does)', async () => {
       const small = Buffer.concat([Buffer.alloc(1024 * 1024, 0x20), text]);
       for (const [name, pdf] of [
