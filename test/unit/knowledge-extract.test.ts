@@ -15,7 +15,7 @@ import { type DrainedText, PieceAssembler } from '../../src/modules/knowledge/do
 import { extractDocument, type ExtractLimits } from '../../src/modules/knowledge/extract.js';
 import { MAX_HTML_DEPTH } from '../../src/modules/knowledge/html.js';
 import { markdownSpans } from '../../src/modules/knowledge/markdown.js';
-import { MAX_PDF_PAGES, pdfSpans } from '../../src/modules/knowledge/pdf.js';
+import { MAX_PACKED_OBJECTS, MAX_PDF_PAGES, pdfSpans } from '../../src/modules/knowledge/pdf.js';
 import { sniffFormat } from '../../src/modules/knowledge/sniff.js';
 import { DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
 import { ascii85Encode, type Block, deflateStoringFirst, lzwEncode, pdfPageTree, pdfWithObjectStream, pdfWithStream, runLengthEncode, writeDocx, writePdf, writePdfWithContent, writeZip, writeZipBomb } from '../helpers/documents.js';
@@ -496,20 +496,36 @@ describe('extractDocument: what it refuses', () => {
       expect(await rejection(extract(await file('nested-object-streams.pdf', pdf), 'nested.pdf'))).toBe('the PDF packs an object stream inside another (the standard forbids it); it is damaged or built to exhaust the reader');
     });
 
-    /** An object stream (object 6) beside a plain page: `dictionary` its entries, `content` what it unpacks to (Flate). */
-    const besideObjectStream = (dictionary: string, content: Buffer) => {
+    /** An object stream (object 6) beside a plain page: `entries` its /N, /First and more, `content` what it unpacks to (Flate). */
+    const besideObjectStream = (entries: string, content: Buffer) => {
       const data = deflateSync(content);
-      const objectStream = Buffer.concat([Buffer.from(`<< /N 1 /First 4 /Filter /FlateDecode ${dictionary} /Length ${data.length} >>\nstream\n`), data, Buffer.from('\nendstream')]);
+      const objectStream = Buffer.concat([Buffer.from(`<< ${entries} /Filter /FlateDecode /Length ${data.length} >>\nstream\n`), data, Buffer.from('\nendstream')]);
       return pdfWithObjectStream(`/Length ${text.length}`, text, { extra: [objectStream] });
     };
 
     it('applies a predictor with rows of any width in one pass', async () => {
       // Rows of 30 MB over 60 MB: the check took 34 s (rows joined anew at every 64 KB) and hundreds of MB.
-      const pdf = besideObjectStream('/DecodeParms << /Predictor 12 /Columns 30000000 >>', Buffer.alloc(60 * 1024 * 1024));
+      const pdf = besideObjectStream('/N 1 /First 4 /DecodeParms << /Predictor 12 /Columns 30000000 >>', Buffer.alloc(60 * 1024 * 1024));
       const started = Date.now();
       expect((await extract(await file('wide-predictor.pdf', pdf), 'wide.pdf', { maxMemoryMb: 256, timeoutMs: 60_000 })).text).toBe('Hello from a bomb');
       expect(Date.now() - started).toBeLessThan(10_000);
     }, 70_000);
+
+    it('refuses object streams that pack more objects than any real PDF, before reading them all', async () => {
+      // /N and the pairs are the file's to say: 15 million pairs in 58 KB took 15 s and 1 GB to read.
+      const header = '1 0 '.repeat(MAX_PACKED_OBJECTS + 1);
+      const pdf = besideObjectStream(`/N ${MAX_PACKED_OBJECTS + 1} /First ${header.length}`, Buffer.from(header));
+      expect(await rejection(extract(await file('many-packed.pdf', pdf), 'many.pdf'))).toBe('the PDF packs more than 1,000,000 objects in its object streams; it is damaged or built to exhaust the reader');
+    });
+
+    it('stops reading an object stream at an offset that goes back, as pdf.js does', async () => {
+      // Offsets 0, 1000, 0, 1000…: each object spanned the same 1 KB array again (2 GB of values from 480 KB).
+      const pairs = Array.from({ length: 200_000 }, (_, i) => `${i + 10} ${i % 2 ? 1000 : 0} `).join('');
+      const pdf = besideObjectStream(`/N 200000 /First ${pairs.length}`, Buffer.from(`${pairs}[${'1 '.repeat(499)}]`));
+      const started = Date.now();
+      expect((await extract(await file('offsets-back.pdf', pdf), 'back.pdf')).text).toBe('Hello from a bomb');
+      expect(Date.now() - started).toBeLessThan(5_000);
+    }, 30_000);
 
     it('reads the same pages within the allowance (the check decodes as pdf.js does)', async () => {
       const small = Buffer.concat([Buffer.alloc(1024 * 1024, 0x20), text]);

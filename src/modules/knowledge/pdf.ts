@@ -824,25 +824,40 @@ function predictor(params: Map<string, PdfValue>, objects: PdfObjects): Stage | 
 }
 
 /**
+ * The most objects read from the object streams of one PDF. A real one packs a few hundred per
+ * stream, a few hundred thousand in all; /N is the file's to say, and 58 KB that unpacked to 15
+ * million pairs of numbers took 15 s and 1 GB to read. Past it the PDF is refused: an object not
+ * read could be a /Length or filter the check then does not follow.
+ */
+export const MAX_PACKED_OBJECTS = 1_000_000;
+
+const tooManyPacked = () =>
+  new DocumentRejectedError(`the PDF packs more than ${MAX_PACKED_OBJECTS.toLocaleString('en-US')} objects in its object streams; it is damaged or built to exhaust the reader`);
+
+/**
  * The objects packed in an object stream's unpacked `content`, as pdf.js reads them: /N pairs of
  * object number and offset from the start, then each object from /First plus its offset to the
- * next one's.
+ * next one's. At most `most` + 1 are read (the caller refuses past `most`). An offset below the one
+ * before ends them: pdf.js refuses the whole stream there ("Invalid offset"), and read on, offsets
+ * going back and forth had each object span the same 1 KB again (480 KB of file: 15 s, 2 GB).
  */
-function packedObjects(content: Buffer, dictionary: string, objects: PdfObjects): { number: number; start: number; end: number }[] {
+function packedObjects(content: Buffer, dictionary: string, objects: PdfObjects, most: number): { number: number; start: number; end: number }[] {
   const dict = dictionaryOf(dictionary);
   const count = resolved(dict?.get('N'), objects);
   const first = resolved(dict?.get('First'), objects);
   if (!count || !first || !('number' in count) || !('number' in first) || !Number.isInteger(count.number) || !Number.isInteger(first.number) || first.number < 0) return [];
   const header = new ObjectReader(content.toString('latin1', 0, Math.min(content.length, first.number)));
   const found: { number: number; start: number; end: number }[] = [];
-  for (let i = 0; i < count.number; i++) {
+  for (let i = 0; i < count.number && found.length <= most; i++) {
     const number = header.value();
     const offset = header.value();
     if (!number || !offset || !('number' in number) || !('number' in offset)) break;
-    found.push({ number: number.number, start: first.number + offset.number, end: content.length });
+    const start = first.number + offset.number;
+    if (found.length > 0 && start < found[found.length - 1]!.start) break;
+    found.push({ number: number.number, start, end: content.length });
   }
   found.forEach((object, i) => {
-    if (i + 1 < found.length) object.end = Math.max(object.start, found[i + 1]!.start);
+    if (i + 1 < found.length) object.end = found[i + 1]!.start;
   });
   return found;
 }
@@ -880,9 +895,13 @@ export async function checkPdfStreams(data: Uint8Array, maxStreamBytes: number):
   };
   const { objectStreams, missed } = await check.streams(bytes, written);
   if (objectStreams.length === 0) return;
+  let packedCount = 0;
   for (const objectStream of objectStreams) {
     const content = await check.unpack(objectStream);
-    for (const { number, start, end } of packedObjects(content, objectStream.dictionary, check.objects)) {
+    const packedHere = packedObjects(content, objectStream.dictionary, check.objects, MAX_PACKED_OBJECTS - packedCount);
+    packedCount += packedHere.length;
+    if (packedCount > MAX_PACKED_OBJECTS) throw tooManyPacked();
+    for (const { number, start, end } of packedHere) {
       if (end - start > MAX_PACKED_OBJECT_CHARS) continue;
       const value = new ObjectReader(content.toString('latin1', start, end)).value();
       if (value && !('other' in value)) check.objects.pack(number, value);
@@ -893,9 +912,8 @@ export async function checkPdfStreams(data: Uint8Array, maxStreamBytes: number):
   for (const objectStream of objectStreams) {
     // One object stream's content at a time: unpacked again rather than kept.
     const content = await check.unpack(objectStream);
-    const starts = packedObjects(content, objectStream.dictionary, check.objects)
-      .map((object) => object.start)
-      .sort((a, b) => a - b);
+    // In order already: offsets that go back end the list.
+    const starts = packedObjects(content, objectStream.dictionary, check.objects, MAX_PACKED_OBJECTS).map((object) => object.start);
     /** The start of the packed object holding `at` (the last to start before it), unless before `searched`. */
     const packed = (searched: number, at: number) => {
       let low = 0;
