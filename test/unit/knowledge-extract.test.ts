@@ -511,6 +511,13 @@ describe('extractDocument: what it refuses', () => {
       expect(Date.now() - started).toBeLessThan(10_000);
     }, 70_000);
 
+    it('reads a PDF whose object stream declares rows wider than numbers go, as pdf.js reads it', async () => {
+      // pdf.js counts a row's bytes in 32 bits: 8 billion bits is a negative width, and it reads no
+      // rows; the check allocated the row and failed ('The value of "size" is out of range').
+      const pdf = besideObjectStream('/N 1 /First 4 /DecodeParms << /Predictor 12 /Columns 1000000000 >>', Buffer.alloc(100));
+      expect((await extract(await file('overflowing-columns.pdf', pdf), 'columns.pdf')).text).toBe('Hello from a bomb');
+    });
+
     it('refuses object streams that pack more objects than any real PDF, before reading them all', async () => {
       // /N and the pairs are the file's to say: 15 million pairs in 58 KB took 15 s and 1 GB to read.
       const header = '1 0 '.repeat(MAX_PACKED_OBJECTS + 1);

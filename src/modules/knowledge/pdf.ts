@@ -775,6 +775,9 @@ function predictor(params: Map<string, PdfValue>, objects: PdfObjects): Stage | 
   const pixelBytes = (colors * bits + 7) >> 3;
   const rowBytes = (number('Columns', 1) * colors * bits + 7) >> 3;
   if (!(kind >= 10 && kind <= 15) && !(kind === 2 && bits === 8)) return null;
+  // pdf.js counts a row's bytes in 32 bits, as above: a width past them is none or negative, and
+  // pdf.js reads no rows at all (nor can a buffer be made that wide).
+  if (rowBytes <= 0) return async function* () {};
   const png = kind >= 10;
   return async function* (input) {
     let prior = Buffer.alloc(rowBytes);
