@@ -504,12 +504,12 @@ describe('extractDocument: what it refuses', () => {
     };
 
     it('applies a predictor with rows of any width in one pass', async () => {
-      // Rows of 30 MB over 60 MB: the check took 34 s (rows joined anew at every 64 KB) and hundreds of MB.
-      const pdf = besideObjectStream('/N 1 /First 4 /DecodeParms << /Predictor 12 /Columns 30000000 >>', Buffer.alloc(60 * 1024 * 1024));
-      const started = Date.now();
-      expect((await extract(await file('wide-predictor.pdf', pdf), 'wide.pdf', { maxMemoryMb: 256, timeoutMs: 60_000 })).text).toBe('Hello from a bomb');
-      expect(Date.now() - started).toBeLessThan(10_000);
-    }, 70_000);
+      // Rows of 30 MB over 60 MB: the check took 12-34 s (rows joined anew at every 64 KB) and
+      // hundreds of MB. Rows of 60 MB over 120 MB here, bounded by the extraction's own time limit
+      // rather than a clock in the test: one pass takes a fraction of it, joining anew several times it.
+      const pdf = besideObjectStream('/N 1 /First 4 /DecodeParms << /Predictor 12 /Columns 60000000 >>', Buffer.alloc(120 * 1024 * 1024));
+      expect((await extract(await file('wide-predictor.pdf', pdf), 'wide.pdf', { maxMemoryMb: 512, timeoutMs: 20_000 })).text).toBe('Hello from a bomb');
+    }, 40_000);
 
     it('reads a PDF whose object stream declares rows wider than numbers go, as pdf.js reads it', async () => {
       // pdf.js counts a row's bytes in 32 bits: 8 billion bits is a negative width, and it reads no
@@ -528,10 +528,9 @@ describe('extractDocument: what it refuses', () => {
     it('stops reading an object stream at an offset that goes back, as pdf.js does', async () => {
       // Offsets 0, 1000, 0, 1000…: each object spanned the same 1 KB array again (2 GB of values from 480 KB).
       const pairs = Array.from({ length: 200_000 }, (_, i) => `${i + 10} ${i % 2 ? 1000 : 0} `).join('');
+      // Read past the going-back offsets, it runs out of the extraction's memory and is refused.
       const pdf = besideObjectStream(`/N 200000 /First ${pairs.length}`, Buffer.from(`${pairs}[${'1 '.repeat(499)}]`));
-      const started = Date.now();
       expect((await extract(await file('offsets-back.pdf', pdf), 'back.pdf')).text).toBe('Hello from a bomb');
-      expect(Date.now() - started).toBeLessThan(5_000);
     }, 30_000);
 
     it('reads the same pages within the allowance (the check decodes as pdf.js does)', async () => {
