@@ -163,7 +163,7 @@ export const MIN_CHARGED_BYTES = 4096;
 
 /**
  * What an entry counts for against the quota: the larger of its file and the text its chunks
- * hold, counted once (`text_bytes`), at least MIN_CHARGED_BYTES. The text because that is what the database
+ * hold, counted once, each chunk for at least MIN_CHUNK_CHARGE_BYTES (`text_bytes`), at least MIN_CHARGED_BYTES. The text because that is what the database
  * keeps of it, and a compressed PDF or DOCX extracts to ~100× its file; not their sum, as the
  * file's size already bounds a document that extracts to no more than itself (plain text).
  */

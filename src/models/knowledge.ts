@@ -63,21 +63,25 @@ export const knowledgeEntries = pgTable(
     chunk_count: integer('chunk_count').notNull().default(0),
     token_count: integer('token_count').notNull().default(0),
     /**
-     * UTF-8 bytes of the text the entry holds in its chunks, counted once: each chunk's own text,
-     * the overlap it repeats from the one before left out (modules/knowledge/chunk.ts,
-     * ownTextBytes), so that a plain-text file counts for its size and not ~15 % more; the overlap
-     * is at most half a chunk, so what the rows store stays within twice the count. What
-     * KB_MAX_BYTES_PER_USER counts for the entry when more than its file
+     * What the text the entry holds in its chunks counts for, in bytes: each chunk's own text in
+     * UTF-8, the overlap it repeats from the one before left out, and at least
+     * MIN_CHUNK_CHARGE_BYTES (512) a chunk (modules/knowledge/chunk.ts, chargedChunkBytes). Without
+     * the overlap, so that a plain-text file counts for its size and not ~15 % more (the overlap is
+     * at most half a chunk, so what the rows store stays within twice the count); at least the
+     * minimum, as a chunk costs a row, its index entries and an embedding whatever its text, and a
+     * document of one-character sections made a row per 6 bytes of file. So the text's own bytes for ordinary documents, more
+     * for one of many tiny sections. What KB_MAX_BYTES_PER_USER counts for the entry when more than its file
      * (crud/knowledge.ts, usedBytes): a compressed PDF or DOCX extracts to ~100× its size. Grown
      * batch by batch under the owner's lock while an indexing stores its chunks, before it stores
-     * them (services/knowledge/ingestion.ts, ChunkWriter.reserve), so it is never less than the text
-     * of the chunks stored; exact (`text_bytes_stored`) once the indexing ends (ready, failed, handed
+     * them (services/knowledge/ingestion.ts, ChunkWriter.reserve), so it is never less than what the
+     * chunks stored count for; exact (`text_bytes_stored`) once the indexing ends (ready, failed, handed
      * back for a retry) or the entry is claimed again; 0 once an indexing drops them. 0 for
-     * entries indexed before the column (migration 0023): they count for their file until reindexed.
+     * entries indexed before the column (migration 0023): they count for their file until reindexed;
+     * entries indexed before the minimum (Dec 2026) keep their count without it until reindexed.
      */
     text_bytes: bigint('text_bytes', { mode: 'number' }).notNull().default(0),
     /**
-     * What `text_bytes` counts of the chunks actually stored (the same measure, `ownTextBytes`),
+     * What `text_bytes` counts of the chunks actually stored (the same measure, `chargedChunkBytes`),
      * without the reservation of a batch not stored yet: written in the transaction of each batch
      * an indexing stores. A worker killed between its reservation and its write leaves `text_bytes`
      * a batch over the chunks there; the next claim of the entry, and the sweep that hands it on,

@@ -165,7 +165,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         summary: 'Upload Knowledge Entry',
         description:
           'A `multipart/form-data` body with the document in a field named `file` (txt, md, html, pdf, docx, csv, json). Answers **201** with the entry, `status: pending`; ingestion runs in the background. One file per upload: a form with a second file is refused with 422 and none of it is kept (other fields are ignored); a form busboy cannot read (no boundary, a body ending inside a part) with 400. ' +
-          'A name taken in the folder gets a number (`report (1).pdf`). Over KB_MAX_FILE_BYTES, or over what is left of KB_MAX_BYTES_PER_USER: 413 with the figures, answered as soon as the size is known (from Content-Length, or while the file arrives). Once indexed, an entry counts for its extracted text when that is larger than the file (a compressed PDF or DOCX): ingestion fails the entry, keeping none of its text, when the text would pass what is left. 429 beyond KB_MAX_UPLOADS_IN_FLIGHT_PER_USER uploads in progress at once. ' +
+          'A name taken in the folder gets a number (`report (1).pdf`). Over KB_MAX_FILE_BYTES, or over what is left of KB_MAX_BYTES_PER_USER: 413 with the figures, answered as soon as the size is known (from Content-Length, or while the file arrives). Once indexed, an entry counts for its extracted text when that is larger than the file (a compressed PDF or DOCX, or a document of many short sections: each passage counts for at least 512 bytes): ingestion fails the entry, keeping none of its text, when the text would pass what is left. 429 beyond KB_MAX_UPLOADS_IN_FLIGHT_PER_USER uploads in progress at once. ' +
           'When EMBEDDING_MODEL is set and priced: 402 before the file is read if billing is on and the account has no credits available, or the API key\'s `max_budget` is used up (only that something is left is checked: a document\'s cost is known once it is chunked; a limit reached while it is embedded fails the entry). ' +
           '503 when the upload took so long (past HTTP_REQUEST_TIMEOUT_MS + 15 minutes) that its stored file was already swept, or when the server shut down while it arrived: nothing is kept; upload it again. 404 for a project-scoped key whose folder moved to another project while the file arrived: nothing is kept.',
         tags,
@@ -294,7 +294,7 @@ export const knowledgeRouter: FastifyPluginAsyncZod = async (app) => {
         operationId: 'get_knowledge_base_stats',
         summary: 'Get Knowledge Base Stats',
         description:
-          "Your folders, entries by status, bytes and the index (a project-scoped key: its project's), and the limits. `size_bytes` sums the files' own sizes; `quota_bytes_used` is what counts against `max_bytes_per_user` (the account's): each entry the larger of its file and its extracted text (`text_bytes`, counted once: the chunks' overlap is not), at least 4 KiB.",
+          "Your folders, entries by status, bytes and the index (a project-scoped key: its project's), and the limits. `size_bytes` sums the files' own sizes; `quota_bytes_used` is what counts against `max_bytes_per_user` (the account's): each entry the larger of its file and its extracted text (`text_bytes`, counted once: the chunks' overlap is not; each chunk at least 512 bytes), at least 4 KiB.",
         tags,
         response: { 200: KnowledgeStats, ...authErrors },
       },

@@ -100,7 +100,7 @@ export const KnowledgeEntryPublic = z
       .number()
       .int()
       .describe(
-        'UTF-8 bytes of the entry\'s extracted text as its chunks hold it, counted once (the overlap each chunk repeats from the one before is not counted again): a plain-text file\'s is about its size. The entry counts against your quota for the larger of this and `size_bytes` (at least 4096): a compressed PDF or DOCX can extract to ~100× its file. 0 until indexed, after a failure that kept no text, and for an entry last indexed before Keel counted text (until reindexed).',
+        'What the entry\'s extracted text counts for, in bytes, as its chunks (passages) hold it: each chunk\'s UTF-8 bytes counted once (the overlap each chunk repeats from the one before is not counted again), and at least 512 a chunk, however short (a chunk costs a row, index entries and an embedding whatever its text). A plain-text file\'s, or a document\'s of sections of 500 bytes or more, is about its text\'s size; a document of many short sections (a chunk never spans two) counts for more. The entry counts against your quota for the larger of this and `size_bytes` (at least 4096): a compressed PDF or DOCX can extract to ~100× its file. 0 until indexed, after a failure that kept no text, and for an entry last indexed before Keel counted text (until reindexed).',
       ),
     processed_at: Timestamp.nullable(),
     created_at: Timestamp,
@@ -138,7 +138,7 @@ export const KnowledgeStats = z
       .number()
       .int()
       .describe(
-        "Bytes your entries count for against max_bytes_per_user: each entry the larger of its file (`size_bytes`) and the text its chunks hold, counted once without the chunks' overlap (`text_bytes`), at least 4096 (4 KiB). An upload is refused with 413 once this and the file's own count would pass the limit; an entry whose text would take this past it fails (its `error` says so) and keeps none of it. The account's, also for a project-scoped key.",
+        "Bytes your entries count for against max_bytes_per_user: each entry the larger of its file (`size_bytes`) and the text its chunks hold, counted once without the chunks' overlap and each chunk for at least 512 bytes (`text_bytes`), at least 4096 (4 KiB). An upload is refused with 413 once this and the file's own count would pass the limit; an entry whose text would take this past it fails (its `error` says so) and keeps none of it. The account's, also for a project-scoped key.",
       ),
     max_bytes_per_user: z.number().int(),
     max_file_bytes: z.number().int(),

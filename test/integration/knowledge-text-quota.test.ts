@@ -1,6 +1,7 @@
 /**
  * KB_MAX_BYTES_PER_USER counts each entry for the larger of its file and the text its chunks hold,
- * counted once (`text_bytes`, the chunks' overlap left out; at least 4 KiB): a Flate-compressed PDF of a few KiB extracts to ~100× its size,
+ * counted once (`text_bytes`, the chunks' overlap left out, each chunk at least
+ * MIN_CHUNK_CHARGE_BYTES; at least 4 KiB): a Flate-compressed PDF of a few KiB extracts to ~100× its size,
  * and the quota of uploaded bytes alone let one user store ~5 GB of text under 50 MB. An ingestion
  * whose text would pass what is left fails the entry and keeps none of the text; two of one user's
  * at once take the owner's lock to count, as uploads do, so they never pass it together.
@@ -18,7 +19,7 @@ import { type Db, type SqlSession, transaction } from '../../src/core/db.js';
 import { knowledgeChunks, knowledgeEntries } from '../../src/models/index.js';
 
 import { unfinishedWithoutJob } from '../../src/crud/knowledge.js';
-import { ChunkCutter, chunkOptionsFrom, ownTextBytes } from '../../src/modules/knowledge/chunk.js';
+import { chargedChunkBytes, ChunkCutter, chunkOptionsFrom, MIN_CHUNK_CHARGE_BYTES, ownTextBytes } from '../../src/modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../src/modules/knowledge/extract.js';
 import type { DocumentChunk } from '../../src/modules/knowledge/types.js';
 import { ingestEntry } from '../../src/services/knowledge/ingestion.js';
@@ -74,27 +75,29 @@ async function heldText(entryId: string) {
   return { chunks: chunks!.n, chunkBytes: chunks!.bytes, ...row! };
 }
 
-/** documentOf's cuts by file and settings: a test reads one file's several times, and a cut is a PDF extraction. */
-const cuts = new WeakMap<Buffer, Map<Settings, Promise<DocumentChunk[]>>>();
+/** documentOf's cuts by file, settings and name: a test reads one file's several times, and a cut is an extraction. */
+const cuts = new WeakMap<Buffer, Map<Settings, Map<string, Promise<DocumentChunk[]>>>>();
 
-/** The chunks ingestion cuts of `file` (a PDF), with `settings` (this app's unless given); cut once for each. */
-function documentOf(file: Buffer, settings: Settings = ctx.app.settings): Promise<DocumentChunk[]> {
-  const bySettings = cuts.get(file) ?? new Map<Settings, Promise<DocumentChunk[]>>();
+/** The chunks ingestion cuts of `file` (a PDF unless named otherwise), with `settings` (this app's unless given); cut once for each. */
+function documentOf(file: Buffer, settings: Settings = ctx.app.settings, filename = 'doc.pdf'): Promise<DocumentChunk[]> {
+  const bySettings = cuts.get(file) ?? new Map<Settings, Map<string, Promise<DocumentChunk[]>>>();
   cuts.set(file, bySettings);
-  let cut = bySettings.get(settings);
+  const byName = bySettings.get(settings) ?? new Map<string, Promise<DocumentChunk[]>>();
+  bySettings.set(settings, byName);
+  let cut = byName.get(filename);
   if (!cut) {
-    cut = cutDocument(file, settings);
-    bySettings.set(settings, cut);
+    cut = cutDocument(file, settings, filename);
+    byName.set(filename, cut);
   }
   return cut;
 }
 
-async function cutDocument(file: Buffer, settings: Settings): Promise<DocumentChunk[]> {
+async function cutDocument(file: Buffer, settings: Settings, filename: string): Promise<DocumentChunk[]> {
   const dir = await mkdtemp(join(tmpdir(), 'keel-quota-'));
   try {
-    const path = join(dir, 'doc.pdf');
+    const path = join(dir, filename);
     await writeFile(path, file);
-    const document = await extractDocument({ path, filename: 'doc.pdf' }, extractLimitsFrom(settings));
+    const document = await extractDocument({ path, filename }, extractLimitsFrom(settings));
     return [...new ChunkCutter(chunkOptionsFrom(settings)).cut(document.sections)];
   } finally {
     await rm(dir, { recursive: true, force: true });
@@ -102,18 +105,23 @@ async function cutDocument(file: Buffer, settings: Settings): Promise<DocumentCh
 }
 
 /**
- * What the entry's stored chunks hold, each chunk's lead (the overlap) left out: they are the first
- * of `file` as `settings` cut it (checked), and `bytes` is what its text_bytes should say.
+ * What the entry's stored chunks count for, each chunk's lead (the overlap) left out and each at
+ * least MIN_CHUNK_CHARGE_BYTES: they are the first of `file` as `settings` cut it (checked), and
+ * `bytes` is what its text_bytes should say.
  */
 async function storedTextOf(entryId: string, file: Buffer, settings: Settings = ctx.app.settings): Promise<{ chunks: number; bytes: number }> {
   const kept = await rowsOf<{ text: string }>(sql`select text from knowledge_chunks where entry_id = ${entryId} order by chunk_index`);
   const cut = (await documentOf(file, settings)).slice(0, kept.length);
   expect(cut.map((chunk) => chunk.text)).toEqual(kept.map((row) => row.text));
-  return { chunks: kept.length, bytes: cut.reduce((sum, chunk) => sum + ownTextBytes(chunk), 0) };
+  return { chunks: kept.length, bytes: cut.reduce((sum, chunk) => sum + chargedChunkBytes(chunk), 0) };
 }
 
-/** The text of all of `file`'s chunks as `settings` cut it, counted once: a ready entry's text_bytes. */
-const wholeTextOf = async (file: Buffer, settings: Settings = ctx.app.settings) => (await documentOf(file, settings)).reduce((sum, chunk) => sum + ownTextBytes(chunk), 0);
+/** The text of all of `file`'s chunks as `settings` cut it, counted once (each chunk at least MIN_CHUNK_CHARGE_BYTES): a ready entry's text_bytes. */
+const wholeTextOf = async (file: Buffer, settings: Settings = ctx.app.settings) => (await documentOf(file, settings)).reduce((sum, chunk) => sum + chargedChunkBytes(chunk), 0);
+
+/** What counting each of `file`'s chunks for at least MIN_CHUNK_CHARGE_BYTES adds to its text counted once (its last chunk, short, rounded up). */
+const minimumAddedTo = async (file: Buffer, settings: Settings = ctx.app.settings, filename?: string) =>
+  (await documentOf(file, settings, filename)).reduce((sum, chunk) => sum + chargedChunkBytes(chunk) - ownTextBytes(chunk), 0);
 
 /** Ingestion's dependencies as the app's worker has them, with `settings` (this app's unless given): for a job run by the test. */
 const ingestionDeps = (settings: Settings = ctx.app.settings) => ({ db: ctx.app.db, settings, log: ctx.app.log, models: ctx.app.models });
@@ -156,11 +164,15 @@ async function releasedAfter(entryId: string, attempts: number): Promise<void> {
   }, 15_000);
 }
 
-/** The entry's extracted text (`GET …/content`): `text_bytes` counts it once, from its UTF-8 bytes without white space (trimmed between chunks) up to all of them. */
-async function expectTextCountedOnce(user: TestUser, entryId: string, textBytes: number) {
+/**
+ * The entry's extracted text (`GET …/content`): `text_bytes` counts it once, from its UTF-8 bytes
+ * without white space (trimmed between chunks) up to all of them, plus `minimum`: what counting
+ * its short chunks for MIN_CHUNK_CHARGE_BYTES adds (`minimumAddedTo`).
+ */
+async function expectTextCountedOnce(user: TestUser, entryId: string, textBytes: number, minimum: number) {
   const content = (await api('GET', `/knowledge-base/entries/${entryId}/content`, user.headers)).body;
-  expect(textBytes).toBeLessThanOrEqual(Buffer.byteLength(content));
-  expect(textBytes).toBeGreaterThanOrEqual(Buffer.byteLength(content.replace(/\s+/g, '')));
+  expect(textBytes - minimum).toBeLessThanOrEqual(Buffer.byteLength(content));
+  expect(textBytes - minimum).toBeGreaterThanOrEqual(Buffer.byteLength(content.replace(/\s+/g, '')));
 }
 
 async function quotaUsed(user: TestUser): Promise<number> {
@@ -168,8 +180,10 @@ async function quotaUsed(user: TestUser): Promise<number> {
 }
 
 const overQuota = (textAtLeast: string, file: number, left: number, others: number) =>
-  `Storage quota exceeded by the extracted text: the document's text takes at least ${textAtLeast} (its file ${file} bytes (0.0 MiB); an entry counts for the larger) ` +
-  `but only ${left} bytes (0.2 MiB) of your ${QUOTA} bytes (0.2 MiB) are left for it (${others} bytes (0.0 MiB) used by your other entries); delete entries to make room and reindex this one, or upload a shorter document`;
+  `Storage quota exceeded by the extracted text: the document's text counts for at least ${textAtLeast} (each passage counts for at least ${MIN_CHUNK_CHARGE_BYTES} bytes, ` +
+  `so many short sections count for more than their text; its file ${file} bytes (0.0 MiB); an entry counts for the larger) ` +
+  `but only ${left} bytes (0.2 MiB) of your ${QUOTA} bytes (0.2 MiB) are left for it (${others} bytes (0.0 MiB) used by your other entries); ` +
+  'delete entries to make room and reindex this one, or upload a shorter document or one of fewer, longer sections';
 
 describe('the storage quota counts extracted text', () => {
   it('fails a small compressed PDF whose text is more than the quota, with the figures, keeping none of its text, and does not retry it', async () => {
@@ -205,7 +219,7 @@ describe('the storage quota counts extracted text', () => {
     const held = await heldText(entry.id);
     expect(held.text_bytes).toBeGreaterThan(50 * pdf.length);
     expect(held.text_bytes).toBeLessThan(held.chunkBytes);
-    await expectTextCountedOnce(user, entry.id, held.text_bytes);
+    await expectTextCountedOnce(user, entry.id, held.text_bytes, await minimumAddedTo(pdf));
     expect(entry.text_bytes).toBe(held.text_bytes);
     expect(await quotaUsed(user)).toBe(held.text_bytes);
     // An upload past what the text leaves is refused, the text counted as used.
@@ -220,14 +234,15 @@ describe('the storage quota counts extracted text', () => {
   it('counts an entry indexed before text was counted for its file until a reindex records its text', async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
-    const entry = await ingested(ctx.app, user.headers, folder.id, { filename: 'refunds.pdf', content: await textPdf(1_000) });
+    const pdf = await textPdf(1_000);
+    const entry = await ingested(ctx.app, user.headers, folder.id, { filename: 'refunds.pdf', content: pdf });
     // As migration 0023 leaves an entry ready before it: text_bytes 0.
     await ctx.app.db.update(knowledgeEntries).set({ text_bytes: 0 }).where(eq(knowledgeEntries.id, entry.id));
     expect(await quotaUsed(user)).toBe(4096);
     expect((await api('POST', `/knowledge-base/entries/${entry.id}/reindex`, user.headers)).statusCode).toBe(202);
     expect((await settled(ctx.app, user.headers, entry.id)).status).toBe('ready');
     const held = await heldText(entry.id);
-    await expectTextCountedOnce(user, entry.id, held.text_bytes);
+    await expectTextCountedOnce(user, entry.id, held.text_bytes, await minimumAddedTo(pdf));
     expect(await quotaUsed(user)).toBe(held.text_bytes);
   });
 
@@ -240,7 +255,7 @@ describe('the storage quota counts extracted text', () => {
     expect(entry.chunk_count).toBeGreaterThan(5);
     // The chunks hold more (each repeats the end of the one before); the entry counts its text once.
     expect(held.chunkBytes).toBeGreaterThan(Buffer.byteLength(text) * 1.05);
-    await expectTextCountedOnce(user, entry.id, held.text_bytes);
+    await expectTextCountedOnce(user, entry.id, held.text_bytes, await minimumAddedTo(Buffer.from(text), ctx.app.settings, 'refunds.txt'));
     expect(await quotaUsed(user)).toBe(Buffer.byteLength(text));
   });
 
@@ -291,7 +306,7 @@ describe('the storage quota counts extracted text', () => {
     expect(held).toMatchObject({ attempts: 2, text_bytes: whole, chunks: (await documentOf(pdf)).length });
     expect((await storedTextOf(entryId, pdf)).bytes).toBe(whole);
     expect(entry.text_bytes).toBe(whole);
-    await expectTextCountedOnce(user, entryId, whole);
+    await expectTextCountedOnce(user, entryId, whole, await minimumAddedTo(pdf));
     expect(await quotaUsed(user)).toBe(whole);
   }, 60_000);
 
@@ -374,7 +389,7 @@ describe('the storage quota counts extracted text', () => {
     expect(await storedTextOf(entryId, pdf, recut)).toEqual({ chunks: (await documentOf(pdf, recut)).length, bytes: whole });
     expect(held.text_bytes).toBe(whole);
     expect((await api('GET', `/knowledge-base/entries/${entryId}`, user.headers)).json<EntryBody>().status).toBe('ready');
-    await expectTextCountedOnce(user, entryId, whole);
+    await expectTextCountedOnce(user, entryId, whole, await minimumAddedTo(pdf, recut));
     expect(await quotaUsed(user)).toBe(whole);
   }, 60_000);
 
@@ -482,8 +497,14 @@ function dyingDb(db: Db, diesNow: () => Promise<boolean>): { db: Db; died: Promi
   return { db: dying, died };
 }
 
-/** Chunks small enough that the document below takes several batches (250 chunks each), and a lease that runs out in a second. */
-const smallChunks = (): Settings => ({ ...ctx.app.settings, KB_CHUNK_TOKENS: 32, KB_CHUNK_OVERLAP_TOKENS: 8, KB_INGEST_LEASE_MS: 1_000 });
+/**
+ * Chunks small enough that the document below takes several batches (250 chunks each), and a lease
+ * that runs out in a second. And a larger quota for the jobs run with these settings: each of these
+ * chunks counts for MIN_CHUNK_CHARGE_BYTES (their text is less), so a batch alone counts for 128 KB
+ * of this app's 200 KB, and the whole document for ~4 times it. Uploads are checked against the
+ * app's quota.
+ */
+const smallChunks = (): Settings => ({ ...ctx.app.settings, KB_CHUNK_TOKENS: 32, KB_CHUNK_OVERLAP_TOKENS: 8, KB_INGEST_LEASE_MS: 1_000, KB_MAX_BYTES_PER_USER: 10 * QUOTA });
 
 async function entryRow(entryId: string) {
   const [row] = await ctx.app.db
@@ -493,8 +514,12 @@ async function entryRow(entryId: string) {
   return row!;
 }
 
-/** The reservation after which the job below dies: enough text stored and reserved that the reservation alone keeps out an upload that fits beside what is stored. */
-const DIES_AT_BATCH = 5;
+/**
+ * The reservation after which the job below dies: enough text stored and reserved that the
+ * reservation alone keeps out an upload that fits beside what is stored (one batch stored, 128 KB
+ * of the app's 200 KB; two reserved).
+ */
+const DIES_AT_BATCH = 2;
 
 /**
  * A user's PDF whose indexing (with `smallChunks`) was killed just after its job reserved the text
@@ -523,7 +548,7 @@ async function killedAfterReservation() {
   await dying.died;
   const stored = await storedTextOf(entryId, pdf, settings);
   expect(stored.chunks).toBe((DIES_AT_BATCH - 1) * 250);
-  const reserved = cut.slice(0, DIES_AT_BATCH * 250).reduce((sum, chunk) => sum + ownTextBytes(chunk), 0);
+  const reserved = cut.slice(0, DIES_AT_BATCH * 250).reduce((sum, chunk) => sum + chargedChunkBytes(chunk), 0);
   // The dead job's count: up to its last batch, which it never stored.
   expect(await entryRow(entryId)).toMatchObject({ status: 'processing', attempts: 1, text_bytes: reserved });
   expect(await quotaUsed(user)).toBe(reserved);

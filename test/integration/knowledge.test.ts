@@ -258,8 +258,12 @@ describe('upload', () => {
   it('refuses an upload over what is left of the per-user total with 413 and the figures', async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
-    for (const name of ['a.txt', 'b.txt']) await uploaded(ctx.app, user.headers, folder.id, { filename: name, content: 'z'.repeat(90_000) });
-    const response = await upload(ctx.app, user.headers, folder.id, { filename: 'c.txt', content: 'z'.repeat(90_000) });
+    // Text whose passages hold more than the least a passage counts for (512 bytes: runs of dashes
+    // are long tokens), so each entry counts for its file once indexed too. A letter repeated is
+    // cut into ~120-byte passages at this app's 64 tokens, ~380 KB counted a file.
+    const content = '-'.repeat(90_000);
+    for (const name of ['a.txt', 'b.txt']) await uploaded(ctx.app, user.headers, folder.id, { filename: name, content });
+    const response = await upload(ctx.app, user.headers, folder.id, { filename: 'c.txt', content });
     expect(response.statusCode).toBe(413);
     const { detail } = response.json<{ detail: string }>();
     expect(detail).toContain('Storage quota exceeded');
@@ -271,7 +275,7 @@ describe('upload', () => {
     // Freeing space makes room again.
     const [first] = (await api('GET', '/knowledge-base/entries', user.headers)).json<ListBody<EntryBody>>().data;
     await api('DELETE', `/knowledge-base/entries/${first!.id}`, user.headers);
-    expect((await upload(ctx.app, user.headers, folder.id, { filename: 'c.txt', content: 'z'.repeat(90_000) })).statusCode).toBe(201);
+    expect((await upload(ctx.app, user.headers, folder.id, { filename: 'c.txt', content })).statusCode).toBe(201);
   });
 
   it('counts each entry for at least 4 KiB against the total: tiny files cannot pile up without bound', async () => {
@@ -303,7 +307,10 @@ describe('upload', () => {
   it('never lets concurrent uploads overrun the per-user total together', async () => {
     const user = await createUser(ctx.app);
     const folder = await createFolder(ctx.app, user.headers);
-    const responses = await Promise.all([0, 1, 2, 3].map((i) => upload(ctx.app, user.headers, folder.id, { filename: `${i}.txt`, content: 'q'.repeat(80_000) })));
+    // Dashes: their passages hold more than the 512 bytes a passage counts for at least, so no
+    // ingestion that starts meanwhile reserves more than its file (a letter repeated: ~330 KB) and
+    // takes an upload's room.
+    const responses = await Promise.all([0, 1, 2, 3].map((i) => upload(ctx.app, user.headers, folder.id, { filename: `${i}.txt`, content: '-'.repeat(80_000) })));
     const statuses = responses.map((r) => r.statusCode).sort();
     expect(statuses).toEqual([201, 201, 201, 413]);
     const used = (await api('GET', '/knowledge-base/stats', user.headers)).json<{ size_bytes: number }>().size_bytes;

@@ -1,10 +1,11 @@
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm, stat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { chunkDocument } from '../../src/modules/knowledge/chunk.js';
+import { chargedBytes } from '../../src/crud/knowledge.js';
+import { chargedChunkBytes, chunkDocument, ownTextBytes } from '../../src/modules/knowledge/chunk.js';
 import { extractDocument } from '../../src/modules/knowledge/extract.js';
 import { DOCUMENT_FORMATS, type DocumentChunk, type ExtractedDocument } from '../../src/modules/knowledge/types.js';
 import { type EvalDocument, type EvalQuestion, loadQuestions, normalizeSpace, prepareCorpus } from '../helpers/kb-eval-corpus.js';
@@ -49,6 +50,21 @@ describe('knowledge-base evaluation corpus', () => {
       else if (!entry.chunks.some((chunk) => normalizeSpace(chunk.text).includes(passage))) problems.push(`${question.id}: passage split across chunks`);
     }
     expect(problems).toEqual([]);
+  });
+
+  it('counts each document against the quota as its text alone would: short chunks rounded up to the minimum change no entry', async () => {
+    // The corpus's documents are ordinary ones, of short sections (~170 bytes of text a chunk at
+    // the median): each chunk counting for at least MIN_CHUNK_CHARGE_BYTES leaves every entry at
+    // what its file, or the least an entry counts for, made it count already.
+    const changed: string[] = [];
+    for (const { filename, path } of documents) {
+      const { chunks } = extracted.get(filename)!;
+      const { size } = await stat(path);
+      const asText = chargedBytes(size, chunks.reduce((sum, chunk) => sum + ownTextBytes(chunk), 0));
+      const counted = chargedBytes(size, chunks.reduce((sum, chunk) => sum + chargedChunkBytes(chunk), 0));
+      if (counted !== asText) changed.push(`${filename}: ${asText} -> ${counted}`);
+    }
+    expect(changed).toEqual([]);
   });
 
   it('asks about every document', () => {

@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest';
 
 import { ConfigError, loadSettings } from '../../src/core/config.js';
 
-import { chunkDocument, chunkDocumentAsync, chunkOptionsFrom, documentChunks, ownTextBytes } from '../../src/modules/knowledge/chunk.js';
+import { chargedChunkBytes, chunkDocument, chunkDocumentAsync, chunkOptionsFrom, documentChunks, MIN_CHUNK_CHARGE_BYTES, ownTextBytes } from '../../src/modules/knowledge/chunk.js';
 import type { DocumentChunk, DocumentSection, ExtractedDocument } from '../../src/modules/knowledge/types.js';
 
 /** Deterministic prose: sentences of varied length in paragraphs of varied length. */
@@ -148,6 +148,22 @@ describe('chunkDocument', () => {
       expect(own.replace(/\s+/g, '')).toBe(text.replace(/\s+/g, ''));
       expect(chunks.reduce((sum, chunk) => sum + ownTextBytes(chunk), 0)).toBeLessThanOrEqual(Buffer.byteLength(text));
     }
+  });
+
+  it('counts each chunk against the quota for its own text, at least MIN_CHUNK_CHARGE_BYTES: a section of one character is no cheaper a row', () => {
+    expect(MIN_CHUNK_CHARGE_BYTES).toBe(512);
+    // Markdown's `# h\nx\n` over and over: a section, and a chunk, per heading.
+    const tiny = Array.from({ length: 1_000 }, (_, i) => ({ headingPath: [`h${i}`], text: 'x' }));
+    const tinyChunks = chunkDocument(doc(tiny), { chunkTokens: 400, overlapTokens: 60 });
+    expect(tinyChunks).toHaveLength(1_000);
+    expect(tinyChunks.reduce((sum, chunk) => sum + chargedChunkBytes(chunk), 0)).toBe(1_000 * MIN_CHUNK_CHARGE_BYTES);
+    // Long sections: every chunk but a section's last holds more than the minimum, and counts its own text, the lead left out.
+    const long = [{ headingPath: [], text: prose(10, 60) }];
+    const chunks = chunkDocument(doc(long), { chunkTokens: 400, overlapTokens: 60 });
+    expect(chunks.length).toBeGreaterThan(3);
+    for (const chunk of chunks.slice(0, -1)) expect(chargedChunkBytes(chunk)).toBe(ownTextBytes(chunk));
+    for (const chunk of chunks.slice(1, -1)) expect(chargedChunkBytes(chunk)).toBeLessThan(Buffer.byteLength(chunk.text));
+    expect(chargedChunkBytes(chunks.at(-1)!)).toBe(Math.max(MIN_CHUNK_CHARGE_BYTES, ownTextBytes(chunks.at(-1)!)));
   });
 
   it('keeps the overlap within half a chunk and drops it where the next piece fills the chunk', () => {

@@ -232,7 +232,36 @@ export function chunkOptionsFrom(settings: Pick<Settings, 'KB_CHUNK_TOKENS' | 'K
 }
 
 /**
- * The UTF-8 bytes of a chunk's own text, its lead (the overlap with the chunk before) left out: what
- * the chunks of a document add up to is its text once, as the quota counts it (KB_MAX_BYTES_PER_USER).
+ * The UTF-8 bytes of a chunk's own text, its lead (the overlap with the chunk before) left out: the
+ * chunks of a document add up to its text once. Not what the quota counts: see `chargedChunkBytes`.
  */
 export const ownTextBytes = (chunk: Pick<DocumentChunk, 'text' | 'leadLength'>): number => Buffer.byteLength(chunk.text.slice(chunk.leadLength));
+
+/**
+ * The least a chunk counts for against KB_MAX_BYTES_PER_USER, however little text it holds. A chunk
+ * never spans two sections, so a document of one-character sections (`# h\nx\n` over and over)
+ * made a chunk per 6 bytes of file: a 1 MB upload stored 166,666 rows (+43 MB, and as many
+ * embedding inputs) while the quota counted 1 MB. What a chunk costs whatever its text, measured
+ * on PGlite (pgvector 0.8): ~260 bytes of row and index entries (primary key, entry and place,
+ * owner, the tsvector's GIN), and with an embedding of 1536 dimensions ~16.8 KB more (dims × 4
+ * bytes in the table and again in the HNSW index, with the graph's links).
+ *
+ * 512 covers the row twice over, and lets a quota pay for at most one chunk (one embedding input,
+ * one vector) per 512 bytes: within ~3x of what ordinary text makes, ~1.4 KB of a chunk's own text
+ * at the default 400/60 tokens. The vector's own bytes are not covered for a tiny chunk, as they
+ * are not for an ordinary one: the quota counts text, and bounding chunks per byte of it is what
+ * bounds the vectors. Not 1024, which moves ordinary documents: with the default chunking, the
+ * kb-eval corpus's entries count exactly as before at 512 (their chunks are short, but each entry
+ * stays within the 4 KiB it counts for at least) and 15 of its 33 count 25-75 % more at 1024; this
+ * repository's README and decisions count +0.7 % and +0.5 % at 512 (+10.7 %, +3.0 % at 1024);
+ * reference manuals of many short sections (Node's API docs, a heading and a line or two each)
+ * +8-17 % at 512, which they do cost in rows, and +32-57 % at 1024.
+ */
+export const MIN_CHUNK_CHARGE_BYTES = 512;
+
+/**
+ * What a chunk counts for against KB_MAX_BYTES_PER_USER (an entry's `text_bytes` is the sum over
+ * its chunks): the UTF-8 bytes of its own text (`ownTextBytes`: the overlap it repeats from the
+ * chunk before is counted there, once), at least MIN_CHUNK_CHARGE_BYTES.
+ */
+export const chargedChunkBytes = (chunk: Pick<DocumentChunk, 'text' | 'leadLength'>): number => Math.max(ownTextBytes(chunk), MIN_CHUNK_CHARGE_BYTES);

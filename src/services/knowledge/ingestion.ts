@@ -25,7 +25,7 @@ import { knowledgeChunks, knowledgeEntries, type KnowledgeEntry } from '../../mo
 import { chargedBytes, clearJobQueuedMarks, deleteChunks, jobQueuedMark, lockEntryOwnerKeyShare, unfinishedWithoutJob, usedBytes } from '../../crud/knowledge.js';
 import { lockUser, lockUserKeyShare } from '../../crud/user.js';
 import type { ModelManager } from '../../modules/ai-models/index.js';
-import { type ChunkCutter, ownTextBytes } from '../../modules/knowledge/chunk.js';
+import { chargedChunkBytes, type ChunkCutter, MIN_CHUNK_CHARGE_BYTES } from '../../modules/knowledge/chunk.js';
 import { extractDocument, extractLimitsFrom } from '../../modules/knowledge/extract.js';
 import { type DocumentChunk, DocumentRejectedError, type DocumentSection, type ExtractedDocument } from '../../modules/knowledge/types.js';
 import { bytesWithMiB, pairSafeEnd } from '../../utils/text.js';
@@ -47,16 +47,19 @@ class ClaimLostError extends Error {}
 /**
  * The entry's text would take its owner past KB_MAX_BYTES_PER_USER (ChunkWriter.reserve). The
  * entry fails at once, keeping none of its text: trying again stores the same text, which fits
- * only once the owner has made room (a reindex then).
+ * only once the owner has made room (a reindex then). The message names the per-passage minimum:
+ * a document of many tiny sections counts for far more than its file, and its owner would
+ * otherwise read a count they cannot find in their text.
  */
 export class TextOverQuotaError extends Error {
-  constructor(figures: { textBytes: number; fileBytes: number; quota: number; usedByOthers: number }) {
-    const { textBytes, fileBytes, quota, usedByOthers } = figures;
+  constructor(figures: { countedBytes: number; fileBytes: number; quota: number; usedByOthers: number }) {
+    const { countedBytes, fileBytes, quota, usedByOthers } = figures;
     const left = Math.max(0, quota - usedByOthers);
     super(
-      `Storage quota exceeded by the extracted text: the document's text takes at least ${bytesWithMiB(textBytes)} (its file ${bytesWithMiB(fileBytes)}; ` +
+      `Storage quota exceeded by the extracted text: the document's text counts for at least ${bytesWithMiB(countedBytes)} ` +
+        `(each passage counts for at least ${MIN_CHUNK_CHARGE_BYTES} bytes, so many short sections count for more than their text; its file ${bytesWithMiB(fileBytes)}; ` +
         `an entry counts for the larger) but only ${bytesWithMiB(left)} of your ${bytesWithMiB(quota)} are left for it (${bytesWithMiB(usedByOthers)} used by your other entries); ` +
-        'delete entries to make room and reindex this one, or upload a shorter document',
+        'delete entries to make room and reindex this one, or upload a shorter document or one of fewer, longer sections',
     );
   }
 }
@@ -327,11 +330,13 @@ const CUT_SLICE_MS = 20;
  * any chunk of this run is there, and the rest of the document is stored as on a first attempt:
  * search never shows old and new chunks of the same text side by side.
  *
- * The text counts against the owner's quota (`text_bytes`; crud/knowledge.ts, chargedBytes): each
- * batch's text is reserved before it is embedded or stored (`reserve`), so a document that extracts
- * to more than the owner has left stops there (TextOverQuotaError), its reading with it, having
+ * The text counts against the owner's quota (`text_bytes`; crud/knowledge.ts, chargedBytes), each
+ * chunk for its own text and at least MIN_CHUNK_CHARGE_BYTES (`chargedChunkBytes`: what its row
+ * costs, so that a document of tiny sections cannot store a row per few bytes of quota): each
+ * batch is reserved before it is embedded or stored (`reserve`), so a document that counts for
+ * more than the owner has left stops there (TextOverQuotaError), its reading with it, having
  * stored and paid for no more than fits. Each batch's write records, in its transaction, what the
- * entry's chunks hold then (`text_bytes_stored`, see `keptTextBytes`): a failure that keeps them,
+ * entry's chunks count for then (`text_bytes_stored`, see `keptCountedBytes`): a failure that keeps them,
  * and the next claim after a worker died, count that rather than what was reserved, as the batch
  * the job stopped in, reserved whole, may be partly stored or not at all.
  */
@@ -347,17 +352,17 @@ class ChunkWriter {
   readonly signal = this.controller.signal;
   chunkCount = 0;
   tokenCount = 0;
-  /** UTF-8 bytes of the document's text in the chunks written so far (stored, or found stored as they are), each chunk's lead (the overlap) left out. */
-  textBytes = 0;
+  /** What the chunks written so far (stored, or found stored as they are) count for against the quota (`chargedChunkBytes` each): the entry's `text_bytes` once ready. */
+  countedBytes = 0;
   /** What the entry counts for against the quota as far as the database knows: more text than this is reserved first. */
   private charged: number;
-  /** What the chunks stored by an earlier attempt hold, which this job resumes from (`text_bytes_stored` at the claim; see `keptTextBytes`). */
+  /** What the chunks stored by an earlier attempt hold, which this job resumes from (`text_bytes_stored` at the claim; see `keptCountedBytes`). */
   private readonly countedBefore: number;
-  /** UTF-8 bytes (`ownTextBytes`) of this job's chunks that are in the database as it cut them: stored by it, or found stored with the same text. */
-  private storedTextBytes = 0;
+  /** What this job's chunks that are in the database as it cut them (stored by it, or found stored with the same text) count for (`chargedChunkBytes`). */
+  private storedCountedBytes = 0;
   /** Whether an earlier attempt's chunks past a place were deleted (`dropFrom`): from there on only this job's are kept. */
   private dropped = false;
-  /** Places in the batch being written whose chunk's text is stored already (counted in `storedTextBytes` by `compare`). */
+  /** Places in the batch being written whose chunk's text is stored already (counted in `storedCountedBytes` by `compare`). */
   private readonly storedText = new Set<number>();
 
   constructor(
@@ -372,7 +377,7 @@ class ChunkWriter {
   }
 
   /**
-   * The UTF-8 bytes of text (`ownTextBytes`) the entry's chunks hold once a write has stored `added`
+   * What the entry's chunks count for (`chargedChunkBytes`) once a write has stored `added`
    * more of this job's (and, `dropping`, deleted an earlier attempt's from a place on): what each
    * batch's write records (`text_bytes_stored`). This job's stored so far, and an earlier attempt's
    * it has not reached. Those count for what that attempt recorded (`countedBefore`): chunking is
@@ -380,8 +385,8 @@ class ChunkWriter {
    * first that differ goes with all after it, `dropped`), and an earlier attempt's chunks are a
    * prefix of the document as these are.
    */
-  private keptTextBytes(added = 0, dropping = false): number {
-    const stored = this.storedTextBytes + added;
+  private keptCountedBytes(added = 0, dropping = false): number {
+    const stored = this.storedCountedBytes + added;
     return this.dropped || dropping ? stored : Math.max(this.countedBefore, stored);
   }
 
@@ -444,17 +449,17 @@ class ChunkWriter {
     const { deps, entry, model } = this;
     const batch = this.pending;
     this.pending = [];
-    let textBytes = this.textBytes;
-    for (const chunk of batch) textBytes += ownTextBytes(chunk);
+    let countedBytes = this.countedBytes;
+    for (const chunk of batch) countedBytes += chargedChunkBytes(chunk);
     // Before anything of the batch is embedded (paid for) or stored.
-    if (textBytes > this.charged) await this.reserve(textBytes);
+    if (countedBytes > this.charged) await this.reserve(countedBytes);
     const { missing, otherLanguage } = this.resuming ? await this.compare(batch) : { missing: batch, otherLanguage: [] };
     // Past another cutting's chunks (all dropped with this batch), nothing stored is left to compare with.
     const lastCompared = this.dropFrom !== null;
     if (otherLanguage.length) await this.refreshFullText(otherLanguage);
     if (!missing.length) {
       // The chunks found stored may tell more than the earlier attempt recorded (one indexed before text was counted).
-      if (!otherLanguage.length) await renew(deps.db, deps.settings, entry, { text_bytes_stored: this.keptTextBytes() });
+      if (!otherLanguage.length) await renew(deps.db, deps.settings, entry, { text_bytes_stored: this.keptCountedBytes() });
     } else if (!model) {
       await this.store(missing, null);
     } else {
@@ -467,32 +472,32 @@ class ChunkWriter {
     if (lastCompared) this.resuming = false;
     this.chunkCount += batch.length;
     this.tokenCount += batch.reduce((sum, chunk) => sum + chunk.tokenCount, 0);
-    this.textBytes = textBytes;
+    this.countedBytes = countedBytes;
   }
 
   /**
-   * Records that the entry's text takes `textBytes` (more than it counted for), where the owner's
+   * Records that the entry's text counts for `countedBytes` (more than it counted for), where the owner's
    * quota allows it: under the owner's lock, which an upload's check takes too, so that neither two
    * indexings nor an indexing and an upload of one user pass the quota together, each reading the
    * other's count from before. Taken before the entry's row (which the claim's renewal writes), in
    * the order an upload and a user's deletion take them. TextOverQuotaError, recording nothing,
    * when the owner's entries would then count for more than KB_MAX_BYTES_PER_USER.
    */
-  private async reserve(textBytes: number): Promise<void> {
+  private async reserve(countedBytes: number): Promise<void> {
     const { deps, entry } = this;
     const quota = deps.settings.KB_MAX_BYTES_PER_USER;
-    // Run again whole after a deadlock: it writes the total (`textBytes`), not an increment, so a
+    // Run again whole after a deadlock: it writes the total (`countedBytes`), not an increment, so a
     // second run counts nothing twice; `charged` moves only once it has committed.
     await deadlockRetried(deps.db, async (tx) => {
       await lockUser(tx, entry.owner_id);
-      await renew(tx, deps.settings, entry, { text_bytes: textBytes });
+      await renew(tx, deps.settings, entry, { text_bytes: countedBytes });
       const used = await usedBytes(tx, entry.owner_id);
       if (used > quota) {
-        const usedByOthers = used - chargedBytes(entry.size_bytes, textBytes);
-        throw new TextOverQuotaError({ textBytes, fileBytes: entry.size_bytes, quota, usedByOthers });
+        const usedByOthers = used - chargedBytes(entry.size_bytes, countedBytes);
+        throw new TextOverQuotaError({ countedBytes, fileBytes: entry.size_bytes, quota, usedByOthers });
       }
     });
-    this.charged = chargedBytes(entry.size_bytes, textBytes);
+    this.charged = chargedBytes(entry.size_bytes, countedBytes);
   }
 
   /**
@@ -517,7 +522,7 @@ class ChunkWriter {
       // Its text is kept whatever is redone of the row (headings, embedding, full-text vector).
       if (row !== undefined && row.text === chunk.text) {
         this.storedText.add(chunk.index);
-        this.storedTextBytes += ownTextBytes(chunk);
+        this.storedCountedBytes += chargedChunkBytes(chunk);
       }
       const sameApartFromFullText =
         row !== undefined &&
@@ -538,7 +543,7 @@ class ChunkWriter {
    */
   private async refreshFullText(chunks: DocumentChunk[]): Promise<void> {
     const { deps, entry } = this;
-    await this.writeBatch(this.keptTextBytes(), async (tx) => {
+    await this.writeBatch(this.keptCountedBytes(), async (tx) => {
       await tx
         .update(knowledgeChunks)
         .set({ tsv: fullTextOf(deps.settings.KB_SEARCH_LANGUAGE, knowledgeChunks.text) })
@@ -548,17 +553,17 @@ class ChunkWriter {
 
   /**
    * Runs one batch's write in a short transaction that first renews the claim, recording what the
-   * entry's chunks hold once it commits (`storedTextBytes`: see `keptTextBytes`). The owner's row
+   * entry's chunks hold once it commits (`storedCountedBytes`: see `keptCountedBytes`). The owner's row
    * first (KEY SHARE, which the chunks' inserts take anyway for their foreign key, at their end):
    * a deletion of the owner locks that row, then the entry's through its cascade; taken after the
    * entry's (renew), the two waited for each other on PostgreSQL until one was aborted (40P01),
    * the batch's ending the entry failed with an internal error. In the deletion's order, the batch
    * waits for it to commit, and then finds its claim gone (ClaimLostError).
    */
-  private async writeBatch(storedTextBytes: number, work: (tx: Db) => Promise<void>): Promise<void> {
+  private async writeBatch(storedCountedBytes: number, work: (tx: Db) => Promise<void>): Promise<void> {
     const { deps, entry } = this;
     // Run again whole after a deadlock (see claim): `work` changes nothing of the writer, whose counts
-    // (chunkCount, textBytes, storedTextBytes) move once the write has committed.
+    // (chunkCount, countedBytes, storedCountedBytes) move once the write has committed.
     await deadlockRetried(deps.db, async (tx) => {
       // Committed without waiting for the WAL flush (this transaction only): a batch lost in a
       // crash is missing when the job runs again, which stores it then (commits are lost only
@@ -566,7 +571,7 @@ class ChunkWriter {
       // file on PGlite: 20.7 s with a flush per batch, 19.4 s without.)
       await tx.execute(sql`select set_config('synchronous_commit', 'off', true)`);
       await lockUserKeyShare(tx, entry.owner_id);
-      await renew(tx, deps.settings, entry, { text_bytes_stored: storedTextBytes });
+      await renew(tx, deps.settings, entry, { text_bytes_stored: storedCountedBytes });
       await work(tx);
     });
   }
@@ -582,8 +587,8 @@ class ChunkWriter {
     // Read once, cleared once committed: a write run again after a deadlock deletes them again.
     const dropFrom = this.dropFrom;
     // Chunks whose text was stored already (compare) are counted; a place whose text differs is past dropFrom.
-    const added = chunks.reduce((sum, chunk) => (this.storedText.has(chunk.index) ? sum : sum + ownTextBytes(chunk)), 0);
-    await this.writeBatch(this.keptTextBytes(added, dropFrom !== null), async (tx) => {
+    const added = chunks.reduce((sum, chunk) => (this.storedText.has(chunk.index) ? sum : sum + chargedChunkBytes(chunk)), 0);
+    await this.writeBatch(this.keptCountedBytes(added, dropFrom !== null), async (tx) => {
       // An earlier attempt's chunks from a place on where they were cut otherwise go, with their embeddings (see the class).
       if (dropFrom !== null) await tx.delete(knowledgeChunks).where(and(eq(knowledgeChunks.entry_id, entry.id), gte(knowledgeChunks.chunk_index, dropFrom)));
       // An earlier attempt's chunk in the same place (other headings or token count, or no embedding by the model) goes, with its embedding.
@@ -606,12 +611,12 @@ class ChunkWriter {
         .returning({ id: knowledgeChunks.id });
       if (vectors) await writeEmbeddings(tx, model!, inserted.map((row) => row.id), vectors);
     });
-    // Committed: what the kept chunks hold (see keptTextBytes).
+    // Committed: what the kept chunks hold (see keptCountedBytes).
     if (dropFrom !== null) {
       this.dropFrom = null;
       this.dropped = true;
     }
-    this.storedTextBytes += added;
+    this.storedCountedBytes += added;
   }
 }
 
@@ -664,8 +669,8 @@ async function finishEntry(db: Db, settings: Settings, entry: KnowledgeEntry, do
         chunk_count: written.chunkCount,
         token_count: written.tokenCount,
         // Exact now (every chunk left is one written): no more than was reserved, so no check.
-        text_bytes: written.textBytes,
-        text_bytes_stored: written.textBytes,
+        text_bytes: written.countedBytes,
+        text_bytes_stored: written.countedBytes,
         lease_token: null,
         lease_expires_at: null,
         processed_at: sql`now()`,
