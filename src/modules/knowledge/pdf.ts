@@ -579,6 +579,11 @@ function dictionaryOf(text: string): Map<string, PdfValue> | null {
   return dictionary && 'dict' in dictionary ? dictionary.dict : null;
 }
 
+/** A stream's filters and their parameters as pdf.js reads them: /F before /Filter, /DP before /DecodeParms, references followed. */
+function filterEntries(dict: Map<string, PdfValue> | null, objects: PdfObjects): { filter: PdfValue | null | undefined; parms: PdfValue | null | undefined } {
+  return { filter: resolved(dict?.get('F') ?? dict?.get('Filter'), objects), parms: resolved(dict?.get('DP') ?? dict?.get('DecodeParms'), objects) };
+}
+
 /**
  * Where pdf.js ends a stream's data (from `start`): at its /Length (references followed) when
  * `endstream` comes next there, past white space and comments; else at the first `endstream`
@@ -609,7 +614,7 @@ function streamEnd(bytes: Buffer, start: number, firstEnd: number, text: string,
 function declaredChains(text: string, file: PdfObjects): { chains: Filter[][]; earlyChanges: number[] } | null {
   const dict = dictionaryOf(text);
   if (!dict) return null;
-  const filter = resolved(dict.get('F') ?? dict.get('Filter'), file);
+  const { filter, parms } = filterEntries(dict, file);
   if (filter === undefined) return null;
   let names: string[] | null = null;
   if (filter && 'name' in filter) names = [filter.name];
@@ -617,7 +622,6 @@ function declaredChains(text: string, file: PdfObjects): { chains: Filter[][]; e
     const items = filter.array.map((item) => resolved(item, file));
     names = items.every((item) => item && 'name' in item) ? items.map((item) => (item as { name: string }).name) : null;
   }
-  const parms = resolved(dict.get('DP') ?? dict.get('DecodeParms'), file);
   const early = parms && 'dict' in parms ? resolved(parms.dict.get('EarlyChange'), file) : undefined;
   const earlyChanges = parms === undefined || (parms && 'dict' in parms && early === undefined) ? [1] : early && 'number' in early ? [early.number] : [0, 1];
   if (names === null) return { chains: GUESSED_CHAINS, earlyChanges };
@@ -699,10 +703,8 @@ class StreamCheck {
    * which the objects are then not found.
    */
   async unpack({ data, dictionary }: ObjectStream): Promise<Buffer> {
-    const dict = dictionaryOf(dictionary);
-    const filter = resolved(dict?.get('F') ?? dict?.get('Filter'), this.objects);
+    const { filter, parms } = filterEntries(dictionaryOf(dictionary), this.objects);
     const names = filter === undefined ? [] : filter && 'name' in filter ? [filter] : filter && 'array' in filter ? filter.array.map((item) => resolved(item, this.objects)) : [null];
-    const parms = resolved(dict?.get('DP') ?? dict?.get('DecodeParms'), this.objects);
     let stream: AsyncIterable<Buffer> = chunksOf(data);
     for (const [index, name] of names.entries()) {
       const known = name && 'name' in name ? FILTERS[name.name] : 'flate';
